@@ -1,0 +1,44 @@
+# PAS: set-up, demo, tests, benchmarks. `make demo` and `make test` are the two entry points.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PAS := $(VENV)/bin/pas
+# Debian packages the tests use as real peers (DCMTK as modality/viewer, Orthanc as the
+# regional PACS, Chromium for pages).
+TEST_APT := dcmtk orthanc orthanc-dicomweb chromium chromium-driver iproute2 libsystemd-dev pkg-config
+DEMO_HOME ?= ./var
+
+.PHONY: demo test venv deps-test lint bench-ingest clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+# Installs what the tests need when it is missing (as root; CI runs as root).
+deps-test:
+	@missing=""; for p in $(TEST_APT); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "missing Debian packages:$$missing (run make test as root)"; exit 1; fi; \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+test: deps-test venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+demo: venv
+	@scripts/demo.sh "$(DEMO_HOME)"
+
+bench-ingest: deps-test venv
+	$(PY) bench/ingest.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

@@ -1,0 +1,221 @@
+"""``pas``: run the daemon, check configuration, read status, inspect rules and the queue."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from appliance import __version__
+from appliance.config import ConfigError, Settings, load_settings
+
+app = typer.Typer(help="PAS, the hospital's access point to the regional imaging platform.",
+                  no_args_is_help=True, add_completion=False)
+config_app = typer.Typer(help="Configuration.", no_args_is_help=True)
+rules_app = typer.Typer(help="Routing rules.", no_args_is_help=True)
+queue_app = typer.Typer(help="The job queue.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(rules_app, name="rules")
+app.add_typer(queue_app, name="queue")
+
+console = Console()
+err = Console(stderr=True)
+
+ConfigOption = typer.Option(None, "--config", "-c", help="TOML file (default: $PAS_CONFIG, "
+                            "else $PAS_HOME/appliance.toml if present, else built-in defaults)")
+
+
+def _settings(path: Path | None) -> Settings:
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            err.print(f"[red]config error[/red] {problem}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _db(settings: Settings):  # type: ignore[no-untyped-def]
+    from appliance.store.db import Database
+
+    return Database(settings.db_path)
+
+
+def _when(timestamp: float | None) -> str:
+    return datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S") if timestamp else "-"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    print(__version__)
+
+
+@app.command()
+def run(config: Path | None = ConfigOption) -> None:
+    """Run the appliance daemon in the foreground."""
+    from appliance import logs
+    from appliance.daemon import Daemon
+
+    settings = _settings(config)
+    logs.setup(settings.log_level)
+    try:
+        daemon = Daemon(settings)
+    except OSError as exc:
+        err.print(f"[red]cannot start:[/red] {exc}")
+        raise typer.Exit(1) from None
+    daemon.run_forever()
+
+
+@config_app.command("check")
+def config_check(path: Path | None = typer.Argument(None, help="TOML file to check")) -> None:
+    """Validate a configuration; print every problem with its key path."""
+    settings = _settings(path)
+    console.print(f"[green]configuration OK[/green]: AE {settings.dicom.ae_title} port "
+                  f"{settings.dicom.port}, home {settings.home}, {len(settings.routing.rules)} "
+                  f"rules, {len(settings.destinations)} destinations")
+
+
+@app.command()
+def status(config: Path | None = ConfigOption,
+           as_json: bool = typer.Option(False, "--json", help="Machine-readable output")) -> None:
+    """What the appliance holds and what it still has to deliver."""
+    from appliance.ops.status import collect
+
+    settings = _settings(config)
+    snapshot = collect(settings, _db(settings))
+    if as_json:
+        print(json.dumps(snapshot, indent=2))
+        return
+    table = Table(title=f"PAS {snapshot['site']} ({snapshot['ae_title']})", show_header=False)
+    for key in ("patients", "studies", "instances", "confirmed_instances", "conflicts"):
+        table.add_row(key.replace("_", " "), str(snapshot[key]))
+    table.add_row("stored", _size(snapshot["bytes"]))
+    disk = snapshot["disk"]
+    table.add_row("disk", f"{disk['used_percent']}% used, {_size(disk['free_bytes'])} free")
+    console.print(table)
+    jobs = Table(title="Jobs")
+    for column in ("kind", "pending", "running", "done", "failed"):
+        jobs.add_column(column)
+    for kind, states in sorted(snapshot["jobs_by_kind"].items()):
+        jobs.add_row(kind, *(str(states.get(s, 0)) for s in ("pending", "running", "done",
+                                                             "failed")))
+    console.print(jobs)
+    if snapshot["backlog"]:
+        backlog = Table(title="Backlog")
+        for column in ("destination", "studies", "bytes", "oldest"):
+            backlog.add_column(column)
+        for row in snapshot["backlog"]:
+            backlog.add_row(row["destination"], str(row["studies"]), _size(row["bytes"]),
+                            f"{row['oldest_age_s']:.0f} s")
+        console.print(backlog)
+
+
+@app.command()
+def studies(config: Path | None = ConfigOption,
+            patient: str | None = typer.Option(None, "--patient", help="PatientID"),
+            as_json: bool = typer.Option(False, "--json")) -> None:
+    """List the studies the cache holds, newest first."""
+    from appliance.store.index import list_studies
+
+    settings = _settings(config)
+    rows = list_studies(_db(settings), patient)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"{len(rows)} studies")
+    for column in ("patient", "name", "date", "modalities", "description", "series",
+                   "instances", "size", "confirmed", "study UID"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(r["patient_id"], r["patient_name"] or "", r["study_date"] or "",
+                      r["modalities"] or "", r["description"] or "", str(r["series"]),
+                      str(r["instances"]), _size(r["bytes"]), f"{r['confirmed']}/{r['instances']}",
+                      r["study_uid"])
+    console.print(table)
+
+
+@rules_app.command("test")
+def rules_test(file: Path = typer.Argument(..., exists=True, dir_okay=False),
+               calling_ae: str = typer.Option("", "--calling-ae", help="As if sent by this AE"),
+               config: Path | None = ConfigOption) -> None:
+    """Show which routing rules match a DICOM file, and why."""
+    from pydicom import dcmread
+
+    from appliance.routing.rules import explain
+
+    settings = _settings(config)
+    try:
+        ds = dcmread(file, stop_before_pixels=True)
+    except Exception as exc:
+        err.print(f"[red]{file}: not a readable DICOM file:[/red] {exc}")
+        raise typer.Exit(2) from None
+    attributes = {
+        "calling_ae": calling_ae, "called_ae": settings.dicom.ae_title,
+        "modality": str(ds.get("Modality", "")), "sop_class": str(ds.get("SOPClassUID", "")),
+        "study_description": str(ds.get("StudyDescription", "")),
+        "body_part": str(ds.get("BodyPartExamined", "")),
+    }
+    results, routes = explain(settings.routing, attributes)
+    for result in results:
+        mark = "[green]MATCH[/green]" if result.matched else "[dim]no[/dim]   "
+        console.print(f"{mark} rule {result.name!r}")
+        for reason in result.reasons:
+            console.print(f"        {reason}", highlight=False)
+    if routes:
+        names = {0: "urgent", 1: "high", 2: "routine"}
+        for route in routes:
+            console.print(f"-> {route.destination} ({names[route.priority]}, from {route.rule})")
+    else:
+        console.print("-> no destination: kept locally only")
+
+
+@queue_app.command("list")
+def queue_list(config: Path | None = ConfigOption,
+               state: str | None = typer.Option(None, help="pending, running, done, failed"),
+               as_json: bool = typer.Option(False, "--json")) -> None:
+    """Jobs, newest first."""
+    from appliance.store.jobs import list_jobs
+
+    settings = _settings(config)
+    rows = list_jobs(_db(settings), state)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"{len(rows)} jobs")
+    for column in ("id", "kind", "destination", "state", "prio", "attempts", "sent",
+                   "next attempt", "last error", "study UID"):
+        table.add_column(column)
+    for r in rows:
+        nxt = _when(r["next_attempt_at"]) if r["state"] == "pending" else "-"
+        table.add_row(str(r["id"]), r["kind"], r["destination"], r["state"], str(r["priority"]),
+                      str(r["attempts"]), f"{r['sent']}/{r['instances']}", nxt,
+                      (r["last_error"] or "")[:60], r["study_uid"])
+    console.print(table)
+
+
+@queue_app.command("retry")
+def queue_retry(job_id: int, config: Path | None = ConfigOption) -> None:
+    """Make a failed job due now, with its attempts reset."""
+    from appliance.store.jobs import retry
+
+    settings = _settings(config)
+    if not retry(_db(settings), job_id):
+        err.print(f"[red]job {job_id} is not failed or pending (or does not exist)[/red]")
+        raise typer.Exit(1)
+    console.print(f"job {job_id} will be retried now")
+
+
+if __name__ == "__main__":
+    app()

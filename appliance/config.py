@@ -1,0 +1,336 @@
+"""Configuration: one TOML file, a typed and validated model, environment overrides.
+
+Owns: the shape and defaults of every setting, loading them from TOML and `PAS_*` variables,
+and turning validation failures into one readable line per problem (``dicom.port: must be
+1-65535, got 0``). May not touch: the database, the network, the spool. Everything else
+receives an already validated :class:`Settings` object.
+
+Precedence, lowest first: embedded defaults, the TOML file, ``PAS_<SECTION>__<KEY>``
+environment variables. The systemd unit, the tests and the benchmarks rely on the last.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+ENV_PREFIX = "PAS_"
+
+
+class ConfigError(Exception):
+    """Raised with every problem found, one per line, each starting with its key path."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def _port(value: int) -> int:
+    if not 1 <= value <= 65535:
+        raise ValueError(f"must be 1-65535, got {value}")
+    return value
+
+
+def _ae_title(value: str) -> str:
+    # PS3.5: AE titles are at most 16 characters of the default repertoire, no backslash or
+    # control characters; leading/trailing spaces are not significant.
+    stripped = value.strip()
+    if not stripped or len(stripped) > 16 or not re.fullmatch(r"[\x20-\x5b\x5d-\x7e]+", stripped):
+        raise ValueError(f"must be 1-16 printable characters without backslash, got {value!r}")
+    return stripped
+
+
+def _regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"is not a valid regular expression ({exc}): {value!r}") from None
+    return value
+
+
+Port = Annotated[int, AfterValidator(_port)]
+AETitle = Annotated[str, AfterValidator(_ae_title)]
+Regex = Annotated[str, AfterValidator(_regex)]
+Priority = Literal["urgent", "high", "routine"]
+
+PRIORITY_RANK: dict[str, int] = {"urgent": 0, "high": 1, "routine": 2}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class KnownAE(_Section):
+    """A calling AE allowed to associate; ``host`` pins it to one address when set."""
+
+    title: AETitle
+    host: str | None = None
+
+
+class DicomSection(_Section):
+    ae_title: AETitle = "PAS"
+    host: str = "0.0.0.0"
+    port: Port = 11112
+    accept_unknown: bool = False
+    known_aes: list[KnownAE] = []
+    max_associations: int = Field(default=16, ge=1, le=256)
+    network_timeout_s: float = Field(default=60.0, gt=0)
+    # Largest PDU we accept; 0 means unlimited (pynetdicom's convention).
+    max_pdu: int = Field(default=262144, ge=0)
+
+
+class StorageSection(_Section):
+    """Where instances land and how much of the disk they may use.
+
+    ``min_free_mb`` is the hard floor of free space on the spool's filesystem; ``quota_mb``
+    (0 = none) caps the spool's own size. Either refuses a C-STORE with 0xA700.
+    """
+
+    min_free_mb: int = Field(default=512, ge=0)
+    quota_mb: int = Field(default=0, ge=0)
+    fsync: bool = True
+
+
+class StudySection(_Section):
+    stable_after_s: float = Field(default=60.0, ge=0)
+    check_interval_s: float = Field(default=2.0, gt=0)
+
+
+class QueueSection(_Section):
+    workers: int = Field(default=2, ge=1, le=64)
+    max_attempts: int = Field(default=10, ge=1)
+    backoff_initial_s: float = Field(default=5.0, ge=0)
+    backoff_max_s: float = Field(default=900.0, ge=0)
+    lease_s: float = Field(default=300.0, gt=0)
+    poll_interval_s: float = Field(default=1.0, gt=0)
+
+
+class HttpSection(_Section):
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    enabled: bool = True
+
+
+class Match(_Section):
+    """Regular expressions (Python ``re.search``, case-insensitive) that must all match."""
+
+    calling_ae: Regex | None = None
+    called_ae: Regex | None = None
+    modality: Regex | None = None
+    sop_class: Regex | None = None
+    study_description: Regex | None = None
+    body_part: Regex | None = None
+
+
+class Rule(_Section):
+    name: str
+    match: Match = Match()
+    destinations: list[str] = Field(min_length=1)
+    priority: Priority = "routine"
+    # When a rule matches, later rules are not evaluated unless ``continue`` is true.
+    continue_: bool = Field(default=False, alias="continue")
+
+
+class Fallback(_Section):
+    """What happens to an instance no rule matched. Empty: it is kept locally only."""
+
+    destinations: list[str] = []
+    priority: Priority = "routine"
+
+
+class DicomDestination(_Section):
+    kind: Literal["dicom"]
+    ae_title: AETitle
+    host: str
+    port: Port
+    calling_ae_title: AETitle | None = None
+    timeout_s: float = Field(default=30.0, gt=0)
+
+
+class HubDestination(_Section):
+    kind: Literal["hub"]
+
+
+class StowRsDestination(_Section):
+    kind: Literal["stowrs"]
+    url: str
+    instances_per_request: int = Field(default=16, ge=1, le=1000)
+    bearer_token: str | None = None
+    username: str | None = None
+    password: str | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    ca_file: Path | None = None
+    timeout_s: float = Field(default=60.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://", value):
+            raise ValueError(f"must start with http:// or https://, got {value!r}")
+        return value.rstrip("/")
+
+
+Destination = Annotated[
+    DicomDestination | HubDestination | StowRsDestination, Field(discriminator="kind")
+]
+
+
+class RoutingSection(_Section):
+    rules: list[Rule] = []
+    fallback: Fallback = Fallback()
+
+
+class Settings(_Section):
+    """The appliance's whole configuration."""
+
+    home: Path = Path("./var")
+    site: str = "PAS"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    dicom: DicomSection = DicomSection()
+    storage: StorageSection = StorageSection()
+    study: StudySection = StudySection()
+    queue: QueueSection = QueueSection()
+    http: HttpSection = HttpSection()
+    routing: RoutingSection = RoutingSection()
+    destinations: dict[str, Destination] = {}
+
+    def model_post_init(self, _context: Any) -> None:
+        known = set(self.destinations) | {"hub"}
+        problems = []
+        for index, rule in enumerate(self.routing.rules):
+            for name in rule.destinations:
+                if name not in known:
+                    problems.append(
+                        f"routing.rules.{index}.destinations: unknown destination {name!r} "
+                        f"(defined: {', '.join(sorted(known))})"
+                    )
+        for name in self.routing.fallback.destinations:
+            if name not in known:
+                problems.append(f"routing.fallback.destinations: unknown destination {name!r}")
+        if problems:
+            raise ConfigError(problems)
+
+    # Paths derived from home, so that nothing else builds them by hand.
+    @property
+    def spool_dir(self) -> Path:
+        return self.home / "spool"
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "pas.sqlite"
+
+
+def _parse_env_value(raw: str) -> Any:
+    """Read an environment value as a TOML literal when it is one (``true``, ``11113``,
+    ``["A", "B"]``), else as a plain string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _is_hub_variable(name: str) -> bool:
+    """``PAS_HUB_<SECTION>__<KEY>`` configures the hub; ``PAS_HUB__<KEY>`` is the appliance's
+    own ``[hub]`` section."""
+    return name.startswith("PAS_HUB_") and not name.startswith("PAS_HUB__")
+
+
+def env_overrides(environ: dict[str, str], prefix: str = ENV_PREFIX) -> dict[str, Any]:
+    """Collect ``PREFIX<SECTION>__<KEY>[__<SUBKEY>]`` variables into a nested dict."""
+    tree: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(prefix) or "__" not in name:
+            continue
+        if prefix == ENV_PREFIX and _is_hub_variable(name):
+            continue
+        parts = [p.lower() for p in name[len(prefix):].split("__")]
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = _parse_env_value(raw)
+    return tree
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> list[str]:
+    """One line per problem: ``key.path: what is wrong, got VALUE``."""
+    tags = {"dicom", "hub", "stowrs"} if model is Settings else set()
+    lines = []
+    for error in exc.errors():
+        loc = [str(p) for p in error["loc"]]
+        # Discriminated unions add the tag to the path; it is noise to a reader.
+        if len(loc) >= 3 and loc[0] == "destinations" and loc[2] in tags:
+            del loc[2]
+        path = ".".join(loc) or "(top level)"
+        kind = error["type"]
+        message = error["msg"].removeprefix("Value error, ")
+        if kind == "extra_forbidden":
+            message = "unknown key"
+        elif kind == "missing":
+            message = "is required"
+        elif kind != "value_error":
+            message = f"{message}, got {error.get('input')!r}"
+        lines.append(f"{path}: {message}")
+    return lines
+
+
+def build(model: type[BaseModel], data: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, model)) from None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: file not found"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML ({exc})"]) from None
+
+
+def default_config_path(environ: dict[str, str] | None = None) -> Path | None:
+    """``$PAS_CONFIG``, else ``$PAS_HOME/appliance.toml`` when it exists, else none."""
+    environ = dict(os.environ) if environ is None else environ
+    if environ.get("PAS_CONFIG"):
+        return Path(environ["PAS_CONFIG"])
+    candidate = Path(environ.get("PAS_HOME", "./var")) / "appliance.toml"
+    return candidate if candidate.exists() else None
+
+
+def load_settings(path: Path | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Defaults, then the TOML file (if any), then environment overrides; validated."""
+    environ = dict(os.environ) if environ is None else environ
+    data: dict[str, Any] = {}
+    if environ.get("PAS_HOME"):
+        data["home"] = environ["PAS_HOME"]
+    path = path or default_config_path(environ)
+    if path is not None:
+        data = deep_merge(data, read_toml(path))
+    data = deep_merge(data, env_overrides(environ))
+    settings: Settings = build(Settings, data)
+    return settings

@@ -1,0 +1,95 @@
+"""The daemon: wires configuration, store, ingest, routing and dispatch into one process.
+
+Owns: start-up order (database and recovery before the port opens; the port before READY),
+the background loops and an orderly stop. Holds no business logic of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+from appliance.config import Settings
+from appliance.dispatch.target_types import make_target
+from appliance.dispatch.worker import Dispatcher
+from appliance.ingest.receive import Receiver
+from appliance.ingest.scp import DicomListener
+from appliance.routing.stability import Router
+from appliance.store.db import Database
+from appliance.store.spool import Spool
+
+log = logging.getLogger("pas.daemon")
+
+
+class Daemon:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.db = Database(settings.db_path)
+        self.spool = Spool(
+            settings.spool_dir, fsync=settings.storage.fsync,
+            min_free_bytes=settings.storage.min_free_mb * 1024 * 1024,
+            quota_bytes=settings.storage.quota_mb * 1024 * 1024,
+        )
+        self.receiver = Receiver(self.db, self.spool)
+        self.listener = DicomListener(settings.dicom, self.receiver)
+        self.router = Router(settings, self.db, self.default_destinations)
+        self.extra_targets: dict[str, Any] = {}
+        self.dispatcher = Dispatcher(
+            settings, self.db, self.spool,
+            lambda name: make_target(name, settings, self.extra_targets),
+        )
+        self.stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def default_destinations(self) -> list[str]:
+        """Where a study goes when no rule and no fallback names a destination."""
+        return [name for name in self.extra_targets if name == "hub"]
+
+    def start(self) -> None:
+        removed = self.spool.remove_temp_files()
+        if removed:
+            log.warning("start-up: removed %d unfinished temp files from the spool", removed)
+        self.listener.start()
+        self.dispatcher.start()
+        self._spawn("pas-router", self._route_loop)
+        log.info("PAS ready: AE %s on %s:%d, home %s", self.settings.dicom.ae_title,
+                 self.settings.dicom.host, self.listener.port, self.settings.home)
+
+    def _spawn(self, name: str, target: Any) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _route_loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                if self.router.route_ready():
+                    self.dispatcher.wake.set()
+            except Exception:
+                log.exception("routing pass failed")
+            self.stopping.wait(self.settings.study.check_interval_s)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.listener.stop()
+        self.dispatcher.stop()
+        for thread in self._threads:
+            thread.join(5)
+        self.db.close()
+        log.info("PAS stopped")
+
+    def run_forever(self) -> None:
+        def _on_signal(signum: int, _frame: Any) -> None:
+            log.info("signal %d: stopping", signum)
+            self.stopping.set()
+
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+        self.start()
+        try:
+            while not self.stopping.wait(1.0):
+                pass
+        finally:
+            self.stop()

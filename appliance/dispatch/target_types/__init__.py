@@ -1,0 +1,36 @@
+"""Destination kinds behind one small interface (``base.TargetType``).
+
+``make_target`` builds the target for a destination name from the configuration; a new kind
+is a module here plus one line in :data:`FACTORIES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from appliance.config import DicomDestination, Settings
+from appliance.dispatch.target_types.base import PermanentError, TargetType
+from appliance.dispatch.target_types.dicom import DicomTarget
+
+FACTORIES: dict[str, Callable[[str, Any, Settings], TargetType]] = {
+    "dicom": lambda name, cfg, settings: DicomTarget(name, cfg, settings.dicom.ae_title),
+}
+
+
+def make_target(name: str, settings: Settings, extra: dict[str, TargetType] | None = None
+                ) -> TargetType:
+    """The target for destination ``name``; ``extra`` holds targets the daemon built itself
+    (the enrolled hub)."""
+    if extra and name in extra:
+        return extra[name]
+    config = settings.destinations.get(name)
+    if config is None:
+        raise PermanentError(f"destination {name!r} is not configured")
+    factory = FACTORIES.get(config.kind)
+    if factory is None:
+        raise PermanentError(f"destination kind {config.kind!r} is not available")
+    return factory(name, config, settings)
+
+
+__all__ = ["DicomDestination", "PermanentError", "TargetType", "make_target"]

@@ -1,0 +1,89 @@
+"""Workers: claim the most urgent due job, deliver it, record the outcome.
+
+Every outcome is one transaction (finish, or fail with the next attempt's time). A worker
+that dies mid-job leaves a lease that expires; another worker (or the restarted daemon) takes
+the job again, and the target resumes from the instances not yet marked sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Callable
+
+from appliance.config import Settings
+from appliance.dispatch.target_types.base import PermanentError, SendContext, TargetType
+from appliance.routing.backoff import next_delay
+from appliance.store import jobs as job_store
+from appliance.store.db import Database, now
+from appliance.store.spool import Spool
+
+log = logging.getLogger("pas.dispatch")
+
+
+class Dispatcher:
+    def __init__(self, settings: Settings, db: Database, spool: Spool,
+                 target_for: Callable[[str], TargetType]):
+        self.settings = settings
+        self.db = db
+        self.spool = spool
+        self.target_for = target_for
+        self.wake = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.owner_prefix = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+    def run_one(self, owner: str, kinds: tuple[str, ...] | None = None) -> bool:
+        """Claim and run one due job; False when none is due."""
+        queue = self.settings.queue
+        job = job_store.claim_next(self.db, owner, queue.lease_s, kinds)
+        if job is None:
+            return False
+        context = SendContext(self.db, self.spool, owner, queue.lease_s)
+        extra = {"JOB_ID": job.id, "STUDY_UID": job.study_uid}
+        try:
+            target = self.target_for(job.destination)
+            target.send(job, context)
+        except PermanentError as exc:
+            job_store.fail_attempt(self.db, job.id, owner, str(exc), retry_at=None)
+            log.error("job %d to %s failed for good: %s", job.id, job.destination, exc,
+                      extra=extra)
+        except Exception as exc:
+            delay = next_delay(queue, job.attempts)
+            retry_at = None if delay is None else now() + delay
+            state = job_store.fail_attempt(self.db, job.id, owner, f"{type(exc).__name__}: {exc}",
+                                           retry_at)
+            log.warning("job %d to %s attempt %d failed (%s): %s", job.id, job.destination,
+                        job.attempts, f"next in {delay:.0f}s" if delay else state, exc,
+                        extra=extra)
+        else:
+            job_store.finish(self.db, job.id, owner)
+            log.info("job %d: study %s delivered to %s", job.id, job.study_uid,
+                     job.destination, extra=extra)
+        return True
+
+    def start(self) -> None:
+        for number in range(self.settings.queue.workers):
+            thread = threading.Thread(target=self._loop, args=(f"{self.owner_prefix}:{number}",),
+                                      name=f"pas-worker-{number}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self.wake.set()
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def _loop(self, owner: str) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = self.run_one(owner)
+            except Exception:
+                log.exception("worker %s: unexpected error", owner)
+                busy = False
+            if not busy:
+                self.wake.wait(self.settings.queue.poll_interval_s)
+                self.wake.clear()

@@ -1,0 +1,168 @@
+"""The DICOM listener modalities send to: C-ECHO and C-STORE (pynetdicom).
+
+Owns: presentation contexts, the association policy (known calling AEs, optionally pinned to
+a host; the called AE title) and mapping receive outcomes to DIMSE statuses. Other services
+(C-FIND/C-MOVE/C-GET) register their handlers on the same AE through :meth:`add_handlers`.
+May not touch: SQL or files directly (it calls :class:`~appliance.ingest.receive.Receiver`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from pydicom.uid import AllTransferSyntaxes
+from pynetdicom import AE, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from appliance.config import DicomSection
+from appliance.ingest.attributes import InvalidInstance
+from appliance.ingest.receive import Receiver, StorageFailure
+from appliance.store.spool import SpoolFull
+
+log = logging.getLogger("pas.ingest")
+
+# Statuses (PS3.4 B.2.3)
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC210
+PROCESSING_FAILURE = 0xC211
+
+# A-ASSOCIATE-RJ: rejected-permanent, by the service user
+_REJECT_PERMANENT = 0x01
+_SOURCE_SERVICE_USER = 0x01
+_CALLING_AE_NOT_RECOGNISED = 0x03
+
+# Every transfer syntax pydicom knows: we store what arrives as it arrives. Uncompressed first.
+_PREFERRED = [
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",    # Implicit VR Little Endian
+]
+TRANSFER_SYNTAXES = _PREFERRED + [str(t) for t in AllTransferSyntaxes if str(t) not in _PREFERRED]
+
+
+class AssociationPolicy:
+    """Which calling AEs may open an association, and from where."""
+
+    def __init__(self, config: DicomSection):
+        self.accept_unknown = config.accept_unknown
+        self.known = {ae.title: ae.host for ae in config.known_aes}
+
+    def refusal(self, calling_ae: str, address: str) -> str | None:
+        """None when allowed; otherwise the reason, for the log."""
+        if calling_ae in self.known:
+            host = self.known[calling_ae]
+            if host is not None and host != address:
+                return f"calling AE {calling_ae!r} is known, but from {host}, not {address}"
+            return None
+        if self.accept_unknown:
+            return None
+        return f"calling AE {calling_ae!r} from {address} is not a known AE (dicom.known_aes)"
+
+
+class DicomListener:
+    """One pynetdicom AE serving every DICOM service PAS offers on the configured port."""
+
+    def __init__(self, config: DicomSection, receiver: Receiver,
+                 on_stored: Callable[[str], None] | None = None):
+        self.config = config
+        self.receiver = receiver
+        self.policy = AssociationPolicy(config)
+        self.on_stored = on_stored
+        self.ae = AE(ae_title=config.ae_title)
+        self.ae.maximum_associations = config.max_associations
+        self.ae.network_timeout = config.network_timeout_s
+        self.ae.maximum_pdu_size = config.max_pdu
+        self.ae.require_called_aet = True
+        self.ae.add_supported_context(Verification)
+        for context in AllStoragePresentationContexts:
+            self.ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+        self._handlers: list[tuple[Any, Callable[..., Any]]] = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_ECHO, lambda event: SUCCESS),
+            (evt.EVT_C_STORE, self._on_c_store),
+        ]
+        self._server: Any = None
+        self._stats_lock = threading.Lock()
+        self.stats = {"stored": 0, "duplicates": 0, "conflicts": 0, "refused": 0}
+
+    def add_handlers(self, handlers: list[tuple[Any, Callable[..., Any]]],
+                     contexts: list[Any] = ()) -> None:  # type: ignore[assignment]
+        """Let serving (Q/R) register on the same AE before :meth:`start`."""
+        for context in contexts:
+            self.ae.add_supported_context(context)
+        self._handlers.extend(handlers)
+
+    def start(self) -> None:
+        self._server = self.ae.start_server(
+            (self.config.host, self.config.port), block=False, evt_handlers=self._handlers
+        )
+        log.info("DICOM listener %s on %s:%d", self.config.ae_title, self.config.host,
+                 self.config.port)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1]) if self._server else self.config.port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    # -- handlers ---------------------------------------------------------------------------
+
+    def _on_requested(self, event: Any) -> None:
+        requestor = event.assoc.requestor
+        calling = requestor.ae_title.strip()
+        reason = self.policy.refusal(calling, requestor.address)
+        if reason:
+            log.warning("association rejected: %s", reason, extra={"CALLING_AE": calling})
+            event.assoc.acse.send_reject(
+                _REJECT_PERMANENT, _SOURCE_SERVICE_USER, _CALLING_AE_NOT_RECOGNISED
+            )
+
+    def _on_c_store(self, event: Any) -> int:
+        request = event.request
+        requestor = event.assoc.requestor
+        calling = requestor.ae_title.strip()
+        try:
+            received = self.receiver.receive_dataset(
+                request.DataSet.getvalue(),
+                transfer_syntax_uid=str(event.context.transfer_syntax),
+                sop_class_uid=str(request.AffectedSOPClassUID),
+                sop_instance_uid=str(request.AffectedSOPInstanceUID),
+                calling_ae=calling,
+                called_ae=event.assoc.acceptor.ae_title.strip(),
+                source=requestor.address,
+            )
+        except InvalidInstance as exc:
+            self._count("refused")
+            log.warning("C-STORE from %s refused: %s", calling, exc,
+                        extra={"CALLING_AE": calling})
+            return CANNOT_UNDERSTAND
+        except SpoolFull as exc:
+            self._count("refused")
+            log.error("C-STORE from %s refused, out of resources: %s", calling, exc,
+                      extra={"CALLING_AE": calling})
+            return OUT_OF_RESOURCES
+        except StorageFailure as exc:
+            self._count("refused")
+            log.error("C-STORE from %s failed: %s", calling, exc, extra={"CALLING_AE": calling})
+            return PROCESSING_FAILURE
+        except Exception:  # never let one bad object take the association down silently
+            self._count("refused")
+            log.exception("C-STORE from %s: unexpected error", calling)
+            return PROCESSING_FAILURE
+        self._count("duplicates" if received.duplicate else "stored")
+        if received.conflict:
+            self._count("conflicts")
+        if self.on_stored is not None and not received.duplicate:
+            self.on_stored(received.study_uid)
+        return SUCCESS
+
+    def _count(self, key: str) -> None:
+        with self._stats_lock:
+            self.stats[key] += 1

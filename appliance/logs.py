@@ -1,0 +1,33 @@
+"""Logging set-up: journald with structured fields under systemd, plain stderr otherwise.
+
+Modules log with ``extra={"STUDY_UID": ..., "CALLING_AE": ..., "JOB_ID": ...}``; journald
+keeps those as searchable fields (``journalctl STUDY_UID=...``); stderr shows the message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def setup(level: str = "info") -> None:
+    root = logging.getLogger()
+    root.setLevel(level.upper())
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler: logging.Handler | None = None
+    if os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"):
+        try:
+            from systemd.journal import JournalHandler  # type: ignore[import-not-found]
+
+            handler = JournalHandler(SYSLOG_IDENTIFIER="pas")
+        except ImportError:
+            handler = None
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    # pynetdicom is chatty at INFO (every association); keep its warnings and errors.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)

@@ -1,0 +1,38 @@
+"""One status snapshot, shared by ``pas status``, the status page and the heartbeat."""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+from appliance import __version__
+from appliance.config import Settings
+from appliance.store import index
+from appliance.store import jobs as job_store
+from appliance.store.db import Database
+
+
+def collect(settings: Settings, db: Database) -> dict[str, Any]:
+    totals = index.totals(db)
+    by_kind = job_store.counts_by_state(db)
+    states: dict[str, int] = {}
+    for per_state in by_kind.values():
+        for state, count in per_state.items():
+            states[state] = states.get(state, 0) + count
+    disk = shutil.disk_usage(settings.home if settings.home.exists() else ".")
+    return {
+        "version": __version__,
+        "site": settings.site,
+        "ae_title": settings.dicom.ae_title,
+        **totals,
+        "jobs": states,
+        "jobs_by_kind": by_kind,
+        "backlog": job_store.backlog_by_destination(db),
+        "disk": {
+            "path": str(settings.home),
+            "total_bytes": disk.total,
+            "free_bytes": disk.free,
+            "used_percent": round(100 * (disk.total - disk.free) / disk.total, 1),
+            "spool_bytes": totals["bytes"],
+        },
+    }

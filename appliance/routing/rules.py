@@ -1,0 +1,87 @@
+"""Ordered routing rules, evaluated on one instance's attributes.
+
+A rule matches when every regular expression it names matches (``re.search``, ignoring
+case; a missing attribute is the empty string). The first matching rule decides unless it
+says ``continue = true``; when none matches, the fallback decides. ``explain`` returns the
+reasoning so that ``pas rules test FILE.dcm`` can show it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from appliance.config import PRIORITY_RANK, RoutingSection, Rule
+
+MATCH_KEYS = ("calling_ae", "called_ae", "modality", "sop_class", "study_description",
+              "body_part")
+
+
+@dataclass(frozen=True)
+class Route:
+    destination: str
+    priority: int
+    rule: str
+
+
+@dataclass
+class RuleResult:
+    name: str
+    matched: bool
+    reasons: list[str] = field(default_factory=list)
+
+
+@lru_cache(maxsize=512)
+def _compiled(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern, re.IGNORECASE)
+
+
+def _check(rule: Rule, attributes: dict[str, str | None]) -> RuleResult:
+    result = RuleResult(rule.name, matched=True)
+    for key in MATCH_KEYS:
+        pattern = getattr(rule.match, key)
+        if pattern is None:
+            continue
+        value = attributes.get(key) or ""
+        if _compiled(pattern).search(value):
+            result.reasons.append(f"{key} {value!r} matches /{pattern}/")
+        else:
+            result.matched = False
+            result.reasons.append(f"{key} {value!r} does not match /{pattern}/")
+    if not result.reasons:
+        result.reasons.append("no conditions: matches everything")
+    return result
+
+
+def explain(routing: RoutingSection, attributes: dict[str, str | None],
+            default_destinations: list[str] = ()) -> tuple[list[RuleResult], list[Route]]:  # type: ignore[assignment]
+    """Every rule's verdict, and the routes that follow from them."""
+    results: list[RuleResult] = []
+    routes: list[Route] = []
+    decided = False
+    for rule in routing.rules:
+        result = _check(rule, attributes)
+        if decided:
+            result.reasons.append("(not evaluated: an earlier rule decided)")
+            result.matched = False
+        results.append(result)
+        if result.matched and not decided:
+            routes.extend(Route(d, PRIORITY_RANK[rule.priority], rule.name)
+                          for d in rule.destinations)
+            decided = not rule.continue_
+    if not routes:
+        fallback = routing.fallback
+        names = fallback.destinations or list(default_destinations)
+        routes = [Route(d, PRIORITY_RANK[fallback.priority], "fallback") for d in names]
+    # One route per destination: the most urgent priority wins.
+    best: dict[str, Route] = {}
+    for route in routes:
+        if route.destination not in best or route.priority < best[route.destination].priority:
+            best[route.destination] = route
+    return results, list(best.values())
+
+
+def routes_for(routing: RoutingSection, attributes: dict[str, str | None],
+               default_destinations: list[str] = ()) -> list[Route]:  # type: ignore[assignment]
+    return explain(routing, attributes, default_destinations)[1]

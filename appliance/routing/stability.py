@@ -1,0 +1,74 @@
+"""The stability pass: a study quiet for ``study.stable_after_s`` is routed.
+
+A study is stable when no *new* instance arrived for ``stable_after_s`` seconds (a re-sent
+duplicate does not reset the clock). Its unrouted instances are matched against the rules
+and become one job per destination, in one transaction. Instances arriving later are a
+delta: they wait for the study to be quiet again and are routed on their own. See
+docs/routing.md for why this, and not series-level triggers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from appliance.config import Settings
+from appliance.routing.rules import routes_for
+from appliance.store import index
+from appliance.store import jobs as job_store
+from appliance.store.db import Database, now
+
+log = logging.getLogger("pas.routing")
+
+
+class Router:
+    def __init__(self, settings: Settings, db: Database,
+                 default_destinations: Callable[[], list[str]] = lambda: []):
+        self.settings = settings
+        self.db = db
+        self.default_destinations = default_destinations
+
+    def kind_of(self, destination: str) -> str:
+        configured = self.settings.destinations.get(destination)
+        return configured.kind if configured is not None else destination  # "hub"
+
+    def route_ready(self) -> int:
+        """Route every study that became stable; return how many jobs were created."""
+        quiet_since = now() - self.settings.study.stable_after_s
+        created = 0
+        for study_fk in index.studies_ready_to_route(self.db, quiet_since):
+            created += self.route_study(study_fk)
+        return created
+
+    def route_study(self, study_fk: int) -> int:
+        rows = index.unrouted_instances(self.db, study_fk)
+        if not rows:
+            return 0
+        defaults = self.default_destinations()
+        grouped: dict[str, dict] = {}
+        for row in rows:
+            attributes = {
+                "calling_ae": row["calling_ae"], "called_ae": row["called_ae"],
+                "modality": row["modality"], "sop_class": row["sop_class_uid"],
+                "study_description": row["study_description"], "body_part": row["body_part"],
+            }
+            for route in routes_for(self.settings.routing, attributes, defaults):
+                group = grouped.setdefault(route.destination,
+                                           {"priority": route.priority, "rule": route.rule,
+                                            "ids": []})
+                group["priority"] = min(group["priority"], route.priority)
+                group["ids"].append(row["id"])
+        new_jobs = [
+            job_store.NewJob(self.kind_of(name), name, group["priority"], group["rule"],
+                             group["ids"])
+            for name, group in grouped.items()
+        ]
+        job_store.route_study(self.db, study_fk, [r["id"] for r in rows], new_jobs)
+        study_uid = rows[0]["study_uid"]
+        if new_jobs:
+            log.info("study %s stable: %d instances -> %s", study_uid, len(rows),
+                     ", ".join(j.destination for j in new_jobs), extra={"STUDY_UID": study_uid})
+        else:
+            log.info("study %s stable: %d instances, no destination (kept locally)",
+                     study_uid, len(rows), extra={"STUDY_UID": study_uid})
+        return len(new_jobs)

@@ -1,0 +1,249 @@
+"""The local index: patients, studies, series and instances, as plain functions.
+
+Owns: every SQL statement about what the cache holds. Each function that changes state does
+it in one transaction (invariant 3). May not touch: files (that is :mod:`appliance.store.spool`)
+or the network.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from typing import Any
+
+from appliance.store.db import Database, now
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What the index keeps about one received instance (read from its header)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    study_uid: str
+    series_uid: str
+    patient_id: str = ""
+    issuer_of_patient_id: str = ""
+    patient_name: str | None = None
+    birth_date: str | None = None
+    sex: str | None = None
+    study_date: str | None = None
+    study_time: str | None = None
+    accession_number: str | None = None
+    study_id: str | None = None
+    study_description: str | None = None
+    referring_physician: str | None = None
+    series_number: int | None = None
+    modality: str | None = None
+    series_description: str | None = None
+    body_part: str | None = None
+    instance_number: int | None = None
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class RecordOutcome:
+    instance_id: int
+    duplicate: bool  # the same bytes were already held: nothing changed
+    conflict: bool   # the same SOP Instance UID with other bytes: a new version was kept
+    version: int
+
+
+def record_instance(
+    db: Database,
+    record: InstanceRecord,
+    stored: StoredFile,
+    *,
+    calling_ae: str | None = None,
+    called_ae: str | None = None,
+    source_address: str | None = None,
+    origin: str = "local",
+) -> RecordOutcome:
+    """Index one stored file, in one transaction.
+
+    The same SOP Instance UID with the same SHA-256 is a re-send: nothing changes. With other
+    bytes it is a conflict: the new version is kept beside the old and becomes current.
+    """
+    received_at = now()
+    with db.transaction() as conn:
+        versions = conn.execute(
+            "SELECT id, sha256, version FROM instances WHERE sop_instance_uid = ? "
+            "ORDER BY version DESC",
+            (record.sop_instance_uid,),
+        ).fetchall()
+        for row in versions:
+            if row["sha256"] == stored.sha256:
+                return RecordOutcome(row["id"], duplicate=True, conflict=False,
+                                     version=row["version"])
+        patient_fk = _upsert_patient(conn, record)
+        study_fk = _upsert_study(conn, record, patient_fk, received_at, origin)
+        series_fk = _upsert_series(conn, record, study_fk)
+        version = versions[0]["version"] + 1 if versions else 1
+        if versions:
+            conn.execute(
+                "UPDATE instances SET is_current = 0 WHERE sop_instance_uid = ?",
+                (record.sop_instance_uid,),
+            )
+        cursor = conn.execute(
+            """INSERT INTO instances (sop_instance_uid, series_fk, study_fk, sop_class_uid,
+                   transfer_syntax_uid, instance_number, path, size, sha256, calling_ae,
+                   called_ae, source_address, received_at, version, is_current)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)""",
+            (record.sop_instance_uid, series_fk, study_fk, record.sop_class_uid,
+             record.transfer_syntax_uid, record.instance_number, stored.path, stored.size,
+             stored.sha256, calling_ae, called_ae, source_address, received_at, version),
+        )
+        return RecordOutcome(int(cursor.lastrowid or 0), duplicate=False,
+                             conflict=bool(versions), version=version)
+
+
+def _upsert_patient(conn: sqlite3.Connection, record: InstanceRecord) -> int:
+    conn.execute(
+        """INSERT INTO patients (patient_id, issuer, name, birth_date, sex)
+           VALUES (?, ?, ?, ?, ?)
+           ON CONFLICT (patient_id, issuer) DO UPDATE SET
+               name = coalesce(excluded.name, name),
+               birth_date = coalesce(excluded.birth_date, birth_date),
+               sex = coalesce(excluded.sex, sex)""",
+        (record.patient_id, record.issuer_of_patient_id, record.patient_name,
+         record.birth_date, record.sex),
+    )
+    row = conn.execute(
+        "SELECT id FROM patients WHERE patient_id = ? AND issuer = ?",
+        (record.patient_id, record.issuer_of_patient_id),
+    ).fetchone()
+    return int(row["id"])
+
+
+def _upsert_study(conn: sqlite3.Connection, record: InstanceRecord, patient_fk: int,
+                  received_at: float, origin: str) -> int:
+    conn.execute(
+        """INSERT INTO studies (study_uid, patient_fk, study_date, study_time, accession_number,
+               study_id, description, referring_physician, origin, first_received_at,
+               last_received_at)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+           ON CONFLICT (study_uid) DO UPDATE SET last_received_at = excluded.last_received_at,
+               description = coalesce(description, excluded.description),
+               accession_number = coalesce(accession_number, excluded.accession_number)""",
+        (record.study_uid, patient_fk, record.study_date, record.study_time,
+         record.accession_number, record.study_id, record.study_description,
+         record.referring_physician, origin, received_at, received_at),
+    )
+    row = conn.execute("SELECT id FROM studies WHERE study_uid = ?", (record.study_uid,)).fetchone()
+    return int(row["id"])
+
+
+def _upsert_series(conn: sqlite3.Connection, record: InstanceRecord, study_fk: int) -> int:
+    conn.execute(
+        """INSERT INTO series (series_uid, study_fk, series_number, modality, description,
+               body_part)
+           VALUES (?, ?, ?, ?, ?, ?)
+           ON CONFLICT (series_uid) DO NOTHING""",
+        (record.series_uid, study_fk, record.series_number, record.modality,
+         record.series_description, record.body_part),
+    )
+    row = conn.execute("SELECT id FROM series WHERE series_uid = ?",
+                       (record.series_uid,)).fetchone()
+    return int(row["id"])
+
+
+def instance_by_uid(db: Database, sop_instance_uid: str) -> sqlite3.Row | None:
+    """The current version of an instance."""
+    return db.query_one(
+        "SELECT * FROM instances WHERE sop_instance_uid = ? AND is_current = 1",
+        (sop_instance_uid,),
+    )
+
+
+def instances_of_study(db: Database, study_uid: str) -> list[sqlite3.Row]:
+    return db.query(
+        """SELECT i.* FROM instances i JOIN studies s ON s.id = i.study_fk
+           WHERE s.study_uid = ? AND i.is_current = 1 ORDER BY i.series_fk, i.instance_number""",
+        (study_uid,),
+    )
+
+
+def totals(db: Database) -> dict[str, int]:
+    """What the cache holds: instance versions, studies, bytes, conflicts."""
+    row = db.query_one(
+        """SELECT count(*) AS files, coalesce(sum(size), 0) AS bytes,
+                  coalesce(sum(is_current), 0) AS instances,
+                  coalesce(sum(version > 1), 0) AS conflicts,
+                  coalesce(sum(confirmed_at IS NOT NULL AND is_current = 1), 0) AS confirmed
+           FROM instances"""
+    )
+    studies = db.query_one("SELECT count(*) AS n FROM studies")
+    patients = db.query_one("SELECT count(*) AS n FROM patients")
+    assert row is not None and studies is not None and patients is not None
+    return {
+        "instances": int(row["instances"]),
+        "files": int(row["files"]),
+        "studies": int(studies["n"]),
+        "patients": int(patients["n"]),
+        "bytes": int(row["bytes"]),
+        "conflicts": int(row["conflicts"]),
+        "confirmed_instances": int(row["confirmed"]),
+    }
+
+
+def spool_bytes(db: Database) -> int:
+    row = db.query_one("SELECT coalesce(sum(size), 0) AS n FROM instances")
+    return int(row["n"]) if row else 0
+
+
+def list_studies(db: Database, patient_id: str | None = None,
+                 limit: int = 1000) -> list[dict[str, Any]]:
+    """Studies in the cache, newest first, with counts and the state of their delivery."""
+    where, params = "", []
+    if patient_id is not None:
+        where, params = "WHERE p.patient_id = ?", [patient_id]
+    rows = db.query(
+        f"""SELECT s.study_uid, p.patient_id, p.name AS patient_name, s.study_date,
+                   s.accession_number, s.description, s.origin, s.last_received_at,
+                   (SELECT group_concat(DISTINCT se.modality) FROM series se
+                      WHERE se.study_fk = s.id) AS modalities,
+                   (SELECT count(*) FROM series se WHERE se.study_fk = s.id) AS series,
+                   (SELECT count(*) FROM instances i
+                      WHERE i.study_fk = s.id AND i.is_current = 1) AS instances,
+                   (SELECT coalesce(sum(size), 0) FROM instances i
+                      WHERE i.study_fk = s.id AND i.is_current = 1) AS bytes,
+                   (SELECT count(*) FROM instances i WHERE i.study_fk = s.id
+                      AND i.is_current = 1 AND i.confirmed_at IS NOT NULL) AS confirmed
+            FROM studies s JOIN patients p ON p.id = s.patient_fk
+            {where}
+            ORDER BY s.last_received_at DESC LIMIT ?""",
+        (*params, limit),
+    )
+    return [dict(r) for r in rows]
+
+
+def studies_ready_to_route(db: Database, quiet_since: float) -> list[int]:
+    """Studies with instances not yet routed and no new instance since ``quiet_since``."""
+    rows = db.query(
+        """SELECT DISTINCT s.id FROM studies s
+           JOIN instances i ON i.study_fk = s.id AND i.routed_at IS NULL
+           WHERE s.last_received_at <= ?""",
+        (quiet_since,),
+    )
+    return [int(r["id"]) for r in rows]
+
+
+def unrouted_instances(db: Database, study_fk: int) -> list[sqlite3.Row]:
+    """Unrouted instances of a study with every attribute a routing rule may look at."""
+    return db.query(
+        """SELECT i.id, i.sop_instance_uid, i.sop_class_uid, i.calling_ae, i.called_ae,
+                  se.modality, se.body_part, s.description AS study_description,
+                  s.study_uid
+           FROM instances i
+           JOIN series se ON se.id = i.series_fk
+           JOIN studies s ON s.id = i.study_fk
+           WHERE i.study_fk = ? AND i.routed_at IS NULL""",
+        (study_fk,),
+    )

@@ -1,0 +1,231 @@
+"""The durable job queue: one row per (study delta, destination), leased by workers.
+
+Owns: the SQL of jobs and job_instances. A job is claimed with a lease; a worker that dies
+leaves a lease that expires, and the job is claimed again. Every transition is one
+transaction. May not touch: files or the network; the retry *policy* (backoff) is computed by
+the caller and passed in.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from typing import Any
+
+from appliance.store.db import Database, now
+
+
+@dataclass(frozen=True)
+class NewJob:
+    kind: str
+    destination: str
+    priority: int
+    rule: str
+    instance_ids: list[int]
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    kind: str
+    destination: str
+    study_fk: int
+    study_uid: str
+    priority: int
+    attempts: int
+    progress: dict[str, Any]
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Job:
+        return cls(row["id"], row["kind"], row["destination"], row["study_fk"],
+                   row["study_uid"], row["priority"], row["attempts"],
+                   json.loads(row["progress"]) if row["progress"] else {})
+
+
+def route_study(db: Database, study_fk: int, routed_ids: list[int], jobs: list[NewJob]) -> None:
+    """Mark instances routed and create their jobs, all in one transaction."""
+    at = now()
+    with db.transaction() as conn:
+        conn.executemany("UPDATE instances SET routed_at = ? WHERE id = ? AND routed_at IS NULL",
+                         [(at, i) for i in routed_ids])
+        for job in jobs:
+            cursor = conn.execute(
+                """INSERT INTO jobs (kind, destination, study_fk, priority, state, attempts,
+                       next_attempt_at, rule, created_at, updated_at)
+                   VALUES (?, ?, ?, ?, 'pending', 0, ?, ?, ?, ?)""",
+                (job.kind, job.destination, study_fk, job.priority, at, job.rule, at, at),
+            )
+            conn.executemany(
+                "INSERT OR IGNORE INTO job_instances (job_id, instance_fk) VALUES (?, ?)",
+                [(cursor.lastrowid, i) for i in job.instance_ids],
+            )
+
+
+_JOB_SELECT = """SELECT j.*, s.study_uid FROM jobs j JOIN studies s ON s.id = j.study_fk"""
+
+
+def claim_next(db: Database, owner: str, lease_s: float,
+               kinds: tuple[str, ...] | None = None) -> Job | None:
+    """Lease the most urgent job that is due: pending and ready, or running with an expired
+    lease (its worker died). Urgent first, then oldest."""
+    at = now()
+    kind_filter = ""
+    params: list[Any] = [at, at]
+    if kinds:
+        kind_filter = f"AND kind IN ({','.join('?' * len(kinds))})"
+        params.extend(kinds)
+    with db.transaction() as conn:
+        row = conn.execute(
+            f"""SELECT id FROM jobs
+                WHERE ((state = 'pending' AND next_attempt_at <= ?)
+                       OR (state = 'running' AND lease_until < ?)) {kind_filter}
+                ORDER BY priority, created_at, id LIMIT 1""",
+            params,
+        ).fetchone()
+        if row is None:
+            return None
+        conn.execute(
+            """UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_owner = ?,
+                   lease_until = ?, updated_at = ? WHERE id = ?""",
+            (owner, at + lease_s, at, row["id"]),
+        )
+        claimed = conn.execute(f"{_JOB_SELECT} WHERE j.id = ?", (row["id"],)).fetchone()
+        return Job.from_row(claimed)
+
+
+def renew_lease(db: Database, job_id: int, owner: str, lease_s: float) -> bool:
+    """Extend a lease; False if the job is no longer ours (it expired and was re-claimed)."""
+    with db.transaction() as conn:
+        cursor = conn.execute(
+            "UPDATE jobs SET lease_until = ? "
+            "WHERE id = ? AND lease_owner = ? AND state = 'running'",
+            (now() + lease_s, job_id, owner),
+        )
+        return cursor.rowcount == 1
+
+
+def save_progress(db: Database, job_id: int, progress: dict[str, Any]) -> None:
+    with db.transaction() as conn:
+        conn.execute("UPDATE jobs SET progress = ?, updated_at = ? WHERE id = ?",
+                     (json.dumps(progress), now(), job_id))
+
+
+def finish(db: Database, job_id: int, owner: str) -> None:
+    at = now()
+    with db.transaction() as conn:
+        conn.execute(
+            """UPDATE jobs SET state = 'done', finished_at = ?, updated_at = ?, last_error = NULL,
+                   lease_owner = NULL, lease_until = NULL
+               WHERE id = ? AND lease_owner = ?""",
+            (at, at, job_id, owner),
+        )
+
+
+def fail_attempt(db: Database, job_id: int, owner: str, error: str, retry_at: float | None) -> str:
+    """Record a failed attempt. ``retry_at`` None means no more attempts: the job is failed.
+    Returns the new state."""
+    at = now()
+    state = "failed" if retry_at is None else "pending"
+    with db.transaction() as conn:
+        conn.execute(
+            """UPDATE jobs SET state = ?, last_error = ?, next_attempt_at = ?, updated_at = ?,
+                   finished_at = CASE WHEN ? = 'failed' THEN ? END,
+                   lease_owner = NULL, lease_until = NULL
+               WHERE id = ? AND lease_owner = ?""",
+            (state, error[:2000], retry_at if retry_at is not None else at, at, state, at,
+             job_id, owner),
+        )
+    return state
+
+
+def retry(db: Database, job_id: int) -> bool:
+    """Operator's retry: a failed (or waiting) job is due now, with its attempts reset."""
+    at = now()
+    with db.transaction() as conn:
+        cursor = conn.execute(
+            """UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = ?,
+                   updated_at = ?, finished_at = NULL
+               WHERE id = ? AND state IN ('failed', 'pending')""",
+            (at, at, job_id),
+        )
+        return cursor.rowcount == 1
+
+
+def job_files(db: Database, job_id: int, unsent_only: bool = True) -> list[sqlite3.Row]:
+    """The instances a job carries, with their files, in a stable order."""
+    sent = "AND ji.sent_at IS NULL" if unsent_only else ""
+    return db.query(
+        f"""SELECT i.id, i.sop_instance_uid, i.sop_class_uid, i.transfer_syntax_uid, i.path,
+                   i.size, i.sha256, ji.sent_at
+            FROM job_instances ji JOIN instances i ON i.id = ji.instance_fk
+            WHERE ji.job_id = ? {sent} ORDER BY i.series_fk, i.instance_number, i.id""",
+        (job_id,),
+    )
+
+
+def mark_sent(db: Database, job_id: int, instance_ids: list[int]) -> None:
+    at = now()
+    with db.transaction() as conn:
+        conn.executemany(
+            "UPDATE job_instances SET sent_at = ? WHERE job_id = ? AND instance_fk = ?",
+            [(at, job_id, i) for i in instance_ids],
+        )
+
+
+def confirm_instances(db: Database, receipts: list[tuple[str, str]]) -> int:
+    """Mark instances confirmed by the region. Each receipt names the SOP Instance UID *and*
+    the SHA-256 of the bytes the region holds: only that exact version is confirmed."""
+    at = now()
+    with db.transaction() as conn:
+        total = 0
+        for sop_uid, sha in receipts:
+            cursor = conn.execute(
+                """UPDATE instances SET confirmed_at = ?
+                   WHERE sop_instance_uid = ? AND sha256 = ? AND confirmed_at IS NULL""",
+                (at, sop_uid, sha),
+            )
+            total += cursor.rowcount
+        return total
+
+
+def list_jobs(db: Database, state: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+    where, params = "", []
+    if state:
+        where, params = "WHERE j.state = ?", [state]
+    rows = db.query(
+        f"""SELECT j.id, j.kind, j.destination, s.study_uid, j.priority, j.state, j.attempts,
+                   j.next_attempt_at, j.last_error, j.rule, j.created_at, j.finished_at,
+                   (SELECT count(*) FROM job_instances ji WHERE ji.job_id = j.id) AS instances,
+                   (SELECT count(*) FROM job_instances ji WHERE ji.job_id = j.id
+                      AND ji.sent_at IS NOT NULL) AS sent
+            FROM jobs j JOIN studies s ON s.id = j.study_fk
+            {where} ORDER BY j.id DESC LIMIT ?""",
+        (*params, limit),
+    )
+    return [dict(r) for r in rows]
+
+
+def counts_by_state(db: Database) -> dict[str, dict[str, int]]:
+    """``{kind: {state: count}}``."""
+    result: dict[str, dict[str, int]] = {}
+    for row in db.query("SELECT kind, state, count(*) AS n FROM jobs GROUP BY kind, state"):
+        result.setdefault(row["kind"], {})[row["state"]] = int(row["n"])
+    return result
+
+
+def backlog_by_destination(db: Database) -> list[dict[str, Any]]:
+    """Per destination: studies and bytes not yet delivered, and the age of the oldest job."""
+    rows = db.query(
+        """SELECT j.destination, j.kind, count(DISTINCT j.study_fk) AS studies,
+                  min(j.created_at) AS oldest_created_at,
+                  coalesce(sum((SELECT coalesce(sum(i.size), 0) FROM job_instances ji
+                       JOIN instances i ON i.id = ji.instance_fk
+                       WHERE ji.job_id = j.id AND ji.sent_at IS NULL)), 0) AS bytes
+           FROM jobs j WHERE j.state IN ('pending', 'running')
+           GROUP BY j.destination, j.kind"""
+    )
+    at = now()
+    return [
+        {**dict(r), "oldest_age_s": round(at - r["oldest_created_at"], 1)} for r in rows
+    ]

@@ -1,0 +1,128 @@
+"""The appliance database schema, as an ordered list of migrations.
+
+Owns: table definitions only. ``PRAGMA user_version`` records how many migrations ran; a
+migration is never edited once released, a new one is appended. May not touch: data.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: list[str] = [
+    # 1: the index (patient / study / series / instance), the job queue and the audit trail.
+    """
+    CREATE TABLE patients (
+        id INTEGER PRIMARY KEY,
+        patient_id TEXT NOT NULL,
+        issuer TEXT NOT NULL DEFAULT '',
+        name TEXT,
+        birth_date TEXT,
+        sex TEXT,
+        UNIQUE (patient_id, issuer)
+    );
+    CREATE INDEX patients_name ON patients (name COLLATE NOCASE);
+
+    CREATE TABLE studies (
+        id INTEGER PRIMARY KEY,
+        study_uid TEXT NOT NULL UNIQUE,
+        patient_fk INTEGER NOT NULL REFERENCES patients (id),
+        study_date TEXT,
+        study_time TEXT,
+        accession_number TEXT,
+        study_id TEXT,
+        description TEXT,
+        referring_physician TEXT,
+        origin TEXT NOT NULL DEFAULT 'local',        -- 'local' (a modality) or 'regional'
+        first_received_at REAL NOT NULL,
+        last_received_at REAL NOT NULL,
+        last_accessed_at REAL,
+        pinned_until REAL
+    );
+    CREATE INDEX studies_patient ON studies (patient_fk);
+    CREATE INDEX studies_date ON studies (study_date);
+    CREATE INDEX studies_accession ON studies (accession_number);
+    CREATE INDEX studies_last_received ON studies (last_received_at);
+
+    CREATE TABLE series (
+        id INTEGER PRIMARY KEY,
+        series_uid TEXT NOT NULL UNIQUE,
+        study_fk INTEGER NOT NULL REFERENCES studies (id),
+        series_number INTEGER,
+        modality TEXT,
+        description TEXT,
+        body_part TEXT
+    );
+    CREATE INDEX series_study ON series (study_fk);
+    CREATE INDEX series_modality ON series (modality);
+
+    -- One row per stored version of an instance. The same SOP Instance UID with other bytes
+    -- is a conflict: both are kept, the newest (is_current = 1) serves.
+    CREATE TABLE instances (
+        id INTEGER PRIMARY KEY,
+        sop_instance_uid TEXT NOT NULL,
+        series_fk INTEGER NOT NULL REFERENCES series (id),
+        study_fk INTEGER NOT NULL REFERENCES studies (id),
+        sop_class_uid TEXT NOT NULL,
+        transfer_syntax_uid TEXT NOT NULL,
+        instance_number INTEGER,
+        path TEXT NOT NULL,                          -- relative to the spool directory
+        size INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,                        -- of the stored file, exactly as kept
+        calling_ae TEXT,
+        called_ae TEXT,
+        source_address TEXT,
+        received_at REAL NOT NULL,
+        version INTEGER NOT NULL DEFAULT 1,
+        is_current INTEGER NOT NULL DEFAULT 1,
+        routed_at REAL,                              -- NULL: not yet handed to routing
+        confirmed_at REAL,                           -- the region's receipt named it
+        UNIQUE (sop_instance_uid, sha256)
+    );
+    CREATE INDEX instances_series ON instances (series_fk, is_current);
+    CREATE INDEX instances_study ON instances (study_fk, is_current);
+    CREATE INDEX instances_unrouted ON instances (study_fk) WHERE routed_at IS NULL;
+    CREATE INDEX instances_sop ON instances (sop_instance_uid);
+
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,                          -- the destination kind: dicom, hub, stowrs
+        destination TEXT NOT NULL,
+        study_fk INTEGER NOT NULL REFERENCES studies (id),
+        priority INTEGER NOT NULL,                   -- 0 urgent, 1 high, 2 routine
+        state TEXT NOT NULL DEFAULT 'pending',       -- pending, running, done, failed
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        lease_owner TEXT,
+        lease_until REAL,
+        last_error TEXT,
+        progress TEXT,                               -- destination-specific, JSON
+        rule TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        finished_at REAL
+    );
+    CREATE INDEX jobs_ready ON jobs (state, priority, next_attempt_at);
+    CREATE INDEX jobs_study ON jobs (study_fk);
+
+    CREATE TABLE job_instances (
+        job_id INTEGER NOT NULL REFERENCES jobs (id),
+        instance_fk INTEGER NOT NULL REFERENCES instances (id),
+        sent_at REAL,
+        PRIMARY KEY (job_id, instance_fk)
+    ) WITHOUT ROWID;
+
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY,
+        at REAL NOT NULL,
+        event TEXT NOT NULL,                         -- store, query, retrieve, export, ...
+        actor TEXT,                                  -- calling AE, user, or 'system'
+        source TEXT,                                 -- network address
+        target TEXT,                                 -- study / instance UID, destination
+        outcome TEXT NOT NULL,                       -- success, failure: reason
+        detail TEXT
+    );
+    CREATE INDEX audit_at ON audit (at);
+    CREATE TRIGGER audit_append_only_update BEFORE UPDATE ON audit
+        BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
+    CREATE TRIGGER audit_append_only_delete BEFORE DELETE ON audit
+        BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
+    """,
+]

@@ -1,0 +1,326 @@
+"""Real peers for tests and benchmarks: PAS itself, DCMTK tools, Orthanc, network namespaces.
+
+Every server binds to loopback, or inside a network namespace this module creates (addresses
+from 198.18.0.0/15) and deletes. Nothing here sends traffic anywhere else. Waiting is done on
+conditions (a port answers, a count is reached) with a deadline, never with bare sleeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
+CT_DIR = SHARED_DATA / "ct-covid19-ny-sbu"
+MR_DIR = SHARED_DATA / "mr-toshiba-dti"
+PAS_BIN = Path(sys.executable).parent / "pas"
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+ORTHANC_DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05,
+             what: str = "condition") -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = condition()
+            if result:
+                return result
+        except Exception as exc:  # the condition may fail until the peer is up
+            last_error = exc
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}"
+                       + (f" (last error: {last_error})" if last_error else ""))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+# --- PAS ---------------------------------------------------------------------------------
+
+
+class PasProcess:
+    """``pas run`` as a child process with a private home and environment overrides."""
+
+    def __init__(self, home: Path, env: dict[str, str] | None = None, ae_title: str = "PAS"):
+        self.home = Path(home)
+        self.port = free_port()
+        self.http_port = free_port()
+        self.ae_title = ae_title
+        self.env = {
+            **os.environ,
+            "PAS_HOME": str(self.home),
+            "PAS_DICOM__HOST": "127.0.0.1",
+            "PAS_DICOM__PORT": str(self.port),
+            "PAS_DICOM__AE_TITLE": ae_title,
+            "PAS_HTTP__HOST": "127.0.0.1",
+            "PAS_HTTP__PORT": str(self.http_port),
+            "PAS_STUDY__STABLE_AFTER_S": "1",
+            "PAS_STUDY__CHECK_INTERVAL_S": "0.2",
+            "PAS_QUEUE__POLL_INTERVAL_S": "0.2",
+            "PAS_STORAGE__MIN_FREE_MB": "0",
+            **(env or {}),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.home / "pas.log"
+
+    def start(self, timeout: float = 30.0) -> PasProcess:
+        self.home.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([str(PAS_BIN), "run"], env=self.env, stdout=log,
+                                     stderr=subprocess.STDOUT, cwd=self.home)
+        wait_for(lambda: self._alive() and port_open("127.0.0.1", self.port), timeout,
+                 what=f"PAS on port {self.port} (log: {self.log_path})")
+        return self
+
+    def _alive(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"pas exited with {self.proc.returncode}: {self.log()[-2000:]}")
+        return True
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill(self) -> None:
+        """kill -9: no clean-up of any kind."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([str(PAS_BIN), *args], env=self.env, capture_output=True,
+                                text=True, timeout=120)
+        if check and result.returncode != 0:
+            raise AssertionError(f"pas {' '.join(args)} -> {result.returncode}\n"
+                                 f"{result.stdout}\n{result.stderr}")
+        return result
+
+    def status(self) -> dict[str, Any]:
+        return json.loads(self.cli("status", "--json").stdout)
+
+
+# --- DCMTK -------------------------------------------------------------------------------
+
+
+def storescu(paths: list[Path] | list[str] | Path, port: int, *, host: str = "127.0.0.1",
+             called: str = "PAS", calling: str = "STORESCU", extra: list[str] = (),  # type: ignore[assignment]
+             check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """DCMTK storescu as the modality (``TCP_NODELAY=1``; scans directories recursively)."""
+    if isinstance(paths, Path | str):
+        paths = [paths]  # type: ignore[list-item]
+    args = ["storescu", "-aec", called, "-aet", calling, "+sd", "+r", *extra, host, str(port),
+            *[str(p) for p in paths]]
+    result = subprocess.run(args, env=DCMTK_ENV, capture_output=True, text=True,
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"storescu failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result
+
+
+class StoreSCP:
+    """DCMTK storescp writing what it receives, bit-preserving, to a folder."""
+
+    def __init__(self, folder: Path, ae_title: str = "STORESCP", host: str = "127.0.0.1"):
+        self.folder = Path(folder)
+        self.ae_title = ae_title
+        self.host = host
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, extra: list[str] = ()) -> StoreSCP:  # type: ignore[assignment]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            ["storescp", "-aet", self.ae_title, "--bit-preserving", "-od", str(self.folder),
+             "-uf", *extra, str(self.port)],
+            env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for(lambda: port_open("127.0.0.1", self.port), 15, what="storescp")
+        return self
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.folder.rglob("*") if p.is_file())
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+# --- network namespaces --------------------------------------------------------------------
+
+
+class NetNamespace:
+    """A network namespace joined to this one by a veth pair, 198.18.<n>.1 <-> .2 /30.
+
+    Root only (CI runs as root). The far end's address is ``inner_address``; this side is
+    ``outer_address``. Removed with :meth:`delete`.
+    """
+
+    def __init__(self, prefix: str = "pas"):
+        tag = uuid.uuid4().hex[:6]
+        self.name = f"{prefix}-{tag}"
+        # A random /30 inside 198.18.0.0/16 (the benchmarking range): .1 here, .2 there.
+        block = random.randrange(1, 16384) * 4
+        self.outer_address = f"198.18.{block // 256}.{block % 256 + 1}"
+        self.inner_address = f"198.18.{block // 256}.{block % 256 + 2}"
+        self.outer_if = f"v{tag}a"
+        self.inner_if = f"v{tag}b"
+
+    def create(self) -> NetNamespace:
+        run = _ip
+        run("netns", "add", self.name)
+        run("link", "add", self.outer_if, "type", "veth", "peer", "name", self.inner_if)
+        run("link", "set", self.inner_if, "netns", self.name)
+        run("addr", "add", f"{self.outer_address}/30", "dev", self.outer_if)
+        run("link", "set", self.outer_if, "up")
+        run("-n", self.name, "addr", "add", f"{self.inner_address}/30", "dev", self.inner_if)
+        run("-n", self.name, "link", "set", self.inner_if, "up")
+        run("-n", self.name, "link", "set", "lo", "up")
+        return self
+
+    def command(self, args: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *args]
+
+    def delete(self) -> None:
+        subprocess.run(["ip", "link", "del", self.outer_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+
+
+def _ip(*args: str) -> None:
+    result = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {result.stderr.strip()}")
+
+
+# --- Orthanc -------------------------------------------------------------------------------
+
+
+class Orthanc:
+    """A real Orthanc with its DICOMweb plugin, inside its own network namespace.
+
+    Orthanc 1.10 cannot bind to one address, so it runs in a namespace whose only links are
+    loopback and a veth to this test; ``host`` is its address there.
+    """
+
+    def __init__(self, folder: Path, ae_title: str = "ORTHANC",
+                 modalities: dict[str, list[Any]] | None = None):
+        self.folder = Path(folder)
+        self.ae_title = ae_title
+        self.modalities = modalities or {}
+        self.ns = NetNamespace("orthanc")
+        self.http_port = 8042
+        self.dicom_port = 4242
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def host(self) -> str:
+        return self.ns.inner_address
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def dicomweb(self) -> str:
+        return f"{self.url}/dicom-web"
+
+    def start(self, timeout: float = 60.0) -> Orthanc:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.ns.create()
+        config = {
+            "Name": self.ae_title,
+            "StorageDirectory": str(self.folder / "storage"),
+            "IndexDirectory": str(self.folder / "index"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": self.ae_title,
+            "RemoteAccessAllowed": True,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowEcho": True,
+            "UnknownSopClassAccepted": True,
+            "StorageCompression": False,
+            "OverwriteInstances": False,
+            "StableAge": 1,
+            "DicomModalities": self.modalities,
+            "Plugins": [ORTHANC_DICOMWEB_PLUGIN],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True},
+            "ConcurrentJobs": 2,
+        }
+        config_path = self.folder / "orthanc.json"
+        config_path.write_text(json.dumps(config, indent=2))
+        log = open(self.folder / "orthanc.log", "ab")
+        self.proc = subprocess.Popen(self.ns.command(["Orthanc", str(config_path)]),
+                                     stdout=log, stderr=subprocess.STDOUT)
+        wait_for(lambda: httpx.get(f"{self.url}/system", timeout=1).status_code == 200,
+                 timeout, what="Orthanc HTTP")
+        return self
+
+    def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        return httpx.get(f"{self.url}{path}", timeout=60, **kwargs)
+
+    def instances(self) -> list[str]:
+        return self.get("/instances").json()
+
+    def instance_file(self, orthanc_id: str) -> bytes:
+        return self.get(f"/instances/{orthanc_id}/file").content
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.ns.delete()
+
+
+@contextlib.contextmanager
+def running(peer: Any) -> Iterator[Any]:
+    try:
+        yield peer.start()
+    finally:
+        peer.stop()
+
+
+def have(tool: str) -> bool:
+    return shutil.which(tool) is not None
