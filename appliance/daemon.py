@@ -42,6 +42,9 @@ class Daemon:
         )
         self.stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        # Functions returning Starlette routes for the HTTP app (see appliance.web.app).
+        self.route_providers: list[Any] = []
+        self.web: Any = None
 
     def default_destinations(self) -> list[str]:
         """Where a study goes when no rule and no fallback names a destination."""
@@ -52,6 +55,11 @@ class Daemon:
         if removed:
             log.warning("start-up: removed %d unfinished temp files from the spool", removed)
         self.listener.start()
+        if self.settings.http.enabled:
+            from appliance.web.app import WebServer, build_app
+
+            self.web = WebServer(build_app(self), self.settings.http.host, self.settings.http.port)
+            self.web.start()
         self.dispatcher.start()
         self._spawn("pas-router", self._route_loop)
         log.info("PAS ready: AE %s on %s:%d, home %s", self.settings.dicom.ae_title,
@@ -74,6 +82,8 @@ class Daemon:
     def stop(self) -> None:
         self.stopping.set()
         self.listener.stop()
+        if self.web is not None:
+            self.web.stop()
         self.dispatcher.stop()
         for thread in self._threads:
             thread.join(5)
