@@ -188,6 +188,38 @@ Destination = Annotated[
 ]
 
 
+def _clock(value: str) -> str:
+    if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", value):
+        raise ValueError(f"must be HH:MM (00:00-23:59), got {value!r}")
+    return value
+
+
+Clock = Annotated[str, AfterValidator(_clock)]
+
+
+class RateWindow(_Section):
+    """From ``start`` to ``end`` (local time, may wrap past midnight) the uplink is capped at
+    ``max_mbps`` (0 = no cap); outside every window ``hub.max_mbps`` applies."""
+
+    start: Clock
+    end: Clock
+    max_mbps: float = Field(ge=0)
+
+
+class HubSection(_Section):
+    """The uplink to the regional hub (the enrolment itself lives in ``$PAS_HOME/pki``)."""
+
+    parallel_buckets: int = Field(default=4, ge=1, le=32)
+    bucket_mb: float = Field(default=6.0, gt=0, le=64)
+    max_mbps: float = Field(default=0.0, ge=0)
+    windows: list[RateWindow] = []
+    pack_level: str = "default"
+    timeout_s: float = Field(default=60.0, gt=0)
+    retries: int = Field(default=4, ge=0, le=20)
+    # An urgent job gets a worker of its own so that a long routine upload never delays it.
+    urgent_worker: bool = True
+
+
 class RoutingSection(_Section):
     rules: list[Rule] = []
     fallback: Fallback = Fallback()
@@ -205,6 +237,7 @@ class Settings(_Section):
     queue: QueueSection = QueueSection()
     http: HttpSection = HttpSection()
     routing: RoutingSection = RoutingSection()
+    hub: HubSection = HubSection()
     destinations: dict[str, Destination] = {}
 
     def model_post_init(self, _context: Any) -> None:
