@@ -125,4 +125,26 @@ MIGRATIONS: list[str] = [
     CREATE TRIGGER audit_append_only_delete BEFORE DELETE ON audit
         BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
     """,
+    # 2 (cache lifecycle, appliance/store/cache.py): integrity problems found by start-up
+    # recovery, `pas verify` and the scrub (flagged, never silently dropped), and where the
+    # rate-limited background scrub stands.
+    """
+    CREATE TABLE integrity_issues (
+        id INTEGER PRIMARY KEY,
+        found_at REAL NOT NULL,
+        kind TEXT NOT NULL,            -- missing, size_mismatch, hash_mismatch, orphan, ...
+        path TEXT NOT NULL,            -- relative to the spool directory
+        instance_fk INTEGER,           -- no foreign key: the row may be evicted later
+        detail TEXT,
+        resolved_at REAL,
+        resolution TEXT
+    );
+    CREATE INDEX integrity_open ON integrity_issues (resolved_at, kind, path);
+    CREATE TABLE scrub_state (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        last_instance_id INTEGER NOT NULL DEFAULT 0,
+        pass_started_at REAL,
+        passes INTEGER NOT NULL DEFAULT 0
+    );
+    """,
 ]
