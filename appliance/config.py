@@ -220,6 +220,53 @@ class HubSection(_Section):
     urgent_worker: bool = True
 
 
+class Hl7Section(_Section):
+    """The HL7 v2 MLLP listener that receives orders and appointments from the RIS."""
+
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: Port = 2575
+    max_message_kb: int = Field(default=1024, ge=1)
+    encoding: str = "utf-8"
+
+
+class PrefetchWindow(_Section):
+    """From ``start`` to ``end`` (local time, may wrap past midnight) priors may be fetched."""
+
+    start: Clock
+    end: Clock
+
+
+class PrefetchRule(_Section):
+    """Which priors to fetch for an ordered exam whose modality matches ``modality``."""
+
+    name: str
+    modality: Regex | None = None          # of the ordered exam; None: any
+    priors: int = Field(default=3, ge=0, le=100)
+    max_age_days: int = Field(default=0, ge=0)   # 0: no age limit
+    same: Literal["any", "modality", "body_part"] = "any"
+    push_to: list[str] = []                  # dicom destinations that get the fetched priors
+
+
+class PrefetchSection(_Section):
+    """Priors on site before the patient arrives (see docs/prefetch.md)."""
+
+    enabled: bool = True
+    on_arrival: bool = True                  # a new local study fetches that patient's priors
+    lead_time_h: float = Field(default=24.0, ge=0)
+    windows: list[PrefetchWindow] = []       # empty: any time of day
+    pin_days: int = Field(default=30, ge=0)
+    rules: list[PrefetchRule] = [PrefetchRule(name="default")]
+    # Site issuer (PID-3.4 / IssuerOfPatientID) -> the issuer the regional archive uses.
+    issuer_map: dict[str, str] = {}
+    dicomweb_url: str | None = None          # a plain DICOMweb region instead of the hub proxy
+    parallel: int = Field(default=4, ge=1, le=32)
+    check_interval_s: float = Field(default=2.0, gt=0)
+    max_attempts: int = Field(default=5, ge=1)
+    retry_after_s: float = Field(default=30.0, ge=0)
+    timeout_s: float = Field(default=60.0, gt=0)
+
+
 class RoutingSection(_Section):
     rules: list[Rule] = []
     fallback: Fallback = Fallback()
@@ -238,6 +285,8 @@ class Settings(_Section):
     http: HttpSection = HttpSection()
     routing: RoutingSection = RoutingSection()
     hub: HubSection = HubSection()
+    hl7: Hl7Section = Hl7Section()
+    prefetch: PrefetchSection = PrefetchSection()
     destinations: dict[str, Destination] = {}
 
     def model_post_init(self, _context: Any) -> None:
@@ -253,6 +302,10 @@ class Settings(_Section):
         for name in self.routing.fallback.destinations:
             if name not in known:
                 problems.append(f"routing.fallback.destinations: unknown destination {name!r}")
+        for index, prule in enumerate(self.prefetch.rules):
+            for name in prule.push_to:
+                if name not in self.destinations:
+                    problems.append(f"prefetch.rules.{index}.push_to: unknown destination {name!r}")
         if problems:
             raise ConfigError(problems)
 
