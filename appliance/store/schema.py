@@ -147,4 +147,52 @@ MIGRATIONS: list[str] = [
         passes INTEGER NOT NULL DEFAULT 0
     );
     """,
+    # prefetch (appliance/store/prefetch.py): HL7 messages seen (idempotence by control id),
+    # prefetch requests (one per order: dedup_key), and the prior studies each one fetches.
+    """
+    CREATE TABLE prefetch_messages (
+        message_key TEXT PRIMARY KEY,  -- sending application|facility|MSH-10 control id
+        received_at REAL NOT NULL,
+        message_type TEXT NOT NULL,
+        request_fk INTEGER,
+        ack_code TEXT NOT NULL,
+        detail TEXT
+    );
+    CREATE TABLE prefetch_requests (
+        id INTEGER PRIMARY KEY,
+        dedup_key TEXT NOT NULL UNIQUE,  -- the order, appointment or visit it came from
+        trigger TEXT NOT NULL,           -- hl7, arrival, manual, mwl
+        patient_id TEXT NOT NULL,
+        issuer TEXT NOT NULL DEFAULT '',
+        accession_number TEXT,
+        modality TEXT,
+        body_part TEXT,
+        scheduled_at REAL,               -- when the patient is expected (NULL: unknown)
+        due_at REAL NOT NULL,            -- scheduled_at - lead time, or the time received
+        state TEXT NOT NULL DEFAULT 'pending',  -- pending, running, fetched, failed, cancelled
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        last_error TEXT,
+        rule TEXT,
+        studies_found INTEGER NOT NULL DEFAULT 0,
+        studies_fetched INTEGER NOT NULL DEFAULT 0,
+        instances_fetched INTEGER NOT NULL DEFAULT 0,
+        bytes_fetched INTEGER NOT NULL DEFAULT 0,
+        times_requested INTEGER NOT NULL DEFAULT 1,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL
+    );
+    CREATE INDEX prefetch_requests_ready ON prefetch_requests (state, next_attempt_at);
+    CREATE TABLE prefetch_studies (
+        request_fk INTEGER NOT NULL REFERENCES prefetch_requests (id),
+        study_uid TEXT NOT NULL,
+        study_date TEXT,
+        modalities TEXT,
+        instances_expected INTEGER,
+        state TEXT NOT NULL DEFAULT 'pending',  -- pending, fetched, on_site, failed
+        PRIMARY KEY (request_fk, study_uid)
+    ) WITHOUT ROWID;
+    """,
 ]
