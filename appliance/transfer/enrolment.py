@@ -1,0 +1,220 @@
+"""The appliance's enrolment with its regional hub: the files it leaves, and how to make them.
+
+Owns: ``$PAS_HOME/pki/`` (directory 0700, files 0600): ``client.key``, ``client.crt``,
+``ca.crt`` (the pinned fleet CA) and ``hub.json`` (url, site, the hub's X25519 transfer key,
+when). The appliance is enrolled when ``hub.json`` exists; it is written last, so a crash
+half-way leaves an appliance that is simply not enrolled yet. May not touch: the database,
+the spool, the hub's own files.
+
+The uplink reads these through :func:`load_enrolment`; ``pas enroll`` writes them through
+:func:`enroll`. The token is ``SITE.SECRET.CAFP``: CAFP (hex SHA-256 of the CA certificate DER)
+authenticates the hub before the secret is sent, so a man in the middle never sees the secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import re
+import ssl
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+PKI_DIR = "pki"
+TOKEN_RE = re.compile(r"^(?P<site>[A-Za-z0-9][A-Za-z0-9_-]{0,63})\.(?P<secret>[A-Za-z0-9_-]{16,})"
+                      r"\.(?P<cafp>[0-9a-f]{64})$")
+
+
+class EnrolmentError(Exception):
+    """Enrolment failed; the message says why. Nothing was written."""
+
+
+@dataclass(frozen=True)
+class Enrolment:
+    """What the appliance knows about its hub once enrolled."""
+
+    pki_dir: Path
+    url: str
+    site: str
+    hub_transfer_key: bytes  # raw X25519 public key (32 bytes)
+    enrolled_at: str
+
+    @property
+    def client_key(self) -> Path:
+        return self.pki_dir / "client.key"
+
+    @property
+    def client_cert(self) -> Path:
+        return self.pki_dir / "client.crt"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.pki_dir / "ca.crt"
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """TLS 1.3 only, the pinned fleet CA only, hostname checked, our client cert loaded."""
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.ca_cert))
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        context.check_hostname = True
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_cert_chain(str(self.client_cert), str(self.client_key))
+        return context
+
+
+def pki_dir(home: Path) -> Path:
+    return Path(home) / PKI_DIR
+
+
+def load_enrolment(home: Path) -> Enrolment | None:
+    """The enrolment under ``home`` (``$PAS_HOME``), or None when the appliance is not enrolled."""
+    directory = pki_dir(home)
+    try:
+        data = json.loads((directory / "hub.json").read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise EnrolmentError(f"{directory / 'hub.json'}: unreadable ({exc})") from None
+    try:
+        return Enrolment(pki_dir=directory, url=str(data["url"]).rstrip("/"),
+                         site=str(data["site"]),
+                         hub_transfer_key=base64.b64decode(data["hub_transfer_key"]),
+                         enrolled_at=str(data.get("enrolled_at", "")))
+    except (KeyError, ValueError) as exc:
+        raise EnrolmentError(f"{directory / 'hub.json'}: missing or bad field ({exc})") from None
+
+
+def parse_token(token: str) -> tuple[str, str, str]:
+    """``SITE.SECRET.CAFP`` -> (site, secret, cafp); raises EnrolmentError naming the problem."""
+    match = TOKEN_RE.match(token.strip())
+    if not match:
+        raise EnrolmentError("malformed token: expected SITE.SECRET.CAFP (as printed by "
+                             "`pas hub token SITE`)")
+    return match["site"], match["secret"], match["cafp"]
+
+
+def ca_fingerprint(ca_pem: bytes) -> str:
+    """Hex SHA-256 of the certificate's DER encoding."""
+    cert = x509.load_pem_x509_certificate(ca_pem)
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` with mode 0600, atomically (temp, fsync, rename, fsync dir)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+
+
+def _fetch_ca(url: str, cafp: str, timeout: float) -> bytes:
+    """Get the fleet CA without trusting anything yet, and accept it only if it hashes to CAFP."""
+    unverified = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    unverified.check_hostname = False
+    unverified.verify_mode = ssl.CERT_NONE
+    unverified.minimum_version = ssl.TLSVersion.TLSv1_3
+    try:
+        response = httpx.get(f"{url}/enroll/ca", verify=unverified, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise EnrolmentError(f"cannot reach the hub at {url}: {exc}") from None
+    if response.status_code != 200:
+        raise EnrolmentError(f"hub at {url} answered {response.status_code} for its CA")
+    ca_pem = response.content
+    try:
+        actual = ca_fingerprint(ca_pem)
+    except ValueError:
+        raise EnrolmentError(f"hub at {url} sent something that is not a certificate") from None
+    if actual != cafp:
+        raise EnrolmentError(f"the hub's CA does not match the token (token {cafp[:16]}..., "
+                             f"hub {actual[:16]}...): wrong hub, or someone in between")
+    return ca_pem
+
+
+def enroll(home: Path, url: str, token: str, timeout: float = 30.0) -> Enrolment:
+    """Enrol this appliance: new key + CSR, pinned CA checked against the token, files 0600.
+
+    Refuses to overwrite an existing enrolment (delete ``pki/hub.json`` to enrol again).
+    """
+    url = url.rstrip("/")
+    if urlsplit(url).scheme != "https":
+        raise EnrolmentError(f"hub URL must start with https://, got {url!r}")
+    site, _secret, cafp = parse_token(token)
+    directory = pki_dir(home)
+    if (directory / "hub.json").exists():
+        raise EnrolmentError(f"already enrolled ({directory / 'hub.json'} exists)")
+    ca_pem = _fetch_ca(url, cafp, timeout)
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, site)]))
+           .sign(key, hashes.SHA256()))
+    with tempfile.NamedTemporaryFile(suffix=".pem") as ca_file:
+        ca_file.write(ca_pem)
+        ca_file.flush()
+        pinned = ssl.create_default_context(cafile=ca_file.name)
+    pinned.minimum_version = ssl.TLSVersion.TLSv1_3
+    try:
+        response = httpx.post(
+            f"{url}/enroll", verify=pinned, timeout=timeout,
+            json={"token": token.strip(),
+                  "csr_pem": csr.public_bytes(serialization.Encoding.PEM).decode()},
+        )
+    except httpx.HTTPError as exc:
+        raise EnrolmentError(f"enrolment request to {url} failed: {exc}") from None
+    body: dict[str, Any] = {}
+    with contextlib.suppress(ValueError):
+        body = response.json()
+    if response.status_code != 200:
+        raise EnrolmentError(f"hub refused the enrolment ({response.status_code}): "
+                             f"{body.get('detail') or response.text[:200]}")
+    cert_pem = str(body.get("certificate_pem", "")).encode()
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        transfer_key = base64.b64decode(body["hub_transfer_key"], validate=True)
+    except (ValueError, KeyError) as exc:
+        raise EnrolmentError(f"hub answered with an unusable certificate or key ({exc})") from None
+    if cert.public_key().public_numbers() != key.public_key().public_numbers():  # type: ignore[union-attr]
+        raise EnrolmentError("hub returned a certificate for another key")
+    if len(transfer_key) != 32:
+        raise EnrolmentError("hub transfer key is not a 32-byte X25519 public key")
+
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(directory, 0o700)
+    write_private(directory / "client.key", key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    write_private(directory / "client.crt", cert_pem)
+    write_private(directory / "ca.crt", ca_pem)
+    info = {"url": url, "site": site,
+            "hub_transfer_key": base64.b64encode(transfer_key).decode(),
+            "enrolled_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    write_private(directory / "hub.json", json.dumps(info, indent=2).encode())
+    enrolment = load_enrolment(home)
+    assert enrolment is not None
+    return enrolment
