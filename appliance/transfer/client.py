@@ -1,0 +1,244 @@
+"""The appliance's HTTPS client for the regional hub (docs/protocol.md, "Transfers").
+
+Owns: the wire calls of a transfer (create, PUT bucket, list held buckets, commit, receipt),
+their retry policy, the hub's certificate as seen on the TLS connection, and the receipt's
+signature check. May not touch: the database, the spool, packing or sealing (the caller hands
+in sealed bytes). One :class:`HubClient` is shared by every worker thread: httpx's pool keeps
+HTTP/1.1 connections alive, one per bucket in flight, all under the enrolment's TLS 1.3
+context (pinned fleet CA, hostname checked, client certificate).
+
+Retries (tenacity, exponential backoff with full jitter): connection errors, timeouts and
+5xx answers are retried a few times; a 4xx is never retried here, because the protocol gives
+each one a meaning the caller must act on (409 on commit: send the missing buckets; 400 on a
+bucket: it failed authentication, re-seal it; 404: the transfer is unknown, create it).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from tenacity import (
+    RetryError,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from appliance.transfer.throttle import TokenBucket
+
+log = logging.getLogger("pas.transfer.client")
+
+API = "/api/v1"
+
+
+class HubError(Exception):
+    """Base of every failure talking to the hub."""
+
+
+class HubUnavailable(HubError):
+    """The hub could not be reached or answered 5xx, after the retries: try again later."""
+
+
+class HubRefused(HubError):
+    """The hub answered a 4xx: it names what is wrong with this request."""
+
+    def __init__(self, status: int, body: Any, what: str):
+        self.status = status
+        self.body = body
+        detail = body.get("detail") or body.get("error") if isinstance(body, dict) else body
+        super().__init__(f"hub refused {what}: HTTP {status} {detail!s:.300}")
+
+
+class ReceiptInvalid(HubError):
+    """The receipt's signature does not verify with the hub's certificate."""
+
+
+class _ServerError(Exception):
+    """A 5xx answer, to be retried."""
+
+    def __init__(self, response: httpx.Response):
+        self.response = response
+        super().__init__(f"HTTP {response.status_code} {response.text[:300]}")
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, httpx.TransportError | _ServerError)
+
+
+def _json(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return response.text[:500]
+
+
+def canonical_json(document: dict[str, Any]) -> bytes:
+    """The bytes the hub signs: the receipt without its signature, keys sorted, no spaces."""
+    return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+
+
+def verify_receipt(receipt: dict[str, Any], hub_certificate_der: bytes) -> None:
+    """Raise :class:`ReceiptInvalid` unless ``receipt["signature"]`` is the hub's signature
+    over the canonical JSON of the receipt's other fields."""
+    fields = {k: v for k, v in receipt.items() if k != "signature"}
+    try:
+        signature = base64.b64decode(receipt["signature"], validate=True)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ReceiptInvalid(f"receipt has no valid base64 signature ({exc})") from None
+    key = x509.load_der_x509_certificate(hub_certificate_der).public_key()
+    data = canonical_json(fields)
+    try:
+        if isinstance(key, ed25519.Ed25519PublicKey):
+            key.verify(signature, data)
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+        elif isinstance(key, rsa.RSAPublicKey):
+            key.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
+        else:
+            raise ReceiptInvalid(f"unsupported hub key type {type(key).__name__}")
+    except InvalidSignature:
+        raise ReceiptInvalid(
+            f"receipt for transfer {receipt.get('transfer_id')} has a bad signature"
+        ) from None
+
+
+class HubClient:
+    """Thread-safe: share one per hub. ``on_contact(ok, error)`` is told about every final
+    outcome (the link state shown by ``pas status``)."""
+
+    def __init__(self, url: str, ssl_context: ssl.SSLContext | bool, *, timeout_s: float = 60.0,
+                 retries: int = 4, max_connections: int = 8,
+                 throttle: TokenBucket | None = None,
+                 on_contact: Callable[[bool, str | None], None] | None = None,
+                 backoff_max_s: float = 20.0):
+        self.url = url.rstrip("/")
+        self.throttle = throttle
+        self.on_contact = on_contact
+        self.retries = retries
+        self.backoff_max_s = backoff_max_s
+        self.hub_certificate_der: bytes | None = None
+        self._http = httpx.Client(
+            base_url=self.url, verify=ssl_context, http1=True, http2=False,
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
+            limits=httpx.Limits(max_connections=max_connections,
+                                max_keepalive_connections=max_connections),
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    # --- the protocol's calls ------------------------------------------------------------
+
+    def create_transfer(self, manifest: dict[str, Any]) -> int:
+        """POST the manifest; 201 created or 200 already known with the same manifest."""
+        response = self._call("POST", f"{API}/transfers", "create transfer", json=manifest)
+        return self._expect(response, {200, 201}, "create transfer").status_code
+
+    def put_bucket(self, transfer_id: str, index: int, sealed: bytes) -> int:
+        """PUT one sealed bucket, paced by the throttle; 201 stored, 200 already held."""
+
+        def body() -> Any:
+            return self.throttle.paced(sealed) if self.throttle else sealed
+
+        response = self._call(
+            "PUT", f"{API}/transfers/{transfer_id}/buckets/{index}", f"bucket {index}",
+            content_factory=body,
+            headers={"Content-Type": "application/octet-stream",
+                     "Content-Length": str(len(sealed))},
+        )
+        return self._expect(response, {200, 201}, f"bucket {index}").status_code
+
+    def held_buckets(self, transfer_id: str) -> set[int] | None:
+        """The bucket indexes the hub holds durably; None if it does not know the transfer."""
+        response = self._call("GET", f"{API}/transfers/{transfer_id}/buckets", "held buckets")
+        if response.status_code == 404:
+            return None
+        body = self._expect(response, {200}, "held buckets").json()
+        return {int(i) for i in body.get("held", [])}
+
+    def commit(self, transfer_id: str) -> httpx.Response:
+        """POST commit. The caller reads 200 (receipt), 409 (missing) and 422 (mismatch);
+        502 (the archive refused for now) is retried like any 5xx."""
+        return self._call("POST", f"{API}/transfers/{transfer_id}/commit", "commit",
+                          passthrough={409, 422})
+
+    def receipt(self, transfer_id: str) -> dict[str, Any] | None:
+        response = self._call("GET", f"{API}/transfers/{transfer_id}/receipt", "receipt")
+        if response.status_code == 404:
+            return None
+        return dict(self._expect(response, {200}, "receipt").json())
+
+    def verify(self, receipt: dict[str, Any]) -> None:
+        """Check a receipt against the certificate the hub presented on this client's TLS
+        connection (itself verified against the pinned fleet CA)."""
+        if self.hub_certificate_der is None:
+            raise ReceiptInvalid("no hub certificate seen on the TLS connection")
+        verify_receipt(receipt, self.hub_certificate_der)
+
+    # --- plumbing ------------------------------------------------------------------------
+
+    def _call(self, method: str, path: str, what: str, *,
+              content_factory: Callable[[], Any] | None = None,
+              passthrough: set[int] = frozenset(),  # type: ignore[assignment]
+              **kwargs: Any) -> httpx.Response:
+        """One request with retries on transport errors and 5xx. Returns the final response
+        (2xx, 4xx); raises :class:`HubUnavailable` when the retries are spent."""
+
+        def attempt() -> httpx.Response:
+            if content_factory is not None:
+                kwargs["content"] = content_factory()
+            response = self._http.request(method, path, **kwargs)
+            self._remember_certificate(response)
+            if response.status_code >= 500:
+                raise _ServerError(response)
+            return response
+
+        retrying = Retrying(
+            retry=retry_if_exception(_transient),
+            stop=stop_after_attempt(self.retries + 1),
+            wait=wait_random_exponential(multiplier=0.5, max=self.backoff_max_s),
+            reraise=False,
+            before_sleep=lambda state: log.info(
+                "hub %s: attempt %d failed (%s), retrying", what, state.attempt_number,
+                state.outcome.exception() if state.outcome else "?"),
+        )
+        try:
+            response = retrying(attempt)
+        except RetryError as exc:
+            cause = exc.last_attempt.exception()
+            message = f"hub {what}: {type(cause).__name__}: {cause}"
+            self._contact(False, message)
+            raise HubUnavailable(message) from cause
+        self._contact(True, None)
+        return response
+
+    def _expect(self, response: httpx.Response, ok: set[int], what: str) -> httpx.Response:
+        if response.status_code not in ok:
+            raise HubRefused(response.status_code, _json(response), what)
+        return response
+
+    def _contact(self, ok: bool, error: str | None) -> None:
+        if self.on_contact is not None:
+            try:
+                self.on_contact(ok, error)
+            except Exception:  # the link state is informative; never fail a transfer on it
+                log.exception("recording the link state failed")
+
+    def _remember_certificate(self, response: httpx.Response) -> None:
+        if self.hub_certificate_der is not None:
+            return
+        stream = response.extensions.get("network_stream")
+        ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
+        if ssl_object is not None:
+            self.hub_certificate_der = ssl_object.getpeercert(binary_form=True)
