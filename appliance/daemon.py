@@ -16,6 +16,7 @@ from appliance.dispatch.target_types import make_target
 from appliance.dispatch.worker import Dispatcher
 from appliance.ingest.receive import Receiver
 from appliance.ingest.scp import DicomListener
+from appliance.ops.notify import Notifier, backlog_status
 from appliance.routing.stability import Router
 from appliance.store.db import Database
 from appliance.store.spool import Spool
@@ -44,6 +45,8 @@ class Daemon:
         self._threads: list[threading.Thread] = []
         # Functions returning Starlette routes for the HTTP app (see appliance.web.app).
         self.route_providers: list[Any] = []
+        # systemd: READY=1 at the end of start(), WATCHDOG=1 from run_forever's loop.
+        self.notifier = Notifier()
         self.web: Any = None
 
     def default_destinations(self) -> list[str]:
@@ -64,6 +67,17 @@ class Daemon:
         self._spawn("pas-router", self._route_loop)
         log.info("PAS ready: AE %s on %s:%d, home %s", self.settings.dicom.ae_title,
                  self.settings.dicom.host, self.listener.port, self.settings.home)
+        # Only now: the database is open and the SCP listens (invariant for Type=notify).
+        self.notifier.ready(self.status_line())
+
+    def status_line(self) -> str:
+        """The STATUS= line systemd shows: the backlog per destination."""
+        from appliance.store.jobs import backlog_by_destination
+
+        try:
+            return backlog_status(backlog_by_destination(self.db))
+        except Exception as exc:  # a status line must never stop the daemon
+            return f"status unavailable: {exc}"
 
     def _spawn(self, name: str, target: Any) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -98,8 +112,14 @@ class Daemon:
         signal.signal(signal.SIGTERM, _on_signal)
         signal.signal(signal.SIGINT, _on_signal)
         self.start()
+        watchdog_s = self.notifier.watchdog_interval_s
+        tick = min(1.0, watchdog_s) if watchdog_s else 1.0
         try:
-            while not self.stopping.wait(1.0):
-                pass
+            while not self.stopping.wait(tick):
+                if watchdog_s:
+                    # From the main loop on purpose: a hung loop stops the pings and systemd
+                    # restarts the service.
+                    self.notifier.watchdog(self.status_line())
         finally:
+            self.notifier.stopping()
             self.stop()

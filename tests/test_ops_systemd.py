@@ -1,0 +1,146 @@
+"""The shipped systemd units (verify, security exposure) and the daemon's sd_notify messages
+received on a real unix datagram NOTIFY_SOCKET."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from appliance.ops.notify import Notifier
+from tests.support.peers import PAS_BIN, ROOT, PasProcess, port_open, wait_for
+
+UNITS = ROOT / "image" / "systemd"
+SHIPPED = ["pas.service", "pas-hub.service"]
+
+
+def _installed_copy(unit: Path, folder: Path, extra: str = "") -> Path:
+    """The unit as the image installs it, except that ``/usr/bin/pas`` is this checkout's
+    ``pas`` (systemd-analyze verify checks that the executable exists)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / unit.name
+    target.write_text(unit.read_text().replace("/usr/bin/pas", str(PAS_BIN)) + extra)
+    return target
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_unit_verifies_clean(name: str, tmp_path: Path) -> None:
+    unit = _installed_copy(UNITS / name, tmp_path)
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "", result.stderr
+
+
+def _exposure(unit: Path) -> float:
+    result = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)],
+                            capture_output=True, text=True, timeout=60)
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert match, result.stdout[-2000:] + result.stderr
+    return float(match.group(1))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_unit_exposure_at_most_2(name: str, tmp_path: Path) -> None:
+    assert _exposure(_installed_copy(UNITS / name, tmp_path)) <= 2.0
+
+
+def test_port_104_drop_in_keeps_exposure_low(tmp_path: Path) -> None:
+    drop_in = (UNITS / "pas.service.d" / "port-104.conf").read_text()
+    assert "CAP_NET_BIND_SERVICE" in drop_in
+    unit = _installed_copy(UNITS / "pas.service", tmp_path, "\n" + drop_in)
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert _exposure(unit) <= 2.0
+
+
+def test_shipped_unit_has_the_required_settings() -> None:
+    text = (UNITS / "pas.service").read_text()
+    for line in ("Type=notify", "User=pas", "StateDirectory=pas",
+                 "Environment=PAS_HOME=/var/lib/pas", "ProtectSystem=strict", "PrivateTmp=yes",
+                 "NoNewPrivileges=yes", "SystemCallFilter=@system-service"):
+        assert re.search(rf"^{re.escape(line)}$", text, re.M), line
+    assert re.search(r"^CapabilityBoundingSet=$", text, re.M)
+    assert re.search(r"^WatchdogSec=\d+", text, re.M)
+    assert re.search(r"^RestrictAddressFamilies=", text, re.M)
+
+
+def test_notifier_is_a_no_op_outside_systemd() -> None:
+    notifier = Notifier(environ={})
+    assert not notifier.enabled
+    assert notifier.ready() is False
+    assert notifier.watchdog_interval_s is None
+
+
+def test_notifier_plain_datagram_to_abstract_socket() -> None:
+    name = f"pas-test-notify-{id(object())}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind("\0" + name)
+        server.settimeout(5)
+        notifier = Notifier(environ={"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "3000000"},
+                            use_systemd_python=False)
+        assert notifier.watchdog_interval_s == 1.5
+        assert notifier.ready("idle")
+        assert server.recv(4096) == b"READY=1\nSTATUS=idle"
+        notifier.close()
+
+
+class NotifySocket:
+    """A real NOTIFY_SOCKET: records each datagram and whether the DICOM port was open when
+    it arrived."""
+
+    def __init__(self, path: Path, port_of: Callable[[], int]):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.port_of = port_of
+        self.messages: list[tuple[str, bool]] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.done.is_set():
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            self.messages.append((data.decode(), port_open("127.0.0.1", self.port_of())))
+
+    def count(self, prefix: str) -> int:
+        return sum(1 for text, _ in self.messages if text.startswith(prefix))
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join(2)
+        self.sock.close()
+
+
+def test_daemon_sends_ready_after_port_open_then_watchdog(tmp_path: Path) -> None:
+    pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                                        "WATCHDOG_USEC": "400000"})
+    listener = NotifySocket(tmp_path / "notify.sock", lambda: pas.port)
+    pas.env["NOTIFY_SOCKET"] = str(listener.path)
+    try:
+        pas.start()
+        wait_for(lambda: listener.count("READY=1") == 1, 20, what="READY=1")
+        wait_for(lambda: listener.count("WATCHDOG=1") >= 3, 20, what="three WATCHDOG=1")
+        ready = [(text, was_open) for text, was_open in listener.messages
+                 if text.startswith("READY=1")]
+        assert ready[0][1], "READY=1 arrived before the DICOM port was open"
+        first_ready = next(i for i, (t, _) in enumerate(listener.messages)
+                           if t.startswith("READY=1"))
+        assert all(not t.startswith("WATCHDOG=1") for t, _ in listener.messages[:first_ready])
+        assert "STATUS=idle: nothing queued" in ready[0][0]
+        pas.stop()
+        wait_for(lambda: listener.count("STOPPING=1") == 1, 10, what="STOPPING=1")
+    finally:
+        pas.stop()
+        listener.close()
