@@ -195,4 +195,15 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (request_fk, study_uid)
     ) WITHOUT ROWID;
     """,
+    # uplink: the state of each destination's link (last good contact, last error), for
+    # `pas status`; one row per destination, overwritten.
+    """
+    CREATE TABLE uplink_state (
+        destination TEXT PRIMARY KEY,
+        last_ok_at REAL,
+        last_error TEXT,
+        last_error_at REAL,
+        updated_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    """,
 ]
