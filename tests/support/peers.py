@@ -168,7 +168,7 @@ class StoreSCP:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             ["storescp", "-aet", self.ae_title, "--bit-preserving", "-od", str(self.folder),
-             "-uf", *extra, str(self.port)],
+             "+uf", *extra, str(self.port)],
             env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_for(lambda: port_open("127.0.0.1", self.port), 15, what="storescp")
@@ -240,11 +240,16 @@ class Orthanc:
     """
 
     def __init__(self, folder: Path, ae_title: str = "ORTHANC",
-                 modalities: dict[str, list[Any]] | None = None):
+                 modalities: dict[str, list[Any]] | None = None,
+                 ns: NetNamespace | None = None, extra_config: dict[str, Any] | None = None):
         self.folder = Path(folder)
         self.ae_title = ae_title
         self.modalities = modalities or {}
-        self.ns = NetNamespace("orthanc")
+        # ``ns``: run inside a namespace the caller created and will delete (bench/wan's site
+        # and region ends); otherwise Orthanc gets its own. ``extra_config`` is merged last.
+        self.owns_ns = ns is None
+        self.ns = ns or NetNamespace("orthanc")
+        self.extra_config = extra_config or {}
         self.http_port = 8042
         self.dicom_port = 4242
         self.proc: subprocess.Popen[bytes] | None = None
@@ -263,7 +268,8 @@ class Orthanc:
 
     def start(self, timeout: float = 60.0) -> Orthanc:
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.ns.create()
+        if self.owns_ns:
+            self.ns.create()
         config = {
             "Name": self.ae_title,
             "StorageDirectory": str(self.folder / "storage"),
@@ -284,6 +290,7 @@ class Orthanc:
             "Plugins": [ORTHANC_DICOMWEB_PLUGIN],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True},
             "ConcurrentJobs": 2,
+            **self.extra_config,
         }
         config_path = self.folder / "orthanc.json"
         config_path.write_text(json.dumps(config, indent=2))
@@ -311,7 +318,8 @@ class Orthanc:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.ns.delete()
+        if self.owns_ns:
+            self.ns.delete()
 
 
 @contextlib.contextmanager
