@@ -48,16 +48,42 @@ class Daemon:
         # systemd: READY=1 at the end of start(), WATCHDOG=1 from run_forever's loop.
         self.notifier = Notifier()
         self.web: Any = None
+        self._wire_hub()
+
+    def _wire_hub(self) -> None:
+        """Enrolled (``$PAS_HOME/pki/hub.json`` exists): the hub becomes a destination named
+        "hub" (and under any configured name of kind "hub"), hence the default route."""
+        from appliance.transfer.enrolment import load_enrolment
+
+        enrolment = load_enrolment(self.settings.home)
+        if enrolment is None:
+            return
+        from appliance.dispatch.target_types.hub import HubTarget
+
+        target = HubTarget("hub", self.settings, enrolment, self.db)
+        self.extra_targets["hub"] = target
+        for name, destination in self.settings.destinations.items():
+            if destination.kind == "hub":
+                self.extra_targets[name] = target
+        log.info("enrolled with hub %s as site %s", enrolment.url, enrolment.site)
 
     def default_destinations(self) -> list[str]:
         """Where a study goes when no rule and no fallback names a destination."""
         return [name for name in self.extra_targets if name == "hub"]
 
     def start(self) -> None:
-        removed = self.spool.remove_temp_files()
-        if removed:
-            log.warning("start-up: removed %d unfinished temp files from the spool", removed)
+        # Recovery (temp files, orphans, missing files, stale leases) before the port opens.
+        from appliance.ops.cache_policy import CachePolicy
+        from appliance.ops.recovery import Scrubber, startup_recovery
+
+        self.recovery_report = startup_recovery(self.db, self.spool, self.receiver)
+        self.cache_policy = CachePolicy(self.settings, self.db, self.spool)
         self.listener.start()
+        self._spawn("pas-cache", lambda: self.cache_policy.run(self.stopping))
+        if self.settings.cache.scrub_mb_per_s > 0:
+            scrubber = Scrubber(self.db, self.spool, self.settings.cache.scrub_mb_per_s * 1e6)
+            self._spawn("pas-scrub", lambda: scrubber.run(self.stopping,
+                                                          self.settings.cache.scrub_pause_s))
         if self.settings.http.enabled:
             from appliance.web.app import WebServer, build_app
 

@@ -35,10 +35,11 @@ class Dispatcher:
         self._threads: list[threading.Thread] = []
         self.owner_prefix = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
-    def run_one(self, owner: str, kinds: tuple[str, ...] | None = None) -> bool:
+    def run_one(self, owner: str, kinds: tuple[str, ...] | None = None,
+                max_priority: int | None = None) -> bool:
         """Claim and run one due job; False when none is due."""
         queue = self.settings.queue
-        job = job_store.claim_next(self.db, owner, queue.lease_s, kinds)
+        job = job_store.claim_next(self.db, owner, queue.lease_s, kinds, max_priority)
         if job is None:
             return False
         context = SendContext(self.db, self.spool, owner, queue.lease_s)
@@ -70,6 +71,12 @@ class Dispatcher:
                                       name=f"pas-worker-{number}", daemon=True)
             thread.start()
             self._threads.append(thread)
+        if self.settings.hub.urgent_worker:
+            # Urgent jobs only: a stroke CT never waits behind long routine uploads.
+            thread = threading.Thread(target=self._loop, args=(f"{self.owner_prefix}:urgent", 0),
+                                      name="pas-worker-urgent", daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
@@ -77,10 +84,10 @@ class Dispatcher:
         for thread in self._threads:
             thread.join(timeout)
 
-    def _loop(self, owner: str) -> None:
+    def _loop(self, owner: str, max_priority: int | None = None) -> None:
         while not self._stop.is_set():
             try:
-                busy = self.run_one(owner)
+                busy = self.run_one(owner, max_priority=max_priority)
             except Exception:
                 log.exception("worker %s: unexpected error", owner)
                 busy = False

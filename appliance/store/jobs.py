@@ -66,15 +66,20 @@ _JOB_SELECT = """SELECT j.*, s.study_uid FROM jobs j JOIN studies s ON s.id = j.
 
 
 def claim_next(db: Database, owner: str, lease_s: float,
-               kinds: tuple[str, ...] | None = None) -> Job | None:
+               kinds: tuple[str, ...] | None = None,
+               max_priority: int | None = None) -> Job | None:
     """Lease the most urgent job that is due: pending and ready, or running with an expired
-    lease (its worker died). Urgent first, then oldest."""
+    lease (its worker died). Urgent first, then oldest. ``max_priority`` (0 = urgent only)
+    lets a dedicated worker take only urgent jobs, so a long routine upload never delays them."""
     at = now()
     kind_filter = ""
     params: list[Any] = [at, at]
     if kinds:
         kind_filter = f"AND kind IN ({','.join('?' * len(kinds))})"
         params.extend(kinds)
+    if max_priority is not None:
+        kind_filter += " AND priority <= ?"
+        params.append(max_priority)
     with db.transaction() as conn:
         row = conn.execute(
             f"""SELECT id FROM jobs

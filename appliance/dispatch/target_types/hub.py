@@ -1,0 +1,258 @@
+"""Destination kind ``hub``: one resumable, sealed, compressed transfer per job (docs/protocol.md).
+
+Owns: turning a job (a study or its delta) into a transfer: the transfer id and key, chosen
+once and saved in the job's progress before the first request (so a retry, a restart or a
+kill -9 resumes the *same* transfer), the deterministic bucket plan, sending only the buckets
+the hub does not hold (several in flight, each packed and sealed in its sending thread so the
+next bucket is packed while others are on the wire), the commit, the receipt's check and the
+confirmation of exactly the receipt's (UID, SHA-256) pairs. May not touch: SQL (through
+``appliance.store``), the packing format or the cipher (``appliance.transfer``).
+
+Why the raw transfer key is kept in the job's progress: buckets already held by the hub were
+sealed under it, so a resumed transfer must seal the rest under the same key, and its wrapped
+form must stay identical for the manifest to be "the same" (the hub answers 409 otherwise).
+The key protects the data on the WAN; on the appliance's own disk the instances sit in clear
+beside it, so keeping it there adds no exposure.
+
+Memory: the manifest holds metadata only; at most ``hub.parallel_buckets`` buckets (plaintext
+and sealed) exist at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any
+
+from appliance.config import Settings
+from appliance.dispatch.target_types.base import PermanentError, SendContext
+from appliance.store import jobs as job_store
+from appliance.store import uplink as uplink_store
+from appliance.store.db import Database
+from appliance.store.jobs import Job
+from appliance.transfer.client import HubClient, HubRefused, HubUnavailable, ReceiptInvalid
+from appliance.transfer.enrolment import Enrolment
+from appliance.transfer.throttle import hub_throttle
+
+log = logging.getLogger("pas.dispatch.hub")
+
+# The link state is written at most this often while it does not change (each write is an
+# fsynced transaction; a transfer makes hundreds of requests).
+LINK_STATE_EVERY_S = 5.0
+COMMIT_ROUNDS = 3
+
+
+class LinkRecorder:
+    """Writes the link state of one destination, skipping repeats of an unchanged state."""
+
+    def __init__(self, db: Database, destination: str):
+        self.db = db
+        self.destination = destination
+        self._last: tuple[bool, float] | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, ok: bool, error: str | None) -> None:
+        at = time.monotonic()
+        with self._lock:
+            if (ok and self._last is not None and self._last[0]
+                    and at - self._last[1] < LINK_STATE_EVERY_S):
+                return
+            self._last = (ok, at)
+        uplink_store.record_contact(self.db, self.destination, ok, error)
+
+
+class HubTarget:
+    kind = "hub"
+
+    def __init__(self, name: str, settings: Settings, enrolment: Enrolment, db: Database,
+                 client: HubClient | None = None):
+        self.name = name
+        self.config = settings.hub
+        self.enrolment = enrolment
+        self.client = client or HubClient(
+            enrolment.url, enrolment.ssl_context(), timeout_s=self.config.timeout_s,
+            retries=self.config.retries,
+            max_connections=self.config.parallel_buckets * 2 + 2,
+            throttle=hub_throttle(self.config), on_contact=LinkRecorder(db, name),
+        )
+
+    # --- the job ---------------------------------------------------------------------------
+
+    def send(self, job: Job, context: SendContext) -> None:
+        from appliance.transfer import pack
+
+        rows = job_store.job_files(context.db, job.id, unsent_only=False)
+        if not rows:
+            return
+        if all(r["sent_at"] is not None for r in rows):
+            return  # confirmed by an earlier attempt that died before finishing the job
+        items = [pack.PackItem(r["sop_instance_uid"], context.spool.path(r["path"]),
+                               int(r["size"]), r["sha256"]) for r in rows]
+        plans = pack.plan_buckets(items, int(self.config.bucket_mb * 1024 * 1024))
+        progress = self._transfer_identity(job, context)
+        transfer_id = progress["transfer_id"]
+        key = base64.b64decode(progress["key"])
+        manifest = self._manifest(job, rows, plans, transfer_id, progress["wrapped_key"])
+        extra = {"JOB_ID": job.id, "STUDY_UID": job.study_uid, "TRANSFER_ID": transfer_id}
+        try:
+            self.client.create_transfer(manifest)
+        except HubRefused as exc:
+            if exc.status == 409:  # our id with another manifest: the job changed; start over
+                self._forget_transfer(job, context, progress)
+                raise RuntimeError(f"{exc}; a new transfer will be created") from None
+            raise PermanentError(str(exc)) from None
+        receipt: dict[str, Any] | None = None
+        for _round in range(COMMIT_ROUNDS):
+            held = self.client.held_buckets(transfer_id) or set()
+            missing = [p for p in plans if p.index not in held]
+            log.info("transfer %s: %d buckets, hub holds %d, sending %d", transfer_id,
+                     len(plans), len(held), len(missing), extra=extra)
+            if missing and not self._send_buckets(job, context, progress, key, missing):
+                receipt = self.client.receipt(transfer_id)  # 409 on PUT: already committed
+                if receipt is None:
+                    raise RuntimeError(f"transfer {transfer_id}: hub says committed, no receipt")
+                break
+            response = self.client.commit(transfer_id)
+            if response.status_code == 200:
+                receipt = response.json()
+                break
+            body = response.json() if response.content else {}
+            if response.status_code == 422:
+                raise PermanentError(f"hub rebuilt instances whose SHA-256 differ from the "
+                                     f"manifest: {body.get('mismatch')}")
+            log.warning("transfer %s: commit says buckets missing %s", transfer_id,
+                        body.get("missing"), extra=extra)
+        if receipt is None:
+            raise RuntimeError(f"transfer {transfer_id}: buckets still missing after "
+                               f"{COMMIT_ROUNDS} rounds")
+        self._confirm(job, context, rows, receipt, transfer_id)
+
+    def _transfer_identity(self, job: Job, context: SendContext) -> dict[str, Any]:
+        """The job's transfer id and key: created once, saved before any request."""
+        from appliance.transfer import seal
+
+        progress = dict(job.progress)
+        if progress.get("transfer_id") and progress.get("key") and progress.get("wrapped_key"):
+            return progress
+        transfer_id = str(uuid.uuid4())
+        key = seal.new_transfer_key()
+        wrapped = seal.wrap_key(key, self.enrolment.hub_transfer_key, transfer_id)
+        progress.update(transfer_id=transfer_id, key=base64.b64encode(key).decode(),
+                        wrapped_key=base64.b64encode(wrapped).decode(),
+                        buckets_sent=0, bytes_sent=0, original_bytes_sent=0)
+        job_store.save_progress(context.db, job.id, progress)
+        return progress
+
+    def _forget_transfer(self, job: Job, context: SendContext, progress: dict[str, Any]) -> None:
+        kept = {k: v for k, v in progress.items() if k not in ("transfer_id", "key", "wrapped_key")}
+        job_store.save_progress(context.db, job.id, kept)
+
+    def _manifest(self, job: Job, rows: list[Any], plans: list[Any], transfer_id: str,
+                  wrapped_key: str) -> dict[str, Any]:
+        where: dict[str, list[int]] = {}
+        for plan in plans:
+            for item, _offset, _length in plan.entries:
+                indexes = where.setdefault(item.sop_instance_uid, [])
+                if not indexes or indexes[-1] != plan.index:
+                    indexes.append(plan.index)
+        return {
+            "transfer_id": transfer_id, "study_uid": job.study_uid, "priority": job.priority,
+            "wrapped_key": wrapped_key, "bucket_count": len(plans),
+            "instances": [
+                {"sop_instance_uid": r["sop_instance_uid"], "sop_class_uid": r["sop_class_uid"],
+                 "size": int(r["size"]), "sha256": r["sha256"],
+                 "buckets": where.get(r["sop_instance_uid"], [])}
+                for r in rows
+            ],
+        }
+
+    # --- buckets ---------------------------------------------------------------------------
+
+    def _send_buckets(self, job: Job, context: SendContext, progress: dict[str, Any],
+                      key: bytes, plans: list[Any]) -> bool:
+        """Pack, seal and PUT ``plans``, ``parallel_buckets`` at a time, renewing the lease.
+        False when the hub says the transfer is already committed."""
+        transfer_id = progress["transfer_id"]
+        lock = threading.Lock()
+        failed = threading.Event()
+
+        def one(plan: Any) -> tuple[int, int, int]:
+            from appliance.transfer import pack, seal
+
+            if failed.is_set():
+                raise RuntimeError("cancelled: another bucket failed")
+            payload, stats = pack.pack_bucket(plan, self.config.pack_level)
+            sealed = seal.seal_bucket(key, transfer_id, plan.index, payload)
+            del payload
+            self.client.put_bucket(transfer_id, plan.index, sealed)
+            return plan.index, len(sealed), int(stats.get("original", 0))
+
+        renew_every = max(1.0, context.lease_s / 3)
+        last_renew = time.monotonic()
+        committed = False
+        first_error: BaseException | None = None
+        with ThreadPoolExecutor(self.config.parallel_buckets,
+                                thread_name_prefix=f"pas-hub-{job.id}") as pool:
+            pending: set[Future[tuple[int, int, int]]] = {pool.submit(one, p) for p in plans}
+            while pending:
+                done, pending = wait(pending, timeout=renew_every, return_when=FIRST_COMPLETED)
+                for future in done:
+                    error = future.exception()
+                    if error is None:
+                        _index, wire, original = future.result()
+                        with lock:
+                            progress["buckets_sent"] = progress.get("buckets_sent", 0) + 1
+                            progress["bytes_sent"] = progress.get("bytes_sent", 0) + wire
+                            progress["original_bytes_sent"] = (
+                                progress.get("original_bytes_sent", 0) + original)
+                            job_store.save_progress(context.db, job.id, progress)
+                    elif isinstance(error, HubRefused) and error.status == 409:
+                        committed = True
+                        failed.set()
+                    elif first_error is None:
+                        first_error = error
+                        failed.set()
+                if time.monotonic() - last_renew >= renew_every:
+                    context.keep_alive(job)
+                    last_renew = time.monotonic()
+        if committed:
+            return False
+        if first_error is not None:
+            if isinstance(first_error, HubRefused) and first_error.status in (413, 416):
+                raise PermanentError(str(first_error)) from first_error
+            if isinstance(first_error, HubUnavailable | HubRefused):
+                raise first_error
+            raise RuntimeError(f"bucket failed: {type(first_error).__name__}: "
+                               f"{first_error}") from first_error
+        context.keep_alive(job)
+        return True
+
+    # --- receipt ---------------------------------------------------------------------------
+
+    def _confirm(self, job: Job, context: SendContext, rows: list[Any],
+                 receipt: dict[str, Any], transfer_id: str) -> None:
+        """Verify the receipt, confirm exactly its (UID, SHA-256) pairs, mark those sent."""
+        try:
+            self.client.verify(receipt)
+        except ReceiptInvalid as exc:
+            raise RuntimeError(f"transfer {transfer_id}: {exc}") from None
+        if receipt.get("transfer_id") != transfer_id:
+            raise RuntimeError(f"receipt is for transfer {receipt.get('transfer_id')}, "
+                               f"not {transfer_id}")
+        pairs = {(str(i["sop_instance_uid"]), str(i["sha256"]))
+                 for i in receipt.get("instances", [])}
+        confirmed = job_store.confirm_instances(context.db, sorted(pairs))
+        covered = [r["id"] for r in rows if (r["sop_instance_uid"], r["sha256"]) in pairs]
+        context.mark_sent(job, covered)
+        log.info("transfer %s: receipt for %d instances (%d newly confirmed)", transfer_id,
+                 len(pairs), confirmed,
+                 extra={"JOB_ID": job.id, "STUDY_UID": job.study_uid})
+        absent = [r["sop_instance_uid"] for r in rows
+                  if (r["sop_instance_uid"], r["sha256"]) not in pairs]
+        if absent:
+            raise PermanentError(f"receipt of transfer {transfer_id} does not name "
+                                 f"{len(absent)} instances, e.g. {absent[:3]}")
