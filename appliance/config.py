@@ -103,6 +103,31 @@ class StorageSection(_Section):
     fsync: bool = True
 
 
+class CacheSection(_Section):
+    """The cache's disk policy and integrity checks (appliance/ops/cache_policy.py).
+
+    Above ``high_watermark_percent`` of the capacity (``storage.quota_mb`` when set, else the
+    spool's file system), the least recently used studies that are confirmed at the region,
+    not pinned and older than ``min_retention_days`` are evicted down to
+    ``low_watermark_percent``. An unconfirmed study is never evicted (invariant 2).
+    """
+
+    high_watermark_percent: float = Field(default=90.0, gt=0, le=100)
+    low_watermark_percent: float = Field(default=80.0, ge=0, le=100)
+    min_retention_days: float = Field(default=0.0, ge=0)
+    evict_interval_s: float = Field(default=30.0, gt=0)
+    # Background re-hash of the spool, in MB/s (0: off); pauses between passes.
+    scrub_mb_per_s: float = Field(default=10.0, ge=0)
+    scrub_pause_s: float = Field(default=3600.0, gt=0)
+
+    def model_post_init(self, _context: Any) -> None:
+        if self.low_watermark_percent >= self.high_watermark_percent:
+            raise ConfigError([
+                f"cache.low_watermark_percent: must be below high_watermark_percent "
+                f"({self.high_watermark_percent}), got {self.low_watermark_percent}"
+            ])
+
+
 class StudySection(_Section):
     stable_after_s: float = Field(default=60.0, ge=0)
     check_interval_s: float = Field(default=2.0, gt=0)
@@ -280,6 +305,7 @@ class Settings(_Section):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     dicom: DicomSection = DicomSection()
     storage: StorageSection = StorageSection()
+    cache: CacheSection = CacheSection()
     study: StudySection = StudySection()
     queue: QueueSection = QueueSection()
     http: HttpSection = HttpSection()

@@ -47,6 +47,9 @@ class Daemon:
         self.route_providers: list[Any] = []
         # systemd: READY=1 at the end of start(), WATCHDOG=1 from run_forever's loop.
         self.notifier = Notifier()
+        from appliance.ops.web import routes as ops_routes
+
+        self.route_providers.append(ops_routes)  # / (status page), /metrics, retry
         self.web: Any = None
         self._wire_hub()
 
@@ -72,10 +75,18 @@ class Daemon:
         return [name for name in self.extra_targets if name == "hub"]
 
     def start(self) -> None:
-        removed = self.spool.remove_temp_files()
-        if removed:
-            log.warning("start-up: removed %d unfinished temp files from the spool", removed)
+        # Recovery (temp files, orphans, missing files, stale leases) before the port opens.
+        from appliance.ops.cache_policy import CachePolicy
+        from appliance.ops.recovery import Scrubber, startup_recovery
+
+        self.recovery_report = startup_recovery(self.db, self.spool, self.receiver)
+        self.cache_policy = CachePolicy(self.settings, self.db, self.spool)
         self.listener.start()
+        self._spawn("pas-cache", lambda: self.cache_policy.run(self.stopping))
+        if self.settings.cache.scrub_mb_per_s > 0:
+            scrubber = Scrubber(self.db, self.spool, self.settings.cache.scrub_mb_per_s * 1e6)
+            self._spawn("pas-scrub", lambda: scrubber.run(self.stopping,
+                                                          self.settings.cache.scrub_pause_s))
         if self.settings.http.enabled:
             from appliance.web.app import WebServer, build_app
 

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from appliance import __version__
+from appliance.cli import cache as cache_cli
 from appliance.config import ConfigError, Settings, load_settings
 
 app = typer.Typer(help="PAS, the hospital's access point to the regional imaging platform.",
@@ -21,6 +22,7 @@ queue_app = typer.Typer(help="The job queue.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(rules_app, name="rules")
 app.add_typer(queue_app, name="queue")
+cache_cli.register(app)  # pas verify, pas cache ... (appliance/cli/cache.py)
 
 console = Console()
 err = Console(stderr=True)
@@ -120,6 +122,15 @@ def status(config: Path | None = ConfigOption,
             backlog.add_row(row["destination"], str(row["studies"]), _size(row["bytes"]),
                             f"{row['oldest_age_s']:.0f} s")
         console.print(backlog)
+    if snapshot.get("links"):
+        links = Table(title="Links")
+        for column in ("destination", "state", "last contact", "last error"):
+            links.add_column(column)
+        for name, link in sorted(snapshot["links"].items()):
+            error = f"{_when(link['last_error_at'])} {link['last_error']}" if link[
+                "last_error"] else "-"
+            links.add_row(name, link["state"], _when(link["last_ok_at"]), error[:100])
+        console.print(links)
 
 
 @app.command()

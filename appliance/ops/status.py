@@ -9,6 +9,7 @@ from appliance import __version__
 from appliance.config import Settings
 from appliance.store import index
 from appliance.store import jobs as job_store
+from appliance.store import uplink as uplink_store
 from appliance.store.db import Database
 
 

@@ -1,0 +1,148 @@
+"""``pas verify`` and ``pas cache ...``: integrity checks, pins, eviction and forced purge.
+
+Thin: parses, calls :mod:`appliance.ops.recovery` / :mod:`appliance.ops.cache_policy`,
+prints. Every action lands in the audit trail (done by the core, not here).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+cache_app = typer.Typer(help="The local cache: pins, eviction, purge, integrity.",
+                        no_args_is_help=True)
+console = Console()
+err = Console(stderr=True)
+
+ConfigOption = typer.Option(None, "--config", "-c", help="TOML file (default: $PAS_CONFIG, "
+                            "else $PAS_HOME/appliance.toml if present)")
+
+
+def _open(config: Path | None):  # type: ignore[no-untyped-def]
+    from appliance.cli.main import _settings
+    from appliance.store.db import Database
+    from appliance.store.spool import Spool
+
+    settings = _settings(config)
+    db = Database(settings.db_path)
+    spool = Spool(settings.spool_dir, fsync=settings.storage.fsync,
+                  min_free_bytes=settings.storage.min_free_mb * 1024 * 1024,
+                  quota_bytes=settings.storage.quota_mb * 1024 * 1024)
+    return settings, db, spool
+
+
+def _actor() -> str:
+    try:
+        return f"operator:{getpass.getuser()}"
+    except Exception:  # no passwd entry in some containers
+        return "operator"
+
+
+def verify(config: Path | None = ConfigOption,
+           repair: bool = typer.Option(False, "--repair", help="Adopt whole orphan files, "
+                                       "move damaged ones to spool/quarantine"),
+           as_json: bool = typer.Option(False, "--json")) -> None:
+    """Re-hash every stored file against the index and report; exit 1 on any problem."""
+    from appliance.ingest.receive import Receiver
+    from appliance.ops.recovery import verify as run_verify
+
+    _settings, db, spool = _open(config)
+    report = run_verify(db, spool, repair=repair, receiver=Receiver(db, spool))
+    summary = {k: v for k, v in report.__dict__.items() if k != "problems"}
+    if as_json:
+        print(json.dumps({**summary, "problems": report.problems}, indent=2))
+    else:
+        console.print(" ".join(f"{k}={v}" for k, v in summary.items()))
+        for problem in report.problems:
+            console.print(f"[red]{problem}[/red]", highlight=False)
+    if report.problems and not (repair and report.hash_mismatch == 0 and report.missing == 0):
+        raise typer.Exit(1)
+
+
+@cache_app.command("status")
+def cache_status(config: Path | None = ConfigOption,
+                 as_json: bool = typer.Option(False, "--json")) -> None:
+    """Disk use against the watermarks, the alert, open integrity issues."""
+    from appliance.ops.cache_policy import CachePolicy
+    from appliance.store.cache import open_issues
+
+    settings, db, spool = _open(config)
+    snapshot = CachePolicy(settings, db, spool).snapshot()
+    issues = open_issues(db)
+    if as_json:
+        print(json.dumps({**snapshot, "issues": issues}, indent=2))
+        return
+    console.print(snapshot)
+    if issues:
+        table = Table(title=f"{len(issues)} open integrity issues")
+        for column in ("kind", "path", "detail"):
+            table.add_column(column)
+        for issue in issues:
+            table.add_row(issue["kind"], issue["path"], issue["detail"] or "")
+        console.print(table)
+
+
+@cache_app.command("evict")
+def cache_evict(config: Path | None = ConfigOption) -> None:
+    """Run one eviction pass now (the daemon does it every cache.evict_interval_s)."""
+    from appliance.ops.cache_policy import CachePolicy
+
+    settings, db, spool = _open(config)
+    result = CachePolicy(settings, db, spool).evict_if_needed()
+    console.print(f"evicted {len(result.evicted)} studies, {result.freed_bytes} bytes; "
+                  f"used {result.used_after}/{result.capacity}")
+
+
+@cache_app.command("pin")
+def cache_pin(study_uid: str, config: Path | None = ConfigOption,
+              days: float | None = typer.Option(None, "--days", help="Pin for N days "
+                                                "(default: until unpinned)")) -> None:
+    """Keep a study in the cache whatever the disk pressure (until unpinned or N days)."""
+    from appliance.ops.cache_policy import pin
+
+    _settings, db, _spool = _open(config)
+    if not pin(db, study_uid, days, _actor()):
+        err.print(f"[red]study {study_uid} is not in the cache[/red]")
+        raise typer.Exit(1)
+    console.print(f"study {study_uid} pinned")
+
+
+@cache_app.command("unpin")
+def cache_unpin(study_uid: str, config: Path | None = ConfigOption) -> None:
+    """Let the disk policy evict this study again (once confirmed)."""
+    from appliance.ops.cache_policy import unpin
+
+    _settings, db, _spool = _open(config)
+    if not unpin(db, study_uid, _actor()):
+        err.print(f"[red]study {study_uid} is not in the cache[/red]")
+        raise typer.Exit(1)
+    console.print(f"study {study_uid} unpinned")
+
+
+@cache_app.command("purge")
+def cache_purge(study_uid: str, config: Path | None = ConfigOption,
+                force: bool = typer.Option(False, "--force", help="Also when not confirmed at "
+                                           "the region, pinned or queued (audited)")) -> None:
+    """Delete a study from the cache now. Without --force only a confirmed, unpinned one."""
+    from appliance.ops.cache_policy import purge
+    from appliance.store.cache import NotEvictable
+
+    _settings, db, spool = _open(config)
+    try:
+        evicted = purge(db, spool, study_uid, _actor(), force)
+    except NotEvictable as exc:
+        err.print(f"[red]refused:[/red] {exc} (use --force to purge anyway)")
+        raise typer.Exit(1) from None
+    console.print(f"purged study {study_uid}: {evicted.instances} instances "
+                  f"({evicted.unconfirmed} unconfirmed), {evicted.bytes} bytes")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``pas verify`` and ``pas cache`` to the main CLI."""
+    app.command("verify")(verify)
+    app.add_typer(cache_app, name="cache")

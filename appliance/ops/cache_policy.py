@@ -1,0 +1,165 @@
+"""The cache's disk policy: watermarks, LRU eviction of confirmed studies, pins, forced purge.
+
+Owns: when to evict and how much, the disk alert, and the operator's pin/unpin/purge. May
+not touch: SQL or files (``appliance.store.cache`` does both, and refuses on its own to drop
+an unconfirmed study unless the operator forces it).
+
+The hard limit itself is enforced where bytes arrive (``Spool.check_room``: the free-space
+floor and the quota make a C-STORE answer 0xA700 with nothing written). This module raises
+the alert when that point is near and clears it by itself once space is back; it never
+deletes anything the region has not confirmed (invariant 2).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from appliance.config import Settings
+from appliance.store import audit
+from appliance.store import cache as cache_store
+from appliance.store.db import Database, now
+from appliance.store.spool import Spool
+
+log = logging.getLogger("pas.cache")
+
+DAY_S = 86400.0
+
+
+@dataclass
+class EvictionPass:
+    used_before: int
+    used_after: int
+    capacity: int
+    evicted: list[str] = field(default_factory=list)
+    freed_bytes: int = 0
+    still_above_high: bool = False
+
+
+class CachePolicy:
+    def __init__(self, settings: Settings, db: Database, spool: Spool):
+        self.settings = settings
+        self.db = db
+        self.spool = spool
+        self.alert: str | None = None  # shown by status; None when all is well
+
+    def _usage(self) -> tuple[int, int]:
+        quota = self.settings.storage.quota_mb * 1024 * 1024
+        return cache_store.disk_usage(self.spool, self.db, quota)
+
+    def usage_percent(self) -> float:
+        used, capacity = self._usage()
+        return 100.0 * used / capacity if capacity else 0.0
+
+    def evict_if_needed(self) -> EvictionPass:
+        """One pass: above the high watermark, evict LRU evictable studies down to low."""
+        policy = self.settings.cache
+        used, capacity = self._usage()
+        result = EvictionPass(used, used, capacity)
+        if not capacity or 100.0 * used / capacity < policy.high_watermark_percent:
+            self._update_alert(result)
+            return result
+        target = capacity * policy.low_watermark_percent / 100.0
+        received_before = now() - policy.min_retention_days * DAY_S
+        while used > target:
+            candidates = cache_store.eviction_candidates(self.db, received_before, limit=50)
+            if not candidates:
+                break
+            for candidate in candidates:
+                if used <= target:
+                    break
+                try:
+                    evicted = cache_store.evict_study(self.db, self.spool, candidate.study_uid)
+                except cache_store.NotEvictable as exc:  # changed since listed: skip it
+                    log.info("not evicted: %s", exc)
+                    continue
+                result.evicted.append(candidate.study_uid)
+                result.freed_bytes += evicted.bytes
+                audit.record(self.db, "delete", actor="system", target=candidate.study_uid,
+                             detail=f"evicted (LRU, confirmed at the region): "
+                                    f"{evicted.instances} instances, {evicted.bytes} bytes")
+                log.info("evicted study %s (%d instances, %d bytes)", candidate.study_uid,
+                         evicted.instances, evicted.bytes,
+                         extra={"STUDY_UID": candidate.study_uid})
+                used, capacity = self._usage()
+        result.used_after = used
+        self._update_alert(result)
+        return result
+
+    def _update_alert(self, result: EvictionPass) -> None:
+        policy = self.settings.cache
+        percent = 100.0 * result.used_after / result.capacity if result.capacity else 0.0
+        if percent >= policy.high_watermark_percent:
+            result.still_above_high = True
+            message = (f"disk {percent:.1f}% used, above the high watermark "
+                       f"({policy.high_watermark_percent}%), nothing more may be evicted "
+                       f"(unconfirmed, pinned or within retention)")
+            if self.alert is None:  # raise once, not on every pass
+                log.error("ALERT %s", message)
+                audit.record(self.db, "alert", actor="system", outcome="failure: disk",
+                             detail=message)
+            self.alert = message
+        elif self.alert is not None:
+            log.warning("disk alert cleared: %.1f%% used", percent)
+            audit.record(self.db, "alert", actor="system", outcome="success",
+                         detail=f"disk alert cleared at {percent:.1f}%")
+            self.alert = None
+
+    def snapshot(self) -> dict[str, Any]:
+        used, capacity = self._usage()
+        return {"used_bytes": used, "capacity_bytes": capacity,
+                "used_percent": round(100.0 * used / capacity, 1) if capacity else 0.0,
+                "high_watermark_percent": self.settings.cache.high_watermark_percent,
+                "low_watermark_percent": self.settings.cache.low_watermark_percent,
+                "alert": self.alert,
+                "integrity_issues": len(cache_store.open_issues(self.db))}
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.evict_if_needed()
+            except Exception:
+                log.exception("eviction pass failed")
+            stop.wait(self.settings.cache.evict_interval_s)
+
+
+# --- operator actions (the CLI calls these) --------------------------------------------------
+
+
+def pin(db: Database, study_uid: str, days: float | None, actor: str) -> bool:
+    until = now() + days * DAY_S if days else float("inf")
+    if until == float("inf"):
+        until = 1e18  # "for ever" that SQLite REAL compares as expected
+    done = cache_store.set_pin(db, study_uid, until)
+    audit.record(db, "pin", actor=actor, target=study_uid,
+                 outcome="success" if done else "failure: unknown study",
+                 detail=f"pinned for {days} days" if days else "pinned until unpinned")
+    return done
+
+
+def unpin(db: Database, study_uid: str, actor: str) -> bool:
+    done = cache_store.set_pin(db, study_uid, None)
+    audit.record(db, "unpin", actor=actor, target=study_uid,
+                 outcome="success" if done else "failure: unknown study")
+    return done
+
+
+def purge(db: Database, spool: Spool, study_uid: str, actor: str,
+          force: bool) -> cache_store.Evicted:
+    """The operator's purge. Without ``force`` it obeys the same rules as eviction."""
+    try:
+        evicted = cache_store.evict_study(db, spool, study_uid, force=force)
+    except cache_store.NotEvictable as exc:
+        audit.record(db, "delete", actor=actor, target=study_uid,
+                     outcome=f"failure: {exc}", detail="purge refused")
+        raise
+    audit.record(db, "delete", actor=actor, target=study_uid,
+                 detail=f"{'forced ' if force else ''}purge by the operator: "
+                        f"{evicted.instances} instances ({evicted.unconfirmed} unconfirmed), "
+                        f"{evicted.bytes} bytes, at {time.strftime('%Y-%m-%dT%H:%M:%S')}")
+    log.warning("study %s purged by %s (%d instances, %d unconfirmed)", study_uid, actor,
+                evicted.instances, evicted.unconfirmed, extra={"STUDY_UID": study_uid})
+    return evicted

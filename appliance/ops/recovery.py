@@ -1,0 +1,277 @@
+"""Start-up recovery, ``pas verify`` and the rate-limited background scrub.
+
+Owns: deciding what a mismatch between the spool and the index means and what to do about
+it. Nothing is silently dropped: every problem is logged, written to the audit trail and
+flagged in ``integrity_issues`` until resolved. May not touch: SQL or spool files directly
+(it calls :mod:`appliance.store.cache`, :mod:`appliance.store.spool` and the receive path).
+
+What start-up does, before the DICOM port opens (so nothing races it):
+
+- temp files in ``spool/tmp``: writes that never finished; no sender was told success. Removed.
+- a file with no row: its index commit was lost (kill between rename and commit), so no
+  sender was told success either, but the bytes are whole (the name is their SHA-256).
+  Adopted back into the index through the normal receive path. A file whose content does not
+  match its name, or that does not parse, is moved to ``spool/quarantine`` and flagged. An
+  orphan left by an interrupted eviction (journalled) is deleted: it was confirmed.
+- a row whose file is missing or has another size: flagged (``missing``/``size_mismatch``),
+  never deleted; a later re-send of the same bytes restores the file and clears the flag.
+- jobs leased by a previous process on this host: released at once (not after the lease).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from appliance.store import audit
+from appliance.store import cache as cache_store
+from appliance.store.db import Database
+from appliance.store.spool import Spool, SpoolFull
+
+log = logging.getLogger("pas.recovery")
+
+HASH_CHUNK = 1024 * 1024
+
+
+@dataclass
+class RecoveryReport:
+    temp_files_removed: int = 0
+    orphans_adopted: int = 0
+    orphans_quarantined: int = 0
+    evictions_finished: int = 0
+    missing: int = 0
+    size_mismatch: int = 0
+    leases_released: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+def _sha256_file(path: Path, throttle: RateLimiter | None = None) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+            if throttle is not None:
+                throttle.consume(len(chunk))
+    return digest.hexdigest()
+
+
+def _name_hash(relative: str) -> str:
+    return Path(relative).stem
+
+
+def startup_recovery(db: Database, spool: Spool, receiver: object | None,
+                     host: str | None = None) -> RecoveryReport:
+    """Reconcile spool and index, then release this host's stale leases. Idempotent.
+
+    ``receiver`` is the ingest :class:`~appliance.ingest.receive.Receiver` used to adopt
+    orphans; None leaves orphans flagged instead (``pas verify`` without ``--repair``).
+    """
+    report = RecoveryReport()
+    report.temp_files_removed = spool.remove_temp_files()
+    rows: dict[str, list[cache_store.IndexedFile]] = {}
+    for item in cache_store.indexed_files(db):
+        rows.setdefault(item.path, []).append(item)
+    evicting = {i["path"] for i in cache_store.open_issues(db, ("evicting",))}
+    on_disk = set(cache_store.spool_files(spool))
+    for relative in sorted(on_disk - set(rows)):
+        _handle_orphan(db, spool, receiver, relative, relative in evicting, report)
+    for relative in evicting - on_disk:  # eviction finished deleting before the crash
+        cache_store.resolve_issues(db, relative, "deleted", ("evicting",))
+    for relative, items in rows.items():
+        size = cache_store.file_size(spool, relative)
+        if size is None:
+            report.missing += 1
+            _flag(db, "missing", relative, items[0].instance_id,
+                  f"indexed file missing ({items[0].size} bytes expected)", report)
+        elif size != items[0].size:
+            report.size_mismatch += 1
+            _flag(db, "size_mismatch", relative, items[0].instance_id,
+                  f"file has {size} bytes, the index says {items[0].size}", report)
+        else:
+            cache_store.resolve_issues(db, relative, "file present again",
+                                       ("missing", "size_mismatch"))
+    report.leases_released = cache_store.release_host_leases(db, host or os.uname().nodename)
+    summary = {k: v for k, v in report.as_dict().items() if v and k != "problems"}
+    if summary:
+        log.warning("start-up recovery: %s", summary)
+        audit.record(db, "recovery", actor="system", outcome="success",
+                     detail=", ".join(f"{k}={v}" for k, v in summary.items()))
+    return report
+
+
+def _handle_orphan(db: Database, spool: Spool, receiver: object | None, relative: str,
+                   evicting: bool, report: RecoveryReport) -> None:
+    path = spool.root / relative
+    if evicting:
+        path.unlink(missing_ok=True)
+        cache_store.resolve_issues(db, relative, "deleted at start-up", ("evicting",))
+        report.evictions_finished += 1
+        return
+    if _sha256_file(path) != _name_hash(relative):
+        moved = cache_store.quarantine(spool, relative)
+        report.orphans_quarantined += 1
+        _flag(db, "orphan_corrupt", moved, None,
+              f"{relative}: content does not match its name; quarantined", report)
+        return
+    if receiver is None:
+        _flag(db, "orphan", relative, None, "file without an index row", report)
+        return
+    try:
+        receiver.receive_file(path.read_bytes(), source="recovery")  # type: ignore[attr-defined]
+    except SpoolFull as exc:  # whole bytes, no room to index them now: leave them, flagged
+        _flag(db, "orphan", relative, None, f"not adopted yet: {exc}", report)
+        return
+    except Exception as exc:  # unparseable or no room: keep it aside, say so
+        moved = cache_store.quarantine(spool, relative)
+        report.orphans_quarantined += 1
+        _flag(db, "orphan_unreadable", moved, None, f"{relative}: {exc}", report)
+        return
+    report.orphans_adopted += 1
+    cache_store.resolve_issues(db, relative, "adopted", ("orphan",))
+    log.info("start-up recovery: adopted %s (its index commit had been lost)", relative)
+
+
+def _flag(db: Database, kind: str, relative: str, instance_id: int | None, detail: str,
+          report: RecoveryReport | None = None) -> None:
+    if cache_store.flag_issue(db, kind, relative, instance_id, detail):
+        log.error("integrity: %s %s: %s", kind, relative, detail)
+        audit.record(db, "integrity", actor="system", outcome=f"failure: {kind}",
+                     target=relative, detail=detail)
+    if report is not None:
+        report.problems.append(f"{kind} {relative}: {detail}")
+
+
+# --- verify and scrub -------------------------------------------------------------------------
+
+
+class RateLimiter:
+    """Token bucket over bytes: the scrub must never starve ingest of disk bandwidth."""
+
+    def __init__(self, bytes_per_s: float, stop: threading.Event | None = None):
+        self.bytes_per_s = bytes_per_s
+        self.stop = stop
+        self._started = time.monotonic()
+        self._consumed = 0
+
+    def consume(self, n: int) -> None:
+        if self.bytes_per_s <= 0:
+            return
+        self._consumed += n
+        ahead = self._consumed / self.bytes_per_s - (time.monotonic() - self._started)
+        if ahead > 0:
+            if self.stop is not None:
+                self.stop.wait(ahead)
+            else:
+                time.sleep(ahead)
+
+
+@dataclass
+class VerifyReport:
+    files: int = 0
+    bytes: int = 0
+    ok: int = 0
+    missing: int = 0
+    hash_mismatch: int = 0
+    repaired: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def check_file(db: Database, spool: Spool, item: cache_store.IndexedFile, report: VerifyReport,
+               throttle: RateLimiter | None = None, repair: bool = False) -> None:
+    """Re-hash one indexed file against its row; flag (and with ``repair`` quarantine) it."""
+    report.files += 1
+    path = spool.root / item.path
+    try:
+        digest = _sha256_file(path, throttle)
+    except FileNotFoundError:
+        report.missing += 1
+        _flag(db, "missing", item.path, item.instance_id, "indexed file missing")
+        report.problems.append(f"missing {item.path} (instance row {item.instance_id})")
+        return
+    report.bytes += item.size
+    if digest == item.sha256:
+        report.ok += 1
+        cache_store.resolve_issues(db, item.path, "verified", ("missing", "size_mismatch",
+                                                                "hash_mismatch"))
+        return
+    report.hash_mismatch += 1
+    detail = f"SHA-256 {digest[:16]}… differs from the index {item.sha256[:16]}…"
+    report.problems.append(f"hash_mismatch {item.path}: {detail}")
+    if repair:
+        # Moving the damaged copy aside lets a re-send (or a fetch from the region) write
+        # the right bytes again: the spool treats an existing same-size file as already held.
+        moved = cache_store.quarantine(spool, item.path)
+        detail += f"; damaged copy moved to {moved}"
+        report.repaired += 1
+    _flag(db, "hash_mismatch", item.path, item.instance_id, detail)
+
+
+def verify(db: Database, spool: Spool, *, repair: bool = False, receiver: object | None = None,
+           bytes_per_s: float = 0) -> VerifyReport:
+    """Re-hash every indexed file; report orphans too. ``repair`` adopts whole orphans and
+    quarantines damaged files (re-fetching from the region comes with the hub client)."""
+    recovery = startup_recovery(db, spool, receiver if repair else None) if repair else None
+    report = VerifyReport()
+    throttle = RateLimiter(bytes_per_s) if bytes_per_s else None
+    for item in cache_store.indexed_files(db):
+        check_file(db, spool, item, report, throttle, repair)
+    if recovery is not None:
+        report.repaired += recovery.orphans_adopted + recovery.orphans_quarantined
+        report.problems.extend(recovery.problems)
+    else:
+        indexed = {i.path for i in cache_store.indexed_files(db)}
+        for relative in sorted(set(cache_store.spool_files(spool)) - indexed):
+            report.problems.append(f"orphan {relative}: file without an index row")
+    audit.record(db, "verify", actor="operator", outcome="success" if not report.problems
+                 else f"failure: {len(report.problems)} problems",
+                 detail=f"files={report.files} ok={report.ok} missing={report.missing} "
+                        f"hash_mismatch={report.hash_mismatch} repaired={report.repaired}")
+    return report
+
+
+class Scrubber:
+    """Background re-hash of the spool, a batch at a time, at most ``bytes_per_s``.
+
+    Its position survives restarts (scrub_state), so a daemon that restarts often still
+    covers the whole spool eventually.
+    """
+
+    def __init__(self, db: Database, spool: Spool, bytes_per_s: float, batch: int = 64):
+        self.db = db
+        self.spool = spool
+        self.bytes_per_s = bytes_per_s
+        self.batch = batch
+        self.last_report = VerifyReport()
+
+    def step(self, stop: threading.Event) -> int:
+        """Check one batch; returns how many files were checked (0: a pass just ended)."""
+        position = cache_store.scrub_position(self.db)
+        items = cache_store.indexed_files(self.db, after_id=position, limit=self.batch)
+        if not items:
+            cache_store.save_scrub_position(self.db, 0, pass_done=True)
+            return 0
+        throttle = RateLimiter(self.bytes_per_s, stop)
+        for item in items:
+            if stop.is_set():
+                break
+            check_file(self.db, self.spool, item, self.last_report, throttle)
+            position = item.instance_id
+        cache_store.save_scrub_position(self.db, position)
+        return len(items)
+
+    def run(self, stop: threading.Event, idle_s: float = 60.0) -> None:
+        while not stop.is_set():
+            try:
+                if self.step(stop) == 0:
+                    stop.wait(idle_s)
+            except Exception:
+                log.exception("scrub step failed")
+                stop.wait(idle_s)

@@ -1,0 +1,310 @@
+"""Cache lifecycle storage: integrity flags, stale leases, scrub position, eviction, pinning.
+
+Owns: the SQL (and the few spool file moves) behind start-up recovery, ``pas verify``, the
+background scrub and the disk policy of :mod:`appliance.ops.recovery` and
+:mod:`appliance.ops.cache_policy`. May not touch: the network, or policy decisions (which
+study to evict and when is decided by the caller; this module only refuses what would break
+invariant 2 unless the operator forces it).
+
+Why eviction is journalled: rows are deleted in one transaction, files after the commit. A
+crash in between would leave files without rows, which start-up recovery adopts back into
+the index (an orphan usually means a commit was lost). So the eviction transaction also
+writes one ``evicting`` integrity row per file; recovery deletes an orphan that has one,
+and adopts any other.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance.store.db import Database, now
+from appliance.store.spool import Spool
+
+QUARANTINE_DIR = "quarantine"
+
+
+@dataclass(frozen=True)
+class IndexedFile:
+    instance_id: int
+    path: str
+    size: int
+    sha256: str
+    confirmed: bool
+
+
+def indexed_files(db: Database, after_id: int = 0, limit: int | None = None) -> list[IndexedFile]:
+    """Every instance row (all versions) with its file, in id order."""
+    sql = ("SELECT id, path, size, sha256, confirmed_at FROM instances WHERE id > ? "
+           "ORDER BY id")
+    params: tuple[Any, ...] = (after_id,)
+    if limit is not None:
+        sql += " LIMIT ?"
+        params = (after_id, limit)
+    return [IndexedFile(r["id"], r["path"], r["size"], r["sha256"], r["confirmed_at"] is not None)
+            for r in db.query(sql, params)]
+
+
+def spool_files(spool: Spool) -> list[str]:
+    """Relative paths of every kept file (``ab/cd/<sha>.dcm``), temp and quarantine excluded."""
+    found = []
+    for first in sorted(spool.root.iterdir()):
+        if not first.is_dir() or first.name in ("tmp", QUARANTINE_DIR) or len(first.name) != 2:
+            continue
+        for path in first.glob("*/*.dcm"):
+            found.append(str(path.relative_to(spool.root)))
+    return found
+
+
+# --- integrity flags -------------------------------------------------------------------------
+
+
+def flag_issue(db: Database, kind: str, path: str, instance_id: int | None,
+               detail: str) -> bool:
+    """Record a problem once: an identical open flag is not duplicated. True if new."""
+    with db.transaction() as conn:
+        existing = conn.execute(
+            "SELECT id FROM integrity_issues WHERE resolved_at IS NULL AND kind = ? AND path = ?",
+            (kind, path),
+        ).fetchone()
+        if existing:
+            return False
+        conn.execute(
+            "INSERT INTO integrity_issues (found_at, kind, path, instance_fk, detail) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (now(), kind, path, instance_id, detail),
+        )
+        return True
+
+
+def resolve_issues(db: Database, path: str, resolution: str,
+                   kinds: tuple[str, ...] | None = None) -> int:
+    kind_filter, params = "", [now(), resolution, path]
+    if kinds:
+        kind_filter = f"AND kind IN ({','.join('?' * len(kinds))})"
+        params.extend(kinds)
+    with db.transaction() as conn:
+        cursor = conn.execute(
+            f"UPDATE integrity_issues SET resolved_at = ?, resolution = ? "
+            f"WHERE path = ? AND resolved_at IS NULL {kind_filter}",
+            params,
+        )
+        return cursor.rowcount
+
+
+def open_issues(db: Database, kinds: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    kind_filter, params = "", []
+    if kinds:
+        kind_filter = f"AND kind IN ({','.join('?' * len(kinds))})"
+        params = list(kinds)
+    rows = db.query(
+        f"SELECT * FROM integrity_issues WHERE resolved_at IS NULL {kind_filter} ORDER BY id",
+        tuple(params),
+    )
+    return [dict(r) for r in rows]
+
+
+def quarantine(spool: Spool, relative: str) -> str:
+    """Move a damaged or unexplained file aside (never delete it): returns its new path."""
+    source = spool.root / relative
+    target = spool.root / QUARANTINE_DIR / relative.replace("/", "_")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(source, target)
+    return str(target.relative_to(spool.root))
+
+
+# --- leases ------------------------------------------------------------------------------------
+
+
+def release_host_leases(db: Database, host: str) -> int:
+    """Start-up: jobs leased by a previous process on this host can be taken again at once.
+
+    Lease owners are ``host:pid:tag:n`` (see dispatch.worker); at start-up no worker of this
+    daemon runs yet, so every running job leased from this host belongs to a dead process.
+    The attempt the dead process counted is given back: a crash is not a delivery failure.
+    """
+    at = now()
+    with db.transaction() as conn:
+        cursor = conn.execute(
+            """UPDATE jobs SET state = 'pending', next_attempt_at = ?, updated_at = ?,
+                   attempts = max(attempts - 1, 0), lease_owner = NULL, lease_until = NULL
+               WHERE state = 'running' AND lease_owner LIKE ? ESCAPE '\\'""",
+            (at, at, host.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + ":%"),
+        )
+        return cursor.rowcount
+
+
+# --- scrub position ------------------------------------------------------------------------------
+
+
+def scrub_position(db: Database) -> int:
+    row = db.query_one("SELECT last_instance_id FROM scrub_state WHERE id = 1")
+    return int(row["last_instance_id"]) if row else 0
+
+
+def save_scrub_position(db: Database, last_instance_id: int, pass_done: bool = False) -> None:
+    with db.transaction() as conn:
+        conn.execute(
+            """INSERT INTO scrub_state (id, last_instance_id, pass_started_at, passes)
+               VALUES (1, ?, ?, 0)
+               ON CONFLICT (id) DO UPDATE SET last_instance_id = excluded.last_instance_id,
+                   passes = passes + ?,
+                   pass_started_at = CASE WHEN ? THEN excluded.pass_started_at
+                                          ELSE pass_started_at END""",
+            (last_instance_id, now(), int(pass_done), int(pass_done)),
+        )
+
+
+# --- disk policy ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvictionCandidate:
+    study_uid: str
+    bytes: int
+    instances: int
+    last_used_at: float
+
+
+def eviction_candidates(db: Database, received_before: float,
+                        limit: int = 100) -> list[EvictionCandidate]:
+    """Studies the cache may drop on its own, least recently used first.
+
+    All of: every instance row (every version) confirmed at the region (invariant 2); not
+    pinned (or the pin expired); no job still pending or running for it; last received
+    before ``received_before`` (the minimum retention).
+    """
+    at = now()
+    rows = db.query(
+        """SELECT s.study_uid, coalesce(s.last_accessed_at, s.last_received_at) AS used_at,
+                  count(i.id) AS n, coalesce(sum(i.size), 0) AS bytes
+           FROM studies s JOIN instances i ON i.study_fk = s.id
+           WHERE (s.pinned_until IS NULL OR s.pinned_until < ?)
+             AND s.last_received_at < ?
+             AND NOT EXISTS (SELECT 1 FROM instances u WHERE u.study_fk = s.id
+                             AND u.confirmed_at IS NULL)
+             AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.study_fk = s.id
+                             AND j.state IN ('pending', 'running'))
+           GROUP BY s.id ORDER BY used_at, s.id LIMIT ?""",
+        (at, received_before, limit),
+    )
+    return [EvictionCandidate(r["study_uid"], int(r["bytes"]), int(r["n"]), r["used_at"])
+            for r in rows]
+
+
+class NotEvictable(Exception):
+    """The study may not be dropped (unconfirmed instances, pinned, or unknown)."""
+
+
+@dataclass(frozen=True)
+class Evicted:
+    study_uid: str
+    instances: int
+    bytes: int
+    unconfirmed: int
+
+
+def evict_study(db: Database, spool: Spool, study_uid: str, *, force: bool = False) -> Evicted:
+    """Drop a study from the index and the spool, rows first (one transaction), then files.
+
+    Without ``force`` a study with any unconfirmed instance, a live pin or an active job is
+    refused: the cache never breaks invariant 2 on its own. ``force`` is the operator's purge.
+    """
+    at = now()
+    with db.transaction() as conn:
+        study = conn.execute("SELECT id, pinned_until FROM studies WHERE study_uid = ?",
+                             (study_uid,)).fetchone()
+        if study is None:
+            raise NotEvictable(f"study {study_uid} is not in the cache")
+        rows = conn.execute("SELECT id, path, size, confirmed_at FROM instances "
+                            "WHERE study_fk = ?", (study["id"],)).fetchall()
+        unconfirmed = sum(1 for r in rows if r["confirmed_at"] is None)
+        if not force:
+            if unconfirmed:
+                raise NotEvictable(f"study {study_uid}: {unconfirmed} instances not confirmed "
+                                   f"at the region")
+            if study["pinned_until"] is not None and study["pinned_until"] >= at:
+                raise NotEvictable(f"study {study_uid} is pinned")
+            active = conn.execute("SELECT count(*) FROM jobs WHERE study_fk = ? AND state IN "
+                                  "('pending', 'running')", (study["id"],)).fetchone()[0]
+            if active:
+                raise NotEvictable(f"study {study_uid}: {active} jobs still to run")
+        ids = [r["id"] for r in rows]
+        marks = ",".join("?" * len(ids))
+        if ids:
+            conn.execute(f"DELETE FROM job_instances WHERE instance_fk IN ({marks})", ids)
+        conn.execute("DELETE FROM job_instances WHERE job_id IN "
+                     "(SELECT id FROM jobs WHERE study_fk = ?)", (study["id"],))
+        conn.execute("DELETE FROM jobs WHERE study_fk = ?", (study["id"],))
+        if ids:
+            conn.execute(f"DELETE FROM instances WHERE id IN ({marks})", ids)
+        conn.execute("DELETE FROM series WHERE study_fk = ?", (study["id"],))
+        conn.execute("DELETE FROM studies WHERE id = ?", (study["id"],))
+        paths = sorted({r["path"] for r in rows})
+        still_used = {r["path"] for r in conn.execute(
+            f"SELECT path FROM instances WHERE path IN ({','.join('?' * len(paths))})", paths)
+        } if paths else set()
+        doomed = [p for p in paths if p not in still_used]
+        conn.executemany(
+            "INSERT INTO integrity_issues (found_at, kind, path, detail) "
+            "VALUES (?, 'evicting', ?, ?)",
+            [(at, p, f"study {study_uid}") for p in doomed],
+        )
+    for relative in doomed:
+        (spool.root / relative).unlink(missing_ok=True)
+    with db.transaction() as conn:
+        conn.executemany(
+            "UPDATE integrity_issues SET resolved_at = ?, resolution = 'deleted' "
+            "WHERE kind = 'evicting' AND path = ? AND resolved_at IS NULL",
+            [(now(), p) for p in doomed],
+        )
+    return Evicted(study_uid, len(rows), sum(int(r["size"]) for r in rows), unconfirmed)
+
+
+def set_pin(db: Database, study_uid: str, until: float | None) -> bool:
+    """Pin a study until ``until`` (epoch seconds), or unpin it with None. False if unknown."""
+    with db.transaction() as conn:
+        cursor = conn.execute("UPDATE studies SET pinned_until = ? WHERE study_uid = ?",
+                              (until, study_uid))
+        return cursor.rowcount == 1
+
+
+def study_state(db: Database, study_uid: str) -> dict[str, Any] | None:
+    row = db.query_one(
+        """SELECT s.study_uid, s.pinned_until, s.last_received_at, s.last_accessed_at,
+                  count(i.id) AS instances, coalesce(sum(i.size), 0) AS bytes,
+                  coalesce(sum(i.confirmed_at IS NOT NULL), 0) AS confirmed
+           FROM studies s LEFT JOIN instances i ON i.study_fk = s.id
+           WHERE s.study_uid = ? GROUP BY s.id""",
+        (study_uid,),
+    )
+    return dict(row) if row else None
+
+
+def disk_usage(spool: Spool, db: Database, quota_bytes: int) -> tuple[int, int]:
+    """(used, capacity) in bytes: the spool against its quota when one is set, else the
+    spool's file system."""
+    if quota_bytes:
+        row = db.query_one("SELECT coalesce(sum(size), 0) AS n FROM instances")
+        return (int(row["n"]) if row else 0), quota_bytes
+    usage = shutil.disk_usage(spool.root)
+    return usage.total - usage.free, usage.total
+
+
+def is_locked_error(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
+
+
+def file_size(spool: Spool, relative: str) -> int | None:
+    try:
+        return (spool.root / relative).stat().st_size
+    except FileNotFoundError:
+        return None
+
+
+def open_spool_file(spool: Spool, relative: str) -> Path:
+    return spool.root / relative
