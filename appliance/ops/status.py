@@ -29,6 +29,8 @@ def collect(settings: Settings, db: Database) -> dict[str, Any]:
         "jobs": states,
         "jobs_by_kind": by_kind,
         "backlog": job_store.backlog_by_destination(db),
+        # Per destination: "up"/"down", last successful contact, last error (store/uplink.py).
+        "links": uplink_store.link_states(db),
         "disk": {
             "path": str(settings.home),
             "total_bytes": disk.total,
