@@ -47,9 +47,6 @@ class Daemon:
         self.route_providers: list[Any] = []
         # systemd: READY=1 at the end of start(), WATCHDOG=1 from run_forever's loop.
         self.notifier = Notifier()
-        from appliance.ops.web import routes as ops_routes
-
-        self.route_providers.append(ops_routes)  # / (status page), /metrics, retry
         self.web: Any = None
         self._wire_hub()
 
