@@ -47,6 +47,9 @@ class Daemon:
         self.route_providers: list[Any] = []
         # systemd: READY=1 at the end of start(), WATCHDOG=1 from run_forever's loop.
         self.notifier = Notifier()
+        from appliance.ops.web import routes as ops_routes
+
+        self.route_providers.append(ops_routes)  # / (status page), /metrics, retry
         self.web: Any = None
         self._wire_hub()
 
@@ -90,6 +93,7 @@ class Daemon:
             self.web = WebServer(build_app(self), self.settings.http.host, self.settings.http.port)
             self.web.start()
         self.dispatcher.start()
+        self._start_prefetch()
         self._spawn("pas-router", self._route_loop)
         log.info("PAS ready: AE %s on %s:%d, home %s", self.settings.dicom.ae_title,
                  self.settings.dicom.host, self.listener.port, self.settings.home)
@@ -104,6 +108,24 @@ class Daemon:
             return backlog_status(backlog_by_destination(self.db))
         except Exception as exc:  # a status line must never stop the daemon
             return f"status unavailable: {exc}"
+
+    def _start_prefetch(self) -> None:
+        """The HL7 listener and the prefetch scheduler (appliance/prefetch/); a new stable
+        local study also triggers a prefetch of that patient's priors."""
+        self.prefetch: Any = None
+        self.hl7: Any = None
+        if not self.settings.prefetch.enabled:
+            return
+        from appliance.prefetch.listener import Hl7Listener
+        from appliance.prefetch.service import PrefetchService
+
+        self.prefetch = PrefetchService(self.settings, self.db, self.receiver,
+                                        on_jobs_created=self.dispatcher.wake.set)
+        self.prefetch.start()
+        self.router.on_stable.append(self.prefetch.on_study_stable)
+        if self.settings.hl7.enabled:
+            self.hl7 = Hl7Listener(self.settings.hl7, self.prefetch.handle_hl7)
+            self.hl7.start()
 
     def _spawn(self, name: str, target: Any) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -124,6 +146,10 @@ class Daemon:
         self.listener.stop()
         if self.web is not None:
             self.web.stop()
+        if getattr(self, "hl7", None) is not None:
+            self.hl7.stop()
+        if getattr(self, "prefetch", None) is not None:
+            self.prefetch.stop()
         self.dispatcher.stop()
         for thread in self._threads:
             thread.join(5)

@@ -27,6 +27,9 @@ class Router:
         self.settings = settings
         self.db = db
         self.default_destinations = default_destinations
+        # Called with the study's id after each routing pass over it (e.g. the prefetch of
+        # that patient's priors); a failing callback never stops routing.
+        self.on_stable: list[Callable[[int], None]] = []
 
     def kind_of(self, destination: str) -> str:
         configured = self.settings.destinations.get(destination)
@@ -64,6 +67,11 @@ class Router:
             for name, group in grouped.items()
         ]
         job_store.route_study(self.db, study_fk, [r["id"] for r in rows], new_jobs)
+        for callback in self.on_stable:
+            try:
+                callback(study_fk)
+            except Exception:
+                log.exception("on-stable callback failed for study %d", study_fk)
         study_uid = rows[0]["study_uid"]
         if new_jobs:
             log.info("study %s stable: %d instances -> %s", study_uid, len(rows),

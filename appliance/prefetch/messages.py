@@ -1,0 +1,230 @@
+"""HL7 v2 messages from the RIS: what they ask for, and the acknowledgement we answer.
+
+Owns: turning an HL7 v2 message (parsed by the ``hl7`` package) into a :class:`PrefetchOrder`
+or a :class:`Refusal` that names the problem, and building ACK / NAK messages (MSA-3 and ERR
+carry the reason). May not touch: the database or the network; the listener does that.
+
+Which fields are read, and why (HL7 v2.5 positions):
+- every message: MSH-9 type, MSH-10 control id, PID-3 patient identifier (CX: ID^^^issuer).
+- ORM^O01: ORC-1 order control (CA/DC/OC cancel), ORC-2/ORC-3 placer/filler order number
+  (the dedup key), OBR-18 or ORC-2 accession, OBR-24 modality, OBR-15 body site,
+  OBR-27.4 / ORC-7.4 / OBR-36 / OBR-7 the time of the exam.
+- OMI^O23: the same ORC/OBR, TQ1-7 start time, IPC-1 accession, IPC-5 modality.
+- SIU^S12/S14: SCH-1/SCH-2 appointment ids (dedup key), SCH-11.4 or AIS-4 start time.
+- ADT^A04/A08: PV1-19 visit number (dedup key: A04 then A08 of one visit is one request).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+import hl7
+from hl7.util import generate_message_control_id
+
+SUPPORTED = {("ORM", "O01"), ("OMI", "O23"), ("SIU", "S12"), ("SIU", "S14"),
+             ("ADT", "A04"), ("ADT", "A08")}
+CANCEL_CONTROLS = {"CA", "DC", "OC", "OD"}
+
+
+@dataclass(frozen=True)
+class PrefetchOrder:
+    """What a message asks the prefetch to do."""
+
+    message_key: str            # sending application|facility|control id
+    message_type: str           # e.g. ORM^O01
+    control_id: str
+    dedup_key: str
+    patient_id: str
+    issuer: str
+    accession_number: str | None
+    modality: str | None
+    body_part: str | None
+    scheduled_at: float | None  # seconds since the epoch
+    cancel: bool = False
+
+
+@dataclass(frozen=True)
+class Refusal(Exception):
+    """Why a message is refused: MSA-1 code (AE or AR), HL7 table 0357 error code, text."""
+
+    ack_code: str
+    error_code: str
+    reason: str
+    message_type: str = ""
+    control_id: str = ""
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+def _field(message: hl7.Message, path: str) -> str:
+    """``message["PID.F3.R1.C1"]`` that answers '' for anything absent."""
+    try:
+        value = message[path]
+    except (KeyError, IndexError, ValueError, TypeError):
+        return ""
+    return str(value).strip() if value is not None else ""
+
+
+def _segment_present(message: hl7.Message, name: str) -> bool:
+    try:
+        message.segment(name)
+        return True
+    except KeyError:
+        return False
+
+
+def parse_hl7_time(value: str) -> float | None:
+    """HL7 TS/DTM ``YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ]`` -> epoch seconds (local time when
+    no zone is given, as RIS messages usually are)."""
+    value = value.strip()
+    if not value:
+        return None
+    zone: dt.tzinfo | None = None
+    for sign in ("+", "-"):
+        if sign in value[4:]:
+            head, tail = value[:4] + value[4:].split(sign)[0], value[4:].split(sign)[1]
+            if len(tail) == 4 and tail.isdigit():
+                minutes = int(tail[:2]) * 60 + int(tail[2:])
+                zone = dt.timezone(dt.timedelta(minutes=minutes if sign == "+" else -minutes))
+            value = head
+    value = value.split(".")[0]
+    formats = {14: "%Y%m%d%H%M%S", 12: "%Y%m%d%H%M", 10: "%Y%m%d%H", 8: "%Y%m%d"}
+    fmt = formats.get(len(value))
+    if fmt is None or not value.isdigit():
+        raise ValueError(f"not an HL7 date/time: {value!r}")
+    moment = dt.datetime.strptime(value, fmt)
+    if zone is not None:
+        return moment.replace(tzinfo=zone).timestamp()
+    return moment.timestamp()
+
+
+def _time(message: hl7.Message, *paths: str) -> float | None:
+    for path in paths:
+        raw = _field(message, path)
+        if raw:
+            try:
+                return parse_hl7_time(raw)
+            except ValueError as exc:
+                raise Refusal("AE", "102", f"{path.split('.')[0]}: {exc}") from None
+    return None
+
+
+def parse_message(text: str) -> hl7.Message:
+    """Parse, refusing what is not an HL7 v2 message with a reason."""
+    text = text.replace("\r\n", "\r").replace("\n", "\r").strip("\r")
+    if not text.startswith("MSH"):
+        raise Refusal("AR", "100", "not an HL7 v2 message: it does not start with an MSH "
+                      "segment")
+    if len(text) < 8:
+        raise Refusal("AR", "100", "MSH segment too short to carry its encoding characters")
+    try:
+        return hl7.parse(text)
+    except Exception as exc:  # the hl7 package raises several types on broken input
+        raise Refusal("AR", "100", f"cannot parse the HL7 message: {exc}") from None
+
+
+def interpret(message: hl7.Message, issuer_default: str = "") -> PrefetchOrder:
+    """What the message asks for, or :class:`Refusal`."""
+    kind = _field(message, "MSH.F9.R1.C1").upper()
+    event = _field(message, "MSH.F9.R1.C2").upper()
+    message_type = f"{kind}^{event}"
+    control_id = _field(message, "MSH.F10")
+    if not control_id:
+        raise Refusal("AR", "101", "MSH-10 message control id is missing", message_type)
+    if (kind, event) not in SUPPORTED:
+        supported = ", ".join(f"{k}^{e}" for k, e in sorted(SUPPORTED))
+        raise Refusal("AR", "200", f"unsupported message type {message_type} (accepted: "
+                      f"{supported})", message_type, control_id)
+    if not _segment_present(message, "PID"):
+        raise Refusal("AE", "100", "PID segment is missing", message_type, control_id)
+    patient_id = _field(message, "PID.F3.R1.C1")
+    if not patient_id:
+        raise Refusal("AE", "101", "PID-3 patient identifier is missing", message_type,
+                      control_id)
+    issuer = _field(message, "PID.F3.R1.C4.S1") or issuer_default
+    sender = f"{_field(message, 'MSH.F3')}|{_field(message, 'MSH.F4')}"
+    message_key = f"{sender}|{control_id}"
+    patient = f"{patient_id}|{issuer}"
+    try:
+        order = _interpret_kind(message, kind, patient)
+    except Refusal as refusal:
+        raise Refusal(refusal.ack_code, refusal.error_code, refusal.reason, message_type,
+                      control_id) from None
+    dedup_key, accession, modality, body_part, scheduled_at, cancel = order
+    return PrefetchOrder(message_key, message_type, control_id, dedup_key, patient_id, issuer,
+                         accession or None, (modality or "").upper() or None, body_part or None,
+                         scheduled_at, cancel)
+
+
+def _interpret_kind(message: hl7.Message, kind: str, patient: str
+                    ) -> tuple[str, str, str, str, float | None, bool]:
+    if kind in ("ORM", "OMI"):
+        if not _segment_present(message, "ORC"):
+            raise Refusal("AE", "100", "ORC segment is missing")
+        placer = _field(message, "ORC.F2.R1.C1")
+        filler = _field(message, "ORC.F3.R1.C1")
+        accession = (_field(message, "IPC.F1.R1.C1") if kind == "OMI" else "") \
+            or _field(message, "OBR.F18") or filler or placer
+        order_number = placer or filler or accession
+        if not order_number:
+            raise Refusal("AE", "101", "no order number: ORC-2, ORC-3 and the accession "
+                          "(OBR-18 / IPC-1) are all empty")
+        modality = (_field(message, "IPC.F5.R1.C1") if kind == "OMI" else "") \
+            or _field(message, "OBR.F24")
+        body_part = _field(message, "OBR.F15.R1.C1")
+        scheduled = _time(message, "TQ1.F7.R1.C1", "OBR.F27.R1.C4", "ORC.F7.R1.C4",
+                          "OBR.F36", "OBR.F7")
+        cancel = _field(message, "ORC.F1").upper() in CANCEL_CONTROLS
+        return (f"order:{patient}|{order_number}", accession, modality, body_part, scheduled,
+                cancel)
+    if kind == "SIU":
+        appointment = _field(message, "SCH.F1.R1.C1") or _field(message, "SCH.F2.R1.C1")
+        if not appointment:
+            raise Refusal("AE", "101", "SCH-1 / SCH-2 appointment id is missing")
+        scheduled = _time(message, "SCH.F11.R1.C4", "AIS.F4")
+        modality = _field(message, "OBR.F24")
+        accession = _field(message, "OBR.F18")
+        return (f"appointment:{patient}|{appointment}", accession, modality, "", scheduled,
+                False)
+    # ADT^A04 / A08: a registered outpatient; one request per visit.
+    visit = _field(message, "PV1.F19.R1.C1") or _field(message, "PV1.F44")[:8] \
+        or dt.date.today().strftime("%Y%m%d")
+    scheduled = _time(message, "PV1.F44")
+    return f"visit:{patient}|{visit}", "", "", "", scheduled, False
+
+
+def build_ack(message: hl7.Message | None, ack_code: str = "AA", text: str = "",
+              error_code: str = "", control_id: str = "", application: str = "PAS") -> str:
+    """An ACK (AA) or NAK (AE/AR) with the reason in MSA-3 and an ERR segment.
+
+    Built by hand when the incoming message could not even be parsed (no MSH to echo)."""
+    stamp = dt.datetime.now().strftime("%Y%m%d%H%M%S")
+    own_id = generate_message_control_id()
+    clean = _escape(text)
+    if message is not None:
+        ack = message.create_ack(ack_code, message_id=own_id, application=application)
+        result = str(ack).rstrip("\r")
+        if text:
+            result += f"|{clean}"  # MSA-3 text message
+    else:
+        result = (f"MSH|^~\\&|{application}||||{stamp}||ACK|{own_id}|P|2.5\r"
+                  f"MSA|{ack_code}|{_escape(control_id)}|{clean}")
+    if ack_code != "AA":
+        severity = "E"
+        result += f"\rERR||||{severity}" if not error_code else \
+            f"\rERR|||{error_code}^{_error_name(error_code)}^HL70357|{severity}||||{clean}"
+    return result
+
+
+def _error_name(code: str) -> str:
+    return {"100": "Segment sequence error", "101": "Required field missing",
+            "102": "Data type error", "200": "Unsupported message type",
+            "207": "Application internal error"}.get(code, "Error")
+
+
+def _escape(text: str) -> str:
+    """HL7 escape sequences for the delimiters, so that a reason never breaks the ACK."""
+    return (text.replace("\\", "\\E\\").replace("|", "\\F\\").replace("^", "\\S\\")
+            .replace("&", "\\T\\").replace("~", "\\R\\").replace("\r", " ").replace("\n", " "))

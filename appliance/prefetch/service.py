@@ -1,0 +1,289 @@
+"""The prefetch service: triggers in, priors fetched from the region into the local cache.
+
+Owns: turning triggers (an HL7 message, a new local study, ``pas prefetch patient``) into
+durable requests, and the scheduler thread that works them: when due and inside a WAN window,
+QIDO-RS the region for the patient's studies, choose priors by the rules, skip what is already
+complete on site, WADO-RS the missing instances (several in flight) into the cache through the
+ingest Receiver (origin "regional"), pin each study for ``pin_days``, and optionally queue a
+C-STORE of the priors to the workstations a rule names. May not touch: SQL (that is
+:mod:`appliance.store.prefetch`), files (the Receiver writes them).
+
+Downloads share the link with uploads: before each instance, the fetch steps aside while an
+urgent upload to the hub is waiting, so a stroke CT never queues behind a prior.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from appliance.config import Settings
+from appliance.ingest.receive import Receiver
+from appliance.prefetch import rules as prefetch_rules
+from appliance.prefetch.messages import Refusal, build_ack, interpret, parse_message
+from appliance.store import audit
+from appliance.store import jobs as job_store
+from appliance.store import prefetch as store
+from appliance.store.db import Database, now
+from appliance.transfer.region import RegionClient, RegionError, RegionInstance
+
+log = logging.getLogger("pas.prefetch")
+
+
+def _metric(hook: str, *args: Any) -> None:
+    """Move a process-wide metric if the ops metrics module offers the hook."""
+    try:
+        from appliance.ops import metrics
+
+        getattr(metrics, hook)(*args)
+    except Exception:  # metrics are never a reason to fail a fetch
+        pass
+
+
+class PrefetchService:
+    def __init__(self, settings: Settings, db: Database, receiver: Receiver,
+                 on_jobs_created: Callable[[], None] = lambda: None,
+                 region_factory: Callable[[], RegionClient | None] | None = None):
+        self.settings = settings
+        self.config = settings.prefetch
+        self.db = db
+        self.receiver = receiver
+        self.on_jobs_created = on_jobs_created
+        self.region_factory = region_factory or self._default_region
+        self._region: RegionClient | None = None
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pool = ThreadPoolExecutor(self.config.parallel, thread_name_prefix="pas-prefetch")
+
+    # --- triggers ----------------------------------------------------------------------------
+
+    def handle_hl7(self, text: str, source: str = "") -> str:
+        """One HL7 message in, its ACK out. The request is committed before the ACK exists,
+        so an ACKed order is never lost; a resent message is recognised and ACKed again."""
+        message = None
+        try:
+            message = parse_message(text)
+            order = interpret(message)
+            seen = store.message_seen(self.db, order.message_key)
+            if seen is not None:
+                log.info("HL7 %s %s from %s: already processed", order.message_type,
+                         order.control_id, source)
+                return build_ack(message, "AA", "duplicate message: already processed")
+            scheduled_at = order.scheduled_at
+            if order.cancel:
+                store.record_message(self.db, order.message_key, order.message_type, "AA",
+                                     "cancel", cancel_key=order.dedup_key)
+                log.info("HL7 %s: order %s cancelled", order.message_type, order.dedup_key)
+                return build_ack(message, "AA")
+            request = store.NewRequest(
+                order.dedup_key, "hl7", order.patient_id, order.issuer, order.accession_number,
+                order.modality, order.body_part, scheduled_at,
+                self._due_at(scheduled_at))
+            result = store.record_message(self.db, order.message_key, order.message_type,
+                                          "AA", request=request)
+            log.info("HL7 %s %s from %s: patient %s, %s request %s", order.message_type,
+                     order.control_id, source, order.patient_id,
+                     "new" if result and result.created else "known",
+                     result.request_id if result else "-")
+            self.wake.set()
+            return build_ack(message, "AA")
+        except Refusal as refusal:
+            log.warning("HL7 from %s refused (%s): %s", source, refusal.ack_code, refusal.reason)
+            audit.record(self.db, "hl7", actor=source or None, outcome=f"failure: "
+                         f"{refusal.reason}", detail=refusal.message_type or None)
+            return build_ack(message, refusal.ack_code, refusal.reason, refusal.error_code,
+                             refusal.control_id)
+        except Exception as exc:  # never leave the RIS without an answer
+            log.exception("HL7 from %s: internal error", source)
+            return build_ack(message, "AE", f"internal error: {exc}", "207")
+
+    def _due_at(self, scheduled_at: float | None) -> float:
+        """As soon as the exam is within ``lead_time_h`` (now if it already is)."""
+        if scheduled_at is None:
+            return now()
+        return max(now(), scheduled_at - self.config.lead_time_h * 3600)
+
+    def request_patient(self, patient_id: str, issuer: str = "", modality: str | None = None,
+                        accession: str | None = None) -> store.Scheduled:
+        """``pas prefetch patient``: a request now, each call a new one."""
+        key = f"manual:{patient_id}|{issuer}|{time.time_ns()}"
+        scheduled = store.schedule(self.db, store.NewRequest(
+            key, "manual", patient_id, issuer, accession, modality))
+        self.wake.set()
+        return scheduled
+
+    def on_study_stable(self, study_fk: int) -> None:
+        """A local study became stable: fetch that patient's priors for the reading station."""
+        if not (self.config.enabled and self.config.on_arrival):
+            return
+        study = store.study_patient(self.db, study_fk)
+        if study is None or study["origin"] != "local" or not study["patient_id"]:
+            return
+        modality = (study["modalities"] or "").split(",")[0] or None
+        store.schedule(self.db, store.NewRequest(
+            f"arrival:{study['study_uid']}", "arrival", study["patient_id"], study["issuer"],
+            study["accession_number"], modality))
+        self.wake.set()
+
+    # --- the scheduler -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        recovered = store.recover(self.db)
+        if recovered:
+            log.warning("start-up: %d prefetch requests were interrupted; resuming", recovered)
+        self._thread = threading.Thread(target=self._loop, name="pas-prefetch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.wake.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._region is not None:
+            self._region.close()
+
+    def _loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                for request in store.claim_due(self.db):
+                    if self.stopping.is_set():
+                        break
+                    self.process(request)
+            except Exception:
+                log.exception("prefetch pass failed")
+            self.wake.wait(self.config.check_interval_s)
+            self.wake.clear()
+
+    def _default_region(self) -> RegionClient | None:
+        return RegionClient.from_home(self.settings.home, self.config.dicomweb_url,
+                                      self.config.timeout_s, self.config.parallel)
+
+    def region(self) -> RegionClient | None:
+        if self._region is None:
+            self._region = self.region_factory()
+        return self._region
+
+    def process(self, request: dict[str, Any]) -> None:
+        request_id = int(request["id"])
+        moment = dt.datetime.now()
+        if not prefetch_rules.in_window(self.config.windows, moment):
+            opens = prefetch_rules.next_window_start(self.config.windows, moment)
+            store.defer(self.db, request_id, opens.timestamp(),
+                        f"outside the WAN windows: waits for {opens:%Y-%m-%d %H:%M}")
+            return
+        try:
+            self._fetch(request)
+        except (RegionError, OSError, ValueError) as exc:
+            state = store.fail_attempt(self.db, request_id, str(exc), self.config.max_attempts,
+                                       now() + self.config.retry_after_s)
+            log.warning("prefetch %d for %s: %s (%s)", request_id, request["patient_id"], exc,
+                        state)
+            return
+        store.finish(self.db, request_id)
+        done = store.get_request(self.db, request_id)
+        if done and done["scheduled_at"] and done["finished_at"]:
+            _metric("observe_prefetch_lead", max(0.0, done["scheduled_at"] - done["finished_at"]))
+
+    def _fetch(self, request: dict[str, Any]) -> None:
+        request_id = int(request["id"])
+        rule = prefetch_rules.rule_for(self.config.rules, request["modality"])
+        if rule is None or rule.priors == 0:
+            store.record_found(self.db, request_id, rule.name if rule else "-", [])
+            return
+        region = self.region()
+        if region is None:
+            raise RegionError("not enrolled with a hub and no prefetch.dicomweb_url set")
+        issuer = self.config.issuer_map.get(request["issuer"], "") if request["issuer"] else ""
+        rows = region.search_studies(request["patient_id"], issuer)
+        candidates = [c for c in map(prefetch_rules.candidate_from_qido, rows) if c]
+        if rule.same == "body_part":
+            candidates = [self._with_body_parts(region, c) for c in candidates]
+        current = request["dedup_key"].removeprefix("arrival:") \
+            if request["trigger"] == "arrival" else None
+        chosen = prefetch_rules.choose_priors(
+            rule, candidates, modality=request["modality"], body_part=request["body_part"],
+            accession=request["accession_number"], current_study_uid=current)
+        store.record_found(self.db, request_id, rule.name, [
+            {"study_uid": c.study_uid, "study_date": c.study_date,
+             "modalities": ",".join(sorted(c.modalities)), "instances_expected": c.instances}
+            for c in chosen])
+        failures = []
+        for candidate in chosen:
+            if self.stopping.is_set():
+                raise RegionError("stopping: the fetch resumes at the next start")
+            try:
+                self._fetch_study(request_id, region, candidate)
+            except RegionError as exc:
+                store.set_study_state(self.db, request_id, candidate.study_uid, "failed")
+                failures.append(f"{candidate.study_uid}: {exc}")
+                continue
+            self._pin_and_push(candidate.study_uid, rule.push_to, rule.name)
+        if failures:
+            raise RegionError("; ".join(failures)[:400])
+
+    def _with_body_parts(self, region: RegionClient,
+                         candidate: prefetch_rules.Candidate) -> prefetch_rules.Candidate:
+        parts = {str(row.get("00180015", {}).get("Value", [""])[0]).upper()
+                 for row in region.series_of(candidate.study_uid)}
+        return prefetch_rules.Candidate(candidate.study_uid, candidate.study_date,
+                                        candidate.accession_number, candidate.modalities,
+                                        candidate.instances, frozenset(parts - {""}))
+
+    def _fetch_study(self, request_id: int, region: RegionClient,
+                     candidate: prefetch_rules.Candidate) -> None:
+        local = store.local_instance_count(self.db, candidate.study_uid)
+        if candidate.instances is not None and local >= candidate.instances > 0:
+            store.set_study_state(self.db, request_id, candidate.study_uid, "on_site")
+            log.info("prior %s already complete on site (%d instances)", candidate.study_uid,
+                     local)
+            return
+        held = store.held_instance_uids(self.db, candidate.study_uid)
+        missing = [i for i in region.instances_of(candidate.study_uid)
+                   if i.sop_instance_uid not in held]
+        results = list(self._pool.map(lambda item: self._fetch_one(request_id, region, item),
+                                      missing))
+        errors = [r for r in results if r]
+        if errors:
+            raise RegionError(f"{len(errors)} of {len(missing)} instances failed, first: "
+                              f"{errors[0]}")
+        store.set_study_state(self.db, request_id, candidate.study_uid, "fetched")
+        audit.record(self.db, "retrieve", actor="prefetch", target=candidate.study_uid,
+                     detail=f"request {request_id}: {len(missing)} instances from the region")
+        log.info("prior %s fetched: %d instances", candidate.study_uid, len(missing),
+                 extra={"STUDY_UID": candidate.study_uid})
+
+    def _fetch_one(self, request_id: int, region: RegionClient,
+                   instance: RegionInstance) -> str | None:
+        """One instance from the region into the cache; an error string, or None."""
+        while store.urgent_uploads_waiting(self.db) and not self.stopping.is_set():
+            self.stopping.wait(0.5)  # urgent uploads keep the link
+        try:
+            content = region.retrieve_instance(instance)
+            received = self.receiver.receive_file(
+                content, source=store.REGION_SOURCE, origin="regional",
+                expect_sop_instance_uid=instance.sop_instance_uid)
+        except Exception as exc:  # one bad instance must not stop the others
+            return f"{instance.sop_instance_uid}: {exc}"
+        store.mark_fetched_routed(self.db, received.instance_id)
+        store.add_progress(self.db, request_id, 1, received.size)
+        _metric("add_wan_bytes", "down", len(content))
+        return None
+
+    def _pin_and_push(self, study_uid: str, push_to: list[str], rule_name: str) -> None:
+        store.pin_study(self.db, study_uid, now() + self.config.pin_days * 86400)
+        if not push_to:
+            return
+        study_fk, ids = store.instance_ids_of_study(self.db, study_uid)
+        if not ids:
+            return
+        jobs = [job_store.NewJob(self.settings.destinations[name].kind, name, 2,
+                                 f"prefetch:{rule_name}", ids) for name in push_to]
+        job_store.route_study(self.db, study_fk, ids, jobs)
+        self.on_jobs_created()

@@ -1,0 +1,284 @@
+"""Prefetch state: HL7 messages seen, prefetch requests, and the prior studies they fetch.
+
+Owns: every SQL statement of the ``prefetch_*`` tables, plus the few reads and writes the
+prefetch needs on the shared index (pinning a study, counting what is on site, marking fetched
+instances as routed so that routing never sends a prior back to the region). Each state change
+is one transaction (invariant 3). May not touch: files or the network.
+
+Idempotence (invariant 6) lives here: a message is known by ``sending app|facility|control
+id`` and a request by a ``dedup_key`` naming the order, appointment or visit it came from, so
+the same order received five times schedules one prefetch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from appliance.store.db import Database, now
+
+# Instances the prefetch stored carry this in instances.source_address.
+REGION_SOURCE = "region:prefetch"
+
+
+@dataclass(frozen=True)
+class NewRequest:
+    dedup_key: str
+    trigger: str                  # hl7, arrival, manual, mwl
+    patient_id: str
+    issuer: str = ""
+    accession_number: str | None = None
+    modality: str | None = None
+    body_part: str | None = None
+    scheduled_at: float | None = None
+    due_at: float | None = None   # None: now
+
+
+@dataclass(frozen=True)
+class Scheduled:
+    request_id: int
+    created: bool                 # False: the same order was already known (nothing new)
+
+
+def message_seen(db: Database, message_key: str) -> dict[str, Any] | None:
+    row = db.query_one("SELECT * FROM prefetch_messages WHERE message_key = ?", (message_key,))
+    return dict(row) if row else None
+
+
+def record_message(db: Database, message_key: str, message_type: str, ack_code: str,
+                   detail: str | None = None, request: NewRequest | None = None,
+                   cancel_key: str | None = None) -> Scheduled | None:
+    """Remember a message and (optionally) schedule or cancel its request, in ONE
+    transaction: the ACK is sent only after this commits, so a crash in between makes the RIS
+    resend, and the resend is recognised."""
+    at = now()
+    scheduled: Scheduled | None = None
+    with db.transaction() as conn:
+        if request is not None:
+            scheduled = _schedule(conn, request, at)
+        if cancel_key is not None:
+            conn.execute(
+                "UPDATE prefetch_requests SET state = 'cancelled', updated_at = ? "
+                "WHERE dedup_key = ? AND state = 'pending'", (at, cancel_key))
+        conn.execute(
+            "INSERT OR IGNORE INTO prefetch_messages (message_key, received_at, message_type, "
+            "request_fk, ack_code, detail) VALUES (?, ?, ?, ?, ?, ?)",
+            (message_key, at, message_type, scheduled.request_id if scheduled else None,
+             ack_code, detail))
+    return scheduled
+
+
+def schedule(db: Database, request: NewRequest) -> Scheduled:
+    with db.transaction() as conn:
+        return _schedule(conn, request, now())
+
+
+def _schedule(conn: Any, request: NewRequest, at: float) -> Scheduled:
+    due = request.due_at if request.due_at is not None else at
+    row = conn.execute("SELECT id, state FROM prefetch_requests WHERE dedup_key = ?",
+                       (request.dedup_key,)).fetchone()
+    if row is not None:
+        # The same order again: count it; a new appointment time moves a pending request.
+        conn.execute(
+            """UPDATE prefetch_requests SET times_requested = times_requested + 1,
+                   updated_at = ?,
+                   scheduled_at = CASE WHEN state = 'pending' THEN coalesce(?, scheduled_at)
+                                       ELSE scheduled_at END,
+                   due_at = CASE WHEN state = 'pending' THEN ? ELSE due_at END,
+                   next_attempt_at = CASE WHEN state = 'pending' AND attempts = 0 THEN ?
+                                          ELSE next_attempt_at END
+               WHERE id = ?""",
+            (at, request.scheduled_at, due, due, row["id"]))
+        return Scheduled(int(row["id"]), created=False)
+    cursor = conn.execute(
+        """INSERT INTO prefetch_requests (dedup_key, trigger, patient_id, issuer,
+               accession_number, modality, body_part, scheduled_at, due_at, next_attempt_at,
+               created_at, updated_at)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+        (request.dedup_key, request.trigger, request.patient_id, request.issuer,
+         request.accession_number, request.modality, request.body_part, request.scheduled_at,
+         due, due, at, at))
+    return Scheduled(int(cursor.lastrowid or 0), created=True)
+
+
+def claim_due(db: Database, limit: int = 8) -> list[dict[str, Any]]:
+    """Pending requests whose time has come, marked running (one transaction). A request left
+    running by a crash is made pending again by :func:`recover`."""
+    at = now()
+    with db.transaction() as conn:
+        rows = conn.execute(
+            "SELECT * FROM prefetch_requests WHERE state = 'pending' AND next_attempt_at <= ? "
+            "ORDER BY coalesce(scheduled_at, due_at), id LIMIT ?", (at, limit)).fetchall()
+        for row in rows:
+            conn.execute(
+                "UPDATE prefetch_requests SET state = 'running', attempts = attempts + 1, "
+                "started_at = coalesce(started_at, ?), updated_at = ? WHERE id = ?",
+                (at, at, row["id"]))
+    return [dict(r) for r in rows]
+
+
+def recover(db: Database) -> int:
+    """After a restart: running requests go back to pending; fetched instances are routed."""
+    with db.transaction() as conn:
+        cursor = conn.execute("UPDATE prefetch_requests SET state = 'pending', updated_at = ? "
+                              "WHERE state = 'running'", (now(),))
+    mark_fetched_routed(db)
+    return cursor.rowcount
+
+
+def record_found(db: Database, request_id: int, rule: str,
+                 studies: list[dict[str, Any]]) -> None:
+    """The priors a rule chose for a request (study_uid, study_date, modalities, expected)."""
+    with db.transaction() as conn:
+        conn.execute("UPDATE prefetch_requests SET rule = ?, studies_found = ?, updated_at = ? "
+                     "WHERE id = ?", (rule, len(studies), now(), request_id))
+        for study in studies:
+            conn.execute(
+                """INSERT INTO prefetch_studies (request_fk, study_uid, study_date, modalities,
+                       instances_expected) VALUES (?, ?, ?, ?, ?)
+                   ON CONFLICT (request_fk, study_uid) DO UPDATE SET
+                       instances_expected = excluded.instances_expected""",
+                (request_id, study["study_uid"], study.get("study_date"),
+                 study.get("modalities"), study.get("instances_expected")))
+
+
+def set_study_state(db: Database, request_id: int, study_uid: str, state: str) -> None:
+    with db.transaction() as conn:
+        conn.execute("UPDATE prefetch_studies SET state = ? WHERE request_fk = ? AND "
+                     "study_uid = ?", (state, request_id, study_uid))
+
+
+def add_progress(db: Database, request_id: int, instances: int, size: int) -> None:
+    with db.transaction() as conn:
+        conn.execute(
+            "UPDATE prefetch_requests SET instances_fetched = instances_fetched + ?, "
+            "bytes_fetched = bytes_fetched + ?, updated_at = ? WHERE id = ?",
+            (instances, size, now(), request_id))
+
+
+def finish(db: Database, request_id: int) -> None:
+    at = now()
+    with db.transaction() as conn:
+        conn.execute(
+            """UPDATE prefetch_requests SET state = 'fetched', finished_at = ?, updated_at = ?,
+                   last_error = NULL,
+                   studies_fetched = (SELECT count(*) FROM prefetch_studies
+                       WHERE request_fk = ? AND state IN ('fetched', 'on_site'))
+               WHERE id = ?""", (at, at, request_id, request_id))
+
+
+def fail_attempt(db: Database, request_id: int, error: str, max_attempts: int,
+                 retry_at: float) -> str:
+    """Back to pending with ``retry_at``, or failed once ``max_attempts`` are spent."""
+    at = now()
+    with db.transaction() as conn:
+        row = conn.execute("SELECT attempts FROM prefetch_requests WHERE id = ?",
+                           (request_id,)).fetchone()
+        state = "failed" if row is None or row["attempts"] >= max_attempts else "pending"
+        conn.execute(
+            "UPDATE prefetch_requests SET state = ?, last_error = ?, next_attempt_at = ?, "
+            "updated_at = ?, finished_at = CASE WHEN ? = 'failed' THEN ? END WHERE id = ?",
+            (state, error[:500], retry_at, at, state, at, request_id))
+    return state
+
+
+def defer(db: Database, request_id: int, until: float, reason: str) -> None:
+    """Not now (outside the WAN window): pending again, the attempt not counted."""
+    with db.transaction() as conn:
+        conn.execute(
+            "UPDATE prefetch_requests SET state = 'pending', attempts = max(attempts - 1, 0), "
+            "next_attempt_at = ?, last_error = ?, updated_at = ? WHERE id = ?",
+            (until, reason, now(), request_id))
+
+
+def get_request(db: Database, request_id: int) -> dict[str, Any] | None:
+    row = db.query_one("SELECT * FROM prefetch_requests WHERE id = ?", (request_id,))
+    return dict(row) if row else None
+
+
+def list_requests(db: Database, state: str | None = None,
+                  limit: int = 200) -> list[dict[str, Any]]:
+    """Newest first, with the lead time achieved: how long before the scheduled exam the
+    priors were on site (negative: late)."""
+    where, params = "", []
+    if state:
+        where, params = "WHERE state = ?", [state]
+    rows = db.query(
+        f"""SELECT *, CASE WHEN state = 'fetched' AND scheduled_at IS NOT NULL
+                           THEN scheduled_at - finished_at END AS lead_time_s
+            FROM prefetch_requests {where} ORDER BY id DESC LIMIT ?""", (*params, limit))
+    return [dict(r) for r in rows]
+
+
+def studies_of_request(db: Database, request_id: int) -> list[dict[str, Any]]:
+    rows = db.query("SELECT * FROM prefetch_studies WHERE request_fk = ? ORDER BY study_date "
+                    "DESC", (request_id,))
+    return [dict(r) for r in rows]
+
+
+def counts_by_state(db: Database) -> dict[str, int]:
+    rows = db.query("SELECT state, count(*) AS n FROM prefetch_requests GROUP BY state")
+    return {r["state"]: int(r["n"]) for r in rows}
+
+
+# --- the shared index, as the prefetch sees it ----------------------------------------------
+
+
+def local_instance_count(db: Database, study_uid: str) -> int:
+    row = db.query_one(
+        "SELECT count(*) AS n FROM instances i JOIN studies s ON s.id = i.study_fk "
+        "WHERE s.study_uid = ? AND i.is_current = 1", (study_uid,))
+    return int(row["n"]) if row else 0
+
+
+def held_instance_uids(db: Database, study_uid: str) -> set[str]:
+    rows = db.query(
+        "SELECT i.sop_instance_uid FROM instances i JOIN studies s ON s.id = i.study_fk "
+        "WHERE s.study_uid = ? AND i.is_current = 1", (study_uid,))
+    return {r["sop_instance_uid"] for r in rows}
+
+
+def pin_study(db: Database, study_uid: str, until: float) -> None:
+    """Keep a fetched prior in the cache until ``until`` (never shortens an existing pin)."""
+    with db.transaction() as conn:
+        conn.execute("UPDATE studies SET pinned_until = max(coalesce(pinned_until, 0), ?) "
+                     "WHERE study_uid = ?", (until, study_uid))
+
+
+def mark_fetched_routed(db: Database, instance_id: int | None = None) -> int:
+    """Instances fetched from the region are already there: mark them routed so that the
+    stability pass never uploads them back."""
+    at = now()
+    with db.transaction() as conn:
+        if instance_id is not None:
+            cursor = conn.execute("UPDATE instances SET routed_at = ? WHERE id = ? AND "
+                                  "routed_at IS NULL", (at, instance_id))
+        else:
+            cursor = conn.execute("UPDATE instances SET routed_at = ? WHERE routed_at IS NULL "
+                                  "AND source_address = ?", (at, REGION_SOURCE))
+    return cursor.rowcount
+
+
+def study_patient(db: Database, study_fk: int) -> dict[str, Any] | None:
+    """Who a newly arrived local study belongs to (for the on-arrival trigger)."""
+    row = db.query_one(
+        """SELECT s.study_uid, s.accession_number, s.origin, p.patient_id, p.issuer,
+                  (SELECT group_concat(DISTINCT se.modality) FROM series se
+                     WHERE se.study_fk = s.id) AS modalities
+           FROM studies s JOIN patients p ON p.id = s.patient_fk WHERE s.id = ?""",
+        (study_fk,))
+    return dict(row) if row else None
+
+
+def instance_ids_of_study(db: Database, study_uid: str) -> tuple[int, list[int]]:
+    rows = db.query("SELECT i.id, s.id AS study_fk FROM instances i JOIN studies s ON "
+                    "s.id = i.study_fk WHERE s.study_uid = ? AND i.is_current = 1",
+                    (study_uid,))
+    return (int(rows[0]["study_fk"]) if rows else 0), [int(r["id"]) for r in rows]
+
+
+def urgent_uploads_waiting(db: Database) -> int:
+    """Urgent uploads to the hub not yet done: downloads step aside for them."""
+    row = db.query_one("SELECT count(*) AS n FROM jobs WHERE kind = 'hub' AND priority = 0 "
+                       "AND state IN ('pending', 'running')")
+    return int(row["n"]) if row else 0

@@ -1,0 +1,149 @@
+"""Reading the regional archive: QIDO-RS and WADO-RS through the hub's read-only proxy.
+
+Owns: the HTTP client for ``GET {hub}/api/v1/region/dicom-web/{path}`` (docs/protocol.md,
+"Reading the region"), with the enrolment's mutual-TLS context, or a plain DICOMweb root for
+regions that offer one directly (``prefetch.dicomweb_url``). Shared by the prefetch and the
+fetch-through of the serving side, so that both speak to the region the same way. May not
+touch: the database or the spool; callers store what it returns.
+
+Memory stays bounded (invariant 8): instances are retrieved one WADO-RS request each, so the
+largest thing held is one instance, never a study.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from appliance.transfer.enrolment import load_enrolment
+
+REGION_PREFIX = "/api/v1/region/dicom-web"
+DICOM_JSON = "application/dicom+json"
+MULTIPART_DICOM = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+
+
+class RegionError(Exception):
+    """The region could not answer; the message says which request and why."""
+
+
+@dataclass(frozen=True)
+class RegionInstance:
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+
+
+class RegionClient:
+    """A keep-alive HTTP client on the region's DICOMweb root. Thread-safe (httpx.Client)."""
+
+    def __init__(self, base_url: str, verify: ssl.SSLContext | bool = True,
+                 timeout_s: float = 60.0, max_connections: int = 8):
+        self.base_url = base_url.rstrip("/")
+        self.client = httpx.Client(
+            verify=verify, timeout=timeout_s,
+            limits=httpx.Limits(max_connections=max_connections,
+                                max_keepalive_connections=max_connections))
+
+    @classmethod
+    def from_home(cls, home: Path, dicomweb_url: str | None = None, timeout_s: float = 60.0,
+                  max_connections: int = 8) -> RegionClient | None:
+        """The hub proxy when enrolled, a direct DICOMweb root when configured, else None."""
+        if dicomweb_url:
+            return cls(dicomweb_url, True, timeout_s, max_connections)
+        enrolment = load_enrolment(home)
+        if enrolment is None:
+            return None
+        return cls(enrolment.url.rstrip("/") + REGION_PREFIX, enrolment.ssl_context(),
+                   timeout_s, max_connections)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _get(self, path: str, params: dict[str, Any] | None, accept: str) -> httpx.Response:
+        url = f"{self.base_url}/{path.lstrip('/')}"
+        try:
+            response = self.client.get(url, params=params, headers={"Accept": accept})
+        except httpx.HTTPError as exc:
+            raise RegionError(f"GET {path}: {type(exc).__name__}: {exc}") from exc
+        if response.status_code >= 400:
+            raise RegionError(f"GET {path}: HTTP {response.status_code} "
+                              f"{response.text[:200]}")
+        return response
+
+    def qido(self, path: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """A QIDO-RS search; the DICOM JSON answer (an empty list for 204)."""
+        response = self._get(path, params, DICOM_JSON)
+        if response.status_code == 204 or not response.content:
+            return []
+        result = response.json()
+        if not isinstance(result, list):
+            raise RegionError(f"GET {path}: expected a JSON array, got {type(result).__name__}")
+        return result
+
+    def search_studies(self, patient_id: str, issuer: str = "") -> list[dict[str, Any]]:
+        params: dict[str, Any] = {
+            "PatientID": patient_id,
+            "includefield": ["StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy",
+                             "NumberOfStudyRelatedInstances", "StudyDescription"],
+        }
+        if issuer:
+            params["IssuerOfPatientID"] = issuer
+        return self.qido("studies", params)
+
+    def series_of(self, study_uid: str) -> list[dict[str, Any]]:
+        return self.qido(f"studies/{study_uid}/series",
+                         {"includefield": ["BodyPartExamined", "Modality"]})
+
+    def instances_of(self, study_uid: str) -> list[RegionInstance]:
+        rows = self.qido(f"studies/{study_uid}/instances")
+        found = []
+        for row in rows:
+            series_uid = value(row, "0020000E")
+            sop_uid = value(row, "00080018")
+            if series_uid and sop_uid:
+                found.append(RegionInstance(study_uid, series_uid, sop_uid))
+        return found
+
+    def retrieve_instance(self, instance: RegionInstance) -> bytes:
+        """WADO-RS of one instance, as stored by the region (transfer-syntax=*): the Part 10
+        file, byte for byte."""
+        response = self._get(
+            f"studies/{instance.study_uid}/series/{instance.series_uid}/instances/"
+            f"{instance.sop_instance_uid}", None, MULTIPART_DICOM)
+        parts = multipart_parts(response.headers.get("content-type", ""), response.content)
+        if len(parts) != 1:
+            raise RegionError(f"WADO-RS {instance.sop_instance_uid}: expected one part, got "
+                              f"{len(parts)}")
+        return parts[0]
+
+
+def value(row: dict[str, Any], tag: str) -> Any:
+    """The first value of a DICOM JSON attribute, or None."""
+    values = row.get(tag, {}).get("Value")
+    return values[0] if values else None
+
+
+def multipart_parts(content_type: str, body: bytes) -> list[bytes]:
+    """The bodies of a ``multipart/related`` answer (RFC 2046), headers dropped."""
+    boundary = None
+    for param in content_type.split(";")[1:]:
+        key, _, val = param.strip().partition("=")
+        if key.lower() == "boundary":
+            boundary = val.strip().strip('"')
+    if not content_type.lower().startswith("multipart/") or not boundary:
+        raise RegionError(f"expected multipart/related with a boundary, got {content_type!r}")
+    delimiter = b"--" + boundary.encode()
+    parts = []
+    for chunk in body.split(delimiter)[1:]:
+        if chunk.startswith(b"--"):
+            break  # the close delimiter
+        chunk = chunk.removeprefix(b"\r\n")
+        head, sep, content = chunk.partition(b"\r\n\r\n")
+        if not sep:
+            raise RegionError("a multipart part has no header/body separator")
+        parts.append(content.removesuffix(b"\r\n"))
+    return parts
