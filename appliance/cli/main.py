@@ -22,6 +22,7 @@ queue_app = typer.Typer(help="The job queue.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(rules_app, name="rules")
 app.add_typer(queue_app, name="queue")
+app.add_typer(__import__("appliance.cli.prefetch", fromlist=["app"]).app, name="prefetch")
 cache_cli.register(app)  # pas verify, pas cache ... (appliance/cli/cache.py)
 
 console = Console()

@@ -12,9 +12,11 @@ from typing import Any
 from appliance.config import DicomDestination, Settings
 from appliance.dispatch.target_types.base import PermanentError, TargetType
 from appliance.dispatch.target_types.dicom import DicomTarget
+from appliance.dispatch.target_types.stowrs import StowRsTarget
 
 FACTORIES: dict[str, Callable[[str, Any, Settings], TargetType]] = {
     "dicom": lambda name, cfg, settings: DicomTarget(name, cfg, settings.dicom.ae_title),
+    "stowrs": lambda name, cfg, settings: StowRsTarget(name, cfg),
 }
 
 

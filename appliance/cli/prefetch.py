@@ -1,0 +1,104 @@
+"""``pas prefetch``: ask for a patient's priors by hand, and see what the prefetch did.
+
+Thin commands over :mod:`appliance.store.prefetch`: ``patient`` writes a durable request that
+the running daemon's scheduler picks up (no daemon RPC needed), ``list`` shows requests with
+their state and the lead time achieved, ``show`` one request and its prior studies.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Priors on site before the patient arrives.", no_args_is_help=True)
+console = Console()
+err = Console(stderr=True)
+
+ConfigOption = typer.Option(None, "--config", "-c", help="TOML file (as for pas run)")
+
+
+def _db(config: Path | None):  # type: ignore[no-untyped-def]
+    from appliance.cli.main import _settings
+    from appliance.store.db import Database
+
+    return Database(_settings(config).db_path)
+
+
+def _when(timestamp: float | None) -> str:
+    return datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M") if timestamp else "-"
+
+
+def _lead(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    sign = "-" if seconds < 0 else ""
+    seconds = abs(seconds)
+    return f"{sign}{seconds / 3600:.1f} h" if seconds >= 3600 else f"{sign}{seconds / 60:.0f} min"
+
+
+@app.command("patient")
+def patient(patient_id: str = typer.Argument(..., help="PatientID as the site knows it"),
+            issuer: str = typer.Option("", "--issuer", help="Issuer of the PatientID"),
+            modality: str | None = typer.Option(None, "--modality",
+                                                help="The exam the priors are for (rules)"),
+            accession: str | None = typer.Option(None, "--accession",
+                                                 help="The current exam: never fetched"),
+            config: Path | None = ConfigOption) -> None:
+    """Fetch this patient's priors now (the daemon does it at its next pass)."""
+    from appliance.store import prefetch as store
+    from appliance.store.db import now
+
+    patient_id = patient_id.strip()
+    if not patient_id or len(patient_id) > 64:
+        err.print("[red]PATIENT_ID must be 1-64 characters[/red]")
+        raise typer.Exit(2)
+    scheduled = store.schedule(_db(config), store.NewRequest(
+        f"manual:{patient_id}|{issuer}|{now():.6f}", "manual", patient_id, issuer, accession,
+        modality.upper() if modality else None))
+    console.print(f"prefetch request {scheduled.request_id} for patient {patient_id} queued")
+
+
+@app.command("list")
+def list_requests(state: str | None = typer.Option(
+                      None, help="pending, running, fetched, failed, cancelled"),
+                  as_json: bool = typer.Option(False, "--json"),
+                  config: Path | None = ConfigOption) -> None:
+    """Prefetch requests, newest first: pending, fetched, failed, and the lead time achieved
+    (how long before the scheduled exam the priors were on site)."""
+    from appliance.store import prefetch as store
+
+    db = _db(config)
+    rows = store.list_requests(db, state)
+    if as_json:
+        print(json.dumps({"counts": store.counts_by_state(db), "requests": rows}, indent=2))
+        return
+    table = Table(title=f"{len(rows)} prefetch requests")
+    for column in ("id", "trigger", "patient", "modality", "scheduled", "state", "priors",
+                   "instances", "lead time", "times", "last error"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(str(r["id"]), r["trigger"], r["patient_id"], r["modality"] or "",
+                      _when(r["scheduled_at"]), r["state"],
+                      f"{r['studies_fetched']}/{r['studies_found']}",
+                      str(r["instances_fetched"]), _lead(r["lead_time_s"]),
+                      str(r["times_requested"]), (r["last_error"] or "")[:50])
+    console.print(table)
+
+
+@app.command("show")
+def show(request_id: int, config: Path | None = ConfigOption) -> None:
+    """One request and the prior studies it chose."""
+    from appliance.store import prefetch as store
+
+    db = _db(config)
+    request = store.get_request(db, request_id)
+    if request is None:
+        err.print(f"[red]no prefetch request {request_id}[/red]")
+        raise typer.Exit(1)
+    print(json.dumps({**request, "studies": store.studies_of_request(db, request_id)},
+                     indent=2))
