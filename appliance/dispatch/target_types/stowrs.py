@@ -1,0 +1,208 @@
+"""Destination kind ``stowrs``: plain DICOMweb STOW-RS (PS3.18 10.5) to any DICOMweb archive.
+
+Owns: batching a job's instances into ``multipart/related; type="application/dicom"``
+requests (``instances_per_request`` each), streamed from the spool file by file (never a
+whole batch in memory, with an exact Content-Length so no chunked encoding is needed), reading
+the per-instance answer (Referenced / Failed SOP Sequence) and marking sent exactly the
+instances the archive accepted, after each request: a retry resumes per instance. May not
+touch: SQL (through ``SendContext`` and ``appliance.store``) or the files' bytes (they go as
+stored, so the archive gets the original SHA-256).
+
+Failure policy: transport errors and 5xx are retried here a few times (tenacity, jittered
+backoff), then the job is retried later by the dispatcher. A 4xx for the whole request, or
+instances refused with a "cannot process" class reason, fail the job for good with the
+archive's words; refusals for lack of resources (0xA7xx) or processing failure (0x0110) are
+transient.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tenacity import (
+    RetryError,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from appliance.config import StowRsDestination
+from appliance.dispatch.target_types.base import PermanentError, SendContext
+from appliance.store import uplink as uplink_store
+from appliance.store.jobs import Job
+
+log = logging.getLogger("pas.dispatch.stowrs")
+
+READ_CHUNK = 1024 * 1024
+RETRIES = 3
+# DICOM JSON tags of the STOW-RS response (PS3.18 Table 10.5.3-1).
+REFERENCED_SOP_SEQUENCE = "00081199"
+FAILED_SOP_SEQUENCE = "00081198"
+REFERENCED_SOP_INSTANCE_UID = "00081155"
+FAILURE_REASON = "00081197"
+TRANSIENT_REASONS = {0x0110, 0xA700}  # processing failure; out of resources
+
+
+class _ServerError(Exception):
+    def __init__(self, response: httpx.Response):
+        self.response = response
+        super().__init__(f"HTTP {response.status_code}: {response.text[:300]}")
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, httpx.TransportError | _ServerError)
+
+
+def _values(item: dict[str, Any], tag: str) -> list[Any]:
+    return list(item.get(tag, {}).get("Value", []) or [])
+
+
+def parse_stow_response(body: Any) -> tuple[set[str], dict[str, int]]:
+    """(accepted SOP Instance UIDs, {refused UID: failure reason}) from a DICOM JSON answer."""
+    if isinstance(body, list):  # some servers wrap the dataset in a list
+        body = body[0] if body else {}
+    if not isinstance(body, dict):
+        return set(), {}
+    accepted = {str(_values(i, REFERENCED_SOP_INSTANCE_UID)[0])
+                for i in _values(body, REFERENCED_SOP_SEQUENCE)
+                if _values(i, REFERENCED_SOP_INSTANCE_UID)}
+    refused: dict[str, int] = {}
+    for item in _values(body, FAILED_SOP_SEQUENCE):
+        uids = _values(item, REFERENCED_SOP_INSTANCE_UID)
+        reasons = _values(item, FAILURE_REASON)
+        if uids:
+            refused[str(uids[0])] = int(reasons[0]) if reasons else 0xC000
+    return accepted, refused
+
+
+class MultipartBody:
+    """A ``multipart/related`` body over files on disk: its exact length is known up front
+    and iterating it reads one chunk at a time."""
+
+    def __init__(self, paths: list[Path]):
+        self.boundary = f"pas-{uuid.uuid4().hex}"
+        self.paths = paths
+        self._head = (f"--{self.boundary}\r\nContent-Type: application/dicom\r\n\r\n").encode()
+        self._tail = f"--{self.boundary}--\r\n".encode()
+
+    @property
+    def content_type(self) -> str:
+        return f'multipart/related; type="application/dicom"; boundary={self.boundary}'
+
+    def __len__(self) -> int:
+        sizes = sum(p.stat().st_size for p in self.paths)
+        return sizes + len(self.paths) * (len(self._head) + 2) + len(self._tail)
+
+    def __iter__(self) -> Iterator[bytes]:
+        for path in self.paths:
+            yield self._head
+            with open(path, "rb") as handle:
+                while chunk := handle.read(READ_CHUNK):
+                    yield chunk
+            yield b"\r\n"
+        yield self._tail
+
+
+class StowRsTarget:
+    kind = "stowrs"
+
+    def __init__(self, name: str, config: StowRsDestination):
+        self.name = name
+        self.config = config
+
+    def _client(self) -> httpx.Client:
+        verify: ssl.SSLContext | bool = True
+        if self.config.url.startswith("https://"):
+            context = ssl.create_default_context(
+                cafile=str(self.config.ca_file) if self.config.ca_file else None)
+            if self.config.client_cert:
+                context.load_cert_chain(
+                    str(self.config.client_cert),
+                    str(self.config.client_key) if self.config.client_key else None)
+            verify = context
+        auth: httpx.Auth | None = None
+        headers = {"Accept": "application/dicom+json"}
+        if self.config.bearer_token:
+            headers["Authorization"] = f"Bearer {self.config.bearer_token}"
+        elif self.config.username is not None:
+            auth = httpx.BasicAuth(self.config.username, self.config.password or "")
+        return httpx.Client(verify=verify, auth=auth, headers=headers,
+                            timeout=httpx.Timeout(self.config.timeout_s))
+
+    def send(self, job: Job, context: SendContext) -> None:
+        rows = context.files(job)
+        if not rows:
+            return
+        size = self.config.instances_per_request
+        refused_for_good: dict[str, int] = {}
+        retry_later: dict[str, int] = {}
+        with self._client() as client:
+            for start in range(0, len(rows), size):
+                batch = rows[start:start + size]
+                accepted, refused = self._post(client, context, batch)
+                by_uid = {r["sop_instance_uid"]: r["id"] for r in batch}
+                context.mark_sent(job, [by_uid[u] for u in accepted if u in by_uid])
+                context.keep_alive(job)
+                unanswered = set(by_uid) - accepted - set(refused)
+                for uid, reason in refused.items():
+                    (retry_later if reason in TRANSIENT_REASONS else refused_for_good)[uid] = reason
+                for uid in unanswered:
+                    retry_later[uid] = 0x0110
+        if refused_for_good:
+            sample = ", ".join(f"{u} (0x{r:04X})" for u, r in list(refused_for_good.items())[:3])
+            raise PermanentError(f"{self.name} refused {len(refused_for_good)} instances: "
+                                 f"{sample}")
+        if retry_later:
+            sample = ", ".join(list(retry_later)[:3])
+            raise RuntimeError(f"{self.name} did not accept {len(retry_later)} instances yet "
+                               f"(e.g. {sample}); retrying later")
+
+    def _post(self, client: httpx.Client, context: SendContext,
+              batch: list[Any]) -> tuple[set[str], dict[str, int]]:
+        paths = [context.spool.path(r["path"]) for r in batch]
+        url = f"{self.config.url}/studies"
+
+        def attempt() -> httpx.Response:
+            body = MultipartBody(paths)
+            response = client.post(url, content=iter(body), headers={
+                "Content-Type": body.content_type, "Content-Length": str(len(body))})
+            if response.status_code >= 500:
+                raise _ServerError(response)
+            return response
+
+        retrying = Retrying(retry=retry_if_exception(_transient),
+                            stop=stop_after_attempt(RETRIES + 1),
+                            wait=wait_random_exponential(multiplier=0.5, max=10), reraise=False)
+        try:
+            response = retrying(attempt)
+        except RetryError as exc:
+            cause = exc.last_attempt.exception()
+            message = f"{self.name}: STOW-RS to {url} failed: {type(cause).__name__}: {cause}"
+            uplink_store.record_contact(context.db, self.name, False, message)
+            raise ConnectionError(message) from cause
+        uplink_store.record_contact(context.db, self.name, True)
+        try:
+            body = response.json() if response.content else {}
+        except ValueError:
+            body = {}
+        accepted, refused = parse_stow_response(body)
+        if response.status_code in (200, 202, 409) and (accepted or refused):
+            return accepted, refused
+        if response.status_code == 200 and not body:
+            # No per-instance answer: a 200 to STOW-RS means every instance was stored.
+            return {r["sop_instance_uid"] for r in batch}, {}
+        if response.status_code in (408, 429):
+            raise RuntimeError(f"{self.name}: STOW-RS answered HTTP {response.status_code} "
+                               f"(busy); retrying later")
+        if 400 <= response.status_code < 500:
+            raise PermanentError(f"{self.name}: STOW-RS answered HTTP {response.status_code}: "
+                                 f"{response.text[:300]}")
+        raise RuntimeError(f"{self.name}: unexpected STOW-RS answer HTTP "
+                           f"{response.status_code}: {response.text[:300]}")
