@@ -40,5 +40,10 @@ demo: venv
 bench-ingest: deps-test venv
 	$(PY) bench/ingest.py
 
+# The emulated WAN (bench/wan): storescu, Orthanc STOW-RS and PAS over the same links.
+# BENCH_ARGS=--quick for the 20 Mbit/s link only. Root (network namespaces, TUN).
+bench-wan: deps-test venv
+	$(PY) -m bench.wan.run $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) var .pytest_cache
