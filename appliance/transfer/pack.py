@@ -1,0 +1,530 @@
+"""Packing instances into buckets, exact to the byte (issue 3's transfer format).
+
+Owns: the bucket plan (which byte ranges of which files travel in which bucket) and the
+self-describing plaintext format of a bucket. May not touch: the network, the database,
+sealing (``seal.py``), and the stored files (read only).
+
+Why this shape:
+- A bucket carries byte ranges ("pieces") of original files; a big file spans buckets. The hub
+  concatenates pieces and gets the original file back, byte for byte (invariant 4).
+- Inside a bucket, uncompressed pixel data travels as JPEG-LS lossless bands (whole rows of
+  the Pixel Data value that lie inside the piece), and every other byte (headers, odd
+  lengths, padding, encapsulated pixel data, what JPEG-LS cannot do exactly) goes, in piece
+  order, into ONE zstd stream over the whole bucket: instances of a series share most of
+  their headers, which solid compression turns into nearly nothing.
+- pydicom is used only to find the Pixel Data value's file offset and its geometry; the
+  dataset is never re-encoded. Every band is decoded again right after encoding and compared
+  with the original bytes; any doubt sends those bytes to zstd instead (counted).
+
+Payload format v1 (all integers big endian):
+``b"PASPK" 0x01 | u32 header length | header (UTF-8 JSON) | blob 0 | blob 1 | ...``
+header: ``{"v": 1, "raw": <bytes in the zstd stream>, "blobs": [<len>, ...],
+"entries": [{"uid", "offset", "length", "total", "segs": [...]}]}`` where blob 0 is the
+zstd frame (empty when ``raw`` is 0), the others JPEG-LS codestreams, and each segment is
+``[0, n]`` (the next n bytes of the zstd stream) or ``[1, blob, rows, cols, comps, ilv, dtype,
+base]`` (a JPEG-LS band: decoded samples + ``base``, stored as ``dtype``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zstandard
+
+from appliance.transfer import jls
+
+MAGIC = b"PASPK\x01"
+_HEADER_LEN = struct.Struct(">I")
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+# A bucket never unpacks to more than this: guards the hub against decompression bombs.
+MAX_RAW_BYTES = 1024 * 1024 * 1024
+DEFAULT_TARGET = 6 * 1024 * 1024
+# Bands smaller than this are not worth a JPEG-LS header and a Python round trip.
+MIN_BAND_BYTES = 4096
+# Large bands are cut so that two cores can encode parts of one big image at once.
+MAX_BAND_BYTES = 2 * 1024 * 1024
+READ_CHUNK = 1024 * 1024
+
+# level -> (zstd level, JPEG-LS on?)
+LEVELS: dict[str, tuple[int, bool]] = {
+    "fast": (1, False),
+    "default": (6, True),
+    "max": (19, True),
+}
+_DTYPES = ("u1", "<u2", ">u2", "<i2", ">i2")
+
+
+class BucketFormatError(ValueError):
+    """A bucket payload is malformed; the message names what is wrong."""
+
+
+class PackError(ValueError):
+    """A bucket cannot be packed: unknown level, or a stored file that no longer matches its
+    record (size or SHA-256). Nothing is produced."""
+
+
+@dataclass(frozen=True)
+class PackItem:
+    """One stored instance to ship."""
+
+    sop_instance_uid: str
+    path: Path
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Piece:
+    """What unpacking yields: original bytes ``[offset, offset + len(data))`` of one instance."""
+
+    sop_instance_uid: str
+    offset: int
+    total_size: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class BucketPlan:
+    """Deterministic: the same items in the same order give the same plan."""
+
+    index: int
+    entries: list[tuple[PackItem, int, int]]
+
+
+def plan_buckets(items: list[PackItem], target_bytes: int = DEFAULT_TARGET) -> list[BucketPlan]:
+    """Cut the items into buckets of about ``target_bytes`` of original bytes.
+
+    Small files are never split: a file that does not fit in the current bucket starts the
+    next one. A file bigger than a bucket is cut into ``target_bytes`` pieces; its tail piece
+    shares a bucket with the files that follow. Empty files still get an entry, so the hub
+    sees every instance."""
+    if target_bytes < 1:
+        raise PackError(f"target_bytes must be positive, got {target_bytes}")
+    plans: list[list[tuple[PackItem, int, int]]] = [[]]
+    used = 0
+    for item in items:
+        if item.size < 0:
+            raise PackError(f"{item.sop_instance_uid}: negative size {item.size}")
+        if used + item.size > target_bytes and plans[-1]:
+            plans.append([])
+            used = 0
+        offset = 0
+        while item.size - offset > target_bytes:
+            plans[-1].append((item, offset, target_bytes))
+            plans.append([])
+            offset += target_bytes
+        length = item.size - offset
+        plans[-1].append((item, offset, length))
+        used += length
+    if not plans[-1]:
+        plans.pop()
+    return [BucketPlan(index=i, entries=entries) for i, entries in enumerate(plans)]
+
+
+# ---------------------------------------------------------------------------------------
+# Finding the pixel data
+
+
+@dataclass(frozen=True)
+class _PixelLayout:
+    """Where a file's native pixel data lies and how its samples are laid out."""
+
+    start: int  # file offset of the Pixel Data value
+    length: int  # bytes of whole rows in the value (trailing padding excluded)
+    row_bytes: int  # one encodable row: columns x samples (interleaved) x bytes per sample
+    columns: int
+    comps: int  # components per row unit (3 when colour-by-pixel, else 1)
+    dtype: str
+
+
+def _pixel_layout(path: Path) -> _PixelLayout | None:
+    """Read only the header (pixel data deferred) and describe the native pixel data, or None
+    when there is none that JPEG-LS can carry (encapsulated, float, 1 or 32 bits, unreadable).
+    Correctness never depends on this: a wrong guess only costs compression, since every band
+    is verified."""
+    import pydicom
+    from pydicom.tag import Tag
+
+    try:
+        ds = pydicom.dcmread(path, defer_size=256, force=True)
+        raw = ds.get_item(Tag(0x7FE0, 0x0010), keep_deferred=True)
+        if raw is None or getattr(raw, "value_tell", None) is None:
+            return None
+        if raw.length in (0, 0xFFFFFFFF):
+            return None
+        tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+        big_endian = str(tsyntax) == "1.2.840.10008.1.2.2" if tsyntax else not raw.is_little_endian
+        if tsyntax is not None and str(tsyntax) not in (
+            "1.2.840.10008.1.2",
+            "1.2.840.10008.1.2.1",
+            "1.2.840.10008.1.2.2",
+            "1.2.840.10008.1.2.1.99",
+        ):
+            return None
+        if str(tsyntax) == "1.2.840.10008.1.2.1.99":
+            return None  # deflated: the value offset is not a file offset
+        bits = int(ds.BitsAllocated)
+        columns = int(ds.Columns)
+        rows = int(ds.Rows)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        planar = int(ds.get("PlanarConfiguration", 0) or 0)
+        signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    except Exception:  # any unreadable header: the file travels in zstd only
+        return None
+    if bits not in (8, 16) or columns < 1 or rows < 1 or samples not in (1, 3):
+        return None
+    bps = bits // 8
+    dtype = "u1" if bits == 8 else (">" if big_endian else "<") + ("i2" if signed else "u2")
+    comps = samples if planar == 0 else 1
+    row_bytes = columns * comps * bps
+    length = (raw.length // row_bytes) * row_bytes
+    if length == 0:
+        return None
+    return _PixelLayout(int(raw.value_tell), length, row_bytes, columns, comps, dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Packing
+
+
+@dataclass
+class _Band:
+    """One JPEG-LS candidate: a run of whole rows inside a piece."""
+
+    data: bytes
+    rows: int
+    layout: _PixelLayout
+    blob: bytes | None = None
+    base: int = 0
+    failed: bool = False
+
+
+def _encode_band(band: _Band) -> _Band:
+    """JPEG-LS encode, then decode and compare (cheap insurance); on any doubt mark it failed
+    so that the bytes go to zstd. Samples are shifted by their minimum so that signed data
+    and data with a small range use the fewest bits; the shift is stored."""
+    layout = band.layout
+    try:
+        arr = np.frombuffer(band.data, dtype=layout.dtype)
+        low = int(arr.min())
+        high = int(arr.max())
+        span = high - low
+        shifted = (arr.astype(np.int32) - low).astype("<u2" if span > 255 else "u1")
+        bits = max(2, span.bit_length())
+        ilv = 2 if layout.comps == 3 else 0
+        blob = jls.encode(
+            shifted.tobytes(), band.rows, layout.columns, layout.comps, bits, ilv
+        )
+        decoded = _band_bytes(
+            blob, band.rows, layout.columns, layout.comps, ilv, layout.dtype, low
+        )
+        if decoded != band.data:
+            band.failed = True
+            return band
+        band.blob = bytes(blob)
+        band.base = low
+    except Exception:
+        band.failed = True
+    return band
+
+
+def _band_bytes(
+    blob: bytes, rows: int, columns: int, comps: int, ilv: int, dtype: str, base: int
+) -> bytes:
+    """Decode one band back to the original stored bytes."""
+    info = jls.read_info(blob)
+    if (info.width, info.height, info.components) != (columns, rows, comps):
+        raise BucketFormatError(
+            f"JPEG-LS band is {info.width}x{info.height}x{info.components}, header says "
+            f"{columns}x{rows}x{comps}"
+        )
+    if info.interleave != ilv:
+        raise BucketFormatError("JPEG-LS band interleave mode differs from the header")
+    samples, _ = jls.decode(blob)
+    if len(samples) != rows * columns * comps * (1 if info.bits <= 8 else 2):
+        raise BucketFormatError("JPEG-LS band decodes to an unexpected number of bytes")
+    values = np.frombuffer(samples, dtype="u1" if info.bits <= 8 else "<u2")
+    out = (values.astype(np.int32) + base).astype(dtype)
+    return out.tobytes()
+
+
+def _read_range(item: PackItem, offset: int, length: int) -> bytes:
+    with open(item.path, "rb") as handle:
+        handle.seek(offset)
+        data = handle.read(length)
+    if len(data) != length:
+        raise PackError(
+            f"{item.sop_instance_uid}: {item.path} has {offset + len(data)} bytes where "
+            f"{offset + length} were expected (file changed or truncated)"
+        )
+    return data
+
+
+def _check_whole_file(item: PackItem, data: bytes) -> None:
+    """A whole file in one piece is checked against its recorded SHA-256 before it leaves:
+    a disk error found here is found before the hub spends a commit on it."""
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != item.sha256.lower():
+        raise PackError(
+            f"{item.sop_instance_uid}: {item.path} has SHA-256 {digest}, the index says "
+            f"{item.sha256}"
+        )
+
+
+def _split_piece(
+    data: bytes, offset: int, layout: _PixelLayout | None
+) -> list[tuple[int, int, bool]]:
+    """(start, end, is_band) ranges of ``data`` covering it in order."""
+    if layout is None:
+        return [(0, len(data), False)]
+    rel_start = layout.start - offset  # pixel value start relative to the piece
+    first_row = max(0, -(-(0 - rel_start) // layout.row_bytes)) if rel_start < 0 else 0
+    band_start = rel_start + first_row * layout.row_bytes
+    pixel_end = rel_start + layout.length
+    usable_end = min(len(data), pixel_end)
+    if band_start < 0 or band_start >= usable_end:
+        return [(0, len(data), False)]
+    whole_rows = (usable_end - band_start) // layout.row_bytes
+    band_end = band_start + whole_rows * layout.row_bytes
+    if band_end - band_start < MIN_BAND_BYTES:
+        return [(0, len(data), False)]
+    ranges: list[tuple[int, int, bool]] = []
+    if band_start > 0:
+        ranges.append((0, band_start, False))
+    rows_per_band = max(1, MAX_BAND_BYTES // layout.row_bytes)
+    position = band_start
+    while position < band_end:
+        stop = min(band_end, position + rows_per_band * layout.row_bytes)
+        ranges.append((position, stop, True))
+        position = stop
+    if band_end < len(data):
+        ranges.append((band_end, len(data), False))
+    return ranges
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    """Two workers: the machine class has two cores, and the JPEG-LS codec releases the GIL."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pas-jls")
+    return _POOL
+
+
+def pack_bucket(plan: BucketPlan, level: str = "default") -> tuple[bytes, dict[str, int]]:
+    """The plaintext payload of one bucket and its stats. Reads only this bucket's byte ranges
+    from disk, so memory stays about two buckets whatever the size of the study."""
+    if level not in LEVELS:
+        raise PackError(f"unknown packing level {level!r}; expected one of {sorted(LEVELS)}")
+    zstd_level, use_jls = LEVELS[level]
+    stats = {"original": 0, "packed": 0, "jpegls": 0, "zstd": 0, "jpegls_fallback": 0,
+             "instances": 0}
+    # (entry index, data, ranges) gathered first so bands can be encoded in parallel.
+    entries: list[dict[str, Any]] = []
+    pieces: list[tuple[bytes, list[tuple[int, int, bool]]]] = []
+    bands: list[_Band] = []
+    for item, offset, length in plan.entries:
+        data = _read_range(item, offset, length)
+        if offset == 0 and length == item.size:
+            _check_whole_file(item, data)
+        layout = _pixel_layout(item.path) if use_jls and length >= MIN_BAND_BYTES else None
+        ranges = _split_piece(data, offset, layout)
+        for start, end, is_band in ranges:
+            if is_band and layout is not None:
+                bands.append(
+                    _Band(data[start:end], (end - start) // layout.row_bytes, layout)
+                )
+        pieces.append((data, ranges))
+        entries.append({"uid": item.sop_instance_uid, "offset": offset, "length": length,
+                        "total": item.size, "segs": []})
+        stats["original"] += length
+        stats["instances"] += 1
+    done = iter(list(_pool().map(_encode_band, bands)) if len(bands) > 1 else
+                [_encode_band(b) for b in bands])
+
+    compressor = zstandard.ZstdCompressor(level=zstd_level, threads=-1 if zstd_level > 3 else 0)
+    blobs: list[bytes] = []
+    solid = bytearray()
+    fallback_items: set[int] = set()
+    for number, ((data, ranges), entry) in enumerate(zip(pieces, entries, strict=True)):
+        segs: list[list[Any]] = []
+        for start, end, is_band in ranges:
+            band = next(done) if is_band else None
+            if band is not None and band.blob is not None:
+                blobs.append(band.blob)
+                layout = band.layout
+                segs.append([1, len(blobs), band.rows, layout.columns, layout.comps,
+                             2 if layout.comps == 3 else 0, layout.dtype, band.base])
+                stats["jpegls"] += end - start
+                continue
+            if band is not None and band.failed:
+                fallback_items.add(number)
+            if segs and segs[-1][0] == 0:
+                segs[-1][1] += end - start
+            else:
+                segs.append([0, end - start])
+            solid += data[start:end]
+            stats["zstd"] += end - start
+        entry["segs"] = segs
+    stats["jpegls_fallback"] = len(fallback_items)
+    frame = compressor.compress(bytes(solid)) if solid else b""
+    header = {"v": 1, "raw": len(solid), "blobs": [len(frame)] + [len(b) for b in blobs],
+              "entries": entries}
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    payload = b"".join([MAGIC, _HEADER_LEN.pack(len(header_bytes)), header_bytes, frame, *blobs])
+    stats["packed"] = len(payload)
+    return payload, stats
+
+
+# ---------------------------------------------------------------------------------------
+# Unpacking (the hub's side): every field is checked before it is used.
+
+
+def _int(value: Any, what: str, low: int = 0, high: int = MAX_RAW_BYTES) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise BucketFormatError(f"{what} must be an integer in [{low}, {high}], got {value!r}")
+    return value
+
+
+def _parse_header(payload: bytes) -> tuple[dict[str, Any], int]:
+    if not isinstance(payload, bytes | bytearray | memoryview):
+        raise BucketFormatError("bucket payload must be bytes")
+    if len(payload) < len(MAGIC) + _HEADER_LEN.size:
+        raise BucketFormatError(f"bucket payload is truncated ({len(payload)} bytes)")
+    if bytes(payload[: len(MAGIC)]) != MAGIC:
+        raise BucketFormatError("bucket payload does not start with the PASPK v1 marker")
+    (header_len,) = _HEADER_LEN.unpack_from(payload, len(MAGIC))
+    body_start = len(MAGIC) + _HEADER_LEN.size + header_len
+    if header_len > MAX_HEADER_BYTES or body_start > len(payload):
+        raise BucketFormatError(f"bucket header length {header_len} exceeds the payload")
+    try:
+        header = json.loads(bytes(payload[len(MAGIC) + _HEADER_LEN.size : body_start]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BucketFormatError(f"bucket header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict) or header.get("v") != 1:
+        raise BucketFormatError("bucket header is not a version 1 object")
+    for key, kind in (("raw", int), ("blobs", list), ("entries", list)):
+        if not isinstance(header.get(key), kind):
+            raise BucketFormatError(f"bucket header field {key!r} is missing or mistyped")
+    return header, body_start
+
+
+def unpack_bucket(payload: bytes) -> Iterator[Piece]:
+    """The pieces of a bucket, in packing order: the exact inverse of ``pack_bucket``.
+    The whole header is validated before the first piece is yielded."""
+    header, position = _parse_header(payload)
+    raw_size = _int(header["raw"], "raw size")
+    blob_lengths = [_int(n, "blob length", 0, len(payload)) for n in header["blobs"]]
+    if not blob_lengths:
+        raise BucketFormatError("bucket header lists no zstd blob")
+    if position + sum(blob_lengths) != len(payload):
+        raise BucketFormatError(
+            f"bucket blobs total {sum(blob_lengths)} bytes but {len(payload) - position} "
+            "follow the header (truncated or padded)"
+        )
+    blobs: list[bytes] = []
+    for length in blob_lengths:
+        blobs.append(bytes(payload[position : position + length]))
+        position += length
+    entries = _validate_entries(header["entries"], raw_size, len(blobs))
+    if raw_size:
+        try:
+            solid = zstandard.ZstdDecompressor().decompress(blobs[0], max_output_size=raw_size)
+        except zstandard.ZstdError as exc:
+            raise BucketFormatError(f"zstd stream is corrupt: {exc}") from None
+        if len(solid) != raw_size:
+            raise BucketFormatError(
+                f"zstd stream gives {len(solid)} bytes, header says {raw_size}"
+            )
+    else:
+        if blob_lengths[0]:
+            raise BucketFormatError("zstd blob present but raw size is 0")
+        solid = b""
+    cursor = 0
+    for entry in entries:
+        parts: list[bytes] = []
+        for seg in entry["segs"]:
+            if seg[0] == 0:
+                parts.append(solid[cursor : cursor + seg[1]])
+                cursor += seg[1]
+            else:
+                _, blob, rows, columns, comps, ilv, dtype, base = seg
+                try:
+                    parts.append(_band_bytes(blobs[blob], rows, columns, comps, ilv, dtype, base))
+                except BucketFormatError:
+                    raise
+                except Exception as exc:
+                    raise BucketFormatError(f"JPEG-LS band {blob} does not decode: {exc}") from None
+        data = b"".join(parts)
+        if len(data) != entry["length"]:
+            raise BucketFormatError(
+                f"{entry['uid']}: rebuilt {len(data)} bytes, header says {entry['length']}"
+            )
+        yield Piece(entry["uid"], entry["offset"], entry["total"], data)
+
+
+def _validate_entries(entries: list[Any], raw_size: int, blob_count: int) -> list[dict[str, Any]]:
+    """Check every entry and segment so that unpacking cannot index out of range, allocate
+    without bound, or loop on attacker-chosen numbers."""
+    solid_used = 0
+    produced = 0
+    used_blobs: set[int] = set()
+    for number, entry in enumerate(entries):
+        where = f"entry {number}"
+        if not isinstance(entry, dict):
+            raise BucketFormatError(f"{where} is not an object")
+        uid = entry.get("uid")
+        if not isinstance(uid, str) or not uid:
+            raise BucketFormatError(f"{where} has no SOP Instance UID")
+        total = _int(entry.get("total"), f"{where} total size", 0, 1 << 50)
+        offset = _int(entry.get("offset"), f"{where} offset", 0, total)
+        length = _int(entry.get("length"), f"{where} length", 0, total - offset)
+        segs = entry.get("segs")
+        if not isinstance(segs, list):
+            raise BucketFormatError(f"{where} has no segment list")
+        covered = 0
+        for seg in segs:
+            if not isinstance(seg, list) or not seg or seg[0] not in (0, 1):
+                raise BucketFormatError(f"{where} has a malformed segment {seg!r}")
+            if seg[0] == 0:
+                if len(seg) != 2:
+                    raise BucketFormatError(f"{where} has a malformed zstd segment")
+                covered += _int(seg[1], f"{where} zstd segment length")
+                solid_used += seg[1]
+                continue
+            if len(seg) != 8:
+                raise BucketFormatError(f"{where} has a malformed JPEG-LS segment")
+            blob = _int(seg[1], f"{where} blob index", 1, blob_count - 1)
+            if blob in used_blobs:
+                raise BucketFormatError(f"{where} reuses JPEG-LS blob {blob}")
+            used_blobs.add(blob)
+            rows = _int(seg[2], f"{where} rows", 1, 1 << 20)
+            columns = _int(seg[3], f"{where} columns", 1, 1 << 20)
+            comps = _int(seg[4], f"{where} components", 1, 3)
+            _int(seg[5], f"{where} interleave", 0, 2)
+            if seg[6] not in _DTYPES:
+                raise BucketFormatError(f"{where} has an unknown sample type {seg[6]!r}")
+            _int(seg[7], f"{where} base", -(1 << 16), 1 << 16)
+            covered += rows * columns * comps * np.dtype(seg[6]).itemsize
+            if covered > length:
+                break
+        if covered != length:
+            raise BucketFormatError(f"{where}: segments cover {covered} bytes, length is {length}")
+        produced += length
+        if produced > MAX_RAW_BYTES:
+            raise BucketFormatError("bucket unpacks to more than the allowed size")
+    if solid_used != raw_size:
+        raise BucketFormatError(f"segments use {solid_used} zstd bytes, header says {raw_size}")
+    if len(used_blobs) != blob_count - 1:
+        raise BucketFormatError("bucket carries JPEG-LS blobs no entry uses")
+    return entries
