@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -83,7 +84,7 @@ class DicomListener:
         self._handlers: list[tuple[Any, Callable[..., Any]]] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
-            (evt.EVT_C_STORE, self._on_c_store),
+            (evt.EVT_C_STORE, self._on_c_store_timed),
         ]
         self._server: Any = None
         self._stats_lock = threading.Lock()
@@ -123,6 +124,15 @@ class DicomListener:
             event.assoc.acse.send_reject(
                 _REJECT_PERMANENT, _SOURCE_SERVICE_USER, _CALLING_AE_NOT_RECOGNISED
             )
+
+    def _on_c_store_timed(self, event: Any) -> int:
+        """The C-STORE handler, timed for the ``pas_cstore_duration_seconds`` histogram."""
+        started = time.perf_counter()
+        status = self._on_c_store(event)
+        from appliance.ops.metrics import observe_cstore
+
+        observe_cstore(time.perf_counter() - started, status)
+        return status
 
     def _on_c_store(self, event: Any) -> int:
         request = event.request

@@ -1,0 +1,251 @@
+"""Prometheus metrics of the appliance, every family named ``pas_...``.
+
+Owns: the metric names and how each is computed. Most families are read from the store at
+scrape time by :class:`ApplianceCollector` (so no component has to remember to count, and a
+restart loses nothing); the few things the store does not keep are process-wide hooks that
+components call: :func:`observe_cstore`, :func:`add_wan_bytes`, :func:`add_transfer_bytes`,
+:func:`count_retrieve`, :func:`observe_prefetch_lead` and :func:`note_hub_contact`. May not
+touch: any state; a hook only moves a counter.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from appliance import __version__
+from appliance.config import Settings
+from appliance.store import index
+from appliance.store import jobs as job_store
+from appliance.store import ops as ops_store
+from appliance.store.db import Database
+
+log = logging.getLogger("pas.ops.metrics")
+
+# --- hooks: process-wide, not registered globally; ApplianceCollector yields them ----------
+
+CSTORE_SECONDS = Histogram(
+    "pas_cstore_duration_seconds",
+    "Time from a C-STORE request to its response (durable write included), by outcome",
+    ["outcome"], registry=None,
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+WAN_BYTES = Counter("pas_wan_bytes", "Bytes on the WAN link to the hub, by direction",
+                    ["direction"], registry=None)
+TRANSFER_BYTES = Counter("pas_transfer_bytes",
+                         "Study bytes packed for the hub: original and after packing",
+                         ["stage"], registry=None)
+RETRIEVES = Counter("pas_retrieve_requests", "Retrieve requests by cache result (hit, miss)",
+                    ["result"], registry=None)
+PREFETCH_LEAD = Histogram(
+    "pas_prefetch_lead_time_seconds",
+    "How long before the appointment a prior was in the local cache",
+    registry=None,
+    buckets=(60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 172800, 604800),
+)
+_HOOKS: list[Any] = [CSTORE_SECONDS, WAN_BYTES, TRANSFER_BYTES, RETRIEVES, PREFETCH_LEAD]
+
+
+class HubLink:
+    """What the last contact with the hub said (heartbeat or uplink): up or down, and when
+    it last succeeded."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.up: bool | None = None  # None: never tried (e.g. not enrolled)
+        self.last_success: float | None = None
+        self.last_error: str | None = None
+
+    def note(self, ok: bool, error: str | None = None) -> None:
+        with self._lock:
+            self.up = ok
+            if ok:
+                self.last_success = time.time()
+                self.last_error = None
+            else:
+                self.last_error = error
+
+
+HUB_LINK = HubLink()
+
+
+def observe_cstore(seconds: float, status: int) -> None:
+    CSTORE_SECONDS.labels("success" if status == 0 else "failure").observe(seconds)
+
+
+def add_wan_bytes(direction: str, count: int) -> None:
+    """``direction`` is ``up`` (to the hub) or ``down`` (from it)."""
+    WAN_BYTES.labels(direction).inc(count)
+
+
+def add_transfer_bytes(original: int, packed: int) -> None:
+    TRANSFER_BYTES.labels("original").inc(original)
+    TRANSFER_BYTES.labels("packed").inc(packed)
+
+
+def count_retrieve(hit: bool) -> None:
+    RETRIEVES.labels("hit" if hit else "miss").inc()
+
+
+def observe_prefetch_lead(seconds: float) -> None:
+    PREFETCH_LEAD.observe(max(seconds, 0.0))
+
+
+def note_hub_contact(ok: bool, error: str | None = None) -> None:
+    HUB_LINK.note(ok, error)
+
+
+def _sample_value(metric: Any, labels: dict[str, str]) -> float:
+    for family in metric.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total") and sample.labels == labels:
+                return float(sample.value)
+    return 0.0
+
+
+def certificate_days_left(home: Path) -> float | None:
+    """Days until the enrolment's client certificate expires; None when not enrolled."""
+    path = home / "pki" / "client.crt"
+    if not path.exists():
+        return None
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    return (cert.not_valid_after_utc - datetime.now(UTC)).total_seconds() / 86400
+
+
+class ApplianceCollector(Collector):
+    """Reads the store, the disk and the certificate at scrape time."""
+
+    def __init__(self, settings: Settings, db: Database):
+        self.settings = settings
+        self.db = db
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            yield from self._collect_store()
+            error = 0.0
+        except Exception:  # a scrape must answer even if the database is busy or broken
+            log.exception("metrics: reading the store failed")
+            error = 1.0
+        yield GaugeMetricFamily("pas_scrape_store_error",
+                                "1 when reading the store for this scrape failed", value=error)
+        yield from self._collect_host()
+        for hook in _HOOKS:
+            yield from hook.collect()
+
+    def _collect_store(self) -> Iterator[Metric]:
+        instances = CounterMetricFamily("pas_received_instances",
+                                        "Instances received, by calling AE", labels=["calling_ae"])
+        received_bytes = CounterMetricFamily("pas_received_bytes",
+                                             "Bytes received, by calling AE", labels=["calling_ae"])
+        for row in ops_store.received_by_calling_ae(self.db):
+            instances.add_metric([row["calling_ae"]], row["instances"])
+            received_bytes.add_metric([row["calling_ae"]], row["bytes"])
+        yield instances
+        yield received_bytes
+
+        studies = GaugeMetricFamily("pas_backlog_studies",
+                                    "Studies waiting for delivery, by destination and priority",
+                                    labels=["destination", "priority"])
+        oldest = GaugeMetricFamily("pas_backlog_oldest_age_seconds",
+                                   "Age of the oldest undelivered job, by destination and priority",
+                                   labels=["destination", "priority"])
+        names = {0: "urgent", 1: "high", 2: "routine"}
+        for row in ops_store.backlog_by_priority(self.db):
+            labels = [row["destination"], names.get(row["priority"], str(row["priority"]))]
+            studies.add_metric(labels, row["studies"])
+            oldest.add_metric(labels, row["oldest_age_s"])
+        yield studies
+        yield oldest
+        backlog_bytes = GaugeMetricFamily("pas_backlog_bytes",
+                                          "Bytes not yet delivered, by destination",
+                                          labels=["destination"])
+        for row in job_store.backlog_by_destination(self.db):
+            backlog_bytes.add_metric([row["destination"]], row["bytes"])
+        yield backlog_bytes
+
+        jobs = GaugeMetricFamily("pas_jobs", "Jobs by kind and state", labels=["kind", "state"])
+        for kind, states in job_store.counts_by_state(self.db).items():
+            for state, count in states.items():
+                jobs.add_metric([kind, state], count)
+        yield jobs
+        failed = GaugeMetricFamily("pas_jobs_failed", "Jobs that gave up, by destination",
+                                   labels=["destination"])
+        for destination, count in ops_store.failed_jobs_by_destination(self.db).items():
+            failed.add_metric([destination], count)
+        yield failed
+
+        totals = index.totals(self.db)
+        yield GaugeMetricFamily("pas_cache_studies", "Studies in the local cache",
+                                value=totals["studies"])
+        yield GaugeMetricFamily("pas_cache_instances", "Current instances in the local cache",
+                                value=totals["instances"])
+        yield GaugeMetricFamily("pas_confirmed_instances",
+                                "Instances the region confirmed",
+                                value=totals["confirmed_instances"])
+        yield GaugeMetricFamily("pas_spool_bytes", "Bytes of DICOM files in the spool",
+                                value=totals["bytes"])
+
+    def _collect_host(self) -> Iterator[Metric]:
+        home = self.settings.home
+        disk = shutil.disk_usage(home if home.exists() else ".")
+        yield GaugeMetricFamily("pas_disk_total_bytes", "Size of the spool's filesystem",
+                                value=disk.total)
+        yield GaugeMetricFamily("pas_disk_free_bytes", "Free bytes on the spool's filesystem",
+                                value=disk.free)
+        yield GaugeMetricFamily("pas_disk_used_ratio", "Used fraction of the spool's filesystem",
+                                value=(disk.total - disk.free) / disk.total if disk.total else 0)
+        try:
+            days = certificate_days_left(home)
+        except (OSError, ValueError) as exc:
+            log.warning("metrics: cannot read the client certificate: %s", exc)
+            days = None
+        if days is not None:
+            yield GaugeMetricFamily("pas_certificate_days_left",
+                                    "Days until the hub client certificate expires", value=days)
+        enrolled = (home / "pki" / "hub.json").exists()
+        yield GaugeMetricFamily("pas_enrolled", "1 when enrolled with a hub", value=int(enrolled))
+        if HUB_LINK.up is not None:
+            yield GaugeMetricFamily("pas_hub_link_up", "1 when the last hub contact succeeded",
+                                    value=int(HUB_LINK.up))
+        if HUB_LINK.last_success is not None:
+            yield GaugeMetricFamily("pas_hub_last_contact_timestamp_seconds",
+                                    "Unix time of the last successful hub contact",
+                                    value=HUB_LINK.last_success)
+        original = _sample_value(TRANSFER_BYTES, {"stage": "original"})
+        packed = _sample_value(TRANSFER_BYTES, {"stage": "packed"})
+        if packed > 0:
+            yield GaugeMetricFamily("pas_compression_ratio",
+                                    "Original bytes / packed bytes sent to the hub",
+                                    value=original / packed)
+        hits = _sample_value(RETRIEVES, {"result": "hit"})
+        misses = _sample_value(RETRIEVES, {"result": "miss"})
+        if hits + misses > 0:
+            yield GaugeMetricFamily("pas_retrieve_cache_hit_ratio",
+                                    "Retrieves served from the local cache / all retrieves",
+                                    value=hits / (hits + misses))
+        info = GaugeMetricFamily("pas_info", "Version and identity of this appliance",
+                                 labels=["version", "site", "ae_title"])
+        info.add_metric([__version__, self.settings.site, self.settings.dicom.ae_title], 1)
+        yield info
+
+
+def build_registry(settings: Settings, db: Database) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ApplianceCollector(settings, db))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)

@@ -1,0 +1,182 @@
+"""The appliance's operations routes: the local status page at ``/``, ``/metrics``, and the
+retry button.
+
+Owns: the HTML hospital IT reads on a phone or a desk, and the Prometheus endpoint. Both are
+server-rendered from the store at request time (the page refreshes itself every 10 s). May
+not touch: state, except the retry button, which calls :func:`appliance.store.jobs.retry`.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from appliance.ops import metrics
+from appliance.ops.status import collect
+from appliance.store import jobs as job_store
+from appliance.store import ops as ops_store
+
+if TYPE_CHECKING:
+    from appliance.daemon import Daemon
+
+REFRESH_S = 10
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:0;padding:12px;background:#f6f7f9;color:#222}
+h1{font-size:1.3em;margin:0 0 8px} h2{font-size:1.05em;margin:18px 0 6px}
+.cards{display:flex;flex-wrap:wrap;gap:8px}
+.card{background:#fff;border-radius:8px;padding:10px 14px;box-shadow:0 1px 2px #0002;
+ min-width:130px;flex:1}
+.card b{display:block;font-size:1.4em}
+table{border-collapse:collapse;width:100%;background:#fff;font-size:.9em}
+th,td{padding:6px;border-bottom:1px solid #eee;text-align:left}
+.wrap{overflow-x:auto}
+.state{padding:2px 8px;border-radius:10px;font-size:.85em;white-space:nowrap}
+.up,.confirmed,.delivered{background:#d4f5dc} .down,.failed{background:#fbd5d5}
+.sending{background:#dbe8ff} .received,.stable,.unknown{background:#eee}
+button{padding:6px 12px;border-radius:6px;border:1px solid #888;background:#fff}
+small{color:#666}
+"""
+
+
+def _esc(value: Any) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = max(seconds, 0)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _when(timestamp: float | None) -> str:
+    return datetime.fromtimestamp(timestamp).strftime("%d/%m %H:%M:%S") if timestamp else "-"
+
+
+def link_state(daemon: Daemon) -> tuple[str, str]:
+    """(css class, text) for the hub link."""
+    if not (daemon.settings.home / "pki" / "hub.json").exists():
+        return "unknown", "not enrolled"
+    link = metrics.HUB_LINK
+    if link.up is None:
+        return "unknown", "enrolled, not contacted yet"
+    if link.up:
+        return "up", f"up (last contact {_age(time.time() - (link.last_success or 0))} ago)"
+    return "down", f"down: {link.last_error or 'no answer'}"
+
+
+def render_page(daemon: Daemon) -> str:
+    snapshot = collect(daemon.settings, daemon.db)
+    studies = ops_store.recent_studies(daemon.db, 20)
+    failed = job_store.list_jobs(daemon.db, "failed", 50)
+    prefetch = ops_store.prefetch_queue(daemon.db)
+    link_class, link_text = link_state(daemon)
+    backlog_studies = sum(row["studies"] for row in snapshot["backlog"])
+    oldest = max((row["oldest_age_s"] for row in snapshot["backlog"]), default=None)
+    disk = snapshot["disk"]
+    out = [
+        "<!doctype html><html lang=en><head><meta charset=utf-8>",
+        f'<meta http-equiv="refresh" content="{REFRESH_S}">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>PAS {_esc(snapshot['site'])}</title><style>{STYLE}</style></head><body>",
+        f"<h1>PAS {_esc(snapshot['site'])} <small>AE {_esc(snapshot['ae_title'])} · "
+        f"v{_esc(snapshot['version'])}</small></h1>",
+        '<div class="cards">',
+        f'<div class="card" id="link">Hub link<b><span class="state {link_class}">'
+        f"{_esc(link_text)}</span></b></div>",
+        f'<div class="card" id="backlog">Backlog<b>{backlog_studies} studies</b>'
+        f"oldest {_age(oldest)}</div>",
+        f'<div class="card" id="disk">Disk<b>{disk["used_percent"]} %</b>'
+        f"{_size(disk['free_bytes'])} free · spool {_size(disk['spool_bytes'])}</div>",
+        f'<div class="card" id="cache">Cache<b>{snapshot["studies"]} studies</b>'
+        f"{snapshot['instances']} instances · {snapshot['confirmed_instances']} confirmed</div>",
+        "</div>",
+        "<h2>Recent studies</h2><div class=wrap><table id=studies><tr><th>received</th>"
+        "<th>patient</th><th>study</th><th>mod.</th><th>instances</th><th>state</th></tr>",
+    ]
+    for study in studies:
+        out.append(
+            f"<tr data-study-uid=\"{_esc(study['study_uid'])}\"><td>"
+            f"{_when(study['last_received_at'])}</td><td>{_esc(study['patient_id'])}</td>"
+            f"<td>{_esc(study['description'] or study['study_uid'])}</td>"
+            f"<td>{_esc(study['modalities'])}</td>"
+            f"<td>{study['confirmed']}/{study['instances']}</td>"
+            f"<td><span class=\"state {study['state']}\">{study['state']}</span></td></tr>")
+    if not studies:
+        out.append("<tr><td colspan=6>no study yet</td></tr>")
+    out.append("</table></div><h2>Failed jobs</h2><div class=wrap><table id=failed-jobs>"
+               "<tr><th>job</th><th>destination</th><th>study</th><th>attempts</th>"
+               "<th>error</th><th></th></tr>")
+    for job in failed:
+        out.append(
+            f"<tr data-job-id=\"{job['id']}\"><td>{job['id']}</td>"
+            f"<td>{_esc(job['destination'])}</td><td>{_esc(job['study_uid'])}</td>"
+            f"<td>{job['attempts']}</td><td>{_esc((job['last_error'] or '')[:200])}</td>"
+            f"<td><form method=post action=\"/jobs/{job['id']}/retry\">"
+            f"<button type=submit>Retry</button></form></td></tr>")
+    if not failed:
+        out.append("<tr><td colspan=6>none</td></tr>")
+    out.append("</table></div>")
+    if prefetch is not None:
+        out.append("<h2>Prefetch queue</h2><div class=wrap><table id=prefetch><tr>"
+                   "<th>request</th><th>patient</th><th>due</th><th>state</th></tr>")
+        for request in prefetch:
+            out.append(
+                f"<tr><td>{_esc(request.get('id'))}</td><td>{_esc(request.get('patient_id'))}"
+                f"</td><td>{_when(request.get('due_at') or request.get('scheduled_for'))}</td>"
+                f"<td>{_esc(request.get('state'))}</td></tr>")
+        if not prefetch:
+            out.append("<tr><td colspan=4>empty</td></tr>")
+        out.append("</table></div>")
+    out.append(f"<p><small>refreshed {_when(time.time())} · every {REFRESH_S} s · "
+               '<a href="/metrics">metrics</a> · <a href="/api/status">JSON</a></small></p>'
+               "</body></html>")
+    return "".join(out)
+
+
+def routes(daemon: Daemon) -> list[BaseRoute]:
+    """Route provider for :func:`appliance.web.app.build_app`."""
+    registry = metrics.build_registry(daemon.settings, daemon.db)
+
+    async def page(_request: Request) -> HTMLResponse:
+        return HTMLResponse(await run_in_threadpool(render_page, daemon))
+
+    async def scrape(_request: Request) -> Response:
+        body = await run_in_threadpool(metrics.render, registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    async def retry(request: Request) -> Response:
+        raw = request.path_params["job_id"]
+        if not raw.isdigit():
+            return PlainTextResponse(f"job id must be a number, got {raw!r}", status_code=400)
+        if not await run_in_threadpool(job_store.retry, daemon.db, int(raw)):
+            return PlainTextResponse(f"job {raw} is not failed or pending (or does not exist)",
+                                     status_code=404)
+        return RedirectResponse("/", status_code=303)
+
+    return [
+        Route("/", page),
+        Route("/metrics", scrape),
+        Route("/jobs/{job_id}/retry", retry, methods=["POST"]),
+    ]

@@ -1,0 +1,103 @@
+"""Read-only queries for operations: metrics at scrape time and the local status page.
+
+Owns: the SQL the ops package needs that the index and job modules do not already offer.
+May not touch: any write. Operations read the store; the only change they make (the status
+page's retry button) goes through :func:`appliance.store.jobs.retry`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from appliance.store.db import Database, now
+
+
+def received_by_calling_ae(db: Database) -> list[dict[str, Any]]:
+    """Instances (current versions and older ones) and bytes received, per calling AE.
+    Fetched studies (no calling AE) count as ``""``."""
+    rows = db.query(
+        """SELECT coalesce(calling_ae, '') AS calling_ae, count(*) AS instances,
+                  coalesce(sum(size), 0) AS bytes
+           FROM instances GROUP BY coalesce(calling_ae, '')"""
+    )
+    return [dict(r) for r in rows]
+
+
+def failed_jobs_by_destination(db: Database) -> dict[str, int]:
+    rows = db.query("SELECT destination, count(*) AS n FROM jobs WHERE state = 'failed' "
+                    "GROUP BY destination")
+    return {r["destination"]: int(r["n"]) for r in rows}
+
+
+def backlog_by_priority(db: Database) -> list[dict[str, Any]]:
+    """Per destination and priority: studies waiting and the age of the oldest job. The
+    alert rules treat urgent (0) and routine (2) backlogs with different patience."""
+    rows = db.query(
+        """SELECT destination, priority, count(DISTINCT study_fk) AS studies,
+                  min(created_at) AS oldest_created_at
+           FROM jobs WHERE state IN ('pending', 'running') GROUP BY destination, priority"""
+    )
+    at = now()
+    return [{**dict(r), "oldest_age_s": round(at - r["oldest_created_at"], 1)} for r in rows]
+
+
+def recent_studies(db: Database, limit: int = 20) -> list[dict[str, Any]]:
+    """The newest studies with what the status page shows about their delivery:
+
+    ``received`` (instances not yet routed: the study is not quiet yet), ``stable`` (routed,
+    nothing queued, not confirmed), ``sending`` (a job pending or running), ``failed`` (a job
+    gave up), ``confirmed`` (the region's receipt named every instance).
+    """
+    rows = db.query(
+        """SELECT s.id, s.study_uid, p.patient_id, p.name AS patient_name, s.description,
+                  s.last_received_at,
+                  (SELECT group_concat(DISTINCT se.modality) FROM series se
+                     WHERE se.study_fk = s.id) AS modalities,
+                  (SELECT count(*) FROM instances i
+                     WHERE i.study_fk = s.id AND i.is_current = 1) AS instances,
+                  (SELECT count(*) FROM instances i WHERE i.study_fk = s.id
+                     AND i.is_current = 1 AND i.confirmed_at IS NOT NULL) AS confirmed,
+                  (SELECT count(*) FROM instances i WHERE i.study_fk = s.id
+                     AND i.routed_at IS NULL) AS unrouted,
+                  (SELECT count(*) FROM jobs j WHERE j.study_fk = s.id
+                     AND j.state IN ('pending', 'running')) AS active_jobs,
+                  (SELECT count(*) FROM jobs j WHERE j.study_fk = s.id
+                     AND j.state = 'failed') AS failed_jobs,
+                  (SELECT count(*) FROM jobs j WHERE j.study_fk = s.id
+                     AND j.state = 'done') AS done_jobs
+           FROM studies s JOIN patients p ON p.id = s.patient_fk
+           ORDER BY s.last_received_at DESC LIMIT ?""",
+        (limit,),
+    )
+    result = []
+    for row in rows:
+        study = dict(row)
+        study["state"] = study_state(study)
+        result.append(study)
+    return result
+
+
+def study_state(study: dict[str, Any]) -> str:
+    if study["instances"] and study["confirmed"] >= study["instances"]:
+        return "confirmed"
+    if study["failed_jobs"]:
+        return "failed"
+    if study["active_jobs"]:
+        return "sending"
+    if study["unrouted"]:
+        return "received"
+    return "delivered" if study["done_jobs"] else "stable"
+
+
+def prefetch_queue(db: Database, limit: int = 20) -> list[dict[str, Any]] | None:
+    """The prefetch engineer's requests, newest first; None when that part is not installed
+    (its tables are absent)."""
+    try:
+        from appliance.store import prefetch
+    except ImportError:
+        return None
+    try:
+        return prefetch.list_requests(db, None)[:limit]
+    except (sqlite3.OperationalError, TypeError):
+        return None
