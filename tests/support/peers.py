@@ -87,6 +87,9 @@ class PasProcess:
             "PAS_STUDY__CHECK_INTERVAL_S": "0.2",
             "PAS_QUEUE__POLL_INTERVAL_S": "0.2",
             "PAS_STORAGE__MIN_FREE_MB": "0",
+            # Each daemon its own HL7 port: the default 2575 would collide between tests.
+            "PAS_HL7__HOST": "127.0.0.1",
+            "PAS_HL7__PORT": str(free_port()),
             **(env or {}),
         }
         self.proc: subprocess.Popen[bytes] | None = None

@@ -1,0 +1,104 @@
+"""/metrics and the local status page of a real daemon, fed by DCMTK storescu, delivering to a
+DCMTK storescp that is down at first (a failed job), then up (the retry button delivers)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from pydicom import dcmread
+
+from tests.support.peers import MR_DIR, PasProcess, StoreSCP, storescu, wait_for
+
+FILES = sorted(p for p in MR_DIR.rglob("*") if p.is_file())[:12]
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    result = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            result[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return result
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """One daemon whose only destination (a storescp) is down while the study arrives."""
+    root = tmp_path_factory.mktemp("ops_web")
+    scp = StoreSCP(root / "scp")  # port reserved, not started yet
+    pas = PasProcess(root / "pas", {
+        "PAS_DICOM__ACCEPT_UNKNOWN": "true",
+        "PAS_QUEUE__MAX_ATTEMPTS": "1",
+        "PAS_DESTINATIONS__LOCAL__KIND": "dicom",
+        "PAS_DESTINATIONS__LOCAL__AE_TITLE": scp.ae_title,
+        "PAS_DESTINATIONS__LOCAL__HOST": "127.0.0.1",
+        "PAS_DESTINATIONS__LOCAL__PORT": str(scp.port),
+        "PAS_ROUTING__FALLBACK__DESTINATIONS": '["local"]',
+    }).start()
+    storescu(FILES, pas.port, calling="MODALITY1")
+    base = f"http://127.0.0.1:{pas.http_port}"
+    wait_for(lambda: pas.status()["jobs"].get("failed") == 1, 60, what="the job to fail")
+    yield {"pas": pas, "scp": scp, "base": base}
+    pas.stop()
+    scp.stop()
+
+
+def test_metrics_count_what_arrived(site: dict[str, Any]) -> None:
+    pas: PasProcess = site["pas"]
+    response = httpx.get(f"{site['base']}/metrics", timeout=10)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    values = samples(response.text)
+    total_bytes = pas.status()["bytes"]
+    assert values[("pas_received_instances_total", (("calling_ae", "MODALITY1"),))] == len(FILES)
+    assert values[("pas_received_bytes_total", (("calling_ae", "MODALITY1"),))] == total_bytes
+    assert values[("pas_cstore_duration_seconds_count", (("outcome", "success"),))] == len(FILES)
+    assert values[("pas_jobs_failed", (("destination", "local"),))] == 1
+    assert values[("pas_cache_instances", ())] == len(FILES)
+    assert 0 < values[("pas_disk_used_ratio", ())] < 1
+    assert values[("pas_enrolled", ())] == 0
+    names = {name for name, _ in values}
+    assert all(name.startswith("pas_") for name in names), sorted(names)
+
+
+def test_status_page_shows_failed_job_and_retry_delivers(site: dict[str, Any]) -> None:
+    pas: PasProcess = site["pas"]
+    scp: StoreSCP = site["scp"]
+    page = httpx.get(f"{site['base']}/", timeout=10)
+    assert page.status_code == 200
+    body = page.text
+    assert 'http-equiv="refresh"' in body and 'name="viewport"' in body
+    assert 'class="state failed">failed<' in body
+    job_id = int(json.loads(pas.cli("queue", "list", "--json").stdout)[0]["id"])
+    assert f'action="/jobs/{job_id}/retry"' in body
+    assert "not enrolled" in body
+
+    scp.start()
+    answer = httpx.post(f"{site['base']}/jobs/{job_id}/retry", timeout=10)
+    assert answer.status_code == 303 and answer.headers["location"] == "/"
+    wait_for(lambda: pas.status()["jobs"].get("done") == 1, 60, what="the retried job")
+    wait_for(lambda: len(scp.files()) == len(FILES), 30, what="files at storescp")
+    sent = sorted(str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in FILES)
+    got = sorted(str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in scp.files())
+    assert got == sent
+    after = httpx.get(f"{site['base']}/", timeout=10).text
+    assert 'class="state delivered">delivered<' in after
+    assert f'action="/jobs/{job_id}/retry"' not in after
+
+
+@pytest.mark.parametrize(("path", "status", "words"), [
+    ("/jobs/abc/retry", 400, "must be a number"),
+    ("/jobs/999999/retry", 404, "not failed or pending"),
+])
+def test_bad_retry_is_refused_and_daemon_keeps_serving(site: dict[str, Any], path: str,
+                                                       status: int, words: str) -> None:
+    before = site["pas"].status()["jobs"]
+    answer = httpx.post(f"{site['base']}{path}", timeout=10)
+    assert answer.status_code == status
+    assert words in answer.text
+    assert site["pas"].status()["jobs"] == before
+    assert httpx.get(f"{site['base']}/metrics", timeout=10).status_code == 200
