@@ -1,0 +1,185 @@
+"""``pas hub ...`` (the regional hub) and ``pas enroll`` (an appliance joining its hub).
+
+Owns: parsing and printing only; the work is in ``appliance.hub`` and
+``appliance.transfer.enrolment``. May not touch: SQL, key material beyond calling those.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from appliance.config import ConfigError
+
+hub_app = typer.Typer(help="The regional hub: PKI, enrolment tokens, the transfer service.",
+                      no_args_is_help=True)
+
+
+@hub_app.callback()
+def _private_files() -> None:
+    """Everything the hub writes (keys, database, buckets, archive) is for its own user only."""
+    os.umask(0o077)
+console = Console()
+err = Console(stderr=True)
+
+HubConfigOption = typer.Option(None, "--config", "-c",
+                               help="hub TOML (default: $PAS_HUB_HOME/hub.toml if present)")
+
+
+def _hub_settings(path: Path | None):  # type: ignore[no-untyped-def]
+    from appliance.hub.config import load_hub_settings
+
+    try:
+        return load_hub_settings(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            err.print(f"[red]config error[/red] {problem}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _hub_db(settings):  # type: ignore[no-untyped-def]
+    from appliance.store.hub import open_hub_db
+
+    return open_hub_db(settings.db_path)
+
+
+SITE_HELP = "site name: letters, digits, '-' or '_', at most 64"
+
+
+def _check_site(site: str) -> str:
+    from appliance.transfer.enrolment import TOKEN_RE
+
+    if not TOKEN_RE.match(f"{site}.{'x' * 16}.{'0' * 64}"):
+        err.print(f"[red]bad site name {site!r}:[/red] {SITE_HELP}")
+        raise typer.Exit(2)
+    return site
+
+
+@hub_app.command("init")
+def hub_init(address: list[str] = typer.Option(
+        None, "--address", "-a",
+        help="DNS name or IP the appliances use to reach the hub (repeatable; "
+             "default 127.0.0.1 and localhost)"),
+        config: Path | None = HubConfigOption) -> None:
+    """Create the fleet CA, the hub's server certificate and its X25519 transfer key."""
+    from appliance.hub.pki import DEFAULT_ADDRESSES, HubPKI, PKIError
+
+    settings = _hub_settings(config)
+    pki = HubPKI(settings.home)
+    addresses = list(address or DEFAULT_ADDRESSES)
+    try:
+        pki.init(addresses)
+    except PKIError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    _hub_db(settings)
+    console.print(f"hub initialised in {settings.home}: server certificate for "
+                  f"{', '.join(addresses)}; CA fingerprint {pki.ca_fingerprint()}")
+
+
+@hub_app.command("token")
+def hub_token(site: str = typer.Argument(..., help=SITE_HELP),
+              config: Path | None = HubConfigOption) -> None:
+    """Print a one-time enrolment token for SITE."""
+    from appliance.hub.pki import HubPKI
+    from appliance.store.hub import add_token
+
+    settings = _hub_settings(config)
+    pki = HubPKI(settings.home)
+    if not pki.exists():
+        err.print(f"[red]no hub under {settings.home}:[/red] run `pas hub init` first")
+        raise typer.Exit(1)
+    token, digest = pki.new_token(_check_site(site))
+    add_token(_hub_db(settings), site, digest)
+    print(token)
+
+
+@hub_app.command("revoke")
+def hub_revoke(site: str = typer.Argument(...), config: Path | None = HubConfigOption) -> None:
+    """Refuse SITE's certificates from now on (the running hub checks every request)."""
+    from appliance.store.hub import revoke_site
+
+    settings = _hub_settings(config)
+    count = revoke_site(_hub_db(settings), site)
+    if count == 0:
+        err.print(f"[yellow]no valid certificate of site {site!r} to revoke[/yellow]")
+        raise typer.Exit(1)
+    console.print(f"revoked {count} certificate(s) of site {site}")
+
+
+@hub_app.command("sites")
+def hub_sites(config: Path | None = HubConfigOption) -> None:
+    """Certificates issued, and their state."""
+    from appliance.store.hub import list_certificates
+
+    rows = list_certificates(_hub_db(_hub_settings(config)))
+    table = Table(title=f"{len(rows)} certificates")
+    for column in ("site", "serial", "valid until", "state"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(r["site"], r["serial"], r["not_after"][:10],
+                      "revoked" if r["revoked_at"] else "valid")
+    console.print(table)
+
+
+@hub_app.command("transfers")
+def hub_transfers(config: Path | None = HubConfigOption,
+                  site: str | None = typer.Option(None, "--site")) -> None:
+    """Recent transfers: buckets held, bytes received, committed or not."""
+    from appliance.store.hub import list_transfers
+
+    rows = list_transfers(_hub_db(_hub_settings(config)), site)
+    table = Table(title=f"{len(rows)} transfers")
+    for column in ("site", "transfer", "study UID", "instances", "buckets", "received",
+                   "committed"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(r["site"], r["id"], r["study_uid"], str(r["instance_count"]),
+                      f"{r['held']}/{r['bucket_count']}", str(r["bytes_received"]),
+                      "yes" if r["committed_at"] else "no")
+    console.print(table)
+
+
+@hub_app.command("run")
+def hub_run(config: Path | None = HubConfigOption) -> None:
+    """Serve the hub (HTTPS, TLS 1.3, mutual TLS on /api/v1) in the foreground."""
+    from appliance import logs
+    from appliance.hub.app import Hub, HubServer
+    from appliance.hub.pki import PKIError
+
+    settings = _hub_settings(config)
+    logs.setup(settings.log_level)
+    try:
+        server = HubServer(Hub(settings))
+    except (PKIError, OSError) as exc:
+        err.print(f"[red]cannot start the hub:[/red] {exc}")
+        raise typer.Exit(1) from None
+    console.print(f"hub serving on https://{settings.http.host}:{settings.http.port} "
+                  f"(archive: {settings.archive.kind})")
+    server.run()
+
+
+def enroll(hub: str = typer.Option(..., "--hub", help="https://host:port of the hub"),
+           token: str = typer.Option(..., "--token", help="from `pas hub token SITE`")) -> None:
+    """Enrol this appliance with its regional hub (key, CSR, pinned CA; files 0600)."""
+    from appliance.config import load_settings
+    from appliance.transfer.enrolment import EnrolmentError
+    from appliance.transfer.enrolment import enroll as do_enroll
+
+    try:
+        home = load_settings().home
+    except ConfigError as exc:
+        for problem in exc.problems:
+            err.print(f"[red]config error[/red] {problem}", highlight=False)
+        raise typer.Exit(2) from None
+    try:
+        enrolment = do_enroll(home, hub, token)
+    except EnrolmentError as exc:
+        err.print(f"[red]enrolment failed:[/red] {exc}")
+        raise typer.Exit(1) from None
+    console.print(f"enrolled as site {enrolment.site} with {enrolment.url}; "
+                  f"files in {enrolment.pki_dir}")

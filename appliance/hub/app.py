@@ -1,0 +1,193 @@
+"""The hub service: one Starlette app over uvicorn (TLS 1.3, mutual TLS on ``/api/v1``).
+
+Owns: assembling the app from route providers, the client-certificate gate of ``/api/v1``
+(site = certificate CN, revocation checked per request), enrolment routes, running the
+server. May not touch: SQL (``appliance.store.hub``), transfer logic (``transfers.py``).
+
+Other areas add routes by appending a provider to :func:`default_route_providers` (a
+callable ``(Hub) -> list[BaseRoute]``); ``request.state.site`` is the authenticated site on
+every ``/api/v1`` route.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from appliance.hub.config import HubSettings
+from appliance.hub.pki import HubPKI, PKIError, certificate_identity, secret_digest
+from appliance.store import hub as store
+from appliance.transfer.enrolment import EnrolmentError, parse_token
+
+log = logging.getLogger("pas.hub")
+
+RouteProvider = Callable[["Hub"], list[BaseRoute]]
+
+
+def problem(status: int, error: str, detail: str, **extra: Any) -> JSONResponse:
+    """The one error shape of the protocol: ``{"error", "detail", ...}``."""
+    return JSONResponse({"error": error, "detail": detail, **extra}, status_code=status)
+
+
+class Hub:
+    """The hub's parts, shared by the route providers."""
+
+    def __init__(self, settings: HubSettings):
+        from appliance.hub.archive import open_archive
+
+        self.settings = settings
+        self.pki = HubPKI(settings.home)
+        if not self.pki.exists():
+            raise PKIError(f"no PKI under {settings.home}: run `pas hub init` first")
+        self.db = store.open_hub_db(settings.db_path)
+        settings.buckets_dir.mkdir(parents=True, exist_ok=True)
+        settings.work_dir.mkdir(parents=True, exist_ok=True)
+        store.remove_temp_buckets(settings.buckets_dir)
+        self.archive = open_archive(settings)
+        self.route_providers: list[RouteProvider] = default_route_providers()
+        self.locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def lock(self, transfer_id: str) -> threading.Lock:
+        with self._locks_guard:
+            return self.locks.setdefault(transfer_id, threading.Lock())
+
+
+def default_route_providers() -> list[RouteProvider]:
+    from appliance.hub.region import region_routes
+    from appliance.hub.transfers import transfer_routes
+
+    providers: list[RouteProvider] = [enrolment_routes, transfer_routes, region_routes]
+    # Fleet (heartbeat, dashboard) registers here: providers.append(fleet.fleet_routes)
+    return providers
+
+
+class ClientCertificateGate:
+    """ASGI middleware: every ``/api/v1`` request needs a valid, unrevoked fleet certificate.
+
+    The TLS layer already refused certificates from other CAs; here: none at all (401), or
+    revoked / not issued by this hub's records (403). Checked per request, so a revocation
+    applies to connections already open.
+    """
+
+    def __init__(self, app: Any, hub: Hub):
+        self.app = app
+        self.hub = hub
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/api/v1"):
+            await self.app(scope, receive, send)
+            return
+        der = ((scope.get("extensions") or {}).get("tls") or {}).get("client_cert_der")
+        client = (scope.get("client") or ("?", 0))[0]
+        if not der:
+            log.warning("refused %s %s from %s: no client certificate", scope["method"],
+                        scope["path"], client)
+            await problem(401, "client_certificate_required",
+                          "this route needs the client certificate issued at enrolment"
+                          )(scope, receive, send)
+            return
+        site, serial = certificate_identity(der)
+        state = await run_in_threadpool(store.certificate_state, self.hub.db, serial)
+        if state != "valid":
+            log.warning("refused %s %s from site %s: certificate %s is %s", scope["method"],
+                        scope["path"], site, serial, state, extra={"SITE": site})
+            await problem(403, f"certificate_{state}",
+                          f"the certificate of site {site!r} (serial {serial}) is {state}"
+                          )(scope, receive, send)
+            return
+        scope.setdefault("state", {})["site"] = site
+        await self.app(scope, receive, send)
+
+
+def enrolment_routes(hub: Hub) -> list[BaseRoute]:
+    async def ca(_request: Request) -> Response:
+        return Response(hub.pki.ca_pem(), media_type="application/x-pem-file")
+
+    async def enroll(request: Request) -> Response:
+        try:
+            body = await request.json()
+            token, csr_pem = str(body["token"]), str(body["csr_pem"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("enrolment refused: body is not {token, csr_pem} JSON")
+            return problem(400, "bad_request", 'body must be JSON {"token": ..., "csr_pem": ...}')
+        try:
+            site, secret, cafp = parse_token(token)
+        except EnrolmentError as exc:
+            log.warning("enrolment refused: %s", exc)
+            return problem(403, "bad_token", str(exc))
+        digest = secret_digest(secret)
+        if cafp != hub.pki.ca_fingerprint() or store.token_site(hub.db, digest) != site:
+            log.warning("enrolment refused for site %s: unknown or used token", site)
+            return problem(403, "bad_token", "unknown, already used or foreign token")
+        try:
+            issued = hub.pki.sign_csr(csr_pem.encode(), site)
+        except PKIError as exc:
+            log.warning("enrolment refused for site %s: %s", site, exc)
+            return problem(400, "bad_csr", str(exc))
+        result = await run_in_threadpool(
+            store.use_token, hub.db, digest, site,
+            lambda: (issued.serial, issued.not_after.isoformat(), issued))
+        if result is None:
+            return problem(403, "bad_token", "unknown, already used or foreign token")
+        log.info("enrolled site %s (certificate %s)", site, issued.serial, extra={"SITE": site})
+        return JSONResponse({
+            "site": site, "certificate_pem": issued.pem.decode(),
+            "ca_pem": hub.pki.ca_pem().decode(),
+            "hub_transfer_key": base64.b64encode(hub.pki.transfer_public_key()).decode(),
+        })
+
+    async def whoami(request: Request) -> Response:
+        return JSONResponse({"site": request.state.site})
+
+    async def health(_request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    return [
+        Route("/enroll/ca", ca, methods=["GET"]),
+        Route("/enroll", enroll, methods=["POST"]),
+        Route("/healthz", health, methods=["GET"]),
+        Route("/api/v1/whoami", whoami, methods=["GET"]),
+    ]
+
+
+def build_app(hub: Hub) -> Any:
+    routes: list[BaseRoute] = []
+    for provide in hub.route_providers:
+        routes.extend(provide(hub))
+    return ClientCertificateGate(Starlette(routes=routes), hub)
+
+
+class HubServer:
+    """The hub on uvicorn; ``run()`` blocks (``pas hub run``), ``start()`` runs it in a thread."""
+
+    def __init__(self, hub: Hub, host: str | None = None, port: int | None = None):
+        from appliance.hub.tls import server_config
+
+        self.hub = hub
+        config = server_config(build_app(hub), hub.pki, host or hub.settings.http.host,
+                               port or hub.settings.http.port)
+        self.server = uvicorn.Server(config)
+        self.thread: threading.Thread | None = None
+
+    def run(self) -> None:
+        self.server.run()
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self.server.run, name="pas-hub", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self.thread:
+            self.thread.join(10)

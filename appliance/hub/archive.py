@@ -1,0 +1,162 @@
+"""The regional archive behind the hub: ``embedded`` (files + SQLite) or ``dicomweb`` (STOW-RS).
+
+Owns: handing rebuilt, verified files to the archive and deciding whether it accepted every
+one of them. May not touch: the hub's own database, receipts (``commit.py`` signs only after
+:meth:`store` returned without raising).
+
+``embedded`` files each file's exact bytes through :mod:`appliance.store` (a Database and a
+Spool under ``$PAS_HUB_HOME/archive``, origin ``regional``), so what it holds is bit-exact.
+``dicomweb`` POSTs ``multipart/related; type="application/dicom"`` to ``{url}/studies``,
+streamed from the files with a known Content-Length (no chunked encoding, bounded memory),
+and reads the answer's ReferencedSOPSequence / FailedSOPSequence per instance.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import httpx
+
+if TYPE_CHECKING:
+    from appliance.hub.config import HubSettings
+
+log = logging.getLogger("pas.hub.archive")
+
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class RebuiltInstance:
+    sop_instance_uid: str
+    path: Path
+    size: int
+    sha256: str
+
+
+class ArchiveRefused(Exception):
+    """The archive did not accept every instance; ``refused`` names those it did not."""
+
+    def __init__(self, message: str, refused: list[str]):
+        super().__init__(message)
+        self.refused = refused
+
+
+class Archive(Protocol):
+    kind: str
+
+    def store(self, instances: list[RebuiltInstance], site: str) -> None: ...
+
+
+class EmbeddedArchive:
+    """Files + SQLite on the hub itself; what ``make demo`` uses."""
+
+    kind = "embedded"
+
+    def __init__(self, root: Path):
+        from appliance.store.db import Database
+        from appliance.store.spool import Spool
+
+        self.root = Path(root)
+        self.db = Database(self.root / "pas.sqlite")
+        self.spool = Spool(self.root / "spool")
+        self.spool.remove_temp_files()
+
+    def store(self, instances: list[RebuiltInstance], site: str) -> None:
+        from pydicom import dcmread
+
+        from appliance.ingest.attributes import InvalidInstance, instance_record
+        from appliance.store.index import record_instance
+
+        refused = []
+        for instance in instances:
+            try:
+                ds = dcmread(instance.path, stop_before_pixels=True)
+                syntax = str(getattr(ds.file_meta, "TransferSyntaxUID", "") or "")
+                record = instance_record(ds, syntax)
+            except (InvalidInstance, Exception) as exc:  # noqa: B014 - any unreadable header
+                log.warning("embedded archive refused %s: %s", instance.sop_instance_uid, exc)
+                refused.append(instance.sop_instance_uid)
+                continue
+            stored, _created = self.spool.write(_chunks(instance.path))
+            if stored.sha256 != instance.sha256:  # the disk lied between check and copy
+                refused.append(instance.sop_instance_uid)
+                continue
+            record_instance(self.db, record, stored, origin="regional", source_address=site)
+        if refused:
+            raise ArchiveRefused(f"embedded archive refused {len(refused)} instance(s): "
+                                 f"{', '.join(refused[:5])}", refused)
+
+
+class DicomWebArchive:
+    """STOW-RS into the regional PACS (Orthanc with its DICOMweb plugin in the tests)."""
+
+    kind = "dicomweb"
+
+    def __init__(self, url: str, per_request: int = 16, timeout_s: float = 120.0):
+        self.url = url.rstrip("/")
+        self.per_request = per_request
+        self.client = httpx.Client(timeout=timeout_s)
+
+    def store(self, instances: list[RebuiltInstance], site: str) -> None:
+        refused: list[str] = []
+        for start in range(0, len(instances), self.per_request):
+            batch = instances[start:start + self.per_request]
+            refused.extend(self._post(batch))
+        if refused:
+            raise ArchiveRefused(f"DICOMweb archive refused {len(refused)} instance(s): "
+                                 f"{', '.join(refused[:5])}", refused)
+
+    def _post(self, batch: list[RebuiltInstance]) -> list[str]:
+        boundary = f"pas-{uuid.uuid4().hex}"
+        heads = [f"--{boundary}\r\nContent-Type: application/dicom\r\n"
+                 f"Content-Length: {i.size}\r\n\r\n".encode() for i in batch]
+        tail = f"--{boundary}--\r\n".encode()
+        length = sum(len(h) + i.size + 2 for h, i in zip(heads, batch, strict=True)) + len(tail)
+
+        def body() -> Iterator[bytes]:
+            for head, instance in zip(heads, batch, strict=True):
+                yield head
+                yield from _chunks(instance.path)
+                yield b"\r\n"
+            yield tail
+
+        uids = [i.sop_instance_uid for i in batch]
+        try:
+            response = self.client.post(
+                f"{self.url}/studies", content=body(),
+                headers={"Content-Type": f'multipart/related; type="application/dicom"; '
+                         f"boundary={boundary}", "Content-Length": str(length),
+                         "Accept": "application/dicom+json"})
+        except httpx.HTTPError as exc:
+            log.warning("STOW-RS to %s failed: %s", self.url, exc)
+            return uids
+        if response.status_code not in (200, 202):
+            log.warning("STOW-RS to %s answered %s: %s", self.url, response.status_code,
+                        response.text[:300])
+            return uids
+        try:
+            answer: dict[str, Any] = response.json()
+        except ValueError:
+            return uids
+        accepted = {str(item.get("00081155", {}).get("Value", [""])[0])
+                    for item in answer.get("00081199", {}).get("Value", [])}
+        return [uid for uid in uids if uid not in accepted]
+
+
+def open_archive(settings: HubSettings) -> Archive:
+    if settings.archive.kind == "dicomweb":
+        assert settings.archive.url
+        return DicomWebArchive(settings.archive.url, settings.archive.instances_per_request,
+                               settings.archive.timeout_s)
+    return EmbeddedArchive(settings.archive_dir)
+
+
+def _chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            yield chunk

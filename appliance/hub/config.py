@@ -1,0 +1,104 @@
+"""Hub settings: ``$PAS_HUB_HOME/hub.toml`` plus ``PAS_HUB_<SECTION>__<KEY>`` overrides.
+
+Owns: the shape and defaults of the hub's configuration. Reuses the appliance's loader helpers
+(one error format for both). May not touch: files other than hub.toml, the network.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from appliance.config import Port, build, deep_merge, env_overrides, read_toml
+
+HUB_ENV_PREFIX = "PAS_HUB_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class HubHttpSection(_Section):
+    host: str = "0.0.0.0"
+    port: Port = 8443
+
+
+class ArchiveSection(_Section):
+    """``embedded``: files + SQLite under ``$PAS_HUB_HOME/archive``; ``dicomweb``: STOW-RS to
+    ``url`` (the DICOMweb root of the regional PACS)."""
+
+    kind: Literal["embedded", "dicomweb"] = "embedded"
+    url: str | None = None
+    instances_per_request: int = Field(default=16, ge=1, le=1000)
+    timeout_s: float = Field(default=120.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://", value):
+            raise ValueError(f"must start with http:// or https://, got {value!r}")
+        return value.rstrip("/") if value else value
+
+    @model_validator(mode="after")
+    def _url_for_dicomweb(self) -> ArchiveSection:
+        if self.kind == "dicomweb" and not self.url:
+            raise ValueError("url is required when kind is 'dicomweb'")
+        return self
+
+
+class LimitsSection(_Section):
+    max_bucket_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    max_manifest_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    max_buckets: int = Field(default=100_000, ge=1)
+
+
+class HubSettings(_Section):
+    home: Path = Path("./var-hub")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    http: HubHttpSection = HubHttpSection()
+    archive: ArchiveSection = ArchiveSection()
+    limits: LimitsSection = LimitsSection()
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "hub.sqlite"
+
+    @property
+    def buckets_dir(self) -> Path:
+        return self.home / "buckets"
+
+    @property
+    def work_dir(self) -> Path:
+        return self.home / "work"
+
+    @property
+    def archive_dir(self) -> Path:
+        return self.home / "archive"
+
+    @property
+    def config_path(self) -> Path:
+        return self.home / "hub.toml"
+
+
+def hub_home(environ: dict[str, str] | None = None) -> Path:
+    environ = dict(os.environ) if environ is None else environ
+    return Path(environ.get("PAS_HUB_HOME", "./var-hub"))
+
+
+def load_hub_settings(path: Path | None = None,
+                      environ: dict[str, str] | None = None) -> HubSettings:
+    """Defaults, then ``hub.toml`` (``path``, else ``$PAS_HUB_HOME/hub.toml`` if present), then
+    ``PAS_HUB_<SECTION>__<KEY>`` variables; validated (ConfigError lists every problem)."""
+    environ = dict(os.environ) if environ is None else environ
+    home = hub_home(environ)
+    data: dict[str, Any] = {"home": str(home)}
+    path = path or (home / "hub.toml" if (home / "hub.toml").exists() else None)
+    if path is not None:
+        data = deep_merge(data, read_toml(path))
+    data = deep_merge(data, env_overrides(environ, HUB_ENV_PREFIX))
+    settings: HubSettings = build(HubSettings, data)
+    return settings

@@ -1,0 +1,256 @@
+"""The fleet PKI: CA, the hub's server certificate, its X25519 transfer key, enrolment tokens,
+client certificates, receipt signatures.
+
+Owns: the key and certificate files under ``$PAS_HUB_HOME`` (mode 0600): ``ca.key``,
+``ca.crt``, ``server.key``, ``server.crt``, ``transfer.key`` and ``transfer.pub`` (raw X25519,
+32 bytes each). May not touch: the database (tokens and issued certificates are recorded by
+the caller through ``appliance.store.hub``), the network.
+
+Keys are ECDSA P-256 (small, fast, what every TLS 1.3 stack speaks). A token is
+``SITE.SECRET.CAFP``: the hub keeps only the SHA-256 of SECRET; CAFP is the hex SHA-256 of the
+CA certificate (DER), so the appliance can authenticate the hub before it trusts it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import json
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, x25519
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from appliance.transfer.enrolment import ca_fingerprint, write_private
+
+DEFAULT_ADDRESSES = ("127.0.0.1", "localhost")
+CA_DAYS = 3650
+SERVER_DAYS = 825
+CLIENT_DAYS = 825
+
+
+class PKIError(Exception):
+    """A PKI operation was refused; the message says why."""
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    site: str
+    serial: str  # hex
+    not_after: datetime
+    pem: bytes
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _san(addresses: list[str]) -> x509.SubjectAlternativeName:
+    names: list[x509.GeneralName] = []
+    for address in addresses:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(address)))
+        except ValueError:
+            names.append(x509.DNSName(address))
+    return x509.SubjectAlternativeName(names)
+
+
+class HubPKI:
+    """The PKI files of one hub home."""
+
+    def __init__(self, home: Path):
+        self.home = Path(home)
+
+    # paths ------------------------------------------------------------------------------
+    @property
+    def ca_key_path(self) -> Path:
+        return self.home / "ca.key"
+
+    @property
+    def ca_cert_path(self) -> Path:
+        return self.home / "ca.crt"
+
+    @property
+    def server_key_path(self) -> Path:
+        return self.home / "server.key"
+
+    @property
+    def server_cert_path(self) -> Path:
+        return self.home / "server.crt"
+
+    @property
+    def transfer_key_path(self) -> Path:
+        return self.home / "transfer.key"
+
+    @property
+    def transfer_pub_path(self) -> Path:
+        return self.home / "transfer.pub"
+
+    def exists(self) -> bool:
+        return self.ca_cert_path.exists()
+
+    # creation ---------------------------------------------------------------------------
+    def init(self, addresses: list[str] | None = None, name: str = "PAS fleet CA") -> None:
+        """Create CA, server certificate and transfer key. Refuses to replace an existing CA
+        (every enrolled appliance pins it); the server certificate alone can be re-issued
+        with :meth:`issue_server_certificate`."""
+        if self.exists():
+            raise PKIError(f"{self.ca_cert_path} exists: this hub is already initialised")
+        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = _now()
+        ca_cert = (
+            x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=CA_DAYS))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
+                                         crl_sign=True, content_commitment=False,
+                                         key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, encipher_only=False,
+                                         decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        write_private(self.ca_key_path, _key_pem(ca_key))
+        write_private(self.ca_cert_path, ca_cert.public_bytes(serialization.Encoding.PEM))
+        self.issue_server_certificate(list(addresses or DEFAULT_ADDRESSES))
+        private = x25519.X25519PrivateKey.generate()
+        write_private(self.transfer_key_path, private.private_bytes_raw())
+        write_private(self.transfer_pub_path, private.public_key().public_bytes_raw())
+
+    def issue_server_certificate(self, addresses: list[str]) -> None:
+        """The hub's TLS certificate, valid for exactly these DNS names and IP addresses."""
+        if not addresses:
+            raise PKIError("at least one address is needed for the server certificate")
+        ca_key, ca_cert = self._ca()
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = _now()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, addresses[0])]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=SERVER_DAYS))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_san(addresses), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        write_private(self.server_key_path, _key_pem(key))
+        write_private(self.server_cert_path, cert.public_bytes(serialization.Encoding.PEM))
+
+    # reading ----------------------------------------------------------------------------
+    def _ca(self) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+        if not self.exists():
+            raise PKIError(f"no CA under {self.home}: run `pas hub init` first")
+        key = serialization.load_pem_private_key(self.ca_key_path.read_bytes(), None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        return key, x509.load_pem_x509_certificate(self.ca_cert_path.read_bytes())
+
+    def ca_pem(self) -> bytes:
+        return self.ca_cert_path.read_bytes()
+
+    def ca_fingerprint(self) -> str:
+        return ca_fingerprint(self.ca_pem())
+
+    def transfer_private_key(self) -> bytes:
+        return self.transfer_key_path.read_bytes()
+
+    def transfer_public_key(self) -> bytes:
+        return self.transfer_pub_path.read_bytes()
+
+    # tokens and client certificates -----------------------------------------------------
+    def new_token(self, site: str) -> tuple[str, str]:
+        """A one-time token for ``site``: (token to print, SHA-256 of its secret to record)."""
+        secret = secrets.token_urlsafe(24)
+        return f"{site}.{secret}.{self.ca_fingerprint()}", secret_digest(secret)
+
+    def sign_csr(self, csr_pem: bytes, site: str) -> IssuedCertificate:
+        """Issue a client certificate (CN = site) for the key in the CSR.
+
+        The CSR's own signature must verify (proof the requester holds the key); its subject
+        is ignored: the site comes from the token, never from the requester.
+        """
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem)
+        except ValueError as exc:
+            raise PKIError(f"csr_pem is not a PEM certificate request ({exc})") from None
+        if not csr.is_signature_valid:
+            raise PKIError("the CSR's signature does not verify")
+        if not isinstance(csr.public_key(), ec.EllipticCurvePublicKey):
+            raise PKIError("the CSR's key must be an EC key")
+        ca_key, ca_cert = self._ca()
+        now = _now()
+        not_after = now + timedelta(days=CLIENT_DAYS)
+        serial = x509.random_serial_number()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, site)]))
+            .issuer_name(ca_cert.subject).public_key(csr.public_key())
+            .serial_number(serial)
+            .not_valid_before(now - timedelta(minutes=5)).not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        return IssuedCertificate(site, format(serial, "x"), not_after,
+                                 cert.public_bytes(serialization.Encoding.PEM))
+
+    # receipts ---------------------------------------------------------------------------
+    def sign(self, document: dict[str, Any]) -> str:
+        """Base64 ECDSA-SHA256 signature by the server key over :func:`canonical_json`."""
+        key = serialization.load_pem_private_key(self.server_key_path.read_bytes(), None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        return base64.b64encode(key.sign(canonical_json(document),
+                                         ec.ECDSA(hashes.SHA256()))).decode()
+
+
+def secret_digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def canonical_json(document: dict[str, Any]) -> bytes:
+    """Sorted keys, no spaces, ASCII (json.dumps defaults): the bytes a receipt's signature
+    covers (``signature`` itself excluded)."""
+    body = {k: v for k, v in document.items() if k != "signature"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def verify_receipt(receipt: dict[str, Any], server_cert_pem: bytes) -> bool:
+    """True when ``receipt['signature']`` is the hub server key's signature over the rest."""
+    cert = x509.load_pem_x509_certificate(server_cert_pem)
+    public = cert.public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    try:
+        public.verify(base64.b64decode(receipt["signature"]), canonical_json(receipt),
+                      ec.ECDSA(hashes.SHA256()))
+    except (InvalidSignature, KeyError, ValueError):
+        return False
+    return True
+
+
+def certificate_identity(der: bytes) -> tuple[str, str]:
+    """(CN, hex serial) of a DER certificate, as the TLS layer handed it over."""
+    cert = x509.load_der_x509_certificate(der)
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return (str(names[0].value) if names else ""), format(cert.serial_number, "x")

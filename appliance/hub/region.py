@@ -1,0 +1,49 @@
+"""Reading the region: ``GET /api/v1/region/dicom-web/{path}``, QIDO-RS and WADO-RS, read-only.
+
+Owns: forwarding GETs (query string and ``Accept`` kept) to the archive's DICOMweb root and
+streaming the answer back. May not touch: anything that writes. The ``embedded`` archive
+answers 501 until a DICOMweb app over (Database, Spool) exists to mount here.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import httpx
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
+
+from appliance.hub.app import problem
+
+if TYPE_CHECKING:
+    from appliance.hub.app import Hub
+
+PASSED_HEADERS = ("content-type", "content-length", "content-encoding", "etag", "last-modified")
+
+
+def region_routes(hub: Hub) -> list[BaseRoute]:
+    archive = hub.settings.archive
+    client = httpx.AsyncClient(timeout=archive.timeout_s) if archive.kind == "dicomweb" else None
+
+    async def proxy(request: Request) -> Response:
+        if client is None or not archive.url:
+            return problem(501, "not_implemented",
+                           "the embedded archive does not serve DICOMweb yet")
+        path = request.path_params["path"]
+        if ".." in path.split("/"):
+            return problem(400, "bad_path", "'..' is not allowed in the path")
+        url = f"{archive.url}/{path}"
+        headers = {k: v for k, v in request.headers.items() if k.lower() == "accept"}
+        upstream = client.build_request("GET", url, params=request.query_params,
+                                        headers=headers)
+        try:
+            answer = await client.send(upstream, stream=True)
+        except httpx.HTTPError as exc:
+            return problem(502, "archive_unreachable", f"the regional archive: {exc}")
+        passed = {k: v for k, v in answer.headers.items() if k.lower() in PASSED_HEADERS}
+        return StreamingResponse(answer.aiter_raw(), status_code=answer.status_code,
+                                 headers=passed, background=BackgroundTask(answer.aclose))
+
+    return [Route("/api/v1/region/dicom-web/{path:path}", proxy, methods=["GET"])]

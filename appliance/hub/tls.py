@@ -1,0 +1,60 @@
+"""TLS for the hub: the server SSLContext and the peer certificate in the ASGI scope.
+
+Owns: how uvicorn is told to speak TLS 1.3 with optional client certificates, and how a
+request learns which certificate its connection presented. May not touch: the database (the
+revocation check itself is in :mod:`appliance.hub.app`), routes.
+
+uvicorn does not put the client certificate into the ASGI scope. :class:`PeerCertProtocol` is a
+small subclass of uvicorn's h11 protocol: when a connection is made (asyncio calls this only
+after the TLS handshake completed) it reads the peer certificate (DER) from the SSL object and
+wraps the app so that every request on that connection carries
+``scope["extensions"]["tls"] = {"client_cert_der": ..., "tls_version": ...}`` (the shape of the
+ASGI TLS extension). The app then checks revocation per request, against the database, so that
+``pas hub revoke SITE`` takes effect at once, even on a keep-alive connection opened before.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from appliance.hub.pki import HubPKI
+
+
+class PeerCertProtocol(H11Protocol):
+    """uvicorn's h11 protocol, plus the TLS extension (peer certificate) in every scope."""
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        tls: dict[str, Any] = {"client_cert_der": None, "tls_version": None}
+        if ssl_object is not None:
+            tls["client_cert_der"] = ssl_object.getpeercert(binary_form=True)
+            tls["tls_version"] = ssl_object.version()
+        inner = self.app
+
+        async def with_tls(scope: Any, receive: Any, send: Any) -> None:
+            scope["extensions"] = {**(scope.get("extensions") or {}), "tls": tls}
+            await inner(scope, receive, send)
+
+        self.app = with_tls
+
+
+def server_config(app: Any, pki: HubPKI, host: str, port: int,
+                  log_level: str = "warning") -> uvicorn.Config:
+    """uvicorn configuration: TLS 1.3 minimum, the fleet CA as the only client trust anchor,
+    client certificates optional at the TLS layer (``/enroll`` has none yet) and required by
+    the app on ``/api/v1``. A certificate from another CA fails the handshake."""
+    config = uvicorn.Config(
+        app, host=host, port=port, http=PeerCertProtocol, log_level=log_level,
+        access_log=False, lifespan="off", ssl_certfile=str(pki.server_cert_path),
+        ssl_keyfile=str(pki.server_key_path), ssl_ca_certs=str(pki.ca_cert_path),
+        ssl_cert_reqs=ssl.CERT_OPTIONAL, timeout_keep_alive=30,
+    )
+    config.load()
+    assert config.ssl is not None
+    config.ssl.minimum_version = ssl.TLSVersion.TLSv1_3
+    return config

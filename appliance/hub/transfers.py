@@ -1,0 +1,264 @@
+"""The transfer API (docs/protocol.md): create, PUT bucket, list held, commit, receipt.
+
+Owns: parsing and validating requests, choosing the status code, logging each refusal.
+May not touch: SQL or file writes (``appliance.store.hub``), rebuilding (``commit.py``).
+
+Every refusal happens before anything is stored: a bucket is authenticated (AES-GCM tag under
+the transfer key, with transfer id and index bound as associated data) before it is written.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import re
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from appliance.hub.app import problem
+from appliance.store import hub as store
+
+if TYPE_CHECKING:
+    from appliance.hub.app import Hub
+
+log = logging.getLogger("pas.hub.transfers")
+
+TRANSFER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
+
+
+class ManifestInstance(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    sop_instance_uid: str = Field(min_length=1, max_length=64)
+    sop_class_uid: str = Field(default="", max_length=64)
+    size: int = Field(ge=0)
+    sha256: str
+    buckets: list[int] = []
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, value: str) -> str:
+        if not re.fullmatch(r"[0-9a-f]{64}", value):
+            raise ValueError("must be 64 lowercase hex digits")
+        return value
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    transfer_id: str
+    study_uid: str = Field(min_length=1, max_length=64)
+    priority: int = 0
+    wrapped_key: str
+    bucket_count: int = Field(ge=1)
+    instances: list[ManifestInstance] = Field(min_length=1)
+
+    @field_validator("transfer_id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        if not TRANSFER_ID.match(value):
+            raise ValueError("must be 1-64 letters, digits or '-' (a UUID)")
+        return value
+
+
+def _validation_detail(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'manifest'}: "
+                     f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors()[:10])
+
+
+def transfer_routes(hub: Hub) -> list[BaseRoute]:
+    from appliance.hub.commit import CommitRefused, commit_transfer
+    from appliance.transfer import seal
+
+    keys: dict[str, bytes] = {}
+    limits = hub.settings.limits
+
+    def transfer_key(row: Any) -> bytes:
+        key = keys.get(row["id"])
+        if key is None:
+            manifest = json.loads(row["manifest"])
+            key = seal.unwrap_key(base64.b64decode(manifest["wrapped_key"]),
+                                  hub.pki.transfer_private_key(), row["id"])
+            keys[row["id"]] = key
+        return key
+
+    async def create(request: Request) -> Response:
+        site = request.state.site
+        if int(request.headers.get("content-length") or 0) > limits.max_manifest_bytes:
+            return problem(413, "too_large", f"manifest over {limits.max_manifest_bytes} bytes")
+        raw = await request.body()
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            log.warning("site %s: manifest is not JSON (%s)", site, exc, extra={"SITE": site})
+            return problem(400, "bad_json", f"the body is not JSON: {exc}")
+        try:
+            manifest = Manifest.model_validate(data)
+        except ValidationError as exc:
+            detail = _validation_detail(exc)
+            log.warning("site %s: malformed manifest: %s", site, detail, extra={"SITE": site})
+            return problem(422, "bad_manifest", detail)
+        problems = _manifest_problems(manifest, limits.max_buckets)
+        if problems:
+            log.warning("site %s: inconsistent manifest: %s", site, problems[0])
+            return problem(422, "bad_manifest", "; ".join(problems[:10]))
+        try:
+            seal.unwrap_key(base64.b64decode(manifest.wrapped_key), hub.pki.transfer_private_key(),
+                            manifest.transfer_id)
+        except (ValueError, seal.SealError) as exc:
+            log.warning("site %s: transfer %s: wrapped_key unusable (%s)", site,
+                        manifest.transfer_id, exc)
+            return problem(422, "bad_wrapped_key",
+                           f"wrapped_key cannot be unwrapped with this hub's key: {exc}")
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+        outcome = await run_in_threadpool(store.create_transfer, hub.db, site, data,
+                                          hashlib.sha256(canonical).hexdigest())
+        if outcome == "conflict":
+            log.warning("site %s: transfer %s exists with another manifest", site,
+                        manifest.transfer_id)
+            return problem(409, "conflict", f"transfer {manifest.transfer_id} exists with "
+                           "another manifest")
+        if outcome == "created":
+            log.info("site %s: transfer %s created (%d instances, %d buckets)", site,
+                     manifest.transfer_id, len(manifest.instances), manifest.bucket_count,
+                     extra={"SITE": site, "STUDY_UID": manifest.study_uid})
+        return JSONResponse({"transfer_id": manifest.transfer_id, "bucket_count":
+                             manifest.bucket_count},
+                            status_code=201 if outcome == "created" else 200)
+
+    def lookup(request: Request) -> tuple[Any, Response | None]:
+        transfer_id = request.path_params["transfer_id"]
+        row = store.get_transfer(hub.db, transfer_id, request.state.site)
+        if row is None:
+            return None, problem(404, "unknown_transfer", f"no transfer {transfer_id}")
+        return row, None
+
+    async def put_bucket(request: Request) -> Response:
+        site = request.state.site
+        row, missing = await run_in_threadpool(lookup, request)
+        if missing:
+            return missing
+        index = int(request.path_params["index"])
+        where = f"transfer {row['id']} bucket {index}"
+        if row["receipt"] is not None:
+            return problem(409, "committed", f"transfer {row['id']} is already committed")
+        if not 0 <= index < row["bucket_count"]:
+            log.warning("site %s: %s out of range", site, where)
+            return problem(416, "index_out_of_range",
+                           f"bucket index {index} not in 0..{row['bucket_count'] - 1}")
+        declared = int(request.headers.get("content-length") or 0)
+        if declared > limits.max_bucket_bytes:
+            log.warning("site %s: %s refused: %d bytes over the limit", site, where, declared)
+            return problem(413, "too_large", f"bucket of {declared} bytes is over the limit "
+                           f"of {limits.max_bucket_bytes}")
+        body = bytearray()
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limits.max_bucket_bytes:
+                    log.warning("site %s: %s refused: over the limit", site, where)
+                    return problem(413, "too_large", f"bucket over the limit of "
+                                   f"{limits.max_bucket_bytes} bytes")
+        except ClientDisconnect:
+            log.warning("site %s: %s: client went away mid-body; nothing stored", site, where)
+            return Response(status_code=400)
+        sealed = bytes(body)
+        try:
+            await run_in_threadpool(seal.open_bucket, transfer_key(row), row["id"], index, sealed)
+        except seal.SealError as exc:
+            log.warning("site %s: %s rejected: %s", site, where, exc, extra={"SITE": site})
+            return problem(400, "bucket_rejected", f"{where} fails authentication (tampered, "
+                           f"truncated or replayed from another transfer or index): {exc}")
+
+        def store_it() -> bool:
+            store.count_received(hub.db, row["id"], len(sealed))
+            if index in store.held_buckets(hub.db, row["id"]):
+                return False
+            relative = store.write_bucket_file(hub.settings.buckets_dir, row["id"], index, sealed)
+            return store.record_bucket(hub.db, row["id"], index, len(sealed),
+                                       hashlib.sha256(sealed).hexdigest(), relative)
+
+        with_lock = hub.lock(row["id"])
+
+        def locked() -> bool:
+            with with_lock:
+                return store_it()
+
+        created = await run_in_threadpool(locked)
+        return JSONResponse({"transfer_id": row["id"], "index": index, "size": len(sealed)},
+                            status_code=201 if created else 200)
+
+    async def held(request: Request) -> Response:
+        row, missing = await run_in_threadpool(lookup, request)
+        if missing:
+            return missing
+        held_now = await run_in_threadpool(store.held_buckets, hub.db, row["id"])
+        return JSONResponse({"held": held_now, "count": row["bucket_count"]})
+
+    async def status(request: Request) -> Response:
+        row, missing = await run_in_threadpool(lookup, request)
+        if missing:
+            return missing
+        held_now = await run_in_threadpool(store.held_buckets, hub.db, row["id"])
+        return JSONResponse({
+            "transfer_id": row["id"], "study_uid": row["study_uid"],
+            "bucket_count": row["bucket_count"], "held": len(held_now),
+            "committed": row["receipt"] is not None, "bytes_received": row["bytes_received"],
+            "bytes_stored": row["bytes_stored"], "puts": row["puts"]})
+
+    async def commit(request: Request) -> Response:
+        row, missing = await run_in_threadpool(lookup, request)
+        if missing:
+            return missing
+        try:
+            receipt = await run_in_threadpool(commit_transfer, hub, row["id"],
+                                              lambda: transfer_key(row))
+        except CommitRefused as exc:
+            log.warning("site %s: transfer %s commit refused: %s", request.state.site,
+                        row["id"], exc.detail, extra={"SITE": request.state.site})
+            return problem(exc.status, exc.error, exc.detail, **exc.extra)
+        return JSONResponse(receipt)
+
+    async def receipt(request: Request) -> Response:
+        row, missing = await run_in_threadpool(lookup, request)
+        if missing:
+            return missing
+        if row["receipt"] is None:
+            return problem(404, "not_committed", f"transfer {row['id']} is not committed")
+        return JSONResponse(json.loads(row["receipt"]))
+
+    base = "/api/v1/transfers"
+    return [
+        Route(base, create, methods=["POST"]),
+        Route(base + "/{transfer_id}", status, methods=["GET"]),
+        Route(base + "/{transfer_id}/buckets/{index:int}", put_bucket, methods=["PUT"]),
+        Route(base + "/{transfer_id}/buckets", held, methods=["GET"]),
+        Route(base + "/{transfer_id}/commit", commit, methods=["POST"]),
+        Route(base + "/{transfer_id}/receipt", receipt, methods=["GET"]),
+    ]
+
+
+def _manifest_problems(manifest: Manifest, max_buckets: int) -> list[str]:
+    problems = []
+    if manifest.bucket_count > max_buckets:
+        problems.append(f"bucket_count: {manifest.bucket_count} is over the limit {max_buckets}")
+    seen: set[str] = set()
+    for number, instance in enumerate(manifest.instances):
+        if instance.sop_instance_uid in seen:
+            problems.append(f"instances.{number}: SOP Instance UID "
+                            f"{instance.sop_instance_uid} appears twice")
+        seen.add(instance.sop_instance_uid)
+        bad = [b for b in instance.buckets if not 0 <= b < manifest.bucket_count]
+        if bad:
+            problems.append(f"instances.{number}.buckets: {bad} not in "
+                            f"0..{manifest.bucket_count - 1}")
+    try:
+        base64.b64decode(manifest.wrapped_key, validate=True)
+    except ValueError:
+        problems.append("wrapped_key: not base64")
+    return problems

@@ -1,0 +1,206 @@
+"""The hub's state: enrolment tokens, certificates, transfers, buckets held, receipts.
+
+Owns: every SQL statement on ``hub.sqlite`` and the durable writes of bucket files under
+``$PAS_HUB_HOME/buckets``. Each state change is one transaction (invariant 3). May not touch:
+the network, cryptography (callers hand over already verified bytes).
+
+A bucket is acknowledged only after :func:`write_bucket_file` returned (file fsynced, renamed,
+directory fsynced) and :func:`record_bucket` committed, so a hub restart loses nothing it
+acknowledged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from appliance.store.db import Database, now
+from appliance.store.hub_schema import HUB_MIGRATIONS
+
+T = TypeVar("T")
+
+
+def open_hub_db(path: Path) -> Database:
+    return Database(path, HUB_MIGRATIONS)
+
+
+# --- enrolment -----------------------------------------------------------------------------
+
+
+def add_token(db: Database, site: str, secret_sha256: str) -> None:
+    with db.transaction() as conn:
+        conn.execute("INSERT INTO enrol_tokens (secret_sha256, site, created_at) VALUES (?, ?, ?)",
+                     (secret_sha256, site, now()))
+
+
+def token_site(db: Database, secret_sha256: str) -> str | None:
+    """The site an unused token was made for; None if unknown or already used."""
+    row = db.query_one("SELECT site FROM enrol_tokens WHERE secret_sha256 = ? AND used_at IS NULL",
+                       (secret_sha256,))
+    return str(row["site"]) if row else None
+
+
+def use_token(db: Database, secret_sha256: str, site: str,
+              issue: Callable[[], tuple[str, str, T]]) -> T | None:
+    """Spend the token and record the certificate ``issue()`` made, in one transaction.
+
+    ``issue`` returns (serial, not_after, result). None when the token was spent meanwhile
+    (two enrolments racing with one token: exactly one wins).
+    """
+    with db.transaction() as conn:
+        spent = conn.execute(
+            "UPDATE enrol_tokens SET used_at = ? WHERE secret_sha256 = ? AND site = ? "
+            "AND used_at IS NULL", (now(), secret_sha256, site)).rowcount
+        if spent != 1:
+            return None
+        serial, not_after, result = issue()
+        conn.execute("INSERT INTO certificates (serial, site, issued_at, not_after) "
+                     "VALUES (?, ?, ?, ?)", (serial, site, now(), not_after))
+        return result
+
+
+def revoke_site(db: Database, site: str) -> int:
+    """Revoke every certificate of ``site``; returns how many were newly revoked."""
+    with db.transaction() as conn:
+        return conn.execute("UPDATE certificates SET revoked_at = ? WHERE site = ? AND "
+                            "revoked_at IS NULL", (now(), site)).rowcount
+
+
+def certificate_state(db: Database, serial: str) -> Literal["valid", "revoked", "unknown"]:
+    row = db.query_one("SELECT revoked_at FROM certificates WHERE serial = ?", (serial,))
+    if row is None:
+        return "unknown"
+    return "revoked" if row["revoked_at"] is not None else "valid"
+
+
+def list_certificates(db: Database) -> list[dict[str, Any]]:
+    return [dict(r) for r in db.query("SELECT * FROM certificates ORDER BY issued_at")]
+
+
+# --- transfers -----------------------------------------------------------------------------
+
+
+def create_transfer(db: Database, site: str, manifest: dict[str, Any],
+                    manifest_sha256: str) -> Literal["created", "same", "conflict"]:
+    """Record a transfer; the same id with the same manifest is a repeat, else a conflict."""
+    with db.transaction() as conn:
+        row = conn.execute("SELECT site, manifest_sha256 FROM transfers WHERE id = ?",
+                           (manifest["transfer_id"],)).fetchone()
+        if row is not None:
+            same = row["site"] == site and row["manifest_sha256"] == manifest_sha256
+            return "same" if same else "conflict"
+        conn.execute(
+            "INSERT INTO transfers (id, site, study_uid, priority, bucket_count, instance_count,"
+            " manifest, manifest_sha256, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (manifest["transfer_id"], site, manifest["study_uid"], manifest.get("priority", 0),
+             manifest["bucket_count"], len(manifest["instances"]), json.dumps(manifest),
+             manifest_sha256, now()))
+        return "created"
+
+
+def get_transfer(db: Database, transfer_id: str, site: str | None = None) -> sqlite3.Row | None:
+    """The transfer, or None (also when it belongs to another site: sites never see each
+    other's transfers)."""
+    row = db.query_one("SELECT * FROM transfers WHERE id = ?", (transfer_id,))
+    if row is None or (site is not None and row["site"] != site):
+        return None
+    return row
+
+
+def held_buckets(db: Database, transfer_id: str) -> list[int]:
+    return [int(r["idx"]) for r in db.query(
+        "SELECT idx FROM buckets WHERE transfer_id = ? ORDER BY idx", (transfer_id,))]
+
+
+def bucket_rows(db: Database, transfer_id: str) -> list[sqlite3.Row]:
+    return db.query("SELECT * FROM buckets WHERE transfer_id = ? ORDER BY idx", (transfer_id,))
+
+
+def count_received(db: Database, transfer_id: str, size: int) -> None:
+    """Every authenticated bucket body counts, stored or not: resume tests read how much
+    travelled twice."""
+    with db.transaction() as conn:
+        conn.execute("UPDATE transfers SET bytes_received = bytes_received + ?, puts = puts + 1 "
+                     "WHERE id = ?", (size, transfer_id))
+
+
+def record_bucket(db: Database, transfer_id: str, index: int, size: int, sha256: str,
+                  path: str) -> bool:
+    """Record a durably written bucket; False when that index was already held (kept as is)."""
+    with db.transaction() as conn:
+        try:
+            conn.execute("INSERT INTO buckets (transfer_id, idx, size, sha256, path, received_at)"
+                         " VALUES (?, ?, ?, ?, ?, ?)",
+                         (transfer_id, index, size, sha256, path, now()))
+        except sqlite3.IntegrityError:
+            return False
+        conn.execute("UPDATE transfers SET bytes_stored = bytes_stored + ? WHERE id = ?",
+                     (size, transfer_id))
+        return True
+
+
+def set_receipt(db: Database, transfer_id: str, receipt: dict[str, Any]) -> bool:
+    """Store the receipt once; False if another commit stored one first."""
+    with db.transaction() as conn:
+        return conn.execute(
+            "UPDATE transfers SET receipt = ?, committed_at = ? WHERE id = ? AND receipt IS NULL",
+            (json.dumps(receipt), now(), transfer_id)).rowcount == 1
+
+
+def list_transfers(db: Database, site: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    sql = ("SELECT id, site, study_uid, priority, bucket_count, instance_count, created_at, "
+           "committed_at, bytes_received, bytes_stored, puts, "
+           "(SELECT COUNT(*) FROM buckets b WHERE b.transfer_id = t.id) AS held FROM transfers t")
+    params: tuple[Any, ...] = ()
+    if site is not None:
+        sql += " WHERE site = ?"
+        params = (site,)
+    return [dict(r) for r in db.query(sql + " ORDER BY created_at DESC LIMIT ?", (*params, limit))]
+
+
+# --- bucket files --------------------------------------------------------------------------
+
+
+def write_bucket_file(root: Path, transfer_id: str, index: int, data: bytes) -> str:
+    """Write a sealed bucket durably (temp, fsync, rename, fsync directory); returns its path
+    relative to ``root``. The same index written twice lands on the same name."""
+    directory = root / transfer_id
+    new_dir = not directory.exists()
+    directory.mkdir(parents=True, exist_ok=True)
+    relative = f"{transfer_id}/{index:06d}.bkt"
+    temp = directory / f".{index:06d}.{uuid.uuid4().hex}.part"
+    try:
+        with open(temp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, root / relative)
+        _fsync_dir(directory)
+        if new_dir:
+            _fsync_dir(root)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return relative
+
+
+def remove_temp_buckets(root: Path) -> int:
+    """Start-up: half-written buckets were never acknowledged."""
+    removed = 0
+    for temp in root.glob("*/.*.part"):
+        temp.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
