@@ -246,16 +246,21 @@ def pin_study(db: Database, study_uid: str, until: float) -> None:
 
 
 def mark_fetched_routed(db: Database, instance_id: int | None = None) -> int:
-    """Instances fetched from the region are already there: mark them routed so that the
-    stability pass never uploads them back."""
+    """Instances fetched from the region are already there: mark them routed, so that the
+    stability pass never uploads them back, and confirmed (the region just served them), so
+    that once their pin expires the cache may evict them like any confirmed study."""
     at = now()
     with db.transaction() as conn:
         if instance_id is not None:
-            cursor = conn.execute("UPDATE instances SET routed_at = ? WHERE id = ? AND "
-                                  "routed_at IS NULL", (at, instance_id))
+            cursor = conn.execute(
+                "UPDATE instances SET routed_at = coalesce(routed_at, ?), "
+                "confirmed_at = coalesce(confirmed_at, ?) WHERE id = ? AND "
+                "source_address = ?", (at, at, instance_id, REGION_SOURCE))
         else:
-            cursor = conn.execute("UPDATE instances SET routed_at = ? WHERE routed_at IS NULL "
-                                  "AND source_address = ?", (at, REGION_SOURCE))
+            cursor = conn.execute(
+                "UPDATE instances SET routed_at = coalesce(routed_at, ?), "
+                "confirmed_at = coalesce(confirmed_at, ?) WHERE (routed_at IS NULL OR "
+                "confirmed_at IS NULL) AND source_address = ?", (at, at, REGION_SOURCE))
     return cursor.rowcount
 
 

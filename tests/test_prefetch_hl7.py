@@ -1,0 +1,191 @@
+"""The HL7 v2 MLLP listener of a real ``pas run``, driven by the ``hl7`` package's MLLPClient.
+
+What is proven: each supported message is ACKed (AA) only once its request is durable; the same
+order sent five times (new control ids) is one request; a resent message (same control id) is
+recognised; every named bad input gets a NAK (AE/AR) with the reason in MSA-3 and ERR, changes
+nothing, and the listener keeps serving the next client. No region is configured reachable
+here (``prefetch.dicomweb_url`` points at a closed port), so requests stay pending: these
+tests are about triggers, not fetching (see test_prefetch_acceptance.py).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+import hl7
+import pytest
+from hl7.client import MLLPClient
+
+from tests.support.peers import PasProcess, free_port, port_open, wait_for
+
+
+@pytest.fixture(scope="module")
+def pas_hl7(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    closed_port = free_port()
+    pas = PasProcess(tmp_path_factory.mktemp("pas_hl7"), {
+        "PAS_HL7__HOST": "127.0.0.1",
+        "PAS_HL7__PORT": str(free_port()),
+        "PAS_PREFETCH__DICOMWEB_URL": f"http://127.0.0.1:{closed_port}/dicom-web",
+        "PAS_PREFETCH__RETRY_AFTER_S": "3600",
+        "PAS_PREFETCH__LEAD_TIME_H": "12",
+    })
+    pas.hl7_port = int(pas.env["PAS_HL7__PORT"])  # type: ignore[attr-defined]
+    pas.start()
+    wait_for(lambda: port_open("127.0.0.1", pas.hl7_port), 15,  # type: ignore[attr-defined]
+             what="the HL7 listener")
+    yield pas
+    pas.stop()
+
+
+def send(pas: PasProcess, *messages: str) -> list[hl7.Message]:
+    with MLLPClient("127.0.0.1", pas.hl7_port) as client:  # type: ignore[attr-defined]
+        answers = [client.send_message(m) for m in messages]
+    return [hl7.parse(a.decode().strip("\x0b\x1c\r")) for a in answers]
+
+
+def requests(pas: PasProcess) -> list[dict[str, Any]]:
+    return json.loads(pas.cli("prefetch", "list", "--json").stdout)["requests"]
+
+
+def shape(pas: PasProcess) -> list[tuple[int, str, int]]:
+    """What a message may change (the scheduler moves attempts and errors on its own)."""
+    return [(r["id"], r["dedup_key"], r["times_requested"]) for r in requests(pas)]
+
+
+def msa(ack: hl7.Message) -> tuple[str, str, str]:
+    return (str(ack["MSA.F1"]), str(ack["MSA.F2"]), str(ack["MSA.F3"]) if len(
+        ack.segment("MSA")) > 3 else "")
+
+
+def orm(control: str, order: str, patient: str = "P100", when: str = "",
+        control_code: str = "NW", modality: str = "CT") -> str:
+    return "\r".join([
+        f"MSH|^~\\&|RIS|HOSP|PAS|HOSP|20261123120000||ORM^O01|{control}|P|2.5",
+        f"PID|1||{patient}^^^HOSP^MR||DOE^JOHN||19500101|M",
+        f"ORC|{control_code}|{order}|||SC||^^^{when}",
+        f"OBR|1|{order}||CTCHEST^CT chest||||||||||||||ACC{order}||||||{modality}",
+    ])
+
+
+def test_orm_is_acked_and_one_order_five_times_is_one_request(pas_hl7: PasProcess) -> None:
+    acks = send(pas_hl7, *[orm(f"C{i}", "ORD1", when="20991231120000") for i in range(5)])
+    assert [msa(a)[0] for a in acks] == ["AA"] * 5
+    assert [msa(a)[1] for a in acks] == [f"C{i}" for i in range(5)]
+    rows = [r for r in requests(pas_hl7) if r["dedup_key"] == "order:P100|HOSP|ORD1"]
+    assert len(rows) == 1
+    assert rows[0]["times_requested"] == 5
+    assert rows[0]["state"] == "pending"
+    assert rows[0]["modality"] == "CT" and rows[0]["accession_number"] == "ACCORD1"
+    # Exam far in the future: due lead_time_h (12 h) before it, not now.
+    assert rows[0]["due_at"] == pytest.approx(rows[0]["scheduled_at"] - 12 * 3600)
+
+
+def test_resent_message_is_recognised(pas_hl7: PasProcess) -> None:
+    first, again = send(pas_hl7, orm("SAME1", "ORD2"), orm("SAME1", "ORD2"))
+    assert msa(first)[:2] == ("AA", "SAME1")
+    assert msa(again)[0] == "AA" and "duplicate" in msa(again)[2]
+    rows = [r for r in requests(pas_hl7) if r["dedup_key"] == "order:P100|HOSP|ORD2"]
+    assert len(rows) == 1 and rows[0]["times_requested"] == 1
+
+
+def test_siu_reschedule_moves_one_request(pas_hl7: PasProcess) -> None:
+    def siu(event: str, control: str, start: str) -> str:
+        return "\r".join([
+            f"MSH|^~\\&|RIS|HOSP|PAS|HOSP|20261123120000||SIU^{event}|{control}|P|2.5",
+            f"SCH|APPT7||||||||||^^^{start}",
+            "PID|1||P200^^^HOSP^MR||ROE^ANN",
+            f"AIS|1||MRBRAIN^MR brain|{start}",
+        ])
+    acks = send(pas_hl7, siu("S12", "S1", "20991201080000"), siu("S14", "S2", "20991202090000"))
+    assert [msa(a)[0] for a in acks] == ["AA", "AA"]
+    rows = [r for r in requests(pas_hl7) if r["dedup_key"] == "appointment:P200|HOSP|APPT7"]
+    assert len(rows) == 1 and rows[0]["times_requested"] == 2
+    from appliance.prefetch.messages import parse_hl7_time
+
+    assert rows[0]["scheduled_at"] == parse_hl7_time("20991202090000")
+
+
+def test_adt_a04_then_a08_of_one_visit_and_omi(pas_hl7: PasProcess) -> None:
+    def adt(event: str, control: str) -> str:
+        return "\r".join([
+            f"MSH|^~\\&|ADT|HOSP|PAS|HOSP|20261123120000||ADT^{event}|{control}|P|2.5",
+            "PID|1||P300^^^HOSP^MR||POE^EVE",
+            "PV1|1|O|||||||||||||||||V555",
+        ])
+    omi = "\r".join([
+        "MSH|^~\\&|RIS|HOSP|PAS|HOSP|20261123120000||OMI^O23|O1|P|2.5",
+        "PID|1||P300^^^HOSP^MR||POE^EVE",
+        "ORC|NW|ORD9",
+        "TQ1|1||||||20991203100000",
+        "OBR|1|ORD9||USABD^US abdomen",
+        "IPC|ACC9|RP9|1.2.3.4|SPS9|US",
+    ])
+    acks = send(pas_hl7, adt("A04", "A1"), adt("A08", "A2"), omi)
+    assert [msa(a)[0] for a in acks] == ["AA", "AA", "AA"]
+    rows = requests(pas_hl7)
+    visit = [r for r in rows if r["dedup_key"] == "visit:P300|HOSP|V555"]
+    assert len(visit) == 1 and visit[0]["times_requested"] == 2
+    order = [r for r in rows if r["dedup_key"] == "order:P300|HOSP|ORD9"]
+    assert len(order) == 1
+    assert order[0]["accession_number"] == "ACC9" and order[0]["modality"] == "US"
+
+
+def test_cancel_order(pas_hl7: PasProcess) -> None:
+    send(pas_hl7, orm("K1", "ORD5", when="20991231120000"))
+    (ack,) = send(pas_hl7, orm("K2", "ORD5", control_code="CA"))
+    assert msa(ack)[0] == "AA"
+    (row,) = [r for r in requests(pas_hl7) if r["dedup_key"] == "order:P100|HOSP|ORD5"]
+    assert row["state"] == "cancelled"
+
+
+@pytest.mark.parametrize("message, code, reason", [
+    ("garbage that is not HL7", "AR", "does not start with an MSH segment"),
+    (orm("U1", "ORD6").replace("ORM^O01", "ORU^R01"), "AR", "unsupported message type ORU^R01"),
+    (orm("U2", "ORD6").replace("P100^^^HOSP^MR", ""), "AE", "PID-3 patient identifier is missing"),
+    ("\r".join(orm("U3", "ORD6").split("\r")[:1] + orm("U3", "ORD6").split("\r")[2:]), "AE",
+     "PID segment is missing"),
+    (orm("", "ORD6"), "AR", "MSH-10 message control id is missing"),
+    (orm("U4", "", ).replace("ACC", ""), "AE", "no order number"),
+    (orm("U5", "ORD6", when="2099-12-31"), "AE", "not an HL7 date/time"),
+])
+def test_bad_messages_get_a_nak_with_the_reason_and_change_nothing(
+        pas_hl7: PasProcess, message: str, code: str, reason: str) -> None:
+    before = shape(pas_hl7)
+    (ack,) = send(pas_hl7, message)
+    ack_code, _, text = msa(ack)
+    assert ack_code == code
+    assert reason in text.replace("\\S\\", "^")
+    assert ack.segment("ERR") is not None
+    assert reason in str(ack["ERR.F8"]).replace("\\S\\", "^")
+    assert shape(pas_hl7) == before
+    # The listener keeps serving: a good message right after is accepted.
+    (ok,) = send(pas_hl7, orm(f"after-{abs(hash(message))}", "ORD1"))
+    assert msa(ok)[0] == "AA"
+
+
+def test_unframed_bytes_get_a_nak_and_others_are_still_served(pas_hl7: PasProcess) -> None:
+    with socket.create_connection(("127.0.0.1", pas_hl7.hl7_port), timeout=10) as sock:  # type: ignore[attr-defined]
+        sock.sendall(b"MSH|^~\\&|no start block\x1c\r")
+        answer = b""
+        while not answer.endswith(b"\x1c\r"):
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+        assert b"MSA|AR" in answer and b"not MLLP-framed" in answer
+        assert sock.recv(4096) == b""  # the stream cannot be resynchronised: closed
+    (ok,) = send(pas_hl7, orm("F1", "ORD1"))
+    assert msa(ok)[0] == "AA"
+
+
+def test_manual_request_and_list(pas_hl7: PasProcess) -> None:
+    out = pas_hl7.cli("prefetch", "patient", "P900", "--modality", "mr").stdout
+    assert "queued" in out
+    rows = [r for r in requests(pas_hl7) if r["patient_id"] == "P900"]
+    assert len(rows) == 1 and rows[0]["trigger"] == "manual" and rows[0]["modality"] == "MR"
+    table = pas_hl7.cli("prefetch", "list").stdout
+    assert "prefetch requests" in table
+    bad = pas_hl7.cli("prefetch", "patient", " ", check=False)
+    assert bad.returncode == 2 and "PATIENT_ID" in bad.stderr
