@@ -1,0 +1,132 @@
+"""Disk policy: LRU eviction of confirmed studies only, pins, retention, alert, forced purge.
+
+Four real CT studies go through the real receive path. The test marks what the region
+confirmed (the uplink does that in production: ``instances.confirmed_at``) and orders the
+studies by last use, then runs eviction passes against a quota the spool exceeds.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from appliance.config import load_settings
+from appliance.ingest.receive import Receiver
+from appliance.ops.cache_policy import CachePolicy, pin, purge, unpin
+from appliance.store.cache import NotEvictable
+from appliance.store.db import Database
+from appliance.store.spool import Spool
+from tests.faults.helpers import assert_consistent, spool_state
+from tests.support.peers import CT_DIR, PAS_BIN
+
+
+def _confirm(db: Database, study_uid: str) -> None:
+    # Test set-up standing in for the uplink's receipt handling.
+    with db.transaction() as conn:
+        conn.execute("UPDATE instances SET confirmed_at = 1 WHERE study_fk = "
+                     "(SELECT id FROM studies WHERE study_uid = ?)", (study_uid,))
+
+
+def _last_used(db: Database, study_uid: str, at: float) -> None:
+    with db.transaction() as conn:
+        conn.execute("UPDATE studies SET last_received_at = ?, last_accessed_at = ? "
+                     "WHERE study_uid = ?", (at, at, study_uid))
+
+
+def _studies(db: Database) -> set[str]:
+    return {r["study_uid"] for r in db.query("SELECT study_uid FROM studies")}
+
+
+@pytest.fixture
+def four_studies(tmp_path: Path):  # type: ignore[no-untyped-def]
+    home = tmp_path / "home"
+    db = Database(home / "pas.sqlite")
+    spool = Spool(home / "spool")
+    receiver = Receiver(db, spool)
+    by_study: dict[str, list[Path]] = defaultdict(list)
+    for path in sorted(CT_DIR.glob("*.dcm")):
+        from pydicom import dcmread
+
+        by_study[str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)].append(path)
+    chosen = sorted(by_study)[:4]
+    for uid in chosen:
+        for path in by_study[uid]:
+            receiver.receive_file(path.read_bytes())
+    yield home, db, spool, chosen
+    db.close()
+
+
+def _policy(home: Path, db: Database, spool: Spool, **cache: str) -> CachePolicy:
+    used = spool_state(home)
+    total = sum(r["size"] for r in used["by_sop"].values())
+    environ = {"PAS_HOME": str(home),
+               "PAS_STORAGE__QUOTA_MB": str(max(1, total // (1024 * 1024))),
+               **{f"PAS_CACHE__{k.upper()}": v for k, v in cache.items()}}
+    return CachePolicy(load_settings(environ=environ), db, spool)
+
+
+def test_eviction_takes_only_confirmed_unpinned_lru(four_studies) -> None:  # type: ignore[no-untyped-def]
+    home, db, spool, (s1, s2, s3, s4) = four_studies
+    for n, uid in enumerate((s1, s2, s3, s4)):
+        _last_used(db, uid, 1000.0 + n)  # s1 least recently used
+    for uid in (s1, s2, s3):
+        _confirm(db, uid)                # s4 is NOT confirmed at the region
+    assert pin(db, s2, None, "test")
+
+    policy = _policy(home, db, spool, high_watermark_percent="50", low_watermark_percent="1")
+    result = policy.evict_if_needed()
+    assert result.evicted == [s1, s3]
+    assert _studies(db) == {s2, s4}
+    assert result.still_above_high and policy.alert is not None
+    assert_consistent(home)  # files went with their rows: no orphan, nothing missing
+
+    assert unpin(db, s2, "test")
+    assert policy.evict_if_needed().evicted == [s2]
+    assert _studies(db) == {s4}  # never the unconfirmed one, whatever the pressure
+
+    with pytest.raises(NotEvictable, match="not confirmed"):
+        purge(db, spool, s4, "operator:test", force=False)
+    assert _studies(db) == {s4}
+    events = [(r["event"], r["target"], r["outcome"]) for r in
+              db.query("SELECT * FROM audit ORDER BY id")]
+    assert ("delete", s1, "success") in events and ("alert", None, "failure: disk") in events
+    assert any(e[0] == "delete" and e[1] == s4 and e[2].startswith("failure") for e in events)
+
+
+def test_retention_keeps_recent_confirmed_studies(four_studies) -> None:  # type: ignore[no-untyped-def]
+    home, db, spool, uids = four_studies
+    for uid in uids:
+        _confirm(db, uid)  # received just now, all confirmed
+    policy = _policy(home, db, spool, high_watermark_percent="50", low_watermark_percent="1",
+                     min_retention_days="1")
+    assert policy.evict_if_needed().evicted == []
+    assert _studies(db) == set(uids)
+
+
+def test_forced_purge_from_the_cli_is_audited_and_alert_clears(four_studies) -> None:  # type: ignore[no-untyped-def]
+    home, db, spool, uids = four_studies
+    env = {**os.environ, "PAS_HOME": str(home)}
+    refused = subprocess.run([str(PAS_BIN), "cache", "purge", uids[0]], env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "not confirmed" in refused.stderr
+    assert _studies(db) == set(uids)
+    policy = _policy(home, db, spool, high_watermark_percent="50", low_watermark_percent="1")
+    policy.evict_if_needed()
+    assert policy.alert is not None  # nothing confirmed: nothing may go, operator warned
+    for uid in uids:
+        done = subprocess.run([str(PAS_BIN), "cache", "purge", uid, "--force"], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert "unconfirmed" in done.stdout
+    assert _studies(db) == set()
+    assert_consistent(home)
+    assert spool_state(home)["files"] == 0
+    policy.evict_if_needed()
+    assert policy.alert is None
+    forced = db.query("SELECT * FROM audit WHERE event = 'delete' AND outcome = 'success'")
+    assert len(forced) == 4 and all("forced purge" in r["detail"] for r in forced)
+    assert all(r["actor"].startswith("operator") for r in forced)

@@ -1,0 +1,123 @@
+"""Start-up recovery, ``pas verify [--repair]`` and the scrub on a spool damaged on purpose.
+
+Real files (the CT set) go through the real receive path into a real SQLite index; then the
+test deletes, truncates and flips bytes in them, and drops garbage and temp files in the
+spool, as a failing disk or a crash would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from appliance.ingest.receive import Receiver
+from appliance.ops.recovery import Scrubber, startup_recovery
+from appliance.store import cache as cache_store
+from appliance.store import jobs as job_store
+from appliance.store.db import Database
+from appliance.store.spool import Spool
+from tests.faults.helpers import spool_state
+from tests.support.peers import CT_DIR, PAS_BIN
+
+
+@pytest.fixture
+def filled(tmp_path: Path):  # type: ignore[no-untyped-def]
+    home = tmp_path / "home"
+    db = Database(home / "pas.sqlite")
+    spool = Spool(home / "spool")
+    receiver = Receiver(db, spool)
+    sources = sorted(CT_DIR.glob("*.dcm"))[:6]
+    received = [receiver.receive_file(p.read_bytes()) for p in sources]
+    yield home, db, spool, receiver, sources, received
+    db.close()
+
+
+def _pas(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PAS_HOME": str(home), "COLUMNS": "200"}
+    return subprocess.run([str(PAS_BIN), *args], env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_verify_reports_then_recovery_flags_and_repair_restores(filled) -> None:  # type: ignore[no-untyped-def]
+    home, db, spool, receiver, sources, received = filled
+    missing, truncated, flipped = (spool.path(f"{r.sha256[:2]}/{r.sha256[2:4]}/{r.sha256}.dcm")
+                                   for r in received[:3])
+    missing.unlink()
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    data = bytearray(flipped.read_bytes())
+    data[-10] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    garbage = spool.root / "ab" / "cd" / ("ab" + "cd" + "0" * 60 + ".dcm")
+    garbage.parent.mkdir(parents=True)
+    garbage.write_bytes(b"not what the name says")
+    (spool.tmp / "interrupted.part").write_bytes(b"x" * 100)
+
+    # 1. verify without --repair: reports every problem, exit 1, changes nothing.
+    result = _pas(home, "verify", "--json")
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["files"], report["ok"], report["missing"], report["hash_mismatch"]) == \
+        (6, 3, 1, 2)
+    assert any("orphan" in p and garbage.name in p for p in report["problems"])
+    assert garbage.exists() and flipped.exists()
+    assert spool_state(home)["rows"] == 6
+
+    # 2. start-up recovery: temp removed, garbage quarantined (not deleted), the missing and
+    # the truncated file flagged; the flipped byte has the right size: the scrub finds it.
+    recovery = startup_recovery(db, spool, receiver)
+    assert recovery.temp_files_removed == 1
+    assert recovery.orphans_quarantined == 1 and not garbage.exists()
+    assert (spool.root / "quarantine").is_dir()
+    assert (recovery.missing, recovery.size_mismatch) == (1, 1)
+    kinds = sorted(i["kind"] for i in cache_store.open_issues(db))
+    # verify (step 1) flagged the two hash mismatches and the missing file already; flags
+    # are not duplicated.
+    assert kinds == ["hash_mismatch", "hash_mismatch", "missing", "orphan_corrupt",
+                     "size_mismatch"]
+    scrubber = Scrubber(db, spool, bytes_per_s=50e6, batch=4)
+    stop = threading.Event()
+    while scrubber.step(stop):
+        pass
+    assert scrubber.last_report.hash_mismatch == 2 and scrubber.last_report.missing == 1
+    assert "hash_mismatch" in {i["kind"] for i in cache_store.open_issues(db)}
+    assert spool_state(home)["rows"] == 6  # nothing was dropped from the index
+
+    # 3. --repair moves damaged copies aside; the modality re-sends; verify is clean again.
+    result = _pas(home, "verify", "--repair", "--json")
+    assert json.loads(result.stdout)["repaired"] == 2
+    for source in sources[:3]:
+        again = receiver.receive_file(source.read_bytes())
+        assert again.duplicate  # the row was there all along: only the file comes back
+    result = _pas(home, "verify", "--json")
+    assert result.returncode == 0, result.stdout
+    assert json.loads(result.stdout)["ok"] == 6
+    open_kinds = {i["kind"] for i in cache_store.open_issues(db)}
+    assert open_kinds == {"orphan_corrupt"}  # the quarantined garbage stays for a human
+    audit_events = {r["event"] for r in db.query("SELECT event FROM audit")}
+    assert {"verify", "integrity", "recovery"} <= audit_events
+
+
+def test_startup_releases_only_this_hosts_leases(filled) -> None:  # type: ignore[no-untyped-def]
+    _home, db, spool, receiver, _sources, received = filled
+    study_fk = db.query_one("SELECT study_fk FROM instances WHERE id = ?",
+                            (received[0].instance_id,))["study_fk"]
+    job_store.route_study(db, study_fk, [received[0].instance_id], [
+        job_store.NewJob("dicom", "a", 2, "r", [received[0].instance_id]),
+        job_store.NewJob("dicom", "b", 2, "r", [received[0].instance_id]),
+    ])
+    mine = job_store.claim_next(db, "thishost:111:abc:0", lease_s=3600)
+    theirs = job_store.claim_next(db, "otherhost:222:def:0", lease_s=3600)
+    assert mine is not None and theirs is not None
+    report = startup_recovery(db, spool, receiver, host="thishost")
+    assert report.leases_released == 1
+    states = {r["lease_owner"]: (r["state"], r["attempts"])
+              for r in db.query("SELECT * FROM jobs")}
+    assert states[None] == ("pending", 0)
+    assert states["otherhost:222:def:0"] == ("running", 1)
+    again = job_store.claim_next(db, "thishost:333:new:0", lease_s=60)
+    assert again is not None and again.id == mine.id
