@@ -96,7 +96,20 @@ def assert_kept_exactly(home: Path, sources: list[str]) -> None:
         assert row is not None, f"LOST: {source} ({uid}) was acknowledged but is not indexed"
         kept = (home / "spool" / row["path"]).read_bytes()
         assert sha256(kept) == row["sha256"]
-        assert sha256(dataset_bytes(kept)) == sha256(dataset_bytes(original)), source
+        if sha256(dataset_bytes(kept)) != sha256(dataset_bytes(original)):
+            # storescu re-encodes some files on the way (undefined-length sequences become
+            # defined-length): then every element must still be equal, pixels bit for bit.
+            assert _same_dataset(kept, original), f"{source}: content differs"
+
+
+def _same_dataset(kept: bytes, original: bytes) -> bool:
+    from io import BytesIO
+
+    from pydicom import dcmread
+
+    a, b = dcmread(BytesIO(kept)), dcmread(BytesIO(original))
+    pixels_equal = sha256(a.get("PixelData", b"") or b"") == sha256(b.get("PixelData", b"") or b"")
+    return bool(pixels_equal and a == b)
 
 
 def new_spool(home: Path) -> Spool:

@@ -1,0 +1,95 @@
+"""Disk full during ingest: 0xA700, nothing half-written, accepting again once space is back.
+
+The spool lives on a small tmpfs the test mounts (root: CI runs as root). A filler file eats
+the space; DCMTK storescu sends the real CT set. Two ways to be full are tried: the
+configured floor (``storage.min_free_mb``, refused before any byte is written) and the file
+system itself refusing the write (ENOSPC, floor 0).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.faults.helpers import (
+    assert_consistent,
+    assert_kept_exactly,
+    sop_uid_of,
+    stored_successes,
+)
+from tests.support.peers import CT_DIR, DCMTK_ENV, PasProcess
+
+MB = 1024 * 1024
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.fail("mounting a tmpfs needs root (CI runs as root)")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _send_all(port: int) -> tuple[list[str], list[str]]:
+    files = sorted(str(p) for p in CT_DIR.glob("*.dcm"))
+    result = subprocess.run(["storescu", "-v", "-aec", "PAS", "-aet", "CT1", "127.0.0.1",
+                             str(port), *files], env=DCMTK_ENV, capture_output=True, text=True,
+                            timeout=120)
+    output = result.stdout + result.stderr
+    statuses = re.findall(r"Received Store Response \(([^)]*)\)", output)
+    return stored_successes(output), statuses
+
+
+def _fill(mount: Path, leave_free: int) -> Path:
+    filler = mount / "filler.bin"
+    free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
+    with open(filler, "wb") as handle:
+        handle.truncate(0)
+        chunk = b"\0" * MB
+        for _ in range((free - leave_free) // MB):
+            handle.write(chunk)
+    return filler
+
+
+@pytest.mark.parametrize("floor_mb,leave_free_mb", [(2, 12), (0, 6)], ids=["floor", "enospc"])
+def test_disk_full_refuses_with_a700_then_recovers(small_disk: Path, floor_mb: int,
+                                                    leave_free_mb: int) -> None:
+    home = small_disk / "pas"
+    pas = PasProcess(home, {"PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_HTTP__ENABLED": "false",
+                            "PAS_STORAGE__MIN_FREE_MB": str(floor_mb),
+                            "PAS_CACHE__SCRUB_MB_PER_S": "0"}).start()
+    try:
+        filler = _fill(small_disk, leave_free_mb * MB)
+        accepted, statuses = _send_all(pas.port)
+        refused = [s for s in statuses if s != "Success"]
+        assert accepted and refused, statuses  # some fit, the rest did not
+        # storescu prints 0xA700 as "Refused: OutOfResources"; after ENOSPC an index commit
+        # that could not grow the database is a processing failure (0xC211) instead.
+        assert all(s in ("Refused: OutOfResources", "Failed: UnableToProcess")
+                   for s in refused), set(refused)
+        assert "Refused: OutOfResources" in refused
+        state = assert_consistent(home)  # no partial file, no temp file, no orphan
+        assert state["rows"] == len(set(accepted))
+        assert_kept_exactly(home, accepted)
+
+        # Space comes back: the same daemon accepts again, no restart, no operator action.
+        filler.unlink()
+        accepted_again, statuses_again = _send_all(pas.port)
+        assert all(s == "Success" for s in statuses_again), set(statuses_again)
+        state = assert_consistent(home)
+        # 62 files, 60 SOP Instance UIDs: the set holds two instances twice.
+        assert state["rows"] == len({sop_uid_of(p) for p in CT_DIR.glob("*.dcm")})
+        assert_kept_exactly(home, accepted_again)
+        assert "out of resources" in pas.log()
+    finally:
+        pas.stop()
