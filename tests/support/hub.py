@@ -1,0 +1,176 @@
+"""The regional hub as a real peer for tests: ``pas hub run`` in a child process, enrolment
+through the real CLI, and real sealed buckets built with the codec engineer's pack/seal.
+
+Binds to 127.0.0.1 on a free port; its home is the test's temporary folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import signal
+import ssl
+import subprocess
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pydicom import dcmread
+
+from appliance.transfer import pack, seal
+from appliance.transfer.enrolment import Enrolment, load_enrolment
+from tests.support.peers import PAS_BIN, free_port, port_open, wait_for
+
+
+class HubProcess:
+    """``pas hub run`` with a private ``$PAS_HUB_HOME``; ``init()`` runs ``pas hub init``."""
+
+    def __init__(self, home: Path, env: dict[str, str] | None = None):
+        self.home = Path(home)
+        self.port = free_port()
+        self.env = {**os.environ, "PAS_HUB_HOME": str(self.home),
+                    "PAS_HUB_HTTP__HOST": "127.0.0.1", "PAS_HUB_HTTP__PORT": str(self.port),
+                    **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.home / "hub.log"
+
+    @property
+    def url(self) -> str:
+        return f"https://localhost:{self.port}"
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([str(PAS_BIN), "hub", *args], env=self.env, capture_output=True,
+                                text=True, timeout=60)
+        if check and result.returncode != 0:
+            raise AssertionError(f"pas hub {' '.join(args)} -> {result.returncode}\n"
+                                 f"{result.stdout}\n{result.stderr}")
+        return result
+
+    def init(self, *addresses: str) -> HubProcess:
+        extra = [a for address in addresses for a in ("--address", address)]
+        self.cli("init", *extra)
+        return self
+
+    def token(self, site: str) -> str:
+        return self.cli("token", site).stdout.strip()
+
+    def start(self, timeout: float = 30.0) -> HubProcess:
+        self.home.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([str(PAS_BIN), "hub", "run"], env=self.env, stdout=log,
+                                     stderr=subprocess.STDOUT)
+        wait_for(lambda: self._alive() and port_open("127.0.0.1", self.port), timeout,
+                 what=f"hub on {self.port} (log {self.log_path})")
+        return self
+
+    def _alive(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"hub exited with {self.proc.returncode}: {self.log()[-2000:]}")
+        return True
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def anonymous_context(self) -> ssl.SSLContext:
+        """Trusts the hub's CA but presents no client certificate."""
+        context = ssl.create_default_context(cafile=str(self.home / "ca.crt"))
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        return context
+
+
+def enroll(hub: HubProcess, home: Path, site: str) -> Enrolment:
+    """``pas enroll`` through the real CLI, into ``home`` (``$PAS_HOME``)."""
+    token = hub.token(site)
+    env = {**os.environ, "PAS_HOME": str(home)}
+    env.pop("PAS_CONFIG", None)
+    result = subprocess.run([str(PAS_BIN), "enroll", "--hub", hub.url, "--token", token],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    enrolment = load_enrolment(home)
+    assert enrolment is not None
+    return enrolment
+
+
+def client(enrolment: Enrolment) -> httpx.Client:
+    return httpx.Client(base_url=enrolment.url, verify=enrolment.ssl_context(), timeout=120)
+
+
+@dataclass
+class Shipment:
+    """One study packed and sealed for a hub: what an appliance would send."""
+
+    transfer_id: str
+    key: bytes
+    manifest: dict[str, Any]
+    buckets: list[bytes]
+    originals: dict[str, str] = field(default_factory=dict)  # SOP Instance UID -> SHA-256
+
+    def put_all(self, http: httpx.Client) -> list[int]:
+        statuses = []
+        for index, sealed in enumerate(self.buckets):
+            statuses.append(http.put(self.bucket_url(index), content=sealed).status_code)
+        return statuses
+
+    def bucket_url(self, index: int) -> str:
+        return f"/api/v1/transfers/{self.transfer_id}/buckets/{index}"
+
+    @property
+    def url(self) -> str:
+        return f"/api/v1/transfers/{self.transfer_id}"
+
+
+def pack_items(files: list[Path]) -> list[pack.PackItem]:
+    items = []
+    for path in files:
+        data = path.read_bytes()
+        uid = str(dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+                  .SOPInstanceUID)
+        items.append(pack.PackItem(uid, path, len(data), hashlib.sha256(data).hexdigest()))
+    return items
+
+
+def ship(items: list[pack.PackItem], hub_public: bytes, target_bytes: int = 2 << 20,
+         study_uid: str = "1.2.3") -> Shipment:
+    """Plan, pack and seal ``items`` for a new transfer, as the uplink does."""
+    transfer_id = str(uuid.uuid4())
+    key = seal.new_transfer_key()
+    plans = pack.plan_buckets(items, target_bytes)
+    where: dict[str, list[int]] = {}
+    buckets = []
+    for plan in plans:
+        plaintext, _stats = pack.pack_bucket(plan)
+        buckets.append(seal.seal_bucket(key, transfer_id, plan.index, plaintext))
+        for item, _offset, _length in plan.entries:
+            where.setdefault(item.sop_instance_uid, []).append(plan.index)
+    manifest = {
+        "transfer_id": transfer_id, "study_uid": study_uid, "priority": 0,
+        "wrapped_key": base64.b64encode(seal.wrap_key(key, hub_public, transfer_id)).decode(),
+        "bucket_count": len(plans),
+        "instances": [{"sop_instance_uid": i.sop_instance_uid, "sop_class_uid": "",
+                       "size": i.size, "sha256": i.sha256,
+                       "buckets": sorted(set(where[i.sop_instance_uid]))} for i in items],
+    }
+    return Shipment(transfer_id, key, manifest, buckets,
+                    {i.sop_instance_uid: i.sha256 for i in items})
+
+
+def dump(document: Any) -> str:
+    return json.dumps(document, indent=1)[:2000]

@@ -1,0 +1,180 @@
+"""Hub PKI and enrolment through the real CLI, and the mutual-TLS gate of /api/v1.
+
+Real peers: ``pas hub init/token/run/revoke`` and ``pas enroll`` as child processes, real TLS
+1.3 on loopback. Bad inputs: no client certificate, a certificate from another CA, a revoked
+one (refused at once, even on an open connection), used / forged tokens, a CA that does not
+match the token, a hub name the certificate does not cover.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from appliance.hub.pki import HubPKI
+from appliance.transfer.enrolment import load_enrolment
+from tests.support.hub import HubProcess, client, enroll
+from tests.support.peers import PAS_BIN
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
+    process = HubProcess(tmp_path_factory.mktemp("hub") / "home").init()
+    process.start()
+    yield process
+    process.stop()
+
+
+def _pas_enroll(home: Path, url: str, token: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PAS_HOME": str(home)}
+    return subprocess.run([str(PAS_BIN), "enroll", "--hub", url, "--token", token], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_init_creates_private_files_and_a_server_certificate_for_the_addresses(
+        tmp_path: Path) -> None:
+    hub = HubProcess(tmp_path / "hub").init("hub.region.example", "198.18.0.1")
+    for name in ("ca.key", "ca.crt", "server.key", "server.crt", "transfer.key",
+                 "transfer.pub"):
+        mode = stat.S_IMODE((hub.home / name).stat().st_mode)
+        assert mode == 0o600, f"{name} has mode {oct(mode)}"
+    cert = x509.load_pem_x509_certificate((hub.home / "server.crt").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["hub.region.example"]
+    assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == ["198.18.0.1"]
+    assert len((hub.home / "transfer.pub").read_bytes()) == 32
+    again = hub.cli("init", check=False)
+    assert again.returncode == 1 and "already initialised" in again.stderr
+
+
+def test_enroll_writes_0600_files_and_talks_mutual_tls(hub: HubProcess, tmp_path: Path) -> None:
+    enrolment = enroll(hub, tmp_path / "site", "CHU-NORD")
+    assert enrolment.site == "CHU-NORD" and enrolment.url == hub.url
+    assert enrolment.hub_transfer_key == (hub.home / "transfer.pub").read_bytes()
+    assert stat.S_IMODE(enrolment.pki_dir.stat().st_mode) == 0o700
+    for name in ("client.key", "client.crt", "ca.crt", "hub.json"):
+        assert stat.S_IMODE((enrolment.pki_dir / name).stat().st_mode) == 0o600, name
+    assert (enrolment.pki_dir / "ca.crt").read_bytes() == (hub.home / "ca.crt").read_bytes()
+    with client(enrolment) as http:
+        answer = http.get("/api/v1/whoami")
+        assert answer.status_code == 200 and answer.json() == {"site": "CHU-NORD"}
+        assert http.get("/api/v1/transfers/nope/buckets").status_code == 404
+    sites = hub.cli("sites").stdout
+    assert "CHU-NORD" in sites and "valid" in sites
+
+
+def test_a_token_works_once(hub: HubProcess, tmp_path: Path) -> None:
+    token = hub.token("ONCE")
+    assert _pas_enroll(tmp_path / "a", hub.url, token).returncode == 0
+    second = _pas_enroll(tmp_path / "b", hub.url, token)
+    assert second.returncode == 1 and "403" in second.stderr
+    assert load_enrolment(tmp_path / "b") is None
+    assert "enrolment refused for site ONCE: unknown or used token" in hub.log()
+
+
+def test_forged_and_malformed_tokens_are_refused_and_nothing_is_written(
+        hub: HubProcess, tmp_path: Path) -> None:
+    real = hub.token("FORGE")
+    site, _secret, cafp = real.split(".")
+    forged = _pas_enroll(tmp_path / "f", hub.url, f"{site}.{'A' * 32}.{cafp}")
+    assert forged.returncode == 1 and "403" in forged.stderr
+    malformed = _pas_enroll(tmp_path / "m", hub.url, "not-a-token")
+    assert malformed.returncode == 1 and "malformed token" in malformed.stderr
+    assert not (tmp_path / "f" / "pki").exists() and not (tmp_path / "m" / "pki").exists()
+    # The real token still works: refusals spent nothing.
+    assert _pas_enroll(tmp_path / "ok", hub.url, real).returncode == 0
+
+
+def test_a_hub_whose_ca_does_not_match_the_token_is_not_trusted(
+        hub: HubProcess, tmp_path: Path) -> None:
+    impostor = HubProcess(tmp_path / "impostor").init()
+    impostor.start()
+    try:
+        token = hub.token("MITM")  # the real hub's token, the impostor's address
+        result = _pas_enroll(tmp_path / "victim", impostor.url, token)
+    finally:
+        impostor.stop()
+    assert result.returncode == 1 and "does not match the token" in result.stderr
+    assert "MITM" not in impostor.log()  # the secret never reached the impostor
+    assert not (tmp_path / "victim" / "pki").exists()
+
+
+def test_hostname_is_checked_against_the_server_certificate(tmp_path: Path) -> None:
+    hub = HubProcess(tmp_path / "hub").init("localhost")  # not valid for 127.0.0.1
+    hub.start()
+    try:
+        result = _pas_enroll(tmp_path / "site", f"https://127.0.0.1:{hub.port}",
+                             hub.token("NAMECHECK"))
+    finally:
+        hub.stop()
+    assert result.returncode == 1 and "certificate" in result.stderr.lower()
+    assert load_enrolment(tmp_path / "site") is None
+
+
+def test_no_client_certificate_is_401_but_enrolment_routes_answer(hub: HubProcess) -> None:
+    with httpx.Client(base_url=hub.url, verify=hub.anonymous_context()) as http:
+        answer = http.post("/api/v1/transfers", json={})
+        assert answer.status_code == 401
+        assert answer.json()["error"] == "client_certificate_required"
+        assert http.get("/enroll/ca").content == (hub.home / "ca.crt").read_bytes()
+    assert "no client certificate" in hub.log()
+
+
+def test_a_certificate_from_another_ca_fails_the_handshake(hub: HubProcess,
+                                                           tmp_path: Path) -> None:
+    other = HubPKI(tmp_path / "other")
+    other.init()
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "CHU-NORD")]))
+           .sign(key, hashes.SHA256()))
+    issued = other.sign_csr(csr.public_bytes(serialization.Encoding.PEM), "CHU-NORD")
+    (tmp_path / "c.crt").write_bytes(issued.pem)
+    (tmp_path / "c.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    context = hub.anonymous_context()
+    context.load_cert_chain(tmp_path / "c.crt", tmp_path / "c.key")
+    with (httpx.Client(base_url=hub.url, verify=context) as http,
+          pytest.raises(httpx.TransportError)):
+        # TLS 1.3: the server verifies the client's certificate after the client's side of the
+        # handshake finished, so the client sees the connection closed with no HTTP answer.
+        http.get("/api/v1/whoami")
+    # The same request with this fleet's certificate on the same hub is answered.
+    with client(enroll(hub, tmp_path / "real", "CHU-SUD")) as http:
+        assert http.get("/api/v1/whoami").json() == {"site": "CHU-SUD"}
+
+
+def test_revocation_applies_at_once_even_on_an_open_connection(
+        hub: HubProcess, tmp_path: Path) -> None:
+    enrolment = enroll(hub, tmp_path / "site", "REVOKED")
+    other = enroll(hub, tmp_path / "other", "STILL-OK")
+    with client(enrolment) as http, client(other) as http_other:
+        assert http.get("/api/v1/whoami").status_code == 200  # keep-alive connection open
+        hub.cli("revoke", "REVOKED")
+        answer = http.get("/api/v1/whoami")
+        assert answer.status_code == 403 and answer.json()["error"] == "certificate_revoked"
+        assert http_other.get("/api/v1/whoami").status_code == 200
+    assert "certificate" in hub.log() and "is revoked" in hub.log()
+    again = hub.cli("revoke", "REVOKED", check=False)
+    assert again.returncode == 1
+
+
+def test_tls_below_1_3_is_refused(hub: HubProcess) -> None:
+    context = hub.anonymous_context()
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    with (httpx.Client(base_url=hub.url, verify=context) as http,
+          pytest.raises(httpx.TransportError)):
+        http.get("/healthz")
