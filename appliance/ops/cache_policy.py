@@ -13,6 +13,7 @@ deletes anything the region has not confirmed (invariant 2).
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from appliance.store.spool import Spool
 log = logging.getLogger("pas.cache")
 
 DAY_S = 86400.0
+# Alert a little before the floor/quota, so the operator hears of it before senders do.
+HARD_LIMIT_HEADROOM = 4 * 1024 * 1024
 
 
 @dataclass
@@ -89,14 +92,30 @@ class CachePolicy:
         self._update_alert(result)
         return result
 
+    def hard_limit_near(self) -> str | None:
+        """Why new instances are (or are about to be) refused with 0xA700, or None."""
+        storage = self.settings.storage
+        free = shutil.disk_usage(self.spool.root).free
+        floor = storage.min_free_mb * 1024 * 1024
+        if free < floor + HARD_LIMIT_HEADROOM:
+            return (f"hard limit: {free // (1024 * 1024)} MB free, floor "
+                    f"storage.min_free_mb={storage.min_free_mb}: C-STORE refused with 0xA700")
+        if storage.quota_mb:
+            used, capacity = self._usage()
+            if used + HARD_LIMIT_HEADROOM > capacity:
+                return (f"hard limit: spool {used // (1024 * 1024)} MB of its quota "
+                        f"storage.quota_mb={storage.quota_mb}: C-STORE refused with 0xA700")
+        return None
+
     def _update_alert(self, result: EvictionPass) -> None:
         policy = self.settings.cache
         percent = 100.0 * result.used_after / result.capacity if result.capacity else 0.0
-        if percent >= policy.high_watermark_percent:
-            result.still_above_high = True
-            message = (f"disk {percent:.1f}% used, above the high watermark "
-                       f"({policy.high_watermark_percent}%), nothing more may be evicted "
-                       f"(unconfirmed, pinned or within retention)")
+        hard = self.hard_limit_near()
+        if percent >= policy.high_watermark_percent or hard:
+            result.still_above_high = percent >= policy.high_watermark_percent
+            message = hard or (f"disk {percent:.1f}% used, above the high watermark "
+                               f"({policy.high_watermark_percent}%), nothing more may be "
+                               f"evicted (unconfirmed, pinned or within retention)")
             if self.alert is None:  # raise once, not on every pass
                 log.error("ALERT %s", message)
                 audit.record(self.db, "alert", actor="system", outcome="failure: disk",

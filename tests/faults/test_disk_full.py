@@ -22,7 +22,7 @@ from tests.faults.helpers import (
     sop_uid_of,
     stored_successes,
 )
-from tests.support.peers import CT_DIR, DCMTK_ENV, PasProcess
+from tests.support.peers import CT_DIR, DCMTK_ENV, PasProcess, wait_for
 
 MB = 1024 * 1024
 
@@ -67,7 +67,8 @@ def test_disk_full_refuses_with_a700_then_recovers(small_disk: Path, floor_mb: i
     home = small_disk / "pas"
     pas = PasProcess(home, {"PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_HTTP__ENABLED": "false",
                             "PAS_STORAGE__MIN_FREE_MB": str(floor_mb),
-                            "PAS_CACHE__SCRUB_MB_PER_S": "0"}).start()
+                            "PAS_CACHE__SCRUB_MB_PER_S": "0",
+                            "PAS_CACHE__EVICT_INTERVAL_S": "0.2"}).start()
     try:
         filler = _fill(small_disk, leave_free_mb * MB)
         accepted, statuses = _send_all(pas.port)
@@ -81,6 +82,7 @@ def test_disk_full_refuses_with_a700_then_recovers(small_disk: Path, floor_mb: i
         state = assert_consistent(home)  # no partial file, no temp file, no orphan
         assert state["rows"] == len(set(accepted))
         assert_kept_exactly(home, accepted)
+        wait_for(lambda: "ALERT hard limit" in pas.log(), 15, what="the disk alert")
 
         # Space comes back: the same daemon accepts again, no restart, no operator action.
         filler.unlink()
@@ -91,5 +93,6 @@ def test_disk_full_refuses_with_a700_then_recovers(small_disk: Path, floor_mb: i
         assert state["rows"] == len({sop_uid_of(p) for p in CT_DIR.glob("*.dcm")})
         assert_kept_exactly(home, accepted_again)
         assert "out of resources" in pas.log()
+        wait_for(lambda: "disk alert cleared" in pas.log(), 15, what="the alert to clear")
     finally:
         pas.stop()
