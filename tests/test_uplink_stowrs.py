@@ -1,0 +1,107 @@
+"""Destination kind ``stowrs`` end to end: storescu -> PAS -> STOW-RS -> a real Orthanc.
+
+Every instance must arrive with the SHA-256 of the file PAS stored (downloaded back from
+Orthanc's /instances/{id}/file), be marked sent per instance, and the link state must show
+the archive as up. A wrong URL (the archive answers 404) fails the job for good with a message
+naming the HTTP status, and the daemon keeps serving.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from tests.support.peers import CT_DIR, Orthanc, PasProcess, storescu, wait_for
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    peer = Orthanc(tmp_path_factory.mktemp("orthanc-stow"))
+    try:
+        yield peer.start()
+    finally:
+        peer.stop()
+
+
+def _rows(home: Path, sql: str) -> list[sqlite3.Row]:
+    conn = sqlite3.connect(home / "pas.sqlite")
+    conn.row_factory = sqlite3.Row
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def _jobs(home: Path) -> list[sqlite3.Row]:
+    return _rows(home, "SELECT * FROM jobs")
+
+
+def _uids(folder: Path) -> tuple[set[str], set[str]]:
+    """The distinct SOP Instance UIDs and Study UIDs of a folder (the CT set holds two
+    byte-identical re-sent copies: 62 files, 60 instances, 20 studies)."""
+    sops, studies = set(), set()
+    for path in folder.glob("*.dcm"):
+        ds = dcmread(path, stop_before_pixels=True)
+        sops.add(str(ds.SOPInstanceUID))
+        studies.add(str(ds.StudyInstanceUID))
+    return sops, studies
+
+
+def _stow_env(url: str, per_request: int = 8) -> dict[str, str]:
+    return {
+        "PAS_DICOM__ACCEPT_UNKNOWN": "true",
+        "PAS_DESTINATIONS__ARCHIVE__KIND": "stowrs",
+        "PAS_DESTINATIONS__ARCHIVE__URL": url,
+        "PAS_DESTINATIONS__ARCHIVE__INSTANCES_PER_REQUEST": str(per_request),
+        "PAS_ROUTING__FALLBACK__DESTINATIONS": '["archive"]',
+        "PAS_QUEUE__BACKOFF_INITIAL_S": "0.5",
+    }
+
+
+def test_ct_set_arrives_bit_exact_in_orthanc(pas_factory, orthanc: Orthanc) -> None:
+    pas: PasProcess = pas_factory(_stow_env(orthanc.dicomweb))
+    storescu(CT_DIR, pas.port)
+    sop_uids, study_uids = _uids(CT_DIR)
+    wait_for(lambda: len([j for j in _jobs(pas.home) if j["state"] in ("done", "failed")])
+             == len(study_uids), 120, what="one finished stowrs job per study")
+    jobs = _jobs(pas.home)
+    assert {j["state"] for j in jobs} == {"done"}, [j["last_error"] for j in jobs]
+    stored = {r["sop_instance_uid"]: r["sha256"]
+              for r in _rows(pas.home, "SELECT sop_instance_uid, sha256 FROM instances")}
+    assert set(stored) == sop_uids
+    unsent = _rows(pas.home, "SELECT count(*) AS n FROM job_instances WHERE sent_at IS NULL")
+    assert unsent[0]["n"] == 0
+
+    arrived: dict[str, str] = {}
+    for orthanc_id in orthanc.instances():
+        tags = orthanc.get(f"/instances/{orthanc_id}/simplified-tags").json()
+        if tags["SOPInstanceUID"] in stored:
+            arrived[tags["SOPInstanceUID"]] = hashlib.sha256(
+                orthanc.instance_file(orthanc_id)).hexdigest()
+    assert arrived == stored  # every instance, each with the SHA-256 PAS holds
+
+    status = pas.status()
+    assert status["links"]["archive"]["state"] == "up"
+    assert status["links"]["archive"]["last_ok_at"] is not None
+    assert not [b for b in status["backlog"] if b["destination"] == "archive"]
+
+
+def test_wrong_url_fails_the_job_with_the_http_status(pas_factory, orthanc: Orthanc) -> None:
+    pas: PasProcess = pas_factory(_stow_env(f"{orthanc.url}/no-such-root"))
+    files = sorted(CT_DIR.glob("*.dcm"))[:3]
+    storescu(files, pas.port)
+    wait_for(lambda: [j for j in _jobs(pas.home) if j["state"] == "failed"], 60,
+             what="the stowrs job to fail")
+    job = _jobs(pas.home)[0]
+    assert "HTTP 404" in job["last_error"], job["last_error"]
+    assert job["attempts"] == 1  # a 4xx is not retried
+    sent = _rows(pas.home, "SELECT count(*) AS n FROM job_instances WHERE sent_at IS NOT NULL")
+    assert sent[0]["n"] == 0
+    # The daemon keeps serving: another study is still received and indexed.
+    storescu(sorted(CT_DIR.glob("*.dcm"))[3:4], pas.port)
+    assert len(_rows(pas.home, "SELECT id FROM instances")) == 4
