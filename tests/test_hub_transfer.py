@@ -1,0 +1,264 @@
+"""The transfer API against a real hub process (embedded archive), with real sealed buckets.
+
+Real peers: ``pas hub run`` (TLS 1.3, mutual TLS) and an appliance identity from ``pas enroll``;
+buckets are packed and sealed with ``appliance.transfer.pack``/``seal`` from the real MR set.
+Each bad input of issue 3 is a test: a clear 4xx, logged, and nothing stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from appliance.hub.pki import verify_receipt
+from appliance.transfer.client import verify_receipt as uplink_verify_receipt
+from appliance.transfer.enrolment import Enrolment
+from tests.support.hub import HubProcess, Shipment, client, enroll, pack_items, ship
+from tests.support.peers import MR_DIR
+
+MAX_BUCKET = 4 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
+    process = HubProcess(tmp_path_factory.mktemp("hub") / "home",
+                         {"PAS_HUB_LIMITS__MAX_BUCKET_BYTES": str(MAX_BUCKET)}).init()
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def site(hub: HubProcess, tmp_path_factory: pytest.TempPathFactory) -> Enrolment:
+    return enroll(hub, tmp_path_factory.mktemp("site"), "CHU-EST")
+
+
+@pytest.fixture(scope="module")
+def http(site: Enrolment) -> Iterator[httpx.Client]:
+    with client(site) as session:
+        yield session
+
+
+@pytest.fixture(scope="module")
+def mr_files() -> list[Path]:
+    return sorted(p for p in MR_DIR.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def small(site: Enrolment, mr_files: list[Path]) -> Shipment:
+    """20 MR instances in 2-3 buckets: enough to exercise every path quickly."""
+    return ship(pack_items(mr_files[:20]), site.hub_transfer_key, target_bytes=512 * 1024)
+
+
+def _status(http: httpx.Client, shipment: Shipment) -> dict:
+    answer = http.get(shipment.url)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def _archive_rows(hub: HubProcess, study_uid: str) -> list[sqlite3.Row]:
+    conn = sqlite3.connect(hub.home / "archive" / "pas.sqlite")
+    conn.row_factory = sqlite3.Row
+    try:
+        return conn.execute(
+            "SELECT i.sop_instance_uid, i.sha256, i.path, s.origin FROM instances i "
+            "JOIN series se ON i.series_fk = se.id JOIN studies s ON se.study_fk = s.id "
+            "WHERE s.study_uid = ?", (study_uid,)).fetchall()
+    finally:
+        conn.close()
+
+
+def test_whole_mr_study_arrives_bit_exact_with_a_signed_receipt(
+        hub: HubProcess, site: Enrolment, http: httpx.Client, mr_files: list[Path]) -> None:
+    from pydicom import dcmread
+
+    study_uid = str(dcmread(mr_files[0], stop_before_pixels=True).StudyInstanceUID)
+    shipment = ship(pack_items(mr_files), site.hub_transfer_key, 6 << 20, study_uid)
+    assert http.post("/api/v1/transfers", json=shipment.manifest).status_code == 201
+    assert http.post("/api/v1/transfers", json=shipment.manifest).status_code == 200
+    assert shipment.put_all(http) == [201] * len(shipment.buckets)
+    held = http.get(shipment.url + "/buckets").json()
+    assert held == {"held": list(range(len(shipment.buckets))), "count": len(shipment.buckets)}
+    assert http.get(shipment.url + "/receipt").status_code == 404
+
+    answer = http.post(shipment.url + "/commit")
+    assert answer.status_code == 200, answer.text
+    receipt = answer.json()
+    assert receipt["archive"] == "embedded" and receipt["study_uid"] == study_uid
+    assert {(i["sop_instance_uid"], i["sha256"]) for i in receipt["instances"]} == \
+        set(shipment.originals.items())
+    server_pem = (hub.home / "server.crt").read_bytes()
+    assert verify_receipt(receipt, server_pem)
+    uplink_verify_receipt(receipt, x509.load_pem_x509_certificate(server_pem)
+                          .public_bytes(serialization.Encoding.DER))
+    assert not verify_receipt({**receipt, "study_uid": "1.2.3"}, server_pem)
+
+    rows = _archive_rows(hub, study_uid)
+    assert len(rows) == len(mr_files) == 520
+    for row in rows:
+        assert row["origin"] == "regional"
+        stored = hub.home / "archive" / "spool" / row["path"]
+        assert hashlib.sha256(stored.read_bytes()).hexdigest() == row["sha256"] == \
+            shipment.originals[row["sop_instance_uid"]]
+
+    # Idempotent: commit again returns the same receipt; the archive holds no duplicate.
+    assert http.post(shipment.url + "/commit").json() == receipt
+    assert http.get(shipment.url + "/receipt").json() == receipt
+    assert len(_archive_rows(hub, study_uid)) == 520
+    late = http.put(shipment.bucket_url(0), content=shipment.buckets[0])
+    assert late.status_code == 409 and late.json()["error"] == "committed"
+    status = _status(http, shipment)
+    assert status["committed"] and status["bytes_stored"] == sum(map(len, shipment.buckets))
+
+
+def test_same_id_with_another_manifest_is_409(http: httpx.Client, small: Shipment) -> None:
+    assert http.post("/api/v1/transfers", json=small.manifest).status_code == 201
+    other = {**small.manifest, "study_uid": "1.2.999"}
+    answer = http.post("/api/v1/transfers", json=other)
+    assert answer.status_code == 409 and answer.json()["error"] == "conflict"
+
+
+def test_a_bucket_sent_twice_is_stored_once_and_counted_twice(
+        http: httpx.Client, small: Shipment) -> None:
+    http.post("/api/v1/transfers", json=small.manifest)
+    assert http.put(small.bucket_url(0), content=small.buckets[0]).status_code == 201
+    assert http.put(small.bucket_url(0), content=small.buckets[0]).status_code == 200
+    status = _status(http, small)
+    assert status["bytes_received"] == 2 * len(small.buckets[0])
+    assert status["bytes_stored"] == len(small.buckets[0]) and status["puts"] == 2
+
+
+def _refused_and_nothing_stored(http: httpx.Client, hub: HubProcess, shipment: Shipment,
+                                answer: httpx.Response, status: int, error: str) -> None:
+    assert answer.status_code == status, answer.text
+    assert answer.json()["error"] == error and answer.json()["detail"]
+    assert http.get(shipment.url + "/buckets").json()["held"] == []
+    assert _status(http, shipment)["bytes_stored"] == 0
+    assert not list((hub.home / "buckets").glob(f"{shipment.transfer_id}/*"))
+
+
+def test_a_bucket_with_one_flipped_byte_is_rejected(
+        hub: HubProcess, http: httpx.Client, small: Shipment) -> None:
+    http.post("/api/v1/transfers", json=small.manifest)
+    tampered = bytearray(small.buckets[0])
+    tampered[len(tampered) // 2] ^= 0x01
+    answer = http.put(small.bucket_url(0), content=bytes(tampered))
+    _refused_and_nothing_stored(http, hub, small, answer, 400, "bucket_rejected")
+    assert f"transfer {small.transfer_id} bucket 0 rejected" in hub.log()
+
+
+def test_a_truncated_bucket_is_rejected(hub: HubProcess, http: httpx.Client,
+                                        small: Shipment) -> None:
+    http.post("/api/v1/transfers", json=small.manifest)
+    answer = http.put(small.bucket_url(0), content=small.buckets[0][:-100])
+    _refused_and_nothing_stored(http, hub, small, answer, 400, "bucket_rejected")
+
+
+def test_a_bucket_replayed_into_another_transfer_or_index_is_rejected(
+        hub: HubProcess, site: Enrolment, http: httpx.Client, small: Shipment,
+        mr_files: list[Path]) -> None:
+    victim = ship(pack_items(mr_files[:20]), site.hub_transfer_key, target_bytes=512 * 1024)
+    http.post("/api/v1/transfers", json=small.manifest)
+    http.post("/api/v1/transfers", json=victim.manifest)
+    into_other_transfer = http.put(victim.bucket_url(0), content=small.buckets[0])
+    _refused_and_nothing_stored(http, hub, victim, into_other_transfer, 400, "bucket_rejected")
+    into_other_index = http.put(small.bucket_url(1), content=small.buckets[0])
+    _refused_and_nothing_stored(http, hub, small, into_other_index, 400, "bucket_rejected")
+
+
+def test_a_manifest_sha256_that_does_not_match_fails_the_commit_naming_the_instance(
+        hub: HubProcess, http: httpx.Client, small: Shipment) -> None:
+    wrong = small.manifest["instances"][3]
+    wrong["sha256"] = hashlib.sha256(b"not this file").hexdigest()
+    assert http.post("/api/v1/transfers", json=small.manifest).status_code == 201
+    assert small.put_all(http) == [201] * len(small.buckets)
+    answer = http.post(small.url + "/commit")
+    assert answer.status_code == 422, answer.text
+    body = answer.json()
+    assert body["error"] == "sha256_mismatch"
+    assert [m["sop_instance_uid"] for m in body["mismatch"]] == [wrong["sop_instance_uid"]]
+    assert body["mismatch"][0]["actual"] == small.originals[wrong["sop_instance_uid"]]
+    assert wrong["sop_instance_uid"] in body["detail"]
+    assert http.get(small.url + "/receipt").status_code == 404
+    assert _archive_rows(hub, small.manifest["study_uid"]) == []
+    assert "commit refused" in hub.log()
+
+
+def test_an_oversized_bucket_is_413(hub: HubProcess, http: httpx.Client,
+                                    small: Shipment) -> None:
+    http.post("/api/v1/transfers", json=small.manifest)
+    answer = http.put(small.bucket_url(0), content=b"\0" * (MAX_BUCKET + 1))
+    _refused_and_nothing_stored(http, hub, small, answer, 413, "too_large")
+
+    def no_length() -> Iterator[bytes]:  # chunked: the limit is enforced while reading
+        for _ in range(5):
+            yield b"\0" * (MAX_BUCKET // 4)
+
+    answer = http.put(small.bucket_url(0), content=no_length())
+    _refused_and_nothing_stored(http, hub, small, answer, 413, "too_large")
+
+
+def test_garbage_json_and_malformed_manifests_are_refused(
+        hub: HubProcess, http: httpx.Client, small: Shipment) -> None:
+    garbage = http.post("/api/v1/transfers", content=b"{not json",
+                        headers={"Content-Type": "application/json"})
+    assert garbage.status_code == 400 and garbage.json()["error"] == "bad_json"
+    missing = {k: v for k, v in small.manifest.items() if k != "bucket_count"}
+    answer = http.post("/api/v1/transfers", json=missing)
+    assert answer.status_code == 422 and "bucket_count" in answer.json()["detail"]
+    bad_sha = json.loads(json.dumps(small.manifest))
+    bad_sha["instances"][0]["sha256"] = "xyz"
+    answer = http.post("/api/v1/transfers", json=bad_sha)
+    assert answer.status_code == 422 and "instances.0.sha256" in answer.json()["detail"]
+    foreign_key = {**small.manifest, "wrapped_key": small.manifest["wrapped_key"][:-8] + "AAAAAAA="}
+    answer = http.post("/api/v1/transfers", json=foreign_key)
+    assert answer.status_code == 422 and answer.json()["error"] == "bad_wrapped_key"
+    assert http.get(small.url).status_code == 404  # nothing was created
+    assert "manifest is not JSON" in hub.log() and "malformed manifest" in hub.log()
+
+
+def test_wrong_index_unknown_transfer_missing_buckets(
+        http: httpx.Client, small: Shipment) -> None:
+    unknown = http.put(small.bucket_url(0), content=small.buckets[0])
+    assert unknown.status_code == 404 and unknown.json()["error"] == "unknown_transfer"
+    http.post("/api/v1/transfers", json=small.manifest)
+    out = http.put(small.bucket_url(len(small.buckets)), content=small.buckets[0])
+    assert out.status_code == 416
+    http.put(small.bucket_url(0), content=small.buckets[0])
+    answer = http.post(small.url + "/commit")
+    assert answer.status_code == 409
+    assert answer.json()["missing"] == list(range(1, len(small.buckets)))
+
+
+def test_sites_do_not_see_each_others_transfers(
+        hub: HubProcess, http: httpx.Client, small: Shipment, tmp_path: Path) -> None:
+    http.post("/api/v1/transfers", json=small.manifest)
+    with client(enroll(hub, tmp_path / "other", "CHU-OUEST")) as other:
+        assert other.get(small.url + "/buckets").status_code == 404
+        assert other.put(small.bucket_url(0), content=small.buckets[0]).status_code == 404
+    assert _status(http, small)["bytes_received"] == 0
+
+
+def test_acknowledged_buckets_survive_kill_9_of_the_hub(
+        hub: HubProcess, site: Enrolment, small: Shipment) -> None:
+    with client(site) as http:
+        http.post("/api/v1/transfers", json=small.manifest)
+        assert http.put(small.bucket_url(0), content=small.buckets[0]).status_code == 201
+    hub.kill()
+    hub.start()
+    with client(site) as http:
+        assert http.get(small.url + "/buckets").json()["held"] == [0]
+        for index in range(1, len(small.buckets)):
+            assert http.put(small.bucket_url(index), content=small.buckets[index]).status_code \
+                == 201
+        answer = http.post(small.url + "/commit")
+        assert answer.status_code == 200, answer.text
+        assert len(answer.json()["instances"]) == 20
