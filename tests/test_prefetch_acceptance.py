@@ -1,0 +1,230 @@
+"""Acceptance of issue 6: priors on site before the patient arrives, end to end, real peers.
+
+The regional archive is a real Orthanc (DICOMweb plugin, in its own network namespace) behind
+a real hub (``pas hub run``: TLS 1.3, mutual TLS, the ``/api/v1/region/dicom-web`` proxy); PAS
+is enrolled with ``pas enroll``. The older CT study of each of the 10 patients of
+ct-covid19-ny-sbu is loaded into Orthanc with DCMTK storescu; one ORM^O01 per patient goes
+through the ``hl7`` package's MLLP client. Proven: every prior lands in the PAS cache byte for
+byte (SHA-256 of each file equals the original), pinned, marked confirmed and never routed back
+to the region; a duplicate order fetches nothing again; garbage HL7 gets a NAK; then the hub
+and Orthanc stop and the priors are still served from PAS (checked on the spool, since the
+Q/R SCP of the serving issue answers findscu/movescu only once it lands).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from hl7.client import MLLPClient
+from pydicom import dcmread
+
+from tests.support.peers import (
+    CT_DIR,
+    PAS_BIN,
+    Orthanc,
+    PasProcess,
+    free_port,
+    port_open,
+    wait_for,
+)
+
+pytestmark = pytest.mark.root
+
+
+def ct_studies() -> dict[str, list[tuple[str, list[Path]]]]:
+    """PatientID -> [(StudyDate, files)] oldest first (file names <PatientID>_..._<date>-n)."""
+    by_study: dict[tuple[str, str], list[Path]] = defaultdict(list)
+    for path in sorted(CT_DIR.glob("*.dcm")):
+        ds = dcmread(path, stop_before_pixels=True)
+        by_study[(str(ds.PatientID), str(ds.StudyDate))].append(path)
+    patients: dict[str, list[tuple[str, list[Path]]]] = defaultdict(list)
+    for (patient, date), files in sorted(by_study.items()):
+        patients[patient].append((date, files))
+    return patients
+
+
+class Hub:
+    """``pas hub`` as a child process: init, one token, run on loopback."""
+
+    def __init__(self, home: Path, archive_url: str):
+        self.home = home
+        self.port = free_port()
+        self.env = {**os.environ, "PAS_HUB_HOME": str(home),
+                    "PAS_HUB_HTTP__HOST": "127.0.0.1", "PAS_HUB_HTTP__PORT": str(self.port),
+                    "PAS_HUB_ARCHIVE__KIND": "dicomweb", "PAS_HUB_ARCHIVE__URL": archive_url}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def cli(self, *args: str) -> str:
+        result = subprocess.run([str(PAS_BIN), "hub", *args], env=self.env, capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    def start(self) -> Hub:
+        self.home.mkdir(parents=True, exist_ok=True)
+        if not (self.home / "hub.sqlite").exists():
+            self.cli("init")
+        log = open(self.home / "hub.log", "ab")
+        self.proc = subprocess.Popen([str(PAS_BIN), "hub", "run"], env=self.env, stdout=log,
+                                     stderr=subprocess.STDOUT)
+        wait_for(lambda: self.proc is not None and self.proc.poll() is None
+                 and port_open("127.0.0.1", self.port), 30, what="the hub")
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:  # open keep-alive connections delay uvicorn
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def region(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    if os.geteuid() != 0:
+        pytest.fail("Orthanc runs in a network namespace: the tests must run as root")
+    base = tmp_path_factory.mktemp("prefetch_region")
+    orthanc = Orthanc(base / "orthanc").start()
+    hub = Hub(base / "hub", orthanc.dicomweb).start()
+    patients = ct_studies()
+    priors = {patient: studies[0] for patient, studies in patients.items()}
+    # Through Orthanc's REST API, which keeps the file byte for byte (storescu would rewrite
+    # undefined-length sequences, so the region would not hold the originals' bytes).
+    for _, files in priors.values():
+        for path in files:
+            answer = httpx.post(f"{orthanc.url}/instances", content=path.read_bytes(), timeout=60)
+            assert answer.status_code == 200, answer.text
+    token = hub.cli("token", "SITEA").strip()
+    pas = PasProcess(base / "pas", {
+        "PAS_HL7__HOST": "127.0.0.1", "PAS_HL7__PORT": str(free_port()),
+        "PAS_PREFETCH__RETRY_AFTER_S": "1", "PAS_PREFETCH__PIN_DAYS": "30",
+        "PAS_PREFETCH__CHECK_INTERVAL_S": "0.2", "PAS_DICOM__ACCEPT_UNKNOWN": "true",
+    })
+    pas.home.mkdir(parents=True, exist_ok=True)
+    pas.cli("enroll", "--hub", f"https://127.0.0.1:{hub.port}", "--token", token)
+    pas.start()
+    hl7_port = int(pas.env["PAS_HL7__PORT"])
+    wait_for(lambda: port_open("127.0.0.1", hl7_port), 15, what="the HL7 listener")
+    try:
+        yield {"orthanc": orthanc, "hub": hub, "pas": pas, "priors": priors,
+               "patients": patients, "hl7_port": hl7_port}
+    finally:
+        pas.stop()
+        hub.stop()
+        orthanc.stop()
+
+
+def orm(control: str, patient: str, order: str) -> str:
+    return "\r".join([
+        f"MSH|^~\\&|RIS|HOSP|PAS|HOSP|20261123120000||ORM^O01|{control}|P|2.5",
+        f"PID|1||{patient}^^^^MR||DOE^JOHN",
+        f"ORC|NW|{order}|||SC",
+        f"OBR|1|{order}||CTCHEST^CT chest||||||||||||||ACC-{order}||||||CT",
+    ])
+
+
+def send(port: int, message: str) -> str:
+    with MLLPClient("127.0.0.1", port) as client:
+        return client.send_message(message).decode()
+
+
+def prefetch_rows(pas: PasProcess) -> list[dict[str, Any]]:
+    return json.loads(pas.cli("prefetch", "list", "--json").stdout)["requests"]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_orders_bring_every_prior_on_site_then_served_without_the_hub(
+        region: dict[str, Any]) -> None:
+    pas: PasProcess = region["pas"]
+    port = region["hl7_port"]
+    priors: dict[str, tuple[str, list[Path]]] = region["priors"]
+    assert len(priors) == 10
+    for n, patient in enumerate(sorted(priors)):
+        answer = send(port, orm(f"M{n}", patient, f"O{n}"))
+        assert "MSA|AA|" + f"M{n}" in answer
+
+    def all_fetched() -> bool:
+        rows = prefetch_rows(pas)
+        return len(rows) == 10 and all(r["state"] == "fetched" for r in rows)
+
+    wait_for(all_fetched, 180, interval=0.5, what="10 prefetch requests fetched")
+    rows = {r["patient_id"]: r for r in prefetch_rows(pas)}
+    # A072894's older study holds one file under two names (same bytes): count distinct.
+    expected_files = len({sha256(p) for _, files in priors.values() for p in files})
+    assert sum(r["instances_fetched"] for r in rows.values()) == expected_files
+    assert all(r["studies_found"] == 1 and r["studies_fetched"] == 1 for r in rows.values())
+
+    # Byte for byte: each original file's SHA-256 is in the PAS index, under its patient.
+    studies = json.loads(pas.cli("studies", "--json").stdout)
+    assert {s["patient_id"] for s in studies} == set(priors)
+    assert all(s["origin"] == "regional" for s in studies)
+    assert sum(s["instances"] for s in studies) == expected_files
+    assert all(s["confirmed"] == s["instances"] for s in studies)
+    import sqlite3
+
+    with sqlite3.connect(pas.home / "pas.sqlite") as conn:
+        held = {row[0]: row[1] for row in conn.execute(
+            "SELECT sha256, path FROM instances WHERE is_current = 1")}
+        unrouted = conn.execute("SELECT count(*) FROM instances WHERE routed_at IS NULL"
+                                ).fetchone()[0]
+        unpinned = conn.execute("SELECT count(*) FROM studies WHERE pinned_until IS NULL OR "
+                                "pinned_until < strftime('%s','now') + 29 * 86400"
+                                ).fetchone()[0]
+        jobs = conn.execute("SELECT count(*) FROM jobs").fetchone()[0]
+    for _, files in priors.values():
+        for path in files:
+            digest = sha256(path)
+            assert digest in held, f"{path.name} not in the PAS cache byte for byte"
+            assert sha256(pas.home / "spool" / held[digest]) == digest
+    assert unrouted == 0 and jobs == 0  # never sent back to the region
+    assert unpinned == 0
+
+    # A duplicate order (new control id, same order) fetches nothing again.
+    before = {p: (r["instances_fetched"], r["id"]) for p, r in rows.items()}
+    first = sorted(priors)[0]
+    assert "MSA|AA|" in send(port, orm("DUP1", first, "O0"))
+    again = {r["patient_id"]: r for r in prefetch_rows(pas)}
+    assert len(again) == 10
+    assert again[first]["times_requested"] == 2
+    assert {p: (r["instances_fetched"], r["id"]) for p, r in again.items()} == before
+
+    # Garbage gets a NAK with a reason, and changes nothing.
+    nak = send(port, "this is not HL7")
+    assert "MSA|AR|" in nak and "MSH" in nak
+    assert len(prefetch_rows(pas)) == 10
+
+    # By hand, for a patient whose prior is complete on site: found, 'on_site', 0 fetched.
+    patient = sorted(priors)[1]
+    pas.cli("prefetch", "patient", patient)
+
+    def manual_done() -> dict[str, Any] | None:
+        manual = [r for r in prefetch_rows(pas) if r["trigger"] == "manual"]
+        return manual[0] if manual and manual[0]["state"] in ("fetched", "failed") else None
+
+    row = wait_for(manual_done, 60, interval=0.3, what="the manual request")
+    assert row["state"] == "fetched", row["last_error"]
+    assert row["studies_found"] == 1 and row["instances_fetched"] == 0
+    detail = json.loads(pas.cli("prefetch", "show", str(row["id"])).stdout)
+    assert [st["state"] for st in detail["studies"]] == ["on_site"]
+
+    # The region goes away: the priors are still on site, bit-exact.
+    region["hub"].stop()
+    region["orthanc"].stop()
+    for _, files in priors.values():
+        for path in files:
+            assert sha256(pas.home / "spool" / held[sha256(path)]) == sha256(path)
+
