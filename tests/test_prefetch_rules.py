@@ -1,0 +1,166 @@
+"""Prefetch decisions without I/O: rules, WAN windows, HL7 times and fields, multipart parsing,
+and the store's idempotence (one SQLite file in a temporary directory)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from appliance.config import ConfigError, PrefetchRule, PrefetchWindow, load_settings
+from appliance.prefetch.messages import Refusal, interpret, parse_hl7_time, parse_message
+from appliance.prefetch.rules import (
+    Candidate,
+    candidate_from_qido,
+    choose_priors,
+    in_window,
+    next_window_start,
+    rule_for,
+)
+from appliance.store import prefetch as store
+from appliance.store.db import Database
+from appliance.transfer.region import RegionError, multipart_parts
+
+TODAY = dt.date(2026, 11, 23)
+
+
+def cand(uid: str, date: str, modalities: str = "CT", accession: str = "",
+         parts: str = "") -> Candidate:
+    return Candidate(uid, date, accession, frozenset(modalities.split(",")), 10,
+                     frozenset(p for p in parts.split(",") if p))
+
+
+CANDIDATES = [
+    cand("1", "20261120", "CT", "ACC-NOW", "CHEST"),
+    cand("2", "20250101", "CT", "A2", "CHEST"),
+    cand("3", "20240101", "MR", "A3", "HEAD"),
+    cand("4", "20100101", "CT,SR", "A4", "ABDOMEN"),
+    cand("5", "20230601", "CT", "A5", "CHEST"),
+]
+
+
+def test_newest_first_at_most_n_never_the_current_accession() -> None:
+    rule = PrefetchRule(name="r", priors=2)
+    chosen = choose_priors(rule, CANDIDATES, modality="CT", body_part=None,
+                           accession="ACC-NOW", today=TODAY)
+    assert [c.study_uid for c in chosen] == ["2", "3"]
+
+
+def test_current_study_uid_is_excluded_for_arrivals() -> None:
+    rule = PrefetchRule(name="r", priors=1)
+    chosen = choose_priors(rule, CANDIDATES, modality="CT", body_part=None, accession=None,
+                           current_study_uid="1", today=TODAY)
+    assert [c.study_uid for c in chosen] == ["2"]
+
+
+def test_same_modality_and_max_age() -> None:
+    rule = PrefetchRule(name="r", priors=10, same="modality", max_age_days=5 * 365)
+    chosen = choose_priors(rule, CANDIDATES, modality="ct", body_part=None, accession="ACC-NOW",
+                           today=TODAY)
+    assert [c.study_uid for c in chosen] == ["2", "5"]  # 3 is MR, 4 is 16 years old
+
+
+def test_same_body_part() -> None:
+    rule = PrefetchRule(name="r", priors=10, same="body_part")
+    chosen = choose_priors(rule, CANDIDATES, modality="CT", body_part="chest", accession=None,
+                           today=TODAY)
+    assert [c.study_uid for c in chosen] == ["1", "2", "5"]
+
+
+def test_rule_for_the_ordered_modality() -> None:
+    rules = [PrefetchRule(name="mr", modality="^MR$", priors=5), PrefetchRule(name="any")]
+    assert rule_for(rules, "MR").name == "mr"  # type: ignore[union-attr]
+    assert rule_for(rules, "CT").name == "any"  # type: ignore[union-attr]
+    assert rule_for(rules[:1], "CT") is None
+
+
+def test_candidate_from_qido_json() -> None:
+    row = {"0020000D": {"vr": "UI", "Value": ["1.2.3"]}, "00080020": {"vr": "DA",
+           "Value": ["20250101"]}, "00080061": {"vr": "CS", "Value": ["CT", "SR"]},
+           "00201208": {"vr": "IS", "Value": [62]}}
+    assert candidate_from_qido(row) == Candidate("1.2.3", "20250101", "",
+                                                 frozenset({"CT", "SR"}), 62)
+    assert candidate_from_qido({}) is None
+
+
+def test_wan_windows_wrap_past_midnight() -> None:
+    night = [PrefetchWindow(start="20:00", end="07:00")]
+    assert in_window(night, dt.datetime(2026, 11, 23, 23, 0))
+    assert in_window(night, dt.datetime(2026, 11, 23, 6, 59))
+    assert not in_window(night, dt.datetime(2026, 11, 23, 12, 0))
+    assert in_window([], dt.datetime(2026, 11, 23, 12, 0))
+    assert next_window_start(night, dt.datetime(2026, 11, 23, 12, 0)) == \
+        dt.datetime(2026, 11, 23, 20, 0)
+    assert next_window_start([PrefetchWindow(start="06:00", end="07:00")],
+                             dt.datetime(2026, 11, 23, 12, 0)) == dt.datetime(2026, 11, 24, 6)
+
+
+def test_bad_window_and_unknown_push_destination_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match=r"prefetch.windows.0.start: must be HH:MM"):
+        load_settings(environ={"PAS_PREFETCH__WINDOWS": '[{start = "25:00", end = "07:00"}]'})
+    with pytest.raises(ConfigError, match=r"prefetch.rules.0.push_to: unknown destination 'ws'"):
+        load_settings(environ={"PAS_PREFETCH__RULES": '[{name = "r", push_to = ["ws"]}]'})
+
+
+def test_hl7_times() -> None:
+    local = dt.datetime(2026, 11, 24, 9, 30).timestamp()
+    assert parse_hl7_time("202611240930") == local
+    assert parse_hl7_time("20261124093000.1234") == local
+    assert parse_hl7_time("20261124093000+0100") == \
+        dt.datetime(2026, 11, 24, 8, 30, tzinfo=dt.UTC).timestamp()
+    assert parse_hl7_time("") is None
+    with pytest.raises(ValueError, match="not an HL7 date/time"):
+        parse_hl7_time("2026-11-24")
+
+
+def test_issuer_from_pid3_and_scheduled_time_from_obr27() -> None:
+    order = interpret(parse_message("\r".join([
+        "MSH|^~\\&|RIS|H|PAS|H|20261123||ORM^O01|X1|P|2.5",
+        "PID|1||123^^^CHU-A&1.2.250.1&ISO^PI",
+        "ORC|NW|P1|F1",
+        "OBR|1|P1|F1|CT^CT|||||||||||CHEST^Chest|||A77||||||CT|||^^^20261124093000",
+    ])))
+    assert (order.patient_id, order.issuer, order.accession_number) == ("123", "CHU-A", "A77")
+    assert (order.modality, order.body_part) == ("CT", "CHEST")
+    assert order.scheduled_at == dt.datetime(2026, 11, 24, 9, 30).timestamp()
+    assert order.dedup_key == "order:123|CHU-A|P1"
+    with pytest.raises(Refusal, match="unsupported message type ADT\\^A01"):
+        interpret(parse_message("MSH|^~\\&|A|B|C|D|2026||ADT^A01|Z|P|2.5\rPID|1||9"))
+
+
+def test_multipart_parts() -> None:
+    body = (b"--abc\r\nContent-Type: application/dicom\r\n\r\nFIRST\r\n--abc\r\n"
+            b"Content-Type: application/dicom\r\n\r\nSEC\r\nOND\r\n--abc--\r\n")
+    assert multipart_parts('multipart/related; type="application/dicom"; boundary=abc',
+                           body) == [b"FIRST", b"SEC\r\nOND"]
+    with pytest.raises(RegionError, match="expected multipart/related"):
+        multipart_parts("application/json", b"{}")
+
+
+def test_store_schedules_one_request_per_order(tmp_path: Path) -> None:
+    db = Database(tmp_path / "pas.sqlite")
+    request = store.NewRequest("order:P|H|1", "hl7", "P", "H", "A1", "CT", None, 2e9, 1.9e9)
+    first = store.record_message(db, "RIS|H|m1", "ORM^O01", "AA", request=request)
+    again = store.record_message(db, "RIS|H|m2", "ORM^O01", "AA", request=request)
+    assert first is not None and first.created and again is not None and not again.created
+    assert first.request_id == again.request_id
+    assert store.message_seen(db, "RIS|H|m1") is not None
+    (row,) = store.list_requests(db)
+    assert row["times_requested"] == 2 and row["due_at"] == 1.9e9
+    assert store.claim_due(db) == []  # not due before 1.9e9
+    store.record_message(db, "RIS|H|m3", "ORM^O01", "AA", cancel_key="order:P|H|1")
+    assert store.list_requests(db)[0]["state"] == "cancelled"
+
+
+def test_failed_attempts_end_in_failed_and_restart_recovers(tmp_path: Path) -> None:
+    db = Database(tmp_path / "pas.sqlite")
+    store.schedule(db, store.NewRequest("manual:P", "manual", "P"))
+    (claimed,) = store.claim_due(db)
+    assert store.get_request(db, claimed["id"])["state"] == "running"  # type: ignore[index]
+    assert store.recover(db) == 1  # a crash left it running: pending again (attempt counted)
+    (claimed,) = store.claim_due(db)
+    assert store.fail_attempt(db, claimed["id"], "boom", max_attempts=3, retry_at=0) == "pending"
+    (claimed,) = store.claim_due(db)
+    assert store.fail_attempt(db, claimed["id"], "boom", max_attempts=3, retry_at=0) == "failed"
+    assert store.claim_due(db) == []
