@@ -241,4 +241,4 @@ class HubClient:
         stream = response.extensions.get("network_stream")
         ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
         if ssl_object is not None:
-            self.hub_certificate_der = ssl_object.getpeercert(binary_form=True)
+            self.hub_certificate_der = ssl_object.getpeercert(True)

@@ -93,7 +93,7 @@ class HubTarget:
         items = [pack.PackItem(r["sop_instance_uid"], context.spool.path(r["path"]),
                                int(r["size"]), r["sha256"]) for r in rows]
         plans = pack.plan_buckets(items, int(self.config.bucket_mb * 1024 * 1024))
-        progress = self._transfer_identity(job, context)
+        progress = self._transfer_identity(job, context, len(plans))
         transfer_id = progress["transfer_id"]
         key = base64.b64decode(progress["key"])
         manifest = self._manifest(job, rows, plans, transfer_id, progress["wrapped_key"])
@@ -131,7 +131,8 @@ class HubTarget:
                                f"{COMMIT_ROUNDS} rounds")
         self._confirm(job, context, rows, receipt, transfer_id)
 
-    def _transfer_identity(self, job: Job, context: SendContext) -> dict[str, Any]:
+    def _transfer_identity(self, job: Job, context: SendContext,
+                           bucket_count: int) -> dict[str, Any]:
         """The job's transfer id and key: created once, saved before any request."""
         from appliance.transfer import seal
 
@@ -143,7 +144,8 @@ class HubTarget:
         wrapped = seal.wrap_key(key, self.enrolment.hub_transfer_key, transfer_id)
         progress.update(transfer_id=transfer_id, key=base64.b64encode(key).decode(),
                         wrapped_key=base64.b64encode(wrapped).decode(),
-                        buckets_sent=0, bytes_sent=0, original_bytes_sent=0)
+                        bucket_count=bucket_count, buckets_sent=0, bytes_sent=0,
+                        original_bytes_sent=0)
         job_store.save_progress(context.db, job.id, progress)
         return progress
 

@@ -1,0 +1,98 @@
+"""A small TCP proxy on 127.0.0.1 that a test can cut and restore: the WAN link going down.
+
+Owns: one listening socket, a pair of pump threads per connection, byte counters. ``cut()``
+closes every open connection at once (RST, as a dead link looks to the sender) and refuses
+new ones until ``restore()``. TLS passes through untouched (the proxy never sees clear text).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+
+from tests.support.peers import free_port
+
+
+class TcpProxy:
+    def __init__(self, upstream_host: str, upstream_port: int):
+        self.upstream = (upstream_host, upstream_port)
+        self.port = free_port()
+        self.bytes_up = 0  # client -> upstream
+        self.connections = 0
+        self._up = threading.Event()
+        self._up.set()
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
+        self._closing = False
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._thread = threading.Thread(target=self._accept, daemon=True, name="tcpproxy")
+
+    def start(self) -> TcpProxy:
+        self._thread.start()
+        return self
+
+    def cut(self) -> None:
+        """Drop every connection now (RST) and refuse new ones."""
+        self._up.clear()
+        with self._lock:
+            sockets = list(self._open)
+            self._open.clear()
+        for sock in sockets:
+            _reset(sock)
+
+    def restore(self) -> None:
+        self._up.set()
+
+    def stop(self) -> None:
+        self._closing = True
+        self.cut()
+        with contextlib.suppress(OSError):
+            self._listener.close()
+
+    def _accept(self) -> None:
+        while not self._closing:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            if not self._up.is_set():
+                _reset(client)
+                continue
+            try:
+                server = socket.create_connection(self.upstream, timeout=5)
+            except OSError:
+                _reset(client)
+                continue
+            server.settimeout(None)
+            with self._lock:
+                self._open.update((client, server))
+                self.connections += 1
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, upward: bool) -> None:
+        try:
+            while chunk := source.recv(65536):
+                sink.sendall(chunk)
+                if upward:
+                    with self._lock:
+                        self.bytes_up += len(chunk)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            with self._lock:
+                self._open.discard(source)
+                self._open.discard(sink)
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with RST instead of FIN: the peer sees the connection die, not end."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with contextlib.suppress(OSError):
+        sock.close()
