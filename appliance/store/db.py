@@ -90,6 +90,10 @@ class Database:
 
     def _migrate(self, migrations: list[str]) -> None:
         conn = self.connection()
+        if int(conn.execute("PRAGMA user_version").fetchone()[0]) == len(migrations):
+            # Up to date: a reader (``pas status``) must not wait for the write lock, which
+            # a busy daemon or a long transaction may hold (tests/faults/test_link_and_lock).
+            return
         conn.execute("BEGIN IMMEDIATE")
         try:
             version = int(conn.execute("PRAGMA user_version").fetchone()[0])
