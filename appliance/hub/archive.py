@@ -106,7 +106,12 @@ class DicomWebArchive:
         refused: list[str] = []
         for start in range(0, len(instances), self.per_request):
             batch = instances[start:start + self.per_request]
-            refused.extend(self._post(batch))
+            refused_here = self._post(batch)
+            if len(batch) > 1 and len(refused_here) == len(batch):
+                # Some archives refuse a whole request for one bad part: ask one by one, so
+                # that the answer names the instance(s) really refused.
+                refused_here = [uid for instance in batch for uid in self._post([instance])]
+            refused.extend(refused_here)
         if refused:
             raise ArchiveRefused(f"DICOMweb archive refused {len(refused)} instance(s): "
                                  f"{', '.join(refused[:5])}", refused)

@@ -1,0 +1,122 @@
+"""The hub with ``archive.kind = "dicomweb"``: STOW-RS into a real Orthanc (DICOMweb plugin,
+in its own network namespace), and the read-only region proxy (QIDO-RS / WADO-RS).
+
+Acceptance of issue 3 on the hub side: every instance of the real CT set arrives in Orthanc
+with its original SHA-256 (downloaded back and compared). The receipt exists only once
+Orthanc accepted every instance: an instance Orthanc refuses makes the commit 502, no receipt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from pydicom import dcmread
+
+from appliance.transfer.enrolment import Enrolment
+from appliance.transfer.pack import PackItem
+from tests.support.hub import HubProcess, client, enroll, pack_items, ship
+from tests.support.peers import CT_DIR, Orthanc
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    if os.geteuid() != 0:
+        pytest.fail("Orthanc runs in a network namespace: the tests must run as root")
+    peer = Orthanc(tmp_path_factory.mktemp("orthanc"))
+    peer.start()
+    yield peer
+    peer.stop()
+
+
+@pytest.fixture(scope="module")
+def hub(orthanc: Orthanc, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
+    process = HubProcess(tmp_path_factory.mktemp("hub") / "home",
+                         {"PAS_HUB_ARCHIVE__KIND": "dicomweb",
+                          "PAS_HUB_ARCHIVE__URL": orthanc.dicomweb}).init()
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def site(hub: HubProcess, tmp_path_factory: pytest.TempPathFactory) -> Enrolment:
+    return enroll(hub, tmp_path_factory.mktemp("site"), "CHU-CENTRE")
+
+
+def test_ct_study_reaches_orthanc_bit_exact_and_reads_back_through_the_region_proxy(
+        hub: HubProcess, site: Enrolment, orthanc: Orthanc) -> None:
+    files = sorted(p for p in CT_DIR.rglob("*") if p.is_file())
+    study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    # Two files of the set are byte-identical copies under another name: one instance each.
+    items = list({item.sop_instance_uid: item for item in pack_items(files)}.values())
+    assert len(items) == 60
+    shipment = ship(items, site.hub_transfer_key, 6 << 20, study_uid)
+    with client(site) as http:
+        assert http.post("/api/v1/transfers", json=shipment.manifest).status_code == 201
+        assert shipment.put_all(http) == [201] * len(shipment.buckets)
+        answer = http.post(shipment.url + "/commit")
+        assert answer.status_code == 200, answer.text
+        receipt = answer.json()
+        assert receipt["archive"] == "dicomweb" and len(receipt["instances"]) == len(items)
+
+        stored = orthanc.instances()
+        assert len(stored) == len(items)
+        arrived = {}
+        for orthanc_id in stored:
+            data = orthanc.instance_file(orthanc_id)
+            uid = str(dcmread(__import__("io").BytesIO(data), stop_before_pixels=True)
+                      .SOPInstanceUID)
+            arrived[uid] = hashlib.sha256(data).hexdigest()
+        assert arrived == shipment.originals
+
+        # Commit again: same receipt, still one copy of each instance in Orthanc.
+        assert http.post(shipment.url + "/commit").json() == receipt
+        assert len(orthanc.instances()) == len(items)
+
+        # Reading the region through the hub: QIDO-RS and WADO-RS, mutual TLS.
+        qido = http.get("/api/v1/region/dicom-web/studies",
+                        params={"StudyInstanceUID": study_uid},
+                        headers={"Accept": "application/dicom+json"})
+        assert qido.status_code == 200, qido.text
+        assert qido.json()[0]["0020000D"]["Value"] == [study_uid]
+        series = http.get(f"/api/v1/region/dicom-web/studies/{study_uid}/series").json()
+        series_uid = series[0]["0020000E"]["Value"][0]
+        listed = http.get(f"/api/v1/region/dicom-web/studies/{study_uid}/series/{series_uid}/"
+                          "instances").json()
+        some_uid = listed[0]["00080018"]["Value"][0]
+        wado = http.get(f"/api/v1/region/dicom-web/studies/{study_uid}/series/{series_uid}/"
+                        f"instances/{some_uid}",
+                        headers={"Accept": 'multipart/related; type="application/dicom"; '
+                                 'transfer-syntax=*'})
+        assert wado.status_code == 200
+        assert wado.headers["content-type"].startswith("multipart/related")
+        original = next(p for p in files if hashlib.sha256(p.read_bytes()).hexdigest()
+                        == shipment.originals[some_uid])
+        assert original.read_bytes() in wado.content
+        assert http.post("/api/v1/region/dicom-web/studies").status_code == 405
+    with httpx.Client(base_url=hub.url, verify=hub.anonymous_context()) as anonymous:
+        assert anonymous.get("/api/v1/region/dicom-web/studies").status_code == 401
+
+
+def test_an_instance_the_archive_refuses_means_502_and_no_receipt(
+        hub: HubProcess, site: Enrolment, orthanc: Orthanc, tmp_path: Path) -> None:
+    files = sorted(p for p in CT_DIR.rglob("*") if p.is_file())[:3]
+    items = pack_items(files)
+    junk = tmp_path / "not-dicom.bin"
+    junk.write_bytes(b"this is not a DICOM file\n" * 100)
+    items.append(PackItem("1.2.826.0.1.3680043.8.498.1", junk, junk.stat().st_size,
+                          hashlib.sha256(junk.read_bytes()).hexdigest()))
+    shipment = ship(items, site.hub_transfer_key, 6 << 20, "1.2.826.0.1.3680043.8.498.2")
+    with client(site) as http:
+        http.post("/api/v1/transfers", json=shipment.manifest)
+        shipment.put_all(http)
+        answer = http.post(shipment.url + "/commit")
+        assert answer.status_code == 502, answer.text
+        assert answer.json()["refused"] == ["1.2.826.0.1.3680043.8.498.1"]
+        assert http.get(shipment.url + "/receipt").status_code == 404
+        assert not http.get(shipment.url).json()["committed"]
