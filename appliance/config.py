@@ -148,6 +148,13 @@ class HttpSection(_Section):
     enabled: bool = True
 
 
+class OpsSection(_Section):
+    """Operations: the heartbeat that feeds the hub's fleet dashboard (only when enrolled)."""
+
+    heartbeat: bool = True
+    heartbeat_interval_s: float = Field(default=30.0, ge=1)
+
+
 class Match(_Section):
     """Regular expressions (Python ``re.search``, case-insensitive) that must all match."""
 
@@ -309,6 +316,7 @@ class Settings(_Section):
     study: StudySection = StudySection()
     queue: QueueSection = QueueSection()
     http: HttpSection = HttpSection()
+    ops: OpsSection = OpsSection()
     routing: RoutingSection = RoutingSection()
     hub: HubSection = HubSection()
     hl7: Hl7Section = Hl7Section()

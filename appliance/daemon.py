@@ -95,6 +95,12 @@ class Daemon:
         self.dispatcher.start()
         self._start_prefetch()
         self._spawn("pas-router", self._route_loop)
+        if self.settings.ops.heartbeat:
+            from appliance.ops.heartbeat import HeartbeatSender
+
+            self.heartbeat = HeartbeatSender(self.settings, self.db,
+                                             self.settings.ops.heartbeat_interval_s)
+            self._spawn("pas-heartbeat", lambda: self.heartbeat.run(self.stopping))
         log.info("PAS ready: AE %s on %s:%d, home %s", self.settings.dicom.ae_title,
                  self.settings.dicom.host, self.listener.port, self.settings.home)
         # Only now: the database is open and the SCP listens (invariant for Type=notify).

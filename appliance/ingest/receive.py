@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from io import BytesIO
 
 from pydicom import dcmread
-from pydicom.dataset import FileMetaDataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
+from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import generate_uid
 
 from appliance import __version__
@@ -131,20 +132,21 @@ def _read_record(content: bytes) -> index.InstanceRecord:
     return instance_record(ds, transfer_syntax)
 
 
-def _check_pixel_length(ds) -> None:  # type: ignore[no-untyped-def]
+def _check_pixel_length(ds: Dataset) -> None:
     """pydicom reads a short final element without complaint; a truncated object usually
     ends in its pixel data, so compare what arrived to what the header promises."""
     element = ds["PixelData"]
-    if element.is_undefined_length or getattr(ds.file_meta, "TransferSyntaxUID", None) is None:
+    syntax = getattr(ds.file_meta, "TransferSyntaxUID", None)
+    if element.is_undefined_length or syntax is None or syntax.is_compressed:
         return
-    if not ds.file_meta.TransferSyntaxUID.is_compressed:
-        try:
-            expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
-                        * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.BitsAllocated)) // 8
-        except (AttributeError, TypeError, ValueError):
-            return
-        actual = len(element.value)
-        if actual < expected:
-            raise InvalidInstance(
-                f"PixelData is truncated: {actual} bytes, the header describes {expected}"
-            )
+    try:
+        expected = get_expected_length(ds, unit="bytes")
+    except (AttributeError, TypeError, ValueError, KeyError):
+        return  # geometry incomplete: nothing reliable to compare against
+    if not isinstance(expected, int):
+        return  # a malformed geometry element (wrong VR): tolerated, stored as sent
+    actual = len(element.value)
+    if actual < expected:
+        raise InvalidInstance(
+            f"PixelData is truncated: {actual} bytes, the header describes {expected}"
+        )

@@ -117,13 +117,15 @@ class DicomListener:
 
     def _on_requested(self, event: Any) -> None:
         requestor = event.assoc.requestor
-        calling = requestor.ae_title.strip()
+        # At this point only the received A-ASSOCIATE-RQ primitive carries the titles.
+        calling = str(requestor.primitive.calling_ae_title).strip()
         reason = self.policy.refusal(calling, requestor.address)
         if reason:
             log.warning("association rejected: %s", reason, extra={"CALLING_AE": calling})
             event.assoc.acse.send_reject(
                 _REJECT_PERMANENT, _SOURCE_SERVICE_USER, _CALLING_AE_NOT_RECOGNISED
             )
+            event.assoc.kill()  # as pynetdicom does: waits until the A-ASSOCIATE-RJ is sent
 
     def _on_c_store_timed(self, event: Any) -> int:
         """The C-STORE handler, timed for the ``pas_cstore_duration_seconds`` histogram."""
