@@ -68,7 +68,9 @@ def default_route_providers() -> list[RouteProvider]:
     from appliance.hub.transfers import transfer_routes
 
     providers: list[RouteProvider] = [enrolment_routes, transfer_routes, region_routes]
-    # Fleet (heartbeat, dashboard) registers here: providers.append(fleet.fleet_routes)
+    from appliance.hub.fleet import fleet_routes
+
+    providers.append(fleet_routes)  # heartbeat, /fleet dashboard, /metrics
     return providers
 
 

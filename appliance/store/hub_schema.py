@@ -53,4 +53,36 @@ HUB_MIGRATIONS: list[str] = [
         PRIMARY KEY (transfer_id, idx)
     );
     """,
+    # 2: the fleet (appliance.store.fleet): latest heartbeat per site and a bounded history.
+    """
+    CREATE TABLE fleet_sites (
+        site TEXT PRIMARY KEY,
+        first_seen_at REAL NOT NULL,
+        last_seen_at REAL NOT NULL,             -- hub clock, when the latest heartbeat arrived
+        last_sent_at REAL NOT NULL,             -- appliance clock, as it said
+        version TEXT,
+        backlog_studies INTEGER NOT NULL DEFAULT 0,
+        backlog_oldest_s REAL NOT NULL DEFAULT 0,
+        urgent_oldest_s REAL NOT NULL DEFAULT 0,
+        disk_used_percent REAL,
+        cert_days_left REAL,
+        failed_jobs INTEGER NOT NULL DEFAULT 0,
+        errors TEXT NOT NULL DEFAULT '[]',      -- JSON list of short strings
+        status TEXT NOT NULL                    -- the whole latest heartbeat, JSON
+    );
+
+    CREATE TABLE fleet_heartbeats (
+        site TEXT NOT NULL,
+        sent_at REAL NOT NULL,
+        received_at REAL NOT NULL,
+        backlog_studies INTEGER NOT NULL,
+        backlog_oldest_s REAL NOT NULL,
+        disk_used_percent REAL,
+        received_bytes INTEGER NOT NULL,        -- cumulative, from the appliance's store
+        received_instances INTEGER NOT NULL,
+        failed_jobs INTEGER NOT NULL,
+        PRIMARY KEY (site, sent_at)
+    ) WITHOUT ROWID;
+    CREATE INDEX fleet_heartbeats_received ON fleet_heartbeats (received_at);
+    """,
 ]

@@ -1,0 +1,317 @@
+"""The fleet on the hub: heartbeats in, dashboard, site pages and fleet metrics out.
+
+Owns: ``POST /api/v1/heartbeat`` (mutual TLS: the site is the certificate's, never the
+body's), ``GET /fleet`` (one row per site, sortable and filterable by query string),
+``GET /fleet/sites/{site}`` (24 h charts as inline SVG) and ``GET /metrics`` (fleet families
+``pas_fleet_*`` for Prometheus; the alert rules in ``image/monitoring/alerts.yml`` use them).
+May not touch: SQL (``appliance.store.fleet``), transfers, the PKI.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlencode
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from appliance.store import fleet as store
+
+if TYPE_CHECKING:
+    from appliance.hub.app import Hub
+
+SILENT_AFTER_S = 300.0  # a site is "down" when no heartbeat arrived for 5 minutes
+MAX_HEARTBEAT_BYTES = 64 * 1024
+SORT_KEYS = ("site", "state", "last_seen_at", "backlog_studies", "backlog_oldest_s",
+             "disk_used_percent", "version", "cert_days_left", "failed_jobs")
+
+
+class HeartbeatError(ValueError):
+    """A heartbeat body that does not have the documented shape; the message names the field."""
+
+
+def _number(value: Any, path: str, minimum: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise HeartbeatError(f"{path}: must be a number, got {value!r}")
+    if value < minimum:
+        raise HeartbeatError(f"{path}: must be >= {minimum}, got {value!r}")
+    return float(value)
+
+
+def validate_heartbeat(beat: Any) -> dict[str, Any]:
+    """Check the shape :func:`appliance.ops.heartbeat.build_heartbeat` produces."""
+    if not isinstance(beat, dict):
+        raise HeartbeatError("body must be a JSON object")
+    _number(beat.get("sent_at"), "sent_at", 1.0)
+    if not isinstance(beat.get("version"), str) or not beat["version"]:
+        raise HeartbeatError(f"version: must be a non-empty string, got {beat.get('version')!r}")
+    for section, keys in (("backlog", ("studies", "bytes", "oldest_age_s",
+                                       "urgent_oldest_age_s")),
+                          ("jobs", ("failed",)), ("disk", ("used_percent",)),
+                          ("received", ("instances", "bytes"))):
+        part = beat.get(section)
+        if not isinstance(part, dict):
+            raise HeartbeatError(f"{section}: must be an object")
+        for key in keys:
+            _number(part.get(key), f"{section}.{key}")
+    if beat["disk"]["used_percent"] > 100:
+        raise HeartbeatError("disk.used_percent: must be <= 100, got "
+                             f"{beat['disk']['used_percent']}")
+    if beat.get("cert_days_left") is not None:
+        _number(beat["cert_days_left"], "cert_days_left", -1e6)
+    errors = beat.get("errors", [])
+    if not isinstance(errors, list) or not all(isinstance(e, str) for e in errors):
+        raise HeartbeatError("errors: must be a list of strings")
+    return beat
+
+
+def site_rows(hub_db: Any, at: float | None = None) -> list[dict[str, Any]]:
+    at = time.time() if at is None else at
+    rows = store.list_sites(hub_db)
+    for row in rows:
+        row["silent_s"] = max(at - row["last_seen_at"], 0.0)
+        row["state"] = "up" if row["silent_s"] <= SILENT_AFTER_S else "down"
+    return rows
+
+
+# --- HTML ------------------------------------------------------------------------------------
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:0;padding:12px;background:#f6f7f9;color:#222}
+h1{font-size:1.3em} table{border-collapse:collapse;width:100%;background:#fff;font-size:.9em}
+th,td{padding:6px;border-bottom:1px solid #eee;text-align:left} th a{color:#225}
+.up{background:#d4f5dc}.down{background:#fbd5d5}.warn{background:#fff1c2}
+.state{padding:2px 8px;border-radius:10px} form{margin:8px 0} .wrap{overflow-x:auto}
+svg{background:#fff;border:1px solid #ddd;max-width:100%}
+"""
+
+
+def _esc(value: Any) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
+
+
+def render_dashboard(rows: list[dict[str, Any]], sort: str, descending: bool, query: str,
+                     state: str) -> str:
+    if query:
+        rows = [r for r in rows if query.lower() in r["site"].lower()]
+    if state in ("up", "down"):
+        rows = [r for r in rows if r["state"] == state]
+    rows.sort(key=lambda r: (r[sort] is None, r[sort] if r[sort] is not None else 0),
+              reverse=descending)
+    up = sum(1 for r in rows if r["state"] == "up")
+    out = ["<!doctype html><html lang=en><head><meta charset=utf-8>",
+           '<meta http-equiv="refresh" content="30">',
+           '<meta name="viewport" content="width=device-width, initial-scale=1">',
+           f"<title>PAS fleet</title><style>{STYLE}</style></head><body>",
+           f"<h1>PAS fleet <small id=summary>{up} up / {len(rows)} shown</small></h1>",
+           f'<form method=get><input name=q placeholder="site" value="{_esc(query)}"> '
+           '<select name=state>'
+           + "".join(f'<option value="{v}"{" selected" if v == state else ""}>{v or "all"}'
+                     "</option>" for v in ("", "up", "down"))
+           + f'</select><input type=hidden name=sort value="{_esc(sort)}">'
+           "<button type=submit>Filter</button></form>",
+           "<div class=wrap><table id=fleet><tr>"]
+    headings = [("site", "site"), ("state", "state"), ("last_seen_at", "last seen"),
+                ("backlog_studies", "backlog"), ("backlog_oldest_s", "oldest"),
+                ("disk_used_percent", "disk %"), ("version", "version"),
+                ("cert_days_left", "cert days"), ("failed_jobs", "failed jobs")]
+    for key, label in headings:
+        flip = "asc" if sort == key and descending else "desc"
+        link = urlencode({"sort": key, "dir": flip, "q": query, "state": state})
+        out.append(f'<th><a href="/fleet?{link}">{label}</a></th>')
+    out.append("<th>errors</th></tr>")
+    for r in rows:
+        disk_class = " class=warn" if (r["disk_used_percent"] or 0) > 85 else ""
+        cert = r["cert_days_left"]
+        cert_class = " class=warn" if cert is not None and cert < 30 else ""
+        out.append(
+            f'<tr data-site="{_esc(r["site"])}"><td><a href="/fleet/sites/{quote(r["site"])}">'
+            f'{_esc(r["site"])}</a></td><td><span class="state {r["state"]}">{r["state"]}'
+            f'</span></td><td>{_age(r["silent_s"])} ago</td>'
+            f'<td class=backlog>{r["backlog_studies"]}</td><td>{_age(r["backlog_oldest_s"])}</td>'
+            f'<td{disk_class}>{r["disk_used_percent"]}</td><td>{_esc(r["version"])}</td>'
+            f'<td{cert_class}>{"-" if cert is None else f"{cert:.0f}"}</td>'
+            f'<td>{r["failed_jobs"]}</td><td>{_esc("; ".join(r["errors"])[:300])}</td></tr>')
+    if not rows:
+        out.append("<tr><td colspan=10>no site</td></tr>")
+    out.append("</table></div></body></html>")
+    return "".join(out)
+
+
+def svg_chart(points: list[tuple[float, float]], since: float, until: float, title: str,
+              width: int = 640, height: int = 160) -> str:
+    """A line chart of (time, value) over [since, until], with the max value labelled."""
+    top = max((v for _, v in points), default=0.0) or 1.0
+    span = max(until - since, 1.0)
+
+    def xy(t: float, v: float) -> str:
+        x = 40 + (t - since) / span * (width - 50)
+        y = height - 20 - v / top * (height - 40)
+        return f"{x:.1f},{y:.1f}"
+
+    line = " ".join(xy(t, v) for t, v in points)
+    return (f'<svg role=img aria-label="{_esc(title)}" viewBox="0 0 {width} {height}" '
+            f'width="{width}" height="{height}"><text x="40" y="14" font-size="12">'
+            f'{_esc(title)} (max {top:g})</text>'
+            f'<line x1="40" y1="{height - 20}" x2="{width - 10}" y2="{height - 20}" '
+            'stroke="#999"/>'
+            f'<text x="40" y="{height - 4}" font-size="10">-24 h</text>'
+            f'<text x="{width - 40}" y="{height - 4}" font-size="10">now</text>'
+            f'<polyline fill="none" stroke="#2a6fdb" stroke-width="2" points="{line}"/></svg>')
+
+
+def render_site(site: str, status: dict[str, Any], points: list[dict[str, Any]],
+                at: float) -> str:
+    since = at - 86400
+    backlog = [(p["received_at"], float(p["backlog_studies"])) for p in points]
+    throughput = []
+    for before, after in zip(points, points[1:], strict=False):
+        elapsed = after["received_at"] - before["received_at"]
+        delta = after["received_bytes"] - before["received_bytes"]
+        if elapsed > 0 and delta >= 0:
+            throughput.append((after["received_at"], round(delta / elapsed / 1e6, 3)))
+    seen = datetime.fromtimestamp(status["last_seen_at"]).strftime("%Y-%m-%d %H:%M:%S")
+    return "".join([
+        "<!doctype html><html lang=en><head><meta charset=utf-8>",
+        '<meta http-equiv="refresh" content="30">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>PAS {_esc(site)}</title><style>{STYLE}</style></head><body>",
+        f'<p><a href="/fleet">fleet</a></p><h1>{_esc(site)}</h1>',
+        f"<p id=facts>version {_esc(status['version'])} · last seen {seen} · backlog "
+        f"{status['backlog']['studies']} studies · disk {status['disk']['used_percent']} % · "
+        f"{status['received']['instances']} instances received · "
+        f"{len(points)} heartbeats in 24 h</p>",
+        svg_chart(backlog, since, at, "backlog (studies)"), "<br>",
+        svg_chart(throughput, since, at, "received (MB/s)"),
+        "</body></html>",
+    ])
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+class FleetCollector(Collector):
+    """Fleet families read from the hub's store at scrape time."""
+
+    def __init__(self, hub: Hub):
+        self.hub = hub
+
+    def collect(self) -> Iterator[Metric]:
+        rows = site_rows(self.hub.db)
+        families = {
+            "up": GaugeMetricFamily("pas_fleet_site_up",
+                                    "1 when the site's last heartbeat is under 5 min old",
+                                    labels=["site"]),
+            "seen": GaugeMetricFamily("pas_fleet_site_last_seen_timestamp_seconds",
+                                      "Hub time of the site's last heartbeat", labels=["site"]),
+            "backlog": GaugeMetricFamily("pas_fleet_site_backlog_studies",
+                                         "Studies waiting for delivery at the site",
+                                         labels=["site"]),
+            "oldest": GaugeMetricFamily("pas_fleet_site_backlog_oldest_age_seconds",
+                                        "Age of the site's oldest undelivered job, by priority",
+                                        labels=["site", "priority"]),
+            "disk": GaugeMetricFamily("pas_fleet_site_disk_used_ratio",
+                                      "Used fraction of the site's spool filesystem",
+                                      labels=["site"]),
+            "cert": GaugeMetricFamily("pas_fleet_site_certificate_days_left",
+                                      "Days until the site's client certificate expires",
+                                      labels=["site"]),
+            "failed": GaugeMetricFamily("pas_fleet_site_failed_jobs",
+                                        "Jobs that gave up at the site", labels=["site"]),
+            "info": GaugeMetricFamily("pas_fleet_site_info", "Software version of the site",
+                                      labels=["site", "version"]),
+        }
+        for r in rows:
+            site = [r["site"]]
+            families["up"].add_metric(site, 1 if r["state"] == "up" else 0)
+            families["seen"].add_metric(site, r["last_seen_at"])
+            families["backlog"].add_metric(site, r["backlog_studies"])
+            families["oldest"].add_metric([r["site"], "any"], r["backlog_oldest_s"])
+            families["oldest"].add_metric([r["site"], "urgent"], r["urgent_oldest_s"])
+            if r["disk_used_percent"] is not None:
+                families["disk"].add_metric(site, r["disk_used_percent"] / 100)
+            if r["cert_days_left"] is not None:
+                families["cert"].add_metric(site, r["cert_days_left"])
+            families["failed"].add_metric(site, r["failed_jobs"])
+            families["info"].add_metric([r["site"], r["version"] or ""], 1)
+        yield GaugeMetricFamily("pas_fleet_sites", "Sites that ever sent a heartbeat",
+                                value=len(rows))
+        yield from families.values()
+
+
+# --- routes ----------------------------------------------------------------------------------
+
+
+def fleet_routes(hub: Hub) -> list[BaseRoute]:
+    """Route provider for :func:`appliance.hub.app.default_route_providers`."""
+    from appliance.hub.app import problem
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FleetCollector(hub))
+
+    async def heartbeat(request: Request) -> Response:
+        site = request.state.site
+        body = await request.body()
+        if len(body) > MAX_HEARTBEAT_BYTES:
+            return problem(413, "too_large", f"heartbeat over {MAX_HEARTBEAT_BYTES} bytes")
+        try:
+            import json
+
+            beat = validate_heartbeat(json.loads(body))
+        except ValueError as exc:  # json.JSONDecodeError and HeartbeatError
+            return problem(422, "bad_heartbeat", str(exc))
+        if beat.get("site") not in (None, site):
+            return problem(403, "wrong_site", f"certificate is for site {site!r}, "
+                           f"heartbeat says {beat['site']!r}")
+        created = await run_in_threadpool(store.record_heartbeat, hub.db, site, beat)
+        return JSONResponse({"site": site, "recorded": created}, status_code=201 if created
+                            else 200)
+
+    async def dashboard(request: Request) -> Response:
+        sort = request.query_params.get("sort", "site")
+        if sort not in SORT_KEYS:
+            sort = "site"
+        descending = request.query_params.get("dir", "asc") == "desc"
+        rows = await run_in_threadpool(site_rows, hub.db)
+        return HTMLResponse(render_dashboard(rows, sort, descending,
+                                             request.query_params.get("q", ""),
+                                             request.query_params.get("state", "")))
+
+    async def site_page(request: Request) -> Response:
+        site = request.path_params["site"]
+        status = await run_in_threadpool(store.site_status, hub.db, site)
+        if status is None:
+            return HTMLResponse(f"<p>unknown site {_esc(site)}</p>", status_code=404)
+        at = time.time()
+        points = await run_in_threadpool(store.history, hub.db, site, at - 86400)
+        return HTMLResponse(render_site(site, status, points, at))
+
+    async def scrape(_request: Request) -> Response:
+        body = await run_in_threadpool(generate_latest, registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    return [
+        Route("/api/v1/heartbeat", heartbeat, methods=["POST"]),
+        Route("/fleet", dashboard, methods=["GET"]),
+        Route("/fleet/sites/{site}", site_page, methods=["GET"]),
+        Route("/metrics", scrape, methods=["GET"]),
+    ]

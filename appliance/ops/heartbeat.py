@@ -1,0 +1,138 @@
+"""The heartbeat: a compact status posted to the hub every ``ops.heartbeat_interval_s``.
+
+Owns: what an appliance tells the fleet dashboard (:func:`build_heartbeat`, the one format,
+also validated by the hub in :mod:`appliance.hub.fleet`) and the thread that posts it over
+mutual TLS with the enrolment's certificate. A heartbeat is idempotent per ``(site,
+sent_at)``. May not touch: state; it reads the store and records only the link state
+(:func:`appliance.ops.metrics.note_hub_contact`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import httpx
+
+from appliance import __version__
+from appliance.config import Settings
+from appliance.ops import metrics
+from appliance.ops.status import collect
+from appliance.store import jobs as job_store
+from appliance.store import ops as ops_store
+from appliance.store.db import Database
+from appliance.transfer.enrolment import EnrolmentError, load_enrolment
+
+log = logging.getLogger("pas.ops.heartbeat")
+
+HEARTBEAT_PATH = "/api/v1/heartbeat"
+MAX_ERRORS = 5
+
+
+def build_heartbeat(settings: Settings, db: Database, started_at: float,
+                    site: str | None = None) -> dict[str, Any]:
+    """The compact status (about 0.5 kB of JSON)."""
+    snapshot = collect(settings, db)
+    backlog = snapshot["backlog"]
+    urgent = [row["oldest_age_s"] for row in ops_store.backlog_by_priority(db)
+              if row["priority"] == 0]
+    errors: list[str] = []
+    for job in job_store.list_jobs(db, "failed", MAX_ERRORS):
+        errors.append(f"job {job['id']} to {job['destination']}: "
+                      f"{(job['last_error'] or 'failed')[:120]}")
+    disk = snapshot["disk"]
+    if disk["used_percent"] > 85:
+        errors.append(f"disk {disk['used_percent']} % used")
+    try:
+        cert_days = metrics.certificate_days_left(settings.home)
+    except (OSError, ValueError):
+        cert_days = None
+        errors.append("client certificate unreadable")
+    return {
+        "site": site or settings.site,
+        "sent_at": round(time.time(), 3),
+        "version": __version__,
+        "uptime_s": round(time.time() - started_at, 1),
+        "backlog": {
+            "studies": sum(row["studies"] for row in backlog),
+            "bytes": sum(row["bytes"] for row in backlog),
+            "oldest_age_s": max((row["oldest_age_s"] for row in backlog), default=0.0),
+            "urgent_oldest_age_s": max(urgent, default=0.0),
+        },
+        "jobs": {state: snapshot["jobs"].get(state, 0)
+                 for state in ("pending", "running", "failed")},
+        "disk": {"used_percent": disk["used_percent"], "free_bytes": disk["free_bytes"]},
+        "received": {"instances": snapshot["files"], "bytes": snapshot["bytes"]},
+        "confirmed_instances": snapshot["confirmed_instances"],
+        "cert_days_left": None if cert_days is None else round(cert_days, 2),
+        "errors": errors[:MAX_ERRORS + 1],
+    }
+
+
+class HeartbeatSender:
+    """Posts a heartbeat now and then every interval, while the appliance is enrolled.
+
+    Not enrolled: nothing is sent (checked again each period, so enrolling while running
+    starts the heartbeats). A failure is logged once per change of link state, not every 30 s.
+    """
+
+    def __init__(self, settings: Settings, db: Database, interval_s: float):
+        self.settings = settings
+        self.db = db
+        self.interval_s = interval_s
+        self.started_at = time.time()
+        self.sent = 0
+        self._client: httpx.Client | None = None
+        self._client_key: tuple[str, float] | None = None
+
+    def _http(self, url: str, context: Any, cert_mtime: float) -> httpx.Client:
+        key = (url, cert_mtime)
+        if self._client is None or self._client_key != key:
+            if self._client is not None:
+                self._client.close()
+            self._client = httpx.Client(base_url=url, verify=context, timeout=15.0)
+            self._client_key = key
+        return self._client
+
+    def send_once(self) -> bool:
+        try:
+            enrolment = load_enrolment(self.settings.home)
+        except EnrolmentError as exc:
+            self._note(False, str(exc))
+            return False
+        if enrolment is None:
+            return False
+        beat = build_heartbeat(self.settings, self.db, self.started_at, enrolment.site)
+        try:
+            client = self._http(enrolment.url, enrolment.ssl_context(),
+                                enrolment.client_cert.stat().st_mtime)
+            response = client.post(HEARTBEAT_PATH, json=beat)
+        except (httpx.HTTPError, OSError) as exc:
+            self._note(False, f"hub unreachable: {exc}")
+            return False
+        if response.status_code not in (200, 201):
+            self._note(False, f"hub answered {response.status_code}: {response.text[:200]}")
+            return False
+        self.sent += 1
+        self._note(True)
+        return True
+
+    def _note(self, ok: bool, error: str | None = None) -> None:
+        was = metrics.HUB_LINK.up
+        metrics.note_hub_contact(ok, error)
+        if ok and was is not True:
+            log.info("hub link up (heartbeat accepted)")
+        elif not ok and was is not False:
+            log.warning("hub link down: %s", error)
+
+    def run(self, stopping: threading.Event) -> None:
+        while not stopping.is_set():
+            try:
+                self.send_once()
+            except Exception:  # the heartbeat must never take the daemon down
+                log.exception("heartbeat failed")
+            stopping.wait(self.interval_s)
+        if self._client is not None:
+            self._client.close()

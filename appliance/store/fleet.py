@@ -1,0 +1,99 @@
+"""The hub's fleet store: the latest heartbeat of every site and a bounded history.
+
+Owns: the SQL of ``fleet_sites`` and ``fleet_heartbeats`` (created by migration 2 of
+``appliance.store.hub_schema.HUB_MIGRATIONS``). A heartbeat is idempotent per
+``(site, sent_at)``: sending one again changes nothing. May not touch: other hub tables,
+files, the network.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from appliance.store.db import Database, now
+
+HISTORY_DAYS = 8.0
+
+_SITE_COLUMNS = ("site", "first_seen_at", "last_seen_at", "last_sent_at", "version",
+                 "backlog_studies", "backlog_oldest_s", "urgent_oldest_s", "disk_used_percent",
+                 "cert_days_left", "failed_jobs", "errors")
+
+
+def record_heartbeat(db: Database, site: str, beat: dict[str, Any]) -> bool:
+    """Store one validated heartbeat. False when this ``(site, sent_at)`` was already
+    recorded (nothing changes). The site's latest state only moves forward in ``sent_at``, so
+    a late duplicate or an old one resent after a reconnection cannot overwrite newer news."""
+    at = now()
+    sent_at = float(beat["sent_at"])
+    backlog = beat["backlog"]
+    with db.transaction() as conn:
+        cursor = conn.execute(
+            """INSERT OR IGNORE INTO fleet_heartbeats (site, sent_at, received_at,
+                   backlog_studies, backlog_oldest_s, disk_used_percent, received_bytes,
+                   received_instances, failed_jobs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            (site, sent_at, at, backlog["studies"], backlog["oldest_age_s"],
+             beat["disk"]["used_percent"], beat["received"]["bytes"],
+             beat["received"]["instances"], beat["jobs"]["failed"]),
+        )
+        if cursor.rowcount == 0:
+            return False
+        values = (site, at, at, sent_at, beat["version"], backlog["studies"],
+                  backlog["oldest_age_s"], backlog["urgent_oldest_age_s"],
+                  beat["disk"]["used_percent"], beat.get("cert_days_left"),
+                  beat["jobs"]["failed"], json.dumps(beat.get("errors", [])), json.dumps(beat))
+        conn.execute(
+            """INSERT INTO fleet_sites (site, first_seen_at, last_seen_at, last_sent_at, version,
+                   backlog_studies, backlog_oldest_s, urgent_oldest_s, disk_used_percent,
+                   cert_days_left, failed_jobs, errors, status)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT (site) DO UPDATE SET
+                   last_seen_at = excluded.last_seen_at, last_sent_at = excluded.last_sent_at,
+                   version = excluded.version, backlog_studies = excluded.backlog_studies,
+                   backlog_oldest_s = excluded.backlog_oldest_s,
+                   urgent_oldest_s = excluded.urgent_oldest_s,
+                   disk_used_percent = excluded.disk_used_percent,
+                   cert_days_left = excluded.cert_days_left,
+                   failed_jobs = excluded.failed_jobs, errors = excluded.errors,
+                   status = excluded.status
+               WHERE excluded.last_sent_at > fleet_sites.last_sent_at""",
+            values,
+        )
+        conn.execute("DELETE FROM fleet_heartbeats WHERE received_at < ?",
+                     (at - HISTORY_DAYS * 86400,))
+    return True
+
+
+def list_sites(db: Database) -> list[dict[str, Any]]:
+    rows = db.query(f"SELECT {', '.join(_SITE_COLUMNS)} FROM fleet_sites ORDER BY site")
+    result = []
+    for row in rows:
+        site = dict(row)
+        site["errors"] = json.loads(site["errors"] or "[]")
+        result.append(site)
+    return result
+
+
+def site_status(db: Database, site: str) -> dict[str, Any] | None:
+    row = db.query_one("SELECT status, last_seen_at FROM fleet_sites WHERE site = ?", (site,))
+    if row is None:
+        return None
+    return {**json.loads(row["status"]), "last_seen_at": row["last_seen_at"]}
+
+
+def history(db: Database, site: str, since: float) -> list[dict[str, Any]]:
+    rows = db.query(
+        """SELECT sent_at, received_at, backlog_studies, backlog_oldest_s, disk_used_percent,
+                  received_bytes, received_instances, failed_jobs
+           FROM fleet_heartbeats WHERE site = ? AND received_at >= ? ORDER BY received_at""",
+        (site, since),
+    )
+    return [dict(r) for r in rows]
+
+
+def heartbeat_count(db: Database, site: str | None = None) -> int:
+    if site is None:
+        row = db.query_one("SELECT count(*) AS n FROM fleet_heartbeats")
+    else:
+        row = db.query_one("SELECT count(*) AS n FROM fleet_heartbeats WHERE site = ?", (site,))
+    return int(row["n"]) if row else 0

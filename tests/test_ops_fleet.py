@@ -1,0 +1,184 @@
+"""Heartbeats from a real, enrolled ``pas run`` to a real ``pas hub run`` over mutual TLS; the
+fleet dashboard, site page and fleet metrics; idempotence and every named bad heartbeat."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from appliance.hub.fleet import render_dashboard, site_rows
+from appliance.store import fleet as fleet_store
+from appliance.store.db import Database
+from appliance.store.hub_schema import HUB_MIGRATIONS
+from tests.support.hub import HubProcess, client, enroll
+from tests.support.peers import MR_DIR, PasProcess, storescu, wait_for
+
+FILES = sorted(p for p in MR_DIR.rglob("*") if p.is_file())[:20]
+
+
+def metric(text: str, name: str, **labels: str) -> float | None:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return None
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("fleet")
+    hub = HubProcess(root / "hub").init()
+    hub.start()
+    home = root / "site-a"
+    enroll(hub, home, "SITE-A")
+    other = enroll(hub, root / "site-b", "SITE-B")  # posts by hand, no daemon
+    pas = PasProcess(home, {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                            "PAS_OPS__HEARTBEAT_INTERVAL_S": "1"}).start()
+    viewer = httpx.Client(base_url=hub.url, verify=hub.anonymous_context(), timeout=30)
+    try:
+        storescu(FILES, pas.port, calling="CT01")
+        yield {"hub": hub, "pas": pas, "viewer": viewer, "site_b": other, "root": root}
+    finally:
+        viewer.close()
+        pas.stop()
+        hub.stop()
+
+
+def _hub_db(hub: HubProcess) -> Database:
+    return Database(hub.home / "hub.sqlite", HUB_MIGRATIONS)
+
+
+def test_heartbeats_reach_the_dashboard(fleet: dict[str, Any]) -> None:
+    viewer: httpx.Client = fleet["viewer"]
+    db = _hub_db(fleet["hub"])
+    wait_for(lambda: (fleet_store.site_status(db, "SITE-A") or {}).get("received", {})
+             .get("instances") == len(FILES), 30, what="a heartbeat counting every instance")
+    # The study goes up to the hub through the uplink (a real upload); the heartbeat then
+    # reports an empty backlog and every instance confirmed.
+    wait_for(lambda: (fleet_store.site_status(db, "SITE-A") or {}).get("confirmed_instances")
+             == len(FILES), 90, what="the upload confirmed in a heartbeat")
+    status = fleet_store.site_status(db, "SITE-A")
+    assert status is not None
+    assert status["backlog"]["studies"] == 0
+    assert status["received"]["bytes"] == fleet["pas"].status()["bytes"]
+    assert status["cert_days_left"] > 300
+    count = fleet_store.heartbeat_count(db, "SITE-A")
+    wait_for(lambda: fleet_store.heartbeat_count(db, "SITE-A") >= count + 2, 15,
+             what="two more heartbeats (every 1 s)")
+
+    page = viewer.get("/fleet")
+    assert page.status_code == 200
+    assert '<tr data-site="SITE-A">' in page.text
+    assert 'class="state up">up<' in page.text
+    site_page = viewer.get("/fleet/sites/SITE-A")
+    assert site_page.status_code == 200
+    assert site_page.text.count("<svg") == 2
+    assert f"{len(FILES)} instances received" in site_page.text
+    assert viewer.get("/fleet/sites/NOWHERE").status_code == 404
+
+    scrape = viewer.get("/metrics").text
+    assert metric(scrape, "pas_fleet_site_up", site="SITE-A") == 1
+    assert metric(scrape, "pas_fleet_site_backlog_studies", site="SITE-A") == 0
+    assert 0 < metric(scrape, "pas_fleet_site_disk_used_ratio", site="SITE-A") < 1  # type: ignore[operator]
+
+
+def test_appliance_metrics_show_the_link(fleet: dict[str, Any]) -> None:
+    pas: PasProcess = fleet["pas"]
+    text = httpx.get(f"http://127.0.0.1:{pas.http_port}/metrics", timeout=10).text
+    assert metric(text, "pas_hub_link_up") == 1
+    assert metric(text, "pas_enrolled") == 1
+    assert abs(time.time() - metric(text, "pas_hub_last_contact_timestamp_seconds")) < 60  # type: ignore[operator]
+    assert metric(text, "pas_certificate_days_left") > 300  # type: ignore[operator]
+    page = httpx.get(f"http://127.0.0.1:{pas.http_port}/", timeout=10).text
+    assert 'class="state up">up (last contact' in page
+
+
+def _beat(**changes: Any) -> dict[str, Any]:
+    beat = {"site": "SITE-B", "sent_at": time.time(), "version": "0.1.0", "uptime_s": 5,
+            "backlog": {"studies": 3, "bytes": 1000, "oldest_age_s": 600.0,
+                        "urgent_oldest_age_s": 0.0},
+            "jobs": {"pending": 3, "running": 0, "failed": 1},
+            "disk": {"used_percent": 91.5, "free_bytes": 10},
+            "received": {"instances": 7, "bytes": 7000}, "confirmed_instances": 0,
+            "cert_days_left": 20.0, "errors": ["job 4 to hub: refused"]}
+    beat.update(changes)
+    return beat
+
+
+def test_heartbeat_is_idempotent_and_sortable(fleet: dict[str, Any]) -> None:
+    db = _hub_db(fleet["hub"])
+    beat = _beat()
+    with client(fleet["site_b"]) as http:
+        first = http.post("/api/v1/heartbeat", json=beat)
+        again = http.post("/api/v1/heartbeat", json=beat)
+    assert first.status_code == 201 and first.json() == {"site": "SITE-B", "recorded": True}
+    assert again.status_code == 200 and again.json()["recorded"] is False
+    assert fleet_store.heartbeat_count(db, "SITE-B") == 1
+    viewer: httpx.Client = fleet["viewer"]
+    by_disk = viewer.get("/fleet", params={"sort": "disk_used_percent", "dir": "desc"}).text
+    assert by_disk.index('data-site="SITE-B"') < by_disk.index('data-site="SITE-A"')
+    by_name = viewer.get("/fleet", params={"sort": "site"}).text
+    assert by_name.index('data-site="SITE-A"') < by_name.index('data-site="SITE-B"')
+    only_b = viewer.get("/fleet", params={"q": "site-b"}).text
+    assert 'data-site="SITE-B"' in only_b and 'data-site="SITE-A"' not in only_b
+    none_down = viewer.get("/fleet", params={"state": "down"}).text
+    assert "data-site=" not in none_down and "no site" in none_down
+    scrape = viewer.get("/metrics").text
+    assert metric(scrape, "pas_fleet_site_certificate_days_left", site="SITE-B") == 20.0
+    assert metric(scrape, "pas_fleet_site_failed_jobs", site="SITE-B") == 1
+
+
+@pytest.mark.parametrize(("body", "status", "words"), [
+    (b"not json", 422, "Expecting value"),
+    (json.dumps(["a list"]).encode(), 422, "must be a JSON object"),
+    (json.dumps(_beat(sent_at="yesterday")).encode(), 422, "sent_at: must be a number"),
+    (json.dumps({k: v for k, v in _beat().items() if k != "backlog"}).encode(), 422,
+     "backlog: must be an object"),
+    (json.dumps(_beat(disk={"used_percent": 140})).encode(), 422, "disk.used_percent"),
+    (json.dumps(_beat(site="SITE-A")).encode(), 403, "certificate is for site 'SITE-B'"),
+    (b"{" + b" " * 70000 + b"}", 413, "over 65536 bytes"),
+])
+def test_bad_heartbeat_refused_nothing_changed(fleet: dict[str, Any], body: bytes, status: int,
+                                               words: str) -> None:
+    db = _hub_db(fleet["hub"])
+    before = copy.deepcopy(fleet_store.site_status(db, "SITE-B"))
+    count = fleet_store.heartbeat_count(db, "SITE-B")
+    with client(fleet["site_b"]) as http:
+        answer = http.post("/api/v1/heartbeat", content=body,
+                           headers={"content-type": "application/json"})
+    assert answer.status_code == status, answer.text
+    assert words in answer.json()["detail"]
+    assert fleet_store.heartbeat_count(db, "SITE-B") == count
+    assert fleet_store.site_status(db, "SITE-B") == before
+    assert fleet["viewer"].get("/fleet").status_code == 200
+
+
+def test_heartbeat_without_client_certificate_is_refused(fleet: dict[str, Any]) -> None:
+    hub: HubProcess = fleet["hub"]
+    with httpx.Client(base_url=hub.url, verify=hub.anonymous_context()) as anonymous:
+        assert anonymous.post("/api/v1/heartbeat", json=_beat()).status_code == 401
+
+
+def test_silent_site_shows_down(fleet: dict[str, Any]) -> None:
+    rows = site_rows(_hub_db(fleet["hub"]), at=time.time() + 301)
+    assert {r["site"]: r["state"] for r in rows} == {"SITE-A": "down", "SITE-B": "down"}
+    html = render_dashboard(rows, "site", False, "", "down")
+    assert html.count('class="state down">down<') == 2
+
+
+def test_link_goes_down_when_the_hub_stops(fleet: dict[str, Any], tmp_path: Path) -> None:
+    pas: PasProcess = fleet["pas"]
+    fleet["hub"].stop()
+    url = f"http://127.0.0.1:{pas.http_port}/metrics"
+    wait_for(lambda: metric(httpx.get(url, timeout=10).text, "pas_hub_link_up") == 0, 20,
+             what="pas_hub_link_up 0")
+    page = httpx.get(f"http://127.0.0.1:{pas.http_port}/", timeout=10).text
+    assert 'class="state down">down: hub unreachable' in page
