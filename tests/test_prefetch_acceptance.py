@@ -32,8 +32,10 @@ from tests.support.peers import (
     PAS_BIN,
     Orthanc,
     PasProcess,
+    StoreSCP,
     free_port,
     port_open,
+    storescu,
     wait_for,
 )
 
@@ -106,7 +108,14 @@ def region(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
             answer = httpx.post(f"{orthanc.url}/instances", content=path.read_bytes(), timeout=60)
             assert answer.status_code == 200, answer.text
     token = hub.cli("token", "SITEA").strip()
+    workstation = StoreSCP(base / "workstation", ae_title="READING1").start()
     pas = PasProcess(base / "pas", {
+        # An MR exam's priors are also pushed to the reading workstation; others stay cached.
+        "PAS_DESTINATIONS__WS__KIND": "dicom", "PAS_DESTINATIONS__WS__AE_TITLE": "READING1",
+        "PAS_DESTINATIONS__WS__HOST": "127.0.0.1",
+        "PAS_DESTINATIONS__WS__PORT": str(workstation.port),
+        "PAS_PREFETCH__RULES": '[{name = "mr-reading", modality = "^MR$", push_to = ["ws"]}, '
+                               '{name = "default"}]',
         "PAS_HL7__HOST": "127.0.0.1", "PAS_HL7__PORT": str(free_port()),
         "PAS_PREFETCH__RETRY_AFTER_S": "1", "PAS_PREFETCH__PIN_DAYS": "30",
         "PAS_PREFETCH__CHECK_INTERVAL_S": "0.2", "PAS_DICOM__ACCEPT_UNKNOWN": "true",
@@ -118,9 +127,10 @@ def region(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     wait_for(lambda: port_open("127.0.0.1", hl7_port), 15, what="the HL7 listener")
     try:
         yield {"orthanc": orthanc, "hub": hub, "pas": pas, "priors": priors,
-               "patients": patients, "hl7_port": hl7_port}
+               "patients": patients, "hl7_port": hl7_port, "workstation": workstation}
     finally:
         pas.stop()
+        workstation.stop()
         hub.stop()
         orthanc.stop()
 
@@ -221,10 +231,65 @@ def test_orders_bring_every_prior_on_site_then_served_without_the_hub(
     detail = json.loads(pas.cli("prefetch", "show", str(row["id"])).stdout)
     assert [st["state"] for st in detail["studies"]] == ["on_site"]
 
-    # The region goes away: the priors are still on site, bit-exact.
+
+
+
+def test_new_local_study_triggers_its_priors_and_a_rule_pushes_them(
+        region: dict[str, Any]) -> None:
+    """On arrival: the modality sends patient P's newer CT to PAS; once stable, PAS asks the
+    region for P's priors, never counting the new study itself (the region holds it too here).
+    Then a manual MR request for P uses the "mr-reading" rule: P's studies go to READING1."""
+    pas: PasProcess = region["pas"]
+    patient = sorted(region["priors"])[2]
+    (_, prior_files), (_, current_files) = region["patients"][patient]
+    prior_uid = str(dcmread(prior_files[0], stop_before_pixels=True).StudyInstanceUID)
+    current_uid = str(dcmread(current_files[0], stop_before_pixels=True).StudyInstanceUID)
+    for path in current_files:
+        httpx.post(f"{region['orthanc'].url}/instances", content=path.read_bytes(), timeout=60)
+    storescu(current_files, pas.port, calling="MODALITY1")
+
+    def arrival_done() -> dict[str, Any] | None:
+        rows = [r for r in prefetch_rows(pas) if r["trigger"] == "arrival"]
+        return rows[0] if rows and rows[0]["state"] in ("fetched", "failed") else None
+
+    row = wait_for(arrival_done, 60, interval=0.3, what="the on-arrival prefetch")
+    assert row["state"] == "fetched", row["last_error"]
+    assert row["dedup_key"] == f"arrival:{current_uid}" and row["patient_id"] == patient
+    detail = json.loads(pas.cli("prefetch", "show", str(row["id"])).stdout)
+    assert [(st["study_uid"], st["state"]) for st in detail["studies"]] == \
+        [(prior_uid, "on_site")]
+
+    pas.cli("prefetch", "patient", patient, "--modality", "MR")
+    # By hand there is no current exam: both of P's studies are priors and both are pushed.
+    expected = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+                for p in prior_files + current_files}
+    workstation: StoreSCP = region["workstation"]
+
+    def pushed() -> set[str]:
+        got = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+               for p in workstation.files()}
+        return got if got == expected else set()
+
+    wait_for(pushed, 60, interval=0.3, what="the prior pushed to READING1")
+    rows = [r for r in prefetch_rows(pas) if r["trigger"] == "manual" and r["rule"] ==
+            "mr-reading"]
+    assert len(rows) == 1 and rows[0]["state"] == "fetched"
+
+
+def test_priors_stay_on_site_when_the_region_is_gone(region: dict[str, Any]) -> None:
+    """Hub and Orthanc stop: every prior is still in the cache, bit-exact, and listed."""
+    pas: PasProcess = region["pas"]
     region["hub"].stop()
     region["orthanc"].stop()
-    for _, files in priors.values():
-        for path in files:
-            assert sha256(pas.home / "spool" / held[sha256(path)]) == sha256(path)
+    studies = {s["study_uid"]: s for s in json.loads(pas.cli("studies", "--json").stdout)}
+    import sqlite3
 
+    with sqlite3.connect(pas.home / "pas.sqlite") as conn:
+        held = {row[0]: row[1] for row in conn.execute(
+            "SELECT sha256, path FROM instances WHERE is_current = 1")}
+    for _, files in region["priors"].values():
+        uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        assert studies[uid]["origin"] == "regional"
+        for path in files:
+            digest = sha256(path)
+            assert sha256(pas.home / "spool" / held[digest]) == digest
