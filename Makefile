@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PAS := $(VENV)/bin/pas
 # Debian packages the tests use as real peers (DCMTK as modality/viewer, Orthanc as the
 # regional PACS, Chromium for pages).
-TEST_APT := dcmtk orthanc orthanc-dicomweb chromium chromium-driver iproute2 libsystemd-dev pkg-config
+TEST_APT := dcmtk orthanc orthanc-dicomweb chromium chromium-driver iproute2 libsystemd-dev pkg-config prometheus
 DEMO_HOME ?= ./var
 
 .PHONY: demo test venv deps-test lint bench-ingest clean

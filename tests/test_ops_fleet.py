@@ -174,6 +174,26 @@ def test_silent_site_shows_down(fleet: dict[str, Any]) -> None:
     assert html.count('class="state down">down<') == 2
 
 
+def exported_names(text: str) -> set[str]:
+    names = set()
+    for family in text_string_to_metric_families(text):
+        names.update({family.name, f"{family.name}_total"})
+        names.update(sample.name for sample in family.samples)
+    return names
+
+
+def test_monitoring_files_name_only_exported_metrics(fleet: dict[str, Any]) -> None:
+    from tests.test_ops_monitoring import referenced_metric_names
+
+    pas: PasProcess = fleet["pas"]
+    exported = exported_names(fleet["viewer"].get("/metrics").text)
+    exported |= exported_names(httpx.get(f"http://127.0.0.1:{pas.http_port}/metrics",
+                                         timeout=10).text)
+    referenced = referenced_metric_names()
+    assert len(referenced) >= 15
+    assert referenced <= exported, sorted(referenced - exported)
+
+
 def test_link_goes_down_when_the_hub_stops(fleet: dict[str, Any], tmp_path: Path) -> None:
     pas: PasProcess = fleet["pas"]
     fleet["hub"].stop()

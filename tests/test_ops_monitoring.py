@@ -1,0 +1,75 @@
+"""The shipped monitoring files: alert rules checked and unit-tested with promtool (Debian
+``prometheus``), every Grafana expression parsed by promtool too. That the names they use are
+really exported is checked against live scrapes in test_ops_fleet.py."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from tests.support.peers import ROOT
+
+MONITORING = ROOT / "image" / "monitoring"
+NAME = re.compile(r"\bpas_[a-z_]+")
+
+
+def promtool(*args: str, cwd: Path = MONITORING) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["promtool", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=60)
+
+
+def alert_rules() -> list[dict[str, object]]:
+    document = yaml.safe_load((MONITORING / "alerts.yml").read_text())
+    return [rule for group in document["groups"] for rule in group["rules"]]
+
+
+def grafana_expressions() -> list[str]:
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    return [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+def referenced_metric_names() -> set[str]:
+    """Every ``pas_...`` name an alert or a dashboard panel queries."""
+    expressions = [str(rule["expr"]) for rule in alert_rules()] + grafana_expressions()
+    return {name for expr in expressions for name in NAME.findall(expr)}
+
+
+def test_alert_rules_pass_promtool_check() -> None:
+    result = promtool("check", "rules", "alerts.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 12 rules found" in result.stdout
+
+
+def test_alert_rules_unit_tests_pass() -> None:
+    result = promtool("test", "rules", "alerts_test.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_alerts_cover_what_the_issue_names() -> None:
+    exprs = {str(rule["alert"]): str(rule["expr"]) for rule in alert_rules()}
+    assert "> 300" in exprs["PasSiteSilent"]                 # silent > 5 min
+    assert "> 480" in exprs["PasUrgentBacklogOld"]           # urgent backlog > 8 min
+    assert "> 14400" in exprs["PasBacklogOld"]               # routine backlog > 4 h
+    assert "> 0.85" in exprs["PasDiskAlmostFull"]            # disk > 85 %
+    assert "< 30" in exprs["PasCertificateExpiring"]         # certificate < 30 days
+    assert "> 0" in exprs["PasFailedJobs"]                   # failed jobs
+
+
+def test_grafana_expressions_parse(tmp_path: Path) -> None:
+    rules = {"groups": [{"name": "grafana", "rules": [
+        {"record": f"pas_check:{index}", "expr": expr.replace("$site", ".*")}
+        for index, expr in enumerate(grafana_expressions())]}]}
+    (tmp_path / "grafana_rules.yml").write_text(yaml.safe_dump(rules))
+    result = promtool("check", "rules", "grafana_rules.yml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_bad_expression_is_caught(tmp_path: Path) -> None:
+    """The check above can fail: promtool refuses a broken expression."""
+    (tmp_path / "bad.yml").write_text(yaml.safe_dump({"groups": [{"name": "g", "rules": [
+        {"alert": "Broken", "expr": "pas_fleet_site_up >"}]}]}))
+    assert promtool("check", "rules", "bad.yml", cwd=tmp_path).returncode != 0
