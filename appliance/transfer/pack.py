@@ -21,8 +21,10 @@ Payload format v1 (all integers big endian):
 header: ``{"v": 1, "raw": <bytes in the zstd stream>, "blobs": [<len>, ...],
 "entries": [{"uid", "offset", "length", "total", "segs": [...]}]}`` where blob 0 is the
 zstd frame (empty when ``raw`` is 0), the others JPEG-LS codestreams, and each segment is
-``[0, n]`` (the next n bytes of the zstd stream) or ``[1, blob, rows, cols, comps, ilv, dtype,
-base]`` (a JPEG-LS band: decoded samples + ``base``, stored as ``dtype``).
+``[0, n]`` (the next n bytes of the zstd stream), ``[1, blob, rows, cols, comps, ilv, dtype,
+base]`` (a JPEG-LS band: decoded samples + ``base``, stored as ``dtype``) or ``[2, n]`` (the
+next n bytes of the zstd stream's tail, which follows all kind-0 bytes: bands that JPEG-LS
+could not carry exactly).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import hashlib
 import json
 import struct
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,8 +46,9 @@ from appliance.transfer import jls
 MAGIC = b"PASPK\x01"
 _HEADER_LEN = struct.Struct(">I")
 MAX_HEADER_BYTES = 16 * 1024 * 1024
-# A bucket never unpacks to more than this: guards the hub against decompression bombs.
-MAX_RAW_BYTES = 1024 * 1024 * 1024
+# A bucket never unpacks to more than this (buckets are at most 64 MB by config): guards
+# the hub against decompression bombs.
+MAX_RAW_BYTES = 256 * 1024 * 1024
 DEFAULT_TARGET = 6 * 1024 * 1024
 # Bands smaller than this are not worth a JPEG-LS header and a Python round trip.
 MIN_BAND_BYTES = 4096
@@ -55,7 +58,7 @@ READ_CHUNK = 1024 * 1024
 
 # level -> (zstd level, JPEG-LS on?)
 LEVELS: dict[str, tuple[int, bool]] = {
-    "fast": (1, False),
+    "fast": (3, False),
     "default": (6, True),
     "max": (19, True),
 }
@@ -323,62 +326,67 @@ def _pool() -> ThreadPoolExecutor:
 
 def pack_bucket(plan: BucketPlan, level: str = "default") -> tuple[bytes, dict[str, int]]:
     """The plaintext payload of one bucket and its stats. Reads only this bucket's byte ranges
-    from disk, so memory stays about two buckets whatever the size of the study."""
+    from disk, so memory stays about two buckets whatever the size of the study.
+
+    Pipelined for two cores: while the calling thread reads, hashes, parses and feeds the
+    non-pixel bytes to zstd, the pool encodes (and verifies) the pixel bands already found.
+    Bands that fail verification go to the end of the zstd stream (segment kind 2), so
+    nothing waits on the pool before the last file is read."""
     if level not in LEVELS:
         raise PackError(f"unknown packing level {level!r}; expected one of {sorted(LEVELS)}")
     zstd_level, use_jls = LEVELS[level]
     stats = {"original": 0, "packed": 0, "jpegls": 0, "zstd": 0, "jpegls_fallback": 0,
              "instances": 0}
-    # (entry index, data, ranges) gathered first so bands can be encoded in parallel.
+    compressor = zstandard.ZstdCompressor(level=zstd_level, threads=-1 if zstd_level > 3 else 0)
+    stream = compressor.compressobj()
+    frame_parts: list[bytes] = []
+    raw_size = 0
     entries: list[dict[str, Any]] = []
-    pieces: list[tuple[bytes, list[tuple[int, int, bool]]]] = []
-    bands: list[_Band] = []
-    for item, offset, length in plan.entries:
+    pending: list[tuple[int, list[Any], Future[_Band]]] = []  # (entry, its segs, band)
+    for number, (item, offset, length) in enumerate(plan.entries):
         data = _read_range(item, offset, length)
         if offset == 0 and length == item.size:
             _check_whole_file(item, data)
         layout = _pixel_layout(item.path) if use_jls and length >= MIN_BAND_BYTES else None
-        ranges = _split_piece(data, offset, layout)
-        for start, end, is_band in ranges:
-            if is_band and layout is not None:
-                bands.append(
-                    _Band(data[start:end], (end - start) // layout.row_bytes, layout)
-                )
-        pieces.append((data, ranges))
-        entries.append({"uid": item.sop_instance_uid, "offset": offset, "length": length,
-                        "total": item.size, "segs": []})
-        stats["original"] += length
-        stats["instances"] += 1
-    done = iter(list(_pool().map(_encode_band, bands)) if len(bands) > 1 else
-                [_encode_band(b) for b in bands])
-
-    compressor = zstandard.ZstdCompressor(level=zstd_level, threads=-1 if zstd_level > 3 else 0)
-    blobs: list[bytes] = []
-    solid = bytearray()
-    fallback_items: set[int] = set()
-    for number, ((data, ranges), entry) in enumerate(zip(pieces, entries, strict=True)):
         segs: list[list[Any]] = []
-        for start, end, is_band in ranges:
-            band = next(done) if is_band else None
-            if band is not None and band.blob is not None:
-                blobs.append(band.blob)
-                layout = band.layout
-                segs.append([1, len(blobs), band.rows, layout.columns, layout.comps,
-                             2 if layout.comps == 3 else 0, layout.dtype, band.base])
-                stats["jpegls"] += end - start
+        for start, end, is_band in _split_piece(data, offset, layout):
+            if is_band and layout is not None:
+                band = _Band(data[start:end], (end - start) // layout.row_bytes, layout)
+                segs.append([])  # filled once the band is encoded
+                pending.append((number, segs[-1], _pool().submit(_encode_band, band)))
                 continue
-            if band is not None and band.failed:
-                fallback_items.add(number)
-            if segs and segs[-1][0] == 0:
+            if segs and segs[-1] and segs[-1][0] == 0:
                 segs[-1][1] += end - start
             else:
                 segs.append([0, end - start])
-            solid += data[start:end]
+            frame_parts.append(stream.compress(data[start:end]))
+            raw_size += end - start
             stats["zstd"] += end - start
-        entry["segs"] = segs
-    stats["jpegls_fallback"] = len(fallback_items)
-    frame = compressor.compress(bytes(solid)) if solid else b""
-    header = {"v": 1, "raw": len(solid), "blobs": [len(frame)] + [len(b) for b in blobs],
+        del data
+        entries.append({"uid": item.sop_instance_uid, "offset": offset, "length": length,
+                        "total": item.size, "segs": segs})
+        stats["original"] += length
+        stats["instances"] += 1
+    blobs: list[bytes] = []
+    fallback_entries: set[int] = set()
+    for number, seg, future in pending:
+        band = future.result()
+        layout = band.layout
+        if band.blob is not None:
+            blobs.append(band.blob)
+            seg.extend([1, len(blobs), band.rows, layout.columns, layout.comps,
+                        2 if layout.comps == 3 else 0, layout.dtype, band.base])
+            stats["jpegls"] += len(band.data)
+        else:
+            fallback_entries.add(number)
+            seg.extend([2, len(band.data)])
+            frame_parts.append(stream.compress(band.data))
+            raw_size += len(band.data)
+            stats["zstd"] += len(band.data)
+    stats["jpegls_fallback"] = len(fallback_entries)
+    frame_parts.append(stream.flush())
+    frame = b"".join(frame_parts) if raw_size else b""
+    header = {"v": 1, "raw": raw_size, "blobs": [len(frame)] + [len(b) for b in blobs],
               "entries": entries}
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     payload = b"".join([MAGIC, _HEADER_LEN.pack(len(header_bytes)), header_bytes, frame, *blobs])
@@ -439,6 +447,12 @@ def unpack_bucket(payload: bytes) -> Iterator[Piece]:
     entries = _validate_entries(header["entries"], raw_size, len(blobs))
     if raw_size:
         try:
+            declared = zstandard.frame_content_size(blobs[0])
+        except zstandard.ZstdError as exc:
+            raise BucketFormatError(f"zstd stream is corrupt: {exc}") from None
+        if declared not in (-1, raw_size):  # -1: not declared (streamed)
+            raise BucketFormatError(f"zstd frame declares {declared} bytes, header says {raw_size}")
+        try:
             solid = zstandard.ZstdDecompressor().decompress(blobs[0], max_output_size=raw_size)
         except zstandard.ZstdError as exc:
             raise BucketFormatError(f"zstd stream is corrupt: {exc}") from None
@@ -450,13 +464,17 @@ def unpack_bucket(payload: bytes) -> Iterator[Piece]:
         if blob_lengths[0]:
             raise BucketFormatError("zstd blob present but raw size is 0")
         solid = b""
-    cursor = 0
+    cursor = 0  # kind 0: bytes in piece order
+    tail = sum(seg[1] for e in entries for seg in e["segs"] if seg[0] == 0)  # kind 2 after
     for entry in entries:
         parts: list[bytes] = []
         for seg in entry["segs"]:
             if seg[0] == 0:
                 parts.append(solid[cursor : cursor + seg[1]])
                 cursor += seg[1]
+            elif seg[0] == 2:
+                parts.append(solid[tail : tail + seg[1]])
+                tail += seg[1]
             else:
                 _, blob, rows, columns, comps, ilv, dtype, base = seg
                 try:
@@ -494,9 +512,9 @@ def _validate_entries(entries: list[Any], raw_size: int, blob_count: int) -> lis
             raise BucketFormatError(f"{where} has no segment list")
         covered = 0
         for seg in segs:
-            if not isinstance(seg, list) or not seg or seg[0] not in (0, 1):
+            if not isinstance(seg, list) or not seg or seg[0] not in (0, 1, 2):
                 raise BucketFormatError(f"{where} has a malformed segment {seg!r}")
-            if seg[0] == 0:
+            if seg[0] in (0, 2):
                 if len(seg) != 2:
                     raise BucketFormatError(f"{where} has a malformed zstd segment")
                 covered += _int(seg[1], f"{where} zstd segment length")
