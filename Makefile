@@ -45,5 +45,9 @@ bench-ingest: deps-test venv
 bench-wan: deps-test venv
 	$(PY) -m bench.wan.run $(BENCH_ARGS)
 
+# Packing (JPEG-LS + solid zstd) ratio and speed per level on the CT and MR sets, with baselines.
+bench-codec: venv
+	$(PY) bench/codec.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) var .pytest_cache
