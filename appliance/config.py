@@ -431,6 +431,9 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError([f"{path}: file not found"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: not valid TOML ({exc})"]) from None
+    except UnicodeDecodeError as exc:  # found by fuzzing: TOML must be UTF-8
+        raise ConfigError([f"{path}: not valid UTF-8 at byte {exc.start} (TOML files are "
+                           f"UTF-8)"]) from None
 
 
 def default_config_path(environ: dict[str, str] | None = None) -> Path | None:

@@ -203,8 +203,13 @@ def build_ack(message: hl7.Message | None, ack_code: str = "AA", text: str = "",
     stamp = dt.datetime.now().strftime("%Y%m%d%H%M%S")
     own_id = generate_message_control_id()
     clean = _escape(text)
+    ack = None
     if message is not None:
-        ack = message.create_ack(ack_code, message_id=own_id, application=application)
+        try:
+            ack = message.create_ack(ack_code, message_id=own_id, application=application)
+        except Exception:  # found by fuzzing: a malformed MSH makes hl7's create_ack raise
+            control_id = control_id or _field_or_empty(message, "MSH.F10")
+    if ack is not None:
         result = str(ack).rstrip("\r")
         if text:
             result += f"|{clean}"  # MSA-3 text message
@@ -216,6 +221,13 @@ def build_ack(message: hl7.Message | None, ack_code: str = "AA", text: str = "",
         result += f"\rERR||||{severity}" if not error_code else \
             f"\rERR|||{error_code}^{_error_name(error_code)}^HL70357|{severity}||||{clean}"
     return result
+
+
+def _field_or_empty(message: hl7.Message, path: str) -> str:
+    try:
+        return _field(message, path)
+    except Exception:  # the same malformed message may break the field accessor too
+        return ""
 
 
 def _error_name(code: str) -> str:
