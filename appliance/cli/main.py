@@ -26,9 +26,10 @@ app.add_typer(__import__("appliance.cli.prefetch", fromlist=["app"]).app, name="
 app.add_typer(__import__("appliance.cli.hub", fromlist=["hub_app"]).hub_app, name="hub")
 app.command("enroll")(__import__("appliance.cli.hub", fromlist=["enroll"]).enroll)
 cache_cli.register(app)  # pas verify, pas cache ... (appliance/cli/cache.py)
+__import__("appliance.cli.ops", fromlist=["register"]).register(app)  # pas send, doctor
 
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # errors stay one line each: greppable
 
 ConfigOption = typer.Option(None, "--config", "-c", help="TOML file (default: $PAS_CONFIG, "
                             "else $PAS_HOME/appliance.toml if present, else built-in defaults)")

@@ -1,0 +1,121 @@
+"""Configuration: defaults, the example file, env overrides, and every error named by key."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from appliance.config import ConfigError, load_settings
+from tests.support.peers import PAS_BIN, ROOT
+
+
+def check(path: Path | None, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PAS_")}
+    args = [str(PAS_BIN), "config", "check"] + ([str(path)] if path else [])
+    return subprocess.run(args, env={**clean, **env}, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_defaults_run_on_a_laptop() -> None:
+    settings = load_settings(environ={})
+    assert (settings.dicom.ae_title, settings.dicom.port) == ("PAS", 11112)
+    assert settings.home == Path("./var") and settings.dicom.accept_unknown is False
+    assert settings.study.stable_after_s == 60
+
+
+def test_shipped_files_are_valid() -> None:
+    for name in ("appliance.example.toml", "appliance.toml"):
+        result = check(ROOT / "config" / name)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_environment_overrides_every_key() -> None:
+    settings = load_settings(environ={
+        "PAS_DICOM__PORT": "11113", "PAS_DICOM__ACCEPT_UNKNOWN": "true",
+        "PAS_STUDY__STABLE_AFTER_S": "5", "PAS_HOME": "/srv/pas",
+        "PAS_DICOM__KNOWN_AES": '[{title = "CT1", host = "10.0.0.5"}]',
+        "PAS_HUB_HTTP__PORT": "9999",  # the hub's, not ours: ignored here
+    })
+    assert settings.dicom.port == 11113 and settings.dicom.accept_unknown is True
+    assert settings.study.stable_after_s == 5 and settings.home == Path("/srv/pas")
+    assert settings.dicom.known_aes[0].host == "10.0.0.5"
+
+
+@pytest.mark.parametrize("toml, expected", [
+    ("[dicom]\nport = 0", "dicom.port: must be 1-65535, got 0"),
+    ("[dicom]\nport = 70000", "dicom.port: must be 1-65535, got 70000"),
+    ("[dicom]\nae_title = 'MUCH_TOO_LONG_AE_TITLE'", "dicom.ae_title: must be 1-16"),
+    ("[dicom]\nprot = 104", "dicom.prot: unknown key"),
+    ("[study]\nstable_after_s = -1", "study.stable_after_s: Input should be greater than"),
+    ("[[routing.rules]]\nname = 'x'\nmatch = { modality = '(' }\ndestinations = ['hub']",
+     "routing.rules.0.match.modality: is not a valid regular expression"),
+    ("[[routing.rules]]\nname = 'x'\ndestinations = ['nowhere']",
+     "routing.rules.0.destinations: unknown destination 'nowhere'"),
+    ("[destinations.pacs]\nkind = 'dicom'\nhost = 'pacs'\nport = 104",
+     "destinations.pacs.ae_title: is required"),
+    ("[destinations.web]\nkind = 'stowrs'\nurl = 'ftp://x'",
+     "destinations.web.url: must start with http:// or https://"),
+    ("[dicom\nport = 1", "not valid TOML"),
+])
+def test_bad_configuration_is_named_and_refused(tmp_path: Path, toml: str,
+                                               expected: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    result = check(path)
+    assert result.returncode == 2
+    assert expected in " ".join(result.stderr.split()), result.stderr
+
+
+def test_bad_environment_value_is_named() -> None:
+    result = check(None, PAS_DICOM__PORT="0", PAS_DICOM__MAX_ASSOCIATIONS="many")
+    assert result.returncode == 2
+    assert "dicom.port: must be 1-65535, got 0" in result.stderr
+    assert "dicom.max_associations" in result.stderr
+    with pytest.raises(ConfigError) as raised:
+        load_settings(environ={"PAS_NOSUCH__KEY": "1"})
+    assert "nosuch: unknown key" in str(raised.value)
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    result = check(tmp_path / "absent.toml")
+    assert result.returncode == 2 and "file not found" in result.stderr
+
+
+def _keys(model: type, prefix: str = "") -> list[tuple[str, str]]:
+    """(section, key) for every field of the model, sections flattened to their TOML header."""
+    from pydantic import BaseModel
+
+    found = []
+    for name, field in model.model_fields.items():
+        key = field.alias or name
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            found.extend(_keys(annotation, f"{prefix}{key}."))
+        else:
+            found.append((prefix.rstrip("."), key))
+    return found
+
+
+def test_example_documents_every_key() -> None:
+    """Each key of the model appears (set or commented) under its section's header."""
+    from appliance.config import Settings
+
+    text = (ROOT / "config" / "appliance.example.toml").read_text()
+    sections: dict[str, str] = {}
+    current = ""
+    for line in text.splitlines():
+        stripped = line.strip().lstrip("#").strip()
+        if stripped.startswith("[") and stripped.endswith("]") and "=" not in stripped:
+            current = stripped.strip("[]")
+        sections[current] = sections.get(current, "") + stripped + "\n"
+    def documented(section: str, key: str) -> bool:
+        dotted = f"{section}.{key}" if section else key
+        return f"{key} =" in sections.get(section, "") or any(
+            header == dotted or header.startswith(dotted + ".") for header in sections)
+
+    missing = [f"{section}.{key}" if section else key for section, key in _keys(Settings)
+               if not documented(section, key)]
+    assert not missing, f"undocumented keys in config/appliance.example.toml: {missing}"

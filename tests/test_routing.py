@@ -1,0 +1,169 @@
+"""Routing and the dicom destination: rules, stability, deltas, the durable queue, retries."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import textwrap
+from pathlib import Path
+
+from pydicom import dcmread
+
+from appliance.config import QueueSection, Settings
+from appliance.routing.backoff import next_delay
+from appliance.routing.rules import explain
+from appliance.store import jobs as job_store
+from appliance.store.db import Database
+from tests.support.peers import CT_DIR, StoreSCP, storescu, wait_for
+from tests.test_ingest import dataset_part, index_rows, sop_uid
+
+CT_PATIENT = sorted(CT_DIR.glob("A002304_*_19001231-*.dcm"))  # one study, 3 instances
+
+
+def jobs_of(home: Path) -> list[dict]:
+    conn = sqlite3.connect(home / "pas.sqlite")
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute("SELECT * FROM jobs ORDER BY id")]
+    finally:
+        conn.close()
+
+
+def write_config(path: Path, scp: StoreSCP | None, extra: str = "") -> Path:
+    pacs = ""
+    if scp is not None:
+        pacs = f"""
+        [destinations.pacs]
+        kind = "dicom"
+        ae_title = "{scp.ae_title}"
+        host = "127.0.0.1"
+        port = {scp.port}
+        """
+    path.write_text(textwrap.dedent(f"""
+        [[routing.rules]]
+        name = "emergency CT"
+        match = {{ calling_ae = "^CT_URG$", modality = "^CT$" }}
+        destinations = ["pacs"]
+        priority = "urgent"
+        {pacs}
+        """) + textwrap.dedent(extra))
+    return path
+
+
+def test_urgent_ct_goes_to_the_local_pacs_whole_and_exact(pas_factory, storescp: StoreSCP,
+                                                           tmp_path: Path) -> None:
+    config = write_config(tmp_path / "appliance.toml", storescp)
+    pas = pas_factory({"PAS_CONFIG": str(config), "PAS_DICOM__ACCEPT_UNKNOWN": "true"})
+    storescu(CT_PATIENT, pas.port, calling="CT_URG")
+    wait_for(lambda: any(j["state"] == "done" for j in jobs_of(pas.home)), 60,
+             what="the pacs job done")
+    [job] = jobs_of(pas.home)
+    assert (job["kind"], job["destination"], job["priority"], job["rule"]) == (
+        "dicom", "pacs", 0, "emergency CT")
+    received = {sop_uid(p): p for p in storescp.files()}
+    assert set(received) == {sop_uid(p) for p in CT_PATIENT}
+    stored = {r["sop_instance_uid"]: pas.home / "spool" / r["path"] for r in index_rows(pas.home)}
+    for uid, path in received.items():  # forwarded as stored: byte for byte
+        assert dataset_part(path) == dataset_part(stored[uid])
+    # Another AE's CT matches no rule and no fallback: kept locally, no job.
+    storescu(sorted(CT_DIR.glob("A027284_*_19000925-*.dcm")), pas.port, calling="CT_ROUTINE")
+    wait_for(lambda: "no destination (kept locally)" in pas.log(), 30, what="routing pass")
+    assert len(jobs_of(pas.home)) == 1
+
+
+def test_late_instances_form_a_delta_routed_again(pas_factory, storescp: StoreSCP,
+                                                  tmp_path: Path) -> None:
+    config = write_config(tmp_path / "appliance.toml", storescp)
+    pas = pas_factory({"PAS_CONFIG": str(config), "PAS_DICOM__ACCEPT_UNKNOWN": "true"})
+    storescu(CT_PATIENT[:2], pas.port, calling="CT_URG")
+    wait_for(lambda: [j["state"] for j in jobs_of(pas.home)] == ["done"], 60, what="first job")
+    storescu(CT_PATIENT, pas.port, calling="CT_URG")  # two re-sent, one new
+    wait_for(lambda: [j["state"] for j in jobs_of(pas.home)] == ["done", "done"], 60,
+             what="delta job")
+    listing = json.loads(pas.cli("queue", "list", "--json").stdout)
+    assert sorted(j["instances"] for j in listing) == [1, 2]
+    assert len(storescp.files()) == 3
+
+
+def test_unreachable_destination_backs_off_fails_then_retries(pas_factory,
+                                                              tmp_path: Path) -> None:
+    scp = StoreSCP(tmp_path / "late")  # port chosen, not listening yet
+    config = write_config(tmp_path / "appliance.toml", scp)
+    pas = pas_factory({"PAS_CONFIG": str(config), "PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                       "PAS_QUEUE__MAX_ATTEMPTS": "2", "PAS_QUEUE__BACKOFF_INITIAL_S": "0.2",
+                       "PAS_QUEUE__BACKOFF_MAX_S": "0.5"})
+    storescu(CT_PATIENT, pas.port, calling="CT_URG")
+    wait_for(lambda: [j["state"] for j in jobs_of(pas.home)] == ["failed"], 60,
+             what="job failed after 2 attempts")
+    [job] = jobs_of(pas.home)
+    assert job["attempts"] == 2 and "not established" in job["last_error"]
+    status = pas.status()
+    assert status["jobs"] == {"failed": 1}
+    scp.start()
+    try:
+        assert "will be retried now" in pas.cli("queue", "retry", str(job["id"])).stdout
+        wait_for(lambda: [j["state"] for j in jobs_of(pas.home)] == ["done"], 60,
+                 what="retried job done")
+        assert len(scp.files()) == 3
+    finally:
+        scp.stop()
+    refused = pas.cli("queue", "retry", "999", check=False)
+    assert refused.returncode == 1 and "is not failed or pending" in refused.stderr
+
+
+def test_an_expired_lease_is_claimed_again_and_resumes(tmp_path: Path) -> None:
+    """A worker that died leaves its lease; the job is taken up again where it stopped."""
+    from appliance.store import index
+    from appliance.store.index import InstanceRecord, StoredFile
+
+    db = Database(tmp_path / "pas.sqlite")
+    ids = []
+    for n in range(3):
+        record = InstanceRecord(f"1.2.3.{n}", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1",
+                                "1.2.3", "1.2.3.9", patient_id="P")
+        ids.append(index.record_instance(db, record, StoredFile(f"f{n}", 1, f"{n}" * 64))
+                   .instance_id)
+    job_store.route_study(db, 1, ids, [job_store.NewJob("dicom", "pacs", 2, "r", ids)])
+    first = job_store.claim_next(db, "dead-worker", lease_s=0.0)
+    assert first is not None and first.attempts == 1
+    job_store.mark_sent(db, first.id, ids[:1])
+    again = job_store.claim_next(db, "new-worker", lease_s=60)
+    assert again is not None and again.id == first.id and again.attempts == 2
+    assert [r["id"] for r in job_store.job_files(db, again.id)] == ids[1:]
+    assert job_store.claim_next(db, "third", lease_s=60) is None  # the live lease holds
+    assert not job_store.renew_lease(db, first.id, "dead-worker", 60)
+
+
+def test_backoff_grows_with_jitter_and_stops_at_max_attempts() -> None:
+    queue = QueueSection(max_attempts=5, backoff_initial_s=1, backoff_max_s=20)
+    delays = [next_delay(queue, n) for n in range(1, 5)]
+    assert all(d is not None and 0 < d <= 20 for d in delays)
+    assert delays[3] > delays[0]  # exponential, jitter notwithstanding
+    assert next_delay(queue, 5) is None
+
+
+def test_rules_explain_and_cli(pas_factory, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "appliance.toml", StoreSCP(tmp_path / "x"), """
+        [[routing.rules]]
+        name = "chest"
+        match = { study_description = "chest|thorax" }
+        destinations = ["pacs"]
+        """)
+    settings = Settings.model_validate({"routing": {"rules": [
+        {"name": "mr", "match": {"modality": "^MR$"}, "destinations": ["hub"],
+         "continue": True},
+        {"name": "all", "destinations": ["hub"], "priority": "urgent"},
+    ]}})
+    results, routes = explain(settings.routing, {"modality": "MR"})
+    assert [r.matched for r in results] == [True, True]
+    assert [(r.destination, r.priority) for r in routes] == [("hub", 0)]
+    pas = pas_factory({"PAS_CONFIG": str(config)}, start=False)
+    shown = pas.cli("rules", "test", str(CT_PATIENT[0]), "--calling-ae", "CT_URG").stdout
+    assert "MATCH rule 'emergency CT'" in shown and "-> pacs (urgent" in shown
+    description = dcmread(CT_PATIENT[0]).get("StudyDescription", "")
+    other = pas.cli("rules", "test", str(CT_PATIENT[0]), "--calling-ae", "OTHER").stdout
+    assert "calling_ae 'OTHER' does not match /^CT_URG$/" in other
+    assert ("-> pacs (routine, from chest)" in other) == bool(
+        description and ("CHEST" in description.upper() or "THORAX" in description.upper()))
+    bad = pas.cli("rules", "test", str(config), check=False)
+    assert bad.returncode == 2 and "not a readable DICOM file" in bad.stderr
