@@ -128,6 +128,9 @@ def test_no_client_certificate_is_401_but_enrolment_routes_answer(hub: HubProces
         assert answer.status_code == 401
         assert answer.json()["error"] == "client_certificate_required"
         assert http.get("/enroll/ca").content == (hub.home / "ca.crt").read_bytes()
+        paths = http.get("/openapi.json").json()["paths"]
+        assert "post" in paths["/api/v1/transfers/{transfer_id}/commit"]
+        assert "put" in paths["/api/v1/transfers/{transfer_id}/buckets/{index}"]
     assert "no client certificate" in hub.log()
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import shutil
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -53,6 +54,8 @@ class Hub:
         settings.buckets_dir.mkdir(parents=True, exist_ok=True)
         settings.work_dir.mkdir(parents=True, exist_ok=True)
         store.remove_temp_buckets(settings.buckets_dir)
+        for stale in settings.work_dir.iterdir():  # rebuilds a crash interrupted; never receipted
+            shutil.rmtree(stale, ignore_errors=True)
         self.archive = open_archive(settings)
         self.route_providers: list[RouteProvider] = default_route_providers()
         self.locks: dict[str, threading.Lock] = {}
@@ -114,9 +117,11 @@ class ClientCertificateGate:
 
 def enrolment_routes(hub: Hub) -> list[BaseRoute]:
     async def ca(_request: Request) -> Response:
+        """The fleet CA certificate (PEM), for the enrolment's CAFP check."""
         return Response(hub.pki.ca_pem(), media_type="application/x-pem-file")
 
     async def enroll(request: Request) -> Response:
+        """Spend a one-time token: sign the CSR, answer cert, CA, transfer key."""
         try:
             body = await request.json()
             token, csr_pem = str(body["token"]), str(body["csr_pem"])
@@ -150,9 +155,11 @@ def enrolment_routes(hub: Hub) -> list[BaseRoute]:
         })
 
     async def whoami(request: Request) -> Response:
+        """The site of the calling certificate."""
         return JSONResponse({"site": request.state.site})
 
     async def health(_request: Request) -> Response:
+        """Liveness."""
         return JSONResponse({"status": "ok"})
 
     return [
@@ -167,7 +174,37 @@ def build_app(hub: Hub) -> Any:
     routes: list[BaseRoute] = []
     for provide in hub.route_providers:
         routes.extend(provide(hub))
+    document = openapi(routes)
+
+    async def openapi_json(_request: Request) -> Response:
+        return JSONResponse(document)
+
+    routes.append(Route("/openapi.json", openapi_json, methods=["GET"]))
     return ClientCertificateGate(Starlette(routes=routes), hub)
+
+
+def openapi(routes: list[BaseRoute]) -> dict[str, Any]:
+    """An OpenAPI 3.1 description generated from the routes themselves (paths, methods, the
+    endpoint's docstring as summary), so it cannot drift from what is served. The request and
+    answer shapes are specified in docs/protocol.md."""
+    paths: dict[str, dict[str, Any]] = {}
+    for route in routes:
+        if not isinstance(route, Route):
+            continue
+        path = route.path.replace("{index:int}", "{index}").replace("{path:path}", "{path}")
+        doc = (route.endpoint.__doc__ or route.name).strip().splitlines()[0]
+        secured = path.startswith("/api/v1")
+        for method in sorted((route.methods or set()) - {"HEAD"}):
+            paths.setdefault(path, {})[method.lower()] = {
+                "summary": doc, "operationId": f"{route.name}_{method.lower()}",
+                "security": [{"mutualTLS": []}] if secured else [],
+                "responses": {"default": {"description": "see docs/protocol.md"}},
+            }
+    return {"openapi": "3.1.0",
+            "info": {"title": "PAS regional hub", "version": "1",
+                     "description": "The appliance <-> hub protocol (docs/protocol.md)."},
+            "components": {"securitySchemes": {"mutualTLS": {"type": "mutualTLS"}}},
+            "paths": paths}
 
 
 class HubServer:

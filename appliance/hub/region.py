@@ -28,6 +28,7 @@ def region_routes(hub: Hub) -> list[BaseRoute]:
     client = httpx.AsyncClient(timeout=archive.timeout_s) if archive.kind == "dicomweb" else None
 
     async def proxy(request: Request) -> Response:
+        """QIDO-RS / WADO-RS of the regional archive, read-only."""
         if client is None or not archive.url:
             return problem(501, "not_implemented",
                            "the embedded archive does not serve DICOMweb yet")

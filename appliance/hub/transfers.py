@@ -88,6 +88,7 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
         return key
 
     async def create(request: Request) -> Response:
+        """Create a transfer from its manifest (idempotent per id)."""
         site = request.state.site
         if int(request.headers.get("content-length") or 0) > limits.max_manifest_bytes:
             return problem(413, "too_large", f"manifest over {limits.max_manifest_bytes} bytes")
@@ -139,6 +140,7 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
         return row, None
 
     async def put_bucket(request: Request) -> Response:
+        """Store one sealed bucket durably (idempotent per index)."""
         site = request.state.site
         row, missing = await run_in_threadpool(lookup, request)
         if missing:
@@ -194,6 +196,7 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
                             status_code=201 if created else 200)
 
     async def held(request: Request) -> Response:
+        """The bucket indexes the hub holds for a transfer."""
         row, missing = await run_in_threadpool(lookup, request)
         if missing:
             return missing
@@ -201,6 +204,7 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
         return JSONResponse({"held": held_now, "count": row["bucket_count"]})
 
     async def status(request: Request) -> Response:
+        """A transfer's state and byte counters."""
         row, missing = await run_in_threadpool(lookup, request)
         if missing:
             return missing
@@ -212,6 +216,7 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
             "bytes_stored": row["bytes_stored"], "puts": row["puts"]})
 
     async def commit(request: Request) -> Response:
+        """Rebuild, verify, archive; answer the signed receipt."""
         row, missing = await run_in_threadpool(lookup, request)
         if missing:
             return missing
@@ -225,6 +230,7 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
         return JSONResponse(receipt)
 
     async def receipt(request: Request) -> Response:
+        """The signed receipt of a committed transfer."""
         row, missing = await run_in_threadpool(lookup, request)
         if missing:
             return missing
