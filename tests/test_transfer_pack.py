@@ -139,10 +139,13 @@ def test_hard_pixel_layouts_round_trip_exactly(tmp_path: Path) -> None:
     a padding byte, colour by pixel and by plane: exact, and still JPEG-LS where possible."""
     rng = np.random.default_rng(7)
     smooth = np.cumsum(rng.integers(-2, 3, (96, 128)), axis=1)
+    overlay_bits = np.zeros(smooth.shape, dtype=np.int64)  # an overlay plane in bits 12-15
+    overlay_bits[20:40, 30:90] = 0xF000
+    overlay_bits[60:62, :] = 0x8000
     cases = {
         "junk_high_bits": write_dicom(
             tmp_path / "a.dcm",
-            ((smooth % 4096) | (rng.integers(0, 16, smooth.shape) << 12)).astype("<u2"),
+            ((smooth % 4096) | overlay_bits).astype("<u2"),
             bits_stored=12, signed=False),
         "signed": write_dicom(tmp_path / "b.dcm", (smooth - 1000).astype("<i2"),
                               bits_stored=16, signed=True),

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from typing import Any
 import numpy as np
 import zstandard
 
-from appliance.transfer import jls
+from appliance.transfer import jls, levels
 
 MAGIC = b"PASPK\x01"
 _HEADER_LEN = struct.Struct(">I")
@@ -56,6 +57,8 @@ MIN_BAND_BYTES = 4096
 MAX_BAND_BYTES = 2 * 1024 * 1024
 READ_CHUNK = 1024 * 1024
 
+# A band whose JPEG-LS is not at least this much smaller than its bytes (noise) goes to zstd.
+WORTHWHILE = 0.9
 # level -> (zstd level, JPEG-LS on?)
 LEVELS: dict[str, tuple[int, bool]] = {
     "fast": (3, False),
@@ -207,7 +210,8 @@ class _Band:
     layout: _PixelLayout
     blob: bytes | None = None
     base: int = 0
-    failed: bool = False
+    failed: bool = False  # JPEG-LS was not exact: counted as a fallback
+    cpu_s: float = 0.0  # CPU time the pool thread spent on it (for the level chooser)
 
 
 def _encode_band(band: _Band) -> _Band:
@@ -215,6 +219,7 @@ def _encode_band(band: _Band) -> _Band:
     so that the bytes go to zstd. Samples are shifted by their minimum so that signed data
     and data with a small range use the fewest bits; the shift is stored."""
     layout = band.layout
+    started = time.thread_time()
     try:
         arr = np.frombuffer(band.data, dtype=layout.dtype)
         low = int(arr.min())
@@ -231,11 +236,12 @@ def _encode_band(band: _Band) -> _Band:
         )
         if decoded != band.data:
             band.failed = True
-            return band
-        band.blob = bytes(blob)
-        band.base = low
+        elif len(blob) < len(band.data) * WORTHWHILE:
+            band.blob = bytes(blob)
+            band.base = low
     except Exception:
         band.failed = True
+    band.cpu_s = time.thread_time() - started
     return band
 
 
@@ -332,12 +338,18 @@ def pack_bucket(plan: BucketPlan, level: str = "default") -> tuple[bytes, dict[s
     non-pixel bytes to zstd, the pool encodes (and verifies) the pixel bands already found.
     Bands that fail verification go to the end of the zstd stream (segment kind 2), so
     nothing waits on the pool before the last file is read."""
+    if level == "auto":
+        level = levels.choose_level()
     if level not in LEVELS:
-        raise PackError(f"unknown packing level {level!r}; expected one of {sorted(LEVELS)}")
+        raise PackError(
+            f"unknown packing level {level!r}; expected one of {sorted(LEVELS)} or 'auto'")
     zstd_level, use_jls = LEVELS[level]
+    started = time.thread_time()
     stats = {"original": 0, "packed": 0, "jpegls": 0, "zstd": 0, "jpegls_fallback": 0,
-             "instances": 0}
-    compressor = zstandard.ZstdCompressor(level=zstd_level, threads=-1 if zstd_level > 3 else 0)
+             "instances": 0, f"level_{level}": 1}
+    # Single-threaded zstd: the calling thread compresses while the pool encodes bands, and
+    # the uplink packs several buckets at once; more threads would only contend.
+    compressor = zstandard.ZstdCompressor(level=zstd_level)
     stream = compressor.compressobj()
     frame_parts: list[bytes] = []
     raw_size = 0
@@ -369,8 +381,10 @@ def pack_bucket(plan: BucketPlan, level: str = "default") -> tuple[bytes, dict[s
         stats["instances"] += 1
     blobs: list[bytes] = []
     fallback_entries: set[int] = set()
+    pool_cpu_s = 0.0
     for number, seg, future in pending:
         band = future.result()
+        pool_cpu_s += band.cpu_s
         layout = band.layout
         if band.blob is not None:
             blobs.append(band.blob)
@@ -391,6 +405,9 @@ def pack_bucket(plan: BucketPlan, level: str = "default") -> tuple[bytes, dict[s
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     payload = b"".join([MAGIC, _HEADER_LEN.pack(len(header_bytes)), header_bytes, frame, *blobs])
     stats["packed"] = len(payload)
+    cpu_s = time.thread_time() - started + pool_cpu_s
+    stats["cpu_us"] = int(cpu_s * 1e6)
+    levels.record(level, stats["original"], stats["packed"], cpu_s)
     return payload, stats
 
 
