@@ -7,7 +7,9 @@ page's retry button) goes through :func:`appliance.store.jobs.retry`.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from pathlib import Path
 from typing import Any
 
 from appliance.store.db import Database, now
@@ -101,3 +103,12 @@ def prefetch_queue(db: Database, limit: int = 20) -> list[dict[str, Any]] | None
         return prefetch.list_requests(db, None)[:limit]
     except (sqlite3.OperationalError, TypeError):
         return None
+
+
+def schema_version_of(path: Path) -> int:
+    """The schema version of an existing database file, opened read-only (``pas doctor``
+    must not create or migrate anything)."""
+    uri = f"file:{path}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5)) as conn:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # fails if not SQLite
+        return int(conn.execute("PRAGMA user_version").fetchone()[0])

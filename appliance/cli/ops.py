@@ -1,0 +1,143 @@
+"""``pas send`` (a built-in DICOM sender for hospital IT's tests) and ``pas doctor``.
+
+Owns: the two commands' arguments and output. Thin: the checks live in
+:mod:`appliance.ops.doctor`; sending is plain pynetdicom C-STORE, the same a modality does.
+May not touch: the store (``send`` talks to the daemon over DICOM like any modality).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console()
+err = Console(stderr=True)
+
+MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts per association
+
+
+def _dicom_files(paths: list[Path]) -> tuple[list[Path], list[Path]]:
+    """Files under ``paths`` (recursively), and the ones that are not DICOM."""
+    from pydicom.misc import is_dicom
+
+    candidates: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            candidates.extend(sorted(p for p in path.rglob("*") if p.is_file()))
+        else:
+            candidates.append(path)
+    good, bad = [], []
+    for path in candidates:
+        (good if is_dicom(path) else bad).append(path)
+    return good, bad
+
+
+def send(paths: list[Path] = typer.Argument(..., help="DICOM files or folders (recursive)"),
+         host: str = typer.Option("127.0.0.1", "--host", help="Where the SCP listens"),
+         port: int | None = typer.Option(None, "--port",
+                                         help="Default: dicom.port of the configuration"),
+         called_ae: str | None = typer.Option(None, "--called-ae",
+                                              help="Default: dicom.ae_title"),
+         calling_ae: str = typer.Option("PASSEND", "--calling-ae"),
+         config: Path | None = typer.Option(None, "--config", "-c", help="TOML file")) -> None:
+    """Send DICOM files to PAS (or any SCP) with C-STORE, with a progress bar."""
+    from pydicom import dcmread
+    from pynetdicom import AE
+
+    from appliance.cli.main import _settings
+
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        err.print(f"[red]no such file or folder:[/red] {', '.join(missing)}")
+        raise typer.Exit(2)
+    if port is None or called_ae is None:
+        settings = _settings(config)
+        port = port or settings.dicom.port
+        called_ae = called_ae or settings.dicom.ae_title
+    files, not_dicom = _dicom_files(paths)
+    for path in not_dicom:
+        err.print(f"[yellow]skipped, not a DICOM file:[/yellow] {path}")
+    if not files:
+        err.print("[red]nothing to send: no DICOM file found[/red]")
+        raise typer.Exit(2)
+    headers = {}
+    contexts: set[tuple[str, str]] = set()
+    for path in files:
+        ds = dcmread(path, stop_before_pixels=True)
+        pair = (str(ds.file_meta.MediaStorageSOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+        headers[path] = pair
+        contexts.add(pair)
+    if len(contexts) > MAX_CONTEXTS:
+        err.print(f"[red]{len(contexts)} SOP class/transfer syntax pairs: more than "
+                  f"{MAX_CONTEXTS} per association; send the folders separately[/red]")
+        raise typer.Exit(2)
+    ae = AE(ae_title=calling_ae)
+    for sop_class, syntax in sorted(contexts):
+        ae.add_requested_context(sop_class, syntax)
+    assoc = ae.associate(host, port, ae_title=called_ae)
+    if not assoc.is_established:
+        err.print(f"[red]cannot associate with {called_ae}@{host}:{port}[/red] (refused, "
+                  "or nothing listening): check the port, the AE title and dicom.known_aes")
+        raise typer.Exit(1)
+    failures: list[str] = []
+    sent_bytes = 0
+    columns = (TextColumn("[bold]sending"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[mb]:.1f} MB"), TimeRemainingColumn())
+    try:
+        with Progress(*columns, console=err, transient=False) as progress:
+            task = progress.add_task("send", total=len(files), mb=0.0)
+            for path in files:
+                status = assoc.send_c_store(dcmread(path))
+                code = getattr(status, "Status", None) if status else None
+                if code == 0:
+                    sent_bytes += path.stat().st_size
+                else:
+                    failures.append(f"{path}: status "
+                                    f"{'no answer' if code is None else hex(code)}")
+                progress.update(task, advance=1, mb=sent_bytes / 1e6)
+                if not assoc.is_established:
+                    failures.extend(f"{p}: association lost" for p in
+                                    files[files.index(path) + 1:])
+                    break
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    sent = len(files) - len(failures)
+    console.print(f"sent {sent} of {len(files)} files ({sent_bytes / 1e6:.1f} MB) to "
+                  f"{called_ae}@{host}:{port}", highlight=False)
+    for failure in failures:
+        err.print(f"[red]failed:[/red] {failure}", highlight=False)
+    if failures:
+        raise typer.Exit(1)
+
+
+def doctor(config: Path | None = typer.Option(None, "--config", "-c", help="TOML file"),
+           as_json: bool = typer.Option(False, "--json", help="Machine-readable output")) -> None:
+    """Check configuration, database, ports, disk, enrolment, certificate, hub, clock and
+    destinations; say what to fix. Exit 1 when something must be fixed."""
+    from appliance.ops.doctor import run_checks
+
+    checks = run_checks(config)
+    if as_json:
+        print(json.dumps([c.as_dict() for c in checks], indent=2))
+    else:
+        table = Table(title="pas doctor")
+        for column in ("check", "", "finding", "what to do"):
+            table.add_column(column)
+        marks = {"ok": "[green]ok[/green]", "warn": "[yellow]warn[/yellow]",
+                 "fail": "[red]FAIL[/red]"}
+        for check in checks:
+            table.add_row(check.name, marks[check.verdict], check.detail, check.fix)
+        console.print(table)
+    if any(c.verdict == "fail" for c in checks):
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("send")(send)
+    app.command("doctor")(doctor)

@@ -1,0 +1,246 @@
+"""``pas doctor``: check what usually goes wrong on a new site, and say what to fix.
+
+Owns: the checks (configuration, database, ports, disk, enrolment, certificate, hub
+reachability, clock skew, DICOM destinations) and their verdicts. May not touch: state. Every
+check is read-only: it opens the database, binds a port only to learn whether it is free
+(and closes it), and sends a C-ECHO or an HTTPS GET.
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Literal
+
+import httpx
+
+from appliance.config import ConfigError, DicomDestination, Settings, load_settings
+
+Verdict = Literal["ok", "warn", "fail"]
+MAX_SKEW_WARN_S = 30.0
+MAX_SKEW_FAIL_S = 300.0
+
+
+@dataclass
+class Check:
+    name: str
+    verdict: Verdict
+    detail: str
+    fix: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def _dicom_answers(host: str, port: int, ae_title: str) -> bool:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    ae = AE(ae_title="PASDOCTOR")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 5
+    assoc = ae.associate(host, port, ae_title=ae_title)
+    if not assoc.is_established:
+        # A PAS that refuses unknown AEs still answers with an A-ASSOCIATE-RJ: it is there.
+        return bool(assoc.is_rejected)
+    status = assoc.send_c_echo()
+    assoc.release()
+    return bool(status) and status.Status == 0
+
+
+def _http_answers(host: str, port: int) -> bool:
+    try:
+        response = httpx.get(f"http://{host}:{port}/healthz", timeout=5)
+        return response.status_code == 200 and response.json().get("status") == "ok"
+    except (httpx.HTTPError, ValueError):
+        return False
+
+
+def _port_check(name: str, host: str, port: int, what: str,
+                is_ours: Callable[[str], bool]) -> Check:
+    """A port is fine when our daemon answers on it, or when it is free to bind; anything
+    else listening there is a conflict to fix."""
+    probe_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    try:
+        with socket.create_connection((probe_host, port), timeout=1):
+            listening = True
+    except OSError:
+        listening = False
+    if listening:
+        if is_ours(probe_host):
+            return Check(name, "ok", f"{host}:{port}: {what} answers")
+        return Check(name, "fail", f"{host}:{port}: another program listens there",
+                     f"stop it (ss -ltnp 'sport = :{port}') or change the port in the "
+                     "configuration")
+    try:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except PermissionError:
+        return Check(name, "fail", f"no permission to bind {host}:{port}",
+                     "ports below 1024 need CAP_NET_BIND_SERVICE: install "
+                     "image/systemd/pas.service.d/port-104.conf")
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return Check(name, "fail", f"{host}:{port} is taken by another program",
+                         f"free the port (ss -ltnp 'sport = :{port}') or change it in the "
+                         "configuration")
+        return Check(name, "fail", f"cannot bind {host}:{port}: {exc}",
+                     "check the host address in the configuration")
+    return Check(name, "warn", f"{host}:{port} is free: the daemon is not running",
+                 "start it: systemctl start pas (or pas run)")
+
+
+def check_disk(settings: Settings) -> Check:
+    path = settings.home if settings.home.exists() else Path(".")
+    usage = shutil.disk_usage(path)
+    used = 100 * (usage.total - usage.free) / usage.total
+    floor = settings.storage.min_free_mb * 1024 * 1024
+    detail = f"{used:.1f} % used, {usage.free / 1e9:.1f} GB free on {path}"
+    if usage.free < floor:
+        return Check("disk", "fail", detail + f" (below storage.min_free_mb = "
+                     f"{settings.storage.min_free_mb})",
+                     "free space, or let the cache evict confirmed studies (pas cache)")
+    if used > 85:
+        return Check("disk", "warn", detail, "over 85 %: plan more space or a lower retention")
+    return Check("disk", "ok", detail)
+
+
+def check_enrolment(settings: Settings) -> list[Check]:
+    from appliance.ops.metrics import certificate_days_left
+    from appliance.transfer.enrolment import EnrolmentError, load_enrolment
+
+    try:
+        enrolment = load_enrolment(settings.home)
+    except EnrolmentError as exc:
+        return [Check("enrolment", "fail", str(exc), "enrol again: pas enroll --hub URL "
+                      "--token TOKEN")]
+    if enrolment is None:
+        return [Check("enrolment", "warn", "not enrolled with a regional hub",
+                      "ask regional ops for a token, then: pas enroll --hub URL --token TOKEN")]
+    checks = [Check("enrolment", "ok", f"site {enrolment.site}, hub {enrolment.url}")]
+    try:
+        days = certificate_days_left(settings.home)
+    except (OSError, ValueError) as exc:
+        return checks + [Check("certificate", "fail", f"unreadable: {exc}",
+                               "enrol again: pas enroll")]
+    if days is None or days < 0:
+        checks.append(Check("certificate", "fail", "client certificate missing or expired",
+                            "enrol again with a new token: pas enroll"))
+    elif days < 30:
+        checks.append(Check("certificate", "warn", f"expires in {days:.0f} days",
+                            "renew it before it expires: pas enroll with a new token"))
+    else:
+        checks.append(Check("certificate", "ok", f"valid for {days:.0f} more days"))
+    checks.extend(check_hub(enrolment))
+    return checks
+
+
+def check_hub(enrolment: object) -> list[Check]:
+    """Mutual TLS to the hub (``/api/v1/whoami``), and the clock against the hub's Date."""
+    url = enrolment.url  # type: ignore[attr-defined]
+    try:
+        with httpx.Client(base_url=url, verify=enrolment.ssl_context(),  # type: ignore[attr-defined]
+                          timeout=10) as client:
+            sent = time.time()
+            response = client.get("/api/v1/whoami")
+            received = time.time()
+    except httpx.ConnectError as exc:
+        return [Check("hub", "fail", f"cannot reach {url}: {exc}",
+                      "check the WAN link, the firewall (outgoing HTTPS to the hub) and DNS")]
+    except (httpx.HTTPError, OSError) as exc:
+        return [Check("hub", "fail", f"{url}: {exc}", "check the link and the hub's status")]
+    checks = []
+    if response.status_code == 200:
+        checks.append(Check("hub", "ok", f"{url} knows us as {response.json().get('site')!r} "
+                            f"({(received - sent) * 1000:.0f} ms)"))
+    else:
+        checks.append(Check("hub", "fail", f"{url} answered {response.status_code}: "
+                            f"{response.text[:200]}",
+                            "certificate revoked or unknown: enrol again (pas enroll)"))
+    date = response.headers.get("date")
+    if date:
+        skew = (sent + received) / 2 - parsedate_to_datetime(date).timestamp()
+        # The Date header has 1 s resolution: allow for it.
+        detail = f"{skew:+.1f} s against the hub"
+        if abs(skew) > MAX_SKEW_FAIL_S:
+            checks.append(Check("clock", "fail", detail, "enable NTP: timedatectl set-ntp true"))
+        elif abs(skew) > MAX_SKEW_WARN_S:
+            checks.append(Check("clock", "warn", detail, "enable NTP: timedatectl set-ntp true"))
+        else:
+            checks.append(Check("clock", "ok", detail))
+    return checks
+
+
+def check_destinations(settings: Settings) -> list[Check]:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    checks = []
+    for name, destination in sorted(settings.destinations.items()):
+        if not isinstance(destination, DicomDestination):
+            continue
+        ae = AE(ae_title=destination.calling_ae_title or settings.dicom.ae_title)
+        ae.add_requested_context(Verification)
+        ae.acse_timeout = ae.network_timeout = 5
+        assoc = ae.associate(destination.host, destination.port,
+                             ae_title=destination.ae_title)
+        where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+        if assoc.is_established:
+            status = assoc.send_c_echo()
+            assoc.release()
+            ok = bool(status) and status.Status == 0
+            checks.append(Check(f"destination {name}", "ok" if ok else "fail",
+                                f"C-ECHO {where}: {'success' if ok else 'failed'}",
+                                "" if ok else "check the destination's AE configuration"))
+        else:
+            checks.append(Check(f"destination {name}", "fail",
+                                f"C-ECHO {where}: association refused or no answer",
+                                f"check that {where} is up and knows our AE title"))
+    return checks
+
+
+def check_database(settings: Settings) -> Check:
+    from appliance.store.ops import schema_version_of
+    from appliance.store.schema import MIGRATIONS
+
+    path = settings.db_path
+    if not path.exists():
+        return Check("database", "warn", f"{path} does not exist yet",
+                     "it is created at the first start; check PAS_HOME if PAS already ran")
+    try:
+        version = schema_version_of(path)
+    except Exception as exc:  # any failure here is the finding
+        return Check("database", "fail", f"{path}: {exc}",
+                     "check PAS_HOME and its permissions (owner pas, mode 0750)")
+    if version > len(MIGRATIONS):
+        return Check("database", "fail", f"{path}: schema {version} is newer than this "
+                     f"software ({len(MIGRATIONS)})", "install the newer PAS version again")
+    return Check("database", "ok", f"{path}, schema {version}")
+
+
+def run_checks(config_path: Path | None = None) -> list[Check]:
+    try:
+        settings = load_settings(config_path)
+    except ConfigError as exc:
+        return [Check("configuration", "fail", problem, "fix this key in the TOML file "
+                      "(pas config check)") for problem in exc.problems]
+    checks = [Check("configuration", "ok", f"AE {settings.dicom.ae_title}, home "
+                    f"{settings.home}, {len(settings.destinations)} destinations")]
+    checks.append(check_database(settings))
+    dicom, http = settings.dicom, settings.http
+    checks.append(_port_check("DICOM port", dicom.host, dicom.port, "PAS (C-ECHO)",
+                              lambda h: _dicom_answers(h, dicom.port, dicom.ae_title)))
+    if http.enabled:
+        checks.append(_port_check("HTTP port", http.host, http.port, "status page",
+                                  lambda h: _http_answers(h, http.port)))
+    checks.append(check_disk(settings))
+    checks.extend(check_enrolment(settings))
+    checks.extend(check_destinations(settings))
+    return checks

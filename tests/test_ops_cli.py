@@ -1,0 +1,119 @@
+"""``pas send`` into a real daemon, and ``pas doctor`` against a real daemon, a real hub
+(mutual TLS) and real DICOM destinations (DCMTK storescp up, a dead port down)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.support.hub import HubProcess, enroll
+from tests.support.peers import MR_DIR, PAS_BIN, PasProcess, StoreSCP, free_port
+
+FILES = sorted(p for p in MR_DIR.rglob("*") if p.is_file())[:10]
+
+
+def _folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "to-send"
+    (folder / "series").mkdir(parents=True)
+    for path in FILES:
+        shutil.copy(path, folder / "series" / path.name)
+    (folder / "notes.txt").write_text("not DICOM")
+    return folder
+
+
+def test_send_folder_into_pas(pas: PasProcess, tmp_path: Path) -> None:
+    folder = _folder(tmp_path)
+    result = pas.cli("send", str(folder), "--calling-ae", "ITTEST")
+    assert f"sent {len(FILES)} of {len(FILES)} files" in result.stdout
+    assert "skipped, not a DICOM file" in result.stderr and "notes.txt" in result.stderr
+    studies = json.loads(pas.cli("studies", "--json").stdout)
+    assert sum(s["instances"] for s in studies) == len(FILES)
+    # Sending again changes nothing (the daemon sees duplicates).
+    pas.cli("send", str(folder))
+    assert pas.status()["instances"] == len(FILES)
+
+
+def test_send_refusals_name_the_problem(pas: PasProcess, tmp_path: Path) -> None:
+    missing = pas.cli("send", str(tmp_path / "nowhere"), check=False)
+    assert missing.returncode == 2 and "no such file or folder" in missing.stderr
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("x")
+    nothing = pas.cli("send", str(tmp_path / "empty"), check=False)
+    assert nothing.returncode == 2 and "no DICOM file found" in nothing.stderr
+    closed = pas.cli("send", str(FILES[0]), "--port", str(free_port()), check=False)
+    assert closed.returncode == 1 and "cannot associate" in closed.stderr
+    assert pas.status()["instances"] == 0
+
+
+def _doctor(env: dict[str, str], *args: str) -> tuple[int, dict[str, dict[str, str]]]:
+    result = subprocess.run([str(PAS_BIN), "doctor", "--json", *args], env=env,
+                            capture_output=True, text=True, timeout=120)
+    checks = {c["name"]: c for c in json.loads(result.stdout)}
+    return result.returncode, checks
+
+
+def test_doctor_on_an_enrolled_running_site(pas_factory: Callable[..., PasProcess],
+                                            tmp_path: Path) -> None:
+    hub = HubProcess(tmp_path / "hub").init().start()
+    scp = StoreSCP(tmp_path / "scp").start()
+    try:
+        home = tmp_path / "site"
+        enroll(hub, home, "DOCTOR")
+        pas = pas_factory({"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                           "PAS_DESTINATIONS__ARCHIVE__KIND": "dicom",
+                           "PAS_DESTINATIONS__ARCHIVE__AE_TITLE": scp.ae_title,
+                           "PAS_DESTINATIONS__ARCHIVE__HOST": "127.0.0.1",
+                           "PAS_DESTINATIONS__ARCHIVE__PORT": str(scp.port),
+                           "PAS_DESTINATIONS__DEAD__KIND": "dicom",
+                           "PAS_DESTINATIONS__DEAD__AE_TITLE": "NOBODY",
+                           "PAS_DESTINATIONS__DEAD__HOST": "127.0.0.1",
+                           "PAS_DESTINATIONS__DEAD__PORT": str(free_port())}, home=home)
+        code, checks = _doctor(pas.env)
+        assert code == 1  # the dead destination must be fixed
+        for name in ("configuration", "database", "DICOM port", "HTTP port", "enrolment",
+                     "certificate", "hub", "clock", "destination archive"):
+            assert checks[name]["verdict"] == "ok", checks[name]
+        assert "knows us as 'DOCTOR'" in checks["hub"]["detail"]
+        assert checks["destination dead"]["verdict"] == "fail"
+        assert "NOBODY@127.0.0.1" in checks["destination dead"]["fix"]
+
+        hub.stop()
+        code, checks = _doctor(pas.env)
+        assert checks["hub"]["verdict"] == "fail"
+        assert "cannot reach" in checks["hub"]["detail"]
+        assert "firewall" in checks["hub"]["fix"]
+    finally:
+        hub.stop()
+        scp.stop()
+
+
+def test_doctor_names_bad_configuration(tmp_path: Path) -> None:
+    config = tmp_path / "appliance.toml"
+    config.write_text("[dicom]\nport = 0\nae_title = 'WAY-TOO-LONG-AE-TITLE'\n")
+    env = {**os.environ, "PAS_HOME": str(tmp_path / "home")}
+    code, checks = _doctor(env, "--config", str(config))
+    assert code == 1
+    details = json.dumps(checks)
+    assert "dicom.port: must be 1-65535, got 0" in details
+    assert not (tmp_path / "home").exists()  # doctor changes nothing
+
+
+def test_doctor_finds_a_port_taken_by_another_program(tmp_path: Path) -> None:
+    port = free_port()
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", port))
+        other.listen()
+        env = {**os.environ, "PAS_HOME": str(tmp_path / "home"),
+               "PAS_DICOM__HOST": "127.0.0.1", "PAS_DICOM__PORT": str(port),
+               "PAS_HTTP__PORT": str(free_port())}
+        code, checks = _doctor(env)
+    assert code == 1
+    assert checks["DICOM port"]["verdict"] == "fail"
+    assert "another program listens" in checks["DICOM port"]["detail"]
+    assert checks["enrolment"]["verdict"] == "warn"
+    assert "pas enroll" in checks["enrolment"]["fix"]
