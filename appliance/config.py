@@ -79,6 +79,24 @@ class KnownAE(_Section):
     host: str | None = None
 
 
+class DicomTlsSection(_Section):
+    """DICOM TLS on the listener (BCP 195 profile, appliance/ops/security.py). ``key`` must
+    be 0600. With ``require_client_cert`` only modalities whose certificate chains to
+    ``ca`` complete the handshake."""
+
+    enabled: bool = False
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+    require_client_cert: bool = True
+
+    def model_post_init(self, _context: Any) -> None:
+        if self.enabled and not (self.cert and self.key):
+            raise ConfigError(["dicom.tls.cert, dicom.tls.key: required when dicom.tls.enabled"])
+        if self.enabled and self.require_client_cert and not self.ca:
+            raise ConfigError(["dicom.tls.ca: required when dicom.tls.require_client_cert"])
+
+
 class DicomSection(_Section):
     ae_title: AETitle = "PAS"
     host: str = "0.0.0.0"
@@ -89,6 +107,9 @@ class DicomSection(_Section):
     network_timeout_s: float = Field(default=60.0, gt=0)
     # Largest PDU we accept; 0 means unlimited (pynetdicom's convention).
     max_pdu: int = Field(default=262144, ge=0)
+    tls: DicomTlsSection = DicomTlsSection()
+    # Association attempts accepted per source address per minute (0: no limit).
+    max_association_attempts_per_minute: int = Field(default=120, ge=0)
 
 
 class StorageSection(_Section):
@@ -189,6 +210,16 @@ class DicomDestination(_Section):
     port: Port
     calling_ae_title: AETitle | None = None
     timeout_s: float = Field(default=30.0, gt=0)
+    # DICOM TLS to this node (BCP 195): the node's certificate must chain to ``tls_ca``;
+    # ``tls_cert``/``tls_key`` (0600) are PAS's client certificate when the node asks.
+    tls: bool = False
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    def model_post_init(self, _context: Any) -> None:
+        if self.tls and not self.tls_ca:
+            raise ConfigError([f"destinations ({self.ae_title}).tls_ca: required when tls"])
 
 
 class HubDestination(_Section):

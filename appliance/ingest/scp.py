@@ -22,6 +22,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from appliance.config import DicomSection
 from appliance.ingest.attributes import InvalidInstance
 from appliance.ingest.receive import Receiver, StorageFailure
+from appliance.ops.security import AssociationRateLimiter, server_context
 from appliance.store.spool import SpoolFull
 
 log = logging.getLogger("pas.ingest")
@@ -36,6 +37,10 @@ PROCESSING_FAILURE = 0xC211
 _REJECT_PERMANENT = 0x01
 _SOURCE_SERVICE_USER = 0x01
 _CALLING_AE_NOT_RECOGNISED = 0x03
+# A-ASSOCIATE-RJ: rejected-transient, by the service provider (presentation), local limit
+_REJECT_TRANSIENT = 0x02
+_SOURCE_PROVIDER_PRESENTATION = 0x03
+_LOCAL_LIMIT_EXCEEDED = 0x02
 
 # Every transfer syntax pydicom knows: we store what arrives as it arrives. Uncompressed first.
 _PREFERRED = [
@@ -72,6 +77,11 @@ class DicomListener:
         self.config = config
         self.receiver = receiver
         self.policy = AssociationPolicy(config)
+        # Security (appliance/ops/security.py): per-source attempt limit, DICOM TLS (BCP 195).
+        self.rate_limiter = AssociationRateLimiter(config.max_association_attempts_per_minute)
+        tls = config.tls
+        self.ssl_context = server_context(tls.cert, tls.key, tls.ca, tls.require_client_cert) \
+            if tls.enabled and tls.cert and tls.key else None
         self.on_stored = on_stored
         self.ae = AE(ae_title=config.ae_title)
         self.ae.maximum_associations = config.max_associations
@@ -99,10 +109,11 @@ class DicomListener:
 
     def start(self) -> None:
         self._server = self.ae.start_server(
-            (self.config.host, self.config.port), block=False, evt_handlers=self._handlers
+            (self.config.host, self.config.port), block=False, evt_handlers=self._handlers,
+            ssl_context=self.ssl_context,
         )
-        log.info("DICOM listener %s on %s:%d", self.config.ae_title, self.config.host,
-                 self.config.port)
+        log.info("DICOM listener %s on %s:%d%s", self.config.ae_title, self.config.host,
+                 self.config.port, " (TLS)" if self.ssl_context else "")
 
     @property
     def port(self) -> int:
@@ -119,6 +130,15 @@ class DicomListener:
         requestor = event.assoc.requestor
         # At this point only the received A-ASSOCIATE-RQ primitive carries the titles.
         calling = str(requestor.primitive.calling_ae_title).strip()
+        if not self.rate_limiter.allow(requestor.address):
+            log.warning("association from %s rejected: more than %d attempts in a minute",
+                        requestor.address, self.rate_limiter.per_minute,
+                        extra={"CALLING_AE": calling})
+            event.assoc.acse.send_reject(
+                _REJECT_TRANSIENT, _SOURCE_PROVIDER_PRESENTATION, _LOCAL_LIMIT_EXCEEDED
+            )
+            event.assoc.kill()
+            return
         reason = self.policy.refusal(calling, requestor.address)
         if reason:
             log.warning("association rejected: %s", reason, extra={"CALLING_AE": calling})

@@ -51,8 +51,14 @@ class DicomTarget:
             raise PermanentError(f"study needs {len(contexts)} presentation contexts (max 128)")
         ae = AE(ae_title=self.calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.config.timeout_s
+        tls_args = None
+        if self.config.tls and self.config.tls_ca:  # DICOM TLS, BCP 195 (ops/security.py)
+            from appliance.ops.security import client_context
+
+            tls_args = (client_context(self.config.tls_ca, self.config.tls_cert,
+                                       self.config.tls_key), None)
         assoc = ae.associate(self.config.host, self.config.port, contexts,
-                             ae_title=self.config.ae_title)
+                             ae_title=self.config.ae_title, tls_args=tls_args)  # type: ignore[arg-type]
         if not assoc.is_established:
             raise ConnectionError(
                 f"{self.name}: association with {self.config.ae_title}@{self.config.host}:"

@@ -1,0 +1,112 @@
+"""Security hardening shared by the DICOM listener and the ``dicom`` destinations.
+
+Owns: the DICOM TLS contexts (BCP 195 profile: TLS 1.2 minimum, the recommended AEAD
+suites, certificate verification), the rule that private keys and secrets are readable by
+their owner only, and the per-source limit on association attempts. May not touch: SQL,
+files other than reading the key/certificate files it is given, or the network itself.
+
+Why a key with group/other permissions is refused rather than fixed: the file may be
+shared with something else on purpose; the operator must decide. The message names the
+file, its mode and the fix, never the key's content.
+"""
+
+from __future__ import annotations
+
+import ssl
+import stat
+import threading
+import time
+from collections import OrderedDict, deque
+from pathlib import Path
+
+# BCP 195 (RFC 7525 / 9325) recommended TLS 1.2 suites; TLS 1.3 suites are all AEAD and
+# are left at OpenSSL's defaults. DICOM PS3.15 B.9 ("BCP 195 TLS profile") points here.
+BCP195_TLS12_CIPHERS = ":".join([
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
+    "DHE-RSA-AES128-GCM-SHA256", "DHE-RSA-AES256-GCM-SHA384",
+])
+
+
+class SecretFileError(PermissionError):
+    """A key or secret file that is missing or readable by others than its owner."""
+
+
+def check_secret_file(path: Path, what: str) -> None:
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise SecretFileError(f"{what} {path}: file not found") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise SecretFileError(
+            f"{what} {path}: permissions {stat.filemode(mode)} let others read it; "
+            f"run `chmod 600 {path}` (keys and secrets must be 0600)"
+        )
+
+
+def _base_context(purpose: ssl.Purpose) -> ssl.SSLContext:
+    context = ssl.create_default_context(purpose)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(BCP195_TLS12_CIPHERS)
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    return context
+
+
+def server_context(cert: Path, key: Path, ca: Path | None,
+                   require_client_cert: bool) -> ssl.SSLContext:
+    """The SCP side: our certificate; with ``require_client_cert`` only peers whose
+    certificate chains to ``ca`` complete the handshake."""
+    check_secret_file(key, "dicom.tls.key")
+    context = _base_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(cert), str(key))
+    if ca is not None:
+        context.load_verify_locations(cafile=str(ca))
+    context.verify_mode = ssl.CERT_REQUIRED if require_client_cert else (
+        ssl.CERT_OPTIONAL if ca is not None else ssl.CERT_NONE)
+    return context
+
+
+def client_context(ca: Path, cert: Path | None = None, key: Path | None = None,
+                   check_hostname: bool = False) -> ssl.SSLContext:
+    """The SCU side (a ``dicom`` destination): the peer must chain to ``ca``; DICOM nodes
+    are usually addressed by IP, so the host name check is opt-in."""
+    context = _base_context(ssl.Purpose.SERVER_AUTH)
+    context.check_hostname = check_hostname
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(cafile=str(ca))
+    if cert is not None and key is not None:
+        check_secret_file(key, "destination client key")
+        context.load_cert_chain(str(cert), str(key))
+    return context
+
+
+class AssociationRateLimiter:
+    """At most ``per_minute`` association attempts per source address in any 60 s window.
+
+    A probe or a looping misconfigured modality is refused early (A-ASSOCIATE-RJ, transient,
+    local limit exceeded) instead of costing a thread and a database look-up each time.
+    Memory is bounded: at most ``max_sources`` addresses are tracked (oldest dropped).
+    """
+
+    def __init__(self, per_minute: int, max_sources: int = 4096, window_s: float = 60.0):
+        self.per_minute = per_minute
+        self.window_s = window_s
+        self.max_sources = max_sources
+        self._attempts: OrderedDict[str, deque[float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def allow(self, address: str) -> bool:
+        if self.per_minute <= 0:
+            return True
+        at = time.monotonic()  # immune to wall-clock jumps
+        with self._lock:
+            attempts = self._attempts.pop(address, None) or deque()
+            while attempts and at - attempts[0] > self.window_s:
+                attempts.popleft()
+            allowed = len(attempts) < self.per_minute
+            if allowed:
+                attempts.append(at)
+            self._attempts[address] = attempts
+            while len(self._attempts) > self.max_sources:
+                self._attempts.popitem(last=False)
+            return allowed

@@ -1,0 +1,167 @@
+"""DICOM TLS (BCP 195) on the listener and towards a ``dicom`` destination, key permissions,
+and the per-source association limit, against DCMTK's echoscu/storescu/storescp (OpenSSL).
+
+A test CA, a server, a client and a rogue (self-signed) client certificate are made with
+``cryptography``; keys are written 0600.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import subprocess
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+from tests.faults.helpers import assert_consistent, assert_kept_exactly, stored_successes
+from tests.support.peers import (
+    CT_DIR,
+    DCMTK_ENV,
+    PAS_BIN,
+    PasProcess,
+    StoreSCP,
+    free_port,
+    wait_for,
+)
+
+
+def _key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def _cert(subject: str, key: rsa.RSAPrivateKey, issuer: str, issuer_key: rsa.RSAPrivateKey,
+          ca: bool = False) -> x509.Certificate:
+    now = dt.datetime.now(dt.UTC)
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+               .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(minutes=5))
+               .not_valid_after(now + dt.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if not ca:
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _write(folder: Path, name: str, cert: x509.Certificate, key: rsa.RSAPrivateKey) -> None:
+    (folder / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path = folder / f"{name}.key"
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.TraditionalOpenSSL,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+
+
+def make_pki(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    ca_key = _key()
+    ca = _cert("PAS test CA", ca_key, "PAS test CA", ca_key, ca=True)
+    (folder / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    for name in ("server", "client"):
+        key = _key()
+        _write(folder, name, _cert(name, key, "PAS test CA", ca_key), key)
+    rogue_key = _key()
+    _write(folder, "rogue", _cert("rogue", rogue_key, "rogue", rogue_key), rogue_key)
+    return folder
+
+
+def _tls(pki: Path, who: str) -> list[str]:
+    return ["+tls", str(pki / f"{who}.key"), str(pki / f"{who}.crt"), "+cf", str(pki / "ca.crt")]
+
+
+def _echo(port: int, tls: list[str]) -> int:
+    return subprocess.run(["echoscu", "-aec", "PAS", "-aet", "ECHO", *tls, "127.0.0.1",
+                           str(port)], env=DCMTK_ENV, capture_output=True, timeout=30).returncode
+
+
+def _tls_env(pki: Path) -> dict[str, str]:
+    return {"PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_HTTP__ENABLED": "false",
+            "PAS_CACHE__SCRUB_MB_PER_S": "0", "PAS_DICOM__TLS__ENABLED": "true",
+            "PAS_DICOM__TLS__CERT": str(pki / "server.crt"),
+            "PAS_DICOM__TLS__KEY": str(pki / "server.key"),
+            "PAS_DICOM__TLS__CA": str(pki / "ca.crt")}
+
+
+def test_scp_tls_requires_a_client_certificate_from_the_ca(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    pas = PasProcess(tmp_path / "pas", _tls_env(pki)).start()
+    try:
+        assert _echo(pas.port, _tls(pki, "client")) == 0
+        files = sorted(str(p) for p in CT_DIR.glob("*.dcm"))[:3]
+        sent = subprocess.run(["storescu", "-v", "-aec", "PAS", "-aet", "CT1",
+                               *_tls(pki, "client"), "127.0.0.1", str(pas.port), *files],
+                              env=DCMTK_ENV, capture_output=True, text=True, timeout=60)
+        acknowledged = stored_successes(sent.stdout + sent.stderr)
+        assert len(acknowledged) == 3, sent.stderr[-2000:]
+        # Refused: plain TCP, TLS without a certificate, a certificate from another CA.
+        assert _echo(pas.port, []) != 0
+        assert _echo(pas.port, ["+tla", "+cf", str(pki / "ca.crt")]) != 0
+        assert _echo(pas.port, _tls(pki, "rogue")) != 0
+        # The daemon kept serving the legitimate client.
+        assert _echo(pas.port, _tls(pki, "client")) == 0
+        state = assert_consistent(pas.home)
+        assert state["rows"] == 3
+        assert_kept_exactly(pas.home, acknowledged)
+        assert "PRIVATE KEY" not in pas.log()
+    finally:
+        pas.stop()
+
+
+def test_readable_key_is_refused_at_start_with_the_fix(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    (pki / "server.key").chmod(0o644)
+    pas = PasProcess(tmp_path / "pas", _tls_env(pki))
+    result = subprocess.run([str(PAS_BIN), "run"], env=pas.env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1
+    message = result.stdout + result.stderr
+    assert "server.key" in message and "chmod 600" in message, message
+    assert "PRIVATE KEY" not in message
+    assert not (tmp_path / "pas" / "spool").exists() or not any(
+        (tmp_path / "pas" / "spool").rglob("*.dcm"))
+
+
+def test_forward_to_a_tls_dicom_node(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    node = StoreSCP(tmp_path / "node", ae_title="NODE")
+    node.start(extra=["+tls", str(pki / "server.key"), str(pki / "server.crt"),
+                      "+cf", str(pki / "ca.crt")])
+    pas = PasProcess(tmp_path / "pas", {
+        "PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_HTTP__ENABLED": "false",
+        "PAS_DESTINATIONS__NODE__KIND": "dicom", "PAS_DESTINATIONS__NODE__AE_TITLE": "NODE",
+        "PAS_DESTINATIONS__NODE__HOST": "127.0.0.1",
+        "PAS_DESTINATIONS__NODE__PORT": str(node.port),
+        "PAS_DESTINATIONS__NODE__TLS": "true",
+        "PAS_DESTINATIONS__NODE__TLS_CA": str(pki / "ca.crt"),
+        "PAS_DESTINATIONS__NODE__TLS_CERT": str(pki / "client.crt"),
+        "PAS_DESTINATIONS__NODE__TLS_KEY": str(pki / "client.key"),
+        "PAS_ROUTING__FALLBACK__DESTINATIONS": '["node"]',
+    }).start()
+    try:
+        files = sorted(str(p) for p in CT_DIR.glob("*.dcm"))[:3]
+        subprocess.run(["storescu", "-aec", "PAS", "-aet", "CT1", "127.0.0.1", str(pas.port),
+                        *files], env=DCMTK_ENV, check=True, capture_output=True, timeout=60)
+        wait_for(lambda: len(node.files()) == 3, 60, what="3 files at the TLS node")
+    finally:
+        pas.stop()
+        node.stop()
+
+
+def test_association_attempts_are_limited_per_source(tmp_path: Path) -> None:
+    pas = PasProcess(tmp_path / "pas", {
+        "PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_HTTP__ENABLED": "false",
+        "PAS_DICOM__MAX_ASSOCIATION_ATTEMPTS_PER_MINUTE": "5"}).start()
+    try:
+        outcomes = [_echo(pas.port, []) for _ in range(8)]
+        assert outcomes[:5] == [0] * 5 and all(rc != 0 for rc in outcomes[5:]), outcomes
+        assert "attempts in a minute" in pas.log()
+    finally:
+        pas.stop()
+    assert free_port() and os.path.exists(pas.log_path)
