@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from appliance.config import Settings
@@ -56,10 +56,16 @@ class PrefetchService:
         self.on_jobs_created = on_jobs_created
         self.region_factory = region_factory or self._default_region
         self._region: RegionClient | None = None
+        self._region_lock = threading.Lock()
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._pool = ThreadPoolExecutor(self.config.parallel, thread_name_prefix="pas-prefetch")
+        # Requests run side by side (each is mostly round trips: QIDO, then small studies),
+        # and their instances share one pool, so the link stays busy on a long RTT.
+        self._requests = ThreadPoolExecutor(self.config.parallel,
+                                            thread_name_prefix="pas-prefetch-req")
+        self._pool = ThreadPoolExecutor(self.config.parallel * 2,
+                                        thread_name_prefix="pas-prefetch")
 
     # --- triggers ----------------------------------------------------------------------------
 
@@ -145,30 +151,44 @@ class PrefetchService:
         self.wake.set()
         if self._thread is not None:
             self._thread.join(10)
+        self._requests.shutdown(wait=False, cancel_futures=True)
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self._region is not None:
             self._region.close()
 
     def _loop(self) -> None:
+        inflight: set[Future[None]] = set()
         while not self.stopping.is_set():
             try:
-                for request in store.claim_due(self.db):
-                    if self.stopping.is_set():
-                        break
-                    self.process(request)
+                inflight = {f for f in inflight if not f.done()}
+                free = self.config.parallel - len(inflight)
+                if free > 0:
+                    for request in store.claim_due(self.db, limit=free):
+                        inflight.add(self._requests.submit(self._process_then_wake, request))
             except Exception:
                 log.exception("prefetch pass failed")
             self.wake.wait(self.config.check_interval_s)
             self.wake.clear()
+        for future in inflight:
+            future.cancel()
+
+    def _process_then_wake(self, request: dict[str, Any]) -> None:
+        try:
+            self.process(request)
+        except Exception:
+            log.exception("prefetch request %s failed", request.get("id"))
+        finally:
+            self.wake.set()  # a slot is free: claim the next request now
 
     def _default_region(self) -> RegionClient | None:
         return RegionClient.from_home(self.settings.home, self.config.dicomweb_url,
                                       self.config.timeout_s, self.config.parallel)
 
     def region(self) -> RegionClient | None:
-        if self._region is None:
-            self._region = self.region_factory()
-        return self._region
+        with self._region_lock:
+            if self._region is None:
+                self._region = self.region_factory()
+            return self._region
 
     def process(self, request: dict[str, Any]) -> None:
         request_id = int(request["id"])
@@ -180,7 +200,7 @@ class PrefetchService:
             return
         try:
             self._fetch(request)
-        except (RegionError, OSError, ValueError) as exc:
+        except Exception as exc:  # any failure is an attempt: the request never stays running
             state = store.fail_attempt(self.db, request_id, str(exc), self.config.max_attempts,
                                        now() + self.config.retry_after_s)
             log.warning("prefetch %d for %s: %s (%s)", request_id, request["patient_id"], exc,

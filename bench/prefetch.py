@@ -1,0 +1,204 @@
+"""``make bench-prefetch``: from ORM received to every CT prior on site, over the emulated WAN.
+
+Owns: one run of the prefetch over ``bench.wan`` (20 Mbit/s, 70 ms RTT, 0.1 % loss by default):
+the older CT study of each of the 10 ct-covid19-ny-sbu patients in a regional Orthanc behind a
+real hub (region namespace), a real ``pas run`` enrolled with it (site namespace), ten ORM^O01
+over MLLP, and the clock from the first ORM sent to the last request ``fetched``. Beside it, in
+the same run and over the same link: DCMTK ``getscu`` (C-GET of the same studies from the
+regional Orthanc into the site namespace, what a site does without PAS), and the two ideal
+times: the original bytes and the losslessly packed bytes (``appliance.transfer.pack``) at the
+link rate. Creates and deletes its own namespaces and processes; touches nothing else.
+
+    python bench/prefetch.py [--mbit 20 --rtt 70 --loss 0.001]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+from hl7.client import MLLPClient  # noqa: E402
+from pydicom import dcmread  # noqa: E402
+
+from appliance.transfer.pack import PackItem, pack_bucket, plan_buckets  # noqa: E402
+from bench.wan.link import LinkSpec, WanLink  # noqa: E402
+from bench.wan.pas import Hub, SiteAppliance  # noqa: E402
+from bench.wan.peers import regional_orthanc  # noqa: E402
+from tests.support.peers import (  # noqa: E402
+    CT_DIR,
+    DCMTK_ENV,
+    PAS_BIN,
+    Orthanc,
+    port_open,
+    wait_for,
+)
+
+
+def older_studies() -> dict[str, tuple[str, list[Path]]]:
+    """PatientID -> (StudyInstanceUID, files) of the older study."""
+    studies: dict[str, dict[str, tuple[str, list[Path]]]] = {}
+    for path in sorted(CT_DIR.glob("*.dcm")):
+        ds = dcmread(path, stop_before_pixels=True)
+        by_date = studies.setdefault(str(ds.PatientID), {})
+        by_date.setdefault(str(ds.StudyDate), (str(ds.StudyInstanceUID), []))[1].append(path)
+    return {patient: by_date[min(by_date)] for patient, by_date in studies.items()}
+
+
+def packed_bytes(files: list[Path]) -> int:
+    """What the bucketed, compressed path would carry for these files (default level)."""
+    import hashlib
+
+    seen: dict[str, PackItem] = {}
+    for path in files:
+        data = path.read_bytes()
+        uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+        seen[uid] = PackItem(uid, path, len(data), hashlib.sha256(data).hexdigest())
+    return sum(len(pack_bucket(plan)[0]) for plan in plan_buckets(list(seen.values())))
+
+
+def orm(control: str, patient: str, order: str) -> str:
+    return "\r".join([
+        f"MSH|^~\\&|RIS|HOSP|PAS|HOSP|20261123120000||ORM^O01|{control}|P|2.5",
+        f"PID|1||{patient}^^^^MR", f"ORC|NW|{order}|||SC",
+        f"OBR|1|{order}||CT^CT||||||||||||||ACC-{order}||||||CT"])
+
+
+def run_pas(link: WanLink, scratch: Path, priors: dict[str, tuple[str, list[Path]]],
+            parallel: int) -> tuple[float, int, int]:
+    """Seconds from the first ORM to all fetched, instances fetched, bytes down the link."""
+    regional = regional_orthanc(link, scratch / "region")
+    hub = appliance = None
+    try:
+        with httpx.Client(timeout=60) as client:  # over the unshaped control veth
+            for _, files in priors.values():
+                for path in files:
+                    client.post(f"{regional.url}/instances",
+                                content=path.read_bytes()).raise_for_status()
+        hub = Hub(link, scratch / "hub", "http://127.0.0.1:8042/dicom-web").start()
+        appliance = SiteAppliance(link, scratch / "appliance", {
+            "PAS_HL7__HOST": "0.0.0.0", "PAS_PREFETCH__PARALLEL": str(parallel),
+            "PAS_PREFETCH__CHECK_INTERVAL_S": "0.2"})
+        appliance.enroll(hub)
+        appliance.start()
+        hl7_host, hl7_port = link.site.inner_address, int(appliance.env["PAS_HL7__PORT"])
+        wait_for(lambda: port_open(hl7_host, hl7_port), 30, what="the HL7 listener")
+        link.reset()
+        start = time.monotonic()
+        with MLLPClient(hl7_host, hl7_port) as client:
+            for n, patient in enumerate(sorted(priors)):
+                answer = client.send_message(orm(f"B{n}", patient, f"O{n}")).decode()
+                assert "MSA|AA|" in answer, answer
+
+        def fetched() -> list[dict] | None:
+            out = subprocess.run([str(PAS_BIN), "prefetch", "list", "--json"],
+                                 env=appliance.env, capture_output=True, text=True)  # type: ignore[union-attr]
+            rows = json.loads(out.stdout)["requests"]
+            failed = [r for r in rows if r["state"] == "failed"]
+            if failed:
+                raise RuntimeError(f"prefetch failed: {failed[0]['last_error']}")
+            return rows if len(rows) == len(priors) and all(
+                r["state"] == "fetched" for r in rows) else None
+
+        rows = wait_for(fetched, 600, interval=0.1, what="all priors fetched")
+        seconds = time.monotonic() - start
+        return seconds, sum(r["instances_fetched"] for r in rows), link.stats().down_in
+    finally:
+        if appliance:
+            appliance.stop()
+        if hub:
+            hub.stop()
+        regional.stop()
+
+
+def run_getscu(link: WanLink, scratch: Path,
+               priors: dict[str, tuple[str, list[Path]]]) -> tuple[float, int, int]:
+    """DCMTK getscu, one C-GET per study, one after the other, from the site namespace."""
+    # Orthanc answers C-GET only to a modality it knows.
+    regional = Orthanc(scratch / "region-getscu", ae_title="REGION", ns=link.region,
+                       modalities={"site": ["SITE", link.site_ip, 104]}).start()
+    try:
+        with httpx.Client(timeout=60) as client:
+            for _, files in priors.values():
+                for path in files:
+                    client.post(f"{regional.url}/instances",
+                                content=path.read_bytes()).raise_for_status()
+        out = scratch / "getscu"
+        out.mkdir()
+        link.reset()
+        start = time.monotonic()
+        for study_uid, _ in priors.values():
+            subprocess.run(link.in_site([
+                "getscu", "-aet", "SITE", "-aec", "REGION", "-S", "-od", str(out),
+                "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
+                link.region_ip, "4242"]), env=DCMTK_ENV, check=True, capture_output=True,
+                timeout=600)  # stored files land in ``out``
+        seconds = time.monotonic() - start
+        return seconds, len(list(out.iterdir())), link.stats().down_in
+    finally:
+        regional.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mbit", type=float, default=20)
+    parser.add_argument("--rtt", type=float, default=70)
+    parser.add_argument("--loss", type=float, default=0.001)
+    parser.add_argument("--parallel", type=int, default=4, help="prefetch.parallel")
+    args = parser.parse_args(argv)
+    spec = LinkSpec("bench", args.mbit, args.rtt, args.loss)
+    priors = older_studies()
+    files = sorted({p for _, fs in priors.values() for p in fs})
+    distinct = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in files}
+    original = sum(p.stat().st_size for p in distinct.values())
+    packed = packed_bytes(files)
+    ideal_original = original / spec.bytes_per_s
+    ideal_packed = packed / spec.bytes_per_s
+    with tempfile.TemporaryDirectory(prefix="pas-bench-prefetch-") as tmp, WanLink(spec) as link:
+        scratch = Path(tmp)
+        pas_s, pas_n, pas_down = run_pas(link, scratch, priors, args.parallel)
+        get_s, get_n, get_down = run_getscu(link, scratch, priors)
+    lines = [
+        f"Prefetch bench, {datetime.date.today()}, {platform.node()} ({_cores()} cores), "
+        f"link {spec.label()}, {len(priors)} CT priors, {len(distinct)} instances, "
+        f"{original / 1e6:.1f} MB original, {packed / 1e6:.1f} MB packed "
+        f"({original / packed:.2f}x)",
+        "",
+        "| path | seconds | instances | MB down the link | vs packed at link rate | "
+        "vs original at link rate |",
+        "|---|---|---|---|---|---|",
+        f"| PAS prefetch: ORM -> all priors on site (WADO-RS via hub, {args.parallel} in "
+        f"flight) | {pas_s:.1f} | {pas_n} | {pas_down / 1e6:.1f} | "
+        f"{pas_s / ideal_packed:.2f}x | {pas_s / ideal_original:.2f}x |",
+        f"| DCMTK getscu, C-GET per study (peer) | {get_s:.1f} | {get_n} | "
+        f"{get_down / 1e6:.1f} | {get_s / ideal_packed:.2f}x | {get_s / ideal_original:.2f}x |",
+        f"| ideal: packed bytes at link rate | {ideal_packed:.1f} | | {packed / 1e6:.1f} | "
+        "1.00x | |",
+        f"| ideal: original bytes at link rate | {ideal_original:.1f} | | "
+        f"{original / 1e6:.1f} | | 1.00x |",
+        "",
+        f"PAS is {get_s / pas_s:.2f}x the speed of getscu on the same link.",
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+def _cores() -> int:
+    import os
+
+    return os.cpu_count() or 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
