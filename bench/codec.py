@@ -20,7 +20,7 @@ import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from appliance.transfer import jls  # noqa: E402
+from appliance.transfer import jls, levels  # noqa: E402
 from appliance.transfer.pack import (  # noqa: E402
     DEFAULT_TARGET,
     PackItem,
@@ -88,6 +88,7 @@ def run_level(items: list[PackItem], level: str, parallel: int) -> dict[str, flo
             raise SystemExit(f"NOT EXACT: {item.path}")
     original = sum(s["original"] for _, s in results)
     return {
+        "cpu_s": sum(s["cpu_us"] for _, s in results) / 1e6,
         "packed": sum(s["packed"] for _, s in results),
         "original": original,
         "pack_s": pack_s,
@@ -95,6 +96,40 @@ def run_level(items: list[PackItem], level: str, parallel: int) -> dict[str, flo
         "unpack_s": unpack_s,
         "fallback": sum(s["jpegls_fallback"] for _, s in results),
     }
+
+
+def gil_check() -> str:
+    """How much Python work the main thread gets done while another thread JPEG-LS-encodes,
+    through ctypes (GIL released) versus pyjpegls's wrapper (GIL held)."""
+    import threading
+
+    import _CharLS
+    import numpy as np
+
+    image = (np.arange(1024 * 1024, dtype=np.uint32) * 2654435761 % 4096).astype("<u2")
+    samples = image.tobytes()
+
+    def turns_per_second(encode: object | None) -> float:
+        thread = threading.Thread(target=encode) if encode else None
+        count, start = 0, time.perf_counter()
+        if thread is None:
+            while time.perf_counter() - start < 0.3:
+                count += 1
+        else:
+            thread.start()
+            while thread.is_alive():
+                count += 1
+            thread.join()
+        return count / (time.perf_counter() - start)
+
+    alone = turns_per_second(None)
+    via_ctypes = turns_per_second(
+        lambda: [jls.encode(samples, 1024, 1024, 1, 12, 0) for _ in range(3)])
+    via_wrapper = turns_per_second(
+        lambda: [_CharLS._encode(samples, 0, 0, 1024, 1024, 1, 12) for _ in range(3)])
+    return (f"Python speed of the main thread while another thread encodes JPEG-LS: "
+            f"{via_ctypes / alone:.0%} via ctypes, {via_wrapper / alone:.0%} via pyjpegls "
+            f"(100%: the GIL is released)")
 
 
 def main() -> None:
@@ -105,8 +140,9 @@ def main() -> None:
     print(f"bench-codec  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  "
           f"cores={os.cpu_count()}  load={os.getloadavg()[0]:.1f}  "
           f"JPEG-LS via {'ctypes (GIL released)' if jls.USING_CTYPES else 'pyjpegls'}")
-    header = (f"{'set':<4}{'method':<34}{'ratio':>7}{'pack MB/s':>11}{'x100Mb/s':>10}"
-              f"{'cores':>7}{'unpack MB/s':>13}")
+    print(gil_check())
+    header = (f"{'set':<4}{'method':<38}{'ratio':>7}{'pack MB/s':>11}{'x100Mb/s':>10}"
+              f"{'cores':>7}{'MB/cpu-s':>10}{'unpack MB/s':>13}")
     print(header)
     print("-" * len(header))
     for name, folder in SETS.items():
@@ -118,19 +154,26 @@ def main() -> None:
             ("solid zstd -3, 6 MiB runs (baseline)", solid_zstd(originals, 3)),
         ):
             speed = total / seconds / 1e6
-            print(f"{name:<4}{label:<34}{total / packed:>6.2f}x{speed:>11.1f}"
-                  f"{speed / LINE_MB_S:>9.1f}x{'1':>7}{'':>13}")
+            print(f"{name:<4}{label:<38}{total / packed:>6.2f}x{speed:>11.1f}"
+                  f"{speed / LINE_MB_S:>9.1f}x{'1':>7}{speed:>10.1f}")
         for level in args.levels.split(","):
             result = run_level(items, level, args.parallel)
             speed = result["original"] / result["pack_s"] / 1e6
             label = f"PAS {level} ({args.parallel} buckets at once)"
-            print(f"{name:<4}{label:<34}{result['original'] / result['packed']:>6.2f}x"
+            print(f"{name:<4}{label:<38}{result['original'] / result['packed']:>6.2f}x"
                   f"{speed:>11.1f}{speed / LINE_MB_S:>9.1f}x{result['cpu']:>7.2f}"
+                  f"{result['original'] / result['cpu_s'] / 1e6:>10.1f}"
                   f"{result['original'] / result['unpack_s'] / 1e6:>13.1f}"
                   + (f"  fallbacks={result['fallback']}" if result["fallback"] else ""))
-        print(f"{name:<4}{'lossless limit (DESIGN.md)':<34}{LIMIT[name]:>7}")
-    print("x100Mb/s: packing speed over a 100 Mbit/s line's payload rate (12.5 MB/s); "
-          "cores: CPU seconds per wall second while packing. Every file's SHA-256 checked.")
+        print(f"{name:<4}{'lossless limit (DESIGN.md)':<38}{LIMIT[name]:>7}")
+        choice = ", ".join(f"{mbps} Mbit/s -> {levels.choose_level(mbps)}"
+                           for mbps in (4, 20, 100, 300, 1000))
+        print(f"{name:<4}level 'auto' from these measurements: {choice}")
+        levels.reset()
+    print("x100Mb/s: packing speed over a 100 Mbit/s line's payload rate (12.5 MB/s); cores: "
+          "CPU seconds per wall second while packing (below 2 = waiting for CPU on a shared "
+          "machine); MB/cpu-s: original MB per CPU-second (PAS: summed over its threads), the "
+          "figure that does not depend on the machine's load. Every file's SHA-256 checked.")
 
 
 if __name__ == "__main__":
