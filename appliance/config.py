@@ -149,6 +149,23 @@ class CacheSection(_Section):
             ])
 
 
+class AuditSection(_Section):
+    """Where the audit trail goes besides the database and the journal: an RFC 5424 syslog
+    collector over TLS (RFC 5425), messages shaped after DICOM PS3.15 / IHE ATNA."""
+
+    syslog_host: str | None = None
+    syslog_port: Port = 6514
+    syslog_ca: Path | None = None
+    syslog_cert: Path | None = None
+    syslog_key: Path | None = None
+    queue_max: int = Field(default=10000, ge=1)
+
+    def model_post_init(self, _context: Any) -> None:
+        if self.syslog_host and not self.syslog_ca:
+            raise ConfigError(["audit.syslog_ca: required when audit.syslog_host is set "
+                               "(the collector's certificate must be verified)"])
+
+
 class StudySection(_Section):
     stable_after_s: float = Field(default=60.0, ge=0)
     check_interval_s: float = Field(default=2.0, gt=0)
@@ -330,6 +347,43 @@ class PrefetchSection(_Section):
     timeout_s: float = Field(default=60.0, gt=0)
 
 
+class MoveDestination(_Section):
+    """A C-MOVE destination a viewer may name: AE title -> where PAS sends the images."""
+
+    title: AETitle
+    host: str
+    port: Port
+
+
+class ServingSection(_Section):
+    """Serving local viewers from the cache (appliance/serving/): C-FIND/C-MOVE/C-GET and
+    DICOMweb under /dicom-web. ``auth``: none (trusted VLAN), bearer (one of
+    ``bearer_tokens``), client_cert (the HTTP port speaks TLS with ``tls_cert``/``tls_key``
+    and requires a client certificate issued by ``tls_client_ca``)."""
+
+    enabled: bool = True
+    move_destinations: list[MoveDestination] = []
+    pn_case_sensitive: bool = False
+    max_results: int = Field(default=0, ge=0)          # C-FIND/QIDO answers; 0: no limit
+    auth: Literal["none", "bearer", "client_cert"] = "none"
+    bearer_tokens: list[str] = []
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    fetch_through: bool = True                         # misses fetched from the region (hub)
+    fetch_timeout_s: float = Field(default=120.0, gt=0)
+    query_region: bool = False                         # C-FIND also asks the region
+    region_query_timeout_s: float = Field(default=0.5, gt=0, le=30)
+
+    def model_post_init(self, _context: Any) -> None:
+        if self.auth == "bearer" and not self.bearer_tokens:
+            raise ConfigError(["serving.bearer_tokens: required when serving.auth = 'bearer'"])
+        if self.auth == "client_cert" and not (self.tls_cert and self.tls_key
+                                               and self.tls_client_ca):
+            raise ConfigError(["serving.tls_cert, tls_key, tls_client_ca: required when "
+                               "serving.auth = 'client_cert'"])
+
+
 class RoutingSection(_Section):
     rules: list[Rule] = []
     fallback: Fallback = Fallback()
@@ -344,6 +398,7 @@ class Settings(_Section):
     dicom: DicomSection = DicomSection()
     storage: StorageSection = StorageSection()
     cache: CacheSection = CacheSection()
+    audit: AuditSection = AuditSection()
     study: StudySection = StudySection()
     queue: QueueSection = QueueSection()
     http: HttpSection = HttpSection()
@@ -352,6 +407,7 @@ class Settings(_Section):
     hub: HubSection = HubSection()
     hl7: Hl7Section = Hl7Section()
     prefetch: PrefetchSection = PrefetchSection()
+    serving: ServingSection = ServingSection()
     destinations: dict[str, Destination] = {}
 
     def model_post_init(self, _context: Any) -> None:

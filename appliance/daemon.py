@@ -52,6 +52,10 @@ class Daemon:
         self.route_providers.append(ops_routes)  # / (status page), /metrics, retry
         self.web: Any = None
         self._wire_hub()
+        if settings.serving.enabled:  # Q/R handlers on the ingest AE, /dicom-web routes
+            from appliance.serving.wiring import wire_serving
+
+            wire_serving(self)
 
     def _wire_hub(self) -> None:
         """Enrolled (``$PAS_HOME/pki/hub.json`` exists): the hub becomes a destination named

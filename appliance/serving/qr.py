@@ -1,0 +1,410 @@
+"""Query/Retrieve SCP: C-FIND, C-MOVE and C-GET on the ingest AE (one port for everything).
+
+Owns: turning a C-FIND/C-MOVE/C-GET identifier into a call on :mod:`appliance.store.query`,
+building the responses, choosing per instance whether to send the stored bytes as they are
+(the viewer accepted the stored transfer syntax) or a decompressed copy in explicit/implicit
+little endian (never fail because a viewer lacks JPEG-LS), and auditing every query and
+retrieve. May not touch: SQL, spool writes.
+
+Why the sub-operations look unusual: pynetdicom's Q/R service only accepts a
+:class:`~pydicom.dataset.Dataset` from the handler and would re-encode it. Re-encoding a CT
+costs time and may change bytes. So when the stored syntax was accepted we yield a small
+:class:`SpoolFile` marker and wrap the sending association's ``send_c_store`` so that the
+marker becomes ``send_c_store(path)``, which pynetdicom streams from disk in chunks (bounded
+memory, invariant 8; bit-exact). The wrap is per association object, nothing global.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import _config, build_context, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from appliance.config import ServingSection
+from appliance.ingest.scp import TRANSFER_SYNTAXES, DicomListener
+from appliance.store import audit
+from appliance.store import query as store_query
+from appliance.store.db import Database
+from appliance.store.spool import Spool
+
+log = logging.getLogger("pas.serving")
+
+# Streaming a stored file as raw bytes (see the module docstring).
+_config.STORE_SEND_CHUNKED_DATASET = True
+
+PENDING = 0xFF00
+CANCELLED = 0xFE00
+SUCCESS = 0x0000
+IDENTIFIER_DOES_NOT_MATCH = 0xA900
+UNABLE_TO_PROCESS = 0xC000
+MOVE_DESTINATION_UNKNOWN = 0xA801
+
+_PATIENT_ROOT = {str(PatientRootQueryRetrieveInformationModelFind),
+                 str(PatientRootQueryRetrieveInformationModelMove),
+                 str(PatientRootQueryRetrieveInformationModelGet)}
+_UNCOMPRESSED = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
+_MAX_CONTEXTS = 128
+
+# Fetch-through: study UID -> instances fetched from the region (raises on failure).
+Fetcher = Callable[[str], int]
+
+
+class SpoolFile(Dataset):
+    """Stands for a stored file in a C-MOVE/C-GET sub-operation: sent as raw bytes."""
+
+    def __init__(self, path: Path, sop_class_uid: str, sop_instance_uid: str):
+        super().__init__()
+        self.SOPClassUID = sop_class_uid
+        self.SOPInstanceUID = sop_instance_uid
+        self._spool_path = path
+
+    @property
+    def spool_path(self) -> Path:
+        return self._spool_path
+
+
+def _stream_spool_files(assoc: Any) -> None:
+    """Make ``assoc.send_c_store`` send a :class:`SpoolFile` from its path, unchanged."""
+    if getattr(assoc, "_pas_streams_files", False):
+        return
+    original = assoc.send_c_store
+
+    def send_c_store(dataset: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(dataset, SpoolFile):
+            return original(dataset.spool_path, *args, **kwargs)
+        return original(dataset, *args, **kwargs)
+
+    assoc.send_c_store = send_c_store
+    assoc._pas_streams_files = True
+
+
+def identifier_keys(identifier: Dataset) -> tuple[str, dict[str, str], list[DataElement]]:
+    """(level, keyword -> matching value, the elements asked for, in order)."""
+    level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+    keys: dict[str, str] = {}
+    asked: list[DataElement] = []
+    for element in identifier:
+        keyword = element.keyword
+        if keyword in ("QueryRetrieveLevel", "SpecificCharacterSet") or not keyword:
+            continue
+        asked.append(element)
+        if element.VR == "SQ":
+            continue
+        value = element.value
+        if value is None or value == "":
+            keys[keyword] = ""
+        elif isinstance(value, MultiValue | list):
+            keys[keyword] = "\\".join(str(v) for v in value)
+        else:
+            keys[keyword] = str(value)
+    return level, keys, asked
+
+
+def response_identifier(level: str, asked: list[DataElement], values: dict[str, Any],
+                        retrieve_ae: str) -> Dataset:
+    """Only the keys asked for, in the order asked, valued from the match (or empty)."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    non_ascii = False
+    for element in asked:
+        value = values.get(element.keyword)
+        if element.keyword == "RetrieveAETitle":
+            value = retrieve_ae
+        elif element.keyword == "InstanceAvailability":
+            value = "ONLINE"
+        if element.VR == "SQ":
+            ds.add(DataElement(element.tag, "SQ", []))
+            continue
+        if value is None or value == "":
+            ds.add(DataElement(element.tag, element.VR, None))
+            continue
+        if isinstance(value, str) and "\\" in value:
+            value = value.split("\\")
+        if isinstance(value, str) and not value.isascii():
+            non_ascii = True
+        ds.add(DataElement(element.tag, element.VR, value))
+    if non_ascii:
+        ds.SpecificCharacterSet = "ISO_IR 192"
+    return ds
+
+
+class QueryRetrieveService:
+    """The C-FIND/C-MOVE/C-GET handlers, over one (Database, Spool)."""
+
+    def __init__(self, settings: ServingSection, db: Database, spool: Spool, ae_title: str,
+                 fetcher: Fetcher | None = None,
+                 region_find: Callable[[str, dict[str, str]], list[dict[str, Any]]] | None = None):
+        self.settings = settings
+        self.db = db
+        self.spool = spool
+        self.ae_title = ae_title
+        self.fetcher = fetcher
+        self.region_find = region_find
+        self.destinations = {d.title: d for d in settings.move_destinations}
+
+    # -- wiring ---------------------------------------------------------------------------
+
+    def register(self, listener: DicomListener) -> None:
+        """Add the Q/R contexts and handlers to the ingest AE (before it starts), and accept
+        the SCP role for storage so that C-GET can send on the viewer's association."""
+        for context in AllStoragePresentationContexts:
+            listener.ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES,
+                                              scu_role=True, scp_role=True)
+        contexts = [
+            PatientRootQueryRetrieveInformationModelFind,
+            StudyRootQueryRetrieveInformationModelFind,
+            PatientRootQueryRetrieveInformationModelMove,
+            StudyRootQueryRetrieveInformationModelMove,
+            PatientRootQueryRetrieveInformationModelGet,
+            StudyRootQueryRetrieveInformationModelGet,
+        ]
+        listener.add_handlers([
+            (evt.EVT_C_FIND, self.on_find),
+            (evt.EVT_C_MOVE, self.on_move),
+            (evt.EVT_C_GET, self.on_get),
+        ], contexts)
+
+    # -- C-FIND ---------------------------------------------------------------------------
+
+    def on_find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
+        calling, address = _peer(event)
+        try:
+            identifier = event.identifier
+            level, keys, asked = identifier_keys(identifier)
+        except Exception as exc:  # an identifier pydicom cannot decode
+            self._audit("query", calling, address, None, f"failure: undecodable identifier "
+                        f"({exc})")
+            yield UNABLE_TO_PROCESS, None
+            return
+        model = str(event.request.AffectedSOPClassUID)
+        problem = self._level_problem(level, model)
+        if problem:
+            log.warning("C-FIND from %s refused: %s", calling, problem)
+            self._audit("query", calling, address, level, f"failure: {problem}")
+            yield _failure(IDENTIFIER_DOES_NOT_MATCH, problem), None
+            return
+        summary = _summary(level, keys)
+        count = 0
+        try:
+            limit = self.settings.max_results or None
+            rows = store_query.find(self.db, level, keys, limit=limit,
+                                    pn_case_sensitive=self.settings.pn_case_sensitive)
+            for values in rows:
+                if event.is_cancelled:
+                    self._audit("query", calling, address, summary, "cancelled", count)
+                    yield CANCELLED, None
+                    return
+                count += 1
+                yield PENDING, response_identifier(level, asked, values, self.ae_title)
+        except store_query.QueryError as exc:
+            log.warning("C-FIND from %s refused: %s", calling, exc)
+            self._audit("query", calling, address, summary, f"failure: {exc}", count)
+            yield _failure(IDENTIFIER_DOES_NOT_MATCH, str(exc)), None
+            return
+        self._audit("query", calling, address, summary, "success", count)
+        yield SUCCESS, None
+
+    @staticmethod
+    def _level_problem(level: str, model: str) -> str | None:
+        if level not in store_query.LEVELS:
+            return f"QueryRetrieveLevel {level!r} is not PATIENT, STUDY, SERIES or IMAGE"
+        if level == "PATIENT" and model not in _PATIENT_ROOT:
+            return "QueryRetrieveLevel PATIENT is only valid in the Patient Root model"
+        return None
+
+    # -- C-MOVE / C-GET -------------------------------------------------------------------
+
+    def _resolve(self, event: Any, verb: str) -> tuple[str, list[Any]]:
+        """The instances a retrieve names, after fetching a study that is missing here.
+        Raises QueryError (a bad identifier) or RuntimeError (the fetch failed)."""
+        level, keys, _ = identifier_keys(event.identifier)
+        problem = self._level_problem(level, str(event.request.AffectedSOPClassUID))
+        if problem:
+            raise store_query.QueryError(problem)
+        study_uids = [u for u in (keys.get("StudyInstanceUID") or "").split("\\") if u]
+        if self.fetcher is not None and self.settings.fetch_through and level == "STUDY":
+            for study_uid in study_uids:
+                self._fetch_if_missing(study_uid)
+        rows = store_query.instances_for(self.db, level, keys)
+        store_query.touch_studies(self.db, sorted({r["study_uid"] for r in rows}), time.time())
+        return _summary(level, keys), rows
+
+    def _fetch_if_missing(self, study_uid: str) -> None:
+        assert self.fetcher is not None
+        held = store_query.study_instance_count(self.db, study_uid)
+        try:
+            fetched = self.fetcher(study_uid)
+        except Exception as exc:
+            if held:
+                log.warning("fetch-through of %s failed (%s); serving the %d instances held",
+                            study_uid, exc, held)
+                return
+            raise RuntimeError(f"study {study_uid} is not on site and the region could not "
+                               f"provide it: {exc}") from exc
+        log.info("fetch-through: %d instances of %s from the region", fetched, study_uid,
+                 extra={"STUDY_UID": study_uid})
+
+    def on_move(self, event: Any) -> Iterator[Any]:
+        calling, address = _peer(event)
+        destination_title = _text(event.move_destination)
+        destination = self.destinations.get(destination_title)
+        if destination is None:
+            log.warning("C-MOVE from %s to unknown destination %r", calling, destination_title)
+            self._audit("retrieve", calling, address, None,
+                        f"failure: unknown move destination {destination_title!r}")
+            yield None, None  # pynetdicom answers 0xA801 (move destination unknown)
+            return
+        try:
+            summary, rows = self._resolve(event, "C-MOVE")
+        except (store_query.QueryError, RuntimeError) as exc:
+            log.warning("C-MOVE from %s refused: %s", calling, exc)
+            self._audit("retrieve", calling, address, None, f"failure: {exc}")
+            raise  # pynetdicom answers 0xC511 (unable to process)
+        established = threading.Event()
+        store_assoc: list[Any] = []
+
+        def on_established(store_event: Any) -> None:
+            _stream_spool_files(store_event.assoc)
+            store_assoc.append(store_event.assoc)
+            established.set()
+
+        contexts = _contexts_for(rows)
+        yield destination.host, destination.port, {
+            "ae_title": destination.title, "contexts": contexts,
+            "evt_handlers": [(evt.EVT_ESTABLISHED, on_established)],
+        }
+        yield len(rows)
+        if not established.wait(10):
+            raise RuntimeError("the sub-association did not report itself established")
+        accepted = _accepted(store_assoc[0])
+        sent = yield from self._sub_operations(event, rows, accepted)
+        self._audit("retrieve", calling, address, summary,
+                    "success" if sent == len(rows) else "cancelled", sent,
+                    f"C-MOVE to {destination.title}")
+
+    def on_get(self, event: Any) -> Iterator[Any]:
+        calling, address = _peer(event)
+        try:
+            summary, rows = self._resolve(event, "C-GET")
+        except (store_query.QueryError, RuntimeError) as exc:
+            log.warning("C-GET from %s refused: %s", calling, exc)
+            self._audit("retrieve", calling, address, None, f"failure: {exc}")
+            raise
+        _stream_spool_files(event.assoc)
+        yield len(rows)
+        accepted = {(cx.abstract_syntax, cx.transfer_syntax[0])
+                    for cx in event.assoc.accepted_contexts if cx.as_scu}
+        sent = yield from self._sub_operations(event, rows, accepted)
+        self._audit("retrieve", calling, address, summary,
+                    "success" if sent == len(rows) else "cancelled", sent, "C-GET")
+
+    def _sub_operations(self, event: Any, rows: list[Any],
+                        accepted: set[tuple[str, str]]) -> Iterator[Any]:
+        """Yield one pending sub-operation per instance; returns how many were yielded."""
+        sent = 0
+        for row in rows:
+            if event.is_cancelled:
+                yield CANCELLED, None
+                return sent
+            yield PENDING, self._as_sent(row, accepted)
+            sent += 1
+        return sent
+
+    def _as_sent(self, row: Any, accepted: set[tuple[str, str]]) -> Dataset:
+        """The stored bytes when the stored syntax was accepted; else decompressed."""
+        path = self.spool.path(row["path"])
+        sop_class, syntax = row["sop_class_uid"], row["transfer_syntax_uid"]
+        if (sop_class, syntax) in accepted:
+            return SpoolFile(path, sop_class, row["sop_instance_uid"])
+        ds = dcmread(path)
+        if ds.file_meta.TransferSyntaxUID.is_compressed:
+            # The same instance in another syntax: keep its SOP Instance UID (pydicom would
+            # otherwise mint a new one). The result is explicit VR little endian.
+            ds.decompress(generate_instance_uid=False)
+        if (sop_class, str(ExplicitVRLittleEndian)) not in accepted and \
+                (sop_class, str(ImplicitVRLittleEndian)) in accepted:
+            ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+            ds.set_original_encoding(True, True)
+        return ds
+
+    def _audit(self, event: str, calling: str, address: str, target: str | None,
+               outcome: str, count: int | None = None, detail: str | None = None) -> None:
+        text = " ".join(p for p in (detail, None if count is None else f"{count} results"
+                                     if event == "query" else f"{count} instances") if p)
+        try:
+            audit.record(self.db, event, actor=calling, source=address, target=target,
+                         outcome=outcome, detail=text or None)
+        except Exception:  # the audit must not take a viewer's association down
+            log.exception("audit record failed")
+
+
+def _contexts_for(rows: list[Any]) -> list[Any]:
+    """For each SOP class: the stored syntax alone (so the peer can accept it) and the
+    uncompressed pair (the fallback), within the 128 contexts an association may propose."""
+    contexts: list[Any] = []
+    seen: set[tuple[str, tuple[str, ...]]] = set()
+    pairs = sorted({(r["sop_class_uid"], r["transfer_syntax_uid"]) for r in rows})
+    for sop_class, _ in pairs:
+        key = (sop_class, _UNCOMPRESSED)
+        if key not in seen:
+            seen.add(key)
+            contexts.append(build_context(sop_class, list(_UNCOMPRESSED)))
+    for sop_class, syntax in pairs:
+        key = (sop_class, (syntax,))
+        if syntax not in _UNCOMPRESSED and key not in seen and len(contexts) < _MAX_CONTEXTS:
+            seen.add(key)
+            contexts.append(build_context(sop_class, [syntax]))
+    for sop_class, syntax in pairs:  # stored uncompressed: offer it alone too (exact bytes)
+        key = (sop_class, (syntax,))
+        if syntax in _UNCOMPRESSED and key not in seen and len(contexts) < _MAX_CONTEXTS:
+            seen.add(key)
+            contexts.append(build_context(sop_class, [syntax]))
+    return contexts[:_MAX_CONTEXTS]
+
+
+def _accepted(assoc: Any) -> set[tuple[str, str]]:
+    return {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
+
+
+def _peer(event: Any) -> tuple[str, str]:
+    requestor = event.assoc.requestor
+    return requestor.ae_title.strip(), requestor.address
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("ascii", errors="replace")
+    return str(value or "").strip()
+
+
+def _summary(level: str, keys: dict[str, str]) -> str:
+    """What was asked, for the audit trail: the level and the non-empty matching keys."""
+    parts = [f"{k}={v}" for k, v in keys.items() if v]
+    return f"{level} {' '.join(parts)}"[:500]
+
+
+def _failure(status: int, message: str) -> Dataset:
+    """A failure status with the problem named in ErrorComment (LO: 64 characters)."""
+    ds = Dataset()
+    ds.Status = status
+    ds.ErrorComment = message[:64]
+    return ds

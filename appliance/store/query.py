@@ -1,0 +1,287 @@
+"""Queries over the cache index for C-FIND and QIDO-RS: a DICOM identifier translated to SQL.
+
+Owns: the mapping of DICOM attributes to index columns, the PS3.4 C.2.2.2 matching rules as
+SQL (single value, ``*``/``?`` wildcards, date and time ranges, UID lists, universal matching,
+person-name matching case-insensitive or not), the computed attributes (ModalitiesInStudy,
+SOPClassesInStudy, NumberOf*Related*) and which instances a retrieve covers. Read-only: it
+never changes a row. May not touch: files, the network, pydicom datasets (callers turn the
+plain dicts returned here into datasets or JSON).
+
+Values are always bound as parameters; only column names from the fixed tables below are
+ever spliced into the SQL text, so a query cannot inject SQL.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from appliance.store.db import Database
+
+LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+
+
+class QueryError(ValueError):
+    """A query the index cannot answer as asked (bad level, malformed value): names it."""
+
+
+@dataclass(frozen=True)
+class Column:
+    level: str
+    sql: str
+    vr: str  # PN, DA, TM, UI, IS or ST (any other string)
+
+
+# Attributes stored in the index, by keyword.
+COLUMNS: dict[str, Column] = {
+    "PatientID": Column("PATIENT", "p.patient_id", "ST"),
+    "IssuerOfPatientID": Column("PATIENT", "p.issuer", "ST"),
+    "PatientName": Column("PATIENT", "p.name", "PN"),
+    "PatientBirthDate": Column("PATIENT", "p.birth_date", "DA"),
+    "PatientSex": Column("PATIENT", "p.sex", "ST"),
+    "StudyInstanceUID": Column("STUDY", "s.study_uid", "UI"),
+    "StudyDate": Column("STUDY", "s.study_date", "DA"),
+    "StudyTime": Column("STUDY", "s.study_time", "TM"),
+    "AccessionNumber": Column("STUDY", "s.accession_number", "ST"),
+    "StudyID": Column("STUDY", "s.study_id", "ST"),
+    "StudyDescription": Column("STUDY", "s.description", "ST"),
+    "ReferringPhysicianName": Column("STUDY", "s.referring_physician", "PN"),
+    "SeriesInstanceUID": Column("SERIES", "se.series_uid", "UI"),
+    "SeriesNumber": Column("SERIES", "se.series_number", "IS"),
+    "Modality": Column("SERIES", "se.modality", "ST"),
+    "SeriesDescription": Column("SERIES", "se.description", "ST"),
+    "BodyPartExamined": Column("SERIES", "se.body_part", "ST"),
+    "SOPInstanceUID": Column("IMAGE", "i.sop_instance_uid", "UI"),
+    "SOPClassUID": Column("IMAGE", "i.sop_class_uid", "UI"),
+    "InstanceNumber": Column("IMAGE", "i.instance_number", "IS"),
+}
+
+_CURRENT = "x.is_current = 1"
+# Attributes computed from the rows below an entity: (level, SQL returning the value).
+COMPUTED: dict[str, tuple[str, str]] = {
+    "ModalitiesInStudy": ("STUDY", "(SELECT group_concat(DISTINCT x.modality) FROM series x "
+                                   "WHERE x.study_fk = s.id)"),
+    "SOPClassesInStudy": ("STUDY", "(SELECT group_concat(DISTINCT x.sop_class_uid) FROM "
+                                   f"instances x WHERE x.study_fk = s.id AND {_CURRENT})"),
+    "NumberOfStudyRelatedSeries": ("STUDY", "(SELECT count(*) FROM series x "
+                                            "WHERE x.study_fk = s.id)"),
+    "NumberOfStudyRelatedInstances": ("STUDY", "(SELECT count(*) FROM instances x "
+                                               f"WHERE x.study_fk = s.id AND {_CURRENT})"),
+    "NumberOfSeriesRelatedInstances": ("SERIES", "(SELECT count(*) FROM instances x "
+                                                 f"WHERE x.series_fk = se.id AND {_CURRENT})"),
+    "NumberOfPatientRelatedStudies": ("PATIENT", "(SELECT count(*) FROM studies x "
+                                                 "WHERE x.patient_fk = p.id)"),
+    "NumberOfPatientRelatedSeries": ("PATIENT", "(SELECT count(*) FROM series x JOIN studies y "
+                                                "ON y.id = x.study_fk WHERE y.patient_fk = p.id)"),
+    "NumberOfPatientRelatedInstances": ("PATIENT", "(SELECT count(*) FROM instances x JOIN "
+                                                   "studies y ON y.id = x.study_fk WHERE "
+                                                   f"y.patient_fk = p.id AND {_CURRENT})"),
+}
+# Multi-valued computed attributes: SQLite joins them with ","; DICOM wants "\\".
+_MULTI = {"ModalitiesInStudy", "SOPClassesInStudy"}
+
+_FROM = {
+    "PATIENT": "patients p",
+    "STUDY": "studies s JOIN patients p ON p.id = s.patient_fk",
+    "SERIES": ("series se JOIN studies s ON s.id = se.study_fk "
+               "JOIN patients p ON p.id = s.patient_fk"),
+    "IMAGE": ("instances i JOIN series se ON se.id = i.series_fk "
+              "JOIN studies s ON s.id = i.study_fk JOIN patients p ON p.id = s.patient_fk"),
+}
+_ENTITY_ID = {"PATIENT": "p.id", "STUDY": "s.id", "SERIES": "se.id", "IMAGE": "i.id"}
+_DEPTH = {level: n for n, level in enumerate(LEVELS)}
+
+_DATE = re.compile(r"^\d{8}$")
+_TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
+
+
+def level_of(keyword: str) -> str | None:
+    """The query level an attribute belongs to (None: not one the index knows)."""
+    if keyword in COLUMNS:
+        return COLUMNS[keyword].level
+    if keyword in COMPUTED:
+        return COMPUTED[keyword][0]
+    return None
+
+
+def available(keyword: str, level: str) -> bool:
+    """Whether ``keyword`` can be matched or returned at ``level``: attributes of the level
+    and of the levels above it (Study Root and relational queries); never of those below."""
+    owner = level_of(keyword)
+    return owner is not None and _DEPTH[owner] <= _DEPTH[level]
+
+
+@dataclass
+class _Where:
+    clauses: list[str]
+    params: list[Any]
+
+    def add(self, clause: str, *params: Any) -> None:
+        self.clauses.append(clause)
+        self.params.extend(params)
+
+
+def _has_wildcard(value: str) -> bool:
+    return "*" in value or "?" in value
+
+
+def _like_pattern(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped.replace("*", "%").replace("?", "_")
+
+
+def _glob_pattern(value: str) -> str:
+    return value.replace("[", "[[]")
+
+
+def _match_range(where: _Where, column: str, keyword: str, value: str, vr: str) -> None:
+    pattern = _DATE if vr == "DA" else _TIME
+    low, _, high = value.partition("-")
+    for bound in (low, high):
+        if bound and not pattern.match(bound):
+            raise QueryError(f"{keyword}: {value!r} is not a valid {vr} range")
+    if not low and not high:
+        raise QueryError(f"{keyword}: {value!r} is an empty range")
+    if low:
+        where.add(f"{column} >= ?", low)
+    if high:
+        # A bound is inclusive of everything it is a prefix of (1200 includes 120059.9).
+        where.add(f"{column} <= ?", high + "\x7f")
+
+
+def _match(where: _Where, keyword: str, value: str, pn_case_sensitive: bool) -> None:
+    """Append the SQL for one non-empty matching key (PS3.4 C.2.2.2)."""
+    if keyword in COMPUTED:
+        if keyword != "ModalitiesInStudy":
+            raise QueryError(f"{keyword}: matching on this attribute is not supported")
+        values = [v for v in value.split("\\") if v]
+        marks = ", ".join("?" * len(values))
+        where.add(f"EXISTS (SELECT 1 FROM series x WHERE x.study_fk = s.id "
+                  f"AND x.modality IN ({marks}))", *values)
+        return
+    column = COLUMNS[keyword]
+    sql, vr = column.sql, column.vr
+    if value.replace("*", "") == "" and vr != "UI":
+        return  # "*" alone: universal matching
+    if vr == "UI":
+        uids = [v.strip() for v in value.split("\\") if v.strip()]
+        if any(not re.fullmatch(r"[0-9.]{1,64}", uid) for uid in uids):
+            raise QueryError(f"{keyword}: {value!r} is not a UID or a list of UIDs")
+        where.add(f"{sql} IN ({', '.join('?' * len(uids))})", *uids)
+    elif vr in ("DA", "TM"):
+        if "-" in value:
+            _match_range(where, sql, keyword, value, vr)
+        elif (_DATE if vr == "DA" else _TIME).match(value):
+            where.add(f"{sql} = ?", value)
+        else:
+            raise QueryError(f"{keyword}: {value!r} is not a valid {vr} value or range")
+    elif vr == "IS":
+        try:
+            where.add(f"{sql} = ?", int(value))
+        except ValueError:
+            raise QueryError(f"{keyword}: {value!r} is not an integer") from None
+    elif vr == "PN" and not pn_case_sensitive:
+        if _has_wildcard(value):
+            where.add(f"{sql} LIKE ? ESCAPE '\\'", _like_pattern(value))
+        else:
+            where.add(f"{sql} = ? COLLATE NOCASE", value)
+    elif "\\" in value:  # several values of a CS (e.g. Modality CT\MR): any of them
+        values = value.split("\\")
+        where.add(f"{sql} IN ({', '.join('?' * len(values))})", *values)
+    elif _has_wildcard(value):
+        where.add(f"{sql} GLOB ?", _glob_pattern(value))
+    else:
+        where.add(f"{sql} = ?", value)
+
+
+def find(db: Database, level: str, keys: dict[str, str], *,
+         pn_case_sensitive: bool = False, limit: int | None = None,
+         offset: int = 0) -> Iterator[dict[str, Any]]:
+    """Every entity at ``level`` matching ``keys`` (keyword -> DICOM string value; empty is
+    universal matching), each as keyword -> value for every key asked that the index knows.
+
+    Keys the index does not hold, or of a level below ``level``, are returned as ``None``
+    (the caller sends them empty, as PS3.4 C.4.1.1.3.2 allows for optional keys)."""
+    level = level.upper()
+    if level not in LEVELS:
+        raise QueryError(f"QueryRetrieveLevel: {level!r} is not one of {', '.join(LEVELS)}")
+    where = _Where([], [])
+    if level == "IMAGE":
+        where.add("i.is_current = 1")
+    selected: list[str] = []
+    select_sql: list[str] = []
+    for keyword, value in keys.items():
+        if not available(keyword, level):
+            continue
+        value = (value or "").strip()
+        if value:
+            _match(where, keyword, value, pn_case_sensitive)
+        sql = COLUMNS[keyword].sql if keyword in COLUMNS else COMPUTED[keyword][1]
+        selected.append(keyword)
+        select_sql.append(f"{sql} AS c{len(selected) - 1}")
+    columns = ", ".join([f"{_ENTITY_ID[level]} AS entity_id", *select_sql])
+    sql = f"SELECT {columns} FROM {_FROM[level]}"
+    if where.clauses:
+        sql += " WHERE " + " AND ".join(where.clauses)
+    sql += f" ORDER BY {_ENTITY_ID[level]}"
+    if limit is not None:
+        sql += " LIMIT ? OFFSET ?"
+        where.params.extend([limit, offset])
+    try:
+        cursor = db.connection().execute(sql, where.params)
+    except sqlite3.Error as exc:
+        raise QueryError(f"query failed: {exc}") from exc
+    for row in cursor:
+        result: dict[str, Any] = dict.fromkeys(keys)
+        for n, keyword in enumerate(selected):
+            value = row[f"c{n}"]
+            if keyword in _MULTI and value is not None:
+                value = "\\".join(sorted(set(value.split(","))))
+            result[keyword] = value
+        yield result
+
+
+def instances_for(db: Database, level: str, keys: dict[str, str]) -> list[sqlite3.Row]:
+    """The current instances a retrieve (C-MOVE, C-GET) at ``level`` names by its unique
+    keys: PatientID, StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID (UID lists allowed).
+    An identifier without the unique key of its level is refused: a retrieve never means
+    "everything"."""
+    level = level.upper()
+    unique = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID",
+              "SERIES": "SeriesInstanceUID", "IMAGE": "SOPInstanceUID"}
+    if level not in unique:
+        raise QueryError(f"QueryRetrieveLevel: {level!r} is not one of {', '.join(LEVELS)}")
+    if not (keys.get(unique[level]) or "").strip():
+        raise QueryError(f"{unique[level]}: required for a {level}-level retrieve")
+    where = _Where(["i.is_current = 1"], [])
+    for keyword in unique.values():
+        value = (keys.get(keyword) or "").strip()
+        if value and available(keyword, level):
+            if keyword == "PatientID":
+                where.add("p.patient_id = ?", value)
+            else:
+                _match(where, keyword, value, False)
+    sql = (f"SELECT i.*, s.study_uid, se.series_uid FROM {_FROM['IMAGE']} "
+           f"WHERE {' AND '.join(where.clauses)} "
+           "ORDER BY s.id, se.series_number, se.id, i.instance_number, i.id")
+    return db.query(sql, tuple(where.params))
+
+
+def study_instance_count(db: Database, study_uid: str) -> int:
+    """How many current instances of a study the cache holds (0: not on site)."""
+    row = db.query_one(
+        "SELECT count(*) AS n FROM instances i JOIN studies s ON s.id = i.study_fk "
+        "WHERE s.study_uid = ? AND i.is_current = 1", (study_uid,))
+    return int(row["n"]) if row else 0
+
+
+def touch_studies(db: Database, study_uids: list[str], at: float) -> None:
+    """Mark studies as just read (the cache's LRU eviction uses last_accessed_at)."""
+    if not study_uids:
+        return
+    with db.transaction() as conn:
+        conn.executemany("UPDATE studies SET last_accessed_at = ? WHERE study_uid = ?",
+                         [(at, uid) for uid in study_uids])
