@@ -8,7 +8,7 @@ PAS := $(VENV)/bin/pas
 TEST_APT := dcmtk orthanc orthanc-dicomweb chromium chromium-driver iproute2 libsystemd-dev pkg-config prometheus
 DEMO_HOME ?= ./var
 
-.PHONY: demo test venv deps-test lint bench-ingest clean
+.PHONY: demo test venv deps-test lint bench-ingest bench-prefetch clean
 
 venv: $(VENV)/.installed
 
@@ -48,6 +48,10 @@ bench-wan: deps-test venv
 # Packing (JPEG-LS + solid zstd) ratio and speed per level on the CT and MR sets, with baselines.
 bench-codec: venv
 	$(PY) bench/codec.py $(BENCH_ARGS)
+
+# Prefetch: ORM -> every CT prior on site over the emulated 20 Mbit/s link, beside getscu.
+bench-prefetch: deps-test venv
+	$(PY) bench/prefetch.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
