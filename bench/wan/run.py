@@ -31,6 +31,9 @@ LINKS = {
     "100": LinkSpec("100", mbit_s=100, rtt_ms=20, loss=0.0),
 }
 SETS = {"ct": ("CT 60 x 0.5 MB", CT_DIR), "mr": ("MR 520 x 86 kB", MR_DIR)}
+# PAS's settings in this benchmark (printed with the results). The CT set is 20 studies of 3
+# instances: one transfer per study, so parallel jobs matter as much as parallel buckets.
+PAS_ENV = {"PAS_QUEUE__WORKERS": "8"}
 Runner = Callable[[WanLink, Dataset, Path, float], Result]
 
 
@@ -41,7 +44,9 @@ def _peers() -> dict[str, Runner]:
     except ImportError as exc:  # PAS's uplink not importable yet: run the peers alone
         print(f"(PAS not benchmarked: {exc})", file=sys.stderr)
     else:
-        peers["pas"] = run_pas
+        def pas(link: WanLink, ds: Dataset, scratch: Path, timeout: float) -> Result:
+            return run_pas(link, ds, scratch, timeout, PAS_ENV)
+        peers["pas"] = pas
     return peers
 
 
@@ -80,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     datasets = [Dataset.load(SETS[s][0], SETS[s][1]) for s in args.sets.split(",")]
     for ds in datasets:
         print(f"{ds.name}: {ds.instances} instances, {ds.original_bytes / 1e6:.1f} MB")
+    print(f"PAS settings: {PAS_ENV} (others: defaults)")
 
     results: list[Result] = []
     validations: dict[str, Validation] = {}
@@ -106,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
     md = table(results, validations)
     header = (f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
-              f"{platform.node()}, 2 cores, `{' '.join(['make bench-wan', *sys.argv[1:]])}`")
+              f"{platform.node()}, 2 cores, `{' '.join(['make bench-wan', *sys.argv[1:]])}`, "
+              f"PAS settings {PAS_ENV}")
     print("\n" + header + "\n\n" + md)
     out = Path(tempfile.gettempdir()) / "pas-bench-wan.md"
     out.write_text(header + "\n\n" + md + "\n")

@@ -1,0 +1,175 @@
+"""PAS in the WAN benchmark: appliance (site namespace) -> hub (region) -> regional Orthanc.
+
+Owns: setting up a real hub (``pas hub init/token/run``, archive ``dicomweb`` to the regional
+Orthanc beside it), enrolling a real appliance over the emulated link (``pas enroll``), running
+``pas run`` in the site namespace, loading the study into it with storescu over the unshaped
+control veth, and timing the upload from the first packet the shaper carries site -> region to
+the moment the appliance holds the receipt (every instance ``confirmed``). Touches nothing
+outside its scratch folder and the link's namespaces.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.wan.link import WanLink
+from bench.wan.peers import Dataset, Result, regional_orthanc, stored_count
+from tests.support.peers import DCMTK_ENV, PAS_BIN, free_port, port_open, wait_for
+
+HUB_PORT = 8443
+SITE = "bench-site"
+
+
+class Hub:
+    """``pas hub run`` in the region namespace, archiving by STOW-RS to the regional Orthanc."""
+
+    def __init__(self, link: WanLink, home: Path, archive_url: str):
+        self.link = link
+        self.home = home
+        self.env = {**os.environ, "PAS_HUB_HOME": str(home),
+                    "PAS_HUB_HTTP__HOST": "0.0.0.0", "PAS_HUB_HTTP__PORT": str(HUB_PORT),
+                    "PAS_HUB_ARCHIVE__KIND": "dicomweb", "PAS_HUB_ARCHIVE__URL": archive_url}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.link.region_ip}:{HUB_PORT}"
+
+    def _pas(self, *args: str) -> str:
+        result = subprocess.run([str(PAS_BIN), "hub", *args], env=self.env, capture_output=True,
+                                text=True, timeout=60)
+        if result.returncode != 0:
+            raise RuntimeError(f"pas hub {' '.join(args)}: {result.stdout}{result.stderr}")
+        return result.stdout.strip()
+
+    def start(self) -> Hub:
+        self.home.mkdir(parents=True, exist_ok=True)
+        self._pas("init", "--address", self.link.region_ip)
+        log = open(self.home / "hub.log", "ab")
+        self.proc = subprocess.Popen(self.link.in_region([str(PAS_BIN), "hub", "run"]),
+                                     env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        wait_for(lambda: self.proc.poll() is None  # type: ignore[union-attr]
+                 and port_open(self.link.region.inner_address, HUB_PORT), 60, what="the hub")
+        return self
+
+    def token(self) -> str:
+        return self._pas("token", SITE).splitlines()[-1]
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+class SiteAppliance:
+    """``pas run`` in the site namespace; DICOM and HTTP reachable over the control veth."""
+
+    def __init__(self, link: WanLink, home: Path, env: dict[str, str]):
+        self.link = link
+        self.home = home
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.env = {
+            **os.environ, "PAS_HOME": str(home),
+            "PAS_DICOM__HOST": "0.0.0.0", "PAS_DICOM__PORT": str(self.dicom_port),
+            "PAS_DICOM__ACCEPT_UNKNOWN": "true",
+            "PAS_HTTP__HOST": "0.0.0.0", "PAS_HTTP__PORT": str(self.http_port),
+            "PAS_HL7__HOST": "127.0.0.1", "PAS_HL7__PORT": str(free_port()),
+            "PAS_STUDY__STABLE_AFTER_S": "1", "PAS_STUDY__CHECK_INTERVAL_S": "0.2",
+            "PAS_QUEUE__POLL_INTERVAL_S": "0.2", "PAS_STORAGE__MIN_FREE_MB": "0",
+            # Only the upload crosses the link while it is timed: no heartbeat, no prior
+            # queries on arrival (both measured on their own, not here).
+            "PAS_OPS__HEARTBEAT": "false", "PAS_PREFETCH__ENABLED": "false",
+            **env,
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def enroll(self, hub: Hub) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run(self.link.in_site([str(PAS_BIN), "enroll", "--hub", hub.url,
+                                                   "--token", hub.token()]),
+                                env=self.env, capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"pas enroll: {result.stdout}{result.stderr}")
+
+    def start(self) -> SiteAppliance:
+        log = open(self.home / "pas.log", "ab")
+        self.proc = subprocess.Popen(self.link.in_site([str(PAS_BIN), "run"]), env=self.env,
+                                     stdout=log, stderr=subprocess.STDOUT, cwd=self.home)
+        host = self.link.site.inner_address
+        wait_for(lambda: self.proc.poll() is None  # type: ignore[union-attr]
+                 and port_open(host, self.dicom_port), 60, what="pas run in the site namespace")
+        return self
+
+    def status(self) -> dict[str, Any]:
+        url = f"http://{self.link.site.inner_address}:{self.http_port}/api/status"
+        return httpx.get(url, timeout=10).json()
+
+    def peak_rss_mb(self) -> float:
+        """VmHWM of the daemon (the child of ``ip netns exec``, which execs into it)."""
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+def _stop(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_pas(link: WanLink, dataset: Dataset, scratch: Path, timeout: float,
+            env: dict[str, str] | None = None) -> Result:
+    """One study through PAS; ``env`` adds PAS_HUB__* knobs (parallel buckets, level, cap)."""
+    regional = regional_orthanc(link, scratch / "region-pas")
+    hub = appliance = None
+    try:
+        hub = Hub(link, scratch / "hub", "http://127.0.0.1:8042/dicom-web").start()
+        appliance = SiteAppliance(link, scratch / "appliance", env or {})
+        appliance.enroll(hub)
+        appliance.start()
+        link.reset()
+        ingest = subprocess.run(
+            ["storescu", "-aec", "PAS", "-aet", "MODALITY", "+sd", "+r",
+             link.site.inner_address, str(appliance.dicom_port), str(dataset.folder)],
+            env=DCMTK_ENV, capture_output=True, text=True, timeout=300)
+        if ingest.returncode != 0:
+            raise RuntimeError(f"storescu into PAS failed: {ingest.stderr[-2000:]}")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if appliance.status()["confirmed_instances"] >= dataset.instances:
+                break
+            if appliance.proc is not None and appliance.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        end_ns = time.monotonic_ns()
+        stats = link.stats()
+        status = appliance.status() if appliance.proc and appliance.proc.poll() is None else {}
+        confirmed = int(status.get("confirmed_instances", 0))
+        stored = stored_count(regional)
+        note = f"rss {appliance.peak_rss_mb():.0f} MB"
+        if confirmed < dataset.instances:
+            note += f"; only {confirmed} confirmed (jobs {status.get('jobs')})"
+        start_ns = stats.first_up_ns or end_ns
+        return Result(link.spec, dataset, "PAS", (end_ns - start_ns) / 1e9, stats.up_in,
+                      stats.down_in, min(stored, confirmed), note)
+    finally:
+        if appliance:
+            appliance.stop()
+        if hub:
+            hub.stop()
+        regional.stop()
