@@ -225,7 +225,11 @@ def _encode_band(band: _Band) -> _Band:
         low = int(arr.min())
         high = int(arr.max())
         span = high - low
-        shifted = (arr.astype(np.int32) - low).astype("<u2" if span > 255 else "u1")
+        # Wrapping unsigned arithmetic: (v - low) mod 2^n is v - low exactly, since every
+        # v - low lies in [0, span]; one pass, no widening copy.
+        unsigned = arr.view(layout.dtype.replace("i", "u"))
+        shifted = (unsigned - unsigned.dtype.type(low % (1 << (8 * arr.itemsize)))).astype(
+            "<u2" if span > 255 else "u1")
         bits = max(2, span.bit_length())
         ilv = 2 if layout.comps == 3 else 0
         blob = jls.encode(
@@ -261,8 +265,12 @@ def _band_bytes(
     if len(samples) != rows * columns * comps * (1 if info.bits <= 8 else 2):
         raise BucketFormatError("JPEG-LS band decodes to an unexpected number of bytes")
     values = np.frombuffer(samples, dtype="u1" if info.bits <= 8 else "<u2")
-    out = (values.astype(np.int32) + base).astype(dtype)
-    return out.tobytes()
+    unsigned = np.dtype(dtype.replace("i", "u"))
+    # The inverse of the packing shift, in the same wrapping arithmetic; the stored byte
+    # order and signedness are a reinterpretation of the same bits.
+    native = unsigned.newbyteorder("=")
+    out = values.astype(native) + native.type(base % (1 << (8 * native.itemsize)))
+    return out.astype(unsigned, copy=False).tobytes()
 
 
 def _read_range(item: PackItem, offset: int, length: int) -> bytes:
