@@ -247,6 +247,26 @@ def test_sites_do_not_see_each_others_transfers(
     assert _status(http, small)["bytes_received"] == 0
 
 
+def test_a_file_the_embedded_archive_cannot_file_means_502_and_no_receipt(
+        hub: HubProcess, site: Enrolment, http: httpx.Client, mr_files: list[Path],
+        tmp_path: Path) -> None:
+    from appliance.transfer.pack import PackItem
+
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"not DICOM at all\n" * 64)
+    items = [*pack_items(mr_files[:2]),
+             PackItem("1.2.826.0.1.3680043.8.498.77", junk, junk.stat().st_size,
+                      hashlib.sha256(junk.read_bytes()).hexdigest())]
+    shipment = ship(items, site.hub_transfer_key, study_uid="1.2.826.0.1.3680043.8.498.78")
+    http.post("/api/v1/transfers", json=shipment.manifest)
+    shipment.put_all(http)
+    answer = http.post(shipment.url + "/commit")
+    assert answer.status_code == 502, answer.text
+    assert answer.json()["refused"] == ["1.2.826.0.1.3680043.8.498.77"]
+    assert http.get(shipment.url + "/receipt").status_code == 404
+    assert "embedded archive refused 1.2.826.0.1.3680043.8.498.77" in hub.log()
+
+
 def test_acknowledged_buckets_survive_kill_9_of_the_hub(
         hub: HubProcess, site: Enrolment, small: Shipment) -> None:
     with client(site) as http:

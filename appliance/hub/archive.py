@@ -67,6 +67,15 @@ class EmbeddedArchive:
         self.spool.remove_temp_files()
 
     def store(self, instances: list[RebuiltInstance], site: str) -> None:
+        # One SQLite commit for the whole transfer (record_instance joins this transaction):
+        # each file is still fsynced by the spool before its row is written.
+        with self.db.transaction():
+            refused = self._file_all(instances, site)
+        if refused:
+            raise ArchiveRefused(f"embedded archive refused {len(refused)} instance(s): "
+                                 f"{', '.join(refused[:5])}", refused)
+
+    def _file_all(self, instances: list[RebuiltInstance], site: str) -> list[str]:
         from pydicom import dcmread
 
         from appliance.ingest.attributes import InvalidInstance, instance_record
@@ -87,9 +96,7 @@ class EmbeddedArchive:
                 refused.append(instance.sop_instance_uid)
                 continue
             record_instance(self.db, record, stored, origin="regional", source_address=site)
-        if refused:
-            raise ArchiveRefused(f"embedded archive refused {len(refused)} instance(s): "
-                                 f"{', '.join(refused[:5])}", refused)
+        return refused
 
 
 class DicomWebArchive:

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import shutil
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,8 +55,10 @@ def commit_transfer(hub: Hub, transfer_id: str, key: Callable[[], bytes]) -> dic
         work = hub.settings.work_dir / transfer_id
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
+        started = time.monotonic()
         try:
             rebuilt = _rebuild(hub, row, manifest, key(), work)
+            rebuilt_at = time.monotonic()
             try:
                 hub.archive.store(rebuilt, site=row["site"])
             except ArchiveRefused as exc:
@@ -73,8 +76,9 @@ def commit_transfer(hub: Hub, transfer_id: str, key: Callable[[], bytes]) -> dic
         }
         receipt["signature"] = hub.pki.sign(receipt)
         store.set_receipt(hub.db, transfer_id, receipt)
-        log.info("transfer %s committed: %d instances archived (%s)", transfer_id,
-                 len(rebuilt), hub.settings.archive.kind,
+        log.info("transfer %s committed: %d instances archived (%s); rebuild %.2f s, "
+                 "archive %.2f s", transfer_id, len(rebuilt), hub.settings.archive.kind,
+                 rebuilt_at - started, time.monotonic() - rebuilt_at,
                  extra={"SITE": row["site"], "STUDY_UID": manifest["study_uid"]})
         return receipt
 
