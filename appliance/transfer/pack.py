@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -328,14 +330,18 @@ def _split_piece(
 
 
 _POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
 
 
 def _pool() -> ThreadPoolExecutor:
-    """Two workers: the machine class has two cores, and the JPEG-LS codec releases the GIL."""
+    """One pool for the process, shared by every bucket packed at once: as many workers as
+    cores (the appliance class has two), since CharLS runs with the GIL released."""
     global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pas-jls")
-    return _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
+                                       thread_name_prefix="pas-jls")
+        return _POOL
 
 
 def pack_bucket(plan: BucketPlan, level: str = "default") -> tuple[bytes, dict[str, int]]:
