@@ -311,6 +311,21 @@ class PrefetchRule(_Section):
     push_to: list[str] = []                  # dicom destinations that get the fetched priors
 
 
+class PrefetchMwl(_Section):
+    """Modality Worklist polling: C-FIND MWL SCU against the RIS for the coming hours."""
+
+    enabled: bool = False
+    ae_title: AETitle = "RIS"
+    host: str = "127.0.0.1"
+    port: Port = 104
+    calling_ae_title: AETitle | None = None   # default: dicom.ae_title
+    interval_s: float = Field(default=300.0, gt=0)
+    hours_ahead: float = Field(default=24.0, gt=0)
+    modality: str | None = None               # only this modality's steps (None: all)
+    station_ae_title: str | None = None       # only steps scheduled on this station
+    timeout_s: float = Field(default=30.0, gt=0)
+
+
 class PrefetchSection(_Section):
     """Priors on site before the patient arrives (see docs/prefetch.md)."""
 
@@ -328,6 +343,7 @@ class PrefetchSection(_Section):
     max_attempts: int = Field(default=5, ge=1)
     retry_after_s: float = Field(default=30.0, ge=0)
     timeout_s: float = Field(default=60.0, gt=0)
+    mwl: PrefetchMwl = PrefetchMwl()
 
 
 class MoveDestination(_Section):

@@ -60,6 +60,7 @@ class PrefetchService:
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._mwl_thread: threading.Thread | None = None
         # Requests run side by side (each is mostly round trips: QIDO, then small studies),
         # and their instances share one pool, so the link stays busy on a long RTT.
         self._requests = ThreadPoolExecutor(self.config.parallel,
@@ -145,12 +146,40 @@ class PrefetchService:
             log.warning("start-up: %d prefetch requests were interrupted; resuming", recovered)
         self._thread = threading.Thread(target=self._loop, name="pas-prefetch", daemon=True)
         self._thread.start()
+        if self.config.mwl.enabled:
+            self._mwl_thread = threading.Thread(target=self._mwl_loop, name="pas-mwl",
+                                                daemon=True)
+            self._mwl_thread.start()
+
+    def poll_worklist(self) -> int:
+        """One worklist poll; how many new requests it scheduled."""
+        from appliance.prefetch.mwl import query_worklist, to_request
+
+        created = 0
+        for item in query_worklist(self.config.mwl, self.settings.dicom.ae_title):
+            request = to_request(item, self.config.lead_time_h, now())
+            created += store.schedule(self.db, request, count_repeat=False).created
+        if created:
+            self.wake.set()
+        return created
+
+    def _mwl_loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                created = self.poll_worklist()
+                if created:
+                    log.info("worklist: %d new exams scheduled for prefetch", created)
+            except Exception as exc:  # the RIS may be down; poll again later
+                log.warning("worklist poll failed: %s", exc)
+            self.stopping.wait(self.config.mwl.interval_s)
 
     def stop(self) -> None:
         self.stopping.set()
         self.wake.set()
         if self._thread is not None:
             self._thread.join(10)
+        if self._mwl_thread is not None:
+            self._mwl_thread.join(self.config.mwl.timeout_s)
         self._requests.shutdown(wait=False, cancel_futures=True)
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self._region is not None:

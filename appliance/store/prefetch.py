@@ -68,19 +68,21 @@ def record_message(db: Database, message_key: str, message_type: str, ack_code: 
     return scheduled
 
 
-def schedule(db: Database, request: NewRequest) -> Scheduled:
+def schedule(db: Database, request: NewRequest, count_repeat: bool = True) -> Scheduled:
+    """``count_repeat`` False: a known request seen again (a worklist polled every few
+    minutes) is not counted as requested again; its time still follows a rescheduling."""
     with db.transaction() as conn:
-        return _schedule(conn, request, now())
+        return _schedule(conn, request, now(), 1 if count_repeat else 0)
 
 
-def _schedule(conn: Any, request: NewRequest, at: float) -> Scheduled:
+def _schedule(conn: Any, request: NewRequest, at: float, repeat: int = 1) -> Scheduled:
     due = request.due_at if request.due_at is not None else at
     row = conn.execute("SELECT id, state FROM prefetch_requests WHERE dedup_key = ?",
                        (request.dedup_key,)).fetchone()
     if row is not None:
         # The same order again: count it; a new appointment time moves a pending request.
         conn.execute(
-            """UPDATE prefetch_requests SET times_requested = times_requested + 1,
+            """UPDATE prefetch_requests SET times_requested = times_requested + ?,
                    updated_at = ?,
                    scheduled_at = CASE WHEN state = 'pending' THEN coalesce(?, scheduled_at)
                                        ELSE scheduled_at END,
@@ -88,7 +90,7 @@ def _schedule(conn: Any, request: NewRequest, at: float) -> Scheduled:
                    next_attempt_at = CASE WHEN state = 'pending' AND attempts = 0 THEN ?
                                           ELSE next_attempt_at END
                WHERE id = ?""",
-            (at, request.scheduled_at, due, due, row["id"]))
+            (repeat, at, request.scheduled_at, due, due, row["id"]))
         return Scheduled(int(row["id"]), created=False)
     cursor = conn.execute(
         """INSERT INTO prefetch_requests (dedup_key, trigger, patient_id, issuer,
