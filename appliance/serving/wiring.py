@@ -30,8 +30,6 @@ def wire_serving(daemon: Daemon) -> None:
     daemon.qr = QueryRetrieveService(settings.serving, daemon.db, daemon.spool,
                                      settings.dicom.ae_title, fetcher=fetcher)
     daemon.qr.register(daemon.listener)
-    try:
-        from appliance.serving.dicomweb import daemon_routes
-    except ImportError:
-        return
+    from appliance.serving.dicomweb import daemon_routes
+
     daemon.route_providers.append(daemon_routes)

@@ -1,0 +1,541 @@
+"""DICOMweb over a (Database, Spool): QIDO-RS, WADO-RS and STOW-RS as Starlette routes.
+
+Owns: the HTTP shape of DICOMweb (PS3.18): query parameters to matching keys, DICOM JSON,
+multipart/related bodies (streamed from the spool file by file: bounded memory), frames,
+rendered JPEG/PNG, STOW-RS responses, the bearer-token check, and the access audit of each
+query, retrieve and store. :func:`build_dicomweb_routes` works over any (Database, Spool), so
+the hub's embedded archive can serve the same API. May not touch: SQL (``store/query.py``),
+spool writes (STOW goes through :class:`~appliance.ingest.receive.Receiver`, so the same
+durability rules as C-STORE apply: a part is reported stored only after fsync + commit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+from pydicom import dcmread
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_voi_lut
+from python_multipart import MultipartParser
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute, Mount, Route
+
+from appliance.ingest.attributes import InvalidInstance
+from appliance.store import audit
+from appliance.store import query as store_query
+from appliance.store.db import Database
+from appliance.store.spool import Spool, SpoolFull
+
+if TYPE_CHECKING:
+    from appliance.daemon import Daemon
+    from appliance.ingest.receive import Receiver
+
+log = logging.getLogger("pas.dicomweb")
+
+DICOM_JSON = "application/dicom+json"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+CHUNK = 1024 * 1024
+
+# Attributes QIDO-RS returns by default per level (PS3.18 table 10.6.3-3..5).
+DEFAULT_RETURN = {
+    "STUDY": ["StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy",
+              "ReferringPhysicianName", "PatientName", "PatientID", "PatientBirthDate",
+              "PatientSex", "StudyInstanceUID", "StudyID", "NumberOfStudyRelatedSeries",
+              "NumberOfStudyRelatedInstances", "StudyDescription"],
+    "SERIES": ["Modality", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription",
+               "BodyPartExamined", "NumberOfSeriesRelatedInstances"],
+    "IMAGE": ["SOPClassUID", "SOPInstanceUID", "InstanceNumber"],
+}
+_PARENT_KEYS = {"SERIES": ["StudyInstanceUID"], "IMAGE": ["StudyInstanceUID",
+                                                           "SeriesInstanceUID"]}
+Fetcher = Callable[[str], int]
+
+
+class HttpProblem(Exception):
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def _problem(exc: HttpProblem) -> JSONResponse:
+    return JSONResponse({"error": exc.status, "detail": exc.detail}, status_code=exc.status)
+
+
+def _keyword(name: str) -> str:
+    """A QIDO parameter name (keyword or 8 hex digits) -> keyword; HttpProblem if unknown."""
+    if re.fullmatch(r"[0-9A-Fa-f]{8}", name):
+        keyword = keyword_for_tag(int(name, 16))
+    else:
+        keyword = name if tag_for_keyword(name) is not None else ""
+    if not keyword:
+        raise HttpProblem(400, f"unknown query parameter or attribute: {name!r}")
+    return keyword
+
+
+class DicomWeb:
+    """The handlers, bound to one (Database, Spool) and its options."""
+
+    def __init__(self, db: Database, spool: Spool, *, receiver: Receiver | None = None,
+                 bearer_tokens: list[str] | None = None, pn_case_sensitive: bool = False,
+                 max_results: int = 0, fetcher: Fetcher | None = None,
+                 base_url: str = "/dicom-web"):
+        self.db = db
+        self.spool = spool
+        self.receiver = receiver
+        self.bearer_tokens = [t.encode() for t in (bearer_tokens or [])]
+        self.pn_case_sensitive = pn_case_sensitive
+        self.max_results = max_results
+        self.fetcher = fetcher
+        self.base_url = base_url
+
+    # -- access -------------------------------------------------------------------------
+
+    def _actor(self, request: Request) -> str:
+        """Who asks, for the audit; raises 401 when a bearer token is required and wrong."""
+        if not self.bearer_tokens:
+            return "anonymous"
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not any(
+                secrets.compare_digest(token.strip().encode(), known)
+                for known in self.bearer_tokens):
+            raise HttpProblem(401, "a valid bearer token is required (Authorization: Bearer)")
+        return "bearer:" + hashlib.sha256(token.strip().encode()).hexdigest()[:12]
+
+    def _audit(self, request: Request, event: str, actor: str, target: str, outcome: str,
+               detail: str | None = None) -> None:
+        try:
+            audit.record(self.db, event, actor=actor,
+                         source=request.client.host if request.client else None,
+                         target=target[:500], outcome=outcome, detail=detail)
+        except Exception:
+            log.exception("audit record failed")
+
+    # -- QIDO-RS ------------------------------------------------------------------------
+
+    async def qido(self, request: Request) -> Response:
+        path = request.path_params
+        level = {"studies": "STUDY", "series": "SERIES", "instances": "IMAGE"}[
+            request.scope["route_level"]]
+        try:
+            actor = self._actor(request)
+            keys = self._qido_keys(request, level, path)
+            limit = _int_param(request, "limit")
+            offset = _int_param(request, "offset") or 0
+            if self.max_results and (limit is None or limit > self.max_results):
+                limit = self.max_results
+            rows = await run_in_threadpool(self._find, level, keys, limit, offset)
+        except HttpProblem as exc:
+            return _problem(exc)
+        target = store_query_summary(level, keys)
+        self._audit(request, "query", actor, target, "success", f"{len(rows)} results (QIDO-RS)")
+        return JSONResponse([self._json(level, keys, row) for row in rows],
+                            media_type=DICOM_JSON)
+
+    def _qido_keys(self, request: Request, level: str, path: dict[str, str]) -> dict[str, str]:
+        keys = {k: "" for k in DEFAULT_RETURN[level]}
+        for parent in _PARENT_KEYS.get(level, []):
+            keys.setdefault(parent, "")
+        if level != "STUDY":
+            for k in DEFAULT_RETURN["STUDY"] if level == "IMAGE" else []:
+                keys.setdefault(k, "")
+        for name, value in request.query_params.multi_items():
+            if name in ("limit", "offset", "fuzzymatching", "includefield"):
+                if name == "includefield" and value != "all":
+                    for field in value.split(","):
+                        keys.setdefault(_keyword(field.strip()), "")
+                continue
+            keys[_keyword(name)] = value
+        if "study" in path:
+            keys["StudyInstanceUID"] = path["study"]
+        if "series" in path:
+            keys["SeriesInstanceUID"] = path["series"]
+        return keys
+
+    def _find(self, level: str, keys: dict[str, str], limit: int | None,
+              offset: int) -> list[dict[str, Any]]:
+        try:
+            return list(store_query.find(self.db, level, keys, limit=limit, offset=offset,
+                                         pn_case_sensitive=self.pn_case_sensitive))
+        except store_query.QueryError as exc:
+            raise HttpProblem(400, str(exc)) from None
+
+    def _json(self, level: str, keys: dict[str, str], row: dict[str, Any]) -> dict[str, Any]:
+        ds = Dataset()
+        for keyword in keys:
+            if not store_query.available(keyword, level):
+                continue
+            value = row.get(keyword)
+            tag = tag_for_keyword(keyword)
+            vr = dictionary_VR(tag)
+            if isinstance(value, str) and "\\" in value:
+                value = value.split("\\")
+            ds.add(DataElement(tag, vr, None if value in (None, "") else value))
+        study = row.get("StudyInstanceUID")
+        if study:
+            url = f"{self.base_url}/studies/{study}"
+            if level != "STUDY" and row.get("SeriesInstanceUID"):
+                url += f"/series/{row['SeriesInstanceUID']}"
+            if level == "IMAGE" and row.get("SOPInstanceUID"):
+                url += f"/instances/{row['SOPInstanceUID']}"
+            ds.RetrieveURL = url
+        return ds.to_json_dict()
+
+    # -- WADO-RS ------------------------------------------------------------------------
+
+    def _rows(self, path: dict[str, str]) -> list[Any]:
+        keys = {"StudyInstanceUID": path["study"]}
+        level = "STUDY"
+        if "series" in path:
+            keys["SeriesInstanceUID"], level = path["series"], "SERIES"
+        if "instance" in path:
+            keys["SOPInstanceUID"], level = path["instance"], "IMAGE"
+        if self.fetcher is not None and store_query.study_instance_count(
+                self.db, path["study"]) == 0:
+            try:
+                self.fetcher(path["study"])
+            except Exception as exc:
+                log.warning("fetch-through of %s failed: %s", path["study"], exc)
+        try:
+            rows = store_query.instances_for(self.db, level, keys)
+        except store_query.QueryError as exc:
+            raise HttpProblem(400, str(exc)) from None
+        if not rows:
+            raise HttpProblem(404, f"no instance matches {'/'.join(path.values())}")
+        store_query.touch_studies(self.db, [path["study"]], time.time())
+        return rows
+
+    async def retrieve(self, request: Request) -> Response:
+        try:
+            actor = self._actor(request)
+            wanted = _accepted_syntax(request.headers.get("accept", ""))
+            rows = await run_in_threadpool(self._rows, dict(request.path_params))
+        except HttpProblem as exc:
+            return _problem(exc)
+        self._audit(request, "retrieve", actor, "/".join(request.path_params.values()),
+                    "success", f"{len(rows)} instances (WADO-RS)")
+        boundary = secrets.token_hex(16)
+        body = iterate_in_threadpool(self._multipart(rows, boundary, wanted))
+        return StreamingResponse(body, media_type=(
+            f'multipart/related; type="application/dicom"; boundary={boundary}'))
+
+    def _multipart(self, rows: list[Any], boundary: str, wanted: str | None) -> Iterator[bytes]:
+        for row in rows:
+            yield (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").encode()
+            path = self.spool.path(row["path"])
+            if wanted in (None, "*", row["transfer_syntax_uid"]):
+                with open(path, "rb") as handle:
+                    while chunk := handle.read(CHUNK):
+                        yield chunk
+            else:
+                yield _converted(path, wanted)
+            yield b"\r\n"
+        yield f"--{boundary}--\r\n".encode()
+
+    async def metadata(self, request: Request) -> Response:
+        try:
+            actor = self._actor(request)
+            rows = await run_in_threadpool(self._rows, dict(request.path_params))
+            result = await run_in_threadpool(self._metadata, rows)
+        except HttpProblem as exc:
+            return _problem(exc)
+        self._audit(request, "retrieve", actor, "/".join(request.path_params.values()),
+                    "success", f"{len(rows)} instances (metadata)")
+        return JSONResponse(result, media_type=DICOM_JSON)
+
+    def _metadata(self, rows: list[Any]) -> list[dict[str, Any]]:
+        result = []
+        for row in rows:
+            ds = dcmread(self.spool.path(row["path"]), stop_before_pixels=True)
+            base = (f"{self.base_url}/studies/{row['study_uid']}/series/{row['series_uid']}"
+                    f"/instances/{row['sop_instance_uid']}")
+            item = ds.to_json_dict(bulk_data_threshold=65536,
+                                   bulk_data_element_handler=lambda _e, b=base: b)
+            if row["transfer_syntax_uid"]:
+                item["00020010"] = {"vr": "UI", "Value": [row["transfer_syntax_uid"]]}
+            result.append(item)
+        return result
+
+    async def frames(self, request: Request) -> Response:
+        try:
+            actor = self._actor(request)
+            numbers = _frame_list(request.path_params["frames"])
+            rows = await run_in_threadpool(self._rows, dict(request.path_params))
+            frames = await run_in_threadpool(_read_frames, self.spool.path(rows[0]["path"]),
+                                             numbers)
+        except HttpProblem as exc:
+            return _problem(exc)
+        self._audit(request, "retrieve", actor, "/".join(request.path_params.values()),
+                    "success", f"{len(frames)} frames")
+        boundary = secrets.token_hex(16)
+        parts = []
+        for frame in frames:
+            parts.append(f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n"
+                         .encode() + frame + b"\r\n")
+        parts.append(f"--{boundary}--\r\n".encode())
+        return Response(b"".join(parts), media_type=(
+            f'multipart/related; type="application/octet-stream"; boundary={boundary}'))
+
+    async def rendered(self, request: Request) -> Response:
+        try:
+            actor = self._actor(request)
+            accept = request.headers.get("accept", "image/jpeg")
+            media = "image/png" if "image/png" in accept and "image/jpeg" not in accept \
+                else "image/jpeg"
+            frame = int(request.path_params.get("frame", "1"))
+            viewport = request.query_params.get("viewport")
+            rows = await run_in_threadpool(self._rows, dict(request.path_params))
+            data = await run_in_threadpool(_render, self.spool.path(rows[0]["path"]), frame,
+                                           media, viewport)
+        except (HttpProblem, ValueError) as exc:
+            if not isinstance(exc, HttpProblem):
+                exc = HttpProblem(400, str(exc))
+            return _problem(exc)
+        self._audit(request, "retrieve", actor, "/".join(request.path_params.values()),
+                    "success", f"rendered {media}")
+        return Response(data, media_type=media)
+
+    # -- STOW-RS ------------------------------------------------------------------------
+
+    async def stow(self, request: Request) -> Response:
+        try:
+            actor = self._actor(request)
+            if self.receiver is None:
+                raise HttpProblem(405, "STOW-RS is not offered here")
+            boundary = _boundary(request.headers.get("content-type", ""))
+        except HttpProblem as exc:
+            return _problem(exc)
+        parts: list[bytes] = []
+        current: list[bytearray] = []
+        callbacks = {
+            "on_part_begin": lambda: current.append(bytearray()),
+            "on_part_data": lambda data, start, end: current[-1].extend(data[start:end]),
+            "on_part_end": lambda: parts.append(bytes(current.pop())),
+        }
+        parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+        stored: list[dict[str, Any]] = []
+        failed: list[dict[str, Any]] = []
+        source = request.client.host if request.client else None
+        async for chunk in request.stream():
+            parser.write(chunk)
+            while parts:  # one instance at a time: memory bounded by the largest instance
+                await run_in_threadpool(self._store_part, parts.pop(0), actor, source,
+                                        stored, failed)
+        parser.finalize()
+        while parts:
+            await run_in_threadpool(self._store_part, parts.pop(0), actor, source, stored,
+                                    failed)
+        if not stored and not failed:
+            return _problem(HttpProblem(400, "the request holds no DICOM part"))
+        result = Dataset()
+        result.ReferencedSOPSequence = [_sop_item(**s) for s in stored]
+        if failed:
+            result.FailedSOPSequence = [_sop_item(**f) for f in failed]
+        status = 200 if not failed else (202 if stored else 409)
+        self._audit(request, "store", actor, ",".join(s["uid"] for s in stored)[:500] or "-",
+                    "success" if not failed else f"failure: {len(failed)} parts refused",
+                    f"{len(stored)} stored (STOW-RS)")
+        return JSONResponse(result.to_json_dict(), status_code=status, media_type=DICOM_JSON)
+
+    def _store_part(self, content: bytes, actor: str, source: str | None,
+                    stored: list[dict[str, Any]], failed: list[dict[str, Any]]) -> None:
+        assert self.receiver is not None
+        try:
+            received = self.receiver.receive_file(content, calling_ae=actor, source=source)
+        except InvalidInstance as exc:
+            failed.append({"uid": "", "sop_class": "", "reason": 0xC000, "note": str(exc)})
+            return
+        except SpoolFull as exc:
+            failed.append({"uid": "", "sop_class": "", "reason": 0xA700, "note": str(exc)})
+            return
+        except Exception as exc:
+            log.exception("STOW-RS part failed")
+            failed.append({"uid": "", "sop_class": "", "reason": 0x0110, "note": str(exc)})
+            return
+        ds = dcmread(io.BytesIO(content), stop_before_pixels=True, specific_tags=[
+            "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"])
+        stored.append({"uid": received.sop_instance_uid, "sop_class": str(ds.SOPClassUID),
+                       "url": f"{self.base_url}/studies/{received.study_uid}/series/"
+                              f"{ds.SeriesInstanceUID}/instances/{received.sop_instance_uid}"})
+
+
+def store_query_summary(level: str, keys: dict[str, str]) -> str:
+    return f"{level} " + " ".join(f"{k}={v}" for k, v in keys.items() if v)
+
+
+def _sop_item(uid: str, sop_class: str, url: str | None = None, reason: int | None = None,
+              note: str | None = None) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = sop_class or None
+    item.ReferencedSOPInstanceUID = uid or None
+    if url:
+        item.RetrieveURL = url
+    if reason is not None:
+        item.FailureReason = reason
+    return item
+
+
+def _int_param(request: Request, name: str) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return None
+    if not raw.isdigit():
+        raise HttpProblem(400, f"{name}: must be a non-negative integer, got {raw!r}")
+    return int(raw)
+
+
+def _boundary(content_type: str) -> str:
+    if not content_type.lower().startswith("multipart/related"):
+        raise HttpProblem(415, "STOW-RS needs Content-Type multipart/related; "
+                               "type=\"application/dicom\"")
+    match = re.search(r'boundary="?([^";]+)"?', content_type)
+    if not match:
+        raise HttpProblem(400, "multipart/related without a boundary parameter")
+    return match.group(1)
+
+
+def _accepted_syntax(accept: str) -> str | None:
+    """The transfer syntax a WADO-RS client asks for (None: not said; '*': any)."""
+    match = re.search(r'transfer-syntax\s*=\s*"?([0-9.*]+)"?', accept)
+    if not match:
+        return None
+    syntax = match.group(1)
+    if syntax not in ("*", EXPLICIT_LE, "1.2.840.10008.1.2"):
+        raise HttpProblem(406, f"transfer syntax {syntax} is not offered; ask for * or "
+                               f"{EXPLICIT_LE}")
+    return syntax
+
+
+def _converted(path: Path, syntax: str) -> bytes:
+    """One instance decompressed to explicit VR little endian (same SOP Instance UID)."""
+    ds = dcmread(path)
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        ds.decompress(generate_instance_uid=False)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _frame_list(text: str) -> list[int]:
+    try:
+        numbers = [int(n) for n in text.split(",")]
+    except ValueError:
+        raise HttpProblem(400, f"frame list {text!r}: comma-separated numbers from 1") from None
+    if not numbers or min(numbers) < 1:
+        raise HttpProblem(400, f"frame list {text!r}: frame numbers start at 1")
+    return numbers
+
+
+def _read_frames(path: Path, numbers: list[int]) -> list[bytes]:
+    """The raw pixel bytes of each frame asked (decoded when stored compressed)."""
+    ds = dcmread(path)
+    if "PixelData" not in ds:
+        raise HttpProblem(404, "the instance has no pixel data")
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    if max(numbers) > count:
+        raise HttpProblem(404, f"frame {max(numbers)} asked, the instance has {count}")
+    if not ds.file_meta.TransferSyntaxUID.is_compressed:
+        size = ds.Rows * ds.Columns * ds.SamplesPerPixel * ds.BitsAllocated // 8
+        pixels = ds.PixelData
+        return [pixels[(n - 1) * size:n * size] for n in numbers]
+    array = ds.pixel_array
+    if count == 1:
+        array = array[np.newaxis]
+    return [np.ascontiguousarray(array[n - 1]).astype(array.dtype.newbyteorder("<"))
+            .tobytes() for n in numbers]
+
+
+def _render(path: Path, frame: int, media: str, viewport: str | None) -> bytes:
+    """A frame as 8-bit JPEG/PNG, with the instance's VOI LUT or window (else min-max)."""
+    ds = dcmread(path)
+    if "PixelData" not in ds:
+        raise HttpProblem(404, "the instance has no pixel data")
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    if not 1 <= frame <= count:
+        raise HttpProblem(404, f"frame {frame} asked, the instance has {count}")
+    array = ds.pixel_array if count == 1 else ds.pixel_array[frame - 1]
+    if ds.get("SamplesPerPixel", 1) == 1:
+        array = apply_voi_lut(array.astype(np.float64), ds, index=0)
+        low, high = float(np.min(array)), float(np.max(array))
+        array = ((array - low) / ((high - low) or 1.0) * 255.0).clip(0, 255).astype(np.uint8)
+        if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+            array = 255 - array
+        image = Image.fromarray(array, mode="L")
+    else:
+        image = Image.fromarray(array.astype(np.uint8), mode="RGB")
+    if viewport:
+        width, _, height = viewport.partition(",")
+        image.thumbnail((int(width), int(height or width)))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG" if media == "image/png" else "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _level(level: str, endpoint: Callable[[Request], Any]) -> Callable[[Request], Any]:
+    async def handler(request: Request) -> Response:
+        request.scope["route_level"] = level
+        return await endpoint(request)  # type: ignore[no-any-return]
+    return handler
+
+
+def build_dicomweb_routes(db: Database, spool: Spool, *, receiver: Receiver | None = None,
+                          bearer_tokens: list[str] | None = None, pn_case_sensitive: bool = False,
+                          max_results: int = 0, fetcher: Fetcher | None = None,
+                          prefix: str = "/dicom-web") -> list[BaseRoute]:
+    """The DICOMweb routes under ``prefix`` over any (Database, Spool).
+
+    ``receiver`` enables STOW-RS; ``bearer_tokens`` (non-empty) requires one of them on every
+    request; ``fetcher`` (study UID -> instances fetched) is asked for a study not on site."""
+    web = DicomWeb(db, spool, receiver=receiver, bearer_tokens=bearer_tokens,
+                   pn_case_sensitive=pn_case_sensitive, max_results=max_results,
+                   fetcher=fetcher, base_url=prefix)
+    study = "/studies/{study}"
+    series = study + "/series/{series}"
+    instance = series + "/instances/{instance}"
+    routes = [
+        Route("/studies", _level("studies", web.qido), methods=["GET"]),
+        Route("/studies", web.stow, methods=["POST"]),
+        Route(study, web.stow, methods=["POST"]),
+        Route("/series", _level("series", web.qido), methods=["GET"]),
+        Route("/instances", _level("instances", web.qido), methods=["GET"]),
+        Route(study + "/series", _level("series", web.qido), methods=["GET"]),
+        Route(study + "/instances", _level("instances", web.qido), methods=["GET"]),
+        Route(series + "/instances", _level("instances", web.qido), methods=["GET"]),
+        Route(study, web.retrieve, methods=["GET"]),
+        Route(series, web.retrieve, methods=["GET"]),
+        Route(instance, web.retrieve, methods=["GET"]),
+        Route(study + "/metadata", web.metadata, methods=["GET"]),
+        Route(series + "/metadata", web.metadata, methods=["GET"]),
+        Route(instance + "/metadata", web.metadata, methods=["GET"]),
+        Route(instance + "/frames/{frames}", web.frames, methods=["GET"]),
+        Route(instance + "/rendered", web.rendered, methods=["GET"]),
+        Route(instance + "/thumbnail", web.rendered, methods=["GET"]),
+        Route(instance + "/frames/{frame:int}/rendered", web.rendered, methods=["GET"]),
+    ]
+    return [Mount(prefix, routes=routes)]
+
+
+def daemon_routes(daemon: Daemon) -> list[BaseRoute]:
+    """The appliance's /dicom-web, configured from ``[serving]``."""
+    serving = daemon.settings.serving
+    return build_dicomweb_routes(
+        daemon.db, daemon.spool, receiver=daemon.receiver,
+        bearer_tokens=serving.bearer_tokens if serving.auth == "bearer" else None,
+        pn_case_sensitive=serving.pn_case_sensitive, max_results=serving.max_results,
+        fetcher=getattr(daemon.qr, "fetcher", None) if serving.fetch_through else None,
+    )

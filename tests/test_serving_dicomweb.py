@@ -1,0 +1,191 @@
+"""DICOMweb on the appliance, driven by dicomweb-client (the PyPI client web viewers use).
+
+PAS holds the real CT and MR sets (C-STORE from DCMTK) and a multi-frame JPEG-LS MR sent by
+STOW-RS. Search, retrieve, metadata, frames and rendered images are checked against the files
+themselves (UIDs, SHA-256, pixel arrays); bad inputs get a 4xx naming the problem and change
+nothing; bearer authentication refuses what it must.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from dicomweb_client import DICOMwebClient
+from PIL import Image
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from requests import HTTPError
+
+from tests.support.peers import CT_DIR, MR_DIR, PasProcess, storescu
+
+MULTIFRAME = Path(get_testdata_file("emri_small_jpeg_ls_lossless.dcm"))  # type: ignore[arg-type]
+TOKEN = "s3cret-viewer-token"
+
+
+@pytest.fixture(scope="module")
+def pas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PasProcess]:
+    pas = PasProcess(tmp_path_factory.mktemp("dw") / "pas",
+                     {"PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_PREFETCH__ENABLED": "false"})
+    pas.start()
+    try:
+        storescu(CT_DIR, pas.port)
+        storescu(MR_DIR, pas.port)
+        yield pas
+    finally:
+        pas.stop()
+
+
+@pytest.fixture(scope="module")
+def client(pas: PasProcess) -> DICOMwebClient:
+    return DICOMwebClient(f"http://127.0.0.1:{pas.http_port}/dicom-web")
+
+
+def _headers(folder: Path) -> list:
+    return [dcmread(p, stop_before_pixels=True) for p in sorted(folder.glob("*.dcm"))]
+
+
+def _count(pas: PasProcess) -> int:
+    conn = sqlite3.connect(pas.home / "pas.sqlite")
+    try:
+        return int(conn.execute("SELECT count(*) FROM instances").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_stow_then_search_retrieve_metadata_frames(pas: PasProcess,
+                                                   client: DICOMwebClient) -> None:
+    original = dcmread(MULTIFRAME)
+    before = _count(pas)
+    response = client.store_instances([original])
+    assert str(response.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) == \
+        str(original.SOPInstanceUID)
+    assert _count(pas) == before + 1
+    study, series, sop = (str(original.StudyInstanceUID), str(original.SeriesInstanceUID),
+                          str(original.SOPInstanceUID))
+    found = client.search_for_instances(study_instance_uid=study)
+    assert [i["00080018"]["Value"][0] for i in found] == [sop]
+    frames = client.retrieve_instance_frames(study, series, sop, frame_numbers=[2, 5])
+    pixels = original.pixel_array
+    assert frames[0] == pixels[1].astype("<u2").tobytes()
+    assert frames[1] == pixels[4].astype("<u2").tobytes()
+    retrieved = client.retrieve_instance(study, series, sop)
+    assert np.array_equal(retrieved.pixel_array, pixels)
+    assert str(retrieved.file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2.4.80"  # as stored
+
+
+def test_search_for_studies_matches_the_files(client: DICOMwebClient) -> None:
+    expected = {str(h.StudyInstanceUID) for h in _headers(CT_DIR) + _headers(MR_DIR)}
+    studies = client.search_for_studies()
+    found = {s["0020000D"]["Value"][0] for s in studies}
+    assert expected <= found
+    ct = [h for h in _headers(CT_DIR) if h.PatientID == "A002304"]
+    filtered = client.search_for_studies(search_filters={"PatientID": "A002304"})
+    assert {s["0020000D"]["Value"][0] for s in filtered} == {str(h.StudyInstanceUID) for h in ct}
+    per_study = {s["0020000D"]["Value"][0]: s["00201208"]["Value"][0] for s in filtered}
+    for uid in per_study:
+        assert per_study[uid] == len({str(h.SOPInstanceUID) for h in ct
+                                      if str(h.StudyInstanceUID) == uid})
+    page = client.search_for_studies(limit=2, offset=1)
+    assert len(page) == 2
+    wildcard = client.search_for_studies(search_filters={"PatientName": "a00230*"},
+                                         fuzzymatching=False)
+    assert {s["0020000D"]["Value"][0] for s in wildcard} >= {str(h.StudyInstanceUID) for h in ct}
+
+
+def test_retrieve_series_bytes_are_the_stored_files(pas: PasProcess,
+                                                    client: DICOMwebClient) -> None:
+    mr = _headers(MR_DIR)
+    study, series = str(mr[0].StudyInstanceUID), str(mr[0].SeriesInstanceUID)
+    datasets = client.retrieve_series(study, series)
+    assert {str(d.SOPInstanceUID) for d in datasets} == {str(h.SOPInstanceUID) for h in mr}
+    # The raw multipart body carries the stored files byte for byte.
+    response = httpx.get(f"http://127.0.0.1:{pas.http_port}/dicom-web/studies/{study}",
+                         headers={"Accept": 'multipart/related; type="application/dicom"; '
+                                            "transfer-syntax=*"}, timeout=60)
+    assert response.status_code == 200
+    conn = sqlite3.connect(pas.home / "pas.sqlite")
+    paths = [r[0] for r in conn.execute(
+        "SELECT i.path FROM instances i JOIN studies s ON s.id = i.study_fk "
+        "WHERE s.study_uid = ?", (study,))]
+    conn.close()
+    assert len(paths) == 520
+    for path in paths:
+        assert (pas.home / "spool" / path).read_bytes() in response.content
+        assert hashlib.sha256((pas.home / "spool" / path).read_bytes()).hexdigest() in path
+    metadata = client.retrieve_series_metadata(study, series)
+    assert len(metadata) == 520
+    assert {m["00100020"]["Value"][0] for m in metadata} == {str(mr[0].PatientID)}
+    assert all("7FE00010" not in m for m in metadata)
+
+
+def test_rendered_png_and_jpeg(pas: PasProcess) -> None:
+    ct = _headers(CT_DIR)[0]
+    url = (f"http://127.0.0.1:{pas.http_port}/dicom-web/studies/{ct.StudyInstanceUID}/series/"
+           f"{ct.SeriesInstanceUID}/instances/{ct.SOPInstanceUID}")
+    png = httpx.get(url + "/rendered", headers={"Accept": "image/png"}, timeout=30)
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(png.content)).size == (ct.Columns, ct.Rows)
+    thumb = httpx.get(url + "/thumbnail?viewport=64,64", timeout=30)
+    assert thumb.headers["content-type"] == "image/jpeg"
+    assert max(Image.open(io.BytesIO(thumb.content)).size) == 64
+
+
+def test_bad_requests_are_refused_naming_the_problem(pas: PasProcess) -> None:
+    base = f"http://127.0.0.1:{pas.http_port}/dicom-web"
+    unknown = httpx.get(f"{base}/studies?NoSuchAttribute=1", timeout=10)
+    assert unknown.status_code == 400 and "NoSuchAttribute" in unknown.json()["detail"]
+    bad_date = httpx.get(f"{base}/studies?StudyDate=yesterday", timeout=10)
+    assert bad_date.status_code == 400 and "StudyDate" in bad_date.json()["detail"]
+    missing = httpx.get(f"{base}/studies/1.2.3.4.5", timeout=10)
+    assert missing.status_code == 404
+    before = _count(pas)
+    boundary = "xyz"
+    body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").encode() + \
+        b"not a dicom file at all" + f"\r\n--{boundary}--\r\n".encode()
+    garbage = httpx.post(f"{base}/studies", content=body, timeout=10, headers={
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+    assert garbage.status_code == 409
+    assert "00081198" in garbage.json()  # FailedSOPSequence
+    assert _count(pas) == before
+    wrong_type = httpx.post(f"{base}/studies", content=b"x", timeout=10,
+                            headers={"Content-Type": "application/json"})
+    assert wrong_type.status_code == 415
+    # Still serving.
+    assert httpx.get(f"{base}/studies", timeout=10).status_code == 200
+
+
+def test_queries_and_retrieves_are_audited(pas: PasProcess, client: DICOMwebClient) -> None:
+    client.search_for_series(search_filters={"Modality": "MR"})
+    conn = sqlite3.connect(pas.home / "pas.sqlite")
+    rows = conn.execute("SELECT event, actor, target, detail FROM audit "
+                        "WHERE event IN ('query', 'retrieve', 'store') ORDER BY id").fetchall()
+    conn.close()
+    assert rows[-1][0] == "query" and "Modality=MR" in rows[-1][2] and "QIDO" in rows[-1][3]
+    assert any(r[0] == "retrieve" and "WADO" in (r[3] or "") for r in rows)
+    assert any(r[0] == "store" and "STOW" in (r[3] or "") for r in rows)
+
+
+def test_bearer_token_required_when_configured(tmp_path: Path) -> None:
+    pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                                        "PAS_PREFETCH__ENABLED": "false",
+                                        "PAS_SERVING__AUTH": "bearer",
+                                        "PAS_SERVING__BEARER_TOKENS": f'["{TOKEN}"]'}).start()
+    try:
+        storescu(next(iter(sorted(CT_DIR.glob("*.dcm")))), pas.port)
+        url = f"http://127.0.0.1:{pas.http_port}/dicom-web"
+        assert httpx.get(f"{url}/studies", timeout=10).status_code == 401
+        assert httpx.get(f"{url}/studies", timeout=10,
+                         headers={"Authorization": "Bearer wrong"}).status_code == 401
+        with pytest.raises(HTTPError):
+            DICOMwebClient(url).search_for_studies()
+        authorised = DICOMwebClient(url, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert len(authorised.search_for_studies()) == 1
+    finally:
+        pas.stop()
