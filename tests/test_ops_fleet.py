@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +22,7 @@ from appliance.store import fleet as fleet_store
 from appliance.store.db import Database
 from appliance.store.hub_schema import HUB_MIGRATIONS
 from tests.support.hub import HubProcess, client, enroll
-from tests.support.peers import MR_DIR, PasProcess, storescu, wait_for
+from tests.support.peers import MR_DIR, ROOT, PasProcess, storescu, wait_for
 
 FILES = sorted(p for p in MR_DIR.rglob("*") if p.is_file())[:20]
 
@@ -192,6 +195,90 @@ def test_monitoring_files_name_only_exported_metrics(fleet: dict[str, Any]) -> N
     referenced = referenced_metric_names()
     assert len(referenced) >= 15
     assert referenced <= exported, sorted(referenced - exported)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Debian's headless Chromium through Debian's chromedriver (Selenium, no downloads)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    profile = tempfile.mkdtemp(prefix="pas-chromium-")
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+                 f"--user-data-dir={profile}",
+                 # The hub's certificate comes from the fleet's private CA; the test does not
+                 # install that CA into a browser profile.
+                 "--ignore-certificate-errors"):
+        options.add_argument(flag)
+    os.environ.setdefault("SE_OFFLINE", "true")
+    driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def _shot(driver: Any, name: str, tmp_path: Path) -> None:
+    """Screenshots go to docs/img/ when PAS_UPDATE_SCREENSHOTS=1, else to the test's folder."""
+    folder = ROOT / "docs" / "img" if os.environ.get("PAS_UPDATE_SCREENSHOTS") else tmp_path
+    folder.mkdir(parents=True, exist_ok=True)
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(driver.get_window_size()["width"], min(max(height, 400), 1600))
+    assert driver.save_screenshot(str(folder / name))
+
+
+def test_browser_status_page_on_a_phone(fleet: dict[str, Any], browser: Any,
+                                        tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    pas: PasProcess = fleet["pas"]
+    browser.set_window_size(412, 915)
+    browser.get(f"http://127.0.0.1:{pas.http_port}/")
+    assert browser.title == "PAS PAS"
+    assert browser.find_element(By.CSS_SELECTOR, "#link .state").text.startswith("up")
+    rows = browser.find_elements(By.CSS_SELECTOR, "#studies tr[data-study-uid]")
+    assert len(rows) == 1
+    assert rows[0].find_element(By.CSS_SELECTOR, ".state").text == "confirmed"
+    assert f"{len(FILES)}/{len(FILES)}" in rows[0].text
+    assert browser.find_element(By.ID, "backlog").text.startswith("Backlog\n0 studies")
+    overflow = browser.execute_script(
+        "return document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"page is {overflow} px wider than a phone screen"
+    table_overflow = browser.execute_script(
+        "const t = document.getElementById('studies');"
+        "return t.scrollWidth - t.parentElement.clientWidth")
+    assert table_overflow <= 0, f"studies table needs {table_overflow} px of sideways scrolling"
+    _shot(browser, "status-page.png", tmp_path)
+
+
+def test_browser_fleet_dashboard_and_site_page(fleet: dict[str, Any], browser: Any,
+                                               tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    hub: HubProcess = fleet["hub"]
+    browser.set_window_size(1280, 800)
+    browser.get(f"{hub.url}/fleet")
+    sites = [r.get_attribute("data-site")
+             for r in browser.find_elements(By.CSS_SELECTOR, "#fleet tr[data-site]")]
+    assert sites == ["SITE-A", "SITE-B"]
+    browser.find_element(By.LINK_TEXT, "disk %").click()  # sort by disk, fullest first
+    sites = [r.get_attribute("data-site")
+             for r in browser.find_elements(By.CSS_SELECTOR, "#fleet tr[data-site]")]
+    assert sites == ["SITE-B", "SITE-A"]
+    row_a = browser.find_element(By.CSS_SELECTOR, 'tr[data-site="SITE-A"]')
+    assert row_a.find_element(By.CSS_SELECTOR, ".state").text == "up"
+    assert row_a.find_element(By.CSS_SELECTOR, ".backlog").text == "0"
+    _shot(browser, "fleet-dashboard.png", tmp_path)
+    row_a.find_element(By.LINK_TEXT, "SITE-A").click()
+    assert browser.find_element(By.TAG_NAME, "h1").text == "SITE-A"
+    assert len(browser.find_elements(By.CSS_SELECTOR, "svg polyline")) == 2
+    assert f"{len(FILES)} instances received" in browser.find_element(By.ID, "facts").text
+    _shot(browser, "fleet-site.png", tmp_path)
 
 
 def test_link_goes_down_when_the_hub_stops(fleet: dict[str, Any], tmp_path: Path) -> None:

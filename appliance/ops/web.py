@@ -43,7 +43,9 @@ th,td{padding:6px;border-bottom:1px solid #eee;text-align:left}
 .up,.confirmed,.delivered{background:#d4f5dc} .down,.failed{background:#fbd5d5}
 .sending{background:#dbe8ff} .received,.stable,.unknown{background:#eee}
 button{padding:6px 12px;border-radius:6px;border:1px solid #888;background:#fff}
-small{color:#666}
+small{color:#666} .card .state{white-space:normal;display:inline-block}
+@media (max-width:600px){.wide{display:none} th,td{padding:4px} td{word-break:break-word}
+ table{font-size:.8em}}
 """
 
 
@@ -72,6 +74,15 @@ def _age(seconds: float | None) -> str:
 
 def _when(timestamp: float | None) -> str:
     return datetime.fromtimestamp(timestamp).strftime("%d/%m %H:%M:%S") if timestamp else "-"
+
+
+def _short_when(timestamp: float | None) -> str:
+    """Time only for today's studies (a phone's width is precious), else day and month."""
+    if not timestamp:
+        return "-"
+    moment = datetime.fromtimestamp(timestamp)
+    same_day = moment.date() == datetime.now().date()
+    return moment.strftime("%H:%M" if same_day else "%d/%m %H:%M")
 
 
 def link_state(daemon: Daemon) -> tuple[str, str]:
@@ -112,15 +123,16 @@ def render_page(daemon: Daemon) -> str:
         f'<div class="card" id="cache">Cache<b>{snapshot["studies"]} studies</b>'
         f"{snapshot['instances']} instances · {snapshot['confirmed_instances']} confirmed</div>",
         "</div>",
-        "<h2>Recent studies</h2><div class=wrap><table id=studies><tr><th>received</th>"
-        "<th>patient</th><th>study</th><th>mod.</th><th>instances</th><th>state</th></tr>",
+        "<h2>Recent studies</h2><div class=wrap><table id=studies><tr><th>time</th>"
+        "<th>patient</th><th>study</th><th class=wide>mod.</th><th>images</th>"
+        "<th>state</th></tr>",
     ]
     for study in studies:
         out.append(
             f"<tr data-study-uid=\"{_esc(study['study_uid'])}\"><td>"
-            f"{_when(study['last_received_at'])}</td><td>{_esc(study['patient_id'])}</td>"
+            f"{_short_when(study['last_received_at'])}</td><td>{_esc(study['patient_id'])}</td>"
             f"<td>{_esc(study['description'] or study['study_uid'])}</td>"
-            f"<td>{_esc(study['modalities'])}</td>"
+            f"<td class=wide>{_esc(study['modalities'])}</td>"
             f"<td>{study['confirmed']}/{study['instances']}</td>"
             f"<td><span class=\"state {study['state']}\">{study['state']}</span></td></tr>")
     if not studies:
