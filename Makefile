@@ -53,5 +53,9 @@ bench-codec: venv
 bench-prefetch: deps-test venv
 	$(PY) bench/prefetch.py $(BENCH_ARGS)
 
+# The hub's own cost on loopback: PUT+commit (embedded, and STOW-RS into Orthanc) vs STOW-RS direct.
+bench-hub: deps-test venv
+	$(PY) bench/hub.py
+
 clean:
 	rm -rf $(VENV) var .pytest_cache
