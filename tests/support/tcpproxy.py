@@ -69,6 +69,9 @@ class TcpProxy:
             with self._lock:
                 self._open.update((client, server))
                 self.connections += 1
+            if not self._up.is_set():  # cut while we were connecting upstream
+                self.cut()
+                continue
             threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
 
@@ -91,8 +94,12 @@ class TcpProxy:
 
 
 def _reset(sock: socket.socket) -> None:
-    """Close with RST instead of FIN: the peer sees the connection die, not end."""
+    """Kill a connection the way a dead link does to the sender: linger 0 (RST on close), and
+    shutdown first, since a close() alone does not wake the pump thread blocked in recv() on
+    this socket (the kernel keeps the socket alive, and silent, until that recv returns)."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
     with contextlib.suppress(OSError):
         sock.close()

@@ -116,7 +116,8 @@ class HubTarget:
                 if receipt is None:
                     raise RuntimeError(f"transfer {transfer_id}: hub says committed, no receipt")
                 break
-            response = self.client.commit(transfer_id)
+            # The hub rebuilds and archives the whole study before answering: keep the lease.
+            response = self._renewing(job, context, self.client.commit, transfer_id)
             if response.status_code == 200:
                 receipt = response.json()
                 break
@@ -171,6 +172,18 @@ class HubTarget:
                 for r in rows
             ],
         }
+
+    def _renewing(self, job: Job, context: SendContext, call: Any, *args: Any) -> Any:
+        """Run a long blocking call (the commit) while renewing the job's lease, so that no
+        other worker takes the job over meanwhile."""
+        renew_every = max(1.0, context.lease_s / 3)
+        with ThreadPoolExecutor(1, thread_name_prefix=f"pas-hub-{job.id}-call") as pool:
+            future = pool.submit(call, *args)
+            while True:
+                try:
+                    return future.result(timeout=renew_every)
+                except TimeoutError:
+                    context.keep_alive(job)
 
     # --- buckets ---------------------------------------------------------------------------
 

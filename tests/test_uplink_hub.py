@@ -1,0 +1,238 @@
+"""The ``hub`` destination end to end, real peers only.
+
+storescu -> PAS (enrolled through the real ``pas enroll``, so the hub is its default route,
+no rule written) -> mutual TLS 1.3 -> ``pas hub run`` (embedded archive, or dicomweb into a
+real Orthanc). Each instance must arrive bit-exact (SHA-256 of the file PAS stored), become
+confirmed from the signed receipt only, and a cut link or a kill -9 of the appliance mid-upload
+must resume the *same* transfer, re-sending no more than the buckets that were in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+
+from tests.support.archived import orthanc_hashes
+from tests.support.hub import HubProcess, enroll
+from tests.support.peers import CT_DIR, MR_DIR, Orthanc, PasProcess, storescu, wait_for
+from tests.support.tcpproxy import TcpProxy
+
+PARALLEL = 3
+
+
+def rows(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    conn.row_factory = sqlite3.Row
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def jobs(pas: PasProcess) -> list[sqlite3.Row]:
+    return rows(pas.home / "pas.sqlite", "SELECT * FROM jobs ORDER BY id")
+
+
+def distinct_uids(folder: Path) -> tuple[set[str], set[str]]:
+    sops, studies = set(), set()
+    for path in folder.glob("*.dcm"):
+        ds = dcmread(path, stop_before_pixels=True)
+        sops.add(str(ds.SOPInstanceUID))
+        studies.add(str(ds.StudyInstanceUID))
+    return sops, studies
+
+
+def stored_hashes(pas: PasProcess) -> dict[str, str]:
+    return {r["sop_instance_uid"]: r["sha256"] for r in
+            rows(pas.home / "pas.sqlite", "SELECT sop_instance_uid, sha256 FROM instances")}
+
+
+def wait_jobs_finished(pas: PasProcess, instances: int, timeout: float = 180
+                       ) -> list[sqlite3.Row]:
+    """Wait until all ``instances`` are received and routed and no job is left to run (a
+    study may get a second, delta job when it looked stable half-way through the send)."""
+    db = pas.home / "pas.sqlite"
+
+    def finished() -> bool:
+        row = rows(db, "SELECT count(*) AS n, count(routed_at) AS routed FROM instances")[0]
+        busy = rows(db, "SELECT count(*) AS n FROM jobs WHERE state IN ('pending', 'running')")
+        return bool(row["n"] == instances == row["routed"] and busy[0]["n"] == 0)
+
+    wait_for(finished, timeout, interval=0.2, what=f"{instances} instances delivered "
+             f"(log {pas.log_path})")
+    return jobs(pas)
+
+
+def enrolled_pas(pas_factory: Any, hub: HubProcess, home: Path, env: dict[str, str] | None = None,
+                 via: TcpProxy | None = None) -> PasProcess:
+    """Enrol ``home`` with the real CLI, optionally point it at the hub through ``via``, and
+    start PAS there with no rule and no fallback: the hub must be the default route."""
+    enroll(hub, home, home.name.upper())
+    if via is not None:  # the same hub name (localhost, in the certificate), another port
+        hub_json = home / "pki" / "hub.json"
+        info = json.loads(hub_json.read_text())
+        info["url"] = f"https://localhost:{via.port}"
+        hub_json.write_text(json.dumps(info))
+    return pas_factory({"PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_QUEUE__BACKOFF_INITIAL_S": "0.3",
+                        "PAS_QUEUE__BACKOFF_MAX_S": "1", "PAS_HUB__PARALLEL_BUCKETS": str(PARALLEL),
+                        # Durable ingest is the ingest tests' subject; here it only costs time.
+                        "PAS_STORAGE__FSYNC": "false",
+                        # One job per study even when storescu stalls on a loaded machine.
+                        "PAS_STUDY__STABLE_AFTER_S": "3",
+                        **(env or {})}, home=home)
+
+
+def hub_transfers(hub: HubProcess) -> list[sqlite3.Row]:
+    return rows(hub.home / "hub.sqlite", "SELECT * FROM transfers")
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
+    process = HubProcess(tmp_path_factory.mktemp("hub-embedded") / "home").init()
+    process.start()
+    yield process
+    process.kill()  # its orderly stop is the hub tests' subject (and takes 15 s here)
+
+
+def test_ct_set_to_embedded_hub_is_confirmed_bit_exact(pas_factory: Any, hub: HubProcess,
+                                                       tmp_path: Path) -> None:
+    pas = enrolled_pas(pas_factory, hub, tmp_path / "site-ct")
+    storescu(CT_DIR, pas.port)
+    sop_uids, study_uids = distinct_uids(CT_DIR)
+    finished = wait_jobs_finished(pas, len(sop_uids))
+    assert {(j["kind"], j["destination"], j["state"]) for j in finished} == {
+        ("hub", "hub", "done")}, [j["last_error"] for j in finished]
+
+    stored = stored_hashes(pas)
+    assert set(stored) == sop_uids
+    archived = {r["sop_instance_uid"]: (r["sha256"], r["path"]) for r in rows(
+        hub.home / "archive" / "pas.sqlite", "SELECT sop_instance_uid, sha256, path "
+        "FROM instances")}
+    for uid, sha in stored.items():
+        recorded, path = archived[uid]
+        data = (hub.home / "archive" / "spool" / path).read_bytes()
+        assert recorded == sha and hashlib.sha256(data).hexdigest() == sha, uid
+    confirmed = rows(pas.home / "pas.sqlite",
+                     "SELECT count(*) AS n FROM instances WHERE confirmed_at IS NOT NULL")
+    assert confirmed[0]["n"] == len(sop_uids)
+
+    status = pas.status()
+    assert status["confirmed_instances"] == len(sop_uids)
+    assert status["links"]["hub"]["state"] == "up"
+    assert not [b for b in status["backlog"] if b["destination"] == "hub"]
+    # One transfer per study, each committed once; compression made the wire smaller.
+    transfers = [t for t in hub_transfers(hub) if t["study_uid"] in study_uids]
+    assert len(transfers) == len(finished)  # one per job (a study, or a late delta of it)
+    assert all(t["receipt"] for t in transfers)
+    progress = [json.loads(j["progress"]) for j in finished]
+    assert sum(p["bytes_sent"] for p in progress) < sum(p["original_bytes_sent"]
+                                                        for p in progress)
+
+
+def _resume_setup(pas_factory: Any, hub: HubProcess, home: Path, proxy: TcpProxy | None
+                  ) -> tuple[PasProcess, int]:
+    """MR set (one study, 520 instances) in small buckets at a capped rate, so that the upload
+    lasts a few seconds and can be interrupted half-way."""
+    pas = enrolled_pas(pas_factory, hub, home, {
+        "PAS_HUB__BUCKET_MB": "1", "PAS_HUB__MAX_MBPS": "12", "PAS_HUB__RETRIES": "1",
+        "PAS_QUEUE__LEASE_S": "6"}, via=proxy)
+    storescu(MR_DIR, pas.port)
+
+    def half_sent() -> int | None:
+        current = jobs(pas)
+        if current and current[0]["progress"]:
+            progress = json.loads(current[0]["progress"])
+            if progress.get("buckets_sent", 0) >= progress["bucket_count"] // 2:
+                return int(progress["bucket_count"])
+        return None
+
+    bucket_count = wait_for(half_sent, 120, interval=0.05, what="half of the buckets sent")
+    return pas, bucket_count
+
+
+def _assert_resumed_once(pas: PasProcess, hub: HubProcess, transfer_id: str) -> None:
+    sop_uids, _ = distinct_uids(MR_DIR)
+    finished = wait_jobs_finished(pas, len(sop_uids))
+    assert finished[0]["state"] == "done", finished[0]["last_error"]
+    assert json.loads(finished[0]["progress"])["transfer_id"] == transfer_id  # same transfer
+    # One worker owned the job to the end (the lease was renewed through the long commit).
+    assert pas.log().count(f"job {finished[0]['id']}: study") == 1
+    assert pas.status()["confirmed_instances"] == len(sop_uids)
+    transfer = rows(hub.home / "hub.sqlite", "SELECT * FROM transfers WHERE id = ?",
+                    (transfer_id,))[0]
+    assert transfer["receipt"] is not None
+    sizes = [r["size"] for r in rows(hub.home / "hub.sqlite",
+                                     "SELECT size FROM buckets WHERE transfer_id = ?",
+                                     (transfer_id,))]
+    assert len(sizes) == transfer["bucket_count"]
+    assert transfer["bytes_stored"] == sum(sizes)
+    # Re-sent: at most the buckets that were on the wire when the link died.
+    resent = transfer["bytes_received"] - transfer["bytes_stored"]
+    assert 0 <= resent <= PARALLEL * max(sizes), (resent, max(sizes))
+    archived = {r["sop_instance_uid"]: r["sha256"] for r in rows(
+        hub.home / "archive" / "pas.sqlite", "SELECT sop_instance_uid, sha256 FROM instances")}
+    for uid, sha in stored_hashes(pas).items():
+        assert archived[uid] == sha, uid
+
+
+def test_cut_link_at_half_resumes_the_same_transfer(pas_factory: Any, hub: HubProcess,
+                                                    tmp_path: Path) -> None:
+    proxy = TcpProxy("127.0.0.1", hub.port).start()
+    try:
+        pas, _count = _resume_setup(pas_factory, hub, tmp_path / "site-cut", proxy)
+        proxy.cut()
+        transfer_id = json.loads(jobs(pas)[0]["progress"])["transfer_id"]
+        wait_for(lambda: pas.status()["links"]["hub"]["state"] == "down", 60,
+                 what="the link to be seen down")
+        assert jobs(pas)[0]["state"] != "done"
+        assert pas.status()["confirmed_instances"] == 0  # nothing confirmed without receipt
+        proxy.restore()
+        _assert_resumed_once(pas, hub, transfer_id)
+        assert pas.status()["links"]["hub"]["state"] == "up"
+    finally:
+        proxy.stop()
+
+
+def test_kill_9_mid_upload_resumes_the_same_transfer(pas_factory: Any, hub: HubProcess,
+                                                     tmp_path: Path) -> None:
+    pas, _count = _resume_setup(pas_factory, hub, tmp_path / "site-kill", None)
+    pas.kill()
+    transfer_id = json.loads(jobs(pas)[0]["progress"])["transfer_id"]
+    held = rows(hub.home / "hub.sqlite", "SELECT count(*) AS n FROM buckets "
+                "WHERE transfer_id = ?", (transfer_id,))[0]["n"]
+    transfer = rows(hub.home / "hub.sqlite", "SELECT * FROM transfers WHERE id = ?",
+                    (transfer_id,))[0]
+    assert 0 < held < transfer["bucket_count"]
+    pas.start()
+    _assert_resumed_once(pas, hub, transfer_id)
+
+
+def test_both_sets_through_dicomweb_hub_arrive_bit_exact_in_orthanc(
+        pas_factory: Any, tmp_path: Path) -> None:
+    orthanc = Orthanc(tmp_path / "orthanc")
+    regional = HubProcess(tmp_path / "hub-dicomweb", {
+        "PAS_HUB_ARCHIVE__KIND": "dicomweb"})
+    try:
+        orthanc.start()
+        regional.env["PAS_HUB_ARCHIVE__URL"] = orthanc.dicomweb
+        regional.init().start()
+        pas = enrolled_pas(pas_factory, regional, tmp_path / "site-web")
+        storescu([CT_DIR, MR_DIR], pas.port)
+        ct_sops, _ = distinct_uids(CT_DIR)
+        mr_sops, _ = distinct_uids(MR_DIR)
+        finished = wait_jobs_finished(pas, len(ct_sops | mr_sops), 300)
+        assert {j["state"] for j in finished} == {"done"}, [j["last_error"] for j in finished]
+        stored = stored_hashes(pas)
+        assert set(stored) == ct_sops | mr_sops
+        assert orthanc_hashes(orthanc) == stored  # downloaded back, each one hashed
+        assert pas.status()["confirmed_instances"] == len(stored)
+    finally:
+        regional.kill()
+        orthanc.stop()
