@@ -125,6 +125,10 @@ class WanLink:
         for ns, local, peer in ((self.site, self.site_ip, self.region_ip),
                                 (self.region, self.region_ip, self.site_ip)):
             _ip("-n", ns.name, "addr", "add", local, "peer", peer, "dev", TUN_NAME)
+            # No IPv6 on the link: its autoconfiguration chatter would cross the shaper.
+            subprocess.run(ns.command(["sysctl", "-q", "-w",
+                                       f"net.ipv6.conf.{TUN_NAME}.disable_ipv6=1"]),
+                           capture_output=True)
             _ip("-n", ns.name, "link", "set", TUN_NAME, "up")
         return self
 

@@ -119,3 +119,33 @@ def run_orthanc_stow(link: WanLink, dataset: Dataset, scratch: Path, timeout: fl
     finally:
         site.stop()
         regional.stop()
+
+
+def run_archive_floor(link: WanLink, dataset: Dataset, scratch: Path, timeout: float) -> Result:
+    """No WAN at all: STOW-RS of the study straight into the regional Orthanc over the control
+    veth. Every peer ends with this archive storing the study, so its own ingest time is a
+    floor no transport can beat; it is reported beside the peers to show what limits them."""
+    regional = regional_orthanc(link, scratch / "region-floor")
+    try:
+        def transfer() -> str:
+            boundary = "pas-bench-floor"
+            parts = [b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n"
+                     + p.read_bytes() + b"\r\n" for p in dataset.files]
+            body = b"".join(parts) + b"--" + boundary.encode() + b"--\r\n"
+            started = time.monotonic_ns()
+            response = httpx.post(
+                f"{regional.dicomweb}/studies", content=body, timeout=timeout,
+                headers={"Content-Type": "multipart/related; type=\"application/dicom\"; "
+                         f"boundary={boundary}", "Accept": "application/dicom+json"})
+            floor_start[0] = started
+            return "" if response.status_code == 200 else f"HTTP {response.status_code}"
+        floor_start = [0]
+        link.reset()
+        note = transfer()
+        wait_for(lambda: stored_count(regional) >= dataset.instances, 60,
+                 what="the study in the regional Orthanc")
+        seconds = (time.monotonic_ns() - floor_start[0]) / 1e9
+        return Result(link.spec, dataset, "archive alone (no WAN)", seconds, 0, 0,
+                      stored_count(regional), note)
+    finally:
+        regional.stop()

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.wan.link import LinkSpec, WanLink
-from bench.wan.peers import Dataset, Result, run_orthanc_stow, run_storescu
+from bench.wan.peers import Dataset, Result, run_archive_floor, run_orthanc_stow, run_storescu
 from bench.wan.validate import Validation, validate
 from tests.support.peers import CT_DIR, MR_DIR
 
@@ -38,7 +38,8 @@ Runner = Callable[[WanLink, Dataset, Path, float], Result]
 
 
 def _peers() -> dict[str, Runner]:
-    peers: dict[str, Runner] = {"storescu": run_storescu, "stow": run_orthanc_stow}
+    peers: dict[str, Runner] = {"storescu": run_storescu, "stow": run_orthanc_stow,
+                                "floor": run_archive_floor}
     try:
         from bench.wan.pas import run_pas
     except ImportError as exc:  # PAS's uplink not importable yet: run the peers alone
@@ -57,7 +58,7 @@ def table(results: list[Result], validations: dict[str, Validation]) -> str:
         v = validations[r.link.name]
         measured = f"rtt {v.rtt_median_ms:.0f} ms, 1 TCP {v.tcp_steady_mbit_s:.1f} Mbit/s"
         same = [o for o in results if o.link == r.link and o.dataset == r.dataset and o.ok]
-        peers = [o for o in same if o.peer != "PAS"]
+        peers = [o for o in same if o.peer != "PAS" and o.wire_up]
         speedup = ""
         if r.peer == "PAS" and r.ok and peers:
             best = min(peers, key=lambda o: o.seconds)
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the 20 Mbit/s link only")
     parser.add_argument("--links", default=",".join(LINKS), help="of: " + ",".join(LINKS))
     parser.add_argument("--sets", default=",".join(SETS), help="of: " + ",".join(SETS))
-    parser.add_argument("--peers", default="storescu,stow,pas")
+    parser.add_argument("--peers", default="storescu,stow,pas,floor")
     parser.add_argument("--timeout", type=float, default=600, help="per transfer, seconds")
     args = parser.parse_args(argv)
     links = ["20"] if args.quick else args.links.split(",")

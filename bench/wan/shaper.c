@@ -126,7 +126,7 @@ static void arrive(direction *d, int is_a2b, unsigned char *buf) {
         memcpy(p->data, buf, (size_t)n);
         if (d->tail) d->tail->next = p; else d->head = p;
         d->tail = p;
-        if (is_a2b) {
+        if (is_a2b && (buf[0] >> 4) == 4) {  /* IPv4 only: stray IPv6 chatter is no transfer */
             if (!first_ns) first_ns = t;
             last_ns = t;
         }
