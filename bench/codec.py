@@ -32,7 +32,6 @@ from appliance.transfer.pack import (  # noqa: E402
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SETS = {"CT": DATA / "ct-covid19-ny-sbu", "MR": DATA / "mr-toshiba-dti"}
 LIMIT = {"CT": "3.3x", "MR": "~11x"}  # DESIGN.md, "lossless limit"
-LINE_MB_S = 100e6 / 8 / 1e6  # a 100 Mbit/s link, in MB/s of payload
 
 
 def load(folder: Path) -> tuple[list[PackItem], dict[str, bytes]]:
@@ -44,17 +43,18 @@ def load(folder: Path) -> tuple[list[PackItem], dict[str, bytes]]:
     return items, originals
 
 
-def per_file_zstd(originals: dict[str, bytes], level: int) -> tuple[int, float]:
+def per_file_zstd(originals: dict[str, bytes], level: int) -> tuple[int, float, float]:
+    """(packed bytes, wall seconds, CPU seconds) compressing each file alone."""
     compressor = zstandard.ZstdCompressor(level=level)
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), time.thread_time()
     packed = sum(len(compressor.compress(data)) for data in originals.values())
-    return packed, time.perf_counter() - start
+    return packed, time.perf_counter() - start, time.thread_time() - cpu0
 
 
-def solid_zstd(originals: dict[str, bytes], level: int) -> tuple[int, float]:
+def solid_zstd(originals: dict[str, bytes], level: int) -> tuple[int, float, float]:
     """zstd over ~6 MiB runs of concatenated files: the bucket without JPEG-LS."""
     compressor = zstandard.ZstdCompressor(level=level)
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), time.thread_time()
     packed, run = 0, bytearray()
     for data in originals.values():
         if run and len(run) + len(data) > DEFAULT_TARGET:
@@ -62,7 +62,16 @@ def solid_zstd(originals: dict[str, bytes], level: int) -> tuple[int, float]:
             run = bytearray()
         run += data
     packed += len(compressor.compress(bytes(run)))
-    return packed, time.perf_counter() - start
+    return packed, time.perf_counter() - start, time.thread_time() - cpu0
+
+
+def row(name: str, label: str, ratio: float, per_cpu_s: float, wall: float, cores: float,
+        unpack: str = "") -> str:
+    """One table line. ``fills``: the link (Mbit/s) whose rate the packer's OUTPUT matches
+    with the appliance's two cores busy packing: 2 x MB/cpu-s / ratio x 8."""
+    fills = 2 * per_cpu_s / ratio * 8
+    return (f"{name:<4}{label:<38}{ratio:>6.2f}x{per_cpu_s:>10.1f}{fills:>10.0f}"
+            f"{wall:>10.1f}{cores:>7.2f}{unpack:>9}")
 
 
 def run_level(items: list[PackItem], level: str, parallel: int) -> dict[str, float]:
@@ -141,39 +150,39 @@ def main() -> None:
           f"cores={os.cpu_count()}  load={os.getloadavg()[0]:.1f}  "
           f"JPEG-LS via {'ctypes (GIL released)' if jls.USING_CTYPES else 'pyjpegls'}")
     print(gil_check())
-    header = (f"{'set':<4}{'method':<38}{'ratio':>7}{'pack MB/s':>11}{'x100Mb/s':>10}"
-              f"{'cores':>7}{'MB/cpu-s':>10}{'unpack MB/s':>13}")
+    header = (f"{'set':<4}{'method':<38}{'ratio':>7}{'MB/cpu-s':>10}{'fills':>10}"
+              f"{'wall MB/s':>10}{'cores':>7}{'unpack':>9}")
     print(header)
+    print(f"{'':<49}{'Mbit/s':>10}{'this run':>10}{'':>7}{'MB/s':>9}")
     print("-" * len(header))
     for name, folder in SETS.items():
         items, originals = load(folder)
         total = sum(len(d) for d in originals.values())
-        for label, (packed, seconds) in (
+        for label, (packed, seconds, cpu) in (
             ("per-file zstd -3 (baseline)", per_file_zstd(originals, 3)),
             ("per-file zstd -19 (baseline)", per_file_zstd(originals, 19)),
             ("solid zstd -3, 6 MiB runs (baseline)", solid_zstd(originals, 3)),
         ):
-            speed = total / seconds / 1e6
-            print(f"{name:<4}{label:<38}{total / packed:>6.2f}x{speed:>11.1f}"
-                  f"{speed / LINE_MB_S:>9.1f}x{'1':>7}{speed:>10.1f}")
+            print(row(name, label, total / packed, total / cpu / 1e6, total / seconds / 1e6,
+                      cpu / seconds))
         for level in args.levels.split(","):
             result = run_level(items, level, args.parallel)
-            speed = result["original"] / result["pack_s"] / 1e6
-            label = f"PAS {level} ({args.parallel} buckets at once)"
-            print(f"{name:<4}{label:<38}{result['original'] / result['packed']:>6.2f}x"
-                  f"{speed:>11.1f}{speed / LINE_MB_S:>9.1f}x{result['cpu']:>7.2f}"
-                  f"{result['original'] / result['cpu_s'] / 1e6:>10.1f}"
-                  f"{result['original'] / result['unpack_s'] / 1e6:>13.1f}"
+            print(row(name, f"PAS {level} ({args.parallel} buckets at once)",
+                      result["original"] / result["packed"],
+                      result["original"] / result["cpu_s"] / 1e6,
+                      result["original"] / result["pack_s"] / 1e6, result["cpu"],
+                      f"{result['original'] / result['unpack_s'] / 1e6:.0f}")
                   + (f"  fallbacks={result['fallback']}" if result["fallback"] else ""))
         print(f"{name:<4}{'lossless limit (DESIGN.md)':<38}{LIMIT[name]:>7}")
         choice = ", ".join(f"{mbps} Mbit/s -> {levels.choose_level(mbps)}"
                            for mbps in (4, 20, 100, 300, 1000))
         print(f"{name:<4}level 'auto' from these measurements: {choice}")
         levels.reset()
-    print("x100Mb/s: packing speed over a 100 Mbit/s line's payload rate (12.5 MB/s); cores: "
-          "CPU seconds per wall second while packing (below 2 = waiting for CPU on a shared "
-          "machine); MB/cpu-s: original MB per CPU-second (PAS: summed over its threads), the "
-          "figure that does not depend on the machine's load. Every file's SHA-256 checked.")
+    print("MB/cpu-s: original MB packed per CPU-second (PAS: summed over its threads), the "
+          "figure that does not depend on the machine's load. fills: the link rate the packed "
+          "output keeps up with on 2 cores (2 x MB/cpu-s / ratio, in Mbit/s; an estimate "
+          "from CPU cost). wall MB/s and cores (CPU-s per wall-s): this run on this shared "
+          "machine. unpack: the hub's side, one thread. Every file's SHA-256 is checked.")
 
 
 if __name__ == "__main__":
