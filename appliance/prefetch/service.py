@@ -61,6 +61,8 @@ class PrefetchService:
         self.stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._mwl_thread: threading.Thread | None = None
+        # How many instance fetches waited for an urgent upload (tests and status read it).
+        self.stepped_aside = 0
         # Requests run side by side (each is mostly round trips: QIDO, then small studies),
         # and their instances share one pool, so the link stays busy on a long RTT.
         self._requests = ThreadPoolExecutor(self.config.parallel,
@@ -311,8 +313,10 @@ class PrefetchService:
     def _fetch_one(self, request_id: int, region: RegionClient,
                    instance: RegionInstance) -> str | None:
         """One instance from the region into the cache; an error string, or None."""
-        while store.urgent_uploads_waiting(self.db) and not self.stopping.is_set():
-            self.stopping.wait(0.5)  # urgent uploads keep the link
+        if store.urgent_uploads_waiting(self.db):
+            self.stepped_aside += 1  # urgent uploads keep the link
+            while store.urgent_uploads_waiting(self.db) and not self.stopping.is_set():
+                self.stopping.wait(0.5)
         try:
             content = region.retrieve_instance(instance)
             received = self.receiver.receive_file(

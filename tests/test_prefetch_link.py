@@ -1,0 +1,77 @@
+"""Downloads share the link with uploads: an urgent upload waiting keeps the WAN for itself.
+
+In-process: a PrefetchService over a temporary store, fetching from a real Orthanc (DICOMweb
+plugin, in its own network namespace) through the real region client. An urgent hub job is
+pending: the fetch finds the prior, then steps aside before the first instance and fetches
+nothing until the job is done; then every instance arrives byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+
+from appliance.config import load_settings
+from appliance.ingest.receive import Receiver
+from appliance.prefetch.service import PrefetchService
+from appliance.store import jobs as job_store
+from appliance.store import prefetch as store
+from appliance.store.db import Database
+from appliance.store.spool import Spool
+from appliance.transfer.region import RegionClient
+from tests.support.peers import CT_DIR, wait_for
+
+
+def test_urgent_upload_keeps_the_link_then_the_prior_arrives(tmp_path: Path,
+                                                              orthanc_factory: Any) -> None:
+    orthanc = orthanc_factory()
+    patient = "A002304"
+    prior = sorted(CT_DIR.glob(f"{patient}_*_19001231-*.dcm"))
+    for path in prior:
+        httpx.post(f"{orthanc.url}/instances", content=path.read_bytes(),
+                   timeout=60).raise_for_status()
+
+    settings = load_settings(environ={"PAS_HOME": str(tmp_path / "pas")})
+    db = Database(settings.db_path)
+    receiver = Receiver(db, Spool(settings.spool_dir, fsync=False))
+    # A local urgent study waiting for the hub (say, a stroke CT).
+    local = receiver.receive_file(Path(get_testdata_file("CT_small.dcm")).read_bytes())
+    study_fk = int(db.query_one("SELECT study_fk FROM instances WHERE id = ?",
+                                (local.instance_id,))["study_fk"])
+    job_store.route_study(db, study_fk, [local.instance_id],
+                          [job_store.NewJob("hub", "hub", 0, "stroke", [local.instance_id])])
+
+    service = PrefetchService(settings, db, receiver,
+                              region_factory=lambda: RegionClient(orthanc.dicomweb))
+    request_id = store.schedule(db, store.NewRequest("manual:t", "manual", patient)).request_id
+    (request,) = store.claim_due(db)
+    worker = threading.Thread(target=service.process, args=(request,))
+    worker.start()
+    try:
+        wait_for(lambda: service.stepped_aside > 0, 30, what="the fetch to step aside")
+        row = store.get_request(db, request_id)
+        assert row is not None and row["studies_found"] == 1
+        assert row["instances_fetched"] == 0  # nothing downloaded while the urgent job waits
+        job = job_store.claim_next(db, "uplink-test", 60)
+        assert job is not None and job.priority == 0
+        job_store.finish(db, job.id, "uplink-test")
+        worker.join(60)
+        assert not worker.is_alive()
+    finally:
+        service.stopping.set()
+        worker.join(10)
+        service.stop()
+    row = store.get_request(db, request_id)
+    assert row is not None and row["state"] == "fetched"
+    assert row["instances_fetched"] == len(prior)
+    held = {r["sha256"]: r["path"] for r in db.query("SELECT sha256, path FROM instances")}
+    for path in prior:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        assert digest in held
+        assert str(dcmread(settings.spool_dir / held[digest]).PatientID) == patient
