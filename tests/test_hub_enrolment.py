@@ -9,6 +9,7 @@ match the token, a hub name the certificate does not cover.
 from __future__ import annotations
 
 import os
+import re
 import ssl
 import stat
 import subprocess
@@ -25,7 +26,7 @@ from cryptography.x509.oid import NameOID
 from appliance.hub.pki import HubPKI
 from appliance.transfer.enrolment import load_enrolment
 from tests.support.hub import HubProcess, client, enroll
-from tests.support.peers import PAS_BIN
+from tests.support.peers import PAS_BIN, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +155,11 @@ def test_a_certificate_from_another_ca_fails_the_handshake(hub: HubProcess,
         # TLS 1.3: the server verifies the client's certificate after the client's side of the
         # handshake finished, so the client sees the connection closed with no HTTP answer.
         http.get("/api/v1/whoami")
+    # Same issuer name as the real CA (a forger's best try): the signature check fails, and
+    # the hub logs the refusal with the certificate presented.
+    refused = re.compile(r"TLS handshake refused \(alert (decrypt_error|unknown_ca|"
+                         r"bad_certificate)\); client certificate: subject CN=CHU-NORD")
+    assert wait_for(lambda: refused.search(hub.log()), 10, what="refusal logged")
     # The same request with this fleet's certificate on the same hub is answered.
     with client(enroll(hub, tmp_path / "real", "CHU-SUD")) as http:
         assert http.get("/api/v1/whoami").json() == {"site": "CHU-SUD"}

@@ -15,13 +15,17 @@ ASGI TLS extension). The app then checks revocation per request, against the dat
 
 from __future__ import annotations
 
+import logging
 import ssl
+import weakref
 from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from appliance.hub.pki import HubPKI
+
+log = logging.getLogger("pas.hub.tls")
 
 
 class PeerCertProtocol(H11Protocol):
@@ -57,4 +61,44 @@ def server_config(app: Any, pki: HubPKI, host: str, port: int,
     config.load()
     assert config.ssl is not None
     config.ssl.minimum_version = ssl.TLSVersion.TLSv1_3
+    config.ssl._msg_callback = _log_refusals  # type: ignore[attr-defined]
     return config
+
+
+# TLS alert descriptions (RFC 8446 6.2) the hub sends when it refuses a handshake.
+ALERTS = {40: "handshake_failure", 42: "bad_certificate", 43: "unsupported_certificate",
+          44: "certificate_revoked", 45: "certificate_expired", 46: "certificate_unknown",
+          48: "unknown_ca", 51: "decrypt_error", 70: "protocol_version",
+          116: "certificate_required"}
+_presented: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def _log_refusals(conn: Any, direction: str, _version: Any, content_type: Any, msg_type: Any,
+                  data: bytes) -> None:
+    """Log every handshake the hub refuses (a certificate from another CA never reaches the
+    app, so this is the only place that can say so), naming the certificate presented.
+
+    Uses the SSL context's message callback (CPython's ``_msg_callback``, the hook behind
+    ``openssl s_server -msg``); it must never raise.
+    """
+    try:
+        if (direction == "read" and int(content_type) == 22 and int(msg_type) == 11
+                and conn not in _presented):
+            _presented[conn] = _first_certificate(data)
+        elif direction == "write" and int(content_type) == 21 and len(data) >= 2 \
+                and data[1] in ALERTS:
+            log.warning("TLS handshake refused (alert %s); client certificate: %s",
+                        ALERTS[data[1]], _presented.get(conn, "none seen"))
+    except Exception:  # noqa: BLE001 - a logging hook must not break TLS
+        return
+
+
+def _first_certificate(message: bytes) -> str:
+    """Subject and issuer of the first certificate in a TLS 1.3 Certificate message."""
+    from cryptography import x509
+
+    context_length = message[4]
+    at = 5 + context_length + 3  # header, request context, certificate_list length
+    length = int.from_bytes(message[at:at + 3], "big")
+    cert = x509.load_der_x509_certificate(message[at + 3:at + 3 + length])
+    return f"subject {cert.subject.rfc4514_string()}, issuer {cert.issuer.rfc4514_string()}"
