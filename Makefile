@@ -8,7 +8,7 @@ PAS := $(VENV)/bin/pas
 TEST_APT := dcmtk orthanc orthanc-dicomweb chromium chromium-driver iproute2 libsystemd-dev pkg-config prometheus
 DEMO_HOME ?= ./var
 
-.PHONY: demo test venv deps-test lint bench-ingest bench-prefetch clean
+.PHONY: demo test venv deps-test lint bench-ingest bench-heartbeat bench-prefetch clean
 
 venv: $(VENV)/.installed
 
@@ -56,6 +56,9 @@ bench-prefetch: deps-test venv
 # The hub's own cost on loopback: PUT+commit (embedded, and STOW-RS into Orthanc) vs STOW-RS direct.
 bench-hub: deps-test venv
 	$(PY) bench/hub.py
+
+bench-heartbeat: deps-test venv
+	$(PY) bench/heartbeat.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
