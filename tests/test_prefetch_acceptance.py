@@ -6,14 +6,16 @@ is enrolled with ``pas enroll``. The older CT study of each of the 10 patients o
 ct-covid19-ny-sbu is loaded into Orthanc with DCMTK storescu; one ORM^O01 per patient goes
 through the ``hl7`` package's MLLP client. Proven: every prior lands in the PAS cache byte for
 byte (SHA-256 of each file equals the original), pinned, marked confirmed and never routed back
-to the region; a duplicate order fetches nothing again; garbage HL7 gets a NAK; then the hub
-and Orthanc stop and the priors are still served from PAS (checked on the spool, since the
-Q/R SCP of the serving issue answers findscu/movescu only once it lands).
+to the region; a duplicate order fetches nothing again; garbage HL7 gets a NAK; a new local
+study triggers its patient's priors; a rule pushes priors to a workstation (DCMTK storescp);
+then the hub and Orthanc stop, findscu on PAS lists every prior and movescu retrieves each one
+with the original dataset bytes. The tests share one region (module scope) and run in order.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -26,9 +28,11 @@ import httpx
 import pytest
 from hl7.client import MLLPClient
 from pydicom import dcmread
+from pydicom.filereader import _read_file_meta_info, read_preamble
 
 from tests.support.peers import (
     CT_DIR,
+    DCMTK_ENV,
     PAS_BIN,
     Orthanc,
     PasProcess,
@@ -109,7 +113,11 @@ def region(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
             assert answer.status_code == 200, answer.text
     token = hub.cli("token", "SITEA").strip()
     workstation = StoreSCP(base / "workstation", ae_title="READING1").start()
+    viewer = StoreSCP(base / "viewer", ae_title="VIEWER").start()
     pas = PasProcess(base / "pas", {
+        # The viewer that retrieves the priors by C-MOVE once the region is gone.
+        "PAS_SERVING__MOVE_DESTINATIONS":
+            f'[{{title = "VIEWER", host = "127.0.0.1", port = {viewer.port}}}]',
         # An MR exam's priors are also pushed to the reading workstation; others stay cached.
         "PAS_DESTINATIONS__WS__KIND": "dicom", "PAS_DESTINATIONS__WS__AE_TITLE": "READING1",
         "PAS_DESTINATIONS__WS__HOST": "127.0.0.1",
@@ -127,10 +135,12 @@ def region(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     wait_for(lambda: port_open("127.0.0.1", hl7_port), 15, what="the HL7 listener")
     try:
         yield {"orthanc": orthanc, "hub": hub, "pas": pas, "priors": priors,
-               "patients": patients, "hl7_port": hl7_port, "workstation": workstation}
+               "patients": patients, "hl7_port": hl7_port, "workstation": workstation,
+               "viewer": viewer}
     finally:
         pas.stop()
         workstation.stop()
+        viewer.stop()
         hub.stop()
         orthanc.stop()
 
@@ -276,20 +286,70 @@ def test_new_local_study_triggers_its_priors_and_a_rule_pushes_them(
     assert len(rows) == 1 and rows[0]["state"] == "fetched"
 
 
-def test_priors_stay_on_site_when_the_region_is_gone(region: dict[str, Any]) -> None:
-    """Hub and Orthanc stop: every prior is still in the cache, bit-exact, and listed."""
+def dataset_bytes(path: Path) -> bytes:
+    """The bytes after the file meta: what travels in a C-STORE (the meta is each writer's)."""
+    data = path.read_bytes()
+    stream = io.BytesIO(data)
+    read_preamble(stream, False)
+    _read_file_meta_info(stream)
+    return data[stream.tell():]
+
+
+def dcmtk(tool: str, port: int, keys: list[str], *extra: str,
+          out: Path | None = None) -> subprocess.CompletedProcess[str]:
+    args = [tool, "-aet", "VIEWER", "-aec", "PAS", "-S", *extra]
+    for key in keys:
+        args += ["-k", key]
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        args += ["-od", str(out)]
+    return subprocess.run([*args, "127.0.0.1", str(port)], env=DCMTK_ENV,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_priors_are_served_by_pas_when_the_region_is_gone(region: dict[str, Any],
+                                                          tmp_path: Path) -> None:
+    """Hub and Orthanc stop: findscu on PAS lists every prior, movescu retrieves each one
+    with the original dataset bytes, and the cache files are still bit-exact."""
     pas: PasProcess = region["pas"]
     region["hub"].stop()
     region["orthanc"].stop()
+    priors = {str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID): files
+              for _, files in region["priors"].values()}
+
+    found = dcmtk("findscu", pas.port, ["QueryRetrieveLevel=STUDY", "PatientID=A*",
+                                        "StudyInstanceUID=", "NumberOfStudyRelatedInstances="],
+                  "-X", out=tmp_path / "find")
+    assert found.returncode == 0, found.stderr[-2000:]
+    answers = {str(d.StudyInstanceUID): d for d in
+               (dcmread(p) for p in (tmp_path / "find").glob("rsp*.dcm"))}
+    assert set(priors) <= set(answers)
+    viewer: StoreSCP = region["viewer"]
+    for study_uid, files in priors.items():
+        assert int(answers[study_uid].NumberOfStudyRelatedInstances) == \
+            len({sha256(p) for p in files})
+        moved = dcmtk("movescu", pas.port, ["QueryRetrieveLevel=STUDY",
+                                            f"StudyInstanceUID={study_uid}"], "-aem", "VIEWER")
+        assert moved.returncode == 0, moved.stderr[-2000:]
+    originals = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID):
+                 hashlib.sha256(dataset_bytes(p)).hexdigest()
+                 for files in priors.values() for p in files}
+
+    def received() -> dict[str, str]:
+        got = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID):
+               hashlib.sha256(dataset_bytes(p)).hexdigest() for p in viewer.files()}
+        return got if len(got) >= len(originals) else {}
+
+    assert wait_for(received, 60, what="every prior moved to VIEWER") == originals
+
     studies = {s["study_uid"]: s for s in json.loads(pas.cli("studies", "--json").stdout)}
     import sqlite3
 
     with sqlite3.connect(pas.home / "pas.sqlite") as conn:
         held = {row[0]: row[1] for row in conn.execute(
             "SELECT sha256, path FROM instances WHERE is_current = 1")}
-    for _, files in region["priors"].values():
-        uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-        assert studies[uid]["origin"] == "regional"
+    for study_uid, files in priors.items():
+        assert studies[study_uid]["origin"] == "regional"
         for path in files:
             digest = sha256(path)
             assert sha256(pas.home / "spool" / held[digest]) == digest
