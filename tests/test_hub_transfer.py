@@ -118,6 +118,21 @@ def test_whole_mr_study_arrives_bit_exact_with_a_signed_receipt(
     status = _status(http, shipment)
     assert status["committed"] and status["bytes_stored"] == sum(map(len, shipment.buckets))
 
+    # The region read back through the hub (embedded archive: the serving DICOMweb routes).
+    qido = http.get("/api/v1/region/dicom-web/studies", params={"StudyInstanceUID": study_uid})
+    assert qido.status_code == 200, qido.text
+    assert qido.json()[0]["0020000D"]["Value"] == [study_uid]
+    row = rows[0]
+    series_uid = str(dcmread(hub.home / "archive" / "spool" / row["path"],
+                             stop_before_pixels=True).SeriesInstanceUID)
+    wado = http.get(f"/api/v1/region/dicom-web/studies/{study_uid}/series/{series_uid}/"
+                    f"instances/{row['sop_instance_uid']}",
+                    headers={"Accept": 'multipart/related; type="application/dicom"; '
+                             'transfer-syntax=*'})
+    assert wado.status_code == 200, wado.text[:300]
+    assert (hub.home / "archive" / "spool" / row["path"]).read_bytes() in wado.content
+    assert http.post("/api/v1/region/dicom-web/studies", content=b"x").status_code == 405
+
 
 def test_same_id_with_another_manifest_is_409(http: httpx.Client, small: Shipment) -> None:
     assert http.post("/api/v1/transfers", json=small.manifest).status_code == 201

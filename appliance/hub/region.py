@@ -1,8 +1,9 @@
 """Reading the region: ``GET /api/v1/region/dicom-web/{path}``, QIDO-RS and WADO-RS, read-only.
 
 Owns: forwarding GETs (query string and ``Accept`` kept) to the archive's DICOMweb root and
-streaming the answer back. May not touch: anything that writes. The ``embedded`` archive
-answers 501 until a DICOMweb app over (Database, Spool) exists to mount here.
+streaming the answer back. May not touch: anything that writes. With the ``embedded``
+archive, the serving engineer's DICOMweb routes (``appliance.serving.dicomweb``) are mounted
+over the archive's (Database, Spool), read-only (no STOW receiver: POST is 405).
 """
 
 from __future__ import annotations
@@ -20,11 +21,18 @@ from appliance.hub.app import problem
 if TYPE_CHECKING:
     from appliance.hub.app import Hub
 
+PREFIX = "/api/v1/region/dicom-web"
 PASSED_HEADERS = ("content-type", "content-length", "content-encoding", "etag", "last-modified")
 
 
 def region_routes(hub: Hub) -> list[BaseRoute]:
     archive = hub.settings.archive
+    embedded = getattr(hub.archive, "spool", None)
+    if archive.kind == "embedded" and embedded is not None:
+        from appliance.serving.dicomweb import build_dicomweb_routes
+
+        return build_dicomweb_routes(hub.archive.db, embedded,  # type: ignore[attr-defined]
+                                     receiver=None, prefix=PREFIX)
     client = httpx.AsyncClient(timeout=archive.timeout_s) if archive.kind == "dicomweb" else None
 
     async def proxy(request: Request) -> Response:
@@ -47,4 +55,4 @@ def region_routes(hub: Hub) -> list[BaseRoute]:
         return StreamingResponse(answer.aiter_raw(), status_code=answer.status_code,
                                  headers=passed, background=BackgroundTask(answer.aclose))
 
-    return [Route("/api/v1/region/dicom-web/{path:path}", proxy, methods=["GET"])]
+    return [Route(PREFIX + "/{path:path}", proxy, methods=["GET"])]
