@@ -135,7 +135,12 @@ class Daemon:
         self.router.on_stable.append(self.prefetch.on_study_stable)
         if self.settings.hl7.enabled:
             self.hl7 = Hl7Listener(self.settings.hl7, self.prefetch.handle_hl7)
-            self.hl7.start()
+            try:
+                self.hl7.start()
+            except OSError as exc:
+                # Images come first: the DICOM side keeps serving; the RIS feed is reported.
+                log.error("%s; HL7 orders are not received (check hl7.host / hl7.port)", exc)
+                self.hl7 = None
 
     def _spawn(self, name: str, target: Any) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)

@@ -189,3 +189,20 @@ def test_manual_request_and_list(pas_hl7: PasProcess) -> None:
     assert "prefetch requests" in table
     bad = pas_hl7.cli("prefetch", "patient", " ", check=False)
     assert bad.returncode == 2 and "PATIENT_ID" in bad.stderr
+
+
+def test_hl7_port_taken_is_reported_and_dicom_keeps_serving(
+        pas_factory: Any, tmp_path: Any) -> None:
+    """A bad hl7.port (already in use) names the problem; images are still received."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        pas = pas_factory({"PAS_HL7__PORT": str(port), "PAS_DICOM__ACCEPT_UNKNOWN": "true"})
+        wait_for(lambda: f"HL7 listener cannot listen on 127.0.0.1:{port}" in pas.log(), 15,
+                 what="the HL7 bind error in the log")
+        from tests.support.peers import CT_DIR, storescu
+
+        one = sorted(CT_DIR.glob("*.dcm"))[0]
+        storescu([one], pas.port)
+        assert pas.status()["instances"] == 1
