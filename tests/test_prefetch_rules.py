@@ -164,3 +164,36 @@ def test_failed_attempts_end_in_failed_and_restart_recovers(tmp_path: Path) -> N
     (claimed,) = store.claim_due(db)
     assert store.fail_attempt(db, claimed["id"], "boom", max_attempts=3, retry_at=0) == "failed"
     assert store.claim_due(db) == []
+
+
+def test_outside_the_wan_windows_a_due_request_waits_for_the_next_opening(
+        tmp_path: Path) -> None:
+    """No region is touched: the request is deferred before any network use."""
+    from appliance.ingest.receive import Receiver
+    from appliance.prefetch.service import PrefetchService
+    from appliance.store.spool import Spool
+
+    now = dt.datetime.now()
+    opening = (now + dt.timedelta(hours=2)).strftime("%H:%M")
+    closing = (now + dt.timedelta(hours=3)).strftime("%H:%M")
+    settings = load_settings(environ={
+        "PAS_HOME": str(tmp_path),
+        "PAS_PREFETCH__WINDOWS": f'[{{start = "{opening}", end = "{closing}"}}]'})
+    db = Database(settings.db_path)
+
+    def no_region() -> None:
+        raise AssertionError("the region must not be contacted outside the windows")
+
+    service = PrefetchService(settings, db, Receiver(db, Spool(settings.spool_dir)),
+                              region_factory=no_region)  # type: ignore[arg-type]
+    store.schedule(db, store.NewRequest("manual:W", "manual", "W"))
+    (request,) = store.claim_due(db)
+    service.process(request)
+    row = store.get_request(db, request["id"])
+    assert row is not None and row["state"] == "pending" and row["attempts"] == 0
+    assert "outside the WAN windows" in row["last_error"]
+    expected = dt.datetime.combine(now.date(), dt.time.fromisoformat(opening))
+    if expected <= now:
+        expected += dt.timedelta(days=1)
+    assert row["next_attempt_at"] == expected.timestamp()
+    service.stop()
