@@ -206,3 +206,7 @@ def test_hl7_port_taken_is_reported_and_dicom_keeps_serving(
         one = sorted(CT_DIR.glob("*.dcm"))[0]
         storescu([one], pas.port)
         assert pas.status()["instances"] == 1
+        # Not enrolled, no DICOMweb region: a new study schedules no prefetch that could
+        # only fail.
+        wait_for(lambda: "stable: 1 instances" in pas.log(), 30, what="the study routed")
+        assert requests(pas) == []

@@ -131,6 +131,8 @@ class PrefetchService:
         """A local study became stable: fetch that patient's priors for the reading station."""
         if not (self.config.enabled and self.config.on_arrival):
             return
+        if self.region() is None:
+            return  # no hub enrolled and no DICOMweb region: nothing could be fetched
         study = store.study_patient(self.db, study_fk)
         if study is None or study["origin"] != "local" or not study["patient_id"]:
             return
