@@ -359,3 +359,38 @@ def test_mutated_payloads_give_pieces_or_a_clear_error(position: int, value: int
     except BucketFormatError:
         return
     assert all(len(p.data) <= p.total_size for p in pieces)
+
+
+def band_dtypes(payload: bytes) -> list[str]:
+    (length,) = struct.unpack_from(">I", payload, 6)
+    header = json.loads(payload[10 : 10 + length])
+    return [seg[6] for entry in header["entries"] for seg in entry["segs"] if seg[0] == 1]
+
+
+def test_layout_of_a_same_size_file_is_reused_only_when_its_header_matches(
+        tmp_path: Path) -> None:
+    """A series' files share one pydicom parse; a file of the same size whose geometry
+    differs (8-bit 96x256 vs 16-bit 96x128: same byte count) is parsed on its own."""
+    rng = np.random.default_rng(3)
+    smooth = np.cumsum(rng.integers(-2, 3, (96, 256)), axis=1)
+    paths = [
+        write_dicom(tmp_path / "a.dcm", (smooth[:, :128] + 900).astype("<u2"), bits_stored=12,
+                    signed=False),
+        write_dicom(tmp_path / "b.dcm", (smooth[:, ::-1][:, :128] + 700).astype("<u2"),
+                    bits_stored=12, signed=False),
+        write_dicom(tmp_path / "c.dcm", (smooth % 200).astype("u1"), bits_stored=8,
+                    signed=False),
+    ]
+    for path in paths:  # equal UID lengths so that the three files have one size
+        ds = pydicom.dcmread(path)
+        uid = "1.2.3.4." + path.stem.encode().hex()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+        ds.save_as(path, enforce_file_format=True)
+    assert len({p.stat().st_size for p in paths}) == 1
+    items = [item_for(p) for p in paths]
+    payloads = [pack_bucket(plan_buckets([item])[0])[0] for item in items]
+    assert [band_dtypes(p) for p in payloads] == [["<u2"], ["<u2"], ["u1"]]
+    rebuilt, stats, _ = round_trip(items)
+    assert_exact(items, rebuilt)
+    assert stats["jpegls"] == sum(i.size for i in items) - sum(
+        pack._pixel_layout(i.path, i.size).start for i in items)

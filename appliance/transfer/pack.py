@@ -153,11 +153,22 @@ class _PixelLayout:
     dtype: str
 
 
-def _pixel_layout(path: Path) -> _PixelLayout | None:
+_GEOMETRY_TAGS = (0x00280002, 0x00280006, 0x00280010, 0x00280011, 0x00280100, 0x00280103)
+# Byte spans (file offset, bytes) that, found identical in another file of the same size,
+# show it has the same layout: the element headers and values of the geometry attributes
+# and the Pixel Data element's header.
+_Evidence = tuple[tuple[int, bytes], ...]
+_LAYOUT_CACHE: dict[int, list[tuple[_PixelLayout, _Evidence]]] = {}
+_LAYOUT_CACHE_LOCK = threading.Lock()
+_LAYOUT_CACHE_SIZES = 64
+_LAYOUTS_PER_SIZE = 4
+
+
+def _parse_layout(path: Path) -> tuple[_PixelLayout, _Evidence] | None:
     """Read only the header (pixel data deferred) and describe the native pixel data, or None
-    when there is none that JPEG-LS can carry (encapsulated, float, 1 or 32 bits, unreadable).
-    Correctness never depends on this: a wrong guess only costs compression, since every band
-    is verified."""
+    when there is none that JPEG-LS can carry (encapsulated, deflated, float, 1 or 32 bits,
+    unreadable). Correctness never depends on this: a wrong guess only costs compression,
+    since every band is verified."""
     import pydicom
     from pydicom.tag import Tag
 
@@ -168,17 +179,15 @@ def _pixel_layout(path: Path) -> _PixelLayout | None:
             return None
         if raw.length in (0, 0xFFFFFFFF):
             return None
+        raws = [ds.get_item(Tag(tag), keep_deferred=True) for tag in _GEOMETRY_TAGS]
         tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
         big_endian = str(tsyntax) == "1.2.840.10008.1.2.2" if tsyntax else not raw.is_little_endian
         if tsyntax is not None and str(tsyntax) not in (
             "1.2.840.10008.1.2",
             "1.2.840.10008.1.2.1",
             "1.2.840.10008.1.2.2",
-            "1.2.840.10008.1.2.1.99",
         ):
-            return None
-        if str(tsyntax) == "1.2.840.10008.1.2.1.99":
-            return None  # deflated: the value offset is not a file offset
+            return None  # compressed, or deflated (value offsets are not file offsets)
         bits = int(ds.BitsAllocated)
         columns = int(ds.Columns)
         rows = int(ds.Rows)
@@ -196,7 +205,48 @@ def _pixel_layout(path: Path) -> _PixelLayout | None:
     length = (raw.length // row_bytes) * row_bytes
     if length == 0:
         return None
-    return _PixelLayout(int(raw.value_tell), length, row_bytes, columns, comps, dtype)
+    start = int(raw.value_tell)
+    spans = [(start - (8 if raw.is_implicit_VR else 12), start)]
+    for element in raws:
+        tell = getattr(element, "value_tell", None)
+        if tell is not None and element.length <= 64:
+            spans.append((tell - 8, tell + element.length))
+    if min(begin for begin, _ in spans) < 0:
+        return None
+    try:
+        with open(path, "rb") as handle:
+            evidence = []
+            for begin, end in spans:
+                handle.seek(begin)
+                evidence.append((begin, handle.read(end - begin)))
+    except OSError:
+        return None
+    return _PixelLayout(start, length, row_bytes, columns, comps, dtype), tuple(evidence)
+
+
+def _pixel_layout(path: Path, size: int, head: bytes | None = None) -> _PixelLayout | None:
+    """The layout of ``path``. When the file's first bytes are at hand (``head``), a layout
+    seen in another file of the same size is reused if every byte of its evidence is the same
+    here: a series' instances share their structure, and pydicom's parse of an 80 kB header
+    costs more than packing it. A wrong reuse could only cost compression (bands are
+    verified), and the evidence makes it implausible."""
+    if head is not None:
+        with _LAYOUT_CACHE_LOCK:
+            known = list(_LAYOUT_CACHE.get(size, ()))
+        for layout, evidence in known:
+            if all(head[begin : begin + len(data)] == data for begin, data in evidence):
+                return layout
+    parsed = _parse_layout(path)
+    if parsed is None:
+        return None
+    with _LAYOUT_CACHE_LOCK:
+        if size not in _LAYOUT_CACHE and len(_LAYOUT_CACHE) >= _LAYOUT_CACHE_SIZES:
+            _LAYOUT_CACHE.pop(next(iter(_LAYOUT_CACHE)))
+        entries = _LAYOUT_CACHE.setdefault(size, [])
+        if parsed not in entries:
+            entries.insert(0, parsed)
+            del entries[_LAYOUTS_PER_SIZE:]
+    return parsed[0]
 
 
 # ---------------------------------------------------------------------------------------
@@ -373,7 +423,9 @@ def pack_bucket(plan: BucketPlan, level: str = "default") -> tuple[bytes, dict[s
         data = _read_range(item, offset, length)
         if offset == 0 and length == item.size:
             _check_whole_file(item, data)
-        layout = _pixel_layout(item.path) if use_jls and length >= MIN_BAND_BYTES else None
+        layout = None
+        if use_jls and length >= MIN_BAND_BYTES:
+            layout = _pixel_layout(item.path, item.size, data if offset == 0 else None)
         segs: list[list[Any]] = []
         for start, end, is_band in _split_piece(data, offset, layout):
             if is_band and layout is not None:
