@@ -5,10 +5,11 @@ PY := $(VENV)/bin/python
 PAS := $(VENV)/bin/pas
 # Debian packages the tests use as real peers (DCMTK as modality/viewer, Orthanc as the
 # regional PACS, Chromium for pages).
-TEST_APT := dcmtk orthanc orthanc-dicomweb chromium chromium-driver iproute2 libsystemd-dev pkg-config prometheus
+TEST_APT := dcmtk orthanc orthanc-dicomweb chromium chromium-driver iproute2 libsystemd-dev pkg-config prometheus \
+	debootstrap qemu-system-x86 qemu-utils e2fsprogs vagrant vagrant-libvirt
 DEMO_HOME ?= ./var
 
-.PHONY: demo test venv deps-test lint bench-ingest bench-heartbeat bench-prefetch clean
+.PHONY: demo test venv deps-test lint image box bench-ingest bench-heartbeat bench-prefetch clean
 
 venv: $(VENV)/.installed
 
@@ -45,6 +46,11 @@ bench-ingest: deps-test venv
 bench-wan: deps-test venv
 	$(PY) -m bench.wan.run $(BENCH_ARGS)
 
+# PAS alone on the emulated WAN: 30 s outage mid-CT, hub.max_mbps held over 60 s, peak RSS
+# sending a ~2 GB study (BENCH_ARGS="outage" or "cap" or "memory --big-gb 1" to pick).
+bench-wan-scenarios: deps-test venv
+	$(PY) -m bench.wan.scenarios $(BENCH_ARGS)
+
 # Packing (JPEG-LS + solid zstd) ratio and speed per level on the CT and MR sets, with baselines.
 bench-codec: venv
 	$(PY) bench/codec.py $(BENCH_ARGS)
@@ -60,5 +66,13 @@ bench-hub: deps-test venv
 bench-heartbeat: deps-test venv
 	$(PY) bench/heartbeat.py
 
+# The appliance image (root): Debian 12 minimal + PAS under /opt/pas; see image/README.md.
+image: deps-test
+	bash image/build.sh image/out
+
+# The image as a Vagrant box (libvirt provider) for the Vagrantfile's three machines.
+box: image
+	bash image/box.sh image/out
+
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) var .pytest_cache image/out

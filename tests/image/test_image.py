@@ -1,0 +1,93 @@
+"""The appliance image: built by image/build.sh, booted under qemu/KVM, answering C-ECHO.
+
+The image is built once per source state (a hash of image/, appliance/ and pyproject.toml)
+into a cache folder, since a build takes minutes; a changed source builds anew. The boot uses
+a copy-on-write overlay, user-mode networking restricted to a port forward on loopback (the
+guest reaches nothing else), and the seed through qemu's fw_cfg, as a hypervisor would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.peers import DCMTK_ENV, ROOT, free_port, wait_for
+
+CACHE = Path(os.environ.get("PAS_IMAGE_CACHE", "/var/cache/pas-image-test"))
+
+
+def source_hash() -> str:
+    digest = hashlib.sha256()
+    files = [ROOT / "pyproject.toml", *sorted((ROOT / "image").rglob("*")),
+             *sorted((ROOT / "appliance").rglob("*.py")), *sorted((ROOT / "config").glob("*"))]
+    for path in files:
+        if path.is_file() and "out" not in path.relative_to(ROOT).parts:
+            digest.update(str(path.relative_to(ROOT)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@pytest.fixture(scope="module")
+def image() -> Path:
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        pytest.skip("no /dev/kvm on this machine: the image boot test needs KVM")
+    out = CACHE / source_hash()
+    if not (out / "vmlinuz").exists():
+        shutil.rmtree(out, ignore_errors=True)
+        result = subprocess.run(["bash", str(ROOT / "image" / "build.sh"), str(out)],
+                                capture_output=True, text=True, timeout=1500)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        shutil.rmtree(out / "work", ignore_errors=True)  # keep only what boots
+        for old in CACHE.iterdir():
+            if old != out:
+                shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+@pytest.fixture
+def booted(image: Path, tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    [raw] = image.glob("pas-appliance-*.raw")
+    overlay = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(raw), "-F", "raw",
+                    str(overlay)], check=True)
+    seed = tmp_path / "seed.toml"
+    seed.write_text('site = "image-test"\nae_title = "PAS"\nknown_aes = ["ECHOSCU"]\n')
+    port = free_port()
+    console = tmp_path / "console.log"
+    vm = subprocess.Popen([
+        "qemu-system-x86_64", "-enable-kvm", "-m", "1024", "-smp", "1", "-nographic",
+        "-kernel", str(image / "vmlinuz"), "-initrd", str(image / "initrd.img"),
+        "-append", "root=/dev/vda rw console=ttyS0 quiet systemd.show_status=1",
+        "-drive", f"file={overlay},format=qcow2,if=virtio",
+        "-nic", f"user,model=virtio-net-pci,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:11112",
+        "-fw_cfg", f"name=opt/pas/seed,file={seed}",
+        "-serial", f"file:{console}", "-monitor", "none", "-display", "none",
+    ], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        yield port, console
+    finally:
+        vm.kill()
+        vm.wait(30)
+
+
+def echo(port: int, calling: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["echoscu", "-aet", calling, "-aec", "PAS", "127.0.0.1", str(port)],
+                          env=DCMTK_ENV, capture_output=True, text=True, timeout=30)
+
+
+def test_image_boots_to_ready_and_answers_c_echo(booted: tuple[int, Path]) -> None:
+    port, console = booted
+    wait_for(lambda: echo(port, "ECHOSCU").returncode == 0, 240, interval=2,
+             what=f"C-ECHO from the booted image (console: {console})")
+    log = console.read_text(errors="replace")
+    assert "pas-firstboot: seed from /sys/firmware/qemu_fw_cfg" in log, log[-3000:]
+    assert "Started pas.service" in log  # Type=notify: printed once READY=1 arrived
+    # The seed's AE policy is in force: an AE it does not list is rejected.
+    refused = echo(port, "STRANGER")
+    assert refused.returncode != 0 and "Association Rejected" in refused.stderr

@@ -1,0 +1,53 @@
+"""Upgrades: an old database, the new version, migrations run, nothing lost."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from appliance.store import index
+from appliance.store import jobs as job_store
+from appliance.store.db import Database
+from appliance.store.index import InstanceRecord, StoredFile
+from appliance.store.schema import MIGRATIONS
+from tests.support.peers import PasProcess
+
+
+def test_a_version_1_database_is_migrated_with_nothing_lost(tmp_path: Path) -> None:
+    home = tmp_path / "pas"
+    old = Database(home / "pas.sqlite", migrations=MIGRATIONS[:1])  # the first release
+    ids = []
+    for n in range(5):
+        record = InstanceRecord(f"1.2.9.{n}", "1.2.840.10008.5.1.4.1.1.2",
+                                "1.2.840.10008.1.2.1", "1.2.9", "1.2.9.100", patient_id="P1",
+                                patient_name="DOE^JANE", modality="CT")
+        ids.append(index.record_instance(old, record, StoredFile(f"aa/{n}.dcm", 100,
+                                                                 f"{n:064d}")).instance_id)
+    job_store.route_study(old, 1, ids, [job_store.NewJob("dicom", "pacs", 0, "r", ids)])
+    job_store.confirm_instances(old, [("1.2.9.0", f"{0:064d}")])
+    before = index.totals(old)
+    old.close()
+    assert len(MIGRATIONS) > 1, "nothing to migrate: this test needs a later migration"
+
+    pas = PasProcess(home, {"PAS_HTTP__ENABLED": "false"})
+    status = pas.status()  # the new version opens it: migrations run
+    new = Database(home / "pas.sqlite")
+    assert new.schema_version() == len(MIGRATIONS)
+    for key in ("instances", "studies", "patients", "bytes", "confirmed_instances"):
+        assert status[key] == before[key], key
+    assert status["jobs"] == {"pending": 1}
+    assert [r["sop_instance_uid"] for r in job_store.job_files(new, 1)] == [
+        f"1.2.9.{n}" for n in range(5)]
+    new.close()
+
+
+def test_an_older_version_refuses_a_newer_database(tmp_path: Path) -> None:
+    path = tmp_path / "pas.sqlite"
+    Database(path).close()
+    with pytest.raises(RuntimeError, match="newer than this software knows"):
+        Database(path, migrations=MIGRATIONS[:1])
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    conn.close()
