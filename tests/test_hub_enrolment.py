@@ -187,3 +187,24 @@ def test_tls_below_1_3_is_refused(hub: HubProcess) -> None:
     with (httpx.Client(base_url=hub.url, verify=context) as http,
           pytest.raises(httpx.TransportError)):
         http.get("/healthz")
+
+
+def test_bad_hub_configuration_is_refused_naming_the_key(tmp_path: Path) -> None:
+    hub = HubProcess(tmp_path / "hub").init()
+    hub.env["PAS_HUB_HTTP__PORT"] = "0"
+    result = hub.cli("run", check=False)
+    assert result.returncode == 2 and "http.port: must be 1-65535, got 0" in result.stderr
+    (hub.home / "hub.toml").write_text('[archive]\nkind = "dicomweb"\nspeed = 3\n')
+    hub.env["PAS_HUB_HTTP__PORT"] = "8443"
+    result = hub.cli("run", check=False)
+    assert result.returncode == 2
+    assert "archive.speed: unknown key" in result.stderr
+    (hub.home / "hub.toml").write_text('[archive]\nkind = "dicomweb"\n')
+    result = hub.cli("run", check=False)
+    assert result.returncode == 2
+    assert "archive: url is required when kind is 'dicomweb'" in result.stderr
+
+
+def test_enroll_refuses_a_plain_http_hub_url(tmp_path: Path) -> None:
+    result = _pas_enroll(tmp_path, "http://127.0.0.1:9", "A." + "b" * 20 + "." + "0" * 64)
+    assert result.returncode == 1 and "must start with https://" in result.stderr

@@ -22,7 +22,7 @@ from appliance.hub.pki import verify_receipt
 from appliance.transfer.client import verify_receipt as uplink_verify_receipt
 from appliance.transfer.enrolment import Enrolment
 from tests.support.hub import HubProcess, Shipment, client, enroll, pack_items, ship
-from tests.support.peers import MR_DIR
+from tests.support.peers import CT_DIR, MR_DIR
 
 MAX_BUCKET = 4 * 1024 * 1024
 
@@ -190,20 +190,25 @@ def test_a_bucket_replayed_into_another_transfer_or_index_is_rejected(
 
 
 def test_a_manifest_sha256_that_does_not_match_fails_the_commit_naming_the_instance(
-        hub: HubProcess, http: httpx.Client, small: Shipment) -> None:
-    wrong = small.manifest["instances"][3]
+        hub: HubProcess, site: Enrolment, http: httpx.Client) -> None:
+    from pydicom import dcmread
+
+    files = sorted(p for p in CT_DIR.rglob("*") if p.is_file())[:4]  # not archived elsewhere
+    study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    shipment = ship(pack_items(files), site.hub_transfer_key, 1 << 20, study_uid)
+    wrong = shipment.manifest["instances"][2]
     wrong["sha256"] = hashlib.sha256(b"not this file").hexdigest()
-    assert http.post("/api/v1/transfers", json=small.manifest).status_code == 201
-    assert small.put_all(http) == [201] * len(small.buckets)
-    answer = http.post(small.url + "/commit")
+    assert http.post("/api/v1/transfers", json=shipment.manifest).status_code == 201
+    assert shipment.put_all(http) == [201] * len(shipment.buckets)
+    answer = http.post(shipment.url + "/commit")
     assert answer.status_code == 422, answer.text
     body = answer.json()
     assert body["error"] == "sha256_mismatch"
     assert [m["sop_instance_uid"] for m in body["mismatch"]] == [wrong["sop_instance_uid"]]
-    assert body["mismatch"][0]["actual"] == small.originals[wrong["sop_instance_uid"]]
+    assert body["mismatch"][0]["actual"] == shipment.originals[wrong["sop_instance_uid"]]
     assert wrong["sop_instance_uid"] in body["detail"]
-    assert http.get(small.url + "/receipt").status_code == 404
-    assert _archive_rows(hub, small.manifest["study_uid"]) == []
+    assert http.get(shipment.url + "/receipt").status_code == 404
+    assert _archive_rows(hub, study_uid) == []  # nothing of the study was archived
     assert "commit refused" in hub.log()
 
 
@@ -297,3 +302,17 @@ def test_acknowledged_buckets_survive_kill_9_of_the_hub(
         answer = http.post(small.url + "/commit")
         assert answer.status_code == 200, answer.text
         assert len(answer.json()["instances"]) == 20
+
+
+def test_two_commits_at_once_give_one_receipt_and_one_copy(
+        hub: HubProcess, site: Enrolment, small: Shipment) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with client(site) as http:
+        http.post("/api/v1/transfers", json=small.manifest)
+        small.put_all(http)
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda _: http.post(small.url + "/commit"), range(2)))
+    assert [a.status_code for a in answers] == [200, 200]
+    assert answers[0].json() == answers[1].json()
+    assert hub.log().count(f"transfer {small.transfer_id} committed") == 1
