@@ -63,6 +63,10 @@ bench-prefetch: deps-test venv
 bench-hub: deps-test venv
 	$(PY) bench/hub.py
 
+# C-FIND latency on 100,000 synthesized studies; C-FIND and C-MOVE next to Orthanc (root).
+bench-qr: deps-test venv
+	$(PY) bench/qr.py $(BENCH_ARGS)
+
 bench-heartbeat: deps-test venv
 	$(PY) bench/heartbeat.py
 
