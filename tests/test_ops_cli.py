@@ -1,5 +1,6 @@
-"""``pas send`` into a real daemon, and ``pas doctor`` against a real daemon, a real hub
-(mutual TLS) and real DICOM destinations (DCMTK storescp up, a dead port down)."""
+"""``pas send`` into a real daemon, and ``pas doctor`` against real DICOM destinations (DCMTK
+storescp up, a dead port down). Doctor against a real hub and a running, enrolled daemon is
+in test_ops_fleet.py (it shares that module's hub)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,8 @@ import os
 import shutil
 import socket
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
-from tests.support.hub import HubProcess, enroll
 from tests.support.peers import MR_DIR, PAS_BIN, PasProcess, StoreSCP, free_port
 
 FILES = sorted(p for p in MR_DIR.rglob("*") if p.is_file())[:10]
@@ -26,7 +25,17 @@ def _folder(tmp_path: Path) -> Path:
     return folder
 
 
-def test_send_folder_into_pas(pas: PasProcess, tmp_path: Path) -> None:
+def test_send_refusals_then_a_folder_into_pas(pas: PasProcess, tmp_path: Path) -> None:
+    missing = pas.cli("send", str(tmp_path / "nowhere"), check=False)
+    assert missing.returncode == 2 and "no such file or folder" in missing.stderr
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("x")
+    nothing = pas.cli("send", str(tmp_path / "empty"), check=False)
+    assert nothing.returncode == 2 and "no DICOM file found" in nothing.stderr
+    closed = pas.cli("send", str(FILES[0]), "--port", str(free_port()), check=False)
+    assert closed.returncode == 1 and "cannot associate" in closed.stderr
+    assert pas.status()["instances"] == 0  # nothing arrived from the refused sends
+
     folder = _folder(tmp_path)
     result = pas.cli("send", str(folder), "--calling-ae", "ITTEST")
     assert f"sent {len(FILES)} of {len(FILES)} files" in result.stdout
@@ -38,18 +47,6 @@ def test_send_folder_into_pas(pas: PasProcess, tmp_path: Path) -> None:
     assert pas.status()["instances"] == len(FILES)
 
 
-def test_send_refusals_name_the_problem(pas: PasProcess, tmp_path: Path) -> None:
-    missing = pas.cli("send", str(tmp_path / "nowhere"), check=False)
-    assert missing.returncode == 2 and "no such file or folder" in missing.stderr
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "a.txt").write_text("x")
-    nothing = pas.cli("send", str(tmp_path / "empty"), check=False)
-    assert nothing.returncode == 2 and "no DICOM file found" in nothing.stderr
-    closed = pas.cli("send", str(FILES[0]), "--port", str(free_port()), check=False)
-    assert closed.returncode == 1 and "cannot associate" in closed.stderr
-    assert pas.status()["instances"] == 0
-
-
 def _doctor(env: dict[str, str], *args: str) -> tuple[int, dict[str, dict[str, str]]]:
     result = subprocess.run([str(PAS_BIN), "doctor", "--json", *args], env=env,
                             capture_output=True, text=True, timeout=120)
@@ -57,39 +54,27 @@ def _doctor(env: dict[str, str], *args: str) -> tuple[int, dict[str, dict[str, s
     return result.returncode, checks
 
 
-def test_doctor_on_an_enrolled_running_site(pas_factory: Callable[..., PasProcess],
-                                            tmp_path: Path) -> None:
-    hub = HubProcess(tmp_path / "hub").init().start()
-    scp = StoreSCP(tmp_path / "scp").start()
-    try:
-        home = tmp_path / "site"
-        enroll(hub, home, "DOCTOR")
-        pas = pas_factory({"PAS_DICOM__ACCEPT_UNKNOWN": "true",
-                           "PAS_DESTINATIONS__ARCHIVE__KIND": "dicom",
-                           "PAS_DESTINATIONS__ARCHIVE__AE_TITLE": scp.ae_title,
-                           "PAS_DESTINATIONS__ARCHIVE__HOST": "127.0.0.1",
-                           "PAS_DESTINATIONS__ARCHIVE__PORT": str(scp.port),
-                           "PAS_DESTINATIONS__DEAD__KIND": "dicom",
-                           "PAS_DESTINATIONS__DEAD__AE_TITLE": "NOBODY",
-                           "PAS_DESTINATIONS__DEAD__HOST": "127.0.0.1",
-                           "PAS_DESTINATIONS__DEAD__PORT": str(free_port())}, home=home)
-        code, checks = _doctor(pas.env)
-        assert code == 1  # the dead destination must be fixed
-        for name in ("configuration", "database", "DICOM port", "HTTP port", "enrolment",
-                     "certificate", "hub", "clock", "destination archive"):
-            assert checks[name]["verdict"] == "ok", checks[name]
-        assert "knows us as 'DOCTOR'" in checks["hub"]["detail"]
-        assert checks["destination dead"]["verdict"] == "fail"
-        assert "NOBODY@127.0.0.1" in checks["destination dead"]["fix"]
-
-        hub.stop()
-        code, checks = _doctor(pas.env)
-        assert checks["hub"]["verdict"] == "fail"
-        assert "cannot reach" in checks["hub"]["detail"]
-        assert "firewall" in checks["hub"]["fix"]
-    finally:
-        hub.stop()
-        scp.stop()
+def test_doctor_checks_destinations(storescp: StoreSCP, tmp_path: Path) -> None:
+    env = {**os.environ, "PAS_HOME": str(tmp_path / "home"),
+           "PAS_DICOM__HOST": "127.0.0.1", "PAS_DICOM__PORT": str(free_port()),
+           "PAS_HTTP__PORT": str(free_port()),
+           "PAS_DESTINATIONS__ARCHIVE__KIND": "dicom",
+           "PAS_DESTINATIONS__ARCHIVE__AE_TITLE": storescp.ae_title,
+           "PAS_DESTINATIONS__ARCHIVE__HOST": "127.0.0.1",
+           "PAS_DESTINATIONS__ARCHIVE__PORT": str(storescp.port),
+           "PAS_DESTINATIONS__DEAD__KIND": "dicom",
+           "PAS_DESTINATIONS__DEAD__AE_TITLE": "NOBODY",
+           "PAS_DESTINATIONS__DEAD__HOST": "127.0.0.1",
+           "PAS_DESTINATIONS__DEAD__PORT": str(free_port())}
+    code, checks = _doctor(env)
+    assert code == 1  # the dead destination must be fixed
+    assert checks["destination archive"]["verdict"] == "ok", checks["destination archive"]
+    assert checks["destination dead"]["verdict"] == "fail"
+    assert "NOBODY@127.0.0.1" in checks["destination dead"]["fix"]
+    assert checks["DICOM port"]["verdict"] == "warn"  # free: the daemon is not running
+    assert "systemctl start pas" in checks["DICOM port"]["fix"]
+    assert checks["database"]["verdict"] == "warn"
+    assert not (tmp_path / "home" / "pas.sqlite").exists()  # doctor created nothing
 
 
 def test_doctor_names_bad_configuration(tmp_path: Path) -> None:

@@ -104,6 +104,20 @@ def test_appliance_metrics_show_the_link(fleet: dict[str, Any]) -> None:
     assert 'class="state up">up (last contact' in page
 
 
+def _doctor(pas: PasProcess) -> tuple[int, dict[str, dict[str, str]]]:
+    result = pas.cli("doctor", "--json", check=False)
+    return result.returncode, {c["name"]: c for c in json.loads(result.stdout)}
+
+
+def test_doctor_on_the_enrolled_running_site(fleet: dict[str, Any]) -> None:
+    code, checks = _doctor(fleet["pas"])
+    for name in ("configuration", "database", "DICOM port", "HTTP port", "enrolment",
+                 "certificate", "hub", "clock"):
+        assert checks[name]["verdict"] == "ok", checks[name]
+    assert code == 0
+    assert "knows us as 'SITE-A'" in checks["hub"]["detail"]
+
+
 def _beat(**changes: Any) -> dict[str, Any]:
     beat = {"site": "SITE-B", "sent_at": time.time(), "version": "0.1.0", "uptime_s": 5,
             "backlog": {"studies": 3, "bytes": 1000, "oldest_age_s": 600.0,
@@ -281,7 +295,7 @@ def test_browser_fleet_dashboard_and_site_page(fleet: dict[str, Any], browser: A
     _shot(browser, "fleet-site.png", tmp_path)
 
 
-def test_link_goes_down_when_the_hub_stops(fleet: dict[str, Any], tmp_path: Path) -> None:
+def test_link_goes_down_when_the_hub_stops(fleet: dict[str, Any]) -> None:
     pas: PasProcess = fleet["pas"]
     fleet["hub"].stop()
     url = f"http://127.0.0.1:{pas.http_port}/metrics"
@@ -289,3 +303,7 @@ def test_link_goes_down_when_the_hub_stops(fleet: dict[str, Any], tmp_path: Path
              what="pas_hub_link_up 0")
     page = httpx.get(f"http://127.0.0.1:{pas.http_port}/", timeout=10).text
     assert 'class="state down">down: hub unreachable' in page
+    code, checks = _doctor(pas)
+    assert code == 1
+    assert checks["hub"]["verdict"] == "fail" and "cannot reach" in checks["hub"]["detail"]
+    assert "firewall" in checks["hub"]["fix"]
