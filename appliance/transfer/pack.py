@@ -257,7 +257,7 @@ def _pixel_layout(path: Path, size: int, head: bytes | None = None) -> _PixelLay
 class _Band:
     """One JPEG-LS candidate: a run of whole rows inside a piece."""
 
-    data: bytes
+    data: memoryview
     rows: int
     layout: _PixelLayout
     blob: bytes | None = None
@@ -427,9 +427,10 @@ def pack_bucket(plan: BucketPlan, level: str = "default") -> tuple[bytes, dict[s
         if use_jls and length >= MIN_BAND_BYTES:
             layout = _pixel_layout(item.path, item.size, data if offset == 0 else None)
         segs: list[list[Any]] = []
+        view = memoryview(data)  # bands and zstd input without copying the piece again
         for start, end, is_band in _split_piece(data, offset, layout):
             if is_band and layout is not None:
-                band = _Band(data[start:end], (end - start) // layout.row_bytes, layout)
+                band = _Band(view[start:end], (end - start) // layout.row_bytes, layout)
                 segs.append([])  # filled once the band is encoded
                 pending.append((number, segs[-1], _pool().submit(_encode_band, band)))
                 continue
@@ -437,10 +438,10 @@ def pack_bucket(plan: BucketPlan, level: str = "default") -> tuple[bytes, dict[s
                 segs[-1][1] += end - start
             else:
                 segs.append([0, end - start])
-            frame_parts.append(stream.compress(data[start:end]))
+            frame_parts.append(stream.compress(view[start:end]))
             raw_size += end - start
             stats["zstd"] += end - start
-        del data
+        del data, view
         entries.append({"uid": item.sop_instance_uid, "offset": offset, "length": length,
                         "total": item.size, "segs": segs})
         stats["original"] += length
