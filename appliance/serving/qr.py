@@ -121,7 +121,7 @@ def identifier_keys(identifier: Dataset) -> tuple[str, dict[str, str], list[Data
 
 
 def response_identifier(level: str, asked: list[DataElement], values: dict[str, Any],
-                        retrieve_ae: str) -> Dataset:
+                        retrieve_ae: str, availability: str = "ONLINE") -> Dataset:
     """Only the keys asked for, in the order asked, valued from the match (or empty)."""
     ds = Dataset()
     ds.QueryRetrieveLevel = level
@@ -131,7 +131,7 @@ def response_identifier(level: str, asked: list[DataElement], values: dict[str, 
         if element.keyword == "RetrieveAETitle":
             value = retrieve_ae
         elif element.keyword == "InstanceAvailability":
-            value = "ONLINE"
+            value = availability  # ONLINE here; NEARLINE: at the region, fetched on retrieve
         if element.VR == "SQ":
             ds.add(DataElement(element.tag, "SQ", []))
             continue
@@ -206,9 +206,11 @@ class QueryRetrieveService:
             return
         summary = _summary(level, keys)
         count = 0
+        local_studies: set[str] = set()
         try:
             limit = self.settings.max_results or None
-            rows = store_query.find(self.db, level, keys, limit=limit,
+            rows = store_query.find(self.db, level, {"StudyInstanceUID": "", **keys},
+                                    limit=limit,
                                     pn_case_sensitive=self.settings.pn_case_sensitive)
             for values in rows:
                 if event.is_cancelled:
@@ -216,13 +218,27 @@ class QueryRetrieveService:
                     yield CANCELLED, None
                     return
                 count += 1
+                local_studies.add(values.get("StudyInstanceUID") or "")
                 yield PENDING, response_identifier(level, asked, values, self.ae_title)
         except store_query.QueryError as exc:
             log.warning("C-FIND from %s refused: %s", calling, exc)
             self._audit("query", calling, address, summary, f"failure: {exc}", count)
             yield _failure(IDENTIFIER_DOES_NOT_MATCH, str(exc)), None
             return
-        self._audit("query", calling, address, summary, "success", count)
+        note = None
+        if self.region_find is not None and level == "STUDY":
+            try:
+                regional = self.region_find(level, keys)
+            except Exception as exc:  # the WAN is down: answer from local data, say so
+                regional, note = [], f"region not asked: {exc}"
+                log.info("C-FIND: %s", note)
+            for values in regional:
+                if values.get("StudyInstanceUID") in local_studies or event.is_cancelled:
+                    continue
+                count += 1
+                yield PENDING, response_identifier(level, asked, values, self.ae_title,
+                                                   availability="NEARLINE")
+        self._audit("query", calling, address, summary, "success", count, note)
         yield SUCCESS, None
 
     @staticmethod

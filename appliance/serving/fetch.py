@@ -1,0 +1,141 @@
+"""Fetch-through: a study asked for here but not (fully) on site comes from the region.
+
+Owns: deciding what is missing (the region's instance list against the index), fetching
+each missing instance by WADO-RS through :class:`appliance.transfer.region.RegionClient`
+(the hub's mutual-TLS proxy when enrolled, or ``prefetch.dicomweb_url``), filing it through
+:meth:`Receiver.receive_file` with ``origin="regional"`` (the same durability rules as a
+C-STORE), and the bounded regional C-FIND (``serving.query_region``). May not touch: SQL,
+spool writes, the hub's upload path.
+
+One fetch per study at a time: a second viewer asking for the same study waits for the first
+fetch instead of downloading it again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+from urllib.parse import urlencode
+
+from appliance.config import Settings
+from appliance.ingest.receive import Receiver
+from appliance.store import query as store_query
+from appliance.store.db import Database
+from appliance.transfer.region import RegionClient, RegionError
+
+log = logging.getLogger("pas.serving")
+
+# QIDO-RS attribute tags (DICOM JSON keys) -> keywords the C-FIND answer may carry.
+_JSON_TAGS = {
+    "00100020": "PatientID", "00100010": "PatientName", "00100030": "PatientBirthDate",
+    "00100040": "PatientSex", "0020000D": "StudyInstanceUID", "00080020": "StudyDate",
+    "00080030": "StudyTime", "00080050": "AccessionNumber", "00200010": "StudyID",
+    "00081030": "StudyDescription", "00080061": "ModalitiesInStudy",
+    "00080090": "ReferringPhysicianName", "00201206": "NumberOfStudyRelatedSeries",
+    "00201208": "NumberOfStudyRelatedInstances",
+}
+
+
+class FetchThrough:
+    """Callable: study UID -> how many instances were fetched from the region."""
+
+    def __init__(self, client: RegionClient, db: Database, receiver: Receiver,
+                 parallel: int = 4):
+        self.client = client
+        self.db = db
+        self.receiver = receiver
+        self.parallel = parallel
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def _lock(self, study_uid: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(study_uid, threading.Lock())
+
+    def __call__(self, study_uid: str) -> int:
+        with self._lock(study_uid):
+            try:
+                listed = self.client.instances_of(study_uid)
+            except RegionError as exc:
+                raise RuntimeError(f"region unavailable: {exc}") from exc
+            held = {r["sop_instance_uid"] for r in store_query.instances_for(
+                self.db, "STUDY", {"StudyInstanceUID": study_uid})}
+            missing = [i for i in listed if i.sop_instance_uid not in held]
+            if not missing:
+                return 0
+
+            def fetch_one(instance: Any) -> None:
+                content = self.client.retrieve_instance(instance)
+                self.receiver.receive_file(content, calling_ae="REGION", source="region",
+                                           expect_sop_instance_uid=instance.sop_instance_uid,
+                                           origin="regional")
+
+            with ThreadPoolExecutor(self.parallel, thread_name_prefix="pas-fetch") as pool:
+                for future in [pool.submit(fetch_one, i) for i in missing]:
+                    future.result()  # the first failure fails the fetch (what arrived stays)
+            log.info("fetched %d instances of %s from the region", len(missing), study_uid,
+                     extra={"STUDY_UID": study_uid})
+            return len(missing)
+
+
+class RegionFind:
+    """A study-level QIDO-RS to the region bounded by a hard deadline: with the WAN down a
+    C-FIND still answers from local data at once (the caller gets [] and a reason)."""
+
+    def __init__(self, client: RegionClient, timeout_s: float):
+        self.client = client
+        self.timeout_s = timeout_s
+        self.pool = ThreadPoolExecutor(2, thread_name_prefix="pas-region-find")
+
+    def __call__(self, level: str, keys: dict[str, str]) -> list[dict[str, Any]]:
+        if level != "STUDY":
+            return []
+        params: dict[str, Any] = {k: v for k, v in keys.items() if v and k in
+                                  _JSON_TAGS.values()}
+        params["includefield"] = "all"
+        # Wildcards stay literal: some archives (Orthanc) take "%2A" for a plain character.
+        path = "studies?" + urlencode(params, safe="*?^,")
+        future = self.pool.submit(self.client.qido, path, None)
+        try:
+            rows = future.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            raise RegionError(f"no answer within {self.timeout_s} s") from None
+        return [_keywords(row) for row in rows]
+
+
+def _keywords(row: dict[str, Any]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for tag, keyword in _JSON_TAGS.items():
+        values = row.get(tag, {}).get("Value")
+        if not values:
+            continue
+        parts = [v.get("Alphabetic", "") if isinstance(v, dict) else str(v) for v in values]
+        result[keyword] = "\\".join(parts)
+    return result
+
+
+def make_fetcher(settings: Settings, db: Database,
+                 receiver: Receiver) -> Callable[[str], int] | None:
+    """The fetch-through for this appliance: None when no region is reachable by
+    configuration (not enrolled and no ``prefetch.dicomweb_url``) or it is turned off."""
+    if not settings.serving.fetch_through:
+        return None
+    client = RegionClient.from_home(settings.home, settings.prefetch.dicomweb_url,
+                                    timeout_s=settings.serving.fetch_timeout_s)
+    if client is None:
+        return None
+    return FetchThrough(client, db, receiver)
+
+
+def make_region_find(settings: Settings) -> RegionFind | None:
+    """The regional C-FIND when ``serving.query_region`` is on and a region is configured."""
+    if not settings.serving.query_region:
+        return None
+    timeout = settings.serving.region_query_timeout_s
+    client = RegionClient.from_home(settings.home, settings.prefetch.dicomweb_url,
+                                    timeout_s=timeout)
+    return RegionFind(client, timeout) if client is not None else None

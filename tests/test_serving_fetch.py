@@ -1,0 +1,166 @@
+"""Fetch-through and regional C-FIND: a study only the region holds reaches movescu via PAS.
+
+The region is a real Orthanc (DICOMweb plugin) in its own network namespace, reached by PAS
+through ``prefetch.dicomweb_url`` (the same RegionClient code the hub's mutual-TLS proxy is
+reached with when enrolled). "WAN down" is the namespace's link taken down: packets vanish,
+nothing answers, and C-FIND must still answer from local data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from pydicom import dcmread
+from pynetdicom.dsutils import split_dataset
+
+from tests.support.peers import (
+    CT_DIR,
+    DCMTK_ENV,
+    Orthanc,
+    PasProcess,
+    StoreSCP,
+    storescu,
+    wait_for,
+)
+
+pytestmark = pytest.mark.root
+REGIONAL_PATIENT = "A002304"   # both of its studies are only at the region
+LOCAL_PATIENT = "A027284"      # stored at PAS directly
+
+
+class Setup:
+    def __init__(self, root: Path):
+        self.scp = StoreSCP(root / "scp").start()
+        self.region = Orthanc(root / "region").start()
+        storescu(sorted(CT_DIR.glob(f"{REGIONAL_PATIENT}_*.dcm")), self.region.dicom_port,
+                 host=self.region.host, called="ORTHANC")
+        self.pas = PasProcess(root / "pas", {
+            "PAS_DICOM__ACCEPT_UNKNOWN": "true",
+            "PAS_PREFETCH__ENABLED": "false",
+            "PAS_PREFETCH__DICOMWEB_URL": self.region.dicomweb,
+            "PAS_SERVING__QUERY_REGION": "true",
+            "PAS_SERVING__REGION_QUERY_TIMEOUT_S": "0.5",
+            "PAS_SERVING__MOVE_DESTINATIONS":
+                f'[{{title = "STORESCP", host = "127.0.0.1", port = {self.scp.port}}}]',
+        }).start()
+        storescu(sorted(CT_DIR.glob(f"{LOCAL_PATIENT}_*.dcm")), self.pas.port)
+
+    def stop(self) -> None:
+        self.pas.stop()
+        self.region.stop()
+        self.scp.stop()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    s = Setup(tmp_path_factory.mktemp("fetch"))
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def _studies(patient: str) -> list[str]:
+    return sorted({str(dcmread(p, stop_before_pixels=True).StudyInstanceUID)
+                   for p in CT_DIR.glob(f"{patient}_*.dcm")})
+
+
+def _findscu(pas: PasProcess, keys: list[str], out: Path) -> tuple[str, list]:
+    out.mkdir(parents=True, exist_ok=True)
+    args = ["findscu", "-v", "-S", "-aet", "VIEWER", "-aec", "PAS", "-X", "-od", str(out)]
+    for key in keys:
+        args += ["-k", key]
+    result = subprocess.run([*args, "127.0.0.1", str(pas.port)], env=DCMTK_ENV,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stderr, [dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
+
+
+def _audit_queries(pas: PasProcess) -> list[sqlite3.Row]:
+    conn = sqlite3.connect(pas.home / "pas.sqlite")
+    conn.row_factory = sqlite3.Row
+    try:
+        return conn.execute("SELECT * FROM audit WHERE event = 'query' ORDER BY id").fetchall()
+    finally:
+        conn.close()
+
+
+def _dataset_sha(content: bytes, path: Path) -> str:
+    path.write_bytes(content)
+    _, offset = split_dataset(path)
+    return hashlib.sha256(content[offset:]).hexdigest()
+
+
+def test_cfind_includes_regional_studies_marked_nearline(setup: Setup, tmp_path: Path) -> None:
+    stderr, answers = _findscu(setup.pas, ["QueryRetrieveLevel=STUDY", "PatientID=A0*",
+                                           "StudyInstanceUID=", "InstanceAvailability="],
+                               tmp_path / "find")
+    availability = {str(a.StudyInstanceUID): a.InstanceAvailability for a in answers}
+    for uid in _studies(REGIONAL_PATIENT):
+        assert availability[uid] == "NEARLINE"
+    for uid in _studies(LOCAL_PATIENT):
+        assert availability[uid] == "ONLINE"
+    assert len(availability) == 4
+
+
+def test_move_of_a_regional_study_fetches_then_serves(setup: Setup, tmp_path: Path) -> None:
+    study = _studies(REGIONAL_PATIENT)[0]
+    result = subprocess.run(
+        ["movescu", "-v", "-S", "-aet", "VIEWER", "-aec", "PAS", "-aem", "STORESCP",
+         "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
+         "127.0.0.1", str(setup.pas.port)],
+        env=DCMTK_ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "Final Move Response (Success)" in result.stderr, \
+        result.stderr[-2000:]
+    files = wait_for(lambda: (f := setup.scp.files()) and len(f) == 3 and f, 30,
+                     what="3 files moved")
+    # Byte for byte what the region holds (dataset after the file meta).
+    region_ids = setup.region.get(f"/studies/{_orthanc_study(setup, study)}/instances").json()
+    expected = {_dataset_sha(setup.region.instance_file(i["ID"]), tmp_path / "r.dcm")
+                for i in region_ids}
+    got = {_dataset_sha(f.read_bytes(), tmp_path / "g.dcm") for f in files}
+    assert got == expected and len(expected) == 3
+    conn = sqlite3.connect(setup.pas.home / "pas.sqlite")
+    origin = conn.execute("SELECT origin FROM studies WHERE study_uid = ?", (study,)).fetchone()
+    conn.close()
+    assert origin == ("regional",)
+
+
+def _orthanc_study(setup: Setup, study_uid: str) -> str:
+    response = httpx.post(f"{setup.region.url}/tools/lookup", content=study_uid, timeout=10)
+    return str(response.json()[0]["ID"])
+
+
+def test_wan_down_cfind_answers_from_local_data(setup: Setup, tmp_path: Path) -> None:
+    ns = setup.region.ns
+    subprocess.run(["ip", "-n", ns.name, "link", "set", ns.inner_if, "down"], check=True)
+    try:
+        stderr, answers = _findscu(setup.pas, ["QueryRetrieveLevel=STUDY", "PatientID=A0*",
+                                               "StudyInstanceUID="], tmp_path / "down")
+        assert "Final Find Response (Success)" in stderr
+        uids = {str(a.StudyInstanceUID) for a in answers}
+        # Local studies, and the regional study fetched by the previous test (now on site).
+        assert set(_studies(LOCAL_PATIENT)) <= uids
+        assert set(_studies(REGIONAL_PATIENT)[1:]).isdisjoint(uids)
+        assert "region not asked" in (_audit_queries(setup.pas)[-1]["detail"] or "")
+    finally:
+        subprocess.run(["ip", "-n", ns.name, "link", "set", ns.inner_if, "up"], check=True)
+
+
+def test_move_of_an_unknown_study_fails_cleanly(setup: Setup) -> None:
+    for old in setup.scp.files():
+        old.unlink()
+    result = subprocess.run(
+        ["movescu", "-v", "-S", "-aet", "VIEWER", "-aec", "PAS", "-aem", "STORESCP",
+         "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=1.2.3.4.5.6.7",
+         "127.0.0.1", str(setup.pas.port)],
+        env=DCMTK_ENV, capture_output=True, text=True, timeout=120)
+    # The region knows no such study: nothing fetched, nothing sent, a success with 0 sub-ops.
+    assert "Final Move Response" in result.stderr
+    assert setup.scp.files() == []
