@@ -35,6 +35,8 @@ cat <<TXT
                           PAS_HOME=$home $PAS studies
   On the regional side:   PAS_HUB_HOME=$hub_home $PAS hub transfers
                           PAS_HOME=$hub_home/archive $PAS studies
+                          curl --cert $home/pki/client.crt --key $home/pki/client.key --cacert $home/pki/ca.crt \\
+                            https://localhost:$hub_port/api/v1/region/dicom-web/studies
   Stop:                   Ctrl-C
 
 TXT
