@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, generate_uid
 
 from appliance.transfer import jls, pack
+from appliance.transfer.layout import pixel_layout
 from appliance.transfer.pack import (
     BucketFormatError,
     PackError,
@@ -393,4 +394,4 @@ def test_layout_of_a_same_size_file_is_reused_only_when_its_header_matches(
     rebuilt, stats, _ = round_trip(items)
     assert_exact(items, rebuilt)
     assert stats["jpegls"] == sum(i.size for i in items) - sum(
-        pack._pixel_layout(i.path, i.size).start for i in items)
+        pixel_layout(i.path, i.size).start for i in items)
