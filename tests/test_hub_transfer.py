@@ -22,7 +22,7 @@ from appliance.hub.pki import verify_receipt
 from appliance.transfer.client import verify_receipt as uplink_verify_receipt
 from appliance.transfer.enrolment import Enrolment
 from tests.support.hub import HubProcess, Shipment, client, enroll, pack_items, ship
-from tests.support.peers import CT_DIR, MR_DIR
+from tests.support.peers import CT_DIR, MR_DIR, wait_for
 
 MAX_BUCKET = 4 * 1024 * 1024
 
@@ -316,3 +316,25 @@ def test_two_commits_at_once_give_one_receipt_and_one_copy(
     assert [a.status_code for a in answers] == [200, 200]
     assert answers[0].json() == answers[1].json()
     assert hub.log().count(f"transfer {small.transfer_id} committed") == 1
+
+
+def test_a_put_cut_mid_body_stores_nothing(hub: HubProcess, site: Enrolment,
+                                           small: Shipment) -> None:
+    import socket
+
+    with client(site) as http:
+        http.post("/api/v1/transfers", json=small.manifest)
+    sealed = small.buckets[0]
+    raw = socket.create_connection(("127.0.0.1", hub.port))
+    tls = site.ssl_context().wrap_socket(raw, server_hostname="localhost")
+    tls.sendall(f"PUT {small.bucket_url(0)} HTTP/1.1\r\nHost: localhost\r\n"
+                f"Content-Type: application/octet-stream\r\nContent-Length: {len(sealed)}\r\n\r\n"
+                .encode() + sealed[: len(sealed) // 2])
+    tls.close()  # the link drops half-way through the bucket
+    wait_for(lambda: "client went away mid-body; nothing stored" in hub.log(), 10,
+             what="the cut logged")
+    with client(site) as http:
+        assert http.get(small.url + "/buckets").json()["held"] == []
+        status = _status(http, small)
+        assert status["bytes_received"] == 0 and status["bytes_stored"] == 0
+        assert http.put(small.bucket_url(0), content=sealed).status_code == 201
