@@ -1,9 +1,9 @@
 """Fetch-through and regional C-FIND: a study only the region holds reaches movescu via PAS.
 
-The region is a real Orthanc (DICOMweb plugin) in its own network namespace, reached by PAS
-through ``prefetch.dicomweb_url`` (the same RegionClient code the hub's mutual-TLS proxy is
-reached with when enrolled). "WAN down" is the namespace's link taken down: packets vanish,
-nothing answers, and C-FIND must still answer from local data.
+The region is a real Orthanc (DICOMweb plugin) in its own network namespace behind a real
+hub; PAS, enrolled, reaches it through the hub's mutual-TLS proxy. "WAN down" is the region's
+link taken down: packets vanish, nothing answers, and C-FIND must still answer from local
+data.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import pytest
 from pydicom import dcmread
 from pynetdicom.dsutils import split_dataset
 
+from tests.support.hub import HubProcess, enroll
 from tests.support.peers import (
     CT_DIR,
     DCMTK_ENV,
@@ -35,15 +36,21 @@ LOCAL_PATIENT = "A027284"      # stored at PAS directly
 
 
 class Setup:
+    """Orthanc (the regional archive) behind a real hub (``pas hub run``, mutual TLS, the
+    ``/api/v1/region/dicom-web`` proxy); PAS enrolled with ``pas enroll``."""
+
     def __init__(self, root: Path):
         self.scp = StoreSCP(root / "scp").start()
         self.region = Orthanc(root / "region").start()
         storescu(sorted(CT_DIR.glob(f"{REGIONAL_PATIENT}_*.dcm")), self.region.dicom_port,
                  host=self.region.host, called="ORTHANC")
+        self.hub = HubProcess(root / "hub", {"PAS_HUB_ARCHIVE__KIND": "dicomweb",
+                                             "PAS_HUB_ARCHIVE__URL": self.region.dicomweb})
+        self.hub.init().start()
+        enroll(self.hub, root / "pas", "SITE-A")
         self.pas = PasProcess(root / "pas", {
             "PAS_DICOM__ACCEPT_UNKNOWN": "true",
             "PAS_PREFETCH__ENABLED": "false",
-            "PAS_PREFETCH__DICOMWEB_URL": self.region.dicomweb,
             "PAS_SERVING__QUERY_REGION": "true",
             "PAS_SERVING__REGION_QUERY_TIMEOUT_S": "0.5",
             "PAS_SERVING__MOVE_DESTINATIONS":
@@ -53,6 +60,7 @@ class Setup:
 
     def stop(self) -> None:
         self.pas.stop()
+        self.hub.stop()
         self.region.stop()
         self.scp.stop()
 
@@ -98,7 +106,10 @@ def _dataset_sha(content: bytes, path: Path) -> str:
 
 
 def test_cfind_includes_regional_studies_marked_nearline(setup: Setup, tmp_path: Path) -> None:
-    stderr, answers = _findscu(setup.pas, ["QueryRetrieveLevel=STUDY", "PatientID=A0*",
+    # A date range, not a wildcard: the hub's proxy forwards "*" as "%2A", which Orthanc
+    # matches literally (reported to the hub's owner).
+    stderr, answers = _findscu(setup.pas, ["QueryRetrieveLevel=STUDY",
+                                           "StudyDate=19000901-19010131",
                                            "StudyInstanceUID=", "InstanceAvailability="],
                                tmp_path / "find")
     availability = {str(a.StudyInstanceUID): a.InstanceAvailability for a in answers}
