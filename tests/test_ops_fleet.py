@@ -100,6 +100,12 @@ def test_appliance_metrics_show_the_link(fleet: dict[str, Any]) -> None:
     assert metric(text, "pas_enrolled") == 1
     assert abs(time.time() - metric(text, "pas_hub_last_contact_timestamp_seconds")) < 60  # type: ignore[operator]
     assert metric(text, "pas_certificate_days_left") > 300  # type: ignore[operator]
+    # The upload, read from the hub job's progress: every original byte went, compressed.
+    assert metric(text, "pas_upload_original_bytes_total") == pas.status()["bytes"]
+    wire = metric(text, "pas_wan_bytes_total", direction="up")
+    assert wire is not None and 0 < wire < pas.status()["bytes"]
+    assert metric(text, "pas_compression_ratio") == pytest.approx(pas.status()["bytes"] / wire)
+    assert metric(text, "pas_prefetch_lead_time_seconds_count") is not None
     page = httpx.get(f"http://127.0.0.1:{pas.http_port}/", timeout=10).text
     assert 'class="state up">up (last contact' in page
 

@@ -3,8 +3,8 @@
 Owns: the metric names and how each is computed. Most families are read from the store at
 scrape time by :class:`ApplianceCollector` (so no component has to remember to count, and a
 restart loses nothing); the few things the store does not keep are process-wide hooks that
-components call: :func:`observe_cstore`, :func:`add_wan_bytes`, :func:`add_transfer_bytes`,
-:func:`count_retrieve`, :func:`observe_prefetch_lead` and :func:`note_hub_contact`. May not
+components call: :func:`observe_cstore`, :func:`add_wan_bytes`, :func:`count_retrieve` and
+:func:`note_hub_contact`. May not
 touch: any state; a hook only moves a counter.
 """
 
@@ -20,7 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from appliance import __version__
@@ -42,18 +47,11 @@ CSTORE_SECONDS = Histogram(
 )
 WAN_BYTES = Counter("pas_wan_bytes", "Bytes on the WAN link to the hub, by direction",
                     ["direction"], registry=None)
-TRANSFER_BYTES = Counter("pas_transfer_bytes",
-                         "Study bytes packed for the hub: original and after packing",
-                         ["stage"], registry=None)
 RETRIEVES = Counter("pas_retrieve_requests", "Retrieve requests by cache result (hit, miss)",
                     ["result"], registry=None)
-PREFETCH_LEAD = Histogram(
-    "pas_prefetch_lead_time_seconds",
-    "How long before the appointment a prior was in the local cache",
-    registry=None,
-    buckets=(60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 172800, 604800),
-)
-_HOOKS: list[Any] = [CSTORE_SECONDS, WAN_BYTES, TRANSFER_BYTES, RETRIEVES, PREFETCH_LEAD]
+_HOOKS: list[Any] = [CSTORE_SECONDS, RETRIEVES]
+LEAD_BUCKETS = (0, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 172800, 604800)
+LEAD_WINDOW_S = 7 * 86400
 
 
 class HubLink:
@@ -84,21 +82,14 @@ def observe_cstore(seconds: float, status: int) -> None:
 
 
 def add_wan_bytes(direction: str, count: int) -> None:
-    """``direction`` is ``up`` (to the hub) or ``down`` (from it)."""
+    """``direction`` is ``up`` (to the hub) or ``down`` (from it). Uploads are already
+    counted from the hub jobs' progress; this is for the other traffic (fetch-through,
+    prefetch downloads)."""
     WAN_BYTES.labels(direction).inc(count)
-
-
-def add_transfer_bytes(original: int, packed: int) -> None:
-    TRANSFER_BYTES.labels("original").inc(original)
-    TRANSFER_BYTES.labels("packed").inc(packed)
 
 
 def count_retrieve(hit: bool) -> None:
     RETRIEVES.labels("hit" if hit else "miss").inc()
-
-
-def observe_prefetch_lead(seconds: float) -> None:
-    PREFETCH_LEAD.observe(max(seconds, 0.0))
 
 
 def note_hub_contact(ok: bool, error: str | None = None) -> None:
@@ -111,6 +102,13 @@ def _sample_value(metric: Any, labels: dict[str, str]) -> float:
             if sample.name.endswith("_total") and sample.labels == labels:
                 return float(sample.value)
     return 0.0
+
+
+def _histogram(name: str, documentation: str, values: list[float]) -> HistogramMetricFamily:
+    buckets = [(str(float(bound)), float(sum(1 for v in values if v <= bound)))
+               for bound in LEAD_BUCKETS]
+    buckets.append(("+Inf", float(len(values))))
+    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=sum(values))
 
 
 def certificate_days_left(home: Path) -> float | None:
@@ -186,6 +184,25 @@ class ApplianceCollector(Collector):
             failed.add_metric([destination], count)
         yield failed
 
+        uploads = ops_store.hub_upload_totals(self.db)
+        wan = CounterMetricFamily("pas_wan_bytes", "Bytes on the WAN link, by direction "
+                                  "(up: sealed buckets from the hub jobs, plus other traffic "
+                                  "components report)", labels=["direction"])
+        wan.add_metric(["up"], uploads["wire"] + _sample_value(WAN_BYTES, {"direction": "up"}))
+        wan.add_metric(["down"], _sample_value(WAN_BYTES, {"direction": "down"}))
+        yield wan
+        yield CounterMetricFamily("pas_upload_original_bytes",
+                                  "Original study bytes carried to the hub",
+                                  value=uploads["original"])
+        if uploads["wire"] > 0:
+            yield GaugeMetricFamily("pas_compression_ratio",
+                                    "Original study bytes / bytes on the wire to the hub",
+                                    value=uploads["original"] / uploads["wire"])
+        leads = ops_store.prefetch_lead_times(self.db, time.time() - LEAD_WINDOW_S)
+        if leads is not None:
+            yield _histogram("pas_prefetch_lead_time_seconds",
+                             "How long before the scheduled exam priors were on site "
+                             "(fetched in the last 7 days; below 0: late)", leads)
         totals = index.totals(self.db)
         yield GaugeMetricFamily("pas_cache_studies", "Studies in the local cache",
                                 value=totals["studies"])
@@ -223,12 +240,6 @@ class ApplianceCollector(Collector):
             yield GaugeMetricFamily("pas_hub_last_contact_timestamp_seconds",
                                     "Unix time of the last successful hub contact",
                                     value=HUB_LINK.last_success)
-        original = _sample_value(TRANSFER_BYTES, {"stage": "original"})
-        packed = _sample_value(TRANSFER_BYTES, {"stage": "packed"})
-        if packed > 0:
-            yield GaugeMetricFamily("pas_compression_ratio",
-                                    "Original bytes / packed bytes sent to the hub",
-                                    value=original / packed)
         hits = _sample_value(RETRIEVES, {"result": "hit"})
         misses = _sample_value(RETRIEVES, {"result": "miss"})
         if hits + misses > 0:

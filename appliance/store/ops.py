@@ -112,3 +112,31 @@ def schema_version_of(path: Path) -> int:
     with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5)) as conn:
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # fails if not SQLite
         return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def hub_upload_totals(db: Database) -> dict[str, int]:
+    """Bytes the uplink put on the wire (sealed buckets) and the original study bytes they
+    carried, summed over the hub jobs' progress. A transfer restarted from scratch (the hub
+    forgot it) starts its job's counters again, so this can undercount, never overcount."""
+    row = db.query_one(
+        """SELECT coalesce(sum(json_extract(progress, '$.bytes_sent')), 0) AS wire,
+                  coalesce(sum(json_extract(progress, '$.original_bytes_sent')), 0) AS original
+           FROM jobs WHERE kind = 'hub' AND progress IS NOT NULL AND json_valid(progress)"""
+    )
+    return {"wire": int(row["wire"]), "original": int(row["original"])} if row else {
+        "wire": 0, "original": 0}
+
+
+def prefetch_lead_times(db: Database, since: float) -> list[float] | None:
+    """Lead times (seconds before the scheduled exam; negative: late) of the prefetch requests
+    fetched since ``since``; None when the prefetch tables are absent."""
+    try:
+        rows = db.query(
+            """SELECT scheduled_at - finished_at AS lead FROM prefetch_requests
+               WHERE state = 'fetched' AND scheduled_at IS NOT NULL
+                 AND finished_at IS NOT NULL AND finished_at >= ?""",
+            (since,),
+        )
+    except sqlite3.OperationalError:
+        return None
+    return [float(r["lead"]) for r in rows]
