@@ -149,6 +149,23 @@ class CacheSection(_Section):
             ])
 
 
+class AuditSection(_Section):
+    """Where the audit trail goes besides the database and the journal: an RFC 5424 syslog
+    collector over TLS (RFC 5425), messages shaped after DICOM PS3.15 / IHE ATNA."""
+
+    syslog_host: str | None = None
+    syslog_port: Port = 6514
+    syslog_ca: Path | None = None
+    syslog_cert: Path | None = None
+    syslog_key: Path | None = None
+    queue_max: int = Field(default=10000, ge=1)
+
+    def model_post_init(self, _context: Any) -> None:
+        if self.syslog_host and not self.syslog_ca:
+            raise ConfigError(["audit.syslog_ca: required when audit.syslog_host is set "
+                               "(the collector's certificate must be verified)"])
+
+
 class StudySection(_Section):
     stable_after_s: float = Field(default=60.0, ge=0)
     check_interval_s: float = Field(default=2.0, gt=0)
@@ -397,6 +414,7 @@ class Settings(_Section):
     dicom: DicomSection = DicomSection()
     storage: StorageSection = StorageSection()
     cache: CacheSection = CacheSection()
+    audit: AuditSection = AuditSection()
     study: StudySection = StudySection()
     queue: QueueSection = QueueSection()
     http: HttpSection = HttpSection()

@@ -80,9 +80,12 @@ class Daemon:
 
     def start(self) -> None:
         # Recovery (temp files, orphans, missing files, stale leases) before the port opens.
+        from appliance.ops.audit_trail import AuditTrail
         from appliance.ops.cache_policy import CachePolicy
         from appliance.ops.recovery import Scrubber, startup_recovery
 
+        self.audit_trail = AuditTrail(self.settings, self.db)  # journald, syslog, config event
+        self.audit_trail.install()
         self.recovery_report = startup_recovery(self.db, self.spool, self.receiver)
         self.cache_policy = CachePolicy(self.settings, self.db, self.spool)
         self.listener.start()
@@ -166,6 +169,8 @@ class Daemon:
         if getattr(self, "prefetch", None) is not None:
             self.prefetch.stop()
         self.dispatcher.stop()
+        if getattr(self, "audit_trail", None) is not None:
+            self.audit_trail.close()
         for thread in self._threads:
             thread.join(5)
         self.db.close()

@@ -23,6 +23,7 @@ from appliance.config import DicomSection
 from appliance.ingest.attributes import InvalidInstance
 from appliance.ingest.receive import Receiver, StorageFailure
 from appliance.ops.security import AssociationRateLimiter, server_context
+from appliance.store import audit
 from appliance.store.spool import SpoolFull
 
 log = logging.getLogger("pas.ingest")
@@ -95,7 +96,11 @@ class DicomListener:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
             (evt.EVT_C_STORE, self._on_c_store_timed),
+            (evt.EVT_RELEASED, self._on_association_end),
+            (evt.EVT_ABORTED, self._on_association_end),
         ]
+        # Per association: what was stored, for one audit "store" event at its end.
+        self._per_association: dict[int, dict[str, Any]] = {}
         self._server: Any = None
         self._stats_lock = threading.Lock()
         self.stats = {"stored": 0, "duplicates": 0, "conflicts": 0, "refused": 0}
@@ -151,6 +156,7 @@ class DicomListener:
         """The C-STORE handler, timed for the ``pas_cstore_duration_seconds`` histogram."""
         started = time.perf_counter()
         status = self._on_c_store(event)
+        self._note_store(event, status)
         from appliance.ops.metrics import observe_cstore
 
         observe_cstore(time.perf_counter() - started, status)
@@ -193,7 +199,38 @@ class DicomListener:
             self._count("conflicts")
         if self.on_stored is not None and not received.duplicate:
             self.on_stored(received.study_uid)
+        event.assoc.pas_study_uid = received.study_uid  # for the association's audit event
         return SUCCESS
+
+    def _note_store(self, event: Any, status: int) -> None:
+        with self._stats_lock:
+            note = self._per_association.setdefault(
+                id(event.assoc), {"stored": 0, "refused": 0, "studies": set()})
+            if status == SUCCESS:
+                note["stored"] += 1
+                study = getattr(event.assoc, "pas_study_uid", None)
+                if study:
+                    note["studies"].add(study)
+            else:
+                note["refused"] += 1
+
+    def _on_association_end(self, event: Any) -> None:
+        """One audit ``store`` event per association (PS3.15 "DICOM Instances
+        Transferred"): who, from where, which studies, how many stored and refused."""
+        with self._stats_lock:
+            note = self._per_association.pop(id(event.assoc), None)
+        if not note:
+            return
+        requestor = event.assoc.requestor
+        refused = note["refused"]
+        try:
+            audit.record(self.receiver.db, "store", actor=requestor.ae_title.strip(),
+                         source=requestor.address,
+                         target=",".join(sorted(note["studies"]))[:4000] or None,
+                         outcome="success" if not refused else f"failure: {refused} refused",
+                         detail=f"{note['stored']} instances stored, {refused} refused")
+        except Exception:  # the audit must not break the association's end
+            log.exception("audit record failed")
 
     def _count(self, key: str) -> None:
         with self._stats_lock:

@@ -50,14 +50,17 @@ def indexed_files(db: Database, after_id: int = 0, limit: int | None = None) -> 
 
 
 def spool_files(spool: Spool) -> list[str]:
-    """Relative paths of every kept file (``ab/cd/<sha>.dcm``), temp and quarantine excluded."""
+    """Relative paths of every kept file, temp and quarantine excluded. Any depth: the
+    fan-out layout (``ab/<sha>.dcm`` or ``ab/cd/<sha>.dcm``) may differ between versions,
+    and files of both may coexist on an upgraded appliance."""
     found = []
-    for first in sorted(spool.root.iterdir()):
-        if not first.is_dir() or first.name in ("tmp", QUARANTINE_DIR) or len(first.name) != 2:
-            continue
-        for path in first.glob("*/*.dcm"):
-            found.append(str(path.relative_to(spool.root)))
-    return found
+    for directory, subdirs, files in os.walk(spool.root):
+        if directory == str(spool.root):
+            subdirs[:] = [d for d in subdirs if d not in ("tmp", QUARANTINE_DIR)]
+        for name in files:
+            if name.endswith(".dcm"):
+                found.append(os.path.relpath(os.path.join(directory, name), spool.root))
+    return sorted(found)
 
 
 # --- integrity flags -------------------------------------------------------------------------

@@ -56,7 +56,8 @@ def spool_state(home: Path) -> dict[str, Any]:
     rows = conn.execute("SELECT sop_instance_uid, path, size, sha256, is_current "
                         "FROM instances").fetchall()
     conn.close()
-    files = {str(p.relative_to(spool_root)) for p in spool_root.glob("??/??/*.dcm")}
+    files = {str(p.relative_to(spool_root)) for p in spool_root.rglob("*.dcm")
+             if p.relative_to(spool_root).parts[0] not in ("tmp", "quarantine")}
     indexed = {r["path"] for r in rows}
     bad_hash = []
     for relative in files:

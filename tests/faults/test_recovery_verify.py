@@ -45,8 +45,9 @@ def _pas(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_verify_reports_then_recovery_flags_and_repair_restores(filled) -> None:  # type: ignore[no-untyped-def]
     home, db, spool, receiver, sources, received = filled
-    missing, truncated, flipped = (spool.path(f"{r.sha256[:2]}/{r.sha256[2:4]}/{r.sha256}.dcm")
-                                   for r in received[:3])
+    missing, truncated, flipped = (
+        spool.path(db.query_one("SELECT path FROM instances WHERE id = ?",
+                                (r.instance_id,))["path"]) for r in received[:3])
     missing.unlink()
     truncated.write_bytes(truncated.read_bytes()[:1000])
     data = bytearray(flipped.read_bytes())

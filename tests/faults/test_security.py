@@ -1,24 +1,18 @@
 """DICOM TLS (BCP 195) on the listener and towards a ``dicom`` destination, key permissions,
 and the per-source association limit, against DCMTK's echoscu/storescu/storescp (OpenSSL).
 
-A test CA, a server, a client and a rogue (self-signed) client certificate are made with
-``cryptography``; keys are written 0600.
+A test CA, a server, a client and a rogue (self-signed) client certificate come from
+``tests/faults/pki.py``; keys are written 0600.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import os
 import subprocess
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
-
 from tests.faults.helpers import assert_consistent, assert_kept_exactly, stored_successes
+from tests.faults.pki import make_pki
 from tests.support.peers import (
     CT_DIR,
     DCMTK_ENV,
@@ -28,48 +22,6 @@ from tests.support.peers import (
     free_port,
     wait_for,
 )
-
-
-def _key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-def _cert(subject: str, key: rsa.RSAPrivateKey, issuer: str, issuer_key: rsa.RSAPrivateKey,
-          ca: bool = False) -> x509.Certificate:
-    now = dt.datetime.now(dt.UTC)
-    builder = (x509.CertificateBuilder()
-               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-               .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - dt.timedelta(minutes=5))
-               .not_valid_after(now + dt.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if not ca:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def _write(folder: Path, name: str, cert: x509.Certificate, key: rsa.RSAPrivateKey) -> None:
-    (folder / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path = folder / f"{name}.key"
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.TraditionalOpenSSL,
-                                           serialization.NoEncryption()))
-    key_path.chmod(0o600)
-
-
-def make_pki(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    ca_key = _key()
-    ca = _cert("PAS test CA", ca_key, "PAS test CA", ca_key, ca=True)
-    (folder / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    for name in ("server", "client"):
-        key = _key()
-        _write(folder, name, _cert(name, key, "PAS test CA", ca_key), key)
-    rogue_key = _key()
-    _write(folder, "rogue", _cert("rogue", rogue_key, "rogue", rogue_key), rogue_key)
-    return folder
 
 
 def _tls(pki: Path, who: str) -> list[str]:

@@ -1,0 +1,231 @@
+"""The audit trail beyond the database: journald entries and RFC 5424 syslog over TLS.
+
+Owns: shaping each committed audit row (``appliance.store.audit``) as a DICOM PS3.15 /
+IHE ATNA audit message, sending it to a syslog collector (RFC 5425: TLS, octet-counted
+frames) from a background thread with a bounded queue, and the "configuration changed"
+event at start-up. May not touch: the audit table (append-only, written by the store) or
+any other state.
+
+Why a queue and a thread: an audit sink runs in the caller's thread (a C-STORE, a query),
+and a slow or absent collector must never slow a modality down. The database row is the
+record of truth; the syslog copy is best effort with reconnection, and what a full queue
+drops is counted and logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import queue
+import socket
+import ssl
+import threading
+import xml.etree.ElementTree as ET
+from typing import Any
+
+from appliance.config import AuditSection, Settings
+from appliance.store import audit
+from appliance.store.db import Database
+
+log = logging.getLogger("pas.audit")
+
+# PS3.16 CID 400 event IDs and PS3.15 EventActionCode for each PAS audit event.
+EVENT_CODES: dict[str, tuple[str, str, str]] = {
+    "store": ("110104", "DICOM Instances Transferred", "C"),
+    "retrieve": ("110104", "DICOM Instances Transferred", "R"),
+    "move": ("110104", "DICOM Instances Transferred", "R"),
+    "get": ("110104", "DICOM Instances Transferred", "R"),
+    "export": ("110106", "Export", "R"),
+    "query": ("110112", "Query", "E"),
+    "delete": ("110105", "DICOM Study Deleted", "D"),
+    "config": ("110113", "Security Alert", "E"),
+    "enrolment": ("110114", "User Authentication", "E"),
+}
+APPLICATION_ACTIVITY = ("110100", "Application Activity", "E")
+SYSLOG_FACILITY_AUTHPRIV = 10
+
+
+def atna_message(entry: dict[str, Any], site: str, host: str) -> str:
+    """A PS3.15 A.5 AuditMessage (XML) for one audit row."""
+    code, display, action = EVENT_CODES.get(entry["event"], APPLICATION_ACTIVITY)
+    outcome = entry.get("outcome") or "success"
+    indicator = "0" if outcome == "success" else "4"  # 4: minor failure
+    when = dt.datetime.fromtimestamp(entry["at"], dt.UTC).isoformat()
+    root = ET.Element("AuditMessage")
+    event = ET.SubElement(root, "EventIdentification", EventActionCode=action,
+                          EventDateTime=when, EventOutcomeIndicator=indicator)
+    ET.SubElement(event, "EventID", csd_code=code, codeSystemName="DCM",
+                  originalText=display)
+    if indicator != "0":
+        ET.SubElement(event, "EventOutcomeDescription").text = outcome
+    ET.SubElement(event, "EventTypeCode", csd_code=entry["event"], codeSystemName="PAS",
+                  originalText=entry["event"])
+    actor = entry.get("actor") or "system"
+    participant = ET.SubElement(root, "ActiveParticipant", UserID=actor,
+                                UserIsRequestor="true")
+    if entry.get("source"):
+        participant.set("NetworkAccessPointID", entry["source"])
+        participant.set("NetworkAccessPointTypeCode", "2")  # IP address
+    ET.SubElement(root, "ActiveParticipant", UserID=f"PAS@{site}", UserIsRequestor="false",
+                  NetworkAccessPointID=host, NetworkAccessPointTypeCode="1")
+    ET.SubElement(root, "AuditSourceIdentification", AuditEnterpriseSiteID=site,
+                  AuditSourceID=f"pas@{host}")
+    if entry.get("target"):
+        target = ET.SubElement(root, "ParticipantObjectIdentification",
+                               ParticipantObjectID=str(entry["target"]),
+                               ParticipantObjectTypeCode="2",
+                               ParticipantObjectTypeCodeRole="3")
+        ET.SubElement(target, "ParticipantObjectIDTypeCode", csd_code="110180",
+                      codeSystemName="DCM", originalText="Study Instance UID")
+        if entry.get("detail"):
+            ET.SubElement(target, "ParticipantObjectDetail", type="detail",
+                          value=str(entry["detail"])[:1000])
+    return ET.tostring(root, encoding="unicode")
+
+
+def rfc5424(entry: dict[str, Any], site: str, host: str) -> bytes:
+    """One RFC 5424 message (MSGID = the event), the ATNA XML as its body."""
+    severity = 5 if (entry.get("outcome") or "success") == "success" else 4
+    priority = SYSLOG_FACILITY_AUTHPRIV * 8 + severity
+    when = dt.datetime.fromtimestamp(entry["at"], dt.UTC).isoformat(timespec="milliseconds")
+    msgid = "".join(c for c in entry["event"] if 33 <= ord(c) <= 126)[:32] or "-"
+    header = f"<{priority}>1 {when.replace('+00:00', 'Z')} {host[:255]} pas {os.getpid()} {msgid} -"
+    return f"{header} \ufeff{atna_message(entry, site, host)}".encode()
+
+
+def frame(message: bytes) -> bytes:
+    """RFC 5425 octet counting: ``LEN SP MSG``."""
+    return f"{len(message)} ".encode() + message
+
+
+class SyslogTlsSender:
+    """Sends queued audit messages to one collector over TLS, reconnecting as needed."""
+
+    def __init__(self, config: AuditSection, site: str, host: str):
+        self.config = config
+        self.site = site
+        self.host = host
+        self.queue: queue.Queue[bytes] = queue.Queue(maxsize=config.queue_max)
+        self.dropped = 0
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
+                                                  cafile=str(config.syslog_ca))
+        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if config.syslog_cert and config.syslog_key:
+            from appliance.ops.security import check_secret_file
+
+            check_secret_file(config.syslog_key, "audit.syslog_key")
+            self.context.load_cert_chain(str(config.syslog_cert), str(config.syslog_key))
+
+    def __call__(self, entry: dict[str, Any]) -> None:
+        try:
+            self.queue.put_nowait(rfc5424(entry, self.site, self.host))
+        except queue.Full:
+            self.dropped += 1
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="pas-audit-syslog", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _connect(self) -> ssl.SSLSocket:
+        raw = socket.create_connection((str(self.config.syslog_host), self.config.syslog_port),
+                                       timeout=10)
+        return self.context.wrap_socket(raw, server_hostname=str(self.config.syslog_host))
+
+    def _run(self) -> None:
+        connection: ssl.SSLSocket | None = None
+        pending: bytes | None = None
+        delay = 0.5
+        while not self._stop.is_set():
+            if pending is None:
+                try:
+                    pending = self.queue.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+            try:
+                if connection is None:
+                    connection = self._connect()
+                    delay = 0.5
+                connection.sendall(frame(pending))
+                self.sent += 1
+                pending = None
+            except (OSError, ssl.SSLError) as exc:
+                log.warning("audit syslog %s:%d unreachable (%s); retrying in %.1fs",
+                            self.config.syslog_host, self.config.syslog_port, exc, delay)
+                if connection is not None:
+                    with contextlib.suppress(OSError):
+                        connection.close()
+                connection = None
+                self._stop.wait(delay)
+                delay = min(delay * 2, 30.0)
+        if connection is not None:
+            with contextlib.suppress(OSError):
+                connection.close()
+
+
+def journal_sink(entry: dict[str, Any]) -> None:
+    """One journald entry per audit row, with searchable fields (AUDIT_EVENT=store...)."""
+    level = logging.INFO if (entry.get("outcome") or "success") == "success" else logging.WARNING
+    log.log(level, "audit %s by %s on %s: %s%s", entry["event"], entry.get("actor") or "-",
+            entry.get("target") or "-", entry.get("outcome"),
+            f" ({entry['detail']})" if entry.get("detail") else "",
+            extra={"AUDIT_EVENT": entry["event"], "AUDIT_ACTOR": entry.get("actor") or "",
+                   "AUDIT_OUTCOME": entry.get("outcome") or ""})
+
+
+def config_fingerprint(settings: Settings) -> dict[str, str]:
+    """SHA-256 per top-level section. Secrets never leave: only hashes are compared/stored."""
+    data = json.loads(settings.model_dump_json())
+    return {key: hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+            for key, value in sorted(data.items())}
+
+
+def record_config_change(db: Database, settings: Settings) -> list[str]:
+    """At start-up: an audit ``config`` event naming the sections that changed since the
+    last start (none recorded: the first start)."""
+    fingerprint = config_fingerprint(settings)
+    previous_rows = audit.recent(db, limit=1, event="config")
+    previous: dict[str, str] = {}
+    if previous_rows and previous_rows[0].get("detail"):
+        with contextlib.suppress(ValueError):
+            previous = json.loads(previous_rows[0]["detail"]).get("sections", {})
+    changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
+    if changed:
+        audit.record(db, "config", actor="system", target=None,
+                     detail=json.dumps({"changed": changed, "sections": fingerprint}))
+    return changed
+
+
+class AuditTrail:
+    """What the daemon installs at start-up and removes at stop."""
+
+    def __init__(self, settings: Settings, db: Database):
+        self.settings = settings
+        self.db = db
+        self.sender: SyslogTlsSender | None = None
+
+    def install(self) -> None:
+        audit.add_sink(journal_sink)
+        if self.settings.audit.syslog_host:
+            self.sender = SyslogTlsSender(self.settings.audit, self.settings.site,
+                                          socket.gethostname())
+            self.sender.start()
+            audit.add_sink(self.sender)
+        record_config_change(self.db, self.settings)
+
+    def close(self) -> None:
+        audit.remove_sink(journal_sink)
+        if self.sender is not None:
+            audit.remove_sink(self.sender)
+            self.sender.stop()

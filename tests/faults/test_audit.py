@@ -1,0 +1,155 @@
+"""The audit trail: one PS3.15-shaped event per storing association and per configuration
+change, in the append-only table, in the journal (stderr here) and at a real RFC 5424 syslog
+collector over TLS (RFC 5425 octet-counted frames) that the test runs on loopback. The
+collector starts late on purpose: PAS keeps storing while it is absent and delivers once it
+is up.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import sqlite3
+import ssl
+import subprocess
+import threading
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from tests.faults.pki import make_pki
+from tests.support.peers import CT_DIR, DCMTK_ENV, PasProcess, free_port, wait_for
+
+
+class SyslogTlsCollector:
+    """A TLS syslog receiver (RFC 5425 framing), loopback only."""
+
+    def __init__(self, pki: Path, port: int):
+        self.port = port
+        self.messages: list[str] = []
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(str(pki / "server.crt"), str(pki / "server.key"))
+        self.sock = socket.create_server(("127.0.0.1", port))
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def start(self) -> SyslogTlsCollector:
+        self.thread.start()
+        return self
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                raw, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=self._read, args=(raw,), daemon=True).start()
+
+    def _read(self, raw: socket.socket) -> None:
+        with self.context.wrap_socket(raw, server_side=True) as conn:
+            buffer = b""
+            while not self._stop.is_set():
+                data = conn.recv(65536)
+                if not data:
+                    return
+                buffer += data
+                while b" " in buffer:
+                    length, rest = buffer.split(b" ", 1)
+                    if len(rest) < int(length):
+                        break
+                    self.messages.append(rest[:int(length)].decode())
+                    buffer = rest[int(length):]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.sock.close()
+
+
+HEADER = re.compile(r"^<(\d+)>1 (\S+) (\S+) pas (\d+) (\S+) - \ufeff(<AuditMessage.*)$", re.S)
+
+
+def _by_msgid(messages: list[str], msgid: str) -> list[ET.Element]:
+    found = []
+    for message in messages:
+        match = HEADER.match(message)
+        assert match, f"not RFC 5424: {message[:200]!r}"
+        if match.group(5) == msgid:
+            found.append(ET.fromstring(match.group(6)))
+    return found
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Path:
+    return make_pki(tmp_path / "pki")
+
+
+def test_store_and_config_events_reach_table_journal_and_tls_syslog(tmp_path: Path,
+                                                                    pki: Path) -> None:
+    syslog_port = free_port()
+    env = {"PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_HTTP__ENABLED": "false",
+           "PAS_AUDIT__SYSLOG_HOST": "127.0.0.1", "PAS_AUDIT__SYSLOG_PORT": str(syslog_port),
+           "PAS_AUDIT__SYSLOG_CA": str(pki / "ca.crt")}
+    home = tmp_path / "pas"
+    pas = PasProcess(home, env).start()
+    collector = None
+    try:
+        files = sorted(str(p) for p in CT_DIR.glob("*.dcm"))[:3]
+        subprocess.run(["storescu", "-aec", "PAS", "-aet", "CT1", "127.0.0.1", str(pas.port),
+                        *files], env=DCMTK_ENV, check=True, capture_output=True, timeout=60)
+        # Collector absent so far: the store happened anyway; now it comes up.
+        collector = SyslogTlsCollector(pki, syslog_port).start()
+        wait_for(lambda: _by_msgid(collector.messages, "store"), 30, what="store at syslog")
+        store = _by_msgid(collector.messages, "store")[0]
+        event = store.find("EventIdentification")
+        assert event is not None and event.get("EventActionCode") == "C"
+        assert event.get("EventOutcomeIndicator") == "0"
+        assert event.find("EventID").get("csd_code") == "110104"  # type: ignore[union-attr]
+        requestor = store.find("ActiveParticipant[@UserIsRequestor='true']")
+        assert requestor is not None and requestor.get("UserID") == "CT1"
+        assert requestor.get("NetworkAccessPointID") == "127.0.0.1"
+        studies = store.find("ParticipantObjectIdentification").get("ParticipantObjectID")  # type: ignore[union-attr]
+        from pydicom import dcmread
+
+        expected = sorted({str(dcmread(f, stop_before_pixels=True).StudyInstanceUID)
+                           for f in files})
+        assert studies == ",".join(expected)
+        assert _by_msgid(collector.messages, "config"), "first start records the configuration"
+
+        conn = sqlite3.connect(home / "pas.sqlite")
+        rows = conn.execute("SELECT event, actor, source, target, detail FROM audit "
+                            "WHERE event = 'store'").fetchall()
+        assert rows == [("store", "CT1", "127.0.0.1", ",".join(expected),
+                         "3 instances stored, 0 refused")]
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            conn.execute("UPDATE audit SET outcome = 'success'")
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            conn.execute("DELETE FROM audit")
+        conn.close()
+        assert "audit store by CT1" in pas.log()  # the journal copy (stderr outside systemd)
+    finally:
+        pas.stop()
+
+    def config_events() -> list[tuple[str]]:
+        conn = sqlite3.connect(home / "pas.sqlite")
+        try:
+            return conn.execute("SELECT detail FROM audit WHERE event = 'config'").fetchall()
+        finally:
+            conn.close()
+
+    def restart(extra: dict[str, str]) -> None:
+        # The same ports as the first run: only what the test changes may differ.
+        again = PasProcess(home, env)
+        again.env = {**pas.env, **extra}  # every port PasProcess picked, as in the first run
+        again.port = pas.port
+        again.start().stop()
+
+    # Same configuration again: no new event. A changed [cache]: an event naming it.
+    restart({})
+    assert len(config_events()) == 1
+    restart({"PAS_CACHE__MIN_RETENTION_DAYS": "30"})
+    events = config_events()
+    assert len(events) == 2 and '"changed": ["cache"]' in events[-1][0]
+    if collector is not None:
+        collector.stop()
