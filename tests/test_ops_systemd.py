@@ -144,3 +144,16 @@ def test_daemon_sends_ready_after_port_open_then_watchdog(tmp_path: Path) -> Non
     finally:
         pas.stop()
         listener.close()
+
+
+def test_sysusers_creates_the_users_the_units_run_as(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    result = subprocess.run(
+        ["systemd-sysusers", "--dry-run", f"--root={tmp_path}", "-"],
+        input=(UNITS / "pas.sysusers.conf").read_text(), capture_output=True, text=True,
+        timeout=60)
+    assert result.returncode == 0, result.stderr
+    for name in SHIPPED:
+        user = re.search(r"^User=(\S+)$", (UNITS / name).read_text(), re.M)
+        assert user, name
+        assert f"Creating user '{user.group(1)}'" in result.stdout + result.stderr
