@@ -109,6 +109,7 @@ def test_whole_mr_study_arrives_bit_exact_with_a_signed_receipt(
         assert hashlib.sha256(stored.read_bytes()).hexdigest() == row["sha256"] == \
             shipment.originals[row["sop_instance_uid"]]
 
+    assert not (hub.home / "buckets" / shipment.transfer_id).exists()  # spent once receipted
     # Idempotent: commit again returns the same receipt; the archive holds no duplicate.
     assert http.post(shipment.url + "/commit").json() == receipt
     assert http.get(shipment.url + "/receipt").json() == receipt

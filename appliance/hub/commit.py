@@ -76,6 +76,7 @@ def commit_transfer(hub: Hub, transfer_id: str, key: Callable[[], bytes]) -> dic
         }
         receipt["signature"] = hub.pki.sign(receipt)
         store.set_receipt(hub.db, transfer_id, receipt)
+        store.remove_bucket_files(hub.settings.buckets_dir, transfer_id)
         log.info("transfer %s committed: %d instances archived (%s); rebuild %.2f s, "
                  "archive %.2f s", transfer_id, len(rebuilt), hub.settings.archive.kind,
                  rebuilt_at - started, time.monotonic() - rebuilt_at,

@@ -11,6 +11,7 @@ acknowledged.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -187,6 +188,19 @@ def write_bucket_file(root: Path, transfer_id: str, index: int, data: bytes) -> 
         temp.unlink(missing_ok=True)
         raise
     return relative
+
+
+def remove_bucket_files(root: Path, transfer_id: str) -> int:
+    """After the receipt: the archive holds the instances, the sealed buckets are spent (their
+    rows stay, so the held list and the byte counters still answer)."""
+    directory = root / transfer_id
+    removed = 0
+    for path in directory.glob("*.bkt"):
+        path.unlink(missing_ok=True)
+        removed += 1
+    with contextlib.suppress(OSError):
+        directory.rmdir()
+    return removed
 
 
 def remove_temp_buckets(root: Path) -> int:
