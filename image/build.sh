@@ -37,11 +37,21 @@ packages=(
   nftables unattended-upgrades apt-listchanges
   iproute2 ca-certificates openssh-server less
 )
-cache="$work/debootstrap-cache"
-mkdir -p "$cache"
-echo "== debootstrap $suite ($mirror)"
-debootstrap --variant=minbase --cache-dir="$cache" --include="$(IFS=,; echo "${packages[*]}")" \
-  "$suite" "$rootfs" "$mirror"
+# The Debian base is the slow part (minutes) and depends only on the suite and the package
+# list: it is kept in a cache keyed by both and copied, so rebuilding PAS takes about a minute.
+base_key="$(printf '%s\n' "$suite" "$mirror" "${packages[@]}" | sha256sum | cut -c1-16)"
+base_cache="${PAS_IMAGE_BASE_CACHE:-/var/cache/pas-image/base}/$base_key"
+if [ ! -f "$base_cache/.complete" ]; then
+  echo "== debootstrap $suite ($mirror) into $base_cache"
+  rm -rf "$base_cache" && mkdir -p "$base_cache"
+  debootstrap --variant=minbase --include="$(IFS=,; echo "${packages[*]}")" \
+    "$suite" "$base_cache/rootfs" "$mirror"
+  rm -rf "$base_cache/rootfs/var/cache/apt/archives/"*.deb
+  touch "$base_cache/.complete"
+else
+  echo "== Debian base from $base_cache"
+fi
+cp -a "$base_cache/rootfs" "$rootfs"
 
 echo "== PAS $version ($commit) into /opt/pas/$version"
 wheels="$work/wheels"
