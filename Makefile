@@ -45,6 +45,11 @@ bench-ingest: deps-test venv
 # BENCH_ARGS=--quick for the 20 Mbit/s link only. Root (network namespaces, TUN).
 bench-wan: deps-test venv
 	$(PY) -m bench.wan.run $(BENCH_ARGS)
+# PAS alone on the emulated WAN: 30 s outage mid-CT, hub.max_mbps held over 60 s, peak RSS
+# sending a ~2 GB study (BENCH_ARGS="outage" or "cap" or "memory --big-gb 1" to pick).
+bench-wan-scenarios: deps-test venv
+	$(PY) -m bench.wan.scenarios $(BENCH_ARGS)
+
 
 # PAS alone on the emulated WAN: 30 s outage mid-CT, hub.max_mbps held over 60 s, peak RSS
 # sending a ~2 GB study (BENCH_ARGS="outage" or "cap" or "memory --big-gb 1" to pick).

@@ -122,9 +122,25 @@ class SiteAppliance:
         _stop(self.proc)
 
 
-def _stop(proc: subprocess.Popen[bytes] | None) -> None:
+def _profile(procs: dict[str, subprocess.Popen[bytes] | None]) -> list[subprocess.Popen[bytes]]:
+    """With PAS_BENCH_PYSPY=<folder>: py-spy (pip-installed in the venv, not a project
+    dependency) samples the appliance and the hub while the study is timed; collapsed stacks
+    land in <folder>/<name>.txt (summarise with ``python -m bench.wan.profile``)."""
+    folder = os.environ.get("PAS_BENCH_PYSPY")
+    if not folder:
+        return []
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    spy = Path(PAS_BIN).parent / "py-spy"
+    return [subprocess.Popen([str(spy), "record", "--format", "raw", "--rate", "200",
+                              "--threads", "-p", str(proc.pid), "-o",
+                              f"{folder}/{name}-{proc.pid}.txt"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for name, proc in procs.items() if proc is not None]
+
+
+def _stop(proc: subprocess.Popen[bytes] | None, how: int = signal.SIGTERM) -> None:
     if proc and proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(how)
         try:
             proc.wait(15)
         except subprocess.TimeoutExpired:
@@ -142,6 +158,7 @@ def run_pas(link: WanLink, dataset: Dataset, scratch: Path, timeout: float,
         appliance = SiteAppliance(link, scratch / "appliance", env or {})
         appliance.enroll(hub)
         appliance.start()
+        profilers = _profile({"appliance": appliance.proc, "hub": hub.proc})
         link.reset()
         ingest = subprocess.run(
             ["storescu", "-aec", "PAS", "-aet", "MODALITY", "+sd", "+r",
@@ -158,6 +175,8 @@ def run_pas(link: WanLink, dataset: Dataset, scratch: Path, timeout: float,
             time.sleep(0.1)
         end_ns = time.monotonic_ns()
         stats = link.stats()
+        for profiler in profilers:
+            _stop(profiler, signal.SIGINT)
         status = appliance.status() if appliance.proc and appliance.proc.poll() is None else {}
         confirmed = int(status.get("confirmed_instances", 0))
         stored = stored_count(regional)

@@ -103,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
                 for ds in datasets:
                     for peer in peers:
                         folder = scratch / f"{name}-{ds.name[:2]}-{peer}"
-                        r = available[peer](link, ds, folder, args.timeout)
+                        try:
+                            r = available[peer](link, ds, folder, args.timeout)
+                        except Exception as exc:  # one failed row, not a lost run
+                            r = Result(spec, ds, peer, float("nan"), 0, 0, 0,
+                                       f"{type(exc).__name__}: {exc}"[:300])
                         results.append(r)
                         print(f"  {ds.name:16} {r.peer:16} {r.seconds:7.1f} s  "
                               f"{r.x_link:5.2f}x link  wire up {r.wire_up / 1e6:6.1f} MB"
