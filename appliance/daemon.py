@@ -95,9 +95,11 @@ class Daemon:
             self._spawn("pas-scrub", lambda: scrubber.run(self.stopping,
                                                           self.settings.cache.scrub_pause_s))
         if self.settings.http.enabled:
+            from appliance.serving.wiring import web_tls  # serving.auth = client_cert
             from appliance.web.app import WebServer, build_app
 
-            self.web = WebServer(build_app(self), self.settings.http.host, self.settings.http.port)
+            self.web = WebServer(build_app(self), self.settings.http.host, self.settings.http.port,
+                                 **web_tls(self.settings))
             self.web.start()
         self.dispatcher.start()
         self._start_prefetch()

@@ -3,27 +3,36 @@
 PAS holds the real CT and MR sets (C-STORE from DCMTK) and a multi-frame JPEG-LS MR sent by
 STOW-RS. Search, retrieve, metadata, frames and rendered images are checked against the files
 themselves (UIDs, SHA-256, pixel arrays); bad inputs get a 4xx naming the problem and change
-nothing; bearer authentication refuses what it must.
+nothing; bearer and client-certificate authentication refuse what they must.
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import io
+import ipaddress
 import sqlite3
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from dicomweb_client import DICOMwebClient
 from PIL import Image
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from requests import HTTPError
 
-from tests.support.peers import CT_DIR, MR_DIR, PasProcess, storescu
+from tests.support.peers import CT_DIR, MR_DIR, PasProcess, storescu, wait_for
 
 MULTIFRAME = Path(get_testdata_file("emri_small_jpeg_ls_lossless.dcm"))  # type: ignore[arg-type]
 TOKEN = "s3cret-viewer-token"
@@ -187,5 +196,68 @@ def test_bearer_token_required_when_configured(tmp_path: Path) -> None:
             DICOMwebClient(url).search_for_studies()
         authorised = DICOMwebClient(url, headers={"Authorization": f"Bearer {TOKEN}"})
         assert len(authorised.search_for_studies()) == 1
+    finally:
+        pas.stop()
+
+
+def _issue(subject: str, issuer_key: Any, issuer_name: Any, *, ca: bool = False,
+           ip: str | None = None) -> tuple[Any, Any]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (x509.CertificateBuilder().subject_name(name)
+               .issuer_name(issuer_name or name).public_key(key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if ip:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]),
+            critical=False)
+    cert = builder.sign(issuer_key or key, hashes.SHA256())
+    return key, cert
+
+
+def _write(folder: Path, name: str, key: Any, cert: Any) -> tuple[str, str]:
+    crt, pem = folder / f"{name}.crt", folder / f"{name}.key"
+    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pem.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                      serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+    return str(crt), str(pem)
+
+
+def test_client_certificate_required_when_configured(tmp_path: Path) -> None:
+    ca_key, ca_cert = _issue("viewers CA", None, None, ca=True)
+    ca_crt, _ = _write(tmp_path, "ca", ca_key, ca_cert)
+    server = _write(tmp_path, "server", *_issue("pas", ca_key, ca_cert.subject, ip="127.0.0.1"))
+    viewer = _write(tmp_path, "viewer", *_issue("viewer-1", ca_key, ca_cert.subject))
+    rogue_key, rogue_cert = _issue("rogue CA", None, None, ca=True)
+    rogue = _write(tmp_path, "rogue", *_issue("viewer-x", rogue_key, rogue_cert.subject))
+    pas = PasProcess(tmp_path / "pas", {
+        "PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_PREFETCH__ENABLED": "false",
+        "PAS_SERVING__AUTH": "client_cert", "PAS_SERVING__TLS_CERT": server[0],
+        "PAS_SERVING__TLS_KEY": server[1], "PAS_SERVING__TLS_CLIENT_CA": ca_crt}).start()
+    try:
+        storescu(next(iter(sorted(CT_DIR.glob("*.dcm")))), pas.port)
+        url = f"https://127.0.0.1:{pas.http_port}/dicom-web/studies"
+        trusted = ssl.create_default_context(cafile=ca_crt)
+        with_cert = ssl.create_default_context(cafile=ca_crt)
+        with_cert.load_cert_chain(*viewer)
+        studies = wait_for(lambda: httpx.get(url, verify=with_cert, timeout=5).json(), 20,
+                           what="DICOMweb over TLS")
+        assert len(studies) == 1
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url, verify=trusted, timeout=5)  # no client certificate
+        foreign = ssl.create_default_context(cafile=ca_crt)
+        foreign.load_cert_chain(*rogue)
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url, verify=foreign, timeout=5)  # a certificate from another CA
+        session = requests.Session()
+        session.verify, session.cert = ca_crt, viewer
+        session.trust_env = False  # else REQUESTS_CA_BUNDLE overrides session.verify
+        assert len(DICOMwebClient(url.removesuffix("/studies"), session=session)
+                   .search_for_studies()) == 1
     finally:
         pas.stop()

@@ -7,12 +7,14 @@ stays a list of start-up steps. May not touch: SQL, spool writes.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+import ssl
+from typing import TYPE_CHECKING, Any
 
 from appliance.serving.fetch import make_fetcher, make_region_find
 from appliance.serving.qr import QueryRetrieveService
 
 if TYPE_CHECKING:
+    from appliance.config import Settings
     from appliance.daemon import Daemon
 
 log = logging.getLogger("pas.serving")
@@ -29,3 +31,14 @@ def wire_serving(daemon: Daemon) -> None:
     from appliance.serving.dicomweb import daemon_routes
 
     daemon.route_providers.append(daemon_routes)
+
+
+def web_tls(settings: Settings) -> dict[str, Any]:
+    """uvicorn TLS options when DICOMweb requires client certificates (``serving.auth =
+    "client_cert"``): the whole HTTP port then speaks TLS and refuses, in the handshake, a
+    client without a certificate from ``tls_client_ca``. Empty otherwise."""
+    serving = settings.serving
+    if not serving.enabled or serving.auth != "client_cert":
+        return {}
+    return {"ssl_certfile": str(serving.tls_cert), "ssl_keyfile": str(serving.tls_key),
+            "ssl_ca_certs": str(serving.tls_client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
