@@ -157,3 +157,12 @@ def test_sysusers_creates_the_users_the_units_run_as(tmp_path: Path) -> None:
         user = re.search(r"^User=(\S+)$", (UNITS / name).read_text(), re.M)
         assert user, name
         assert f"Creating user '{user.group(1)}'" in result.stdout + result.stderr
+
+
+def test_status_line_names_each_destination_backlog() -> None:
+    from appliance.ops.notify import backlog_status
+
+    assert backlog_status([]) == "idle: nothing queued"
+    line = backlog_status([{"destination": "hub", "studies": 3, "oldest_age_s": 42.4},
+                           {"destination": "archive", "studies": 1, "oldest_age_s": 7.0}])
+    assert line == "backlog hub: 3 studies, oldest 42s; archive: 1 studies, oldest 7s"
