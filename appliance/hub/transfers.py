@@ -136,6 +136,8 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
         transfer_id = request.path_params["transfer_id"]
         row = store.get_transfer(hub.db, transfer_id, request.state.site)
         if row is None:
+            log.warning("site %s: %s %s: unknown transfer", request.state.site, request.method,
+                        request.url.path, extra={"SITE": request.state.site})
             return None, problem(404, "unknown_transfer", f"no transfer {transfer_id}")
         return row, None
 
@@ -148,6 +150,7 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
         index = int(request.path_params["index"])
         where = f"transfer {row['id']} bucket {index}"
         if row["receipt"] is not None:
+            log.warning("site %s: %s refused: transfer already committed", site, where)
             return problem(409, "committed", f"transfer {row['id']} is already committed")
         if not 0 <= index < row["bucket_count"]:
             log.warning("site %s: %s out of range", site, where)
