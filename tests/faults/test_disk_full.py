@@ -96,7 +96,8 @@ def test_disk_full_refuses_with_a700_then_recovers(small_disk: Path, floor_mb: i
         try:
             wait_for(lambda: "disk alert cleared" in pas.log(), 15, what="the alert to clear")
         except TimeoutError:
-            lines = [x for x in pas.log().splitlines() if "prefetch" not in x and "routing" not in x]
+            lines = [x for x in pas.log().splitlines()
+                     if "prefetch" not in x and "routing" not in x]
             raise AssertionError("alert not cleared; log:\n" + "\n".join(lines[-60:])) from None
     finally:
         pas.stop()

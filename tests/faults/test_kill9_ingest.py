@@ -23,7 +23,7 @@ from tests.faults.helpers import (
 )
 from tests.support.peers import DCMTK_ENV, MR_DIR, PasProcess
 
-ROUNDS = int(os.environ.get("PAS_FAULT_ROUNDS", "10"))
+ROUNDS = int(os.environ.get("PAS_FAULT_ROUNDS", "8"))
 SLICE = 80
 
 

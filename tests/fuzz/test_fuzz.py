@@ -19,7 +19,7 @@ from pydicom.data import get_testdata_file
 
 from tests.support.peers import CT_DIR, ROOT
 
-SECONDS = int(os.environ.get("PAS_FUZZ_SECONDS", "12"))
+SECONDS = int(os.environ.get("PAS_FUZZ_SECONDS", "10"))
 RSS_LIMIT_MB = 1024
 
 
