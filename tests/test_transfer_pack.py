@@ -244,7 +244,9 @@ def test_jpegls_that_is_not_exact_falls_back_to_zstd_and_is_counted(
         return real_encode(bytes(broken), *args)
 
     monkeypatch.setattr(jls, "encode", damaging_encode)
+    # CT slices are bands of their own; MR images are stacked: both kinds fall back.
     items = [item_for(p) for p in sorted(CT_DIR.glob("*.dcm"))[:4]]
+    items += [item_for(p) for p in sorted(MR_DIR.glob("*.dcm"))[:10]]
     rebuilt, stats, _ = round_trip(items)
     assert_exact(items, rebuilt)
     assert stats["jpegls"] == 0
@@ -365,7 +367,8 @@ def test_mutated_payloads_give_pieces_or_a_clear_error(position: int, value: int
 def band_dtypes(payload: bytes) -> list[str]:
     (length,) = struct.unpack_from(">I", payload, 6)
     header = json.loads(payload[10 : 10 + length])
-    return [seg[6] for entry in header["entries"] for seg in entry["segs"] if seg[0] == 1]
+    return [seg[6] if seg[0] == 1 else seg[7]
+            for entry in header["entries"] for seg in entry["segs"] if seg[0] in (1, 3)]
 
 
 def test_layout_of_a_same_size_file_is_reused_only_when_its_header_matches(
@@ -416,3 +419,22 @@ def test_concurrent_packing_is_exact_and_deterministic() -> None:
             rebuilt.setdefault(piece.sop_instance_uid, []).append(piece)
     assert_exact(items, {uid: b"".join(p.data for p in sorted(parts, key=lambda p: p.offset))
                          for uid, parts in rebuilt.items()})
+
+
+def test_small_images_are_stacked_and_a_bad_stack_row_range_is_refused() -> None:
+    items = [item_for(p) for p in sorted(MR_DIR.glob("*.dcm"))[:30]]
+    payload, stats = pack_bucket(plan_buckets(items)[0])
+    (length,) = struct.unpack_from(">I", payload, 6)
+    header = json.loads(payload[10 : 10 + length])
+    stacked = [seg for entry in header["entries"] for seg in entry["segs"] if seg[0] == 3]
+    assert len(stacked) == len(items) and len({seg[1] for seg in stacked}) == 1
+    assert stats["jpegls"] == sum(seg[3] * seg[4] * 2 for seg in stacked)
+    rebuilt = {p.sop_instance_uid: p.data for p in unpack_bucket(payload)}
+    assert_exact(items, rebuilt)
+
+    def beyond_the_stack(h: dict) -> None:
+        last = [seg for seg in h["entries"][-1]["segs"] if seg[0] == 3][0]
+        last[2] += 1  # one row past the stack's end
+
+    with pytest.raises(BucketFormatError, match="asks for rows"):
+        list(unpack_bucket(rewrite_header(payload, beyond_the_stack)))

@@ -22,9 +22,10 @@ header: ``{"v": 1, "raw": <bytes in the zstd stream>, "blobs": [<len>, ...],
 "entries": [{"uid", "offset", "length", "total", "segs": [...]}]}`` where blob 0 is the
 zstd frame (empty when ``raw`` is 0), the others JPEG-LS codestreams, and each segment is
 ``[0, n]`` (the next n bytes of the zstd stream), ``[1, blob, rows, cols, comps, ilv, dtype,
-base]`` (a JPEG-LS band: decoded samples + ``base``, stored as ``dtype``) or ``[2, n]`` (the
+base]`` (a JPEG-LS band: decoded samples + ``base``, stored as ``dtype``), ``[2, n]`` (the
 next n bytes of the zstd stream's tail, which follows all kind-0 bytes: bands that JPEG-LS
-could not carry exactly).
+could not carry exactly or usefully) or ``[3, blob, first_row, rows, cols, comps, ilv, dtype,
+base]`` (rows of a stack: small images of one geometry encoded as one JPEG-LS image).
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ DEFAULT_TARGET = 6 * 1024 * 1024
 MIN_BAND_BYTES = 4096
 # Large bands are cut so that two cores can encode parts of one big image at once.
 MAX_BAND_BYTES = 2 * 1024 * 1024
+# Bands smaller than this (the 64x64 images of an MR series) are stacked, rows under rows,
+# with others of the same geometry into one JPEG-LS image of up to STACK_TARGET bytes:
+# CharLS's adaptive contexts learn over the whole stack (MR: 4 % smaller), in fewer calls.
+STACK_BELOW = 64 * 1024
+STACK_TARGET = 1024 * 1024
 READ_CHUNK = 1024 * 1024
 
 # A band whose JPEG-LS is not at least this much smaller than its bytes (noise) goes to zstd.
@@ -190,28 +196,70 @@ def _encode_band(band: _Band) -> _Band:
     return band
 
 
-def _band_bytes(
-    blob: bytes, rows: int, columns: int, comps: int, ilv: int, dtype: str, base: int
-) -> bytes:
-    """Decode one band back to the original stored bytes."""
+def _decode_band(blob: bytes, columns: int, comps: int, ilv: int) -> tuple[bytes, int, int]:
+    """(samples, bytes per sample, rows) of a JPEG-LS band, its declared geometry checked
+    against the bucket header before CharLS allocates anything."""
     info = jls.read_info(blob)
-    if (info.width, info.height, info.components) != (columns, rows, comps):
+    if (info.width, info.components) != (columns, comps):
         raise BucketFormatError(
-            f"JPEG-LS band is {info.width}x{info.height}x{info.components}, header says "
-            f"{columns}x{rows}x{comps}"
-        )
+            f"JPEG-LS band is {info.width} wide with {info.components} components, the "
+            f"header says {columns} and {comps}")
     if info.interleave != ilv:
         raise BucketFormatError("JPEG-LS band interleave mode differs from the header")
+    size = 1 if info.bits <= 8 else 2
     samples, _ = jls.decode(blob)
-    if len(samples) != rows * columns * comps * (1 if info.bits <= 8 else 2):
+    if len(samples) != info.height * columns * comps * size:
         raise BucketFormatError("JPEG-LS band decodes to an unexpected number of bytes")
-    values = np.frombuffer(samples, dtype="u1" if info.bits <= 8 else "<u2")
+    return samples, size, info.height
+
+
+def _stored_bytes(samples: bytes | memoryview, size: int, dtype: str, base: int) -> bytes:
+    """The inverse of the packing shift, in the same wrapping arithmetic; the stored byte
+    order and signedness are a reinterpretation of the same bits."""
+    values = np.frombuffer(samples, dtype="u1" if size == 1 else "<u2")
     unsigned = np.dtype(dtype.replace("i", "u"))
-    # The inverse of the packing shift, in the same wrapping arithmetic; the stored byte
-    # order and signedness are a reinterpretation of the same bits.
     native = unsigned.newbyteorder("=")
     out = values.astype(native) + native.type(base % (1 << (8 * native.itemsize)))
     return out.astype(unsigned, copy=False).tobytes()
+
+
+def _band_bytes(
+    blob: bytes, rows: int, columns: int, comps: int, ilv: int, dtype: str, base: int
+) -> bytes:
+    """Decode one whole band back to the original stored bytes."""
+    samples, size, height = _decode_band(blob, columns, comps, ilv)
+    if height != rows:
+        raise BucketFormatError(f"JPEG-LS band has {height} rows, the header says {rows}")
+    return _stored_bytes(samples, size, dtype, base)
+
+
+@dataclass
+class _Stack:
+    """Small bands of one geometry gathered into one JPEG-LS image."""
+
+    layout: PixelLayout
+    parts: list[memoryview]
+    rows: int = 0
+    size: int = 0
+    future: Future[_Band] | None = None
+
+    def submit(self) -> None:
+        joined = memoryview(b"".join(self.parts))
+        self.future = _pool().submit(_encode_band, _Band(joined, self.rows, self.layout))
+        self.parts = []
+
+
+@dataclass
+class _Member:
+    """One band of one entry, in payload order: encoded alone or as rows of a stack."""
+
+    number: int  # entry index
+    seg: list[Any]  # the entry's segment to fill
+    data: memoryview
+    rows: int
+    future: Future[_Band] | None = None  # encoded alone
+    stack: _Stack | None = None  # or stacked, from row ``row_start``
+    row_start: int = 0
 
 
 def _read_range(item: PackItem, offset: int, length: int) -> bytes:
@@ -307,7 +355,8 @@ def pack_bucket(plan: BucketPlan, level: str = "default") -> tuple[bytes, dict[s
     frame_parts: list[bytes] = []
     raw_size = 0
     entries: list[dict[str, Any]] = []
-    pending: list[tuple[int, list[Any], Future[_Band]]] = []  # (entry, its segs, band)
+    members: list[_Member] = []
+    open_stacks: dict[tuple[int, int, str], _Stack] = {}
     for number, (item, offset, length) in enumerate(plan.entries):
         data = _read_range(item, offset, length)
         if offset == 0 and length == item.size:
@@ -319,9 +368,23 @@ def pack_bucket(plan: BucketPlan, level: str = "default") -> tuple[bytes, dict[s
         view = memoryview(data)  # bands and zstd input without copying the piece again
         for start, end, is_band in _split_piece(data, offset, layout):
             if is_band and layout is not None:
-                band = _Band(view[start:end], (end - start) // layout.row_bytes, layout)
                 segs.append([])  # filled once the band is encoded
-                pending.append((number, segs[-1], _pool().submit(_encode_band, band)))
+                member = _Member(number, segs[-1], view[start:end],
+                                 (end - start) // layout.row_bytes)
+                if end - start >= STACK_BELOW:
+                    member.future = _pool().submit(
+                        _encode_band, _Band(member.data, member.rows, layout))
+                else:
+                    key = (layout.columns, layout.comps, layout.dtype)
+                    stack = open_stacks.setdefault(key, _Stack(layout, []))
+                    member.stack, member.row_start = stack, stack.rows
+                    stack.parts.append(member.data)
+                    stack.rows += member.rows
+                    stack.size += end - start
+                    if stack.size >= STACK_TARGET:
+                        stack.submit()
+                        del open_stacks[key]
+                members.append(member)
                 continue
             if segs and segs[-1] and segs[-1][0] == 0:
                 segs[-1][1] += end - start
@@ -335,24 +398,42 @@ def pack_bucket(plan: BucketPlan, level: str = "default") -> tuple[bytes, dict[s
                         "total": item.size, "segs": segs})
         stats["original"] += length
         stats["instances"] += 1
+    for stack in open_stacks.values():
+        stack.submit()
     blobs: list[bytes] = []
+    stack_blobs: dict[int, int] = {}  # id(stack) -> blob index
     fallback_entries: set[int] = set()
     pool_cpu_s = 0.0
-    for number, seg, future in pending:
+    for member in members:
+        future = member.future if member.stack is None else member.stack.future
+        assert future is not None
         band = future.result()
-        pool_cpu_s += band.cpu_s
         layout = band.layout
-        if band.blob is not None:
-            blobs.append(band.blob)
-            seg.extend([1, len(blobs), band.rows, layout.columns, layout.comps,
-                        2 if layout.comps == 3 else 0, layout.dtype, band.base])
-            stats["jpegls"] += len(band.data)
+        shape = [layout.columns, layout.comps, 2 if layout.comps == 3 else 0, layout.dtype]
+        if member.stack is None:
+            pool_cpu_s += band.cpu_s
+            if band.blob is not None:
+                blobs.append(band.blob)
+                member.seg.extend([1, len(blobs), member.rows, *shape, band.base])
+                stats["jpegls"] += len(member.data)
+                continue
         else:
-            fallback_entries.add(number)
-            seg.extend([2, len(band.data)])
-            frame_parts.append(stream.compress(band.data))
-            raw_size += len(band.data)
-            stats["zstd"] += len(band.data)
+            if id(member.stack) not in stack_blobs:  # first member: the stack's blob
+                pool_cpu_s += band.cpu_s
+                if band.blob is not None:
+                    blobs.append(band.blob)
+                stack_blobs[id(member.stack)] = len(blobs)
+            if band.blob is not None:
+                member.seg.extend([3, stack_blobs[id(member.stack)], member.row_start,
+                                   member.rows, *shape, band.base])
+                stats["jpegls"] += len(member.data)
+                continue
+        if band.failed:
+            fallback_entries.add(member.number)
+        member.seg.extend([2, len(member.data)])
+        frame_parts.append(stream.compress(member.data))
+        raw_size += len(member.data)
+        stats["zstd"] += len(member.data)
     stats["jpegls_fallback"] = len(fallback_entries)
     frame_parts.append(stream.flush())
     frame = b"".join(frame_parts) if raw_size else b""
@@ -437,6 +518,7 @@ def unpack_bucket(payload: bytes) -> Iterator[Piece]:
         if blob_lengths[0]:
             raise BucketFormatError("zstd blob present but raw size is 0")
         solid = b""
+    stacks: dict[int, tuple[bytes, int, int]] = {}  # blob -> decoded samples, size, rows
     cursor = 0  # kind 0: bytes in piece order
     tail = sum(seg[1] for e in entries for seg in e["segs"] if seg[0] == 0)  # kind 2 after
     for entry in entries:
@@ -449,13 +531,13 @@ def unpack_bucket(payload: bytes) -> Iterator[Piece]:
                 parts.append(solid[tail : tail + seg[1]])
                 tail += seg[1]
             else:
-                _, blob, rows, columns, comps, ilv, dtype, base = seg
                 try:
-                    parts.append(_band_bytes(blobs[blob], rows, columns, comps, ilv, dtype, base))
+                    parts.append(_segment_bytes(seg, blobs, stacks))
                 except BucketFormatError:
                     raise
                 except Exception as exc:
-                    raise BucketFormatError(f"JPEG-LS band {blob} does not decode: {exc}") from None
+                    raise BucketFormatError(
+                        f"JPEG-LS band {seg[1]} does not decode: {exc}") from None
         data = b"".join(parts)
         if len(data) != entry["length"]:
             raise BucketFormatError(
@@ -464,12 +546,33 @@ def unpack_bucket(payload: bytes) -> Iterator[Piece]:
         yield Piece(entry["uid"], entry["offset"], entry["total"], data)
 
 
+def _segment_bytes(seg: list[Any], blobs: list[bytes],
+                   stacks: dict[int, tuple[bytes, int, int]]) -> bytes:
+    """The stored bytes of a JPEG-LS segment: a whole band (kind 1), or rows of a stack
+    (kind 3; the stack is decoded once per bucket)."""
+    if seg[0] == 1:
+        _, blob, rows, columns, comps, ilv, dtype, base = seg
+        return _band_bytes(blobs[blob], rows, columns, comps, ilv, dtype, base)
+    _, blob, row_start, rows, columns, comps, ilv, dtype, base = seg
+    if blob not in stacks:
+        stacks[blob] = _decode_band(blobs[blob], columns, comps, ilv)
+    samples, size, height = stacks[blob]
+    if row_start + rows > height:
+        raise BucketFormatError(
+            f"JPEG-LS stack {blob} has {height} rows, a segment asks for rows "
+            f"{row_start}-{row_start + rows}")
+    row_bytes = columns * comps * size
+    return _stored_bytes(memoryview(samples)[row_start * row_bytes : (row_start + rows) *
+                                             row_bytes], size, dtype, base)
+
+
 def _validate_entries(entries: list[Any], raw_size: int, blob_count: int) -> list[dict[str, Any]]:
     """Check every entry and segment so that unpacking cannot index out of range, allocate
     without bound, or loop on attacker-chosen numbers."""
     solid_used = 0
     produced = 0
-    used_blobs: set[int] = set()
+    used_blobs: set[int] = set()  # kind 1: one segment each
+    stack_blobs: set[int] = set()  # kind 3: shared by the rows of a stack
     for number, entry in enumerate(entries):
         where = f"entry {number}"
         if not isinstance(entry, dict):
@@ -485,7 +588,7 @@ def _validate_entries(entries: list[Any], raw_size: int, blob_count: int) -> lis
             raise BucketFormatError(f"{where} has no segment list")
         covered = 0
         for seg in segs:
-            if not isinstance(seg, list) or not seg or seg[0] not in (0, 1, 2):
+            if not isinstance(seg, list) or not seg or seg[0] not in (0, 1, 2, 3):
                 raise BucketFormatError(f"{where} has a malformed segment {seg!r}")
             if seg[0] in (0, 2):
                 if len(seg) != 2:
@@ -493,20 +596,24 @@ def _validate_entries(entries: list[Any], raw_size: int, blob_count: int) -> lis
                 covered += _int(seg[1], f"{where} zstd segment length")
                 solid_used += seg[1]
                 continue
-            if len(seg) != 8:
+            stacked = seg[0] == 3
+            if len(seg) != (9 if stacked else 8):
                 raise BucketFormatError(f"{where} has a malformed JPEG-LS segment")
             blob = _int(seg[1], f"{where} blob index", 1, blob_count - 1)
-            if blob in used_blobs:
+            if blob in used_blobs or (not stacked and blob in stack_blobs):
                 raise BucketFormatError(f"{where} reuses JPEG-LS blob {blob}")
-            used_blobs.add(blob)
-            rows = _int(seg[2], f"{where} rows", 1, 1 << 20)
-            columns = _int(seg[3], f"{where} columns", 1, 1 << 20)
-            comps = _int(seg[4], f"{where} components", 1, 3)
-            _int(seg[5], f"{where} interleave", 0, 2)
-            if seg[6] not in _DTYPES:
-                raise BucketFormatError(f"{where} has an unknown sample type {seg[6]!r}")
-            _int(seg[7], f"{where} base", -(1 << 16), 1 << 16)
-            covered += rows * columns * comps * np.dtype(seg[6]).itemsize
+            (stack_blobs if stacked else used_blobs).add(blob)
+            shape = seg[3:] if stacked else seg[2:]
+            if stacked:
+                _int(seg[2], f"{where} first row", 0, 1 << 24)
+            rows = _int(shape[0], f"{where} rows", 1, 1 << 20)
+            columns = _int(shape[1], f"{where} columns", 1, 1 << 20)
+            comps = _int(shape[2], f"{where} components", 1, 3)
+            _int(shape[3], f"{where} interleave", 0, 2)
+            if shape[4] not in _DTYPES:
+                raise BucketFormatError(f"{where} has an unknown sample type {shape[4]!r}")
+            _int(shape[5], f"{where} base", -(1 << 16), 1 << 16)
+            covered += rows * columns * comps * np.dtype(shape[4]).itemsize
             if covered > length:
                 break
         if covered != length:
@@ -516,6 +623,6 @@ def _validate_entries(entries: list[Any], raw_size: int, blob_count: int) -> lis
             raise BucketFormatError("bucket unpacks to more than the allowed size")
     if solid_used != raw_size:
         raise BucketFormatError(f"segments use {solid_used} zstd bytes, header says {raw_size}")
-    if len(used_blobs) != blob_count - 1:
+    if len(used_blobs | stack_blobs) != blob_count - 1:
         raise BucketFormatError("bucket carries JPEG-LS blobs no entry uses")
     return entries
