@@ -38,6 +38,7 @@ from bench.wan.peers import regional_orthanc  # noqa: E402
 from tests.support.peers import (  # noqa: E402
     CT_DIR,
     DCMTK_ENV,
+    MR_DIR,
     PAS_BIN,
     Orthanc,
     port_open,
@@ -45,10 +46,10 @@ from tests.support.peers import (  # noqa: E402
 )
 
 
-def older_studies() -> dict[str, tuple[str, list[Path]]]:
+def older_studies(folder: Path = CT_DIR) -> dict[str, tuple[str, list[Path]]]:
     """PatientID -> (StudyInstanceUID, files) of the older study."""
     studies: dict[str, dict[str, tuple[str, list[Path]]]] = {}
-    for path in sorted(CT_DIR.glob("*.dcm")):
+    for path in sorted(folder.rglob("*.dcm")):
         ds = dcmread(path, stop_before_pixels=True)
         by_date = studies.setdefault(str(ds.PatientID), {})
         by_date.setdefault(str(ds.StudyDate), (str(ds.StudyInstanceUID), []))[1].append(path)
@@ -87,7 +88,8 @@ def run_pas(link: WanLink, scratch: Path, priors: dict[str, tuple[str, list[Path
                                 content=path.read_bytes()).raise_for_status()
         hub = Hub(link, scratch / "hub", "http://127.0.0.1:8042/dicom-web").start()
         appliance = SiteAppliance(link, scratch / "appliance", {
-            "PAS_HL7__HOST": "0.0.0.0", "PAS_PREFETCH__PARALLEL": str(parallel),
+            "PAS_HL7__HOST": "0.0.0.0", "PAS_PREFETCH__ENABLED": "true",
+            "PAS_PREFETCH__PARALLEL": str(parallel),
             "PAS_PREFETCH__CHECK_INTERVAL_S": "0.2"})
         appliance.enroll(hub)
         appliance.start()
@@ -113,6 +115,11 @@ def run_pas(link: WanLink, scratch: Path, priors: dict[str, tuple[str, list[Path
         rows = wait_for(fetched, 600, interval=0.1, what="all priors fetched")
         seconds = time.monotonic() - start
         return seconds, sum(r["instances_fetched"] for r in rows), link.stats().down_in
+    except Exception:
+        log = scratch / "appliance" / "pas.log"
+        if log.exists():
+            print(log.read_text()[-3000:], file=sys.stderr)
+        raise
     finally:
         if appliance:
             appliance.stop()
@@ -156,9 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rtt", type=float, default=70)
     parser.add_argument("--loss", type=float, default=0.001)
     parser.add_argument("--parallel", type=int, default=4, help="prefetch.parallel")
+    parser.add_argument("--set", choices=["ct", "mr"], default="ct",
+                        help="ct: 10 patients' older CT; mr: the one MR study (520 x 86 kB)")
     args = parser.parse_args(argv)
     spec = LinkSpec("bench", args.mbit, args.rtt, args.loss)
-    priors = older_studies()
+    priors = older_studies(CT_DIR if args.set == "ct" else MR_DIR)
     files = sorted({p for _, fs in priors.values() for p in fs})
     distinct = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in files}
     original = sum(p.stat().st_size for p in distinct.values())
@@ -171,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         get_s, get_n, get_down = run_getscu(link, scratch, priors)
     lines = [
         f"Prefetch bench, {datetime.date.today()}, {platform.node()} ({_cores()} cores), "
-        f"link {spec.label()}, {len(priors)} CT priors, {len(distinct)} instances, "
+        f"link {spec.label()}, {len(priors)} {args.set.upper()} priors, {len(distinct)} instances, "
         f"{original / 1e6:.1f} MB original, {packed / 1e6:.1f} MB packed "
         f"({original / packed:.2f}x)",
         "",

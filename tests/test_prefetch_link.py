@@ -9,11 +9,13 @@ nothing until the job is done; then every instance arrives byte for byte.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
+import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
@@ -24,13 +26,22 @@ from appliance.store import jobs as job_store
 from appliance.store import prefetch as store
 from appliance.store.db import Database
 from appliance.store.spool import Spool
-from appliance.transfer.region import RegionClient
-from tests.support.peers import CT_DIR, wait_for
+from appliance.transfer.region import RegionClient, RegionError
+from tests.support.peers import CT_DIR, MR_DIR, Orthanc, wait_for
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    """One regional Orthanc for the module (its start is most of these tests' time)."""
+    if os.geteuid() != 0:
+        pytest.fail("Orthanc runs in a network namespace: the tests must run as root")
+    peer = Orthanc(tmp_path_factory.mktemp("link_orthanc")).start()
+    yield peer
+    peer.stop()
 
 
 def test_urgent_upload_keeps_the_link_then_the_prior_arrives(tmp_path: Path,
-                                                              orthanc_factory: Any) -> None:
-    orthanc = orthanc_factory()
+                                                              orthanc: Orthanc) -> None:
     patient = "A002304"
     prior = sorted(CT_DIR.glob(f"{patient}_*_19001231-*.dcm"))
     for path in prior:
@@ -75,3 +86,21 @@ def test_urgent_upload_keeps_the_link_then_the_prior_arrives(tmp_path: Path,
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         assert digest in held
         assert str(dcmread(settings.spool_dir / held[digest]).PatientID) == patient
+
+
+def test_series_stream_yields_each_file_byte_for_byte(orthanc: Orthanc) -> None:
+    """region.stream_series against a real Orthanc: one request, every file exact."""
+    files = sorted(MR_DIR.rglob("*.dcm"))[:24]
+    for path in files:
+        httpx.post(f"{orthanc.url}/instances", content=path.read_bytes(),
+                   timeout=60).raise_for_status()
+    first = dcmread(files[0], stop_before_pixels=True)
+    client = RegionClient(orthanc.dicomweb)
+    try:
+        got = [hashlib.sha256(part).hexdigest() for part in
+               client.stream_series(str(first.StudyInstanceUID), str(first.SeriesInstanceUID))]
+        with pytest.raises(RegionError, match="HTTP 404"):
+            list(client.stream_series("1.2.3", "4.5.6"))
+    finally:
+        client.close()
+    assert sorted(got) == sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in files)

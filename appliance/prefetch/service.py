@@ -300,8 +300,11 @@ class PrefetchService:
         held = store.held_instance_uids(self.db, candidate.study_uid)
         missing = [i for i in region.instances_of(candidate.study_uid)
                    if i.sop_instance_uid not in held]
-        results = list(self._pool.map(lambda item: self._fetch_one(request_id, region, item),
-                                      missing))
+        # One WADO-RS request per instance, several in flight: measured faster than one
+        # streamed request per series (region.stream_series): single-instance answers came
+        # gzip-compressed from the archive, the series stream did not (docs/benchmarks.md).
+        results = self._pool.map(lambda item: self._fetch_one(request_id, region, item),
+                                 missing)
         errors = [r for r in results if r]
         if errors:
             raise RegionError(f"{len(errors)} of {len(missing)} instances failed, first: "
@@ -312,13 +315,16 @@ class PrefetchService:
         log.info("prior %s fetched: %d instances", candidate.study_uid, len(missing),
                  extra={"STUDY_UID": candidate.study_uid})
 
-    def _fetch_one(self, request_id: int, region: RegionClient,
-                   instance: RegionInstance) -> str | None:
-        """One instance from the region into the cache; an error string, or None."""
+    def _wait_for_urgent_uploads(self) -> None:
         if store.urgent_uploads_waiting(self.db):
             self.stepped_aside += 1  # urgent uploads keep the link
             while store.urgent_uploads_waiting(self.db) and not self.stopping.is_set():
                 self.stopping.wait(0.5)
+
+    def _fetch_one(self, request_id: int, region: RegionClient,
+                   instance: RegionInstance) -> str | None:
+        """One instance from the region into the cache; an error string, or None."""
+        self._wait_for_urgent_uploads()
         try:
             content = region.retrieve_instance(instance)
             received = self.receiver.receive_file(
