@@ -259,7 +259,7 @@ def test_browser_status_page_on_a_phone(fleet: dict[str, Any], browser: Any,
     pas: PasProcess = fleet["pas"]
     browser.set_window_size(412, 915)
     browser.get(f"http://127.0.0.1:{pas.http_port}/")
-    assert browser.title == "PAS PAS"
+    assert browser.title == "PAS SITE-A"  # the enrolled site's name
     assert browser.find_element(By.CSS_SELECTOR, "#link .state").text.startswith("up")
     rows = browser.find_elements(By.CSS_SELECTOR, "#studies tr[data-study-uid]")
     assert len(rows) == 1

@@ -85,6 +85,17 @@ def _short_when(timestamp: float | None) -> str:
     return moment.strftime("%H:%M" if same_day else "%d/%m %H:%M")
 
 
+def enrolled_site(daemon: Daemon) -> str | None:
+    """The site name the hub knows this appliance by (its certificate's), when enrolled."""
+    from appliance.transfer.enrolment import EnrolmentError, load_enrolment
+
+    try:
+        enrolment = load_enrolment(daemon.settings.home)
+    except EnrolmentError:
+        return None
+    return enrolment.site if enrolment else None
+
+
 def link_state(daemon: Daemon) -> tuple[str, str]:
     """(css class, text) for the hub link."""
     if not (daemon.settings.home / "pki" / "hub.json").exists():
@@ -103,6 +114,7 @@ def render_page(daemon: Daemon) -> str:
     failed = job_store.list_jobs(daemon.db, "failed", 50)
     prefetch = ops_store.prefetch_queue(daemon.db)
     link_class, link_text = link_state(daemon)
+    site = enrolled_site(daemon) or snapshot["site"]
     backlog_studies = sum(row["studies"] for row in snapshot["backlog"])
     oldest = max((row["oldest_age_s"] for row in snapshot["backlog"]), default=None)
     disk = snapshot["disk"]
@@ -110,8 +122,8 @@ def render_page(daemon: Daemon) -> str:
         "<!doctype html><html lang=en><head><meta charset=utf-8>",
         f'<meta http-equiv="refresh" content="{REFRESH_S}">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>PAS {_esc(snapshot['site'])}</title><style>{STYLE}</style></head><body>",
-        f"<h1>PAS {_esc(snapshot['site'])} <small>AE {_esc(snapshot['ae_title'])} · "
+        f"<title>PAS {_esc(site)}</title><style>{STYLE}</style></head><body>",
+        f"<h1>PAS {_esc(site)} <small>AE {_esc(snapshot['ae_title'])} · "
         f"v{_esc(snapshot['version'])}</small></h1>",
         '<div class="cards">',
         f'<div class="card" id="link">Hub link<b><span class="state {link_class}">'
