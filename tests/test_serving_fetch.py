@@ -175,3 +175,16 @@ def test_move_of_an_unknown_study_fails_cleanly(setup: Setup) -> None:
     # The region knows no such study: nothing fetched, nothing sent, a success with 0 sub-ops.
     assert "Final Move Response" in result.stderr
     assert setup.scp.files() == []
+
+
+def test_wado_rs_of_a_regional_study_fetches_then_serves(setup: Setup) -> None:
+    study = _studies(REGIONAL_PATIENT)[1]  # not fetched by any earlier test
+    response = httpx.get(f"http://127.0.0.1:{setup.pas.http_port}/dicom-web/studies/{study}",
+                         headers={"Accept": 'multipart/related; type="application/dicom"; '
+                                            "transfer-syntax=*"}, timeout=120)
+    assert response.status_code == 200
+    assert response.content.count(b"Content-Type: application/dicom\r\n") == 3
+    conn = sqlite3.connect(setup.pas.home / "pas.sqlite")
+    origin = conn.execute("SELECT origin FROM studies WHERE study_uid = ?", (study,)).fetchone()
+    conn.close()
+    assert origin == ("regional",)
