@@ -163,7 +163,7 @@ def run_pas(link: WanLink, dataset: Dataset, scratch: Path, timeout: float,
         ingest = subprocess.run(
             ["storescu", "-aec", "PAS", "-aet", "MODALITY", "+sd", "+r",
              link.site.inner_address, str(appliance.dicom_port), str(dataset.folder)],
-            env=DCMTK_ENV, capture_output=True, text=True, timeout=300)
+            env=DCMTK_ENV, capture_output=True, text=True, timeout=timeout)
         if ingest.returncode != 0:
             raise RuntimeError(f"storescu into PAS failed: {ingest.stderr[-2000:]}")
         deadline = time.monotonic() + timeout

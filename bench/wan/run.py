@@ -79,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sets", default=",".join(SETS), help="of: " + ",".join(SETS))
     parser.add_argument("--peers", default="storescu,stow,pas,floor")
     parser.add_argument("--timeout", type=float, default=600, help="per transfer, seconds")
+    parser.add_argument("--pas-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra PAS setting, e.g. PAS_HUB__PACK_LEVEL=fast (repeatable)")
     args = parser.parse_args(argv)
+    PAS_ENV.update(item.split("=", 1) for item in args.pas_env)
     links = ["20"] if args.quick else args.links.split(",")
     available = _peers()
     peers = [p for p in args.peers.split(",") if p in available]
