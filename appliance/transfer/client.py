@@ -145,11 +145,13 @@ class HubClient:
         response = self._call("POST", f"{API}/transfers", "create transfer", json=manifest)
         return self._expect(response, {200, 201}, "create transfer").status_code
 
-    def put_bucket(self, transfer_id: str, index: int, sealed: bytes) -> int:
-        """PUT one sealed bucket, paced by the throttle; 201 stored, 200 already held."""
+    def put_bucket(self, transfer_id: str, index: int, sealed: bytes,
+                   urgent: bool = False) -> int:
+        """PUT one sealed bucket, paced by the throttle (an urgent one goes first); 201
+        stored, 200 already held."""
 
         def body() -> Any:
-            return self.throttle.paced(sealed) if self.throttle else sealed
+            return self.throttle.paced(sealed, urgent=urgent) if self.throttle else sealed
 
         response = self._call(
             "PUT", f"{API}/transfers/{transfer_id}/buckets/{index}", f"bucket {index}",

@@ -8,6 +8,7 @@ chunk, without restarting anything.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -56,11 +57,27 @@ class TokenBucket:
         self._lock = threading.Lock()
         self._tokens = 0.0
         self._stamp = clock()
+        self._urgent = 0  # urgent uploads running: routine ones leave them the whole cap
 
-    def acquire(self, amount: int) -> None:
+    @contextlib.contextmanager
+    def urgent(self) -> Iterator[None]:
+        """While inside, routine acquirers wait: an urgent study gets the whole capped link
+        instead of a share of it."""
+        with self._lock:
+            self._urgent += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._urgent -= 1
+
+    def acquire(self, amount: int, urgent: bool = False) -> None:
         """Block until ``amount`` bytes may go out."""
         while True:
             rate = self._rate()
+            if not urgent and rate > 0 and self._urgent:
+                self._sleep(0.05)
+                continue
             with self._lock:
                 now = self._clock()
                 if rate <= 0:
@@ -69,18 +86,19 @@ class TokenBucket:
                 burst = max(rate / 4, float(CHUNK))
                 self._tokens = min(burst, self._tokens + (now - self._stamp) * rate)
                 self._stamp = now
-                if self._tokens >= amount or self._tokens >= burst:
+                # (a byte's slack: float rounding must not leave a sub-byte wait forever)
+                if self._tokens >= amount - 1 or self._tokens >= burst - 1:
                     self._tokens -= amount  # may go negative: the debt is paid by waiting
                     return
                 wait = (min(amount, burst) - self._tokens) / rate
-            self._sleep(min(wait, 1.0))  # re-read the rate at least once a second
+            self._sleep(min(max(wait, 0.001), 1.0))  # re-read the rate at least each second
 
-    def paced(self, data: bytes, chunk: int = CHUNK) -> Iterator[bytes]:
+    def paced(self, data: bytes, chunk: int = CHUNK, urgent: bool = False) -> Iterator[bytes]:
         """Yield ``data`` in chunks, each released by the bucket (an upload body)."""
         view = memoryview(data)
         for offset in range(0, len(data), chunk):
             piece = view[offset:offset + chunk]
-            self.acquire(len(piece))
+            self.acquire(len(piece), urgent)
             yield bytes(piece)
 
 

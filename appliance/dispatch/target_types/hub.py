@@ -21,6 +21,7 @@ and sealed) exist at once.
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import threading
 import time
@@ -203,15 +204,20 @@ class HubTarget:
             payload, stats = pack.pack_bucket(plan, self.config.pack_level)
             sealed = seal.seal_bucket(key, transfer_id, plan.index, payload)
             del payload
-            self.client.put_bucket(transfer_id, plan.index, sealed)
+            self.client.put_bucket(transfer_id, plan.index, sealed, urgent=urgent)
             return plan.index, len(sealed), int(stats.get("original", 0))
 
         renew_every = max(1.0, context.lease_s / 3)
         last_renew = time.monotonic()
         committed = False
         first_error: BaseException | None = None
-        with ThreadPoolExecutor(self.config.parallel_buckets,
-                                thread_name_prefix=f"pas-hub-{job.id}") as pool:
+        urgent = job.priority == 0
+        throttle = self.client.throttle
+        with contextlib.ExitStack() as stack:
+            if urgent and throttle is not None:
+                stack.enter_context(throttle.urgent())
+            pool = stack.enter_context(ThreadPoolExecutor(
+                self.config.parallel_buckets, thread_name_prefix=f"pas-hub-{job.id}"))
             pending: set[Future[tuple[int, int, int]]] = {pool.submit(one, p) for p in plans}
             while pending:
                 done, pending = wait(pending, timeout=renew_every, return_when=FIRST_COMPLETED)

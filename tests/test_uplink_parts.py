@@ -1,0 +1,227 @@
+"""The uplink's parts on their own: the token bucket and its time windows (on a fake clock: no
+timing assertions), the hub client's retry policy against a real local HTTP server, the
+receipt signature check, and the [hub] configuration's errors."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import http.server
+import json
+import threading
+from collections.abc import Iterator
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from appliance.config import ConfigError, HubSection, RateWindow, load_settings
+from appliance.transfer.client import (
+    HubClient,
+    HubRefused,
+    HubUnavailable,
+    ReceiptInvalid,
+    canonical_json,
+    verify_receipt,
+)
+from appliance.transfer.throttle import CHUNK, TokenBucket, cap_mbps, in_window
+from tests.support.peers import free_port
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        self.slept += seconds
+
+
+def test_token_bucket_releases_bytes_at_the_cap() -> None:
+    clock = FakeClock()
+    rate = 1_000_000.0  # bytes/s
+    bucket = TokenBucket(lambda: rate, clock=clock, sleep=clock.sleep)
+    sent = 0
+    for _ in range(200):
+        bucket.acquire(CHUNK)
+        sent += CHUNK
+    # 200 chunks at 1 MB/s: the clock advanced by the bytes over the rate, less one burst.
+    burst = max(rate / 4, CHUNK)
+    assert (sent - burst) / rate <= clock.now <= sent / rate + 0.01
+
+
+def test_token_bucket_unlimited_never_waits_and_follows_a_changing_rate() -> None:
+    clock = FakeClock()
+    rate = {"value": 0.0}
+    bucket = TokenBucket(lambda: rate["value"], clock=clock, sleep=clock.sleep)
+    for _ in range(1000):
+        bucket.acquire(CHUNK)
+    assert clock.slept == 0
+    rate["value"] = 100_000.0  # a window opened: 0.8 Mbit/s
+    for _ in range(20):
+        bucket.acquire(CHUNK)
+    assert clock.slept >= (20 * CHUNK - CHUNK) / 100_000.0
+
+
+def test_routine_uploads_wait_while_an_urgent_one_runs() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(lambda: 1e6, clock=clock, sleep=clock.sleep)
+    released = threading.Event()
+
+    def routine() -> None:
+        bucket.acquire(CHUNK)
+        released.set()
+
+    with bucket.urgent():
+        bucket.acquire(CHUNK, urgent=True)  # the urgent one is not held back
+        worker = threading.Thread(target=routine, daemon=True)
+        worker.start()
+        worker.join(0.3)
+        assert not released.is_set()
+    worker.join(5)
+    assert released.is_set()
+
+
+def test_windows_pick_the_cap_and_may_wrap_midnight() -> None:
+    config = HubSection(max_mbps=0, windows=[
+        RateWindow(start="07:00", end="19:00", max_mbps=8),
+        RateWindow(start="22:00", end="02:00", max_mbps=50),
+    ])
+    at = dt.datetime(2026, 11, 23)
+    assert cap_mbps(config, at.replace(hour=7)) == 8
+    assert cap_mbps(config, at.replace(hour=18, minute=59)) == 8
+    assert cap_mbps(config, at.replace(hour=19)) == 0  # unlimited outside the windows
+    assert cap_mbps(config, at.replace(hour=23)) == 50
+    assert cap_mbps(config, at.replace(hour=1, minute=30)) == 50
+    assert not in_window(config.windows[1], at.replace(hour=2))
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"PAS_HUB__WINDOWS": '[{start="7h", end="19:00", max_mbps=8}]'},
+     "hub.windows.0.start: must be HH:MM"),
+    ({"PAS_HUB__MAX_MBPS": "-1"}, "hub.max_mbps"),
+    ({"PAS_HUB__PARALLEL_BUCKETS": "0"}, "hub.parallel_buckets"),
+    ({"PAS_HUB__SPEED": "1"}, "hub.speed: unknown key"),
+])
+def test_bad_hub_config_names_the_key(env: dict[str, str], expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ=env)
+    assert expected in str(caught.value)
+
+
+# --- the client's retry policy, against a real HTTP server ---------------------------------
+
+
+class _Script(http.server.BaseHTTPRequestHandler):
+    answers: list[int] = []
+    seen: list[str] = []
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(length)
+        type(self).seen.append(f"{self.command} {self.path} {length}")
+        status = type(self).answers.pop(0) if type(self).answers else 200
+        body = json.dumps({"error": "x", "detail": f"scripted {status}",
+                           "held": [0, 2], "count": 3}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_PUT = do_POST = _answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def scripted() -> Iterator[tuple[type[_Script], str]]:
+    handler = type("Script", (_Script,), {"answers": [], "seen": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield handler, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_client_retries_5xx_then_succeeds(scripted: tuple[type[_Script], str]) -> None:
+    handler, url = scripted
+    handler.answers = [503, 502, 201]
+    contacts: list[bool] = []
+    client = HubClient(url, False, retries=3, backoff_max_s=0.05,
+                       on_contact=lambda ok, _error: contacts.append(ok))
+    assert client.put_bucket("t1", 0, b"x" * 1000) == 201
+    assert handler.seen == ["PUT /api/v1/transfers/t1/buckets/0 1000"] * 3  # same body each time
+    assert contacts == [True]
+
+
+def test_client_never_retries_4xx(scripted: tuple[type[_Script], str]) -> None:
+    handler, url = scripted
+    handler.answers = [400]
+    client = HubClient(url, False, retries=3, backoff_max_s=0.05)
+    with pytest.raises(HubRefused) as caught:
+        client.put_bucket("t1", 1, b"y")
+    assert caught.value.status == 400 and "scripted 400" in str(caught.value)
+    assert len(handler.seen) == 1
+
+
+def test_client_gives_up_after_the_retries(scripted: tuple[type[_Script], str]) -> None:
+    handler, url = scripted
+    handler.answers = [500] * 10
+    errors: list[str | None] = []
+    client = HubClient(url, False, retries=2, backoff_max_s=0.05,
+                       on_contact=lambda _ok, error: errors.append(error))
+    with pytest.raises(HubUnavailable, match="HTTP 500"):
+        client.held_buckets("t1")
+    assert len(handler.seen) == 3 and errors and "HTTP 500" in str(errors[0])
+    handler.answers = [404]
+    assert client.held_buckets("t2") is None  # unknown transfer: the caller creates it
+    assert client.held_buckets("t3") == {0, 2}
+
+
+def test_client_unreachable_hub_is_unavailable() -> None:
+    client = HubClient(f"http://127.0.0.1:{free_port()}", False, retries=1, backoff_max_s=0.05)
+    with pytest.raises(HubUnavailable, match="ConnectError"):
+        client.create_transfer({"transfer_id": "t"})
+
+
+# --- receipts ------------------------------------------------------------------------------
+
+
+def _signed_receipt() -> tuple[dict[str, object], bytes, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hub")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+            .not_valid_after(now + dt.timedelta(days=1)).sign(key, hashes.SHA256()))
+    receipt: dict[str, object] = {
+        "transfer_id": "t1", "study_uid": "1.2.3", "archived_at": "2026-11-23T14:00:00Z",
+        "archive": "embedded",
+        "instances": [{"sop_instance_uid": "1.2.3.4", "sha256": "ab" * 32}]}
+    receipt["signature"] = base64.b64encode(
+        key.sign(canonical_json(receipt), ec.ECDSA(hashes.SHA256()))).decode()
+    return receipt, cert.public_bytes(serialization.Encoding.DER), key
+
+
+def test_receipt_signature_verifies_and_any_change_is_refused() -> None:
+    receipt, cert_der, _key = _signed_receipt()
+    verify_receipt(receipt, cert_der)
+    forged = json.loads(json.dumps(receipt))
+    forged["instances"][0]["sha256"] = "cd" * 32
+    with pytest.raises(ReceiptInvalid, match="bad signature"):
+        verify_receipt(forged, cert_der)
+    unsigned = {k: v for k, v in receipt.items() if k != "signature"}
+    with pytest.raises(ReceiptInvalid, match="no valid base64 signature"):
+        verify_receipt(unsigned, cert_der)
+    _other, other_cert, _ = _signed_receipt()
+    with pytest.raises(ReceiptInvalid):
+        verify_receipt(receipt, other_cert)  # signed by another key than the hub's
