@@ -90,6 +90,8 @@ def test_heartbeats_reach_the_dashboard(fleet: dict[str, Any]) -> None:
     scrape = viewer.get("/metrics").text
     assert metric(scrape, "pas_fleet_site_up", site="SITE-A") == 1
     assert metric(scrape, "pas_fleet_site_backlog_studies", site="SITE-A") == 0
+    assert metric(scrape, "pas_fleet_site_backlog_oldest_age_seconds", site="SITE-A",
+                  priority="routine") == 0
     assert 0 < metric(scrape, "pas_fleet_site_disk_used_ratio", site="SITE-A") < 1  # type: ignore[operator]
 
 
@@ -127,7 +129,7 @@ def test_doctor_on_the_enrolled_running_site(fleet: dict[str, Any]) -> None:
 def _beat(**changes: Any) -> dict[str, Any]:
     beat = {"site": "SITE-B", "sent_at": time.time(), "version": "0.1.0", "uptime_s": 5,
             "backlog": {"studies": 3, "bytes": 1000, "oldest_age_s": 600.0,
-                        "urgent_oldest_age_s": 0.0},
+                        "urgent_oldest_age_s": 0.0, "routine_oldest_age_s": 590.0},
             "jobs": {"pending": 3, "running": 0, "failed": 1},
             "disk": {"used_percent": 91.5, "free_bytes": 10},
             "received": {"instances": 7, "bytes": 7000}, "confirmed_instances": 0,
@@ -157,6 +159,8 @@ def test_heartbeat_is_idempotent_and_sortable(fleet: dict[str, Any]) -> None:
     scrape = viewer.get("/metrics").text
     assert metric(scrape, "pas_fleet_site_certificate_days_left", site="SITE-B") == 20.0
     assert metric(scrape, "pas_fleet_site_failed_jobs", site="SITE-B") == 1
+    assert metric(scrape, "pas_fleet_site_backlog_oldest_age_seconds", site="SITE-B",
+                  priority="routine") == 590.0
 
 
 @pytest.mark.parametrize(("body", "status", "words"), [

@@ -53,7 +53,8 @@ def test_alerts_cover_what_the_issue_names() -> None:
     exprs = {str(rule["alert"]): str(rule["expr"]) for rule in alert_rules()}
     assert "> 300" in exprs["PasSiteSilent"]                 # silent > 5 min
     assert "> 480" in exprs["PasUrgentBacklogOld"]           # urgent backlog > 8 min
-    assert "> 14400" in exprs["PasBacklogOld"]               # routine backlog > 4 h
+    assert "> 14400" in exprs["PasRoutineBacklogOld"]        # routine backlog > 4 h
+    assert 'priority="routine"' in exprs["PasRoutineBacklogOld"]
     assert "> 0.85" in exprs["PasDiskAlmostFull"]            # disk > 85 %
     assert "< 30" in exprs["PasCertificateExpiring"]         # certificate < 30 days
     assert "> 0" in exprs["PasFailedJobs"]                   # failed jobs

@@ -247,6 +247,8 @@ class FleetCollector(Collector):
             families["backlog"].add_metric(site, r["backlog_studies"])
             families["oldest"].add_metric([r["site"], "any"], r["backlog_oldest_s"])
             families["oldest"].add_metric([r["site"], "urgent"], r["urgent_oldest_s"])
+            if r["routine_oldest_s"] is not None:
+                families["oldest"].add_metric([r["site"], "routine"], r["routine_oldest_s"])
             if r["disk_used_percent"] is not None:
                 families["disk"].add_metric(site, r["disk_used_percent"] / 100)
             if r["cert_days_left"] is not None:

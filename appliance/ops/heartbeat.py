@@ -36,8 +36,9 @@ def build_heartbeat(settings: Settings, db: Database, started_at: float,
     """The compact status (about 0.5 kB of JSON)."""
     snapshot = collect(settings, db)
     backlog = snapshot["backlog"]
-    urgent = [row["oldest_age_s"] for row in ops_store.backlog_by_priority(db)
-              if row["priority"] == 0]
+    by_priority = ops_store.backlog_by_priority(db)
+    urgent = [row["oldest_age_s"] for row in by_priority if row["priority"] == 0]
+    routine = [row["oldest_age_s"] for row in by_priority if row["priority"] == 2]
     errors: list[str] = []
     for job in job_store.list_jobs(db, "failed", MAX_ERRORS):
         errors.append(f"job {job['id']} to {job['destination']}: "
@@ -60,6 +61,7 @@ def build_heartbeat(settings: Settings, db: Database, started_at: float,
             "bytes": sum(row["bytes"] for row in backlog),
             "oldest_age_s": max((row["oldest_age_s"] for row in backlog), default=0.0),
             "urgent_oldest_age_s": max(urgent, default=0.0),
+            "routine_oldest_age_s": max(routine, default=0.0),
         },
         "jobs": {state: snapshot["jobs"].get(state, 0)
                  for state in ("pending", "running", "failed")},

@@ -65,7 +65,12 @@ def record_heartbeat(db: Database, site: str, beat: dict[str, Any]) -> bool:
 
 
 def list_sites(db: Database) -> list[dict[str, Any]]:
-    rows = db.query(f"SELECT {', '.join(_SITE_COLUMNS)} FROM fleet_sites ORDER BY site")
+    """Every site's latest state. ``routine_oldest_s`` comes from the stored heartbeat (None
+    from appliances older than that field)."""
+    rows = db.query(
+        f"""SELECT {', '.join(_SITE_COLUMNS)},
+                   json_extract(status, '$.backlog.routine_oldest_age_s') AS routine_oldest_s
+            FROM fleet_sites ORDER BY site""")
     result = []
     for row in rows:
         site = dict(row)
