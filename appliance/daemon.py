@@ -90,6 +90,10 @@ class Daemon:
         self.cache_policy = CachePolicy(self.settings, self.db, self.spool)
         self.listener.start()
         self._spawn("pas-cache", lambda: self.cache_policy.run(self.stopping))
+        from appliance.ops.clock import ClockWatch  # wall-clock steps re-base deadlines
+
+        clock_watch = ClockWatch(self.db)
+        self._spawn("pas-clock", lambda: clock_watch.run(self.stopping))
         if self.settings.cache.scrub_mb_per_s > 0:
             scrubber = Scrubber(self.db, self.spool, self.settings.cache.scrub_mb_per_s * 1e6)
             self._spawn("pas-scrub", lambda: scrubber.run(self.stopping,

@@ -311,3 +311,40 @@ def file_size(spool: Spool, relative: str) -> int | None:
 
 def open_spool_file(spool: Spool, relative: str) -> Path:
     return spool.root / relative
+
+
+# --- wall-clock steps ---------------------------------------------------------------------------
+
+
+def shift_for_clock_step(db: Database, step: float,
+                         written_before: float | None = None) -> dict[str, int]:
+    """Re-base the stored wall-clock deadlines after the clock stepped by ``step`` seconds.
+
+    Deadlines written before a step keep their *remaining* time: a backward step would
+    otherwise postpone every retry and every stability check by the size of the step (hours,
+    after a bad NTP source is corrected), a forward step would expire every running lease at
+    once (another worker would take a job still being sent). Studies still waiting to be
+    routed keep their quiet period. ``written_before`` (forward steps) leaves alone rows
+    already written on the new clock (``updated_at``/``last_received_at`` at or after it).
+    One transaction.
+    """
+    at = now()
+    cut = written_before if written_before is not None else float("inf")
+    with db.transaction() as conn:
+        pending = conn.execute(
+            "UPDATE jobs SET next_attempt_at = next_attempt_at + ? WHERE state = 'pending' "
+            "AND updated_at < ?", (step, cut)).rowcount
+        leases = conn.execute(
+            "UPDATE jobs SET lease_until = lease_until + ? WHERE state = 'running' "
+            "AND lease_until IS NOT NULL AND updated_at < ?", (step, cut)).rowcount
+        if step < 0:  # written on the old clock, now in the future
+            studies = conn.execute(
+                "UPDATE studies SET last_received_at = last_received_at + ? "
+                "WHERE last_received_at > ?", (step, at)).rowcount
+        else:  # waiting to be routed: keep the quiet period they had left
+            studies = conn.execute(
+                "UPDATE studies SET last_received_at = last_received_at + ? "
+                "WHERE last_received_at < ? AND id IN "
+                "(SELECT DISTINCT study_fk FROM instances WHERE routed_at IS NULL)",
+                (step, cut)).rowcount
+    return {"pending_jobs": pending, "leases": leases, "studies": studies}

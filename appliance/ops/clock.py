@@ -1,0 +1,59 @@
+"""Wall-clock steps: detect them while the daemon runs and re-base stored deadlines.
+
+Owns: noticing that the wall clock (``store.db.now()``) moved differently from the monotonic
+clock, and asking :func:`appliance.store.cache.shift_for_clock_step` to keep every stored
+deadline's remaining time. May not touch: SQL (the store does it) or the clock itself.
+
+Why not store monotonic times: they mean nothing across a restart or to a person reading
+``pas queue list``; the database keeps wall time, and this watch corrects the rare step
+(an appliance booting with a dead RTC battery, then NTP correcting it by years).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from appliance.store import audit
+from appliance.store import cache as cache_store
+from appliance.store.db import Database, now
+
+log = logging.getLogger("pas.clock")
+
+
+class ClockWatch:
+    def __init__(self, db: Database, threshold_s: float = 5.0):
+        self.db = db
+        self.threshold_s = threshold_s
+        self._wall = now()
+        self._mono = time.monotonic()
+        self.steps: list[float] = []
+
+    def check(self) -> float:
+        """The step since the last check (0 when below the threshold); re-bases if any."""
+        wall, mono = now(), time.monotonic()
+        expected = self._wall + (mono - self._mono)  # where the old clock would be now
+        step = wall - expected
+        self._wall, self._mono = wall, mono
+        if abs(step) < self.threshold_s:
+            return 0.0
+        # Forward: rows written after the step carry new-clock times, above the midpoint.
+        cut = expected + step / 2 if step > 0 else None
+        shifted = cache_store.shift_for_clock_step(self.db, step, written_before=cut)
+        self.steps.append(step)
+        log.warning("wall clock stepped by %+.1f s: stored deadlines re-based (%s)", step,
+                    shifted)
+        try:
+            audit.record(self.db, "clock", actor="system", outcome="success",
+                         detail=f"wall clock stepped by {step:+.1f} s; re-based {shifted}")
+        except Exception:  # the re-basing is what matters; the row is a courtesy
+            log.exception("clock step not audited")
+        return step
+
+    def run(self, stop: threading.Event, interval_s: float = 0.5) -> None:
+        while not stop.wait(interval_s):
+            try:
+                self.check()
+            except Exception:
+                log.exception("clock check failed")
