@@ -24,7 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from appliance.hub.pki import HubPKI
-from appliance.transfer.enrolment import load_enrolment
+from appliance.transfer.enrolment import EnrolmentError, load_enrolment
+from appliance.transfer.enrolment import enroll as enroll_appliance
 from tests.support.hub import HubProcess, client, enroll
 from tests.support.peers import PAS_BIN, wait_for
 
@@ -45,7 +46,7 @@ def _pas_enroll(home: Path, url: str, token: str) -> subprocess.CompletedProcess
 
 def test_init_creates_private_files_and_a_server_certificate_for_the_addresses(
         tmp_path: Path) -> None:
-    hub = HubProcess(tmp_path / "hub").init("hub.region.example", "198.18.0.1")
+    hub = HubProcess(tmp_path / "hub").init("hub.region.example", "198.18.0.1", cli=True)
     for name in ("ca.key", "ca.crt", "server.key", "server.crt", "transfer.key",
                  "transfer.pub"):
         mode = stat.S_IMODE((hub.home / name).stat().st_mode)
@@ -60,7 +61,7 @@ def test_init_creates_private_files_and_a_server_certificate_for_the_addresses(
 
 
 def test_enroll_writes_0600_files_and_talks_mutual_tls(hub: HubProcess, tmp_path: Path) -> None:
-    enrolment = enroll(hub, tmp_path / "site", "CHU-NORD")
+    enrolment = enroll(hub, tmp_path / "site", "CHU-NORD", cli=True)
     assert enrolment.site == "CHU-NORD" and enrolment.url == hub.url
     assert enrolment.hub_transfer_key == (hub.home / "transfer.pub").read_bytes()
     assert stat.S_IMODE(enrolment.pki_dir.stat().st_mode) == 0o700
@@ -76,7 +77,7 @@ def test_enroll_writes_0600_files_and_talks_mutual_tls(hub: HubProcess, tmp_path
 
 
 def test_a_token_works_once(hub: HubProcess, tmp_path: Path) -> None:
-    token = hub.token("ONCE")
+    token = hub.token("ONCE", cli=True)
     assert _pas_enroll(tmp_path / "a", hub.url, token).returncode == 0
     second = _pas_enroll(tmp_path / "b", hub.url, token)
     assert second.returncode == 1 and "403" in second.stderr
@@ -88,13 +89,17 @@ def test_forged_and_malformed_tokens_are_refused_and_nothing_is_written(
         hub: HubProcess, tmp_path: Path) -> None:
     real = hub.token("FORGE")
     site, _secret, cafp = real.split(".")
-    forged = _pas_enroll(tmp_path / "f", hub.url, f"{site}.{'A' * 32}.{cafp}")
-    assert forged.returncode == 1 and "403" in forged.stderr
-    malformed = _pas_enroll(tmp_path / "m", hub.url, "not-a-token")
-    assert malformed.returncode == 1 and "malformed token" in malformed.stderr
-    assert not (tmp_path / "f" / "pki").exists() and not (tmp_path / "m" / "pki").exists()
+    with pytest.raises(EnrolmentError, match=r"refused the enrolment \(403\)"):
+        enroll_appliance(tmp_path / "f", hub.url, f"{site}.{'A' * 32}.{cafp}")
+    with pytest.raises(EnrolmentError, match="malformed token"):
+        enroll_appliance(tmp_path / "m", hub.url, "not-a-token")
+    other_site = real.replace("FORGE.", "OTHER.", 1)  # a token is bound to its site
+    with pytest.raises(EnrolmentError, match=r"\(403\)"):
+        enroll_appliance(tmp_path / "o", hub.url, other_site)
+    for name in ("f", "m", "o"):
+        assert not (tmp_path / name / "pki").exists()
     # The real token still works: refusals spent nothing.
-    assert _pas_enroll(tmp_path / "ok", hub.url, real).returncode == 0
+    assert enroll_appliance(tmp_path / "ok", hub.url, real).site == "FORGE"
 
 
 def test_a_hub_whose_ca_does_not_match_the_token_is_not_trusted(
@@ -103,10 +108,10 @@ def test_a_hub_whose_ca_does_not_match_the_token_is_not_trusted(
     impostor.start()
     try:
         token = hub.token("MITM")  # the real hub's token, the impostor's address
-        result = _pas_enroll(tmp_path / "victim", impostor.url, token)
+        with pytest.raises(EnrolmentError, match="does not match the token"):
+            enroll_appliance(tmp_path / "victim", impostor.url, token)
     finally:
         impostor.stop()
-    assert result.returncode == 1 and "does not match the token" in result.stderr
     assert "MITM" not in impostor.log()  # the secret never reached the impostor
     assert not (tmp_path / "victim" / "pki").exists()
 
@@ -115,11 +120,11 @@ def test_hostname_is_checked_against_the_server_certificate(tmp_path: Path) -> N
     hub = HubProcess(tmp_path / "hub").init("localhost")  # not valid for 127.0.0.1
     hub.start()
     try:
-        result = _pas_enroll(tmp_path / "site", f"https://127.0.0.1:{hub.port}",
+        with pytest.raises(EnrolmentError, match="(?i)certificate"):
+            enroll_appliance(tmp_path / "site", f"https://127.0.0.1:{hub.port}",
                              hub.token("NAMECHECK"))
     finally:
         hub.stop()
-    assert result.returncode == 1 and "certificate" in result.stderr.lower()
     assert load_enrolment(tmp_path / "site") is None
 
 
@@ -206,5 +211,6 @@ def test_bad_hub_configuration_is_refused_naming_the_key(tmp_path: Path) -> None
 
 
 def test_enroll_refuses_a_plain_http_hub_url(tmp_path: Path) -> None:
-    result = _pas_enroll(tmp_path, "http://127.0.0.1:9", "A." + "b" * 20 + "." + "0" * 64)
-    assert result.returncode == 1 and "must start with https://" in result.stderr
+    with pytest.raises(EnrolmentError, match="must start with https://"):
+        enroll_appliance(tmp_path, "http://127.0.0.1:9", "A." + "b" * 20 + "." + "0" * 64)
+    assert not (tmp_path / "pki").exists()

@@ -21,8 +21,11 @@ from typing import Any
 import httpx
 from pydicom import dcmread
 
+from appliance.hub.pki import HubPKI
+from appliance.store.hub import add_token, open_hub_db
 from appliance.transfer import pack, seal
 from appliance.transfer.enrolment import Enrolment, load_enrolment
+from appliance.transfer.enrolment import enroll as enroll_appliance
 from tests.support.peers import PAS_BIN, free_port, port_open, wait_for
 
 
@@ -50,13 +53,28 @@ class HubProcess:
                                  f"{result.stdout}\n{result.stderr}")
         return result
 
-    def init(self, *addresses: str) -> HubProcess:
-        extra = [a for address in addresses for a in ("--address", address)]
-        self.cli("init", *extra)
+    def init(self, *addresses: str, cli: bool = False) -> HubProcess:
+        """``pas hub init`` (``cli=True``), or the same calls in this process: a CLI start costs
+        seconds on a loaded 2-core machine, and only the CLI's own tests need it."""
+        if cli:
+            extra = [a for address in addresses for a in ("--address", address)]
+            self.cli("init", *extra)
+        else:
+            HubPKI(self.home).init(list(addresses) or None)
+            open_hub_db(self.home / "hub.sqlite").close()
         return self
 
-    def token(self, site: str) -> str:
-        return self.cli("token", site).stdout.strip()
+    def token(self, site: str, cli: bool = False) -> str:
+        """A one-time token, from ``pas hub token`` (``cli=True``) or the same calls in-process."""
+        if cli:
+            return self.cli("token", site).stdout.strip()
+        token, digest = HubPKI(self.home).new_token(site)
+        db = open_hub_db(self.home / "hub.sqlite")
+        try:
+            add_token(db, site, digest)
+        finally:
+            db.close()
+        return token
 
     def start(self, timeout: float = 30.0) -> HubProcess:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -96,14 +114,18 @@ class HubProcess:
         return context
 
 
-def enroll(hub: HubProcess, home: Path, site: str) -> Enrolment:
-    """``pas enroll`` through the real CLI, into ``home`` (``$PAS_HOME``)."""
-    token = hub.token(site)
-    env = {**os.environ, "PAS_HOME": str(home)}
-    env.pop("PAS_CONFIG", None)
-    result = subprocess.run([str(PAS_BIN), "enroll", "--hub", hub.url, "--token", token],
-                            env=env, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stdout + result.stderr
+def enroll(hub: HubProcess, home: Path, site: str, cli: bool = False) -> Enrolment:
+    """Enrol ``home`` (``$PAS_HOME``) with the hub: ``pas enroll`` through the real CLI
+    (``cli=True``), or the same function it calls, in this process."""
+    token = hub.token(site, cli=cli)
+    if cli:
+        env = {**os.environ, "PAS_HOME": str(home)}
+        env.pop("PAS_CONFIG", None)
+        result = subprocess.run([str(PAS_BIN), "enroll", "--hub", hub.url, "--token", token],
+                                env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+    else:
+        enroll_appliance(home, hub.url, token)
     enrolment = load_enrolment(home)
     assert enrolment is not None
     return enrolment
