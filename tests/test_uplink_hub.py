@@ -236,3 +236,31 @@ def test_both_sets_through_dicomweb_hub_arrive_bit_exact_in_orthanc(
     finally:
         regional.kill()
         orthanc.stop()
+
+
+def test_urgent_study_overtakes_a_long_routine_upload(pas_factory: Any, hub: HubProcess,
+                                                      tmp_path: Path) -> None:
+    """One ordinary worker, busy with a routine MR upload on a capped link; a CT routed
+    ``urgent`` arrives: it is delivered (receipt in hand) while the MR is still uploading."""
+    pas = enrolled_pas(pas_factory, hub, tmp_path / "site-urgent", {
+        "PAS_QUEUE__WORKERS": "1", "PAS_HUB__MAX_MBPS": "2", "PAS_HUB__BUCKET_MB": "1",
+        "PAS_STUDY__STABLE_AFTER_S": "1",
+        "PAS_ROUTING__RULES": '[{name="ct-urgent", match={modality="CT"}, '
+                              'destinations=["hub"], priority="urgent"}]'})
+    mr_files = sorted(MR_DIR.glob("*.dcm"))[:260]
+    storescu(mr_files, pas.port)
+    wait_for(lambda: (j := jobs(pas)) and j[0]["state"] == "running" and j[0]["progress"]
+             and json.loads(j[0]["progress"]).get("buckets_sent", 0) >= 1, 60,
+             what="the routine MR upload under way")
+    ct_study = sorted(CT_DIR.glob("A002304_*19001231*.dcm"))[:1]  # a one-image study
+    storescu(ct_study, pas.port)
+    urgent = wait_for(lambda: [j for j in jobs(pas) if j["priority"] == 0
+                               and j["state"] == "done"], 60, what="the urgent CT delivered")
+    routine = [j for j in jobs(pas) if j["priority"] == 2]
+    assert routine and routine[0]["state"] == "running"  # still on the wire
+    assert urgent[0]["kind"] == "hub"
+    finished = wait_jobs_finished(pas, len(mr_files) + len(ct_study))
+    assert {j["state"] for j in finished} == {"done"}
+    routine_done = [j for j in finished if j["priority"] == 2][0]
+    assert urgent[0]["finished_at"] < routine_done["finished_at"]
+    assert pas.status()["confirmed_instances"] == len(mr_files) + len(ct_study)
