@@ -293,7 +293,8 @@ class HubSection(_Section):
     bucket_mb: float = Field(default=6.0, gt=0, le=64)
     max_mbps: float = Field(default=0.0, ge=0)
     windows: list[RateWindow] = []
-    pack_level: str = "default"
+    # Packing level (appliance/transfer/pack.py LEVELS; auto: chosen from the CPU it measures).
+    pack_level: Literal["fast", "default", "max", "auto"] = "default"
     timeout_s: float = Field(default=60.0, gt=0)
     retries: int = Field(default=4, ge=0, le=20)
     # An urgent job gets a worker of its own so that a long routine upload never delays it.
