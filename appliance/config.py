@@ -356,7 +356,7 @@ class PrefetchSection(_Section):
     # Site issuer (PID-3.4 / IssuerOfPatientID) -> the issuer the regional archive uses.
     issuer_map: dict[str, str] = {}
     dicomweb_url: str | None = None          # a plain DICOMweb region instead of the hub proxy
-    parallel: int = Field(default=4, ge=1, le=32)
+    parallel: int = Field(default=8, ge=1, le=32)   # WADO-RS requests in flight
     check_interval_s: float = Field(default=2.0, gt=0)
     max_attempts: int = Field(default=5, ge=1)
     retry_after_s: float = Field(default=30.0, ge=0)

@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mbit", type=float, default=20)
     parser.add_argument("--rtt", type=float, default=70)
     parser.add_argument("--loss", type=float, default=0.001)
-    parser.add_argument("--parallel", type=int, default=4, help="prefetch.parallel")
+    parser.add_argument("--parallel", type=int, default=8, help="prefetch.parallel")
     parser.add_argument("--set", choices=["ct", "mr"], default="ct",
                         help="ct: 10 patients' older CT; mr: the one MR study (520 x 86 kB)")
     args = parser.parse_args(argv)
