@@ -167,6 +167,8 @@ def test_heartbeat_is_idempotent_and_sortable(fleet: dict[str, Any]) -> None:
     (b"not json", 422, "Expecting value"),
     (json.dumps(["a list"]).encode(), 422, "must be a JSON object"),
     (json.dumps(_beat(sent_at="yesterday")).encode(), 422, "sent_at: must be a number"),
+    (json.dumps(_beat(sent_at=time.time() + 7 * 86400)).encode(), 422,
+     "more than a day ahead"),
     (json.dumps({k: v for k, v in _beat().items() if k != "backlog"}).encode(), 422,
      "backlog: must be an object"),
     (json.dumps(_beat(disk={"used_percent": 140})).encode(), 422, "disk.used_percent"),

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 SILENT_AFTER_S = 300.0  # a site is "down" when no heartbeat arrived for 5 minutes
 MAX_HEARTBEAT_BYTES = 64 * 1024
+MAX_FUTURE_S = 86400.0
 SORT_KEYS = ("site", "state", "last_seen_at", "backlog_studies", "backlog_oldest_s",
              "disk_used_percent", "version", "cert_days_left", "failed_jobs")
 
@@ -51,7 +52,12 @@ def validate_heartbeat(beat: Any) -> dict[str, Any]:
     """Check the shape :func:`appliance.ops.heartbeat.build_heartbeat` produces."""
     if not isinstance(beat, dict):
         raise HeartbeatError("body must be a JSON object")
-    _number(beat.get("sent_at"), "sent_at", 1.0)
+    sent_at = _number(beat.get("sent_at"), "sent_at", 1.0)
+    if sent_at > time.time() + MAX_FUTURE_S:
+        # A site's latest state only moves forward in sent_at: one heartbeat from the far
+        # future would freeze its dashboard row.
+        raise HeartbeatError(f"sent_at: {sent_at} is more than a day ahead of the hub's "
+                             "clock (fix the appliance's clock: pas doctor)")
     if not isinstance(beat.get("version"), str) or not beat["version"]:
         raise HeartbeatError(f"version: must be a non-empty string, got {beat.get('version')!r}")
     for section, keys in (("backlog", ("studies", "bytes", "oldest_age_s",
