@@ -154,6 +154,8 @@ def test_heartbeat_is_idempotent_and_sortable(fleet: dict[str, Any]) -> None:
     assert by_name.index('data-site="SITE-A"') < by_name.index('data-site="SITE-B"')
     only_b = viewer.get("/fleet", params={"q": "site-b"}).text
     assert 'data-site="SITE-B"' in only_b and 'data-site="SITE-A"' not in only_b
+    problems = viewer.get("/fleet", params={"state": "problems"}).text
+    assert 'data-site="SITE-B"' in problems and 'data-site="SITE-A"' not in problems
     none_down = viewer.get("/fleet", params={"state": "down"}).text
     assert "data-site=" not in none_down and "no site" in none_down
     scrape = viewer.get("/metrics").text

@@ -89,6 +89,15 @@ def site_rows(hub_db: Any, at: float | None = None) -> list[dict[str, Any]]:
     return rows
 
 
+def has_problem(row: dict[str, Any]) -> bool:
+    """What the alert rules would flag: down, old backlog, disk, certificate, failed jobs."""
+    cert = row["cert_days_left"]
+    return (row["state"] == "down" or row["failed_jobs"] > 0 or row["urgent_oldest_s"] > 480
+            or (row.get("routine_oldest_s") or 0) > 14400
+            or (row["disk_used_percent"] or 0) > 85 or (cert is not None and cert < 30)
+            or bool(row["errors"]))
+
+
 # --- HTML ------------------------------------------------------------------------------------
 
 STYLE = """
@@ -121,6 +130,8 @@ def render_dashboard(rows: list[dict[str, Any]], sort: str, descending: bool, qu
         rows = [r for r in rows if query.lower() in r["site"].lower()]
     if state in ("up", "down"):
         rows = [r for r in rows if r["state"] == state]
+    elif state == "problems":
+        rows = [r for r in rows if has_problem(r)]
     rows.sort(key=lambda r: (r[sort] is None, r[sort] if r[sort] is not None else 0),
               reverse=descending)
     up = sum(1 for r in rows if r["state"] == "up")
@@ -132,7 +143,7 @@ def render_dashboard(rows: list[dict[str, Any]], sort: str, descending: bool, qu
            f'<form method=get><input name=q placeholder="site" value="{_esc(query)}"> '
            '<select name=state>'
            + "".join(f'<option value="{v}"{" selected" if v == state else ""}>{v or "all"}'
-                     "</option>" for v in ("", "up", "down"))
+                     "</option>" for v in ("", "up", "down", "problems"))
            + f'</select><input type=hidden name=sort value="{_esc(sort)}">'
            "<button type=submit>Filter</button></form>",
            "<div class=wrap><table id=fleet><tr>"]
