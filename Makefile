@@ -38,6 +38,15 @@ test: deps-test venv
 demo: venv
 	@scripts/demo.sh "$(DEMO_HOME)"
 
+# Issue 7: the fault-injection suite and the fuzzers alone (both also run in `make test`).
+# PAS_FAULT_ROUNDS / PAS_FAULT_UPLOAD_ROUNDS / PAS_FUZZ_SECONDS lengthen them.
+.PHONY: test-faults test-fuzz
+test-faults: deps-test venv
+	$(VENV)/bin/pytest -q -s -p no:cacheprovider tests/faults
+
+test-fuzz: venv
+	$(VENV)/bin/pytest -q -s -p no:cacheprovider tests/fuzz
+
 bench-ingest: deps-test venv
 	$(PY) bench/ingest.py
 

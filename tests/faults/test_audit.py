@@ -48,6 +48,12 @@ class SyslogTlsCollector:
             threading.Thread(target=self._read, args=(raw,), daemon=True).start()
 
     def _read(self, raw: socket.socket) -> None:
+        try:
+            self._frames(raw)
+        except OSError:  # the collector was stopped under an open connection
+            return
+
+    def _frames(self, raw: socket.socket) -> None:
         with self.context.wrap_socket(raw, server_side=True) as conn:
             buffer = b""
             while not self._stop.is_set():

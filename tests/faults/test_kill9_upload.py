@@ -26,7 +26,7 @@ from tests.faults.helpers import assert_consistent, sha256
 from tests.support.hub import HubProcess, enroll
 from tests.support.peers import CT_DIR, DCMTK_ENV, PasProcess, storescu, wait_for
 
-ROUNDS = int(os.environ.get("PAS_FAULT_UPLOAD_ROUNDS", "6"))
+ROUNDS = int(os.environ.get("PAS_FAULT_UPLOAD_ROUNDS", "5"))
 
 
 def _rows(db: Path, sql: str) -> list[sqlite3.Row]:
