@@ -436,5 +436,46 @@ def test_small_images_are_stacked_and_a_bad_stack_row_range_is_refused() -> None
         last = [seg for seg in h["entries"][-1]["segs"] if seg[0] == 3][0]
         last[2] += 1  # one row past the stack's end
 
-    with pytest.raises(BucketFormatError, match="asks for rows"):
+    with pytest.raises(BucketFormatError, match="do not tile its rows"):
         list(unpack_bucket(rewrite_header(payload, beyond_the_stack)))
+
+
+def replace_blob(payload: bytes, number: int, blob: bytes) -> bytes:
+    """The payload with JPEG-LS blob ``number`` replaced (header lengths kept consistent)."""
+    (length,) = struct.unpack_from(">I", payload, 6)
+    header = json.loads(payload[10 : 10 + length])
+    position = 10 + length
+    blobs = []
+    for size in header["blobs"]:
+        blobs.append(payload[position : position + size])
+        position += size
+    blobs[number] = blob
+    header["blobs"] = [len(b) for b in blobs]
+    encoded = json.dumps(header).encode()
+    return payload[:6] + struct.pack(">I", len(encoded)) + encoded + b"".join(blobs)
+
+
+def test_a_jpegls_scan_without_its_end_marker_is_refused_before_decoding() -> None:
+    """Found by fuzzing: CharLS spends seconds on a scan of random bytes that runs off the end
+    of its buffer; such a codestream (no EOI) is refused before CharLS sees it."""
+    items = [item_for(p) for p in sorted(MR_DIR.glob("*.dcm"))[:8]]
+    payload, _ = pack_bucket(plan_buckets(items)[0])
+    (length,) = struct.unpack_from(">I", payload, 6)
+    first_blob = 10 + length + json.loads(payload[10 : 10 + length])["blobs"][0]
+    blob = payload[first_blob:]
+    sos = blob.index(b"\xff\xda")
+    header_of_blob = blob[: sos + 2 + int.from_bytes(blob[sos + 2 : sos + 4], "big")]
+    noise = np.random.default_rng(1).integers(0, 256, 2000, dtype=np.uint8).tobytes()
+    with pytest.raises(BucketFormatError, match="EOI"):
+        list(unpack_bucket(replace_blob(payload, 1, header_of_blob + noise)))
+
+
+def test_the_fuzzed_slow_codestream_is_refused_at_once() -> None:
+    """A reproducer of what the fuzzer found: a 128x24 9-bit scan of one repeated byte (0x44)
+    and no EOI, on which CharLS spends 14 s here before failing."""
+    samples = (np.arange(128 * 24) % 300).astype("<u2").tobytes()
+    valid = jls.encode(samples, 24, 128, 1, 9, 0)
+    scan = b"\x44" * (len(valid) - 27)
+    with pytest.raises(jls.JlsError, match="EOI"):
+        jls.decode(valid[:25] + scan)
+    assert jls.decode(valid)[0] == samples

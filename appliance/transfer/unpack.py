@@ -43,21 +43,22 @@ class Piece:
     data: bytes
 
 
-def _decode_band(blob: bytes, columns: int, comps: int, ilv: int) -> tuple[bytes, int, int]:
-    """(samples, bytes per sample, rows) of a JPEG-LS band, its declared geometry checked
-    against the bucket header before CharLS allocates anything."""
+def _decode_band(blob: bytes, rows: int, columns: int, comps: int,
+                 ilv: int) -> tuple[bytes, int]:
+    """(samples, bytes per sample) of a JPEG-LS band, its declared geometry checked against
+    the bucket header before CharLS allocates or decodes anything."""
     info = jls.read_info(blob)
-    if (info.width, info.components) != (columns, comps):
+    if (info.width, info.height, info.components) != (columns, rows, comps):
         raise BucketFormatError(
-            f"JPEG-LS band is {info.width} wide with {info.components} components, the "
-            f"header says {columns} and {comps}")
+            f"JPEG-LS band is {info.width}x{info.height}x{info.components}, the header says "
+            f"{columns}x{rows}x{comps}")
     if info.interleave != ilv:
         raise BucketFormatError("JPEG-LS band interleave mode differs from the header")
     size = 1 if info.bits <= 8 else 2
     samples, _ = jls.decode(blob)
-    if len(samples) != info.height * columns * comps * size:
+    if len(samples) != rows * columns * comps * size:
         raise BucketFormatError("JPEG-LS band decodes to an unexpected number of bytes")
-    return samples, size, info.height
+    return samples, size
 
 
 def _stored_bytes(samples: bytes | memoryview, size: int, dtype: str, base: int) -> bytes:
@@ -74,9 +75,7 @@ def band_bytes(
     blob: bytes, rows: int, columns: int, comps: int, ilv: int, dtype: str, base: int
 ) -> bytes:
     """Decode one whole band back to the original stored bytes."""
-    samples, size, height = _decode_band(blob, columns, comps, ilv)
-    if height != rows:
-        raise BucketFormatError(f"JPEG-LS band has {height} rows, the header says {rows}")
+    samples, size = _decode_band(blob, rows, columns, comps, ilv)
     return _stored_bytes(samples, size, dtype, base)
 
 
@@ -126,7 +125,7 @@ def unpack_bucket(payload: bytes) -> Iterator[Piece]:
     for length in blob_lengths:
         blobs.append(bytes(payload[position : position + length]))
         position += length
-    entries = _validate_entries(header["entries"], raw_size, len(blobs))
+    entries, stack_heights = _validate_entries(header["entries"], raw_size, len(blobs))
     if raw_size:
         try:
             declared = zstandard.frame_content_size(blobs[0])
@@ -146,7 +145,7 @@ def unpack_bucket(payload: bytes) -> Iterator[Piece]:
         if blob_lengths[0]:
             raise BucketFormatError("zstd blob present but raw size is 0")
         solid = b""
-    stacks: dict[int, tuple[bytes, int, int]] = {}  # blob -> decoded samples, size, rows
+    stacks: dict[int, tuple[bytes, int]] = {}  # blob -> decoded samples, bytes per sample
     cursor = 0  # kind 0: bytes in piece order
     tail = sum(seg[1] for e in entries for seg in e["segs"] if seg[0] == 0)  # kind 2 after
     for entry in entries:
@@ -160,7 +159,7 @@ def unpack_bucket(payload: bytes) -> Iterator[Piece]:
                 tail += seg[1]
             else:
                 try:
-                    parts.append(_segment_bytes(seg, blobs, stacks))
+                    parts.append(_segment_bytes(seg, blobs, stacks, stack_heights))
                 except BucketFormatError:
                     raise
                 except Exception as exc:
@@ -174,33 +173,34 @@ def unpack_bucket(payload: bytes) -> Iterator[Piece]:
         yield Piece(entry["uid"], entry["offset"], entry["total"], data)
 
 
-def _segment_bytes(seg: list[Any], blobs: list[bytes],
-                   stacks: dict[int, tuple[bytes, int, int]]) -> bytes:
+def _segment_bytes(seg: list[Any], blobs: list[bytes], stacks: dict[int, tuple[bytes, int]],
+                   stack_heights: dict[int, int]) -> bytes:
     """The stored bytes of a JPEG-LS segment: a whole band (kind 1), or rows of a stack
-    (kind 3; the stack is decoded once per bucket)."""
+    (kind 3; the stack is decoded once per bucket, its height being the rows its segments
+    tile, as validated)."""
     if seg[0] == 1:
         _, blob, rows, columns, comps, ilv, dtype, base = seg
         return band_bytes(blobs[blob], rows, columns, comps, ilv, dtype, base)
     _, blob, row_start, rows, columns, comps, ilv, dtype, base = seg
     if blob not in stacks:
-        stacks[blob] = _decode_band(blobs[blob], columns, comps, ilv)
-    samples, size, height = stacks[blob]
-    if row_start + rows > height:
-        raise BucketFormatError(
-            f"JPEG-LS stack {blob} has {height} rows, a segment asks for rows "
-            f"{row_start}-{row_start + rows}")
+        stacks[blob] = _decode_band(blobs[blob], stack_heights[blob], columns, comps, ilv)
+    samples, size = stacks[blob]
     row_bytes = columns * comps * size
     return _stored_bytes(memoryview(samples)[row_start * row_bytes : (row_start + rows) *
                                              row_bytes], size, dtype, base)
 
 
-def _validate_entries(entries: list[Any], raw_size: int, blob_count: int) -> list[dict[str, Any]]:
+def _validate_entries(entries: list[Any], raw_size: int,
+                      blob_count: int) -> tuple[list[dict[str, Any]], dict[int, int]]:
     """Check every entry and segment so that unpacking cannot index out of range, allocate
-    without bound, or loop on attacker-chosen numbers."""
+    without bound, or loop on attacker-chosen numbers. Returns the entries and each stack's
+    height (its segments must tile its rows exactly, with one geometry)."""
     solid_used = 0
     produced = 0
     used_blobs: set[int] = set()  # kind 1: one segment each
     stack_blobs: set[int] = set()  # kind 3: shared by the rows of a stack
+    stack_rows: dict[int, list[tuple[int, int]]] = {}  # blob -> (first row, rows)
+    stack_shape: dict[int, list[Any]] = {}
     for number, entry in enumerate(entries):
         where = f"entry {number}"
         if not isinstance(entry, dict):
@@ -232,9 +232,13 @@ def _validate_entries(entries: list[Any], raw_size: int, blob_count: int) -> lis
                 raise BucketFormatError(f"{where} reuses JPEG-LS blob {blob}")
             (stack_blobs if stacked else used_blobs).add(blob)
             shape = seg[3:] if stacked else seg[2:]
-            if stacked:
-                _int(seg[2], f"{where} first row", 0, 1 << 24)
             rows = _int(shape[0], f"{where} rows", 1, 1 << 20)
+            if stacked:
+                stack_rows.setdefault(blob, []).append(
+                    (_int(seg[2], f"{where} first row", 0, 1 << 24), rows))
+                if stack_shape.setdefault(blob, shape[1:]) != shape[1:]:
+                    raise BucketFormatError(f"{where}: rows of JPEG-LS stack {blob} disagree "
+                                            "on its geometry")
             columns = _int(shape[1], f"{where} columns", 1, 1 << 20)
             comps = _int(shape[2], f"{where} components", 1, 3)
             _int(shape[3], f"{where} interleave", 0, 2)
@@ -253,4 +257,14 @@ def _validate_entries(entries: list[Any], raw_size: int, blob_count: int) -> lis
         raise BucketFormatError(f"segments use {solid_used} zstd bytes, header says {raw_size}")
     if len(used_blobs | stack_blobs) != blob_count - 1:
         raise BucketFormatError("bucket carries JPEG-LS blobs no entry uses")
-    return entries
+    heights: dict[int, int] = {}
+    for blob, spans in stack_rows.items():
+        next_row = 0
+        for first, rows in sorted(spans):
+            if first != next_row:
+                raise BucketFormatError(
+                    f"JPEG-LS stack {blob}: segments do not tile its rows (row {first} where "
+                    f"{next_row} was expected)")
+            next_row += rows
+        heights[blob] = next_row
+    return entries, heights
