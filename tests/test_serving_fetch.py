@@ -148,7 +148,7 @@ def _orthanc_study(setup: Setup, study_uid: str) -> str:
     return str(response.json()[0]["ID"])
 
 
-def test_wan_down_cfind_answers_from_local_data(setup: Setup, tmp_path: Path) -> None:
+def test_wan_down_cfind_and_cmove_answer_from_local_data(setup: Setup, tmp_path: Path) -> None:
     ns = setup.region.ns
     subprocess.run(["ip", "-n", ns.name, "link", "set", ns.inner_if, "down"], check=True)
     try:
@@ -160,6 +160,19 @@ def test_wan_down_cfind_answers_from_local_data(setup: Setup, tmp_path: Path) ->
         assert set(_studies(LOCAL_PATIENT)) <= uids
         assert set(_studies(REGIONAL_PATIENT)[1:]).isdisjoint(uids)
         assert "region not asked" in (_audit_queries(setup.pas)[-1]["detail"] or "")
+        # A local study still moves: the region's listing is not waited for.
+        for old in setup.scp.files():
+            old.unlink()
+        study = _studies(LOCAL_PATIENT)[0]
+        result = subprocess.run(
+            ["movescu", "-v", "-S", "-aet", "VIEWER", "-aec", "PAS", "-aem", "STORESCP",
+             "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
+             "127.0.0.1", str(setup.pas.port)],
+            env=DCMTK_ENV, capture_output=True, text=True, timeout=120)
+        assert "Final Move Response (Success)" in result.stderr, result.stderr[-2000:]
+        expected = sum(1 for p in CT_DIR.glob(f"{LOCAL_PATIENT}_*.dcm")
+                       if str(dcmread(p, stop_before_pixels=True).StudyInstanceUID) == study)
+        assert len(setup.scp.files()) == expected
     finally:
         subprocess.run(["ip", "-n", ns.name, "link", "set", ns.inner_if, "up"], check=True)
 

@@ -44,11 +44,13 @@ class FetchThrough:
     """Callable: study UID -> how many instances were fetched from the region."""
 
     def __init__(self, client: RegionClient, db: Database, receiver: Receiver,
-                 parallel: int = 4):
+                 parallel: int = 4, check_timeout_s: float = 0.5):
         self.client = client
         self.db = db
         self.receiver = receiver
         self.parallel = parallel
+        self.check_timeout_s = check_timeout_s
+        self._checker = ThreadPoolExecutor(2, thread_name_prefix="pas-fetch-check")
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
@@ -58,12 +60,22 @@ class FetchThrough:
 
     def __call__(self, study_uid: str) -> int:
         with self._lock(study_uid):
-            try:
-                listed = self.client.instances_of(study_uid)
-            except RegionError as exc:
-                raise RuntimeError(f"region unavailable: {exc}") from exc
             held = {r["sop_instance_uid"] for r in store_query.instances_for(
                 self.db, "STUDY", {"StudyInstanceUID": study_uid})}
+            try:
+                if held:
+                    # Something is on site: ask the region whether it holds more, but never
+                    # make a viewer wait long for a study it can already have (WAN down).
+                    future = self._checker.submit(self.client.instances_of, study_uid)
+                    listed = future.result(timeout=self.check_timeout_s)
+                else:
+                    listed = self.client.instances_of(study_uid)
+            except FutureTimeout:
+                log.info("region did not list %s within %.1f s: serving the %d instances held",
+                         study_uid, self.check_timeout_s, len(held))
+                return 0
+            except RegionError as exc:
+                raise RuntimeError(f"region unavailable: {exc}") from exc
             missing = [i for i in listed if i.sop_instance_uid not in held]
             if not missing:
                 return 0
@@ -128,7 +140,8 @@ def make_fetcher(settings: Settings, db: Database,
                                     timeout_s=settings.serving.fetch_timeout_s)
     if client is None:
         return None
-    return FetchThrough(client, db, receiver)
+    return FetchThrough(client, db, receiver,
+                        check_timeout_s=settings.serving.region_query_timeout_s)
 
 
 def make_region_find(settings: Settings) -> RegionFind | None:

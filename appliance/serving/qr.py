@@ -251,7 +251,7 @@ class QueryRetrieveService:
 
     # -- C-MOVE / C-GET -------------------------------------------------------------------
 
-    def _resolve(self, event: Any, verb: str) -> tuple[str, list[Any]]:
+    def _resolve(self, event: Any) -> tuple[str, list[Any]]:
         """The instances a retrieve names, after fetching a study that is missing here.
         Raises QueryError (a bad identifier) or RuntimeError (the fetch failed)."""
         level, keys, _ = identifier_keys(event.identifier)
@@ -292,7 +292,7 @@ class QueryRetrieveService:
             yield None, None  # pynetdicom answers 0xA801 (move destination unknown)
             return
         try:
-            summary, rows = self._resolve(event, "C-MOVE")
+            summary, rows = self._resolve(event)
         except (store_query.QueryError, RuntimeError) as exc:
             log.warning("C-MOVE from %s refused: %s", calling, exc)
             self._audit("retrieve", calling, address, None, f"failure: {exc}")
@@ -302,6 +302,10 @@ class QueryRetrieveService:
 
         def on_established(store_event: Any) -> None:
             no_delay(store_event)
+            _reactor_takes_no_messages(store_event.assoc)
+            # The sub-association lives only for this retrieve: let its DUL poll every
+            # 0.1 ms instead of 1 ms (a C-STORE round trip crosses that sleep several times).
+            store_event.assoc.dul._run_loop_delay = 0.0001
             _stream_spool_files(store_event.assoc)
             store_assoc.append(store_event.assoc)
             established.set()
@@ -323,7 +327,7 @@ class QueryRetrieveService:
     def on_get(self, event: Any) -> Iterator[Any]:
         calling, address = _peer(event)
         try:
-            summary, rows = self._resolve(event, "C-GET")
+            summary, rows = self._resolve(event)
         except (store_query.QueryError, RuntimeError) as exc:
             log.warning("C-GET from %s refused: %s", calling, exc)
             self._audit("retrieve", calling, address, None, f"failure: {exc}")
@@ -374,6 +378,27 @@ class QueryRetrieveService:
                          outcome=outcome, detail=text or None)
         except Exception:  # the audit must not take a viewer's association down
             log.exception("audit record failed")
+
+
+def _reactor_takes_no_messages(assoc: Any) -> None:
+    """Keep the sub-association's reactor from stealing C-STORE responses.
+
+    pynetdicom pauses an association's reactor around ``send_c_store`` with a flag that can
+    be stale when sends follow each other closely: the reactor then takes the next C-STORE-RSP
+    off the queue as an "unexpected C-STORE service message" and the sender waits for the
+    DIMSE timeout (seen here on C-MOVEs of many small instances on a loaded machine). A
+    C-MOVE sub-association never receives requests (the peer is a storage SCP), so its
+    reactor's non-blocking reads may safely see nothing; ``send_c_store`` still reads the
+    response with a blocking get."""
+    dimse = getattr(assoc, "dimse", None)
+    if dimse is None:
+        return
+    original = dimse.get_msg
+
+    def get_msg(block: bool = False) -> Any:
+        return original(block=True) if block else (None, None)
+
+    dimse.get_msg = get_msg
 
 
 def no_delay(event: Any) -> None:

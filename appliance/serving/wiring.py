@@ -10,6 +10,8 @@ import logging
 import ssl
 from typing import TYPE_CHECKING, Any
 
+from pynetdicom import _config
+
 from appliance.serving.fetch import make_fetcher, make_region_find
 from appliance.serving.qr import QueryRetrieveService
 
@@ -23,6 +25,10 @@ log = logging.getLogger("pas.serving")
 def wire_serving(daemon: Daemon) -> None:
     """Register C-FIND/C-MOVE/C-GET before the listener starts; contribute /dicom-web."""
     settings = daemon.settings
+    if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+        # pynetdicom's "standard" handlers format a log line for every PDU and DIMSE message
+        # even when INFO is off; on a retrieve of 500 small instances that is measurable.
+        _config.LOG_HANDLER_LEVEL = "none"
     fetcher = make_fetcher(settings, daemon.db, daemon.receiver)
     daemon.qr = QueryRetrieveService(settings.serving, daemon.db, daemon.spool,
                                      settings.dicom.ae_title, fetcher=fetcher,
