@@ -77,6 +77,10 @@ bench-prefetch: deps-test venv
 bench-hub: deps-test venv
 	$(PY) bench/hub.py
 
+# The uplink kinds (stowrs, hub) next to storescu into Orthanc, and the Mbit/s cap (root).
+bench-uplink: deps-test venv
+	$(PY) bench/uplink.py $(BENCH_ARGS)
+
 # C-FIND latency on 100,000 synthesized studies; C-FIND and C-MOVE next to Orthanc (root).
 bench-qr: deps-test venv
 	$(PY) bench/qr.py $(BENCH_ARGS)
