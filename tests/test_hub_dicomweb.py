@@ -120,3 +120,40 @@ def test_an_instance_the_archive_refuses_means_502_and_no_receipt(
         assert answer.json()["refused"] == ["1.2.826.0.1.3680043.8.498.1"]
         assert http.get(shipment.url + "/receipt").status_code == 404
         assert not http.get(shipment.url).json()["committed"]
+
+
+def test_archive_unreachable_then_back_the_same_transfer_commits(
+        orthanc: Orthanc, tmp_path: Path) -> None:
+    """502 while the regional PACS does not answer; the transfer stays committable, and once
+    the PACS is back the same commit succeeds with every instance bit-exact."""
+    import signal
+
+    from tests.support.peers import MR_DIR
+
+    hub = HubProcess(tmp_path / "hub", {"PAS_HUB_ARCHIVE__KIND": "dicomweb",
+                                        "PAS_HUB_ARCHIVE__URL": orthanc.dicomweb,
+                                        "PAS_HUB_ARCHIVE__TIMEOUT_S": "2"}).init().start()
+    try:
+        site = enroll(hub, tmp_path / "site", "CHU-PAUSE")
+        files = sorted(p for p in MR_DIR.rglob("*") if p.is_file())[:3]
+        shipment = ship(pack_items(files), site.hub_transfer_key, 6 << 20)
+        assert orthanc.proc is not None
+        with client(site) as http:
+            http.post("/api/v1/transfers", json=shipment.manifest)
+            assert shipment.put_all(http) == [201] * len(shipment.buckets)
+            orthanc.proc.send_signal(signal.SIGSTOP)
+            try:
+                down = http.post(shipment.url + "/commit")
+            finally:
+                orthanc.proc.send_signal(signal.SIGCONT)
+            assert down.status_code == 502 and down.json()["error"] == "archive_refused"
+            assert sorted(down.json()["refused"]) == sorted(shipment.originals)
+            assert http.get(shipment.url + "/receipt").status_code == 404
+            back = http.post(shipment.url + "/commit")
+            assert back.status_code == 200, back.text
+        for uid, sha in shipment.originals.items():
+            found = httpx.post(f"{orthanc.url}/tools/lookup", content=uid, timeout=30).json()
+            instance = next(f["ID"] for f in found if f["Type"] == "Instance")
+            assert hashlib.sha256(orthanc.instance_file(instance)).hexdigest() == sha
+    finally:
+        hub.stop()

@@ -113,17 +113,19 @@ class DicomWebArchive:
         refused: list[str] = []
         for start in range(0, len(instances), self.per_request):
             batch = instances[start:start + self.per_request]
-            refused_here = self._post(batch)
-            if len(batch) > 1 and len(refused_here) == len(batch):
+            refused_here, answered = self._post(batch)
+            if answered and len(batch) > 1 and len(refused_here) == len(batch):
                 # Some archives refuse a whole request for one bad part: ask one by one, so
-                # that the answer names the instance(s) really refused.
-                refused_here = [uid for instance in batch for uid in self._post([instance])]
+                # that the answer names the instance(s) really refused. (Not when the archive
+                # did not answer at all: that would only wait for more timeouts.)
+                refused_here = [uid for instance in batch for uid in self._post([instance])[0]]
             refused.extend(refused_here)
         if refused:
             raise ArchiveRefused(f"DICOMweb archive refused {len(refused)} instance(s): "
                                  f"{', '.join(refused[:5])}", refused)
 
-    def _post(self, batch: list[RebuiltInstance]) -> list[str]:
+    def _post(self, batch: list[RebuiltInstance]) -> tuple[list[str], bool]:
+        """(SOP Instance UIDs not accepted, whether the archive answered at all)."""
         boundary = f"pas-{uuid.uuid4().hex}"
         heads = [f"--{boundary}\r\nContent-Type: application/dicom\r\n"
                  f"Content-Length: {i.size}\r\n\r\n".encode() for i in batch]
@@ -146,18 +148,18 @@ class DicomWebArchive:
                          "Accept": "application/dicom+json"})
         except httpx.HTTPError as exc:
             log.warning("STOW-RS to %s failed: %s", self.url, exc)
-            return uids
+            return uids, False
         if response.status_code not in (200, 202):
             log.warning("STOW-RS to %s answered %s: %s", self.url, response.status_code,
                         response.text[:300])
-            return uids
+            return uids, True
         try:
             answer: dict[str, Any] = response.json()
         except ValueError:
-            return uids
+            return uids, True
         accepted = {str(item.get("00081155", {}).get("Value", [""])[0])
                     for item in answer.get("00081199", {}).get("Value", [])}
-        return [uid for uid in uids if uid not in accepted]
+        return [uid for uid in uids if uid not in accepted], True
 
 
 def open_archive(settings: HubSettings) -> Archive:
