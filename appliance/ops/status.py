@@ -7,6 +7,7 @@ from typing import Any
 
 from appliance import __version__
 from appliance.config import Settings
+from appliance.store import cache as cache_store
 from appliance.store import index
 from appliance.store import jobs as job_store
 from appliance.store import uplink as uplink_store
@@ -31,6 +32,8 @@ def collect(settings: Settings, db: Database) -> dict[str, Any]:
         "backlog": job_store.backlog_by_destination(db),
         # Per destination: "up"/"down", last successful contact, last error (store/uplink.py).
         "links": uplink_store.link_states(db),
+        # Integrity flags and the disk alert (store/cache.py, issue 7).
+        "cache": cache_store.health(db),
         "disk": {
             "path": str(settings.home),
             "total_bytes": disk.total,

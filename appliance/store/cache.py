@@ -348,3 +348,18 @@ def shift_for_clock_step(db: Database, step: float,
                 "(SELECT DISTINCT study_fk FROM instances WHERE routed_at IS NULL)",
                 (step, cut)).rowcount
     return {"pending_jobs": pending, "leases": leases, "studies": studies}
+
+
+def health(db: Database) -> dict[str, Any]:
+    """What ``pas status``, the status page and the heartbeat show of the cache's health:
+    open integrity issues by kind (``evicting`` is bookkeeping, not a problem) and whether
+    the disk alert is raised (the latest ``alert`` audit row, so every process sees it)."""
+    issues: dict[str, int] = {}
+    for row in db.query("SELECT kind, count(*) AS n FROM integrity_issues "
+                        "WHERE resolved_at IS NULL AND kind != 'evicting' GROUP BY kind"):
+        issues[row["kind"]] = int(row["n"])
+    alert = db.query_one("SELECT at, outcome, detail FROM audit WHERE event = 'alert' "
+                         "ORDER BY id DESC LIMIT 1")
+    raised = alert is not None and alert["outcome"] != "success"
+    return {"integrity_issues": issues, "disk_alert": alert["detail"] if raised else None,
+            "disk_alert_since": alert["at"] if raised else None}

@@ -83,6 +83,8 @@ def test_disk_full_refuses_with_a700_then_recovers(small_disk: Path, floor_mb: i
         assert state["rows"] == len(set(accepted))
         assert_kept_exactly(home, accepted)
         wait_for(lambda: "ALERT hard limit" in pas.log(), 15, what="the disk alert")
+        if floor_mb:  # above the floor the database still takes the alert's row
+            assert "hard limit" in pas.status()["cache"]["disk_alert"]
 
         # Space comes back: the same daemon accepts again, no restart, no operator action.
         filler.unlink()
@@ -99,5 +101,6 @@ def test_disk_full_refuses_with_a700_then_recovers(small_disk: Path, floor_mb: i
             lines = [x for x in pas.log().splitlines()
                      if "prefetch" not in x and "routing" not in x]
             raise AssertionError("alert not cleared; log:\n" + "\n".join(lines[-60:])) from None
+        assert pas.status()["cache"]["disk_alert"] is None
     finally:
         pas.stop()

@@ -75,6 +75,8 @@ def test_verify_reports_then_recovery_flags_and_repair_restores(filled) -> None:
     assert recovery.orphans_quarantined == 1 and not garbage.exists()
     assert (spool.root / "quarantine").is_dir()
     assert (recovery.missing, recovery.size_mismatch) == (1, 1)
+    assert cache_store.health(db)["integrity_issues"] == {
+        "hash_mismatch": 2, "missing": 1, "orphan_corrupt": 1, "size_mismatch": 1}
     kinds = sorted(i["kind"] for i in cache_store.open_issues(db))
     # verify (step 1) flagged the two hash mismatches and the missing file already; flags
     # are not duplicated.
