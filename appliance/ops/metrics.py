@@ -33,6 +33,7 @@ from appliance.config import Settings
 from appliance.store import index
 from appliance.store import jobs as job_store
 from appliance.store import ops as ops_store
+from appliance.store import uplink as uplink_store
 from appliance.store.db import Database
 
 log = logging.getLogger("pas.ops.metrics")
@@ -203,6 +204,18 @@ class ApplianceCollector(Collector):
             yield _histogram("pas_prefetch_lead_time_seconds",
                              "How long before the scheduled exam priors were on site "
                              "(fetched in the last 7 days; below 0: late)", leads)
+        link_up = GaugeMetricFamily("pas_destination_link_up",
+                                    "1 when the last delivery contact with the destination "
+                                    "succeeded (store/uplink.py)", labels=["destination"])
+        last_ok = GaugeMetricFamily("pas_destination_last_ok_timestamp_seconds",
+                                    "Unix time of the last successful delivery contact",
+                                    labels=["destination"])
+        for destination, link in uplink_store.link_states(self.db).items():
+            link_up.add_metric([destination], 1 if link["state"] == "up" else 0)
+            if link["last_ok_at"]:
+                last_ok.add_metric([destination], link["last_ok_at"])
+        yield link_up
+        yield last_ok
         totals = index.totals(self.db)
         yield GaugeMetricFamily("pas_cache_studies", "Studies in the local cache",
                                 value=totals["studies"])
