@@ -14,10 +14,12 @@ with the original dataset bytes. The tests share one region (module scope) and r
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import sqlite3
 import subprocess
 from collections import defaultdict
 from collections.abc import Iterator
@@ -160,7 +162,13 @@ def send(port: int, message: str) -> str:
 
 
 def prefetch_rows(pas: PasProcess) -> list[dict[str, Any]]:
-    return json.loads(pas.cli("prefetch", "list", "--json").stdout)["requests"]
+    """The prefetch requests, newest first, read straight from the appliance's SQLite file
+    (read-only; fast enough to poll, where ``pas prefetch list`` costs a process start)."""
+    uri = f"file:{pas.home / 'pas.sqlite'}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30)) as conn:
+        conn.row_factory = sqlite3.Row
+        rows = conn.execute("SELECT * FROM prefetch_requests ORDER BY id DESC").fetchall()
+    return [dict(row) for row in rows]
 
 
 def sha256(path: Path) -> str:

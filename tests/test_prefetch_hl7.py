@@ -10,8 +10,10 @@ tests are about triggers, not fetching (see test_prefetch_acceptance.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import sqlite3
 from typing import Any
 
 import hl7
@@ -46,7 +48,13 @@ def send(pas: PasProcess, *messages: str) -> list[hl7.Message]:
 
 
 def requests(pas: PasProcess) -> list[dict[str, Any]]:
-    return json.loads(pas.cli("prefetch", "list", "--json").stdout)["requests"]
+    """The prefetch requests, newest first, read straight from the appliance's SQLite file
+    (read-only; fast enough to poll, where ``pas prefetch list`` costs a process start)."""
+    uri = f"file:{pas.home / 'pas.sqlite'}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30)) as conn:
+        conn.row_factory = sqlite3.Row
+        rows = conn.execute("SELECT * FROM prefetch_requests ORDER BY id DESC").fetchall()
+    return [dict(row) for row in rows]
 
 
 def shape(pas: PasProcess) -> list[tuple[int, str, int]]:
@@ -187,6 +195,9 @@ def test_manual_request_and_list(pas_hl7: PasProcess) -> None:
     assert len(rows) == 1 and rows[0]["trigger"] == "manual" and rows[0]["modality"] == "MR"
     table = pas_hl7.cli("prefetch", "list").stdout
     assert "prefetch requests" in table
+    listed = json.loads(pas_hl7.cli("prefetch", "list", "--json").stdout)
+    assert [r["id"] for r in listed["requests"]] == [r["id"] for r in requests(pas_hl7)]
+    assert sum(listed["counts"].values()) == len(listed["requests"])
     bad = pas_hl7.cli("prefetch", "patient", " ", check=False)
     assert bad.returncode == 2 and "PATIENT_ID" in bad.stderr
 
