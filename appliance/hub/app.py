@@ -54,6 +54,10 @@ class Hub:
         settings.buckets_dir.mkdir(parents=True, exist_ok=True)
         settings.work_dir.mkdir(parents=True, exist_ok=True)
         store.remove_temp_buckets(settings.buckets_dir)
+        for directory in settings.buckets_dir.iterdir():  # a crash between receipt and clean-up
+            row = store.get_transfer(self.db, directory.name)
+            if row is not None and row["receipt"] is not None:
+                store.remove_bucket_files(settings.buckets_dir, directory.name)
         for stale in settings.work_dir.iterdir():  # rebuilds a crash interrupted; never receipted
             shutil.rmtree(stale, ignore_errors=True)
         self.archive = open_archive(settings)
