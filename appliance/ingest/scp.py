@@ -135,7 +135,10 @@ class DicomListener:
         requestor = event.assoc.requestor
         # At this point only the received A-ASSOCIATE-RQ primitive carries the titles.
         calling = str(requestor.primitive.calling_ae_title).strip()
-        if not self.rate_limiter.allow(requestor.address):
+        # A known AE pinned to this very address is exempt: some modalities open one
+        # association per image, and a CT must never be throttled by a probe defence.
+        pinned = self.policy.known.get(calling) == requestor.address
+        if not pinned and not self.rate_limiter.allow(requestor.address):
             log.warning("association from %s rejected: more than %d attempts in a minute",
                         requestor.address, self.rate_limiter.per_minute,
                         extra={"CALLING_AE": calling})

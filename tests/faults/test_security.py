@@ -28,8 +28,8 @@ def _tls(pki: Path, who: str) -> list[str]:
     return ["+tls", str(pki / f"{who}.key"), str(pki / f"{who}.crt"), "+cf", str(pki / "ca.crt")]
 
 
-def _echo(port: int, tls: list[str]) -> int:
-    return subprocess.run(["echoscu", "-aec", "PAS", "-aet", "ECHO", *tls, "127.0.0.1",
+def _echo(port: int, tls: list[str], calling: str = "ECHO") -> int:
+    return subprocess.run(["echoscu", "-aec", "PAS", "-aet", calling, *tls, "127.0.0.1",
                            str(port)], env=DCMTK_ENV, capture_output=True, timeout=30).returncode
 
 
@@ -109,11 +109,14 @@ def test_forward_to_a_tls_dicom_node(tmp_path: Path) -> None:
 def test_association_attempts_are_limited_per_source(tmp_path: Path) -> None:
     pas = PasProcess(tmp_path / "pas", {
         "PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_HTTP__ENABLED": "false",
-        "PAS_DICOM__MAX_ASSOCIATION_ATTEMPTS_PER_MINUTE": "5"}).start()
+        "PAS_DICOM__MAX_ASSOCIATION_ATTEMPTS_PER_MINUTE": "5",
+        "PAS_DICOM__KNOWN_AES": '[{title = "CT_PINNED", host = "127.0.0.1"}]'}).start()
     try:
         outcomes = [_echo(pas.port, []) for _ in range(8)]
         assert outcomes[:5] == [0] * 5 and all(rc != 0 for rc in outcomes[5:]), outcomes
         assert "attempts in a minute" in pas.log()
+        # A known AE pinned to this address is exempt (one association per image is common).
+        assert [_echo(pas.port, [], "CT_PINNED") for _ in range(6)] == [0] * 6
     finally:
         pas.stop()
     assert free_port() and os.path.exists(pas.log_path)
