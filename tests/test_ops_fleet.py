@@ -111,6 +111,7 @@ def test_appliance_metrics_show_the_link(fleet: dict[str, Any]) -> None:
     assert metric(text, "pas_destination_link_up", destination="hub") == 1
     page = httpx.get(f"http://127.0.0.1:{pas.http_port}/", timeout=10).text
     assert 'class="state up">up (last contact' in page
+    assert '<tr data-destination="hub"><td>hub</td><td><span class="state up">up<' in page
 
 
 def _doctor(pas: PasProcess) -> tuple[int, dict[str, dict[str, str]]]:

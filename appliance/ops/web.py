@@ -43,7 +43,7 @@ th,td{padding:6px;border-bottom:1px solid #eee;text-align:left}
 .up,.confirmed,.delivered{background:#d4f5dc} .down,.failed{background:#fbd5d5}
 .sending{background:#dbe8ff} .received,.stable,.unknown{background:#eee}
 button{padding:6px 12px;border-radius:6px;border:1px solid #888;background:#fff}
-small{color:#666} .card .state{white-space:normal;display:inline-block}
+small{color:#666} .card .state{white-space:normal;display:inline-block} td.t{white-space:nowrap}
 @media (max-width:600px){.wide{display:none} th,td{padding:4px} td{word-break:break-word}
  table{font-size:.8em}}
 """
@@ -108,6 +108,22 @@ def link_state(daemon: Daemon) -> tuple[str, str]:
     return "down", f"down: {link.last_error or 'no answer'}"
 
 
+def _links_section(links: dict[str, dict[str, Any]]) -> list[str]:
+    """Each destination's delivery link as the uplink last saw it (store/uplink.py)."""
+    if not links:
+        return []
+    out = ["<h2>Destinations</h2><div class=wrap><table id=links><tr><th>destination</th>"
+           "<th>link</th><th>last good contact</th><th>last error</th></tr>"]
+    for name, link in sorted(links.items()):
+        state = "up" if link.get("state") == "up" else "down"
+        out.append(f'<tr data-destination="{_esc(name)}"><td>{_esc(name)}</td>'
+                   f'<td><span class="state {state}">{state}</span></td>'
+                   f"<td>{_when(link.get('last_ok_at'))}</td>"
+                   f"<td>{_esc((link.get('last_error') or '')[:200])}</td></tr>")
+    out.append("</table></div>")
+    return out
+
+
 def render_page(daemon: Daemon) -> str:
     snapshot = collect(daemon.settings, daemon.db)
     studies = ops_store.recent_studies(daemon.db, 20)
@@ -135,13 +151,14 @@ def render_page(daemon: Daemon) -> str:
         f'<div class="card" id="cache">Cache<b>{snapshot["studies"]} studies</b>'
         f"{snapshot['instances']} instances · {snapshot['confirmed_instances']} confirmed</div>",
         "</div>",
+        *_links_section(snapshot.get("links") or {}),
         "<h2>Recent studies</h2><div class=wrap><table id=studies><tr><th>time</th>"
         "<th>patient</th><th>study</th><th class=wide>mod.</th><th>images</th>"
         "<th>state</th></tr>",
     ]
     for study in studies:
         out.append(
-            f"<tr data-study-uid=\"{_esc(study['study_uid'])}\"><td>"
+            f"<tr data-study-uid=\"{_esc(study['study_uid'])}\"><td class=t>"
             f"{_short_when(study['last_received_at'])}</td><td>{_esc(study['patient_id'])}</td>"
             f"<td>{_esc(study['description'] or study['study_uid'])}</td>"
             f"<td class=wide>{_esc(study['modalities'])}</td>"
