@@ -239,10 +239,8 @@ class PrefetchService:
             log.warning("prefetch %d for %s: %s (%s)", request_id, request["patient_id"], exc,
                         state)
             return
+        # The lead time achieved is read from prefetch_requests by the metrics collector.
         store.finish(self.db, request_id)
-        done = store.get_request(self.db, request_id)
-        if done and done["scheduled_at"] and done["finished_at"]:
-            _metric("observe_prefetch_lead", max(0.0, done["scheduled_at"] - done["finished_at"]))
 
     def _fetch(self, request: dict[str, Any]) -> None:
         request_id = int(request["id"])
