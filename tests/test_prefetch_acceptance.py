@@ -221,6 +221,13 @@ def test_orders_bring_every_prior_on_site_then_served_without_the_hub(
     assert unrouted == 0 and jobs == 0  # never sent back to the region
     assert unpinned == 0
 
+    # /metrics counts what came down the WAN: the answers' bytes as sent (Orthanc gzips
+    # them, so fewer than the files' bytes, never none).
+    metrics = httpx.get(f"http://127.0.0.1:{pas.http_port}/metrics", timeout=30).text
+    (down,) = [float(line.split()[-1]) for line in metrics.splitlines()
+               if line.startswith('pas_wan_bytes_total{direction="down"}')]
+    assert 0 < down < sum(p.stat().st_size for _, files in priors.values() for p in files)
+
     # A duplicate order (new control id, same order) fetches nothing again.
     before = {p: (r["instances_fetched"], r["id"]) for p, r in rows.items()}
     first = sorted(priors)[0]

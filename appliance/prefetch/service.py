@@ -214,8 +214,9 @@ class PrefetchService:
             self.wake.set()  # a slot is free: claim the next request now
 
     def _default_region(self) -> RegionClient | None:
-        return RegionClient.from_home(self.settings.home, self.config.dicomweb_url,
-                                      self.config.timeout_s, self.config.parallel)
+        return RegionClient.from_home(
+            self.settings.home, self.config.dicomweb_url, self.config.timeout_s,
+            self.config.parallel, lambda n: _metric("add_wan_bytes", "down", n))
 
     def region(self) -> RegionClient | None:
         with self._region_lock:
@@ -332,7 +333,6 @@ class PrefetchService:
             return f"{instance.sop_instance_uid}: {exc}"
         store.mark_fetched_routed(self.db, received.instance_id)
         store.add_progress(self.db, request_id, 1, received.size)
-        _metric("add_wan_bytes", "down", len(content))
         return None
 
     def _pin_and_push(self, study_uid: str, push_to: list[str], rule_name: str) -> None:

@@ -13,7 +13,7 @@ largest thing held is one instance, never a study.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,8 +42,11 @@ class RegionClient:
     """A keep-alive HTTP client on the region's DICOMweb root. Thread-safe (httpx.Client)."""
 
     def __init__(self, base_url: str, verify: ssl.SSLContext | bool = True,
-                 timeout_s: float = 60.0, max_connections: int = 8):
+                 timeout_s: float = 60.0, max_connections: int = 8,
+                 on_downloaded: Callable[[int], None] | None = None):
         self.base_url = base_url.rstrip("/")
+        # Told the bytes each answer took on the wire (compressed as sent): WAN metrics.
+        self.on_downloaded = on_downloaded
         self.client = httpx.Client(
             verify=verify, timeout=timeout_s,
             limits=httpx.Limits(max_connections=max_connections,
@@ -51,15 +54,16 @@ class RegionClient:
 
     @classmethod
     def from_home(cls, home: Path, dicomweb_url: str | None = None, timeout_s: float = 60.0,
-                  max_connections: int = 8) -> RegionClient | None:
+                  max_connections: int = 8,
+                  on_downloaded: Callable[[int], None] | None = None) -> RegionClient | None:
         """The hub proxy when enrolled, a direct DICOMweb root when configured, else None."""
         if dicomweb_url:
-            return cls(dicomweb_url, True, timeout_s, max_connections)
+            return cls(dicomweb_url, True, timeout_s, max_connections, on_downloaded)
         enrolment = load_enrolment(home)
         if enrolment is None:
             return None
         return cls(enrolment.url.rstrip("/") + REGION_PREFIX, enrolment.ssl_context(),
-                   timeout_s, max_connections)
+                   timeout_s, max_connections, on_downloaded)
 
     def close(self) -> None:
         self.client.close()
@@ -70,6 +74,8 @@ class RegionClient:
             response = self.client.get(url, params=params, headers={"Accept": accept})
         except httpx.HTTPError as exc:
             raise RegionError(f"GET {path}: {type(exc).__name__}: {exc}") from exc
+        if self.on_downloaded is not None:
+            self.on_downloaded(response.num_bytes_downloaded)
         if response.status_code >= 400:
             raise RegionError(f"GET {path}: HTTP {response.status_code} "
                               f"{response.text[:200]}")
@@ -123,6 +129,8 @@ class RegionClient:
                 parser = _MultipartStream(_boundary(answer.headers.get("content-type", "")))
                 for chunk in answer.iter_bytes(256 * 1024):
                     yield from parser.feed(chunk)
+                if self.on_downloaded is not None:
+                    self.on_downloaded(answer.num_bytes_downloaded)
                 if not parser.closed:
                     raise RegionError(f"GET {path}: the multipart answer was cut short")
         except httpx.HTTPError as exc:
