@@ -67,7 +67,6 @@ MAX_BAND_BYTES = 2 * 1024 * 1024
 # CharLS's adaptive contexts learn over the whole stack (MR: 4 % smaller), in fewer calls.
 STACK_BELOW = 64 * 1024
 STACK_TARGET = 1024 * 1024
-READ_CHUNK = 1024 * 1024
 
 # A band whose JPEG-LS is not at least this much smaller than its bytes (noise) goes to zstd.
 WORTHWHILE = 0.9
