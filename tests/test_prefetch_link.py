@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -104,3 +105,39 @@ def test_series_stream_yields_each_file_byte_for_byte(orthanc: Orthanc) -> None:
     finally:
         client.close()
     assert sorted(got) == sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in files)
+
+
+def test_a_fetch_cut_short_resumes_with_only_the_missing_instances(
+        tmp_path: Path, orthanc: Orthanc) -> None:
+    """One of the prior's instances is already held (a fetch interrupted by a crash): the
+    next attempt downloads only the others, and the study ends complete and pinned."""
+    patient = "A027284"
+    prior = sorted(CT_DIR.glob(f"{patient}_*_19000925-*.dcm"))
+    for path in prior:
+        httpx.post(f"{orthanc.url}/instances", content=path.read_bytes(),
+                   timeout=60).raise_for_status()
+    settings = load_settings(environ={"PAS_HOME": str(tmp_path / "pas")})
+    db = Database(settings.db_path)
+    receiver = Receiver(db, Spool(settings.spool_dir, fsync=False))
+    # Stored, then the crash: not yet marked routed/confirmed. The restart's recovery (what
+    # PrefetchService.start runs) marks it, so routing never uploads it back.
+    receiver.receive_file(prior[0].read_bytes(), source=store.REGION_SOURCE, origin="regional")
+    assert store.recover(db) == 0  # no request was running; the instance is marked
+    service = PrefetchService(settings, db, receiver,
+                              region_factory=lambda: RegionClient(orthanc.dicomweb))
+    try:
+        request_id = store.schedule(db, store.NewRequest("manual:r", "manual", patient)
+                                    ).request_id
+        (request,) = store.claim_due(db)
+        service.process(request)
+    finally:
+        service.stop()
+    row = store.get_request(db, request_id)
+    assert row is not None and row["state"] == "fetched"
+    assert row["instances_fetched"] == len(prior) - 1
+    study_uid = str(dcmread(prior[0], stop_before_pixels=True).StudyInstanceUID)
+    assert store.local_instance_count(db, study_uid) == len(prior)
+    pinned = db.query_one("SELECT pinned_until FROM studies WHERE study_uid = ?", (study_uid,))
+    assert pinned is not None and pinned["pinned_until"] > time.time() + 29 * 86400
+    assert db.query_one("SELECT count(*) AS n FROM instances WHERE routed_at IS NULL "
+                        "OR confirmed_at IS NULL")["n"] == 0  # type: ignore[index]
