@@ -8,6 +8,8 @@ PAS := $(VENV)/bin/pas
 TEST_APT := dcmtk orthanc orthanc-dicomweb chromium chromium-driver iproute2 libsystemd-dev pkg-config prometheus \
 	debootstrap qemu-system-x86 qemu-utils e2fsprogs vagrant vagrant-libvirt
 DEMO_HOME ?= ./var
+# bench/wan's link emulator (tests/test_wan_emulator.py, make bench-wan) is C, built at run time.
+TEST_APT += gcc
 
 .PHONY: demo test venv deps-test lint image box bench-ingest bench-heartbeat bench-prefetch clean
 
