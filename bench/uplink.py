@@ -50,7 +50,7 @@ SETS = {"CT": CT_DIR, "MR": MR_DIR}
 CAP_MBPS = 8
 PARALLEL = 4  # hub.parallel_buckets default
 BASE_ENV = {"PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_QUEUE__WORKERS": "4",
-            "PAS_STUDY__STABLE_AFTER_S": "2"}
+            "PAS_STUDY__STABLE_AFTER_S": "2", "PAS_PREFETCH__ON_ARRIVAL": "false"}
 
 
 def rows(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:

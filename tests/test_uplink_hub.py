@@ -86,6 +86,9 @@ def enrolled_pas(pas_factory: Any, hub: HubProcess, home: Path, env: dict[str, s
                         "PAS_STORAGE__FSYNC": "false",
                         # One job per study even when storescu stalls on a loaded machine.
                         "PAS_STUDY__STABLE_AFTER_S": "3",
+                        # Priors fetched from the region (the prefetch area) would add
+                        # instances to the counts asserted here.
+                        "PAS_PREFETCH__ON_ARRIVAL": "false",
                         **(env or {})}, home=home)
 
 
@@ -264,3 +267,17 @@ def test_urgent_study_overtakes_a_long_routine_upload(pas_factory: Any, hub: Hub
     routine_done = [j for j in finished if j["priority"] == 2][0]
     assert urgent[0]["finished_at"] < routine_done["finished_at"]
     assert pas.status()["confirmed_instances"] == len(mr_files) + len(ct_study)
+
+
+def test_rule_naming_the_hub_on_a_non_enrolled_appliance_says_how_to_enrol(
+        pas_factory: Any) -> None:
+    pas = pas_factory({"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                       "PAS_ROUTING__FALLBACK__DESTINATIONS": '["hub"]'})
+    storescu(sorted(CT_DIR.glob("A002304_*19001231*.dcm"))[:1], pas.port)
+    failed = wait_for(lambda: [j for j in jobs(pas) if j["state"] == "failed"], 30,
+                      what="the hub job to fail")
+    assert "not enrolled" in failed[0]["last_error"] and "pas enroll" in failed[0]["last_error"]
+    assert failed[0]["attempts"] == 1
+    assert pas.status()["confirmed_instances"] == 0
+    storescu(sorted(CT_DIR.glob("A002304_*19001231*.dcm"))[1:2], pas.port)  # still serving
+    assert len(rows(pas.home / "pas.sqlite", "SELECT id FROM instances")) == 2
