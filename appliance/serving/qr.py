@@ -302,7 +302,7 @@ class QueryRetrieveService:
 
         def on_established(store_event: Any) -> None:
             no_delay(store_event)
-            _reactor_takes_no_messages(store_event.assoc)
+            reactor_takes_no_messages(store_event.assoc)
             # The sub-association lives only for this retrieve: let its DUL poll every
             # 0.1 ms instead of 1 ms (a C-STORE round trip crosses that sleep several times).
             store_event.assoc.dul._run_loop_delay = 0.0001
@@ -380,7 +380,7 @@ class QueryRetrieveService:
             log.exception("audit record failed")
 
 
-def _reactor_takes_no_messages(assoc: Any) -> None:
+def reactor_takes_no_messages(assoc: Any) -> None:
     """Keep the sub-association's reactor from stealing C-STORE responses.
 
     pynetdicom pauses an association's reactor around ``send_c_store`` with a flag that can
