@@ -53,3 +53,34 @@ def test_auto_level_packs_exactly_and_records_what_it_measured() -> None:
     ratio, speed = levels.estimates()[chosen[0].removeprefix("level_")]
     assert ratio == pytest.approx(stats["original"] / stats["packed"])
     assert speed > 0
+
+
+def test_link_share_is_inferred_from_the_callers_pace() -> None:
+    """No link rate given: a worker that took 4 s to send a 2 MB bucket has a 0.5 MB/s share
+    (a slow line: JPEG-LS's bytes saved win; max's 3 % more is not worth its slow zstd 19);
+    one that sent it in 10 ms is on a fast line where JPEG-LS's CPU costs more time than its
+    bytes save."""
+    for level, wall in (("max", 8.0), ("default", 30.0), ("fast", 150.0)):
+        levels.record(level, 6_000_000, {"max": 1_700_000, "default": 1_760_000,
+                                         "fast": 2_850_000}[level], 6 / (wall * 1.2))
+        levels.end_bucket(level, 6_000_000, 2_000_000, 6 / wall, now=100.0)
+    assert levels.choose_level() == "default"  # no pace observed yet
+    levels.begin_bucket(now=104.0)  # 2 MB sent in 4 s
+    assert levels.choose_level() == "default"
+    levels.reset()
+    for level, wall in (("max", 8.0), ("default", 30.0), ("fast", 150.0)):
+        levels.end_bucket(level, 6_000_000, 2_000_000, 6 / wall, now=100.0)
+    levels.begin_bucket(now=100.01)  # 200 MB/s per worker
+    assert levels.choose_level() == "fast"
+    levels.end_bucket("fast", 6_000_000, 2_000_000, 0.04, now=200.0)
+    levels.begin_bucket(now=200.0 + levels.MAX_SEND_GAP_S + 1)  # idle, not sending
+    assert levels.choose_level() == "fast"  # an idle gap changes nothing
+
+
+def test_choice_for_a_share_weighs_pack_time_against_send_time() -> None:
+    walls = {"max": 8.0, "default": 30.0, "fast": 150.0}
+    ratios = {"max": 3.45, "default": 3.41, "fast": 2.11}
+    assert levels.choose_for_share(0.5e6, walls, ratios) == "default"
+    assert levels.choose_for_share(0.5e6, walls, {**ratios, "max": 4.0}) == "max"
+    assert levels.choose_for_share(5e6, walls, ratios) == "default"
+    assert levels.choose_for_share(100e6, walls, ratios) == "fast"

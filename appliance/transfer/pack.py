@@ -289,6 +289,8 @@ def pack_bucket(plan: BucketPlan, level: str = "default") -> tuple[bytes, dict[s
     non-pixel bytes to zstd, the pool encodes (and verifies) the pixel bands already found.
     Bands that fail verification go to the end of the zstd stream (segment kind 2), so
     nothing waits on the pool before the last file is read."""
+    wall_started = time.monotonic()
+    levels.begin_bucket()
     if level == "auto":
         level = levels.choose_level()
     if level not in LEVELS:
@@ -395,4 +397,5 @@ def pack_bucket(plan: BucketPlan, level: str = "default") -> tuple[bytes, dict[s
     cpu_s = time.thread_time() - started + pool_cpu_s
     stats["cpu_us"] = int(cpu_s * 1e6)
     levels.record(level, stats["original"], stats["packed"], cpu_s)
+    levels.end_bucket(level, stats["original"], stats["packed"], time.monotonic() - wall_started)
     return payload, stats
