@@ -45,6 +45,8 @@ class SyslogTlsCollector:
                 raw, _ = self.sock.accept()
             except TimeoutError:
                 continue
+            except OSError:  # closed by stop()
+                return
             threading.Thread(target=self._read, args=(raw,), daemon=True).start()
 
     def _read(self, raw: socket.socket) -> None:
@@ -70,6 +72,7 @@ class SyslogTlsCollector:
 
     def stop(self) -> None:
         self._stop.set()
+        self.thread.join(2)
         self.sock.close()
 
 
