@@ -25,6 +25,8 @@ from tests.support.peers import CT_DIR, MR_DIR, Orthanc, PasProcess, storescu, w
 from tests.support.tcpproxy import TcpProxy
 
 PARALLEL = 3
+# The resume tests: one MR study of 300 instances (25.8 MB) in ~50 buckets of 0.5 MiB.
+RESUME_FILES = sorted(MR_DIR.glob("*.dcm"))[:300]
 
 
 def rows(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
@@ -141,12 +143,12 @@ def test_ct_set_to_embedded_hub_is_confirmed_bit_exact(pas_factory: Any, hub: Hu
 
 def _resume_setup(pas_factory: Any, hub: HubProcess, home: Path, proxy: TcpProxy | None
                   ) -> tuple[PasProcess, int]:
-    """MR set (one study, 520 instances) in small buckets at a capped rate, so that the upload
+    """An MR study (300 instances) in small buckets at a capped rate, so that the upload
     lasts a few seconds and can be interrupted half-way."""
     pas = enrolled_pas(pas_factory, hub, home, {
-        "PAS_HUB__BUCKET_MB": "1", "PAS_HUB__MAX_MBPS": "12", "PAS_HUB__RETRIES": "1",
+        "PAS_HUB__BUCKET_MB": "0.5", "PAS_HUB__MAX_MBPS": "6", "PAS_HUB__RETRIES": "1",
         "PAS_QUEUE__LEASE_S": "6"}, via=proxy)
-    storescu(MR_DIR, pas.port)
+    storescu(RESUME_FILES, pas.port)
 
     def half_sent() -> int | None:
         current = jobs(pas)
@@ -161,13 +163,12 @@ def _resume_setup(pas_factory: Any, hub: HubProcess, home: Path, proxy: TcpProxy
 
 
 def _assert_resumed_once(pas: PasProcess, hub: HubProcess, transfer_id: str) -> None:
-    sop_uids, _ = distinct_uids(MR_DIR)
-    finished = wait_jobs_finished(pas, len(sop_uids))
+    finished = wait_jobs_finished(pas, len(RESUME_FILES))
     assert finished[0]["state"] == "done", finished[0]["last_error"]
     assert json.loads(finished[0]["progress"])["transfer_id"] == transfer_id  # same transfer
     # One worker owned the job to the end (the lease was renewed through the long commit).
     assert pas.log().count(f"job {finished[0]['id']}: study") == 1
-    assert pas.status()["confirmed_instances"] == len(sop_uids)
+    assert pas.status()["confirmed_instances"] == len(RESUME_FILES)
     transfer = rows(hub.home / "hub.sqlite", "SELECT * FROM transfers WHERE id = ?",
                     (transfer_id,))[0]
     assert transfer["receipt"] is not None
