@@ -77,8 +77,13 @@ class Sampler:
 def outage(scratch: Path, timeout: float) -> None:
     spec = LINKS["20"]
     ct = Dataset.load("CT 60 x 0.5 MB", CT_DIR)
+    # Studies stable only 5 s after their last instance: the whole set is ingested by then, so
+    # every run makes the same 20 transfers with the same bucket plans, and the difference in
+    # wire bytes between the runs is what the cut made PAS send again (plus TCP's own resends
+    # and TLS reconnections), not a different split of the interleaved studies into deltas.
+    env = {**PAS_ENV, "PAS_STUDY__STABLE_AFTER_S": "5"}
     with WanLink(spec) as link:
-        clean = run_pas(link, ct, scratch / "clean", timeout, PAS_ENV)
+        clean = run_pas(link, ct, scratch / "clean", timeout, env)
         print(f"clean run: {clean.seconds:.1f} s, wire up {clean.wire_up / 1e6:.2f} MB "
               f"({clean.note})", flush=True)
         cut = {"at": 0.0, "end": 0.0}
@@ -96,7 +101,7 @@ def outage(scratch: Path, timeout: float) -> None:
         link.reset()  # the cutter watches the counter of the next run only
         thread = threading.Thread(target=cutter, daemon=True)
         thread.start()
-        cut_run = run_pas(link, ct, scratch / "cut", timeout, PAS_ENV)
+        cut_run = run_pas(link, ct, scratch / "cut", timeout, env)
         thread.join(60)
     extra = cut_run.wire_up - clean.wire_up
     # What can be in flight at the cut: one bucket per running job here (each CT study fits

@@ -100,7 +100,7 @@ class HubTarget:
         manifest = self._manifest(job, rows, plans, transfer_id, progress["wrapped_key"])
         extra = {"JOB_ID": job.id, "STUDY_UID": job.study_uid, "TRANSFER_ID": transfer_id}
         try:
-            self.client.create_transfer(manifest)
+            created = self.client.create_transfer(manifest) == 201
         except HubRefused as exc:
             if exc.status == 409:  # our id with another manifest: the job changed; start over
                 self._forget_transfer(job, context, progress)
@@ -108,7 +108,10 @@ class HubTarget:
             raise PermanentError(str(exc)) from None
         receipt: dict[str, Any] | None = None
         for _round in range(COMMIT_ROUNDS):
-            held = self.client.held_buckets(transfer_id) or set()
+            # 201: the hub has just created this transfer and holds none of its buckets; not
+            # asking saves one round trip per transfer (70 ms each on a regional line).
+            fresh = _round == 0 and created
+            held = set() if fresh else (self.client.held_buckets(transfer_id) or set())
             missing = [p for p in plans if p.index not in held]
             log.info("transfer %s: %d buckets, hub holds %d, sending %d", transfer_id,
                      len(plans), len(held), len(missing), extra=extra)
