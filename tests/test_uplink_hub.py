@@ -200,6 +200,17 @@ def test_cut_link_at_half_resumes_the_same_transfer(pas_factory: Any, hub: HubPr
         proxy.restore()
         _assert_resumed_once(pas, hub, transfer_id)
         assert pas.status()["links"]["hub"]["state"] == "up"
+        # What crossed the link itself (TLS records, both attempts), not only the hub's count:
+        # the buckets once, at most the in-flight ones again, plus the protocol's small change
+        # (handshakes, headers, the manifest re-posted by each attempt, heartbeats).
+        transfer = rows(hub.home / "hub.sqlite", "SELECT * FROM transfers WHERE id = ?",
+                        (transfer_id,))[0]
+        biggest = rows(hub.home / "hub.sqlite", "SELECT max(size) AS m FROM buckets "
+                       "WHERE transfer_id = ?", (transfer_id,))[0]["m"]
+        overhead = proxy.bytes_up - transfer["bytes_stored"]
+        print(f"link bytes {proxy.bytes_up}, buckets {transfer['bytes_stored']}, overhead "
+              f"{overhead} (biggest bucket {biggest})")
+        assert 0 < overhead <= PARALLEL * biggest + 512 * 1024, (overhead, biggest)
     finally:
         proxy.stop()
 
