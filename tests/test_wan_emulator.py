@@ -51,7 +51,8 @@ def test_random_loss_drops_the_configured_share(link: WanLink) -> None:
     finally:
         link.reconfigure(LINK)
     share = stats.up_drop_loss / stats.up_in
-    assert 0.01 <= share <= 0.035, share
+    # A 2 % lossy TCP stream sends a few thousand packets in 3 s: +-0.4 % is one sigma.
+    assert 0.007 <= share <= 0.035, share
     assert stats.up_drop_outage == 0
 
 
