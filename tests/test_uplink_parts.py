@@ -121,11 +121,13 @@ def test_bad_hub_config_names_the_key(env: dict[str, str], expected: str) -> Non
 class _Script(http.server.BaseHTTPRequestHandler):
     answers: list[int] = []
     seen: list[str] = []
+    auth: list[str | None] = []
 
     def _answer(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         self.rfile.read(length)
         type(self).seen.append(f"{self.command} {self.path} {length}")
+        type(self).auth.append(self.headers.get("Authorization"))
         status = type(self).answers.pop(0) if type(self).answers else 200
         body = json.dumps({"error": "x", "detail": f"scripted {status}",
                            "held": [0, 2], "count": 3}).encode()
@@ -143,7 +145,7 @@ class _Script(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def scripted() -> Iterator[tuple[type[_Script], str]]:
-    handler = type("Script", (_Script,), {"answers": [], "seen": []})
+    handler = type("Script", (_Script,), {"answers": [], "seen": [], "auth": []})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -225,3 +227,44 @@ def test_receipt_signature_verifies_and_any_change_is_refused() -> None:
     _other, other_cert, _ = _signed_receipt()
     with pytest.raises(ReceiptInvalid):
         verify_receipt(receipt, other_cert)  # signed by another key than the hub's
+
+
+# --- stowrs: credentials on the wire, and the per-instance answer --------------------------
+
+
+@pytest.mark.parametrize("credentials, expected", [
+    ({"bearer_token": "t0ken"}, "Bearer t0ken"),
+    ({"username": "pas", "password": "s3cret"},
+     "Basic " + base64.b64encode(b"pas:s3cret").decode()),
+    ({}, None),
+])
+def test_stowrs_sends_the_configured_credentials(scripted: tuple[type[_Script], str],
+                                                 credentials: dict[str, str],
+                                                 expected: str | None) -> None:
+    from appliance.config import StowRsDestination
+    from appliance.dispatch.target_types.stowrs import StowRsTarget
+
+    handler, url = scripted
+    target = StowRsTarget("archive", StowRsDestination(kind="stowrs", url=url, **credentials))
+    with target._client() as http:
+        http.post(f"{url}/studies", content=b"")
+    assert handler.auth == [expected]
+
+
+def test_stow_response_per_instance() -> None:
+    from appliance.dispatch.target_types.stowrs import parse_stow_response
+
+    answer = {
+        "00081199": {"vr": "SQ", "Value": [
+            {"00081155": {"vr": "UI", "Value": ["1.2.3.1"]}},
+            {"00081155": {"vr": "UI", "Value": ["1.2.3.2"]}}]},
+        "00081198": {"vr": "SQ", "Value": [
+            {"00081155": {"vr": "UI", "Value": ["1.2.3.3"]},
+             "00081197": {"vr": "US", "Value": [0xC000]}},
+            {"00081155": {"vr": "UI", "Value": ["1.2.3.4"]}}]},
+    }
+    accepted, refused = parse_stow_response(answer)
+    assert accepted == {"1.2.3.1", "1.2.3.2"}
+    assert refused == {"1.2.3.3": 0xC000, "1.2.3.4": 0xC000}  # no reason: cannot process
+    assert parse_stow_response([answer]) == (accepted, refused)
+    assert parse_stow_response("garbage") == (set(), {})
