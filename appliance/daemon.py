@@ -18,6 +18,7 @@ from appliance.ingest.receive import Receiver
 from appliance.ingest.scp import DicomListener
 from appliance.ops.notify import Notifier, backlog_status
 from appliance.routing.stability import Router
+from appliance.store import audit
 from appliance.store.db import Database
 from appliance.store.spool import Spool
 
@@ -86,6 +87,12 @@ class Daemon:
 
         self.audit_trail = AuditTrail(self.settings, self.db)  # journald, syslog, config event
         self.audit_trail.install()
+        from appliance.ops.security import tighten_secret_dir
+
+        for fixed in tighten_secret_dir(self.settings.home / "pki"):  # keys 0600, dir 0700
+            log.warning("permissions tightened: %s", fixed)
+            audit.record(self.db, "security", actor="system", outcome="success",
+                         detail=f"permissions tightened: {fixed}")
         self.recovery_report = startup_recovery(self.db, self.spool, self.receiver)
         self.cache_policy = CachePolicy(self.settings, self.db, self.spool)
         self.listener.start()

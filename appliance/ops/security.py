@@ -110,3 +110,20 @@ class AssociationRateLimiter:
             while len(self._attempts) > self.max_sources:
                 self._attempts.popitem(last=False)
             return allowed
+
+
+def tighten_secret_dir(directory: Path) -> list[str]:
+    """Start-up: PAS's own key directory (``$PAS_HOME/pki``, written by enrolment) must be
+    0700 and every file in it 0600. Loosened modes (a restore from backup, a copy by hand)
+    are tightened and reported by name; contents are never read here."""
+    fixed: list[str] = []
+    if not directory.is_dir():
+        return fixed
+    if directory.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        directory.chmod(0o700)
+        fixed.append(f"{directory} -> 0700")
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            path.chmod(0o600)
+            fixed.append(f"{path} -> 0600")
+    return fixed

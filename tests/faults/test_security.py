@@ -120,3 +120,22 @@ def test_association_attempts_are_limited_per_source(tmp_path: Path) -> None:
     finally:
         pas.stop()
     assert free_port() and os.path.exists(pas.log_path)
+
+
+def test_loosened_key_directory_is_tightened_at_start_and_audited(tmp_path: Path) -> None:
+    home = tmp_path / "pas"
+    pki = make_pki(home / "pki")  # the layout enrolment leaves, keys loosened by a restore
+    pki.chmod(0o755)
+    (pki / "client.key").chmod(0o644)
+    pas = PasProcess(home, {"PAS_HTTP__ENABLED": "false"}).start()
+    pas.stop()
+    assert pki.stat().st_mode & 0o777 == 0o700
+    assert (pki / "client.key").stat().st_mode & 0o777 == 0o600
+    assert (pki / "ca.crt").stat().st_mode & 0o777 == 0o600
+    assert "permissions tightened" in pas.log() and "PRIVATE KEY" not in pas.log()
+    import sqlite3
+
+    conn = sqlite3.connect(home / "pas.sqlite")
+    details = [r[0] for r in conn.execute("SELECT detail FROM audit WHERE event = 'security'")]
+    conn.close()
+    assert any("client.key -> 0600" in d for d in details), details
