@@ -238,8 +238,9 @@ class HubClient:
                 log.exception("recording the link state failed")
 
     def _remember_certificate(self, response: httpx.Response) -> None:
-        if self.hub_certificate_der is not None:
-            return
+        """Keep the certificate of the connection that gave the latest answer, so that a
+        receipt is checked against the key of the hub that sent it (a renewed server
+        certificate takes effect without a restart)."""
         stream = response.extensions.get("network_stream")
         ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
         if ssl_object is not None:
