@@ -29,6 +29,7 @@ from tests.support.peers import (
     Orthanc,
     PasProcess,
     StoreSCP,
+    free_port,
     storescu,
     wait_for,
 )
@@ -54,7 +55,8 @@ class Site:
             "PAS_DICOM__ACCEPT_UNKNOWN": "true",
             "PAS_SERVING__MOVE_DESTINATIONS":
                 f'[{{title = "STORESCP", host = "127.0.0.1", port = {self.scp.port}}}, '
-                f'{{title = "IMPLICIT", host = "127.0.0.1", port = {self.implicit_scp.port}}}]',
+                f'{{title = "IMPLICIT", host = "127.0.0.1", port = {self.implicit_scp.port}}}, '
+                f'{{title = "SWITCHEDOFF", host = "127.0.0.1", port = {free_port()}}}]',
         }).start()
         for folder in (CT_DIR, MR_DIR):
             storescu(folder, self.pas.port)
@@ -352,3 +354,18 @@ def test_every_query_and_retrieve_is_audited(site: Site, tmp_path: Path) -> None
     assert CT_PATIENT in queries[-1]["target"] and "2 results" in queries[-1]["detail"]
     assert len(retrieves) == before_r + 1
     assert _one_ct_study() in retrieves[-1]["target"]
+
+
+def test_move_to_a_destination_that_is_down_fails_and_pas_keeps_serving(
+        site: Site, tmp_path: Path) -> None:
+    result = dcmtk("movescu", "127.0.0.1", site.pas.port, "PAS",
+                   ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={_one_ct_study()}"],
+                   "-S", "-aem", "SWITCHEDOFF")
+    # pynetdicom answers 0xA801 when it cannot associate with the destination.
+    assert "Final Move Response (Refused: MoveDestinationUnknown)" in result.stderr, \
+        result.stderr[-1000:]
+    last = wait_for(lambda: (rows := _audit(site, "retrieve")) and "SWITCHEDOFF" in
+                    (rows[-1]["detail"] or "") and rows[-1], 10, what="the audit row")
+    assert last["outcome"].startswith("failure") and "unreachable" in last["outcome"]
+    assert find(site, "pas", ["QueryRetrieveLevel=STUDY", "StudyInstanceUID="], "-S",
+                tmp_path)

@@ -311,18 +311,28 @@ class QueryRetrieveService:
             established.set()
 
         contexts = _contexts_for(rows)
-        yield destination.host, destination.port, {
-            "ae_title": destination.title, "contexts": contexts,
-            "evt_handlers": [(evt.EVT_ESTABLISHED, on_established)],
-        }
-        yield len(rows)
-        if not established.wait(10):
-            raise RuntimeError("the sub-association did not report itself established")
-        accepted = _accepted(store_assoc[0])
-        sent = yield from self._sub_operations(event, rows, accepted)
-        self._audit("retrieve", calling, address, summary,
-                    "success" if sent == len(rows) else "cancelled", sent,
-                    f"C-MOVE to {destination.title}")
+        sent: int | None = None
+        try:
+            yield destination.host, destination.port, {
+                "ae_title": destination.title, "contexts": contexts,
+                "evt_handlers": [(evt.EVT_ESTABLISHED, on_established)],
+            }
+            yield len(rows)
+            if not established.wait(10):
+                raise RuntimeError("the sub-association did not report itself established")
+            accepted = _accepted(store_assoc[0])
+            sent = yield from self._sub_operations(event, rows, accepted)
+        finally:
+            # Also when pynetdicom drops this generator (destination unreachable: it answers
+            # 0xA801 itself; association lost): every retrieve leaves an audit row.
+            if sent is None:
+                outcome = (f"failure: C-MOVE to {destination.title} at {destination.host}:"
+                           f"{destination.port} did not complete (destination unreachable "
+                           "or association lost)")
+            else:
+                outcome = "success" if sent == len(rows) else "cancelled"
+            self._audit("retrieve", calling, address, summary, outcome, sent,
+                        f"C-MOVE to {destination.title}")
 
     def on_get(self, event: Any) -> Iterator[Any]:
         calling, address = _peer(event)
@@ -333,12 +343,16 @@ class QueryRetrieveService:
             self._audit("retrieve", calling, address, None, f"failure: {exc}")
             raise
         _stream_spool_files(event.assoc)
-        yield len(rows)
-        accepted = {(cx.abstract_syntax, cx.transfer_syntax[0])
-                    for cx in event.assoc.accepted_contexts if cx.as_scu}
-        sent = yield from self._sub_operations(event, rows, accepted)
-        self._audit("retrieve", calling, address, summary,
-                    "success" if sent == len(rows) else "cancelled", sent, "C-GET")
+        sent: int | None = None
+        try:
+            yield len(rows)
+            accepted = {(cx.abstract_syntax, cx.transfer_syntax[0])
+                        for cx in event.assoc.accepted_contexts if cx.as_scu}
+            sent = yield from self._sub_operations(event, rows, accepted)
+        finally:
+            outcome = ("failure: C-GET did not complete (association lost)" if sent is None
+                       else "success" if sent == len(rows) else "cancelled")
+            self._audit("retrieve", calling, address, summary, outcome, sent, "C-GET")
 
     def _sub_operations(self, event: Any, rows: list[Any],
                         accepted: set[tuple[str, str]]) -> Iterator[Any]:
