@@ -16,7 +16,7 @@ import pytest
 from pydicom import dcmread
 
 from tests.support.archived import orthanc_hashes
-from tests.support.peers import CT_DIR, Orthanc, PasProcess, storescu, wait_for
+from tests.support.peers import CT_DIR, MR_DIR, Orthanc, PasProcess, storescu, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +108,38 @@ def test_wrong_url_fails_the_job_with_the_http_status(pas_factory, orthanc: Orth
     # The daemon keeps serving: another study is still received and indexed.
     storescu(sorted(CT_DIR.glob("*.dcm"))[3:4], pas.port)
     assert len(_rows(pas.home, "SELECT id FROM instances")) == 4
+
+
+def test_kill_9_mid_stow_resumes_per_instance(pas_factory, orthanc: Orthanc) -> None:
+    """A 200-instance MR study, 4 per request: kill -9 once some requests were accepted; the
+    restarted daemon sends only the instances not yet marked sent, and Orthanc ends with all
+    of them, bit-exact."""
+    files = sorted(MR_DIR.glob("*.dcm"))[:200]
+    env = {**_stow_env(orthanc.dicomweb, per_request=4), "PAS_STORAGE__FSYNC": "false",
+           "PAS_QUEUE__LEASE_S": "3", "PAS_STUDY__STABLE_AFTER_S": "2",
+           "PAS_PREFETCH__ON_ARRIVAL": "false"}
+    pas: PasProcess = pas_factory(env)
+    storescu(files, pas.port)
+
+    def sent() -> int:
+        return int(_rows(pas.home, "SELECT count(*) AS n FROM job_instances "
+                                   "WHERE sent_at IS NOT NULL")[0]["n"])
+
+    wait_for(lambda: sent() >= 8, 60, interval=0.02, what="a few STOW-RS requests accepted")
+    pas.kill()
+    before = {r["instance_fk"]: r["sent_at"] for r in _rows(
+        pas.home, "SELECT instance_fk, sent_at FROM job_instances WHERE sent_at IS NOT NULL")}
+    assert 0 < len(before) < len(files)
+    pas.start()
+    wait_for(lambda: _settled(pas.home, len(files)), 120, what="the job finished")
+    job = _jobs(pas.home)[0]
+    assert job["state"] == "done", job["last_error"]
+    assert sent() == len(files)
+    after = {r["instance_fk"]: r["sent_at"] for r in _rows(
+        pas.home, "SELECT instance_fk, sent_at FROM job_instances")}
+    # What was accepted before the kill was not sent again (its stamp is the old one).
+    assert {fk: after[fk] for fk in before} == before
+    stored = {r["sop_instance_uid"]: r["sha256"]
+              for r in _rows(pas.home, "SELECT sop_instance_uid, sha256 FROM instances")}
+    arrived = orthanc_hashes(orthanc)
+    assert {uid: arrived.get(uid) for uid in stored} == stored
