@@ -180,7 +180,10 @@ def run_pas(link: WanLink, dataset: Dataset, scratch: Path, timeout: float,
         status = appliance.status() if appliance.proc and appliance.proc.poll() is None else {}
         confirmed = int(status.get("confirmed_instances", 0))
         stored = stored_count(regional)
-        note = f"rss {appliance.peak_rss_mb():.0f} MB"
+        # Bytes the drop-tail queue or the random loss threw away: TCP sent them again, so
+        # they are in the wire count too (many parallel connections overflow a BDP queue).
+        note = (f"rss {appliance.peak_rss_mb():.0f} MB; dropped up: queue "
+                f"{stats.up_drop_queue / 1e6:.2f} MB, loss {stats.up_drop_loss / 1e6:.2f} MB")
         if confirmed < dataset.instances:
             note += f"; only {confirmed} confirmed (jobs {status.get('jobs')})"
         start_ns = stats.first_up_ns or end_ns

@@ -80,6 +80,8 @@ def measure(link: WanLink, dataset: Dataset, peer: str, regional: Orthanc,
     end_ns = time.monotonic_ns()  # CLOCK_MONOTONIC, the shaper's clock too
     stats = link.stats()
     start_ns = stats.first_up_ns or end_ns
+    note = (f"{note} dropped up: queue {stats.up_drop_queue / 1e6:.2f} MB, loss "
+            f"{stats.up_drop_loss / 1e6:.2f} MB").strip()
     return Result(link.spec, dataset, peer, (end_ns - start_ns) / 1e9, stats.up_in,
                   stats.down_in, stored_count(regional), note)
 

@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                         results.append(r)
                         print(f"  {ds.name:16} {r.peer:16} {r.seconds:7.1f} s  "
                               f"{r.x_link:5.2f}x link  wire up {r.wire_up / 1e6:6.1f} MB"
-                              f"{'' if r.ok else '  FAILED ' + r.note}", flush=True)
+                              f"{'  ' + r.note if r.ok else '  FAILED ' + r.note}",
+                              flush=True)
                         shutil.rmtree(folder, ignore_errors=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
