@@ -137,6 +137,7 @@ def test_ct_set_to_embedded_hub_is_confirmed_bit_exact(pas_factory: Any, hub: Hu
     assert len(transfers) == len(finished)  # one per job (a study, or a late delta of it)
     assert all(t["receipt"] for t in transfers)
     progress = [json.loads(j["progress"]) for j in finished]
+    assert not [p for p in progress if "key" in p]  # dropped once delivered
     assert sum(p["bytes_sent"] for p in progress) < sum(p["original_bytes_sent"]
                                                         for p in progress)
 

@@ -135,6 +135,9 @@ class HubTarget:
             raise RuntimeError(f"transfer {transfer_id}: buckets still missing after "
                                f"{COMMIT_ROUNDS} rounds")
         self._confirm(job, context, rows, receipt, transfer_id)
+        # Delivered: the transfer key has no further use; keep only the id and the counters.
+        job_store.save_progress(context.db, job.id, {
+            k: v for k, v in progress.items() if k not in ("key", "wrapped_key")})
 
     def _transfer_identity(self, job: Job, context: SendContext,
                            bucket_count: int) -> dict[str, Any]:
