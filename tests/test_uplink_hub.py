@@ -294,3 +294,16 @@ def test_rule_naming_the_hub_on_a_non_enrolled_appliance_says_how_to_enrol(
     assert pas.status()["confirmed_instances"] == 0
     storescu(sorted(CT_DIR.glob("A002304_*19001231*.dcm"))[1:2], pas.port)  # still serving
     assert len(rows(pas.home / "pas.sqlite", "SELECT id FROM instances")) == 2
+
+
+def test_damaged_enrolment_stops_start_up_naming_the_file(pas_factory: Any, hub: HubProcess,
+                                                          tmp_path: Path) -> None:
+    """Running without the hub would route stable studies nowhere: refuse to start instead."""
+    home = tmp_path / "site-damaged"
+    enroll(hub, home, "SITE-DAMAGED")
+    (home / "pki" / "hub.json").write_text("{not json")
+    pas = pas_factory({"PAS_DICOM__ACCEPT_UNKNOWN": "true"}, home=home, start=False)
+    with pytest.raises(RuntimeError) as caught:
+        pas.start()
+    assert "cannot start" in str(caught.value) and "hub.json" in str(caught.value)
+    assert "Traceback" not in pas.log()

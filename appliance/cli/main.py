@@ -76,10 +76,12 @@ def run(config: Path | None = ConfigOption) -> None:
 
     settings = _settings(config)
     logs.setup(settings.log_level)
+    from appliance.transfer.enrolment import EnrolmentError
+
     try:
         daemon = Daemon(settings)
-    except OSError as exc:
-        err.print(f"[red]cannot start:[/red] {exc}")
+    except (OSError, EnrolmentError) as exc:  # a damaged enrolment must not silently drop
+        err.print(f"[red]cannot start:[/red] {exc}")  # the default route to the hub
         raise typer.Exit(1) from None
     daemon.run_forever()
 
