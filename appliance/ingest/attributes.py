@@ -17,9 +17,25 @@ class InvalidInstance(ValueError):
     """The object cannot be filed; the message names what is missing or wrong."""
 
 
+class _Unreadable:
+    """An element whose value pydicom cannot convert (unknown VR, undecodable bytes)."""
+
+
+UNREADABLE = _Unreadable()
+
+
+def _get(ds: Dataset, keyword: str) -> Any:
+    # Found by fuzzing (tests/fuzz): values are converted lazily, so an element with an
+    # unknown VR raises here, not at parse time. For the index an odd value is no value.
+    try:
+        return ds.get(keyword)
+    except Exception:
+        return UNREADABLE
+
+
 def _text(ds: Dataset, keyword: str) -> str | None:
-    value: Any = ds.get(keyword)
-    if value is None or value == "":
+    value: Any = _get(ds, keyword)
+    if value is None or value == "" or value is UNREADABLE:
         return None
     if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
         return "\\".join(str(v) for v in value)
@@ -28,13 +44,15 @@ def _text(ds: Dataset, keyword: str) -> str | None:
 
 def _int(ds: Dataset, keyword: str) -> int | None:
     try:
-        value = ds.get(keyword)
-        return int(value) if value not in (None, "") else None
+        value = _get(ds, keyword)
+        return int(value) if value not in (None, "", UNREADABLE) else None
     except (TypeError, ValueError):
         return None
 
 
 def _uid(ds: Dataset, keyword: str) -> str:
+    if _get(ds, keyword) is UNREADABLE:
+        raise InvalidInstance(f"{keyword} cannot be read (invalid value representation)")
     value = _text(ds, keyword)
     if not value:
         raise InvalidInstance(f"{keyword} is missing")

@@ -148,9 +148,14 @@ def _read_record(content: bytes) -> index.InstanceRecord:
         raise
     except Exception as exc:  # pydicom raises many types on malformed input
         raise InvalidInstance(f"cannot parse the dataset: {exc}") from None
-    if ds.get("PixelData") is not None:
-        _check_pixel_length(ds)
-    return instance_record(ds, transfer_syntax)
+    try:
+        if ds.get("PixelData") is not None:
+            _check_pixel_length(ds)
+        return instance_record(ds, transfer_syntax)
+    except InvalidInstance:
+        raise
+    except Exception as exc:  # lazily converted values can still raise (found by fuzzing)
+        raise InvalidInstance(f"cannot read the dataset's attributes: {exc}") from None
 
 
 def _check_pixel_length(ds: Dataset) -> None:
