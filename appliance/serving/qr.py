@@ -238,8 +238,14 @@ class QueryRetrieveService:
                 count += 1
                 yield PENDING, response_identifier(level, asked, values, self.ae_title,
                                                    availability="NEARLINE")
-        self._audit("query", calling, address, summary, "success", count, note)
-        yield SUCCESS, None
+        try:
+            yield SUCCESS, None
+        finally:
+            # pynetdicom closes this generator right after sending the final response, in the
+            # association's thread and before it reads the viewer's next PDU: the row is
+            # written before anything else happens on this association, but its fsync is no
+            # longer part of the viewer's wait.
+            self._audit("query", calling, address, summary, "success", count, note)
 
     @staticmethod
     def _level_problem(level: str, model: str) -> str | None:
