@@ -31,3 +31,6 @@ def setup(level: str = "info") -> None:
     root.addHandler(handler)
     # pynetdicom is chatty at INFO (every association); keep its warnings and errors.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # httpx logs every request at INFO (a heartbeat every 30 s, every bucket PUT): too much.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)

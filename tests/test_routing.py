@@ -167,3 +167,23 @@ def test_rules_explain_and_cli(pas_factory, tmp_path: Path) -> None:
         description and ("CHEST" in description.upper() or "THORAX" in description.upper()))
     bad = pas.cli("rules", "test", str(config), check=False)
     assert bad.returncode == 2 and "not a readable DICOM file" in bad.stderr
+
+
+def test_instances_fetched_from_the_region_are_never_routed_back(tmp_path: Path) -> None:
+    """Fetch-through and prefetch file with origin="regional": held by the region already."""
+    from appliance.routing.stability import Router
+    from appliance.store import index
+    from appliance.store.index import InstanceRecord, StoredFile
+
+    db = Database(tmp_path / "pas.sqlite")
+    settings = Settings.model_validate({"study": {"stable_after_s": 0}})
+    for n, origin in enumerate(("regional", "local")):
+        record = InstanceRecord(f"1.2.7.{n}", "1.2.840.10008.5.1.4.1.1.2",
+                                "1.2.840.10008.1.2.1", f"1.2.7.{n}.1", f"1.2.7.{n}.2",
+                                patient_id="P")
+        index.record_instance(db, record, StoredFile(f"x{n}", 1, f"{n}" * 64), origin=origin)
+    router = Router(settings, db, lambda: ["hub"])
+    assert router.route_ready() == 1  # the local study only
+    [job] = job_store.list_jobs(db)
+    assert job["study_uid"] == "1.2.7.1.1"
+    assert index.totals(db)["confirmed_instances"] == 1  # the regional one

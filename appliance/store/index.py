@@ -70,8 +70,13 @@ def record_instance(
 
     The same SOP Instance UID with the same SHA-256 is a re-send: nothing changes. With other
     bytes it is a conflict: the new version is kept beside the old and becomes current.
+
+    An instance of ``origin="regional"`` (fetched from the region: fetch-through, prefetch)
+    is held by the region by definition: it is filed as routed and confirmed at once, so that
+    routing never sends it back and the cache may evict it.
     """
     received_at = now()
+    held_by_region = received_at if origin == "regional" else None
     with db.transaction() as conn:
         versions = conn.execute(
             "SELECT id, sha256, version FROM instances WHERE sop_instance_uid = ? "
@@ -94,11 +99,13 @@ def record_instance(
         cursor = conn.execute(
             """INSERT INTO instances (sop_instance_uid, series_fk, study_fk, sop_class_uid,
                    transfer_syntax_uid, instance_number, path, size, sha256, calling_ae,
-                   called_ae, source_address, received_at, version, is_current)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)""",
+                   called_ae, source_address, received_at, version, is_current, routed_at,
+                   confirmed_at)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?)""",
             (record.sop_instance_uid, series_fk, study_fk, record.sop_class_uid,
              record.transfer_syntax_uid, record.instance_number, stored.path, stored.size,
-             stored.sha256, calling_ae, called_ae, source_address, received_at, version),
+             stored.sha256, calling_ae, called_ae, source_address, received_at, version,
+             held_by_region, held_by_region),
         )
         return RecordOutcome(int(cursor.lastrowid or 0), duplicate=False,
                              conflict=bool(versions), version=version)
