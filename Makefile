@@ -6,7 +6,7 @@ PAS := $(VENV)/bin/pas
 # Debian packages the tests use as real peers (DCMTK as modality/viewer, Orthanc as the
 # regional PACS, Chromium for pages).
 TEST_APT := dcmtk orthanc orthanc-dicomweb chromium chromium-driver iproute2 libsystemd-dev pkg-config prometheus \
-	debootstrap qemu-system-x86 qemu-utils e2fsprogs vagrant vagrant-libvirt
+	debootstrap qemu-system-x86 qemu-utils e2fsprogs vagrant vagrant-libvirt nftables
 DEMO_HOME ?= ./var
 # bench/wan's link emulator (tests/test_wan_emulator.py, make bench-wan) is C, built at run time.
 TEST_APT += gcc
@@ -56,11 +56,6 @@ bench-ingest: deps-test venv
 # BENCH_ARGS=--quick for the 20 Mbit/s link only. Root (network namespaces, TUN).
 bench-wan: deps-test venv
 	$(PY) -m bench.wan.run $(BENCH_ARGS)
-# PAS alone on the emulated WAN: 30 s outage mid-CT, hub.max_mbps held over 60 s, peak RSS
-# sending a ~2 GB study (BENCH_ARGS="outage" or "cap" or "memory --big-gb 1" to pick).
-bench-wan-scenarios: deps-test venv
-	$(PY) -m bench.wan.scenarios $(BENCH_ARGS)
-
 
 # PAS alone on the emulated WAN: 30 s outage mid-CT, hub.max_mbps held over 60 s, peak RSS
 # sending a ~2 GB study (BENCH_ARGS="outage" or "cap" or "memory --big-gb 1" to pick).
