@@ -35,7 +35,7 @@ packages=(
   linux-image-amd64 initramfs-tools
   python3 python3-venv
   nftables unattended-upgrades apt-listchanges
-  iproute2 ca-certificates openssh-server less
+  iproute2 netbase ca-certificates openssh-server less
 )
 # The Debian base is the slow part (minutes) and depends only on the suite and the package
 # list: it is kept in a cache keyed by both and copied, so rebuilding PAS takes about a minute.
@@ -60,7 +60,7 @@ python3 -m pip wheel --quiet --wheel-dir "$wheels" "$repo"
 dest="/opt/pas/$version"
 mkdir -p "$rootfs$dest" "$rootfs/opt/pas/wheels"
 cp "$wheels"/*.whl "$rootfs/opt/pas/wheels/"
-cp /etc/resolv.conf "$rootfs/etc/resolv.conf"
+rm -f "$rootfs/etc/resolv.conf" && cp /etc/resolv.conf "$rootfs/etc/resolv.conf"  # for pip in the chroot
 chroot "$rootfs" python3 -m venv "$dest/venv"
 chroot "$rootfs" "$dest/venv/bin/pip" install --quiet --no-index --find-links /opt/pas/wheels \
   pas-appliance

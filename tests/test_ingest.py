@@ -302,3 +302,11 @@ def test_real_disk_full_answers_out_of_resources_then_accepts_again(pas_factory,
         pas.stop()
     finally:
         subprocess.run(["umount", "-l", str(home)], check=False)
+
+
+def test_the_same_instance_from_another_ae_is_a_duplicate_not_a_conflict(pas) -> None:
+    one = CT_DIR / "A002304_axial_19001231-076.dcm"
+    storescu([one], pas.port, calling="CT_CONSOLE")
+    storescu([one], pas.port, calling="CT_ARCHIVE")  # the modality's archive re-sends it
+    status = pas.status()
+    assert (status["files"], status["instances"], status["conflicts"]) == (1, 1, 0)

@@ -187,3 +187,21 @@ def test_instances_fetched_from_the_region_are_never_routed_back(tmp_path: Path)
     [job] = job_store.list_jobs(db)
     assert job["study_uid"] == "1.2.7.1.1"
     assert index.totals(db)["confirmed_instances"] == 1  # the regional one
+
+
+def test_a_job_carries_only_the_current_version_of_a_conflicting_instance(tmp_path: Path) -> None:
+    from appliance.routing.stability import Router
+    from appliance.store import index
+    from appliance.store.index import InstanceRecord, StoredFile
+
+    db = Database(tmp_path / "pas.sqlite")
+    record = InstanceRecord("1.2.8.1", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1",
+                            "1.2.8", "1.2.8.2", patient_id="P")
+    index.record_instance(db, record, StoredFile("v1", 1, "1" * 64))
+    newest = index.record_instance(db, record, StoredFile("v2", 1, "2" * 64))
+    assert newest.conflict
+    Router(Settings.model_validate({"study": {"stable_after_s": 0}}), db,
+           lambda: ["hub"]).route_ready()
+    [job] = job_store.list_jobs(db)
+    assert [r["id"] for r in job_store.job_files(db, job["id"])] == [newest.instance_id]
+    assert index.studies_ready_to_route(db, quiet_since=1e12) == []  # both versions routed

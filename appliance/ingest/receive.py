@@ -51,8 +51,12 @@ class Received:
 
 
 def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str,
-                  source_ae: str | None) -> bytes:
-    """Preamble and file meta for a dataset received over the network (which has none)."""
+                  source_ae: str | None = None) -> bytes:
+    """Preamble and file meta for a dataset received over the network (which has none).
+
+    The receive path passes no ``source_ae``: the meta then depends on the dataset alone, so
+    the same instance sent again from another AE title is the same file (a duplicate, not a
+    conflict uploaded twice). The calling AE is kept in the index instead."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class_uid
     meta.MediaStorageSOPInstanceUID = sop_instance_uid
@@ -97,7 +101,7 @@ class Receiver:
                         sop_instance_uid: str, calling_ae: str | None = None,
                         called_ae: str | None = None, source: str | None = None) -> Received:
         """A dataset as it travelled in P-DATA: kept byte for byte behind a file meta."""
-        header = part10_header(sop_class_uid, sop_instance_uid, transfer_syntax_uid, calling_ae)
+        header = part10_header(sop_class_uid, sop_instance_uid, transfer_syntax_uid)
         return self.receive_file(header + dataset, calling_ae=calling_ae, called_ae=called_ae,
                                  source=source, expect_sop_instance_uid=sop_instance_uid)
 

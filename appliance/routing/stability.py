@@ -50,6 +50,8 @@ class Router:
         defaults = self.default_destinations()
         grouped: dict[str, dict] = {}
         for row in rows:
+            if not row["is_current"]:
+                continue  # a newer version of this instance arrived: only that one travels
             attributes = {
                 "calling_ae": row["calling_ae"], "called_ae": row["called_ae"],
                 "modality": row["modality"], "sop_class": row["sop_class_uid"],

@@ -243,9 +243,11 @@ def studies_ready_to_route(db: Database, quiet_since: float) -> list[int]:
 
 
 def unrouted_instances(db: Database, study_fk: int) -> list[sqlite3.Row]:
-    """Unrouted instances of a study with every attribute a routing rule may look at."""
+    """Unrouted instances of a study with every attribute a routing rule may look at
+    (``is_current`` tells a superseded version, which is marked routed but not sent)."""
     return db.query(
         """SELECT i.id, i.sop_instance_uid, i.sop_class_uid, i.calling_ae, i.called_ae,
+                  i.is_current,
                   se.modality, se.body_part, s.description AS study_description,
                   s.study_uid
            FROM instances i
