@@ -84,6 +84,11 @@ def test_ct_study_reaches_orthanc_bit_exact_and_reads_back_through_the_region_pr
                         headers={"Accept": "application/dicom+json"})
         assert qido.status_code == 200, qido.text
         assert qido.json()[0]["0020000D"]["Value"] == [study_uid]
+        # A QIDO wildcard crosses the proxy as a wildcard (not %2A, matched literally).
+        patient_id = qido.json()[0]["00100020"]["Value"][0]
+        wildcard = http.get(f"/api/v1/region/dicom-web/studies?PatientID={patient_id[:4]}*",
+                            headers={"Accept": "application/dicom+json"})
+        assert study_uid in [s["0020000D"]["Value"][0] for s in wildcard.json()]
         series = http.get(f"/api/v1/region/dicom-web/studies/{study_uid}/series").json()
         series_uid = series[0]["0020000E"]["Value"][0]
         listed = http.get(f"/api/v1/region/dicom-web/studies/{study_uid}/series/{series_uid}/"

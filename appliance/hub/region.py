@@ -44,9 +44,12 @@ def region_routes(hub: Hub) -> list[BaseRoute]:
         if ".." in path.split("/"):
             return problem(400, "bad_path", "'..' is not allowed in the path")
         url = f"{archive.url}/{path}"
+        if request.url.query:
+            # The query string as received: re-encoding it would turn QIDO's * into %2A,
+            # which the archive (Orthanc) then matches literally.
+            url += "?" + request.url.query
         headers = {k: v for k, v in request.headers.items() if k.lower() == "accept"}
-        upstream = client.build_request("GET", url, params=request.query_params,
-                                        headers=headers)
+        upstream = client.build_request("GET", url, headers=headers)
         try:
             answer = await client.send(upstream, stream=True)
         except httpx.HTTPError as exc:

@@ -13,6 +13,7 @@ largest thing held is one instance, never a study.
 from __future__ import annotations
 
 import ssl
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,8 +71,12 @@ class RegionClient:
 
     def _get(self, path: str, params: dict[str, Any] | None, accept: str) -> httpx.Response:
         url = f"{self.base_url}/{path.lstrip('/')}"
+        if params:
+            # QIDO wildcards (* ?) must travel as they are: httpx would write %2A, which some
+            # archives (Orthanc) then match literally.
+            url += "?" + urllib.parse.urlencode(params, doseq=True, safe="*?,")
         try:
-            response = self.client.get(url, params=params, headers={"Accept": accept})
+            response = self.client.get(url, headers={"Accept": accept})
         except httpx.HTTPError as exc:
             raise RegionError(f"GET {path}: {type(exc).__name__}: {exc}") from exc
         if self.on_downloaded is not None:
