@@ -109,7 +109,9 @@ class DicomSection(_Section):
     max_pdu: int = Field(default=262144, ge=0)
     tls: DicomTlsSection = DicomTlsSection()
     # Association attempts accepted per source address per minute (0: no limit).
-    max_association_attempts_per_minute: int = Field(default=120, ge=0)
+    # Generous on purpose: some modalities open one association per image (a 2,000-slice CT
+    # in two minutes is 1,000/min); the limit is for probes and loops, not for scanners.
+    max_association_attempts_per_minute: int = Field(default=1200, ge=0)
 
 
 class StorageSection(_Section):
