@@ -347,6 +347,8 @@ class DicomWeb:
         if failed:
             result.FailedSOPSequence = [_sop_item(**f) for f in failed]
         status = 200 if not failed else (202 if stored else 409)
+        if failed and not stored and all(f["reason"] == 0xA700 for f in failed):
+            status = 507  # Insufficient Storage: the spool is at its hard limit; retry later
         self._audit(request, "store", actor, ",".join(s["uid"] for s in stored)[:500] or "-",
                     "success" if not failed else f"failure: {len(failed)} parts refused",
                     f"{len(stored)} stored (STOW-RS)")
