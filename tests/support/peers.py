@@ -102,6 +102,10 @@ class PasProcess:
                                      stderr=subprocess.STDOUT, cwd=self.home)
         wait_for(lambda: self._alive() and port_open("127.0.0.1", self.port), timeout,
                  what=f"PAS on port {self.port} (log: {self.log_path})")
+        if self.env.get("PAS_HTTP__ENABLED", "true").lower() != "false":
+            # The HTTP app comes up in its own thread just after the DICOM port.
+            wait_for(lambda: self._alive() and port_open("127.0.0.1", self.http_port), timeout,
+                     what=f"PAS HTTP on port {self.http_port} (log: {self.log_path})")
         return self
 
     def _alive(self) -> bool:
