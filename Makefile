@@ -33,9 +33,11 @@ deps-test:
 lint: venv
 	$(VENV)/bin/ruff check .
 
+# Two workers (the machine has two cores; most tests wait on real peers); a file's tests stay
+# together and in order on one worker.
 test: deps-test venv
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -q -p no:cacheprovider
+	$(VENV)/bin/pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 demo: venv
 	@scripts/demo.sh "$(DEMO_HOME)"
