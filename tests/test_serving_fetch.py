@@ -9,6 +9,7 @@ data.
 from __future__ import annotations
 
 import hashlib
+import re
 import sqlite3
 import subprocess
 from collections.abc import Iterator
@@ -141,6 +142,14 @@ def test_move_of_a_regional_study_fetches_then_serves(setup: Setup, tmp_path: Pa
     origin = conn.execute("SELECT origin FROM studies WHERE study_uid = ?", (study,)).fetchone()
     conn.close()
     assert origin == ("regional",)
+    # The miss and the bytes it brought down are visible to operations.
+    metrics = httpx.get(f"http://127.0.0.1:{setup.pas.http_port}/metrics", timeout=10).text
+    misses = re.search(r'^pas_retrieve_requests_total\{result="miss"\} (\S+)', metrics, re.M)
+    down = re.search(r'^pas_wan_bytes_total\{direction="down"\} (\S+)', metrics, re.M)
+    assert misses and float(misses.group(1)) >= 1, metrics[-2000:]
+    originals = sum(len(setup.region.instance_file(i["ID"])) for i in region_ids)
+    # Wire bytes: the archive may compress its answers, so fewer than the files themselves.
+    assert down and 0 < float(down.group(1)) <= originals * 1.2
 
 
 def _orthanc_study(setup: Setup, study_uid: str) -> str:

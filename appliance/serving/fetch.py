@@ -136,8 +136,11 @@ def make_fetcher(settings: Settings, db: Database,
     configuration (not enrolled and no ``prefetch.dicomweb_url``) or it is turned off."""
     if not settings.serving.fetch_through:
         return None
+    from appliance.ops.metrics import add_wan_bytes
+
     client = RegionClient.from_home(settings.home, settings.prefetch.dicomweb_url,
-                                    timeout_s=settings.serving.fetch_timeout_s)
+                                    timeout_s=settings.serving.fetch_timeout_s,
+                                    on_downloaded=lambda n: add_wan_bytes("down", n))
     if client is None:
         return None
     return FetchThrough(client, db, receiver,

@@ -42,6 +42,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from appliance.config import ServingSection
 from appliance.ingest.scp import TRANSFER_SYNTAXES, DicomListener
+from appliance.ops.metrics import count_retrieve
 from appliance.store import audit
 from appliance.store import query as store_query
 from appliance.store.db import Database
@@ -265,14 +266,18 @@ class QueryRetrieveService:
         if problem:
             raise store_query.QueryError(problem)
         study_uids = [u for u in (keys.get("StudyInstanceUID") or "").split("\\") if u]
+        fetched = 0
         if self.fetcher is not None and self.settings.fetch_through and level == "STUDY":
             for study_uid in study_uids:
-                self._fetch_if_missing(study_uid)
+                fetched += self._fetch_if_missing(study_uid)
         rows = store_query.instances_for(self.db, level, keys)
+        # pas_retrieve_requests_total{result=hit|miss}: served from the cache alone, or not.
+        count_retrieve(hit=bool(rows) and not fetched)
         store_query.touch_studies(self.db, sorted({r["study_uid"] for r in rows}), time.time())
         return _summary(level, keys), rows
 
-    def _fetch_if_missing(self, study_uid: str) -> None:
+    def _fetch_if_missing(self, study_uid: str) -> int:
+        """Instances fetched from the region for this study (0: all were on site)."""
         assert self.fetcher is not None
         held = store_query.study_instance_count(self.db, study_uid)
         try:
@@ -281,11 +286,12 @@ class QueryRetrieveService:
             if held:
                 log.warning("fetch-through of %s failed (%s); serving the %d instances held",
                             study_uid, exc, held)
-                return
+                return 0
             raise RuntimeError(f"study {study_uid} is not on site and the region could not "
                                f"provide it: {exc}") from exc
         log.info("fetch-through: %d instances of %s from the region", fetched, study_uid,
                  extra={"STUDY_UID": study_uid})
+        return fetched
 
     def on_move(self, event: Any) -> Iterator[Any]:
         calling, address = _peer(event)
