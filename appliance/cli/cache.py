@@ -11,13 +11,12 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from appliance.cli.common import console, err
 
 cache_app = typer.Typer(help="The local cache: pins, eviction, purge, integrity.",
                         no_args_is_help=True)
-console = Console()
-err = Console(stderr=True)
 
 ConfigOption = typer.Option(None, "--config", "-c", help="TOML file (default: $PAS_CONFIG, "
                             "else $PAS_HOME/appliance.toml if present)")

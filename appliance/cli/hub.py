@@ -10,9 +10,9 @@ import os
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from appliance.cli.common import console, err, settings_or_exit
 from appliance.config import ConfigError
 
 hub_app = typer.Typer(help="The regional hub: PKI, enrolment tokens, the transfer service.",
@@ -23,8 +23,6 @@ hub_app = typer.Typer(help="The regional hub: PKI, enrolment tokens, the transfe
 def _private_files() -> None:
     """Everything the hub writes (keys, database, buckets, archive) is for its own user only."""
     os.umask(0o077)
-console = Console()
-err = Console(stderr=True)
 
 HubConfigOption = typer.Option(None, "--config", "-c",
                                help="hub TOML (default: $PAS_HUB_HOME/hub.toml if present)")
@@ -33,12 +31,7 @@ HubConfigOption = typer.Option(None, "--config", "-c",
 def _hub_settings(path: Path | None):  # type: ignore[no-untyped-def]
     from appliance.hub.config import load_hub_settings
 
-    try:
-        return load_hub_settings(path)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            err.print(f"[red]config error[/red] {problem}", highlight=False)
-        raise typer.Exit(2) from None
+    return settings_or_exit(lambda: load_hub_settings(path))
 
 
 def _hub_db(settings):  # type: ignore[no-untyped-def]

@@ -7,12 +7,12 @@ from datetime import datetime
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from appliance import __version__
 from appliance.cli import cache as cache_cli
-from appliance.config import ConfigError, Settings, load_settings
+from appliance.cli.common import console, err, settings_or_exit
+from appliance.config import Settings, load_settings
 
 app = typer.Typer(help="PAS, the hospital's access point to the regional imaging platform.",
                   no_args_is_help=True, add_completion=False)
@@ -28,20 +28,13 @@ app.command("enroll")(__import__("appliance.cli.hub", fromlist=["enroll"]).enrol
 cache_cli.register(app)  # pas verify, pas cache ... (appliance/cli/cache.py)
 __import__("appliance.cli.ops", fromlist=["register"]).register(app)  # pas send, doctor
 
-console = Console()
-err = Console(stderr=True, soft_wrap=True)  # errors stay one line each: greppable
 
 ConfigOption = typer.Option(None, "--config", "-c", help="TOML file (default: $PAS_CONFIG, "
                             "else $PAS_HOME/appliance.toml if present, else built-in defaults)")
 
 
 def _settings(path: Path | None) -> Settings:
-    try:
-        return load_settings(path)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            err.print(f"[red]config error[/red] {problem}", highlight=False)
-        raise typer.Exit(2) from None
+    return settings_or_exit(lambda: load_settings(path))
 
 
 def _db(settings: Settings):  # type: ignore[no-untyped-def]

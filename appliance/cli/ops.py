@@ -11,12 +11,10 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-console = Console()
-err = Console(stderr=True)
+from appliance.cli.common import console, err
 
 MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts per association
 

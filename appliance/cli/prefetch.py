@@ -12,12 +12,11 @@ from datetime import datetime
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from appliance.cli.common import console, err
+
 app = typer.Typer(help="Priors on site before the patient arrives.", no_args_is_help=True)
-console = Console()
-err = Console(stderr=True)
 
 ConfigOption = typer.Option(None, "--config", "-c", help="TOML file (as for pas run)")
 
