@@ -307,3 +307,35 @@ def test_damaged_enrolment_stops_start_up_naming_the_file(pas_factory: Any, hub:
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
     assert "cannot start" in output and "hub.json" in output and "Traceback" not in output
+
+
+def test_verify_repair_restores_confirmed_instances_from_the_region(
+        pas_factory: Any, hub: HubProcess, tmp_path: Path) -> None:
+    """A damaged and a missing file of a study the region confirmed come back byte for byte
+    from the region (through the hub's proxy of its archive) with `pas verify --repair`."""
+    pas = enrolled_pas(pas_factory, hub, tmp_path / "site-repair")
+    files = sorted(CT_DIR.glob("A046441_*_19001111-*.dcm"))  # one study, 3 instances
+    storescu(files, pas.port)
+    wait_jobs_finished(pas, len(files))
+    db = pas.home / "pas.sqlite"
+    held = rows(db, "SELECT path, sha256, confirmed_at FROM instances ORDER BY id")
+    assert len(held) == 3 and all(r["confirmed_at"] for r in held)
+    pas.stop()
+    spool = pas.home / "spool"
+    damaged, missing = spool / held[0]["path"], spool / held[1]["path"]
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    missing.unlink()
+
+    found = pas.cli("verify", "--json", check=False)
+    assert found.returncode == 1
+    assert json.loads(found.stdout)["hash_mismatch"] == 1
+    repaired = pas.cli("verify", "--repair", "--json", check=False)
+    report = json.loads(repaired.stdout)
+    assert report["restored_from_region"] == 2, repaired.stdout + repaired.stderr
+    assert (report["missing"], report["hash_mismatch"]) == (0, 0)
+    for row in held:
+        content = (pas.home / "spool" / row["path"]).read_bytes()
+        assert hashlib.sha256(content).hexdigest() == row["sha256"]
+    assert pas.cli("verify", check=False).returncode == 0

@@ -43,15 +43,21 @@ def _actor() -> str:
 
 
 def verify(config: Path | None = ConfigOption,
-           repair: bool = typer.Option(False, "--repair", help="Adopt whole orphan files, "
-                                       "move damaged ones to spool/quarantine"),
+           repair: bool = typer.Option(False, "--repair", help="Adopt whole orphan files, move "
+                                       "damaged ones to spool/quarantine, and restore missing "
+                                       "or damaged confirmed instances from the region"),
            as_json: bool = typer.Option(False, "--json")) -> None:
     """Re-hash every stored file against the index and report; exit 1 on any problem."""
     from appliance.ingest.receive import Receiver
     from appliance.ops.recovery import verify as run_verify
 
-    _settings, db, spool = _open(config)
-    report = run_verify(db, spool, repair=repair, receiver=Receiver(db, spool))
+    settings, db, spool = _open(config)
+    region = None
+    if repair:  # through the hub when enrolled, or a plain DICOMweb region when configured
+        from appliance.transfer.region import RegionClient
+
+        region = RegionClient.from_home(settings.home, settings.prefetch.dicomweb_url)
+    report = run_verify(db, spool, repair=repair, receiver=Receiver(db, spool), region=region)
     summary = {k: v for k, v in report.__dict__.items() if k != "problems"}
     if as_json:
         print(json.dumps({**summary, "problems": report.problems}, indent=2))

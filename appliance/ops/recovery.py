@@ -27,6 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 from appliance.store import audit
 from appliance.store import cache as cache_store
@@ -181,17 +182,63 @@ class VerifyReport:
     missing: int = 0
     hash_mismatch: int = 0
     repaired: int = 0
+    restored_from_region: int = 0
     problems: list[str] = field(default_factory=list)
 
 
+class RegionSource(Protocol):
+    """What a repair needs of the region: one instance's original file (transfer/region.py's
+    RegionClient through the hub, or a plain DICOMweb root)."""
+
+    def retrieve_instance(self, instance: Any) -> bytes: ...
+
+
+def restore_from_region(db: Database, spool: Spool, item: cache_store.IndexedFile,
+                        region: RegionSource, report: VerifyReport) -> bool:
+    """Fetch the region's copy of a missing or damaged instance and put it back, if and only
+    if its SHA-256 is the one the index recorded (the region holds the original bytes)."""
+    from appliance.transfer.region import RegionInstance
+
+    identity = cache_store.instance_identity(db, item.instance_id)
+    if identity is None:
+        return False
+    try:
+        content = region.retrieve_instance(RegionInstance(*identity))
+    except Exception as exc:  # the region unreachable or not holding it: stays flagged
+        report.problems.append(f"region fetch of {identity[2]} failed: {exc}")
+        return False
+    digest = hashlib.sha256(content).hexdigest()
+    if digest != item.sha256:
+        report.problems.append(f"region copy of {identity[2]} differs from the recorded bytes "
+                               f"(SHA-256 {digest[:16]}…): not restored")
+        return False
+    stored, _ = spool.write([content])
+    if stored.path != item.path:  # content-addressed: the same bytes land on the same name
+        report.problems.append(f"restored {identity[2]} under {stored.path}, not {item.path}")
+        return False
+    cache_store.resolve_issues(db, item.path, "restored from the region",
+                               ("missing", "size_mismatch", "hash_mismatch"))
+    audit.record(db, "repair", actor="operator", target=identity[2],
+                 detail=f"{item.path} restored from the region, SHA-256 verified")
+    report.restored_from_region += 1
+    return True
+
+
 def check_file(db: Database, spool: Spool, item: cache_store.IndexedFile, report: VerifyReport,
-               throttle: RateLimiter | None = None, repair: bool = False) -> None:
-    """Re-hash one indexed file against its row; flag (and with ``repair`` quarantine) it."""
+               throttle: RateLimiter | None = None, repair: bool = False,
+               region: RegionSource | None = None) -> None:
+    """Re-hash one indexed file against its row; flag it, and with ``repair`` quarantine a
+    damaged copy and, when a ``region`` is given and the region confirmed the instance,
+    restore the original bytes from there."""
     report.files += 1
     path = spool.root / item.path
     try:
         digest = _sha256_file(path, throttle)
     except FileNotFoundError:
+        if repair and region is not None and item.confirmed and restore_from_region(
+                db, spool, item, region, report):
+            report.repaired += 1
+            return
         report.missing += 1
         _flag(db, "missing", item.path, item.instance_id, "indexed file missing")
         report.problems.append(f"missing {item.path} (instance row {item.instance_id})")
@@ -211,18 +258,24 @@ def check_file(db: Database, spool: Spool, item: cache_store.IndexedFile, report
         moved = cache_store.quarantine(spool, item.path)
         detail += f"; damaged copy moved to {moved}"
         report.repaired += 1
+        if region is not None and item.confirmed and restore_from_region(
+                db, spool, item, region, report):
+            report.hash_mismatch -= 1
+            report.problems.pop()  # repaired: no longer a problem
+            return
     _flag(db, "hash_mismatch", item.path, item.instance_id, detail)
 
 
 def verify(db: Database, spool: Spool, *, repair: bool = False, receiver: object | None = None,
-           bytes_per_s: float = 0) -> VerifyReport:
-    """Re-hash every indexed file; report orphans too. ``repair`` adopts whole orphans and
-    quarantines damaged files (re-fetching from the region comes with the hub client)."""
+           bytes_per_s: float = 0, region: RegionSource | None = None) -> VerifyReport:
+    """Re-hash every indexed file; report orphans too. ``repair`` adopts whole orphans,
+    quarantines damaged files, and restores missing or damaged instances the region confirmed
+    from the region (``region``), checking each against its recorded SHA-256."""
     recovery = startup_recovery(db, spool, receiver if repair else None) if repair else None
     report = VerifyReport()
     throttle = RateLimiter(bytes_per_s) if bytes_per_s else None
     for item in cache_store.indexed_files(db):
-        check_file(db, spool, item, report, throttle, repair)
+        check_file(db, spool, item, report, throttle, repair, region)
     if recovery is not None:
         report.repaired += recovery.orphans_adopted + recovery.orphans_quarantined
         report.problems.extend(recovery.problems)

@@ -363,3 +363,12 @@ def health(db: Database) -> dict[str, Any]:
     raised = alert is not None and alert["outcome"] != "success"
     return {"integrity_issues": issues, "disk_alert": alert["detail"] if raised else None,
             "disk_alert_since": alert["at"] if raised else None}
+
+
+def instance_identity(db: Database, instance_id: int) -> tuple[str, str, str] | None:
+    """(study, series, SOP Instance UID) of an instance row: what a region fetch needs."""
+    row = db.query_one(
+        """SELECT s.study_uid, se.series_uid, i.sop_instance_uid FROM instances i
+           JOIN series se ON se.id = i.series_fk JOIN studies s ON s.id = i.study_fk
+           WHERE i.id = ?""", (instance_id,))
+    return (row["study_uid"], row["series_uid"], row["sop_instance_uid"]) if row else None
