@@ -28,8 +28,6 @@ from appliance.store.spool import SpoolFull
 
 log = logging.getLogger("pas.ingest")
 
-DUL_POLL_S = 0.0001
-
 # Statuses (PS3.4 B.2.3)
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
@@ -134,10 +132,6 @@ class DicomListener:
     # -- handlers ---------------------------------------------------------------------------
 
     def _on_requested(self, event: Any) -> None:
-        # pynetdicom's DUL reactor sleeps 1 ms between polls of its socket and queues, which
-        # caps a modality's one-at-a-time C-STOREs at a few hundred per second; 0.1 ms while
-        # an association is open costs little CPU and removes most of that wait.
-        event.assoc.dul._run_loop_delay = DUL_POLL_S
         requestor = event.assoc.requestor
         # At this point only the received A-ASSOCIATE-RQ primitive carries the titles.
         calling = str(requestor.primitive.calling_ae_title).strip()
