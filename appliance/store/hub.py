@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar
 
 from appliance.store.db import Database, now
 from appliance.store.hub_schema import HUB_MIGRATIONS
+from appliance.store.spool import fsync_dir
 
 T = TypeVar("T")
 
@@ -181,9 +182,9 @@ def write_bucket_file(root: Path, transfer_id: str, index: int, data: bytes) -> 
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, root / relative)
-        _fsync_dir(directory)
+        fsync_dir(directory)
         if new_dir:
-            _fsync_dir(root)
+            fsync_dir(root)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
@@ -210,11 +211,3 @@ def remove_temp_buckets(root: Path) -> int:
         temp.unlink(missing_ok=True)
         removed += 1
     return removed
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -44,7 +44,7 @@ class Spool:
         for directory in missing:
             directory.mkdir(exist_ok=True)
         if missing and self.fsync:
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
 
     def path(self, relative: str) -> Path:
         return self.root / relative
@@ -86,9 +86,9 @@ class Spool:
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(temp, final)
             if self.fsync:
-                _fsync_dir(final.parent)
+                fsync_dir(final.parent)
                 for directory in new_dirs:  # a new directory's entry lives in its parent
-                    _fsync_dir(directory.parent)
+                    fsync_dir(directory.parent)
             return StoredFile(relative, size, sha), True
         except BaseException:
             temp.unlink(missing_ok=True)
@@ -107,7 +107,8 @@ class Spool:
         return removed
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a directory's entries (a rename, a new file) durable."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
