@@ -57,6 +57,9 @@ def server_config(app: Any, pki: HubPKI, host: str, port: int,
         access_log=False, lifespan="off", ssl_certfile=str(pki.server_cert_path),
         ssl_keyfile=str(pki.server_key_path), ssl_ca_certs=str(pki.ca_cert_path),
         ssl_cert_reqs=ssl.CERT_OPTIONAL, timeout_keep_alive=30,
+        # A stop (systemctl stop, a restart) waits at most this long for requests in flight:
+        # appliances resume any transfer, and idle keep-alive connections must not hold it.
+        timeout_graceful_shutdown=5,
     )
     config.load()
     assert config.ssl is not None
