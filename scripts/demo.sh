@@ -5,6 +5,8 @@ set -euo pipefail
 home="${1:-./var}"
 mkdir -p "$home"
 export PAS_HOME="$home" PAS_DICOM__ACCEPT_UNKNOWN="${PAS_DICOM__ACCEPT_UNKNOWN:-true}"
+# A study leaves 10 s after its last image in the demo (60 s on an appliance: docs/routing.md).
+export PAS_STUDY__STABLE_AFTER_S="${PAS_STUDY__STABLE_AFTER_S:-10}"
 port="${PAS_DICOM__PORT:-11112}"
 PAS=.venv/bin/pas
 
@@ -28,6 +30,7 @@ fi
 cat <<TXT
 
   PAS demo: AE title PAS, DICOM port $port, data in $home
+  A study is sent to the region ${PAS_STUDY__STABLE_AFTER_S} s after its last image.
   Regional hub: https://localhost:$hub_port (embedded archive in $hub_home/archive)
 
   Send a study (DCMTK):   TCP_NODELAY=1 storescu -aec PAS +sd +r localhost $port ../shared/data/ct-covid19-ny-sbu
