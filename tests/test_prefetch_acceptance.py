@@ -14,7 +14,6 @@ with the original dataset bytes. The tests share one region (module scope) and r
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -44,6 +43,7 @@ from tests.support.peers import (
     storescu,
     wait_for,
 )
+from tests.support.peers import prefetch_requests as prefetch_rows
 
 pytestmark = pytest.mark.root
 
@@ -161,14 +161,6 @@ def send(port: int, message: str) -> str:
         return client.send_message(message).decode()
 
 
-def prefetch_rows(pas: PasProcess) -> list[dict[str, Any]]:
-    """The prefetch requests, newest first, read straight from the appliance's SQLite file
-    (read-only; fast enough to poll, where ``pas prefetch list`` costs a process start)."""
-    uri = f"file:{pas.home / 'pas.sqlite'}?mode=ro"
-    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30)) as conn:
-        conn.row_factory = sqlite3.Row
-        rows = conn.execute("SELECT * FROM prefetch_requests ORDER BY id DESC").fetchall()
-    return [dict(row) for row in rows]
 
 
 def sha256(path: Path) -> str:
@@ -202,7 +194,6 @@ def test_orders_bring_every_prior_on_site_then_served_without_the_hub(
     assert all(s["origin"] == "regional" for s in studies)
     assert sum(s["instances"] for s in studies) == expected_files
     assert all(s["confirmed"] == s["instances"] for s in studies)
-    import sqlite3
 
     with sqlite3.connect(pas.home / "pas.sqlite") as conn:
         held = {row[0]: row[1] for row in conn.execute(
@@ -358,7 +349,6 @@ def test_priors_are_served_by_pas_when_the_region_is_gone(region: dict[str, Any]
     assert wait_for(received, 60, what="every prior moved to VIEWER") == originals
 
     studies = {s["study_uid"]: s for s in json.loads(pas.cli("studies", "--json").stdout)}
-    import sqlite3
 
     with sqlite3.connect(pas.home / "pas.sqlite") as conn:
         held = {row[0]: row[1] for row in conn.execute(

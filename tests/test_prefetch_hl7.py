@@ -10,10 +10,8 @@ tests are about triggers, not fetching (see test_prefetch_acceptance.py).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
-import sqlite3
 from typing import Any
 
 import hl7
@@ -21,6 +19,7 @@ import pytest
 from hl7.client import MLLPClient
 
 from tests.support.peers import PasProcess, free_port, port_open, wait_for
+from tests.support.peers import prefetch_requests as requests
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +46,6 @@ def send(pas: PasProcess, *messages: str) -> list[hl7.Message]:
     return [hl7.parse(a.decode().strip("\x0b\x1c\r")) for a in answers]
 
 
-def requests(pas: PasProcess) -> list[dict[str, Any]]:
-    """The prefetch requests, newest first, read straight from the appliance's SQLite file
-    (read-only; fast enough to poll, where ``pas prefetch list`` costs a process start)."""
-    uri = f"file:{pas.home / 'pas.sqlite'}?mode=ro"
-    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30)) as conn:
-        conn.row_factory = sqlite3.Row
-        rows = conn.execute("SELECT * FROM prefetch_requests ORDER BY id DESC").fetchall()
-    return [dict(row) for row in rows]
 
 
 def shape(pas: PasProcess) -> list[tuple[int, str, int]]:

@@ -9,9 +9,7 @@ status changes nothing while PAS keeps polling.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import sqlite3
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -22,6 +20,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import ModalityWorklistInformationFind
 
 from tests.support.peers import PasProcess, free_port, wait_for
+from tests.support.peers import prefetch_requests as requests
 
 
 class WorklistSCP:
@@ -73,14 +72,6 @@ class WorklistSCP:
         self.server.shutdown()
 
 
-def requests(pas: PasProcess) -> list[dict[str, Any]]:
-    """The prefetch requests, newest first, read straight from the appliance's SQLite file
-    (read-only; fast enough to poll, where ``pas prefetch list`` costs a process start)."""
-    uri = f"file:{pas.home / 'pas.sqlite'}?mode=ro"
-    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30)) as conn:
-        conn.row_factory = sqlite3.Row
-        rows = conn.execute("SELECT * FROM prefetch_requests ORDER BY id DESC").fetchall()
-    return [dict(row) for row in rows]
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from appliance import __version__
 from appliance.cli import cache as cache_cli
 from appliance.cli.common import console, err, settings_or_exit
 from appliance.config import Settings, load_settings
+from appliance.ops.status import human_size
 
 app = typer.Typer(help="PAS, the hospital's access point to the regional imaging platform.",
                   no_args_is_help=True, add_completion=False)
@@ -47,12 +48,6 @@ def _when(timestamp: float | None) -> str:
     return datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S") if timestamp else "-"
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
 
 
 @app.command()
@@ -102,9 +97,9 @@ def status(config: Path | None = ConfigOption,
     table = Table(title=f"PAS {snapshot['site']} ({snapshot['ae_title']})", show_header=False)
     for key in ("patients", "studies", "instances", "confirmed_instances", "conflicts"):
         table.add_row(key.replace("_", " "), str(snapshot[key]))
-    table.add_row("stored", _size(snapshot["bytes"]))
+    table.add_row("stored", human_size(snapshot["bytes"]))
     disk = snapshot["disk"]
-    table.add_row("disk", f"{disk['used_percent']}% used, {_size(disk['free_bytes'])} free")
+    table.add_row("disk", f"{disk['used_percent']}% used, {human_size(disk['free_bytes'])} free")
     console.print(table)
     jobs = Table(title="Jobs")
     for column in ("kind", "pending", "running", "done", "failed"):
@@ -118,7 +113,7 @@ def status(config: Path | None = ConfigOption,
         for column in ("destination", "studies", "bytes", "oldest"):
             backlog.add_column(column)
         for row in snapshot["backlog"]:
-            backlog.add_row(row["destination"], str(row["studies"]), _size(row["bytes"]),
+            backlog.add_row(row["destination"], str(row["studies"]), human_size(row["bytes"]),
                             f"{row['oldest_age_s']:.0f} s")
         console.print(backlog)
     if snapshot.get("links"):
@@ -151,8 +146,8 @@ def studies(config: Path | None = ConfigOption,
     for r in rows:
         table.add_row(r["patient_id"], r["patient_name"] or "", r["study_date"] or "",
                       r["modalities"] or "", r["description"] or "", str(r["series"]),
-                      str(r["instances"]), _size(r["bytes"]), f"{r['confirmed']}/{r['instances']}",
-                      r["study_uid"])
+                      str(r["instances"]), human_size(r["bytes"]),
+                      f"{r['confirmed']}/{r['instances']}", r["study_uid"])
     console.print(table)
 
 

@@ -42,3 +42,12 @@ def collect(settings: Settings, db: Database) -> dict[str, Any]:
             "spool_bytes": totals["bytes"],
         },
     }
+
+
+def human_size(n: float) -> str:
+    """Bytes for people: 1.5 MB, 820 kB (SI units, as disks and links are sold)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)

@@ -20,7 +20,7 @@ from starlette.responses import HTMLResponse, PlainTextResponse, RedirectRespons
 from starlette.routing import BaseRoute, Route
 
 from appliance.ops import metrics
-from appliance.ops.status import collect
+from appliance.ops.status import collect, human_size
 from appliance.store import jobs as job_store
 from appliance.store import ops as ops_store
 
@@ -53,12 +53,6 @@ def _esc(value: Any) -> str:
     return html.escape("" if value is None else str(value))
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
 
 
 def _age(seconds: float | None) -> str:
@@ -147,7 +141,7 @@ def render_page(daemon: Daemon) -> str:
         f'<div class="card" id="backlog">Backlog<b>{backlog_studies} studies</b>'
         f"oldest {_age(oldest)}</div>",
         f'<div class="card" id="disk">Disk<b>{disk["used_percent"]} %</b>'
-        f"{_size(disk['free_bytes'])} free · spool {_size(disk['spool_bytes'])}</div>",
+        f"{human_size(disk['free_bytes'])} free · spool {human_size(disk['spool_bytes'])}</div>",
         f'<div class="card" id="cache">Cache<b>{snapshot["studies"]} studies</b>'
         f"{snapshot['instances']} instances · {snapshot['confirmed_instances']} confirmed</div>",
         "</div>",

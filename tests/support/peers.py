@@ -14,6 +14,7 @@ import random
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -339,3 +340,14 @@ def running(peer: Any) -> Iterator[Any]:
 
 def have(tool: str) -> bool:
     return shutil.which(tool) is not None
+
+
+def prefetch_requests(pas: PasProcess) -> list[dict[str, Any]]:
+    """The prefetch requests, newest first, read straight from the appliance's SQLite file
+    (read-only; fast enough to poll, where ``pas prefetch list`` costs a process start)."""
+    uri = f"file:{pas.home / 'pas.sqlite'}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30)) as conn:
+        conn.row_factory = sqlite3.Row
+        rows = conn.execute("SELECT * FROM prefetch_requests ORDER BY id DESC").fetchall()
+    return [dict(row) for row in rows]
+
