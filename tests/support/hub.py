@@ -10,7 +10,6 @@ import base64
 import hashlib
 import json
 import os
-import signal
 import ssl
 import subprocess
 import uuid
@@ -26,32 +25,25 @@ from appliance.store.hub import add_token, open_hub_db
 from appliance.transfer import pack, seal
 from appliance.transfer.enrolment import Enrolment, load_enrolment
 from appliance.transfer.enrolment import enroll as enroll_appliance
-from tests.support.peers import PAS_BIN, free_port, port_open, wait_for
+from tests.support.peers import PAS_BIN, ChildProcess, free_port
 
 
-class HubProcess:
+class HubProcess(ChildProcess):
     """``pas hub run`` with a private ``$PAS_HUB_HOME``; ``init()`` runs ``pas hub init``."""
 
+    name = "hub"
+    command = ("hub", "run")
+    cli_prefix = ("hub",)
+
     def __init__(self, home: Path, env: dict[str, str] | None = None):
-        self.home = Path(home)
         self.port = free_port()
-        self.env = {**os.environ, "PAS_HUB_HOME": str(self.home),
-                    "PAS_HUB_HTTP__HOST": "127.0.0.1", "PAS_HUB_HTTP__PORT": str(self.port),
-                    **(env or {})}
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = self.home / "hub.log"
+        super().__init__(home, {**os.environ, "PAS_HUB_HOME": str(home),
+                                "PAS_HUB_HTTP__HOST": "127.0.0.1",
+                                "PAS_HUB_HTTP__PORT": str(self.port), **(env or {})}, "hub.log")
 
     @property
     def url(self) -> str:
         return f"https://localhost:{self.port}"
-
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run([str(PAS_BIN), "hub", *args], env=self.env, capture_output=True,
-                                text=True, timeout=60)
-        if check and result.returncode != 0:
-            raise AssertionError(f"pas hub {' '.join(args)} -> {result.returncode}\n"
-                                 f"{result.stdout}\n{result.stderr}")
-        return result
 
     def init(self, *addresses: str, cli: bool = False) -> HubProcess:
         """``pas hub init`` (``cli=True``), or the same calls in this process: a CLI start costs
@@ -77,35 +69,8 @@ class HubProcess:
         return token
 
     def start(self, timeout: float = 30.0) -> HubProcess:
-        self.home.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([str(PAS_BIN), "hub", "run"], env=self.env, stdout=log,
-                                     stderr=subprocess.STDOUT)
-        wait_for(lambda: self._alive() and port_open("127.0.0.1", self.port), timeout,
-                 what=f"hub on {self.port} (log {self.log_path})")
+        self._launch([self.port], timeout)
         return self
-
-    def _alive(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise RuntimeError(f"hub exited with {self.proc.returncode}: {self.log()[-2000:]}")
-        return True
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
     def anonymous_context(self) -> ssl.SSLContext:
         """Trusts the hub's CA but presents no client certificate."""

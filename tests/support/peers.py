@@ -68,50 +68,33 @@ def port_open(host: str, port: int) -> bool:
 # --- PAS ---------------------------------------------------------------------------------
 
 
-class PasProcess:
-    """``pas run`` as a child process with a private home and environment overrides."""
+class ChildProcess:
+    """A ``pas`` command run as a child process: its own home, environment and log file;
+    started, waited for on its ports, stopped (SIGTERM) or killed (kill -9)."""
 
-    def __init__(self, home: Path, env: dict[str, str] | None = None, ae_title: str = "PAS"):
+    name = "pas"
+    command: tuple[str, ...] = ("run",)
+    cli_prefix: tuple[str, ...] = ()
+
+    def __init__(self, home: Path, env: dict[str, str], log_name: str):
         self.home = Path(home)
-        self.port = free_port()
-        self.http_port = free_port()
-        self.ae_title = ae_title
-        self.env = {
-            **os.environ,
-            "PAS_HOME": str(self.home),
-            "PAS_DICOM__HOST": "127.0.0.1",
-            "PAS_DICOM__PORT": str(self.port),
-            "PAS_DICOM__AE_TITLE": ae_title,
-            "PAS_HTTP__HOST": "127.0.0.1",
-            "PAS_HTTP__PORT": str(self.http_port),
-            "PAS_STUDY__STABLE_AFTER_S": "1",
-            "PAS_STUDY__CHECK_INTERVAL_S": "0.2",
-            "PAS_QUEUE__POLL_INTERVAL_S": "0.2",
-            "PAS_STORAGE__MIN_FREE_MB": "0",
-            # Each daemon its own HL7 port: the default 2575 would collide between tests.
-            "PAS_HL7__HOST": "127.0.0.1",
-            "PAS_HL7__PORT": str(free_port()),
-            **(env or {}),
-        }
+        self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = self.home / "pas.log"
+        self.log_path = self.home / log_name
 
-    def start(self, timeout: float = 30.0) -> PasProcess:
+    def _launch(self, ports: list[int], timeout: float, cwd: Path | None = None) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([str(PAS_BIN), "run"], env=self.env, stdout=log,
-                                     stderr=subprocess.STDOUT, cwd=self.home)
-        wait_for(lambda: self._alive() and port_open("127.0.0.1", self.port), timeout,
-                 what=f"PAS on port {self.port} (log: {self.log_path})")
-        if self.env.get("PAS_HTTP__ENABLED", "true").lower() != "false":
-            # The HTTP app comes up in its own thread just after the DICOM port.
-            wait_for(lambda: self._alive() and port_open("127.0.0.1", self.http_port), timeout,
-                     what=f"PAS HTTP on port {self.http_port} (log: {self.log_path})")
-        return self
+        self.proc = subprocess.Popen([str(PAS_BIN), *self.command], env=self.env, stdout=log,
+                                     stderr=subprocess.STDOUT, cwd=cwd)
+        for port in ports:
+            wait_for(lambda p=port: self._alive() and port_open("127.0.0.1", p), timeout,
+                     what=f"{self.name} on port {port} (log: {self.log_path})")
 
     def _alive(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
-            raise RuntimeError(f"pas exited with {self.proc.returncode}: {self.log()[-2000:]}")
+            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: "
+                               f"{self.log()[-2000:]}")
         return True
 
     def log(self) -> str:
@@ -133,12 +116,46 @@ class PasProcess:
             self.proc.wait()
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run([str(PAS_BIN), *args], env=self.env, capture_output=True,
+        command = [*self.cli_prefix, *args]
+        result = subprocess.run([str(PAS_BIN), *command], env=self.env, capture_output=True,
                                 text=True, timeout=120)
         if check and result.returncode != 0:
-            raise AssertionError(f"pas {' '.join(args)} -> {result.returncode}\n"
+            raise AssertionError(f"pas {' '.join(command)} -> {result.returncode}\n"
                                  f"{result.stdout}\n{result.stderr}")
         return result
+
+
+class PasProcess(ChildProcess):
+    """``pas run`` as a child process with a private home and environment overrides."""
+
+    def __init__(self, home: Path, env: dict[str, str] | None = None, ae_title: str = "PAS"):
+        self.port = free_port()
+        self.http_port = free_port()
+        self.ae_title = ae_title
+        super().__init__(home, {
+            **os.environ,
+            "PAS_HOME": str(home),
+            "PAS_DICOM__HOST": "127.0.0.1",
+            "PAS_DICOM__PORT": str(self.port),
+            "PAS_DICOM__AE_TITLE": ae_title,
+            "PAS_HTTP__HOST": "127.0.0.1",
+            "PAS_HTTP__PORT": str(self.http_port),
+            "PAS_STUDY__STABLE_AFTER_S": "1",
+            "PAS_STUDY__CHECK_INTERVAL_S": "0.2",
+            "PAS_QUEUE__POLL_INTERVAL_S": "0.2",
+            "PAS_STORAGE__MIN_FREE_MB": "0",
+            # Each daemon its own HL7 port: the default 2575 would collide between tests.
+            "PAS_HL7__HOST": "127.0.0.1",
+            "PAS_HL7__PORT": str(free_port()),
+            **(env or {}),
+        }, "pas.log")
+
+    def start(self, timeout: float = 30.0) -> PasProcess:
+        ports = [self.port]
+        if self.env.get("PAS_HTTP__ENABLED", "true").lower() != "false":
+            ports.append(self.http_port)  # the HTTP app comes up just after the DICOM port
+        self._launch(ports, timeout, cwd=self.home)
+        return self
 
     def status(self) -> dict[str, Any]:
         return json.loads(self.cli("status", "--json").stdout)
