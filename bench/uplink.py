@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,7 @@ from tests.support.peers import (  # noqa: E402
     storescu,
     wait_for,
 )
+from tests.support.peers import read_rows as rows
 
 SETS = {"CT": CT_DIR, "MR": MR_DIR}
 CAP_MBPS = 8
@@ -53,13 +53,6 @@ BASE_ENV = {"PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_QUEUE__WORKERS": "4",
             "PAS_STUDY__STABLE_AFTER_S": "2", "PAS_PREFETCH__ON_ARRIVAL": "false"}
 
 
-def rows(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
 
 
 def empty(orthanc: Orthanc) -> None:

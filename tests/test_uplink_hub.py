@@ -22,6 +22,7 @@ from pydicom import dcmread
 from tests.support.archived import orthanc_hashes
 from tests.support.hub import HubProcess, enroll
 from tests.support.peers import CT_DIR, MR_DIR, Orthanc, PasProcess, storescu, wait_for
+from tests.support.peers import read_rows as rows
 from tests.support.tcpproxy import TcpProxy
 
 PARALLEL = 3
@@ -29,13 +30,6 @@ PARALLEL = 3
 RESUME_FILES = sorted(MR_DIR.glob("*.dcm"))[:300]
 
 
-def rows(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
 
 
 def jobs(pas: PasProcess) -> list[sqlite3.Row]:

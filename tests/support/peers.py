@@ -368,3 +368,13 @@ def prefetch_requests(pas: PasProcess) -> list[dict[str, Any]]:
         rows = conn.execute("SELECT * FROM prefetch_requests ORDER BY id DESC").fetchall()
     return [dict(row) for row in rows]
 
+
+def read_rows(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+    """Rows of a database another process writes, opened read-only."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    conn.row_factory = sqlite3.Row
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
