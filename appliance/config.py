@@ -359,6 +359,9 @@ class PrefetchSection(_Section):
     issuer_map: dict[str, str] = {}
     dicomweb_url: str | None = None          # a plain DICOMweb region instead of the hub proxy
     parallel: int = Field(default=8, ge=1, le=32)   # WADO-RS requests in flight
+    # The hub's bucketed download (JPEG-LS + zstd) when it offers one; else WADO-RS.
+    bucketed: bool = True
+    download_bucket_kb: int = Field(default=4096, ge=64, le=65536)  # original bytes a bucket
     check_interval_s: float = Field(default=2.0, gt=0)
     max_attempts: int = Field(default=5, ge=1)
     retry_after_s: float = Field(default=30.0, ge=0)

@@ -209,7 +209,11 @@ def test_a_manifest_sha256_that_does_not_match_fails_the_commit_naming_the_insta
     assert body["mismatch"][0]["actual"] == shipment.originals[wrong["sop_instance_uid"]]
     assert wrong["sop_instance_uid"] in body["detail"]
     assert http.get(shipment.url + "/receipt").status_code == 404
-    assert _archive_rows(hub, study_uid) == []  # nothing of the study was archived
+    # Instances that passed their check may have been archived ahead of the commit (bit-exact:
+    # the archive holds their original SHA-256); the one that differs never is.
+    archived = {r["sop_instance_uid"]: r["sha256"] for r in _archive_rows(hub, study_uid)}
+    assert wrong["sop_instance_uid"] not in archived
+    assert all(shipment.originals[uid] == sha for uid, sha in archived.items())
     assert "commit refused" in hub.log()
 
 
@@ -339,3 +343,87 @@ def test_a_put_cut_mid_body_stores_nothing(hub: HubProcess, site: Enrolment,
         status = _status(http, small)
         assert status["bytes_received"] == 0 and status["bytes_stored"] == 0
         assert http.put(small.bucket_url(0), content=sealed).status_code == 201
+
+
+def _complete_in(shipment: Shipment, buckets: int) -> set[str]:
+    """The instances all of whose pieces travel in the first ``buckets`` buckets."""
+    return {i["sop_instance_uid"] for i in shipment.manifest["instances"]
+            if max(i["buckets"]) < buckets}
+
+
+def _ct_shipment(site: Enrolment, first: int, count: int) -> Shipment:
+    """CT files no other test of this module sends, in 1 MiB buckets (several per study)."""
+    files = sorted(p for p in CT_DIR.rglob("*") if p.is_file())[first:first + count]
+    return ship(pack_items(files), site.hub_transfer_key, 1 << 20,
+                f"1.2.826.0.1.3680043.8.498.{900 + first}")
+
+
+def _archived_by_sha(hub: HubProcess, shipment: Shipment) -> dict[str, str]:
+    """SOP Instance UID -> SHA-256 of the transfer's instances the embedded archive holds."""
+    conn = sqlite3.connect(hub.home / "archive" / "pas.sqlite")
+    conn.row_factory = sqlite3.Row
+    try:
+        rows = conn.execute("SELECT sop_instance_uid, sha256 FROM instances").fetchall()
+    finally:
+        conn.close()
+    return {r["sop_instance_uid"]: r["sha256"] for r in rows
+            if r["sop_instance_uid"] in shipment.originals}
+
+
+def test_instances_are_archived_while_buckets_arrive_and_the_commit_finishes_the_tail(
+        hub: HubProcess, site: Enrolment, http: httpx.Client) -> None:
+    shipment = _ct_shipment(site, 4, 12)
+    assert len(shipment.buckets) >= 3
+    assert http.post("/api/v1/transfers", json=shipment.manifest).status_code == 201
+    half = len(shipment.buckets) // 2
+    for index in range(half):
+        assert http.put(shipment.bucket_url(index), content=shipment.buckets[index]) \
+            .status_code == 201
+    ahead = _complete_in(shipment, half)
+    assert ahead
+    # Archived before any commit, each bit-exact; still no receipt.
+    wait_for(lambda: set(_archived_by_sha(hub, shipment)) >= ahead, 30,
+             what="the complete instances archived ahead of the commit")
+    assert http.get(shipment.url + "/receipt").status_code == 404
+    for index in range(half, len(shipment.buckets)):
+        assert http.put(shipment.bucket_url(index), content=shipment.buckets[index]) \
+            .status_code == 201
+    answer = http.post(shipment.url + "/commit")
+    assert answer.status_code == 200, answer.text
+    assert {(i["sop_instance_uid"], i["sha256"]) for i in answer.json()["instances"]} == \
+        set(shipment.originals.items())
+    assert _archived_by_sha(hub, shipment) == shipment.originals
+    assert "archived ahead of the commit" in hub.log()
+    assert not (hub.home / "work" / shipment.transfer_id).exists()
+
+
+def test_kill_9_of_the_hub_while_archiving_ahead_resumes_on_start(
+        hub: HubProcess, site: Enrolment) -> None:
+    shipment = _ct_shipment(site, 16, 12)
+    half = len(shipment.buckets) // 2
+    with client(site) as http:
+        assert http.post("/api/v1/transfers", json=shipment.manifest).status_code == 201
+        for index in range(half):
+            assert http.put(shipment.bucket_url(index), content=shipment.buckets[index]) \
+                .status_code == 201
+    hub.kill()  # the archiver may be anywhere: mid-rebuild, mid-file, between archive and row
+    hub.start()
+    # No request after the restart: the hub resumes the held buckets' complete instances.
+    ahead = _complete_in(shipment, half)
+    wait_for(lambda: set(_archived_by_sha(hub, shipment)) >= ahead, 30,
+             what="archiving resumed after kill -9")
+    with client(site) as http:
+        for index in range(half, len(shipment.buckets)):
+            assert http.put(shipment.bucket_url(index), content=shipment.buckets[index]) \
+                .status_code == 201
+        answer = http.post(shipment.url + "/commit")
+        assert answer.status_code == 200, answer.text
+        assert len(answer.json()["instances"]) == 12
+    assert _archived_by_sha(hub, shipment) == shipment.originals
+    conn = sqlite3.connect(hub.home / "archive" / "pas.sqlite")
+    try:
+        uids = [r[0] for r in conn.execute("SELECT sop_instance_uid FROM instances")]
+    finally:
+        conn.close()
+    # No duplicate however often an instance was handed to the archive.
+    assert sorted(u for u in uids if u in shipment.originals) == sorted(shipment.originals)

@@ -67,21 +67,29 @@ class EmbeddedArchive:
         self.spool.remove_temp_files()
 
     def store(self, instances: list[RebuiltInstance], site: str) -> None:
-        # One SQLite commit for the whole transfer (record_instance joins this transaction):
-        # each file is still fsynced by the spool before its row is written.
-        with self.db.transaction():
-            refused = self._file_all(instances, site)
+        # Files are parsed and fsynced by the spool first, outside any transaction; then one
+        # short SQLite transaction records the batch (the archiver hands batches of
+        # ``instances_per_request``): the write lock is never held across a whole transfer,
+        # so an urgent transfer's commit does not wait behind a large routine one.
+        refused, filed = self._file_all(instances)
+        if filed:
+            from appliance.store.index import record_instance
+
+            with self.db.transaction():
+                for record, stored in filed:
+                    record_instance(self.db, record, stored, origin="regional",
+                                    source_address=site)
         if refused:
             raise ArchiveRefused(f"embedded archive refused {len(refused)} instance(s): "
                                  f"{', '.join(refused[:5])}", refused)
 
-    def _file_all(self, instances: list[RebuiltInstance], site: str) -> list[str]:
+    def _file_all(self, instances: list[RebuiltInstance]) -> tuple[list[str], list[Any]]:
+        """(refused UIDs, [(record, stored file)] written durably to the spool)."""
         from pydicom import dcmread
 
         from appliance.ingest.attributes import InvalidInstance, instance_record
-        from appliance.store.index import record_instance
 
-        refused = []
+        refused, filed = [], []
         for instance in instances:
             try:
                 ds = dcmread(instance.path, stop_before_pixels=True)
@@ -95,8 +103,8 @@ class EmbeddedArchive:
             if stored.sha256 != instance.sha256:  # the disk lied between check and copy
                 refused.append(instance.sop_instance_uid)
                 continue
-            record_instance(self.db, record, stored, origin="regional", source_address=site)
-        return refused
+            filed.append((record, stored))
+        return refused, filed
 
 
 class DicomWebArchive:

@@ -35,6 +35,8 @@ class ArchiveSection(_Section):
     url: str | None = None
     instances_per_request: int = Field(default=16, ge=1, le=1000)
     timeout_s: float = Field(default=120.0, gt=0)
+    # Threads rebuilding and archiving instances while their transfer's buckets arrive.
+    workers: int = Field(default=2, ge=1, le=16)
 
     @field_validator("url")
     @classmethod

@@ -1,7 +1,8 @@
 """The transfer API (docs/protocol.md): create, PUT bucket, list held, commit, receipt.
 
 Owns: parsing and validating requests, choosing the status code, logging each refusal.
-May not touch: SQL or file writes (``appliance.store.hub``), rebuilding (``commit.py``).
+May not touch: SQL or file writes (``appliance.store.hub``), rebuilding and archiving
+(``archiver.py``, told after each durable bucket; ``commit.py``).
 
 Every refusal happens before anything is stored: a bucket is authenticated (AES-GCM tag under
 the transfer key, with transfer id and index bound as associated data) before it is written.
@@ -195,6 +196,8 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
                 return store_it()
 
         created = await run_in_threadpool(locked)
+        if created:  # rebuild and archive what this bucket completed, in the background
+            hub.archiver.notify(row["id"], row["priority"])
         return JSONResponse({"transfer_id": row["id"], "index": index, "size": len(sealed)},
                             status_code=201 if created else 200)
 
@@ -224,8 +227,7 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
         if missing:
             return missing
         try:
-            receipt = await run_in_threadpool(commit_transfer, hub, row["id"],
-                                              lambda: transfer_key(row))
+            receipt = await run_in_threadpool(commit_transfer, hub, row["id"])
         except CommitRefused as exc:
             log.warning("site %s: transfer %s commit refused: %s", request.state.site,
                         row["id"], exc.detail, extra={"SITE": request.state.site})

@@ -3,8 +3,10 @@
 Owns: turning triggers (an HL7 message, a new local study, ``pas prefetch patient``) into
 durable requests, and the scheduler thread that works them: when due and inside a WAN window,
 QIDO-RS the region for the patient's studies, choose priors by the rules, skip what is already
-complete on site, WADO-RS the missing instances (several in flight) into the cache through the
-ingest Receiver (origin "regional"), pin each study for ``pin_days``, and optionally queue a
+complete on site, bring the missing instances into the cache through the ingest Receiver
+(origin "regional") -- by the hub's bucketed download when it offers one (one streamed request
+per study, JPEG-LS + zstd buckets, every file's SHA-256 checked), else by WADO-RS, several
+in flight -- pin each study for ``pin_days``, and optionally queue a
 C-STORE of the priors to the workstations a rule names. May not touch: SQL (that is
 :mod:`appliance.store.prefetch`), files (the Receiver writes them).
 
@@ -30,6 +32,7 @@ from appliance.store import audit
 from appliance.store import jobs as job_store
 from appliance.store import prefetch as store
 from appliance.store.db import Database, now
+from appliance.transfer.download import DownloadUnavailable, HubDownloads
 from appliance.transfer.region import RegionClient, RegionError, RegionInstance
 
 log = logging.getLogger("pas.prefetch")
@@ -48,7 +51,8 @@ def _metric(hook: str, *args: Any) -> None:
 class PrefetchService:
     def __init__(self, settings: Settings, db: Database, receiver: Receiver,
                  on_jobs_created: Callable[[], None] = lambda: None,
-                 region_factory: Callable[[], RegionClient | None] | None = None):
+                 region_factory: Callable[[], RegionClient | None] | None = None,
+                 downloads_factory: Callable[[], HubDownloads | None] | None = None):
         self.settings = settings
         self.config = settings.prefetch
         self.db = db
@@ -57,6 +61,9 @@ class PrefetchService:
         self.region_factory = region_factory or self._default_region
         self._region: RegionClient | None = None
         self._region_lock = threading.Lock()
+        self.downloads_factory = downloads_factory or self._default_downloads
+        self._downloads: HubDownloads | None = None
+        self._bucketed = self.config.bucketed  # off for good once the hub said it has none
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -188,6 +195,8 @@ class PrefetchService:
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self._region is not None:
             self._region.close()
+        if self._downloads is not None:
+            self._downloads.close()
 
     def _loop(self) -> None:
         inflight: set[Future[None]] = set()
@@ -217,6 +226,23 @@ class PrefetchService:
         return RegionClient.from_home(
             self.settings.home, self.config.dicomweb_url, self.config.timeout_s,
             self.config.parallel, lambda n: _metric("add_wan_bytes", "down", n))
+
+    def _default_downloads(self) -> HubDownloads | None:
+        if self.config.dicomweb_url:
+            return None  # a plain DICOMweb region: no hub to pack for us
+        return HubDownloads.from_home(self.settings.home, self.config.timeout_s,
+                                      lambda n: _metric("add_wan_bytes", "down", n))
+
+    def downloads(self) -> HubDownloads | None:
+        """The hub's bucketed download, or None (not enrolled, turned off, not offered)."""
+        if not self._bucketed:
+            return None
+        with self._region_lock:
+            if self._downloads is None:
+                self._downloads = self.downloads_factory()
+                if self._downloads is None:
+                    self._bucketed = False
+            return self._downloads
 
     def region(self) -> RegionClient | None:
         with self._region_lock:
@@ -299,6 +325,16 @@ class PrefetchService:
         held = store.held_instance_uids(self.db, candidate.study_uid)
         missing = [i for i in region.instances_of(candidate.study_uid)
                    if i.sop_instance_uid not in held]
+        total = len(missing)
+        how = "WADO-RS"
+        downloads = self.downloads() if missing else None
+        if downloads is not None:
+            filed = self._download_study(request_id, downloads, candidate.study_uid, held)
+            if filed is not None:
+                how = "bucketed download"
+                # Normally nothing is left; an instance archived since the hub read the
+                # study comes by WADO-RS.
+                missing = [i for i in missing if i.sop_instance_uid not in filed]
         # One WADO-RS request per instance, several in flight: measured faster than one
         # streamed request per series (region.stream_series): single-instance answers came
         # gzip-compressed from the archive, the series stream did not (docs/benchmarks.md).
@@ -310,9 +346,34 @@ class PrefetchService:
                               f"{errors[0]}")
         store.set_study_state(self.db, request_id, candidate.study_uid, "fetched")
         audit.record(self.db, "retrieve", actor="prefetch", target=candidate.study_uid,
-                     detail=f"request {request_id}: {len(missing)} instances from the region")
-        log.info("prior %s fetched: %d instances", candidate.study_uid, len(missing),
+                     detail=f"request {request_id}: {total} instances from the region "
+                            f"({how})")
+        log.info("prior %s fetched: %d instances (%s)", candidate.study_uid, total, how,
                  extra={"STUDY_UID": candidate.study_uid})
+
+    def _download_study(self, request_id: int, downloads: HubDownloads, study_uid: str,
+                        held: set[str]) -> set[str] | None:
+        """The study by the hub's bucketed download, minus what is held; the UIDs filed, or
+        None when the hub does not offer it (the caller uses WADO-RS). A cut raises
+        DownloadError (a RegionError): what was filed stays, the retry asks for the rest."""
+
+        def file(uid: str, content: bytes) -> None:
+            received = self.receiver.receive_file(
+                content, source=store.REGION_SOURCE, origin="regional",
+                expect_sop_instance_uid=uid)
+            store.mark_fetched_routed(self.db, received.instance_id)
+            store.add_progress(self.db, request_id, 1, received.size)
+
+        self._wait_for_urgent_uploads()
+        try:
+            result = downloads.fetch(study_uid, file, have=held,
+                                     bucket_bytes=self.config.download_bucket_kb * 1024,
+                                     before_bucket=self._wait_for_urgent_uploads)
+        except DownloadUnavailable as exc:
+            log.info("the hub offers no bucketed download (%s): WADO-RS from now on", exc)
+            self._bucketed = False
+            return None
+        return result.filed
 
     def _wait_for_urgent_uploads(self) -> None:
         if store.urgent_uploads_waiting(self.db):

@@ -154,6 +154,32 @@ def set_receipt(db: Database, transfer_id: str, receipt: dict[str, Any]) -> bool
             (json.dumps(receipt), now(), transfer_id)).rowcount == 1
 
 
+def record_archived(db: Database, transfer_id: str, pairs: list[tuple[str, str]]) -> None:
+    """Instances (SOP Instance UID, SHA-256) the regional archive confirmed; one transaction
+    per batch, repeats kept as they were."""
+    if not pairs:
+        return
+    with db.transaction() as conn:
+        conn.executemany("INSERT OR IGNORE INTO archived_instances (transfer_id, "
+                         "sop_instance_uid, sha256, archived_at) VALUES (?, ?, ?, ?)",
+                         [(transfer_id, uid, sha, now()) for uid, sha in pairs])
+
+
+def archived_instances(db: Database, transfer_id: str) -> dict[str, str]:
+    """SOP Instance UID -> SHA-256 of what the archive already confirmed for this transfer."""
+    return {str(r["sop_instance_uid"]): str(r["sha256"]) for r in db.query(
+        "SELECT sop_instance_uid, sha256 FROM archived_instances WHERE transfer_id = ?",
+        (transfer_id,))}
+
+
+def unfinished_transfers(db: Database) -> list[tuple[str, int]]:
+    """(id, priority) of transfers holding buckets but no receipt: what a restarted hub's
+    archiver resumes."""
+    return [(str(r["id"]), int(r["priority"])) for r in db.query(
+        "SELECT id, priority FROM transfers t WHERE receipt IS NULL AND EXISTS "
+        "(SELECT 1 FROM buckets b WHERE b.transfer_id = t.id) ORDER BY priority, created_at")]
+
+
 def list_transfers(db: Database, site: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
     sql = ("SELECT id, site, study_uid, priority, bucket_count, instance_count, created_at, "
            "committed_at, bytes_received, bytes_stored, puts, "

@@ -85,4 +85,16 @@ HUB_MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE INDEX fleet_heartbeats_received ON fleet_heartbeats (received_at);
     """,
+    # 3: instances already handed to the regional archive and confirmed by it, while their
+    # transfer's buckets were still arriving (appliance.hub.archiver): the commit archives only
+    # the rest, and a restarted hub does not archive them again.
+    """
+    CREATE TABLE archived_instances (
+        transfer_id TEXT NOT NULL REFERENCES transfers (id),
+        sop_instance_uid TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        archived_at REAL NOT NULL,
+        PRIMARY KEY (transfer_id, sop_instance_uid)
+    ) WITHOUT ROWID;
+    """,
 ]
