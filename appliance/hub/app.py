@@ -64,6 +64,9 @@ class Hub:
         self.route_providers: list[RouteProvider] = default_route_providers()
         self.locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        from appliance.hub.archiver import Archiver  # archives while buckets arrive; resumes
+
+        self.archiver = Archiver(self, settings.archive.workers)
 
     def lock(self, transfer_id: str) -> threading.Lock:
         with self._locks_guard:
