@@ -292,6 +292,8 @@ class HubSection(_Section):
     """The uplink to the regional hub (the enrolment itself lives in ``$PAS_HOME/pki``)."""
 
     parallel_buckets: int = Field(default=4, ge=1, le=32)
+    # TCP connections to the hub, shared by every job (bucket PUTs and the small calls).
+    connections: int = Field(default=4, ge=2, le=64)
     bucket_mb: float = Field(default=6.0, gt=0, le=64)
     max_mbps: float = Field(default=0.0, ge=0)
     windows: list[RateWindow] = []

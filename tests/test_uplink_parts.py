@@ -195,6 +195,63 @@ def test_client_unreachable_hub_is_unavailable() -> None:
         client.create_transfer({"transfer_id": "t"})
 
 
+class _Held(http.server.BaseHTTPRequestHandler):
+    """Answers each PUT 201 only once ``release`` is set; counts PUTs in progress."""
+
+    release = threading.Event()
+    lock = threading.Lock()
+    in_progress = 0
+    peers: set[int] = set()
+    protocol_version = "HTTP/1.1"  # keep-alive, as the hub
+
+    def do_PUT(self) -> None:  # noqa: N802 - http.server's naming
+        cls = type(self)
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        with cls.lock:
+            cls.in_progress += 1
+            cls.peers.add(self.client_address[1])
+        cls.release.wait()
+        with cls.lock:
+            cls.in_progress -= 1
+        self.send_response(201)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
+def test_puts_share_a_few_connections_and_urgent_ones_go_first() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.support.peers import wait_for
+
+    handler = type("Held", (_Held,), {"release": threading.Event(), "lock": threading.Lock(),
+                                      "in_progress": 0, "peers": set()})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = HubClient(f"http://127.0.0.1:{server.server_address[1]}", False,
+                       max_connections=3)
+    try:
+        with ThreadPoolExecutor(9) as pool:
+            routine = [pool.submit(client.put_bucket, f"t{n}", 0, b"r" * 1000)
+                       for n in range(8)]
+            # Routine PUTs take 2 of the 3 slots; the 6 others wait for one.
+            wait_for(lambda: handler.in_progress == 2 and client.slots.waiting == 6, 10,
+                     what="2 routine PUTs on the wire, 6 waiting")
+            urgent = pool.submit(client.put_bucket, "u", 0, b"u" * 1000, True)
+            wait_for(lambda: handler.in_progress == 3, 10, what="the urgent PUT in the last slot")
+            handler.release.set()
+            assert urgent.result() == 201
+            assert [f.result() for f in routine] == [201] * 8
+    finally:
+        client.close()
+        server.shutdown()
+        server.server_close()
+    assert client.slots.peak == 3
+    assert len(handler.peers) <= 3  # TCP connections opened in all
+
+
 # --- receipts ------------------------------------------------------------------------------
 
 

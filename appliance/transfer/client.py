@@ -4,8 +4,17 @@ Owns: the wire calls of a transfer (create, PUT bucket, list held buckets, commi
 their retry policy, the hub's certificate as seen on the TLS connection, and the receipt's
 signature check. May not touch: the database, the spool, packing or sealing (the caller hands
 in sealed bytes). One :class:`HubClient` is shared by every worker thread: httpx's pool keeps
-HTTP/1.1 connections alive, one per bucket in flight, all under the enrolment's TLS 1.3
-context (pinned fleet CA, hostname checked, client certificate).
+HTTP/1.1 connections alive, all under the enrolment's TLS 1.3 context (pinned fleet CA,
+hostname checked, client certificate).
+
+Connections per hub are capped (``hub.connections``, shared by every job): with 8 workers x 4
+buckets in flight each, 30-odd TCP streams slow-started together and overflowed a one-BDP
+router queue on a 20 Mbit/s / 70 ms line (17 % of the wire bytes were resends,
+docs/benchmarks.md). Bucket PUTs wait for a slot (:class:`ConnectionSlots`) without a timeout
+(the wait is for our own uploads, each with its own timeout); a routine PUT leaves one slot
+for the small calls (manifest, commit) and for urgent PUTs, which also go before waiting
+routine ones. (HTTP/2 would multiplex one connection, but the hub serves HTTP/1.1 through
+uvicorn's h11, and h2 is not installed.)
 
 Retries (tenacity, exponential backoff with full jitter): connection errors, timeouts and
 5xx answers are retried a few times; a 4xx is never retried here, because the protocol gives
@@ -16,10 +25,12 @@ bucket: it failed authentication, re-seal it; 404: the transfer is unknown, crea
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import ssl
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -113,12 +124,49 @@ def verify_receipt(receipt: dict[str, Any], hub_certificate_der: bytes) -> None:
         ) from None
 
 
+class ConnectionSlots:
+    """How many bucket PUTs may be on the wire at once, across every job of one hub.
+
+    Routine PUTs take at most ``total - 1`` slots (one stays for the small calls and for an
+    urgent PUT); urgent PUTs may take all ``total`` and are served before routine waiters.
+    """
+
+    def __init__(self, total: int):
+        self.total = max(1, total)
+        self._in_use = 0
+        self._urgent_waiting = 0
+        self._cond = threading.Condition()
+        self.peak = 0  # the most PUTs seen on the wire at once (tests, benchmarks)
+        self.waiting = 0  # PUTs waiting for a slot now
+
+    @contextlib.contextmanager
+    def hold(self, urgent: bool = False) -> Iterator[None]:
+        limit = self.total if urgent else max(1, self.total - 1)
+        with self._cond:
+            self._urgent_waiting += urgent
+            self.waiting += 1
+            try:
+                while self._in_use >= limit or (not urgent and self._urgent_waiting):
+                    self._cond.wait()
+            finally:
+                self._urgent_waiting -= urgent
+                self.waiting -= 1
+            self._in_use += 1
+            self.peak = max(self.peak, self._in_use)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._in_use -= 1
+                self._cond.notify_all()
+
+
 class HubClient:
     """Thread-safe: share one per hub. ``on_contact(ok, error)`` is told about every final
     outcome (the link state shown by ``pas status``)."""
 
     def __init__(self, url: str, ssl_context: ssl.SSLContext | bool, *, timeout_s: float = 60.0,
-                 retries: int = 4, max_connections: int = 8,
+                 retries: int = 4, max_connections: int = 4,
                  throttle: TokenBucket | None = None,
                  on_contact: Callable[[bool, str | None], None] | None = None,
                  backoff_max_s: float = 20.0):
@@ -128,9 +176,12 @@ class HubClient:
         self.retries = retries
         self.backoff_max_s = backoff_max_s
         self.hub_certificate_der: bytes | None = None
+        self.slots = ConnectionSlots(max_connections)
+        # No pool timeout: waiting for a connection means waiting for our own requests, which
+        # have timeouts of their own; a slow link must not turn a queue into errors.
         self._http = httpx.Client(
             base_url=self.url, verify=ssl_context, http1=True, http2=False,
-            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0), pool=None),
             limits=httpx.Limits(max_connections=max_connections,
                                 max_keepalive_connections=max_connections),
         )
@@ -155,7 +206,7 @@ class HubClient:
 
         response = self._call(
             "PUT", f"{API}/transfers/{transfer_id}/buckets/{index}", f"bucket {index}",
-            content_factory=body,
+            content_factory=body, slot=lambda: self.slots.hold(urgent),
             headers={"Content-Type": "application/octet-stream",
                      "Content-Length": str(len(sealed))},
         )
@@ -193,14 +244,17 @@ class HubClient:
     def _call(self, method: str, path: str, what: str, *,
               content_factory: Callable[[], Any] | None = None,
               passthrough: set[int] = frozenset(),  # type: ignore[assignment]
+              slot: Callable[[], contextlib.AbstractContextManager[None]] | None = None,
               **kwargs: Any) -> httpx.Response:
         """One request with retries on transport errors and 5xx. Returns the final response
-        (2xx, 4xx); raises :class:`HubUnavailable` when the retries are spent."""
+        (2xx, 4xx); raises :class:`HubUnavailable` when the retries are spent. ``slot``: a
+        connection slot held during each attempt (not during the backoff between them)."""
 
         def attempt() -> httpx.Response:
             if content_factory is not None:
                 kwargs["content"] = content_factory()
-            response = self._http.request(method, path, **kwargs)
+            with slot() if slot is not None else contextlib.nullcontext():
+                response = self._http.request(method, path, **kwargs)
             self._remember_certificate(response)
             if response.status_code >= 500:
                 raise _ServerError(response)

@@ -77,7 +77,7 @@ class HubTarget:
         self.client = client or HubClient(
             enrolment.url, enrolment.ssl_context(), timeout_s=self.config.timeout_s,
             retries=self.config.retries,
-            max_connections=self.config.parallel_buckets * 2 + 2,
+            max_connections=self.config.connections,
             throttle=hub_throttle(self.config), on_contact=LinkRecorder(db, name),
         )
 
