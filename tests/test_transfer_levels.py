@@ -30,8 +30,9 @@ def test_choice_maximises_delivered_bytes_from_measurements() -> None:
         levels.record("default", 34_000_000, 10_000_000, 34 / 40)
         levels.record("fast", 34_000_000, 16_190_000, 34 / 200)
         levels.record("max", 34_000_000, 9_990_000, 34 / 10)
-    # 20 Mbit/s: the line is the limit; max delivers as much as default and saves bytes.
-    assert levels.choose_level(20, cores=2) in ("max", "default")
+    # 20 Mbit/s: the line is the limit; max delivers no more than default (0.1 % fewer bytes):
+    # a tie goes to the lighter level, whose CPU adds less latency.
+    assert levels.choose_level(20, cores=2) == "default"
     # 100 Mbit/s: default (2 x 0.75 x 40 = 60 MB/s >= 12.5 x 3.4) beats max (15 MB/s).
     assert levels.choose_level(100, cores=2) == "default"
     # 1 Gbit/s on 2 cores: JPEG-LS would pack at 60 MB/s; zstd alone delivers 262 MB/s.

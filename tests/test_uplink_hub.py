@@ -102,7 +102,8 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
 
 def test_ct_set_to_embedded_hub_is_confirmed_bit_exact(pas_factory: Any, hub: HubProcess,
                                                        tmp_path: Path) -> None:
-    pas = enrolled_pas(pas_factory, hub, tmp_path / "site-ct")
+    # pack_level "auto": the level is chosen per bucket from the rate the PUTs measure.
+    pas = enrolled_pas(pas_factory, hub, tmp_path / "site-ct", {"PAS_HUB__PACK_LEVEL": "auto"})
     storescu(CT_DIR, pas.port)
     sop_uids, study_uids = distinct_uids(CT_DIR)
     finished = wait_jobs_finished(pas, len(sop_uids))
@@ -132,6 +133,8 @@ def test_ct_set_to_embedded_hub_is_confirmed_bit_exact(pas_factory: Any, hub: Hu
     assert all(t["receipt"] for t in transfers)
     progress = [json.loads(j["progress"]) for j in finished]
     assert not [p for p in progress if "key" in p]  # dropped once delivered
+    assert all(sum(p["pack_levels"].values()) == p["buckets_sent"] for p in progress)
+    assert set().union(*(p["pack_levels"] for p in progress)) <= {"fast", "default", "max"}
     assert sum(p["bytes_sent"] for p in progress) < sum(p["original_bytes_sent"]
                                                         for p in progress)
 

@@ -5,6 +5,7 @@ receipt signature check, and the [hub] configuration's errors."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import http.server
 import json
@@ -250,6 +251,24 @@ def test_puts_share_a_few_connections_and_urgent_ones_go_first() -> None:
         server.server_close()
     assert client.slots.peak == 3
     assert len(handler.peers) <= 3  # TCP connections opened in all
+
+
+def test_link_meter_counts_busy_time_only() -> None:
+    from appliance.transfer.client import LinkMeter
+
+    now = [100.0]
+    meter = LinkMeter(clock=lambda: now[0])
+    assert meter.mbps() is None  # nothing measured yet: auto packs at "default"
+    with meter.measure(1_000_000):  # two PUTs overlapping: 2 MB in 1 s of busy time
+        now[0] += 0.5
+        with meter.measure(1_000_000):
+            now[0] += 0.5
+    now[0] += 30  # idle between studies: not a slow link
+    assert meter.mbps() == pytest.approx(16.0)
+    with contextlib.suppress(RuntimeError), meter.measure(5_000_000):  # failed: time counts
+        now[0] += 1
+        raise RuntimeError("cut")
+    assert meter.mbps() == pytest.approx(8.0)
 
 
 # --- receipts ------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import json
 import logging
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -161,6 +162,52 @@ class ConnectionSlots:
                 self._cond.notify_all()
 
 
+class LinkMeter:
+    """The rate bucket PUTs achieve together, counted only while at least one is on the wire,
+    so idle time between studies does not count as a slow link. What ``pack_level = "auto"``
+    is told when no cap says better. Older figures fade (halved every ``HALF_LIFE_S`` of busy
+    time) so a link that changes is followed."""
+
+    HALF_LIFE_S = 20.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._active = 0
+        self._since = 0.0
+        self._busy_s = 0.0
+        self._bytes = 0.0
+
+    @contextlib.contextmanager
+    def measure(self, size: int) -> Iterator[None]:
+        """Around one PUT of ``size`` bytes; counted only if it succeeds."""
+        with self._lock:
+            if self._active == 0:
+                self._since = self._clock()
+            self._active += 1
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            with self._lock:
+                self._active -= 1
+                if ok:
+                    self._bytes += size
+                if self._active == 0:
+                    self._busy_s += self._clock() - self._since
+                    if self._busy_s > 2 * self.HALF_LIFE_S:
+                        self._busy_s, self._bytes = self._busy_s / 2, self._bytes / 2
+
+    def mbps(self) -> float | None:
+        """Mbit/s over the busy time; None before 1 MB and half a second were measured."""
+        with self._lock:
+            busy = self._busy_s + (self._clock() - self._since if self._active else 0.0)
+            if self._bytes < 1e6 or busy < 0.5:
+                return None
+            return self._bytes * 8 / busy / 1e6
+
+
 class HubClient:
     """Thread-safe: share one per hub. ``on_contact(ok, error)`` is told about every final
     outcome (the link state shown by ``pas status``)."""
@@ -177,6 +224,7 @@ class HubClient:
         self.backoff_max_s = backoff_max_s
         self.hub_certificate_der: bytes | None = None
         self.slots = ConnectionSlots(max_connections)
+        self.meter = LinkMeter()
         # No pool timeout: waiting for a connection means waiting for our own requests, which
         # have timeouts of their own; a slow link must not turn a queue into errors.
         self._http = httpx.Client(
@@ -206,7 +254,7 @@ class HubClient:
 
         response = self._call(
             "PUT", f"{API}/transfers/{transfer_id}/buckets/{index}", f"bucket {index}",
-            content_factory=body, slot=lambda: self.slots.hold(urgent),
+            content_factory=body, slot=lambda: self._put_slot(urgent, len(sealed)),
             headers={"Content-Type": "application/octet-stream",
                      "Content-Length": str(len(sealed))},
         )
@@ -238,6 +286,11 @@ class HubClient:
         if self.hub_certificate_der is None:
             raise ReceiptInvalid("no hub certificate seen on the TLS connection")
         verify_receipt(receipt, self.hub_certificate_der)
+
+    @contextlib.contextmanager
+    def _put_slot(self, urgent: bool, size: int) -> Iterator[None]:
+        with self.slots.hold(urgent), self.meter.measure(size):
+            yield
 
     # --- plumbing ------------------------------------------------------------------------
 

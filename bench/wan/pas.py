@@ -10,6 +10,7 @@ outside its scratch folder and the link's namespaces.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -121,6 +122,20 @@ class SiteAppliance:
     def stop(self) -> None:
         _stop(self.proc)
 
+    def upload_summary(self) -> str:
+        """What the uplink chose, from its jobs' progress: the packing level per bucket
+        (``pack_level = "auto"`` shows its choice here)."""
+        from tests.support.peers import read_rows
+
+        chosen: dict[str, int] = {}
+        for row in read_rows(self.home / "pas.sqlite", "SELECT progress FROM jobs WHERE "
+                             "kind = 'hub'"):
+            progress = json.loads(row["progress"] or "{}")
+            for level, count in progress.get("pack_levels", {}).items():
+                chosen[level] = chosen.get(level, 0) + count
+        levels = ", ".join(f"{level} x{count}" for level, count in sorted(chosen.items()))
+        return f"buckets packed {levels or 'none'}"
+
 
 def _profile(procs: dict[str, subprocess.Popen[bytes] | None]) -> list[subprocess.Popen[bytes]]:
     """With PAS_BENCH_PYSPY=<folder>: py-spy (pip-installed in the venv, not a project
@@ -182,7 +197,8 @@ def run_pas(link: WanLink, dataset: Dataset, scratch: Path, timeout: float,
         stored = stored_count(regional)
         # Bytes the drop-tail queue or the random loss threw away: TCP sent them again, so
         # they are in the wire count too (many parallel connections overflow a BDP queue).
-        note = (f"rss {appliance.peak_rss_mb():.0f} MB; dropped up: queue "
+        note = (f"{appliance.upload_summary()}; "
+                f"rss {appliance.peak_rss_mb():.0f} MB; dropped up: queue "
                 f"{stats.up_drop_queue / 1e6:.2f} MB, loss {stats.up_drop_loss / 1e6:.2f} MB")
         if confirmed < dataset.instances:
             note += f"; only {confirmed} confirmed (jobs {status.get('jobs')})"

@@ -33,7 +33,8 @@ LINKS = {
 SETS = {"ct": ("CT 60 x 0.5 MB", CT_DIR), "mr": ("MR 520 x 86 kB", MR_DIR)}
 # PAS's settings in this benchmark (printed with the results). The CT set is 20 studies of 3
 # instances: one transfer per study, so parallel jobs matter as much as parallel buckets.
-PAS_ENV = {"PAS_QUEUE__WORKERS": "8"}
+# pack_level "auto": the level follows the rate the uplink measures (its choice is printed).
+PAS_ENV = {"PAS_QUEUE__WORKERS": "8", "PAS_HUB__PACK_LEVEL": "auto"}
 Runner = Callable[[WanLink, Dataset, Path, float], Result]
 
 

@@ -37,7 +37,7 @@ from appliance.store.db import Database
 from appliance.store.jobs import Job
 from appliance.transfer.client import HubClient, HubRefused, HubUnavailable, ReceiptInvalid
 from appliance.transfer.enrolment import Enrolment
-from appliance.transfer.throttle import hub_throttle
+from appliance.transfer.throttle import cap_mbps, hub_throttle
 
 log = logging.getLogger("pas.dispatch.hub")
 
@@ -194,6 +194,20 @@ class HubTarget:
 
     # --- buckets ---------------------------------------------------------------------------
 
+    def _pack_level(self) -> str:
+        """The configured level, or for ``auto`` the one that delivers most on this link: the
+        link rate is the cap in force, else what the PUTs measured (unknown at first:
+        ``default``), so on a fast line with busy cores packing gets lighter."""
+        from appliance.transfer import levels
+
+        if self.config.pack_level != "auto":
+            return self.config.pack_level
+        cap = cap_mbps(self.config)
+        measured = self.client.meter.mbps()
+        known = [rate for rate in (cap if cap > 0 else None, measured) if rate]
+        levels.set_link_mbps(min(known) if known else None)
+        return levels.choose_level()
+
     def _send_buckets(self, job: Job, context: SendContext, progress: dict[str, Any],
                       key: bytes, plans: list[Any]) -> bool:
         """Pack, seal and PUT ``plans``, ``parallel_buckets`` at a time, renewing the lease.
@@ -202,16 +216,17 @@ class HubTarget:
         lock = threading.Lock()
         failed = threading.Event()
 
-        def one(plan: Any) -> tuple[int, int, int]:
+        def one(plan: Any) -> tuple[int, int, int, str]:
             from appliance.transfer import pack, seal
 
             if failed.is_set():
                 raise RuntimeError("cancelled: another bucket failed")
-            payload, stats = pack.pack_bucket(plan, self.config.pack_level)
+            level = self._pack_level()
+            payload, stats = pack.pack_bucket(plan, level)
             sealed = seal.seal_bucket(key, transfer_id, plan.index, payload)
             del payload
             self.client.put_bucket(transfer_id, plan.index, sealed, urgent=urgent)
-            return plan.index, len(sealed), int(stats.get("original", 0))
+            return plan.index, len(sealed), int(stats.get("original", 0)), level
 
         renew_every = max(1.0, context.lease_s / 3)
         last_renew = time.monotonic()
@@ -224,14 +239,17 @@ class HubTarget:
                 stack.enter_context(throttle.urgent())
             pool = stack.enter_context(ThreadPoolExecutor(
                 self.config.parallel_buckets, thread_name_prefix=f"pas-hub-{job.id}"))
-            pending: set[Future[tuple[int, int, int]]] = {pool.submit(one, p) for p in plans}
+            pending: set[Future[tuple[int, int, int, str]]] = {
+                pool.submit(one, p) for p in plans}
             while pending:
                 done, pending = wait(pending, timeout=renew_every, return_when=FIRST_COMPLETED)
                 for future in done:
                     error = future.exception()
                     if error is None:
-                        _index, wire, original = future.result()
+                        _index, wire, original, level = future.result()
                         with lock:
+                            chosen = progress.setdefault("pack_levels", {})
+                            chosen[level] = chosen.get(level, 0) + 1
                             progress["buckets_sent"] = progress.get("buckets_sent", 0) + 1
                             progress["bytes_sent"] = progress.get("bytes_sent", 0) + wire
                             progress["original_bytes_sent"] = (
