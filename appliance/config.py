@@ -112,6 +112,10 @@ class DicomSection(_Section):
     # Generous on purpose: some modalities open one association per image (a 2,000-slice CT
     # in two minutes is 1,000/min); the limit is for probes and loops, not for scanners.
     max_association_attempts_per_minute: int = Field(default=1200, ge=0)
+    # pynetdicom's association threads wait on their socket and queues instead of polling
+    # every 1 ms (appliance/dicomnet/reactor.py). Off only to compare, or on a pynetdicom it
+    # does not support (then it stays off by itself).
+    event_driven: bool = True
 
 
 class StorageSection(_Section):
@@ -364,6 +368,7 @@ class PrefetchSection(_Section):
     # The hub's bucketed download (JPEG-LS + zstd) when it offers one; else WADO-RS.
     bucketed: bool = True
     download_bucket_kb: int = Field(default=4096, ge=64, le=65536)  # original bytes a bucket
+    download_streams: int = Field(default=8, ge=1, le=32)  # bucketed downloads at once
     check_interval_s: float = Field(default=2.0, gt=0)
     max_attempts: int = Field(default=5, ge=1)
     retry_after_s: float = Field(default=30.0, ge=0)

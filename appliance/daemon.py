@@ -28,6 +28,10 @@ log = logging.getLogger("pas.daemon")
 class Daemon:
     def __init__(self, settings: Settings):
         self.settings = settings
+        if settings.dicom.event_driven:
+            from appliance.dicomnet import reactor
+
+            reactor.install()  # before any association exists: every one uses it
         self.db = Database(settings.db_path)
         self.spool = Spool(
             settings.spool_dir, fsync=settings.storage.fsync,

@@ -124,10 +124,25 @@ class DicomListener:
     def port(self) -> int:
         return int(self._server.server_address[1]) if self._server else self.config.port
 
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Stop listening, then end the associations still open.
+
+        pynetdicom's server shutdown leaves open associations running, and their threads
+        keep the process alive (a viewer left connected held `systemctl stop` until systemd's
+        kill). Each is aborted; a C-STORE being filed finishes first in its thread (its
+        sender sees no success and sends again: invariant 1), then the thread ends."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        open_associations = list(server.active_associations)
+        server.shutdown()
+        for assoc in open_associations:
+            assoc.abort()
+        for assoc in open_associations:
+            assoc.join(grace_s)
+            if assoc.is_alive():
+                log.warning("association from %s still busy after %.0f s at shutdown",
+                            assoc.requestor.ae_title, grace_s)
 
     # -- handlers ---------------------------------------------------------------------------
 

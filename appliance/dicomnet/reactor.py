@@ -1,0 +1,248 @@
+"""Event-driven waits for pynetdicom's two reactor loops.
+
+Owns: how an association's threads wait for work. Touches nothing else of pynetdicom's
+behaviour (state machine, PDUs, DIMSE, handlers are all pynetdicom's own).
+
+Why: pynetdicom runs two threads per association, each a loop that sleeps 1 ms whenever it
+found nothing to do (its own TODO: "try and make this event based"). A C-STORE round trip
+crosses those sleeps several times: the request's last PDU arrives while the DUL sleeps, the
+decoded message waits for the association loop's sleep, the response waits for the DUL's next
+one. Measured on the ingest path that is ~1-2 ms of every instance, idle CPU included. Here
+the DUL waits in ``select()`` on its socket and on an eventfd that is written whenever a
+primitive is queued for it, and the association loop waits on an Event the DUL sets after each
+event it processed; both still wake every ``TICK_S`` to honour pynetdicom's timers (ARTIM,
+network idle timeout) and kill flags.
+
+The two loops below are pynetdicom 3.0's ``DULServiceProvider.run_reactor`` and
+``Association._run_reactor`` with only the waits changed (and the DUL's exception path kept
+as is). They are installed only for the pynetdicom versions they were written against;
+anything else keeps pynetdicom's own loops and logs why (`install()` returns False).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import select
+import threading
+from typing import Any
+
+import pynetdicom
+from pynetdicom import evt
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
+
+log = logging.getLogger("pas.dicomnet")
+
+SUPPORTED_VERSIONS = ("3.0.",)
+# Longest a loop waits without an event: the resolution of pynetdicom's timers and kill flags.
+TICK_S = 0.05
+
+_installed = False
+_install_lock = threading.Lock()
+
+
+class Wakeup:
+    """An eventfd a thread can ``select()`` on, set from any thread. The lock keeps a late
+    ``set()`` from writing to a closed (and possibly reused) descriptor."""
+
+    def __init__(self) -> None:
+        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._lock = threading.Lock()
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def set(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.eventfd_write(self._fd, 1)
+
+    def clear(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.eventfd_read(self._fd)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+
+class WakingQueue(queue.Queue):  # type: ignore[type-arg]
+    """The DUL's ``to_provider_queue``: a put also wakes the DUL's ``select()``."""
+
+    def __init__(self, wakeup: Wakeup) -> None:
+        super().__init__()
+        self.wakeup = wakeup
+
+    def _put(self, item: Any) -> None:
+        super()._put(item)
+        self.wakeup.set()
+
+
+def _association_wake(assoc: Any) -> threading.Event:
+    wake = getattr(assoc, "_pas_wake", None)
+    if wake is None:
+        wake = assoc._pas_wake = threading.Event()
+    return wake
+
+
+def _raw_socket(dul: DULServiceProvider) -> Any:
+    """The socket to wait on, or None once pynetdicom closed it."""
+    assoc_socket = dul.socket
+    sock = getattr(assoc_socket, "socket", None) if assoc_socket is not None else None
+    if sock is None or sock.fileno() < 0:
+        return None
+    return sock
+
+
+def dul_run_reactor(self: DULServiceProvider) -> None:
+    """pynetdicom's DUL loop; idle waits block on the socket and the wakeup instead of
+    sleeping 1 ms."""
+    wakeup: Wakeup = self._pas_wakeup  # type: ignore[attr-defined]
+    assoc_wake = _association_wake(self.assoc)
+    self._idle_timer.start()
+    idle = False
+    try:
+        while True:
+            if not self.assoc._dul_ready.is_set():
+                self.assoc._dul_ready.set()
+            if idle:
+                sock = _raw_socket(self)
+                waitables = [wakeup] if sock is None else [sock, wakeup]
+                # A socket closed under us raises here: the next loop sees it closed.
+                with contextlib.suppress(OSError, ValueError):
+                    select.select(waitables, [], [], TICK_S)
+                wakeup.clear()
+            if self._kill_thread:
+                break
+            if self.artim_timer.expired:
+                self.event_queue.put("Evt18")
+            try:
+                if self._process_recv_primitive():
+                    pass
+                elif self._is_transport_event():
+                    self._idle_timer.restart()
+            except Exception as exc:
+                log.error("exception in the DUL reactor, aborting the association: %s", exc)
+                abort_pdu = A_ABORT_RQ()
+                abort_pdu.source = 0x02
+                abort_pdu.reason_diagnostic = 0x00
+                if self.socket is not None:
+                    self.socket.send(abort_pdu.encode())
+                self.assoc.is_aborted = True
+                self.assoc.is_established = False
+                self.assoc._kill = True
+                self._kill_thread = True
+                return
+            try:
+                event = self.event_queue.get(block=False)
+            except queue.Empty:
+                idle = True
+                continue
+            self.state_machine.do_action(event)
+            # Whatever the action queued for the association (a DIMSE message, a release or
+            # abort indication) is now visible: let its loop look.
+            assoc_wake.set()
+            idle = False
+    finally:
+        assoc_wake.set()  # the association loop checks dul.is_alive()
+        wakeup.close()
+
+
+def association_run_reactor(self: Association) -> None:
+    """pynetdicom's association loop (both modes); waits on the DUL's wake instead of
+    sleeping 1 ms. ``_is_paused`` is True while it waits: it touches no queue then, so a
+    ``send_*()`` from another thread need not wait for it."""
+    wake = _association_wake(self)
+    self._is_paused = False
+    while not self._kill:
+        self._is_paused = True
+        wake.wait(TICK_S)
+        wake.clear()
+        self._reactor_checkpoint.wait()
+        self._is_paused = False
+        if self._kill:
+            break
+
+        context_id, msg = self.dimse.get_msg(block=False)
+        if msg:
+            self._serve_request(msg, context_id)  # type: ignore[arg-type]
+            wake.set()  # more may have arrived meanwhile: look again at once
+
+        if self.is_established and self.acse.is_release_requested():
+            self.acse.send_release(is_response=True)
+            log.debug("association released by the peer")
+            self.is_released = True
+            self.is_established = False
+            evt.trigger(self, evt.EVT_RELEASED, {})
+            self.kill()
+            return
+
+        if self.acse.is_aborted():
+            self.dul.receive_pdu(wait=False)
+            self.is_aborted = True
+            self.is_established = False
+            evt.trigger(self, evt.EVT_ABORTED, {})
+            self.kill()
+            return
+
+        if not self.dul.is_alive():
+            self.kill()
+            return
+
+        if self.dul.idle_timer_expired():
+            log.error("network timeout reached")
+            if self.network_timeout_response == "A-RELEASE":
+                self._is_paused = True
+                self._reactor_checkpoint.wait()
+                self.release()
+                self._is_paused = False
+            else:
+                self.abort()
+            self.kill()
+            return
+
+
+def install() -> bool:
+    """Use the event-driven loops for every association this process makes from now on.
+    Idempotent. False (pynetdicom's own loops stay) on a pynetdicom this was not written for."""
+    global _installed
+    with _install_lock:
+        if _installed:
+            return True
+        if not pynetdicom.__version__.startswith(SUPPORTED_VERSIONS) or not hasattr(os, "eventfd"):
+            log.warning("pynetdicom %s: keeping its polling reactors (event-driven waits are "
+                        "written for %s)", pynetdicom.__version__, ", ".join(SUPPORTED_VERSIONS))
+            return False
+        original_init = DULServiceProvider.__init__
+        original_kill_dul = DULServiceProvider.kill_dul
+        original_kill = Association.kill
+
+        def dul_init(self: DULServiceProvider, assoc: Association) -> None:
+            original_init(self, assoc)
+            self._pas_wakeup = Wakeup()  # type: ignore[attr-defined]
+            self.to_provider_queue = WakingQueue(self._pas_wakeup)  # type: ignore[attr-defined]
+
+        def kill_dul(self: DULServiceProvider) -> None:
+            original_kill_dul(self)
+            wakeup = getattr(self, "_pas_wakeup", None)
+            if wakeup is not None:
+                wakeup.set()
+
+        def kill(self: Association) -> None:
+            _association_wake(self).set()
+            original_kill(self)
+
+        DULServiceProvider.__init__ = dul_init  # type: ignore[method-assign]
+        # Thread.__init__ binds self.run_reactor as the thread's target: the class's, now ours.
+        DULServiceProvider.run_reactor = dul_run_reactor  # type: ignore[method-assign]
+        DULServiceProvider.kill_dul = kill_dul  # type: ignore[method-assign]
+        Association.kill = kill  # type: ignore[method-assign]
+        Association._run_reactor = association_run_reactor  # type: ignore[method-assign]
+        _installed = True
+        return True
