@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from pydicom import dcmread
 
@@ -139,6 +140,15 @@ def test_ct_set_to_embedded_hub_is_confirmed_bit_exact(pas_factory: Any, hub: Hu
                                                         for p in progress)
 
 
+def _metric(pas: PasProcess, name: str) -> float:
+    """One unlabelled sample of the appliance's /metrics."""
+    text = httpx.get(f"http://127.0.0.1:{pas.http_port}/metrics", timeout=10).text
+    values = [float(line.split()[-1]) for line in text.splitlines()
+              if line.startswith(name + " ") or line.startswith(name + "_total ")]
+    assert values, f"{name} not in /metrics"
+    return values[0]
+
+
 def _resume_setup(pas_factory: Any, hub: HubProcess, home: Path, proxy: TcpProxy | None
                   ) -> tuple[PasProcess, int]:
     """An MR study (300 instances) in small buckets at a capped rate, so that the upload
@@ -190,6 +200,9 @@ def test_cut_link_at_half_resumes_the_same_transfer(pas_factory: Any, hub: HubPr
     try:
         pas, _count = _resume_setup(pas_factory, hub, tmp_path / "site-cut", proxy)
         proxy.cut()
+        # The PUTs under way at the cut, from the appliance's own gauge (they hang until their
+        # timeout, so the value read now is the value at the cut).
+        in_flight = _metric(pas, "pas_upload_inflight_bytes")
         transfer_id = json.loads(jobs(pas)[0]["progress"])["transfer_id"]
         wait_for(lambda: pas.status()["links"]["hub"]["state"] == "down", 60,
                  what="the link to be seen down")
@@ -209,6 +222,11 @@ def test_cut_link_at_half_resumes_the_same_transfer(pas_factory: Any, hub: HubPr
         print(f"link bytes {proxy.bytes_up}, buckets {transfer['bytes_stored']}, overhead "
               f"{overhead} (biggest bucket {biggest})")
         assert 0 < overhead <= PARALLEL * biggest + 512 * 1024, (overhead, biggest)
+        # Bucket bytes sent again, from the appliance's counter of what its PUT bodies handed to
+        # the network (every attempt) against one copy of each bucket at the hub.
+        resent = _metric(pas, "pas_upload_put_bytes") - transfer["bytes_stored"]
+        print(f"in flight at the cut {in_flight:.0f}, re-sent {resent:.0f}")
+        assert 0 <= resent <= in_flight <= PARALLEL * biggest, (resent, in_flight, biggest)
     finally:
         proxy.stop()
 

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -50,7 +50,13 @@ WAN_BYTES = Counter("pas_wan_bytes", "Bytes on the WAN link to the hub, by direc
                     ["direction"], registry=None)
 RETRIEVES = Counter("pas_retrieve_requests", "Retrieve requests by cache result (hit, miss)",
                     ["result"], registry=None)
-_HOOKS: list[Any] = [CSTORE_SECONDS, RETRIEVES]
+# What the uplink handed to the network, every attempt included (a PUT the link cut half-way,
+# each retry): minus one copy of each bucket (the hub's bytes_stored) it is what was sent again.
+UPLOAD_PUT_BYTES = Counter("pas_upload_put_bytes", "Sealed bucket bytes handed to the network "
+                           "in PUT bodies to the hub, every attempt included", registry=None)
+UPLOAD_INFLIGHT = Gauge("pas_upload_inflight_bytes", "Sealed bucket bytes of the PUTs to the "
+                        "hub under way", registry=None)
+_HOOKS: list[Any] = [CSTORE_SECONDS, RETRIEVES, UPLOAD_PUT_BYTES, UPLOAD_INFLIGHT]
 LEAD_BUCKETS = (0, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 172800, 604800)
 LEAD_WINDOW_S = 7 * 86400
 
@@ -87,6 +93,16 @@ def add_wan_bytes(direction: str, count: int) -> None:
     counted from the hub jobs' progress; this is for the other traffic (fetch-through,
     prefetch downloads)."""
     WAN_BYTES.labels(direction).inc(count)
+
+
+def add_upload_put_bytes(count: int) -> None:
+    """Bucket body bytes the uplink just handed to httpx (any attempt)."""
+    UPLOAD_PUT_BYTES.inc(count)
+
+
+def add_upload_inflight(delta: int) -> None:
+    """A PUT of ``delta`` bytes starts (positive) or ends (negative)."""
+    UPLOAD_INFLIGHT.inc(delta)
 
 
 def count_retrieve(hit: bool) -> None:

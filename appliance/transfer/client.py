@@ -125,6 +125,13 @@ def verify_receipt(receipt: dict[str, Any], hub_certificate_der: bytes) -> None:
         ) from None
 
 
+def _chunks(data: bytes, size: int = 256 * 1024) -> Iterator[bytes]:
+    """An upload body in pieces, so that what httpx took can be counted (a cut PUT)."""
+    view = memoryview(data)
+    for offset in range(0, len(data), size):
+        yield bytes(view[offset:offset + size])
+
+
 class ConnectionSlots:
     """How many bucket PUTs may be on the wire at once, across every job of one hub.
 
@@ -216,10 +223,16 @@ class HubClient:
                  retries: int = 4, max_connections: int = 4,
                  throttle: TokenBucket | None = None,
                  on_contact: Callable[[bool, str | None], None] | None = None,
-                 backoff_max_s: float = 20.0):
+                 backoff_max_s: float = 20.0,
+                 on_put_bytes: Callable[[int], None] | None = None,
+                 on_inflight: Callable[[int], None] | None = None):
         self.url = url.rstrip("/")
         self.throttle = throttle
         self.on_contact = on_contact
+        # Counters of what PUT bodies handed to the network (every attempt) and of the bytes
+        # of PUTs under way: what a cut makes the uplink send again is measured with them.
+        self.on_put_bytes = on_put_bytes
+        self.on_inflight = on_inflight
         self.retries = retries
         self.backoff_max_s = backoff_max_s
         self.hub_certificate_der: bytes | None = None
@@ -250,7 +263,9 @@ class HubClient:
         stored, 200 already held."""
 
         def body() -> Any:
-            return self.throttle.paced(sealed, urgent=urgent) if self.throttle else sealed
+            chunks = (self.throttle.paced(sealed, urgent=urgent) if self.throttle
+                      else _chunks(sealed))
+            return self._counted(chunks) if self.on_put_bytes else chunks
 
         response = self._call(
             "PUT", f"{API}/transfers/{transfer_id}/buckets/{index}", f"bucket {index}",
@@ -290,7 +305,19 @@ class HubClient:
     @contextlib.contextmanager
     def _put_slot(self, urgent: bool, size: int) -> Iterator[None]:
         with self.slots.hold(urgent), self.meter.measure(size):
-            yield
+            if self.on_inflight:
+                self.on_inflight(size)
+            try:
+                yield
+            finally:
+                if self.on_inflight:
+                    self.on_inflight(-size)
+
+    def _counted(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        assert self.on_put_bytes is not None
+        for chunk in chunks:
+            self.on_put_bytes(len(chunk))
+            yield chunk
 
     # --- plumbing ------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ import httpx
 
 from bench.wan.link import WanLink
 from bench.wan.peers import Dataset, Result, regional_orthanc, stored_count
-from tests.support.peers import DCMTK_ENV, PAS_BIN, free_port, port_open, wait_for
+from tests.support.peers import DCMTK_ENV, PAS_BIN, free_port, port_open, read_rows, wait_for
 
 HUB_PORT = 8443
 SITE = "bench-site"
@@ -122,11 +122,17 @@ class SiteAppliance:
     def stop(self) -> None:
         _stop(self.proc)
 
+    def metric(self, name: str) -> float:
+        """One unlabelled sample of the daemon's /metrics (over the control veth)."""
+        url = f"http://{self.link.site.inner_address}:{self.http_port}/metrics"
+        for line in httpx.get(url, timeout=10).text.splitlines():
+            if line.split(" ")[0] in (name, name + "_total"):
+                return float(line.split()[-1])
+        raise KeyError(name)
+
     def upload_summary(self) -> str:
         """What the uplink chose, from its jobs' progress: the packing level per bucket
         (``pack_level = "auto"`` shows its choice here)."""
-        from tests.support.peers import read_rows
-
         chosen: dict[str, int] = {}
         for row in read_rows(self.home / "pas.sqlite", "SELECT progress FROM jobs WHERE "
                              "kind = 'hub'"):
@@ -164,8 +170,12 @@ def _stop(proc: subprocess.Popen[bytes] | None, how: int = signal.SIGTERM) -> No
 
 
 def run_pas(link: WanLink, dataset: Dataset, scratch: Path, timeout: float,
-            env: dict[str, str] | None = None) -> Result:
-    """One study through PAS; ``env`` adds PAS_HUB__* knobs (parallel buckets, level, cap)."""
+            env: dict[str, str] | None = None,
+            watch: dict[str, Any] | None = None) -> Result:
+    """One study through PAS; ``env`` adds PAS_HUB__* knobs (parallel buckets, level, cap).
+    ``watch["appliance"]`` is set to the running appliance (a scenario reads its metrics).
+    The result's counters: ``put_bytes`` (the appliance's PUT bodies, every attempt) and
+    ``stored_bytes`` (one copy of each bucket, the hub's count)."""
     regional = regional_orthanc(link, scratch / "region-pas")
     hub = appliance = None
     try:
@@ -173,6 +183,8 @@ def run_pas(link: WanLink, dataset: Dataset, scratch: Path, timeout: float,
         appliance = SiteAppliance(link, scratch / "appliance", env or {})
         appliance.enroll(hub)
         appliance.start()
+        if watch is not None:
+            watch["appliance"] = appliance
         profilers = _profile({"appliance": appliance.proc, "hub": hub.proc})
         link.reset()
         ingest = subprocess.run(
@@ -192,7 +204,11 @@ def run_pas(link: WanLink, dataset: Dataset, scratch: Path, timeout: float,
         stats = link.stats()
         for profiler in profilers:
             _stop(profiler, signal.SIGINT)
-        status = appliance.status() if appliance.proc and appliance.proc.poll() is None else {}
+        alive = appliance.proc is not None and appliance.proc.poll() is None
+        status = appliance.status() if alive else {}
+        counters = {"put_bytes": appliance.metric("pas_upload_put_bytes") if alive else 0.0,
+                    "stored_bytes": float(sum(r["bytes_stored"] for r in read_rows(
+                        hub.home / "hub.sqlite", "SELECT bytes_stored FROM transfers")))}
         confirmed = int(status.get("confirmed_instances", 0))
         stored = stored_count(regional)
         # Bytes the drop-tail queue or the random loss threw away: TCP sent them again, so
@@ -204,7 +220,7 @@ def run_pas(link: WanLink, dataset: Dataset, scratch: Path, timeout: float,
             note += f"; only {confirmed} confirmed (jobs {status.get('jobs')})"
         start_ns = stats.first_up_ns or end_ns
         return Result(link.spec, dataset, "PAS", (end_ns - start_ns) / 1e9, stats.up_in,
-                      stats.down_in, min(stored, confirmed), note)
+                      stats.down_in, min(stored, confirmed), note, counters)
     finally:
         if appliance:
             appliance.stop()

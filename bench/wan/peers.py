@@ -47,6 +47,7 @@ class Result:
     wire_down: int
     stored: int
     note: str = ""
+    counters: dict[str, float] = dataclasses.field(default_factory=dict)  # peer-specific figures
 
     @property
     def ok(self) -> bool:

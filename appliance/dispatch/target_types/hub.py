@@ -31,6 +31,7 @@ from typing import Any
 
 from appliance.config import Settings
 from appliance.dispatch.target_types.base import PermanentError, SendContext
+from appliance.ops import metrics
 from appliance.store import jobs as job_store
 from appliance.store import uplink as uplink_store
 from appliance.store.db import Database
@@ -79,6 +80,7 @@ class HubTarget:
             retries=self.config.retries,
             max_connections=self.config.connections,
             throttle=hub_throttle(self.config), on_contact=LinkRecorder(db, name),
+            on_put_bytes=metrics.add_upload_put_bytes, on_inflight=metrics.add_upload_inflight,
         )
 
     # --- the job ---------------------------------------------------------------------------
