@@ -46,24 +46,36 @@ _install_lock = threading.Lock()
 
 
 class Wakeup:
-    """An eventfd a thread can ``select()`` on, set from any thread. The lock keeps a late
-    ``set()`` from writing to a closed (and possibly reused) descriptor."""
+    """An eventfd a thread can ``select()`` on, set from any thread.
+
+    ``set()`` writes only while the owner is parked (between ``park()`` and ``unpark()``):
+    a DUL busy sending a burst of PDUs would otherwise take an eventfd write, and a GIL
+    hand-off to the woken thread, per queued PDU. The owner re-checks its queues after
+    ``park()``, so a put that saw it busy is never missed (the GIL orders the two flags).
+    The lock keeps a late ``set()`` from writing to a closed (and possibly reused) fd."""
 
     def __init__(self) -> None:
         self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._lock = threading.Lock()
+        self.parked = False
 
     def fileno(self) -> int:
         return self._fd
 
-    def set(self) -> None:
+    def park(self) -> None:
+        self.parked = True
+
+    def unpark(self) -> None:
+        self.parked = False
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.eventfd_read(self._fd)
+
+    def set(self, force: bool = False) -> None:
+        if not (self.parked or force):
+            return
         with self._lock:
             if self._fd >= 0:
                 os.eventfd_write(self._fd, 1)
-
-    def clear(self) -> None:
-        with contextlib.suppress(BlockingIOError, OSError):
-            os.eventfd_read(self._fd)
 
     def close(self) -> None:
         with self._lock:
@@ -112,12 +124,14 @@ def dul_run_reactor(self: DULServiceProvider) -> None:
             if not self.assoc._dul_ready.is_set():
                 self.assoc._dul_ready.set()
             if idle:
-                sock = _raw_socket(self)
-                waitables = [wakeup] if sock is None else [sock, wakeup]
-                # A socket closed under us raises here: the next loop sees it closed.
-                with contextlib.suppress(OSError, ValueError):
-                    select.select(waitables, [], [], TICK_S)
-                wakeup.clear()
+                wakeup.park()
+                if not self.to_provider_queue.qsize() and not self._kill_thread:
+                    sock = _raw_socket(self)
+                    waitables = [wakeup] if sock is None else [sock, wakeup]
+                    # A socket closed under us raises here: the next loop sees it closed.
+                    with contextlib.suppress(OSError, ValueError):
+                        select.select(waitables, [], [], TICK_S)
+                wakeup.unpark()
             if self._kill_thread:
                 break
             if self.artim_timer.expired:
@@ -232,7 +246,7 @@ def install() -> bool:
             original_kill_dul(self)
             wakeup = getattr(self, "_pas_wakeup", None)
             if wakeup is not None:
-                wakeup.set()
+                wakeup.set(force=True)
 
         def kill(self: Association) -> None:
             _association_wake(self).set()
