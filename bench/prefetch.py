@@ -3,13 +3,18 @@
 Owns: one run of the prefetch over ``bench.wan`` (20 Mbit/s, 70 ms RTT, 0.1 % loss by default):
 the older CT study of each of the 10 ct-covid19-ny-sbu patients in a regional Orthanc behind a
 real hub (region namespace), a real ``pas run`` enrolled with it (site namespace), ten ORM^O01
-over MLLP, and the clock from the first ORM sent to the last request ``fetched``. Beside it, in
-the same run and over the same link: DCMTK ``getscu`` (C-GET of the same studies from the
+over MLLP, and the clock from the first ORM sent to the last request ``fetched``. PAS runs
+twice: by the hub's bucketed download (``prefetch.bucketed``, the default) and by per-instance
+WADO-RS through the hub's proxy. Beside them, in the same run and over the same link: DCMTK
+``getscu`` (C-GET of the same studies from the
 regional Orthanc into the site namespace, what a site does without PAS), and the two ideal
 times: the original bytes and the losslessly packed bytes (``appliance.transfer.pack``) at the
 link rate. Creates and deletes its own namespaces and processes; touches nothing else.
 
-    python bench/prefetch.py [--mbit 20 --rtt 70 --loss 0.001]
+    python bench/prefetch.py [--mbit 20 --rtt 70 --loss 0.001] [--set ct|mr]
+
+With PAS_BENCH_PYSPY=<folder>, py-spy samples the appliance and the hub during each PAS run
+(``python -m bench.wan.profile`` summarises the collapsed stacks).
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,7 +40,7 @@ from pydicom import dcmread  # noqa: E402
 
 from appliance.transfer.pack import PackItem, pack_bucket, plan_buckets  # noqa: E402
 from bench.wan.link import LinkSpec, WanLink  # noqa: E402
-from bench.wan.pas import Hub, SiteAppliance  # noqa: E402
+from bench.wan.pas import Hub, SiteAppliance, _profile, _stop  # noqa: E402
 from bench.wan.peers import regional_orthanc  # noqa: E402
 from tests.support.peers import (  # noqa: E402
     CT_DIR,
@@ -76,9 +83,11 @@ def orm(control: str, patient: str, order: str) -> str:
 
 
 def run_pas(link: WanLink, scratch: Path, priors: dict[str, tuple[str, list[Path]]],
-            parallel: int) -> tuple[float, int, int]:
+            parallel: int, bucketed: bool) -> tuple[float, int, int]:
     """Seconds from the first ORM to all fetched, instances fetched, bytes down the link."""
+    scratch = scratch / ("pas-bucketed" if bucketed else "pas-wado")
     regional = regional_orthanc(link, scratch / "region")
+    profilers: list[subprocess.Popen[bytes]] = []
     hub = appliance = None
     try:
         with httpx.Client(timeout=60) as client:  # over the unshaped control veth
@@ -90,11 +99,15 @@ def run_pas(link: WanLink, scratch: Path, priors: dict[str, tuple[str, list[Path
         appliance = SiteAppliance(link, scratch / "appliance", {
             "PAS_HL7__HOST": "0.0.0.0", "PAS_PREFETCH__ENABLED": "true",
             "PAS_PREFETCH__PARALLEL": str(parallel),
+            "PAS_PREFETCH__BUCKETED": str(bucketed).lower(),
+            **{k: v for k, v in os.environ.items() if k.startswith("PAS_PREFETCH__")},
             "PAS_PREFETCH__CHECK_INTERVAL_S": "0.2"})
         appliance.enroll(hub)
         appliance.start()
         hl7_host, hl7_port = link.site.inner_address, int(appliance.env["PAS_HL7__PORT"])
         wait_for(lambda: port_open(hl7_host, hl7_port), 30, what="the HL7 listener")
+        profilers = _profile({f"appliance-{'bucketed' if bucketed else 'wado'}": appliance.proc,
+                              f"hub-{'bucketed' if bucketed else 'wado'}": hub.proc})
         link.reset()
         start = time.monotonic()
         with MLLPClient(hl7_host, hl7_port) as client:
@@ -114,7 +127,15 @@ def run_pas(link: WanLink, scratch: Path, priors: dict[str, tuple[str, list[Path
 
         rows = wait_for(fetched, 600, interval=0.1, what="all priors fetched")
         seconds = time.monotonic() - start
-        return seconds, sum(r["instances_fetched"] for r in rows), link.stats().down_in
+        for profiler in profilers:
+            _stop(profiler, signal.SIGINT)
+        audits = (scratch / "appliance" / "pas.log").read_text(errors="replace")
+        if bucketed and "(bucketed download)" not in audits:
+            raise RuntimeError("the bucketed run did not use the bucketed download")
+        stats = link.stats()
+        print(f"{scratch.name}: {seconds:.2f} s, down offered {stats.down_in / 1e6:.2f} MB, "
+              f"delivered {stats.down_out / 1e6:.2f} MB", file=sys.stderr)
+        return seconds, sum(r["instances_fetched"] for r in rows), stats.down_in
     except Exception:
         log = scratch / "appliance" / "pas.log"
         if log.exists():
@@ -165,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=8, help="prefetch.parallel")
     parser.add_argument("--set", choices=["ct", "mr"], default="ct",
                         help="ct: 10 patients' older CT; mr: the one MR study (520 x 86 kB)")
+    parser.add_argument("--skip", choices=["wado", "getscu"], action="append", default=[],
+                        help="leave a path out (to profile one alone)")
+    parser.add_argument("--keep", type=Path, help="scratch folder kept (logs) instead of a "
+                        "temporary one")
     args = parser.parse_args(argv)
     spec = LinkSpec("bench", args.mbit, args.rtt, args.loss)
     priors = older_studies(CT_DIR if args.set == "ct" else MR_DIR)
@@ -175,9 +200,19 @@ def main(argv: list[str] | None = None) -> int:
     ideal_original = original / spec.bytes_per_s
     ideal_packed = packed / spec.bytes_per_s
     with tempfile.TemporaryDirectory(prefix="pas-bench-prefetch-") as tmp, WanLink(spec) as link:
-        scratch = Path(tmp)
-        pas_s, pas_n, pas_down = run_pas(link, scratch, priors, args.parallel)
-        get_s, get_n, get_down = run_getscu(link, scratch, priors)
+        scratch = args.keep or Path(tmp)
+        load = [os.getloadavg()[0]]
+        runs = [("PAS prefetch, bucketed download via the hub (JPEG-LS + zstd stream)",
+                 run_pas(link, scratch, priors, args.parallel, True))]
+        load.append(os.getloadavg()[0])
+        if "wado" not in args.skip:
+            runs.append((f"PAS prefetch, WADO-RS via the hub ({args.parallel} in flight)",
+                         run_pas(link, scratch, priors, args.parallel, False)))
+            load.append(os.getloadavg()[0])
+        if "getscu" not in args.skip:
+            runs.append(("DCMTK getscu, C-GET per study (peer)",
+                         run_getscu(link, scratch, priors)))
+            load.append(os.getloadavg()[0])
     lines = [
         f"Prefetch bench, {datetime.date.today()}, {platform.node()} ({_cores()} cores), "
         f"link {spec.label()}, {len(priors)} {args.set.upper()} priors, {len(distinct)} instances, "
@@ -187,17 +222,15 @@ def main(argv: list[str] | None = None) -> int:
         "| path | seconds | instances | MB down the link | vs packed at link rate | "
         "vs original at link rate |",
         "|---|---|---|---|---|---|",
-        f"| PAS prefetch: ORM -> all priors on site (WADO-RS via hub, {args.parallel} in "
-        f"flight) | {pas_s:.1f} | {pas_n} | {pas_down / 1e6:.1f} | "
-        f"{pas_s / ideal_packed:.2f}x | {pas_s / ideal_original:.2f}x |",
-        f"| DCMTK getscu, C-GET per study (peer) | {get_s:.1f} | {get_n} | "
-        f"{get_down / 1e6:.1f} | {get_s / ideal_packed:.2f}x | {get_s / ideal_original:.2f}x |",
+        *[f"| {name} | {sec:.1f} | {count} | {down / 1e6:.1f} | {sec / ideal_packed:.2f}x | "
+          f"{sec / ideal_original:.2f}x |" for name, (sec, count, down) in runs],
         f"| ideal: packed bytes at link rate | {ideal_packed:.1f} | | {packed / 1e6:.1f} | "
         "1.00x | |",
         f"| ideal: original bytes at link rate | {ideal_original:.1f} | | "
         f"{original / 1e6:.1f} | | 1.00x |",
         "",
-        f"PAS is {get_s / pas_s:.2f}x the speed of getscu on the same link.",
+        f"Load average (1 min) before and after each run: "
+        f"{', '.join(f'{x:.1f}' for x in load)}.",
     ]
     print("\n".join(lines))
     return 0

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 from pydicom import dcmread
+from pydicom.filereader import read_file_meta_info
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -189,6 +190,17 @@ def _boundary(content_type: str) -> bytes:
 
 
 def _uid_of(path: Path) -> str:
+    """The instance's label in the stream: the file meta's Media Storage SOP Instance UID (the
+    dataset's header parse cost 15 % of the hub's time on 520 small MR files), else the
+    dataset's. Only a label: the site checks the bytes by SHA-256, its index reads the
+    dataset."""
+    try:
+        meta = read_file_meta_info(path)
+        uid = str(meta.get("MediaStorageSOPInstanceUID", "") or "")
+    except Exception:  # no or damaged meta: the dataset says
+        uid = ""
+    if uid:
+        return uid
     ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"], force=True)
     uid = str(ds.get("SOPInstanceUID", "") or "")
     if not uid:

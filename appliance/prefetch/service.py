@@ -63,6 +63,8 @@ class PrefetchService:
         self._region_lock = threading.Lock()
         self.downloads_factory = downloads_factory or self._default_downloads
         self._downloads: HubDownloads | None = None
+        self._downloads_lock = threading.Lock()  # taken before _region_lock, never inside it
+        self._streams = threading.Semaphore(self.config.download_streams)
         self._bucketed = self.config.bucketed  # off for good once the hub said it has none
         self.wake = threading.Event()
         self.stopping = threading.Event()
@@ -228,16 +230,20 @@ class PrefetchService:
             self.config.parallel, lambda n: _metric("add_wan_bytes", "down", n))
 
     def _default_downloads(self) -> HubDownloads | None:
-        if self.config.dicomweb_url:
+        region = self.region()
+        if self.config.dicomweb_url or region is None:
             return None  # a plain DICOMweb region: no hub to pack for us
+        # The region client's connections (same hub, same certificate): a download reuses
+        # the keep-alive connection its request's QIDO just opened (no new TLS handshake).
         return HubDownloads.from_home(self.settings.home, self.config.timeout_s,
-                                      lambda n: _metric("add_wan_bytes", "down", n))
+                                      lambda n: _metric("add_wan_bytes", "down", n),
+                                      client=region.client)
 
     def downloads(self) -> HubDownloads | None:
         """The hub's bucketed download, or None (not enrolled, turned off, not offered)."""
         if not self._bucketed:
             return None
-        with self._region_lock:
+        with self._downloads_lock:
             if self._downloads is None:
                 self._downloads = self.downloads_factory()
                 if self._downloads is None:
@@ -323,18 +329,19 @@ class PrefetchService:
                      local)
             return
         held = store.held_instance_uids(self.db, candidate.study_uid)
-        missing = [i for i in region.instances_of(candidate.study_uid)
-                   if i.sop_instance_uid not in held]
-        total = len(missing)
-        how = "WADO-RS"
-        downloads = self.downloads() if missing else None
+        downloads = self.downloads()
+        filed = None
         if downloads is not None:
+            # The hub lists the study itself: no instance-level QIDO first (one round trip
+            # fewer on a long link); it sends only what is not in ``held``.
             filed = self._download_study(request_id, downloads, candidate.study_uid, held)
-            if filed is not None:
-                how = "bucketed download"
-                # Normally nothing is left; an instance archived since the hub read the
-                # study comes by WADO-RS.
-                missing = [i for i in missing if i.sop_instance_uid not in filed]
+        if filed is not None:
+            how, total, missing = "bucketed download", len(filed), []
+        else:
+            how = "WADO-RS"
+            missing = [i for i in region.instances_of(candidate.study_uid)
+                       if i.sop_instance_uid not in held]
+            total = len(missing)
         # One WADO-RS request per instance, several in flight: measured faster than one
         # streamed request per series (region.stream_series): single-instance answers came
         # gzip-compressed from the archive, the series stream did not (docs/benchmarks.md).
@@ -357,18 +364,24 @@ class PrefetchService:
         None when the hub does not offer it (the caller uses WADO-RS). A cut raises
         DownloadError (a RegionError): what was filed stays, the retry asks for the rest."""
 
-        def file(uid: str, content: bytes) -> None:
-            received = self.receiver.receive_file(
-                content, source=store.REGION_SOURCE, origin="regional",
-                expect_sop_instance_uid=uid)
-            store.mark_fetched_routed(self.db, received.instance_id)
-            store.add_progress(self.db, request_id, 1, received.size)
+        def file(uid: str, content: bytes) -> tuple[int, int]:
+            # Not checked against ``uid`` (the hub's label, read from the file meta): the
+            # bytes are the region's file, SHA-256 checked; the Receiver reads the dataset.
+            received = self.receiver.receive_file(content, source=store.REGION_SOURCE,
+                                                  origin="regional")
+            return received.instance_id, received.size
+
+        def bucket_done(filed: list[tuple[int, int]]) -> None:
+            store.record_fetched(self.db, request_id, [i for i, _ in filed],
+                                 sum(size for _, size in filed))
 
         self._wait_for_urgent_uploads()
         try:
-            result = downloads.fetch(study_uid, file, have=held,
-                                     bucket_bytes=self.config.download_bucket_kb * 1024,
-                                     before_bucket=self._wait_for_urgent_uploads)
+            with self._streams:
+                result = downloads.fetch(study_uid, file, have=held,
+                                         bucket_bytes=self.config.download_bucket_kb * 1024,
+                                         before_bucket=self._wait_for_urgent_uploads,
+                                         on_bucket=bucket_done)
         except DownloadUnavailable as exc:
             log.info("the hub offers no bucketed download (%s): WADO-RS from now on", exc)
             self._bucketed = False

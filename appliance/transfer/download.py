@@ -170,31 +170,40 @@ class HubDownloads:
     """The client side of ``POST /api/v1/downloads``. Thread-safe (one httpx.Client)."""
 
     def __init__(self, hub_url: str, verify: Any, timeout_s: float = 60.0,
-                 on_downloaded: Callable[[int], None] | None = None, workers: int = 2):
+                 on_downloaded: Callable[[int], None] | None = None, workers: int = 4,
+                 client: httpx.Client | None = None):
         self.url = hub_url.rstrip("/") + DOWNLOADS_PATH
         self.on_downloaded = on_downloaded
         self.workers = workers
-        self.client = httpx.Client(verify=verify, timeout=timeout_s)
+        self.owns_client = client is None
+        self.client = client or httpx.Client(verify=verify, timeout=timeout_s)
 
     @classmethod
     def from_home(cls, home: Path, timeout_s: float = 60.0,
-                  on_downloaded: Callable[[int], None] | None = None) -> HubDownloads | None:
-        """The enrolled hub's download route, or None when not enrolled."""
+                  on_downloaded: Callable[[int], None] | None = None,
+                  client: httpx.Client | None = None) -> HubDownloads | None:
+        """The enrolled hub's download route, or None when not enrolled. ``client``: an
+        existing client for the same hub and certificate (its connections are reused)."""
         enrolment = load_enrolment(home)
         if enrolment is None:
             return None
-        return cls(enrolment.url, enrolment.ssl_context(), timeout_s, on_downloaded)
+        return cls(enrolment.url, None if client else enrolment.ssl_context(), timeout_s,
+                   on_downloaded, client=client)
 
     def close(self) -> None:
-        self.client.close()
+        if self.owns_client:
+            self.client.close()
 
-    def fetch(self, study_uid: str, on_instance: Callable[[str, bytes], None], *,
+    def fetch(self, study_uid: str, on_instance: Callable[[str, bytes], Any], *,
               series_uid: str | None = None, have: set[str] | None = None,
               bucket_bytes: int | None = None,
-              before_bucket: Callable[[], None] = lambda: None) -> DownloadResult:
+              before_bucket: Callable[[], None] = lambda: None,
+              on_bucket: Callable[[list[Any]], None] = lambda done: None) -> DownloadResult:
         """Download the study (or series) but ``have``; ``on_instance(uid, file)`` is called
-        once per verified instance, from worker threads. Raises DownloadUnavailable (fall
-        back to WADO-RS) or DownloadError; instances handed over before an error stay."""
+        once per verified instance, from worker threads, then ``on_bucket`` with what those
+        calls returned for the instances a bucket completed (one commit per bucket for the
+        caller's bookkeeping). Raises DownloadUnavailable (fall back to WADO-RS) or
+        DownloadError; instances handed over before an error stay."""
         body: dict[str, Any] = {"study_uid": study_uid, "have": sorted(have or ())}
         if series_uid:
             body["series_uid"] = series_uid
@@ -226,7 +235,7 @@ class HubDownloads:
                             before_bucket()
                             slots.acquire()
                             pending.append(pool.submit(self._unpack, payload, assembler,
-                                                       on_instance, result, slots))
+                                                       on_instance, on_bucket, result, slots))
                             result.buckets += 1
                     result.wire_bytes = answer.num_bytes_downloaded
             except httpx.HTTPError as exc:
@@ -248,22 +257,25 @@ class HubDownloads:
         return result
 
     @staticmethod
-    def _unpack(payload: bytes, assembler: Assembler, on_instance: Callable[[str, bytes], None],
-                result: DownloadResult, slots: threading.Semaphore) -> int:
+    def _unpack(payload: bytes, assembler: Assembler, on_instance: Callable[[str, bytes], Any],
+                on_bucket: Callable[[list[Any]], None], result: DownloadResult,
+                slots: threading.Semaphore) -> int:
+        done: list[Any] = []
         try:
-            done = 0
             for piece in _pieces(payload):
                 whole = assembler.add(piece.sop_instance_uid, piece.offset, piece.total_size,
                                       piece.data)
                 if whole is not None:
-                    on_instance(piece.sop_instance_uid, whole)
+                    done.append(on_instance(piece.sop_instance_uid, whole))
                     with assembler.lock:
                         result.instances += 1
                         result.filed.add(piece.sop_instance_uid)
-                    done += 1
-            return done
+            return len(done)
         finally:
-            slots.release()
+            try:
+                on_bucket(done)  # also after a failure: what was filed is accounted for
+            finally:
+                slots.release()
 
     @staticmethod
     def _refused(answer: httpx.Response, study_uid: str) -> None:
