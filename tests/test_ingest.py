@@ -15,8 +15,10 @@ import subprocess
 import warnings
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from io import BytesIO
 from pathlib import Path
 
+import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_files
 from pydicom.filereader import _read_file_meta_info, read_preamble
@@ -310,3 +312,42 @@ def test_the_same_instance_from_another_ae_is_a_duplicate_not_a_conflict(pas) ->
     storescu([one], pas.port, calling="CT_ARCHIVE")  # the modality's archive re-sends it
     status = pas.status()
     assert (status["files"], status["instances"], status["conflicts"]) == (1, 1, 0)
+
+
+def pydicom_part10_header(sop_class: str, sop_instance: str, syntax: str,
+                          source_ae: str | None) -> bytes:
+    """The reference: the same file meta written by pydicom's own writer."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+
+    from appliance.ingest.receive import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.TransferSyntaxUID = syntax
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    if source_ae:
+        meta.SourceApplicationEntityTitle = source_ae
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    return b"\x00" * 128 + b"DICM" + buffer.getvalue()
+
+
+def test_the_hand_encoded_file_meta_equals_pydicoms() -> None:
+    from appliance.ingest.attributes import InvalidInstance
+    from appliance.ingest.receive import part10_header
+
+    cases = [("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.840.10008.1.2.1", None),
+             ("1.2.840.10008.5.1.4.1.1.4", "1.2.3.45", "1.2.840.10008.1.2", "ODD"),
+             ("1.2.840.10008.5.1.4.1.1.7", "2.25." + "9" * 59, "1.2.840.10008.1.2.4.80", "EVEN")]
+    for case in cases:
+        ours = part10_header(*case)
+        assert ours == pydicom_part10_header(*case), case
+        meta = _read_file_meta_info(BytesIO(ours[128 + 4:]))
+        assert str(meta.MediaStorageSOPInstanceUID) == case[1]
+    with pytest.raises(InvalidInstance, match="not ASCII"):
+        part10_header("1.2.840.10008.5.1.4.1.1.2", "1.2.3.é", "1.2.840.10008.1.2.1")
