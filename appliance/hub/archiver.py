@@ -13,7 +13,9 @@ every instance of the manifest is recorded archived (invariant 2 still holds: no
 receipted before the archive confirmed each instance, bit-exact).
 
 Owns: the work files, the background workers (``archive.workers`` threads per hub, a queue of
-transfer ids in priority order, each transfer handled by one thread at a time), which buckets
+transfer ids in priority order, each transfer handled by one thread at a time; their requests
+to the archive go through a pool of as many threads, so one transfer's batches are stored
+concurrently), which buckets
 each transfer has applied (in memory: a restarted hub wipes ``work/`` and re-applies the
 buckets of instances not yet archived). May not touch: SQL (``appliance.store.hub``), HTTP,
 receipts (``commit.py``).
@@ -33,6 +35,7 @@ import logging
 import queue
 import shutil
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -73,6 +76,9 @@ class Archiver:
         self._transfers: dict[str, _Transfer] = {}
         self._guard = threading.Lock()
         self._order = itertools.count()
+        # Requests to the archive, shared by every round (background and commits): bounded.
+        self._parallel = workers
+        self._requests = ThreadPoolExecutor(workers, thread_name_prefix="pas-hub-archive")
         for transfer_id, priority in store.unfinished_transfers(hub.db):  # a restart resumes
             self.notify(transfer_id, priority)
         for number in range(workers):
@@ -197,28 +203,35 @@ class Archiver:
 
     def _archive(self, transfer_id: str, site: str, instances: list[RebuiltInstance],
                  stop_early: bool) -> list[str]:
-        """Batches to the archive, each confirmed batch recorded at once; returns the refused
-        UIDs. Ahead of the commit, the first refusal ends the round (the archive may be down:
-        the commit tries again and answers 502 if it still refuses)."""
+        """Batches to the archive, up to ``archive.workers`` requests at once (Orthanc stores
+        one request while it parses the next), each confirmed batch recorded at once; returns
+        the refused UIDs. Ahead of the commit, a wave with a refusal ends the round (the
+        archive may be down: the commit tries again and answers 502 if it still refuses)."""
         per_request = self.hub.settings.archive.instances_per_request
+        batches = [instances[i:i + per_request] for i in range(0, len(instances), per_request)]
         refused: list[str] = []
-        for start in range(0, len(instances), per_request):
-            batch = instances[start:start + per_request]
-            try:
-                self.hub.archive.store(batch, site=site)
-                refused_here: set[str] = set()
-            except ArchiveRefused as exc:
-                refused_here = set(exc.refused)
-            accepted = [i for i in batch if i.sop_instance_uid not in refused_here]
-            store.record_archived(self.hub.db, transfer_id,
-                                  [(i.sop_instance_uid, i.sha256) for i in accepted])
-            for instance in accepted:
-                instance.path.unlink(missing_ok=True)
-            refused.extend(i.sop_instance_uid for i in batch
-                           if i.sop_instance_uid in refused_here)
+        for wave in range(0, len(batches), self._parallel):
+            futures = [self._requests.submit(self._store, transfer_id, site, batch)
+                       for batch in batches[wave:wave + self._parallel]]
+            for future in futures:
+                refused.extend(future.result())
             if refused and stop_early:
                 break
         return refused
+
+    def _store(self, transfer_id: str, site: str, batch: list[RebuiltInstance]) -> list[str]:
+        """One request to the archive; records what it confirmed; returns what it refused."""
+        try:
+            self.hub.archive.store(batch, site=site)
+            refused: set[str] = set()
+        except ArchiveRefused as exc:
+            refused = set(exc.refused)
+        accepted = [i for i in batch if i.sop_instance_uid not in refused]
+        store.record_archived(self.hub.db, transfer_id,
+                              [(i.sop_instance_uid, i.sha256) for i in accepted])
+        for instance in accepted:
+            instance.path.unlink(missing_ok=True)
+        return [i.sop_instance_uid for i in batch if i.sop_instance_uid in refused]
 
 
 def _check(ready: list[str], expected: dict[str, Any], numbers: dict[str, int],
