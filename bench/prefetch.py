@@ -149,6 +149,60 @@ def run_pas(link: WanLink, scratch: Path, priors: dict[str, tuple[str, list[Path
         regional.stop()
 
 
+_SOURCE = """
+import socket, sys, threading
+server = socket.create_server((sys.argv[1], int(sys.argv[2])))
+streams, size = int(sys.argv[4]), int(sys.argv[3])
+print("ready", flush=True)
+def send(conn, left):
+    block = bytes(65536)
+    while left > 0:
+        left -= conn.send(block[:min(left, len(block))])
+    conn.close()
+threads = [threading.Thread(target=send, args=(server.accept()[0], size // streams))
+           for _ in range(streams)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+"""
+_SINK = """
+import socket, sys, threading, time
+got = []
+def read():
+    conn = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+    while chunk := conn.recv(262144):
+        got.append(len(chunk))
+start = time.monotonic()
+threads = [threading.Thread(target=read) for _ in range(int(sys.argv[3]))]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(sum(got), time.monotonic() - start)
+"""
+
+
+def run_tcp_reference(link: WanLink, size: int, streams: int = 1) -> float:
+    """Fresh TCP connections (``streams`` at once) carrying ``size`` bytes in all, region ->
+    site (connect to last byte): what the link and TCP make of that many bytes, with no
+    application at all."""
+    port = 9099
+    size -= size % streams
+    source = subprocess.Popen(link.in_region([sys.executable, "-c", _SOURCE, link.region_ip,
+                                              str(port), str(size), str(streams)]),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert source.stdout is not None and source.stdout.readline().strip() == "ready"
+        out = subprocess.run(link.in_site([sys.executable, "-c", _SINK, link.region_ip,
+                                           str(port), str(streams)]), capture_output=True,
+                             text=True, check=True, timeout=300).stdout.split()
+        assert int(out[0]) == size, out
+        return float(out[1])
+    finally:
+        source.wait(30)
+
+
 def run_getscu(link: WanLink, scratch: Path,
                priors: dict[str, tuple[str, list[Path]]]) -> tuple[float, int, int]:
     """DCMTK getscu, one C-GET per study, one after the other, from the site namespace."""
@@ -209,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
             runs.append((f"PAS prefetch, WADO-RS via the hub ({args.parallel} in flight)",
                          run_pas(link, scratch, priors, args.parallel, False)))
             load.append(os.getloadavg()[0])
+        tcp_s = run_tcp_reference(link, packed)
+        tcp8_s = run_tcp_reference(link, packed, 8)
         if "getscu" not in args.skip:
             runs.append(("DCMTK getscu, C-GET per study (peer)",
                          run_getscu(link, scratch, priors)))
@@ -224,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|---|",
         *[f"| {name} | {sec:.1f} | {count} | {down / 1e6:.1f} | {sec / ideal_packed:.2f}x | "
           f"{sec / ideal_original:.2f}x |" for name, (sec, count, down) in runs],
+        f"| reference: one TCP stream of the packed bytes, no application | {tcp_s:.1f} | | "
+        f"{packed / 1e6:.1f} | {tcp_s / ideal_packed:.2f}x | |",
+        f"| reference: 8 TCP streams at once, the packed bytes shared | {tcp8_s:.1f} | | "
+        f"{packed / 1e6:.1f} | {tcp8_s / ideal_packed:.2f}x | |",
         f"| ideal: packed bytes at link rate | {ideal_packed:.1f} | | {packed / 1e6:.1f} | "
         "1.00x | |",
         f"| ideal: original bytes at link rate | {ideal_original:.1f} | | "

@@ -224,6 +224,7 @@ class HubDownloads:
                         answer.read()
                         self._refused(answer, study_uid)
                     for chunk in answer.iter_bytes(256 * 1024):
+                        result.wire_bytes = answer.num_bytes_downloaded  # also if cut later
                         for header, payload in reader.feed(chunk):
                             if "error" in header:
                                 raise DownloadError(f"the hub: {header['error']}: "
@@ -237,7 +238,6 @@ class HubDownloads:
                             pending.append(pool.submit(self._unpack, payload, assembler,
                                                        on_instance, on_bucket, result, slots))
                             result.buckets += 1
-                    result.wire_bytes = answer.num_bytes_downloaded
             except httpx.HTTPError as exc:
                 raise DownloadError(f"download of {study_uid} cut after {result.buckets} "
                                     f"buckets: {type(exc).__name__}: {exc}") from exc
