@@ -207,10 +207,10 @@ class LinkMeter:
                         self._busy_s, self._bytes = self._busy_s / 2, self._bytes / 2
 
     def mbps(self) -> float | None:
-        """Mbit/s over the busy time; None before 1 MB and half a second were measured."""
+        """Mbit/s over the busy time; None before 1 MB and a quarter second were measured."""
         with self._lock:
             busy = self._busy_s + (self._clock() - self._since if self._active else 0.0)
-            if self._bytes < 1e6 or busy < 0.5:
+            if self._bytes < 1e6 or busy < 0.25:
                 return None
             return self._bytes * 8 / busy / 1e6
 

@@ -37,6 +37,10 @@ PRIORS: dict[str, tuple[float, float]] = {
 CPU_SHARE = 0.75
 SMOOTHING = 0.3  # weight of a new bucket in the running averages
 _CANDIDATES = ("max", "default", "fast")  # strongest first: ties go to fewer bytes
+# For a known link rate, lightest first; never "max": on the CT and MR sets it saves at most 1 %
+# of default's bytes for 1.3-6x its CPU, and zstd 19's contexts took the uplink's RSS from
+# ~190 to 341 MB when auto picked it against a priors-only estimate (bench-wan, 100 Mbit/s).
+_LINK_CANDIDATES = ("fast", "default")
 
 # A gap longer than this between two buckets of one thread is idleness, not sending.
 MAX_SEND_GAP_S = 120.0
@@ -134,7 +138,7 @@ def choose_level(link_mbps: float | None = None, cores: int | None = None) -> st
     usable_cores = max(1.0, (cores or os.cpu_count() or 1) * CPU_SHARE)
     link_bytes = link * 1e6 / 8
     best, best_rate = "fast", -1.0
-    for level in reversed(_CANDIDATES):
+    for level in _LINK_CANDIDATES:
         ratio, speed = estimates()[level]
         delivered = min(speed * 1e6 * usable_cores, link_bytes * ratio)
         # A stronger level must deliver 5 % more to be chosen: on a tie (the line is the limit

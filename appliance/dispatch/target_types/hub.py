@@ -74,6 +74,7 @@ class HubTarget:
                  client: HubClient | None = None):
         self.name = name
         self.config = settings.hub
+        self._auto_level: tuple[str, bool] | None = None
         self.enrolment = enrolment
         self.client = client or HubClient(
             enrolment.url, enrolment.ssl_context(), timeout_s=self.config.timeout_s,
@@ -207,8 +208,15 @@ class HubTarget:
         cap = cap_mbps(self.config)
         measured = self.client.meter.mbps()
         known = [rate for rate in (cap if cap > 0 else None, measured) if rate]
-        levels.set_link_mbps(min(known) if known else None)
-        return levels.choose_level()
+        link = min(known) if known else None
+        levels.set_link_mbps(link)
+        level = levels.choose_level()
+        if (level, link is None) != self._auto_level:  # once per change: the choice and why
+            self._auto_level = (level, link is None)
+            log.info("pack_level auto: %s (link %s, cap %s Mbit/s, measured %s)", level,
+                     f"{link:.1f} Mbit/s" if link else "unknown", cap or "none",
+                     f"{measured:.1f} Mbit/s" if measured else "not yet")
+        return level
 
     def _send_buckets(self, job: Job, context: SendContext, progress: dict[str, Any],
                       key: bytes, plans: list[Any]) -> bool:
