@@ -9,14 +9,25 @@ stops the daemon cleanly. And the point of the change: idle associations cost no
 from __future__ import annotations
 
 import os
+import subprocess
 import time
+from io import BytesIO
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from tests.support.peers import CT_DIR, PasProcess, storescu, wait_for
+from tests.support.peers import (
+    CT_DIR,
+    DCMTK_ENV,
+    MR_DIR,
+    PasProcess,
+    StoreSCP,
+    storescu,
+    wait_for,
+)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -97,3 +108,71 @@ def test_sigterm_with_an_open_association_stops_cleanly(tmp_path: Path) -> None:
     daemon.stop(timeout=15.0)  # kills with -9 if SIGTERM did not end it in time
     assert daemon.proc.returncode == 0, daemon.log()[-2000:]
     wait_for(lambda: not assoc.is_established, 10, what="the association to end")
+
+
+def test_the_direct_c_store_command_set_is_pynetdicoms() -> None:
+    """direct_store.py encodes C-STORE-RQ by hand; pynetdicom's encoder is the reference."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+
+    from appliance.dicomnet.direct_store import c_store_rq, parse_command
+
+    for originator in ((None, None), ("PAS", 7), ("ODD_TITLE", 65535)):
+        primitive = C_STORE()
+        primitive.MessageID = 513
+        primitive.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+        primitive.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.123"
+        primitive.Priority = 0
+        primitive.DataSet = BytesIO(b"\x08\x00\x18\x00\x00\x00\x00\x00")  # a dataset follows
+        if originator[0]:
+            primitive.MoveOriginatorApplicationEntityTitle = originator[0]
+            primitive.MoveOriginatorMessageID = originator[1]
+        message = C_STORE_RQ()
+        message.primitive_to_message(primitive)
+        reference = DicomBytesIO()
+        reference.is_little_endian, reference.is_implicit_VR = True, True
+        write_dataset(reference, message.command_set)
+        ours = c_store_rq("1.2.840.10008.5.1.4.1.1.4", "1.2.826.0.1.3680043.8.498.123", 513,
+                          *originator)
+        assert parse_command(ours) == parse_command(reference.getvalue()), originator
+        assert ours == reference.getvalue(), originator
+
+
+def test_a_destination_dying_mid_move_fails_the_rest_and_pas_keeps_serving(
+        tmp_path: Path) -> None:
+    scp = StoreSCP(tmp_path / "viewer", ae_title="VIEWER")
+    daemon = PasProcess(tmp_path / "pas", {
+        "PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_HTTP__ENABLED": "false",
+        "PAS_SERVING__MOVE_DESTINATIONS":
+            f'[{{title = "VIEWER", host = "127.0.0.1", port = {scp.port}}}]'}).start()
+    files = sorted(MR_DIR.glob("*.dcm"))[:40]
+    try:
+        storescu(files, daemon.port)
+        study = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        move = ["movescu", "-v", "-S", "-aet", "VIEWER", "-aec", "PAS", "-aem", "VIEWER",
+                "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
+                "127.0.0.1", str(daemon.port)]
+        # A viewer that takes a second per image, killed once the first has arrived.
+        scp.start(["--sleep-during", "1"])
+        first = subprocess.Popen(move, env=DCMTK_ENV, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+        wait_for(lambda: scp.files(), 30, what="the first moved image")
+        scp.proc.kill()
+        output = first.communicate(timeout=60)[0]
+        assert "Final Move Response" in output and "(Success)" not in output, output[-1500:]
+        assert daemon.log().count("aborting the association") == 1, daemon.log()[-3000:]
+        # The same viewer back: the whole study arrives, bit for bit.
+        for old in scp.files():
+            old.unlink()
+        scp.start()
+        second = subprocess.run(move, env=DCMTK_ENV, capture_output=True, text=True,
+                                timeout=120)
+        assert "Final Move Response (Success)" in second.stderr, second.stderr[-1500:]
+        received = wait_for(lambda: len(scp.files()) >= len(files) and scp.files(), 30,
+                            what="every moved image")
+        assert len(received) == len(files)
+    finally:
+        daemon.stop()
+        scp.stop()

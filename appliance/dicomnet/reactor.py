@@ -112,10 +112,44 @@ def _raw_socket(dul: DULServiceProvider) -> Any:
     return sock
 
 
+def _dul_step(self: DULServiceProvider, assoc_wake: threading.Event) -> str:
+    """One turn of pynetdicom's DUL loop: send a queued primitive or read a PDU, then run one
+    state-machine event. "busy", "idle" (nothing to do) or "stop" (aborted)."""
+    if self.artim_timer.expired:
+        self.event_queue.put("Evt18")
+    try:
+        if self._process_recv_primitive():
+            pass
+        elif self._is_transport_event():
+            self._idle_timer.restart()
+    except Exception as exc:
+        log.error("exception in the DUL reactor, aborting the association: %s", exc)
+        abort_pdu = A_ABORT_RQ()
+        abort_pdu.source = 0x02
+        abort_pdu.reason_diagnostic = 0x00
+        if self.socket is not None:
+            self.socket.send(abort_pdu.encode())
+        self.assoc.is_aborted = True
+        self.assoc.is_established = False
+        self.assoc._kill = True
+        self._kill_thread = True
+        return "stop"
+    try:
+        event = self.event_queue.get(block=False)
+    except queue.Empty:
+        return "idle"
+    self.state_machine.do_action(event)
+    # Whatever the action queued for the association (a DIMSE message, a release or abort
+    # indication) is now visible: let its loop look.
+    assoc_wake.set()
+    return "busy"
+
+
 def dul_run_reactor(self: DULServiceProvider) -> None:
     """pynetdicom's DUL loop; idle waits block on the socket and the wakeup instead of
     sleeping 1 ms."""
     wakeup: Wakeup = self._pas_wakeup  # type: ignore[attr-defined]
+    io_lock: threading.Lock = self._pas_io_lock  # type: ignore[attr-defined]
     assoc_wake = _association_wake(self.assoc)
     self._idle_timer.start()
     idle = False
@@ -134,35 +168,13 @@ def dul_run_reactor(self: DULServiceProvider) -> None:
                 wakeup.unpark()
             if self._kill_thread:
                 break
-            if self.artim_timer.expired:
-                self.event_queue.put("Evt18")
-            try:
-                if self._process_recv_primitive():
-                    pass
-                elif self._is_transport_event():
-                    self._idle_timer.restart()
-            except Exception as exc:
-                log.error("exception in the DUL reactor, aborting the association: %s", exc)
-                abort_pdu = A_ABORT_RQ()
-                abort_pdu.source = 0x02
-                abort_pdu.reason_diagnostic = 0x00
-                if self.socket is not None:
-                    self.socket.send(abort_pdu.encode())
-                self.assoc.is_aborted = True
-                self.assoc.is_established = False
-                self.assoc._kill = True
-                self._kill_thread = True
+            # The I/O lock: a DirectStoreSender (direct_store.py) may own the socket for
+            # one C-STORE exchange; the DUL neither reads nor sends meanwhile.
+            with io_lock:
+                step = _dul_step(self, assoc_wake)
+            if step == "stop":
                 return
-            try:
-                event = self.event_queue.get(block=False)
-            except queue.Empty:
-                idle = True
-                continue
-            self.state_machine.do_action(event)
-            # Whatever the action queued for the association (a DIMSE message, a release or
-            # abort indication) is now visible: let its loop look.
-            assoc_wake.set()
-            idle = False
+            idle = step == "idle"
     finally:
         assoc_wake.set()  # the association loop checks dul.is_alive()
         wakeup.close()
@@ -240,6 +252,7 @@ def install() -> bool:
         def dul_init(self: DULServiceProvider, assoc: Association) -> None:
             original_init(self, assoc)
             self._pas_wakeup = Wakeup()  # type: ignore[attr-defined]
+            self._pas_io_lock = threading.Lock()  # type: ignore[attr-defined]
             self.to_provider_queue = WakingQueue(self._pas_wakeup)  # type: ignore[attr-defined]
 
         def kill_dul(self: DULServiceProvider) -> None:
