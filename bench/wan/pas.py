@@ -174,8 +174,9 @@ def run_pas(link: WanLink, dataset: Dataset, scratch: Path, timeout: float,
             watch: dict[str, Any] | None = None) -> Result:
     """One study through PAS; ``env`` adds PAS_HUB__* knobs (parallel buckets, level, cap).
     ``watch["appliance"]`` is set to the running appliance (a scenario reads its metrics).
-    The result's counters: ``put_bytes`` (the appliance's PUT bodies, every attempt) and
-    ``stored_bytes`` (one copy of each bucket, the hub's count)."""
+    The result's counters: ``put_bytes`` (the appliance's PUT bodies, every attempt),
+    ``stored_bytes`` (one copy of each bucket, the hub's count) and ``duplicate_bytes`` (whole
+    bodies the hub received more than once)."""
     regional = regional_orthanc(link, scratch / "region-pas")
     hub = appliance = None
     try:
@@ -207,8 +208,11 @@ def run_pas(link: WanLink, dataset: Dataset, scratch: Path, timeout: float,
         alive = appliance.proc is not None and appliance.proc.poll() is None
         status = appliance.status() if alive else {}
         counters = {"put_bytes": appliance.metric("pas_upload_put_bytes") if alive else 0.0,
-                    "stored_bytes": float(sum(r["bytes_stored"] for r in read_rows(
-                        hub.home / "hub.sqlite", "SELECT bytes_stored FROM transfers")))}
+                    "stored_bytes": 0.0, "duplicate_bytes": 0.0}
+        for row in read_rows(hub.home / "hub.sqlite",
+                             "SELECT bytes_stored, bytes_received FROM transfers"):
+            counters["stored_bytes"] += row["bytes_stored"]
+            counters["duplicate_bytes"] += row["bytes_received"] - row["bytes_stored"]
         confirmed = int(status.get("confirmed_instances", 0))
         stored = stored_count(regional)
         # Bytes the drop-tail queue or the random loss threw away: TCP sent them again, so
