@@ -403,6 +403,8 @@ class ServingSection(_Section):
     fetch_timeout_s: float = Field(default=120.0, gt=0)
     query_region: bool = False                         # C-FIND also asks the region
     region_query_timeout_s: float = Field(default=0.5, gt=0, le=30)
+    # C-MOVE/C-GET pending responses (optional in PS3.4) at most this often; 0: one per image.
+    retrieve_pending_interval_s: float = Field(default=0.1, ge=0, le=10)
 
     def model_post_init(self, _context: Any) -> None:
         if self.auth == "bearer" and not self.bearer_tokens:

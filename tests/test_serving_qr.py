@@ -9,6 +9,7 @@ stored transfer syntax, and a decompressed copy (same pixels, same UIDs) when it
 from __future__ import annotations
 
 import hashlib
+import re
 import sqlite3
 import subprocess
 from collections.abc import Iterator
@@ -251,6 +252,29 @@ def test_get_mr_series_bit_exact(site: Site, tmp_path: Path) -> None:
     received = _received(out)
     assert received == _stored(site, MR_DIR)
     assert len(received) == 520
+
+
+def test_move_of_520_images_sends_progress_not_a_pending_per_image(site: Site) -> None:
+    """serving.retrieve_pending_interval_s (0.1 s): Pending responses are optional
+    (PS3.4 C.4.2.1.4); a few carry the progress, the final response the counts."""
+    study = str(dcmread(next(iter(MR_DIR.glob("*.dcm"))), stop_before_pixels=True)
+                .StudyInstanceUID)
+    for old in site.scp.files():
+        old.unlink()
+    result = dcmtk("movescu", "127.0.0.1", site.pas.port, "PAS",
+                   ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}"], "-S", "-d",
+                   "-aem", "STORESCP")
+    # movescu -d: "I: Received Move Response N" (pending) or "... Final Move Response", each
+    # followed by its counts.
+    pendings = re.findall(r"Received Move Response \d+\n", result.stderr)
+    final = result.stderr.split("Received Final Move Response")
+    assert len(final) == 2, result.stderr[-2000:]
+    assert "0x0000: Success" in final[1], final[1][-2000:]
+    assert re.search(r"Completed Suboperations\s*:\s*520\n", final[1]), final[1][-2000:]
+    assert 1 <= len(pendings) < 520, len(pendings)
+    received = wait_for(lambda: len(_received(site.scp.folder)) >= 520 and
+                        _received(site.scp.folder), 30, what="520 moved images")
+    assert received == _stored(site, MR_DIR)
 
 
 def _jpeg_ls_study() -> tuple[str, str]:

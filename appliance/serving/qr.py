@@ -32,6 +32,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import _config, build_context, evt
+from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
@@ -118,6 +119,31 @@ def _stream_spool_files(assoc: Any) -> None:
 
     assoc.send_c_store = send_c_store
     assoc._pas_streams_files = True
+
+
+def _throttle_pending(assoc: Any, interval_s: float) -> None:
+    """Send a retrieve's Pending responses on ``assoc`` at most every ``interval_s``.
+
+    pynetdicom answers every sub-operation with a Pending C-MOVE/C-GET-RSP (counts of
+    remaining/completed/failed). PS3.4 makes them optional; a viewer uses them for a
+    progress bar, and encoding and sending one costs about what a small image's C-STORE
+    does. The first is always sent, the final response always is (it is not Pending)."""
+    if interval_s <= 0 or getattr(assoc.dimse, "_pas_pending_interval", None) is not None:
+        return
+    dimse = assoc.dimse
+    original = dimse.send_msg
+    last_sent = [0.0]
+
+    def send_msg(primitive: Any, context_id: int) -> None:
+        if isinstance(primitive, C_MOVE | C_GET) and primitive.Status == PENDING:
+            now = time.monotonic()
+            if now - last_sent[0] < interval_s:
+                return
+            last_sent[0] = now
+        original(primitive, context_id)
+
+    dimse.send_msg = send_msg
+    dimse._pas_pending_interval = interval_s
 
 
 def identifier_keys(identifier: Dataset) -> tuple[str, dict[str, str], list[DataElement]]:
@@ -344,6 +370,7 @@ class QueryRetrieveService:
             established.set()
 
         contexts = _contexts_for(rows)
+        _throttle_pending(event.assoc, self.settings.retrieve_pending_interval_s)
         sent: int | None = None
         try:
             yield destination.host, destination.port, {
@@ -376,6 +403,7 @@ class QueryRetrieveService:
             self._audit("retrieve", calling, address, None, f"failure: {exc}")
             raise
         _stream_spool_files(event.assoc)
+        _throttle_pending(event.assoc, self.settings.retrieve_pending_interval_s)
         sent: int | None = None
         try:
             yield len(rows)
