@@ -221,6 +221,14 @@ def test_bad_requests_get_a_clear_error_and_change_nothing(region: dict[str, Any
             assert problem["error"] == error and problem["detail"], problem
         assert "study_uid" in http.post("/api/v1/downloads", json={"study_uid": "x"}).json()[
             "detail"]
+    # A hub without the route (an older one): the client says so, and the prefetch then
+    # uses WADO-RS; a known route with another method is 405, the same signal.
+    from appliance.transfer.download import DownloadUnavailable, HubDownloads
+
+    older = HubDownloads(enrolment.url + "/api/v1/not-offered", enrolment.ssl_context())
+    with pytest.raises(DownloadUnavailable):
+        older.fetch("1.2.3", lambda uid, data: None)
+    older.close()
     anonymous = httpx.post(f"{hub.url}/api/v1/downloads", json={"study_uid": "1.2.3"},
                            verify=hub.anonymous_context(), timeout=30)
     assert anonymous.status_code == 401
