@@ -367,7 +367,7 @@ class PrefetchSection(_Section):
     parallel: int = Field(default=8, ge=1, le=32)   # WADO-RS requests in flight
     # The hub's bucketed download (JPEG-LS + zstd) when it offers one; else WADO-RS.
     bucketed: bool = True
-    download_bucket_kb: int = Field(default=4096, ge=64, le=65536)  # original bytes a bucket
+    download_bucket_kb: int = Field(default=4096, ge=64, le=16384)  # original bytes a bucket
     download_streams: int = Field(default=8, ge=1, le=32)  # bucketed downloads at once
     check_interval_s: float = Field(default=2.0, gt=0)
     max_attempts: int = Field(default=5, ge=1)

@@ -56,8 +56,11 @@ DEFAULT_BUCKET_BYTES = 4 * 1024 * 1024
 MIN_BUCKET_BYTES = 64 * 1024
 MULTIPART_DICOM = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 AHEAD = 2  # buckets staged or packed ahead of the answer
-# Packing is CPU and a bucket's bytes in memory: at most this many downloads pack at once.
-_PACKING = threading.Semaphore(2)
+MAX_BUCKET_BYTES = 16 * 1024 * 1024
+# Packing is CPU and a bucket's bytes in memory (at most MAX_BUCKET_BYTES read + packed): at
+# most this many downloads pack at once. Measured on 10 CT priors at once (2 cores): 2 -> 3.6 s,
+# 4 -> 3.2 s, 8 -> 3.4 s mean of four runs each (a study's first byte waits for its packing).
+_PACKING = threading.Semaphore(4)
 
 
 class ArchiveFailed(Exception):
@@ -477,7 +480,7 @@ def download_routes(hub: Hub) -> list[BaseRoute]:
         except (UnicodeDecodeError, json.JSONDecodeError):
             log.warning("download refused for %s: body is not JSON", site)
             return problem(400, "bad_json", "the body must be JSON {\"study_uid\": ...}")
-        parsed = _parse(body, limits.max_bucket_bytes)
+        parsed = _parse(body, min(limits.max_bucket_bytes, MAX_BUCKET_BYTES))
         if isinstance(parsed, str):
             log.warning("download refused for %s: %s", site, parsed)
             return problem(422, "bad_request", parsed)
