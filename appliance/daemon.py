@@ -28,9 +28,10 @@ log = logging.getLogger("pas.daemon")
 class Daemon:
     def __init__(self, settings: Settings):
         self.settings = settings
-        if settings.dicom.event_driven:
-            from appliance.dicomnet import reactor
+        from appliance.dicomnet import contexts, reactor
 
+        contexts.install()  # 30 ms less per association (see the module)
+        if settings.dicom.event_driven:
             reactor.install()  # before any association exists: every one uses it
         self.db = Database(settings.db_path)
         self.spool = Spool(

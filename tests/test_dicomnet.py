@@ -176,3 +176,22 @@ def test_a_destination_dying_mid_move_fails_the_rest_and_pas_keeps_serving(
     finally:
         daemon.stop()
         scp.stop()
+
+
+def test_the_cheap_context_copy_equals_pynetdicoms_deep_copy() -> None:
+    import copy
+
+    from appliance.config import Settings
+    from appliance.dicomnet import contexts
+    from appliance.ingest.scp import DicomListener
+
+    listener = DicomListener(Settings().dicom, None)  # type: ignore[arg-type]
+    supported = listener.ae.supported_contexts
+    deep = copy.deepcopy(supported)  # pynetdicom's own behaviour before install()
+    contexts.install()
+    cheap = copy.deepcopy(supported)
+    assert [vars(c) for c in cheap] == [vars(c) for c in deep]
+    assert all(a is not b and a._transfer_syntax is not b._transfer_syntax
+               for a, b in zip(cheap, supported, strict=True))
+    cheap[0].add_transfer_syntax("1.2.3.4.5")  # a copy's list is its own
+    assert "1.2.3.4.5" not in supported[0].transfer_syntax
