@@ -129,7 +129,9 @@ class Archiver:
         state = self._state(transfer_id)
         with state.lock:
             row = store.get_transfer(self.hub.db, transfer_id)
-            if row is None or row["receipt"] is not None:
+            if row is None or row["receipt"] is not None:  # a late notice: nothing to keep
+                with self._guard:
+                    self._transfers.pop(transfer_id, None)
                 return 0
             manifest = json.loads(row["manifest"])
             expected = {i["sop_instance_uid"]: i for i in manifest["instances"]}
