@@ -15,6 +15,8 @@ import hashlib
 import json
 import logging
 import re
+import threading
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pas.hub.transfers")
 
 TRANSFER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
+KEY_CACHE_TRANSFERS = 1024  # unwrapped bucket keys kept in memory (most recent transfers)
 
 
 class ManifestInstance(BaseModel):
@@ -76,16 +79,26 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
     from appliance.hub.commit import CommitRefused, commit_transfer
     from appliance.transfer import seal
 
-    keys: dict[str, bytes] = {}
+    # Unwrapped bucket keys of recent transfers (an X25519 unwrap per bucket would cost more
+    # than the bucket's checks). Bounded: a hub runs for months and sees every site's
+    # transfers; the oldest entry goes, and is unwrapped again if its transfer comes back.
+    keys: OrderedDict[str, bytes] = OrderedDict()
+    keys_lock = threading.Lock()
     limits = hub.settings.limits
 
     def transfer_key(row: Any) -> bytes:
-        key = keys.get(row["id"])
-        if key is None:
-            manifest = json.loads(row["manifest"])
-            key = seal.unwrap_key(base64.b64decode(manifest["wrapped_key"]),
-                                  hub.pki.transfer_private_key(), row["id"])
+        with keys_lock:
+            key = keys.get(row["id"])
+            if key is not None:
+                keys.move_to_end(row["id"])
+                return key
+        manifest = json.loads(row["manifest"])
+        key = seal.unwrap_key(base64.b64decode(manifest["wrapped_key"]),
+                              hub.pki.transfer_private_key(), row["id"])
+        with keys_lock:
             keys[row["id"]] = key
+            while len(keys) > KEY_CACHE_TRANSFERS:
+                keys.popitem(last=False)
         return key
 
     async def create(request: Request) -> Response:
