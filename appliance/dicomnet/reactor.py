@@ -194,6 +194,14 @@ def association_run_reactor(self: Association) -> None:
         self._is_paused = False
         if self._kill:
             break
+        # A send_*() in another thread clears the checkpoint, then waits for _is_paused.
+        # If it cleared it after our wait returned it may have read _is_paused as True and
+        # be sending already: its response must not be taken off the queue here (pynetdicom
+        # would drop it as unexpected and the sender would wait out the DIMSE timeout). One
+        # of the two threads always sees the other's write (clear/read against write/read),
+        # so either we back off now, or it waits until the next turn pauses us.
+        if not self._reactor_checkpoint.is_set():
+            continue
 
         context_id, msg = self.dimse.get_msg(block=False)
         if msg:
