@@ -195,3 +195,17 @@ def test_the_cheap_context_copy_equals_pynetdicoms_deep_copy() -> None:
                for a, b in zip(cheap, supported, strict=True))
     cheap[0].add_transfer_syntax("1.2.3.4.5")  # a copy's list is its own
     assert "1.2.3.4.5" not in supported[0].transfer_syntax
+
+
+def test_sigterm_after_a_bare_port_probe_stops_cleanly(tmp_path: Path) -> None:
+    """A connection that never sends an A-ASSOCIATE-RQ (a health check, a port scan) left
+    an association thread waiting out acse_timeout: SIGTERM then hung until kill -9."""
+    import socket
+
+    daemon = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                                           "PAS_HTTP__ENABLED": "false"}).start()
+    probe = socket.create_connection(("127.0.0.1", daemon.port))
+    probe.close()
+    wait_for(lambda: "PAS ready" in daemon.log(), 10, what="the daemon ready")
+    daemon.stop(timeout=8.0)  # kills with -9 if SIGTERM did not end it in time
+    assert daemon.proc.returncode == 0, daemon.log()[-2000:]

@@ -138,6 +138,11 @@ class DicomListener:
         server.shutdown()
         for assoc in open_associations:
             assoc.abort()
+            if not assoc.is_established:
+                # A connection that never sent its A-ASSOCIATE-RQ (a port probe, a health
+                # check) leaves the thread waiting up to acse_timeout for one; pynetdicom
+                # reads None there as "none came" and ends the association.
+                assoc.dul.to_user_queue.put(None)
         for assoc in open_associations:
             assoc.join(grace_s)
             if assoc.is_alive():
