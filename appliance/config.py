@@ -365,7 +365,8 @@ class PrefetchSection(_Section):
     issuer_map: dict[str, str] = {}
     dicomweb_url: str | None = None          # a plain DICOMweb region instead of the hub proxy
     parallel: int = Field(default=8, ge=1, le=32)   # WADO-RS requests in flight
-    # The hub's bucketed download (JPEG-LS + zstd) when it offers one; else WADO-RS.
+    # The hub's bucketed download (JPEG-LS + zstd) when it offers one, for priors and for
+    # fetch-through; else WADO-RS.
     bucketed: bool = True
     download_bucket_kb: int = Field(default=4096, ge=64, le=16384)  # original bytes a bucket
     download_streams: int = Field(default=8, ge=1, le=32)  # bucketed downloads at once

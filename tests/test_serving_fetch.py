@@ -142,6 +142,9 @@ def test_move_of_a_regional_study_fetches_then_serves(setup: Setup, tmp_path: Pa
     origin = conn.execute("SELECT origin FROM studies WHERE study_uid = ?", (study,)).fetchone()
     conn.close()
     assert origin == ("regional",)
+    # By the hub's bucketed download (one packed stream), not one WADO-RS per instance.
+    assert f"fetched 3 instances of {study} from the region (bucketed download)" in \
+        setup.pas.log(), setup.pas.log()[-2000:]
     # The miss and the bytes it brought down are visible to operations.
     metrics = httpx.get(f"http://127.0.0.1:{setup.pas.http_port}/metrics", timeout=10).text
     misses = re.search(r'^pas_retrieve_requests_total\{result="miss"\} (\S+)', metrics, re.M)

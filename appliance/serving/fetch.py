@@ -1,8 +1,10 @@
 """Fetch-through: a study asked for here but not (fully) on site comes from the region.
 
 Owns: deciding what is missing (the region's instance list against the index), fetching
-each missing instance by WADO-RS through :class:`appliance.transfer.region.RegionClient`
-(the hub's mutual-TLS proxy when enrolled, or ``prefetch.dicomweb_url``), filing it through
+it by the hub's bucketed download when the hub offers one (one streamed request, packed:
+:class:`appliance.transfer.download.HubDownloads`, as prefetch does) or else each missing
+instance by WADO-RS through :class:`appliance.transfer.region.RegionClient` (the hub's
+mutual-TLS proxy when enrolled, or ``prefetch.dicomweb_url``), filing it through
 :meth:`Receiver.receive_file` with ``origin="regional"`` (the same durability rules as a
 C-STORE), and the bounded regional C-FIND (``serving.query_region``). May not touch: SQL,
 spool writes, the hub's upload path.
@@ -25,6 +27,7 @@ from appliance.config import Settings
 from appliance.ingest.receive import Receiver
 from appliance.store import query as store_query
 from appliance.store.db import Database
+from appliance.transfer.download import DownloadUnavailable, HubDownloads
 from appliance.transfer.region import RegionClient, RegionError
 
 log = logging.getLogger("pas.serving")
@@ -44,8 +47,10 @@ class FetchThrough:
     """Callable: study UID -> how many instances were fetched from the region."""
 
     def __init__(self, client: RegionClient, db: Database, receiver: Receiver,
-                 parallel: int = 4, check_timeout_s: float = 0.5):
+                 parallel: int = 4, check_timeout_s: float = 0.5,
+                 downloads: HubDownloads | None = None):
         self.client = client
+        self.downloads = downloads  # None: WADO-RS only (no hub, turned off, not offered)
         self.db = db
         self.receiver = receiver
         self.parallel = parallel
@@ -79,6 +84,9 @@ class FetchThrough:
             missing = [i for i in listed if i.sop_instance_uid not in held]
             if not missing:
                 return 0
+            fetched = self._download(study_uid, held)
+            if fetched is not None:
+                return fetched
 
             def fetch_one(instance: Any) -> None:
                 content = self.client.retrieve_instance(instance)
@@ -92,6 +100,30 @@ class FetchThrough:
             log.info("fetched %d instances of %s from the region", len(missing), study_uid,
                      extra={"STUDY_UID": study_uid})
             return len(missing)
+
+
+    def _download(self, study_uid: str, held: set[str]) -> int | None:
+        """The missing instances by the hub's bucketed download; None when the hub does not
+        offer it (WADO-RS from then on). A cut raises: what was filed stays."""
+        if self.downloads is None:
+            return None
+
+        def file(_uid: str, content: bytes) -> None:
+            # The bytes are the region's file, SHA-256 checked by the download.
+            self.receiver.receive_file(content, calling_ae="REGION", source="region",
+                                       origin="regional")
+
+        try:
+            result = self.downloads.fetch(study_uid, file, have=held)
+        except DownloadUnavailable as exc:
+            log.info("the hub offers no bucketed download (%s): WADO-RS from now on", exc)
+            self.downloads = None
+            return None
+        except RegionError as exc:
+            raise RuntimeError(f"region download failed: {exc}") from exc
+        log.info("fetched %d instances of %s from the region (bucketed download)",
+                 len(result.filed), study_uid, extra={"STUDY_UID": study_uid})
+        return len(result.filed)
 
 
 class RegionFind:
@@ -143,8 +175,15 @@ def make_fetcher(settings: Settings, db: Database,
                                     on_downloaded=lambda n: add_wan_bytes("down", n))
     if client is None:
         return None
+    downloads = None
+    if settings.prefetch.bucketed and not settings.prefetch.dicomweb_url:
+        # The region client's connections (same hub, same certificate) are reused.
+        downloads = HubDownloads.from_home(settings.home, settings.serving.fetch_timeout_s,
+                                           lambda n: add_wan_bytes("down", n),
+                                           client=client.client)
     return FetchThrough(client, db, receiver,
-                        check_timeout_s=settings.serving.region_query_timeout_s)
+                        check_timeout_s=settings.serving.region_query_timeout_s,
+                        downloads=downloads)
 
 
 def make_region_find(settings: Settings) -> RegionFind | None:
