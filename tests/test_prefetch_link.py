@@ -20,7 +20,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
-from appliance.config import load_settings
+from appliance.config import Settings, load_settings
 from appliance.ingest.receive import Receiver
 from appliance.prefetch.service import PrefetchService
 from appliance.store import jobs as job_store
@@ -41,17 +41,27 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
     peer.stop()
 
 
-def test_urgent_upload_keeps_the_link_then_the_prior_arrives(tmp_path: Path,
-                                                              orthanc: Orthanc) -> None:
-    patient = "A002304"
-    prior = sorted(CT_DIR.glob(f"{patient}_*_19001231-*.dcm"))
+def _prior_at_region(orthanc: Orthanc, pattern: str) -> list[Path]:
+    """The CT files matching ``pattern``, stored at the regional Orthanc."""
+    prior = sorted(CT_DIR.glob(pattern))
     for path in prior:
         httpx.post(f"{orthanc.url}/instances", content=path.read_bytes(),
                    timeout=60).raise_for_status()
+    return prior
 
+
+def _site(tmp_path: Path) -> tuple[Settings, Database, Receiver]:
+    """Settings, index and receive path of a site home under ``tmp_path``."""
     settings = load_settings(environ={"PAS_HOME": str(tmp_path / "pas")})
     db = Database(settings.db_path)
-    receiver = Receiver(db, Spool(settings.spool_dir, fsync=False))
+    return settings, db, Receiver(db, Spool(settings.spool_dir, fsync=False))
+
+
+def test_urgent_upload_keeps_the_link_then_the_prior_arrives(tmp_path: Path,
+                                                              orthanc: Orthanc) -> None:
+    patient = "A002304"
+    prior = _prior_at_region(orthanc, f"{patient}_*_19001231-*.dcm")
+    settings, db, receiver = _site(tmp_path)
     # A local urgent study waiting for the hub (say, a stroke CT).
     local = receiver.receive_file(Path(get_testdata_file("CT_small.dcm")).read_bytes())
     study_fk = int(db.query_one("SELECT study_fk FROM instances WHERE id = ?",
@@ -112,13 +122,8 @@ def test_a_fetch_cut_short_resumes_with_only_the_missing_instances(
     """One of the prior's instances is already held (a fetch interrupted by a crash): the
     next attempt downloads only the others, and the study ends complete and pinned."""
     patient = "A027284"
-    prior = sorted(CT_DIR.glob(f"{patient}_*_19000925-*.dcm"))
-    for path in prior:
-        httpx.post(f"{orthanc.url}/instances", content=path.read_bytes(),
-                   timeout=60).raise_for_status()
-    settings = load_settings(environ={"PAS_HOME": str(tmp_path / "pas")})
-    db = Database(settings.db_path)
-    receiver = Receiver(db, Spool(settings.spool_dir, fsync=False))
+    prior = _prior_at_region(orthanc, f"{patient}_*_19000925-*.dcm")
+    settings, db, receiver = _site(tmp_path)
     # Stored, then the crash: not yet marked routed/confirmed. The restart's recovery (what
     # PrefetchService.start runs) marks it, so routing never uploads it back.
     receiver.receive_file(prior[0].read_bytes(), source=store.REGION_SOURCE, origin="regional")
