@@ -250,6 +250,41 @@ def test_garbage_json_and_malformed_manifests_are_refused(
     assert "manifest is not JSON" in hub.log() and "malformed manifest" in hub.log()
 
 
+def test_a_gzip_manifest_is_the_same_manifest_and_the_receipt_comes_gzipped(
+        hub: HubProcess, http: httpx.Client, small: Shipment) -> None:
+    import gzip
+    import zlib
+
+    plain = json.dumps(small.manifest).encode()
+    zipped = http.post("/api/v1/transfers", content=gzip.compress(plain),
+                       headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    assert zipped.status_code == 201, zipped.text
+    assert http.post("/api/v1/transfers", json=small.manifest).status_code == 200  # the same
+    assert small.put_all(http) == [201] * len(small.buckets)
+    for answer in (http.post(small.url + "/commit"), http.get(small.url + "/receipt")):
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["content-encoding"] == "gzip"  # httpx asked for gzip
+        assert len(answer.json()["instances"]) == len(small.originals)
+    # Without Accept-Encoding: plain JSON.
+    bare = http.get(small.url + "/receipt", headers={"Accept-Encoding": "identity"})
+    assert "content-encoding" not in bare.headers and bare.json() == answer.json()
+
+    bad = http.post("/api/v1/transfers", content=b"\x1f\x8bnot gzip",
+                    headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    assert bad.status_code == 400 and bad.json()["error"] == "bad_encoding"
+    brotli = http.post("/api/v1/transfers", content=plain,
+                       headers={"Content-Type": "application/json", "Content-Encoding": "br"})
+    assert brotli.status_code == 400 and "not supported" in brotli.json()["detail"]
+    # A small body that inflates past limits.max_manifest_bytes (32 MiB) is refused unread.
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    bomb = squeeze.compress(b" " * (40 << 20)) + squeeze.flush()
+    assert len(bomb) < 100_000
+    answer = http.post("/api/v1/transfers", content=bomb,
+                       headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    assert answer.status_code == 413 and answer.json()["error"] == "too_large"
+    assert "gzip body does not decode" in hub.log()
+
+
 def test_wrong_index_unknown_transfer_missing_buckets(
         http: httpx.Client, small: Shipment) -> None:
     unknown = http.put(small.bucket_url(0), content=small.buckets[0])

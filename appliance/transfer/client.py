@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gzip
 import json
 import logging
 import ssl
@@ -253,8 +254,24 @@ class HubClient:
     # --- the protocol's calls ------------------------------------------------------------
 
     def create_transfer(self, manifest: dict[str, Any]) -> int:
-        """POST the manifest; 201 created or 200 already known with the same manifest."""
-        response = self._call("POST", f"{API}/transfers", "create transfer", json=manifest)
+        """POST the manifest; 201 created or 200 already known with the same manifest.
+
+        The manifest goes gzip-encoded (a 520-image study's is 130 KB of JSON: four round trips
+        of a fresh TCP window at 70 ms; gzipped, 3-4x less). A hub that does not decode gzip
+        answers 400: the manifest is then sent again as plain JSON."""
+        body = json.dumps(manifest, separators=(",", ":")).encode()
+        headers = {"Content-Type": "application/json"}
+        if len(body) > 1400:
+            response = self._call(
+                "POST", f"{API}/transfers", "create transfer",
+                content=gzip.compress(body, compresslevel=6, mtime=0),
+                headers={**headers, "Content-Encoding": "gzip"})
+            if response.status_code not in (400, 415):
+                return self._expect(response, {200, 201}, "create transfer").status_code
+            log.info("hub refused a gzip-encoded manifest (HTTP %d): sending it plain",
+                     response.status_code)
+        response = self._call("POST", f"{API}/transfers", "create transfer", content=body,
+                              headers=headers)
         return self._expect(response, {200, 201}, "create transfer").status_code
 
     def put_bucket(self, transfer_id: str, index: int, sealed: bytes,

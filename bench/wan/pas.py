@@ -159,6 +159,27 @@ def _profile(procs: dict[str, subprocess.Popen[bytes] | None]) -> list[subproces
             for name, proc in procs.items() if proc is not None]
 
 
+def _keep(hub: Hub, appliance: SiteAppliance, start_ns: int, end_ns: int) -> None:
+    """With PAS_BENCH_KEEP=<folder>: copy the hub's and the appliance's databases and logs
+    there, with the timed window (CLOCK_MONOTONIC and wall clock), for
+    ``python -m bench.wan.profile --timeline``."""
+    folder = os.environ.get("PAS_BENCH_KEEP")
+    if not folder:
+        return
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    for source in (hub.home / "hub.sqlite", hub.home / "hub.log",
+                   appliance.home / "pas.sqlite", appliance.home / "pas.log"):
+        if source.exists():
+            subprocess.run(["sqlite3", str(source), f".backup {out / source.name}"]
+                           if source.suffix == ".sqlite" else
+                           ["cp", str(source), str(out / source.name)], check=False)
+    wall_end = time.time()
+    (out / "window.json").write_text(json.dumps({
+        "start_wall": wall_end - (time.monotonic_ns() - start_ns) / 1e9,
+        "end_wall": wall_end - (time.monotonic_ns() - end_ns) / 1e9}))
+
+
 def _stop(proc: subprocess.Popen[bytes] | None, how: int = signal.SIGTERM) -> None:
     if proc and proc.poll() is None:
         proc.send_signal(how)
@@ -223,6 +244,7 @@ def run_pas(link: WanLink, dataset: Dataset, scratch: Path, timeout: float,
         if confirmed < dataset.instances:
             note += f"; only {confirmed} confirmed (jobs {status.get('jobs')})"
         start_ns = stats.first_up_ns or end_ns
+        _keep(hub, appliance, start_ns, end_ns)
         return Result(link.spec, dataset, "PAS", (end_ns - start_ns) / 1e9, stats.up_in,
                       stats.down_in, min(stored, confirmed), note, counters)
     finally:
