@@ -116,6 +116,10 @@ class DicomSection(_Section):
     # every 1 ms (appliance/dicomnet/reactor.py). Off only to compare, or on a pynetdicom it
     # does not support (then it stays off by itself).
     event_driven: bool = True
+    # C-STORE requests are read, filed and answered in the association's reading thread,
+    # with hand-encoded command sets (appliance/dicomnet/direct_receive.py); everything else
+    # goes through pynetdicom. Needs ``event_driven``. Off: pynetdicom handles every C-STORE.
+    direct_receive: bool = True
 
 
 class StorageSection(_Section):

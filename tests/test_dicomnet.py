@@ -140,6 +140,34 @@ def test_the_direct_c_store_command_set_is_pynetdicoms() -> None:
         assert ours == reference.getvalue(), originator
 
 
+def test_the_direct_c_store_response_is_pynetdicoms() -> None:
+    """direct_receive.py encodes C-STORE-RSP by hand; pynetdicom's encoder is the reference."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+
+    from appliance.dicomnet.direct_receive import c_store_rsp
+
+    for status, comment in ((0x0000, None), (0xC210, "PixelData is truncated"),
+                            (0xA700, "x" * 80)):
+        primitive = C_STORE()
+        primitive.MessageIDBeingRespondedTo = 65535
+        primitive.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        primitive.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.1234"
+        primitive.Status = status
+        if comment:
+            primitive.ErrorComment = comment[:64]
+        message = C_STORE_RSP()
+        message.primitive_to_message(primitive)
+        reference = DicomBytesIO()
+        reference.is_little_endian, reference.is_implicit_VR = True, True
+        write_dataset(reference, message.command_set)
+        ours = c_store_rsp("1.2.840.10008.5.1.4.1.1.2", "1.2.826.0.1.3680043.8.498.1234",
+                           65535, status, comment)
+        assert ours == reference.getvalue(), hex(status)
+
+
 def test_a_destination_dying_mid_move_fails_the_rest_and_pas_keeps_serving(
         tmp_path: Path) -> None:
     scp = StoreSCP(tmp_path / "viewer", ae_title="VIEWER")
@@ -209,3 +237,158 @@ def test_sigterm_after_a_bare_port_probe_stops_cleanly(tmp_path: Path) -> None:
     wait_for(lambda: "PAS ready" in daemon.log(), 10, what="the daemon ready")
     daemon.stop(timeout=8.0)  # kills with -9 if SIGTERM did not end it in time
     assert daemon.proc.returncode == 0, daemon.log()[-2000:]
+
+
+# --- the C-STORE fast path (appliance/dicomnet/direct_receive.py) ---------------------------
+
+
+def cstore_paths(pas: PasProcess) -> dict[str, float]:
+    """``pas_cstore_requests_total`` by path, from the daemon's /metrics."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{pas.http_port}/metrics", timeout=10).text
+    return {sample.labels["path"]: sample.value
+            for family in text_string_to_metric_families(text)
+            if family.name == "pas_cstore_requests"
+            for sample in family.samples if sample.name.endswith("_total")}
+
+
+def datasets_held(files: list[Path]) -> set[str]:
+    """SHA-256 of the dataset part (what travelled) of each file."""
+    import hashlib
+
+    from tests.test_ingest import dataset_part
+
+    return {hashlib.sha256(dataset_part(p)).hexdigest() for p in files}
+
+
+def as_sent(tmp_path: Path, files: list[Path]) -> set[str]:
+    """What storescu puts on the wire for ``files`` (it may convert the transfer syntax),
+    kept by DCMTK's storescp as the witness."""
+    witness = StoreSCP(tmp_path / "witness").start(["+xa"])
+    try:
+        storescu(files, witness.port, called="STORESCP")
+    finally:
+        witness.stop()
+    return datasets_held(witness.files())
+
+
+@pytest.mark.parametrize("max_pdu", ["4096", "262144"])
+def test_storescu_goes_through_the_direct_path_bit_exact(tmp_path: Path, max_pdu: str) -> None:
+    """A 4 kB maximum PDU makes storescu cut each CT image into ~130 fragments: all are
+    reassembled in order (SHA-256 of every stored file), and the direct path answered all."""
+    files = sorted(CT_DIR.glob("*.dcm"))[:6] + sorted(MR_DIR.rglob("*.dcm"))[:6]
+    pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                                        "PAS_DICOM__MAX_PDU": max_pdu}).start()
+    try:
+        storescu(files, pas.port)
+        held = datasets_held(list((pas.home / "spool").rglob("*.dcm")))
+        assert held == as_sent(tmp_path, files)
+        assert pas.status()["instances"] == len(files)
+        assert cstore_paths(pas) == {"direct": len(files)}
+    finally:
+        pas.stop()
+
+
+def test_with_direct_receive_off_pynetdicom_files_them_the_same(tmp_path: Path) -> None:
+    files = sorted(MR_DIR.rglob("*.dcm"))[:5]
+    pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                                        "PAS_DICOM__DIRECT_RECEIVE": "false"}).start()
+    try:
+        storescu(files, pas.port)
+        held = datasets_held(list((pas.home / "spool").rglob("*.dcm")))
+        assert held == as_sent(tmp_path, files)
+        assert cstore_paths(pas) == {"pynetdicom": len(files)}
+    finally:
+        pas.stop()
+
+
+def test_other_services_share_the_association_with_direct_c_stores(tmp_path: Path) -> None:
+    """C-ECHO, C-STORE, C-FIND, C-STORE on one association: the direct path takes the
+    C-STOREs and leaves the rest, whole, to pynetdicom (each answered correctly)."""
+    from pydicom.dataset import Dataset
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        MRImageStorage,
+        StudyRootQueryRetrieveInformationModelFind,
+    )
+
+    ct, mr = sorted(CT_DIR.glob("*.dcm"))[0], sorted(MR_DIR.rglob("*.dcm"))[0]
+    pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true"}).start()
+    try:
+        assoc = associate(pas, Verification, CTImageStorage, MRImageStorage,
+                          StudyRootQueryRetrieveInformationModelFind)
+        try:
+            assert assoc.send_c_echo().Status == 0x0000
+            assert assoc.send_c_store(dcmread(ct)).Status == 0x0000
+            query = Dataset()
+            query.QueryRetrieveLevel = "STUDY"
+            query.StudyInstanceUID = ""
+            answers = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+            studies = {str(identifier.StudyInstanceUID) for status, identifier in answers
+                       if status.Status == 0xFF00}
+            assert studies == {str(dcmread(ct, stop_before_pixels=True).StudyInstanceUID)}
+            assert answers[-1][0].Status == 0x0000
+            assert assoc.send_c_store(dcmread(mr)).Status == 0x0000
+            assert assoc.send_c_echo().Status == 0x0000
+        finally:
+            assoc.release()
+        assert pas.status()["instances"] == 2
+        assert cstore_paths(pas) == {"direct": 2}
+    finally:
+        pas.stop()
+
+
+def test_a_refusal_names_the_problem_in_the_response(tmp_path: Path) -> None:
+    """A C-STORE whose dataset names another SOP Instance UID than its command: refused with
+    0xC210 and an Error Comment that says so (a modality logs it), nothing stored."""
+    from pynetdicom import _config
+
+    source = sorted(CT_DIR.glob("*.dcm"))[0]
+    ds = dcmread(source)
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.99"  # the command's
+    bad = tmp_path / "bad.dcm"
+    ds.save_as(bad)
+    pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true"}).start()
+    try:
+        assoc = associate(pas, CTImageStorage)
+        previous = _config.STORE_SEND_CHUNKED_DATASET
+        _config.STORE_SEND_CHUNKED_DATASET = True  # command UIDs from the file meta
+        try:
+            refused = assoc.send_c_store(bad)
+            stored = assoc.send_c_store(source)
+        finally:
+            _config.STORE_SEND_CHUNKED_DATASET = previous
+            assoc.release()
+        assert refused.Status == 0xC210
+        assert str(refused.ErrorComment).startswith("SOPInstanceUID differs from the C-STORE")
+        assert stored.Status == 0x0000
+        assert pas.status()["instances"] == 1
+        assert not list((pas.home / "spool" / "tmp").iterdir())
+    finally:
+        pas.stop()
+
+
+def test_a_broken_fragment_sequence_aborts_only_that_association(tmp_path: Path) -> None:
+    """A dataset fragment on another presentation context than its command's: the
+    association is aborted (as pynetdicom does on a PDU it cannot take), nothing is stored,
+    and the next modality is served."""
+    from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
+
+    from appliance.dicomnet.direct_receive import p_data_tf
+    from appliance.dicomnet.direct_store import c_store_rq
+
+    pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true"}).start()
+    try:
+        assoc = associate(pas, CTImageStorage, MRImageStorage)
+        ct_context, mr_context = (cx.context_id for cx in assoc.accepted_contexts)
+        command = c_store_rq(str(CTImageStorage), "1.2.826.0.1.3680043.8.498.1", 1)
+        assoc.dul.socket.send(p_data_tf(ct_context, 0x03, command))
+        assoc.dul.socket.send(p_data_tf(mr_context, 0x02, b"\x08\x00\x18\x00\x00\x00\x00\x00"))
+        wait_for(lambda: assoc.is_aborted, 10, what="the association aborted by PAS")
+        assert "expected" in pas.log() and "aborting the association" in pas.log()
+        files = sorted(MR_DIR.rglob("*.dcm"))[:2]
+        storescu(files, pas.port)
+        assert pas.status()["instances"] == 2
+    finally:
+        pas.stop()

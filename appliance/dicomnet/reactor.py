@@ -26,6 +26,7 @@ import logging
 import os
 import queue
 import select
+import struct
 import threading
 from typing import Any
 
@@ -35,11 +36,15 @@ from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 
+from appliance.dicomnet.direct_receive import P_DATA_TF, DirectReceiver
+
 log = logging.getLogger("pas.dicomnet")
 
 SUPPORTED_VERSIONS = ("3.0.",)
 # Longest a loop waits without an event: the resolution of pynetdicom's timers and kill flags.
 TICK_S = 0.05
+# PDUs up to this size are read into one buffer allocated from their header's length.
+PREALLOCATE_PDU_BYTES = 4 << 20
 
 _installed = False
 _install_lock = threading.Lock()
@@ -112,6 +117,79 @@ def _raw_socket(dul: DULServiceProvider) -> Any:
     return sock
 
 
+def _direct_receiver(self: DULServiceProvider) -> DirectReceiver | None:
+    """The C-STORE fast path (direct_receive.py) of an accepted, established association
+    whose AE asked for it (``ae._pas_direct_store``, set by the ingest listener)."""
+    direct = getattr(self, "_pas_direct", None)
+    if direct is None and self.state_machine.current_state == "Sta6":
+        assoc = self.assoc
+        store = getattr(assoc.ae, "_pas_direct_store", None)
+        direct = DirectReceiver(self, store) if store and assoc.is_acceptor else False
+        self._pas_direct = direct  # type: ignore[attr-defined]
+    return direct or None
+
+
+def _recv_exactly(sock: Any, view: memoryview) -> bool:
+    """Fill ``view`` from the socket; False if the peer closed it first."""
+    while len(view):
+        count = sock.recv_into(view)
+        if not count:
+            return False
+        view = view[count:]
+    return True
+
+
+def _transport_event(self: DULServiceProvider) -> bool:
+    """pynetdicom's ``_is_transport_event`` and ``_read_pdu_data``, with one change: on an
+    association that has a :class:`DirectReceiver`, a P-DATA-TF PDU goes to it first, and to
+    pynetdicom (decoded as pynetdicom would) only if it is not part of a C-STORE it took.
+    PDUs are read with large ``recv_into`` calls instead of pynetdicom's 4 kB reads."""
+    direct = _direct_receiver(self)
+    if direct is None or self.state_machine.current_state != "Sta6":
+        return self._is_transport_event()
+    if not (self.socket and self.socket.ready):
+        return False
+    sock = self.socket.socket
+    header = bytearray(6)
+    try:
+        if not _recv_exactly(sock, memoryview(header)):
+            self.event_queue.put("Evt17")  # the peer closed the connection
+            return True
+        pdu_type, _, pdu_length = struct.unpack(">BBL", header)
+        if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+            log.error("unknown PDU type received 0x%02X", pdu_type)
+            self.event_queue.put("Evt19")
+            return True
+        if pdu_length <= PREALLOCATE_PDU_BYTES:
+            body = bytearray(pdu_length)
+            complete = _recv_exactly(sock, memoryview(body))
+        else:  # a length no one sends: memory grows only with what actually arrives
+            body = self.socket.recv(pdu_length)
+            complete = len(body) == pdu_length
+    except (OSError, TimeoutError) as exc:
+        log.error("connection closed before the entire PDU was received: %s", exc)
+        self.event_queue.put("Evt17")
+        return True
+    if not complete:
+        log.error("the peer closed the connection inside a PDU")
+        self.event_queue.put("Evt17")
+        return True
+    if pdu_type == P_DATA_TF:
+        if direct.take(body):
+            return True
+    else:
+        direct.abandon()
+    try:
+        pdu, event = self._decode_pdu(header + body)
+    except Exception as exc:
+        log.error("unable to decode the received PDU: %s", exc)
+        self.event_queue.put("Evt19")
+        return True
+    self.event_queue.put(event)
+    self._recv_pdu.put(pdu)
+    return True
+
+
 def _dul_step(self: DULServiceProvider, assoc_wake: threading.Event) -> str:
     """One turn of pynetdicom's DUL loop: send a queued primitive or read a PDU, then run one
     state-machine event. "busy", "idle" (nothing to do) or "stop" (aborted)."""
@@ -120,7 +198,7 @@ def _dul_step(self: DULServiceProvider, assoc_wake: threading.Event) -> str:
     try:
         if self._process_recv_primitive():
             pass
-        elif self._is_transport_event():
+        elif _transport_event(self):
             self._idle_timer.restart()
     except Exception as exc:
         log.error("exception in the DUL reactor, aborting the association: %s", exc)

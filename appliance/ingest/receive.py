@@ -114,16 +114,17 @@ class Receiver:
         with self._usage_lock:
             self._usage_bytes += size
 
-    def receive_dataset(self, dataset: bytes, *, transfer_syntax_uid: str, sop_class_uid: str,
-                        sop_instance_uid: str, calling_ae: str | None = None,
-                        called_ae: str | None = None, source: str | None = None) -> Received:
+    def receive_dataset(self, dataset: bytes | bytearray, *, transfer_syntax_uid: str,
+                        sop_class_uid: str, sop_instance_uid: str,
+                        calling_ae: str | None = None, called_ae: str | None = None,
+                        source: str | None = None) -> Received:
         """A dataset as it travelled in P-DATA: kept byte for byte behind a file meta."""
         header = part10_header(sop_class_uid, sop_instance_uid, transfer_syntax_uid)
         record = _read_dataset_record(header, dataset, transfer_syntax_uid)
         if record.sop_instance_uid != sop_instance_uid:
             raise InvalidInstance(
-                f"SOPInstanceUID in the dataset ({record.sop_instance_uid}) differs from the "
-                f"one in the C-STORE request ({sop_instance_uid})"
+                f"SOPInstanceUID differs from the C-STORE request's: dataset "
+                f"{record.sop_instance_uid}, request {sop_instance_uid}"
             )
         return self._file([header, dataset], record, calling_ae=calling_ae,
                           called_ae=called_ae, source=source, origin="local")
@@ -136,13 +137,13 @@ class Receiver:
         record = _read_record(content)
         if expect_sop_instance_uid and record.sop_instance_uid != expect_sop_instance_uid:
             raise InvalidInstance(
-                f"SOPInstanceUID in the dataset ({record.sop_instance_uid}) differs from the "
-                f"one in the C-STORE request ({expect_sop_instance_uid})"
+                f"SOPInstanceUID differs from the C-STORE request's: dataset "
+                f"{record.sop_instance_uid}, request {expect_sop_instance_uid}"
             )
         return self._file([content], record, calling_ae=calling_ae, called_ae=called_ae,
                           source=source, origin=origin)
 
-    def _file(self, chunks: list[bytes], record: index.InstanceRecord, *,
+    def _file(self, chunks: list[bytes | bytearray], record: index.InstanceRecord, *,
               calling_ae: str | None, called_ae: str | None, source: str | None,
               origin: str) -> Received:
         """Spool the bytes durably, then commit the index row (the order of invariant 1)."""
@@ -170,7 +171,7 @@ class Receiver:
                         stored.sha256, stored.size, outcome.duplicate, outcome.conflict)
 
 
-def _read_dataset_record(header: bytes, dataset: bytes,
+def _read_dataset_record(header: bytes, dataset: bytes | bytearray,
                          transfer_syntax_uid: str) -> index.InstanceRecord:
     """As :func:`_read_record`, for a network dataset whose encoding the transfer syntax
     names: parsed as it is, without first copying it behind its header and re-reading the

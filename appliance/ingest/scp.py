@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
@@ -101,6 +102,9 @@ class DicomListener:
         ]
         # Per association: what was stored, for one audit "store" event at its end.
         self._per_association: dict[int, dict[str, Any]] = {}
+        if config.direct_receive:
+            # Read by appliance/dicomnet/reactor.py on every association this AE accepts.
+            self.ae._pas_direct_store = self.store_request  # type: ignore[attr-defined]
         self._server: Any = None
         self._stats_lock = threading.Lock()
         self.stats = {"stored": 0, "duplicates": 0, "conflicts": 0, "refused": 0}
@@ -175,63 +179,82 @@ class DicomListener:
             )
             event.assoc.kill()  # as pynetdicom does: waits until the A-ASSOCIATE-RJ is sent
 
-    def _on_c_store_timed(self, event: Any) -> int:
-        """The C-STORE handler, timed for the ``pas_cstore_duration_seconds`` histogram."""
+    def _on_c_store_timed(self, event: Any) -> Any:
+        """pynetdicom's EVT_C_STORE handler (``dicom.direct_receive = false``, or a C-STORE
+        the fast path left to pynetdicom): the same filing as :meth:`store_request`."""
+        status, comment = self.store_request(
+            event.assoc, str(event.context.transfer_syntax),
+            str(event.request.AffectedSOPClassUID), str(event.request.AffectedSOPInstanceUID),
+            event.request.DataSet.getvalue(), path="pynetdicom")
+        if status == SUCCESS or not comment:
+            return status
+        answer = Dataset()
+        answer.Status = status
+        answer.ErrorComment = comment[:64]
+        return answer
+
+    def store_request(self, assoc: Any, transfer_syntax_uid: str, sop_class_uid: str,
+                      sop_instance_uid: str, dataset: bytes | bytearray,
+                      path: str = "direct") -> tuple[int, str | None]:
+        """File one C-STORE's dataset; the status to answer and, for a failure, the reason
+        (sent as the response's Error Comment so the modality's log names the problem).
+        Timed for the ``pas_cstore_duration_seconds`` histogram."""
         started = time.perf_counter()
-        status = self._on_c_store(event)
-        self._note_store(event, status)
+        status, comment = self._store(assoc, transfer_syntax_uid, sop_class_uid,
+                                      sop_instance_uid, dataset)
+        self._note_store(assoc, status)
         from appliance.ops.metrics import observe_cstore
 
-        observe_cstore(time.perf_counter() - started, status)
-        return status
+        observe_cstore(time.perf_counter() - started, status, path)
+        return status, comment
 
-    def _on_c_store(self, event: Any) -> int:
-        request = event.request
-        requestor = event.assoc.requestor
+    def _store(self, assoc: Any, transfer_syntax_uid: str, sop_class_uid: str,
+               sop_instance_uid: str, dataset: bytes | bytearray) -> tuple[int, str | None]:
+        requestor = assoc.requestor
         calling = requestor.ae_title.strip()
         try:
             received = self.receiver.receive_dataset(
-                request.DataSet.getvalue(),
-                transfer_syntax_uid=str(event.context.transfer_syntax),
-                sop_class_uid=str(request.AffectedSOPClassUID),
-                sop_instance_uid=str(request.AffectedSOPInstanceUID),
+                dataset,
+                transfer_syntax_uid=transfer_syntax_uid,
+                sop_class_uid=sop_class_uid,
+                sop_instance_uid=sop_instance_uid,
                 calling_ae=calling,
-                called_ae=event.assoc.acceptor.ae_title.strip(),
+                called_ae=assoc.acceptor.ae_title.strip(),
                 source=requestor.address,
             )
         except InvalidInstance as exc:
             self._count("refused")
             log.warning("C-STORE from %s refused: %s", calling, exc,
                         extra={"CALLING_AE": calling})
-            return CANNOT_UNDERSTAND
+            return CANNOT_UNDERSTAND, str(exc)
         except SpoolFull as exc:
             self._count("refused")
             log.error("C-STORE from %s refused, out of resources: %s", calling, exc,
                       extra={"CALLING_AE": calling})
-            return OUT_OF_RESOURCES
+            return OUT_OF_RESOURCES, str(exc)
         except StorageFailure as exc:
             self._count("refused")
             log.error("C-STORE from %s failed: %s", calling, exc, extra={"CALLING_AE": calling})
-            return PROCESSING_FAILURE
-        except Exception:  # never let one bad object take the association down silently
+            return PROCESSING_FAILURE, str(exc)
+        except Exception as exc:  # never let one bad object take the association down silently
             self._count("refused")
             log.exception("C-STORE from %s: unexpected error", calling)
-            return PROCESSING_FAILURE
+            return PROCESSING_FAILURE, f"unexpected error: {type(exc).__name__}"
         self._count("duplicates" if received.duplicate else "stored")
         if received.conflict:
             self._count("conflicts")
         if self.on_stored is not None and not received.duplicate:
             self.on_stored(received.study_uid)
-        event.assoc.pas_study_uid = received.study_uid  # for the association's audit event
-        return SUCCESS
+        assoc.pas_study_uid = received.study_uid  # for the association's audit event
+        return SUCCESS, None
 
-    def _note_store(self, event: Any, status: int) -> None:
+    def _note_store(self, assoc: Any, status: int) -> None:
         with self._stats_lock:
             note = self._per_association.setdefault(
-                id(event.assoc), {"stored": 0, "refused": 0, "studies": set()})
+                id(assoc), {"stored": 0, "refused": 0, "studies": set()})
             if status == SUCCESS:
                 note["stored"] += 1
-                study = getattr(event.assoc, "pas_study_uid", None)
+                study = getattr(assoc, "pas_study_uid", None)
                 if study:
                     note["studies"].add(study)
             else:

@@ -56,7 +56,12 @@ UPLOAD_PUT_BYTES = Counter("pas_upload_put_bytes", "Sealed bucket bytes handed t
                            "in PUT bodies to the hub, every attempt included", registry=None)
 UPLOAD_INFLIGHT = Gauge("pas_upload_inflight_bytes", "Sealed bucket bytes of the PUTs to the "
                         "hub under way", registry=None)
-_HOOKS: list[Any] = [CSTORE_SECONDS, RETRIEVES, UPLOAD_PUT_BYTES, UPLOAD_INFLIGHT]
+# Which code read and answered each C-STORE: "direct" (appliance/dicomnet/direct_receive.py)
+# or "pynetdicom" (dicom.direct_receive = false, or a request the direct path left alone).
+CSTORE_PATHS = Counter("pas_cstore_requests", "C-STORE requests filed, by the code path that "
+                       "read and answered them (direct, pynetdicom)", ["path"], registry=None)
+_HOOKS: list[Any] = [CSTORE_SECONDS, CSTORE_PATHS, RETRIEVES, UPLOAD_PUT_BYTES,
+                     UPLOAD_INFLIGHT]
 LEAD_BUCKETS = (0, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 172800, 604800)
 LEAD_WINDOW_S = 7 * 86400
 
@@ -84,8 +89,9 @@ class HubLink:
 HUB_LINK = HubLink()
 
 
-def observe_cstore(seconds: float, status: int) -> None:
+def observe_cstore(seconds: float, status: int, path: str = "pynetdicom") -> None:
     CSTORE_SECONDS.labels("success" if status == 0 else "failure").observe(seconds)
+    CSTORE_PATHS.labels(path).inc()
 
 
 def add_wan_bytes(direction: str, count: int) -> None:
