@@ -38,12 +38,13 @@ def item_for(path: Path, uid: str | None = None) -> PackItem:
 
 
 def round_trip(items: list[PackItem], target: int = pack.DEFAULT_TARGET,
-               level: str = "default") -> tuple[dict[str, bytes], dict[str, int], int]:
+               level: str = "default",
+               first: int | None = None) -> tuple[dict[str, bytes], dict[str, int], int]:
     """Pack and unpack every bucket; rebuild each file from its pieces, checking that the
     pieces tile it exactly. Returns rebuilt files, summed stats and the bucket count."""
     pieces: dict[str, list[pack.Piece]] = {}
     totals: dict[str, int] = {}
-    plans = plan_buckets(items, target)
+    plans = plan_buckets(items, target, first)
     for plan in plans:
         payload, stats = pack_bucket(plan, level)
         assert stats["packed"] == len(payload)
@@ -232,6 +233,25 @@ def test_plan_is_deterministic_and_keeps_small_files_whole(tmp_path: Path) -> No
     assert set(seen.values()) == {1} and len(seen) == len(items)
     rebuilt, _, _ = round_trip(items, target)
     assert_exact(items, rebuilt)
+
+
+def test_a_smaller_first_bucket_then_buckets_of_the_target(tmp_path: Path) -> None:
+    items = [item_for(p) for p in sorted(MR_DIR.glob("*.dcm"))[:60]]
+    target, first = 1024 * 1024, 256 * 1024
+    plans = plan_buckets(items, target, first)
+    assert plans == plan_buckets(list(items), target, first)  # a resumed transfer: the same
+    sizes = [sum(length for _, _, length in plan.entries) for plan in plans]
+    assert 0 < sizes[0] <= first < sizes[1] <= target
+    assert len(plans) == len(plan_buckets(items, target)) + 1
+    rebuilt, _, _ = round_trip(items, target, first=first)
+    assert_exact(items, rebuilt)
+    # A file bigger than the first bucket: cut at the first size, then at the target.
+    big = item_for(make_big_multiframe(tmp_path / "big.dcm", 8), "big")
+    pieces = [entry for plan in plan_buckets([big], target, first) for entry in plan.entries]
+    assert [length for _, _, length in pieces][:2] == [first, target]
+    assert sum(length for _, _, length in pieces) == big.size
+    rebuilt, _, _ = round_trip([big], target, first=first)
+    assert_exact([big], rebuilt)
 
 
 def test_jpegls_that_is_not_exact_falls_back_to_zstd_and_is_counted(

@@ -66,7 +66,7 @@ class Hub:
         self._locks_guard = threading.Lock()
         from appliance.hub.archiver import Archiver  # archives while buckets arrive; resumes
 
-        self.archiver = Archiver(self, settings.archive.workers)
+        self.archiver = Archiver(self, settings.archive.workers, settings.archive.requests)
 
     def lock(self, transfer_id: str) -> threading.Lock:
         with self._locks_guard:

@@ -13,10 +13,11 @@ every instance of the manifest is recorded archived (invariant 2 still holds: no
 receipted before the archive confirmed each instance, bit-exact).
 
 Owns: the work files, the background workers (``archive.workers`` threads per hub, a queue of
-transfer ids in priority order, each transfer handled by one thread at a time; their requests
-to the archive go through a pool of as many threads, so one transfer's batches are stored
-concurrently), which buckets
-each transfer has applied (in memory: a restarted hub wipes ``work/`` and re-applies the
+transfer ids in priority order, each transfer handled by one thread at a time), the requests
+to the archive (``archive.requests`` at once per hub, in priority order: a pool shared by every
+transfer; a background round hands its batches to it and goes on applying the next bucket
+instead of waiting, so the archive is never idle between two buckets of one study), which
+buckets each transfer has applied (in memory: a restarted hub wipes ``work/`` and re-applies the
 buckets of instances not yet archived). May not touch: SQL (``appliance.store.hub``), HTTP,
 receipts (``commit.py``).
 
@@ -35,7 +36,7 @@ import logging
 import queue
 import shutil
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,12 +65,45 @@ class _Transfer:
     lock: threading.Lock = field(default_factory=threading.Lock)
     applied: set[int] = field(default_factory=set)
     key: bytes | None = None
+    # Batches handed to the archive by background rounds and not answered yet (guarded by
+    # ``flight``, not ``lock``: the answers arrive on the request threads).
+    flight: threading.Lock = field(default_factory=threading.Lock)
+    inflight: set[str] = field(default_factory=set)
+    futures: set[Future[list[str]]] = field(default_factory=set)
+    refused_ahead: bool = False  # the archive refused a batch: leave the rest to the commit
+
+
+class _Requests:
+    """``size`` threads calling the archive, the lowest priority number first (then FIFO)."""
+
+    def __init__(self, size: int):
+        self._queue: queue.PriorityQueue[tuple[int, int, Future[Any], Any, tuple[Any, ...]]] = (
+            queue.PriorityQueue())
+        self._order = itertools.count()
+        for number in range(size):
+            threading.Thread(target=self._run, name=f"pas-hub-archive-{number}",
+                             daemon=True).start()
+
+    def submit(self, priority: int, fn: Any, *args: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        self._queue.put((priority, next(self._order), future, fn, args))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            _priority, _order, future, fn, args = self._queue.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
+                future.set_exception(exc)
 
 
 class Archiver:
     """Background rebuild-and-archive for a hub; ``notify`` after each durable bucket."""
 
-    def __init__(self, hub: Hub, workers: int = 1):
+    def __init__(self, hub: Hub, workers: int = 1, requests: int | None = None):
         self.hub = hub
         self._queue: queue.PriorityQueue[tuple[int, int, str]] = queue.PriorityQueue()
         self._queued: set[str] = set()
@@ -77,8 +111,7 @@ class Archiver:
         self._guard = threading.Lock()
         self._order = itertools.count()
         # Requests to the archive, shared by every round (background and commits): bounded.
-        self._parallel = workers
-        self._requests = ThreadPoolExecutor(workers, thread_name_prefix="pas-hub-archive")
+        self._requests = _Requests(requests or workers)
         for transfer_id, priority in store.unfinished_transfers(hub.db):  # a restart resumes
             self.notify(transfer_id, priority)
         for number in range(workers):
@@ -98,7 +131,9 @@ class Archiver:
         """Archive everything not archived yet (all buckets are held); returns the number of
         instances of the manifest. Raises :class:`CommitRefused` (422 bad bucket, unexpected
         instance, SHA-256 mismatch; 502 archive refused) and then nothing is receipted."""
-        return self._round(transfer_id, final=True)
+        row = store.get_transfer(self.hub.db, transfer_id)
+        return self._round(transfer_id, final=True,
+                           priority=int(row["priority"]) if row is not None else 0)
 
     def forget(self, transfer_id: str) -> None:
         """After the receipt: drop the work files and the in-memory state."""
@@ -110,11 +145,11 @@ class Archiver:
 
     def _work(self) -> None:
         while True:
-            _priority, _order, transfer_id = self._queue.get()
+            priority, _order, transfer_id = self._queue.get()
             with self._guard:
                 self._queued.discard(transfer_id)
             try:
-                self._round(transfer_id, final=False)
+                self._round(transfer_id, final=False, priority=priority)
             except CommitRefused as exc:  # the commit will say it; nothing was archived wrongly
                 log.warning("transfer %s: archiving ahead stopped: %s", transfer_id, exc.detail)
             except Exception:
@@ -125,7 +160,7 @@ class Archiver:
         with self._guard:
             return self._transfers.setdefault(transfer_id, _Transfer())
 
-    def _round(self, transfer_id: str, final: bool) -> int:
+    def _round(self, transfer_id: str, final: bool, priority: int = 0) -> int:
         state = self._state(transfer_id)
         with state.lock:
             row = store.get_transfer(self.hub.db, transfer_id)
@@ -133,12 +168,18 @@ class Archiver:
                 with self._guard:
                     self._transfers.pop(transfer_id, None)
                 return 0
+            if final:  # what background rounds handed to the archive is answered first
+                self._drain(state)
+            elif state.refused_ahead:
+                return 0
             manifest = json.loads(row["manifest"])
             expected = {i["sop_instance_uid"]: i for i in manifest["instances"]}
             numbers = {uid: n for n, uid in enumerate(expected)}
             archived = store.archived_instances(self.hub.db, transfer_id)
+            with state.flight:
+                inflight = set(state.inflight)
             pending = {uid: i for uid, i in expected.items()
-                       if archived.get(uid) != i["sha256"]}
+                       if archived.get(uid) != i["sha256"] and uid not in inflight}
             if not pending:
                 return len(expected)
             buckets = {int(b["idx"]): b for b in store.bucket_rows(self.hub.db, transfer_id)}
@@ -157,15 +198,25 @@ class Archiver:
                 raise CommitRefused(422, "sha256_mismatch",
                                     f"{len(mismatch)} rebuilt instance(s) differ from the "
                                     f"manifest: {names}", mismatch=mismatch)
-            refused = self._archive(transfer_id, row["site"], good, stop_early=not final)
-            if refused and final:
+            if not final:
+                self._archive_ahead(transfer_id, row["site"], good, state, priority)
+                return len(expected)
+            refused = self._archive(transfer_id, row["site"], good, priority)
+            if refused:
                 raise CommitRefused(502, "archive_refused", f"{self.hub.archive.kind} archive "
                                     f"refused {len(refused)} instance(s): "
                                     f"{', '.join(refused[:5])}", refused=refused)
-            if good and not final:
-                log.info("transfer %s: %d instance(s) archived ahead of the commit",
-                         transfer_id, len(good) - len(refused))
             return len(expected)
+
+    def _drain(self, state: _Transfer) -> None:
+        """Wait until every batch a background round handed to the archive is answered."""
+        while True:
+            with state.flight:
+                futures = list(state.futures)
+            if not futures:
+                return
+            for future in futures:
+                future.exception()  # waits; the outcome is recorded (or not) by _store
 
     def _key(self, row: Any, state: _Transfer) -> bytes:
         from appliance.transfer import seal
@@ -203,23 +254,47 @@ class Archiver:
                 handle.seek(piece.offset)
                 handle.write(piece.data)
 
-    def _archive(self, transfer_id: str, site: str, instances: list[RebuiltInstance],
-                 stop_early: bool) -> list[str]:
-        """Batches to the archive, up to ``archive.workers`` requests at once (Orthanc stores
-        one request while it parses the next), each confirmed batch recorded at once; returns
-        the refused UIDs. Ahead of the commit, a wave with a refusal ends the round (the
-        archive may be down: the commit tries again and answers 502 if it still refuses)."""
+    def _batches(self, instances: list[RebuiltInstance]) -> list[list[RebuiltInstance]]:
         per_request = self.hub.settings.archive.instances_per_request
-        batches = [instances[i:i + per_request] for i in range(0, len(instances), per_request)]
-        refused: list[str] = []
-        for wave in range(0, len(batches), self._parallel):
-            futures = [self._requests.submit(self._store, transfer_id, site, batch)
-                       for batch in batches[wave:wave + self._parallel]]
-            for future in futures:
-                refused.extend(future.result())
-            if refused and stop_early:
-                break
-        return refused
+        return [instances[i:i + per_request] for i in range(0, len(instances), per_request)]
+
+    def _archive(self, transfer_id: str, site: str, instances: list[RebuiltInstance],
+                 priority: int) -> list[str]:
+        """The commit's batches, through the shared request pool (``archive.requests`` at once:
+        Orthanc stores one request while it parses the next); waits for every answer and
+        returns the refused UIDs."""
+        futures = [self._requests.submit(priority, self._store, transfer_id, site, batch)
+                   for batch in self._batches(instances)]
+        return [uid for future in futures for uid in future.result()]
+
+    def _archive_ahead(self, transfer_id: str, site: str, instances: list[RebuiltInstance],
+                       state: _Transfer, priority: int) -> None:
+        """Hand the batches to the request pool without waiting: the round thread goes on
+        with the next bucket. Each batch is recorded as the archive confirms it; after a
+        refusal (the archive may be down) this transfer archives nothing more ahead, and the
+        commit tries again and answers 502 if the archive still refuses."""
+        for batch in self._batches(instances):
+            uids = {i.sop_instance_uid for i in batch}
+            with state.flight:
+                state.inflight |= uids
+                future = self._requests.submit(priority, self._store, transfer_id, site, batch)
+                state.futures.add(future)
+
+            def answered(done: Future[list[str]], uids: set[str] = uids) -> None:
+                with state.flight:
+                    state.inflight -= uids
+                    state.futures.discard(done)
+                    error = done.exception()
+                    refused = error is not None or bool(done.result())
+                    state.refused_ahead |= refused
+                if error is not None:
+                    log.warning("transfer %s: archiving ahead failed (the commit retries): %s",
+                                transfer_id, error)
+                else:
+                    log.info("transfer %s: %d instance(s) archived ahead of the commit",
+                              transfer_id, len(uids) - len(done.result()))
+
+            future.add_done_callback(answered)
 
     def _store(self, transfer_id: str, site: str, batch: list[RebuiltInstance]) -> list[str]:
         """One request to the archive; records what it confirmed; returns what it refused."""

@@ -101,28 +101,35 @@ class BucketPlan:
     entries: list[tuple[PackItem, int, int]]
 
 
-def plan_buckets(items: list[PackItem], target_bytes: int = DEFAULT_TARGET) -> list[BucketPlan]:
+def plan_buckets(items: list[PackItem], target_bytes: int = DEFAULT_TARGET,
+                 first_bytes: int | None = None) -> list[BucketPlan]:
     """Cut the items into buckets of about ``target_bytes`` of original bytes.
 
     Small files are never split: a file that does not fit in the current bucket starts the
     next one. A file bigger than a bucket is cut into ``target_bytes`` pieces; its tail piece
     shares a bucket with the files that follow. Empty files still get an entry, so the hub
-    sees every instance."""
+    sees every instance. ``first_bytes`` (smaller than ``target_bytes``): the first bucket's
+    size instead, so that the hub has whole instances to archive one round trip after the
+    transfer starts (the plan stays a function of the items and the two sizes: a resumed
+    transfer cuts the same buckets)."""
     if target_bytes < 1:
         raise PackError(f"target_bytes must be positive, got {target_bytes}")
     plans: list[list[tuple[PackItem, int, int]]] = [[]]
     used = 0
+    limit = min(first_bytes, target_bytes) if first_bytes and first_bytes > 0 else target_bytes
     for item in items:
         if item.size < 0:
             raise PackError(f"{item.sop_instance_uid}: negative size {item.size}")
-        if used + item.size > target_bytes and plans[-1]:
+        if used + item.size > limit and plans[-1]:
             plans.append([])
             used = 0
+            limit = target_bytes
         offset = 0
-        while item.size - offset > target_bytes:
-            plans[-1].append((item, offset, target_bytes))
+        while item.size - offset > limit:
+            plans[-1].append((item, offset, limit))
             plans.append([])
-            offset += target_bytes
+            offset += limit
+            limit = target_bytes
         length = item.size - offset
         plans[-1].append((item, offset, length))
         used += length

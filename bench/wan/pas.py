@@ -159,6 +159,15 @@ def _profile(procs: dict[str, subprocess.Popen[bytes] | None]) -> list[subproces
             for name, proc in procs.items() if proc is not None]
 
 
+def _cpu_s(proc: subprocess.Popen[bytes] | None) -> float:
+    """User + system CPU seconds of a running process (0 if gone)."""
+    try:
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (AttributeError, OSError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _keep(hub: Hub, appliance: SiteAppliance, start_ns: int, end_ns: int) -> None:
     """With PAS_BENCH_KEEP=<folder>: copy the hub's and the appliance's databases and logs
     there, with the timed window (CLOCK_MONOTONIC and wall clock), for
@@ -208,6 +217,9 @@ def run_pas(link: WanLink, dataset: Dataset, scratch: Path, timeout: float,
         if watch is not None:
             watch["appliance"] = appliance
         profilers = _profile({"appliance": appliance.proc, "hub": hub.proc})
+        procs = {"appliance (with ingest)": appliance.proc, "hub": hub.proc,
+                 "regional Orthanc": regional.proc}
+        cpu_before = {name: _cpu_s(proc) for name, proc in procs.items()}
         link.reset()
         ingest = subprocess.run(
             ["storescu", "-aec", "PAS", "-aet", "MODALITY", "+sd", "+r",
@@ -223,6 +235,7 @@ def run_pas(link: WanLink, dataset: Dataset, scratch: Path, timeout: float,
                 break
             time.sleep(0.1)
         end_ns = time.monotonic_ns()
+        cpu = {name: _cpu_s(proc) - cpu_before[name] for name, proc in procs.items()}
         stats = link.stats()
         for profiler in profilers:
             _stop(profiler, signal.SIGINT)
@@ -241,6 +254,7 @@ def run_pas(link: WanLink, dataset: Dataset, scratch: Path, timeout: float,
         note = (f"{appliance.upload_summary()}; "
                 f"rss {appliance.peak_rss_mb():.0f} MB; dropped up: queue "
                 f"{stats.up_drop_queue / 1e6:.2f} MB, loss {stats.up_drop_loss / 1e6:.2f} MB")
+        note += "; cpu s: " + ", ".join(f"{name} {seconds:.2f}" for name, seconds in cpu.items())
         if confirmed < dataset.instances:
             note += f"; only {confirmed} confirmed (jobs {status.get('jobs')})"
         start_ns = stats.first_up_ns or end_ns
