@@ -86,3 +86,73 @@ def instance_record(ds: Dataset, transfer_syntax_uid: str) -> InstanceRecord:
         body_part=_text(ds, "BodyPartExamined"),
         instance_number=_int(ds, "InstanceNumber"),
     )
+
+
+# -- the same record from raw values (appliance/ingest/header.py), without pydicom elements --
+
+# Character sets whose text decodes with one plain codec (PS3.5 6.1.2.3; no code extensions).
+_SIMPLE_CHARSETS = {b"": "ascii", b"ISO_IR 6": "ascii", b"ISO_IR 100": "latin-1",
+                    b"ISO_IR 192": "utf-8"}
+_TEXT_TAGS = {
+    "patient_id": 0x00100020, "issuer_of_patient_id": 0x00100021, "patient_name": 0x00100010,
+    "birth_date": 0x00100030, "sex": 0x00100040, "study_date": 0x00080020,
+    "study_time": 0x00080030, "accession_number": 0x00080050, "study_id": 0x00200010,
+    "study_description": 0x00081030, "referring_physician": 0x00080090,
+    "modality": 0x00080060, "series_description": 0x0008103E, "body_part": 0x00180015,
+}
+_UID_TAGS = {"sop_instance_uid": (0x00080018, "SOPInstanceUID"),
+             "sop_class_uid": (0x00080016, "SOPClassUID"),
+             "study_uid": (0x0020000D, "StudyInstanceUID"),
+             "series_uid": (0x0020000E, "SeriesInstanceUID")}
+_INT_TAGS = {"series_number": 0x00200011, "instance_number": 0x00200013}
+
+
+# The VRs these elements have (None: implicit VR, pydicom's dictionary decides); any other,
+# e.g. UN from an anonymiser, is left to pydicom's conversion.
+_TEXT_VRS = {None, "AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST",
+             "TM", "UC", "UI", "UT", "US"}
+
+
+class _NotSimple(Exception):
+    """A value pydicom should convert (multi-valued, a code extension, odd padding...)."""
+
+
+def _plain(raw: bytes, codec: str) -> str | None:
+    if b"\\" in raw or b"\x00" in raw.rstrip(b"\x00"):
+        raise _NotSimple
+    try:
+        text = raw.rstrip(b"\x00").decode(codec).strip()
+    except UnicodeDecodeError:
+        raise _NotSimple from None
+    return text or None
+
+
+def record_from_raw(ds: Dataset, transfer_syntax_uid: str) -> InstanceRecord:
+    """:func:`instance_record` for a dataset of raw elements (header.py): plain values are
+    decoded here, which is what pydicom's conversion then ``_text`` give for them (tests
+    compare both on every real file); anything else goes through :func:`instance_record`."""
+    raw = {tag: element.value for tag, element in ds._dict.items()}
+    codec = _SIMPLE_CHARSETS.get(raw.get(0x00080005, b"").strip())
+    if codec is None or any(element.VR not in _TEXT_VRS for element in ds._dict.values()):
+        return instance_record(ds, transfer_syntax_uid)
+    try:
+        values: dict[str, Any] = {}
+        for name, (tag, keyword) in _UID_TAGS.items():
+            value = _plain(raw[tag], "ascii") if tag in raw else None
+            if not value:
+                raise InvalidInstance(f"{keyword} is missing")
+            if len(value) > 64:
+                raise InvalidInstance(f"{keyword} is longer than 64 characters")
+            values[name] = value
+        for name, tag in _TEXT_TAGS.items():
+            values[name] = _plain(raw[tag], codec) if tag in raw else None
+        for name, tag in _INT_TAGS.items():
+            text = _plain(raw[tag], "ascii") if tag in raw else None
+            values[name] = int(text) if text is not None and text.isdigit() else None
+            if text is not None and values[name] is None:
+                raise _NotSimple
+    except _NotSimple:
+        return instance_record(ds, transfer_syntax_uid)
+    values["patient_id"] = values["patient_id"] or ""
+    values["issuer_of_patient_id"] = values["issuer_of_patient_id"] or ""
+    return InstanceRecord(transfer_syntax_uid=transfer_syntax_uid, **values)

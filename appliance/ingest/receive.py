@@ -23,7 +23,8 @@ from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID, generate_uid
 
 from appliance import __version__
-from appliance.ingest.attributes import InvalidInstance, instance_record
+from appliance.ingest.attributes import InvalidInstance, instance_record, record_from_raw
+from appliance.ingest.header import read_header
 from appliance.store import index
 from appliance.store.db import Database
 from appliance.store.spool import Spool, SpoolFull
@@ -179,6 +180,16 @@ def _read_dataset_record(header: bytes, dataset: bytes | bytearray,
     syntax = UID(transfer_syntax_uid)
     if not syntax.is_transfer_syntax or syntax.is_deflated:
         return _read_record(header + dataset)
+    quick = read_header(dataset, syntax.is_implicit_VR, syntax.is_little_endian)
+    if quick is not None:  # well formed: only the elements the index reads (header.py)
+        try:
+            if quick.pixel_length is not None and not syntax.is_compressed:
+                _check_pixel_length(quick.dataset, quick.pixel_length)
+            return record_from_raw(quick.dataset, str(syntax))
+        except InvalidInstance:
+            raise
+        except Exception as exc:  # as in _record: lazily converted values can raise
+            raise InvalidInstance(f"cannot read the dataset's attributes: {exc}") from None
     try:
         ds = read_dataset(BytesIO(dataset), syntax.is_implicit_VR, syntax.is_little_endian)
     except Exception as exc:  # pydicom raises many types on malformed input
@@ -203,8 +214,11 @@ def _read_record(content: bytes) -> index.InstanceRecord:
 
 def _record(ds: Dataset, transfer_syntax: UID) -> index.InstanceRecord:
     try:
-        if ds.get("PixelData") is not None:
-            _check_pixel_length(ds, transfer_syntax)
+        # The element itself: ds.get() would give its value.
+        element = ds["PixelData"] if "PixelData" in ds else None  # noqa: SIM401
+        if (element is not None and not element.is_undefined_length
+                and transfer_syntax.is_transfer_syntax and not transfer_syntax.is_compressed):
+            _check_pixel_length(ds, len(element.value))
         return instance_record(ds, str(transfer_syntax))
     except InvalidInstance:
         raise
@@ -212,19 +226,16 @@ def _record(ds: Dataset, transfer_syntax: UID) -> index.InstanceRecord:
         raise InvalidInstance(f"cannot read the dataset's attributes: {exc}") from None
 
 
-def _check_pixel_length(ds: Dataset, syntax: UID) -> None:
+def _check_pixel_length(ds: Dataset, actual: int) -> None:
     """pydicom reads a short final element without complaint; a truncated object usually
-    ends in its pixel data, so compare what arrived to what the header promises."""
-    element = ds["PixelData"]
-    if element.is_undefined_length or not syntax.is_transfer_syntax or syntax.is_compressed:
-        return
+    ends in its pixel data, so compare what arrived (native pixel data of ``actual`` bytes)
+    to what the header promises."""
     try:
         expected = get_expected_length(ds, unit="bytes")
     except (AttributeError, TypeError, ValueError, KeyError):
         return  # geometry incomplete: nothing reliable to compare against
     if not isinstance(expected, int):
         return  # a malformed geometry element (wrong VR): tolerated, stored as sent
-    actual = len(element.value)
     if actual < expected:
         raise InvalidInstance(
             f"PixelData is truncated: {actual} bytes, the header describes {expected}"
