@@ -19,6 +19,7 @@ each rebuilt file's SHA-256 against the one computed here from the archive's fil
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -39,11 +40,17 @@ from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from appliance.hub.app import problem
-from appliance.transfer.download import DOWNLOADS_PATH, MEDIA_TYPE, encode_frame
+from appliance.transfer.download import (
+    DOWNLOADS_PATH,
+    MEDIA_TYPE,
+    SEARCH_PATH,
+    STUDY_FIELDS,
+    encode_frame,
+)
 from appliance.transfer.pack import BucketPlan, PackItem, pack_bucket
 
 if TYPE_CHECKING:
@@ -57,6 +64,16 @@ MIN_BUCKET_BYTES = 64 * 1024
 MULTIPART_DICOM = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 AHEAD = 2  # buckets staged or packed ahead of the answer
 MAX_BUCKET_BYTES = 16 * 1024 * 1024
+# The stream's first bucket closes after this many original bytes (a whole instance is never
+# split for it): the first byte crosses the WAN after one small packing, not a whole bucket's.
+FIRST_BUCKET_BYTES = 256 * 1024
+# And the stream's last one: what is left at the end is cut in buckets of about this size, so
+# that the site, which unpacks and files a bucket once it is whole, has little to do after the
+# last byte (a 4 MiB bucket of 86 kB MR files is ~0.15 s of decoding and fsyncs there).
+LAST_BUCKET_BYTES = 1024 * 1024
+MAX_STUDIES = 256  # studies one request may ask for (the batched form)
+MAX_SEARCHES = 256  # patients one search may name
+DICOM_JSON = "application/dicom+json"
 # Packing is CPU and a bucket's bytes in memory (at most MAX_BUCKET_BYTES read + packed): at
 # most this many downloads pack at once. Measured on 10 CT priors at once (2 cores): 2 -> 3.6 s,
 # 4 -> 3.2 s, 8 -> 3.4 s mean of four runs each (a study's first byte waits for its packing).
@@ -72,6 +89,15 @@ class ArchiveFailed(Exception):
 
 
 @dataclass(frozen=True)
+class Part:
+    """One study (or series) of a request, minus what the site holds."""
+
+    study_uid: str
+    series_uid: str | None
+    have: frozenset[str]
+
+
+@dataclass(frozen=True)
 class Staged:
     item: PackItem
     owned: bool  # a staged copy to delete once packed (not an archive's own file)
@@ -80,9 +106,10 @@ class Staged:
 class _Planner:
     """``pack.plan_buckets`` one file at a time: the same cuts, emitted as soon as known."""
 
-    def __init__(self, target: int):
+    def __init__(self, target: int, first: int | None = None, index: int = 0):
         self.target = target
-        self.index = 0
+        self.close_at = min(first or target, target)  # the first bucket's size, then target
+        self.index = index
         self.entries: list[tuple[PackItem, int, int]] = []
         self.used = 0
 
@@ -97,17 +124,32 @@ class _Planner:
             offset += self.target
         self.entries.append((item, offset, item.size - offset))
         self.used += item.size - offset
-        if self.used >= self.target:
+        if self.used >= self.close_at:
             out.append(self._close())
         return out
 
-    def finish(self) -> list[BucketPlan]:
-        return [self._close()] if self.entries else []
+    def finish(self, last: int | None = None) -> list[BucketPlan]:
+        """What is left, as one bucket, or (``last``) as buckets of about ``last`` bytes
+        (whole pieces: none is cut further)."""
+        if not self.entries:
+            return []
+        if last is None or self.used <= last:
+            return [self._close()]
+        out: list[BucketPlan] = []
+        pending, self.entries, size = self.entries, [], 0
+        for entry in pending:
+            if size and size + entry[2] > last:
+                out.append(self._close())
+                size = 0
+            self.entries.append(entry)
+            size += entry[2]
+        out.append(self._close())
+        return out
 
     def _close(self) -> BucketPlan:
         plan = BucketPlan(self.index, self.entries)
         self.index += 1
-        self.entries, self.used = [], 0
+        self.entries, self.used, self.close_at = [], 0, self.target
         return plan
 
 
@@ -212,16 +254,32 @@ def _uid_of(path: Path) -> str:
     return uid
 
 
-class Download:
-    """One answer: stage -> pack -> frames, each stage a thread or the response's loop."""
+@dataclass
+class _PartStats:
+    instances: int = 0
+    skipped: int = 0
+    original: int = 0
+    packed: int = 0
+    buckets: int = 0
+    sent: bool = False
+    error: str = ""
 
-    def __init__(self, hub: Hub, site: str, study_uid: str, series_uid: str | None,
-                 have: set[str], target: int):
+
+class Download:
+    """One answer: stage -> pack -> frames, each stage a thread or the response's loop.
+
+    The parts (studies) follow one another in the same stream, so that a site asking for ten
+    priors at once gets one TCP stream (one slow start, no ten-way overshoot of the WAN's
+    queue) while the hub reads and packs the next study during the send of the current one.
+    ``batched`` (the request named ``studies``): each bucket names its part, each part ends
+    with a frame of its own, and a part the archive cannot deliver gets an error frame of its
+    own while the others go on."""
+
+    def __init__(self, hub: Hub, site: str, parts: list[Part], target: int, batched: bool):
         self.hub = hub
         self.site = site
-        self.study_uid = study_uid
-        self.series_uid = series_uid
-        self.have = have
+        self.parts = parts
+        self.batched = batched
         self.target = target
         self.folder = downloads_dir(hub) / uuid.uuid4().hex
         self.folder.mkdir(parents=True)
@@ -230,13 +288,14 @@ class Download:
         self.cancel = threading.Event()
         self.first = threading.Event()  # the archive answered (or failed)
         self.failure: ArchiveFailed | None = None
-        self.instances = 0
-        self.skipped = 0
-        self.original = 0
-        self.packed = 0
+        self.stats = [_PartStats() for _ in parts]
         self.started = time.monotonic()
         self.threads = [threading.Thread(target=self._stage, name="pas-dl-stage", daemon=True),
                         threading.Thread(target=self._pack, name="pas-dl-pack", daemon=True)]
+
+    @property
+    def instances(self) -> int:
+        return sum(s.instances for s in self.stats)
 
     def start(self) -> Download:
         for thread in self.threads:
@@ -255,61 +314,84 @@ class Download:
     # --- stage 1: the archive's files, cut into buckets ---------------------------------------
 
     def _stage(self) -> None:
-        planner = _Planner(self.target)
+        index = 0
         try:
-            for staged in self._source():
-                if self.cancel.is_set():
-                    return
-                if staged.item.sop_instance_uid in self.have:
-                    self.skipped += 1
-                    if staged.owned:
-                        staged.item.path.unlink(missing_ok=True)
-                    continue
-                self.instances += 1
-                for plan in planner.add(staged.item):
-                    if not self._put(self.plans, plan):
+            for number, part in enumerate(self.parts):
+                # The stream's first bucket is small: its packing is all the WAN waits for.
+                planner = _Planner(self.target, FIRST_BUCKET_BYTES if number == 0 else None,
+                                   index)
+                stats = self.stats[number]
+                try:
+                    for staged in self._source(part):
+                        if self.cancel.is_set():
+                            return
+                        if staged.item.sop_instance_uid in part.have:
+                            stats.skipped += 1
+                            if staged.owned:
+                                staged.item.path.unlink(missing_ok=True)
+                            continue
+                        stats.instances += 1
+                        for plan in planner.add(staged.item):
+                            if not self._put(self.plans, ("bucket", number, plan)):
+                                return
+                    if stats.instances == 0 and stats.skipped == 0:
+                        raise ArchiveFailed(404, "unknown_study",
+                                            self._what(part) + " has no instances")
+                except ArchiveFailed as exc:
+                    if not self.batched:
+                        raise
+                    # This part only: what it already sent stays valid, the next part goes on.
+                    stats.error = exc.error
+                    self.first.set()
+                    index = planner.index
+                    if not self._put(self.plans, ("part_error", number, exc)):
                         return
-            for plan in planner.finish():
-                if not self._put(self.plans, plan):
+                    continue
+                final = number == len(self.parts) - 1
+                for plan in planner.finish(LAST_BUCKET_BYTES if final else None):
+                    if not self._put(self.plans, ("bucket", number, plan)):
+                        return
+                index = planner.index
+                if not self._put(self.plans, ("part_end", number, None)):
                     return
             self._put(self.plans, None)
         except ArchiveFailed as exc:
             self.failure = exc
             self._put(self.plans, exc)
         except Exception as exc:  # any other failure ends the answer with an error frame
-            log.exception("download of %s for %s: staging failed", self.study_uid, self.site)
+            log.exception("download for %s: staging failed", self.site)
             self.failure = ArchiveFailed(502, "archive_failed", f"{type(exc).__name__}: {exc}")
             self._put(self.plans, self.failure)
         finally:
             self.first.set()
 
-    def _source(self) -> Iterator[Staged]:
+    def _source(self, part: Part) -> Iterator[Staged]:
         spool = getattr(self.hub.archive, "spool", None)
         if self.hub.settings.archive.kind == "embedded" and spool is not None:
-            yield from self._embedded(spool)
+            yield from self._embedded(part, spool)
         else:
-            yield from self._dicomweb()
+            yield from self._dicomweb(part)
 
-    def _embedded(self, spool: Any) -> Iterator[Staged]:
+    def _embedded(self, part: Part, spool: Any) -> Iterator[Staged]:
         from appliance.store import query
 
-        keys = {"StudyInstanceUID": self.study_uid}
+        keys = {"StudyInstanceUID": part.study_uid}
         level = "STUDY"
-        if self.series_uid:
-            keys["SeriesInstanceUID"], level = self.series_uid, "SERIES"
+        if part.series_uid:
+            keys["SeriesInstanceUID"], level = part.series_uid, "SERIES"
         rows = query.instances_for(self.hub.archive.db, level, keys)  # type: ignore[attr-defined]
         if not rows:
-            raise ArchiveFailed(404, "unknown_study", self._what() + " is not in the archive")
+            raise ArchiveFailed(404, "unknown_study", self._what(part) + " is not in the archive")
         self.first.set()
         for row in rows:
             yield Staged(PackItem(row["sop_instance_uid"], spool.path(row["path"]),
                                   int(row["size"]), row["sha256"]), owned=False)
 
-    def _dicomweb(self) -> Iterator[Staged]:
+    def _dicomweb(self, part: Part) -> Iterator[Staged]:
         archive = self.hub.settings.archive
-        path = f"studies/{self.study_uid}"
-        if self.series_uid:
-            path += f"/series/{self.series_uid}"
+        path = f"studies/{part.study_uid}"
+        if part.series_uid:
+            path += f"/series/{part.series_uid}"
         arrived: list[Staged] = []
 
         def on_part(file: Path, size: int, digest: str) -> None:
@@ -323,7 +405,7 @@ class Download:
                                        "Accept-Encoding": "identity"}) as answer:
                 if answer.status_code == 404:
                     raise ArchiveFailed(404, "unknown_study",
-                                        self._what() + " is not in the archive")
+                                        self._what(part) + " is not in the archive")
                 if answer.status_code >= 400:
                     answer.read()
                     raise ArchiveFailed(502, "archive_refused",
@@ -347,12 +429,11 @@ class Download:
         finally:
             if parser is not None:
                 parser.close()
-        if self.instances == 0 and self.skipped == 0:
-            raise ArchiveFailed(404, "unknown_study", self._what() + " has no instances")
 
-    def _what(self) -> str:
-        return f"study {self.study_uid}" + (f" series {self.series_uid}"
-                                            if self.series_uid else "")
+    @staticmethod
+    def _what(part: Part) -> str:
+        return f"study {part.study_uid}" + (f" series {part.series_uid}"
+                                            if part.series_uid else "")
 
     # --- stage 2: packing ---------------------------------------------------------------------
 
@@ -365,32 +446,53 @@ class Download:
                 except queue.Empty:
                     continue
                 if got is None:
-                    self._put(self.frames, encode_frame(
-                        {"end": True, "instances": self.instances, "buckets": buckets}))
+                    self._put(self.frames, (encode_frame(
+                        {"end": True, "instances": self.instances, "buckets": buckets}), None))
                     self._put(self.frames, None)
                     return
                 if isinstance(got, ArchiveFailed):
                     self._put(self.frames, got)
                     return
-                plan = got
+                kind, number, plan = got
+                stats = self.stats[number]
+                if kind == "part_end":
+                    if self.batched and not self._put(self.frames, (encode_frame(
+                            {"study_end": number, "instances": stats.instances,
+                             "buckets": stats.buckets}), number)):
+                        return
+                    if not self.batched:
+                        stats.sent = True  # the end frame of a single study says it
+                    continue
+                if kind == "part_error":
+                    log.warning("download of %s for %s failed: %s", self._what(
+                        self.parts[number]), self.site, plan.detail, extra={"SITE": self.site})
+                    if not self._put(self.frames, (encode_frame(
+                            {"error": plan.error, "study": number, "detail": plan.detail}),
+                            None)):
+                        return
+                    continue
                 with _PACKING:
                     payload, _stats = pack_bucket(plan, "default")
-                self.original += sum(length for _, _, length in plan.entries)
-                self.packed += len(payload)
+                stats.original += sum(length for _, _, length in plan.entries)
+                stats.packed += len(payload)
                 seen: dict[str, PackItem] = {}
                 for item, offset, length in plan.entries:
                     seen[item.sop_instance_uid] = item
                     if item.path.parent == self.folder and offset + length == item.size:
                         # A staged copy whose last piece is packed: no longer needed.
                         item.path.unlink(missing_ok=True)
-                header = {"index": plan.index, "payload": len(payload), "instances": [
-                    {"uid": i.sop_instance_uid, "size": i.size, "sha256": i.sha256}
-                    for i in seen.values()]}
-                if not self._put(self.frames, encode_frame(header, payload)):
+                header: dict[str, Any] = {
+                    "index": plan.index, "payload": len(payload), "instances": [
+                        {"uid": i.sop_instance_uid, "size": i.size, "sha256": i.sha256}
+                        for i in seen.values()]}
+                if self.batched:
+                    header["study"] = number
+                if not self._put(self.frames, (encode_frame(header, payload), None)):
                     return
                 buckets += 1
+                stats.buckets += 1
         except Exception as exc:
-            log.exception("download of %s for %s: packing failed", self.study_uid, self.site)
+            log.exception("download for %s: packing failed", self.site)
             self._put(self.frames, ArchiveFailed(500, "pack_failed",
                                                  f"{type(exc).__name__}: {exc}"))
 
@@ -415,18 +517,29 @@ class Download:
                     finished = True
                     return
                 if isinstance(frame, ArchiveFailed):
-                    log.warning("download of %s for %s failed: %s", self._what(), self.site,
-                                frame.detail, extra={"SITE": self.site})
+                    log.warning("download for %s failed: %s", self.site, frame.detail,
+                                extra={"SITE": self.site})
                     yield encode_frame({"error": frame.error, "detail": frame.detail})
                     return
-                yield frame
+                data, done = frame
+                yield data
+                if done is not None:
+                    self.stats[done].sent = True
         finally:
             self.close()
-            log.info("download of %s for %s %s: %d instances (%d held at the site, skipped), "
-                     "%.1f MB -> %.1f MB packed, %.2f s", self._what(), self.site,
-                     "sent" if finished else "ended early", self.instances, self.skipped,
-                     self.original / 1e6, self.packed / 1e6, time.monotonic() - self.started,
-                     extra={"SITE": self.site, "STUDY_UID": self.study_uid})
+            if self.batched:
+                log.info("batched download for %s %s: %d studies in one stream, %.2f s",
+                         self.site, "sent" if finished else "ended early", len(self.parts),
+                         time.monotonic() - self.started, extra={"SITE": self.site})
+            for part, stats in zip(self.parts, self.stats, strict=True):
+                sent = stats.sent and (finished or self.batched)
+                log.info("download of %s for %s %s: %d instances (%d held at the site, "
+                         "skipped), %.1f MB -> %.1f MB packed, %.2f s", self._what(part),
+                         self.site, "failed" if stats.error else "sent" if sent
+                         else "ended early", stats.instances, stats.skipped,
+                         stats.original / 1e6, stats.packed / 1e6,
+                         time.monotonic() - self.started,
+                         extra={"SITE": self.site, "STUDY_UID": part.study_uid})
 
     def close(self) -> None:
         self.cancel.set()
@@ -442,24 +555,44 @@ def downloads_dir(hub: Hub) -> Path:
     return hub.settings.home / "downloads"
 
 
-def _parse(body: Any, max_bucket: int) -> tuple[str, str | None, set[str], int] | str:
-    """(study, series, have, bucket bytes), or what is wrong with the request."""
+def _part(body: Any, where: str) -> Part | str:
     if not isinstance(body, dict):
-        return "the body must be a JSON object"
+        return f"{where}must be a JSON object"
     study = body.get("study_uid")
     if not isinstance(study, str) or not UID.match(study) or len(study) > 64:
-        return f"study_uid: not a DICOM UID: {study!r}"[:200]
+        return f"{where}study_uid: not a DICOM UID: {study!r}"[:200]
     series = body.get("series_uid")
     if series is not None and (not isinstance(series, str) or not UID.match(series)
                                or len(series) > 64):
-        return f"series_uid: not a DICOM UID: {series!r}"[:200]
+        return f"{where}series_uid: not a DICOM UID: {series!r}"[:200]
     have = body.get("have", [])
     if not isinstance(have, list) or not all(isinstance(u, str) and len(u) <= 64 for u in have):
-        return "have: must be a list of SOP Instance UIDs"
+        return f"{where}have: must be a list of SOP Instance UIDs"
+    return Part(study, series, frozenset(have))
+
+
+def _parse(body: Any, max_bucket: int) -> tuple[list[Part], int, bool] | str:
+    """(parts, bucket bytes, batched), or what is wrong with the request. One study
+    (``study_uid``, ``series_uid``, ``have`` at the top) or several (``studies``: a list of
+    such objects, streamed one after the other)."""
+    if not isinstance(body, dict):
+        return "the body must be a JSON object"
     target = body.get("bucket_bytes", DEFAULT_BUCKET_BYTES)
     if not isinstance(target, int) or not MIN_BUCKET_BYTES <= target <= max_bucket:
         return f"bucket_bytes: must be an integer from {MIN_BUCKET_BYTES} to {max_bucket}"
-    return study, series, set(have), target
+    if "studies" not in body:
+        part = _part(body, "")
+        return part if isinstance(part, str) else ([part], target, False)
+    studies = body["studies"]
+    if not isinstance(studies, list) or not 1 <= len(studies) <= MAX_STUDIES:
+        return f"studies: must be a list of 1 to {MAX_STUDIES} objects"
+    parts = []
+    for n, item in enumerate(studies):
+        part = _part(item, f"studies[{n}].")
+        if isinstance(part, str):
+            return part
+        parts.append(part)
+    return parts, target, True
 
 
 def download_routes(hub: Hub) -> list[BaseRoute]:
@@ -470,7 +603,7 @@ def download_routes(hub: Hub) -> list[BaseRoute]:
     limits = hub.settings.limits
 
     async def download(request: Request) -> Response:
-        """A study (or series) of the region, packed in buckets and streamed (frames)."""
+        """Studies (or series) of the region, packed in buckets and streamed (frames)."""
         site = request.state.site
         if int(request.headers.get("content-length") or 0) > limits.max_manifest_bytes:
             return problem(413, "too_large", f"request over {limits.max_manifest_bytes} bytes")
@@ -484,10 +617,10 @@ def download_routes(hub: Hub) -> list[BaseRoute]:
         if isinstance(parsed, str):
             log.warning("download refused for %s: %s", site, parsed)
             return problem(422, "bad_request", parsed)
-        study, series, have, target = parsed
-        job = Download(hub, site, study, series, have, target).start()
+        parts, target, batched = parsed
+        job = Download(hub, site, parts, target, batched).start()
         # The status line waits for the archive's first answer: an unknown study is a 404,
-        # not a 200 followed by an error frame.
+        # not a 200 followed by an error frame (batched: an error frame for that study).
         await run_in_threadpool(job.first.wait, hub.settings.archive.timeout_s)
         if job.failure is not None and job.instances == 0:
             job.close()
@@ -495,4 +628,58 @@ def download_routes(hub: Hub) -> list[BaseRoute]:
             return problem(job.failure.status, job.failure.error, job.failure.detail)
         return StreamingResponse(job.body(), media_type=MEDIA_TYPE)
 
-    return [Route(DOWNLOADS_PATH, download, methods=["POST"])]
+    archive = hub.settings.archive
+    archive_client = httpx.AsyncClient(timeout=archive.timeout_s) \
+        if archive.kind == "dicomweb" and archive.url else None
+
+    async def one_search(patient: dict[str, str]) -> dict[str, Any]:
+        assert archive_client is not None
+        params: list[tuple[str, str]] = [("PatientID", patient["patient_id"])]
+        if patient.get("issuer"):
+            params.append(("IssuerOfPatientID", patient["issuer"]))
+        params += [("includefield", name) for name in STUDY_FIELDS]
+        try:
+            answer = await archive_client.get(f"{archive.url}/studies", params=params,
+                                              headers={"Accept": DICOM_JSON})
+        except httpx.HTTPError as exc:
+            return {"error": "archive_unreachable", "detail": f"{type(exc).__name__}: {exc}"}
+        if answer.status_code == 204 or (answer.status_code == 200 and not answer.content):
+            return {"studies": []}
+        if answer.status_code != 200:
+            return {"error": "archive_refused",
+                    "detail": f"HTTP {answer.status_code}: {answer.text[:200]}"}
+        try:
+            rows = answer.json()
+        except ValueError:
+            rows = None
+        if not isinstance(rows, list):
+            return {"error": "archive_bad_answer", "detail": "not a JSON array"}
+        return {"studies": rows}
+
+    async def search(request: Request) -> Response:
+        """Several patients' studies in one round trip: the QIDO-RS each would have sent
+        through the region proxy, run side by side on the hub's LAN."""
+        site = request.state.site
+        if int(request.headers.get("content-length") or 0) > limits.max_manifest_bytes:
+            return problem(413, "too_large", f"request over {limits.max_manifest_bytes} bytes")
+        if archive_client is None:  # the embedded archive: its QIDO is the region proxy's
+            return problem(501, "not_implemented", "this hub's archive is searched through "
+                           "the region proxy only")
+        try:
+            body = json.loads(await request.body())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return problem(400, "bad_json", "the body must be JSON {\"patients\": [...]}")
+        patients = body.get("patients") if isinstance(body, dict) else None
+        if not isinstance(patients, list) or len(patients) > MAX_SEARCHES or not all(
+                isinstance(p, dict) and isinstance(p.get("patient_id"), str)
+                and 0 < len(p["patient_id"]) <= 64
+                and isinstance(p.get("issuer", ""), str) and len(p.get("issuer", "")) <= 64
+                for p in patients):
+            log.warning("search refused for %s: bad patients", site)
+            return problem(422, "bad_request", f"patients: must be a list of at most "
+                           f"{MAX_SEARCHES} objects {{\"patient_id\", \"issuer\"}}")
+        results = await asyncio.gather(*(one_search(p) for p in patients))
+        return JSONResponse({"results": results})
+
+    return [Route(SEARCH_PATH, search, methods=["POST"]),
+            Route(DOWNLOADS_PATH, download, methods=["POST"])]

@@ -27,15 +27,18 @@ from typing import Any
 from appliance.config import Settings
 from appliance.ingest.receive import Receiver
 from appliance.prefetch import rules as prefetch_rules
+from appliance.prefetch.batch import DownloadBatcher, SearchBatcher, Ticket
 from appliance.prefetch.messages import Refusal, build_ack, interpret, parse_message
 from appliance.store import audit
 from appliance.store import jobs as job_store
 from appliance.store import prefetch as store
 from appliance.store.db import Database, now
-from appliance.transfer.download import DownloadUnavailable, HubDownloads
+from appliance.transfer.download import WARM_EVERY_S, DownloadUnavailable, HubDownloads
 from appliance.transfer.region import RegionClient, RegionError, RegionInstance
 
 log = logging.getLogger("pas.prefetch")
+
+_MAX_WAITING = 4  # requests in flight (resolving or waiting on a download) per ``parallel``
 
 
 def _metric(hook: str, *args: Any) -> None:
@@ -73,9 +76,21 @@ class PrefetchService:
         # How many instance fetches waited for an urgent upload (tests and status read it).
         self.stepped_aside = 0
         # Requests run side by side (each is mostly round trips: QIDO, then small studies),
-        # and their instances share one pool, so the link stays busy on a long RTT.
-        self._requests = ThreadPoolExecutor(self.config.parallel,
+        # and their instances share one pool, so the link stays busy on a long RTT. At most
+        # ``parallel`` resolve their priors at once; one that handed its studies to the
+        # batcher waits without a slot (up to ``_MAX_WAITING`` x parallel in all).
+        self._resolving: set[int] = set()
+        self._maybe_more_due = False
+        self._slots_lock = threading.Lock()
+        self._requests = ThreadPoolExecutor(self.config.parallel * _MAX_WAITING,
                                             thread_name_prefix="pas-prefetch-req")
+        self.batcher = DownloadBatcher(
+            self.downloads, self._file_regional, self._record_bucket, self._others_coming,
+            self._wait_for_urgent_uploads, self._streams, self.config.download_bucket_kb * 1024,
+            self.stopping)
+        self.searcher = SearchBatcher(self.downloads)
+        self._batched_search = True  # off for good once the hub said it has none
+        self._warm_thread: threading.Thread | None = None
         self._pool = ThreadPoolExecutor(self.config.parallel * 2,
                                         thread_name_prefix="pas-prefetch")
 
@@ -163,6 +178,28 @@ class PrefetchService:
             self._mwl_thread = threading.Thread(target=self._mwl_loop, name="pas-mwl",
                                                 daemon=True)
             self._mwl_thread.start()
+        if self.config.enabled and self._bucketed:
+            self._warm_thread = threading.Thread(target=self._keep_warm, name="pas-hub-warm",
+                                                 daemon=True)
+            self._warm_thread.start()
+
+    def _keep_warm(self) -> None:
+        """One connection to the hub stays open (a tiny request every WARM_EVERY_S): the first
+        search and download of an order skip the TCP and TLS handshakes (two round trips)."""
+        opened = False
+        while not self.stopping.is_set():
+            downloads = self.downloads()
+            if downloads is None:
+                return  # not enrolled, or no bucketed download: nothing to keep warm
+            try:
+                downloads.warm()
+                if not opened:
+                    log.info("hub connection open (kept warm for prefetch)")
+                opened = True
+            except Exception as exc:  # the hub may be away: try again later
+                log.debug("keeping the hub connection warm: %s", exc)
+                opened = False
+            self.stopping.wait(WARM_EVERY_S)
 
     def poll_worklist(self) -> int:
         """One worklist poll; how many new requests it scheduled."""
@@ -204,15 +241,25 @@ class PrefetchService:
         inflight: set[Future[None]] = set()
         while not self.stopping.is_set():
             try:
+                self.wake.clear()
                 inflight = {f for f in inflight if not f.done()}
-                free = self.config.parallel - len(inflight)
+                # Resolving is one search (batched: one request for all of them) and
+                # waiting holds nothing but a thread: only the total is bounded.
+                free = self.config.parallel * _MAX_WAITING - len(inflight)
                 if free > 0:
-                    for request in store.claim_due(self.db, limit=free):
+                    claimed = store.claim_due(self.db, limit=free)
+                    with self._slots_lock:
+                        self._resolving.update(int(r["id"]) for r in claimed)
+                        self._maybe_more_due = len(claimed) == free
+                    for request in claimed:
                         inflight.add(self._requests.submit(self._process_then_wake, request))
+                else:  # none can join before the gathering batch leaves and ends
+                    with self._slots_lock:
+                        self._maybe_more_due = False
+                self.batcher.poke()
             except Exception:
                 log.exception("prefetch pass failed")
             self.wake.wait(self.config.check_interval_s)
-            self.wake.clear()
         for future in inflight:
             future.cancel()
 
@@ -222,7 +269,22 @@ class PrefetchService:
         except Exception:
             log.exception("prefetch request %s failed", request.get("id"))
         finally:
-            self.wake.set()  # a slot is free: claim the next request now
+            self._resolved(int(request["id"]))
+
+    def _resolved(self, request_id: int) -> None:
+        """The request no longer resolves its priors: its slot is free (claim the next now)."""
+        with self._slots_lock:
+            if request_id not in self._resolving:
+                return
+            self._resolving.discard(request_id)
+        self.wake.set()
+        self.batcher.poke()
+
+    def _others_coming(self) -> bool:
+        """Whether more studies may join the gathering batch: requests still resolving, or
+        due requests the scheduler has not claimed yet."""
+        with self._slots_lock:
+            return bool(self._resolving) or self._maybe_more_due
 
     def _default_region(self) -> RegionClient | None:
         return RegionClient.from_home(
@@ -233,11 +295,9 @@ class PrefetchService:
         region = self.region()
         if self.config.dicomweb_url or region is None:
             return None  # a plain DICOMweb region: no hub to pack for us
-        # The region client's connections (same hub, same certificate): a download reuses
-        # the keep-alive connection its request's QIDO just opened (no new TLS handshake).
+        # Its own client: searches and downloads share the connection kept warm.
         return HubDownloads.from_home(self.settings.home, self.config.timeout_s,
-                                      lambda n: _metric("add_wan_bytes", "down", n),
-                                      client=region.client)
+                                      lambda n: _metric("add_wan_bytes", "down", n))
 
     def downloads(self) -> HubDownloads | None:
         """The hub's bucketed download, or None (not enrolled, turned off, not offered)."""
@@ -285,7 +345,7 @@ class PrefetchService:
         if region is None:
             raise RegionError("not enrolled with a hub and no prefetch.dicomweb_url set")
         issuer = self.config.issuer_map.get(request["issuer"], "") if request["issuer"] else ""
-        rows = region.search_studies(request["patient_id"], issuer)
+        rows = self._search_studies(region, request["patient_id"], issuer)
         candidates = [c for c in map(prefetch_rules.candidate_from_qido, rows) if c]
         if rule.same == "body_part":
             candidates = [self._with_body_parts(region, c) for c in candidates]
@@ -294,6 +354,20 @@ class PrefetchService:
         chosen = prefetch_rules.choose_priors(
             rule, candidates, modality=request["modality"], body_part=request["body_part"],
             accession=request["accession_number"], current_study_uid=current)
+        # Every study to download is handed to the batcher at once (it joins the priors other
+        # requests want now in one stream), before this request's bookkeeping commits; then
+        # the request no longer counts as resolving.
+        tickets: dict[str, Ticket | None] = {}
+        downloads = self.downloads()
+        for candidate in chosen:
+            local = store.local_instance_count(self.db, candidate.study_uid)
+            if candidate.instances is not None and local >= candidate.instances > 0:
+                tickets[candidate.study_uid] = None  # complete on site
+            elif downloads is not None:
+                held = store.held_instance_uids(self.db, candidate.study_uid)
+                tickets[candidate.study_uid] = self.batcher.submit(
+                    request_id, candidate.study_uid, held)
+        self._resolved(request_id)
         store.record_found(self.db, request_id, rule.name, [
             {"study_uid": c.study_uid, "study_date": c.study_date,
              "modalities": ",".join(sorted(c.modalities)), "instances_expected": c.instances}
@@ -302,8 +376,14 @@ class PrefetchService:
         for candidate in chosen:
             if self.stopping.is_set():
                 raise RegionError("stopping: the fetch resumes at the next start")
+            if candidate.study_uid in tickets and tickets[candidate.study_uid] is None:
+                store.set_study_state(self.db, request_id, candidate.study_uid, "on_site")
+                log.info("prior %s already complete on site", candidate.study_uid)
+                self._pin_and_push(candidate.study_uid, rule.push_to, rule.name)
+                continue
             try:
-                self._fetch_study(request_id, region, candidate)
+                self._fetch_study(request_id, region, candidate,
+                                  tickets.get(candidate.study_uid))
             except RegionError as exc:
                 store.set_study_state(self.db, request_id, candidate.study_uid, "failed")
                 failures.append(f"{candidate.study_uid}: {exc}")
@@ -311,6 +391,18 @@ class PrefetchService:
             self._pin_and_push(candidate.study_uid, rule.push_to, rule.name)
         if failures:
             raise RegionError("; ".join(failures)[:400])
+
+    def _search_studies(self, region: RegionClient, patient_id: str,
+                        issuer: str) -> list[dict[str, Any]]:
+        """The patient's studies at the region: by the hub's batched search when it offers
+        one (orders arriving together share one round trip), else QIDO-RS."""
+        if self._batched_search and self.downloads() is not None:
+            try:
+                return self.searcher.search(patient_id, issuer)
+            except DownloadUnavailable as exc:
+                log.info("the hub offers no batched search (%s): QIDO-RS from now on", exc)
+                self._batched_search = False
+        return region.search_studies(patient_id, issuer)
 
     def _with_body_parts(self, region: RegionClient,
                          candidate: prefetch_rules.Candidate) -> prefetch_rules.Candidate:
@@ -321,20 +413,25 @@ class PrefetchService:
                                         candidate.instances, frozenset(parts - {""}))
 
     def _fetch_study(self, request_id: int, region: RegionClient,
-                     candidate: prefetch_rules.Candidate) -> None:
-        local = store.local_instance_count(self.db, candidate.study_uid)
-        if candidate.instances is not None and local >= candidate.instances > 0:
-            store.set_study_state(self.db, request_id, candidate.study_uid, "on_site")
-            log.info("prior %s already complete on site (%d instances)", candidate.study_uid,
-                     local)
-            return
+                     candidate: prefetch_rules.Candidate, ticket: Ticket | None) -> None:
         held = store.held_instance_uids(self.db, candidate.study_uid)
-        downloads = self.downloads()
         filed = None
-        if downloads is not None:
+        if ticket is not None:
             # The hub lists the study itself: no instance-level QIDO first (one round trip
-            # fewer on a long link); it sends only what is not in ``held``.
-            filed = self._download_study(request_id, downloads, candidate.study_uid, held)
+            # fewer on a long link); it sends only what is not in ``held``. A cut raises
+            # DownloadError (a RegionError): what was filed stays, the retry asks for the rest.
+            try:
+                ticket.wait(self.stopping)
+            except InterruptedError as exc:
+                raise RegionError(str(exc)) from None
+            if ticket.unavailable:
+                self._bucketed = False
+            elif ticket.error is not None:
+                if isinstance(ticket.error, RegionError):
+                    raise ticket.error
+                raise RegionError(f"{type(ticket.error).__name__}: {ticket.error}")
+            else:
+                filed = ticket.filed
         if filed is not None:
             how, total, missing = "bucketed download", len(filed), []
         else:
@@ -358,35 +455,17 @@ class PrefetchService:
         log.info("prior %s fetched: %d instances (%s)", candidate.study_uid, total, how,
                  extra={"STUDY_UID": candidate.study_uid})
 
-    def _download_study(self, request_id: int, downloads: HubDownloads, study_uid: str,
-                        held: set[str]) -> set[str] | None:
-        """The study by the hub's bucketed download, minus what is held; the UIDs filed, or
-        None when the hub does not offer it (the caller uses WADO-RS). A cut raises
-        DownloadError (a RegionError): what was filed stays, the retry asks for the rest."""
+    def _file_regional(self, uid: str, content: bytes) -> tuple[int, int]:
+        """A downloaded file into the cache. Not checked against ``uid`` (the hub's label, read
+        from the file meta): the bytes are the region's file, SHA-256 checked; the Receiver
+        reads the dataset."""
+        received = self.receiver.receive_file(content, source=store.REGION_SOURCE,
+                                              origin="regional")
+        return received.instance_id, received.size
 
-        def file(uid: str, content: bytes) -> tuple[int, int]:
-            # Not checked against ``uid`` (the hub's label, read from the file meta): the
-            # bytes are the region's file, SHA-256 checked; the Receiver reads the dataset.
-            received = self.receiver.receive_file(content, source=store.REGION_SOURCE,
-                                                  origin="regional")
-            return received.instance_id, received.size
-
-        def bucket_done(filed: list[tuple[int, int]]) -> None:
-            store.record_fetched(self.db, request_id, [i for i, _ in filed],
-                                 sum(size for _, size in filed))
-
-        self._wait_for_urgent_uploads()
-        try:
-            with self._streams:
-                result = downloads.fetch(study_uid, file, have=held,
-                                         bucket_bytes=self.config.download_bucket_kb * 1024,
-                                         before_bucket=self._wait_for_urgent_uploads,
-                                         on_bucket=bucket_done)
-        except DownloadUnavailable as exc:
-            log.info("the hub offers no bucketed download (%s): WADO-RS from now on", exc)
-            self._bucketed = False
-            return None
-        return result.filed
+    def _record_bucket(self, request_id: int, filed: list[tuple[int, int]]) -> None:
+        store.record_fetched(self.db, request_id, [i for i, _ in filed],
+                             sum(size for _, size in filed))
 
     def _wait_for_urgent_uploads(self) -> None:
         if store.urgent_uploads_waiting(self.db):

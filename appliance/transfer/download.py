@@ -35,7 +35,7 @@ import json
 import struct
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,9 +47,15 @@ from appliance.transfer.region import RegionError
 from appliance.transfer.unpack import BucketFormatError, unpack_bucket
 
 DOWNLOADS_PATH = "/api/v1/downloads"
+SEARCH_PATH = "/api/v1/downloads/search"
+# What a search of a patient's studies asks the archive for (as RegionClient.search_studies).
+STUDY_FIELDS = ("StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy",
+                "NumberOfStudyRelatedInstances", "StudyDescription")
 MEDIA_TYPE = "application/vnd.pas.download-stream"
 FRAME_MAGIC = b"PASDL\x01"
 FRAME_LEN = struct.Struct(">I")
+KEEP_ALIVE_S = 25.0
+WARM_EVERY_S = 20.0
 MAX_FRAME_HEADER = 16 * 1024 * 1024
 MAX_FRAME_PAYLOAD = 256 * 1024 * 1024
 
@@ -166,6 +172,34 @@ class DownloadResult:
     filed: set[str] = field(default_factory=set)
 
 
+class BatchUnavailable(DownloadUnavailable):
+    """The hub downloads one study per request only (it refused ``studies``)."""
+
+
+@dataclass
+class DownloadItem:
+    """One study of a batched download (:meth:`HubDownloads.fetch_many`): what to ask for,
+    where its instances go, and, once ``done`` is set, its ``result`` or ``error``."""
+
+    study_uid: str
+    on_instance: Callable[[str, bytes], Any]
+    have: set[str] = field(default_factory=set)
+    series_uid: str | None = None
+    on_bucket: Callable[[list[Any]], None] = lambda done: None
+    on_done: Callable[[DownloadItem], None] = lambda item: None
+    result: DownloadResult = field(default_factory=DownloadResult)
+    error: Exception | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    ended: dict[str, Any] | None = None  # its end frame
+    outstanding: int = 0                 # buckets handed to the workers, not unpacked yet
+
+    def request(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"study_uid": self.study_uid, "have": sorted(self.have)}
+        if self.series_uid:
+            body["series_uid"] = self.series_uid
+        return body
+
+
 class HubDownloads:
     """The client side of ``POST /api/v1/downloads``. Thread-safe (one httpx.Client)."""
 
@@ -173,10 +207,17 @@ class HubDownloads:
                  on_downloaded: Callable[[int], None] | None = None, workers: int = 4,
                  client: httpx.Client | None = None):
         self.url = hub_url.rstrip("/") + DOWNLOADS_PATH
+        self.search_url = hub_url.rstrip("/") + SEARCH_PATH
         self.on_downloaded = on_downloaded
         self.workers = workers
         self.owns_client = client is None
-        self.client = client or httpx.Client(verify=verify, timeout=timeout_s)
+        # Idle connections kept KEEP_ALIVE_S (the hub keeps them 30 s): ``warm`` every
+        # WARM_EVERY_S keeps one open, so an order's first request pays no TCP and TLS
+        # handshakes (two round trips on the WAN).
+        self.client = client or httpx.Client(
+            verify=verify, timeout=timeout_s,
+            limits=httpx.Limits(max_connections=16, max_keepalive_connections=8,
+                                keepalive_expiry=KEEP_ALIVE_S))
 
     @classmethod
     def from_home(cls, home: Path, timeout_s: float = 60.0,
@@ -194,6 +235,47 @@ class HubDownloads:
         if self.owns_client:
             self.client.close()
 
+    def warm(self) -> None:
+        """One tiny request (an empty search): opens a connection to the hub, or keeps the
+        idle one from expiring. Any answer will do; an error is only logged by the caller."""
+        self.client.post(self.search_url, json={"patients": []}).read()
+
+    def search(self, patients: list[tuple[str, str]]) -> list[list[dict[str, Any]] | Exception]:
+        """Several patients' studies (QIDO-RS rows, as ``RegionClient.search_studies``) in
+        one round trip to the hub: a list, in order, of rows or the error for that patient.
+        Raises DownloadUnavailable when the hub offers no such search (use QIDO-RS through
+        the region proxy), DownloadError when the request fails."""
+        body = {"patients": [{"patient_id": p, "issuer": i} for p, i in patients]}
+        try:
+            answer = self.client.post(self.search_url, json=body)
+        except httpx.HTTPError as exc:
+            raise DownloadError(f"search of {len(patients)} patients: "
+                                f"{type(exc).__name__}: {exc}") from exc
+        if self.on_downloaded is not None:
+            self.on_downloaded(answer.num_bytes_downloaded)
+        if answer.status_code in (404, 405, 501):
+            raise DownloadUnavailable(f"the hub answers {answer.status_code} to {SEARCH_PATH}")
+        if answer.status_code != 200:
+            raise DownloadError(f"search of {len(patients)} patients: HTTP "
+                                f"{answer.status_code} {answer.text[:200]}")
+        try:
+            results = answer.json()["results"]
+        except (ValueError, KeyError, TypeError):
+            raise DownloadError("the hub's search answer is not {\"results\": [...]}") from None
+        if not isinstance(results, list) or len(results) != len(patients):
+            raise DownloadError(f"the hub answered {len(results)} searches for "
+                                f"{len(patients)}")
+        out: list[list[dict[str, Any]] | Exception] = []
+        for (patient, _), result in zip(patients, results, strict=True):
+            if isinstance(result, dict) and isinstance(result.get("studies"), list):
+                out.append(result["studies"])
+            else:
+                problem = result if isinstance(result, dict) else {}
+                out.append(DownloadError(f"search of patient {patient}: "
+                                         f"{problem.get('error', 'bad answer')}: "
+                                         f"{problem.get('detail', '')}"))
+        return out
+
     def fetch(self, study_uid: str, on_instance: Callable[[str, bytes], Any], *,
               series_uid: str | None = None, have: set[str] | None = None,
               bucket_bytes: int | None = None,
@@ -204,17 +286,75 @@ class HubDownloads:
         calls returned for the instances a bucket completed (one commit per bucket for the
         caller's bookkeeping). Raises DownloadUnavailable (fall back to WADO-RS) or
         DownloadError; instances handed over before an error stay."""
-        body: dict[str, Any] = {"study_uid": study_uid, "have": sorted(have or ())}
-        if series_uid:
-            body["series_uid"] = series_uid
+        item = DownloadItem(study_uid, on_instance, set(have or ()), series_uid, on_bucket)
+        body = item.request()
         if bucket_bytes:
             body["bucket_bytes"] = bucket_bytes
-        result = DownloadResult()
+        self._stream(body, [item], False, before_bucket)
+        if item.error is not None:
+            raise item.error
+        return item.result
+
+    def fetch_many(self, items: list[DownloadItem], *, bucket_bytes: int | None = None,
+                   before_bucket: Callable[[], None] = lambda: None) -> None:
+        """Several studies in one request and one stream, one after the other (one TCP slow
+        start and one queue on the WAN instead of one per study). Each item's ``done`` is set
+        (and ``on_done`` called) as soon as its own end frame arrived and its files are filed,
+        with ``result`` or ``error`` (DownloadError) set; a cut of the stream fails the items
+        not done yet. Raises BatchUnavailable before anything was sent when the hub takes one
+        study per request only (use :meth:`fetch` per item)."""
+        body: dict[str, Any] = {"studies": [item.request() for item in items]}
+        if bucket_bytes:
+            body["bucket_bytes"] = bucket_bytes
+        self._stream(body, items, True, before_bucket)
+
+    def _stream(self, body: dict[str, Any], items: list[DownloadItem], batched: bool,
+                before_bucket: Callable[[], None]) -> None:
         reader = FrameReader()
         assembler = Assembler()
-        pending: list[Future[int]] = []
+        lock = threading.Lock()
         slots = threading.Semaphore(self.workers)
         ended: dict[str, Any] | None = None
+        wire = 0
+        buckets = 0
+        cut: Exception | None = None
+        what = f"download of {items[0].study_uid}" if not batched \
+            else f"download of {len(items)} studies"
+
+        def item_of(header: dict[str, Any], key: str) -> DownloadItem:
+            if not batched:
+                return items[0]
+            number = header.get(key)
+            if not isinstance(number, int) or not 0 <= number < len(items):
+                raise DownloadError(f"a frame names study {number!r} of {len(items)}")
+            return items[number]
+
+        def settle(item: DownloadItem, error: Exception | None = None) -> None:
+            """Finish the item once its end frame and all its buckets are in (or on error)."""
+            with lock:
+                if item.done.is_set():
+                    return
+                if error is None:
+                    if item.ended is None or item.outstanding:
+                        return
+                    got, sent = (item.result.instances, item.result.buckets), (
+                        item.ended.get("instances"), item.ended.get("buckets"))
+                    if got != sent:
+                        error = DownloadError(
+                            f"download of {item.study_uid}: the hub sent {sent[0]} instances "
+                            f"in {sent[1]} buckets, {got[0]} in {got[1]} arrived")
+                item.error = error if item.error is None else item.error
+                item.done.set()
+            item.on_done(item)
+
+        def unpack(item: DownloadItem, payload: bytes) -> None:
+            try:
+                self._unpack(payload, assembler, item, slots)
+            except Exception as exc:
+                settle(item, exc if isinstance(exc, DownloadError) else DownloadError(str(exc)))
+            else:
+                settle(item)
+
         # Unpacking and filing run beside the reading, so the link keeps flowing while a
         # bucket's JPEG-LS decodes and its files are fsynced; ``slots`` bounds the buckets held.
         with ThreadPoolExecutor(self.workers, thread_name_prefix="pas-download") as pool:
@@ -222,43 +362,58 @@ class HubDownloads:
                 with self.client.stream("POST", self.url, json=body) as answer:
                     if answer.status_code != 200:
                         answer.read()
-                        self._refused(answer, study_uid)
+                        self._refused(answer, what, batched)
                     for chunk in answer.iter_bytes(256 * 1024):
-                        result.wire_bytes = answer.num_bytes_downloaded  # also if cut later
+                        wire = answer.num_bytes_downloaded  # also if cut later
                         for header, payload in reader.feed(chunk):
                             if "error" in header:
-                                raise DownloadError(f"the hub: {header['error']}: "
-                                                    f"{header.get('detail', '')}")
+                                problem = DownloadError(f"the hub: {header['error']}: "
+                                                        f"{header.get('detail', '')}")
+                                if batched and "study" in header:
+                                    settle(item_of(header, "study"), problem)
+                                    continue
+                                raise problem
                             if header.get("end"):
                                 ended = header
                                 continue
+                            if batched and "study_end" in header:
+                                item = item_of(header, "study_end")
+                                with lock:
+                                    item.ended = header
+                                settle(item)
+                                continue
+                            item = item_of(header, "study")
                             assembler.announce(header.get("instances") or [])
                             before_bucket()
                             slots.acquire()
-                            pending.append(pool.submit(self._unpack, payload, assembler,
-                                                       on_instance, on_bucket, result, slots))
-                            result.buckets += 1
+                            with lock:
+                                item.outstanding += 1
+                            item.result.buckets += 1
+                            buckets += 1
+                            pool.submit(unpack, item, payload)
+                if ended is None:
+                    raise DownloadError(f"{what} cut after {buckets} buckets (no end frame)")
+                if ended.get("buckets") != buckets:
+                    raise DownloadError(f"{what}: the hub sent {ended.get('buckets')} buckets, "
+                                        f"{buckets} arrived")
             except httpx.HTTPError as exc:
-                raise DownloadError(f"download of {study_uid} cut after {result.buckets} "
-                                    f"buckets: {type(exc).__name__}: {exc}") from exc
+                cut = DownloadError(f"{what} cut after {buckets} buckets: "
+                                    f"{type(exc).__name__}: {exc}")
+            except DownloadError as exc:
+                cut = exc
             finally:
-                if self.on_downloaded is not None and result.wire_bytes:
-                    self.on_downloaded(result.wire_bytes)
-                errors = [f.exception() for f in pending if f.exception() is not None]
-            if errors:
-                raise DownloadError(str(errors[0])) from errors[0]
-        if ended is None:
-            raise DownloadError(f"download of {study_uid} cut after {result.buckets} buckets "
-                                "(no end frame)")
-        if ended.get("buckets") != result.buckets or ended.get("instances") != result.instances:
-            raise DownloadError(
-                f"download of {study_uid}: the hub sent {ended.get('instances')} instances in "
-                f"{ended.get('buckets')} buckets, {result.instances} in {result.buckets} arrived")
-        return result
+                if self.on_downloaded is not None and wire:
+                    self.on_downloaded(wire)
+                pool.shutdown(wait=True)
+        for item in items:
+            item.result.wire_bytes = wire
+            if not batched and cut is None:
+                item.ended = ended  # a single study's counts are the stream's
+            settle(item, cut)  # without a cut: done if its end frame came
+            settle(item, DownloadError(f"{what}: the stream ended without {item.study_uid}"))
 
     @staticmethod
-    def _unpack(payload: bytes, assembler: Assembler, on_instance: Callable[[str, bytes], Any],
-                on_bucket: Callable[[list[Any]], None], result: DownloadResult,
+    def _unpack(payload: bytes, assembler: Assembler, item: DownloadItem,
                 slots: threading.Semaphore) -> int:
         done: list[Any] = []
         try:
@@ -266,19 +421,21 @@ class HubDownloads:
                 whole = assembler.add(piece.sop_instance_uid, piece.offset, piece.total_size,
                                       piece.data)
                 if whole is not None:
-                    done.append(on_instance(piece.sop_instance_uid, whole))
+                    done.append(item.on_instance(piece.sop_instance_uid, whole))
                     with assembler.lock:
-                        result.instances += 1
-                        result.filed.add(piece.sop_instance_uid)
+                        item.result.instances += 1
+                        item.result.filed.add(piece.sop_instance_uid)
             return len(done)
         finally:
             try:
-                on_bucket(done)  # also after a failure: what was filed is accounted for
+                item.on_bucket(done)  # also after a failure: what was filed is accounted for
             finally:
+                with assembler.lock:
+                    item.outstanding -= 1
                 slots.release()
 
     @staticmethod
-    def _refused(answer: httpx.Response, study_uid: str) -> None:
+    def _refused(answer: httpx.Response, what: str, batched: bool) -> None:
         try:
             problem = answer.json()
         except ValueError:
@@ -287,10 +444,12 @@ class HubDownloads:
             if answer.status_code in (404, 405):  # no such route: a hub without downloads
                 raise DownloadUnavailable(f"the hub answers {answer.status_code} to "
                                           f"{DOWNLOADS_PATH}")
-            raise DownloadError(f"download of {study_uid}: HTTP {answer.status_code} "
-                                f"{answer.text[:200]}")
-        raise DownloadError(f"download of {study_uid}: HTTP {answer.status_code} "
-                            f"{problem['error']}: {problem.get('detail', '')}")
+            raise DownloadError(f"{what}: HTTP {answer.status_code} {answer.text[:200]}")
+        detail = str(problem.get("detail", ""))
+        if batched and answer.status_code == 422 and detail.startswith("study_uid:"):
+            # A hub of before the batched form reads the top-level study_uid only.
+            raise BatchUnavailable(f"the hub takes one study per download: {detail}")
+        raise DownloadError(f"{what}: HTTP {answer.status_code} {problem['error']}: {detail}")
 
 
 def _pieces(payload: bytes) -> Iterator[Any]:

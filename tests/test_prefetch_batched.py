@@ -1,0 +1,220 @@
+"""Priors wanted together come down together (issue 6, the WAN target): real peers.
+
+A real Orthanc (DICOMweb plugin, its own network namespace) behind a real hub (``pas hub run``,
+mutual TLS, archive ``dicomweb``); the site side is an in-process PrefetchService over a
+temporary store, enrolled with the hub, so that the batcher can be read. Proven: requests due
+at the same time are searched through the hub's batched search and come down in ONE download
+stream, every file byte for byte and pinned; in a batch, a study the archive does not hold
+gets its own error while the others arrive; a batched stream cut in the middle resumes, and
+the retry asks only for what the site does not hold; bad batched requests get a clear error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from appliance.config import load_settings
+from appliance.ingest.receive import Receiver
+from appliance.prefetch.service import PrefetchService
+from appliance.store import prefetch as store
+from appliance.store.db import Database, now
+from appliance.store.spool import Spool
+from appliance.transfer.download import DownloadError, DownloadItem, HubDownloads
+from tests.support.hub import HubProcess, client, enroll
+from tests.support.peers import Orthanc, wait_for
+from tests.test_prefetch_bucketed import CuttingProxy, older_study
+
+pytestmark = pytest.mark.root
+
+PATIENTS = ("A048383", "A056642", "A058062")
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def region(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    base = tmp_path_factory.mktemp("batched")
+    priors = {patient: older_study(patient) for patient in PATIENTS}
+    orthanc = Orthanc(base / "orthanc").start()
+    hub = HubProcess(base / "hub", {"PAS_HUB_ARCHIVE__KIND": "dicomweb",
+                                    "PAS_HUB_ARCHIVE__URL": orthanc.dicomweb})
+    try:
+        for _, files in priors.values():
+            for path in files:
+                httpx.post(f"{orthanc.url}/instances", content=path.read_bytes(),
+                           timeout=60).raise_for_status()
+        hub.init().start()
+        yield {"orthanc": orthanc, "hub": hub, "priors": priors, "base": base}
+    finally:
+        hub.stop()
+        orthanc.stop()
+
+
+class Site:
+    """An enrolled site home and its PrefetchService (not started)."""
+
+    def __init__(self, hub: HubProcess, home: Path, name: str, hub_url: str | None = None):
+        enrolment = enroll(hub, home, name)
+        if hub_url:  # through a proxy: the enrolment's hub URL points at it
+            path = home / "pki" / "hub.json"
+            path.write_text(path.read_text().replace(enrolment.url, hub_url))
+        self.settings = load_settings(environ={
+            "PAS_HOME": str(home), "PAS_PREFETCH__RETRY_AFTER_S": "0.5",
+            "PAS_PREFETCH__CHECK_INTERVAL_S": "0.2"})
+        self.db = Database(self.settings.db_path)
+        self.receiver = Receiver(self.db, Spool(self.settings.spool_dir, fsync=False))
+        self.service = PrefetchService(self.settings, self.db, self.receiver)
+        # However loaded the machine, the batch waits for every request resolving.
+        self.service.batcher.gather_max_s = 120
+
+    def order(self, patients: tuple[str, ...]) -> list[int]:
+        return [store.schedule(self.db, store.NewRequest(f"manual:{p}", "manual", p)).request_id
+                for p in patients]
+
+    def wait_done(self, ids: list[int]) -> list[dict[str, Any]]:
+        def done() -> list[dict[str, Any]] | None:
+            rows = [store.get_request(self.db, i) for i in ids]
+            return rows if all(r and r["state"] in ("fetched", "failed") for r in rows) \
+                else None  # type: ignore[return-value]
+
+        return wait_for(done, 120, interval=0.1, what="the prefetch requests")
+
+    def assert_on_site(self, files: list[Path]) -> None:
+        held = {row["sha256"]: row["path"] for row in self.db.query(
+            "SELECT sha256, path FROM instances WHERE is_current = 1")}
+        for path in files:
+            digest = sha256(path.read_bytes())
+            assert digest in held, f"{path.name} is not on site byte for byte"
+            assert sha256((self.settings.spool_dir / held[digest]).read_bytes()) == digest
+
+
+def test_requests_due_together_come_down_in_one_stream(region: dict[str, Any],
+                                                       tmp_path: Path) -> None:
+    hub: HubProcess = region["hub"]
+    site = Site(hub, tmp_path / "pas", "SITE-BATCH")
+    ids = site.order(PATIENTS)  # due now, before the scheduler runs: claimed together
+    site.service.start()
+    try:
+        rows = site.wait_done(ids)
+    finally:
+        site.service.stop()
+    for row, patient in zip(rows, PATIENTS, strict=True):
+        assert row["state"] == "fetched", row["last_error"]
+        study_uid, files = region["priors"][patient]
+        assert row["instances_fetched"] == len({sha256(p.read_bytes()) for p in files})
+        site.assert_on_site(files)
+        pinned = site.db.query_one("SELECT pinned_until FROM studies WHERE study_uid = ?",
+                                   (study_uid,))
+        assert pinned is not None and pinned["pinned_until"] > now()
+    # One search request at least went to the hub's batched search (no per-patient QIDO),
+    # and the three studies came down in one stream.
+    assert site.service.searcher.requests >= 1
+    assert site.service.batcher.batches == 1
+    assert re.search(r"batched download for SITE-BATCH sent: 3 studies in one stream",
+                     hub.log())
+    for patient in PATIENTS:
+        study_uid, _ = region["priors"][patient]
+        assert re.search(rf"download of study {re.escape(study_uid)} for SITE-BATCH sent: "
+                         r"3 instances \(0 held", hub.log())
+
+
+def test_a_batch_delivers_its_studies_and_names_the_one_the_archive_lacks(
+        region: dict[str, Any], tmp_path: Path) -> None:
+    hub: HubProcess = region["hub"]
+    enrolment = enroll(hub, tmp_path / "site", "SITE-MIX")
+    downloads = HubDownloads(enrolment.url, enrolment.ssl_context())
+    first, _ = region["priors"][PATIENTS[0]]
+    second, _ = region["priors"][PATIENTS[1]]
+    unknown = "1.2.826.0.1.3680043.2.1125.404"
+    got: dict[str, dict[str, str]] = {first: {}, second: {}, unknown: {}}
+    lock = threading.Lock()
+
+    def keep(study: str) -> Any:
+        def on_instance(uid: str, data: bytes) -> None:
+            with lock:
+                got[study][sha256(data)] = uid
+        return on_instance
+
+    items = [DownloadItem(first, keep(first)), DownloadItem(unknown, keep(unknown)),
+             DownloadItem(second, keep(second))]
+    try:
+        downloads.fetch_many(items, bucket_bytes=128 * 1024)
+        found = downloads.search([(PATIENTS[0], ""), ("NOBODY-HERE", "")])
+    finally:
+        downloads.close()
+    for item, study in ((items[0], first), (items[2], second)):
+        assert item.done.is_set() and item.error is None, item.error
+        patient = PATIENTS[0] if study == first else PATIENTS[1]
+        expected = {sha256(p.read_bytes()) for p in region["priors"][patient][1]}
+        assert set(got[study]) == expected and item.result.instances == len(expected)
+    assert isinstance(items[1].error, DownloadError) and "unknown_study" in str(items[1].error)
+    assert got[unknown] == {}
+    # The batched search: the patient's studies as QIDO-RS rows, an empty list for nobody.
+    assert not isinstance(found[0], Exception) and first in {
+        row["0020000D"]["Value"][0] for row in found[0]}
+    assert found[1] == []
+
+
+def test_a_cut_batch_resumes_with_only_what_the_site_lacks(region: dict[str, Any],
+                                                           tmp_path: Path) -> None:
+    hub: HubProcess = region["hub"]
+    # Past the searches, inside the stream: its first bucket is one 0.5 MB CT file (about
+    # 150 kB packed), so the cut falls after the first instance is complete.
+    proxy = CuttingProxy("127.0.0.1", hub.port, after=300_000).start()
+    site = Site(hub, tmp_path / "pas", "SITE-CUT", f"https://localhost:{proxy.port}")
+    patients = PATIENTS[:2]
+    ids = site.order(patients)
+    site.service.start()
+    try:
+        rows = site.wait_done(ids)
+    finally:
+        site.service.stop()
+        proxy.stop()
+    assert proxy.cuts == 1
+    for row, patient in zip(rows, patients, strict=True):
+        assert row["state"] == "fetched", row["last_error"]
+        _, files = region["priors"][patient]
+        # Every instance once: the retry asked only for what the first attempt had not filed.
+        assert row["instances_fetched"] == len({sha256(p.read_bytes()) for p in files})
+        site.assert_on_site(files)
+    assert any(r["attempts"] >= 2 for r in rows)
+    assert re.search(r"batched download for SITE-CUT ended early: 2 studies", hub.log())
+    held = [int(n) for n in re.findall(r"for SITE-CUT sent: \d+ instances \((\d+) held",
+                                       hub.log())]
+    assert max(held) >= 1  # the retry skipped what the cut attempt had filed
+
+
+def test_bad_batched_requests_get_a_clear_error(region: dict[str, Any], tmp_path: Path) -> None:
+    hub: HubProcess = region["hub"]
+    enrolment = enroll(hub, tmp_path / "site", "SITE-BAD")
+    with client(enrolment) as http:
+        cases = [
+            ("/api/v1/downloads", {"studies": []}, "studies"),
+            ("/api/v1/downloads", {"studies": "1.2.3"}, "studies"),
+            ("/api/v1/downloads", {"studies": [{"study_uid": "1.2.3"}, {"study_uid": "x"}]},
+             "studies[1].study_uid"),
+            ("/api/v1/downloads", {"studies": [{"study_uid": "1.2.3", "have": "all"}]},
+             "studies[0].have"),
+            ("/api/v1/downloads/search", {"patients": "A002304"}, "patients"),
+            ("/api/v1/downloads/search", {"patients": [{"issuer": "x"}]}, "patients"),
+        ]
+        for path, body, named in cases:
+            answer = http.post(path, json=body)
+            assert answer.status_code == 422, (body, answer.text)
+            problem = answer.json()
+            assert problem["error"] == "bad_request" and named in problem["detail"], problem
+        assert http.post("/api/v1/downloads/search", content=b"{nope",
+                         headers={"content-type": "application/json"}).status_code == 400
+    wait_for(lambda: not list((hub.home / "downloads").iterdir()), 30,
+             what="no staging folder left on the hub")
+    assert hub.proc is not None and hub.proc.poll() is None  # still serving
