@@ -159,6 +159,20 @@ def _profile(procs: dict[str, subprocess.Popen[bytes] | None]) -> list[subproces
             for name, proc in procs.items() if proc is not None]
 
 
+def _quiet(link: WanLink, quiet_s: float = 0.5, timeout: float = 15.0) -> None:
+    """Wait until nothing crossed the link for ``quiet_s``: the daemon's start-up calls to
+    the hub (it opens its connections when it starts) are not part of the timed study."""
+    deadline = time.monotonic() + timeout
+    last, since = link.stats().wire_bytes, time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = link.stats().wire_bytes
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return
+
+
 def _cpu_s(proc: subprocess.Popen[bytes] | None) -> float:
     """User + system CPU seconds of a running process (0 if gone)."""
     try:
@@ -220,6 +234,7 @@ def run_pas(link: WanLink, dataset: Dataset, scratch: Path, timeout: float,
         procs = {"appliance (with ingest)": appliance.proc, "hub": hub.proc,
                  "regional Orthanc": regional.proc}
         cpu_before = {name: _cpu_s(proc) for name, proc in procs.items()}
+        _quiet(link)
         link.reset()
         ingest = subprocess.run(
             ["storescu", "-aec", "PAS", "-aet", "MODALITY", "+sd", "+r",

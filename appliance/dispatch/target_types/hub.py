@@ -84,6 +84,8 @@ class HubTarget:
             throttle=hub_throttle(self.config), on_contact=LinkRecorder(db, name),
             on_put_bytes=metrics.add_upload_put_bytes, on_inflight=metrics.add_upload_inflight,
         )
+        if client is None:  # the daemon's own client: its connections stay open while idle
+            self.client.keep_warm()
 
     # --- the job ---------------------------------------------------------------------------
 

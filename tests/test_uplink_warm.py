@@ -1,0 +1,70 @@
+"""The uplink keeps its hub connections open while idle (``HubClient.keep_warm``), so a study's
+first requests skip the TCP and TLS handshakes (two round trips on a regional line).
+
+Real peers: ``pas hub run`` (TLS 1.3, mutual TLS) and an enrolled identity. The connections are
+read from the kernel's own table (``/proc/net/tcp``): client sockets to the hub's port.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance.transfer.client import HubClient
+from appliance.transfer.enrolment import Enrolment
+from tests.support.hub import HubProcess, enroll
+from tests.support.peers import wait_for
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
+    process = HubProcess(tmp_path_factory.mktemp("hub") / "home").init()
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def site(hub: HubProcess, tmp_path_factory: pytest.TempPathFactory) -> Enrolment:
+    return enroll(hub, tmp_path_factory.mktemp("site"), "CHU-WARM")
+
+
+def _client_ports(hub_port: int) -> set[int]:
+    """Local ports of the established TCP connections whose far end is the hub."""
+    ports = set()
+    for table in (Path("/proc/net/tcp"), Path("/proc/net/tcp6")):
+        if not table.exists():
+            continue
+        for line in table.read_text().splitlines()[1:]:
+            fields = line.split()
+            local, remote, state = fields[1], fields[2], fields[3]
+            if state == "01" and int(remote.rsplit(":", 1)[1], 16) == hub_port:
+                ports.add(int(local.rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_idle_connections_are_opened_kept_open_and_used_by_the_next_call(
+        hub: HubProcess, site: Enrolment) -> None:
+    client = HubClient(site.url, site.ssl_context(), max_connections=4)
+    assert _client_ports(hub.port) == set()
+    client.keep_warm(idle_s=0.4)
+    wait_for(lambda: len(_client_ports(hub.port)) == 4, 30, what="4 warm connections")
+    opened = _client_ports(hub.port)
+    assert client.hub_certificate_der is not None  # seen on the warm connections already
+
+    # Idle past the refresh period: refreshed on the same connections, none reopened.
+    warmed_at = client._last_used
+    wait_for(lambda: client._last_used > warmed_at, 30, what="a refresh while idle")
+    assert _client_ports(hub.port) == opened
+
+    # A real call goes out on one of them: no new connection.
+    assert client.held_buckets("no-such-transfer") is None
+    assert _client_ports(hub.port) == opened
+
+    client.close()
+    wait_for(lambda: not _client_ports(hub.port), 30, what="connections closed with the client")
+    assert client._warm_thread is not None
+    client._warm_thread.join(30)
+    assert not client._warm_thread.is_alive()
