@@ -1,5 +1,7 @@
-"""The quick header read (appliance/ingest/header.py + attributes.record_from_raw) against
-pydicom's full parse: on every real file we have, the same record or the same refusal."""
+"""The receive path's shortcuts, each against what it replaces: the quick header read
+(appliance/ingest/header.py + attributes.record_from_raw) against pydicom's full parse (on
+every real file we have, the same record or the same refusal), and the group commit of
+index rows against one transaction per instance (every row, each all or nothing)."""
 
 from __future__ import annotations
 
@@ -81,3 +83,48 @@ def test_truncated_or_garbage_datasets_are_refused_as_before(cut: float) -> None
         quick = outcome(lambda: receive._read_dataset_record(header, bad, syntax))  # noqa: B023
         assert quick == outcome(lambda: receive._read_record(header + bad))  # noqa: B023
         assert quick[0] == "refused", quick
+
+
+def test_group_commit_indexes_concurrent_instances_each_all_or_nothing(tmp_path: Path) -> None:
+    """Eight threads filing at once (as eight modalities would): every row committed once,
+    duplicates recognised inside a shared transaction, and one row the schema refuses fails
+    alone without taking the others of its transaction down."""
+    import threading
+
+    from appliance.store import index
+    from appliance.store.db import Database
+
+    db = Database(tmp_path / "pas.sqlite")
+    commits = receive.GroupCommit(db)
+    results: dict[str, object] = {}
+
+    def record(name: str, study: str | None) -> index.InstanceRecord:
+        return index.InstanceRecord(sop_instance_uid=f"1.2.3.{name}", sop_class_uid="1.2",
+                                    transfer_syntax_uid="1.2.840.10008.1.2.1",
+                                    study_uid=study, series_uid=f"1.2.3.9.{study}",  # type: ignore[arg-type]
+                                    patient_id="P1")
+
+    def work(thread: int) -> None:
+        for n in range(40):
+            name = f"{thread}.{n}"
+            study = None if (thread, n) == (3, 17) else f"1.2.3.{thread % 2}"
+            stored = index.StoredFile(f"ab/{name}.dcm", 10, f"sha-{name}")
+            try:
+                results[name] = commits.record(record(name, study), stored)
+                if n % 10 == 0:  # the same bytes again: a duplicate, nothing new
+                    again = commits.record(record(name, study), stored)
+                    assert again.duplicate and again.instance_id == results[name].instance_id
+            except Exception as exc:  # noqa: BLE001
+                results[name] = exc
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    failed = {name for name, result in results.items() if isinstance(result, Exception)}
+    assert failed == {"3.17"}, failed
+    assert "NOT NULL" in str(results["3.17"])
+    rows = db.query("SELECT sop_instance_uid FROM instances")
+    assert sorted(r[0] for r in rows) == sorted(f"1.2.3.{n}" for n in results if n != "3.17")
+    assert db.query_one("SELECT count(*) AS n FROM studies")["n"] == 2

@@ -71,6 +71,20 @@ class Database:
             raise
         conn.execute("COMMIT")
 
+    @contextmanager
+    def savepoint(self, name: str = "one") -> Iterator[sqlite3.Connection]:
+        """Inside :meth:`transaction`: a part that fails rolls back alone (the rest of the
+        transaction stays), e.g. one instance of a group commit."""
+        conn = self.connection()
+        conn.execute(f"SAVEPOINT {name}")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute(f"ROLLBACK TO {name}")
+            conn.execute(f"RELEASE {name}")
+            raise
+        conn.execute(f"RELEASE {name}")
+
     def query(self, sql: str, params: tuple | dict = ()) -> list[sqlite3.Row]:
         return self.connection().execute(sql, params).fetchall()
 
