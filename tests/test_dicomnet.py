@@ -8,6 +8,7 @@ stops the daemon cleanly. And the point of the change: idle associations cost no
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import time
@@ -283,8 +284,10 @@ def test_storescu_goes_through_the_direct_path_bit_exact(tmp_path: Path, max_pdu
                                         "PAS_DICOM__MAX_PDU": max_pdu}).start()
     try:
         storescu(files, pas.port)
-        held = datasets_held(list((pas.home / "spool").rglob("*.dcm")))
-        assert held == as_sent(tmp_path, files)
+        stored = list((pas.home / "spool").rglob("*.dcm"))
+        assert datasets_held(stored) == as_sent(tmp_path, files)
+        # Hashed fragment by fragment as they arrived: each name is its content's SHA-256.
+        assert all(hashlib.sha256(p.read_bytes()).hexdigest() == p.stem for p in stored)
         assert pas.status()["instances"] == len(files)
         assert cstore_paths(pas) == {"direct": len(files)}
     finally:
@@ -297,8 +300,10 @@ def test_with_direct_receive_off_pynetdicom_files_them_the_same(tmp_path: Path) 
                                         "PAS_DICOM__DIRECT_RECEIVE": "false"}).start()
     try:
         storescu(files, pas.port)
-        held = datasets_held(list((pas.home / "spool").rglob("*.dcm")))
-        assert held == as_sent(tmp_path, files)
+        stored = list((pas.home / "spool").rglob("*.dcm"))
+        assert datasets_held(stored) == as_sent(tmp_path, files)
+        # Hashed fragment by fragment as they arrived: each name is its content's SHA-256.
+        assert all(hashlib.sha256(p.read_bytes()).hexdigest() == p.stem for p in stored)
         assert cstore_paths(pas) == {"pynetdicom": len(files)}
     finally:
         pas.stop()

@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
@@ -46,7 +45,20 @@ _LAST = 0x02          # bit 1: last fragment
 # What the listener's store function returns: a DIMSE status and, for a failure, the comment
 # that names the problem (sent as Error Comment, 0000,0902; PS3.7 C.4.2.1.4).
 StoreResult = tuple[int, str | None]
-StoreFunction = Callable[..., StoreResult]
+
+
+class StoreSink(Protocol):
+    """What the ingest listener offers the fast path (appliance/ingest/scp.py)."""
+
+    def prepare_store(self, sop_class_uid: str, sop_instance_uid: str,
+                      transfer_syntax_uid: str) -> tuple[bytes, Any]:
+        """Called when a C-STORE starts: the file meta and a hash object fed with it; each
+        dataset fragment is fed to the hash as it arrives."""
+
+    def store_request(self, assoc: Any, transfer_syntax_uid: str, sop_class_uid: str,
+                      sop_instance_uid: str, dataset: bytes | bytearray, path: str = ...,
+                      prepared: tuple[bytes, Any] | None = None) -> StoreResult:
+        """File the complete dataset; the status (and comment) to answer."""
 
 
 class DirectReceiveError(Exception):
@@ -97,23 +109,26 @@ def _pdvs(pdu_body: memoryview) -> list[tuple[int, int, memoryview]]:
 class _Request:
     """One C-STORE-RQ being reassembled."""
 
-    __slots__ = ("context_id", "message_id", "sop_class_uid", "sop_instance_uid", "dataset")
+    __slots__ = ("context_id", "message_id", "sop_class_uid", "sop_instance_uid", "dataset",
+                 "transfer_syntax_uid", "prepared")
 
-    def __init__(self, context_id: int, command: dict[int, bytes]):
+    def __init__(self, context_id: int, command: dict[int, bytes], transfer_syntax_uid: str):
         self.context_id = context_id
         self.message_id = struct.unpack("<H", command[0x0110])[0]
         self.sop_class_uid = command[0x0002].rstrip(b"\x00 ").decode("ascii")
         self.sop_instance_uid = command[0x1000].rstrip(b"\x00 ").decode("ascii")
+        self.transfer_syntax_uid = transfer_syntax_uid
         self.dataset = bytearray()
+        self.prepared: tuple[bytes, Any] | None = None
 
 
 class DirectReceiver:
     """The C-STORE fast path of one accepted association; lives in its DUL thread."""
 
-    def __init__(self, dul: Any, store: StoreFunction):
+    def __init__(self, dul: Any, sink: StoreSink):
         self.dul = dul
         self.assoc = dul.assoc
-        self.store = store
+        self.sink = sink
         self._request: _Request | None = None
         # The message pynetdicom is assembling: its PDUs go to it until the message ends.
         self._theirs = False
@@ -181,7 +196,14 @@ class DirectReceiver:
             self._their_has_dataset = None
             self._follow_theirs(pdvs)
             return False
-        self._request = _Request(context_id, command)
+        context = self._storage_context(context_id)
+        request = _Request(context_id, command, str(context.transfer_syntax[0]))
+        try:
+            request.prepared = self.sink.prepare_store(
+                request.sop_class_uid, request.sop_instance_uid, request.transfer_syntax_uid)
+        except Exception as exc:  # e.g. a UID that is not ASCII: the store refuses it
+            log.debug("no early hash for message %d: %s", request.message_id, exc)
+        self._request = request
         self._continue(pdvs[1:])
         return True
 
@@ -215,6 +237,8 @@ class DirectReceiver:
                 raise DirectReceiveError(
                     f"command fragment inside the dataset of message {request.message_id}")
             request.dataset += fragment
+            if request.prepared is not None:
+                request.prepared[1].update(fragment)
             if control & _LAST:
                 if index != len(pdvs) - 1:
                     raise DirectReceiveError("data after the last fragment of a message")
@@ -222,10 +246,9 @@ class DirectReceiver:
                 self._answer(request)
 
     def _answer(self, request: _Request) -> None:
-        context = self.assoc._accepted_cx[request.context_id]
-        status, comment = self.store(
-            self.assoc, str(context.transfer_syntax[0]), request.sop_class_uid,
-            request.sop_instance_uid, request.dataset)
+        status, comment = self.sink.store_request(
+            self.assoc, request.transfer_syntax_uid, request.sop_class_uid,
+            request.sop_instance_uid, request.dataset, prepared=request.prepared)
         self.taken += 1
         rsp = c_store_rsp(request.sop_class_uid, request.sop_instance_uid, request.message_id,
                           status, comment if status else None)

@@ -123,8 +123,8 @@ def _direct_receiver(self: DULServiceProvider) -> DirectReceiver | None:
     direct = getattr(self, "_pas_direct", None)
     if direct is None and self.state_machine.current_state == "Sta6":
         assoc = self.assoc
-        store = getattr(assoc.ae, "_pas_direct_store", None)
-        direct = DirectReceiver(self, store) if store and assoc.is_acceptor else False
+        sink = getattr(assoc.ae, "_pas_direct_store", None)
+        direct = DirectReceiver(self, sink) if sink and assoc.is_acceptor else False
         self._pas_direct = direct  # type: ignore[attr-defined]
     return direct or None
 

@@ -8,6 +8,7 @@ sender. Any failure before the commit leaves no new file behind.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sqlite3
 import struct
@@ -192,9 +193,16 @@ class Receiver:
     def receive_dataset(self, dataset: bytes | bytearray, *, transfer_syntax_uid: str,
                         sop_class_uid: str, sop_instance_uid: str,
                         calling_ae: str | None = None, called_ae: str | None = None,
-                        source: str | None = None) -> Received:
-        """A dataset as it travelled in P-DATA: kept byte for byte behind a file meta."""
-        header = part10_header(sop_class_uid, sop_instance_uid, transfer_syntax_uid)
+                        source: str | None = None,
+                        prepared: tuple[bytes, Any] | None = None) -> Received:
+        """A dataset as it travelled in P-DATA: kept byte for byte behind a file meta.
+        ``prepared``: what :meth:`prepare` returned for this C-STORE, its hash fed with the
+        dataset's fragments as they arrived."""
+        if prepared is not None:
+            header, digest = prepared
+        else:
+            header = part10_header(sop_class_uid, sop_instance_uid, transfer_syntax_uid)
+            digest = None
         record = _read_dataset_record(header, dataset, transfer_syntax_uid)
         if record.sop_instance_uid != sop_instance_uid:
             raise InvalidInstance(
@@ -202,7 +210,16 @@ class Receiver:
                 f"{record.sop_instance_uid}, request {sop_instance_uid}"
             )
         return self._file([header, dataset], record, calling_ae=calling_ae,
-                          called_ae=called_ae, source=source, origin="local")
+                          called_ae=called_ae, source=source, origin="local", digest=digest)
+
+    @staticmethod
+    def prepare(sop_class_uid: str, sop_instance_uid: str,
+                transfer_syntax_uid: str) -> tuple[bytes, Any]:
+        """For a C-STORE whose dataset is still arriving: the file meta it will be kept
+        behind, and a SHA-256 already fed with it, to feed each fragment as it arrives
+        (hashing then overlaps the network instead of following it: ~0.35 ms per CT image)."""
+        header = part10_header(sop_class_uid, sop_instance_uid, transfer_syntax_uid)
+        return header, hashlib.sha256(header)
 
     def receive_file(self, content: bytes, *, calling_ae: str | None = None,
                      called_ae: str | None = None, source: str | None = None,
@@ -220,11 +237,11 @@ class Receiver:
 
     def _file(self, chunks: list[bytes | bytearray], record: index.InstanceRecord, *,
               calling_ae: str | None, called_ae: str | None, source: str | None,
-              origin: str) -> Received:
+              origin: str, digest: Any = None) -> Received:
         """Spool the bytes durably, then commit the index row (the order of invariant 1)."""
         self.spool.check_room(sum(len(chunk) for chunk in chunks), self._used_bytes())
         try:
-            stored, created = self.spool.write(chunks)
+            stored, created = self.spool.write(chunks, digest)
         except OSError as exc:
             raise SpoolFull(f"cannot write to the spool: {exc.strerror or exc}") from exc
         try:

@@ -104,7 +104,7 @@ class DicomListener:
         self._per_association: dict[int, dict[str, Any]] = {}
         if config.direct_receive:
             # Read by appliance/dicomnet/reactor.py on every association this AE accepts.
-            self.ae._pas_direct_store = self.store_request  # type: ignore[attr-defined]
+            self.ae._pas_direct_store = self  # type: ignore[attr-defined]
         self._server: Any = None
         self._stats_lock = threading.Lock()
         self.stats = {"stored": 0, "duplicates": 0, "conflicts": 0, "refused": 0}
@@ -195,21 +195,28 @@ class DicomListener:
 
     def store_request(self, assoc: Any, transfer_syntax_uid: str, sop_class_uid: str,
                       sop_instance_uid: str, dataset: bytes | bytearray,
-                      path: str = "direct") -> tuple[int, str | None]:
+                      path: str = "direct",
+                      prepared: tuple[bytes, Any] | None = None) -> tuple[int, str | None]:
         """File one C-STORE's dataset; the status to answer and, for a failure, the reason
         (sent as the response's Error Comment so the modality's log names the problem).
         Timed for the ``pas_cstore_duration_seconds`` histogram."""
         started = time.perf_counter()
         status, comment = self._store(assoc, transfer_syntax_uid, sop_class_uid,
-                                      sop_instance_uid, dataset)
+                                      sop_instance_uid, dataset, prepared)
         self._note_store(assoc, status)
         from appliance.ops.metrics import observe_cstore
 
         observe_cstore(time.perf_counter() - started, status, path)
         return status, comment
 
+    def prepare_store(self, sop_class_uid: str, sop_instance_uid: str,
+                      transfer_syntax_uid: str) -> tuple[bytes, Any]:
+        """The direct path's early start (dicomnet/direct_receive.py): see Receiver.prepare."""
+        return self.receiver.prepare(sop_class_uid, sop_instance_uid, transfer_syntax_uid)
+
     def _store(self, assoc: Any, transfer_syntax_uid: str, sop_class_uid: str,
-               sop_instance_uid: str, dataset: bytes | bytearray) -> tuple[int, str | None]:
+               sop_instance_uid: str, dataset: bytes | bytearray,
+               prepared: tuple[bytes, Any] | None = None) -> tuple[int, str | None]:
         requestor = assoc.requestor
         calling = requestor.ae_title.strip()
         try:
@@ -221,6 +228,7 @@ class DicomListener:
                 calling_ae=calling,
                 called_ae=assoc.acceptor.ae_title.strip(),
                 source=requestor.address,
+                prepared=prepared,
             )
         except InvalidInstance as exc:
             self._count("refused")

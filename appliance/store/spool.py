@@ -19,6 +19,7 @@ import shutil
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from appliance.store.index import StoredFile
 
@@ -61,17 +62,22 @@ class Spool:
                 f"disk nearly full: {free} bytes free, {size} needed, floor {self.min_free_bytes}"
             )
 
-    def write(self, chunks: Iterable[bytes]) -> tuple[StoredFile, bool]:
+    def write(self, chunks: Iterable[bytes | bytearray],
+              digest: Any = None) -> tuple[StoredFile, bool]:
         """Write the chunks durably; return where they are (size, SHA-256) and whether this
-        call created the file (False: the same bytes were already held)."""
-        digest = hashlib.sha256()
+        call created the file (False: the same bytes were already held). ``digest``: a
+        hashlib SHA-256 object already fed exactly these chunks (the C-STORE path hashes
+        fragments as they arrive), so they are not hashed twice."""
+        hashed = digest is not None
+        digest = digest if hashed else hashlib.sha256()
         size = 0
         temp = self.tmp / f"{uuid.uuid4().hex}.part"
         try:
             with open(temp, "wb") as handle:
                 for chunk in chunks:
                     handle.write(chunk)
-                    digest.update(chunk)
+                    if not hashed:
+                        digest.update(chunk)
                     size += len(chunk)
                 handle.flush()
                 if self.fsync:
