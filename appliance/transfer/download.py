@@ -363,7 +363,9 @@ class HubDownloads:
                     if answer.status_code != 200:
                         answer.read()
                         self._refused(answer, what, batched)
-                    for chunk in answer.iter_bytes(256 * 1024):
+                    # As the network gives it: a frame is handed to the workers as soon as its
+                    # last byte is in (a fixed chunk size held a whole bucket back up to 256 kB).
+                    for chunk in answer.iter_bytes():
                         wire = answer.num_bytes_downloaded  # also if cut later
                         for header, payload in reader.feed(chunk):
                             if "error" in header:
