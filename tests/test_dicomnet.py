@@ -26,6 +26,7 @@ from tests.support.peers import (
     MR_DIR,
     PasProcess,
     StoreSCP,
+    half_written,
     storescu,
     wait_for,
 )
@@ -369,7 +370,7 @@ def test_a_refusal_names_the_problem_in_the_response(tmp_path: Path) -> None:
         assert str(refused.ErrorComment).startswith("SOPInstanceUID differs from the C-STORE")
         assert stored.Status == 0x0000
         assert pas.status()["instances"] == 1
-        assert not list((pas.home / "spool" / "tmp").iterdir())
+        assert not half_written(pas.home / "spool")
     finally:
         pas.stop()
 

@@ -25,7 +25,7 @@ from pydicom.filereader import _read_file_meta_info, read_preamble
 from pynetdicom import AE, _config
 from pynetdicom.presentation import AllStoragePresentationContexts
 
-from tests.support.peers import CT_DIR, MR_DIR, StoreSCP, storescu, wait_for
+from tests.support.peers import CT_DIR, MR_DIR, StoreSCP, half_written, storescu, wait_for
 
 STORAGE_CLASSES = {str(c.abstract_syntax) for c in AllStoragePresentationContexts}
 
@@ -214,7 +214,7 @@ def test_malformed_datasets_get_a_failure_and_change_nothing(pas, tmp_path: Path
         assert 0xC000 <= status <= 0xCFFF, hex(status)
     assert pas.status()["instances"] == 0
     assert not list((pas.home / "spool").rglob("*.dcm"))
-    assert not list((pas.home / "spool" / "tmp").iterdir())
+    assert not half_written(pas.home / "spool")
     assert "PixelData is truncated" in pas.log() or "cannot parse" in pas.log()
     # The daemon keeps serving: a good instance right after, from another association.
     assert _send_raw(pas.port, source) == 0x0000
@@ -264,7 +264,7 @@ def test_kill_9_mid_study_loses_nothing_acknowledged(pas_factory, tmp_path: Path
     held = {r["sop_instance_uid"] for r in index_rows(pas.home)}
     missing = {f for f in acknowledged if sop_uid(Path(f)) not in held}
     assert not missing, f"acknowledged but lost: {sorted(missing)[:5]}"
-    assert not list((pas.home / "spool" / "tmp").iterdir())  # recovery removed temp files
+    assert not half_written(pas.home / "spool")  # recovery removed temp files
     assert_spool_consistent(pas.home)
     storescu(MR_DIR, restarted.port, calling="MR1")
     status = restarted.status()
@@ -279,7 +279,7 @@ def test_quota_reached_answers_out_of_resources_and_recovers(pas_factory) -> Non
     assert "Refused: OutOfResources" in result.stdout + result.stderr  # 0xA700
     held = pas.status()
     assert 1 <= held["instances"] <= 6 and held["bytes"] <= 3 * 1024 * 1024
-    assert not list((pas.home / "spool" / "tmp").iterdir())
+    assert not half_written(pas.home / "spool")
     assert_spool_consistent(pas.home)
     assert "spool quota reached" in pas.log()
 
@@ -295,7 +295,7 @@ def test_real_disk_full_answers_out_of_resources_then_accepts_again(pas_factory,
         assert "Refused: OutOfResources" in result.stdout + result.stderr  # 0xA700
         before = pas.status()["instances"]
         assert 1 <= before < 60
-        assert not list((home / "spool" / "tmp").iterdir())
+        assert not half_written(home / "spool")
         assert_spool_consistent(home)
         subprocess.run(["mount", "-o", "remount,size=96m", str(home)], check=True)
         storescu(CT_DIR, pas.port)

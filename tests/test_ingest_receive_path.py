@@ -18,7 +18,7 @@ from pydicom.uid import UID
 from appliance.ingest import receive
 from appliance.ingest.attributes import InvalidInstance
 from appliance.ingest.header import read_header
-from tests.support.peers import CT_DIR, MR_DIR
+from tests.support.peers import CT_DIR, MR_DIR, wait_for
 from tests.test_ingest import dataset_part
 
 
@@ -128,3 +128,34 @@ def test_group_commit_indexes_concurrent_instances_each_all_or_nothing(tmp_path:
     rows = db.query("SELECT sop_instance_uid FROM instances")
     assert sorted(r[0] for r in rows) == sorted(f"1.2.3.{n}" for n in results if n != "3.17")
     assert db.query_one("SELECT count(*) AS n FROM studies")["n"] == 2
+
+
+def test_temp_files_of_a_live_writer_survive_recovery_run_by_another_process(
+        tmp_path: Path) -> None:
+    """Spool writes take temp files created ahead (spool.py's _TempFiles). Recovery run by
+    another process (``pas verify --repair`` beside the daemon) must leave those of a live
+    writer alone, and still remove a dead one's and an interrupted write."""
+    import subprocess
+    import sys
+
+    from appliance.store.spool import Spool
+
+    spool = Spool(tmp_path / "spool")
+    spool.write([b"first"])
+    wait_for(lambda: len(list(spool.tmp.glob("*.part"))) >= 4, 10, what="temp files ahead")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (spool.tmp / f"{dead}-0000.part").write_bytes(b"")
+    (spool.tmp / "interrupted.part").write_bytes(b"half a write")
+    other = subprocess.run(
+        [sys.executable, "-c", "import sys; from pathlib import Path; "
+         "from appliance.store.spool import Spool; "
+         "print(Spool(Path(sys.argv[1])).remove_temp_files())", str(spool.root)],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
+    assert other.stdout.strip() == "1"  # the interrupted write; empty ones are not counted
+    left = {p.name for p in spool.tmp.glob("*.part")}
+    assert f"{dead}-0000.part" not in left and "interrupted.part" not in left
+    assert all(name.startswith(f"{os.getpid()}-") for name in left) and len(left) >= 4
+    for n in range(8):  # the writer's own temp files are all still usable
+        stored, created = spool.write([f"instance {n}".encode()])
+        assert created and (spool.root / stored.path).read_bytes() == f"instance {n}".encode()

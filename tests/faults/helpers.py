@@ -73,7 +73,8 @@ def spool_state(home: Path) -> dict[str, Any]:
         "orphans": sorted(files - indexed),
         "missing": sorted(indexed - files),
         "bad_hash": sorted(bad_hash),
-        "temp_files": sorted(str(p) for p in (spool_root / "tmp").glob("*")),
+        # Empty ones are created ahead for the next writes (spool.py's _TempFiles).
+        "temp_files": sorted(str(p) for p in (spool_root / "tmp").glob("*") if p.stat().st_size),
     }
 
 

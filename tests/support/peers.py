@@ -161,6 +161,12 @@ class PasProcess(ChildProcess):
         return json.loads(self.cli("status", "--json").stdout)
 
 
+def half_written(spool: Path) -> list[Path]:
+    """Temp files holding bytes: writes that did not finish. (The empty ones are created
+    ahead for the next writes, appliance/store/spool.py's _TempFiles.)"""
+    return [p for p in (spool / "tmp").glob("*") if p.stat().st_size]
+
+
 # --- DCMTK -------------------------------------------------------------------------------
 
 
