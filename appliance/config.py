@@ -305,6 +305,10 @@ class HubSection(_Section):
     bucket_mb: float = Field(default=6.0, gt=0, le=64)
     max_mbps: float = Field(default=0.0, ge=0)
     windows: list[RateWindow] = []
+    # The line's own rate, if known (0: unknown). The hub connections are then paced just
+    # under it (transfer/client.py Pacer), so that parallel PUTs do not overrun the router's
+    # queue; it is not a cap (max_mbps is).
+    link_mbps: float = Field(default=0.0, ge=0)
     # Packing level (appliance/transfer/pack.py LEVELS; auto: chosen from the CPU it measures).
     pack_level: Literal["fast", "default", "max", "auto"] = "default"
     timeout_s: float = Field(default=60.0, gt=0)

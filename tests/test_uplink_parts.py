@@ -9,6 +9,7 @@ import contextlib
 import datetime as dt
 import http.server
 import json
+import socket
 import threading
 from collections.abc import Iterator
 
@@ -251,6 +252,42 @@ def test_puts_share_a_few_connections_and_urgent_ones_go_first() -> None:
         server.server_close()
     assert client.slots.peak == 3
     assert len(handler.peers) <= 3  # TCP connections opened in all
+
+
+def _pacing_rates(client: HubClient) -> list[int]:
+    """SO_MAX_PACING_RATE of every open connection, as the kernel reports it."""
+    from appliance.transfer.client import SO_MAX_PACING_RATE
+
+    return sorted(sock.getsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE)
+                  for sock in list(client.pacer._sockets) if sock.fileno() >= 0)
+
+
+def test_connections_are_paced_under_the_link_rate_shared_by_the_puts_on_the_wire() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.support.peers import wait_for
+
+    handler = type("Held", (_Held,), {"release": threading.Event(), "lock": threading.Lock(),
+                                      "in_progress": 0, "peers": set()})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = HubClient(f"http://127.0.0.1:{server.server_address[1]}", False,
+                       max_connections=4, link_mbps=40)
+    full = int(client.pacer.HEADROOM * 40e6 / 8)
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            puts = [pool.submit(client.put_bucket, f"t{n}", 0, b"p" * 1000) for n in range(3)]
+            wait_for(lambda: handler.in_progress == 3, 10, what="3 PUTs on the wire")
+            assert _pacing_rates(client) == [full // 3] * 3  # the line shared by the three
+            handler.release.set()
+            assert [f.result() for f in puts] == [201] * 3
+        assert _pacing_rates(client) == [full] * 3  # none on the wire: the whole line
+    finally:
+        client.close()
+        server.shutdown()
+        server.server_close()
+    unpaced = HubClient("http://127.0.0.1:1", False)
+    assert not unpaced.pacer.enabled  # the line's rate unknown: nothing is paced
 
 
 def test_link_meter_counts_busy_time_only() -> None:

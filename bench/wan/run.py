@@ -34,7 +34,18 @@ SETS = {"ct": ("CT 60 x 0.5 MB", CT_DIR), "mr": ("MR 520 x 86 kB", MR_DIR)}
 # PAS's settings in this benchmark (printed with the results). The CT set is 20 studies of 3
 # instances: one transfer per study, so parallel jobs matter as much as parallel buckets.
 # pack_level "auto": the level follows the rate the uplink measures (its choice is printed).
-PAS_ENV = {"PAS_QUEUE__WORKERS": "8", "PAS_HUB__PACK_LEVEL": "auto"}
+# hub.link_mbps: the line's nominal rate, as the site's IT would write it (set per link below):
+# the uplink paces its connections under it, which lets it use 6 connections (5 PUTs on the
+# wire) without overrunning the router's one-BDP queue.
+PAS_ENV = {"PAS_QUEUE__WORKERS": "8", "PAS_HUB__PACK_LEVEL": "auto",
+           "PAS_HUB__CONNECTIONS": "6"}
+
+
+def pas_env(spec: LinkSpec) -> dict[str, str]:
+    """PAS's settings on one link: PAS_ENV, told the link's nominal rate."""
+    return {"PAS_HUB__LINK_MBPS": f"{spec.mbit_s:g}", **PAS_ENV}
+
+
 Runner = Callable[[WanLink, Dataset, Path, float], Result]
 
 
@@ -47,7 +58,7 @@ def _peers() -> dict[str, Runner]:
         print(f"(PAS not benchmarked: {exc})", file=sys.stderr)
     else:
         def pas(link: WanLink, ds: Dataset, scratch: Path, timeout: float) -> Result:
-            return run_pas(link, ds, scratch, timeout, PAS_ENV)
+            return run_pas(link, ds, scratch, timeout, pas_env(link.spec))
         peers["pas"] = pas
     return peers
 
@@ -90,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     datasets = [Dataset.load(SETS[s][0], SETS[s][1]) for s in args.sets.split(",")]
     for ds in datasets:
         print(f"{ds.name}: {ds.instances} instances, {ds.original_bytes / 1e6:.1f} MB")
-    print(f"PAS settings: {PAS_ENV} (others: defaults)")
+    print(f"PAS settings: {PAS_ENV}, PAS_HUB__LINK_MBPS = the link's rate (others: defaults)")
 
     results: list[Result] = []
     validations: dict[str, Validation] = {}

@@ -35,7 +35,7 @@ from pydicom.uid import generate_uid
 from bench.wan.link import WanLink
 from bench.wan.pas import run_pas
 from bench.wan.peers import Dataset
-from bench.wan.run import LINKS, PAS_ENV
+from bench.wan.run import LINKS, pas_env
 from tests.support.peers import CT_DIR
 
 
@@ -84,7 +84,7 @@ def outage(scratch: Path, timeout: float) -> None:
     # every run makes the same 20 transfers with the same bucket plans, and the difference in
     # wire bytes between the runs is what the cut made PAS send again (plus TCP's own resends
     # and TLS reconnections), not a different split of the interleaved studies into deltas.
-    env = {**PAS_ENV, "PAS_STUDY__STABLE_AFTER_S": "5"}
+    env = {**pas_env(spec), "PAS_STUDY__STABLE_AFTER_S": "5"}
     with WanLink(spec) as link:
         clean = run_pas(link, ct, scratch / "clean", timeout, env)
         print(f"clean run: {clean.seconds:.1f} s, wire up {clean.wire_up / 1e6:.2f} MB "
@@ -142,7 +142,7 @@ def cap(scratch: Path, timeout: float, cap_mbps: float = 8.0, study_mb: int = 32
         thread = threading.Thread(target=sampler.run, daemon=True)
         thread.start()
         result = run_pas(link, study, scratch / "cap", timeout,
-                         {**PAS_ENV, "PAS_HUB__MAX_MBPS": str(cap_mbps)})
+                         {**pas_env(spec), "PAS_HUB__MAX_MBPS": str(cap_mbps)})
         sampler.stop.set()
         thread.join(5)
     rates = _rates(sampler.samples)
@@ -176,7 +176,7 @@ def memory(scratch: Path, timeout: float, gigabytes: float = 2.0) -> None:
     print(f"made {study.name}: {study.instances} instances in {time.monotonic() - started:.0f} s",
           flush=True)
     with WanLink(spec) as link:
-        result = run_pas(link, study, scratch / "big", timeout, PAS_ENV)
+        result = run_pas(link, study, scratch / "big", timeout, pas_env(spec))
     print(f"{study.name} on {spec.label()}: {'ok' if result.ok else 'FAILED'} in "
           f"{result.seconds:.0f} s, {result.x_link:.2f}x link, wire up "
           f"{result.wire_up / 1e6:.0f} MB; {result.note}", flush=True)

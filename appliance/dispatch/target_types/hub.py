@@ -83,6 +83,7 @@ class HubTarget:
             max_connections=self.config.connections,
             throttle=hub_throttle(self.config), on_contact=LinkRecorder(db, name),
             on_put_bytes=metrics.add_upload_put_bytes, on_inflight=metrics.add_upload_inflight,
+            link_mbps=self.config.link_mbps,
         )
         if client is None:  # the daemon's own client: its connections stay open while idle
             self.client.keep_warm()
