@@ -248,7 +248,7 @@ def run_pas(link: WanLink, dataset: Dataset, scratch: Path, timeout: float,
                 break
             if appliance.proc is not None and appliance.proc.poll() is not None:
                 break
-            time.sleep(0.1)
+            time.sleep(0.05)  # as wait_for polls the peers
         end_ns = time.monotonic_ns()
         cpu = {name: _cpu_s(proc) - cpu_before[name] for name, proc in procs.items()}
         stats = link.stats()
