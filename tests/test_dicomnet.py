@@ -398,3 +398,30 @@ def test_a_broken_fragment_sequence_aborts_only_that_association(tmp_path: Path)
         assert pas.status()["instances"] == 2
     finally:
         pas.stop()
+
+
+def test_remembered_uid_checks_answer_as_pydicoms() -> None:
+    """contexts.install() remembers pydicom's UID validation per string: same answers, and
+    an invalid UID still warns (or raises in RAISE mode) every time it is made."""
+    import warnings
+
+    from pydicom import config
+    from pydicom.uid import UID
+    from pydicom.valuerep import validate_value
+
+    from appliance.dicomnet import contexts
+
+    samples = ["1.2.840.10008.1.2.1", "1.2.3.04", "1.2.3.", "1.2.a", "9" * 65, "0.0", ""]
+    before = [(UID(s).is_valid, UID(s).is_valid) for s in samples]
+    contexts.install()
+    contexts.install()  # idempotent: wraps once
+    assert [(UID(s).is_valid, UID(s).is_valid) for s in samples] == before
+    assert [v for v, _ in before] == [True, False, False, False, False, True, False]
+    for _ in range(2):
+        with pytest.raises(ValueError, match="1.2.3.04"):
+            validate_value("UI", "1.2.3.04", config.RAISE)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            UID("1.2.3.04", validation_mode=config.WARN)
+        assert caught, "an invalid UID still warns when made again"
+    validate_value("UI", "1.2.840.10008.1.2.1", config.RAISE)  # valid: no exception

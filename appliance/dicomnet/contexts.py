@@ -1,6 +1,8 @@
-"""A cheap copy of pynetdicom's presentation contexts.
+"""Cheaper association set-up: a cheap copy of pynetdicom's presentation contexts, and
+pydicom's UID check remembered per UID string.
 
-Owns: ``PresentationContext.__deepcopy__``. Touches nothing else.
+Owns: ``PresentationContext.__deepcopy__`` and pydicom's validator for the UI VR. Touches
+nothing else.
 
 Why: pynetdicom deep-copies the AE's supported contexts for every association it accepts
 (``RequestHandler._create_association``) and its requested ones for every association it
@@ -10,13 +12,24 @@ contexts naming 6,634 transfer syntax UIDs, and ``copy.deepcopy`` walks each UID
 a modality that opens one association per study (and as much again for each C-MOVE
 sub-association). A context holds only immutable values (str-based UIDs, ints, bools) and one
 list; a copy with its own list is exactly what the deep copy produced.
+
+The UID check: every ``UID(...)`` pydicom makes is validated against a regular expression
+(through ``re.match``, compile-cache lookup included). A storescu A-ASSOCIATE-RQ names ~500
+UIDs, each made into a UID two or three times while pynetdicom decodes and negotiates it:
+~8 ms of a 25 ms association set-up here. The answer depends on the string alone, and the
+same few hundred standard UIDs come in every association, so it is remembered (bounded);
+pydicom still warns or raises on an invalid one exactly as before. ``UID.is_valid`` (the
+same regular expression, asked by pynetdicom for each context) is remembered likewise.
 """
 
 from __future__ import annotations
 
 import copy
+from functools import lru_cache
 from typing import Any
 
+from pydicom import uid as pydicom_uid
+from pydicom import valuerep
 from pynetdicom.presentation import PresentationContext
 
 _installed = False
@@ -28,9 +41,33 @@ def _copy_context(self: PresentationContext, memo: dict[int, Any]) -> Presentati
     return clone
 
 
+def _remembering(validator: Any) -> Any:
+    remembered = lru_cache(maxsize=8192)(validator)
+
+    def validate_ui(vr: str, value: Any) -> tuple[bool, str]:
+        if type(value) is str or type(value).__name__ == "UID":
+            return remembered(vr, str(value))
+        return validator(vr, value)
+
+    validate_ui.pas_remembering = True  # type: ignore[attr-defined]
+    return validate_ui
+
+
 def install() -> None:
     """Idempotent; process-wide."""
     global _installed
     if not _installed and hasattr(PresentationContext(), "_transfer_syntax"):
         PresentationContext.__deepcopy__ = _copy_context  # type: ignore[attr-defined]
         _installed = True
+    validator = valuerep.VALIDATORS.get("UI")
+    if validator is not None and not getattr(validator, "pas_remembering", False):
+        valuerep.VALIDATORS["UI"] = _remembering(validator)
+    is_valid = pydicom_uid.UID.__dict__.get("is_valid")
+    if isinstance(is_valid, property) and not getattr(is_valid.fget, "pas_remembering", False):
+        remembered = lru_cache(maxsize=8192)(lambda text: is_valid.fget(pydicom_uid.UID(text)))
+
+        def valid(self: pydicom_uid.UID) -> bool:
+            return bool(remembered(str(self)))
+
+        valid.pas_remembering = True  # type: ignore[attr-defined]
+        pydicom_uid.UID.is_valid = property(valid)  # type: ignore[method-assign,assignment]
