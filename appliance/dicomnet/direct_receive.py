@@ -16,8 +16,10 @@ PDU, one image costs its reads, the store function and one ``send``.
 The rules it keeps (PS3.7 9.3.1, PS3.8 9.3.5): a message starts with its command fragments and
 its dataset follows on the same presentation context; messages are not interleaved (PAS
 negotiates no asynchronous operations). A C-STORE is taken only when its whole command set is
-in the first PDU (DCMTK, pynetdicom and every modality seen so far send it so), its context was
-accepted for a storage SOP class, and pynetdicom is not in the middle of a message of its own.
+in the first PDU (DCMTK and pynetdicom send it so; any other message is pynetdicom's), its
+context was accepted for a storage SOP class, and pynetdicom is not in the middle of a message
+of its own. The listener prepares the file meta and its SHA-256 when the command arrives, and
+each dataset fragment is hashed as it is read, while the sender is still sending.
 A broken fragment sequence raises :class:`DirectReceiveError`; the reactor then aborts the
 association, as pynetdicom does on a PDU it cannot decode.
 """
@@ -135,7 +137,6 @@ class DirectReceiver:
         self._their_command = bytearray()
         self._their_has_dataset: bool | None = None
         self._storage_contexts: dict[int, Any] | None = None
-        self.taken = 0
 
     def _storage_context(self, context_id: int) -> Any:
         if self._storage_contexts is None:
@@ -249,7 +250,6 @@ class DirectReceiver:
         status, comment = self.sink.store_request(
             self.assoc, request.transfer_syntax_uid, request.sop_class_uid,
             request.sop_instance_uid, request.dataset, prepared=request.prepared)
-        self.taken += 1
         rsp = c_store_rsp(request.sop_class_uid, request.sop_instance_uid, request.message_id,
                           status, comment if status else None)
         self.dul.socket.send(p_data_tf(request.context_id, _COMMAND | _LAST, rsp))
