@@ -1,5 +1,9 @@
 """Bucketed downloads: ``POST /api/v1/downloads``, a study (or series) of the region packed as
-the upload packs (JPEG-LS + solid zstd, ``appliance.transfer.pack``) and streamed to the site.
+the upload packs (JPEG-LS + solid zstd, ``appliance.transfer.pack``) and streamed to the site;
+or several studies one after the other in the same stream (``studies``: what a burst of orders
+needs on a long link, one TCP slow start instead of one per study). ``POST
+/api/v1/downloads/search``: several patients' study searches in one round trip (run side by
+side against the archive's QIDO-RS).
 
 Owns: reading the study from the archive (``dicomweb``: one WADO-RS request for the study or
 series, ``transfer-syntax=*``, each part streamed to a file in a private folder under

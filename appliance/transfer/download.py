@@ -13,6 +13,11 @@ whole study wait on the hub's disk before the first byte crosses the WAN. Each f
 one bucket and the metadata of the instances it holds; the last frame says how many instances
 and buckets the stream carried, so a stream cut short is always noticed.
 
+Several studies (``fetch_many``): one request, one stream, the studies one after the other,
+each bucket and end frame naming its study; each study is done (and its caller told) as soon
+as its own end frame came and its files are filed. ``search``: several patients' studies in one
+round trip. ``warm``: a tiny request that keeps one connection to the hub open.
+
 Resuming: the request names the instances the appliance already holds (``have``); the hub
 packs only the others. A cut costs at most the buckets in flight (and the earlier buckets of an
 instance split across buckets that was not complete yet).
