@@ -218,3 +218,37 @@ def test_bad_batched_requests_get_a_clear_error(region: dict[str, Any], tmp_path
     wait_for(lambda: not list((hub.home / "downloads").iterdir()), 30,
              what="no staging folder left on the hub")
     assert hub.proc is not None and hub.proc.poll() is None  # still serving
+
+
+def test_an_urgent_upload_keeps_the_link_from_a_batch(region: dict[str, Any],
+                                                      tmp_path: Path) -> None:
+    """A stroke CT waiting for the hub: the batch of priors steps aside before its stream and
+    downloads nothing until the upload is done; then every prior arrives byte for byte."""
+    from pydicom.data import get_testdata_file
+
+    from appliance.store import jobs as job_store
+
+    hub: HubProcess = region["hub"]
+    site = Site(hub, tmp_path / "pas", "SITE-URGENT")
+    local = site.receiver.receive_file(Path(get_testdata_file("CT_small.dcm")).read_bytes())
+    study_fk = int(site.db.query_one("SELECT study_fk FROM instances WHERE id = ?",
+                                     (local.instance_id,))["study_fk"])
+    job_store.route_study(site.db, study_fk, [local.instance_id],
+                          [job_store.NewJob("hub", "hub", 0, "stroke", [local.instance_id])])
+    patients = PATIENTS[1:]
+    ids = site.order(patients)
+    site.service.start()
+    try:
+        wait_for(lambda: site.service.stepped_aside > 0, 60, what="the batch to step aside")
+        rows = [store.get_request(site.db, i) for i in ids]
+        assert all(r is not None and r["instances_fetched"] == 0 for r in rows)
+        assert "SITE-URGENT sent" not in hub.log()  # no stream started
+        job = job_store.claim_next(site.db, "uplink-test", 60)
+        assert job is not None and job.priority == 0
+        job_store.finish(site.db, job.id, "uplink-test")
+        rows = site.wait_done(ids)
+    finally:
+        site.service.stop()
+    for row, patient in zip(rows, patients, strict=True):
+        assert row["state"] == "fetched", row["last_error"]
+        site.assert_on_site(region["priors"][patient][1])
