@@ -38,7 +38,8 @@ class ArchiveSection(_Section):
     # Threads rebuilding and archiving instances while their transfer's buckets arrive.
     workers: int = Field(default=2, ge=1, le=16)
     # Requests to the archive at once (per hub, every transfer): Orthanc stores one request
-    # while it parses the next; 4 stored the MR set ~1.3x faster than 2 here (docs/benchmarks.md).
+    # while it parses the next (the MR set: best runs 0.9 s with 4, 1.2 s with 2; medians alike
+    # on a shared 2-core machine, docs/benchmarks.md).
     requests: int = Field(default=4, ge=1, le=32)
 
     @field_validator("url")
