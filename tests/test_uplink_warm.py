@@ -68,3 +68,24 @@ def test_idle_connections_are_opened_kept_open_and_used_by_the_next_call(
     assert client._warm_thread is not None
     client._warm_thread.join(30)
     assert not client._warm_thread.is_alive()
+
+
+def test_connections_outlive_an_idle_spell_longer_than_httpx_default_expiry(
+        hub: HubProcess, site: Enrolment) -> None:
+    """httpx drops a pooled connection idle for 5 s unless told otherwise; the keep-warm call
+    comes after 20 s idle in service. The pool must keep connections for longer than that
+    call's period, or every study after a pause pays the handshakes again."""
+    client = HubClient(site.url, site.ssl_context(), max_connections=2)
+    try:
+        client.warm()
+        opened = _client_ports(hub.port)
+        assert len(opened) == 2
+        used_at = client._last_used
+        # Idle 6.5 s (over httpx's default expiry of 5 s), then the keep-warm refresh.
+        client.keep_warm(idle_s=6.5)
+        wait_for(lambda: client._last_used > used_at + 6, 30, what="a refresh after 6.5 s idle")
+        assert _client_ports(hub.port) == opened
+        assert client.held_buckets("no-such-transfer") is None
+        assert _client_ports(hub.port) == opened
+    finally:
+        client.close()

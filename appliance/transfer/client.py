@@ -131,6 +131,11 @@ def verify_receipt(receipt: dict[str, Any], hub_certificate_der: bytes) -> None:
 
 
 WARM_IDLE_S = 20.0
+# How long an idle connection stays in the pool: under the hub's 30 s keep-alive and over
+# WARM_IDLE_S, so the keep-warm call finds it open. (httpx's default is 5 s: the pool then
+# closed every idle connection long before the keep-warm call, which reopened all of them,
+# and a study arriving more than 5 s after the last call paid TCP and TLS handshakes again.)
+KEEP_ALIVE_S = 25.0
 
 
 def _keep_warm(client_ref: weakref.ref[HubClient], idle_s: float) -> None:
@@ -356,7 +361,8 @@ class HubClient:
             base_url=self.url, verify=ssl_context, http1=True, http2=False,
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0), pool=None),
             limits=httpx.Limits(max_connections=max_connections,
-                                max_keepalive_connections=max_connections),
+                                max_keepalive_connections=max_connections,
+                                keepalive_expiry=KEEP_ALIVE_S),
         )
         self.pacer = Pacer(link_mbps)
         if self.pacer.enabled:  # every connection the pool opens is handed to the pacer
