@@ -462,3 +462,45 @@ def test_kill_9_of_the_hub_while_archiving_ahead_resumes_on_start(
         conn.close()
     # No duplicate however often an instance was handed to the archive.
     assert sorted(u for u in uids if u in shipment.originals) == sorted(shipment.originals)
+
+
+def test_put_with_commit_answers_the_receipt_only_when_it_completes_the_set(
+        hub: HubProcess, site: Enrolment, http: httpx.Client, small: Shipment) -> None:
+    """``?commit=true`` on every PUT: the ones before the last answer as plain PUTs, the one
+    that completes the set answers with the signed receipt (the commit's own)."""
+    assert len(small.buckets) >= 2
+    assert http.post("/api/v1/transfers", json=small.manifest).status_code == 201
+    last = len(small.buckets) - 1
+    for index in range(last):
+        answer = http.put(small.bucket_url(index), params={"commit": "true"},
+                          content=small.buckets[index])
+        assert answer.status_code == 201 and "receipt" not in answer.json()
+    assert http.get(small.url + "/receipt").status_code == 404  # nothing committed yet
+    answer = http.put(small.bucket_url(last), params={"commit": "true"},
+                      content=small.buckets[last])
+    assert answer.status_code == 201, answer.text
+    receipt = answer.json()["receipt"]
+    assert receipt == http.get(small.url + "/receipt").json()
+    assert receipt == http.post(small.url + "/commit").json()  # a repeat gives the same one
+    assert {(i["sop_instance_uid"], i["sha256"]) for i in receipt["instances"]} == set(
+        small.originals.items())
+    assert verify_receipt(receipt, (hub.home / "server.crt").read_bytes())
+    # Committed: a further PUT is refused as before.
+    assert http.put(small.bucket_url(0), params={"commit": "true"},
+                    content=small.buckets[0]).status_code == 409
+
+
+def test_put_with_commit_that_cannot_commit_stores_the_bucket_and_gives_no_receipt(
+        hub: HubProcess, site: Enrolment, http: httpx.Client) -> None:
+    files = sorted(p for p in CT_DIR.rglob("*") if p.is_file())[4:6]
+    shipment = ship(pack_items(files), site.hub_transfer_key, 8 << 20)
+    wrong = shipment.manifest["instances"][0]
+    wrong["sha256"] = hashlib.sha256(b"not this file").hexdigest()
+    assert http.post("/api/v1/transfers", json=shipment.manifest).status_code == 201
+    answer = http.put(shipment.bucket_url(0), params={"commit": "true"},
+                      content=shipment.buckets[0])
+    assert answer.status_code == 201, answer.text
+    assert "receipt" not in answer.json() and answer.json()["commit_refused"] == "sha256_mismatch"
+    assert http.get(shipment.url + "/buckets").json()["held"] == [0]
+    assert http.get(shipment.url + "/receipt").status_code == 404
+    assert http.post(shipment.url + "/commit").status_code == 422  # the reason, in full

@@ -162,7 +162,7 @@ def test_client_retries_5xx_then_succeeds(scripted: tuple[type[_Script], str]) -
     contacts: list[bool] = []
     client = HubClient(url, False, retries=3, backoff_max_s=0.05,
                        on_contact=lambda ok, _error: contacts.append(ok))
-    assert client.put_bucket("t1", 0, b"x" * 1000) == 201
+    assert client.put_bucket("t1", 0, b"x" * 1000).status == 201
     assert handler.seen == ["PUT /api/v1/transfers/t1/buckets/0 1000"] * 3  # same body each time
     assert contacts == [True]
 
@@ -244,8 +244,8 @@ def test_puts_share_a_few_connections_and_urgent_ones_go_first() -> None:
             urgent = pool.submit(client.put_bucket, "u", 0, b"u" * 1000, True)
             wait_for(lambda: handler.in_progress == 3, 10, what="the urgent PUT in the last slot")
             handler.release.set()
-            assert urgent.result() == 201
-            assert [f.result() for f in routine] == [201] * 8
+            assert urgent.result().status == 201
+            assert [f.result().status for f in routine] == [201] * 8
     finally:
         client.close()
         server.shutdown()
@@ -280,7 +280,7 @@ def test_connections_are_paced_under_the_link_rate_shared_by_the_puts_on_the_wir
             wait_for(lambda: handler.in_progress == 3, 10, what="3 PUTs on the wire")
             assert _pacing_rates(client) == [full // 3] * 3  # the line shared by the three
             handler.release.set()
-            assert [f.result() for f in puts] == [201] * 3
+            assert [f.result().status for f in puts] == [201] * 3
         assert _pacing_rates(client) == [full] * 3  # none on the wire: the whole line
     finally:
         client.close()

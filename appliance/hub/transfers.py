@@ -206,7 +206,8 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
         return row, None
 
     async def put_bucket(request: Request) -> Response:
-        """Store one sealed bucket durably (idempotent per index)."""
+        """Store one sealed bucket durably (idempotent per index); with ``?commit=true``, also
+        commit when it completes the set, and answer the receipt with it."""
         site = request.state.site
         row, missing = await run_in_threadpool(lookup, request)
         if missing:
@@ -261,8 +262,28 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
         created = await run_in_threadpool(locked)
         if created:  # rebuild and archive what this bucket completed, in the background
             hub.archiver.notify(row["id"], row["priority"])
-        return JSONResponse({"transfer_id": row["id"], "index": index, "size": len(sealed)},
-                            status_code=201 if created else 200)
+        answer: dict[str, Any] = {"transfer_id": row["id"], "index": index,
+                                  "size": len(sealed)}
+        if request.query_params.get("commit") in ("1", "true"):
+            # "Commit if this completes the set": the last PUT of a study answers with the
+            # receipt, which saves the appliance one round trip per study. Anything short of
+            # a receipt (buckets still missing, a refusal) leaves the PUT's own answer; the
+            # appliance then commits explicitly and sees the reason there.
+            held_now = await run_in_threadpool(store.held_buckets, hub.db, row["id"])
+            if len(held_now) == row["bucket_count"]:
+                try:
+                    answer["receipt"] = await run_in_threadpool(commit_transfer, hub, row["id"])
+                except CommitRefused as exc:
+                    log.warning("site %s: transfer %s commit with bucket %d refused: %s", site,
+                                row["id"], index, exc.detail, extra={"SITE": site})
+                    answer["commit_refused"] = exc.error
+                except Exception as exc:  # the bucket is stored; the explicit commit retries
+                    log.warning("site %s: transfer %s commit with bucket %d failed: %s: %s",
+                                site, row["id"], index, type(exc).__name__, exc,
+                                extra={"SITE": site})
+                    answer["commit_refused"] = "commit_failed"
+            return json_answer(request, answer, 201 if created else 200)
+        return JSONResponse(answer, status_code=201 if created else 200)
 
     async def held(request: Request) -> Response:
         """The bucket indexes the hub holds for a transfer."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import gzip
 import json
 import logging
@@ -328,6 +329,15 @@ class LinkMeter:
             return self._bytes * 8 / busy / 1e6
 
 
+@dataclasses.dataclass(frozen=True)
+class BucketAnswer:
+    """The hub's answer to a bucket PUT: 201 stored, 200 already held; ``receipt`` when the
+    PUT asked to commit and this bucket completed the set."""
+
+    status: int
+    receipt: dict[str, Any] | None = None
+
+
 class HubClient:
     """Thread-safe: share one per hub. ``on_contact(ok, error)`` is told about every final
     outcome (the link state shown by ``pas status``)."""
@@ -426,9 +436,11 @@ class HubClient:
         return self._expect(response, {200, 201}, "create transfer").status_code
 
     def put_bucket(self, transfer_id: str, index: int, sealed: bytes,
-                   urgent: bool = False) -> int:
+                   urgent: bool = False, commit: bool = False) -> BucketAnswer:
         """PUT one sealed bucket, paced by the throttle (an urgent one goes first); 201
-        stored, 200 already held."""
+        stored, 200 already held. ``commit``: ask the hub to commit if this bucket completes
+        the set; the answer then carries the receipt (none when the set is not complete, or
+        the hub could not commit: the caller commits explicitly, as without it)."""
 
         def body() -> Any:
             chunks = (self.throttle.paced(sealed, urgent=urgent) if self.throttle
@@ -440,8 +452,12 @@ class HubClient:
             content_factory=body, slot=lambda: self._put_slot(urgent, len(sealed)),
             headers={"Content-Type": "application/octet-stream",
                      "Content-Length": str(len(sealed))},
+            params={"commit": "true"} if commit else None,
         )
-        return self._expect(response, {200, 201}, f"bucket {index}").status_code
+        status = self._expect(response, {200, 201}, f"bucket {index}").status_code
+        body = _json(response) if commit else None
+        receipt = body.get("receipt") if isinstance(body, dict) else None
+        return BucketAnswer(status, receipt if isinstance(receipt, dict) else None)
 
     def held_buckets(self, transfer_id: str) -> set[int] | None:
         """The bucket indexes the hub holds durably; None if it does not know the transfer."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -51,6 +52,15 @@ FIRST_BUCKET_BYTES = 1 << 20
 # (packing's JPEG-LS runs outside the GIL; two keep a 20 Mbit/s line fed on two cores).
 PACK_AHEAD = 2
 PACKERS = 2
+
+
+@dataclasses.dataclass
+class _Sent:
+    """What sending a round of buckets came to: the hub already had the transfer committed
+    (a PUT answered 409), or a PUT committed it and brought the receipt."""
+
+    committed_elsewhere: bool = False
+    receipt: dict[str, Any] | None = None
 
 
 class LinkRecorder:
@@ -110,18 +120,36 @@ class HubTarget:
         # into the transfer instead of ~0.9 s). One-bucket studies are cut as before.
         first = FIRST_BUCKET_BYTES if sum(i.size for i in items) > 2 * target else None
         plans = pack.plan_buckets(items, target, first)
+        new_transfer = not job.progress.get("transfer_id")
         progress = self._transfer_identity(job, context, len(plans))
         transfer_id = progress["transfer_id"]
         key = base64.b64decode(progress["key"])
         manifest = self._manifest(job, rows, plans, transfer_id, progress["wrapped_key"])
         extra = {"JOB_ID": job.id, "STUDY_UID": job.study_uid, "TRANSFER_ID": transfer_id}
-        try:
-            created = self.client.create_transfer(manifest) == 201
-        except HubRefused as exc:
-            if exc.status == 409:  # our id with another manifest: the job changed; start over
-                self._forget_transfer(job, context, progress)
-                raise RuntimeError(f"{exc}; a new transfer will be created") from None
-            raise PermanentError(str(exc)) from None
+        # A new transfer's first bucket is packed while the manifest is on its round trip
+        # (the hub cannot hold any of its buckets yet): ~30 ms of CPU off each study's path.
+        with ThreadPoolExecutor(1, thread_name_prefix=f"pas-hub-{job.id}-first") as early:
+            first_bucket = (early.submit(self._pack, plans[0], key, transfer_id)
+                            if new_transfer else None)
+            try:
+                created = self.client.create_transfer(manifest) == 201
+            except HubRefused as exc:
+                if exc.status == 409:  # our id with another manifest: the job changed
+                    self._forget_transfer(job, context, progress)
+                    raise RuntimeError(f"{exc}; a new transfer will be created") from None
+                raise PermanentError(str(exc)) from None
+            receipt = self._deliver(job, context, progress, key, plans, created, first_bucket,
+                                    extra)
+        self._confirm(job, context, rows, receipt, transfer_id)
+        # Delivered: the transfer key has no further use; keep only the id and the counters.
+        job_store.save_progress(context.db, job.id, {
+            k: v for k, v in progress.items() if k not in ("key", "wrapped_key")})
+
+    def _deliver(self, job: Job, context: SendContext, progress: dict[str, Any], key: bytes,
+                 plans: list[Any], created: bool, first: Future[Any] | None,
+                 extra: dict[str, Any]) -> dict[str, Any]:
+        """Send what the hub lacks and commit, up to COMMIT_ROUNDS times; the receipt."""
+        transfer_id = progress["transfer_id"]
         receipt: dict[str, Any] | None = None
         for _round in range(COMMIT_ROUNDS):
             # 201: the hub has just created this transfer and holds none of its buckets; not
@@ -131,10 +159,17 @@ class HubTarget:
             missing = [p for p in plans if p.index not in held]
             log.info("transfer %s: %d buckets, hub holds %d, sending %d", transfer_id,
                      len(plans), len(held), len(missing), extra=extra)
-            if missing and not self._send_buckets(job, context, progress, key, missing):
+            prepacked = ({plans[0].index: first} if first is not None and _round == 0
+                         and missing and missing[0].index == plans[0].index else {})
+            sent = (self._send_buckets(job, context, progress, key, missing, prepacked)
+                    if missing else _Sent())
+            if sent.committed_elsewhere:
                 receipt = self.client.receipt(transfer_id)  # 409 on PUT: already committed
                 if receipt is None:
                     raise RuntimeError(f"transfer {transfer_id}: hub says committed, no receipt")
+                break
+            if sent.receipt is not None:  # the last PUT committed (one round trip saved)
+                receipt = sent.receipt
                 break
             # The hub rebuilds and archives the whole study before answering: keep the lease.
             response = self._renewing(job, context, self.client.commit, transfer_id)
@@ -150,10 +185,7 @@ class HubTarget:
         if receipt is None:
             raise RuntimeError(f"transfer {transfer_id}: buckets still missing after "
                                f"{COMMIT_ROUNDS} rounds")
-        self._confirm(job, context, rows, receipt, transfer_id)
-        # Delivered: the transfer key has no further use; keep only the id and the counters.
-        job_store.save_progress(context.db, job.id, {
-            k: v for k, v in progress.items() if k not in ("key", "wrapped_key")})
+        return receipt
 
     def _transfer_identity(self, job: Job, context: SendContext,
                            bucket_count: int) -> dict[str, Any]:
@@ -236,52 +268,67 @@ class HubTarget:
                      f"{measured:.1f} Mbit/s" if measured else "not yet")
         return level
 
+    def _pack(self, plan: Any, key: bytes, transfer_id: str) -> tuple[bytes, int, str]:
+        """One bucket packed at the level in force and sealed: (sealed, original bytes,
+        level)."""
+        from appliance.transfer import pack, seal
+
+        level = self._pack_level()
+        payload, stats = pack.pack_bucket(plan, level)
+        sealed = seal.seal_bucket(key, transfer_id, plan.index, payload)
+        return sealed, int(stats.get("original", 0)), level
+
     def _send_buckets(self, job: Job, context: SendContext, progress: dict[str, Any],
-                      key: bytes, plans: list[Any]) -> bool:
+                      key: bytes, plans: list[Any],
+                      prepacked: dict[int, Future[tuple[bytes, int, str]]] | None = None,
+                      ) -> _Sent:
         """Pack, seal and PUT ``plans``: ``parallel_buckets`` PUTs at a time, fed by packers
         that keep up to ``PACK_AHEAD`` sealed buckets ready, renewing the lease meanwhile.
-        False when the hub says the transfer is already committed.
+        Every PUT asks the hub to commit if it completes the set, so the last one usually
+        brings the receipt back. ``prepacked``: buckets already being packed (by index).
 
         Why packing runs ahead of the PUTs: when each PUT thread packed its own next bucket,
         PUTs that shared the line finished together and then all packed at once, leaving the
         line idle in waves (MR at 20 Mbit/s: ~0.2 s gaps every ~0.4 s). Packers fill a bounded
         window of sealed buckets in plan order; a PUT thread takes the next one as soon as it
-        is free. Memory: at most ``parallel_buckets + PACK_AHEAD`` sealed buckets exist."""
+        is free. Memory: at most ``parallel_buckets + PACK_AHEAD`` sealed buckets exist (one
+        more while a new transfer's first bucket is packed early)."""
         transfer_id = progress["transfer_id"]
+        prepacked = prepacked or {}
         lock = threading.Lock()
         failed = threading.Event()
-        # Buckets packed (or being packed) and not yet answered by the hub.
+        # Buckets packed (or being packed) by this call's packers and not yet answered.
         window = threading.BoundedSemaphore(self.config.parallel_buckets + PACK_AHEAD)
         urgent = job.priority == 0
+        outcome = _Sent()
 
         def packed(plan: Any) -> tuple[bytes, int, str]:
-            from appliance.transfer import pack, seal
-
             window.acquire()
             try:
                 if failed.is_set():
                     raise RuntimeError("cancelled: another bucket failed")
-                level = self._pack_level()
-                payload, stats = pack.pack_bucket(plan, level)
-                sealed = seal.seal_bucket(key, transfer_id, plan.index, payload)
-                return sealed, int(stats.get("original", 0)), level
+                return self._pack(plan, key, transfer_id)
             except BaseException:
                 window.release()
                 raise
 
-        def put(plan: Any, ready: Future[tuple[bytes, int, str]]) -> tuple[int, int, int, str]:
+        def put(plan: Any, ready: Future[tuple[bytes, int, str]]) -> tuple[int, int, str]:
+            own_slot = plan.index not in prepacked
             sealed, original, level = ready.result()  # its packer released the slot on error
             try:
                 if failed.is_set():
                     raise RuntimeError("cancelled: another bucket failed")
-                self.client.put_bucket(transfer_id, plan.index, sealed, urgent=urgent)
-                return plan.index, len(sealed), original, level
+                answer = self.client.put_bucket(transfer_id, plan.index, sealed,
+                                                urgent=urgent, commit=True)
+                if answer.receipt is not None:
+                    outcome.receipt = answer.receipt
+                return len(sealed), original, level
             finally:
-                window.release()
+                if own_slot:
+                    window.release()
 
         renew_every = max(1.0, context.lease_s / 3)
         last_renew = time.monotonic()
-        committed = False
         first_error: BaseException | None = None
         throttle = self.client.throttle
         with contextlib.ExitStack() as stack:
@@ -294,15 +341,15 @@ class HubTarget:
                 self.config.parallel_buckets, thread_name_prefix=f"pas-hub-{job.id}"))
             # Both pools take their work in plan order, so a PUT thread only ever waits for
             # a bucket that holds a window slot or will get one from an earlier PUT's end.
-            ready = [packers.submit(packed, p) for p in plans]
-            pending: set[Future[tuple[int, int, int, str]]] = {
+            ready = [prepacked.get(p.index) or packers.submit(packed, p) for p in plans]
+            pending: set[Future[tuple[int, int, str]]] = {
                 senders.submit(put, p, r) for p, r in zip(plans, ready, strict=True)}
             while pending:
                 done, pending = wait(pending, timeout=renew_every, return_when=FIRST_COMPLETED)
                 for future in done:
                     error = future.exception()
                     if error is None:
-                        _index, wire, original, level = future.result()
+                        wire, original, level = future.result()
                         with lock:
                             chosen = progress.setdefault("pack_levels", {})
                             chosen[level] = chosen.get(level, 0) + 1
@@ -312,7 +359,7 @@ class HubTarget:
                                 progress.get("original_bytes_sent", 0) + original)
                             job_store.save_progress(context.db, job.id, progress)
                     elif isinstance(error, HubRefused) and error.status == 409:
-                        committed = True
+                        outcome.committed_elsewhere = True
                         failed.set()
                     elif first_error is None:
                         first_error = error
@@ -320,8 +367,8 @@ class HubTarget:
                 if time.monotonic() - last_renew >= renew_every:
                     context.keep_alive(job)
                     last_renew = time.monotonic()
-        if committed:
-            return False
+        if outcome.committed_elsewhere:
+            return outcome
         if first_error is not None:
             if isinstance(first_error, HubRefused) and first_error.status in (413, 416):
                 raise PermanentError(str(first_error)) from first_error
@@ -330,7 +377,7 @@ class HubTarget:
             raise RuntimeError(f"bucket failed: {type(first_error).__name__}: "
                                f"{first_error}") from first_error
         context.keep_alive(job)
-        return True
+        return outcome
 
     # --- receipt ---------------------------------------------------------------------------
 
