@@ -31,6 +31,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from appliance.config import Settings
+from appliance.dispatch.pack_ahead import PackAhead
 from appliance.dispatch.target_types.base import PermanentError, SendContext
 from appliance.ops import metrics
 from appliance.store import jobs as job_store
@@ -294,40 +295,20 @@ class HubTarget:
         is free. Memory: at most ``parallel_buckets + PACK_AHEAD`` sealed buckets exist (one
         more while a new transfer's first bucket is packed early)."""
         transfer_id = progress["transfer_id"]
-        prepacked = prepacked or {}
         lock = threading.Lock()
-        failed = threading.Event()
-        # Buckets packed (or being packed) by this call's packers and not yet answered.
-        window = threading.BoundedSemaphore(self.config.parallel_buckets + PACK_AHEAD)
         urgent = job.priority == 0
         outcome = _Sent()
 
-        def packed(plan: Any) -> tuple[bytes, int, str]:
-            window.acquire()
-            try:
-                if failed.is_set():
-                    raise RuntimeError("cancelled: another bucket failed")
-                return self._pack(plan, key, transfer_id)
-            except BaseException:
-                window.release()
-                raise
+        def pack_one(plan: Any) -> tuple[bytes, int, str]:
+            return self._pack(plan, key, transfer_id)
 
-        own_slots = {plan.index for plan in plans} - set(prepacked)
-
-        def put(plan: Any, ready: Future[tuple[bytes, int, str]]) -> tuple[int, int, str]:
-            own_slot = plan.index in own_slots
-            sealed, original, level = ready.result()  # its packer released the slot on error
-            try:
-                if failed.is_set():
-                    raise RuntimeError("cancelled: another bucket failed")
-                answer = self.client.put_bucket(transfer_id, plan.index, sealed,
-                                                urgent=urgent, commit=True)
-                if answer.receipt is not None:
-                    outcome.receipt = answer.receipt
-                return len(sealed), original, level
-            finally:
-                if own_slot:
-                    window.release()
+        def put_one(plan: Any, packed: tuple[bytes, int, str]) -> tuple[int, int, str]:
+            sealed, original, level = packed
+            answer = self.client.put_bucket(transfer_id, plan.index, sealed, urgent=urgent,
+                                            commit=True)
+            if answer.receipt is not None:
+                outcome.receipt = answer.receipt
+            return len(sealed), original, level
 
         renew_every = max(1.0, context.lease_s / 3)
         last_renew = time.monotonic()
@@ -336,20 +317,11 @@ class HubTarget:
         with contextlib.ExitStack() as stack:
             if urgent and throttle is not None:
                 stack.enter_context(throttle.urgent())
-            # Pool shutdown order (ExitStack unwinds last in first): PUTs first, then packers.
-            packers = stack.enter_context(ThreadPoolExecutor(
-                min(PACKERS, len(plans)), thread_name_prefix=f"pas-hub-{job.id}-pack"))
-            senders = stack.enter_context(ThreadPoolExecutor(
-                self.config.parallel_buckets, thread_name_prefix=f"pas-hub-{job.id}"))
-            # Both pools take their work in plan order, so a PUT thread only ever waits for
-            # a bucket that holds a window slot or will get one from an earlier PUT's end.
-            # No list of the packers' futures is kept: each holds its sealed bucket, and only
-            # the PUT task that sends it may keep it alive (a 2 GB study would otherwise stay
-            # in memory whole, as it did in a first version of this: RSS 752 MB).
-            pending: set[Future[tuple[int, int, str]]] = set()
-            for plan in plans:
-                pending.add(senders.submit(
-                    put, plan, prepacked.pop(plan.index, None) or packers.submit(packed, plan)))
+            ahead = stack.enter_context(PackAhead(
+                pack_one, put_one, senders=self.config.parallel_buckets, ahead=PACK_AHEAD,
+                packers=min(PACKERS, len(plans)), name=f"pas-hub-{job.id}"))
+            failed = ahead.failed
+            pending = ahead.submit_all(plans, prepacked)
             while pending:
                 done, pending = wait(pending, timeout=renew_every, return_when=FIRST_COMPLETED)
                 for future in done:
