@@ -76,7 +76,9 @@ def test_a_prepacked_item_is_sent_without_being_packed_again() -> None:
     early.set_result(Blob(0))
     with PackAhead(lambda p: packed.append(p.index) or Blob(p.index),
                    lambda p, b: (p.index, b.index), senders=2, ahead=1, packers=1) as ahead:
-        pending = ahead.submit_all([Plan(0), Plan(1), Plan(2)], {0: early})
+        given = {0: early}
+        pending = ahead.submit_all([Plan(0), Plan(1), Plan(2)], given)
+        assert given == {}  # taken out: the caller keeps no reference to the packed bucket
         results = sorted(f.result(timeout=30) for f in pending)
     assert results == [(0, 0), (1, 1), (2, 2)]
     assert packed == [1, 2]

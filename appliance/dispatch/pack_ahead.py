@@ -54,8 +54,9 @@ class PackAhead(Generic[Packed, Sent]):
 
     def submit_all(self, plans: Iterable[Any],
                    prepacked: dict[int, Future[Packed]] | None = None) -> set[Future[Sent]]:
-        """One send future per plan (``plan.index`` keys ``prepacked``)."""
-        prepacked = dict(prepacked or {})
+        """One send future per plan (``plan.index`` keys ``prepacked``). The futures used are
+        taken out of ``prepacked``: once sent, nothing here or in the caller holds them."""
+        prepacked = prepacked if prepacked is not None else {}
         pending: set[Future[Sent]] = set()
         for plan in plans:
             early = prepacked.pop(plan.index, None)

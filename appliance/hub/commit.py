@@ -26,7 +26,7 @@ from appliance.store import hub as store
 if TYPE_CHECKING:
     from appliance.hub.app import Hub
 
-__all__ = ["CommitRefused", "commit_transfer"]
+__all__ = ["CommitRefused", "commit_if_complete", "commit_transfer"]
 
 log = logging.getLogger("pas.hub.commit")
 
@@ -70,3 +70,13 @@ def commit_transfer(hub: Hub, transfer_id: str) -> dict[str, Any]:
                  time.monotonic() - started,
                  extra={"SITE": row["site"], "STUDY_UID": manifest["study_uid"]})
         return receipt
+
+
+def commit_if_complete(hub: Hub, transfer_id: str) -> dict[str, Any] | None:
+    """The receipt when every bucket is held (committing now if not yet done), else None.
+    Raises :class:`CommitRefused` like :func:`commit_transfer`. For a PUT that asks to commit
+    with the bucket that completes the set (one round trip less per study)."""
+    row = store.get_transfer(hub.db, transfer_id)
+    if row is None or len(store.held_buckets(hub.db, transfer_id)) < row["bucket_count"]:
+        return None
+    return commit_transfer(hub, transfer_id)

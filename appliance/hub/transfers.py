@@ -118,7 +118,7 @@ def _validation_detail(exc: ValidationError) -> str:
 
 
 def transfer_routes(hub: Hub) -> list[BaseRoute]:
-    from appliance.hub.commit import CommitRefused, commit_transfer
+    from appliance.hub.commit import CommitRefused, commit_if_complete, commit_transfer
     from appliance.transfer import seal
 
     # Unwrapped bucket keys of recent transfers (an X25519 unwrap per bucket would cost more
@@ -266,24 +266,22 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
                                   "size": len(sealed)}
         if request.query_params.get("commit") in ("1", "true"):
             # "Commit if this completes the set": the last PUT of a study answers with the
-            # receipt, which saves the appliance one round trip per study. Anything short of
-            # a receipt (buckets still missing, a refusal) leaves the PUT's own answer; the
-            # appliance then commits explicitly and sees the reason there.
-            held_now = await run_in_threadpool(store.held_buckets, hub.db, row["id"])
-            if len(held_now) == row["bucket_count"]:
-                try:
-                    answer["receipt"] = await run_in_threadpool(commit_transfer, hub, row["id"])
-                except CommitRefused as exc:
-                    log.warning("site %s: transfer %s commit with bucket %d refused: %s", site,
-                                row["id"], index, exc.detail, extra={"SITE": site})
-                    answer["commit_refused"] = exc.error
-                except Exception as exc:  # the bucket is stored; the explicit commit retries
-                    log.warning("site %s: transfer %s commit with bucket %d failed: %s: %s",
-                                site, row["id"], index, type(exc).__name__, exc,
-                                extra={"SITE": site})
-                    answer["commit_refused"] = "commit_failed"
-            return json_answer(request, answer, 201 if created else 200)
-        return JSONResponse(answer, status_code=201 if created else 200)
+            # receipt. Anything short of a receipt (buckets still missing, a refusal) leaves
+            # the PUT's own answer; the appliance then commits explicitly and sees why there.
+            try:
+                receipt = await run_in_threadpool(commit_if_complete, hub, row["id"])
+            except CommitRefused as exc:
+                log.warning("site %s: transfer %s commit with bucket %d refused: %s", site,
+                            row["id"], index, exc.detail, extra={"SITE": site})
+                answer["commit_refused"] = exc.error
+            except Exception as exc:  # the bucket is stored; the explicit commit retries
+                log.warning("site %s: transfer %s commit with bucket %d failed: %s: %s", site,
+                            row["id"], index, type(exc).__name__, exc, extra={"SITE": site})
+                answer["commit_refused"] = "commit_failed"
+            else:
+                if receipt is not None:
+                    answer["receipt"] = receipt
+        return json_answer(request, answer, 201 if created else 200)
 
     async def held(request: Request) -> Response:
         """The bucket indexes the hub holds for a transfer."""
