@@ -7,6 +7,7 @@ May not touch: the store (``send`` talks to the daemon over DICOM like any modal
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -47,16 +48,20 @@ def send(paths: list[Path] = typer.Argument(..., help="DICOM files or folders (r
     from pydicom import dcmread
     from pynetdicom import AE
 
+    from appliance import dicomnet
     from appliance.cli.main import _settings
 
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         err.print(f"[red]no such file or folder:[/red] {', '.join(missing)}")
         raise typer.Exit(2)
+    event_driven = True
     if port is None or called_ae is None:
         settings = _settings(config)
         port = port or settings.dicom.port
         called_ae = called_ae or settings.dicom.ae_title
+        event_driven = settings.dicom.event_driven
+    dicomnet.install(event_driven)
     files, not_dicom = _dicom_files(paths)
     for path in not_dicom:
         err.print(f"[yellow]skipped, not a DICOM file:[/yellow] {path}")
@@ -118,8 +123,12 @@ def doctor(config: Path | None = typer.Option(None, "--config", "-c", help="TOML
            as_json: bool = typer.Option(False, "--json", help="Machine-readable output")) -> None:
     """Check configuration, database, ports, disk, enrolment, certificate, hub, clock and
     destinations; say what to fix. Exit 1 when something must be fixed."""
+    from appliance import dicomnet
+    from appliance.config import load_settings
     from appliance.ops.doctor import run_checks
 
+    with contextlib.suppress(Exception):  # a broken configuration is the doctor's to report
+        dicomnet.install(load_settings(config).dicom.event_driven)
     checks = run_checks(config)
     if as_json:
         print(json.dumps([c.as_dict() for c in checks], indent=2))

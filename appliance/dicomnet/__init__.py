@@ -2,3 +2,17 @@
 
 Owns: process-wide adjustments to pynetdicom (see ``reactor``). May not touch the index, the
 spool or any service's handlers."""
+
+
+def install(event_driven: bool = True) -> None:
+    """Every process that makes associations (the daemon, ``pas send``, ``pas doctor``) calls
+    this before its first one: presentation contexts copied cheaply, and, unless
+    ``dicom.event_driven = false``, the event-driven loops. Those also close pynetdicom's own
+    race in which its association loop takes a C-STORE-RSP meant for ``send_c_store`` (the
+    sender then waits out the DIMSE timeout and aborts: seen once in CI with ``pas send``,
+    a 30 s stall and "no answer" after 6 of 10 files)."""
+    from appliance.dicomnet import contexts, reactor
+
+    contexts.install()
+    if event_driven:
+        reactor.install()
