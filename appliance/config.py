@@ -300,7 +300,8 @@ class HubSection(_Section):
     """The uplink to the regional hub (the enrolment itself lives in ``$PAS_HOME/pki``)."""
 
     parallel_buckets: int = Field(default=4, ge=1, le=32)
-    # TCP connections to the hub, shared by every job (bucket PUTs and the small calls).
+    # Bucket PUTs sending at once, shared by every job (one slot stays for the small calls);
+    # the pool keeps up to twice as many TCP connections (PUTs sent, awaiting their answer).
     connections: int = Field(default=4, ge=2, le=64)
     bucket_mb: float = Field(default=6.0, gt=0, le=64)
     max_mbps: float = Field(default=0.0, ge=0)

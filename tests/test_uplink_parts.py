@@ -198,21 +198,29 @@ def test_client_unreachable_hub_is_unavailable() -> None:
 
 
 class _Held(http.server.BaseHTTPRequestHandler):
-    """Answers each PUT 201 only once ``release`` is set; counts PUTs in progress."""
+    """Holds each PUT until ``release`` is set, then answers 201; counts PUTs in progress.
+    ``read_first``: read the body at once and hold only the answer (the PUT has been handed
+    over and waits for the hub); otherwise leave the body unread meanwhile (the PUT is still
+    on the wire, its sender blocked by TCP's window)."""
 
     release = threading.Event()
     lock = threading.Lock()
     in_progress = 0
+    read_first = False
     peers: set[int] = set()
     protocol_version = "HTTP/1.1"  # keep-alive, as the hub
 
     def do_PUT(self) -> None:  # noqa: N802 - http.server's naming
         cls = type(self)
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        length = int(self.headers.get("Content-Length") or 0)
+        if cls.read_first:
+            self.rfile.read(length)
         with cls.lock:
             cls.in_progress += 1
             cls.peers.add(self.client_address[1])
         cls.release.wait()
+        if not cls.read_first:
+            self.rfile.read(length)
         with cls.lock:
             cls.in_progress -= 1
         self.send_response(201)
@@ -223,25 +231,35 @@ class _Held(http.server.BaseHTTPRequestHandler):
         pass
 
 
+def _held_server(read_first: bool) -> tuple[http.server.ThreadingHTTPServer, type[_Held]]:
+    handler = type("Held", (_Held,), {"release": threading.Event(), "lock": threading.Lock(),
+                                      "in_progress": 0, "peers": set(),
+                                      "read_first": read_first})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, handler
+
+
+# A body the kernel cannot take at once: its sender stays blocked until the server reads.
+ON_THE_WIRE = 4 << 20
+
+
 def test_puts_share_a_few_connections_and_urgent_ones_go_first() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     from tests.support.peers import wait_for
 
-    handler = type("Held", (_Held,), {"release": threading.Event(), "lock": threading.Lock(),
-                                      "in_progress": 0, "peers": set()})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server, handler = _held_server(read_first=False)
     client = HubClient(f"http://127.0.0.1:{server.server_address[1]}", False,
                        max_connections=3)
     try:
         with ThreadPoolExecutor(9) as pool:
-            routine = [pool.submit(client.put_bucket, f"t{n}", 0, b"r" * 1000)
+            routine = [pool.submit(client.put_bucket, f"t{n}", 0, b"r" * ON_THE_WIRE)
                        for n in range(8)]
             # Routine PUTs take 2 of the 3 slots; the 6 others wait for one.
             wait_for(lambda: handler.in_progress == 2 and client.slots.waiting == 6, 10,
                      what="2 routine PUTs on the wire, 6 waiting")
-            urgent = pool.submit(client.put_bucket, "u", 0, b"u" * 1000, True)
+            urgent = pool.submit(client.put_bucket, "u", 0, b"u" * ON_THE_WIRE, True)
             wait_for(lambda: handler.in_progress == 3, 10, what="the urgent PUT in the last slot")
             handler.release.set()
             assert urgent.result().status == 201
@@ -251,7 +269,38 @@ def test_puts_share_a_few_connections_and_urgent_ones_go_first() -> None:
         server.shutdown()
         server.server_close()
     assert client.slots.peak == 3
-    assert len(handler.peers) <= 3  # TCP connections opened in all
+    assert len(handler.peers) <= 6  # TCP connections opened in all (the pool: 2 x 3)
+
+
+def test_a_put_handed_over_frees_its_slot_while_it_waits_for_the_answer() -> None:
+    """The slot bounds the PUTs *sending*: one whose body is all handed to the kernel waits
+    for the hub's answer (its commit) on its own connection while the next PUT sends."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.support.peers import wait_for
+
+    server, handler = _held_server(read_first=True)
+    in_flight = [0]
+    client = HubClient(f"http://127.0.0.1:{server.server_address[1]}", False,
+                       max_connections=3,
+                       on_inflight=lambda delta: in_flight.__setitem__(0, in_flight[0] + delta))
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            puts = [pool.submit(client.put_bucket, f"t{n}", 0, b"h" * 1000) for n in range(4)]
+            # 4 bodies received with 2 routine slots: each slot was given back once its body
+            # was handed over; the 4 answers are still awaited, and the PUTs still in flight.
+            wait_for(lambda: handler.in_progress == 4, 10, what="4 bodies read, answers held")
+            assert client.slots.in_use == 0
+            assert in_flight[0] == 4000
+            handler.release.set()
+            assert [f.result().status for f in puts] == [201] * 4
+    finally:
+        client.close()
+        server.shutdown()
+        server.server_close()
+    assert in_flight[0] == 0
+    assert client.slots.peak <= 2
+    assert len(handler.peers) == 4  # one connection per PUT awaiting its answer
 
 
 def _pacing_rates(client: HubClient) -> list[int]:
@@ -267,16 +316,14 @@ def test_connections_are_paced_under_the_link_rate_shared_by_the_puts_on_the_wir
 
     from tests.support.peers import wait_for
 
-    handler = type("Held", (_Held,), {"release": threading.Event(), "lock": threading.Lock(),
-                                      "in_progress": 0, "peers": set()})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server, handler = _held_server(read_first=False)
     client = HubClient(f"http://127.0.0.1:{server.server_address[1]}", False,
                        max_connections=4, link_mbps=40)
     full = int(client.pacer.HEADROOM * 40e6 / 8)
     try:
         with ThreadPoolExecutor(3) as pool:
-            puts = [pool.submit(client.put_bucket, f"t{n}", 0, b"p" * 1000) for n in range(3)]
+            puts = [pool.submit(client.put_bucket, f"t{n}", 0, b"p" * ON_THE_WIRE)
+                    for n in range(3)]
             wait_for(lambda: handler.in_progress == 3, 10, what="3 PUTs on the wire")
             assert _pacing_rates(client) == [full // 3] * 3  # the line shared by the three
             handler.release.set()

@@ -7,14 +7,18 @@ in sealed bytes). One :class:`HubClient` is shared by every worker thread: httpx
 HTTP/1.1 connections alive, all under the enrolment's TLS 1.3 context (pinned fleet CA,
 hostname checked, client certificate).
 
-Connections per hub are capped (``hub.connections``, shared by every job): with 8 workers x 4
-buckets in flight each, 30-odd TCP streams slow-started together and overflowed a one-BDP
-router queue on a 20 Mbit/s / 70 ms line (17 % of the wire bytes were resends,
+PUTs sending at once are capped (``hub.connections`` slots, shared by every job): with 8
+workers x 4 buckets in flight each, 30-odd TCP streams slow-started together and overflowed a
+one-BDP router queue on a 20 Mbit/s / 70 ms line (17 % of the wire bytes were resends,
 docs/benchmarks.md). Bucket PUTs wait for a slot (:class:`ConnectionSlots`) without a timeout
 (the wait is for our own uploads, each with its own timeout); a routine PUT leaves one slot
 for the small calls (manifest, commit) and for urgent PUTs, which also go before waiting
-routine ones. (HTTP/2 would multiplex one connection, but the hub serves HTTP/1.1 through
-uvicorn's h11, and h2 is not installed.)
+routine ones. A PUT gives its slot back once its body is handed to the kernel (each hub
+connection keeps at most ``NOT_SENT_LOWAT`` unsent), not when the answer comes: the answer
+to a study's last bucket waits for the hub's archive, and PUTs that shared the line used to
+end together, wait together, and leave the line idle in waves. The pool therefore keeps up to
+twice as many connections as slots. (HTTP/2 would multiplex one connection, but the hub
+serves HTTP/1.1 through uvicorn's h11, and h2 is not installed.)
 
 Retries (tenacity, exponential backoff with full jitter): connection errors, timeouts and
 5xx answers are retried a few times; a 4xx is never retried here, because the protocol gives
@@ -163,6 +167,16 @@ def _chunks(data: bytes, size: int = 256 * 1024) -> Iterator[bytes]:
         yield bytes(view[offset:offset + size])
 
 
+def _nothing() -> None:
+    pass
+
+
+def _then(chunks: Iterator[bytes], sent: Callable[[], None]) -> Iterator[bytes]:
+    """The chunks, then ``sent()`` once the last one has been taken (handed to the kernel)."""
+    yield from chunks
+    sent()
+
+
 class ConnectionSlots:
     """How many bucket PUTs may be on the wire at once, across every job of one hub.
 
@@ -205,6 +219,10 @@ class ConnectionSlots:
 
 
 SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47)  # Linux
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)  # Linux
+# Bytes a hub connection may hold unsent in the kernel: a PUT whose body has been handed over
+# is then nearly on the wire (50 ms at 20 Mbit/s), so its slot can go to the next PUT.
+NOT_SENT_LOWAT = 128 * 1024
 
 
 class Pacer:
@@ -215,9 +233,10 @@ class Pacer:
     emulated 20 Mbit/s / 70 ms line 14-16 % of the CT set's wire bytes were resends. Capping
     every connection at ``HEADROOM`` x the line's rate / the PUTs on the wire
     (``SO_MAX_PACING_RATE``, updated on every connection as PUTs start and end) keeps the
-    queue short: the resends fell to ~1 %. The headroom covers the PUTs that finished
-    sending and wait for their answer (they still count) and the IP/TCP/TLS headers. Rate 0:
-    nothing is paced (the line's rate is unknown)."""
+    queue short: the resends fell to ~1 %. The headroom covers the IP/TCP/TLS headers and
+    the last ``NOT_SENT_LOWAT`` bytes of PUTs that no longer count (handed over, not yet all
+    on the wire). Rate 0: nothing is paced (the line's rate is unknown); every connection
+    still gets the low unsent mark."""
 
     HEADROOM = 1.2
 
@@ -233,6 +252,10 @@ class Pacer:
         return int(self.HEADROOM * self.bytes_per_s / max(1, self.active))
 
     def add(self, sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # the kernel keeps little unsent: see put_bucket
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOT_SENT_LOWAT)
+        if not self.enabled:
+            return
         with self._lock:
             self._sockets.add(sock)
             self._apply(sock, self.rate())
@@ -264,7 +287,8 @@ class Pacer:
 
 class _PacedBackend(httpcore.SyncBackend):
     """httpcore's own network backend, handing each new connection's socket to the pacer
-    (the TLS socket too: wrapping detaches the plain one)."""
+    (the TLS socket too: wrapping detaches the plain one), which sets its low unsent mark
+    and, when the line's rate is known, its pacing."""
 
     def __init__(self, pacer: Pacer):
         self.pacer = pacer
@@ -370,13 +394,14 @@ class HubClient:
         self._http = httpx.Client(
             base_url=self.url, verify=ssl_context, http1=True, http2=False,
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0), pool=None),
-            limits=httpx.Limits(max_connections=max_connections,
-                                max_keepalive_connections=max_connections,
+            limits=httpx.Limits(max_connections=2 * max_connections,
+                                max_keepalive_connections=2 * max_connections,
                                 keepalive_expiry=KEEP_ALIVE_S),
         )
         self.pacer = Pacer(link_mbps)
-        if self.pacer.enabled:  # every connection the pool opens is handed to the pacer
-            self._http._transport._pool._network_backend = _PacedBackend(self.pacer)
+        # Every connection the pool opens is handed to the pacer (low unsent mark; pacing
+        # when the line's rate is known).
+        self._http._transport._pool._network_backend = _PacedBackend(self.pacer)
 
     def close(self) -> None:
         self._closed = True
@@ -442,10 +467,10 @@ class HubClient:
         the set; the answer then carries the receipt (none when the set is not complete, or
         the hub could not commit: the caller commits explicitly, as without it)."""
 
-        def body() -> Any:
+        def body(sent: Callable[[], None]) -> Any:
             chunks = (self.throttle.paced(sealed, urgent=urgent) if self.throttle
                       else _chunks(sealed))
-            return self._counted(chunks) if self.on_put_bytes else chunks
+            return _then(self._counted(chunks) if self.on_put_bytes else chunks, sent)
 
         response = self._call(
             "PUT", f"{API}/transfers/{transfer_id}/buckets/{index}", f"bucket {index}",
@@ -487,15 +512,26 @@ class HubClient:
         verify_receipt(receipt, self.hub_certificate_der)
 
     @contextlib.contextmanager
-    def _put_slot(self, urgent: bool, size: int) -> Iterator[None]:
-        with self.slots.hold(urgent), self.meter.measure(size), self.pacer.sending():
+    def _put_slot(self, urgent: bool, size: int) -> Iterator[Callable[[], None]]:
+        """Held around one PUT attempt. Yields ``sent``, called once the body is handed to
+        the kernel: the slot, the meter and the pacer's share go to the next PUT then, while
+        this one waits for its answer on its own connection (in flight until it comes)."""
+        with contextlib.ExitStack() as sending:
+            sending.enter_context(self.slots.hold(urgent))
+            sending.enter_context(self.meter.measure(size))
+            sending.enter_context(self.pacer.sending())
+            done = sending.pop_all()
+        if self.on_inflight:
+            self.on_inflight(size)
+        try:
+            yield done.close
+        except BaseException as exc:  # before the body was handed over: not a measured PUT
+            done.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        finally:
+            done.close()
             if self.on_inflight:
-                self.on_inflight(size)
-            try:
-                yield
-            finally:
-                if self.on_inflight:
-                    self.on_inflight(-size)
+                self.on_inflight(-size)
 
     def _counted(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
         assert self.on_put_bytes is not None
@@ -506,7 +542,7 @@ class HubClient:
     # --- plumbing ------------------------------------------------------------------------
 
     def _call(self, method: str, path: str, what: str, *,
-              content_factory: Callable[[], Any] | None = None,
+              content_factory: Callable[[Callable[[], None]], Any] | None = None,
               passthrough: set[int] = frozenset(),  # type: ignore[assignment]
               slot: Callable[[], contextlib.AbstractContextManager[None]] | None = None,
               **kwargs: Any) -> httpx.Response:
@@ -516,9 +552,9 @@ class HubClient:
 
         def attempt() -> httpx.Response:
             self._last_used = time.monotonic()
-            if content_factory is not None:
-                kwargs["content"] = content_factory()
-            with slot() if slot is not None else contextlib.nullcontext():
+            with slot() if slot is not None else contextlib.nullcontext() as held:
+                if content_factory is not None:  # told when its last byte is handed over
+                    kwargs["content"] = content_factory(held if callable(held) else _nothing)
                 response = self._http.request(method, path, **kwargs)
             self._remember_certificate(response)
             if response.status_code >= 500:
