@@ -504,3 +504,23 @@ def test_put_with_commit_that_cannot_commit_stores_the_bucket_and_gives_no_recei
     assert http.get(shipment.url + "/buckets").json()["held"] == [0]
     assert http.get(shipment.url + "/receipt").status_code == 404
     assert http.post(shipment.url + "/commit").status_code == 422  # the reason, in full
+
+
+def test_a_bucket_that_comes_before_its_manifest_waits_for_it(
+        hub: HubProcess, site: Enrolment, http: httpx.Client, small: Shipment) -> None:
+    """The appliance sends a new transfer's manifest and first buckets at once, on separate
+    connections: a bucket read first is held until the manifest is in, then stored (a
+    transfer that never comes still gets its 404: test_wrong_index_unknown_transfer...)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool, client(site) as other:
+        early = pool.submit(other.put, small.bucket_url(0), params={"commit": "true"},
+                            content=small.buckets[0])
+        wait_for(lambda: f"a bucket of transfer {small.transfer_id} came before its manifest"
+                 in hub.log(), 10, what="the hub holding the early bucket")
+        assert http.post("/api/v1/transfers", json=small.manifest).status_code == 201
+        answer = early.result()
+    assert answer.status_code == 201, answer.text
+    assert "receipt" not in answer.json()  # the set is not complete
+    assert http.get(small.url + "/buckets").json()["held"] == [0]
+    assert _status(http, small)["bytes_received"] == len(small.buckets[0])

@@ -301,6 +301,30 @@ def test_urgent_study_overtakes_a_long_routine_upload(pas_factory: Any, hub: Hub
     assert pas.status()["confirmed_instances"] == len(mr_files) + len(ct_study)
 
 
+def test_a_manifest_the_hub_refuses_fails_the_job_with_the_hubs_reason(
+        pas_factory: Any, tmp_path: Path) -> None:
+    """A new transfer's buckets go while its manifest is on the way; when the hub refuses the
+    manifest (here: more buckets than its limit), the job fails for good naming that reason,
+    not the 404 its early buckets got, and nothing is confirmed."""
+    strict = HubProcess(tmp_path / "hub-strict", {"PAS_HUB_LIMITS__MAX_BUCKETS": "2",
+                                                  "PAS_HUB_LIMITS__EARLY_BUCKET_WAIT_S": "0.5"})
+    strict.init().start()
+    try:
+        pas = enrolled_pas(pas_factory, strict, tmp_path / "site-strict",
+                           {"PAS_HUB__BUCKET_MB": "0.5"})
+        files = sorted(MR_DIR.glob("*.dcm"))[:40]  # 3.4 MB: 7 buckets of 0.5 MiB
+        storescu(files, pas.port)
+        failed = wait_for(lambda: [j for j in jobs(pas) if j["state"] == "failed"], 60,
+                          what=f"the hub job to fail (log {pas.log_path})")
+        assert "bucket_count" in failed[0]["last_error"], failed[0]["last_error"]
+        assert "over the limit 2" in failed[0]["last_error"]
+        assert failed[0]["attempts"] == 1  # refused: not retried
+        assert pas.status()["confirmed_instances"] == 0
+        assert not hub_transfers(strict)
+    finally:
+        strict.kill()
+
+
 def test_rule_naming_the_hub_on_a_non_enrolled_appliance_says_how_to_enrol(
         pas_factory: Any) -> None:
     pas = pas_factory({"PAS_DICOM__ACCEPT_UNKNOWN": "true",

@@ -12,6 +12,7 @@ import json
 import socket
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -428,3 +429,18 @@ def test_stow_response_per_instance() -> None:
     assert refused == {"1.2.3.3": 0xC000, "1.2.3.4": 0xC000}  # no reason: cannot process
     assert parse_stow_response([answer]) == (accepted, refused)
     assert parse_stow_response("garbage") == (set(), {})
+
+
+def test_bucket_sizes_cut_small_studies_in_two_and_start_big_ones_small() -> None:
+    from appliance.dispatch.target_types.hub import FIRST_BUCKET_BYTES, bucket_sizes
+    from appliance.transfer.pack import PackItem, plan_buckets
+
+    mib = 1 << 20
+    ct_study = [PackItem(f"1.2.{n}", Path("/dev/null"), 540_000, "0" * 64) for n in range(3)]
+    target, first = bucket_sizes(sum(i.size for i in ct_study), 2 * mib)
+    assert (target, first) == (FIRST_BUCKET_BYTES, None)
+    assert [len(p.entries) for p in plan_buckets(ct_study, target, first)] == [1, 1, 1]
+    assert bucket_sizes(3 * mib, 2 * mib) == (3 * mib // 2, None)  # two halves
+    assert bucket_sizes(3 * mib, 6 * mib) == (3 * mib // 2, None)
+    assert bucket_sizes(100_000, 6 * mib) == (FIRST_BUCKET_BYTES, None)  # one bucket
+    assert bucket_sizes(45 * mib, 2 * mib) == (2 * mib, FIRST_BUCKET_BYTES)  # MR: as before

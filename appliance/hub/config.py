@@ -60,6 +60,10 @@ class LimitsSection(_Section):
     max_bucket_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     max_manifest_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     max_buckets: int = Field(default=100_000, ge=1)
+    # A bucket PUT for a transfer this hub does not know waits this long for its manifest
+    # before the 404: the appliance sends a new transfer's first buckets without waiting for
+    # the manifest's answer (one round trip less per study), on other connections.
+    early_bucket_wait_s: float = Field(default=2.0, ge=0, le=30)
 
 
 class HubSettings(_Section):

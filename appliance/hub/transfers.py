@@ -10,7 +10,9 @@ the transfer key, with transfer id and index bound as associated data) before it
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import gzip
 import hashlib
 import json
@@ -18,6 +20,7 @@ import logging
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -117,6 +120,40 @@ def _validation_detail(exc: ValidationError) -> str:
                      f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors()[:10])
 
 
+class ManifestArrivals:
+    """Bucket PUTs waiting for a manifest that is on its way (docs/protocol.md): the appliance
+    sends a new transfer's manifest and its first buckets at once, on separate connections,
+    so a bucket may be read first. Entries live only while a PUT waits (bounded by the
+    requests in progress). Used on the server's event loop only."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, tuple[asyncio.Event, int]] = {}
+
+    @contextlib.contextmanager
+    def waiting(self, transfer_id: str) -> Iterator[asyncio.Event]:
+        """Registered from entry: ``created(transfer_id)`` sets the event from then on (so a
+        lookup made inside cannot miss a manifest created between it and the wait)."""
+        event, waiters = self._events.get(transfer_id, (asyncio.Event(), 0))
+        self._events[transfer_id] = (event, waiters + 1)
+        try:
+            yield event
+        finally:
+            current = self._events.get(transfer_id)
+            if current is not None and current[0] is event:
+                if current[1] <= 1:
+                    del self._events[transfer_id]
+                else:
+                    self._events[transfer_id] = (event, current[1] - 1)
+
+    def created(self, transfer_id: str) -> None:
+        entry = self._events.pop(transfer_id, None)
+        if entry is not None:
+            entry[0].set()
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+
 def transfer_routes(hub: Hub) -> list[BaseRoute]:
     from appliance.hub.commit import CommitRefused, commit_if_complete, commit_transfer
     from appliance.transfer import seal
@@ -127,6 +164,7 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
     keys: OrderedDict[str, bytes] = OrderedDict()
     keys_lock = threading.Lock()
     limits = hub.settings.limits
+    arrivals = ManifestArrivals()
 
     def transfer_key(row: Any) -> bytes:
         with keys_lock:
@@ -192,24 +230,45 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
             log.info("site %s: transfer %s created (%d instances, %d buckets)", site,
                      manifest.transfer_id, len(manifest.instances), manifest.bucket_count,
                      extra={"SITE": site, "STUDY_UID": manifest.study_uid})
+        arrivals.created(manifest.transfer_id)
         return JSONResponse({"transfer_id": manifest.transfer_id, "bucket_count":
                              manifest.bucket_count},
                             status_code=201 if outcome == "created" else 200)
 
-    def lookup(request: Request) -> tuple[Any, Response | None]:
+    def lookup(request: Request, quiet: bool = False) -> tuple[Any, Response | None]:
         transfer_id = request.path_params["transfer_id"]
         row = store.get_transfer(hub.db, transfer_id, request.state.site)
         if row is None:
-            log.warning("site %s: %s %s: unknown transfer", request.state.site, request.method,
-                        request.url.path, extra={"SITE": request.state.site})
+            if not quiet:
+                log.warning("site %s: %s %s: unknown transfer", request.state.site,
+                            request.method, request.url.path, extra={"SITE": request.state.site})
             return None, problem(404, "unknown_transfer", f"no transfer {transfer_id}")
         return row, None
+
+    async def lookup_for_bucket(request: Request) -> tuple[Any, Response | None]:
+        """The transfer of a bucket PUT, waiting up to ``limits.early_bucket_wait_s`` for a
+        manifest sent at the same time (its POST may be read after this PUT)."""
+        row, missing = await run_in_threadpool(lookup, request, True)
+        if missing is None:
+            return row, None
+        transfer_id = request.path_params["transfer_id"]
+        if limits.early_bucket_wait_s > 0:
+            with arrivals.waiting(transfer_id) as created:
+                row, missing = await run_in_threadpool(lookup, request, True)
+                if missing is None:  # created between the two lookups
+                    return row, None
+                log.info("site %s: a bucket of transfer %s came before its manifest: waiting "
+                         "up to %.1f s", request.state.site, transfer_id,
+                         limits.early_bucket_wait_s, extra={"SITE": request.state.site})
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(created.wait(), limits.early_bucket_wait_s)
+        return await run_in_threadpool(lookup, request)
 
     async def put_bucket(request: Request) -> Response:
         """Store one sealed bucket durably (idempotent per index); with ``?commit=true``, also
         commit when it completes the set, and answer the receipt with it."""
         site = request.state.site
-        row, missing = await run_in_threadpool(lookup, request)
+        row, missing = await lookup_for_bucket(request)
         if missing:
             return missing
         index = int(request.path_params["index"])
