@@ -49,25 +49,34 @@ log = logging.getLogger("pas.dispatch.hub")
 LINK_STATE_EVERY_S = 5.0
 COMMIT_ROUNDS = 3
 FIRST_BUCKET_BYTES = 1 << 20
+SPLIT_OVER_S = 0.5
 # Sealed buckets kept ready beyond the PUTs on the wire, and the threads packing them
 # (packing's JPEG-LS runs outside the GIL; two keep a 20 Mbit/s line fed on two cores).
 PACK_AHEAD = 2
 PACKERS = 2
 
 
-def bucket_sizes(study_bytes: int, target: int) -> tuple[int, int | None]:
+def bucket_sizes(study_bytes: int, target: int,
+                 line_mbps: float | None = None) -> tuple[int, int | None]:
     """The bucket size and first bucket size for a study of ``study_bytes`` (original bytes),
-    given ``hub.bucket_mb``: a function of the two only, so a resumed transfer cuts the same.
+    given ``hub.bucket_mb`` and the line's configured rate (None: unknown). Saved in the
+    job's progress with the transfer, so a resumed transfer cuts the same buckets.
 
     A study of more than two buckets starts with a small one: the hub archives its instances
     while the rest is on the wire (MR at 20 Mbit/s: the regional archive began ~0.5 s into the
-    transfer instead of ~0.9 s). A smaller study is cut in two halves, none under
-    FIRST_BUCKET_BYTES: its two PUTs go side by side and end in smaller steps, so PUTs of
+    transfer instead of ~0.9 s). A smaller study on a slow line (its original bytes take
+    over SPLIT_OVER_S at the line's rate) is cut in two halves, none under
+    FIRST_BUCKET_BYTES: its two PUTs go side by side and end in smaller steps, so the PUTs of
     many small studies sharing the line leave less of it idle at the end of the queue (CT at
-    20 Mbit/s, one 2 MiB bucket per study: the last ~0.3 s ran at 20-80 % of the line)."""
+    20 Mbit/s, one bucket per study: the last ~0.3 s ran at 20-80 % of the line; cut, CT
+    3.0-3.1x against 2.9-3.0x). Not on a fast line: each bucket costs CPU and a hub round
+    of its own, and there the CPU is the limit (100 Mbit/s CT: 1.68-1.72x cut, 1.93-2.02x
+    not)."""
     if study_bytes > 2 * target:
         return target, FIRST_BUCKET_BYTES
-    return max(FIRST_BUCKET_BYTES, min(target, -(-study_bytes // 2))), None
+    if line_mbps and study_bytes * 8 / (line_mbps * 1e6) > SPLIT_OVER_S:
+        return max(FIRST_BUCKET_BYTES, min(target, -(-study_bytes // 2))), None
+    return target, None
 
 
 @dataclasses.dataclass
@@ -130,11 +139,13 @@ class HubTarget:
             return  # confirmed by an earlier attempt that died before finishing the job
         items = [pack.PackItem(r["sop_instance_uid"], context.spool.path(r["path"]),
                                int(r["size"]), r["sha256"]) for r in rows]
-        target, first = bucket_sizes(sum(i.size for i in items),
-                                     int(self.config.bucket_mb * 1024 * 1024))
-        plans = pack.plan_buckets(items, target, first)
         new_transfer = not job.progress.get("transfer_id")
-        progress = self._transfer_identity(job, context, len(plans))
+        saved = job.progress.get("bucket_sizes")
+        target, first = (saved if saved and not new_transfer else
+                         bucket_sizes(sum(i.size for i in items),
+                                      int(self.config.bucket_mb * 1024 * 1024), self._line_mbps()))
+        plans = pack.plan_buckets(items, target, first)
+        progress = self._transfer_identity(job, context, len(plans), [target, first])
         transfer_id = progress["transfer_id"]
         key = base64.b64decode(progress["key"])
         manifest = self._manifest(job, rows, plans, transfer_id, progress["wrapped_key"])
@@ -221,8 +232,8 @@ class HubTarget:
                                f"{COMMIT_ROUNDS} rounds")
         return receipt
 
-    def _transfer_identity(self, job: Job, context: SendContext,
-                           bucket_count: int) -> dict[str, Any]:
+    def _transfer_identity(self, job: Job, context: SendContext, bucket_count: int,
+                           sizes: list[int | None]) -> dict[str, Any]:
         """The job's transfer id and key: created once, saved before any request."""
         from appliance.transfer import seal
 
@@ -234,7 +245,7 @@ class HubTarget:
         wrapped = seal.wrap_key(key, self.enrolment.hub_transfer_key, transfer_id)
         progress.update(transfer_id=transfer_id, key=base64.b64encode(key).decode(),
                         wrapped_key=base64.b64encode(wrapped).decode(),
-                        bucket_count=bucket_count, buckets_sent=0, bytes_sent=0,
+                        bucket_count=bucket_count, bucket_sizes=sizes, buckets_sent=0, bytes_sent=0,
                         original_bytes_sent=0)
         job_store.save_progress(context.db, job.id, progress)
         return progress
@@ -275,6 +286,12 @@ class HubTarget:
                     context.keep_alive(job)
 
     # --- buckets ---------------------------------------------------------------------------
+
+    def _line_mbps(self) -> float | None:
+        """The line's rate from the configuration (the cap in force, ``hub.link_mbps``), or
+        None: what cuts a study's buckets (not the measured rate, which moves)."""
+        known = [rate for rate in (cap_mbps(self.config), self.config.link_mbps) if rate > 0]
+        return min(known) if known else None
 
     def _pack_level(self) -> str:
         """The configured level, or for ``auto`` the one that delivers most on this link: the
