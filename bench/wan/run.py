@@ -39,6 +39,8 @@ SETS = {"ct": ("CT 60 x 0.5 MB", CT_DIR), "mr": ("MR 520 x 86 kB", MR_DIR)}
 # wire) without overrunning the router's one-BDP queue. Buckets of 2 MiB, 6 PUTs of a study
 # at once: a many-bucket study (MR) reaches the regional archive in a steady flow of small
 # buckets rather than in waves of big ones (MR at 20 Mbit/s 7.5-8.0x -> 8.0-8.1x, 2026-12-03).
+# 12 queue workers: with a PUT's slot given back once its body is sent, enough studies must be
+# ready (transfer created, first bucket packed) when a slot frees (CT: 20 studies).
 PAS_ENV = {"PAS_QUEUE__WORKERS": "12", "PAS_HUB__PACK_LEVEL": "auto",
            "PAS_HUB__CONNECTIONS": "6", "PAS_HUB__BUCKET_MB": "2",
            "PAS_HUB__PARALLEL_BUCKETS": "6"}
