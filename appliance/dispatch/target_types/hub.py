@@ -3,8 +3,8 @@
 Owns: turning a job (a study or its delta) into a transfer: the transfer id and key, chosen
 once and saved in the job's progress before the first request (so a retry, a restart or a
 kill -9 resumes the *same* transfer), the deterministic bucket plan, sending only the buckets
-the hub does not hold (several in flight, each packed and sealed in its sending thread so the
-next bucket is packed while others are on the wire), the commit, the receipt's check and the
+the hub does not hold (several in flight, packed and sealed ahead of the PUTs by
+``dispatch/pack_ahead.py``), the commit, the receipt's check and the
 confirmation of exactly the receipt's (UID, SHA-256) pairs. May not touch: SQL (through
 ``appliance.store``), the packing format or the cipher (``appliance.transfer``).
 
@@ -140,10 +140,13 @@ class HubTarget:
         items = [pack.PackItem(r["sop_instance_uid"], context.spool.path(r["path"]),
                                int(r["size"]), r["sha256"]) for r in rows]
         new_transfer = not job.progress.get("transfer_id")
+        # A resumed transfer cuts as when it was created: the sizes it saved then (a transfer
+        # from before they were saved: as then, regardless of the line).
         saved = job.progress.get("bucket_sizes")
         target, first = (saved if saved and not new_transfer else
                          bucket_sizes(sum(i.size for i in items),
-                                      int(self.config.bucket_mb * 1024 * 1024), self._line_mbps()))
+                                      int(self.config.bucket_mb * 1024 * 1024),
+                                      self._line_mbps() if new_transfer else None))
         plans = pack.plan_buckets(items, target, first)
         progress = self._transfer_identity(job, context, len(plans), [target, first])
         transfer_id = progress["transfer_id"]
