@@ -449,3 +449,53 @@ def test_bucket_sizes_cut_small_studies_in_two_on_a_slow_line_and_start_big_ones
     assert bucket_sizes(3 * mib, 6 * mib, line_mbps=4) == (3 * mib // 2, None)
     assert bucket_sizes(100_000, 6 * mib, line_mbps=4) == (6 * mib, None)  # 0.2 s: one bucket
     assert bucket_sizes(45 * mib, 2 * mib, 20) == (2 * mib, FIRST_BUCKET_BYTES)  # MR: as before
+
+
+def test_pacer_counts_connections_with_unsent_bytes_until_the_kernel_sent_them() -> None:
+    """A PUT whose body is handed over no longer counts as sending, but its last bytes may
+    still wait in the kernel: the pacer reads that (TCP_INFO) and shares the line with those
+    connections until they are sent. Real sockets: a receiver that does not read keeps the
+    sender's bytes unsent."""
+    from appliance.transfer.client import Pacer, bytes_unsent
+    from tests.support.peers import wait_for
+
+    pacer = Pacer(40)
+    full = int(pacer.HEADROOM * 40e6 / 8)
+    server = socket.create_server(("127.0.0.1", 0))
+    senders, receivers = [], []
+    try:
+        for _ in range(2):
+            sender = socket.create_connection(server.getsockname())
+            receivers.append(server.accept()[0])
+            pacer.add(sender)
+            sender.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                while True:  # until the kernel takes no more: the receiver reads nothing
+                    sender.send(b"u" * 65536)
+            senders.append(sender)
+        assert all(bytes_unsent(s) > 0 for s in senders)
+        with pacer.sending():  # a PUT starts and ends: the watcher polls from then on
+            pass
+        wait_for(lambda: pacer.busy == 2, 10, what="two connections with unsent bytes")
+        assert pacer.rate() == full // 2 and _rates(senders) == [full // 2] * 2
+        for receiver in receivers:  # drain: the kernel sends the rest
+            receiver.setblocking(False)
+
+        def drained() -> bool:
+            for receiver in receivers:
+                with contextlib.suppress(BlockingIOError):
+                    while receiver.recv(1 << 20):
+                        pass
+            return pacer.busy == 0
+
+        wait_for(drained, 10, what="nothing left unsent")
+        wait_for(lambda: _rates(senders) == [full] * 2, 10, what="the whole line again")
+    finally:
+        for sock in [*senders, *receivers, server]:
+            sock.close()
+
+
+def _rates(sockets: list[socket.socket]) -> list[int]:
+    from appliance.transfer.client import SO_MAX_PACING_RATE
+
+    return sorted(s.getsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE) for s in sockets)

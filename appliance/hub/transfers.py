@@ -150,9 +150,6 @@ class ManifestArrivals:
         if entry is not None:
             entry[0].set()
 
-    def __len__(self) -> int:
-        return len(self._events)
-
 
 def transfer_routes(hub: Hub) -> list[BaseRoute]:
     from appliance.hub.commit import CommitRefused, commit_if_complete, commit_transfer

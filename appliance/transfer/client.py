@@ -179,7 +179,8 @@ def _then(chunks: Iterator[bytes], sent: Callable[[], None]) -> Iterator[bytes]:
 
 
 class ConnectionSlots:
-    """How many bucket PUTs may be on the wire at once, across every job of one hub.
+    """How many bucket PUTs may be sending at once (until each body is handed to the kernel),
+    across every job of one hub.
 
     Routine PUTs take at most ``total - 1`` slots (one stays for the small calls and for an
     urgent PUT); urgent PUTs may take all ``total`` and are served before routine waiters.
@@ -596,7 +597,8 @@ class HubClient:
     def _call(self, method: str, path: str, what: str, *,
               content_factory: Callable[[Callable[[], None]], Any] | None = None,
               passthrough: set[int] = frozenset(),  # type: ignore[assignment]
-              slot: Callable[[], contextlib.AbstractContextManager[None]] | None = None,
+              slot: Callable[[], contextlib.AbstractContextManager[Callable[[], None]]]
+              | None = None,
               **kwargs: Any) -> httpx.Response:
         """One request with retries on transport errors and 5xx. Returns the final response
         (2xx, 4xx); raises :class:`HubUnavailable` when the retries are spent. ``slot``: a
@@ -604,9 +606,9 @@ class HubClient:
 
         def attempt() -> httpx.Response:
             self._last_used = time.monotonic()
-            with slot() if slot is not None else contextlib.nullcontext() as held:
+            with slot() if slot is not None else contextlib.nullcontext(_nothing) as sent:
                 if content_factory is not None:  # told when its last byte is handed over
-                    kwargs["content"] = content_factory(held if callable(held) else _nothing)
+                    kwargs["content"] = content_factory(sent)
                 response = self._http.request(method, path, **kwargs)
             self._remember_certificate(response)
             if response.status_code >= 500:
