@@ -99,7 +99,10 @@ def run_pas(link: WanLink, scratch: Path, priors: dict[str, tuple[str, list[Path
             "PAS_HL7__HOST": "0.0.0.0", "PAS_PREFETCH__ENABLED": "true",
             "PAS_PREFETCH__PARALLEL": str(parallel),
             "PAS_PREFETCH__BUCKETED": str(bucketed).lower(),
-            **{k: v for k, v in os.environ.items() if k.startswith("PAS_PREFETCH__")},
+            # The line's rate, as the site's IT writes it (bench-wan does the same).
+            "PAS_HUB__LINK_MBPS": f"{link.spec.mbit_s:g}",
+            **{k: v for k, v in os.environ.items() if k.startswith(("PAS_PREFETCH__",
+                                                                    "PAS_HUB__"))},
             "PAS_PREFETCH__CHECK_INTERVAL_S": "0.2"})
         appliance.enroll(hub)
         appliance.start()

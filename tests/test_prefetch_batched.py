@@ -47,7 +47,8 @@ def region(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     priors = {patient: older_study(patient) for patient in PATIENTS}
     orthanc = Orthanc(base / "orthanc").start()
     hub = HubProcess(base / "hub", {"PAS_HUB_ARCHIVE__KIND": "dicomweb",
-                                    "PAS_HUB_ARCHIVE__URL": orthanc.dicomweb})
+                                    "PAS_HUB_ARCHIVE__URL": orthanc.dicomweb,
+                                    "PAS_HUB_LIMITS__LANE_JOIN_WAIT_S": "1"})
     try:
         for _, files in priors.values():
             for path in files:
@@ -63,14 +64,15 @@ def region(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
 class Site:
     """An enrolled site home and its PrefetchService (not started)."""
 
-    def __init__(self, hub: HubProcess, home: Path, name: str, hub_url: str | None = None):
+    def __init__(self, hub: HubProcess, home: Path, name: str, hub_url: str | None = None,
+                 env: dict[str, str] | None = None):
         enrolment = enroll(hub, home, name)
         if hub_url:  # through a proxy: the enrolment's hub URL points at it
             path = home / "pki" / "hub.json"
             path.write_text(path.read_text().replace(enrolment.url, hub_url))
         self.settings = load_settings(environ={
             "PAS_HOME": str(home), "PAS_PREFETCH__RETRY_AFTER_S": "0.5",
-            "PAS_PREFETCH__CHECK_INTERVAL_S": "0.2"})
+            "PAS_PREFETCH__CHECK_INTERVAL_S": "0.2", **(env or {})})
         self.db = Database(self.settings.db_path)
         self.receiver = Receiver(self.db, Spool(self.settings.spool_dir, fsync=False))
         self.service = PrefetchService(self.settings, self.db, self.receiver)
@@ -101,7 +103,8 @@ class Site:
 def test_requests_due_together_come_down_in_one_stream(region: dict[str, Any],
                                                        tmp_path: Path) -> None:
     hub: HubProcess = region["hub"]
-    site = Site(hub, tmp_path / "pas", "SITE-BATCH")
+    # The line's rate known: the stream is striped over the default four lanes.
+    site = Site(hub, tmp_path / "pas", "SITE-BATCH", env={"PAS_HUB__LINK_MBPS": "400"})
     ids = site.order(PATIENTS)  # due now, before the scheduler runs: claimed together
     site.service.start()
     try:
@@ -122,6 +125,7 @@ def test_requests_due_together_come_down_in_one_stream(region: dict[str, Any],
     assert site.service.batcher.batches == 1
     assert re.search(r"batched download for SITE-BATCH sent: 3 studies in one stream",
                      hub.log())
+    assert "download for SITE-BATCH over 4 lanes, each paced at 100.00 Mbit/s" in hub.log()
     for patient in PATIENTS:
         study_uid, _ = region["priors"][patient]
         assert re.search(rf"download of study {re.escape(study_uid)} for SITE-BATCH sent: "
@@ -165,6 +169,67 @@ def test_a_batch_delivers_its_studies_and_names_the_one_the_archive_lacks(
     assert found[1] == []
 
 
+def test_a_download_over_lanes_arrives_byte_for_byte(region: dict[str, Any],
+                                                    tmp_path: Path) -> None:
+    """Three studies in small buckets over three lanes: many chunks, each lane's taken in
+    turn; every file rebuilt byte for byte, each study told once."""
+    hub: HubProcess = region["hub"]
+    enrolment = enroll(hub, tmp_path / "site", "SITE-LANES")
+    downloads = HubDownloads(enrolment.url, enrolment.ssl_context(), lanes=3,
+                             rate_bps=300_000_000)
+    got: dict[str, set[str]] = {patient: set() for patient in PATIENTS}
+    lock = threading.Lock()
+
+    def keep(patient: str) -> Any:
+        def on_instance(uid: str, data: bytes) -> None:
+            with lock:
+                got[patient].add(sha256(data))
+        return on_instance
+
+    items = [DownloadItem(region["priors"][p][0], keep(p)) for p in PATIENTS]
+    try:
+        downloads.warm()  # three connections open; the hub says it offers lanes
+        assert downloads.hub_has_lanes
+        downloads.fetch_many(items, bucket_bytes=64 * 1024)
+    finally:
+        downloads.close()
+    for item, patient in zip(items, PATIENTS, strict=True):
+        assert item.done.is_set() and item.error is None, item.error
+        expected = {sha256(p.read_bytes()) for p in region["priors"][patient][1]}
+        assert got[patient] == expected and item.result.instances == len(expected)
+        assert item.result.wire_bytes > 0
+    assert "download for SITE-LANES over 3 lanes, each paced at 100.00 Mbit/s" in hub.log()
+    assert re.search(r"batched download for SITE-LANES sent: 3 studies", hub.log())
+
+
+def test_a_cut_lane_fails_the_attempt_and_the_retry_completes(region: dict[str, Any],
+                                                              tmp_path: Path) -> None:
+    """The WAN drops one lane's connection in the middle: the download stops on both sides
+    (no half stream taken for whole), the request is retried and asks only for the rest."""
+    hub: HubProcess = region["hub"]
+    proxy = CuttingProxy("127.0.0.1", hub.port, after=400_000).start()
+    site = Site(hub, tmp_path / "pas", "SITE-LANECUT", f"https://localhost:{proxy.port}",
+                env={"PAS_HUB__LINK_MBPS": "400", "PAS_PREFETCH__DOWNLOAD_LANES": "2",
+                     "PAS_PREFETCH__DOWNLOAD_BUCKET_KB": "256"})
+    patients = PATIENTS[:2]
+    ids = site.order(patients)
+    site.service.start()
+    try:
+        rows = site.wait_done(ids)
+    finally:
+        site.service.stop()
+        proxy.stop()
+    assert proxy.cuts == 1
+    for row, patient in zip(rows, patients, strict=True):
+        assert row["state"] == "fetched", row["last_error"]
+        _, files = region["priors"][patient]
+        assert row["instances_fetched"] == len({sha256(p.read_bytes()) for p in files})
+        site.assert_on_site(files)
+    assert any(r["attempts"] >= 2 for r in rows)
+    assert re.search(r"download lane \d for SITE-LANECUT cut: the download stops", hub.log())
+    assert "download for SITE-LANECUT over 2 lanes" in hub.log()
+
+
 def test_a_cut_batch_resumes_with_only_what_the_site_lacks(region: dict[str, Any],
                                                            tmp_path: Path) -> None:
     hub: HubProcess = region["hub"]
@@ -205,6 +270,15 @@ def test_bad_batched_requests_get_a_clear_error(region: dict[str, Any], tmp_path
              "studies[1].study_uid"),
             ("/api/v1/downloads", {"studies": [{"study_uid": "1.2.3", "have": "all"}]},
              "studies[0].have"),
+            ("/api/v1/downloads", {"study_uid": "1.2.3", "lanes": [2]}, "lanes:"),
+            ("/api/v1/downloads", {"study_uid": "1.2.3", "lanes": {
+                "id": "ABC", "count": 2, "rate_bps": 10**6}}, "lanes.id"),
+            ("/api/v1/downloads", {"study_uid": "1.2.3", "lanes": {
+                "id": "a" * 32, "count": 17, "rate_bps": 10**6}}, "lanes.count"),
+            ("/api/v1/downloads", {"study_uid": "1.2.3", "lanes": {
+                "id": "a" * 32, "count": 2, "rate_bps": 0}}, "lanes.rate_bps"),
+            ("/api/v1/downloads/lanes", {"id": "a" * 32, "lane": 0}, "\"lane\": 1 to 15"),
+            ("/api/v1/downloads/lanes", {"id": "../etc", "lane": 1}, "hexadecimal"),
             ("/api/v1/downloads/search", {"patients": "A002304"}, "patients"),
             ("/api/v1/downloads/search", {"patients": [{"issuer": "x"}]}, "patients"),
         ]
@@ -215,6 +289,9 @@ def test_bad_batched_requests_get_a_clear_error(region: dict[str, Any], tmp_path
             assert problem["error"] == "bad_request" and named in problem["detail"], problem
         assert http.post("/api/v1/downloads/search", content=b"{nope",
                          headers={"content-type": "application/json"}).status_code == 400
+        # A lane of a download nobody asked for: 404 once lane_join_wait_s (1 s here) is over.
+        answer = http.post("/api/v1/downloads/lanes", json={"id": "b" * 32, "lane": 1})
+        assert answer.status_code == 404 and answer.json()["error"] == "unknown_download"
     wait_for(lambda: not list((hub.home / "downloads").iterdir()), 30,
              what="no staging folder left on the hub")
     assert hub.proc is not None and hub.proc.poll() is None  # still serving

@@ -64,6 +64,9 @@ class LimitsSection(_Section):
     # before the 404: the appliance sends a new transfer's first buckets without waiting for
     # the manifest's answer (one round trip less per study), on other connections.
     early_bucket_wait_s: float = Field(default=2.0, ge=0, le=30)
+    # A download lane (appliance/transfer/lanes.py) waits this long for the download it
+    # joins, which the site requested at the same moment on another connection.
+    lane_join_wait_s: float = Field(default=5.0, ge=0, le=60)
 
 
 class HubSettings(_Section):

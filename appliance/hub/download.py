@@ -48,6 +48,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from appliance.hub.app import problem
+from appliance.hub.lanes import LANE_ID, LaneRegistry, StripedAnswer, parse_lanes, tune
 from appliance.transfer.download import (
     DOWNLOADS_PATH,
     MEDIA_TYPE,
@@ -55,6 +56,7 @@ from appliance.transfer.download import (
     STUDY_FIELDS,
     encode_frame,
 )
+from appliance.transfer.lanes import LANE_MEDIA_TYPE, LANES_PATH, MAX_LANES
 from appliance.transfer.pack import BucketPlan, PackItem, pack_bucket
 
 if TYPE_CHECKING:
@@ -293,6 +295,9 @@ class Download:
         self.first = threading.Event()  # the archive answered (or failed)
         self.failure: ArchiveFailed | None = None
         self.stats = [_PartStats() for _ in parts]
+        self.over = False      # the answer's last bytes were handed out
+        self.finished = False  # ... and it was the end frame (not an error, not a cut)
+        self.ended = False     # end() ran
         self.started = time.monotonic()
         self.threads = [threading.Thread(target=self._stage, name="pas-dl-stage", daemon=True),
                         threading.Thread(target=self._pack, name="pas-dl-pack", daemon=True)]
@@ -510,40 +515,59 @@ class Download:
         except queue.Empty:
             return ...
 
+    def next_bytes(self) -> Any:
+        """The answer's next bytes (a frame, or the error frame that ends it), None at the
+        end, ... after a quiet second. One reader at a time (the answer, or the lanes' lock)."""
+        if self.over:
+            return None
+        frame = self.next_frame()
+        if frame is ...:
+            return None if self.cancel.is_set() else ...
+        if frame is None:
+            self.over = self.finished = True
+            return None
+        if isinstance(frame, ArchiveFailed):
+            log.warning("download for %s failed: %s", self.site, frame.detail,
+                        extra={"SITE": self.site})
+            self.over = True
+            return encode_frame({"error": frame.error, "detail": frame.detail})
+        data, done = frame
+        if done is not None:
+            self.stats[done].sent = True
+        return data
+
     async def body(self) -> AsyncIterator[bytes]:
-        finished = False
         try:
             while True:
-                frame = await run_in_threadpool(self.next_frame)
-                if frame is ...:
+                data = await run_in_threadpool(self.next_bytes)
+                if data is ...:
                     continue
-                if frame is None:
-                    finished = True
+                if data is None:
                     return
-                if isinstance(frame, ArchiveFailed):
-                    log.warning("download for %s failed: %s", self.site, frame.detail,
-                                extra={"SITE": self.site})
-                    yield encode_frame({"error": frame.error, "detail": frame.detail})
-                    return
-                data, done = frame
                 yield data
-                if done is not None:
-                    self.stats[done].sent = True
         finally:
-            self.close()
-            if self.batched:
-                log.info("batched download for %s %s: %d studies in one stream, %.2f s",
-                         self.site, "sent" if finished else "ended early", len(self.parts),
-                         time.monotonic() - self.started, extra={"SITE": self.site})
-            for part, stats in zip(self.parts, self.stats, strict=True):
-                sent = stats.sent and (finished or self.batched)
-                log.info("download of %s for %s %s: %d instances (%d held at the site, "
-                         "skipped), %.1f MB -> %.1f MB packed, %.2f s", self._what(part),
-                         self.site, "failed" if stats.error else "sent" if sent
-                         else "ended early", stats.instances, stats.skipped,
-                         stats.original / 1e6, stats.packed / 1e6,
-                         time.monotonic() - self.started,
-                         extra={"SITE": self.site, "STUDY_UID": part.study_uid})
+            self.end()
+
+    def end(self) -> None:
+        """The answer is over (sent, failed or cut): stop the stages, log once per part."""
+        if self.ended:
+            return
+        self.ended = True
+        self.close()
+        finished = self.finished
+        if self.batched:
+            log.info("batched download for %s %s: %d studies in one stream, %.2f s",
+                     self.site, "sent" if finished else "ended early", len(self.parts),
+                     time.monotonic() - self.started, extra={"SITE": self.site})
+        for part, stats in zip(self.parts, self.stats, strict=True):
+            sent = stats.sent and (finished or self.batched)
+            log.info("download of %s for %s %s: %d instances (%d held at the site, "
+                     "skipped), %.1f MB -> %.1f MB packed, %.2f s", self._what(part),
+                     self.site, "failed" if stats.error else "sent" if sent
+                     else "ended early", stats.instances, stats.skipped,
+                     stats.original / 1e6, stats.packed / 1e6,
+                     time.monotonic() - self.started,
+                     extra={"SITE": self.site, "STUDY_UID": part.study_uid})
 
     def close(self) -> None:
         self.cancel.set()
@@ -605,6 +629,7 @@ def download_routes(hub: Hub) -> list[BaseRoute]:
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     limits = hub.settings.limits
+    registry = LaneRegistry()
 
     async def download(request: Request) -> Response:
         """Studies (or series) of the region, packed in buckets and streamed (frames)."""
@@ -622,15 +647,60 @@ def download_routes(hub: Hub) -> list[BaseRoute]:
             log.warning("download refused for %s: %s", site, parsed)
             return problem(422, "bad_request", parsed)
         parts, target, batched = parsed
+        striping = None
+        if "lanes" in body:
+            striping = parse_lanes(body["lanes"])
+            if isinstance(striping, str):
+                log.warning("download refused for %s: %s", site, striping)
+                return problem(422, "bad_request", striping)
+        transport = (request.scope.get("extensions") or {}).get("pas.transport")
         job = Download(hub, site, parts, target, batched).start()
+        striped = None
+        if striping is not None:
+            lane_id, count, rate = striping
+            striped = StripedAnswer(job, count, rate)
+            if not registry.register(site, lane_id, striped):
+                job.end()
+                return problem(409, "lanes_taken", f"lanes.id {lane_id} is already in use")
         # The status line waits for the archive's first answer: an unknown study is a 404,
         # not a 200 followed by an error frame (batched: an error frame for that study).
         await run_in_threadpool(job.first.wait, hub.settings.archive.timeout_s)
         if job.failure is not None and job.instances == 0:
-            job.close()
+            job.end()
+            if striping is not None:
+                registry.register(site, striping[0], None)  # its joins get 404 at once
             log.warning("download refused for %s: %s", site, job.failure.detail)
             return problem(job.failure.status, job.failure.error, job.failure.detail)
+        if striped is not None:
+            log.info("download for %s over %d lanes, each paced at %.2f Mbit/s", site,
+                     striped.count, striped.rate_bps / striped.count / 1e6,
+                     extra={"SITE": site})
+            return StreamingResponse(striped.lane(0, transport), media_type=LANE_MEDIA_TYPE)
+        tune(transport, None)  # a lane's pacing, if this connection carried one, is not ours
         return StreamingResponse(job.body(), media_type=MEDIA_TYPE)
+
+    async def join(request: Request) -> Response:
+        """Another lane of a striped download (the download request is lane 0)."""
+        site = request.state.site
+        try:
+            body = json.loads(await request.body())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return problem(400, "bad_json", "the body must be JSON {\"id\", \"lane\"}")
+        lane_id = body.get("id") if isinstance(body, dict) else None
+        number = body.get("lane") if isinstance(body, dict) else None
+        if not isinstance(lane_id, str) or not LANE_ID.match(lane_id) or not isinstance(
+                number, int) or not 1 <= number < MAX_LANES:
+            return problem(422, "bad_request", "the body must be {\"id\": 32 hexadecimal "
+                           f"digits, \"lane\": 1 to {MAX_LANES - 1}}}")
+        striped = await run_in_threadpool(registry.join, site, lane_id,
+                                          limits.lane_join_wait_s)
+        if striped is None:
+            log.warning("download lane %d refused for %s: no download %s to join", number,
+                        site, lane_id)
+            return problem(404, "unknown_download", f"no download {lane_id} to join (never "
+                           "requested, refused, or all its lanes taken)")
+        transport = (request.scope.get("extensions") or {}).get("pas.transport")
+        return StreamingResponse(striped.lane(number, transport), media_type=LANE_MEDIA_TYPE)
 
     archive = hub.settings.archive
     archive_client = httpx.AsyncClient(timeout=archive.timeout_s) \
@@ -668,7 +738,7 @@ def download_routes(hub: Hub) -> list[BaseRoute]:
             return problem(413, "too_large", f"request over {limits.max_manifest_bytes} bytes")
         if archive_client is None:  # the embedded archive: its QIDO is the region proxy's
             return problem(501, "not_implemented", "this hub's archive is searched through "
-                           "the region proxy only")
+                           "the region proxy only", features=["lanes"])
         try:
             body = json.loads(await request.body())
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -683,7 +753,9 @@ def download_routes(hub: Hub) -> list[BaseRoute]:
             return problem(422, "bad_request", f"patients: must be a list of at most "
                            f"{MAX_SEARCHES} objects {{\"patient_id\", \"issuer\"}}")
         results = await asyncio.gather(*(one_search(p) for p in patients))
-        return JSONResponse({"results": results})
+        # "features": what a site may ask of this hub's downloads (an older hub says none).
+        return JSONResponse({"results": results, "features": ["lanes"]})
 
     return [Route(SEARCH_PATH, search, methods=["POST"]),
+            Route(LANES_PATH, join, methods=["POST"]),
             Route(DOWNLOADS_PATH, download, methods=["POST"])]

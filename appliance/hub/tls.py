@@ -9,8 +9,10 @@ small subclass of uvicorn's h11 protocol: when a connection is made (asyncio cal
 after the TLS handshake completed) it reads the peer certificate (DER) from the SSL object and
 wraps the app so that every request on that connection carries
 ``scope["extensions"]["tls"] = {"client_cert_der": ..., "tls_version": ...}`` (the shape of the
-ASGI TLS extension). The app then checks revocation per request, against the database, so that
-``pas hub revoke SITE`` takes effect at once, even on a keep-alive connection opened before.
+ASGI TLS extension), and ``scope["extensions"]["pas.transport"]``, the connection's asyncio
+transport (download lanes set its socket's pacing and its buffer). The app then checks
+revocation per request, against the database, so that ``pas hub revoke SITE`` takes effect at
+once, even on a keep-alive connection opened before.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ class PeerCertProtocol(H11Protocol):
         inner = self.app
 
         async def with_tls(scope: Any, receive: Any, send: Any) -> None:
-            scope["extensions"] = {**(scope.get("extensions") or {}), "tls": tls}
+            scope["extensions"] = {**(scope.get("extensions") or {}), "tls": tls,
+                                   "pas.transport": transport}
             await inner(scope, receive, send)
 
         self.app = with_tls

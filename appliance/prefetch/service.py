@@ -297,7 +297,9 @@ class PrefetchService:
             return None  # a plain DICOMweb region: no hub to pack for us
         # Its own client: searches and downloads share the connection kept warm.
         return HubDownloads.from_home(self.settings.home, self.config.timeout_s,
-                                      lambda n: _metric("add_wan_bytes", "down", n))
+                                      lambda n: _metric("add_wan_bytes", "down", n),
+                                      lanes=self.config.download_lanes,
+                                      rate_bps=self.settings.hub.downlink_bps())
 
     def downloads(self) -> HubDownloads | None:
         """The hub's bucketed download, or None (not enrolled, turned off, not offered)."""

@@ -180,7 +180,9 @@ def make_fetcher(settings: Settings, db: Database,
         # The region client's connections (same hub, same certificate) are reused.
         downloads = HubDownloads.from_home(settings.home, settings.serving.fetch_timeout_s,
                                            lambda n: add_wan_bytes("down", n),
-                                           client=client.client)
+                                           client=client.client,
+                                           lanes=settings.prefetch.download_lanes,
+                                           rate_bps=settings.hub.downlink_bps())
     return FetchThrough(client, db, receiver,
                         check_timeout_s=settings.serving.region_query_timeout_s,
                         downloads=downloads)

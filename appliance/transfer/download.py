@@ -35,10 +35,12 @@ after the answer had started).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import struct
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -48,6 +50,7 @@ from typing import Any
 import httpx
 
 from appliance.transfer.enrolment import load_enrolment
+from appliance.transfer.lanes import LANES_PATH, LaneFormatError, LaneReader, Reassembly
 from appliance.transfer.region import RegionError
 from appliance.transfer.unpack import BucketFormatError, unpack_bucket
 
@@ -210,11 +213,18 @@ class HubDownloads:
 
     def __init__(self, hub_url: str, verify: Any, timeout_s: float = 60.0,
                  on_downloaded: Callable[[int], None] | None = None, workers: int = 4,
-                 client: httpx.Client | None = None):
+                 client: httpx.Client | None = None, lanes: int = 1, rate_bps: int = 0):
         self.url = hub_url.rstrip("/") + DOWNLOADS_PATH
         self.search_url = hub_url.rstrip("/") + SEARCH_PATH
+        self.lanes_url = hub_url.rstrip("/") + LANES_PATH
         self.on_downloaded = on_downloaded
         self.workers = workers
+        # Striping (appliance.transfer.lanes): with the downlink's rate known, a download
+        # goes over ``lanes`` connections that the hub paces at a share of it, once the hub
+        # said (in a search answer) that it offers lanes.
+        self.lanes = lanes if rate_bps > 0 else 1
+        self.rate_bps = int(rate_bps)
+        self.hub_has_lanes = False
         self.owns_client = client is None
         # Idle connections kept KEEP_ALIVE_S (the hub keeps them 30 s): ``warm`` every
         # WARM_EVERY_S keeps one open, so an order's first request pays no TCP and TLS
@@ -227,23 +237,36 @@ class HubDownloads:
     @classmethod
     def from_home(cls, home: Path, timeout_s: float = 60.0,
                   on_downloaded: Callable[[int], None] | None = None,
-                  client: httpx.Client | None = None) -> HubDownloads | None:
+                  client: httpx.Client | None = None, lanes: int = 1,
+                  rate_bps: int = 0) -> HubDownloads | None:
         """The enrolled hub's download route, or None when not enrolled. ``client``: an
         existing client for the same hub and certificate (its connections are reused)."""
         enrolment = load_enrolment(home)
         if enrolment is None:
             return None
         return cls(enrolment.url, None if client else enrolment.ssl_context(), timeout_s,
-                   on_downloaded, client=client)
+                   on_downloaded, client=client, lanes=lanes, rate_bps=rate_bps)
 
     def close(self) -> None:
         if self.owns_client:
             self.client.close()
 
     def warm(self) -> None:
-        """One tiny request (an empty search): opens a connection to the hub, or keeps the
-        idle one from expiring. Any answer will do; an error is only logged by the caller."""
-        self.client.post(self.search_url, json={"patients": []}).read()
+        """Tiny requests (empty searches), one per lane at once: opens that many connections
+        to the hub, or keeps the idle ones from expiring, so that a download's lanes pay no
+        handshakes. An error is only logged by the caller."""
+        if self.lanes <= 1:
+            self._note_features(self.client.post(self.search_url, json={"patients": []}))
+            return
+        with ThreadPoolExecutor(self.lanes, thread_name_prefix="pas-warm") as pool:
+            for answer in pool.map(lambda _: self.client.post(
+                    self.search_url, json={"patients": []}), range(self.lanes)):
+                self._note_features(answer)
+
+    def _note_features(self, answer: httpx.Response) -> None:
+        """What the hub's downloads offer, as its search answers (or refusals) list it."""
+        with contextlib.suppress(ValueError, AttributeError, TypeError):
+            self.hub_has_lanes = "lanes" in (answer.json().get("features") or ())
 
     def search(self, patients: list[tuple[str, str]]) -> list[list[dict[str, Any]] | Exception]:
         """Several patients' studies (QIDO-RS rows, as ``RegionClient.search_studies``) in
@@ -258,6 +281,7 @@ class HubDownloads:
                                 f"{type(exc).__name__}: {exc}") from exc
         if self.on_downloaded is not None:
             self.on_downloaded(answer.num_bytes_downloaded)
+        self._note_features(answer)
         if answer.status_code in (404, 405, 501):
             raise DownloadUnavailable(f"the hub answers {answer.status_code} to {SEARCH_PATH}")
         if answer.status_code != 200:
@@ -320,7 +344,6 @@ class HubDownloads:
         lock = threading.Lock()
         slots = threading.Semaphore(self.workers)
         ended: dict[str, Any] | None = None
-        wire = 0
         buckets = 0
         cut: Exception | None = None
         what = f"download of {items[0].study_uid}" if not batched \
@@ -362,16 +385,11 @@ class HubDownloads:
 
         # Unpacking and filing run beside the reading, so the link keeps flowing while a
         # bucket's JPEG-LS decodes and its files are fsynced; ``slots`` bounds the buckets held.
+        wire_bytes = [0]  # what crossed the WAN, also if cut
         with ThreadPoolExecutor(self.workers, thread_name_prefix="pas-download") as pool:
             try:
-                with self.client.stream("POST", self.url, json=body) as answer:
-                    if answer.status_code != 200:
-                        answer.read()
-                        self._refused(answer, what, batched)
-                    # As the network gives it: a frame is handed to the workers as soon as its
-                    # last byte is in (a fixed chunk size held a whole bucket back up to 256 kB).
-                    for chunk in answer.iter_bytes():
-                        wire = answer.num_bytes_downloaded  # also if cut later
+                with contextlib.closing(self._answer(body, what, batched, wire_bytes)) as answer:
+                    for chunk in answer:
                         for header, payload in reader.feed(chunk):
                             if "error" in header:
                                 problem = DownloadError(f"the hub: {header['error']}: "
@@ -409,15 +427,98 @@ class HubDownloads:
             except DownloadError as exc:
                 cut = exc
             finally:
-                if self.on_downloaded is not None and wire:
-                    self.on_downloaded(wire)
+                if self.on_downloaded is not None and wire_bytes[0]:
+                    self.on_downloaded(wire_bytes[0])
                 pool.shutdown(wait=True)
         for item in items:
-            item.result.wire_bytes = wire
+            item.result.wire_bytes = wire_bytes[0]
             if not batched and cut is None:
                 item.ended = ended  # a single study's counts are the stream's
             settle(item, cut)  # without a cut: done if its end frame came
             settle(item, DownloadError(f"{what}: the stream ended without {item.study_uid}"))
+
+    def _answer(self, body: dict[str, Any], what: str, batched: bool,
+                wire: list[int]) -> Iterator[bytes]:
+        """The answer's bytes as the network gives them (a frame goes to the workers as soon
+        as its last byte is in), over one connection or over lanes; ``wire[0]`` follows what
+        crossed the WAN. Raises as :meth:`_refused`, or httpx errors / DownloadError."""
+        if self.lanes > 1 and self.hub_has_lanes:
+            yield from self._striped(body, what, batched, wire)
+            return
+        with self.client.stream("POST", self.url, json=body) as answer:
+            if answer.status_code != 200:
+                answer.read()
+                self._refused(answer, what, batched)
+            for chunk in answer.iter_bytes():
+                wire[0] = answer.num_bytes_downloaded
+                yield chunk
+
+    def _striped(self, body: dict[str, Any], what: str, batched: bool,
+                 wire: list[int]) -> Iterator[bytes]:
+        """The answer over ``self.lanes`` connections at once (appliance.transfer.lanes):
+        lane 0 is the download request, the others join it; their chunks put back in order."""
+        lane_id = uuid.uuid4().hex
+        merge = Reassembly(self.lanes)
+        answers: dict[int, httpx.Response] = {}
+        refused: list[httpx.Response] = []
+        lane0_answered = threading.Event()
+        first = {**body, "lanes": {"id": lane_id, "count": self.lanes,
+                                   "rate_bps": self.rate_bps}}
+
+        def lane(number: int) -> None:
+            error: Exception | None = None
+            try:
+                url, request = (self.url, first) if number == 0 else (
+                    self.lanes_url, {"id": lane_id, "lane": number})
+                with self.client.stream("POST", url, json=request) as answer:
+                    answers[number] = answer
+                    if answer.status_code != 200:
+                        answer.read()
+                        if number == 0:
+                            refused.append(answer)
+                        raise DownloadError(f"{what}: lane {number}: HTTP "
+                                            f"{answer.status_code} {answer.text[:200]}")
+                    if number == 0:
+                        lane0_answered.set()
+                    reader = LaneReader()
+                    for data in answer.iter_bytes():
+                        for offset, chunk in reader.feed(data):
+                            if not merge.put(offset, chunk):
+                                return  # the reader gave up
+                    reader.finish()
+            except DownloadError as exc:
+                error = exc
+            except (httpx.HTTPError, LaneFormatError) as exc:
+                error = DownloadError(f"{what} cut: lane {number}: {type(exc).__name__}: {exc}")
+            except Exception as exc:  # a lane never ends without telling the reader
+                error = DownloadError(f"{what}: lane {number}: {type(exc).__name__}: {exc}")
+            finally:
+                if number == 0:
+                    lane0_answered.set()
+                merge.lane_ended(error)
+
+        threads = [threading.Thread(target=lane, args=(n,), name=f"pas-download-lane{n}",
+                                    daemon=True) for n in range(self.lanes)]
+        for thread in threads:
+            thread.start()
+        try:
+            try:
+                for chunk in merge:
+                    wire[0] = sum(a.num_bytes_downloaded for a in list(answers.values()))
+                    yield chunk
+            except LaneFormatError as exc:
+                raise DownloadError(f"{what}: {exc}") from None
+            for thread in threads:
+                thread.join()
+        except DownloadError:
+            # Lane 0's own refusal (an unknown study...) says more than its joins' 404.
+            lane0_answered.wait(10)
+            if refused:
+                self._refused(refused[0], what, batched)
+            raise
+        finally:
+            merge.abort()  # lanes still reading stop at their next chunk
+            wire[0] = sum(a.num_bytes_downloaded for a in list(answers.values()))
 
     @staticmethod
     def _unpack(payload: bytes, assembler: Assembler, item: DownloadItem,
