@@ -62,6 +62,9 @@ class Hub:
             shutil.rmtree(stale, ignore_errors=True)
         self.archive = open_archive(settings)
         self.route_providers: list[RouteProvider] = default_route_providers()
+        from appliance.hub.lanes import LaneRegistry
+
+        self.lane_registry = LaneRegistry()  # striped downloads, for their lanes to join
         self.locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         from appliance.hub.archiver import Archiver  # archives while buckets arrive; resumes
@@ -75,11 +78,12 @@ class Hub:
 
 def default_route_providers() -> list[RouteProvider]:
     from appliance.hub.download import download_routes
+    from appliance.hub.priors import priors_routes
     from appliance.hub.region import region_routes
     from appliance.hub.transfers import transfer_routes
 
     providers: list[RouteProvider] = [enrolment_routes, transfer_routes, region_routes,
-                                      download_routes]
+                                      priors_routes, download_routes]
     from appliance.hub.fleet import fleet_routes
 
     providers.append(fleet_routes)  # heartbeat, /fleet dashboard, /metrics

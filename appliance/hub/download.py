@@ -1,9 +1,10 @@
 """Bucketed downloads: ``POST /api/v1/downloads``, a study (or series) of the region packed as
 the upload packs (JPEG-LS + solid zstd, ``appliance.transfer.pack``) and streamed to the site;
 or several studies one after the other in the same stream (``studies``: what a burst of orders
-needs on a long link, one TCP slow start instead of one per study). ``POST
-/api/v1/downloads/search``: several patients' study searches in one round trip (run side by
-side against the archive's QIDO-RS).
+needs on a long link, one TCP slow start instead of one per study); over one connection, or
+striped over several (``lanes``, ``appliance.hub.lanes``; ``POST /api/v1/downloads/lanes``
+joins one). The searches and the priors route that feeds :func:`stream_answer` are in
+``appliance.hub.priors``.
 
 Owns: reading the study from the archive (``dicomweb``: one WADO-RS request for the study or
 series, ``transfer-syntax=*``, each part streamed to a file in a private folder under
@@ -23,7 +24,6 @@ each rebuilt file's SHA-256 against the one computed here from the archive's fil
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import json
@@ -44,16 +44,14 @@ from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from appliance.hub.app import problem
-from appliance.hub.lanes import LANE_ID, LaneRegistry, StripedAnswer, parse_lanes, tune
+from appliance.hub.lanes import LANE_ID, StripedAnswer, parse_lanes, tune
 from appliance.transfer.download import (
     DOWNLOADS_PATH,
     MEDIA_TYPE,
-    SEARCH_PATH,
-    STUDY_FIELDS,
     encode_frame,
 )
 from appliance.transfer.lanes import LANE_MEDIA_TYPE, LANES_PATH, MAX_LANES
@@ -78,8 +76,6 @@ FIRST_BUCKET_BYTES = 256 * 1024
 # last byte (a 4 MiB bucket of 86 kB MR files is ~0.15 s of decoding and fsyncs there).
 LAST_BUCKET_BYTES = 1024 * 1024
 MAX_STUDIES = 256  # studies one request may ask for (the batched form)
-MAX_SEARCHES = 256  # patients one search may name
-DICOM_JSON = "application/dicom+json"
 # Packing is CPU and a bucket's bytes in memory (at most MAX_BUCKET_BYTES read + packed): at
 # most this many downloads pack at once. Measured on 10 CT priors at once (2 cores): 2 -> 3.6 s,
 # 4 -> 3.2 s, 8 -> 3.4 s mean of four runs each (a study's first byte waits for its packing).
@@ -281,8 +277,10 @@ class Download:
     with a frame of its own, and a part the archive cannot deliver gets an error frame of its
     own while the others go on."""
 
-    def __init__(self, hub: Hub, site: str, parts: list[Part], target: int, batched: bool):
+    def __init__(self, hub: Hub, site: str, parts: list[Part], target: int, batched: bool,
+                 preamble: bytes | None = None):
         self.hub = hub
+        self.preamble = preamble
         self.site = site
         self.parts = parts
         self.batched = batched
@@ -520,6 +518,9 @@ class Download:
         end, ... after a quiet second. One reader at a time (the answer, or the lanes' lock)."""
         if self.over:
             return None
+        if self.preamble is not None:
+            preamble, self.preamble = self.preamble, None
+            return preamble
         frame = self.next_frame()
         if frame is ...:
             return None if self.cancel.is_set() else ...
@@ -623,13 +624,52 @@ def _parse(body: Any, max_bucket: int) -> tuple[list[Part], int, bool] | str:
     return parts, target, True
 
 
+async def stream_answer(hub: Hub, request: Request, parts: list[Part], target: int,
+                        batched: bool, lanes: Any = None,
+                        preamble: bytes | None = None) -> Response:
+    """Start the download of ``parts`` and answer with its stream: over one connection, or
+    over lanes when the request asked for them (``lanes``, unparsed), the request being lane
+    0. ``preamble``: a frame sent before the first bucket (the priors route's "found")."""
+    site = request.state.site
+    registry = hub.lane_registry
+    striping = None
+    if lanes is not None:
+        striping = parse_lanes(lanes)
+        if isinstance(striping, str):
+            log.warning("download refused for %s: %s", site, striping)
+            return problem(422, "bad_request", striping)
+    transport = (request.scope.get("extensions") or {}).get("pas.transport")
+    job = Download(hub, site, parts, target, batched, preamble).start()
+    striped = None
+    if striping is not None:
+        lane_id, count, rate = striping
+        striped = StripedAnswer(job, count, rate)
+        if not registry.register(site, lane_id, striped):
+            job.end()
+            return problem(409, "lanes_taken", f"lanes.id {lane_id} is already in use")
+    # The status line waits for the archive's first answer: an unknown study is a 404,
+    # not a 200 followed by an error frame (batched: an error frame for that study).
+    await run_in_threadpool(job.first.wait, hub.settings.archive.timeout_s)
+    if job.failure is not None and job.instances == 0:
+        job.end()
+        if striping is not None:
+            registry.register(site, striping[0], None)  # its joins get 404 at once
+        log.warning("download refused for %s: %s", site, job.failure.detail)
+        return problem(job.failure.status, job.failure.error, job.failure.detail)
+    if striped is not None:
+        log.info("download for %s over %d lanes, each paced at %.2f Mbit/s", site,
+                 striped.count, striped.rate_bps / striped.count / 1e6, extra={"SITE": site})
+        return StreamingResponse(striped.lane(0, transport), media_type=LANE_MEDIA_TYPE)
+    tune(transport, None)  # a lane's pacing, if this connection carried one, is not ours
+    return StreamingResponse(job.body(), media_type=MEDIA_TYPE)
+
+
 def download_routes(hub: Hub) -> list[BaseRoute]:
     folder = downloads_dir(hub)
     with contextlib.suppress(FileNotFoundError):  # folders of answers a stop interrupted
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     limits = hub.settings.limits
-    registry = LaneRegistry()
 
     async def download(request: Request) -> Response:
         """Studies (or series) of the region, packed in buckets and streamed (frames)."""
@@ -647,37 +687,7 @@ def download_routes(hub: Hub) -> list[BaseRoute]:
             log.warning("download refused for %s: %s", site, parsed)
             return problem(422, "bad_request", parsed)
         parts, target, batched = parsed
-        striping = None
-        if "lanes" in body:
-            striping = parse_lanes(body["lanes"])
-            if isinstance(striping, str):
-                log.warning("download refused for %s: %s", site, striping)
-                return problem(422, "bad_request", striping)
-        transport = (request.scope.get("extensions") or {}).get("pas.transport")
-        job = Download(hub, site, parts, target, batched).start()
-        striped = None
-        if striping is not None:
-            lane_id, count, rate = striping
-            striped = StripedAnswer(job, count, rate)
-            if not registry.register(site, lane_id, striped):
-                job.end()
-                return problem(409, "lanes_taken", f"lanes.id {lane_id} is already in use")
-        # The status line waits for the archive's first answer: an unknown study is a 404,
-        # not a 200 followed by an error frame (batched: an error frame for that study).
-        await run_in_threadpool(job.first.wait, hub.settings.archive.timeout_s)
-        if job.failure is not None and job.instances == 0:
-            job.end()
-            if striping is not None:
-                registry.register(site, striping[0], None)  # its joins get 404 at once
-            log.warning("download refused for %s: %s", site, job.failure.detail)
-            return problem(job.failure.status, job.failure.error, job.failure.detail)
-        if striped is not None:
-            log.info("download for %s over %d lanes, each paced at %.2f Mbit/s", site,
-                     striped.count, striped.rate_bps / striped.count / 1e6,
-                     extra={"SITE": site})
-            return StreamingResponse(striped.lane(0, transport), media_type=LANE_MEDIA_TYPE)
-        tune(transport, None)  # a lane's pacing, if this connection carried one, is not ours
-        return StreamingResponse(job.body(), media_type=MEDIA_TYPE)
+        return await stream_answer(hub, request, parts, target, batched, body.get("lanes"))
 
     async def join(request: Request) -> Response:
         """Another lane of a striped download (the download request is lane 0)."""
@@ -692,7 +702,7 @@ def download_routes(hub: Hub) -> list[BaseRoute]:
                 number, int) or not 1 <= number < MAX_LANES:
             return problem(422, "bad_request", "the body must be {\"id\": 32 hexadecimal "
                            f"digits, \"lane\": 1 to {MAX_LANES - 1}}}")
-        striped = await run_in_threadpool(registry.join, site, lane_id,
+        striped = await run_in_threadpool(hub.lane_registry.join, site, lane_id,
                                           limits.lane_join_wait_s)
         if striped is None:
             log.warning("download lane %d refused for %s: no download %s to join", number,
@@ -702,60 +712,5 @@ def download_routes(hub: Hub) -> list[BaseRoute]:
         transport = (request.scope.get("extensions") or {}).get("pas.transport")
         return StreamingResponse(striped.lane(number, transport), media_type=LANE_MEDIA_TYPE)
 
-    archive = hub.settings.archive
-    archive_client = httpx.AsyncClient(timeout=archive.timeout_s) \
-        if archive.kind == "dicomweb" and archive.url else None
-
-    async def one_search(patient: dict[str, str]) -> dict[str, Any]:
-        assert archive_client is not None
-        params: list[tuple[str, str]] = [("PatientID", patient["patient_id"])]
-        if patient.get("issuer"):
-            params.append(("IssuerOfPatientID", patient["issuer"]))
-        params += [("includefield", name) for name in STUDY_FIELDS]
-        try:
-            answer = await archive_client.get(f"{archive.url}/studies", params=params,
-                                              headers={"Accept": DICOM_JSON})
-        except httpx.HTTPError as exc:
-            return {"error": "archive_unreachable", "detail": f"{type(exc).__name__}: {exc}"}
-        if answer.status_code == 204 or (answer.status_code == 200 and not answer.content):
-            return {"studies": []}
-        if answer.status_code != 200:
-            return {"error": "archive_refused",
-                    "detail": f"HTTP {answer.status_code}: {answer.text[:200]}"}
-        try:
-            rows = answer.json()
-        except ValueError:
-            rows = None
-        if not isinstance(rows, list):
-            return {"error": "archive_bad_answer", "detail": "not a JSON array"}
-        return {"studies": rows}
-
-    async def search(request: Request) -> Response:
-        """Several patients' studies in one round trip: the QIDO-RS each would have sent
-        through the region proxy, run side by side on the hub's LAN."""
-        site = request.state.site
-        if int(request.headers.get("content-length") or 0) > limits.max_manifest_bytes:
-            return problem(413, "too_large", f"request over {limits.max_manifest_bytes} bytes")
-        if archive_client is None:  # the embedded archive: its QIDO is the region proxy's
-            return problem(501, "not_implemented", "this hub's archive is searched through "
-                           "the region proxy only", features=["lanes"])
-        try:
-            body = json.loads(await request.body())
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return problem(400, "bad_json", "the body must be JSON {\"patients\": [...]}")
-        patients = body.get("patients") if isinstance(body, dict) else None
-        if not isinstance(patients, list) or len(patients) > MAX_SEARCHES or not all(
-                isinstance(p, dict) and isinstance(p.get("patient_id"), str)
-                and 0 < len(p["patient_id"]) <= 64
-                and isinstance(p.get("issuer", ""), str) and len(p.get("issuer", "")) <= 64
-                for p in patients):
-            log.warning("search refused for %s: bad patients", site)
-            return problem(422, "bad_request", f"patients: must be a list of at most "
-                           f"{MAX_SEARCHES} objects {{\"patient_id\", \"issuer\"}}")
-        results = await asyncio.gather(*(one_search(p) for p in patients))
-        # "features": what a site may ask of this hub's downloads (an older hub says none).
-        return JSONResponse({"results": results, "features": ["lanes"]})
-
-    return [Route(SEARCH_PATH, search, methods=["POST"]),
-            Route(LANES_PATH, join, methods=["POST"]),
+    return [Route(LANES_PATH, join, methods=["POST"]),
             Route(DOWNLOADS_PATH, download, methods=["POST"])]

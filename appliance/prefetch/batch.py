@@ -59,7 +59,7 @@ class Ticket:
 
 
 @dataclass
-class _Wanted:
+class Wanted:
     study_uid: str
     held: set[str]
     tickets: list[Ticket]
@@ -84,7 +84,7 @@ class DownloadBatcher:
         self.bucket_bytes = bucket_bytes
         self.stopping = stopping
         self.cond = threading.Condition()
-        self.wanted: dict[str, _Wanted] = {}
+        self.wanted: dict[str, Wanted] = {}
         self.first_at = 0.0
         self.gather_max_s = GATHER_MAX_S
         self.batches = 0      # batches sent (tests and logs read it)
@@ -101,7 +101,7 @@ class DownloadBatcher:
                 self.first_at = time.monotonic()
             wanted = self.wanted.get(study_uid)
             if wanted is None:
-                self.wanted[study_uid] = _Wanted(study_uid, set(held), [ticket])
+                self.wanted[study_uid] = Wanted(study_uid, set(held), [ticket])
             else:
                 wanted.held &= held  # ask for what either request lacks
                 wanted.tickets.append(ticket)
@@ -138,14 +138,14 @@ class DownloadBatcher:
         self._fail(batch, InterruptedError("stopping"))
 
     @staticmethod
-    def _fail(batch: list[_Wanted], error: Exception) -> None:
+    def _fail(batch: list[Wanted], error: Exception) -> None:
         for wanted in batch:
             for ticket in wanted.tickets:
                 if not ticket.done.is_set():
                     ticket.error = error
                     ticket.done.set()
 
-    def _item(self, wanted: _Wanted) -> DownloadItem:
+    def item_for(self, wanted: Wanted) -> DownloadItem:
         def on_bucket(filed: list[Any]) -> None:
             for ticket in wanted.tickets:
                 self.record(ticket.request_id, filed)
@@ -158,13 +158,13 @@ class DownloadBatcher:
         return DownloadItem(wanted.study_uid, self.file, set(wanted.held),
                             on_bucket=on_bucket, on_done=on_done)
 
-    def _send(self, batch: list[_Wanted]) -> None:
+    def _send(self, batch: list[Wanted]) -> None:
         try:
             downloads = self.downloads()
             if downloads is None:
                 raise DownloadUnavailable("no hub download")
             self.before_bucket()
-            items = [self._item(w) for w in batch]
+            items = [self.item_for(w) for w in batch]
             started = time.monotonic()
             if len(items) == 1:
                 self._one(downloads, items[0])

@@ -18,17 +18,20 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from appliance.config import Settings
+from appliance.config import PrefetchRule, Settings
 from appliance.ingest.receive import Receiver
 from appliance.prefetch import rules as prefetch_rules
 from appliance.prefetch.batch import DownloadBatcher, SearchBatcher, Ticket
 from appliance.prefetch.messages import Refusal, build_ack, interpret, parse_message
+from appliance.prefetch.priors import PriorsBatcher, PriorsRefused, PriorsUnavailable
+from appliance.prefetch.rules import Candidate
 from appliance.store import audit
 from appliance.store import jobs as job_store
 from appliance.store import prefetch as store
@@ -39,6 +42,10 @@ from appliance.transfer.region import RegionClient, RegionError, RegionInstance
 log = logging.getLogger("pas.prefetch")
 
 _MAX_WAITING = 4  # requests in flight (resolving or waiting on a download) per ``parallel``
+# Held instances a priors request may name for one patient (~70 bytes each); a patient with
+# more held on site takes the two-step path, which names only the studies chosen.
+MAX_HELD_INSTANCES = 5000
+UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 def _metric(hook: str, *args: Any) -> None:
@@ -89,6 +96,8 @@ class PrefetchService:
             self._wait_for_urgent_uploads, self._streams, self.config.download_bucket_kb * 1024,
             self.stopping)
         self.searcher = SearchBatcher(self.downloads)
+        self.priors = PriorsBatcher(self.downloads, self.batcher)
+        self._priors_route = True  # off for good once the hub said it has none
         self._batched_search = True  # off for good once the hub said it has none
         self._warm_thread: threading.Thread | None = None
         self._pool = ThreadPoolExecutor(self.config.parallel * 2,
@@ -347,28 +356,13 @@ class PrefetchService:
         if region is None:
             raise RegionError("not enrolled with a hub and no prefetch.dicomweb_url set")
         issuer = self.config.issuer_map.get(request["issuer"], "") if request["issuer"] else ""
-        rows = self._search_studies(region, request["patient_id"], issuer)
-        candidates = [c for c in map(prefetch_rules.candidate_from_qido, rows) if c]
-        if rule.same == "body_part":
-            candidates = [self._with_body_parts(region, c) for c in candidates]
         current = request["dedup_key"].removeprefix("arrival:") \
             if request["trigger"] == "arrival" else None
-        chosen = prefetch_rules.choose_priors(
-            rule, candidates, modality=request["modality"], body_part=request["body_part"],
-            accession=request["accession_number"], current_study_uid=current)
-        # Every study to download is handed to the batcher at once (it joins the priors other
-        # requests want now in one stream), before this request's bookkeeping commits; then
-        # the request no longer counts as resolving.
-        tickets: dict[str, Ticket | None] = {}
-        downloads = self.downloads()
-        for candidate in chosen:
-            local = store.local_instance_count(self.db, candidate.study_uid)
-            if candidate.instances is not None and local >= candidate.instances > 0:
-                tickets[candidate.study_uid] = None  # complete on site
-            elif downloads is not None:
-                held = store.held_instance_uids(self.db, candidate.study_uid)
-                tickets[candidate.study_uid] = self.batcher.submit(
-                    request_id, candidate.study_uid, held)
+        resolved = self._priors_in_one_request(request, rule, issuer, current)
+        if resolved is not None:
+            chosen, tickets = resolved
+        else:
+            chosen, tickets = self._search_then_submit(request, rule, region, issuer, current)
         self._resolved(request_id)
         store.record_found(self.db, request_id, rule.name, [
             {"study_uid": c.study_uid, "study_date": c.study_date,
@@ -393,6 +387,68 @@ class PrefetchService:
             self._pin_and_push(candidate.study_uid, rule.push_to, rule.name)
         if failures:
             raise RegionError("; ".join(failures)[:400])
+
+    def _priors_in_one_request(
+            self, request: dict[str, Any], rule: PrefetchRule, issuer: str,
+            current: str | None) -> tuple[list[Candidate], dict[str, Ticket | None]] | None:
+        """The chosen priors and their tickets by the hub's priors route (search, choice and
+        download in one round trip), or None when this request takes the two-step path: an
+        older hub, a rule that needs series-level attributes, more held instances than a
+        request should carry, a batch the hub refused."""
+        downloads = self.downloads()
+        if (not self._priors_route or downloads is None or not downloads.hub_has_priors
+                or rule.same == "body_part"
+                or any(len(request[key] or "") > 64 for key in ("modality",
+                                                                 "accession_number"))):
+            return None
+        held = store.held_by_patient(self.db, request["patient_id"], MAX_HELD_INSTANCES)
+        if held is None:
+            return None
+        patient = {"patient_id": request["patient_id"], "issuer": issuer,
+                   "rule": {"priors": rule.priors, "max_age_days": rule.max_age_days,
+                            "same": rule.same},
+                   "modality": request["modality"], "accession": request["accession_number"],
+                   "current_study_uid": current if current and UID.match(current) else None,
+                   "held": {study: uids for study, uids in held.items() if UID.match(study)}}
+        try:
+            return self.priors.resolve(int(request["id"]), patient, self.stopping)
+        except PriorsRefused:
+            return None
+        except PriorsUnavailable as exc:
+            log.info("%s: a search, then a download, from now on", exc)
+            self._priors_route = False
+            return None
+        except InterruptedError as exc:
+            raise RegionError(str(exc)) from None
+
+    def _search_then_submit(
+            self, request: dict[str, Any], rule: PrefetchRule, region: RegionClient,
+            issuer: str, current: str | None,
+    ) -> tuple[list[Candidate], dict[str, Ticket | None]]:
+        """The two-step path: search (the hub's batched search, else QIDO-RS), choose here,
+        hand the studies to download to the batcher (tickets; None: complete on site)."""
+        request_id = int(request["id"])
+        rows = self._search_studies(region, request["patient_id"], issuer)
+        candidates = [c for c in map(prefetch_rules.candidate_from_qido, rows) if c]
+        if rule.same == "body_part":
+            candidates = [self._with_body_parts(region, c) for c in candidates]
+        chosen = prefetch_rules.choose_priors(
+            rule, candidates, modality=request["modality"], body_part=request["body_part"],
+            accession=request["accession_number"], current_study_uid=current)
+        # Every study to download is handed to the batcher at once (it joins the priors other
+        # requests want now in one stream), before this request's bookkeeping commits; then
+        # the request no longer counts as resolving.
+        tickets: dict[str, Ticket | None] = {}
+        downloads = self.downloads()
+        for candidate in chosen:
+            local = store.local_instance_count(self.db, candidate.study_uid)
+            if candidate.instances is not None and local >= candidate.instances > 0:
+                tickets[candidate.study_uid] = None  # complete on site
+            elif downloads is not None:
+                held = store.held_instance_uids(self.db, candidate.study_uid)
+                tickets[candidate.study_uid] = self.batcher.submit(
+                    request_id, candidate.study_uid, held)
+        return chosen, tickets
 
     def _search_studies(self, region: RegionClient, patient_id: str,
                         issuer: str) -> list[dict[str, Any]]:

@@ -240,6 +240,22 @@ def held_instance_uids(db: Database, study_uid: str) -> set[str]:
     return {r["sop_instance_uid"] for r in rows}
 
 
+def held_by_patient(db: Database, patient_id: str,
+                    limit: int) -> dict[str, list[str]] | None:
+    """Study UID -> the SOP Instance UIDs held, for the local studies of that patient ID
+    (whatever the issuer: a superset only costs bytes); None if over ``limit`` instances."""
+    rows = db.query(
+        "SELECT s.study_uid, i.sop_instance_uid FROM instances i "
+        "JOIN studies s ON s.id = i.study_fk JOIN patients p ON p.id = s.patient_fk "
+        "WHERE p.patient_id = ? AND i.is_current = 1 LIMIT ?", (patient_id, limit + 1))
+    if len(rows) > limit:
+        return None
+    held: dict[str, list[str]] = {}
+    for row in rows:
+        held.setdefault(row["study_uid"], []).append(row["sop_instance_uid"])
+    return held
+
+
 def pin_study(db: Database, study_uid: str, until: float) -> None:
     """Keep a fetched prior in the cache until ``until`` (never shortens an existing pin)."""
     with db.transaction() as conn:

@@ -56,6 +56,7 @@ from appliance.transfer.unpack import BucketFormatError, unpack_bucket
 
 DOWNLOADS_PATH = "/api/v1/downloads"
 SEARCH_PATH = "/api/v1/downloads/search"
+PRIORS_PATH = "/api/v1/downloads/priors"
 # What a search of a patient's studies asks the archive for (as RegionClient.search_studies).
 STUDY_FIELDS = ("StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy",
                 "NumberOfStudyRelatedInstances", "StudyDescription")
@@ -74,6 +75,14 @@ class DownloadUnavailable(Exception):
 
 class DownloadError(RegionError):
     """The download failed or was cut; what was verified and handed over stays valid."""
+
+
+class DownloadRefused(DownloadError):
+    """The hub answered the request with an error status (``status``) before any frame."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
 
 
 def encode_frame(header: dict[str, Any], payload: bytes = b"") -> bytes:
@@ -217,6 +226,7 @@ class HubDownloads:
         self.url = hub_url.rstrip("/") + DOWNLOADS_PATH
         self.search_url = hub_url.rstrip("/") + SEARCH_PATH
         self.lanes_url = hub_url.rstrip("/") + LANES_PATH
+        self.priors_url = hub_url.rstrip("/") + PRIORS_PATH
         self.on_downloaded = on_downloaded
         self.workers = workers
         # Striping (appliance.transfer.lanes): with the downlink's rate known, a download
@@ -225,6 +235,7 @@ class HubDownloads:
         self.lanes = lanes if rate_bps > 0 else 1
         self.rate_bps = int(rate_bps)
         self.hub_has_lanes = False
+        self.hub_has_priors = False  # POST /downloads/priors (one round trip for priors)
         self.owns_client = client is None
         # Idle connections kept KEEP_ALIVE_S (the hub keeps them 30 s): ``warm`` every
         # WARM_EVERY_S keeps one open, so an order's first request pays no TCP and TLS
@@ -266,7 +277,8 @@ class HubDownloads:
     def _note_features(self, answer: httpx.Response) -> None:
         """What the hub's downloads offer, as its search answers (or refusals) list it."""
         with contextlib.suppress(ValueError, AttributeError, TypeError):
-            self.hub_has_lanes = "lanes" in (answer.json().get("features") or ())
+            features = answer.json().get("features") or ()
+            self.hub_has_lanes, self.hub_has_priors = "lanes" in features, "priors" in features
 
     def search(self, patients: list[tuple[str, str]]) -> list[list[dict[str, Any]] | Exception]:
         """Several patients' studies (QIDO-RS rows, as ``RegionClient.search_studies``) in
@@ -337,8 +349,43 @@ class HubDownloads:
             body["bucket_bytes"] = bucket_bytes
         self._stream(body, items, True, before_bucket)
 
+    def fetch_priors(self, patients: list[dict[str, Any]],
+                     on_found: Callable[[list[Any]], list[DownloadItem]], *,
+                     bucket_bytes: int | None = None,
+                     before_bucket: Callable[[], None] = lambda: None) -> list[DownloadItem]:
+        """Search several patients, have the hub choose their priors by the rule each names,
+        and download the ones the site lacks, in one request (``appliance.hub.priors``).
+        ``on_found(found)`` gets the answer's first frame (per patient: the chosen studies and
+        the part of the stream of each) and returns the items for the parts, in order; each
+        item is then done as in :meth:`fetch_many`. Raises DownloadUnavailable before
+        anything was sent when the hub has no such route, DownloadError when the request
+        fails before the first frame."""
+        body: dict[str, Any] = {"patients": patients}
+        if bucket_bytes:
+            body["bucket_bytes"] = bucket_bytes
+        items: list[DownloadItem] = []
+        found: list[bool] = []
+
+        def remember(answer: list[Any]) -> list[DownloadItem]:
+            if not isinstance(answer, list) or len(answer) != len(patients):
+                raise DownloadError(f"the hub found priors for {len(answer)} patients of "
+                                    f"{len(patients)}")
+            found.append(True)
+            return on_found(answer)
+
+        cut = self._stream(body, items, True, before_bucket, self.priors_url, remember)
+        if not found:
+            raise cut or DownloadError("the priors answer ended before saying what it found")
+        return items
+
     def _stream(self, body: dict[str, Any], items: list[DownloadItem], batched: bool,
-                before_bucket: Callable[[], None]) -> None:
+                before_bucket: Callable[[], None], url: str | None = None,
+                on_found: Callable[[list[Any]], list[DownloadItem]] | None = None,
+                ) -> Exception | None:
+        """Send the request, read the frames, hand each bucket to the workers; the error that
+        cut the stream, if any (the items are told). ``on_found`` (the priors route): the
+        items come from the answer's first frame, in part order."""
+        url = url or self.url
         reader = FrameReader()
         assembler = Assembler()
         lock = threading.Lock()
@@ -347,7 +394,8 @@ class HubDownloads:
         buckets = 0
         cut: Exception | None = None
         what = f"download of {items[0].study_uid}" if not batched \
-            else f"download of {len(items)} studies"
+            else f"download of {len(items)} studies" if on_found is None \
+            else f"priors of {len(body.get('patients', ()))} patients"
 
         def item_of(header: dict[str, Any], key: str) -> DownloadItem:
             if not batched:
@@ -388,7 +436,8 @@ class HubDownloads:
         wire_bytes = [0]  # what crossed the WAN, also if cut
         with ThreadPoolExecutor(self.workers, thread_name_prefix="pas-download") as pool:
             try:
-                with contextlib.closing(self._answer(body, what, batched, wire_bytes)) as answer:
+                with contextlib.closing(self._answer(url, body, what, batched,
+                                                     wire_bytes)) as answer:
                     for chunk in answer:
                         for header, payload in reader.feed(chunk):
                             if "error" in header:
@@ -398,6 +447,9 @@ class HubDownloads:
                                     settle(item_of(header, "study"), problem)
                                     continue
                                 raise problem
+                            if "found" in header and on_found is not None and not items:
+                                items.extend(on_found(header["found"]))
+                                continue
                             if header.get("end"):
                                 ended = header
                                 continue
@@ -436,16 +488,17 @@ class HubDownloads:
                 item.ended = ended  # a single study's counts are the stream's
             settle(item, cut)  # without a cut: done if its end frame came
             settle(item, DownloadError(f"{what}: the stream ended without {item.study_uid}"))
+        return cut
 
-    def _answer(self, body: dict[str, Any], what: str, batched: bool,
+    def _answer(self, url: str, body: dict[str, Any], what: str, batched: bool,
                 wire: list[int]) -> Iterator[bytes]:
         """The answer's bytes as the network gives them (a frame goes to the workers as soon
         as its last byte is in), over one connection or over lanes; ``wire[0]`` follows what
         crossed the WAN. Raises as :meth:`_refused`, or httpx errors / DownloadError."""
         if self.lanes > 1 and self.hub_has_lanes:
-            yield from self._striped(body, what, batched, wire)
+            yield from self._striped(url, body, what, batched, wire)
             return
-        with self.client.stream("POST", self.url, json=body) as answer:
+        with self.client.stream("POST", url, json=body) as answer:
             if answer.status_code != 200:
                 answer.read()
                 self._refused(answer, what, batched)
@@ -453,7 +506,7 @@ class HubDownloads:
                 wire[0] = answer.num_bytes_downloaded
                 yield chunk
 
-    def _striped(self, body: dict[str, Any], what: str, batched: bool,
+    def _striped(self, url: str, body: dict[str, Any], what: str, batched: bool,
                  wire: list[int]) -> Iterator[bytes]:
         """The answer over ``self.lanes`` connections at once (appliance.transfer.lanes):
         lane 0 is the download request, the others join it; their chunks put back in order."""
@@ -468,9 +521,9 @@ class HubDownloads:
         def lane(number: int) -> None:
             error: Exception | None = None
             try:
-                url, request = (self.url, first) if number == 0 else (
+                where, request = (url, first) if number == 0 else (
                     self.lanes_url, {"id": lane_id, "lane": number})
-                with self.client.stream("POST", url, json=request) as answer:
+                with self.client.stream("POST", where, json=request) as answer:
                     answers[number] = answer
                     if answer.status_code != 200:
                         answer.read()
@@ -552,12 +605,14 @@ class HubDownloads:
             if answer.status_code in (404, 405):  # no such route: a hub without downloads
                 raise DownloadUnavailable(f"the hub answers {answer.status_code} to "
                                           f"{DOWNLOADS_PATH}")
-            raise DownloadError(f"{what}: HTTP {answer.status_code} {answer.text[:200]}")
+            raise DownloadRefused(f"{what}: HTTP {answer.status_code} {answer.text[:200]}",
+                                  answer.status_code)
         detail = str(problem.get("detail", ""))
         if batched and answer.status_code == 422 and detail.startswith("study_uid:"):
             # A hub of before the batched form reads the top-level study_uid only.
             raise BatchUnavailable(f"the hub takes one study per download: {detail}")
-        raise DownloadError(f"{what}: HTTP {answer.status_code} {problem['error']}: {detail}")
+        raise DownloadRefused(f"{what}: HTTP {answer.status_code} {problem['error']}: {detail}",
+                              answer.status_code)
 
 
 def _pieces(payload: bytes) -> Iterator[Any]:

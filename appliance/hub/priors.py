@@ -1,0 +1,215 @@
+"""Searching the region for a site's priors, and choosing and sending them in one round trip.
+
+Owns: ``POST /api/v1/downloads/search`` (several patients' study searches in one request, run
+side by side against the archive's QIDO-RS) and ``POST /api/v1/downloads/priors`` (the same
+searches, then the priors chosen by the site's rule for each patient, and their download
+stream in the same answer). May not touch: SQL, packing (``appliance.hub.download`` streams).
+
+Why the second route: on a long link a search and then a download are two round trips before
+the first byte of a prior moves (0.07 s each at 70 ms, plus the archive's answers); with the
+rule sent along, the hub chooses the priors where the archive is, on its LAN, and starts the
+stream at once. The choice is the site's own code (:func:`appliance.prefetch.rules.choose_priors`,
+pure), fed with the rule's parameters; a study the site already holds whole (its ``held``
+instance count reaches the archive's) is not sent, one it holds in part is sent but for
+those instances. The answer's first frame, ``{"found": [...]}``, says per patient which
+studies were chosen, and which part of the stream carries each (``part``, or null: held
+whole); then the parts follow as in a batched download. Rules that need more than the study
+level (``same = "body_part"``) keep the two round trips (the site decides).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from appliance.config import PrefetchRule
+from appliance.hub.app import problem
+from appliance.hub.download import (
+    DEFAULT_BUCKET_BYTES,
+    MAX_BUCKET_BYTES,
+    MIN_BUCKET_BYTES,
+    UID,
+    Part,
+    stream_answer,
+)
+from appliance.prefetch.rules import candidate_from_qido, choose_priors
+from appliance.transfer.download import (
+    PRIORS_PATH,
+    SEARCH_PATH,
+    STUDY_FIELDS,
+    encode_frame,
+)
+
+if TYPE_CHECKING:
+    from appliance.hub.app import Hub
+
+log = logging.getLogger("pas.hub.download")
+
+MAX_SEARCHES = 256  # patients one search may name
+DICOM_JSON = "application/dicom+json"
+FEATURES = ["lanes", "priors"]  # what a site may ask of this hub's downloads
+SAMES = ("any", "modality")
+
+
+def _patients(body: Any, key: str = "patients") -> list[dict[str, Any]] | str:
+    patients = body.get(key) if isinstance(body, dict) else None
+    if not isinstance(patients, list) or len(patients) > MAX_SEARCHES or not all(
+            isinstance(p, dict) and isinstance(p.get("patient_id"), str)
+            and 0 < len(p["patient_id"]) <= 64
+            and isinstance(p.get("issuer", ""), str) and len(p.get("issuer", "")) <= 64
+            for p in patients):
+        return (f"{key}: must be a list of at most {MAX_SEARCHES} objects "
+                "{\"patient_id\", \"issuer\"}")
+    return patients
+
+
+def _wish(patient: dict[str, Any], where: str) -> dict[str, Any] | str:
+    """What a priors request says of one patient, checked: the rule, the current exam, the
+    instances the site holds."""
+    rule = patient.get("rule")
+    if not isinstance(rule, dict):
+        return f"{where}rule: must be an object {{\"priors\", \"max_age_days\", \"same\"}}"
+    priors, age, same = rule.get("priors"), rule.get("max_age_days", 0), rule.get("same", "any")
+    if not isinstance(priors, int) or not 1 <= priors <= 100:
+        return f"{where}rule.priors: must be an integer from 1 to 100"
+    if not isinstance(age, int) or age < 0:
+        return f"{where}rule.max_age_days: must be an integer >= 0"
+    if same not in SAMES:
+        return f"{where}rule.same: must be one of {', '.join(SAMES)}"
+    for key in ("modality", "accession"):
+        value = patient.get(key)
+        if value is not None and (not isinstance(value, str) or len(value) > 64):
+            return f"{where}{key}: must be a text of at most 64 characters"
+    current = patient.get("current_study_uid")
+    if current is not None and (not isinstance(current, str) or not UID.match(current)):
+        return f"{where}current_study_uid: not a DICOM UID"
+    held = patient.get("held", {})
+    if not isinstance(held, dict) or not all(
+            isinstance(k, str) and UID.match(k) and isinstance(v, list)
+            and all(isinstance(u, str) and len(u) <= 64 for u in v) for k, v in held.items()):
+        return f"{where}held: must map study UIDs to lists of SOP Instance UIDs"
+    return {"rule": PrefetchRule(name="site", priors=priors, max_age_days=age, same=same),
+            "modality": patient.get("modality"), "accession": patient.get("accession"),
+            "current": current, "held": held}
+
+
+def priors_routes(hub: Hub) -> list[BaseRoute]:
+    limits = hub.settings.limits
+    archive = hub.settings.archive
+    archive_client = httpx.AsyncClient(timeout=archive.timeout_s) \
+        if archive.kind == "dicomweb" and archive.url else None
+
+    async def one_search(patient: dict[str, str]) -> dict[str, Any]:
+        assert archive_client is not None
+        params: list[tuple[str, str]] = [("PatientID", patient["patient_id"])]
+        if patient.get("issuer"):
+            params.append(("IssuerOfPatientID", patient["issuer"]))
+        params += [("includefield", name) for name in STUDY_FIELDS]
+        try:
+            answer = await archive_client.get(f"{archive.url}/studies", params=params,
+                                              headers={"Accept": DICOM_JSON})
+        except httpx.HTTPError as exc:
+            return {"error": "archive_unreachable", "detail": f"{type(exc).__name__}: {exc}"}
+        if answer.status_code == 204 or (answer.status_code == 200 and not answer.content):
+            return {"studies": []}
+        if answer.status_code != 200:
+            return {"error": "archive_refused",
+                    "detail": f"HTTP {answer.status_code}: {answer.text[:200]}"}
+        try:
+            rows = answer.json()
+        except ValueError:
+            rows = None
+        if not isinstance(rows, list):
+            return {"error": "archive_bad_answer", "detail": "not a JSON array"}
+        return {"studies": rows}
+
+    async def read_json(request: Request, shape: str) -> Any:
+        if int(request.headers.get("content-length") or 0) > limits.max_manifest_bytes:
+            return problem(413, "too_large", f"request over {limits.max_manifest_bytes} bytes")
+        if archive_client is None:  # the embedded archive: its QIDO is the region proxy's
+            return problem(501, "not_implemented", "this hub's archive is searched through "
+                           "the region proxy only", features=["lanes"])
+        try:
+            return json.loads(await request.body())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return problem(400, "bad_json", f"the body must be JSON {shape}")
+
+    async def search(request: Request) -> Response:
+        """Several patients' studies in one round trip: the QIDO-RS each would have sent
+        through the region proxy, run side by side on the hub's LAN."""
+        body = await read_json(request, "{\"patients\": [...]}")
+        if isinstance(body, Response):
+            return body
+        patients = _patients(body)
+        if isinstance(patients, str):
+            log.warning("search refused for %s: bad patients", request.state.site)
+            return problem(422, "bad_request", patients)
+        results = await asyncio.gather(*(one_search(p) for p in patients))
+        # "features": what a site may ask of this hub's downloads (an older hub says none).
+        return JSONResponse({"results": results, "features": FEATURES})
+
+    async def priors(request: Request) -> Response:
+        """Each patient's studies searched, the priors chosen by the site's rule, and the
+        ones the site lacks streamed in the same answer (one round trip)."""
+        site = request.state.site
+        body = await read_json(request, "{\"patients\": [...]}")
+        if isinstance(body, Response):
+            return body
+        patients = _patients(body)
+        if isinstance(patients, str) or not patients:
+            detail = patients if isinstance(patients, str) else "patients: must not be empty"
+            log.warning("priors refused for %s: %s", site, detail)
+            return problem(422, "bad_request", detail)
+        wishes = []
+        for n, patient in enumerate(patients):
+            wish = _wish(patient, f"patients[{n}].")
+            if isinstance(wish, str):
+                log.warning("priors refused for %s: %s", site, wish)
+                return problem(422, "bad_request", wish)
+            wishes.append(wish)
+        target = body.get("bucket_bytes", DEFAULT_BUCKET_BYTES)
+        top = min(limits.max_bucket_bytes, MAX_BUCKET_BYTES)
+        if not isinstance(target, int) or not MIN_BUCKET_BYTES <= target <= top:
+            return problem(422, "bad_request",
+                           f"bucket_bytes: must be an integer from {MIN_BUCKET_BYTES} to {top}")
+        results = await asyncio.gather(*(one_search(p) for p in patients))
+        parts: list[Part] = []
+        numbers: dict[str, int] = {}  # study UID -> its part (a study two patients share)
+        found: list[dict[str, Any]] = []
+        for wish, result in zip(wishes, results, strict=True):
+            if "error" in result:
+                found.append(result)
+                continue
+            candidates = [c for c in map(candidate_from_qido, result["studies"]) if c]
+            chosen = choose_priors(wish["rule"], candidates, modality=wish["modality"],
+                                   body_part=None, accession=wish["accession"],
+                                   current_study_uid=wish["current"])
+            studies = []
+            for candidate in chosen:
+                held = wish["held"].get(candidate.study_uid, [])
+                part = None
+                if not (candidate.instances is not None and len(held) >= candidate.instances > 0):
+                    if candidate.study_uid not in numbers:
+                        numbers[candidate.study_uid] = len(parts)
+                        parts.append(Part(candidate.study_uid, None, frozenset(held)))
+                    part = numbers[candidate.study_uid]
+                studies.append({"study_uid": candidate.study_uid,
+                                "study_date": candidate.study_date,
+                                "accession_number": candidate.accession_number,
+                                "modalities": sorted(candidate.modalities),
+                                "instances": candidate.instances, "part": part})
+            found.append({"studies": studies})
+        log.info("priors for %s: %d patients searched, %d studies to send", site,
+                 len(patients), len(parts), extra={"SITE": site})
+        return await stream_answer(hub, request, parts, target, True, body.get("lanes"),
+                                   preamble=encode_frame({"found": found}))
+
+    return [Route(SEARCH_PATH, search, methods=["POST"]),
+            Route(PRIORS_PATH, priors, methods=["POST"])]

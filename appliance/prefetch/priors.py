@@ -1,0 +1,191 @@
+"""Orders that arrive together: their priors searched, chosen and downloaded in one request.
+
+Owns: gathering the prefetch requests that resolve at about the same time (a RIS sends a
+burst's orders a few ms apart) and sending them as one ``HubDownloads.fetch_priors``: the hub
+searches each patient, chooses the priors by the rule the request names, and streams the ones
+the site lacks in the same answer (``appliance.hub.priors``). Each request gets back the
+studies chosen for it and a ticket per study to download, as from the two-step path (search,
+then :class:`appliance.prefetch.batch.DownloadBatcher`). May not touch: SQL (the service
+passes what the site holds), files (the Receiver writes them).
+
+Why: on a 70 ms line the search and the download request were two round trips before the
+first byte of a prior moved; this is one (docs/benchmarks.md, prefetch). A request that cannot
+use it (an older hub, a rule that needs series-level attributes, a retry that must name the
+instances a cut attempt filed) takes the two-step path: the service decides.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from appliance.prefetch.batch import QUIET_S, SEARCH_GATHER_MAX_S, DownloadBatcher, Ticket, Wanted
+from appliance.prefetch.rules import Candidate
+from appliance.transfer.download import (
+    DownloadError,
+    DownloadItem,
+    DownloadRefused,
+    DownloadUnavailable,
+    HubDownloads,
+)
+
+log = logging.getLogger("pas.prefetch")
+
+
+class PriorsUnavailable(Exception):
+    """The hub has no priors route (an older hub): take the two-step path."""
+
+
+class PriorsRefused(PriorsUnavailable):
+    """The hub refused this batch's request (422): these requests take the two-step path
+    (which names each study and instance itself); the route stays in use for the next."""
+
+
+@dataclass
+class _Asked:
+    request_id: int
+    patient: dict[str, Any]  # what the hub is told of this patient (appliance.hub.priors)
+    done: threading.Event = field(default_factory=threading.Event)
+    chosen: list[Candidate] = field(default_factory=list)
+    tickets: dict[str, Ticket | None] = field(default_factory=dict)
+    error: Exception | None = None
+
+
+class PriorsBatcher:
+    """``resolve`` from each request's thread; the gathered batch streams in a thread of its
+    own (one of ``prefetch.download_streams``) while the requests go on with their tickets."""
+
+    def __init__(self, downloads: Callable[[], HubDownloads | None], batcher: DownloadBatcher,
+                 quiet_s: float = QUIET_S, gather_max_s: float = SEARCH_GATHER_MAX_S):
+        self.downloads = downloads
+        self.batcher = batcher
+        self.quiet_s = quiet_s
+        self.gather_max_s = gather_max_s
+        self.cond = threading.Condition()
+        self.pending: list[_Asked] = []
+        self.gathering = False
+        self.requests = 0  # priors requests sent to the hub (tests read it)
+
+    def resolve(self, request_id: int, patient: dict[str, Any],
+                stopping: threading.Event) -> tuple[list[Candidate], dict[str, Ticket | None]]:
+        """The priors chosen for this request and a ticket per study to download (None: the
+        site holds it whole). Raises PriorsUnavailable, or the error of the request."""
+        asked = _Asked(request_id, patient)
+        with self.cond:
+            self.pending.append(asked)
+            self.cond.notify_all()
+            lead = not self.gathering
+            if lead:
+                self.gathering = True
+                self._gather()
+                batch, self.pending, self.gathering = self.pending, [], False
+        if lead:
+            threading.Thread(target=self._send, args=(batch,), name="pas-prefetch-priors",
+                             daemon=True).start()
+        while not asked.done.wait(0.5):
+            if stopping.is_set():
+                raise InterruptedError("stopping: the fetch resumes at the next start")
+        if asked.error is not None:
+            raise asked.error
+        return asked.chosen, asked.tickets
+
+    def _gather(self) -> None:
+        """As SearchBatcher: until no request came for ``quiet_s``, at most ``gather_max_s``."""
+        deadline = time.monotonic() + self.gather_max_s
+        quiet_until = time.monotonic() + self.quiet_s
+        count = len(self.pending)
+        while (now := time.monotonic()) < min(quiet_until, deadline):
+            self.cond.wait(min(quiet_until, deadline) - now)
+            if len(self.pending) != count:
+                count, quiet_until = len(self.pending), time.monotonic() + self.quiet_s
+
+    def _send(self, batch: list[_Asked]) -> None:
+        streams = self.batcher.streams
+        while not streams.acquire(timeout=0.5):
+            if self.batcher.stopping.is_set():
+                self._fail(batch, InterruptedError("stopping"))
+                return
+        try:
+            downloads = self.downloads()
+            if downloads is None or not downloads.hub_has_priors:
+                raise PriorsUnavailable("the hub offers no priors route")
+            self.batcher.before_bucket()
+            self.requests += 1
+            started = time.monotonic()
+            items = downloads.fetch_priors([a.patient for a in batch],
+                                           lambda found: self._found(batch, found),
+                                           bucket_bytes=self.batcher.bucket_bytes,
+                                           before_bucket=self.batcher.before_bucket)
+            log.info("priors of %d requests: %d studies downloaded in one request, %.2f s "
+                     "(%d failed)", len(batch), len(items), time.monotonic() - started,
+                     sum(1 for i in items if i.error is not None))
+        except PriorsUnavailable as exc:
+            self._fail(batch, exc)
+        except DownloadUnavailable as exc:  # an older hub: no such route
+            self._fail(batch, PriorsUnavailable(str(exc)))
+        except DownloadRefused as exc:
+            if exc.status in (404, 405):  # no such route after all
+                self._fail(batch, PriorsUnavailable(str(exc)))
+            elif exc.status == 422:
+                log.warning("the hub refused a priors request (%s): two round trips for "
+                            "these requests", exc)
+                self._fail(batch, PriorsRefused(str(exc)))
+            else:
+                self._fail(batch, exc)
+        except Exception as exc:  # a request never stays waiting
+            if not isinstance(exc, DownloadError):
+                log.exception("priors request failed")
+            self._fail(batch, exc)
+        finally:
+            streams.release()
+
+    def _found(self, batch: list[_Asked], found: list[Any]) -> list[DownloadItem]:
+        """The hub's first frame: each request's chosen studies, its tickets; the items of
+        the stream's parts (a part two requests share has both tickets)."""
+        wanted: dict[int, Wanted] = {}
+        for asked, entry in zip(batch, found, strict=True):
+            if not isinstance(entry, dict) or "studies" not in entry:
+                problem = entry if isinstance(entry, dict) else {}
+                asked.error = DownloadError(f"search of patient {asked.patient['patient_id']}:"
+                                            f" {problem.get('error', 'bad answer')}: "
+                                            f"{problem.get('detail', '')}")
+                continue
+            try:
+                for study in entry["studies"]:
+                    candidate = Candidate(str(study["study_uid"]), str(study["study_date"]),
+                                          str(study["accession_number"]),
+                                          frozenset(study["modalities"]), study["instances"])
+                    asked.chosen.append(candidate)
+                    part = study["part"]
+                    if part is None:
+                        asked.tickets[candidate.study_uid] = None  # held whole
+                        continue
+                    ticket = Ticket(asked.request_id, candidate.study_uid)
+                    asked.tickets[candidate.study_uid] = ticket
+                    held = set(asked.patient["held"].get(candidate.study_uid, ()))
+                    if part in wanted:
+                        wanted[part].tickets.append(ticket)
+                    else:
+                        wanted[part] = Wanted(candidate.study_uid, held, [ticket])
+            except (KeyError, TypeError, ValueError) as exc:
+                asked.error = DownloadError(f"the hub's priors answer: {exc!r}")
+        if sorted(wanted) != list(range(len(wanted))):
+            raise DownloadError(f"the hub's priors answer names parts {sorted(wanted)}")
+        for asked in batch:
+            asked.done.set()  # each request records what was chosen and waits on its tickets
+        return [self.batcher.item_for(wanted[n]) for n in range(len(wanted))]
+
+    @staticmethod
+    def _fail(batch: list[_Asked], error: Exception) -> None:
+        for asked in batch:
+            if not asked.done.is_set():
+                asked.error = error
+                asked.done.set()
+            for ticket in asked.tickets.values():
+                if ticket is not None and not ticket.done.is_set():
+                    ticket.error = error
+                    ticket.done.set()
