@@ -1,0 +1,151 @@
+"""Priors searched, chosen and downloaded in one round trip (issue 6, the WAN target): real peers.
+
+A real Orthanc (DICOMweb plugin) behind a real hub (``pas hub run``, mutual TLS, archive
+``dicomweb``); the site is an in-process PrefetchService over a temporary store, enrolled with
+the hub, whose connection to the hub has learned that the hub offers ``POST
+/api/v1/downloads/priors``. Proven: requests due together go as ONE priors request (no search
+request, no separate download request) and every prior arrives byte for byte; a study the site
+holds whole is not sent and one it holds in part is sent but for what it holds; bad priors
+requests get a clear error naming the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from appliance.store import prefetch as store
+from tests.support.hub import HubProcess, client, enroll
+from tests.support.peers import Orthanc
+from tests.test_prefetch_batched import PATIENTS, Site
+from tests.test_prefetch_bucketed import older_study
+
+pytestmark = pytest.mark.root
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def region(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    base = tmp_path_factory.mktemp("priors")
+    priors = {patient: older_study(patient) for patient in PATIENTS}
+    orthanc = Orthanc(base / "orthanc").start()
+    hub = HubProcess(base / "hub", {"PAS_HUB_ARCHIVE__KIND": "dicomweb",
+                                    "PAS_HUB_ARCHIVE__URL": orthanc.dicomweb})
+    try:
+        for _, files in priors.values():
+            for path in files:
+                httpx.post(f"{orthanc.url}/instances", content=path.read_bytes(),
+                           timeout=60).raise_for_status()
+        hub.init().start()
+        yield {"orthanc": orthanc, "hub": hub, "priors": priors}
+    finally:
+        hub.stop()
+        orthanc.stop()
+
+
+def warm_site(hub: HubProcess, home: Path, name: str, **env: str) -> Site:
+    site = Site(hub, home, name, env=env)
+    downloads = site.service.downloads()
+    assert downloads is not None
+    downloads.warm()  # as the running service does at start: the hub lists its features
+    assert downloads.hub_has_priors
+    return site
+
+
+def test_orders_due_together_are_one_priors_request(region: dict[str, Any],
+                                                    tmp_path: Path) -> None:
+    hub: HubProcess = region["hub"]
+    site = warm_site(hub, tmp_path / "pas", "SITE-ONE", PAS_HUB__LINK_MBPS="400")
+    ids = site.order(PATIENTS)
+    site.service.start()
+    try:
+        rows = site.wait_done(ids)
+    finally:
+        site.service.stop()
+    for row, patient in zip(rows, PATIENTS, strict=True):
+        assert row["state"] == "fetched", row["last_error"]
+        _, files = region["priors"][patient]
+        assert row["instances_fetched"] == len({sha256(p.read_bytes()) for p in files})
+        site.assert_on_site(files)
+    # One request to the hub for the three patients: no search, no separate download.
+    assert site.service.priors.requests == 1
+    assert site.service.searcher.requests == 0 and site.service.batcher.batches == 0
+    assert "priors for SITE-ONE: 3 patients searched, 3 studies to send" in hub.log()
+    assert "download for SITE-ONE over 4 lanes" in hub.log()
+    assert re.search(r"batched download for SITE-ONE sent: 3 studies in one stream", hub.log())
+
+
+def test_what_the_site_holds_is_not_sent_again(region: dict[str, Any], tmp_path: Path) -> None:
+    """Patient 0's prior is on site whole, patient 1's in part: the hub sends only patient 1's
+    missing instances and patient 2's study."""
+    hub: HubProcess = region["hub"]
+    site = warm_site(hub, tmp_path / "pas", "SITE-HELD")
+    whole, partial = region["priors"][PATIENTS[0]][1], region["priors"][PATIENTS[1]][1]
+    for path in [*whole, partial[0]]:
+        site.receiver.receive_file(path.read_bytes())
+    ids = site.order(PATIENTS)
+    site.service.start()
+    try:
+        rows = site.wait_done(ids)
+    finally:
+        site.service.stop()
+    for row, patient in zip(rows, PATIENTS, strict=True):
+        assert row["state"] == "fetched", row["last_error"]
+        site.assert_on_site(region["priors"][patient][1])
+    assert site.service.priors.requests == 1
+    assert "priors for SITE-HELD: 3 patients searched, 2 studies to send" in hub.log()
+    partial_uid, _ = region["priors"][PATIENTS[1]]
+    held = re.search(rf"download of study {re.escape(partial_uid)} for SITE-HELD sent: "
+                     r"(\d+) instances \((\d+) held", hub.log())
+    assert held is not None and int(held.group(2)) == 1
+    assert int(held.group(1)) == len({sha256(p.read_bytes()) for p in partial}) - 1
+    states = {r["study_uid"]: r["state"] for i in ids for r in store.studies_of_request(
+        site.db, i)}
+    assert states[region["priors"][PATIENTS[0]][0]] == "on_site"
+    assert states[partial_uid] == "fetched"
+
+
+def test_bad_priors_requests_get_a_clear_error(region: dict[str, Any], tmp_path: Path) -> None:
+    hub: HubProcess = region["hub"]
+    enrolment = enroll(hub, tmp_path / "site", "SITE-BADPRIORS")
+    good = {"patient_id": "A002304", "rule": {"priors": 2}}
+    cases = [
+        ({"patients": []}, "patients: must not be empty"),
+        ({"patients": [{"rule": {"priors": 2}}]}, "patients:"),
+        ({"patients": [{"patient_id": "A1"}]}, "patients[0].rule"),
+        ({"patients": [{**good, "rule": {"priors": 0}}]}, "patients[0].rule.priors"),
+        ({"patients": [{**good, "rule": {"priors": 2, "same": "body_part"}}]},
+         "patients[0].rule.same"),
+        ({"patients": [{**good, "rule": {"priors": 2, "max_age_days": -1}}]},
+         "patients[0].rule.max_age_days"),
+        ({"patients": [good, {**good, "current_study_uid": "1.2.x"}]},
+         "patients[1].current_study_uid"),
+        ({"patients": [{**good, "held": {"1.2.3": "all"}}]}, "patients[0].held"),
+        ({"patients": [{**good, "modality": "C" * 65}]}, "patients[0].modality"),
+        ({"patients": [good], "bucket_bytes": 1}, "bucket_bytes"),
+        ({"patients": [good], "lanes": {"id": "a" * 32, "count": 0, "rate_bps": 1}},
+         "lanes.count"),
+    ]
+    with client(enrolment) as http:
+        for body, named in cases:
+            answer = http.post("/api/v1/downloads/priors", json=body)
+            assert answer.status_code == 422, (body, answer.text)
+            problem = answer.json()
+            assert problem["error"] == "bad_request" and named in problem["detail"], problem
+        assert http.post("/api/v1/downloads/priors", content=b"[nope",
+                         headers={"content-type": "application/json"}).status_code == 400
+        # A patient the region does not know: found nothing, nothing to send, a clean end.
+        answer = http.post("/api/v1/downloads/priors",
+                           json={"patients": [{"patient_id": "NOBODY", "rule": {"priors": 3}}]})
+        assert answer.status_code == 200 and b'"found":[{"studies":[]}]' in answer.content
+        assert b'"end":true' in answer.content
+    assert hub.proc is not None and hub.proc.poll() is None  # still serving
