@@ -125,7 +125,7 @@ def test_requests_due_together_come_down_in_one_stream(region: dict[str, Any],
     assert site.service.batcher.batches == 1
     assert re.search(r"batched download for SITE-BATCH sent: 3 studies in one stream",
                      hub.log())
-    assert "download for SITE-BATCH over 4 lanes, each paced at 100.00 Mbit/s" in hub.log()
+    assert "download for SITE-BATCH over 4 lanes, sharing the site's 400.00 Mbit/s" in hub.log()
     for patient in PATIENTS:
         study_uid, _ = region["priors"][patient]
         assert re.search(rf"download of study {re.escape(study_uid)} for SITE-BATCH sent: "
@@ -198,7 +198,7 @@ def test_a_download_over_lanes_arrives_byte_for_byte(region: dict[str, Any],
         expected = {sha256(p.read_bytes()) for p in region["priors"][patient][1]}
         assert got[patient] == expected and item.result.instances == len(expected)
         assert item.result.wire_bytes > 0
-    assert "download for SITE-LANES over 3 lanes, each paced at 100.00 Mbit/s" in hub.log()
+    assert "download for SITE-LANES over 3 lanes, sharing the site's 300.00 Mbit/s" in hub.log()
     assert re.search(r"batched download for SITE-LANES sent: 3 studies", hub.log())
 
 

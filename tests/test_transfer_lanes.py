@@ -1,15 +1,20 @@
 """Download lanes, the appliance's side: records parsed, chunks put back in order, gaps and
-repeats refused, memory bounded without deadlock (appliance/transfer/lanes.py). The lanes
-over real connections, against a real hub, are in tests/test_prefetch_batched.py."""
+repeats refused, memory bounded without deadlock (appliance/transfer/lanes.py); the hub's
+side: the lanes of a site share its line, read back from real sockets (appliance/hub/lanes.py).
+The lanes over real connections, against a real hub, are in tests/test_prefetch_batched.py."""
 
 from __future__ import annotations
 
 import hashlib
 import random
+import socket
+import struct
 import threading
+from typing import Any
 
 import pytest
 
+from appliance.hub.lanes import SO_MAX_PACING_RATE, SiteShares
 from appliance.transfer.lanes import (
     LANE_MAGIC,
     RECORD,
@@ -112,3 +117,45 @@ def test_a_lane_waiting_for_room_is_released_when_the_reader_gives_up() -> None:
     merge.abort()
     waiting.join(5)
     assert result == [False]
+
+
+class _Connection:
+    """The two things ``tune`` asks of an asyncio transport, over a real TCP socket."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.limits: dict[str, Any] = {}
+
+    def get_extra_info(self, name: str) -> Any:
+        return self.sock if name == "socket" else None
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self.limits = {"high": high, "low": low}
+
+
+def _pacing(sock: socket.socket) -> int:
+    return struct.unpack("=I", sock.getsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, 4))[0]
+
+
+def test_the_lanes_of_a_site_share_its_line() -> None:
+    server = socket.create_server(("127.0.0.1", 0))
+    ends = []
+    for _ in range(3):
+        ends.append(socket.create_connection(server.getsockname()))
+        ends.append(server.accept()[0])
+    first, second, other = (_Connection(ends[n]) for n in (1, 3, 5))
+    shares = SiteShares()
+    try:
+        shares.join("SITE-A", 1, first, 20_000_000)
+        assert _pacing(first.sock) == 2_500_000  # the whole line: 20 Mbit/s in bytes
+        shares.join("SITE-A", 2, second, 20_000_000)
+        shares.join("SITE-B", 3, other, 8_000_000)  # another site's line is its own
+        assert _pacing(first.sock) == _pacing(second.sock) == 1_250_000
+        assert _pacing(other.sock) == 1_000_000
+        assert first.limits["high"] is not None  # asyncio's TLS buffer kept small
+        shares.leave("SITE-A", 2)
+        assert _pacing(first.sock) == 2_500_000
+    finally:
+        for end in ends:
+            end.close()
+        server.close()

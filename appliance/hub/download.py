@@ -643,7 +643,7 @@ async def stream_answer(hub: Hub, request: Request, parts: list[Part], target: i
     striped = None
     if striping is not None:
         lane_id, count, rate = striping
-        striped = StripedAnswer(job, count, rate)
+        striped = StripedAnswer(job, count, rate, registry.shares)
         if not registry.register(site, lane_id, striped):
             job.end()
             return problem(409, "lanes_taken", f"lanes.id {lane_id} is already in use")
@@ -657,8 +657,9 @@ async def stream_answer(hub: Hub, request: Request, parts: list[Part], target: i
         log.warning("download refused for %s: %s", site, job.failure.detail)
         return problem(job.failure.status, job.failure.error, job.failure.detail)
     if striped is not None:
-        log.info("download for %s over %d lanes, each paced at %.2f Mbit/s", site,
-                 striped.count, striped.rate_bps / striped.count / 1e6, extra={"SITE": site})
+        log.info("download for %s over %d lanes, sharing the site's %.2f Mbit/s with its "
+                 "other lanes", site, striped.count, striped.rate_bps / 1e6,
+                 extra={"SITE": site})
         return StreamingResponse(striped.lane(0, transport), media_type=LANE_MEDIA_TYPE)
     tune(transport, None)  # a lane's pacing, if this connection carried one, is not ours
     return StreamingResponse(job.body(), media_type=MEDIA_TYPE)

@@ -79,13 +79,45 @@ def tune(transport: Any, rate_bps: int | None) -> None:
         log.debug("download connection not tuned: %s", exc)
 
 
+class SiteShares:
+    """Every lane sending to a site at once shares that site's line: each is paced at the
+    site's rate divided by their number, re-tuned as lanes start and end (two striped
+    downloads for the same site at once must not each take the whole line). Used on the
+    server's event loop only."""
+
+    def __init__(self) -> None:
+        self.lanes: dict[str, dict[int, Any]] = {}  # site -> lane key -> transport
+        self.rates: dict[str, int] = {}
+
+    def join(self, site: str, key: int, transport: Any, rate_bps: int) -> None:
+        self.lanes.setdefault(site, {})[key] = transport
+        self.rates[site] = rate_bps  # the site's latest word on its line
+        self._apply(site)
+
+    def leave(self, site: str, key: int) -> None:
+        lanes = self.lanes.get(site, {})
+        lanes.pop(key, None)
+        if lanes:
+            self._apply(site)
+        else:
+            self.lanes.pop(site, None)
+
+    def share(self, site: str) -> int:
+        return self.rates.get(site, 0) // max(1, len(self.lanes.get(site, ())))
+
+    def _apply(self, site: str) -> None:
+        for transport in self.lanes[site].values():
+            tune(transport, self.share(site))
+
+
 class StripedAnswer:
     """A download's answer (``Download.next_bytes``) cut in chunks taken by ``count`` lanes."""
 
-    def __init__(self, download: Any, count: int, rate_bps: int):
+    def __init__(self, download: Any, count: int, rate_bps: int, shares: SiteShares):
         self.download = download
         self.count = count
         self.rate_bps = rate_bps
+        self.shares = shares
         self.lock = threading.Lock()
         self.pending = b""
         self.offset = 0
@@ -111,9 +143,10 @@ class StripedAnswer:
 
     async def lane(self, number: int, transport: Any) -> AsyncIterator[bytes]:
         """One lane's answer on ``transport`` (its connection): paced at its share of the
-        line, then the chunks it takes. A lane cut short (the site went away) ends the whole
-        download."""
-        tune(transport, self.rate_bps // self.count)
+        site's line (``SiteShares``), then the chunks it takes. A lane cut short (the site
+        went away) ends the whole download."""
+        site, key = self.download.site, id(transport) if transport is not None else id(self)
+        self.shares.join(site, key, transport, self.rate_bps)
         complete = False
         try:
             yield LANE_MAGIC
@@ -127,6 +160,7 @@ class StripedAnswer:
                 offset, chunk = got
                 yield RECORD.pack(offset, len(chunk)) + chunk
         finally:
+            self.shares.leave(site, key)
             if not complete:
                 log.info("download lane %d for %s cut: the download stops", number,
                          self.download.site, extra={"SITE": self.download.site})
@@ -139,6 +173,7 @@ class LaneRegistry:
     def __init__(self) -> None:
         self.cond = threading.Condition()
         self.answers: dict[tuple[str, str], tuple[StripedAnswer | None, float]] = {}
+        self.shares = SiteShares()
 
     def register(self, site: str, lane_id: str, answer: StripedAnswer | None) -> bool:
         """Record the download (None: it was refused, joins get 404). False if the id is
