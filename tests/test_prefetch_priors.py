@@ -146,6 +146,6 @@ def test_bad_priors_requests_get_a_clear_error(region: dict[str, Any], tmp_path:
         # A patient the region does not know: found nothing, nothing to send, a clean end.
         answer = http.post("/api/v1/downloads/priors",
                            json={"patients": [{"patient_id": "NOBODY", "rule": {"priors": 3}}]})
-        assert answer.status_code == 200 and b'"found":[{"studies":[]}]' in answer.content
+        assert answer.status_code == 200 and b'"found":{"patient":0,"studies":[]}' in answer.content
         assert b'"end":true' in answer.content
     assert hub.proc is not None and hub.proc.poll() is None  # still serving

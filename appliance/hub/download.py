@@ -278,21 +278,27 @@ class Download:
     own while the others go on."""
 
     def __init__(self, hub: Hub, site: str, parts: list[Part], target: int, batched: bool,
-                 preamble: bytes | None = None):
+                 feed: queue.Queue[Any] | None = None):
         self.hub = hub
-        self.preamble = preamble
+        # ``feed`` (the priors route): the parts are not known yet; the feed brings
+        # ("frame", bytes) to send as they are, ("part", Part) to stream, then None.
+        self.feed = feed
+        self.fed_all = feed is None
+        self.ahead: list[tuple[str, Any]] = []  # what the feed brought, not yet staged
+        self.feeding: Any = None  # the task that fills the feed (kept referenced)
         self.site = site
         self.parts = parts
         self.batched = batched
         self.target = target
-        self.folder = downloads_dir(hub) / uuid.uuid4().hex
-        self.folder.mkdir(parents=True)
+        self.folder = downloads_dir(hub) / uuid.uuid4().hex  # made by start()
         self.plans: queue.Queue[Any] = queue.Queue(AHEAD)
         self.frames: queue.Queue[Any] = queue.Queue(AHEAD)
         self.cancel = threading.Event()
         self.first = threading.Event()  # the archive answered (or failed)
         self.failure: ArchiveFailed | None = None
         self.stats = [_PartStats() for _ in parts]
+        if feed is not None and parts:
+            raise ValueError("a download has parts or a feed, not both")
         self.over = False      # the answer's last bytes were handed out
         self.finished = False  # ... and it was the end frame (not an error, not a cut)
         self.ended = False     # end() ran
@@ -305,6 +311,7 @@ class Download:
         return sum(s.instances for s in self.stats)
 
     def start(self) -> Download:
+        self.folder.mkdir(parents=True)
         for thread in self.threads:
             thread.start()
         return self
@@ -323,7 +330,7 @@ class Download:
     def _stage(self) -> None:
         index = 0
         try:
-            for number, part in enumerate(self.parts):
+            for number, part in self._parts():
                 # The stream's first bucket is small: its packing is all the WAN waits for.
                 planner = _Planner(self.target, FIRST_BUCKET_BYTES if number == 0 else None,
                                    index)
@@ -354,7 +361,7 @@ class Download:
                     if not self._put(self.plans, ("part_error", number, exc)):
                         return
                     continue
-                final = number == len(self.parts) - 1
+                final = self._is_last(number)
                 for plan in planner.finish(LAST_BUCKET_BYTES if final else None):
                     if not self._put(self.plans, ("bucket", number, plan)):
                         return
@@ -371,6 +378,48 @@ class Download:
             self._put(self.plans, self.failure)
         finally:
             self.first.set()
+
+    def _parts(self) -> Iterator[tuple[int, Part]]:
+        """(number, part) in stream order; from the feed, its frames passed on in their
+        place as they come."""
+        if self.feed is None:
+            yield from enumerate(self.parts)
+            return
+        while not self.cancel.is_set():
+            self._read_feed(wait=not self.ahead)
+            if not self.ahead:
+                if self.fed_all:
+                    return
+                continue
+            kind, value = self.ahead.pop(0)
+            if kind == "frame":
+                if not self._put(self.plans, ("frame", None, value)):
+                    return
+                continue
+            self.parts.append(value)
+            self.stats.append(_PartStats())
+            yield len(self.parts) - 1, value
+
+    def _read_feed(self, wait: bool) -> None:
+        """Move what the feed holds into ``ahead``; ``wait``: up to 0.5 s for the first."""
+        assert self.feed is not None
+        while not self.fed_all:
+            try:
+                got = self.feed.get(timeout=0.5) if wait else self.feed.get_nowait()
+            except queue.Empty:
+                return
+            wait = False
+            if got is None:
+                self.fed_all = True
+            else:
+                self.ahead.append(got)
+
+    def _is_last(self, number: int) -> bool:
+        """No part follows this one (its tail is cut in small buckets)."""
+        if self.feed is None:
+            return number == len(self.parts) - 1
+        self._read_feed(wait=False)
+        return self.fed_all and not any(kind == "part" for kind, _ in self.ahead)
 
     def _source(self, part: Part) -> Iterator[Staged]:
         spool = getattr(self.hub.archive, "spool", None)
@@ -461,6 +510,10 @@ class Download:
                     self._put(self.frames, got)
                     return
                 kind, number, plan = got
+                if kind == "frame":  # the feed's own frames (the priors route's "found")
+                    if not self._put(self.frames, (plan, None)):
+                        return
+                    continue
                 stats = self.stats[number]
                 if kind == "part_end":
                     if self.batched and not self._put(self.frames, (encode_frame(
@@ -518,9 +571,6 @@ class Download:
         end, ... after a quiet second. One reader at a time (the answer, or the lanes' lock)."""
         if self.over:
             return None
-        if self.preamble is not None:
-            preamble, self.preamble = self.preamble, None
-            return preamble
         frame = self.next_frame()
         if frame is ...:
             return None if self.cancel.is_set() else ...
@@ -560,7 +610,8 @@ class Download:
             log.info("batched download for %s %s: %d studies in one stream, %.2f s",
                      self.site, "sent" if finished else "ended early", len(self.parts),
                      time.monotonic() - self.started, extra={"SITE": self.site})
-        for part, stats in zip(self.parts, self.stats, strict=True):
+        parts = list(self.parts)  # a feed's stage may still be adding
+        for part, stats in zip(parts, self.stats[:len(parts)], strict=True):
             sent = stats.sent and (finished or self.batched)
             log.info("download of %s for %s %s: %d instances (%d held at the site, "
                      "skipped), %.1f MB -> %.1f MB packed, %.2f s", self._what(part),
@@ -624,12 +675,11 @@ def _parse(body: Any, max_bucket: int) -> tuple[list[Part], int, bool] | str:
     return parts, target, True
 
 
-async def stream_answer(hub: Hub, request: Request, parts: list[Part], target: int,
-                        batched: bool, lanes: Any = None,
-                        preamble: bytes | None = None) -> Response:
-    """Start the download of ``parts`` and answer with its stream: over one connection, or
+async def stream_answer(hub: Hub, request: Request, job: Download,
+                        lanes: Any = None) -> Response:
+    """Start ``job`` (not started yet) and answer with its stream: over one connection, or
     over lanes when the request asked for them (``lanes``, unparsed), the request being lane
-    0. ``preamble``: a frame sent before the first bucket (the priors route's "found")."""
+    0."""
     site = request.state.site
     registry = hub.lane_registry
     striping = None
@@ -639,7 +689,7 @@ async def stream_answer(hub: Hub, request: Request, parts: list[Part], target: i
             log.warning("download refused for %s: %s", site, striping)
             return problem(422, "bad_request", striping)
     transport = (request.scope.get("extensions") or {}).get("pas.transport")
-    job = Download(hub, site, parts, target, batched, preamble).start()
+    job.start()
     striped = None
     if striping is not None:
         lane_id, count, rate = striping
@@ -688,7 +738,8 @@ def download_routes(hub: Hub) -> list[BaseRoute]:
             log.warning("download refused for %s: %s", site, parsed)
             return problem(422, "bad_request", parsed)
         parts, target, batched = parsed
-        return await stream_answer(hub, request, parts, target, batched, body.get("lanes"))
+        return await stream_answer(hub, request, Download(hub, site, parts, target, batched),
+                                   body.get("lanes"))
 
     async def join(request: Request) -> Response:
         """Another lane of a striped download (the download request is lane 0)."""

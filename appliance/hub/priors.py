@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import queue
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -36,9 +37,11 @@ from appliance.hub.download import (
     MAX_BUCKET_BYTES,
     MIN_BUCKET_BYTES,
     UID,
+    Download,
     Part,
     stream_answer,
 )
+from appliance.hub.lanes import parse_lanes
 from appliance.prefetch.rules import candidate_from_qido, choose_priors
 from appliance.transfer.download import (
     PRIORS_PATH,
@@ -179,37 +182,62 @@ def priors_routes(hub: Hub) -> list[BaseRoute]:
         if not isinstance(target, int) or not MIN_BUCKET_BYTES <= target <= top:
             return problem(422, "bad_request",
                            f"bucket_bytes: must be an integer from {MIN_BUCKET_BYTES} to {top}")
-        results = await asyncio.gather(*(one_search(p) for p in patients))
-        parts: list[Part] = []
-        numbers: dict[str, int] = {}  # study UID -> its part (a study two patients share)
-        found: list[dict[str, Any]] = []
-        for wish, result in zip(wishes, results, strict=True):
+        if "lanes" in body and isinstance(parse_lanes(body["lanes"]), str):
+            return await stream_answer(hub, request, Download(hub, site, [], target, True),
+                                       body["lanes"])  # its 422, before any search
+        feed: queue.Queue[Any] = queue.Queue()
+        job = Download(hub, site, [], target, True, feed)
+        # Kept referenced until done: the searches feed the answer while it streams.
+        job.feeding = asyncio.create_task(_feed(feed, wishes, patients, one_search, site))
+        return await stream_answer(hub, request, job, body.get("lanes"))
+
+    return [Route(SEARCH_PATH, search, methods=["POST"]),
+            Route(PRIORS_PATH, priors, methods=["POST"])]
+
+
+async def _feed(feed: queue.Queue[Any], wishes: list[dict[str, Any]],
+                patients: list[dict[str, Any]], one_search: Any, site: str) -> None:
+    """Each patient's search as it completes: its "found" frame, then the parts it adds to
+    the stream (a study another patient already added is not added twice), so that the first
+    prior's archive read starts as soon as its patient's search is back."""
+    numbers: dict[str, int] = {}  # study UID -> its part
+
+    async def searched(n: int) -> tuple[int, dict[str, Any]]:
+        return n, await one_search(patients[n])
+
+    try:
+        for done in asyncio.as_completed([searched(n) for n in range(len(patients))]):
+            n, result = await done
             if "error" in result:
-                found.append(result)
+                feed.put(("frame", encode_frame({"found": {"patient": n, **result}})))
                 continue
+            wish = wishes[n]
             candidates = [c for c in map(candidate_from_qido, result["studies"]) if c]
             chosen = choose_priors(wish["rule"], candidates, modality=wish["modality"],
                                    body_part=None, accession=wish["accession"],
                                    current_study_uid=wish["current"])
-            studies = []
+            studies, new = [], []
             for candidate in chosen:
                 held = wish["held"].get(candidate.study_uid, [])
                 part = None
                 if not (candidate.instances is not None and len(held) >= candidate.instances > 0):
                     if candidate.study_uid not in numbers:
-                        numbers[candidate.study_uid] = len(parts)
-                        parts.append(Part(candidate.study_uid, None, frozenset(held)))
+                        numbers[candidate.study_uid] = len(numbers)
+                        new.append(Part(candidate.study_uid, None, frozenset(held)))
                     part = numbers[candidate.study_uid]
                 studies.append({"study_uid": candidate.study_uid,
                                 "study_date": candidate.study_date,
                                 "accession_number": candidate.accession_number,
                                 "modalities": sorted(candidate.modalities),
                                 "instances": candidate.instances, "part": part})
-            found.append({"studies": studies})
+            feed.put(("frame", encode_frame({"found": {"patient": n, "studies": studies}})))
+            for part in new:
+                feed.put(("part", part))
         log.info("priors for %s: %d patients searched, %d studies to send", site,
-                 len(patients), len(parts), extra={"SITE": site})
-        return await stream_answer(hub, request, parts, target, True, body.get("lanes"),
-                                   preamble=encode_frame({"found": found}))
-
-    return [Route(SEARCH_PATH, search, methods=["POST"]),
-            Route(PRIORS_PATH, priors, methods=["POST"])]
+                 len(patients), len(numbers), extra={"SITE": site})
+    except Exception as exc:  # the answer ends with an error frame: the site retries
+        log.exception("priors for %s: the searches failed", site)
+        feed.put(("frame", encode_frame({"error": "search_failed",
+                                         "detail": f"{type(exc).__name__}: {exc}"})))
+    finally:
+        feed.put(None)

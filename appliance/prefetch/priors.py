@@ -116,13 +116,16 @@ class PriorsBatcher:
             self.batcher.before_bucket()
             self.requests += 1
             started = time.monotonic()
+            wanted: dict[int, Wanted] = {}
             items = downloads.fetch_priors([a.patient for a in batch],
-                                           lambda found: self._found(batch, found),
+                                           lambda entry: self._found(batch, wanted, entry),
                                            bucket_bytes=self.batcher.bucket_bytes,
                                            before_bucket=self.batcher.before_bucket)
             log.info("priors of %d requests: %d studies downloaded in one request, %.2f s "
                      "(%d failed)", len(batch), len(items), time.monotonic() - started,
                      sum(1 for i in items if i.error is not None))
+            self._fail(batch, DownloadError("the hub's priors answer ended without a word "
+                                            "of this patient"))
         except PriorsUnavailable as exc:
             self._fail(batch, exc)
         except DownloadUnavailable as exc:  # an older hub: no such route
@@ -143,41 +146,45 @@ class PriorsBatcher:
         finally:
             streams.release()
 
-    def _found(self, batch: list[_Asked], found: list[Any]) -> list[DownloadItem]:
-        """The hub's first frame: each request's chosen studies, its tickets; the items of
-        the stream's parts (a part two requests share has both tickets)."""
-        wanted: dict[int, Wanted] = {}
-        for asked, entry in zip(batch, found, strict=True):
-            if not isinstance(entry, dict) or "studies" not in entry:
-                problem = entry if isinstance(entry, dict) else {}
-                asked.error = DownloadError(f"search of patient {asked.patient['patient_id']}:"
-                                            f" {problem.get('error', 'bad answer')}: "
-                                            f"{problem.get('detail', '')}")
-                continue
-            try:
-                for study in entry["studies"]:
-                    candidate = Candidate(str(study["study_uid"]), str(study["study_date"]),
-                                          str(study["accession_number"]),
-                                          frozenset(study["modalities"]), study["instances"])
+    def _found(self, batch: list[_Asked], wanted: dict[int, Wanted],
+               entry: dict[str, Any]) -> list[DownloadItem]:
+        """One patient's "found" frame: that request's chosen studies and tickets (it goes on
+        at once), and the items of the parts it adds to the stream (a part another request
+        added first gets this request's ticket too)."""
+        asked = batch[entry["patient"]]
+        new: list[DownloadItem] = []
+        if "studies" not in entry:
+            asked.error = DownloadError(f"search of patient {asked.patient['patient_id']}: "
+                                        f"{entry.get('error', 'bad answer')}: "
+                                        f"{entry.get('detail', '')}")
+            asked.done.set()
+            return new
+        try:
+            for study in entry["studies"]:
+                candidate = Candidate(str(study["study_uid"]), str(study["study_date"]),
+                                      str(study["accession_number"]),
+                                      frozenset(study["modalities"]), study["instances"])
+                part = study["part"]
+                if part is None:
                     asked.chosen.append(candidate)
-                    part = study["part"]
-                    if part is None:
-                        asked.tickets[candidate.study_uid] = None  # held whole
-                        continue
-                    ticket = Ticket(asked.request_id, candidate.study_uid)
-                    asked.tickets[candidate.study_uid] = ticket
+                    asked.tickets[candidate.study_uid] = None  # held whole
+                    continue
+                if part not in wanted and part != len(wanted):
+                    raise DownloadError(f"the hub's priors answer adds part {part} after "
+                                        f"{len(wanted)} parts")
+                ticket = Ticket(asked.request_id, candidate.study_uid)
+                if part in wanted:
+                    wanted[part].tickets.append(ticket)
+                else:
                     held = set(asked.patient["held"].get(candidate.study_uid, ()))
-                    if part in wanted:
-                        wanted[part].tickets.append(ticket)
-                    else:
-                        wanted[part] = Wanted(candidate.study_uid, held, [ticket])
-            except (KeyError, TypeError, ValueError) as exc:
-                asked.error = DownloadError(f"the hub's priors answer: {exc!r}")
-        if sorted(wanted) != list(range(len(wanted))):
-            raise DownloadError(f"the hub's priors answer names parts {sorted(wanted)}")
-        for asked in batch:
-            asked.done.set()  # each request records what was chosen and waits on its tickets
-        return [self.batcher.item_for(wanted[n]) for n in range(len(wanted))]
+                    wanted[part] = Wanted(candidate.study_uid, held, [ticket])
+                    new.append(self.batcher.item_for(wanted[part]))
+                asked.chosen.append(candidate)
+                asked.tickets[candidate.study_uid] = ticket
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DownloadError(f"the hub's priors answer: {exc!r}") from None
+        asked.done.set()  # the request records what was chosen and waits on its tickets
+        return new
 
     @staticmethod
     def _fail(batch: list[_Asked], error: Exception) -> None:

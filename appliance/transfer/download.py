@@ -350,41 +350,44 @@ class HubDownloads:
         self._stream(body, items, True, before_bucket)
 
     def fetch_priors(self, patients: list[dict[str, Any]],
-                     on_found: Callable[[list[Any]], list[DownloadItem]], *,
+                     on_found: Callable[[dict[str, Any]], list[DownloadItem]], *,
                      bucket_bytes: int | None = None,
                      before_bucket: Callable[[], None] = lambda: None) -> list[DownloadItem]:
         """Search several patients, have the hub choose their priors by the rule each names,
         and download the ones the site lacks, in one request (``appliance.hub.priors``).
-        ``on_found(found)`` gets the answer's first frame (per patient: the chosen studies and
-        the part of the stream of each) and returns the items for the parts, in order; each
-        item is then done as in :meth:`fetch_many`. Raises DownloadUnavailable before
-        anything was sent when the hub has no such route, DownloadError when the request
-        fails before the first frame."""
+        ``on_found(entry)`` is called for each patient's "found" frame as it comes (its
+        index, the chosen studies and the part of the stream of each, or its search's
+        error) and returns the items of the parts it adds, in order; each item is then done
+        as in :meth:`fetch_many`. Raises DownloadUnavailable when the hub has no such route,
+        DownloadRefused when it refuses the request, the stream's error when it was cut
+        before every patient was found."""
         body: dict[str, Any] = {"patients": patients}
         if bucket_bytes:
             body["bucket_bytes"] = bucket_bytes
         items: list[DownloadItem] = []
-        found: list[bool] = []
+        seen: set[int] = set()
 
-        def remember(answer: list[Any]) -> list[DownloadItem]:
-            if not isinstance(answer, list) or len(answer) != len(patients):
-                raise DownloadError(f"the hub found priors for {len(answer)} patients of "
-                                    f"{len(patients)}")
-            found.append(True)
-            return on_found(answer)
+        def found(entry: Any) -> list[DownloadItem]:
+            number = entry.get("patient") if isinstance(entry, dict) else None
+            if not isinstance(number, int) or not 0 <= number < len(patients) or \
+                    number in seen:
+                raise DownloadError(f"the hub's priors answer names patient {number!r} "
+                                    f"of {len(patients)}")
+            seen.add(number)
+            return on_found(entry)
 
-        cut = self._stream(body, items, True, before_bucket, self.priors_url, remember)
-        if not found:
-            raise cut or DownloadError("the priors answer ended before saying what it found")
+        cut = self._stream(body, items, True, before_bucket, self.priors_url, found)
+        if cut is not None and len(seen) < len(patients):
+            raise cut
         return items
 
     def _stream(self, body: dict[str, Any], items: list[DownloadItem], batched: bool,
                 before_bucket: Callable[[], None], url: str | None = None,
-                on_found: Callable[[list[Any]], list[DownloadItem]] | None = None,
+                on_found: Callable[[Any], list[DownloadItem]] | None = None,
                 ) -> Exception | None:
         """Send the request, read the frames, hand each bucket to the workers; the error that
         cut the stream, if any (the items are told). ``on_found`` (the priors route): the
-        items come from the answer's first frame, in part order."""
+        items come from the answer's "found" frames, in part order."""
         url = url or self.url
         reader = FrameReader()
         assembler = Assembler()
@@ -447,7 +450,7 @@ class HubDownloads:
                                     settle(item_of(header, "study"), problem)
                                     continue
                                 raise problem
-                            if "found" in header and on_found is not None and not items:
+                            if "found" in header and on_found is not None:
                                 items.extend(on_found(header["found"]))
                                 continue
                             if header.get("end"):
