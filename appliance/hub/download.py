@@ -34,7 +34,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -675,11 +675,13 @@ def _parse(body: Any, max_bucket: int) -> tuple[list[Part], int, bool] | str:
     return parts, target, True
 
 
-async def stream_answer(hub: Hub, request: Request, job: Download,
-                        lanes: Any = None) -> Response:
+async def stream_answer(hub: Hub, request: Request, job: Download, lanes: Any = None,
+                        before_answer: Callable[[], Awaitable[Response | None]] | None = None,
+                        ) -> Response:
     """Start ``job`` (not started yet) and answer with its stream: over one connection, or
     over lanes when the request asked for them (``lanes``, unparsed), the request being lane
-    0."""
+    0. ``before_answer`` (the priors route reading a streamed body): awaited once the job
+    runs; a Response it returns (a refusal) stops the job and is the answer."""
     site = request.state.site
     registry = hub.lane_registry
     striping = None
@@ -697,6 +699,13 @@ async def stream_answer(hub: Hub, request: Request, job: Download,
         if not registry.register(site, lane_id, striped):
             job.end()
             return problem(409, "lanes_taken", f"lanes.id {lane_id} is already in use")
+    if before_answer is not None:
+        refusal = await before_answer()
+        if refusal is not None:
+            job.end()
+            if striping is not None:
+                registry.register(site, striping[0], None)
+            return refusal
     # The status line waits for the archive's first answer: an unknown study is a 404,
     # not a 200 followed by an error frame (batched: an error frame for that study).
     await run_in_threadpool(job.first.wait, hub.settings.archive.timeout_s)

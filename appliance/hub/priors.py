@@ -23,6 +23,7 @@ import asyncio
 import json
 import logging
 import queue
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -57,6 +58,7 @@ log = logging.getLogger("pas.hub.download")
 
 MAX_SEARCHES = 256  # patients one search may name
 DICOM_JSON = "application/dicom+json"
+NDJSON = "application/x-ndjson"
 FEATURES = ["lanes", "priors"]  # what a site may ask of this hub's downloads
 SAMES = ("any", "modality")
 
@@ -162,6 +164,8 @@ def priors_routes(hub: Hub) -> list[BaseRoute]:
         """Each patient's studies searched, the priors chosen by the site's rule, and the
         ones the site lacks streamed in the same answer (one round trip)."""
         site = request.state.site
+        if request.headers.get("content-type", "").startswith(NDJSON):
+            return await streamed(request)
         body = await read_json(request, "{\"patients\": [...]}")
         if isinstance(body, Response):
             return body
@@ -187,57 +191,171 @@ def priors_routes(hub: Hub) -> list[BaseRoute]:
                                        body["lanes"])  # its 422, before any search
         feed: queue.Queue[Any] = queue.Queue()
         job = Download(hub, site, [], target, True, feed)
+        incoming: asyncio.Queue[Any] = asyncio.Queue()
+        for n, (patient, wish) in enumerate(zip(patients, wishes, strict=True)):
+            incoming.put_nowait((n, patient, wish))
+        incoming.put_nowait(None)
         # Kept referenced until done: the searches feed the answer while it streams.
-        job.feeding = asyncio.create_task(_feed(feed, wishes, patients, one_search, site))
+        job.feeding = asyncio.create_task(_feed(feed, incoming, one_search, site))
         return await stream_answer(hub, request, job, body.get("lanes"))
+
+    async def streamed(request: Request) -> Response:
+        """The same, the body being NDJSON sent as the orders come: a line of options
+        (``bucket_bytes``, ``lanes``), then a patient per line. Each patient is searched as
+        soon as its line is in, so the first prior's archive read starts while the appliance
+        still gathers the burst's other orders; the answer's status waits for the body's end
+        (a bad line is a 422 naming it)."""
+        site = request.state.site
+        if archive_client is None:
+            return problem(501, "not_implemented", "this hub's archive is searched through "
+                           "the region proxy only", features=["lanes"])
+        lines = _ndjson(request, limits.max_manifest_bytes)
+        try:
+            options = await anext(lines)
+        except StopAsyncIteration:
+            options = None
+        except ValueError as exc:
+            return problem(400, "bad_json", str(exc))
+        if not isinstance(options, dict):
+            return problem(422, "bad_request", "line 1: must be the options object "
+                           "{\"bucket_bytes\"?, \"lanes\"?}")
+        target = options.get("bucket_bytes", DEFAULT_BUCKET_BYTES)
+        top = min(limits.max_bucket_bytes, MAX_BUCKET_BYTES)
+        if not isinstance(target, int) or not MIN_BUCKET_BYTES <= target <= top:
+            return problem(422, "bad_request",
+                           f"bucket_bytes: must be an integer from {MIN_BUCKET_BYTES} to {top}")
+        feed: queue.Queue[Any] = queue.Queue()
+        job = Download(hub, site, [], target, True, feed)
+        incoming: asyncio.Queue[Any] = asyncio.Queue()
+        job.feeding = asyncio.create_task(_feed(feed, incoming, one_search, site))
+        refusal: list[Response] = []
+
+        async def read_patients() -> Response | None:
+            n = 0
+            try:
+                async for patient in lines:
+                    where = f"patients[{n}]."
+                    checked = _patients({"patients": [patient]})
+                    wish = _wish(patient, where) if not isinstance(checked, str) else \
+                        f"{where[:-1]}: must be an object {{\"patient_id\", \"issuer\"?, ...}}"
+                    if isinstance(wish, str):
+                        raise ValueError(wish)
+                    if n >= MAX_SEARCHES:
+                        raise ValueError(f"patients: at most {MAX_SEARCHES}")
+                    incoming.put_nowait((n, patient, wish))
+                    n += 1
+                if n == 0:
+                    raise ValueError("patients: must not be empty")
+            except ValueError as exc:
+                log.warning("priors refused for %s: %s", site, exc)
+                refusal.append(problem(422, "bad_request", str(exc)))
+            finally:
+                incoming.put_nowait(None)
+            return refusal[0] if refusal else None
+
+        return await stream_answer(hub, request, job, options.get("lanes"), read_patients)
 
     return [Route(SEARCH_PATH, search, methods=["POST"]),
             Route(PRIORS_PATH, priors, methods=["POST"])]
 
 
-async def _feed(feed: queue.Queue[Any], wishes: list[dict[str, Any]],
-                patients: list[dict[str, Any]], one_search: Any, site: str) -> None:
+async def _feed(feed: queue.Queue[Any], incoming: asyncio.Queue[Any], one_search: Any,
+                site: str) -> None:
     """Each patient's search as it completes: its "found" frame, then the parts it adds to
     the stream (a study another patient already added is not added twice), so that the first
-    prior's archive read starts as soon as its patient's search is back."""
+    prior's archive read starts as soon as its patient's search is back. ``incoming`` brings
+    ``(n, patient, wish)`` as the request's body is read, then None."""
     numbers: dict[str, int] = {}  # study UID -> its part
+    results: asyncio.Queue[Any] = asyncio.Queue()
+    searches: set[asyncio.Task[None]] = set()  # referenced until done
+    total: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
-    async def searched(n: int) -> tuple[int, dict[str, Any]]:
-        return n, await one_search(patients[n])
+    async def searched(n: int, patient: dict[str, Any], wish: dict[str, Any]) -> None:
+        try:
+            result = await one_search(patient)
+        except Exception as exc:  # a search never leaves its patient unanswered
+            result = {"error": "search_failed", "detail": f"{type(exc).__name__}: {exc}"}
+        await results.put((n, wish, result))
 
+    async def spawn() -> None:
+        count = 0
+        while (got := await incoming.get()) is not None:
+            searches.add(asyncio.create_task(searched(*got)))
+            count += 1
+        total.set_result(count)
+
+    spawner = asyncio.create_task(spawn())
+    done = 0
     try:
-        for done in asyncio.as_completed([searched(n) for n in range(len(patients))]):
-            n, result = await done
-            if "error" in result:
-                feed.put(("frame", encode_frame({"found": {"patient": n, **result}})))
+        while not (total.done() and done >= total.result()):
+            getter = asyncio.ensure_future(results.get())
+            await asyncio.wait({getter} if total.done() else {getter, total},
+                               return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():  # the body's end: loop to check the count
+                getter.cancel()
                 continue
-            wish = wishes[n]
-            candidates = [c for c in map(candidate_from_qido, result["studies"]) if c]
-            chosen = choose_priors(wish["rule"], candidates, modality=wish["modality"],
-                                   body_part=None, accession=wish["accession"],
-                                   current_study_uid=wish["current"])
-            studies, new = [], []
-            for candidate in chosen:
-                held = wish["held"].get(candidate.study_uid, [])
-                part = None
-                if not (candidate.instances is not None and len(held) >= candidate.instances > 0):
-                    if candidate.study_uid not in numbers:
-                        numbers[candidate.study_uid] = len(numbers)
-                        new.append(Part(candidate.study_uid, None, frozenset(held)))
-                    part = numbers[candidate.study_uid]
-                studies.append({"study_uid": candidate.study_uid,
-                                "study_date": candidate.study_date,
-                                "accession_number": candidate.accession_number,
-                                "modalities": sorted(candidate.modalities),
-                                "instances": candidate.instances, "part": part})
-            feed.put(("frame", encode_frame({"found": {"patient": n, "studies": studies}})))
-            for part in new:
-                feed.put(("part", part))
+            n, wish, result = getter.result()
+            done += 1
+            _found(feed, numbers, n, wish, result)
         log.info("priors for %s: %d patients searched, %d studies to send", site,
-                 len(patients), len(numbers), extra={"SITE": site})
+                 done, len(numbers), extra={"SITE": site})
     except Exception as exc:  # the answer ends with an error frame: the site retries
         log.exception("priors for %s: the searches failed", site)
         feed.put(("frame", encode_frame({"error": "search_failed",
                                          "detail": f"{type(exc).__name__}: {exc}"})))
     finally:
+        spawner.cancel()
         feed.put(None)
+
+
+def _found(feed: queue.Queue[Any], numbers: dict[str, int], n: int, wish: dict[str, Any],
+           result: dict[str, Any]) -> None:
+    """One patient's search result into the feed: the chosen priors, then the new parts."""
+    if "error" in result:
+        feed.put(("frame", encode_frame({"found": {"patient": n, **result}})))
+        return
+    candidates = [c for c in map(candidate_from_qido, result["studies"]) if c]
+    chosen = choose_priors(wish["rule"], candidates, modality=wish["modality"],
+                           body_part=None, accession=wish["accession"],
+                           current_study_uid=wish["current"])
+    studies, new = [], []
+    for candidate in chosen:
+        held = wish["held"].get(candidate.study_uid, [])
+        part = None
+        if not (candidate.instances is not None and len(held) >= candidate.instances > 0):
+            if candidate.study_uid not in numbers:
+                numbers[candidate.study_uid] = len(numbers)
+                new.append(Part(candidate.study_uid, None, frozenset(held)))
+            part = numbers[candidate.study_uid]
+        studies.append({"study_uid": candidate.study_uid, "study_date": candidate.study_date,
+                        "accession_number": candidate.accession_number,
+                        "modalities": sorted(candidate.modalities),
+                        "instances": candidate.instances, "part": part})
+    feed.put(("frame", encode_frame({"found": {"patient": n, "studies": studies}})))
+    for part in new:
+        feed.put(("part", part))
+
+
+async def _ndjson(request: Request, limit: int) -> AsyncIterator[Any]:
+    """The body's lines as JSON values, as they arrive; ValueError for a line that is not
+    JSON or a body over ``limit`` bytes."""
+    buffer, seen, number = b"", 0, 0
+    async for chunk in request.stream():
+        seen += len(chunk)
+        if seen > limit:
+            raise ValueError(f"the body is over {limit} bytes")
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            number += 1
+            if line.strip():
+                yield _line(line, number)
+    if buffer.strip():
+        yield _line(buffer, number + 1)
+
+
+def _line(line: bytes, number: int) -> Any:
+    try:
+        return json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"line {number}: not JSON") from None

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,9 +55,21 @@ class _Asked:
     error: Exception | None = None
 
 
+@dataclass
+class _Batch:
+    """The requests of one priors request; open while its body is still being sent."""
+
+    asked: list[_Asked] = field(default_factory=list)
+    closed: bool = False
+
+
 class PriorsBatcher:
-    """``resolve`` from each request's thread; the gathered batch streams in a thread of its
-    own (one of ``prefetch.download_streams``) while the requests go on with their tickets."""
+    """``resolve`` from each request's thread. The first request of a burst opens a batch and
+    its priors request leaves at once, its body streamed (``HubDownloads.fetch_priors``):
+    the requests that resolve while it is open join it as further lines, until none came for
+    ``quiet_s`` (at most ``gather_max_s``), so the hub starts on the first patient while the
+    burst's other orders are still arriving. The stream runs in a thread of its own (one of
+    ``prefetch.download_streams``) while the requests go on with their tickets."""
 
     def __init__(self, downloads: Callable[[], HubDownloads | None], batcher: DownloadBatcher,
                  quiet_s: float = QUIET_S, gather_max_s: float = SEARCH_GATHER_MAX_S):
@@ -66,8 +78,7 @@ class PriorsBatcher:
         self.quiet_s = quiet_s
         self.gather_max_s = gather_max_s
         self.cond = threading.Condition()
-        self.pending: list[_Asked] = []
-        self.gathering = False
+        self.open: _Batch | None = None
         self.requests = 0  # priors requests sent to the hub (tests read it)
 
     def resolve(self, request_id: int, patient: dict[str, Any],
@@ -76,13 +87,13 @@ class PriorsBatcher:
         site holds it whole). Raises PriorsUnavailable, or the error of the request."""
         asked = _Asked(request_id, patient)
         with self.cond:
-            self.pending.append(asked)
-            self.cond.notify_all()
-            lead = not self.gathering
+            batch = self.open
+            lead = batch is None or batch.closed
             if lead:
-                self.gathering = True
-                self._gather()
-                batch, self.pending, self.gathering = self.pending, [], False
+                batch = self.open = _Batch()
+            assert batch is not None
+            batch.asked.append(asked)
+            self.cond.notify_all()
         if lead:
             threading.Thread(target=self._send, args=(batch,), name="pas-prefetch-priors",
                              daemon=True).start()
@@ -93,22 +104,45 @@ class PriorsBatcher:
             raise asked.error
         return asked.chosen, asked.tickets
 
-    def _gather(self) -> None:
-        """As SearchBatcher: until no request came for ``quiet_s``, at most ``gather_max_s``."""
+    def _lines(self, batch: _Batch) -> Iterator[dict[str, Any]]:
+        """The batch's patients as they join (the request's body), until none came for
+        ``quiet_s`` or ``gather_max_s`` passed since the first; then the batch is closed
+        (under the lock: a request that comes later opens the next one)."""
         deadline = time.monotonic() + self.gather_max_s
         quiet_until = time.monotonic() + self.quiet_s
-        count = len(self.pending)
-        while (now := time.monotonic()) < min(quiet_until, deadline):
-            self.cond.wait(min(quiet_until, deadline) - now)
-            if len(self.pending) != count:
-                count, quiet_until = len(self.pending), time.monotonic() + self.quiet_s
+        sent = 0
+        while True:
+            with self.cond:
+                while sent == len(batch.asked):
+                    left = min(quiet_until, deadline) - time.monotonic()
+                    if left <= 0 or self.batcher.stopping.is_set():
+                        batch.closed = True
+                        return
+                    self.cond.wait(left)
+                new = batch.asked[sent:]
+                sent = len(batch.asked)
+                quiet_until = time.monotonic() + self.quiet_s
+            for asked in new:
+                yield asked.patient
 
-    def _send(self, batch: list[_Asked]) -> None:
+    def _close(self, batch: _Batch) -> None:
+        with self.cond:
+            batch.closed = True
+
+    def _send(self, batch: _Batch) -> None:
         streams = self.batcher.streams
-        while not streams.acquire(timeout=0.5):
-            if self.batcher.stopping.is_set():
-                self._fail(batch, InterruptedError("stopping"))
-                return
+        try:
+            while not streams.acquire(timeout=0.5):
+                if self.batcher.stopping.is_set():
+                    self._close(batch)
+                    self._fail(batch.asked, InterruptedError("stopping"))
+                    return
+            self._stream(batch)
+        finally:
+            streams.release()
+
+    def _stream(self, batch: _Batch) -> None:
+        asked = batch.asked  # grows while the batch is open; _fail runs once it is closed
         try:
             downloads = self.downloads()
             if downloads is None or not downloads.hub_has_priors:
@@ -117,34 +151,35 @@ class PriorsBatcher:
             self.requests += 1
             started = time.monotonic()
             wanted: dict[int, Wanted] = {}
-            items = downloads.fetch_priors([a.patient for a in batch],
-                                           lambda entry: self._found(batch, wanted, entry),
+            items = downloads.fetch_priors(self._lines(batch),
+                                           lambda entry: self._found(asked, wanted, entry),
                                            bucket_bytes=self.batcher.bucket_bytes,
                                            before_bucket=self.batcher.before_bucket)
             log.info("priors of %d requests: %d studies downloaded in one request, %.2f s "
-                     "(%d failed)", len(batch), len(items), time.monotonic() - started,
+                     "(%d failed)", len(asked), len(items), time.monotonic() - started,
                      sum(1 for i in items if i.error is not None))
-            self._fail(batch, DownloadError("the hub's priors answer ended without a word "
+            self._close(batch)
+            self._fail(asked, DownloadError("the hub's priors answer ended without a word "
                                             "of this patient"))
-        except PriorsUnavailable as exc:
-            self._fail(batch, exc)
-        except DownloadUnavailable as exc:  # an older hub: no such route
-            self._fail(batch, PriorsUnavailable(str(exc)))
-        except DownloadRefused as exc:
+        except Exception as exc:  # a request never stays waiting
+            self._close(batch)
+            self._fail(asked, self._reason(exc))
+
+    @staticmethod
+    def _reason(exc: Exception) -> Exception:
+        """What the batch's requests are told when the priors request did not go through."""
+        if isinstance(exc, DownloadUnavailable):  # an older hub: no such route
+            return PriorsUnavailable(str(exc))
+        if isinstance(exc, DownloadRefused):
             if exc.status in (404, 405):  # no such route after all
-                self._fail(batch, PriorsUnavailable(str(exc)))
-            elif exc.status == 422:
+                return PriorsUnavailable(str(exc))
+            if exc.status == 422:
                 log.warning("the hub refused a priors request (%s): two round trips for "
                             "these requests", exc)
-                self._fail(batch, PriorsRefused(str(exc)))
-            else:
-                self._fail(batch, exc)
-        except Exception as exc:  # a request never stays waiting
-            if not isinstance(exc, DownloadError):
-                log.exception("priors request failed")
-            self._fail(batch, exc)
-        finally:
-            streams.release()
+                return PriorsRefused(str(exc))
+        elif not isinstance(exc, (DownloadError, PriorsUnavailable)):
+            log.exception("priors request failed")
+        return exc
 
     def _found(self, batch: list[_Asked], wanted: dict[int, Wanted],
                entry: dict[str, Any]) -> list[DownloadItem]:

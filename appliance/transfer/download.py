@@ -217,6 +217,31 @@ class DownloadItem:
         return body
 
 
+@dataclass
+class StreamedBody:
+    """An NDJSON request body: ``options`` on the first line, then each of ``lines`` as it
+    is produced (the request is sent while the caller still gathers its lines)."""
+
+    options: dict[str, Any]
+    lines: Iterator[dict[str, Any]]
+
+
+Body = dict[str, Any] | StreamedBody
+
+
+def _content(body: Body) -> dict[str, Any]:
+    """httpx's arguments for a request body: JSON, or NDJSON sent as produced (chunked)."""
+    if not isinstance(body, StreamedBody):
+        return {"json": body}
+
+    def produce() -> Iterator[bytes]:
+        yield json.dumps(body.options, separators=(",", ":")).encode() + b"\n"
+        for line in body.lines:
+            yield json.dumps(line, separators=(",", ":")).encode() + b"\n"
+
+    return {"content": produce(), "headers": {"Content-Type": "application/x-ndjson"}}
+
+
 class HubDownloads:
     """The client side of ``POST /api/v1/downloads``. Thread-safe (one httpx.Client)."""
 
@@ -349,39 +374,47 @@ class HubDownloads:
             body["bucket_bytes"] = bucket_bytes
         self._stream(body, items, True, before_bucket)
 
-    def fetch_priors(self, patients: list[dict[str, Any]],
+    def fetch_priors(self, patients: Iterator[dict[str, Any]],
                      on_found: Callable[[dict[str, Any]], list[DownloadItem]], *,
                      bucket_bytes: int | None = None,
                      before_bucket: Callable[[], None] = lambda: None) -> list[DownloadItem]:
         """Search several patients, have the hub choose their priors by the rule each names,
         and download the ones the site lacks, in one request (``appliance.hub.priors``).
-        ``on_found(entry)`` is called for each patient's "found" frame as it comes (its
-        index, the chosen studies and the part of the stream of each, or its search's
+        ``patients`` is consumed as the request's body is sent (NDJSON, a line each): the
+        hub searches each as its line arrives, while the caller may still be gathering the
+        next ones. ``on_found(entry)`` is called for each patient's "found" frame as it comes
+        (its index, the chosen studies and the part of the stream of each, or its search's
         error) and returns the items of the parts it adds, in order; each item is then done
         as in :meth:`fetch_many`. Raises DownloadUnavailable when the hub has no such route,
         DownloadRefused when it refuses the request, the stream's error when it was cut
         before every patient was found."""
-        body: dict[str, Any] = {"patients": patients}
+        options: dict[str, Any] = {}
         if bucket_bytes:
-            body["bucket_bytes"] = bucket_bytes
+            options["bucket_bytes"] = bucket_bytes
         items: list[DownloadItem] = []
+        sent: list[dict[str, Any]] = []
         seen: set[int] = set()
+
+        def lines() -> Iterator[dict[str, Any]]:
+            for patient in patients:
+                sent.append(patient)  # before the hub can name it
+                yield patient
 
         def found(entry: Any) -> list[DownloadItem]:
             number = entry.get("patient") if isinstance(entry, dict) else None
-            if not isinstance(number, int) or not 0 <= number < len(patients) or \
-                    number in seen:
+            if not isinstance(number, int) or not 0 <= number < len(sent) or number in seen:
                 raise DownloadError(f"the hub's priors answer names patient {number!r} "
-                                    f"of {len(patients)}")
+                                    f"of {len(sent)}")
             seen.add(number)
             return on_found(entry)
 
-        cut = self._stream(body, items, True, before_bucket, self.priors_url, found)
-        if cut is not None and len(seen) < len(patients):
+        cut = self._stream(StreamedBody(options, lines()), items, True, before_bucket,
+                           self.priors_url, found)
+        if cut is not None and len(seen) < len(sent):
             raise cut
         return items
 
-    def _stream(self, body: dict[str, Any], items: list[DownloadItem], batched: bool,
+    def _stream(self, body: Body, items: list[DownloadItem], batched: bool,
                 before_bucket: Callable[[], None], url: str | None = None,
                 on_found: Callable[[Any], list[DownloadItem]] | None = None,
                 ) -> Exception | None:
@@ -398,7 +431,7 @@ class HubDownloads:
         cut: Exception | None = None
         what = f"download of {items[0].study_uid}" if not batched \
             else f"download of {len(items)} studies" if on_found is None \
-            else f"priors of {len(body.get('patients', ()))} patients"
+            else "priors request"
 
         def item_of(header: dict[str, Any], key: str) -> DownloadItem:
             if not batched:
@@ -493,7 +526,7 @@ class HubDownloads:
             settle(item, DownloadError(f"{what}: the stream ended without {item.study_uid}"))
         return cut
 
-    def _answer(self, url: str, body: dict[str, Any], what: str, batched: bool,
+    def _answer(self, url: str, body: Body, what: str, batched: bool,
                 wire: list[int]) -> Iterator[bytes]:
         """The answer's bytes as the network gives them (a frame goes to the workers as soon
         as its last byte is in), over one connection or over lanes; ``wire[0]`` follows what
@@ -501,7 +534,7 @@ class HubDownloads:
         if self.lanes > 1 and self.hub_has_lanes:
             yield from self._striped(url, body, what, batched, wire)
             return
-        with self.client.stream("POST", url, json=body) as answer:
+        with self.client.stream("POST", url, **_content(body)) as answer:
             if answer.status_code != 200:
                 answer.read()
                 self._refused(answer, what, batched)
@@ -509,7 +542,7 @@ class HubDownloads:
                 wire[0] = answer.num_bytes_downloaded
                 yield chunk
 
-    def _striped(self, url: str, body: dict[str, Any], what: str, batched: bool,
+    def _striped(self, url: str, body: Body, what: str, batched: bool,
                  wire: list[int]) -> Iterator[bytes]:
         """The answer over ``self.lanes`` connections at once (appliance.transfer.lanes):
         lane 0 is the download request, the others join it; their chunks put back in order."""
@@ -518,15 +551,16 @@ class HubDownloads:
         answers: dict[int, httpx.Response] = {}
         refused: list[httpx.Response] = []
         lane0_answered = threading.Event()
-        first = {**body, "lanes": {"id": lane_id, "count": self.lanes,
-                                   "rate_bps": self.rate_bps}}
+        lanes = {"id": lane_id, "count": self.lanes, "rate_bps": self.rate_bps}
+        first: Body = StreamedBody({**body.options, "lanes": lanes}, body.lines) \
+            if isinstance(body, StreamedBody) else {**body, "lanes": lanes}
 
         def lane(number: int) -> None:
             error: Exception | None = None
             try:
                 where, request = (url, first) if number == 0 else (
                     self.lanes_url, {"id": lane_id, "lane": number})
-                with self.client.stream("POST", where, json=request) as answer:
+                with self.client.stream("POST", where, **_content(request)) as answer:
                     answers[number] = answer
                     if answer.status_code != 200:
                         answer.read()
