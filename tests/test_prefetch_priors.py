@@ -12,6 +12,7 @@ requests get a clear error naming the field.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ import pytest
 
 from appliance.store import prefetch as store
 from tests.support.hub import HubProcess, client, enroll
-from tests.support.peers import Orthanc
+from tests.support.peers import Orthanc, wait_for
 from tests.test_prefetch_batched import PATIENTS, Site
 from tests.test_prefetch_bucketed import older_study
 
@@ -143,9 +144,31 @@ def test_bad_priors_requests_get_a_clear_error(region: dict[str, Any], tmp_path:
             assert problem["error"] == "bad_request" and named in problem["detail"], problem
         assert http.post("/api/v1/downloads/priors", content=b"[nope",
                          headers={"content-type": "application/json"}).status_code == 400
+        # The streamed form (what PAS sends: NDJSON, options then a patient per line).
+        ndjson = {"content-type": "application/x-ndjson"}
+        streamed_cases = [
+            (b"", "line 1: must be the options object"),
+            (b'{"bucket_bytes": 1}\n' + json.dumps(good).encode(), "bucket_bytes"),
+            (b"{}\n", "patients: must not be empty"),
+            (b"{}\n" + json.dumps(good).encode() + b"\n" + json.dumps(
+                {**good, "rule": {"priors": 2, "same": "body_part"}}).encode(),
+             "patients[1].rule.same"),
+            (b"{}\n" + json.dumps(good).encode() + b'\n{"issuer": "x"}\n', "patients[1]:"),
+        ]
+        for content, named in streamed_cases:
+            answer = http.post("/api/v1/downloads/priors", content=content, headers=ndjson)
+            assert answer.status_code == 422, (content, answer.text)
+            problem = answer.json()
+            assert problem["error"] == "bad_request" and named in problem["detail"], problem
+        answer = http.post("/api/v1/downloads/priors", content=b"{}\n{nope\n", headers=ndjson)
+        assert answer.status_code == 422 and "line 2: not JSON" in answer.json()["detail"]
+        answer = http.post("/api/v1/downloads/priors", content=b"[nope\n", headers=ndjson)
+        assert answer.status_code == 400 and "line 1: not JSON" in answer.json()["detail"]
         # A patient the region does not know: found nothing, nothing to send, a clean end.
         answer = http.post("/api/v1/downloads/priors",
                            json={"patients": [{"patient_id": "NOBODY", "rule": {"priors": 3}}]})
         assert answer.status_code == 200 and b'"found":{"patient":0,"studies":[]}' in answer.content
         assert b'"end":true' in answer.content
     assert hub.proc is not None and hub.proc.poll() is None  # still serving
+    wait_for(lambda: not list((hub.home / "downloads").iterdir()), 30,
+             what="no staging folder left on the hub")
