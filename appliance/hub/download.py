@@ -4,7 +4,8 @@ or several studies one after the other in the same stream (``studies``: what a b
 needs on a long link, one TCP slow start instead of one per study); over one connection, or
 striped over several (``lanes``, ``appliance.hub.lanes``; ``POST /api/v1/downloads/lanes``
 joins one). The searches and the priors route that feeds :func:`stream_answer` are in
-``appliance.hub.priors``.
+``appliance.hub.priors``; the archive's answer parsed into files and cut into buckets in
+``appliance.hub.staging``.
 
 Owns: reading the study from the archive (``dicomweb``: one WADO-RS request for the study or
 series, ``transfer-syntax=*``, each part streamed to a file in a private folder under
@@ -25,7 +26,6 @@ each rebuilt file's SHA-256 against the one computed here from the archive's fil
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import queue
@@ -40,8 +40,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
-from pydicom import dcmread
-from pydicom.filereader import read_file_meta_info
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -49,13 +47,14 @@ from starlette.routing import BaseRoute, Route
 
 from appliance.hub.app import problem
 from appliance.hub.lanes import LANE_ID, StripedAnswer, parse_lanes, tune
+from appliance.hub.staging import ArchiveFailed, PartsToFiles, Planner, boundary, uid_of
 from appliance.transfer.download import (
     DOWNLOADS_PATH,
     MEDIA_TYPE,
     encode_frame,
 )
 from appliance.transfer.lanes import LANE_MEDIA_TYPE, LANES_PATH, MAX_LANES
-from appliance.transfer.pack import BucketPlan, PackItem, pack_bucket
+from appliance.transfer.pack import PackItem, pack_bucket
 
 if TYPE_CHECKING:
     from appliance.hub.app import Hub
@@ -82,14 +81,6 @@ MAX_STUDIES = 256  # studies one request may ask for (the batched form)
 _PACKING = threading.Semaphore(4)
 
 
-class ArchiveFailed(Exception):
-    """The archive did not deliver the study; ``status`` is the answer to give."""
-
-    def __init__(self, status: int, error: str, detail: str):
-        super().__init__(detail)
-        self.status, self.error, self.detail = status, error, detail
-
-
 @dataclass(frozen=True)
 class Part:
     """One study (or series) of a request, minus what the site holds."""
@@ -103,157 +94,6 @@ class Part:
 class Staged:
     item: PackItem
     owned: bool  # a staged copy to delete once packed (not an archive's own file)
-
-
-class _Planner:
-    """``pack.plan_buckets`` one file at a time: the same cuts, emitted as soon as known."""
-
-    def __init__(self, target: int, first: int | None = None, index: int = 0):
-        self.target = target
-        self.close_at = min(first or target, target)  # the first bucket's size, then target
-        self.index = index
-        self.entries: list[tuple[PackItem, int, int]] = []
-        self.used = 0
-
-    def add(self, item: PackItem) -> list[BucketPlan]:
-        out: list[BucketPlan] = []
-        if self.used + item.size > self.target and self.entries:
-            out.append(self._close())
-        offset = 0
-        while item.size - offset > self.target:
-            self.entries.append((item, offset, self.target))
-            out.append(self._close())
-            offset += self.target
-        self.entries.append((item, offset, item.size - offset))
-        self.used += item.size - offset
-        if self.used >= self.close_at:
-            out.append(self._close())
-        return out
-
-    def finish(self, last: int | None = None) -> list[BucketPlan]:
-        """What is left, as one bucket, or (``last``) as buckets of about ``last`` bytes
-        (whole pieces: none is cut further)."""
-        if not self.entries:
-            return []
-        if last is None or self.used <= last:
-            return [self._close()]
-        out: list[BucketPlan] = []
-        pending, self.entries, size = self.entries, [], 0
-        for entry in pending:
-            if size and size + entry[2] > last:
-                out.append(self._close())
-                size = 0
-            self.entries.append(entry)
-            size += entry[2]
-        out.append(self._close())
-        return out
-
-    def _close(self) -> BucketPlan:
-        plan = BucketPlan(self.index, self.entries)
-        self.index += 1
-        self.entries, self.used, self.close_at = [], 0, self.target
-        return plan
-
-
-class _PartsToFiles:
-    """Incremental ``multipart/related`` parser writing each part's body to its own file while
-    hashing it: memory holds one chunk, whatever the size of an instance."""
-
-    def __init__(self, boundary: bytes, folder: Path, on_part: Callable[[Path, int, str], None]):
-        self.opening = b"--" + boundary
-        self.delimiter = b"\r\n--" + boundary
-        self.folder = folder
-        self.on_part = on_part
-        self.buffer = bytearray()
-        self.state = "preamble"  # preamble | after | headers | body | closed
-        self.handle: Any = None
-        self.path: Path | None = None
-        self.digest: Any = None
-        self.size = 0
-
-    def feed(self, chunk: bytes) -> None:
-        self.buffer += chunk
-        while True:
-            if self.state == "preamble":
-                at = self.buffer.find(self.opening)
-                if at < 0:
-                    del self.buffer[: max(0, len(self.buffer) - len(self.opening))]
-                    return
-                del self.buffer[: at + len(self.opening)]
-                self.state = "after"
-            elif self.state == "after":
-                if len(self.buffer) < 2:
-                    return
-                if self.buffer[:2] == b"--":
-                    self.state = "closed"
-                    return
-                self.state = "headers"
-            elif self.state == "headers":
-                end = self.buffer.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(self.buffer) > 64 * 1024:
-                        raise ArchiveFailed(502, "archive_bad_answer",
-                                            "a multipart part's headers exceed 64 KiB")
-                    return
-                del self.buffer[: end + 4]
-                self.path = self.folder / f"{uuid.uuid4().hex}.dcm"
-                self.handle = open(self.path, "wb")
-                self.digest, self.size = hashlib.sha256(), 0
-                self.state = "body"
-            elif self.state == "body":
-                at = self.buffer.find(self.delimiter)
-                if at < 0:
-                    keep = len(self.delimiter) - 1
-                    if len(self.buffer) > keep:
-                        self._write(bytes(self.buffer[: len(self.buffer) - keep]))
-                        del self.buffer[: len(self.buffer) - keep]
-                    return
-                self._write(bytes(self.buffer[:at]))
-                del self.buffer[: at + len(self.delimiter)]
-                self.handle.close()
-                assert self.path is not None
-                self.on_part(self.path, self.size, self.digest.hexdigest())
-                self.state = "after"
-            else:
-                return
-
-    def _write(self, data: bytes) -> None:
-        self.handle.write(data)
-        self.digest.update(data)
-        self.size += len(data)
-
-    def close(self) -> None:
-        if self.handle is not None and not self.handle.closed:
-            self.handle.close()
-
-
-def _boundary(content_type: str) -> bytes:
-    for param in content_type.split(";")[1:]:
-        key, _, value = param.strip().partition("=")
-        if key.lower() == "boundary" and value.strip().strip('"'):
-            return value.strip().strip('"').encode()
-    raise ArchiveFailed(502, "archive_bad_answer",
-                        f"the archive answered {content_type!r}, not multipart with a boundary")
-
-
-def _uid_of(path: Path) -> str:
-    """The instance's label in the stream: the file meta's Media Storage SOP Instance UID (the
-    dataset's header parse cost 15 % of the hub's time on 520 small MR files), else the
-    dataset's. Only a label: the site checks the bytes by SHA-256, its index reads the
-    dataset."""
-    try:
-        meta = read_file_meta_info(path)
-        uid = str(meta.get("MediaStorageSOPInstanceUID", "") or "")
-    except Exception:  # no or damaged meta: the dataset says
-        uid = ""
-    if uid:
-        return uid
-    ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"], force=True)
-    uid = str(ds.get("SOPInstanceUID", "") or "")
-    if not uid:
-        raise ArchiveFailed(502, "archive_bad_answer", "the archive sent an instance without "
-                            "a SOP Instance UID")
-    return uid
 
 
 @dataclass
@@ -332,7 +172,7 @@ class Download:
         try:
             for number, part in self._parts():
                 # The stream's first bucket is small: its packing is all the WAN waits for.
-                planner = _Planner(self.target, FIRST_BUCKET_BYTES if number == 0 else None,
+                planner = Planner(self.target, FIRST_BUCKET_BYTES if number == 0 else None,
                                    index)
                 stats = self.stats[number]
                 try:
@@ -451,9 +291,9 @@ class Download:
         arrived: list[Staged] = []
 
         def on_part(file: Path, size: int, digest: str) -> None:
-            arrived.append(Staged(PackItem(_uid_of(file), file, size, digest), owned=True))
+            arrived.append(Staged(PackItem(uid_of(file), file, size, digest), owned=True))
 
-        parser: _PartsToFiles | None = None
+        parser: PartsToFiles | None = None
         try:
             # identity: the archive is on the hub's LAN; gzip would only cost its CPU.
             with httpx.stream("GET", f"{archive.url}/{path}", timeout=archive.timeout_s,
@@ -467,7 +307,7 @@ class Download:
                     raise ArchiveFailed(502, "archive_refused",
                                         f"the archive answered HTTP {answer.status_code}: "
                                         f"{answer.text[:200]}")
-                parser = _PartsToFiles(_boundary(answer.headers.get("content-type", "")),
+                parser = PartsToFiles(boundary(answer.headers.get("content-type", "")),
                                        self.folder, on_part)
                 for chunk in answer.iter_raw(256 * 1024):
                     if self.cancel.is_set():

@@ -11,10 +11,12 @@ rule sent along, the hub chooses the priors where the archive is, on its LAN, an
 stream at once. The choice is the site's own code (:func:`appliance.prefetch.rules.choose_priors`,
 pure), fed with the rule's parameters; a study the site already holds whole (its ``held``
 instance count reaches the archive's) is not sent, one it holds in part is sent but for
-those instances. The answer's first frame, ``{"found": [...]}``, says per patient which
-studies were chosen, and which part of the stream carries each (``part``, or null: held
-whole); then the parts follow as in a batched download. Rules that need more than the study
-level (``same = "body_part"``) keep the two round trips (the site decides).
+those instances. The body may be JSON or NDJSON sent as the appliance gathers a burst's
+orders (options, then a patient per line): each patient is searched as soon as its line is
+in, and each search is used as soon as it is back: a ``{"found": {"patient": n, ...}}`` frame
+says which studies were chosen and which part of the stream carries each (``part``, or null:
+held whole), then the parts it adds follow as in a batched download. Rules that need more than
+the study level (``same = "body_part"``) keep the two round trips (the site decides).
 """
 
 from __future__ import annotations
