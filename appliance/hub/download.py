@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anyio.to_thread
 import httpx
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -75,6 +76,7 @@ FIRST_BUCKET_BYTES = 256 * 1024
 # last byte (a 4 MiB bucket of 86 kB MR files is ~0.15 s of decoding and fsyncs there).
 LAST_BUCKET_BYTES = 1024 * 1024
 MAX_STUDIES = 256  # studies one request may ask for (the batched form)
+ANSWER_THREADS = 256  # worker threads of the hub's event loop (see _enough_threads)
 # Packing is CPU and a bucket's bytes in memory (at most MAX_BUCKET_BYTES read + packed): at
 # most this many downloads pack at once. Measured on 10 CT priors at once (2 cores): 2 -> 3.6 s,
 # 4 -> 3.2 s, 8 -> 3.4 s mean of four runs each (a study's first byte waits for its packing).
@@ -471,6 +473,16 @@ class Download:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def _enough_threads() -> None:
+    """Each answer being sent holds a worker thread while it waits for its next frame (up to
+    a second), and a striped one holds one per lane: anyio's default of 40 would let ten
+    sites' striped downloads starve every other request of the hub (the certificate check
+    of each request runs in the same pool). Raised once, from the event loop."""
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    if limiter.total_tokens < ANSWER_THREADS:
+        limiter.total_tokens = ANSWER_THREADS
+
+
 def downloads_dir(hub: Hub) -> Path:
     return hub.settings.home / "downloads"
 
@@ -531,6 +543,7 @@ async def stream_answer(hub: Hub, request: Request, job: Download, lanes: Any = 
             log.warning("download refused for %s: %s", site, striping)
             return problem(422, "bad_request", striping)
     transport = (request.scope.get("extensions") or {}).get("pas.transport")
+    _enough_threads()
     job.start()
     striped = None
     if striping is not None:
@@ -540,7 +553,11 @@ async def stream_answer(hub: Hub, request: Request, job: Download, lanes: Any = 
             job.end()
             return problem(409, "lanes_taken", f"lanes.id {lane_id} is already in use")
     if before_answer is not None:
-        refusal = await before_answer()
+        try:
+            refusal = await before_answer()
+        except BaseException:  # the site went away mid-body: nothing may keep running
+            job.end()
+            raise
         if refusal is not None:
             job.end()
             if striping is not None:
