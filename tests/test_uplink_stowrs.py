@@ -98,11 +98,12 @@ def test_wrong_url_fails_the_job_with_the_http_status(pas_factory, orthanc: Orth
     pas: PasProcess = pas_factory(_stow_env(f"{orthanc.url}/no-such-root"))
     files = sorted(CT_DIR.glob("*.dcm"))[:3]
     storescu(files, pas.port)
-    wait_for(lambda: [j for j in _jobs(pas.home) if j["state"] == "failed"], 60,
-             what="the stowrs job to fail")
-    job = _jobs(pas.home)[0]
-    assert "HTTP 404" in job["last_error"], job["last_error"]
-    assert job["attempts"] == 1  # a 4xx is not retried
+    # The three files may be of two studies (two jobs): every job must fail, each for the 404.
+    jobs = wait_for(lambda: (lambda js: js if js and all(j["state"] == "failed" for j in js)
+                             else None)(_jobs(pas.home)), 60, what="every stowrs job to fail")
+    for job in jobs:
+        assert "HTTP 404" in job["last_error"], job["last_error"]
+        assert job["attempts"] == 1  # a 4xx is not retried
     sent = _rows(pas.home, "SELECT count(*) AS n FROM job_instances WHERE sent_at IS NOT NULL")
     assert sent[0]["n"] == 0
     # The daemon keeps serving: another study is still received and indexed.
