@@ -119,7 +119,7 @@ class StripedAnswer:
         self.rate_bps = rate_bps
         self.shares = shares
         self.lock = threading.Lock()
-        self.pending = b""
+        self.pending = memoryview(b"")  # the frame being cut (sliced, never copied whole)
         self.offset = 0
         self.over = False
         self.lanes_started = 1  # lane 0 is the download request itself
@@ -134,10 +134,10 @@ class StripedAnswer:
                 if data is None:
                     self.over = True
                 else:
-                    self.pending = data
+                    self.pending = memoryview(data)
             if not self.pending:
                 return None
-            chunk, self.pending = self.pending[:size], self.pending[size:]
+            chunk, self.pending = bytes(self.pending[:size]), self.pending[size:]
             offset, self.offset = self.offset, self.offset + len(chunk)
             return offset, chunk
 
