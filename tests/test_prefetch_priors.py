@@ -11,46 +11,26 @@ requests get a clear error naming the field.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from appliance.store import prefetch as store
 from tests.support.hub import HubProcess, client, enroll
-from tests.support.peers import Orthanc, wait_for
-from tests.test_prefetch_batched import PATIENTS, Site
-from tests.test_prefetch_bucketed import older_study
+from tests.support.peers import wait_for
+from tests.test_prefetch_batched import PATIENTS, Site, dicomweb_region, sha256
 
 pytestmark = pytest.mark.root
 
 
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 @pytest.fixture(scope="module")
 def region(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    base = tmp_path_factory.mktemp("priors")
-    priors = {patient: older_study(patient) for patient in PATIENTS}
-    orthanc = Orthanc(base / "orthanc").start()
-    hub = HubProcess(base / "hub", {"PAS_HUB_ARCHIVE__KIND": "dicomweb",
-                                    "PAS_HUB_ARCHIVE__URL": orthanc.dicomweb})
-    try:
-        for _, files in priors.values():
-            for path in files:
-                httpx.post(f"{orthanc.url}/instances", content=path.read_bytes(),
-                           timeout=60).raise_for_status()
-        hub.init().start()
-        yield {"orthanc": orthanc, "hub": hub, "priors": priors}
-    finally:
-        hub.stop()
-        orthanc.stop()
+    with dicomweb_region(tmp_path_factory.mktemp("priors")) as made:
+        yield made
 
 
 def warm_site(hub: HubProcess, home: Path, name: str, **env: str) -> Site:
@@ -66,12 +46,7 @@ def test_orders_due_together_are_one_priors_request(region: dict[str, Any],
                                                     tmp_path: Path) -> None:
     hub: HubProcess = region["hub"]
     site = warm_site(hub, tmp_path / "pas", "SITE-ONE", PAS_HUB__LINK_MBPS="400")
-    ids = site.order(PATIENTS)
-    site.service.start()
-    try:
-        rows = site.wait_done(ids)
-    finally:
-        site.service.stop()
+    rows = site.run(site.order(PATIENTS))
     for row, patient in zip(rows, PATIENTS, strict=True):
         assert row["state"] == "fetched", row["last_error"]
         _, files = region["priors"][patient]
@@ -94,11 +69,7 @@ def test_what_the_site_holds_is_not_sent_again(region: dict[str, Any], tmp_path:
     for path in [*whole, partial[0]]:
         site.receiver.receive_file(path.read_bytes())
     ids = site.order(PATIENTS)
-    site.service.start()
-    try:
-        rows = site.wait_done(ids)
-    finally:
-        site.service.stop()
+    rows = site.run(ids)
     for row, patient in zip(rows, PATIENTS, strict=True):
         assert row["state"] == "fetched", row["last_error"]
         site.assert_on_site(region["priors"][patient][1])
