@@ -29,7 +29,6 @@ import contextlib
 import json
 import logging
 import queue
-import re
 import shutil
 import threading
 import time
@@ -52,6 +51,7 @@ from appliance.hub.staging import ArchiveFailed, PartsToFiles, Planner, boundary
 from appliance.transfer.download import (
     DOWNLOADS_PATH,
     MEDIA_TYPE,
+    UID,
     encode_frame,
 )
 from appliance.transfer.lanes import LANE_MEDIA_TYPE, LANES_PATH, MAX_LANES
@@ -62,7 +62,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pas.hub.download")
 
-UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 DEFAULT_BUCKET_BYTES = 4 * 1024 * 1024
 MIN_BUCKET_BYTES = 64 * 1024
 MULTIPART_DICOM = 'multipart/related; type="application/dicom"; transfer-syntax=*'

@@ -39,7 +39,6 @@ from appliance.hub.download import (
     DEFAULT_BUCKET_BYTES,
     MAX_BUCKET_BYTES,
     MIN_BUCKET_BYTES,
-    UID,
     Download,
     Part,
     stream_answer,
@@ -50,6 +49,7 @@ from appliance.transfer.download import (
     PRIORS_PATH,
     SEARCH_PATH,
     STUDY_FIELDS,
+    UID,
     encode_frame,
 )
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from appliance.store import audit
 from appliance.store import jobs as job_store
 from appliance.store import prefetch as store
 from appliance.store.db import Database, now
-from appliance.transfer.download import WARM_EVERY_S, DownloadUnavailable, HubDownloads
+from appliance.transfer.download import UID, WARM_EVERY_S, DownloadUnavailable, HubDownloads
 from appliance.transfer.region import RegionClient, RegionError, RegionInstance
 
 log = logging.getLogger("pas.prefetch")
@@ -45,7 +44,6 @@ _MAX_WAITING = 4  # requests in flight (resolving or waiting on a download) per 
 # Held instances a priors request may name for one patient (~70 bytes each); a patient with
 # more held on site takes the two-step path, which names only the studies chosen.
 MAX_HELD_INSTANCES = 5000
-UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 def _metric(hook: str, *args: Any) -> None:

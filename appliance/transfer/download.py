@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import struct
 import threading
 import uuid
@@ -67,6 +68,8 @@ KEEP_ALIVE_S = 25.0
 WARM_EVERY_S = 20.0
 MAX_FRAME_HEADER = 16 * 1024 * 1024
 MAX_FRAME_PAYLOAD = 256 * 1024 * 1024
+# A UID as the download protocol takes it (study, series, instance; the hub refuses others).
+UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 class DownloadUnavailable(Exception):
