@@ -108,6 +108,16 @@ class Site:
 
         return wait_for(done, 120, interval=0.1, what="the prefetch requests")
 
+    def assert_fetched(self, rows: list[dict[str, Any]], priors: dict[str, Any],
+                       patients: tuple[str, ...]) -> None:
+        """Each request fetched, each instance of its prior counted once and on site byte
+        for byte."""
+        for row, patient in zip(rows, patients, strict=True):
+            assert row["state"] == "fetched", row["last_error"]
+            _, files = priors[patient]
+            assert row["instances_fetched"] == len({sha256(p.read_bytes()) for p in files})
+            self.assert_on_site(files)
+
     def assert_on_site(self, files: list[Path]) -> None:
         held = {row["sha256"]: row["path"] for row in self.db.query(
             "SELECT sha256, path FROM instances WHERE is_current = 1")}
@@ -124,11 +134,9 @@ def test_requests_due_together_come_down_in_one_stream(region: dict[str, Any],
     site = Site(hub, tmp_path / "pas", "SITE-BATCH", env={"PAS_HUB__LINK_MBPS": "400"})
     # Due now, before the scheduler runs: claimed together.
     rows = site.run(site.order(PATIENTS))
-    for row, patient in zip(rows, PATIENTS, strict=True):
-        assert row["state"] == "fetched", row["last_error"]
-        study_uid, files = region["priors"][patient]
-        assert row["instances_fetched"] == len({sha256(p.read_bytes()) for p in files})
-        site.assert_on_site(files)
+    site.assert_fetched(rows, region["priors"], PATIENTS)
+    for patient in PATIENTS:
+        study_uid, _ = region["priors"][patient]
         pinned = site.db.query_one("SELECT pinned_until FROM studies WHERE study_uid = ?",
                                    (study_uid,))
         assert pinned is not None and pinned["pinned_until"] > now()
@@ -236,12 +244,8 @@ def test_a_cut_batch_resumes_with_only_what_the_site_lacks(
     finally:
         proxy.stop()
     assert proxy.cuts == 1
-    for row, patient in zip(rows, patients, strict=True):
-        assert row["state"] == "fetched", row["last_error"]
-        _, files = region["priors"][patient]
-        # Every instance once: the retry asked only for what the first attempt had not filed.
-        assert row["instances_fetched"] == len({sha256(p.read_bytes()) for p in files})
-        site.assert_on_site(files)
+    # Every instance once: the retry asked only for what the first attempt had not filed.
+    site.assert_fetched(rows, region["priors"], patients)
     assert any(r["attempts"] >= 2 for r in rows)
     assert re.search(rf"batched download for {name} ended early: 2 studies", hub.log())
     held = [int(n) for n in re.findall(rf"for {name} sent: \d+ instances \((\d+) held",

@@ -47,11 +47,7 @@ def test_orders_due_together_are_one_priors_request(region: dict[str, Any],
     hub: HubProcess = region["hub"]
     site = warm_site(hub, tmp_path / "pas", "SITE-ONE", PAS_HUB__LINK_MBPS="400")
     rows = site.run(site.order(PATIENTS))
-    for row, patient in zip(rows, PATIENTS, strict=True):
-        assert row["state"] == "fetched", row["last_error"]
-        _, files = region["priors"][patient]
-        assert row["instances_fetched"] == len({sha256(p.read_bytes()) for p in files})
-        site.assert_on_site(files)
+    site.assert_fetched(rows, region["priors"], PATIENTS)
     # One request to the hub for the three patients: no search, no separate download.
     assert site.service.priors.requests == 1
     assert site.service.searcher.requests == 0 and site.service.batcher.batches == 0

@@ -486,6 +486,14 @@ def downloads_dir(hub: Hub) -> Path:
     return hub.settings.home / "downloads"
 
 
+def bucket_bytes(body: dict[str, Any], max_bucket: int) -> int | str:
+    """A request's ``bucket_bytes`` (the default when absent), or what is wrong with it."""
+    target = body.get("bucket_bytes", DEFAULT_BUCKET_BYTES)
+    if not isinstance(target, int) or not MIN_BUCKET_BYTES <= target <= max_bucket:
+        return f"bucket_bytes: must be an integer from {MIN_BUCKET_BYTES} to {max_bucket}"
+    return target
+
+
 def _part(body: Any, where: str) -> Part | str:
     if not isinstance(body, dict):
         return f"{where}must be a JSON object"
@@ -508,9 +516,9 @@ def _parse(body: Any, max_bucket: int) -> tuple[list[Part], int, bool] | str:
     such objects, streamed one after the other)."""
     if not isinstance(body, dict):
         return "the body must be a JSON object"
-    target = body.get("bucket_bytes", DEFAULT_BUCKET_BYTES)
-    if not isinstance(target, int) or not MIN_BUCKET_BYTES <= target <= max_bucket:
-        return f"bucket_bytes: must be an integer from {MIN_BUCKET_BYTES} to {max_bucket}"
+    target = bucket_bytes(body, max_bucket)
+    if isinstance(target, str):
+        return target
     if "studies" not in body:
         part = _part(body, "")
         return part if isinstance(part, str) else ([part], target, False)

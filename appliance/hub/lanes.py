@@ -9,7 +9,8 @@ May not touch: what the answer holds (``appliance.hub.download`` packs it), SQL.
 The site sends the download request (``POST /api/v1/downloads`` with ``"lanes": {"id",
 "count", "rate_bps"}``: lane 0) and, at the same moment, ``count - 1`` joins (``POST
 /api/v1/downloads/lanes`` with ``{"id", "lane"}``) on other kept-alive connections. A join may
-arrive before its download is registered: it waits up to ``JOIN_WAIT_S``, then 404.
+arrive before its download is registered: it waits up to ``limits.lane_join_wait_s``
+(``JOIN_WAIT_S`` by default), then 404.
 """
 
 from __future__ import annotations

@@ -36,11 +36,10 @@ from starlette.routing import BaseRoute, Route
 from appliance.config import PrefetchRule
 from appliance.hub.app import problem
 from appliance.hub.download import (
-    DEFAULT_BUCKET_BYTES,
     MAX_BUCKET_BYTES,
-    MIN_BUCKET_BYTES,
     Download,
     Part,
+    bucket_bytes,
     stream_answer,
 )
 from appliance.hub.lanes import parse_lanes
@@ -183,11 +182,9 @@ def priors_routes(hub: Hub) -> list[BaseRoute]:
                 log.warning("priors refused for %s: %s", site, wish)
                 return problem(422, "bad_request", wish)
             wishes.append(wish)
-        target = body.get("bucket_bytes", DEFAULT_BUCKET_BYTES)
-        top = min(limits.max_bucket_bytes, MAX_BUCKET_BYTES)
-        if not isinstance(target, int) or not MIN_BUCKET_BYTES <= target <= top:
-            return problem(422, "bad_request",
-                           f"bucket_bytes: must be an integer from {MIN_BUCKET_BYTES} to {top}")
+        target = bucket_bytes(body, min(limits.max_bucket_bytes, MAX_BUCKET_BYTES))
+        if isinstance(target, str):
+            return problem(422, "bad_request", target)
         if "lanes" in body and isinstance(parse_lanes(body["lanes"]), str):
             return await stream_answer(hub, request, Download(hub, site, [], target, True),
                                        body["lanes"])  # its 422, before any search
@@ -221,11 +218,9 @@ def priors_routes(hub: Hub) -> list[BaseRoute]:
         if not isinstance(options, dict):
             return problem(422, "bad_request", "line 1: must be the options object "
                            "{\"bucket_bytes\"?, \"lanes\"?}")
-        target = options.get("bucket_bytes", DEFAULT_BUCKET_BYTES)
-        top = min(limits.max_bucket_bytes, MAX_BUCKET_BYTES)
-        if not isinstance(target, int) or not MIN_BUCKET_BYTES <= target <= top:
-            return problem(422, "bad_request",
-                           f"bucket_bytes: must be an integer from {MIN_BUCKET_BYTES} to {top}")
+        target = bucket_bytes(options, min(limits.max_bucket_bytes, MAX_BUCKET_BYTES))
+        if isinstance(target, str):
+            return problem(422, "bad_request", target)
         feed: queue.Queue[Any] = queue.Queue()
         job = Download(hub, site, [], target, True, feed)
         incoming: asyncio.Queue[Any] = asyncio.Queue()
