@@ -3,8 +3,12 @@
 Both real sets go from 1 and from 4 concurrent storescu processes (TCP_NODELAY=1) to:
 - PAS, fsync of file and directory plus the SQLite commit before each success (invariant 1);
 - DCMTK storescp on the same machine in the same run (--fork for concurrent senders), which
-  writes files without fsync: the peer to beat, and a stricter one than it looks.
-Prints instances/s, MB/s and PAS/storescp. Target: PAS >= 0.5x storescp's MB/s.
+  writes files without fsync: the peer to beat, and a stricter one than it looks;
+- the same storescp made durable by bench/durable_close.c (LD_PRELOAD: each file it writes is
+  fsynced, and its directory, before it answers): what DCMTK's C code does with invariant 1's
+  file flushes (PAS also commits its index: one flush more). Needs a C compiler (cc).
+Prints instances/s, MB/s, PAS/storescp and PAS/durable storescp. Target: PAS >= 0.5x
+storescp's MB/s.
 """
 
 from __future__ import annotations
@@ -62,9 +66,23 @@ def run_pas(files: list[Path], senders: int, work: Path, fsync: bool,
         shutil.rmtree(home, ignore_errors=True)
 
 
-def run_storescp(files: list[Path], senders: int, work: Path) -> float:
+def build_durable_shim(work: Path) -> Path | None:
+    """bench/durable_close.c compiled for this run; None (and why) without a C compiler."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        print("no C compiler: the durable storescp column is left out", file=sys.stderr)
+        return None
+    shim = work / "durable_close.so"
+    subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", str(shim),
+                    str(Path(__file__).with_name("durable_close.c")), "-ldl"], check=True)
+    return shim
+
+
+def run_storescp(files: list[Path], senders: int, work: Path,
+                 durable_shim: Path | None = None) -> float:
     folder = work / f"scp-{senders}"
-    scp = StoreSCP(folder).start(["--fork"] if senders > 1 else [])
+    env = {"LD_PRELOAD": str(durable_shim)} if durable_shim else None
+    scp = StoreSCP(folder).start(["--fork"] if senders > 1 else [], env=env)
     try:
         elapsed = send_all(files, scp.port, "STORESCP", senders)
         wait_for(lambda: len(scp.files()) >= len(files), 60, what="storescp files")
@@ -83,29 +101,36 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="pas-bench-") as tmp:
         work = Path(tmp)
+        shim = build_durable_shim(work)
         for label, files in sets.items():
             size_mb = sum(f.stat().st_size for f in files) / 1e6
             for senders in (1, 4):
                 pas_s = min(run_pas(files, senders, work, True) for _ in range(args.rounds))
                 scp_s = min(run_storescp(files, senders, work) for _ in range(args.rounds))
+                durable_s = (min(run_storescp(files, senders, work, shim)
+                                 for _ in range(args.rounds)) if shim else None)
                 # Reference only: what the same code does without its fsyncs (never a setting
                 # for an appliance): separates the cost of durability from the rest.
                 nosync_s = min(run_pas(files, senders, work, False) for _ in range(args.rounds))
                 # And with every C-STORE through pynetdicom (dicom.direct_receive = false).
                 pynetdicom_s = min(run_pas(files, senders, work, True, direct=False)
                                    for _ in range(args.rounds))
-                rows.append((label, senders, len(files), size_mb, pas_s, scp_s, nosync_s,
-                             pynetdicom_s))
+                rows.append((label, senders, len(files), size_mb, pas_s, scp_s, durable_s,
+                             nosync_s, pynetdicom_s))
     print(f"\nmake bench-ingest  {time.strftime('%Y-%m-%d %H:%M')}  {platform.node()}  "
           f"{os.cpu_count()} cores  python {platform.python_version()}\n")
     print("| set | senders | PAS inst/s | PAS MB/s | storescp inst/s | storescp MB/s "
-          "| PAS / storescp | PAS without fsync (reference) inst/s "
+          "| PAS / storescp | durable storescp inst/s | durable storescp / storescp "
+          "| PAS / durable storescp | PAS without fsync (reference) inst/s "
           "| PAS, C-STORE through pynetdicom (direct_receive = false), inst/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for label, senders, count, size_mb, pas_s, scp_s, nosync_s, pynetdicom_s in rows:
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for (label, senders, count, size_mb, pas_s, scp_s, durable_s, nosync_s,
+         pynetdicom_s) in rows:
+        durable = (f"{count / durable_s:.0f} | {scp_s / durable_s:.2f}x | "
+                   f"{durable_s / pas_s:.2f}x" if durable_s else "- | - | -")
         print(f"| {label} | {senders} | {count / pas_s:.0f} | {size_mb / pas_s:.1f} | "
               f"{count / scp_s:.0f} | {size_mb / scp_s:.1f} | {scp_s / pas_s:.2f}x | "
-              f"{count / nosync_s:.0f} | {count / pynetdicom_s:.0f} |")
+              f"{durable} | {count / nosync_s:.0f} | {count / pynetdicom_s:.0f} |")
 
 
 if __name__ == "__main__":

@@ -195,12 +195,15 @@ class StoreSCP:
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, extra: list[str] = ()) -> StoreSCP:  # type: ignore[assignment]
+    def start(self, extra: list[str] = (),  # type: ignore[assignment]
+              env: dict[str, str] | None = None) -> StoreSCP:
+        """``env``: added to DCMTK's environment (the ingest benchmark preloads a shim)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             ["storescp", "-aet", self.ae_title, "--bit-preserving", "-od", str(self.folder),
              "+uf", *extra, str(self.port)],
-            env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**DCMTK_ENV, **(env or {})}, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_for(lambda: port_open("127.0.0.1", self.port), 15, what="storescp")
         return self
