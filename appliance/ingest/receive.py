@@ -142,6 +142,11 @@ class GroupCommit:
     def _commit(self, batch: list[_Pending]) -> None:
         try:
             with self.db.transaction():
+                if len(batch) == 1:  # alone: the transaction is its all-or-nothing
+                    item = batch[0]
+                    item.outcome = index.record_instance(self.db, item.record, item.stored,
+                                                         **item.options)
+                    return
                 for item in batch:
                     try:
                         with self.db.savepoint("instance"):
@@ -274,9 +279,13 @@ def _read_dataset_record(header: bytes, dataset: bytes | bytearray,
     quick = read_header(dataset, syntax.is_implicit_VR, syntax.is_little_endian)
     if quick is not None:  # well formed: only the elements the index reads (header.py)
         try:
+            # The record first: it decodes the raw values itself; the pixel check goes
+            # through pydicom, which converts the character set element and would send the
+            # record down pydicom's slower path (0.2 ms more per image).
+            record = record_from_raw(quick.dataset, str(syntax))
             if quick.pixel_length is not None and not syntax.is_compressed:
                 _check_pixel_length(quick.dataset, quick.pixel_length)
-            return record_from_raw(quick.dataset, str(syntax))
+            return record
         except InvalidInstance:
             raise
         except Exception as exc:  # as in _record: lazily converted values can raise

@@ -147,25 +147,32 @@ class Spool:
         size = 0
         temp, fd = self._temp_files.take()
         try:
-            with open(fd, "wb", closefd=True) as handle:
+            try:
                 for chunk in chunks:
-                    handle.write(chunk)
+                    _write_all(fd, chunk)
                     if not hashed:
                         digest.update(chunk)
                     size += len(chunk)
-                handle.flush()
                 if self.fsync:
-                    os.fsync(handle.fileno())
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
             sha = digest.hexdigest()
             relative = f"{sha[:2]}/{sha}.dcm"
             final = self.root / relative
-            if final.exists() and final.stat().st_size == size:
+            if _size_of(final) == size:
                 temp.unlink()  # the same bytes are already held durably
                 self._temp_files.forget(temp)
                 return StoredFile(relative, size, sha), False
-            new_dirs = [d for d in (final.parent.parent, final.parent) if not d.exists()]
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(temp, final)
+            new_dirs: list[Path] = []
+            try:
+                os.replace(temp, final)
+            except FileNotFoundError:  # a fan-out directory removed under us: made again
+                if not temp.exists():
+                    raise
+                new_dirs = [d for d in (final.parent.parent, final.parent) if not d.exists()]
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(temp, final)
             self._temp_files.forget(temp)
             if self.fsync:
                 fsync_dir(final.parent)
@@ -208,6 +215,22 @@ def _writer_alive(temp: Path) -> bool:
     except PermissionError:
         return True  # alive, under another user
     return True
+
+
+def _write_all(fd: int, chunk: bytes | bytearray) -> None:
+    """os.write until every byte is written (a regular file takes all at once, but a write
+    may legally be short, e.g. interrupted by a signal)."""
+    view = memoryview(chunk)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _size_of(path: Path) -> int | None:
+    """A file's size, None if it is not there (one stat instead of exists() then stat())."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None
 
 
 def fsync_dir(directory: Path) -> None:
