@@ -4,7 +4,11 @@ Owns: connections and transactions. Every other module in ``appliance.store`` bu
 :func:`transaction`; nothing outside ``appliance.store`` writes SQL.
 
 Each thread gets its own connection (pynetdicom serves each association in its own thread;
-SQLite in WAL mode lets readers run beside the one writer). ``synchronous=FULL`` makes a
+SQLite in WAL mode lets readers run beside the one writer). Threads come and go (two per
+association, the HTTP worker threads): when a thread ends, its connection goes back to a small
+pool of idle ones for the next thread, or is closed, so a daemon that has served a hundred
+thousand associations holds a handful of connections, not one per thread it ever ran (each
+holds three file descriptors and its page cache). ``synchronous=FULL`` makes a
 committed transaction survive power loss, which invariant 1 needs: a C-STORE success is
 answered only after its row committed.
 """
@@ -24,6 +28,23 @@ from appliance.store.schema import MIGRATIONS
 BUSY_TIMEOUT_MS = 30_000
 
 
+IDLE_CONNECTIONS = 8  # kept open for the next threads; more are closed when their thread ends
+
+
+class _ThreadConnection:
+    """A thread's connection, held in the thread's local storage: when the thread ends,
+    CPython drops that storage and this hands the connection back to its database."""
+
+    __slots__ = ("conn", "db")
+
+    def __init__(self, db: Database, conn: sqlite3.Connection):
+        self.db, self.conn = db, conn
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # also at interpreter exit
+            self.db._give_back(self.conn)
+
+
 class Database:
     """A path plus one connection per thread. Cheap to share between threads."""
 
@@ -31,26 +52,56 @@ class Database:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
-        self._all_lock = threading.Lock()
+        self._open: set[sqlite3.Connection] = set()  # every connection not closed yet
+        self._idle: list[sqlite3.Connection] = []    # open, owned by no thread
+        self._pool_lock = threading.Lock()
+        self._closed = False
         self._migrate(migrations)
 
     def connection(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
+        held = getattr(self._local, "held", None)
+        if held is not None:
+            return held.conn
+        with self._pool_lock:
+            conn = self._idle.pop() if self._idle else None
         if conn is None:
-            conn = sqlite3.connect(
-                self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                check_same_thread=False,
-            )
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-            self._local.conn = conn
-            with self._all_lock:
-                self._all.append(conn)
+            conn = self._connect()
+        self._local.held = _ThreadConnection(self, conn)
         return conn
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+            check_same_thread=False,
+        )
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        with self._pool_lock:
+            self._open.add(conn)
+        return conn
+
+    def _give_back(self, conn: sqlite3.Connection) -> None:
+        """A thread ended: its connection serves the next thread, or is closed. One left
+        inside a transaction (a thread that died mid-way) is rolled back first."""
+        with contextlib.suppress(sqlite3.Error):
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        with self._pool_lock:
+            if (not self._closed and conn in self._open and not conn.in_transaction
+                    and len(self._idle) < IDLE_CONNECTIONS):
+                self._idle.append(conn)
+                return
+            self._open.discard(conn)
+        with contextlib.suppress(sqlite3.Error):
+            conn.close()
+
+    def open_connections(self) -> int:
+        """How many connections are open (threads' and idle): for tests and ``pas status``."""
+        with self._pool_lock:
+            return len(self._open)
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -92,11 +143,14 @@ class Database:
         return self.connection().execute(sql, params).fetchone()
 
     def close(self) -> None:
-        with self._all_lock:
-            for conn in self._all:
-                with contextlib.suppress(sqlite3.ProgrammingError):
-                    conn.close()
-            self._all.clear()
+        with self._pool_lock:
+            self._closed = True
+            connections = list(self._open)
+            self._open.clear()
+            self._idle.clear()
+        for conn in connections:
+            with contextlib.suppress(sqlite3.ProgrammingError):
+                conn.close()
         self._local = threading.local()
 
     def schema_version(self) -> int:
