@@ -72,6 +72,9 @@ def test_idle_associations_cost_no_polling(tmp_path: Path) -> None:
         pid = daemon.proc.pid
         baseline = cpu_over(pid, 2.0)
         held = [associate(daemon) for _ in range(4)]
+        # Not counted: the tail of accepting them (threads starting, handlers), which on a
+        # loaded machine spills a few clock ticks past the associate() calls.
+        cpu_over(pid, 0.5)
         with_idle = cpu_over(pid, 2.0)
         assert all(assoc.is_established for assoc in held)
         # pynetdicom's own loops (event_driven = false) spend ~0.2 s of CPU here: 8 threads
