@@ -11,12 +11,16 @@ transaction.
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
 
+import httpx
+from pydicom import dcmread
+
 from appliance.store.db import IDLE_CONNECTIONS, Database
-from tests.support.peers import CT_DIR, storescu, wait_for
+from tests.support.peers import CT_DIR, DCMTK_ENV, storescu, wait_for
 
 
 def _in_a_thread(target) -> None:
@@ -78,16 +82,30 @@ def test_a_thread_that_ends_inside_a_transaction_releases_the_write_lock(tmp_pat
 
 
 def test_the_daemon_holds_no_more_descriptors_after_many_associations(pas) -> None:
+    """Stores, queries (C-FIND, its own association each, as a viewer makes them) and
+    DICOMweb requests, each served by threads that come and go."""
     one = CT_DIR / "A002304_axial_19001231-076.dcm"
+    study_uid = dcmread(one, stop_before_pixels=True).StudyInstanceUID
+    qido = f"http://127.0.0.1:{pas.http_port}/dicom-web/studies?StudyInstanceUID={study_uid}"
 
     def descriptors() -> int:
         return len(os.listdir(f"/proc/{pas.proc.pid}/fd"))
 
+    def one_of_each() -> None:
+        storescu([one], pas.port)
+        found = subprocess.run(
+            ["findscu", "-S", "-aec", "PAS", "-k", "QueryRetrieveLevel=STUDY",
+             "-k", f"StudyInstanceUID={study_uid}", "127.0.0.1", str(pas.port)],
+            env=DCMTK_ENV, capture_output=True, text=True, check=True)
+        assert study_uid in found.stderr + found.stdout
+        answer = httpx.get(qido, timeout=30)
+        assert answer.status_code == 200 and len(answer.json()) == 1
+
     for _ in range(3):  # the idle pool and the first threads' connections
-        storescu([one], pas.port)
+        one_of_each()
     before = descriptors()
-    for _ in range(40):
-        storescu([one], pas.port)
-    # Threads end just after the sender saw the release: wait for them, not a fixed time.
+    for _ in range(30):
+        one_of_each()
+    # Threads end just after the peer saw the release: wait for them, not a fixed time.
     wait_for(lambda: descriptors() <= before + 3, 10, what="descriptors back to their level")
     assert pas.status()["instances"] == 1
