@@ -146,14 +146,14 @@ class GroupCommit:
                     item = batch[0]
                     item.outcome = index.record_instance(self.db, item.record, item.stored,
                                                          **item.options)
-                    return
-                for item in batch:
-                    try:
-                        with self.db.savepoint("instance"):
-                            item.outcome = index.record_instance(
-                                self.db, item.record, item.stored, **item.options)
-                    except sqlite3.Error as exc:
-                        item.error = exc
+                else:
+                    for item in batch:
+                        try:
+                            with self.db.savepoint("instance"):
+                                item.outcome = index.record_instance(
+                                    self.db, item.record, item.stored, **item.options)
+                        except sqlite3.Error as exc:
+                            item.error = exc
         except BaseException as exc:  # the commit itself failed: none of them is indexed
             for item in batch:
                 item.error = item.error or exc

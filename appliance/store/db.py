@@ -99,7 +99,8 @@ class Database:
             conn.close()
 
     def open_connections(self) -> int:
-        """How many connections are open (threads' and idle): for tests and ``pas status``."""
+        """How many connections are open, the threads' and the idle ones (tests check that
+        it stays bounded)."""
         with self._pool_lock:
             return len(self._open)
 
