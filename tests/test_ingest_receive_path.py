@@ -159,3 +159,24 @@ def test_temp_files_of_a_live_writer_survive_recovery_run_by_another_process(
     for n in range(8):  # the writer's own temp files are all still usable
         stored, created = spool.write([f"instance {n}".encode()])
         assert created and (spool.root / stored.path).read_bytes() == f"instance {n}".encode()
+
+
+def test_a_spool_write_makes_a_vanished_fan_out_directory_again(tmp_path: Path) -> None:
+    """The 256 fan-out directories are made at start, so a write no longer checks for them;
+    one removed under a running daemon (a careless clean-up) is made again by the write that
+    needs it, and the same bytes written again are recognised as held."""
+    import hashlib
+    import shutil
+
+    from appliance.store.spool import Spool
+
+    spool = Spool(tmp_path / "spool")
+    content = b"an instance whose fan-out directory is gone"
+    fan_out = spool.root / hashlib.sha256(content).hexdigest()[:2]
+    shutil.rmtree(fan_out)
+    stored, created = spool.write([content, b""])
+    assert created and (spool.root / stored.path).read_bytes() == content
+    assert stored.sha256 == hashlib.sha256(content).hexdigest() and stored.size == len(content)
+    again, created_again = spool.write([content])
+    assert again == stored and not created_again
+    assert not [p for p in spool.tmp.glob("*.part") if p.stat().st_size]  # no temp left
