@@ -180,3 +180,20 @@ def test_a_spool_write_makes_a_vanished_fan_out_directory_again(tmp_path: Path) 
     again, created_again = spool.write([content])
     assert again == stored and not created_again
     assert not [p for p in spool.tmp.glob("*.part") if p.stat().st_size]  # no temp left
+
+
+def test_the_sequence_tags_remembered_stay_bounded_whatever_the_senders_tags() -> None:
+    """Implicit VR: whether a tag is a sequence is looked up once per tag and remembered; a
+    sender inventing tags (20,000 distinct private ones here) cannot grow that memory past its
+    bound, and the walk still reads the dataset."""
+    import struct
+
+    from appliance.ingest import header
+
+    elements = [struct.pack("<HHI", 0x0009, element, 2) + b"AB"
+                for element in range(0x1000, 0x1000 + 20_000)]
+    uid = b"1.2.3.4\x00"
+    dataset = (struct.pack("<HHI", 0x0008, 0x0018, len(uid)) + uid + b"".join(elements))
+    walked = header.read_header(dataset, implicit_vr=True, little_endian=True)
+    assert walked is not None and walked.dataset.SOPInstanceUID == "1.2.3.4"
+    assert 0 < len(header._implicit_sq) <= header.IMPLICIT_SQ_REMEMBERED

@@ -64,7 +64,11 @@ class Header:
     pixel_length: int | None  # bytes of native PixelData; None if absent or encapsulated
 
 
+# Whether an implicit-VR tag is a sequence, remembered per tag. The tags come from the
+# senders (private ones included), so the memory is bounded (invariant 8): full, it starts
+# again empty.
 _implicit_sq: dict[int, bool] = {}
+IMPLICIT_SQ_REMEMBERED = 16384
 
 
 def _is_sequence(tag: int) -> bool:
@@ -74,6 +78,8 @@ def _is_sequence(tag: int) -> bool:
             known = dictionary_VR(tag) == "SQ"
         except KeyError:
             known = False
+        if len(_implicit_sq) >= IMPLICIT_SQ_REMEMBERED:
+            _implicit_sq.clear()
         _implicit_sq[tag] = known
     return known
 
