@@ -257,6 +257,10 @@ class Receiver:
         except sqlite3.Error as exc:
             if created:
                 self.spool.discard(stored.path)
+            if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
+                # The file fitted, the index could not grow: the disk is full all the same,
+                # and the sender should hear so (0xA700, try again later), not "failed".
+                raise SpoolFull(f"disk full: the index cannot grow ({exc})") from exc
             raise StorageFailure(f"index commit failed: {exc}") from exc
         if created:
             self._count_written(stored.size)

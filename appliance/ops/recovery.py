@@ -5,7 +5,8 @@ it. Nothing is silently dropped: every problem is logged, written to the audit t
 flagged in ``integrity_issues`` until resolved. May not touch: SQL or spool files directly
 (it calls :mod:`appliance.store.cache`, :mod:`appliance.store.spool` and the receive path).
 
-What start-up does, before the DICOM port opens (so nothing races it):
+What start-up does, before the DICOM port opens (so nothing races it), in one pass over index
+and spool side by side (:func:`appliance.store.cache.reconcile`, bounded memory):
 
 - temp files in ``spool/tmp``: writes that never finished; no sender was told success. Removed.
 - a file with no row: its index commit was lost (kill between rename and commit), so no
@@ -77,28 +78,28 @@ def startup_recovery(db: Database, spool: Spool, receiver: object | None,
     """
     report = RecoveryReport()
     report.temp_files_removed = spool.remove_temp_files()
-    rows: dict[str, list[cache_store.IndexedFile]] = {}
-    for item in cache_store.indexed_files(db):
-        rows.setdefault(item.path, []).append(item)
     evicting = {i["path"] for i in cache_store.open_issues(db, ("evicting",))}
-    on_disk = set(cache_store.spool_files(spool))
-    for relative in sorted(on_disk - set(rows)):
-        _handle_orphan(db, spool, receiver, relative, relative in evicting, report)
-    for relative in evicting - on_disk:  # eviction finished deleting before the crash
-        cache_store.resolve_issues(db, relative, "deleted", ("evicting",))
-    for relative, items in rows.items():
-        size = cache_store.file_size(spool, relative)
-        if size is None:
+    flagged = cache_store.open_issue_paths(db, ("missing", "size_mismatch"))
+    # One pass over index and spool side by side, in bounded memory (millions of files).
+    for item in cache_store.reconcile(db, spool):
+        relative = item.path
+        if item.indexed_size is None:
+            _handle_orphan(db, spool, receiver, relative, relative in evicting, report)
+        elif item.size_on_disk is None:
             report.missing += 1
-            _flag(db, "missing", relative, items[0].instance_id,
-                  f"indexed file missing ({items[0].size} bytes expected)", report)
-        elif size != items[0].size:
+            _flag(db, "missing", relative, item.instance_id,
+                  f"indexed file missing ({item.indexed_size} bytes expected)", report)
+        elif item.size_on_disk != item.indexed_size:
             report.size_mismatch += 1
-            _flag(db, "size_mismatch", relative, items[0].instance_id,
-                  f"file has {size} bytes, the index says {items[0].size}", report)
-        else:
+            _flag(db, "size_mismatch", relative, item.instance_id,
+                  f"file has {item.size_on_disk} bytes, the index says {item.indexed_size}",
+                  report)
+        elif relative in flagged:
             cache_store.resolve_issues(db, relative, "file present again",
                                        ("missing", "size_mismatch"))
+    for relative in evicting:  # eviction finished deleting before the crash
+        if cache_store.file_size(spool, relative) is None:
+            cache_store.resolve_issues(db, relative, "deleted", ("evicting",))
     report.leases_released = cache_store.release_host_leases(db, host or os.uname().nodename)
     summary = {k: v for k, v in report.as_dict().items() if v and k != "problems"}
     if summary:

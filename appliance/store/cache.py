@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,88 @@ def indexed_files(db: Database, after_id: int = 0, limit: int | None = None) -> 
         params = (after_id, limit)
     return [IndexedFile(r["id"], r["path"], r["size"], r["sha256"], r["confirmed_at"] is not None)
             for r in db.query(sql, params)]
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    """One path of :func:`reconcile`: what the index says of it (None: no row) and the size
+    of the file on disk (None: no file)."""
+
+    path: str
+    indexed_size: int | None
+    instance_id: int | None
+    size_on_disk: int | None
+
+
+RECONCILE_PAGE = 5000
+
+
+def reconcile(db: Database, spool: Spool) -> Iterator[Reconciled]:
+    """Every path that is indexed or on disk, in path order, index and spool side by side.
+
+    A merge of two sorted walks: the index a page of rows at a time (by ``instances_path``)
+    and the spool one directory listing at a time, so memory stays bounded however many
+    millions of files the cache holds (start-up recovery once held every row and every path:
+    ~0.7 kB per file). The caller may add rows for the paths it is given (an orphan adopted):
+    those are never read again, because a page is read only after every path before it has
+    been given, and no page is read after a short one."""
+    rows = _indexed_by_path(db)
+    files = _spool_sorted(spool)
+    row, file = next(rows, None), next(files, None)
+    while row is not None or file is not None:
+        if file is None or (row is not None and row[0] < file[0]):
+            assert row is not None
+            yield Reconciled(row[0], row[1], row[2], None)
+            row = next(rows, None)
+        elif row is None or file[0] < row[0]:
+            yield Reconciled(file[0], None, None, file[1])
+            file = next(files, None)
+        else:
+            yield Reconciled(row[0], row[1], row[2], file[1])
+            row, file = next(rows, None), next(files, None)
+
+
+def _indexed_by_path(db: Database) -> Iterator[tuple[str, int, int]]:
+    """(path, size, first instance id) of each indexed file, in path order (SQLite's binary
+    order: UTF-8 bytes, which is Python's order of the same strings)."""
+    last = ""
+    while True:
+        page = db.query(
+            "SELECT path, max(size) AS size, min(id) AS id FROM instances WHERE path > ? "
+            "GROUP BY path ORDER BY path LIMIT ?", (last, RECONCILE_PAGE))
+        for r in page:
+            yield r["path"], r["size"], r["id"]
+        if len(page) < RECONCILE_PAGE:
+            return
+        last = page[-1]["path"]
+
+
+def _spool_sorted(spool: Spool) -> Iterator[tuple[str, int]]:
+    """(relative path, size) of every kept file (as :func:`spool_files`), in path order: each
+    directory's entries sorted with a directory's name read as ``name/``, the way its files'
+    paths compare."""
+
+    def walk(directory: str, prefix: str) -> Iterator[tuple[str, int]]:
+        entries = []
+        with os.scandir(directory) as listing:
+            for entry in listing:
+                if entry.is_dir(follow_symlinks=False):
+                    if not prefix and entry.name in ("tmp", QUARANTINE_DIR):
+                        continue
+                    entries.append((entry.name + "/", entry.path, True))
+                elif entry.name.endswith(".dcm"):
+                    entries.append((entry.name, entry.path, False))
+        entries.sort()
+        for name, path, is_dir in entries:
+            if is_dir:
+                yield from walk(path, prefix + name)
+                continue
+            try:
+                yield prefix + name, os.stat(path).st_size
+            except FileNotFoundError:
+                continue  # removed meanwhile (an eviction): not on disk
+
+    yield from walk(str(spool.root), "")
 
 
 def spool_files(spool: Spool) -> list[str]:
@@ -97,6 +180,15 @@ def resolve_issues(db: Database, path: str, resolution: str,
             params,
         )
         return cursor.rowcount
+
+
+def open_issue_paths(db: Database, kinds: tuple[str, ...]) -> set[str]:
+    """The paths with an open flag of these kinds (a handful: each is a problem a human or a
+    re-send must resolve)."""
+    rows = db.query(
+        f"SELECT DISTINCT path FROM integrity_issues WHERE resolved_at IS NULL "
+        f"AND kind IN ({','.join('?' * len(kinds))})", kinds)
+    return {r["path"] for r in rows}
 
 
 def open_issues(db: Database, kinds: tuple[str, ...] | None = None) -> list[dict[str, Any]]:

@@ -206,4 +206,9 @@ MIGRATIONS: list[str] = [
         updated_at REAL NOT NULL
     ) WITHOUT ROWID;
     """,
+    # instances by path: start-up recovery walks the index in path order beside the spool (a
+    # merge in bounded memory, appliance/store/cache.py's reconcile); look-ups by file too.
+    """
+    CREATE INDEX instances_path ON instances (path);
+    """,
 ]

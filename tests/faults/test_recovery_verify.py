@@ -124,3 +124,45 @@ def test_startup_releases_only_this_hosts_leases(filled) -> None:  # type: ignor
     assert states["otherhost:222:def:0"] == ("running", 1)
     again = job_store.claim_next(db, "thishost:333:new:0", lease_s=60)
     assert again is not None and again.id == mine.id
+
+
+def test_reconcile_walks_index_and_spool_side_by_side_in_pages(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start-up recovery's single pass (cache.reconcile): the index a page of rows at a time,
+    the spool one directory at a time, merged in path order. With pages of 3 rows and a
+    spool of every shape (fan-out and nested directories, a root-level file, names that sort
+    around a directory's), it gives exactly what comparing the two complete sets gives, and
+    recovery adopts orphans met during the walk, each once."""
+    monkeypatch.setattr(cache_store, "RECONCILE_PAGE", 3)
+    db = Database(tmp_path / "pas.sqlite")
+    spool = Spool(tmp_path / "spool", fsync=False)
+    receiver = Receiver(db, spool)
+    received = [receiver.receive_file(p.read_bytes()) for p in sorted(CT_DIR.glob("*.dcm"))[:12]]
+    rows = {r["path"]: r["size"] for r in db.query("SELECT path, size FROM instances")}
+    paths = sorted(rows)
+    (spool.root / paths[0]).unlink()                            # missing
+    (spool.root / paths[1]).write_bytes(b"short")               # size mismatch
+    with db.transaction() as conn:                              # four orphans: lost commits
+        for path in paths[2:6]:
+            conn.execute("DELETE FROM instances WHERE path = ?", (path,))
+    extra = {"ab/cd/" + "0" * 64 + ".dcm": b"nested", "ab.dcm": b"root-level",
+             "ab/" + "f" * 64 + ".dcm": b"fan-out", "0" * 64 + ".dcm": b"root"}
+    for relative, content in extra.items():
+        (spool.root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (spool.root / relative).write_bytes(content)
+
+    indexed = {r["path"]: r["size"] for r in db.query("SELECT path, size FROM instances")}
+    on_disk = {p: (spool.root / p).stat().st_size for p in cache_store.spool_files(spool)}
+    walked = list(cache_store.reconcile(db, spool))
+    assert [w.path for w in walked] == sorted(set(indexed) | set(on_disk))
+    assert {w.path: (w.indexed_size, w.size_on_disk) for w in walked} == {
+        p: (indexed.get(p), on_disk.get(p)) for p in set(indexed) | set(on_disk)}
+
+    report = startup_recovery(db, spool, receiver)
+    assert (report.missing, report.size_mismatch) == (1, 1)
+    assert report.orphans_adopted == 4                   # the lost commits, each once
+    assert report.orphans_quarantined == len(extra)      # names that are not their content
+    assert db.query_one("SELECT count(*) AS n FROM instances")["n"] == len(received)
+    again = startup_recovery(db, spool, receiver)        # idempotent: nothing new to do
+    assert (again.orphans_adopted, again.orphans_quarantined, again.missing,
+            again.size_mismatch) == (0, 0, 1, 1)
