@@ -275,15 +275,15 @@ def verify(db: Database, spool: Spool, *, repair: bool = False, receiver: object
     recovery = startup_recovery(db, spool, receiver if repair else None) if repair else None
     report = VerifyReport()
     throttle = RateLimiter(bytes_per_s) if bytes_per_s else None
-    for item in cache_store.indexed_files(db):
+    for item in cache_store.every_indexed_file(db):
         check_file(db, spool, item, report, throttle, repair, region)
     if recovery is not None:
         report.repaired += recovery.orphans_adopted + recovery.orphans_quarantined
         report.problems.extend(recovery.problems)
     else:
-        indexed = {i.path for i in cache_store.indexed_files(db)}
-        for relative in sorted(set(cache_store.spool_files(spool)) - indexed):
-            report.problems.append(f"orphan {relative}: file without an index row")
+        for found in cache_store.reconcile(db, spool):
+            if found.indexed_size is None:
+                report.problems.append(f"orphan {found.path}: file without an index row")
     audit.record(db, "verify", actor="operator", outcome="success" if not report.problems
                  else f"failure: {len(report.problems)} problems",
                  detail=f"files={report.files} ok={report.ok} missing={report.missing} "

@@ -64,6 +64,17 @@ class Reconciled:
 RECONCILE_PAGE = 5000
 
 
+def every_indexed_file(db: Database) -> Iterator[IndexedFile]:
+    """:func:`indexed_files`, all of them, read a page at a time (bounded memory)."""
+    position = 0
+    while True:
+        page = indexed_files(db, after_id=position, limit=RECONCILE_PAGE)
+        yield from page
+        if len(page) < RECONCILE_PAGE:
+            return
+        position = page[-1].instance_id
+
+
 def reconcile(db: Database, spool: Spool) -> Iterator[Reconciled]:
     """Every path that is indexed or on disk, in path order, index and spool side by side.
 
@@ -105,9 +116,11 @@ def _indexed_by_path(db: Database) -> Iterator[tuple[str, int, int]]:
 
 
 def _spool_sorted(spool: Spool) -> Iterator[tuple[str, int]]:
-    """(relative path, size) of every kept file (as :func:`spool_files`), in path order: each
-    directory's entries sorted with a directory's name read as ``name/``, the way its files'
-    paths compare."""
+    """(relative path, size) of every kept file (``*.dcm``; ``tmp`` and ``quarantine``
+    excluded), in path order: each directory's entries sorted with a directory's name read as
+    ``name/``, the way its files' paths compare. Any depth: the fan-out layout (``ab/<sha>.dcm``
+    or ``ab/cd/<sha>.dcm``) may differ between versions, and both may coexist on an upgraded
+    appliance."""
 
     def walk(directory: str, prefix: str) -> Iterator[tuple[str, int]]:
         entries = []
@@ -130,20 +143,6 @@ def _spool_sorted(spool: Spool) -> Iterator[tuple[str, int]]:
                 continue  # removed meanwhile (an eviction): not on disk
 
     yield from walk(str(spool.root), "")
-
-
-def spool_files(spool: Spool) -> list[str]:
-    """Relative paths of every kept file, temp and quarantine excluded. Any depth: the
-    fan-out layout (``ab/<sha>.dcm`` or ``ab/cd/<sha>.dcm``) may differ between versions,
-    and files of both may coexist on an upgraded appliance."""
-    found = []
-    for directory, subdirs, files in os.walk(spool.root):
-        if directory == str(spool.root):
-            subdirs[:] = [d for d in subdirs if d not in ("tmp", QUARANTINE_DIR)]
-        for name in files:
-            if name.endswith(".dcm"):
-                found.append(os.path.relpath(os.path.join(directory, name), spool.root))
-    return sorted(found)
 
 
 # --- integrity flags -------------------------------------------------------------------------
@@ -173,6 +172,11 @@ def resolve_issues(db: Database, path: str, resolution: str,
     if kinds:
         kind_filter = f"AND kind IN ({','.join('?' * len(kinds))})"
         params.extend(kinds)
+    # Nearly always nothing is open for the path (the scrub and verify call this for every
+    # good file): a read says so without taking the write lock that ingest waits for.
+    if db.query_one(f"SELECT 1 FROM integrity_issues WHERE path = ? AND resolved_at IS NULL "
+                    f"{kind_filter} LIMIT 1", tuple(params[2:])) is None:
+        return 0
     with db.transaction() as conn:
         cursor = conn.execute(
             f"UPDATE integrity_issues SET resolved_at = ?, resolution = ? "

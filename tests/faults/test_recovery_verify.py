@@ -152,7 +152,8 @@ def test_reconcile_walks_index_and_spool_side_by_side_in_pages(
         (spool.root / relative).write_bytes(content)
 
     indexed = {r["path"]: r["size"] for r in db.query("SELECT path, size FROM instances")}
-    on_disk = {p: (spool.root / p).stat().st_size for p in cache_store.spool_files(spool)}
+    on_disk = {str(p.relative_to(spool.root)): p.stat().st_size
+               for p in spool.root.rglob("*.dcm") if p.parent != spool.tmp}
     walked = list(cache_store.reconcile(db, spool))
     assert [w.path for w in walked] == sorted(set(indexed) | set(on_disk))
     assert {w.path: (w.indexed_size, w.size_on_disk) for w in walked} == {
