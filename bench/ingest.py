@@ -24,6 +24,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.support.peers import (  # noqa: E402
@@ -66,6 +69,24 @@ def run_pas(files: list[Path], senders: int, work: Path, fsync: bool,
         shutil.rmtree(home, ignore_errors=True)
 
 
+def with_copies(files: list[Path], copies: int, folder: Path) -> list[Path]:
+    """The set itself, then ``copies - 1`` more of it whose SOP Instance UIDs are new (saved
+    by pydicom in the same transfer syntax): new instances to PAS, not re-sends."""
+    if copies <= 1:
+        return files
+    folder.mkdir(parents=True)
+    made = list(files)
+    for copy in range(1, copies):
+        for number, source in enumerate(files):
+            dataset = dcmread(source)
+            dataset.SOPInstanceUID = generate_uid()
+            dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+            target = folder / f"{copy:03d}-{number:05d}.dcm"
+            dataset.save_as(target, enforce_file_format=True)
+            made.append(target)
+    return made
+
+
 def build_durable_shim(work: Path) -> Path | None:
     """bench/durable_close.c compiled for this run; None (and why) without a C compiler."""
     compiler = shutil.which("cc") or shutil.which("gcc")
@@ -95,13 +116,19 @@ def run_storescp(files: list[Path], senders: int, work: Path,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=2, help="best of N per cell")
+    parser.add_argument("--copies", type=int, default=1,
+                        help="send each set N times over, each copy with new SOP Instance UIDs "
+                             "(longer runs: the senders' start and association weigh less)")
     args = parser.parse_args()
-    sets = {"CT (62 x 0.5 MB)": sorted(CT_DIR.glob("*.dcm")),
-            "MR (520 x 86 kB)": sorted(MR_DIR.glob("*.dcm"))}
     rows = []
     with tempfile.TemporaryDirectory(prefix="pas-bench-") as tmp:
         work = Path(tmp)
         shim = build_durable_shim(work)
+        sets = {}
+        for name, folder, size in (("CT", CT_DIR, "0.5 MB"), ("MR", MR_DIR, "86 kB")):
+            files = with_copies(sorted(folder.glob("*.dcm")), args.copies, work / name)
+            copies = f", {args.copies} copies" if args.copies > 1 else ""
+            sets[f"{name} ({len(files)} x {size}{copies})"] = files
         for label, files in sets.items():
             size_mb = sum(f.stat().st_size for f in files) / 1e6
             for senders in (1, 4):
