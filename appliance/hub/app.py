@@ -27,6 +27,7 @@ from starlette.routing import BaseRoute, Route
 
 from appliance.hub.config import HubSettings
 from appliance.hub.pki import HubPKI, PKIError, certificate_identity, secret_digest
+from appliance.locks import KeyedLocks
 from appliance.store import hub as store
 from appliance.transfer.enrolment import EnrolmentError, parse_token
 
@@ -65,15 +66,11 @@ class Hub:
         from appliance.hub.lanes import LaneRegistry
 
         self.lane_registry = LaneRegistry()  # striped downloads, for their lanes to join
-        self.locks: dict[str, threading.Lock] = {}
-        self._locks_guard = threading.Lock()
+        self.lock = KeyedLocks()  # hub.lock(transfer_id): one transfer's changes in turn
         from appliance.hub.archiver import Archiver  # archives while buckets arrive; resumes
 
         self.archiver = Archiver(self, settings.archive.workers, settings.archive.requests)
 
-    def lock(self, transfer_id: str) -> threading.Lock:
-        with self._locks_guard:
-            return self.locks.setdefault(transfer_id, threading.Lock())
 
 
 def default_route_providers() -> list[RouteProvider]:

@@ -16,7 +16,6 @@ fetch instead of downloading it again.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -25,6 +24,7 @@ from urllib.parse import urlencode
 
 from appliance.config import Settings
 from appliance.ingest.receive import Receiver
+from appliance.locks import KeyedLocks
 from appliance.store import query as store_query
 from appliance.store.db import Database
 from appliance.transfer.download import DownloadUnavailable, HubDownloads
@@ -56,12 +56,7 @@ class FetchThrough:
         self.parallel = parallel
         self.check_timeout_s = check_timeout_s
         self._checker = ThreadPoolExecutor(2, thread_name_prefix="pas-fetch-check")
-        self._locks: dict[str, threading.Lock] = {}
-        self._locks_guard = threading.Lock()
-
-    def _lock(self, study_uid: str) -> threading.Lock:
-        with self._locks_guard:
-            return self._locks.setdefault(study_uid, threading.Lock())
+        self._lock = KeyedLocks()  # one fetch per study at a time
 
     def __call__(self, study_uid: str) -> int:
         with self._lock(study_uid):
