@@ -109,3 +109,61 @@ def test_the_daemon_holds_no_more_descriptors_after_many_associations(pas) -> No
     # Threads end just after the peer saw the release: wait for them, not a fixed time.
     wait_for(lambda: descriptors() <= before + 3, 10, what="descriptors back to their level")
     assert pas.status()["instances"] == 1
+
+
+def _summed(db: Database) -> dict[str, int]:
+    """What the triggers keep, computed the slow way (every instance row)."""
+    row = db.query_one(
+        """SELECT count(*) AS files, coalesce(sum(size), 0) AS bytes,
+                  coalesce(sum(is_current), 0) AS instances,
+                  coalesce(sum(version > 1), 0) AS conflicts,
+                  coalesce(sum(confirmed_at IS NOT NULL AND is_current = 1), 0) AS confirmed
+           FROM instances""")
+    return dict(row)
+
+
+def _kept(db: Database) -> dict[str, int]:
+    return dict(db.query_one("SELECT files, bytes, instances, conflicts, confirmed "
+                             "FROM instance_totals"))
+
+
+def test_the_totals_row_follows_every_change_of_the_instances(tmp_path: Path) -> None:
+    """index.totals reads one row that triggers keep (the status page, the heartbeat and the
+    metrics once summed every instance). Through the real code paths (receive, a duplicate, a
+    conflicting version, the region's confirmations, routing, an eviction) it always equals
+    the sum over the rows."""
+    from io import BytesIO
+
+    from appliance.ingest.receive import Receiver
+    from appliance.store import cache as cache_store
+    from appliance.store import index
+    from appliance.store import jobs as job_store
+    from appliance.store.spool import Spool
+
+    db = Database(tmp_path / "pas.sqlite")
+    spool = Spool(tmp_path / "spool", fsync=False)
+    receiver = Receiver(db, spool)
+    assert _kept(db) == _summed(db) == {"files": 0, "bytes": 0, "instances": 0,
+                                         "conflicts": 0, "confirmed": 0}
+    sources = sorted(CT_DIR.glob("*.dcm"))[:6]
+    received = [receiver.receive_file(p.read_bytes()) for p in sources]
+    receiver.receive_file(sources[0].read_bytes())                 # a duplicate
+    assert _kept(db) == _summed(db) and _kept(db)["files"] == 6
+    changed = dcmread(sources[1])
+    changed.PatientName = "OTHER^BYTES"                             # same UID, other bytes
+    out = BytesIO()
+    changed.save_as(out, enforce_file_format=True)
+    assert receiver.receive_file(out.getvalue()).conflict
+    assert _kept(db) == _summed(db)
+    assert (_kept(db)["files"], _kept(db)["instances"], _kept(db)["conflicts"]) == (7, 6, 1)
+    rows = db.query("SELECT sop_instance_uid, sha256, study_fk, id FROM instances")
+    job_store.confirm_instances(db, [(r["sop_instance_uid"], r["sha256"]) for r in rows])
+    assert _kept(db) == _summed(db) and _kept(db)["confirmed"] == 6
+    job_store.route_study(db, rows[0]["study_fk"], [r["id"] for r in rows], [])
+    assert _kept(db) == _summed(db)
+    study_uid = received[0].study_uid
+    cache_store.evict_study(db, spool, study_uid, force=True)
+    assert _kept(db) == _summed(db)
+    totals = index.totals(db)
+    assert (totals["files"], totals["bytes"]) == (_summed(db)["files"], _summed(db)["bytes"])
+    assert index.spool_bytes(db) == _summed(db)["bytes"]

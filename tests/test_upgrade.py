@@ -27,7 +27,16 @@ def test_a_version_1_database_is_migrated_with_nothing_lost(tmp_path: Path) -> N
                                                                  f"{n:064d}")).instance_id)
     job_store.route_study(old, 1, ids, [job_store.NewJob("dicom", "pacs", 0, "r", ids)])
     job_store.confirm_instances(old, [("1.2.9.0", f"{0:064d}")])
-    before = index.totals(old)
+    # What the first release's totals read: sums over the rows (the new version reads a row
+    # its triggers keep, which the migration must start from these very sums).
+    before = dict(old.query_one(
+        """SELECT (SELECT count(*) FROM studies) AS studies,
+                  (SELECT count(*) FROM patients) AS patients,
+                  coalesce(sum(is_current), 0) AS instances, coalesce(sum(size), 0) AS bytes,
+                  coalesce(sum(confirmed_at IS NOT NULL AND is_current = 1), 0)
+                      AS confirmed_instances
+           FROM instances"""))
+    assert before["instances"] == 5 and before["confirmed_instances"] == 1
     old.close()
     assert len(MIGRATIONS) > 1, "nothing to migrate: this test needs a later migration"
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from appliance.store import index
 from appliance.store.db import Database, now
 from appliance.store.spool import Spool
 
@@ -388,8 +389,7 @@ def disk_usage(spool: Spool, db: Database, quota_bytes: int) -> tuple[int, int]:
     """(used, capacity) in bytes: the spool against its quota when one is set, else the
     spool's file system."""
     if quota_bytes:
-        row = db.query_one("SELECT coalesce(sum(size), 0) AS n FROM instances")
-        return (int(row["n"]) if row else 0), quota_bytes
+        return index.spool_bytes(db), quota_bytes
     usage = shutil.disk_usage(spool.root)
     return usage.total - usage.free, usage.total
 

@@ -179,13 +179,8 @@ def instances_of_study(db: Database, study_uid: str) -> list[sqlite3.Row]:
 
 def totals(db: Database) -> dict[str, int]:
     """What the cache holds: instance versions, studies, bytes, conflicts."""
-    row = db.query_one(
-        """SELECT count(*) AS files, coalesce(sum(size), 0) AS bytes,
-                  coalesce(sum(is_current), 0) AS instances,
-                  coalesce(sum(version > 1), 0) AS conflicts,
-                  coalesce(sum(confirmed_at IS NOT NULL AND is_current = 1), 0) AS confirmed
-           FROM instances"""
-    )
+    row = db.query_one(  # kept by triggers (schema migration 6): one row, not every instance
+        "SELECT files, bytes, instances, conflicts, confirmed FROM instance_totals")
     studies = db.query_one("SELECT count(*) AS n FROM studies")
     patients = db.query_one("SELECT count(*) AS n FROM patients")
     assert row is not None and studies is not None and patients is not None
@@ -201,8 +196,8 @@ def totals(db: Database) -> dict[str, int]:
 
 
 def spool_bytes(db: Database) -> int:
-    row = db.query_one("SELECT coalesce(sum(size), 0) AS n FROM instances")
-    return int(row["n"]) if row else 0
+    row = db.query_one("SELECT bytes FROM instance_totals")
+    return int(row["bytes"]) if row else 0
 
 
 def list_studies(db: Database, patient_id: str | None = None,

@@ -211,4 +211,45 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX instances_path ON instances (path);
     """,
+    # What the cache holds, kept up to date by triggers on every change of an instance row
+    # (index.totals, index.spool_bytes): the status page, the heartbeat and the metrics read
+    # one row instead of summing every instance (0.47 s at two million, each time).
+    """
+    CREATE TABLE instance_totals (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        files INTEGER NOT NULL,       -- instance rows, every version
+        bytes INTEGER NOT NULL,
+        instances INTEGER NOT NULL,   -- current versions
+        conflicts INTEGER NOT NULL,   -- versions after the first
+        confirmed INTEGER NOT NULL    -- current versions the region confirmed
+    );
+    INSERT INTO instance_totals (id, files, bytes, instances, conflicts, confirmed)
+        SELECT 1, count(*), coalesce(sum(size), 0), coalesce(sum(is_current), 0),
+               coalesce(sum(version > 1), 0),
+               coalesce(sum(confirmed_at IS NOT NULL AND is_current = 1), 0)
+        FROM instances;
+    CREATE TRIGGER instance_totals_insert AFTER INSERT ON instances BEGIN
+        UPDATE instance_totals SET files = files + 1, bytes = bytes + NEW.size,
+            instances = instances + NEW.is_current,
+            conflicts = conflicts + (NEW.version > 1),
+            confirmed = confirmed + (NEW.confirmed_at IS NOT NULL AND NEW.is_current = 1)
+        WHERE id = 1;
+    END;
+    CREATE TRIGGER instance_totals_delete AFTER DELETE ON instances BEGIN
+        UPDATE instance_totals SET files = files - 1, bytes = bytes - OLD.size,
+            instances = instances - OLD.is_current,
+            conflicts = conflicts - (OLD.version > 1),
+            confirmed = confirmed - (OLD.confirmed_at IS NOT NULL AND OLD.is_current = 1)
+        WHERE id = 1;
+    END;
+    CREATE TRIGGER instance_totals_update
+        AFTER UPDATE OF size, is_current, version, confirmed_at ON instances BEGIN
+        UPDATE instance_totals SET bytes = bytes + NEW.size - OLD.size,
+            instances = instances + NEW.is_current - OLD.is_current,
+            conflicts = conflicts + (NEW.version > 1) - (OLD.version > 1),
+            confirmed = confirmed + (NEW.confirmed_at IS NOT NULL AND NEW.is_current = 1)
+                                  - (OLD.confirmed_at IS NOT NULL AND OLD.is_current = 1)
+        WHERE id = 1;
+    END;
+    """,
 ]
