@@ -29,6 +29,23 @@ class Cancelled(RuntimeError):
     """Not packed or not sent: another item failed first (``failed`` was set)."""
 
 
+class _Handover:
+    """A packed item passed from its packer to its sender once. The packer's future keeps
+    this box, not the item: the item goes as soon as its send is done, before the window slot
+    is given back. (A future keeps its result until the pool drops the send task, a moment
+    after the slot was released: the next item could be packed meanwhile, and up to
+    ``senders`` items more than the bound were alive at once; the tests saw 8 of 6.)"""
+
+    __slots__ = ("item",)
+
+    def __init__(self, item: Any):
+        self.item = item
+
+    def take(self) -> Any:
+        item, self.item = self.item, None
+        return item
+
+
 class PackAhead(Generic[Packed, Sent]):
     """``senders`` sends at once, fed by ``packers`` threads that keep at most
     ``senders + ahead`` packed items (being packed, ready, or being sent). Items given as
@@ -60,22 +77,25 @@ class PackAhead(Generic[Packed, Sent]):
         pending: set[Future[Sent]] = set()
         for plan in plans:
             early = prepacked.pop(plan.index, None)
-            ready = early if early is not None else self._packers.submit(self._packed, plan)
+            ready: Future[Any] = (early if early is not None
+                                  else self._packers.submit(self._packed, plan))
             pending.add(self._senders.submit(self._sent, plan, ready, early is None))
         return pending
 
-    def _packed(self, plan: Any) -> Packed:
+    def _packed(self, plan: Any) -> _Handover:
         self._window.acquire()
         try:
             if self.failed.is_set():
                 raise Cancelled("cancelled: another item failed")
-            return self._pack(plan)
+            return _Handover(self._pack(plan))
         except BaseException:
             self._window.release()
             raise
 
-    def _sent(self, plan: Any, ready: Future[Packed], holds_slot: bool) -> Sent:
-        packed = ready.result()  # on a packing error its packer released the slot
+    def _sent(self, plan: Any, ready: Future[Any], holds_slot: bool) -> Sent:
+        # On a packing error its packer released the slot. Items packed here come in a
+        # handover box (taken out: nothing else keeps them); prepacked ones as they are.
+        packed = ready.result().take() if holds_slot else ready.result()
         try:
             if self.failed.is_set():
                 raise Cancelled("cancelled: another item failed")
