@@ -72,7 +72,6 @@ class Hub:
         self.archiver = Archiver(self, settings.archive.workers, settings.archive.requests)
 
 
-
 def default_route_providers() -> list[RouteProvider]:
     from appliance.hub.download import download_routes
     from appliance.hub.priors import priors_routes

@@ -13,7 +13,6 @@ import logging
 import sqlite3
 import struct
 import threading
-import time
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
@@ -172,30 +171,15 @@ class GroupCommit:
 class Receiver:
     """Files received objects durably. Thread-safe: one per daemon, shared by associations."""
 
-    def __init__(self, db: Database, spool: Spool, usage_refresh_s: float = 2.0):
+    def __init__(self, db: Database, spool: Spool):
         self.db = db
         self.spool = spool
-        # The spool's size, for the quota check: summing the index on every C-STORE is
-        # O(instances), so it is read every few seconds (evictions lower it meanwhile) and
-        # this process's own writes are added as they happen.
-        self._usage_lock = threading.Lock()
-        self._usage_bytes = 0
-        self._usage_read_at = -1e9
-        self._usage_refresh_s = usage_refresh_s
         self._commits = GroupCommit(db)
 
     def _used_bytes(self) -> int:
-        if not self.spool.quota_bytes:
-            return 0  # only the quota reads it: no sum over every row (2 million: ~0.25 s)
-        with self._usage_lock:
-            if time.monotonic() - self._usage_read_at > self._usage_refresh_s:
-                self._usage_bytes = index.spool_bytes(self.db)
-                self._usage_read_at = time.monotonic()
-            return self._usage_bytes
-
-    def _count_written(self, size: int) -> None:
-        with self._usage_lock:
-            self._usage_bytes += size
+        """The spool's size, for the quota check: one row the index's triggers keep (it was
+        a sum over every instance, read every few seconds); nothing without a quota."""
+        return index.spool_bytes(self.db) if self.spool.quota_bytes else 0
 
     def receive_dataset(self, dataset: bytes | bytearray, *, transfer_syntax_uid: str,
                         sop_class_uid: str, sop_instance_uid: str,
@@ -264,8 +248,6 @@ class Receiver:
                 # and the sender should hear so (0xA700, try again later), not "failed".
                 raise SpoolFull(f"disk full: the index cannot grow ({exc})") from exc
             raise StorageFailure(f"index commit failed: {exc}") from exc
-        if created:
-            self._count_written(stored.size)
         if outcome.conflict:
             log.warning("conflict: %s received again with other bytes (version %d kept)",
                         record.sop_instance_uid, outcome.version,
