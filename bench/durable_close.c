@@ -54,8 +54,10 @@ int close(int fd) {
     char path[PATH_MAX];
     if (!written_file(fd, path, sizeof path))
         return real_close(fd);
-    if (fsync(fd) != 0)
+    if (fsync(fd) != 0) {
+        real_close(fd);  /* never leave the descriptor open: the caller thinks it is closed */
         return -1;
+    }
     int rc = real_close(fd);
     return rc == 0 ? fsync_directory_of(path) : rc;
 }
@@ -67,8 +69,10 @@ int fclose(FILE *stream) {
     int fd = fileno(stream);
     if (fd < 0 || !written_file(fd, path, sizeof path))
         return real_fclose(stream);
-    if (fflush(stream) != 0 || fsync(fd) != 0)
+    if (fflush(stream) != 0 || fsync(fd) != 0) {
+        real_fclose(stream);  /* the stream is gone either way, as fclose promises */
         return -1;
+    }
     int rc = real_fclose(stream);
     return rc == 0 ? fsync_directory_of(path) : rc;
 }

@@ -200,7 +200,8 @@ def test_the_sequence_tags_remembered_stay_bounded_whatever_the_senders_tags() -
 
 
 @pytest.mark.parametrize("quota_bytes", [0, 10**12])
-def test_the_spool_is_summed_only_for_a_quota(tmp_path: Path, quota_bytes: int) -> None:
+def test_no_cstore_sums_the_instances_and_only_a_quota_reads_the_size(
+        tmp_path: Path, quota_bytes: int) -> None:
     """The quota check needs the spool's size: the row the index's triggers keep, read for
     each C-STORE when a quota is set, never otherwise; no C-STORE sums the instances (once a
     sum over every row every 2 s: ~0.25 s at two million)."""
