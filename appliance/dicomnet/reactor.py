@@ -70,10 +70,14 @@ class Wakeup:
     def park(self) -> None:
         self.parked = True
 
-    def unpark(self) -> None:
+    def unpark(self, drain: bool = True) -> None:
+        """Stop accepting wake-ups; ``drain=False`` when ``select()`` did not report the
+        eventfd (nothing to read: saves a failing read per received PDU; a ``set()`` that
+        raced in after the ``select()`` only makes the next one return at once)."""
         self.parked = False
-        with contextlib.suppress(BlockingIOError, OSError):
-            os.eventfd_read(self._fd)
+        if drain:
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.eventfd_read(self._fd)
 
     def set(self, force: bool = False) -> None:
         if not (self.parked or force):
@@ -139,15 +143,19 @@ def _recv_exactly(sock: Any, view: memoryview) -> bool:
     return True
 
 
-def _transport_event(self: DULServiceProvider) -> bool:
+def _transport_event(self: DULServiceProvider, readable: bool = False) -> bool:
     """pynetdicom's ``_is_transport_event`` and ``_read_pdu_data``, with one change: on an
     association that has a :class:`DirectReceiver`, a P-DATA-TF PDU goes to it first, and to
     pynetdicom (decoded as pynetdicom would) only if it is not part of a C-STORE it took.
-    PDUs are read with large ``recv_into`` calls instead of pynetdicom's 4 kB reads."""
+    PDUs are read with large ``recv_into`` calls instead of pynetdicom's 4 kB reads.
+    ``readable``: the loop's ``select()`` just reported the socket readable, so pynetdicom's
+    own zero-timeout ``select()`` (``socket.ready``) is skipped. (Nothing else reads this
+    socket in between: the one other reader, a DirectStoreSender, works on associations PAS
+    requested, and a DirectReceiver exists only on associations it accepted.)"""
     direct = _direct_receiver(self)
     if direct is None or self.state_machine.current_state != "Sta6":
         return self._is_transport_event()
-    if not (self.socket and self.socket.ready):
+    if not (self.socket and (readable or self.socket.ready)):
         return False
     sock = self.socket.socket
     header = bytearray(6)
@@ -190,7 +198,8 @@ def _transport_event(self: DULServiceProvider) -> bool:
     return True
 
 
-def _dul_step(self: DULServiceProvider, assoc_wake: threading.Event) -> str:
+def _dul_step(self: DULServiceProvider, assoc_wake: threading.Event,
+              readable: bool = False) -> str:
     """One turn of pynetdicom's DUL loop: send a queued primitive or read a PDU, then run one
     state-machine event. "busy", "idle" (nothing to do) or "stop" (aborted)."""
     if self.artim_timer.expired:
@@ -198,7 +207,7 @@ def _dul_step(self: DULServiceProvider, assoc_wake: threading.Event) -> str:
     try:
         if self._process_recv_primitive():
             pass
-        elif _transport_event(self):
+        elif _transport_event(self, readable):
             self._idle_timer.restart()
     except Exception as exc:
         log.error("exception in the DUL reactor, aborting the association: %s", exc)
@@ -235,21 +244,25 @@ def dul_run_reactor(self: DULServiceProvider) -> None:
         while True:
             if not self.assoc._dul_ready.is_set():
                 self.assoc._dul_ready.set()
+            socket_readable = False
             if idle:
                 wakeup.park()
+                drain = True
                 if not self.to_provider_queue.qsize() and not self._kill_thread:
                     sock = _raw_socket(self)
                     waitables = [wakeup] if sock is None else [sock, wakeup]
                     # A socket closed under us raises here: the next loop sees it closed.
                     with contextlib.suppress(OSError, ValueError):
-                        select.select(waitables, [], [], TICK_S)
-                wakeup.unpark()
+                        readable = select.select(waitables, [], [], TICK_S)[0]
+                        drain = wakeup in readable
+                        socket_readable = sock is not None and sock in readable
+                wakeup.unpark(drain)
             if self._kill_thread:
                 break
             # The I/O lock: a DirectStoreSender (direct_store.py) may own the socket for
             # one C-STORE exchange; the DUL neither reads nor sends meanwhile.
             with io_lock:
-                step = _dul_step(self, assoc_wake)
+                step = _dul_step(self, assoc_wake, socket_readable)
             if step == "stop":
                 return
             idle = step == "idle"
