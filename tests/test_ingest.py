@@ -215,7 +215,7 @@ def test_malformed_datasets_get_a_failure_and_change_nothing(pas, tmp_path: Path
     assert pas.status()["instances"] == 0
     assert not list((pas.home / "spool").rglob("*.dcm"))
     assert not half_written(pas.home / "spool")
-    assert "PixelData is truncated" in pas.log() or "cannot parse" in pas.log()
+    assert "truncated" in pas.log() or "cannot parse" in pas.log()
     # The daemon keeps serving: a good instance right after, from another association.
     assert _send_raw(pas.port, source) == 0x0000
     assert pas.status()["instances"] == 1

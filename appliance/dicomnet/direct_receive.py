@@ -59,7 +59,8 @@ class StoreSink(Protocol):
 
     def store_request(self, assoc: Any, transfer_syntax_uid: str, sop_class_uid: str,
                       sop_instance_uid: str, dataset: bytes | bytearray, path: str = ...,
-                      prepared: tuple[bytes, Any] | None = None) -> StoreResult:
+                      prepared: tuple[bytes, Any] | None = None,
+                      context_sop_class_uid: str | None = None) -> StoreResult:
         """File the complete dataset; the status (and comment) to answer."""
 
 
@@ -112,10 +113,12 @@ class _Request:
     """One C-STORE-RQ being reassembled."""
 
     __slots__ = ("context_id", "message_id", "sop_class_uid", "sop_instance_uid", "dataset",
-                 "transfer_syntax_uid", "prepared")
+                 "transfer_syntax_uid", "prepared", "context_sop_class_uid")
 
-    def __init__(self, context_id: int, command: dict[int, bytes], transfer_syntax_uid: str):
+    def __init__(self, context_id: int, command: dict[int, bytes], transfer_syntax_uid: str,
+                 context_sop_class_uid: str):
         self.context_id = context_id
+        self.context_sop_class_uid = context_sop_class_uid
         self.message_id = struct.unpack("<H", command[0x0110])[0]
         self.sop_class_uid = command[0x0002].rstrip(b"\x00 ").decode("ascii")
         self.sop_instance_uid = command[0x1000].rstrip(b"\x00 ").decode("ascii")
@@ -198,7 +201,8 @@ class DirectReceiver:
             self._follow_theirs(pdvs)
             return False
         context = self._storage_context(context_id)
-        request = _Request(context_id, command, str(context.transfer_syntax[0]))
+        request = _Request(context_id, command, str(context.transfer_syntax[0]),
+                           str(context.abstract_syntax))
         try:
             request.prepared = self.sink.prepare_store(
                 request.sop_class_uid, request.sop_instance_uid, request.transfer_syntax_uid)
@@ -249,7 +253,8 @@ class DirectReceiver:
     def _answer(self, request: _Request) -> None:
         status, comment = self.sink.store_request(
             self.assoc, request.transfer_syntax_uid, request.sop_class_uid,
-            request.sop_instance_uid, request.dataset, prepared=request.prepared)
+            request.sop_instance_uid, request.dataset, prepared=request.prepared,
+            context_sop_class_uid=request.context_sop_class_uid)
         rsp = c_store_rsp(request.sop_class_uid, request.sop_instance_uid, request.message_id,
                           status, comment if status else None)
         self.dul.socket.send(p_data_tf(request.context_id, _COMMAND | _LAST, rsp))

@@ -26,6 +26,7 @@ import logging
 import os
 import queue
 import select
+import socket
 import struct
 import threading
 from typing import Any
@@ -36,7 +37,7 @@ from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 
-from appliance.dicomnet.direct_receive import P_DATA_TF, DirectReceiver
+from appliance.dicomnet.direct_receive import P_DATA_TF, DirectReceiveError, DirectReceiver
 
 log = logging.getLogger("pas.dicomnet")
 
@@ -45,6 +46,9 @@ SUPPORTED_VERSIONS = ("3.0.",)
 TICK_S = 0.05
 # PDUs up to this size are read into one buffer allocated from their header's length.
 PREALLOCATE_PDU_BYTES = 4 << 20
+# Longest PDU other than P-DATA-TF accepted on an established association (A-RELEASE and
+# A-ABORT are a few bytes).
+MAX_CONTROL_PDU_BYTES = 64 << 10
 
 _installed = False
 _install_lock = threading.Lock()
@@ -143,6 +147,27 @@ def _recv_exactly(sock: Any, view: memoryview) -> bool:
     return True
 
 
+def _bound_socket_waits(self: DULServiceProvider) -> None:
+    """Give the association's socket a receive and send timeout (``network_timeout``).
+
+    pynetdicom's accepted sockets block for ever: a peer gone silent in the middle of a PDU
+    (a modality switched off mid-image, a cable pulled: the TCP connection stays half open)
+    kept its reading thread in ``recv`` and its association slot taken, whatever the
+    network timeout said; ``dicom.max_associations`` such peers locked every modality out
+    until a restart. Set at the socket (SO_RCVTIMEO/SO_SNDTIMEO), not as a Python timeout,
+    which would add a ``poll()`` before every read: a read that times out raises, and the
+    association ends as on a closed connection (Evt17)."""
+    self._pas_waits_bounded = True  # type: ignore[attr-defined]
+    timeout = self.assoc.network_timeout
+    sock = _raw_socket(self)
+    if sock is None or not timeout or sock.gettimeout() is not None:
+        return  # no limit configured, or Python already bounds each wait on this socket
+    value = struct.pack("ll", int(timeout), int(timeout % 1 * 1_000_000))
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+
 def _transport_event(self: DULServiceProvider, readable: bool = False) -> bool:
     """pynetdicom's ``_is_transport_event`` and ``_read_pdu_data``, with one change: on an
     association that has a :class:`DirectReceiver`, a P-DATA-TF PDU goes to it first, and to
@@ -152,6 +177,8 @@ def _transport_event(self: DULServiceProvider, readable: bool = False) -> bool:
     own zero-timeout ``select()`` (``socket.ready``) is skipped. (Nothing else reads this
     socket in between: the one other reader, a DirectStoreSender, works on associations PAS
     requested, and a DirectReceiver exists only on associations it accepted.)"""
+    if not getattr(self, "_pas_waits_bounded", False):
+        _bound_socket_waits(self)
     direct = _direct_receiver(self)
     if direct is None or self.state_machine.current_state != "Sta6":
         return self._is_transport_event()
@@ -168,6 +195,13 @@ def _transport_event(self: DULServiceProvider, readable: bool = False) -> bool:
             log.error("unknown PDU type received 0x%02X", pdu_type)
             self.event_queue.put("Evt19")
             return True
+        limit = _pdu_limit(self, pdu_type)
+        if pdu_length > limit:
+            # Memory is reserved from this length: a PDU over what PAS offered to receive is
+            # refused before any of its body is read (A-ABORT, the connection closed, as for
+            # a broken fragment sequence: reading on would parse its body as PDUs).
+            raise DirectReceiveError(f"PDU of type 0x{pdu_type:02X} declares {pdu_length} "
+                                     f"bytes, over the {limit} this association accepts")
         if pdu_length <= PREALLOCATE_PDU_BYTES:
             body = bytearray(pdu_length)
             complete = _recv_exactly(sock, memoryview(body))
@@ -198,6 +232,15 @@ def _transport_event(self: DULServiceProvider, readable: bool = False) -> bool:
     return True
 
 
+def _pdu_limit(self: DULServiceProvider, pdu_type: int) -> int:
+    """The longest PDU body accepted: for P-DATA-TF, the Maximum Length PAS offered in its
+    A-ASSOCIATE-AC (PS3.8 D.1: the sender must not exceed it), if it offered one."""
+    if pdu_type != 0x04:
+        return MAX_CONTROL_PDU_BYTES
+    offered = getattr(self.assoc.acceptor, "maximum_length", 0) or 0
+    return offered if offered else 0xFFFFFFFF  # dicom.max_pdu = 0: unlimited, as configured
+
+
 def _dul_step(self: DULServiceProvider, assoc_wake: threading.Event,
               readable: bool = False) -> str:
     """One turn of pynetdicom's DUL loop: send a queued primitive or read a PDU, then run one
@@ -225,7 +268,14 @@ def _dul_step(self: DULServiceProvider, assoc_wake: threading.Event,
         event = self.event_queue.get(block=False)
     except queue.Empty:
         return "idle"
+    state = self.state_machine.current_state
     self.state_machine.do_action(event)
+    if event == "Evt17" and state == "Sta2" and self.assoc.is_acceptor:
+        # The connection closed before any A-ASSOCIATE-RQ (a port probe, a monitoring
+        # system's TCP check). pynetdicom's association thread would wait acse_timeout
+        # (30 s) for one, holding a place of dicom.max_associations all that time: a few
+        # probes a minute kept modalities out. Tell it none is coming, as stop() does.
+        self.to_user_queue.put(None)
     # Whatever the action queued for the association (a DIMSE message, a release or abort
     # indication) is now visible: let its loop look.
     assoc_wake.set()

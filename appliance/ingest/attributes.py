@@ -17,6 +17,11 @@ class InvalidInstance(ValueError):
     """The object cannot be filed; the message names what is missing or wrong."""
 
 
+class DatasetMismatch(InvalidInstance):
+    """The dataset's SOP Class is not the one its C-STORE request names (PS3.4 B.2.3:
+    0xA900, "Data Set does not match SOP Class", as DCMTK's storescp answers)."""
+
+
 class _Unreadable:
     """An element whose value pydicom cannot convert (unknown VR, undecodable bytes)."""
 

@@ -10,10 +10,13 @@ here, a fifth of the whole receive path. This walk checks the same structure and
 pydicom only the ~25 raw elements :func:`~appliance.ingest.attributes.instance_record` and the
 pixel-length check read, so values are still converted by pydicom (character sets included).
 
-It never refuses anything itself: on anything unusual (a value or header running past the end,
-an odd VR, a sequence that does not close, big endian) it returns None and the caller parses
-the dataset with pydicom, whose judgement (tested, fuzzed) stands. So the two paths accept
-exactly the same objects; tests compare their records on every real file we have.
+On anything unusual inside (an odd VR, a sequence that does not close, big endian) it returns
+None and the caller parses the dataset with pydicom, whose judgement (tested, fuzzed) stands;
+tests compare the two paths' records on every real file we have. One thing it refuses itself
+(:class:`Truncated`): a top-level element whose header or value runs past the end of the
+dataset, or top-level encapsulated pixel data with no sequence delimiter. pydicom reads a short
+final value without complaint, so an object cut anywhere but in its pixel data used to be
+stored and answered Success.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ WANTED = frozenset({
     0x00280100, 0x00280101, 0x00280103,
 })
 PIXEL_DATA = 0x7FE00010
+PIXEL_TAGS = frozenset({PIXEL_DATA, 0x7FE00008, 0x7FE00009})  # Float / Double Float Pixel Data
 ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 UNDEFINED = 0xFFFFFFFF
 # Explicit VRs whose length is 4 bytes after 2 reserved ones (PS3.5 7.1.2).
@@ -58,10 +62,16 @@ class _Unusual(Exception):
     """Something pydicom should judge: the walk gives up, nothing is refused here."""
 
 
+class Truncated(ValueError):
+    """The dataset ends before a top-level element does (or was not encoded in the
+    transfer syntax it travelled under: lengths then read as nonsense)."""
+
+
 @dataclass(frozen=True)
 class Header:
     dataset: Dataset          # the kept top-level elements, raw (pydicom converts on access)
     pixel_length: int | None  # bytes of native PixelData; None if absent or encapsulated
+    has_pixel_data: bool      # any of (7FE0,0008/0009/0010) at the top level
 
 
 # Whether an implicit-VR tag is a sequence, remembered per tag. The tags come from the
@@ -85,13 +95,14 @@ def _is_sequence(tag: int) -> bool:
 
 
 class _Walk:
-    __slots__ = ("data", "implicit", "kept", "pixel_length")
+    __slots__ = ("data", "has_pixel_data", "implicit", "kept", "pixel_length")
 
     def __init__(self, data: bytes | bytearray | memoryview, implicit: bool):
         self.data = data
         self.implicit = implicit
         self.kept: dict[int, RawDataElement] = {}
         self.pixel_length: int | None = None
+        self.has_pixel_data = False
 
     def elements(self, offset: int, end: int, depth: int, until_item_end: bool) -> int:
         """Walk elements from ``offset``; return where the walk stopped (``end``, or just
@@ -100,6 +111,10 @@ class _Walk:
         top = depth == 0
         while offset < end:
             if offset + 8 > end:
+                if top and any(data[offset:end]):
+                    raise Truncated("it ends inside an element header")
+                if top:
+                    return end  # a few zero bytes of padding: tolerated, kept as sent
                 raise _Unusual
             if implicit:
                 group, element, length = _TAG_LENGTH.unpack_from(data, offset)
@@ -116,6 +131,8 @@ class _Walk:
                     value_at = offset + 8
                 elif vr in LONG_VRS:
                     if offset + 12 > end:
+                        if top:
+                            raise Truncated("it ends inside an element header")
                         raise _Unusual
                     length = _U32.unpack_from(data, offset + 8)[0]
                     value_at = offset + 12
@@ -130,9 +147,11 @@ class _Walk:
                 return value_at
             if group == 0xFFFE or (top and group == 0x0002):
                 raise _Unusual  # an item or delimiter where an element belongs; file meta
+            if top and tag in PIXEL_TAGS:
+                self.has_pixel_data = True
             if length == UNDEFINED:
                 if tag == PIXEL_DATA:
-                    offset = self.fragments(value_at, end)
+                    offset = self.fragments(value_at, end, top)
                     if top:
                         self.pixel_length = None
                 elif sequence:
@@ -142,7 +161,10 @@ class _Walk:
                 continue
             value_end = value_at + length
             if value_end > end:
-                raise _Unusual  # a value running past the end: truncated (pydicom decides)
+                if top:
+                    raise Truncated(f"element ({group:04X},{element:04X}) declares {length} "
+                                    f"bytes, {end - value_at} remain")
+                raise _Unusual  # inside a sequence: pydicom decides
             if sequence and length:
                 self.sequence(value_at, value_end, length, depth)
             elif top:
@@ -187,7 +209,7 @@ class _Walk:
             raise _Unusual  # no sequence delimiter before the end
         return offset
 
-    def fragments(self, offset: int, end: int) -> int:
+    def fragments(self, offset: int, end: int, top: bool = False) -> int:
         """Encapsulated pixel data: items of defined length, then the sequence delimiter."""
         data = self.data
         while offset + 8 <= end:
@@ -198,15 +220,22 @@ class _Walk:
                 if length != 0:
                     raise _Unusual
                 return offset
-            if tag != ITEM or length == UNDEFINED or offset + length > end:
+            if tag != ITEM or length == UNDEFINED:
+                raise _Unusual
+            if offset + length > end:
+                if top:
+                    raise Truncated(f"a pixel data fragment declares {length} bytes, "
+                                    f"{end - offset} remain")
                 raise _Unusual
             offset += length
-        raise _Unusual  # no delimiter: truncated
+        if top:
+            raise Truncated("the encapsulated pixel data has no sequence delimiter")
+        raise _Unusual  # no delimiter
 
 
 def read_header(data: bytes | bytearray, implicit_vr: bool, little_endian: bool) -> Header | None:
     """The kept elements of a dataset whose whole structure is well formed, or None when
-    pydicom should read it (big endian, or anything unusual)."""
+    pydicom should read it (big endian, or anything unusual). Raises :class:`Truncated`."""
     if not little_endian:
         return None
     walk = _Walk(memoryview(data), implicit_vr)
@@ -216,4 +245,4 @@ def read_header(data: bytes | bytearray, implicit_vr: bool, little_endian: bool)
         return None
     dataset = Dataset(walk.kept)
     dataset.set_original_encoding(implicit_vr, True)
-    return Header(dataset, walk.pixel_length)
+    return Header(dataset, walk.pixel_length, walk.has_pixel_data)

@@ -24,11 +24,18 @@ from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID, generate_uid
 
 from appliance import __version__
-from appliance.ingest.attributes import InvalidInstance, instance_record, record_from_raw
-from appliance.ingest.header import read_header
+from appliance.ingest.attributes import (
+    DatasetMismatch,
+    InvalidInstance,
+    instance_record,
+    record_from_raw,
+)
+from appliance.ingest.header import PIXEL_TAGS, Truncated, read_header
 from appliance.store import index
 from appliance.store.db import Database
 from appliance.store.spool import Spool, SpoolFull
+
+UNDEFINED_LENGTH = 0xFFFFFFFF
 
 log = logging.getLogger("pas.ingest")
 
@@ -200,6 +207,10 @@ class Receiver:
                 f"SOPInstanceUID differs from the C-STORE request's: dataset "
                 f"{record.sop_instance_uid}, request {sop_instance_uid}"
             )
+        if record.sop_class_uid != sop_class_uid:  # the file meta would contradict the body
+            raise DatasetMismatch(
+                f"SOPClassUID differs from the C-STORE request's: dataset "
+                f"{record.sop_class_uid}, request {sop_class_uid}")
         return self._file([header, dataset], record, calling_ae=calling_ae,
                           called_ae=called_ae, source=source, origin="local", digest=digest)
 
@@ -249,7 +260,8 @@ class Receiver:
                 raise SpoolFull(f"disk full: the index cannot grow ({exc})") from exc
             raise StorageFailure(f"index commit failed: {exc}") from exc
         if outcome.conflict:
-            log.warning("conflict: %s received again with other bytes (version %d kept)",
+            log.warning("conflict: %s received again with other bytes than its current "
+                        "version (version %d is now current, the others are kept)",
                         record.sop_instance_uid, outcome.version,
                         extra={"STUDY_UID": record.study_uid, "CALLING_AE": calling_ae})
         return Received(record.sop_instance_uid, record.study_uid, outcome.instance_id,
@@ -264,13 +276,18 @@ def _read_dataset_record(header: bytes, dataset: bytes | bytearray,
     syntax = UID(transfer_syntax_uid)
     if not syntax.is_transfer_syntax or syntax.is_deflated:
         return _read_record(header + dataset)
-    quick = read_header(dataset, syntax.is_implicit_VR, syntax.is_little_endian)
+    _check_encoding(dataset, syntax)
+    try:
+        quick = read_header(dataset, syntax.is_implicit_VR, syntax.is_little_endian)
+    except Truncated as exc:
+        raise InvalidInstance(f"dataset truncated: {exc}") from None
     if quick is not None:  # well formed: only the elements the index reads (header.py)
         try:
             # The record first: it decodes the raw values itself; the pixel check goes
             # through pydicom, which converts the character set element and would send the
             # record down pydicom's slower path (0.2 ms more per image).
             record = record_from_raw(quick.dataset, str(syntax))
+            _check_image_has_pixels(record.sop_class_uid, quick.has_pixel_data)
             if quick.pixel_length is not None and not syntax.is_compressed:
                 _check_pixel_length(quick.dataset, quick.pixel_length)
             return record
@@ -282,7 +299,44 @@ def _read_dataset_record(header: bytes, dataset: bytes | bytearray,
         ds = read_dataset(BytesIO(dataset), syntax.is_implicit_VR, syntax.is_little_endian)
     except Exception as exc:  # pydicom raises many types on malformed input
         raise InvalidInstance(f"cannot parse the dataset: {exc}") from None
+    _check_complete(ds, dataset)
     return _record(ds, syntax)
+
+
+def _check_encoding(dataset: bytes | bytearray, syntax: UID) -> None:
+    """Refuse a dataset not encoded with the VR rule its transfer syntax names. pydicom would
+    notice, log a warning and read it anyway, and the file would be kept behind a file meta
+    naming the negotiated syntax, which no other reader could then parse. The test is
+    pydicom's own: an explicit-VR element has two upper-case letters after its tag."""
+    if len(dataset) < 6:
+        return  # too short to tell: the structural checks refuse it
+    explicit_found = 0x40 < dataset[4] < 0x5B and 0x40 < dataset[5] < 0x5B
+    if explicit_found == syntax.is_implicit_VR:
+        found = "explicit" if explicit_found else "implicit"
+        raise InvalidInstance(
+            f"the dataset is encoded with {found} VR, not as its presentation context's "
+            f"transfer syntax ({syntax.name}) says")
+
+
+def _check_complete(ds: Dataset, data: bytes | bytearray | memoryview) -> None:
+    """pydicom's reader stops without complaint at a short final value or a partial element
+    header; ``read_header`` catches that on the usual path, this on pydicom's."""
+    last_end: int | None = None  # where the last element (in file order) ends, if known
+    for element in ds.values():  # raw elements: nothing is converted here
+        tell = getattr(element, "value_tell", None)
+        length = getattr(element, "length", UNDEFINED_LENGTH)
+        if tell is None or length == UNDEFINED_LENGTH:
+            last_end = None  # a sequence pydicom read (its delimiters checked): end unknown
+            continue
+        value = getattr(element, "value", None)
+        if tell + length > len(data) or (isinstance(value, bytes | bytearray)
+                                         and len(value) < length):
+            raise InvalidInstance(
+                f"dataset truncated: element {element.tag} declares {length} bytes, "
+                f"{max(0, len(data) - tell)} remain")
+        last_end = tell + length
+    if last_end is not None and any(data[last_end:]):
+        raise InvalidInstance("dataset truncated: it ends inside an element header")
 
 
 def _read_record(content: bytes) -> index.InstanceRecord:
@@ -297,7 +351,27 @@ def _read_record(content: bytes) -> index.InstanceRecord:
         raise
     except Exception as exc:  # pydicom raises many types on malformed input
         raise InvalidInstance(f"cannot parse the dataset: {exc}") from None
+    if transfer_syntax.is_transfer_syntax and not transfer_syntax.is_deflated:
+        start = _dataset_offset(ds, content)
+        if start is not None:  # the network path's checks, on the file's dataset
+            _check_encoding(content[start:start + 6], transfer_syntax)
+            try:
+                read_header(memoryview(content)[start:], transfer_syntax.is_implicit_VR,
+                            transfer_syntax.is_little_endian)
+            except Truncated as exc:
+                raise InvalidInstance(f"dataset truncated: {exc}") from None
+        _check_complete(ds, content)  # offsets are the file's (inflated ones would not be)
     return _record(ds, transfer_syntax)
+
+
+def _dataset_offset(ds: Dataset, content: bytes) -> int | None:
+    """Where the dataset starts in a Part 10 file: after the preamble and the file meta,
+    whose group length says how long it is; None if the file does not say."""
+    length = ds.file_meta.get("FileMetaInformationGroupLength")
+    if length is None:
+        return None
+    start = 132 if content[128:132] == b"DICM" else 0
+    return start + 12 + int(length)
 
 
 def _record(ds: Dataset, transfer_syntax: UID) -> index.InstanceRecord:
@@ -307,11 +381,25 @@ def _record(ds: Dataset, transfer_syntax: UID) -> index.InstanceRecord:
         if (element is not None and not element.is_undefined_length
                 and transfer_syntax.is_transfer_syntax and not transfer_syntax.is_compressed):
             _check_pixel_length(ds, len(element.value))
-        return instance_record(ds, str(transfer_syntax))
+        record = instance_record(ds, str(transfer_syntax))
+        _check_image_has_pixels(record.sop_class_uid,
+                                any(tag in ds for tag in PIXEL_TAGS))
+        return record
     except InvalidInstance:
         raise
     except Exception as exc:  # lazily converted values can still raise (found by fuzzing)
         raise InvalidInstance(f"cannot read the dataset's attributes: {exc}") from None
+
+
+def _check_image_has_pixels(sop_class_uid: str, has_pixel_data: bool) -> None:
+    """An image storage object without any pixel data element is logged, not refused: it is
+    well formed (DCMTK's storescp takes it, and pydicom's test data holds such files), but
+    it may be one cut short exactly at an element boundary, just before its pixels, which
+    nothing else can tell from a complete object."""
+    if not has_pixel_data and "Image Storage" in UID(sop_class_uid).name:
+        log.warning("%s object without Pixel Data (7FE0,0010): stored as received; if the "
+                    "sender did not mean it, the object was cut short",
+                    UID(sop_class_uid).name)
 
 
 def _check_pixel_length(ds: Dataset, actual: int) -> None:

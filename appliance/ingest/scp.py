@@ -21,7 +21,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from appliance.config import DicomSection
-from appliance.ingest.attributes import InvalidInstance
+from appliance.ingest.attributes import DatasetMismatch, InvalidInstance
 from appliance.ingest.receive import Receiver, StorageFailure
 from appliance.ops.security import AssociationRateLimiter, server_context
 from appliance.store import audit
@@ -32,6 +32,8 @@ log = logging.getLogger("pas.ingest")
 # Statuses (PS3.4 B.2.3)
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
+DATASET_MISMATCH = 0xA900
+SOP_CLASS_NOT_SUPPORTED = 0x0122
 CANNOT_UNDERSTAND = 0xC210
 PROCESSING_FAILURE = 0xC211
 
@@ -185,7 +187,8 @@ class DicomListener:
         status, comment = self.store_request(
             event.assoc, str(event.context.transfer_syntax),
             str(event.request.AffectedSOPClassUID), str(event.request.AffectedSOPInstanceUID),
-            event.request.DataSet.getvalue(), path="pynetdicom")
+            event.request.DataSet.getvalue(), path="pynetdicom",
+            context_sop_class_uid=str(event.context.abstract_syntax))
         if status == SUCCESS or not comment:
             return status
         answer = Dataset()
@@ -196,13 +199,26 @@ class DicomListener:
     def store_request(self, assoc: Any, transfer_syntax_uid: str, sop_class_uid: str,
                       sop_instance_uid: str, dataset: bytes | bytearray,
                       path: str = "direct",
-                      prepared: tuple[bytes, Any] | None = None) -> tuple[int, str | None]:
+                      prepared: tuple[bytes, Any] | None = None,
+                      context_sop_class_uid: str | None = None) -> tuple[int, str | None]:
         """File one C-STORE's dataset; the status to answer and, for a failure, the reason
         (sent as the response's Error Comment so the modality's log names the problem).
-        Timed for the ``pas_cstore_duration_seconds`` histogram."""
+        ``context_sop_class_uid``: the abstract syntax of the presentation context the request
+        came on, which must be the request's SOP Class (PS3.7 9.3.1.1; a C-STORE on the
+        Verification context, or a CT on an MR context, would be filed with a file meta naming
+        a class its body is not). Timed for the ``pas_cstore_duration_seconds`` histogram."""
         started = time.perf_counter()
-        status, comment = self._store(assoc, transfer_syntax_uid, sop_class_uid,
-                                      sop_instance_uid, dataset, prepared)
+        if context_sop_class_uid is not None and context_sop_class_uid != sop_class_uid:
+            calling = assoc.requestor.ae_title.strip()
+            # The Error Comment is an LO: 64 characters, so the UIDs go to the log only.
+            status, comment = SOP_CLASS_NOT_SUPPORTED, "SOP Class not this context's"
+            self._count("refused")
+            log.warning("C-STORE from %s refused: C-STORE of %s on a presentation context "
+                        "negotiated for %s", calling, sop_class_uid, context_sop_class_uid,
+                        extra={"CALLING_AE": calling})
+        else:
+            status, comment = self._store(assoc, transfer_syntax_uid, sop_class_uid,
+                                          sop_instance_uid, dataset, prepared)
         self._note_store(assoc, status)
         from appliance.ops.metrics import observe_cstore
 
@@ -234,7 +250,8 @@ class DicomListener:
             self._count("refused")
             log.warning("C-STORE from %s refused: %s", calling, exc,
                         extra={"CALLING_AE": calling})
-            return CANNOT_UNDERSTAND, str(exc)
+            return (DATASET_MISMATCH if isinstance(exc, DatasetMismatch)
+                    else CANNOT_UNDERSTAND), str(exc)
         except SpoolFull as exc:
             self._count("refused")
             log.error("C-STORE from %s refused, out of resources: %s", calling, exc,

@@ -68,8 +68,11 @@ def record_instance(
 ) -> RecordOutcome:
     """Index one stored file, in one transaction.
 
-    The same SOP Instance UID with the same SHA-256 is a re-send: nothing changes. With other
-    bytes it is a conflict: the new version is kept beside the old and becomes current.
+    The same SOP Instance UID with the same SHA-256 as its current version is a re-send:
+    nothing changes. With other bytes it is a conflict: the new version is kept beside the old
+    and becomes current. With the bytes of an older version (A, then B, then A again: a
+    correction taken back), that version becomes current again and is routed again, as a
+    new one would be: the sender's last word serves, here and in the region.
 
     An instance of ``origin="regional"`` (fetched from the region: fetch-through, prefetch)
     is held by the region by definition: it is filed as routed and confirmed at once, so that
@@ -79,17 +82,29 @@ def record_instance(
     held_by_region = received_at if origin == "regional" else None
     with db.transaction() as conn:
         versions = conn.execute(
-            "SELECT id, sha256, version FROM instances WHERE sop_instance_uid = ? "
-            "ORDER BY version DESC",
+            "SELECT id, sha256, version, is_current FROM instances "
+            "WHERE sop_instance_uid = ? ORDER BY version DESC",
             (record.sop_instance_uid,),
         ).fetchall()
-        for row in versions:
-            if row["sha256"] == stored.sha256:
-                return RecordOutcome(row["id"], duplicate=True, conflict=False,
-                                     version=row["version"])
+        same = next((row for row in versions if row["sha256"] == stored.sha256), None)
+        if same is not None and same["is_current"]:
+            return RecordOutcome(same["id"], duplicate=True, conflict=False,
+                                 version=same["version"])
         patient_fk = _upsert_patient(conn, record)
         study_fk = _upsert_study(conn, record, patient_fk, received_at, origin)
         series_fk = _upsert_series(conn, record, study_fk)
+        if same is not None:  # an older version sent again: current again, routed again
+            conn.execute("UPDATE instances SET is_current = 0 WHERE sop_instance_uid = ?",
+                         (record.sop_instance_uid,))
+            conn.execute(
+                """UPDATE instances SET is_current = 1, received_at = ?, routed_at = ?,
+                       confirmed_at = ?, calling_ae = ?, called_ae = ?, source_address = ?
+                   WHERE id = ?""",
+                (received_at, held_by_region, held_by_region, calling_ae, called_ae,
+                 source_address, same["id"]),
+            )
+            return RecordOutcome(same["id"], duplicate=False, conflict=True,
+                                 version=same["version"])
         version = versions[0]["version"] + 1 if versions else 1
         if versions:
             conn.execute(

@@ -1,0 +1,238 @@
+"""Objects and PDUs the C-STORE SCP must refuse, each with the status a modality can act on,
+nothing stored, and the daemon serving the next sender (invariant 7; docs/ingest.md).
+
+Found in review (2026-12-03): an object cut just before its pixel data, or inside an element
+other than the pixel data, was answered Success; so were a dataset in explicit VR on an
+implicit-VR context, a C-STORE on another class's presentation context and a dataset of
+another SOP class than its request. A peer silent in the middle of a PDU held its
+association slot for ever, and a re-sent older version did not become current again.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pydicom.filereader import read_dataset
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    MRImageStorage,
+    Verification,
+)
+
+from tests.support import raw_ul
+from tests.support.peers import CT_DIR, MR_DIR, PasProcess, half_written, storescu, wait_for
+from tests.test_ingest import dataset_part, index_rows
+
+PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
+
+
+@pytest.fixture
+def pas(tmp_path: Path) -> PasProcess:
+    daemon = PasProcess(tmp_path / "pas", {
+        "PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_HTTP__ENABLED": "false",
+        "PAS_DICOM__NETWORK_TIMEOUT_S": "2", "PAS_DICOM__MAX_ASSOCIATIONS": "2",
+    }).start()
+    yield daemon
+    daemon.stop()
+
+
+def send_file_as_is(port: int, path: Path, *contexts: tuple[str, str]) -> Any:
+    """The file's dataset bytes sent untouched (pynetdicom streams them from the file,
+    with the command's UIDs and the context from its file meta); the C-STORE-RSP."""
+    meta = dcmread(path, stop_before_pixels=True, force=True).file_meta
+    ae = AE(ae_title="RAWSCU")
+    for abstract, syntax in contexts or ((meta.MediaStorageSOPClassUID,
+                                          meta.TransferSyntaxUID),):
+        ae.add_requested_context(abstract, syntax)
+    assoc = ae.associate("127.0.0.1", port, ae_title="PAS")
+    assert assoc.is_established
+    previous = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        return assoc.send_c_store(path)
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous
+        assoc.release()
+
+
+def echo_accepted(pas: PasProcess) -> bool:
+    ae = AE(ae_title="ECHOSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", pas.port, ae_title="PAS")
+    if not assoc.is_established:
+        return False
+    assoc.release()
+    return True
+
+
+def assert_nothing_stored(pas: PasProcess) -> None:
+    assert pas.status()["instances"] == 0
+    assert not list((pas.home / "spool").rglob("*.dcm"))
+    assert not half_written(pas.home / "spool")
+
+
+def test_an_object_cut_anywhere_is_refused_and_nothing_stored(pas: PasProcess,
+                                                              tmp_path: Path) -> None:
+    source = next(p for p in sorted(MR_DIR.rglob("*.dcm")))
+    content = source.read_bytes()
+    dataset = dataset_part(source)
+    meta_end = len(content) - len(dataset)
+    pixels = meta_end + dataset.index(PIXEL_DATA_TAG)
+    # The longest element before the pixel data: cut in the middle of its value.
+    raw = read_dataset(BytesIO(dataset), False, True, stop_when=lambda tag, *_: tag == 0x7FE00010)
+    longest = max((e for e in raw.values() if getattr(e, "length", 0) not in (0, 0xFFFFFFFF)),
+                  key=lambda e: e.length)
+    assert longest.length > 100
+    cuts = {
+        "mid-element": (meta_end + longest.value_tell + longest.length // 2, "truncated"),
+        "inside the pixel data's header": (pixels + 5, "truncated"),
+    }
+    for name, (cut, reason) in cuts.items():
+        bad = tmp_path / f"{name}.dcm"
+        bad.write_bytes(content[:cut])
+        answer = send_file_as_is(pas.port, bad)
+        assert answer.Status == 0xC210, (name, hex(answer.Status))
+        assert reason in str(answer.ErrorComment), (name, answer.ErrorComment)
+    assert_nothing_stored(pas)
+    assert send_file_as_is(pas.port, source).Status == 0x0000  # and the next one is taken
+    assert pas.status()["instances"] == 1
+
+
+def test_a_dataset_in_another_vr_than_its_context_is_refused(pas: PasProcess,
+                                                              tmp_path: Path) -> None:
+    """Explicit-VR bytes on an Implicit VR Little Endian context: the file would be kept
+    behind a meta that says implicit, and no reader could parse it."""
+    source = sorted(CT_DIR.glob("*.dcm"))[0]
+    ds = dcmread(source, stop_before_pixels=True)
+    assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    lying = tmp_path / "lying.dcm"
+    content = source.read_bytes()
+    explicit_meta_ts = b"1.2.840.10008.1.2.1\x00"
+    at = content.index(explicit_meta_ts)
+    # The same length, so the meta's group length stays right: "1.2.840.10008.1.2" padded.
+    lying.write_bytes(content[:at] + b"1.2.840.10008.1.2\x00\x00\x00" + content[at + 20:])
+    assert dcmread(lying, stop_before_pixels=True, force=True).file_meta.TransferSyntaxUID \
+        == "1.2.840.10008.1.2"
+    answer = send_file_as_is(pas.port, lying)
+    assert answer.Status == 0xC210
+    assert "encoded with explicit VR" in str(answer.ErrorComment)
+    assert_nothing_stored(pas)
+
+
+def test_a_dataset_of_another_class_than_its_request_gets_a900(pas: PasProcess,
+                                                                tmp_path: Path) -> None:
+    source = sorted(CT_DIR.glob("*.dcm"))[0]
+    ds = dcmread(source)
+    ds.file_meta.MediaStorageSOPClassUID = MRImageStorage  # the command's class
+    bad = tmp_path / "ct-as-mr.dcm"
+    ds.save_as(bad)
+    answer = send_file_as_is(pas.port, bad, (MRImageStorage, "1.2.840.10008.1.2.1"))
+    assert answer.Status == 0xA900
+    assert "SOPClassUID differs from the C-STORE request's" in str(answer.ErrorComment)
+    assert_nothing_stored(pas)
+
+
+def test_a_c_store_on_another_classes_context_gets_0122(pas: PasProcess) -> None:
+    """A CT on the MR context, and a C-STORE on the Verification context: PS3.7 9.3.1.1
+    binds a request's SOP Class to its context's; the file meta would name a class its body
+    is not."""
+    source = sorted(CT_DIR.glob("*.dcm"))[0]
+    uid = str(dcmread(source, stop_before_pixels=True).SOPInstanceUID)
+    dataset = dataset_part(source)
+    explicit = "1.2.840.10008.1.2.1"
+    raw = raw_ul.associate(pas.port, [(1, str(CTImageStorage), explicit),
+                                      (3, str(MRImageStorage), explicit),
+                                      (5, str(Verification), explicit)])
+    assert raw.accepted == {1: 0, 3: 0, 5: 0}
+    try:
+        for _ in range(3):  # and again: each answer comes, the association goes on
+            for context_id in (3, 5):
+                answer = raw.c_store(context_id, str(CTImageStorage), uid, dataset)
+                assert struct.unpack("<H", answer[0x0900])[0] == 0x0122, context_id
+                assert b"not this context's" in answer[0x0902], answer[0x0902]
+        answer = raw.c_store(1, str(CTImageStorage), uid, dataset)
+        assert struct.unpack("<H", answer[0x0900])[0] == 0x0000
+    finally:
+        raw.release()
+    rows = index_rows(pas.home)
+    assert [(r["version"], r["sop_class_uid"]) for r in rows] == [(1, str(CTImageStorage))]
+
+
+def test_a_resent_older_version_becomes_current_again(pas: PasProcess, tmp_path: Path) -> None:
+    """A, then a corrected B, then A again (the correction taken back): A serves, and is
+    routed again; no third copy."""
+    first = sorted(CT_DIR.glob("*.dcm"))[0]
+    ds = dcmread(first)
+    ds.InstitutionName = "CORRECTED"
+    second = tmp_path / "corrected.dcm"
+    ds.save_as(second)
+    for path in (first, second, first):
+        storescu([path], pas.port)
+    rows = index_rows(pas.home)
+    assert len(rows) == 2
+    current = [r for r in rows if r["is_current"]]
+    assert len(current) == 1 and current[0]["version"] == 1
+    assert current[0]["routed_at"] is None
+    assert dcmread(pas.home / "spool" / current[0]["path"]).get("InstitutionName") != "CORRECTED"
+    status = pas.status()
+    assert (status["files"], status["instances"]) == (2, 1)
+
+
+def test_a_peer_silent_inside_a_pdu_frees_its_slot(pas: PasProcess) -> None:
+    """Two connections (dicom.max_associations = 2) each stop in the middle of a P-DATA-TF
+    PDU, as a modality switched off mid-image leaves them: after the network timeout (2 s)
+    both are closed and a modality is served again."""
+    stalled = []
+    for _ in range(2):
+        raw = raw_ul.associate(pas.port, [(1, str(CTImageStorage), "1.2.840.10008.1.2.1")])
+        raw.sock.sendall(struct.pack(">BBL", 0x04, 0, 1000) + b"\x00" * 10)
+        stalled.append(raw)
+    assert not echo_accepted(pas)  # both slots taken
+    wait_for(lambda: pas.log().count("connection closed before the entire PDU") == 2, 30,
+             what="both stalled associations ended by PAS")
+    wait_for(lambda: echo_accepted(pas), 10, what="an association slot free again")
+    storescu(sorted(MR_DIR.rglob("*.dcm"))[:1], pas.port)
+    assert pas.status()["instances"] == 1
+    for raw in stalled:
+        assert raw.read_pdu(5)[0] in (None, 0x07)  # closed by PAS (or aborted, then closed)
+        raw.sock.close()
+
+
+def test_a_pdu_over_the_offered_maximum_aborts_before_its_body_is_read(
+        pas: PasProcess) -> None:
+    ae = AE(ae_title="BIGPDU")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", pas.port, ae_title="PAS")
+    assert assoc.is_established
+    offered = assoc.acceptor.maximum_length
+    assert offered > 0
+    assoc.dul.socket.send(struct.pack(">BBL", 0x04, 0, offered + 1) + b"\x00" * 64)
+    wait_for(lambda: assoc.is_aborted, 10, what="the association aborted by PAS")
+    assert f"over the {offered} this association accepts" in pas.log()
+    wait_for(lambda: echo_accepted(pas), 10, what="an association slot free again")
+    storescu(sorted(MR_DIR.rglob("*.dcm"))[:1], pas.port)
+    assert pas.status()["instances"] == 1
+
+
+def test_a_bare_port_probe_does_not_hold_an_association_place(tmp_path: Path) -> None:
+    """A TCP connection closed before any A-ASSOCIATE-RQ (a monitoring system's port check)
+    used to keep one of dicom.max_associations for the whole ACSE timeout (30 s): with one
+    place, a modality was refused for 30 s after each probe."""
+    daemon = PasProcess(tmp_path / "pas", {
+        "PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_HTTP__ENABLED": "false",
+        "PAS_DICOM__MAX_ASSOCIATIONS": "1"}).start()  # its start-up check is such a probe
+    try:
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", daemon.port), timeout=5):
+                pass
+            # Well under the 30 s ACSE timeout the place used to be held for.
+            wait_for(lambda: echo_accepted(daemon), 5, what="the only place free again")
+    finally:
+        daemon.stop()
