@@ -1,19 +1,37 @@
 """Destination kind ``dicom``: C-STORE to a DICOM node on the LAN (the hospital's own PACS).
 
-One association per job (a study or its delta). Each SOP class is proposed in its stored
-transfer syntax and, separately, uncompressed; a stored file goes byte for byte when its
-syntax was accepted, and is decompressed to explicit VR little endian only when the peer
-refused it. The files are streamed from disk, never loaded whole, when sent as stored.
+One association per job (a study or its delta); a study with so many SOP classes that its
+presentation contexts exceed the 128 an association may carry is sent over several, one after
+the other. Each SOP class is proposed in every transfer syntax it is stored in, each alone in
+its own context (so a peer that supports it cannot pick another), and once more as
+Explicit VR Little Endian + Implicit VR Little Endian: the fallback, since Implicit VR Little
+Endian is the one syntax every DICOM node must accept.
+
+A stored file goes byte for byte, streamed from disk, whenever its own syntax was accepted
+(bit-exact is the rule). Only when it was not is the instance decoded with pydicom and
+re-encoded in little endian: decompressed (same SOP Instance UID) or, for Explicit VR Big
+Endian, its word-valued elements byte-swapped; pynetdicom then writes it in whichever of the
+two little endian syntaxes the peer accepted.
+
+A SOP class for which the peer accepted no usable context is a permanent error that names the
+SOP class, the syntaxes proposed and the peer's answer; the job's other instances are sent
+first (a retry after the peer is reconfigured resumes with the rest).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+import numpy
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
-from pynetdicom.presentation import build_context
+from pynetdicom.presentation import PresentationContext, build_context
 
 from appliance.config import DicomDestination
 from appliance.dispatch.target_types.base import PermanentError, SendContext
@@ -24,9 +42,74 @@ log = logging.getLogger("pas.dispatch.dicom")
 # Send files' datasets exactly as stored, streamed from disk, instead of decoding them.
 _config.STORE_SEND_CHUNKED_DATASET = True
 
-UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+UNCOMPRESSED = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
 MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts in one association
 BATCH_MARK = 25     # record progress every N instances
+
+# Values made of words whose bytes a big endian encoding reverses: VR -> word size.
+_WORD_SIZE = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+
+
+def plan_associations(pairs: set[tuple[str, str]]) -> list[list[PresentationContext]]:
+    """The presentation contexts to propose for these (SOP class, stored syntax) pairs.
+
+    Per SOP class: each stored syntax alone, then the little endian pair (explicit first),
+    no context twice. SOP classes are kept whole and grouped into as few associations of at
+    most :data:`MAX_CONTEXTS` contexts as the order allows."""
+    syntaxes: dict[str, list[str]] = defaultdict(list)
+    for sop_class, syntax in sorted(pairs):
+        syntaxes[sop_class].append(syntax)
+    groups: list[list[PresentationContext]] = [[]]
+    for sop_class, stored in syntaxes.items():
+        proposals = [[s] for s in stored] + [list(UNCOMPRESSED)]
+        needed = [build_context(sop_class, p) for p in proposals]
+        if groups[-1] and len(groups[-1]) + len(needed) > MAX_CONTEXTS:
+            groups.append([])
+        groups[-1].extend(needed)
+    return [g for g in groups if g]
+
+
+def as_little_endian(path: Path) -> Dataset:
+    """The instance at ``path`` decoded and re-encoded as Explicit VR Little Endian, with the
+    same SOP Instance UID: decompressed, or byte-swapped when stored big endian."""
+    ds = dcmread(path)
+    syntax = UID(ds.file_meta.TransferSyntaxUID)
+    if syntax.is_compressed:
+        # pydicom mints a new SOP Instance UID unless told not to: this is the same instance.
+        ds.decompress(generate_instance_uid=False)
+    elif not syntax.is_little_endian:
+        _swap_to_little_endian(ds)
+    return ds
+
+
+def _swap_to_little_endian(ds: Dataset) -> None:
+    """Explicit VR Big Endian -> Explicit VR Little Endian, in place.
+
+    Reading converts every element (sequences included) with the dataset's big endian
+    encoding, so numbers, tags and text come out right; what pydicom keeps as bytes, the
+    word-valued OW/OF/OL/OD/OV values, are swapped here. Pixel Data (OW) is swapped per pixel
+    cell when its cells are wider than a word (Bits Allocated 32 or 64)."""
+    bits = int(ds.get("BitsAllocated", 16) or 16)
+    for elem in ds.iterall():  # each element converted while the encoding is still big endian
+        size = _WORD_SIZE.get(str(elem.VR))
+        if size is None or not isinstance(elem.value, bytes | bytearray):
+            continue
+        if elem.tag == 0x7FE00010 and size == 2 and bits in (32, 64):
+            size = bits // 8
+        if len(elem.value) % size:
+            continue  # malformed length: leave it as it is rather than guess
+        elem.value = (numpy.frombuffer(elem.value, dtype=f">u{size}")
+                      .astype(f"<u{size}").tobytes())
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.set_original_encoding(False, True, ds.original_character_set)
+
+
+@dataclass
+class _Refused:
+    """Instances of one SOP class the peer accepted no usable context for."""
+    proposed: set[str] = field(default_factory=set)
+    answers: set[str] = field(default_factory=set)
+    instances: int = 0
 
 
 class DicomTarget:
@@ -37,38 +120,43 @@ class DicomTarget:
         self.config = config
         self.calling_ae = config.calling_ae_title or local_ae_title
 
+    @property
+    def peer(self) -> str:
+        return f"{self.config.ae_title}@{self.config.host}:{self.config.port}"
+
     def send(self, job: Job, context: SendContext) -> None:
         files = context.files(job)
         if not files:
             return
-        pairs = sorted({(f["sop_class_uid"], f["transfer_syntax_uid"]) for f in files})
-        contexts = []
-        for sop_class, syntax in pairs:
-            contexts.append(build_context(sop_class, [syntax]))
-            if syntax not in UNCOMPRESSED:
-                contexts.append(build_context(sop_class, UNCOMPRESSED))
-        if len(contexts) > MAX_CONTEXTS:
-            raise PermanentError(f"study needs {len(contexts)} presentation contexts (max 128)")
-        ae = AE(ae_title=self.calling_ae)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.config.timeout_s
-        tls_args = None
-        if self.config.tls and self.config.tls_ca:  # DICOM TLS, BCP 195 (ops/security.py)
-            from appliance.ops.security import client_context
+        refused: dict[str, _Refused] = defaultdict(_Refused)
+        for contexts in plan_associations(
+                {(f["sop_class_uid"], f["transfer_syntax_uid"]) for f in files}):
+            classes = {str(c.abstract_syntax) for c in contexts}
+            self._send_group(job, context, contexts,
+                             [f for f in files if f["sop_class_uid"] in classes], refused)
+        if refused:
+            raise PermanentError(self._refusal(refused))
 
-            tls_args = (client_context(self.config.tls_ca, self.config.tls_cert,
-                                       self.config.tls_key), None)
-        assoc = ae.associate(self.config.host, self.config.port, contexts,
-                             ae_title=self.config.ae_title, tls_args=tls_args)  # type: ignore[arg-type]
+    def _send_group(self, job: Job, context: SendContext, contexts: list[PresentationContext],
+                    files: list[Any], refused: dict[str, _Refused]) -> None:
+        assoc = self._associate(contexts)
         if not assoc.is_established:
+            if assoc.is_aborted and not assoc.accepted_contexts and assoc.rejected_contexts:
+                # The peer answered, but accepted none of the contexts: not a network fault.
+                self._note_refused(files, contexts, assoc.rejected_contexts, refused)
+                return
             raise ConnectionError(
-                f"{self.name}: association with {self.config.ae_title}@{self.config.host}:"
-                f"{self.config.port} not established (rejected or unreachable)"
+                f"{self.name}: association with {self.peer} not established "
+                f"({'rejected by the peer' if assoc.is_rejected else 'unreachable or aborted'})"
             )
         sent: list[int] = []
         try:
             accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0]))
                         for c in assoc.accepted_contexts}
-            for row in files:
+            usable = [f for f in files if self._usable(f, accepted)]
+            self._note_refused([f for f in files if not self._usable(f, accepted)], contexts,
+                               assoc.rejected_contexts, refused)
+            for row in usable:
                 self._send_one(assoc, row, accepted, context)
                 sent.append(row["id"])
                 if len(sent) >= BATCH_MARK:
@@ -81,20 +169,56 @@ class DicomTarget:
             if assoc.is_established:
                 assoc.release()
 
-    def _send_one(self, assoc, row, accepted, context: SendContext) -> None:  # type: ignore[no-untyped-def]
+    def _associate(self, contexts: list[PresentationContext]) -> Any:
+        ae = AE(ae_title=self.calling_ae)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.config.timeout_s
+        tls_args = None
+        if self.config.tls and self.config.tls_ca:  # DICOM TLS, BCP 195 (ops/security.py)
+            from appliance.ops.security import client_context
+
+            tls_args = (client_context(self.config.tls_ca, self.config.tls_cert,
+                                       self.config.tls_key), None)
+        return ae.associate(self.config.host, self.config.port, contexts,
+                            ae_title=self.config.ae_title, tls_args=tls_args)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _usable(row: Any, accepted: set[tuple[str, str]]) -> bool:
+        sop_class = row["sop_class_uid"]
+        return (sop_class, row["transfer_syntax_uid"]) in accepted or any(
+            (sop_class, ts) in accepted for ts in UNCOMPRESSED)
+
+    @staticmethod
+    def _note_refused(files: list[Any], contexts: list[PresentationContext],
+                      rejected: list[PresentationContext],
+                      refused: dict[str, _Refused]) -> None:
+        for row in files:
+            sop_class = row["sop_class_uid"]
+            entry = refused[sop_class]
+            entry.instances += 1
+            for cx in contexts:
+                if str(cx.abstract_syntax) == sop_class:
+                    entry.proposed.update(str(ts) for ts in cx.transfer_syntax)
+            entry.answers.update(cx.status for cx in rejected
+                                 if str(cx.abstract_syntax) == sop_class)
+
+    def _refusal(self, refused: dict[str, _Refused]) -> str:
+        parts = []
+        for sop_class, entry in sorted(refused.items()):
+            syntaxes = ", ".join(sorted(UID(ts).name for ts in entry.proposed))
+            answer = ", ".join(sorted(entry.answers)) or "no usable context"
+            parts.append(f"SOP class {UID(sop_class).name} ({sop_class}), proposed in "
+                         f"{syntaxes} (answer: {answer}); {entry.instances} instance(s) not sent")
+        return (f"{self.name}: {self.peer} accepted no presentation context for "
+                + "; ".join(parts))
+
+    def _send_one(self, assoc: Any, row: Any, accepted: set[tuple[str, str]],
+                  context: SendContext) -> None:
         path = context.spool.path(row["path"])
-        sop_class, syntax = row["sop_class_uid"], row["transfer_syntax_uid"]
-        if (sop_class, syntax) in accepted:
-            status = assoc.send_c_store(path)
-        elif any((sop_class, str(ts)) in accepted for ts in UNCOMPRESSED):
-            dataset = dcmread(path)
-            if UID(syntax).is_compressed:
-                dataset.decompress()
-            status = assoc.send_c_store(dataset)
+        if (row["sop_class_uid"], row["transfer_syntax_uid"]) in accepted:
+            status = assoc.send_c_store(path)  # the stored bytes, unchanged
         else:
-            raise PermanentError(
-                f"{self.name} accepted no transfer syntax for SOP class {sop_class}"
-            )
+            # Little endian (explicit); pynetdicom writes it implicit if that was accepted.
+            status = assoc.send_c_store(as_little_endian(path))
         if status is None or "Status" not in status:
             raise ConnectionError(f"{self.name}: no C-STORE response for {row['sop_instance_uid']}")
         code = int(status.Status)

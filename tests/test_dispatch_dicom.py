@@ -1,0 +1,177 @@
+"""The dicom destination against real DCMTK storescp peers: stored bytes when the peer accepts
+the stored transfer syntax, a little endian re-encoding (same instance, same pixels) when it
+does not, and a clear permanent error when it accepts no context for a SOP class."""
+
+from __future__ import annotations
+
+import hashlib
+import textwrap
+from pathlib import Path
+
+import numpy
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import (
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
+
+from appliance.dispatch.target_types.dicom import as_little_endian, plan_associations
+from tests.support.peers import StoreSCP, storescu, wait_for
+from tests.test_ingest import dataset_part, index_rows, sop_uid
+from tests.test_routing import CT_PATIENT, jobs_of
+
+MR_BIG_ENDIAN = Path(get_testdata_file("MR_small_bigendian.dcm"))  # Explicit VR Big Endian
+CT_IMAGE, MR_IMAGE = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"
+
+
+def write_config(path: Path, scp: StoreSCP) -> Path:
+    """Everything goes to the peer (fallback route); a failed job is retried once."""
+    path.write_text(textwrap.dedent(f"""
+        [queue]
+        max_attempts = 2
+        backoff_initial_s = 0.2
+        backoff_max_s = 0.5
+
+        [routing.fallback]
+        destinations = ["pacs"]
+
+        [destinations.pacs]
+        kind = "dicom"
+        ae_title = "{scp.ae_title}"
+        host = "127.0.0.1"
+        port = {scp.port}
+        timeout_s = 10
+        """))
+    return path
+
+
+def send_ct_and_big_endian_mr(pas_factory, scp: StoreSCP, tmp_path: Path):  # type: ignore[no-untyped-def]
+    pas = pas_factory({"PAS_CONFIG": str(write_config(tmp_path / "appliance.toml", scp)),
+                       "PAS_DICOM__ACCEPT_UNKNOWN": "true"})
+    storescu(CT_PATIENT, pas.port)
+    storescu(MR_BIG_ENDIAN, pas.port, extra=["-xb"])  # kept big endian by PAS
+    wait_for(lambda: len(jobs_of(pas.home)) == 2
+             and all(j["state"] in ("done", "failed") for j in jobs_of(pas.home)), 60,
+             what="both jobs finished")
+    stored = {r["sop_instance_uid"]: r for r in index_rows(pas.home)}
+    assert {r["transfer_syntax_uid"] for r in stored.values()} == {
+        str(ExplicitVRLittleEndian), str(ExplicitVRBigEndian)}
+    return pas, stored
+
+
+def pixels(path: Path) -> numpy.ndarray:
+    return dcmread(path).pixel_array
+
+
+def test_implicit_only_peer_gets_explicit_le_ct_and_big_endian_mr(pas_factory,
+                                                                  tmp_path: Path) -> None:
+    scp = StoreSCP(tmp_path / "implicit", ae_title="OLDPACS").start(["+xi"])
+    try:
+        pas, stored = send_ct_and_big_endian_mr(pas_factory, scp, tmp_path)
+        assert [(j["state"], j["attempts"]) for j in jobs_of(pas.home)] == [("done", 1)] * 2
+        received = {sop_uid(p): p for p in scp.files()}
+        originals = {sop_uid(p): p for p in [*CT_PATIENT, MR_BIG_ENDIAN]}
+        assert set(received) == set(originals) == set(stored)  # same SOP Instance UIDs
+        for uid, path in received.items():
+            ds = dcmread(path)
+            assert ds.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+            assert ds.SOPInstanceUID == uid
+            assert numpy.array_equal(ds.pixel_array, pixels(originals[uid]))
+    finally:
+        scp.stop()
+
+
+def test_a_peer_accepting_the_stored_syntax_gets_the_stored_bytes(pas_factory, storescp: StoreSCP,
+                                                                  tmp_path: Path) -> None:
+    pas, stored = send_ct_and_big_endian_mr(pas_factory, storescp, tmp_path)
+    assert [j["state"] for j in jobs_of(pas.home)] == ["done", "done"]
+    received = {sop_uid(p): p for p in storescp.files()}
+    assert set(received) == set(stored)
+    for uid, path in received.items():  # bit-exact, the big endian file included
+        spool = pas.home / "spool" / stored[uid]["path"]
+        assert (hashlib.sha256(dataset_part(path)).hexdigest()
+                == hashlib.sha256(dataset_part(spool)).hexdigest())
+        assert dcmread(path).file_meta.TransferSyntaxUID == stored[uid]["transfer_syntax_uid"]
+
+
+def test_no_context_for_a_sop_class_fails_the_job_at_once_and_clearly(pas_factory,
+                                                                       tmp_path: Path) -> None:
+    """A CT-only peer: a CT+MR study delivers its CT then fails naming MR Image Storage; an
+    MR-only study (every context refused, the association aborted) fails the same way, not
+    as a network error retried."""
+    profile = tmp_path / "ct-only.cfg"
+    profile.write_text(textwrap.dedent("""
+        [[TransferSyntaxes]]
+        [Uncompressed]
+        TransferSyntax1 = LocalEndianExplicit
+        TransferSyntax2 = LittleEndianImplicit
+        [[PresentationContexts]]
+        [CTOnly]
+        PresentationContext1 = VerificationSOPClass\\Uncompressed
+        PresentationContext2 = CTImageStorage\\Uncompressed
+        [[Profiles]]
+        [CT]
+        PresentationContexts = CTOnly
+        """))
+    scp = StoreSCP(tmp_path / "ctonly", ae_title="CTONLY").start(["-xf", str(profile), "CT"])
+    try:
+        ct_study = dcmread(CT_PATIENT[0], stop_before_pixels=True)
+        mixed = dcmread(MR_BIG_ENDIAN)  # an MR instance filed in the CT's study
+        for keyword in ("StudyInstanceUID", "PatientID", "PatientName", "PatientBirthDate"):
+            setattr(mixed, keyword, ct_study.get(keyword, ""))
+        mixed.SOPInstanceUID = mixed.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        mixed.save_as(tmp_path / "mixed-mr.dcm")
+        pas = pas_factory({"PAS_CONFIG": str(write_config(tmp_path / "appliance.toml", scp)),
+                           "PAS_DICOM__ACCEPT_UNKNOWN": "true"})
+        storescu(CT_PATIENT, pas.port)
+        storescu(tmp_path / "mixed-mr.dcm", pas.port, extra=["-xb"])
+        storescu(get_testdata_file("MR_small.dcm"), pas.port)
+        wait_for(lambda: [j["state"] for j in jobs_of(pas.home)] == ["failed", "failed"], 60,
+                 what="both jobs failed")
+        for job in jobs_of(pas.home):
+            assert job["attempts"] == 1, job  # permanent: not retried
+            error = job["last_error"]
+            assert "CTONLY@127.0.0.1" in error and "accepted no presentation context" in error
+            assert f"MR Image Storage ({MR_IMAGE})" in error and "CT Image" not in error
+            assert "Implicit VR Little Endian" in error and "Explicit VR Little Endian" in error
+            assert "1 instance(s) not sent" in error and "not established" not in error
+        # The stored syntax is proposed too: big endian for the mixed study's MR only.
+        assert sorted("Explicit VR Big Endian" in j["last_error"]
+                      for j in jobs_of(pas.home)) == [False, True]
+        assert {sop_uid(p) for p in scp.files()} == {sop_uid(p) for p in CT_PATIENT}
+    finally:
+        scp.stop()
+
+
+def test_contexts_stored_syntax_alone_plus_little_endian_within_128() -> None:
+    jpeg_ls = "1.2.840.10008.1.2.4.80"
+    [contexts] = plan_associations({(CT_IMAGE, str(ExplicitVRLittleEndian)),
+                                    (CT_IMAGE, jpeg_ls), (MR_IMAGE, str(ExplicitVRBigEndian))})
+    proposed = [(str(c.abstract_syntax), [str(t) for t in c.transfer_syntax]) for c in contexts]
+    little = [str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)]
+    assert proposed == [(CT_IMAGE, [str(ExplicitVRLittleEndian)]), (CT_IMAGE, [jpeg_ls]),
+                        (CT_IMAGE, little), (MR_IMAGE, [str(ExplicitVRBigEndian)]),
+                        (MR_IMAGE, little)]
+    # 70 SOP classes need 140 contexts: two associations, no SOP class split between them.
+    classes = {(f"1.2.3.{n}", str(ExplicitVRLittleEndian)) for n in range(70)}
+    groups = plan_associations(classes)
+    assert [len(g) for g in groups] == [128, 12]
+    seen = [{str(c.abstract_syntax) for c in g} for g in groups]
+    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 70
+
+
+def test_big_endian_rewritten_little_endian_keeps_the_instance() -> None:
+    ds = as_little_endian(MR_BIG_ENDIAN)
+    original = dcmread(MR_BIG_ENDIAN)
+    assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert ds.original_encoding == (False, True)
+    assert ds.SOPInstanceUID == original.SOPInstanceUID
+    assert numpy.array_equal(ds.pixel_array, original.pixel_array)
+    compressed = as_little_endian(Path(get_testdata_file("MR_small_jpeg_ls_lossless.dcm")))
+    assert compressed.SOPInstanceUID == dcmread(
+        get_testdata_file("MR_small_jpeg_ls_lossless.dcm")).SOPInstanceUID  # not a new UID
+    assert numpy.array_equal(compressed.pixel_array, dcmread(get_testdata_file("MR_small.dcm"))
+                             .pixel_array)
