@@ -25,6 +25,7 @@ from typing import Any
 
 from appliance.store import index
 from appliance.store.db import Database, now
+from appliance.store.jobs import WORKER_DIED
 from appliance.store.spool import Spool, fsync_dir
 
 QUARANTINE_DIR = "quarantine"
@@ -225,13 +226,18 @@ def release_host_leases(db: Database, host: str) -> int:
 
     Lease owners are ``host:pid:tag:n`` (see dispatch.worker); at start-up no worker of this
     daemon runs yet, so every running job leased from this host belongs to a dead process.
-    The attempt the dead process counted is given back: a crash is not a delivery failure.
+    The attempt the dead process counted stays counted (it was given back once: a job whose
+    sending crashes the daemon was then retried at every restart, for ever); the job is due
+    at once, and ``jobs.claim_next`` fails it when no attempt is left. One kill -9 costs one
+    attempt of ``queue.max_attempts`` (10 by default): the job resumes.
     """
     at = now()
     with db.transaction() as conn:
         cursor = conn.execute(
-            """UPDATE jobs SET state = 'pending', next_attempt_at = ?, updated_at = ?,
-                   attempts = max(attempts - 1, 0), lease_owner = NULL, lease_until = NULL
+            f"""UPDATE jobs SET state = 'pending', next_attempt_at = ?, updated_at = ?,
+                   last_error = '{WORKER_DIED} (the daemon stopped during attempt '
+                       || attempts || ')',
+                   lease_owner = NULL, lease_until = NULL
                WHERE state = 'running' AND lease_owner LIKE ? ESCAPE '\\'""",
             (at, at, host.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + ":%"),
         )
