@@ -134,6 +134,64 @@ def test_an_expired_lease_is_claimed_again_and_resumes(tmp_path: Path) -> None:
     assert not job_store.renew_lease(db, first.id, "dead-worker", 60)
 
 
+def _one_job(tmp_path: Path) -> tuple[Database, int]:
+    from appliance.store import index
+    from appliance.store.index import InstanceRecord, StoredFile
+
+    db = Database(tmp_path / "pas.sqlite")
+    record = InstanceRecord("1.2.3.1", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1",
+                            "1.2.3", "1.2.3.9", patient_id="P")
+    instance = index.record_instance(db, record, StoredFile("f1", 1, "1" * 64)).instance_id
+    job_store.route_study(db, 1, [instance], [job_store.NewJob("dicom", "pacs", 2, "r",
+                                                                [instance])])
+    return db, instance
+
+
+def test_a_job_that_kills_the_daemon_at_every_restart_ends_failed(tmp_path: Path) -> None:
+    """A poison job (its sending segfaults or OOMs the daemon): each start-up releases the
+    dead process's lease; the attempt stays counted, so max_attempts ends it as failed
+    instead of a crash loop for ever (the attempt used to be given back)."""
+    from appliance.store.cache import release_host_leases
+
+    db, _instance = _one_job(tmp_path)
+    for pid in range(1, 4):
+        job = job_store.claim_next(db, f"box:{pid}:t:0", lease_s=300, max_attempts=3)
+        assert job is not None and job.attempts == pid
+        assert release_host_leases(db, "box") == 1  # the daemon restarted after the crash
+    assert job_store.claim_next(db, "box:4:t:0", lease_s=300, max_attempts=3) is None
+    row = db.query_one("SELECT state, attempts, last_error, lease_owner FROM jobs")
+    assert (row["state"], row["attempts"], row["lease_owner"]) == ("failed", 3, None)
+    assert row["last_error"] == ("no attempt left (3 of 3); the last: the worker died while "
+                                 "sending it (the daemon stopped during attempt 3)")
+
+
+def test_a_job_whose_leases_keep_expiring_ends_failed(tmp_path: Path) -> None:
+    db, _instance = _one_job(tmp_path)
+    for n in range(1, 4):  # each worker dies: its lease expires
+        job = job_store.claim_next(db, f"w{n}", lease_s=0.0, max_attempts=3)
+        assert job is not None and job.attempts == n
+    assert job_store.claim_next(db, "w4", lease_s=60, max_attempts=3) is None
+    row = db.query_one("SELECT state, last_error FROM jobs")
+    assert row["state"] == "failed"
+    assert row["last_error"] == ("no attempt left (3 of 3); the last: the worker died while "
+                                 "sending it (its lease expired during attempt 3)")
+
+
+def test_one_kill_during_a_send_resumes_the_job(tmp_path: Path) -> None:
+    """docs/reliability.md: kill -9 during a send, restart, the job resumes (not failed)."""
+    from appliance.store.cache import release_host_leases
+
+    db, instance = _one_job(tmp_path)
+    first = job_store.claim_next(db, "box:1:t:0", lease_s=300, max_attempts=10)
+    assert first is not None
+    release_host_leases(db, "box")
+    again = job_store.claim_next(db, "box:2:t:0", lease_s=300, max_attempts=10)
+    assert again is not None and again.id == first.id and again.attempts == 2
+    assert [r["id"] for r in job_store.job_files(db, again.id)] == [instance]
+    job_store.finish(db, again.id, "box:2:t:0")
+    assert db.query_one("SELECT state, last_error FROM jobs")[0] == "done"
+
+
 def test_backoff_grows_with_jitter_and_stops_at_max_attempts() -> None:
     queue = QueueSection(max_attempts=5, backoff_initial_s=1, backoff_max_s=20)
     delays = [next_delay(queue, n) for n in range(1, 5)]

@@ -11,12 +11,14 @@ transaction.
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import threading
 import time
 from pathlib import Path
 
 import httpx
+import pytest
 from pydicom import dcmread
 
 from appliance.store.db import IDLE_CONNECTIONS, Database
@@ -167,3 +169,66 @@ def test_the_totals_row_follows_every_change_of_the_instances(tmp_path: Path) ->
     totals = index.totals(db)
     assert (totals["files"], totals["bytes"]) == (_summed(db)["files"], _summed(db)["bytes"])
     assert index.spool_bytes(db) == _summed(db)["bytes"]
+
+
+# --- transaction(): a failed COMMIT, an error SQLite already rolled back ------------------------
+
+
+def _patients_seen_by_another_connection(path: Path) -> list[str]:
+    other = sqlite3.connect(path)
+    try:
+        return [row[0] for row in other.execute("SELECT patient_id FROM patients ORDER BY 1")]
+    finally:
+        other.close()
+
+
+def test_a_failed_commit_is_rolled_back_and_never_joined_by_the_next_transaction(
+        tmp_path: Path) -> None:
+    db = Database(tmp_path / "pas.sqlite")
+    # A deferred foreign-key violation fails the COMMIT itself, and SQLite keeps the
+    # transaction open (as it may on SQLITE_BUSY at COMMIT).
+    with pytest.raises(sqlite3.IntegrityError), db.transaction() as conn:
+        conn.execute("PRAGMA defer_foreign_keys=ON")
+        conn.execute("INSERT INTO patients (patient_id, issuer) VALUES ('LOST', '')")
+        conn.execute("INSERT INTO series (series_uid, study_fk) VALUES ('1.2.3', 999)")
+    assert not db.connection().in_transaction
+    # The next state change on this thread commits (it once joined the open transaction
+    # and returned without committing: a C-STORE answered success, its row never written).
+    with db.transaction() as conn:
+        conn.execute("INSERT INTO patients (patient_id, issuer) VALUES ('KEPT', '')")
+    assert _patients_seen_by_another_connection(db.path) == ["KEPT"]
+    db.close()
+
+
+def test_the_caller_sees_sqlite_full_not_the_failed_rollback(tmp_path: Path) -> None:
+    db = Database(tmp_path / "pas.sqlite")
+    conn = db.connection()
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count={pages + 2}")  # a real SQLITE_FULL, soon
+    with pytest.raises(sqlite3.OperationalError) as raised, db.transaction() as conn:
+        for n in range(1000):
+            conn.execute("INSERT INTO patients (patient_id, issuer, name) VALUES (?, '', ?)",
+                         (f"P{n}", "x" * 500))
+    # SQLite rolled the transaction back itself; the ROLLBACK that followed failed ("no
+    # transaction is active") and its error used to reach the caller instead.
+    assert raised.value.sqlite_errorcode == sqlite3.SQLITE_FULL
+    conn.execute("PRAGMA max_page_count=1073741823")
+    with db.transaction() as conn:
+        conn.execute("INSERT INTO patients (patient_id, issuer) VALUES ('AFTER', '')")
+    assert _patients_seen_by_another_connection(db.path) == ["AFTER"]
+    db.close()
+
+
+def test_a_transaction_not_opened_by_transaction_is_refused_not_joined(tmp_path: Path) -> None:
+    db = Database(tmp_path / "pas.sqlite")
+    db.connection().execute("BEGIN")
+    db.connection().execute("INSERT INTO patients (patient_id, issuer) VALUES ('STRAY', '')")
+    with pytest.raises(RuntimeError, match="did not open"), db.transaction():
+        pass
+    assert not db.connection().in_transaction
+    with db.transaction() as conn:  # nesting still joins the transaction this method opened
+        with db.transaction() as inner:
+            inner.execute("INSERT INTO patients (patient_id, issuer) VALUES ('INNER', '')")
+        conn.execute("INSERT INTO patients (patient_id, issuer) VALUES ('OUTER', '')")
+    assert _patients_seen_by_another_connection(db.path) == ["INNER", "OUTER"]
+    db.close()

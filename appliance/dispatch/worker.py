@@ -39,7 +39,8 @@ class Dispatcher:
                 max_priority: int | None = None) -> bool:
         """Claim and run one due job; False when none is due."""
         queue = self.settings.queue
-        job = job_store.claim_next(self.db, owner, queue.lease_s, kinds, max_priority)
+        job = job_store.claim_next(self.db, owner, queue.lease_s, kinds, max_priority,
+                                   max_attempts=queue.max_attempts)
         if job is None:
             return False
         context = SendContext(self.db, self.spool, owner, queue.lease_s)

@@ -18,14 +18,15 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from appliance.store import index
 from appliance.store.db import Database, now
-from appliance.store.spool import Spool
+from appliance.store.jobs import WORKER_DIED
+from appliance.store.spool import Spool, fsync_dir
 
 QUARANTINE_DIR = "quarantine"
 
@@ -225,13 +226,18 @@ def release_host_leases(db: Database, host: str) -> int:
 
     Lease owners are ``host:pid:tag:n`` (see dispatch.worker); at start-up no worker of this
     daemon runs yet, so every running job leased from this host belongs to a dead process.
-    The attempt the dead process counted is given back: a crash is not a delivery failure.
+    The attempt the dead process counted stays counted (it was given back once: a job whose
+    sending crashes the daemon was then retried at every restart, for ever); the job is due
+    at once, and ``jobs.claim_next`` fails it when no attempt is left. One kill -9 costs one
+    attempt of ``queue.max_attempts`` (10 by default): the job resumes.
     """
     at = now()
     with db.transaction() as conn:
         cursor = conn.execute(
-            """UPDATE jobs SET state = 'pending', next_attempt_at = ?, updated_at = ?,
-                   attempts = max(attempts - 1, 0), lease_owner = NULL, lease_until = NULL
+            f"""UPDATE jobs SET state = 'pending', next_attempt_at = ?, updated_at = ?,
+                   last_error = '{WORKER_DIED} (the daemon stopped during attempt '
+                       || attempts || ')',
+                   lease_owner = NULL, lease_until = NULL
                WHERE state = 'running' AND lease_owner LIKE ? ESCAPE '\\'""",
             (at, at, host.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + ":%"),
         )
@@ -313,8 +319,28 @@ def evict_study(db: Database, spool: Spool, study_uid: str, *, force: bool = Fal
 
     Without ``force`` a study with any unconfirmed instance, a live pin or an active job is
     refused: the cache never breaks invariant 2 on its own. ``force`` is the operator's purge.
+
+    The same bytes may be received again while this runs (a modality re-sends the study):
+    the receive finds the content-addressed file, commits a new row naming it and answers
+    success, so the file must survive. An unlink after the commit used to delete it. Now a
+    file is deleted only if, with the write lock held (no index commit can interleave), no
+    row names it and it is still the very file (device and inode) seen before the rows were
+    deleted: :meth:`Spool.write` always renames its own copy into place, even when the same
+    bytes are already held, so a receive that wrote after that look left another inode
+    there and its row may still be coming. Why this rather than a lock by path shared with
+    the receive path: ``pas cache purge`` runs in another process than the daemon's
+    receives; the SQLite write lock and the file's identity are seen by both.
+    What this cannot see: a receive that wrote its file before this function looked, and
+    commits its row only after the deletion, having lost the write lock to both of its
+    transactions meanwhile. Closing that needs the receive path to check its file after its
+    own commit (ingest's code).
     """
     at = now()
+    # The files as they are before any row goes (see above); rows that arrive before the
+    # transaction below are looked at there.
+    seen = _file_identities(spool, (r["path"] for r in db.query(
+        "SELECT i.path FROM instances i JOIN studies s ON s.id = i.study_fk "
+        "WHERE s.study_uid = ?", (study_uid,))))
     with db.transaction() as conn:
         study = conn.execute("SELECT id, pinned_until FROM studies WHERE study_uid = ?",
                              (study_uid,)).fetchone()
@@ -345,24 +371,91 @@ def evict_study(db: Database, spool: Spool, study_uid: str, *, force: bool = Fal
         conn.execute("DELETE FROM series WHERE study_fk = ?", (study["id"],))
         conn.execute("DELETE FROM studies WHERE id = ?", (study["id"],))
         paths = sorted({r["path"] for r in rows})
-        still_used = {r["path"] for r in conn.execute(
-            f"SELECT path FROM instances WHERE path IN ({','.join('?' * len(paths))})", paths)
-        } if paths else set()
+        still_used = _paths_in_use(conn, paths)
         doomed = [p for p in paths if p not in still_used]
+        seen.update(_file_identities(spool, (p for p in doomed if p not in seen)))
         conn.executemany(
             "INSERT INTO integrity_issues (found_at, kind, path, detail) "
             "VALUES (?, 'evicting', ?, ?)",
             [(at, p, f"study {study_uid}") for p in doomed],
         )
-    for relative in doomed:
-        (spool.root / relative).unlink(missing_ok=True)
-    with db.transaction() as conn:
-        conn.executemany(
-            "UPDATE integrity_issues SET resolved_at = ?, resolution = 'deleted' "
-            "WHERE kind = 'evicting' AND path = ? AND resolved_at IS NULL",
-            [(now(), p) for p in doomed],
-        )
+    delete_evicted_files(db, spool, {p: seen[p] for p in doomed})
     return Evicted(study_uid, len(rows), sum(int(r["size"]) for r in rows), unconfirmed)
+
+
+EVICT_FILES_PER_TRANSACTION = 256  # the write lock is held while they are unlinked
+
+_FileIdentity = tuple[int, int]  # (st_dev, st_ino)
+
+
+def _file_identities(spool: Spool, paths: Iterable[str]) -> dict[str, _FileIdentity | None]:
+    identities: dict[str, _FileIdentity | None] = {}
+    for relative in paths:
+        try:
+            st = os.stat(spool.root / relative)
+        except FileNotFoundError:
+            identities[relative] = None
+        else:
+            identities[relative] = (st.st_dev, st.st_ino)
+    return identities
+
+
+def _paths_in_use(conn: sqlite3.Connection, paths: list[str]) -> set[str]:
+    used: set[str] = set()
+    for start in range(0, len(paths), 500):
+        part = paths[start:start + 500]
+        used.update(r["path"] for r in conn.execute(
+            f"SELECT DISTINCT path FROM instances WHERE path IN ({','.join('?' * len(part))})",
+            part))
+    return used
+
+
+def delete_evicted_files(db: Database, spool: Spool,
+                         doomed: dict[str, _FileIdentity | None]) -> list[str]:
+    """The second half of :func:`evict_study`: unlink each file whose rows are gone, unless
+    it was filed again meanwhile; resolve its ``evicting`` flag (``deleted`` or ``kept``).
+    Returns the paths kept. Each batch is one transaction holding the write lock, so no
+    index commit lands between the look at the rows and the unlink."""
+    kept: list[str] = []
+    paths = sorted(doomed)
+    for start in range(0, len(paths), EVICT_FILES_PER_TRANSACTION):
+        batch = paths[start:start + EVICT_FILES_PER_TRANSACTION]
+        with db.transaction() as conn:
+            in_use = _paths_in_use(conn, batch)
+            resolved = []
+            for relative in batch:
+                if relative in in_use or not _unlink_if_same(spool, relative, doomed[relative]):
+                    kept.append(relative)
+                    resolved.append(("kept", relative))
+                else:
+                    resolved.append(("deleted", relative))
+            at = now()
+            conn.executemany(
+                "UPDATE integrity_issues SET resolved_at = ?, resolution = ? "
+                "WHERE kind = 'evicting' AND path = ? AND resolved_at IS NULL",
+                [(at, resolution, relative) for resolution, relative in resolved],
+            )
+    return kept
+
+
+def _unlink_if_same(spool: Spool, relative: str, identity: _FileIdentity | None) -> bool:
+    """Unlink the file if it is still the one identified by ``identity`` (True: gone).
+    The file is first renamed aside (atomic), so the look and the unlink are about the same
+    inode; another one (a receive rewrote the same bytes) is renamed back."""
+    final = spool.root / relative
+    aside = final.with_name(f"{final.name}.evicting-{os.getpid()}")
+    try:
+        os.rename(final, aside)
+    except FileNotFoundError:
+        return True  # not there: nothing to delete
+    st = os.stat(aside)
+    if (st.st_dev, st.st_ino) == identity:
+        os.unlink(aside)
+        return True
+    os.replace(aside, final)  # a newer copy meanwhile holds the same bytes: either will do
+    if spool.fsync:
+        fsync_dir(final.parent)
+    return False
 
 
 def set_pin(db: Database, study_uid: str, until: float | None) -> bool:

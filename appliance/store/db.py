@@ -110,18 +110,50 @@ class Database:
 
         IMMEDIATE takes the write lock up front, so two writers never deadlock upgrading a
         read lock; the busy timeout makes the second one wait instead of failing.
+
+        Nested calls on one thread are part of the outer transaction; the nesting is counted
+        here, not guessed from ``conn.in_transaction``. That guess once joined a transaction
+        left open by a failed COMMIT (SQLite keeps it open e.g. on a deferred foreign-key
+        violation or SQLITE_BUSY): the next state change on that thread returned without
+        committing anything, and held the write lock for ever. Now a failed COMMIT is rolled
+        back, a transaction this method did not open is refused (and rolled back), and the
+        caller always sees the original error: a ROLLBACK that fails because SQLite already
+        rolled back (SQLITE_FULL, SQLITE_IOERR) no longer replaces SQLITE_FULL with "no
+        transaction is active" (the receive path answers 0xA700 for SQLITE_FULL).
         """
         conn = self.connection()
-        if conn.in_transaction:  # nested: join the outer transaction
-            yield conn
+        depth = getattr(self._local, "depth", 0)
+        if depth:  # nested in one this method opened on this thread: part of it
+            if not conn.in_transaction:  # SQLite rolled it back (an error caught inside)
+                raise _rolled_back_underneath(self.path)
+            self._local.depth = depth + 1
+            try:
+                yield conn
+            finally:
+                self._local.depth = depth
             return
+        if conn.in_transaction:
+            _rollback(conn)
+            raise RuntimeError(
+                f"{self.path}: this thread's connection was inside a transaction that "
+                f"Database.transaction() did not open; it was rolled back (never joined)")
         conn.execute("BEGIN IMMEDIATE")
+        self._local.depth = 1
         try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+            try:
+                yield conn
+            except BaseException:
+                _rollback(conn)
+                raise
+            if not conn.in_transaction:  # never run the rest in autocommit, never say done
+                raise _rolled_back_underneath(self.path)
+            try:
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback(conn)  # SQLite may leave a transaction open after a failed COMMIT
+                raise
+        finally:
+            self._local.depth = 0
 
     @contextmanager
     def savepoint(self, name: str = "one") -> Iterator[sqlite3.Connection]:
@@ -132,8 +164,10 @@ class Database:
         try:
             yield conn
         except BaseException:
-            conn.execute(f"ROLLBACK TO {name}")
-            conn.execute(f"RELEASE {name}")
+            if conn.in_transaction:  # else SQLite rolled back everything: keep the error
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute(f"ROLLBACK TO {name}")
+                    conn.execute(f"RELEASE {name}")
             raise
         conn.execute(f"RELEASE {name}")
 
@@ -175,10 +209,25 @@ class Database:
                 for statement in _split_statements(script):
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version={number}")
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            _rollback(conn)
             raise
-        conn.execute("COMMIT")
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Roll back if a transaction is still open, without hiding the error being handled:
+    SQLite rolls back by itself after some errors (SQLITE_FULL, SQLITE_IOERR), and a
+    ROLLBACK then, or one that fails, must not replace the original exception."""
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+
+
+def _rolled_back_underneath(path: Path) -> sqlite3.OperationalError:
+    return sqlite3.OperationalError(
+        f"{path}: SQLite rolled the transaction back after an error inside it (caught by "
+        f"its caller); nothing of it was committed")
 
 
 def _split_statements(script: str) -> list[str]:

@@ -65,12 +65,24 @@ def route_study(db: Database, study_fk: int, routed_ids: list[int], jobs: list[N
 _JOB_SELECT = """SELECT j.*, s.study_uid FROM jobs j JOIN studies s ON s.id = j.study_fk"""
 
 
+WORKER_DIED = "the worker died while sending it"
+_EXPIRED = f"'{WORKER_DIED} (its lease expired during attempt ' || attempts || ')'"
+
+
 def claim_next(db: Database, owner: str, lease_s: float,
                kinds: tuple[str, ...] | None = None,
-               max_priority: int | None = None) -> Job | None:
+               max_priority: int | None = None,
+               max_attempts: int | None = None) -> Job | None:
     """Lease the most urgent job that is due: pending and ready, or running with an expired
     lease (its worker died). Urgent first, then oldest. ``max_priority`` (0 = urgent only)
-    lets a dedicated worker take only urgent jobs, so a long routine upload never delays them."""
+    lets a dedicated worker take only urgent jobs, so a long routine upload never delays them.
+
+    An attempt is counted when a job is claimed and is not given back when its worker dies
+    (an expired lease here, a released one at start-up: ``cache.release_host_leases``).
+    With ``max_attempts``, a job whose attempts are all spent that way is failed instead of
+    claimed again: a job whose sending kills the daemon (a codec's segfault, the OOM killer)
+    once made it crash at every restart, for ever. One kill -9 during a send costs one
+    attempt; the job resumes."""
     at = now()
     kind_filter = ""
     params: list[Any] = [at, at]
@@ -81,6 +93,17 @@ def claim_next(db: Database, owner: str, lease_s: float,
         kind_filter += " AND priority <= ?"
         params.append(max_priority)
     with db.transaction() as conn:
+        if max_attempts is not None:
+            conn.execute(
+                f"""UPDATE jobs SET state = 'failed', finished_at = ?, updated_at = ?,
+                       last_error = 'no attempt left (' || attempts || ' of ' || ? || '); the '
+                           || 'last: ' || CASE WHEN state = 'running' THEN {_EXPIRED}
+                                               ELSE coalesce(last_error, '?') END,
+                       lease_owner = NULL, lease_until = NULL
+                   WHERE attempts >= ? AND ((state = 'running' AND lease_until < ?)
+                                            OR (state = 'pending' AND next_attempt_at <= ?))""",
+                (at, at, max_attempts, max_attempts, at, at),
+            )
         row = conn.execute(
             f"""SELECT id FROM jobs
                 WHERE ((state = 'pending' AND next_attempt_at <= ?)
@@ -91,7 +114,9 @@ def claim_next(db: Database, owner: str, lease_s: float,
         if row is None:
             return None
         conn.execute(
-            """UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_owner = ?,
+            f"""UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_owner = ?,
+                   last_error = CASE WHEN state = 'running' THEN {_EXPIRED}
+                                     ELSE last_error END,
                    lease_until = ?, updated_at = ? WHERE id = ?""",
             (owner, at + lease_s, at, row["id"]),
         )

@@ -144,7 +144,8 @@ class Spool:
     def write(self, chunks: Iterable[bytes | bytearray],
               digest: Any = None) -> tuple[StoredFile, bool]:
         """Write the chunks durably; return where they are (size, SHA-256) and whether this
-        call created the file (False: the same bytes were already held). ``digest``: a
+        call created the file (False: the same bytes were already held; they are rewritten
+        all the same, see below). ``digest``: a
         hashlib SHA-256 object already fed exactly these chunks (the C-STORE path hashes
         fragments as they arrive), so they are not hashed twice."""
         hashed = digest is not None
@@ -165,10 +166,14 @@ class Spool:
             sha = digest.hexdigest()
             relative = f"{sha[:2]}/{sha}.dcm"
             final = self.root / relative
-            if _size_of(final) == size:
-                temp.unlink()  # the same bytes are already held durably
-                self._temp_files.forget(temp)
-                return StoredFile(relative, size, sha), False
+            # The same bytes already held: this copy still replaces that file (a new inode at
+            # the same name) instead of being thrown away. An eviction running meanwhile
+            # unlinks a file only if it is still the very file it saw before deleting the
+            # rows (store.cache.evict_study): a rewritten one is being filed again and is
+            # kept. ``created`` stays False so that a failed index commit does not discard
+            # a file that older rows still name. (It also replaces a damaged file of the
+            # same size with the good bytes.)
+            held = _size_of(final) == size
             new_dirs: list[Path] = []
             try:
                 os.replace(temp, final)
@@ -183,7 +188,7 @@ class Spool:
                 fsync_dir(final.parent)
                 for directory in new_dirs:  # a new directory's entry lives in its parent
                     fsync_dir(directory.parent)
-            return StoredFile(relative, size, sha), True
+            return StoredFile(relative, size, sha), not held
         except BaseException:
             temp.unlink(missing_ok=True)
             self._temp_files.forget(temp)

@@ -7,6 +7,7 @@ studies by last use, then runs eviction passes against a quota the spool exceeds
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 from collections import defaultdict
@@ -15,8 +16,10 @@ from pathlib import Path
 import pytest
 
 from appliance.config import load_settings
-from appliance.ingest.receive import Receiver
+from appliance.ingest.receive import Receiver, _read_record
 from appliance.ops.cache_policy import CachePolicy, pin, purge, unpin
+from appliance.store import cache as cache_store
+from appliance.store import index
 from appliance.store.cache import NotEvictable
 from appliance.store.db import Database
 from appliance.store.spool import Spool
@@ -130,3 +133,75 @@ def test_forced_purge_from_the_cli_is_audited_and_alert_clears(four_studies) -> 
     forced = db.query("SELECT * FROM audit WHERE event = 'delete' AND outcome = 'success'")
     assert len(forced) == 4 and all("forced purge" in r["detail"] for r in forced)
     assert all(r["actor"].startswith("operator") for r in forced)
+
+
+# --- eviction racing a re-send of the same bytes ---------------------------------------------
+
+
+def _one_confirmed_instance(tmp_path: Path):  # type: ignore[no-untyped-def]
+    db = Database(tmp_path / "pas.sqlite")
+    spool = Spool(tmp_path / "spool")
+    receiver = Receiver(db, spool)
+    content = sorted(CT_DIR.glob("*.dcm"))[0].read_bytes()
+    first = receiver.receive_file(content)
+    _confirm(db, first.study_uid)
+    return db, spool, receiver, content, first
+
+
+def _file_sha(spool: Spool, relative: str) -> str | None:
+    path = spool.root / relative
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+def test_a_resend_filed_while_eviction_runs_keeps_its_file(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole re-send (spool write and index commit, answered success) lands after the
+    eviction's rows are gone and before its files are unlinked: the new row's file stays."""
+    db, spool, receiver, content, first = _one_confirmed_instance(tmp_path)
+    resent = []
+    real_delete = cache_store.delete_evicted_files
+
+    def resend_then_delete(*args, **kwargs):  # type: ignore[no-untyped-def]
+        resent.append(receiver.receive_file(content))
+        return real_delete(*args, **kwargs)
+
+    monkeypatch.setattr(cache_store, "delete_evicted_files", resend_then_delete)
+    cache_store.evict_study(db, spool, first.study_uid)
+    (again,) = resent
+    assert not again.duplicate  # the old row was gone: a new, unconfirmed row
+    row = db.query_one("SELECT path, sha256, confirmed_at FROM instances WHERE id = ?",
+                       (again.instance_id,))
+    assert row["confirmed_at"] is None
+    assert _file_sha(spool, row["path"]) == row["sha256"] == first.sha256
+    assert cache_store.open_issues(db, ("evicting",)) == []  # resolved ("kept")
+
+
+def test_a_resend_written_during_eviction_and_committed_after_keeps_its_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The re-send's spool write finds the file still there ("already held") before the
+    unlink, and its index commit comes only after the eviction finished: the file stays."""
+    db, spool, receiver, content, first = _one_confirmed_instance(tmp_path)
+    written = []
+    real_delete = cache_store.delete_evicted_files
+
+    def write_then_delete(*args, **kwargs):  # type: ignore[no-untyped-def]
+        written.append(spool.write([content]))  # the receive path's first half
+        return real_delete(*args, **kwargs)
+
+    monkeypatch.setattr(cache_store, "delete_evicted_files", write_then_delete)
+    cache_store.evict_study(db, spool, first.study_uid)
+    ((stored, created),) = written
+    assert not created  # the same bytes were there: a failed commit must not discard them
+    # The receive path's second half, after the eviction returned: the success it answers.
+    outcome = index.record_instance(db, _read_record(content), stored)
+    assert not outcome.duplicate
+    assert _file_sha(spool, stored.path) == stored.sha256 == first.sha256
+
+
+def test_eviction_still_deletes_files_nobody_filed_again(tmp_path: Path) -> None:
+    db, spool, _receiver, _content, first = _one_confirmed_instance(tmp_path)
+    path = db.query_one("SELECT path FROM instances WHERE id = ?", (first.instance_id,))["path"]
+    cache_store.evict_study(db, spool, first.study_uid)
+    assert not (spool.root / path).exists()
+    assert list((spool.root / path).parent.iterdir()) == []  # nothing renamed aside left
+    assert cache_store.open_issues(db, ("evicting",)) == []

@@ -120,7 +120,11 @@ def test_startup_releases_only_this_hosts_leases(filled) -> None:  # type: ignor
     assert report.leases_released == 1
     states = {r["lease_owner"]: (r["state"], r["attempts"])
               for r in db.query("SELECT * FROM jobs")}
-    assert states[None] == ("pending", 0)
+    # The dead process's attempt stays counted (a job that crashes the daemon must run out
+    # of attempts), and the job is due at once.
+    assert states[None] == ("pending", 1)
+    assert db.query_one("SELECT last_error FROM jobs WHERE id = ?", (mine.id,))["last_error"] == (
+        "the worker died while sending it (the daemon stopped during attempt 1)")
     assert states["otherhost:222:def:0"] == ("running", 1)
     again = job_store.claim_next(db, "thishost:333:new:0", lease_s=60)
     assert again is not None and again.id == mine.id
