@@ -24,7 +24,9 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 ENV_PREFIX = "PAS_"
 
@@ -68,6 +70,17 @@ Priority = Literal["urgent", "high", "routine"]
 PRIORITY_RANK: dict[str, int] = {"urgent": 0, "high": 1, "routine": 2}
 
 
+def _cross_field(key: str, message: str) -> PydanticCustomError:
+    """A check across the fields of one section, raised from its ``model_validator``.
+
+    Pydantic collects it with every other problem of the file and gives it the section's
+    location (``destinations.ws``); :func:`format_validation_error` appends ``key``. (A
+    ``ConfigError`` raised during validation stopped it: every other problem was hidden.)
+    """
+    return PydanticCustomError("cross_field", "{key}: {message}",
+                               {"key": key, "message": message})
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
@@ -90,11 +103,14 @@ class DicomTlsSection(_Section):
     ca: Path | None = None
     require_client_cert: bool = True
 
-    def model_post_init(self, _context: Any) -> None:
+    @model_validator(mode="after")
+    def _files_when_enabled(self) -> DicomTlsSection:
         if self.enabled and not (self.cert and self.key):
-            raise ConfigError(["dicom.tls.cert, dicom.tls.key: required when dicom.tls.enabled"])
+            raise _cross_field("cert" if not self.cert else "key",
+                               "required when dicom.tls.enabled (cert and key both are)")
         if self.enabled and self.require_client_cert and not self.ca:
-            raise ConfigError(["dicom.tls.ca: required when dicom.tls.require_client_cert"])
+            raise _cross_field("ca", "required when dicom.tls.require_client_cert")
+        return self
 
 
 class DicomSection(_Section):
@@ -151,12 +167,13 @@ class CacheSection(_Section):
     scrub_mb_per_s: float = Field(default=10.0, ge=0)
     scrub_pause_s: float = Field(default=3600.0, gt=0)
 
-    def model_post_init(self, _context: Any) -> None:
+    @model_validator(mode="after")
+    def _low_below_high(self) -> CacheSection:
         if self.low_watermark_percent >= self.high_watermark_percent:
-            raise ConfigError([
-                f"cache.low_watermark_percent: must be below high_watermark_percent "
-                f"({self.high_watermark_percent}), got {self.low_watermark_percent}"
-            ])
+            raise _cross_field("low_watermark_percent",
+                               f"must be below high_watermark_percent "
+                               f"({self.high_watermark_percent}), got {self.low_watermark_percent}")
+        return self
 
 
 class AuditSection(_Section):
@@ -170,10 +187,12 @@ class AuditSection(_Section):
     syslog_key: Path | None = None
     queue_max: int = Field(default=10000, ge=1)
 
-    def model_post_init(self, _context: Any) -> None:
+    @model_validator(mode="after")
+    def _ca_with_host(self) -> AuditSection:
         if self.syslog_host and not self.syslog_ca:
-            raise ConfigError(["audit.syslog_ca: required when audit.syslog_host is set "
-                               "(the collector's certificate must be verified)"])
+            raise _cross_field("syslog_ca", "required when audit.syslog_host is set (the "
+                                            "collector's certificate must be verified)")
+        return self
 
 
 class StudySection(_Section):
@@ -244,9 +263,11 @@ class DicomDestination(_Section):
     tls_cert: Path | None = None
     tls_key: Path | None = None
 
-    def model_post_init(self, _context: Any) -> None:
+    @model_validator(mode="after")
+    def _ca_with_tls(self) -> DicomDestination:
         if self.tls and not self.tls_ca:
-            raise ConfigError([f"destinations ({self.ae_title}).tls_ca: required when tls"])
+            raise _cross_field("tls_ca", "required when tls = true")
+        return self
 
 
 class HubDestination(_Section):
@@ -429,13 +450,16 @@ class ServingSection(_Section):
     # C-MOVE/C-GET pending responses (optional in PS3.4) at most this often; 0: one per image.
     retrieve_pending_interval_s: float = Field(default=0.1, ge=0, le=10)
 
-    def model_post_init(self, _context: Any) -> None:
+    @model_validator(mode="after")
+    def _credentials_for_auth(self) -> ServingSection:
         if self.auth == "bearer" and not self.bearer_tokens:
-            raise ConfigError(["serving.bearer_tokens: required when serving.auth = 'bearer'"])
-        if self.auth == "client_cert" and not (self.tls_cert and self.tls_key
-                                               and self.tls_client_ca):
-            raise ConfigError(["serving.tls_cert, tls_key, tls_client_ca: required when "
-                               "serving.auth = 'client_cert'"])
+            raise _cross_field("bearer_tokens", "required when serving.auth = 'bearer'")
+        missing = [name for name in ("tls_cert", "tls_key", "tls_client_ca")
+                   if getattr(self, name) is None]
+        if self.auth == "client_cert" and missing:
+            raise _cross_field(missing[0], f"required when serving.auth = 'client_cert' "
+                                           f"(missing: {', '.join(missing)})")
+        return self
 
 
 class RoutingSection(_Section):
@@ -465,6 +489,8 @@ class Settings(_Section):
     destinations: dict[str, Destination] = {}
 
     def model_post_init(self, _context: Any) -> None:
+        # Runs only once every field validated (so it hides no other problem) and reports
+        # every unknown name at once; Settings is never nested, so nothing else is stopped.
         known = set(self.destinations) | {"hub"}
         problems = []
         for index, rule in enumerate(self.routing.rules):
@@ -544,15 +570,18 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> lis
         # Discriminated unions add the tag to the path; it is noise to a reader.
         if len(loc) >= 3 and loc[0] == "destinations" and loc[2] in tags:
             del loc[2]
-        path = ".".join(loc) or "(top level)"
         kind = error["type"]
         message = error["msg"].removeprefix("Value error, ")
-        if kind == "extra_forbidden":
+        if kind == "cross_field":  # a section's own check names its key (see _cross_field)
+            loc.append(str(error["ctx"]["key"]))
+            message = str(error["ctx"]["message"])
+        elif kind == "extra_forbidden":
             message = "unknown key"
         elif kind == "missing":
             message = "is required"
         elif kind != "value_error":
             message = f"{message}, got {error.get('input')!r}"
+        path = ".".join(loc) or "(top level)"
         lines.append(f"{path}: {message}")
     return lines
 

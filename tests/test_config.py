@@ -69,6 +69,24 @@ def test_bad_configuration_is_named_and_refused(tmp_path: Path, toml: str,
     assert expected in " ".join(result.stderr.split()), result.stderr
 
 
+def test_every_problem_is_named_with_a_cross_field_one(tmp_path: Path) -> None:
+    """A section's own check (the watermark pair, TLS to a destination without its CA) is
+    reported with the other problems, each under the key path the operator wrote."""
+    path = tmp_path / "three.toml"
+    path.write_text("[dicom]\nport = 0\n[cache]\nlow_watermark_percent = 95\n"
+                    "[destinations.ws]\nkind = 'dicom'\nae_title = 'WS'\nhost = 'ws'\n"
+                    "port = 104\ntls = true\n")
+    result = check(path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("config error")]
+    assert sorted(lines) == sorted([
+        "config error dicom.port: must be 1-65535, got 0",
+        "config error cache.low_watermark_percent: must be below high_watermark_percent "
+        "(90.0), got 95.0",
+        "config error destinations.ws.tls_ca: required when tls = true",
+    ]), result.stderr
+
+
 def test_bad_environment_value_is_named() -> None:
     result = check(None, PAS_DICOM__PORT="0", PAS_DICOM__MAX_ASSOCIATIONS="many")
     assert result.returncode == 2
