@@ -28,6 +28,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from appliance.config_env import read_overrides
+
 ENV_PREFIX = "PAS_"
 
 
@@ -520,34 +522,21 @@ class Settings(_Section):
         return self.home / "pas.sqlite"
 
 
-def _parse_env_value(raw: str) -> Any:
-    """Read an environment value as a TOML literal when it is one (``true``, ``11113``,
-    ``["A", "B"]``), else as a plain string."""
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
-
-
 def _is_hub_variable(name: str) -> bool:
     """``PAS_HUB_<SECTION>__<KEY>`` configures the hub; ``PAS_HUB__<KEY>`` is the appliance's
     own ``[hub]`` section."""
     return name.startswith("PAS_HUB_") and not name.startswith("PAS_HUB__")
 
 
-def env_overrides(environ: dict[str, str], prefix: str = ENV_PREFIX) -> dict[str, Any]:
-    """Collect ``PREFIX<SECTION>__<KEY>[__<SUBKEY>]`` variables into a nested dict."""
-    tree: dict[str, Any] = {}
-    for name, raw in environ.items():
-        if not name.startswith(prefix) or "__" not in name:
-            continue
-        if prefix == ENV_PREFIX and _is_hub_variable(name):
-            continue
-        parts = [p.lower() for p in name[len(prefix):].split("__")]
-        node = tree
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = _parse_env_value(raw)
+def env_overrides(environ: dict[str, str], prefix: str = ENV_PREFIX,
+                  model: type[BaseModel] | None = None) -> dict[str, Any]:
+    """Collect ``PREFIX<SECTION>__<KEY>[__<SUBKEY>]`` (and, given ``model``, ``PREFIX<KEY>``
+    for its top-level scalar keys) into a nested dict, each value read as the type of the key
+    it sets (appliance/config_env.py). ConfigError when two variables set the same key."""
+    ignore = _is_hub_variable if prefix == ENV_PREFIX else (lambda _name: False)
+    tree, problems = read_overrides(environ, prefix, model, ignore)
+    if problems:
+        raise ConfigError(problems)
     return tree
 
 
@@ -624,6 +613,6 @@ def load_settings(path: Path | None = None, environ: dict[str, str] | None = Non
     path = path or default_config_path(environ)
     if path is not None:
         data = deep_merge(data, read_toml(path))
-    data = deep_merge(data, env_overrides(environ))
+    data = deep_merge(data, env_overrides(environ, model=Settings))
     settings: Settings = build(Settings, data)
     return settings
