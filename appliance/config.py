@@ -434,7 +434,9 @@ class ServingSection(_Section):
     """Serving local viewers from the cache (appliance/serving/): C-FIND/C-MOVE/C-GET and
     DICOMweb under /dicom-web. ``auth``: none (trusted VLAN), bearer (one of
     ``bearer_tokens``), client_cert (the HTTP port speaks TLS with ``tls_cert``/``tls_key``
-    and requires a client certificate issued by ``tls_client_ca``)."""
+    and requires a client certificate issued by ``tls_client_ca``). ``auth`` guards the whole
+    HTTP port, status page and /metrics included, also with ``enabled = false``
+    (appliance/web/auth.py)."""
 
     enabled: bool = True
     move_destinations: list[MoveDestination] = []
