@@ -24,7 +24,11 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
+from pydantic_core import PydanticCustomError
+
+from appliance.config_env import read_overrides
 
 ENV_PREFIX = "PAS_"
 
@@ -68,6 +72,17 @@ Priority = Literal["urgent", "high", "routine"]
 PRIORITY_RANK: dict[str, int] = {"urgent": 0, "high": 1, "routine": 2}
 
 
+def _cross_field(key: str, message: str) -> PydanticCustomError:
+    """A check across the fields of one section, raised from its ``model_validator``.
+
+    Pydantic collects it with every other problem of the file and gives it the section's
+    location (``destinations.ws``); :func:`format_validation_error` appends ``key``. (A
+    ``ConfigError`` raised during validation stopped it: every other problem was hidden.)
+    """
+    return PydanticCustomError("cross_field", "{key}: {message}",
+                               {"key": key, "message": message})
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
@@ -90,11 +105,14 @@ class DicomTlsSection(_Section):
     ca: Path | None = None
     require_client_cert: bool = True
 
-    def model_post_init(self, _context: Any) -> None:
+    @model_validator(mode="after")
+    def _files_when_enabled(self) -> DicomTlsSection:
         if self.enabled and not (self.cert and self.key):
-            raise ConfigError(["dicom.tls.cert, dicom.tls.key: required when dicom.tls.enabled"])
+            raise _cross_field("cert" if not self.cert else "key",
+                               "required when dicom.tls.enabled (cert and key both are)")
         if self.enabled and self.require_client_cert and not self.ca:
-            raise ConfigError(["dicom.tls.ca: required when dicom.tls.require_client_cert"])
+            raise _cross_field("ca", "required when dicom.tls.require_client_cert")
+        return self
 
 
 class DicomSection(_Section):
@@ -151,12 +169,13 @@ class CacheSection(_Section):
     scrub_mb_per_s: float = Field(default=10.0, ge=0)
     scrub_pause_s: float = Field(default=3600.0, gt=0)
 
-    def model_post_init(self, _context: Any) -> None:
+    @model_validator(mode="after")
+    def _low_below_high(self) -> CacheSection:
         if self.low_watermark_percent >= self.high_watermark_percent:
-            raise ConfigError([
-                f"cache.low_watermark_percent: must be below high_watermark_percent "
-                f"({self.high_watermark_percent}), got {self.low_watermark_percent}"
-            ])
+            raise _cross_field("low_watermark_percent",
+                               f"must be below high_watermark_percent "
+                               f"({self.high_watermark_percent}), got {self.low_watermark_percent}")
+        return self
 
 
 class AuditSection(_Section):
@@ -170,10 +189,12 @@ class AuditSection(_Section):
     syslog_key: Path | None = None
     queue_max: int = Field(default=10000, ge=1)
 
-    def model_post_init(self, _context: Any) -> None:
+    @model_validator(mode="after")
+    def _ca_with_host(self) -> AuditSection:
         if self.syslog_host and not self.syslog_ca:
-            raise ConfigError(["audit.syslog_ca: required when audit.syslog_host is set "
-                               "(the collector's certificate must be verified)"])
+            raise _cross_field("syslog_ca", "required when audit.syslog_host is set (the "
+                                            "collector's certificate must be verified)")
+        return self
 
 
 class StudySection(_Section):
@@ -244,9 +265,11 @@ class DicomDestination(_Section):
     tls_cert: Path | None = None
     tls_key: Path | None = None
 
-    def model_post_init(self, _context: Any) -> None:
+    @model_validator(mode="after")
+    def _ca_with_tls(self) -> DicomDestination:
         if self.tls and not self.tls_ca:
-            raise ConfigError([f"destinations ({self.ae_title}).tls_ca: required when tls"])
+            raise _cross_field("tls_ca", "required when tls = true")
+        return self
 
 
 class HubDestination(_Section):
@@ -411,7 +434,9 @@ class ServingSection(_Section):
     """Serving local viewers from the cache (appliance/serving/): C-FIND/C-MOVE/C-GET and
     DICOMweb under /dicom-web. ``auth``: none (trusted VLAN), bearer (one of
     ``bearer_tokens``), client_cert (the HTTP port speaks TLS with ``tls_cert``/``tls_key``
-    and requires a client certificate issued by ``tls_client_ca``)."""
+    and requires a client certificate issued by ``tls_client_ca``). ``auth`` guards the whole
+    HTTP port, status page and /metrics included, also with ``enabled = false``
+    (appliance/web/auth.py)."""
 
     enabled: bool = True
     move_destinations: list[MoveDestination] = []
@@ -429,13 +454,16 @@ class ServingSection(_Section):
     # C-MOVE/C-GET pending responses (optional in PS3.4) at most this often; 0: one per image.
     retrieve_pending_interval_s: float = Field(default=0.1, ge=0, le=10)
 
-    def model_post_init(self, _context: Any) -> None:
+    @model_validator(mode="after")
+    def _credentials_for_auth(self) -> ServingSection:
         if self.auth == "bearer" and not self.bearer_tokens:
-            raise ConfigError(["serving.bearer_tokens: required when serving.auth = 'bearer'"])
-        if self.auth == "client_cert" and not (self.tls_cert and self.tls_key
-                                               and self.tls_client_ca):
-            raise ConfigError(["serving.tls_cert, tls_key, tls_client_ca: required when "
-                               "serving.auth = 'client_cert'"])
+            raise _cross_field("bearer_tokens", "required when serving.auth = 'bearer'")
+        missing = [name for name in ("tls_cert", "tls_key", "tls_client_ca")
+                   if getattr(self, name) is None]
+        if self.auth == "client_cert" and missing:
+            raise _cross_field(missing[0], f"required when serving.auth = 'client_cert' "
+                                           f"(missing: {', '.join(missing)})")
+        return self
 
 
 class RoutingSection(_Section):
@@ -465,6 +493,8 @@ class Settings(_Section):
     destinations: dict[str, Destination] = {}
 
     def model_post_init(self, _context: Any) -> None:
+        # Runs only once every field validated (so it hides no other problem) and reports
+        # every unknown name at once; Settings is never nested, so nothing else is stopped.
         known = set(self.destinations) | {"hub"}
         problems = []
         for index, rule in enumerate(self.routing.rules):
@@ -494,34 +524,21 @@ class Settings(_Section):
         return self.home / "pas.sqlite"
 
 
-def _parse_env_value(raw: str) -> Any:
-    """Read an environment value as a TOML literal when it is one (``true``, ``11113``,
-    ``["A", "B"]``), else as a plain string."""
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
-
-
 def _is_hub_variable(name: str) -> bool:
     """``PAS_HUB_<SECTION>__<KEY>`` configures the hub; ``PAS_HUB__<KEY>`` is the appliance's
     own ``[hub]`` section."""
     return name.startswith("PAS_HUB_") and not name.startswith("PAS_HUB__")
 
 
-def env_overrides(environ: dict[str, str], prefix: str = ENV_PREFIX) -> dict[str, Any]:
-    """Collect ``PREFIX<SECTION>__<KEY>[__<SUBKEY>]`` variables into a nested dict."""
-    tree: dict[str, Any] = {}
-    for name, raw in environ.items():
-        if not name.startswith(prefix) or "__" not in name:
-            continue
-        if prefix == ENV_PREFIX and _is_hub_variable(name):
-            continue
-        parts = [p.lower() for p in name[len(prefix):].split("__")]
-        node = tree
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = _parse_env_value(raw)
+def env_overrides(environ: dict[str, str], prefix: str = ENV_PREFIX,
+                  model: type[BaseModel] | None = None) -> dict[str, Any]:
+    """Collect ``PREFIX<SECTION>__<KEY>[__<SUBKEY>]`` (and, given ``model``, ``PREFIX<KEY>``
+    for its top-level scalar keys) into a nested dict, each value read as the type of the key
+    it sets (appliance/config_env.py). ConfigError when two variables set the same key."""
+    ignore = _is_hub_variable if prefix == ENV_PREFIX else (lambda _name: False)
+    tree, problems = read_overrides(environ, prefix, model, ignore)
+    if problems:
+        raise ConfigError(problems)
     return tree
 
 
@@ -544,15 +561,18 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> lis
         # Discriminated unions add the tag to the path; it is noise to a reader.
         if len(loc) >= 3 and loc[0] == "destinations" and loc[2] in tags:
             del loc[2]
-        path = ".".join(loc) or "(top level)"
         kind = error["type"]
         message = error["msg"].removeprefix("Value error, ")
-        if kind == "extra_forbidden":
+        if kind == "cross_field":  # a section's own check names its key (see _cross_field)
+            loc.append(str(error["ctx"]["key"]))
+            message = str(error["ctx"]["message"])
+        elif kind == "extra_forbidden":
             message = "unknown key"
         elif kind == "missing":
             message = "is required"
         elif kind != "value_error":
             message = f"{message}, got {error.get('input')!r}"
+        path = ".".join(loc) or "(top level)"
         lines.append(f"{path}: {message}")
     return lines
 
@@ -595,6 +615,6 @@ def load_settings(path: Path | None = None, environ: dict[str, str] | None = Non
     path = path or default_config_path(environ)
     if path is not None:
         data = deep_merge(data, read_toml(path))
-    data = deep_merge(data, env_overrides(environ))
+    data = deep_merge(data, env_overrides(environ, model=Settings))
     settings: Settings = build(Settings, data)
     return settings

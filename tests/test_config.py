@@ -69,6 +69,24 @@ def test_bad_configuration_is_named_and_refused(tmp_path: Path, toml: str,
     assert expected in " ".join(result.stderr.split()), result.stderr
 
 
+def test_every_problem_is_named_with_a_cross_field_one(tmp_path: Path) -> None:
+    """A section's own check (the watermark pair, TLS to a destination without its CA) is
+    reported with the other problems, each under the key path the operator wrote."""
+    path = tmp_path / "three.toml"
+    path.write_text("[dicom]\nport = 0\n[cache]\nlow_watermark_percent = 95\n"
+                    "[destinations.ws]\nkind = 'dicom'\nae_title = 'WS'\nhost = 'ws'\n"
+                    "port = 104\ntls = true\n")
+    result = check(path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("config error")]
+    assert sorted(lines) == sorted([
+        "config error dicom.port: must be 1-65535, got 0",
+        "config error cache.low_watermark_percent: must be below high_watermark_percent "
+        "(90.0), got 95.0",
+        "config error destinations.ws.tls_ca: required when tls = true",
+    ]), result.stderr
+
+
 def test_bad_environment_value_is_named() -> None:
     result = check(None, PAS_DICOM__PORT="0", PAS_DICOM__MAX_ASSOCIATIONS="many")
     assert result.returncode == 2
@@ -77,6 +95,47 @@ def test_bad_environment_value_is_named() -> None:
     with pytest.raises(ConfigError) as raised:
         load_settings(environ={"PAS_NOSUCH__KEY": "1"})
     assert "nosuch: unknown key" in str(raised.value)
+
+
+def _said(result: subprocess.CompletedProcess[str]) -> str:
+    """What the command printed, without the console's line wrapping."""
+    return " ".join((result.stdout + result.stderr).split())
+
+
+def test_environment_value_is_read_as_its_key_type() -> None:
+    """Text keys keep digits as text (an AE title, a password); number keys still get a
+    number; a quoted value is unquoted as before."""
+    result = check(None, PAS_DICOM__AE_TITLE="1234", PAS_DICOM__PORT="11113",
+                   PAS_DESTINATIONS__R__KIND="stowrs", PAS_DESTINATIONS__R__URL="http://x",
+                   PAS_DESTINATIONS__R__USERNAME="1000", PAS_DESTINATIONS__R__PASSWORD="2024",
+                   PAS_SITE='"quoted"')
+    assert result.returncode == 0, _said(result)
+    assert "site quoted, AE 1234 port 11113" in _said(result)
+    assert "1 destinations" in _said(result)
+    settings = load_settings(environ={"PAS_DESTINATIONS__R__KIND": "stowrs",
+                                      "PAS_DESTINATIONS__R__URL": "http://x",
+                                      "PAS_DESTINATIONS__R__PASSWORD": "2024",
+                                      "PAS_SERVING__AUTH": "bearer",
+                                      "PAS_SERVING__BEARER_TOKENS": '["123"]'})
+    assert settings.destinations["r"].password == "2024"  # type: ignore[union-attr]
+    assert settings.serving.bearer_tokens == ["123"]
+
+
+def test_value_and_key_of_it_both_set_is_named() -> None:
+    result = check(None, PAS_DICOM__TLS="1", PAS_DICOM__TLS__ENABLED="true")
+    assert result.returncode == 2, _said(result)
+    assert "Traceback" not in _said(result)
+    assert ("config error dicom.tls: set by both PAS_DICOM__TLS and PAS_DICOM__TLS__ENABLED"
+            in _said(result))
+
+
+def test_top_level_keys_are_overridden() -> None:
+    result = check(None, PAS_SITE="1234")
+    assert result.returncode == 0 and "configuration OK: site 1234," in _said(result)
+    result = check(None, PAS_LOG_LEVEL="loud", PAS_CONFIG_UNRELATED="x")
+    assert result.returncode == 2
+    assert "config error log_level: Input should be 'debug'" in _said(result)
+    assert "unrelated" not in _said(result)  # a PAS_ name that is no key is not ours
 
 
 def test_missing_file_is_named(tmp_path: Path) -> None:

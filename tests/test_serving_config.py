@@ -33,7 +33,7 @@ query_region = true
 
 @pytest.mark.parametrize(("toml", "named"), [
     ('[serving]\nauth = "bearer"\n', "serving.bearer_tokens"),
-    ('[serving]\nauth = "client_cert"\ntls_cert = "/x.crt"\n', "serving.tls_cert"),
+    ('[serving]\nauth = "client_cert"\ntls_cert = "/x.crt"\n', "serving.tls_key: required"),
     ('[serving]\nauth = "kerberos"\n', "serving.auth"),
     ('[serving]\nmove_destinations = [{ title = "WS1", host = "h", port = 0 }]\n',
      "serving.move_destinations.0.port"),

@@ -78,7 +78,8 @@ def run(config: Path | None = ConfigOption) -> None:
 def config_check(path: Path | None = typer.Argument(None, help="TOML file to check")) -> None:
     """Validate a configuration; print every problem with its key path."""
     settings = _settings(path)
-    console.print(f"[green]configuration OK[/green]: AE {settings.dicom.ae_title} port "
+    console.print(f"[green]configuration OK[/green]: site {settings.site}, AE "
+                  f"{settings.dicom.ae_title} port "
                   f"{settings.dicom.port}, home {settings.home}, {len(settings.routing.rules)} "
                   f"rules, {len(settings.destinations)} destinations")
 

@@ -112,6 +112,6 @@ def load_hub_settings(path: Path | None = None,
     path = path or (home / "hub.toml" if (home / "hub.toml").exists() else None)
     if path is not None:
         data = deep_merge(data, read_toml(path))
-    data = deep_merge(data, env_overrides(environ, HUB_ENV_PREFIX))
+    data = deep_merge(data, env_overrides(environ, HUB_ENV_PREFIX, HubSettings))
     settings: HubSettings = build(HubSettings, data)
     return settings

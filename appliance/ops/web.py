@@ -4,6 +4,8 @@ retry button.
 Owns: the HTML hospital IT reads on a phone or a desk, and the Prometheus endpoint. Both are
 server-rendered from the store at request time (the page refreshes itself every 10 s). May
 not touch: state, except the retry button, which calls :func:`appliance.store.jobs.retry`.
+With ``serving.auth`` set, every route needs the credentials (appliance/web/auth.py) and the
+retry POST must also carry the page's form token and come from the page's own origin.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import html
 import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
@@ -23,6 +26,7 @@ from appliance.ops import metrics
 from appliance.ops.status import collect, human_size
 from appliance.store import jobs as job_store
 from appliance.store import ops as ops_store
+from appliance.web.auth import FormToken, same_origin
 
 if TYPE_CHECKING:
     from appliance.daemon import Daemon
@@ -118,7 +122,8 @@ def _links_section(links: dict[str, dict[str, Any]]) -> list[str]:
     return out
 
 
-def render_page(daemon: Daemon) -> str:
+def render_page(daemon: Daemon, form_token: FormToken | None = None) -> str:
+    """The page; ``form_token`` (when auth is on) goes into each form as a hidden field."""
     snapshot = collect(daemon.settings, daemon.db)
     studies = ops_store.recent_studies(daemon.db, 20)
     failed = job_store.list_jobs(daemon.db, "failed", 50)
@@ -128,6 +133,8 @@ def render_page(daemon: Daemon) -> str:
     backlog_studies = sum(row["studies"] for row in snapshot["backlog"])
     oldest = max((row["oldest_age_s"] for row in snapshot["backlog"]), default=None)
     disk = snapshot["disk"]
+    hidden = (f'<input type=hidden name="{form_token.field}" value="{_esc(form_token.value)}">'
+              if form_token else "")
     out = [
         "<!doctype html><html lang=en><head><meta charset=utf-8>",
         f'<meta http-equiv="refresh" content="{REFRESH_S}">',
@@ -168,7 +175,7 @@ def render_page(daemon: Daemon) -> str:
             f"<tr data-job-id=\"{job['id']}\"><td>{job['id']}</td>"
             f"<td>{_esc(job['destination'])}</td><td>{_esc(job['study_uid'])}</td>"
             f"<td>{job['attempts']}</td><td>{_esc((job['last_error'] or '')[:200])}</td>"
-            f"<td><form method=post action=\"/jobs/{job['id']}/retry\">"
+            f"<td><form method=post action=\"/jobs/{job['id']}/retry\">{hidden}"
             f"<button type=submit>Retry</button></form></td></tr>")
     if not failed:
         out.append("<tr><td colspan=6>none</td></tr>")
@@ -193,15 +200,25 @@ def render_page(daemon: Daemon) -> str:
 def routes(daemon: Daemon) -> list[BaseRoute]:
     """Route provider for :func:`appliance.web.app.build_app`."""
     registry = metrics.build_registry(daemon.settings, daemon.db)
+    # With auth on, the browser may add credentials to a request another site makes (a
+    # client certificate, a header added by a proxy): the retry POST needs the page's token.
+    # auth = "none" (the demo, a trusted VLAN) keeps the plain form.
+    form_token = FormToken() if daemon.settings.serving.auth != "none" else None
 
     async def page(_request: Request) -> HTMLResponse:
-        return HTMLResponse(await run_in_threadpool(render_page, daemon))
+        return HTMLResponse(await run_in_threadpool(render_page, daemon, form_token))
 
     async def scrape(_request: Request) -> Response:
         body = await run_in_threadpool(metrics.render, registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     async def retry(request: Request) -> Response:
+        if form_token is not None:
+            form = parse_qs((await request.body()).decode("utf-8", "replace"))
+            if not (same_origin(request)
+                    and form_token.matches((form.get(form_token.field) or [None])[0])):
+                return PlainTextResponse("refused: use the Retry button of the status page "
+                                         "(or `pas queue retry ID`)", status_code=403)
         raw = request.path_params["job_id"]
         if not raw.isdigit():
             return PlainTextResponse(f"job id must be a number, got {raw!r}", status_code=400)

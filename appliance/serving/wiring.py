@@ -40,11 +40,12 @@ def wire_serving(daemon: Daemon) -> None:
 
 
 def web_tls(settings: Settings) -> dict[str, Any]:
-    """uvicorn TLS options when DICOMweb requires client certificates (``serving.auth =
-    "client_cert"``): the whole HTTP port then speaks TLS and refuses, in the handshake, a
-    client without a certificate from ``tls_client_ca``. Empty otherwise."""
+    """uvicorn TLS options when the HTTP port requires client certificates (``serving.auth =
+    "client_cert"``): the whole port then speaks TLS and refuses, in the handshake, a client
+    without a certificate from ``tls_client_ca``. Empty otherwise. Also with
+    ``serving.enabled = false``: the status page, /metrics and /api/status stay protected."""
     serving = settings.serving
-    if not serving.enabled or serving.auth != "client_cert":
+    if serving.auth != "client_cert":
         return {}
     return {"ssl_certfile": str(serving.tls_cert), "ssl_keyfile": str(serving.tls_key),
             "ssl_ca_certs": str(serving.tls_client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}

@@ -1,4 +1,9 @@
-"""Assemble the appliance's ASGI app and serve it on ``http.host:http.port``."""
+"""Assemble the appliance's ASGI app and serve it on ``http.host:http.port``.
+
+``serving.auth`` guards the whole port, every route a capability contributes included
+(appliance/web/auth.py): bearer tokens in front of the app, client certificates in the TLS
+handshake (``web_tls``). Only ``/healthz`` answers without them.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
@@ -20,6 +26,7 @@ log = logging.getLogger("pas.web")
 
 def build_app(daemon: Daemon) -> Starlette:
     from appliance.ops.status import collect
+    from appliance.web.auth import BearerGuard
 
     async def status_json(_request: Request) -> JSONResponse:
         return JSONResponse(collect(daemon.settings, daemon.db))
@@ -34,7 +41,10 @@ def build_app(daemon: Daemon) -> Starlette:
     # Capabilities contribute their routes here (serving: /dicom-web, ops: / and /metrics).
     for contribute in daemon.route_providers:
         routes.extend(contribute(daemon))
-    return Starlette(routes=routes)
+    serving = daemon.settings.serving
+    middleware = ([Middleware(BearerGuard, tokens=serving.bearer_tokens)]
+                  if serving.auth == "bearer" else [])
+    return Starlette(routes=routes, middleware=middleware)
 
 
 class WebServer:

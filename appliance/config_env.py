@@ -1,0 +1,123 @@
+"""Environment overrides (``PAS_<SECTION>__<KEY>``, ``PAS_<KEY>``) read against the model.
+
+Owns: turning variables into the nested dict that is merged over the TOML file, each value
+typed by the key it sets. A key whose value is text (an AE title, a password, a path, one of a
+few words) takes the variable's text as it is: read as TOML, ``PAS_DICOM__AE_TITLE=1234`` was
+the integer 1234, which pydantic refuses for a string. Every other key reads it as a TOML
+literal when it is one (``true``, ``11113``, ``["A", "B"]``), else as text. May not touch:
+files, the network; errors are returned to :mod:`appliance.config`, which raises them.
+"""
+
+from __future__ import annotations
+
+import tomllib
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+from pydantic import BaseModel
+
+# Top-level keys a variable may not set: ``$PAS_HOME`` (``$PAS_HUB_HOME``) already names the
+# home and is read below the file (appliance.config.load_settings).
+RESERVED_TOP_LEVEL = frozenset({"home"})
+
+
+def _members(annotation: Any) -> list[Any]:
+    """The types an annotation allows: ``Annotated`` unwrapped, unions split, ``None`` left
+    out (an optional key is set to a value, never to None, from the environment)."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _members(get_args(annotation)[0])
+    if origin is Union or origin is types.UnionType:
+        return [m for arg in get_args(annotation) if arg is not type(None)
+                for m in _members(arg)]
+    return [annotation]
+
+
+def _key_types(model: type[BaseModel], parts: list[str]) -> list[Any]:
+    """The annotations of the key at ``parts`` (several when it crosses a union, such as the
+    kinds of destination); empty when no such key exists (pydantic then names it)."""
+    current: list[Any] = [model]
+    for part in parts:
+        following: list[Any] = []
+        for member in (m for annotation in current for m in _members(annotation)):
+            if isinstance(member, type) and issubclass(member, BaseModel):
+                following.extend(field.annotation for name, field in member.model_fields.items()
+                                 if part in (name, field.alias))
+            elif get_origin(member) is dict:
+                following.append(get_args(member)[1])
+        current = following
+    return current
+
+
+def _is_text(member: Any) -> bool:
+    if member is str or member is Path:
+        return True
+    return get_origin(member) is Literal and all(isinstance(v, str) for v in get_args(member))
+
+
+def wants_text(model: type[BaseModel], parts: list[str]) -> bool:
+    """True when every type the key allows is text (str, Path, a Literal of words)."""
+    members = [m for annotation in _key_types(model, parts) for m in _members(annotation)]
+    return bool(members) and all(_is_text(m) for m in members)
+
+
+def parse_value(raw: str, text: bool) -> Any:
+    """A text key keeps the raw text (a fully quoted TOML string, ``"abc"``, is unquoted as
+    before); any other key takes the TOML literal when ``raw`` is one, else the text."""
+    if text and raw[:1] not in ("'", '"'):
+        return raw
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+    return value if not text or isinstance(value, str) else raw
+
+
+def _top_level_scalars(model: type[BaseModel]) -> set[str]:
+    """Top-level keys that are not sections or tables: ``site``, ``log_level``."""
+    names = set()
+    for name, field in model.model_fields.items():
+        members = _members(field.annotation)
+        if any(isinstance(m, type) and issubclass(m, BaseModel) or get_origin(m) in (dict, list)
+               for m in members):
+            continue
+        names.add(field.alias or name)
+    return names - RESERVED_TOP_LEVEL
+
+
+def read_overrides(environ: dict[str, str], prefix: str, model: type[BaseModel] | None,
+                   ignore: Callable[[str], bool] = lambda _name: False,
+                   ) -> tuple[dict[str, Any], list[str]]:
+    """(nested overrides, problems). ``PREFIX<SECTION>__<KEY>[__<SUBKEY>]`` sets a key of a
+    section; ``PREFIX<KEY>`` a top-level scalar key of ``model`` (other names without ``__``
+    belong to something else: ``PAS_HOME``, ``PAS_CONFIG``). Two variables where one sets a
+    value and the other one of its keys (``PAS_DICOM__TLS`` and ``PAS_DICOM__TLS__ENABLED``)
+    are a problem naming both: which one wins would depend on the environment's order."""
+    top_level = _top_level_scalars(model) if model is not None else set()
+    entries: list[tuple[list[str], str, str]] = []
+    for name, raw in environ.items():
+        if not name.startswith(prefix) or ignore(name):
+            continue
+        rest = name[len(prefix):]
+        if "__" not in rest and rest.lower() not in top_level:
+            continue
+        entries.append(([p.lower() for p in rest.split("__")], name, raw))
+    entries.sort()
+    problems = []
+    for index, (parts, name, _raw) in enumerate(entries):
+        for other_parts, other, _ in entries[index + 1:]:
+            if other_parts[:len(parts)] == parts:
+                problems.append(f"{'.'.join(parts)}: set by both {name} and {other} (a value "
+                                f"and one of its keys, or the same key twice); keep one")
+    if problems:
+        return {}, problems
+    tree: dict[str, Any] = {}
+    for parts, _name, raw in entries:
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        text = model is not None and wants_text(model, parts)
+        node[parts[-1]] = parse_value(raw, text)
+    return tree, []

@@ -1,0 +1,175 @@
+"""``serving.auth`` guards the whole HTTP port of a real daemon: the status page (it shows
+patient IDs), /metrics, /api/status and DICOMweb answer 401 without the bearer token and 200
+with it (only /healthz stays open); the Retry POST is refused without the token, without the
+page's form token and from another site (headless Chromium), and then changes nothing in the
+queue; with client certificates the page, /metrics and /api/status need one even when
+DICOMweb is off."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import ssl
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydicom import dcmread
+
+from tests.support.peers import MR_DIR, PasProcess, StoreSCP, storescu, wait_for
+from tests.test_serving_dicomweb import _issue, _write
+
+FILES = sorted(p for p in MR_DIR.rglob("*") if p.is_file())[:3]
+TOKEN = "s3cret-ops-token"
+GOOD = {"Authorization": f"Bearer {TOKEN}"}
+ROUTES = ["/", "/metrics", "/api/status", "/dicom-web/studies"]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A bearer-protected daemon whose only destination (a storescp) is down: one failed job."""
+    root = tmp_path_factory.mktemp("ops_auth")
+    scp = StoreSCP(root / "scp")  # port reserved, not started yet
+    pas = PasProcess(root / "pas", {
+        "PAS_DICOM__ACCEPT_UNKNOWN": "true",
+        "PAS_PREFETCH__ENABLED": "false",
+        "PAS_SERVING__AUTH": "bearer",
+        "PAS_SERVING__BEARER_TOKENS": f'["{TOKEN}"]',
+        "PAS_QUEUE__MAX_ATTEMPTS": "1",
+        "PAS_DESTINATIONS__LOCAL__KIND": "dicom",
+        "PAS_DESTINATIONS__LOCAL__AE_TITLE": scp.ae_title,
+        "PAS_DESTINATIONS__LOCAL__HOST": "127.0.0.1",
+        "PAS_DESTINATIONS__LOCAL__PORT": str(scp.port),
+        "PAS_ROUTING__FALLBACK__DESTINATIONS": '["local"]',
+    }).start()
+    storescu(FILES, pas.port)
+    wait_for(lambda: pas.status()["jobs"].get("failed") == 1, 60, what="the job to fail")
+    job_id = int(json.loads(pas.cli("queue", "list", "--json").stdout)[0]["id"])
+    yield {"pas": pas, "scp": scp, "base": f"http://127.0.0.1:{pas.http_port}",
+           "job_id": job_id}
+    pas.stop()
+    scp.stop()
+
+
+@pytest.mark.parametrize("path", ROUTES)
+def test_every_route_needs_the_token(site: dict[str, Any], path: str) -> None:
+    url = site["base"] + path
+    patient_id = str(dcmread(FILES[0], stop_before_pixels=True).PatientID)
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        refused = httpx.get(url, headers=headers, timeout=10)
+        assert refused.status_code == 401, (headers, refused.text)
+        assert refused.headers["www-authenticate"].startswith("Bearer")
+        assert patient_id not in refused.text
+    allowed = httpx.get(url, headers=GOOD, timeout=10)
+    assert allowed.status_code == 200, allowed.text
+    if path == "/":
+        assert patient_id in allowed.text  # what the 401 kept from a stranger
+    assert httpx.get(site["base"] + "/healthz", timeout=10).status_code == 200  # probes
+
+
+def _failed(pas: PasProcess) -> int:
+    return int(pas.status()["jobs"].get("failed", 0))
+
+
+def test_retry_refused_without_credentials_changes_nothing(site: dict[str, Any]) -> None:
+    pas: PasProcess = site["pas"]
+    url = f"{site['base']}/jobs/{site['job_id']}/retry"
+    before = pas.status()["jobs"]
+    page = httpx.get(site["base"] + "/", headers=GOOD, timeout=10).text
+    form_token = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert form_token, "the retry form carries the page's token"
+    attempts = [
+        ({}, {"csrf": form_token.group(1)}, 401),                         # no bearer token
+        (GOOD, {}, 403),                                                  # no form token
+        (GOOD, {"csrf": "forged"}, 403),                                  # a wrong one
+        ({**GOOD, "Origin": "http://evil.example"}, {"csrf": form_token.group(1)}, 403),
+    ]
+    for headers, form, status in attempts:
+        answer = httpx.post(url, headers=headers, data=form, timeout=10)
+        assert answer.status_code == status, (headers, form, answer.text)
+    assert pas.status()["jobs"] == before and _failed(pas) == 1
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Debian's headless Chromium through Debian's chromedriver (as tests/test_ops_fleet.py)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    profile = tempfile.mkdtemp(prefix="pas-chromium-")
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    os.environ.setdefault("SE_OFFLINE", "true")
+    driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_browser_retry_works_from_the_page_not_from_another_site(site: dict[str, Any],
+                                                                 browser: Any) -> None:
+    """The browser adds the token to every request (as a header-adding proxy or extension
+    would, to other sites' requests too): a page elsewhere that posts the retry form is
+    refused; the Retry button of the status page itself delivers."""
+    from selenium.webdriver.common.by import By
+
+    pas: PasProcess = site["pas"]
+    scp: StoreSCP = site["scp"]
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": GOOD})
+    forged = (f"<form method=post action='{site['base']}/jobs/{site['job_id']}/retry'>"
+              "<input name=csrf value=guess></form><script>document.forms[0].submit()</script>")
+    browser.get("data:text/html," + forged)
+    wait_for(lambda: "refused" in browser.find_element(By.TAG_NAME, "body").text, 20,
+             what="the forged POST's answer")
+    assert _failed(pas) == 1
+
+    scp.start()
+    browser.get(site["base"] + "/")
+    button = browser.find_element(
+        By.CSS_SELECTOR, f'tr[data-job-id="{site["job_id"]}"] button[type=submit]')
+    button.click()
+    wait_for(lambda: pas.status()["jobs"].get("done") == 1, 60, what="the retried job")
+    wait_for(lambda: len(scp.files()) == len(FILES), 30, what="files at storescp")
+
+
+def test_client_certificate_guards_the_page_even_without_dicomweb(tmp_path: Path) -> None:
+    ca_key, ca_cert = _issue("viewers CA", None, None, ca=True)
+    ca_crt, _ = _write(tmp_path, "ca", ca_key, ca_cert)
+    server = _write(tmp_path, "server", *_issue("pas", ca_key, ca_cert.subject, ip="127.0.0.1"))
+    viewer = _write(tmp_path, "viewer", *_issue("viewer-1", ca_key, ca_cert.subject))
+    pas = PasProcess(tmp_path / "pas", {
+        "PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_PREFETCH__ENABLED": "false",
+        "PAS_SERVING__ENABLED": "false",
+        "PAS_SERVING__AUTH": "client_cert", "PAS_SERVING__TLS_CERT": server[0],
+        "PAS_SERVING__TLS_KEY": server[1], "PAS_SERVING__TLS_CLIENT_CA": ca_crt}).start()
+    try:
+        base = f"https://127.0.0.1:{pas.http_port}"
+        trusted = ssl.create_default_context(cafile=ca_crt)
+        with_cert = ssl.create_default_context(cafile=ca_crt)
+        with_cert.load_cert_chain(*viewer)
+        wait_for(lambda: httpx.get(base + "/healthz", verify=with_cert, timeout=5), 20,
+                 what="the HTTP port over TLS")
+        for path in ROUTES[:3]:
+            with pytest.raises(httpx.HTTPError):
+                httpx.get(base + path, verify=trusted, timeout=5)  # no client certificate
+            with pytest.raises(httpx.HTTPError):
+                httpx.get(f"http://127.0.0.1:{pas.http_port}{path}", timeout=5)  # plain HTTP
+            assert httpx.get(base + path, verify=with_cert, timeout=5).status_code == 200
+        # The browser would present the certificate to another site's form too: the retry
+        # needs the page's form token.
+        answer = httpx.post(base + "/jobs/1/retry", verify=with_cert, timeout=5)
+        assert answer.status_code == 403
+    finally:
+        pas.stop()
