@@ -139,6 +139,22 @@ def test_cancel_order(pas_hl7: PasProcess) -> None:
     assert row["state"] == "cancelled"
 
 
+def test_order_cancelled_then_ordered_again_is_pending_again(pas_hl7: PasProcess) -> None:
+    """NW, CA, then NW with the same order number: the RIS re-ordered the exam, so the
+    prefetch is due again (it stayed cancelled, ACKed AA and never fetched)."""
+    send(pas_hl7, orm("RV1", "ORD15", when="20991231120000"))
+    send(pas_hl7, orm("RV2", "ORD15", control_code="CA"))
+    (ack,) = send(pas_hl7, orm("RV3", "ORD15", when="20991230100000"))
+    assert msa(ack)[0] == "AA"
+    (row,) = [r for r in requests(pas_hl7) if r["dedup_key"] == "order:P100|HOSP|ORD15"]
+    assert row["state"] == "pending" and row["attempts"] == 0
+    from appliance.prefetch.messages import parse_hl7_time
+
+    assert row["scheduled_at"] == parse_hl7_time("20991230100000")
+    assert row["due_at"] == pytest.approx(row["scheduled_at"] - 12 * 3600)
+    assert row["next_attempt_at"] == row["due_at"]
+
+
 @pytest.mark.parametrize("message, code, reason", [
     ("garbage that is not HL7", "AR", "does not start with an MSH segment"),
     (orm("U1", "ORD6").replace("ORM^O01", "ORU^R01"), "AR", "unsupported message type ORU^R01"),

@@ -55,7 +55,7 @@ def record_message(db: Database, message_key: str, message_type: str, ack_code: 
     scheduled: Scheduled | None = None
     with db.transaction() as conn:
         if request is not None:
-            scheduled = _schedule(conn, request, at)
+            scheduled = _schedule(conn, request, at, revive=True)
         if cancel_key is not None:
             conn.execute(
                 "UPDATE prefetch_requests SET state = 'cancelled', updated_at = ? "
@@ -75,10 +75,24 @@ def schedule(db: Database, request: NewRequest, count_repeat: bool = True) -> Sc
         return _schedule(conn, request, now(), 1 if count_repeat else 0)
 
 
-def _schedule(conn: Any, request: NewRequest, at: float, repeat: int = 1) -> Scheduled:
+def _schedule(conn: Any, request: NewRequest, at: float, repeat: int = 1,
+              revive: bool = False) -> Scheduled:
+    """``revive``: a new order from the RIS for a request it had cancelled (ORC-1 NW after
+    CA with the same order number) makes it pending again, as new; without it, a cancelled
+    request stays cancelled (a worklist still listing a step the RIS cancelled by HL7 must
+    not undo the cancel at every poll)."""
     due = request.due_at if request.due_at is not None else at
     row = conn.execute("SELECT id, state FROM prefetch_requests WHERE dedup_key = ?",
                        (request.dedup_key,)).fetchone()
+    if row is not None and revive and row["state"] == "cancelled":
+        conn.execute(
+            """UPDATE prefetch_requests SET state = 'pending', attempts = 0,
+                   times_requested = times_requested + ?, updated_at = ?,
+                   scheduled_at = ?, due_at = ?, next_attempt_at = ?, last_error = NULL,
+                   started_at = NULL, finished_at = NULL
+               WHERE id = ?""",
+            (repeat, at, request.scheduled_at, due, due, row["id"]))
+        return Scheduled(int(row["id"]), created=False)
     if row is not None:
         # The same order again: count it; a new appointment time moves a pending request.
         conn.execute(
