@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import hl7
@@ -87,6 +89,46 @@ def test_resent_message_is_recognised(pas_hl7: PasProcess) -> None:
     assert msa(again)[0] == "AA" and "duplicate" in msa(again)[2]
     rows = [r for r in requests(pas_hl7) if r["dedup_key"] == "order:P100|HOSP|ORD2"]
     assert len(rows) == 1 and rows[0]["times_requested"] == 1
+
+
+def raw_exchange(port: int, payload: bytes, answers: int = 1,
+                 start: threading.Barrier | None = None) -> list[bytes]:
+    """Write ``payload`` as is on a new connection and read ``answers`` MLLP blocks (fewer if
+    the listener closes): for framings the MLLPClient cannot produce."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        if start is not None:
+            start.wait(10)
+        sock.sendall(payload)
+        buffer, blocks = b"", []
+        while len(blocks) < answers:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            buffer += chunk
+            while b"\x1c\r" in buffer:
+                block, buffer = buffer.split(b"\x1c\r", 1)
+                blocks.append(block.lstrip(b"\x0b"))
+        return blocks
+
+
+def test_one_message_resent_on_many_connections_at_once_counts_once(
+        pas_hl7: PasProcess) -> None:
+    """A RIS that resends after an ACK timeout on new connections: the message is recorded
+    once and counted once, whichever connection wins (the check was outside the
+    transaction: 30 at once gave times_requested = 2)."""
+    port = pas_hl7.hl7_port  # type: ignore[attr-defined]
+    for round_ in range(3):
+        payload = b"\x0b" + orm(f"RACE{round_}", f"ORDR{round_}").encode() + b"\x1c\r"
+        start = threading.Barrier(30)
+        with ThreadPoolExecutor(30) as pool:
+            futures = [pool.submit(raw_exchange, port, payload, start=start)
+                       for _ in range(30)]
+            answers = [f.result() for f in futures]
+        assert all(len(a) == 1 and b"MSA|AA" in a[0] for a in answers)
+        assert sum(b"duplicate" not in a[0] for a in answers) == 1
+        (row,) = [r for r in requests(pas_hl7)
+                  if r["dedup_key"] == f"order:P100|HOSP|ORDR{round_}"]
+        assert row["times_requested"] == 1
 
 
 def test_siu_reschedule_moves_one_request(pas_hl7: PasProcess) -> None:

@@ -141,11 +141,13 @@ def test_multipart_parts() -> None:
 def test_store_schedules_one_request_per_order(tmp_path: Path) -> None:
     db = Database(tmp_path / "pas.sqlite")
     request = store.NewRequest("order:P|H|1", "hl7", "P", "H", "A1", "CT", None, 2e9, 1.9e9)
-    first = store.record_message(db, "RIS|H|m1", "ORM^O01", "AA", request=request)
-    again = store.record_message(db, "RIS|H|m2", "ORM^O01", "AA", request=request)
+    first = store.record_message(db, "RIS|H|m1", "ORM^O01", "AA", request=request).scheduled
+    again = store.record_message(db, "RIS|H|m2", "ORM^O01", "AA", request=request).scheduled
     assert first is not None and first.created and again is not None and not again.created
     assert first.request_id == again.request_id
-    assert store.message_seen(db, "RIS|H|m1") is not None
+    assert store.message_seen(db, "RIS|H|m1")["request_fk"] == first.request_id  # type: ignore[index]
+    resent = store.record_message(db, "RIS|H|m1", "ORM^O01", "AA", request=request)
+    assert not resent.first and resent.scheduled is None  # recognised, nothing counted
     (row,) = store.list_requests(db)
     assert row["times_requested"] == 2 and row["due_at"] == 1.9e9
     assert store.claim_due(db) == []  # not due before 1.9e9
