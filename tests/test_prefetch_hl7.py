@@ -131,6 +131,23 @@ def test_one_message_resent_on_many_connections_at_once_counts_once(
         assert row["times_requested"] == 1
 
 
+def test_message_key_is_the_whole_msh_fields(pas_hl7: PasProcess) -> None:
+    """Control ids (MSH-10) or facilities (MSH-4, HD: namespace^universal id^type) that differ
+    only after the first component are distinct messages: each order is stored (the key kept
+    component 1 only: the second was ACKed as a duplicate and lost)."""
+    first = orm("Z^1", "ORDZ1", patient="PZ1")
+    second = orm("Z^2", "ORDZ2", patient="PZ2")
+    other_site = orm("Z^1", "ORDZ3", patient="PZ3").replace(
+        "|RIS|HOSP|", "|RIS|HOSP^1.2.250.1.2^ISO|", 1)
+    acks = send(pas_hl7, first, second, other_site)
+    assert [msa(a)[0] for a in acks] == ["AA"] * 3
+    assert not any("duplicate" in msa(a)[2] for a in acks)
+    keys = {r["dedup_key"] for r in requests(pas_hl7)}
+    assert {"order:PZ1|HOSP|ORDZ1", "order:PZ2|HOSP|ORDZ2", "order:PZ3|HOSP|ORDZ3"} <= keys
+    (again,) = send(pas_hl7, second)  # the same whole key again is still a resend
+    assert "duplicate" in msa(again)[2]
+
+
 def test_siu_reschedule_moves_one_request(pas_hl7: PasProcess) -> None:
     def siu(event: str, control: str, start: str) -> str:
         return "\r".join([

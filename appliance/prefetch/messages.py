@@ -31,7 +31,7 @@ CANCEL_CONTROLS = {"CA", "DC", "OC", "OD"}
 class PrefetchOrder:
     """What a message asks the prefetch to do."""
 
-    message_key: str            # sending application|facility|control id
+    message_key: str            # MSH-3|MSH-4|MSH-10, each whole (every component)
     message_type: str           # e.g. ORM^O01
     control_id: str
     dedup_key: str
@@ -65,6 +65,16 @@ def _field(message: hl7.Message, path: str) -> str:
     except (KeyError, IndexError, ValueError, TypeError):
         return ""
     return str(value).strip() if value is not None else ""
+
+
+def _msh_field(message: hl7.Message, number: int) -> str:
+    """MSH-``number`` whole, every component: what names a message (MSH-3/4 are HD
+    ``namespace^universal id^type``, MSH-10 may carry components). ``message["MSH.F10"]``
+    answers component 1 only, which took ``Z^1`` and ``Z^2`` for the same message."""
+    try:
+        return str(message.segment("MSH")[number]).strip()
+    except (KeyError, IndexError, ValueError, TypeError):
+        return ""
 
 
 def _segment_present(message: hl7.Message, name: str) -> bool:
@@ -130,7 +140,7 @@ def interpret(message: hl7.Message, issuer_default: str = "") -> PrefetchOrder:
     kind = _field(message, "MSH.F9.R1.C1").upper()
     event = _field(message, "MSH.F9.R1.C2").upper()
     message_type = f"{kind}^{event}"
-    control_id = _field(message, "MSH.F10")
+    control_id = _msh_field(message, 10)
     if not control_id:
         raise Refusal("AR", "101", "MSH-10 message control id is missing", message_type)
     if (kind, event) not in SUPPORTED:
@@ -144,7 +154,7 @@ def interpret(message: hl7.Message, issuer_default: str = "") -> PrefetchOrder:
         raise Refusal("AE", "101", "PID-3 patient identifier is missing", message_type,
                       control_id)
     issuer = _field(message, "PID.F3.R1.C4.S1") or issuer_default
-    sender = f"{_field(message, 'MSH.F3')}|{_field(message, 'MSH.F4')}"
+    sender = f"{_msh_field(message, 3)}|{_msh_field(message, 4)}"
     message_key = f"{sender}|{control_id}"
     patient = f"{patient_id}|{issuer}"
     try:
