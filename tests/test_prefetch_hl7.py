@@ -222,7 +222,7 @@ def test_order_cancelled_then_ordered_again_is_pending_again(pas_hl7: PasProcess
      "PID segment is missing"),
     (orm("", "ORD6"), "AR", "MSH-10 message control id is missing"),
     (orm("U4", "", ).replace("ACC", ""), "AE", "no order number"),
-    (orm("U5", "ORD6", when="2099-12-31"), "AE", "not an HL7 date/time"),
+    (orm("U5", "ORD6", when="2099-12-31"), "AE", "ORC: not an HL7 date/time: '2099-12-31'"),
 ])
 def test_bad_messages_get_a_nak_with_the_reason_and_change_nothing(
         pas_hl7: PasProcess, message: str, code: str, reason: str) -> None:

@@ -110,8 +110,14 @@ def test_hl7_times() -> None:
     assert parse_hl7_time("20261124093000+0100") == \
         dt.datetime(2026, 11, 24, 8, 30, tzinfo=dt.UTC).timestamp()
     assert parse_hl7_time("") is None
-    with pytest.raises(ValueError, match="not an HL7 date/time"):
-        parse_hl7_time("2026-11-24")
+    assert parse_hl7_time("20261124093000-0100") == \
+        dt.datetime(2026, 11, 24, 10, 30, tzinfo=dt.UTC).timestamp()
+    # ISO dates are not HL7 v2 DTM: refused, the reason quoting the whole value (the '-' was
+    # taken for a zone offset and the text said '2026'); a short offset is not dropped.
+    for bad in ("2026-11-24", "2026-11-24T09:30", "20261124093000+01", "202611", "2026112"):
+        with pytest.raises(ValueError) as refused:
+            parse_hl7_time(bad)
+        assert str(refused.value).startswith(f"not an HL7 date/time: {bad!r} (expected ")
 
 
 def test_issuer_from_pid3_and_scheduled_time_from_obr27() -> None:

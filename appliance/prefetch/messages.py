@@ -17,6 +17,7 @@ Which fields are read, and why (HL7 v2.5 positions):
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass
 
 import hl7
@@ -85,27 +86,34 @@ def _segment_present(message: hl7.Message, name: str) -> bool:
         return False
 
 
+_DTM = re.compile(r"(\d{8}(?:\d{2}){0,3})(?:\.\d{1,4})?(?:([+-])(\d{2})(\d{2}))?")
+
+
 def parse_hl7_time(value: str) -> float | None:
-    """HL7 TS/DTM ``YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ]`` -> epoch seconds (local time when
-    no zone is given, as RIS messages usually are)."""
+    """HL7 v2 TS/DTM ``YYYYMMDD[HH[MM[SS[.S[S[S[S]]]]]]][+/-ZZZZ]`` -> epoch seconds (local
+    time when no zone is given, as RIS messages usually are).
+
+    At least a day is needed to schedule an exam. Anything else is refused with the whole
+    value quoted, ISO 8601 (``2099-12-31``) included: HL7 v2 has no separators, and guessing
+    would hide a misconfigured interface whose other fields may be just as wrong."""
+    original = value
     value = value.strip()
     if not value:
         return None
-    zone: dt.tzinfo | None = None
-    for sign in ("+", "-"):
-        if sign in value[4:]:
-            head, tail = value[:4] + value[4:].split(sign)[0], value[4:].split(sign)[1]
-            if len(tail) == 4 and tail.isdigit():
-                minutes = int(tail[:2]) * 60 + int(tail[2:])
-                zone = dt.timezone(dt.timedelta(minutes=minutes if sign == "+" else -minutes))
-            value = head
-    value = value.split(".")[0]
+    match = _DTM.fullmatch(value)
+    if match is None:
+        raise ValueError(f"not an HL7 date/time: {original!r} (expected "
+                         "YYYYMMDD[HH[MM[SS[.S]]]][+/-ZZZZ])")
+    digits, sign, hours, minutes = match.groups()
     formats = {14: "%Y%m%d%H%M%S", 12: "%Y%m%d%H%M", 10: "%Y%m%d%H", 8: "%Y%m%d"}
-    fmt = formats.get(len(value))
-    if fmt is None or not value.isdigit():
-        raise ValueError(f"not an HL7 date/time: {value!r}")
-    moment = dt.datetime.strptime(value, fmt)
-    if zone is not None:
+    try:
+        moment = dt.datetime.strptime(digits, formats[len(digits)])
+    except ValueError:
+        raise ValueError(f"not an HL7 date/time: {original!r} (no such date or time)") \
+            from None
+    if sign is not None:
+        offset = int(hours) * 60 + int(minutes)
+        zone = dt.timezone(dt.timedelta(minutes=offset if sign == "+" else -offset))
         return moment.replace(tzinfo=zone).timestamp()
     return moment.timestamp()
 
