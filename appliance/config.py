@@ -336,6 +336,19 @@ class Hl7Section(_Section):
     max_message_kb: int = Field(default=1024, ge=1)
     encoding: str = "utf-8"
 
+    @field_validator("encoding")
+    @classmethod
+    def _known_text_encoding(cls, value: str) -> str:
+        """Refused here, by name, rather than by a LookupError in the listener for every
+        message (no ACK at all, the RIS resending forever). ``"".encode`` also refuses
+        codecs that are not text encodings (base64, rot13)."""
+        try:
+            "".encode(value)
+            b"".decode(value)
+        except LookupError:
+            raise ValueError(f"unknown encoding {value!r}") from None
+        return value
+
 
 class PrefetchWindow(_Section):
     """From ``start`` to ``end`` (local time, may wrap past midnight) priors may be fetched."""

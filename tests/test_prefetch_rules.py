@@ -103,6 +103,18 @@ def test_bad_window_and_unknown_push_destination_are_config_errors() -> None:
         load_settings(environ={"PAS_PREFETCH__RULES": '[{name = "r", push_to = ["ws"]}]'})
 
 
+def test_hl7_encoding_is_validated(tmp_path: Path) -> None:
+    """An unknown codec is a config error naming hl7.encoding (it passed ``pas config check``,
+    then every message died with LookupError in the listener and no ACK was ever sent)."""
+    with pytest.raises(ConfigError) as refused:
+        load_settings(environ={"PAS_HOME": str(tmp_path), "PAS_HL7__ENCODING": "utf-9"})
+    assert refused.value.problems == ["hl7.encoding: unknown encoding 'utf-9'"]
+    for name in ("utf-8", "iso-8859-1", "latin-1", "cp1252"):
+        settings = load_settings(environ={"PAS_HOME": str(tmp_path),
+                                          "PAS_HL7__ENCODING": name})
+        assert settings.hl7.encoding == name
+
+
 def test_hl7_times() -> None:
     local = dt.datetime(2026, 11, 24, 9, 30).timestamp()
     assert parse_hl7_time("202611240930") == local
