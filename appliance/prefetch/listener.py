@@ -6,9 +6,11 @@ acknowledgement per received block. What a message means and what is stored is d
 ``handler`` (:meth:`appliance.prefetch.service.PrefetchService.handle_hl7`), which runs in a
 worker thread because it commits to SQLite before the ACK leaves. May not touch: the database.
 
-A block that is not MLLP-framed or is too large gets a NAK naming the problem and the
-connection is closed (the stream cannot be resynchronised); every other connection is served
-on as before (invariant 7).
+Bytes between frames (the CR LF some engines send after the end block, a keep-alive byte)
+are skipped and logged: only the start block begins a message. A message with no start block
+(an end block met first) or too large gets a NAK naming the problem and the connection is
+closed (the stream cannot be resynchronised); every other connection is served on as before
+(invariant 7).
 """
 
 from __future__ import annotations
@@ -18,13 +20,20 @@ import logging
 import threading
 from collections.abc import Callable
 
-from hl7.mllp import InvalidBlockError, start_hl7_server
+from hl7.mllp import start_hl7_server
 from hl7.mllp.streams import HL7StreamReader, HL7StreamWriter
 
 from appliance.config import Hl7Section
 from appliance.prefetch.messages import build_ack
 
 log = logging.getLogger("pas.hl7")
+
+START_BLOCK, END_BLOCK = b"\x0b", b"\x1c"
+FRAME_END = END_BLOCK + b"\r"
+
+
+class NotFramed(Exception):
+    """An end block before any start block: an unframed message, not stray bytes."""
 
 
 class Hl7Listener:
@@ -81,16 +90,18 @@ class Hl7Listener:
         try:
             while True:
                 try:
-                    block = await reader.readblock()
+                    block = await self._read_frame(reader, source)
                 except asyncio.IncompleteReadError:
-                    return  # the client closed the connection between messages
-                except InvalidBlockError as exc:
+                    return  # the client closed the connection in the middle of a message
+                except NotFramed as exc:
                     await self._refuse(writer, f"not MLLP-framed: {exc}", source)
                     return
                 except (ValueError, asyncio.LimitOverrunError):
                     await self._refuse(writer, "message larger than hl7.max_message_kb "
                                        f"({self.settings.max_message_kb} KB)", source)
                     return
+                if block is None:
+                    return  # the client closed the connection between messages
                 text = block.decode(self.settings.encoding, "replace")
                 answer = await loop.run_in_executor(None, self.handler, text, source)
                 writer.writeblock(answer.encode(self.settings.encoding, "replace"))
@@ -99,6 +110,34 @@ class Hl7Listener:
             return
         finally:
             writer.close()
+
+    async def _read_frame(self, reader: asyncio.StreamReader, source: str) -> bytes | None:
+        """The next message between a start block and ``FS CR``; None at a clean end of stream.
+
+        Bytes before the start block are skipped one at a time (there are none, or a few: a
+        frame costs one extra read) and logged; hl7's ``readblock`` took them as the start of
+        the next block and refused a valid message. An end block met before any start block
+        is an unframed message: :class:`NotFramed`."""
+        stray = bytearray()
+        while True:
+            byte = await reader.read(1)
+            if not byte:
+                if stray:
+                    log.info("HL7 from %s: %d bytes after the last frame ignored: %r",
+                             source, len(stray), bytes(stray[:32]))
+                return None
+            if byte == START_BLOCK:
+                break
+            if byte == END_BLOCK:
+                raise NotFramed("Block does not begin with Start Block character <VT> "
+                                f"(an end block after {len(stray)} bytes)")
+            stray += byte
+            if len(stray) > self.settings.max_message_kb * 1024:
+                raise NotFramed(f"no start block in {len(stray)} bytes")
+        if stray:
+            log.warning("HL7 from %s: %d bytes before a start block skipped: %r", source,
+                        len(stray), bytes(stray[:32]))
+        return (await reader.readuntil(FRAME_END))[:-len(FRAME_END)]
 
     async def _refuse(self, writer: HL7StreamWriter, reason: str, source: str) -> None:
         log.warning("HL7 from %s refused: %s", source, reason)
