@@ -98,3 +98,56 @@ def test_a_message_without_start_block_is_still_refused(pas_mllp: PasProcess) ->
         assert b"MSA|AR" in second and b"not MLLP-framed" in second
         assert closed_by_peer(sock)
     assert "order:P700|HOSP|ORDNS2" not in {r["dedup_key"] for r in requests(pas_mllp)}
+
+
+def exchange(sock: socket.socket, control: str) -> bytes:
+    sock.sendall(SB + orm(control, f"ORD{control}") + EB)
+    (ack,) = read_blocks(sock, 1)
+    return ack
+
+
+def test_connections_are_capped_and_stalled_or_idle_ones_closed(pas_factory: Any) -> None:
+    """200 connections each holding 1000 KB of an unfinished message stayed open for ever
+    (+236 MB). Now: at most ``max_connections`` are served (the others closed at once), an
+    unfinished frame is refused after ``frame_timeout_s`` and a silent connection closed after
+    ``idle_timeout_s``, which frees the slots for the RIS."""
+    port = free_port()
+    pas = pas_factory({"PAS_HL7__HOST": "127.0.0.1", "PAS_HL7__PORT": str(port),
+                       "PAS_HL7__MAX_CONNECTIONS": "3", "PAS_HL7__FRAME_TIMEOUT_S": "2",
+                       "PAS_HL7__IDLE_TIMEOUT_S": "3",
+                       "PAS_PREFETCH__DICOMWEB_URL": f"http://127.0.0.1:{free_port()}/x"})
+    wait_for(lambda: port_open("127.0.0.1", port), 15, what="the HL7 listener")
+    held: list[socket.socket] = []
+
+    def served(control: str) -> socket.socket | None:
+        """A connection that got its ACK (the listener may not have seen the close of the
+        port probe yet, which still holds a slot for an instant)."""
+        sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+        try:
+            if b"MSA|AA" in exchange(sock, control):
+                return sock
+        except (ValueError, ConnectionError):
+            pass
+        sock.close()
+        return None
+
+    try:
+        for number in range(3):  # each served, then left in the middle of a message
+            sock = wait_for(lambda n=number: served(f"CAP{n}"), 10, what="a served connection")
+            held.append(sock)
+            sock.sendall(SB + b"x" * 200_000)
+        for _ in range(2):  # over the cap: closed before anything is read
+            with socket.create_connection(("127.0.0.1", port), timeout=15) as extra:
+                assert closed_by_peer(extra)
+        assert "HL7 connections (hl7.max_connections = 3)" in pas.log()
+        for sock in held:  # the stalled frames: a NAK naming the timeout, then closed
+            (nak,) = read_blocks(sock, 1)
+            assert b"MSA|AR" in nak and b"hl7.frame_timeout_s" in nak
+            assert closed_by_peer(sock)
+    finally:
+        for sock in held:
+            sock.close()
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        assert b"MSA|AA" in exchange(sock, "CAP9")  # slots free again
+        assert closed_by_peer(sock)  # then silent for idle_timeout_s: closed
+    wait_for(lambda: "idle for 3" in pas.log(), 10, what="the idle close logged")
