@@ -351,13 +351,35 @@ class HubSection(_Section):
 
 
 class Hl7Section(_Section):
-    """The HL7 v2 MLLP listener that receives orders and appointments from the RIS."""
+    """The HL7 v2 MLLP listener that receives orders and appointments from the RIS.
+
+    Memory is bounded by ``max_connections`` x 2 x ``max_message_kb`` (a connection buffers
+    at most twice the limit before its socket is paused); a connection that stops in the
+    middle of a message is refused after ``frame_timeout_s``, and one silent between messages
+    is closed after ``idle_timeout_s`` (0: never), so that stuck or leaked connections do not
+    hold the slots the RIS needs."""
 
     enabled: bool = True
     host: str = "0.0.0.0"
     port: Port = 2575
     max_message_kb: int = Field(default=1024, ge=1)
     encoding: str = "utf-8"
+    max_connections: int = Field(default=32, ge=1)
+    frame_timeout_s: float = Field(default=60.0, gt=0)
+    idle_timeout_s: float = Field(default=3600.0, ge=0)
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_text_encoding(cls, value: str) -> str:
+        """Refused here, by name, rather than by a LookupError in the listener for every
+        message (no ACK at all, the RIS resending forever). ``"".encode`` also refuses
+        codecs that are not text encodings (base64, rot13)."""
+        try:
+            "".encode(value)
+            b"".decode(value)
+        except LookupError:
+            raise ValueError(f"unknown encoding {value!r}") from None
+        return value
 
 
 class PrefetchWindow(_Section):

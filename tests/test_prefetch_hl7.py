@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import hl7
@@ -89,6 +91,63 @@ def test_resent_message_is_recognised(pas_hl7: PasProcess) -> None:
     assert len(rows) == 1 and rows[0]["times_requested"] == 1
 
 
+def raw_exchange(port: int, payload: bytes, answers: int = 1,
+                 start: threading.Barrier | None = None) -> list[bytes]:
+    """Write ``payload`` as is on a new connection and read ``answers`` MLLP blocks (fewer if
+    the listener closes): for framings the MLLPClient cannot produce."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        if start is not None:
+            start.wait(10)
+        sock.sendall(payload)
+        buffer, blocks = b"", []
+        while len(blocks) < answers:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            buffer += chunk
+            while b"\x1c\r" in buffer:
+                block, buffer = buffer.split(b"\x1c\r", 1)
+                blocks.append(block.lstrip(b"\x0b"))
+        return blocks
+
+
+def test_one_message_resent_on_many_connections_at_once_counts_once(
+        pas_hl7: PasProcess) -> None:
+    """A RIS that resends after an ACK timeout on new connections: the message is recorded
+    once and counted once, whichever connection wins (the check was outside the
+    transaction: 30 at once gave times_requested = 2)."""
+    port = pas_hl7.hl7_port  # type: ignore[attr-defined]
+    for round_ in range(3):
+        payload = b"\x0b" + orm(f"RACE{round_}", f"ORDR{round_}").encode() + b"\x1c\r"
+        start = threading.Barrier(30)
+        with ThreadPoolExecutor(30) as pool:
+            futures = [pool.submit(raw_exchange, port, payload, start=start)
+                       for _ in range(30)]
+            answers = [f.result() for f in futures]
+        assert all(len(a) == 1 and b"MSA|AA" in a[0] for a in answers)
+        assert sum(b"duplicate" not in a[0] for a in answers) == 1
+        (row,) = [r for r in requests(pas_hl7)
+                  if r["dedup_key"] == f"order:P100|HOSP|ORDR{round_}"]
+        assert row["times_requested"] == 1
+
+
+def test_message_key_is_the_whole_msh_fields(pas_hl7: PasProcess) -> None:
+    """Control ids (MSH-10) or facilities (MSH-4, HD: namespace^universal id^type) that differ
+    only after the first component are distinct messages: each order is stored (the key kept
+    component 1 only: the second was ACKed as a duplicate and lost)."""
+    first = orm("Z^1", "ORDZ1", patient="PZ1")
+    second = orm("Z^2", "ORDZ2", patient="PZ2")
+    other_site = orm("Z^1", "ORDZ3", patient="PZ3").replace(
+        "|RIS|HOSP|", "|RIS|HOSP^1.2.250.1.2^ISO|", 1)
+    acks = send(pas_hl7, first, second, other_site)
+    assert [msa(a)[0] for a in acks] == ["AA"] * 3
+    assert not any("duplicate" in msa(a)[2] for a in acks)
+    keys = {r["dedup_key"] for r in requests(pas_hl7)}
+    assert {"order:PZ1|HOSP|ORDZ1", "order:PZ2|HOSP|ORDZ2", "order:PZ3|HOSP|ORDZ3"} <= keys
+    (again,) = send(pas_hl7, second)  # the same whole key again is still a resend
+    assert "duplicate" in msa(again)[2]
+
+
 def test_siu_reschedule_moves_one_request(pas_hl7: PasProcess) -> None:
     def siu(event: str, control: str, start: str) -> str:
         return "\r".join([
@@ -139,6 +198,22 @@ def test_cancel_order(pas_hl7: PasProcess) -> None:
     assert row["state"] == "cancelled"
 
 
+def test_order_cancelled_then_ordered_again_is_pending_again(pas_hl7: PasProcess) -> None:
+    """NW, CA, then NW with the same order number: the RIS re-ordered the exam, so the
+    prefetch is due again (it stayed cancelled, ACKed AA and never fetched)."""
+    send(pas_hl7, orm("RV1", "ORD15", when="20991231120000"))
+    send(pas_hl7, orm("RV2", "ORD15", control_code="CA"))
+    (ack,) = send(pas_hl7, orm("RV3", "ORD15", when="20991230100000"))
+    assert msa(ack)[0] == "AA"
+    (row,) = [r for r in requests(pas_hl7) if r["dedup_key"] == "order:P100|HOSP|ORD15"]
+    assert row["state"] == "pending" and row["attempts"] == 0
+    from appliance.prefetch.messages import parse_hl7_time
+
+    assert row["scheduled_at"] == parse_hl7_time("20991230100000")
+    assert row["due_at"] == pytest.approx(row["scheduled_at"] - 12 * 3600)
+    assert row["next_attempt_at"] == row["due_at"]
+
+
 @pytest.mark.parametrize("message, code, reason", [
     ("garbage that is not HL7", "AR", "does not start with an MSH segment"),
     (orm("U1", "ORD6").replace("ORM^O01", "ORU^R01"), "AR", "unsupported message type ORU^R01"),
@@ -147,7 +222,7 @@ def test_cancel_order(pas_hl7: PasProcess) -> None:
      "PID segment is missing"),
     (orm("", "ORD6"), "AR", "MSH-10 message control id is missing"),
     (orm("U4", "", ).replace("ACC", ""), "AE", "no order number"),
-    (orm("U5", "ORD6", when="2099-12-31"), "AE", "not an HL7 date/time"),
+    (orm("U5", "ORD6", when="2099-12-31"), "AE", "ORC: not an HL7 date/time: '2099-12-31'"),
 ])
 def test_bad_messages_get_a_nak_with_the_reason_and_change_nothing(
         pas_hl7: PasProcess, message: str, code: str, reason: str) -> None:

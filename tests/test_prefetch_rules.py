@@ -103,6 +103,18 @@ def test_bad_window_and_unknown_push_destination_are_config_errors() -> None:
         load_settings(environ={"PAS_PREFETCH__RULES": '[{name = "r", push_to = ["ws"]}]'})
 
 
+def test_hl7_encoding_is_validated(tmp_path: Path) -> None:
+    """An unknown codec is a config error naming hl7.encoding (it passed ``pas config check``,
+    then every message died with LookupError in the listener and no ACK was ever sent)."""
+    with pytest.raises(ConfigError) as refused:
+        load_settings(environ={"PAS_HOME": str(tmp_path), "PAS_HL7__ENCODING": "utf-9"})
+    assert refused.value.problems == ["hl7.encoding: unknown encoding 'utf-9'"]
+    for name in ("utf-8", "iso-8859-1", "latin-1", "cp1252"):
+        settings = load_settings(environ={"PAS_HOME": str(tmp_path),
+                                          "PAS_HL7__ENCODING": name})
+        assert settings.hl7.encoding == name
+
+
 def test_hl7_times() -> None:
     local = dt.datetime(2026, 11, 24, 9, 30).timestamp()
     assert parse_hl7_time("202611240930") == local
@@ -110,8 +122,14 @@ def test_hl7_times() -> None:
     assert parse_hl7_time("20261124093000+0100") == \
         dt.datetime(2026, 11, 24, 8, 30, tzinfo=dt.UTC).timestamp()
     assert parse_hl7_time("") is None
-    with pytest.raises(ValueError, match="not an HL7 date/time"):
-        parse_hl7_time("2026-11-24")
+    assert parse_hl7_time("20261124093000-0100") == \
+        dt.datetime(2026, 11, 24, 10, 30, tzinfo=dt.UTC).timestamp()
+    # ISO dates are not HL7 v2 DTM: refused, the reason quoting the whole value (the '-' was
+    # taken for a zone offset and the text said '2026'); a short offset is not dropped.
+    for bad in ("2026-11-24", "2026-11-24T09:30", "20261124093000+01", "202611", "2026112"):
+        with pytest.raises(ValueError) as refused:
+            parse_hl7_time(bad)
+        assert str(refused.value).startswith(f"not an HL7 date/time: {bad!r} (expected ")
 
 
 def test_issuer_from_pid3_and_scheduled_time_from_obr27() -> None:
@@ -141,11 +159,13 @@ def test_multipart_parts() -> None:
 def test_store_schedules_one_request_per_order(tmp_path: Path) -> None:
     db = Database(tmp_path / "pas.sqlite")
     request = store.NewRequest("order:P|H|1", "hl7", "P", "H", "A1", "CT", None, 2e9, 1.9e9)
-    first = store.record_message(db, "RIS|H|m1", "ORM^O01", "AA", request=request)
-    again = store.record_message(db, "RIS|H|m2", "ORM^O01", "AA", request=request)
+    first = store.record_message(db, "RIS|H|m1", "ORM^O01", "AA", request=request).scheduled
+    again = store.record_message(db, "RIS|H|m2", "ORM^O01", "AA", request=request).scheduled
     assert first is not None and first.created and again is not None and not again.created
     assert first.request_id == again.request_id
-    assert store.message_seen(db, "RIS|H|m1") is not None
+    assert store.message_seen(db, "RIS|H|m1")["request_fk"] == first.request_id  # type: ignore[index]
+    resent = store.record_message(db, "RIS|H|m1", "ORM^O01", "AA", request=request)
+    assert not resent.first and resent.scheduled is None  # recognised, nothing counted
     (row,) = store.list_requests(db)
     assert row["times_requested"] == 2 and row["due_at"] == 1.9e9
     assert store.claim_due(db) == []  # not due before 1.9e9

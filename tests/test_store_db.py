@@ -232,3 +232,39 @@ def test_a_transaction_not_opened_by_transaction_is_refused_not_joined(tmp_path:
         conn.execute("INSERT INTO patients (patient_id, issuer) VALUES ('OUTER', '')")
     assert _patients_seen_by_another_connection(db.path) == ["INNER", "OUTER"]
     db.close()
+
+
+def test_metric_counters_never_go_down_when_the_cache_evicts(tmp_path: Path) -> None:
+    """pas_received_*_total and the upload counters were sums over instance and job rows, so
+    an eviction or a purge made them go down (Prometheus: a reset, rate() a false spike).
+    They are now rows that triggers add to in the transaction of the change."""
+    from appliance.ingest.receive import Receiver
+    from appliance.store import cache as cache_store
+    from appliance.store import jobs as job_store
+    from appliance.store import ops as ops_store
+    from appliance.store.spool import Spool
+
+    db = Database(tmp_path / "pas.sqlite")
+    spool = Spool(tmp_path / "spool", fsync=False)
+    receiver = Receiver(db, spool)
+    sources = sorted(CT_DIR.glob("*.dcm"))[:4]
+    received = [receiver.receive_file(p.read_bytes(), calling_ae="CT1") for p in sources]
+    size = sum(p.stat().st_size for p in sources)
+    rows = db.query("SELECT id, study_fk FROM instances")
+    job_store.route_study(db, rows[0]["study_fk"], [r["id"] for r in rows],
+                          [job_store.NewJob("hub", "region", 0, "r", [r["id"] for r in rows])])
+    (job,) = db.query("SELECT id FROM jobs")
+    job_store.save_progress(db, job["id"], {"bytes_sent": 1000, "original_bytes_sent": 3000})
+    job_store.save_progress(db, job["id"], {"bytes_sent": 1500, "original_bytes_sent": 4000})
+    job_store.confirm_instances(db, [(r["sop_instance_uid"], r["sha256"]) for r in db.query(
+        "SELECT sop_instance_uid, sha256 FROM instances")])
+    before = (ops_store.received_by_calling_ae(db), ops_store.hub_upload_totals(db))
+    assert before == ([{"calling_ae": "CT1", "instances": 4, "bytes": size}],
+                      {"wire": 1500, "original": 4000})
+    for study_uid in {r.study_uid for r in received}:
+        cache_store.evict_study(db, spool, study_uid, force=True)
+    assert [tuple(r) for r in db.query("SELECT (SELECT count(*) FROM instances), "
+                                       "(SELECT count(*) FROM jobs)")] == [(0, 0)]
+    assert (ops_store.received_by_calling_ae(db), ops_store.hub_upload_totals(db)) == before
+    receiver.receive_file(sources[0].read_bytes(), calling_ae="CT1")  # received again: counts
+    assert ops_store.received_by_calling_ae(db)[0]["instances"] == 5

@@ -47,6 +47,11 @@ def test_a_version_1_database_is_migrated_with_nothing_lost(tmp_path: Path) -> N
     for key in ("instances", "studies", "patients", "bytes", "confirmed_instances"):
         assert status[key] == before[key], key
     assert status["jobs"] == {"pending": 1}
+    # The metric counters (migration 7) start from what the rows held, not from zero.
+    from appliance.store import ops as ops_store
+
+    assert ops_store.received_by_calling_ae(new) == [
+        {"calling_ae": "", "instances": 5, "bytes": before["bytes"]}]
     assert [r["sop_instance_uid"] for r in job_store.job_files(new, 1)] == [
         f"1.2.9.{n}" for n in range(5)]
     new.close()

@@ -14,6 +14,7 @@ drops is counted and logged.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime as dt
 import hashlib
@@ -21,6 +22,7 @@ import json
 import logging
 import os
 import queue
+import re
 import socket
 import ssl
 import threading
@@ -49,8 +51,36 @@ APPLICATION_ACTIVITY = ("110100", "Application Activity", "E")
 SYSLOG_FACILITY_AUTHPRIV = 10
 
 
+# What XML 1.0 forbids (C0 controls but tab, LF and CR; lone surrogates; U+FFFE/U+FFFF):
+# ElementTree writes them as they are, and the message is then not XML at all.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+def _xml_text(value: Any) -> str:
+    """Text from input (an HL7 type, an AE title, a reason) made safe for XML 1.0: each
+    forbidden character written as ``\\xNN`` (``\\uNNNN`` above U+00FF) so the auditor
+    still sees it was there."""
+    return _NOT_XML.sub(lambda m: (f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                                   else f"\\u{ord(m.group()):04x}"), str(value))
+
+
+def _object_ids(target: str) -> list[str]:
+    """One ParticipantObjectIdentification per study (PS3.15 A.5.3.2): a store event lists
+    its studies comma-joined; any other target (a query summary) stays one object."""
+    parts = [p.strip() for p in target.split(",") if p.strip()]
+    if len(parts) > 1 and all(_UID.fullmatch(p) for p in parts):
+        return parts
+    return [target]
+
+
 def atna_message(entry: dict[str, Any], site: str, host: str) -> str:
-    """A PS3.15 A.5 AuditMessage (XML) for one audit row."""
+    """A PS3.15 A.5 AuditMessage (XML) for one audit row.
+
+    Attributes are passed as dicts: the schema's ``csd-code`` cannot be a keyword argument
+    (written ``csd_code``, an ATNA repository validating the schema rejected every message).
+    Everything taken from input goes through :func:`_xml_text`, and the detail value is
+    base64 as ``xs:base64Binary`` requires."""
     code, display, action = EVENT_CODES.get(entry["event"], APPLICATION_ACTIVITY)
     outcome = entry.get("outcome") or "success"
     indicator = "0" if outcome == "success" else "4"  # 4: minor failure
@@ -58,32 +88,35 @@ def atna_message(entry: dict[str, Any], site: str, host: str) -> str:
     root = ET.Element("AuditMessage")
     event = ET.SubElement(root, "EventIdentification", EventActionCode=action,
                           EventDateTime=when, EventOutcomeIndicator=indicator)
-    ET.SubElement(event, "EventID", csd_code=code, codeSystemName="DCM",
-                  originalText=display)
+    ET.SubElement(event, "EventID", {"csd-code": code, "codeSystemName": "DCM",
+                                     "originalText": display})
     if indicator != "0":
-        ET.SubElement(event, "EventOutcomeDescription").text = outcome
-    ET.SubElement(event, "EventTypeCode", csd_code=entry["event"], codeSystemName="PAS",
-                  originalText=entry["event"])
-    actor = entry.get("actor") or "system"
+        ET.SubElement(event, "EventOutcomeDescription").text = _xml_text(outcome)
+    kind = _xml_text(entry["event"])
+    ET.SubElement(event, "EventTypeCode", {"csd-code": kind, "codeSystemName": "PAS",
+                                           "originalText": kind})
+    actor = _xml_text(entry.get("actor") or "system")
     participant = ET.SubElement(root, "ActiveParticipant", UserID=actor,
                                 UserIsRequestor="true")
     if entry.get("source"):
-        participant.set("NetworkAccessPointID", entry["source"])
+        participant.set("NetworkAccessPointID", _xml_text(entry["source"]))
         participant.set("NetworkAccessPointTypeCode", "2")  # IP address
-    ET.SubElement(root, "ActiveParticipant", UserID=f"PAS@{site}", UserIsRequestor="false",
-                  NetworkAccessPointID=host, NetworkAccessPointTypeCode="1")
-    ET.SubElement(root, "AuditSourceIdentification", AuditEnterpriseSiteID=site,
-                  AuditSourceID=f"pas@{host}")
-    if entry.get("target"):
+    ET.SubElement(root, "ActiveParticipant", UserID=_xml_text(f"PAS@{site}"),
+                  UserIsRequestor="false", NetworkAccessPointID=_xml_text(host),
+                  NetworkAccessPointTypeCode="1")
+    ET.SubElement(root, "AuditSourceIdentification", AuditEnterpriseSiteID=_xml_text(site),
+                  AuditSourceID=_xml_text(f"pas@{host}"))
+    for object_id in _object_ids(str(entry["target"])) if entry.get("target") else []:
         target = ET.SubElement(root, "ParticipantObjectIdentification",
-                               ParticipantObjectID=str(entry["target"]),
+                               ParticipantObjectID=_xml_text(object_id),
                                ParticipantObjectTypeCode="2",
                                ParticipantObjectTypeCodeRole="3")
-        ET.SubElement(target, "ParticipantObjectIDTypeCode", csd_code="110180",
-                      codeSystemName="DCM", originalText="Study Instance UID")
+        ET.SubElement(target, "ParticipantObjectIDTypeCode", {
+            "csd-code": "110180", "codeSystemName": "DCM",
+            "originalText": "Study Instance UID"})
         if entry.get("detail"):
-            ET.SubElement(target, "ParticipantObjectDetail", type="detail",
-                          value=str(entry["detail"])[:1000])
+            value = base64.b64encode(str(entry["detail"])[:1000].encode()).decode("ascii")
+            ET.SubElement(target, "ParticipantObjectDetail", type="detail", value=value)
     return ET.tostring(root, encoding="unicode")
 
 

@@ -6,9 +6,16 @@ acknowledgement per received block. What a message means and what is stored is d
 ``handler`` (:meth:`appliance.prefetch.service.PrefetchService.handle_hl7`), which runs in a
 worker thread because it commits to SQLite before the ACK leaves. May not touch: the database.
 
-A block that is not MLLP-framed or is too large gets a NAK naming the problem and the
-connection is closed (the stream cannot be resynchronised); every other connection is served
-on as before (invariant 7).
+Bytes between frames (the CR LF some engines send after the end block, a keep-alive byte)
+are skipped and logged: only the start block begins a message. A message with no start block
+(an end block met first) or too large gets a NAK naming the problem and the connection is
+closed (the stream cannot be resynchronised); every other connection is served on as before
+(invariant 7).
+
+Bounded (invariant 8): at most ``hl7.max_connections`` connections are served, the others
+closed at once; a message not finished ``hl7.frame_timeout_s`` after its first byte gets a
+NAK and its connection is closed; a connection silent ``hl7.idle_timeout_s`` between
+messages is closed.
 """
 
 from __future__ import annotations
@@ -18,13 +25,28 @@ import logging
 import threading
 from collections.abc import Callable
 
-from hl7.mllp import InvalidBlockError, start_hl7_server
+from hl7.mllp import start_hl7_server
 from hl7.mllp.streams import HL7StreamReader, HL7StreamWriter
 
 from appliance.config import Hl7Section
 from appliance.prefetch.messages import build_ack
 
 log = logging.getLogger("pas.hl7")
+
+START_BLOCK, END_BLOCK = b"\x0b", b"\x1c"
+FRAME_END = END_BLOCK + b"\r"
+
+
+class NotFramed(Exception):
+    """An end block before any start block: an unframed message, not stray bytes."""
+
+
+class Idle(Exception):
+    """Nothing received for ``hl7.idle_timeout_s`` between messages."""
+
+
+class Stalled(Exception):
+    """A message begun but not finished within ``hl7.frame_timeout_s``."""
 
 
 class Hl7Listener:
@@ -39,6 +61,7 @@ class Hl7Listener:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self._connections = 0  # served now; read and written only in the loop's thread
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="pas-hl7", daemon=True)
@@ -78,19 +101,37 @@ class Hl7Listener:
         peer = writer.get_extra_info("peername")
         source = f"{peer[0]}:{peer[1]}" if peer else "?"
         loop = asyncio.get_running_loop()
+        if self._connections >= self.settings.max_connections:
+            log.warning("HL7 from %s: closed at once, already %d HL7 connections "
+                        "(hl7.max_connections = %d)", source, self._connections,
+                        self.settings.max_connections)
+            writer.close()
+            return
+        self._connections += 1
         try:
             while True:
                 try:
-                    block = await reader.readblock()
+                    block = await self._read_frame(reader, source)
                 except asyncio.IncompleteReadError:
-                    return  # the client closed the connection between messages
-                except InvalidBlockError as exc:
+                    return  # the client closed the connection in the middle of a message
+                except Idle:
+                    log.info("HL7 from %s: idle for %g s (hl7.idle_timeout_s): closed",
+                             source, self.settings.idle_timeout_s)
+                    return
+                except Stalled:
+                    await self._refuse(writer, "message not finished within "
+                                       f"hl7.frame_timeout_s ({self.settings.frame_timeout_s:g}"
+                                       " s)", source)
+                    return
+                except NotFramed as exc:
                     await self._refuse(writer, f"not MLLP-framed: {exc}", source)
                     return
                 except (ValueError, asyncio.LimitOverrunError):
                     await self._refuse(writer, "message larger than hl7.max_message_kb "
                                        f"({self.settings.max_message_kb} KB)", source)
                     return
+                if block is None:
+                    return  # the client closed the connection between messages
                 text = block.decode(self.settings.encoding, "replace")
                 answer = await loop.run_in_executor(None, self.handler, text, source)
                 writer.writeblock(answer.encode(self.settings.encoding, "replace"))
@@ -98,7 +139,50 @@ class Hl7Listener:
         except ConnectionError:
             return
         finally:
+            self._connections -= 1
             writer.close()
+
+    async def _read_frame(self, reader: asyncio.StreamReader, source: str) -> bytes | None:
+        """The next message between a start block and ``FS CR``; None at a clean end of stream.
+
+        Bytes before the start block are skipped one at a time (there are none, or a few: a
+        frame costs one extra read) and logged; hl7's ``readblock`` took them as the start of
+        the next block and refused a valid message. An end block met before any start block
+        is an unframed message: :class:`NotFramed`.
+
+        The first byte is awaited up to ``idle_timeout_s`` (:class:`Idle`); from it, the
+        whole frame must arrive within ``frame_timeout_s`` (:class:`Stalled`)."""
+        try:
+            async with asyncio.timeout(self.settings.idle_timeout_s or None):
+                byte = await reader.read(1)
+        except TimeoutError:
+            raise Idle from None
+        try:
+            async with asyncio.timeout(self.settings.frame_timeout_s):
+                return await self._rest_of_frame(reader, source, byte)
+        except TimeoutError:
+            raise Stalled from None
+
+    async def _rest_of_frame(self, reader: asyncio.StreamReader, source: str,
+                             byte: bytes) -> bytes | None:
+        stray = bytearray()
+        while byte != START_BLOCK:
+            if not byte:
+                if stray:
+                    log.info("HL7 from %s: %d bytes after the last frame ignored: %r",
+                             source, len(stray), bytes(stray[:32]))
+                return None
+            if byte == END_BLOCK:
+                raise NotFramed("Block does not begin with Start Block character <VT> "
+                                f"(an end block after {len(stray)} bytes)")
+            stray += byte
+            if len(stray) > self.settings.max_message_kb * 1024:
+                raise NotFramed(f"no start block in {len(stray)} bytes")
+            byte = await reader.read(1)
+        if stray:
+            log.warning("HL7 from %s: %d bytes before a start block skipped: %r", source,
+                        len(stray), bytes(stray[:32]))
+        return (await reader.readuntil(FRAME_END))[:-len(FRAME_END)]
 
     async def _refuse(self, writer: HL7StreamWriter, reason: str, source: str) -> None:
         log.warning("HL7 from %s refused: %s", source, reason)

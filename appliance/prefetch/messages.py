@@ -17,6 +17,7 @@ Which fields are read, and why (HL7 v2.5 positions):
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass
 
 import hl7
@@ -31,7 +32,7 @@ CANCEL_CONTROLS = {"CA", "DC", "OC", "OD"}
 class PrefetchOrder:
     """What a message asks the prefetch to do."""
 
-    message_key: str            # sending application|facility|control id
+    message_key: str            # MSH-3|MSH-4|MSH-10, each whole (every component)
     message_type: str           # e.g. ORM^O01
     control_id: str
     dedup_key: str
@@ -67,6 +68,16 @@ def _field(message: hl7.Message, path: str) -> str:
     return str(value).strip() if value is not None else ""
 
 
+def _msh_field(message: hl7.Message, number: int) -> str:
+    """MSH-``number`` whole, every component: what names a message (MSH-3/4 are HD
+    ``namespace^universal id^type``, MSH-10 may carry components). ``message["MSH.F10"]``
+    answers component 1 only, which took ``Z^1`` and ``Z^2`` for the same message."""
+    try:
+        return str(message.segment("MSH")[number]).strip()
+    except (KeyError, IndexError, ValueError, TypeError):
+        return ""
+
+
 def _segment_present(message: hl7.Message, name: str) -> bool:
     try:
         message.segment(name)
@@ -75,27 +86,34 @@ def _segment_present(message: hl7.Message, name: str) -> bool:
         return False
 
 
+_DTM = re.compile(r"(\d{8}(?:\d{2}){0,3})(?:\.\d{1,4})?(?:([+-])(\d{2})(\d{2}))?")
+
+
 def parse_hl7_time(value: str) -> float | None:
-    """HL7 TS/DTM ``YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ]`` -> epoch seconds (local time when
-    no zone is given, as RIS messages usually are)."""
+    """HL7 v2 TS/DTM ``YYYYMMDD[HH[MM[SS[.S[S[S[S]]]]]]][+/-ZZZZ]`` -> epoch seconds (local
+    time when no zone is given, as RIS messages usually are).
+
+    At least a day is needed to schedule an exam. Anything else is refused with the whole
+    value quoted, ISO 8601 (``2099-12-31``) included: HL7 v2 has no separators, and guessing
+    would hide a misconfigured interface whose other fields may be just as wrong."""
+    original = value
     value = value.strip()
     if not value:
         return None
-    zone: dt.tzinfo | None = None
-    for sign in ("+", "-"):
-        if sign in value[4:]:
-            head, tail = value[:4] + value[4:].split(sign)[0], value[4:].split(sign)[1]
-            if len(tail) == 4 and tail.isdigit():
-                minutes = int(tail[:2]) * 60 + int(tail[2:])
-                zone = dt.timezone(dt.timedelta(minutes=minutes if sign == "+" else -minutes))
-            value = head
-    value = value.split(".")[0]
+    match = _DTM.fullmatch(value)
+    if match is None:
+        raise ValueError(f"not an HL7 date/time: {original!r} (expected "
+                         "YYYYMMDD[HH[MM[SS[.S]]]][+/-ZZZZ])")
+    digits, sign, hours, minutes = match.groups()
     formats = {14: "%Y%m%d%H%M%S", 12: "%Y%m%d%H%M", 10: "%Y%m%d%H", 8: "%Y%m%d"}
-    fmt = formats.get(len(value))
-    if fmt is None or not value.isdigit():
-        raise ValueError(f"not an HL7 date/time: {value!r}")
-    moment = dt.datetime.strptime(value, fmt)
-    if zone is not None:
+    try:
+        moment = dt.datetime.strptime(digits, formats[len(digits)])
+    except ValueError:
+        raise ValueError(f"not an HL7 date/time: {original!r} (no such date or time)") \
+            from None
+    if sign is not None:
+        offset = int(hours) * 60 + int(minutes)
+        zone = dt.timezone(dt.timedelta(minutes=offset if sign == "+" else -offset))
         return moment.replace(tzinfo=zone).timestamp()
     return moment.timestamp()
 
@@ -130,7 +148,7 @@ def interpret(message: hl7.Message, issuer_default: str = "") -> PrefetchOrder:
     kind = _field(message, "MSH.F9.R1.C1").upper()
     event = _field(message, "MSH.F9.R1.C2").upper()
     message_type = f"{kind}^{event}"
-    control_id = _field(message, "MSH.F10")
+    control_id = _msh_field(message, 10)
     if not control_id:
         raise Refusal("AR", "101", "MSH-10 message control id is missing", message_type)
     if (kind, event) not in SUPPORTED:
@@ -144,7 +162,7 @@ def interpret(message: hl7.Message, issuer_default: str = "") -> PrefetchOrder:
         raise Refusal("AE", "101", "PID-3 patient identifier is missing", message_type,
                       control_id)
     issuer = _field(message, "PID.F3.R1.C4.S1") or issuer_default
-    sender = f"{_field(message, 'MSH.F3')}|{_field(message, 'MSH.F4')}"
+    sender = f"{_msh_field(message, 3)}|{_msh_field(message, 4)}"
     message_key = f"{sender}|{control_id}"
     patient = f"{patient_id}|{issuer}"
     try:

@@ -110,23 +110,25 @@ class PrefetchService:
         try:
             message = parse_message(text)
             order = interpret(message)
-            seen = store.message_seen(self.db, order.message_key)
-            if seen is not None:
-                log.info("HL7 %s %s from %s: already processed", order.message_type,
-                         order.control_id, source)
-                return build_ack(message, "AA", "duplicate message: already processed")
-            scheduled_at = order.scheduled_at
             if order.cancel:
-                store.record_message(self.db, order.message_key, order.message_type, "AA",
-                                     "cancel", cancel_key=order.dedup_key)
+                recorded = store.record_message(self.db, order.message_key,
+                                                order.message_type, "AA", "cancel",
+                                                cancel_key=order.dedup_key)
+                if not recorded.first:
+                    return self._duplicate(message, order.message_type, order.control_id,
+                                           source)
                 log.info("HL7 %s: order %s cancelled", order.message_type, order.dedup_key)
                 return build_ack(message, "AA")
+            scheduled_at = order.scheduled_at
             request = store.NewRequest(
                 order.dedup_key, "hl7", order.patient_id, order.issuer, order.accession_number,
                 order.modality, order.body_part, scheduled_at,
                 self._due_at(scheduled_at))
-            result = store.record_message(self.db, order.message_key, order.message_type,
-                                          "AA", request=request)
+            recorded = store.record_message(self.db, order.message_key, order.message_type,
+                                            "AA", request=request)
+            if not recorded.first:
+                return self._duplicate(message, order.message_type, order.control_id, source)
+            result = recorded.scheduled
             log.info("HL7 %s %s from %s: patient %s, %s request %s", order.message_type,
                      order.control_id, source, order.patient_id,
                      "new" if result and result.created else "known",
@@ -142,6 +144,12 @@ class PrefetchService:
         except Exception as exc:  # never leave the RIS without an answer
             log.exception("HL7 from %s: internal error", source)
             return build_ack(message, "AE", f"internal error: {exc}", "207")
+
+    @staticmethod
+    def _duplicate(message: Any, message_type: str, control_id: str, source: str) -> str:
+        """A message already recorded (a resend): ACKed again, nothing changed."""
+        log.info("HL7 %s %s from %s: already processed", message_type, control_id, source)
+        return build_ack(message, "AA", "duplicate message: already processed")
 
     def _due_at(self, scheduled_at: float | None) -> float:
         """As soon as the exam is within ``lead_time_h`` (now if it already is)."""

@@ -16,12 +16,15 @@ from appliance.store.db import Database, now
 
 
 def received_by_calling_ae(db: Database) -> list[dict[str, Any]]:
-    """Instances (current versions and older ones) and bytes received, per calling AE.
-    Fetched studies (no calling AE) count as ``""``."""
+    """Instances (every version) and bytes received since the database was created, per
+    calling AE, from the counters the triggers keep (never down: eviction deletes instance
+    rows, not these). Fetched studies (no calling AE) count as ``""``."""
     rows = db.query(
-        """SELECT coalesce(calling_ae, '') AS calling_ae, count(*) AS instances,
-                  coalesce(sum(size), 0) AS bytes
-           FROM instances GROUP BY coalesce(calling_ae, '')"""
+        """SELECT label AS calling_ae,
+                  sum(CASE WHEN name = 'received_instances' THEN value ELSE 0 END) AS instances,
+                  sum(CASE WHEN name = 'received_bytes' THEN value ELSE 0 END) AS bytes
+           FROM counters WHERE name IN ('received_instances', 'received_bytes')
+           GROUP BY label"""
     )
     return [dict(r) for r in rows]
 
@@ -116,15 +119,14 @@ def schema_version_of(path: Path) -> int:
 
 def hub_upload_totals(db: Database) -> dict[str, int]:
     """Bytes the uplink put on the wire (sealed buckets) and the original study bytes they
-    carried, summed over the hub jobs' progress. A transfer restarted from scratch (the hub
-    forgot it) starts its job's counters again, so this can undercount, never overcount."""
-    row = db.query_one(
-        """SELECT coalesce(sum(json_extract(progress, '$.bytes_sent')), 0) AS wire,
-                  coalesce(sum(json_extract(progress, '$.original_bytes_sent')), 0) AS original
-           FROM jobs WHERE kind = 'hub' AND progress IS NOT NULL AND json_valid(progress)"""
-    )
-    return {"wire": int(row["wire"]), "original": int(row["original"])} if row else {
-        "wire": 0, "original": 0}
+    carried, since the database was created: counters that the hub jobs' progress updates
+    add to (a trigger), so a job deleted with its study never takes its bytes back. A
+    transfer restarted from scratch counts what it sends again (it crossed the link again)."""
+    rows = db.query("SELECT name, value FROM counters WHERE name IN "
+                    "('upload_wire_bytes', 'upload_original_bytes')")
+    values = {r["name"]: int(r["value"]) for r in rows}
+    return {"wire": values.get("upload_wire_bytes", 0),
+            "original": values.get("upload_original_bytes", 0)}
 
 
 def prefetch_lead_times(db: Database, since: float) -> list[float] | None:

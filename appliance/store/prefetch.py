@@ -45,27 +45,41 @@ def message_seen(db: Database, message_key: str) -> dict[str, Any] | None:
     return dict(row) if row else None
 
 
+@dataclass(frozen=True)
+class Recorded:
+    first: bool                   # False: this message key was already recorded (a resend)
+    scheduled: Scheduled | None = None
+
+
 def record_message(db: Database, message_key: str, message_type: str, ack_code: str,
                    detail: str | None = None, request: NewRequest | None = None,
-                   cancel_key: str | None = None) -> Scheduled | None:
+                   cancel_key: str | None = None) -> Recorded:
     """Remember a message and (optionally) schedule or cancel its request, in ONE
     transaction: the ACK is sent only after this commits, so a crash in between makes the RIS
-    resend, and the resend is recognised."""
+    resend, and the resend is recognised.
+
+    The message row is claimed first (``INSERT OR IGNORE`` on its primary key, under the
+    write lock ``BEGIN IMMEDIATE`` takes), and the request is touched only by the one that
+    inserted it: the same message resent on several connections at once is counted once
+    (a read before the transaction let two of them through)."""
     at = now()
     scheduled: Scheduled | None = None
     with db.transaction() as conn:
+        claimed = conn.execute(
+            "INSERT OR IGNORE INTO prefetch_messages (message_key, received_at, message_type, "
+            "request_fk, ack_code, detail) VALUES (?, ?, ?, NULL, ?, ?)",
+            (message_key, at, message_type, ack_code, detail))
+        if claimed.rowcount == 0:
+            return Recorded(first=False)
         if request is not None:
-            scheduled = _schedule(conn, request, at)
+            scheduled = _schedule(conn, request, at, revive=True)
+            conn.execute("UPDATE prefetch_messages SET request_fk = ? WHERE message_key = ?",
+                         (scheduled.request_id, message_key))
         if cancel_key is not None:
             conn.execute(
                 "UPDATE prefetch_requests SET state = 'cancelled', updated_at = ? "
                 "WHERE dedup_key = ? AND state = 'pending'", (at, cancel_key))
-        conn.execute(
-            "INSERT OR IGNORE INTO prefetch_messages (message_key, received_at, message_type, "
-            "request_fk, ack_code, detail) VALUES (?, ?, ?, ?, ?, ?)",
-            (message_key, at, message_type, scheduled.request_id if scheduled else None,
-             ack_code, detail))
-    return scheduled
+    return Recorded(first=True, scheduled=scheduled)
 
 
 def schedule(db: Database, request: NewRequest, count_repeat: bool = True) -> Scheduled:
@@ -75,10 +89,24 @@ def schedule(db: Database, request: NewRequest, count_repeat: bool = True) -> Sc
         return _schedule(conn, request, now(), 1 if count_repeat else 0)
 
 
-def _schedule(conn: Any, request: NewRequest, at: float, repeat: int = 1) -> Scheduled:
+def _schedule(conn: Any, request: NewRequest, at: float, repeat: int = 1,
+              revive: bool = False) -> Scheduled:
+    """``revive``: a new order from the RIS for a request it had cancelled (ORC-1 NW after
+    CA with the same order number) makes it pending again, as new; without it, a cancelled
+    request stays cancelled (a worklist still listing a step the RIS cancelled by HL7 must
+    not undo the cancel at every poll)."""
     due = request.due_at if request.due_at is not None else at
     row = conn.execute("SELECT id, state FROM prefetch_requests WHERE dedup_key = ?",
                        (request.dedup_key,)).fetchone()
+    if row is not None and revive and row["state"] == "cancelled":
+        conn.execute(
+            """UPDATE prefetch_requests SET state = 'pending', attempts = 0,
+                   times_requested = times_requested + ?, updated_at = ?,
+                   scheduled_at = ?, due_at = ?, next_attempt_at = ?, last_error = NULL,
+                   started_at = NULL, finished_at = NULL
+               WHERE id = ?""",
+            (repeat, at, request.scheduled_at, due, due, row["id"]))
+        return Scheduled(int(row["id"]), created=False)
     if row is not None:
         # The same order again: count it; a new appointment time moves a pending request.
         conn.execute(

@@ -252,4 +252,59 @@ MIGRATIONS: list[str] = [
         WHERE id = 1;
     END;
     """,
+    # Cumulative counters for the metrics (pas_received_*_total, pas_wan_bytes_total{up},
+    # pas_upload_original_bytes_total): they were sums over the instance and job rows, which
+    # eviction and purge delete, so the counters went down (Prometheus reads a reset, rate()
+    # a false spike). Triggers add to these rows in the transaction of the insert or update
+    # and nothing ever subtracts; seeded from the rows present at upgrade.
+    """
+    CREATE TABLE counters (
+        name TEXT NOT NULL,
+        label TEXT NOT NULL DEFAULT '',
+        value INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (name, label)
+    ) WITHOUT ROWID;
+    INSERT INTO counters (name, label, value)
+        SELECT 'received_instances', coalesce(calling_ae, ''), count(*) FROM instances
+        GROUP BY coalesce(calling_ae, '');
+    INSERT INTO counters (name, label, value)
+        SELECT 'received_bytes', coalesce(calling_ae, ''), coalesce(sum(size), 0)
+        FROM instances GROUP BY coalesce(calling_ae, '');
+    INSERT INTO counters (name, label, value)
+        SELECT 'upload_wire_bytes', '',
+               coalesce(sum(json_extract(progress, '$.bytes_sent')), 0) FROM jobs
+        WHERE kind = 'hub' AND progress IS NOT NULL AND json_valid(progress);
+    INSERT INTO counters (name, label, value)
+        SELECT 'upload_original_bytes', '',
+               coalesce(sum(json_extract(progress, '$.original_bytes_sent')), 0) FROM jobs
+        WHERE kind = 'hub' AND progress IS NOT NULL AND json_valid(progress);
+    CREATE TRIGGER counters_received AFTER INSERT ON instances BEGIN
+        INSERT INTO counters (name, label, value)
+            VALUES ('received_instances', coalesce(NEW.calling_ae, ''), 1)
+            ON CONFLICT (name, label) DO UPDATE SET value = value + excluded.value;
+        INSERT INTO counters (name, label, value)
+            VALUES ('received_bytes', coalesce(NEW.calling_ae, ''), NEW.size)
+            ON CONFLICT (name, label) DO UPDATE SET value = value + excluded.value;
+    END;
+    CREATE TRIGGER counters_upload AFTER UPDATE OF progress ON jobs
+        WHEN NEW.kind = 'hub' AND json_valid(NEW.progress) BEGIN
+        -- What this update added; a transfer restarted from scratch sets its progress back
+        -- (0, nothing subtracted) and what it sends again is counted again: it crossed the
+        -- link again.
+        INSERT INTO counters (name, label, value)
+            VALUES ('upload_wire_bytes', '', max(
+                coalesce(json_extract(NEW.progress, '$.bytes_sent'), 0)
+                - CASE WHEN json_valid(OLD.progress)
+                       THEN coalesce(json_extract(OLD.progress, '$.bytes_sent'), 0)
+                       ELSE 0 END, 0))
+            ON CONFLICT (name, label) DO UPDATE SET value = value + excluded.value;
+        INSERT INTO counters (name, label, value)
+            VALUES ('upload_original_bytes', '', max(
+                coalesce(json_extract(NEW.progress, '$.original_bytes_sent'), 0)
+                - CASE WHEN json_valid(OLD.progress)
+                       THEN coalesce(json_extract(OLD.progress, '$.original_bytes_sent'), 0)
+                       ELSE 0 END, 0))
+            ON CONFLICT (name, label) DO UPDATE SET value = value + excluded.value;
+    END;
+    """,
 ]

@@ -22,6 +22,45 @@ from tests.faults.pki import make_pki
 from tests.support.peers import CT_DIR, DCMTK_ENV, PasProcess, free_port, wait_for
 
 
+def test_atna_message_is_well_formed_ps315() -> None:
+    """Control characters from input (an HL7 type ``OR\\x01U``), several studies, a detail:
+    the message parses as XML, codes are ``csd-code``, one ParticipantObjectIdentification per
+    study, and the detail value is base64 (xs:base64Binary)."""
+    import base64
+
+    from appliance.ops.audit_trail import atna_message
+
+    refusal = {"at": 1.7e9, "event": "hl7", "actor": "10.0.0.9:4100\x02", "source": None,
+               "target": None, "outcome": "failure: unsupported message type OR\x01U^R01 "
+               "\x0b\ufffe", "detail": "OR\x01U^R01"}
+    root = ET.fromstring(atna_message(refusal, "SITE\x1f", "host"))
+    description = root.find("EventIdentification/EventOutcomeDescription")
+    assert description is not None
+    assert description.text == "failure: unsupported message type OR\\x01U^R01 \\x0b\\ufffe"
+    assert root.find("ActiveParticipant").get("UserID") == "10.0.0.9:4100\\x02"  # type: ignore[union-attr]
+
+    store = {"at": 1.7e9, "event": "store", "actor": "CT1", "source": "127.0.0.1",
+             "target": "1.2.3.4,1.2.3.5", "outcome": "success",
+             "detail": "2 instances stored, 0 refused"}
+    root = ET.fromstring(atna_message(store, "SITE", "host"))
+    for path in ("EventIdentification/EventID", "EventIdentification/EventTypeCode",
+                 "ParticipantObjectIdentification/ParticipantObjectIDTypeCode"):
+        for element in root.findall(path):
+            assert element.get("csd-code") and element.get("csd_code") is None
+    assert root.find("EventIdentification/EventID").get("csd-code") == "110104"  # type: ignore[union-attr]
+    objects = root.findall("ParticipantObjectIdentification")
+    assert [o.get("ParticipantObjectID") for o in objects] == ["1.2.3.4", "1.2.3.5"]
+    for obj in objects:
+        detail = obj.find("ParticipantObjectDetail")
+        assert detail is not None
+        assert base64.b64decode(detail.get("value"), validate=True).decode() == \
+            "2 instances stored, 0 refused"
+    query = {**store, "event": "query", "target": "STUDY PatientID=P1, Modality=CT"}
+    root = ET.fromstring(atna_message(query, "SITE", "host"))
+    assert [o.get("ParticipantObjectID") for o in root.findall(
+        "ParticipantObjectIdentification")] == ["STUDY PatientID=P1, Modality=CT"]
+
+
 class SyslogTlsCollector:
     """A TLS syslog receiver (RFC 5425 framing), loopback only."""
 
@@ -114,16 +153,17 @@ def test_store_and_config_events_reach_table_journal_and_tls_syslog(tmp_path: Pa
         event = store.find("EventIdentification")
         assert event is not None and event.get("EventActionCode") == "C"
         assert event.get("EventOutcomeIndicator") == "0"
-        assert event.find("EventID").get("csd_code") == "110104"  # type: ignore[union-attr]
+        assert event.find("EventID").get("csd-code") == "110104"  # type: ignore[union-attr]
         requestor = store.find("ActiveParticipant[@UserIsRequestor='true']")
         assert requestor is not None and requestor.get("UserID") == "CT1"
         assert requestor.get("NetworkAccessPointID") == "127.0.0.1"
-        studies = store.find("ParticipantObjectIdentification").get("ParticipantObjectID")  # type: ignore[union-attr]
+        studies = [o.get("ParticipantObjectID")
+                   for o in store.findall("ParticipantObjectIdentification")]
         from pydicom import dcmread
 
         expected = sorted({str(dcmread(f, stop_before_pixels=True).StudyInstanceUID)
                            for f in files})
-        assert studies == ",".join(expected)
+        assert studies == expected  # one object per study
         assert _by_msgid(collector.messages, "config"), "first start records the configuration"
 
         conn = sqlite3.connect(home / "pas.sqlite")
