@@ -259,6 +259,14 @@ class Receiver:
                 # and the sender should hear so (0xA700, try again later), not "failed".
                 raise SpoolFull(f"disk full: the index cannot grow ({exc})") from exc
             raise StorageFailure(f"index commit failed: {exc}") from exc
+        if not created and not self.spool.holds(stored):
+            # Bytes already held, and an eviction unlinked that file between this write
+            # and this commit (it checks, in its own transaction, that no row names the
+            # file: this row was not committed yet). The row is: the file must be too,
+            # before success is answered (invariant 1). Same bytes, same name.
+            log.warning("%s: its file was evicted while it was filed; written again",
+                        record.sop_instance_uid)
+            self.spool.write(chunks)
         if outcome.conflict:
             log.warning("conflict: %s received again with other bytes than its current "
                         "version (version %d is now current, the others are kept)",

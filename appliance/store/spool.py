@@ -194,6 +194,10 @@ class Spool:
             self._temp_files.forget(temp)
             raise
 
+    def holds(self, stored: StoredFile) -> bool:
+        """Whether the file is in place with its size (a cheap check, not a hash)."""
+        return _size_of(self.root / stored.path) == stored.size
+
     def discard(self, relative: str) -> None:
         """Remove a file this process just wrote and could not index."""
         (self.root / relative).unlink(missing_ok=True)

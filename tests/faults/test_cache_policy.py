@@ -198,6 +198,28 @@ def test_a_resend_written_during_eviction_and_committed_after_keeps_its_file(
     assert _file_sha(spool, stored.path) == stored.sha256 == first.sha256
 
 
+def test_a_resend_written_before_eviction_and_committed_after_is_written_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The re-send's spool write comes before the eviction starts, its index commit after
+    the eviction unlinked the file (the receive lost the database lock to both of the
+    eviction's transactions): the receive path sees the file gone once its row is
+    committed, and writes it again before answering."""
+    db, spool, receiver, content, first = _one_confirmed_instance(tmp_path)
+    real_record = receiver._commits.record
+    evicted = []
+
+    def evict_then_record(record, stored, **options):  # type: ignore[no-untyped-def]
+        evicted.append(cache_store.evict_study(db, spool, first.study_uid))
+        assert not spool.holds(stored)  # the interleaving under test: the file went
+        return real_record(record, stored, **options)
+
+    monkeypatch.setattr(receiver._commits, "record", evict_then_record)
+    again = receiver.receive_file(content)
+    assert len(evicted) == 1 and not again.duplicate
+    row = db.query_one("SELECT path, sha256 FROM instances WHERE id = ?", (again.instance_id,))
+    assert _file_sha(spool, row["path"]) == row["sha256"] == first.sha256
+
+
 def test_eviction_still_deletes_files_nobody_filed_again(tmp_path: Path) -> None:
     db, spool, _receiver, _content, first = _one_confirmed_instance(tmp_path)
     path = db.query_one("SELECT path FROM instances WHERE id = ?", (first.instance_id,))["path"]
