@@ -29,7 +29,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from appliance.hub.app import problem
+from appliance.hub.app import BodyTooLarge, problem, read_body_limited
 from appliance.store import hub as store
 
 if TYPE_CHECKING:
@@ -181,9 +181,11 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
     async def create(request: Request) -> Response:
         """Create a transfer from its manifest (idempotent per id)."""
         site = request.state.site
-        if int(request.headers.get("content-length") or 0) > limits.max_manifest_bytes:
-            return problem(413, "too_large", f"manifest over {limits.max_manifest_bytes} bytes")
-        raw = await request.body()
+        try:  # the body as sent, then decoded: each at most max_manifest_bytes
+            raw = await read_body_limited(request, limits.max_manifest_bytes, "manifest")
+        except BodyTooLarge as exc:
+            log.warning("site %s: %s", site, exc, extra={"SITE": site})
+            return exc.response
         try:
             raw = _decoded_body(raw, request.headers.get("content-encoding", ""),
                                 limits.max_manifest_bytes)
