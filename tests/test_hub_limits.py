@@ -130,3 +130,26 @@ def test_the_priors_search_bounds_its_body_too(tmp_path: Path) -> None:
             assert http.get("/api/v1/whoami").status_code == 200
     finally:
         hub.stop()
+
+
+def test_a_value_of_the_wrong_json_type_is_refused_at_create_naming_its_path(
+        hub: HubProcess, site: Enrolment) -> None:
+    """Lax validation took "529214" as a size and ["0"] as buckets, the raw manifest was stored,
+    and the commit could then never succeed (422 sha256_mismatch for identical digests)."""
+    files = sorted(p for p in MR_DIR.rglob("*") if p.is_file())[2:4]
+    shipment = ship(pack_items(files), site.hub_transfer_key)
+    with client(site) as http:
+        for field, value, path in (("size", str(shipment.manifest["instances"][0]["size"]),
+                                    "instances.0.size"),
+                                   ("buckets", ["0"], "instances.0.buckets.0")):
+            manifest = json.loads(json.dumps(shipment.manifest))
+            manifest["instances"][0][field] = value
+            answer = http.post("/api/v1/transfers", json=manifest)
+            assert answer.status_code == 422, answer.text
+            assert answer.json()["error"] == "bad_manifest"
+            assert answer.json()["detail"].startswith(f"{path}: "), answer.json()["detail"]
+            assert http.get(shipment.url).status_code == 404  # nothing was created
+        # As the appliance sends it (integers): created, and it commits.
+        assert http.post("/api/v1/transfers", json=shipment.manifest).status_code == 201
+        assert shipment.put_all(http) == [201] * len(shipment.buckets)
+        assert http.post(shipment.url + "/commit").status_code == 200

@@ -82,8 +82,13 @@ def json_answer(request: Request, document: Any, status_code: int = 200) -> Resp
     return Response(body, status_code, media_type="application/json")
 
 
+# Strict: the manifest is stored as sent (its canonical SHA-256 tells a repeat from a
+# conflict), and the archiver compares its values as they are stored: a size sent as "529214"
+# passed lax validation, was stored as text and then never equalled the rebuilt file's size
+# (a permanent 422 sha256_mismatch for correct data); buckets ["0"] never matched a held
+# index. So a value of the wrong JSON type is refused here, naming its path.
 class ManifestInstance(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     sop_instance_uid: str = Field(min_length=1, max_length=64)
     sop_class_uid: str = Field(default="", max_length=64)
     size: int = Field(ge=0)
@@ -99,7 +104,7 @@ class ManifestInstance(BaseModel):
 
 
 class Manifest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     transfer_id: str
     study_uid: str = Field(min_length=1, max_length=64)
     priority: int = 0
