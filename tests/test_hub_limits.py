@@ -113,7 +113,7 @@ def test_a_chunked_manifest_over_the_limit_is_413_and_nothing_is_stored(
         assert http.post("/api/v1/transfers", json=shipment.manifest).status_code == 201
 
 
-def test_the_priors_search_bounds_its_body_too(tmp_path: Path) -> None:
+def test_the_priors_routes_bound_their_body_and_its_nesting_too(tmp_path: Path) -> None:
     """With a ``dicomweb`` archive the search reads its body (the embedded archive answers 501
     unread); the archive here answers nothing: the 413 comes before any search."""
     hub = HubProcess(tmp_path / "hub", {
@@ -127,6 +127,11 @@ def test_the_priors_search_bounds_its_body_too(tmp_path: Path) -> None:
                                                         "chunked", MANIFEST_LIMIT + 1)
             assert (status, body["error"]) == (413, "too_large"), path
         with httpx.Client(base_url=hub.url, verify=site.ssl_context()) as http:
+            for path, content_type in (("/api/v1/downloads/search", "application/json"),
+                                       ("/api/v1/downloads/priors", "application/x-ndjson")):
+                deep = http.post(path, content=_deep(2000),
+                                 headers={"Content-Type": content_type})
+                assert (deep.status_code, deep.json()["error"]) == (400, "bad_json"), path
             assert http.get("/api/v1/whoami").status_code == 200
     finally:
         hub.stop()
@@ -153,3 +158,51 @@ def test_a_value_of_the_wrong_json_type_is_refused_at_create_naming_its_path(
         assert http.post("/api/v1/transfers", json=shipment.manifest).status_code == 201
         assert shipment.put_all(http) == [201] * len(shipment.buckets)
         assert http.post(shipment.url + "/commit").status_code == 200
+
+
+def test_out_of_range_priority_and_size_are_422_naming_the_field(
+        hub: HubProcess, site: Enrolment) -> None:
+    """priority 10**20 overflowed SQLite's INTEGER (500, retried by the appliance as
+    transient); a negative one would jump every other site's urgent studies."""
+    files = sorted(p for p in MR_DIR.rglob("*") if p.is_file())[4:5]
+    shipment = ship(pack_items(files), site.hub_transfer_key)
+    with client(site) as http:
+        for change, path in (({"priority": 10**20}, "priority"),
+                             ({"priority": -1}, "priority"),
+                             ({"instances": [{**shipment.manifest["instances"][0],
+                                              "size": 2**60}]}, "instances.0.size")):
+            answer = http.post("/api/v1/transfers", json={**shipment.manifest, **change})
+            assert answer.status_code == 422, answer.text
+            assert answer.json()["detail"].startswith(f"{path}: "), answer.json()["detail"]
+        assert http.get(shipment.url).status_code == 404
+        urgent = {**shipment.manifest, "priority": 0}
+        assert http.post("/api/v1/transfers", json=urgent).status_code == 201
+
+
+def _deep(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+def test_deeply_nested_json_is_a_clear_4xx_on_every_route(hub: HubProcess,
+                                                          site: Enrolment) -> None:
+    """Python's JSON parser raises RecursionError, not ValueError, past ~1000 levels: it was a
+    500 (or, at 2000 levels, a connection closed with no answer)."""
+    files = sorted(p for p in MR_DIR.rglob("*") if p.is_file())[5:6]
+    shipment = ship(pack_items(files), site.hub_transfer_key)
+    with client(site) as http, \
+            httpx.Client(base_url=hub.url, verify=hub.anonymous_context()) as anonymous:
+        for depth in (1000, 2000):
+            for session, path, expected in (
+                    (http, "/api/v1/transfers", (400, "bad_json")),
+                    (http, "/api/v1/downloads", (400, "bad_json")),
+                    (http, "/api/v1/downloads/lanes", (400, "bad_json")),
+                    (http, "/api/v1/heartbeat", (422, "bad_heartbeat")),
+                    (anonymous, "/enroll", (400, "bad_request"))):
+                answer = session.post(path, content=_deep(depth),
+                                      headers={"Content-Type": "application/json"})
+                assert (answer.status_code, answer.json()["error"]) == expected, (path, depth)
+        # Deep but parseable, in a field the manifest ignores: created, not a 500.
+        nested = json.loads(json.dumps(shipment.manifest))
+        nested["comment"] = json.loads(_deep(500))
+        assert http.post("/api/v1/transfers", json=nested).status_code == 201
+        assert http.get("/api/v1/whoami").status_code == 200

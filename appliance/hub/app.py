@@ -171,7 +171,7 @@ def enrolment_routes(hub: Hub) -> list[BaseRoute]:
         try:
             body = json.loads(raw)
             token, csr_pem = str(body["token"]), str(body["csr_pem"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, RecursionError, KeyError, TypeError):  # Recursion: too deep
             log.warning("enrolment refused: body is not {token, csr_pem} JSON")
             return problem(400, "bad_request", 'body must be JSON {"token": ..., "csr_pem": ...}')
         try:

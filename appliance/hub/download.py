@@ -606,7 +606,7 @@ def download_routes(hub: Hub) -> list[BaseRoute]:
             return exc.response
         try:
             body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             log.warning("download refused for %s: body is not JSON", site)
             return problem(400, "bad_json", "the body must be JSON {\"study_uid\": ...}")
         parsed = _parse(body, min(limits.max_bucket_bytes, MAX_BUCKET_BYTES))
@@ -624,7 +624,7 @@ def download_routes(hub: Hub) -> list[BaseRoute]:
             body = json.loads(await read_body_limited(request, MAX_JOIN_BYTES, "lane request"))
         except BodyTooLarge as exc:
             return exc.response
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             return problem(400, "bad_json", "the body must be JSON {\"id\", \"lane\"}")
         lane_id = body.get("id") if isinstance(body, dict) else None
         number = body.get("lane") if isinstance(body, dict) else None

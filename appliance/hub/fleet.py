@@ -297,7 +297,7 @@ def fleet_routes(hub: Hub) -> list[BaseRoute]:
             import json
 
             beat = validate_heartbeat(json.loads(body))
-        except ValueError as exc:  # json.JSONDecodeError and HeartbeatError
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, HeartbeatError, too deep
             return problem(422, "bad_heartbeat", str(exc))
         if beat.get("site") not in (None, site):
             return problem(403, "wrong_site", f"certificate is for site {site!r}, "

@@ -147,7 +147,7 @@ def priors_routes(hub: Hub) -> list[BaseRoute]:
                                                       "request"))
         except BodyTooLarge as exc:
             return exc.response
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             return problem(400, "bad_json", f"the body must be JSON {shape}")
 
     async def search(request: Request) -> Response:
@@ -357,5 +357,5 @@ async def _ndjson(request: Request, limit: int) -> AsyncIterator[Any]:
 def _line(line: bytes, number: int) -> Any:
     try:
         return json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise ValueError(f"line {number}: not JSON") from None

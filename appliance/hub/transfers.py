@@ -42,6 +42,7 @@ KEY_CACHE_TRANSFERS = 1024  # unwrapped bucket keys kept in memory (most recent 
 # Receipts (and manifests on the way up) list every instance: 70 KB of JSON for a 520-image
 # MR, several round trips of a fresh TCP window on a 70 ms line; gzip makes them 3-4x smaller.
 GZIP_OVER_BYTES = 1400
+MAX_PRIORITY = 1000
 
 
 class _BadEncoding(ValueError):
@@ -91,7 +92,7 @@ class ManifestInstance(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     sop_instance_uid: str = Field(min_length=1, max_length=64)
     sop_class_uid: str = Field(default="", max_length=64)
-    size: int = Field(ge=0)
+    size: int = Field(ge=0, le=2**53)  # within JSON's exact integers
     sha256: str
     buckets: list[int] = []
 
@@ -107,7 +108,10 @@ class Manifest(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     transfer_id: str
     study_uid: str = Field(min_length=1, max_length=64)
-    priority: int = 0
+    # The archive queue's order, lowest first (the appliance sends 0 urgent, 1 high, 2
+    # routine). Bounded: 10**20 overflowed SQLite's INTEGER (a 500), and a negative number
+    # would let a site jump ahead of every other site's urgent studies.
+    priority: int = Field(default=0, ge=0, le=MAX_PRIORITY)
     wrapped_key: str
     bucket_count: int = Field(ge=1)
     instances: list[ManifestInstance] = Field(min_length=1)
@@ -201,7 +205,7 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
             return problem(400, "bad_encoding", str(exc))
         try:
             data = json.loads(raw)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
             log.warning("site %s: manifest is not JSON (%s)", site, exc, extra={"SITE": site})
             return problem(400, "bad_json", f"the body is not JSON: {exc}")
         try:
