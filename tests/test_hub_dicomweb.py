@@ -162,3 +162,49 @@ def test_archive_unreachable_then_back_the_same_transfer_commits(
             assert hashlib.sha256(orthanc.instance_file(instance)).hexdigest() == sha
     finally:
         hub.stop()
+
+
+def test_a_resent_uid_commits_when_its_bytes_are_the_same_and_is_refused_when_they_differ(
+        hub: HubProcess, site: Enrolment, orthanc: Orthanc, tmp_path: Path) -> None:
+    """Orthanc (``OverwriteInstances: false``) answers STOW-RS success for a SOP Instance UID it
+    holds already and keeps the old bytes. The same bytes again is an idempotent re-send: a
+    receipt. A corrected version (same UID, PatientName edited) must not be receipted: 502
+    naming the UID and both SHA-256, no receipt, and Orthanc still holds the first version."""
+    import pydicom
+
+    from tests.support.peers import MR_DIR
+
+    first = sorted(p for p in MR_DIR.rglob("*") if p.is_file())[-1]
+    corrected = tmp_path / "corrected.dcm"
+    dataset = pydicom.dcmread(first)
+    dataset.PatientName = "CORRECTED^NAME"
+    dataset.save_as(corrected)
+    uid, study_uid = str(dataset.SOPInstanceUID), str(dataset.StudyInstanceUID)
+    old_sha = hashlib.sha256(first.read_bytes()).hexdigest()
+    new_sha = hashlib.sha256(corrected.read_bytes()).hexdigest()
+    assert old_sha != new_sha
+
+    def send(path: Path) -> tuple[httpx.Response, httpx.Response]:
+        shipment = ship(pack_items([path]), site.hub_transfer_key, 6 << 20, study_uid)
+        assert http.post("/api/v1/transfers", json=shipment.manifest).status_code == 201
+        assert shipment.put_all(http) == [201] * len(shipment.buckets)
+        return http.post(shipment.url + "/commit"), http.get(shipment.url + "/receipt")
+
+    with client(site) as http:
+        for attempt in ("first", "same bytes again"):
+            committed, receipt = send(first)
+            assert committed.status_code == 200, (attempt, committed.text)
+            assert committed.json()["instances"] == [{"sop_instance_uid": uid,
+                                                      "sha256": old_sha}]
+            assert receipt.status_code == 200
+        refused, receipt = send(corrected)
+        assert refused.status_code == 502, refused.text
+        assert refused.json()["error"] == "archive_refused"
+        assert refused.json()["refused"] == [uid]
+        detail = refused.json()["detail"]
+        assert uid in detail and old_sha in detail and new_sha in detail, detail
+        assert receipt.status_code == 404
+    found = httpx.post(f"{orthanc.url}/tools/lookup", content=uid, timeout=30).json()
+    held = [f["ID"] for f in found if f["Type"] == "Instance"]
+    assert len(held) == 1
+    assert hashlib.sha256(orthanc.instance_file(held[0])).hexdigest() == old_sha

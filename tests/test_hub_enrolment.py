@@ -8,6 +8,7 @@ match the token, a hub name the certificate does not cover.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import ssl
@@ -126,6 +127,35 @@ def test_hostname_is_checked_against_the_server_certificate(tmp_path: Path) -> N
     finally:
         hub.stop()
     assert load_enrolment(tmp_path / "site") is None
+
+
+def test_an_oversized_enrolment_body_is_413_and_spends_nothing(hub: HubProcess,
+                                                               tmp_path: Path) -> None:
+    """``/enroll`` needs no certificate: anyone who reaches the port may POST to it. A body over
+    64 KiB is refused, declared (Content-Length) or chunked, before it is buffered; a valid
+    token inside it is not spent, and the hub goes on serving."""
+    token = hub.token("BIG")
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "BIG")]))
+           .sign(key, hashes.SHA256()))
+    body = json.dumps({"token": token, "padding": " " * (200 * 1024),
+                       "csr_pem": csr.public_bytes(serialization.Encoding.PEM).decode()}).encode()
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: counted while reading
+        for start in range(0, len(body), 16 * 1024):
+            yield body[start:start + 16 * 1024]
+
+    with httpx.Client(base_url=hub.url, verify=hub.anonymous_context()) as http:
+        for content in (body, chunked()):
+            answer = http.post("/enroll", content=content,
+                               headers={"Content-Type": "application/json"})
+            assert answer.status_code == 413, answer.text
+            assert answer.json() == {"error": "too_large",
+                                     "detail": "enrolment request over 65536 bytes"}
+        assert http.get("/healthz").json() == {"status": "ok"}
+    assert "enrolment refused: enrolment request over 65536 bytes" in hub.log()
+    assert enroll_appliance(tmp_path / "ok", hub.url, token).site == "BIG"
 
 
 def test_no_client_certificate_is_401_but_enrolment_routes_answer(hub: HubProcess) -> None:

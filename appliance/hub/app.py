@@ -2,7 +2,9 @@
 
 Owns: assembling the app from route providers, the client-certificate gate of ``/api/v1``
 (site = certificate CN, revocation checked per request), enrolment routes, running the
-server. May not touch: SQL (``appliance.store.hub``), transfer logic (``transfers.py``).
+server, and the two helpers every route shares: the error shape (:func:`problem`) and reading
+a request body with a bound (:func:`read_body_limited`). May not touch: SQL
+(``appliance.store.hub``), transfer logic (``transfers.py``).
 
 Other areas add routes by appending a provider to :func:`default_route_providers` (a
 callable ``(Hub) -> list[BaseRoute]``); ``request.state.site`` is the authenticated site on
@@ -12,6 +14,7 @@ every ``/api/v1`` route.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import shutil
 import threading
@@ -35,10 +38,39 @@ log = logging.getLogger("pas.hub")
 
 RouteProvider = Callable[["Hub"], list[BaseRoute]]
 
+# An enrolment body is a token and a CSR (about 2 KB); anyone who reaches the port may send one.
+MAX_ENROL_BYTES = 64 * 1024
+
 
 def problem(status: int, error: str, detail: str, **extra: Any) -> JSONResponse:
     """The one error shape of the protocol: ``{"error", "detail", ...}``."""
     return JSONResponse({"error": error, "detail": detail, **extra}, status_code=status)
+
+
+class BodyTooLarge(Exception):
+    """A request body over its route's limit; ``response`` is the 413 to answer."""
+
+    def __init__(self, what: str, limit: int):
+        super().__init__(f"{what} over {limit} bytes")
+        self.response = problem(413, "too_large", str(self))
+
+
+async def read_body_limited(request: Request, limit: int, what: str = "request body") -> bytes:
+    """The request body, at most ``limit`` bytes whatever its framing (invariant 8).
+
+    Why not ``request.body()``: it buffers a body of any size before the route can look at
+    it, and a chunked body declares no Content-Length to check first. Here a declared length
+    over ``limit`` is refused unread, and the bytes are counted as they arrive: the read stops
+    at ``limit + 1``. Raises :class:`BodyTooLarge`."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        raise BodyTooLarge(what, limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BodyTooLarge(what, limit)
+    return bytes(body)
 
 
 class Hub:
@@ -132,9 +164,14 @@ def enrolment_routes(hub: Hub) -> list[BaseRoute]:
     async def enroll(request: Request) -> Response:
         """Spend a one-time token: sign the CSR, answer cert, CA, transfer key."""
         try:
-            body = await request.json()
+            raw = await read_body_limited(request, MAX_ENROL_BYTES, "enrolment request")
+        except BodyTooLarge as exc:
+            log.warning("enrolment refused: %s", exc)
+            return exc.response
+        try:
+            body = json.loads(raw)
             token, csr_pem = str(body["token"]), str(body["csr_pem"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, RecursionError, KeyError, TypeError):  # Recursion: too deep
             log.warning("enrolment refused: body is not {token, csr_pem} JSON")
             return problem(400, "bad_request", 'body must be JSON {"token": ..., "csr_pem": ...}')
         try:

@@ -8,12 +8,18 @@ one of them. May not touch: the hub's own database, receipts (``commit.py`` sign
 Spool under ``$PAS_HUB_HOME/archive``, origin ``regional``), so what it holds is bit-exact.
 ``dicomweb`` POSTs ``multipart/related; type="application/dicom"`` to ``{url}/studies``,
 streamed from the files with a known Content-Length (no chunked encoding, bounded memory),
-and reads the answer's ReferencedSOPSequence / FailedSOPSequence per instance.
+and reads the answer's ReferencedSOPSequence / FailedSOPSequence per instance. A DICOMweb
+archive may answer success for a SOP Instance UID it already holds and keep the bytes it had
+(Orthanc with ``OverwriteInstances: false`` does, silently): so before each batch one QIDO-RS
+query (UID list matching) asks which of its UIDs are held already, and after the STOW each of
+those is read back (WADO-RS, ``transfer-syntax=*``) and accepted only if its SHA-256 is the one
+sent. A new study costs one small query per batch; only re-sent UIDs are read back.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,11 +45,14 @@ class RebuiltInstance:
 
 
 class ArchiveRefused(Exception):
-    """The archive did not accept every instance; ``refused`` names those it did not."""
+    """The archive did not accept every instance; ``refused`` names those it did not, and
+    ``reasons`` (when known) says why for each one (the commit's 502 quotes it)."""
 
-    def __init__(self, message: str, refused: list[str]):
+    def __init__(self, message: str, refused: list[str],
+                 reasons: dict[str, str] | None = None):
         super().__init__(message)
         self.refused = refused
+        self.reasons = reasons or {}
 
 
 class Archive(Protocol):
@@ -118,19 +127,97 @@ class DicomWebArchive:
         self.client = httpx.Client(timeout=timeout_s)
 
     def store(self, instances: list[RebuiltInstance], site: str) -> None:
-        refused: list[str] = []
+        refused: dict[str, str] = {}
         for start in range(0, len(instances), self.per_request):
             batch = instances[start:start + self.per_request]
+            held, why = self._held(batch)
+            if held is None:  # cannot tell what a success would mean: send nothing
+                refused.update((i.sop_instance_uid, why) for i in batch)
+                continue
             refused_here, answered = self._post(batch)
             if answered and len(batch) > 1 and len(refused_here) == len(batch):
                 # Some archives refuse a whole request for one bad part: ask one by one, so
                 # that the answer names the instance(s) really refused. (Not when the archive
                 # did not answer at all: that would only wait for more timeouts.)
                 refused_here = [uid for instance in batch for uid in self._post([instance])[0]]
-            refused.extend(refused_here)
+            refused.update((uid, "not accepted by STOW-RS") for uid in refused_here)
+            for instance in batch:
+                where = held.get(instance.sop_instance_uid)
+                if where is not None and instance.sop_instance_uid not in refused:
+                    problem = self._read_back(instance, *where)
+                    if problem:
+                        refused[instance.sop_instance_uid] = problem
         if refused:
+            named = "; ".join(f"{uid}: {why}" for uid, why in list(refused.items())[:5])
             raise ArchiveRefused(f"DICOMweb archive refused {len(refused)} instance(s): "
-                                 f"{', '.join(refused[:5])}", refused)
+                                 f"{named}", list(refused), refused)
+
+    def _held(self, batch: list[RebuiltInstance]) -> tuple[dict[str, tuple[str, str]] | None,
+                                                            str]:
+        """({SOP Instance UID: (study, series)} of the batch's instances the archive holds
+        already, "") or (None, why) when it cannot say. One QIDO-RS request with UID list
+        matching (PS3.18: comma-separated); the answer is filtered to the batch's UIDs."""
+        uids = [i.sop_instance_uid for i in batch]
+        try:
+            response = self.client.get(
+                f"{self.url}/instances",
+                params={"SOPInstanceUID": ",".join(uids),
+                        "includefield": ["0020000D", "0020000E"]},
+                headers={"Accept": "application/dicom+json"})
+        except httpx.HTTPError as exc:
+            log.warning("QIDO-RS to %s failed: %s", self.url, exc)
+            return None, f"cannot ask the archive whether it holds this UID already: {exc}"
+        if response.status_code == 204:
+            return {}, ""
+        try:
+            if response.status_code != 200:
+                raise ValueError(f"HTTP {response.status_code}")
+            answer = response.json() if response.content.strip() else []
+            found = {_value(item, "00080018"): (_value(item, "0020000D"),
+                                                _value(item, "0020000E"))
+                     for item in answer}
+        except (ValueError, AttributeError, TypeError) as exc:
+            log.warning("QIDO-RS to %s: unusable answer: %s", self.url, exc)
+            return None, ("cannot ask the archive whether it holds this UID already: QIDO-RS "
+                          f"answered {exc}")
+        return {uid: found[uid] for uid in uids if uid in found}, ""
+
+    def _read_back(self, instance: RebuiltInstance, study: str, series: str) -> str:
+        """"" when the archive now holds exactly the bytes sent for an instance it held before
+        the STOW (an idempotent re-send, or an archive that overwrites); else why not."""
+        from appliance.hub.staging import ArchiveFailed, PartsToFiles, boundary
+
+        uid = instance.sop_instance_uid
+        parts: list[tuple[int, str]] = []
+        try:
+            with tempfile.TemporaryDirectory(dir=instance.path.parent) as folder, \
+                    self.client.stream(
+                        "GET", f"{self.url}/studies/{study}/series/{series}/instances/{uid}",
+                        headers={"Accept": 'multipart/related; type="application/dicom"; '
+                                 "transfer-syntax=*"}) as response:
+                if response.status_code != 200:
+                    return (f"held by the archive before this STOW, and reading it back "
+                            f"(WADO-RS) answered {response.status_code}")
+                parser = PartsToFiles(boundary(response.headers.get("content-type", "")),
+                                      Path(folder), lambda _p, size, sha: parts.append((size,
+                                                                                        sha)))
+                try:
+                    for chunk in response.iter_bytes():
+                        parser.feed(chunk)
+                finally:
+                    parser.close()
+        except (httpx.HTTPError, ArchiveFailed, OSError) as exc:
+            return f"held by the archive before this STOW, and reading it back failed: {exc}"
+        if len(parts) != 1:
+            return (f"held by the archive before this STOW, and reading it back gave "
+                    f"{len(parts)} parts instead of 1")
+        if parts[0][1] != instance.sha256:
+            log.warning("the archive holds %s with SHA-256 %s and kept it; %s was sent", uid,
+                        parts[0][1], instance.sha256)
+            return (f"the archive already holds this SOP Instance UID with other bytes "
+                    f"(SHA-256 held {parts[0][1]}, sent {instance.sha256}) and kept them: "
+                    "a corrected version is not confirmed (docs/protocol.md)")
+        return ""
 
     def _post(self, batch: list[RebuiltInstance]) -> tuple[list[str], bool]:
         """(SOP Instance UIDs not accepted, whether the archive answered at all)."""
@@ -176,6 +263,12 @@ def open_archive(settings: HubSettings) -> Archive:
         return DicomWebArchive(settings.archive.url, settings.archive.instances_per_request,
                                settings.archive.timeout_s)
     return EmbeddedArchive(settings.archive_dir)
+
+
+def _value(item: dict[str, Any], tag: str) -> str:
+    """The first value of ``tag`` in a DICOM JSON object, "" when absent."""
+    values = item.get(tag, {}).get("Value") or [""]
+    return str(values[0])
 
 
 def _chunks(path: Path) -> Iterator[bytes]:

@@ -69,7 +69,7 @@ class _Transfer:
     # ``flight``, not ``lock``: the answers arrive on the request threads).
     flight: threading.Lock = field(default_factory=threading.Lock)
     inflight: set[str] = field(default_factory=set)
-    futures: set[Future[list[str]]] = field(default_factory=set)
+    futures: set[Future[dict[str, str]]] = field(default_factory=set)
     refused_ahead: bool = False  # the archive refused a batch: leave the rest to the commit
 
 
@@ -203,9 +203,11 @@ class Archiver:
                 return len(expected)
             refused = self._archive(transfer_id, row["site"], good, priority)
             if refused:
+                named = "; ".join(f"{uid}: {why}" if why else uid
+                                  for uid, why in list(refused.items())[:5])
                 raise CommitRefused(502, "archive_refused", f"{self.hub.archive.kind} archive "
-                                    f"refused {len(refused)} instance(s): "
-                                    f"{', '.join(refused[:5])}", refused=refused)
+                                    f"refused {len(refused)} instance(s): {named}",
+                                    refused=list(refused))
             return len(expected)
 
     def _drain(self, state: _Transfer) -> None:
@@ -259,13 +261,13 @@ class Archiver:
         return [instances[i:i + per_request] for i in range(0, len(instances), per_request)]
 
     def _archive(self, transfer_id: str, site: str, instances: list[RebuiltInstance],
-                 priority: int) -> list[str]:
+                 priority: int) -> dict[str, str]:
         """The commit's batches, through the shared request pool (``archive.requests`` at once:
         Orthanc stores one request while it parses the next); waits for every answer and
-        returns the refused UIDs."""
+        returns the refused UIDs, each with the archive's reason ("" when it gave none)."""
         futures = [self._requests.submit(priority, self._store, transfer_id, site, batch)
                    for batch in self._batches(instances)]
-        return [uid for future in futures for uid in future.result()]
+        return {uid: why for future in futures for uid, why in future.result().items()}
 
     def _archive_ahead(self, transfer_id: str, site: str, instances: list[RebuiltInstance],
                        state: _Transfer, priority: int) -> None:
@@ -280,7 +282,7 @@ class Archiver:
                 future = self._requests.submit(priority, self._store, transfer_id, site, batch)
                 state.futures.add(future)
 
-            def answered(done: Future[list[str]], uids: set[str] = uids) -> None:
+            def answered(done: Future[dict[str, str]], uids: set[str] = uids) -> None:
                 with state.flight:
                     state.inflight -= uids
                     state.futures.discard(done)
@@ -296,19 +298,23 @@ class Archiver:
 
             future.add_done_callback(answered)
 
-    def _store(self, transfer_id: str, site: str, batch: list[RebuiltInstance]) -> list[str]:
-        """One request to the archive; records what it confirmed; returns what it refused."""
+    def _store(self, transfer_id: str, site: str,
+               batch: list[RebuiltInstance]) -> dict[str, str]:
+        """One request to the archive; records what it confirmed; returns what it refused
+        (UID -> the archive's reason, "" when it gave none)."""
         try:
             self.hub.archive.store(batch, site=site)
             refused: set[str] = set()
+            reasons: dict[str, str] = {}
         except ArchiveRefused as exc:
-            refused = set(exc.refused)
+            refused, reasons = set(exc.refused), exc.reasons
         accepted = [i for i in batch if i.sop_instance_uid not in refused]
         store.record_archived(self.hub.db, transfer_id,
                               [(i.sop_instance_uid, i.sha256) for i in accepted])
         for instance in accepted:
             instance.path.unlink(missing_ok=True)
-        return [i.sop_instance_uid for i in batch if i.sop_instance_uid in refused]
+        return {i.sop_instance_uid: reasons.get(i.sop_instance_uid, "") for i in batch
+                if i.sop_instance_uid in refused}
 
 
 def _check(ready: list[str], expected: dict[str, Any], numbers: dict[str, int],

@@ -45,7 +45,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from appliance.hub.app import problem
+from appliance.hub.app import BodyTooLarge, problem, read_body_limited
 from appliance.hub.lanes import LANE_ID, StripedAnswer, parse_lanes, tune
 from appliance.hub.staging import ArchiveFailed, PartsToFiles, Planner, boundary, uid_of
 from appliance.transfer.download import (
@@ -75,6 +75,7 @@ FIRST_BUCKET_BYTES = 256 * 1024
 # last byte (a 4 MiB bucket of 86 kB MR files is ~0.15 s of decoding and fsyncs there).
 LAST_BUCKET_BYTES = 1024 * 1024
 MAX_STUDIES = 256  # studies one request may ask for (the batched form)
+MAX_JOIN_BYTES = 4096  # a lane join is {"id": 32 hex digits, "lane": n}
 ANSWER_THREADS = 256  # worker threads of the hub's event loop (see _enough_threads)
 # Packing is CPU and a bucket's bytes in memory (at most MAX_BUCKET_BYTES read + packed): at
 # most this many downloads pack at once. Measured on 10 CT priors at once (2 cores): 2 -> 3.6 s,
@@ -598,12 +599,14 @@ def download_routes(hub: Hub) -> list[BaseRoute]:
     async def download(request: Request) -> Response:
         """Studies (or series) of the region, packed in buckets and streamed (frames)."""
         site = request.state.site
-        if int(request.headers.get("content-length") or 0) > limits.max_manifest_bytes:
-            return problem(413, "too_large", f"request over {limits.max_manifest_bytes} bytes")
-        raw = await request.body()
+        try:
+            raw = await read_body_limited(request, limits.max_manifest_bytes, "request")
+        except BodyTooLarge as exc:
+            log.warning("download refused for %s: %s", site, exc)
+            return exc.response
         try:
             body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             log.warning("download refused for %s: body is not JSON", site)
             return problem(400, "bad_json", "the body must be JSON {\"study_uid\": ...}")
         parsed = _parse(body, min(limits.max_bucket_bytes, MAX_BUCKET_BYTES))
@@ -618,8 +621,10 @@ def download_routes(hub: Hub) -> list[BaseRoute]:
         """Another lane of a striped download (the download request is lane 0)."""
         site = request.state.site
         try:
-            body = json.loads(await request.body())
-        except (UnicodeDecodeError, json.JSONDecodeError):
+            body = json.loads(await read_body_limited(request, MAX_JOIN_BYTES, "lane request"))
+        except BodyTooLarge as exc:
+            return exc.response
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             return problem(400, "bad_json", "the body must be JSON {\"id\", \"lane\"}")
         lane_id = body.get("id") if isinstance(body, dict) else None
         number = body.get("lane") if isinstance(body, dict) else None

@@ -282,21 +282,22 @@ class FleetCollector(Collector):
 
 def fleet_routes(hub: Hub) -> list[BaseRoute]:
     """Route provider for :func:`appliance.hub.app.default_route_providers`."""
-    from appliance.hub.app import problem
+    from appliance.hub.app import BodyTooLarge, problem, read_body_limited
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FleetCollector(hub))
 
     async def heartbeat(request: Request) -> Response:
         site = request.state.site
-        body = await request.body()
-        if len(body) > MAX_HEARTBEAT_BYTES:
-            return problem(413, "too_large", f"heartbeat over {MAX_HEARTBEAT_BYTES} bytes")
+        try:
+            body = await read_body_limited(request, MAX_HEARTBEAT_BYTES, "heartbeat")
+        except BodyTooLarge as exc:
+            return exc.response
         try:
             import json
 
             beat = validate_heartbeat(json.loads(body))
-        except ValueError as exc:  # json.JSONDecodeError and HeartbeatError
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, HeartbeatError, too deep
             return problem(422, "bad_heartbeat", str(exc))
         if beat.get("site") not in (None, site):
             return problem(403, "wrong_site", f"certificate is for site {site!r}, "

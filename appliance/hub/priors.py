@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from appliance.config import PrefetchRule
-from appliance.hub.app import problem
+from appliance.hub.app import BodyTooLarge, problem, read_body_limited
 from appliance.hub.download import (
     MAX_BUCKET_BYTES,
     Download,
@@ -143,8 +143,11 @@ def priors_routes(hub: Hub) -> list[BaseRoute]:
             return problem(501, "not_implemented", "this hub's archive is searched through "
                            "the region proxy only", features=["lanes"])
         try:
-            return json.loads(await request.body())
-        except (UnicodeDecodeError, json.JSONDecodeError):
+            return json.loads(await read_body_limited(request, limits.max_manifest_bytes,
+                                                      "request"))
+        except BodyTooLarge as exc:
+            return exc.response
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             return problem(400, "bad_json", f"the body must be JSON {shape}")
 
     async def search(request: Request) -> Response:
@@ -354,5 +357,5 @@ async def _ndjson(request: Request, limit: int) -> AsyncIterator[Any]:
 def _line(line: bytes, number: int) -> Any:
     try:
         return json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise ValueError(f"line {number}: not JSON") from None

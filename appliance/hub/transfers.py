@@ -29,7 +29,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from appliance.hub.app import problem
+from appliance.hub.app import BodyTooLarge, problem, read_body_limited
 from appliance.store import hub as store
 
 if TYPE_CHECKING:
@@ -42,6 +42,7 @@ KEY_CACHE_TRANSFERS = 1024  # unwrapped bucket keys kept in memory (most recent 
 # Receipts (and manifests on the way up) list every instance: 70 KB of JSON for a 520-image
 # MR, several round trips of a fresh TCP window on a 70 ms line; gzip makes them 3-4x smaller.
 GZIP_OVER_BYTES = 1400
+MAX_PRIORITY = 1000
 
 
 class _BadEncoding(ValueError):
@@ -82,11 +83,16 @@ def json_answer(request: Request, document: Any, status_code: int = 200) -> Resp
     return Response(body, status_code, media_type="application/json")
 
 
+# Strict: the manifest is stored as sent (its canonical SHA-256 tells a repeat from a
+# conflict), and the archiver compares its values as they are stored: a size sent as "529214"
+# passed lax validation, was stored as text and then never equalled the rebuilt file's size
+# (a permanent 422 sha256_mismatch for correct data); buckets ["0"] never matched a held
+# index. So a value of the wrong JSON type is refused here, naming its path.
 class ManifestInstance(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     sop_instance_uid: str = Field(min_length=1, max_length=64)
     sop_class_uid: str = Field(default="", max_length=64)
-    size: int = Field(ge=0)
+    size: int = Field(ge=0, le=2**53)  # within JSON's exact integers
     sha256: str
     buckets: list[int] = []
 
@@ -99,10 +105,13 @@ class ManifestInstance(BaseModel):
 
 
 class Manifest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     transfer_id: str
     study_uid: str = Field(min_length=1, max_length=64)
-    priority: int = 0
+    # The archive queue's order, lowest first (the appliance sends 0 urgent, 1 high, 2
+    # routine). Bounded: 10**20 overflowed SQLite's INTEGER (a 500), and a negative number
+    # would let a site jump ahead of every other site's urgent studies.
+    priority: int = Field(default=0, ge=0, le=MAX_PRIORITY)
     wrapped_key: str
     bucket_count: int = Field(ge=1)
     instances: list[ManifestInstance] = Field(min_length=1)
@@ -181,9 +190,11 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
     async def create(request: Request) -> Response:
         """Create a transfer from its manifest (idempotent per id)."""
         site = request.state.site
-        if int(request.headers.get("content-length") or 0) > limits.max_manifest_bytes:
-            return problem(413, "too_large", f"manifest over {limits.max_manifest_bytes} bytes")
-        raw = await request.body()
+        try:  # the body as sent, then decoded: each at most max_manifest_bytes
+            raw = await read_body_limited(request, limits.max_manifest_bytes, "manifest")
+        except BodyTooLarge as exc:
+            log.warning("site %s: %s", site, exc, extra={"SITE": site})
+            return exc.response
         try:
             raw = _decoded_body(raw, request.headers.get("content-encoding", ""),
                                 limits.max_manifest_bytes)
@@ -194,7 +205,7 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
             return problem(400, "bad_encoding", str(exc))
         try:
             data = json.loads(raw)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
             log.warning("site %s: manifest is not JSON (%s)", site, exc, extra={"SITE": site})
             return problem(400, "bad_json", f"the body is not JSON: {exc}")
         try:
