@@ -30,6 +30,7 @@ from dicomweb_client import DICOMwebClient
 from PIL import Image
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from requests import HTTPError
 
 from tests.support.peers import CT_DIR, MR_DIR, PasProcess, storescu, wait_for
@@ -144,6 +145,26 @@ def test_rendered_png_and_jpeg(pas: PasProcess) -> None:
     thumb = httpx.get(url + "/thumbnail?viewport=64,64", timeout=30)
     assert thumb.headers["content-type"] == "image/jpeg"
     assert max(Image.open(io.BytesIO(thumb.content)).size) == 64
+
+
+def test_rendered_ct_goes_through_the_modality_lut_before_the_window(pas: PasProcess) -> None:
+    """A CT's window is in HU: rendering must rescale stored values first (PS3.3 C.11)."""
+    path = sorted(CT_DIR.glob("*.dcm"))[0]
+    ct = dcmread(path)
+    assert float(ct.RescaleIntercept) != 0 and ct.get("WindowCenter") is not None
+    url = (f"http://127.0.0.1:{pas.http_port}/dicom-web/studies/{ct.StudyInstanceUID}/series/"
+           f"{ct.SeriesInstanceUID}/instances/{ct.SOPInstanceUID}/rendered")
+    png = httpx.get(url, headers={"Accept": "image/png"}, timeout=30)
+    assert png.status_code == 200, png.text
+    got = np.asarray(Image.open(io.BytesIO(png.content)), dtype=np.float64)
+    windowed = apply_voi_lut(apply_modality_lut(ct.pixel_array, ct).astype(np.float64), ct)
+    low, high = float(windowed.min()), float(windowed.max())
+    reference = ((windowed - low) / (high - low) * 255.0).clip(0, 255).astype(np.uint8)
+    assert got.shape == reference.shape
+    assert abs(got.mean() - reference.mean()) < 2.0, (got.mean(), reference.mean())
+    assert abs(got.std() - reference.std()) < 2.0, (got.std(), reference.std())
+    assert np.abs(got - reference).mean() < 1.0
+    assert (got == 255).mean() < 0.10  # not the white disc of stored values windowed as HU
 
 
 def test_bad_requests_are_refused_naming_the_problem(pas: PasProcess) -> None:

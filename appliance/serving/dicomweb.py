@@ -27,7 +27,7 @@ from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_voi_lut
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from python_multipart import MultipartParser
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.requests import Request
@@ -463,7 +463,10 @@ def _read_frames(path: Path, numbers: list[int]) -> list[bytes]:
 
 
 def _render(path: Path, frame: int, media: str, viewport: str | None) -> bytes:
-    """A frame as 8-bit JPEG/PNG, with the instance's VOI LUT or window (else min-max)."""
+    """A frame as 8-bit JPEG/PNG through the grayscale pipeline (PS3.18 8.3.5.1.1, PS3.3
+    C.11): Modality LUT (Rescale Slope/Intercept) first, then the VOI LUT or window, else
+    min-max. The order matters: a CT's window is in Hounsfield units, not stored values, so
+    windowing stored values (HU + 1024) turns the whole body white."""
     ds = dcmread(path)
     if "PixelData" not in ds:
         raise HttpProblem(404, "the instance has no pixel data")
@@ -472,7 +475,8 @@ def _render(path: Path, frame: int, media: str, viewport: str | None) -> bytes:
         raise HttpProblem(404, f"frame {frame} asked, the instance has {count}")
     array = ds.pixel_array if count == 1 else ds.pixel_array[frame - 1]
     if ds.get("SamplesPerPixel", 1) == 1:
-        array = apply_voi_lut(array.astype(np.float64), ds, index=0)
+        array = apply_modality_lut(array, ds).astype(np.float64)
+        array = apply_voi_lut(array, ds, index=0)
         low, high = float(np.min(array)), float(np.max(array))
         array = ((array - low) / ((high - low) or 1.0) * 255.0).clip(0, 255).astype(np.uint8)
         if ds.get("PhotometricInterpretation") == "MONOCHROME1":
