@@ -167,6 +167,73 @@ def test_rendered_ct_goes_through_the_modality_lut_before_the_window(pas: PasPro
     assert (got == 255).mean() < 0.10  # not the white disc of stored values windowed as HU
 
 
+def _dicom_parts(response: httpx.Response) -> list[tuple[str, bytes]]:
+    """Each part of a multipart/related answer as (its Content-Type, its body)."""
+    boundary = response.headers["content-type"].split("boundary=")[1].split(";")[0].strip('"')
+    parts = []
+    for chunk in response.content.split(b"--" + boundary.encode())[1:-1]:
+        head, _, body = chunk.partition(b"\r\n\r\n")
+        fields = dict(line.split(": ", 1) for line in head.decode().strip().split("\r\n"))
+        parts.append((fields["Content-Type"], body[:-2]))  # the CRLF before the delimiter
+    return parts
+
+
+JPEG_LS = "1.2.840.10008.1.2.4.80"
+MULTIPART_DICOM = 'multipart/related; type="application/dicom"'
+
+
+@pytest.mark.parametrize(("accept", "ct_syntax", "jls_syntax"), [
+    (MULTIPART_DICOM, "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1"),  # the default
+    ("*/*", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1"),
+    (f"{MULTIPART_DICOM}; transfer-syntax=1.2.840.10008.1.2", "1.2.840.10008.1.2",
+     "1.2.840.10008.1.2"),
+    (f"{MULTIPART_DICOM}; transfer-syntax={JPEG_LS}", None, JPEG_LS),  # exactly as stored
+    (f"{MULTIPART_DICOM}; transfer-syntax=1.2.840.10008.1.2.4.90, "
+     f"{MULTIPART_DICOM}; transfer-syntax=*", "1.2.840.10008.1.2.1", JPEG_LS),  # fallback
+    (f'{MULTIPART_DICOM}; transfer-syntax=1.2.840.10008.1.2.1; q=0.5, '
+     f'{MULTIPART_DICOM}; transfer-syntax="*"', "1.2.840.10008.1.2.1", JPEG_LS),  # q-values
+    (f"{MULTIPART_DICOM}; transfer-syntax=1.2.840.10008.1.2.4.90", None, None),
+])
+def test_wado_rs_transfer_syntax_negotiation(pas: PasProcess, accept: str,
+                                             ct_syntax: str | None,
+                                             jls_syntax: str | None) -> None:
+    """PS3.18 8.7.3.5: no parameter means Explicit VR LE, '*' and the stored syntax mean the
+    stored bytes, Implicit VR LE is produced when asked, the first acceptable range wins, and
+    a syntax PAS cannot produce is a 406, never another syntax under a 200."""
+    base = f"http://127.0.0.1:{pas.http_port}/dicom-web"
+    client = DICOMwebClient(base)
+    client.store_instances([dcmread(MULTIFRAME)])  # idempotent when already there
+    ct_path = sorted(CT_DIR.glob("*.dcm"))[0]
+    for path, expected in ((ct_path, ct_syntax), (MULTIFRAME, jls_syntax)):
+        original = dcmread(path)
+        response = httpx.get(f"{base}/studies/{original.StudyInstanceUID}/series/"
+                             f"{original.SeriesInstanceUID}/instances/{original.SOPInstanceUID}",
+                             headers={"Accept": accept}, timeout=60)
+        if expected is None:
+            assert response.status_code == 406, response.text
+            continue
+        assert response.status_code == 200, response.text
+        [(content_type, body)] = _dicom_parts(response)
+        assert content_type == f"application/dicom; transfer-syntax={expected}"
+        received = dcmread(io.BytesIO(body))
+        assert str(received.file_meta.TransferSyntaxUID) == expected
+        assert received.is_implicit_VR == (expected == "1.2.840.10008.1.2")
+        assert received.SOPInstanceUID == original.SOPInstanceUID
+        assert np.array_equal(received.pixel_array, original.pixel_array)
+        if expected == str(original.file_meta.TransferSyntaxUID):
+            assert body == _spool_file(pas, str(original.SOPInstanceUID)).read_bytes()
+
+
+def _spool_file(pas: PasProcess, sop_instance_uid: str) -> Path:
+    conn = sqlite3.connect(pas.home / "pas.sqlite")
+    try:
+        [(path,)] = conn.execute("SELECT path FROM instances WHERE sop_instance_uid = ?",
+                                 (sop_instance_uid,)).fetchall()
+    finally:
+        conn.close()
+    return pas.home / "spool" / path
+
+
 def test_bad_requests_are_refused_naming_the_problem(pas: PasProcess) -> None:
     base = f"http://127.0.0.1:{pas.http_port}/dicom-web"
     unknown = httpx.get(f"{base}/studies?NoSuchAttribute=1", timeout=10)

@@ -48,6 +48,8 @@ log = logging.getLogger("pas.dicomweb")
 
 DICOM_JSON = "application/dicom+json"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
+IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_BE = "1.2.840.10008.1.2.2"  # retired; pydicom cannot re-encode it to little endian
 CHUNK = 1024 * 1024
 
 # Attributes QIDO-RS returns by default per level (PS3.18 table 10.6.3-3..5).
@@ -223,27 +225,31 @@ class DicomWeb:
     async def retrieve(self, request: Request) -> Response:
         try:
             actor = self._actor(request)
-            wanted = _accepted_syntax(request.headers.get("accept", ""))
+            wanted = _accepted_syntaxes(request.headers.get("accept", ""))
             rows = await run_in_threadpool(self._rows, dict(request.path_params))
+            # Decided for every part before the first byte: a 406 cannot follow a 200.
+            syntaxes = [_part_syntax(wanted, row["transfer_syntax_uid"]) for row in rows]
         except HttpProblem as exc:
             return _problem(exc)
         self._audit(request, "retrieve", actor, "/".join(request.path_params.values()),
                     "success", f"{len(rows)} instances (WADO-RS)")
         boundary = secrets.token_hex(16)
-        body = iterate_in_threadpool(self._multipart(rows, boundary, wanted))
+        body = iterate_in_threadpool(self._multipart(rows, boundary, syntaxes))
         return StreamingResponse(body, media_type=(
             f'multipart/related; type="application/dicom"; boundary={boundary}'))
 
-    def _multipart(self, rows: list[Any], boundary: str, wanted: str | None) -> Iterator[bytes]:
-        for row in rows:
-            yield (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").encode()
+    def _multipart(self, rows: list[Any], boundary: str,
+                   syntaxes: list[str]) -> Iterator[bytes]:
+        for row, syntax in zip(rows, syntaxes, strict=True):
+            yield (f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={syntax}"
+                   "\r\n\r\n").encode()
             path = self.spool.path(row["path"])
-            if wanted in (None, "*", row["transfer_syntax_uid"]):
+            if syntax == row["transfer_syntax_uid"]:
                 with open(path, "rb") as handle:
                     while chunk := handle.read(CHUNK):
                         yield chunk
             else:
-                yield _converted(path, wanted)
+                yield _converted(path, syntax)
             yield b"\r\n"
         yield f"--{boundary}--\r\n".encode()
 
@@ -411,23 +417,55 @@ def _boundary(content_type: str) -> str:
     return match.group(1)
 
 
-def _accepted_syntax(accept: str) -> str | None:
-    """The transfer syntax a WADO-RS client asks for (None: not said; '*': any)."""
-    match = re.search(r'transfer-syntax\s*=\s*"?([0-9.*]+)"?', accept)
-    if not match:
-        return None
-    syntax = match.group(1)
-    if syntax not in ("*", EXPLICIT_LE, "1.2.840.10008.1.2"):
-        raise HttpProblem(406, f"transfer syntax {syntax} is not offered; ask for * or "
-                               f"{EXPLICIT_LE}")
-    return syntax
+def _accepted_syntaxes(accept: str) -> list[str]:
+    """The transfer syntaxes a WADO-RS client accepts, most preferred first ('*': as stored).
+
+    Accept is a list of media ranges with q-values (RFC 9110 12.5.1); each
+    ``multipart/related; type="application/dicom"`` range names one syntax, and one without
+    a transfer-syntax parameter (or ``*/*``, ``multipart/*``) means Explicit VR Little Endian,
+    the default of PS3.18 8.7.3.5. Ranges of other media types are disregarded, as RFC 9110
+    allows; with none left the default is served."""
+    ranges: list[tuple[float, int, str]] = []
+    for n, item in enumerate(re.findall(r'(?:[^,"]|"[^"]*")+', accept)):
+        media, *raw = [p.strip() for p in re.findall(r'(?:[^;"]|"[^"]*")+', item)]
+        params = {k.strip().lower(): v.strip().strip('"')
+                  for k, _, v in (p.partition("=") for p in raw)}
+        try:
+            weight = float(params.get("q", "1"))
+        except ValueError:
+            raise HttpProblem(400, f"Accept: bad q-value in {item.strip()!r}") from None
+        media = media.lower()
+        if weight <= 0:
+            continue
+        if media in ("*/*", "multipart/*"):
+            ranges.append((-weight, n, EXPLICIT_LE))
+        elif media == "multipart/related" and params.get(
+                "type", "application/dicom").lower() == "application/dicom":
+            ranges.append((-weight, n, params.get("transfer-syntax") or EXPLICIT_LE))
+    return [syntax for _, _, syntax in sorted(ranges)] or [EXPLICIT_LE]
+
+
+def _part_syntax(accepted: list[str], stored: str | None) -> str:
+    """The syntax one instance is sent in: the first accepted one PAS can produce for it.
+
+    The stored syntax (asked by name or by '*') is sent unchanged; Explicit or Implicit VR
+    Little Endian are produced by decoding; anything else is not offered (406)."""
+    for syntax in accepted:
+        if syntax in ("*", stored) and stored:
+            return stored
+        if syntax in (EXPLICIT_LE, IMPLICIT_LE) and stored != EXPLICIT_BE:
+            return syntax
+    raise HttpProblem(406, f"transfer syntax {', '.join(accepted)} is not offered for an "
+                           f"instance stored as {stored}; ask for *, {stored}, {EXPLICIT_LE} "
+                           f"or {IMPLICIT_LE}")
 
 
 def _converted(path: Path, syntax: str) -> bytes:
-    """One instance decompressed to explicit VR little endian (same SOP Instance UID)."""
+    """One instance decoded to explicit or implicit VR little endian (same SOP Instance UID)."""
     ds = dcmread(path)
     if ds.file_meta.TransferSyntaxUID.is_compressed:
         ds.decompress(generate_instance_uid=False)
+    ds.file_meta.TransferSyntaxUID = syntax
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
