@@ -150,12 +150,18 @@ class DicomWeb:
                             media_type=DICOM_JSON)
 
     def _qido_keys(self, request: Request, level: str, path: dict[str, str]) -> dict[str, str]:
+        """Matching and return keys of a QIDO-RS search. The defaults are those of PS3.18
+        10.6.3.3: a series or instance search also returns the Study attributes unless the
+        study is in the path, and an instance search the Series attributes unless the series
+        is (a worklist built from /instances needs Modality and SeriesNumber)."""
         keys = {k: "" for k in DEFAULT_RETURN[level]}
         for parent in _PARENT_KEYS.get(level, []):
             keys.setdefault(parent, "")
-        if level != "STUDY":
-            for k in DEFAULT_RETURN["STUDY"] if level == "IMAGE" else []:
-                keys.setdefault(k, "")
+        above = {"STUDY": [], "SERIES": ["STUDY"], "IMAGE": ["STUDY", "SERIES"]}[level]
+        for upper in above:
+            if upper.lower() not in path:
+                for k in DEFAULT_RETURN[upper]:
+                    keys.setdefault(k, "")
         for name, value in request.query_params.multi_items():
             if name in ("limit", "offset", "fuzzymatching", "includefield"):
                 if name == "includefield" and value != "all":

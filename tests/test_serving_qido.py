@@ -1,0 +1,86 @@
+"""QIDO-RS (and the C-FIND matching it shares) against the standard, on a real PAS.
+
+PAS holds the real CT and MR sets (C-STORE from DCMTK). Each test states the rule of PS3.18 or
+PS3.4 it checks and compares what PAS answers with the files themselves.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydicom import dcmread
+
+from tests.support.peers import CT_DIR, DCMTK_ENV, MR_DIR, PasProcess, storescu
+
+
+@pytest.fixture(scope="module")
+def pas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PasProcess]:
+    pas = PasProcess(tmp_path_factory.mktemp("qido") / "pas",
+                     {"PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_PREFETCH__ENABLED": "false"})
+    pas.start()
+    try:
+        storescu(CT_DIR, pas.port)
+        storescu(MR_DIR, pas.port)
+        yield pas
+    finally:
+        pas.stop()
+
+
+@pytest.fixture(scope="module")
+def files() -> list[Any]:
+    return [dcmread(p, stop_before_pixels=True)
+            for folder in (CT_DIR, MR_DIR) for p in sorted(folder.glob("*.dcm"))]
+
+
+def qido(pas: PasProcess, path: str, **params: Any) -> httpx.Response:
+    return httpx.get(f"http://127.0.0.1:{pas.http_port}/dicom-web/{path}", params=params,
+                     timeout=60)
+
+
+def value(item: dict[str, Any], tag: str) -> Any:
+    values = item.get(tag, {}).get("Value")
+    return values[0] if values else None
+
+
+def findscu(pas: PasProcess, level: str, keys: list[str], out: Path) -> list[Any]:
+    """DCMTK findscu (Study Root) against PAS; the response identifiers as datasets."""
+    out.mkdir(parents=True, exist_ok=True)
+    args = ["findscu", "-S", "-X", "-od", str(out), "-aet", "VIEWER", "-aec", "PAS",
+            "-k", f"QueryRetrieveLevel={level}"]
+    for key in keys:
+        args += ["-k", key]
+    result = subprocess.run([*args, "127.0.0.1", str(pas.port)], env=DCMTK_ENV,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return [dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
+
+
+def test_series_and_instance_searches_return_the_required_attributes(
+        pas: PasProcess, files: list[Any]) -> None:
+    """PS3.18 10.6.3.3: /series also returns the Study attributes; /instances the Study and
+    Series attributes; the nested forms leave out only those of the entity in the path."""
+    mr = next(f for f in files if f.Modality == "MR")
+    instances = qido(pas, "instances", SOPInstanceUID=str(mr.SOPInstanceUID))
+    assert instances.status_code == 200, instances.text
+    [item] = instances.json()
+    assert value(item, "00080060") == "MR"  # Modality
+    assert value(item, "00200011") == int(mr.SeriesNumber)  # SeriesNumber
+    assert "0008103E" in item and "00201209" in item  # SeriesDescription, NumberOfSeries...
+    assert value(item, "00100020") == mr.PatientID and value(item, "00080020") == mr.StudyDate
+    assert "00201208" in item  # NumberOfStudyRelatedInstances
+    nested = qido(pas, f"studies/{mr.StudyInstanceUID}/instances",
+                  SOPInstanceUID=str(mr.SOPInstanceUID))
+    [item] = nested.json()
+    assert value(item, "00080060") == "MR" and value(item, "00200011") == int(mr.SeriesNumber)
+    series = qido(pas, "series", SeriesInstanceUID=str(mr.SeriesInstanceUID))
+    assert series.status_code == 200, series.text
+    [item] = series.json()
+    assert value(item, "00080060") == "MR"
+    assert value(item, "00100020") == mr.PatientID and value(item, "00080020") == mr.StudyDate
+    assert value(item, "00100010")["Alphabetic"] == str(mr.PatientName)
+    assert "00080050" in item and "00201206" in item  # AccessionNumber, NumberOfStudyRelatedSeries
