@@ -84,3 +84,15 @@ def test_series_and_instance_searches_return_the_required_attributes(
     assert value(item, "00100020") == mr.PatientID and value(item, "00080020") == mr.StudyDate
     assert value(item, "00100010")["Alphabetic"] == str(mr.PatientName)
     assert "00080050" in item and "00201206" in item  # AccessionNumber, NumberOfStudyRelatedSeries
+
+
+def test_offset_without_limit_skips_the_first_results(pas: PasProcess) -> None:
+    """PS3.18 8.3.4.4: offset skips that many results, with or without a limit."""
+    everything = [value(s, "0020000D") for s in qido(pas, "studies").json()]
+    assert len(everything) > 2
+    skipped = qido(pas, "studies", offset=2)
+    assert skipped.status_code == 200, skipped.text
+    assert [value(s, "0020000D") for s in skipped.json()] == everything[2:]
+    assert qido(pas, "studies", offset=len(everything)).json() == []
+    paged = qido(pas, "studies", offset=1, limit=1).json()
+    assert [value(s, "0020000D") for s in paged] == everything[1:2]

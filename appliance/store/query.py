@@ -227,9 +227,10 @@ def find(db: Database, level: str, keys: dict[str, str], *,
     if where.clauses:
         sql += " WHERE " + " AND ".join(where.clauses)
     sql += f" ORDER BY {_ENTITY_ID[level]}"
-    if limit is not None:
+    if limit is not None or offset:
+        # SQLite has no OFFSET without LIMIT; -1 is "no limit" (QIDO ?offset=n alone).
         sql += " LIMIT ? OFFSET ?"
-        where.params.extend([limit, offset])
+        where.params.extend([-1 if limit is None else limit, offset])
     try:
         cursor = db.connection().execute(sql, where.params)
     except sqlite3.Error as exc:
