@@ -6,6 +6,7 @@ PS3.4 it checks and compares what PAS answers with the files themselves.
 
 from __future__ import annotations
 
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,3 +97,20 @@ def test_offset_without_limit_skips_the_first_results(pas: PasProcess) -> None:
     assert qido(pas, "studies", offset=len(everything)).json() == []
     paged = qido(pas, "studies", offset=1, limit=1).json()
     assert [value(s, "0020000D") for s in paged] == everything[1:2]
+
+
+@pytest.mark.parametrize("modalities", ["*", "C*", "?R", "CT", "CT\\MR", "M?\\X*"])
+def test_modalities_in_study_universal_and_wildcards(pas: PasProcess, files: list[Any],
+                                                     modalities: str, tmp_path: Path) -> None:
+    """PS3.4 C.2.2.2.3/C.2.2.2.4: "*" is universal matching and wildcards apply to CS; a study
+    matches when any of its series matches any of the values (C-FIND and QIDO-RS alike)."""
+    patterns = [m.replace("*", ".*").replace("?", ".") for m in modalities.split("\\")]
+    expected = {str(f.StudyInstanceUID) for f in files
+                if any(re.fullmatch(p, f.Modality) for p in patterns)}
+    assert expected
+    found = findscu(pas, "STUDY", [f"ModalitiesInStudy={modalities}", "StudyInstanceUID"],
+                    tmp_path / "find")
+    assert {str(d.StudyInstanceUID) for d in found} == expected
+    response = qido(pas, "studies", ModalitiesInStudy=modalities)
+    assert response.status_code == 200, response.text
+    assert {value(s, "0020000D") for s in response.json()} == expected

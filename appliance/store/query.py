@@ -152,15 +152,29 @@ def _match_range(where: _Where, column: str, keyword: str, value: str, vr: str) 
         where.add(f"{column} <= ?", high + "\x7f")
 
 
+def _any_of(column: str, values: list[str]) -> tuple[str, list[str]]:
+    """SQL matching ``column`` against any of several code-string values, each one a single
+    value or a ``*``/``?`` wildcard (PS3.4 C.2.2.2.4 applies wildcards to CS too)."""
+    plain = [v for v in values if not _has_wildcard(v)]
+    tests = [f"{column} GLOB ?" for v in values if _has_wildcard(v)]
+    params = [_glob_pattern(v) for v in values if _has_wildcard(v)]
+    if plain:
+        tests.insert(0, f"{column} IN ({', '.join('?' * len(plain))})")
+        params[:0] = plain
+    return "(" + " OR ".join(tests) + ")", params
+
+
 def _match(where: _Where, keyword: str, value: str, pn_case_sensitive: bool) -> None:
     """Append the SQL for one non-empty matching key (PS3.4 C.2.2.2)."""
     if keyword in COMPUTED:
         if keyword != "ModalitiesInStudy":
             raise QueryError(f"{keyword}: matching on this attribute is not supported")
         values = [v for v in value.split("\\") if v]
-        marks = ", ".join("?" * len(values))
-        where.add(f"EXISTS (SELECT 1 FROM series x WHERE x.study_fk = s.id "
-                  f"AND x.modality IN ({marks}))", *values)
+        if not values or any(v.replace("*", "") == "" for v in values):
+            return  # "*": universal matching (what an SCU sends for "all modalities")
+        test, params = _any_of("x.modality", values)
+        where.add(f"EXISTS (SELECT 1 FROM series x WHERE x.study_fk = s.id AND {test})",
+                  *params)
         return
     column = COLUMNS[keyword]
     sql, vr = column.sql, column.vr
@@ -189,8 +203,8 @@ def _match(where: _Where, keyword: str, value: str, pn_case_sensitive: bool) -> 
         else:
             where.add(f"{sql} = ? COLLATE NOCASE", value)
     elif "\\" in value:  # several values of a CS (e.g. Modality CT\MR): any of them
-        values = value.split("\\")
-        where.add(f"{sql} IN ({', '.join('?' * len(values))})", *values)
+        test, params = _any_of(sql, value.split("\\"))
+        where.add(test, *params)
     elif _has_wildcard(value):
         where.add(f"{sql} GLOB ?", _glob_pattern(value))
     else:
