@@ -114,3 +114,17 @@ def test_modalities_in_study_universal_and_wildcards(pas: PasProcess, files: lis
     response = qido(pas, "studies", ModalitiesInStudy=modalities)
     assert response.status_code == 200, response.text
     assert {value(s, "0020000D") for s in response.json()} == expected
+
+
+def test_uid_lists_separated_by_commas(pas: PasProcess, files: list[Any]) -> None:
+    """PS3.18 8.3.4.1: a UID list in a query parameter is separated by "," (or "\\")."""
+    studies = sorted({str(f.StudyInstanceUID) for f in files})[:2]
+    for joined in (",".join(studies), "\\".join(studies)):
+        response = qido(pas, "studies", StudyInstanceUID=joined)
+        assert response.status_code == 200, response.text
+        assert sorted(value(s, "0020000D") for s in response.json()) == studies
+    sops = sorted(str(f.SOPInstanceUID) for f in files)[:3]
+    response = qido(pas, "instances", SOPInstanceUID=",".join(sops))
+    assert sorted(value(i, "00080018") for i in response.json()) == sops
+    bad = qido(pas, "studies", StudyInstanceUID=f"{studies[0]},not-a-uid")
+    assert bad.status_code == 400 and "StudyInstanceUID" in bad.json()["detail"]

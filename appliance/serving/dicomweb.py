@@ -168,7 +168,10 @@ class DicomWeb:
                     for field in value.split(","):
                         keys.setdefault(_keyword(field.strip()), "")
                 continue
-            keys[_keyword(name)] = value
+            keyword = _keyword(name)
+            if dictionary_VR(tag_for_keyword(keyword)) == "UI":
+                value = value.replace(",", "\\")  # PS3.18 8.3.4.1: a UID list may use ","
+            keys[keyword] = value
         if "study" in path:
             keys["StudyInstanceUID"] = path["study"]
         if "series" in path:
