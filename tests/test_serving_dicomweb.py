@@ -258,6 +258,27 @@ def test_bad_requests_are_refused_naming_the_problem(pas: PasProcess) -> None:
     assert httpx.get(f"{base}/studies", timeout=10).status_code == 200
 
 
+@pytest.mark.parametrize("body", [
+    b"this is not multipart at all",
+    b"--XX\r\nContent-Type application/dicom\r\n\r\nabc\r\n--XX--\r\n",  # no ':'
+    b"--XX\r\nContent-Type: application/dicom\r\n\r\n"
+    + sorted(CT_DIR.glob("*.dcm"))[0].read_bytes()[:5000],  # cut: no closing boundary
+])
+def test_stow_malformed_multipart_is_a_400_and_stores_nothing(pas: PasProcess,
+                                                              body: bytes) -> None:
+    """Invariant 7: a body that is not multipart/related as it says gets a 400 naming the
+    problem (it was a 500 with a traceback), nothing is stored, and PAS keeps serving."""
+    base = f"http://127.0.0.1:{pas.http_port}/dicom-web"
+    before, log_size = _count(pas), len(pas.log())
+    response = httpx.post(f"{base}/studies", content=body, timeout=30, headers={
+        "Content-Type": 'multipart/related; type="application/dicom"; boundary=XX'})
+    assert response.status_code == 400, response.text
+    assert "malformed multipart body" in response.json()["detail"]
+    assert _count(pas) == before
+    assert "Traceback" not in pas.log()[log_size:]
+    assert httpx.get(f"{base}/studies", timeout=10).status_code == 200
+
+
 def test_queries_and_retrieves_are_audited(pas: PasProcess, client: DICOMwebClient) -> None:
     client.search_for_series(search_filters={"Modality": "MR"})
     conn = sqlite3.connect(pas.home / "pas.sqlite")

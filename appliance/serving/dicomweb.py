@@ -29,6 +29,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from python_multipart import MultipartParser
+from python_multipart.exceptions import MultipartParseError
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -337,21 +338,28 @@ class DicomWeb:
             return _problem(exc)
         parts: list[bytes] = []
         current: list[bytearray] = []
+        ended: list[bool] = []
         callbacks = {
             "on_part_begin": lambda: current.append(bytearray()),
             "on_part_data": lambda data, start, end: current[-1].extend(data[start:end]),
             "on_part_end": lambda: parts.append(bytes(current.pop())),
+            "on_end": lambda: ended.append(True),
         }
         parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
         stored: list[dict[str, Any]] = []
         failed: list[dict[str, Any]] = []
         source = request.client.host if request.client else None
-        async for chunk in request.stream():
-            parser.write(chunk)
-            while parts:  # one instance at a time: memory bounded by the largest instance
-                await run_in_threadpool(self._store_part, parts.pop(0), actor, source,
-                                        stored, failed)
-        parser.finalize()
+        try:
+            async for chunk in request.stream():
+                parser.write(chunk)
+                while parts:  # one instance at a time: memory bounded by the largest one
+                    await run_in_threadpool(self._store_part, parts.pop(0), actor, source,
+                                            stored, failed)
+            parser.finalize()
+            if not ended:  # a cut body: its last part may be cut too, so none is trusted
+                raise MultipartParseError("the body ends before its closing boundary")
+        except MultipartParseError as exc:
+            return self._malformed(request, actor, stored, str(exc))
         while parts:
             await run_in_threadpool(self._store_part, parts.pop(0), actor, source, stored,
                                     failed)
@@ -368,6 +376,19 @@ class DicomWeb:
                     "success" if not failed else f"failure: {len(failed)} parts refused",
                     f"{len(stored)} stored (STOW-RS)")
         return JSONResponse(result.to_json_dict(), status_code=status, media_type=DICOM_JSON)
+
+    def _malformed(self, request: Request, actor: str, stored: list[dict[str, Any]],
+                   reason: str) -> Response:
+        """400 for a body that is not valid multipart (invariant 7: the problem is named).
+        Parts complete after the error are not stored; those stored before it, from earlier
+        chunks of the stream, are durable already and are listed so the client knows."""
+        detail = f"malformed multipart body: {reason}"
+        self._audit(request, "store", actor, ",".join(s["uid"] for s in stored)[:500] or "-",
+                    "failure: malformed multipart body", f"{len(stored)} stored (STOW-RS)")
+        body: dict[str, Any] = {"error": 400, "detail": detail}
+        if stored:
+            body["stored"] = [s["uid"] for s in stored]
+        return JSONResponse(body, status_code=400)
 
     def _store_part(self, content: bytes, actor: str, source: str | None,
                     stored: list[dict[str, Any]], failed: list[dict[str, Any]]) -> None:
