@@ -31,6 +31,7 @@ from PIL import Image
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.uid import generate_uid
 from requests import HTTPError
 
 from tests.support.peers import CT_DIR, MR_DIR, PasProcess, storescu, wait_for
@@ -277,6 +278,55 @@ def test_stow_malformed_multipart_is_a_400_and_stores_nothing(pas: PasProcess,
     assert _count(pas) == before
     assert "Traceback" not in pas.log()[log_size:]
     assert httpx.get(f"{base}/studies", timeout=10).status_code == 200
+
+
+def _instance_in_study(study: str) -> bytes:
+    """A new CT instance (fresh series and SOP Instance UIDs) of ``study``, as Part 10."""
+    ds = dcmread(sorted(CT_DIR.glob("*.dcm"))[0])
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = \
+        study, generate_uid(), generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _stored_sops(pas: PasProcess, uids: list[str]) -> set[str]:
+    conn = sqlite3.connect(pas.home / "pas.sqlite")
+    try:
+        return {r[0] for r in conn.execute(
+            f"SELECT sop_instance_uid FROM instances WHERE sop_instance_uid IN "
+            f"({', '.join('?' * len(uids))})", uids)}
+    finally:
+        conn.close()
+
+
+def test_stow_to_a_study_refuses_instances_of_another_study(pas: PasProcess) -> None:
+    """PS3.18 10.5: POST /studies/{study} stores only instances of that study; the others are
+    in FailedSOPSequence (0xA900) and nothing of them is written."""
+    target, other = generate_uid(), generate_uid()
+    mine, foreign = _instance_in_study(target), _instance_in_study(other)
+    uid = {data: str(dcmread(io.BytesIO(data)).SOPInstanceUID) for data in (mine, foreign)}
+    boundary = "pas-target-study"
+
+    def body(*parts: bytes) -> bytes:
+        return b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+                        + part + b"\r\n" for part in parts) + f"--{boundary}--\r\n".encode()
+
+    headers = {"Content-Type": f'multipart/related; type="application/dicom"; '
+                               f"boundary={boundary}"}
+    url = f"http://127.0.0.1:{pas.http_port}/dicom-web/studies/{target}"
+    response = httpx.post(url, content=body(foreign, mine), headers=headers, timeout=30)
+    assert response.status_code == 202, response.text
+    answer = response.json()
+    assert [i["00081155"]["Value"][0] for i in answer["00081199"]["Value"]] == [uid[mine]]
+    [refused] = answer["00081198"]["Value"]
+    assert refused["00081155"]["Value"][0] == uid[foreign]
+    assert refused["00081197"]["Value"][0] == 0xA900
+    assert _stored_sops(pas, [uid[mine], uid[foreign]]) == {uid[mine]}
+    only_foreign = httpx.post(url, content=body(foreign), headers=headers, timeout=30)
+    assert only_foreign.status_code == 409, only_foreign.text
+    assert _stored_sops(pas, [uid[foreign]]) == set()
 
 
 def test_queries_and_retrieves_are_audited(pas: PasProcess, client: DICOMwebClient) -> None:

@@ -349,12 +349,13 @@ class DicomWeb:
         stored: list[dict[str, Any]] = []
         failed: list[dict[str, Any]] = []
         source = request.client.host if request.client else None
+        target = request.path_params.get("study")  # POST /studies/{study}: only that study
         try:
             async for chunk in request.stream():
                 parser.write(chunk)
                 while parts:  # one instance at a time: memory bounded by the largest one
                     await run_in_threadpool(self._store_part, parts.pop(0), actor, source,
-                                            stored, failed)
+                                            stored, failed, target)
             parser.finalize()
             if not ended:  # a cut body: its last part may be cut too, so none is trusted
                 raise MultipartParseError("the body ends before its closing boundary")
@@ -362,7 +363,7 @@ class DicomWeb:
             return self._malformed(request, actor, stored, str(exc))
         while parts:
             await run_in_threadpool(self._store_part, parts.pop(0), actor, source, stored,
-                                    failed)
+                                    failed, target)
         if not stored and not failed:
             return _problem(HttpProblem(400, "the request holds no DICOM part"))
         result = Dataset()
@@ -391,8 +392,15 @@ class DicomWeb:
         return JSONResponse(body, status_code=400)
 
     def _store_part(self, content: bytes, actor: str, source: str | None,
-                    stored: list[dict[str, Any]], failed: list[dict[str, Any]]) -> None:
+                    stored: list[dict[str, Any]], failed: list[dict[str, Any]],
+                    target: str | None = None) -> None:
         assert self.receiver is not None
+        if target is not None and (other := _other_study(content, target)) is not None:
+            # PS3.18 10.5: a STOW to a study stores only that study's instances; filing
+            # another study's instance under it would mislead. Refused, nothing written.
+            failed.append({"uid": other[0], "sop_class": other[1], "reason": 0xA900,
+                           "note": f"belongs to study {other[2]}, not {target}"})
+            return
         try:
             received = self.receiver.receive_file(content, calling_ae=actor, source=source)
         except InvalidInstance as exc:
@@ -410,6 +418,22 @@ class DicomWeb:
         stored.append({"uid": received.sop_instance_uid, "sop_class": str(ds.SOPClassUID),
                        "url": f"{self.base_url}/studies/{received.study_uid}/series/"
                               f"{ds.SeriesInstanceUID}/instances/{received.sop_instance_uid}"})
+
+
+def _other_study(content: bytes, target: str) -> tuple[str, str, str] | None:
+    """(SOP Instance UID, SOP Class UID, Study Instance UID) of a part whose study is not
+    ``target``; None when it is, or when the part cannot be read (the receiver then refuses
+    it with the reason it finds)."""
+    try:
+        ds = dcmread(io.BytesIO(content), stop_before_pixels=True, specific_tags=[
+            "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"])
+        study = str(ds.get("StudyInstanceUID", "") or "")
+    except Exception:
+        return None
+    if study == target:
+        return None
+    return (str(ds.get("SOPInstanceUID", "") or ""), str(ds.get("SOPClassUID", "") or ""),
+            study or "(none)")
 
 
 def store_query_summary(level: str, keys: dict[str, str]) -> str:
