@@ -1,9 +1,10 @@
 """DICOMweb over a (Database, Spool): QIDO-RS, WADO-RS and STOW-RS as Starlette routes.
 
 Owns: the HTTP shape of DICOMweb (PS3.18): query parameters to matching keys, DICOM JSON,
-multipart/related bodies (streamed from the spool file by file: bounded memory), frames,
-rendered JPEG/PNG, STOW-RS responses, the bearer-token check, and the access audit of each
-query, retrieve and store. :func:`build_dicomweb_routes` works over any (Database, Spool), so
+multipart/related bodies (streamed from the spool file by file: bounded memory), frames and
+rendered JPEG/PNG (the pixel and transfer-syntax work itself is in ``wado_media.py``),
+STOW-RS responses, the bearer-token check, and the access audit of each query, retrieve and
+store. :func:`build_dicomweb_routes` works over any (Database, Spool), so
 the hub's embedded archive can serve the same API. May not touch: SQL (``store/query.py``),
 spool writes (STOW goes through :class:`~appliance.ingest.receive.Receiver`, so the same
 durability rules as C-STORE apply: a part is reported stored only after fsync + commit).
@@ -18,16 +19,12 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from PIL import Image
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from python_multipart import MultipartParser
 from python_multipart.exceptions import MultipartParseError
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
@@ -36,6 +33,15 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
 
 from appliance.ingest.attributes import InvalidInstance
+from appliance.serving.wado_media import (
+    HttpProblem,
+    accepted_syntaxes,
+    converted,
+    frame_list,
+    part_syntax,
+    read_frames,
+    render,
+)
 from appliance.store import audit
 from appliance.store import query as store_query
 from appliance.store.db import Database
@@ -48,9 +54,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("pas.dicomweb")
 
 DICOM_JSON = "application/dicom+json"
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
-IMPLICIT_LE = "1.2.840.10008.1.2"
-EXPLICIT_BE = "1.2.840.10008.1.2.2"  # retired; pydicom cannot re-encode it to little endian
 CHUNK = 1024 * 1024
 
 # Attributes QIDO-RS returns by default per level (PS3.18 table 10.6.3-3..5).
@@ -66,13 +69,6 @@ DEFAULT_RETURN = {
 _PARENT_KEYS = {"SERIES": ["StudyInstanceUID"], "IMAGE": ["StudyInstanceUID",
                                                            "SeriesInstanceUID"]}
 Fetcher = Callable[[str], int]
-
-
-class HttpProblem(Exception):
-    def __init__(self, status: int, detail: str):
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
 
 
 def _problem(exc: HttpProblem) -> JSONResponse:
@@ -235,10 +231,10 @@ class DicomWeb:
     async def retrieve(self, request: Request) -> Response:
         try:
             actor = self._actor(request)
-            wanted = _accepted_syntaxes(request.headers.get("accept", ""))
+            wanted = accepted_syntaxes(request.headers.get("accept", ""))
             rows = await run_in_threadpool(self._rows, dict(request.path_params))
             # Decided for every part before the first byte: a 406 cannot follow a 200.
-            syntaxes = [_part_syntax(wanted, row["transfer_syntax_uid"]) for row in rows]
+            syntaxes = [part_syntax(wanted, row["transfer_syntax_uid"]) for row in rows]
         except HttpProblem as exc:
             return _problem(exc)
         self._audit(request, "retrieve", actor, "/".join(request.path_params.values()),
@@ -259,7 +255,7 @@ class DicomWeb:
                     while chunk := handle.read(CHUNK):
                         yield chunk
             else:
-                yield _converted(path, syntax)
+                yield converted(path, syntax)
             yield b"\r\n"
         yield f"--{boundary}--\r\n".encode()
 
@@ -290,9 +286,9 @@ class DicomWeb:
     async def frames(self, request: Request) -> Response:
         try:
             actor = self._actor(request)
-            numbers = _frame_list(request.path_params["frames"])
+            numbers = frame_list(request.path_params["frames"])
             rows = await run_in_threadpool(self._rows, dict(request.path_params))
-            frames = await run_in_threadpool(_read_frames, self.spool.path(rows[0]["path"]),
+            frames = await run_in_threadpool(read_frames, self.spool.path(rows[0]["path"]),
                                              numbers)
         except HttpProblem as exc:
             return _problem(exc)
@@ -316,7 +312,7 @@ class DicomWeb:
             frame = int(request.path_params.get("frame", "1"))
             viewport = request.query_params.get("viewport")
             rows = await run_in_threadpool(self._rows, dict(request.path_params))
-            data = await run_in_threadpool(_render, self.spool.path(rows[0]["path"]), frame,
+            data = await run_in_threadpool(render, self.spool.path(rows[0]["path"]), frame,
                                            media, viewport)
         except (HttpProblem, ValueError) as exc:
             if not isinstance(exc, HttpProblem):
@@ -469,119 +465,6 @@ def _boundary(content_type: str) -> str:
     if not match:
         raise HttpProblem(400, "multipart/related without a boundary parameter")
     return match.group(1)
-
-
-def _accepted_syntaxes(accept: str) -> list[str]:
-    """The transfer syntaxes a WADO-RS client accepts, most preferred first ('*': as stored).
-
-    Accept is a list of media ranges with q-values (RFC 9110 12.5.1); each
-    ``multipart/related; type="application/dicom"`` range names one syntax, and one without
-    a transfer-syntax parameter (or ``*/*``, ``multipart/*``) means Explicit VR Little Endian,
-    the default of PS3.18 8.7.3.5. Ranges of other media types are disregarded, as RFC 9110
-    allows; with none left the default is served."""
-    ranges: list[tuple[float, int, str]] = []
-    for n, item in enumerate(re.findall(r'(?:[^,"]|"[^"]*")+', accept)):
-        media, *raw = [p.strip() for p in re.findall(r'(?:[^;"]|"[^"]*")+', item)]
-        params = {k.strip().lower(): v.strip().strip('"')
-                  for k, _, v in (p.partition("=") for p in raw)}
-        try:
-            weight = float(params.get("q", "1"))
-        except ValueError:
-            raise HttpProblem(400, f"Accept: bad q-value in {item.strip()!r}") from None
-        media = media.lower()
-        if weight <= 0:
-            continue
-        if media in ("*/*", "multipart/*"):
-            ranges.append((-weight, n, EXPLICIT_LE))
-        elif media == "multipart/related" and params.get(
-                "type", "application/dicom").lower() == "application/dicom":
-            ranges.append((-weight, n, params.get("transfer-syntax") or EXPLICIT_LE))
-    return [syntax for _, _, syntax in sorted(ranges)] or [EXPLICIT_LE]
-
-
-def _part_syntax(accepted: list[str], stored: str | None) -> str:
-    """The syntax one instance is sent in: the first accepted one PAS can produce for it.
-
-    The stored syntax (asked by name or by '*') is sent unchanged; Explicit or Implicit VR
-    Little Endian are produced by decoding; anything else is not offered (406)."""
-    for syntax in accepted:
-        if syntax in ("*", stored) and stored:
-            return stored
-        if syntax in (EXPLICIT_LE, IMPLICIT_LE) and stored != EXPLICIT_BE:
-            return syntax
-    raise HttpProblem(406, f"transfer syntax {', '.join(accepted)} is not offered for an "
-                           f"instance stored as {stored}; ask for *, {stored}, {EXPLICIT_LE} "
-                           f"or {IMPLICIT_LE}")
-
-
-def _converted(path: Path, syntax: str) -> bytes:
-    """One instance decoded to explicit or implicit VR little endian (same SOP Instance UID)."""
-    ds = dcmread(path)
-    if ds.file_meta.TransferSyntaxUID.is_compressed:
-        ds.decompress(generate_instance_uid=False)
-    ds.file_meta.TransferSyntaxUID = syntax
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
-def _frame_list(text: str) -> list[int]:
-    try:
-        numbers = [int(n) for n in text.split(",")]
-    except ValueError:
-        raise HttpProblem(400, f"frame list {text!r}: comma-separated numbers from 1") from None
-    if not numbers or min(numbers) < 1:
-        raise HttpProblem(400, f"frame list {text!r}: frame numbers start at 1")
-    return numbers
-
-
-def _read_frames(path: Path, numbers: list[int]) -> list[bytes]:
-    """The raw pixel bytes of each frame asked (decoded when stored compressed)."""
-    ds = dcmread(path)
-    if "PixelData" not in ds:
-        raise HttpProblem(404, "the instance has no pixel data")
-    count = int(ds.get("NumberOfFrames", 1) or 1)
-    if max(numbers) > count:
-        raise HttpProblem(404, f"frame {max(numbers)} asked, the instance has {count}")
-    if not ds.file_meta.TransferSyntaxUID.is_compressed:
-        size = ds.Rows * ds.Columns * ds.SamplesPerPixel * ds.BitsAllocated // 8
-        pixels = ds.PixelData
-        return [pixels[(n - 1) * size:n * size] for n in numbers]
-    array = ds.pixel_array
-    if count == 1:
-        array = array[np.newaxis]
-    return [np.ascontiguousarray(array[n - 1]).astype(array.dtype.newbyteorder("<"))
-            .tobytes() for n in numbers]
-
-
-def _render(path: Path, frame: int, media: str, viewport: str | None) -> bytes:
-    """A frame as 8-bit JPEG/PNG through the grayscale pipeline (PS3.18 8.3.5.1.1, PS3.3
-    C.11): Modality LUT (Rescale Slope/Intercept) first, then the VOI LUT or window, else
-    min-max. The order matters: a CT's window is in Hounsfield units, not stored values, so
-    windowing stored values (HU + 1024) turns the whole body white."""
-    ds = dcmread(path)
-    if "PixelData" not in ds:
-        raise HttpProblem(404, "the instance has no pixel data")
-    count = int(ds.get("NumberOfFrames", 1) or 1)
-    if not 1 <= frame <= count:
-        raise HttpProblem(404, f"frame {frame} asked, the instance has {count}")
-    array = ds.pixel_array if count == 1 else ds.pixel_array[frame - 1]
-    if ds.get("SamplesPerPixel", 1) == 1:
-        array = apply_modality_lut(array, ds).astype(np.float64)
-        array = apply_voi_lut(array, ds, index=0)
-        low, high = float(np.min(array)), float(np.max(array))
-        array = ((array - low) / ((high - low) or 1.0) * 255.0).clip(0, 255).astype(np.uint8)
-        if ds.get("PhotometricInterpretation") == "MONOCHROME1":
-            array = 255 - array
-        image = Image.fromarray(array, mode="L")
-    else:
-        image = Image.fromarray(array.astype(np.uint8), mode="RGB")
-    if viewport:
-        width, _, height = viewport.partition(",")
-        image.thumbnail((int(width), int(height or width)))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG" if media == "image/png" else "JPEG", quality=90)
-    return buffer.getvalue()
 
 
 def _level(level: str, endpoint: Callable[[Request], Any]) -> Callable[[Request], Any]:
