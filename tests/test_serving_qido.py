@@ -15,10 +15,19 @@ from typing import Any
 import httpx
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from appliance.serving.dicomweb import QIDO_DEFAULT_LIMIT
 from appliance.store import query as store_query
 from appliance.store.db import Database
-from tests.support.peers import CT_DIR, DCMTK_ENV, MR_DIR, PasProcess, storescu
+from tests.support.peers import (
+    CT_DIR,
+    DCMTK_ENV,
+    MR_DIR,
+    PasProcess,
+    storescu,
+)
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +176,62 @@ def test_instance_search_computes_study_counts_once_per_study(tmp_path: Path) ->
                and r["NumberOfSeriesRelatedInstances"] == size
                and r["NumberOfStudyRelatedSeries"] == 1 for r in rows)
     assert steps[0] < 10 * (page + size), steps[0]  # was ~1,200 per row per 1,000 instances
+
+
+def _tiny_instances(folder: Path, studies: int, per_study: int) -> Path:
+    """Small synthetic CT instances (8x8 pixels): ``studies`` studies of ``per_study`` each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in range(studies):
+        study, series = generate_uid(), generate_uid()
+        for n in range(per_study):
+            ds = Dataset()
+            ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+            ds.PatientID, ds.PatientName, ds.Modality = f"TINY{s}", f"TINY^{s}", "CT"
+            ds.StudyDate, ds.SeriesNumber, ds.InstanceNumber = "20260101", 1, n + 1
+            ds.Rows = ds.Columns = 8
+            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+            ds.PixelData = bytes(128)
+            ds.file_meta = FileMetaDataset()
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.save_as(folder / f"{s:03d}-{n:05d}.dcm", enforce_file_format=True)
+    return folder
+
+
+def test_unbounded_instance_search_gets_a_default_page_and_a_warning(
+        pas_factory: Any, tmp_path: Path) -> None:
+    """A search not confined to one study with no limit returns QIDO_DEFAULT_LIMIT results
+    and the PS3.18 8.3.4.4 Warning (it was unbounded); asking for more with offset or limit
+    works; a search within a study is not cut (fetch-through lists a study that way)."""
+    pas = pas_factory({"PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_PREFETCH__ENABLED": "false"})
+    size = QIDO_DEFAULT_LIMIT + 50
+    storescu(_tiny_instances(tmp_path / "tiny", 1, size), pas.port)
+    page = qido(pas, "instances")
+    assert page.status_code == 200, page.text
+    assert len(page.json()) == QIDO_DEFAULT_LIMIT
+    assert page.headers["warning"].startswith("299 http://127.0.0.1:")
+    assert "exceeded the maximum supported by the server" in page.headers["warning"]
+    rest = qido(pas, "instances", offset=QIDO_DEFAULT_LIMIT)
+    assert len(rest.json()) == 50 and "warning" not in rest.headers
+    everything = qido(pas, "instances", limit=size)
+    assert len(everything.json()) == size and "warning" not in everything.headers
+    study = value(page.json()[0], "0020000D")
+    within = qido(pas, f"studies/{study}/instances")
+    assert len(within.json()) == size and "warning" not in within.headers
+
+
+def test_max_results_cut_is_said_in_qido(pas_factory: Any, tmp_path: Path) -> None:
+    """serving.max_results: QIDO-RS sends the Warning of PS3.18 8.3.4.4 when it cut the
+    answer (it cut silently), and none when the client's own limit or the matches were less."""
+    pas = pas_factory({"PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_PREFETCH__ENABLED": "false",
+                       "PAS_SERVING__MAX_RESULTS": "5"})
+    storescu(_tiny_instances(tmp_path / "tiny", 7, 1), pas.port)
+    cut = qido(pas, "studies")
+    assert len(cut.json()) == 5 and "exceeded the maximum" in cut.headers["warning"]
+    assert "warning" not in qido(pas, "studies", limit=5).headers  # the client's own limit
+    assert "warning" not in qido(pas, "studies", offset=2).headers  # 5 of 5 left: complete
+    assert "warning" not in qido(pas, "studies", PatientID="TINY1").headers
+

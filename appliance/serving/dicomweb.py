@@ -55,6 +55,14 @@ log = logging.getLogger("pas.dicomweb")
 
 DICOM_JSON = "application/dicom+json"
 CHUNK = 1024 * 1024
+# Most results of a QIDO-RS search not confined to one study when the client names no limit
+# (and serving.max_results is 0): one unbounded /instances on a big cache ran for minutes and
+# held every row. Searches within a study (/studies/{s}/...) are bounded by the study, and
+# fetch-through lists a study's instances that way without paging, so they are not capped.
+QIDO_DEFAULT_LIMIT = 1000
+# PS3.18 8.3.4.4: what a server that limited the results answers.
+TRUNCATED = ('299 {service}: "The number of results exceeded the maximum supported by the '
+             'server. Additional results can be requested."')
 
 # Attributes QIDO-RS returns by default per level (PS3.18 table 10.6.3-3..5).
 DEFAULT_RETURN = {
@@ -136,15 +144,28 @@ class DicomWeb:
             keys = self._qido_keys(request, level, path)
             limit = _int_param(request, "limit")
             offset = _int_param(request, "offset") or 0
-            if self.max_results and (limit is None or limit > self.max_results):
-                limit = self.max_results
-            rows = await run_in_threadpool(self._find, level, keys, limit, offset)
+            cap = self.max_results or (
+                QIDO_DEFAULT_LIMIT if limit is None and "study" not in path else None)
+            capped = cap is not None and (limit is None or limit > cap)
+            if capped:
+                limit = cap
+            # One row more than the cap tells whether the server cut the answer short.
+            fetch = None if limit is None else limit + (1 if capped else 0)
+            rows = await run_in_threadpool(self._find, level, keys, fetch, offset)
         except HttpProblem as exc:
             return _problem(exc)
+        truncated = capped and limit is not None and len(rows) > limit
+        headers = {}
+        detail = f"{len(rows)} results (QIDO-RS)"
+        if truncated:
+            rows = rows[:limit]
+            service = f"{request.url.scheme}://{request.url.netloc}{self.base_url}"
+            headers["Warning"] = TRUNCATED.format(service=service)
+            detail = f"{len(rows)} results (QIDO-RS), truncated at the server's limit"
         target = store_query_summary(level, keys)
-        self._audit(request, "query", actor, target, "success", f"{len(rows)} results (QIDO-RS)")
+        self._audit(request, "query", actor, target, "success", detail)
         return JSONResponse([self._json(level, keys, row) for row in rows],
-                            media_type=DICOM_JSON)
+                            media_type=DICOM_JSON, headers=headers)
 
     def _qido_keys(self, request: Request, level: str, path: dict[str, str]) -> dict[str, str]:
         """Matching and return keys of a QIDO-RS search. The defaults are those of PS3.18
