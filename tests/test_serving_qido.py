@@ -26,7 +26,9 @@ from tests.support.peers import (
     DCMTK_ENV,
     MR_DIR,
     PasProcess,
+    read_rows,
     storescu,
+    wait_for,
 )
 
 
@@ -235,3 +237,20 @@ def test_max_results_cut_is_said_in_qido(pas_factory: Any, tmp_path: Path) -> No
     assert "warning" not in qido(pas, "studies", offset=2).headers  # 5 of 5 left: complete
     assert "warning" not in qido(pas, "studies", PatientID="TINY1").headers
 
+
+def test_max_results_cut_in_c_find_is_logged_and_audited(pas_factory: Any,
+                                                         tmp_path: Path) -> None:
+    """C-FIND has no warning status (PS3.4 C.4.1.1.4) and a failure would make viewers drop
+    the matches: the cut at serving.max_results ends in Success but is logged and audited."""
+    pas = pas_factory({"PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_PREFETCH__ENABLED": "false",
+                       "PAS_SERVING__MAX_RESULTS": "5"})
+    storescu(_tiny_instances(tmp_path / "tiny", 7, 1), pas.port)
+    found = findscu(pas, "STUDY", ["StudyInstanceUID"], tmp_path / "find")
+    assert len(found) == 5
+    wait_for(lambda: "more than serving.max_results = 5" in pas.log())
+    audit = read_rows(pas.home / "pas.sqlite", "SELECT outcome, detail FROM audit "
+                      "WHERE event = 'query' ORDER BY id")
+    assert "truncated" in audit[-1]["detail"] and audit[-1]["outcome"] == "success"
+    exact = findscu(pas, "STUDY", ["PatientID=TINY1", "StudyInstanceUID"], tmp_path / "one")
+    assert len(exact) == 1
+    assert pas.log().count("C-FIND from VIEWER: truncated") == 1  # not for the exact match
