@@ -254,3 +254,31 @@ def test_max_results_cut_in_c_find_is_logged_and_audited(pas_factory: Any,
     exact = findscu(pas, "STUDY", ["PatientID=TINY1", "StudyInstanceUID"], tmp_path / "one")
     assert len(exact) == 1
     assert pas.log().count("C-FIND from VIEWER: truncated") == 1  # not for the exact match
+
+
+def test_case_insensitive_person_names_beyond_ascii(pas_factory: Any, tmp_path: Path) -> None:
+    """pn_case_sensitive = false (the default): case is ignored in the whole name, accented
+    letters included (SQLite's LIKE and NOCASE fold ASCII only), in C-FIND and QIDO-RS."""
+    pas = pas_factory({"PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_PREFETCH__ENABLED": "false"})
+    folder = _tiny_instances(tmp_path / "tiny", 3, 1)
+    names = {}
+    for path, name in zip(sorted(folder.glob("*.dcm")), ["HÉLÈNE^DUPONT", "Smith^Anne",
+                                                          "ÇA^ÉTÉ"], strict=True):
+        ds = dcmread(path)
+        ds.SpecificCharacterSet, ds.PatientName = "ISO_IR 100", name
+        ds.save_as(path, enforce_file_format=True)
+        names[name] = str(ds.StudyInstanceUID)
+    storescu(folder, pas.port)
+    cases = [("hélène*", "HÉLÈNE^DUPONT"), ("Hélène^Dupont", "HÉLÈNE^DUPONT"),
+             ("h?l?ne*", "HÉLÈNE^DUPONT"), ("*dupont", "HÉLÈNE^DUPONT"),
+             ("ça^été", "ÇA^ÉTÉ"), ("smith^anne", "Smith^Anne"), ("*É*", None)]
+    for n, (asked, expected) in enumerate(cases):
+        wanted = ({names[expected]} if expected else
+                  {names["HÉLÈNE^DUPONT"], names["ÇA^ÉTÉ"]})
+        response = qido(pas, "studies", PatientName=asked)
+        assert {value(s, "0020000D") for s in response.json()} == wanted, asked
+        found = findscu(pas, "STUDY", ["SpecificCharacterSet=ISO_IR 192",
+                                       f"PatientName={asked}", "StudyInstanceUID"],
+                        tmp_path / f"find{n}")
+        assert {str(d.StudyInstanceUID) for d in found} == wanted, asked
+    assert qido(pas, "studies", PatientName="hélène").json() == []  # no wildcard: whole name

@@ -134,6 +134,14 @@ def _like_pattern(value: str) -> str:
     return escaped.replace("*", "%").replace("?", "_")
 
 
+_CASEFOLD = "pas_casefold"
+
+
+def _casefold(value: str | None) -> str | None:
+    """Full Unicode case folding (É -> é, ß -> ss) for case-insensitive person names."""
+    return value.casefold() if isinstance(value, str) else value
+
+
 def _glob_pattern(value: str) -> str:
     return value.replace("[", "[[]")
 
@@ -198,6 +206,15 @@ def _match(where: _Where, keyword: str, value: str, pn_case_sensitive: bool) -> 
             where.add(f"{sql} = ?", int(value))
         except ValueError:
             raise QueryError(f"{keyword}: {value!r} is not an integer") from None
+    elif vr == "PN" and not pn_case_sensitive and not value.isascii():
+        # SQLite's LIKE and NOCASE fold ASCII letters only: "hélène*" missed HÉLÈNE^DUPONT.
+        # Both sides go through str.casefold (registered on the connection by find()); an
+        # ASCII value keeps the form below, which the name index serves and folds the same.
+        folded = _casefold(value)
+        if _has_wildcard(folded):
+            where.add(f"{_CASEFOLD}({sql}) GLOB ?", _glob_pattern(folded))
+        else:
+            where.add(f"{_CASEFOLD}({sql}) = ?", folded)
     elif vr == "PN" and not pn_case_sensitive:
         if _has_wildcard(value):
             where.add(f"{sql} LIKE ? ESCAPE '\\'", _like_pattern(value))
@@ -259,6 +276,7 @@ def find(db: Database, level: str, keys: dict[str, str], *,
         where.params.extend([-1 if limit is None else limit, offset])
     conn = db.connection()
     try:
+        conn.create_function(_CASEFOLD, 1, _casefold, deterministic=True)
         cursor = conn.execute(sql, where.params)
     except sqlite3.Error as exc:
         raise QueryError(f"query failed: {exc}") from exc
