@@ -133,7 +133,33 @@ def test_retrieve_series_bytes_are_the_stored_files(pas: PasProcess,
     metadata = client.retrieve_series_metadata(study, series)
     assert len(metadata) == 520
     assert {m["00100020"]["Value"][0] for m in metadata} == {str(mr[0].PatientID)}
-    assert all("7FE00010" not in m for m in metadata)
+    assert all(m["7FE00010"]["BulkDataURI"].endswith("/bulkdata/7FE00010") for m in metadata)
+
+
+def test_metadata_gives_bulk_data_uris_that_resolve_to_the_bytes(pas: PasProcess) -> None:
+    """PS3.18 10.4.1.2 / F.2.7: metadata holds every attribute, Pixel Data (and other bulk
+    data) as a BulkDataURI whose target is that attribute's bytes (it left Pixel Data out, and
+    its BulkDataURIs named the whole instance)."""
+    host = f"http://127.0.0.1:{pas.http_port}"
+    client = DICOMwebClient(f"{host}/dicom-web")
+    client.store_instances([dcmread(MULTIFRAME)])  # idempotent when already there
+    for path in (sorted(CT_DIR.glob("*.dcm"))[0], MULTIFRAME):
+        original = dcmread(path)
+        item = client.retrieve_instance_metadata(str(original.StudyInstanceUID),
+                                                   str(original.SeriesInstanceUID),
+                                                   str(original.SOPInstanceUID))
+        assert {f"{int(e.tag):08X}" for e in original} <= set(item)
+        uri = item["7FE00010"]["BulkDataURI"]
+        assert uri.endswith(f"/instances/{original.SOPInstanceUID}/bulkdata/7FE00010")
+        [data] = client.retrieve_bulkdata(host + uri)
+        if original.file_meta.TransferSyntaxUID.is_compressed:  # decoded, as /frames
+            assert data == original.pixel_array.astype("<u2").tobytes()
+        else:
+            assert data == original.PixelData
+    base = f"{host}/dicom-web/studies/{original.StudyInstanceUID}/series/" \
+           f"{original.SeriesInstanceUID}/instances/{original.SOPInstanceUID}"
+    assert httpx.get(f"{base}/bulkdata/00100010", timeout=10).status_code == 404  # not bulk
+    assert httpx.get(f"{base}/bulkdata/7FE0001", timeout=10).status_code == 400
 
 
 def test_rendered_png_and_jpeg(pas: PasProcess) -> None:

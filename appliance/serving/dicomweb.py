@@ -38,7 +38,9 @@ from appliance.serving.wado_media import (
     accepted_syntaxes,
     converted,
     frame_list,
+    metadata_item,
     part_syntax,
+    read_bulkdata,
     read_frames,
     render,
 )
@@ -294,15 +296,29 @@ class DicomWeb:
     def _metadata(self, rows: list[Any]) -> list[dict[str, Any]]:
         result = []
         for row in rows:
-            ds = dcmread(self.spool.path(row["path"]), stop_before_pixels=True)
             base = (f"{self.base_url}/studies/{row['study_uid']}/series/{row['series_uid']}"
                     f"/instances/{row['sop_instance_uid']}")
-            item = ds.to_json_dict(bulk_data_threshold=65536,
-                                   bulk_data_element_handler=lambda _e, b=base: b)
+            item = metadata_item(self.spool.path(row["path"]), base)
             if row["transfer_syntax_uid"]:
                 item["00020010"] = {"vr": "UI", "Value": [row["transfer_syntax_uid"]]}
             result.append(item)
         return result
+
+    async def bulkdata(self, request: Request) -> Response:
+        """One top-level bulk data attribute's bytes, where metadata's BulkDataURI points."""
+        try:
+            actor = self._actor(request)
+            tag = request.path_params["tag"]
+            if not re.fullmatch(r"[0-9A-Fa-f]{8}", tag):
+                raise HttpProblem(400, f"bulk data tag {tag!r}: 8 hexadecimal digits")
+            rows = await run_in_threadpool(self._rows, dict(request.path_params))
+            data = await run_in_threadpool(read_bulkdata, self.spool.path(rows[0]["path"]),
+                                           int(tag, 16))
+        except HttpProblem as exc:
+            return _problem(exc)
+        self._audit(request, "retrieve", actor, "/".join(request.path_params.values()),
+                    "success", f"bulk data {len(data)} bytes")
+        return _octet_parts([data])
 
     async def frames(self, request: Request) -> Response:
         try:
@@ -315,14 +331,7 @@ class DicomWeb:
             return _problem(exc)
         self._audit(request, "retrieve", actor, "/".join(request.path_params.values()),
                     "success", f"{len(frames)} frames")
-        boundary = secrets.token_hex(16)
-        parts = []
-        for frame in frames:
-            parts.append(f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n"
-                         .encode() + frame + b"\r\n")
-        parts.append(f"--{boundary}--\r\n".encode())
-        return Response(b"".join(parts), media_type=(
-            f'multipart/related; type="application/octet-stream"; boundary={boundary}'))
+        return _octet_parts(frames)
 
     async def rendered(self, request: Request) -> Response:
         try:
@@ -453,6 +462,16 @@ def _other_study(content: bytes, target: str) -> tuple[str, str, str] | None:
             study or "(none)")
 
 
+def _octet_parts(blobs: list[bytes]) -> Response:
+    """multipart/related; type="application/octet-stream", one part per blob."""
+    boundary = secrets.token_hex(16)
+    parts = [f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n".encode()
+             + blob + b"\r\n" for blob in blobs]
+    parts.append(f"--{boundary}--\r\n".encode())
+    return Response(b"".join(parts), media_type=(
+        f'multipart/related; type="application/octet-stream"; boundary={boundary}'))
+
+
 def store_query_summary(level: str, keys: dict[str, str]) -> str:
     return f"{level} " + " ".join(f"{k}={v}" for k, v in keys.items() if v)
 
@@ -525,6 +544,7 @@ def build_dicomweb_routes(db: Database, spool: Spool, *, receiver: Receiver | No
         Route(series + "/metadata", web.metadata, methods=["GET"]),
         Route(instance + "/metadata", web.metadata, methods=["GET"]),
         Route(instance + "/frames/{frames}", web.frames, methods=["GET"]),
+        Route(instance + "/bulkdata/{tag}", web.bulkdata, methods=["GET"]),
         Route(instance + "/rendered", web.rendered, methods=["GET"]),
         Route(instance + "/thumbnail", web.rendered, methods=["GET"]),
         Route(instance + "/frames/{frame:int}/rendered", web.rendered, methods=["GET"]),

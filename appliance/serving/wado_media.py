@@ -9,15 +9,22 @@ from __future__ import annotations
 import io
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_BE = "1.2.840.10008.1.2.2"  # retired; pydicom cannot re-encode it to little endian
+PIXEL_DATA = 0x7FE00010
+# Top-level values of these VRs longer than this go by BulkDataURI in metadata (PS3.18 F.2.7).
+BULK_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
+BULK_THRESHOLD = 1024
+UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
 class HttpProblem(Exception):
@@ -140,3 +147,53 @@ def render(path: Path, frame: int, media: str, viewport: str | None) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG" if media == "image/png" else "JPEG", quality=90)
     return buffer.getvalue()
+
+
+def metadata_item(path: Path, base: str) -> dict[str, Any]:
+    """One instance as DICOM JSON for /metadata (PS3.18 10.4.1.2, F.2.7): every attribute;
+    top-level bulk data (Pixel Data included) as a BulkDataURI under ``base``/bulkdata that
+    resolves to that attribute's bytes. Values above BULK_THRESHOLD are not even read
+    (defer_size); bulk data inside sequences (icons) is small and goes inline."""
+    ds = dcmread(path, defer_size=BULK_THRESHOLD)
+    bulk: dict[int, str] = {}
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag)
+        vr = _bulk_vr(ds, int(tag), raw.VR)
+        length = getattr(raw, "length", None)
+        if length is None:  # already a DataElement: its value is in memory
+            value = raw.value
+            length = len(value) if isinstance(value, bytes | bytearray) else 0
+        if vr in BULK_VRS and (length > BULK_THRESHOLD or length == UNDEFINED_LENGTH):
+            bulk[int(tag)] = vr
+            del ds[tag]
+    item: dict[str, Any] = ds.to_json_dict(bulk_data_threshold=1 << 62)
+    for tag, vr in bulk.items():
+        item[f"{tag:08X}"] = {"vr": vr, "BulkDataURI": f"{base}/bulkdata/{tag:08X}"}
+    return item
+
+
+def _bulk_vr(ds: Any, tag: int, vr: str | None) -> str:
+    """The VR of a top-level element, resolved where implicit VR leaves it ambiguous."""
+    if not vr:
+        try:
+            vr = dictionary_VR(tag)
+        except KeyError:
+            return "UN"
+    if " or " in vr:  # "OB or OW": Pixel Data and friends
+        return "OW" if int(ds.get("BitsAllocated", 8) or 8) > 8 else "OB"
+    return vr
+
+
+def read_bulkdata(path: Path, tag: int) -> bytes:
+    """The bytes of one top-level bulk data attribute (Pixel Data: every frame, decoded to
+    little-endian native pixels when stored compressed, as /frames gives them)."""
+    ds = dcmread(path)
+    if tag not in ds:
+        raise HttpProblem(404, f"the instance has no attribute {tag:08X}")
+    if tag == PIXEL_DATA and ds.file_meta.TransferSyntaxUID.is_compressed:
+        array = ds.pixel_array
+        return np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
+    value = ds[tag].value
+    if not isinstance(value, bytes | bytearray):
+        raise HttpProblem(404, f"attribute {tag:08X} is not bulk data")
+    return bytes(value)
