@@ -157,7 +157,7 @@ class DicomWeb:
         except HttpProblem as exc:
             return _problem(exc)
         truncated = capped and limit is not None and len(rows) > limit
-        headers = {}
+        headers: dict[str, str] = {}
         detail = f"{len(rows)} results (QIDO-RS)"
         if truncated:
             rows = rows[:limit]
