@@ -30,6 +30,8 @@ from dicomweb_client import DICOMwebClient
 from PIL import Image
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.uid import generate_uid
 from requests import HTTPError
 
 from tests.support.peers import CT_DIR, MR_DIR, PasProcess, storescu, wait_for
@@ -131,7 +133,33 @@ def test_retrieve_series_bytes_are_the_stored_files(pas: PasProcess,
     metadata = client.retrieve_series_metadata(study, series)
     assert len(metadata) == 520
     assert {m["00100020"]["Value"][0] for m in metadata} == {str(mr[0].PatientID)}
-    assert all("7FE00010" not in m for m in metadata)
+    assert all(m["7FE00010"]["BulkDataURI"].endswith("/bulkdata/7FE00010") for m in metadata)
+
+
+def test_metadata_gives_bulk_data_uris_that_resolve_to_the_bytes(pas: PasProcess) -> None:
+    """PS3.18 10.4.1.2 / F.2.7: metadata holds every attribute, Pixel Data (and other bulk
+    data) as a BulkDataURI whose target is that attribute's bytes (it left Pixel Data out, and
+    its BulkDataURIs named the whole instance)."""
+    host = f"http://127.0.0.1:{pas.http_port}"
+    client = DICOMwebClient(f"{host}/dicom-web")
+    client.store_instances([dcmread(MULTIFRAME)])  # idempotent when already there
+    for path in (sorted(CT_DIR.glob("*.dcm"))[0], MULTIFRAME):
+        original = dcmread(path)
+        item = client.retrieve_instance_metadata(str(original.StudyInstanceUID),
+                                                   str(original.SeriesInstanceUID),
+                                                   str(original.SOPInstanceUID))
+        assert {f"{int(e.tag):08X}" for e in original} <= set(item)
+        uri = item["7FE00010"]["BulkDataURI"]
+        assert uri.endswith(f"/instances/{original.SOPInstanceUID}/bulkdata/7FE00010")
+        [data] = client.retrieve_bulkdata(host + uri)
+        if original.file_meta.TransferSyntaxUID.is_compressed:  # decoded, as /frames
+            assert data == original.pixel_array.astype("<u2").tobytes()
+        else:
+            assert data == original.PixelData
+    base = f"{host}/dicom-web/studies/{original.StudyInstanceUID}/series/" \
+           f"{original.SeriesInstanceUID}/instances/{original.SOPInstanceUID}"
+    assert httpx.get(f"{base}/bulkdata/00100010", timeout=10).status_code == 404  # not bulk
+    assert httpx.get(f"{base}/bulkdata/7FE0001", timeout=10).status_code == 400
 
 
 def test_rendered_png_and_jpeg(pas: PasProcess) -> None:
@@ -144,6 +172,93 @@ def test_rendered_png_and_jpeg(pas: PasProcess) -> None:
     thumb = httpx.get(url + "/thumbnail?viewport=64,64", timeout=30)
     assert thumb.headers["content-type"] == "image/jpeg"
     assert max(Image.open(io.BytesIO(thumb.content)).size) == 64
+
+
+def test_rendered_ct_goes_through_the_modality_lut_before_the_window(pas: PasProcess) -> None:
+    """A CT's window is in HU: rendering must rescale stored values first (PS3.3 C.11)."""
+    path = sorted(CT_DIR.glob("*.dcm"))[0]
+    ct = dcmread(path)
+    assert float(ct.RescaleIntercept) != 0 and ct.get("WindowCenter") is not None
+    url = (f"http://127.0.0.1:{pas.http_port}/dicom-web/studies/{ct.StudyInstanceUID}/series/"
+           f"{ct.SeriesInstanceUID}/instances/{ct.SOPInstanceUID}/rendered")
+    png = httpx.get(url, headers={"Accept": "image/png"}, timeout=30)
+    assert png.status_code == 200, png.text
+    got = np.asarray(Image.open(io.BytesIO(png.content)), dtype=np.float64)
+    windowed = apply_voi_lut(apply_modality_lut(ct.pixel_array, ct).astype(np.float64), ct)
+    low, high = float(windowed.min()), float(windowed.max())
+    reference = ((windowed - low) / (high - low) * 255.0).clip(0, 255).astype(np.uint8)
+    assert got.shape == reference.shape
+    assert abs(got.mean() - reference.mean()) < 2.0, (got.mean(), reference.mean())
+    assert abs(got.std() - reference.std()) < 2.0, (got.std(), reference.std())
+    assert np.abs(got - reference).mean() < 1.0
+    assert (got == 255).mean() < 0.10  # not the white disc of stored values windowed as HU
+
+
+def _dicom_parts(response: httpx.Response) -> list[tuple[str, bytes]]:
+    """Each part of a multipart/related answer as (its Content-Type, its body)."""
+    boundary = response.headers["content-type"].split("boundary=")[1].split(";")[0].strip('"')
+    parts = []
+    for chunk in response.content.split(b"--" + boundary.encode())[1:-1]:
+        head, _, body = chunk.partition(b"\r\n\r\n")
+        fields = dict(line.split(": ", 1) for line in head.decode().strip().split("\r\n"))
+        parts.append((fields["Content-Type"], body[:-2]))  # the CRLF before the delimiter
+    return parts
+
+
+JPEG_LS = "1.2.840.10008.1.2.4.80"
+MULTIPART_DICOM = 'multipart/related; type="application/dicom"'
+
+
+@pytest.mark.parametrize(("accept", "ct_syntax", "jls_syntax"), [
+    (MULTIPART_DICOM, "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1"),  # the default
+    ("*/*", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1"),
+    (f"{MULTIPART_DICOM}; transfer-syntax=1.2.840.10008.1.2", "1.2.840.10008.1.2",
+     "1.2.840.10008.1.2"),
+    (f"{MULTIPART_DICOM}; transfer-syntax={JPEG_LS}", None, JPEG_LS),  # exactly as stored
+    (f"{MULTIPART_DICOM}; transfer-syntax=1.2.840.10008.1.2.4.90, "
+     f"{MULTIPART_DICOM}; transfer-syntax=*", "1.2.840.10008.1.2.1", JPEG_LS),  # fallback
+    (f'{MULTIPART_DICOM}; transfer-syntax=1.2.840.10008.1.2.1; q=0.5, '
+     f'{MULTIPART_DICOM}; transfer-syntax="*"', "1.2.840.10008.1.2.1", JPEG_LS),  # q-values
+    (f"{MULTIPART_DICOM}; transfer-syntax=1.2.840.10008.1.2.4.90", None, None),
+])
+def test_wado_rs_transfer_syntax_negotiation(pas: PasProcess, accept: str,
+                                             ct_syntax: str | None,
+                                             jls_syntax: str | None) -> None:
+    """PS3.18 8.7.3.5: no parameter means Explicit VR LE, '*' and the stored syntax mean the
+    stored bytes, Implicit VR LE is produced when asked, the first acceptable range wins, and
+    a syntax PAS cannot produce is a 406, never another syntax under a 200."""
+    base = f"http://127.0.0.1:{pas.http_port}/dicom-web"
+    client = DICOMwebClient(base)
+    client.store_instances([dcmread(MULTIFRAME)])  # idempotent when already there
+    ct_path = sorted(CT_DIR.glob("*.dcm"))[0]
+    for path, expected in ((ct_path, ct_syntax), (MULTIFRAME, jls_syntax)):
+        original = dcmread(path)
+        response = httpx.get(f"{base}/studies/{original.StudyInstanceUID}/series/"
+                             f"{original.SeriesInstanceUID}/instances/{original.SOPInstanceUID}",
+                             headers={"Accept": accept}, timeout=60)
+        if expected is None:
+            assert response.status_code == 406, response.text
+            continue
+        assert response.status_code == 200, response.text
+        [(content_type, body)] = _dicom_parts(response)
+        assert content_type == f"application/dicom; transfer-syntax={expected}"
+        received = dcmread(io.BytesIO(body))
+        assert str(received.file_meta.TransferSyntaxUID) == expected
+        assert received.is_implicit_VR == (expected == "1.2.840.10008.1.2")
+        assert received.SOPInstanceUID == original.SOPInstanceUID
+        assert np.array_equal(received.pixel_array, original.pixel_array)
+        if expected == str(original.file_meta.TransferSyntaxUID):
+            assert body == _spool_file(pas, str(original.SOPInstanceUID)).read_bytes()
+
+
+def _spool_file(pas: PasProcess, sop_instance_uid: str) -> Path:
+    conn = sqlite3.connect(pas.home / "pas.sqlite")
+    try:
+        [(path,)] = conn.execute("SELECT path FROM instances WHERE sop_instance_uid = ?",
+                                 (sop_instance_uid,)).fetchall()
+    finally:
+        conn.close()
+    return pas.home / "spool" / path
 
 
 def test_bad_requests_are_refused_naming_the_problem(pas: PasProcess) -> None:
@@ -168,6 +283,76 @@ def test_bad_requests_are_refused_naming_the_problem(pas: PasProcess) -> None:
     assert wrong_type.status_code == 415
     # Still serving.
     assert httpx.get(f"{base}/studies", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("body", [
+    b"this is not multipart at all",
+    b"--XX\r\nContent-Type application/dicom\r\n\r\nabc\r\n--XX--\r\n",  # no ':'
+    b"--XX\r\nContent-Type: application/dicom\r\n\r\n"
+    + sorted(CT_DIR.glob("*.dcm"))[0].read_bytes()[:5000],  # cut: no closing boundary
+])
+def test_stow_malformed_multipart_is_a_400_and_stores_nothing(pas: PasProcess,
+                                                              body: bytes) -> None:
+    """Invariant 7: a body that is not multipart/related as it says gets a 400 naming the
+    problem (it was a 500 with a traceback), nothing is stored, and PAS keeps serving."""
+    base = f"http://127.0.0.1:{pas.http_port}/dicom-web"
+    before, log_size = _count(pas), len(pas.log())
+    response = httpx.post(f"{base}/studies", content=body, timeout=30, headers={
+        "Content-Type": 'multipart/related; type="application/dicom"; boundary=XX'})
+    assert response.status_code == 400, response.text
+    assert "malformed multipart body" in response.json()["detail"]
+    assert _count(pas) == before
+    assert "Traceback" not in pas.log()[log_size:]
+    assert httpx.get(f"{base}/studies", timeout=10).status_code == 200
+
+
+def _instance_in_study(study: str) -> bytes:
+    """A new CT instance (fresh series and SOP Instance UIDs) of ``study``, as Part 10."""
+    ds = dcmread(sorted(CT_DIR.glob("*.dcm"))[0])
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = \
+        study, generate_uid(), generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _stored_sops(pas: PasProcess, uids: list[str]) -> set[str]:
+    conn = sqlite3.connect(pas.home / "pas.sqlite")
+    try:
+        return {r[0] for r in conn.execute(
+            f"SELECT sop_instance_uid FROM instances WHERE sop_instance_uid IN "
+            f"({', '.join('?' * len(uids))})", uids)}
+    finally:
+        conn.close()
+
+
+def test_stow_to_a_study_refuses_instances_of_another_study(pas: PasProcess) -> None:
+    """PS3.18 10.5: POST /studies/{study} stores only instances of that study; the others are
+    in FailedSOPSequence (0xA900) and nothing of them is written."""
+    target, other = generate_uid(), generate_uid()
+    mine, foreign = _instance_in_study(target), _instance_in_study(other)
+    uid = {data: str(dcmread(io.BytesIO(data)).SOPInstanceUID) for data in (mine, foreign)}
+    boundary = "pas-target-study"
+
+    def body(*parts: bytes) -> bytes:
+        return b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+                        + part + b"\r\n" for part in parts) + f"--{boundary}--\r\n".encode()
+
+    headers = {"Content-Type": f'multipart/related; type="application/dicom"; '
+                               f"boundary={boundary}"}
+    url = f"http://127.0.0.1:{pas.http_port}/dicom-web/studies/{target}"
+    response = httpx.post(url, content=body(foreign, mine), headers=headers, timeout=30)
+    assert response.status_code == 202, response.text
+    answer = response.json()
+    assert [i["00081155"]["Value"][0] for i in answer["00081199"]["Value"]] == [uid[mine]]
+    [refused] = answer["00081198"]["Value"]
+    assert refused["00081155"]["Value"][0] == uid[foreign]
+    assert refused["00081197"]["Value"][0] == 0xA900
+    assert _stored_sops(pas, [uid[mine], uid[foreign]]) == {uid[mine]}
+    only_foreign = httpx.post(url, content=body(foreign), headers=headers, timeout=30)
+    assert only_foreign.status_code == 409, only_foreign.text
+    assert _stored_sops(pas, [uid[foreign]]) == set()
 
 
 def test_queries_and_retrieves_are_audited(pas: PasProcess, client: DICOMwebClient) -> None:

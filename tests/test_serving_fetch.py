@@ -208,7 +208,7 @@ def test_wado_rs_of_a_regional_study_fetches_then_serves(setup: Setup) -> None:
                          headers={"Accept": 'multipart/related; type="application/dicom"; '
                                             "transfer-syntax=*"}, timeout=120)
     assert response.status_code == 200
-    assert response.content.count(b"Content-Type: application/dicom\r\n") == 3
+    assert response.content.count(b"Content-Type: application/dicom;") == 3
     conn = sqlite3.connect(setup.pas.home / "pas.sqlite")
     origin = conn.execute("SELECT origin FROM studies WHERE study_uid = ?", (study,)).fetchone()
     conn.close()

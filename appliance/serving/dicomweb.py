@@ -1,9 +1,10 @@
 """DICOMweb over a (Database, Spool): QIDO-RS, WADO-RS and STOW-RS as Starlette routes.
 
 Owns: the HTTP shape of DICOMweb (PS3.18): query parameters to matching keys, DICOM JSON,
-multipart/related bodies (streamed from the spool file by file: bounded memory), frames,
-rendered JPEG/PNG, STOW-RS responses, the bearer-token check, and the access audit of each
-query, retrieve and store. :func:`build_dicomweb_routes` works over any (Database, Spool), so
+multipart/related bodies (streamed from the spool file by file: bounded memory), frames and
+rendered JPEG/PNG (the pixel and transfer-syntax work itself is in ``wado_media.py``),
+STOW-RS responses, the bearer-token check, and the access audit of each query, retrieve and
+store. :func:`build_dicomweb_routes` works over any (Database, Spool), so
 the hub's embedded archive can serve the same API. May not touch: SQL (``store/query.py``),
 spool writes (STOW goes through :class:`~appliance.ingest.receive.Receiver`, so the same
 durability rules as C-STORE apply: a part is reported stored only after fsync + commit).
@@ -18,23 +19,31 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from PIL import Image
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_voi_lut
 from python_multipart import MultipartParser
+from python_multipart.exceptions import MultipartParseError
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
 
 from appliance.ingest.attributes import InvalidInstance
+from appliance.serving.wado_media import (
+    HttpProblem,
+    accepted_syntaxes,
+    converted,
+    frame_list,
+    metadata_item,
+    part_syntax,
+    read_bulkdata,
+    read_frames,
+    render,
+)
 from appliance.store import audit
 from appliance.store import query as store_query
 from appliance.store.db import Database
@@ -47,8 +56,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("pas.dicomweb")
 
 DICOM_JSON = "application/dicom+json"
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
 CHUNK = 1024 * 1024
+# Most results of a QIDO-RS search not confined to one study when the client names no limit
+# (and serving.max_results is 0): one unbounded /instances on a big cache ran for minutes and
+# held every row. Searches within a study (/studies/{s}/...) are bounded by the study, and
+# fetch-through lists a study's instances that way without paging, so they are not capped.
+QIDO_DEFAULT_LIMIT = 1000
+# PS3.18 8.3.4.4: what a server that limited the results answers.
+TRUNCATED = ('299 {service}: "The number of results exceeded the maximum supported by the '
+             'server. Additional results can be requested."')
 
 # Attributes QIDO-RS returns by default per level (PS3.18 table 10.6.3-3..5).
 DEFAULT_RETURN = {
@@ -63,13 +79,6 @@ DEFAULT_RETURN = {
 _PARENT_KEYS = {"SERIES": ["StudyInstanceUID"], "IMAGE": ["StudyInstanceUID",
                                                            "SeriesInstanceUID"]}
 Fetcher = Callable[[str], int]
-
-
-class HttpProblem(Exception):
-    def __init__(self, status: int, detail: str):
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
 
 
 def _problem(exc: HttpProblem) -> JSONResponse:
@@ -137,30 +146,52 @@ class DicomWeb:
             keys = self._qido_keys(request, level, path)
             limit = _int_param(request, "limit")
             offset = _int_param(request, "offset") or 0
-            if self.max_results and (limit is None or limit > self.max_results):
-                limit = self.max_results
-            rows = await run_in_threadpool(self._find, level, keys, limit, offset)
+            cap = self.max_results or (
+                QIDO_DEFAULT_LIMIT if limit is None and "study" not in path else None)
+            capped = cap is not None and (limit is None or limit > cap)
+            if capped:
+                limit = cap
+            # One row more than the cap tells whether the server cut the answer short.
+            fetch = None if limit is None else limit + (1 if capped else 0)
+            rows = await run_in_threadpool(self._find, level, keys, fetch, offset)
         except HttpProblem as exc:
             return _problem(exc)
+        truncated = capped and limit is not None and len(rows) > limit
+        headers: dict[str, str] = {}
+        detail = f"{len(rows)} results (QIDO-RS)"
+        if truncated:
+            rows = rows[:limit]
+            service = f"{request.url.scheme}://{request.url.netloc}{self.base_url}"
+            headers["Warning"] = TRUNCATED.format(service=service)
+            detail = f"{len(rows)} results (QIDO-RS), truncated at the server's limit"
         target = store_query_summary(level, keys)
-        self._audit(request, "query", actor, target, "success", f"{len(rows)} results (QIDO-RS)")
+        self._audit(request, "query", actor, target, "success", detail)
         return JSONResponse([self._json(level, keys, row) for row in rows],
-                            media_type=DICOM_JSON)
+                            media_type=DICOM_JSON, headers=headers)
 
     def _qido_keys(self, request: Request, level: str, path: dict[str, str]) -> dict[str, str]:
+        """Matching and return keys of a QIDO-RS search. The defaults are those of PS3.18
+        10.6.3.3: a series or instance search also returns the Study attributes unless the
+        study is in the path, and an instance search the Series attributes unless the series
+        is (a worklist built from /instances needs Modality and SeriesNumber)."""
         keys = {k: "" for k in DEFAULT_RETURN[level]}
         for parent in _PARENT_KEYS.get(level, []):
             keys.setdefault(parent, "")
-        if level != "STUDY":
-            for k in DEFAULT_RETURN["STUDY"] if level == "IMAGE" else []:
-                keys.setdefault(k, "")
+        above = {"STUDY": [], "SERIES": ["STUDY"], "IMAGE": ["STUDY", "SERIES"]}[level]
+        for upper in above:
+            if upper.lower() not in path:
+                for k in DEFAULT_RETURN[upper]:
+                    keys.setdefault(k, "")
         for name, value in request.query_params.multi_items():
             if name in ("limit", "offset", "fuzzymatching", "includefield"):
                 if name == "includefield" and value != "all":
                     for field in value.split(","):
                         keys.setdefault(_keyword(field.strip()), "")
                 continue
-            keys[_keyword(name)] = value
+            keyword = _keyword(name)
+            if dictionary_VR(tag_for_keyword(keyword)) == "UI":
+                value = value.replace(",", "\\")  # PS3.18 8.3.4.1: a UID list may use ","
+            keys[keyword] = value
         if "study" in path:
             keys["StudyInstanceUID"] = path["study"]
         if "series" in path:
@@ -223,27 +254,31 @@ class DicomWeb:
     async def retrieve(self, request: Request) -> Response:
         try:
             actor = self._actor(request)
-            wanted = _accepted_syntax(request.headers.get("accept", ""))
+            wanted = accepted_syntaxes(request.headers.get("accept", ""))
             rows = await run_in_threadpool(self._rows, dict(request.path_params))
+            # Decided for every part before the first byte: a 406 cannot follow a 200.
+            syntaxes = [part_syntax(wanted, row["transfer_syntax_uid"]) for row in rows]
         except HttpProblem as exc:
             return _problem(exc)
         self._audit(request, "retrieve", actor, "/".join(request.path_params.values()),
                     "success", f"{len(rows)} instances (WADO-RS)")
         boundary = secrets.token_hex(16)
-        body = iterate_in_threadpool(self._multipart(rows, boundary, wanted))
+        body = iterate_in_threadpool(self._multipart(rows, boundary, syntaxes))
         return StreamingResponse(body, media_type=(
             f'multipart/related; type="application/dicom"; boundary={boundary}'))
 
-    def _multipart(self, rows: list[Any], boundary: str, wanted: str | None) -> Iterator[bytes]:
-        for row in rows:
-            yield (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").encode()
+    def _multipart(self, rows: list[Any], boundary: str,
+                   syntaxes: list[str]) -> Iterator[bytes]:
+        for row, syntax in zip(rows, syntaxes, strict=True):
+            yield (f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={syntax}"
+                   "\r\n\r\n").encode()
             path = self.spool.path(row["path"])
-            if wanted in (None, "*", row["transfer_syntax_uid"]):
+            if syntax == row["transfer_syntax_uid"]:
                 with open(path, "rb") as handle:
                     while chunk := handle.read(CHUNK):
                         yield chunk
             else:
-                yield _converted(path, wanted)
+                yield converted(path, syntax)
             yield b"\r\n"
         yield f"--{boundary}--\r\n".encode()
 
@@ -261,35 +296,42 @@ class DicomWeb:
     def _metadata(self, rows: list[Any]) -> list[dict[str, Any]]:
         result = []
         for row in rows:
-            ds = dcmread(self.spool.path(row["path"]), stop_before_pixels=True)
             base = (f"{self.base_url}/studies/{row['study_uid']}/series/{row['series_uid']}"
                     f"/instances/{row['sop_instance_uid']}")
-            item = ds.to_json_dict(bulk_data_threshold=65536,
-                                   bulk_data_element_handler=lambda _e, b=base: b)
+            item = metadata_item(self.spool.path(row["path"]), base)
             if row["transfer_syntax_uid"]:
                 item["00020010"] = {"vr": "UI", "Value": [row["transfer_syntax_uid"]]}
             result.append(item)
         return result
 
+    async def bulkdata(self, request: Request) -> Response:
+        """One top-level bulk data attribute's bytes, where metadata's BulkDataURI points."""
+        try:
+            actor = self._actor(request)
+            tag = request.path_params["tag"]
+            if not re.fullmatch(r"[0-9A-Fa-f]{8}", tag):
+                raise HttpProblem(400, f"bulk data tag {tag!r}: 8 hexadecimal digits")
+            rows = await run_in_threadpool(self._rows, dict(request.path_params))
+            data = await run_in_threadpool(read_bulkdata, self.spool.path(rows[0]["path"]),
+                                           int(tag, 16))
+        except HttpProblem as exc:
+            return _problem(exc)
+        self._audit(request, "retrieve", actor, "/".join(request.path_params.values()),
+                    "success", f"bulk data {len(data)} bytes")
+        return _octet_parts([data])
+
     async def frames(self, request: Request) -> Response:
         try:
             actor = self._actor(request)
-            numbers = _frame_list(request.path_params["frames"])
+            numbers = frame_list(request.path_params["frames"])
             rows = await run_in_threadpool(self._rows, dict(request.path_params))
-            frames = await run_in_threadpool(_read_frames, self.spool.path(rows[0]["path"]),
+            frames = await run_in_threadpool(read_frames, self.spool.path(rows[0]["path"]),
                                              numbers)
         except HttpProblem as exc:
             return _problem(exc)
         self._audit(request, "retrieve", actor, "/".join(request.path_params.values()),
                     "success", f"{len(frames)} frames")
-        boundary = secrets.token_hex(16)
-        parts = []
-        for frame in frames:
-            parts.append(f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n"
-                         .encode() + frame + b"\r\n")
-        parts.append(f"--{boundary}--\r\n".encode())
-        return Response(b"".join(parts), media_type=(
-            f'multipart/related; type="application/octet-stream"; boundary={boundary}'))
+        return _octet_parts(frames)
 
     async def rendered(self, request: Request) -> Response:
         try:
@@ -300,7 +342,7 @@ class DicomWeb:
             frame = int(request.path_params.get("frame", "1"))
             viewport = request.query_params.get("viewport")
             rows = await run_in_threadpool(self._rows, dict(request.path_params))
-            data = await run_in_threadpool(_render, self.spool.path(rows[0]["path"]), frame,
+            data = await run_in_threadpool(render, self.spool.path(rows[0]["path"]), frame,
                                            media, viewport)
         except (HttpProblem, ValueError) as exc:
             if not isinstance(exc, HttpProblem):
@@ -322,24 +364,32 @@ class DicomWeb:
             return _problem(exc)
         parts: list[bytes] = []
         current: list[bytearray] = []
+        ended: list[bool] = []
         callbacks = {
             "on_part_begin": lambda: current.append(bytearray()),
             "on_part_data": lambda data, start, end: current[-1].extend(data[start:end]),
             "on_part_end": lambda: parts.append(bytes(current.pop())),
+            "on_end": lambda: ended.append(True),
         }
         parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
         stored: list[dict[str, Any]] = []
         failed: list[dict[str, Any]] = []
         source = request.client.host if request.client else None
-        async for chunk in request.stream():
-            parser.write(chunk)
-            while parts:  # one instance at a time: memory bounded by the largest instance
-                await run_in_threadpool(self._store_part, parts.pop(0), actor, source,
-                                        stored, failed)
-        parser.finalize()
+        target = request.path_params.get("study")  # POST /studies/{study}: only that study
+        try:
+            async for chunk in request.stream():
+                parser.write(chunk)
+                while parts:  # one instance at a time: memory bounded by the largest one
+                    await run_in_threadpool(self._store_part, parts.pop(0), actor, source,
+                                            stored, failed, target)
+            parser.finalize()
+            if not ended:  # a cut body: its last part may be cut too, so none is trusted
+                raise MultipartParseError("the body ends before its closing boundary")
+        except MultipartParseError as exc:
+            return self._malformed(request, actor, stored, str(exc))
         while parts:
             await run_in_threadpool(self._store_part, parts.pop(0), actor, source, stored,
-                                    failed)
+                                    failed, target)
         if not stored and not failed:
             return _problem(HttpProblem(400, "the request holds no DICOM part"))
         result = Dataset()
@@ -354,9 +404,29 @@ class DicomWeb:
                     f"{len(stored)} stored (STOW-RS)")
         return JSONResponse(result.to_json_dict(), status_code=status, media_type=DICOM_JSON)
 
+    def _malformed(self, request: Request, actor: str, stored: list[dict[str, Any]],
+                   reason: str) -> Response:
+        """400 for a body that is not valid multipart (invariant 7: the problem is named).
+        Parts complete after the error are not stored; those stored before it, from earlier
+        chunks of the stream, are durable already and are listed so the client knows."""
+        detail = f"malformed multipart body: {reason}"
+        self._audit(request, "store", actor, ",".join(s["uid"] for s in stored)[:500] or "-",
+                    "failure: malformed multipart body", f"{len(stored)} stored (STOW-RS)")
+        body: dict[str, Any] = {"error": 400, "detail": detail}
+        if stored:
+            body["stored"] = [s["uid"] for s in stored]
+        return JSONResponse(body, status_code=400)
+
     def _store_part(self, content: bytes, actor: str, source: str | None,
-                    stored: list[dict[str, Any]], failed: list[dict[str, Any]]) -> None:
+                    stored: list[dict[str, Any]], failed: list[dict[str, Any]],
+                    target: str | None = None) -> None:
         assert self.receiver is not None
+        if target is not None and (other := _other_study(content, target)) is not None:
+            # PS3.18 10.5: a STOW to a study stores only that study's instances; filing
+            # another study's instance under it would mislead. Refused, nothing written.
+            failed.append({"uid": other[0], "sop_class": other[1], "reason": 0xA900,
+                           "note": f"belongs to study {other[2]}, not {target}"})
+            return
         try:
             received = self.receiver.receive_file(content, calling_ae=actor, source=source)
         except InvalidInstance as exc:
@@ -374,6 +444,32 @@ class DicomWeb:
         stored.append({"uid": received.sop_instance_uid, "sop_class": str(ds.SOPClassUID),
                        "url": f"{self.base_url}/studies/{received.study_uid}/series/"
                               f"{ds.SeriesInstanceUID}/instances/{received.sop_instance_uid}"})
+
+
+def _other_study(content: bytes, target: str) -> tuple[str, str, str] | None:
+    """(SOP Instance UID, SOP Class UID, Study Instance UID) of a part whose study is not
+    ``target``; None when it is, or when the part cannot be read (the receiver then refuses
+    it with the reason it finds)."""
+    try:
+        ds = dcmread(io.BytesIO(content), stop_before_pixels=True, specific_tags=[
+            "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"])
+        study = str(ds.get("StudyInstanceUID", "") or "")
+    except Exception:
+        return None
+    if study == target:
+        return None
+    return (str(ds.get("SOPInstanceUID", "") or ""), str(ds.get("SOPClassUID", "") or ""),
+            study or "(none)")
+
+
+def _octet_parts(blobs: list[bytes]) -> Response:
+    """multipart/related; type="application/octet-stream", one part per blob."""
+    boundary = secrets.token_hex(16)
+    parts = [f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n".encode()
+             + blob + b"\r\n" for blob in blobs]
+    parts.append(f"--{boundary}--\r\n".encode())
+    return Response(b"".join(parts), media_type=(
+        f'multipart/related; type="application/octet-stream"; boundary={boundary}'))
 
 
 def store_query_summary(level: str, keys: dict[str, str]) -> str:
@@ -409,83 +505,6 @@ def _boundary(content_type: str) -> str:
     if not match:
         raise HttpProblem(400, "multipart/related without a boundary parameter")
     return match.group(1)
-
-
-def _accepted_syntax(accept: str) -> str | None:
-    """The transfer syntax a WADO-RS client asks for (None: not said; '*': any)."""
-    match = re.search(r'transfer-syntax\s*=\s*"?([0-9.*]+)"?', accept)
-    if not match:
-        return None
-    syntax = match.group(1)
-    if syntax not in ("*", EXPLICIT_LE, "1.2.840.10008.1.2"):
-        raise HttpProblem(406, f"transfer syntax {syntax} is not offered; ask for * or "
-                               f"{EXPLICIT_LE}")
-    return syntax
-
-
-def _converted(path: Path, syntax: str) -> bytes:
-    """One instance decompressed to explicit VR little endian (same SOP Instance UID)."""
-    ds = dcmread(path)
-    if ds.file_meta.TransferSyntaxUID.is_compressed:
-        ds.decompress(generate_instance_uid=False)
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
-def _frame_list(text: str) -> list[int]:
-    try:
-        numbers = [int(n) for n in text.split(",")]
-    except ValueError:
-        raise HttpProblem(400, f"frame list {text!r}: comma-separated numbers from 1") from None
-    if not numbers or min(numbers) < 1:
-        raise HttpProblem(400, f"frame list {text!r}: frame numbers start at 1")
-    return numbers
-
-
-def _read_frames(path: Path, numbers: list[int]) -> list[bytes]:
-    """The raw pixel bytes of each frame asked (decoded when stored compressed)."""
-    ds = dcmread(path)
-    if "PixelData" not in ds:
-        raise HttpProblem(404, "the instance has no pixel data")
-    count = int(ds.get("NumberOfFrames", 1) or 1)
-    if max(numbers) > count:
-        raise HttpProblem(404, f"frame {max(numbers)} asked, the instance has {count}")
-    if not ds.file_meta.TransferSyntaxUID.is_compressed:
-        size = ds.Rows * ds.Columns * ds.SamplesPerPixel * ds.BitsAllocated // 8
-        pixels = ds.PixelData
-        return [pixels[(n - 1) * size:n * size] for n in numbers]
-    array = ds.pixel_array
-    if count == 1:
-        array = array[np.newaxis]
-    return [np.ascontiguousarray(array[n - 1]).astype(array.dtype.newbyteorder("<"))
-            .tobytes() for n in numbers]
-
-
-def _render(path: Path, frame: int, media: str, viewport: str | None) -> bytes:
-    """A frame as 8-bit JPEG/PNG, with the instance's VOI LUT or window (else min-max)."""
-    ds = dcmread(path)
-    if "PixelData" not in ds:
-        raise HttpProblem(404, "the instance has no pixel data")
-    count = int(ds.get("NumberOfFrames", 1) or 1)
-    if not 1 <= frame <= count:
-        raise HttpProblem(404, f"frame {frame} asked, the instance has {count}")
-    array = ds.pixel_array if count == 1 else ds.pixel_array[frame - 1]
-    if ds.get("SamplesPerPixel", 1) == 1:
-        array = apply_voi_lut(array.astype(np.float64), ds, index=0)
-        low, high = float(np.min(array)), float(np.max(array))
-        array = ((array - low) / ((high - low) or 1.0) * 255.0).clip(0, 255).astype(np.uint8)
-        if ds.get("PhotometricInterpretation") == "MONOCHROME1":
-            array = 255 - array
-        image = Image.fromarray(array, mode="L")
-    else:
-        image = Image.fromarray(array.astype(np.uint8), mode="RGB")
-    if viewport:
-        width, _, height = viewport.partition(",")
-        image.thumbnail((int(width), int(height or width)))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG" if media == "image/png" else "JPEG", quality=90)
-    return buffer.getvalue()
 
 
 def _level(level: str, endpoint: Callable[[Request], Any]) -> Callable[[Request], Any]:
@@ -525,6 +544,7 @@ def build_dicomweb_routes(db: Database, spool: Spool, *, receiver: Receiver | No
         Route(series + "/metadata", web.metadata, methods=["GET"]),
         Route(instance + "/metadata", web.metadata, methods=["GET"]),
         Route(instance + "/frames/{frames}", web.frames, methods=["GET"]),
+        Route(instance + "/bulkdata/{tag}", web.bulkdata, methods=["GET"]),
         Route(instance + "/rendered", web.rendered, methods=["GET"]),
         Route(instance + "/thumbnail", web.rendered, methods=["GET"]),
         Route(instance + "/frames/{frame:int}/rendered", web.rendered, methods=["GET"]),

@@ -255,12 +255,20 @@ class QueryRetrieveService:
         summary = _summary(level, keys)
         count = 0
         local_studies: set[str] = set()
+        note = None
         try:
-            limit = self.settings.max_results or None
+            cap = self.settings.max_results or None
+            # One row more than max_results tells whether the answer was cut short. C-FIND has
+            # no warning status (PS3.4 C.4.1.1.4) and a failure would make most viewers drop
+            # the matches sent: it ends in Success, and the cut is logged and audited.
             rows = store_query.find(self.db, level, {"StudyInstanceUID": "", **keys},
-                                    limit=limit,
+                                    limit=None if cap is None else cap + 1,
                                     pn_case_sensitive=self.settings.pn_case_sensitive)
             for values in rows:
+                if cap is not None and count == cap:
+                    note = f"truncated: more than serving.max_results = {cap} matches"
+                    log.warning("C-FIND from %s: %s (%s)", calling, note, summary)
+                    break
                 if event.is_cancelled:
                     self._audit("query", calling, address, summary, "cancelled", count)
                     yield CANCELLED, None
@@ -273,13 +281,13 @@ class QueryRetrieveService:
             self._audit("query", calling, address, summary, f"failure: {exc}", count)
             yield _failure(IDENTIFIER_DOES_NOT_MATCH, str(exc)), None
             return
-        note = None
         if self.region_find is not None and level == "STUDY":
             try:
                 regional = self.region_find(level, keys)
             except Exception as exc:  # the WAN is down: answer from local data, say so
-                regional, note = [], f"region not asked: {exc}"
-                log.info("C-FIND: %s", note)
+                regional = []
+                note = "; ".join(filter(None, [note, f"region not asked: {exc}"]))
+                log.info("C-FIND: region not asked: %s", exc)
             for values in regional:
                 if values.get("StudyInstanceUID") in local_studies or event.is_cancelled:
                     continue

@@ -1,0 +1,199 @@
+"""WADO-RS media work, with no HTTP in it: which transfer syntax each instance is sent in
+(PS3.18 8.7.3.5), re-encoding an instance to it, raw frames, and rendered images through the
+grayscale pipeline. Split from ``dicomweb.py`` (which keeps the routes and handlers) to keep
+each file readable. May not touch: SQL, spool writes, the network.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_BE = "1.2.840.10008.1.2.2"  # retired; pydicom cannot re-encode it to little endian
+PIXEL_DATA = 0x7FE00010
+# Top-level values of these VRs longer than this go by BulkDataURI in metadata (PS3.18 F.2.7).
+BULK_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
+BULK_THRESHOLD = 1024
+UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+class HttpProblem(Exception):
+    """A request PAS refuses: the HTTP status and a detail naming the problem."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def accepted_syntaxes(accept: str) -> list[str]:
+    """The transfer syntaxes a WADO-RS client accepts, most preferred first ('*': as stored).
+
+    Accept is a list of media ranges with q-values (RFC 9110 12.5.1); each
+    ``multipart/related; type="application/dicom"`` range names one syntax, and one without
+    a transfer-syntax parameter (or ``*/*``, ``multipart/*``) means Explicit VR Little Endian,
+    the default of PS3.18 8.7.3.5. Ranges of other media types are disregarded, as RFC 9110
+    allows; with none left the default is served."""
+    ranges: list[tuple[float, int, str]] = []
+    for n, item in enumerate(re.findall(r'(?:[^,"]|"[^"]*")+', accept)):
+        media, *raw = [p.strip() for p in re.findall(r'(?:[^;"]|"[^"]*")+', item)]
+        params = {k.strip().lower(): v.strip().strip('"')
+                  for k, _, v in (p.partition("=") for p in raw)}
+        try:
+            weight = float(params.get("q", "1"))
+        except ValueError:
+            raise HttpProblem(400, f"Accept: bad q-value in {item.strip()!r}") from None
+        media = media.lower()
+        if weight <= 0:
+            continue
+        if media in ("*/*", "multipart/*"):
+            ranges.append((-weight, n, EXPLICIT_LE))
+        elif media == "multipart/related" and params.get(
+                "type", "application/dicom").lower() == "application/dicom":
+            ranges.append((-weight, n, params.get("transfer-syntax") or EXPLICIT_LE))
+    return [syntax for _, _, syntax in sorted(ranges)] or [EXPLICIT_LE]
+
+
+def part_syntax(accepted: list[str], stored: str | None) -> str:
+    """The syntax one instance is sent in: the first accepted one PAS can produce for it.
+
+    The stored syntax (asked by name or by '*') is sent unchanged; Explicit or Implicit VR
+    Little Endian are produced by decoding; anything else is not offered (406)."""
+    for syntax in accepted:
+        if syntax in ("*", stored) and stored:
+            return stored
+        if syntax in (EXPLICIT_LE, IMPLICIT_LE) and stored != EXPLICIT_BE:
+            return syntax
+    raise HttpProblem(406, f"transfer syntax {', '.join(accepted)} is not offered for an "
+                           f"instance stored as {stored}; ask for *, {stored}, {EXPLICIT_LE} "
+                           f"or {IMPLICIT_LE}")
+
+
+def converted(path: Path, syntax: str) -> bytes:
+    """One instance decoded to explicit or implicit VR little endian (same SOP Instance UID)."""
+    ds = dcmread(path)
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        ds.decompress(generate_instance_uid=False)
+    ds.file_meta.TransferSyntaxUID = syntax
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def frame_list(text: str) -> list[int]:
+    try:
+        numbers = [int(n) for n in text.split(",")]
+    except ValueError:
+        raise HttpProblem(400, f"frame list {text!r}: comma-separated numbers from 1") from None
+    if not numbers or min(numbers) < 1:
+        raise HttpProblem(400, f"frame list {text!r}: frame numbers start at 1")
+    return numbers
+
+
+def read_frames(path: Path, numbers: list[int]) -> list[bytes]:
+    """The raw pixel bytes of each frame asked (decoded when stored compressed)."""
+    ds = dcmread(path)
+    if "PixelData" not in ds:
+        raise HttpProblem(404, "the instance has no pixel data")
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    if max(numbers) > count:
+        raise HttpProblem(404, f"frame {max(numbers)} asked, the instance has {count}")
+    if not ds.file_meta.TransferSyntaxUID.is_compressed:
+        size = ds.Rows * ds.Columns * ds.SamplesPerPixel * ds.BitsAllocated // 8
+        pixels = ds.PixelData
+        return [pixels[(n - 1) * size:n * size] for n in numbers]
+    array = ds.pixel_array
+    if count == 1:
+        array = array[np.newaxis]
+    return [np.ascontiguousarray(array[n - 1]).astype(array.dtype.newbyteorder("<"))
+            .tobytes() for n in numbers]
+
+
+def render(path: Path, frame: int, media: str, viewport: str | None) -> bytes:
+    """A frame as 8-bit JPEG/PNG through the grayscale pipeline (PS3.18 8.3.5.1.1, PS3.3
+    C.11): Modality LUT (Rescale Slope/Intercept) first, then the VOI LUT or window, else
+    min-max. The order matters: a CT's window is in Hounsfield units, not stored values, so
+    windowing stored values (HU + 1024) turns the whole body white."""
+    ds = dcmread(path)
+    if "PixelData" not in ds:
+        raise HttpProblem(404, "the instance has no pixel data")
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    if not 1 <= frame <= count:
+        raise HttpProblem(404, f"frame {frame} asked, the instance has {count}")
+    array = ds.pixel_array if count == 1 else ds.pixel_array[frame - 1]
+    if ds.get("SamplesPerPixel", 1) == 1:
+        array = apply_modality_lut(array, ds).astype(np.float64)
+        array = apply_voi_lut(array, ds, index=0)
+        low, high = float(np.min(array)), float(np.max(array))
+        array = ((array - low) / ((high - low) or 1.0) * 255.0).clip(0, 255).astype(np.uint8)
+        if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+            array = 255 - array
+        image = Image.fromarray(array, mode="L")
+    else:
+        image = Image.fromarray(array.astype(np.uint8), mode="RGB")
+    if viewport:
+        width, _, height = viewport.partition(",")
+        image.thumbnail((int(width), int(height or width)))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG" if media == "image/png" else "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def metadata_item(path: Path, base: str) -> dict[str, Any]:
+    """One instance as DICOM JSON for /metadata (PS3.18 10.4.1.2, F.2.7): every attribute;
+    top-level bulk data (Pixel Data included) as a BulkDataURI under ``base``/bulkdata that
+    resolves to that attribute's bytes. Values above BULK_THRESHOLD are not even read
+    (defer_size); bulk data inside sequences (icons) is small and goes inline."""
+    ds = dcmread(path, defer_size=BULK_THRESHOLD)
+    bulk: dict[int, str] = {}
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag)
+        vr = _bulk_vr(ds, int(tag), raw.VR)
+        length = getattr(raw, "length", None)
+        if length is None:  # already a DataElement: its value is in memory
+            value = raw.value
+            length = len(value) if isinstance(value, bytes | bytearray) else 0
+        if vr in BULK_VRS and (length > BULK_THRESHOLD or length == UNDEFINED_LENGTH):
+            bulk[int(tag)] = vr
+            del ds[tag]
+    item: dict[str, Any] = ds.to_json_dict(bulk_data_threshold=1 << 62)
+    for tag, vr in bulk.items():
+        item[f"{tag:08X}"] = {"vr": vr, "BulkDataURI": f"{base}/bulkdata/{tag:08X}"}
+    return item
+
+
+def _bulk_vr(ds: Any, tag: int, vr: str | None) -> str:
+    """The VR of a top-level element, resolved where implicit VR leaves it ambiguous."""
+    if not vr:
+        try:
+            vr = dictionary_VR(tag)
+        except KeyError:
+            return "UN"
+    if " or " in vr:  # "OB or OW": Pixel Data and friends
+        return "OW" if int(ds.get("BitsAllocated", 8) or 8) > 8 else "OB"
+    return vr
+
+
+def read_bulkdata(path: Path, tag: int) -> bytes:
+    """The bytes of one top-level bulk data attribute (Pixel Data: every frame, decoded to
+    little-endian native pixels when stored compressed, as /frames gives them)."""
+    ds = dcmread(path)
+    if tag not in ds:
+        raise HttpProblem(404, f"the instance has no attribute {tag:08X}")
+    if tag == PIXEL_DATA and ds.file_meta.TransferSyntaxUID.is_compressed:
+        array = ds.pixel_array
+        return np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
+    value = ds[tag].value
+    if not isinstance(value, bytes | bytearray):
+        raise HttpProblem(404, f"attribute {tag:08X} is not bulk data")
+    return bytes(value)
