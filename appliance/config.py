@@ -138,6 +138,9 @@ class DicomSection(_Section):
     # with hand-encoded command sets (appliance/dicomnet/direct_receive.py); everything else
     # goes through pynetdicom. Needs ``event_driven``. Off: pynetdicom handles every C-STORE.
     direct_receive: bool = True
+    # A C-STORE's dataset is held in memory up to this size; beyond, it is written to a spool
+    # temp file as it arrives (bounded memory: tomosynthesis, long multi-frame objects).
+    spill_above_mb: int = Field(default=32, ge=0)  # 0: every dataset (tests)
 
 
 class StorageSection(_Section):

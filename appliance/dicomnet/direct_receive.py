@@ -52,6 +52,11 @@ StoreResult = tuple[int, str | None]
 class StoreSink(Protocol):
     """What the ingest listener offers the fast path (appliance/ingest/scp.py)."""
 
+    spill_above: int  # bytes of dataset held in memory before the rest goes to a spill file
+
+    def open_spill(self, header: bytes) -> Any:
+        """A spool temp file with ``header`` written: ``write(bytes)``, ``discard()``."""
+
     def prepare_store(self, sop_class_uid: str, sop_instance_uid: str,
                       transfer_syntax_uid: str) -> tuple[bytes, Any]:
         """Called when a C-STORE starts: the file meta and a hash object fed with it; each
@@ -113,7 +118,7 @@ class _Request:
     """One C-STORE-RQ being reassembled."""
 
     __slots__ = ("context_id", "message_id", "sop_class_uid", "sop_instance_uid", "dataset",
-                 "transfer_syntax_uid", "prepared", "context_sop_class_uid")
+                 "transfer_syntax_uid", "prepared", "context_sop_class_uid", "spill")
 
     def __init__(self, context_id: int, command: dict[int, bytes], transfer_syntax_uid: str,
                  context_sop_class_uid: str):
@@ -125,6 +130,7 @@ class _Request:
         self.transfer_syntax_uid = transfer_syntax_uid
         self.dataset = bytearray()
         self.prepared: tuple[bytes, Any] | None = None
+        self.spill: Any = None  # the spool's SpillFile once the dataset outgrew memory
 
 
 class DirectReceiver:
@@ -164,8 +170,11 @@ class DirectReceiver:
         return self._start(pdvs)
 
     def abandon(self) -> None:
-        """Another kind of PDU arrived (release, abort): a message in progress is dropped."""
-        self._request = None
+        """Another kind of PDU arrived (release, abort), or the association ended: a message
+        in progress is dropped, with its spill file if it had one."""
+        request, self._request = self._request, None
+        if request is not None and request.spill is not None:
+            request.spill.discard()
         self._theirs = False
 
     # -- a new message ----------------------------------------------------------------------
@@ -241,7 +250,16 @@ class DirectReceiver:
             if control & _COMMAND:
                 raise DirectReceiveError(
                     f"command fragment inside the dataset of message {request.message_id}")
-            request.dataset += fragment
+            if request.spill is not None:
+                request.spill.write(fragment)
+            else:
+                request.dataset += fragment
+                if len(request.dataset) > self.sink.spill_above and request.prepared:
+                    # Bounded memory (invariant 8): a large object (tomosynthesis, a long
+                    # multi-frame) goes on to a spool temp file as it arrives.
+                    request.spill = self.sink.open_spill(request.prepared[0])
+                    request.spill.write(request.dataset)
+                    request.dataset = bytearray()
             if request.prepared is not None:
                 request.prepared[1].update(fragment)
             if control & _LAST:
@@ -253,7 +271,9 @@ class DirectReceiver:
     def _answer(self, request: _Request) -> None:
         status, comment = self.sink.store_request(
             self.assoc, request.transfer_syntax_uid, request.sop_class_uid,
-            request.sop_instance_uid, request.dataset, prepared=request.prepared,
+            request.sop_instance_uid,
+            request.spill if request.spill is not None else request.dataset,
+            prepared=request.prepared,
             context_sop_class_uid=request.context_sop_class_uid)
         rsp = c_store_rsp(request.sop_class_uid, request.sop_instance_uid, request.message_id,
                           status, comment if status else None)

@@ -317,6 +317,9 @@ def dul_run_reactor(self: DULServiceProvider) -> None:
                 return
             idle = step == "idle"
     finally:
+        direct = getattr(self, "_pas_direct", None)
+        if direct:  # a C-STORE cut off by the association's end: its spill file goes
+            direct.abandon()
         assoc_wake.set()  # the association loop checks dul.is_alive()
         wakeup.close()
 

@@ -33,7 +33,7 @@ from appliance.ingest.attributes import (
 from appliance.ingest.header import PIXEL_TAGS, Truncated, read_header
 from appliance.store import index
 from appliance.store.db import Database
-from appliance.store.spool import Spool, SpoolFull
+from appliance.store.spool import SpillFile, Spool, SpoolFull
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
 
@@ -188,31 +188,54 @@ class Receiver:
         a sum over every instance, read every few seconds); nothing without a quota."""
         return index.spool_bytes(self.db) if self.spool.quota_bytes else 0
 
-    def receive_dataset(self, dataset: bytes | bytearray, *, transfer_syntax_uid: str,
-                        sop_class_uid: str, sop_instance_uid: str,
+    def receive_dataset(self, dataset: bytes | bytearray | SpillFile, *,
+                        transfer_syntax_uid: str, sop_class_uid: str, sop_instance_uid: str,
                         calling_ae: str | None = None, called_ae: str | None = None,
                         source: str | None = None,
                         prepared: tuple[bytes, Any] | None = None) -> Received:
         """A dataset as it travelled in P-DATA: kept byte for byte behind a file meta.
         ``prepared``: what :meth:`prepare` returned for this C-STORE, its hash fed with the
-        dataset's fragments as they arrived."""
+        dataset's fragments as they arrived. A :class:`SpillFile` (a large dataset, already
+        on disk behind ``prepared``'s file meta) is read in place and filed as it is."""
+        if isinstance(dataset, SpillFile):
+            return self._receive_spilled(dataset, transfer_syntax_uid=transfer_syntax_uid,
+                                         sop_class_uid=sop_class_uid,
+                                         sop_instance_uid=sop_instance_uid,
+                                         calling_ae=calling_ae, called_ae=called_ae,
+                                         source=source, prepared=prepared)
         if prepared is not None:
             header, digest = prepared
         else:
             header = part10_header(sop_class_uid, sop_instance_uid, transfer_syntax_uid)
             digest = None
         record = _read_dataset_record(header, dataset, transfer_syntax_uid)
-        if record.sop_instance_uid != sop_instance_uid:
-            raise InvalidInstance(
-                f"SOPInstanceUID differs from the C-STORE request's: dataset "
-                f"{record.sop_instance_uid}, request {sop_instance_uid}"
-            )
-        if record.sop_class_uid != sop_class_uid:  # the file meta would contradict the body
-            raise DatasetMismatch(
-                f"SOPClassUID differs from the C-STORE request's: dataset "
-                f"{record.sop_class_uid}, request {sop_class_uid}")
+        _check_request(record, sop_class_uid, sop_instance_uid)
         return self._file([header, dataset], record, calling_ae=calling_ae,
                           called_ae=called_ae, source=source, origin="local", digest=digest)
+
+    def open_spill(self, header: bytes) -> SpillFile:
+        """Where a large C-STORE's fragments go as they arrive (dicomnet/direct_receive.py)."""
+        return self.spool.open_spill(header)
+
+    def _receive_spilled(self, spill: SpillFile, *, transfer_syntax_uid: str,
+                         sop_class_uid: str, sop_instance_uid: str, calling_ae: str | None,
+                         called_ae: str | None, source: str | None,
+                         prepared: tuple[bytes, Any] | None) -> Received:
+        try:
+            if spill.error is not None:
+                raise SpoolFull(f"cannot write to the spool: "
+                                f"{spill.error.strerror or spill.error}")
+            assert prepared is not None, "a spill is opened behind its prepared file meta"
+            header, digest = prepared
+            with spill.dataset() as dataset:
+                record = _read_dataset_record(header, dataset, transfer_syntax_uid)
+            _check_request(record, sop_class_uid, sop_instance_uid)
+            self.spool.check_room(spill.size, self._used_bytes())
+        except BaseException:
+            spill.discard()
+            raise
+        return self._file([], record, calling_ae=calling_ae, called_ae=called_ae,
+                          source=source, origin="local", digest=digest, spill=spill)
 
     @staticmethod
     def prepare(sop_class_uid: str, sop_instance_uid: str,
@@ -239,11 +262,16 @@ class Receiver:
 
     def _file(self, chunks: list[bytes | bytearray], record: index.InstanceRecord, *,
               calling_ae: str | None, called_ae: str | None, source: str | None,
-              origin: str, digest: Any = None) -> Received:
-        """Spool the bytes durably, then commit the index row (the order of invariant 1)."""
-        self.spool.check_room(sum(len(chunk) for chunk in chunks), self._used_bytes())
+              origin: str, digest: Any = None, spill: SpillFile | None = None) -> Received:
+        """Spool the bytes durably, then commit the index row (the order of invariant 1).
+        ``spill``: the bytes are already in this temp file (room checked by the caller)."""
+        if spill is None:
+            self.spool.check_room(sum(len(chunk) for chunk in chunks), self._used_bytes())
         try:
-            stored, created = self.spool.write(chunks, digest)
+            if spill is not None:
+                stored, created = self.spool.adopt(spill, digest)
+            else:
+                stored, created = self.spool.write(chunks, digest)
         except OSError as exc:
             raise SpoolFull(f"cannot write to the spool: {exc.strerror or exc}") from exc
         try:
@@ -264,6 +292,8 @@ class Receiver:
             # and this commit (it checks, in its own transaction, that no row names the
             # file: this row was not committed yet). The row is: the file must be too,
             # before success is answered (invariant 1). Same bytes, same name.
+            if spill is not None:  # its bytes went with the file: the sender sends again
+                raise StorageFailure("its file was evicted while it was filed: send it again")
             log.warning("%s: its file was evicted while it was filed; written again",
                         record.sop_instance_uid)
             self.spool.write(chunks)
@@ -276,14 +306,29 @@ class Receiver:
                         stored.sha256, stored.size, outcome.duplicate, outcome.conflict)
 
 
-def _read_dataset_record(header: bytes, dataset: bytes | bytearray,
+def _check_request(record: index.InstanceRecord, sop_class_uid: str,
+                   sop_instance_uid: str) -> None:
+    """The dataset must be the instance, of the class, its C-STORE request names: the file
+    meta is written from the request and would contradict the body."""
+    if record.sop_instance_uid != sop_instance_uid:
+        raise InvalidInstance(
+            f"SOPInstanceUID differs from the C-STORE request's: dataset "
+            f"{record.sop_instance_uid}, request {sop_instance_uid}"
+        )
+    if record.sop_class_uid != sop_class_uid:
+        raise DatasetMismatch(
+            f"SOPClassUID differs from the C-STORE request's: dataset "
+            f"{record.sop_class_uid}, request {sop_class_uid}")
+
+
+def _read_dataset_record(header: bytes, dataset: bytes | bytearray | memoryview,
                          transfer_syntax_uid: str) -> index.InstanceRecord:
     """As :func:`_read_record`, for a network dataset whose encoding the transfer syntax
     names: parsed as it is, without first copying it behind its header and re-reading the
     meta. A deflated or unknown syntax takes the whole-file path (pydicom inflates there)."""
     syntax = UID(transfer_syntax_uid)
     if not syntax.is_transfer_syntax or syntax.is_deflated:
-        return _read_record(header + dataset)
+        return _read_record(header + bytes(dataset))  # (a spilled one is read into memory)
     _check_encoding(dataset, syntax)
     try:
         quick = read_header(dataset, syntax.is_implicit_VR, syntax.is_little_endian)

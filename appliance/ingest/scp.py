@@ -104,6 +104,8 @@ class DicomListener:
         ]
         # Per association: what was stored, for one audit "store" event at its end.
         self._per_association: dict[int, dict[str, Any]] = {}
+        # A C-STORE's dataset beyond this size goes to a spool temp file as it arrives.
+        self.spill_above = config.spill_above_mb << 20
         if config.direct_receive:
             # Read by appliance/dicomnet/reactor.py on every association this AE accepts.
             self.ae._pas_direct_store = self  # type: ignore[attr-defined]
@@ -224,6 +226,10 @@ class DicomListener:
 
         observe_cstore(time.perf_counter() - started, status, path)
         return status, comment
+
+    def open_spill(self, header: bytes) -> Any:
+        """The direct path's spill file for a large dataset: see Receiver.open_spill."""
+        return self.receiver.open_spill(header)
 
     def prepare_store(self, sop_class_uid: str, sop_instance_uid: str,
                       transfer_syntax_uid: str) -> tuple[bytes, Any]:

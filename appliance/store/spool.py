@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import mmap
 import os
 import queue
 import shutil
 import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,58 @@ class _TempFiles:
                     self._queued += 1
 
 
+class SpillFile:
+    """A dataset too large to hold in memory (``dicom.spill_above_mb``), written to a spool
+    temp file behind its file meta as its fragments arrive, then filed by
+    :meth:`Spool.adopt`. The first write that fails (a full disk) is kept in ``error`` and
+    the rest is dropped: the C-STORE still has to be read to its end before it is answered
+    (0xA700). A crash leaves a ``.part`` file, which start-up removes with the others."""
+
+    def __init__(self, spool: Spool, header: bytes):
+        self._spool = spool
+        self.path, self.fd = spool._temp_files.take()
+        self.header_length = len(header)
+        self.size = 0
+        self.error: OSError | None = None
+        self.write(header)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.error is not None or self.fd < 0:
+            return
+        try:
+            _write_all(self.fd, data)
+            self.size += len(data)
+        except OSError as exc:
+            self.error = exc
+
+    @contextlib.contextmanager
+    def dataset(self) -> Iterator[memoryview]:
+        """The dataset's bytes (after the file meta), mapped from the file rather than read
+        into memory: the header walk touches only the pages of element headers."""
+        with open(self.path, "rb") as handle:
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        whole = memoryview(mapped)
+        part = whole[self.header_length:]
+        try:
+            yield part
+        finally:
+            part.release()
+            whole.release()
+            with contextlib.suppress(BufferError):  # a view still held elsewhere: GC closes
+                mapped.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def discard(self) -> None:
+        """The C-STORE was refused or never finished: the temp file goes."""
+        self.close()
+        self.path.unlink(missing_ok=True)
+        self._spool._temp_files.forget(self.path)
+
+
 class Spool:
     def __init__(self, root: Path, *, fsync: bool = True, min_free_bytes: int = 0,
                  quota_bytes: int = 0):
@@ -145,9 +198,9 @@ class Spool:
               digest: Any = None) -> tuple[StoredFile, bool]:
         """Write the chunks durably; return where they are (size, SHA-256) and whether this
         call created the file (False: the same bytes were already held; they are rewritten
-        all the same, see below). ``digest``: a
-        hashlib SHA-256 object already fed exactly these chunks (the C-STORE path hashes
-        fragments as they arrive), so they are not hashed twice."""
+        all the same, see :meth:`_place`). ``digest``: a hashlib SHA-256 object already fed
+        exactly these chunks (the C-STORE path hashes fragments as they arrive), so they are
+        not hashed twice."""
         hashed = digest is not None
         digest = digest if hashed else hashlib.sha256()
         size = 0
@@ -163,36 +216,57 @@ class Spool:
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            sha = digest.hexdigest()
-            relative = f"{sha[:2]}/{sha}.dcm"
-            final = self.root / relative
-            # The same bytes already held: this copy still replaces that file (a new inode at
-            # the same name) instead of being thrown away. An eviction running meanwhile
-            # unlinks a file only if it is still the very file it saw before deleting the
-            # rows (store.cache.evict_study): a rewritten one is being filed again and is
-            # kept. ``created`` stays False so that a failed index commit does not discard
-            # a file that older rows still name. (It also replaces a damaged file of the
-            # same size with the good bytes.)
-            held = _size_of(final) == size
-            new_dirs: list[Path] = []
-            try:
-                os.replace(temp, final)
-            except FileNotFoundError:  # a fan-out directory removed under us: made again
-                if not temp.exists():
-                    raise
-                new_dirs = [d for d in (final.parent.parent, final.parent) if not d.exists()]
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(temp, final)
-            self._temp_files.forget(temp)
-            if self.fsync:
-                fsync_dir(final.parent)
-                for directory in new_dirs:  # a new directory's entry lives in its parent
-                    fsync_dir(directory.parent)
-            return StoredFile(relative, size, sha), not held
+            return self._place(temp, size, digest.hexdigest())
         except BaseException:
             temp.unlink(missing_ok=True)
             self._temp_files.forget(temp)
             raise
+
+    def open_spill(self, header: bytes) -> SpillFile:
+        """A temp file for a dataset too large to hold in memory, its file meta written."""
+        return SpillFile(self, header)
+
+    def adopt(self, spill: SpillFile, digest: Any) -> tuple[StoredFile, bool]:
+        """File a spilled dataset (``digest`` fed with all its bytes) as :meth:`write`
+        files chunks: fsync, rename into place, fsync the directory."""
+        try:
+            try:
+                if self.fsync:
+                    os.fsync(spill.fd)
+            finally:
+                spill.close()
+            return self._place(spill.path, spill.size, digest.hexdigest())
+        except BaseException:
+            spill.discard()
+            raise
+
+    def _place(self, temp: Path, size: int, sha: str) -> tuple[StoredFile, bool]:
+        """Rename a durable temp file into place under its content address."""
+        relative = f"{sha[:2]}/{sha}.dcm"
+        final = self.root / relative
+        # The same bytes already held: this copy still replaces that file (a new inode at
+        # the same name) instead of being thrown away. An eviction running meanwhile
+        # unlinks a file only if it is still the very file it saw before deleting the
+        # rows (store.cache.evict_study): a rewritten one is being filed again and is
+        # kept. ``created`` stays False so that a failed index commit does not discard
+        # a file that older rows still name. (It also replaces a damaged file of the
+        # same size with the good bytes.)
+        held = _size_of(final) == size
+        new_dirs: list[Path] = []
+        try:
+            os.replace(temp, final)
+        except FileNotFoundError:  # a fan-out directory removed under us: made again
+            if not temp.exists():
+                raise
+            new_dirs = [d for d in (final.parent.parent, final.parent) if not d.exists()]
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(temp, final)
+        self._temp_files.forget(temp)
+        if self.fsync:
+            fsync_dir(final.parent)
+            for directory in new_dirs:  # a new directory's entry lives in its parent
+                fsync_dir(directory.parent)
+        return StoredFile(relative, size, sha), not held
 
     def holds(self, stored: StoredFile) -> bool:
         """Whether the file is in place with its size (a cheap check, not a hash)."""

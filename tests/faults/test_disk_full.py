@@ -61,11 +61,17 @@ def _fill(mount: Path, leave_free: int) -> Path:
     return filler
 
 
-@pytest.mark.parametrize("floor_mb,leave_free_mb", [(2, 12), (0, 6)], ids=["floor", "enospc"])
+@pytest.mark.parametrize("floor_mb,leave_free_mb,spill_above_mb",
+                         [(2, 12, 32), (0, 6, 32), (0, 6, 0)],
+                         ids=["floor", "enospc", "enospc-spilled"])
 def test_disk_full_refuses_with_a700_then_recovers(small_disk: Path, floor_mb: int,
-                                                    leave_free_mb: int) -> None:
+                                                    leave_free_mb: int,
+                                                    spill_above_mb: int) -> None:
+    """``spill_above_mb = 0``: every dataset is written to its temp file as it arrives, so
+    the full disk is met while the C-STORE is still being read."""
     home = small_disk / "pas"
     pas = PasProcess(home, {"PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_HTTP__ENABLED": "false",
+                            "PAS_DICOM__SPILL_ABOVE_MB": str(spill_above_mb),
                             "PAS_STORAGE__MIN_FREE_MB": str(floor_mb),
                             "PAS_CACHE__SCRUB_MB_PER_S": "0",
                             "PAS_CACHE__EVICT_INTERVAL_S": "0.2"}).start()

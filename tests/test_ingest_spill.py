@@ -1,0 +1,125 @@
+"""Large C-STOREs go to disk as they arrive (`dicom.spill_above_mb`): memory stays bounded
+whatever the object's size (invariant 8), and what is kept is still the dataset as sent.
+
+Found in review (2026-12-03): one C-STORE was held whole in memory; a 1 GiB instance took
+the daemon from 99 to 1,118 MB, and a few tomosynthesis objects at once could have had the
+OOM killer end it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from pathlib import Path
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from tests.support import raw_ul
+from tests.support.peers import CT_DIR, MR_DIR, PasProcess, storescu, wait_for
+from tests.test_dicomnet import as_sent, datasets_held
+from tests.test_ingest import dataset_part
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def temp_bytes(pas: PasProcess) -> int:
+    """Bytes in the spool's temp files (the empty ones are created ahead)."""
+    return sum(p.stat().st_size for p in (pas.home / "spool" / "tmp").glob("*.part"))
+
+
+def test_spilled_datasets_are_kept_as_sent_and_refusals_still_hold(tmp_path: Path) -> None:
+    """``spill_above_mb = 0``: every dataset goes through the spill file."""
+    files = sorted(CT_DIR.glob("*.dcm"))[:20] + sorted(MR_DIR.rglob("*.dcm"))[:40]
+    pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                                        "PAS_DICOM__SPILL_ABOVE_MB": "0"}).start()
+    try:
+        storescu(files, pas.port)
+        stored = list((pas.home / "spool").rglob("??/*.dcm"))
+        assert datasets_held(stored) == as_sent(tmp_path, files)
+        assert all(hashlib.sha256(p.read_bytes()).hexdigest() == p.stem for p in stored)
+        assert pas.status()["instances"] == len(files)
+        # A truncated object spilled is refused as before, and its temp file goes.
+        source = files[0]
+        truncated = tmp_path / "truncated.dcm"
+        content = source.read_bytes()
+        truncated.write_bytes(content[: len(content) - len(dataset_part(source)) // 3])
+        ds = dcmread(source, stop_before_pixels=True)
+        raw = raw_ul.associate(pas.port, [(1, str(ds.SOPClassUID), "1.2.840.10008.1.2.1")])
+        try:
+            answer = raw.c_store(1, str(ds.SOPClassUID), "1.2.826.0.1.3680043.8.498.77",
+                                 dataset_part(truncated))
+        finally:
+            raw.release()
+        assert struct.unpack("<H", answer[0x0900])[0] in (0xC210, 0xA900)
+        assert pas.status()["instances"] == len(files)
+        wait_for(lambda: temp_bytes(pas) == 0, 10, what="no temp file with bytes left")
+    finally:
+        pas.stop()
+
+
+def _big_secondary_capture(path: Path, megabytes: int) -> Path:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientID, ds.PatientName, ds.Modality = "SPILL1", "BIG^OBJECT", "OT"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows = ds.Columns = 1024
+    ds.NumberOfFrames = megabytes
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    rng = np.random.default_rng(7)
+    ds.PixelData = rng.integers(0, 255, size=megabytes << 20, dtype=np.uint8).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_a_300_mb_object_costs_the_spill_threshold_not_its_size(tmp_path: Path) -> None:
+    big = _big_secondary_capture(tmp_path / "big.dcm", 300)
+    pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                                        "PAS_DICOM__SPILL_ABOVE_MB": "32"}).start()
+    try:
+        assert pas.proc is not None
+        before = peak_rss_mb(pas.proc.pid)
+        storescu([big], pas.port)
+        growth = peak_rss_mb(pas.proc.pid) - before
+        print(f"peak RSS {before:.0f} MB -> +{growth:.0f} MB for a 300 MB object")
+        assert growth < 120, growth  # the 32 MB threshold, PDUs and copies; not 300 MB
+        (stored,) = list((pas.home / "spool").rglob("??/*.dcm"))
+        assert hashlib.sha256(dataset_part(stored)).hexdigest() == hashlib.sha256(
+            dataset_part(big)).hexdigest()
+        assert hashlib.sha256(stored.read_bytes()).hexdigest() == stored.stem
+    finally:
+        pas.stop()
+
+
+def test_an_association_cut_in_the_middle_of_a_spill_leaves_nothing(tmp_path: Path) -> None:
+    pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                                        "PAS_DICOM__SPILL_ABOVE_MB": "1"}).start()
+    try:
+        from appliance.dicomnet.direct_receive import p_data_tf
+        from appliance.dicomnet.direct_store import c_store_rq
+
+        ct = str(dcmread(sorted(CT_DIR.glob("*.dcm"))[0], stop_before_pixels=True).SOPClassUID)
+        raw = raw_ul.associate(pas.port, [(1, ct, "1.2.840.10008.1.2.1")])
+        raw.sock.sendall(p_data_tf(1, 0x03, c_store_rq(ct, "1.2.826.0.1.3680043.8.498.78", 1)))
+        for _ in range(40):  # 2.5 MB of a dataset that never ends: over the threshold
+            raw.sock.sendall(p_data_tf(1, 0x00, b"\x00" * (64 << 10)))
+        wait_for(lambda: temp_bytes(pas) > 1 << 20, 10, what="the dataset spilled")
+        raw.sock.close()
+        wait_for(lambda: temp_bytes(pas) == 0, 10, what="the spill file removed")
+        assert pas.status()["instances"] == 0
+        storescu(sorted(MR_DIR.rglob("*.dcm"))[:1], pas.port)  # and the daemon serves on
+        assert pas.status()["instances"] == 1
+    finally:
+        pas.stop()
