@@ -118,7 +118,8 @@ class _Request:
     """One C-STORE-RQ being reassembled."""
 
     __slots__ = ("context_id", "message_id", "sop_class_uid", "sop_instance_uid", "dataset",
-                 "transfer_syntax_uid", "prepared", "context_sop_class_uid", "spill")
+                 "transfer_syntax_uid", "prepared", "context_sop_class_uid", "spill",
+                 "spill_failed")
 
     def __init__(self, context_id: int, command: dict[int, bytes], transfer_syntax_uid: str,
                  context_sop_class_uid: str):
@@ -131,6 +132,7 @@ class _Request:
         self.dataset = bytearray()
         self.prepared: tuple[bytes, Any] | None = None
         self.spill: Any = None  # the spool's SpillFile once the dataset outgrew memory
+        self.spill_failed = False  # no temp file could be made: this one stays in memory
 
 
 class DirectReceiver:
@@ -254,12 +256,19 @@ class DirectReceiver:
                 request.spill.write(fragment)
             else:
                 request.dataset += fragment
-                if len(request.dataset) > self.sink.spill_above and request.prepared:
+                if (len(request.dataset) > self.sink.spill_above and request.prepared
+                        and not request.spill_failed):
                     # Bounded memory (invariant 8): a large object (tomosynthesis, a long
                     # multi-frame) goes on to a spool temp file as it arrives.
-                    request.spill = self.sink.open_spill(request.prepared[0])
-                    request.spill.write(request.dataset)
-                    request.dataset = bytearray()
+                    try:
+                        request.spill = self.sink.open_spill(request.prepared[0])
+                    except OSError as exc:  # no temp file: filing will meet it and say so
+                        log.warning("message %d stays in memory, no spill file: %s",
+                                    request.message_id, exc)
+                        request.spill_failed = True  # not tried again at every fragment
+                    else:
+                        request.spill.write(request.dataset)
+                        request.dataset = bytearray()
             if request.prepared is not None:
                 request.prepared[1].update(fragment)
             if control & _LAST:
