@@ -25,12 +25,20 @@ from appliance.store.spool import Spool
 log = logging.getLogger("pas.daemon")
 
 
+class PortUnavailable(OSError):
+    """The DICOM port could not be opened (taken, or not allowed)."""
+
+
 class Daemon:
     def __init__(self, settings: Settings):
         self.settings = settings
         from appliance import dicomnet
 
         dicomnet.install(settings.dicom.event_driven)  # before any association exists
+        from appliance.ops.home_lock import hold_home_lock
+
+        # Before the database opens and recovery runs: one daemon per home.
+        self._home_lock = hold_home_lock(settings.home)
         self.db = Database(settings.db_path)
         self.spool = Spool(
             settings.spool_dir, fsync=settings.storage.fsync,
@@ -98,7 +106,12 @@ class Daemon:
                          detail=f"permissions tightened: {fixed}")
         self.recovery_report = startup_recovery(self.db, self.spool, self.receiver)
         self.cache_policy = CachePolicy(self.settings, self.db, self.spool)
-        self.listener.start()
+        try:
+            self.listener.start()
+        except OSError as exc:
+            raise PortUnavailable(
+                f"dicom.port {self.settings.dicom.port} on {self.settings.dicom.host}: "
+                f"{exc.strerror or exc} (another program listens there?)") from None
         self._spawn("pas-cache", lambda: self.cache_policy.run(self.stopping))
         from appliance.ops.clock import ClockWatch  # wall-clock steps re-base deadlines
 

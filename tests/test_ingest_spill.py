@@ -123,3 +123,63 @@ def test_an_association_cut_in_the_middle_of_a_spill_leaves_nothing(tmp_path: Pa
         assert pas.status()["instances"] == 1
     finally:
         pas.stop()
+
+
+def test_a_spilled_c_store_refused_before_filing_leaves_no_temp_file(tmp_path: Path) -> None:
+    """0x0122 (the SOP class is not its context's) is answered before the dataset is read:
+    its spill file and descriptor must go all the same (review: 23 such C-STOREs left 66 MB
+    in spool/tmp and 24 open descriptors until a restart)."""
+    import os
+
+    pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                                        "PAS_DICOM__SPILL_ABOVE_MB": "0"}).start()
+    try:
+        assert pas.proc is not None
+        source = sorted(CT_DIR.glob("*.dcm"))[0]
+        uid = str(dcmread(source, stop_before_pixels=True).SOPInstanceUID)
+        mr, explicit = "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.1.2.1"
+        raw = raw_ul.associate(pas.port, [(1, mr, explicit)])
+        try:
+            for _ in range(5):
+                answer = raw.c_store(1, "1.2.840.10008.5.1.4.1.1.2", uid, dataset_part(source))
+                assert struct.unpack("<H", answer[0x0900])[0] == 0x0122
+        finally:
+            raw.release()
+        assert temp_bytes(pas) == 0
+        # No descriptor left on a temp file with bytes (those created ahead are empty).
+        for fd in os.listdir(f"/proc/{pas.proc.pid}/fd"):
+            target = os.readlink(f"/proc/{pas.proc.pid}/fd/{fd}")
+            assert not ("/spool/tmp/" in target and target.endswith("(deleted)")), target
+            if "/spool/tmp/" in target:
+                assert Path(target).stat().st_size == 0, target
+    finally:
+        pas.stop()
+
+
+def test_a_deflate_bomb_is_refused_without_inflating_it_in_memory(tmp_path: Path) -> None:
+    """A deflated dataset whose 300 MB of zeros travel as ~300 kB: pydicom would inflate it
+    whole in memory; it is refused while being counted, a megabyte at a time."""
+    import zlib
+    path = _big_secondary_capture(tmp_path / "zeros.dcm", 300)
+    big = dcmread(path)
+    big.PixelData = bytes(len(big.PixelData))
+    big.save_as(path, enforce_file_format=True)
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflated = packer.compress(dataset_part(path)) + packer.flush()
+    assert len(deflated) < 2 << 20
+    pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true"}).start()
+    try:
+        assert pas.proc is not None
+        before = peak_rss_mb(pas.proc.pid)
+        sc = str(big.SOPClassUID)
+        raw = raw_ul.associate(pas.port, [(1, sc, "1.2.840.10008.1.2.1.99")])
+        try:
+            answer = raw.c_store(1, sc, str(big.SOPInstanceUID), deflated)
+        finally:
+            raw.release()
+        assert struct.unpack("<H", answer[0x0900])[0] == 0xC210
+        assert b"inflates past" in answer[0x0902]
+        assert peak_rss_mb(pas.proc.pid) - before < 100
+        assert pas.status()["instances"] == 0
+    finally:
+        pas.stop()

@@ -102,3 +102,40 @@ def test_doctor_finds_a_port_taken_by_another_program(tmp_path: Path) -> None:
     assert "another program listens" in checks["DICOM port"]["detail"]
     assert checks["enrolment"]["verdict"] == "warn"
     assert "pas enroll" in checks["enrolment"]["fix"]
+
+
+def test_a_second_daemon_on_the_same_home_is_refused_before_touching_it(
+        tmp_path: Path) -> None:
+    """Review (2026-12-03): a second ``pas run`` on a live daemon's home ran start-up
+    recovery (releasing the live daemon's job leases as a dead worker's) before failing on
+    the busy port, or started fully on another port: the same study was sent twice at once.
+    Now it stops at the home's lock, saying which process holds it."""
+    first = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                                          "PAS_HTTP__ENABLED": "false"}).start()
+    try:
+        assert first.proc is not None
+        env = {**os.environ, "PAS_HOME": str(first.home), "PAS_DICOM__PORT": str(free_port()),
+               "PAS_HTTP__ENABLED": "false", "PAS_HL7__ENABLED": "false"}
+        second = subprocess.run([str(PAS_BIN), "run"], env=env, capture_output=True,
+                                text=True, timeout=60)
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert f"another pas run (pid {first.proc.pid})" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert first.proc.poll() is None and first.status()["instances"] == 0
+    finally:
+        first.stop()
+
+
+def test_pas_run_on_a_taken_dicom_port_says_so_in_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "PAS_HOME": str(tmp_path / "pas"), "PAS_DICOM__PORT": str(port),
+               "PAS_DICOM__HOST": "127.0.0.1", "PAS_HTTP__ENABLED": "false",
+               "PAS_HL7__ENABLED": "false"}
+        run = subprocess.run([str(PAS_BIN), "run"], env=env, capture_output=True, text=True,
+                             timeout=60)
+    assert run.returncode == 1
+    assert f"cannot start: dicom.port {port} on 127.0.0.1" in run.stderr
+    assert "Traceback" not in run.stderr

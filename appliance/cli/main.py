@@ -71,7 +71,13 @@ def run(config: Path | None = ConfigOption) -> None:
     except (OSError, EnrolmentError) as exc:  # a damaged enrolment must not silently drop
         err.print(f"[red]cannot start:[/red] {exc}")  # the default route to the hub
         raise typer.Exit(1) from None
-    daemon.run_forever()
+    from appliance.daemon import PortUnavailable
+
+    try:
+        daemon.run_forever()
+    except PortUnavailable as exc:
+        err.print(f"[red]cannot start:[/red] {exc}")
+        raise typer.Exit(1) from None
 
 
 @config_app.command("check")
@@ -223,5 +229,24 @@ def queue_retry(job_id: int, config: Path | None = ConfigOption) -> None:
     console.print(f"job {job_id} will be retried now")
 
 
+def main() -> None:
+    """The ``pas`` entry point: what the file system or the database refuses is said in one
+    line, not a traceback (an IT account running ``pas status`` on the appliance's
+    /var/lib/pas, which belongs to the ``pas`` user, met a 40-line PermissionError)."""
+    import sqlite3
+    import sys
+
+    try:
+        app()
+    except PermissionError as exc:
+        err.print(f"[red]permission denied:[/red] {exc.filename or exc}: run as the "
+                  "appliance's user (sudo -u pas pas ...) or point PAS_HOME elsewhere",
+                  highlight=False)
+        sys.exit(1)
+    except sqlite3.DatabaseError as exc:
+        err.print(f"[red]database error:[/red] {exc}", highlight=False)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    app()
+    main()

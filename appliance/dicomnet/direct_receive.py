@@ -278,12 +278,18 @@ class DirectReceiver:
                 self._answer(request)
 
     def _answer(self, request: _Request) -> None:
-        status, comment = self.sink.store_request(
-            self.assoc, request.transfer_syntax_uid, request.sop_class_uid,
-            request.sop_instance_uid,
-            request.spill if request.spill is not None else request.dataset,
-            prepared=request.prepared,
-            context_sop_class_uid=request.context_sop_class_uid)
+        try:
+            status, comment = self.sink.store_request(
+                self.assoc, request.transfer_syntax_uid, request.sop_class_uid,
+                request.sop_instance_uid,
+                request.spill if request.spill is not None else request.dataset,
+                prepared=request.prepared,
+                context_sop_class_uid=request.context_sop_class_uid)
+        finally:
+            if request.spill is not None:
+                # Whatever the answer: a filed spill was renamed away (this only closes
+                # and forgets it); a refused one (0x0122 before any reading, say) goes.
+                request.spill.discard()
         rsp = c_store_rsp(request.sop_class_uid, request.sop_instance_uid, request.message_id,
                           status, comment if status else None)
         self.dul.socket.send(p_data_tf(request.context_id, _COMMAND | _LAST, rsp))

@@ -13,6 +13,7 @@ import logging
 import sqlite3
 import struct
 import threading
+import zlib
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
@@ -327,6 +328,8 @@ def _read_dataset_record(header: bytes, dataset: bytes | bytearray | memoryview,
     names: parsed as it is, without first copying it behind its header and re-reading the
     meta. A deflated or unknown syntax takes the whole-file path (pydicom inflates there)."""
     syntax = UID(transfer_syntax_uid)
+    if syntax.is_deflated:
+        _check_inflation(dataset)
     if not syntax.is_transfer_syntax or syntax.is_deflated:
         return _read_record(header + bytes(dataset))  # (a spilled one is read into memory)
     _check_encoding(dataset, syntax)
@@ -367,8 +370,32 @@ def _check_encoding(dataset: bytes | bytearray, syntax: UID) -> None:
     if explicit_found == syntax.is_implicit_VR:
         found = "explicit" if explicit_found else "implicit"
         raise InvalidInstance(
-            f"the dataset is encoded with {found} VR, not as its presentation context's "
-            f"transfer syntax ({syntax.name}) says")
+            f"the dataset is encoded with {found} VR, not as its transfer syntax "
+            f"({syntax.name}) says")
+
+
+MAX_INFLATED_BYTES = 256 << 20
+
+
+def _check_inflation(deflated: bytes | bytearray | memoryview) -> None:
+    """pydicom inflates a deflated dataset whole, in memory: refuse one that would inflate
+    past ``MAX_INFLATED_BYTES`` (a deflate bomb: 1 MB that inflates to 1 GiB took the
+    daemon's memory up by 2.1 GB). Counted here as it inflates, a megabyte at a time, and
+    thrown away; deflate is used for small objects (structured reports), not images."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    data = memoryview(deflated)
+    total = 0
+    try:
+        for at in range(0, len(data), 1 << 16):
+            pending: bytes | memoryview = data[at:at + (1 << 16)]
+            while pending:
+                total += len(inflater.decompress(pending, 1 << 20))
+                if total > MAX_INFLATED_BYTES:
+                    raise InvalidInstance(f"the deflated dataset inflates past "
+                                          f"{MAX_INFLATED_BYTES >> 20} MB: refused")
+                pending = inflater.unconsumed_tail
+    except zlib.error:
+        return  # not valid deflate data: pydicom's reader says what is wrong
 
 
 def _check_complete(ds: Dataset, data: bytes | bytearray | memoryview) -> None:
@@ -397,6 +424,10 @@ def _read_record(content: bytes) -> index.InstanceRecord:
     truncated or unparseable one is refused here, before any byte reaches the spool. Values
     are not converted: an odd value in some element is the sender's business, and the bytes
     are kept exactly as sent."""
+    start = _dataset_offset(content)
+    meta_syntax = _meta_syntax(content)
+    if start is not None and meta_syntax.is_transfer_syntax and meta_syntax.is_deflated:
+        _check_inflation(memoryview(content)[start:])  # before pydicom inflates it whole
     try:
         ds = dcmread(BytesIO(content), force=True)
         transfer_syntax = UID(str(ds.file_meta.TransferSyntaxUID))
@@ -405,7 +436,6 @@ def _read_record(content: bytes) -> index.InstanceRecord:
     except Exception as exc:  # pydicom raises many types on malformed input
         raise InvalidInstance(f"cannot parse the dataset: {exc}") from None
     if transfer_syntax.is_transfer_syntax and not transfer_syntax.is_deflated:
-        start = _dataset_offset(ds, content)
         if start is not None:  # the network path's checks, on the file's dataset
             _check_encoding(content[start:start + 6], transfer_syntax)
             try:
@@ -417,14 +447,31 @@ def _read_record(content: bytes) -> index.InstanceRecord:
     return _record(ds, transfer_syntax)
 
 
-def _dataset_offset(ds: Dataset, content: bytes) -> int | None:
-    """Where the dataset starts in a Part 10 file: after the preamble and the file meta,
-    whose group length says how long it is; None if the file does not say."""
-    length = ds.file_meta.get("FileMetaInformationGroupLength")
-    if length is None:
+def _meta_syntax(content: bytes) -> UID:
+    """The transfer syntax a Part 10 file's meta names ("" when it names none)."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    try:
+        handle = BytesIO(content)
+        read_preamble(handle, True)
+        return UID(str(_read_file_meta_info(handle).get("TransferSyntaxUID", "")))
+    except Exception:  # noqa: BLE001 - no usable meta
+        return UID("")
+
+
+def _dataset_offset(content: bytes) -> int | None:
+    """Where the dataset starts in a Part 10 file: after the preamble and the file meta, as
+    pydicom's reader finds it (element by element: a wrong group length, a known writer bug
+    pydicom tolerates, must not shift it); None if that cannot be told."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    try:
+        handle = BytesIO(content)
+        read_preamble(handle, True)
+        _read_file_meta_info(handle)
+        return handle.tell()
+    except Exception:  # noqa: BLE001 - no usable meta: the checks are skipped, pydicom read it
         return None
-    start = 132 if content[128:132] == b"DICM" else 0
-    return start + 12 + int(length)
 
 
 def _record(ds: Dataset, transfer_syntax: UID) -> index.InstanceRecord:

@@ -1,0 +1,42 @@
+"""One daemon per PAS_HOME: a lock file held for the daemon's life.
+
+Owns: ``$PAS_HOME/pas.lock`` (an advisory ``flock``, and the holder's PID for the message).
+May not touch: the database or the spool.
+
+Why: a second ``pas run`` on the same home (a second unit, a copy started by hand) used to
+run start-up recovery before failing on the busy port, or to start fully on another one. Its
+recovery released the live daemon's job leases as a dead worker's, and the two processes
+then sent the same study at once. The kernel drops the lock when the holder dies, kill -9
+included, so a crash never leaves the home locked.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from typing import IO
+
+
+class HomeInUse(OSError):
+    """Another live process holds this PAS_HOME's lock."""
+
+
+def hold_home_lock(home: Path) -> IO[str]:
+    """Take the home's lock, or raise :class:`HomeInUse` naming the holder. Keep the
+    returned file open for as long as the daemon runs."""
+    home.mkdir(parents=True, exist_ok=True)
+    handle = open(home / "pas.lock", "a+")  # noqa: SIM115 - held for the process's life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise HomeInUse(f"another pas run (pid {holder}) is using {home}: one daemon per "
+                        "PAS_HOME; stop it first (systemctl stop pas)") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
