@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +66,11 @@ def test_spilled_datasets_are_kept_as_sent_and_refusals_still_hold(tmp_path: Pat
         pas.stop()
 
 
-def _big_secondary_capture(path: Path, megabytes: int) -> Path:
+PIXEL_HEADER = struct.Struct("<HH2sHI")  # (7FE0,0010) OB, 2 reserved bytes, 32-bit length
+
+
+def _small_secondary_capture(megabytes: int) -> Dataset:
+    """A Secondary Capture whose header announces ``megabytes`` of 8-bit pixels."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -78,10 +83,40 @@ def _big_secondary_capture(path: Path, megabytes: int) -> Path:
     ds.Rows = ds.Columns = 1024
     ds.NumberOfFrames = megabytes
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    rng = np.random.default_rng(7)
-    ds.PixelData = rng.integers(0, 255, size=megabytes << 20, dtype=np.uint8).tobytes()
-    ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+def _pixel_chunks(megabytes: int) -> Iterator[bytes]:
+    """The Pixel Data element, a megabyte at a time (pseudo-random, not compressible), so
+    that the test process itself stays small: libFuzzer, run later by the same pytest
+    worker, inherits its peak RSS and would report an out-of-memory at its first input."""
+    yield PIXEL_HEADER.pack(0x7FE0, 0x0010, b"OB", 0, megabytes << 20)
+    block = np.random.default_rng(7).integers(0, 255, size=1 << 20, dtype=np.uint8).tobytes()
+    for index in range(megabytes):
+        yield block[index % 251:] + block[:index % 251]
+
+
+def _big_secondary_capture(path: Path, megabytes: int) -> Path:
+    """Written without holding the object: its header by pydicom, then its pixels."""
+    _small_secondary_capture(megabytes).save_as(path, enforce_file_format=True)
+    with open(path, "ab") as handle:
+        for chunk in _pixel_chunks(megabytes):
+            handle.write(chunk)
     return path
+
+
+def _sha256(path: Path, dataset_only: bool = False) -> str:
+    """SHA-256 of a file (or of its dataset part), read a megabyte at a time."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        if dataset_only:
+            read_preamble(handle, False)
+            _read_file_meta_info(handle)
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def test_a_300_mb_object_costs_the_spill_threshold_not_its_size(tmp_path: Path) -> None:
@@ -96,9 +131,8 @@ def test_a_300_mb_object_costs_the_spill_threshold_not_its_size(tmp_path: Path) 
         print(f"peak RSS {before:.0f} MB -> +{growth:.0f} MB for a 300 MB object")
         assert growth < 120, growth  # the 32 MB threshold, PDUs and copies; not 300 MB
         (stored,) = list((pas.home / "spool").rglob("??/*.dcm"))
-        assert hashlib.sha256(dataset_part(stored)).hexdigest() == hashlib.sha256(
-            dataset_part(big)).hexdigest()
-        assert hashlib.sha256(stored.read_bytes()).hexdigest() == stored.stem
+        assert _sha256(stored, dataset_only=True) == _sha256(big, dataset_only=True)
+        assert _sha256(stored) == stored.stem
     finally:
         pas.stop()
 
@@ -160,12 +194,15 @@ def test_a_deflate_bomb_is_refused_without_inflating_it_in_memory(tmp_path: Path
     """A deflated dataset whose 300 MB of zeros travel as ~300 kB: pydicom would inflate it
     whole in memory; it is refused while being counted, a megabyte at a time."""
     import zlib
-    path = _big_secondary_capture(tmp_path / "zeros.dcm", 300)
-    big = dcmread(path)
-    big.PixelData = bytes(len(big.PixelData))
-    big.save_as(path, enforce_file_format=True)
+    big = _small_secondary_capture(300)
+    head = tmp_path / "head.dcm"
+    big.save_as(head, enforce_file_format=True)
     packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    deflated = packer.compress(dataset_part(path)) + packer.flush()
+    parts = [packer.compress(dataset_part(head)),
+             packer.compress(PIXEL_HEADER.pack(0x7FE0, 0x0010, b"OB", 0, 300 << 20))]
+    zeros = bytes(1 << 20)
+    parts += [packer.compress(zeros) for _ in range(300)]
+    deflated = b"".join(parts) + packer.flush()
     assert len(deflated) < 2 << 20
     pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true"}).start()
     try:
