@@ -11,7 +11,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from tests.support.peers import MR_DIR, PAS_BIN, PasProcess, StoreSCP, free_port
+from tests.support.peers import MR_DIR, PAS_BIN, PasProcess, StoreSCP, free_port, storescu
 
 FILES = sorted(p for p in MR_DIR.rglob("*") if p.is_file())[:10]
 
@@ -45,6 +45,14 @@ def test_send_refusals_then_a_folder_into_pas(pas: PasProcess, tmp_path: Path) -
     # Sending again changes nothing (the daemon sees duplicates).
     pas.cli("send", str(folder))
     assert pas.status()["instances"] == len(FILES)
+    # A file whose header is cut (only the preamble, DICM and a broken meta) is named and
+    # skipped; the others still go (it crashed the whole send, nothing sent, before).
+    damaged = folder / "cut.dcm"
+    damaged.write_bytes(FILES[0].read_bytes()[:150])
+    again = pas.cli("send", str(folder))
+    assert "skipped, unreadable DICOM header" in again.stderr and "cut.dcm" in again.stderr
+    assert f"sent {len(FILES)} of {len(FILES)} files" in again.stdout
+    assert "Traceback" not in again.stderr
 
 
 def _doctor(env: dict[str, str], *args: str) -> tuple[int, dict[str, dict[str, str]]]:
@@ -139,3 +147,14 @@ def test_pas_run_on_a_taken_dicom_port_says_so_in_one_line(tmp_path: Path) -> No
     assert run.returncode == 1
     assert f"cannot start: dicom.port {port} on 127.0.0.1" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_cache_pin_refuses_a_duration_that_is_not_positive(pas: PasProcess) -> None:
+    """--days -5 and nan printed "pinned" and pinned nothing; --days 0 pinned for ever."""
+    storescu([FILES[0]], pas.port)
+    (study,) = json.loads(pas.cli("studies", "--json").stdout)
+    for days in ("-5", "nan", "0"):
+        result = pas.cli("cache", "pin", study["study_uid"], "--days", days, check=False)
+        assert result.returncode == 2, (days, result.stdout, result.stderr)
+        assert "--days must be a positive number of days" in result.stderr
+    assert "pinned" in pas.cli("cache", "pin", study["study_uid"], "--days", "2").stdout

@@ -110,6 +110,11 @@ def cache_pin(study_uid: str, config: Path | None = ConfigOption,
     """Keep a study in the cache whatever the disk pressure (until unpinned or N days)."""
     from appliance.ops.cache_policy import pin
 
+    if days is not None and not days > 0:  # nan too: it said "pinned" and pinned nothing
+        err.print(f"[red]--days must be a positive number of days, got {days}[/red] "
+                  "(omit it to pin until unpinned)")
+        raise typer.Exit(2)
+
     _settings, db, _spool = _open(config)
     if not pin(db, study_uid, days, _actor()):
         err.print(f"[red]study {study_uid} is not in the cache[/red]")

@@ -70,11 +70,21 @@ def send(paths: list[Path] = typer.Argument(..., help="DICOM files or folders (r
         raise typer.Exit(2)
     headers = {}
     contexts: set[tuple[str, str]] = set()
-    for path in files:
-        ds = dcmread(path, stop_before_pixels=True)
-        pair = (str(ds.file_meta.MediaStorageSOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+    for path in list(files):
+        try:
+            ds = dcmread(path, stop_before_pixels=True)
+            pair = (str(ds.file_meta.MediaStorageSOPClassUID),
+                    str(ds.file_meta.TransferSyntaxUID))
+        except Exception as exc:  # noqa: BLE001 - a damaged file is named, the rest goes
+            err.print(f"[yellow]skipped, unreadable DICOM header:[/yellow] {path} ({exc})",
+                      highlight=False)
+            files.remove(path)
+            continue
         headers[path] = pair
         contexts.add(pair)
+    if not files:
+        err.print("[red]nothing to send: no readable DICOM file[/red]")
+        raise typer.Exit(2)
     if len(contexts) > MAX_CONTEXTS:
         err.print(f"[red]{len(contexts)} SOP class/transfer syntax pairs: more than "
                   f"{MAX_CONTEXTS} per association; send the folders separately[/red]")
