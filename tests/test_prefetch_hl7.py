@@ -20,24 +20,13 @@ import hl7
 import pytest
 from hl7.client import MLLPClient
 
-from tests.support.peers import PasProcess, free_port, port_open, wait_for
+from tests.support.peers import PasProcess, pas_with_hl7, wait_for
 from tests.support.peers import prefetch_requests as requests
 
 
 @pytest.fixture(scope="module")
 def pas_hl7(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    closed_port = free_port()
-    pas = PasProcess(tmp_path_factory.mktemp("pas_hl7"), {
-        "PAS_HL7__HOST": "127.0.0.1",
-        "PAS_HL7__PORT": str(free_port()),
-        "PAS_PREFETCH__DICOMWEB_URL": f"http://127.0.0.1:{closed_port}/dicom-web",
-        "PAS_PREFETCH__RETRY_AFTER_S": "3600",
-        "PAS_PREFETCH__LEAD_TIME_H": "12",
-    })
-    pas.hl7_port = int(pas.env["PAS_HL7__PORT"])  # type: ignore[attr-defined]
-    pas.start()
-    wait_for(lambda: port_open("127.0.0.1", pas.hl7_port), 15,  # type: ignore[attr-defined]
-             what="the HL7 listener")
+    pas = pas_with_hl7(tmp_path_factory.mktemp("pas_hl7"), PAS_PREFETCH__LEAD_TIME_H="12")
     yield pas
     pas.stop()
 

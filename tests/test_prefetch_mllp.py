@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.peers import PasProcess, free_port, port_open, wait_for
+from tests.support.peers import PasProcess, free_port, pas_with_hl7, port_open, wait_for
 from tests.support.peers import prefetch_requests as requests
 
 SB, EB = b"\x0b", b"\x1c\r"
@@ -55,16 +55,7 @@ def closed_by_peer(sock: socket.socket) -> bool:
 
 @pytest.fixture(scope="module")
 def pas_mllp(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    pas = PasProcess(tmp_path_factory.mktemp("pas_mllp"), {
-        "PAS_HL7__HOST": "127.0.0.1",
-        "PAS_HL7__PORT": str(free_port()),
-        "PAS_PREFETCH__DICOMWEB_URL": f"http://127.0.0.1:{free_port()}/dicom-web",
-        "PAS_PREFETCH__RETRY_AFTER_S": "3600",
-    })
-    pas.hl7_port = int(pas.env["PAS_HL7__PORT"])  # type: ignore[attr-defined]
-    pas.start()
-    wait_for(lambda: port_open("127.0.0.1", pas.hl7_port), 15,  # type: ignore[attr-defined]
-             what="the HL7 listener")
+    pas = pas_with_hl7(tmp_path_factory.mktemp("pas_mllp"))
     yield pas
     pas.stop()
 

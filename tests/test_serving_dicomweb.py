@@ -34,7 +34,14 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import generate_uid
 from requests import HTTPError
 
-from tests.support.peers import CT_DIR, MR_DIR, PasProcess, storescu, wait_for
+from tests.support.peers import (
+    CT_DIR,
+    MR_DIR,
+    PasProcess,
+    pas_holding_real_sets,
+    storescu,
+    wait_for,
+)
 
 MULTIFRAME = Path(get_testdata_file("emri_small_jpeg_ls_lossless.dcm"))  # type: ignore[arg-type]
 TOKEN = "s3cret-viewer-token"
@@ -42,12 +49,8 @@ TOKEN = "s3cret-viewer-token"
 
 @pytest.fixture(scope="module")
 def pas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PasProcess]:
-    pas = PasProcess(tmp_path_factory.mktemp("dw") / "pas",
-                     {"PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_PREFETCH__ENABLED": "false"})
-    pas.start()
+    pas = pas_holding_real_sets(tmp_path_factory.mktemp("dw") / "pas")
     try:
-        storescu(CT_DIR, pas.port)
-        storescu(MR_DIR, pas.port)
         yield pas
     finally:
         pas.stop()

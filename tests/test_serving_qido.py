@@ -26,6 +26,7 @@ from tests.support.peers import (
     DCMTK_ENV,
     MR_DIR,
     PasProcess,
+    pas_holding_real_sets,
     read_rows,
     storescu,
     wait_for,
@@ -34,12 +35,8 @@ from tests.support.peers import (
 
 @pytest.fixture(scope="module")
 def pas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PasProcess]:
-    pas = PasProcess(tmp_path_factory.mktemp("qido") / "pas",
-                     {"PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_PREFETCH__ENABLED": "false"})
-    pas.start()
+    pas = pas_holding_real_sets(tmp_path_factory.mktemp("qido") / "pas")
     try:
-        storescu(CT_DIR, pas.port)
-        storescu(MR_DIR, pas.port)
         yield pas
     finally:
         pas.stop()

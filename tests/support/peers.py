@@ -387,3 +387,33 @@ def read_rows(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.
     finally:
         conn.close()
 
+
+
+def pas_holding_real_sets(home: Path) -> PasProcess:
+    """A started PAS holding the CT and MR sets (the serving tests' module fixtures)."""
+    pas = PasProcess(home, {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                            "PAS_PREFETCH__ENABLED": "false"}).start()
+    try:
+        storescu(CT_DIR, pas.port)
+        storescu(MR_DIR, pas.port)
+    except BaseException:
+        pas.stop()
+        raise
+    return pas
+
+
+def pas_with_hl7(home: Path, **env: str) -> PasProcess:
+    """A started PAS whose HL7 listener is up, prefetching from an address where nothing
+    listens (``env`` adds to or overrides those keys)."""
+    pas = PasProcess(home, {
+        "PAS_HL7__HOST": "127.0.0.1",
+        "PAS_HL7__PORT": str(free_port()),
+        "PAS_PREFETCH__DICOMWEB_URL": f"http://127.0.0.1:{free_port()}/dicom-web",
+        "PAS_PREFETCH__RETRY_AFTER_S": "3600",
+        **env,
+    })
+    pas.hl7_port = int(pas.env["PAS_HL7__PORT"])  # type: ignore[attr-defined]
+    pas.start()
+    wait_for(lambda: port_open("127.0.0.1", pas.hl7_port), 15,  # type: ignore[attr-defined]
+             what="the HL7 listener")
+    return pas
