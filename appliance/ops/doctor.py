@@ -21,6 +21,8 @@ from typing import Literal
 import httpx
 
 from appliance.config import ConfigError, DicomDestination, Settings, load_settings
+from appliance.ops.home_lock import lock_file
+from appliance.ops.listeners import listening_pids, lock_holder, process_name
 
 Verdict = Literal["ok", "warn", "fail"]
 MAX_SKEW_WARN_S = 30.0
@@ -63,9 +65,12 @@ def _http_answers(host: str, port: int) -> bool:
 
 
 def _port_check(name: str, host: str, port: int, what: str,
-                is_ours: Callable[[str], bool]) -> Check:
-    """A port is fine when our daemon answers on it, or when it is free to bind; anything
-    else listening there is a conflict to fix."""
+                is_ours: Callable[[str], bool], daemon_pid: int | None) -> Check:
+    """A port is fine when this home's daemon listens on it, or when it is free to bind;
+    anything else listening there is a conflict to fix. ``daemon_pid``: the process holding
+    this home's lock (the running daemon), None when none runs. "Ours" is decided by the
+    process that listens where the kernel tells it (ops/listeners.py), by the protocol
+    otherwise: another DICOM program answers a C-ECHO as well as PAS does."""
     probe_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
     try:
         with socket.create_connection((probe_host, port), timeout=1):
@@ -73,11 +78,25 @@ def _port_check(name: str, host: str, port: int, what: str,
     except OSError:
         listening = False
     if listening:
-        if is_ours(probe_host):
-            return Check(name, "ok", f"{host}:{port}: {what} answers")
-        return Check(name, "fail", f"{host}:{port}: another program listens there",
-                     f"stop it (ss -ltnp 'sport = :{port}') or change the port in the "
-                     "configuration")
+        owners = listening_pids(port)  # None: the kernel would not say
+        free_it = (f"stop it (ss -ltnp 'sport = :{port}') or change the port in the "
+                   "configuration")
+        if owners and daemon_pid not in owners:
+            named = ", ".join(f"{process_name(pid)} (pid {pid})" for pid in sorted(owners))
+            whose = (f", not this home's PAS (pid {daemon_pid})" if daemon_pid is not None
+                     else "; no PAS daemon runs on this home")
+            return Check(name, "fail", f"{host}:{port}: another program listens there "
+                         f"({named}){whose}", free_it)
+        if not owners and daemon_pid is None:
+            return Check(name, "fail", f"{host}:{port}: another program listens there, "
+                         "and no PAS daemon runs on this home", free_it)
+        if not is_ours(probe_host):
+            if owners:  # the daemon's own socket, and it does not answer
+                return Check(name, "fail", f"{host}:{port}: PAS (pid {daemon_pid}) listens "
+                             "but does not answer", "see its log: journalctl -u pas")
+            return Check(name, "fail", f"{host}:{port}: another program listens there",
+                         free_it)
+        return Check(name, "ok", f"{host}:{port}: {what} (pid {daemon_pid}) answers")
     try:
         with socket.socket() as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -235,11 +254,13 @@ def run_checks(config_path: Path | None = None) -> list[Check]:
                     f"{settings.home}, {len(settings.destinations)} destinations")]
     checks.append(check_database(settings))
     dicom, http = settings.dicom, settings.http
+    daemon_pid = lock_holder(lock_file(settings.home))
     checks.append(_port_check("DICOM port", dicom.host, dicom.port, "PAS (C-ECHO)",
-                              lambda h: _dicom_answers(h, dicom.port, dicom.ae_title)))
+                              lambda h: _dicom_answers(h, dicom.port, dicom.ae_title),
+                              daemon_pid))
     if http.enabled:
         checks.append(_port_check("HTTP port", http.host, http.port, "status page",
-                                  lambda h: _http_answers(h, http.port)))
+                                  lambda h: _http_answers(h, http.port), daemon_pid))
     checks.append(check_disk(settings))
     checks.extend(check_enrolment(settings))
     checks.extend(check_destinations(settings))

@@ -22,11 +22,16 @@ class HomeInUse(OSError):
     """Another live process holds this PAS_HOME's lock."""
 
 
+def lock_file(home: Path) -> Path:
+    """Where a home's lock lives (``pas doctor`` reads who holds it)."""
+    return home / "pas.lock"
+
+
 def hold_home_lock(home: Path) -> IO[str]:
     """Take the home's lock, or raise :class:`HomeInUse` naming the holder. Keep the
     returned file open for as long as the daemon runs."""
     home.mkdir(parents=True, exist_ok=True)
-    handle = open(home / "pas.lock", "a+")  # noqa: SIM115 - held for the process's life
+    handle = open(lock_file(home), "a+")  # noqa: SIM115 - held for the process's life
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

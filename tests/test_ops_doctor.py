@@ -1,0 +1,60 @@
+"""``pas doctor``'s port checks tell this home's PAS from another program on its port.
+
+A C-ECHO alone cannot: DCMTK's storescp (a test node left running, the old PACS gateway on
+the same port) answers it as PAS does, and doctor said "PAS answers" while the modality's
+studies went to that program. Real daemons, a real storescp; doctor reads /proc.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from tests.support.peers import PAS_BIN, PasProcess, StoreSCP, free_port
+
+
+def _doctor(env: dict[str, str]) -> tuple[int, dict[str, dict[str, str]]]:
+    result = subprocess.run([str(PAS_BIN), "doctor", "--json"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    return result.returncode, {c["name"]: c for c in json.loads(result.stdout)}
+
+
+def _env(home: Path, dicom_port: int, http_port: int) -> dict[str, str]:
+    return {**os.environ, "PAS_HOME": str(home), "PAS_DICOM__HOST": "127.0.0.1",
+            "PAS_DICOM__PORT": str(dicom_port), "PAS_HTTP__PORT": str(http_port),
+            "PAS_DICOM__ACCEPT_UNKNOWN": "true"}
+
+
+def test_storescp_on_the_dicom_port_is_not_pas(tmp_path: Path) -> None:
+    storescp = StoreSCP(tmp_path / "scp").start()
+    try:
+        code, checks = _doctor(_env(tmp_path / "home", storescp.port, free_port()))
+    finally:
+        storescp.stop()
+    port_check = checks["DICOM port"]
+    assert code == 1 and port_check["verdict"] == "fail", port_check
+    assert "storescp" in port_check["detail"], port_check
+    assert "no PAS daemon runs on this home" in port_check["detail"]
+
+
+def test_the_port_of_a_pas_on_another_home_is_not_ours(tmp_path: Path) -> None:
+    other = PasProcess(tmp_path / "other-home", {"PAS_DICOM__ACCEPT_UNKNOWN": "true"}).start()
+    mine = PasProcess(tmp_path / "home", {"PAS_DICOM__ACCEPT_UNKNOWN": "true"}).start()
+    try:
+        assert mine.proc is not None and other.proc is not None
+        # This home's daemon runs, but the configuration names the other one's DICOM port.
+        code, checks = _doctor(_env(tmp_path / "home", other.port, mine.http_port))
+        port_check = checks["DICOM port"]
+        assert code == 1 and port_check["verdict"] == "fail", port_check
+        assert f"pid {other.proc.pid}" in port_check["detail"], port_check
+        assert f"not this home's PAS (pid {mine.proc.pid})" in port_check["detail"]
+        # Its own ports: both answer, and doctor names the daemon.
+        code, checks = _doctor(_env(tmp_path / "home", mine.port, mine.http_port))
+        assert checks["DICOM port"]["verdict"] == "ok", checks["DICOM port"]
+        assert f"(pid {mine.proc.pid}) answers" in checks["DICOM port"]["detail"]
+        assert checks["HTTP port"]["verdict"] == "ok", checks["HTTP port"]
+    finally:
+        mine.stop()
+        other.stop()
