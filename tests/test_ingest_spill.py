@@ -105,6 +105,16 @@ def _big_secondary_capture(path: Path, megabytes: int) -> Path:
     return path
 
 
+def _dataset_offset(path: Path) -> int:
+    """Where a Part 10 file's dataset starts (after its preamble and file meta)."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    with open(path, "rb") as handle:
+        read_preamble(handle, False)
+        _read_file_meta_info(handle)
+        return handle.tell()
+
+
 def _sha256(path: Path, dataset_only: bool = False) -> str:
     """SHA-256 of a file (or of its dataset part), read a megabyte at a time."""
     from pydicom.filereader import _read_file_meta_info, read_preamble
@@ -218,5 +228,56 @@ def test_a_deflate_bomb_is_refused_without_inflating_it_in_memory(tmp_path: Path
         assert b"inflates past" in answer[0x0902]
         assert peak_rss_mb(pas.proc.pid) - before < 100
         assert pas.status()["instances"] == 0
+    finally:
+        pas.stop()
+
+
+def test_a_big_endian_object_over_the_threshold_is_not_read_into_memory(
+        tmp_path: Path) -> None:
+    """Explicit VR Big Endian is not walked by the quick header read: pydicom parses it.
+    It used to be handed the whole spilled dataset copied into memory (and its pixel data
+    read again), ~3x the object; it now reads the mapped file in place, large values left
+    unread."""
+    import mmap
+
+    from pydicom.uid import ExplicitVRBigEndian
+
+    megabytes = 200
+    big = tmp_path / "big-endian.dcm"
+    ds = _small_secondary_capture(megabytes)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+    ds.save_as(big, enforce_file_format=True)
+    chunks = _pixel_chunks(megabytes)
+    next(chunks)  # the little-endian element header: this one is big endian
+    with open(big, "ab") as handle:
+        handle.write(struct.pack(">HH2sHI", 0x7FE0, 0x0010, b"OB", 0, megabytes << 20))
+        for chunk in chunks:  # 8-bit pixels: the same bytes in either byte order
+            handle.write(chunk)
+    pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                                        "PAS_DICOM__SPILL_ABOVE_MB": "32"}).start()
+    try:
+        assert pas.proc is not None
+        before = peak_rss_mb(pas.proc.pid)
+        with open(big, "rb") as handle:
+            whole = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        dataset = memoryview(whole)[_dataset_offset(big):]
+        raw = raw_ul.associate(pas.port, [(1, SecondaryCaptureImageStorage,
+                                           ExplicitVRBigEndian)])
+        try:  # slices of the mapped file, 64 kB each: the test process stays small
+            answer = raw.c_store(1, SecondaryCaptureImageStorage, ds.SOPInstanceUID,
+                                 dataset)  # type: ignore[arg-type]
+        finally:
+            raw.release()
+            dataset.release()
+            whole.close()
+        assert struct.unpack("<H", answer[0x0900])[0] == 0x0000
+        growth = peak_rss_mb(pas.proc.pid) - before
+        print(f"peak RSS {before:.0f} MB -> +{growth:.0f} MB for a 200 MB big-endian object")
+        (stored,) = list((pas.home / "spool").rglob("??/*.dcm"))
+        assert dcmread(stored, stop_before_pixels=True).file_meta.TransferSyntaxUID \
+            == ExplicitVRBigEndian
+        assert _sha256(stored, dataset_only=True) == _sha256(big, dataset_only=True)
+        assert _sha256(stored) == stored.stem
+        assert growth < 120, growth
     finally:
         pas.stop()

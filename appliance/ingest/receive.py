@@ -31,7 +31,7 @@ from appliance.ingest.attributes import (
     instance_record,
     record_from_raw,
 )
-from appliance.ingest.header import PIXEL_TAGS, Truncated, read_header
+from appliance.ingest.header import PIXEL_DATA, PIXEL_TAGS, Truncated, read_header
 from appliance.store import index
 from appliance.store.db import Database
 from appliance.store.spool import SpillFile, Spool, SpoolFull
@@ -351,12 +351,49 @@ def _read_dataset_record(header: bytes, dataset: bytes | bytearray | memoryview,
             raise
         except Exception as exc:  # as in _record: lazily converted values can raise
             raise InvalidInstance(f"cannot read the dataset's attributes: {exc}") from None
+    reader = _BufferReader(dataset)
     try:
-        ds = read_dataset(BytesIO(dataset), syntax.is_implicit_VR, syntax.is_little_endian)
+        # Read in place, values over DEFER_BYTES skipped: a spilled object (big endian,
+        # or something unusual inside) is not copied into memory to be parsed.
+        ds = read_dataset(reader, syntax.is_implicit_VR, syntax.is_little_endian,
+                          defer_size=DEFER_BYTES)
     except Exception as exc:  # pydicom raises many types on malformed input
         raise InvalidInstance(f"cannot parse the dataset: {exc}") from None
+    finally:
+        reader.close()
     _check_complete(ds, dataset)
     return _record(ds, syntax)
+
+
+# Values longer than this are not read by pydicom's parse of a received dataset: pixel data
+# and large private blobs; the index reads none of them, their lengths are checked.
+DEFER_BYTES = 1 << 20
+
+
+class _BufferReader:
+    """A read-only file over a buffer, for pydicom's reader. ``BytesIO`` would copy the
+    buffer first: a spilled dataset is a mapped file of any size (invariant 8)."""
+
+    def __init__(self, data: bytes | bytearray | memoryview):
+        self._view = memoryview(data)
+        self._at = 0
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self._view) if size is None or size < 0 else self._at + size
+        chunk = bytes(self._view[self._at:end])
+        self._at += len(chunk)
+        return chunk
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = (0, self._at, len(self._view))[whence]
+        self._at = max(0, base + offset)
+        return self._at
+
+    def tell(self) -> int:
+        return self._at
+
+    def close(self) -> None:
+        self._view.release()
 
 
 def _check_encoding(dataset: bytes | bytearray, syntax: UID) -> None:
@@ -477,10 +514,17 @@ def _dataset_offset(content: bytes) -> int | None:
 def _record(ds: Dataset, transfer_syntax: UID) -> index.InstanceRecord:
     try:
         # The element itself: ds.get() would give its value.
-        element = ds["PixelData"] if "PixelData" in ds else None  # noqa: SIM401
-        if (element is not None and not element.is_undefined_length
+        # The raw element, not converted: a deferred one (not read) has no value, only its
+        # length, which is what arrived (_check_complete verified it is all there).
+        element = (ds.get_item(PIXEL_DATA, keep_deferred=True) if PIXEL_DATA in ds
+                   else None)
+        raw_length = getattr(element, "length", None)  # a RawDataElement's; None once converted
+        undefined = (raw_length == UNDEFINED_LENGTH if raw_length is not None
+                     else element is not None and element.is_undefined_length)
+        if (element is not None and not undefined
                 and transfer_syntax.is_transfer_syntax and not transfer_syntax.is_compressed):
-            _check_pixel_length(ds, len(element.value))
+            _check_pixel_length(ds, len(element.value) if element.value is not None
+                                else raw_length or 0)
         record = instance_record(ds, str(transfer_syntax))
         _check_image_has_pixels(record.sop_class_uid,
                                 any(tag in ds for tag in PIXEL_TAGS))
