@@ -281,3 +281,39 @@ def test_a_big_endian_object_over_the_threshold_is_not_read_into_memory(
         assert growth < 120, growth
     finally:
         pas.stop()
+
+
+def test_a_large_message_on_pynetdicoms_path_is_stopped_not_held(tmp_path: Path) -> None:
+    """A C-STORE on the Verification context is not streamed: pynetdicom assembles it in
+    memory before it is refused (0x0122). 200 MB of it took the daemon's memory up by as
+    much; the association is now aborted past 64 MB, and the daemon serves on."""
+    from appliance.dicomnet.direct_receive import p_data_tf
+    from appliance.dicomnet.direct_store import c_store_rq
+
+    pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true"}).start()
+    try:
+        assert pas.proc is not None
+        before = peak_rss_mb(pas.proc.pid)
+        verification, ct = "1.2.840.10008.1.1", "1.2.840.10008.5.1.4.1.1.2"
+        raw = raw_ul.associate(pas.port, [(1, verification, "1.2.840.10008.1.2.1")])
+        fragment = p_data_tf(1, 0x00, b"\x00" * (64 << 10))
+        sent = 0
+        try:
+            raw.sock.sendall(p_data_tf(1, 0x03, c_store_rq(ct, "1.2.826.0.1.3680043.8.498.79",
+                                                           1)))
+            while sent < 200 << 20:
+                raw.sock.sendall(fragment)
+                sent += 64 << 10
+        except OSError:  # the daemon aborted and closed the connection under us
+            pass
+        kind, _ = raw.read_pdu(30)
+        raw.sock.close()
+        assert kind in (0x07, None), kind  # A-ABORT, or the connection closed
+        assert sent < 200 << 20, "the whole message was taken"
+        growth = peak_rss_mb(pas.proc.pid) - before
+        print(f"peak RSS {before:.0f} MB -> +{growth:.0f} MB after {sent >> 20} MB sent")
+        assert growth < 150, growth
+        storescu(sorted(MR_DIR.rglob("*.dcm"))[:1], pas.port)  # the daemon serves on
+        assert pas.status()["instances"] == 1
+    finally:
+        pas.stop()

@@ -43,6 +43,13 @@ C_STORE_RSP = 0x8001
 NO_DATASET = 0x0101
 _COMMAND = 0x01       # message control header bit 0: command (1) or dataset (0)
 _LAST = 0x02          # bit 1: last fragment
+# A message left to pynetdicom is held whole in memory until its last fragment (its DIMSE
+# layer assembles it in a buffer). The messages it gets carry small datasets (C-FIND
+# identifiers, C-MOVE requests...); a large one is a C-STORE the streaming path could not
+# take (its command split over PDUs, or on a context that is not a storage one, which is
+# refused anyway). Past this, the association is aborted rather than memory given away
+# (invariant 8).
+MAX_HELD_MESSAGE_BYTES = 64 << 20
 
 # What the listener's store function returns: a DIMSE status and, for a failure, the comment
 # that names the problem (sent as Error Comment, 0000,0902; PS3.7 C.4.2.1.4).
@@ -147,6 +154,7 @@ class DirectReceiver:
         self._theirs = False
         self._their_command = bytearray()
         self._their_has_dataset: bool | None = None
+        self._their_bytes = 0
         self._storage_contexts: dict[int, Any] | None = None
 
     def _storage_context(self, context_id: int) -> Any:
@@ -209,6 +217,7 @@ class DirectReceiver:
             self._theirs = True
             self._their_command = bytearray()
             self._their_has_dataset = None
+            self._their_bytes = 0
             self._follow_theirs(pdvs)
             return False
         context = self._storage_context(context_id)
@@ -224,7 +233,14 @@ class DirectReceiver:
         return True
 
     def _follow_theirs(self, pdvs: list[tuple[int, int, memoryview]]) -> None:
-        """Watch pynetdicom's message go by, to know where the next one starts."""
+        """Watch pynetdicom's message go by, to know where the next one starts, and stop
+        one that would take more than ``MAX_HELD_MESSAGE_BYTES`` of memory there."""
+        self._their_bytes += sum(len(fragment) for _, _, fragment in pdvs)
+        if self._their_bytes > MAX_HELD_MESSAGE_BYTES:
+            raise DirectReceiveError(
+                f"a message that PAS cannot stream to disk (its command split over PDUs, or "
+                f"a C-STORE on a presentation context that is not a storage one) passed "
+                f"{MAX_HELD_MESSAGE_BYTES >> 20} MB; it would be held whole in memory")
         for _, control, fragment in pdvs:
             if control & _COMMAND:
                 self._their_command += fragment
