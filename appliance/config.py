@@ -615,6 +615,12 @@ def read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(handle)
     except FileNotFoundError:
         raise ConfigError([f"{path}: file not found"]) from None
+    except IsADirectoryError:  # pas config check /tmp: was a traceback
+        raise ConfigError([f"{path}: is a directory, not a TOML file"]) from None
+    except PermissionError:
+        raise  # pas's entry point says it in one line, with whom to run as
+    except OSError as exc:  # a path through a file, a loop of links, an I/O error
+        raise ConfigError([f"{path}: cannot be read ({exc.strerror or exc})"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: not valid TOML ({exc})"]) from None
     except UnicodeDecodeError as exc:  # found by fuzzing: TOML must be UTF-8

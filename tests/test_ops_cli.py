@@ -158,3 +158,25 @@ def test_cache_pin_refuses_a_duration_that_is_not_positive(pas: PasProcess) -> N
         assert result.returncode == 2, (days, result.stdout, result.stderr)
         assert "--days must be a positive number of days" in result.stderr
     assert "pinned" in pas.cli("cache", "pin", study["study_uid"], "--days", "2").stdout
+
+
+def _pas(home: Path, *args: str, env: dict[str, str] | None = None,
+         timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``pas ARGS`` as an administrator types it, with PAS_HOME set to ``home``."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PAS_")}
+    return subprocess.run([str(PAS_BIN), *args], env={**environ, "PAS_HOME": str(home),
+                                                      **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_config_path_that_is_a_directory_is_one_config_error(tmp_path: Path) -> None:
+    """``pas config check /tmp`` (or --config DIR) printed an IsADirectoryError traceback."""
+    home = tmp_path / "home"
+    for args in (("config", "check", str(tmp_path)), ("status", "--config", str(tmp_path)),
+                 ("queue", "list", "--config", str(tmp_path))):
+        result = _pas(home, *args)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        assert "Traceback" not in result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert lines == [f"config error {tmp_path}: is a directory, not a TOML file"], args
+    assert not home.exists()
