@@ -180,3 +180,30 @@ def test_a_config_path_that_is_a_directory_is_one_config_error(tmp_path: Path) -
         lines = result.stderr.strip().splitlines()
         assert lines == [f"config error {tmp_path}: is a directory, not a TOML file"], args
     assert not home.exists()
+
+
+def test_rules_test_refuses_a_file_without_a_dataset(tmp_path: Path) -> None:
+    """A file that is only the preamble and "DICM", or only a file meta, was "routed" (every
+    rule evaluated on empty attributes, exit 0), as if it were an image."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.filewriter import dcmwrite
+
+    bare = tmp_path / "bare.dcm"
+    bare.write_bytes(b"\0" * 128 + b"DICM")
+    meta_only = tmp_path / "meta-only.dcm"
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    dataset = Dataset()
+    dataset.file_meta = meta
+    dcmwrite(meta_only, dataset, enforce_file_format=True)
+    for path in (bare, meta_only):
+        result = _pas(tmp_path / "home", "rules", "test", str(path))
+        assert result.returncode == 2, (path, result.stdout, result.stderr)
+        assert result.stdout == ""
+        assert result.stderr.strip().splitlines() == [
+            f"{path}: no dataset after the DICOM file header (nothing to route)"]
+    # A real image is still explained.
+    real = _pas(tmp_path / "home", "rules", "test", str(FILES[0]))
+    assert real.returncode == 0 and "->" in real.stdout

@@ -173,6 +173,10 @@ def rules_test(file: Path = typer.Argument(..., exists=True, dir_okay=False),
     except Exception as exc:
         err.print(f"[red]{file}: not a readable DICOM file:[/red] {exc}")
         raise typer.Exit(2) from None
+    if len(ds) == 0:  # only the preamble and "DICM", or only a file meta: nothing to route
+        err.print(f"[red]{file}: no dataset after the DICOM file header (nothing to route)"
+                  "[/red]", highlight=False)
+        raise typer.Exit(2)
     attributes = {
         "calling_ae": calling_ae, "called_ae": settings.dicom.ae_title,
         "modality": str(ds.get("Modality", "")), "sop_class": str(ds.get("SOPClassUID", "")),
