@@ -207,3 +207,31 @@ def test_rules_test_refuses_a_file_without_a_dataset(tmp_path: Path) -> None:
     # A real image is still explained.
     real = _pas(tmp_path / "home", "rules", "test", str(FILES[0]))
     assert real.returncode == 0 and "->" in real.stdout
+
+
+def _plain(text: str) -> str:
+    """A usage error as one line of words (typer draws it in a box wrapped at 80 columns)."""
+    return " ".join(text.replace("│", " ").replace("╭", " ").replace("╰", " ").split())
+
+
+def test_queue_and_prefetch_refuse_unknown_states_and_ids_beyond_sqlite(
+        tmp_path: Path) -> None:
+    """``pas queue retry 99999999999999999999999`` was an OverflowError traceback (SQLite
+    integers are 64-bit); ``pas queue list --state bogus`` listed 0 jobs, exit 0."""
+    home = tmp_path / "home"
+    huge = "99999999999999999999999"
+    for args in (("queue", "retry", huge), ("prefetch", "show", huge)):
+        result = _pas(home, *args)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        assert "Traceback" not in result.stderr and "OverflowError" not in result.stderr
+        assert "less than or equal to 9223372036854775807" in _plain(result.stderr)
+    bogus = _pas(home, "queue", "list", "--state", "bogus")
+    assert bogus.returncode == 2, (bogus.stdout, bogus.stderr)
+    assert "'bogus' is not one of 'pending', 'running', 'done', 'failed'" in _plain(
+        bogus.stderr)
+    bogus = _pas(home, "prefetch", "list", "--state", "done")
+    assert bogus.returncode == 2, (bogus.stdout, bogus.stderr)
+    assert "'pending', 'running', 'fetched', 'failed', 'cancelled'" in _plain(bogus.stderr)
+    usage = _pas(home, "queue", "list", "--help", env={"COLUMNS": "200"}).stdout
+    assert "pending|running|done|failed" in usage
+    assert not home.exists()  # refused by the parser, before anything was opened

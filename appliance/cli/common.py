@@ -1,8 +1,11 @@
-"""What every ``pas`` command shares: the consoles and how a configuration error ends it."""
+"""What every ``pas`` command shares: the consoles, how a configuration error ends it, and
+the argument types that name rows and states (so that help lists the valid values and a bad
+one is refused by the parser, before any database is opened)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from enum import StrEnum
 from typing import TypeVar
 
 import typer
@@ -15,6 +18,29 @@ T = TypeVar("T")
 console = Console()
 # Errors stay one line each (no wrapping at the terminal width): greppable in scripts and logs.
 err = Console(stderr=True, soft_wrap=True)
+
+
+# SQLite's INTEGER is 64-bit: a larger ID names no row (it raised OverflowError at binding).
+ROW_ID_MAX = 2**63 - 1
+
+
+class JobState(StrEnum):
+    """The states of a delivery job (``jobs.state``)."""
+
+    pending = "pending"
+    running = "running"
+    done = "done"
+    failed = "failed"
+
+
+class PrefetchState(StrEnum):
+    """The states of a prefetch request (``prefetch_requests.state``)."""
+
+    pending = "pending"
+    running = "running"
+    fetched = "fetched"
+    failed = "failed"
+    cancelled = "cancelled"
 
 
 def settings_or_exit(load: Callable[[], T]) -> T:

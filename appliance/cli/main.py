@@ -11,7 +11,7 @@ from rich.table import Table
 
 from appliance import __version__
 from appliance.cli import cache as cache_cli
-from appliance.cli.common import console, err, settings_or_exit
+from appliance.cli.common import ROW_ID_MAX, JobState, console, err, settings_or_exit
 from appliance.config import Settings, load_settings
 from appliance.ops.status import human_size
 
@@ -199,13 +199,13 @@ def rules_test(file: Path = typer.Argument(..., exists=True, dir_okay=False),
 
 @queue_app.command("list")
 def queue_list(config: Path | None = ConfigOption,
-               state: str | None = typer.Option(None, help="pending, running, done, failed"),
+               state: JobState | None = typer.Option(None, help="Only the jobs in this state"),
                as_json: bool = typer.Option(False, "--json")) -> None:
     """Jobs, newest first."""
     from appliance.store.jobs import list_jobs
 
     settings = _settings(config)
-    rows = list_jobs(_db(settings), state)
+    rows = list_jobs(_db(settings), state.value if state else None)
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -222,7 +222,9 @@ def queue_list(config: Path | None = ConfigOption,
 
 
 @queue_app.command("retry")
-def queue_retry(job_id: int, config: Path | None = ConfigOption) -> None:
+def queue_retry(job_id: int = typer.Argument(..., min=1, max=ROW_ID_MAX, help="As in pas "
+                                             "queue list"),
+                config: Path | None = ConfigOption) -> None:
     """Make a failed job due now, with its attempts reset."""
     from appliance.store.jobs import retry
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from appliance.cli.common import console, err
+from appliance.cli.common import ROW_ID_MAX, PrefetchState, console, err
 
 app = typer.Typer(help="Priors on site before the patient arrives.", no_args_is_help=True)
 
@@ -63,8 +63,8 @@ def patient(patient_id: str = typer.Argument(..., help="PatientID as the site kn
 
 
 @app.command("list")
-def list_requests(state: str | None = typer.Option(
-                      None, help="pending, running, fetched, failed, cancelled"),
+def list_requests(state: PrefetchState | None = typer.Option(
+                      None, help="Only the requests in this state"),
                   as_json: bool = typer.Option(False, "--json"),
                   config: Path | None = ConfigOption) -> None:
     """Prefetch requests, newest first: pending, fetched, failed, and the lead time achieved
@@ -72,7 +72,7 @@ def list_requests(state: str | None = typer.Option(
     from appliance.store import prefetch as store
 
     db = _db(config)
-    rows = store.list_requests(db, state)
+    rows = store.list_requests(db, state.value if state else None)
     if as_json:
         print(json.dumps({"counts": store.counts_by_state(db), "requests": rows}, indent=2))
         return
@@ -90,7 +90,8 @@ def list_requests(state: str | None = typer.Option(
 
 
 @app.command("show")
-def show(request_id: int, config: Path | None = ConfigOption) -> None:
+def show(request_id: int = typer.Argument(..., min=1, max=ROW_ID_MAX),
+         config: Path | None = ConfigOption) -> None:
     """One request and the prior studies it chose."""
     from appliance.store import prefetch as store
 
