@@ -628,13 +628,27 @@ def read_toml(path: Path) -> dict[str, Any]:
                            f"UTF-8)"]) from None
 
 
-def default_config_path(environ: dict[str, str] | None = None) -> Path | None:
-    """``$PAS_CONFIG``, else ``$PAS_HOME/appliance.toml`` when it exists, else none."""
+# The appliance image's configuration, the one its systemd unit runs ``pas run --config`` on.
+SYSTEM_CONFIG = Path("/etc/pas/appliance.toml")
+
+
+def default_config_path(environ: dict[str, str] | None = None,
+                        system_config: Path = SYSTEM_CONFIG) -> Path | None:
+    """``$PAS_CONFIG``, else ``$PAS_HOME/appliance.toml`` when it exists, else (no PAS_HOME
+    set) ``/etc/pas/appliance.toml`` when it exists, else none.
+
+    The last is for an administrator's shell on the appliance: ``pas status`` (also under
+    ``sudo -u pas``, which drops the environment) reads the configuration the unit runs on,
+    whose ``home`` is ``/var/lib/pas``, instead of an empty ``./var``."""
     environ = dict(os.environ) if environ is None else environ
     if environ.get("PAS_CONFIG"):
         return Path(environ["PAS_CONFIG"])
     candidate = Path(environ.get("PAS_HOME", "./var")) / "appliance.toml"
-    return candidate if candidate.exists() else None
+    if candidate.exists():
+        return candidate
+    if not environ.get("PAS_HOME") and system_config.is_file():
+        return system_config
+    return None
 
 
 def load_settings(path: Path | None = None, environ: dict[str, str] | None = None) -> Settings:

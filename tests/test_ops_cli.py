@@ -235,3 +235,65 @@ def test_queue_and_prefetch_refuse_unknown_states_and_ids_beyond_sqlite(
     usage = _pas(home, "queue", "list", "--help", env={"COLUMNS": "200"}).stdout
     assert "pending|running|done|failed" in usage
     assert not home.exists()  # refused by the parser, before anything was opened
+
+
+READ_ONLY_COMMANDS = [("status",), ("status", "--json"), ("studies",), ("queue", "list"),
+                      ("prefetch", "list"), ("cache", "status")]
+
+
+def _tree(folder: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every file under ``folder``: size, mtime in ns and bytes."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_read_only_commands_create_nothing_where_there_is_no_database(tmp_path: Path) -> None:
+    """``pas status`` on a home that does not exist (a typo, or an admin's shell without
+    PAS_HOME) created the home and an empty database, ran the migrations, and showed zeros
+    as if the appliance held nothing."""
+    home = tmp_path / "nowhere"
+    for args in READ_ONLY_COMMANDS:
+        result = _pas(home, *args)
+        assert result.returncode == 1, (args, result.stdout, result.stderr)
+        assert result.stdout == "", args
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith(f"no database at {home / 'pas.sqlite'} ("), (args, line)
+        assert "PAS_HOME" in line and "/etc/pas/appliance.toml" in line, line
+    hub_home = tmp_path / "no-hub"
+    for args in (("hub", "sites"), ("hub", "transfers")):
+        result = _pas(home, *args, env={"PAS_HUB_HOME": str(hub_home)})
+        assert result.returncode == 1, (args, result.stdout, result.stderr)
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith(f"no database at {hub_home / 'hub.sqlite'} (") and (
+            "PAS_HUB_HOME" in line), line
+    assert not home.exists() and not hub_home.exists()
+
+
+def test_read_only_commands_change_nothing_and_never_migrate(tmp_path: Path) -> None:
+    """On an existing database the read-only commands leave every byte and every mtime as
+    they were, and create no file (no -wal/-shm: one made by root's ``pas status`` is not
+    writable by the daemon's user). A database older than the software is said so, not
+    migrated."""
+    from appliance.store.db import Database
+    from appliance.store.schema import MIGRATIONS
+
+    home = tmp_path / "home"
+    Database(home / "pas.sqlite").close()
+    before = _tree(home)
+    for args in READ_ONLY_COMMANDS:
+        result = _pas(home, *args)
+        assert result.returncode == 0, (args, result.stdout, result.stderr)
+    assert json.loads(_pas(home, "status", "--json").stdout)["instances"] == 0
+    assert _tree(home) == before
+
+    old = tmp_path / "old"
+    Database(old / "pas.sqlite", MIGRATIONS[:-1]).close()
+    before = _tree(old)
+    for args in READ_ONLY_COMMANDS:
+        result = _pas(old, *args)
+        assert result.returncode == 1, (args, result.stdout, result.stderr)
+        assert result.stderr.strip().splitlines() == [
+            f"{old / 'pas.sqlite'}: database schema {len(MIGRATIONS) - 1} is older than "
+            f"this software's ({len(MIGRATIONS)}); it was left as it is: the daemon (pas run, "
+            "systemctl restart pas) migrates it at its start"], args
+    assert _tree(old) == before

@@ -19,19 +19,22 @@ cache_app = typer.Typer(help="The local cache: pins, eviction, purge, integrity.
                         no_args_is_help=True)
 
 ConfigOption = typer.Option(None, "--config", "-c", help="TOML file (default: $PAS_CONFIG, "
-                            "else $PAS_HOME/appliance.toml if present)")
+                            "else $PAS_HOME/appliance.toml if present, else without PAS_HOME "
+                            "/etc/pas/appliance.toml if present, else built-in defaults)")
 
 
-def _open(config: Path | None):  # type: ignore[no-untyped-def]
+def _open(config: Path | None, write: bool = True):  # type: ignore[no-untyped-def]
+    """Settings, database and spool; the database read-only unless ``write``."""
+    from appliance.cli.common import read_database
     from appliance.cli.main import _settings
     from appliance.store.db import Database
     from appliance.store.spool import Spool
 
     settings = _settings(config)
-    db = Database(settings.db_path)
+    db = Database(settings.db_path) if write else read_database(settings.db_path)
     spool = Spool(settings.spool_dir, fsync=settings.storage.fsync,
                   min_free_bytes=settings.storage.min_free_mb * 1024 * 1024,
-                  quota_bytes=settings.storage.quota_mb * 1024 * 1024)
+                  quota_bytes=settings.storage.quota_mb * 1024 * 1024, create=write)
     return settings, db, spool
 
 
@@ -76,7 +79,7 @@ def cache_status(config: Path | None = ConfigOption,
     from appliance.ops.cache_policy import CachePolicy
     from appliance.store.cache import open_issues
 
-    settings, db, spool = _open(config)
+    settings, db, spool = _open(config, write=False)
     snapshot = CachePolicy(settings, db, spool).snapshot()
     issues = open_issues(db)
     if as_json:

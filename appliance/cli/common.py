@@ -1,17 +1,23 @@
-"""What every ``pas`` command shares: the consoles, how a configuration error ends it, and
-the argument types that name rows and states (so that help lists the valid values and a bad
-one is refused by the parser, before any database is opened)."""
+"""What every ``pas`` command shares: the consoles, how a configuration error ends it, how a
+command that only reads opens its database (read-only: it creates and migrates nothing, and a
+missing or outdated database is one line), and the argument types that name rows and states
+(so that help lists the valid values and a bad one is refused by the parser, before any
+database is opened)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from enum import StrEnum
-from typing import TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import typer
 from rich.console import Console
 
 from appliance.config import ConfigError
+
+if TYPE_CHECKING:
+    from appliance.store.db import Database
 
 T = TypeVar("T")
 
@@ -51,3 +57,24 @@ def settings_or_exit(load: Callable[[], T]) -> T:
         for problem in exc.problems:
             err.print(f"[red]config error[/red] {problem}", highlight=False)
         raise typer.Exit(2) from None
+
+
+# Where an administrator's shell finds the appliance's data: the hint when there is no database.
+HOME_HINT = ("not the home pas run uses? set PAS_HOME, or --config / PAS_CONFIG (on the "
+             "appliance: /etc/pas/appliance.toml, home /var/lib/pas)")
+
+
+def read_database(path: Path, migrations: list[str] | None = None,
+                  hint: str = HOME_HINT) -> Database:
+    """The database for a command that only reads: opened read-only, nothing created or
+    migrated. No database, or a schema other than this software's: one line, exit 1."""
+    from appliance.store.db import Database, DatabaseUnavailable
+
+    try:
+        if migrations is None:
+            return Database(path, readonly=True)
+        return Database(path, migrations, readonly=True)
+    except DatabaseUnavailable as exc:
+        where = f" ({hint})" if not path.exists() else ""
+        err.print(f"[red]{exc}[/red]{where}", highlight=False)
+        raise typer.Exit(1) from None

@@ -11,7 +11,14 @@ from rich.table import Table
 
 from appliance import __version__
 from appliance.cli import cache as cache_cli
-from appliance.cli.common import ROW_ID_MAX, JobState, console, err, settings_or_exit
+from appliance.cli.common import (
+    ROW_ID_MAX,
+    JobState,
+    console,
+    err,
+    read_database,
+    settings_or_exit,
+)
 from appliance.config import Settings, load_settings
 from appliance.ops.status import human_size
 
@@ -31,7 +38,8 @@ __import__("appliance.cli.ops", fromlist=["register"]).register(app)  # pas send
 
 
 ConfigOption = typer.Option(None, "--config", "-c", help="TOML file (default: $PAS_CONFIG, "
-                            "else $PAS_HOME/appliance.toml if present, else built-in defaults)")
+                            "else $PAS_HOME/appliance.toml if present, else without PAS_HOME "
+                            "/etc/pas/appliance.toml if present, else built-in defaults)")
 
 
 def _settings(path: Path | None) -> Settings:
@@ -39,9 +47,15 @@ def _settings(path: Path | None) -> Settings:
 
 
 def _db(settings: Settings):  # type: ignore[no-untyped-def]
+    """The database for a command that writes (created and migrated if need be)."""
     from appliance.store.db import Database
 
     return Database(settings.db_path)
+
+
+def _reader(settings: Settings):  # type: ignore[no-untyped-def]
+    """The database for a command that only reads: read-only, never created or migrated."""
+    return read_database(settings.db_path)
 
 
 def _when(timestamp: float | None) -> str:
@@ -97,7 +111,7 @@ def status(config: Path | None = ConfigOption,
     from appliance.ops.status import collect
 
     settings = _settings(config)
-    snapshot = collect(settings, _db(settings))
+    snapshot = collect(settings, _reader(settings))
     if as_json:
         print(json.dumps(snapshot, indent=2))
         return
@@ -142,7 +156,7 @@ def studies(config: Path | None = ConfigOption,
     from appliance.store.index import list_studies
 
     settings = _settings(config)
-    rows = list_studies(_db(settings), patient)
+    rows = list_studies(_reader(settings), patient)
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -205,7 +219,7 @@ def queue_list(config: Path | None = ConfigOption,
     from appliance.store.jobs import list_jobs
 
     settings = _settings(config)
-    rows = list_jobs(_db(settings), state.value if state else None)
+    rows = list_jobs(_reader(settings), state.value if state else None)
     if as_json:
         print(json.dumps(rows, indent=2))
         return

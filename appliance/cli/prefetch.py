@@ -14,18 +14,20 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from appliance.cli.common import ROW_ID_MAX, PrefetchState, console, err
+from appliance.cli.common import ROW_ID_MAX, PrefetchState, console, err, read_database
 
 app = typer.Typer(help="Priors on site before the patient arrives.", no_args_is_help=True)
 
 ConfigOption = typer.Option(None, "--config", "-c", help="TOML file (as for pas run)")
 
 
-def _db(config: Path | None):  # type: ignore[no-untyped-def]
+def _db(config: Path | None, write: bool = False):  # type: ignore[no-untyped-def]
+    """Read-only unless ``write`` (see :func:`appliance.cli.common.read_database`)."""
     from appliance.cli.main import _settings
     from appliance.store.db import Database
 
-    return Database(_settings(config).db_path)
+    path = _settings(config).db_path
+    return Database(path) if write else read_database(path)
 
 
 def _when(timestamp: float | None) -> str:
@@ -56,7 +58,7 @@ def patient(patient_id: str = typer.Argument(..., help="PatientID as the site kn
     if not patient_id or len(patient_id) > 64:
         err.print("[red]PATIENT_ID must be 1-64 characters[/red]")
         raise typer.Exit(2)
-    scheduled = store.schedule(_db(config), store.NewRequest(
+    scheduled = store.schedule(_db(config, write=True), store.NewRequest(
         f"manual:{patient_id}|{issuer}|{now():.6f}", "manual", patient_id, issuer, accession,
         modality.upper() if modality else None))
     console.print(f"prefetch request {scheduled.request_id} for patient {patient_id} queued")
