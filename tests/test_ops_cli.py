@@ -297,3 +297,37 @@ def test_read_only_commands_change_nothing_and_never_migrate(tmp_path: Path) -> 
             f"this software's ({len(MIGRATIONS)}); it was left as it is: the daemon (pas run, "
             "systemctl restart pas) migrates it at its start"], args
     assert _tree(old) == before
+
+
+def test_an_interactive_write_on_a_locked_database_says_busy_within_seconds(
+        tmp_path: Path) -> None:
+    """``pas queue retry`` (and every interactive write) waited SQLite's 30 s busy timeout on
+    a write lock held by another process, then said "database error: database is locked".
+    Now an interactive command waits 5 s and says what is going on; the daemon keeps 30 s
+    (its writes must ride over a long transaction: tests/faults/test_link_and_lock.py)."""
+    import sqlite3
+    import time
+
+    from appliance.store import db as store_db
+
+    home = tmp_path / "home"
+    store_db.Database(home / "pas.sqlite").close()
+    holder = sqlite3.connect(home / "pas.sqlite", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        for args in (("queue", "retry", "1"), ("cache", "pin", "1.2.3"),
+                     ("prefetch", "patient", "P1")):
+            started = time.monotonic()
+            result = _pas(home, *args, timeout=60)
+            waited = time.monotonic() - started
+            assert result.returncode == 1, (args, result.stdout, result.stderr)
+            assert result.stderr.strip().splitlines() == [
+                "database busy: another pas process holds a write lock; try again"], args
+            assert 4 < waited < 15, (args, waited)
+        # Reads do not wait for the write lock at all.
+        assert _pas(home, "queue", "list", timeout=60).returncode == 0
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert store_db.BUSY_TIMEOUT_MS == 30_000  # the daemon's connections (Database default)
+    assert _pas(home, "queue", "retry", "1").returncode == 1  # no such job, not busy

@@ -23,15 +23,24 @@ ConfigOption = typer.Option(None, "--config", "-c", help="TOML file (default: $P
                             "/etc/pas/appliance.toml if present, else built-in defaults)")
 
 
-def _open(config: Path | None, write: bool = True):  # type: ignore[no-untyped-def]
-    """Settings, database and spool; the database read-only unless ``write``."""
-    from appliance.cli.common import read_database
+def _open(config: Path | None, write: bool = True,  # type: ignore[no-untyped-def]
+          long_pass: bool = False):
+    """Settings, database and spool; the database read-only unless ``write``. A quick edit
+    (pin, unpin, purge) waits a few seconds for the write lock, then says the database is
+    busy; a long pass (verify, evict) waits as long as the daemon, rather than fail at its
+    end, after minutes of work, on a lock the daemon holds a little longer."""
+    from appliance.cli.common import read_database, write_database
     from appliance.cli.main import _settings
-    from appliance.store.db import Database
+    from appliance.store.db import BUSY_TIMEOUT_MS
     from appliance.store.spool import Spool
 
     settings = _settings(config)
-    db = Database(settings.db_path) if write else read_database(settings.db_path)
+    if not write:
+        db = read_database(settings.db_path)
+    elif long_pass:
+        db = write_database(settings.db_path, busy_timeout_ms=BUSY_TIMEOUT_MS)
+    else:
+        db = write_database(settings.db_path)
     spool = Spool(settings.spool_dir, fsync=settings.storage.fsync,
                   min_free_bytes=settings.storage.min_free_mb * 1024 * 1024,
                   quota_bytes=settings.storage.quota_mb * 1024 * 1024, create=write)
@@ -54,7 +63,7 @@ def verify(config: Path | None = ConfigOption,
     from appliance.ingest.receive import Receiver
     from appliance.ops.recovery import verify as run_verify
 
-    settings, db, spool = _open(config)
+    settings, db, spool = _open(config, long_pass=True)
     region = None
     if repair:  # through the hub when enrolled, or a plain DICOMweb region when configured
         from appliance.transfer.region import RegionClient
@@ -100,7 +109,7 @@ def cache_evict(config: Path | None = ConfigOption) -> None:
     """Run one eviction pass now (the daemon does it every cache.evict_interval_s)."""
     from appliance.ops.cache_policy import CachePolicy
 
-    settings, db, spool = _open(config)
+    settings, db, spool = _open(config, long_pass=True)
     result = CachePolicy(settings, db, spool).evict_if_needed()
     console.print(f"evicted {len(result.evicted)} studies, {result.freed_bytes} bytes; "
                   f"used {result.used_after}/{result.capacity}")

@@ -1,6 +1,7 @@
 """What every ``pas`` command shares: the consoles, how a configuration error ends it, how a
 command that only reads opens its database (read-only: it creates and migrates nothing, and a
-missing or outdated database is one line), and the argument types that name rows and states
+missing or outdated database is one line), how one that writes opens it (a short wait for
+the write lock, then "database busy"), and the argument types that name rows and states
 (so that help lists the valid values and a bad one is refused by the parser, before any
 database is opened)."""
 
@@ -64,6 +65,34 @@ HOME_HINT = ("not the home pas run uses? set PAS_HOME, or --config / PAS_CONFIG 
              "appliance: /etc/pas/appliance.toml, home /var/lib/pas)")
 
 
+# An interactive command waits this long for another process's write lock, then says the
+# database is busy (pas's entry point, appliance.cli.main:main), instead of 30 s of silence
+# then "database is locked". The daemon keeps BUSY_TIMEOUT_MS (store/db.py): its writes must
+# ride over another's long transaction, and nobody waits at a prompt for them.
+INTERACTIVE_BUSY_TIMEOUT_MS = 5_000
+BUSY_MESSAGE = "database busy: another pas process holds a write lock; try again"
+
+
+def is_busy(exc: BaseException) -> bool:
+    """SQLITE_BUSY / SQLITE_LOCKED: another connection holds the lock we waited for."""
+    import sqlite3
+
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    return isinstance(exc, sqlite3.OperationalError) and (
+        name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "database is locked" in str(exc))
+
+
+def write_database(path: Path, migrations: list[str] | None = None,
+                   busy_timeout_ms: int = INTERACTIVE_BUSY_TIMEOUT_MS) -> Database:
+    """The database for an interactive command that writes: created and migrated if need
+    be, as before, but waiting at most ``busy_timeout_ms`` for the write lock."""
+    from appliance.store.db import Database
+
+    if migrations is None:
+        return Database(path, busy_timeout_ms=busy_timeout_ms)
+    return Database(path, migrations, busy_timeout_ms=busy_timeout_ms)
+
+
 def read_database(path: Path, migrations: list[str] | None = None,
                   hint: str = HOME_HINT) -> Database:
     """The database for a command that only reads: opened read-only, nothing created or
@@ -72,8 +101,9 @@ def read_database(path: Path, migrations: list[str] | None = None,
 
     try:
         if migrations is None:
-            return Database(path, readonly=True)
-        return Database(path, migrations, readonly=True)
+            return Database(path, readonly=True, busy_timeout_ms=INTERACTIVE_BUSY_TIMEOUT_MS)
+        return Database(path, migrations, readonly=True,
+                        busy_timeout_ms=INTERACTIVE_BUSY_TIMEOUT_MS)
     except DatabaseUnavailable as exc:
         where = f" ({hint})" if not path.exists() else ""
         err.print(f"[red]{exc}[/red]{where}", highlight=False)

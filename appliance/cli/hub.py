@@ -12,7 +12,13 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from appliance.cli.common import console, err, read_database, settings_or_exit
+from appliance.cli.common import (
+    console,
+    err,
+    read_database,
+    settings_or_exit,
+    write_database,
+)
 from appliance.config import ConfigError
 
 hub_app = typer.Typer(help="The regional hub: PKI, enrolment tokens, the transfer service.",
@@ -35,9 +41,11 @@ def _hub_settings(path: Path | None):  # type: ignore[no-untyped-def]
 
 
 def _hub_db(settings):  # type: ignore[no-untyped-def]
-    from appliance.store.hub import open_hub_db
+    """The hub database for a command that writes (a short wait for the write lock, then
+    "database busy"; ``pas hub run`` opens its own, with the daemon's long wait)."""
+    from appliance.store.hub_schema import HUB_MIGRATIONS
 
-    return open_hub_db(settings.db_path)
+    return write_database(settings.db_path, HUB_MIGRATIONS)
 
 
 def _hub_reader(settings):  # type: ignore[no-untyped-def]

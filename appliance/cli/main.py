@@ -12,12 +12,15 @@ from rich.table import Table
 from appliance import __version__
 from appliance.cli import cache as cache_cli
 from appliance.cli.common import (
+    BUSY_MESSAGE,
     ROW_ID_MAX,
     JobState,
     console,
     err,
+    is_busy,
     read_database,
     settings_or_exit,
+    write_database,
 )
 from appliance.config import Settings, load_settings
 from appliance.ops.status import human_size
@@ -47,10 +50,9 @@ def _settings(path: Path | None) -> Settings:
 
 
 def _db(settings: Settings):  # type: ignore[no-untyped-def]
-    """The database for a command that writes (created and migrated if need be)."""
-    from appliance.store.db import Database
-
-    return Database(settings.db_path)
+    """The database for a command that writes (created and migrated if need be; a short
+    wait for the write lock: :func:`appliance.cli.common.write_database`)."""
+    return write_database(settings.db_path)
 
 
 def _reader(settings: Settings):  # type: ignore[no-untyped-def]
@@ -252,7 +254,8 @@ def queue_retry(job_id: int = typer.Argument(..., min=1, max=ROW_ID_MAX, help="A
 def main() -> None:
     """The ``pas`` entry point: what the file system or the database refuses is said in one
     line, not a traceback (an IT account running ``pas status`` on the appliance's
-    /var/lib/pas, which belongs to the ``pas`` user, met a 40-line PermissionError)."""
+    /var/lib/pas, which belongs to the ``pas`` user, met a 40-line PermissionError). A write
+    lock held past an interactive command's short wait is "database busy"."""
     import sqlite3
     import sys
 
@@ -264,7 +267,10 @@ def main() -> None:
                   highlight=False)
         sys.exit(1)
     except sqlite3.DatabaseError as exc:
-        err.print(f"[red]database error:[/red] {exc}", highlight=False)
+        if is_busy(exc):  # an interactive command's short wait for the write lock ran out
+            err.print(f"[red]{BUSY_MESSAGE}[/red]", highlight=False)
+        else:
+            err.print(f"[red]database error:[/red] {exc}", highlight=False)
         sys.exit(1)
 
 

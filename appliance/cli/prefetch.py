@@ -14,7 +14,14 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from appliance.cli.common import ROW_ID_MAX, PrefetchState, console, err, read_database
+from appliance.cli.common import (
+    ROW_ID_MAX,
+    PrefetchState,
+    console,
+    err,
+    read_database,
+    write_database,
+)
 
 app = typer.Typer(help="Priors on site before the patient arrives.", no_args_is_help=True)
 
@@ -24,10 +31,9 @@ ConfigOption = typer.Option(None, "--config", "-c", help="TOML file (as for pas 
 def _db(config: Path | None, write: bool = False):  # type: ignore[no-untyped-def]
     """Read-only unless ``write`` (see :func:`appliance.cli.common.read_database`)."""
     from appliance.cli.main import _settings
-    from appliance.store.db import Database
 
     path = _settings(config).db_path
-    return Database(path) if write else read_database(path)
+    return write_database(path) if write else read_database(path)
 
 
 def _when(timestamp: float | None) -> str:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from appliance.store.schema import MIGRATIONS
 
-BUSY_TIMEOUT_MS = 30_000
+BUSY_TIMEOUT_MS = 30_000  # the daemon's: its writes ride over another's long transaction
 
 
 class DatabaseUnavailable(Exception):
@@ -63,9 +63,13 @@ class Database:
     """A path plus one connection per thread. Cheap to share between threads."""
 
     def __init__(self, path: Path, migrations: list[str] = MIGRATIONS, *,
-                 readonly: bool = False):
+                 readonly: bool = False, busy_timeout_ms: int = BUSY_TIMEOUT_MS):
+        """``busy_timeout_ms``: how long a write waits for another process's write lock
+        before SQLite says "database is locked" (the daemon: 30 s; interactive commands wait
+        less, see :mod:`appliance.cli.common`)."""
         self.path = Path(path)
         self.readonly = readonly
+        self.busy_timeout_ms = busy_timeout_ms
         if readonly:
             if not self.path.is_file():
                 raise DatabaseUnavailable(f"no database at {self.path}")
@@ -99,7 +103,7 @@ class Database:
             immutable = "" if any(p.exists() for p in sidecars) else "&immutable=1"
             target = f"{self.path.absolute().as_uri()}?mode=ro{immutable}"
         conn = sqlite3.connect(
-            target, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+            target, timeout=self.busy_timeout_ms / 1000, isolation_level=None,
             check_same_thread=False, uri=self.readonly,
         )
         conn.row_factory = sqlite3.Row
@@ -109,7 +113,7 @@ class Database:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
-        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        conn.execute(f"PRAGMA busy_timeout={self.busy_timeout_ms}")
         with self._pool_lock:
             self._open.add(conn)
         return conn
