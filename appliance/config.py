@@ -615,6 +615,12 @@ def read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(handle)
     except FileNotFoundError:
         raise ConfigError([f"{path}: file not found"]) from None
+    except IsADirectoryError:  # pas config check /tmp: was a traceback
+        raise ConfigError([f"{path}: is a directory, not a TOML file"]) from None
+    except PermissionError:
+        raise  # pas's entry point says it in one line, with whom to run as
+    except OSError as exc:  # a path through a file, a loop of links, an I/O error
+        raise ConfigError([f"{path}: cannot be read ({exc.strerror or exc})"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: not valid TOML ({exc})"]) from None
     except UnicodeDecodeError as exc:  # found by fuzzing: TOML must be UTF-8
@@ -622,13 +628,27 @@ def read_toml(path: Path) -> dict[str, Any]:
                            f"UTF-8)"]) from None
 
 
-def default_config_path(environ: dict[str, str] | None = None) -> Path | None:
-    """``$PAS_CONFIG``, else ``$PAS_HOME/appliance.toml`` when it exists, else none."""
+# The appliance image's configuration, the one its systemd unit runs ``pas run --config`` on.
+SYSTEM_CONFIG = Path("/etc/pas/appliance.toml")
+
+
+def default_config_path(environ: dict[str, str] | None = None,
+                        system_config: Path = SYSTEM_CONFIG) -> Path | None:
+    """``$PAS_CONFIG``, else ``$PAS_HOME/appliance.toml`` when it exists, else (no PAS_HOME
+    set) ``/etc/pas/appliance.toml`` when it exists, else none.
+
+    The last is for an administrator's shell on the appliance: ``pas status`` (also under
+    ``sudo -u pas``, which drops the environment) reads the configuration the unit runs on,
+    whose ``home`` is ``/var/lib/pas``, instead of an empty ``./var``."""
     environ = dict(os.environ) if environ is None else environ
     if environ.get("PAS_CONFIG"):
         return Path(environ["PAS_CONFIG"])
     candidate = Path(environ.get("PAS_HOME", "./var")) / "appliance.toml"
-    return candidate if candidate.exists() else None
+    if candidate.exists():
+        return candidate
+    if not environ.get("PAS_HOME") and system_config.is_file():
+        return system_config
+    return None
 
 
 def load_settings(path: Path | None = None, environ: dict[str, str] | None = None) -> Settings:

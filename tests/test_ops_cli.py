@@ -158,3 +158,176 @@ def test_cache_pin_refuses_a_duration_that_is_not_positive(pas: PasProcess) -> N
         assert result.returncode == 2, (days, result.stdout, result.stderr)
         assert "--days must be a positive number of days" in result.stderr
     assert "pinned" in pas.cli("cache", "pin", study["study_uid"], "--days", "2").stdout
+
+
+def _pas(home: Path, *args: str, env: dict[str, str] | None = None,
+         timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``pas ARGS`` as an administrator types it, with PAS_HOME set to ``home``."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PAS_")}
+    return subprocess.run([str(PAS_BIN), *args], env={**environ, "PAS_HOME": str(home),
+                                                      **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_config_path_that_is_a_directory_is_one_config_error(tmp_path: Path) -> None:
+    """``pas config check /tmp`` (or --config DIR) printed an IsADirectoryError traceback."""
+    home = tmp_path / "home"
+    for args in (("config", "check", str(tmp_path)), ("status", "--config", str(tmp_path)),
+                 ("queue", "list", "--config", str(tmp_path))):
+        result = _pas(home, *args)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        assert "Traceback" not in result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert lines == [f"config error {tmp_path}: is a directory, not a TOML file"], args
+    assert not home.exists()
+
+
+def test_rules_test_refuses_a_file_without_a_dataset(tmp_path: Path) -> None:
+    """A file that is only the preamble and "DICM", or only a file meta, was "routed" (every
+    rule evaluated on empty attributes, exit 0), as if it were an image."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.filewriter import dcmwrite
+
+    bare = tmp_path / "bare.dcm"
+    bare.write_bytes(b"\0" * 128 + b"DICM")
+    meta_only = tmp_path / "meta-only.dcm"
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    dataset = Dataset()
+    dataset.file_meta = meta
+    dcmwrite(meta_only, dataset, enforce_file_format=True)
+    for path in (bare, meta_only):
+        result = _pas(tmp_path / "home", "rules", "test", str(path))
+        assert result.returncode == 2, (path, result.stdout, result.stderr)
+        assert result.stdout == ""
+        assert result.stderr.strip().splitlines() == [
+            f"{path}: no dataset after the DICOM file header (nothing to route)"]
+    # A real image is still explained.
+    real = _pas(tmp_path / "home", "rules", "test", str(FILES[0]))
+    assert real.returncode == 0 and "->" in real.stdout
+
+
+def _plain(text: str) -> str:
+    """A usage error as one line of words (typer draws it in a box wrapped at 80 columns)."""
+    return " ".join(text.replace("│", " ").replace("╭", " ").replace("╰", " ").split())
+
+
+def test_queue_and_prefetch_refuse_unknown_states_and_ids_beyond_sqlite(
+        tmp_path: Path) -> None:
+    """``pas queue retry 99999999999999999999999`` was an OverflowError traceback (SQLite
+    integers are 64-bit); ``pas queue list --state bogus`` listed 0 jobs, exit 0."""
+    home = tmp_path / "home"
+    huge = "99999999999999999999999"
+    for args in (("queue", "retry", huge), ("prefetch", "show", huge)):
+        result = _pas(home, *args)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        assert "Traceback" not in result.stderr and "OverflowError" not in result.stderr
+        assert "less than or equal to 9223372036854775807" in _plain(result.stderr)
+    bogus = _pas(home, "queue", "list", "--state", "bogus")
+    assert bogus.returncode == 2, (bogus.stdout, bogus.stderr)
+    assert "'bogus' is not one of 'pending', 'running', 'done', 'failed'" in _plain(
+        bogus.stderr)
+    bogus = _pas(home, "prefetch", "list", "--state", "done")
+    assert bogus.returncode == 2, (bogus.stdout, bogus.stderr)
+    assert "'pending', 'running', 'fetched', 'failed', 'cancelled'" in _plain(bogus.stderr)
+    usage = _pas(home, "queue", "list", "--help", env={"COLUMNS": "200"}).stdout
+    assert "pending|running|done|failed" in usage
+    assert not home.exists()  # refused by the parser, before anything was opened
+
+
+READ_ONLY_COMMANDS = [("status",), ("status", "--json"), ("studies",), ("queue", "list"),
+                      ("prefetch", "list"), ("cache", "status")]
+
+
+def _tree(folder: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every file under ``folder``: size, mtime in ns and bytes."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_read_only_commands_create_nothing_where_there_is_no_database(tmp_path: Path) -> None:
+    """``pas status`` on a home that does not exist (a typo, or an admin's shell without
+    PAS_HOME) created the home and an empty database, ran the migrations, and showed zeros
+    as if the appliance held nothing."""
+    home = tmp_path / "nowhere"
+    for args in READ_ONLY_COMMANDS:
+        result = _pas(home, *args)
+        assert result.returncode == 1, (args, result.stdout, result.stderr)
+        assert result.stdout == "", args
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith(f"no database at {home / 'pas.sqlite'} ("), (args, line)
+        assert "PAS_HOME" in line and "/etc/pas/appliance.toml" in line, line
+    hub_home = tmp_path / "no-hub"
+    for args in (("hub", "sites"), ("hub", "transfers")):
+        result = _pas(home, *args, env={"PAS_HUB_HOME": str(hub_home)})
+        assert result.returncode == 1, (args, result.stdout, result.stderr)
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith(f"no database at {hub_home / 'hub.sqlite'} (") and (
+            "PAS_HUB_HOME" in line), line
+    assert not home.exists() and not hub_home.exists()
+
+
+def test_read_only_commands_change_nothing_and_never_migrate(tmp_path: Path) -> None:
+    """On an existing database the read-only commands leave every byte and every mtime as
+    they were, and create no file (no -wal/-shm: one made by root's ``pas status`` is not
+    writable by the daemon's user). A database older than the software is said so, not
+    migrated."""
+    from appliance.store.db import Database
+    from appliance.store.schema import MIGRATIONS
+
+    home = tmp_path / "home"
+    Database(home / "pas.sqlite").close()
+    before = _tree(home)
+    for args in READ_ONLY_COMMANDS:
+        result = _pas(home, *args)
+        assert result.returncode == 0, (args, result.stdout, result.stderr)
+    assert json.loads(_pas(home, "status", "--json").stdout)["instances"] == 0
+    assert _tree(home) == before
+
+    old = tmp_path / "old"
+    Database(old / "pas.sqlite", MIGRATIONS[:-1]).close()
+    before = _tree(old)
+    for args in READ_ONLY_COMMANDS:
+        result = _pas(old, *args)
+        assert result.returncode == 1, (args, result.stdout, result.stderr)
+        assert result.stderr.strip().splitlines() == [
+            f"{old / 'pas.sqlite'}: database schema {len(MIGRATIONS) - 1} is older than "
+            f"this software's ({len(MIGRATIONS)}); it was left as it is: the daemon (pas run, "
+            "systemctl restart pas) migrates it at its start"], args
+    assert _tree(old) == before
+
+
+def test_an_interactive_write_on_a_locked_database_says_busy_within_seconds(
+        tmp_path: Path) -> None:
+    """``pas queue retry`` (and every interactive write) waited SQLite's 30 s busy timeout on
+    a write lock held by another process, then said "database error: database is locked".
+    Now an interactive command waits 5 s and says what is going on; the daemon keeps 30 s
+    (its writes must ride over a long transaction: tests/faults/test_link_and_lock.py)."""
+    import sqlite3
+    import time
+
+    from appliance.store import db as store_db
+
+    home = tmp_path / "home"
+    store_db.Database(home / "pas.sqlite").close()
+    holder = sqlite3.connect(home / "pas.sqlite", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        for args in (("queue", "retry", "1"), ("cache", "pin", "1.2.3"),
+                     ("prefetch", "patient", "P1")):
+            started = time.monotonic()
+            result = _pas(home, *args, timeout=60)
+            waited = time.monotonic() - started
+            assert result.returncode == 1, (args, result.stdout, result.stderr)
+            assert result.stderr.strip().splitlines() == [
+                "database busy: another pas process holds a write lock; try again"], args
+            assert 4 < waited < 15, (args, waited)
+        # Reads do not wait for the write lock at all.
+        assert _pas(home, "queue", "list", timeout=60).returncode == 0
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert store_db.BUSY_TIMEOUT_MS == 30_000  # the daemon's connections (Database default)
+    assert _pas(home, "queue", "retry", "1").returncode == 1  # no such job, not busy

@@ -19,19 +19,31 @@ cache_app = typer.Typer(help="The local cache: pins, eviction, purge, integrity.
                         no_args_is_help=True)
 
 ConfigOption = typer.Option(None, "--config", "-c", help="TOML file (default: $PAS_CONFIG, "
-                            "else $PAS_HOME/appliance.toml if present)")
+                            "else $PAS_HOME/appliance.toml if present, else without PAS_HOME "
+                            "/etc/pas/appliance.toml if present, else built-in defaults)")
 
 
-def _open(config: Path | None):  # type: ignore[no-untyped-def]
+def _open(config: Path | None, write: bool = True,  # type: ignore[no-untyped-def]
+          long_pass: bool = False):
+    """Settings, database and spool; the database read-only unless ``write``. A quick edit
+    (pin, unpin, purge) waits a few seconds for the write lock, then says the database is
+    busy; a long pass (verify, evict) waits as long as the daemon, rather than fail at its
+    end, after minutes of work, on a lock the daemon holds a little longer."""
+    from appliance.cli.common import read_database, write_database
     from appliance.cli.main import _settings
-    from appliance.store.db import Database
+    from appliance.store.db import BUSY_TIMEOUT_MS
     from appliance.store.spool import Spool
 
     settings = _settings(config)
-    db = Database(settings.db_path)
+    if not write:
+        db = read_database(settings.db_path)
+    elif long_pass:
+        db = write_database(settings.db_path, busy_timeout_ms=BUSY_TIMEOUT_MS)
+    else:
+        db = write_database(settings.db_path)
     spool = Spool(settings.spool_dir, fsync=settings.storage.fsync,
                   min_free_bytes=settings.storage.min_free_mb * 1024 * 1024,
-                  quota_bytes=settings.storage.quota_mb * 1024 * 1024)
+                  quota_bytes=settings.storage.quota_mb * 1024 * 1024, create=write)
     return settings, db, spool
 
 
@@ -51,7 +63,7 @@ def verify(config: Path | None = ConfigOption,
     from appliance.ingest.receive import Receiver
     from appliance.ops.recovery import verify as run_verify
 
-    settings, db, spool = _open(config)
+    settings, db, spool = _open(config, long_pass=True)
     region = None
     if repair:  # through the hub when enrolled, or a plain DICOMweb region when configured
         from appliance.transfer.region import RegionClient
@@ -76,7 +88,7 @@ def cache_status(config: Path | None = ConfigOption,
     from appliance.ops.cache_policy import CachePolicy
     from appliance.store.cache import open_issues
 
-    settings, db, spool = _open(config)
+    settings, db, spool = _open(config, write=False)
     snapshot = CachePolicy(settings, db, spool).snapshot()
     issues = open_issues(db)
     if as_json:
@@ -97,7 +109,7 @@ def cache_evict(config: Path | None = ConfigOption) -> None:
     """Run one eviction pass now (the daemon does it every cache.evict_interval_s)."""
     from appliance.ops.cache_policy import CachePolicy
 
-    settings, db, spool = _open(config)
+    settings, db, spool = _open(config, long_pass=True)
     result = CachePolicy(settings, db, spool).evict_if_needed()
     console.print(f"evicted {len(result.evicted)} studies, {result.freed_bytes} bytes; "
                   f"used {result.used_after}/{result.capacity}")

@@ -1,20 +1,53 @@
-"""What every ``pas`` command shares: the consoles and how a configuration error ends it."""
+"""What every ``pas`` command shares: the consoles, how a configuration error ends it, how a
+command that only reads opens its database (read-only: it creates and migrates nothing, and a
+missing or outdated database is one line), how one that writes opens it (a short wait for
+the write lock, then "database busy"), and the argument types that name rows and states
+(so that help lists the valid values and a bad one is refused by the parser, before any
+database is opened)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import typer
 from rich.console import Console
 
 from appliance.config import ConfigError
 
+if TYPE_CHECKING:
+    from appliance.store.db import Database
+
 T = TypeVar("T")
 
 console = Console()
 # Errors stay one line each (no wrapping at the terminal width): greppable in scripts and logs.
 err = Console(stderr=True, soft_wrap=True)
+
+
+# SQLite's INTEGER is 64-bit: a larger ID names no row (it raised OverflowError at binding).
+ROW_ID_MAX = 2**63 - 1
+
+
+class JobState(StrEnum):
+    """The states of a delivery job (``jobs.state``)."""
+
+    pending = "pending"
+    running = "running"
+    done = "done"
+    failed = "failed"
+
+
+class PrefetchState(StrEnum):
+    """The states of a prefetch request (``prefetch_requests.state``)."""
+
+    pending = "pending"
+    running = "running"
+    fetched = "fetched"
+    failed = "failed"
+    cancelled = "cancelled"
 
 
 def settings_or_exit(load: Callable[[], T]) -> T:
@@ -25,3 +58,53 @@ def settings_or_exit(load: Callable[[], T]) -> T:
         for problem in exc.problems:
             err.print(f"[red]config error[/red] {problem}", highlight=False)
         raise typer.Exit(2) from None
+
+
+# Where an administrator's shell finds the appliance's data: the hint when there is no database.
+HOME_HINT = ("not the home pas run uses? set PAS_HOME, or --config / PAS_CONFIG (on the "
+             "appliance: /etc/pas/appliance.toml, home /var/lib/pas)")
+
+
+# An interactive command waits this long for another process's write lock, then says the
+# database is busy (pas's entry point, appliance.cli.main:main), instead of 30 s of silence
+# then "database is locked". The daemon keeps BUSY_TIMEOUT_MS (store/db.py): its writes must
+# ride over another's long transaction, and nobody waits at a prompt for them.
+INTERACTIVE_BUSY_TIMEOUT_MS = 5_000
+BUSY_MESSAGE = "database busy: another pas process holds a write lock; try again"
+
+
+def is_busy(exc: BaseException) -> bool:
+    """SQLITE_BUSY / SQLITE_LOCKED: another connection holds the lock we waited for."""
+    import sqlite3
+
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    return isinstance(exc, sqlite3.OperationalError) and (
+        name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "database is locked" in str(exc))
+
+
+def write_database(path: Path, migrations: list[str] | None = None,
+                   busy_timeout_ms: int = INTERACTIVE_BUSY_TIMEOUT_MS) -> Database:
+    """The database for an interactive command that writes: created and migrated if need
+    be, as before, but waiting at most ``busy_timeout_ms`` for the write lock."""
+    from appliance.store.db import Database
+
+    if migrations is None:
+        return Database(path, busy_timeout_ms=busy_timeout_ms)
+    return Database(path, migrations, busy_timeout_ms=busy_timeout_ms)
+
+
+def read_database(path: Path, migrations: list[str] | None = None,
+                  hint: str = HOME_HINT) -> Database:
+    """The database for a command that only reads: opened read-only, nothing created or
+    migrated. No database, or a schema other than this software's: one line, exit 1."""
+    from appliance.store.db import Database, DatabaseUnavailable
+
+    try:
+        if migrations is None:
+            return Database(path, readonly=True, busy_timeout_ms=INTERACTIVE_BUSY_TIMEOUT_MS)
+        return Database(path, migrations, readonly=True,
+                        busy_timeout_ms=INTERACTIVE_BUSY_TIMEOUT_MS)
+    except DatabaseUnavailable as exc:
+        where = f" ({hint})" if not path.exists() else ""
+        err.print(f"[red]{exc}[/red]{where}", highlight=False)
+        raise typer.Exit(1) from None

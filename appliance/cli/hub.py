@@ -12,7 +12,13 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from appliance.cli.common import console, err, settings_or_exit
+from appliance.cli.common import (
+    console,
+    err,
+    read_database,
+    settings_or_exit,
+    write_database,
+)
 from appliance.config import ConfigError
 
 hub_app = typer.Typer(help="The regional hub: PKI, enrolment tokens, the transfer service.",
@@ -35,9 +41,19 @@ def _hub_settings(path: Path | None):  # type: ignore[no-untyped-def]
 
 
 def _hub_db(settings):  # type: ignore[no-untyped-def]
-    from appliance.store.hub import open_hub_db
+    """The hub database for a command that writes (a short wait for the write lock, then
+    "database busy"; ``pas hub run`` opens its own, with the daemon's long wait)."""
+    from appliance.store.hub_schema import HUB_MIGRATIONS
 
-    return open_hub_db(settings.db_path)
+    return write_database(settings.db_path, HUB_MIGRATIONS)
+
+
+def _hub_reader(settings):  # type: ignore[no-untyped-def]
+    """The hub database for a command that only reads: read-only, never created."""
+    from appliance.store.hub_schema import HUB_MIGRATIONS
+
+    return read_database(settings.db_path, HUB_MIGRATIONS, hint="not the hub's home? set "
+                         "PAS_HUB_HOME or --config; pas hub init creates it")
 
 
 SITE_HELP = "site name: letters, digits, '-' or '_', at most 64"
@@ -109,7 +125,7 @@ def hub_sites(config: Path | None = HubConfigOption) -> None:
     """Certificates issued, and their state."""
     from appliance.store.hub import list_certificates
 
-    rows = list_certificates(_hub_db(_hub_settings(config)))
+    rows = list_certificates(_hub_reader(_hub_settings(config)))
     table = Table(title=f"{len(rows)} certificates")
     for column in ("site", "serial", "valid until", "state"):
         table.add_column(column)
@@ -125,7 +141,7 @@ def hub_transfers(config: Path | None = HubConfigOption,
     """Recent transfers: buckets held, bytes received, committed or not."""
     from appliance.store.hub import list_transfers
 
-    rows = list_transfers(_hub_db(_hub_settings(config)), site)
+    rows = list_transfers(_hub_reader(_hub_settings(config)), site)
     table = Table(title=f"{len(rows)} transfers")
     for column in ("site", "transfer", "study UID", "instances", "buckets", "received",
                    "committed"):

@@ -11,7 +11,17 @@ from rich.table import Table
 
 from appliance import __version__
 from appliance.cli import cache as cache_cli
-from appliance.cli.common import console, err, settings_or_exit
+from appliance.cli.common import (
+    BUSY_MESSAGE,
+    ROW_ID_MAX,
+    JobState,
+    console,
+    err,
+    is_busy,
+    read_database,
+    settings_or_exit,
+    write_database,
+)
 from appliance.config import Settings, load_settings
 from appliance.ops.status import human_size
 
@@ -31,7 +41,8 @@ __import__("appliance.cli.ops", fromlist=["register"]).register(app)  # pas send
 
 
 ConfigOption = typer.Option(None, "--config", "-c", help="TOML file (default: $PAS_CONFIG, "
-                            "else $PAS_HOME/appliance.toml if present, else built-in defaults)")
+                            "else $PAS_HOME/appliance.toml if present, else without PAS_HOME "
+                            "/etc/pas/appliance.toml if present, else built-in defaults)")
 
 
 def _settings(path: Path | None) -> Settings:
@@ -39,9 +50,14 @@ def _settings(path: Path | None) -> Settings:
 
 
 def _db(settings: Settings):  # type: ignore[no-untyped-def]
-    from appliance.store.db import Database
+    """The database for a command that writes (created and migrated if need be; a short
+    wait for the write lock: :func:`appliance.cli.common.write_database`)."""
+    return write_database(settings.db_path)
 
-    return Database(settings.db_path)
+
+def _reader(settings: Settings):  # type: ignore[no-untyped-def]
+    """The database for a command that only reads: read-only, never created or migrated."""
+    return read_database(settings.db_path)
 
 
 def _when(timestamp: float | None) -> str:
@@ -97,7 +113,7 @@ def status(config: Path | None = ConfigOption,
     from appliance.ops.status import collect
 
     settings = _settings(config)
-    snapshot = collect(settings, _db(settings))
+    snapshot = collect(settings, _reader(settings))
     if as_json:
         print(json.dumps(snapshot, indent=2))
         return
@@ -142,7 +158,7 @@ def studies(config: Path | None = ConfigOption,
     from appliance.store.index import list_studies
 
     settings = _settings(config)
-    rows = list_studies(_db(settings), patient)
+    rows = list_studies(_reader(settings), patient)
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -173,6 +189,10 @@ def rules_test(file: Path = typer.Argument(..., exists=True, dir_okay=False),
     except Exception as exc:
         err.print(f"[red]{file}: not a readable DICOM file:[/red] {exc}")
         raise typer.Exit(2) from None
+    if len(ds) == 0:  # only the preamble and "DICM", or only a file meta: nothing to route
+        err.print(f"[red]{file}: no dataset after the DICOM file header (nothing to route)"
+                  "[/red]", highlight=False)
+        raise typer.Exit(2)
     attributes = {
         "calling_ae": calling_ae, "called_ae": settings.dicom.ae_title,
         "modality": str(ds.get("Modality", "")), "sop_class": str(ds.get("SOPClassUID", "")),
@@ -195,13 +215,13 @@ def rules_test(file: Path = typer.Argument(..., exists=True, dir_okay=False),
 
 @queue_app.command("list")
 def queue_list(config: Path | None = ConfigOption,
-               state: str | None = typer.Option(None, help="pending, running, done, failed"),
+               state: JobState | None = typer.Option(None, help="Only the jobs in this state"),
                as_json: bool = typer.Option(False, "--json")) -> None:
     """Jobs, newest first."""
     from appliance.store.jobs import list_jobs
 
     settings = _settings(config)
-    rows = list_jobs(_db(settings), state)
+    rows = list_jobs(_reader(settings), state.value if state else None)
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -218,7 +238,9 @@ def queue_list(config: Path | None = ConfigOption,
 
 
 @queue_app.command("retry")
-def queue_retry(job_id: int, config: Path | None = ConfigOption) -> None:
+def queue_retry(job_id: int = typer.Argument(..., min=1, max=ROW_ID_MAX, help="As in pas "
+                                             "queue list"),
+                config: Path | None = ConfigOption) -> None:
     """Make a failed job due now, with its attempts reset."""
     from appliance.store.jobs import retry
 
@@ -232,7 +254,8 @@ def queue_retry(job_id: int, config: Path | None = ConfigOption) -> None:
 def main() -> None:
     """The ``pas`` entry point: what the file system or the database refuses is said in one
     line, not a traceback (an IT account running ``pas status`` on the appliance's
-    /var/lib/pas, which belongs to the ``pas`` user, met a 40-line PermissionError)."""
+    /var/lib/pas, which belongs to the ``pas`` user, met a 40-line PermissionError). A write
+    lock held past an interactive command's short wait is "database busy"."""
     import sqlite3
     import sys
 
@@ -244,7 +267,10 @@ def main() -> None:
                   highlight=False)
         sys.exit(1)
     except sqlite3.DatabaseError as exc:
-        err.print(f"[red]database error:[/red] {exc}", highlight=False)
+        if is_busy(exc):  # an interactive command's short wait for the write lock ran out
+            err.print(f"[red]{BUSY_MESSAGE}[/red]", highlight=False)
+        else:
+            err.print(f"[red]database error:[/red] {exc}", highlight=False)
         sys.exit(1)
 
 

@@ -14,18 +14,26 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from appliance.cli.common import console, err
+from appliance.cli.common import (
+    ROW_ID_MAX,
+    PrefetchState,
+    console,
+    err,
+    read_database,
+    write_database,
+)
 
 app = typer.Typer(help="Priors on site before the patient arrives.", no_args_is_help=True)
 
 ConfigOption = typer.Option(None, "--config", "-c", help="TOML file (as for pas run)")
 
 
-def _db(config: Path | None):  # type: ignore[no-untyped-def]
+def _db(config: Path | None, write: bool = False):  # type: ignore[no-untyped-def]
+    """Read-only unless ``write`` (see :func:`appliance.cli.common.read_database`)."""
     from appliance.cli.main import _settings
-    from appliance.store.db import Database
 
-    return Database(_settings(config).db_path)
+    path = _settings(config).db_path
+    return write_database(path) if write else read_database(path)
 
 
 def _when(timestamp: float | None) -> str:
@@ -56,15 +64,15 @@ def patient(patient_id: str = typer.Argument(..., help="PatientID as the site kn
     if not patient_id or len(patient_id) > 64:
         err.print("[red]PATIENT_ID must be 1-64 characters[/red]")
         raise typer.Exit(2)
-    scheduled = store.schedule(_db(config), store.NewRequest(
+    scheduled = store.schedule(_db(config, write=True), store.NewRequest(
         f"manual:{patient_id}|{issuer}|{now():.6f}", "manual", patient_id, issuer, accession,
         modality.upper() if modality else None))
     console.print(f"prefetch request {scheduled.request_id} for patient {patient_id} queued")
 
 
 @app.command("list")
-def list_requests(state: str | None = typer.Option(
-                      None, help="pending, running, fetched, failed, cancelled"),
+def list_requests(state: PrefetchState | None = typer.Option(
+                      None, help="Only the requests in this state"),
                   as_json: bool = typer.Option(False, "--json"),
                   config: Path | None = ConfigOption) -> None:
     """Prefetch requests, newest first: pending, fetched, failed, and the lead time achieved
@@ -72,7 +80,7 @@ def list_requests(state: str | None = typer.Option(
     from appliance.store import prefetch as store
 
     db = _db(config)
-    rows = store.list_requests(db, state)
+    rows = store.list_requests(db, state.value if state else None)
     if as_json:
         print(json.dumps({"counts": store.counts_by_state(db), "requests": rows}, indent=2))
         return
@@ -90,7 +98,8 @@ def list_requests(state: str | None = typer.Option(
 
 
 @app.command("show")
-def show(request_id: int, config: Path | None = ConfigOption) -> None:
+def show(request_id: int = typer.Argument(..., min=1, max=ROW_ID_MAX),
+         config: Path | None = ConfigOption) -> None:
     """One request and the prior studies it chose."""
     from appliance.store import prefetch as store
 

@@ -483,7 +483,8 @@ def disk_usage(spool: Spool, db: Database, quota_bytes: int) -> tuple[int, int]:
     spool's file system."""
     if quota_bytes:
         return index.spool_bytes(db), quota_bytes
-    usage = shutil.disk_usage(spool.root)
+    # The spool's file system; a read-only command may meet a home without a spool yet.
+    usage = shutil.disk_usage(next(p for p in (spool.root, *spool.root.parents) if p.exists()))
     return usage.total - usage.free, usage.total
 
 

@@ -11,6 +11,15 @@ thousand associations holds a handful of connections, not one per thread it ever
 holds three file descriptors and its page cache). ``synchronous=FULL`` makes a
 committed transaction survive power loss, which invariant 1 needs: a C-STORE success is
 answered only after its row committed.
+
+``Database(path, readonly=True)`` is how commands that only read (``pas status``, ``pas
+studies``, ``pas queue list``...) open it: they create nothing and change nothing. A missing
+file, or a schema older or newer than this software's, is :class:`DatabaseUnavailable` (never
+created, never migrated: only ``pas run`` migrates). SQLite opens it with ``mode=ro``; when no
+``-wal``/``-shm`` file is there (no daemon has it open, and the last one checkpointed), also
+``immutable=1``, since ``mode=ro`` alone creates those two files, and one created by root's
+``pas status`` in ``/var/lib/pas`` is not writable by the daemon's ``pas`` user. A daemon that
+starts during such a read is not seen by it (the read is a snapshot of the file as it was).
 """
 
 from __future__ import annotations
@@ -25,7 +34,12 @@ from pathlib import Path
 
 from appliance.store.schema import MIGRATIONS
 
-BUSY_TIMEOUT_MS = 30_000
+BUSY_TIMEOUT_MS = 30_000  # the daemon's: its writes ride over another's long transaction
+
+
+class DatabaseUnavailable(Exception):
+    """A read-only open found no database file, or a schema this software does not read as
+    it is (older: ``pas run`` migrates it; newer: an older PAS was reinstalled)."""
 
 
 IDLE_CONNECTIONS = 8  # kept open for the next threads; more are closed when their thread ends
@@ -48,15 +62,28 @@ class _ThreadConnection:
 class Database:
     """A path plus one connection per thread. Cheap to share between threads."""
 
-    def __init__(self, path: Path, migrations: list[str] = MIGRATIONS):
+    def __init__(self, path: Path, migrations: list[str] = MIGRATIONS, *,
+                 readonly: bool = False, busy_timeout_ms: int = BUSY_TIMEOUT_MS):
+        """``busy_timeout_ms``: how long a write waits for another process's write lock
+        before SQLite says "database is locked" (the daemon: 30 s; interactive commands wait
+        less, see :mod:`appliance.cli.common`)."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.readonly = readonly
+        self.busy_timeout_ms = busy_timeout_ms
+        if readonly:
+            if not self.path.is_file():
+                raise DatabaseUnavailable(f"no database at {self.path}")
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._open: set[sqlite3.Connection] = set()  # every connection not closed yet
         self._idle: list[sqlite3.Connection] = []    # open, owned by no thread
         self._pool_lock = threading.Lock()
         self._closed = False
-        self._migrate(migrations)
+        if readonly:
+            self._check_schema(migrations)
+        else:
+            self._migrate(migrations)
 
     def connection(self) -> sqlite3.Connection:
         held = getattr(self._local, "held", None)
@@ -70,15 +97,23 @@ class Database:
         return conn
 
     def _connect(self) -> sqlite3.Connection:
+        target: str | Path = self.path
+        if self.readonly:
+            sidecars = [Path(f"{self.path}{suffix}") for suffix in ("-wal", "-shm")]
+            immutable = "" if any(p.exists() for p in sidecars) else "&immutable=1"
+            target = f"{self.path.absolute().as_uri()}?mode=ro{immutable}"
         conn = sqlite3.connect(
-            self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-            check_same_thread=False,
+            target, timeout=self.busy_timeout_ms / 1000, isolation_level=None,
+            check_same_thread=False, uri=self.readonly,
         )
         conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
+        if self.readonly:
+            conn.execute("PRAGMA query_only=ON")
+        else:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
-        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        conn.execute(f"PRAGMA busy_timeout={self.busy_timeout_ms}")
         with self._pool_lock:
             self._open.add(conn)
         return conn
@@ -190,6 +225,19 @@ class Database:
 
     def schema_version(self) -> int:
         return int(self.connection().execute("PRAGMA user_version").fetchone()[0])
+
+    def _check_schema(self, migrations: list[str]) -> None:
+        """Read-only: the schema must be the one this software knows (nothing migrated)."""
+        version = self.schema_version()
+        if version < len(migrations):
+            raise DatabaseUnavailable(
+                f"{self.path}: database schema {version} is older than this software's "
+                f"({len(migrations)}); it was left as it is: the daemon (pas run, "
+                f"systemctl restart pas) migrates it at its start")
+        if version > len(migrations):
+            raise DatabaseUnavailable(
+                f"{self.path}: database schema {version} is newer than this software knows "
+                f"({len(migrations)}); an older PAS version is running on a newer database")
 
     def _migrate(self, migrations: list[str]) -> None:
         conn = self.connection()

@@ -161,14 +161,17 @@ class SpillFile:
 
 class Spool:
     def __init__(self, root: Path, *, fsync: bool = True, min_free_bytes: int = 0,
-                 quota_bytes: int = 0):
+                 quota_bytes: int = 0, create: bool = True):
+        """``create=False``: for a command that only reads (``pas cache status``), which must
+        not make the spool's folders."""
         self.root = Path(root)
         self.tmp = self.root / "tmp"
         self.fsync = fsync
         self.min_free_bytes = min_free_bytes
         self.quota_bytes = quota_bytes
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        self._make_fanout()
+        if create:
+            self.tmp.mkdir(parents=True, exist_ok=True)
+            self._make_fanout()
         self._temp_files = _TempFiles(self.tmp)
 
     def _make_fanout(self) -> None:

@@ -115,3 +115,36 @@ def test_image_boots_to_ready_and_answers_c_echo(booted: tuple[int, Path, float]
     # The seed's AE policy is in force: an AE it does not list is rejected.
     refused = echo(port, "STRANGER")
     assert refused.returncode != 0 and "Association Rejected" in refused.stderr
+
+
+def test_an_admin_shell_finds_the_home_the_unit_uses(tmp_path: Path) -> None:
+    """No VM needed. The unit runs ``pas run --config /etc/pas/appliance.toml`` with
+    PAS_HOME=/var/lib/pas in its own environment; an administrator's shell (or ``sudo -u pas``,
+    which drops the environment) had neither, so ``pas status`` read ./var, wherever the
+    shell stood. Now the CLI falls back to the file the unit uses, and that file names the
+    home."""
+    from appliance.config import SYSTEM_CONFIG, default_config_path, load_settings
+
+    unit = (ROOT / "image" / "systemd" / "pas.service").read_text()
+    build = (ROOT / "image" / "build.sh").read_text()
+    assert f"--config {SYSTEM_CONFIG}" in unit
+    assert f'"$repo/config/appliance.toml" "$rootfs{SYSTEM_CONFIG}"' in build
+    (unit_home,) = re.findall(r"^Environment=PAS_HOME=(\S+)$", unit, re.M)
+    (state,) = re.findall(r"^StateDirectory=(\S+)$", unit, re.M)
+    assert unit_home == f"/var/lib/{state}"
+
+    shipped = tmp_path / "etc-pas" / "appliance.toml"  # as build.sh installs it
+    shipped.parent.mkdir()
+    shutil.copy(ROOT / "config" / "appliance.toml", shipped)
+    shell: dict[str, str] = {}  # no PAS_HOME, no PAS_CONFIG: what sudo leaves
+    assert default_config_path(shell, system_config=shipped) == shipped
+    assert str(load_settings(default_config_path(shell, system_config=shipped),
+                             shell).home) == unit_home
+    # The unit's own environment reads the same home from the same file.
+    assert str(load_settings(shipped, {"PAS_HOME": unit_home}).home) == unit_home
+    # An explicit PAS_HOME or PAS_CONFIG still wins over the system file.
+    assert default_config_path({"PAS_HOME": str(tmp_path)}, system_config=shipped) is None
+    other = tmp_path / "other.toml"
+    assert default_config_path({"PAS_CONFIG": str(other)}, system_config=shipped) == other
+    # Off the appliance (no such file): built-in defaults, as before.
+    assert default_config_path(shell, system_config=tmp_path / "absent.toml") is None
