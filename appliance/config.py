@@ -655,11 +655,11 @@ def load_settings(path: Path | None = None, environ: dict[str, str] | None = Non
     """Defaults, then the TOML file (if any), then environment overrides; validated."""
     environ = dict(os.environ) if environ is None else environ
     data: dict[str, Any] = {}
-    if environ.get("PAS_HOME"):
-        data["home"] = environ["PAS_HOME"]
     path = path or default_config_path(environ)
     if path is not None:
         data = deep_merge(data, read_toml(path))
+    if environ.get("PAS_HOME"):  # the environment wins over the file, as for every key
+        data["home"] = environ["PAS_HOME"]
     data = deep_merge(data, env_overrides(environ, model=Settings))
     settings: Settings = build(Settings, data)
     return settings

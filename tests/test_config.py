@@ -178,3 +178,13 @@ def test_example_documents_every_key() -> None:
     missing = [f"{section}.{key}" if section else key for section, key in _keys(Settings)
                if not documented(section, key)]
     assert not missing, f"undocumented keys in config/appliance.example.toml: {missing}"
+
+
+def test_pas_home_in_the_environment_wins_over_the_files_home(tmp_path: Path) -> None:
+    """The shipped configuration names home = "/var/lib/pas" (an admin shell finds it);
+    PAS_HOME must still override it, as every environment variable overrides its key."""
+    config = tmp_path / "appliance.toml"
+    config.write_text('home = "/var/lib/pas"\n')
+    settings = load_settings(config, environ={"PAS_HOME": str(tmp_path / "elsewhere")})
+    assert settings.home == tmp_path / "elsewhere"
+    assert load_settings(config, environ={}).home == Path("/var/lib/pas")
