@@ -331,3 +331,25 @@ def test_an_interactive_write_on_a_locked_database_says_busy_within_seconds(
         holder.close()
     assert store_db.BUSY_TIMEOUT_MS == 30_000  # the daemon's connections (Database default)
     assert _pas(home, "queue", "retry", "1").returncode == 1  # no such job, not busy
+
+
+def test_write_commands_on_a_home_without_database_create_nothing(tmp_path: Path) -> None:
+    """``pas queue retry 1`` or ``pas cache pin`` on a mistyped home created an empty
+    database there, then said the job or the study did not exist: the admin looked for a
+    missing job, not for the wrong home. Only ``pas hub init`` (and ``pas run``) create."""
+    home = tmp_path / "nowhere"
+    for args in (("queue", "retry", "1"), ("cache", "pin", "1.2.3"), ("cache", "unpin", "1.2.3"),
+                 ("cache", "evict"), ("prefetch", "patient", "P1")):
+        result = _pas(home, *args)
+        assert result.returncode == 1, (args, result.stdout, result.stderr)
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith(f"no database at {home / 'pas.sqlite'} ("), (args, line)
+    hub_home = tmp_path / "hub"
+    revoke = _pas(home, "hub", "revoke", "SITE-A", env={"PAS_HUB_HOME": str(hub_home)})
+    assert revoke.returncode == 1 and "pas hub init creates it" in revoke.stderr, revoke.stderr
+    assert not home.exists() and not hub_home.exists()
+    init = _pas(home, "hub", "init", env={"PAS_HUB_HOME": str(hub_home)})
+    assert init.returncode == 0, init.stderr
+    assert (hub_home / "hub.sqlite").exists()
+    token = _pas(home, "hub", "token", "SITE-A", env={"PAS_HUB_HOME": str(hub_home)})
+    assert token.returncode == 0 and token.stdout.strip(), token.stderr

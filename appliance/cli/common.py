@@ -83,11 +83,17 @@ def is_busy(exc: BaseException) -> bool:
 
 
 def write_database(path: Path, migrations: list[str] | None = None,
-                   busy_timeout_ms: int = INTERACTIVE_BUSY_TIMEOUT_MS) -> Database:
-    """The database for an interactive command that writes: created and migrated if need
-    be, as before, but waiting at most ``busy_timeout_ms`` for the write lock."""
+                   busy_timeout_ms: int = INTERACTIVE_BUSY_TIMEOUT_MS, *,
+                   create: bool = False, hint: str = HOME_HINT) -> Database:
+    """The database for an interactive command that writes: migrated if need be, waiting
+    at most ``busy_timeout_ms`` for the write lock. Created only by a command that sets a
+    home up (``create``: ``pas hub init``): a retry or a pin on a mistyped home used to
+    create an empty database there and then say the job or the study did not exist."""
     from appliance.store.db import Database
 
+    if not create and not path.exists():
+        err.print(f"[red]no database at {path}[/red] ({hint})", highlight=False)
+        raise typer.Exit(1)
     if migrations is None:
         return Database(path, busy_timeout_ms=busy_timeout_ms)
     return Database(path, migrations, busy_timeout_ms=busy_timeout_ms)

@@ -40,20 +40,22 @@ def _hub_settings(path: Path | None):  # type: ignore[no-untyped-def]
     return settings_or_exit(lambda: load_hub_settings(path))
 
 
-def _hub_db(settings):  # type: ignore[no-untyped-def]
+HUB_HOME_HINT = "not the hub's home? set PAS_HUB_HOME or --config; pas hub init creates it"
+
+
+def _hub_db(settings, create: bool = False):  # type: ignore[no-untyped-def]
     """The hub database for a command that writes (a short wait for the write lock, then
     "database busy"; ``pas hub run`` opens its own, with the daemon's long wait)."""
     from appliance.store.hub_schema import HUB_MIGRATIONS
 
-    return write_database(settings.db_path, HUB_MIGRATIONS)
+    return write_database(settings.db_path, HUB_MIGRATIONS, create=create, hint=HUB_HOME_HINT)
 
 
 def _hub_reader(settings):  # type: ignore[no-untyped-def]
     """The hub database for a command that only reads: read-only, never created."""
     from appliance.store.hub_schema import HUB_MIGRATIONS
 
-    return read_database(settings.db_path, HUB_MIGRATIONS, hint="not the hub's home? set "
-                         "PAS_HUB_HOME or --config; pas hub init creates it")
+    return read_database(settings.db_path, HUB_MIGRATIONS, hint=HUB_HOME_HINT)
 
 
 SITE_HELP = "site name: letters, digits, '-' or '_', at most 64"
@@ -85,7 +87,7 @@ def hub_init(address: list[str] = typer.Option(
     except PKIError as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from None
-    _hub_db(settings)
+    _hub_db(settings, create=True)
     console.print(f"hub initialised in {settings.home}: server certificate for "
                   f"{', '.join(addresses)}; CA fingerprint {pki.ca_fingerprint()}")
 
