@@ -1,7 +1,8 @@
 """The daemon: wires configuration, store, ingest, routing and dispatch into one process.
 
-Owns: start-up order (database and recovery before the port opens; the port before READY),
-the background loops and an orderly stop. Holds no business logic of its own.
+Owns: start-up order (database and recovery before the ports open; the DICOM and HTTP ports
+before READY, and either one that cannot be bound fails start-up), the background loops and an
+orderly stop. Holds no business logic of its own.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ log = logging.getLogger("pas.daemon")
 
 
 class PortUnavailable(OSError):
-    """The DICOM port could not be opened (taken, or not allowed)."""
+    """The DICOM or the HTTP port could not be opened (taken, or not allowed)."""
 
 
 class Daemon:
@@ -112,6 +113,8 @@ class Daemon:
             raise PortUnavailable(
                 f"dicom.port {self.settings.dicom.port} on {self.settings.dicom.host}: "
                 f"{exc.strerror or exc} (another program listens there?)") from None
+        if self.settings.http.enabled:  # status page, /metrics, DICOMweb: bound before READY
+            self._start_web()
         self._spawn("pas-cache", lambda: self.cache_policy.run(self.stopping))
         from appliance.ops.clock import ClockWatch  # wall-clock steps re-base deadlines
 
@@ -121,13 +124,6 @@ class Daemon:
             scrubber = Scrubber(self.db, self.spool, self.settings.cache.scrub_mb_per_s * 1e6)
             self._spawn("pas-scrub", lambda: scrubber.run(self.stopping,
                                                           self.settings.cache.scrub_pause_s))
-        if self.settings.http.enabled:
-            from appliance.serving.wiring import web_tls  # serving.auth = client_cert
-            from appliance.web.app import WebServer, build_app
-
-            self.web = WebServer(build_app(self), self.settings.http.host, self.settings.http.port,
-                                 **web_tls(self.settings))
-            self.web.start()
         self.dispatcher.start()
         self._start_prefetch()
         self._spawn("pas-router", self._route_loop)
@@ -141,6 +137,27 @@ class Daemon:
                  self.settings.dicom.host, self.listener.port, self.settings.home)
         # Only now: the database is open and the SCP listens (invariant for Type=notify).
         self.notifier.ready(self.status_line())
+
+    def _start_web(self) -> None:
+        """Bind and serve the HTTP port; a port that cannot be bound fails start-up like the
+        DICOM port (one line, exit 1, no READY) instead of leaving a daemon without its status
+        page, metrics and DICOMweb."""
+        from appliance.serving.wiring import web_tls  # serving.auth = client_cert
+        from appliance.web.app import WebServer, build_app
+
+        http = self.settings.http
+        try:
+            self.web = WebServer(build_app(self), http.host, http.port, **web_tls(self.settings))
+        except OSError as exc:
+            self.listener.stop()
+            raise PortUnavailable(
+                f"http.port {http.port} on {http.host}: {exc.strerror or exc} "
+                "(another program listens there?)") from None
+        try:
+            self.web.start()
+        except RuntimeError as exc:
+            self.listener.stop()
+            raise PortUnavailable(f"http.port {http.port} on {http.host}: {exc}") from None
 
     def status_line(self) -> str:
         """The STATUS= line systemd shows: the backlog per destination."""

@@ -166,3 +166,37 @@ def test_status_line_names_each_destination_backlog() -> None:
     line = backlog_status([{"destination": "hub", "studies": 3, "oldest_age_s": 42.4},
                            {"destination": "archive", "studies": 1, "oldest_age_s": 7.0}])
     assert line == "backlog hub: 3 studies, oldest 42s; archive: 1 studies, oldest 7s"
+
+
+def test_a_taken_http_port_fails_start_up_without_ready(tmp_path: Path) -> None:
+    """The HTTP port (status page, DICOMweb, /metrics) was bound by uvicorn in its own
+    thread: when it was taken, uvicorn logged and ended that thread, and the daemon still
+    logged "PAS ready" and sent READY=1, serving DICOM with no status page and no metrics.
+    Now it fails start-up as a taken DICOM port does: one line naming the port, exit 1, and
+    systemd never hears READY."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        pas = PasProcess(tmp_path / "pas")
+        pas.http_port = taken.getsockname()[1]
+        pas.env["PAS_HTTP__PORT"] = str(pas.http_port)
+        listener = NotifySocket(tmp_path / "notify.sock", lambda: pas.port)
+        pas.env["NOTIFY_SOCKET"] = str(listener.path)
+        pas.home.mkdir(parents=True)
+        run = subprocess.Popen([str(PAS_BIN), "run"], env=pas.env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=pas.home)
+        try:
+            # Either outcome ends the wait: the process exits, or systemd would hear READY.
+            wait_for(lambda: run.poll() is not None or listener.count("READY=1"), 60,
+                     what="pas run to exit or send READY=1")
+        finally:
+            if run.poll() is None:
+                run.terminate()
+            stdout, stderr = run.communicate(timeout=30)
+            listener.close()
+    assert listener.count("READY=1") == 0, stderr[-2000:]
+    assert run.returncode == 1, stdout + stderr
+    assert f"cannot start: http.port {pas.http_port} on 127.0.0.1" in stderr
+    assert "address already in use" in stderr.lower()
+    assert "Traceback" not in stderr
+    assert "PAS ready" not in stdout + stderr

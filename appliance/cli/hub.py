@@ -140,7 +140,7 @@ def hub_sites(config: Path | None = HubConfigOption) -> None:
 @hub_app.command("transfers")
 def hub_transfers(config: Path | None = HubConfigOption,
                   site: str | None = typer.Option(None, "--site")) -> None:
-    """Recent transfers: buckets held, bytes received, committed or not."""
+    """Recent transfers: buckets held, bytes received, committed, not yet, or expired."""
     from appliance.store.hub import list_transfers
 
     rows = list_transfers(_hub_reader(_hub_settings(config)), site)
@@ -151,7 +151,7 @@ def hub_transfers(config: Path | None = HubConfigOption,
     for r in rows:
         table.add_row(r["site"], r["id"], r["study_uid"], str(r["instance_count"]),
                       f"{r['held']}/{r['bucket_count']}", str(r["bytes_received"]),
-                      "yes" if r["committed_at"] else "no")
+                      "yes" if r["committed_at"] else "expired" if r["expired_at"] else "no")
     console.print(table)
 
 

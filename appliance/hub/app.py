@@ -87,21 +87,26 @@ class Hub:
         settings.buckets_dir.mkdir(parents=True, exist_ok=True)
         settings.work_dir.mkdir(parents=True, exist_ok=True)
         store.remove_temp_buckets(settings.buckets_dir)
-        for directory in settings.buckets_dir.iterdir():  # a crash between receipt and clean-up
-            row = store.get_transfer(self.db, directory.name)
-            if row is not None and row["receipt"] is not None:
+        for directory in settings.buckets_dir.iterdir():  # a crash between receipt (or
+            row = store.get_transfer(self.db, directory.name)  # expiry) and clean-up
+            if row is not None and (row["receipt"] is not None or row["expired_at"] is not None):
                 store.remove_bucket_files(settings.buckets_dir, directory.name)
         for stale in settings.work_dir.iterdir():  # rebuilds a crash interrupted; never receipted
             shutil.rmtree(stale, ignore_errors=True)
+        self.lock = KeyedLocks()  # hub.lock(transfer_id): one transfer's changes in turn
+        from appliance.hub.expiry import StagingExpiry  # abandoned uploads' staging
+
+        self.expiry = StagingExpiry(self)
+        self.expiry.sweep()  # before the archiver resumes them, and before the port opens
         self.archive = open_archive(settings)
         self.route_providers: list[RouteProvider] = default_route_providers()
         from appliance.hub.lanes import LaneRegistry
 
         self.lane_registry = LaneRegistry()  # striped downloads, for their lanes to join
-        self.lock = KeyedLocks()  # hub.lock(transfer_id): one transfer's changes in turn
         from appliance.hub.archiver import Archiver  # archives while buckets arrive; resumes
 
         self.archiver = Archiver(self, settings.archive.workers, settings.archive.requests)
+        self.expiry.start()  # then every transfers.expiry_check_interval_s
 
 
 def default_route_providers() -> list[RouteProvider]:
@@ -274,5 +279,6 @@ class HubServer:
 
     def stop(self) -> None:
         self.server.should_exit = True
+        self.hub.expiry.stop()
         if self.thread:
             self.thread.join(10)

@@ -69,12 +69,23 @@ class LimitsSection(_Section):
     lane_join_wait_s: float = Field(default=5.0, ge=0, le=60)
 
 
+class TransfersSection(_Section):
+    """Abandoned uploads (appliance/hub/expiry.py): a transfer with no receipt and no manifest
+    POST nor bucket PUT for ``abandoned_after_days`` loses its staging (sealed bucket files,
+    rebuild work files); its row stays, marked expired, and a site that comes back sends every
+    bucket again. 0 keeps staging for ever. Sites resume after days offline: keep it long."""
+
+    abandoned_after_days: float = Field(default=30.0, ge=0)
+    expiry_check_interval_s: float = Field(default=3600.0, gt=0)
+
+
 class HubSettings(_Section):
     home: Path = Path("./var-hub")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     http: HubHttpSection = HubHttpSection()
     archive: ArchiveSection = ArchiveSection()
     limits: LimitsSection = LimitsSection()
+    transfers: TransfersSection = TransfersSection()
 
     @property
     def db_path(self) -> Path:

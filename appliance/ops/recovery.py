@@ -9,6 +9,10 @@ What start-up does, before the DICOM port opens (so nothing races it), in one pa
 and spool side by side (:func:`appliance.store.cache.reconcile`, bounded memory):
 
 - temp files in ``spool/tmp``: writes that never finished; no sender was told success. Removed.
+- ``<name>.dcm.evicting-<pid>`` of a dead process: an eviction's file renamed aside, then a
+  crash before its unlink (or its rename back). Renamed back if a row names the path and the
+  file is not in place (the same bytes were filed again), else removed
+  (:func:`appliance.store.cache.sweep_eviction_leftovers`).
 - a file with no row: its index commit was lost (kill between rename and commit), so no
   sender was told success either, but the bytes are whole (the name is their SHA-256).
   Adopted back into the index through the normal receive path. A file whose content does not
@@ -46,6 +50,8 @@ class RecoveryReport:
     orphans_adopted: int = 0
     orphans_quarantined: int = 0
     evictions_finished: int = 0
+    eviction_leftovers_renamed_back: int = 0
+    eviction_leftovers_removed: int = 0
     missing: int = 0
     size_mismatch: int = 0
     leases_released: int = 0
@@ -78,6 +84,17 @@ def startup_recovery(db: Database, spool: Spool, receiver: object | None,
     """
     report = RecoveryReport()
     report.temp_files_removed = spool.remove_temp_files()
+    # Before the walk: a file renamed back is in place, not "missing".
+    leftovers = cache_store.sweep_eviction_leftovers(spool, db)
+    for leftover in leftovers:
+        log.info("start-up recovery: %s %s (an eviction stopped by a crash left it aside)",
+                 leftover.action, leftover.aside)
+    report.eviction_leftovers_renamed_back = sum(
+        1 for x in leftovers if x.action == "renamed back")
+    report.eviction_leftovers_removed = len(leftovers) - report.eviction_leftovers_renamed_back
+    if leftovers:
+        log.warning("start-up recovery: eviction leftovers: %d renamed back, %d removed",
+                    report.eviction_leftovers_renamed_back, report.eviction_leftovers_removed)
     evicting = {i["path"] for i in cache_store.open_issues(db, ("evicting",))}
     flagged = cache_store.open_issue_paths(db, ("missing", "size_mismatch"))
     # One pass over index and spool side by side, in bounded memory (millions of files).

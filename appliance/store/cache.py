@@ -10,7 +10,9 @@ Why eviction is journalled: rows are deleted in one transaction, files after the
 crash in between would leave files without rows, which start-up recovery adopts back into
 the index (an orphan usually means a commit was lost). So the eviction transaction also
 writes one ``evicting`` integrity row per file; recovery deletes an orphan that has one,
-and adopts any other.
+and adopts any other. The unlink itself goes through a name aside (``<name>.evicting-<pid>``);
+what a crash leaves under that name is settled at start-up by
+:func:`sweep_eviction_leftovers`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 from appliance.store import index
 from appliance.store.db import Database, now
 from appliance.store.jobs import WORKER_DIED
-from appliance.store.spool import Spool, fsync_dir
+from appliance.store.spool import Spool, fsync_dir, process_alive
 
 QUARANTINE_DIR = "quarantine"
 
@@ -438,12 +440,17 @@ def delete_evicted_files(db: Database, spool: Spool,
     return kept
 
 
+EVICTING_ASIDE = ".evicting-"  # <name>.dcm.evicting-<pid>: a file an eviction is unlinking
+
+
 def _unlink_if_same(spool: Spool, relative: str, identity: _FileIdentity | None) -> bool:
     """Unlink the file if it is still the one identified by ``identity`` (True: gone).
     The file is first renamed aside (atomic), so the look and the unlink are about the same
-    inode; another one (a receive rewrote the same bytes) is renamed back."""
+    inode; another one (a receive rewrote the same bytes) is renamed back. A crash between
+    the rename and the unlink (or the rename back) leaves the name aside:
+    :func:`sweep_eviction_leftovers` settles it at the next start."""
     final = spool.root / relative
-    aside = final.with_name(f"{final.name}.evicting-{os.getpid()}")
+    aside = final.with_name(f"{final.name}{EVICTING_ASIDE}{os.getpid()}")
     try:
         os.rename(final, aside)
     except FileNotFoundError:
@@ -456,6 +463,67 @@ def _unlink_if_same(spool: Spool, relative: str, identity: _FileIdentity | None)
     if spool.fsync:
         fsync_dir(final.parent)
     return False
+
+
+@dataclass(frozen=True)
+class EvictionLeftover:
+    aside: str  # relative path of the name aside
+    path: str  # the file's own relative path
+    action: str  # "renamed back" or "removed"
+
+
+def sweep_eviction_leftovers(spool: Spool, db: Database) -> list[EvictionLeftover]:
+    """Settle the files an eviction renamed aside and a crash kept from unlinking (or from
+    renaming back): ``<name>.dcm.evicting-<pid>`` of a process that no longer runs.
+
+    By then the eviction's first transaction had committed: the rows were gone and the
+    ``evicting`` flag written. If a row names the path again (the same bytes were filed again
+    by a receive: the case the rename back is for) and the file is not in place, the one
+    aside is renamed back and the flag resolved ``kept``; with the file in place, or no row
+    naming it, the copy aside goes (the evicted bytes were confirmed, or an older version of
+    the same bytes). Each under the write lock, so no index commit lands between the look at
+    the rows and the move. Names of a live process (``pas cache purge`` running beside the
+    daemon, or the daemon beside ``pas verify --repair``) are left to it.
+    Costs one listing of the spool's directories (no stat per file)."""
+    settled: list[EvictionLeftover] = []
+    for aside_relative, pid in _eviction_asides(spool):
+        if pid != os.getpid() and process_alive(pid):
+            continue
+        relative = aside_relative[:aside_relative.rindex(EVICTING_ASIDE)]
+        aside, final = spool.root / aside_relative, spool.root / relative
+        with db.transaction() as conn:
+            named = conn.execute("SELECT 1 FROM instances WHERE path = ? LIMIT 1",
+                                 (relative,)).fetchone() is not None
+            try:
+                if named and not final.exists():
+                    os.rename(aside, final)
+                    action = "renamed back"
+                else:
+                    os.unlink(aside)
+                    action = "removed"
+            except FileNotFoundError:
+                continue  # settled meanwhile by another sweep
+            if named:
+                conn.execute(
+                    "UPDATE integrity_issues SET resolved_at = ?, resolution = 'kept' "
+                    "WHERE kind = 'evicting' AND path = ? AND resolved_at IS NULL",
+                    (now(), relative))
+        if spool.fsync:
+            fsync_dir(final.parent)
+        settled.append(EvictionLeftover(aside_relative, relative, action))
+    return settled
+
+
+def _eviction_asides(spool: Spool) -> Iterator[tuple[str, int]]:
+    """(relative path, pid) of each ``*.dcm.evicting-<pid>`` in the spool (``tmp`` and
+    ``quarantine`` excluded)."""
+    for directory, subdirectories, names in os.walk(spool.root):
+        if Path(directory) == spool.root:
+            subdirectories[:] = [d for d in subdirectories if d not in ("tmp", QUARANTINE_DIR)]
+        for name in names:
+            stem, mark, pid = name.rpartition(EVICTING_ASIDE)
+            if mark and stem.endswith(".dcm") and pid.isdigit():
+                yield os.path.relpath(os.path.join(directory, name), spool.root), int(pid)
 
 
 def set_pin(db: Database, study_uid: str, until: float | None) -> bool:

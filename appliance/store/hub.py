@@ -1,4 +1,5 @@
-"""The hub's state: enrolment tokens, certificates, transfers, buckets held, receipts.
+"""The hub's state: enrolment tokens, certificates, transfers, buckets held, receipts, and the
+expiry of abandoned transfers' buckets.
 
 Owns: every SQL statement on ``hub.sqlite`` and the durable writes of bucket files under
 ``$PAS_HUB_HOME/buckets``. Each state change is one transaction (invariant 3). May not touch:
@@ -95,6 +96,9 @@ def create_transfer(db: Database, site: str, manifest: dict[str, Any],
                            (manifest["transfer_id"],)).fetchone()
         if row is not None:
             same = row["site"] == site and row["manifest_sha256"] == manifest_sha256
+            if same:  # a site resuming: the transfer is in use again
+                conn.execute("UPDATE transfers SET last_activity_at = ? WHERE id = ?",
+                             (now(), manifest["transfer_id"]))
             return "same" if same else "conflict"
         conn.execute(
             "INSERT INTO transfers (id, site, study_uid, priority, bucket_count, instance_count,"
@@ -127,8 +131,8 @@ def count_received(db: Database, transfer_id: str, size: int) -> None:
     """Every authenticated bucket body counts, stored or not: resume tests read how much
     travelled twice."""
     with db.transaction() as conn:
-        conn.execute("UPDATE transfers SET bytes_received = bytes_received + ?, puts = puts + 1 "
-                     "WHERE id = ?", (size, transfer_id))
+        conn.execute("UPDATE transfers SET bytes_received = bytes_received + ?, puts = puts + 1, "
+                     "last_activity_at = ? WHERE id = ?", (size, now(), transfer_id))
 
 
 def record_bucket(db: Database, transfer_id: str, index: int, size: int, sha256: str,
@@ -141,8 +145,9 @@ def record_bucket(db: Database, transfer_id: str, index: int, size: int, sha256:
                          (transfer_id, index, size, sha256, path, now()))
         except sqlite3.IntegrityError:
             return False
-        conn.execute("UPDATE transfers SET bytes_stored = bytes_stored + ? WHERE id = ?",
-                     (size, transfer_id))
+        # A bucket of an expired transfer: its site came back; it is staged again.
+        conn.execute("UPDATE transfers SET bytes_stored = bytes_stored + ?, expired_at = NULL, "
+                     "last_activity_at = ? WHERE id = ?", (size, now(), transfer_id))
         return True
 
 
@@ -180,9 +185,36 @@ def unfinished_transfers(db: Database) -> list[tuple[str, int]]:
         "(SELECT 1 FROM buckets b WHERE b.transfer_id = t.id) ORDER BY priority, created_at")]
 
 
+def abandoned_transfers(db: Database, idle_since: float) -> list[sqlite3.Row]:
+    """Transfers with no receipt, not expired yet, with no manifest POST nor bucket PUT since
+    ``idle_since``: id, site, study_uid, last activity, buckets held, bytes stored."""
+    return db.query(
+        "SELECT id, site, study_uid, coalesce(last_activity_at, created_at) AS idle_from, "
+        "bytes_stored, (SELECT count(*) FROM buckets b WHERE b.transfer_id = t.id) AS held "
+        "FROM transfers t WHERE receipt IS NULL AND expired_at IS NULL "
+        "AND coalesce(last_activity_at, created_at) < ? ORDER BY created_at", (idle_since,))
+
+
+def expire_transfer(db: Database, transfer_id: str, idle_since: float) -> bool:
+    """Forget the buckets of an abandoned transfer (still without receipt and idle since
+    before ``idle_since``, checked in the same transaction): their rows go, ``bytes_stored``
+    is 0, ``expired_at`` is set; the row and its manifest stay (a site that comes back is
+    answered the empty held list and sends every bucket again). False if it no longer
+    qualifies. The caller removes the files after (:func:`remove_bucket_files`)."""
+    with db.transaction() as conn:
+        if conn.execute(
+                "UPDATE transfers SET expired_at = ?, bytes_stored = 0 WHERE id = ? AND "
+                "receipt IS NULL AND expired_at IS NULL AND "
+                "coalesce(last_activity_at, created_at) < ?",
+                (now(), transfer_id, idle_since)).rowcount != 1:
+            return False
+        conn.execute("DELETE FROM buckets WHERE transfer_id = ?", (transfer_id,))
+        return True
+
+
 def list_transfers(db: Database, site: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
     sql = ("SELECT id, site, study_uid, priority, bucket_count, instance_count, created_at, "
-           "committed_at, bytes_received, bytes_stored, puts, "
+           "committed_at, expired_at, bytes_received, bytes_stored, puts, "
            "(SELECT COUNT(*) FROM buckets b WHERE b.transfer_id = t.id) AS held FROM transfers t")
     params: tuple[Any, ...] = ()
     if site is not None:
@@ -219,12 +251,15 @@ def write_bucket_file(root: Path, transfer_id: str, index: int, data: bytes) -> 
 
 def remove_bucket_files(root: Path, transfer_id: str) -> int:
     """After the receipt: the archive holds the instances, the sealed buckets are spent (their
-    rows stay, so the held list and the byte counters still answer)."""
+    rows stay, so the held list and the byte counters still answer). After an expiry
+    (:func:`expire_transfer`): the rows went first. Half-written temp files go too."""
     directory = root / transfer_id
     removed = 0
     for path in directory.glob("*.bkt"):
         path.unlink(missing_ok=True)
         removed += 1
+    for temp in directory.glob(".*.part"):
+        temp.unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         directory.rmdir()
     return removed

@@ -97,4 +97,12 @@ HUB_MIGRATIONS: list[str] = [
         PRIMARY KEY (transfer_id, sop_instance_uid)
     ) WITHOUT ROWID;
     """,
+    # 4: abandoned uploads (appliance.hub.expiry): the last manifest POST or bucket PUT (NULL:
+    # none since created_at), and when the staging of a transfer never committed was removed.
+    """
+    ALTER TABLE transfers ADD COLUMN last_activity_at REAL;
+    ALTER TABLE transfers ADD COLUMN expired_at REAL;
+    CREATE INDEX transfers_open ON transfers (created_at)
+        WHERE receipt IS NULL AND expired_at IS NULL;
+    """,
 ]

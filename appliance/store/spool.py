@@ -299,8 +299,13 @@ def _writer_alive(temp: Path) -> bool:
     pid_text, dash, _ = temp.name.partition("-")
     if not dash or not pid_text.isdigit() or int(pid_text) == os.getpid():
         return False
+    return process_alive(int(pid_text))
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with that id runs (under any user)."""
     try:
-        os.kill(int(pid_text), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:

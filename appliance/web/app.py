@@ -8,7 +8,9 @@ handshake (``web_tls``). Only ``/healthz`` answers without them.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
@@ -48,17 +50,40 @@ def build_app(daemon: Daemon) -> Starlette:
 
 
 class WebServer:
-    """uvicorn in a background thread, stopped with the daemon."""
+    """uvicorn in a background thread, stopped with the daemon.
+
+    The listening socket is bound here, in the caller's thread, so that a taken or forbidden
+    port raises :class:`OSError` to the daemon's start-up (uvicorn binding it in its own thread
+    logged the error and ended only that thread). :meth:`start` returns once uvicorn serves.
+    """
 
     def __init__(self, app: Any, host: str, port: int, **ssl: Any):
         config = uvicorn.Config(app, host=host, port=port, log_level="warning",
                                 access_log=False, lifespan="off", **ssl)
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="pas-http", daemon=True)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn chooses
+        self.sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind((host, port))
+        except OSError:
+            self.sock.close()
+            raise
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name="pas-http", daemon=True)
 
-    def start(self) -> None:
+    def start(self, timeout: float = 30.0) -> None:
+        """Serve, and return once uvicorn accepts connections; raise :class:`RuntimeError` if
+        it ended (or did not come up) instead."""
         self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the HTTP server did not start (see the log above)")
+            self.thread.join(0.02)
 
     def stop(self) -> None:
         self.server.should_exit = True
-        self.thread.join(10)
+        if self.thread.is_alive():
+            self.thread.join(10)
+        self.sock.close()

@@ -171,3 +171,93 @@ def test_reconcile_walks_index_and_spool_side_by_side_in_pages(
     again = startup_recovery(db, spool, receiver)        # idempotent: nothing new to do
     assert (again.orphans_adopted, again.orphans_quarantined, again.missing,
             again.size_mismatch) == (0, 0, 1, 1)
+
+
+def _by_study(count: int) -> list[list[Path]]:
+    from pydicom import dcmread
+
+    studies: dict[str, list[Path]] = {}
+    for path in sorted(CT_DIR.glob("*.dcm")):
+        uid = str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+        studies.setdefault(uid, []).append(path)
+    return [studies[uid] for uid in sorted(studies)[:count]]
+
+
+def test_start_up_sweeps_files_an_eviction_left_renamed_aside(tmp_path: Path) -> None:
+    """An eviction renames each file to ``<name>.dcm.evicting-<pid>`` and then unlinks it
+    (store.cache._unlink_if_same). A kill -9 between the two left that name for ever: never
+    swept, its bytes counted nowhere, and the file missing for any row that names it again.
+    The state is made on disk and in the index as such a crash leaves it, for the two cases:
+
+    - evicted: the rows' deletion and the ``evicting`` flags committed, the file renamed aside
+      and not unlinked (the flags' resolution rolled back with the crash): removed.
+    - filed again: the index names the path again (the same bytes re-received meanwhile), the
+      file renamed aside and not renamed back: renamed back. A third copy beside a file in
+      place is removed.
+
+    Then ``pas run`` starts on that home; before its port opens, the leftovers are gone."""
+    from tests.support.peers import PasProcess, read_rows, storescu
+
+    evicted_files, refiled_files = _by_study(2)
+    pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                                        "PAS_HTTP__ENABLED": "false"}).start()
+    storescu([*evicted_files, *refiled_files], pas.port)
+    home, db_path = pas.home, pas.home / "pas.sqlite"
+    spool = home / "spool"
+    rows = read_rows(db_path, "SELECT s.study_uid, i.path, i.sha256 FROM instances i "
+                              "JOIN studies s ON s.id = i.study_fk ORDER BY i.path")
+    assert len(rows) == len(evicted_files) + len(refiled_files)
+    assert pas.proc is not None
+    dead_pid = pas.proc.pid
+    pas.kill()  # kill -9: the pid in the leftovers' names is a dead process's
+    from pydicom import dcmread
+
+    evicted_uid = str(dcmread(evicted_files[0], stop_before_pixels=True).StudyInstanceUID)
+    evicted = [r for r in rows if r["study_uid"] == evicted_uid]
+    refiled = [r for r in rows if r["study_uid"] != evicted_uid]
+    aside = f".evicting-{dead_pid}"
+
+    # Evicted: a second name for each file, then the real purge (rows deleted, flags
+    # written, files unlinked under their own names); then the flags reopened, as the
+    # transaction that resolves them never committed.
+    for row in evicted:
+        os.link(spool / row["path"], spool / (row["path"] + aside))
+    purged = _pas(home, "cache", "purge", evicted_uid, "--force")
+    assert purged.returncode == 0, purged.stderr
+    db = Database(db_path)
+    with db.transaction() as conn:
+        conn.executemany("UPDATE integrity_issues SET resolved_at = NULL, resolution = NULL "
+                         "WHERE kind = 'evicting' AND path = ?", [(r["path"],) for r in evicted])
+        # Filed again: their eviction's flag is open, their rows are there, each file is
+        # renamed aside (the first one also has a copy back in place).
+        conn.executemany("INSERT INTO integrity_issues (found_at, kind, path, detail) "
+                         "VALUES (1, 'evicting', ?, 'study x')", [(r["path"],) for r in refiled])
+    db.close()
+    for row in refiled:
+        os.rename(spool / row["path"], spool / (row["path"] + aside))
+    os.link(spool / (refiled[0]["path"] + aside), spool / refiled[0]["path"])
+    leftovers = sorted(p.name for p in spool.rglob("*.evicting-*"))
+    assert len(leftovers) == len(evicted) + len(refiled)
+
+    pas.start()
+    try:
+        assert sorted(p.name for p in spool.rglob("*.evicting-*")) == []
+        for row in evicted:
+            assert not (spool / row["path"]).exists()
+        for row in refiled:
+            assert _sha256(spool / row["path"]) == row["sha256"]
+        assert pas.status()["instances"] == len(refiled)
+        issues = read_rows(db_path, "SELECT kind, path FROM integrity_issues "
+                                    "WHERE resolved_at IS NULL")
+        assert [dict(i) for i in issues] == []  # no "missing", no "evicting" left open
+        log = pas.log()
+        assert f"eviction leftovers: {len(refiled) - 1} renamed back" in log
+        assert f"{len(evicted) + 1} removed" in log
+    finally:
+        pas.stop()
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()

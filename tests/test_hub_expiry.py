@@ -1,0 +1,136 @@
+"""Abandoned uploads on a real hub (``pas hub run``, embedded archive, real sealed buckets):
+a transfer a site started and never committed nor touched again for
+``transfers.abandoned_after_days`` loses its staging (sealed bucket files, rebuild work files)
+to a periodic sweep and to the sweep at start; a committed transfer and a transfer still
+being sent keep theirs, and a site that comes back after the expiry still gets its receipt.
+
+The expiry is set to a few seconds; each test awaits the condition (the files gone, the clock
+past the deadline), it does not sleep.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from appliance.transfer.enrolment import Enrolment
+from tests.support.hub import HubProcess, Shipment, client, enroll, pack_items, ship
+from tests.support.peers import MR_DIR, wait_for
+
+EXPIRY_S = 3.0
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[HubProcess]:
+    process = HubProcess(tmp_path / "hub", {
+        "PAS_HUB_TRANSFERS__ABANDONED_AFTER_DAYS": str(EXPIRY_S / 86400),
+        "PAS_HUB_TRANSFERS__EXPIRY_CHECK_INTERVAL_S": "0.2"}).init()
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def site(hub: HubProcess, tmp_path: Path) -> Enrolment:
+    return enroll(hub, tmp_path / "site", "CHU-NORD")
+
+
+def _shipment(site: Enrolment, first: int, count: int) -> Shipment:
+    files = sorted(p for p in MR_DIR.rglob("*") if p.is_file())[first:first + count]
+    return ship(pack_items(files), site.hub_transfer_key, target_bytes=256 * 1024,
+                study_uid=f"1.2.826.0.1.3680043.8.498.77{first}")
+
+
+def _start(http: httpx.Client, shipment: Shipment, buckets: int) -> None:
+    assert http.post("/api/v1/transfers", json=shipment.manifest).status_code == 201
+    for index in range(buckets):
+        answer = http.put(shipment.bucket_url(index), content=shipment.buckets[index])
+        assert answer.status_code == 201, answer.text
+
+
+def _row(hub: HubProcess, transfer_id: str) -> sqlite3.Row:
+    conn = sqlite3.connect(f"file:{hub.home / 'hub.sqlite'}?mode=ro", uri=True, timeout=30)
+    conn.row_factory = sqlite3.Row
+    try:
+        return conn.execute("SELECT *, (SELECT count(*) FROM buckets b WHERE b.transfer_id = "
+                            "t.id) AS held FROM transfers t WHERE id = ?",
+                            (transfer_id,)).fetchone()
+    finally:
+        conn.close()
+
+
+def _staged(hub: HubProcess, transfer_id: str) -> bool:
+    return (hub.home / "buckets" / transfer_id).exists() or (
+        hub.home / "work" / transfer_id).exists()
+
+
+def test_abandoned_staging_is_swept_and_only_that(hub: HubProcess, site: Enrolment) -> None:
+    abandoned = _shipment(site, 0, 20)
+    active = _shipment(site, 20, 20)
+    committed = _shipment(site, 40, 10)
+    assert len(abandoned.buckets) >= 3 and len(active.buckets) >= 2
+    with client(site) as http:
+        _start(http, abandoned, len(abandoned.buckets) - 1)  # the last one never comes
+        _start(http, active, 1)
+        _start(http, committed, len(committed.buckets))
+        assert http.post(committed.url + "/commit").status_code == 200
+        # Rebuild work files exist for the abandoned transfer (archived ahead).
+        wait_for(lambda: (hub.home / "work" / abandoned.transfer_id).exists(), 30,
+                 what="the abandoned transfer's work files")
+
+        def active_site_still_sending() -> bool:
+            # The active site sends again (an already held bucket counts as activity): it
+            # must outlive the abandoned one, however long the sweep takes to come.
+            again = http.put(active.bucket_url(0), content=active.buckets[0])
+            assert again.status_code == 200, again.text
+            return not _staged(hub, abandoned.transfer_id)
+
+        wait_for(active_site_still_sending, 60, interval=0.5,
+                 what="the abandoned transfer's staging swept")
+        row = _row(hub, abandoned.transfer_id)
+        assert row["expired_at"] is not None and row["held"] == 0 and row["receipt"] is None
+        assert http.get(abandoned.url + "/buckets").json()["held"] == []
+        # The active transfer keeps its bucket, the committed one its receipt.
+        assert (hub.home / "buckets" / active.transfer_id).is_dir()
+        assert http.get(active.url + "/buckets").json()["held"] == [0]
+        assert _row(hub, active.transfer_id)["expired_at"] is None
+        assert http.get(committed.url + "/receipt").status_code == 200
+        assert _row(hub, committed.transfer_id)["expired_at"] is None
+        log = hub.log()
+        assert (f"transfer {abandoned.transfer_id} of site CHU-NORD abandoned" in log), log[-3000:]
+        assert "abandoned transfers expired: 1" in log
+
+        # The site comes back after all: manifest again, held list, every bucket, receipt.
+        assert http.post("/api/v1/transfers", json=abandoned.manifest).status_code == 200
+        assert http.get(abandoned.url + "/buckets").json()["held"] == []
+        assert abandoned.put_all(http) == [201] * len(abandoned.buckets)
+        receipt = http.post(abandoned.url + "/commit")
+        assert receipt.status_code == 200, receipt.text
+        assert {(i["sop_instance_uid"], i["sha256"]) for i in receipt.json()["instances"]} == \
+            set(abandoned.originals.items())
+    assert _row(hub, abandoned.transfer_id)["expired_at"] is None
+
+
+def test_staging_abandoned_while_the_hub_was_down_goes_at_start(
+        hub: HubProcess, site: Enrolment) -> None:
+    """With the periodic sweep set to an hour, only the sweep at start can remove it: it is
+    gone as soon as the port opens (the sweep runs before), and the archiver does not resume
+    the transfer."""
+    abandoned = _shipment(site, 60, 20)
+    with client(site) as http:
+        _start(http, abandoned, 2)
+    created = _row(hub, abandoned.transfer_id)["created_at"]
+    hub.stop()
+    assert (hub.home / "buckets" / abandoned.transfer_id).is_dir()
+    wait_for(lambda: time.time() > created + EXPIRY_S + 0.5, 30,
+             what="the transfer to be idle past the expiry")
+    hub.env["PAS_HUB_TRANSFERS__EXPIRY_CHECK_INTERVAL_S"] = "3600"
+    hub.start()
+    assert not _staged(hub, abandoned.transfer_id)
+    assert _row(hub, abandoned.transfer_id)["expired_at"] is not None
+    assert "abandoned transfers expired: 1" in hub.log()
