@@ -1,9 +1,12 @@
 """Configuration: one TOML file, a typed and validated model, environment overrides.
 
-Owns: the shape and defaults of every setting, loading them from TOML and `PAS_*` variables,
-and turning validation failures into one readable line per problem (``dicom.port: must be
-1-65535, got 0``). May not touch: the database, the network, the spool. Everything else
-receives an already validated :class:`Settings` object.
+Owns: the whole model (:class:`Settings`, the sections it holds and the checks across them),
+loading it from TOML and `PAS_*` variables, and turning validation failures into one readable
+line per problem (``dicom.port: must be 1-65535, got 0``). The sections themselves (their keys,
+defaults and checks within one section) are in :mod:`appliance.config_sections`, re-exported
+here; the variables read against the model in :mod:`appliance.config_env`. May not touch: the
+database, the network, the spool. Everything else receives an already validated
+:class:`Settings` object, and imports configuration names from this module.
 
 Precedence, lowest first: embedded defaults, the TOML file, ``PAS_<SECTION>__<KEY>``
 environment variables. The systemd unit, the tests and the benchmarks rely on the last.
@@ -12,23 +15,62 @@ environment variables. The systemd unit, the tests and the benchmarks rely on th
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ValidationError
 
 from appliance.config_env import read_overrides
+from appliance.config_sections import (
+    PRIORITY_RANK,
+    AETitle,
+    AuditSection,
+    CacheSection,
+    Clock,
+    Destination,
+    DicomDestination,
+    DicomSection,
+    DicomTlsSection,
+    Fallback,
+    Hl7Section,
+    HttpSection,
+    HubDestination,
+    HubSection,
+    KnownAE,
+    Match,
+    MoveDestination,
+    OpsSection,
+    Port,
+    PrefetchMwl,
+    PrefetchRule,
+    PrefetchSection,
+    PrefetchWindow,
+    Priority,
+    QueueSection,
+    RateWindow,
+    Regex,
+    RoutingSection,
+    Rule,
+    ServingSection,
+    StorageSection,
+    StowRsDestination,
+    StudySection,
+    _Section,
+)
+
+# Deliberate re-exports: the rest of the code (and the tests) import every configuration name
+# from here, wherever it is defined.
+__all__ = [
+    "AETitle", "AuditSection", "CacheSection", "Clock", "ConfigError", "Destination",
+    "DicomDestination", "DicomSection", "DicomTlsSection", "ENV_PREFIX", "Fallback",
+    "Hl7Section", "HttpSection", "HubDestination", "HubSection", "KnownAE", "Match",
+    "MoveDestination", "OpsSection", "PRIORITY_RANK", "Port", "PrefetchMwl", "PrefetchRule",
+    "PrefetchSection", "PrefetchWindow", "Priority", "QueueSection", "RateWindow", "Regex",
+    "RoutingSection", "Rule", "ServingSection", "Settings", "StorageSection",
+    "StowRsDestination", "StudySection", "build", "deep_merge", "default_config_path",
+    "env_overrides", "format_validation_error", "load_settings", "read_toml",
+]
 
 ENV_PREFIX = "PAS_"
 
@@ -39,461 +81,6 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("\n".join(problems))
-
-
-def _port(value: int) -> int:
-    if not 1 <= value <= 65535:
-        raise ValueError(f"must be 1-65535, got {value}")
-    return value
-
-
-def _ae_title(value: str) -> str:
-    # PS3.5: AE titles are at most 16 characters of the default repertoire, no backslash or
-    # control characters; leading/trailing spaces are not significant.
-    stripped = value.strip()
-    if not stripped or len(stripped) > 16 or not re.fullmatch(r"[\x20-\x5b\x5d-\x7e]+", stripped):
-        raise ValueError(f"must be 1-16 printable characters without backslash, got {value!r}")
-    return stripped
-
-
-def _regex(value: str) -> str:
-    try:
-        re.compile(value)
-    except re.error as exc:
-        raise ValueError(f"is not a valid regular expression ({exc}): {value!r}") from None
-    return value
-
-
-Port = Annotated[int, AfterValidator(_port)]
-AETitle = Annotated[str, AfterValidator(_ae_title)]
-Regex = Annotated[str, AfterValidator(_regex)]
-Priority = Literal["urgent", "high", "routine"]
-
-PRIORITY_RANK: dict[str, int] = {"urgent": 0, "high": 1, "routine": 2}
-
-
-def _cross_field(key: str, message: str) -> PydanticCustomError:
-    """A check across the fields of one section, raised from its ``model_validator``.
-
-    Pydantic collects it with every other problem of the file and gives it the section's
-    location (``destinations.ws``); :func:`format_validation_error` appends ``key``. (A
-    ``ConfigError`` raised during validation stopped it: every other problem was hidden.)
-    """
-    return PydanticCustomError("cross_field", "{key}: {message}",
-                               {"key": key, "message": message})
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
-
-
-class KnownAE(_Section):
-    """A calling AE allowed to associate; ``host`` pins it to one address when set."""
-
-    title: AETitle
-    host: str | None = None
-
-
-class DicomTlsSection(_Section):
-    """DICOM TLS on the listener (BCP 195 profile, appliance/ops/security.py). ``key`` must
-    be 0600. With ``require_client_cert`` only modalities whose certificate chains to
-    ``ca`` complete the handshake."""
-
-    enabled: bool = False
-    cert: Path | None = None
-    key: Path | None = None
-    ca: Path | None = None
-    require_client_cert: bool = True
-
-    @model_validator(mode="after")
-    def _files_when_enabled(self) -> DicomTlsSection:
-        if self.enabled and not (self.cert and self.key):
-            raise _cross_field("cert" if not self.cert else "key",
-                               "required when dicom.tls.enabled (cert and key both are)")
-        if self.enabled and self.require_client_cert and not self.ca:
-            raise _cross_field("ca", "required when dicom.tls.require_client_cert")
-        return self
-
-
-class DicomSection(_Section):
-    ae_title: AETitle = "PAS"
-    host: str = "0.0.0.0"
-    port: Port = 11112
-    accept_unknown: bool = False
-    known_aes: list[KnownAE] = []
-    max_associations: int = Field(default=16, ge=1, le=256)
-    network_timeout_s: float = Field(default=60.0, gt=0)
-    # Largest PDU we accept; 0 means unlimited (pynetdicom's convention).
-    max_pdu: int = Field(default=262144, ge=0)
-    tls: DicomTlsSection = DicomTlsSection()
-    # Association attempts accepted per source address per minute (0: no limit).
-    # Generous on purpose: some modalities open one association per image (a 2,000-slice CT
-    # in two minutes is 1,000/min); the limit is for probes and loops, not for scanners.
-    max_association_attempts_per_minute: int = Field(default=1200, ge=0)
-    # pynetdicom's association threads wait on their socket and queues instead of polling
-    # every 1 ms (appliance/dicomnet/reactor.py). Off only to compare, or on a pynetdicom it
-    # does not support (then it stays off by itself).
-    event_driven: bool = True
-    # C-STORE requests are read, filed and answered in the association's reading thread,
-    # with hand-encoded command sets (appliance/dicomnet/direct_receive.py); everything else
-    # goes through pynetdicom. Needs ``event_driven``. Off: pynetdicom handles every C-STORE.
-    direct_receive: bool = True
-    # A C-STORE's dataset is held in memory up to this size; beyond, it is written to a spool
-    # temp file as it arrives (bounded memory: tomosynthesis, long multi-frame objects).
-    spill_above_mb: int = Field(default=32, ge=0)  # 0: every dataset (tests)
-
-
-class StorageSection(_Section):
-    """Where instances land and how much of the disk they may use.
-
-    ``min_free_mb`` is the hard floor of free space on the spool's filesystem; ``quota_mb``
-    (0 = none) caps the spool's own size. Either refuses a C-STORE with 0xA700.
-    """
-
-    min_free_mb: int = Field(default=512, ge=0)
-    quota_mb: int = Field(default=0, ge=0)
-    fsync: bool = True
-
-
-class CacheSection(_Section):
-    """The cache's disk policy and integrity checks (appliance/ops/cache_policy.py).
-
-    Above ``high_watermark_percent`` of the capacity (``storage.quota_mb`` when set, else the
-    spool's file system), the least recently used studies that are confirmed at the region,
-    not pinned and older than ``min_retention_days`` are evicted down to
-    ``low_watermark_percent``. An unconfirmed study is never evicted (invariant 2).
-    """
-
-    high_watermark_percent: float = Field(default=90.0, gt=0, le=100)
-    low_watermark_percent: float = Field(default=80.0, ge=0, le=100)
-    min_retention_days: float = Field(default=0.0, ge=0)
-    evict_interval_s: float = Field(default=30.0, gt=0)
-    # Background re-hash of the spool, in MB/s (0: off); pauses between passes.
-    scrub_mb_per_s: float = Field(default=10.0, ge=0)
-    scrub_pause_s: float = Field(default=3600.0, gt=0)
-
-    @model_validator(mode="after")
-    def _low_below_high(self) -> CacheSection:
-        if self.low_watermark_percent >= self.high_watermark_percent:
-            raise _cross_field("low_watermark_percent",
-                               f"must be below high_watermark_percent "
-                               f"({self.high_watermark_percent}), got {self.low_watermark_percent}")
-        return self
-
-
-class AuditSection(_Section):
-    """Where the audit trail goes besides the database and the journal: an RFC 5424 syslog
-    collector over TLS (RFC 5425), messages shaped after DICOM PS3.15 / IHE ATNA."""
-
-    syslog_host: str | None = None
-    syslog_port: Port = 6514
-    syslog_ca: Path | None = None
-    syslog_cert: Path | None = None
-    syslog_key: Path | None = None
-    queue_max: int = Field(default=10000, ge=1)
-
-    @model_validator(mode="after")
-    def _ca_with_host(self) -> AuditSection:
-        if self.syslog_host and not self.syslog_ca:
-            raise _cross_field("syslog_ca", "required when audit.syslog_host is set (the "
-                                            "collector's certificate must be verified)")
-        return self
-
-
-class StudySection(_Section):
-    stable_after_s: float = Field(default=60.0, ge=0)
-    check_interval_s: float = Field(default=2.0, gt=0)
-
-
-class QueueSection(_Section):
-    workers: int = Field(default=2, ge=1, le=64)
-    max_attempts: int = Field(default=10, ge=1)
-    backoff_initial_s: float = Field(default=5.0, ge=0)
-    backoff_max_s: float = Field(default=900.0, ge=0)
-    lease_s: float = Field(default=300.0, gt=0)
-    poll_interval_s: float = Field(default=1.0, gt=0)
-
-
-class HttpSection(_Section):
-    host: str = "127.0.0.1"
-    port: Port = 8080
-    enabled: bool = True
-
-
-class OpsSection(_Section):
-    """Operations: the heartbeat that feeds the hub's fleet dashboard (only when enrolled)."""
-
-    heartbeat: bool = True
-    heartbeat_interval_s: float = Field(default=30.0, ge=1)
-
-
-class Match(_Section):
-    """Regular expressions (Python ``re.search``, case-insensitive) that must all match."""
-
-    calling_ae: Regex | None = None
-    called_ae: Regex | None = None
-    modality: Regex | None = None
-    sop_class: Regex | None = None
-    study_description: Regex | None = None
-    body_part: Regex | None = None
-
-
-class Rule(_Section):
-    name: str
-    match: Match = Match()
-    destinations: list[str] = Field(min_length=1)
-    priority: Priority = "routine"
-    # When a rule matches, later rules are not evaluated unless ``continue`` is true.
-    continue_: bool = Field(default=False, alias="continue")
-
-
-class Fallback(_Section):
-    """What happens to an instance no rule matched. Empty: it is kept locally only."""
-
-    destinations: list[str] = []
-    priority: Priority = "routine"
-
-
-class DicomDestination(_Section):
-    kind: Literal["dicom"]
-    ae_title: AETitle
-    host: str
-    port: Port
-    calling_ae_title: AETitle | None = None
-    timeout_s: float = Field(default=30.0, gt=0)
-    # DICOM TLS to this node (BCP 195): the node's certificate must chain to ``tls_ca``;
-    # ``tls_cert``/``tls_key`` (0600) are PAS's client certificate when the node asks.
-    tls: bool = False
-    tls_ca: Path | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-
-    @model_validator(mode="after")
-    def _ca_with_tls(self) -> DicomDestination:
-        if self.tls and not self.tls_ca:
-            raise _cross_field("tls_ca", "required when tls = true")
-        return self
-
-
-class HubDestination(_Section):
-    kind: Literal["hub"]
-
-
-class StowRsDestination(_Section):
-    kind: Literal["stowrs"]
-    url: str
-    instances_per_request: int = Field(default=16, ge=1, le=1000)
-    bearer_token: str | None = None
-    username: str | None = None
-    password: str | None = None
-    client_cert: Path | None = None
-    client_key: Path | None = None
-    ca_file: Path | None = None
-    timeout_s: float = Field(default=60.0, gt=0)
-
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        if not re.match(r"^https?://", value):
-            raise ValueError(f"must start with http:// or https://, got {value!r}")
-        return value.rstrip("/")
-
-
-Destination = Annotated[
-    DicomDestination | HubDestination | StowRsDestination, Field(discriminator="kind")
-]
-
-
-def _clock(value: str) -> str:
-    if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", value):
-        raise ValueError(f"must be HH:MM (00:00-23:59), got {value!r}")
-    return value
-
-
-Clock = Annotated[str, AfterValidator(_clock)]
-
-
-class RateWindow(_Section):
-    """From ``start`` to ``end`` (local time, may wrap past midnight) the uplink is capped at
-    ``max_mbps`` (0 = no cap); outside every window ``hub.max_mbps`` applies."""
-
-    start: Clock
-    end: Clock
-    max_mbps: float = Field(ge=0)
-
-
-class HubSection(_Section):
-    """The uplink to the regional hub (the enrolment itself lives in ``$PAS_HOME/pki``)."""
-
-    parallel_buckets: int = Field(default=4, ge=1, le=32)
-    # Bucket PUTs sending at once, shared by every job (one slot stays for the small calls);
-    # the pool keeps up to twice as many TCP connections (PUTs sent, awaiting their answer).
-    connections: int = Field(default=4, ge=2, le=64)
-    bucket_mb: float = Field(default=6.0, gt=0, le=64)
-    max_mbps: float = Field(default=0.0, ge=0)
-    windows: list[RateWindow] = []
-    # The line's own rate, if known (0: unknown). The hub connections are then paced just
-    # under it (transfer/client.py Pacer), so that parallel PUTs do not overrun the router's
-    # queue; it is not a cap (max_mbps is).
-    link_mbps: float = Field(default=0.0, ge=0)
-    # The line's rate towards the site, if not link_mbps (an asymmetric line; 0: link_mbps).
-    # Known, it lets downloads (priors, fetch-through) use prefetch.download_lanes
-    # connections, which the hub paces at a share of it (appliance/transfer/lanes.py).
-    downlink_mbps: float = Field(default=0.0, ge=0)
-
-    def downlink_bps(self) -> int:
-        """The downlink's rate in bit/s, 0 when unknown."""
-        return int((self.downlink_mbps or self.link_mbps) * 1e6)
-
-    # Packing level (appliance/transfer/pack.py LEVELS; auto: chosen from the CPU it measures).
-    pack_level: Literal["fast", "default", "max", "auto"] = "default"
-    timeout_s: float = Field(default=60.0, gt=0)
-    retries: int = Field(default=4, ge=0, le=20)
-    # An urgent job gets a worker of its own so that a long routine upload never delays it.
-    urgent_worker: bool = True
-
-
-class Hl7Section(_Section):
-    """The HL7 v2 MLLP listener that receives orders and appointments from the RIS.
-
-    Memory is bounded by ``max_connections`` x 2 x ``max_message_kb`` (a connection buffers
-    at most twice the limit before its socket is paused); a connection that stops in the
-    middle of a message is refused after ``frame_timeout_s``, and one silent between messages
-    is closed after ``idle_timeout_s`` (0: never), so that stuck or leaked connections do not
-    hold the slots the RIS needs."""
-
-    enabled: bool = True
-    host: str = "0.0.0.0"
-    port: Port = 2575
-    max_message_kb: int = Field(default=1024, ge=1)
-    encoding: str = "utf-8"
-    max_connections: int = Field(default=32, ge=1)
-    frame_timeout_s: float = Field(default=60.0, gt=0)
-    idle_timeout_s: float = Field(default=3600.0, ge=0)
-
-    @field_validator("encoding")
-    @classmethod
-    def _known_text_encoding(cls, value: str) -> str:
-        """Refused here, by name, rather than by a LookupError in the listener for every
-        message (no ACK at all, the RIS resending forever). ``"".encode`` also refuses
-        codecs that are not text encodings (base64, rot13)."""
-        try:
-            "".encode(value)
-            b"".decode(value)
-        except LookupError:
-            raise ValueError(f"unknown encoding {value!r}") from None
-        return value
-
-
-class PrefetchWindow(_Section):
-    """From ``start`` to ``end`` (local time, may wrap past midnight) priors may be fetched."""
-
-    start: Clock
-    end: Clock
-
-
-class PrefetchRule(_Section):
-    """Which priors to fetch for an ordered exam whose modality matches ``modality``."""
-
-    name: str
-    modality: Regex | None = None          # of the ordered exam; None: any
-    priors: int = Field(default=3, ge=0, le=100)
-    max_age_days: int = Field(default=0, ge=0)   # 0: no age limit
-    same: Literal["any", "modality", "body_part"] = "any"
-    push_to: list[str] = []                  # dicom destinations that get the fetched priors
-
-
-class PrefetchMwl(_Section):
-    """Modality Worklist polling: C-FIND MWL SCU against the RIS for the coming hours."""
-
-    enabled: bool = False
-    ae_title: AETitle = "RIS"
-    host: str = "127.0.0.1"
-    port: Port = 104
-    calling_ae_title: AETitle | None = None   # default: dicom.ae_title
-    interval_s: float = Field(default=300.0, gt=0)
-    hours_ahead: float = Field(default=24.0, gt=0)
-    modality: str | None = None               # only this modality's steps (None: all)
-    station_ae_title: str | None = None       # only steps scheduled on this station
-    timeout_s: float = Field(default=30.0, gt=0)
-
-
-class PrefetchSection(_Section):
-    """Priors on site before the patient arrives (see docs/prefetch.md)."""
-
-    enabled: bool = True
-    on_arrival: bool = True                  # a new local study fetches that patient's priors
-    lead_time_h: float = Field(default=24.0, ge=0)
-    windows: list[PrefetchWindow] = []       # empty: any time of day
-    pin_days: int = Field(default=30, ge=0)
-    rules: list[PrefetchRule] = [PrefetchRule(name="default")]
-    # Site issuer (PID-3.4 / IssuerOfPatientID) -> the issuer the regional archive uses.
-    issuer_map: dict[str, str] = {}
-    dicomweb_url: str | None = None          # a plain DICOMweb region instead of the hub proxy
-    parallel: int = Field(default=8, ge=1, le=32)   # WADO-RS requests in flight
-    # The hub's bucketed download (JPEG-LS + zstd) when it offers one, for priors and for
-    # fetch-through; else WADO-RS.
-    bucketed: bool = True
-    download_bucket_kb: int = Field(default=4096, ge=64, le=16384)  # original bytes a bucket
-    download_streams: int = Field(default=8, ge=1, le=32)  # bucketed downloads at once
-    # Connections one bucketed download is striped over when the downlink's rate is known
-    # (hub.link_mbps or hub.downlink_mbps): several TCP windows fill a long line sooner than
-    # one (appliance/transfer/lanes.py; 4 measured best at 20 Mbit/s, 70 ms).
-    download_lanes: int = Field(default=4, ge=1, le=16)
-    check_interval_s: float = Field(default=2.0, gt=0)
-    max_attempts: int = Field(default=5, ge=1)
-    retry_after_s: float = Field(default=30.0, ge=0)
-    timeout_s: float = Field(default=60.0, gt=0)
-    mwl: PrefetchMwl = PrefetchMwl()
-
-
-class MoveDestination(_Section):
-    """A C-MOVE destination a viewer may name: AE title -> where PAS sends the images."""
-
-    title: AETitle
-    host: str
-    port: Port
-
-
-class ServingSection(_Section):
-    """Serving local viewers from the cache (appliance/serving/): C-FIND/C-MOVE/C-GET and
-    DICOMweb under /dicom-web. ``auth``: none (trusted VLAN), bearer (one of
-    ``bearer_tokens``), client_cert (the HTTP port speaks TLS with ``tls_cert``/``tls_key``
-    and requires a client certificate issued by ``tls_client_ca``). ``auth`` guards the whole
-    HTTP port, status page and /metrics included, also with ``enabled = false``
-    (appliance/web/auth.py)."""
-
-    enabled: bool = True
-    move_destinations: list[MoveDestination] = []
-    pn_case_sensitive: bool = False
-    max_results: int = Field(default=0, ge=0)          # C-FIND/QIDO answers; 0: no limit
-    auth: Literal["none", "bearer", "client_cert"] = "none"
-    bearer_tokens: list[str] = []
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None
-    fetch_through: bool = True                         # misses fetched from the region (hub)
-    fetch_timeout_s: float = Field(default=120.0, gt=0)
-    query_region: bool = False                         # C-FIND also asks the region
-    region_query_timeout_s: float = Field(default=0.5, gt=0, le=30)
-    # C-MOVE/C-GET pending responses (optional in PS3.4) at most this often; 0: one per image.
-    retrieve_pending_interval_s: float = Field(default=0.1, ge=0, le=10)
-
-    @model_validator(mode="after")
-    def _credentials_for_auth(self) -> ServingSection:
-        if self.auth == "bearer" and not self.bearer_tokens:
-            raise _cross_field("bearer_tokens", "required when serving.auth = 'bearer'")
-        missing = [name for name in ("tls_cert", "tls_key", "tls_client_ca")
-                   if getattr(self, name) is None]
-        if self.auth == "client_cert" and missing:
-            raise _cross_field(missing[0], f"required when serving.auth = 'client_cert' "
-                                           f"(missing: {', '.join(missing)})")
-        return self
-
-
-class RoutingSection(_Section):
-    rules: list[Rule] = []
-    fallback: Fallback = Fallback()
 
 
 class Settings(_Section):
@@ -588,7 +175,8 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> lis
             del loc[2]
         kind = error["type"]
         message = error["msg"].removeprefix("Value error, ")
-        if kind == "cross_field":  # a section's own check names its key (see _cross_field)
+        # A section's own check names its key (appliance.config_sections._cross_field).
+        if kind == "cross_field":
             loc.append(str(error["ctx"]["key"]))
             message = str(error["ctx"]["message"])
         elif kind == "extra_forbidden":

@@ -40,6 +40,7 @@ query_region = true
     ('[serving]\nmove_destinations = [{ title = "A\\\\B", host = "h", port = 104 }]\n',
      "serving.move_destinations.0.title"),
     ('[serving]\nregion_query_timeout_s = 0\n', "serving.region_query_timeout_s"),
+    ('[serving]\nqido_max_limit = 0\n', "serving.qido_max_limit"),
     ('[serving]\nmove_destination = []\n', "serving.move_destination"),
 ])
 def test_a_bad_serving_value_is_named(tmp_path: Path, toml: str, named: str) -> None:

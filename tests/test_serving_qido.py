@@ -222,6 +222,59 @@ def test_unbounded_instance_search_gets_a_default_page_and_a_warning(
     assert len(within.json()) == size and "warning" not in within.headers
 
 
+def test_explicit_limit_is_capped_at_qido_max_limit_with_a_warning(
+        pas_factory: Any, tmp_path: Path) -> None:
+    """An explicit limit above serving.qido_max_limit (limit=100000000 was unbounded: every
+    row held and sent) gets that many results and the PS3.18 8.3.4.4 Warning, so that the
+    viewer pages on with offset; the default page is never above the maximum either; a search
+    within a study is bounded by the study, not cut."""
+    pas = pas_factory({"PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_PREFETCH__ENABLED": "false",
+                       "PAS_SERVING__QIDO_MAX_LIMIT": "20"})
+    storescu(_tiny_instances(tmp_path / "tiny", 1, 30), pas.port)
+    huge = qido(pas, "instances", limit=100000000)
+    assert huge.status_code == 200, huge.text
+    assert len(huge.json()) == 20
+    assert "exceeded the maximum supported by the server" in huge.headers["warning"]
+    rest = qido(pas, "instances", limit=100000000, offset=20)
+    assert len(rest.json()) == 10 and "warning" not in rest.headers
+    exact = qido(pas, "instances", limit=20)  # the client's own limit, at the maximum
+    assert len(exact.json()) == 20 and "warning" not in exact.headers
+    default = qido(pas, "instances")
+    assert len(default.json()) == 20 and "exceeded the maximum" in default.headers["warning"]
+    found = {value(i, "00080018") for i in huge.json() + rest.json()}
+    assert len(found) == 30  # the two pages are the whole answer, nothing twice
+    study = value(huge.json()[0], "0020000D")
+    for limit in (100000000, 10**30):
+        within = qido(pas, f"studies/{study}/instances", limit=limit)
+        assert within.status_code == 200, within.text
+        assert len(within.json()) == 30 and "warning" not in within.headers
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "abc", "1.5", "", " 5", "1e3", "\u00b2", "\u0663"])
+def test_a_limit_that_is_not_a_positive_integer_is_refused(pas: PasProcess, bad: str) -> None:
+    """limit must be a positive integer (limit=0 answered an empty page, a superscript digit
+    passed str.isdigit and failed in int()): 400 naming the parameter, whatever the level."""
+    for path in ("studies", "instances"):
+        response = qido(pas, path, limit=bad)
+        assert response.status_code == 400, (bad, response.text)
+        assert "limit" in response.json()["detail"], response.text
+
+
+@pytest.mark.parametrize("bad", ["-1", "x", "\u00b2"])
+def test_an_offset_that_is_not_a_non_negative_integer_is_refused(pas: PasProcess,
+                                                                 bad: str) -> None:
+    response = qido(pas, "studies", offset=bad)
+    assert response.status_code == 400, (bad, response.text)
+    assert "offset" in response.json()["detail"], response.text
+
+
+def test_a_huge_offset_is_an_empty_page(pas: PasProcess) -> None:
+    """Beyond SQLite's 64-bit integers an offset (or a limit) is no error of the client's."""
+    response = qido(pas, "studies", offset=10**30)
+    assert response.status_code == 200, response.text
+    assert response.json() == []
+
+
 def test_max_results_cut_is_said_in_qido(pas_factory: Any, tmp_path: Path) -> None:
     """serving.max_results: QIDO-RS sends the Warning of PS3.18 8.3.4.4 when it cut the
     answer (it cut silently), and none when the client's own limit or the matches were less."""

@@ -170,6 +170,36 @@ def _resume_setup(pas_factory: Any, hub: HubProcess, home: Path, proxy: TcpProxy
     return pas, bucket_count
 
 
+def _in_flight_behind_a_dead_link(pas: PasProcess, hub: HubProcess, proxy: TcpProxy,
+                                  transfer_id: str) -> float:
+    """Drop what the appliance sends towards the hub, then wait until the in-flight gauge
+    can no longer change before the cut, and return it: no PUT can complete any more (every
+    body the hub received is stored, and every bucket it stored is counted in the job's
+    progress, so its answer came back and its PUT left the gauge), and at least one PUT is
+    stuck behind the dead link. Those stay in flight until the cut; a PUT that starts later
+    only adds to the gauge (the value returned is then a lower bound). Two polls in a row
+    must agree, so that a body the hub has whole but not yet read is not missed."""
+    proxy.drop_upward()
+    last: tuple[Any, ...] | None = None
+
+    def settled() -> float | None:
+        nonlocal last
+        hub_db = hub.home / "hub.sqlite"
+        query = "SELECT bytes_received, bytes_stored FROM transfers WHERE id = ?"
+        before = rows(hub_db, query, (transfer_id,))[0]
+        sent = json.loads(jobs(pas)[0]["progress"]).get("bytes_sent", 0)
+        gauge = _metric(pas, "pas_upload_inflight_bytes")
+        after = rows(hub_db, query, (transfer_id,))[0]
+        snapshot = (tuple(before), tuple(after), sent, gauge)
+        quiet = (before["bytes_received"] == before["bytes_stored"] == sent
+                 == after["bytes_received"] == after["bytes_stored"])
+        previous, last = last, snapshot
+        return gauge if quiet and gauge > 0 and previous == snapshot else None
+
+    return float(wait_for(settled, 60, interval=0.2,
+                          what="the PUTs under way to be stuck behind the dead link"))
+
+
 def _assert_resumed_once(pas: PasProcess, hub: HubProcess, transfer_id: str) -> None:
     finished = wait_jobs_finished(pas, len(RESUME_FILES))
     assert finished[0]["state"] == "done", finished[0]["last_error"]
@@ -199,12 +229,14 @@ def test_cut_link_at_half_resumes_the_same_transfer(pas_factory: Any, hub: HubPr
     proxy = TcpProxy("127.0.0.1", hub.port).start()
     try:
         pas, _count = _resume_setup(pas_factory, hub, tmp_path / "site-cut", proxy)
-        proxy.cut()
-        # The PUTs under way at the cut, from the appliance's own gauge (they hang until their
-        # timeout, so the value read now is the value at the cut).
-        in_flight = _metric(pas, "pas_upload_inflight_bytes")
-        assert in_flight > 0
         transfer_id = json.loads(jobs(pas)[0]["progress"])["transfer_id"]
+        # The PUTs under way at the cut, from the appliance's own gauge. Read after the cut it
+        # was often 0 on a loaded machine: the cut resets the connections, and the PUTs failed
+        # (and left the gauge) before the test read it. So the link first dies towards the
+        # hub only, the gauge is read once it can no longer change, and then the cut.
+        in_flight = _in_flight_behind_a_dead_link(pas, hub, proxy, transfer_id)
+        proxy.cut()
+        assert in_flight > 0
         wait_for(lambda: pas.status()["links"]["hub"]["state"] == "down", 60,
                  what="the link to be seen down")
         assert jobs(pas)[0]["state"] != "done"

@@ -4,23 +4,15 @@ or several studies one after the other in the same stream (``studies``: what a b
 needs on a long link, one TCP slow start instead of one per study); over one connection, or
 striped over several (``lanes``, ``appliance.hub.lanes``; ``POST /api/v1/downloads/lanes``
 joins one). The searches and the priors route that feeds :func:`stream_answer` are in
-``appliance.hub.priors``; the archive's answer parsed into files and cut into buckets in
-``appliance.hub.staging``.
+``appliance.hub.priors``; the work of one answer (archive read, packing, frames: the
+``Download`` job) in ``appliance.hub.download_stages``; the archive's answer parsed into files
+and cut into buckets in ``appliance.hub.staging``.
 
-Owns: reading the study from the archive (``dicomweb``: one WADO-RS request for the study or
-series, ``transfer-syntax=*``, each part streamed to a file in a private folder under
-``$PAS_HUB_HOME/downloads``; ``embedded``: the archive's own spool files), cutting the
-instances into buckets as they arrive, packing them, and writing the frames of
-``appliance.transfer.download`` (which documents the format). May not touch: SQL, the upload
-side's transfers, the archive's files (read only).
-
-Three stages run side by side, so that the WAN never waits for the whole study: the archive
-read (one thread), the packing (one thread; the band encoding uses pack.py's pool), and the
-answer. Queues of two buckets between them bound memory and disk to a few buckets whatever the
-size of the study (invariant 8); staged files are deleted once their bucket is packed, the
-folder when the answer ends (or at the next start). Not sealed: the stream is inside TLS 1.3
-with the site's client certificate, no bucket is stored anywhere, and the appliance checks
-each rebuilt file's SHA-256 against the one computed here from the archive's file.
+Owns: the routes: a request's body read (bounded) and checked (``bucket_bytes``, the parts),
+the job started and its status line (a 404 for an unknown study rather than a 200 and an
+error frame), the answer sent over one connection or handed to the lanes, and the hub's
+thread pool sized for answers that wait. May not touch: SQL, the archive, packing (the job
+does it), the upload side's transfers.
 """
 
 from __future__ import annotations
@@ -28,34 +20,21 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import queue
 import shutil
-import threading
-import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
-import httpx
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from appliance.hub.app import BodyTooLarge, problem, read_body_limited
+from appliance.hub.download_stages import Download, Part, downloads_dir
 from appliance.hub.lanes import LANE_ID, StripedAnswer, parse_lanes, tune
-from appliance.hub.staging import ArchiveFailed, PartsToFiles, Planner, boundary, uid_of
-from appliance.transfer.download import (
-    DOWNLOADS_PATH,
-    MEDIA_TYPE,
-    UID,
-    encode_frame,
-)
+from appliance.transfer.download import DOWNLOADS_PATH, MEDIA_TYPE, UID
 from appliance.transfer.lanes import LANE_MEDIA_TYPE, LANES_PATH, MAX_LANES
-from appliance.transfer.pack import PackItem, pack_bucket
 
 if TYPE_CHECKING:
     from appliance.hub.app import Hub
@@ -64,413 +43,10 @@ log = logging.getLogger("pas.hub.download")
 
 DEFAULT_BUCKET_BYTES = 4 * 1024 * 1024
 MIN_BUCKET_BYTES = 64 * 1024
-MULTIPART_DICOM = 'multipart/related; type="application/dicom"; transfer-syntax=*'
-AHEAD = 2  # buckets staged or packed ahead of the answer
 MAX_BUCKET_BYTES = 16 * 1024 * 1024
-# The stream's first bucket closes after this many original bytes (a whole instance is never
-# split for it): the first byte crosses the WAN after one small packing, not a whole bucket's.
-FIRST_BUCKET_BYTES = 256 * 1024
-# And the stream's last one: what is left at the end is cut in buckets of about this size, so
-# that the site, which unpacks and files a bucket once it is whole, has little to do after the
-# last byte (a 4 MiB bucket of 86 kB MR files is ~0.15 s of decoding and fsyncs there).
-LAST_BUCKET_BYTES = 1024 * 1024
 MAX_STUDIES = 256  # studies one request may ask for (the batched form)
 MAX_JOIN_BYTES = 4096  # a lane join is {"id": 32 hex digits, "lane": n}
 ANSWER_THREADS = 256  # worker threads of the hub's event loop (see _enough_threads)
-# Packing is CPU and a bucket's bytes in memory (at most MAX_BUCKET_BYTES read + packed): at
-# most this many downloads pack at once. Measured on 10 CT priors at once (2 cores): 2 -> 3.6 s,
-# 4 -> 3.2 s, 8 -> 3.4 s mean of four runs each (a study's first byte waits for its packing).
-_PACKING = threading.Semaphore(4)
-
-
-@dataclass(frozen=True)
-class Part:
-    """One study (or series) of a request, minus what the site holds."""
-
-    study_uid: str
-    series_uid: str | None
-    have: frozenset[str]
-
-
-@dataclass(frozen=True)
-class Staged:
-    item: PackItem
-    owned: bool  # a staged copy to delete once packed (not an archive's own file)
-
-
-@dataclass
-class _PartStats:
-    instances: int = 0
-    skipped: int = 0
-    original: int = 0
-    packed: int = 0
-    buckets: int = 0
-    sent: bool = False
-    error: str = ""
-
-
-class Download:
-    """One answer: stage -> pack -> frames, each stage a thread or the response's loop.
-
-    The parts (studies) follow one another in the same stream, so that a site asking for ten
-    priors at once gets one TCP stream (one slow start, no ten-way overshoot of the WAN's
-    queue) while the hub reads and packs the next study during the send of the current one.
-    ``batched`` (the request named ``studies``): each bucket names its part, each part ends
-    with a frame of its own, and a part the archive cannot deliver gets an error frame of its
-    own while the others go on."""
-
-    def __init__(self, hub: Hub, site: str, parts: list[Part], target: int, batched: bool,
-                 feed: queue.Queue[Any] | None = None):
-        self.hub = hub
-        # ``feed`` (the priors route): the parts are not known yet; the feed brings
-        # ("frame", bytes) to send as they are, ("part", Part) to stream, then None.
-        self.feed = feed
-        self.fed_all = feed is None
-        self.ahead: list[tuple[str, Any]] = []  # what the feed brought, not yet staged
-        self.feeding: Any = None  # the task that fills the feed (kept referenced)
-        self.site = site
-        self.parts = parts
-        self.batched = batched
-        self.target = target
-        self.folder = downloads_dir(hub) / uuid.uuid4().hex  # made by start()
-        self.plans: queue.Queue[Any] = queue.Queue(AHEAD)
-        self.frames: queue.Queue[Any] = queue.Queue(AHEAD)
-        self.cancel = threading.Event()
-        self.first = threading.Event()  # the archive answered (or failed)
-        self.failure: ArchiveFailed | None = None
-        self.stats = [_PartStats() for _ in parts]
-        if feed is not None and parts:
-            raise ValueError("a download has parts or a feed, not both")
-        self.over = False      # the answer's last bytes were handed out
-        self.finished = False  # ... and it was the end frame (not an error, not a cut)
-        self.ended = False     # end() ran
-        self.started = time.monotonic()
-        self.threads = [threading.Thread(target=self._stage, name="pas-dl-stage", daemon=True),
-                        threading.Thread(target=self._pack, name="pas-dl-pack", daemon=True)]
-
-    @property
-    def instances(self) -> int:
-        return sum(s.instances for s in self.stats)
-
-    def start(self) -> Download:
-        self.folder.mkdir(parents=True)
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def _put(self, target: queue.Queue[Any], item: Any) -> bool:
-        while not self.cancel.is_set():
-            try:
-                target.put(item, timeout=0.5)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    # --- stage 1: the archive's files, cut into buckets ---------------------------------------
-
-    def _stage(self) -> None:
-        index = 0
-        try:
-            for number, part in self._parts():
-                # The stream's first bucket is small: its packing is all the WAN waits for.
-                planner = Planner(self.target, FIRST_BUCKET_BYTES if number == 0 else None,
-                                   index)
-                stats = self.stats[number]
-                try:
-                    for staged in self._source(part):
-                        if self.cancel.is_set():
-                            return
-                        if staged.item.sop_instance_uid in part.have:
-                            stats.skipped += 1
-                            if staged.owned:
-                                staged.item.path.unlink(missing_ok=True)
-                            continue
-                        stats.instances += 1
-                        for plan in planner.add(staged.item):
-                            if not self._put(self.plans, ("bucket", number, plan)):
-                                return
-                    if stats.instances == 0 and stats.skipped == 0:
-                        raise ArchiveFailed(404, "unknown_study",
-                                            self._what(part) + " has no instances")
-                except ArchiveFailed as exc:
-                    if not self.batched:
-                        raise
-                    # This part only: what it already sent stays valid, the next part goes on.
-                    stats.error = exc.error
-                    self.first.set()
-                    index = planner.index
-                    if not self._put(self.plans, ("part_error", number, exc)):
-                        return
-                    continue
-                final = self._is_last(number)
-                for plan in planner.finish(LAST_BUCKET_BYTES if final else None):
-                    if not self._put(self.plans, ("bucket", number, plan)):
-                        return
-                index = planner.index
-                if not self._put(self.plans, ("part_end", number, None)):
-                    return
-            self._put(self.plans, None)
-        except ArchiveFailed as exc:
-            self.failure = exc
-            self._put(self.plans, exc)
-        except Exception as exc:  # any other failure ends the answer with an error frame
-            log.exception("download for %s: staging failed", self.site)
-            self.failure = ArchiveFailed(502, "archive_failed", f"{type(exc).__name__}: {exc}")
-            self._put(self.plans, self.failure)
-        finally:
-            self.first.set()
-
-    def _parts(self) -> Iterator[tuple[int, Part]]:
-        """(number, part) in stream order; from the feed, its frames passed on in their
-        place as they come."""
-        if self.feed is None:
-            yield from enumerate(self.parts)
-            return
-        while not self.cancel.is_set():
-            self._read_feed(wait=not self.ahead)
-            if not self.ahead:
-                if self.fed_all:
-                    return
-                continue
-            kind, value = self.ahead.pop(0)
-            if kind == "frame":
-                if not self._put(self.plans, ("frame", None, value)):
-                    return
-                continue
-            self.parts.append(value)
-            self.stats.append(_PartStats())
-            yield len(self.parts) - 1, value
-
-    def _read_feed(self, wait: bool) -> None:
-        """Move what the feed holds into ``ahead``; ``wait``: up to 0.5 s for the first."""
-        assert self.feed is not None
-        while not self.fed_all:
-            try:
-                got = self.feed.get(timeout=0.5) if wait else self.feed.get_nowait()
-            except queue.Empty:
-                return
-            wait = False
-            if got is None:
-                self.fed_all = True
-            else:
-                self.ahead.append(got)
-
-    def _is_last(self, number: int) -> bool:
-        """No part follows this one (its tail is cut in small buckets)."""
-        if self.feed is None:
-            return number == len(self.parts) - 1
-        self._read_feed(wait=False)
-        return self.fed_all and not any(kind == "part" for kind, _ in self.ahead)
-
-    def _source(self, part: Part) -> Iterator[Staged]:
-        spool = getattr(self.hub.archive, "spool", None)
-        if self.hub.settings.archive.kind == "embedded" and spool is not None:
-            yield from self._embedded(part, spool)
-        else:
-            yield from self._dicomweb(part)
-
-    def _embedded(self, part: Part, spool: Any) -> Iterator[Staged]:
-        from appliance.store import query
-
-        keys = {"StudyInstanceUID": part.study_uid}
-        level = "STUDY"
-        if part.series_uid:
-            keys["SeriesInstanceUID"], level = part.series_uid, "SERIES"
-        rows = query.instances_for(self.hub.archive.db, level, keys)  # type: ignore[attr-defined]
-        if not rows:
-            raise ArchiveFailed(404, "unknown_study", self._what(part) + " is not in the archive")
-        self.first.set()
-        for row in rows:
-            yield Staged(PackItem(row["sop_instance_uid"], spool.path(row["path"]),
-                                  int(row["size"]), row["sha256"]), owned=False)
-
-    def _dicomweb(self, part: Part) -> Iterator[Staged]:
-        archive = self.hub.settings.archive
-        path = f"studies/{part.study_uid}"
-        if part.series_uid:
-            path += f"/series/{part.series_uid}"
-        arrived: list[Staged] = []
-
-        def on_part(file: Path, size: int, digest: str) -> None:
-            arrived.append(Staged(PackItem(uid_of(file), file, size, digest), owned=True))
-
-        parser: PartsToFiles | None = None
-        try:
-            # identity: the archive is on the hub's LAN; gzip would only cost its CPU.
-            with httpx.stream("GET", f"{archive.url}/{path}", timeout=archive.timeout_s,
-                              headers={"Accept": MULTIPART_DICOM,
-                                       "Accept-Encoding": "identity"}) as answer:
-                if answer.status_code == 404:
-                    raise ArchiveFailed(404, "unknown_study",
-                                        self._what(part) + " is not in the archive")
-                if answer.status_code >= 400:
-                    answer.read()
-                    raise ArchiveFailed(502, "archive_refused",
-                                        f"the archive answered HTTP {answer.status_code}: "
-                                        f"{answer.text[:200]}")
-                parser = PartsToFiles(boundary(answer.headers.get("content-type", "")),
-                                       self.folder, on_part)
-                for chunk in answer.iter_raw(256 * 1024):
-                    if self.cancel.is_set():
-                        return
-                    parser.feed(chunk)
-                    if arrived:
-                        self.first.set()
-                    while arrived:
-                        yield arrived.pop(0)
-                if parser.state != "closed":
-                    raise ArchiveFailed(502, "archive_cut", "the archive's answer was cut short")
-        except httpx.HTTPError as exc:
-            raise ArchiveFailed(502, "archive_unreachable",
-                                f"the regional archive: {type(exc).__name__}: {exc}") from exc
-        finally:
-            if parser is not None:
-                parser.close()
-
-    @staticmethod
-    def _what(part: Part) -> str:
-        return f"study {part.study_uid}" + (f" series {part.series_uid}"
-                                            if part.series_uid else "")
-
-    # --- stage 2: packing ---------------------------------------------------------------------
-
-    def _pack(self) -> None:
-        buckets = 0
-        try:
-            while not self.cancel.is_set():
-                try:
-                    got = self.plans.get(timeout=0.5)
-                except queue.Empty:
-                    continue
-                if got is None:
-                    self._put(self.frames, (encode_frame(
-                        {"end": True, "instances": self.instances, "buckets": buckets}), None))
-                    self._put(self.frames, None)
-                    return
-                if isinstance(got, ArchiveFailed):
-                    self._put(self.frames, got)
-                    return
-                kind, number, plan = got
-                if kind == "frame":  # the feed's own frames (the priors route's "found")
-                    if not self._put(self.frames, (plan, None)):
-                        return
-                    continue
-                stats = self.stats[number]
-                if kind == "part_end":
-                    if self.batched and not self._put(self.frames, (encode_frame(
-                            {"study_end": number, "instances": stats.instances,
-                             "buckets": stats.buckets}), number)):
-                        return
-                    if not self.batched:
-                        stats.sent = True  # the end frame of a single study says it
-                    continue
-                if kind == "part_error":
-                    log.warning("download of %s for %s failed: %s", self._what(
-                        self.parts[number]), self.site, plan.detail, extra={"SITE": self.site})
-                    if not self._put(self.frames, (encode_frame(
-                            {"error": plan.error, "study": number, "detail": plan.detail}),
-                            None)):
-                        return
-                    continue
-                with _PACKING:
-                    payload, _stats = pack_bucket(plan, "default")
-                stats.original += sum(length for _, _, length in plan.entries)
-                stats.packed += len(payload)
-                seen: dict[str, PackItem] = {}
-                for item, offset, length in plan.entries:
-                    seen[item.sop_instance_uid] = item
-                    if item.path.parent == self.folder and offset + length == item.size:
-                        # A staged copy whose last piece is packed: no longer needed.
-                        item.path.unlink(missing_ok=True)
-                header: dict[str, Any] = {
-                    "index": plan.index, "payload": len(payload), "instances": [
-                        {"uid": i.sop_instance_uid, "size": i.size, "sha256": i.sha256}
-                        for i in seen.values()]}
-                if self.batched:
-                    header["study"] = number
-                if not self._put(self.frames, (encode_frame(header, payload), None)):
-                    return
-                buckets += 1
-                stats.buckets += 1
-        except Exception as exc:
-            log.exception("download for %s: packing failed", self.site)
-            self._put(self.frames, ArchiveFailed(500, "pack_failed",
-                                                 f"{type(exc).__name__}: {exc}"))
-
-    # --- stage 3: the answer ------------------------------------------------------------------
-
-    def next_frame(self) -> Any:
-        """The next frame, None at the end, an ArchiveFailed, or ... after a quiet second (so
-        a thread never stays blocked once the client went away)."""
-        try:
-            return self.frames.get(timeout=1.0)
-        except queue.Empty:
-            return ...
-
-    def next_bytes(self) -> Any:
-        """The answer's next bytes (a frame, or the error frame that ends it), None at the
-        end, ... after a quiet second. One reader at a time (the answer, or the lanes' lock)."""
-        if self.over:
-            return None
-        frame = self.next_frame()
-        if frame is ...:
-            return None if self.cancel.is_set() else ...
-        if frame is None:
-            self.over = self.finished = True
-            return None
-        if isinstance(frame, ArchiveFailed):
-            log.warning("download for %s failed: %s", self.site, frame.detail,
-                        extra={"SITE": self.site})
-            self.over = True
-            return encode_frame({"error": frame.error, "detail": frame.detail})
-        data, done = frame
-        if done is not None:
-            self.stats[done].sent = True
-        return data
-
-    async def body(self) -> AsyncIterator[bytes]:
-        try:
-            while True:
-                data = await run_in_threadpool(self.next_bytes)
-                if data is ...:
-                    continue
-                if data is None:
-                    return
-                yield data
-        finally:
-            self.end()
-
-    def end(self) -> None:
-        """The answer is over (sent, failed or cut): stop the stages, log once per part."""
-        if self.ended:
-            return
-        self.ended = True
-        self.close()
-        finished = self.finished
-        if self.batched:
-            log.info("batched download for %s %s: %d studies in one stream, %.2f s",
-                     self.site, "sent" if finished else "ended early", len(self.parts),
-                     time.monotonic() - self.started, extra={"SITE": self.site})
-        parts = list(self.parts)  # a feed's stage may still be adding
-        for part, stats in zip(parts, self.stats[:len(parts)], strict=True):
-            sent = stats.sent and (finished or self.batched)
-            log.info("download of %s for %s %s: %d instances (%d held at the site, "
-                     "skipped), %.1f MB -> %.1f MB packed, %.2f s", self._what(part),
-                     self.site, "failed" if stats.error else "sent" if sent
-                     else "ended early", stats.instances, stats.skipped,
-                     stats.original / 1e6, stats.packed / 1e6,
-                     time.monotonic() - self.started,
-                     extra={"SITE": self.site, "STUDY_UID": part.study_uid})
-
-    def close(self) -> None:
-        self.cancel.set()
-        threading.Thread(target=self._clean, name="pas-dl-clean", daemon=True).start()
-
-    def _clean(self) -> None:
-        for thread in self.threads:
-            thread.join(30)
-        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _enough_threads() -> None:
@@ -481,10 +57,6 @@ def _enough_threads() -> None:
     limiter = anyio.to_thread.current_default_thread_limiter()
     if limiter.total_tokens < ANSWER_THREADS:
         limiter.total_tokens = ANSWER_THREADS
-
-
-def downloads_dir(hub: Hub) -> Path:
-    return hub.settings.home / "downloads"
 
 
 def bucket_bytes(body: dict[str, Any], max_bucket: int) -> int | str:

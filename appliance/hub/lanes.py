@@ -4,7 +4,7 @@ Owns: the registry of striped downloads (which lanes joined which download), cut
 download's answer into chunks that the lanes take in turn, and tuning each lane's socket
 (pacing at its share of the site's line, a low not-sent mark so that a lane takes a chunk only
 when it can send it). The wire format and the reasons are in :mod:`appliance.transfer.lanes`.
-May not touch: what the answer holds (``appliance.hub.download`` packs it), SQL.
+May not touch: what the answer holds (``appliance.hub.download_stages`` packs it), SQL.
 
 The site sends the download request (``POST /api/v1/downloads`` with ``"lanes": {"id",
 "count", "rate_bps"}``: lane 0) and, at the same moment, ``count - 1`` joins (``POST

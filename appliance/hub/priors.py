@@ -35,13 +35,8 @@ from starlette.routing import BaseRoute, Route
 
 from appliance.config import PrefetchRule
 from appliance.hub.app import BodyTooLarge, problem, read_body_limited
-from appliance.hub.download import (
-    MAX_BUCKET_BYTES,
-    Download,
-    Part,
-    bucket_bytes,
-    stream_answer,
-)
+from appliance.hub.download import MAX_BUCKET_BYTES, bucket_bytes, stream_answer
+from appliance.hub.download_stages import Download, Part
 from appliance.hub.lanes import parse_lanes
 from appliance.prefetch.rules import candidate_from_qido, choose_priors
 from appliance.transfer.download import (

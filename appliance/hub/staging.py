@@ -4,7 +4,7 @@ Owns: the incremental ``multipart/related`` parser that writes each instance the
 to its own file while hashing it (memory holds one chunk, whatever the size of an instance),
 the instance's label (its SOP Instance UID from the file meta), and the planner that cuts the
 staged instances into buckets as they arrive (``pack.plan_buckets``' cuts, emitted as soon as
-known). Used by :mod:`appliance.hub.download`, and by the ``dicomweb`` archive to hash
+known). Used by :mod:`appliance.hub.download_stages`, and by the ``dicomweb`` archive to hash
 what it reads back (:mod:`appliance.hub.archive`). May not touch: SQL, the network, packing.
 """
 

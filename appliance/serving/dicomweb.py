@@ -62,6 +62,11 @@ CHUNK = 1024 * 1024
 # held every row. Searches within a study (/studies/{s}/...) are bounded by the study, and
 # fetch-through lists a study's instances that way without paging, so they are not capped.
 QIDO_DEFAULT_LIMIT = 1000
+# The most an explicit limit gets on such a search (serving.qido_max_limit): limit=100000000
+# was unbounded. Both caps answer with the Warning below, so that the client pages on.
+QIDO_MAX_LIMIT = 10000
+# Past SQLite's 64-bit integers a limit or offset is clamped: no answer is that long anyway.
+_SQLITE_MAX_INT = 2**63 - 1
 # PS3.18 8.3.4.4: what a server that limited the results answers.
 TRUNCATED = ('299 {service}: "The number of results exceeded the maximum supported by the '
              'server. Additional results can be requested."')
@@ -101,14 +106,15 @@ class DicomWeb:
 
     def __init__(self, db: Database, spool: Spool, *, receiver: Receiver | None = None,
                  bearer_tokens: list[str] | None = None, pn_case_sensitive: bool = False,
-                 max_results: int = 0, fetcher: Fetcher | None = None,
-                 base_url: str = "/dicom-web"):
+                 max_results: int = 0, max_limit: int = QIDO_MAX_LIMIT,
+                 fetcher: Fetcher | None = None, base_url: str = "/dicom-web"):
         self.db = db
         self.spool = spool
         self.receiver = receiver
         self.bearer_tokens = [t.encode() for t in (bearer_tokens or [])]
         self.pn_case_sensitive = pn_case_sensitive
         self.max_results = max_results
+        self.max_limit = max_limit
         self.fetcher = fetcher
         self.base_url = base_url
 
@@ -144,10 +150,9 @@ class DicomWeb:
         try:
             actor = self._actor(request)
             keys = self._qido_keys(request, level, path)
-            limit = _int_param(request, "limit")
+            limit = _int_param(request, "limit", positive=True)
             offset = _int_param(request, "offset") or 0
-            cap = self.max_results or (
-                QIDO_DEFAULT_LIMIT if limit is None and "study" not in path else None)
+            cap = self.max_results or self._cap(limit, confined="study" in path)
             capped = cap is not None and (limit is None or limit > cap)
             if capped:
                 limit = cap
@@ -168,6 +173,14 @@ class DicomWeb:
         self._audit(request, "query", actor, target, "success", detail)
         return JSONResponse([self._json(level, keys, row) for row in rows],
                             media_type=DICOM_JSON, headers=headers)
+
+    def _cap(self, limit: int | None, confined: bool) -> int | None:
+        """The most results a search may return with ``serving.max_results`` at 0: a search
+        within a study is bounded by the study; any other gets the default page without a
+        limit, and at most ``max_limit`` with one."""
+        if confined:
+            return None
+        return self.max_limit if limit is not None else min(QIDO_DEFAULT_LIMIT, self.max_limit)
 
     def _qido_keys(self, request: Request, level: str, path: dict[str, str]) -> dict[str, str]:
         """Matching and return keys of a QIDO-RS search. The defaults are those of PS3.18
@@ -488,13 +501,20 @@ def _sop_item(uid: str, sop_class: str, url: str | None = None, reason: int | No
     return item
 
 
-def _int_param(request: Request, name: str) -> int | None:
+def _int_param(request: Request, name: str, positive: bool = False) -> int | None:
+    """The query parameter ``name`` as a non-negative (``positive``: at least 1) integer, None
+    when absent; HttpProblem 400 naming it otherwise. ASCII digits only (str.isdigit also took
+    "²", which int() refused: a 500). Past SQLite's largest integer, that integer."""
     raw = request.query_params.get(name)
     if raw is None:
         return None
-    if not raw.isdigit():
-        raise HttpProblem(400, f"{name}: must be a non-negative integer, got {raw!r}")
-    return int(raw)
+    digits = raw.lstrip("0") or "0"
+    if not re.fullmatch(r"[0-9]+", raw) or (positive and digits == "0"):
+        kind = "a positive" if positive else "a non-negative"
+        raise HttpProblem(400, f"{name}: must be {kind} integer, got {raw[:40]!r}")
+    # 19 digits or more: SQLite's largest (no answer is that long). Decided on the text: int()
+    # of a few thousand digits raises (CPython's limit on conversions).
+    return int(digits) if len(digits) < 19 else _SQLITE_MAX_INT
 
 
 def _boundary(content_type: str) -> str:
@@ -516,7 +536,8 @@ def _level(level: str, endpoint: Callable[[Request], Any]) -> Callable[[Request]
 
 def build_dicomweb_routes(db: Database, spool: Spool, *, receiver: Receiver | None = None,
                           bearer_tokens: list[str] | None = None, pn_case_sensitive: bool = False,
-                          max_results: int = 0, fetcher: Fetcher | None = None,
+                          max_results: int = 0, max_limit: int = QIDO_MAX_LIMIT,
+                          fetcher: Fetcher | None = None,
                           prefix: str = "/dicom-web") -> list[BaseRoute]:
     """The DICOMweb routes under ``prefix`` over any (Database, Spool).
 
@@ -524,7 +545,7 @@ def build_dicomweb_routes(db: Database, spool: Spool, *, receiver: Receiver | No
     request; ``fetcher`` (study UID -> instances fetched) is asked for a study not on site."""
     web = DicomWeb(db, spool, receiver=receiver, bearer_tokens=bearer_tokens,
                    pn_case_sensitive=pn_case_sensitive, max_results=max_results,
-                   fetcher=fetcher, base_url=prefix)
+                   max_limit=max_limit, fetcher=fetcher, base_url=prefix)
     study = "/studies/{study}"
     series = study + "/series/{series}"
     instance = series + "/instances/{instance}"
@@ -559,5 +580,6 @@ def daemon_routes(daemon: Daemon) -> list[BaseRoute]:
         daemon.db, daemon.spool, receiver=daemon.receiver,
         bearer_tokens=serving.bearer_tokens if serving.auth == "bearer" else None,
         pn_case_sensitive=serving.pn_case_sensitive, max_results=serving.max_results,
+        max_limit=serving.qido_max_limit,
         fetcher=getattr(daemon.qr, "fetcher", None) if serving.fetch_through else None,
     )

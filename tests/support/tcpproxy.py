@@ -2,7 +2,10 @@
 
 Owns: one listening socket, a pair of pump threads per connection, byte counters. ``cut()``
 closes every open connection at once (RST, as a dead link looks to the sender) and refuses
-new ones until ``restore()``. TLS passes through untouched (the proxy never sees clear text).
+new ones until ``restore()``. ``drop_upward()``, before a cut, makes the link dead towards the
+upstream only: what the client sends goes nowhere (its connections stay open and silent)
+while answers already on their way still arrive, so that a request under way stays under way
+until the cut. TLS passes through untouched (the proxy never sees clear text).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ class TcpProxy:
         self.connections = 0
         self._up = threading.Event()
         self._up.set()
+        self._dropping = False  # drop_upward() until the next restore()
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
         self._closing = False
@@ -42,7 +46,14 @@ class TcpProxy:
         for sock in sockets:
             _reset(sock)
 
+    def drop_upward(self) -> None:
+        """From now on every byte towards the upstream is dropped (and not counted), on the
+        open connections and on new ones; answers still pass. Ended by ``cut()`` then
+        ``restore()`` (a connection that lost bytes cannot carry on)."""
+        self._dropping = True
+
     def restore(self) -> None:
+        self._dropping = False
         self._up.set()
 
     def stop(self) -> None:
@@ -78,6 +89,8 @@ class TcpProxy:
     def _pump(self, source: socket.socket, sink: socket.socket, upward: bool) -> None:
         try:
             while chunk := source.recv(65536):
+                if upward and self._dropping:
+                    continue
                 sink.sendall(chunk)
                 if upward:
                     with self._lock:
