@@ -134,3 +134,49 @@ def test_staging_abandoned_while_the_hub_was_down_goes_at_start(
     assert not _staged(hub, abandoned.transfer_id)
     assert _row(hub, abandoned.transfer_id)["expired_at"] is not None
     assert "abandoned transfers expired: 1" in hub.log()
+
+
+def test_an_upgraded_hub_counts_idleness_from_the_last_bucket_not_the_creation(
+        tmp_path: Path) -> None:
+    """Migration 4 adds ``last_activity_at`` NULL to every transfer already there, and idleness
+    was counted from ``created_at`` for them: the first start after the upgrade expired the
+    staging of a transfer begun 40 days before whose site had sent buckets 5 days ago (a slow
+    site, a long outage), though the expiry is at 30 days. The buckets held say when the
+    site was last heard of: the transfer is kept.
+
+    The hub's database is taken back to schema 3 as a hub before the upgrade held it (the two
+    columns and the index dropped, user_version 3), dated so, and the upgraded hub starts."""
+    hub = HubProcess(tmp_path / "hub", {"PAS_HUB_TRANSFERS__ABANDONED_AFTER_DAYS": "30"})
+    hub.init()
+    hub.start()
+    try:
+        site = enroll(hub, tmp_path / "site", "CHU-NORD")
+        slow = _shipment(site, 0, 20)
+        with client(site) as http:
+            _start(http, slow, 2)
+    finally:
+        hub.stop()
+    day = 86400.0
+    conn = sqlite3.connect(hub.home / "hub.sqlite")
+    try:
+        with conn:
+            conn.execute("DROP INDEX transfers_open")
+            conn.execute("ALTER TABLE transfers DROP COLUMN last_activity_at")
+            conn.execute("ALTER TABLE transfers DROP COLUMN expired_at")
+            conn.execute("UPDATE transfers SET created_at = ? WHERE id = ?",
+                         (time.time() - 40 * day, slow.transfer_id))
+            conn.execute("UPDATE buckets SET received_at = ? - idx WHERE transfer_id = ?",
+                         (time.time() - 5 * day, slow.transfer_id))
+        conn.execute("PRAGMA user_version = 3")
+    finally:
+        conn.close()
+    hub.start()  # migration 4, then the sweep at start, before the port opens
+    try:
+        assert (hub.home / "buckets" / slow.transfer_id).is_dir()
+        row = _row(hub, slow.transfer_id)
+        assert row["expired_at"] is None and row["held"] == 2
+        assert "abandoned" not in hub.log()
+        with client(site) as http:  # the site resumes where it was
+            assert http.get(slow.url + "/buckets").json()["held"] == [0, 1]
+    finally:
+        hub.stop()

@@ -482,12 +482,14 @@ def sweep_eviction_leftovers(spool: Spool, db: Database) -> list[EvictionLeftove
     aside is renamed back and the flag resolved ``kept``; with the file in place, or no row
     naming it, the copy aside goes (the evicted bytes were confirmed, or an older version of
     the same bytes). Each under the write lock, so no index commit lands between the look at
-    the rows and the move. Names of a live process (``pas cache purge`` running beside the
-    daemon, or the daemon beside ``pas verify --repair``) are left to it.
+    the rows and the move. Names of a live evictor (``pas cache purge`` running beside the
+    daemon, or the daemon beside ``pas verify --repair``) are left to it: a process that
+    runs under that pid and holds this home's database open (:func:`_evictor_alive`; a pid
+    taken over by another program after a crash and a reboot is not one).
     Costs one listing of the spool's directories (no stat per file)."""
     settled: list[EvictionLeftover] = []
     for aside_relative, pid in _eviction_asides(spool):
-        if pid != os.getpid() and process_alive(pid):
+        if pid != os.getpid() and _evictor_alive(pid, db.path):
             continue
         relative = aside_relative[:aside_relative.rindex(EVICTING_ASIDE)]
         aside, final = spool.root / aside_relative, spool.root / relative
@@ -512,6 +514,32 @@ def sweep_eviction_leftovers(spool: Spool, db: Database) -> list[EvictionLeftove
             fsync_dir(final.parent)
         settled.append(EvictionLeftover(aside_relative, relative, action))
     return settled
+
+
+def _evictor_alive(pid: int, database: Path) -> bool:
+    """Whether ``pid`` may still be the process that renamed a file aside: it runs and holds
+    ``database`` open (every evictor does, from its eviction transaction to the unlink).
+    Whoever took the pid over after a crash does not. Where that cannot be seen (another
+    user's process, no /proc), a running process is assumed to be the evictor."""
+    if not process_alive(pid):
+        return False
+    if not os.path.isdir("/proc/self/fd"):
+        return True  # no /proc: cannot tell
+    try:
+        wanted = os.stat(database)
+        descriptors = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:  # ended meanwhile
+        return False
+    except OSError:  # PermissionError: another user's process
+        return True
+    for fd in descriptors:
+        try:
+            held = os.stat(f"/proc/{pid}/fd/{fd}")
+        except OSError:  # closed meanwhile, or not a file
+            continue
+        if (held.st_dev, held.st_ino) == (wanted.st_dev, wanted.st_ino):
+            return True
+    return False
 
 
 def _eviction_asides(spool: Spool) -> Iterator[tuple[str, int]]:

@@ -105,4 +105,13 @@ HUB_MIGRATIONS: list[str] = [
     CREATE INDEX transfers_open ON transfers (created_at)
         WHERE receipt IS NULL AND expired_at IS NULL;
     """,
+    # 5: the transfers migration 4 found open had no last activity, and were counted idle from
+    # their creation: a transfer begun long ago whose site sent buckets lately expired at the
+    # first start after the upgrade. Their last bucket received is their last activity known.
+    # (A transfer created since has its last_activity_at set by its first bucket.)
+    """
+    UPDATE transfers SET last_activity_at = (
+        SELECT max(b.received_at) FROM buckets b WHERE b.transfer_id = transfers.id)
+    WHERE last_activity_at IS NULL AND receipt IS NULL;
+    """,
 ]
