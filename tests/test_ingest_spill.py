@@ -9,6 +9,7 @@ OOM killer end it.
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -315,5 +316,38 @@ def test_a_large_message_on_pynetdicoms_path_is_stopped_not_held(tmp_path: Path)
         assert growth < 150, growth
         storescu(sorted(MR_DIR.rglob("*.dcm"))[:1], pas.port)  # the daemon serves on
         assert pas.status()["instances"] == 1
+    finally:
+        pas.stop()
+
+
+def test_a_long_indexed_value_is_indexed_whole_on_pydicoms_path(tmp_path: Path) -> None:
+    """pydicom's parse leaves values over 1 MB unread (a spilled object is read in place);
+    one the index reads must still be read, not indexed empty. Implicit VR allows a 1.5 MB
+    StudyDescription; a stray (0002,0013) element at the top sends the dataset to pydicom."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    ds = _small_secondary_capture(1)
+    del ds.file_meta
+    ds.StudyDescription = "LONG " * (300 << 10)  # 1.5 MB
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, True
+    write_dataset(buffer, ds)
+    dataset = (struct.pack("<HHI", 0x0002, 0x0013, 4) + b"ODD " + buffer.getvalue()
+               + struct.pack("<HHI", 0x7FE0, 0x0010, 1 << 20) + bytes(1 << 20))
+    pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                                        "PAS_DICOM__SPILL_ABOVE_MB": "1"}).start()
+    try:
+        raw = raw_ul.associate(pas.port, [(1, SecondaryCaptureImageStorage,
+                                           ImplicitVRLittleEndian)])
+        try:
+            answer = raw.c_store(1, SecondaryCaptureImageStorage, ds.SOPInstanceUID, dataset)
+        finally:
+            raw.release()
+        assert struct.unpack("<H", answer[0x0900])[0] == 0x0000
+        (study,) = json.loads(pas.cli("studies", "--json").stdout)
+        assert study["description"] == ds.StudyDescription.rstrip(), len(
+            study["description"] or "")
     finally:
         pas.stop()

@@ -19,6 +19,7 @@ from io import BytesIO
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.pixels.utils import get_expected_length
@@ -31,7 +32,7 @@ from appliance.ingest.attributes import (
     instance_record,
     record_from_raw,
 )
-from appliance.ingest.header import PIXEL_DATA, PIXEL_TAGS, Truncated, read_header
+from appliance.ingest.header import PIXEL_DATA, PIXEL_TAGS, WANTED, Truncated, read_header
 from appliance.store import index
 from appliance.store.db import Database
 from appliance.store.spool import SpillFile, Spool, SpoolFull
@@ -362,7 +363,20 @@ def _read_dataset_record(header: bytes, dataset: bytes | bytearray | memoryview,
     finally:
         reader.close()
     _check_complete(ds, dataset)
+    _read_deferred_index_values(ds, dataset)
     return _record(ds, syntax)
+
+
+def _read_deferred_index_values(ds: Dataset, data: bytes | bytearray | memoryview) -> None:
+    """A value the index reads that pydicom left unread (over ``DEFER_BYTES``: absurd for a
+    description, but implicit VR allows it) is read here from where it lies; pydicom's own
+    deferred read needs a file name, and the index would have kept the value empty.
+    ``_check_complete`` has checked that every value lies inside ``data``."""
+    for tag in WANTED.intersection(ds.keys()):
+        raw = ds.get_item(tag, keep_deferred=True)
+        if isinstance(raw, RawDataElement) and raw.value is None and raw.length:
+            ds[tag] = raw._replace(value=bytes(data[raw.value_tell:
+                                                    raw.value_tell + raw.length]))
 
 
 # Values longer than this are not read by pydicom's parse of a received dataset: pixel data
