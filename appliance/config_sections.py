@@ -322,7 +322,7 @@ class HubSection(_Section):
     max_mbps: float = Field(default=0.0, ge=0)
     windows: list[RateWindow] = []
     # The line's own rate, if known (0: unknown). The hub connections are then paced just
-    # under it (transfer/client.py Pacer), so that parallel PUTs do not overrun the router's
+    # under it (transfer/pacing.py Pacer), so that parallel PUTs do not overrun the router's
     # queue; it is not a cap (max_mbps is).
     link_mbps: float = Field(default=0.0, ge=0)
     # The line's rate towards the site, if not link_mbps (an asymmetric line; 0: link_mbps).

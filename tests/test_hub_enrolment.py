@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import ssl
 import stat
 import subprocess
@@ -244,3 +245,28 @@ def test_enroll_refuses_a_plain_http_hub_url(tmp_path: Path) -> None:
     with pytest.raises(EnrolmentError, match="must start with https://"):
         enroll_appliance(tmp_path, "http://127.0.0.1:9", "A." + "b" * 20 + "." + "0" * 64)
     assert not (tmp_path / "pki").exists()
+
+
+def test_hub_run_on_a_taken_port_says_so_in_one_line(tmp_path: Path) -> None:
+    """uvicorn bound the port itself: a taken one printed "hub serving on ..." and then
+    uvicorn's own lines ("[Errno 98] error while attempting to bind ..."). Now, as for `pas run`,
+    one line names the key, the address and the cause, exit 1, and the hub started nothing
+    (the port is bound before the start-up clean-up, which would remove an interrupted rebuild's
+    work folder, and before the archiver resumes)."""
+    hub = HubProcess(tmp_path / "hub").init()
+    interrupted = hub.home / "work" / "interrupted-rebuild"
+    interrupted.mkdir(parents=True)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        hub.env["PAS_HUB_HTTP__PORT"] = str(port)
+        result = hub.cli("run", check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert len(result.stderr.strip().splitlines()) == 1, output
+    assert f"cannot start the hub: http.port {port} on 127.0.0.1: " in result.stderr, output
+    assert "address already in use" in result.stderr.lower(), output
+    assert "hub serving on" not in output and "error while attempting to bind" not in output
+    assert "Traceback" not in output
+    assert interrupted.is_dir()  # nothing of the start-up ran

@@ -306,7 +306,7 @@ def test_a_put_handed_over_frees_its_slot_while_it_waits_for_the_answer() -> Non
 
 def _pacing_rates(client: HubClient) -> list[int]:
     """SO_MAX_PACING_RATE of every open connection, as the kernel reports it."""
-    from appliance.transfer.client import SO_MAX_PACING_RATE
+    from appliance.transfer.pacing import SO_MAX_PACING_RATE
 
     return sorted(sock.getsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE)
                   for sock in list(client.pacer._sockets) if sock.fileno() >= 0)
@@ -340,7 +340,7 @@ def test_connections_are_paced_under_the_link_rate_shared_by_the_puts_on_the_wir
 
 
 def test_link_meter_counts_busy_time_only() -> None:
-    from appliance.transfer.client import LinkMeter
+    from appliance.transfer.pacing import LinkMeter
 
     now = [100.0]
     meter = LinkMeter(clock=lambda: now[0])
@@ -456,7 +456,7 @@ def test_pacer_counts_connections_with_unsent_bytes_until_the_kernel_sent_them()
     still wait in the kernel: the pacer reads that (TCP_INFO) and shares the line with those
     connections until they are sent. Real sockets: a receiver that does not read keeps the
     sender's bytes unsent."""
-    from appliance.transfer.client import Pacer, bytes_unsent
+    from appliance.transfer.pacing import Pacer, bytes_unsent
     from tests.support.peers import wait_for
 
     pacer = Pacer(40)
@@ -496,6 +496,6 @@ def test_pacer_counts_connections_with_unsent_bytes_until_the_kernel_sent_them()
 
 
 def _rates(sockets: list[socket.socket]) -> list[int]:
-    from appliance.transfer.client import SO_MAX_PACING_RATE
+    from appliance.transfer.pacing import SO_MAX_PACING_RATE
 
     return sorted(s.getsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE) for s in sockets)

@@ -159,15 +159,22 @@ def hub_transfers(config: Path | None = HubConfigOption,
 def hub_run(config: Path | None = HubConfigOption) -> None:
     """Serve the hub (HTTPS, TLS 1.3, mutual TLS on /api/v1) in the foreground."""
     from appliance import logs
-    from appliance.hub.app import Hub, HubServer
+    from appliance.hub.app import Hub, HubServer, bind_port
     from appliance.hub.pki import PKIError
 
     settings = _hub_settings(config)
     logs.setup(settings.log_level)
     try:
-        server = HubServer(Hub(settings))
+        # The port first: a taken one fails the start before the clean-up and the archiver's
+        # resumption run, in one line naming http.port (uvicorn binding it printed its own).
+        sock = bind_port(settings.http.host, settings.http.port)
+        try:
+            server = HubServer(Hub(settings), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
     except (PKIError, OSError) as exc:
-        err.print(f"[red]cannot start the hub:[/red] {exc}")
+        err.print(f"[red]cannot start the hub:[/red] {exc}", highlight=False)
         raise typer.Exit(1) from None
     console.print(f"hub serving on https://{settings.http.host}:{settings.http.port} "
                   f"(archive: {settings.archive.kind})")

@@ -14,9 +14,11 @@ every ``/api/v1`` route.
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import logging
 import shutil
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -258,23 +260,53 @@ def openapi(routes: list[BaseRoute]) -> dict[str, Any]:
             "paths": paths}
 
 
-class HubServer:
-    """The hub on uvicorn; ``run()`` blocks (``pas hub run``), ``start()`` runs it in a thread."""
+class PortUnavailable(OSError):
+    """The hub's port could not be bound (taken, or not allowed): one line naming the key."""
 
-    def __init__(self, hub: Hub, host: str | None = None, port: int | None = None):
+
+def bind_port(host: str, port: int) -> socket.socket:
+    """The hub's listening socket, bound (not listening yet: uvicorn listens once it serves).
+    Bound here rather than by uvicorn, which logged its own lines and exited with status 3 on
+    a taken port; raises :class:`PortUnavailable` naming ``http.port`` and the address."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn chooses
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        hint = " (another program listens there?)" if exc.errno == errno.EADDRINUSE else ""
+        raise PortUnavailable(f"http.port {port} on {host}: {exc.strerror or exc}{hint}") from None
+    return sock
+
+
+class HubServer:
+    """The hub on uvicorn; ``run()`` blocks (``pas hub run``), ``start()`` runs it in a thread.
+    ``sock``: the port already bound (:func:`bind_port`), else it is bound here."""
+
+    def __init__(self, hub: Hub, host: str | None = None, port: int | None = None,
+                 sock: socket.socket | None = None):
         from appliance.hub.tls import server_config
 
         self.hub = hub
-        config = server_config(build_app(hub), hub.pki, host or hub.settings.http.host,
-                               port or hub.settings.http.port)
+        host, port = host or hub.settings.http.host, port or hub.settings.http.port
+        self.sock = sock or bind_port(host, port)
+        try:
+            config = server_config(build_app(hub), hub.pki, host, port)
+        except BaseException:
+            self.sock.close()
+            raise
         self.server = uvicorn.Server(config)
         self.thread: threading.Thread | None = None
 
     def run(self) -> None:
-        self.server.run()
+        try:
+            self.server.run(sockets=[self.sock])
+        finally:
+            self.sock.close()
 
     def start(self) -> None:
-        self.thread = threading.Thread(target=self.server.run, name="pas-hub", daemon=True)
+        self.thread = threading.Thread(target=self.run, name="pas-hub", daemon=True)
         self.thread.start()
 
     def stop(self) -> None:

@@ -33,7 +33,7 @@ from starlette.routing import BaseRoute, Route
 from appliance.hub.app import BodyTooLarge, problem, read_body_limited
 from appliance.hub.download_stages import Download, Part, downloads_dir
 from appliance.hub.lanes import LANE_ID, StripedAnswer, parse_lanes, tune
-from appliance.transfer.download import DOWNLOADS_PATH, MEDIA_TYPE, UID
+from appliance.transfer.download_frames import DOWNLOADS_PATH, MEDIA_TYPE, UID
 from appliance.transfer.lanes import LANE_MEDIA_TYPE, LANES_PATH, MAX_LANES
 
 if TYPE_CHECKING:

@@ -6,9 +6,9 @@ Owns: reading the study from the archive (``dicomweb``: one WADO-RS request for 
 series, ``transfer-syntax=*``, each part streamed to a file in a private folder under
 ``$PAS_HUB_HOME/downloads``; ``embedded``: the archive's own spool files), cutting the
 instances into buckets as they arrive (``appliance.hub.staging``'s Planner), packing them, and
-writing the frames of ``appliance.transfer.download`` (which documents the format). May not
-touch: SQL, the upload side's transfers, the archive's files (read only), HTTP requests and
-responses (the routes parse and answer; a stage only hands out bytes), the lanes.
+writing the frames of ``appliance.transfer.download_frames`` (which documents the format). May
+not touch: SQL, the upload side's transfers, the archive's files (read only), HTTP requests
+and responses (the routes parse and answer; a stage only hands out bytes), the lanes.
 
 Three stages run side by side, so that the WAN never waits for the whole study: the archive
 read (one thread), the packing (one thread; the band encoding uses pack.py's pool), and the
@@ -36,7 +36,7 @@ import httpx
 from starlette.concurrency import run_in_threadpool
 
 from appliance.hub.staging import ArchiveFailed, PartsToFiles, Planner, boundary, uid_of
-from appliance.transfer.download import encode_frame
+from appliance.transfer.download_frames import encode_frame
 from appliance.transfer.pack import PackItem, pack_bucket
 
 if TYPE_CHECKING:

@@ -39,7 +39,7 @@ from appliance.hub.download import MAX_BUCKET_BYTES, bucket_bytes, stream_answer
 from appliance.hub.download_stages import Download, Part
 from appliance.hub.lanes import parse_lanes
 from appliance.prefetch.rules import candidate_from_qido, choose_priors
-from appliance.transfer.download import (
+from appliance.transfer.download_frames import (
     PRIORS_PATH,
     SEARCH_PATH,
     STUDY_FIELDS,

@@ -35,7 +35,8 @@ from appliance.store import audit
 from appliance.store import jobs as job_store
 from appliance.store import prefetch as store
 from appliance.store.db import Database, now
-from appliance.transfer.download import UID, WARM_EVERY_S, DownloadUnavailable, HubDownloads
+from appliance.transfer.download import WARM_EVERY_S, DownloadUnavailable, HubDownloads
+from appliance.transfer.download_frames import UID
 from appliance.transfer.region import RegionClient, RegionError, RegionInstance
 
 log = logging.getLogger("pas.prefetch")

@@ -1,11 +1,11 @@
 """The bucketed download: a study of the region, packed as the upload packs, streamed by the hub.
 
-Owns: the download stream's wire format (frames, shared with ``appliance.hub.download``) and
-the appliance's client: ``POST {hub}/api/v1/downloads`` over the enrolment's mutual TLS, frames
-read as they arrive, each bucket unpacked (``appliance.transfer.unpack``), instances rebuilt
-and checked against the size and SHA-256 the hub computed from the region's file, then handed
-to the caller, who files them (the prefetch, through the ingest Receiver). May not touch: the
-database or the spool.
+Owns: the appliance's client: ``POST {hub}/api/v1/downloads`` over the enrolment's mutual
+TLS (one connection or lanes), frames read as they arrive, each bucket unpacked
+(``appliance.transfer.unpack``) by worker threads, instances rebuilt and checked against the
+size and SHA-256 the hub computed from the region's file, then handed to the caller, who files
+them (the prefetch, through the ingest Receiver). May not touch: the database or the spool, the
+frame format (``appliance.transfer.download_frames`` owns it, shared with the hub).
 
 Why a stream of frames and not a manifest first: the hub learns each instance's size and
 SHA-256 only once it has read the file from the archive, so a manifest up front would make the
@@ -24,22 +24,16 @@ instance split across buckets that was not complete yet).
 
 Memory (invariant 8): one frame being read, at most ``workers`` buckets being unpacked, and the
 instances they complete (the Receiver takes a whole file, as for WADO-RS).
+instances they complete (the Receiver takes a whole file, as for WADO-RS).
 
-Frame (integers big endian): ``b"PASDL" 0x01 | u32 header length | header (UTF-8 JSON) |
-payload``. Header: ``{"index": n, "payload": <bytes>, "instances": [{"uid", "size",
-"sha256"}]}`` (a bucket; the payload is a pack.py bucket, not sealed: TLS 1.3 with client
-certificates protects it on the wire and the SHA-256 check end to end), ``{"end": true,
-"instances": N, "buckets": K}``, or ``{"error": code, "detail": text}`` (the archive failed
-after the answer had started).
+The frames, their limits and the check of what they announce are in
+``appliance.transfer.download_frames`` (which documents the format).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import re
-import struct
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -50,34 +44,24 @@ from typing import Any
 
 import httpx
 
+from appliance.transfer.download_frames import (
+    DOWNLOADS_PATH,
+    PRIORS_PATH,
+    SEARCH_PATH,
+    Assembler,
+    DownloadError,  # raised by every call here: its callers import it from this module
+    FrameReader,
+)
 from appliance.transfer.enrolment import load_enrolment
 from appliance.transfer.lanes import LANES_PATH, LaneFormatError, LaneReader, Reassembly
-from appliance.transfer.region import RegionError
 from appliance.transfer.unpack import BucketFormatError, unpack_bucket
 
-DOWNLOADS_PATH = "/api/v1/downloads"
-SEARCH_PATH = "/api/v1/downloads/search"
-PRIORS_PATH = "/api/v1/downloads/priors"
-# What a search of a patient's studies asks the archive for (as RegionClient.search_studies).
-STUDY_FIELDS = ("StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy",
-                "NumberOfStudyRelatedInstances", "StudyDescription")
-MEDIA_TYPE = "application/vnd.pas.download-stream"
-FRAME_MAGIC = b"PASDL\x01"
-FRAME_LEN = struct.Struct(">I")
 KEEP_ALIVE_S = 25.0
 WARM_EVERY_S = 20.0
-MAX_FRAME_HEADER = 16 * 1024 * 1024
-MAX_FRAME_PAYLOAD = 256 * 1024 * 1024
-# A UID as the download protocol takes it (study, series, instance; the hub refuses others).
-UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 class DownloadUnavailable(Exception):
     """The hub does not offer bucketed downloads (an older hub): use WADO-RS instead."""
-
-
-class DownloadError(RegionError):
-    """The download failed or was cut; what was verified and handed over stays valid."""
 
 
 class DownloadRefused(DownloadError):
@@ -87,101 +71,6 @@ class DownloadRefused(DownloadError):
         super().__init__(message)
         self.status = status
 
-
-def encode_frame(header: dict[str, Any], payload: bytes = b"") -> bytes:
-    head = json.dumps(header, separators=(",", ":")).encode()
-    return b"".join([FRAME_MAGIC, FRAME_LEN.pack(len(head)), head, payload])
-
-
-class FrameReader:
-    """Incremental frame parser: feed chunks, get whole (header, payload) frames."""
-
-    def __init__(self) -> None:
-        self.buffer = bytearray()
-        self.need: tuple[dict[str, Any], int, int] | None = None  # header, start, payload
-
-    def feed(self, chunk: bytes) -> list[tuple[dict[str, Any], bytes]]:
-        self.buffer += chunk
-        frames: list[tuple[dict[str, Any], bytes]] = []
-        while True:
-            if self.need is None:
-                prefix = len(FRAME_MAGIC) + FRAME_LEN.size
-                if len(self.buffer) < prefix:
-                    return frames
-                if bytes(self.buffer[:len(FRAME_MAGIC)]) != FRAME_MAGIC:
-                    raise DownloadError("the download stream is not PASDL v1 frames")
-                (length,) = FRAME_LEN.unpack_from(self.buffer, len(FRAME_MAGIC))
-                if length > MAX_FRAME_HEADER:
-                    raise DownloadError(f"a frame header of {length} bytes is over the limit")
-                if len(self.buffer) < prefix + length:
-                    return frames
-                try:
-                    header = json.loads(bytes(self.buffer[prefix:prefix + length]))
-                except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                    raise DownloadError(f"a frame header is not JSON: {exc}") from None
-                if not isinstance(header, dict):
-                    raise DownloadError("a frame header is not a JSON object")
-                payload = header.get("payload", 0)
-                if not isinstance(payload, int) or not 0 <= payload <= MAX_FRAME_PAYLOAD:
-                    raise DownloadError(f"a frame declares a payload of {payload!r} bytes")
-                self.need = (header, prefix + length, payload)
-            header, start, payload = self.need
-            if len(self.buffer) < start + payload:
-                return frames
-            frames.append((header, bytes(self.buffer[start:start + payload])))
-            del self.buffer[:start + payload]
-            self.need = None
-
-
-@dataclass
-class _Partial:
-    size: int
-    sha256: str
-    data: bytearray
-    got: int = 0
-
-
-@dataclass
-class Assembler:
-    """Pieces in, whole verified instances out. A piece's instance must have been announced
-    (size, SHA-256) by its frame; a rebuilt file that differs is an error naming it."""
-
-    expected: dict[str, tuple[int, str]] = field(default_factory=dict)
-    partial: dict[str, _Partial] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def announce(self, instances: list[Any]) -> None:
-        with self.lock:
-            for item in instances:
-                try:
-                    uid, size, digest = str(item["uid"]), int(item["size"]), str(item["sha256"])
-                except (KeyError, TypeError, ValueError):
-                    raise DownloadError(f"a frame lists a malformed instance {item!r}") from None
-                self.expected[uid] = (size, digest)
-
-    def add(self, uid: str, offset: int, total: int, data: bytes) -> bytes | None:
-        with self.lock:
-            if uid not in self.expected:
-                raise DownloadError(f"{uid}: a piece of an instance no frame announced")
-            size, digest = self.expected[uid]
-            if total != size:
-                raise DownloadError(f"{uid}: pieces say {total} bytes, the frame says {size}")
-            if offset == 0 and len(data) == size:
-                whole: bytes | None = data
-            else:
-                part = self.partial.setdefault(uid, _Partial(size, digest, bytearray(size)))
-                part.data[offset:offset + len(data)] = data
-                part.got += len(data)
-                whole = bytes(part.data) if part.got >= size else None
-                if whole is not None:
-                    del self.partial[uid]
-        if whole is None:
-            return None
-        actual = hashlib.sha256(whole).hexdigest()
-        if len(whole) != size or actual != digest:
-            raise DownloadError(f"{uid}: rebuilt {len(whole)} bytes with SHA-256 {actual}, the "
-                                f"region's file has {size} bytes and SHA-256 {digest}")
-        return whole
 
 
 @dataclass

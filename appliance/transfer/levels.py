@@ -13,7 +13,7 @@ until it has measured a level); on a known link rate a stronger level must deliv
 to be chosen (its CPU is latency on a short study).
 
 The link rate comes from ``set_link_mbps`` when the caller knows it (the uplink: the cap in
-force, else the rate its PUTs measured, ``transfer.client.LinkMeter``). Otherwise it is inferred
+force, else the rate its PUTs measured, ``transfer.pacing.LinkMeter``). Otherwise it is inferred
 from the caller's own pace: an uplink worker packs a bucket, sends it, then packs the next,
 so the time between one ``pack_bucket`` returning and the same thread's next call is what
 sending the previous bucket's bytes took: that worker's share of the link. Each worker then
