@@ -137,8 +137,7 @@ def test_the_totals_row_follows_every_change_of_the_instances(tmp_path: Path) ->
     from io import BytesIO
 
     from appliance.ingest.receive import Receiver
-    from appliance.store import cache as cache_store
-    from appliance.store import index
+    from appliance.store import eviction, index
     from appliance.store import jobs as job_store
     from appliance.store.spool import Spool
 
@@ -164,7 +163,7 @@ def test_the_totals_row_follows_every_change_of_the_instances(tmp_path: Path) ->
     job_store.route_study(db, rows[0]["study_fk"], [r["id"] for r in rows], [])
     assert _kept(db) == _summed(db)
     study_uid = received[0].study_uid
-    cache_store.evict_study(db, spool, study_uid, force=True)
+    eviction.evict_study(db, spool, study_uid, force=True)
     assert _kept(db) == _summed(db)
     totals = index.totals(db)
     assert (totals["files"], totals["bytes"]) == (_summed(db)["files"], _summed(db)["bytes"])
@@ -239,7 +238,7 @@ def test_metric_counters_never_go_down_when_the_cache_evicts(tmp_path: Path) -> 
     an eviction or a purge made them go down (Prometheus: a reset, rate() a false spike).
     They are now rows that triggers add to in the transaction of the change."""
     from appliance.ingest.receive import Receiver
-    from appliance.store import cache as cache_store
+    from appliance.store import eviction
     from appliance.store import jobs as job_store
     from appliance.store import ops as ops_store
     from appliance.store.spool import Spool
@@ -262,7 +261,7 @@ def test_metric_counters_never_go_down_when_the_cache_evicts(tmp_path: Path) -> 
     assert before == ([{"calling_ae": "CT1", "instances": 4, "bytes": size}],
                       {"wire": 1500, "original": 4000})
     for study_uid in {r.study_uid for r in received}:
-        cache_store.evict_study(db, spool, study_uid, force=True)
+        eviction.evict_study(db, spool, study_uid, force=True)
     assert [tuple(r) for r in db.query("SELECT (SELECT count(*) FROM instances), "
                                        "(SELECT count(*) FROM jobs)")] == [(0, 0)]
     assert (ops_store.received_by_calling_ae(db), ops_store.hub_upload_totals(db)) == before

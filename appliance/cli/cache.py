@@ -152,7 +152,7 @@ def cache_purge(study_uid: str, config: Path | None = ConfigOption,
                                            "the region, pinned or queued (audited)")) -> None:
     """Delete a study from the cache now. Without --force only a confirmed, unpinned one."""
     from appliance.ops.cache_policy import purge
-    from appliance.store.cache import NotEvictable
+    from appliance.store.eviction import NotEvictable
 
     _settings, db, spool = _open(config)
     try:

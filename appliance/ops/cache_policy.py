@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.config import Settings
-from appliance.store import audit
+from appliance.store import audit, eviction
 from appliance.store import cache as cache_store
 from appliance.store.db import Database, now
 from appliance.store.spool import Spool
@@ -69,15 +69,15 @@ class CachePolicy:
         target = capacity * policy.low_watermark_percent / 100.0
         received_before = now() - policy.min_retention_days * DAY_S
         while used > target:
-            candidates = cache_store.eviction_candidates(self.db, received_before, limit=50)
+            candidates = eviction.eviction_candidates(self.db, received_before, limit=50)
             if not candidates:
                 break
             for candidate in candidates:
                 if used <= target:
                     break
                 try:
-                    evicted = cache_store.evict_study(self.db, self.spool, candidate.study_uid)
-                except cache_store.NotEvictable as exc:  # changed since listed: skip it
+                    evicted = eviction.evict_study(self.db, self.spool, candidate.study_uid)
+                except eviction.NotEvictable as exc:  # changed since listed: skip it
                     log.info("not evicted: %s", exc)
                     continue
                 result.evicted.append(candidate.study_uid)
@@ -174,11 +174,11 @@ def unpin(db: Database, study_uid: str, actor: str) -> bool:
 
 
 def purge(db: Database, spool: Spool, study_uid: str, actor: str,
-          force: bool) -> cache_store.Evicted:
+          force: bool) -> eviction.Evicted:
     """The operator's purge. Without ``force`` it obeys the same rules as eviction."""
     try:
-        evicted = cache_store.evict_study(db, spool, study_uid, force=force)
-    except cache_store.NotEvictable as exc:
+        evicted = eviction.evict_study(db, spool, study_uid, force=force)
+    except eviction.NotEvictable as exc:
         audit.record(db, "delete", actor=actor, target=study_uid,
                      outcome=f"failure: {exc}", detail="purge refused")
         raise

@@ -12,7 +12,7 @@ and spool side by side (:func:`appliance.store.cache.reconcile`, bounded memory)
 - ``<name>.dcm.evicting-<pid>`` of a dead process: an eviction's file renamed aside, then a
   crash before its unlink (or its rename back). Renamed back if a row names the path and the
   file is not in place (the same bytes were filed again), else removed
-  (:func:`appliance.store.cache.sweep_eviction_leftovers`).
+  (:func:`appliance.store.eviction.sweep_eviction_leftovers`).
 - a file with no row: its index commit was lost (kill between rename and commit), so no
   sender was told success either, but the bytes are whole (the name is their SHA-256).
   Adopted back into the index through the normal receive path. A file whose content does not
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from appliance.store import audit
+from appliance.store import audit, eviction
 from appliance.store import cache as cache_store
 from appliance.store.db import Database
 from appliance.store.spool import Spool, SpoolFull
@@ -85,7 +85,7 @@ def startup_recovery(db: Database, spool: Spool, receiver: object | None,
     report = RecoveryReport()
     report.temp_files_removed = spool.remove_temp_files()
     # Before the walk: a file renamed back is in place, not "missing".
-    leftovers = cache_store.sweep_eviction_leftovers(spool, db)
+    leftovers = eviction.sweep_eviction_leftovers(spool, db)
     for leftover in leftovers:
         log.info("start-up recovery: %s %s (an eviction stopped by a crash left it aside)",
                  leftover.action, leftover.aside)

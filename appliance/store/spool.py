@@ -250,7 +250,7 @@ class Spool:
         # The same bytes already held: this copy still replaces that file (a new inode at
         # the same name) instead of being thrown away. An eviction running meanwhile
         # unlinks a file only if it is still the very file it saw before deleting the
-        # rows (store.cache.evict_study): a rewritten one is being filed again and is
+        # rows (store.eviction.evict_study): a rewritten one is being filed again and is
         # kept. ``created`` stays False so that a failed index commit does not discard
         # a file that older rows still name. (It also replaces a damaged file of the
         # same size with the good bytes.)

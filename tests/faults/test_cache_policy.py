@@ -19,9 +19,9 @@ from appliance.config import load_settings
 from appliance.ingest.receive import Receiver, _read_record
 from appliance.ops.cache_policy import CachePolicy, pin, purge, unpin
 from appliance.store import cache as cache_store
-from appliance.store import index
-from appliance.store.cache import NotEvictable
+from appliance.store import eviction, index
 from appliance.store.db import Database
+from appliance.store.eviction import NotEvictable
 from appliance.store.spool import Spool
 from tests.faults.helpers import assert_consistent, spool_state
 from tests.support.peers import CT_DIR, PAS_BIN
@@ -159,14 +159,14 @@ def test_a_resend_filed_while_eviction_runs_keeps_its_file(tmp_path: Path,
     eviction's rows are gone and before its files are unlinked: the new row's file stays."""
     db, spool, receiver, content, first = _one_confirmed_instance(tmp_path)
     resent = []
-    real_delete = cache_store.delete_evicted_files
+    real_delete = eviction.delete_evicted_files
 
     def resend_then_delete(*args, **kwargs):  # type: ignore[no-untyped-def]
         resent.append(receiver.receive_file(content))
         return real_delete(*args, **kwargs)
 
-    monkeypatch.setattr(cache_store, "delete_evicted_files", resend_then_delete)
-    cache_store.evict_study(db, spool, first.study_uid)
+    monkeypatch.setattr(eviction, "delete_evicted_files", resend_then_delete)
+    eviction.evict_study(db, spool, first.study_uid)
     (again,) = resent
     assert not again.duplicate  # the old row was gone: a new, unconfirmed row
     row = db.query_one("SELECT path, sha256, confirmed_at FROM instances WHERE id = ?",
@@ -182,14 +182,14 @@ def test_a_resend_written_during_eviction_and_committed_after_keeps_its_file(
     unlink, and its index commit comes only after the eviction finished: the file stays."""
     db, spool, receiver, content, first = _one_confirmed_instance(tmp_path)
     written = []
-    real_delete = cache_store.delete_evicted_files
+    real_delete = eviction.delete_evicted_files
 
     def write_then_delete(*args, **kwargs):  # type: ignore[no-untyped-def]
         written.append(spool.write([content]))  # the receive path's first half
         return real_delete(*args, **kwargs)
 
-    monkeypatch.setattr(cache_store, "delete_evicted_files", write_then_delete)
-    cache_store.evict_study(db, spool, first.study_uid)
+    monkeypatch.setattr(eviction, "delete_evicted_files", write_then_delete)
+    eviction.evict_study(db, spool, first.study_uid)
     ((stored, created),) = written
     assert not created  # the same bytes were there: a failed commit must not discard them
     # The receive path's second half, after the eviction returned: the success it answers.
@@ -209,7 +209,7 @@ def test_a_resend_written_before_eviction_and_committed_after_is_written_again(
     evicted = []
 
     def evict_then_record(record, stored, **options):  # type: ignore[no-untyped-def]
-        evicted.append(cache_store.evict_study(db, spool, first.study_uid))
+        evicted.append(eviction.evict_study(db, spool, first.study_uid))
         assert not spool.holds(stored)  # the interleaving under test: the file went
         return real_record(record, stored, **options)
 
@@ -223,7 +223,7 @@ def test_a_resend_written_before_eviction_and_committed_after_is_written_again(
 def test_eviction_still_deletes_files_nobody_filed_again(tmp_path: Path) -> None:
     db, spool, _receiver, _content, first = _one_confirmed_instance(tmp_path)
     path = db.query_one("SELECT path FROM instances WHERE id = ?", (first.instance_id,))["path"]
-    cache_store.evict_study(db, spool, first.study_uid)
+    eviction.evict_study(db, spool, first.study_uid)
     assert not (spool.root / path).exists()
     assert list((spool.root / path).parent.iterdir()) == []  # nothing renamed aside left
     assert cache_store.open_issues(db, ("evicting",)) == []

@@ -186,7 +186,7 @@ def _by_study(count: int) -> list[list[Path]]:
 
 def test_start_up_sweeps_files_an_eviction_left_renamed_aside(tmp_path: Path) -> None:
     """An eviction renames each file to ``<name>.dcm.evicting-<pid>`` and then unlinks it
-    (store.cache._unlink_if_same). A kill -9 between the two left that name for ever: never
+    (store.eviction._unlink_if_same). A kill -9 between the two left that name for ever: never
     swept, its bytes counted nowhere, and the file missing for any row that names it again.
     The state is made on disk and in the index as such a crash leaves it, for the two cases:
 

@@ -1,0 +1,314 @@
+"""Eviction's storage side: which studies may go, deleting their rows and then their files,
+and settling at start-up what a crash left half-unlinked.
+
+Owns: the SQL and the file moves of evicting a study (:func:`evict_study`,
+:func:`delete_evicted_files`) and the sweep of ``<name>.dcm.evicting-<pid>`` leftovers
+(:func:`sweep_eviction_leftovers`). May not touch: the policy (which study, when: decided by
+:mod:`appliance.ops.cache_policy`), or any file a row still names: invariant 2 (nothing deleted
+before the region confirmed it) is refused here unless the operator forces it.
+
+Why eviction is journalled: rows are deleted in one transaction, files after the commit. A
+crash in between would leave files without rows, which start-up recovery adopts back into
+the index (an orphan usually means a commit was lost). So the eviction transaction also
+writes one ``evicting`` integrity row per file (:mod:`appliance.store.cache`); recovery
+deletes an orphan that has one, and adopts any other. The unlink itself goes through a name
+aside (``<name>.evicting-<pid>``); what a crash leaves under that name is settled at start-up
+by :func:`sweep_eviction_leftovers`. Split from cache.py (which keeps the integrity flags,
+leases, scrub and pinning) to keep each under ~600 lines.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.store.cache import QUARANTINE_DIR
+from appliance.store.db import Database, now
+from appliance.store.spool import Spool, fsync_dir, process_alive
+
+
+@dataclass(frozen=True)
+class EvictionCandidate:
+    study_uid: str
+    bytes: int
+    instances: int
+    last_used_at: float
+
+
+def eviction_candidates(db: Database, received_before: float,
+                        limit: int = 100) -> list[EvictionCandidate]:
+    """Studies the cache may drop on its own, least recently used first.
+
+    All of: every instance row (every version) confirmed at the region (invariant 2); not
+    pinned (or the pin expired); no job still pending or running for it; last received
+    before ``received_before`` (the minimum retention).
+    """
+    at = now()
+    rows = db.query(
+        """SELECT s.study_uid, coalesce(s.last_accessed_at, s.last_received_at) AS used_at,
+                  count(i.id) AS n, coalesce(sum(i.size), 0) AS bytes
+           FROM studies s JOIN instances i ON i.study_fk = s.id
+           WHERE (s.pinned_until IS NULL OR s.pinned_until < ?)
+             AND s.last_received_at < ?
+             AND NOT EXISTS (SELECT 1 FROM instances u WHERE u.study_fk = s.id
+                             AND u.confirmed_at IS NULL)
+             AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.study_fk = s.id
+                             AND j.state IN ('pending', 'running'))
+           GROUP BY s.id ORDER BY used_at, s.id LIMIT ?""",
+        (at, received_before, limit),
+    )
+    return [EvictionCandidate(r["study_uid"], int(r["bytes"]), int(r["n"]), r["used_at"])
+            for r in rows]
+
+
+class NotEvictable(Exception):
+    """The study may not be dropped (unconfirmed instances, pinned, or unknown)."""
+
+
+@dataclass(frozen=True)
+class Evicted:
+    study_uid: str
+    instances: int
+    bytes: int
+    unconfirmed: int
+
+
+def evict_study(db: Database, spool: Spool, study_uid: str, *, force: bool = False) -> Evicted:
+    """Drop a study from the index and the spool, rows first (one transaction), then files.
+
+    Without ``force`` a study with any unconfirmed instance, a live pin or an active job is
+    refused: the cache never breaks invariant 2 on its own. ``force`` is the operator's purge.
+
+    The same bytes may be received again while this runs (a modality re-sends the study):
+    the receive finds the content-addressed file, commits a new row naming it and answers
+    success, so the file must survive. An unlink after the commit used to delete it. Now a
+    file is deleted only if, with the write lock held (no index commit can interleave), no
+    row names it and it is still the very file (device and inode) seen before the rows were
+    deleted: :meth:`Spool.write` always renames its own copy into place, even when the same
+    bytes are already held, so a receive that wrote after that look left another inode
+    there and its row may still be coming. Why this rather than a lock by path shared with
+    the receive path: ``pas cache purge`` runs in another process than the daemon's
+    receives; the SQLite write lock and the file's identity are seen by both.
+    What this cannot see: a receive that wrote its file before this function looked, and
+    commits its row only after the deletion, having lost the write lock to both of its
+    transactions meanwhile. Closing that needs the receive path to check its file after its
+    own commit (ingest's code).
+    """
+    at = now()
+    # The files as they are before any row goes (see above); rows that arrive before the
+    # transaction below are looked at there.
+    seen = _file_identities(spool, (r["path"] for r in db.query(
+        "SELECT i.path FROM instances i JOIN studies s ON s.id = i.study_fk "
+        "WHERE s.study_uid = ?", (study_uid,))))
+    with db.transaction() as conn:
+        study = conn.execute("SELECT id, pinned_until FROM studies WHERE study_uid = ?",
+                             (study_uid,)).fetchone()
+        if study is None:
+            raise NotEvictable(f"study {study_uid} is not in the cache")
+        rows = conn.execute("SELECT id, path, size, confirmed_at FROM instances "
+                            "WHERE study_fk = ?", (study["id"],)).fetchall()
+        unconfirmed = sum(1 for r in rows if r["confirmed_at"] is None)
+        if not force:
+            if unconfirmed:
+                raise NotEvictable(f"study {study_uid}: {unconfirmed} instances not confirmed "
+                                   f"at the region")
+            if study["pinned_until"] is not None and study["pinned_until"] >= at:
+                raise NotEvictable(f"study {study_uid} is pinned")
+            active = conn.execute("SELECT count(*) FROM jobs WHERE study_fk = ? AND state IN "
+                                  "('pending', 'running')", (study["id"],)).fetchone()[0]
+            if active:
+                raise NotEvictable(f"study {study_uid}: {active} jobs still to run")
+        ids = [r["id"] for r in rows]
+        marks = ",".join("?" * len(ids))
+        if ids:
+            conn.execute(f"DELETE FROM job_instances WHERE instance_fk IN ({marks})", ids)
+        conn.execute("DELETE FROM job_instances WHERE job_id IN "
+                     "(SELECT id FROM jobs WHERE study_fk = ?)", (study["id"],))
+        conn.execute("DELETE FROM jobs WHERE study_fk = ?", (study["id"],))
+        if ids:
+            conn.execute(f"DELETE FROM instances WHERE id IN ({marks})", ids)
+        conn.execute("DELETE FROM series WHERE study_fk = ?", (study["id"],))
+        conn.execute("DELETE FROM studies WHERE id = ?", (study["id"],))
+        paths = sorted({r["path"] for r in rows})
+        still_used = _paths_in_use(conn, paths)
+        doomed = [p for p in paths if p not in still_used]
+        seen.update(_file_identities(spool, (p for p in doomed if p not in seen)))
+        conn.executemany(
+            "INSERT INTO integrity_issues (found_at, kind, path, detail) "
+            "VALUES (?, 'evicting', ?, ?)",
+            [(at, p, f"study {study_uid}") for p in doomed],
+        )
+    delete_evicted_files(db, spool, {p: seen[p] for p in doomed})
+    return Evicted(study_uid, len(rows), sum(int(r["size"]) for r in rows), unconfirmed)
+
+
+EVICT_FILES_PER_TRANSACTION = 256  # the write lock is held while they are unlinked
+
+_FileIdentity = tuple[int, int]  # (st_dev, st_ino)
+
+
+def _file_identities(spool: Spool, paths: Iterable[str]) -> dict[str, _FileIdentity | None]:
+    identities: dict[str, _FileIdentity | None] = {}
+    for relative in paths:
+        try:
+            st = os.stat(spool.root / relative)
+        except FileNotFoundError:
+            identities[relative] = None
+        else:
+            identities[relative] = (st.st_dev, st.st_ino)
+    return identities
+
+
+def _paths_in_use(conn: sqlite3.Connection, paths: list[str]) -> set[str]:
+    used: set[str] = set()
+    for start in range(0, len(paths), 500):
+        part = paths[start:start + 500]
+        used.update(r["path"] for r in conn.execute(
+            f"SELECT DISTINCT path FROM instances WHERE path IN ({','.join('?' * len(part))})",
+            part))
+    return used
+
+
+def delete_evicted_files(db: Database, spool: Spool,
+                         doomed: dict[str, _FileIdentity | None]) -> list[str]:
+    """The second half of :func:`evict_study`: unlink each file whose rows are gone, unless
+    it was filed again meanwhile; resolve its ``evicting`` flag (``deleted`` or ``kept``).
+    Returns the paths kept. Each batch is one transaction holding the write lock, so no
+    index commit lands between the look at the rows and the unlink."""
+    kept: list[str] = []
+    paths = sorted(doomed)
+    for start in range(0, len(paths), EVICT_FILES_PER_TRANSACTION):
+        batch = paths[start:start + EVICT_FILES_PER_TRANSACTION]
+        with db.transaction() as conn:
+            in_use = _paths_in_use(conn, batch)
+            resolved = []
+            for relative in batch:
+                if relative in in_use or not _unlink_if_same(spool, relative, doomed[relative]):
+                    kept.append(relative)
+                    resolved.append(("kept", relative))
+                else:
+                    resolved.append(("deleted", relative))
+            at = now()
+            conn.executemany(
+                "UPDATE integrity_issues SET resolved_at = ?, resolution = ? "
+                "WHERE kind = 'evicting' AND path = ? AND resolved_at IS NULL",
+                [(at, resolution, relative) for resolution, relative in resolved],
+            )
+    return kept
+
+
+EVICTING_ASIDE = ".evicting-"  # <name>.dcm.evicting-<pid>: a file an eviction is unlinking
+
+
+def _unlink_if_same(spool: Spool, relative: str, identity: _FileIdentity | None) -> bool:
+    """Unlink the file if it is still the one identified by ``identity`` (True: gone).
+    The file is first renamed aside (atomic), so the look and the unlink are about the same
+    inode; another one (a receive rewrote the same bytes) is renamed back. A crash between
+    the rename and the unlink (or the rename back) leaves the name aside:
+    :func:`sweep_eviction_leftovers` settles it at the next start."""
+    final = spool.root / relative
+    aside = final.with_name(f"{final.name}{EVICTING_ASIDE}{os.getpid()}")
+    try:
+        os.rename(final, aside)
+    except FileNotFoundError:
+        return True  # not there: nothing to delete
+    st = os.stat(aside)
+    if (st.st_dev, st.st_ino) == identity:
+        os.unlink(aside)
+        return True
+    os.replace(aside, final)  # a newer copy meanwhile holds the same bytes: either will do
+    if spool.fsync:
+        fsync_dir(final.parent)
+    return False
+
+
+@dataclass(frozen=True)
+class EvictionLeftover:
+    aside: str  # relative path of the name aside
+    path: str  # the file's own relative path
+    action: str  # "renamed back" or "removed"
+
+
+def sweep_eviction_leftovers(spool: Spool, db: Database) -> list[EvictionLeftover]:
+    """Settle the files an eviction renamed aside and a crash kept from unlinking (or from
+    renaming back): ``<name>.dcm.evicting-<pid>`` of a process that no longer runs.
+
+    By then the eviction's first transaction had committed: the rows were gone and the
+    ``evicting`` flag written. If a row names the path again (the same bytes were filed again
+    by a receive: the case the rename back is for) and the file is not in place, the one
+    aside is renamed back and the flag resolved ``kept``; with the file in place, or no row
+    naming it, the copy aside goes (the evicted bytes were confirmed, or an older version of
+    the same bytes). Each under the write lock, so no index commit lands between the look at
+    the rows and the move. Names of a live evictor (``pas cache purge`` running beside the
+    daemon, or the daemon beside ``pas verify --repair``) are left to it: a process that
+    runs under that pid and holds this home's database open (:func:`_evictor_alive`; a pid
+    taken over by another program after a crash and a reboot is not one).
+    Costs one listing of the spool's directories (no stat per file)."""
+    settled: list[EvictionLeftover] = []
+    for aside_relative, pid in _eviction_asides(spool):
+        if pid != os.getpid() and _evictor_alive(pid, db.path):
+            continue
+        relative = aside_relative[:aside_relative.rindex(EVICTING_ASIDE)]
+        aside, final = spool.root / aside_relative, spool.root / relative
+        with db.transaction() as conn:
+            named = conn.execute("SELECT 1 FROM instances WHERE path = ? LIMIT 1",
+                                 (relative,)).fetchone() is not None
+            try:
+                if named and not final.exists():
+                    os.rename(aside, final)
+                    action = "renamed back"
+                else:
+                    os.unlink(aside)
+                    action = "removed"
+            except FileNotFoundError:
+                continue  # settled meanwhile by another sweep
+            if named:
+                conn.execute(
+                    "UPDATE integrity_issues SET resolved_at = ?, resolution = 'kept' "
+                    "WHERE kind = 'evicting' AND path = ? AND resolved_at IS NULL",
+                    (now(), relative))
+        if spool.fsync:
+            fsync_dir(final.parent)
+        settled.append(EvictionLeftover(aside_relative, relative, action))
+    return settled
+
+
+def _evictor_alive(pid: int, database: Path) -> bool:
+    """Whether ``pid`` may still be the process that renamed a file aside: it runs and holds
+    ``database`` open (every evictor does, from its eviction transaction to the unlink).
+    Whoever took the pid over after a crash does not. Where that cannot be seen (another
+    user's process, no /proc), a running process is assumed to be the evictor."""
+    if not process_alive(pid):
+        return False
+    if not os.path.isdir("/proc/self/fd"):
+        return True  # no /proc: cannot tell
+    try:
+        wanted = os.stat(database)
+        descriptors = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:  # ended meanwhile
+        return False
+    except OSError:  # PermissionError: another user's process
+        return True
+    for fd in descriptors:
+        try:
+            held = os.stat(f"/proc/{pid}/fd/{fd}")
+        except OSError:  # closed meanwhile, or not a file
+            continue
+        if (held.st_dev, held.st_ino) == (wanted.st_dev, wanted.st_ino):
+            return True
+    return False
+
+
+def _eviction_asides(spool: Spool) -> Iterator[tuple[str, int]]:
+    """(relative path, pid) of each ``*.dcm.evicting-<pid>`` in the spool (``tmp`` and
+    ``quarantine`` excluded)."""
+    for directory, subdirectories, names in os.walk(spool.root):
+        if Path(directory) == spool.root:
+            subdirectories[:] = [d for d in subdirectories if d not in ("tmp", QUARANTINE_DIR)]
+        for name in names:
+            stem, mark, pid = name.rpartition(EVICTING_ASIDE)
+            if mark and stem.endswith(".dcm") and pid.isdigit():
+                yield os.path.relpath(os.path.join(directory, name), spool.root), int(pid)
