@@ -11,7 +11,15 @@ import socket
 import subprocess
 from pathlib import Path
 
-from tests.support.peers import MR_DIR, PAS_BIN, PasProcess, StoreSCP, free_port, storescu
+from tests.support.peers import (
+    CT_DIR,
+    MR_DIR,
+    PAS_BIN,
+    PasProcess,
+    StoreSCP,
+    free_port,
+    storescu,
+)
 
 FILES = sorted(p for p in MR_DIR.rglob("*") if p.is_file())[:10]
 
@@ -269,11 +277,26 @@ def test_read_only_commands_create_nothing_where_there_is_no_database(tmp_path: 
     assert not home.exists() and not hub_home.exists()
 
 
+def _sidecars_left(home: Path, before: dict[str, tuple[int, int, bytes]]) -> None:
+    """Every file of ``before`` as it was; the only new ones SQLite's empty -wal and its -shm
+    (a reader taking part in WAL locking), with the database file's owner and mode."""
+    after = _tree(home)
+    assert {k: v for k, v in after.items() if k in before} == before
+    new = set(after) - set(before)
+    assert new <= {"pas.sqlite-wal", "pas.sqlite-shm"}, new
+    assert "pas.sqlite-wal" not in new or after["pas.sqlite-wal"][0] == 0
+    database = (home / "pas.sqlite").stat()
+    for name in new:
+        info = (home / name).stat()
+        assert (info.st_uid, info.st_gid, info.st_mode) == (
+            database.st_uid, database.st_gid, database.st_mode), name
+
+
 def test_read_only_commands_change_nothing_and_never_migrate(tmp_path: Path) -> None:
-    """On an existing database the read-only commands leave every byte and every mtime as
-    they were, and create no file (no -wal/-shm: one made by root's ``pas status`` is not
-    writable by the daemon's user). A database older than the software is said so, not
-    migrated."""
+    """On an existing database the read-only commands leave every byte and every mtime of
+    the home's files as they were; what SQLite adds to read under its WAL locks (an empty
+    -wal, the -shm) belongs to the database's owner. A database older than the software is
+    said so, not migrated."""
     from appliance.store.db import Database
     from appliance.store.schema import MIGRATIONS
 
@@ -284,7 +307,7 @@ def test_read_only_commands_change_nothing_and_never_migrate(tmp_path: Path) -> 
         result = _pas(home, *args)
         assert result.returncode == 0, (args, result.stdout, result.stderr)
     assert json.loads(_pas(home, "status", "--json").stdout)["instances"] == 0
-    assert _tree(home) == before
+    _sidecars_left(home, before)
 
     old = tmp_path / "old"
     Database(old / "pas.sqlite", MIGRATIONS[:-1]).close()
@@ -296,7 +319,68 @@ def test_read_only_commands_change_nothing_and_never_migrate(tmp_path: Path) -> 
             f"{old / 'pas.sqlite'}: database schema {len(MIGRATIONS) - 1} is older than "
             f"this software's ({len(MIGRATIONS)}); it was left as it is: the daemon (pas run, "
             "systemctl restart pas) migrates it at its start"], args
-    assert _tree(old) == before
+    _sidecars_left(old, before)
+
+
+def test_a_read_only_reader_sees_a_daemon_that_starts_and_ingests_meanwhile(
+        tmp_path: Path) -> None:
+    """The read-only connection of ``pas status`` / ``studies`` / ``queue list``, opened while
+    no daemon ran (no -wal, no -shm), read the file with ``immutable=1``: no lock, pages cached
+    for ever. A daemon that started meanwhile, took a study from storescu and checkpointed
+    changed the file under it: the reader kept saying 60 instances (the CT), then "database
+    disk image is malformed". Now it takes part in WAL locking and sees what was committed."""
+    from appliance.store import index, jobs
+    from appliance.store.db import Database
+
+    home = tmp_path / "home"
+    env = {"PAS_DICOM__ACCEPT_UNKNOWN": "true"}
+    pas = PasProcess(home, env).start()
+    try:
+        storescu(CT_DIR, pas.port)
+        first = pas.status()["instances"]
+    finally:
+        pas.stop()
+    assert not (home / "pas.sqlite-wal").exists()  # a clean stop checkpointed and removed it
+    reader = Database(home / "pas.sqlite", readonly=True)  # as the CLI's read_database
+    try:
+        assert index.totals(reader)["instances"] == first
+        studies = len(index.list_studies(reader, None))
+        pas = PasProcess(home, env).start()
+        try:
+            storescu(MR_DIR, pas.port)
+            now = pas.status()["instances"]
+        finally:
+            pas.stop()  # the last connection checkpoints the WAL into the file
+        assert now > first
+        assert index.totals(reader)["instances"] == now
+        assert len(index.list_studies(reader, None)) > studies
+        jobs.list_jobs(reader, None)
+        assert reader.query("PRAGMA integrity_check")[0][0] == "ok"
+    finally:
+        reader.close()
+
+
+def test_root_reading_a_home_owned_by_another_user_leaves_that_users_files(
+        tmp_path: Path) -> None:
+    """Root's ``pas status`` on a home that belongs to the daemon's user (the appliance's
+    /var/lib/pas, owned by ``pas``): whatever SQLite adds for the read is that user's, with
+    the database's mode, so the daemon can open it next."""
+    import pytest
+
+    from appliance.store.db import Database
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root (the administrator's sudo pas status)")
+    home = tmp_path / "home"
+    Database(home / "pas.sqlite").close()
+    for path in (home, *home.iterdir()):
+        os.chown(path, 65534, 65534)
+    before = _tree(home)
+    for args in READ_ONLY_COMMANDS:
+        result = _pas(home, *args)
+        assert result.returncode == 0, (args, result.stdout, result.stderr)
+    _sidecars_left(home, before)
+    assert {(p.stat().st_uid, p.stat().st_gid) for p in home.iterdir()} == {(65534, 65534)}
 
 
 def test_an_interactive_write_on_a_locked_database_says_busy_within_seconds(

@@ -58,3 +58,23 @@ def test_the_port_of_a_pas_on_another_home_is_not_ours(tmp_path: Path) -> None:
     finally:
         mine.stop()
         other.stop()
+
+
+def test_a_daemon_on_ipv6_any_is_checked_not_a_traceback(tmp_path: Path) -> None:
+    """dicom.host / http.host ``::`` (every address, IPv6 and IPv4): doctor probed
+    ``http://:::PORT/healthz`` (an InvalidURL traceback, no check printed), and with the
+    daemon stopped bound an IPv4 socket to "::" ("cannot bind", fail, for a free port)."""
+    env = {"PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_DICOM__HOST": "::", "PAS_HTTP__HOST": "::"}
+    pas = PasProcess(tmp_path / "home", env).start()
+    try:
+        assert pas.proc is not None
+        code, checks = _doctor({**pas.env})
+        for name in ("DICOM port", "HTTP port"):
+            assert checks[name]["verdict"] == "ok", checks[name]
+            assert f"(pid {pas.proc.pid}) answers" in checks[name]["detail"], checks[name]
+    finally:
+        pas.stop()
+    code, checks = _doctor({**pas.env})
+    for name in ("DICOM port", "HTTP port"):
+        assert checks[name]["verdict"] == "warn", checks[name]
+        assert "is free: the daemon is not running" in checks[name]["detail"], checks[name]

@@ -58,7 +58,8 @@ def _dicom_answers(host: str, port: int, ae_title: str) -> bool:
 
 def _http_answers(host: str, port: int) -> bool:
     try:
-        response = httpx.get(f"http://{host}:{port}/healthz", timeout=5)
+        where = f"[{host}]" if ":" in host else host  # an IPv6 literal, as URLs write it
+        response = httpx.get(f"http://{where}:{port}/healthz", timeout=5)
         return response.status_code == 200 and response.json().get("status") == "ok"
     except (httpx.HTTPError, ValueError):
         return False
@@ -71,7 +72,8 @@ def _port_check(name: str, host: str, port: int, what: str,
     this home's lock (the running daemon), None when none runs. "Ours" is decided by the
     process that listens where the kernel tells it (ops/listeners.py), by the protocol
     otherwise: another DICOM program answers a C-ECHO as well as PAS does."""
-    probe_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    # Every address: probe loopback (IPv6's "::" too: http://:::PORT is no URL).
+    probe_host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
     try:
         with socket.create_connection((probe_host, port), timeout=1):
             listening = True
@@ -98,7 +100,8 @@ def _port_check(name: str, host: str, port: int, what: str,
                          free_it)
         return Check(name, "ok", f"{host}:{port}: {what} (pid {daemon_pid}) answers")
     try:
-        with socket.socket() as sock:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET  # "::" is IPv6's any
+        with socket.socket(family) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
     except PermissionError:

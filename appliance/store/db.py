@@ -13,18 +13,25 @@ committed transaction survive power loss, which invariant 1 needs: a C-STORE suc
 answered only after its row committed.
 
 ``Database(path, readonly=True)`` is how commands that only read (``pas status``, ``pas
-studies``, ``pas queue list``...) open it: they create nothing and change nothing. A missing
+studies``, ``pas queue list``...) open it: they change nothing in the database. A missing
 file, or a schema older or newer than this software's, is :class:`DatabaseUnavailable` (never
-created, never migrated: only ``pas run`` migrates). SQLite opens it with ``mode=ro``; when no
-``-wal``/``-shm`` file is there (no daemon has it open, and the last one checkpointed), also
-``immutable=1``, since ``mode=ro`` alone creates those two files, and one created by root's
-``pas status`` in ``/var/lib/pas`` is not writable by the daemon's ``pas`` user. A daemon that
-starts during such a read is not seen by it (the read is a snapshot of the file as it was).
+created, never migrated: only ``pas run`` migrates). SQLite opens it with ``mode=ro`` and takes
+part in WAL locking, so a daemon that starts, writes and checkpoints during the read cannot
+change pages under it. With no daemon running that makes SQLite create an empty ``-wal`` and
+the ``-shm`` beside the database; running as root, SQLite gives both the database file's owner
+and mode (root's ``pas status`` on ``/var/lib/pas`` leaves files the ``pas`` user owns), so a
+reader does this only as root or as the database's owner. Anyone else (a user who may read
+the home but whose files the daemon could not write) reads with ``immutable=1`` when those
+files are absent: no lock, no file created, and no protection against a daemon starting
+during the read (a snapshot that may fail as "malformed"). ``immutable=1`` used to be taken
+whenever the files were absent, also by root: a daemon that started and checkpointed during
+the read left the reader with stale counts, then "database disk image is malformed".
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import threading
 import time
@@ -99,8 +106,7 @@ class Database:
     def _connect(self) -> sqlite3.Connection:
         target: str | Path = self.path
         if self.readonly:
-            sidecars = [Path(f"{self.path}{suffix}") for suffix in ("-wal", "-shm")]
-            immutable = "" if any(p.exists() for p in sidecars) else "&immutable=1"
+            immutable = "" if self._may_lock_readonly() else "&immutable=1"
             target = f"{self.path.absolute().as_uri()}?mode=ro{immutable}"
         conn = sqlite3.connect(
             target, timeout=self.busy_timeout_ms / 1000, isolation_level=None,
@@ -117,6 +123,19 @@ class Database:
         with self._pool_lock:
             self._open.add(conn)
         return conn
+
+    def _may_lock_readonly(self) -> bool:
+        """Whether a read-only connection can take part in SQLite's WAL locking: when the
+        ``-wal``/``-shm`` files exist (a daemon has the database open, or one was killed), or
+        when SQLite may create them for the daemon to use (we are root, and SQLite gives them
+        the database's owner, or we own the database; and the directory is writable)."""
+        if any(Path(f"{self.path}{suffix}").exists() for suffix in ("-wal", "-shm")):
+            return True
+        try:
+            owner = self.path.stat().st_uid
+        except OSError:
+            return False
+        return os.geteuid() in (0, owner) and os.access(self.path.parent, os.W_OK)
 
     def _give_back(self, conn: sqlite3.Connection) -> None:
         """A thread ended: its connection serves the next thread, or is closed. One left
