@@ -263,3 +263,41 @@ def test_a_job_carries_only_the_current_version_of_a_conflicting_instance(tmp_pa
     [job] = job_store.list_jobs(db)
     assert [r["id"] for r in job_store.job_files(db, job["id"])] == [newest.instance_id]
     assert index.studies_ready_to_route(db, quiet_since=1e12) == []  # both versions routed
+
+
+def test_rules_test_names_the_hub_an_enrolled_appliance_sends_to_by_default(
+        pas_factory, tmp_path: Path) -> None:
+    """docs/install.md: ``pas rules test FILE.dcm --calling-ae CT_URG`` shows which rule a file
+    would follow. On an enrolled appliance a file no rule matches goes to the hub (the
+    default route); ``pas rules test`` said "no destination: kept locally only" meanwhile."""
+    from tests.support.hub import HubProcess, enroll
+
+    hub = HubProcess(tmp_path / "hub").init().start()
+    try:
+        home = tmp_path / "site"
+        home.mkdir()
+        enroll(hub, home, "SITE")
+        config = tmp_path / "appliance.toml"  # install.md's one rule: CT_URG only
+        config.write_text(textwrap.dedent("""
+            [[routing.rules]]
+            name = "emergency CT"
+            match = { calling_ae = "^CT_URG$" }
+            destinations = ["hub"]
+            priority = "urgent"
+            """))
+        pas = pas_factory({"PAS_CONFIG": str(config), "PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                           "PAS_PREFETCH__ON_ARRIVAL": "false"}, home=home)
+        shown = pas.cli("rules", "test", str(CT_PATIENT[0]), "--calling-ae", "MR1").stdout
+        # What the daemon does with the same file from the same AE:
+        storescu(CT_PATIENT, pas.port, calling="MR1")
+        wait_for(lambda: jobs_of(home), 60, what="a job for the study")
+        [job] = jobs_of(home)
+        assert (job["destination"], job["priority"]) == ("hub", 2)
+        assert "-> hub (routine, from fallback)" in shown, shown
+        assert "kept locally only" not in shown
+        # Not enrolled, the same configuration keeps it locally, and says so.
+        bare = pas_factory({"PAS_CONFIG": str(config)}, start=False)
+        alone = bare.cli("rules", "test", str(CT_PATIENT[0]), "--calling-ae", "MR1").stdout
+        assert "-> no destination: kept locally only" in alone
+    finally:
+        hub.kill()

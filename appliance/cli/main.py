@@ -199,7 +199,17 @@ def rules_test(file: Path = typer.Argument(..., exists=True, dir_okay=False),
         "study_description": str(ds.get("StudyDescription", "")),
         "body_part": str(ds.get("BodyPartExamined", "")),
     }
-    results, routes = explain(settings.routing, attributes)
+    # Enrolled, the hub is the default route of what no rule and no fallback sends anywhere
+    # (Daemon.default_destinations): say so, as the daemon will do it.
+    from appliance.transfer.enrolment import EnrolmentError, load_enrolment
+
+    try:
+        enrolled = load_enrolment(settings.home) is not None
+    except EnrolmentError as exc:  # pas run refuses to start on it; say why here too
+        err.print(f"[red]enrolment under {settings.home} unreadable:[/red] {exc}",
+                  highlight=False)
+        raise typer.Exit(1) from None
+    results, routes = explain(settings.routing, attributes, ["hub"] if enrolled else [])
     for result in results:
         mark = "[green]MATCH[/green]" if result.matched else "[dim]no[/dim]   "
         console.print(f"{mark} rule {result.name!r}")
