@@ -148,3 +148,46 @@ def test_an_admin_shell_finds_the_home_the_unit_uses(tmp_path: Path) -> None:
     assert default_config_path({"PAS_CONFIG": str(other)}, system_config=shipped) == other
     # Off the appliance (no such file): built-in defaults, as before.
     assert default_config_path(shell, system_config=tmp_path / "absent.toml") is None
+
+
+def test_the_configuration_first_boot_writes_keeps_the_home_and_the_shipped_keys(
+        tmp_path: Path) -> None:
+    """No VM needed. pas-firstboot replaces the shipped /etc/pas/appliance.toml with one made
+    from the seed; it left out ``home``, so on every seeded appliance ``pas status`` in an
+    administrator's shell read ./var (docs/operations.md says it reads /var/lib/pas), and
+    dropped the shipped ``storage.min_free_mb``."""
+    import importlib.machinery
+    import importlib.util
+    import tomllib
+
+    from appliance.config import load_settings
+
+    script = ROOT / "image" / "rootfs" / "usr" / "local" / "sbin" / "pas-firstboot"
+    loader = importlib.machinery.SourceFileLoader("pas_firstboot", str(script))
+    spec = importlib.util.spec_from_loader("pas_firstboot", loader)
+    assert spec is not None
+    firstboot = importlib.util.module_from_spec(spec)
+    loader.exec_module(firstboot)
+
+    seed = {"site": "CH-Exemple", "ae_title": "PAS", "known_aes": ["CT_URG", "MR1"]}
+    written = tmp_path / "appliance.toml"
+    written.write_text(firstboot.config_text(seed))
+    shell: dict[str, str] = {}  # an administrator's shell: no PAS_HOME, no PAS_CONFIG
+    settings = load_settings(written, shell)
+    unit = (ROOT / "image" / "systemd" / "pas.service").read_text()
+    (unit_home,) = re.findall(r"^Environment=PAS_HOME=(\S+)$", unit, re.M)
+    assert str(settings.home) == unit_home
+    assert settings.site == "CH-Exemple" and settings.dicom.ae_title == "PAS"
+    assert [a.title for a in settings.dicom.known_aes] == ["CT_URG", "MR1"]
+    assert not settings.dicom.accept_unknown
+    assert settings.http.host == "0.0.0.0"
+    # Every key the shipped file sets and the seed does not answer keeps its shipped value.
+    shipped = tomllib.loads((ROOT / "config" / "appliance.toml").read_text())
+    mine = tomllib.loads(written.read_text())
+    for key, value in shipped.items():
+        if isinstance(value, dict):
+            for inner, inner_value in value.items():
+                if (key, inner) != ("dicom", "known_aes"):
+                    assert mine.get(key, {}).get(inner) == inner_value, f"{key}.{inner}"
+        elif key != "site":
+            assert mine.get(key) == value, key
