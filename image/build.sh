@@ -33,7 +33,7 @@ rm -rf "$rootfs"
 packages=(
   systemd systemd-sysv systemd-timesyncd systemd-resolved udev dbus
   linux-image-amd64 initramfs-tools
-  python3 python3-venv
+  python3 python3-venv python3-systemd
   nftables unattended-upgrades apt-listchanges
   iproute2 netbase ca-certificates openssh-server less
 )
@@ -61,7 +61,10 @@ dest="/opt/pas/$version"
 mkdir -p "$rootfs$dest" "$rootfs/opt/pas/wheels"
 cp "$wheels"/*.whl "$rootfs/opt/pas/wheels/"
 rm -f "$rootfs/etc/resolv.conf" && cp /etc/resolv.conf "$rootfs/etc/resolv.conf"  # for pip in the chroot
-chroot "$rootfs" python3 -m venv "$dest/venv"
+# --system-site-packages: Debian's python3-systemd (built against the image's libsystemd) is
+# what gives the journal PAS's structured fields (journalctl -u pas CALLING_AE=...); the
+# wheels below still come first, from the venv.
+chroot "$rootfs" python3 -m venv --system-site-packages "$dest/venv"
 chroot "$rootfs" "$dest/venv/bin/pip" install --quiet --no-index --find-links /opt/pas/wheels \
   pas-appliance
 rm -rf "$rootfs/opt/pas/wheels"
