@@ -209,10 +209,14 @@ def test_iso_2022_query_is_matched_and_answered_in_iso_2022(
     ("StudyTime=0830-0830", {"LAT1"}),
     # KR's StudyTime is "1500" (HHMM, PS3.5 6.2 allows it): 15:00 is inside both ranges.
     ("StudyTime=145959-150001", {"KR"}),
+    ("StudyTime=150000-", {"KR", "UTF8"}),
+    ("StudyTime=150030-150100", {"KR"}),
+    ("StudyTime=150100-", {"UTF8"}),
 ])
 def test_date_and_time_ranges(site: Site, key: str, expected: set[str]) -> None:
     """PS3.4 C.2.2.2.5: closed and open ranges, bounds included, a bound of lower precision
-    covering everything it is a prefix of."""
+    covering everything it is a prefix of, and so a stored time of lower precision (KR's
+    "1500" is in "150000-": it was missed, "1500" < "150000" as text)."""
     assert site.ids([key]) == expected
 
 
