@@ -13,6 +13,7 @@ import hashlib
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -22,7 +23,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from tests.support.peers import DCMTK_ENV, PasProcess, read_rows, storescu
+from tests.support.peers import DCMTK_ENV, PasProcess, read_rows, storescu, wait_for
 
 LATIN1 = "LEFÈVRE-ÇELIK^Hélène"
 JAPANESE = "Yamada^Tarou=山田^太郎=やまだ^たろう"
@@ -230,3 +231,21 @@ def test_qido_person_name_component_groups(site: Site) -> None:
         assert item["00100010"]["Value"] == [expected]
     [item] = httpx.get(url, params={"PatientName": "hél*"}, timeout=30).json()
     assert item["00100020"]["Value"] == ["HELENE"]
+
+
+def _log_names(site: Site, patient_id: str) -> Any:
+    uid = str(dcmread(site.files[patient_id]).SOPInstanceUID)
+    return [line for line in site.pas.log().splitlines() if uid in line]
+
+
+def test_names_not_in_the_declared_character_set_are_logged(site: Site) -> None:
+    """Non-ASCII bytes without Specific Character Set, or bytes invalid in the declared one:
+    stored as sent (SHA-256 above), indexed as read, and a warning names the instance, the
+    attribute and what PAS made of it."""
+    [line] = wait_for(lambda: _log_names(site, "NOCS"), 10, what="a warning for NOCS")
+    assert "PatientName" in line and "no Specific Character Set" in line and "Latin-1" in line
+    [line] = wait_for(lambda: _log_names(site, "BADUTF8"), 10,
+                      what="a warning for BADUTF8")
+    assert "PatientName" in line and "ISO_IR 192" in line and "replacement" in line
+    for patient_id in ("LAT1", "JP", "KR", "UTF8"):
+        assert not _log_names(site, patient_id)
