@@ -6,11 +6,17 @@ check that an object carries the UIDs without which it cannot be filed.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from pydicom.charset import python_encoding
+from pydicom.datadict import keyword_for_tag
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 
 from appliance.store.index import InstanceRecord
+
+log = logging.getLogger("pas.ingest")
 
 
 class InvalidInstance(ValueError):
@@ -66,8 +72,78 @@ def _uid(ds: Dataset, keyword: str) -> str:
     return value
 
 
+# Text the index reads whose bytes the dataset's character set decides (PS3.5 6.1.2.3).
+_CHARSET_TAGS = {0x00100020, 0x00100021, 0x00100010, 0x00080050, 0x00200010, 0x00081030,
+                 0x00080090, 0x0008103E}
+_ASCII_TERMS = {"", "ISO_IR 6", "ISO 2022 IR 6"}
+# Studies already warned about (one warning per study, not per image): bounded, invariant 8.
+_warned_studies: set[str] = set()
+WARNED_STUDIES_REMEMBERED = 4096
+
+
+def _charset_problems(ds: Dataset) -> list[str]:
+    """What in the raw text values the index reads does not fit the declared Specific
+    Character Set: bytes beyond ASCII without one (pydicom reads them as Latin-1), or bytes
+    invalid in a single-valued one (pydicom puts U+FFFD in their place). ISO 2022 code
+    extensions are left to pydicom, which warns itself."""
+    try:
+        element = ds.get_item(0x00080005)
+    except Exception:
+        return []
+    value = element.value if element is not None else None
+    if isinstance(value, bytes):
+        terms = [t.strip() for t in value.decode("ascii", "replace").split("\\")]
+    elif isinstance(value, str):
+        terms = [value.strip()]
+    elif value:
+        terms = [str(t).strip() for t in value]
+    else:
+        terms = []
+    ascii_only = all(t in _ASCII_TERMS for t in terms)
+    codec = python_encoding.get(terms[0]) if len(terms) == 1 and not ascii_only else None
+    if not ascii_only and codec is None:
+        return []
+    problems = []
+    for tag in sorted(_CHARSET_TAGS):
+        raw = ds._dict.get(tag)  # type: ignore[attr-defined]
+        if not isinstance(raw, RawDataElement) or not isinstance(raw.value, bytes):
+            continue
+        if ascii_only:
+            if not raw.value.isascii():
+                problems.append(f"{keyword_for_tag(tag)} has bytes beyond ASCII and no "
+                                "Specific Character Set: indexed as read in Latin-1")
+            continue
+        try:
+            raw.value.decode(str(codec))
+        except UnicodeDecodeError:
+            problems.append(f"{keyword_for_tag(tag)} is not valid {terms[0]}: indexed with "
+                            "replacement characters")
+    return problems
+
+
+def _warn_charset(problems: list[str], record: InstanceRecord) -> None:
+    if not problems or record.study_uid in _warned_studies:
+        return
+    if len(_warned_studies) >= WARNED_STUDIES_REMEMBERED:
+        _warned_studies.clear()
+    _warned_studies.add(record.study_uid)
+    log.warning("%s (study %s): %s; stored as received (logged once per study)",
+                record.sop_instance_uid, record.study_uid, "; ".join(problems),
+                extra={"SOP_INSTANCE_UID": record.sop_instance_uid,
+                       "STUDY_UID": record.study_uid})
+
+
 def instance_record(ds: Dataset, transfer_syntax_uid: str) -> InstanceRecord:
-    """The index's view of ``ds``; raises :class:`InvalidInstance` naming what is missing."""
+    """The index's view of ``ds``; raises :class:`InvalidInstance` naming what is missing.
+    Text whose bytes do not fit the declared character set is indexed as pydicom reads it
+    and logged (:func:`_charset_problems`)."""
+    problems = _charset_problems(ds)
+    record = _instance_record(ds, transfer_syntax_uid)
+    _warn_charset(problems, record)
+    return record
+
+
+def _instance_record(ds: Dataset, transfer_syntax_uid: str) -> InstanceRecord:
     return InstanceRecord(
         sop_instance_uid=_uid(ds, "SOPInstanceUID"),
         sop_class_uid=_uid(ds, "SOPClassUID"),

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.charset import custom_encoders, python_encoding
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -168,12 +169,67 @@ def identifier_keys(identifier: Dataset) -> tuple[str, dict[str, str], list[Data
     return level, keys, asked
 
 
+# Terms of Specific Character Set meaning the default repertoire (ASCII) alone.
+_ASCII_TERMS = {"", "ISO_IR 6", "ISO 2022 IR 6"}
+UTF8 = "ISO_IR 192"
+
+
+def query_charset(identifier: Dataset) -> list[str]:
+    """The Specific Character Set of a request identifier, as a list of terms ([] if absent)."""
+    value = identifier.get("SpecificCharacterSet")
+    if value is None or value == "":
+        return []
+    values = value if isinstance(value, MultiValue | list) else [value]
+    return [str(v).strip() for v in values]
+
+
+def _encodes(char: str, codec: str) -> bool:
+    try:
+        encoder = custom_encoders.get(codec)
+        if encoder is not None:
+            encoder(char)
+        else:
+            char.encode(codec)
+        return True
+    except (UnicodeError, LookupError):
+        return False
+
+
+def response_charset(asked: list[str], texts: list[str]) -> str | list[str]:
+    """The Specific Character Set of a response holding the non-ASCII ``texts``.
+
+    PS3.4 C.4.1.1.3.2 lets the SCP answer in another character set than the request's, but a
+    workstation that asked in ISO_IR 100 (or ISO 2022 IR 87...) may know no other, and shows
+    UTF-8 bytes as mojibake ("HÃ©lÃ¨ne"). So: the request's own character set when every
+    character of every value is in its repertoires (pydicom then encodes each value in it,
+    escape sequences included); UTF-8 otherwise (a Japanese name for a Latin-1 viewer, a
+    request without Specific Character Set, or one PAS does not know)."""
+    if not asked or UTF8 in asked:
+        return UTF8
+    codecs = []
+    for term in asked:
+        if term in _ASCII_TERMS:
+            continue  # value 1 empty: ASCII as G0; no other character comes from it
+        codec = python_encoding.get(term)
+        if codec is None:
+            return UTF8
+        codecs.append(codec)
+    for text in texts:
+        for char in set(text):
+            if not char.isascii() and not any(_encodes(char, codec) for codec in codecs):
+                return UTF8
+    return asked[0] if len(asked) == 1 else asked
+
+
 def response_identifier(level: str, asked: list[DataElement], values: dict[str, Any],
-                        retrieve_ae: str, availability: str = "ONLINE") -> Dataset:
-    """Only the keys asked for, in the order asked, valued from the match (or empty)."""
+                        retrieve_ae: str, availability: str = "ONLINE",
+                        charset: list[str] | None = None) -> Dataset:
+    """Only the keys asked for, in the order asked, valued from the match (or empty);
+    text beyond ASCII in the request's character set ``charset`` when it can hold it
+    (:func:`response_charset`)."""
     ds = Dataset()
     ds.QueryRetrieveLevel = level
-    non_ascii = False
+    non_ascii: list[str] = []
     for element in asked:
         value = values.get(element.keyword)
         if element.keyword == "RetrieveAETitle":
@@ -186,13 +242,13 @@ def response_identifier(level: str, asked: list[DataElement], values: dict[str, 
         if value is None or value == "":
             ds.add(DataElement(element.tag, element.VR, None))
             continue
+        if isinstance(value, str) and not value.isascii():
+            non_ascii.append(value)
         if isinstance(value, str) and "\\" in value:
             value = value.split("\\")
-        if isinstance(value, str) and not value.isascii():
-            non_ascii = True
         ds.add(DataElement(element.tag, element.VR, value))
     if non_ascii:
-        ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.SpecificCharacterSet = response_charset(charset or [], non_ascii)
     return ds
 
 
@@ -240,6 +296,7 @@ class QueryRetrieveService:
         try:
             identifier = event.identifier
             level, keys, asked = identifier_keys(identifier)
+            charset = query_charset(identifier)
         except Exception as exc:  # an identifier pydicom cannot decode
             self._audit("query", calling, address, None, f"failure: undecodable identifier "
                         f"({exc})")
@@ -275,7 +332,8 @@ class QueryRetrieveService:
                     return
                 count += 1
                 local_studies.add(values.get("StudyInstanceUID") or "")
-                yield PENDING, response_identifier(level, asked, values, self.ae_title)
+                yield PENDING, response_identifier(level, asked, values, self.ae_title,
+                                                   charset=charset)
         except store_query.QueryError as exc:
             log.warning("C-FIND from %s refused: %s", calling, exc)
             self._audit("query", calling, address, summary, f"failure: {exc}", count)
@@ -293,7 +351,7 @@ class QueryRetrieveService:
                     continue
                 count += 1
                 yield PENDING, response_identifier(level, asked, values, self.ae_title,
-                                                   availability="NEARLINE")
+                                                   availability="NEARLINE", charset=charset)
         try:
             yield SUCCESS, None
         finally:

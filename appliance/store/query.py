@@ -154,7 +154,13 @@ def _match_range(where: _Where, column: str, keyword: str, value: str, vr: str) 
             raise QueryError(f"{keyword}: {value!r} is not a valid {vr} range")
     if not low and not high:
         raise QueryError(f"{keyword}: {value!r} is an empty range")
-    if low:
+    if low and vr == "TM":
+        # A stored time of lower precision covers what it is a prefix of (PS3.5 6.2: trailing
+        # null components): 1500 is 15:00 to 15:00:59.9, so it is in "150000-", which the
+        # plain comparison ("1500" < "150000") missed.
+        where.add(f"({column} >= ? OR ({column} <> '' AND substr(?, 1, length({column})) "
+                  f"= {column}))", low, low)
+    elif low:
         where.add(f"{column} >= ?", low)
     if high:
         # A bound is inclusive of everything it is a prefix of (1200 includes 120059.9).
