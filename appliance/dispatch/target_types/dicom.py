@@ -21,6 +21,7 @@ first (a retry after the peer is reconfigured resumes with the rest).
 from __future__ import annotations
 
 import logging
+import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,16 +130,21 @@ class DicomTarget:
         if not files:
             return
         refused: dict[str, _Refused] = defaultdict(_Refused)
-        for contexts in plan_associations(
-                {(f["sop_class_uid"], f["transfer_syntax_uid"]) for f in files}):
-            classes = {str(c.abstract_syntax) for c in contexts}
-            self._send_group(job, context, contexts,
-                             [f for f in files if f["sop_class_uid"] in classes], refused)
+        # The lease is renewed by time, not every N instances: N instances to a slow node
+        # (or one large one) outlasted it, and a second worker sent the same study again.
+        with context.renewing(job) as lease_lost:
+            for contexts in plan_associations(
+                    {(f["sop_class_uid"], f["transfer_syntax_uid"]) for f in files}):
+                classes = {str(c.abstract_syntax) for c in contexts}
+                self._send_group(job, context, contexts,
+                                 [f for f in files if f["sop_class_uid"] in classes], refused,
+                                 lease_lost)
         if refused:
             raise PermanentError(self._refusal(refused))
 
     def _send_group(self, job: Job, context: SendContext, contexts: list[PresentationContext],
-                    files: list[Any], refused: dict[str, _Refused]) -> None:
+                    files: list[Any], refused: dict[str, _Refused],
+                    lease_lost: threading.Event) -> None:
         assoc = self._associate(contexts)
         if not assoc.is_established:
             if assoc.is_aborted and not assoc.accepted_contexts and assoc.rejected_contexts:
@@ -157,11 +163,12 @@ class DicomTarget:
             self._note_refused([f for f in files if not self._usable(f, accepted)], contexts,
                                assoc.rejected_contexts, refused)
             for row in usable:
+                if lease_lost.is_set():
+                    raise RuntimeError(f"job {job.id}: lease lost, another worker owns it now")
                 self._send_one(assoc, row, accepted, context)
                 sent.append(row["id"])
                 if len(sent) >= BATCH_MARK:
                     context.mark_sent(job, sent)
-                    context.keep_alive(job)
                     sent = []
         finally:
             if sent:
