@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -49,7 +49,53 @@ def _regex(value: str) -> str:
         re.compile(value)
     except re.error as exc:
         raise ValueError(f"is not a valid regular expression ({exc}): {value!r}") from None
+    nested = _nested_quantifier(value)
+    if nested:
+        raise ValueError(
+            f"has an unbounded quantifier inside a repeated group ({nested}), which can take "
+            "exponential time on a value that almost matches (a StudyDescription sent by a "
+            "modality) and would freeze the daemon: write it without the nesting, or make the "
+            "outer repeat possessive ('(a+)++') or the repeated group atomic ('(?>a+)+'): "
+            f"{value!r}")
     return value
+
+
+def _nested_quantifier(pattern: str) -> str | None:
+    """The catastrophic-backtracking form: a repeat that may match more than once around a
+    part with an unbounded repeat, as in ``(a+)+`` or ``(\\w+\\s?)*``. Python's ``re``
+    backtracks through every way of splitting the text between them, holding the GIL all
+    the while. Possessive repeats and atomic groups do not backtrack. A heuristic: it catches
+    this form, not every slow pattern (overlapping alternatives such as ``(a|aa)+`` pass).
+    Returns the offending part, or None."""
+    from re import _constants as sre  # type: ignore[attr-defined]
+    from re import _parser  # type: ignore[attr-defined]
+
+    def walk(items: Any, repeated: bool) -> str | None:
+        for op, av in items:
+            if op in (sre.MAX_REPEAT, sre.MIN_REPEAT):
+                low, high, body = av
+                if repeated and high == sre.MAXREPEAT:
+                    return "a '+', '*' or '{n,}' repeated again"
+                found = walk(body, repeated or high > 1)
+            elif op == sre.POSSESSIVE_REPEAT:
+                found = walk(av[2], False)
+            elif op == sre.SUBPATTERN:
+                found = walk(av[3], repeated)
+            elif op == sre.BRANCH:
+                found = next((f for b in av[1] if (f := walk(b, repeated))), None)
+            elif op in (sre.ASSERT, sre.ASSERT_NOT):
+                found = walk(av[1], repeated)
+            elif op == sre.ATOMIC_GROUP:  # matched once, never re-split by an outer repeat
+                found = walk(av, False)
+            elif op == sre.GROUPREF_EXISTS:
+                found = walk(av[1], repeated) or (walk(av[2], repeated) if av[2] else None)
+            else:
+                found = None
+            if found:
+                return found
+        return None
+
+    return walk(_parser.parse(pattern, re.IGNORECASE), False)
 
 
 Port = Annotated[int, AfterValidator(_port)]

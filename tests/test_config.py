@@ -52,6 +52,15 @@ def test_environment_overrides_every_key() -> None:
     ("[study]\nstable_after_s = -1", "study.stable_after_s: Input should be greater than"),
     ("[[routing.rules]]\nname = 'x'\nmatch = { modality = '(' }\ndestinations = ['hub']",
      "routing.rules.0.match.modality: is not a valid regular expression"),
+    # Catastrophic backtracking: 'a' * 40 + '!' as StudyDescription froze the whole daemon
+    # (re holds the GIL), C-STOREs from every modality unanswered, after "configuration OK".
+    ("[[routing.rules]]\nname = 'x'\nmatch = { study_description = '^(a+)+$' }\n"
+     "destinations = ['hub']",
+     "routing.rules.0.match.study_description: has an unbounded quantifier inside a repeated "
+     "group"),
+    ("[[routing.rules]]\nname = 'x'\nmatch = { body_part = '(\\w+\\s?)*x' }\n"
+     "destinations = ['hub']",
+     "routing.rules.0.match.body_part: has an unbounded quantifier inside a repeated group"),
     ("[[routing.rules]]\nname = 'x'\ndestinations = ['nowhere']",
      "routing.rules.0.destinations: unknown destination 'nowhere'"),
     ("[destinations.pacs]\nkind = 'dicom'\nhost = 'pacs'\nport = 104",

@@ -175,3 +175,57 @@ def test_big_endian_rewritten_little_endian_keeps_the_instance() -> None:
         get_testdata_file("MR_small_jpeg_ls_lossless.dcm")).SOPInstanceUID  # not a new UID
     assert numpy.array_equal(compressed.pixel_array, dcmread(get_testdata_file("MR_small.dcm"))
                              .pixel_array)
+
+
+def test_a_slow_peer_keeps_the_job_with_one_worker_sending_each_instance_once(
+        pas_factory, tmp_path: Path) -> None:
+    """A node that takes a second per C-STORE, a 2 s lease: the study takes longer than the
+    lease, yet the job stays with its worker (one attempt) and each instance is received once
+    (the peer's ``+uf`` writes one file per C-STORE it receives). The lease was renewed only
+    every 25 instances: it expired, the second worker claimed the job and sent the study
+    again over a second association, twice."""
+    scp = StoreSCP(tmp_path / "slow").start(["--sleep-after", "1"])
+    try:
+        pas = pas_factory({"PAS_CONFIG": str(write_config(tmp_path / "appliance.toml", scp)),
+                           "PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_QUEUE__LEASE_S": "2",
+                           "PAS_QUEUE__MAX_ATTEMPTS": "10"})
+        storescu(CT_PATIENT, pas.port)
+        wait_for(lambda: [j["state"] for j in jobs_of(pas.home)] == ["done"], 60,
+                 what="the job done")
+        [job] = jobs_of(pas.home)
+        assert job["attempts"] == 1, job
+        received = [sop_uid(p) for p in scp.files()]
+        assert sorted(received) == sorted(sop_uid(p) for p in CT_PATIENT)
+    finally:
+        scp.stop()
+
+
+def test_one_instance_refused_does_not_hold_back_the_rest_of_the_study(pas_factory,
+                                                                       tmp_path: Path) -> None:
+    """storescp cannot write the study's first instance (a directory holds its file name) and
+    answers that C-STORE 0xA700: the other two are delivered anyway, the job is retried for
+    the refused one only, fails once its attempts are spent naming it, and goes through in
+    full after `pas queue retry` once the node is fixed. The first refusal ended every
+    attempt: nothing of the study reached the node."""
+    folder = tmp_path / "picky"
+    blocked = folder / f"CT.{sop_uid(CT_PATIENT[0])}"  # storescp -uf: <modality>.<SOP UID>
+    blocked.mkdir(parents=True)
+    scp = StoreSCP(folder).start(["-uf"])
+    try:
+        pas = pas_factory({"PAS_CONFIG": str(write_config(tmp_path / "appliance.toml", scp)),
+                           "PAS_DICOM__ACCEPT_UNKNOWN": "true"})
+        storescu(CT_PATIENT, pas.port)  # the blocked one first: its series is filed first
+        wait_for(lambda: [j["state"] for j in jobs_of(pas.home)] == ["failed"], 60,
+                 what="the job failed")
+        assert {sop_uid(p) for p in scp.files()} == {sop_uid(p) for p in CT_PATIENT[1:]}
+        [job] = jobs_of(pas.home)
+        assert job["attempts"] == 2, job
+        assert "failure status for 1 of the 1 instance(s) still to send" in job["last_error"]
+        assert f"{sop_uid(CT_PATIENT[0])} (0xA700)" in job["last_error"], job
+        blocked.rmdir()
+        pas.cli("queue", "retry", str(job["id"]))
+        wait_for(lambda: [j["state"] for j in jobs_of(pas.home)] == ["done"], 60,
+                 what="the retried job done")
+        assert {sop_uid(p) for p in scp.files()} == {sop_uid(p) for p in CT_PATIENT}
+    finally:
+        scp.stop()

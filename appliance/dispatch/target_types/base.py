@@ -8,12 +8,18 @@ help (the peer refused the data for good), any other exception for a transient f
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from appliance.store import jobs as job_store
 from appliance.store.db import Database
 from appliance.store.spool import Spool
+
+log = logging.getLogger("pas.dispatch")
 
 
 class PermanentError(Exception):
@@ -38,6 +44,32 @@ class SendContext:
         """Renew the lease; raise if the job was taken over (our lease had expired)."""
         if not job_store.renew_lease(self.db, job.id, self.owner, self.lease_s):
             raise RuntimeError(f"job {job.id}: lease lost, another worker owns it now")
+
+    @contextmanager
+    def renewing(self, job: job_store.Job) -> Iterator[threading.Event]:
+        """Renew the job's lease every third of ``lease_s`` from a helper thread while the
+        block runs, however long one step of it blocks (a C-STORE of a 1 GB instance to a
+        slow node). Yields an event set once the lease is lost (another worker took the
+        job): the block checks it between steps and stops."""
+        lost = threading.Event()
+        done = threading.Event()
+
+        def renew() -> None:
+            while not done.wait(max(0.1, self.lease_s / 3)):
+                try:
+                    if not job_store.renew_lease(self.db, job.id, self.owner, self.lease_s):
+                        lost.set()
+                        return
+                except Exception:  # a busy database: the next turn tries again
+                    log.exception("job %d: renewing the lease failed", job.id)
+
+        thread = threading.Thread(target=renew, name=f"pas-lease-{job.id}", daemon=True)
+        thread.start()
+        try:
+            yield lost
+        finally:
+            done.set()
+            thread.join()
 
 
 class TargetType(Protocol):

@@ -21,6 +21,7 @@ first (a retry after the peer is reconfigured resumes with the rest).
 from __future__ import annotations
 
 import logging
+import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,10 @@ _config.STORE_SEND_CHUNKED_DATASET = True
 UNCOMPRESSED = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
 MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts in one association
 BATCH_MARK = 25     # record progress every N instances
+SUCCESS = (0x0000, 0xB000, 0xB007, 0xB006)  # success, and PS3.4 B.2.3's warnings
+# Refusals in a row after which the peer refuses everything (full, broken), not one instance:
+# the attempt stops there rather than offer it the rest of the study.
+REFUSALS_IN_A_ROW = 10
 
 # Values made of words whose bytes a big endian encoding reverses: VR -> word size.
 _WORD_SIZE = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
@@ -129,16 +134,28 @@ class DicomTarget:
         if not files:
             return
         refused: dict[str, _Refused] = defaultdict(_Refused)
-        for contexts in plan_associations(
-                {(f["sop_class_uid"], f["transfer_syntax_uid"]) for f in files}):
-            classes = {str(c.abstract_syntax) for c in contexts}
-            self._send_group(job, context, contexts,
-                             [f for f in files if f["sop_class_uid"] in classes], refused)
+        failed: list[tuple[str, int]] = []  # (SOP Instance UID, status) the peer refused
+        # The lease is renewed by time, not every N instances: N instances to a slow node
+        # (or one large one) outlasted it, and a second worker sent the same study again.
+        with context.renewing(job) as lease_lost:
+            for contexts in plan_associations(
+                    {(f["sop_class_uid"], f["transfer_syntax_uid"]) for f in files}):
+                classes = {str(c.abstract_syntax) for c in contexts}
+                self._send_group(job, context, contexts,
+                                 [f for f in files if f["sop_class_uid"] in classes], refused,
+                                 failed, lease_lost)
         if refused:
-            raise PermanentError(self._refusal(refused))
+            raise PermanentError(self._refusal(refused)
+                                 + (f"; {self._failures(failed, len(files))}" if failed else ""))
+        if failed:
+            # Retried with backoff (the peer may be out of space): only these go again.
+            raise RuntimeError(self._failures(failed, len(files))
+                               + ("; the others were delivered" if len(failed) < len(files)
+                                  else ""))
 
     def _send_group(self, job: Job, context: SendContext, contexts: list[PresentationContext],
-                    files: list[Any], refused: dict[str, _Refused]) -> None:
+                    files: list[Any], refused: dict[str, _Refused],
+                    failed: list[tuple[str, int]], lease_lost: threading.Event) -> None:
         assoc = self._associate(contexts)
         if not assoc.is_established:
             if assoc.is_aborted and not assoc.accepted_contexts and assoc.rejected_contexts:
@@ -150,6 +167,7 @@ class DicomTarget:
                 f"({'rejected by the peer' if assoc.is_rejected else 'unreachable or aborted'})"
             )
         sent: list[int] = []
+        in_a_row = 0
         try:
             accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0]))
                         for c in assoc.accepted_contexts}
@@ -157,11 +175,22 @@ class DicomTarget:
             self._note_refused([f for f in files if not self._usable(f, accepted)], contexts,
                                assoc.rejected_contexts, refused)
             for row in usable:
-                self._send_one(assoc, row, accepted, context)
+                if lease_lost.is_set():
+                    raise RuntimeError(f"job {job.id}: lease lost, another worker owns it now")
+                code = self._send_one(assoc, row, accepted, context)
+                if code not in SUCCESS:
+                    # One instance refused does not hold back the rest of the study.
+                    failed.append((row["sop_instance_uid"], code))
+                    in_a_row += 1
+                    if in_a_row >= REFUSALS_IN_A_ROW:
+                        raise RuntimeError(f"{self._failures(failed, len(files))}; "
+                                           f"stopped after {in_a_row} refusals in a row, the "
+                                           "rest is sent at the next attempt")
+                    continue
+                in_a_row = 0
                 sent.append(row["id"])
                 if len(sent) >= BATCH_MARK:
                     context.mark_sent(job, sent)
-                    context.keep_alive(job)
                     sent = []
         finally:
             if sent:
@@ -212,7 +241,9 @@ class DicomTarget:
                 + "; ".join(parts))
 
     def _send_one(self, assoc: Any, row: Any, accepted: set[tuple[str, str]],
-                  context: SendContext) -> None:
+                  context: SendContext) -> int:
+        """C-STORE one instance; its status. No answer at all (the association is gone)
+        raises ConnectionError."""
         path = context.spool.path(row["path"])
         if (row["sop_class_uid"], row["transfer_syntax_uid"]) in accepted:
             status = assoc.send_c_store(path)  # the stored bytes, unchanged
@@ -221,8 +252,10 @@ class DicomTarget:
             status = assoc.send_c_store(as_little_endian(path))
         if status is None or "Status" not in status:
             raise ConnectionError(f"{self.name}: no C-STORE response for {row['sop_instance_uid']}")
-        code = int(status.Status)
-        if code not in (0x0000, 0xB000, 0xB007, 0xB006):
-            raise ConnectionError(
-                f"{self.name} answered C-STORE status 0x{code:04X} for {row['sop_instance_uid']}"
-            )
+        return int(status.Status)
+
+    def _failures(self, failed: list[tuple[str, int]], total: int) -> str:
+        sample = ", ".join(f"{uid} (0x{code:04X})" for uid, code in failed[:3])
+        more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
+        return (f"{self.name} answered a C-STORE failure status for {len(failed)} of the "
+                f"{total} instance(s) still to send: {sample}{more}")
