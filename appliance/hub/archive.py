@@ -13,11 +13,16 @@ archive may answer success for a SOP Instance UID it already holds and keep the 
 (Orthanc with ``OverwriteInstances: false`` does, silently): so before each batch one QIDO-RS
 query (UID list matching) asks which of its UIDs are held already, and after the STOW each of
 those is read back (WADO-RS, ``transfer-syntax=*``) and accepted only if its SHA-256 is the one
-sent. A new study costs one small query per batch; only re-sent UIDs are read back.
+sent. A new study costs one small query per batch; only re-sent UIDs are read back. The
+question, the STOW and the read-back of a batch hold a lock per SOP Instance UID of the batch
+(sorted order): two transfers carrying one UID with other bytes (a corrected version sent
+while the first is still being archived, or two sites) both asked before either STOW landed,
+both heard "not held", and both were receipted while Orthanc kept only the first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import uuid
@@ -27,6 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
+
+from appliance.locks import KeyedLocks
 
 if TYPE_CHECKING:
     from appliance.hub.config import HubSettings
@@ -125,32 +132,49 @@ class DicomWebArchive:
         self.url = url.rstrip("/")
         self.per_request = per_request
         self.client = httpx.Client(timeout=timeout_s)
+        self._uids = KeyedLocks()  # one per SOP Instance UID being asked, sent, read back
+
+    @contextlib.contextmanager
+    def _owning(self, batch: list[RebuiltInstance]) -> Iterator[None]:
+        """Hold the lock of every UID of ``batch`` (sorted: no deadlock between batches that
+        share UIDs), so that what the QIDO-RS question said stays true until the STOW and the
+        read-back are done: another transfer's STOW of one of these UIDs waits, then finds it
+        held and reads it back."""
+        with contextlib.ExitStack() as stack:
+            for uid in sorted({i.sop_instance_uid for i in batch}):
+                stack.enter_context(self._uids(uid))
+            yield
 
     def store(self, instances: list[RebuiltInstance], site: str) -> None:
         refused: dict[str, str] = {}
         for start in range(0, len(instances), self.per_request):
             batch = instances[start:start + self.per_request]
-            held, why = self._held(batch)
-            if held is None:  # cannot tell what a success would mean: send nothing
-                refused.update((i.sop_instance_uid, why) for i in batch)
-                continue
-            refused_here, answered = self._post(batch)
-            if answered and len(batch) > 1 and len(refused_here) == len(batch):
-                # Some archives refuse a whole request for one bad part: ask one by one, so
-                # that the answer names the instance(s) really refused. (Not when the archive
-                # did not answer at all: that would only wait for more timeouts.)
-                refused_here = [uid for instance in batch for uid in self._post([instance])[0]]
-            refused.update((uid, "not accepted by STOW-RS") for uid in refused_here)
-            for instance in batch:
-                where = held.get(instance.sop_instance_uid)
-                if where is not None and instance.sop_instance_uid not in refused:
-                    problem = self._read_back(instance, *where)
-                    if problem:
-                        refused[instance.sop_instance_uid] = problem
+            with self._owning(batch):
+                refused.update(self._store_batch(batch))
         if refused:
             named = "; ".join(f"{uid}: {why}" for uid, why in list(refused.items())[:5])
             raise ArchiveRefused(f"DICOMweb archive refused {len(refused)} instance(s): "
                                  f"{named}", list(refused), refused)
+
+    def _store_batch(self, batch: list[RebuiltInstance]) -> dict[str, str]:
+        """Ask, STOW, read back one batch (its UIDs' locks held); {refused UID: why}."""
+        held, why = self._held(batch)
+        if held is None:  # cannot tell what a success would mean: send nothing
+            return {i.sop_instance_uid: why for i in batch}
+        refused_here, answered = self._post(batch)
+        if answered and len(batch) > 1 and len(refused_here) == len(batch):
+            # Some archives refuse a whole request for one bad part: ask one by one, so
+            # that the answer names the instance(s) really refused. (Not when the archive
+            # did not answer at all: that would only wait for more timeouts.)
+            refused_here = [uid for instance in batch for uid in self._post([instance])[0]]
+        refused = {uid: "not accepted by STOW-RS" for uid in refused_here}
+        for instance in batch:
+            where = held.get(instance.sop_instance_uid)
+            if where is not None and instance.sop_instance_uid not in refused:
+                problem = self._read_back(instance, *where)
+                if problem:
+                    refused[instance.sop_instance_uid] = problem
+        return refused
 
     def _held(self, batch: list[RebuiltInstance]) -> tuple[dict[str, tuple[str, str]] | None,
                                                             str]:

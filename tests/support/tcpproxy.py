@@ -5,7 +5,9 @@ closes every open connection at once (RST, as a dead link looks to the sender) a
 new ones until ``restore()``. ``drop_upward()``, before a cut, makes the link dead towards the
 upstream only: what the client sends goes nowhere (its connections stay open and silent)
 while answers already on their way still arrive, so that a request under way stays under way
-until the cut. TLS passes through untouched (the proxy never sees clear text).
+until the cut. ``delay_up_s`` holds each chunk towards the upstream that long before passing
+it on (a slow, far archive: a request reaches it late). TLS passes through untouched (the
+proxy never sees clear text).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import contextlib
 import socket
 import struct
 import threading
+import time
 
 from tests.support.peers import free_port
 
@@ -27,6 +30,7 @@ class TcpProxy:
         self._up = threading.Event()
         self._up.set()
         self._dropping = False  # drop_upward() until the next restore()
+        self.delay_up_s = 0.0  # each chunk towards the upstream waits this long first
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
         self._closing = False
@@ -91,6 +95,8 @@ class TcpProxy:
             while chunk := source.recv(65536):
                 if upward and self._dropping:
                     continue
+                if upward and self.delay_up_s:
+                    time.sleep(self.delay_up_s)  # the emulated link's latency, not a wait
                 sink.sendall(chunk)
                 if upward:
                     with self._lock:
