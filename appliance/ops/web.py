@@ -27,6 +27,7 @@ from appliance.ops.status import collect, human_size
 from appliance.store import jobs as job_store
 from appliance.store import ops as ops_store
 from appliance.web.auth import FormToken, same_origin
+from appliance.web.headers import page_headers
 
 if TYPE_CHECKING:
     from appliance.daemon import Daemon
@@ -205,8 +206,11 @@ def routes(daemon: Daemon) -> list[BaseRoute]:
     # auth = "none" (the demo, a trusted VLAN) keeps the plain form.
     form_token = FormToken() if daemon.settings.serving.auth != "none" else None
 
+    headers = page_headers(STYLE)  # no script, no frame of another site (web/headers.py)
+
     async def page(_request: Request) -> HTMLResponse:
-        return HTMLResponse(await run_in_threadpool(render_page, daemon, form_token))
+        return HTMLResponse(await run_in_threadpool(render_page, daemon, form_token),
+                            headers=headers)
 
     async def scrape(_request: Request) -> Response:
         body = await run_in_threadpool(metrics.render, registry)
