@@ -18,7 +18,7 @@ import httpx
 import pytest
 from pydicom import dcmread
 
-from tests.support.browser import OtherSite, chromium
+from tests.support.browser import OtherSite, chromium, files_containing
 from tests.support.peers import MR_DIR, PasProcess, StoreSCP, storescu, wait_for
 from tests.test_serving_dicomweb import _issue, _write
 
@@ -137,6 +137,24 @@ def test_another_site_cannot_frame_the_retry_button(site: dict[str, Any], browse
     browser.get(site["base"] + "/")  # the policy lets the page's own stylesheet apply
     assert browser.execute_script(
         "return getComputedStyle(document.body).backgroundColor") == "rgb(246, 247, 249)"
+
+
+def test_browser_keeps_no_copy_of_the_page(site: dict[str, Any], tmp_path: Path) -> None:
+    """The status page shows patient IDs: the browser of a shared ward or IT workstation must
+    not write it to its disk cache (Cache-Control: no-store)."""
+    patient_id = str(dcmread(FILES[0], stop_before_pixels=True).PatientID).encode()
+    profile = tmp_path / "chromium"
+    driver = chromium(profile)
+    try:
+        _with_token(driver)
+        driver.get(site["base"] + "/")
+        assert patient_id.decode() in driver.page_source
+        driver.get("about:blank")
+    finally:
+        driver.quit()  # Chromium ends: what it caches is on disk now
+    assert files_containing(profile, patient_id) == []
+    page = httpx.get(site["base"] + "/", headers=GOOD, timeout=10)
+    assert page.headers["cache-control"] == "no-store"
 
 
 def test_browser_retry_works_from_the_page_not_from_another_site(site: dict[str, Any],

@@ -10,6 +10,8 @@ Owns: :func:`page_headers`. May not touch: the routes, the store.
   Retry button; that POST carries the page's own form token and Origin).
 - ``X-Frame-Options: DENY``: the same for browsers without ``frame-ancestors``.
 - ``X-Content-Type-Options: nosniff``.
+- ``Cache-Control: no-store``: the status page shows patient IDs, and a browser kept a copy
+  of every page it showed in its disk cache (a shared ward or IT workstation's profile).
 """
 
 from __future__ import annotations
@@ -27,4 +29,5 @@ def page_headers(style: str) -> dict[str, str]:
                                     "base-uri 'none'"),
         "X-Frame-Options": "DENY",
         "X-Content-Type-Options": "nosniff",
+        "Cache-Control": "no-store",
     }
