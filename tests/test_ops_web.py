@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -12,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 
+from tests.support.browser import chromium
 from tests.support.peers import MR_DIR, PasProcess, StoreSCP, storescu, wait_for
 
 FILES = sorted(p for p in MR_DIR.rglob("*") if p.is_file())[:12]
@@ -63,6 +65,32 @@ def test_metrics_count_what_arrived(site: dict[str, Any]) -> None:
     assert values[("pas_enrolled", ())] == 0
     names = {name for name, _ in values}
     assert all(name.startswith("pas_") for name in names), sorted(names)
+
+
+def test_another_site_cannot_post_the_retry(site: dict[str, Any], tmp_path: Path) -> None:
+    """auth = "none" needs no credentials, but another site's page must not make the browser
+    of someone on the appliance's network post the retry (cross-site request forgery): the
+    browser's Origin names that site, and the POST is refused."""
+    from selenium.webdriver.common.by import By
+
+    pas: PasProcess = site["pas"]
+    job_id = int(json.loads(pas.cli("queue", "list", "--json").stdout)[0]["id"])
+    forged = (f"<form method=post action='{site['base']}/jobs/{job_id}/retry'></form>"
+              "<script>document.forms[0].submit()</script>")
+    driver = chromium(tmp_path / "chromium")
+    try:
+        driver.get("data:text/html," + forged)
+        wait_for(lambda: driver.current_url.startswith(site["base"]), 20,
+                 what="the forged POST's answer")
+        body = driver.find_element(By.TAG_NAME, "body").text
+    finally:
+        driver.quit()
+    assert "refused" in body and pas.status()["jobs"].get("failed") == 1
+    for source in ({"Origin": "http://evil.example"},
+                   {"Referer": "http://evil.example/page.html"}, {"Origin": "null"}):
+        answer = httpx.post(f"{site['base']}/jobs/{job_id}/retry", headers=source, timeout=10)
+        assert answer.status_code == 403, source
+    assert pas.status()["jobs"].get("failed") == 1
 
 
 def test_status_page_shows_failed_job_and_retry_delivers(site: dict[str, Any]) -> None:
