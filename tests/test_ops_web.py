@@ -130,3 +130,30 @@ def test_bad_retry_is_refused_and_daemon_keeps_serving(site: dict[str, Any], pat
     assert words in answer.text
     assert site["pas"].status()["jobs"] == before
     assert httpx.get(f"{site['base']}/metrics", timeout=10).status_code == 200
+
+
+def test_browser_runs_no_script_a_modality_sends(site: dict[str, Any], tmp_path: Path) -> None:
+    """PatientID, StudyDescription and Modality come from whatever sent the study: the page
+    shows them as text and runs nothing (each would set the title)."""
+    from selenium.webdriver.common.by import By
+
+    hostile = dcmread(FILES[0])
+    hostile.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.77001"
+    hostile.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.77002"
+    hostile.PatientID = "<img src=x onerror=\"document.title='pwned'\">"
+    hostile.StudyDescription = "\"><script>document.title='pwned'</script>"
+    with pytest.warns(UserWarning):  # pydicom: not a valid CS
+        hostile.Modality = "<b>MR"
+    path = tmp_path / "hostile.dcm"
+    hostile.save_as(path)
+    storescu([path], site["pas"].port)
+    driver = chromium(tmp_path / "chromium")
+    try:
+        driver.get(f"{site['base']}/")
+        row = driver.find_element(By.CSS_SELECTOR,
+                                  f'tr[data-study-uid="{hostile.StudyInstanceUID}"]')
+        assert driver.title == "PAS PAS"
+        assert hostile.PatientID in row.text and hostile.StudyDescription in row.text
+        assert not row.find_elements(By.CSS_SELECTOR, "img, script, b")
+    finally:
+        driver.quit()
