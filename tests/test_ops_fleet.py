@@ -86,6 +86,12 @@ def test_heartbeats_reach_the_dashboard(fleet: dict[str, Any]) -> None:
     assert site_page.text.count("<svg") == 2
     assert f"{len(FILES)} instances received" in site_page.text
     assert viewer.get("/fleet/sites/NOWHERE").status_code == 404
+    for path in ("/fleet", "/fleet/sites/SITE-A", "/fleet/sites/NOWHERE"):
+        headers = viewer.get(path).headers
+        policy = headers["content-security-policy"]
+        assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy, path
+        assert headers["x-frame-options"] == "DENY" and headers["cache-control"] == "no-store"
+        assert headers["x-content-type-options"] == "nosniff"
 
     scrape = viewer.get("/metrics").text
     assert metric(scrape, "pas_fleet_site_up", site="SITE-A") == 1
@@ -296,6 +302,8 @@ def test_browser_fleet_dashboard_and_site_page(fleet: dict[str, Any], browser: A
     sites = [r.get_attribute("data-site")
              for r in browser.find_elements(By.CSS_SELECTOR, "#fleet tr[data-site]")]
     assert sites == ["SITE-A", "SITE-B"]
+    assert browser.execute_script(  # the policy lets the page's own stylesheet apply
+        "return getComputedStyle(document.body).backgroundColor") == "rgb(246, 247, 249)"
     browser.find_element(By.LINK_TEXT, "disk %").click()  # sort by disk, fullest first
     sites = [r.get_attribute("data-site")
              for r in browser.find_elements(By.CSS_SELECTOR, "#fleet tr[data-site]")]
@@ -309,6 +317,29 @@ def test_browser_fleet_dashboard_and_site_page(fleet: dict[str, Any], browser: A
     assert len(browser.find_elements(By.CSS_SELECTOR, "svg polyline")) == 2
     assert f"{len(FILES)} instances received" in browser.find_element(By.ID, "facts").text
     _shot(browser, "fleet-site.png", tmp_path)
+
+
+def test_browser_runs_no_script_a_site_sends(fleet: dict[str, Any], browser: Any) -> None:
+    """A compromised site controls its heartbeat's version and error strings: the dashboard
+    and the site page show them as text and run nothing (each would set the title)."""
+    from selenium.webdriver.common.by import By
+
+    hostile = "<img src=x onerror=\"document.title='pwned'\">"
+    beat = _beat(version="1.0'\"><script>document.title='pwned'</script>",
+                 errors=[hostile, "x\" onmouseover=\"document.title='pwned'"])
+    with client(fleet["site_b"]) as http:
+        assert http.post("/api/v1/heartbeat", json=beat).status_code == 201
+    hub: HubProcess = fleet["hub"]
+    for path in ("/fleet", "/fleet/sites/SITE-B"):
+        browser.get(hub.url + path)
+        wait_for(lambda: browser.execute_script("return document.readyState") == "complete",
+                 20, what=f"{path} loaded")
+        assert browser.title in ("PAS fleet", "PAS SITE-B"), path
+        assert "<script>document.title='pwned'</script>" in browser.find_element(
+            By.TAG_NAME, "body").text
+    browser.get(hub.url + "/fleet")
+    row = browser.find_element(By.CSS_SELECTOR, 'tr[data-site="SITE-B"]')
+    assert hostile in row.text and not row.find_elements(By.TAG_NAME, "img")
 
 
 def test_link_goes_down_when_the_hub_stops(fleet: dict[str, Any]) -> None:

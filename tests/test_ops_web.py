@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -12,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 
+from tests.support.browser import chromium
 from tests.support.peers import MR_DIR, PasProcess, StoreSCP, storescu, wait_for
 
 FILES = sorted(p for p in MR_DIR.rglob("*") if p.is_file())[:12]
@@ -65,6 +67,32 @@ def test_metrics_count_what_arrived(site: dict[str, Any]) -> None:
     assert all(name.startswith("pas_") for name in names), sorted(names)
 
 
+def test_another_site_cannot_post_the_retry(site: dict[str, Any], tmp_path: Path) -> None:
+    """auth = "none" needs no credentials, but another site's page must not make the browser
+    of someone on the appliance's network post the retry (cross-site request forgery): the
+    browser's Origin names that site, and the POST is refused."""
+    from selenium.webdriver.common.by import By
+
+    pas: PasProcess = site["pas"]
+    job_id = int(json.loads(pas.cli("queue", "list", "--json").stdout)[0]["id"])
+    forged = (f"<form method=post action='{site['base']}/jobs/{job_id}/retry'></form>"
+              "<script>document.forms[0].submit()</script>")
+    driver = chromium(tmp_path / "chromium")
+    try:
+        driver.get("data:text/html," + forged)
+        wait_for(lambda: driver.current_url.startswith(site["base"]), 20,
+                 what="the forged POST's answer")
+        body = driver.find_element(By.TAG_NAME, "body").text
+    finally:
+        driver.quit()
+    assert "refused" in body and pas.status()["jobs"].get("failed") == 1
+    for source in ({"Origin": "http://evil.example"},
+                   {"Referer": "http://evil.example/page.html"}, {"Origin": "null"}):
+        answer = httpx.post(f"{site['base']}/jobs/{job_id}/retry", headers=source, timeout=10)
+        assert answer.status_code == 403, source
+    assert pas.status()["jobs"].get("failed") == 1
+
+
 def test_status_page_shows_failed_job_and_retry_delivers(site: dict[str, Any]) -> None:
     pas: PasProcess = site["pas"]
     scp: StoreSCP = site["scp"]
@@ -102,3 +130,30 @@ def test_bad_retry_is_refused_and_daemon_keeps_serving(site: dict[str, Any], pat
     assert words in answer.text
     assert site["pas"].status()["jobs"] == before
     assert httpx.get(f"{site['base']}/metrics", timeout=10).status_code == 200
+
+
+def test_browser_runs_no_script_a_modality_sends(site: dict[str, Any], tmp_path: Path) -> None:
+    """PatientID, StudyDescription and Modality come from whatever sent the study: the page
+    shows them as text and runs nothing (each would set the title)."""
+    from selenium.webdriver.common.by import By
+
+    hostile = dcmread(FILES[0])
+    hostile.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.77001"
+    hostile.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.77002"
+    hostile.PatientID = "<img src=x onerror=\"document.title='pwned'\">"
+    hostile.StudyDescription = "\"><script>document.title='pwned'</script>"
+    with pytest.warns(UserWarning):  # pydicom: not a valid CS
+        hostile.Modality = "<b>MR"
+    path = tmp_path / "hostile.dcm"
+    hostile.save_as(path)
+    storescu([path], site["pas"].port)
+    driver = chromium(tmp_path / "chromium")
+    try:
+        driver.get(f"{site['base']}/")
+        row = driver.find_element(By.CSS_SELECTOR,
+                                  f'tr[data-study-uid="{hostile.StudyInstanceUID}"]')
+        assert driver.title == "PAS PAS"
+        assert hostile.PatientID in row.text and hostile.StudyDescription in row.text
+        assert not row.find_elements(By.CSS_SELECTOR, "img, script, b")
+    finally:
+        driver.quit()

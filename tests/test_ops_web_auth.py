@@ -8,11 +8,8 @@ DICOMweb is off."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import ssl
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +18,7 @@ import httpx
 import pytest
 from pydicom import dcmread
 
+from tests.support.browser import OtherSite, chromium, files_containing
 from tests.support.peers import MR_DIR, PasProcess, StoreSCP, storescu, wait_for
 from tests.test_serving_dicomweb import _issue, _write
 
@@ -96,25 +94,67 @@ def test_retry_refused_without_credentials_changes_nothing(site: dict[str, Any])
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    """Debian's headless Chromium through Debian's chromedriver (as tests/test_ops_fleet.py)."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    profile = tempfile.mkdtemp(prefix="pas-chromium-")
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}"):
-        options.add_argument(flag)
-    os.environ.setdefault("SE_OFFLINE", "true")
-    driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Debian's headless Chromium through Debian's chromedriver (tests/support/browser.py)."""
+    driver = chromium(tmp_path_factory.mktemp("chromium"))
     try:
         yield driver
     finally:
         driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
+
+
+def _with_token(driver: Any) -> None:
+    """The browser adds the bearer token to every request, as a header-adding proxy or
+    extension would (to other sites' requests too)."""
+    driver.execute_cdp_cmd("Network.enable", {})
+    driver.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": GOOD})
+
+
+def test_another_site_cannot_frame_the_retry_button(site: dict[str, Any], browser: Any) -> None:
+    """Clickjacking: another site shows the status page in a transparent frame over a decoy
+    and the user's click lands on Retry. That POST comes from the page itself (its form
+    token, its Origin): only the browser's refusal to frame the page stops it
+    (Content-Security-Policy frame-ancestors 'none', X-Frame-Options DENY)."""
+    from selenium.webdriver.common.by import By
+
+    _with_token(browser)
+    decoy = f"<iframe src='{site['base']}/' onload=\"document.title='framed'\"></iframe>"
+    with OtherSite(decoy) as other:
+        browser.get(other.url)
+        wait_for(lambda: browser.title == "framed", 20, what="the frame's load event")
+        browser.switch_to.frame(0)
+        try:
+            buttons = browser.find_elements(By.CSS_SELECTOR,
+                                            "#failed-jobs button[type=submit]")
+        finally:
+            browser.switch_to.default_content()
+    assert buttons == [], "another site shows the Retry button in a frame"
+    page = httpx.get(site["base"] + "/", headers=GOOD, timeout=10)
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    assert page.headers["x-frame-options"] == "DENY"
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert _failed(site["pas"]) == 1
+    browser.get(site["base"] + "/")  # the policy lets the page's own stylesheet apply
+    assert browser.execute_script(
+        "return getComputedStyle(document.body).backgroundColor") == "rgb(246, 247, 249)"
+
+
+def test_browser_keeps_no_copy_of_the_page(site: dict[str, Any], tmp_path: Path) -> None:
+    """The status page shows patient IDs: the browser of a shared ward or IT workstation must
+    not write it to its disk cache (Cache-Control: no-store)."""
+    patient_id = str(dcmread(FILES[0], stop_before_pixels=True).PatientID).encode()
+    profile = tmp_path / "chromium"
+    driver = chromium(profile)
+    try:
+        _with_token(driver)
+        driver.get(site["base"] + "/")
+        assert patient_id.decode() in driver.page_source
+        driver.get("about:blank")
+    finally:
+        driver.quit()  # Chromium ends: what it caches is on disk now
+    assert files_containing(profile, patient_id) == []
+    page = httpx.get(site["base"] + "/", headers=GOOD, timeout=10)
+    assert page.headers["cache-control"] == "no-store"
 
 
 def test_browser_retry_works_from_the_page_not_from_another_site(site: dict[str, Any],
@@ -126,8 +166,7 @@ def test_browser_retry_works_from_the_page_not_from_another_site(site: dict[str,
 
     pas: PasProcess = site["pas"]
     scp: StoreSCP = site["scp"]
-    browser.execute_cdp_cmd("Network.enable", {})
-    browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": GOOD})
+    _with_token(browser)
     forged = (f"<form method=post action='{site['base']}/jobs/{site['job_id']}/retry'>"
               "<input name=csrf value=guess></form><script>document.forms[0].submit()</script>")
     browser.get("data:text/html," + forged)

@@ -25,6 +25,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from appliance.store import fleet as store
+from appliance.web.headers import page_headers
 
 if TYPE_CHECKING:
     from appliance.hub.app import Hub
@@ -286,6 +287,9 @@ def fleet_routes(hub: Hub) -> list[BaseRoute]:
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FleetCollector(hub))
+    # What the status page has (appliance/web/headers.py): a site's heartbeat strings are
+    # escaped, and a value that slipped through would still run no script here.
+    headers = page_headers(STYLE)
 
     async def heartbeat(request: Request) -> Response:
         site = request.state.site
@@ -314,16 +318,18 @@ def fleet_routes(hub: Hub) -> list[BaseRoute]:
         rows = await run_in_threadpool(site_rows, hub.db)
         return HTMLResponse(render_dashboard(rows, sort, descending,
                                              request.query_params.get("q", ""),
-                                             request.query_params.get("state", "")))
+                                             request.query_params.get("state", "")),
+                            headers=headers)
 
     async def site_page(request: Request) -> Response:
         site = request.path_params["site"]
         status = await run_in_threadpool(store.site_status, hub.db, site)
         if status is None:
-            return HTMLResponse(f"<p>unknown site {_esc(site)}</p>", status_code=404)
+            return HTMLResponse(f"<p>unknown site {_esc(site)}</p>", status_code=404,
+                                headers=headers)
         at = time.time()
         points = await run_in_threadpool(store.history, hub.db, site, at - 86400)
-        return HTMLResponse(render_site(site, status, points, at))
+        return HTMLResponse(render_site(site, status, points, at), headers=headers)
 
     async def scrape(_request: Request) -> Response:
         body = await run_in_threadpool(generate_latest, registry)

@@ -5,7 +5,8 @@ Owns: the HTML hospital IT reads on a phone or a desk, and the Prometheus endpoi
 server-rendered from the store at request time (the page refreshes itself every 10 s). May
 not touch: state, except the retry button, which calls :func:`appliance.store.jobs.retry`.
 With ``serving.auth`` set, every route needs the credentials (appliance/web/auth.py) and the
-retry POST must also carry the page's form token and come from the page's own origin.
+retry POST must also carry the page's form token; whatever the auth, a browser's retry POST
+must come from the page's own origin.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from appliance.ops.status import collect, human_size
 from appliance.store import jobs as job_store
 from appliance.store import ops as ops_store
 from appliance.web.auth import FormToken, same_origin
+from appliance.web.headers import page_headers
 
 if TYPE_CHECKING:
     from appliance.daemon import Daemon
@@ -202,23 +204,29 @@ def routes(daemon: Daemon) -> list[BaseRoute]:
     registry = metrics.build_registry(daemon.settings, daemon.db)
     # With auth on, the browser may add credentials to a request another site makes (a
     # client certificate, a header added by a proxy): the retry POST needs the page's token.
-    # auth = "none" (the demo, a trusted VLAN) keeps the plain form.
+    # auth = "none" (the demo, a trusted VLAN) keeps the plain form; the Origin check stays.
     form_token = FormToken() if daemon.settings.serving.auth != "none" else None
 
+    headers = page_headers(STYLE)  # no script, no frame of another site (web/headers.py)
+
     async def page(_request: Request) -> HTMLResponse:
-        return HTMLResponse(await run_in_threadpool(render_page, daemon, form_token))
+        return HTMLResponse(await run_in_threadpool(render_page, daemon, form_token),
+                            headers=headers)
 
     async def scrape(_request: Request) -> Response:
         body = await run_in_threadpool(metrics.render, registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     async def retry(request: Request) -> Response:
-        if form_token is not None:
+        # Another site's page must not make a browser post it, credentials or not: with
+        # auth = "none" the browser of anyone on the appliance's network would.
+        allowed = same_origin(request)
+        if allowed and form_token is not None:
             form = parse_qs((await request.body()).decode("utf-8", "replace"))
-            if not (same_origin(request)
-                    and form_token.matches((form.get(form_token.field) or [None])[0])):
-                return PlainTextResponse("refused: use the Retry button of the status page "
-                                         "(or `pas queue retry ID`)", status_code=403)
+            allowed = form_token.matches((form.get(form_token.field) or [None])[0])
+        if not allowed:
+            return PlainTextResponse("refused: use the Retry button of the status page "
+                                     "(or `pas queue retry ID`)", status_code=403)
         raw = request.path_params["job_id"]
         if not raw.isdigit():
             return PlainTextResponse(f"job id must be a number, got {raw!r}", status_code=400)
