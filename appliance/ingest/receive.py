@@ -262,6 +262,25 @@ class Receiver:
         return self._file([content], record, calling_ae=calling_ae, called_ae=called_ae,
                           source=source, origin=origin)
 
+    def receive_spilled_file(self, spill: SpillFile, digest: Any, *,
+                             calling_ae: str | None = None, source: str | None = None,
+                             origin: str = "local") -> Received:
+        """A whole Part 10 file too large to hold in memory (a STOW-RS part), already in a
+        spool temp file opened with no header, ``digest`` fed with all its bytes as they
+        arrived. Parsed in place (values over DEFER_BYTES not read) and filed as it is."""
+        try:
+            if spill.error is not None:
+                raise SpoolFull(f"cannot write to the spool: "
+                                f"{spill.error.strerror or spill.error}")
+            with spill.dataset() as content:
+                record = _read_record(content, in_place=True)
+            self.spool.check_room(spill.size, self._used_bytes())
+        except BaseException:
+            spill.discard()
+            raise
+        return self._file([], record, calling_ae=calling_ae, called_ae=None, source=source,
+                          origin=origin, digest=digest, spill=spill)
+
     def _file(self, chunks: list[bytes | bytearray], record: index.InstanceRecord, *,
               calling_ae: str | None, called_ae: str | None, source: str | None,
               origin: str, digest: Any = None, spill: SpillFile | None = None) -> Received:
@@ -470,59 +489,76 @@ def _check_complete(ds: Dataset, data: bytes | bytearray | memoryview) -> None:
         raise InvalidInstance("dataset truncated: it ends inside an element header")
 
 
-def _read_record(content: bytes) -> index.InstanceRecord:
+def _read_record(content: bytes | memoryview, *,
+                 in_place: bool = False) -> index.InstanceRecord:
     """Parse the object's structure (every element's tag and length, sequences included): a
     truncated or unparseable one is refused here, before any byte reaches the spool. Values
     are not converted: an odd value in some element is the sender's business, and the bytes
-    are kept exactly as sent."""
+    are kept exactly as sent. ``in_place``: ``content`` is a mapped file of any size (a
+    spilled STOW-RS part), read where it lies, values over DEFER_BYTES left unread."""
     start = _dataset_offset(content)
     meta_syntax = _meta_syntax(content)
     if start is not None and meta_syntax.is_transfer_syntax and meta_syntax.is_deflated:
         _check_inflation(memoryview(content)[start:])  # before pydicom inflates it whole
+    reader: Any = _BufferReader(content) if in_place else BytesIO(content)
     try:
-        ds = dcmread(BytesIO(content), force=True)
+        ds = dcmread(reader, force=True, defer_size=DEFER_BYTES if in_place else None)
         transfer_syntax = UID(str(ds.file_meta.TransferSyntaxUID))
     except InvalidInstance:
         raise
     except Exception as exc:  # pydicom raises many types on malformed input
         raise InvalidInstance(f"cannot parse the dataset: {exc}") from None
+    finally:
+        if in_place:
+            reader.close()
     if transfer_syntax.is_transfer_syntax and not transfer_syntax.is_deflated:
         if start is not None:  # the network path's checks, on the file's dataset
-            _check_encoding(content[start:start + 6], transfer_syntax)
+            _check_encoding(content[start:start + 6], transfer_syntax)  # type: ignore[arg-type]
             try:
                 read_header(memoryview(content)[start:], transfer_syntax.is_implicit_VR,
                             transfer_syntax.is_little_endian)
             except Truncated as exc:
                 raise InvalidInstance(f"dataset truncated: {exc}") from None
         _check_complete(ds, content)  # offsets are the file's (inflated ones would not be)
+    if in_place:
+        _read_deferred_index_values(ds, content)
     return _record(ds, transfer_syntax)
 
 
-def _meta_syntax(content: bytes) -> UID:
+def _reader(content: bytes | memoryview) -> Any:
+    """A file over ``content``: BytesIO shares a bytes object, but would copy a mapped one."""
+    return BytesIO(content) if isinstance(content, bytes) else _BufferReader(content)
+
+
+def _meta_syntax(content: bytes | memoryview) -> UID:
     """The transfer syntax a Part 10 file's meta names ("" when it names none)."""
     from pydicom.filereader import _read_file_meta_info, read_preamble
 
+    handle = _reader(content)
     try:
-        handle = BytesIO(content)
         read_preamble(handle, True)
         return UID(str(_read_file_meta_info(handle).get("TransferSyntaxUID", "")))
     except Exception:  # noqa: BLE001 - no usable meta
         return UID("")
+    finally:
+        handle.close()
 
 
-def _dataset_offset(content: bytes) -> int | None:
+def _dataset_offset(content: bytes | memoryview) -> int | None:
     """Where the dataset starts in a Part 10 file: after the preamble and the file meta, as
     pydicom's reader finds it (element by element: a wrong group length, a known writer bug
     pydicom tolerates, must not shift it); None if that cannot be told."""
     from pydicom.filereader import _read_file_meta_info, read_preamble
 
+    handle = _reader(content)
     try:
-        handle = BytesIO(content)
         read_preamble(handle, True)
         _read_file_meta_info(handle)
-        return handle.tell()
+        return int(handle.tell())
     except Exception:  # noqa: BLE001 - no usable meta: the checks are skipped, pydicom read it
         return None
+    finally:
+        handle.close()
 
 
 def _record(ds: Dataset, transfer_syntax: UID) -> index.InstanceRecord:

@@ -36,7 +36,7 @@ from appliance.store import jobs as job_store
 from appliance.store import prefetch as store
 from appliance.store.db import Database, now
 from appliance.transfer.download import WARM_EVERY_S, DownloadUnavailable, HubDownloads
-from appliance.transfer.download_frames import UID
+from appliance.transfer.download_frames import UID, RebuiltFile
 from appliance.transfer.region import RegionClient, RegionError, RegionInstance
 
 log = logging.getLogger("pas.prefetch")
@@ -312,10 +312,14 @@ class PrefetchService:
         if self.config.dicomweb_url or region is None:
             return None  # a plain DICOMweb region: no hub to pack for us
         # Its own client: searches and downloads share the connection kept warm.
-        return HubDownloads.from_home(self.settings.home, self.config.timeout_s,
-                                      lambda n: _metric("add_wan_bytes", "down", n),
-                                      lanes=self.config.download_lanes,
-                                      rate_bps=self.settings.hub.downlink_bps())
+        downloads = HubDownloads.from_home(self.settings.home, self.config.timeout_s,
+                                           lambda n: _metric("add_wan_bytes", "down", n),
+                                           lanes=self.config.download_lanes,
+                                           rate_bps=self.settings.hub.downlink_bps())
+        if downloads is not None:  # a large instance is rebuilt in a spool temp file
+            downloads.large_file = lambda: self.receiver.open_spill(b"")
+            downloads.large_above = self.settings.dicom.spill_above_mb << 20
+        return downloads
 
     def downloads(self) -> HubDownloads | None:
         """The hub's bucketed download, or None (not enrolled, turned off, not offered)."""
@@ -520,10 +524,14 @@ class PrefetchService:
         log.info("prior %s fetched: %d instances (%s)", candidate.study_uid, total, how,
                  extra={"STUDY_UID": candidate.study_uid})
 
-    def _file_regional(self, uid: str, content: bytes) -> tuple[int, int]:
+    def _file_regional(self, uid: str, content: bytes | RebuiltFile) -> tuple[int, int]:
         """A downloaded file into the cache. Not checked against ``uid`` (the hub's label, read
         from the file meta): the bytes are the region's file, SHA-256 checked; the Receiver
-        reads the dataset."""
+        reads the dataset. A large one comes already in a spool temp file (RebuiltFile)."""
+        if isinstance(content, RebuiltFile):
+            received = self.receiver.receive_spilled_file(
+                content.file, content.digest, source=store.REGION_SOURCE, origin="regional")
+            return received.instance_id, received.size
         received = self.receiver.receive_file(content, source=store.REGION_SOURCE,
                                               origin="regional")
         return received.instance_id, received.size

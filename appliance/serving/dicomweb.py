@@ -1,7 +1,8 @@
 """DICOMweb over a (Database, Spool): QIDO-RS, WADO-RS and STOW-RS as Starlette routes.
 
 Owns: the HTTP shape of DICOMweb (PS3.18): query parameters to matching keys, DICOM JSON,
-multipart/related bodies (streamed from the spool file by file: bounded memory), frames and
+multipart/related bodies (streamed from the spool file by file: bounded memory; a STOW-RS
+part above ``spill_above`` goes to a spool temp file as it arrives, stow_parts.py), frames and
 rendered JPEG/PNG (the pixel and transfer-syntax work itself is in ``wado_media.py``),
 STOW-RS responses, the bearer-token check, and the access audit of each query, retrieve and
 store. :func:`build_dicomweb_routes` works over any (Database, Spool), so
@@ -12,6 +13,7 @@ durability rules as C-STORE apply: a part is reported stored only after fsync + 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -19,9 +21,9 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
@@ -33,6 +35,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
 
 from appliance.ingest.attributes import InvalidInstance
+from appliance.serving.stow_parts import Part, SpilledPart, answer_head, discard_parts, other_study
 from appliance.serving.wado_media import (
     HttpProblem,
     accepted_syntaxes,
@@ -57,6 +60,9 @@ log = logging.getLogger("pas.dicomweb")
 
 DICOM_JSON = "application/dicom+json"
 CHUNK = 1024 * 1024
+# A STOW-RS part larger than this goes to a spool temp file as it arrives (the appliance
+# passes its ``dicom.spill_above_mb``): a 300 MB part took the daemon up by 612 MB.
+SPILL_ABOVE = 32 << 20
 # Most results of a QIDO-RS search not confined to one study when the client names no limit
 # (and serving.max_results is 0): one unbounded /instances on a big cache ran for minutes and
 # held every row. Searches within a study (/studies/{s}/...) are bounded by the study, and
@@ -107,8 +113,10 @@ class DicomWeb:
     def __init__(self, db: Database, spool: Spool, *, receiver: Receiver | None = None,
                  bearer_tokens: list[str] | None = None, pn_case_sensitive: bool = False,
                  max_results: int = 0, max_limit: int = QIDO_MAX_LIMIT,
-                 fetcher: Fetcher | None = None, base_url: str = "/dicom-web"):
+                 fetcher: Fetcher | None = None, base_url: str = "/dicom-web",
+                 spill_above: int = SPILL_ABOVE):
         self.db = db
+        self.spill_above = spill_above
         self.spool = spool
         self.receiver = receiver
         self.bearer_tokens = [t.encode() for t in (bearer_tokens or [])]
@@ -329,8 +337,16 @@ class DicomWeb:
                                            int(tag, 16))
         except HttpProblem as exc:
             return _problem(exc)
+        path = self.spool.path(rows[0]["path"])
+        size = data[1] if isinstance(data, tuple) else len(data)
         self._audit(request, "retrieve", actor, "/".join(request.path_params.values()),
-                    "success", f"bulk data {len(data)} bytes")
+                    "success", f"bulk data {size} bytes")
+        if isinstance(data, tuple):  # a large value as stored: streamed from the file
+            boundary = secrets.token_hex(16)
+            body = iterate_in_threadpool(_file_part(path, *data, boundary))
+            return StreamingResponse(body, media_type=(
+                'multipart/related; type="application/octet-stream"; '
+                f"boundary={boundary}"))
         return _octet_parts([data])
 
     async def frames(self, request: Request) -> Response:
@@ -361,7 +377,8 @@ class DicomWeb:
             if not isinstance(exc, HttpProblem):
                 exc = HttpProblem(400, str(exc))
             return _problem(exc)
-        self._audit(request, "retrieve", actor, "/".join(request.path_params.values()),
+        self._audit(request, "retrieve", actor,
+                    "/".join(str(v) for v in request.path_params.values()),
                     "success", f"rendered {media}")
         return Response(data, media_type=media)
 
@@ -375,13 +392,13 @@ class DicomWeb:
             boundary = _boundary(request.headers.get("content-type", ""))
         except HttpProblem as exc:
             return _problem(exc)
-        parts: list[bytes] = []
-        current: list[bytearray] = []
+        parts: list[bytes | SpilledPart] = []
+        current: list[Part] = []
         ended: list[bool] = []
         callbacks = {
-            "on_part_begin": lambda: current.append(bytearray()),
-            "on_part_data": lambda data, start, end: current[-1].extend(data[start:end]),
-            "on_part_end": lambda: parts.append(bytes(current.pop())),
+            "on_part_begin": lambda: current.append(Part(self.receiver, self.spill_above)),
+            "on_part_data": lambda data, start, end: current[-1].add(data[start:end]),
+            "on_part_end": lambda: parts.append(current.pop().done()),
             "on_end": lambda: ended.append(True),
         }
         parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
@@ -399,7 +416,11 @@ class DicomWeb:
             if not ended:  # a cut body: its last part may be cut too, so none is trusted
                 raise MultipartParseError("the body ends before its closing boundary")
         except MultipartParseError as exc:
+            discard_parts(parts, current)
             return self._malformed(request, actor, stored, str(exc))
+        except BaseException:  # the client went away: no spill file is left behind
+            discard_parts(parts, current)
+            raise
         while parts:
             await run_in_threadpool(self._store_part, parts.pop(0), actor, source, stored,
                                     failed, target)
@@ -430,18 +451,31 @@ class DicomWeb:
             body["stored"] = [s["uid"] for s in stored]
         return JSONResponse(body, status_code=400)
 
-    def _store_part(self, content: bytes, actor: str, source: str | None,
+    def _store_part(self, content: bytes | SpilledPart, actor: str, source: str | None,
                     stored: list[dict[str, Any]], failed: list[dict[str, Any]],
                     target: str | None = None) -> None:
         assert self.receiver is not None
-        if target is not None and (other := _other_study(content, target)) is not None:
+        # A spilled part is read from its temp file, up to its pixels (not into memory).
+        source_of: Any = content.spill.path if isinstance(content, SpilledPart) \
+            else io.BytesIO(content)
+        if target is not None and (other := other_study(source_of, target)) is not None:
             # PS3.18 10.5: a STOW to a study stores only that study's instances; filing
             # another study's instance under it would mislead. Refused, nothing written.
+            if isinstance(content, SpilledPart):
+                content.spill.discard()
             failed.append({"uid": other[0], "sop_class": other[1], "reason": 0xA900,
                            "note": f"belongs to study {other[2]}, not {target}"})
             return
         try:
-            received = self.receiver.receive_file(content, calling_ae=actor, source=source)
+            ds = None
+            if isinstance(content, SpilledPart):
+                with contextlib.suppress(Exception):  # unreadable: the receiver says why
+                    ds = answer_head(source_of)
+                received = self.receiver.receive_spilled_file(
+                    content.spill, content.digest, calling_ae=actor, source=source)
+            else:
+                received = self.receiver.receive_file(content, calling_ae=actor,
+                                                      source=source)
         except InvalidInstance as exc:
             failed.append({"uid": "", "sop_class": "", "reason": 0xC000, "note": str(exc)})
             return
@@ -452,27 +486,28 @@ class DicomWeb:
             log.exception("STOW-RS part failed")
             failed.append({"uid": "", "sop_class": "", "reason": 0x0110, "note": str(exc)})
             return
-        ds = dcmread(io.BytesIO(content), stop_before_pixels=True, specific_tags=[
-            "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"])
+        if ds is None:  # a spilled part's temp file is filed under its hash by now
+            ds = answer_head(source_of if not isinstance(content, SpilledPart) else
+                             self.spool.path(f"{received.sha256[:2]}/{received.sha256}.dcm"))
         stored.append({"uid": received.sop_instance_uid, "sop_class": str(ds.SOPClassUID),
                        "url": f"{self.base_url}/studies/{received.study_uid}/series/"
                               f"{ds.SeriesInstanceUID}/instances/{received.sop_instance_uid}"})
 
 
-def _other_study(content: bytes, target: str) -> tuple[str, str, str] | None:
-    """(SOP Instance UID, SOP Class UID, Study Instance UID) of a part whose study is not
-    ``target``; None when it is, or when the part cannot be read (the receiver then refuses
-    it with the reason it finds)."""
-    try:
-        ds = dcmread(io.BytesIO(content), stop_before_pixels=True, specific_tags=[
-            "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"])
-        study = str(ds.get("StudyInstanceUID", "") or "")
-    except Exception:
-        return None
-    if study == target:
-        return None
-    return (str(ds.get("SOPInstanceUID", "") or ""), str(ds.get("SOPClassUID", "") or ""),
-            study or "(none)")
+def _file_part(path: Path, offset: int, length: int, boundary: str) -> Iterator[bytes]:
+    """One application/octet-stream part: ``length`` bytes of ``path`` from ``offset``, a
+    megabyte at a time, then the closing boundary."""
+    yield f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n".encode()
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        left = length
+        while left > 0:
+            chunk = handle.read(min(CHUNK, left))
+            if not chunk:
+                raise OSError(f"{path}: {left} bytes short of the value's length")
+            left -= len(chunk)
+            yield chunk
+    yield f"\r\n--{boundary}--\r\n".encode()
 
 
 def _octet_parts(blobs: list[bytes]) -> Response:
@@ -537,15 +572,16 @@ def _level(level: str, endpoint: Callable[[Request], Any]) -> Callable[[Request]
 def build_dicomweb_routes(db: Database, spool: Spool, *, receiver: Receiver | None = None,
                           bearer_tokens: list[str] | None = None, pn_case_sensitive: bool = False,
                           max_results: int = 0, max_limit: int = QIDO_MAX_LIMIT,
-                          fetcher: Fetcher | None = None,
-                          prefix: str = "/dicom-web") -> list[BaseRoute]:
+                          fetcher: Fetcher | None = None, prefix: str = "/dicom-web",
+                          spill_above: int = SPILL_ABOVE) -> list[BaseRoute]:
     """The DICOMweb routes under ``prefix`` over any (Database, Spool).
 
     ``receiver`` enables STOW-RS; ``bearer_tokens`` (non-empty) requires one of them on every
     request; ``fetcher`` (study UID -> instances fetched) is asked for a study not on site."""
     web = DicomWeb(db, spool, receiver=receiver, bearer_tokens=bearer_tokens,
                    pn_case_sensitive=pn_case_sensitive, max_results=max_results,
-                   max_limit=max_limit, fetcher=fetcher, base_url=prefix)
+                   max_limit=max_limit, fetcher=fetcher, base_url=prefix,
+                   spill_above=spill_above)
     study = "/studies/{study}"
     series = study + "/series/{series}"
     instance = series + "/instances/{instance}"
@@ -581,5 +617,6 @@ def daemon_routes(daemon: Daemon) -> list[BaseRoute]:
         bearer_tokens=serving.bearer_tokens if serving.auth == "bearer" else None,
         pn_case_sensitive=serving.pn_case_sensitive, max_results=serving.max_results,
         max_limit=serving.qido_max_limit,
+        spill_above=daemon.settings.dicom.spill_above_mb << 20,
         fetcher=getattr(daemon.qr, "fetcher", None) if serving.fetch_through else None,
     )

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -101,8 +101,10 @@ def frame_list(text: str) -> list[int]:
 
 
 def read_frames(path: Path, numbers: list[int]) -> list[bytes]:
-    """The raw pixel bytes of each frame asked (decoded when stored compressed)."""
-    ds = dcmread(path)
+    """The raw pixel bytes of each frame asked (decoded when stored compressed). Only those
+    frames are read: native ones from where they lie in the file, compressed ones decoded one
+    by one (a frame of a 300 MB multi-frame took the whole object into memory)."""
+    ds = dcmread(path, defer_size=BULK_THRESHOLD)
     if "PixelData" not in ds:
         raise HttpProblem(404, "the instance has no pixel data")
     count = int(ds.get("NumberOfFrames", 1) or 1)
@@ -110,13 +112,33 @@ def read_frames(path: Path, numbers: list[int]) -> list[bytes]:
         raise HttpProblem(404, f"frame {max(numbers)} asked, the instance has {count}")
     if not ds.file_meta.TransferSyntaxUID.is_compressed:
         size = ds.Rows * ds.Columns * ds.SamplesPerPixel * ds.BitsAllocated // 8
-        pixels = ds.PixelData
-        return [pixels[(n - 1) * size:n * size] for n in numbers]
-    array = ds.pixel_array
-    if count == 1:
-        array = array[np.newaxis]
-    return [np.ascontiguousarray(array[n - 1]).astype(array.dtype.newbyteorder("<"))
-            .tobytes() for n in numbers]
+        where = _deferred_range(ds, PIXEL_DATA)
+        if where is None:  # small enough to have been read
+            pixels = ds.PixelData
+            return [pixels[(n - 1) * size:n * size] for n in numbers]
+        offset, length = where
+        frames = []
+        with open(path, "rb") as handle:
+            for n in numbers:
+                start = min((n - 1) * size, length)
+                handle.seek(offset + start)
+                frames.append(handle.read(min(size, length - start)))
+        return frames
+    result = []
+    for n in numbers:
+        array = pixel_array(str(path), index=n - 1)
+        result.append(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"))
+                      .tobytes())
+    return result
+
+
+def _deferred_range(ds: Any, tag: int) -> tuple[int, int] | None:
+    """(file offset, length) of a top-level value ``dcmread(defer_size=...)`` left unread
+    and of defined length; None when it was read (small) or is encapsulated."""
+    raw = ds.get_item(tag, keep_deferred=True)
+    if getattr(raw, "value", b"") is not None or raw.length == UNDEFINED_LENGTH:
+        return None
+    return int(raw.value_tell), int(raw.length)
 
 
 def render(path: Path, frame: int, media: str, viewport: str | None) -> bytes:
@@ -124,13 +146,13 @@ def render(path: Path, frame: int, media: str, viewport: str | None) -> bytes:
     C.11): Modality LUT (Rescale Slope/Intercept) first, then the VOI LUT or window, else
     min-max. The order matters: a CT's window is in Hounsfield units, not stored values, so
     windowing stored values (HU + 1024) turns the whole body white."""
-    ds = dcmread(path)
+    ds = dcmread(path, defer_size=BULK_THRESHOLD)  # the pixels: only the frame rendered
     if "PixelData" not in ds:
         raise HttpProblem(404, "the instance has no pixel data")
     count = int(ds.get("NumberOfFrames", 1) or 1)
     if not 1 <= frame <= count:
         raise HttpProblem(404, f"frame {frame} asked, the instance has {count}")
-    array = ds.pixel_array if count == 1 else ds.pixel_array[frame - 1]
+    array = pixel_array(str(path), index=frame - 1)
     if ds.get("SamplesPerPixel", 1) == 1:
         array = apply_modality_lut(array, ds).astype(np.float64)
         array = apply_voi_lut(array, ds, index=0)
@@ -157,7 +179,7 @@ def metadata_item(path: Path, base: str) -> dict[str, Any]:
     ds = dcmread(path, defer_size=BULK_THRESHOLD)
     bulk: dict[int, str] = {}
     for tag in list(ds.keys()):
-        raw = ds.get_item(tag)
+        raw = ds.get_item(tag, keep_deferred=True)  # get_item alone reads a deferred value
         vr = _bulk_vr(ds, int(tag), raw.VR)
         length = getattr(raw, "length", None)
         if length is None:  # already a DataElement: its value is in memory
@@ -184,14 +206,22 @@ def _bulk_vr(ds: Any, tag: int, vr: str | None) -> str:
     return vr
 
 
-def read_bulkdata(path: Path, tag: int) -> bytes:
+def read_bulkdata(path: Path, tag: int) -> bytes | tuple[int, int]:
     """The bytes of one top-level bulk data attribute (Pixel Data: every frame, decoded to
-    little-endian native pixels when stored compressed, as /frames gives them)."""
-    ds = dcmread(path)
+    little-endian native pixels when stored compressed, as /frames gives them). A large value
+    stored as it is served is not read: (file offset, length) instead, for the caller to
+    stream from the file (a 300 MB Pixel Data took the daemon up by 1.2 GB)."""
+    ds = dcmread(path, defer_size=BULK_THRESHOLD)
     if tag not in ds:
         raise HttpProblem(404, f"the instance has no attribute {tag:08X}")
-    if tag == PIXEL_DATA and ds.file_meta.TransferSyntaxUID.is_compressed:
-        array = ds.pixel_array
+    compressed_pixels = tag == PIXEL_DATA and ds.file_meta.TransferSyntaxUID.is_compressed
+    if not compressed_pixels:
+        raw = ds.get_item(tag, keep_deferred=True)
+        where = _deferred_range(ds, tag)
+        if where is not None and _bulk_vr(ds, tag, raw.VR) in BULK_VRS:
+            return where
+    if compressed_pixels:
+        array = pixel_array(str(path))
         return np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
     value = ds[tag].value
     if not isinstance(value, bytes | bytearray):

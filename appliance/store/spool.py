@@ -131,6 +131,27 @@ class SpillFile:
         except OSError as exc:
             self.error = exc
 
+    def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """``data`` at ``offset`` after the header: a file rebuilt from pieces that may
+        arrive out of order (the bucketed download). Errors are kept as :meth:`write` does."""
+        if self.error is not None or self.fd < 0:
+            return
+        view, at = memoryview(data), self.header_length + offset
+        try:
+            while view:
+                written = os.pwrite(self.fd, view, at)
+                view, at = view[written:], at + written
+            self.size = max(self.size, self.header_length + offset + len(data))
+        except OSError as exc:
+            self.error = exc
+
+    def chunks(self, size: int = 1 << 20) -> Iterator[bytes]:
+        """The file's bytes after its header, ``size`` at a time (to hash it, say)."""
+        with open(self.path, "rb") as handle:
+            handle.seek(self.header_length)
+            while chunk := handle.read(size):
+                yield chunk
+
     @contextlib.contextmanager
     def dataset(self) -> Iterator[memoryview]:
         """The dataset's bytes (after the file meta), mapped from the file rather than read

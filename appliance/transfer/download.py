@@ -23,8 +23,8 @@ packs only the others. A cut costs at most the buckets in flight (and the earlie
 instance split across buckets that was not complete yet).
 
 Memory (invariant 8): one frame being read, at most ``workers`` buckets being unpacked, and the
-instances they complete (the Receiver takes a whole file, as for WADO-RS).
-instances they complete (the Receiver takes a whole file, as for WADO-RS).
+instances they complete; an instance over ``large_above`` bytes in several pieces is rebuilt
+in the caller's temp file (``large_file``), not in memory.
 
 The frames, their limits and the check of what they announce are in
 ``appliance.transfer.download_frames`` (which documents the format).
@@ -91,7 +91,7 @@ class DownloadItem:
     where its instances go, and, once ``done`` is set, its ``result`` or ``error``."""
 
     study_uid: str
-    on_instance: Callable[[str, bytes], Any]
+    on_instance: Callable[[str, Any], Any]  # (uid, bytes or a download_frames.RebuiltFile)
     have: set[str] = field(default_factory=set)
     series_uid: str | None = None
     on_bucket: Callable[[list[Any]], None] = lambda done: None
@@ -154,6 +154,10 @@ class HubDownloads:
         self.hub_has_lanes = False
         self.hub_has_priors = False  # POST /downloads/priors (one round trip for priors)
         self.owns_client = client is None
+        # Where an instance of more than ``large_above`` bytes is rebuilt (the caller's temp
+        # file: Assembler.large); None: in memory. The prefetch sets both.
+        self.large_file: Callable[[], Any] | None = None
+        self.large_above = 32 << 20
         # Idle connections kept KEEP_ALIVE_S (the hub keeps them 30 s): ``warm`` every
         # WARM_EVERY_S keeps one open, so an order's first request pays no TCP and TLS
         # handshakes (two round trips on the WAN).
@@ -315,7 +319,7 @@ class HubDownloads:
         items come from the answer's "found" frames, in part order."""
         url = url or self.url
         reader = FrameReader()
-        assembler = Assembler()
+        assembler = Assembler(large=self.large_file, large_above=self.large_above)
         lock = threading.Lock()
         slots = threading.Semaphore(self.workers)
         ended: dict[str, Any] | None = None
@@ -410,6 +414,7 @@ class HubDownloads:
                 if self.on_downloaded is not None and wire_bytes[0]:
                     self.on_downloaded(wire_bytes[0])
                 pool.shutdown(wait=True)
+                assembler.discard()  # instances the stream left incomplete
         for item in items:
             item.result.wire_bytes = wire_bytes[0]
             if not batched and cut is None:

@@ -24,6 +24,7 @@ import json
 import re
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +100,16 @@ class _Partial:
     sha256: str
     data: bytearray
     got: int = 0
+    file: Any = None  # a large instance's: see Assembler.large
+
+
+@dataclass
+class RebuiltFile:
+    """A large instance rebuilt in a file (:attr:`Assembler.large`) and checked: the file, and
+    a SHA-256 object fed with its bytes (the caller files it without reading it again)."""
+
+    file: Any
+    digest: Any
 
 
 @dataclass
@@ -109,6 +120,12 @@ class Assembler:
     expected: dict[str, tuple[int, str]] = field(default_factory=dict)
     partial: dict[str, _Partial] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # An instance of more than ``large_above`` bytes that comes in several pieces is rebuilt
+    # in the file ``large()`` gives (``write_at(offset, data)``, ``chunks()``, ``size``,
+    # ``error``, ``discard()``; the caller's temp file) instead of in memory: a 300 MB one
+    # took twice its size (the buffer, then its copy). None: every instance in memory.
+    large: Callable[[], Any] | None = None
+    large_above: int = 32 << 20
 
     def announce(self, instances: list[Any]) -> None:
         with self.lock:
@@ -119,7 +136,8 @@ class Assembler:
                     raise DownloadError(f"a frame lists a malformed instance {item!r}") from None
                 self.expected[uid] = (size, digest)
 
-    def add(self, uid: str, offset: int, total: int, data: bytes) -> bytes | None:
+    def add(self, uid: str, offset: int, total: int,
+            data: bytes) -> bytes | RebuiltFile | None:
         with self.lock:
             if uid not in self.expected:
                 raise DownloadError(f"{uid}: a piece of an instance no frame announced")
@@ -129,16 +147,52 @@ class Assembler:
             if offset == 0 and len(data) == size:
                 whole: bytes | None = data
             else:
-                part = self.partial.setdefault(uid, _Partial(size, digest, bytearray(size)))
-                part.data[offset:offset + len(data)] = data
+                part = self.partial.get(uid)
+                if part is None:
+                    spill = self.large() if self.large is not None and \
+                        size > self.large_above else None
+                    part = self.partial[uid] = _Partial(
+                        size, digest, bytearray(size if spill is None else 0), file=spill)
+                if part.file is not None:
+                    part.file.write_at(offset, data)
+                else:
+                    part.data[offset:offset + len(data)] = data
                 part.got += len(data)
-                whole = bytes(part.data) if part.got >= size else None
-                if whole is not None:
-                    del self.partial[uid]
-        if whole is None:
-            return None
+                if part.got < size:
+                    return None
+                del self.partial[uid]
+                whole = bytes(part.data) if part.file is None else None
+                rebuilt = part.file
+        if whole is None:  # checked outside the lock: reading it back takes a while
+            return self._check_file(uid, rebuilt, size, digest)
         actual = hashlib.sha256(whole).hexdigest()
         if len(whole) != size or actual != digest:
             raise DownloadError(f"{uid}: rebuilt {len(whole)} bytes with SHA-256 {actual}, the "
                                 f"region's file has {size} bytes and SHA-256 {digest}")
         return whole
+
+    @staticmethod
+    def _check_file(uid: str, file: Any, size: int, digest: str) -> RebuiltFile:
+        """A large instance's file, read back a megabyte at a time against its SHA-256."""
+        try:
+            if file.error is not None:
+                raise DownloadError(f"{uid}: cannot write the rebuilt file: {file.error}")
+            actual = hashlib.sha256()
+            for chunk in file.chunks():
+                actual.update(chunk)
+            if file.size != size or actual.hexdigest() != digest:
+                raise DownloadError(f"{uid}: rebuilt {file.size} bytes with SHA-256 "
+                                    f"{actual.hexdigest()}, the region's file has {size} "
+                                    f"bytes and SHA-256 {digest}")
+        except BaseException:
+            file.discard()
+            raise
+        return RebuiltFile(file, actual)
+
+    def discard(self) -> None:
+        """The stream ended: files of instances it left incomplete go."""
+        with self.lock:
+            for part in self.partial.values():
+                if part.file is not None:
+                    part.file.discard()
+                    part.file = None

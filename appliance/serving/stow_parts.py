@@ -1,0 +1,96 @@
+"""STOW-RS parts as they arrive: each held in memory up to a threshold, then written to a
+spool temp file (hashed on the way) so that a part of any size costs bounded memory
+(invariant 8), and the few attributes the handler reads from a part before and after it is
+filed. Split from ``dicomweb.py``, which keeps the route. May not touch: SQL; the temp file
+is the spool's (:class:`~appliance.store.spool.SpillFile`), filed by the receiver.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING, Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from appliance.store.spool import SpillFile
+
+if TYPE_CHECKING:
+    from appliance.ingest.receive import Receiver
+
+
+class SpilledPart:
+    """A STOW-RS part written to a spool temp file as it arrived, and its SHA-256."""
+
+    def __init__(self, spill: SpillFile, digest: Any):
+        self.spill = spill
+        self.digest = digest
+
+
+class Part:
+    """One STOW-RS part as it arrives: in memory up to ``spill_above`` bytes, then in a spool
+    temp file (hashed on the way), so that a part of any size costs memory bounded by that
+    threshold (invariant 8), as a C-STORE does (``dicom.spill_above_mb``)."""
+
+    def __init__(self, receiver: Receiver | None, spill_above: int):
+        self.receiver = receiver
+        self.spill_above = spill_above
+        self.data = bytearray()
+        self.spill: SpillFile | None = None
+        self.digest: Any = None
+
+    def add(self, data: bytes) -> None:
+        if self.spill is not None:
+            self.spill.write(data)
+            self.digest.update(data)
+            return
+        self.data.extend(data)
+        if len(self.data) > self.spill_above and self.receiver is not None:
+            self.spill = self.receiver.open_spill(b"")
+            self.digest = hashlib.sha256(self.data)
+            self.spill.write(self.data)
+            self.data = bytearray()
+
+    def done(self) -> bytes | SpilledPart:
+        if self.spill is not None:
+            return SpilledPart(self.spill, self.digest)
+        return bytes(self.data)
+
+    def discard(self) -> None:
+        if self.spill is not None:
+            self.spill.discard()
+
+
+def discard_parts(parts: list[bytes | SpilledPart], current: list[Part]) -> None:
+    """Spill files of parts that will not be stored (a malformed or cut body) go."""
+    for part in parts:
+        if isinstance(part, SpilledPart):
+            part.spill.discard()
+    for unfinished in current:
+        unfinished.discard()
+
+
+def answer_head(source: Any) -> Dataset:
+    """The attributes a STOW-RS answer names, read up to the pixels (a path or a file)."""
+    if hasattr(source, "seek"):
+        source.seek(0)
+    return dcmread(source, stop_before_pixels=True, specific_tags=[
+        "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"])
+
+
+def other_study(source: Any, target: str) -> tuple[str, str, str] | None:
+    """(SOP Instance UID, SOP Class UID, Study Instance UID) of a part (a path or a file)
+    whose study is not ``target``; None when it is, or when the part cannot be read (the
+    receiver then refuses it with the reason it finds)."""
+    try:
+        if hasattr(source, "seek"):
+            source.seek(0)
+        ds = dcmread(source, stop_before_pixels=True, specific_tags=[
+            "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"])
+        study = str(ds.get("StudyInstanceUID", "") or "")
+    except Exception:
+        return None
+    if study == target:
+        return None
+    return (str(ds.get("SOPInstanceUID", "") or ""), str(ds.get("SOPClassUID", "") or ""),
+            study or "(none)")

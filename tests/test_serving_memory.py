@@ -1,0 +1,175 @@
+"""DICOMweb over a large object costs bounded memory (invariant 8), and what is served or kept
+is still the bytes stored or sent.
+
+Found in review (2026-12-03), peak RSS of `pas run` for one 300 MB multi-frame instance
+(300 frames of 1 MB): STOW-RS of it +612 MB (the part held, then copied); its /bulkdata
++1,190 MB; /frames/1 +300 MB; /rendered +624 MB; /metadata +300 MB (get_item read the
+deferred Pixel Data). The bytes now go to a spill file as they arrive (STOW-RS), or are read
+from where they lie in the file (bulk data, frames), one frame decoded for a rendering.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+from pydicom import dcmread
+
+from tests.support.peers import PasProcess, storescu
+from tests.test_ingest_spill import _big_secondary_capture, _sha256, peak_rss_mb
+
+MEGABYTES = 300
+
+
+def _reset_peak(pid: int) -> None:
+    """VmHWM back to the current RSS (proc(5), clear_refs 5): one peak per operation."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def _growth(pas: PasProcess, operation) -> tuple[float, object]:  # type: ignore[no-untyped-def]
+    assert pas.proc is not None
+    _reset_peak(pas.proc.pid)
+    before = peak_rss_mb(pas.proc.pid)
+    result = operation()
+    return peak_rss_mb(pas.proc.pid) - before, result
+
+
+def _file_chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            yield chunk
+
+
+def _single_part(url: str) -> tuple[int, str, int]:
+    """(status, SHA-256, size) of the one part of a multipart answer, read as it streams."""
+    digest, size = hashlib.sha256(), 0
+    with httpx.stream("GET", url, timeout=120) as response:
+        if response.status_code != 200:
+            return response.status_code, "", 0
+        boundary = response.headers["content-type"].split("boundary=")[1].strip('"')
+        closing = len(f"\r\n--{boundary}--\r\n")
+        pending, started = b"", False
+        for chunk in response.iter_bytes(1 << 20):
+            pending += chunk
+            if not started and b"\r\n\r\n" in pending:
+                pending, started = pending[pending.index(b"\r\n\r\n") + 4:], True
+            if started and len(pending) > closing:
+                digest.update(pending[:-closing])
+                size += len(pending) - closing
+                pending = pending[-closing:]
+        assert pending == f"\r\n--{boundary}--\r\n".encode(), pending[-80:]
+    return 200, digest.hexdigest(), size
+
+
+def _pixel_data_sha(path: Path, megabytes: int) -> str:
+    """SHA-256 of the Pixel Data value: the file's last ``megabytes`` MiB."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        handle.seek(-(megabytes << 20), 2)
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _frame(path: Path, number: int, megabytes: int) -> bytes:
+    with open(path, "rb") as handle:
+        handle.seek(-(megabytes << 20) + ((number - 1) << 20), 2)
+        return handle.read(1 << 20)
+
+
+def test_stow_rs_of_a_300_mb_part_goes_to_disk_as_it_arrives(tmp_path: Path) -> None:
+    big = _big_secondary_capture(tmp_path / "big.dcm", MEGABYTES)
+    pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__SPILL_ABOVE_MB": "32"}).start()
+    try:
+        boundary = "pas-memory-test"
+
+        def body() -> Iterator[bytes]:
+            yield f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+            yield from _file_chunks(big)
+            yield f"\r\n--{boundary}--\r\n".encode()
+
+        growth, response = _growth(pas, lambda: httpx.post(
+            f"http://127.0.0.1:{pas.http_port}/dicom-web/studies", content=body(),
+            headers={"content-type": f'multipart/related; type="application/dicom"; '
+                                     f'boundary={boundary}'}, timeout=120))
+        print(f"STOW-RS of {MEGABYTES} MB: peak RSS +{growth:.0f} MB")
+        assert response.status_code == 200, response.text  # type: ignore[attr-defined]
+        assert growth < 100, growth  # the 32 MB threshold and a copy; not 300 MB (was +612)
+        (stored,) = list((pas.home / "spool").rglob("??/*.dcm"))
+        assert _sha256(stored) == _sha256(big) == stored.stem  # the part, byte for byte
+        assert pas.status()["instances"] == 1
+        assert not [p for p in (pas.home / "spool" / "tmp").glob("*") if p.stat().st_size]
+
+        # A cut body: nothing stored, and its spill file does not stay behind.
+        def cut() -> Iterator[bytes]:
+            yield f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+            for n, chunk in enumerate(_file_chunks(big)):
+                if n == 64:
+                    return
+                yield chunk
+
+        answer = httpx.post(f"http://127.0.0.1:{pas.http_port}/dicom-web/studies",
+                            content=cut(), timeout=120, headers={
+                                "content-type": f"multipart/related; boundary={boundary}"})
+        assert answer.status_code == 400, answer.text
+        assert pas.status()["instances"] == 1
+        assert not [p for p in (pas.home / "spool" / "tmp").glob("*") if p.stat().st_size]
+    finally:
+        pas.stop()
+
+
+def test_bulkdata_frames_rendered_metadata_of_a_300_mb_instance(tmp_path: Path) -> None:
+    big = _big_secondary_capture(tmp_path / "big.dcm", MEGABYTES)
+    header = dcmread(big, stop_before_pixels=True)
+    pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true"}).start()
+    try:
+        storescu([big], pas.port)
+        base = (f"http://127.0.0.1:{pas.http_port}/dicom-web/studies/"
+                f"{header.StudyInstanceUID}/series/{header.SeriesInstanceUID}/instances/"
+                f"{header.SOPInstanceUID}")
+        growths: dict[str, float] = {}
+        bound = 64  # a frame or two, and the rendering's arrays; not 300 MB
+
+        def check(name: str) -> None:
+            assert growths[name] < bound, growths
+
+        growths["bulkdata"], (status, sha, size) = _growth(  # type: ignore[misc]
+            pas, lambda: _single_part(base + "/bulkdata/7FE00010"))
+        check("bulkdata")  # was +1,190 MB
+        assert (status, size) == (200, MEGABYTES << 20)
+        assert sha == _pixel_data_sha(big, MEGABYTES)
+
+        growths["frames"], answer = _growth(pas, lambda: httpx.get(
+            base + "/frames/2,300", timeout=60))
+        check("frames")  # was +300 MB
+        assert answer.status_code == 200  # type: ignore[attr-defined]
+        for number in (2, 300):
+            assert _frame(big, number, MEGABYTES) in answer.content  # type: ignore[attr-defined]
+
+        growths["rendered"], answer = _growth(pas, lambda: httpx.get(
+            base + "/frames/150/rendered", headers={"accept": "image/png"}, timeout=60))
+        check("rendered")  # was +624 MB
+        # /frames/{n}/rendered answered 500 whatever the object: the audit joined the frame
+        # number, an int, into its target text.
+        assert answer.status_code == 200, answer.text  # type: ignore[attr-defined]
+        frame = np.frombuffer(_frame(big, 150, MEGABYTES), dtype=np.uint8)
+        rendered = np.asarray(Image.open(BytesIO(answer.content)))  # type: ignore[attr-defined]
+        low, high = int(frame.min()), int(frame.max())
+        expected = ((frame.astype(np.float64) - low) / (high - low) * 255.0).astype(np.uint8)
+        assert np.array_equal(rendered.reshape(-1), expected)
+
+        growths["metadata"], answer = _growth(pas, lambda: httpx.get(
+            base + "/metadata", timeout=60))
+        check("metadata")  # was +300 MB
+        assert answer.status_code == 200  # type: ignore[attr-defined]
+        (item,) = answer.json()  # type: ignore[attr-defined]
+        assert item["7FE00010"]["BulkDataURI"].endswith("/bulkdata/7FE00010")
+
+        print(f"peak RSS growth for a {MEGABYTES} MB instance: {growths}")
+    finally:
+        pas.stop()
