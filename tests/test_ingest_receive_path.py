@@ -15,7 +15,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_files
 from pydicom.uid import UID
 
-from appliance.ingest import receive
+from appliance.ingest import reading, receive
 from appliance.ingest.attributes import InvalidInstance
 from appliance.ingest.header import Truncated, read_header
 from tests.support.peers import CT_DIR, MR_DIR, wait_for
@@ -35,8 +35,8 @@ def both_paths(path: Path) -> tuple[object, object, bool]:
     header = receive.part10_header(str(meta.MediaStorageSOPClassUID),
                                    str(meta.MediaStorageSOPInstanceUID), str(syntax))
     dataset = dataset_part(path)
-    quick = outcome(lambda: receive._read_dataset_record(header, dataset, str(syntax)))
-    full = outcome(lambda: receive._read_record(header + dataset))
+    quick = outcome(lambda: reading.read_dataset_record(header, dataset, str(syntax)))
+    full = outcome(lambda: reading.read_record(header + dataset))
     try:
         walked = syntax.is_transfer_syntax and read_header(
             dataset, syntax.is_implicit_VR, syntax.is_little_endian) is not None
@@ -83,8 +83,8 @@ def test_truncated_or_garbage_datasets_are_refused_as_before(cut: float) -> None
                                    str(meta.MediaStorageSOPInstanceUID), syntax)
     dataset = dataset_part(source)
     for bad in (dataset[:int(len(dataset) * cut)], os.urandom(4096)):
-        quick = outcome(lambda: receive._read_dataset_record(header, bad, syntax))  # noqa: B023
-        assert quick == outcome(lambda: receive._read_record(header + bad))  # noqa: B023
+        quick = outcome(lambda: reading.read_dataset_record(header, bad, syntax))  # noqa: B023
+        assert quick == outcome(lambda: reading.read_record(header + bad))  # noqa: B023
         assert quick[0] == "refused", quick
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from appliance.config import load_settings
-from appliance.ingest.receive import Receiver, _read_record
+from appliance.ingest.reading import read_record
+from appliance.ingest.receive import Receiver
 from appliance.ops.cache_policy import CachePolicy, pin, purge, unpin
 from appliance.store import cache as cache_store
 from appliance.store import eviction, index
@@ -193,7 +194,7 @@ def test_a_resend_written_during_eviction_and_committed_after_keeps_its_file(
     ((stored, created),) = written
     assert not created  # the same bytes were there: a failed commit must not discard them
     # The receive path's second half, after the eviction returned: the success it answers.
-    outcome = index.record_instance(db, _read_record(content), stored)
+    outcome = index.record_instance(db, read_record(content), stored)
     assert not outcome.duplicate
     assert _file_sha(spool, stored.path) == stored.sha256 == first.sha256
 
