@@ -1,7 +1,9 @@
 """Serving local viewers from the cache: C-FIND / C-MOVE / C-GET, DICOMweb, fetch-through.
 
-Owns: the Query/Retrieve SCP handlers registered on the ingest AE (``qr.py``), the DICOMweb
-routes (QIDO-RS, WADO-RS, STOW-RS) built over any (Database, Spool) pair (``dicomweb.py``),
+Owns: the Query/Retrieve SCP handlers registered on the ingest AE (``qr.py``; identifiers
+read and C-FIND answers built in ``qr_identifiers.py``), the DICOMweb routes (QIDO-RS,
+WADO-RS, STOW-RS) built over any (Database, Spool) pair (``dicomweb.py``; request parsing
+and response bodies in ``dicomweb_http.py``),
 their authentication, the access audit of every query and retrieve, and fetching studies
 that are not (fully) on site from the region through the hub (``fetch.py``).
 

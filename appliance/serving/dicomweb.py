@@ -5,10 +5,12 @@ multipart/related bodies (streamed from the spool file by file: bounded memory; 
 part above ``spill_above`` goes to a spool temp file as it arrives, stow_parts.py), frames and
 rendered JPEG/PNG (the pixel and transfer-syntax work itself is in ``wado_media.py``),
 STOW-RS responses, the bearer-token check, and the access audit of each query, retrieve and
-store. :func:`build_dicomweb_routes` works over any (Database, Spool), so
-the hub's embedded archive can serve the same API. May not touch: SQL (``store/query.py``),
-spool writes (STOW goes through :class:`~appliance.ingest.receive.Receiver`, so the same
-durability rules as C-STORE apply: a part is reported stored only after fsync + commit).
+store. The parsing and bodies that need no handler state (parameters, the STOW boundary,
+problem and octet-stream answers, SOP items) are ``dicomweb_http.py``'s.
+:func:`build_dicomweb_routes` works over any (Database, Spool), so the hub's embedded archive
+can serve the same API. May not touch: SQL (``store/query.py``), spool writes (STOW goes
+through :class:`~appliance.ingest.receive.Receiver`, so the same durability rules as C-STORE
+apply: a part is reported stored only after fsync + commit).
 """
 
 from __future__ import annotations
@@ -21,10 +23,9 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from python_multipart import MultipartParser
@@ -35,6 +36,16 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
 
 from appliance.ingest.attributes import InvalidInstance
+from appliance.serving.dicomweb_http import (
+    CHUNK,
+    _boundary,
+    _file_part,
+    _int_param,
+    _keyword,
+    _octet_parts,
+    _problem,
+    _sop_item,
+)
 from appliance.serving.stow_parts import Part, SpilledPart, answer_head, discard_parts, other_study
 from appliance.serving.wado_media import (
     HttpProblem,
@@ -59,7 +70,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("pas.dicomweb")
 
 DICOM_JSON = "application/dicom+json"
-CHUNK = 1024 * 1024
 # A STOW-RS part larger than this goes to a spool temp file as it arrives (the appliance
 # passes its ``dicom.spill_above_mb``): a 300 MB part took the daemon up by 612 MB.
 SPILL_ABOVE = 32 << 20
@@ -71,8 +81,6 @@ QIDO_DEFAULT_LIMIT = 1000
 # The most an explicit limit gets on such a search (serving.qido_max_limit): limit=100000000
 # was unbounded. Both caps answer with the Warning below, so that the client pages on.
 QIDO_MAX_LIMIT = 10000
-# Past SQLite's 64-bit integers a limit or offset is clamped: no answer is that long anyway.
-_SQLITE_MAX_INT = 2**63 - 1
 # PS3.18 8.3.4.4: what a server that limited the results answers.
 TRUNCATED = ('299 {service}: "The number of results exceeded the maximum supported by the '
              'server. Additional results can be requested."')
@@ -90,21 +98,6 @@ DEFAULT_RETURN = {
 _PARENT_KEYS = {"SERIES": ["StudyInstanceUID"], "IMAGE": ["StudyInstanceUID",
                                                            "SeriesInstanceUID"]}
 Fetcher = Callable[[str], int]
-
-
-def _problem(exc: HttpProblem) -> JSONResponse:
-    return JSONResponse({"error": exc.status, "detail": exc.detail}, status_code=exc.status)
-
-
-def _keyword(name: str) -> str:
-    """A QIDO parameter name (keyword or 8 hex digits) -> keyword; HttpProblem if unknown."""
-    if re.fullmatch(r"[0-9A-Fa-f]{8}", name):
-        keyword = keyword_for_tag(int(name, 16))
-    else:
-        keyword = name if tag_for_keyword(name) is not None else ""
-    if not keyword:
-        raise HttpProblem(400, f"unknown query parameter or attribute: {name!r}")
-    return keyword
 
 
 class DicomWeb:
@@ -494,72 +487,8 @@ class DicomWeb:
                               f"{ds.SeriesInstanceUID}/instances/{received.sop_instance_uid}"})
 
 
-def _file_part(path: Path, offset: int, length: int, boundary: str) -> Iterator[bytes]:
-    """One application/octet-stream part: ``length`` bytes of ``path`` from ``offset``, a
-    megabyte at a time, then the closing boundary."""
-    yield f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n".encode()
-    with open(path, "rb") as handle:
-        handle.seek(offset)
-        left = length
-        while left > 0:
-            chunk = handle.read(min(CHUNK, left))
-            if not chunk:
-                raise OSError(f"{path}: {left} bytes short of the value's length")
-            left -= len(chunk)
-            yield chunk
-    yield f"\r\n--{boundary}--\r\n".encode()
-
-
-def _octet_parts(blobs: list[bytes]) -> Response:
-    """multipart/related; type="application/octet-stream", one part per blob."""
-    boundary = secrets.token_hex(16)
-    parts = [f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n".encode()
-             + blob + b"\r\n" for blob in blobs]
-    parts.append(f"--{boundary}--\r\n".encode())
-    return Response(b"".join(parts), media_type=(
-        f'multipart/related; type="application/octet-stream"; boundary={boundary}'))
-
-
 def store_query_summary(level: str, keys: dict[str, str]) -> str:
     return f"{level} " + " ".join(f"{k}={v}" for k, v in keys.items() if v)
-
-
-def _sop_item(uid: str, sop_class: str, url: str | None = None, reason: int | None = None,
-              note: str | None = None) -> Dataset:
-    item = Dataset()
-    item.ReferencedSOPClassUID = sop_class or None
-    item.ReferencedSOPInstanceUID = uid or None
-    if url:
-        item.RetrieveURL = url
-    if reason is not None:
-        item.FailureReason = reason
-    return item
-
-
-def _int_param(request: Request, name: str, positive: bool = False) -> int | None:
-    """The query parameter ``name`` as a non-negative (``positive``: at least 1) integer, None
-    when absent; HttpProblem 400 naming it otherwise. ASCII digits only (str.isdigit also took
-    "²", which int() refused: a 500). Past SQLite's largest integer, that integer."""
-    raw = request.query_params.get(name)
-    if raw is None:
-        return None
-    digits = raw.lstrip("0") or "0"
-    if not re.fullmatch(r"[0-9]+", raw) or (positive and digits == "0"):
-        kind = "a positive" if positive else "a non-negative"
-        raise HttpProblem(400, f"{name}: must be {kind} integer, got {raw[:40]!r}")
-    # 19 digits or more: SQLite's largest (no answer is that long). Decided on the text: int()
-    # of a few thousand digits raises (CPython's limit on conversions).
-    return int(digits) if len(digits) < 19 else _SQLITE_MAX_INT
-
-
-def _boundary(content_type: str) -> str:
-    if not content_type.lower().startswith("multipart/related"):
-        raise HttpProblem(415, "STOW-RS needs Content-Type multipart/related; "
-                               "type=\"application/dicom\"")
-    match = re.search(r'boundary="?([^";]+)"?', content_type)
-    if not match:
-        raise HttpProblem(400, "multipart/related without a boundary parameter")
-    return match.group(1)
 
 
 def _level(level: str, endpoint: Callable[[Request], Any]) -> Callable[[Request], Any]:

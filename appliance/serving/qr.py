@@ -1,10 +1,11 @@
 """Query/Retrieve SCP: C-FIND, C-MOVE and C-GET on the ingest AE (one port for everything).
 
-Owns: turning a C-FIND/C-MOVE/C-GET identifier into a call on :mod:`appliance.store.query`,
-building the responses, choosing per instance whether to send the stored bytes as they are
-(the viewer accepted the stored transfer syntax) or a decompressed copy in explicit/implicit
-little endian (never fail because a viewer lacks JPEG-LS), and auditing every query and
-retrieve. May not touch: SQL, spool writes.
+Owns: turning a C-FIND/C-MOVE/C-GET identifier into a call on :mod:`appliance.store.query`
+and answering it (reading the identifier and building a C-FIND answer's, character set
+included, are ``qr_identifiers.py``'s), choosing per instance whether to send the stored bytes
+as they are (the viewer accepted the stored transfer syntax) or a decompressed copy in
+explicit/implicit little endian (never fail because a viewer lacks JPEG-LS), and auditing
+every query and retrieve. May not touch: SQL, spool writes.
 
 Why the sub-operations look unusual: pynetdicom's Q/R service only accepts a
 :class:`~pydicom.dataset.Dataset` from the handler and would re-encode it. Re-encoding a CT
@@ -27,10 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
-from pydicom.charset import custom_encoders, python_encoding
-from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import _config, build_context, evt
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
@@ -48,6 +46,7 @@ from appliance.config import ServingSection
 from appliance.dicomnet.direct_store import DirectStoreSender
 from appliance.ingest.scp import TRANSFER_SYNTAXES, DicomListener
 from appliance.ops.metrics import count_retrieve
+from appliance.serving.qr_identifiers import identifier_keys, query_charset, response_identifier
 from appliance.store import audit
 from appliance.store import query as store_query
 from appliance.store.db import Database
@@ -145,111 +144,6 @@ def _throttle_pending(assoc: Any, interval_s: float) -> None:
 
     dimse.send_msg = send_msg
     dimse._pas_pending_interval = interval_s
-
-
-def identifier_keys(identifier: Dataset) -> tuple[str, dict[str, str], list[DataElement]]:
-    """(level, keyword -> matching value, the elements asked for, in order)."""
-    level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
-    keys: dict[str, str] = {}
-    asked: list[DataElement] = []
-    for element in identifier:
-        keyword = element.keyword
-        if keyword in ("QueryRetrieveLevel", "SpecificCharacterSet") or not keyword:
-            continue
-        asked.append(element)
-        if element.VR == "SQ":
-            continue
-        value = element.value
-        if value is None or value == "":
-            keys[keyword] = ""
-        elif isinstance(value, MultiValue | list):
-            keys[keyword] = "\\".join(str(v) for v in value)
-        else:
-            keys[keyword] = str(value)
-    return level, keys, asked
-
-
-# Terms of Specific Character Set meaning the default repertoire (ASCII) alone.
-_ASCII_TERMS = {"", "ISO_IR 6", "ISO 2022 IR 6"}
-UTF8 = "ISO_IR 192"
-
-
-def query_charset(identifier: Dataset) -> list[str]:
-    """The Specific Character Set of a request identifier, as a list of terms ([] if absent)."""
-    value = identifier.get("SpecificCharacterSet")
-    if value is None or value == "":
-        return []
-    values = value if isinstance(value, MultiValue | list) else [value]
-    return [str(v).strip() for v in values]
-
-
-def _encodes(char: str, codec: str) -> bool:
-    try:
-        encoder = custom_encoders.get(codec)
-        if encoder is not None:
-            encoder(char)
-        else:
-            char.encode(codec)
-        return True
-    except (UnicodeError, LookupError):
-        return False
-
-
-def response_charset(asked: list[str], texts: list[str]) -> str | list[str]:
-    """The Specific Character Set of a response holding the non-ASCII ``texts``.
-
-    PS3.4 C.4.1.1.3.2 lets the SCP answer in another character set than the request's, but a
-    workstation that asked in ISO_IR 100 (or ISO 2022 IR 87...) may know no other, and shows
-    UTF-8 bytes as mojibake ("HÃ©lÃ¨ne"). So: the request's own character set when every
-    character of every value is in its repertoires (pydicom then encodes each value in it,
-    escape sequences included); UTF-8 otherwise (a Japanese name for a Latin-1 viewer, a
-    request without Specific Character Set, or one PAS does not know)."""
-    if not asked or UTF8 in asked:
-        return UTF8
-    codecs = []
-    for term in asked:
-        if term in _ASCII_TERMS:
-            continue  # value 1 empty: ASCII as G0; no other character comes from it
-        codec = python_encoding.get(term)
-        if codec is None:
-            return UTF8
-        codecs.append(codec)
-    for text in texts:
-        for char in set(text):
-            if not char.isascii() and not any(_encodes(char, codec) for codec in codecs):
-                return UTF8
-    return asked[0] if len(asked) == 1 else asked
-
-
-def response_identifier(level: str, asked: list[DataElement], values: dict[str, Any],
-                        retrieve_ae: str, availability: str = "ONLINE",
-                        charset: list[str] | None = None) -> Dataset:
-    """Only the keys asked for, in the order asked, valued from the match (or empty);
-    text beyond ASCII in the request's character set ``charset`` when it can hold it
-    (:func:`response_charset`)."""
-    ds = Dataset()
-    ds.QueryRetrieveLevel = level
-    non_ascii: list[str] = []
-    for element in asked:
-        value = values.get(element.keyword)
-        if element.keyword == "RetrieveAETitle":
-            value = retrieve_ae
-        elif element.keyword == "InstanceAvailability":
-            value = availability  # ONLINE here; NEARLINE: at the region, fetched on retrieve
-        if element.VR == "SQ":
-            ds.add(DataElement(element.tag, "SQ", []))
-            continue
-        if value is None or value == "":
-            ds.add(DataElement(element.tag, element.VR, None))
-            continue
-        if isinstance(value, str) and not value.isascii():
-            non_ascii.append(value)
-        if isinstance(value, str) and "\\" in value:
-            value = value.split("\\")
-        ds.add(DataElement(element.tag, element.VR, value))
-    if non_ascii:
-        ds.SpecificCharacterSet = response_charset(charset or [], non_ascii)
-    return ds
 
 
 class QueryRetrieveService:

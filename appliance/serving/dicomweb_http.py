@@ -1,0 +1,109 @@
+"""DICOMweb's request parsing and response bodies, with no handler state: what the routes in
+``dicomweb.py`` read from a request and the bodies they answer with.
+
+Owns: QIDO-RS parameter names to keywords (:func:`_keyword`) and integer parameters
+(:func:`_int_param`, limit and offset, clamped to SQLite's integers), a STOW-RS request's
+multipart boundary (:func:`_boundary`), the JSON answer to an :class:`HttpProblem`
+(:func:`_problem`), multipart/related octet-stream answers (:func:`_octet_parts` in memory,
+:func:`_file_part` streamed from a file a megabyte at a time) and a STOW-RS response's SOP
+items (:func:`_sop_item`). Split from ``dicomweb.py``, which keeps the handlers (QIDO-RS,
+WADO-RS, STOW-RS), the routes, the bearer-token check and the audit. May not touch: SQL,
+spool writes (a file part only reads the path it is given), the audit, the handlers' state.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+from pydicom.datadict import keyword_for_tag, tag_for_keyword
+from pydicom.dataset import Dataset
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from appliance.serving.wado_media import HttpProblem
+
+CHUNK = 1024 * 1024
+# Past SQLite's 64-bit integers a limit or offset is clamped: no answer is that long anyway.
+_SQLITE_MAX_INT = 2**63 - 1
+
+
+def _problem(exc: HttpProblem) -> JSONResponse:
+    return JSONResponse({"error": exc.status, "detail": exc.detail}, status_code=exc.status)
+
+
+def _keyword(name: str) -> str:
+    """A QIDO parameter name (keyword or 8 hex digits) -> keyword; HttpProblem if unknown."""
+    if re.fullmatch(r"[0-9A-Fa-f]{8}", name):
+        keyword = keyword_for_tag(int(name, 16))
+    else:
+        keyword = name if tag_for_keyword(name) is not None else ""
+    if not keyword:
+        raise HttpProblem(400, f"unknown query parameter or attribute: {name!r}")
+    return keyword
+
+
+def _file_part(path: Path, offset: int, length: int, boundary: str) -> Iterator[bytes]:
+    """One application/octet-stream part: ``length`` bytes of ``path`` from ``offset``, a
+    megabyte at a time, then the closing boundary."""
+    yield f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n".encode()
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        left = length
+        while left > 0:
+            chunk = handle.read(min(CHUNK, left))
+            if not chunk:
+                raise OSError(f"{path}: {left} bytes short of the value's length")
+            left -= len(chunk)
+            yield chunk
+    yield f"\r\n--{boundary}--\r\n".encode()
+
+
+def _octet_parts(blobs: list[bytes]) -> Response:
+    """multipart/related; type="application/octet-stream", one part per blob."""
+    boundary = secrets.token_hex(16)
+    parts = [f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n".encode()
+             + blob + b"\r\n" for blob in blobs]
+    parts.append(f"--{boundary}--\r\n".encode())
+    return Response(b"".join(parts), media_type=(
+        f'multipart/related; type="application/octet-stream"; boundary={boundary}'))
+
+
+def _sop_item(uid: str, sop_class: str, url: str | None = None, reason: int | None = None,
+              note: str | None = None) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = sop_class or None
+    item.ReferencedSOPInstanceUID = uid or None
+    if url:
+        item.RetrieveURL = url
+    if reason is not None:
+        item.FailureReason = reason
+    return item
+
+
+def _int_param(request: Request, name: str, positive: bool = False) -> int | None:
+    """The query parameter ``name`` as a non-negative (``positive``: at least 1) integer, None
+    when absent; HttpProblem 400 naming it otherwise. ASCII digits only (str.isdigit also took
+    "²", which int() refused: a 500). Past SQLite's largest integer, that integer."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return None
+    digits = raw.lstrip("0") or "0"
+    if not re.fullmatch(r"[0-9]+", raw) or (positive and digits == "0"):
+        kind = "a positive" if positive else "a non-negative"
+        raise HttpProblem(400, f"{name}: must be {kind} integer, got {raw[:40]!r}")
+    # 19 digits or more: SQLite's largest (no answer is that long). Decided on the text: int()
+    # of a few thousand digits raises (CPython's limit on conversions).
+    return int(digits) if len(digits) < 19 else _SQLITE_MAX_INT
+
+
+def _boundary(content_type: str) -> str:
+    if not content_type.lower().startswith("multipart/related"):
+        raise HttpProblem(415, "STOW-RS needs Content-Type multipart/related; "
+                               "type=\"application/dicom\"")
+    match = re.search(r'boundary="?([^";]+)"?', content_type)
+    if not match:
+        raise HttpProblem(400, "multipart/related without a boundary parameter")
+    return match.group(1)

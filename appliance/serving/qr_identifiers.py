@@ -1,0 +1,124 @@
+"""Q/R identifiers: a C-FIND/C-MOVE/C-GET request's identifier read into matching keys, and a
+C-FIND answer's identifier built, in the viewer's own character set when it can hold the text.
+
+Owns: the level, matching keys and asked-for elements of a request (:func:`identifier_keys`),
+its Specific Character Set (:func:`query_charset`), the character set of an answer
+(:func:`response_charset`, PS3.4 C.4.1.1.3.2) and the answer itself
+(:func:`response_identifier`). Split from ``qr.py``, which keeps the handlers (C-FIND, C-MOVE,
+C-GET), the sub-associations and the audit. May not touch: SQL, the spool, associations or
+the network, the audit: these are pure functions of datasets and values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydicom.charset import custom_encoders, python_encoding
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+
+def identifier_keys(identifier: Dataset) -> tuple[str, dict[str, str], list[DataElement]]:
+    """(level, keyword -> matching value, the elements asked for, in order)."""
+    level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+    keys: dict[str, str] = {}
+    asked: list[DataElement] = []
+    for element in identifier:
+        keyword = element.keyword
+        if keyword in ("QueryRetrieveLevel", "SpecificCharacterSet") or not keyword:
+            continue
+        asked.append(element)
+        if element.VR == "SQ":
+            continue
+        value = element.value
+        if value is None or value == "":
+            keys[keyword] = ""
+        elif isinstance(value, MultiValue | list):
+            keys[keyword] = "\\".join(str(v) for v in value)
+        else:
+            keys[keyword] = str(value)
+    return level, keys, asked
+
+
+# Terms of Specific Character Set meaning the default repertoire (ASCII) alone.
+_ASCII_TERMS = {"", "ISO_IR 6", "ISO 2022 IR 6"}
+UTF8 = "ISO_IR 192"
+
+
+def query_charset(identifier: Dataset) -> list[str]:
+    """The Specific Character Set of a request identifier, as a list of terms ([] if absent)."""
+    value = identifier.get("SpecificCharacterSet")
+    if value is None or value == "":
+        return []
+    values = value if isinstance(value, MultiValue | list) else [value]
+    return [str(v).strip() for v in values]
+
+
+def _encodes(char: str, codec: str) -> bool:
+    try:
+        encoder = custom_encoders.get(codec)
+        if encoder is not None:
+            encoder(char)
+        else:
+            char.encode(codec)
+        return True
+    except (UnicodeError, LookupError):
+        return False
+
+
+def response_charset(asked: list[str], texts: list[str]) -> str | list[str]:
+    """The Specific Character Set of a response holding the non-ASCII ``texts``.
+
+    PS3.4 C.4.1.1.3.2 lets the SCP answer in another character set than the request's, but a
+    workstation that asked in ISO_IR 100 (or ISO 2022 IR 87...) may know no other, and shows
+    UTF-8 bytes as mojibake ("HÃ©lÃ¨ne"). So: the request's own character set when every
+    character of every value is in its repertoires (pydicom then encodes each value in it,
+    escape sequences included); UTF-8 otherwise (a Japanese name for a Latin-1 viewer, a
+    request without Specific Character Set, or one PAS does not know)."""
+    if not asked or UTF8 in asked:
+        return UTF8
+    codecs = []
+    for term in asked:
+        if term in _ASCII_TERMS:
+            continue  # value 1 empty: ASCII as G0; no other character comes from it
+        codec = python_encoding.get(term)
+        if codec is None:
+            return UTF8
+        codecs.append(codec)
+    for text in texts:
+        for char in set(text):
+            if not char.isascii() and not any(_encodes(char, codec) for codec in codecs):
+                return UTF8
+    return asked[0] if len(asked) == 1 else asked
+
+
+def response_identifier(level: str, asked: list[DataElement], values: dict[str, Any],
+                        retrieve_ae: str, availability: str = "ONLINE",
+                        charset: list[str] | None = None) -> Dataset:
+    """Only the keys asked for, in the order asked, valued from the match (or empty);
+    text beyond ASCII in the request's character set ``charset`` when it can hold it
+    (:func:`response_charset`)."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    non_ascii: list[str] = []
+    for element in asked:
+        value = values.get(element.keyword)
+        if element.keyword == "RetrieveAETitle":
+            value = retrieve_ae
+        elif element.keyword == "InstanceAvailability":
+            value = availability  # ONLINE here; NEARLINE: at the region, fetched on retrieve
+        if element.VR == "SQ":
+            ds.add(DataElement(element.tag, "SQ", []))
+            continue
+        if value is None or value == "":
+            ds.add(DataElement(element.tag, element.VR, None))
+            continue
+        if isinstance(value, str) and not value.isascii():
+            non_ascii.append(value)
+        if isinstance(value, str) and "\\" in value:
+            value = value.split("\\")
+        ds.add(DataElement(element.tag, element.VR, value))
+    if non_ascii:
+        ds.SpecificCharacterSet = response_charset(charset or [], non_ascii)
+    return ds
