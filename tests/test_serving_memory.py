@@ -6,11 +6,20 @@ Found in review (2026-12-03), peak RSS of `pas run` for one 300 MB multi-frame i
 +1,190 MB; /frames/1 +300 MB; /rendered +624 MB; /metadata +300 MB (get_item read the
 deferred Pixel Data). The bytes now go to a spill file as they arrive (STOW-RS), or are read
 from where they lie in the file (bulk data, frames), one frame decoded for a rendering.
+
+C-GET of it (getscu +B, measured 2026-12): +12 to +171 MB per run and the baseline creeping
+up 105 -> 193 MB: pynetdicom read the file into 16 kB P-DATA primitives faster than the viewer
+took them and queued them all for the DUL (8,000 queued seen); a viewer that paused held the
+whole object. The C-STOREs of a C-GET now go straight to the socket, as C-MOVE's do.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
+import subprocess
+import time
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
@@ -20,7 +29,7 @@ import numpy as np
 from PIL import Image
 from pydicom import dcmread
 
-from tests.support.peers import PasProcess, storescu
+from tests.support.peers import DCMTK_ENV, PasProcess, storescu, wait_for
 from tests.test_ingest_spill import _big_secondary_capture, _sha256, peak_rss_mb
 
 MEGABYTES = 300
@@ -171,5 +180,48 @@ def test_bulkdata_frames_rendered_metadata_of_a_300_mb_instance(tmp_path: Path) 
         assert item["7FE00010"]["BulkDataURI"].endswith("/bulkdata/7FE00010")
 
         print(f"peak RSS growth for a {MEGABYTES} MB instance: {growths}")
+    finally:
+        pas.stop()
+
+
+def test_c_get_of_a_300_mb_instance_to_a_viewer_that_pauses(tmp_path: Path) -> None:
+    """The viewer (getscu, writing as it receives: +B) is stopped for 2 s as the C-STORE
+    starts: PAS waits for its socket instead of reading the rest of the file into memory
+    (was +300 MB and more: the whole object queued for pynetdicom's DUL thread)."""
+    big = _big_secondary_capture(tmp_path / "big.dcm", MEGABYTES)
+    header = dcmread(big, stop_before_pixels=True)
+    pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true"}).start()
+    try:
+        storescu([big], pas.port)
+        out = tmp_path / "get"
+        out.mkdir()
+
+        def get() -> tuple[int, str]:
+            viewer = subprocess.Popen(
+                ["getscu", "-aet", "VIEWER", "-aec", "PAS", "-S", "+B", "-od", str(out),
+                 "-k", "QueryRetrieveLevel=STUDY",
+                 "-k", f"StudyInstanceUID={header.StudyInstanceUID}",
+                 "127.0.0.1", str(pas.port)],
+                env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            try:
+                wait_for(lambda: any(out.iterdir()) or viewer.poll() is not None, 30,
+                         interval=0.002, what="getscu receiving")
+                os.kill(viewer.pid, signal.SIGSTOP)
+                time.sleep(2)
+                os.kill(viewer.pid, signal.SIGCONT)
+                _, errors = viewer.communicate(timeout=120)
+            finally:
+                if viewer.poll() is None:
+                    viewer.kill()
+                    viewer.wait()
+            return viewer.returncode, errors
+
+        growth, (code, errors) = _growth(pas, get)  # type: ignore[misc]
+        print(f"C-GET of {MEGABYTES} MB, viewer paused 2 s: peak RSS +{growth:.0f} MB")
+        assert code == 0, errors[-2000:]
+        (received,) = [p for p in out.rglob("*") if p.is_file()]
+        # What getscu wrote is the stored dataset, byte for byte.
+        assert _sha256(received, dataset_only=True) == _sha256(big, dataset_only=True)
+        assert growth < 32, growth  # a fragment in flight; not the object
     finally:
         pas.stop()

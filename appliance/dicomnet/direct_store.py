@@ -12,7 +12,18 @@ of the bytes. The DUL is kept off the socket meanwhile by its I/O lock (applianc
 reactor.py); its idle timer is restarted after each exchange, so pynetdicom's network
 timeout still measures silence. Anything unexpected (another PDU, a wrong message ID, a
 broken socket) aborts the association through pynetdicom and raises: the caller counts the
-sub-operation failed, as for any C-STORE failure.
+sub-operation failed, as for any C-STORE failure. A C-CANCEL-RQ read while awaiting the
+response is kept where pynetdicom keeps it, so the retrieve handler still sees it.
+
+The same on a C-GET, on the viewer's own association, for memory as much as for speed:
+pynetdicom's ``send_msg`` reads the file into P-DATA primitives as fast as the disk gives
+them and puts them all on the DUL's queue, which has no bound. A viewer writing to its disk
+more slowly than PAS reads left much of the object queued (a 300 MB instance, getscu +B:
+up to 8,000 PDUs of 16 kB, +100 to +170 MB of peak RSS per C-GET; a viewer pausing 2 s:
++301 MB). ``sendall`` here waits for the socket: one fragment in memory, whatever the
+object's size. Whatever pynetdicom queued for the DUL before (a Pending C-GET-RSP) is sent
+first, so the messages keep their order; and the DUL's loop is told the socket was used
+(``_pas_direct_sends``): bytes its ``select()`` saw arrive may have been read here.
 """
 
 from __future__ import annotations
@@ -21,8 +32,11 @@ import logging
 import os
 import socket
 import struct
+import time
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from pynetdicom.dimse_primitives import C_CANCEL
 
 log = logging.getLogger("pas.dicomnet")
 
@@ -117,7 +131,9 @@ class DirectStoreSender:
         self.assoc = assoc
         self.dul = assoc.dul
         self.io_lock = assoc.dul._pas_io_lock
-        peer_max = int(assoc.acceptor.maximum_length or 0)
+        # The peer's Maximum Length: the acceptor's on an association PAS requested (C-MOVE),
+        # the requestor's on one it accepted (C-GET).
+        peer_max = int(assoc.dimse.maximum_pdu_size or 0)
         # A PDV item adds 6 bytes (item length, context ID, control header) to its fragment.
         self.fragment = (peer_max if peer_max else UNLIMITED_PDU) - 6
         self.timeout = assoc.dimse_timeout
@@ -129,7 +145,8 @@ class DirectStoreSender:
     def context_id(self, sop_class_uid: str, transfer_syntax: str) -> int | None:
         for context in self.assoc.accepted_contexts:
             if (context.abstract_syntax == sop_class_uid
-                    and context.transfer_syntax[0] == transfer_syntax):
+                    and context.transfer_syntax[0] == transfer_syntax
+                    and context.as_scu):  # C-GET: the viewer took the SCP role for it
                 return int(context.context_id)
         return None
 
@@ -148,21 +165,46 @@ class DirectStoreSender:
             remaining = os.fstat(handle.fileno()).st_size - handle.tell()
             command = c_store_rq(sop_class_uid, sop_instance_uid, message_id, originator_ae,
                                  originator_id)
-            with self.io_lock:
+            try:
+                self._take_socket()
+            except DirectStoreError as exc:
+                failure: Exception = exc
+            else:
                 try:
+                    self.dul._pas_direct_sends = getattr(self.dul, "_pas_direct_sends", 0) + 1
                     sock = self._socket()
                     self._send(sock, context_id, command, handle, remaining)
                     status, comment = self._read_response(sock, message_id)
                 except (OSError, DirectStoreError, struct.error) as exc:
-                    failure: Exception = exc
+                    failure = exc
                 else:
                     self.dul._idle_timer.restart()
                     return status, comment
+                finally:
+                    self.io_lock.release()
         # Outside the lock: pynetdicom's abort goes through the DUL thread.
         log.error("C-STORE of %s to %s failed, aborting the association: %s",
-                  sop_instance_uid, self.assoc.acceptor.ae_title, failure)
+                  sop_instance_uid, self._peer_title(), failure)
         self.assoc.abort()
         raise DirectStoreError(str(failure)) from failure
+
+    def _peer_title(self) -> str:
+        peer = self.assoc.acceptor if self.assoc.is_requestor else self.assoc.requestor
+        return str(peer.ae_title).strip()
+
+    def _take_socket(self) -> None:
+        """Acquire the I/O lock once the DUL has sent every primitive queued before (a
+        Pending C-GET-RSP goes before the next C-STORE-RQ, as pynetdicom would send it)."""
+        deadline = time.monotonic() + (self.timeout or 30)
+        queued = self.dul.to_provider_queue
+        while True:
+            self.io_lock.acquire()
+            if not queued.qsize():
+                return
+            self.io_lock.release()
+            if time.monotonic() > deadline or not self.dul.is_alive():
+                raise DirectStoreError("the DUL did not send what was queued before")
+            time.sleep(0.0005)
 
     def _socket(self) -> socket.socket:
         sock = getattr(self.dul.socket, "socket", None)
@@ -212,6 +254,9 @@ class DirectStoreSender:
                     command += body[offset + 6:offset + 4 + length]
                     offset += 4 + length
                     if control & 0x02:
+                        if self._cancel(bytes(command)):
+                            command = bytearray()
+                            continue
                         return self._status(bytes(command), message_id)
         finally:
             sock.settimeout(previous_timeout)
@@ -221,6 +266,21 @@ class DirectStoreSender:
         header = _read_exactly(sock, 6)
         kind, _, length = struct.unpack(">BBI", header)
         return kind, _read_exactly(sock, length)
+
+    def _cancel(self, command: bytes) -> bool:
+        """A C-CANCEL-RQ (the viewer stopping its C-GET) read where the C-STORE-RSP was
+        awaited: kept where pynetdicom keeps it (``dimse.cancel_req``, which the retrieve
+        handler's ``event.is_cancelled`` reads), and the response still awaited."""
+        elements = parse_command(command)
+        if struct.unpack("<H", elements.get(0x0100, b"\x00\x00"))[0] != 0x0FFF:
+            return False
+        cancel = C_CANCEL()
+        cancel.MessageIDBeingRespondedTo = struct.unpack(
+            "<H", elements.get(0x0120, b"\x00\x00"))[0]
+        requests = self.assoc.dimse.cancel_req
+        if len(requests) < 10:  # pynetdicom's own limit
+            requests[cancel.MessageIDBeingRespondedTo] = cancel
+        return True
 
     @staticmethod
     def _status(command: bytes, message_id: int) -> tuple[int, str | None]:

@@ -174,9 +174,9 @@ def _transport_event(self: DULServiceProvider, readable: bool = False) -> bool:
     pynetdicom (decoded as pynetdicom would) only if it is not part of a C-STORE it took.
     PDUs are read with large ``recv_into`` calls instead of pynetdicom's 4 kB reads.
     ``readable``: the loop's ``select()`` just reported the socket readable, so pynetdicom's
-    own zero-timeout ``select()`` (``socket.ready``) is skipped. (Nothing else reads this
-    socket in between: the one other reader, a DirectStoreSender, works on associations PAS
-    requested, and a DirectReceiver exists only on associations it accepted.)"""
+    own zero-timeout ``select()`` (``socket.ready``) is skipped. (The one other reader, a
+    DirectStoreSender sending a C-GET's C-STOREs on this association, may have read what the
+    ``select()`` saw: the loop then passes ``readable=False``, see ``dul_run_reactor``.)"""
     if not getattr(self, "_pas_waits_bounded", False):
         _bound_socket_waits(self)
     direct = _direct_receiver(self)
@@ -295,6 +295,10 @@ def dul_run_reactor(self: DULServiceProvider) -> None:
             if not self.assoc._dul_ready.is_set():
                 self.assoc._dul_ready.set()
             socket_readable = False
+            # Bumped by a DirectStoreSender each time it owned the socket: what the select()
+            # below saw arrive may have been read by it meanwhile (a C-STORE-RSP), and a
+            # blocking read for a PDU that is not coming would hold the I/O lock it waits for.
+            direct_sends = getattr(self, "_pas_direct_sends", 0)
             if idle:
                 wakeup.park()
                 drain = True
@@ -312,6 +316,8 @@ def dul_run_reactor(self: DULServiceProvider) -> None:
             # The I/O lock: a DirectStoreSender (direct_store.py) may own the socket for
             # one C-STORE exchange; the DUL neither reads nor sends meanwhile.
             with io_lock:
+                if getattr(self, "_pas_direct_sends", 0) != direct_sends:
+                    socket_readable = False
                 step = _dul_step(self, assoc_wake, socket_readable)
             if step == "stop":
                 return

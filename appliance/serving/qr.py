@@ -12,8 +12,11 @@ Why the sub-operations look unusual: pynetdicom's Q/R service only accepts a
 costs time and may change bytes. So when the stored syntax was accepted we yield a small
 :class:`SpoolFile` marker and wrap the sending association's ``send_c_store`` so that the
 marker becomes ``send_c_store(path)``, which pynetdicom streams from disk in chunks (bounded
-memory, invariant 8; bit-exact). On a C-MOVE sub-association the file goes straight to the
-socket instead (appliance/dicomnet/direct_store.py: ~2x the rate of pynetdicom's DIMSE path).
+memory, invariant 8; bit-exact). With the event-driven reactors installed the file goes
+straight to the socket instead, on a C-MOVE sub-association and on a C-GET's own association
+(appliance/dicomnet/direct_store.py: ~2x the rate of pynetdicom's DIMSE path, and one
+fragment in memory: pynetdicom queues the whole file for the DUL when the viewer reads more
+slowly than the disk).
 The wrap is per association object, nothing global.
 """
 
@@ -91,14 +94,14 @@ class SpoolFile(Dataset):
 def _stream_spool_files(assoc: Any) -> None:
     """Make ``assoc.send_c_store`` send a :class:`SpoolFile` from its path, unchanged.
 
-    On a C-MOVE sub-association (PAS the requestor) with the event-driven reactors installed,
-    the file goes straight to the socket (:mod:`appliance.dicomnet.direct_store`); otherwise,
-    or when no accepted context carries the stored syntax, through pynetdicom."""
+    With the event-driven reactors installed (a C-MOVE sub-association, or the viewer's own
+    association for a C-GET) the file goes straight to the socket
+    (:mod:`appliance.dicomnet.direct_store`); otherwise, or when no accepted context carries
+    the stored syntax, through pynetdicom."""
     if getattr(assoc, "_pas_streams_files", False):
         return
     original = assoc.send_c_store
-    direct = DirectStoreSender(assoc) if (
-        assoc.is_requestor and DirectStoreSender.available(assoc)) else None
+    direct = DirectStoreSender(assoc) if DirectStoreSender.available(assoc) else None
 
     def send_c_store(dataset: Any, *args: Any, **kwargs: Any) -> Any:
         if not isinstance(dataset, SpoolFile):
