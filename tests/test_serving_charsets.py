@@ -19,10 +19,10 @@ import httpx
 import pytest
 from pydicom import dcmread
 from pydicom.charset import encode_string
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.filereader import _read_file_meta_info, read_preamble
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from tests.support.objects import tiny_ct
 from tests.support.peers import DCMTK_ENV, PasProcess, read_rows, storescu, wait_for
 
 LATIN1 = "LEFÈVRE-ÇELIK^Hélène"
@@ -52,19 +52,7 @@ DATES = {"LAT1": ("20200101", "083000"), "UTF8": ("20201231", "235959"),
 def _object(patient_id: str, folder: Path) -> Path:
     charset, name = CASES[patient_id]
     date, time = DATES.get(patient_id, ("20200615", "101500"))
-    ds = Dataset()
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.PatientID, ds.Modality, ds.StudyDate, ds.StudyTime = patient_id, "CT", date, time
-    ds.SeriesNumber, ds.InstanceNumber = 1, 1
-    ds.Rows = ds.Columns = 8
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelData = bytes(128)
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds = tiny_ct(PatientID=patient_id, StudyDate=date, StudyTime=time)
     path = folder / f"{patient_id}.dcm"
     if charset.startswith("raw:"):
         raw = RAW_NAMES[patient_id]

@@ -15,12 +15,12 @@ from typing import Any
 import httpx
 import pytest
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
 from appliance.serving.dicomweb import QIDO_DEFAULT_LIMIT
 from appliance.store import query as store_query
 from appliance.store.db import Database
+from tests.support.objects import tiny_ct
 from tests.support.peers import (
     CT_DIR,
     DCMTK_ENV,
@@ -183,19 +183,8 @@ def _tiny_instances(folder: Path, studies: int, per_study: int) -> Path:
     for s in range(studies):
         study, series = generate_uid(), generate_uid()
         for n in range(per_study):
-            ds = Dataset()
-            ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
-            ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-            ds.PatientID, ds.PatientName, ds.Modality = f"TINY{s}", f"TINY^{s}", "CT"
-            ds.StudyDate, ds.SeriesNumber, ds.InstanceNumber = "20260101", 1, n + 1
-            ds.Rows = ds.Columns = 8
-            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-            ds.PixelData = bytes(128)
-            ds.file_meta = FileMetaDataset()
-            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds = tiny_ct(study, series, PatientID=f"TINY{s}", PatientName=f"TINY^{s}",
+                         StudyDate="20260101", InstanceNumber=n + 1)
             ds.save_as(folder / f"{s:03d}-{n:05d}.dcm", enforce_file_format=True)
     return folder
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -184,6 +185,30 @@ def _by_study(count: int) -> list[list[Path]]:
     return [studies[uid] for uid in sorted(studies)[:count]]
 
 
+def _leave_eviction_asides(home: Path, evicted_uid: str, evicted: list[Any],
+                           refiled: list[Any], aside: str) -> None:
+    """The disk and index as a kill -9 leaves them in the middle of evictions, under the
+    name suffix ``aside`` (``.evicting-<pid>``). Evicted: a second name for each file, then
+    the real purge (rows deleted, flags written, files unlinked under their own names), then
+    the flags reopened, as the transaction that resolves them never committed. Filed again
+    (``refiled``): their eviction's flag is open, their rows are there, each file is renamed
+    aside."""
+    spool = home / "spool"
+    for row in evicted:
+        os.link(spool / row["path"], spool / (row["path"] + aside))
+    purged = _pas(home, "cache", "purge", evicted_uid, "--force")
+    assert purged.returncode == 0, purged.stderr
+    db = Database(home / "pas.sqlite")
+    with db.transaction() as conn:
+        conn.executemany("UPDATE integrity_issues SET resolved_at = NULL, resolution = NULL "
+                         "WHERE kind = 'evicting' AND path = ?", [(r["path"],) for r in evicted])
+        conn.executemany("INSERT INTO integrity_issues (found_at, kind, path, detail) "
+                         "VALUES (1, 'evicting', ?, 'study x')", [(r["path"],) for r in refiled])
+    db.close()
+    for row in refiled:
+        os.rename(spool / row["path"], spool / (row["path"] + aside))
+
+
 def test_start_up_sweeps_files_an_eviction_left_renamed_aside(tmp_path: Path) -> None:
     """An eviction renames each file to ``<name>.dcm.evicting-<pid>`` and then unlinks it
     (store.eviction._unlink_if_same). A kill -9 between the two left that name for ever: never
@@ -218,24 +243,8 @@ def test_start_up_sweeps_files_an_eviction_left_renamed_aside(tmp_path: Path) ->
     refiled = [r for r in rows if r["study_uid"] != evicted_uid]
     aside = f".evicting-{dead_pid}"
 
-    # Evicted: a second name for each file, then the real purge (rows deleted, flags
-    # written, files unlinked under their own names); then the flags reopened, as the
-    # transaction that resolves them never committed.
-    for row in evicted:
-        os.link(spool / row["path"], spool / (row["path"] + aside))
-    purged = _pas(home, "cache", "purge", evicted_uid, "--force")
-    assert purged.returncode == 0, purged.stderr
-    db = Database(db_path)
-    with db.transaction() as conn:
-        conn.executemany("UPDATE integrity_issues SET resolved_at = NULL, resolution = NULL "
-                         "WHERE kind = 'evicting' AND path = ?", [(r["path"],) for r in evicted])
-        # Filed again: their eviction's flag is open, their rows are there, each file is
-        # renamed aside (the first one also has a copy back in place).
-        conn.executemany("INSERT INTO integrity_issues (found_at, kind, path, detail) "
-                         "VALUES (1, 'evicting', ?, 'study x')", [(r["path"],) for r in refiled])
-    db.close()
-    for row in refiled:
-        os.rename(spool / row["path"], spool / (row["path"] + aside))
+    _leave_eviction_asides(home, evicted_uid, evicted, refiled, aside)
+    # The first one filed again also has a copy back in place.
     os.link(spool / (refiled[0]["path"] + aside), spool / refiled[0]["path"])
     leftovers = sorted(p.name for p in spool.rglob("*.evicting-*"))
     assert len(leftovers) == len(evicted) + len(refiled)
@@ -301,21 +310,7 @@ def test_start_up_sweeps_leftovers_whose_pid_another_process_took(tmp_path: Path
         assert evictor.stdout is not None and evictor.stdout.readline() == "open\n"
         live_aside = spool / (refiled[0]["path"] + f".evicting-{evictor.pid}")
         aside = f".evicting-{other.pid}"
-        for row in evicted:
-            os.link(spool / row["path"], spool / (row["path"] + aside))
-        purged = _pas(home, "cache", "purge", evicted_uid, "--force")
-        assert purged.returncode == 0, purged.stderr
-        db = Database(db_path)
-        with db.transaction() as conn:
-            conn.executemany("UPDATE integrity_issues SET resolved_at = NULL, resolution = NULL "
-                             "WHERE kind = 'evicting' AND path = ?",
-                             [(r["path"],) for r in evicted])
-            conn.executemany("INSERT INTO integrity_issues (found_at, kind, path, detail) "
-                             "VALUES (1, 'evicting', ?, 'study x')",
-                             [(r["path"],) for r in refiled])
-        db.close()
-        for row in refiled:
-            os.rename(spool / row["path"], spool / (row["path"] + aside))
+        _leave_eviction_asides(home, evicted_uid, evicted, refiled, aside)
         os.link(spool / (refiled[0]["path"] + aside), live_aside)
 
         pas.start()
