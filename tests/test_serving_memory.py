@@ -11,6 +11,10 @@ C-GET of it (getscu +B, measured 2026-12): +12 to +171 MB per run and the baseli
 up 105 -> 193 MB: pynetdicom read the file into 16 kB P-DATA primitives faster than the viewer
 took them and queued them all for the DUL (8,000 queued seen); a viewer that paused held the
 whole object. The C-STOREs of a C-GET now go straight to the socket, as C-MOVE's do.
+
+C-FIND of 100,000 studies to a findscu reading more slowly than PAS answers (measured 2026-12):
++68 MB, ~0.7 kB per answer: pynetdicom queued every Pending C-FIND-RSP for the DUL as fast as
+the handler yielded them. The handler now waits while more than a few dozen are queued.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import numpy as np
 from PIL import Image
 from pydicom import dcmread
 
+from bench.qr import MODALITIES, synthesize
 from tests.support.peers import DCMTK_ENV, PasProcess, storescu, wait_for
 from tests.test_ingest_spill import _big_secondary_capture, _sha256, peak_rss_mb
 
@@ -223,5 +228,72 @@ def test_c_get_of_a_300_mb_instance_to_a_viewer_that_pauses(tmp_path: Path) -> N
         # What getscu wrote is the stored dataset, byte for byte.
         assert _sha256(received, dataset_only=True) == _sha256(big, dataset_only=True)
         assert growth < 32, growth  # a fragment in flight; not the object
+    finally:
+        pas.stop()
+
+
+STUDIES = 16_000
+
+
+def test_c_find_of_16000_studies_to_a_viewer_that_pauses(tmp_path: Path) -> None:
+    """findscu (each answer written as it arrives: -X) is stopped for 3 s once the answers
+    flow: PAS waits for it instead of queueing the rest of the matches for pynetdicom's DUL
+    (was +10 MB for these 16,000, +68 MB for 100,000), and every match still arrives."""
+    home = tmp_path / "pas"
+    home.mkdir()
+    synthesize(home, STUDIES)
+    pas = PasProcess(home, {"PAS_DICOM__ACCEPT_UNKNOWN": "true"}).start()
+    try:
+        out = tmp_path / "find"
+        out.mkdir()
+
+        def findscu(*keys: str) -> subprocess.Popen[str]:
+            return subprocess.Popen(
+                ["findscu", "-S", "-aet", "VIEWER", "-aec", "PAS", "-X", "-od", str(out),
+                 "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID",
+                 "-k", "PatientID", "-k", "AccessionNumber", "-k", "ModalitiesInStudy",
+                 *[arg for key in keys for arg in ("-k", key)], "127.0.0.1", str(pas.port)],
+                env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+        # A first C-FIND pays once for what any query costs (modules, the thread's database
+        # connection, its page cache filled by a scan of every study; no match): not what is
+        # measured here.
+        warm_up = findscu("ModalitiesInStudy=XA")
+        assert warm_up.wait(30) == 0, warm_up.communicate()[1]
+        for path in out.iterdir():
+            path.unlink()
+
+        def find() -> tuple[int, str]:
+            viewer = findscu()
+            try:
+                wait_for(lambda: any(out.iterdir()) or viewer.poll() is not None, 30,
+                         interval=0.002, what="findscu receiving")
+                assert viewer.poll() is None, viewer.communicate()[1][-2000:]
+                os.kill(viewer.pid, signal.SIGSTOP)
+                time.sleep(3)
+                os.kill(viewer.pid, signal.SIGCONT)
+                _, errors = viewer.communicate(timeout=120)
+            finally:
+                if viewer.poll() is None:
+                    viewer.kill()
+                    viewer.wait()
+            return viewer.returncode, errors
+
+        growth, (code, errors) = _growth(pas, find)  # type: ignore[misc]
+        print(f"C-FIND of {STUDIES} studies, viewer paused 3 s: peak RSS +{growth:.1f} MB")
+        assert code == 0, errors[-2000:]
+        answers = [dcmread(p) for p in out.glob("rsp*.dcm")]
+        assert len(answers) == STUDIES + 1  # and the real CT synthesize() filed first
+        # Every study once, with what was synthesized for it.
+        by_uid = {str(ds.StudyInstanceUID): ds for ds in answers}
+        assert len(by_uid) == STUDIES + 1
+        assert {f"2.25.1{n:09d}.1" for n in range(STUDIES)} <= set(by_uid)
+        for n in (0, STUDIES // 2, STUDIES - 1):
+            ds = by_uid[f"2.25.1{n:09d}.1"]
+            assert ds.AccessionNumber == f"ACC{n:08d}"
+            assert ds.PatientID.startswith("P") and ds.ModalitiesInStudy in MODALITIES
+        # A few dozen answers in flight and the query's own buffers (+4.5 to +6.7 MB
+        # measured); not every match pynetdicom had queued (+10 MB for 16,000 before).
+        assert growth < 8, growth
     finally:
         pas.stop()

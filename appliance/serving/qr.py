@@ -47,6 +47,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from appliance.config import ServingSection
 from appliance.dicomnet.direct_store import DirectStoreSender
+from appliance.dicomnet.outgoing import wait_for_room
 from appliance.ingest.scp import TRANSFER_SYNTAXES, DicomListener
 from appliance.ops.metrics import count_retrieve
 from appliance.serving.qr_identifiers import identifier_keys, query_charset, response_identifier
@@ -208,8 +209,10 @@ class QueryRetrieveService:
             return
         summary = _summary(level, keys)
         count = 0
-        local_studies: set[str] = set()
+        ask_region = self.region_find is not None and level == "STUDY"
+        local_studies: set[str] = set()  # only to leave out the region's copies of them
         note = None
+        ended = "failure: the association ended before the last match was sent"
         try:
             cap = self.settings.max_results or None
             # One row more than max_results tells whether the answer was cut short. C-FIND has
@@ -227,8 +230,14 @@ class QueryRetrieveService:
                     self._audit("query", calling, address, summary, "cancelled", count)
                     yield CANCELLED, None
                     return
+                # Back-pressure: pynetdicom queues each answer for the DUL at once; without
+                # this wait a viewer reading slowly had them all held in memory (0.7 kB each).
+                if not wait_for_room(event.assoc):
+                    self._audit("query", calling, address, summary, ended, count)
+                    return
                 count += 1
-                local_studies.add(values.get("StudyInstanceUID") or "")
+                if ask_region:
+                    local_studies.add(values.get("StudyInstanceUID") or "")
                 yield PENDING, response_identifier(level, asked, values, self.ae_title,
                                                    charset=charset)
         except store_query.QueryError as exc:
@@ -236,7 +245,8 @@ class QueryRetrieveService:
             self._audit("query", calling, address, summary, f"failure: {exc}", count)
             yield _failure(IDENTIFIER_DOES_NOT_MATCH, str(exc)), None
             return
-        if self.region_find is not None and level == "STUDY":
+        if ask_region:
+            assert self.region_find is not None
             try:
                 regional = self.region_find(level, keys)
             except Exception as exc:  # the WAN is down: answer from local data, say so
@@ -246,6 +256,9 @@ class QueryRetrieveService:
             for values in regional:
                 if values.get("StudyInstanceUID") in local_studies or event.is_cancelled:
                     continue
+                if not wait_for_room(event.assoc):
+                    self._audit("query", calling, address, summary, ended, count)
+                    return
                 count += 1
                 yield PENDING, response_identifier(level, asked, values, self.ae_title,
                                                    availability="NEARLINE", charset=charset)
