@@ -189,6 +189,27 @@ def test_bulkdata_frames_rendered_metadata_of_a_300_mb_instance(tmp_path: Path) 
         pas.stop()
 
 
+def _pause_viewer(viewer: subprocess.Popen[str], out: Path, seconds: float,
+                  still_receiving: bool = False) -> tuple[int, str]:
+    """Stop a DCMTK viewer for ``seconds`` once its first answer is written to ``out`` (a
+    viewer that reads more slowly than PAS sends), then let it finish: its exit code and
+    stderr. ``still_receiving``: the viewer must not have finished before the pause."""
+    try:
+        wait_for(lambda: any(out.iterdir()) or viewer.poll() is not None, 30,
+                 interval=0.002, what=f"{viewer.args[0]} receiving")
+        if still_receiving:
+            assert viewer.poll() is None, viewer.communicate()[1][-2000:]
+        os.kill(viewer.pid, signal.SIGSTOP)
+        time.sleep(seconds)  # the pause itself is what is measured, not a wait for a state
+        os.kill(viewer.pid, signal.SIGCONT)
+        _, errors = viewer.communicate(timeout=120)
+    finally:
+        if viewer.poll() is None:
+            viewer.kill()
+            viewer.wait()
+    return viewer.returncode, errors
+
+
 def test_c_get_of_a_300_mb_instance_to_a_viewer_that_pauses(tmp_path: Path) -> None:
     """The viewer (getscu, writing as it receives: +B) is stopped for 2 s as the C-STORE
     starts: PAS waits for its socket instead of reading the rest of the file into memory
@@ -208,18 +229,7 @@ def test_c_get_of_a_300_mb_instance_to_a_viewer_that_pauses(tmp_path: Path) -> N
                  "-k", f"StudyInstanceUID={header.StudyInstanceUID}",
                  "127.0.0.1", str(pas.port)],
                 env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            try:
-                wait_for(lambda: any(out.iterdir()) or viewer.poll() is not None, 30,
-                         interval=0.002, what="getscu receiving")
-                os.kill(viewer.pid, signal.SIGSTOP)
-                time.sleep(2)
-                os.kill(viewer.pid, signal.SIGCONT)
-                _, errors = viewer.communicate(timeout=120)
-            finally:
-                if viewer.poll() is None:
-                    viewer.kill()
-                    viewer.wait()
-            return viewer.returncode, errors
+            return _pause_viewer(viewer, out, 2)
 
         growth, (code, errors) = _growth(pas, get)  # type: ignore[misc]
         print(f"C-GET of {MEGABYTES} MB, viewer paused 2 s: peak RSS +{growth:.0f} MB")
@@ -264,20 +274,7 @@ def test_c_find_of_40000_studies_to_a_viewer_that_pauses(tmp_path: Path) -> None
             path.unlink()
 
         def find() -> tuple[int, str]:
-            viewer = findscu()
-            try:
-                wait_for(lambda: any(out.iterdir()) or viewer.poll() is not None, 30,
-                         interval=0.002, what="findscu receiving")
-                assert viewer.poll() is None, viewer.communicate()[1][-2000:]
-                os.kill(viewer.pid, signal.SIGSTOP)
-                time.sleep(3)
-                os.kill(viewer.pid, signal.SIGCONT)
-                _, errors = viewer.communicate(timeout=120)
-            finally:
-                if viewer.poll() is None:
-                    viewer.kill()
-                    viewer.wait()
-            return viewer.returncode, errors
+            return _pause_viewer(findscu(), out, 3, still_receiving=True)
 
         growth, (code, errors) = _growth(pas, find)  # type: ignore[misc]
         print(f"C-FIND of {STUDIES} studies, viewer paused 3 s: peak RSS +{growth:.1f} MB")
