@@ -185,6 +185,30 @@ def _by_study(count: int) -> list[list[Path]]:
     return [studies[uid] for uid in sorted(studies)[:count]]
 
 
+def _two_studies_then_kill(tmp_path: Path) -> tuple[Any, int, str, list[Any], list[Any]]:
+    """A real ``pas run`` receives two studies from storescu and is killed (-9): the
+    daemon, its dead pid, the first study's UID (to be evicted), and the index rows of each
+    study (the first, and the other one, to be filed again)."""
+    from pydicom import dcmread
+
+    from tests.support.peers import PasProcess, read_rows, storescu
+
+    evicted_files, refiled_files = _by_study(2)
+    pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                                        "PAS_HTTP__ENABLED": "false"}).start()
+    storescu([*evicted_files, *refiled_files], pas.port)
+    rows = read_rows(pas.home / "pas.sqlite",
+                     "SELECT s.study_uid, i.path, i.sha256 FROM instances i "
+                     "JOIN studies s ON s.id = i.study_fk ORDER BY i.path")
+    assert len(rows) == len(evicted_files) + len(refiled_files)
+    assert pas.proc is not None
+    dead_pid = pas.proc.pid
+    pas.kill()  # kill -9: the pid in the leftovers' names is a dead process's
+    evicted_uid = str(dcmread(evicted_files[0], stop_before_pixels=True).StudyInstanceUID)
+    return (pas, dead_pid, evicted_uid, [r for r in rows if r["study_uid"] == evicted_uid],
+            [r for r in rows if r["study_uid"] != evicted_uid])
+
+
 def _leave_eviction_asides(home: Path, evicted_uid: str, evicted: list[Any],
                            refiled: list[Any], aside: str) -> None:
     """The disk and index as a kill -9 leaves them in the middle of evictions, under the
@@ -222,25 +246,11 @@ def test_start_up_sweeps_files_an_eviction_left_renamed_aside(tmp_path: Path) ->
       place is removed.
 
     Then ``pas run`` starts on that home; before its port opens, the leftovers are gone."""
-    from tests.support.peers import PasProcess, read_rows, storescu
+    from tests.support.peers import read_rows
 
-    evicted_files, refiled_files = _by_study(2)
-    pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
-                                        "PAS_HTTP__ENABLED": "false"}).start()
-    storescu([*evicted_files, *refiled_files], pas.port)
+    pas, dead_pid, evicted_uid, evicted, refiled = _two_studies_then_kill(tmp_path)
     home, db_path = pas.home, pas.home / "pas.sqlite"
     spool = home / "spool"
-    rows = read_rows(db_path, "SELECT s.study_uid, i.path, i.sha256 FROM instances i "
-                              "JOIN studies s ON s.id = i.study_fk ORDER BY i.path")
-    assert len(rows) == len(evicted_files) + len(refiled_files)
-    assert pas.proc is not None
-    dead_pid = pas.proc.pid
-    pas.kill()  # kill -9: the pid in the leftovers' names is a dead process's
-    from pydicom import dcmread
-
-    evicted_uid = str(dcmread(evicted_files[0], stop_before_pixels=True).StudyInstanceUID)
-    evicted = [r for r in rows if r["study_uid"] == evicted_uid]
-    refiled = [r for r in rows if r["study_uid"] != evicted_uid]
     aside = f".evicting-{dead_pid}"
 
     _leave_eviction_asides(home, evicted_uid, evicted, refiled, aside)
@@ -284,22 +294,11 @@ def test_start_up_sweeps_leftovers_whose_pid_another_process_took(tmp_path: Path
     started after the crash (``sleep``, standing in for whatever took the pid over). It is
     alive, but it is no PAS process and does not hold this home's database: the leftovers are
     settled at the next start."""
-    from tests.support.peers import PasProcess, read_rows, storescu
+    from tests.support.peers import read_rows
 
-    evicted_files, refiled_files = _by_study(2)
-    pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
-                                        "PAS_HTTP__ENABLED": "false"}).start()
-    storescu([*evicted_files, *refiled_files], pas.port)
+    pas, _, evicted_uid, evicted, refiled = _two_studies_then_kill(tmp_path)
     home, db_path = pas.home, pas.home / "pas.sqlite"
     spool = home / "spool"
-    rows = read_rows(db_path, "SELECT s.study_uid, i.path, i.sha256 FROM instances i "
-                              "JOIN studies s ON s.id = i.study_fk ORDER BY i.path")
-    pas.kill()
-    from pydicom import dcmread
-
-    evicted_uid = str(dcmread(evicted_files[0], stop_before_pixels=True).StudyInstanceUID)
-    evicted = [r for r in rows if r["study_uid"] == evicted_uid]
-    refiled = [r for r in rows if r["study_uid"] != evicted_uid]
     other = subprocess.Popen(["sleep", "600"])  # the dead evictor's pid, taken over
     # A live evictor (pas cache purge beside the daemon): its name aside is left to it.
     evictor = subprocess.Popen(
