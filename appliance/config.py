@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from appliance.config_env import read_overrides
 from appliance.config_sections import (
+    MATCH_TIMEOUT_MS,
     PRIORITY_RANK,
     AETitle,
     AuditSection,
@@ -64,7 +65,8 @@ from appliance.config_sections import (
 __all__ = [
     "AETitle", "AuditSection", "CacheSection", "Clock", "ConfigError", "Destination",
     "DicomDestination", "DicomSection", "DicomTlsSection", "ENV_PREFIX", "Fallback",
-    "Hl7Section", "HttpSection", "HubDestination", "HubSection", "KnownAE", "Match",
+    "Hl7Section", "HttpSection", "HubDestination", "HubSection", "KnownAE", "MATCH_TIMEOUT_MS",
+    "Match",
     "MoveDestination", "OpsSection", "PRIORITY_RANK", "Port", "PrefetchMwl", "PrefetchRule",
     "PrefetchSection", "PrefetchWindow", "Priority", "QueueSection", "RateWindow", "Regex",
     "RoutingSection", "Rule", "ServingSection", "Settings", "StorageSection",

@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import regex
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -44,17 +45,26 @@ def _ae_title(value: str) -> str:
     return stripped
 
 
+# How long a routing or prefetch pattern may take on one value (appliance/routing/patterns.py);
+# here because the refusal below names it.
+MATCH_TIMEOUT_MS = 50
+
+
 def _regex(value: str) -> str:
     try:
         re.compile(value)
-    except re.error as exc:
+        # What matches at run time (appliance/routing/patterns.py): refused here, not there.
+        regex.compile(value, regex.IGNORECASE | regex.VERSION0)
+    except (re.error, regex.error) as exc:
         raise ValueError(f"is not a valid regular expression ({exc}): {value!r}") from None
     nested = _nested_quantifier(value)
     if nested:
         raise ValueError(
             f"has an unbounded quantifier inside a repeated group ({nested}), which can take "
             "exponential time on a value that almost matches (a StudyDescription sent by a "
-            "modality) and would freeze the daemon: write it without the nesting, or make the "
+            "modality): the rule would give up on that value after "
+            f"{MATCH_TIMEOUT_MS} ms and count as not matching: write it without the nesting, "
+            "or make the "
             "outer repeat possessive ('(a+)++') or the repeated group atomic ('(?>a+)+'): "
             f"{value!r}")
     return value
@@ -65,8 +75,9 @@ def _nested_quantifier(pattern: str) -> str | None:
     part with an unbounded repeat, as in ``(a+)+`` or ``(\\w+\\s?)*``. Python's ``re``
     backtracks through every way of splitting the text between them, holding the GIL all
     the while. Possessive repeats and atomic groups do not backtrack. A heuristic: it catches
-    this form, not every slow pattern (overlapping alternatives such as ``(a|aa)+`` pass).
-    Returns the offending part, or None."""
+    this form, not every slow pattern (overlapping alternatives such as ``(a|aa)+`` pass); at
+    run time every match has a time limit (appliance/routing/patterns.py), so what passes here
+    costs at most that per value. Returns the offending part, or None."""
     from re import _constants as sre  # type: ignore[attr-defined]
     from re import _parser  # type: ignore[attr-defined]
 

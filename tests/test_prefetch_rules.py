@@ -75,6 +75,15 @@ def test_rule_for_the_ordered_modality() -> None:
     assert rule_for(rules[:1], "CT") is None
 
 
+def test_a_rule_whose_pattern_backtracks_for_ever_is_passed_over(caplog) -> None:  # type: ignore[no-untyped-def]
+    """An HL7 order's modality is text from outside: ``(a|aa)+`` on 'a' * 60 + 'b' held the
+    GIL for hours in re. The match gives up after 50 ms and the next rule is tried."""
+    rules = [PrefetchRule(name="slow", modality="^(a|aa)+$"), PrefetchRule(name="any")]
+    assert rule_for(rules, "a" * 60 + "b").name == "any"  # type: ignore[union-attr]
+    assert rule_for(rules, "aaaa").name == "slow"  # type: ignore[union-attr]
+    assert "did not finish on 'aaaa" in caplog.text and "counted as not matching" in caplog.text
+
+
 def test_candidate_from_qido_json() -> None:
     row = {"0020000D": {"vr": "UI", "Value": ["1.2.3"]}, "00080020": {"vr": "DA",
            "Value": ["20250101"]}, "00080061": {"vr": "CS", "Value": ["CT", "SR"]},

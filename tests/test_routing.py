@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
 import textwrap
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.uid import generate_uid
 
 from appliance.config import QueueSection, Settings
 from appliance.routing.backoff import next_delay
 from appliance.routing.rules import explain
 from appliance.store import jobs as job_store
 from appliance.store.db import Database
-from tests.support.peers import CT_DIR, StoreSCP, storescu, wait_for
+from tests.support.objects import tiny_ct
+from tests.support.peers import CT_DIR, PAS_BIN, StoreSCP, storescu, wait_for
 from tests.test_ingest import dataset_part, index_rows, sop_uid
 
 CT_PATIENT = sorted(CT_DIR.glob("A002304_*_19001231-*.dcm"))  # one study, 3 instances
@@ -301,3 +304,55 @@ def test_rules_test_names_the_hub_an_enrolled_appliance_sends_to_by_default(
         assert "-> no destination: kept locally only" in alone
     finally:
         hub.kill()
+
+
+def test_a_pattern_that_backtracks_for_ever_gives_up_and_routing_goes_on(
+        pas_factory, storescp: StoreSCP, tmp_path: Path) -> None:
+    """``(a|aa)+`` passes ``pas config check`` (its nested-repeat heuristic does not see
+    overlapping alternatives), and on 'a' * 60 + 'b' Python's re backtracks for hours holding
+    the GIL: the stability pass froze the whole daemon. Each match now gives up after 50 ms
+    (appliance/routing/patterns.py): that condition counts as not matching, the error names
+    the rule, the study goes where the other rules or the fallback send it, and a value the
+    pattern can decide on is still routed by it."""
+    config = tmp_path / "appliance.toml"
+    config.write_text(textwrap.dedent(f"""
+        [[routing.rules]]
+        name = "slow"
+        match = {{ study_description = "^(a|aa)+$" }}
+        destinations = ["pacs"]
+        priority = "urgent"
+
+        [routing.fallback]
+        destinations = ["pacs"]
+
+        [destinations.pacs]
+        kind = "dicom"
+        ae_title = "{storescp.ae_title}"
+        host = "127.0.0.1"
+        port = {storescp.port}
+        """))
+    checked = subprocess.run([str(PAS_BIN), "config", "check", str(config)],
+                             capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stderr  # the heuristic lets it through
+    hostile_study = generate_uid()
+    hostiles = [tmp_path / f"hostile{n}.dcm" for n in range(3)]
+    for path in hostiles:
+        tiny_ct(hostile_study, StudyDescription="a" * 60 + "b").save_as(
+            path, enforce_file_format=True)
+    hostile, plain = hostiles[0], tmp_path / "plain.dcm"
+    tiny_ct(StudyDescription="aaaa").save_as(plain, enforce_file_format=True)
+    pas = pas_factory({"PAS_CONFIG": str(config), "PAS_DICOM__ACCEPT_UNKNOWN": "true"})
+    storescu([*hostiles, plain], pas.port, timeout=30)
+    wait_for(lambda: [j["state"] for j in jobs_of(pas.home)] == ["done", "done"], 30,
+             what="both studies routed and sent")
+    rules = {job["study_uid"]: (job["rule"], job["priority"])
+             for job in json.loads(pas.cli("queue", "list", "--json").stdout)}
+    assert rules == {dcmread(hostile).StudyInstanceUID: ("fallback", 2),
+                     dcmread(plain).StudyInstanceUID: ("slow", 0)}
+    assert len(storescp.files()) == 4
+    # Logged once for the study, not once per instance (the verdict is remembered).
+    assert pas.log().count("routing rule 'slow': study_description: /^(a|aa)+$/ did not "
+                           f"finish on '{'a' * 60}b' within 50 ms") == 1
+    shown = pas.cli("rules", "test", str(hostile)).stdout
+    assert "within 50 ms" in " ".join(shown.split())
+    assert "-> pacs (routine, from fallback)" in shown

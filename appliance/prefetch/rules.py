@@ -9,11 +9,14 @@ May not touch: the database or the network.
 from __future__ import annotations
 
 import datetime as dt
-import re
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from appliance.config import PrefetchRule, PrefetchWindow
+from appliance.routing import patterns
+
+log = logging.getLogger("pas.prefetch")
 
 
 @dataclass(frozen=True)
@@ -30,10 +33,18 @@ class Candidate:
 
 def rule_for(rules: list[PrefetchRule], modality: str | None) -> PrefetchRule | None:
     """The first rule whose ``modality`` regex matches the ordered modality (a rule without
-    one matches everything)."""
+    one matches everything). A pattern that cannot tell in time (routing/patterns.py) counts
+    as not matching, logged: the next rule is tried."""
     for rule in rules:
-        if rule.modality is None or re.search(rule.modality, modality or "", re.IGNORECASE):
+        if rule.modality is None:
             return rule
+        try:
+            if patterns.search(rule.modality, modality or ""):
+                return rule
+        except patterns.PatternTimeout as exc:
+            if exc.fresh:
+                log.error("prefetch rule %r: modality: %s; counted as not matching",
+                          rule.name, exc)
     return None
 
 

@@ -4,15 +4,22 @@ A rule matches when every regular expression it names matches (``re.search``, ig
 case; a missing attribute is the empty string). The first matching rule decides unless it
 says ``continue = true``; when none matches, the fallback decides. ``explain`` returns the
 reasoning so that ``pas rules test FILE.dcm`` can show it.
+
+A pattern that cannot tell within its time limit (routing/patterns.py: catastrophic
+backtracking on a value from outside) counts as not matching, and the error is logged naming
+the rule: the study still goes where the other rules or the fallback send it, rather than
+nowhere, and routing goes on for everyone else.
 """
 
 from __future__ import annotations
 
-import re
+import logging
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 from appliance.config import PRIORITY_RANK, RoutingSection, Rule
+from appliance.routing import patterns
+
+log = logging.getLogger("pas.routing")
 
 MATCH_KEYS = ("calling_ae", "called_ae", "modality", "sop_class", "study_description",
               "body_part")
@@ -32,11 +39,6 @@ class RuleResult:
     reasons: list[str] = field(default_factory=list)
 
 
-@lru_cache(maxsize=512)
-def _compiled(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern, re.IGNORECASE)
-
-
 def _check(rule: Rule, attributes: dict[str, str | None]) -> RuleResult:
     result = RuleResult(rule.name, matched=True)
     for key in MATCH_KEYS:
@@ -44,7 +46,16 @@ def _check(rule: Rule, attributes: dict[str, str | None]) -> RuleResult:
         if pattern is None:
             continue
         value = attributes.get(key) or ""
-        if _compiled(pattern).search(value):
+        try:
+            matched = patterns.search(pattern, value)
+        except patterns.PatternTimeout as exc:
+            if exc.fresh:  # once per value, not once per instance of the study
+                log.error("routing rule %r: %s: %s; counted as not matching", rule.name, key,
+                          exc)
+            result.matched = False
+            result.reasons.append(f"{key}: {exc}; counted as not matching")
+            continue
+        if matched:
             result.reasons.append(f"{key} {value!r} matches /{pattern}/")
         else:
             result.matched = False
