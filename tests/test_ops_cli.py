@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from tests.support.peers import (
     CT_DIR,
@@ -437,3 +440,48 @@ def test_write_commands_on_a_home_without_database_create_nothing(tmp_path: Path
     assert (hub_home / "hub.sqlite").exists()
     token = _pas(home, "hub", "token", "SITE-A", env={"PAS_HUB_HOME": str(hub_home)})
     assert token.returncode == 0 and token.stdout.strip(), token.stderr
+
+
+def _commands_with_flags() -> list[list[str]]:
+    """Every ``pas`` command with a flag among its options, as typed after ``pas``."""
+    import typer.main
+
+    from appliance.cli.main import app
+
+    def walk(command: Any, path: list[str]) -> Iterator[list[str]]:
+        if any(getattr(p, "is_flag", False) for p in command.params):
+            yield path
+        for name, sub in sorted(getattr(command, "commands", {}).items()):
+            yield from walk(sub, [*path, name])
+
+    return list(walk(typer.main.get_command(app), []))
+
+
+def test_help_shows_flags_as_flags_and_counts_agree_with_their_noun(pas: PasProcess,
+                                                                    tmp_path: Path) -> None:
+    """``pas status --help`` showed ``--json <bool>`` (and ``--help <bool>``) as if a flag
+    took a value; ``pas studies`` on a cache of one study was titled "1 studies"."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    commands = [[], ["cache"], *_commands_with_flags()]  # --help: every command has that one
+    assert ["cache", "purge"] in commands and ["status"] in commands and ["verify"] in commands
+    with ThreadPoolExecutor(8) as pool:
+        helps = list(pool.map(lambda args: _pas(tmp_path / "home", *args, "--help",
+                                                env={"COLUMNS": "200"}), commands))
+    for args, result in zip(commands, helps, strict=True):
+        assert result.returncode == 0, (args, result.stderr)
+        assert "<bool>" not in result.stdout, (args, result.stdout)
+        assert re.search(r"│ +--help +Show this message and exit\.", result.stdout), args
+    flags = {" ".join(args): result.stdout for args, result in zip(commands, helps,
+                                                                    strict=True)}
+    assert re.search(r"│ +--json +Machine-readable output", flags["status"])
+    assert re.search(r"│ +--force +Also when not confirmed", flags["cache purge"])
+    assert not (tmp_path / "home").exists()
+
+    storescu([FILES[0]], pas.port)
+    listing = pas.cli("studies").stdout
+    assert listing.splitlines()[0].strip() == "1 study", listing  # the table's title
+    (study,) = json.loads(pas.cli("studies", "--json").stdout)
+    purged = pas.cli("cache", "purge", study["study_uid"], "--force").stdout
+    assert f"purged study {study['study_uid']}: 1 instance (1 unconfirmed), " in _plain(purged)
+    assert pas.cli("studies").stdout.splitlines()[0].strip() == "0 studies"

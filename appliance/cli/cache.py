@@ -14,6 +14,7 @@ import typer
 from rich.table import Table
 
 from appliance.cli.common import console, err
+from appliance.words import counted
 
 cache_app = typer.Typer(help="The local cache: pins, eviction, purge, integrity.",
                         no_args_is_help=True)
@@ -96,7 +97,7 @@ def cache_status(config: Path | None = ConfigOption,
         return
     console.print(snapshot)
     if issues:
-        table = Table(title=f"{len(issues)} open integrity issues")
+        table = Table(title=counted(len(issues), "open integrity issue"))
         for column in ("kind", "path", "detail"):
             table.add_column(column)
         for issue in issues:
@@ -111,8 +112,9 @@ def cache_evict(config: Path | None = ConfigOption) -> None:
 
     settings, db, spool = _open(config, long_pass=True)
     result = CachePolicy(settings, db, spool).evict_if_needed()
-    console.print(f"evicted {len(result.evicted)} studies, {result.freed_bytes} bytes; "
-                  f"used {result.used_after}/{result.capacity}")
+    console.print(f"evicted {counted(len(result.evicted), 'study', 'studies')}, "
+                  f"{counted(result.freed_bytes, 'byte')}; used {result.used_after}/"
+                  f"{result.capacity}")
 
 
 @cache_app.command("pin")
@@ -160,8 +162,8 @@ def cache_purge(study_uid: str, config: Path | None = ConfigOption,
     except NotEvictable as exc:
         err.print(f"[red]refused:[/red] {exc} (use --force to purge anyway)")
         raise typer.Exit(1) from None
-    console.print(f"purged study {study_uid}: {evicted.instances} instances "
-                  f"({evicted.unconfirmed} unconfirmed), {evicted.bytes} bytes")
+    console.print(f"purged study {study_uid}: {counted(evicted.instances, 'instance')} "
+                  f"({evicted.unconfirmed} unconfirmed), {counted(evicted.bytes, 'byte')}")
 
 
 def register(app: typer.Typer) -> None:

@@ -20,6 +20,7 @@ from appliance.cli.common import (
     write_database,
 )
 from appliance.config import ConfigError
+from appliance.words import counted
 
 hub_app = typer.Typer(help="The regional hub: PKI, enrolment tokens, the transfer service.",
                       no_args_is_help=True)
@@ -119,7 +120,7 @@ def hub_revoke(site: str = typer.Argument(...), config: Path | None = HubConfigO
     if count == 0:
         err.print(f"[yellow]no valid certificate of site {site!r} to revoke[/yellow]")
         raise typer.Exit(1)
-    console.print(f"revoked {count} certificate(s) of site {site}")
+    console.print(f"revoked {counted(count, 'certificate')} of site {site}")
 
 
 @hub_app.command("sites")
@@ -128,7 +129,7 @@ def hub_sites(config: Path | None = HubConfigOption) -> None:
     from appliance.store.hub import list_certificates
 
     rows = list_certificates(_hub_reader(_hub_settings(config)))
-    table = Table(title=f"{len(rows)} certificates")
+    table = Table(title=counted(len(rows), "certificate"))
     for column in ("site", "serial", "valid until", "state"):
         table.add_column(column)
     for r in rows:
@@ -144,7 +145,7 @@ def hub_transfers(config: Path | None = HubConfigOption,
     from appliance.store.hub import list_transfers
 
     rows = list_transfers(_hub_reader(_hub_settings(config)), site)
-    table = Table(title=f"{len(rows)} transfers")
+    table = Table(title=counted(len(rows), "transfer"))
     for column in ("site", "transfer", "study UID", "instances", "buckets", "received",
                    "committed"):
         table.add_column(column)

@@ -24,6 +24,7 @@ from appliance.cli.common import (
 )
 from appliance.config import Settings, load_settings
 from appliance.ops.status import human_size
+from appliance.words import counted
 
 app = typer.Typer(help="PAS, the hospital's access point to the regional imaging platform.",
                   no_args_is_help=True, add_completion=False)
@@ -102,8 +103,9 @@ def config_check(path: Path | None = typer.Argument(None, help="TOML file to che
     settings = _settings(path)
     console.print(f"[green]configuration OK[/green]: site {settings.site}, AE "
                   f"{settings.dicom.ae_title} port "
-                  f"{settings.dicom.port}, home {settings.home}, {len(settings.routing.rules)} "
-                  f"rules, {len(settings.destinations)} destinations")
+                  f"{settings.dicom.port}, home {settings.home}, "
+                  f"{counted(len(settings.routing.rules), 'rule')}, "
+                  f"{counted(len(settings.destinations), 'destination')}")
 
 
 @app.command()
@@ -162,7 +164,7 @@ def studies(config: Path | None = ConfigOption,
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table(title=f"{len(rows)} studies")
+    table = Table(title=counted(len(rows), "study", "studies"))
     for column in ("patient", "name", "date", "modalities", "description", "series",
                    "instances", "size", "confirmed", "study UID"):
         table.add_column(column)
@@ -235,7 +237,7 @@ def queue_list(config: Path | None = ConfigOption,
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table(title=f"{len(rows)} jobs")
+    table = Table(title=counted(len(rows), "job"))
     for column in ("id", "kind", "destination", "state", "prio", "attempts", "sent",
                    "next attempt", "last error", "study UID"):
         table.add_column(column)

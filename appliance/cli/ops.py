@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from appliance.cli.common import console, err
+from appliance.words import counted
 
 MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts per association
 
@@ -121,7 +122,7 @@ def send(paths: list[Path] = typer.Argument(..., help="DICOM files or folders (r
         if assoc.is_established:
             assoc.release()
     sent = len(files) - len(failures)
-    console.print(f"sent {sent} of {len(files)} files ({sent_bytes / 1e6:.1f} MB) to "
+    console.print(f"sent {sent} of {counted(len(files), 'file')} ({sent_bytes / 1e6:.1f} MB) to "
                   f"{called_ae}@{host}:{port}", highlight=False)
     for failure in failures:
         err.print(f"[red]failed:[/red] {failure}", highlight=False)

@@ -22,6 +22,7 @@ from appliance.cli.common import (
     read_database,
     write_database,
 )
+from appliance.words import counted
 
 app = typer.Typer(help="Priors on site before the patient arrives.", no_args_is_help=True)
 
@@ -84,7 +85,7 @@ def list_requests(state: PrefetchState | None = typer.Option(
     if as_json:
         print(json.dumps({"counts": store.counts_by_state(db), "requests": rows}, indent=2))
         return
-    table = Table(title=f"{len(rows)} prefetch requests")
+    table = Table(title=counted(len(rows), "prefetch request"))
     for column in ("id", "trigger", "patient", "modality", "scheduled", "state", "priors",
                    "instances", "lead time", "times", "last error"):
         table.add_column(column)
