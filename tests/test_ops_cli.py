@@ -145,19 +145,74 @@ def test_a_second_daemon_on_the_same_home_is_refused_before_touching_it(
         first.stop()
 
 
-def test_pas_run_on_a_taken_dicom_port_says_so_in_one_line(tmp_path: Path) -> None:
+def _address_this_host_lacks() -> str:
+    """An address of the benchmarking range 198.18.0.0/15 that no interface here has:
+    binding it fails (EADDRNOTAVAIL) and nothing is sent anywhere."""
+    held = subprocess.run(["ip", "-o", "address"], capture_output=True, text=True,
+                          check=True).stdout
+    return next(a for a in (f"198.19.255.{n}" for n in range(253, 0, -4))
+                if f" {a}/" not in held)
+
+
+def _free_privileged_port() -> int:
+    for port in range(1023, 900, -1):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port below 1024")
+
+
+def test_pas_run_names_why_a_port_cannot_be_bound(tmp_path: Path) -> None:
+    """``pas run`` said "(another program listens there?)" whatever the bind said: also for
+    an address this host does not have (a dicom.host typo, an address moved to another
+    box) and for port 104 without CAP_NET_BIND_SERVICE. Each cause is now named, with the
+    key to change, in one line."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PAS_")}
+    base = {**environ, "PAS_HOME": str(tmp_path / "pas"), "PAS_DICOM__HOST": "127.0.0.1",
+            "PAS_DICOM__PORT": str(free_port()), "PAS_HTTP__ENABLED": "false",
+            "PAS_HL7__ENABLED": "false"}
+
+    def run(env: dict[str, str], prefix: tuple[str, ...] = ()) -> str:
+        result = subprocess.run([*prefix, str(PAS_BIN), "run"], env={**base, **env},
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "Traceback" not in result.stderr
+        (line,) = [x for x in result.stderr.splitlines() if x.startswith("cannot start")]
+        return line
+
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        env = {**os.environ, "PAS_HOME": str(tmp_path / "pas"), "PAS_DICOM__PORT": str(port),
-               "PAS_DICOM__HOST": "127.0.0.1", "PAS_HTTP__ENABLED": "false",
-               "PAS_HL7__ENABLED": "false"}
-        run = subprocess.run([str(PAS_BIN), "run"], env=env, capture_output=True, text=True,
-                             timeout=60)
-    assert run.returncode == 1
-    assert f"cannot start: dicom.port {port} on 127.0.0.1" in run.stderr
-    assert "Traceback" not in run.stderr
+        said = run({"PAS_DICOM__PORT": str(port)})
+    assert said == (f"cannot start: dicom.port {port} on 127.0.0.1: Address already in use "
+                    f"(another program listens there: ss -ltnp 'sport = :{port}')")
+
+    nowhere = _address_this_host_lacks()
+    said = run({"PAS_DICOM__HOST": nowhere})
+    assert said.startswith(f"cannot start: dicom.port {base['PAS_DICOM__PORT']} on {nowhere}: "
+                           "Cannot assign requested address"), said
+    assert f"this host has no address {nowhere}: set dicom.host to one it has" in said
+    assert "another program" not in said
+    http_port = free_port()
+    said = run({"PAS_HTTP__ENABLED": "true", "PAS_HTTP__HOST": nowhere,
+                "PAS_HTTP__PORT": str(http_port)})
+    assert said.startswith(f"cannot start: http.port {http_port} on {nowhere}: "), said
+    assert "set http.host to one it has" in said and "another program" not in said
+
+    # A port below 1024 by a process without CAP_NET_BIND_SERVICE, as the shipped unit runs
+    # (CapabilityBoundingSet= empty): root here, so the test drops that capability first.
+    privileged = _free_privileged_port()
+    drop = (("setpriv", "--bounding-set=-net_bind_service", "--inh-caps=-net_bind_service")
+            if os.geteuid() == 0 else ())
+    said = run({"PAS_DICOM__PORT": str(privileged)}, drop)
+    assert said == (f"cannot start: dicom.port {privileged} on 127.0.0.1: Permission denied "
+                    "(a port below 1024 is privileged: the service needs CAP_NET_BIND_SERVICE "
+                    "(install image/systemd/pas.service.d/port-104.conf), or set dicom.port "
+                    "to 1024 or above)")
 
 
 def test_cache_pin_refuses_a_duration_that_is_not_positive(pas: PasProcess) -> None:
