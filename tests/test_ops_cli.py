@@ -10,7 +10,7 @@ import re
 import shutil
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -497,14 +497,14 @@ def test_write_commands_on_a_home_without_database_create_nothing(tmp_path: Path
     assert token.returncode == 0 and token.stdout.strip(), token.stderr
 
 
-def _commands_with_flags() -> list[list[str]]:
-    """Every ``pas`` command with a flag among its options, as typed after ``pas``."""
+def _commands(having: Callable[[Any], bool]) -> list[list[str]]:
+    """Every ``pas`` command with an option ``having`` says yes to, as typed after ``pas``."""
     import typer.main
 
     from appliance.cli.main import app
 
     def walk(command: Any, path: list[str]) -> Iterator[list[str]]:
-        if any(getattr(p, "is_flag", False) for p in command.params):
+        if any(having(p) for p in command.params):
             yield path
         for name, sub in sorted(getattr(command, "commands", {}).items()):
             yield from walk(sub, [*path, name])
@@ -512,23 +512,30 @@ def _commands_with_flags() -> list[list[str]]:
     return list(walk(typer.main.get_command(app), []))
 
 
+def _helps(home: Path, commands: list[list[str]]) -> dict[str, str]:
+    """``pas COMMAND --help`` of each, wide enough not to wrap, by command."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda args: _pas(home, *args, "--help",
+                                                  env={"COLUMNS": "300"}), commands))
+    for args, result in zip(commands, results, strict=True):
+        assert result.returncode == 0, (args, result.stderr)
+    return {" ".join(args): result.stdout for args, result in zip(commands, results,
+                                                                   strict=True)}
+
+
 def test_help_shows_flags_as_flags_and_counts_agree_with_their_noun(pas: PasProcess,
                                                                     tmp_path: Path) -> None:
     """``pas status --help`` showed ``--json <bool>`` (and ``--help <bool>``) as if a flag
     took a value; ``pas studies`` on a cache of one study was titled "1 studies"."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    commands = [[], ["cache"], *_commands_with_flags()]  # --help: every command has that one
+    commands = [[], ["cache"],  # --help: every command has that one
+                *_commands(lambda option: getattr(option, "is_flag", False))]
     assert ["cache", "purge"] in commands and ["status"] in commands and ["verify"] in commands
-    with ThreadPoolExecutor(8) as pool:
-        helps = list(pool.map(lambda args: _pas(tmp_path / "home", *args, "--help",
-                                                env={"COLUMNS": "200"}), commands))
-    for args, result in zip(commands, helps, strict=True):
-        assert result.returncode == 0, (args, result.stderr)
-        assert "<bool>" not in result.stdout, (args, result.stdout)
-        assert re.search(r"│ +--help +Show this message and exit\.", result.stdout), args
-    flags = {" ".join(args): result.stdout for args, result in zip(commands, helps,
-                                                                    strict=True)}
+    flags = _helps(tmp_path / "home", commands)
+    for command, text in flags.items():
+        assert "<bool>" not in text, (command, text)
+        assert re.search(r"│ +--help +Show this message and exit\.", text), command
     assert re.search(r"│ +--json +Machine-readable output", flags["status"])
     assert re.search(r"│ +--force +Also when not confirmed", flags["cache purge"])
     assert not (tmp_path / "home").exists()
@@ -540,3 +547,35 @@ def test_help_shows_flags_as_flags_and_counts_agree_with_their_noun(pas: PasProc
     purged = pas.cli("cache", "purge", study["study_uid"], "--force").stdout
     assert f"purged study {study['study_uid']}: 1 instance (1 unconfirmed), " in _plain(purged)
     assert pas.cli("studies").stdout.splitlines()[0].strip() == "0 studies"
+
+
+def test_help_words_each_option_once_and_lists_each_command_on_one_line(tmp_path: Path) -> None:
+    """As an administrator reads ``--help``: pas doctor's and pas send's --config said only
+    "TOML file" (which one, by default?), pas prefetch's "as for pas run"; five --json of
+    seven had no help; the command lists broke pas doctor's and pas prefetch list's summary
+    in the middle of a sentence; pas queue retry said it retried failed jobs only."""
+    configured = _commands(lambda option: "--config" in getattr(option, "opts", ()))
+    appliance = [args for args in configured if args[0] != "hub"]  # the hub has its own
+    assert ["doctor"] in appliance and ["send"] in appliance and ["prefetch", "list"] in appliance
+    jsons = _commands(lambda option: "--json" in getattr(option, "opts", ()))
+    helps = _helps(tmp_path / "home", [[], ["prefetch"], ["queue", "retry"], *appliance,
+                                       *jsons])
+    config_help = ("TOML file; default: $PAS_CONFIG, else $PAS_HOME/appliance.toml if it "
+                   "exists, else (PAS_HOME unset) /etc/pas/appliance.toml if it exists, else "
+                   "built-in defaults")
+    for args in appliance:
+        assert re.search(r"│ +--config +-c +<path> +" + re.escape(config_help),
+                         helps[" ".join(args)]), args
+    for args in jsons:
+        assert re.search(r"│ +--json +Machine-readable output", helps[" ".join(args)]), args
+    import typer.main
+
+    from appliance.cli.main import app
+
+    root = typer.main.get_command(app)
+    for group, command in (("", root), ("prefetch", root.commands["prefetch"])):  # type: ignore[attr-defined]
+        panel = helps[group].split("Commands")[1]
+        rows = [line for line in panel.splitlines() if line.startswith("│")]
+        assert len(rows) == len(command.commands), (group, rows)  # one line each
+    assert "Make a failed or pending job due now" in helps["queue retry"]
+    assert not (tmp_path / "home").exists()

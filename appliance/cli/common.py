@@ -44,6 +44,13 @@ def _flags_take_no_value() -> None:
 
 _flags_take_no_value()
 
+# Every appliance command's --config and --json, worded once (pas doctor and pas send said
+# "TOML file", pas prefetch "as for pas run", and half the --json had no help).
+ConfigOption = typer.Option(None, "--config", "-c", help=(
+    "TOML file; default: $PAS_CONFIG, else $PAS_HOME/appliance.toml if it exists, else "
+    "(PAS_HOME unset) /etc/pas/appliance.toml if it exists, else built-in defaults"))
+JsonOption = typer.Option(False, "--json", help="Machine-readable output")
+
 console = Console()
 # Errors stay one line each (no wrapping at the terminal width): greppable in scripts and logs.
 err = Console(stderr=True, soft_wrap=True)

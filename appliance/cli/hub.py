@@ -111,7 +111,8 @@ def hub_token(site: str = typer.Argument(..., help=SITE_HELP),
 
 
 @hub_app.command("revoke")
-def hub_revoke(site: str = typer.Argument(...), config: Path | None = HubConfigOption) -> None:
+def hub_revoke(site: str = typer.Argument(..., help="Site name, as pas hub sites lists it"),
+               config: Path | None = HubConfigOption) -> None:
     """Refuse SITE's certificates from now on (the running hub checks every request)."""
     from appliance.store.hub import revoke_site
 
@@ -140,7 +141,8 @@ def hub_sites(config: Path | None = HubConfigOption) -> None:
 
 @hub_app.command("transfers")
 def hub_transfers(config: Path | None = HubConfigOption,
-                  site: str | None = typer.Option(None, "--site")) -> None:
+                  site: str | None = typer.Option(None, "--site",
+                                                  help="Only this site's transfers")) -> None:
     """Recent transfers: buckets held, bytes received, committed, not yet, or expired."""
     from appliance.store.hub import list_transfers
 
