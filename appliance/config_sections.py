@@ -237,6 +237,9 @@ class AuditSection(_Section):
     syslog_cert: Path | None = None
     syslog_key: Path | None = None
     queue_max: int = Field(default=10000, ge=1)
+    # At a clean stop, what is still queued is sent for at most this long (systemd's
+    # TimeoutStopSec=60s covers it and the rest of the stop).
+    stop_flush_s: float = Field(default=5.0, ge=0, le=30)
 
     @model_validator(mode="after")
     def _ca_with_host(self) -> AuditSection:

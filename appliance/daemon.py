@@ -17,6 +17,7 @@ from appliance.dispatch.target_types import make_target
 from appliance.dispatch.worker import Dispatcher
 from appliance.ingest.receive import Receiver
 from appliance.ingest.scp import DicomListener
+from appliance.ops.listeners import bind_refused
 from appliance.ops.notify import Notifier, backlog_status
 from appliance.routing.stability import Router
 from appliance.store import audit
@@ -27,7 +28,11 @@ log = logging.getLogger("pas.daemon")
 
 
 class PortUnavailable(OSError):
-    """The DICOM or the HTTP port could not be opened (taken, or not allowed)."""
+    """The DICOM or the HTTP port could not be opened (taken, no such address, not allowed)."""
+
+
+# How the appliance's service gets CAP_NET_BIND_SERVICE (docs/operations.md).
+PORT_104_DROP_IN = "install image/systemd/pas.service.d/port-104.conf"
 
 
 class Daemon:
@@ -110,9 +115,9 @@ class Daemon:
         try:
             self.listener.start()
         except OSError as exc:
-            raise PortUnavailable(
-                f"dicom.port {self.settings.dicom.port} on {self.settings.dicom.host}: "
-                f"{exc.strerror or exc} (another program listens there?)") from None
+            raise PortUnavailable(bind_refused(
+                "dicom.port", "dicom.host", self.settings.dicom.host, self.settings.dicom.port,
+                exc, PORT_104_DROP_IN)) from None
         if self.settings.http.enabled:  # status page, /metrics, DICOMweb: bound before READY
             self._start_web()
         self._spawn("pas-cache", lambda: self.cache_policy.run(self.stopping))
@@ -150,9 +155,8 @@ class Daemon:
             self.web = WebServer(build_app(self), http.host, http.port, **web_tls(self.settings))
         except OSError as exc:
             self.listener.stop()
-            raise PortUnavailable(
-                f"http.port {http.port} on {http.host}: {exc.strerror or exc} "
-                "(another program listens there?)") from None
+            raise PortUnavailable(bind_refused("http.port", "http.host", http.host, http.port,
+                                               exc, PORT_104_DROP_IN)) from None
         try:
             self.web.start()
         except RuntimeError as exc:

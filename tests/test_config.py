@@ -120,7 +120,7 @@ def test_environment_value_is_read_as_its_key_type() -> None:
                    PAS_SITE='"quoted"')
     assert result.returncode == 0, _said(result)
     assert "site quoted, AE 1234 port 11113" in _said(result)
-    assert "1 destinations" in _said(result)
+    assert _said(result).endswith(" rules, 1 destination")
     settings = load_settings(environ={"PAS_DESTINATIONS__R__KIND": "stowrs",
                                       "PAS_DESTINATIONS__R__URL": "http://x",
                                       "PAS_DESTINATIONS__R__PASSWORD": "2024",

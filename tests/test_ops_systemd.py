@@ -165,7 +165,7 @@ def test_status_line_names_each_destination_backlog() -> None:
     assert backlog_status([]) == "idle: nothing queued"
     line = backlog_status([{"destination": "hub", "studies": 3, "oldest_age_s": 42.4},
                            {"destination": "archive", "studies": 1, "oldest_age_s": 7.0}])
-    assert line == "backlog hub: 3 studies, oldest 42s; archive: 1 studies, oldest 7s"
+    assert line == "backlog hub: 3 studies, oldest 42s; archive: 1 study, oldest 7s"
 
 
 def test_a_taken_http_port_fails_start_up_without_ready(tmp_path: Path) -> None:

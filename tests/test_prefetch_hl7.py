@@ -249,8 +249,10 @@ def test_manual_request_and_list(pas_hl7: PasProcess) -> None:
     rows = [r for r in requests(pas_hl7) if r["patient_id"] == "P900"]
     assert len(rows) == 1 and rows[0]["trigger"] == "manual" and rows[0]["modality"] == "MR"
     table = pas_hl7.cli("prefetch", "list").stdout
-    assert "prefetch requests" in table
     listed = json.loads(pas_hl7.cli("prefetch", "list", "--json").stdout)
+    count = len(listed["requests"])
+    assert table.splitlines()[0].strip() == (f"{count} prefetch request"
+                                             + ("" if count == 1 else "s"))
     assert [r["id"] for r in listed["requests"]] == [r["id"] for r in requests(pas_hl7)]
     assert sum(listed["counts"].values()) == len(listed["requests"])
     bad = pas_hl7.cli("prefetch", "patient", " ", check=False)

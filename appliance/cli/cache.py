@@ -13,14 +13,13 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from appliance.cli.common import console, err
+from appliance.cli.common import ConfigOption, JsonOption, console, err
+from appliance.words import counted
 
 cache_app = typer.Typer(help="The local cache: pins, eviction, purge, integrity.",
                         no_args_is_help=True)
 
-ConfigOption = typer.Option(None, "--config", "-c", help="TOML file (default: $PAS_CONFIG, "
-                            "else $PAS_HOME/appliance.toml if present, else without PAS_HOME "
-                            "/etc/pas/appliance.toml if present, else built-in defaults)")
+StudyArgument = typer.Argument(..., help="Study Instance UID, as pas studies lists it")
 
 
 def _open(config: Path | None, write: bool = True,  # type: ignore[no-untyped-def]
@@ -58,7 +57,7 @@ def verify(config: Path | None = ConfigOption,
            repair: bool = typer.Option(False, "--repair", help="Adopt whole orphan files, move "
                                        "damaged ones to spool/quarantine, and restore missing "
                                        "or damaged confirmed instances from the region"),
-           as_json: bool = typer.Option(False, "--json")) -> None:
+           as_json: bool = JsonOption) -> None:
     """Re-hash every stored file against the index and report; exit 1 on any problem."""
     from appliance.ingest.receive import Receiver
     from appliance.ops.recovery import verify as run_verify
@@ -82,8 +81,7 @@ def verify(config: Path | None = ConfigOption,
 
 
 @cache_app.command("status")
-def cache_status(config: Path | None = ConfigOption,
-                 as_json: bool = typer.Option(False, "--json")) -> None:
+def cache_status(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> None:
     """Disk use against the watermarks, the alert, open integrity issues."""
     from appliance.ops.cache_policy import CachePolicy
     from appliance.store.cache import open_issues
@@ -96,7 +94,7 @@ def cache_status(config: Path | None = ConfigOption,
         return
     console.print(snapshot)
     if issues:
-        table = Table(title=f"{len(issues)} open integrity issues")
+        table = Table(title=counted(len(issues), "open integrity issue"))
         for column in ("kind", "path", "detail"):
             table.add_column(column)
         for issue in issues:
@@ -111,12 +109,13 @@ def cache_evict(config: Path | None = ConfigOption) -> None:
 
     settings, db, spool = _open(config, long_pass=True)
     result = CachePolicy(settings, db, spool).evict_if_needed()
-    console.print(f"evicted {len(result.evicted)} studies, {result.freed_bytes} bytes; "
-                  f"used {result.used_after}/{result.capacity}")
+    console.print(f"evicted {counted(len(result.evicted), 'study', 'studies')}, "
+                  f"{counted(result.freed_bytes, 'byte')}; used {result.used_after}/"
+                  f"{result.capacity}")
 
 
 @cache_app.command("pin")
-def cache_pin(study_uid: str, config: Path | None = ConfigOption,
+def cache_pin(study_uid: str = StudyArgument, config: Path | None = ConfigOption,
               days: float | None = typer.Option(None, "--days", help="Pin for N days "
                                                 "(default: until unpinned)")) -> None:
     """Keep a study in the cache whatever the disk pressure (until unpinned or N days)."""
@@ -135,7 +134,7 @@ def cache_pin(study_uid: str, config: Path | None = ConfigOption,
 
 
 @cache_app.command("unpin")
-def cache_unpin(study_uid: str, config: Path | None = ConfigOption) -> None:
+def cache_unpin(study_uid: str = StudyArgument, config: Path | None = ConfigOption) -> None:
     """Let the disk policy evict this study again (once confirmed)."""
     from appliance.ops.cache_policy import unpin
 
@@ -147,7 +146,7 @@ def cache_unpin(study_uid: str, config: Path | None = ConfigOption) -> None:
 
 
 @cache_app.command("purge")
-def cache_purge(study_uid: str, config: Path | None = ConfigOption,
+def cache_purge(study_uid: str = StudyArgument, config: Path | None = ConfigOption,
                 force: bool = typer.Option(False, "--force", help="Also when not confirmed at "
                                            "the region, pinned or queued (audited)")) -> None:
     """Delete a study from the cache now. Without --force only a confirmed, unpinned one."""
@@ -160,8 +159,8 @@ def cache_purge(study_uid: str, config: Path | None = ConfigOption,
     except NotEvictable as exc:
         err.print(f"[red]refused:[/red] {exc} (use --force to purge anyway)")
         raise typer.Exit(1) from None
-    console.print(f"purged study {study_uid}: {evicted.instances} instances "
-                  f"({evicted.unconfirmed} unconfirmed), {evicted.bytes} bytes")
+    console.print(f"purged study {study_uid}: {counted(evicted.instances, 'instance')} "
+                  f"({evicted.unconfirmed} unconfirmed), {counted(evicted.bytes, 'byte')}")
 
 
 def register(app: typer.Typer) -> None:

@@ -22,6 +22,35 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+def _flags_take_no_value() -> None:
+    """A flag reads ``--json`` in help, not ``--json <bool>``: typer 0.29's help gives every
+    option a type column, a flag's (and its own ``--help``) too, as if it took a value
+    (``pas status --json true`` is refused). Older typer left the flag's type out, and this
+    changes nothing there."""
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "pas_flags_take_no_value", False):
+        return
+
+    def display_type_rich(self: TyperOption, ctx: typer.Context) -> str | None:
+        if self.is_flag and not self.count:
+            return None
+        return shown(self, ctx)
+
+    display_type_rich.pas_flags_take_no_value = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flags_take_no_value()
+
+# Every appliance command's --config and --json, worded once (pas doctor and pas send said
+# "TOML file", pas prefetch "as for pas run", and half the --json had no help).
+ConfigOption = typer.Option(None, "--config", "-c", help=(
+    "TOML file; default: $PAS_CONFIG, else $PAS_HOME/appliance.toml if it exists, else "
+    "(PAS_HOME unset) /etc/pas/appliance.toml if it exists, else built-in defaults"))
+JsonOption = typer.Option(False, "--json", help="Machine-readable output")
+
 console = Console()
 # Errors stay one line each (no wrapping at the terminal width): greppable in scripts and logs.
 err = Console(stderr=True, soft_wrap=True)

@@ -20,6 +20,7 @@ from appliance.cli.common import (
     write_database,
 )
 from appliance.config import ConfigError
+from appliance.words import counted
 
 hub_app = typer.Typer(help="The regional hub: PKI, enrolment tokens, the transfer service.",
                       no_args_is_help=True)
@@ -110,7 +111,8 @@ def hub_token(site: str = typer.Argument(..., help=SITE_HELP),
 
 
 @hub_app.command("revoke")
-def hub_revoke(site: str = typer.Argument(...), config: Path | None = HubConfigOption) -> None:
+def hub_revoke(site: str = typer.Argument(..., help="Site name, as pas hub sites lists it"),
+               config: Path | None = HubConfigOption) -> None:
     """Refuse SITE's certificates from now on (the running hub checks every request)."""
     from appliance.store.hub import revoke_site
 
@@ -119,7 +121,7 @@ def hub_revoke(site: str = typer.Argument(...), config: Path | None = HubConfigO
     if count == 0:
         err.print(f"[yellow]no valid certificate of site {site!r} to revoke[/yellow]")
         raise typer.Exit(1)
-    console.print(f"revoked {count} certificate(s) of site {site}")
+    console.print(f"revoked {counted(count, 'certificate')} of site {site}")
 
 
 @hub_app.command("sites")
@@ -128,7 +130,7 @@ def hub_sites(config: Path | None = HubConfigOption) -> None:
     from appliance.store.hub import list_certificates
 
     rows = list_certificates(_hub_reader(_hub_settings(config)))
-    table = Table(title=f"{len(rows)} certificates")
+    table = Table(title=counted(len(rows), "certificate"))
     for column in ("site", "serial", "valid until", "state"):
         table.add_column(column)
     for r in rows:
@@ -139,12 +141,13 @@ def hub_sites(config: Path | None = HubConfigOption) -> None:
 
 @hub_app.command("transfers")
 def hub_transfers(config: Path | None = HubConfigOption,
-                  site: str | None = typer.Option(None, "--site")) -> None:
+                  site: str | None = typer.Option(None, "--site",
+                                                  help="Only this site's transfers")) -> None:
     """Recent transfers: buckets held, bytes received, committed, not yet, or expired."""
     from appliance.store.hub import list_transfers
 
     rows = list_transfers(_hub_reader(_hub_settings(config)), site)
-    table = Table(title=f"{len(rows)} transfers")
+    table = Table(title=counted(len(rows), "transfer"))
     for column in ("site", "transfer", "study UID", "instances", "buckets", "received",
                    "committed"):
         table.add_column(column)

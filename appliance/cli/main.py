@@ -14,7 +14,9 @@ from appliance.cli import cache as cache_cli
 from appliance.cli.common import (
     BUSY_MESSAGE,
     ROW_ID_MAX,
+    ConfigOption,
     JobState,
+    JsonOption,
     console,
     err,
     is_busy,
@@ -24,6 +26,7 @@ from appliance.cli.common import (
 )
 from appliance.config import Settings, load_settings
 from appliance.ops.status import human_size
+from appliance.words import counted
 
 app = typer.Typer(help="PAS, the hospital's access point to the regional imaging platform.",
                   no_args_is_help=True, add_completion=False)
@@ -40,9 +43,6 @@ cache_cli.register(app)  # pas verify, pas cache ... (appliance/cli/cache.py)
 __import__("appliance.cli.ops", fromlist=["register"]).register(app)  # pas send, doctor
 
 
-ConfigOption = typer.Option(None, "--config", "-c", help="TOML file (default: $PAS_CONFIG, "
-                            "else $PAS_HOME/appliance.toml if present, else without PAS_HOME "
-                            "/etc/pas/appliance.toml if present, else built-in defaults)")
 
 
 def _settings(path: Path | None) -> Settings:
@@ -97,18 +97,20 @@ def run(config: Path | None = ConfigOption) -> None:
 
 
 @config_app.command("check")
-def config_check(path: Path | None = typer.Argument(None, help="TOML file to check")) -> None:
+def config_check(path: Path | None = typer.Argument(
+        None, help="TOML file to check (default: the one pas run would read; see "
+                   "pas run --help)")) -> None:
     """Validate a configuration; print every problem with its key path."""
     settings = _settings(path)
     console.print(f"[green]configuration OK[/green]: site {settings.site}, AE "
                   f"{settings.dicom.ae_title} port "
-                  f"{settings.dicom.port}, home {settings.home}, {len(settings.routing.rules)} "
-                  f"rules, {len(settings.destinations)} destinations")
+                  f"{settings.dicom.port}, home {settings.home}, "
+                  f"{counted(len(settings.routing.rules), 'rule')}, "
+                  f"{counted(len(settings.destinations), 'destination')}")
 
 
 @app.command()
-def status(config: Path | None = ConfigOption,
-           as_json: bool = typer.Option(False, "--json", help="Machine-readable output")) -> None:
+def status(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> None:
     """What the appliance holds and what it still has to deliver."""
     from appliance.ops.status import collect
 
@@ -152,8 +154,9 @@ def status(config: Path | None = ConfigOption,
 
 @app.command()
 def studies(config: Path | None = ConfigOption,
-            patient: str | None = typer.Option(None, "--patient", help="PatientID"),
-            as_json: bool = typer.Option(False, "--json")) -> None:
+            patient: str | None = typer.Option(None, "--patient",
+                                               help="Only this patient's studies (PatientID)"),
+            as_json: bool = JsonOption) -> None:
     """List the studies the cache holds, newest first."""
     from appliance.store.index import list_studies
 
@@ -162,7 +165,7 @@ def studies(config: Path | None = ConfigOption,
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table(title=f"{len(rows)} studies")
+    table = Table(title=counted(len(rows), "study", "studies"))
     for column in ("patient", "name", "date", "modalities", "description", "series",
                    "instances", "size", "confirmed", "study UID"):
         table.add_column(column)
@@ -175,7 +178,8 @@ def studies(config: Path | None = ConfigOption,
 
 
 @rules_app.command("test")
-def rules_test(file: Path = typer.Argument(..., exists=True, dir_okay=False),
+def rules_test(file: Path = typer.Argument(..., exists=True, dir_okay=False,
+                                           help="A DICOM file, as a modality would send it"),
                calling_ae: str = typer.Option("", "--calling-ae", help="As if sent by this AE"),
                config: Path | None = ConfigOption) -> None:
     """Show which routing rules match a DICOM file, and why."""
@@ -226,7 +230,7 @@ def rules_test(file: Path = typer.Argument(..., exists=True, dir_okay=False),
 @queue_app.command("list")
 def queue_list(config: Path | None = ConfigOption,
                state: JobState | None = typer.Option(None, help="Only the jobs in this state"),
-               as_json: bool = typer.Option(False, "--json")) -> None:
+               as_json: bool = JsonOption) -> None:
     """Jobs, newest first."""
     from appliance.store.jobs import list_jobs
 
@@ -235,7 +239,7 @@ def queue_list(config: Path | None = ConfigOption,
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table(title=f"{len(rows)} jobs")
+    table = Table(title=counted(len(rows), "job"))
     for column in ("id", "kind", "destination", "state", "prio", "attempts", "sent",
                    "next attempt", "last error", "study UID"):
         table.add_column(column)
@@ -251,7 +255,7 @@ def queue_list(config: Path | None = ConfigOption,
 def queue_retry(job_id: int = typer.Argument(..., min=1, max=ROW_ID_MAX, help="As in pas "
                                              "queue list"),
                 config: Path | None = ConfigOption) -> None:
-    """Make a failed job due now, with its attempts reset."""
+    """Make a failed or pending job due now, with its attempts reset."""
     from appliance.store.jobs import retry
 
     settings = _settings(config)

@@ -15,7 +15,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from appliance.cli.common import console, err
+from appliance.cli.common import ConfigOption, JsonOption, console, err
+from appliance.words import counted
 
 MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts per association
 
@@ -42,8 +43,10 @@ def send(paths: list[Path] = typer.Argument(..., help="DICOM files or folders (r
                                          help="Default: dicom.port of the configuration"),
          called_ae: str | None = typer.Option(None, "--called-ae",
                                               help="Default: dicom.ae_title"),
-         calling_ae: str = typer.Option("PASSEND", "--calling-ae"),
-         config: Path | None = typer.Option(None, "--config", "-c", help="TOML file")) -> None:
+         calling_ae: str = typer.Option("PASSEND", "--calling-ae",
+                                        help="Our AE title (PAS accepts it if it is in "
+                                             "dicom.known_aes, or with dicom.accept_unknown)"),
+         config: Path | None = ConfigOption) -> None:
     """Send DICOM files to PAS (or any SCP) with C-STORE, with a progress bar."""
     from pydicom import dcmread
     from pynetdicom import AE
@@ -121,7 +124,7 @@ def send(paths: list[Path] = typer.Argument(..., help="DICOM files or folders (r
         if assoc.is_established:
             assoc.release()
     sent = len(files) - len(failures)
-    console.print(f"sent {sent} of {len(files)} files ({sent_bytes / 1e6:.1f} MB) to "
+    console.print(f"sent {sent} of {counted(len(files), 'file')} ({sent_bytes / 1e6:.1f} MB) to "
                   f"{called_ae}@{host}:{port}", highlight=False)
     for failure in failures:
         err.print(f"[red]failed:[/red] {failure}", highlight=False)
@@ -129,10 +132,11 @@ def send(paths: list[Path] = typer.Argument(..., help="DICOM files or folders (r
         raise typer.Exit(1)
 
 
-def doctor(config: Path | None = typer.Option(None, "--config", "-c", help="TOML file"),
-           as_json: bool = typer.Option(False, "--json", help="Machine-readable output")) -> None:
-    """Check configuration, database, ports, disk, enrolment, certificate, hub, clock and
-    destinations; say what to fix. Exit 1 when something must be fixed."""
+def doctor(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> None:
+    """Check the appliance and say what to fix; exit 1 when something must be fixed.
+
+    Configuration, database, ports, disk, enrolment, certificate, hub, clock and
+    destinations."""
     from appliance import dicomnet
     from appliance.config import load_settings
     from appliance.ops.doctor import run_checks

@@ -16,16 +16,17 @@ from rich.table import Table
 
 from appliance.cli.common import (
     ROW_ID_MAX,
+    ConfigOption,
+    JsonOption,
     PrefetchState,
     console,
     err,
     read_database,
     write_database,
 )
+from appliance.words import counted
 
 app = typer.Typer(help="Priors on site before the patient arrives.", no_args_is_help=True)
-
-ConfigOption = typer.Option(None, "--config", "-c", help="TOML file (as for pas run)")
 
 
 def _db(config: Path | None, write: bool = False):  # type: ignore[no-untyped-def]
@@ -51,12 +52,14 @@ def _lead(seconds: float | None) -> str:
 @app.command("patient")
 def patient(patient_id: str = typer.Argument(..., help="PatientID as the site knows it"),
             issuer: str = typer.Option("", "--issuer", help="Issuer of the PatientID"),
-            modality: str | None = typer.Option(None, "--modality",
-                                                help="The exam the priors are for (rules)"),
-            accession: str | None = typer.Option(None, "--accession",
-                                                 help="The current exam: never fetched"),
+            modality: str | None = typer.Option(
+                None, "--modality", help="Modality of the exam the priors are for (the "
+                                         "prefetch rules choose the priors by it)"),
+            accession: str | None = typer.Option(
+                None, "--accession", help="Accession number of that exam (never fetched as "
+                                          "a prior)"),
             config: Path | None = ConfigOption) -> None:
-    """Fetch this patient's priors now (the daemon does it at its next pass)."""
+    """Queue a request for this patient's priors; the running daemon fetches them soon."""
     from appliance.store import prefetch as store
     from appliance.store.db import now
 
@@ -73,10 +76,11 @@ def patient(patient_id: str = typer.Argument(..., help="PatientID as the site kn
 @app.command("list")
 def list_requests(state: PrefetchState | None = typer.Option(
                       None, help="Only the requests in this state"),
-                  as_json: bool = typer.Option(False, "--json"),
+                  as_json: bool = JsonOption,
                   config: Path | None = ConfigOption) -> None:
-    """Prefetch requests, newest first: pending, fetched, failed, and the lead time achieved
-    (how long before the scheduled exam the priors were on site)."""
+    """Prefetch requests, newest first, with their state and the lead time achieved.
+
+    The lead time: how long before the scheduled exam the priors were on site."""
     from appliance.store import prefetch as store
 
     db = _db(config)
@@ -84,7 +88,7 @@ def list_requests(state: PrefetchState | None = typer.Option(
     if as_json:
         print(json.dumps({"counts": store.counts_by_state(db), "requests": rows}, indent=2))
         return
-    table = Table(title=f"{len(rows)} prefetch requests")
+    table = Table(title=counted(len(rows), "prefetch request"))
     for column in ("id", "trigger", "patient", "modality", "scheduled", "state", "priors",
                    "instances", "lead time", "times", "last error"):
         table.add_column(column)
@@ -98,7 +102,8 @@ def list_requests(state: PrefetchState | None = typer.Option(
 
 
 @app.command("show")
-def show(request_id: int = typer.Argument(..., min=1, max=ROW_ID_MAX),
+def show(request_id: int = typer.Argument(..., min=1, max=ROW_ID_MAX,
+                                         help="As pas prefetch list shows it"),
          config: Path | None = ConfigOption) -> None:
     """One request and the prior studies it chose."""
     from appliance.store import prefetch as store

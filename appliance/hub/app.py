@@ -14,7 +14,6 @@ every ``/api/v1`` route.
 from __future__ import annotations
 
 import base64
-import errno
 import json
 import logging
 import shutil
@@ -33,6 +32,7 @@ from starlette.routing import BaseRoute, Route
 from appliance.hub.config import HubSettings
 from appliance.hub.pki import HubPKI, PKIError, certificate_identity, secret_digest
 from appliance.locks import KeyedLocks
+from appliance.ops.listeners import bind_refused
 from appliance.store import hub as store
 from appliance.transfer.enrolment import EnrolmentError, parse_token
 
@@ -275,8 +275,7 @@ def bind_port(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        hint = " (another program listens there?)" if exc.errno == errno.EADDRINUSE else ""
-        raise PortUnavailable(f"http.port {port} on {host}: {exc.strerror or exc}{hint}") from None
+        raise PortUnavailable(bind_refused("http.port", "http.host", host, port, exc)) from None
     return sock
 
 

@@ -26,6 +26,7 @@ from starlette.routing import BaseRoute, Route
 
 from appliance.store import fleet as store
 from appliance.web.headers import page_headers
+from appliance.words import counted
 
 if TYPE_CHECKING:
     from appliance.hub.app import Hub
@@ -215,9 +216,10 @@ def render_site(site: str, status: dict[str, Any], points: list[dict[str, Any]],
         f"<title>PAS {_esc(site)}</title><style>{STYLE}</style></head><body>",
         f'<p><a href="/fleet">fleet</a></p><h1>{_esc(site)}</h1>',
         f"<p id=facts>version {_esc(status['version'])} · last seen {seen} · backlog "
-        f"{status['backlog']['studies']} studies · disk {status['disk']['used_percent']} % · "
-        f"{status['received']['instances']} instances received · "
-        f"{len(points)} heartbeats in 24 h</p>",
+        f"{counted(status['backlog']['studies'], 'study', 'studies')} · disk "
+        f"{status['disk']['used_percent']} % · "
+        f"{counted(status['received']['instances'], 'instance')} received · "
+        f"{counted(len(points), 'heartbeat')} in 24 h</p>",
         svg_chart(backlog, since, at, "backlog (studies)"), "<br>",
         svg_chart(throughput, since, at, "received (MB/s)"),
         "</body></html>",

@@ -9,7 +9,9 @@ any other state.
 Why a queue and a thread: an audit sink runs in the caller's thread (a C-STORE, a query),
 and a slow or absent collector must never slow a modality down. The database row is the
 record of truth; the syslog copy is best effort with reconnection, and what a full queue
-drops is counted and logged.
+drops is counted and logged. At a clean stop what is still queued is sent first, for at most
+``audit.stop_flush_s`` (a stop used to drop it: the last associations' records, the ones an
+auditor looks for around a restart); what that time leaves unsent is counted and logged.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import re
 import socket
 import ssl
 import threading
+import time
 import xml.etree.ElementTree as ET
 from typing import Any
 
@@ -145,7 +148,9 @@ class SyslogTlsSender:
         self.queue: queue.Queue[bytes] = queue.Queue(maxsize=config.queue_max)
         self.dropped = 0
         self.sent = 0
+        self._pending: bytes | None = None  # taken from the queue, not sent yet
         self._stop = threading.Event()
+        self._flush_until = 0.0  # once stopping: send what is queued until then (monotonic)
         self._thread: threading.Thread | None = None
         self.context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
                                                   cafile=str(config.syslog_ca))
@@ -166,42 +171,72 @@ class SyslogTlsSender:
         self._thread = threading.Thread(target=self._run, name="pas-audit-syslog", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, flush_s: float = 0.0) -> int:
+        """Send what is still queued, for at most ``flush_s`` seconds (a wait between
+        reconnections is cut short), then stop. Returns how many records were left unsent,
+        and logs it: they are in the database's audit table, not at the collector."""
+        self._flush_until = time.monotonic() + flush_s
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout)
+            # A connection or a send begun before the stop may outlast the flush time (up
+            # to its 10 s timeout): not waited for, its record counted as unsent.
+            self._thread.join(flush_s + 0.5)
+        unsent = self.queue.qsize() + (self._pending is not None)
+        if unsent or self.dropped:
+            log.warning("audit syslog %s:%d: %d audit records not sent at stop (audit."
+                        "stop_flush_s = %g s)%s; the database's audit table has them all",
+                        self.config.syslog_host, self.config.syslog_port, unsent, flush_s,
+                        f", {self.dropped} dropped before (queue full, audit.queue_max)"
+                        if self.dropped else "")
+        return unsent
 
-    def _connect(self) -> ssl.SSLSocket:
+    def _time_left(self) -> float | None:
+        """None while running; once stopping, the seconds left to flush the queue."""
+        return self._flush_until - time.monotonic() if self._stop.is_set() else None
+
+    def _connect(self, timeout: float) -> ssl.SSLSocket:
         raw = socket.create_connection((str(self.config.syslog_host), self.config.syslog_port),
-                                       timeout=10)
+                                       timeout=timeout)
         return self.context.wrap_socket(raw, server_hostname=str(self.config.syslog_host))
 
     def _run(self) -> None:
         connection: ssl.SSLSocket | None = None
-        pending: bytes | None = None
         delay = 0.5
-        while not self._stop.is_set():
-            if pending is None:
-                try:
-                    pending = self.queue.get(timeout=0.5)
+        while True:
+            if self._pending is None:
+                try:  # stopping: only what is queued already
+                    self._pending = (self.queue.get_nowait() if self._stop.is_set()
+                                     else self.queue.get(timeout=0.5))
                 except queue.Empty:
+                    if self._stop.is_set():
+                        break
                     continue
+            left = self._time_left()
+            if left is not None and left <= 0:
+                break
+            timeout = 10.0 if left is None else min(10.0, left)
             try:
                 if connection is None:
-                    connection = self._connect()
+                    connection = self._connect(timeout)
                     delay = 0.5
-                connection.sendall(frame(pending))
+                connection.settimeout(timeout)
+                connection.sendall(frame(self._pending))
                 self.sent += 1
-                pending = None
+                self._pending = None
             except (OSError, ssl.SSLError) as exc:
-                log.warning("audit syslog %s:%d unreachable (%s); retrying in %.1fs",
-                            self.config.syslog_host, self.config.syslog_port, exc, delay)
                 if connection is not None:
                     with contextlib.suppress(OSError):
                         connection.close()
                 connection = None
-                self._stop.wait(delay)
-                delay = min(delay * 2, 30.0)
+                left = self._time_left()
+                pause = delay if left is None else max(0.0, min(0.5, left))
+                log.warning("audit syslog %s:%d unreachable (%s); retrying in %.1fs",
+                            self.config.syslog_host, self.config.syslog_port, exc, pause)
+                if left is None:
+                    self._stop.wait(delay)  # a stop cuts the wait short: the flush begins
+                    delay = min(delay * 2, 30.0)
+                else:
+                    time.sleep(pause)
         if connection is not None:
             with contextlib.suppress(OSError):
                 connection.close()
@@ -260,5 +295,5 @@ class AuditTrail:
     def close(self) -> None:
         audit.remove_sink(journal_sink)
         if self.sender is not None:
-            audit.remove_sink(self.sender)
-            self.sender.stop()
+            audit.remove_sink(self.sender)  # nothing queued from now on; then the flush
+            self.sender.stop(self.settings.audit.stop_flush_s)

@@ -25,6 +25,7 @@ from appliance.store import audit, eviction
 from appliance.store import cache as cache_store
 from appliance.store.db import Database, now
 from appliance.store.spool import Spool
+from appliance.words import counted
 
 log = logging.getLogger("pas.cache")
 
@@ -84,9 +85,10 @@ class CachePolicy:
                 result.freed_bytes += evicted.bytes
                 audit.record(self.db, "delete", actor="system", target=candidate.study_uid,
                              detail=f"evicted (LRU, confirmed at the region): "
-                                    f"{evicted.instances} instances, {evicted.bytes} bytes")
-                log.info("evicted study %s (%d instances, %d bytes)", candidate.study_uid,
-                         evicted.instances, evicted.bytes,
+                                    f"{counted(evicted.instances, 'instance')}, "
+                                    f"{counted(evicted.bytes, 'byte')}")
+                log.info("evicted study %s (%s, %s)", candidate.study_uid,
+                         counted(evicted.instances, "instance"), counted(evicted.bytes, "byte"),
                          extra={"STUDY_UID": candidate.study_uid})
                 used, capacity = self._usage()
         result.used_after = used
@@ -162,7 +164,7 @@ def pin(db: Database, study_uid: str, days: float | None, actor: str) -> bool:
     done = cache_store.set_pin(db, study_uid, until)
     audit.record(db, "pin", actor=actor, target=study_uid,
                  outcome="success" if done else "failure: unknown study",
-                 detail=f"pinned for {days} days" if days else "pinned until unpinned")
+                 detail=f"pinned for {counted(days, 'day')}" if days else "pinned until unpinned")
     return done
 
 
@@ -184,8 +186,10 @@ def purge(db: Database, spool: Spool, study_uid: str, actor: str,
         raise
     audit.record(db, "delete", actor=actor, target=study_uid,
                  detail=f"{'forced ' if force else ''}purge by the operator: "
-                        f"{evicted.instances} instances ({evicted.unconfirmed} unconfirmed), "
-                        f"{evicted.bytes} bytes, at {time.strftime('%Y-%m-%dT%H:%M:%S')}")
-    log.warning("study %s purged by %s (%d instances, %d unconfirmed)", study_uid, actor,
-                evicted.instances, evicted.unconfirmed, extra={"STUDY_UID": study_uid})
+                        f"{counted(evicted.instances, 'instance')} ({evicted.unconfirmed} "
+                        f"unconfirmed), {counted(evicted.bytes, 'byte')}, at "
+                        f"{time.strftime('%Y-%m-%dT%H:%M:%S')}")
+    log.warning("study %s purged by %s (%s, %d unconfirmed)", study_uid, actor,
+                counted(evicted.instances, "instance"), evicted.unconfirmed,
+                extra={"STUDY_UID": study_uid})
     return evicted

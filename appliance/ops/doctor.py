@@ -23,6 +23,7 @@ import httpx
 from appliance.config import ConfigError, DicomDestination, Settings, load_settings
 from appliance.ops.home_lock import lock_file
 from appliance.ops.listeners import listening_pids, lock_holder, process_name
+from appliance.words import counted
 
 Verdict = Literal["ok", "warn", "fail"]
 MAX_SKEW_WARN_S = 30.0
@@ -156,10 +157,11 @@ def check_enrolment(settings: Settings) -> list[Check]:
         checks.append(Check("certificate", "fail", "client certificate missing or expired",
                             "enrol again with a new token: pas enroll"))
     elif days < 30:
-        checks.append(Check("certificate", "warn", f"expires in {days:.0f} days",
+        checks.append(Check("certificate", "warn", f"expires in {counted(round(days), 'day')}",
                             "renew it before it expires: pas enroll with a new token"))
     else:
-        checks.append(Check("certificate", "ok", f"valid for {days:.0f} more days"))
+        checks.append(Check("certificate", "ok",
+                            f"valid for {counted(round(days), 'more day')}"))
     checks.extend(check_hub(enrolment))
     return checks
 
@@ -254,7 +256,7 @@ def run_checks(config_path: Path | None = None) -> list[Check]:
         return [Check("configuration", "fail", problem, "fix this key in the TOML file "
                       "(pas config check)") for problem in exc.problems]
     checks = [Check("configuration", "ok", f"AE {settings.dicom.ae_title}, home "
-                    f"{settings.home}, {len(settings.destinations)} destinations")]
+                    f"{settings.home}, {counted(len(settings.destinations), 'destination')}")]
     checks.append(check_database(settings))
     dicom, http = settings.dicom, settings.http
     daemon_pid = lock_holder(lock_file(settings.home))

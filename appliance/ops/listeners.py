@@ -1,5 +1,6 @@
 """Who is who on this machine, read from ``/proc``: the process listening on a TCP port, and
-the process holding a PAS home's lock.
+the process holding a PAS home's lock; and why a port could not be bound, in words
+(:func:`bind_refused`, for ``pas run`` and ``pas hub run``).
 
 Owns: reading ``/proc/net/tcp``, ``/proc/net/tcp6``, ``/proc/<pid>/fd``, ``/proc/locks`` and
 ``/proc/<pid>/comm``. May not touch: anything else. Every function only reads, and answers
@@ -14,6 +15,7 @@ is this PAS's only when the process listening on it is the one holding that lock
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -92,3 +94,25 @@ def process_name(pid: int) -> str:
         return Path(f"/proc/{pid}/comm").read_text().strip() or "?"
     except OSError:
         return "?"
+
+
+def bind_refused(port_key: str, host_key: str, host: str, port: int, exc: OSError,
+                 capability: str = "AmbientCapabilities=CAP_NET_BIND_SERVICE in its unit"
+                 ) -> str:
+    """One line saying why ``host:port`` could not be bound, naming the configuration key
+    to change. ``pas run`` said "another program listens there?" whatever the cause: for an
+    address this host does not have, and for a privileged port as a user without the right.
+    ``capability``: how this service is given CAP_NET_BIND_SERVICE."""
+    said = f"{port_key} {port} on {host}: {exc.strerror or exc}"
+    if exc.errno == errno.EADDRINUSE:
+        return f"{said} (another program listens there: ss -ltnp 'sport = :{port}')"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (f"{said} (this host has no address {host}: set {host_key} to one it has, "
+                "as ip -brief address lists them, or to 0.0.0.0 for all)")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        if port < 1024:
+            return (f"{said} (a port below 1024 is privileged: the service needs "
+                    f"CAP_NET_BIND_SERVICE ({capability}), or set {port_key} to 1024 or above)")
+        return (f"{said} (this user may not bind it: net.ipv4.ip_unprivileged_port_start "
+                "raised, or a security policy)")
+    return said

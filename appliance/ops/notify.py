@@ -15,6 +15,8 @@ import os
 import socket
 from collections.abc import Callable, Mapping
 
+from appliance.words import counted
+
 log = logging.getLogger("pas.ops.notify")
 
 
@@ -104,6 +106,6 @@ def backlog_status(backlog: list[dict[str, object]]) -> str:
     """One STATUS= line for ``systemctl status``: what is still to be delivered."""
     if not backlog:
         return "idle: nothing queued"
-    parts = [f"{row['destination']}: {row['studies']} studies, oldest {row['oldest_age_s']:.0f}s"
-             for row in backlog]  # type: ignore[str-format]
+    parts = [f"{row['destination']}: {counted(row['studies'], 'study', 'studies')}, "
+             f"oldest {row['oldest_age_s']:.0f}s" for row in backlog]  # type: ignore[str-format]
     return "backlog " + "; ".join(parts)

@@ -38,6 +38,7 @@ from appliance.store import audit, eviction
 from appliance.store import cache as cache_store
 from appliance.store.db import Database
 from appliance.store.spool import Spool, SpoolFull
+from appliance.words import counted
 
 log = logging.getLogger("pas.recovery")
 
@@ -302,7 +303,7 @@ def verify(db: Database, spool: Spool, *, repair: bool = False, receiver: object
             if found.indexed_size is None:
                 report.problems.append(f"orphan {found.path}: file without an index row")
     audit.record(db, "verify", actor="operator", outcome="success" if not report.problems
-                 else f"failure: {len(report.problems)} problems",
+                 else f"failure: {counted(len(report.problems), 'problem')}",
                  detail=f"files={report.files} ok={report.ok} missing={report.missing} "
                         f"hash_mismatch={report.hash_mismatch} repaired={report.repaired}")
     return report

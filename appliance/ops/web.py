@@ -29,6 +29,7 @@ from appliance.store import jobs as job_store
 from appliance.store import ops as ops_store
 from appliance.web.auth import FormToken, same_origin
 from appliance.web.headers import page_headers
+from appliance.words import counted
 
 if TYPE_CHECKING:
     from appliance.daemon import Daemon
@@ -147,12 +148,13 @@ def render_page(daemon: Daemon, form_token: FormToken | None = None) -> str:
         '<div class="cards">',
         f'<div class="card" id="link">Hub link<b><span class="state {link_class}">'
         f"{_esc(link_text)}</span></b></div>",
-        f'<div class="card" id="backlog">Backlog<b>{backlog_studies} studies</b>'
-        f"oldest {_age(oldest)}</div>",
+        f'<div class="card" id="backlog">Backlog<b>'
+        f'{counted(backlog_studies, "study", "studies")}</b>oldest {_age(oldest)}</div>',
         f'<div class="card" id="disk">Disk<b>{disk["used_percent"]} %</b>'
         f"{human_size(disk['free_bytes'])} free · spool {human_size(disk['spool_bytes'])}</div>",
-        f'<div class="card" id="cache">Cache<b>{snapshot["studies"]} studies</b>'
-        f"{snapshot['instances']} instances · {snapshot['confirmed_instances']} confirmed</div>",
+        f'<div class="card" id="cache">Cache<b>{counted(snapshot["studies"], "study", "studies")}'
+        f"</b>{counted(snapshot['instances'], 'instance')} · "
+        f"{snapshot['confirmed_instances']} confirmed</div>",
         "</div>",
         *_links_section(snapshot.get("links") or {}),
         "<h2>Recent studies</h2><div class=wrap><table id=studies><tr><th>time</th>"

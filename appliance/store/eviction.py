@@ -28,6 +28,7 @@ from pathlib import Path
 from appliance.store.cache import QUARANTINE_DIR
 from appliance.store.db import Database, now
 from appliance.store.spool import Spool, fsync_dir, process_alive
+from appliance.words import counted
 
 
 @dataclass(frozen=True)
@@ -113,14 +114,14 @@ def evict_study(db: Database, spool: Spool, study_uid: str, *, force: bool = Fal
         unconfirmed = sum(1 for r in rows if r["confirmed_at"] is None)
         if not force:
             if unconfirmed:
-                raise NotEvictable(f"study {study_uid}: {unconfirmed} instances not confirmed "
-                                   f"at the region")
+                raise NotEvictable(f"study {study_uid}: {counted(unconfirmed, 'instance')} not "
+                                   "confirmed at the region")
             if study["pinned_until"] is not None and study["pinned_until"] >= at:
                 raise NotEvictable(f"study {study_uid} is pinned")
             active = conn.execute("SELECT count(*) FROM jobs WHERE study_fk = ? AND state IN "
                                   "('pending', 'running')", (study["id"],)).fetchone()[0]
             if active:
-                raise NotEvictable(f"study {study_uid}: {active} jobs still to run")
+                raise NotEvictable(f"study {study_uid}: {counted(active, 'job')} still to run")
         ids = [r["id"] for r in rows]
         marks = ",".join("?" * len(ids))
         if ids:

@@ -14,6 +14,7 @@ import ssl
 import subprocess
 import threading
 import xml.etree.ElementTree as ET
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -202,3 +203,89 @@ def test_store_and_config_events_reach_table_journal_and_tls_syslog(tmp_path: Pa
     assert len(events) == 2 and '"changed": ["cache"]' in events[-1][0]
     if collector is not None:
         collector.stop()
+
+
+def _sent_by_pas(home: Path) -> Counter[tuple[str, str]]:
+    """(event, actor) of every audit row in the appliance's database."""
+    conn = sqlite3.connect(home / "pas.sqlite")
+    try:
+        rows = conn.execute("SELECT event, coalesce(actor, 'system') FROM audit").fetchall()
+    finally:
+        conn.close()
+    return Counter((event, actor) for event, actor in rows)
+
+
+def _received(messages: list[str]) -> Counter[tuple[str, str]]:
+    """(MSGID, requesting participant) of every message the collector read."""
+    found: Counter[tuple[str, str]] = Counter()
+    for message in messages:
+        match = HEADER.match(message)
+        assert match, f"not RFC 5424: {message[:200]!r}"
+        requestor = ET.fromstring(match.group(6)).find("ActiveParticipant[@UserIsRequestor='true']")
+        assert requestor is not None
+        found[(match.group(5), requestor.get("UserID") or "")] += 1
+    return found
+
+
+def _stores_while_the_collector_is_down(pas: PasProcess, modalities: int,
+                                        long_wait: bool = True) -> None:
+    """``modalities`` associations store one image each while the collector is down; with
+    ``long_wait`` once the sender waits 8 s before it tries again (down since the start)."""
+    if long_wait:
+        wait_for(lambda: "retrying in 8.0s" in pas.log(), 30, what="the sender's 8 s wait")
+    files = sorted(CT_DIR.glob("*.dcm"))
+    for n in range(modalities):
+        subprocess.run(["storescu", "-aec", "PAS", "-aet", f"CT{n}", "127.0.0.1",
+                        str(pas.port), str(files[n])], env=DCMTK_ENV, check=True,
+                       capture_output=True, timeout=60)
+    wait_for(lambda: sum(n for (event, _), n in _sent_by_pas(pas.home).items()
+                         if event == "store") == modalities, 30, what="the store records")
+
+
+def test_a_clean_stop_sends_the_audit_records_still_queued(tmp_path: Path,
+                                                             pki: Path) -> None:
+    """The records of the last associations before a stop (``systemctl stop``, an upgrade)
+    were queued for the syslog collector and dropped by the stop when the sender was
+    waiting to reconnect or had not reached them: they were only in the database. Now a
+    clean stop sends what is queued first (audit.stop_flush_s, 5 s by default)."""
+    syslog_port = free_port()
+    pas = PasProcess(tmp_path / "pas", {
+        "PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_HTTP__ENABLED": "false",
+        "PAS_AUDIT__SYSLOG_HOST": "127.0.0.1", "PAS_AUDIT__SYSLOG_PORT": str(syslog_port),
+        "PAS_AUDIT__SYSLOG_CA": str(pki / "ca.crt")}).start()
+    collector = None
+    try:
+        _stores_while_the_collector_is_down(pas, 4)
+        collector = SyslogTlsCollector(pki, syslog_port).start()  # back, as the stop comes
+        recorded = _sent_by_pas(pas.home)
+        pas.stop()
+        assert pas.proc is not None and pas.proc.returncode == 0, pas.log()[-3000:]
+        assert _sent_by_pas(pas.home) == recorded  # nothing recorded during the stop
+        wait_for(lambda: _received(collector.messages) == recorded, 10,
+                 what=f"{sum(recorded.values())} records at the collector, got "
+                      f"{len(collector.messages)}")
+        assert recorded[("store", "CT3")] == 1 and recorded[("config", "system")] == 1
+        assert "not sent at stop" not in pas.log()
+    finally:
+        pas.stop()
+        if collector is not None:
+            collector.stop()
+
+
+def test_a_stop_gives_up_on_an_absent_collector_in_bounded_time_and_says_how_many(
+        tmp_path: Path, pki: Path) -> None:
+    """No collector at all: the stop waits at most audit.stop_flush_s, then logs how many
+    records the collector did not get (the database has them)."""
+    pas = PasProcess(tmp_path / "pas", {
+        "PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_HTTP__ENABLED": "false",
+        "PAS_AUDIT__SYSLOG_HOST": "127.0.0.1", "PAS_AUDIT__SYSLOG_PORT": str(free_port()),
+        "PAS_AUDIT__SYSLOG_CA": str(pki / "ca.crt"), "PAS_AUDIT__STOP_FLUSH_S": "1"}).start()
+    try:
+        _stores_while_the_collector_is_down(pas, 2, long_wait=False)
+        recorded = sum(_sent_by_pas(pas.home).values())
+        pas.stop()
+        assert pas.proc is not None and pas.proc.returncode == 0, pas.log()[-3000:]
+        assert (f"{recorded} audit records not sent at stop (audit.stop_flush_s = 1 s); "
+                "the database's audit table has them all") in pas.log()
+    finally:
+        pas.stop()
