@@ -18,7 +18,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from appliance.dispatch.target_types.dicom import as_little_endian, plan_associations
+from appliance.dispatch.target_types.dicom import plan_associations
+from appliance.store.spool import Spool
+from appliance.store.transcode import transcoded
 from tests.support.peers import StoreSCP, storescu, wait_for
 from tests.test_ingest import dataset_part, index_rows, sop_uid
 from tests.test_routing import CT_PATIENT, jobs_of
@@ -163,18 +165,24 @@ def test_contexts_stored_syntax_alone_plus_little_endian_within_128() -> None:
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 70
 
 
-def test_big_endian_rewritten_little_endian_keeps_the_instance() -> None:
-    ds = as_little_endian(MR_BIG_ENDIAN)
+def test_big_endian_rewritten_little_endian_keeps_the_instance(tmp_path: Path) -> None:
+    """The copy sent to a peer without the stored syntax (appliance/store/transcode.py; its
+    byte-for-byte checks are in tests/test_transcode.py): same instance, same pixels."""
+    spool = Spool(tmp_path / "spool", fsync=False)
+    with transcoded(spool, MR_BIG_ENDIAN, str(ExplicitVRLittleEndian)) as path:
+        ds = dcmread(path)  # read whole while the copy exists
     original = dcmread(MR_BIG_ENDIAN)
     assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert ds.original_encoding == (False, True)
     assert ds.SOPInstanceUID == original.SOPInstanceUID
     assert numpy.array_equal(ds.pixel_array, original.pixel_array)
-    compressed = as_little_endian(Path(get_testdata_file("MR_small_jpeg_ls_lossless.dcm")))
-    assert compressed.SOPInstanceUID == dcmread(
-        get_testdata_file("MR_small_jpeg_ls_lossless.dcm")).SOPInstanceUID  # not a new UID
+    jpeg_ls = Path(get_testdata_file("MR_small_jpeg_ls_lossless.dcm"))  # type: ignore[arg-type]
+    with transcoded(spool, jpeg_ls, str(ExplicitVRLittleEndian)) as path:
+        compressed = dcmread(path)
+    assert compressed.SOPInstanceUID == dcmread(jpeg_ls).SOPInstanceUID  # not a new UID
     assert numpy.array_equal(compressed.pixel_array, dcmread(get_testdata_file("MR_small.dcm"))
                              .pixel_array)
+    assert not [p for p in spool.tmp.iterdir() if p.stat().st_size]  # the copies are gone
 
 
 def test_a_slow_peer_keeps_the_job_with_one_worker_sending_each_instance_once(

@@ -449,3 +449,27 @@ def test_client_certificate_required_when_configured(tmp_path: Path) -> None:
                    .search_for_studies()) == 1
     finally:
         pas.stop()
+
+
+def test_wado_rs_serves_a_big_endian_instance_in_little_endian(pas: PasProcess) -> None:
+    """Explicit VR Big Endian (retired) is kept as sent; WADO-RS without a transfer-syntax
+    gives it in Explicit VR Little Endian (byte-swapped into a temp file, removed once sent:
+    appliance/store/transcode.py), the same instance with the same pixels. It was a 406: the
+    whole-object decode could not re-encode it."""
+    big_endian = Path(get_testdata_file("MR_small_bigendian.dcm"))  # type: ignore[arg-type]
+    storescu(big_endian, pas.port, extra=["-xb"])
+    original = dcmread(big_endian)
+    stored = dcmread(_spool_file(pas, str(original.SOPInstanceUID)), stop_before_pixels=True)
+    assert stored.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.2"  # kept as sent
+    response = httpx.get(
+        f"http://127.0.0.1:{pas.http_port}/dicom-web/studies/{original.StudyInstanceUID}"
+        f"/series/{original.SeriesInstanceUID}/instances/{original.SOPInstanceUID}",
+        headers={"Accept": MULTIPART_DICOM}, timeout=60)
+    assert response.status_code == 200, response.text
+    [(content_type, body)] = _dicom_parts(response)
+    assert content_type == "application/dicom; transfer-syntax=1.2.840.10008.1.2.1"
+    received = dcmread(io.BytesIO(body))
+    assert received.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert received.SOPInstanceUID == original.SOPInstanceUID
+    assert np.array_equal(received.pixel_array, original.pixel_array)
+    assert not [p for p in (pas.home / "spool" / "tmp").glob("*") if p.stat().st_size]

@@ -30,14 +30,15 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from python_multipart import MultipartParser
 from python_multipart.exceptions import MultipartParseError
-from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
 from appliance.ingest.attributes import InvalidInstance
 from appliance.serving.dicomweb_http import (
     CHUNK,
+    ClosingStream,
     _boundary,
     _file_part,
     _int_param,
@@ -50,7 +51,6 @@ from appliance.serving.stow_parts import Part, SpilledPart, answer_head, discard
 from appliance.serving.wado_media import (
     HttpProblem,
     accepted_syntaxes,
-    converted,
     frame_list,
     metadata_item,
     part_syntax,
@@ -62,6 +62,7 @@ from appliance.store import audit
 from appliance.store import query as store_query
 from appliance.store.db import Database
 from appliance.store.spool import Spool, SpoolFull
+from appliance.store.transcode import open_transcoded
 
 if TYPE_CHECKING:
     from appliance.daemon import Daemon
@@ -277,8 +278,7 @@ class DicomWeb:
         self._audit(request, "retrieve", actor, "/".join(request.path_params.values()),
                     "success", f"{len(rows)} instances (WADO-RS)")
         boundary = secrets.token_hex(16)
-        body = iterate_in_threadpool(self._multipart(rows, boundary, syntaxes))
-        return StreamingResponse(body, media_type=(
+        return ClosingStream(self._multipart(rows, boundary, syntaxes), media_type=(
             f'multipart/related; type="application/dicom"; boundary={boundary}'))
 
     def _multipart(self, rows: list[Any], boundary: str,
@@ -291,8 +291,10 @@ class DicomWeb:
                 with open(path, "rb") as handle:
                     while chunk := handle.read(CHUNK):
                         yield chunk
-            else:
-                yield converted(path, syntax)
+            else:  # re-encoded into a temp file, streamed from it, gone once read or dropped
+                with open_transcoded(self.spool, path, syntax) as handle:
+                    while chunk := handle.read(CHUNK):
+                        yield chunk
             yield b"\r\n"
         yield f"--{boundary}--\r\n".encode()
 
@@ -336,8 +338,7 @@ class DicomWeb:
                     "success", f"bulk data {size} bytes")
         if isinstance(data, tuple):  # a large value as stored: streamed from the file
             boundary = secrets.token_hex(16)
-            body = iterate_in_threadpool(_file_part(path, *data, boundary))
-            return StreamingResponse(body, media_type=(
+            return ClosingStream(_file_part(path, *data, boundary), media_type=(
                 'multipart/related; type="application/octet-stream"; '
                 f"boundary={boundary}"))
         return _octet_parts([data])

@@ -5,23 +5,28 @@ Owns: QIDO-RS parameter names to keywords (:func:`_keyword`) and integer paramet
 (:func:`_int_param`, limit and offset, clamped to SQLite's integers), a STOW-RS request's
 multipart boundary (:func:`_boundary`), the JSON answer to an :class:`HttpProblem`
 (:func:`_problem`), multipart/related octet-stream answers (:func:`_octet_parts` in memory,
-:func:`_file_part` streamed from a file a megabyte at a time) and a STOW-RS response's SOP
-items (:func:`_sop_item`). Split from ``dicomweb.py``, which keeps the handlers (QIDO-RS,
+:func:`_file_part` streamed from a file a megabyte at a time), the streamed answer that
+closes its body however it ends (:class:`ClosingStream`) and a STOW-RS response's SOP items
+(:func:`_sop_item`). Split from ``dicomweb.py``, which keeps the handlers (QIDO-RS,
 WADO-RS, STOW-RS), the routes, the bearer-token check and the audit. May not touch: SQL,
 spool writes (a file part only reads the path it is given), the audit, the handlers' state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
+from starlette.concurrency import iterate_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Send
 
 from appliance.serving.wado_media import HttpProblem
 
@@ -59,6 +64,32 @@ def _file_part(path: Path, offset: int, length: int, boundary: str) -> Iterator[
             left -= len(chunk)
             yield chunk
     yield f"\r\n--{boundary}--\r\n".encode()
+
+
+class ClosingStream(StreamingResponse):
+    """A body made by a blocking iterator (run in the threadpool), closed when the answer
+    ends, however it ends. When the client goes away Starlette cancels the sending but leaves
+    the body suspended: the files it had open stayed open until a garbage collection came by
+    (a WADO-RS copy in another syntax, already removed from the spool's folder, kept its disk
+    space that long: tests/test_transcode_memory.py)."""
+
+    def __init__(self, content: Iterator[bytes], media_type: str):
+        self._source = content
+        super().__init__(iterate_in_threadpool(content), media_type=media_type)
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                aclose = getattr(self.body_iterator, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            # Not running: the threadpool call it was in is waited for when cancelled.
+            close = getattr(self._source, "close", None)
+            if close is not None:
+                with contextlib.suppress(ValueError):  # "generator already executing"
+                    close()
 
 
 def _octet_parts(blobs: list[bytes]) -> Response:

@@ -3,9 +3,10 @@
 Owns: turning a C-FIND/C-MOVE/C-GET identifier into a call on :mod:`appliance.store.query`
 and answering it (reading the identifier and building a C-FIND answer's, character set
 included, are ``qr_identifiers.py``'s), choosing per instance whether to send the stored bytes
-as they are (the viewer accepted the stored transfer syntax) or a decompressed copy in
-explicit/implicit little endian (never fail because a viewer lacks JPEG-LS), and auditing
-every query and retrieve. May not touch: SQL, spool writes.
+as they are (the viewer accepted the stored transfer syntax) or a copy in explicit/implicit
+little endian (never fail because a viewer lacks JPEG-LS), and auditing every query and
+retrieve. May not touch: SQL, spool writes (the copy is ``appliance.store.transcode``'s temp
+file).
 
 Why the sub-operations look unusual: pynetdicom's Q/R service only accepts a
 :class:`~pydicom.dataset.Dataset` from the handler and would re-encode it. Re-encoding a CT
@@ -18,6 +19,11 @@ straight to the socket instead, on a C-MOVE sub-association and on a C-GET's own
 fragment in memory: pynetdicom queues the whole file for the DUL when the viewer reads more
 slowly than the disk).
 The wrap is per association object, nothing global.
+
+A copy in another syntax goes the same way: a :class:`TranscodedFile` marker, re-encoded into
+a spool temp file only when its C-STORE is sent (decoded a frame at a time: a 300 MB object
+decoded in memory took the daemon up by 1.2 GB), sent from that file and removed right after,
+whether the C-STORE succeeded, failed or never left (a cancelled retrieve creates none).
 """
 
 from __future__ import annotations
@@ -30,7 +36,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import _config, build_context, evt
@@ -54,7 +59,8 @@ from appliance.serving.qr_identifiers import identifier_keys, query_charset, res
 from appliance.store import audit
 from appliance.store import query as store_query
 from appliance.store.db import Database
-from appliance.store.spool import Spool
+from appliance.store.spool import Spool, SpoolFull
+from appliance.store.transcode import TranscodeError, transcoded
 
 log = logging.getLogger("pas.serving")
 
@@ -92,6 +98,25 @@ class SpoolFile(Dataset):
         return self._spool_path
 
 
+class TranscodedFile(SpoolFile):
+    """Stands for a stored file to send in ``syntax`` (Explicit or Implicit VR Little Endian):
+    re-encoded into a spool temp file when sent, the temp file removed once sent."""
+
+    def __init__(self, path: Path, sop_class_uid: str, sop_instance_uid: str, syntax: str,
+                 spool: Spool):
+        super().__init__(path, sop_class_uid, sop_instance_uid)
+        self._syntax = syntax
+        self._spool = spool
+
+    @property
+    def syntax(self) -> str:
+        return self._syntax
+
+    @property
+    def spool(self) -> Spool:
+        return self._spool
+
+
 def _stream_spool_files(assoc: Any) -> None:
     """Make ``assoc.send_c_store`` send a :class:`SpoolFile` from its path, unchanged.
 
@@ -107,9 +132,19 @@ def _stream_spool_files(assoc: Any) -> None:
     def send_c_store(dataset: Any, *args: Any, **kwargs: Any) -> Any:
         if not isinstance(dataset, SpoolFile):
             return original(dataset, *args, **kwargs)
+        if not isinstance(dataset, TranscodedFile):
+            return send_file(dataset, dataset.spool_path, *args, **kwargs)
+        try:
+            with transcoded(dataset.spool, dataset.spool_path, dataset.syntax) as path:
+                return send_file(dataset, path, *args, **kwargs)
+        except (TranscodeError, SpoolFull) as exc:  # pynetdicom counts the sub-operation failed
+            log.error("C-STORE of %s not sent: %s", dataset.SOPInstanceUID, exc)
+            raise
+
+    def send_file(dataset: SpoolFile, path: Path, *args: Any, **kwargs: Any) -> Any:
         if direct is not None and not args:
             result = direct.send_file(
-                dataset.spool_path, str(dataset.SOPClassUID), str(dataset.SOPInstanceUID),
+                path, str(dataset.SOPClassUID), str(dataset.SOPInstanceUID),
                 message_id=int(kwargs.get("msg_id", 1)),
                 originator_ae=kwargs.get("originator_aet"),
                 originator_id=kwargs.get("originator_id"))
@@ -119,7 +154,7 @@ def _stream_spool_files(assoc: Any) -> None:
                 if result[1]:
                     status.ErrorComment = result[1]
                 return status
-        return original(dataset.spool_path, *args, **kwargs)
+        return original(path, *args, **kwargs)
 
     assoc.send_c_store = send_c_store
     assoc._pas_streams_files = True
@@ -403,22 +438,18 @@ class QueryRetrieveService:
             sent += 1
         return sent
 
-    def _as_sent(self, row: Any, accepted: set[tuple[str, str]]) -> Dataset:
-        """The stored bytes when the stored syntax was accepted; else decompressed."""
+    def _as_sent(self, row: Any, accepted: set[tuple[str, str]]) -> SpoolFile:
+        """The stored bytes when the stored syntax was accepted; else the same instance (same
+        SOP Instance UID) in explicit, or else implicit, VR little endian. When neither was
+        accepted either, the stored file: pynetdicom finds no context and fails that one."""
         path = self.spool.path(row["path"])
         sop_class, syntax = row["sop_class_uid"], row["transfer_syntax_uid"]
-        if (sop_class, syntax) in accepted:
-            return SpoolFile(path, sop_class, row["sop_instance_uid"])
-        ds = dcmread(path)
-        if ds.file_meta.TransferSyntaxUID.is_compressed:
-            # The same instance in another syntax: keep its SOP Instance UID (pydicom would
-            # otherwise mint a new one). The result is explicit VR little endian.
-            ds.decompress(generate_instance_uid=False)
-        if (sop_class, str(ExplicitVRLittleEndian)) not in accepted and \
-                (sop_class, str(ImplicitVRLittleEndian)) in accepted:
-            ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
-            ds.set_original_encoding(True, True)
-        return ds
+        if (sop_class, syntax) not in accepted:
+            for target in _UNCOMPRESSED:
+                if (sop_class, target) in accepted:
+                    return TranscodedFile(path, sop_class, row["sop_instance_uid"], target,
+                                          self.spool)
+        return SpoolFile(path, sop_class, row["sop_instance_uid"])
 
     def _audit(self, event: str, calling: str, address: str, target: str | None,
                outcome: str, count: int | None = None, detail: str | None = None) -> None:

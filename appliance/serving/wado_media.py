@@ -1,7 +1,8 @@
 """WADO-RS media work, with no HTTP in it: which transfer syntax each instance is sent in
-(PS3.18 8.7.3.5), re-encoding an instance to it, raw frames, and rendered images through the
-grayscale pipeline. Split from ``dicomweb.py`` (which keeps the routes and handlers) to keep
-each file readable. May not touch: SQL, spool writes, the network.
+(PS3.18 8.7.3.5; the re-encoding itself is ``appliance.store.transcode``'s, since it writes
+a spool temp file), raw frames, and rendered images through the grayscale pipeline. Split
+from ``dicomweb.py`` (which keeps the routes and handlers) to keep each file readable. May
+not touch: SQL, spool writes, the network.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
-EXPLICIT_BE = "1.2.840.10008.1.2.2"  # retired; pydicom cannot re-encode it to little endian
 PIXEL_DATA = 0x7FE00010
 # Top-level values of these VRs longer than this go by BulkDataURI in metadata (PS3.18 F.2.7).
 BULK_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
@@ -68,26 +68,16 @@ def part_syntax(accepted: list[str], stored: str | None) -> str:
     """The syntax one instance is sent in: the first accepted one PAS can produce for it.
 
     The stored syntax (asked by name or by '*') is sent unchanged; Explicit or Implicit VR
-    Little Endian are produced by decoding; anything else is not offered (406)."""
+    Little Endian are produced from any other (decompressed, byte-swapped from big endian:
+    ``appliance.store.transcode``); anything else is not offered (406)."""
     for syntax in accepted:
         if syntax in ("*", stored) and stored:
             return stored
-        if syntax in (EXPLICIT_LE, IMPLICIT_LE) and stored != EXPLICIT_BE:
+        if syntax in (EXPLICIT_LE, IMPLICIT_LE):
             return syntax
     raise HttpProblem(406, f"transfer syntax {', '.join(accepted)} is not offered for an "
                            f"instance stored as {stored}; ask for *, {stored}, {EXPLICIT_LE} "
                            f"or {IMPLICIT_LE}")
-
-
-def converted(path: Path, syntax: str) -> bytes:
-    """One instance decoded to explicit or implicit VR little endian (same SOP Instance UID)."""
-    ds = dcmread(path)
-    if ds.file_meta.TransferSyntaxUID.is_compressed:
-        ds.decompress(generate_instance_uid=False)
-    ds.file_meta.TransferSyntaxUID = syntax
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 def frame_list(text: str) -> list[int]:

@@ -246,6 +246,22 @@ class Spool:
             self._temp_files.forget(temp)
             raise
 
+    def open_temp(self, room: int = 0) -> tuple[Path, int]:
+        """A new temp file for bytes that are never filed (a transcoded copy to send) and a
+        descriptor open for writing (the caller closes it, and removes the file with
+        :meth:`remove_temp`; start-up removes what a crash left). ``room``: the bytes it
+        will hold, refused (SpoolFull) when they would cut into the free-space floor that
+        keeps the modalities' C-STOREs possible."""
+        free = shutil.disk_usage(self.tmp).free
+        if room and free - room < self.min_free_bytes:
+            raise SpoolFull(f"disk nearly full: {free} bytes free, {room} needed for a "
+                            f"temporary copy, floor {self.min_free_bytes}")
+        return self._temp_files.take()
+
+    def remove_temp(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+        self._temp_files.forget(path)
+
     def open_spill(self, header: bytes) -> SpillFile:
         """A temp file for a dataset too large to hold in memory, its file meta written."""
         return SpillFile(self, header)

@@ -8,10 +8,12 @@ Explicit VR Little Endian + Implicit VR Little Endian: the fallback, since Impli
 Endian is the one syntax every DICOM node must accept.
 
 A stored file goes byte for byte, streamed from disk, whenever its own syntax was accepted
-(bit-exact is the rule). Only when it was not is the instance decoded with pydicom and
-re-encoded in little endian: decompressed (same SOP Instance UID) or, for Explicit VR Big
-Endian, its word-valued elements byte-swapped; pynetdicom then writes it in whichever of the
-two little endian syntaxes the peer accepted.
+(bit-exact is the rule). Only when it was not is the instance re-encoded in whichever of the
+two little endian syntaxes the peer accepted (explicit first), into a spool temp file
+(``appliance.store.transcode``: decompressed a frame at a time, or byte-swapped from Explicit
+VR Big Endian; same SOP Instance UID), sent from that file straight to the socket
+(``appliance.dicomnet.direct_store``, pynetdicom's path without the event-driven reactors) and
+removed once sent, or not. It was decoded whole in memory: +1.2 GB for a 300 MB object.
 
 A SOP class for which the peer accepted no usable context is a permanent error that names the
 SOP class, the syntaxes proposed and the peer's answer; the job's other instances are sent
@@ -27,16 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.presentation import PresentationContext, build_context
 
 from appliance.config import DicomDestination
+from appliance.dicomnet.direct_store import DirectStoreError, DirectStoreSender
 from appliance.dispatch.target_types.base import PermanentError, SendContext
 from appliance.store.jobs import Job
+from appliance.store.spool import SpoolFull
+from appliance.store.transcode import TranscodeError, transcoded
 
 log = logging.getLogger("pas.dispatch.dicom")
 
@@ -50,9 +53,6 @@ SUCCESS = (0x0000, 0xB000, 0xB007, 0xB006)  # success, and PS3.4 B.2.3's warning
 # Refusals in a row after which the peer refuses everything (full, broken), not one instance:
 # the attempt stops there rather than offer it the rest of the study.
 REFUSALS_IN_A_ROW = 10
-
-# Values made of words whose bytes a big endian encoding reverses: VR -> word size.
-_WORD_SIZE = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
 
 
 def plan_associations(pairs: set[tuple[str, str]]) -> list[list[PresentationContext]]:
@@ -72,41 +72,6 @@ def plan_associations(pairs: set[tuple[str, str]]) -> list[list[PresentationCont
             groups.append([])
         groups[-1].extend(needed)
     return [g for g in groups if g]
-
-
-def as_little_endian(path: Path) -> Dataset:
-    """The instance at ``path`` decoded and re-encoded as Explicit VR Little Endian, with the
-    same SOP Instance UID: decompressed, or byte-swapped when stored big endian."""
-    ds = dcmread(path)
-    syntax = UID(ds.file_meta.TransferSyntaxUID)
-    if syntax.is_compressed:
-        # pydicom mints a new SOP Instance UID unless told not to: this is the same instance.
-        ds.decompress(generate_instance_uid=False)
-    elif not syntax.is_little_endian:
-        _swap_to_little_endian(ds)
-    return ds
-
-
-def _swap_to_little_endian(ds: Dataset) -> None:
-    """Explicit VR Big Endian -> Explicit VR Little Endian, in place.
-
-    Reading converts every element (sequences included) with the dataset's big endian
-    encoding, so numbers, tags and text come out right; what pydicom keeps as bytes, the
-    word-valued OW/OF/OL/OD/OV values, are swapped here. Pixel Data (OW) is swapped per pixel
-    cell when its cells are wider than a word (Bits Allocated 32 or 64)."""
-    bits = int(ds.get("BitsAllocated", 16) or 16)
-    for elem in ds.iterall():  # each element converted while the encoding is still big endian
-        size = _WORD_SIZE.get(str(elem.VR))
-        if size is None or not isinstance(elem.value, bytes | bytearray):
-            continue
-        if elem.tag == 0x7FE00010 and size == 2 and bits in (32, 64):
-            size = bits // 8
-        if len(elem.value) % size:
-            continue  # malformed length: leave it as it is rather than guess
-        elem.value = (numpy.frombuffer(elem.value, dtype=f">u{size}")
-                      .astype(f"<u{size}").tobytes())
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.set_original_encoding(False, True, ds.original_character_set)
 
 
 @dataclass
@@ -245,14 +210,38 @@ class DicomTarget:
         """C-STORE one instance; its status. No answer at all (the association is gone)
         raises ConnectionError."""
         path = context.spool.path(row["path"])
-        if (row["sop_class_uid"], row["transfer_syntax_uid"]) in accepted:
+        sop_class = row["sop_class_uid"]
+        if (sop_class, row["transfer_syntax_uid"]) in accepted:
             status = assoc.send_c_store(path)  # the stored bytes, unchanged
         else:
-            # Little endian (explicit); pynetdicom writes it implicit if that was accepted.
-            status = assoc.send_c_store(as_little_endian(path))
+            # _usable() kept only instances with one of the two accepted.
+            target = next(ts for ts in UNCOMPRESSED if (sop_class, ts) in accepted)
+            try:
+                with transcoded(context.spool, path, target) as copy:
+                    status = self._send_copy(assoc, copy, row)
+            except (TranscodeError, SpoolFull) as exc:
+                raise RuntimeError(f"{self.name}: {row['sop_instance_uid']} not sent: "
+                                   f"{exc}") from exc
         if status is None or "Status" not in status:
             raise ConnectionError(f"{self.name}: no C-STORE response for {row['sop_instance_uid']}")
         return int(status.Status)
+
+    def _send_copy(self, assoc: Any, path: Path, row: Any) -> Any:
+        """C-STORE a transcoded copy from its file: straight to the socket when the reactors
+        allow it (pynetdicom queues the whole file for its DUL when the peer reads more slowly
+        than the disk), else through pynetdicom; the C-STORE-RSP's status as a dataset."""
+        if DirectStoreSender.available(assoc):
+            try:
+                result = DirectStoreSender(assoc).send_file(
+                    path, row["sop_class_uid"], row["sop_instance_uid"], message_id=1)
+            except DirectStoreError as exc:  # the association is aborted
+                raise ConnectionError(f"{self.name}: C-STORE of {row['sop_instance_uid']} "
+                                      f"to {self.peer} failed: {exc}") from exc
+            if result is not None:
+                status = Dataset()
+                status.Status = result[0]
+                return status
+        return assoc.send_c_store(path)
 
     def _failures(self, failed: list[tuple[str, int]], total: int) -> str:
         sample = ", ".join(f"{uid} (0x{code:04X})" for uid, code in failed[:3])

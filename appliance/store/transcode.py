@@ -1,0 +1,343 @@
+"""A stored instance re-encoded in Explicit or Implicit VR Little Endian, written to a spool
+temp file with bounded memory (invariant 8), for a peer that does not accept the stored
+transfer syntax: a WADO-RS client, a C-GET/C-MOVE viewer, a DICOM destination.
+
+Owns: the conversion (decompression of encapsulated Pixel Data, byte swap of Explicit VR Big
+Endian, implicit <-> explicit VR) and the temp file it writes. May not touch: the database,
+the filed instances (read only), the network; the callers send the file and remove it
+(:func:`transcoded` / :func:`open_transcoded` do that for them).
+
+Why: the three callers decoded the whole object with pydicom (``dcmread`` + ``decompress`` or
+a byte swap, then an encoding in memory): a 300 MB object took the daemon up by 1.2 GB. Here
+the elements read are the small ones (``defer_size``); a large value is a buffer that
+pydicom's writer copies in chunks (byte-swapped on the way when stored big endian), and the
+Pixel Data is decoded one frame at a time as it is written. The result is, byte for byte,
+what pydicom's whole-object decode gives (``decompress(generate_instance_uid=False)``, or
+the word swap the dicom destination did, then ``save_as(enforce_file_format=True)``): the
+same writer writes it, from a dataset prepared as ``decompress`` prepares it (Photometric
+Interpretation, Planar Configuration, Number of Frames, Pixel Data OB/OW of defined length).
+The SOP Instance UID is kept: it is the same instance in another syntax.
+
+Limits: values of other VRs than OB/OD/OF/OL/OV/OW (a huge UN or UT) are read whole, as is a
+Deflated Explicit VR Little Endian object (pydicom inflates it in memory to read it).
+Every frame must decode to the same size and properties as the first, and to as many frames
+as Number of Frames announces: otherwise :class:`TranscodeError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_deferred_data_element
+from pydicom.filewriter import dcmwrite
+from pydicom.pixels import get_decoder
+from pydicom.pixels.utils import as_pixel_options
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.valuerep import BUFFERABLE_VRS, VR
+
+from appliance.store.spool import Spool, SpoolFull
+
+PIXEL_DATA = 0x7FE00010
+UNDEFINED_LENGTH = 0xFFFFFFFF
+# Top-level values longer than this are not read: copied from the file as they are written.
+DEFER_BYTES = 64 << 10
+TARGETS = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
+# Values made of words whose bytes a big endian encoding reverses: VR -> word size.
+WORD_SIZE = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+WRITE_BUFFER = 1 << 20
+
+
+class TranscodeError(Exception):
+    """The stored instance cannot be produced in the syntax asked (the message says why)."""
+
+
+@contextlib.contextmanager
+def transcoded(spool: Spool, source: Path, syntax: str) -> Iterator[Path]:
+    """The instance at ``source`` in ``syntax`` as a spool temp file, removed on leaving
+    (sent or not: an error or a cancel leaves nothing behind)."""
+    path = write_transcoded(spool, source, syntax)
+    try:
+        yield path
+    finally:
+        spool.remove_temp(path)
+
+
+def open_transcoded(spool: Spool, source: Path, syntax: str) -> BinaryIO:
+    """The instance at ``source`` in ``syntax``, open for reading from a temp file already
+    removed from the spool (its bytes go when the caller closes it, or drops it)."""
+    with transcoded(spool, source, syntax) as path:
+        return open(path, "rb")
+
+
+def write_transcoded(spool: Spool, source: Path, syntax: str) -> Path:
+    """Write the instance at ``source`` in ``syntax`` (Explicit or Implicit VR Little Endian)
+    to a new spool temp file; its path, for the caller to remove (``spool.remove_temp``).
+    Raises TranscodeError, SpoolFull (the copy would cut into the free-space floor) or
+    OSError; a half-written temp file is removed first."""
+    if syntax not in TARGETS:
+        raise TranscodeError(f"transfer syntax {syntax} is not produced here; "
+                             f"only {' or '.join(TARGETS)}")
+    fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        ds, room = _prepared(source, fd, UID(syntax))
+        path, out_fd = spool.open_temp(room)
+        try:
+            with os.fdopen(out_fd, "wb", buffering=WRITE_BUFFER) as out:
+                dcmwrite(out, ds, enforce_file_format=True)
+        except BaseException:
+            spool.remove_temp(path)
+            raise
+        return path
+    except (TranscodeError, SpoolFull):
+        raise
+    except BaseException as exc:
+        # pydicom's refusals are of many kinds; a Rust decoder (pylibjpeg-rle) panics on
+        # some damaged frames, a BaseException that would end the thread serving the viewer.
+        if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
+            raise
+        raise TranscodeError(f"{source.name}: cannot be re-encoded in {UID(syntax).name}: "
+                             f"{exc}") from exc
+    finally:
+        os.close(fd)
+
+
+def _prepared(source: Path, fd: int, syntax: UID) -> tuple[Dataset, int]:
+    """The dataset to write (large values as buffers over ``fd``) and the bytes it takes."""
+    ds = dcmread(source, defer_size=DEFER_BYTES)
+    stored = UID(ds.file_meta.TransferSyntaxUID)
+    size = os.fstat(fd).st_size
+    if stored.is_deflated:  # offsets in the file are not offsets in the dataset
+        ds = dcmread(source)
+    decode = stored.is_compressed and PIXEL_DATA in ds
+    swap = not stored.is_little_endian
+    bits = int(ds.get("BitsAllocated", 16) or 16)
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag, keep_deferred=True)
+        if decode and tag == PIXEL_DATA:
+            if _deferred(raw):  # the fragments, read from the file as they are decoded
+                _replace(ds, DataElement(tag, VR.OB, _FileRange(fd, raw.value_tell,
+                                                                size - raw.value_tell)))
+            continue
+        if _deferred(raw):
+            # (An odd length, malformed, is read whole too: pydicom's writer would pad a
+            # buffered one after writing its odd length.)
+            vr = _vr(raw) if raw.length != UNDEFINED_LENGTH and raw.length % 2 == 0 else None
+            if vr in BUFFERABLE_VRS:
+                word = _word(vr, tag, bits, raw.length) if swap else 1
+                _replace(ds, DataElement(tag, vr, _FileRange(fd, raw.value_tell,
+                                                             raw.length, word)))
+                continue
+            # Another VR (or an undefined length): read whole, still raw, as a full read
+            # leaves it (converting it could change it: a UN given its dictionary VR).
+            _replace(ds, read_deferred_data_element(open, str(source), None, raw))
+        if swap:
+            _swap_words(ds[tag], bits)  # read, converted while the encoding is big endian
+    if swap:
+        # What the dicom destination's swap did (every element converted, word values
+        # swapped): the dataset is little endian now.
+        ds.set_original_encoding(False, True, ds.original_character_set)
+    # The copy's size, at most: the decoded pixels and everything else the file holds.
+    room = size + (_decompress(ds, stored) if decode else 0)
+    ds.file_meta.TransferSyntaxUID = syntax
+    return ds, room
+
+
+def _replace(ds: Dataset, elem: DataElement | RawDataElement) -> None:
+    """Put an element in place of the deferred one, touching nothing else: ``ds[tag] = ``
+    on a private element converts its private creator (a UN creator became LO, which a full
+    read left as it was)."""
+    ds._dict[elem.tag] = elem
+
+
+def _deferred(raw: Any) -> bool:
+    return isinstance(raw, RawDataElement) and raw.value is None and raw.length != 0
+
+
+def _vr(raw: RawDataElement) -> str | None:
+    """The VR of a deferred element (the dictionary's when the encoding is implicit)."""
+    if raw.VR:
+        return str(raw.VR)
+    try:
+        return str(dictionary_VR(raw.tag))
+    except KeyError:
+        return None  # private, unknown: read whole as pydicom reads it
+
+
+def _word(vr: str, tag: int, bits: int, length: int) -> int:
+    """Bytes swapped together when a big endian value is made little endian (1: none)."""
+    size = WORD_SIZE.get(vr, 1)
+    if tag == PIXEL_DATA and size == 2 and bits in (32, 64):
+        size = bits // 8  # pixel cells wider than a word
+    return 1 if length % size else size  # malformed length: left as it is rather than guessed
+
+
+def _swap_words(elem: DataElement, bits: int) -> None:
+    """An element read from a big endian dataset, made little endian: the word values
+    pydicom keeps as bytes are swapped (in sequences too)."""
+    elements = [elem]
+    if elem.VR == VR.SQ:
+        elements += [e for item in elem.value for e in item.iterall()]
+    for element in elements:
+        value = element.value
+        if str(element.VR) in WORD_SIZE and isinstance(value, bytes | bytearray):
+            size = _word(str(element.VR), int(element.tag), bits, len(value))
+            if size > 1:
+                element.value = (np.frombuffer(value, dtype=f">u{size}")
+                                 .astype(f"<u{size}").tobytes())
+
+
+def _decompress(ds: Dataset, stored: UID) -> int:
+    """Prepare ``ds`` as pydicom's ``decompress(generate_instance_uid=False)`` leaves it,
+    its Pixel Data a stream of frames decoded as they are read; the decoded length."""
+    decoder = get_decoder(stored)
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies)
+        raise TranscodeError(f"no decoder for {stored.name} ({missing})")
+    count = int(as_pixel_options(ds)["number_of_frames"])
+    frames = decoder.iter_array(ds, as_rgb=True)  # what decompress() asks
+    first, properties = next(frames)
+    stream = _Frames(first.tobytes(), properties, frames, count)
+    elem = ds["PixelData"]
+    elem.value = stream
+    elem.is_undefined_length = False
+    elem.VR = VR.OB if ds.BitsAllocated <= 8 else VR.OW
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.PhotometricInterpretation = properties["photometric_interpretation"]
+    if int(properties["samples_per_pixel"]) > 1:
+        ds.PlanarConfiguration = properties["planar_configuration"]
+    if "NumberOfFrames" in ds or count > 1:
+        ds.NumberOfFrames = count
+    return stream.length
+
+
+class _FileRange(io.BufferedIOBase):
+    """``length`` bytes of a file from ``offset``, read with pread (no shared file position),
+    each ``word`` bytes reversed (a big endian value made little endian) when ``word`` > 1."""
+
+    def __init__(self, fd: int, offset: int, length: int, word: int = 1):
+        super().__init__()
+        self._fd, self._offset, self._length, self._word = fd, offset, length, word
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._position, os.SEEK_END: self._length}
+        self._position = max(0, base[whence] + offset)
+        return self._position
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = self._length if size is None or size < 0 else min(self._length,
+                                                                 self._position + size)
+        if end <= self._position:
+            return b""
+        start = self._position - self._position % self._word
+        stop = -(-end // self._word) * self._word  # whole words
+        data = os.pread(self._fd, stop - start, self._offset + start)
+        if len(data) != stop - start:
+            raise OSError(f"the stored file ends {stop - start - len(data)} bytes short of "
+                          "a value")
+        if self._word > 1:
+            data = np.frombuffer(data, dtype=f">u{self._word}").astype(
+                f"<u{self._word}").tobytes()
+        chunk = data[self._position - start:end - start]
+        self._position = end
+        return chunk
+
+    def read1(self, size: int = -1) -> bytes:
+        return self.read(size)
+
+
+class _Frames(io.BufferedIOBase):
+    """Decoded frames as one value, each decoded when the writer reaches it: one frame in
+    memory at a time. Read from start to end (the writer's single pass); seeking only moves
+    the position that ``tell`` reports and the end is known ahead (the writer asks for the
+    length before it writes the value)."""
+
+    def __init__(self, first: bytes, properties: dict[str, Any],
+                 rest: Iterator[tuple[Any, dict[str, Any]]], count: int):
+        super().__init__()
+        self._frame_length, self._properties = len(first), properties
+        self._rest: Iterator[tuple[Any, dict[str, Any]]] | None = rest
+        self._count = count
+        decoded = len(first) * count
+        if decoded >= 2**32 - 1:  # Part 5, 8.1.1: a 32-bit value length
+            raise TranscodeError(f"{decoded} bytes of decoded pixels do not fit one value")
+        self.length = decoded + decoded % 2  # padded to an even length, as decompress does
+        self._current, self._used, self._served, self._frames = first, 0, 0, 1
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._position, os.SEEK_END: self.length}
+        self._position = max(0, base[whence] + offset)
+        return self._position
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self._position >= self.length:
+            if self._position == self._served and self._rest is not None:
+                self._check_exhausted()
+            return b""
+        if self._position != self._served:
+            raise io.UnsupportedOperation("decoded frames are read once, in order")
+        if self._used == len(self._current):
+            self._next_frame()
+        want = len(self._current) - self._used if size is None or size < 0 else size
+        chunk = self._current[self._used:self._used + want]
+        self._used += len(chunk)
+        self._served += len(chunk)
+        self._position = self._served
+        return chunk
+
+    def read1(self, size: int = -1) -> bytes:
+        return self.read(size)
+
+    def _check_exhausted(self) -> None:
+        """More frames than announced would have changed Number of Frames, written before."""
+        rest, self._rest = self._rest, None
+        if rest is not None and next(rest, None) is not None:
+            raise TranscodeError(f"more frames decoded than Number of Frames ({self._count})")
+
+    def _next_frame(self) -> None:
+        if self._frames == self._count:  # every frame served: the padding byte
+            self._check_exhausted()
+            self._current, self._used = b"\x00", 0
+            return
+        assert self._rest is not None
+        try:
+            array, properties = next(self._rest)
+        except StopIteration:
+            raise TranscodeError(f"{self._frames} frames decoded, Number of Frames is "
+                                 f"{self._count}") from None
+        frame = array.tobytes()
+        if len(frame) != self._frame_length or properties != self._properties:
+            raise TranscodeError(f"frame {self._frames + 1} decodes to {len(frame)} bytes "
+                                 f"({properties}), the first to {self._frame_length} "
+                                 f"({self._properties})")
+        self._current, self._used = frame, 0
+        self._frames += 1

@@ -1,0 +1,205 @@
+"""A stored instance re-encoded in little endian (appliance/store/transcode.py) is, byte for
+byte, what pydicom's whole-object decode gives (the frames decoded one at a time, large values
+copied from the file), keeps its SOP Instance UID, and leaves no temp file behind, also when
+it fails. The memory it saves is measured on the daemon in tests/test_transcode_memory.py."""
+
+from __future__ import annotations
+
+import io
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGLSLossless,
+    RLELossless,
+)
+
+import appliance.store.transcode as transcode
+from appliance.store.spool import Spool, SpoolFull
+from appliance.store.transcode import TranscodeError, open_transcoded, transcoded
+from tests.test_transfer_pack import write_dicom
+
+EXPLICIT, IMPLICIT = str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)
+WORD_SIZE = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+
+
+def _swap_to_little_endian(ds: Dataset) -> None:
+    """The dicom destination's former whole-object swap (appliance/dispatch/target_types/
+    dicom.py until the transcoder), kept as the reference for big endian objects."""
+    bits = int(ds.get("BitsAllocated", 16) or 16)
+    for elem in ds.iterall():
+        size = WORD_SIZE.get(str(elem.VR))
+        if size is None or not isinstance(elem.value, bytes | bytearray):
+            continue
+        if elem.tag == 0x7FE00010 and size == 2 and bits in (32, 64):
+            size = bits // 8
+        if len(elem.value) % size:
+            continue
+        elem.value = np.frombuffer(elem.value, dtype=f">u{size}").astype(f"<u{size}").tobytes()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.set_original_encoding(False, True, ds.original_character_set)
+
+
+def whole_decode(path: Path, syntax: str) -> bytes:
+    """What the three senders produced before: the whole object decoded by pydicom (same SOP
+    Instance UID), then written in ``syntax``."""
+    ds = dcmread(path)
+    stored = ds.file_meta.TransferSyntaxUID
+    if stored.is_compressed:
+        ds.decompress(generate_instance_uid=False)
+    elif not stored.is_little_endian:
+        _swap_to_little_endian(ds)
+    ds.file_meta.TransferSyntaxUID = syntax
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _smooth(shape: tuple[int, ...], seed: int, high: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.cumsum(rng.integers(-3, 4, shape), axis=-1) % high
+
+
+def _compressed(path: Path, syntax: str, pixels: np.ndarray, *, bits_stored: int,
+                signed: bool = False, samples: int = 1) -> Path:
+    """A multi-frame object compressed by pydicom's own encoders."""
+    frames = pixels.shape[0]
+    write_dicom(path, pixels, bits_stored=bits_stored, signed=signed, frames=frames,
+                samples=samples)
+    ds = dcmread(path)
+    ds.compress(syntax, pixels, generate_instance_uid=False)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _big_endian(folder: Path) -> Path:
+    """Explicit VR Big Endian, 32-bit pixels (each cell swapped whole), 3 frames of 96 kB:
+    the Pixel Data is above the deferral threshold, so it is swapped while copied."""
+    pixels = _smooth((3, 96, 256), 5, 1 << 20).astype(">u4")
+    path = write_dicom(folder / "be32.dcm", pixels, bits_stored=20, signed=False,
+                       big_endian=True, frames=3)
+    ds = dcmread(path)
+    ds["PixelData"].VR = "OW"  # words of a big endian value (write_dicom says OB above 16 bits)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _temp_bytes(spool: Spool) -> list[Path]:
+    """Temp files with bytes (the empty ones are created ahead for the next writes)."""
+    return [p for p in spool.tmp.glob("*") if p.stat().st_size]
+
+
+def _testdata(name: str) -> Path:
+    return Path(get_testdata_file(name))  # type: ignore[arg-type]
+
+
+CASES = {
+    "rle-16bit-signed": lambda d: _compressed(
+        d / "rle16.dcm", RLELossless, (_smooth((5, 64, 80), 1, 4096) - 2048).astype("<i2"),
+        bits_stored=12, signed=True),
+    "rle-rgb": lambda d: _compressed(
+        d / "rle-rgb.dcm", RLELossless, _smooth((3, 40, 50, 3), 2, 256).astype(np.uint8),
+        bits_stored=8, samples=3),
+    "jpeg-ls": lambda d: _compressed(
+        d / "jls.dcm", JPEGLSLossless, _smooth((4, 100, 120), 3, 4096).astype("<u2"),
+        bits_stored=12),
+    "jpeg-ls-emri": lambda d: _testdata("emri_small_jpeg_ls_lossless.dcm"),
+    "jpeg-baseline-ybr": lambda d: _testdata("color3d_jpeg_baseline.dcm"),  # 120 frames
+    "jpeg-2000": lambda d: _testdata("emri_small_jpeg_2k_lossless.dcm"),
+    "big-endian-mr": lambda d: _testdata("MR_small_bigendian.dcm"),
+    "big-endian-32bit": _big_endian,
+    "implicit": lambda d: _testdata("MR_small_implicit.dcm"),
+    "explicit": lambda d: _testdata("CT_small.dcm"),
+}
+
+
+@pytest.mark.parametrize("defer", [transcode.DEFER_BYTES, 256])
+@pytest.mark.parametrize("syntax", [EXPLICIT, IMPLICIT])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_copy_is_what_pydicoms_whole_decode_gives(tmp_path: Path, case: str, syntax: str,
+                                                      defer: int,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """``defer`` 256: nearly every value is copied from the file rather than read (the path
+    a large object takes), and must come out the same."""
+    monkeypatch.setattr(transcode, "DEFER_BYTES", defer)
+    source = CASES[case](tmp_path)
+    spool = Spool(tmp_path / "spool", fsync=False)
+    expected = whole_decode(source, syntax)
+    with open_transcoded(spool, source, syntax) as handle:
+        copy = handle.read()
+    assert copy == expected  # every element, the file meta, the pixels: byte for byte
+    got, original = dcmread(io.BytesIO(copy)), dcmread(source)
+    assert got.file_meta.TransferSyntaxUID == syntax
+    assert got.SOPInstanceUID == got.file_meta.MediaStorageSOPInstanceUID \
+        == original.SOPInstanceUID  # the same instance, never a new UID
+    assert np.array_equal(got.pixel_array, original.pixel_array)
+    assert not _temp_bytes(spool)  # the copy went with its handle
+
+
+def _fragments(path: Path) -> tuple[bytes, list[bytes]]:
+    """A single-fragment-per-frame encapsulated file split into (everything before the first
+    fragment item, the fragments)."""
+    data = path.read_bytes()
+    start = data.index(struct.pack("<HHI", 0x7FE0, 0x0010, 0)[:4])
+    offset = start + 12  # tag, OB, reserved, undefined length
+    _, _, bot = struct.unpack_from("<HHI", data, offset)
+    offset += 8 + bot
+    head, fragments = data[:offset], []
+    while True:
+        group, element, length = struct.unpack_from("<HHI", data, offset)
+        if (group, element) == (0xFFFE, 0xE0DD):
+            return head, fragments
+        fragments.append(data[offset + 8:offset + 8 + length])
+        offset += 8 + length
+
+
+def _encapsulated(head: bytes, fragments: list[bytes]) -> bytes:
+    items = b"".join(struct.pack("<HHI", 0xFFFE, 0xE000, len(f)) + f for f in fragments)
+    return head + items + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+
+
+def test_a_copy_that_cannot_be_made_names_the_problem_and_leaves_nothing(
+        tmp_path: Path) -> None:
+    source = CASES["rle-16bit-signed"](tmp_path)
+    spool = Spool(tmp_path / "spool", fsync=False)
+    head, fragments = _fragments(source)
+    assert len(fragments) == 5
+
+    # A frame missing: the header announced 5 (Number of Frames is written before them).
+    short = tmp_path / "short.dcm"
+    short.write_bytes(_encapsulated(head, fragments[:4]))
+    with pytest.raises(TranscodeError, match="4 frames decoded, Number of Frames is 5"):
+        open_transcoded(spool, short, EXPLICIT)
+    assert not _temp_bytes(spool)
+
+    # A damaged third frame: decoding fails mid-write. An RLE header of no segment is
+    # refused by every decoder; half a frame made pylibjpeg-rle panic (a BaseException that
+    # would have ended the thread serving the viewer).
+    for broken in (b"\x00" * 64, fragments[2][:len(fragments[2]) // 2]):
+        damaged = tmp_path / "damaged.dcm"
+        damaged.write_bytes(_encapsulated(head, [*fragments[:2], broken, *fragments[3:]]))
+        with pytest.raises(TranscodeError, match="cannot be re-encoded"):
+            open_transcoded(spool, damaged, IMPLICIT)
+        assert not _temp_bytes(spool)
+
+    with pytest.raises(TranscodeError, match="not produced here"):
+        open_transcoded(spool, source, str(JPEGLSLossless))
+
+    # The copy would cut into the free-space floor kept for the modalities' C-STOREs.
+    full = Spool(tmp_path / "full", fsync=False, min_free_bytes=1 << 62)
+    with pytest.raises(SpoolFull, match="temporary copy"):
+        open_transcoded(full, source, EXPLICIT)
+    assert not _temp_bytes(full)
+
+    # Whatever the sender does with the copy, it is removed when the sender is done.
+    with pytest.raises(ConnectionError), transcoded(spool, source, EXPLICIT) as path:
+        assert path.stat().st_size > 5 * 64 * 80 * 2
+        raise ConnectionError("the peer went away")
+    assert not path.exists() and not _temp_bytes(spool)
