@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import subprocess
 import time
 from io import BytesIO
@@ -20,6 +21,7 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
+from tests.support import raw_ul
 from tests.support.peers import (
     CT_DIR,
     DCMTK_ENV,
@@ -92,6 +94,29 @@ def test_a_silent_association_is_dropped_after_the_network_timeout(pas: PasProce
     assert assoc.is_aborted or assoc.is_released
     assert "network timeout reached" in pas.log().lower()
     # The daemon serves the next association as usual.
+    storescu(sorted(CT_DIR.glob("*.dcm"))[:1], pas.port)
+    assert pas.status()["instances"] == 1
+
+
+def test_a_connection_quiet_after_its_associate_rq_is_dropped(pas: PasProcess) -> None:
+    """A peer sends an A-ASSOCIATE-RQ, then neither reads (not even the A-ASSOCIATE-AC) nor
+    sends: dropped after the network timeout (2 s), not before. The clock now also restarts
+    on what PAS sends and when a handler returns (dicomnet/idle.py): not on this."""
+    sock = socket.create_connection(("127.0.0.1", pas.port), timeout=10)
+    try:
+        sock.sendall(raw_ul.associate_rq([(1, str(Verification), "1.2.840.10008.1.2")],
+                                         "PAS", "QUIET", 0))
+        sent = time.time()
+        wait_for(lambda: "network timeout reached" in pas.log(), 20,
+                 what="PAS to drop the quiet connection")
+        waited = pas.logged_at("network timeout reached") - sent
+        assert 2 * 0.95 <= waited < 2 + 5, waited
+        raw = raw_ul.RawAssociation(sock)
+        assert raw.read_pdu(5)[0] == 0x02  # the A-ASSOCIATE-AC it never read,
+        assert raw.read_pdu(5)[0] in (0x07, None)  # then an A-ABORT, and the end
+        assert raw.read_pdu(5)[0] is None
+    finally:
+        sock.close()
     storescu(sorted(CT_DIR.glob("*.dcm"))[:1], pas.port)
     assert pas.status()["instances"] == 1
 

@@ -1,7 +1,7 @@
 """DICOM networking shared by ingest and serving: how pynetdicom's association threads wait.
 
-Owns: process-wide adjustments to pynetdicom (see ``reactor``). May not touch the index, the
-spool or any service's handlers."""
+Owns: process-wide adjustments to pynetdicom (see ``reactor``; ``idle``: what its network
+timeout measures). May not touch the index, the spool or any service's handlers."""
 
 
 def install(event_driven: bool = True) -> None:

@@ -9,9 +9,12 @@ pynetdicom each one crosses the DIMSE encoder, a queue per PDU, the DUL thread a
 (~2 ms for an 86 kB MR image, where Orthanc needs ~0.9 ms). Here the calling thread sends the
 file's bytes after a hand-encoded command set and reads the response itself: about the cost
 of the bytes. The DUL is kept off the socket meanwhile by its I/O lock (appliance/dicomnet/
-reactor.py); its idle timer is restarted after each exchange, so pynetdicom's network
-timeout still measures silence. Anything unexpected (another PDU, a wrong message ID, a
-broken socket) aborts the association through pynetdicom and raises: the caller counts the
+reactor.py); its idle timer is restarted after each fragment sent and after each exchange,
+so the network timeout measures the peer's silence, not how long one C-STORE takes (idle.py;
+restarted only after each exchange, an image that a destination took longer than the
+timeout to read had its sub-association aborted by its own loop mid-transfer, and the next
+images of the move failed). Anything unexpected (another PDU, a wrong message ID, a broken
+socket) aborts the association through pynetdicom and raises: the caller counts the
 sub-operation failed, as for any C-STORE failure. A C-CANCEL-RQ read while awaiting the
 response is kept where pynetdicom keeps it, so the retrieve handler still sees it.
 
@@ -215,7 +218,8 @@ class DirectStoreSender:
     def _send(self, sock: socket.socket, context_id: int, command: bytes, handle: BinaryIO,
               remaining: int) -> None:
         """The command in one PDU, then the dataset read from disk one fragment at a time
-        (bounded memory, invariant 8)."""
+        (bounded memory, invariant 8). The peer takes each fragment: not silent."""
+        idle_timer = self.dul._idle_timer
         sock.sendall(self._pdu(context_id, COMMAND_LAST, command))
         while True:
             chunk = handle.read(min(self.fragment, remaining))
@@ -224,6 +228,7 @@ class DirectStoreSender:
             if not chunk and remaining > 0:
                 raise DirectStoreError("the stored file is shorter than it was")
             sock.sendall(self._pdu(context_id, DATASET_LAST if last else DATASET_MORE, chunk))
+            idle_timer.restart()
             if last:
                 return
 

@@ -17,6 +17,9 @@ The two loops below are pynetdicom 3.0's ``DULServiceProvider.run_reactor`` and
 ``Association._run_reactor`` with only the waits changed (and the DUL's exception path kept
 as is). They are installed only for the pynetdicom versions they were written against;
 anything else keeps pynetdicom's own loops and logs why (`install()` returns False).
+
+One behaviour differs on purpose: what the network idle timer measures (idle.py): the
+loops restart it when a PDU went out and when a handler returned, not only when one came in.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 
 from appliance.dicomnet.direct_receive import P_DATA_TF, DirectReceiveError, DirectReceiver
+from appliance.dicomnet.idle import peer_silent
 
 log = logging.getLogger("pas.dicomnet")
 
@@ -247,9 +251,10 @@ def _dul_step(self: DULServiceProvider, assoc_wake: threading.Event,
     state-machine event. "busy", "idle" (nothing to do) or "stop" (aborted)."""
     if self.artim_timer.expired:
         self.event_queue.put("Evt18")
+    sending = False
     try:
         if self._process_recv_primitive():
-            pass
+            sending = True  # its PDU goes out in the do_action() below
         elif _transport_event(self, readable):
             self._idle_timer.restart()
     except Exception as exc:
@@ -270,6 +275,8 @@ def _dul_step(self: DULServiceProvider, assoc_wake: threading.Event,
         return "idle"
     state = self.state_machine.current_state
     self.state_machine.do_action(event)
+    if sending:
+        self._idle_timer.restart()  # PAS was sending, not waiting for the peer (idle.py)
     if event == "Evt17" and state == "Sta2" and self.assoc.is_acceptor:
         # The connection closed before any A-ASSOCIATE-RQ (a port probe, a monitoring
         # system's TCP check). pynetdicom's association thread would wait acse_timeout
@@ -356,6 +363,8 @@ def association_run_reactor(self: Association) -> None:
         context_id, msg = self.dimse.get_msg(block=False)
         if msg:
             self._serve_request(msg, context_id)  # type: ignore[arg-type]
+            # The peer waited for PAS all along the handler, however long (idle.py).
+            self.dul._idle_timer.restart()
             wake.set()  # more may have arrived meanwhile: look again at once
 
         if self.is_established and self.acse.is_release_requested():
@@ -379,7 +388,7 @@ def association_run_reactor(self: Association) -> None:
             self.kill()
             return
 
-        if self.dul.idle_timer_expired():
+        if peer_silent(self):
             log.error("network timeout reached")
             if self.network_timeout_response == "A-RELEASE":
                 self._is_paused = True

@@ -8,6 +8,7 @@ conditions (a port answers, a count is reached) with a deadline, never with bare
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import random
@@ -82,14 +83,15 @@ class ChildProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.home / log_name
 
-    def _launch(self, ports: list[int], timeout: float, cwd: Path | None = None) -> None:
+    def _launch(self, ports: list[int], timeout: float, cwd: Path | None = None,
+                host: str = "127.0.0.1") -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([str(PAS_BIN), *self.command], env=self.env, stdout=log,
                                      stderr=subprocess.STDOUT, cwd=cwd)
         for port in ports:
-            wait_for(lambda p=port: self._alive() and port_open("127.0.0.1", p), timeout,
-                     what=f"{self.name} on port {port} (log: {self.log_path})")
+            wait_for(lambda p=port: self._alive() and port_open(host, p), timeout,
+                     what=f"{self.name} on {host} port {port} (log: {self.log_path})")
 
     def _alive(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
@@ -99,6 +101,12 @@ class ChildProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def logged_at(self, what: str) -> float:
+        """When the last log line containing ``what`` was written (epoch seconds; the log's
+        own timestamps, to the millisecond)."""
+        line = [line for line in self.log().splitlines() if what in line][-1]
+        return datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
     def stop(self, timeout: float = 15.0) -> None:
         if self.proc and self.proc.poll() is None:
@@ -154,7 +162,11 @@ class PasProcess(ChildProcess):
         ports = [self.port]
         if self.env.get("PAS_HTTP__ENABLED", "true").lower() != "false":
             ports.append(self.http_port)  # the HTTP app comes up just after the DICOM port
-        self._launch(ports, timeout, cwd=self.home)
+        # Awaited on loopback, or on the one address given (a test namespace's outer end:
+        # then the HTTP app must be disabled or listen there too).
+        host = self.env["PAS_DICOM__HOST"]
+        self._launch(ports, timeout, cwd=self.home,
+                     host="127.0.0.1" if host in ("", "0.0.0.0", "::") else host)
         return self
 
     def status(self) -> dict[str, Any]:

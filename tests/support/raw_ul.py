@@ -21,7 +21,7 @@ def _item(kind: int, data: bytes) -> bytes:
     return struct.pack(">BBH", kind, 0, len(data)) + data
 
 
-def _associate_rq(contexts: list[tuple[int, str, str]], called: str, calling: str,
+def associate_rq(contexts: list[tuple[int, str, str]], called: str, calling: str,
                   max_pdu: int) -> bytes:
     body = _item(0x10, APPLICATION_CONTEXT)
     for context_id, abstract, syntax in contexts:
@@ -79,11 +79,17 @@ class RawAssociation:
 
 
 def associate(port: int, contexts: list[tuple[int, str, str]], called: str = "PAS",
-              calling: str = "RAWSCU", max_pdu: int = 0) -> RawAssociation:
-    """Open an association proposing ``(context ID, abstract syntax, transfer syntax)``."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+              calling: str = "RAWSCU", max_pdu: int = 0, host: str = "127.0.0.1",
+              receive_buffer: int | None = None) -> RawAssociation:
+    """Open an association proposing ``(context ID, abstract syntax, transfer syntax)``.
+    ``receive_buffer``: a fixed SO_RCVBUF (set before connecting: no autotuning)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if receive_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.settimeout(10)
+    sock.connect((host, port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.sendall(_associate_rq(contexts, called, calling, max_pdu))
+    sock.sendall(associate_rq(contexts, called, calling, max_pdu))
     raw = RawAssociation(sock)
     kind, body = raw.read_pdu()
     assert kind == 0x02, f"association not accepted (PDU type {kind})"

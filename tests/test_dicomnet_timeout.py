@@ -1,0 +1,354 @@
+"""The network timeout (`dicom.network_timeout_s`) measures a peer's silence, not PAS's work
+(appliance/dicomnet/idle.py), against a real `pas run` and real viewers.
+
+Found (2026-12, left alone in the note before): a C-FIND that ran past the network timeout
+(100,000 answers to a slow findscu) ended with PAS aborting the association at the release:
+findscu had every answer and the final Success, then "Association Release Failed: Peer
+aborted Association" (exit code 2). pynetdicom's idle timer restarts only when a PDU
+arrives and is looked at only between two requests, so the first look after a long handler
+found it expired. Every C-MOVE longer than the timeout ended so too (movescu exit code 67),
+and a C-MOVE sub-association whose one C-STORE took longer than the timeout was aborted by
+its own loop: the next instances of the move failed.
+
+What must not change: a peer that is truly silent is still dropped after the timeout (an
+idle association, a connection quiet after its A-ASSOCIATE-RQ: tests/test_dicomnet.py), and
+so is a viewer that stops reading in the middle of the answers (below).
+
+The slow viewers are DCMTK's tools slowed from outside (SIGSTOP/SIGCONT, a short stop again
+and again: each well under the timeout, so the peer never stays silent for the timeout; it
+only reads slowly), and, where what the viewer has not read yet must wait in PAS's own send
+queue, a bare UL client reading at a steady pace (tests/support/slow_viewer.py; why there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from bench.qr import synthesize
+from tests.support import raw_ul
+from tests.support.peers import (
+    CT_DIR,
+    DCMTK_ENV,
+    ROOT,
+    NetNamespace,
+    PasProcess,
+    StoreSCP,
+    storescu,
+    wait_for,
+)
+from tests.support.slow_viewer import ask_every_study
+from tests.test_ingest_spill import _pixel_chunks, _sha256, _small_secondary_capture
+
+NETWORK_TIMEOUT_S = 2.0
+STUDIES = 5000
+# A slow reader: stopped this long, then running that long, over and over.
+STOPPED_S = 0.25
+RUNNING_S = 0.02
+
+
+@contextlib.contextmanager
+def reading_slowly(proc: subprocess.Popen[str], stopped_s: float = STOPPED_S,
+                   running_s: float = RUNNING_S) -> Iterator[None]:
+    """Stop ``proc`` for ``stopped_s`` out of every ``stopped_s + running_s`` until the block
+    ends. Signals go through a pidfd: never to another process that took its PID."""
+    pidfd = os.pidfd_open(proc.pid)
+    done = threading.Event()
+
+    def toggle() -> None:
+        with contextlib.suppress(ProcessLookupError):
+            # The waits are the pace of the slow reader, not waits for a state.
+            while not done.wait(running_s):
+                signal.pidfd_send_signal(pidfd, signal.SIGSTOP)
+                done.wait(stopped_s)
+                signal.pidfd_send_signal(pidfd, signal.SIGCONT)
+
+    thread = threading.Thread(target=toggle, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGCONT)
+        os.close(pidfd)
+
+
+def _pas(home: Path, **env: str) -> PasProcess:
+    return PasProcess(home, {"PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_HTTP__ENABLED": "false",
+                             "PAS_DICOM__NETWORK_TIMEOUT_S": str(NETWORK_TIMEOUT_S),
+                             **env}).start()
+
+
+def _released(code: int, errors: str, final: str) -> None:
+    """The DCMTK tool got the final response and released the association (when PAS aborts
+    at the release it says "Peer aborted Association" and exits with 2 or 67)."""
+    assert code == 0, errors[-2000:]
+    assert f"Received Final {final} Response (Success)" in errors, errors[-2000:]
+    assert "I: Releasing Association" in errors
+    assert "Release Failed" not in errors and "aborted" not in errors, errors[-2000:]
+
+
+def _synthesized(tmp_path: Path) -> Path:
+    home = tmp_path / "pas"
+    home.mkdir()
+    synthesize(home, STUDIES)  # and the real CT it files first: STUDIES + 1 studies
+    return home
+
+
+def test_a_c_find_longer_than_the_network_timeout_ends_in_a_release(tmp_path: Path) -> None:
+    """5,000 answers to a findscu reading slowly: PAS busy answering for longer than the 2 s
+    timeout, then every answer, Success, and a release (was: PAS aborted the association as
+    findscu released it, in every run)."""
+    pas = _pas(_synthesized(tmp_path))
+    try:
+        started = time.time()
+        # Each answer's identifier goes to findscu's log (its default without -X).
+        viewer = subprocess.Popen(
+            ["findscu", "-v", "-S", "-aet", "VIEWER", "-aec", "PAS",
+             "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID",
+             "-k", "AccessionNumber", "127.0.0.1", str(pas.port)],
+            env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        with reading_slowly(viewer):
+            _, errors = viewer.communicate(timeout=120)
+        _released(viewer.returncode, errors, "Find")
+        assert errors.count("(Pending)") == STUDIES + 1
+        answers = set(re.findall(r"\(0020,000d\) UI \[([0-9.]+)", errors))
+        assert len(answers) == STUDIES + 1
+        assert {f"2.25.1{n:09d}.1" for n in range(STUDIES)} <= answers
+        log = pas.log()
+        assert f"success ({STUDIES + 1} results)" in log
+        # The handler (its audit line follows the final answer) ran past the timeout: else
+        # this would prove nothing.
+        assert pas.logged_at("audit query by VIEWER") - started > NETWORK_TIMEOUT_S
+        assert "network timeout reached" not in log
+    finally:
+        pas.stop()
+
+
+@pytest.mark.root
+def test_answers_waiting_in_pas_send_queue_keep_the_association(tmp_path: Path) -> None:
+    """A viewer on the network (a namespace: loopback's 64 kB segments would make TCP's
+    progress come in big steps) reading steadily at 80 kB/s with a 16 kB receive buffer,
+    slower than PAS answers: once PAS has queued the last answer, a few hundred kB of them
+    still wait in its socket's send queue, read for longer than the timeout (3 to 6 s here).
+    Not silence: every answer, Success, a release (was: an A-ABORT at the release; with the
+    clock restarted only on each PDU sent and when the handler returns, an A-ABORT 2 s after
+    the handler returned).
+
+    Not findscu: stopped and continued, it reads in bursts, and the kernel then grows its
+    receive buffer to take everything PAS sends at once; a steady reader keeps its buffer
+    small, as a viewer working on each answer would."""
+    ns = NetNamespace("slowview").create()
+    try:
+        pas = _pas(_synthesized(tmp_path), PAS_DICOM__HOST=ns.outer_address)
+        try:
+            viewer = subprocess.run(
+                ns.command([sys.executable, "-m", "tests.support.slow_viewer",
+                            ns.outer_address, str(pas.port), "80000", "16384"]),
+                cwd=ROOT, capture_output=True, text=True, timeout=60)
+            assert viewer.returncode == 0, viewer.stderr[-2000:]
+            result = json.loads(viewer.stdout)
+            assert (result["pending"], result["status"]) == (STUDIES + 1, 0x0000)
+            assert result["release"] == 0x06  # A-RELEASE-RP (an A-ABORT is 0x07)
+            log = pas.log()
+            assert f"success ({STUDIES + 1} results)" in log
+            # What this is about: the viewer read for longer than the timeout after PAS's
+            # handler had queued the last answer (its audit line follows it).
+            waited = result["read_all"] - pas.logged_at("audit query by VIEWER")
+            print(f"the viewer read for {waited:.1f} s after the handler returned")
+            assert waited > NETWORK_TIMEOUT_S, waited
+            assert "network timeout reached" not in log
+        finally:
+            pas.stop()
+    finally:
+        ns.delete()
+
+
+def _closed_by_pas(sock: socket.socket, within_s: float) -> bool:
+    """Read (and drop) what PAS sent until it closed the connection: True, or False if it
+    was still open after ``within_s``."""
+    deadline = time.monotonic() + within_s
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            if not sock.recv(1 << 20):
+                return True
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
+            return False
+    return False
+
+
+def _echo_accepted(pas: PasProcess) -> bool:
+    ae = AE(ae_title="ECHOSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", pas.port, ae_title="PAS")
+    if not assoc.is_established:
+        return False
+    assoc.release()
+    return True
+
+
+def _asked(pas: PasProcess) -> raw_ul.RawAssociation | None:
+    """The C-FIND asked, or None when the one association place was still taken (the
+    start-up wait's port probe, an association just released: their threads end after)."""
+    try:
+        return ask_every_study(pas.port)
+    except AssertionError:
+        return None
+
+
+def test_a_viewer_that_stops_reading_mid_c_find_is_dropped(tmp_path: Path) -> None:
+    """The other side of the change: a viewer asks for every study, then reads nothing and
+    sends nothing. PAS ends the association once nothing moved for the timeout (all 5,001
+    answers fit in the two sockets' buffers here: PAS's send queue then stays as it is;
+    with more, a send blocked for the timeout ends it) and its only association place is
+    free again. Passes before and after the change."""
+    pas = _pas(_synthesized(tmp_path), PAS_DICOM__MAX_ASSOCIATIONS="1")
+    try:
+        raw = wait_for(lambda: _asked(pas), 10, what="the association accepted")
+        wait_for(lambda: "network timeout reached" in pas.log()
+                 or "the association ended before the last match" in pas.log(), 30,
+                 what="PAS to give up on the viewer that stopped reading")
+        if "network timeout reached" in pas.log():  # PAS had sent everything, then waited
+            waited = (pas.logged_at("network timeout reached")
+                      - pas.logged_at("audit query by VIEWER"))
+            assert waited < NETWORK_TIMEOUT_S + 3, waited  # (right after it, before)
+        assert _closed_by_pas(raw.sock, 10)
+        raw.sock.close()
+        wait_for(lambda: _echo_accepted(pas), 10, what="the association place free again")
+    finally:
+        pas.stop()
+
+
+def test_a_c_move_longer_than_the_network_timeout_ends_in_a_release(tmp_path: Path) -> None:
+    """A C-MOVE of a CT study to a storescp that sleeps 1 s after each image (3 s, past the
+    2 s timeout; movescu silent meanwhile, as every move SCU is): every image, Success, and
+    a release (was: an A-ABORT from PAS as movescu released, every time)."""
+    by_study: dict[str, list[Path]] = {}
+    for path in sorted(CT_DIR.glob("*.dcm")):
+        by_study.setdefault(dcmread(path, stop_before_pixels=True).StudyInstanceUID,
+                            []).append(path)
+    study, files = next((uid, paths) for uid, paths in by_study.items() if len(paths) == 3)
+    scp = StoreSCP(tmp_path / "scp").start(["--sleep-after", "1"])
+    pas = _pas(tmp_path / "pas", PAS_SERVING__MOVE_DESTINATIONS=(
+        f'[{{title = "STORESCP", host = "127.0.0.1", port = {scp.port}}}]'))
+    try:
+        storescu(files, pas.port)
+        started = time.monotonic()
+        mover = subprocess.run(
+            ["movescu", "-v", "-S", "-aet", "VIEWER", "-aec", "PAS", "-aem", "STORESCP",
+             "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
+             "127.0.0.1", str(pas.port)],
+            env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            timeout=60)
+        lasted = time.monotonic() - started
+        _released(mover.returncode, mover.stderr, "Move")
+        received = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+                    for p in scp.files()}
+        assert received == {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+                            for p in files}
+        assert lasted > NETWORK_TIMEOUT_S, lasted
+        assert "network timeout reached" not in pas.log()
+    finally:
+        pas.stop()
+        scp.stop()
+
+
+def _big_study(folder: Path, count: int, megabytes: int) -> tuple[str, list[Path]]:
+    """``count`` Secondary Captures of ``megabytes`` each in one study (written without
+    holding them: header by pydicom, then the pixels)."""
+    folder.mkdir()
+    header = _small_secondary_capture(megabytes)
+    paths = []
+    for n in range(count):
+        header.file_meta.MediaStorageSOPInstanceUID = header.SOPInstanceUID = generate_uid()
+        path = folder / f"big{n}.dcm"
+        header.save_as(path, enforce_file_format=True)
+        with open(path, "ab") as handle:
+            for chunk in _pixel_chunks(megabytes):
+                handle.write(chunk)
+        paths.append(path)
+    return str(header.StudyInstanceUID), paths
+
+
+def _datasets(paths: list[Path]) -> list[str]:
+    return sorted(_sha256(path, dataset_only=True) for path in paths)
+
+
+def test_a_c_store_slower_than_the_network_timeout_keeps_its_sub_association(
+        tmp_path: Path) -> None:
+    """A C-MOVE of two 32 MB images to a destination reading slowly (each C-STORE lasts
+    longer than the timeout while the bytes keep flowing): both arrive, Success (was: the
+    sub-association aborted by its own loop during the first, the second failed)."""
+    study, files = _big_study(tmp_path / "big", 2, 32)
+    scp = StoreSCP(tmp_path / "scp").start()
+    assert scp.proc is not None
+    pas = _pas(tmp_path / "pas", PAS_SERVING__MOVE_DESTINATIONS=(
+        f'[{{title = "STORESCP", host = "127.0.0.1", port = {scp.port}}}]'))
+    try:
+        storescu(files, pas.port)
+        started = time.monotonic()
+        mover = subprocess.Popen(
+            ["movescu", "-v", "-S", "-aet", "VIEWER", "-aec", "PAS", "-aem", "STORESCP",
+             "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
+             "127.0.0.1", str(pas.port)],
+            env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        with reading_slowly(scp.proc, stopped_s=0.5, running_s=0.005):  # type: ignore[arg-type]
+            _, errors = mover.communicate(timeout=120)
+        lasted = time.monotonic() - started
+        _released(mover.returncode, errors, "Move")
+        assert _datasets(scp.files()) == _datasets(files)
+        assert lasted > 2 * NETWORK_TIMEOUT_S, lasted  # else this would prove nothing
+        assert "network timeout reached" not in pas.log()
+    finally:
+        pas.stop()
+        scp.stop()
+
+
+def test_a_c_get_longer_than_the_network_timeout_ends_in_a_release(tmp_path: Path) -> None:
+    """A C-GET of a 32 MB image by a getscu reading slowly (its own association carries the
+    C-STORE): the image, Success, a release. (This one held before: the direct C-STORE
+    restarted the clock after each exchange. It guards the C-GET side of the change.)"""
+    study, files = _big_study(tmp_path / "big", 1, 32)
+    pas = _pas(tmp_path / "pas")
+    try:
+        storescu(files, pas.port)
+        out = tmp_path / "get"
+        out.mkdir()
+        started = time.monotonic()
+        viewer = subprocess.Popen(
+            ["getscu", "-v", "-S", "-aet", "VIEWER", "-aec", "PAS", "-od", str(out),
+             "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
+             "127.0.0.1", str(pas.port)],
+            env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        with reading_slowly(viewer, stopped_s=0.5, running_s=0.005):
+            _, errors = viewer.communicate(timeout=120)
+        lasted = time.monotonic() - started
+        assert viewer.returncode == 0, errors[-2000:]
+        assert "Received C-GET Response (Success)" in errors, errors[-2000:]
+        assert "Release Failed" not in errors and "aborted" not in errors, errors[-2000:]
+        assert _datasets([p for p in out.rglob("*") if p.is_file()]) == _datasets(files)
+        assert lasted > 2 * NETWORK_TIMEOUT_S, lasted
+        assert "network timeout reached" not in pas.log()
+    finally:
+        pas.stop()
