@@ -44,6 +44,7 @@ from typing import Any
 
 import httpx
 
+from appliance.transfer.client import wan_timeout
 from appliance.transfer.download_frames import (
     DOWNLOADS_PATH,
     PRIORS_PATH,
@@ -162,7 +163,7 @@ class HubDownloads:
         # WARM_EVERY_S keeps one open, so an order's first request pays no TCP and TLS
         # handshakes (two round trips on the WAN).
         self.client = client or httpx.Client(
-            verify=verify, timeout=timeout_s,
+            verify=verify, timeout=wan_timeout(timeout_s),
             limits=httpx.Limits(max_connections=16, max_keepalive_connections=8,
                                 keepalive_expiry=KEEP_ALIVE_S))
 
