@@ -356,6 +356,12 @@ def association_run_reactor(self: Association) -> None:
         context_id, msg = self.dimse.get_msg(block=False)
         if msg:
             self._serve_request(msg, context_id)  # type: ignore[arg-type]
+            # The network timeout is the peer's silence; while PAS served its request (a
+            # study fetched from the region, a long C-MOVE) the peer had nothing to say. The
+            # idle timer, started at the request's last PDU, aborted such an association
+            # right after its final response once the work took longer than
+            # dicom.network_timeout_s: it counts again from the answer.
+            self.dul._idle_timer.restart()
             wake.set()  # more may have arrived meanwhile: look again at once
 
         if self.is_established and self.acse.is_release_requested():
