@@ -291,11 +291,13 @@ class HubDownloads:
         items: list[DownloadItem] = []
         sent: list[dict[str, Any]] = []
         seen: set[int] = set()
+        all_sent = [False]
 
         def lines() -> Iterator[dict[str, Any]]:
             for patient in patients:
                 sent.append(patient)  # before the hub can name it
                 yield patient
+            all_sent[0] = True
 
         def found(entry: Any) -> list[DownloadItem]:
             number = entry.get("patient") if isinstance(entry, dict) else None
@@ -307,7 +309,10 @@ class HubDownloads:
 
         cut = self._stream(StreamedBody(options, lines()), items, True, before_bucket,
                            self.priors_url, found)
-        if cut is not None and len(seen) < len(sent):
+        # Also when the request died before its body was all sent (a hub that does not
+        # answer: nothing of it left): the patients not sent yet are told the cut, not that
+        # the hub's answer "ended without a word" of them.
+        if cut is not None and (len(seen) < len(sent) or not all_sent[0]):
             raise cut
         return items
 
