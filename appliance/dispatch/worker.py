@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable
 
@@ -80,10 +81,14 @@ class Dispatcher:
             self._threads.append(thread)
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Ask the workers to stop and wait up to ``timeout`` in all (not per worker) for
+        those still sending: one blocked on the WAN ends its attempt in its own time, and
+        its job's lease is released at the next start."""
         self._stop.set()
         self.wake.set()
+        deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _loop(self, owner: str, max_priority: int | None = None) -> None:
         while not self._stop.is_set():

@@ -239,13 +239,17 @@ class PrefetchService:
                 log.warning("worklist poll failed: %s", exc)
             self.stopping.wait(self.config.mwl.interval_s)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop scheduling; wait up to ``timeout`` in all for the scheduler and the worklist
+        poller (fetches under way are told to stop and resume at the next start)."""
         self.stopping.set()
         self.wake.set()
+        deadline = time.monotonic() + timeout
         if self._thread is not None:
-            self._thread.join(10)
+            self._thread.join(max(0.0, deadline - time.monotonic()))
         if self._mwl_thread is not None:
-            self._mwl_thread.join(self.config.mwl.timeout_s)
+            self._mwl_thread.join(max(0.0, min(self.config.mwl.timeout_s,
+                                               deadline - time.monotonic())))
         self._requests.shutdown(wait=False, cancel_futures=True)
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self._region is not None:
