@@ -15,9 +15,15 @@ import uuid
 from collections.abc import Callable
 
 from appliance.config import Settings
-from appliance.dispatch.target_types.base import PermanentError, SendContext, TargetType
-from appliance.routing.backoff import next_delay
+from appliance.dispatch.target_types.base import (
+    LinkDown,
+    PermanentError,
+    SendContext,
+    TargetType,
+)
+from appliance.routing.backoff import link_delay, next_delay
 from appliance.store import jobs as job_store
+from appliance.store import uplink as uplink_store
 from appliance.store.db import Database, now
 from appliance.store.spool import Spool
 
@@ -46,6 +52,7 @@ class Dispatcher:
             return False
         context = SendContext(self.db, self.spool, owner, queue.lease_s)
         extra = {"JOB_ID": job.id, "STUDY_UID": job.study_uid}
+        target: TargetType | None = None
         try:
             target = self.target_for(job.destination)
             target.send(job, context)
@@ -53,6 +60,12 @@ class Dispatcher:
             job_store.fail_attempt(self.db, job.id, owner, str(exc), retry_at=None)
             log.error("job %d to %s failed for good: %s", job.id, job.destination, exc,
                       extra=extra)
+        except LinkDown as exc:
+            delay = link_delay(queue, self._down_for(getattr(target, "name", job.destination)))
+            job_store.wait_for_link(self.db, job.id, owner, str(exc), now() + delay)
+            log.warning("job %d to %s: destination unreachable, waiting for the link (next try "
+                        "in %.0fs, not counted as an attempt): %s", job.id, job.destination,
+                        delay, exc, extra=extra)
         except Exception as exc:
             delay = next_delay(queue, job.attempts)
             retry_at = None if delay is None else now() + delay
@@ -66,6 +79,13 @@ class Dispatcher:
             log.info("job %d: study %s delivered to %s", job.id, job.study_uid,
                      job.destination, extra=extra)
         return True
+
+    def _down_for(self, destination: str) -> float:
+        """How long the destination's link has been down (0: unknown or up)."""
+        link = uplink_store.link_states(self.db).get(destination)
+        if not link or link["state"] != "down" or not link["last_ok_at"]:
+            return 0.0
+        return max(0.0, now() - float(link["last_ok_at"]))
 
     def start(self) -> None:
         for number in range(self.settings.queue.workers):

@@ -12,7 +12,9 @@ Why the store too: only the uplink recorded the hub's link there, once a request
 its retries. With the WAN black-holed and nothing to send, ``pas status`` said ``up`` for
 as long as the outage lasted; with an upload under way, for minutes (each attempt waits for
 its timeout). The heartbeat goes whatever there is to send, so the link's state is at most
-one interval and one timeout old.
+one interval and one timeout old. Its first success after a failure makes the uploads that
+waited for the link due at once (``jobs.wake_waiting_for_link``): during a long outage each
+tries only every few minutes (``routing.backoff.link_delay``).
 """
 
 from __future__ import annotations
@@ -144,6 +146,13 @@ class HeartbeatSender:
             log.exception("recording the hub's link state failed")
         if ok and was is not True:
             log.info("hub link up (heartbeat accepted)")
+            try:  # the uploads that waited for the link go now, not at their backoff's end
+                woken = job_store.wake_waiting_for_link(self.db, "hub")
+            except Exception:
+                log.exception("waking the uploads that waited for the link failed")
+            else:
+                if woken:
+                    log.info("%d uploads waiting for the link are due now", woken)
         elif not ok and was is not False:
             log.warning("hub link down: %s", error)
 

@@ -141,6 +141,22 @@ def wan_timeout(timeout_s: float, pool: float | None = None) -> httpx.Timeout:
                          pool=timeout_s if pool is None else pool)
 
 
+def link_down(exc: BaseException) -> bool:
+    """True when a failure is the link's: somewhere in its causes, no connection to the hub
+    (or the region behind it), or one that went silent or broke (httpx's transport errors),
+    rather than an answer refusing or failing the request. Such failures say nothing about
+    the work that met them: the uplink and the prefetch wait for the link instead of
+    counting them as attempts."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, httpx.TransportError):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
 WARM_IDLE_S = 20.0
 # How long an idle connection stays in the pool: under the hub's 30 s keep-alive and over
 # WARM_IDLE_S, so the keep-warm call finds it open. (httpx's default is 5 s: the pool then
