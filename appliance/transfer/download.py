@@ -414,6 +414,7 @@ class HubDownloads:
             except httpx.HTTPError as exc:
                 cut = DownloadError(f"{what} cut after {buckets} buckets: "
                                     f"{type(exc).__name__}: {exc}")
+                cut.__cause__ = exc  # what cut it: the link (callers tell the two apart)
             except DownloadError as exc:
                 cut = exc
             finally:
@@ -483,6 +484,7 @@ class HubDownloads:
                 error = exc
             except (httpx.HTTPError, LaneFormatError) as exc:
                 error = DownloadError(f"{what} cut: lane {number}: {type(exc).__name__}: {exc}")
+                error.__cause__ = exc  # what cut it (the link, or a bad lane frame)
             except Exception as exc:  # a lane never ends without telling the reader
                 error = DownloadError(f"{what}: lane {number}: {type(exc).__name__}: {exc}")
             finally:
