@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from typing import Any
 
 from appliance.config import Settings
@@ -25,6 +26,10 @@ from appliance.store.db import Database
 from appliance.store.spool import Spool
 
 log = logging.getLogger("pas.daemon")
+
+# The most ``stop()`` waits for busy parts, in all: under the unit's TimeoutStopSec (60 s,
+# image/systemd/pas.service), so that systemd never has to kill the daemon.
+STOP_BUDGET_S = 20.0
 
 
 class PortUnavailable(OSError):
@@ -209,20 +214,35 @@ class Daemon:
                 log.exception("routing pass failed")
             self.stopping.wait(self.settings.study.check_interval_s)
 
-    def stop(self) -> None:
+    def stop(self, budget_s: float = STOP_BUDGET_S) -> None:
+        """Stop every part, waiting at most ``budget_s`` in all for those still busy.
+
+        Each part keeps its own limit (a C-STORE being filed gets 10 s to finish), but the
+        waits share one deadline: with the hub black-holed, the associations blocked on a
+        fetch-through, the workers blocked in a PUT and the heartbeat each waited their own
+        limit one after the other (over 60 s, past systemd's TimeoutStopSec). What is still
+        blocked at the deadline is left to end with the process: every state change is
+        already committed (invariant 3) and resumes at the next start. The audit trail's
+        flush to syslog comes after, with its own limit (``audit.stop_flush_s``, at most
+        30 s): the whole stop stays under the unit's 60 s."""
+        deadline = time.monotonic() + budget_s
+
+        def left(limit: float) -> float:
+            return max(0.0, min(limit, deadline - time.monotonic()))
+
         self.stopping.set()
-        self.listener.stop()
+        self.listener.stop(grace_s=left(10.0))
         if self.web is not None:
-            self.web.stop()
+            self.web.stop(left(10.0))
         if getattr(self, "hl7", None) is not None:
-            self.hl7.stop()
+            self.hl7.stop(left(5.0))
         if getattr(self, "prefetch", None) is not None:
-            self.prefetch.stop()
-        self.dispatcher.stop()
+            self.prefetch.stop(left(10.0))
+        self.dispatcher.stop(left(10.0))
         if getattr(self, "audit_trail", None) is not None:
             self.audit_trail.close()
         for thread in self._threads:
-            thread.join(5)
+            thread.join(left(5.0))
         self.db.close()
         log.info("PAS stopped")
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -94,6 +96,25 @@ def run(config: Path | None = ConfigOption) -> None:
     except PortUnavailable as exc:
         err.print(f"[red]cannot start:[/red] {exc}")
         raise typer.Exit(1) from None
+    _exit_now(0)
+
+
+def _exit_now(code: int) -> None:
+    """End the process once the daemon has stopped, without waiting for threads still
+    blocked on the network. Python's exit joins every executor thread without a time limit,
+    and a PUT or a fetch from a hub whose address no longer answers holds one for minutes
+    (timeouts, then retries): a ``systemctl stop`` during a WAN outage took 108 s, and
+    systemd kills at TimeoutStopSec (60 s). Whatever those threads did is committed and
+    whatever they were doing resumes at the next start (invariant 3), as after a kill -9;
+    the daemon's own parts had their chance in ``Daemon.stop``."""
+    import logging
+    import os
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 @config_app.command("check")

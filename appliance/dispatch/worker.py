@@ -10,13 +10,20 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable
 
 from appliance.config import Settings
-from appliance.dispatch.target_types.base import PermanentError, SendContext, TargetType
-from appliance.routing.backoff import next_delay
+from appliance.dispatch.target_types.base import (
+    LinkDown,
+    PermanentError,
+    SendContext,
+    TargetType,
+)
+from appliance.routing.backoff import link_delay, next_delay
 from appliance.store import jobs as job_store
+from appliance.store import uplink as uplink_store
 from appliance.store.db import Database, now
 from appliance.store.spool import Spool
 
@@ -45,6 +52,7 @@ class Dispatcher:
             return False
         context = SendContext(self.db, self.spool, owner, queue.lease_s)
         extra = {"JOB_ID": job.id, "STUDY_UID": job.study_uid}
+        target: TargetType | None = None
         try:
             target = self.target_for(job.destination)
             target.send(job, context)
@@ -52,6 +60,12 @@ class Dispatcher:
             job_store.fail_attempt(self.db, job.id, owner, str(exc), retry_at=None)
             log.error("job %d to %s failed for good: %s", job.id, job.destination, exc,
                       extra=extra)
+        except LinkDown as exc:
+            delay = link_delay(queue, self._down_for(getattr(target, "name", job.destination)))
+            job_store.wait_for_link(self.db, job.id, owner, str(exc), now() + delay)
+            log.warning("job %d to %s: destination unreachable, waiting for the link (next try "
+                        "in %.0fs, not counted as an attempt): %s", job.id, job.destination,
+                        delay, exc, extra=extra)
         except Exception as exc:
             delay = next_delay(queue, job.attempts)
             retry_at = None if delay is None else now() + delay
@@ -65,6 +79,13 @@ class Dispatcher:
             log.info("job %d: study %s delivered to %s", job.id, job.study_uid,
                      job.destination, extra=extra)
         return True
+
+    def _down_for(self, destination: str) -> float:
+        """How long the destination's link has been down (0: unknown or up)."""
+        link = uplink_store.link_states(self.db).get(destination)
+        if not link or link["state"] != "down" or not link["last_ok_at"]:
+            return 0.0
+        return max(0.0, now() - float(link["last_ok_at"]))
 
     def start(self) -> None:
         for number in range(self.settings.queue.workers):
@@ -80,10 +101,14 @@ class Dispatcher:
             self._threads.append(thread)
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Ask the workers to stop and wait up to ``timeout`` in all (not per worker) for
+        those still sending: one blocked on the WAN ends its attempt in its own time, and
+        its job's lease is released at the next start."""
         self._stop.set()
         self.wake.set()
+        deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _loop(self, owner: str, max_priority: int | None = None) -> None:
         while not self._stop.is_set():

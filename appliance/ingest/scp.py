@@ -151,8 +151,11 @@ class DicomListener:
                 # check) leaves the thread waiting up to acse_timeout for one; pynetdicom
                 # reads None there as "none came" and ends the association.
                 assoc.dul.to_user_queue.put(None)
+        # One grace for all of them, not each: associations blocked on the WAN (a fetch from
+        # a hub that no longer answers) took grace_s one after the other.
+        deadline = time.monotonic() + grace_s
         for assoc in open_associations:
-            assoc.join(grace_s)
+            assoc.join(max(0.0, deadline - time.monotonic()))
             if assoc.is_alive():
                 log.warning("association from %s still busy after %.0f s at shutdown",
                             assoc.requestor.ae_title, grace_s)

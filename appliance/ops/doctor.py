@@ -28,6 +28,7 @@ from appliance.words import counted
 Verdict = Literal["ok", "warn", "fail"]
 MAX_SKEW_WARN_S = 30.0
 MAX_SKEW_FAIL_S = 300.0
+HUB_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -171,13 +172,20 @@ def check_hub(enrolment: object) -> list[Check]:
     url = enrolment.url  # type: ignore[attr-defined]
     try:
         with httpx.Client(base_url=url, verify=enrolment.ssl_context(),  # type: ignore[attr-defined]
-                          timeout=10) as client:
+                          timeout=HUB_TIMEOUT_S) as client:
             sent = time.time()
             response = client.get("/api/v1/whoami")
             received = time.time()
     except httpx.ConnectError as exc:
         return [Check("hub", "fail", f"cannot reach {url}: {exc}",
                       "check the WAN link, the firewall (outgoing HTTPS to the hub) and DNS")]
+    except httpx.TimeoutException as exc:
+        # No refusal, no error: packets to the hub vanish (a WAN down, a firewall dropping
+        # them) or the hub is hung. "timed out" alone said neither what nor where.
+        return [Check("hub", "fail", f"no answer from {url} within {HUB_TIMEOUT_S:.0f} s "
+                      f"({type(exc).__name__}): the hub is unreachable",
+                      "check the WAN link and the firewall (outgoing HTTPS to the hub), then "
+                      "the hub's status with regional ops")]
     except (httpx.HTTPError, OSError) as exc:
         return [Check("hub", "fail", f"{url}: {exc}", "check the link and the hub's status")]
     checks = []

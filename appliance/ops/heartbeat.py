@@ -3,8 +3,18 @@
 Owns: what an appliance tells the fleet dashboard (:func:`build_heartbeat`, the one format,
 also validated by the hub in :mod:`appliance.hub.fleet`) and the thread that posts it over
 mutual TLS with the enrolment's certificate. A heartbeat is idempotent per ``(site,
-sent_at)``. May not touch: state; it reads the store and records only the link state
-(:func:`appliance.ops.metrics.note_hub_contact`).
+sent_at)``. May not touch: state; it reads the store and records only the link state: in
+the daemon (:func:`appliance.ops.metrics.note_hub_contact`, the status page and
+``pas_hub_link_up``) and in the store (``uplink_state`` of the ``hub`` destination, what
+``pas status`` shows from another process).
+
+Why the store too: only the uplink recorded the hub's link there, once a request had spent
+its retries. With the WAN black-holed and nothing to send, ``pas status`` said ``up`` for
+as long as the outage lasted; with an upload under way, for minutes (each attempt waits for
+its timeout). The heartbeat goes whatever there is to send, so the link's state is at most
+one interval and one timeout old. Its first success after a failure makes the uploads that
+waited for the link due at once (``jobs.wake_waiting_for_link``): during a long outage each
+tries only every few minutes (``routing.backoff.link_delay``).
 """
 
 from __future__ import annotations
@@ -22,13 +32,18 @@ from appliance.ops import metrics
 from appliance.ops.status import collect
 from appliance.store import jobs as job_store
 from appliance.store import ops as ops_store
+from appliance.store import uplink as uplink_store
 from appliance.store.db import Database
+from appliance.transfer.client import wan_timeout
 from appliance.transfer.enrolment import EnrolmentError, load_enrolment
 
 log = logging.getLogger("pas.ops.heartbeat")
 
 HEARTBEAT_PATH = "/api/v1/heartbeat"
 MAX_ERRORS = 5
+# The enrolled hub's destination name (the daemon's default route; dispatch/target_types/hub):
+# the heartbeat and the uploads share one link state.
+HUB_DESTINATION = "hub"
 
 
 def build_heartbeat(settings: Settings, db: Database, started_at: float,
@@ -94,7 +109,8 @@ class HeartbeatSender:
         if self._client is None or self._client_key != key:
             if self._client is not None:
                 self._client.close()
-            self._client = httpx.Client(base_url=url, verify=context, timeout=15.0)
+            self._client = httpx.Client(base_url=url, verify=context,
+                                        timeout=wan_timeout(15.0))
             self._client_key = key
         return self._client
 
@@ -112,7 +128,7 @@ class HeartbeatSender:
                                 enrolment.client_cert.stat().st_mtime)
             response = client.post(HEARTBEAT_PATH, json=beat)
         except (httpx.HTTPError, OSError) as exc:
-            self._note(False, f"hub unreachable: {exc}")
+            self._note(False, f"hub unreachable (heartbeat): {type(exc).__name__}: {exc}")
             return False
         if response.status_code not in (200, 201):
             self._note(False, f"hub answered {response.status_code}: {response.text[:200]}")
@@ -124,8 +140,19 @@ class HeartbeatSender:
     def _note(self, ok: bool, error: str | None = None) -> None:
         was = metrics.HUB_LINK.up
         metrics.note_hub_contact(ok, error)
+        try:
+            uplink_store.record_contact(self.db, HUB_DESTINATION, ok, error)
+        except Exception:  # the link state is informative; never stop the heartbeats on it
+            log.exception("recording the hub's link state failed")
         if ok and was is not True:
             log.info("hub link up (heartbeat accepted)")
+            try:  # the uploads that waited for the link go now, not at their backoff's end
+                woken = job_store.wake_waiting_for_link(self.db, "hub")
+            except Exception:
+                log.exception("waking the uploads that waited for the link failed")
+            else:
+                if woken:
+                    log.info("%d uploads waiting for the link are due now", woken)
         elif not ok and was is not False:
             log.warning("hub link down: %s", error)
 

@@ -189,8 +189,8 @@ class Hl7Listener:
         writer.writeblock(build_ack(None, "AR", reason, "100").encode())
         await writer.drain()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
         if self._loop is not None and self._loop.is_running():
             self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread is not None:
-            self._thread.join(5)
+            self._thread.join(timeout)

@@ -35,6 +35,7 @@ from appliance.store import audit
 from appliance.store import jobs as job_store
 from appliance.store import prefetch as store
 from appliance.store.db import Database, now
+from appliance.transfer.client import link_down
 from appliance.transfer.download import WARM_EVERY_S, DownloadUnavailable, HubDownloads
 from appliance.transfer.download_frames import UID, RebuiltFile
 from appliance.transfer.region import RegionClient, RegionError, RegionInstance
@@ -239,13 +240,17 @@ class PrefetchService:
                 log.warning("worklist poll failed: %s", exc)
             self.stopping.wait(self.config.mwl.interval_s)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop scheduling; wait up to ``timeout`` in all for the scheduler and the worklist
+        poller (fetches under way are told to stop and resume at the next start)."""
         self.stopping.set()
         self.wake.set()
+        deadline = time.monotonic() + timeout
         if self._thread is not None:
-            self._thread.join(10)
+            self._thread.join(max(0.0, deadline - time.monotonic()))
         if self._mwl_thread is not None:
-            self._mwl_thread.join(self.config.mwl.timeout_s)
+            self._mwl_thread.join(max(0.0, min(self.config.mwl.timeout_s,
+                                               deadline - time.monotonic())))
         self._requests.shutdown(wait=False, cancel_futures=True)
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self._region is not None:
@@ -349,6 +354,16 @@ class PrefetchService:
         try:
             self._fetch(request)
         except Exception as exc:  # any failure is an attempt: the request never stays running
+            if link_down(exc):
+                # The region could not be reached at all: nothing to hold against this
+                # request. Counted, a WAN outage of a few minutes (max_attempts x
+                # retry_after_s) failed every order received meanwhile for good.
+                store.defer(self.db, request_id, now() + self.config.retry_after_s,
+                            f"waiting for the link: {exc}"[:500])
+                log.warning("prefetch %d for %s: the region is unreachable, waiting for the "
+                            "link (next try in %.0f s, not counted as an attempt): %s",
+                            request_id, request["patient_id"], self.config.retry_after_s, exc)
+                return
             state = store.fail_attempt(self.db, request_id, str(exc), self.config.max_attempts,
                                        now() + self.config.retry_after_s)
             log.warning("prefetch %d for %s: %s (%s)", request_id, request["patient_id"], exc,
@@ -380,6 +395,7 @@ class PrefetchService:
              "modalities": ",".join(sorted(c.modalities)), "instances_expected": c.instances}
             for c in chosen])
         failures = []
+        link_errors = []  # the failures that were the link's (each study's own cause kept)
         for candidate in chosen:
             if self.stopping.is_set():
                 raise RegionError("stopping: the fetch resumes at the next start")
@@ -394,10 +410,15 @@ class PrefetchService:
             except RegionError as exc:
                 store.set_study_state(self.db, request_id, candidate.study_uid, "failed")
                 failures.append(f"{candidate.study_uid}: {exc}")
+                if link_down(exc):
+                    link_errors.append(exc)
                 continue
             self._pin_and_push(candidate.study_uid, rule.push_to, rule.name)
         if failures:
-            raise RegionError("; ".join(failures)[:400])
+            error = RegionError("; ".join(failures)[:400])
+            if len(link_errors) == len(failures):  # only the link failed them: not counted
+                raise error from link_errors[0]
+            raise error
 
     def _priors_in_one_request(
             self, request: dict[str, Any], rule: PrefetchRule, issuer: str,
@@ -498,7 +519,8 @@ class PrefetchService:
             elif ticket.error is not None:
                 if isinstance(ticket.error, RegionError):
                     raise ticket.error
-                raise RegionError(f"{type(ticket.error).__name__}: {ticket.error}")
+                raise RegionError(f"{type(ticket.error).__name__}: {ticket.error}") \
+                    from ticket.error
             else:
                 filed = ticket.filed
         if filed is not None:

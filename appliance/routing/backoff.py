@@ -6,6 +6,8 @@ rather than slept in a retry loop; tenacity's wait strategy supplies the curve.
 
 from __future__ import annotations
 
+import random
+
 from tenacity import RetryCallState, wait_exponential_jitter
 
 from appliance.config import QueueSection
@@ -20,3 +22,14 @@ def next_delay(queue: QueueSection, attempts: int) -> float | None:
     state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
     state.attempt_number = attempts
     return min(float(wait(state)), queue.backoff_max_s)
+
+
+def link_delay(queue: QueueSection, down_for_s: float) -> float:
+    """Seconds until a job waiting for its destination's link tries again, given how long the
+    link has been down: a quarter of that, at least ``backoff_initial_s`` and at most
+    ``backoff_max_s``, with jitter so that the jobs of a backlog do not try all at once.
+    Such attempts are not counted (``jobs.wait_for_link``), so the curve follows the outage
+    rather than the attempts; the link's return makes them due at once
+    (``jobs.wake_waiting_for_link``, from the heartbeat)."""
+    base = min(queue.backoff_max_s, max(queue.backoff_initial_s, down_for_s / 4))
+    return min(queue.backoff_max_s, base + random.uniform(0, max(queue.backoff_initial_s, 0.1)))

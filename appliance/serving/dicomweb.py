@@ -251,16 +251,23 @@ class DicomWeb:
             keys["SeriesInstanceUID"], level = path["series"], "SERIES"
         if "instance" in path:
             keys["SOPInstanceUID"], level = path["instance"], "IMAGE"
+        failed: Exception | None = None
         if self.fetcher is not None and store_query.study_instance_count(
                 self.db, path["study"]) == 0:
             try:
                 self.fetcher(path["study"])
             except Exception as exc:
                 log.warning("fetch-through of %s failed: %s", path["study"], exc)
+                failed = exc
         try:
             rows = store_query.instances_for(self.db, level, keys)
         except store_query.QueryError as exc:
             raise HttpProblem(400, str(exc)) from None
+        if not rows and failed is not None:
+            # Not "no such instance": the region may well hold it, it could not be asked
+            # (a WAN down); 503 tells a viewer to try again later.
+            raise HttpProblem(503, f"study {path['study']} is not on site and the region "
+                                   f"could not provide it: {failed}")
         if not rows:
             raise HttpProblem(404, f"no instance matches {'/'.join(path.values())}")
         store_query.touch_studies(self.db, [path["study"]], time.time())

@@ -71,6 +71,9 @@ class FetchThrough:
                 else:
                     listed = self.client.instances_of(study_uid)
             except FutureTimeout:
+                # Not started yet (the checkers are busy with a region that does not
+                # answer): dropped, so that checks do not pile up behind a dead link.
+                future.cancel()
                 log.info("region did not list %s within %.1f s: serving the %d instances held",
                          study_uid, self.check_timeout_s, len(held))
                 return 0
@@ -142,6 +145,7 @@ class RegionFind:
         try:
             rows = future.result(timeout=self.timeout_s)
         except FutureTimeout:
+            future.cancel()  # if it has not started: no search piles up behind a dead link
             raise RegionError(f"no answer within {self.timeout_s} s") from None
         return [_keywords(row) for row in rows]
 

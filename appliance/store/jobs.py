@@ -169,6 +169,38 @@ def fail_attempt(db: Database, job_id: int, owner: str, error: str, retry_at: fl
     return state
 
 
+WAITING_FOR_LINK = "waiting for the link: "
+
+
+def wait_for_link(db: Database, job_id: int, owner: str, error: str, retry_at: float) -> None:
+    """An attempt that could not reach the destination: pending again at ``retry_at``, the
+    attempt given back (a WAN outage of hours must not use up ``queue.max_attempts``), the
+    error kept with the :data:`WAITING_FOR_LINK` prefix."""
+    at = now()
+    with db.transaction() as conn:
+        conn.execute(
+            """UPDATE jobs SET state = 'pending', attempts = max(attempts - 1, 0),
+                   last_error = ?, next_attempt_at = ?, updated_at = ?,
+                   lease_owner = NULL, lease_until = NULL
+               WHERE id = ? AND lease_owner = ?""",
+            ((WAITING_FOR_LINK + error)[:2000], retry_at, at, job_id, owner),
+        )
+
+
+def wake_waiting_for_link(db: Database, kind: str) -> int:
+    """The link of ``kind`` destinations is back: every job waiting for it is due now
+    (rather than at the end of its backoff, up to ``queue.backoff_max_s``). How many."""
+    at = now()
+    with db.transaction() as conn:
+        cursor = conn.execute(
+            """UPDATE jobs SET next_attempt_at = ?, updated_at = ?
+               WHERE state = 'pending' AND kind = ? AND next_attempt_at > ?
+                     AND last_error LIKE ?""",
+            (at, at, kind, at, WAITING_FOR_LINK + "%"),
+        )
+        return cursor.rowcount
+
+
 def retry(db: Database, job_id: int) -> bool:
     """Operator's retry: a failed (or waiting) job is due now, with its attempts reset."""
     at = now()

@@ -213,7 +213,8 @@ def fail_attempt(db: Database, request_id: int, error: str, max_attempts: int,
 
 
 def defer(db: Database, request_id: int, until: float, reason: str) -> None:
-    """Not now (outside the WAN window): pending again, the attempt not counted."""
+    """Not now (outside the WAN windows, or the region unreachable): pending again, the
+    attempt not counted."""
     with db.transaction() as conn:
         conn.execute(
             "UPDATE prefetch_requests SET state = 'pending', attempts = max(attempts - 1, 0), "

@@ -125,6 +125,38 @@ def verify_receipt(receipt: dict[str, Any], hub_certificate_der: bytes) -> None:
         ) from None
 
 
+# A TCP connection to the hub that is not accepted within this long is not coming: its
+# address drops every packet (a black-holed WAN: no refusal, no ICMP). Waiting for the
+# caller's whole timeout instead (60-120 s) kept a viewer's retrieve, a prefetch or a
+# shutdown waiting that long for nothing. Reads keep the caller's timeout: a slow link that
+# still carries bytes is not a dead one.
+CONNECT_TIMEOUT_S = 10.0
+
+
+def wan_timeout(timeout_s: float, pool: float | None = None) -> httpx.Timeout:
+    """httpx timeouts for a call across the WAN: ``timeout_s`` for each read and write (and
+    the wait for a pooled connection, unless ``pool``), the connect bounded by
+    :data:`CONNECT_TIMEOUT_S`."""
+    return httpx.Timeout(timeout_s, connect=min(timeout_s, CONNECT_TIMEOUT_S),
+                         pool=timeout_s if pool is None else pool)
+
+
+def link_down(exc: BaseException) -> bool:
+    """True when a failure is the link's: somewhere in its causes, no connection to the hub
+    (or the region behind it), or one that went silent or broke (httpx's transport errors),
+    rather than an answer refusing or failing the request. Such failures say nothing about
+    the work that met them: the uplink and the prefetch wait for the link instead of
+    counting them as attempts."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, httpx.TransportError):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
 WARM_IDLE_S = 20.0
 # How long an idle connection stays in the pool: under the hub's 30 s keep-alive and over
 # WARM_IDLE_S, so the keep-warm call finds it open. (httpx's default is 5 s: the pool then
@@ -209,7 +241,8 @@ class HubClient:
         # have timeouts of their own; a slow link must not turn a queue into errors.
         self._http = httpx.Client(
             base_url=self.url, verify=ssl_context, http1=True, http2=False,
-            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0), pool=None),
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, CONNECT_TIMEOUT_S),
+                                  pool=None),
             limits=httpx.Limits(max_connections=2 * max_connections,
                                 max_keepalive_connections=2 * max_connections,
                                 keepalive_expiry=KEEP_ALIVE_S),

@@ -44,6 +44,7 @@ from typing import Any
 
 import httpx
 
+from appliance.transfer.client import wan_timeout
 from appliance.transfer.download_frames import (
     DOWNLOADS_PATH,
     PRIORS_PATH,
@@ -162,7 +163,7 @@ class HubDownloads:
         # WARM_EVERY_S keeps one open, so an order's first request pays no TCP and TLS
         # handshakes (two round trips on the WAN).
         self.client = client or httpx.Client(
-            verify=verify, timeout=timeout_s,
+            verify=verify, timeout=wan_timeout(timeout_s),
             limits=httpx.Limits(max_connections=16, max_keepalive_connections=8,
                                 keepalive_expiry=KEEP_ALIVE_S))
 
@@ -290,11 +291,13 @@ class HubDownloads:
         items: list[DownloadItem] = []
         sent: list[dict[str, Any]] = []
         seen: set[int] = set()
+        all_sent = [False]
 
         def lines() -> Iterator[dict[str, Any]]:
             for patient in patients:
                 sent.append(patient)  # before the hub can name it
                 yield patient
+            all_sent[0] = True
 
         def found(entry: Any) -> list[DownloadItem]:
             number = entry.get("patient") if isinstance(entry, dict) else None
@@ -306,7 +309,10 @@ class HubDownloads:
 
         cut = self._stream(StreamedBody(options, lines()), items, True, before_bucket,
                            self.priors_url, found)
-        if cut is not None and len(seen) < len(sent):
+        # Also when the request died before its body was all sent (a hub that does not
+        # answer: nothing of it left): the patients not sent yet are told the cut, not that
+        # the hub's answer "ended without a word" of them.
+        if cut is not None and (len(seen) < len(sent) or not all_sent[0]):
             raise cut
         return items
 
@@ -408,6 +414,7 @@ class HubDownloads:
             except httpx.HTTPError as exc:
                 cut = DownloadError(f"{what} cut after {buckets} buckets: "
                                     f"{type(exc).__name__}: {exc}")
+                cut.__cause__ = exc  # what cut it: the link (callers tell the two apart)
             except DownloadError as exc:
                 cut = exc
             finally:
@@ -477,6 +484,7 @@ class HubDownloads:
                 error = exc
             except (httpx.HTTPError, LaneFormatError) as exc:
                 error = DownloadError(f"{what} cut: lane {number}: {type(exc).__name__}: {exc}")
+                error.__cause__ = exc  # what cut it (the link, or a bad lane frame)
             except Exception as exc:  # a lane never ends without telling the reader
                 error = DownloadError(f"{what}: lane {number}: {type(exc).__name__}: {exc}")
             finally:

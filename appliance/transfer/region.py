@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 
+from appliance.transfer.client import wan_timeout
 from appliance.transfer.enrolment import load_enrolment
 
 REGION_PREFIX = "/api/v1/region/dicom-web"
@@ -48,8 +49,10 @@ class RegionClient:
         self.base_url = base_url.rstrip("/")
         # Told the bytes each answer took on the wire (compressed as sent): WAN metrics.
         self.on_downloaded = on_downloaded
+        # The connect is bounded apart (CONNECT_TIMEOUT_S): a hub that drops every packet
+        # fails a viewer's fetch-through in seconds, not after the whole timeout.
         self.client = httpx.Client(
-            verify=verify, timeout=timeout_s,
+            verify=verify, timeout=wan_timeout(timeout_s),
             limits=httpx.Limits(max_connections=max_connections,
                                 max_keepalive_connections=max_connections))
 

@@ -82,8 +82,8 @@ class WebServer:
                 raise RuntimeError("the HTTP server did not start (see the log above)")
             self.thread.join(0.02)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
         self.server.should_exit = True
         if self.thread.is_alive():
-            self.thread.join(10)
+            self.thread.join(timeout)
         self.sock.close()

@@ -25,7 +25,7 @@ from appliance.store.hub import add_token, open_hub_db
 from appliance.transfer import pack, seal
 from appliance.transfer.enrolment import Enrolment, load_enrolment
 from appliance.transfer.enrolment import enroll as enroll_appliance
-from tests.support.peers import PAS_BIN, ChildProcess, free_port
+from tests.support.peers import PAS_BIN, ChildProcess, NetNamespace, free_port
 
 
 class HubProcess(ChildProcess):
@@ -35,19 +35,31 @@ class HubProcess(ChildProcess):
     command = ("hub", "run")
     cli_prefix = ("hub",)
 
-    def __init__(self, home: Path, env: dict[str, str] | None = None):
+    def __init__(self, home: Path, env: dict[str, str] | None = None,
+                 ns: NetNamespace | None = None):
+        """``ns``: run inside that network namespace (the caller creates and deletes it),
+        on its far address, as a hub across a WAN would be (a :class:`BlackHole` there
+        cuts it off); else on 127.0.0.1."""
         self.port = free_port()
+        self.ns = ns
+        host = ns.inner_address if ns is not None else "127.0.0.1"
+        if ns is not None:
+            self.probe_host = host
+            self.launcher = tuple(ns.command([]))
         super().__init__(home, {**os.environ, "PAS_HUB_HOME": str(home),
-                                "PAS_HUB_HTTP__HOST": "127.0.0.1",
+                                "PAS_HUB_HTTP__HOST": host,
                                 "PAS_HUB_HTTP__PORT": str(self.port), **(env or {})}, "hub.log")
 
     @property
     def url(self) -> str:
-        return f"https://localhost:{self.port}"
+        host = self.ns.inner_address if self.ns is not None else "localhost"
+        return f"https://{host}:{self.port}"
 
     def init(self, *addresses: str, cli: bool = False) -> HubProcess:
         """``pas hub init`` (``cli=True``), or the same calls in this process: a CLI start costs
         seconds on a loaded 2-core machine, and only the CLI's own tests need it."""
+        if not addresses and self.ns is not None:
+            addresses = (self.ns.inner_address,)
         if cli:
             extra = [a for address in addresses for a in ("--address", address)]
             self.cli("init", *extra)

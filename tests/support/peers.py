@@ -76,6 +76,10 @@ class ChildProcess:
     name = "pas"
     command: tuple[str, ...] = ("run",)
     cli_prefix: tuple[str, ...] = ()
+    # Where its ports are probed from here, and what its command runs under (``ip netns
+    # exec NS`` for a process inside a network namespace).
+    probe_host = "127.0.0.1"
+    launcher: tuple[str, ...] = ()
 
     def __init__(self, home: Path, env: dict[str, str], log_name: str):
         self.home = Path(home)
@@ -87,11 +91,14 @@ class ChildProcess:
                 host: str = "127.0.0.1") -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([str(PAS_BIN), *self.command], env=self.env, stdout=log,
-                                     stderr=subprocess.STDOUT, cwd=cwd)
+        self.proc = subprocess.Popen([*self.launcher, str(PAS_BIN), *self.command],
+                                     env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                     cwd=cwd)
+        # The address given (a namespace link's end), else the class's (the hub in one).
+        probe = host if host != "127.0.0.1" else self.probe_host
         for port in ports:
-            wait_for(lambda p=port: self._alive() and port_open(host, p), timeout,
-                     what=f"{self.name} on {host} port {port} (log: {self.log_path})")
+            wait_for(lambda p=port: self._alive() and port_open(probe, p), timeout,
+                     what=f"{self.name} on {probe} port {port} (log: {self.log_path})")
 
     def _alive(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
@@ -273,6 +280,47 @@ def _ip(*args: str) -> None:
     result = subprocess.run(["ip", *args], capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"ip {' '.join(args)}: {result.stderr.strip()}")
+
+
+class BlackHole:
+    """The WAN's hard failure for one TCP port inside a namespace: every packet to it and from
+    it vanishes (nft drop, both ways), so a connect waits for its timeout and a connection
+    under way just goes silent: no RST, no ICMP, nothing an error could be raised from at
+    once. ``on()``/``off()`` switch it; the rules live in the namespace's own table, gone
+    with the namespace whatever happens to the test.
+    """
+
+    TABLE = "pas_black_hole"
+
+    def __init__(self, ns: NetNamespace, port: int):
+        self.ns = ns
+        self.port = port
+        self.active = False
+
+    def on(self) -> None:
+        ruleset = (f"table inet {self.TABLE} {{\n"
+                   f" chain in {{ type filter hook input priority -100; policy accept;"
+                   f" tcp dport {self.port} drop; }}\n"
+                   f" chain out {{ type filter hook output priority -100; policy accept;"
+                   f" tcp sport {self.port} drop; }}\n}}\n")
+        subprocess.run(self.ns.command(["nft", "-f", "-"]), input=ruleset, text=True,
+                       check=True, capture_output=True)
+        self.active = True
+
+    def off(self) -> None:
+        if self.active:
+            subprocess.run(self.ns.command(["nft", "delete", "table", "inet", self.TABLE]),
+                           check=True, capture_output=True)
+            self.active = False
+
+    @contextlib.contextmanager
+    def down(self) -> Iterator[None]:
+        """The link black-holed inside the block, restored after it (also on failure)."""
+        self.on()
+        try:
+            yield
+        finally:
+            self.off()
 
 
 # --- Orthanc -------------------------------------------------------------------------------

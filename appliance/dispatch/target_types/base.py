@@ -2,8 +2,10 @@
 
 A target receives a leased :class:`~appliance.store.jobs.Job` and a :class:`SendContext`
 and delivers the job's instances. It raises :class:`PermanentError` when retrying cannot
-help (the peer refused the data for good), any other exception for a transient failure
-(retried with backoff). It reports progress through the context so that a retry resumes.
+help (the peer refused the data for good), :class:`LinkDown` when the peer could not be
+reached (retried for as long as the outage lasts), any other exception for a transient
+failure (retried with backoff, up to ``queue.max_attempts``). It reports progress through
+the context so that a retry resumes.
 """
 
 from __future__ import annotations
@@ -24,6 +26,12 @@ log = logging.getLogger("pas.dispatch")
 
 class PermanentError(Exception):
     """Delivery cannot succeed by retrying; the job fails at once with this message."""
+
+
+class LinkDown(Exception):
+    """The destination could not be reached at all (no connection, or it went silent): the
+    job waits for the link, and the attempt does not count towards ``queue.max_attempts``
+    (an outage longer than the attempts' backoff must not fail every study queued)."""
 
 
 @dataclass

@@ -32,13 +32,19 @@ from typing import Any
 
 from appliance.config import Settings
 from appliance.dispatch.pack_ahead import PackAhead
-from appliance.dispatch.target_types.base import PermanentError, SendContext
+from appliance.dispatch.target_types.base import LinkDown, PermanentError, SendContext
 from appliance.ops import metrics
 from appliance.store import jobs as job_store
 from appliance.store import uplink as uplink_store
 from appliance.store.db import Database
 from appliance.store.jobs import Job
-from appliance.transfer.client import HubClient, HubRefused, HubUnavailable, ReceiptInvalid
+from appliance.transfer.client import (
+    HubClient,
+    HubRefused,
+    HubUnavailable,
+    ReceiptInvalid,
+    link_down,
+)
 from appliance.transfer.enrolment import Enrolment
 from appliance.transfer.throttle import cap_mbps, hub_throttle
 
@@ -130,6 +136,16 @@ class HubTarget:
     # --- the job ---------------------------------------------------------------------------
 
     def send(self, job: Job, context: SendContext) -> None:
+        try:
+            self._send(job, context)
+        except HubUnavailable as exc:
+            if link_down(exc):
+                # No answer at all (no connection, or it went silent): the WAN or the hub is
+                # down, which says nothing about this job. It waits for the link.
+                raise LinkDown(str(exc)) from exc
+            raise
+
+    def _send(self, job: Job, context: SendContext) -> None:
         from appliance.transfer import pack
 
         rows = job_store.job_files(context.db, job.id, unsent_only=False)
