@@ -220,68 +220,13 @@ def _decompress(ds: Dataset, stored: UID) -> int:
     return stream.length
 
 
-class _FileRange(io.BufferedIOBase):
-    """``length`` bytes of a file from ``offset``, read with pread (no shared file position),
-    each ``word`` bytes reversed (a big endian value made little endian) when ``word`` > 1."""
+class _ValueStream(io.BufferedIOBase):
+    """A value of known ``length`` that pydicom's writer reads in chunks: the position
+    plumbing both kinds below share (``read`` is theirs)."""
 
-    def __init__(self, fd: int, offset: int, length: int, word: int = 1):
+    def __init__(self, length: int):
         super().__init__()
-        self._fd, self._offset, self._length, self._word = fd, offset, length, word
-        self._position = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._position
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._position, os.SEEK_END: self._length}
-        self._position = max(0, base[whence] + offset)
-        return self._position
-
-    def read(self, size: int | None = -1) -> bytes:
-        end = self._length if size is None or size < 0 else min(self._length,
-                                                                 self._position + size)
-        if end <= self._position:
-            return b""
-        start = self._position - self._position % self._word
-        stop = -(-end // self._word) * self._word  # whole words
-        data = os.pread(self._fd, stop - start, self._offset + start)
-        if len(data) != stop - start:
-            raise OSError(f"the stored file ends {stop - start - len(data)} bytes short of "
-                          "a value")
-        if self._word > 1:
-            data = np.frombuffer(data, dtype=f">u{self._word}").astype(
-                f"<u{self._word}").tobytes()
-        chunk = data[self._position - start:end - start]
-        self._position = end
-        return chunk
-
-    def read1(self, size: int = -1) -> bytes:
-        return self.read(size)
-
-
-class _Frames(io.BufferedIOBase):
-    """Decoded frames as one value, each decoded when the writer reaches it: one frame in
-    memory at a time. Read from start to end (the writer's single pass); seeking only moves
-    the position that ``tell`` reports and the end is known ahead (the writer asks for the
-    length before it writes the value)."""
-
-    def __init__(self, first: bytes, properties: dict[str, Any],
-                 rest: Iterator[tuple[Any, dict[str, Any]]], count: int):
-        super().__init__()
-        self._frame_length, self._properties = len(first), properties
-        self._rest: Iterator[tuple[Any, dict[str, Any]]] | None = rest
-        self._count = count
-        decoded = len(first) * count
-        if decoded >= 2**32 - 1:  # Part 5, 8.1.1: a 32-bit value length
-            raise TranscodeError(f"{decoded} bytes of decoded pixels do not fit one value")
-        self.length = decoded + decoded % 2  # padded to an even length, as decompress does
-        self._current, self._used, self._served, self._frames = first, 0, 0, 1
+        self.length = length
         self._position = 0
 
     def readable(self) -> bool:
@@ -298,6 +243,54 @@ class _Frames(io.BufferedIOBase):
         self._position = max(0, base[whence] + offset)
         return self._position
 
+    def read1(self, size: int = -1) -> bytes:
+        return self.read(size)
+
+
+class _FileRange(_ValueStream):
+    """``length`` bytes of a file from ``offset``, read with pread (no shared file position),
+    each ``word`` bytes reversed (a big endian value made little endian) when ``word`` > 1."""
+
+    def __init__(self, fd: int, offset: int, length: int, word: int = 1):
+        super().__init__(length)
+        self._fd, self._offset, self._word = fd, offset, word
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = self.length if size is None or size < 0 else min(self.length,
+                                                               self._position + size)
+        if end <= self._position:
+            return b""
+        start = self._position - self._position % self._word
+        stop = -(-end // self._word) * self._word  # whole words
+        data = os.pread(self._fd, stop - start, self._offset + start)
+        if len(data) != stop - start:
+            raise OSError(f"the stored file ends {stop - start - len(data)} bytes short of "
+                          "a value")
+        if self._word > 1:
+            data = np.frombuffer(data, dtype=f">u{self._word}").astype(
+                f"<u{self._word}").tobytes()
+        chunk = data[self._position - start:end - start]
+        self._position = end
+        return chunk
+
+
+class _Frames(_ValueStream):
+    """Decoded frames as one value, each decoded when the writer reaches it: one frame in
+    memory at a time. Read from start to end (the writer's single pass); seeking only moves
+    the position that ``tell`` reports and the end is known ahead (the writer asks for the
+    length before it writes the value)."""
+
+    def __init__(self, first: bytes, properties: dict[str, Any],
+                 rest: Iterator[tuple[Any, dict[str, Any]]], count: int):
+        decoded = len(first) * count
+        if decoded >= 2**32 - 1:  # Part 5, 8.1.1: a 32-bit value length
+            raise TranscodeError(f"{decoded} bytes of decoded pixels do not fit one value")
+        super().__init__(decoded + decoded % 2)  # padded to an even length, as decompress
+        self._frame_length, self._properties = len(first), properties
+        self._rest: Iterator[tuple[Any, dict[str, Any]]] | None = rest
+        self._count = count
+        self._current, self._used, self._served, self._frames = first, 0, 0, 1
+
     def read(self, size: int | None = -1) -> bytes:
         if self._position >= self.length:
             if self._position == self._served and self._rest is not None:
@@ -313,9 +306,6 @@ class _Frames(io.BufferedIOBase):
         self._served += len(chunk)
         self._position = self._served
         return chunk
-
-    def read1(self, size: int = -1) -> bytes:
-        return self.read(size)
 
     def _check_exhausted(self) -> None:
         """More frames than announced would have changed Number of Frames, written before."""
