@@ -22,6 +22,13 @@ from tests.support.peers import CT_DIR, ROOT
 SECONDS = int(os.environ.get("PAS_FUZZ_SECONDS", "10"))
 RSS_LIMIT_MB = 1024
 
+# libFuzzer's -rss_limit_mb reads getrusage()'s ru_maxrss, and Linux carries that peak across
+# fork and execve: a fuzzer started straight from a pytest worker that once held 1.5 GB (a
+# big-study test earlier in the same worker) reports 1.5 GB from its first input and stops
+# with "out-of-memory". A shell in between (not exec'ing its command, hence the "; exit")
+# gives the fuzzer the small shell's peak instead of the worker's.
+FRESH_PEAK = ["/bin/sh", "-c", '"$@"; exit $?', "sh"]
+
 
 def _dataset_part(content: bytes) -> bytes:
     group_length = int.from_bytes(content[140:144], "little")
@@ -91,7 +98,7 @@ def test_fuzz_target(target: str, tmp_path: Path) -> None:
     _seeds(target, corpus, tmp_path)
     assert any(corpus.iterdir()), "no seed: the fuzzer would start blind"
     result = subprocess.run(
-        [sys.executable, "-m", "tests.fuzz.harnesses", target,
+        [*FRESH_PEAK, sys.executable, "-m", "tests.fuzz.harnesses", target,
          f"-max_total_time={SECONDS}", f"-rss_limit_mb={RSS_LIMIT_MB}",
          f"-malloc_limit_mb={RSS_LIMIT_MB}", "-timeout=10", "-print_final_stats=1",
          f"-artifact_prefix={tmp_path}/", str(corpus)],
@@ -108,3 +115,17 @@ def test_fuzz_target(target: str, tmp_path: Path) -> None:
     print(f"\nfuzz {target}: {runs.group(1)} executions in {SECONDS} s, "
           f"{speed.group(1) if speed else '?'} exec/s, peak RSS {peak.group(1) if peak else '?'}"
           f" MB")
+
+
+def test_fuzzer_starts_with_its_own_memory_peak() -> None:
+    """A worker that once held a big study must not hand its peak to the fuzzer's RSS limit."""
+    ballast = bytearray(1200 * 1024 * 1024)
+    ballast[::4096] = b"\1" * len(range(0, len(ballast), 4096))  # touch every page
+    del ballast
+    probe = [sys.executable, "-c",
+             "import resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)"]
+    inherited = int(subprocess.run(probe, capture_output=True, text=True, check=True).stdout)
+    fresh = int(subprocess.run([*FRESH_PEAK, *probe], capture_output=True, text=True,
+                               check=True).stdout)
+    assert inherited >= 1100, f"the probe should see the worker's peak, saw {inherited} MB"
+    assert fresh < 200, f"the fuzzer would start at {fresh} MB"
