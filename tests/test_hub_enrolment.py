@@ -87,6 +87,39 @@ def test_a_token_works_once(hub: HubProcess, tmp_path: Path) -> None:
     assert "enrolment refused for site ONCE: unknown or used token" in hub.log()
 
 
+def test_enroll_takes_config_like_the_other_appliance_commands(hub: HubProcess,
+                                                               tmp_path: Path) -> None:
+    """``pas enroll --config FILE`` enrols under that file's home, with no PAS_HOME or
+    PAS_CONFIG in the environment (an IT account with /etc/pas/appliance.toml could not
+    enrol without setting them: typer answered "No such option: --config"). A bad file is
+    refused naming the key, before the one-time token is spent."""
+    home = tmp_path / "configured-home"
+    config = tmp_path / "etc" / "appliance.toml"
+    config.parent.mkdir()
+    elsewhere = tmp_path / "cwd"  # the built-in default home is ./var: it must stay unused
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PAS_")}
+
+    def pas_enroll(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(PAS_BIN), "enroll", *args], env=env, cwd=elsewhere,
+                              capture_output=True, text=True, timeout=60)
+
+    shown = pas_enroll("--help")
+    assert shown.returncode == 0 and "--config" in shown.stdout, shown.stdout + shown.stderr
+    token = hub.token("CONFIGURED", cli=True)
+    config.write_text(f"home = {json.dumps(str(home))}\n[dicom]\nport = 0\n")
+    refused = pas_enroll("--config", str(config), "--hub", hub.url, "--token", token)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "dicom.port: must be 1-65535, got 0" in refused.stderr
+    config.write_text(f"home = {json.dumps(str(home))}\n")
+    result = pas_enroll("--config", str(config), "--hub", hub.url, "--token", token)
+    assert result.returncode == 0, result.stdout + result.stderr
+    enrolment = load_enrolment(home)
+    assert enrolment is not None and enrolment.site == "CONFIGURED"
+    assert str(home / "pki") in result.stdout.replace("\n", "")
+    assert not (elsewhere / "var").exists()
+
+
 def test_forged_and_malformed_tokens_are_refused_and_nothing_is_written(
         hub: HubProcess, tmp_path: Path) -> None:
     real = hub.token("FORGE")

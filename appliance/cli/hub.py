@@ -13,13 +13,13 @@ import typer
 from rich.table import Table
 
 from appliance.cli.common import (
+    ConfigOption,
     console,
     err,
     read_database,
     settings_or_exit,
     write_database,
 )
-from appliance.config import ConfigError
 from appliance.words import counted
 
 hub_app = typer.Typer(help="The regional hub: PKI, enrolment tokens, the transfer service.",
@@ -185,18 +185,16 @@ def hub_run(config: Path | None = HubConfigOption) -> None:
 
 
 def enroll(hub: str = typer.Option(..., "--hub", help="https://host:port of the hub"),
-           token: str = typer.Option(..., "--token", help="from `pas hub token SITE`")) -> None:
+           token: str = typer.Option(..., "--token", help="from `pas hub token SITE`"),
+           config: Path | None = ConfigOption) -> None:
     """Enrol this appliance with its regional hub (key, CSR, pinned CA; files 0600)."""
+    # --config as for pas run: the enrolment goes under the home of the configuration the
+    # daemon will run on (an IT account with /etc/pas/appliance.toml had to set PAS_CONFIG).
     from appliance.config import load_settings
     from appliance.transfer.enrolment import EnrolmentError
     from appliance.transfer.enrolment import enroll as do_enroll
 
-    try:
-        home = load_settings().home
-    except ConfigError as exc:
-        for problem in exc.problems:
-            err.print(f"[red]config error[/red] {problem}", highlight=False)
-        raise typer.Exit(2) from None
+    home = settings_or_exit(lambda: load_settings(config)).home
     try:
         enrolment = do_enroll(home, hub, token)
     except EnrolmentError as exc:

@@ -195,3 +195,32 @@ def test_the_configuration_first_boot_writes_keeps_the_home_and_the_shipped_keys
                     assert mine.get(key, {}).get(inner) == inner_value, f"{key}.{inner}"
         elif key != "site":
             assert mine.get(key) == value, key
+
+
+def test_first_boot_enrols_on_the_configuration_the_unit_runs_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No VM needed. pas-firstboot's ``pas enroll`` names the file pas.service's ``pas run``
+    reads (``--config``), so the enrolment lands under the home the daemon uses, whatever the
+    environment runuser passes on."""
+    import importlib.machinery
+    import importlib.util
+
+    script = ROOT / "image" / "rootfs" / "usr" / "local" / "sbin" / "pas-firstboot"
+    loader = importlib.machinery.SourceFileLoader("pas_firstboot", str(script))
+    spec = importlib.util.spec_from_loader("pas_firstboot", loader)
+    assert spec is not None
+    firstboot = importlib.util.module_from_spec(spec)
+    loader.exec_module(firstboot)
+    commands: list[list[str]] = []
+
+    def run(command: list[str], **_kwargs: object) -> subprocess.CompletedProcess[str]:
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 0, "enrolled", "")
+
+    monkeypatch.setattr(firstboot.subprocess, "run", run)
+    assert firstboot.enrol({"hub": {"url": "https://hub.example:8443", "token": "T"}})
+    (command,) = commands
+    unit = (ROOT / "image" / "systemd" / "pas.service").read_text()
+    (unit_config,) = re.findall(r"^ExecStart=/usr/bin/pas run --config (\S+)$", unit, re.M)
+    assert command[command.index("enroll"):] == [
+        "enroll", "--config", unit_config, "--hub", "https://hub.example:8443", "--token", "T"]
