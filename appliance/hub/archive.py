@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import httpx
 
 from appliance.locks import KeyedLocks
+from appliance.words import counted
 
 if TYPE_CHECKING:
     from appliance.hub.config import HubSettings
@@ -96,8 +97,8 @@ class EmbeddedArchive:
                     record_instance(self.db, record, stored, origin="regional",
                                     source_address=site)
         if refused:
-            raise ArchiveRefused(f"embedded archive refused {len(refused)} instance(s): "
-                                 f"{', '.join(refused[:5])}", refused)
+            raise ArchiveRefused(f"embedded archive refused {counted(len(refused), 'instance')}"
+                                 f": {', '.join(refused[:5])}", refused)
 
     def _file_all(self, instances: list[RebuiltInstance]) -> tuple[list[str], list[Any]]:
         """(refused UIDs, [(record, stored file)] written durably to the spool)."""
@@ -153,8 +154,8 @@ class DicomWebArchive:
                 refused.update(self._store_batch(batch))
         if refused:
             named = "; ".join(f"{uid}: {why}" for uid, why in list(refused.items())[:5])
-            raise ArchiveRefused(f"DICOMweb archive refused {len(refused)} instance(s): "
-                                 f"{named}", list(refused), refused)
+            raise ArchiveRefused(f"DICOMweb archive refused {counted(len(refused), 'instance')}"
+                                 f": {named}", list(refused), refused)
 
     def _store_batch(self, batch: list[RebuiltInstance]) -> dict[str, str]:
         """Ask, STOW, read back one batch (its UIDs' locks held); {refused UID: why}."""

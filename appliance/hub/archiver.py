@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from appliance.hub.archive import ArchiveRefused, RebuiltInstance
 from appliance.store import hub as store
+from appliance.words import counted
 
 if TYPE_CHECKING:
     from appliance.hub.app import Hub
@@ -196,7 +197,8 @@ class Archiver:
             if mismatch and final:
                 names = ", ".join(m["sop_instance_uid"] for m in mismatch[:5])
                 raise CommitRefused(422, "sha256_mismatch",
-                                    f"{len(mismatch)} rebuilt instance(s) differ from the "
+                                    f"{counted(len(mismatch), 'rebuilt instance')} "
+                                    f"{'differs' if len(mismatch) == 1 else 'differ'} from the "
                                     f"manifest: {names}", mismatch=mismatch)
             if not final:
                 self._archive_ahead(transfer_id, row["site"], good, state, priority)
@@ -206,7 +208,7 @@ class Archiver:
                 named = "; ".join(f"{uid}: {why}" if why else uid
                                   for uid, why in list(refused.items())[:5])
                 raise CommitRefused(502, "archive_refused", f"{self.hub.archive.kind} archive "
-                                    f"refused {len(refused)} instance(s): {named}",
+                                    f"refused {counted(len(refused), 'instance')}: {named}",
                                     refused=list(refused))
             return len(expected)
 
@@ -293,8 +295,8 @@ class Archiver:
                     log.warning("transfer %s: archiving ahead failed (the commit retries): %s",
                                 transfer_id, error)
                 else:
-                    log.info("transfer %s: %d instance(s) archived ahead of the commit",
-                              transfer_id, len(uids) - len(done.result()))
+                    log.info("transfer %s: %s archived ahead of the commit", transfer_id,
+                             counted(len(uids) - len(done.result()), "instance"))
 
             future.add_done_callback(answered)
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from appliance.hub.archiver import CommitRefused
 from appliance.store import hub as store
+from appliance.words import counted
 
 if TYPE_CHECKING:
     from appliance.hub.app import Hub
@@ -43,7 +44,8 @@ def commit_transfer(hub: Hub, transfer_id: str) -> dict[str, Any]:
         missing = sorted(set(range(row["bucket_count"])) - set(held))
         if missing:
             raise CommitRefused(409, "buckets_missing",
-                                f"{len(missing)} of {row['bucket_count']} buckets missing",
+                                f"{len(missing)} of {counted(row['bucket_count'], 'bucket')} "
+                                "missing",
                                 missing=missing)
         started = time.monotonic()
         hub.archiver.finish(transfer_id)
@@ -51,8 +53,8 @@ def commit_transfer(hub: Hub, transfer_id: str) -> dict[str, Any]:
         absent = [i["sop_instance_uid"] for i in manifest["instances"]
                   if archived.get(i["sop_instance_uid"]) != i["sha256"]]
         if absent:  # never expected: finish() raises first; but never receipt on a guess
-            raise CommitRefused(502, "archive_refused", f"{len(absent)} instance(s) not "
-                                "recorded archived", refused=absent)
+            raise CommitRefused(502, "archive_refused", f"{counted(len(absent), 'instance')} "
+                                "not recorded archived", refused=absent)
         receipt: dict[str, Any] = {
             "transfer_id": transfer_id,
             "study_uid": manifest["study_uid"],
@@ -65,8 +67,9 @@ def commit_transfer(hub: Hub, transfer_id: str) -> dict[str, Any]:
         store.set_receipt(hub.db, transfer_id, receipt)
         store.remove_bucket_files(hub.settings.buckets_dir, transfer_id)
         hub.archiver.forget(transfer_id)
-        log.info("transfer %s committed: %d instances archived (%s); the tail took %.2f s",
-                 transfer_id, len(manifest["instances"]), hub.settings.archive.kind,
+        log.info("transfer %s committed: %s archived (%s); the tail took %.2f s",
+                 transfer_id, counted(len(manifest["instances"]), "instance"),
+                 hub.settings.archive.kind,
                  time.monotonic() - started,
                  extra={"SITE": row["site"], "STUDY_UID": manifest["study_uid"]})
         return receipt

@@ -35,6 +35,7 @@ from appliance.hub.download_stages import Download, Part, downloads_dir
 from appliance.hub.lanes import LANE_ID, StripedAnswer, parse_lanes, tune
 from appliance.transfer.download_frames import DOWNLOADS_PATH, MEDIA_TYPE, UID
 from appliance.transfer.lanes import LANE_MEDIA_TYPE, LANES_PATH, MAX_LANES
+from appliance.words import counted
 
 if TYPE_CHECKING:
     from appliance.hub.app import Hub
@@ -153,8 +154,8 @@ async def stream_answer(hub: Hub, request: Request, job: Download, lanes: Any = 
         log.warning("download refused for %s: %s", site, job.failure.detail)
         return problem(job.failure.status, job.failure.error, job.failure.detail)
     if striped is not None:
-        log.info("download for %s over %d lanes, sharing the site's %.2f Mbit/s with its "
-                 "other lanes", site, striped.count, striped.rate_bps / 1e6,
+        log.info("download for %s over %s, sharing the site's %.2f Mbit/s with its "
+                 "other lanes", site, counted(striped.count, "lane"), striped.rate_bps / 1e6,
                  extra={"SITE": site})
         return StreamingResponse(striped.lane(0, transport), media_type=LANE_MEDIA_TYPE)
     tune(transport, None)  # a lane's pacing, if this connection carried one, is not ours

@@ -38,6 +38,7 @@ from starlette.concurrency import run_in_threadpool
 from appliance.hub.staging import ArchiveFailed, PartsToFiles, Planner, boundary, uid_of
 from appliance.transfer.download_frames import encode_frame
 from appliance.transfer.pack import PackItem, pack_bucket
+from appliance.words import counted
 
 if TYPE_CHECKING:
     from appliance.hub.app import Hub
@@ -425,16 +426,17 @@ class Download:
         self.close()
         finished = self.finished
         if self.batched:
-            log.info("batched download for %s %s: %d studies in one stream, %.2f s",
-                     self.site, "sent" if finished else "ended early", len(self.parts),
+            log.info("batched download for %s %s: %s in one stream, %.2f s",
+                     self.site, "sent" if finished else "ended early",
+                     counted(len(self.parts), "study", "studies"),
                      time.monotonic() - self.started, extra={"SITE": self.site})
         parts = list(self.parts)  # a feed's stage may still be adding
         for part, stats in zip(parts, self.stats[:len(parts)], strict=True):
             sent = stats.sent and (finished or self.batched)
-            log.info("download of %s for %s %s: %d instances (%d held at the site, "
+            log.info("download of %s for %s %s: %s (%d held at the site, "
                      "skipped), %.1f MB -> %.1f MB packed, %.2f s", self._what(part),
                      self.site, "failed" if stats.error else "sent" if sent
-                     else "ended early", stats.instances, stats.skipped,
+                     else "ended early", counted(stats.instances, "instance"), stats.skipped,
                      stats.original / 1e6, stats.packed / 1e6,
                      time.monotonic() - self.started,
                      extra={"SITE": self.site, "STUDY_UID": part.study_uid})

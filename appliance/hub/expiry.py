@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from appliance.store import hub as store
+from appliance.words import counted
 
 if TYPE_CHECKING:
     from appliance.hub.app import Hub
@@ -75,16 +76,17 @@ class StagingExpiry:
             done.buckets += int(row["held"])
             done.bytes += int(row["bytes_stored"])
             log.warning("transfer %s of site %s abandoned (no receipt, idle %.1f days): its "
-                        "staging removed (%d buckets, %d bytes)", row["id"], row["site"],
-                        (time.time() - row["idle_from"]) / DAY_S, row["held"],
+                        "staging removed (%s, %d bytes)", row["id"], row["site"],
+                        (time.time() - row["idle_from"]) / DAY_S, counted(row["held"], "bucket"),
                         row["bytes_stored"],
                         extra={"SITE": row["site"], "STUDY_UID": row["study_uid"]})
         if done.transfers:
             self.total.transfers += done.transfers
             self.total.buckets += done.buckets
             self.total.bytes += done.bytes
-            log.warning("abandoned transfers expired: %d (%d buckets, %d bytes; %d since start)",
-                        done.transfers, done.buckets, done.bytes, self.total.transfers)
+            log.warning("abandoned transfers expired: %d (%s, %d bytes; %d since start)",
+                        done.transfers, counted(done.buckets, "bucket"), done.bytes,
+                        self.total.transfers)
         return done
 
     def start(self) -> None:

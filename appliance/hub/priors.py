@@ -46,6 +46,7 @@ from appliance.transfer.download_frames import (
     UID,
     encode_frame,
 )
+from appliance.words import counted
 
 if TYPE_CHECKING:
     from appliance.hub.app import Hub
@@ -292,8 +293,8 @@ async def _feed(feed: queue.Queue[Any], incoming: asyncio.Queue[Any], one_search
             n, wish, result = getter.result()
             done += 1
             _found(feed, numbers, n, wish, result)
-        log.info("priors for %s: %d patients searched, %d studies to send", site,
-                 done, len(numbers), extra={"SITE": site})
+        log.info("priors for %s: %s searched, %s to send", site, counted(done, "patient"),
+                 counted(len(numbers), "study", "studies"), extra={"SITE": site})
     except Exception as exc:  # the answer ends with an error frame: the site retries
         log.exception("priors for %s: the searches failed", site)
         feed.put(("frame", encode_frame({"error": "search_failed",

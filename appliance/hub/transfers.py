@@ -31,6 +31,7 @@ from starlette.routing import BaseRoute, Route
 
 from appliance.hub.app import BodyTooLarge, problem, read_body_limited
 from appliance.store import hub as store
+from appliance.words import counted
 
 if TYPE_CHECKING:
     from appliance.hub.app import Hub
@@ -235,8 +236,9 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
             return problem(409, "conflict", f"transfer {manifest.transfer_id} exists with "
                            "another manifest")
         if outcome == "created":
-            log.info("site %s: transfer %s created (%d instances, %d buckets)", site,
-                     manifest.transfer_id, len(manifest.instances), manifest.bucket_count,
+            log.info("site %s: transfer %s created (%s, %s)", site, manifest.transfer_id,
+                     counted(len(manifest.instances), "instance"),
+                     counted(manifest.bucket_count, "bucket"),
                      extra={"SITE": site, "STUDY_UID": manifest.study_uid})
         arrivals.created(manifest.transfer_id)
         return JSONResponse({"transfer_id": manifest.transfer_id, "bucket_count":

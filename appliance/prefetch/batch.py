@@ -32,6 +32,7 @@ from appliance.transfer.download import (
     DownloadUnavailable,
     HubDownloads,
 )
+from appliance.words import counted
 
 log = logging.getLogger("pas.prefetch")
 
@@ -176,8 +177,9 @@ class DownloadBatcher:
                     log.info("%s: one download per study", exc)
                     with ThreadPoolExecutor(len(items), thread_name_prefix="pas-dl-one") as pool:
                         list(pool.map(lambda item: self._one(downloads, item), items))
-            log.info("prefetch batch of %d studies downloaded in %.2f s (%d failed)", len(items),
-                     time.monotonic() - started, sum(1 for i in items if i.error is not None))
+            log.info("prefetch batch of %s downloaded in %.2f s (%d failed)",
+                     counted(len(items), "study", "studies"), time.monotonic() - started,
+                     sum(1 for i in items if i.error is not None))
         except DownloadUnavailable as exc:
             log.info("the hub offers no bucketed download (%s): WADO-RS from now on", exc)
             for wanted in batch:

@@ -32,6 +32,7 @@ from appliance.transfer.download import (
     DownloadUnavailable,
     HubDownloads,
 )
+from appliance.words import counted
 
 log = logging.getLogger("pas.prefetch")
 
@@ -155,8 +156,9 @@ class PriorsBatcher:
                                            lambda entry: self._found(asked, wanted, entry),
                                            bucket_bytes=self.batcher.bucket_bytes,
                                            before_bucket=self.batcher.before_bucket)
-            log.info("priors of %d requests: %d studies downloaded in one request, %.2f s "
-                     "(%d failed)", len(asked), len(items), time.monotonic() - started,
+            log.info("priors of %s: %s downloaded in one request, %.2f s (%d failed)",
+                     counted(len(asked), "request"), counted(len(items), "study", "studies"),
+                     time.monotonic() - started,
                      sum(1 for i in items if i.error is not None))
             self._close(batch)
             self._fail(asked, DownloadError("the hub's priors answer ended without a word "
@@ -206,7 +208,7 @@ class PriorsBatcher:
                     continue
                 if part not in wanted and part != len(wanted):
                     raise DownloadError(f"the hub's priors answer adds part {part} after "
-                                        f"{len(wanted)} parts")
+                                        f"{counted(len(wanted), 'part')}")
                 ticket = Ticket(asked.request_id, candidate.study_uid)
                 if part in wanted:
                     wanted[part].tickets.append(ticket)

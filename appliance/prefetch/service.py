@@ -39,6 +39,7 @@ from appliance.transfer.client import link_down
 from appliance.transfer.download import WARM_EVERY_S, DownloadUnavailable, HubDownloads
 from appliance.transfer.download_frames import UID, RebuiltFile
 from appliance.transfer.region import RegionClient, RegionError, RegionInstance
+from appliance.words import counted
 
 log = logging.getLogger("pas.prefetch")
 
@@ -537,14 +538,14 @@ class PrefetchService:
                                  missing)
         errors = [r for r in results if r]
         if errors:
-            raise RegionError(f"{len(errors)} of {len(missing)} instances failed, first: "
-                              f"{errors[0]}")
+            raise RegionError(f"{len(errors)} of {counted(len(missing), 'instance')} failed, "
+                              f"first: {errors[0]}")
         store.set_study_state(self.db, request_id, candidate.study_uid, "fetched")
         audit.record(self.db, "retrieve", actor="prefetch", target=candidate.study_uid,
-                     detail=f"request {request_id}: {total} instances from the region "
-                            f"({how})")
-        log.info("prior %s fetched: %d instances (%s)", candidate.study_uid, total, how,
-                 extra={"STUDY_UID": candidate.study_uid})
+                     detail=f"request {request_id}: {counted(total, 'instance')} from the "
+                            f"region ({how})")
+        log.info("prior %s fetched: %s (%s)", candidate.study_uid, counted(total, "instance"),
+                 how, extra={"STUDY_UID": candidate.study_uid})
 
     def _file_regional(self, uid: str, content: bytes | RebuiltFile) -> tuple[int, int]:
         """A downloaded file into the cache. Not checked against ``uid`` (the hub's label, read

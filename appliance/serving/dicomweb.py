@@ -63,6 +63,7 @@ from appliance.store import query as store_query
 from appliance.store.db import Database
 from appliance.store.spool import Spool, SpoolFull
 from appliance.store.transcode import open_transcoded
+from appliance.words import counted
 
 if TYPE_CHECKING:
     from appliance.daemon import Daemon
@@ -165,12 +166,12 @@ class DicomWeb:
             return _problem(exc)
         truncated = capped and limit is not None and len(rows) > limit
         headers: dict[str, str] = {}
-        detail = f"{len(rows)} results (QIDO-RS)"
+        detail = f"{counted(len(rows), 'result')} (QIDO-RS)"
         if truncated:
             rows = rows[:limit]
             service = f"{request.url.scheme}://{request.url.netloc}{self.base_url}"
             headers["Warning"] = TRUNCATED.format(service=service)
-            detail = f"{len(rows)} results (QIDO-RS), truncated at the server's limit"
+            detail = f"{counted(len(rows), 'result')} (QIDO-RS), truncated at the server's limit"
         target = store_query_summary(level, keys)
         self._audit(request, "query", actor, target, "success", detail)
         return JSONResponse([self._json(level, keys, row) for row in rows],
@@ -283,7 +284,7 @@ class DicomWeb:
         except HttpProblem as exc:
             return _problem(exc)
         self._audit(request, "retrieve", actor, "/".join(request.path_params.values()),
-                    "success", f"{len(rows)} instances (WADO-RS)")
+                    "success", f"{counted(len(rows), 'instance')} (WADO-RS)")
         boundary = secrets.token_hex(16)
         return ClosingStream(self._multipart(rows, boundary, syntaxes), media_type=(
             f'multipart/related; type="application/dicom"; boundary={boundary}'))
@@ -313,7 +314,7 @@ class DicomWeb:
         except HttpProblem as exc:
             return _problem(exc)
         self._audit(request, "retrieve", actor, "/".join(request.path_params.values()),
-                    "success", f"{len(rows)} instances (metadata)")
+                    "success", f"{counted(len(rows), 'instance')} (metadata)")
         return JSONResponse(result, media_type=DICOM_JSON)
 
     def _metadata(self, rows: list[Any]) -> list[dict[str, Any]]:
@@ -360,7 +361,7 @@ class DicomWeb:
         except HttpProblem as exc:
             return _problem(exc)
         self._audit(request, "retrieve", actor, "/".join(request.path_params.values()),
-                    "success", f"{len(frames)} frames")
+                    "success", counted(len(frames), "frame"))
         return _octet_parts(frames)
 
     async def rendered(self, request: Request) -> Response:
@@ -435,7 +436,8 @@ class DicomWeb:
         if failed and not stored and all(f["reason"] == 0xA700 for f in failed):
             status = 507  # Insufficient Storage: the spool is at its hard limit; retry later
         self._audit(request, "store", actor, ",".join(s["uid"] for s in stored)[:500] or "-",
-                    "success" if not failed else f"failure: {len(failed)} parts refused",
+                    "success" if not failed
+                    else f"failure: {counted(len(failed), 'part')} refused",
                     f"{len(stored)} stored (STOW-RS)")
         return JSONResponse(result.to_json_dict(), status_code=status, media_type=DICOM_JSON)
 

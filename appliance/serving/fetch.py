@@ -29,6 +29,7 @@ from appliance.store import query as store_query
 from appliance.store.db import Database
 from appliance.transfer.download import DownloadUnavailable, HubDownloads
 from appliance.transfer.region import RegionClient, RegionError
+from appliance.words import counted
 
 log = logging.getLogger("pas.serving")
 
@@ -74,8 +75,8 @@ class FetchThrough:
                 # Not started yet (the checkers are busy with a region that does not
                 # answer): dropped, so that checks do not pile up behind a dead link.
                 future.cancel()
-                log.info("region did not list %s within %.1f s: serving the %d instances held",
-                         study_uid, self.check_timeout_s, len(held))
+                log.info("region did not list %s within %.1f s: serving the %s held",
+                         study_uid, self.check_timeout_s, counted(len(held), "instance"))
                 return 0
             except RegionError as exc:
                 raise RuntimeError(f"region unavailable: {exc}") from exc
@@ -95,8 +96,8 @@ class FetchThrough:
             with ThreadPoolExecutor(self.parallel, thread_name_prefix="pas-fetch") as pool:
                 for future in [pool.submit(fetch_one, i) for i in missing]:
                     future.result()  # the first failure fails the fetch (what arrived stays)
-            log.info("fetched %d instances of %s from the region", len(missing), study_uid,
-                     extra={"STUDY_UID": study_uid})
+            log.info("fetched %s of %s from the region", counted(len(missing), "instance"),
+                     study_uid, extra={"STUDY_UID": study_uid})
             return len(missing)
 
 
@@ -119,8 +120,9 @@ class FetchThrough:
             return None
         except RegionError as exc:
             raise RuntimeError(f"region download failed: {exc}") from exc
-        log.info("fetched %d instances of %s from the region (bucketed download)",
-                 len(result.filed), study_uid, extra={"STUDY_UID": study_uid})
+        log.info("fetched %s of %s from the region (bucketed download)",
+                 counted(len(result.filed), "instance"), study_uid,
+                 extra={"STUDY_UID": study_uid})
         return len(result.filed)
 
 

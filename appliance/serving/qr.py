@@ -61,6 +61,7 @@ from appliance.store import query as store_query
 from appliance.store.db import Database
 from appliance.store.spool import Spool, SpoolFull
 from appliance.store.transcode import TranscodeError, transcoded
+from appliance.words import counted
 
 log = logging.getLogger("pas.serving")
 
@@ -342,13 +343,13 @@ class QueryRetrieveService:
             fetched = self.fetcher(study_uid)
         except Exception as exc:
             if held:
-                log.warning("fetch-through of %s failed (%s); serving the %d instances held",
-                            study_uid, exc, held)
+                log.warning("fetch-through of %s failed (%s); serving the %s held",
+                            study_uid, exc, counted(held, "instance"))
                 return 0
             raise RuntimeError(f"study {study_uid} is not on site and the region could not "
                                f"provide it: {exc}") from exc
-        log.info("fetch-through: %d instances of %s from the region", fetched, study_uid,
-                 extra={"STUDY_UID": study_uid})
+        log.info("fetch-through: %s of %s from the region", counted(fetched, "instance"),
+                 study_uid, extra={"STUDY_UID": study_uid})
         return fetched
 
     def on_move(self, event: Any) -> Iterator[Any]:
@@ -453,8 +454,8 @@ class QueryRetrieveService:
 
     def _audit(self, event: str, calling: str, address: str, target: str | None,
                outcome: str, count: int | None = None, detail: str | None = None) -> None:
-        text = " ".join(p for p in (detail, None if count is None else f"{count} results"
-                                     if event == "query" else f"{count} instances") if p)
+        text = " ".join(p for p in (detail, None if count is None else counted(
+            count, "result" if event == "query" else "instance")) if p)
         try:
             audit.record(self.db, event, actor=calling, source=address, target=target,
                          outcome=outcome, detail=text or None)

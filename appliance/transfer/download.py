@@ -56,6 +56,7 @@ from appliance.transfer.download_frames import (
 from appliance.transfer.enrolment import load_enrolment
 from appliance.transfer.lanes import LANES_PATH, LaneFormatError, LaneReader, Reassembly
 from appliance.transfer.unpack import BucketFormatError, unpack_bucket
+from appliance.words import counted
 
 KEEP_ALIVE_S = 25.0
 WARM_EVERY_S = 20.0
@@ -211,7 +212,7 @@ class HubDownloads:
         try:
             answer = self.client.post(self.search_url, json=body)
         except httpx.HTTPError as exc:
-            raise DownloadError(f"search of {len(patients)} patients: "
+            raise DownloadError(f"search of {counted(len(patients), 'patient')}: "
                                 f"{type(exc).__name__}: {exc}") from exc
         if self.on_downloaded is not None:
             self.on_downloaded(answer.num_bytes_downloaded)
@@ -219,7 +220,7 @@ class HubDownloads:
         if answer.status_code in (404, 405, 501):
             raise DownloadUnavailable(f"the hub answers {answer.status_code} to {SEARCH_PATH}")
         if answer.status_code != 200:
-            raise DownloadError(f"search of {len(patients)} patients: HTTP "
+            raise DownloadError(f"search of {counted(len(patients), 'patient')}: HTTP "
                                 f"{answer.status_code} {answer.text[:200]}")
         try:
             results = answer.json()["results"]
@@ -332,7 +333,7 @@ class HubDownloads:
         buckets = 0
         cut: Exception | None = None
         what = f"download of {items[0].study_uid}" if not batched \
-            else f"download of {len(items)} studies" if on_found is None \
+            else f"download of {counted(len(items), 'study', 'studies')}" if on_found is None \
             else "priors request"
 
         def item_of(header: dict[str, Any], key: str) -> DownloadItem:
@@ -355,8 +356,9 @@ class HubDownloads:
                         item.ended.get("instances"), item.ended.get("buckets"))
                     if got != sent:
                         error = DownloadError(
-                            f"download of {item.study_uid}: the hub sent {sent[0]} instances "
-                            f"in {sent[1]} buckets, {got[0]} in {got[1]} arrived")
+                            f"download of {item.study_uid}: the hub sent "
+                            f"{counted(sent[0], 'instance')} in {counted(sent[1], 'bucket')}, "
+                            f"{got[0]} in {got[1]} arrived")
                 item.error = error if item.error is None else item.error
                 item.done.set()
             item.on_done(item)
@@ -407,12 +409,14 @@ class HubDownloads:
                             buckets += 1
                             pool.submit(unpack, item, payload)
                 if ended is None:
-                    raise DownloadError(f"{what} cut after {buckets} buckets (no end frame)")
+                    raise DownloadError(f"{what} cut after {counted(buckets, 'bucket')} "
+                                        "(no end frame)")
                 if ended.get("buckets") != buckets:
-                    raise DownloadError(f"{what}: the hub sent {ended.get('buckets')} buckets, "
+                    raise DownloadError(f"{what}: the hub sent "
+                                        f"{counted(ended.get('buckets'), 'bucket')}, "
                                         f"{buckets} arrived")
             except httpx.HTTPError as exc:
-                cut = DownloadError(f"{what} cut after {buckets} buckets: "
+                cut = DownloadError(f"{what} cut after {counted(buckets, 'bucket')}: "
                                     f"{type(exc).__name__}: {exc}")
                 cut.__cause__ = exc  # what cut it: the link (callers tell the two apart)
             except DownloadError as exc:

@@ -40,6 +40,7 @@ from appliance.dispatch.target_types.base import PermanentError, SendContext
 from appliance.store.jobs import Job
 from appliance.store.spool import SpoolFull
 from appliance.store.transcode import TranscodeError, transcoded
+from appliance.words import counted
 
 log = logging.getLogger("pas.dispatch.dicom")
 
@@ -201,7 +202,8 @@ class DicomTarget:
             syntaxes = ", ".join(sorted(UID(ts).name for ts in entry.proposed))
             answer = ", ".join(sorted(entry.answers)) or "no usable context"
             parts.append(f"SOP class {UID(sop_class).name} ({sop_class}), proposed in "
-                         f"{syntaxes} (answer: {answer}); {entry.instances} instance(s) not sent")
+                         f"{syntaxes} (answer: {answer}); {counted(entry.instances, 'instance')} "
+                         "not sent")
         return (f"{self.name}: {self.peer} accepted no presentation context for "
                 + "; ".join(parts))
 
@@ -247,4 +249,4 @@ class DicomTarget:
         sample = ", ".join(f"{uid} (0x{code:04X})" for uid, code in failed[:3])
         more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
         return (f"{self.name} answered a C-STORE failure status for {len(failed)} of the "
-                f"{total} instance(s) still to send: {sample}{more}")
+                f"{counted(total, 'instance')} still to send: {sample}{more}")

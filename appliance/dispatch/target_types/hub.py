@@ -47,6 +47,7 @@ from appliance.transfer.client import (
 )
 from appliance.transfer.enrolment import Enrolment
 from appliance.transfer.throttle import cap_mbps, hub_throttle
+from appliance.words import counted
 
 log = logging.getLogger("pas.dispatch.hub")
 
@@ -216,8 +217,8 @@ class HubTarget:
             fresh = _round == 0 and created
             held = set() if fresh else (self.client.held_buckets(transfer_id) or set())
             missing = [p for p in plans if p.index not in held]
-            log.info("transfer %s: %d buckets, hub holds %d, sending %d", transfer_id,
-                     len(plans), len(held), len(missing), extra=extra)
+            log.info("transfer %s: %s, hub holds %d, sending %d", transfer_id,
+                     counted(len(plans), "bucket"), len(held), len(missing), extra=extra)
             if _round > 0 or not missing or missing[0].index not in prepacked:
                 prepacked.clear()  # the hub holds it already, or a later round: not needed
             try:
@@ -443,11 +444,11 @@ class HubTarget:
         confirmed = job_store.confirm_instances(context.db, sorted(pairs))
         covered = [r["id"] for r in rows if (r["sop_instance_uid"], r["sha256"]) in pairs]
         context.mark_sent(job, covered)
-        log.info("transfer %s: receipt for %d instances (%d newly confirmed)", transfer_id,
-                 len(pairs), confirmed,
+        log.info("transfer %s: receipt for %s (%d newly confirmed)", transfer_id,
+                 counted(len(pairs), "instance"), confirmed,
                  extra={"JOB_ID": job.id, "STUDY_UID": job.study_uid})
         absent = [r["sop_instance_uid"] for r in rows
                   if (r["sop_instance_uid"], r["sha256"]) not in pairs]
         if absent:
             raise PermanentError(f"receipt of transfer {transfer_id} does not name "
-                                 f"{len(absent)} instances, e.g. {absent[:3]}")
+                                 f"{counted(len(absent), 'instance')}, e.g. {absent[:3]}")

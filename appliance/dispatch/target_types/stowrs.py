@@ -37,6 +37,7 @@ from appliance.config import StowRsDestination
 from appliance.dispatch.target_types.base import PermanentError, SendContext
 from appliance.store import uplink as uplink_store
 from appliance.store.jobs import Job
+from appliance.words import counted
 
 log = logging.getLogger("pas.dispatch.stowrs")
 
@@ -157,12 +158,13 @@ class StowRsTarget:
                     retry_later[uid] = 0x0110
         if refused_for_good:
             sample = ", ".join(f"{u} (0x{r:04X})" for u, r in list(refused_for_good.items())[:3])
-            raise PermanentError(f"{self.name} refused {len(refused_for_good)} instances: "
-                                 f"{sample}")
+            raise PermanentError(f"{self.name} refused "
+                                 f"{counted(len(refused_for_good), 'instance')}: {sample}")
         if retry_later:
             sample = ", ".join(list(retry_later)[:3])
-            raise RuntimeError(f"{self.name} did not accept {len(retry_later)} instances yet "
-                               f"(e.g. {sample}); retrying later")
+            raise RuntimeError(f"{self.name} did not accept "
+                               f"{counted(len(retry_later), 'instance')} yet (e.g. {sample}); "
+                               "retrying later")
 
     def _post(self, client: httpx.Client, context: SendContext,
               batch: list[Any]) -> tuple[set[str], dict[str, int]]:
