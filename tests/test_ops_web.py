@@ -1,5 +1,6 @@
 """/metrics and the local status page of a real daemon, fed by DCMTK storescu, delivering to a
-DCMTK storescp that is down at first (a failed job), then up (the retry button delivers)."""
+DCMTK storescp that rejects associations at first (a failed job; a node not listening would
+make the job wait for the link, uncounted), then accepts (the retry button delivers)."""
 
 from __future__ import annotations
 
@@ -29,9 +30,13 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """One daemon whose only destination (a storescp) is down while the study arrives."""
+    """One daemon whose only destination (a storescp) rejects associations while the study
+    arrives: the job fails. ``scp`` (on that port, not started) is the node once fixed."""
     root = tmp_path_factory.mktemp("ops_web")
     scp = StoreSCP(root / "scp")  # port reserved, not started yet
+    refusing = StoreSCP(root / "refusing")
+    refusing.port = scp.port
+    refusing.start(["--refuse"])
     pas = PasProcess(root / "pas", {
         "PAS_DICOM__ACCEPT_UNKNOWN": "true",
         "PAS_QUEUE__MAX_ATTEMPTS": "1",
@@ -41,9 +46,12 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         "PAS_DESTINATIONS__LOCAL__PORT": str(scp.port),
         "PAS_ROUTING__FALLBACK__DESTINATIONS": '["local"]',
     }).start()
-    storescu(FILES, pas.port, calling="MODALITY1")
-    base = f"http://127.0.0.1:{pas.http_port}"
-    wait_for(lambda: pas.status()["jobs"].get("failed") == 1, 60, what="the job to fail")
+    try:
+        storescu(FILES, pas.port, calling="MODALITY1")
+        base = f"http://127.0.0.1:{pas.http_port}"
+        wait_for(lambda: pas.status()["jobs"].get("failed") == 1, 60, what="the job to fail")
+    finally:
+        refusing.stop()
     yield {"pas": pas, "scp": scp, "base": base}
     pas.stop()
     scp.stop()

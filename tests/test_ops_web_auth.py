@@ -30,9 +30,14 @@ ROUTES = ["/", "/metrics", "/api/status", "/dicom-web/studies"]
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """A bearer-protected daemon whose only destination (a storescp) is down: one failed job."""
+    """A bearer-protected daemon whose only destination (a storescp) rejects associations:
+    one failed job. ``scp`` (on that port, not started) is the node once fixed. (A node not
+    listening would make the job wait for the link, uncounted, not fail.)"""
     root = tmp_path_factory.mktemp("ops_auth")
     scp = StoreSCP(root / "scp")  # port reserved, not started yet
+    refusing = StoreSCP(root / "refusing")
+    refusing.port = scp.port
+    refusing.start(["--refuse"])
     pas = PasProcess(root / "pas", {
         "PAS_DICOM__ACCEPT_UNKNOWN": "true",
         "PAS_PREFETCH__ENABLED": "false",
@@ -45,8 +50,11 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         "PAS_DESTINATIONS__LOCAL__PORT": str(scp.port),
         "PAS_ROUTING__FALLBACK__DESTINATIONS": '["local"]',
     }).start()
-    storescu(FILES, pas.port)
-    wait_for(lambda: pas.status()["jobs"].get("failed") == 1, 60, what="the job to fail")
+    try:
+        storescu(FILES, pas.port)
+        wait_for(lambda: pas.status()["jobs"].get("failed") == 1, 60, what="the job to fail")
+    finally:
+        refusing.stop()
     job_id = int(json.loads(pas.cli("queue", "list", "--json").stdout)[0]["id"])
     yield {"pas": pas, "scp": scp, "base": f"http://127.0.0.1:{pas.http_port}",
            "job_id": job_id}

@@ -88,20 +88,36 @@ def test_late_instances_form_a_delta_routed_again(pas_factory, storescp: StoreSC
     assert len(storescp.files()) == 3
 
 
-def test_unreachable_destination_backs_off_fails_then_retries(pas_factory,
-                                                              tmp_path: Path) -> None:
-    scp = StoreSCP(tmp_path / "late")  # port chosen, not listening yet
-    config = write_config(tmp_path / "appliance.toml", scp)
+def test_rejecting_destination_counts_attempts_fails_then_retries(pas_factory,
+                                                                  tmp_path: Path) -> None:
+    """A node that answers but rejects the association (storescp --refuse: A-ASSOCIATE-RJ)
+    is the peer answering, not an outage: each attempt counts, and the job is failed after
+    ``queue.max_attempts`` (an unreachable node waits for the link instead,
+    tests/test_dispatch_link_down.py). Once the node accepts, `pas queue retry` delivers."""
+    refusing = StoreSCP(tmp_path / "refusing").start(["--refuse"])
+    config = write_config(tmp_path / "appliance.toml", refusing)
     pas = pas_factory({"PAS_CONFIG": str(config), "PAS_DICOM__ACCEPT_UNKNOWN": "true",
                        "PAS_QUEUE__MAX_ATTEMPTS": "2", "PAS_QUEUE__BACKOFF_INITIAL_S": "0.2",
                        "PAS_QUEUE__BACKOFF_MAX_S": "0.5"})
-    storescu(CT_PATIENT, pas.port, calling="CT_URG")
-    wait_for(lambda: [j["state"] for j in jobs_of(pas.home)] == ["failed"], 60,
-             what="job failed after 2 attempts")
+    try:
+        storescu(CT_PATIENT, pas.port, calling="CT_URG")
+        wait_for(lambda: [j["state"] for j in jobs_of(pas.home)] == ["failed"], 60,
+                 what="job failed after 2 attempts")
+    finally:
+        refusing.stop()
     [job] = jobs_of(pas.home)
-    assert job["attempts"] == 2 and "not established" in job["last_error"]
+    assert job["attempts"] == 2, job
+    # "(rejected by the peer)"; now and then "(aborted)": storescp closes the connection
+    # right after its A-ASSOCIATE-RJ, and pynetdicom may see the close first (seen once).
+    assert "pacs: association with STORESCP@" in job["last_error"], job["last_error"]
+    assert "not established" in job["last_error"], job["last_error"]
+    assert not job["last_error"].startswith(job_store.WAITING_FOR_LINK)
     status = pas.status()
     assert status["jobs"] == {"failed": 1}
+    assert status["links"]["pacs"]["state"] == "down"
+    assert "not established" in status["links"]["pacs"]["last_error"]
+    scp = StoreSCP(tmp_path / "late")
+    scp.port = refusing.port  # the node, fixed, on the same port
     scp.start()
     try:
         assert "will be retried now" in pas.cli("queue", "retry", str(job["id"])).stdout

@@ -3,6 +3,14 @@
 Every outcome is one transaction (finish, or fail with the next attempt's time). A worker
 that dies mid-job leaves a lease that expires; another worker (or the restarted daemon) takes
 the job again, and the target resumes from the instances not yet marked sent.
+
+A destination that could not be reached at all (``LinkDown``) does not use up attempts: the
+job waits for the link, tried again after a delay that grows with how long the destination
+has been unreachable (``routing/backoff.link_delay``). For the hub that length comes from the
+heartbeat's link state; for a local destination (a ``dicom`` PACS, a ``stowrs`` archive) the
+dispatcher remembers when its outage began, in memory, until a job to it goes through; that
+success also makes every job waiting for it due at once (the rest of the weekend's backlog
+goes when the PACS is back, not up to ``queue.backoff_max_s`` later).
 """
 
 from __future__ import annotations
@@ -41,6 +49,11 @@ class Dispatcher:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.owner_prefix = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        # Local destination name -> when its current outage began (the first LinkDown since
+        # its last delivery). At most one entry per configured destination; a restart
+        # forgets it and the delay starts again from ``backoff_initial_s``.
+        self._unreachable_since: dict[str, float] = {}
+        self._outages_lock = threading.Lock()
 
     def run_one(self, owner: str, kinds: tuple[str, ...] | None = None,
                 max_priority: int | None = None) -> bool:
@@ -61,11 +74,12 @@ class Dispatcher:
             log.error("job %d to %s failed for good: %s", job.id, job.destination, exc,
                       extra=extra)
         except LinkDown as exc:
-            delay = link_delay(queue, self._down_for(getattr(target, "name", job.destination)))
+            down_for = self._down_for(job, getattr(target, "name", job.destination))
+            delay = link_delay(queue, down_for)
             job_store.wait_for_link(self.db, job.id, owner, str(exc), now() + delay)
-            log.warning("job %d to %s: destination unreachable, waiting for the link (next try "
-                        "in %.0fs, not counted as an attempt): %s", job.id, job.destination,
-                        delay, exc, extra=extra)
+            log.warning("job %d to %s: destination unreachable for %.1fs, the job waits for it "
+                        "(next try in %.1fs, not counted as an attempt): %s", job.id,
+                        job.destination, down_for, delay, exc, extra=extra)
         except Exception as exc:
             delay = next_delay(queue, job.attempts)
             retry_at = None if delay is None else now() + delay
@@ -78,14 +92,36 @@ class Dispatcher:
             job_store.finish(self.db, job.id, owner)
             log.info("job %d: study %s delivered to %s", job.id, job.study_uid,
                      job.destination, extra=extra)
+            self._reached(job)
         return True
 
-    def _down_for(self, destination: str) -> float:
-        """How long the destination's link has been down (0: unknown or up)."""
+    def _down_for(self, job: job_store.Job, destination: str) -> float:
+        """How long the destination has been unreachable (0: unknown, or just now).
+
+        The hub's link state is kept by the heartbeat (``store/uplink.py``). A local
+        destination has no heartbeat: its outage is dated from its first ``LinkDown`` since
+        its last delivery, here, so that its jobs' delay grows with the outage instead of
+        staying at ``backoff_initial_s`` (a weekend at 5 s per job and try)."""
+        if job.kind != "hub":
+            at = now()
+            with self._outages_lock:  # keyed as _reached() clears it
+                since = self._unreachable_since.setdefault(job.destination, at)
+            return max(0.0, at - since)
         link = uplink_store.link_states(self.db).get(destination)
         if not link or link["state"] != "down" or not link["last_ok_at"]:
             return 0.0
         return max(0.0, now() - float(link["last_ok_at"]))
+
+    def _reached(self, job: job_store.Job) -> None:
+        """A job to this destination went through: its outage (if any) is over, and the
+        jobs that waited for it are due now."""
+        with self._outages_lock:
+            was_down = self._unreachable_since.pop(job.destination, None) is not None
+        if was_down:
+            woken = job_store.wake_waiting_for_link(self.db, job.kind, job.destination)
+            log.info("destination %s reachable again: %d job(s) waiting for it due now",
+                     job.destination, woken)
+            self.wake.set()
 
     def start(self) -> None:
         for number in range(self.settings.queue.workers):

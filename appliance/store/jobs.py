@@ -187,16 +187,19 @@ def wait_for_link(db: Database, job_id: int, owner: str, error: str, retry_at: f
         )
 
 
-def wake_waiting_for_link(db: Database, kind: str) -> int:
-    """The link of ``kind`` destinations is back: every job waiting for it is due now
-    (rather than at the end of its backoff, up to ``queue.backoff_max_s``). How many."""
+def wake_waiting_for_link(db: Database, kind: str, destination: str | None = None) -> int:
+    """The link of ``kind`` destinations (only ``destination``'s, when given) is back: every
+    job waiting for it is due now (rather than at the end of its backoff, up to
+    ``queue.backoff_max_s``). How many."""
     at = now()
+    only = "" if destination is None else "AND destination = ?"
     with db.transaction() as conn:
         cursor = conn.execute(
-            """UPDATE jobs SET next_attempt_at = ?, updated_at = ?
+            f"""UPDATE jobs SET next_attempt_at = ?, updated_at = ?
                WHERE state = 'pending' AND kind = ? AND next_attempt_at > ?
-                     AND last_error LIKE ?""",
-            (at, at, kind, at, WAITING_FOR_LINK + "%"),
+                     AND last_error LIKE ? {only}""",
+            (at, at, kind, at, WAITING_FOR_LINK + "%",
+             *(() if destination is None else (destination,))),
         )
         return cursor.rowcount
 

@@ -3,9 +3,15 @@
 A target receives a leased :class:`~appliance.store.jobs.Job` and a :class:`SendContext`
 and delivers the job's instances. It raises :class:`PermanentError` when retrying cannot
 help (the peer refused the data for good), :class:`LinkDown` when the peer could not be
-reached (retried for as long as the outage lasts), any other exception for a transient
-failure (retried with backoff, up to ``queue.max_attempts``). It reports progress through
-the context so that a retry resumes.
+reached at all in this attempt (retried for as long as the outage lasts), any other exception
+for a transient failure (retried with backoff, up to ``queue.max_attempts``). It reports
+progress through the context so that a retry resumes.
+
+Which kinds raise :class:`LinkDown`, and when: ``hub`` for a transport error (no connection,
+or one that went silent); ``dicom`` when no TCP connection to the node opened before
+anything else in the attempt (an association rejected or aborted by the node, or one lost
+mid-study, is the node answering: counted); ``stowrs`` when the attempt's first request got
+no connection after its in-request retries (a 5xx is counted).
 """
 
 from __future__ import annotations
@@ -31,7 +37,12 @@ class PermanentError(Exception):
 class LinkDown(Exception):
     """The destination could not be reached at all (no connection, or it went silent): the
     job waits for the link, and the attempt does not count towards ``queue.max_attempts``
-    (an outage longer than the attempts' backoff must not fail every study queued)."""
+    (an outage longer than the attempts' backoff, a WAN cut or a hospital PACS down for a
+    weekend's maintenance, must not fail every study queued). Only for a peer that did not
+    answer: one that answered with a refusal says something about the job or the peer, and
+    is counted. The message becomes the job's ``last_error`` after ``waiting for the link: ``
+    (``pas queue list``, the status page): the dicom and stowrs kinds start it with
+    ``<destination> unreachable:`` so that its first words say what is going on."""
 
 
 @dataclass

@@ -18,6 +18,16 @@ removed once sent, or not. It was decoded whole in memory: +1.2 GB for a 300 MB 
 A SOP class for which the peer accepted no usable context is a permanent error that names the
 SOP class, the syntaxes proposed and the peer's answer; the job's other instances are sent
 first (a retry after the peer is reconfigured resumes with the rest).
+
+A peer that could not be reached at all (no TCP connection: refused, timed out, no route)
+before anything was delivered in this attempt raises ``LinkDown``: a PACS down for a
+weekend's maintenance makes the jobs wait for it, uncounted, instead of failing every study
+after ``queue.max_attempts``. pynetdicom reports a failed connection exactly like an
+A-ABORT (``is_aborted``, nothing negotiated), so the connection's opening is watched
+(``EVT_CONN_OPEN``) to tell them apart. A peer that answered (an association rejected, an
+abort once connected, a C-STORE failure status, a connection lost mid-study once something
+went) is an ordinary failed attempt: it says something about the peer, and what it
+acknowledged is kept by ``mark_sent``.
 """
 
 from __future__ import annotations
@@ -31,12 +41,13 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import PresentationContext, build_context
 
 from appliance.config import DicomDestination
 from appliance.dicomnet.direct_store import DirectStoreError, DirectStoreSender
-from appliance.dispatch.target_types.base import PermanentError, SendContext
+from appliance.dispatch.target_types.base import LinkDown, PermanentError, SendContext
+from appliance.store import uplink as uplink_store
 from appliance.store.jobs import Job
 from appliance.store.spool import SpoolFull
 from appliance.store.transcode import TranscodeError, transcoded
@@ -76,6 +87,13 @@ def plan_associations(pairs: set[tuple[str, str]]) -> list[list[PresentationCont
 
 
 @dataclass
+class _Attempt:
+    """What one attempt met so far: whether a TCP connection to the peer ever opened (then
+    the peer was reachable, whatever else happens in this attempt)."""
+    reached: bool = False
+
+
+@dataclass
 class _Refused:
     """Instances of one SOP class the peer accepted no usable context for."""
     proposed: set[str] = field(default_factory=set)
@@ -101,6 +119,7 @@ class DicomTarget:
             return
         refused: dict[str, _Refused] = defaultdict(_Refused)
         failed: list[tuple[str, int]] = []  # (SOP Instance UID, status) the peer refused
+        attempt = _Attempt()
         # The lease is renewed by time, not every N instances: N instances to a slow node
         # (or one large one) outlasted it, and a second worker sent the same study again.
         with context.renewing(job) as lease_lost:
@@ -109,7 +128,7 @@ class DicomTarget:
                 classes = {str(c.abstract_syntax) for c in contexts}
                 self._send_group(job, context, contexts,
                                  [f for f in files if f["sop_class_uid"] in classes], refused,
-                                 failed, lease_lost)
+                                 failed, lease_lost, attempt)
         if refused:
             raise PermanentError(self._refusal(refused)
                                  + (f"; {self._failures(failed, len(files))}" if failed else ""))
@@ -121,17 +140,31 @@ class DicomTarget:
 
     def _send_group(self, job: Job, context: SendContext, contexts: list[PresentationContext],
                     files: list[Any], refused: dict[str, _Refused],
-                    failed: list[tuple[str, int]], lease_lost: threading.Event) -> None:
-        assoc = self._associate(contexts)
+                    failed: list[tuple[str, int]], lease_lost: threading.Event,
+                    attempt: _Attempt) -> None:
+        opened = threading.Event()
+        assoc = self._associate(contexts, opened)
+        if opened.is_set():
+            attempt.reached = True
         if not assoc.is_established:
+            if not opened.is_set():
+                causes = ("refused, timed out, no route or the TLS handshake failed"
+                          if self.config.tls else "refused, timed out or no route")
+                message = f"{self.name} unreachable: no connection to {self.peer} ({causes})"
+                uplink_store.record_contact(context.db, self.name, False, message)
+                if not attempt.reached:
+                    # Nothing answered in this attempt: the outage says nothing about the job.
+                    raise LinkDown(message)
+                raise ConnectionError(f"{message}, after it answered earlier in this attempt")
             if assoc.is_aborted and not assoc.accepted_contexts and assoc.rejected_contexts:
                 # The peer answered, but accepted none of the contexts: not a network fault.
                 self._note_refused(files, contexts, assoc.rejected_contexts, refused)
                 return
-            raise ConnectionError(
-                f"{self.name}: association with {self.peer} not established "
-                f"({'rejected by the peer' if assoc.is_rejected else 'unreachable or aborted'})"
-            )
+            message = (f"{self.name}: association with {self.peer} not established "
+                       f"({'rejected by the peer' if assoc.is_rejected else 'aborted'})")
+            uplink_store.record_contact(context.db, self.name, False, message)
+            raise ConnectionError(message)
+        uplink_store.record_contact(context.db, self.name, True)
         sent: list[int] = []
         in_a_row = 0
         try:
@@ -164,9 +197,14 @@ class DicomTarget:
             if assoc.is_established:
                 assoc.release()
 
-    def _associate(self, contexts: list[PresentationContext]) -> Any:
+    def _associate(self, contexts: list[PresentationContext], opened: threading.Event) -> Any:
+        """Request the association; ``opened`` is set once the TCP connection is open (a
+        connection that fails looks like an abort otherwise). The connection too is bounded
+        by ``timeout_s``: pynetdicom's default waits for the system's SYN retries, about
+        two minutes for a host that is off."""
         ae = AE(ae_title=self.calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.config.timeout_s
+        ae.connection_timeout = self.config.timeout_s
         tls_args = None
         if self.config.tls and self.config.tls_ca:  # DICOM TLS, BCP 195 (ops/security.py)
             from appliance.ops.security import client_context
@@ -174,7 +212,8 @@ class DicomTarget:
             tls_args = (client_context(self.config.tls_ca, self.config.tls_cert,
                                        self.config.tls_key), None)
         return ae.associate(self.config.host, self.config.port, contexts,
-                            ae_title=self.config.ae_title, tls_args=tls_args)  # type: ignore[arg-type]
+                            ae_title=self.config.ae_title, tls_args=tls_args,  # type: ignore[arg-type]
+                            evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: opened.set())])
 
     @staticmethod
     def _usable(row: Any, accepted: set[tuple[str, str]]) -> bool:

@@ -9,10 +9,15 @@ touch: SQL (through ``SendContext`` and ``appliance.store``) or the files' bytes
 stored, so the archive gets the original SHA-256).
 
 Failure policy: transport errors and 5xx are retried here a few times (tenacity, jittered
-backoff), then the job is retried later by the dispatcher. A 4xx for the whole request, or
-instances refused with a "cannot process" class reason, fail the job for good with the
-archive's words; refusals for lack of resources (0xA7xx) or processing failure (0x0110) are
-transient.
+backoff), then the job is retried later by the dispatcher. When the archive could not be
+reached at all (no connection: refused, timed out, no route, DNS) for the attempt's first
+request, after those retries, the target raises ``LinkDown``: the job waits for the archive,
+uncounted, however long its maintenance lasts. A 5xx, a connection lost mid-request or a
+failure after some requests of the attempt went through is the archive answering or having
+answered: an ordinary failed attempt, counted towards ``queue.max_attempts``. A 4xx for the
+whole request, or instances refused with a "cannot process" class reason, fail the job for
+good with the archive's words; refusals for lack of resources (0xA7xx) or processing failure
+(0x0110) are transient.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from tenacity import (
 )
 
 from appliance.config import StowRsDestination
-from appliance.dispatch.target_types.base import PermanentError, SendContext
+from appliance.dispatch.target_types.base import LinkDown, PermanentError, SendContext
 from appliance.store import uplink as uplink_store
 from appliance.store.jobs import Job
 from appliance.words import counted
@@ -55,6 +60,14 @@ class _ServerError(Exception):
     def __init__(self, response: httpx.Response):
         self.response = response
         super().__init__(f"HTTP {response.status_code}: {response.text[:300]}")
+
+
+class _NoConnection(ConnectionError):
+    """Every try of a request failed to connect: the archive was not reached at all."""
+
+
+# httpx.ConnectTimeout is a TimeoutException, not a ConnectError: both mean no connection.
+NO_CONNECTION = (httpx.ConnectError, httpx.ConnectTimeout)
 
 
 def _transient(exc: BaseException) -> bool:
@@ -147,7 +160,12 @@ class StowRsTarget:
         with self._client() as client:
             for start in range(0, len(rows), size):
                 batch = rows[start:start + size]
-                accepted, refused = self._post(client, context, batch)
+                try:
+                    accepted, refused = self._post(client, context, batch)
+                except _NoConnection as exc:
+                    if start == 0:  # nothing answered in this attempt: wait for the archive
+                        raise LinkDown(str(exc)) from exc
+                    raise
                 by_uid = {r["sop_instance_uid"]: r["id"] for r in batch}
                 context.mark_sent(job, [by_uid[u] for u in accepted if u in by_uid])
                 context.keep_alive(job)
@@ -186,6 +204,11 @@ class StowRsTarget:
             response = retrying(attempt)
         except RetryError as exc:
             cause = exc.last_attempt.exception()
+            if isinstance(cause, NO_CONNECTION):
+                message = (f"{self.name} unreachable: no connection to {url} after "
+                           f"{RETRIES + 1} tries ({type(cause).__name__}: {cause})")
+                uplink_store.record_contact(context.db, self.name, False, message)
+                raise _NoConnection(message) from cause
             message = f"{self.name}: STOW-RS to {url} failed: {type(cause).__name__}: {cause}"
             uplink_store.record_contact(context.db, self.name, False, message)
             raise ConnectionError(message) from cause
