@@ -189,7 +189,14 @@ class DirectStoreSender:
         log.error("C-STORE of %s to %s failed, aborting the association: %s",
                   sop_instance_uid, self._peer_title(), failure)
         self.assoc.abort()
-        raise DirectStoreError(str(failure)) from failure
+        try:
+            raise DirectStoreError(str(failure)) from failure
+        finally:
+            # ``failure``'s traceback holds this frame, whose callers (frame.f_back) reach
+            # the retrieve handler's generator: left in this cycle, the generator was only
+            # closed, and the retrieve's audit row written, at the next garbage collection
+            # (seen 10 s later, or at the daemon's stop).
+            del failure
 
     def _peer_title(self) -> str:
         peer = self.assoc.acceptor if self.assoc.is_requestor else self.assoc.requestor

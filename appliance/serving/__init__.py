@@ -1,7 +1,8 @@
 """Serving local viewers from the cache: C-FIND / C-MOVE / C-GET, DICOMweb, fetch-through.
 
 Owns: the Query/Retrieve SCP handlers registered on the ingest AE (``qr.py``; identifiers
-read and C-FIND answers built in ``qr_identifiers.py``), the DICOMweb routes (QIDO-RS,
+read and C-FIND answers built in ``qr_identifiers.py``, a retrieve's C-STORE sub-operations
+sent and their outcomes counted in ``suboperations.py``), the DICOMweb routes (QIDO-RS,
 WADO-RS, STOW-RS) built over any (Database, Spool) pair (``dicomweb.py``; request parsing
 and response bodies in ``dicomweb_http.py``),
 their authentication, the access audit of every query and retrieve, and fetching studies

@@ -8,22 +8,9 @@ little endian (never fail because a viewer lacks JPEG-LS), and auditing every qu
 retrieve. May not touch: SQL, spool writes (the copy is ``appliance.store.transcode``'s temp
 file).
 
-Why the sub-operations look unusual: pynetdicom's Q/R service only accepts a
-:class:`~pydicom.dataset.Dataset` from the handler and would re-encode it. Re-encoding a CT
-costs time and may change bytes. So when the stored syntax was accepted we yield a small
-:class:`SpoolFile` marker and wrap the sending association's ``send_c_store`` so that the
-marker becomes ``send_c_store(path)``, which pynetdicom streams from disk in chunks (bounded
-memory, invariant 8; bit-exact). With the event-driven reactors installed the file goes
-straight to the socket instead, on a C-MOVE sub-association and on a C-GET's own association
-(appliance/dicomnet/direct_store.py: ~2x the rate of pynetdicom's DIMSE path, and one
-fragment in memory: pynetdicom queues the whole file for the DUL when the viewer reads more
-slowly than the disk).
-The wrap is per association object, nothing global.
-
-A copy in another syntax goes the same way: a :class:`TranscodedFile` marker, re-encoded into
-a spool temp file only when its C-STORE is sent (decoded a frame at a time: a 300 MB object
-decoded in memory took the daemon up by 1.2 GB), sent from that file and removed right after,
-whether the C-STORE succeeded, failed or never left (a cancelled retrieve creates none).
+How the sub-operations are sent (a stored file streamed as it is, or a copy in explicit or
+implicit VR little endian made only when its C-STORE goes) and counted (what the destination
+really stored, for the audit row) is ``suboperations.py``'s.
 """
 
 from __future__ import annotations
@@ -33,12 +20,11 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import _config, build_context, evt
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import build_context, evt
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -51,22 +37,23 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from appliance.config import ServingSection
-from appliance.dicomnet.direct_store import DirectStoreSender
 from appliance.dicomnet.outgoing import wait_for_room
 from appliance.ingest.scp import TRANSFER_SYNTAXES, DicomListener
 from appliance.ops.metrics import count_retrieve
 from appliance.serving.qr_identifiers import identifier_keys, query_charset, response_identifier
+from appliance.serving.suboperations import (
+    SpoolFile,
+    SubOperationTally,
+    TranscodedFile,
+    stream_spool_files,
+)
 from appliance.store import audit
 from appliance.store import query as store_query
 from appliance.store.db import Database
-from appliance.store.spool import Spool, SpoolFull
-from appliance.store.transcode import TranscodeError, transcoded
+from appliance.store.spool import Spool
 from appliance.words import counted
 
 log = logging.getLogger("pas.serving")
-
-# Streaming a stored file as raw bytes (see the module docstring).
-_config.STORE_SEND_CHUNKED_DATASET = True
 
 PENDING = 0xFF00
 CANCELLED = 0xFE00
@@ -83,82 +70,6 @@ _MAX_CONTEXTS = 128
 
 # Fetch-through: study UID -> instances fetched from the region (raises on failure).
 Fetcher = Callable[[str], int]
-
-
-class SpoolFile(Dataset):
-    """Stands for a stored file in a C-MOVE/C-GET sub-operation: sent as raw bytes."""
-
-    def __init__(self, path: Path, sop_class_uid: str, sop_instance_uid: str):
-        super().__init__()
-        self.SOPClassUID = sop_class_uid
-        self.SOPInstanceUID = sop_instance_uid
-        self._spool_path = path
-
-    @property
-    def spool_path(self) -> Path:
-        return self._spool_path
-
-
-class TranscodedFile(SpoolFile):
-    """Stands for a stored file to send in ``syntax`` (Explicit or Implicit VR Little Endian):
-    re-encoded into a spool temp file when sent, the temp file removed once sent."""
-
-    def __init__(self, path: Path, sop_class_uid: str, sop_instance_uid: str, syntax: str,
-                 spool: Spool):
-        super().__init__(path, sop_class_uid, sop_instance_uid)
-        self._syntax = syntax
-        self._spool = spool
-
-    @property
-    def syntax(self) -> str:
-        return self._syntax
-
-    @property
-    def spool(self) -> Spool:
-        return self._spool
-
-
-def _stream_spool_files(assoc: Any) -> None:
-    """Make ``assoc.send_c_store`` send a :class:`SpoolFile` from its path, unchanged.
-
-    With the event-driven reactors installed (a C-MOVE sub-association, or the viewer's own
-    association for a C-GET) the file goes straight to the socket
-    (:mod:`appliance.dicomnet.direct_store`); otherwise, or when no accepted context carries
-    the stored syntax, through pynetdicom."""
-    if getattr(assoc, "_pas_streams_files", False):
-        return
-    original = assoc.send_c_store
-    direct = DirectStoreSender(assoc) if DirectStoreSender.available(assoc) else None
-
-    def send_c_store(dataset: Any, *args: Any, **kwargs: Any) -> Any:
-        if not isinstance(dataset, SpoolFile):
-            return original(dataset, *args, **kwargs)
-        if not isinstance(dataset, TranscodedFile):
-            return send_file(dataset, dataset.spool_path, *args, **kwargs)
-        try:
-            with transcoded(dataset.spool, dataset.spool_path, dataset.syntax) as path:
-                return send_file(dataset, path, *args, **kwargs)
-        except (TranscodeError, SpoolFull) as exc:  # pynetdicom counts the sub-operation failed
-            log.error("C-STORE of %s not sent: %s", dataset.SOPInstanceUID, exc)
-            raise
-
-    def send_file(dataset: SpoolFile, path: Path, *args: Any, **kwargs: Any) -> Any:
-        if direct is not None and not args:
-            result = direct.send_file(
-                path, str(dataset.SOPClassUID), str(dataset.SOPInstanceUID),
-                message_id=int(kwargs.get("msg_id", 1)),
-                originator_ae=kwargs.get("originator_aet"),
-                originator_id=kwargs.get("originator_id"))
-            if result is not None:
-                status = Dataset()
-                status.Status = result[0]
-                if result[1]:
-                    status.ErrorComment = result[1]
-                return status
-        return original(path, *args, **kwargs)
-
-    assoc.send_c_store = send_c_store
-    assoc._pas_streams_files = True
 
 
 def _throttle_pending(assoc: Any, interval_s: float) -> None:
@@ -370,6 +281,7 @@ class QueryRetrieveService:
             raise  # pynetdicom answers 0xC511 (unable to process)
         established = threading.Event()
         store_assoc: list[Any] = []
+        tally = SubOperationTally(total=len(rows))
 
         def on_established(store_event: Any) -> None:
             no_delay(store_event)
@@ -377,34 +289,35 @@ class QueryRetrieveService:
             # With pynetdicom's own polling loops (dicom.event_driven = false): poll every
             # 0.1 ms, not 1 ms, for the life of this retrieve's sub-association.
             store_event.assoc.dul._run_loop_delay = 0.0001
-            _stream_spool_files(store_event.assoc)
+            stream_spool_files(store_event.assoc, tally)
             store_assoc.append(store_event.assoc)
             established.set()
 
         contexts = _contexts_for(rows)
         _throttle_pending(event.assoc, self.settings.retrieve_pending_interval_s)
-        sent: int | None = None
+        what = f"C-MOVE to {destination.title}"
+        refused: list[str] = []
         try:
             yield destination.host, destination.port, {
                 "ae_title": destination.title, "contexts": contexts,
-                "evt_handlers": [(evt.EVT_ESTABLISHED, on_established)],
+                "evt_handlers": [(evt.EVT_ESTABLISHED, on_established),
+                                 *_refusal_handlers(refused)],
             }
             yield len(rows)
             if not established.wait(10):
                 raise RuntimeError("the sub-association did not report itself established")
             accepted = _accepted(store_assoc[0])
-            sent = yield from self._sub_operations(event, rows, accepted)
+            yield from self._sub_operations(event, rows, accepted, tally)
         finally:
             # Also when pynetdicom drops this generator (destination unreachable: it answers
             # 0xA801 itself; association lost): every retrieve leaves an audit row.
-            if sent is None:
-                outcome = (f"failure: C-MOVE to {destination.title} at {destination.host}:"
-                           f"{destination.port} did not complete (destination unreachable "
-                           "or association lost)")
-            else:
-                outcome = "success" if sent == len(rows) else "cancelled"
-            self._audit("retrieve", calling, address, summary, outcome, sent,
-                        f"C-MOVE to {destination.title}")
+            why = refused[0] if refused else "destination unreachable or association lost"
+            outcome = _retrieve_outcome(
+                tally, rows, stored_by=destination.title,
+                unfinished=f"failure: {what} at {destination.host}:{destination.port} did "
+                           f"not complete ({why})")
+            self._audit("retrieve", calling, address, summary, outcome,
+                        detail=tally.detail(what))
 
     def on_get(self, event: Any) -> Iterator[Any]:
         calling, address = _peer(event)
@@ -414,30 +327,36 @@ class QueryRetrieveService:
             log.warning("C-GET from %s refused: %s", calling, exc)
             self._audit("retrieve", calling, address, None, f"failure: {exc}")
             raise
-        _stream_spool_files(event.assoc)
+        tally = SubOperationTally(total=len(rows))
+        stream_spool_files(event.assoc, tally)
         _throttle_pending(event.assoc, self.settings.retrieve_pending_interval_s)
-        sent: int | None = None
         try:
             yield len(rows)
             accepted = {(cx.abstract_syntax, cx.transfer_syntax[0])
                         for cx in event.assoc.accepted_contexts if cx.as_scu}
-            sent = yield from self._sub_operations(event, rows, accepted)
+            yield from self._sub_operations(event, rows, accepted, tally)
         finally:
-            outcome = ("failure: C-GET did not complete (association lost)" if sent is None
-                       else "success" if sent == len(rows) else "cancelled")
-            self._audit("retrieve", calling, address, summary, outcome, sent, "C-GET")
+            outcome = _retrieve_outcome(
+                tally, rows, stored_by=calling,
+                unfinished="failure: C-GET did not complete (association lost)")
+            self._audit("retrieve", calling, address, summary, outcome,
+                        detail=tally.detail("C-GET"))
 
-    def _sub_operations(self, event: Any, rows: list[Any],
-                        accepted: set[tuple[str, str]]) -> Iterator[Any]:
-        """Yield one pending sub-operation per instance; returns how many were yielded."""
-        sent = 0
+    def _sub_operations(self, event: Any, rows: list[Any], accepted: set[tuple[str, str]],
+                        tally: SubOperationTally) -> Iterator[Any]:
+        """Yield one pending sub-operation per instance. What each became is counted in
+        ``tally`` as its C-STORE is answered (suboperations.py); here the tally learns how
+        the run ended: cancelled, or finished once the last sub-operation was answered
+        (pynetdicom sends it between this generator's last yield and its end)."""
         for row in rows:
             if event.is_cancelled:
+                # Set before the yield: pynetdicom sends the final response and never
+                # resumes this generator.
+                tally.cancelled = True
                 yield CANCELLED, None
-                return sent
+                return
             yield PENDING, self._as_sent(row, accepted)
-            sent += 1
-        return sent
+        tally.finished = True
 
     def _as_sent(self, row: Any, accepted: set[tuple[str, str]]) -> SpoolFile:
         """The stored bytes when the stored syntax was accepted; else the same instance (same
@@ -522,6 +441,36 @@ def _contexts_for(rows: list[Any]) -> list[Any]:
 
 def _accepted(assoc: Any) -> set[tuple[str, str]]:
     return {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
+
+
+def _refusal_handlers(refused: list[str]) -> list[tuple[Any, Callable[[Any], None]]]:
+    """Handlers for a C-MOVE sub-association that note in ``refused`` why it did not come up
+    when the destination said so. pynetdicom answers the viewer 0xA801 alike for a
+    destination that is down, one that rejected the association and one that accepted it
+    with no presentation context (it then aborts it); the audit row names which."""
+
+    def on_accepted(store_event: Any) -> None:
+        if not store_event.assoc.accepted_contexts:
+            names = sorted({UID(cx.abstract_syntax).name
+                            for cx in store_event.assoc.rejected_contexts})
+            refused.append("the destination accepted no presentation context; refused: "
+                           + ", ".join(names)[:200])
+
+    def on_rejected(store_event: Any) -> None:
+        refused.append("the destination rejected the association")
+
+    return [(evt.EVT_ACCEPTED, on_accepted), (evt.EVT_REJECTED, on_rejected)]
+
+
+def _retrieve_outcome(tally: SubOperationTally, rows: list[Any], stored_by: str,
+                      unfinished: str) -> str:
+    """A retrieve's audit outcome from what its sub-operations did. Nothing matched: success
+    (pynetdicom answers it at once and never resumes the handler); ended before its last
+    sub-operation was answered, not by a cancel: ``unfinished``, and what was not stored
+    when some were sent."""
+    if not rows or tally.finished or tally.cancelled:
+        return tally.outcome(stored_by)
+    return f"{unfinished}; {tally.not_stored(stored_by)}" if tally.answered else unfinished
 
 
 def _peer(event: Any) -> tuple[str, str]:

@@ -204,13 +204,33 @@ def storescu(paths: list[Path] | list[str] | Path, port: int, *, host: str = "12
     return result
 
 
-class StoreSCP:
-    """DCMTK storescp writing what it receives, bit-preserving, to a folder."""
+def on_small_disk(folder: Path, size_kb: int, argv: list[str]) -> list[str]:
+    """``argv`` run with ``folder`` on a tmpfs of ``size_kb`` KiB of its own: a disk that
+    fills up, for real (root only). The mount lives in a private mount namespace (``unshare
+    --mount``): the host's mount table is not touched and the tmpfs goes when the process
+    ends. Another process sees the files through ``/proc/<pid>/root`` (:func:`seen_from`)."""
+    script = 'mount -t tmpfs -o size="$1"k pas-small-disk "$2" && shift 2 && exec "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+            str(size_kb), str(folder), *argv]
 
-    def __init__(self, folder: Path, ae_title: str = "STORESCP", host: str = "127.0.0.1"):
+
+def seen_from(pid: int, folder: Path) -> Path:
+    """``folder`` as the process ``pid`` sees it (inside its own mount namespace)."""
+    return Path(f"/proc/{pid}/root") / Path(folder).resolve().relative_to("/")
+
+
+class StoreSCP:
+    """DCMTK storescp writing what it receives, bit-preserving, to a folder.
+
+    ``disk_kb``: the folder is a tmpfs of that size (:func:`on_small_disk`), so storescp
+    answers 0xA700 (out of resources) once it is full."""
+
+    def __init__(self, folder: Path, ae_title: str = "STORESCP", host: str = "127.0.0.1",
+                 disk_kb: int | None = None):
         self.folder = Path(folder)
         self.ae_title = ae_title
         self.host = host
+        self.disk_kb = disk_kb
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -218,17 +238,21 @@ class StoreSCP:
               env: dict[str, str] | None = None) -> StoreSCP:
         """``env``: added to DCMTK's environment (the ingest benchmark preloads a shim)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            ["storescp", "-aet", self.ae_title, "--bit-preserving", "-od", str(self.folder),
-             "+uf", *extra, str(self.port)],
-            env={**DCMTK_ENV, **(env or {})}, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for(lambda: port_open("127.0.0.1", self.port), 15, what="storescp")
+        argv = ["storescp", "-aet", self.ae_title, "--bit-preserving", "-od", str(self.folder),
+                "+uf", *extra, str(self.port)]
+        if self.disk_kb is not None:
+            argv = on_small_disk(self.folder, self.disk_kb, argv)
+        self.proc = subprocess.Popen(argv, env={**DCMTK_ENV, **(env or {})},
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: self.proc.poll() is None and port_open("127.0.0.1", self.port), 15,
+                 what=f"storescp {self.ae_title}")
         return self
 
     def files(self) -> list[Path]:
-        return sorted(p for p in self.folder.rglob("*") if p.is_file())
+        folder = self.folder
+        if self.disk_kb is not None and self.proc is not None:
+            folder = seen_from(self.proc.pid, self.folder)
+        return sorted(p for p in folder.rglob("*") if p.is_file())
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

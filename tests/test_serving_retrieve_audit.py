@@ -1,0 +1,321 @@
+"""The access audit of C-MOVE and C-GET says what the destination stored, not what was sent.
+
+Real peers only: DCMTK movescu/getscu as the viewer, DCMTK storescp as the move destination.
+The refusals come from the peers themselves: a storescp whose configuration profile accepts MR
+Image Storage only (it rejects the CT presentation contexts), and a storescp, or a getscu,
+writing to a 1 MiB tmpfs of its own, which answers 0xA700 (out of resources) once full.
+Each audit row is checked against the files the destination really holds and against the
+counts of the final C-MOVE/C-GET response pynetdicom sends the viewer.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+
+from tests.support.peers import (
+    CT_DIR,
+    DCMTK_ENV,
+    MR_DIR,
+    PasProcess,
+    StoreSCP,
+    on_small_disk,
+    storescu,
+    wait_for,
+)
+
+pytestmark = pytest.mark.root  # unshare --mount and a tmpfs: the full disks are real
+
+# A storescp configuration (DCMTK's format, as in its storescp.cfg) accepting MR only.
+MR_ONLY_PROFILE = """\
+[[TransferSyntaxes]]
+[Uncompressed]
+TransferSyntax1 = LocalEndianExplicit
+TransferSyntax2 = OppositeEndianExplicit
+TransferSyntax3 = LittleEndianImplicit
+
+[[PresentationContexts]]
+[MROnly]
+PresentationContext1 = MRImageStorage\\Uncompressed
+
+[[Profiles]]
+[MROnly]
+PresentationContexts = MROnly
+"""
+SMALL_DISK_KB = 1024  # about 11 of the 86 kB MR images
+
+
+class Site:
+    """PAS holding the CT and MR sets, and four move destinations: one that stores
+    everything, one that refuses CT, one whose disk fills up, one that rejects every
+    association."""
+
+    def __init__(self, root: Path):
+        profile = root / "mr-only.cfg"
+        root.mkdir(parents=True, exist_ok=True)
+        profile.write_text(MR_ONLY_PROFILE)
+        self.scp = StoreSCP(root / "scp").start()
+        self.mr_only = StoreSCP(root / "mr-only", ae_title="MRONLY").start(
+            ["-xf", str(profile), "MROnly"])
+        self.full = StoreSCP(root / "full", ae_title="FULLDISK", disk_kb=SMALL_DISK_KB).start()
+        self.refusing = StoreSCP(root / "refusing", ae_title="REFUSING").start(["--refuse"])
+        self.scps = (self.scp, self.mr_only, self.full, self.refusing)
+        destinations = ", ".join(
+            f'{{title = "{scp.ae_title}", host = "127.0.0.1", port = {scp.port}}}'
+            for scp in self.scps)
+        self.pas = PasProcess(root / "pas", {
+            "PAS_DICOM__ACCEPT_UNKNOWN": "true",
+            "PAS_SERVING__MOVE_DESTINATIONS": f"[{destinations}]",
+        }).start()
+        for folder in (CT_DIR, MR_DIR):
+            storescu(folder, self.pas.port)
+
+    def stop(self) -> None:
+        self.pas.stop()
+        for scp in self.scps:
+            scp.stop()
+
+    def retrieves(self) -> list[dict[str, Any]]:
+        conn = sqlite3.connect(self.pas.home / "pas.sqlite")
+        conn.row_factory = sqlite3.Row
+        try:
+            return [dict(r) for r in conn.execute(
+                "SELECT * FROM audit WHERE event = 'retrieve' ORDER BY id")]
+        finally:
+            conn.close()
+
+    def next_retrieve(self, before: int) -> dict[str, Any]:
+        """The audit row of the retrieve just made (written when its handler ends, which
+        for a move pynetdicom refused may be just after movescu has its answer)."""
+        rows = wait_for(lambda: (r := self.retrieves()) and len(r) > before and r, 10,
+                        what="the retrieve's audit row")
+        assert len(rows) == before + 1, rows[before:]
+        return rows[-1]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    site = Site(tmp_path_factory.mktemp("retrieve-audit"))
+    try:
+        yield site
+    finally:
+        site.stop()
+
+
+def _uids(paths: list[Path], keyword: str) -> list[str]:
+    return [str(dcmread(p, stop_before_pixels=True).get(keyword)) for p in paths]
+
+
+def _ct_study() -> tuple[str, list[str]]:
+    """A CT study of 3 instances: its UID and its SOP Instance UIDs."""
+    files = sorted(CT_DIR.glob("A002304_*.dcm"))
+    study = _uids(files[:1], "StudyInstanceUID")[0]
+    same = [p for p in files if _uids([p], "StudyInstanceUID")[0] == study]
+    return study, _uids(same, "SOPInstanceUID")
+
+
+def _mr_images(count: int) -> list[str]:
+    return _uids(sorted(MR_DIR.glob("*.dcm"))[:count], "SOPInstanceUID")
+
+
+def _mr_study() -> str:
+    return _uids(sorted(MR_DIR.glob("*.dcm"))[:1], "StudyInstanceUID")[0]
+
+
+def _received(files: list[Path]) -> set[str]:
+    return set(_uids(files, "SOPInstanceUID"))
+
+
+def movescu(site: Site, keys: list[str], destination: str,
+            *extra: str) -> subprocess.CompletedProcess[str]:
+    args = ["movescu", "-d", "-S", "-aet", "VIEWER", "-aec", "PAS", "-aem", destination,
+            *extra]
+    for key in keys:
+        args += ["-k", key]
+    return subprocess.run([*args, "127.0.0.1", str(site.pas.port)], env=DCMTK_ENV,
+                          capture_output=True, text=True, timeout=120)
+
+
+def final_counts(stderr: str, kind: str) -> dict[str, int]:
+    """The sub-operation counts of the final C-MOVE/C-GET response, as DCMTK printed them
+    (-d): what pynetdicom told the viewer."""
+    marker = {"Move": "Received Final Move Response",
+              "Get": "Final status report from last C-GET message"}[kind]
+    final = stderr.split(marker)
+    assert len(final) == 2, stderr[-3000:]
+    counts = {}
+    for name in ("Completed", "Failed", "Warning"):
+        found = re.search(rf"{name} Suboperations\s*:\s*(\d+)", final[1])
+        counts[name.lower()] = int(found.group(1)) if found else 0
+    return counts
+
+
+def test_move_to_a_destination_refusing_a_sop_class_audits_the_failed_ones(
+        site: Site) -> None:
+    """10 images, 3 CT the destination has no presentation context for: was "success, 10
+    instances"."""
+    _, ct = _ct_study()
+    mr = _mr_images(7)
+    before = len(site.retrieves())
+    result = movescu(site, ["QueryRetrieveLevel=IMAGE", "SOPInstanceUID=" + "\\".join(ct + mr)],
+                     "MRONLY")
+    row = site.next_retrieve(before)
+    assert row["outcome"] == ("failure: 3 of 10 instances not stored by MRONLY (no "
+                              "presentation context accepted for CT Image Storage)")
+    assert row["detail"] == "C-MOVE to MRONLY: 7 completed, 3 failed, 0 warning"
+    assert row["actor"] == "VIEWER"
+    assert _received(site.mr_only.files()) == set(mr)
+    assert final_counts(result.stderr, "Move") == {"completed": 7, "failed": 3, "warning": 0}
+
+
+def test_move_of_a_study_the_destination_refuses_entirely_names_the_refusal(
+        site: Site) -> None:
+    """Every context rejected: pynetdicom aborts the sub-association and answers 0xA801,
+    as for a destination that is down; the audit row says which it was."""
+    study, _ = _ct_study()
+    before = len(site.retrieves())
+    movescu(site, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}"], "MRONLY")
+    row = site.next_retrieve(before)
+    assert row["outcome"].startswith("failure: C-MOVE to MRONLY at 127.0.0.1:")
+    assert row["outcome"].endswith("did not complete (the destination accepted no "
+                                   "presentation context; refused: CT Image Storage)")
+    assert row["detail"] == "C-MOVE to MRONLY: 0 completed, 0 failed, 0 warning, 3 not sent"
+    assert not _received(site.mr_only.files()) & set(_ct_study()[1])
+
+
+def test_move_to_a_destination_rejecting_the_association_says_so(site: Site) -> None:
+    study, _ = _ct_study()
+    before = len(site.retrieves())
+    result = movescu(site, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}"],
+                     "REFUSING")
+    assert "Refused: MoveDestinationUnknown" in result.stderr, result.stderr[-2000:]
+    row = site.next_retrieve(before)
+    assert row["outcome"].startswith("failure: C-MOVE to REFUSING at 127.0.0.1:")
+    assert row["outcome"].endswith("did not complete (the destination rejected the "
+                                   "association)")
+    assert row["detail"] == "C-MOVE to REFUSING: 0 completed, 0 failed, 0 warning, 3 not sent"
+
+
+def test_move_to_a_full_disk_audits_what_was_stored(site: Site) -> None:
+    """storescp answers 0xA700 once its 1 MiB disk is full: was "success, 20 instances"."""
+    mr = _mr_images(20)
+    before = len(site.retrieves())
+    result = movescu(site, ["QueryRetrieveLevel=IMAGE", "SOPInstanceUID=" + "\\".join(mr)],
+                     "FULLDISK")
+    row = site.next_retrieve(before)
+    stored = _received(site.full.files())
+    assert stored <= set(mr) and 0 < len(stored) < 20, len(stored)
+    failed = 20 - len(stored)
+    assert row["outcome"] == (f"failure: {failed} of 20 instances not stored by FULLDISK "
+                              "(0xA700 out of resources)")
+    assert row["detail"] == f"C-MOVE to FULLDISK: {len(stored)} completed, {failed} failed, " \
+                            "0 warning"
+    assert final_counts(result.stderr, "Move") == {
+        "completed": len(stored), "failed": failed, "warning": 0}
+
+
+def test_move_of_a_study_audits_its_completed_count(site: Site) -> None:
+    study, sops = _ct_study()
+    for old in site.scp.files():
+        old.unlink()
+    before = len(site.retrieves())
+    result = movescu(site, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}"],
+                     "STORESCP")
+    row = site.next_retrieve(before)
+    assert row["outcome"] == "success"
+    assert row["detail"] == "C-MOVE to STORESCP: 3 completed, 0 failed, 0 warning"
+    assert study in row["target"]
+    assert _received(site.scp.files()) == set(sops)
+    assert final_counts(result.stderr, "Move") == {"completed": 3, "failed": 0, "warning": 0}
+
+
+def test_move_matching_nothing_is_a_success_of_nothing(site: Site) -> None:
+    """pynetdicom answers a retrieve of 0 instances itself and never resumes the handler:
+    this was audited "did not complete (destination unreachable...)"."""
+    before = len(site.retrieves())
+    movescu(site, ["QueryRetrieveLevel=STUDY", "StudyInstanceUID=1.2.826.0.1.3680043.9.7"],
+            "STORESCP")
+    row = site.next_retrieve(before)
+    assert row["outcome"] == "success"
+    assert row["detail"] == "C-MOVE to STORESCP: 0 completed, 0 failed, 0 warning"
+
+
+def test_cancelled_move_is_audited_as_cancelled_with_what_was_stored(site: Site) -> None:
+    """movescu cancels after the first Pending response of a 520-image move: was audited
+    "did not complete (destination unreachable or association lost)"."""
+    for old in site.scp.files():
+        old.unlink()
+    before = len(site.retrieves())
+    result = movescu(site, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={_mr_study()}"],
+                     "STORESCP", "--cancel", "1")
+    row = site.next_retrieve(before)
+    assert row["outcome"] == "cancelled", (row, result.stderr[-2000:])
+    found = re.fullmatch(r"C-MOVE to STORESCP: (\d+) completed, 0 failed, 0 warning, "
+                         r"(\d+) not sent", row["detail"])
+    assert found, row["detail"]
+    completed, not_sent = int(found.group(1)), int(found.group(2))
+    assert completed + not_sent == 520 and not_sent > 0
+    assert len(site.scp.files()) == completed
+
+
+def getscu(site: Site, keys: list[str], out: Path,
+           disk_kb: int | None = None) -> subprocess.CompletedProcess[str]:
+    """getscu storing into ``out``; with ``disk_kb`` it writes to a tmpfs of that size,
+    whose files are copied to ``out`` once it has ended."""
+    out.mkdir(parents=True, exist_ok=True)
+    args = ["getscu", "-d", "-S", "-aet", "VIEWER", "-aec", "PAS"]
+    for key in keys:
+        args += ["-k", key]
+    args += ["127.0.0.1", str(site.pas.port)]
+    if disk_kb is None:
+        argv = [*args, "-od", str(out)]
+    else:
+        disk = out.parent / f"{out.name}-disk"
+        disk.mkdir()
+        keep = 'getscu "$@"; rc=$?; cp -a "$DISK"/. "$KEEP"/; exit $rc'
+        argv = on_small_disk(disk, disk_kb, ["sh", "-c", keep, "getscu", *args[1:],
+                                             "-od", str(disk)])
+        return subprocess.run(argv, env={**DCMTK_ENV, "DISK": str(disk), "KEEP": str(out)},
+                              capture_output=True, text=True, timeout=120)
+    return subprocess.run(argv, env=DCMTK_ENV, capture_output=True, text=True, timeout=120)
+
+
+def test_get_of_a_study_audits_its_completed_count(site: Site, tmp_path: Path) -> None:
+    before = len(site.retrieves())
+    result = getscu(site, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={_mr_study()}"],
+                    tmp_path / "get")
+    row = site.next_retrieve(before)
+    assert row["outcome"] == "success"
+    assert row["detail"] == "C-GET: 520 completed, 0 failed, 0 warning"
+    assert len(_received(sorted(p for p in (tmp_path / "get").iterdir()))) == 520
+    assert final_counts(result.stderr, "Get") == {"completed": 520, "failed": 0, "warning": 0}
+
+
+def test_get_into_a_full_disk_audits_what_the_viewer_stored(site: Site,
+                                                            tmp_path: Path) -> None:
+    """getscu answers 0xC000 for the first image its full disk cannot take, then stops the
+    C-GET (it releases while PAS is sending the next): was "failure: C-GET did not complete"
+    with no count at all, and that row came only at the next garbage collection."""
+    mr = _mr_images(20)
+    before = len(site.retrieves())
+    result = getscu(site, ["QueryRetrieveLevel=IMAGE", "SOPInstanceUID=" + "\\".join(mr)],
+                    tmp_path / "get-full", disk_kb=SMALL_DISK_KB)
+    assert "cannot write DICOM file" in result.stderr, result.stderr[-2000:]
+    row = site.next_retrieve(before)
+    stored = _received(sorted(p for p in (tmp_path / "get-full").iterdir()))
+    assert stored <= set(mr) and 0 < len(stored) < 20, (len(stored), result.stderr[-2000:])
+    assert row["outcome"] == (f"failure: C-GET did not complete (association lost); "
+                              f"{20 - len(stored)} of 20 instances not stored by VIEWER "
+                              "(0xC000 cannot understand)")
+    found = re.fullmatch(rf"C-GET: {len(stored)} completed, (\d+) failed, 0 warning, "
+                         r"(\d+) not sent", row["detail"])
+    assert found, row["detail"]
+    assert int(found.group(1)) >= 1 and int(found.group(1)) + int(found.group(2)) == \
+        20 - len(stored)
