@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sqlite3
 import subprocess
 import time
@@ -88,6 +89,14 @@ def test_unreachable_dicom_node_waits_uncounted_then_gets_the_study(pas_factory,
     storescu(CT_PATIENT, pas.port)
     job = _waited_uncounted(pas, "pacs")
     assert f"no connection to PACS@127.0.0.1:{scp.port}" in job["last_error"]
+    # The journal of an outage: one warning when it begins, each later try as information,
+    # and none of pynetdicom's per-try connect errors (which name no destination).
+    log_text = pas.log()
+    tries = [line for line in log_text.splitlines() if "to pacs: destination unreachable" in line]
+    assert len(tries) > MAX_ATTEMPTS
+    assert [" WARNING " in line for line in tries].count(True) == 1, tries
+    assert "unable to connect to remote" not in log_text
+    assert "TCP Initialisation Error" not in log_text
     # What an operator reads (a terminal wide enough for the table not to wrap its cells).
     listing = subprocess.run([str(PAS_BIN), "queue", "list"], env={**pas.env, "COLUMNS": "200"},
                              capture_output=True, text=True, timeout=60).stdout
@@ -107,6 +116,8 @@ def test_unreachable_dicom_node_waits_uncounted_then_gets_the_study(pas_factory,
         assert set(sent) == {sop_uid(p) for p in CT_PATIENT}
         assert received == sent  # each instance once, bit for bit
         assert pas.status()["links"]["pacs"]["state"] == "up"
+        assert re.search(r" WARNING .*destination pacs reachable again: \d+ jobs? waiting",
+                         pas.log()), pas.log()[-2000:]
     finally:
         scp.stop()
 

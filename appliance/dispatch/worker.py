@@ -34,6 +34,7 @@ from appliance.store import jobs as job_store
 from appliance.store import uplink as uplink_store
 from appliance.store.db import Database, now
 from appliance.store.spool import Spool
+from appliance.words import counted
 
 log = logging.getLogger("pas.dispatch")
 
@@ -77,9 +78,13 @@ class Dispatcher:
             down_for = self._down_for(job, getattr(target, "name", job.destination))
             delay = link_delay(queue, down_for)
             job_store.wait_for_link(self.db, job.id, owner, str(exc), now() + delay)
-            log.warning("job %d to %s: destination unreachable for %.1fs, the job waits for it "
-                        "(next try in %.1fs, not counted as an attempt): %s", job.id,
-                        job.destination, down_for, delay, exc, extra=extra)
+            # A weekend's outage is hundreds of tries: the first of a local destination's
+            # outage is the warning, the others are information (``pas status`` shows the
+            # link down and the jobs waiting meanwhile).
+            level = logging.WARNING if job.kind == "hub" or down_for == 0 else logging.INFO
+            log.log(level, "job %d to %s: destination unreachable for %.1fs, the job waits for "
+                    "it (next try in %.1fs, not counted as an attempt): %s", job.id,
+                    job.destination, down_for, delay, exc, extra=extra)
         except Exception as exc:
             delay = next_delay(queue, job.attempts)
             retry_at = None if delay is None else now() + delay
@@ -119,8 +124,8 @@ class Dispatcher:
             was_down = self._unreachable_since.pop(job.destination, None) is not None
         if was_down:
             woken = job_store.wake_waiting_for_link(self.db, job.kind, job.destination)
-            log.info("destination %s reachable again: %d job(s) waiting for it due now",
-                     job.destination, woken)
+            log.warning("destination %s reachable again: %s waiting for it due now",
+                        job.destination, counted(woken, "job"))
             self.wake.set()
 
     def start(self) -> None:
