@@ -201,6 +201,11 @@ def test_move_to_a_destination_rejecting_the_association_says_so(site: Site) -> 
     assert row["outcome"].endswith("did not complete (the destination rejected the "
                                    "association)")
     assert row["detail"] == "C-MOVE to REFUSING: 0 completed, 0 failed, 0 warning, 3 not sent"
+    # The journal says it too (pynetdicom's own connect errors are not logged: logs.py).
+    assert re.search(r" WARNING .*retrieve by \S+: failure: C-MOVE to REFUSING at "
+                     r"127\.0\.0\.1:\d+ did not complete \(the destination rejected the "
+                     r"association\); C-MOVE to REFUSING: 0 completed", site.pas.log()), \
+        site.pas.log()[-2000:]
 
 
 def test_move_to_a_full_disk_audits_what_was_stored(site: Site) -> None:

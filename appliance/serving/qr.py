@@ -318,6 +318,7 @@ class QueryRetrieveService:
                            f"not complete ({why})")
             self._audit("retrieve", calling, address, summary, outcome,
                         detail=tally.detail(what))
+            _log_failed_retrieve(calling, outcome, tally.detail(what))
 
     def on_get(self, event: Any) -> Iterator[Any]:
         calling, address = _peer(event)
@@ -341,6 +342,7 @@ class QueryRetrieveService:
                 unfinished="failure: C-GET did not complete (association lost)")
             self._audit("retrieve", calling, address, summary, outcome,
                         detail=tally.detail("C-GET"))
+            _log_failed_retrieve(calling, outcome, tally.detail("C-GET"))
 
     def _sub_operations(self, event: Any, rows: list[Any], accepted: set[tuple[str, str]],
                         tally: SubOperationTally) -> Iterator[Any]:
@@ -380,6 +382,13 @@ class QueryRetrieveService:
                          outcome=outcome, detail=text or None)
         except Exception:  # the audit must not take a viewer's association down
             log.exception("audit record failed")
+
+
+def _log_failed_retrieve(calling: str, outcome: str, detail: str) -> None:
+    """A retrieve that did not deliver everything is in the journal too, not only in the
+    audit: it is what IT looks for when a radiologist says "the study never came"."""
+    if outcome.startswith("failure"):
+        log.warning("retrieve by %s: %s; %s", calling, outcome, detail)
 
 
 def reactor_takes_no_messages(assoc: Any) -> None:
