@@ -11,6 +11,7 @@ tests are about triggers, not fetching (see test_prefetch_acceptance.py).
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -276,5 +277,5 @@ def test_hl7_port_taken_is_reported_and_dicom_keeps_serving(
         assert pas.status()["instances"] == 1
         # Not enrolled, no DICOMweb region: a new study schedules no prefetch that could
         # only fail.
-        wait_for(lambda: "stable: 1 instances" in pas.log(), 30, what="the study routed")
+        wait_for(lambda: re.search(r"stable: 1 instance\b", pas.log()), 30, what="the study routed")
         assert requests(pas) == []

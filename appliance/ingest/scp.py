@@ -26,6 +26,7 @@ from appliance.ingest.receive import Receiver, StorageFailure
 from appliance.ops.security import AssociationRateLimiter, server_context
 from appliance.store import audit
 from appliance.store.spool import SpoolFull
+from appliance.words import counted
 
 log = logging.getLogger("pas.ingest")
 
@@ -308,7 +309,7 @@ class DicomListener:
                          source=requestor.address,
                          target=",".join(sorted(note["studies"]))[:4000] or None,
                          outcome="success" if not refused else f"failure: {refused} refused",
-                         detail=f"{note['stored']} instances stored, {refused} refused")
+                         detail=f"{counted(note['stored'], 'instance')} stored, {refused} refused")
         except Exception:  # the audit must not break the association's end
             log.exception("audit record failed")
 

@@ -17,6 +17,7 @@ from appliance.routing.rules import routes_for
 from appliance.store import index
 from appliance.store import jobs as job_store
 from appliance.store.db import Database, now
+from appliance.words import counted
 
 log = logging.getLogger("pas.routing")
 
@@ -76,9 +77,9 @@ class Router:
                 log.exception("on-stable callback failed for study %d", study_fk)
         study_uid = rows[0]["study_uid"]
         if new_jobs:
-            log.info("study %s stable: %d instances -> %s", study_uid, len(rows),
+            log.info("study %s stable: %s -> %s", study_uid, counted(len(rows), "instance"),
                      ", ".join(j.destination for j in new_jobs), extra={"STUDY_UID": study_uid})
         else:
-            log.info("study %s stable: %d instances, no destination (kept locally)",
-                     study_uid, len(rows), extra={"STUDY_UID": study_uid})
+            log.info("study %s stable: %s, no destination (kept locally)",
+                     study_uid, counted(len(rows), "instance"), extra={"STUDY_UID": study_uid})
         return len(new_jobs)
