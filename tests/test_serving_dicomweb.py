@@ -12,6 +12,7 @@ import datetime
 import hashlib
 import io
 import ipaddress
+import re
 import sqlite3
 import ssl
 from collections.abc import Iterator
@@ -473,3 +474,44 @@ def test_wado_rs_serves_a_big_endian_instance_in_little_endian(pas: PasProcess) 
     assert received.SOPInstanceUID == original.SOPInstanceUID
     assert np.array_equal(received.pixel_array, original.pixel_array)
     assert not [p for p in (pas.home / "spool" / "tmp").glob("*") if p.stat().st_size]
+
+
+def _retrieve_rows_after(pas: PasProcess, last_id: int) -> list[sqlite3.Row]:
+    conn = sqlite3.connect(pas.home / "pas.sqlite")
+    conn.row_factory = sqlite3.Row
+    try:
+        return conn.execute("SELECT * FROM audit WHERE event = 'retrieve' AND id > ? "
+                            "ORDER BY id", (last_id,)).fetchall()
+    finally:
+        conn.close()
+
+
+def test_wado_rs_audit_row_says_what_the_viewer_was_sent(pas: PasProcess) -> None:
+    """Written when the answer is over, not before its first byte: a viewer that went away
+    after a few instances was audited "success, 520 instances"."""
+    study = str(_headers(MR_DIR)[0].StudyInstanceUID)
+    url = f"http://127.0.0.1:{pas.http_port}/dicom-web/studies/{study}"
+    accept = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
+    last = max([0] + [r["id"] for r in _retrieve_rows_after(pas, 0)])
+    # A viewer that reads 2 MB of the 45 MB study and closes its connection.
+    with httpx.stream("GET", url, headers=accept, timeout=60) as response:
+        assert response.status_code == 200
+        taken = 0
+        for chunk in response.iter_raw():
+            taken += len(chunk)
+            if taken > 2 * 1024 * 1024:
+                break
+    [cut] = wait_for(lambda: _retrieve_rows_after(pas, last) or None, 30,
+                     what="the audit row of the retrieve cut short")
+    found = re.fullmatch(r"failure: the client went away before the end, after (\d+) of "
+                         r"520 instances", cut["outcome"])
+    assert found, cut["outcome"]
+    assert 0 < int(found.group(1)) < 520
+    assert cut["detail"] == f"{found.group(1)} of 520 instances (WADO-RS)"
+    assert study in cut["target"]
+    # Read to its end: a success of every instance.
+    response = httpx.get(url, headers=accept, timeout=120)
+    assert response.status_code == 200 and len(_dicom_parts(response)) == 520
+    [whole] = wait_for(lambda: _retrieve_rows_after(pas, cut["id"]) or None, 30,
+                       what="the audit row of the whole retrieve")
+    assert (whole["outcome"], whole["detail"]) == ("success", "520 instances (WADO-RS)")

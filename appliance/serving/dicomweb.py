@@ -39,6 +39,7 @@ from appliance.ingest.attributes import InvalidInstance
 from appliance.serving.dicomweb_http import (
     CHUNK,
     ClosingStream,
+    ReportedEnd,
     _boundary,
     _file_part,
     _int_param,
@@ -283,14 +284,27 @@ class DicomWeb:
             syntaxes = [part_syntax(wanted, row["transfer_syntax_uid"]) for row in rows]
         except HttpProblem as exc:
             return _problem(exc)
-        self._audit(request, "retrieve", actor, "/".join(request.path_params.values()),
-                    "success", f"{counted(len(rows), 'instance')} (WADO-RS)")
-        boundary = secrets.token_hex(16)
-        return ClosingStream(self._multipart(rows, boundary, syntaxes), media_type=(
-            f'multipart/related; type="application/dicom"; boundary={boundary}'))
+        target, sent = "/".join(request.path_params.values()), [0]
 
-    def _multipart(self, rows: list[Any], boundary: str,
-                   syntaxes: list[str]) -> Iterator[bytes]:
+        def ended(problem: str | None) -> None:
+            """The audit row, once the answer is over: what the viewer was sent."""
+            if problem is None:
+                self._audit(request, "retrieve", actor, target, "success",
+                            f"{counted(len(rows), 'instance')} (WADO-RS)")
+            else:
+                self._audit(request, "retrieve", actor, target,
+                            f"failure: {problem}, after {sent[0]} of "
+                            f"{counted(len(rows), 'instance')}",
+                            f"{sent[0]} of {counted(len(rows), 'instance')} (WADO-RS)")
+
+        boundary = secrets.token_hex(16)
+        return ClosingStream(ReportedEnd(self._multipart(rows, boundary, syntaxes, sent), ended),
+                             media_type=('multipart/related; type="application/dicom"; '
+                                         f"boundary={boundary}"))
+
+    def _multipart(self, rows: list[Any], boundary: str, syntaxes: list[str],
+                   sent: list[int]) -> Iterator[bytes]:
+        """The parts; ``sent[0]`` counts those whose last bytes the server took."""
         for row, syntax in zip(rows, syntaxes, strict=True):
             yield (f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={syntax}"
                    "\r\n\r\n").encode()
@@ -304,6 +318,7 @@ class DicomWeb:
                     while chunk := handle.read(CHUNK):
                         yield chunk
             yield b"\r\n"
+            sent[0] += 1
         yield f"--{boundary}--\r\n".encode()
 
     async def metadata(self, request: Request) -> Response:

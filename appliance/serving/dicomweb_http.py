@@ -6,7 +6,8 @@ Owns: QIDO-RS parameter names to keywords (:func:`_keyword`) and integer paramet
 multipart boundary (:func:`_boundary`), the JSON answer to an :class:`HttpProblem`
 (:func:`_problem`), multipart/related octet-stream answers (:func:`_octet_parts` in memory,
 :func:`_file_part` streamed from a file a megabyte at a time), the streamed answer that
-closes its body however it ends (:class:`ClosingStream`) and a STOW-RS response's SOP items
+closes its body however it ends (:class:`ClosingStream`), the body that reports how it ended
+(:class:`ReportedEnd`, for the audit row the handler writes) and a STOW-RS response's SOP items
 (:func:`_sop_item`). Split from ``dicomweb.py``, which keeps the handlers (QIDO-RS,
 WADO-RS, STOW-RS), the routes, the bearer-token check and the audit. May not touch: SQL,
 spool writes (a file part only reads the path it is given), the audit, the handlers' state.
@@ -17,7 +18,8 @@ from __future__ import annotations
 import contextlib
 import re
 import secrets
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -90,6 +92,48 @@ class ClosingStream(StreamingResponse):
             if close is not None:
                 with contextlib.suppress(ValueError):  # "generator already executing"
                     close()
+
+
+class ReportedEnd:
+    """A streamed body that calls ``ended`` once, when the answer is over: with None when
+    its last byte was taken, or with what cut it short (the client went away, a file could
+    not be read). The access audit of a WADO-RS retrieve is written there, with what was
+    sent: written before the first byte, it said "success" for studies the viewer never got.
+    Closed by :class:`ClosingStream` however the answer ends, unstarted bodies included."""
+
+    def __init__(self, chunks: Iterator[bytes], ended: Callable[[str | None], None]):
+        self._chunks = chunks
+        self._ended = ended
+        self._lock = threading.Lock()
+        self._reported = False
+
+    def __iter__(self) -> ReportedEnd:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            return next(self._chunks)
+        except StopIteration:
+            self._report(None)
+            raise
+        except Exception as exc:
+            self._report(f"the answer failed while it was sent: {exc}")
+            raise
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._chunks, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._report("the client went away before the end")
+
+    def _report(self, problem: str | None) -> None:
+        with self._lock:
+            if self._reported:
+                return
+            self._reported = True
+        self._ended(problem)
 
 
 def _octet_parts(blobs: list[bytes]) -> Response:
