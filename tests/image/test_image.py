@@ -224,3 +224,76 @@ def test_first_boot_enrols_on_the_configuration_the_unit_runs_on(
     (unit_config,) = re.findall(r"^ExecStart=/usr/bin/pas run --config (\S+)$", unit, re.M)
     assert command[command.index("enroll"):] == [
         "enroll", "--config", unit_config, "--hub", "https://hub.example:8443", "--token", "T"]
+
+
+def test_first_boot_writes_the_site_once_and_only_retries_the_enrolment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No VM needed. A first boot whose enrolment failed (the hub not reachable yet) ran whole
+    again at every boot: /etc/pas/appliance.toml, the network and the firewall sets were
+    written again from the seed, undoing what IT had changed since. Now the site's files are
+    written once; later boots only enrol, with the seed's hub kept root-only until then; an
+    appliance enrolled by hand meanwhile counts as enrolled."""
+    import importlib.machinery
+    import importlib.util
+
+    script = ROOT / "image" / "rootfs" / "usr" / "local" / "sbin" / "pas-firstboot"
+    loader = importlib.machinery.SourceFileLoader("pas_firstboot", str(script))
+    spec = importlib.util.spec_from_loader("pas_firstboot", loader)
+    assert spec is not None
+    firstboot = importlib.util.module_from_spec(spec)
+    loader.exec_module(firstboot)
+    etc, home = tmp_path / "etc", tmp_path / "var"
+    etc.mkdir()
+    for name, value in (("CONFIG", etc / "appliance.toml"), ("HOME", str(home)),
+                        ("MARKER", home / ".firstboot-done"),
+                        ("CONFIGURED", etc / ".firstboot-configured"),
+                        ("PENDING_HUB", etc / "firstboot-hub.toml")):
+        monkeypatch.setattr(firstboot, name, value)
+    seed = {"site": "SITE-A", "known_aes": ["CT1"],
+            "hub": {"url": "https://hub.example:8443", "token": "SITE-A.SECRET"}}
+    seeds_read: list[int] = []
+    monkeypatch.setattr(firstboot, "load_seed", lambda: seeds_read.append(1) or seed)
+    written: list[str] = []
+    for step in ("write_network", "write_firewall", "write_ssh"):
+        monkeypatch.setattr(firstboot, step, lambda _seed, step=step: written.append(step))
+    hub_up = {"up": False}
+    enrolments: list[list[str]] = []
+
+    def run(command: list[str], **_kwargs: object) -> subprocess.CompletedProcess[str]:
+        if "enroll" in command:
+            enrolments.append(command)
+            if not hub_up["up"]:
+                return subprocess.CompletedProcess(command, 1, "", "hub unreachable")
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(firstboot.subprocess, "run", run)
+
+    firstboot.main()  # first boot: the hub cannot be reached yet
+    assert not firstboot.MARKER.exists() and firstboot.CONFIGURED.exists()
+    assert written == ["write_network", "write_firewall", "write_ssh"]
+    assert firstboot.PENDING_HUB.stat().st_mode & 0o777 == 0o600
+    config = firstboot.CONFIG.read_text()
+    assert 'title = "CT1"' in config
+    firstboot.CONFIG.write_text(config.replace('title = "CT1"', 'title = "CT1" }, { title = "MR2"'))
+    changed = firstboot.CONFIG.read_text()
+
+    firstboot.main()  # second boot: still unreachable, IT's change kept
+    hub_up["up"] = True
+    firstboot.main()  # third boot: enrolled
+    assert seeds_read == [1] and written == ["write_network", "write_firewall", "write_ssh"]
+    assert firstboot.CONFIG.read_text() == changed
+    assert len(enrolments) == 3
+    assert all(c[-4:] == ["--hub", "https://hub.example:8443", "--token", "SITE-A.SECRET"]
+               for c in enrolments)
+    assert firstboot.MARKER.exists() and not firstboot.PENDING_HUB.exists()
+
+    # Enrolled by hand after a failed first boot: the next boot does not enrol again.
+    for path in (firstboot.MARKER, firstboot.CONFIGURED):
+        path.unlink()
+    hub_up["up"] = False
+    firstboot.main()
+    assert not firstboot.MARKER.exists()
+    (home / "pki").mkdir(parents=True)
+    (home / "pki" / "hub.json").write_text("{}")
+    firstboot.main()
+    assert firstboot.MARKER.exists() and len(enrolments) == 4
