@@ -303,3 +303,53 @@ def test_hub_run_on_a_taken_port_says_so_in_one_line(tmp_path: Path) -> None:
     assert "hub serving on" not in output and "error while attempting to bind" not in output
     assert "Traceback" not in output
     assert interrupted.is_dir()  # nothing of the start-up ran
+
+
+def test_enroll_replace_puts_a_new_certificate_in_place_only_once_the_hub_issued_it(
+        hub: HubProcess, tmp_path: Path) -> None:
+    """``pas doctor`` said "enrol again: pas enroll" for a revoked or expiring certificate,
+    and ``pas enroll`` refused an enrolled appliance with no way forward. ``--replace``
+    enrols again; a refused token leaves the old enrolment whole."""
+    home = tmp_path / "site"
+    assert _pas_enroll(home, hub.url, hub.token("RENEW", cli=True)).returncode == 0
+    old = load_enrolment(home)
+    assert old is not None
+    old_files = {p.name: p.read_bytes() for p in old.pki_dir.iterdir()}
+    hub.cli("revoke", "RENEW")
+    with client(old) as http:
+        assert http.get("/api/v1/whoami").status_code == 403
+
+    def pas_enroll(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(PAS_BIN), "enroll", "--hub", hub.url, *args],
+                              env={**os.environ, "PAS_HOME": str(home)},
+                              capture_output=True, text=True, timeout=60)
+
+    token = hub.token("RENEW", cli=True)
+    refused = pas_enroll("--token", token)
+    assert refused.returncode == 1 and "already enrolled" in refused.stderr
+    assert "--replace" in refused.stderr
+    site, _secret, cafp = token.split(".")
+    forged = pas_enroll("--token", f"{site}.{'A' * 32}.{cafp}", "--replace")
+    assert forged.returncode == 1 and "403" in forged.stderr
+    assert {p.name: p.read_bytes() for p in old.pki_dir.iterdir()} == old_files
+    assert sorted(p.name for p in home.iterdir()) == ["pki"]
+
+    replaced = pas_enroll("--token", token, "--replace")  # not spent by the refusal above
+    assert replaced.returncode == 0, replaced.stdout + replaced.stderr
+    assert "restart PAS" in replaced.stdout
+    new = load_enrolment(home)
+    assert new is not None and new.site == "RENEW"
+    assert (new.pki_dir / "client.crt").read_bytes() != old_files["client.crt"]
+    for name in ("client.key", "client.crt", "ca.crt", "hub.json"):
+        assert stat.S_IMODE((new.pki_dir / name).stat().st_mode) == 0o600, name
+    assert sorted(p.name for p in home.iterdir()) == ["pki"]  # no .new, no .old left
+    with client(new) as http:
+        answer = http.get("/api/v1/whoami")
+        assert answer.status_code == 200 and answer.json() == {"site": "RENEW"}
+
+    # A crash between moving the old folder aside and the new one in: the new one is used.
+    (home / "pki").rename(home / "pki.new")
+    recovered = load_enrolment(home)
+    assert recovered is not None and (home / "pki" / "hub.json").exists()
+    assert (recovered.pki_dir / "client.crt").read_bytes() == \
+        (new.pki_dir / "client.crt").read_bytes()

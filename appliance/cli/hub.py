@@ -186,7 +186,12 @@ def hub_run(config: Path | None = HubConfigOption) -> None:
 
 def enroll(hub: str = typer.Option(..., "--hub", help="https://host:port of the hub"),
            token: str = typer.Option(..., "--token", help="from `pas hub token SITE`"),
-           config: Path | None = ConfigOption) -> None:
+           config: Path | None = ConfigOption,
+           replace: bool = typer.Option(
+               False, "--replace",
+               help="enrol again over an existing enrolment (a revoked or expiring "
+                    "certificate, a new token); the old one stays until the hub answered")
+           ) -> None:
     """Enrol this appliance with its regional hub (key, CSR, pinned CA; files 0600)."""
     # --config as for pas run: the enrolment goes under the home of the configuration the
     # daemon will run on (an IT account with /etc/pas/appliance.toml had to set PAS_CONFIG).
@@ -196,9 +201,11 @@ def enroll(hub: str = typer.Option(..., "--hub", help="https://host:port of the 
 
     home = settings_or_exit(lambda: load_settings(config)).home
     try:
-        enrolment = do_enroll(home, hub, token)
+        enrolment = do_enroll(home, hub, token, replace=replace)
     except EnrolmentError as exc:
         err.print(f"[red]enrolment failed:[/red] {exc}")
         raise typer.Exit(1) from None
     console.print(f"enrolled as site {enrolment.site} with {enrolment.url}; "
                   f"files in {enrolment.pki_dir}")
+    if replace:
+        console.print("restart PAS to use the new certificate: systemctl restart pas")

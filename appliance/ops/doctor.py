@@ -29,6 +29,9 @@ Verdict = Literal["ok", "warn", "fail"]
 MAX_SKEW_WARN_S = 30.0
 MAX_SKEW_FAIL_S = 300.0
 HUB_TIMEOUT_S = 10.0
+# A certificate unusable or about to be: the hint an operator can follow as it is written
+# (``pas enroll`` alone refuses an appliance already enrolled).
+ENROL_AGAIN = "ask regional ops for a new token, then: pas enroll --replace --hub URL --token TOKEN"
 
 
 @dataclass
@@ -143,8 +146,7 @@ def check_enrolment(settings: Settings) -> list[Check]:
     try:
         enrolment = load_enrolment(settings.home)
     except EnrolmentError as exc:
-        return [Check("enrolment", "fail", str(exc), "enrol again: pas enroll --hub URL "
-                      "--token TOKEN")]
+        return [Check("enrolment", "fail", str(exc), ENROL_AGAIN)]
     if enrolment is None:
         return [Check("enrolment", "warn", "not enrolled with a regional hub",
                       "ask regional ops for a token, then: pas enroll --hub URL --token TOKEN")]
@@ -153,13 +155,13 @@ def check_enrolment(settings: Settings) -> list[Check]:
         days = certificate_days_left(settings.home)
     except (OSError, ValueError) as exc:
         return checks + [Check("certificate", "fail", f"unreadable: {exc}",
-                               "enrol again: pas enroll")]
+                               ENROL_AGAIN)]
     if days is None or days < 0:
         checks.append(Check("certificate", "fail", "client certificate missing or expired",
-                            "enrol again with a new token: pas enroll"))
+                            ENROL_AGAIN))
     elif days < 30:
         checks.append(Check("certificate", "warn", f"expires in {counted(round(days), 'day')}",
-                            "renew it before it expires: pas enroll with a new token"))
+                            f"renew it before it expires: {ENROL_AGAIN}"))
     else:
         checks.append(Check("certificate", "ok",
                             f"valid for {counted(round(days), 'more day')}"))
@@ -195,7 +197,7 @@ def check_hub(enrolment: object) -> list[Check]:
     else:
         checks.append(Check("hub", "fail", f"{url} answered {response.status_code}: "
                             f"{response.text[:200]}",
-                            "certificate revoked or unknown: enrol again (pas enroll)"))
+                            f"certificate revoked or unknown: {ENROL_AGAIN}"))
     date = response.headers.get("date")
     if date:
         skew = (sent + received) / 2 - parsedate_to_datetime(date).timestamp()

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import ssl
 import tempfile
 from dataclasses import dataclass
@@ -75,7 +76,35 @@ class Enrolment:
 
 
 def pki_dir(home: Path) -> Path:
-    return Path(home) / PKI_DIR
+    """The enrolment's folder; finishes a replacement a crash interrupted (see
+    :func:`_swap_in`): the new folder complete, the old one already moved aside."""
+    directory = Path(home) / PKI_DIR
+    staged = directory.with_name(directory.name + ".new")
+    if not directory.exists() and (staged / "hub.json").exists():
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(staged, directory)
+    return directory
+
+
+def _swap_in(staged: Path, directory: Path) -> None:
+    """Put a new enrolment's folder in place of the old one: old aside, new in, old gone.
+    A crash between the two renames leaves only the complete new folder, which
+    :func:`pki_dir` moves in; until the second rename the old enrolment stays whole."""
+    old = directory.with_name(directory.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(staged, directory)
+    _fsync_dir(directory.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def load_enrolment(home: Path) -> Enrolment | None:
@@ -122,11 +151,7 @@ def write_private(path: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
@@ -156,18 +181,23 @@ def _fetch_ca(url: str, cafp: str, timeout: float) -> bytes:
     return ca_pem
 
 
-def enroll(home: Path, url: str, token: str, timeout: float = 30.0) -> Enrolment:
+def enroll(home: Path, url: str, token: str, timeout: float = 30.0, *,
+           replace: bool = False) -> Enrolment:
     """Enrol this appliance: new key + CSR, pinned CA checked against the token, files 0600.
 
-    Refuses to overwrite an existing enrolment (delete ``pki/hub.json`` to enrol again).
+    Refuses to overwrite an existing enrolment unless ``replace`` (a certificate revoked or
+    about to expire, a new token from regional ops): the new files are then made beside the
+    old ones and swapped in only once the hub has issued the certificate, so a refused
+    token or an unreachable hub leaves the old enrolment as it was.
     """
     url = url.rstrip("/")
     if urlsplit(url).scheme != "https":
         raise EnrolmentError(f"hub URL must start with https://, got {url!r}")
     site, _secret, cafp = parse_token(token)
     directory = pki_dir(home)
-    if (directory / "hub.json").exists():
-        raise EnrolmentError(f"already enrolled ({directory / 'hub.json'} exists)")
+    if (directory / "hub.json").exists() and not replace:
+        raise EnrolmentError(f"already enrolled ({directory / 'hub.json'} exists): to enrol "
+                             "again with a new token, add --replace")
     ca_pem = _fetch_ca(url, cafp, timeout)
 
     key = ec.generate_private_key(ec.SECP256R1())
@@ -204,6 +234,8 @@ def enroll(home: Path, url: str, token: str, timeout: float = 30.0) -> Enrolment
     if len(transfer_key) != 32:
         raise EnrolmentError("hub transfer key is not a 32-byte X25519 public key")
 
+    final, directory = directory, directory.with_name(directory.name + ".new")
+    shutil.rmtree(directory, ignore_errors=True)  # a replacement a crash left half made
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(directory, 0o700)
     write_private(directory / "client.key", key.private_bytes(
@@ -215,6 +247,7 @@ def enroll(home: Path, url: str, token: str, timeout: float = 30.0) -> Enrolment
             "hub_transfer_key": base64.b64encode(transfer_key).decode(),
             "enrolled_at": datetime.now(UTC).isoformat(timespec="seconds")}
     write_private(directory / "hub.json", json.dumps(info, indent=2).encode())
+    _swap_in(directory, final)
     enrolment = load_enrolment(home)
     assert enrolment is not None
     return enrolment
