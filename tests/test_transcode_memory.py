@@ -33,7 +33,7 @@ from pydicom.uid import RLELossless, SecondaryCaptureImageStorage, generate_uid
 
 from tests.support.peers import DCMTK_ENV, PasProcess, StoreSCP, storescu, wait_for
 from tests.test_routing import jobs_of
-from tests.test_serving_memory import _growth
+from tests.test_serving_memory import _growth, _single_part
 
 FRAMES = 300
 SIDE = 1024  # 300 frames of 1 MiB: 300 MiB decoded
@@ -297,5 +297,22 @@ def test_a_send_cut_short_leaves_no_copy_behind(tmp_path: Path) -> None:
         assert _part_to_file(url, {}, received)[0] == 200
         _check_received(received, header.SOPInstanceUID, pixels_sha)
         _no_temp_copy(pas)
+    finally:
+        pas.stop()
+
+
+def test_bulk_data_of_a_300_mb_rle_object_is_decoded_a_frame_at_a_time(tmp_path: Path) -> None:
+    """/bulkdata/7FE00010 of compressed pixels (where /metadata's BulkDataURI points): every
+    frame decoded, as /frames gives them. It decoded the whole object, then copied it twice."""
+    pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true"}).start()
+    try:
+        _, header, pixels_sha = _stored(tmp_path, pas)
+        url = (f"http://127.0.0.1:{pas.http_port}/dicom-web/studies/{header.StudyInstanceUID}"
+               f"/series/{header.SeriesInstanceUID}/instances/{header.SOPInstanceUID}"
+               "/bulkdata/7FE00010")
+        growth, answer = _growth(pas, lambda: _single_part(url))
+        print(f"bulk data of a {FRAMES} MB RLE object: peak RSS +{growth:.0f} MB")
+        assert answer == (200, pixels_sha, FRAMES * SIDE * SIDE)
+        assert growth < BOUND_MB, growth
     finally:
         pas.stop()

@@ -47,9 +47,11 @@ from appliance.serving.dicomweb_http import (
     _octet_parts,
     _problem,
     _sop_item,
+    _stream_part,
 )
 from appliance.serving.stow_parts import Part, SpilledPart, answer_head, discard_parts, other_study
 from appliance.serving.wado_media import (
+    DecodedPixels,
     HttpProblem,
     accepted_syntaxes,
     frame_list,
@@ -356,9 +358,15 @@ class DicomWeb:
         except HttpProblem as exc:
             return _problem(exc)
         path = self.spool.path(rows[0]["path"])
-        size = data[1] if isinstance(data, tuple) else len(data)
+        size = (data[1] if isinstance(data, tuple) else data.size
+                if isinstance(data, DecodedPixels) else len(data))
         self._audit(request, "retrieve", actor, "/".join(request.path_params.values()),
                     "success", f"bulk data {size} bytes")
+        if isinstance(data, DecodedPixels):  # compressed pixels, decoded as they are sent
+            boundary = secrets.token_hex(16)
+            return ClosingStream(_stream_part(data.chunks(), boundary), media_type=(
+                'multipart/related; type="application/octet-stream"; '
+                f"boundary={boundary}"))
         if isinstance(data, tuple):  # a large value as stored: streamed from the file
             boundary = secrets.token_hex(16)
             return ClosingStream(_file_part(path, *data, boundary), media_type=(

@@ -5,7 +5,8 @@ Owns: QIDO-RS parameter names to keywords (:func:`_keyword`) and integer paramet
 (:func:`_int_param`, limit and offset, clamped to SQLite's integers), a STOW-RS request's
 multipart boundary (:func:`_boundary`), the JSON answer to an :class:`HttpProblem`
 (:func:`_problem`), multipart/related octet-stream answers (:func:`_octet_parts` in memory,
-:func:`_file_part` streamed from a file a megabyte at a time), the streamed answer that
+:func:`_file_part` streamed from a file a megabyte at a time, :func:`_stream_part` from any
+chunks), the streamed answer that
 closes its body however it ends (:class:`ClosingStream`), the body that reports how it ended
 (:class:`ReportedEnd`, for the audit row the handler writes) and a STOW-RS response's SOP items
 (:func:`_sop_item`). Split from ``dicomweb.py``, which keeps the handlers (QIDO-RS,
@@ -52,10 +53,21 @@ def _keyword(name: str) -> str:
     return keyword
 
 
+def _stream_part(chunks: Iterator[bytes], boundary: str) -> Iterator[bytes]:
+    """One application/octet-stream part made of ``chunks`` as they come, then the closing
+    boundary (the answer's length is not known before its last chunk)."""
+    yield f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n".encode()
+    yield from chunks
+    yield f"\r\n--{boundary}--\r\n".encode()
+
+
 def _file_part(path: Path, offset: int, length: int, boundary: str) -> Iterator[bytes]:
     """One application/octet-stream part: ``length`` bytes of ``path`` from ``offset``, a
     megabyte at a time, then the closing boundary."""
-    yield f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n".encode()
+    return _stream_part(_file_range(path, offset, length), boundary)
+
+
+def _file_range(path: Path, offset: int, length: int) -> Iterator[bytes]:
     with open(path, "rb") as handle:
         handle.seek(offset)
         left = length
@@ -65,7 +77,6 @@ def _file_part(path: Path, offset: int, length: int, boundary: str) -> Iterator[
                 raise OSError(f"{path}: {left} bytes short of the value's length")
             left -= len(chunk)
             yield chunk
-    yield f"\r\n--{boundary}--\r\n".encode()
 
 
 class ClosingStream(StreamingResponse):

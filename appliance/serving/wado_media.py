@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import numpy as np
 from PIL import Image
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR
-from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, iter_pixels, pixel_array
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -196,11 +197,26 @@ def _bulk_vr(ds: Any, tag: int, vr: str | None) -> str:
     return vr
 
 
-def read_bulkdata(path: Path, tag: int) -> bytes | tuple[int, int]:
+class DecodedPixels:
+    """Compressed Pixel Data served as /frames gives it (little-endian native pixels), every
+    frame in order, decoded one at a time as the answer is sent: decoded whole, a 300 MB RLE
+    multi-frame held its array and two copies of it. ``size``: the bytes it makes."""
+
+    def __init__(self, path: Path, size: int):
+        self.path = path
+        self.size = size
+
+    def chunks(self) -> Iterator[bytes]:
+        for array in iter_pixels(str(self.path)):
+            yield np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
+
+
+def read_bulkdata(path: Path, tag: int) -> bytes | tuple[int, int] | DecodedPixels:
     """The bytes of one top-level bulk data attribute (Pixel Data: every frame, decoded to
     little-endian native pixels when stored compressed, as /frames gives them). A large value
     stored as it is served is not read: (file offset, length) instead, for the caller to
-    stream from the file (a 300 MB Pixel Data took the daemon up by 1.2 GB)."""
+    stream from the file (a 300 MB Pixel Data took the daemon up by 1.2 GB); compressed Pixel
+    Data is a :class:`DecodedPixels`, decoded a frame at a time as it is sent."""
     ds = dcmread(path, defer_size=BULK_THRESHOLD)
     if tag not in ds:
         raise HttpProblem(404, f"the instance has no attribute {tag:08X}")
@@ -211,8 +227,9 @@ def read_bulkdata(path: Path, tag: int) -> bytes | tuple[int, int]:
         if where is not None and _bulk_vr(ds, tag, raw.VR) in BULK_VRS:
             return where
     if compressed_pixels:
-        array = pixel_array(str(path))
-        return np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        per_frame = ds.Rows * ds.Columns * ds.SamplesPerPixel * ds.BitsAllocated // 8
+        return DecodedPixels(path, frames * per_frame)
     value = ds[tag].value
     if not isinstance(value, bytes | bytearray):
         raise HttpProblem(404, f"attribute {tag:08X} is not bulk data")
