@@ -34,6 +34,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from appliance.store.spool import fsync_dir
+
 PKI_DIR = "pki"
 TOKEN_RE = re.compile(r"^(?P<site>[A-Za-z0-9][A-Za-z0-9_-]{0,63})\.(?P<secret>[A-Za-z0-9_-]{16,})"
                       r"\.(?P<cafp>[0-9a-f]{64})$")
@@ -95,16 +97,8 @@ def _swap_in(staged: Path, directory: Path) -> None:
     if directory.exists():
         os.replace(directory, old)
     os.replace(staged, directory)
-    _fsync_dir(directory.parent)
+    fsync_dir(directory.parent)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_dir(directory: Path) -> None:
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def load_enrolment(home: Path) -> Enrolment | None:
@@ -151,7 +145,7 @@ def write_private(path: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -160,18 +161,11 @@ def test_the_configuration_first_boot_writes_keeps_the_home_and_the_shipped_keys
     from the seed; it left out ``home``, so on every seeded appliance ``pas status`` in an
     administrator's shell read ./var (docs/operations.md says it reads /var/lib/pas), and
     dropped the shipped ``storage.min_free_mb``."""
-    import importlib.machinery
-    import importlib.util
     import tomllib
 
     from appliance.config import load_settings
 
-    script = ROOT / "image" / "rootfs" / "usr" / "local" / "sbin" / "pas-firstboot"
-    loader = importlib.machinery.SourceFileLoader("pas_firstboot", str(script))
-    spec = importlib.util.spec_from_loader("pas_firstboot", loader)
-    assert spec is not None
-    firstboot = importlib.util.module_from_spec(spec)
-    loader.exec_module(firstboot)
+    firstboot = _firstboot()
 
     seed = {"site": "CH-Exemple", "ae_title": "PAS", "known_aes": ["CT_URG", "MR1"]}
     written = tmp_path / "appliance.toml"
@@ -202,15 +196,7 @@ def test_first_boot_enrols_on_the_configuration_the_unit_runs_on(
     """No VM needed. pas-firstboot's ``pas enroll`` names the file pas.service's ``pas run``
     reads (``--config``), so the enrolment lands under the home the daemon uses, whatever the
     environment runuser passes on."""
-    import importlib.machinery
-    import importlib.util
-
-    script = ROOT / "image" / "rootfs" / "usr" / "local" / "sbin" / "pas-firstboot"
-    loader = importlib.machinery.SourceFileLoader("pas_firstboot", str(script))
-    spec = importlib.util.spec_from_loader("pas_firstboot", loader)
-    assert spec is not None
-    firstboot = importlib.util.module_from_spec(spec)
-    loader.exec_module(firstboot)
+    firstboot = _firstboot()
     commands: list[list[str]] = []
 
     def run(command: list[str], **_kwargs: object) -> subprocess.CompletedProcess[str]:
@@ -233,15 +219,7 @@ def test_first_boot_writes_the_site_once_and_only_retries_the_enrolment(
     written again from the seed, undoing what IT had changed since. Now the site's files are
     written once; later boots only enrol, with the seed's hub kept root-only until then; an
     appliance enrolled by hand meanwhile counts as enrolled."""
-    import importlib.machinery
-    import importlib.util
-
-    script = ROOT / "image" / "rootfs" / "usr" / "local" / "sbin" / "pas-firstboot"
-    loader = importlib.machinery.SourceFileLoader("pas_firstboot", str(script))
-    spec = importlib.util.spec_from_loader("pas_firstboot", loader)
-    assert spec is not None
-    firstboot = importlib.util.module_from_spec(spec)
-    loader.exec_module(firstboot)
+    firstboot = _firstboot()
     etc, home = tmp_path / "etc", tmp_path / "var"
     etc.mkdir()
     for name, value in (("CONFIG", etc / "appliance.toml"), ("HOME", str(home)),
@@ -297,3 +275,17 @@ def test_first_boot_writes_the_site_once_and_only_retries_the_enrolment(
     (home / "pki" / "hub.json").write_text("{}")
     firstboot.main()
     assert firstboot.MARKER.exists() and len(enrolments) == 4
+
+
+def _firstboot() -> Any:
+    """/usr/local/sbin/pas-firstboot as a module (a script without .py), to call its parts."""
+    import importlib.machinery
+    import importlib.util
+
+    script = ROOT / "image" / "rootfs" / "usr" / "local" / "sbin" / "pas-firstboot"
+    loader = importlib.machinery.SourceFileLoader("pas_firstboot", str(script))
+    spec = importlib.util.spec_from_loader("pas_firstboot", loader)
+    assert spec is not None
+    firstboot = importlib.util.module_from_spec(spec)
+    loader.exec_module(firstboot)
+    return firstboot
