@@ -39,10 +39,13 @@ CASES: dict[str, tuple[str, str]] = {
     "KR": ("\\ISO 2022 IR 149", KOREAN),
     # No Specific Character Set, Latin-1 bytes: read as Latin-1 (pydicom's default).
     "NOCS": ("raw:", "MÜLLER^Jürgen"),
+    # No Specific Character Set, UTF-8 bytes (what many modalities write): indexed as UTF-8.
+    "NOCS8": ("raw:", "GRÜNBERG^Aurélie"),
     # Declares UTF-8, holds Latin-1 bytes: kept as sent, indexed with replacement characters.
     "BADUTF8": ("raw:ISO_IR 192", "GAR\ufffdON^\ufffdmile"),
 }
 RAW_NAMES = {"NOCS": "MÜLLER^Jürgen".encode("latin-1"),
+             "NOCS8": "GRÜNBERG^Aurélie".encode(),
              "BADUTF8": "GARÇON^Émile".encode("latin-1")}
 DATES = {"LAT1": ("20200101", "083000"), "UTF8": ("20201231", "235959"),
          "ASCII": ("20191231", "120000"), "LEFEVRE": ("20210101", "000000"),
@@ -144,7 +147,8 @@ def test_person_name_matching_in_the_query_character_set(site: Site, charset: st
     cases = [("HÉL*", {"HELENE"}), ("hél*", {"HELENE"}), ("Hél*", {"HELENE"}),
              ("LEFEVRE*", {"LEFEVRE"}), ("LEFÈVRE*", {"LAT1"}), ("lefèvre*", {"LAT1"}),
              ("*zoë", {"UTF8"}), ("O'Brien^Zoë", {"UTF8"}), ("d'artagnan^charles", {"ASCII"}),
-             ("*Hélène", {"LAT1"}), ("hélène", set())]
+             ("*Hélène", {"LAT1"}), ("hélène", set()), ("grünberg^aur*", {"NOCS8"}),
+             ("*AURÉLIE", {"NOCS8"})]
     for asked, expected in cases:
         key = f"PatientName={asked}".encode(encoding)
         assert site.ids([key], charset=charset) == expected, (charset, asked)
@@ -163,6 +167,9 @@ def test_c_find_answers_in_the_character_set_of_the_query(site: Site) -> None:
         [(ds, raw)] = site.findscu(["PatientID=LAT1", "PatientName"], charset=charset)
         assert ds.SpecificCharacterSet == "ISO_IR 192"
         assert LATIN1.encode("utf-8") in raw and str(ds.PatientName) == LATIN1
+    # Sent as UTF-8 without a Specific Character Set: answered as the name it is.
+    [(ds, raw)] = site.findscu(["PatientID=NOCS8", "PatientName"], charset="ISO_IR 100")
+    assert ds.SpecificCharacterSet == "ISO_IR 100" and str(ds.PatientName) == "GRÜNBERG^Aurélie"
     [(ds, raw)] = site.findscu(["PatientID=ASCII", "PatientName"], charset="ISO_IR 100")
     assert "SpecificCharacterSet" not in ds and str(ds.PatientName) == "D'ARTAGNAN^Charles"
 
@@ -187,13 +194,16 @@ def test_iso_2022_query_is_matched_and_answered_in_iso_2022(
 
 
 @pytest.mark.parametrize(("key", "expected"), [
-    ("StudyDate=20200101-20201231", {"LAT1", "UTF8", "HELENE", "JP", "KR", "NOCS", "BADUTF8"}),
-    ("StudyDate=-20201231", {"LAT1", "UTF8", "ASCII", "HELENE", "JP", "KR", "NOCS", "BADUTF8"}),
-    ("StudyDate=20200101-", {"LAT1", "UTF8", "LEFEVRE", "HELENE", "JP", "KR", "NOCS",
+    ("StudyDate=20200101-20201231", {"LAT1", "UTF8", "HELENE", "JP", "KR", "NOCS", "NOCS8",
+                                     "BADUTF8"}),
+    ("StudyDate=-20201231", {"LAT1", "UTF8", "ASCII", "HELENE", "JP", "KR", "NOCS", "NOCS8",
                              "BADUTF8"}),
+    ("StudyDate=20200101-", {"LAT1", "UTF8", "LEFEVRE", "HELENE", "JP", "KR", "NOCS",
+                             "NOCS8", "BADUTF8"}),
     ("StudyDate=20191231", {"ASCII"}),
     ("StudyTime=080000-100000", {"LAT1"}),
-    ("StudyTime=-120000", {"LAT1", "ASCII", "LEFEVRE", "HELENE", "NOCS", "BADUTF8"}),
+    ("StudyTime=-120000", {"LAT1", "ASCII", "LEFEVRE", "HELENE", "NOCS", "NOCS8",
+                           "BADUTF8"}),
     ("StudyTime=140000-", {"JP", "KR", "UTF8"}),
     ("StudyTime=0830-0830", {"LAT1"}),
     # KR's StudyTime is "1500" (HHMM, PS3.5 6.2 allows it): 15:00 is inside both ranges.
@@ -232,6 +242,9 @@ def test_names_not_in_the_declared_character_set_are_logged(site: Site) -> None:
     attribute and what PAS made of it."""
     [line] = wait_for(lambda: _log_names(site, "NOCS"), 10, what="a warning for NOCS")
     assert "PatientName" in line and "no Specific Character Set" in line and "Latin-1" in line
+    [line] = wait_for(lambda: _log_names(site, "NOCS8"), 10, what="a warning for NOCS8")
+    assert "PatientName" in line and "no Specific Character Set" in line
+    assert "indexed as UTF-8" in line and "Latin-1" not in line
     [line] = wait_for(lambda: _log_names(site, "BADUTF8"), 10,
                       what="a warning for BADUTF8")
     assert "PatientName" in line and "ISO_IR 192" in line and "replacement" in line

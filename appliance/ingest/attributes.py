@@ -6,6 +6,7 @@ check that an object carries the UIDs without which it cannot be filed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -73,52 +74,84 @@ def _uid(ds: Dataset, keyword: str) -> str:
 
 
 # Text the index reads whose bytes the dataset's character set decides (PS3.5 6.1.2.3).
-_CHARSET_TAGS = {0x00100020, 0x00100021, 0x00100010, 0x00080050, 0x00200010, 0x00081030,
-                 0x00080090, 0x0008103E}
+_CHARSET_FIELDS = {0x00100020: "patient_id", 0x00100021: "issuer_of_patient_id",
+                   0x00100010: "patient_name", 0x00080050: "accession_number",
+                   0x00200010: "study_id", 0x00081030: "study_description",
+                   0x00080090: "referring_physician", 0x0008103E: "series_description"}
+_CHARSET_TAGS = set(_CHARSET_FIELDS)
 _ASCII_TERMS = {"", "ISO_IR 6", "ISO 2022 IR 6"}
 # Studies already warned about (one warning per study, not per image): bounded, invariant 8.
 _warned_studies: set[str] = set()
 WARNED_STUDIES_REMEMBERED = 4096
 
 
-def _charset_problems(ds: Dataset) -> list[str]:
-    """What in the raw text values the index reads does not fit the declared Specific
-    Character Set: bytes beyond ASCII without one (pydicom reads them as Latin-1), or bytes
-    invalid in a single-valued one (pydicom puts U+FFFD in their place). ISO 2022 code
-    extensions are left to pydicom, which warns itself."""
+def _declared_terms(ds: Dataset) -> list[str] | None:
+    """The Specific Character Set's defined terms ([] when absent); None when unreadable."""
     try:
         element = ds.get_item(0x00080005)
     except Exception:
-        return []
+        return None
     value = element.value if element is not None else None
     if isinstance(value, bytes):
-        terms = [t.strip() for t in value.decode("ascii", "replace").split("\\")]
-    elif isinstance(value, str):
-        terms = [value.strip()]
-    elif value:
-        terms = [str(t).strip() for t in value]
-    else:
-        terms = []
+        return [t.strip() for t in value.decode("ascii", "replace").split("\\")]
+    if isinstance(value, str):
+        return [value.strip()]
+    if value:
+        return [str(t).strip() for t in value]
+    return []
+
+
+def _charset_problems(ds: Dataset) -> tuple[list[str], dict[str, str]]:
+    """What in the raw text values the index reads does not fit the declared Specific
+    Character Set, and the values to index instead of pydicom's reading.
+
+    Bytes beyond ASCII without a Specific Character Set: many modalities and anonymisers
+    write UTF-8 and declare nothing. pydicom reads such bytes as Latin-1, which turns
+    "Zoë" into "ZoÃ«" in the index, in every C-FIND answer and in every search for the
+    name. Text that is valid UTF-8 is indexed as UTF-8 (Latin-1 text of real names is
+    practically never valid UTF-8: an accented letter is one byte >= 0xC0 followed by a
+    lower-case ASCII letter, which UTF-8 forbids); anything else is indexed as pydicom reads
+    it, in Latin-1. Bytes invalid in a single-valued declared set: pydicom puts U+FFFD in
+    their place. ISO 2022 code extensions are left to pydicom, which warns itself. The
+    stored bytes are never changed."""
+    terms = _declared_terms(ds)
+    if terms is None:
+        return [], {}
     ascii_only = all(t in _ASCII_TERMS for t in terms)
     codec = python_encoding.get(terms[0]) if len(terms) == 1 and not ascii_only else None
     if not ascii_only and codec is None:
-        return []
-    problems = []
+        return [], {}
+    problems: list[str] = []
+    as_utf8: dict[str, str] = {}
     for tag in sorted(_CHARSET_TAGS):
         raw = ds._dict.get(tag)  # type: ignore[attr-defined]
         if not isinstance(raw, RawDataElement) or not isinstance(raw.value, bytes):
             continue
         if ascii_only:
-            if not raw.value.isascii():
+            if raw.value.isascii():
+                continue
+            try:
+                text = raw.value.decode("utf-8")
+            except UnicodeDecodeError:
                 problems.append(f"{keyword_for_tag(tag)} has bytes beyond ASCII and no "
                                 "Specific Character Set: indexed as read in Latin-1")
+                continue
+            problems.append(f"{keyword_for_tag(tag)} has bytes beyond ASCII and no "
+                            "Specific Character Set: valid UTF-8, indexed as UTF-8")
+            as_utf8[_CHARSET_FIELDS[tag]] = _trimmed(text)
             continue
         try:
             raw.value.decode(str(codec))
         except UnicodeDecodeError:
             problems.append(f"{keyword_for_tag(tag)} is not valid {terms[0]}: indexed with "
                             "replacement characters")
-    return problems
+    return problems, as_utf8
+
+
+def _trimmed(text: str) -> str:
+    """A raw text value as ``_text`` gives a converted one: padding gone, values joined."""
+    values = [value.strip(" \x00") for value in text.split("\\")]
+    return "\\".join(values).strip()
 
 
 def _warn_charset(problems: list[str], record: InstanceRecord) -> None:
@@ -137,8 +170,10 @@ def instance_record(ds: Dataset, transfer_syntax_uid: str) -> InstanceRecord:
     """The index's view of ``ds``; raises :class:`InvalidInstance` naming what is missing.
     Text whose bytes do not fit the declared character set is indexed as pydicom reads it
     and logged (:func:`_charset_problems`)."""
-    problems = _charset_problems(ds)
+    problems, as_utf8 = _charset_problems(ds)
     record = _instance_record(ds, transfer_syntax_uid)
+    if as_utf8:
+        record = dataclasses.replace(record, **as_utf8)
     _warn_charset(problems, record)
     return record
 
