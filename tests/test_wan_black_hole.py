@@ -343,10 +343,17 @@ def test_uploads_wait_out_the_black_hole_then_go_once_and_a_cut_put_resumes(
     put_before = metric("pas_upload_put_bytes_total")
     first, late = _by_study(RECEIVED)  # one study sent before the black hole, one during
     storescu(first, wan.pas.port)
-    scrape = wait_for(lambda: metric("pas_upload_inflight_bytes", t := wan.metrics()) > 0 and t,
-                      30, interval=0.02, what="a PUT under way")
-    put_at_cut = metric("pas_upload_put_bytes_total", scrape)
-    with wan.hole.down():
+    wait_for(lambda: metric("pas_upload_inflight_bytes") > 0, 30, interval=0.02,
+             what="a PUT under way")
+    # The hub frozen while the link is cut: a PUT under way cannot end in between (it did
+    # once, under load: the cut landed after the study's last PUT, and nothing was cut).
+    with wan.hub.frozen():
+        scrape = wait_for(
+            lambda: metric("pas_upload_inflight_bytes", t := wan.metrics()) > 0 and t,
+            10, interval=0.02, what="a PUT under way with the hub frozen")
+        put_at_cut = metric("pas_upload_put_bytes_total", scrape)
+        wan.hole.on()
+    with wan.hole.down():  # already down: lifted at the block's end, also on failure
         # Received while the hub is out of reach: acknowledged at once, then queued.
         started = time.monotonic()
         storescu(late, wan.pas.port)

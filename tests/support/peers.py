@@ -124,6 +124,19 @@ class ChildProcess:
                 self.proc.kill()
                 self.proc.wait()
 
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """The process stopped (SIGSTOP) inside the block, continued after it (also on
+        failure): a request it is serving can neither be answered nor fail, so what a test
+        does meanwhile (cut its link) lands in the middle of it, however loaded the
+        machine is."""
+        assert self.proc is not None and self.proc.poll() is None
+        self.proc.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.proc.send_signal(signal.SIGCONT)
+
     def kill(self) -> None:
         """kill -9: no clean-up of any kind."""
         if self.proc and self.proc.poll() is None:
@@ -322,6 +335,8 @@ class BlackHole:
         self.active = False
 
     def on(self) -> None:
+        if self.active:
+            return
         ruleset = (f"table inet {self.TABLE} {{\n"
                    f" chain in {{ type filter hook input priority -100; policy accept;"
                    f" tcp dport {self.port} drop; }}\n"
