@@ -20,6 +20,7 @@ from appliance.ingest.receive import Receiver
 from appliance.ingest.scp import DicomListener
 from appliance.ops.listeners import bind_refused
 from appliance.ops.notify import Notifier, backlog_status
+from appliance.ops.refusals import RefusalAudit
 from appliance.routing.stability import Router
 from appliance.store import audit
 from appliance.store.db import Database
@@ -57,7 +58,9 @@ class Daemon:
             quota_bytes=settings.storage.quota_mb * 1024 * 1024,
         )
         self.receiver = Receiver(self.db, self.spool)
-        self.listener = DicomListener(settings.dicom, self.receiver)
+        # Refused associations and HTTP requests, in the audit trail (coalesced per source).
+        self.refusals = RefusalAudit(self.db)
+        self.listener = DicomListener(settings.dicom, self.receiver, refusals=self.refusals)
         self.router = Router(settings, self.db, self.default_destinations)
         self.extra_targets: dict[str, Any] = {}
         self.dispatcher = Dispatcher(
@@ -239,6 +242,7 @@ class Daemon:
         if getattr(self, "prefetch", None) is not None:
             self.prefetch.stop(left(10.0))
         self.dispatcher.stop(left(10.0))
+        self.refusals.flush()  # the counts of refusals not written yet
         if getattr(self, "audit_trail", None) is not None:
             self.audit_trail.close()
         for thread in self._threads:

@@ -23,6 +23,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from appliance.config import DicomSection
 from appliance.ingest.attributes import DatasetMismatch, InvalidInstance
 from appliance.ingest.receive import Receiver, StorageFailure
+from appliance.ops.refusals import RefusalAudit
 from appliance.ops.security import AssociationRateLimiter, server_context
 from appliance.store import audit
 from appliance.store.spool import SpoolFull
@@ -78,9 +79,11 @@ class DicomListener:
     """One pynetdicom AE serving every DICOM service PAS offers on the configured port."""
 
     def __init__(self, config: DicomSection, receiver: Receiver,
-                 on_stored: Callable[[str], None] | None = None):
+                 on_stored: Callable[[str], None] | None = None,
+                 refusals: RefusalAudit | None = None):
         self.config = config
         self.receiver = receiver
+        self.refusals = refusals  # refused associations in the audit trail
         self.policy = AssociationPolicy(config)
         # Security (appliance/ops/security.py): per-source attempt limit, DICOM TLS (BCP 195).
         self.rate_limiter = AssociationRateLimiter(config.max_association_attempts_per_minute)
@@ -178,6 +181,9 @@ class DicomListener:
                 _REJECT_TRANSIENT, _SOURCE_PROVIDER_PRESENTATION, _LOCAL_LIMIT_EXCEEDED
             )
             event.assoc.kill()
+            self._refused(event, "rate-limit", calling,
+                          f"association rejected: more than "
+                          f"{self.rate_limiter.per_minute} attempts in a minute")
             return
         reason = self.policy.refusal(calling, requestor.address)
         if reason:
@@ -186,6 +192,16 @@ class DicomListener:
                 _REJECT_PERMANENT, _SOURCE_SERVICE_USER, _CALLING_AE_NOT_RECOGNISED
             )
             event.assoc.kill()  # as pynetdicom does: waits until the A-ASSOCIATE-RJ is sent
+            self._refused(event, "unknown-ae", calling, f"association rejected: {reason}")
+
+    def _refused(self, event: Any, kind: str, calling: str, reason: str) -> None:
+        """The audit row of a rejected association (after the A-ASSOCIATE-RJ is sent: the
+        sender does not wait for the trail)."""
+        if self.refusals is not None:
+            called = str(event.assoc.requestor.primitive.called_ae_title).strip()
+            self.refusals.refused(channel="dicom", kind=kind,
+                                  source=event.assoc.requestor.address,
+                                  actor=calling or "-", reason=reason, target=called or None)
 
     def _on_c_store_timed(self, event: Any) -> Any:
         """pynetdicom's EVT_C_STORE handler (``dicom.direct_receive = false``, or a C-STORE

@@ -48,6 +48,7 @@ EVENT_CODES: dict[str, tuple[str, str, str]] = {
     "query": ("110112", "Query", "E"),
     "delete": ("110105", "DICOM Study Deleted", "D"),
     "config": ("110113", "Security Alert", "E"),
+    "security": ("110113", "Security Alert", "E"),  # refused access, permissions tightened
     "enrolment": ("110114", "User Authentication", "E"),
 }
 APPLICATION_ACTIVITY = ("110100", "Application Activity", "E")

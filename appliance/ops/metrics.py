@@ -3,8 +3,8 @@
 Owns: the metric names and how each is computed. Most families are read from the store at
 scrape time by :class:`ApplianceCollector` (so no component has to remember to count, and a
 restart loses nothing); the few things the store does not keep are process-wide hooks that
-components call: :func:`observe_cstore`, :func:`add_wan_bytes`, :func:`count_retrieve` and
-:func:`note_hub_contact`. May not
+components call: :func:`observe_cstore`, :func:`add_wan_bytes`, :func:`count_retrieve`,
+:func:`count_refusal` and :func:`note_hub_contact`. May not
 touch: any state; a hook only moves a counter.
 """
 
@@ -60,8 +60,11 @@ UPLOAD_INFLIGHT = Gauge("pas_upload_inflight_bytes", "Sealed bucket bytes of the
 # or "pynetdicom" (dicom.direct_receive = false, or a request the direct path left alone).
 CSTORE_PATHS = Counter("pas_cstore_requests", "C-STORE requests filed, by the code path that "
                        "read and answered them (direct, pynetdicom)", ["path"], registry=None)
+ACCESS_REFUSED = Counter("pas_access_refused", "Access attempts refused, by channel and "
+                         "reason (dicom: unknown-ae, rate-limit; http: bearer-token)",
+                         ["channel", "reason"], registry=None)
 _HOOKS: list[Any] = [CSTORE_SECONDS, CSTORE_PATHS, RETRIEVES, UPLOAD_PUT_BYTES,
-                     UPLOAD_INFLIGHT]
+                     UPLOAD_INFLIGHT, ACCESS_REFUSED]
 LEAD_BUCKETS = (0, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 172800, 604800)
 LEAD_WINDOW_S = 7 * 86400
 
@@ -109,6 +112,10 @@ def add_upload_put_bytes(count: int) -> None:
 def add_upload_inflight(delta: int) -> None:
     """A PUT of ``delta`` bytes starts (positive) or ends (negative)."""
     UPLOAD_INFLIGHT.inc(delta)
+
+
+def count_refusal(channel: str, reason: str) -> None:
+    ACCESS_REFUSED.labels(channel, reason).inc()
 
 
 def count_retrieve(hit: bool) -> None:

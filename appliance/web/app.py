@@ -44,7 +44,8 @@ def build_app(daemon: Daemon) -> Starlette:
     for contribute in daemon.route_providers:
         routes.extend(contribute(daemon))
     serving = daemon.settings.serving
-    middleware = ([Middleware(BearerGuard, tokens=serving.bearer_tokens)]
+    middleware = ([Middleware(BearerGuard, tokens=serving.bearer_tokens,
+                              refusals=daemon.refusals)]
                   if serving.auth == "bearer" else [])
     return Starlette(routes=routes, middleware=middleware)
 

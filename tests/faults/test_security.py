@@ -8,8 +8,11 @@ A test CA, a server, a client and a rogue (self-signed) client certificate come 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
+
+import httpx
 
 from tests.faults.helpers import assert_consistent, assert_kept_exactly, stored_successes
 from tests.faults.pki import make_pki
@@ -20,6 +23,7 @@ from tests.support.peers import (
     PasProcess,
     StoreSCP,
     free_port,
+    read_rows,
     wait_for,
 )
 
@@ -120,6 +124,13 @@ def test_association_attempts_are_limited_per_source(tmp_path: Path) -> None:
     finally:
         pas.stop()
     assert free_port() and os.path.exists(pas.log_path)
+    # In the audit trail: the first refusal, then (at the stop) the two after it.
+    rows = _security_rows(pas.home)
+    assert [(r["actor"], r["source"], r["outcome"]) for r in rows] == [
+        ("ECHO", "127.0.0.1",
+         "failure: association rejected: more than 5 attempts in a minute")] * 2
+    assert rows[0]["detail"] == "dicom"
+    assert rows[1]["detail"].startswith("dicom; 2 more attempts refused in the 60 s from ")
 
 
 def test_loosened_key_directory_is_tightened_at_start_and_audited(tmp_path: Path) -> None:
@@ -139,3 +150,67 @@ def test_loosened_key_directory_is_tightened_at_start_and_audited(tmp_path: Path
     details = [r[0] for r in conn.execute("SELECT detail FROM audit WHERE event = 'security'")]
     conn.close()
     assert any("client.key -> 0600" in d for d in details), details
+
+
+def _security_rows(home: Path) -> list[dict[str, object]]:
+    return [dict(r) for r in read_rows(home / "pas.sqlite",
+                                       "SELECT * FROM audit WHERE event = 'security' "
+                                       "AND outcome LIKE 'failure:%' ORDER BY id")]
+
+
+def test_refused_access_is_audited_once_per_source_and_minute(tmp_path: Path) -> None:
+    """An unknown calling AE and requests without a valid bearer token are refused, and the
+    audit trail says so (PS3.15 Security Alert): one row per source and reason at first,
+    the attempts after it counted and written at the stop, every one in the counter; a known
+    AE and a good token are served meanwhile."""
+    token = "s3cret"
+    pas = PasProcess(tmp_path / "pas", {
+        "PAS_DICOM__KNOWN_AES": '[{title = "CT1"}]',
+        "PAS_SERVING__AUTH": "bearer", "PAS_SERVING__BEARER_TOKENS": f'["{token}"]'}).start()
+    base = f"http://127.0.0.1:{pas.http_port}"
+    try:
+        assert [_echo(pas.port, [], "INTRUDER") for _ in range(4)] != [0] * 4
+        assert all(_echo(pas.port, [], "INTRUDER") != 0 for _ in range(2))
+        assert _echo(pas.port, [], "CT1") == 0  # a known AE is served meanwhile
+        [row] = wait_for(lambda: _security_rows(pas.home), 10, what="the refusal's audit row")
+        assert row["actor"] == "INTRUDER" and row["source"] == "127.0.0.1"
+        assert row["target"] == "PAS" and row["detail"] == "dicom"
+        assert row["outcome"] == ("failure: association rejected: calling AE 'INTRUDER' from "
+                                  "127.0.0.1 is not a known AE (dicom.known_aes)")
+        asked = [({}, 3), ({"Authorization": "Bearer wrong"}, 2),
+                 ({"Authorization": f"Basic {token}"}, 1)]
+        for headers, times in asked:
+            for _ in range(times):
+                assert httpx.get(f"{base}/api/status", headers=headers,
+                                 timeout=10).status_code == 401
+        good = {"Authorization": f"Bearer {token}"}
+        metrics = httpx.get(f"{base}/metrics", headers=good, timeout=10)
+        assert metrics.status_code == 200
+        counts = {m.group(1): float(m.group(2)) for m in re.finditer(
+            r'^pas_access_refused_total\{channel="\w+",reason="([\w-]+)"\} (\S+)$',
+            metrics.text, re.M)}
+        assert counts == {"unknown-ae": 6.0, "bearer-token": 6.0}, counts
+        http_rows = [r for r in _security_rows(pas.home) if r["detail"] == "http"]
+        assert [(r["actor"], r["source"], r["target"], r["outcome"]) for r in http_rows] == [
+            ("anonymous", "127.0.0.1", "/api/status", f"failure: HTTP request refused (401): "
+             f"{reason}") for reason in ("no bearer token", "a bearer token that is not one "
+                                         "of serving.bearer_tokens", "an Authorization header "
+                                         "that is not a bearer token")]
+    finally:
+        pas.stop()
+    # At the stop, what each first row did not count: 5 more INTRUDER associations, 2 and 1
+    # more requests; nothing for the single one.
+    later = [(r["actor"], r["detail"]) for r in _security_rows(pas.home)[4:]]
+    assert sorted(later) == sorted([
+        ("INTRUDER", "dicom; 5 more attempts refused in the 60 s from " + _minute(later, 0)),
+        ("anonymous", "http; 2 more attempts refused in the 60 s from " + _minute(later, 1)),
+        ("anonymous", "http; 1 more attempt refused in the 60 s from " + _minute(later, 2)),
+    ]), later
+    trail = read_rows(pas.home / "pas.sqlite", "SELECT count(*) AS n FROM audit "
+                      "WHERE event = 'security'")[0]["n"]
+    assert trail == 7
+
+
+def _minute(rows: list[tuple[object, object]], index: int) -> str:
+    """The window start written in a row (its clock is the daemon's)."""
+    return str(rows[index][1]).rsplit(" from ", 1)[1]
