@@ -22,7 +22,7 @@ from appliance.ops.listeners import bind_refused
 from appliance.ops.notify import Notifier, backlog_status
 from appliance.ops.refusals import RefusalAudit
 from appliance.routing.stability import Router
-from appliance.store import audit
+from appliance.store import audit, index
 from appliance.store.db import Database
 from appliance.store.spool import Spool
 
@@ -56,6 +56,9 @@ class Daemon:
             settings.spool_dir, fsync=settings.storage.fsync,
             min_free_bytes=settings.storage.min_free_mb * 1024 * 1024,
             quota_bytes=settings.storage.quota_mb * 1024 * 1024,
+            # A temporary copy (another transfer syntax) counts against the quota with what
+            # the index says the spool holds.
+            held_bytes=lambda: index.spool_bytes(self.db),
         )
         self.receiver = Receiver(self.db, self.spool)
         # Refused associations and HTTP requests, in the audit trail (coalesced per source).

@@ -13,11 +13,13 @@ late in its namespace, and in-process the real dicom target against a closed por
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
 import re
 import sqlite3
 import subprocess
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +32,7 @@ from appliance.dispatch.target_types import make_target
 from appliance.dispatch.worker import Dispatcher
 from appliance.store import index
 from appliance.store import jobs as job_store
+from appliance.store import uplink as uplink_store
 from appliance.store.db import Database
 from appliance.store.index import InstanceRecord, StoredFile
 from appliance.store.jobs import WAITING_FOR_LINK
@@ -121,6 +124,100 @@ def test_unreachable_dicom_node_waits_uncounted_then_gets_the_study(pas_factory,
         assert pas.status()["links"]["pacs"]["state"] == "up"
         assert re.search(r" WARNING .*destination pacs reachable again: \d+ jobs? waiting",
                          pas.log()), pas.log()[-2000:]
+    finally:
+        scp.stop()
+
+
+def _outage_start(pas: PasProcess) -> float | None:
+    """When the dispatcher dated the destination's outage, as ``pas status --json`` says."""
+    return pas.status()["links"]["pacs"].get("unreachable_since")
+
+
+def _delays_since(pas: PasProcess, at: float) -> list[float]:
+    """The waits the job was given by the tries logged after ``at`` (epoch seconds)."""
+    delays = []
+    for line in pas.log().splitlines():
+        found = re.search(r"to pacs: destination unreachable for [\d.]+s, the job waits for it "
+                          r"\(next try in ([\d.]+)s", line)
+        logged = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        if found and logged >= at:
+            delays.append(float(found.group(1)))
+    return delays
+
+
+def test_an_outage_outlives_a_restart_of_the_daemon(pas_factory, tmp_path: Path) -> None:
+    """The start of a local destination's outage was kept in memory: a restart in the
+    middle of a weekend's PACS maintenance (an upgrade, a power cut) set the waits back to
+    ``backoff_initial_s`` and logged the outage's warning again. It is kept with the link's
+    state now: the restarted daemon goes on from the same start (the long wait), says once
+    that the outage continues, and the study arrives bit-exact once the PACS is back."""
+    scp = StoreSCP(tmp_path / "late", ae_title="PACS")  # its port chosen, nothing listening
+    config = tmp_path / "appliance.toml"
+    config.write_text(textwrap.dedent(f"""
+        [queue]
+        max_attempts = {MAX_ATTEMPTS}
+        backoff_initial_s = 0.2
+        backoff_max_s = 60
+
+        [routing.fallback]
+        destinations = ["pacs"]
+
+        [destinations.pacs]
+        kind = "dicom"
+        ae_title = "{scp.ae_title}"
+        host = "127.0.0.1"
+        port = {scp.port}
+        timeout_s = 10
+        """))
+    pas: PasProcess = pas_factory({"PAS_CONFIG": str(config),
+                                   "PAS_DICOM__ACCEPT_UNKNOWN": "true"})
+    storescu(CT_PATIENT, pas.port)
+    wait_for(lambda: _tries(pas, "pacs") >= 1, 30, what="the first try")
+    began = _outage_start(pas)
+    assert began is not None and began <= time.time()
+    # Four seconds of outage: the waits grow to a second (a quarter of it).
+    wait_for(lambda: time.time() - began > 4 and _delays_since(pas, began)[-1] >= 0.75, 30,
+             what="the waits grown with the outage")
+    pas.stop()
+    job = _job(pas)
+    assert (job["state"], job["attempts"]) == ("pending", 0), dict(job)
+
+    restarted = time.time()
+    pas.start()
+    wait_for(lambda: _delays_since(pas, restarted), 30, what="a try after the restart")
+    assert _outage_start(pas) == began  # the same outage, not a new one
+    # The wait after the restart follows the outage (a quarter of its 5 s and more), where
+    # it started again from backoff_initial_s (0.2 s and its jitter: at most 0.4 s).
+    first = _delays_since(pas, restarted)[0]
+    assert first >= (restarted - began) / 4 - 0.01, (first, restarted - began)
+    job = wait_for(lambda: (lambda j: j if j["state"] == "pending" else None)(_job(pas)), 30,
+                   what="the job between two tries")
+    assert job["attempts"] == 0 and job["next_attempt_at"] - job["updated_at"] >= 1.0, \
+        dict(job)
+    # The journal: the outage's warning once in all, and the restart says it continues.
+    tries = [line for line in pas.log().splitlines() if "to pacs: destination unreachable" in line]
+    assert [" WARNING " in line for line in tries].count(True) == 1, tries
+    continues = [line for line in pas.log().splitlines() if "outage continues" in line]
+    assert len(continues) == 1 and " INFO " in continues[0], continues
+    shown = subprocess.run([str(PAS_BIN), "status"], env={**pas.env, "COLUMNS": "200"},
+                           capture_output=True, text=True, timeout=60).stdout
+    assert time.strftime("unreachable since %Y-%m-%d %H:%M:%S", time.localtime(began)) \
+        in shown, shown
+
+    scp.start()  # back from maintenance, on the same port
+    try:
+        wait_for(lambda: _job(pas)["state"] == "done", 90, what="the job delivered")
+        assert _job(pas)["attempts"] == 1
+        received = {sop_uid(p): hashlib.sha256(dataset_part(p)).hexdigest()
+                    for p in scp.files()}
+        sent = {r["sop_instance_uid"]: hashlib.sha256(
+                    dataset_part(pas.home / "spool" / r["path"])).hexdigest()
+                for r in index_rows(pas.home)}
+        assert len(scp.files()) == 3 and set(sent) == {sop_uid(p) for p in CT_PATIENT}
+        assert received == sent  # each instance once, bit for bit
+        link = pas.status()["links"]["pacs"]
+        assert link["state"] == "up" and link["unreachable_since"] is None, link
+        assert re.search(r" WARNING .*destination pacs reachable again", pas.log())
     finally:
         scp.stop()
 
@@ -224,4 +321,4 @@ def test_link_delay_grows_with_the_outage_and_its_end_wakes_the_waiting_jobs(
     assert _row(db, first)["state"] == "done"
     assert _row(db, second)["next_attempt_at"] <= time.time()
     assert dispatcher.wake.is_set()
-    assert dispatcher._unreachable_since == {}
+    assert uplink_store.link_states(db)["pacs"]["unreachable_since"] is None

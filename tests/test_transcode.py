@@ -203,3 +203,61 @@ def test_a_copy_that_cannot_be_made_names_the_problem_and_leaves_nothing(
         assert path.stat().st_size > 5 * 64 * 80 * 2
         raise ConnectionError("the peer went away")
     assert not path.exists() and not _temp_bytes(spool)
+
+
+def test_a_copy_counts_against_the_spool_quota_with_what_the_spool_holds(
+        tmp_path: Path) -> None:
+    """``storage.quota_mb`` is the operator's bound on the disk PAS takes: a temporary copy
+    fits next to what the spool holds (the index's total) and the copies already made, or
+    is refused (SpoolFull, naming the quota, the bytes needed and those in use) before a
+    byte is written. It was checked against the free-space floor only: a decompressed copy
+    took the spool past its quota."""
+    source = CASES["rle-16bit-signed"](tmp_path)
+    rooms: list[int] = []
+
+    class Measuring(Spool):
+        def open_temp(self, room: int = 0) -> tuple[Path, int]:
+            rooms.append(room)
+            return super().open_temp(room)
+
+    with open_transcoded(Measuring(tmp_path / "measure", fsync=False), source, EXPLICIT):
+        pass
+    [room] = rooms
+    assert room >= 5 * 64 * 80 * 2  # the decoded frames, at least
+
+    quota, held = 1 << 20, [0]
+    spool = Spool(tmp_path / "spool", fsync=False, quota_bytes=quota,
+                  held_bytes=lambda: held[0])
+
+    held[0] = quota - room + 1  # one byte short
+    with pytest.raises(SpoolFull) as refused:
+        open_transcoded(spool, source, EXPLICIT)
+    assert str(refused.value) == (
+        f"spool quota reached: {room} bytes needed for a temporary copy, {held[0]} in use, "
+        f"quota {quota} ({held[0]} filed, 0 in other temporary copies)")
+    assert not _temp_bytes(spool)
+
+    held[0] = quota - 2 * room  # room for exactly two copies
+    with open_transcoded(spool, source, EXPLICIT) as first, \
+            transcoded(spool, source, IMPLICIT) as second:
+        # Both held (the first already unlinked, its bytes kept by its handle): a third
+        # does not fit beside them.
+        with pytest.raises(SpoolFull, match=rf"{room} bytes needed for a temporary copy, "
+                                            rf"{quota} in use, quota {quota} \({held[0]} "
+                                            rf"filed, {2 * room} in other temporary copies\)"):
+            open_transcoded(spool, source, EXPLICIT)
+        assert first.read(4) and second.stat().st_size
+    # Let go (the handle closed, the file removed): their room is free again.
+    with open_transcoded(spool, source, EXPLICIT), transcoded(spool, source, EXPLICIT):
+        pass
+    # A dropped handle lets its room go too (the garbage collector closes it).
+    open_transcoded(spool, source, EXPLICIT)
+    with open_transcoded(spool, source, EXPLICIT), transcoded(spool, source, EXPLICIT):
+        pass
+    assert not _temp_bytes(spool)
+
+    # Without a quota only the free-space floor counts, as before.
+    held[0] = 10 * quota
+    with open_transcoded(Spool(tmp_path / "free", fsync=False, held_bytes=lambda: held[0]),
+                         source, EXPLICIT) as handle:
+        assert handle.read(4)

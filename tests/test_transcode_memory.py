@@ -57,8 +57,9 @@ def _rle_frame(image: np.ndarray) -> bytes:
     return struct.pack("<16I", 1, 64, *[0] * 14) + segment
 
 
-def _rle_object(path: Path) -> Path:
-    """A 300 MB (decoded) RLE multi-frame of 5 MB, written without holding it."""
+def _rle_object(path: Path, frames: int = FRAMES) -> Path:
+    """A 300 MB (decoded) RLE multi-frame of 5 MB (``frames`` of 1 MiB), written without
+    holding it."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = RLELossless
@@ -68,13 +69,13 @@ def _rle_object(path: Path) -> Path:
     ds.PatientID, ds.PatientName, ds.Modality = "RLE1", "BIG^RLE", "OT"
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.Rows = ds.Columns = SIDE
-    ds.NumberOfFrames = FRAMES
+    ds.NumberOfFrames = frames
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
     ds.save_as(path, enforce_file_format=True)
     with open(path, "ab") as handle:
         handle.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF))
         handle.write(struct.pack("<HHI", 0xFFFE, 0xE000, 0))  # empty basic offset table
-        for number in range(FRAMES):
+        for number in range(frames):
             fragment = _rle_frame(_frame(number))
             handle.write(struct.pack("<HHI", 0xFFFE, 0xE000, len(fragment)) + fragment)
         handle.write(struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))

@@ -169,7 +169,10 @@ def status(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> No
         for name, link in sorted(snapshot["links"].items()):
             error = f"{_when(link['last_error_at'])} {link['last_error']}" if link[
                 "last_error"] else "-"
-            links.add_row(name, link["state"], _when(link["last_ok_at"]), error[:100])
+            state = link["state"]
+            if link.get("unreachable_since"):  # a local destination's outage, as dated
+                state += f" (unreachable since {_when(link['unreachable_since'])})"
+            links.add_row(name, state, _when(link["last_ok_at"]), error[:100])
         console.print(links)
 
 

@@ -8,9 +8,11 @@ A destination that could not be reached at all (``LinkDown``) does not use up at
 job waits for the link, tried again after a delay that grows with how long the destination
 has been unreachable (``routing/backoff.link_delay``). For the hub that length comes from the
 heartbeat's link state; for a local destination (a ``dicom`` PACS, a ``stowrs`` archive) the
-dispatcher remembers when its outage began, in memory, until a job to it goes through; that
-success also makes every job waiting for it due at once (the rest of the weekend's backlog
-goes when the PACS is back, not up to ``queue.backoff_max_s`` later).
+dispatcher dates its outage from the first try that found it unreachable, kept with its link
+state in the database (``store/uplink.mark_unreachable``) until a job to it goes through, so
+that a restart during the outage goes on from the same start. That success also makes every
+job waiting for it due at once (the rest of the weekend's backlog goes when the PACS is back,
+not up to ``queue.backoff_max_s`` later).
 """
 
 from __future__ import annotations
@@ -50,11 +52,12 @@ class Dispatcher:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.owner_prefix = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        # Local destination name -> when its current outage began (the first LinkDown since
-        # its last delivery). At most one entry per configured destination; a restart
-        # forgets it and the delay starts again from ``backoff_initial_s``.
-        self._unreachable_since: dict[str, float] = {}
+        # Local destinations whose current outage this process has logged (its warning when
+        # it began, or the line saying it continues from before this start): one line per
+        # outage and process, not per try. The outage's start itself is in the database.
+        self._outages_logged: set[str] = set()
         self._outages_lock = threading.Lock()
+        self._started_at = now()
 
     def run_one(self, owner: str, kinds: tuple[str, ...] | None = None,
                 max_priority: int | None = None) -> bool:
@@ -75,13 +78,13 @@ class Dispatcher:
             log.error("job %d to %s failed for good: %s", job.id, job.destination, exc,
                       extra=extra)
         except LinkDown as exc:
-            down_for = self._down_for(job, getattr(target, "name", job.destination))
+            down_for, began = self._down_for(job, getattr(target, "name", job.destination))
             delay = link_delay(queue, down_for)
             job_store.wait_for_link(self.db, job.id, owner, str(exc), now() + delay)
             # A weekend's outage is hundreds of tries: the first of a local destination's
-            # outage is the warning, the others are information (``pas status`` shows the
-            # link down and the jobs waiting meanwhile).
-            level = logging.WARNING if job.kind == "hub" or down_for == 0 else logging.INFO
+            # outage is the warning (once, whatever restarts come), the others are
+            # information (``pas status`` shows the link down and the jobs waiting).
+            level = logging.WARNING if job.kind == "hub" or began else logging.INFO
             log.log(level, "job %d to %s: destination unreachable for %.1fs, the job waits for "
                     "it (next try in %.1fs, not counted as an attempt): %s", job.id,
                     job.destination, down_for, delay, exc, extra=extra)
@@ -100,28 +103,38 @@ class Dispatcher:
             self._reached(job)
         return True
 
-    def _down_for(self, job: job_store.Job, destination: str) -> float:
-        """How long the destination has been unreachable (0: unknown, or just now).
+    def _down_for(self, job: job_store.Job, destination: str) -> tuple[float, bool]:
+        """How long the destination has been unreachable (0: unknown, or just now), and
+        whether this try began a local destination's outage.
 
         The hub's link state is kept by the heartbeat (``store/uplink.py``). A local
         destination has no heartbeat: its outage is dated from its first ``LinkDown`` since
-        its last delivery, here, so that its jobs' delay grows with the outage instead of
-        staying at ``backoff_initial_s`` (a weekend at 5 s per job and try)."""
+        its last delivery, so that its jobs' delay grows with the outage instead of staying
+        at ``backoff_initial_s`` (a weekend at 5 s per job and try). The start is kept in
+        the database: it was in memory, and a restart during the outage set the delay back
+        to its shortest and logged the outage's warning again."""
         if job.kind != "hub":
             at = now()
+            since, began = uplink_store.mark_unreachable(self.db, job.destination, at)
             with self._outages_lock:  # keyed as _reached() clears it
-                since = self._unreachable_since.setdefault(job.destination, at)
-            return max(0.0, at - since)
+                first_here = job.destination not in self._outages_logged
+                self._outages_logged.add(job.destination)
+            if first_here and not began and since < self._started_at:
+                log.info("destination %s: outage continues since %s (begun before this "
+                         "start); its jobs go on waiting for it", job.destination,
+                         time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)))
+            return max(0.0, at - since), began
         link = uplink_store.link_states(self.db).get(destination)
         if not link or link["state"] != "down" or not link["last_ok_at"]:
-            return 0.0
-        return max(0.0, now() - float(link["last_ok_at"]))
+            return 0.0, False
+        return max(0.0, now() - float(link["last_ok_at"])), False
 
     def _reached(self, job: job_store.Job) -> None:
         """A job to this destination went through: its outage (if any) is over, and the
         jobs that waited for it are due now."""
         with self._outages_lock:
-            was_down = self._unreachable_since.pop(job.destination, None) is not None
+            self._outages_logged.discard(job.destination)
+        was_down = uplink_store.clear_unreachable(self.db, job.destination)
         if was_down:
             woken = job_store.wake_waiting_for_link(self.db, job.kind, job.destination)
             log.warning("destination %s reachable again: %s waiting for it due now",

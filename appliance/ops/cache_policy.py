@@ -5,7 +5,8 @@ not touch: SQL or files (``appliance.store.cache`` does both, and refuses on its
 an unconfirmed study unless the operator forces it).
 
 The hard limit itself is enforced where bytes arrive (``Spool.check_room``: the free-space
-floor and the quota make a C-STORE answer 0xA700 with nothing written). This module raises
+floor and the quota make a C-STORE answer 0xA700 with nothing written; ``Spool.open_temp``
+holds a temporary copy in another transfer syntax to both). This module raises
 the alert when that point is near and clears it by itself once space is back; it never
 deletes anything the region has not confirmed (invariant 2).
 """

@@ -117,8 +117,10 @@ def _links_section(links: dict[str, dict[str, Any]]) -> list[str]:
            "<th>link</th><th>last good contact</th><th>last error</th></tr>"]
     for name, link in sorted(links.items()):
         state = "up" if link.get("state") == "up" else "down"
+        since = (f" since {_when(link['unreachable_since'])}"
+                 if link.get("unreachable_since") else "")  # a local destination's outage
         out.append(f'<tr data-destination="{_esc(name)}"><td>{_esc(name)}</td>'
-                   f'<td><span class="state {state}">{state}</span></td>'
+                   f'<td><span class="state {state}">{state}</span>{since}</td>'
                    f"<td>{_when(link.get('last_ok_at'))}</td>"
                    f"<td>{_esc((link.get('last_error') or '')[:200])}</td></tr>")
     out.append("</table></div>")

@@ -23,7 +23,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
@@ -299,15 +299,38 @@ class DicomWeb:
                             f"{counted(len(rows), 'instance')}",
                             f"{sent[0]} of {counted(len(rows), 'instance')} (WADO-RS)")
 
+        first: BinaryIO | Exception | None = None
+        if syntaxes[0] != rows[0]["transfer_syntax_uid"]:
+            # The first part's copy is made before the status line: a copy the spool has no
+            # room for (its quota, the free-space floor) is then an answer the viewer can act
+            # on (503, try later) instead of a 200 cut short. A later part's refusal can only
+            # cut the answer (audited with what was sent).
+            try:
+                first = await run_in_threadpool(open_transcoded, self.spool,
+                                                self.spool.path(rows[0]["path"]), syntaxes[0])
+            except SpoolFull as exc:
+                ended(str(exc))
+                return _problem(HttpProblem(503, f"{exc}; try again later"))
+            except Exception as exc:  # as before: the answer cut at its first part
+                first = exc
+
+        def finished(problem: str | None) -> None:
+            if isinstance(first, io.IOBase):  # closed here too when never streamed (the
+                first.close()  # client went first): its bytes and quota room go at once
+            ended(problem)
+
         boundary = secrets.token_hex(16)
-        return ClosingStream(ReportedEnd(self._multipart(rows, boundary, syntaxes, sent), ended),
+        return ClosingStream(ReportedEnd(self._multipart(rows, boundary, syntaxes, sent, first),
+                                         finished),
                              media_type=('multipart/related; type="application/dicom"; '
                                          f"boundary={boundary}"))
 
     def _multipart(self, rows: list[Any], boundary: str, syntaxes: list[str],
-                   sent: list[int]) -> Iterator[bytes]:
-        """The parts; ``sent[0]`` counts those whose last bytes the server took."""
-        for row, syntax in zip(rows, syntaxes, strict=True):
+                   sent: list[int], first: BinaryIO | Exception | None = None) -> Iterator[bytes]:
+        """The parts; ``sent[0]`` counts those whose last bytes the server took. ``first``:
+        the first part's copy in another syntax, made before the answer began (or why it
+        could not be)."""
+        for number, (row, syntax) in enumerate(zip(rows, syntaxes, strict=True)):
             yield (f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={syntax}"
                    "\r\n\r\n").encode()
             path = self.spool.path(row["path"])
@@ -316,7 +339,11 @@ class DicomWeb:
                     while chunk := handle.read(CHUNK):
                         yield chunk
             else:  # re-encoded into a temp file, streamed from it, gone once read or dropped
-                with open_transcoded(self.spool, path, syntax) as handle:
+                if number == 0 and isinstance(first, Exception):
+                    raise first
+                copy = (first if number == 0 and first is not None
+                        else open_transcoded(self.spool, path, syntax))
+                with copy as handle:
                     while chunk := handle.read(CHUNK):
                         yield chunk
             yield b"\r\n"

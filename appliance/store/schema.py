@@ -307,4 +307,11 @@ MIGRATIONS: list[str] = [
             ON CONFLICT (name, label) DO UPDATE SET value = value + excluded.value;
     END;
     """,
+    # When a local destination's current outage began (its first try that found no
+    # connection since its last delivery; NULL when none): the dispatcher's link delay grows
+    # with it. It was kept in memory, so a restart during a weekend's PACS maintenance set
+    # the waits back to their shortest and logged the outage's start again.
+    """
+    ALTER TABLE uplink_state ADD COLUMN unreachable_since REAL;
+    """,
 ]

@@ -21,7 +21,7 @@ import queue
 import shutil
 import threading
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -182,14 +182,23 @@ class SpillFile:
 
 class Spool:
     def __init__(self, root: Path, *, fsync: bool = True, min_free_bytes: int = 0,
-                 quota_bytes: int = 0, create: bool = True):
+                 quota_bytes: int = 0, held_bytes: Callable[[], int] | None = None,
+                 create: bool = True):
         """``create=False``: for a command that only reads (``pas cache status``), which must
-        not make the spool's folders."""
+        not make the spool's folders. ``held_bytes``: what the spool holds as the index
+        counts it (the daemon passes ``index.spool_bytes``; the spool does not read the
+        database itself), for the quota check of a temporary copy (:meth:`open_temp`);
+        without it only the copies themselves count."""
         self.root = Path(root)
         self.tmp = self.root / "tmp"
         self.fsync = fsync
         self.min_free_bytes = min_free_bytes
         self.quota_bytes = quota_bytes
+        self._held_bytes = held_bytes
+        # Temporary copies made and not yet let go -> the room each was granted: they count
+        # against the quota until their bytes are gone (see open_temp).
+        self._copies: dict[Path, int] = {}
+        self._copies_lock = threading.Lock()
         if create:
             self.tmp.mkdir(parents=True, exist_ok=True)
             self._make_fanout()
@@ -251,16 +260,43 @@ class Spool:
         descriptor open for writing (the caller closes it, and removes the file with
         :meth:`remove_temp`; start-up removes what a crash left). ``room``: the bytes it
         will hold, refused (SpoolFull) when they would cut into the free-space floor that
-        keeps the modalities' C-STOREs possible."""
+        keeps the modalities' C-STOREs possible, or take the spool past its quota.
+
+        The quota is the operator's bound on the disk PAS takes: a copy is transient, but
+        its bytes are on that disk while it is sent (a 300 MB decoded object from a 5 MB
+        file), so its room counts together with what the spool holds (``held_bytes``) and
+        the room of the copies not yet let go (several viewers at once). Ingest's own check
+        (:meth:`check_room`) does not count copies: a viewer's read never makes a modality's
+        C-STORE refused; a copy is what waits."""
         free = shutil.disk_usage(self.tmp).free
         if room and free - room < self.min_free_bytes:
             raise SpoolFull(f"disk nearly full: {free} bytes free, {room} needed for a "
                             f"temporary copy, floor {self.min_free_bytes}")
-        return self._temp_files.take()
+        held = self._held_bytes() if self.quota_bytes and self._held_bytes else 0
+        with self._copies_lock:  # checked and granted at once: two copies cannot both fit
+            copies = sum(self._copies.values())
+            if self.quota_bytes and room and held + copies + room > self.quota_bytes:
+                raise SpoolFull(
+                    f"spool quota reached: {room} bytes needed for a temporary copy, "
+                    f"{held + copies} in use, quota {self.quota_bytes} ({held} filed, "
+                    f"{copies} in other temporary copies)")
+            path, fd = self._temp_files.take()
+            self._copies[path] = room
+        return path, fd
 
-    def remove_temp(self, path: Path) -> None:
+    def remove_temp(self, path: Path, *, keep_room: bool = False) -> None:
+        """Remove a temp file. ``keep_room``: a reader still holds it open, so its bytes
+        stay on the disk after the name goes; its room stays counted against the quota
+        until :meth:`release_room`."""
         path.unlink(missing_ok=True)
         self._temp_files.forget(path)
+        if not keep_room:
+            self.release_room(path)
+
+    def release_room(self, path: Path) -> None:
+        """The bytes of the temporary copy once at ``path`` are gone (idempotent)."""
+        with self._copies_lock:
+            self._copies.pop(path, None)
 
     def open_spill(self, header: bytes) -> SpillFile:
         """A temp file for a dataset too large to hold in memory, its file meta written."""

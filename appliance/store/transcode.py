@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -74,16 +74,41 @@ def transcoded(spool: Spool, source: Path, syntax: str) -> Iterator[Path]:
 
 def open_transcoded(spool: Spool, source: Path, syntax: str) -> BinaryIO:
     """The instance at ``source`` in ``syntax``, open for reading from a temp file already
-    removed from the spool (its bytes go when the caller closes it, or drops it)."""
-    with transcoded(spool, source, syntax) as path:
-        return open(path, "rb")
+    removed from the spool (its bytes go when the caller closes it, or drops it; its room
+    counts against the spool's quota until then)."""
+    path = write_transcoded(spool, source, syntax)
+    try:
+        raw = io.FileIO(path, "rb")
+    except BaseException:
+        spool.remove_temp(path)
+        raise
+    spool.remove_temp(path, keep_room=True)
+    return _OpenCopy(raw, lambda: spool.release_room(path))
+
+
+class _OpenCopy(io.BufferedReader):
+    """A removed temp copy open for reading: closing it (or dropping it: the garbage
+    collector closes it) frees its bytes on the disk, and gives its room back to the
+    spool's quota at the same moment."""
+
+    def __init__(self, raw: io.FileIO, release: Callable[[], None]):
+        super().__init__(raw)
+        self._release: Callable[[], None] | None = release
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            release, self._release = getattr(self, "_release", None), None
+            if release is not None:
+                release()
 
 
 def write_transcoded(spool: Spool, source: Path, syntax: str) -> Path:
     """Write the instance at ``source`` in ``syntax`` (Explicit or Implicit VR Little Endian)
     to a new spool temp file; its path, for the caller to remove (``spool.remove_temp``).
-    Raises TranscodeError, SpoolFull (the copy would cut into the free-space floor) or
-    OSError; a half-written temp file is removed first."""
+    Raises TranscodeError, SpoolFull (the copy would cut into the free-space floor or take
+    the spool past its quota) or OSError; a half-written temp file is removed first."""
     if syntax not in TARGETS:
         raise TranscodeError(f"transfer syntax {syntax} is not produced here; "
                              f"only {' or '.join(TARGETS)}")
