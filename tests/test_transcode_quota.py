@@ -113,8 +113,10 @@ def test_a_copy_past_the_quota_is_refused_by_every_sender(tmp_path: Path) -> Non
 
         # Routed to a node without RLE: the attempt fails naming the quota (retried later,
         # as a full disk's is), nothing reaches the node.
-        [job] = wait_for(lambda: [j for j in jobs_of(pas.home) if j["attempts"] >= 1], 60,
-                         what="the routing job's first attempt")
+        # (Counted when the attempt starts; its error is written when it ends.)
+        [job] = wait_for(lambda: [j for j in jobs_of(pas.home)
+                                  if j["attempts"] >= 1 and j["last_error"]], 60,
+                         what="the routing job's first attempt, ended")
         assert refusal in job["last_error"], job["last_error"]
         assert job["state"] in ("pending", "failed"), job
         assert not node.files()
