@@ -252,11 +252,16 @@ class Spool:
         :meth:`remove_temp`; start-up removes what a crash left). ``room``: the bytes it
         will hold, refused (SpoolFull) when they would cut into the free-space floor that
         keeps the modalities' C-STOREs possible."""
+        self.check_temp_room(room)
+        return self._temp_files.take()
+
+    def check_temp_room(self, room: int) -> None:
+        """Refuse (SpoolFull) ``room`` more bytes of temp files when they would cut into the
+        free-space floor: asked again as a temp file whose size was not known ahead grows."""
         free = shutil.disk_usage(self.tmp).free
         if room and free - room < self.min_free_bytes:
             raise SpoolFull(f"disk nearly full: {free} bytes free, {room} needed for a "
                             f"temporary copy, floor {self.min_free_bytes}")
-        return self._temp_files.take()
 
     def remove_temp(self, path: Path) -> None:
         path.unlink(missing_ok=True)
