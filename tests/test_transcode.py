@@ -1,24 +1,36 @@
 """A stored instance re-encoded in little endian (appliance/store/transcode.py) is, byte for
 byte, what pydicom's whole-object decode gives (the frames decoded one at a time, large values
-copied from the file), keeps its SOP Instance UID, and leaves no temp file behind, also when
-it fails. The memory it saves is measured on the daemon in tests/test_transcode_memory.py."""
+copied from the file, a deflated dataset inflated into a temp file), keeps its SOP Instance
+UID, and leaves no temp file behind, also when it fails. The memory it saves is measured on
+the daemon in tests/test_transcode_memory.py, and on large UN values and a deflated object
+in tests/test_transcode_large_values_memory.py."""
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import struct
+import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEGLSLossless,
     RLELossless,
+    SecondaryCaptureImageStorage,
+    generate_uid,
 )
 
 import appliance.store.transcode as transcode
@@ -91,6 +103,54 @@ def _big_endian(folder: Path) -> Path:
     return path
 
 
+def _blob(size: int, seed: int) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
+
+
+def un_element(tag: int, value: bytes) -> DataElement:
+    """An element stored with the VR UN whatever pydicom's dictionary says (a sender that did
+    not know it); pydicom would give a standard one its dictionary VR."""
+    elem = DataElement(tag, "OB", value)
+    elem.VR = "UN"
+    return elem
+
+
+def large_values(path: Path, syntax: str) -> Path:
+    """An object with large values other than OB..OW, in a Latin-1 character set: text (UT
+    with trailing spaces, LT), and, stored explicit, UN ones: private unknown to pydicom
+    (200 kB, and 300 bytes), private known to its dictionary (the Siemens CSA header, OB once
+    converted), standard sent UN (Study Description past 64 kB; Institutional Department Name
+    short, LO once converted), standard unknown to the dictionary. Stored implicit, the
+    private ones have no VR."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.PatientName = "Müller^Jörg"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "OT"
+    ds.add(DataElement(0x0040A160, "UT", "Befund: Läsion ä ö ü ß " * 4000 + "  "))
+    ds.add(DataElement(0x00104000, "LT", ("Kommentar é " * 250)[:3000]))
+    ds.add(DataElement(0x00090010, "LO", "ACME 1.0"))
+    ds.add(DataElement(0x00290010, "LO", "SIEMENS CSA HEADER"))
+    implicit = syntax == ImplicitVRLittleEndian
+    make = (lambda tag, value: DataElement(tag, "OB", value)) if implicit else un_element
+    ds.add(make(0x00091001, _blob(200_000, 1)))
+    ds.add(make(0x00091002, _blob(300, 2)))
+    ds.add(make(0x00291010, _blob(100_000, 3)))
+    if not implicit:
+        ds.add(un_element(0x00081030, _blob(70_000, 4)))
+        ds.add(un_element(0x00081040, b"Radiology  " * 30))
+        ds.add(un_element(0x00209998, _blob(100_000, 5)))
+    ds.Rows = ds.Columns = 16
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = np.arange(256, dtype="<u2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
 def _temp_bytes(spool: Spool) -> list[Path]:
     """Temp files with bytes (the empty ones are created ahead for the next writes)."""
     return [p for p in spool.tmp.glob("*") if p.stat().st_size]
@@ -117,6 +177,13 @@ CASES = {
     "big-endian-32bit": _big_endian,
     "implicit": lambda d: _testdata("MR_small_implicit.dcm"),
     "explicit": lambda d: _testdata("CT_small.dcm"),
+    "un-explicit": lambda d: large_values(d / "un.dcm", ExplicitVRLittleEndian),
+    "un-implicit": lambda d: large_values(d / "un-implicit.dcm", ImplicitVRLittleEndian),
+    # Big endian: the UN values are read whole and copied unswapped, as the old whole-object
+    # swap left them (their structure is unknown).
+    "un-big-endian": lambda d: large_values(d / "un-big-endian.dcm", ExplicitVRBigEndian),
+    "deflated": lambda d: large_values(d / "deflated.dcm", DeflatedExplicitVRLittleEndian),
+    "deflated-image": lambda d: _testdata("image_dfl.dcm"),
 }
 
 
@@ -261,3 +328,142 @@ def test_a_copy_counts_against_the_spool_quota_with_what_the_spool_holds(
     with open_transcoded(Spool(tmp_path / "free", fsync=False, held_bytes=lambda: held[0]),
                          source, EXPLICIT) as handle:
         assert handle.read(4)
+
+
+def _dataset_start(path: Path) -> int:
+    """Where the dataset starts: after the preamble, the prefix and the file meta group."""
+    meta = read_file_meta_info(path)
+    return 128 + 4 + 12 + int(meta.FileMetaInformationGroupLength)
+
+
+def _copies_held() -> list[str]:
+    """Descriptors this process holds on removed spool temp files (a copy, or an inflated
+    dataset, not let go)."""
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.endswith(".part (deleted)"):
+                held.append(target)
+    return held
+
+
+@pytest.mark.parametrize("syntax", [EXPLICIT, IMPLICIT])
+@pytest.mark.parametrize("stored", [ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                                    DeflatedExplicitVRLittleEndian])
+def test_large_values_written_as_read_are_copied_from_the_file(
+        tmp_path: Path, stored: str, syntax: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large value that pydicom's writer writes as the bytes read is copied from the file,
+    never read whole: UN values that stay UN (private, or standard past 64 kB), a private one
+    pydicom knows as OB, and, implicit in and out, the text too. Only the text value the
+    writer converts (the 92 kB UT; the 3 kB LT is under the deferral threshold) is read."""
+    source = large_values(tmp_path / "large.dcm", stored)
+    expected = whole_decode(source, syntax)
+    read: list[int] = []
+    real = transcode.read_deferred_data_element
+
+    def reading(*args: Any) -> Any:
+        read.append(int(args[3].tag))
+        return real(*args)
+
+    monkeypatch.setattr(transcode, "read_deferred_data_element", reading)
+    spool = Spool(tmp_path / "spool", fsync=False)
+    with open_transcoded(spool, source, syntax) as handle:
+        assert handle.read() == expected
+    implicit_kept = stored == ImplicitVRLittleEndian and syntax == IMPLICIT
+    assert read == ([] if implicit_kept else [0x0040A160])  # Text Value (UT)
+    assert not _temp_bytes(spool)
+
+
+def test_a_deflated_object_is_inflated_into_a_temp_file_a_chunk_at_a_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pydicom inflates a deflated dataset whole, in memory (zlib.decompress): it goes to a
+    spool temp file a chunk at a time instead, is read from there with its large values left
+    in it, and the file goes with the copy."""
+    source = large_values(tmp_path / "deflated.dcm", DeflatedExplicitVRLittleEndian)
+    expected = {syntax: whole_decode(source, syntax) for syntax in (EXPLICIT, IMPLICIT)}
+    inflated = len(zlib.decompress(source.read_bytes()[_dataset_start(source):],
+                                   -zlib.MAX_WBITS))
+    spool = Spool(tmp_path / "spool", fsync=False)
+
+    def whole(*args: Any, **kwargs: Any) -> bytes:
+        raise AssertionError("the deflated dataset was inflated whole")
+
+    monkeypatch.setattr(zlib, "decompress", whole)
+    monkeypatch.setattr(transcode, "INFLATE_CHUNK", 4096)  # many chunks, either side
+    monkeypatch.setattr(transcode, "ROOM_STEP", 64 << 10)
+    held: list[int] = []
+    real = transcode.dcmwrite
+
+    def writing(fp: Any, ds: Any, **kwargs: Any) -> None:
+        held.extend(p.stat().st_size for p in _temp_bytes(spool))
+        real(fp, ds, **kwargs)
+
+    monkeypatch.setattr(transcode, "dcmwrite", writing)
+    for syntax in (EXPLICIT, IMPLICIT):
+        with open_transcoded(spool, source, syntax) as handle:
+            assert handle.read() == expected[syntax]
+        assert not _temp_bytes(spool) and not _copies_held()
+    assert held == [inflated, inflated]  # the inflated dataset, while each copy was written
+
+
+class _FillingSpool(Spool):
+    """A spool whose disk fills after ``room_checks`` asks for temp file room (None: never;
+    ``asked`` counts them)."""
+
+    def __init__(self, root: Path, room_checks: int | None):
+        super().__init__(root, fsync=False)
+        self.room_checks, self.asked = room_checks, 0
+
+    def check_temp_room(self, room: int) -> None:
+        self.asked += 1
+        if self.room_checks is not None and self.asked > self.room_checks:
+            raise SpoolFull("disk nearly full (the test's)")
+
+
+def test_a_deflated_object_that_cannot_be_copied_leaves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inflated dataset goes whatever stops the copy: a stream cut short, data that is
+    not deflate, the disk filling while it inflates or before the copy is written, a
+    failure while the copy is written."""
+    source = large_values(tmp_path / "deflated.dcm", DeflatedExplicitVRLittleEndian)
+    data, start = source.read_bytes(), _dataset_start(source)
+    spool = Spool(tmp_path / "spool", fsync=False)
+
+    def nothing_left(spool: Spool) -> None:
+        assert not _temp_bytes(spool) and not _copies_held()
+
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[:start + (len(data) - start) // 2])
+    with pytest.raises(TranscodeError, match="cut short"):
+        open_transcoded(spool, cut, EXPLICIT)
+    nothing_left(spool)
+
+    garbage = tmp_path / "garbage.dcm"  # a block of the reserved type 3: invalid
+    garbage.write_bytes(data[:start] + b"\xff" * 4096)
+    with pytest.raises(TranscodeError, match="cannot be re-encoded.*invalid block type"):
+        open_transcoded(spool, garbage, IMPLICIT)
+    nothing_left(spool)
+
+    monkeypatch.setattr(transcode, "INFLATE_CHUNK", 4096)
+    monkeypatch.setattr(transcode, "ROOM_STEP", 64 << 10)  # asked again every 64 kB
+    counting = _FillingSpool(tmp_path / "counting", None)
+    with open_transcoded(counting, source, EXPLICIT):
+        pass
+    # Asked for the inflated file, as it grows (~570 kB), for the copy.
+    assert counting.asked >= 2 + 8
+    for room_checks in (0, 3, counting.asked - 1):
+        full = _FillingSpool(tmp_path / f"full-{room_checks}", room_checks)
+        with pytest.raises(SpoolFull, match="the test's"):
+            open_transcoded(full, source, EXPLICIT)
+        assert full.asked == room_checks + 1
+        nothing_left(full)
+
+    def failing(fp: Any, ds: Any, **kwargs: Any) -> None:
+        fp.write(b"\0" * 1000)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(transcode, "dcmwrite", failing)
+    with pytest.raises(TranscodeError, match="No space left"):
+        open_transcoded(spool, source, IMPLICIT)
+    nothing_left(spool)

@@ -268,10 +268,7 @@ class Spool:
         the room of the copies not yet let go (several viewers at once). Ingest's own check
         (:meth:`check_room`) does not count copies: a viewer's read never makes a modality's
         C-STORE refused; a copy is what waits."""
-        free = shutil.disk_usage(self.tmp).free
-        if room and free - room < self.min_free_bytes:
-            raise SpoolFull(f"disk nearly full: {free} bytes free, {room} needed for a "
-                            f"temporary copy, floor {self.min_free_bytes}")
+        self.check_temp_room(room)
         held = self._held_bytes() if self.quota_bytes and self._held_bytes else 0
         with self._copies_lock:  # checked and granted at once: two copies cannot both fit
             copies = sum(self._copies.values())
@@ -283,6 +280,14 @@ class Spool:
             path, fd = self._temp_files.take()
             self._copies[path] = room
         return path, fd
+
+    def check_temp_room(self, room: int) -> None:
+        """Refuse (SpoolFull) ``room`` more bytes of temp files when they would cut into the
+        free-space floor: asked again as a temp file whose size was not known ahead grows."""
+        free = shutil.disk_usage(self.tmp).free
+        if room and free - room < self.min_free_bytes:
+            raise SpoolFull(f"disk nearly full: {free} bytes free, {room} needed for a "
+                            f"temporary copy, floor {self.min_free_bytes}")
 
     def remove_temp(self, path: Path, *, keep_room: bool = False) -> None:
         """Remove a temp file. ``keep_room``: a reader still holds it open, so its bytes

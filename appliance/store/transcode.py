@@ -11,17 +11,28 @@ Why: the three callers decoded the whole object with pydicom (``dcmread`` + ``de
 a byte swap, then an encoding in memory): a 300 MB object took the daemon up by 1.2 GB. Here
 the elements read are the small ones (``defer_size``); a large value is a buffer that
 pydicom's writer copies in chunks (byte-swapped on the way when stored big endian), and the
-Pixel Data is decoded one frame at a time as it is written. The result is, byte for byte,
+Pixel Data is decoded one frame at a time as it is written. A Deflated Explicit VR Little
+Endian object is first inflated a megabyte at a time into a spool temp file of its own
+(removed with the copy, or when the copy fails), then read from there like any explicit
+little endian one: pydicom inflated it whole, in memory. The result is, byte for byte,
 what pydicom's whole-object decode gives (``decompress(generate_instance_uid=False)``, or
 the word swap the dicom destination did, then ``save_as(enforce_file_format=True)``): the
 same writer writes it, from a dataset prepared as ``decompress`` prepares it (Photometric
 Interpretation, Planar Configuration, Number of Frames, Pixel Data OB/OW of defined length).
 The SOP Instance UID is kept: it is the same instance in another syntax.
 
-Limits: values of other VRs than OB/OD/OF/OL/OV/OW (a huge UN or UT) are read whole, as is a
-Deflated Explicit VR Little Endian object (pydicom inflates it in memory to read it).
-Every frame must decode to the same size and properties as the first, and to as many frames
-as Number of Frames announces: otherwise :class:`TranscodeError`.
+Large values of other VRs are copied from the file too where pydicom's writer writes the
+bytes read unchanged (:func:`_as_read`): a UN value that stays UN (a private element pydicom
+does not know, a standard one of 64 kB or more) or becomes OB..OW (a private one it knows),
+and any value when the copy keeps the stored Implicit VR (no VR is written, the raw bytes
+are). Limits, read whole as the writer converts them: a large text value (UT, LT...) in an
+Explicit VR copy (its writer encodes a str and takes no buffer) or when the VR encoding
+changes (decoded, encoded again: the bytes may change), a sequence of defined length, a
+value of odd or undefined length; in a big endian object every value but the OB..OW ones, a
+UN among them (copied as stored, unswapped, as the old whole-object swap left it: its
+structure is unknown). Every frame must decode to the same size and properties as the
+first, and to as many frames as Number of Frames announces: otherwise
+:class:`TranscodeError`.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -37,9 +49,18 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
-from pydicom.dataset import Dataset
-from pydicom.filereader import read_deferred_data_element
+from pydicom.dataset import Dataset, FileDataset
+from pydicom.filebase import DicomIO
+from pydicom.filereader import (
+    _read_command_set_elements,
+    _read_file_meta_info,
+    read_dataset,
+    read_deferred_data_element,
+    read_file_meta_info,
+    read_preamble,
+)
 from pydicom.filewriter import dcmwrite
+from pydicom.hooks import hooks
 from pydicom.pixels import get_decoder
 from pydicom.pixels.utils import as_pixel_options
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -55,6 +76,8 @@ TARGETS = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
 # Values made of words whose bytes a big endian encoding reverses: VR -> word size.
 WORD_SIZE = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
 WRITE_BUFFER = 1 << 20
+INFLATE_CHUNK = 1 << 20  # deflated bytes read, and inflated bytes made, at a time
+ROOM_STEP = 16 << 20  # the inflated file's room is asked again each time it grows this much
 
 
 class TranscodeError(Exception):
@@ -108,21 +131,26 @@ def write_transcoded(spool: Spool, source: Path, syntax: str) -> Path:
     """Write the instance at ``source`` in ``syntax`` (Explicit or Implicit VR Little Endian)
     to a new spool temp file; its path, for the caller to remove (``spool.remove_temp``).
     Raises TranscodeError, SpoolFull (the copy would cut into the free-space floor or take
-    the spool past its quota) or OSError; a half-written temp file is removed first."""
+    the spool past its quota) or OSError; a half-written temp file is removed first, as is
+    the inflated dataset of a deflated object in every case."""
     if syntax not in TARGETS:
         raise TranscodeError(f"transfer syntax {syntax} is not produced here; "
                              f"only {' or '.join(TARGETS)}")
-    fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        ds, room = _prepared(source, fd, UID(syntax))
-        path, out_fd = spool.open_temp(room)
-        try:
-            with os.fdopen(out_fd, "wb", buffering=WRITE_BUFFER) as out:
-                dcmwrite(out, ds, enforce_file_format=True)
-        except BaseException:
-            spool.remove_temp(path)
-            raise
-        return path
+        with contextlib.ExitStack() as held:  # the files values are copied from
+            ds, fd, room = _read(spool, source, held)
+            _prepare(ds, fd, UID(syntax))
+            # The copy's size, at most: the decoded pixels and everything else the file holds.
+            room += _decompress(ds) if _decoded(ds) else 0
+            ds.file_meta.TransferSyntaxUID = syntax
+            path, out_fd = spool.open_temp(room)
+            try:
+                with os.fdopen(out_fd, "wb", buffering=WRITE_BUFFER) as out:
+                    dcmwrite(_Output(out), ds, enforce_file_format=True)
+            except BaseException:
+                spool.remove_temp(path)
+                raise
+            return path
     except (TranscodeError, SpoolFull):
         raise
     except BaseException as exc:
@@ -132,20 +160,89 @@ def write_transcoded(spool: Spool, source: Path, syntax: str) -> Path:
             raise
         raise TranscodeError(f"{source.name}: cannot be re-encoded in {UID(syntax).name}: "
                              f"{exc}") from exc
-    finally:
-        os.close(fd)
 
 
-def _prepared(source: Path, fd: int, syntax: UID) -> tuple[Dataset, int]:
-    """The dataset to write (large values as buffers over ``fd``) and the bytes it takes."""
-    ds = dcmread(source, defer_size=DEFER_BYTES)
+def _read(spool: Spool, source: Path,
+          held: contextlib.ExitStack) -> tuple[FileDataset, int, int]:
+    """The stored dataset, its large values left in the file (``defer_size``); a descriptor
+    on that file (the inflated copy for a deflated object), closed with ``held``; the bytes
+    the copy takes at most, not counting decoded pixels."""
+    deflated = UID(read_file_meta_info(source).get("TransferSyntaxUID", "")).is_deflated
+    if deflated and (read := _inflated(spool, source, held)) is not None:
+        return read
+    fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    held.callback(os.close, fd)
+    return dcmread(source, defer_size=DEFER_BYTES), fd, os.fstat(fd).st_size
+
+
+def _inflated(spool: Spool, source: Path,
+              held: contextlib.ExitStack) -> tuple[FileDataset, int, int] | None:
+    """A deflated object read as ``dcmread`` reads it (``read_partial``: the preamble, the
+    file meta, then the dataset inflated), but inflated a chunk at a time into a spool temp
+    file, which ``held`` removes, and read from there with its large values left in it:
+    offsets in the stored file are not offsets in the dataset. None when no dataset follows
+    the file meta (nothing to inflate: ``dcmread`` reads it as it is)."""
+    with open(source, "rb") as stored:
+        preamble = read_preamble(stored, False)
+        file_meta = _read_file_meta_info(stored)
+        command_set = _read_command_set_elements(stored)
+        start = stored.tell()
+        if not stored.read(1):
+            return None
+        stored.seek(start)
+        path, fd = spool.open_temp(ROOM_STEP)
+        held.callback(spool.remove_temp, path)
+        with os.fdopen(fd, "wb", buffering=0) as inflated:
+            _inflate(stored, inflated, spool)
+    read_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    held.callback(os.close, read_fd)
+    with open(path, "rb") as handle:
+        dataset = read_dataset(handle, False, True, defer_size=DEFER_BYTES)
+    if command_set:
+        dataset.update(command_set)
+    ds = FileDataset(str(path), dataset, preamble, file_meta, False, True)
+    ds.set_original_encoding(False, True, dataset._character_set)
+    return ds, read_fd, start + os.fstat(read_fd).st_size
+
+
+def _inflate(stored: BinaryIO, inflated: BinaryIO, spool: Spool) -> None:
+    """The raw deflate stream from ``stored``'s position (PS3.5 A.5), inflated into
+    ``inflated``, ``INFLATE_CHUNK`` at most in memory either side; the room it takes asked of
+    the spool as it grows. What follows the end of the stream (the writer's padding byte) is
+    ignored, as ``zlib.decompress`` ignores it; a stream cut short is refused as it fails."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    written = asked = 0
+    while not inflater.eof and (pending := stored.read(INFLATE_CHUNK)):
+        while pending and not inflater.eof:
+            chunk = inflater.decompress(pending, INFLATE_CHUNK)
+            pending = inflater.unconsumed_tail
+            inflated.write(chunk)
+            written += len(chunk)
+            if written - asked >= ROOM_STEP:
+                spool.check_temp_room(ROOM_STEP)
+                asked = written
+    inflated.write(inflater.flush())
+    if not inflater.eof:
+        raise TranscodeError("the deflated dataset is cut short: its deflate stream does not "
+                             "end")
+
+
+def _decoded(ds: Dataset) -> bool:
+    return UID(ds.file_meta.TransferSyntaxUID).is_compressed and PIXEL_DATA in ds
+
+
+def _prepare(ds: FileDataset, fd: int, syntax: UID) -> None:
+    """Large values made buffers over ``fd``, read whole where they must be (see the module's
+    docstring); everything converted to little endian when stored big endian."""
     stored = UID(ds.file_meta.TransferSyntaxUID)
-    size = os.fstat(fd).st_size
-    if stored.is_deflated:  # offsets in the file are not offsets in the dataset
-        ds = dcmread(source)
-    decode = stored.is_compressed and PIXEL_DATA in ds
+    decode = _decoded(ds)
     swap = not stored.is_little_endian
     bits = int(ds.get("BitsAllocated", 16) or 16)
+    size = os.fstat(fd).st_size
+    # Whether pydicom's writer converts every element (another VR encoding or character
+    # set) rather than writing the raw ones as read.
+    converted = (ds.original_encoding != (syntax.is_implicit_VR, syntax.is_little_endian)
+                 or ds.original_character_set != ds._character_set)
     for tag in list(ds.keys()):
         raw = ds.get_item(tag, keep_deferred=True)
         if decode and tag == PIXEL_DATA:
@@ -154,27 +251,68 @@ def _prepared(source: Path, fd: int, syntax: UID) -> tuple[Dataset, int]:
                                                                 size - raw.value_tell)))
             continue
         if _deferred(raw):
-            # (An odd length, malformed, is read whole too: pydicom's writer would pad a
-            # buffered one after writing its odd length.)
-            vr = _vr(raw) if raw.length != UNDEFINED_LENGTH and raw.length % 2 == 0 else None
+            # (An odd length, malformed, is read whole: pydicom's writer would pad a
+            # buffered OB after writing its odd length.)
+            even = raw.length != UNDEFINED_LENGTH and raw.length % 2 == 0
+            vr = _vr(raw) if even else None
             if vr in BUFFERABLE_VRS:
                 word = _word(vr, tag, bits, raw.length) if swap else 1
                 _replace(ds, DataElement(tag, vr, _FileRange(fd, raw.value_tell,
                                                              raw.length, word)))
                 continue
-            # Another VR (or an undefined length): read whole, still raw, as a full read
-            # leaves it (converting it could change it: a UN given its dictionary VR).
-            _replace(ds, read_deferred_data_element(open, str(source), None, raw))
+            vr = _as_read(ds, raw, converted) if even and not swap else None
+            if vr is not None:
+                value = _FileRange(fd, raw.value_tell, raw.length)
+                _replace(ds, _unknown(tag, value) if vr == VR.UN else DataElement(tag, vr,
+                                                                                  value))
+                continue
+            # Read whole, still raw, as a full read leaves it (converting it could change
+            # it: a UN given its dictionary VR); the writer converts it if it must.
+            _replace(ds, read_deferred_data_element(open, ds.filename, None, raw))
         if swap:
             _swap_words(ds[tag], bits)  # read, converted while the encoding is big endian
     if swap:
         # What the dicom destination's swap did (every element converted, word values
         # swapped): the dataset is little endian now.
         ds.set_original_encoding(False, True, ds.original_character_set)
-    # The copy's size, at most: the decoded pixels and everything else the file holds.
-    room = size + (_decompress(ds, stored) if decode else 0)
-    ds.file_meta.TransferSyntaxUID = syntax
-    return ds, room
+
+
+def _as_read(ds: Dataset, raw: RawDataElement, converted: bool) -> str | None:
+    """The VR to give a buffer over this little endian value when pydicom's writer writes it
+    as the bytes read (None: it does not, read it whole). Unconverted, a raw element is
+    written as read: in implicit VR whatever its VR (none is written: a UN), in explicit VR
+    a UN (the VR read is written, and the writer of a text VR takes no buffer). Converted, a
+    value stays bytes when pydicom gives it the VR UN (a private element it does not know, a
+    standard one of 64 kB or more, written UN) or one of OB..OW (a private one it knows),
+    asked of its own hook."""
+    if not converted:
+        return VR.UN if raw.is_implicit_VR or raw.VR == VR.UN else None
+    data: dict[str, Any] = {}
+    # The hook reads only the value's length (a standard UN shorter than 0xFFFF bytes takes
+    # its dictionary VR); it may convert the private creator, as the writer does next.
+    hooks.raw_element_vr(raw._replace(value=_Unread(raw.length)), data, ds=ds,
+                         **hooks.raw_element_kwargs)
+    vr = str(data["VR"])
+    return vr if vr == VR.UN or vr in WORD_SIZE or vr == VR.OB else None
+
+
+def _unknown(tag: int, value: _FileRange) -> DataElement:
+    """A UN element whose value is copied from the file as it is written. pydicom's setter
+    takes a buffer for the OB..OW VRs only; its UN writer hands the value to the output's
+    write as it is, which :class:`_Output` copies in chunks."""
+    elem = DataElement(tag, VR.OB, value)
+    elem.VR = VR.UN
+    return elem
+
+
+class _Unread:
+    """The value of a deferred element, of which only the length is known."""
+
+    def __init__(self, length: int):
+        self._length = length
+
+    def __len__(self) -> int:
+        return self._length
 
 
 def _replace(ds: Dataset, elem: DataElement | RawDataElement) -> None:
@@ -195,7 +333,7 @@ def _vr(raw: RawDataElement) -> str | None:
     try:
         return str(dictionary_VR(raw.tag))
     except KeyError:
-        return None  # private, unknown: read whole as pydicom reads it
+        return None  # private, unknown: see _as_read
 
 
 def _word(vr: str, tag: int, bits: int, length: int) -> int:
@@ -221,9 +359,10 @@ def _swap_words(elem: DataElement, bits: int) -> None:
                                  .astype(f"<u{size}").tobytes())
 
 
-def _decompress(ds: Dataset, stored: UID) -> int:
+def _decompress(ds: Dataset) -> int:
     """Prepare ``ds`` as pydicom's ``decompress(generate_instance_uid=False)`` leaves it,
     its Pixel Data a stream of frames decoded as they are read; the decoded length."""
+    stored = UID(ds.file_meta.TransferSyntaxUID)
     decoder = get_decoder(stored)
     if not decoder.is_available:
         missing = "; ".join(decoder.missing_dependencies)
@@ -243,6 +382,24 @@ def _decompress(ds: Dataset, stored: UID) -> int:
     if "NumberOfFrames" in ds or count > 1:
         ds.NumberOfFrames = count
     return stream.length
+
+
+class _Output(DicomIO):
+    """The copy's file as pydicom's writer sees it, that also takes a value stream (a UN
+    value, see :func:`_unknown`) and copies it in chunks."""
+
+    def __init__(self, file: BinaryIO):
+        super().__init__(file)
+        self._write_bytes = file.write
+        self.write = self._write  # type: ignore[method-assign]  # DicomIO binds file.write
+
+    def _write(self, data: Any) -> int:
+        if not isinstance(data, _ValueStream):
+            return self._write_bytes(data)
+        written = 0
+        while chunk := data.read(WRITE_BUFFER):
+            written += self._write_bytes(chunk)
+        return written
 
 
 class _ValueStream(io.BufferedIOBase):
