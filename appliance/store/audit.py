@@ -3,12 +3,15 @@
 Owns: writing and reading the ``audit`` table (triggers in the schema forbid UPDATE and
 DELETE). Health-data hosting rules require this traceability; events are shaped after the
 DICOM PS3.15 audit messages (store, query, retrieve, export, delete, configuration, enrolment).
+Reading is :func:`search` (``pas audit``): the filters a privacy officer asks with (a period,
+a patient, a study, an event kind, the failures), so nobody opens the database by hand.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from appliance.store.db import Database, now
@@ -50,3 +53,88 @@ def recent(db: Database, limit: int = 100, event: str | None = None) -> list[dic
         where, params = "WHERE event = ?", [event]
     rows = db.query(f"SELECT * FROM audit {where} ORDER BY id DESC LIMIT ?", (*params, limit))
     return [dict(r) for r in rows]
+
+
+# The events PAS writes, and what one row of each records. ``pas audit --event`` accepts
+# these names only: a mistyped one listed nothing, which reads as "it never happened".
+EVENTS: dict[str, str] = {
+    "store": "instances received: one row per C-STORE association or STOW-RS request",
+    "query": "a C-FIND or QIDO-RS search: the keys asked and the count answered",
+    "retrieve": "a C-MOVE, C-GET or WADO-RS request, or a prior fetched from the region",
+    "delete": "a study evicted from the cache, or purged by an operator",
+    "pin": "a study pinned in the cache by an operator",
+    "unpin": "a study unpinned by an operator",
+    "hl7": "an HL7 message refused",
+    "integrity": "a stored file found missing, damaged or orphaned",
+    "repair": "an instance restored from the region",
+    "verify": "a pas verify run and its findings",
+    "recovery": "what start-up recovery found and fixed",
+    "config": "the configuration changed since the last start",
+    "security": "file permissions tightened at start-up",
+    "clock": "the wall clock stepped, stored deadlines re-based",
+    "alert": "the disk alert raised or cleared",
+}
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    """What :func:`search` keeps; every field left empty keeps every row.
+
+    ``since`` is inclusive and ``until`` exclusive (epoch seconds), so consecutive periods
+    never count a row twice. ``failures``: every outcome but ``success`` (a cancelled
+    retrieve is not a success either)."""
+
+    since: float | None = None
+    until: float | None = None
+    events: tuple[str, ...] = ()
+    patient: str | None = None
+    study: str | None = None
+    failures: bool = False
+
+
+# The target as a list of words between commas: a store row lists its studies with commas,
+# a DICOMweb row its URL path with slashes, a query or retrieve its keys as ``Key=value``
+# separated by spaces (a UID list with backslashes). A study is named when one of these
+# words is its UID, exactly: 1.2.3 must not find 1.2.34.
+_TARGET_WORDS = ("(',' || replace(replace(replace(replace(coalesce(a.target, ''), '/', ','), "
+                 "' ', ','), '=', ','), '\\', ',') || ',')")
+
+
+def _where(wanted: AuditFilter) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    params: list[Any] = []
+    if wanted.since is not None:
+        clauses.append("a.at >= ?")
+        params.append(wanted.since)
+    if wanted.until is not None:
+        clauses.append("a.at < ?")
+        params.append(wanted.until)
+    if wanted.events:
+        clauses.append(f"a.event IN ({','.join('?' * len(wanted.events))})")
+        params.extend(wanted.events)
+    if wanted.failures:
+        clauses.append("a.outcome != 'success'")
+    if wanted.study is not None:
+        clauses.append(f"instr({_TARGET_WORDS}, ',' || ? || ',') > 0")
+        params.append(wanted.study)
+    if wanted.patient is not None:
+        # The table names studies, not patients: a row is the patient's when it names one of
+        # the patient's studies the index holds, or when a query or retrieve asked for this
+        # PatientID exactly (instr, not LIKE: IDs are case-sensitive and hold '_' and '%').
+        clauses.append(
+            "(instr(' ' || coalesce(a.target, '') || ' ', ' PatientID=' || ? || ' ') > 0"
+            " OR EXISTS (SELECT 1 FROM patients p JOIN studies s ON s.patient_fk = p.id"
+            f" WHERE p.patient_id = ? AND instr({_TARGET_WORDS}, ',' || s.study_uid || ',') > 0))")
+        params.extend([wanted.patient, wanted.patient])
+    return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def search(db: Database, wanted: AuditFilter, limit: int) -> tuple[list[dict[str, Any]], int]:
+    """The rows ``wanted`` keeps, newest first (by id: the order they were written, whatever
+    the wall clock did), at most ``limit``; and how many matched in all, so that a reader
+    is told when the list was cut."""
+    where, params = _where(wanted)
+    rows = db.query(f"SELECT a.* FROM audit a {where} ORDER BY a.id DESC LIMIT ?",
+                    (*params, limit))
+    matched = db.query_one(f"SELECT count(*) FROM audit a {where}", tuple(params))
+    return [dict(r) for r in rows], int(matched[0]) if matched else 0
