@@ -1,6 +1,8 @@
 """``pas audit`` on rows written the real way: a running daemon (WAL, the CLI beside it)
 takes three associations from DCMTK storescu and three C-FINDs from findscu, and an operator
-pins and tries to purge with ``pas cache``. Every listing is the CLI's, run as a process."""
+pins, tries to purge, then purges with ``pas cache``. Every listing is the CLI's, run as a
+process. Each row records its patients as it is written: the MR study is purged, and its rows
+are still found by patient."""
 
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ from tests.support.peers import (
 
 CT_A, CT_B, MR = "A002304", "A027284", "FA191122"  # patients: the CT ones have two studies
 OPERATOR = f"operator:{getpass.getuser()}"
-COLUMNS = ["id", "at", "time", "event", "actor", "source", "target", "outcome", "detail"]
+COLUMNS = ["id", "at", "time", "event", "actor", "source", "target", "outcome", "detail",
+           "patient"]
 
 
 def _studies(folder: Path, patient: str, count: int | None = None) -> dict[str, list[Path]]:
@@ -110,12 +113,13 @@ def trail(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trail]:
         _store(pas, [p for files in mr.values() for p in files], "MR1")
         (ct_b_uid,), (mr_uid,) = ct_b, mr
         _find(pas, "QueryRetrieveLevel=STUDY", f"PatientID={CT_A}", "StudyInstanceUID=")
-        _find(pas, "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={mr_uid}")
+        _find(pas, "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={mr_uid}\\{ct_b_uid}")
         _find(pas, "QueryRetrieveLevel=FOO", "StudyInstanceUID=")
         first = sorted(ct_a)[0]
         pas.cli("cache", "pin", first, "--days", "1")
         assert pas.cli("cache", "pin", "1.2.3.4", check=False).returncode == 1
         assert pas.cli("cache", "purge", ct_b_uid, check=False).returncode == 1  # unconfirmed
+        pas.cli("cache", "purge", mr_uid, "--force")  # gone from the index: MR's rows stay his
         yield Trail(pas, sorted(ct_a), ct_b_uid, mr_uid)
     finally:
         pas.stop()
@@ -124,19 +128,25 @@ def trail(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trail]:
 def _expected(t: Trail) -> list[tuple[str, str | None, str | None, str]]:
     """Every row the fixture made, newest first, as (event, actor, target, outcome)."""
     return [
+        ("delete", OPERATOR, t.mr, "success"),
         ("delete", OPERATOR, t.ct_b,
          f"failure: study {t.ct_b}: 3 instances not confirmed at the region"),
         ("pin", OPERATOR, "1.2.3.4", "failure: unknown study"),
         ("pin", OPERATOR, t.ct_a[0], "success"),
         ("query", "VIEWER", "FOO",
          "failure: QueryRetrieveLevel 'FOO' is not PATIENT, STUDY, SERIES or IMAGE"),
-        ("query", "VIEWER", f"STUDY StudyInstanceUID={t.mr}", "success"),
+        ("query", "VIEWER", f"STUDY StudyInstanceUID={t.mr}\\{t.ct_b}", "success"),
         ("query", "VIEWER", f"STUDY PatientID={CT_A}", "success"),
         ("store", "MR1", t.mr, "success"),
         ("store", "CT2", t.ct_b, "success"),
         ("store", "CT1", ",".join(t.ct_a), "success"),
         ("config", "system", None, "success"),  # the daemon's first start
     ]
+
+
+def _patients(t: Trail) -> list[str | None]:
+    """The patients recorded with each row of :func:`_expected` (backslash-separated)."""
+    return [MR, CT_B, None, CT_A, None, f"{CT_B}\\{MR}", CT_A, MR, CT_B, CT_A, None]
 
 
 def test_lists_every_row_newest_first_with_every_column(trail: Trail) -> None:
@@ -152,41 +162,48 @@ def test_lists_every_row_newest_first_with_every_column(trail: Trail) -> None:
     assert details["store", "CT1"] == "6 instances stored, 0 refused"
     assert details["store", "MR1"] == "3 instances stored, 0 refused"
     assert [r["source"] for r in rows if r["event"] in ("store", "query")] == ["127.0.0.1"] * 6
+    assert [r["patient"] for r in rows] == _patients(trail)
 
     table = trail.audit().stdout
     lines = table.splitlines()
-    assert lines[0].strip() == "10 audit rows"
+    assert lines[0].strip() == "11 audit rows"
     listed_ids = [int(line.split("│")[1]) for line in lines if line.startswith("│ ")
                   and line.split("│")[1].strip().isdigit()]
     assert listed_ids == [r["id"] for r in rows]
     for uid in (*trail.ct_a, trail.ct_b, trail.mr):
         assert uid in table
+    header = next(line for line in lines if "event" in line)
+    assert [c.strip() for c in header.strip("┃").split("┃")] == [
+        "id", "time", "event", "actor", "source", "patient", "target", "outcome", "detail"]
+    assert MR in table and CT_B in table
     assert "shown" not in table  # nothing left out
 
 
 def test_filters_by_event_outcome_study_and_patient(trail: Trail) -> None:
     expected = _expected(trail)
     assert trail.listed("--event", "store") == [r for r in expected if r[0] == "store"]
-    assert trail.listed("--event", "pin", "--event", "delete") == expected[:3]
+    assert trail.listed("--event", "pin", "--event", "delete") == expected[:4]
     assert trail.listed("--failures") == [r for r in expected if r[3] != "success"]
     assert len(trail.listed("--failures")) == 3
     assert trail.listed("--event", "hl7") == []
 
     # A study is found as a word of the target: alone, in a store row's list, in a query's
     # keys; never as a prefix (every CT UID begins with the first one's root).
-    assert trail.listed("--study", trail.ct_a[0]) == [expected[2], expected[8]]
-    assert trail.listed("--study", trail.ct_a[1]) == [expected[8]]
-    assert trail.listed("--study", trail.mr) == [expected[4], expected[6]]
+    assert trail.listed("--study", trail.ct_a[0]) == [expected[3], expected[9]]
+    assert trail.listed("--study", trail.ct_a[1]) == [expected[9]]
+    assert trail.listed("--study", trail.mr) == [expected[0], expected[5], expected[7]]
+    assert trail.listed("--study", trail.ct_b) == [expected[1], expected[5], expected[8]]
     assert trail.listed("--study", trail.ct_a[0].rsplit(".", 1)[0]) == []
 
-    # A patient: the rows naming their studies (through the index) and the queries that
-    # asked for their PatientID.
-    assert trail.listed("--patient", CT_A) == [expected[2], expected[5], expected[8]]
-    assert trail.listed("--patient", CT_B) == [expected[0], expected[7]]
-    assert trail.listed("--patient", MR) == [expected[4], expected[6]]
+    # A patient: the rows naming their studies, and the queries that asked for their
+    # PatientID; the MR study's rows too, though it was purged (no index row left).
+    assert trail.listed("--patient", CT_A) == [expected[3], expected[6], expected[9]]
+    assert trail.listed("--patient", CT_B) == [expected[1], expected[5], expected[8]]
+    assert trail.listed("--patient", MR) == [expected[0], expected[5], expected[7]]
     assert trail.listed("--patient", CT_A.lower()) == []  # IDs are case-sensitive
-    assert trail.listed("--patient", CT_A, "--event", "store") == [expected[8]]
-    assert trail.listed("--patient", CT_B, "--failures") == [expected[0]]
+    assert trail.listed("--patient", CT_A[:-1]) == []  # and whole
+    assert trail.listed("--patient", CT_A, "--event", "store") == [expected[9]]
+    assert trail.listed("--patient", CT_B, "--failures") == [expected[1]]
 
 
 def test_filters_by_period(trail: Trail) -> None:
@@ -215,13 +232,12 @@ def test_filters_by_period(trail: Trail) -> None:
 
 
 def test_limit_shows_the_newest_and_says_how_many_matched(trail: Trail) -> None:
-    expected = _expected(trail)
     table = trail.audit("--limit", "2")
-    assert table.stdout.splitlines()[0].strip() == "10 audit rows"
+    assert table.stdout.splitlines()[0].strip() == "11 audit rows"
     assert table.stdout.splitlines()[-1] == (
-        "2 of 10 matching rows shown, the newest: --limit 10 to see them all")
-    assert expected[0][2] in table.stdout and "1.2.3.4" in table.stdout
-    assert trail.ct_a[0] not in table.stdout
+        "2 of 11 matching rows shown, the newest: --limit 11 to see them all")
+    assert trail.mr in table.stdout and trail.ct_b in table.stdout
+    assert "1.2.3.4" not in table.stdout and trail.ct_a[0] not in table.stdout
 
     as_json = trail.audit("--json", "--limit", "2", "--event", "store")
     assert [r["actor"] for r in json.loads(as_json.stdout)] == ["MR1", "CT2"]
@@ -271,3 +287,34 @@ def test_bad_input_is_refused_naming_the_option_and_value(trail: Trail, tmp_path
                             env={**environ, "PAS_HOME": str(nowhere)}, timeout=60)
     assert result.returncode == 2 and message in _plain(result.stderr)
     assert not nowhere.exists()
+
+
+def test_rows_written_before_patients_were_recorded_are_found_through_the_index(
+        tmp_path: Path) -> None:
+    """A database from before migration 8: its rows have no patient column. After the
+    upgrade they are still found by patient while the study is indexed, beside new rows
+    that record it."""
+    from appliance.store import audit, index
+    from appliance.store.db import Database
+    from appliance.store.index import InstanceRecord, StoredFile
+    from appliance.store.schema import MIGRATIONS
+
+    home = tmp_path / "pas"
+    old = Database(home / "pas.sqlite", migrations=MIGRATIONS[:-1])
+    index.record_instance(old, InstanceRecord(
+        "1.2.9.1.1", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1", "1.2.9", "1.2.9.1",
+        patient_id="P_1", modality="CT"), StoredFile("aa/1.dcm", 100, "0" * 64))
+    with old.transaction() as conn:  # as the previous version's audit.record wrote it
+        conn.execute("INSERT INTO audit (at, event, actor, source, target, outcome, detail) "
+                     "VALUES (1, 'retrieve', 'VIEWER', '10.1.1.1', '1.2.9', 'success', NULL)")
+    old.close()
+    new = Database(home / "pas.sqlite")  # what pas run does first: migrations run
+    audit.record(new, "pin", actor="operator:x", target="1.2.9")
+    new.close()
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PAS_")}
+    result = subprocess.run([str(PAS_BIN), "audit", "--json", "--patient", "P_1"],
+                            env={**environ, "PAS_HOME": str(home)}, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert [(r["event"], r["target"], r["patient"]) for r in json.loads(result.stdout)] == [
+        ("pin", "1.2.9", "P_1"), ("retrieve", "1.2.9", None)]

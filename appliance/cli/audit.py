@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from appliance.cli.common import ROW_ID_MAX, ConfigOption, JsonOption, console, err
-from appliance.store.audit import EVENTS, AuditFilter
+from appliance.store.audit import EVENTS, PATIENT_SEPARATOR, AuditFilter
 from appliance.words import counted
 
 # The event kinds as a parser type: an unknown --event is refused with the list, and
@@ -77,6 +77,11 @@ def _target(value: str | None) -> Text:
     return _shown(value)
 
 
+def _patients(value: str | None) -> Text:
+    """The patients recorded with a row, one per line (stored backslash-separated)."""
+    return Text("\n").join(_shown(p) for p in (value or "").split(PATIENT_SEPARATOR))
+
+
 def _local(at: float) -> str:
     return dt.datetime.fromtimestamp(at).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -121,8 +126,9 @@ def audit(config: Path | None = ConfigOption,
           until: str | None = typer.Option(None, "--until", help=(
               "Rows written before this, same forms (a date alone includes that day)")),
           patient: str | None = typer.Option(None, "--patient", help=(
-              "Rows about this patient (PatientID): naming one of the patient's studies the "
-              "cache still indexes, or a query or retrieve that asked for this PatientID")),
+              "Rows about this patient (PatientID), as recorded with each row (older rows: "
+              "naming a study of the patient's the cache still indexes, or a query for this "
+              "PatientID)")),
           study: str | None = typer.Option(None, "--study", help=(
               "Rows naming this Study Instance UID")),
           events: list[AuditEvent] | None = typer.Option(None, "--event", help=(
@@ -151,14 +157,16 @@ def audit(config: Path | None = ConfigOption,
         return
     table = Table(title=counted(matched, "audit row"))
     # Folded, never cut with "…": a UID or a time cut short names nothing.
-    for column in ("id", "time", "event", "actor", "source", "target", "outcome", "detail"):
+    for column in ("id", "time", "event", "actor", "source", "patient", "target", "outcome",
+                   "detail"):
         table.add_column(column, overflow="fold")
     for r in rows:
         outcome = _shown(r["outcome"])
         if r["outcome"] != "success":
             outcome.stylize("red")
         table.add_row(str(r["id"]), _local(r["at"]), _shown(r["event"]), _shown(r["actor"]),
-                      _shown(r["source"]), _target(r["target"]), outcome, _shown(r["detail"]))
+                      _shown(r["source"]), _patients(r["patient"]), _target(r["target"]),
+                      outcome, _shown(r["detail"]))
     console.print(table)
     if more:
         console.print(more, highlight=False)

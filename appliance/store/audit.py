@@ -5,11 +5,18 @@ DELETE). Health-data hosting rules require this traceability; events are shaped 
 DICOM PS3.15 audit messages (store, query, retrieve, export, delete, configuration, enrolment).
 Reading is :func:`search` (``pas audit``): the filters a privacy officer asks with (a period,
 a patient, a study, an event kind, the failures), so nobody opens the database by hand.
+
+Why each row records its patients (``patient``, migration 8) when it is written: a row names
+studies (or instances, or a query's keys), and the index ties a study to its patient only
+while the study is in the cache. Once evicted or purged, the store, retrieve and delete rows
+of that study could no longer be found by patient, which is the question an auditor asks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,18 +37,51 @@ def remove_sink(sink: Callable[[dict[str, Any]], None]) -> None:
         _sinks.remove(sink)
 
 
+# How a target is cut into words (see _TARGET_WORDS below), which of them are UIDs, and the
+# PatientID a query asked for (``LEVEL Key=value Key=value``).
+_WORD_SEPARATORS = re.compile(r"[,/ =\\]")
+_UID_WORD = re.compile(r"[0-9]+(\.[0-9]+)+")
+_PATIENT_KEY = re.compile(r"(?:^| )PatientID=(\S+)")
+PATIENT_SEPARATOR = "\\"  # DICOM's value separator: never inside a PatientID (LO)
+
+
+def _patients_named(conn: sqlite3.Connection, target: str | None) -> set[str]:
+    """The PatientIDs a target is about: the patients of the studies or instances it names,
+    as the index holds them now, and a PatientID a query or retrieve asked for exactly (a
+    wildcard names nobody in particular)."""
+    if not target:
+        return set()
+    found = {asked for asked in _PATIENT_KEY.findall(target)
+             if not any(c in asked for c in "*?\\")}
+    uids = sorted({w for w in _WORD_SEPARATORS.split(target) if _UID_WORD.fullmatch(w)})
+    if uids:
+        marks = ",".join("?" * len(uids))
+        found.update(r[0] for r in conn.execute(
+            "SELECT p.patient_id FROM studies s JOIN patients p ON p.id = s.patient_fk "
+            f"WHERE s.study_uid IN ({marks}) UNION "
+            "SELECT p.patient_id FROM instances i JOIN studies s ON s.id = i.study_fk "
+            f"JOIN patients p ON p.id = s.patient_fk WHERE i.sop_instance_uid IN ({marks})",
+            (*uids, *uids)))
+    return found
+
+
 def record(db: Database, event: str, *, actor: str | None, outcome: str = "success",
            target: str | None = None, source: str | None = None,
-           detail: str | None = None) -> None:
+           detail: str | None = None, patient: str | None = None) -> None:
+    """Append one row. Its patients are looked up from ``target`` in the same transaction;
+    ``patient`` adds one the index can no longer tell (a study just evicted)."""
     at = now()
     with db.transaction() as conn:
+        patients = _patients_named(conn, target) | ({patient} if patient else set())
+        named = PATIENT_SEPARATOR.join(sorted(patients)) or None
         cursor = conn.execute(
-            "INSERT INTO audit (at, event, actor, source, target, outcome, detail) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (at, event, actor, source, target, outcome, detail),
+            "INSERT INTO audit (at, event, actor, source, target, outcome, detail, patient) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (at, event, actor, source, target, outcome, detail, named),
         )
     entry = {"id": cursor.lastrowid, "at": at, "event": event, "actor": actor,
-             "source": source, "target": target, "outcome": outcome, "detail": detail}
+             "source": source, "target": target, "outcome": outcome, "detail": detail,
+             "patient": named}
     for sink in list(_sinks):
         with contextlib.suppress(Exception):  # the trail itself is committed already
             sink(entry)
@@ -118,14 +158,16 @@ def _where(wanted: AuditFilter) -> tuple[str, list[Any]]:
         clauses.append(f"instr({_TARGET_WORDS}, ',' || ? || ',') > 0")
         params.append(wanted.study)
     if wanted.patient is not None:
-        # The table names studies, not patients: a row is the patient's when it names one of
-        # the patient's studies the index holds, or when a query or retrieve asked for this
-        # PatientID exactly (instr, not LIKE: IDs are case-sensitive and hold '_' and '%').
+        # The patients recorded with the row; for rows written before they were (migration
+        # 8), one of the patient's studies the index still holds, or a query or retrieve that
+        # asked for this PatientID exactly (instr, not LIKE: IDs are case-sensitive and hold
+        # '_' and '%').
         clauses.append(
-            "(instr(' ' || coalesce(a.target, '') || ' ', ' PatientID=' || ? || ' ') > 0"
+            "(instr('\\' || coalesce(a.patient, '') || '\\', '\\' || ? || '\\') > 0"
+            " OR instr(' ' || coalesce(a.target, '') || ' ', ' PatientID=' || ? || ' ') > 0"
             " OR EXISTS (SELECT 1 FROM patients p JOIN studies s ON s.patient_fk = p.id"
             f" WHERE p.patient_id = ? AND instr({_TARGET_WORDS}, ',' || s.study_uid || ',') > 0))")
-        params.extend([wanted.patient, wanted.patient])
+        params.extend([wanted.patient] * 3)
     return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 

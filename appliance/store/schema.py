@@ -307,4 +307,12 @@ MIGRATIONS: list[str] = [
             ON CONFLICT (name, label) DO UPDATE SET value = value + excluded.value;
     END;
     """,
+    # 8 (the audit trail, appliance/store/audit.py): the patients each row is about, looked
+    # up when it is written (PatientIDs separated by a backslash; NULL when it names none).
+    # Rows named studies only, and a study's patient is known only while the study is in the
+    # index: after an eviction or a purge, `pas audit --patient` lost that study's rows.
+    # Older rows are not filled in (the table is append-only; its triggers stay).
+    """
+    ALTER TABLE audit ADD COLUMN patient TEXT;
+    """,
 ]
