@@ -304,7 +304,7 @@ def test_queue_and_prefetch_refuse_unknown_states_and_ids_beyond_sqlite(
 
 
 READ_ONLY_COMMANDS = [("status",), ("status", "--json"), ("studies",), ("queue", "list"),
-                      ("prefetch", "list"), ("cache", "status")]
+                      ("prefetch", "list"), ("cache", "status"), ("audit",)]
 
 
 def _tree(folder: Path) -> dict[str, tuple[int, int, bytes]]:

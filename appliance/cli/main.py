@@ -43,6 +43,7 @@ app.add_typer(__import__("appliance.cli.hub", fromlist=["hub_app"]).hub_app, nam
 app.command("enroll")(__import__("appliance.cli.hub", fromlist=["enroll"]).enroll)
 cache_cli.register(app)  # pas verify, pas cache ... (appliance/cli/cache.py)
 __import__("appliance.cli.ops", fromlist=["register"]).register(app)  # pas send, doctor
+__import__("appliance.cli.audit", fromlist=["register"]).register(app)  # pas audit
 
 
 

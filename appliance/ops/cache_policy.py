@@ -85,6 +85,7 @@ class CachePolicy:
                 result.evicted.append(candidate.study_uid)
                 result.freed_bytes += evicted.bytes
                 audit.record(self.db, "delete", actor="system", target=candidate.study_uid,
+                             patient=evicted.patient_id,
                              detail=f"evicted (LRU, confirmed at the region): "
                                     f"{counted(evicted.instances, 'instance')}, "
                                     f"{counted(evicted.bytes, 'byte')}")
@@ -185,7 +186,7 @@ def purge(db: Database, spool: Spool, study_uid: str, actor: str,
         audit.record(db, "delete", actor=actor, target=study_uid,
                      outcome=f"failure: {exc}", detail="purge refused")
         raise
-    audit.record(db, "delete", actor=actor, target=study_uid,
+    audit.record(db, "delete", actor=actor, target=study_uid, patient=evicted.patient_id,
                  detail=f"{'forced ' if force else ''}purge by the operator: "
                         f"{counted(evicted.instances, 'instance')} ({evicted.unconfirmed} "
                         f"unconfirmed), {counted(evicted.bytes, 'byte')}, at "

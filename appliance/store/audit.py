@@ -3,12 +3,22 @@
 Owns: writing and reading the ``audit`` table (triggers in the schema forbid UPDATE and
 DELETE). Health-data hosting rules require this traceability; events are shaped after the
 DICOM PS3.15 audit messages (store, query, retrieve, export, delete, configuration, enrolment).
+Reading is :func:`search` (``pas audit``): the filters a privacy officer asks with (a period,
+a patient, a study, an event kind, the failures), so nobody opens the database by hand.
+
+Why each row records its patients (``patient``, migration 9) when it is written: a row names
+studies (or instances, or a query's keys), and the index ties a study to its patient only
+while the study is in the cache. Once evicted or purged, the store, retrieve and delete rows
+of that study could no longer be found by patient, which is the question an auditor asks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
+import sqlite3
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from appliance.store.db import Database, now
@@ -27,18 +37,51 @@ def remove_sink(sink: Callable[[dict[str, Any]], None]) -> None:
         _sinks.remove(sink)
 
 
+# How a target is cut into words (see _TARGET_WORDS below), which of them are UIDs, and the
+# PatientID a query asked for (``LEVEL Key=value Key=value``).
+_WORD_SEPARATORS = re.compile(r"[,/ =\\]")
+_UID_WORD = re.compile(r"[0-9]+(\.[0-9]+)+")
+_PATIENT_KEY = re.compile(r"(?:^| )PatientID=(\S+)")
+PATIENT_SEPARATOR = "\\"  # DICOM's value separator: never inside a PatientID (LO)
+
+
+def _patients_named(conn: sqlite3.Connection, target: str | None) -> set[str]:
+    """The PatientIDs a target is about: the patients of the studies or instances it names,
+    as the index holds them now, and a PatientID a query or retrieve asked for exactly (a
+    wildcard names nobody in particular)."""
+    if not target:
+        return set()
+    found = {asked for asked in _PATIENT_KEY.findall(target)
+             if not any(c in asked for c in "*?\\")}
+    uids = sorted({w for w in _WORD_SEPARATORS.split(target) if _UID_WORD.fullmatch(w)})
+    if uids:
+        marks = ",".join("?" * len(uids))
+        found.update(r[0] for r in conn.execute(
+            "SELECT p.patient_id FROM studies s JOIN patients p ON p.id = s.patient_fk "
+            f"WHERE s.study_uid IN ({marks}) UNION "
+            "SELECT p.patient_id FROM instances i JOIN studies s ON s.id = i.study_fk "
+            f"JOIN patients p ON p.id = s.patient_fk WHERE i.sop_instance_uid IN ({marks})",
+            (*uids, *uids)))
+    return found
+
+
 def record(db: Database, event: str, *, actor: str | None, outcome: str = "success",
            target: str | None = None, source: str | None = None,
-           detail: str | None = None) -> None:
+           detail: str | None = None, patient: str | None = None) -> None:
+    """Append one row. Its patients are looked up from ``target`` in the same transaction;
+    ``patient`` adds one the index can no longer tell (a study just evicted)."""
     at = now()
     with db.transaction() as conn:
+        patients = _patients_named(conn, target) | ({patient} if patient else set())
+        named = PATIENT_SEPARATOR.join(sorted(patients)) or None
         cursor = conn.execute(
-            "INSERT INTO audit (at, event, actor, source, target, outcome, detail) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (at, event, actor, source, target, outcome, detail),
+            "INSERT INTO audit (at, event, actor, source, target, outcome, detail, patient) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (at, event, actor, source, target, outcome, detail, named),
         )
     entry = {"id": cursor.lastrowid, "at": at, "event": event, "actor": actor,
-             "source": source, "target": target, "outcome": outcome, "detail": detail}
+             "source": source, "target": target, "outcome": outcome, "detail": detail,
+             "patient": named}
     for sink in list(_sinks):
         with contextlib.suppress(Exception):  # the trail itself is committed already
             sink(entry)
@@ -50,3 +93,90 @@ def recent(db: Database, limit: int = 100, event: str | None = None) -> list[dic
         where, params = "WHERE event = ?", [event]
     rows = db.query(f"SELECT * FROM audit {where} ORDER BY id DESC LIMIT ?", (*params, limit))
     return [dict(r) for r in rows]
+
+
+# The events PAS writes, and what one row of each records. ``pas audit --event`` accepts
+# these names only: a mistyped one listed nothing, which reads as "it never happened".
+EVENTS: dict[str, str] = {
+    "store": "instances received: one row per C-STORE association or STOW-RS request",
+    "query": "a C-FIND or QIDO-RS search: the keys asked and the count answered",
+    "retrieve": "a C-MOVE, C-GET or WADO-RS request, or a prior fetched from the region",
+    "delete": "a study evicted from the cache, or purged by an operator",
+    "pin": "a study pinned in the cache by an operator",
+    "unpin": "a study unpinned by an operator",
+    "hl7": "an HL7 message refused",
+    "integrity": "a stored file found missing, damaged or orphaned",
+    "repair": "an instance restored from the region",
+    "verify": "a pas verify run and its findings",
+    "recovery": "what start-up recovery found and fixed",
+    "config": "the configuration changed since the last start",
+    "security": "file permissions tightened at start-up",
+    "clock": "the wall clock stepped, stored deadlines re-based",
+    "alert": "the disk alert raised or cleared",
+}
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    """What :func:`search` keeps; every field left empty keeps every row.
+
+    ``since`` is inclusive and ``until`` exclusive (epoch seconds), so consecutive periods
+    never count a row twice. ``failures``: every outcome but ``success`` (a cancelled
+    retrieve is not a success either)."""
+
+    since: float | None = None
+    until: float | None = None
+    events: tuple[str, ...] = ()
+    patient: str | None = None
+    study: str | None = None
+    failures: bool = False
+
+
+# The target as a list of words between commas: a store row lists its studies with commas,
+# a DICOMweb row its URL path with slashes, a query or retrieve its keys as ``Key=value``
+# separated by spaces (a UID list with backslashes). A study is named when one of these
+# words is its UID, exactly: 1.2.3 must not find 1.2.34.
+_TARGET_WORDS = ("(',' || replace(replace(replace(replace(coalesce(a.target, ''), '/', ','), "
+                 "' ', ','), '=', ','), '\\', ',') || ',')")
+
+
+def _where(wanted: AuditFilter) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    params: list[Any] = []
+    if wanted.since is not None:
+        clauses.append("a.at >= ?")
+        params.append(wanted.since)
+    if wanted.until is not None:
+        clauses.append("a.at < ?")
+        params.append(wanted.until)
+    if wanted.events:
+        clauses.append(f"a.event IN ({','.join('?' * len(wanted.events))})")
+        params.extend(wanted.events)
+    if wanted.failures:
+        clauses.append("a.outcome != 'success'")
+    if wanted.study is not None:
+        clauses.append(f"instr({_TARGET_WORDS}, ',' || ? || ',') > 0")
+        params.append(wanted.study)
+    if wanted.patient is not None:
+        # The patients recorded with the row; for rows written before they were (migration
+        # 8), one of the patient's studies the index still holds, or a query or retrieve that
+        # asked for this PatientID exactly (instr, not LIKE: IDs are case-sensitive and hold
+        # '_' and '%').
+        clauses.append(
+            "(instr('\\' || coalesce(a.patient, '') || '\\', '\\' || ? || '\\') > 0"
+            " OR instr(' ' || coalesce(a.target, '') || ' ', ' PatientID=' || ? || ' ') > 0"
+            " OR EXISTS (SELECT 1 FROM patients p JOIN studies s ON s.patient_fk = p.id"
+            f" WHERE p.patient_id = ? AND instr({_TARGET_WORDS}, ',' || s.study_uid || ',') > 0))")
+        params.extend([wanted.patient] * 3)
+    return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def search(db: Database, wanted: AuditFilter, limit: int) -> tuple[list[dict[str, Any]], int]:
+    """The rows ``wanted`` keeps, newest first (by id: the order they were written, whatever
+    the wall clock did), at most ``limit``; and how many matched in all, so that a reader
+    is told when the list was cut."""
+    where, params = _where(wanted)
+    rows = db.query(f"SELECT a.* FROM audit a {where} ORDER BY a.id DESC LIMIT ?",
+                    (*params, limit))
+    matched = db.query_one(f"SELECT count(*) FROM audit a {where}", tuple(params))
+    return [dict(r) for r in rows], int(matched[0]) if matched else 0

@@ -75,6 +75,8 @@ class Evicted:
     instances: int
     bytes: int
     unconfirmed: int
+    # Whose study it was, for the ``delete`` audit row written after the rows are gone.
+    patient_id: str | None = None
 
 
 def evict_study(db: Database, spool: Spool, study_uid: str, *, force: bool = False) -> Evicted:
@@ -105,7 +107,8 @@ def evict_study(db: Database, spool: Spool, study_uid: str, *, force: bool = Fal
         "SELECT i.path FROM instances i JOIN studies s ON s.id = i.study_fk "
         "WHERE s.study_uid = ?", (study_uid,))))
     with db.transaction() as conn:
-        study = conn.execute("SELECT id, pinned_until FROM studies WHERE study_uid = ?",
+        study = conn.execute("SELECT s.id, s.pinned_until, p.patient_id FROM studies s "
+                             "JOIN patients p ON p.id = s.patient_fk WHERE s.study_uid = ?",
                              (study_uid,)).fetchone()
         if study is None:
             raise NotEvictable(f"study {study_uid} is not in the cache")
@@ -143,7 +146,8 @@ def evict_study(db: Database, spool: Spool, study_uid: str, *, force: bool = Fal
             [(at, p, f"study {study_uid}") for p in doomed],
         )
     delete_evicted_files(db, spool, {p: seen[p] for p in doomed})
-    return Evicted(study_uid, len(rows), sum(int(r["size"]) for r in rows), unconfirmed)
+    return Evicted(study_uid, len(rows), sum(int(r["size"]) for r in rows), unconfirmed,
+                   study["patient_id"])
 
 
 EVICT_FILES_PER_TRANSACTION = 256  # the write lock is held while they are unlinked

@@ -307,11 +307,19 @@ MIGRATIONS: list[str] = [
             ON CONFLICT (name, label) DO UPDATE SET value = value + excluded.value;
     END;
     """,
-    # When a local destination's current outage began (its first try that found no
+    # 8: when a local destination's current outage began (its first try that found no
     # connection since its last delivery; NULL when none): the dispatcher's link delay grows
     # with it. It was kept in memory, so a restart during a weekend's PACS maintenance set
     # the waits back to their shortest and logged the outage's start again.
     """
     ALTER TABLE uplink_state ADD COLUMN unreachable_since REAL;
+    """,
+    # 9 (the audit trail, appliance/store/audit.py): the patients each row is about, looked
+    # up when it is written (PatientIDs separated by a backslash; NULL when it names none).
+    # Rows named studies only, and a study's patient is known only while the study is in the
+    # index: after an eviction or a purge, `pas audit --patient` lost that study's rows.
+    # Older rows are not filled in (the table is append-only; its triggers stay).
+    """
+    ALTER TABLE audit ADD COLUMN patient TEXT;
     """,
 ]

@@ -77,6 +77,8 @@ def test_eviction_takes_only_confirmed_unpinned_lru(four_studies) -> None:  # ty
     home, db, spool, (s1, s2, s3, s4) = four_studies
     for n, uid in enumerate((s1, s2, s3, s4)):
         _last_used(db, uid, 1000.0 + n)  # s1 least recently used
+    patients = {r["study_uid"]: r["patient_id"] for r in db.query(
+        "SELECT s.study_uid, p.patient_id FROM studies s JOIN patients p ON p.id = s.patient_fk")}
     for uid in (s1, s2, s3):
         _confirm(db, uid)                # s4 is NOT confirmed at the region
     assert pin(db, s2, None, "test")
@@ -98,6 +100,11 @@ def test_eviction_takes_only_confirmed_unpinned_lru(four_studies) -> None:  # ty
     events = [(r["event"], r["target"], r["outcome"]) for r in
               db.query("SELECT * FROM audit ORDER BY id")]
     assert ("delete", s1, "success") in events and ("alert", None, "failure: disk") in events
+    # Each delete row keeps whose study it was, though the study's rows are gone
+    # (pas audit --patient finds it).
+    deleted = {r["target"]: r["patient"] for r in db.query(
+        "SELECT target, patient FROM audit WHERE event = 'delete'")}
+    assert deleted == {uid: patients[uid] for uid in (s1, s3, s2, s4)}
     assert any(e[0] == "delete" and e[1] == s4 and e[2].startswith("failure") for e in events)
 
 

@@ -1,0 +1,177 @@
+"""``pas audit``: the audit trail as a privacy officer or IT reads it, without opening SQLite.
+
+Owns: the command's options, turning them into an :class:`~appliance.store.audit.AuditFilter`
+(periods typed as a person types them: a date, a date and time, ``24h``), and the output.
+Thin: the SQL is :func:`appliance.store.audit.search`. Read-only: the database is opened
+``mode=ro`` (:func:`appliance.cli.common.read_database`), beside a running daemon (WAL).
+Bad input is refused by the parser or before the database is opened, exit 2.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import time
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from appliance.cli.common import ROW_ID_MAX, ConfigOption, JsonOption, console, err
+from appliance.store.audit import EVENTS, PATIENT_SEPARATOR, AuditFilter
+from appliance.words import counted
+
+# The event kinds as a parser type: an unknown --event is refused with the list, and
+# --help shows it.
+AuditEvent = StrEnum("AuditEvent", {name: name for name in EVENTS})  # type: ignore[misc]
+
+_AGO = re.compile(r"(\d{1,9})([mhdw])")
+_UNIT_S = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+# What a terminal would obey rather than show (ESC sequences, backspace, carriage return...).
+# Actors, query keys and HL7 reasons come from the network: shown as \xNN, never executed.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+WHEN_FORMS = ("a date (2024-05-01), a date and time (2024-05-01T14:30, local time unless "
+              "it ends with Z or a UTC offset) or a time ago (30m, 24h, 7d, 2w)")
+
+
+def parse_when(option: str, text: str, *, end_of_day: bool = False,
+               clock: float | None = None) -> float:
+    """Epoch seconds for what an auditor types. A date alone is local midnight, or with
+    ``end_of_day`` the next one: ``--until 2024-05-01`` includes that whole day, as people
+    mean it. ``clock``: now, for relative forms (the caller's one instant for both ends)."""
+    value = text.strip()
+    ago = _AGO.fullmatch(value)
+    if ago:
+        return (time.time() if clock is None else clock) - int(ago[1]) * _UNIT_S[ago[2]]
+    try:
+        day: dt.date | None = dt.date.fromisoformat(value)  # a day, whichever ISO form
+    except ValueError:
+        day = None
+    if day is not None:
+        midnight = dt.datetime.combine(day, dt.time())
+        return (midnight + dt.timedelta(days=1 if end_of_day else 0)).timestamp()
+    try:
+        return dt.datetime.fromisoformat(value).timestamp()  # naive: local time
+    except (ValueError, OverflowError, OSError):
+        raise typer.BadParameter(f"{text!r} is not {WHEN_FORMS}",
+                                 param_hint=f"'{option}'") from None
+
+
+def _shown(value: Any) -> Text:
+    """A cell as plain text: no rich markup read in it, control characters made visible."""
+    text = "" if value is None else str(value)
+    return Text(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text))
+
+
+def _target(value: str | None) -> Text:
+    """A store row's studies one per line (stored comma-joined: one long word that the
+    table could only fold in the middle of a UID); any other target as it is."""
+    parts = (value or "").split(",")
+    if len(parts) > 1 and all(_UID.fullmatch(p) for p in parts):
+        return Text("\n").join(_shown(p) for p in parts)
+    return _shown(value)
+
+
+def _patients(value: str | None) -> Text:
+    """The patients recorded with a row, one per line (stored backslash-separated)."""
+    return Text("\n").join(_shown(p) for p in (value or "").split(PATIENT_SEPARATOR))
+
+
+def _local(at: float) -> str:
+    return dt.datetime.fromtimestamp(at).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def parse_limit(text: str) -> int:
+    """``--limit``'s parser: typer's own int and range checks say "Input should be greater
+    than or equal to 1" without the value typed."""
+    try:
+        limit = int(text)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= ROW_ID_MAX:
+        raise typer.BadParameter(f"{text!r} is not a number of rows (1 to {ROW_ID_MAX})")
+    return limit
+
+
+def _filter(since: str | None, until: str | None, events: list[AuditEvent] | None,
+            patient: str | None, study: str | None, failures: bool) -> AuditFilter:
+    """The options checked and turned into a filter, before any database is opened."""
+    clock = time.time()
+    since_at = None if since is None else parse_when("--since", since, clock=clock)
+    until_at = None if until is None else parse_when("--until", until, end_of_day=True,
+                                                     clock=clock)
+    if since_at is not None and until_at is not None and since_at >= until_at:
+        raise typer.BadParameter(f"--since {since!r} is not before --until {until!r}: no row "
+                                 "can match", param_hint="'--since' / '--until'")
+    if patient is not None and not patient.strip():
+        raise typer.BadParameter("an empty patient ID matches nothing", param_hint="'--patient'")
+    if study is not None and not (_UID.fullmatch(study.strip()) and len(study.strip()) <= 64):
+        raise typer.BadParameter(f"{study!r} is not a UID (digits and dots, at most 64 "
+                                 "characters, as pas studies lists it)",
+                                 param_hint="'--study'")
+    return AuditFilter(since=since_at, until=until_at,
+                       events=tuple(sorted({e.value for e in events or []})),
+                       patient=patient.strip() if patient is not None else None,
+                       study=study.strip() if study is not None else None, failures=failures)
+
+
+def audit(config: Path | None = ConfigOption,
+          since: str | None = typer.Option(None, "--since", help=(
+              f"Rows written at or after this: {WHEN_FORMS}")),
+          until: str | None = typer.Option(None, "--until", help=(
+              "Rows written before this, same forms (a date alone includes that day)")),
+          patient: str | None = typer.Option(None, "--patient", help=(
+              "Rows about this patient (PatientID), as recorded with each row (older rows: "
+              "naming a study of the patient's the cache still indexes, or a query for this "
+              "PatientID)")),
+          study: str | None = typer.Option(None, "--study", help=(
+              "Rows naming this Study Instance UID")),
+          events: list[AuditEvent] | None = typer.Option(None, "--event", help=(
+              "Only this kind of event; repeat for several")),
+          failures: bool = typer.Option(False, "--failures", help=(
+              "Only rows whose outcome is not success (failures, cancellations)")),
+          limit: int = typer.Option("100", "--limit", parser=parse_limit, metavar="<int>", help=(
+              "Show at most this many rows, the newest")),
+          as_json: bool = JsonOption) -> None:
+    """The audit trail: who did what to which study, and how it ended; newest first."""
+    from appliance.cli.common import read_database
+    from appliance.cli.main import _settings
+    from appliance.store.audit import search
+
+    wanted = _filter(since, until, events, patient, study, failures)
+    settings = _settings(config)
+    rows, matched = search(read_database(settings.db_path), wanted, limit)
+    more = (f"{len(rows)} of {counted(matched, 'matching row')} shown, the newest: "
+            f"--limit {matched} to see them all") if matched > len(rows) else None
+    if as_json:
+        # Every column, and the time in ISO 8601 (UTC) beside the epoch seconds stored.
+        print(json.dumps([{"id": r["id"], "at": r["at"], "time": dt.datetime.fromtimestamp(
+            r["at"], dt.UTC).isoformat(), **r} for r in rows], indent=2))
+        if more:
+            err.print(more, highlight=False)
+        return
+    table = Table(title=counted(matched, "audit row"))
+    # Folded, never cut with "…": a UID or a time cut short names nothing.
+    for column in ("id", "time", "event", "actor", "source", "patient", "target", "outcome",
+                   "detail"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        outcome = _shown(r["outcome"])
+        if r["outcome"] != "success":
+            outcome.stylize("red")
+        table.add_row(str(r["id"]), _local(r["at"]), _shown(r["event"]), _shown(r["actor"]),
+                      _shown(r["source"]), _patients(r["patient"]), _target(r["target"]),
+                      outcome, _shown(r["detail"]))
+    console.print(table)
+    if more:
+        console.print(more, highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``pas audit`` to the main CLI."""
+    app.command("audit")(audit)

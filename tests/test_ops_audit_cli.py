@@ -1,0 +1,320 @@
+"""``pas audit`` on rows written the real way: a running daemon (WAL, the CLI beside it)
+takes three associations from DCMTK storescu and three C-FINDs from findscu, and an operator
+pins, tries to purge, then purges with ``pas cache``. Every listing is the CLI's, run as a
+process. Each row records its patients as it is written: the MR study is purged, and its rows
+are still found by patient."""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import json
+import os
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+
+from tests.support.peers import (
+    CT_DIR,
+    DCMTK_ENV,
+    MR_DIR,
+    PAS_BIN,
+    PasProcess,
+    storescu,
+    wait_for,
+)
+
+CT_A, CT_B, MR = "A002304", "A027284", "FA191122"  # patients: the CT ones have two studies
+OPERATOR = f"operator:{getpass.getuser()}"
+COLUMNS = ["id", "at", "time", "event", "actor", "source", "target", "outcome", "detail",
+           "patient"]
+
+
+def _studies(folder: Path, patient: str, count: int | None = None) -> dict[str, list[Path]]:
+    """The patient's files in ``folder`` by Study Instance UID (the first ``count`` only)."""
+    by_study: dict[str, list[Path]] = {}
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        ds = dcmread(path, stop_before_pixels=True)
+        if ds.PatientID == patient:
+            by_study.setdefault(str(ds.StudyInstanceUID), []).append(path)
+        if count is not None and sum(map(len, by_study.values())) == count:
+            break
+    return by_study
+
+
+def _rows(home: Path) -> list[dict[str, Any]]:
+    """The audit table as stored, oldest first (read beside the daemon, as a check only)."""
+    conn = sqlite3.connect(f"file:{home / 'pas.sqlite'}?mode=ro", uri=True)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute("SELECT * FROM audit ORDER BY id")]
+    finally:
+        conn.close()
+
+
+@dataclass
+class Trail:
+    pas: PasProcess
+    ct_a: list[str]  # CT_A's two study UIDs, sorted
+    ct_b: str
+    mr: str
+
+    def audit(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """``pas audit ARGS`` as a process, wide enough that nothing is folded."""
+        result = subprocess.run([str(PAS_BIN), "audit", *args],
+                                env={**self.pas.env, "COLUMNS": "400"}, capture_output=True,
+                                text=True, timeout=120)
+        if check:
+            assert result.returncode == 0, (args, result.stdout, result.stderr)
+        return result
+
+    def listed(self, *args: str) -> list[tuple[str, str | None, str | None, str]]:
+        """``pas audit --json ARGS`` as (event, actor, target, outcome), newest first."""
+        rows = json.loads(self.audit("--json", *args).stdout)
+        return [(r["event"], r["actor"], r["target"], r["outcome"]) for r in rows]
+
+
+def _store(pas: PasProcess, files: list[Path], calling: str) -> None:
+    """One association; its audit row is written as it ends, maybe after storescu exits."""
+    before = len(_rows(pas.home))
+    storescu(files, pas.port, calling=calling)
+    wait_for(lambda: any(r["event"] == "store" and r["actor"] == calling
+                         for r in _rows(pas.home)[before:]), 10, what=f"{calling}'s store row")
+
+
+def _find(pas: PasProcess, *keys: str) -> None:
+    args = ["findscu", "-S", "-aet", "VIEWER", "-aec", "PAS"]
+    for key in keys:
+        args += ["-k", key]
+    before = len(_rows(pas.home))
+    subprocess.run([*args, "127.0.0.1", str(pas.port)], env=DCMTK_ENV, capture_output=True,
+                   timeout=60, check=False)
+    wait_for(lambda: len(_rows(pas.home)) > before, 10, what="the query's row")
+
+
+@pytest.fixture(scope="module")
+def trail(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trail]:
+    ct_a, ct_b = _studies(CT_DIR, CT_A), _studies(CT_DIR, CT_B)
+    ct_b = dict([sorted(ct_b.items())[0]])  # one of that patient's two
+    mr = _studies(MR_DIR, MR, count=3)
+    pas = PasProcess(tmp_path_factory.mktemp("audit-cli") / "pas", {
+        "PAS_DICOM__ACCEPT_UNKNOWN": "true",
+        "PAS_CACHE__SCRUB_MB_PER_S": "0",  # no background pass: the rows are ours alone
+    }).start()
+    try:
+        _store(pas, [p for files in ct_a.values() for p in files], "CT1")  # two studies
+        _store(pas, [p for files in ct_b.values() for p in files], "CT2")
+        _store(pas, [p for files in mr.values() for p in files], "MR1")
+        (ct_b_uid,), (mr_uid,) = ct_b, mr
+        _find(pas, "QueryRetrieveLevel=STUDY", f"PatientID={CT_A}", "StudyInstanceUID=")
+        _find(pas, "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={mr_uid}\\{ct_b_uid}")
+        _find(pas, "QueryRetrieveLevel=FOO", "StudyInstanceUID=")
+        first = sorted(ct_a)[0]
+        pas.cli("cache", "pin", first, "--days", "1")
+        assert pas.cli("cache", "pin", "1.2.3.4", check=False).returncode == 1
+        assert pas.cli("cache", "purge", ct_b_uid, check=False).returncode == 1  # unconfirmed
+        pas.cli("cache", "purge", mr_uid, "--force")  # gone from the index: MR's rows stay his
+        yield Trail(pas, sorted(ct_a), ct_b_uid, mr_uid)
+    finally:
+        pas.stop()
+
+
+def _expected(t: Trail) -> list[tuple[str, str | None, str | None, str]]:
+    """Every row the fixture made, newest first, as (event, actor, target, outcome)."""
+    return [
+        ("delete", OPERATOR, t.mr, "success"),
+        ("delete", OPERATOR, t.ct_b,
+         f"failure: study {t.ct_b}: 3 instances not confirmed at the region"),
+        ("pin", OPERATOR, "1.2.3.4", "failure: unknown study"),
+        ("pin", OPERATOR, t.ct_a[0], "success"),
+        ("query", "VIEWER", "FOO",
+         "failure: QueryRetrieveLevel 'FOO' is not PATIENT, STUDY, SERIES or IMAGE"),
+        ("query", "VIEWER", f"STUDY StudyInstanceUID={t.mr}\\{t.ct_b}", "success"),
+        ("query", "VIEWER", f"STUDY PatientID={CT_A}", "success"),
+        ("store", "MR1", t.mr, "success"),
+        ("store", "CT2", t.ct_b, "success"),
+        ("store", "CT1", ",".join(t.ct_a), "success"),
+        ("config", "system", None, "success"),  # the daemon's first start
+    ]
+
+
+def _patients(t: Trail) -> list[str | None]:
+    """The patients recorded with each row of :func:`_expected` (backslash-separated)."""
+    return [MR, CT_B, None, CT_A, None, f"{CT_B}\\{MR}", CT_A, MR, CT_B, CT_A, None]
+
+
+def test_lists_every_row_newest_first_with_every_column(trail: Trail) -> None:
+    assert trail.listed() == _expected(trail)
+    rows = json.loads(trail.audit("--json").stdout)
+    assert [list(r) for r in rows] == [COLUMNS] * len(rows)
+    stored = _rows(trail.pas.home)
+    assert [{k: v for k, v in r.items() if k != "time"} for r in rows] == stored[::-1]
+    for row in rows:
+        assert dt.datetime.fromisoformat(row["time"]) == dt.datetime.fromtimestamp(
+            row["at"], dt.UTC)
+    details = {(r["event"], r["actor"]): r["detail"] for r in rows}
+    assert details["store", "CT1"] == "6 instances stored, 0 refused"
+    assert details["store", "MR1"] == "3 instances stored, 0 refused"
+    assert [r["source"] for r in rows if r["event"] in ("store", "query")] == ["127.0.0.1"] * 6
+    assert [r["patient"] for r in rows] == _patients(trail)
+
+    table = trail.audit().stdout
+    lines = table.splitlines()
+    assert lines[0].strip() == "11 audit rows"
+    listed_ids = [int(line.split("│")[1]) for line in lines if line.startswith("│ ")
+                  and line.split("│")[1].strip().isdigit()]
+    assert listed_ids == [r["id"] for r in rows]
+    for uid in (*trail.ct_a, trail.ct_b, trail.mr):
+        assert uid in table
+    header = next(line for line in lines if "event" in line)
+    assert [c.strip() for c in header.strip("┃").split("┃")] == [
+        "id", "time", "event", "actor", "source", "patient", "target", "outcome", "detail"]
+    assert MR in table and CT_B in table
+    assert "shown" not in table  # nothing left out
+
+
+def test_filters_by_event_outcome_study_and_patient(trail: Trail) -> None:
+    expected = _expected(trail)
+    assert trail.listed("--event", "store") == [r for r in expected if r[0] == "store"]
+    assert trail.listed("--event", "pin", "--event", "delete") == expected[:4]
+    assert trail.listed("--failures") == [r for r in expected if r[3] != "success"]
+    assert len(trail.listed("--failures")) == 3
+    assert trail.listed("--event", "hl7") == []
+
+    # A study is found as a word of the target: alone, in a store row's list, in a query's
+    # keys; never as a prefix (every CT UID begins with the first one's root).
+    assert trail.listed("--study", trail.ct_a[0]) == [expected[3], expected[9]]
+    assert trail.listed("--study", trail.ct_a[1]) == [expected[9]]
+    assert trail.listed("--study", trail.mr) == [expected[0], expected[5], expected[7]]
+    assert trail.listed("--study", trail.ct_b) == [expected[1], expected[5], expected[8]]
+    assert trail.listed("--study", trail.ct_a[0].rsplit(".", 1)[0]) == []
+
+    # A patient: the rows naming their studies, and the queries that asked for their
+    # PatientID; the MR study's rows too, though it was purged (no index row left).
+    assert trail.listed("--patient", CT_A) == [expected[3], expected[6], expected[9]]
+    assert trail.listed("--patient", CT_B) == [expected[1], expected[5], expected[8]]
+    assert trail.listed("--patient", MR) == [expected[0], expected[5], expected[7]]
+    assert trail.listed("--patient", CT_A.lower()) == []  # IDs are case-sensitive
+    assert trail.listed("--patient", CT_A[:-1]) == []  # and whole
+    assert trail.listed("--patient", CT_A, "--event", "store") == [expected[9]]
+    assert trail.listed("--patient", CT_B, "--failures") == [expected[1]]
+
+
+def test_filters_by_period(trail: Trail) -> None:
+    rows = json.loads(trail.audit("--json", "--event", "store").stdout)
+    mr, ct_b, ct_a = (r["at"] for r in rows)
+    assert ct_b - ct_a > 0.001 and mr - ct_b > 0.001  # distinct instants to cut between
+    cut = dt.datetime.fromtimestamp((ct_a + ct_b) / 2, dt.UTC).isoformat()  # with +00:00
+    assert [r[1] for r in trail.listed("--event", "store", "--since", cut)] == ["MR1", "CT2"]
+    assert [r[1] for r in trail.listed("--event", "store", "--until", cut)] == ["CT1"]
+    local = dt.datetime.fromtimestamp((ct_b + mr) / 2).isoformat()  # naive: local time
+    assert [r[1] for r in trail.listed("--event", "store", "--since", cut,
+                                       "--until", local)] == ["CT2"]
+
+    everything = _expected(trail)
+    assert trail.listed("--since", "1h") == everything
+    assert trail.listed("--since", "2w", "--until", "1h") == []
+    assert trail.listed("--until", "30m") == []
+    day = dt.date.fromtimestamp(ct_a)
+    assert trail.listed("--until", (day - dt.timedelta(days=1)).isoformat()) == []
+    # A date alone: --since from its midnight, --until to the end of that day.
+    same_day = [(r["event"], r["actor"], r["target"], r["outcome"])
+                for r in json.loads(trail.audit("--json").stdout)
+                if dt.date.fromtimestamp(r["at"]) == day]
+    assert trail.listed("--since", day.isoformat(), "--until", day.isoformat()) == same_day
+    assert "CT1" in [r[1] for r in same_day]
+
+
+def test_limit_shows_the_newest_and_says_how_many_matched(trail: Trail) -> None:
+    table = trail.audit("--limit", "2")
+    assert table.stdout.splitlines()[0].strip() == "11 audit rows"
+    assert table.stdout.splitlines()[-1] == (
+        "2 of 11 matching rows shown, the newest: --limit 11 to see them all")
+    assert trail.mr in table.stdout and trail.ct_b in table.stdout
+    assert "1.2.3.4" not in table.stdout and trail.ct_a[0] not in table.stdout
+
+    as_json = trail.audit("--json", "--limit", "2", "--event", "store")
+    assert [r["actor"] for r in json.loads(as_json.stdout)] == ["MR1", "CT2"]
+    assert as_json.stderr.strip() == (
+        "2 of 3 matching rows shown, the newest: --limit 3 to see them all")
+    whole = trail.audit("--json", "--limit", "3", "--event", "store")
+    assert len(json.loads(whole.stdout)) == 3 and whole.stderr == ""
+
+
+def _plain(text: str) -> str:
+    """A usage error as one line of words (typer draws it in a box wrapped at 80 columns)."""
+    return " ".join(text.replace("│", " ").replace("╭", " ").replace("╰", " ").split())
+
+
+BAD_INPUT = [
+    (["--since", "yesterday"], "Invalid value for '--since': 'yesterday' is not a date"),
+    (["--until", "2024-13-45"], "Invalid value for '--until': '2024-13-45' is not a date"),
+    (["--since", "24 h"], "Invalid value for '--since': '24 h' is not a date"),
+    (["--since", "2024-05-02", "--until", "2024-05-01"],
+     "--since '2024-05-02' is not before --until '2024-05-01': no row can match"),
+    (["--event", "login"], "Invalid value for '--event': Value error, 'login' is not one of "
+                           "'store', 'query', 'retrieve', 'delete', 'pin'"),
+    (["--limit", "-5"], "Invalid value for '--limit': '-5' is not a number of rows (1 to "),
+    (["--limit", "0"], "Invalid value for '--limit': '0' is not a number of rows"),
+    (["--limit", "lots"], "Invalid value for '--limit': 'lots' is not a number of rows"),
+    (["--study", "CT-2024-17"], "Invalid value for '--study': 'CT-2024-17' is not a UID"),
+    (["--patient", " "], "Invalid value for '--patient': an empty patient ID matches nothing"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUT,
+                         ids=[" ".join(a) for a, _ in BAD_INPUT])
+def test_bad_input_is_refused_naming_the_option_and_value(trail: Trail, tmp_path: Path,
+                                                          args: list[str], message: str) -> None:
+    before = _rows(trail.pas.home)
+    for as_json in ([], ["--json"]):
+        result = trail.audit(*as_json, *args, check=False)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        assert result.stdout == ""
+        assert message in _plain(result.stderr), _plain(result.stderr)
+        assert "Traceback" not in result.stderr
+    assert _rows(trail.pas.home) == before
+    # Refused before any database is opened: a home that does not exist stays so.
+    nowhere = tmp_path / "nowhere"
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PAS_")}
+    result = subprocess.run([str(PAS_BIN), "audit", *args], capture_output=True, text=True,
+                            env={**environ, "PAS_HOME": str(nowhere)}, timeout=60)
+    assert result.returncode == 2 and message in _plain(result.stderr)
+    assert not nowhere.exists()
+
+
+def test_rows_written_before_patients_were_recorded_are_found_through_the_index(
+        tmp_path: Path) -> None:
+    """A database from before migration 9: its rows have no patient column. After the
+    upgrade they are still found by patient while the study is indexed, beside new rows
+    that record it."""
+    from appliance.store import audit, index
+    from appliance.store.db import Database
+    from appliance.store.index import InstanceRecord, StoredFile
+    from appliance.store.schema import MIGRATIONS
+
+    home = tmp_path / "pas"
+    old = Database(home / "pas.sqlite", migrations=MIGRATIONS[:-1])
+    index.record_instance(old, InstanceRecord(
+        "1.2.9.1.1", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1", "1.2.9", "1.2.9.1",
+        patient_id="P_1", modality="CT"), StoredFile("aa/1.dcm", 100, "0" * 64))
+    with old.transaction() as conn:  # as the previous version's audit.record wrote it
+        conn.execute("INSERT INTO audit (at, event, actor, source, target, outcome, detail) "
+                     "VALUES (1, 'retrieve', 'VIEWER', '10.1.1.1', '1.2.9', 'success', NULL)")
+    old.close()
+    new = Database(home / "pas.sqlite")  # what pas run does first: migrations run
+    audit.record(new, "pin", actor="operator:x", target="1.2.9")
+    new.close()
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PAS_")}
+    result = subprocess.run([str(PAS_BIN), "audit", "--json", "--patient", "P_1"],
+                            env={**environ, "PAS_HOME": str(home)}, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert [(r["event"], r["target"], r["patient"]) for r in json.loads(result.stdout)] == [
+        ("pin", "1.2.9", "P_1"), ("retrieve", "1.2.9", None)]
