@@ -7,6 +7,7 @@ A test CA, a server, a client and a rogue (self-signed) client certificate come 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -209,6 +210,10 @@ def test_refused_access_is_audited_once_per_source_and_minute(tmp_path: Path) ->
     trail = read_rows(pas.home / "pas.sqlite", "SELECT count(*) AS n FROM audit "
                       "WHERE event = 'security'")[0]["n"]
     assert trail == 7
+    # What the privacy officer runs: the same seven rows, newest first.
+    shown = pas.cli("audit", "--event", "security", "--failures", "--json")
+    assert [r["actor"] for r in json.loads(shown.stdout)][::-1] == [
+        r["actor"] for r in _security_rows(pas.home)]
 
 
 def _minute(rows: list[tuple[object, object]], index: int) -> str:
