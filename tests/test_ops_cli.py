@@ -544,6 +544,8 @@ def test_help_shows_flags_as_flags_and_counts_agree_with_their_noun(pas: PasProc
     listing = pas.cli("studies").stdout
     assert listing.splitlines()[0].strip() == "1 study", listing  # the table's title
     (study,) = json.loads(pas.cli("studies", "--json").stdout)
+    # Into a pipe, whole: Rich's 80 columns there cut the UID to "1.2.840…".
+    assert study["study_uid"] in listing and "…" not in listing, listing
     purged = pas.cli("cache", "purge", study["study_uid"], "--force").stdout
     assert f"purged study {study['study_uid']}: 1 instance (1 unconfirmed), " in _plain(purged)
     assert pas.cli("studies").stdout.splitlines()[0].strip() == "0 studies"

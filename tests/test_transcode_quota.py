@@ -8,8 +8,11 @@ for a large compressed object in Explicit VR Little Endian took the spool past i
 the decoded size. Here the quota is just too small for the copy (4 MiB; the object is 4 MiB
 decoded, ~70 kB stored): WADO-RS answers 503 naming the quota before its first byte, a C-GET
 by a viewer accepting only uncompressed syntaxes gets 0xA702 with the sub-operation failed,
-the routing job to a node without RLE fails its attempt (retried later), each saying why, and
-no copy is left behind. What needs no copy (the stored syntax) is served as before.
+the routing job to a node without RLE waits for room without using up its attempts (it was
+counted, and failed for good after queue.max_attempts: hours of a full disk lost a node
+without RLE its studies), each saying why, and no copy is left behind; with a larger quota
+after a restart the job delivers the decoded copy. What needs no copy (the stored syntax) is
+served as before.
 
 Real peers: DCMTK storescu (the modality), getscu (the viewer), storescp (a LAN node
 without RLE), httpx (the web viewer).
@@ -61,9 +64,10 @@ def test_a_copy_past_the_quota_is_refused_by_every_sender(tmp_path: Path) -> Non
         port = {node.port}
         timeout_s = 30
         """))
-    pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
-                                        "PAS_STORAGE__QUOTA_MB": str(QUOTA_MB),
-                                        "PAS_CONFIG": str(config)}).start()
+    env = {"PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_STORAGE__QUOTA_MB": str(QUOTA_MB),
+           "PAS_CONFIG": str(config), "PAS_QUEUE__MAX_ATTEMPTS": "2",
+           "PAS_QUEUE__BACKOFF_INITIAL_S": "0.2", "PAS_QUEUE__BACKOFF_MAX_S": "0.5"}
+    pas = PasProcess(tmp_path / "pas", env).start()
     try:
         source = _rle_object(tmp_path / "rle.dcm", frames=FRAMES)
         header = dcmread(source, stop_before_pixels=True)
@@ -111,17 +115,34 @@ def test_a_copy_past_the_quota_is_refused_by_every_sender(tmp_path: Path) -> Non
             "failure: 1 of 1 instances not stored by VIEWER (copy in another transfer syntax "
             f"not made: {refusal}"), row["outcome"]
 
-        # Routed to a node without RLE: the attempt fails naming the quota (retried later,
-        # as a full disk's is), nothing reaches the node.
-        # (Counted when the attempt starts; its error is written when it ends.)
-        [job] = wait_for(lambda: [j for j in jobs_of(pas.home)
-                                  if j["attempts"] >= 1 and j["last_error"]], 60,
-                         what="the routing job's first attempt, ended")
+        # Routed to a node without RLE: the job waits for room, naming the quota, its tries
+        # (one every half second here) not counted: never failed, whatever max_attempts (2).
+        def tries() -> int:
+            return pas.log().count("waits for room on the spool")
+
+        wait_for(lambda: tries() >= 4, 60, what="four tries of the routing job")
+        [job] = jobs_of(pas.home)
+        assert job["state"] in ("pending", "running") and job["attempts"] <= 1, dict(job)
+        assert job["last_error"].startswith("waiting for room on the spool: pacs: "), job
         assert refusal in job["last_error"], job["last_error"]
-        assert job["state"] in ("pending", "failed"), job
         assert not node.files()
+        # The first try is the warning, the others information.
+        lines = [line for line in pas.log().splitlines() if "waits for room" in line]
+        assert "WARNING" in lines[0] and all("WARNING" not in line for line in lines[1:])
 
         wait_for(lambda: not _copies_held(pas), 10, what="no temp copy left")
+    finally:
+        pas.stop()
+    # Room again (the operator raised the quota): the study reaches the node, decoded.
+    pas = PasProcess(tmp_path / "pas", {**env, "PAS_STORAGE__QUOTA_MB": "64"}).start()
+    try:
+        [received] = wait_for(node.files, 60, what="the study at the node")
+        wait_for(lambda: [j["state"] for j in jobs_of(pas.home)] == ["done"], 30,
+                 what="the job done")
+        copy, original = dcmread(received), dcmread(source)
+        assert copy.file_meta.TransferSyntaxUID != original.file_meta.TransferSyntaxUID
+        assert copy.SOPInstanceUID == original.SOPInstanceUID
+        assert copy.pixel_array.tobytes() == original.pixel_array.tobytes()
     finally:
         pas.stop()
         node.stop()

@@ -7,6 +7,8 @@ database is opened)."""
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
@@ -51,7 +53,12 @@ ConfigOption = typer.Option(None, "--config", "-c", help=(
     "(PAS_HOME unset) /etc/pas/appliance.toml if it exists, else built-in defaults"))
 JsonOption = typer.Option(False, "--json", help="Machine-readable output")
 
-console = Console()
+# Written to a file or a pipe (``pas studies > list.txt``, ``| grep``), Rich sizes tables to
+# 80 columns and cut every UID to "1.2.840.113…": a table keeps its values whole there (up to
+# this width), as on a terminal wide enough. $COLUMNS still decides when set.
+PIPE_WIDTH = 1000
+console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS")
+                  else PIPE_WIDTH)
 # Errors stay one line each (no wrapping at the terminal width): greppable in scripts and logs.
 err = Console(stderr=True, soft_wrap=True)
 

@@ -27,11 +27,12 @@ from collections.abc import Callable
 from appliance.config import Settings
 from appliance.dispatch.target_types.base import (
     LinkDown,
+    NoRoomForCopy,
     PermanentError,
     SendContext,
     TargetType,
 )
-from appliance.routing.backoff import link_delay, next_delay
+from appliance.routing.backoff import link_delay, next_delay, room_delay
 from appliance.store import jobs as job_store
 from appliance.store import uplink as uplink_store
 from appliance.store.db import Database, now
@@ -88,6 +89,16 @@ class Dispatcher:
             log.log(level, "job %d to %s: destination unreachable for %.1fs, the job waits for "
                     "it (next try in %.1fs, not counted as an attempt): %s", job.id,
                     job.destination, down_for, delay, exc, extra=extra)
+        except NoRoomForCopy as exc:
+            delay = room_delay(queue)
+            job_store.wait_for_room(self.db, job.id, owner, str(exc), now() + delay)
+            # A full disk can last hours (a try a minute): the wait's first try is the
+            # warning, the others information (pas queue list shows the jobs waiting).
+            waited = (job.last_error or "").startswith(job_store.WAITING_FOR_ROOM)
+            log.log(logging.INFO if waited else logging.WARNING,
+                    "job %d to %s waits for room on the spool (next try in %.0fs, not "
+                    "counted as an attempt): %s", job.id, job.destination, delay, exc,
+                    extra=extra)
         except Exception as exc:
             delay = next_delay(queue, job.attempts)
             retry_at = None if delay is None else now() + delay

@@ -24,6 +24,16 @@ def next_delay(queue: QueueSection, attempts: int) -> float | None:
     return min(float(wait(state)), queue.backoff_max_s)
 
 
+# How often a job waiting for room on the spool tries again (at most queue.backoff_max_s):
+# eviction runs every cache.evict_interval_s (30 s by default), a copy is let go in seconds.
+ROOM_RETRY_S = 60.0
+
+
+def room_delay(queue: QueueSection) -> float:
+    """Seconds until a job that found no room for a copy tries again (not counted)."""
+    return min(queue.backoff_max_s, max(queue.backoff_initial_s, ROOM_RETRY_S))
+
+
 def link_delay(queue: QueueSection, down_for_s: float) -> float:
     """Seconds until a job waiting for its destination's link tries again, given how long the
     link has been down: a quarter of that, at least ``backoff_initial_s`` and at most

@@ -35,12 +35,14 @@ class Job:
     priority: int
     attempts: int
     progress: dict[str, Any]
+    last_error: str | None = None  # the previous attempt's (a wait says what it waits for)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
         return cls(row["id"], row["kind"], row["destination"], row["study_fk"],
                    row["study_uid"], row["priority"], row["attempts"],
-                   json.loads(row["progress"]) if row["progress"] else {})
+                   json.loads(row["progress"]) if row["progress"] else {},
+                   row["last_error"])
 
 
 def route_study(db: Database, study_fk: int, routed_ids: list[int], jobs: list[NewJob]) -> None:
@@ -170,12 +172,24 @@ def fail_attempt(db: Database, job_id: int, owner: str, error: str, retry_at: fl
 
 
 WAITING_FOR_LINK = "waiting for the link: "
+WAITING_FOR_ROOM = "waiting for room on the spool: "
 
 
 def wait_for_link(db: Database, job_id: int, owner: str, error: str, retry_at: float) -> None:
     """An attempt that could not reach the destination: pending again at ``retry_at``, the
     attempt given back (a WAN outage of hours must not use up ``queue.max_attempts``), the
     error kept with the :data:`WAITING_FOR_LINK` prefix."""
+    _wait(db, job_id, owner, WAITING_FOR_LINK + error, retry_at)
+
+
+def wait_for_room(db: Database, job_id: int, owner: str, error: str, retry_at: float) -> None:
+    """An attempt that found no room on the spool for a copy it needs: as
+    :func:`wait_for_link` (the attempt given back), with the :data:`WAITING_FOR_ROOM`
+    prefix."""
+    _wait(db, job_id, owner, WAITING_FOR_ROOM + error, retry_at)
+
+
+def _wait(db: Database, job_id: int, owner: str, error: str, retry_at: float) -> None:
     at = now()
     with db.transaction() as conn:
         conn.execute(
@@ -183,7 +197,7 @@ def wait_for_link(db: Database, job_id: int, owner: str, error: str, retry_at: f
                    last_error = ?, next_attempt_at = ?, updated_at = ?,
                    lease_owner = NULL, lease_until = NULL
                WHERE id = ? AND lease_owner = ?""",
-            ((WAITING_FOR_LINK + error)[:2000], retry_at, at, job_id, owner),
+            (error[:2000], retry_at, at, job_id, owner),
         )
 
 

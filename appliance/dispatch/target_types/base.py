@@ -12,6 +12,9 @@ or one that went silent); ``dicom`` when no TCP connection to the node opened be
 anything else in the attempt (an association rejected or aborted by the node, or one lost
 mid-study, is the node answering: counted); ``stowrs`` when the attempt's first request got
 no connection after its in-request retries (a 5xx is counted).
+
+:class:`NoRoomForCopy` (``dicom``, when an instance must be re-encoded and the spool has no
+room for the copy) also waits uncounted: the cause is the appliance's, not the job's.
 """
 
 from __future__ import annotations
@@ -43,6 +46,17 @@ class LinkDown(Exception):
     is counted. The message becomes the job's ``last_error`` after ``waiting for the link: ``
     (``pas queue list``, the status page): the dicom and stowrs kinds start it with
     ``<destination> unreachable:`` so that its first words say what is going on."""
+
+
+class NoRoomForCopy(Exception):
+    """A copy this delivery needs cannot be made now for lack of room on the appliance's
+    own disk: a compressed instance re-encoded for a node that does not take its syntax,
+    refused below ``storage.min_free_mb`` or past ``storage.quota_mb``. The job waits, and
+    the attempt does not count towards ``queue.max_attempts``: room comes back by itself
+    (eviction of confirmed studies, the region confirming a backlog, other copies let go),
+    and a node without JPEG must not lose its studies (``failed`` after hours of a full
+    disk, a WAN outage that left nothing confirmed to evict) to PAS's own disk pressure.
+    The message becomes the job's ``last_error`` after ``waiting for room on the spool: ``."""
 
 
 @dataclass

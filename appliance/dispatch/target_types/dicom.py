@@ -46,7 +46,12 @@ from pynetdicom.presentation import PresentationContext, build_context
 
 from appliance.config import DicomDestination
 from appliance.dicomnet.direct_store import DirectStoreError, DirectStoreSender
-from appliance.dispatch.target_types.base import LinkDown, PermanentError, SendContext
+from appliance.dispatch.target_types.base import (
+    LinkDown,
+    NoRoomForCopy,
+    PermanentError,
+    SendContext,
+)
 from appliance.store import uplink as uplink_store
 from appliance.store.jobs import Job
 from appliance.store.spool import SpoolFull
@@ -260,7 +265,10 @@ class DicomTarget:
             try:
                 with transcoded(context.spool, path, target) as copy:
                     status = self._send_copy(assoc, copy, row)
-            except (TranscodeError, SpoolFull) as exc:
+            except SpoolFull as exc:  # the appliance's disk, not the job: wait, uncounted
+                raise NoRoomForCopy(f"{self.name}: {row['sop_instance_uid']} needs a copy in "
+                                    f"{UID(target).name}: {exc}") from exc
+            except TranscodeError as exc:
                 raise RuntimeError(f"{self.name}: {row['sop_instance_uid']} not sent: "
                                    f"{exc}") from exc
         if status is None or "Status" not in status:
