@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from pydicom import dcmread
 
@@ -318,3 +319,55 @@ def test_rows_written_before_patients_were_recorded_are_found_through_the_index(
     assert result.returncode == 0, result.stderr
     assert [(r["event"], r["target"], r["patient"]) for r in json.loads(result.stdout)] == [
         ("pin", "1.2.9", "P_1"), ("retrieve", "1.2.9", None)]
+
+
+def _stow(port: int, parts: list[bytes]) -> httpx.Response:
+    """One STOW-RS request (POST /studies, multipart/related) holding ``parts``."""
+    boundary = "pas-audit-stow"
+    body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+                    + part + b"\r\n" for part in parts) + f"--{boundary}--\r\n".encode()
+    return httpx.post(f"http://127.0.0.1:{port}/dicom-web/studies", content=body, timeout=60,
+                      headers={"Content-Type": 'multipart/related; type="application/dicom"; '
+                                               f"boundary={boundary}",
+                               "Accept": "application/dicom+json"})
+
+
+def test_a_stow_rs_row_names_its_studies_and_is_found_by_study(tmp_path: Path) -> None:
+    """A STOW-RS request of two studies (three instances) and one part that is not DICOM:
+    its store row names the two Study Instance UIDs, comma-joined as a C-STORE
+    association's row, so ``pas audit --study`` finds it. It named the SOP Instance UIDs,
+    which no study search (nor the ATNA Study objects) could match. The counts and the
+    refused part stay in the outcome and detail."""
+    studies = _studies(CT_DIR, CT_A)
+    assert len(studies) == 2
+    first, second = sorted(studies)
+    files = [*studies[first][:2], studies[second][0]]
+    pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                                        "PAS_CACHE__SCRUB_MB_PER_S": "0"}).start()
+    try:
+        response = _stow(pas.http_port, [*(f.read_bytes() for f in files), b"not DICOM"])
+        assert response.status_code == 202, response.text  # stored, one part refused
+        assert len(response.json()["00081199"]["Value"]) == 3
+        [row] = [r for r in _rows(pas.home) if r["event"] == "store"]
+        assert (row["actor"], row["source"], row["target"], row["outcome"], row["detail"],
+                row["patient"]) == ("anonymous", "127.0.0.1", f"{first},{second}",
+                                    "failure: 1 part refused", "3 stored (STOW-RS)", CT_A)
+        for study in (first, second):
+            found = json.loads(pas.cli("audit", "--json", "--study", study).stdout)
+            assert [(r["id"], r["target"]) for r in found] == [(row["id"], row["target"])]
+        assert [r["id"] for r in json.loads(
+            pas.cli("audit", "--json", "--patient", CT_A, "--event", "store").stdout)] == \
+            [row["id"]]
+    finally:
+        pas.stop()
+
+
+def test_a_stow_rs_rows_study_list_is_cut_between_uids() -> None:
+    """Past its length limit the list keeps whole UIDs only (a UID cut in the middle would
+    name another study) and says how many were left out."""
+    from appliance.serving.dicomweb import _study_list
+
+    assert _study_list(set(), 40) == (None, 0)
+    assert _study_list({"1.2.3", "1.2.10"}, 40) == ("1.2.10,1.2.3", 0)
+    assert _study_list({"1.2.3", "1.2.10", "1.2.44"}, 13) == ("1.2.10,1.2.3", 1)
+    assert _study_list({"1.2.3"}, 4) == (None, 1)

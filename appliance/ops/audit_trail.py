@@ -78,13 +78,24 @@ def _object_ids(target: str) -> list[str]:
     return [target]
 
 
+def _patient_ids(patient: str | None) -> list[str]:
+    """The PatientIDs an audit row records (``patient``: backslash-separated, NULL when the
+    row names nobody), in the row's order."""
+    return [p for p in (patient or "").split(audit.PATIENT_SEPARATOR) if p]
+
+
 def atna_message(entry: dict[str, Any], site: str, host: str) -> str:
     """A PS3.15 A.5 AuditMessage (XML) for one audit row.
 
     Attributes are passed as dicts: the schema's ``csd-code`` cannot be a keyword argument
     (written ``csd_code``, an ATNA repository validating the schema rejected every message).
     Everything taken from input goes through :func:`_xml_text`, and the detail value is
-    base64 as ``xs:base64Binary`` requires."""
+    base64 as ``xs:base64Binary`` requires.
+
+    One Patient participant object per PatientID the row records (PS3.15 A.5.3: DICOM
+    Instances Transferred, Study Deleted, Export... require it): an ATNA repository is
+    searched by patient, and without it a collector could not answer "who touched this
+    patient's images?" that ``pas audit --patient`` answers from the table."""
     code, display, action = EVENT_CODES.get(entry["event"], APPLICATION_ACTIVITY)
     outcome = entry.get("outcome") or "success"
     indicator = "0" if outcome == "success" else "4"  # 4: minor failure
@@ -121,6 +132,13 @@ def atna_message(entry: dict[str, Any], site: str, host: str) -> str:
         if entry.get("detail"):
             value = base64.b64encode(str(entry["detail"])[:1000].encode()).decode("ascii")
             ET.SubElement(target, "ParticipantObjectDetail", type="detail", value=value)
+    for patient_id in _patient_ids(entry.get("patient")):
+        person = ET.SubElement(root, "ParticipantObjectIdentification",
+                               ParticipantObjectID=_xml_text(patient_id),
+                               ParticipantObjectTypeCode="1",  # Person
+                               ParticipantObjectTypeCodeRole="1")  # Patient
+        ET.SubElement(person, "ParticipantObjectIDTypeCode", {
+            "csd-code": "2", "codeSystemName": "RFC-3881", "originalText": "Patient Number"})
     return ET.tostring(root, encoding="unicode")
 
 

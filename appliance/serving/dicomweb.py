@@ -86,6 +86,9 @@ QIDO_DEFAULT_LIMIT = 1000
 # The most an explicit limit gets on such a search (serving.qido_max_limit): limit=100000000
 # was unbounded. Both caps answer with the Warning below, so that the client pages on.
 QIDO_MAX_LIMIT = 10000
+# How long a STOW-RS store row's target may grow: the list of studies, as a C-STORE
+# association's row (appliance/ingest/scp.py), cut between UIDs, never inside one.
+STORE_TARGET_MAX = 4000
 # PS3.18 8.3.4.4: what a server that limited the results answers.
 TRUNCATED = ('299 {service}: "The number of results exceeded the maximum supported by the '
              'server. Additional results can be requested."')
@@ -138,14 +141,27 @@ class DicomWeb:
             raise HttpProblem(401, "a valid bearer token is required (Authorization: Bearer)")
         return "bearer:" + hashlib.sha256(token.strip().encode()).hexdigest()[:12]
 
-    def _audit(self, request: Request, event: str, actor: str, target: str, outcome: str,
-               detail: str | None = None) -> None:
+    def _audit(self, request: Request, event: str, actor: str, target: str | None,
+               outcome: str, detail: str | None = None, limit: int = 500) -> None:
         try:
             audit.record(self.db, event, actor=actor,
                          source=request.client.host if request.client else None,
-                         target=target[:500], outcome=outcome, detail=detail)
+                         target=target[:limit] if target else None, outcome=outcome,
+                         detail=detail)
         except Exception:
             log.exception("audit record failed")
+
+    def _audit_store(self, request: Request, actor: str, stored: list[dict[str, Any]],
+                     outcome: str) -> None:
+        """The ``store`` row of one STOW-RS request. Its target is the studies stored (as
+        a C-STORE association's row): ``pas audit --study`` and the ATNA Study objects read
+        targets as Study Instance UIDs, and the row used to list SOP Instance UIDs, which
+        neither could find. No study when nothing was stored (a C-STORE row's NULL)."""
+        target, left_out = _study_list({s["study"] for s in stored}, STORE_TARGET_MAX)
+        detail = f"{len(stored)} stored (STOW-RS)"
+        if left_out:
+            detail += f", {counted(left_out, 'more study', 'more studies')} not listed"
+        self._audit(request, "store", actor, target, outcome, detail, limit=STORE_TARGET_MAX)
 
     # -- QIDO-RS ------------------------------------------------------------------------
 
@@ -479,16 +495,15 @@ class DicomWeb:
         if not stored and not failed:
             return _problem(HttpProblem(400, "the request holds no DICOM part"))
         result = Dataset()
-        result.ReferencedSOPSequence = [_sop_item(**s) for s in stored]
+        result.ReferencedSOPSequence = [_sop_item(s["uid"], s["sop_class"], s["url"])
+                                        for s in stored]
         if failed:
             result.FailedSOPSequence = [_sop_item(**f) for f in failed]
         status = 200 if not failed else (202 if stored else 409)
         if failed and not stored and all(f["reason"] == 0xA700 for f in failed):
             status = 507  # Insufficient Storage: the spool is at its hard limit; retry later
-        self._audit(request, "store", actor, ",".join(s["uid"] for s in stored)[:500] or "-",
-                    "success" if not failed
-                    else f"failure: {counted(len(failed), 'part')} refused",
-                    f"{len(stored)} stored (STOW-RS)")
+        self._audit_store(request, actor, stored, "success" if not failed
+                          else f"failure: {counted(len(failed), 'part')} refused")
         return JSONResponse(result.to_json_dict(), status_code=status, media_type=DICOM_JSON)
 
     def _malformed(self, request: Request, actor: str, stored: list[dict[str, Any]],
@@ -497,8 +512,7 @@ class DicomWeb:
         Parts complete after the error are not stored; those stored before it, from earlier
         chunks of the stream, are durable already and are listed so the client knows."""
         detail = f"malformed multipart body: {reason}"
-        self._audit(request, "store", actor, ",".join(s["uid"] for s in stored)[:500] or "-",
-                    "failure: malformed multipart body", f"{len(stored)} stored (STOW-RS)")
+        self._audit_store(request, actor, stored, "failure: malformed multipart body")
         body: dict[str, Any] = {"error": 400, "detail": detail}
         if stored:
             body["stored"] = [s["uid"] for s in stored]
@@ -543,8 +557,23 @@ class DicomWeb:
             ds = answer_head(source_of if not isinstance(content, SpilledPart) else
                              self.spool.path(f"{received.sha256[:2]}/{received.sha256}.dcm"))
         stored.append({"uid": received.sop_instance_uid, "sop_class": str(ds.SOPClassUID),
+                       "study": received.study_uid,
                        "url": f"{self.base_url}/studies/{received.study_uid}/series/"
                               f"{ds.SeriesInstanceUID}/instances/{received.sop_instance_uid}"})
+
+
+def _study_list(studies: set[str], limit: int) -> tuple[str | None, int]:
+    """The studies comma-joined in UID order, as many whole UIDs as ``limit`` characters
+    hold (a UID cut in the middle would name another study, or none), and how many did not
+    fit; None when there is no study."""
+    joined = ""
+    ordered = sorted(studies)
+    for n, uid in enumerate(ordered):
+        longer = f"{joined},{uid}" if joined else uid
+        if len(longer) > limit:
+            return joined or None, len(ordered) - n
+        joined = longer
+    return joined or None, 0
 
 
 def store_query_summary(level: str, keys: dict[str, str]) -> str:

@@ -26,7 +26,9 @@ from tests.support.peers import CT_DIR, DCMTK_ENV, PasProcess, free_port, wait_f
 def test_atna_message_is_well_formed_ps315() -> None:
     """Control characters from input (an HL7 type ``OR\\x01U``), several studies, a detail:
     the message parses as XML, codes are ``csd-code``, one ParticipantObjectIdentification per
-    study, and the detail value is base64 (xs:base64Binary)."""
+    study and one per patient the row records (the Patient object was missing: an ATNA
+    repository could not find a patient's events), and the detail value is base64
+    (xs:base64Binary)."""
     import base64
 
     from appliance.ops.audit_trail import atna_message
@@ -40,26 +42,58 @@ def test_atna_message_is_well_formed_ps315() -> None:
     assert description.text == "failure: unsupported message type OR\\x01U^R01 \\x0b\\ufffe"
     assert root.find("ActiveParticipant").get("UserID") == "10.0.0.9:4100\\x02"  # type: ignore[union-attr]
 
+    assert _patient_objects(root) == []  # a row that names no patient has none
     store = {"at": 1.7e9, "event": "store", "actor": "CT1", "source": "127.0.0.1",
              "target": "1.2.3.4,1.2.3.5", "outcome": "success",
-             "detail": "2 instances stored, 0 refused"}
+             "detail": "2 instances stored, 0 refused", "patient": "A_1\\P\x02 2"}
     root = ET.fromstring(atna_message(store, "SITE", "host"))
     for path in ("EventIdentification/EventID", "EventIdentification/EventTypeCode",
                  "ParticipantObjectIdentification/ParticipantObjectIDTypeCode"):
         for element in root.findall(path):
             assert element.get("csd-code") and element.get("csd_code") is None
     assert root.find("EventIdentification/EventID").get("csd-code") == "110104"  # type: ignore[union-attr]
-    objects = root.findall("ParticipantObjectIdentification")
+    objects = _study_objects(root)
     assert [o.get("ParticipantObjectID") for o in objects] == ["1.2.3.4", "1.2.3.5"]
+    # One Patient object per PatientID the row records (PS3.15 A.5.3), input made XML-safe.
+    assert _patient_objects(root) == ["A_1", "P\\x02 2"]
     for obj in objects:
         detail = obj.find("ParticipantObjectDetail")
         assert detail is not None
         assert base64.b64decode(detail.get("value"), validate=True).decode() == \
             "2 instances stored, 0 refused"
-    query = {**store, "event": "query", "target": "STUDY PatientID=P1, Modality=CT"}
+    query = {**store, "event": "query", "target": "STUDY PatientID=P1, Modality=CT",
+             "patient": "P1"}  # as audit.record writes it: the PatientID asked for exactly
     root = ET.fromstring(atna_message(query, "SITE", "host"))
     assert [o.get("ParticipantObjectID") for o in root.findall(
-        "ParticipantObjectIdentification")] == ["STUDY PatientID=P1, Modality=CT"]
+        "ParticipantObjectIdentification")] == ["STUDY PatientID=P1, Modality=CT", "P1"]
+    assert _patient_objects(root) == ["P1"]
+
+
+def _study_objects(root: ET.Element) -> list[ET.Element]:
+    """The Study participant objects (PS3.15 A.5.3: System object, role Report, ID type
+    110180 Study Instance UID)."""
+    found = root.findall("ParticipantObjectIdentification[@ParticipantObjectTypeCode='2']"
+                         "[@ParticipantObjectTypeCodeRole='3']")
+    for obj in found:
+        code = obj.find("ParticipantObjectIDTypeCode")
+        assert code is not None and code.attrib == {
+            "csd-code": "110180", "codeSystemName": "DCM", "originalText": "Study Instance UID"}
+    return found
+
+
+def _patient_objects(root: ET.Element) -> list[str]:
+    """The PatientIDs of the Patient participant objects, checked for the shape PS3.15 A.5.3
+    asks (Person, role Patient, ID type (2, RFC-3881, "Patient Number"), nothing else)."""
+    patients = []
+    for obj in root.findall("ParticipantObjectIdentification"):
+        if obj.get("ParticipantObjectTypeCodeRole") != "1":
+            continue
+        assert obj.get("ParticipantObjectTypeCode") == "1"
+        assert [child.tag for child in obj] == ["ParticipantObjectIDTypeCode"]
+        assert obj[0].attrib == {"csd-code": "2", "codeSystemName": "RFC-3881",
+                                 "originalText": "Patient Number"}
+        patients.append(obj.get("ParticipantObjectID") or "")
+    return patients
 
 
 class SyslogTlsCollector:
@@ -158,13 +192,17 @@ def test_store_and_config_events_reach_table_journal_and_tls_syslog(tmp_path: Pa
         requestor = store.find("ActiveParticipant[@UserIsRequestor='true']")
         assert requestor is not None and requestor.get("UserID") == "CT1"
         assert requestor.get("NetworkAccessPointID") == "127.0.0.1"
-        studies = [o.get("ParticipantObjectID")
-                   for o in store.findall("ParticipantObjectIdentification")]
+        studies = [o.get("ParticipantObjectID") for o in _study_objects(store)]
         from pydicom import dcmread
 
-        expected = sorted({str(dcmread(f, stop_before_pixels=True).StudyInstanceUID)
-                           for f in files})
+        headers = [dcmread(f, stop_before_pixels=True) for f in files]
+        expected = sorted({str(h.StudyInstanceUID) for h in headers})
         assert studies == expected  # one object per study
+        # ... and one per patient, the PatientID of the files sent; nothing else.
+        patients = sorted({str(h.PatientID) for h in headers})
+        assert _patient_objects(store) == patients
+        assert len(store.findall("ParticipantObjectIdentification")) == \
+            len(expected) + len(patients)
         assert _by_msgid(collector.messages, "config"), "first start records the configuration"
 
         conn = sqlite3.connect(home / "pas.sqlite")
