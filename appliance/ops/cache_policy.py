@@ -17,7 +17,6 @@ import logging
 import shutil
 import sqlite3
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,18 +76,15 @@ class CachePolicy:
             for candidate in candidates:
                 if used <= target:
                     break
-                try:
-                    evicted = eviction.evict_study(self.db, self.spool, candidate.study_uid)
+                try:  # its ``delete`` audit row commits with the rows' deletion
+                    evicted = eviction.evict_study(
+                        self.db, self.spool, candidate.study_uid, actor="system",
+                        reason="evicted (LRU, confirmed at the region)")
                 except eviction.NotEvictable as exc:  # changed since listed: skip it
                     log.info("not evicted: %s", exc)
                     continue
                 result.evicted.append(candidate.study_uid)
                 result.freed_bytes += evicted.bytes
-                audit.record(self.db, "delete", actor="system", target=candidate.study_uid,
-                             patient=evicted.patient_id,
-                             detail=f"evicted (LRU, confirmed at the region): "
-                                    f"{counted(evicted.instances, 'instance')}, "
-                                    f"{counted(evicted.bytes, 'byte')}")
                 log.info("evicted study %s (%s, %s)", candidate.study_uid,
                          counted(evicted.instances, "instance"), counted(evicted.bytes, "byte"),
                          extra={"STUDY_UID": candidate.study_uid})
@@ -160,37 +156,33 @@ class CachePolicy:
 
 
 def pin(db: Database, study_uid: str, days: float | None, actor: str) -> bool:
+    """Pin a study for ``days`` (None: until unpinned). The ``pin`` row commits with it."""
     until = now() + days * DAY_S if days else float("inf")
     if until == float("inf"):
         until = 1e18  # "for ever" that SQLite REAL compares as expected
-    done = cache_store.set_pin(db, study_uid, until)
-    audit.record(db, "pin", actor=actor, target=study_uid,
-                 outcome="success" if done else "failure: unknown study",
-                 detail=f"pinned for {counted(days, 'day')}" if days else "pinned until unpinned")
-    return done
+    return cache_store.set_pin(
+        db, study_uid, until, actor=actor,
+        detail=f"pinned for {counted(days, 'day')}" if days else "pinned until unpinned")
 
 
 def unpin(db: Database, study_uid: str, actor: str) -> bool:
-    done = cache_store.set_pin(db, study_uid, None)
-    audit.record(db, "unpin", actor=actor, target=study_uid,
-                 outcome="success" if done else "failure: unknown study")
-    return done
+    """Unpin a study. The ``unpin`` row commits with it."""
+    return cache_store.set_pin(db, study_uid, None, actor=actor)
 
 
 def purge(db: Database, spool: Spool, study_uid: str, actor: str,
           force: bool) -> eviction.Evicted:
-    """The operator's purge. Without ``force`` it obeys the same rules as eviction."""
+    """The operator's purge. Without ``force`` it obeys the same rules as eviction. Its
+    ``delete`` row commits with the deletion of the rows (:func:`eviction.evict_study`); a
+    refusal, which changes nothing, is recorded on its own."""
     try:
-        evicted = eviction.evict_study(db, spool, study_uid, force=force)
+        evicted = eviction.evict_study(
+            db, spool, study_uid, force=force, actor=actor,
+            reason=f"{'forced ' if force else ''}purge by the operator")
     except eviction.NotEvictable as exc:
         audit.record(db, "delete", actor=actor, target=study_uid,
                      outcome=f"failure: {exc}", detail="purge refused")
         raise
-    audit.record(db, "delete", actor=actor, target=study_uid, patient=evicted.patient_id,
-                 detail=f"{'forced ' if force else ''}purge by the operator: "
-                        f"{counted(evicted.instances, 'instance')} ({evicted.unconfirmed} "
-                        f"unconfirmed), {counted(evicted.bytes, 'byte')}, at "
-                        f"{time.strftime('%Y-%m-%dT%H:%M:%S')}")
     log.warning("study %s purged by %s (%s, %d unconfirmed)", study_uid, actor,
                 counted(evicted.instances, "instance"), evicted.unconfirmed,
                 extra={"STUDY_UID": study_uid})

@@ -15,7 +15,6 @@ import logging
 import threading
 import time
 
-from appliance.store import audit
 from appliance.store import cache as cache_store
 from appliance.store.db import Database, now
 
@@ -40,15 +39,11 @@ class ClockWatch:
             return 0.0
         # Forward: rows written after the step carry new-clock times, above the midpoint.
         cut = expected + step / 2 if step > 0 else None
+        # Its ``clock`` audit row commits with the re-basing (one transaction).
         shifted = cache_store.shift_for_clock_step(self.db, step, written_before=cut)
         self.steps.append(step)
         log.warning("wall clock stepped by %+.1f s: stored deadlines re-based (%s)", step,
                     shifted)
-        try:
-            audit.record(self.db, "clock", actor="system", outcome="success",
-                         detail=f"wall clock stepped by {step:+.1f} s; re-based {shifted}")
-        except Exception:  # the re-basing is what matters; the row is a courtesy
-            log.exception("clock step not audited")
         return step
 
     def run(self, stop: threading.Event, interval_s: float = 0.5) -> None:

@@ -161,10 +161,9 @@ def _handle_orphan(db: Database, spool: Spool, receiver: object | None, relative
 
 def _flag(db: Database, kind: str, relative: str, instance_id: int | None, detail: str,
           report: RecoveryReport | None = None) -> None:
+    # A new flag's ``integrity`` audit row commits with it (in the store).
     if cache_store.flag_issue(db, kind, relative, instance_id, detail):
         log.error("integrity: %s %s: %s", kind, relative, detail)
-        audit.record(db, "integrity", actor="system", outcome=f"failure: {kind}",
-                     target=relative, detail=detail)
     if report is not None:
         report.problems.append(f"{kind} {relative}: {detail}")
 
@@ -235,10 +234,11 @@ def restore_from_region(db: Database, spool: Spool, item: cache_store.IndexedFil
     if stored.path != item.path:  # content-addressed: the same bytes land on the same name
         report.problems.append(f"restored {identity[2]} under {stored.path}, not {item.path}")
         return False
-    cache_store.resolve_issues(db, item.path, "restored from the region",
-                               ("missing", "size_mismatch", "hash_mismatch"))
-    audit.record(db, "repair", actor="operator", target=identity[2],
-                 detail=f"{item.path} restored from the region, SHA-256 verified")
+    # The flags resolved and the ``repair`` row: one transaction. A crash before it leaves
+    # the restored file with its flag open, which the next verify or scrub finds whole and
+    # resolves as "verified": never a repair row for a file not restored.
+    cache_store.resolve_restored(db, item.path, identity[2],
+                                 f"{item.path} restored from the region, SHA-256 verified")
     report.restored_from_region += 1
     return True
 

@@ -540,9 +540,8 @@ class PrefetchService:
         if errors:
             raise RegionError(f"{len(errors)} of {counted(len(missing), 'instance')} failed, "
                               f"first: {errors[0]}")
-        store.set_study_state(self.db, request_id, candidate.study_uid, "fetched")
-        audit.record(self.db, "retrieve", actor="prefetch", target=candidate.study_uid,
-                     detail=f"request {request_id}: {counted(total, 'instance')} from the "
+        store.study_fetched(self.db, request_id, candidate.study_uid,
+                            f"request {request_id}: {counted(total, 'instance')} from the "
                             f"region ({how})")
         log.info("prior %s fetched: %s (%s)", candidate.study_uid, counted(total, "instance"),
                  how, extra={"STUDY_UID": candidate.study_uid})

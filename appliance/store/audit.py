@@ -10,6 +10,12 @@ Why each row records its patients (``patient``, migration 9) when it is written:
 studies (or instances, or a query's keys), and the index ties a study to its patient only
 while the study is in the cache. Once evicted or purged, the store, retrieve and delete rows
 of that study could no longer be found by patient, which is the question an auditor asks.
+
+Why a state change writes its row with :func:`record_in`, in its own transaction: the row and
+the change commit together or not at all, so no crash leaves a change the trail does not
+show (a deletion above all) nor a row for a change that never happened. The store function
+making the change writes the row (eviction, pins, integrity flags, repairs, clock re-basing,
+a prior fetched); :func:`record` is for events that change nothing else.
 """
 
 from __future__ import annotations
@@ -21,10 +27,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from appliance.store.db import Database, now
+from appliance.store.db import Database, after_commit, now
 
-# Called after each committed record (journald, syslog: appliance/ops/audit_trail.py). A
-# sink must be quick and must not raise; it runs in the caller's thread.
+# Called after each committed record (journald, syslog: appliance/ops/audit_trail.py), once
+# its transaction committed. A sink must be quick and must not raise; it runs in the
+# caller's thread, after the write lock is released.
 _sinks: list[Callable[[dict[str, Any]], None]] = []
 
 
@@ -68,20 +75,46 @@ def _patients_named(conn: sqlite3.Connection, target: str | None) -> set[str]:
 def record(db: Database, event: str, *, actor: str | None, outcome: str = "success",
            target: str | None = None, source: str | None = None,
            detail: str | None = None, patient: str | None = None) -> None:
-    """Append one row. Its patients are looked up from ``target`` in the same transaction;
-    ``patient`` adds one the index can no longer tell (a study just evicted)."""
-    at = now()
+    """Append one row in a transaction of its own: for an event that changes no other state
+    (a query, a refusal, a report). A row about a state change goes in that change's
+    transaction: :func:`record_in`. Called inside a transaction it joins it, as any nested
+    :meth:`Database.transaction` does."""
     with db.transaction() as conn:
-        patients = _patients_named(conn, target) | ({patient} if patient else set())
-        named = PATIENT_SEPARATOR.join(sorted(patients)) or None
-        cursor = conn.execute(
-            "INSERT INTO audit (at, event, actor, source, target, outcome, detail, patient) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (at, event, actor, source, target, outcome, detail, named),
-        )
-    entry = {"id": cursor.lastrowid, "at": at, "event": event, "actor": actor,
-             "source": source, "target": target, "outcome": outcome, "detail": detail,
-             "patient": named}
+        record_in(conn, event, actor=actor, outcome=outcome, target=target, source=source,
+                  detail=detail, patient=patient)
+
+
+def record_in(conn: sqlite3.Connection, event: str, *, actor: str | None,
+              outcome: str = "success", target: str | None = None, source: str | None = None,
+              detail: str | None = None, patient: str | None = None) -> None:
+    """Append one row as part of the transaction ``conn`` is in (opened by
+    :meth:`Database.transaction`), so it commits with the state change it records or not at
+    all (invariant 3). It used to be written in a transaction of its own after the change
+    committed: a crash (kill -9, power loss) between the two left a change the trail never
+    showed, e.g. a study evicted with no ``delete`` row.
+
+    Its patients are looked up from ``target`` in the same transaction (before a deletion in
+    it, or named with ``patient``: one the index can no longer tell, a study just evicted).
+    The sinks get the row once the transaction has committed, never a row rolled back; a
+    call outside such a transaction is refused (:func:`appliance.store.db.after_commit`)."""
+    entry: dict[str, Any] = {}
+    after_commit(conn, lambda: _publish(entry))  # first: refused, it must write nothing
+    at = now()
+    patients = _patients_named(conn, target) | ({patient} if patient else set())
+    named = PATIENT_SEPARATOR.join(sorted(patients)) or None
+    cursor = conn.execute(
+        "INSERT INTO audit (at, event, actor, source, target, outcome, detail, patient) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (at, event, actor, source, target, outcome, detail, named),
+    )
+    entry.update({"id": cursor.lastrowid, "at": at, "event": event, "actor": actor,
+                  "source": source, "target": target, "outcome": outcome, "detail": detail,
+                  "patient": named})
+
+
+def _publish(entry: dict[str, Any]) -> None:
+    if not entry:  # its INSERT failed, and the caller carried on and committed the rest
+        return
     for sink in list(_sinks):
         with contextlib.suppress(Exception):  # the trail itself is committed already
             sink(entry)

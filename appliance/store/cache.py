@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.store import index
+from appliance.store import audit, index
 from appliance.store.db import Database, now
 from appliance.store.jobs import WORKER_DIED
 from appliance.store.spool import Spool
@@ -149,7 +149,11 @@ def _spool_sorted(spool: Spool) -> Iterator[tuple[str, int]]:
 
 def flag_issue(db: Database, kind: str, path: str, instance_id: int | None,
                detail: str) -> bool:
-    """Record a problem once: an identical open flag is not duplicated. True if new."""
+    """Record a problem once: an identical open flag is not duplicated. True if new.
+
+    A new flag's ``integrity`` audit row is written in the same transaction: written after
+    it, a crash in between left the flag open with no row, and no later pass would write one
+    (the flag is not new any more)."""
     with db.transaction() as conn:
         existing = conn.execute(
             "SELECT id FROM integrity_issues WHERE resolved_at IS NULL AND kind = ? AND path = ?",
@@ -162,6 +166,8 @@ def flag_issue(db: Database, kind: str, path: str, instance_id: int | None,
             "VALUES (?, ?, ?, ?, ?)",
             (now(), kind, path, instance_id, detail),
         )
+        audit.record_in(conn, "integrity", actor="system", outcome=f"failure: {kind}",
+                        target=path, detail=detail)
         return True
 
 
@@ -182,6 +188,21 @@ def resolve_issues(db: Database, path: str, resolution: str,
             f"WHERE path = ? AND resolved_at IS NULL {kind_filter}",
             params,
         )
+        return cursor.rowcount
+
+
+def resolve_restored(db: Database, path: str, sop_instance_uid: str, detail: str) -> int:
+    """An instance's file restored from the region (``pas verify --repair``): its
+    ``missing``/``size_mismatch``/``hash_mismatch`` flags resolved and the ``repair`` audit
+    row written, one transaction (a crash between the two left a repair without its row, or
+    a row for a flag still open). Returns how many flags were resolved."""
+    with db.transaction() as conn:
+        cursor = conn.execute(
+            "UPDATE integrity_issues SET resolved_at = ?, resolution = ? WHERE path = ? "
+            "AND resolved_at IS NULL AND kind IN ('missing', 'size_mismatch', 'hash_mismatch')",
+            (now(), "restored from the region", path))
+        audit.record_in(conn, "repair", actor="operator", target=sop_instance_uid,
+                        detail=detail)
         return cursor.rowcount
 
 
@@ -262,12 +283,20 @@ def save_scrub_position(db: Database, last_instance_id: int, pass_done: bool = F
         )
 
 
-def set_pin(db: Database, study_uid: str, until: float | None) -> bool:
-    """Pin a study until ``until`` (epoch seconds), or unpin it with None. False if unknown."""
+def set_pin(db: Database, study_uid: str, until: float | None, *, actor: str,
+            detail: str | None = None) -> bool:
+    """Pin a study until ``until`` (epoch seconds), or unpin it with None. False if unknown.
+
+    The operator's ``pin``/``unpin`` audit row (by ``actor``, a failure for an unknown study)
+    is written in the same transaction, so the trail shows every pin the index holds."""
     with db.transaction() as conn:
         cursor = conn.execute("UPDATE studies SET pinned_until = ? WHERE study_uid = ?",
                               (until, study_uid))
-        return cursor.rowcount == 1
+        done = cursor.rowcount == 1
+        audit.record_in(conn, "pin" if until is not None else "unpin", actor=actor,
+                        target=study_uid, outcome="success" if done else "failure: unknown study",
+                        detail=detail)
+        return done
 
 
 def study_state(db: Database, study_uid: str) -> dict[str, Any] | None:
@@ -320,7 +349,8 @@ def shift_for_clock_step(db: Database, step: float,
     once (another worker would take a job still being sent). Studies still waiting to be
     routed keep their quiet period. ``written_before`` (forward steps) leaves alone rows
     already written on the new clock (``updated_at``/``last_received_at`` at or after it).
-    One transaction.
+    One transaction, with its ``clock`` audit row (a crash between the two left the deadlines
+    re-based and no row: the next start does not see that step again).
     """
     at = now()
     cut = written_before if written_before is not None else float("inf")
@@ -341,7 +371,10 @@ def shift_for_clock_step(db: Database, step: float,
                 "WHERE last_received_at < ? AND id IN "
                 "(SELECT DISTINCT study_fk FROM instances WHERE routed_at IS NULL)",
                 (step, cut)).rowcount
-    return {"pending_jobs": pending, "leases": leases, "studies": studies}
+        shifted = {"pending_jobs": pending, "leases": leases, "studies": studies}
+        audit.record_in(conn, "clock", actor="system", outcome="success",
+                        detail=f"wall clock stepped by {step:+.1f} s; re-based {shifted}")
+    return shifted
 
 
 def health(db: Database) -> dict[str, Any]:

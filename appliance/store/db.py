@@ -31,17 +31,54 @@ the read left the reader with stale counts, then "database disk image is malform
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from appliance.store.schema import MIGRATIONS
 
 BUSY_TIMEOUT_MS = 30_000  # the daemon's: its writes ride over another's long transaction
+
+log = logging.getLogger("pas.store")
+
+
+class _Connection(sqlite3.Connection):
+    """A connection that can carry work to do once its transaction has committed.
+
+    ``pending_after_commit`` is a list only inside a :meth:`Database.transaction` (None outside):
+    :func:`after_commit` appends to it, the transaction runs it after its COMMIT succeeded
+    and drops it when it rolls back. Kept on the connection, not on the Database, so that
+    code holding only the connection of a transaction (``audit.record_in(conn, ...)``) can
+    use it."""
+
+    pending_after_commit: list[Callable[[], None]] | None = None
+
+
+def after_commit(conn: sqlite3.Connection, callback: Callable[[], None]) -> None:
+    """Run ``callback`` once the transaction ``conn`` is in has committed, never if it rolls
+    back (what may not see uncommitted state: the audit sinks, which copy each row to the
+    journal and to syslog, must never copy a row that was rolled back). Refused outside a
+    transaction :meth:`Database.transaction` opened: there is no commit to wait for, and a
+    callback nobody runs would silently lose what it was for. A callback that raises is
+    logged; the transaction has committed all the same."""
+    pending = getattr(conn, "pending_after_commit", None)
+    if pending is None:
+        raise RuntimeError("after_commit() outside a Database.transaction(): nothing to wait "
+                           "for")
+    pending.append(callback)
+
+
+def _run_after_commit(callbacks: list[Callable[[], None]]) -> None:
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:  # committed: the caller must not be told it failed
+            log.exception("work after a commit failed")
 
 
 class DatabaseUnavailable(Exception):
@@ -110,7 +147,7 @@ class Database:
             target = f"{self.path.absolute().as_uri()}?mode=ro{immutable}"
         conn = sqlite3.connect(
             target, timeout=self.busy_timeout_ms / 1000, isolation_level=None,
-            check_same_thread=False, uri=self.readonly,
+            check_same_thread=False, uri=self.readonly, factory=_Connection,
         )
         conn.row_factory = sqlite3.Row
         if self.readonly:
@@ -174,6 +211,10 @@ class Database:
         caller always sees the original error: a ROLLBACK that fails because SQLite already
         rolled back (SQLITE_FULL, SQLITE_IOERR) no longer replaces SQLITE_FULL with "no
         transaction is active" (the receive path answers 0xA700 for SQLITE_FULL).
+
+        Work registered with :func:`after_commit` inside (nested calls included) runs once
+        the outermost COMMIT succeeded, after the write lock is released; it is dropped on a
+        rollback.
         """
         conn = self.connection()
         depth = getattr(self._local, "depth", 0)
@@ -193,6 +234,9 @@ class Database:
                 f"Database.transaction() did not open; it was rolled back (never joined)")
         conn.execute("BEGIN IMMEDIATE")
         self._local.depth = 1
+        pending: list[Callable[[], None]] = []
+        if isinstance(conn, _Connection):
+            conn.pending_after_commit = pending
         try:
             try:
                 yield conn
@@ -208,16 +252,23 @@ class Database:
                 raise
         finally:
             self._local.depth = 0
+            if isinstance(conn, _Connection):
+                conn.pending_after_commit = None
+        _run_after_commit(pending)  # reached only once the COMMIT succeeded
 
     @contextmanager
     def savepoint(self, name: str = "one") -> Iterator[sqlite3.Connection]:
         """Inside :meth:`transaction`: a part that fails rolls back alone (the rest of the
         transaction stays), e.g. one instance of a group commit."""
         conn = self.connection()
+        pending = getattr(conn, "pending_after_commit", None)
+        mark = len(pending) if pending is not None else 0
         conn.execute(f"SAVEPOINT {name}")
         try:
             yield conn
         except BaseException:
+            if pending is not None:  # what the part rolled back must not run after commit
+                del pending[mark:]
             if conn.in_transaction:  # else SQLite rolled back everything: keep the error
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute(f"ROLLBACK TO {name}")

@@ -15,6 +15,16 @@ deletes an orphan that has one, and adopts any other. The unlink itself goes thr
 aside (``<name>.evicting-<pid>``); what a crash leaves under that name is settled at start-up
 by :func:`sweep_eviction_leftovers`. Split from cache.py (which keeps the integrity flags,
 leases, scrub and pinning) to keep each under ~600 lines.
+
+Why the ``delete`` audit row is written in that same first transaction, not after the files
+are gone: a deletion the trail does not show is what health-data hosting forbids, and the
+study leaves the index at that commit. After a crash at any instant the trail and the index
+agree: before the commit, the study is indexed, its files untouched and no row says it was
+deleted; from the commit on, the rows are gone and the ``delete`` row is there, and what the
+crash cut short of the file deletion is finished at the next start (journalled as above).
+The row used to be written by the caller in a transaction of its own once the files were
+gone: a crash in between (the unlinks of a large study take a while) left a study gone
+from the index with no ``delete`` row, for ever.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.store import audit
 from appliance.store.cache import QUARANTINE_DIR
 from appliance.store.db import Database, now
 from appliance.store.spool import Spool, fsync_dir, process_alive
@@ -75,15 +86,20 @@ class Evicted:
     instances: int
     bytes: int
     unconfirmed: int
-    # Whose study it was, for the ``delete`` audit row written after the rows are gone.
+    # Whose study it was (the ``delete`` audit row records it; the index no longer can).
     patient_id: str | None = None
 
 
-def evict_study(db: Database, spool: Spool, study_uid: str, *, force: bool = False) -> Evicted:
+def evict_study(db: Database, spool: Spool, study_uid: str, *, force: bool = False,
+                actor: str = "system", reason: str = "evicted") -> Evicted:
     """Drop a study from the index and the spool, rows first (one transaction), then files.
 
     Without ``force`` a study with any unconfirmed instance, a live pin or an active job is
     refused: the cache never breaks invariant 2 on its own. ``force`` is the operator's purge.
+
+    The ``delete`` audit row (by ``actor``; its detail ``reason`` and the counts) is part of
+    the transaction that deletes the rows (see the module's docstring for why there). A
+    refusal writes nothing: the caller records it if it wants to (nothing changed).
 
     The same bytes may be received again while this runs (a modality re-sends the study):
     the receive finds the content-addressed file, commits a new row naming it and answers
@@ -145,9 +161,20 @@ def evict_study(db: Database, spool: Spool, study_uid: str, *, force: bool = Fal
             "VALUES (?, 'evicting', ?, ?)",
             [(at, p, f"study {study_uid}") for p in doomed],
         )
+        evicted = Evicted(study_uid, len(rows), sum(int(r["size"]) for r in rows), unconfirmed,
+                          study["patient_id"])
+        audit.record_in(conn, "delete", actor=actor, target=study_uid,
+                        patient=evicted.patient_id, detail=_deleted(reason, evicted, force))
     delete_evicted_files(db, spool, {p: seen[p] for p in doomed})
-    return Evicted(study_uid, len(rows), sum(int(r["size"]) for r in rows), unconfirmed,
-                   study["patient_id"])
+    return evicted
+
+
+def _deleted(reason: str, evicted: Evicted, force: bool) -> str:
+    """The ``delete`` row's detail: why, and what went (the unconfirmed count when forced:
+    what the region may not hold)."""
+    unconfirmed = f" ({evicted.unconfirmed} unconfirmed)" if force else ""
+    return (f"{reason}: {counted(evicted.instances, 'instance')}{unconfirmed}, "
+            f"{counted(evicted.bytes, 'byte')}")
 
 
 EVICT_FILES_PER_TRANSACTION = 256  # the write lock is held while they are unlinked

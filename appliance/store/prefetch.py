@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from appliance.store import audit
 from appliance.store.db import Database, now
 
 # Instances the prefetch stored carry this in instances.source_address.
@@ -176,6 +177,16 @@ def set_study_state(db: Database, request_id: int, study_uid: str, state: str) -
     with db.transaction() as conn:
         conn.execute("UPDATE prefetch_studies SET state = ? WHERE request_fk = ? AND "
                      "study_uid = ?", (state, request_id, study_uid))
+
+
+def study_fetched(db: Database, request_id: int, study_uid: str, detail: str) -> None:
+    """A prior fetched from the region: its state ``fetched`` and its ``retrieve`` audit row,
+    one transaction (written apart, a crash between them left the prior fetched, its
+    instances in the cache, and no row saying where they came from)."""
+    with db.transaction() as conn:
+        conn.execute("UPDATE prefetch_studies SET state = 'fetched' WHERE request_fk = ? AND "
+                     "study_uid = ?", (request_id, study_uid))
+        audit.record_in(conn, "retrieve", actor="prefetch", target=study_uid, detail=detail)
 
 
 def add_progress(db: Database, request_id: int, instances: int, size: int) -> None:
