@@ -7,7 +7,6 @@ database is opened)."""
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from enum import StrEnum
@@ -55,10 +54,11 @@ JsonOption = typer.Option(False, "--json", help="Machine-readable output")
 
 # Written to a file or a pipe (``pas studies > list.txt``, ``| grep``), Rich sizes tables to
 # 80 columns and cut every UID to "1.2.840.113…": a table keeps its values whole there (up to
-# this width), as on a terminal wide enough. $COLUMNS still decides when set.
+# this width), as on a terminal wide enough. Also when $COLUMNS is exported (CI runners and
+# some service managers export COLUMNS=80): a script reading the table wants whole UIDs.
+# On a terminal Rich follows the terminal's width (or $COLUMNS) as before.
 PIPE_WIDTH = 1000
-console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS")
-                  else PIPE_WIDTH)
+console = Console(width=None if sys.stdout.isatty() else PIPE_WIDTH)
 # Errors stay one line each (no wrapping at the terminal width): greppable in scripts and logs.
 err = Console(stderr=True, soft_wrap=True)
 
