@@ -12,17 +12,30 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from pydicom import dcmread
 
+from appliance.hub.pki import HubPKI
 from tests.support.archived import orthanc_hashes
 from tests.support.hub import HubProcess, enroll
-from tests.support.peers import CT_DIR, MR_DIR, Orthanc, PasProcess, storescu, wait_for
+from tests.support.peers import (
+    CT_DIR,
+    MR_DIR,
+    PAS_BIN,
+    Orthanc,
+    PasProcess,
+    storescu,
+    wait_for,
+)
 from tests.support.peers import read_rows as rows
 from tests.support.tcpproxy import TcpProxy
 
@@ -68,7 +81,8 @@ def wait_jobs_finished(pas: PasProcess, instances: int, timeout: float = 180
 
 
 def enrolled_pas(pas_factory: Any, hub: HubProcess, home: Path, env: dict[str, str] | None = None,
-                 via: TcpProxy | None = None) -> PasProcess:
+                 via: TcpProxy | None = None,
+                 before_start: Callable[[Path], None] | None = None) -> PasProcess:
     """Enrol ``home`` with the real CLI, optionally point it at the hub through ``via``, and
     start PAS there with no rule and no fallback: the hub must be the default route."""
     enroll(hub, home, home.name.upper())
@@ -77,6 +91,8 @@ def enrolled_pas(pas_factory: Any, hub: HubProcess, home: Path, env: dict[str, s
         info = json.loads(hub_json.read_text())
         info["url"] = f"https://localhost:{via.port}"
         hub_json.write_text(json.dumps(info))
+    if before_start is not None:
+        before_start(home)
     return pas_factory({"PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_QUEUE__BACKOFF_INITIAL_S": "0.3",
                         "PAS_QUEUE__BACKOFF_MAX_S": "1", "PAS_HUB__PARALLEL_BUCKETS": str(PARALLEL),
                         # Durable ingest is the ingest tests' subject; here it only costs time.
@@ -355,6 +371,125 @@ def test_a_manifest_the_hub_refuses_fails_the_job_with_the_hubs_reason(
         assert not hub_transfers(strict)
     finally:
         strict.kill()
+
+
+def test_a_revoked_certificate_makes_the_uploads_wait_and_a_new_one_sends_them(
+        pas_factory: Any, hub: HubProcess, tmp_path: Path) -> None:
+    """The hub revoking the appliance's certificate (a replacement, ops' mistake) answers
+    403 certificate_revoked to each upload: every queued study failed for good, to be
+    retried by hand one by one. Now they wait, their attempts not counted, the error logged
+    once; after ``pas enroll --replace`` and a restart they go, with no ``queue retry``."""
+    home = tmp_path / "site-revoked"
+    # The default-like wait between tries (a minute): the restart, not the wait's end, must
+    # send them.
+    pas = enrolled_pas(pas_factory, hub, home, {"PAS_QUEUE__BACKOFF_MAX_S": "300"})
+    hub.cli("revoke", "SITE-REVOKED")
+    files = sorted(CT_DIR.glob("*.dcm"))[:3]
+    sops, _studies = distinct_uids(CT_DIR)
+    storescu(files, pas.port)
+    wait_for(lambda: all(j["last_error"] for j in jobs(pas)) and jobs(pas), 60,
+             what=f"the upload's first try (log {pas.log_path})")
+    waiting = jobs(pas)
+    assert all(j["state"] == "pending" and j["attempts"] == 0 for j in waiting), \
+        [dict(j) for j in waiting]
+    for job in waiting:
+        assert job["last_error"].startswith("waiting for credentials: hub: the hub refuses "
+                                            "this appliance's certificate "
+                                            "(certificate_revoked)"), job["last_error"]
+        assert "pas enroll --replace" in job["last_error"]
+        assert job["next_attempt_at"] - job["updated_at"] >= 59  # a minute, not backoff_max
+    assert "ERROR" in pas.log() and "waits for its credentials to be put right" in pas.log()
+    assert pas.status()["confirmed_instances"] == 0
+
+    pas.stop()
+    replaced = subprocess.run([str(PAS_BIN), "enroll", "--hub", hub.url, "--token",
+                               hub.token("SITE-REVOKED"), "--replace"], env=pas.env,
+                              capture_output=True, text=True, timeout=60)
+    assert replaced.returncode == 0, replaced.stdout + replaced.stderr
+    pas.start()
+    done = wait_jobs_finished(pas, len(files))
+    assert {j["state"] for j in done} == {"done"}, [j["last_error"] for j in done]
+    assert "waiting for credentials due now (start-up)" in pas.log()
+    stored = stored_hashes(pas)
+    assert set(stored) <= sops and len(stored) == len(files)
+    assert pas.status()["confirmed_instances"] == len(files)
+
+
+def test_an_expired_certificate_is_named_not_taken_for_a_link_down(
+        pas_factory: Any, hub: HubProcess, tmp_path: Path) -> None:
+    """The hub refuses an expired client certificate at the TLS 1.3 handshake, and the
+    appliance sees only a closed connection: its uploads waited "for the link" for ever,
+    the status saying the WAN was down. Now the job names the expiry and what to do."""
+    expired_on = datetime.now(UTC) - timedelta(days=2)
+
+    def expire(home: Path) -> None:  # the same key and name, re-signed by the fleet CA
+        pki = HubPKI(hub.home)
+        ca_key = serialization.load_pem_private_key(pki.ca_key_path.read_bytes(), None)
+        ca_cert = x509.load_pem_x509_certificate(pki.ca_cert_path.read_bytes())
+        path = home / "pki" / "client.crt"
+        current = x509.load_pem_x509_certificate(path.read_bytes())
+        cert = (x509.CertificateBuilder().subject_name(current.subject)
+                .issuer_name(ca_cert.subject).public_key(current.public_key())
+                .serial_number(current.serial_number)
+                .not_valid_before(expired_on - timedelta(days=365))
+                .not_valid_after(expired_on)
+                .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
+        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+    pas = enrolled_pas(pas_factory, hub, tmp_path / "site-expired", before_start=expire)
+    storescu(sorted(CT_DIR.glob("*.dcm"))[:1], pas.port)
+    job = wait_for(lambda: next((j for j in jobs(pas) if j["last_error"]), None), 60,
+                   what=f"the upload's first try (log {pas.log_path})")
+    assert job["last_error"].startswith(
+        f"waiting for credentials: hub: this appliance's certificate expired on "
+        f"{expired_on:%Y-%m-%d %H:%M} UTC"), job["last_error"]
+    assert "pas enroll --replace" in job["last_error"] and job["attempts"] == 0
+    assert "TLS handshake refused (alert certificate_expired)" in hub.log()
+
+
+def test_a_hub_certificate_the_appliance_cannot_verify_is_named_not_retried_as_a_link(
+        pas_factory: Any, hub: HubProcess, tmp_path: Path) -> None:
+    """The pinned fleet CA no longer matching the hub's certificate (a CA rolled over, a
+    hub reinstalled, an interception proxy): the uploads waited "for the link" for ever,
+    retrying the handshake. Now the job names the verification failure and waits for a fix."""
+    other = HubPKI(tmp_path / "another-fleet")
+    other.init()
+
+    def distrust(home: Path) -> None:
+        (home / "pki" / "ca.crt").write_bytes(other.ca_cert_path.read_bytes())
+
+    pas = enrolled_pas(pas_factory, hub, tmp_path / "site-distrust", before_start=distrust)
+    storescu(sorted(CT_DIR.glob("*.dcm"))[:1], pas.port)
+    job = wait_for(lambda: next((j for j in jobs(pas) if j["last_error"]), None), 60,
+                   what=f"the upload's first try (log {pas.log_path})")
+    assert job["last_error"].startswith(
+        "waiting for credentials: hub: this appliance does not trust the peer's "
+        "certificate: "), job["last_error"]
+    assert job["attempts"] == 0 and job["state"] in ("pending", "running")
+    assert "attempt 1 failed" not in pas.log()  # a refused certificate is not retried at once
+
+
+def test_a_stowrs_archive_whose_certificate_fails_verification_waits_for_a_fix(
+        pas_factory: Any, hub: HubProcess, tmp_path: Path) -> None:
+    """The same for a ``stowrs`` destination over HTTPS (the hub's TLS port serves as the
+    archive here; the handshake fails before any HTTP): ``ca_file`` names another CA."""
+    other = HubPKI(tmp_path / "another-ca")
+    other.init()
+    pas = pas_factory({"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                       "PAS_DESTINATIONS__ARCHIVE__KIND": "stowrs",
+                       "PAS_DESTINATIONS__ARCHIVE__URL": f"{hub.url}/dicom-web",
+                       "PAS_DESTINATIONS__ARCHIVE__CA_FILE": str(other.ca_cert_path),
+                       "PAS_ROUTING__FALLBACK__DESTINATIONS": '["archive"]',
+                       "PAS_STUDY__STABLE_AFTER_S": "1"})
+    storescu(sorted(CT_DIR.glob("*.dcm"))[:1], pas.port)
+    job = wait_for(lambda: next((j for j in jobs(pas) if j["last_error"]), None), 60,
+                   what=f"the STOW-RS job's first try (log {pas.log_path})")
+    assert job["last_error"].startswith(
+        "waiting for credentials: archive: this appliance does not trust the peer's "
+        "certificate: "), job["last_error"]
+    assert "check destinations.archive's ca_file" in job["last_error"]
+    assert job["attempts"] == 0
+    assert pas.status()["links"]["archive"]["state"] == "down"
 
 
 def test_rule_naming_the_hub_on_a_non_enrolled_appliance_says_how_to_enrol(

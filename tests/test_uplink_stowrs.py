@@ -111,6 +111,50 @@ def test_wrong_url_fails_the_job_with_the_http_status(pas_factory, orthanc: Orth
     assert len(_rows(pas.home, "SELECT id FROM instances")) == 4
 
 
+def test_credentials_the_archive_refuses_make_the_jobs_wait_until_put_right(
+        pas_factory, tmp_path: Path) -> None:
+    """A password changed on the archive's side: each STOW-RS got 401 and every queued study
+    failed for good (to be retried by hand, one by one). Now the jobs wait, their attempts
+    not counted, the error logged once; with the password put right and PAS restarted, they
+    go, bit-exact, with no ``pas queue retry``."""
+    users = {"pas": "the-right-one"}
+    orthanc = Orthanc(tmp_path / "orthanc-auth", extra_config={
+        "AuthenticationEnabled": True, "RegisteredUsers": users}).start()
+    try:
+        env = {**_stow_env(orthanc.dicomweb), "PAS_DESTINATIONS__ARCHIVE__USERNAME": "pas",
+               "PAS_DESTINATIONS__ARCHIVE__PASSWORD": "an-old-one",
+               "PAS_QUEUE__BACKOFF_MAX_S": "0.5"}
+        home = tmp_path / "pas-auth"
+        pas: PasProcess = pas_factory(env, home=home)
+        files = sorted(CT_DIR.glob("*.dcm"))[:3]
+        storescu(files, pas.port)
+        wait_for(lambda: pas.log().count("waits for its credentials to be put right") >= 3,
+                 60, what=f"three tries (log {pas.log_path})")
+        # Between two tries (one may be under way when the log is read): none failed.
+        waiting = wait_for(lambda: (lambda js: js if js and all(
+            j["state"] == "pending" and j["attempts"] == 0 for j in js) else None)(
+                _jobs(home)), 30, what="every job waiting, no attempt counted")
+        for job in waiting:
+            assert job["last_error"].startswith(
+                "waiting for credentials: archive: STOW-RS answered HTTP 401, the archive "
+                "refuses this appliance's credentials"), job["last_error"]
+        errors = [line for line in pas.log().splitlines() if " ERROR " in line]
+        assert len(errors) == 1 and "waits for its credentials" in errors[0], errors
+        assert not orthanc.instances()
+
+        pas.stop()
+        fixed = pas_factory({**env, "PAS_DESTINATIONS__ARCHIVE__PASSWORD": users["pas"]},
+                            home=home)
+        wait_for(lambda: _settled(home, len(files)), 60, what="the jobs to go")
+        assert {j["state"] for j in _jobs(home)} == {"done"}
+        stored = {r["sop_instance_uid"]: r["sha256"]
+                  for r in _rows(home, "SELECT sop_instance_uid, sha256 FROM instances")}
+        assert orthanc_hashes(orthanc) == stored
+        assert fixed.status()["links"]["archive"]["state"] == "up"
+    finally:
+        orthanc.stop()
+
+
 def test_kill_9_mid_stow_resumes_per_instance(pas_factory, orthanc: Orthanc) -> None:
     """A 200-instance MR study, 4 per request: kill -9 once some requests were accepted; the
     restarted daemon sends only the instances not yet marked sent, and Orthanc ends with all

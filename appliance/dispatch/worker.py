@@ -4,6 +4,10 @@ Every outcome is one transaction (finish, or fail with the next attempt's time).
 that dies mid-job leaves a lease that expires; another worker (or the restarted daemon) takes
 the job again, and the target resumes from the instances not yet marked sent.
 
+A certificate refused at either end of a destination's TLS link (``TrustRefused``) is not
+an outage: the job waits uncounted too (every job would meet it; none may fail for it), the
+first of each destination logged as an error, and a restart makes such jobs due at once.
+
 A destination that could not be reached at all (``LinkDown``) does not use up attempts: the
 job waits for the link, tried again after a delay that grows with how long the destination
 has been unreachable (``routing/backoff.link_delay``). For the hub that length comes from the
@@ -31,8 +35,9 @@ from appliance.dispatch.target_types.base import (
     PermanentError,
     SendContext,
     TargetType,
+    TrustRefused,
 )
-from appliance.routing.backoff import link_delay, next_delay, room_delay
+from appliance.routing.backoff import link_delay, next_delay, room_delay, trust_delay
 from appliance.store import jobs as job_store
 from appliance.store import uplink as uplink_store
 from appliance.store.db import Database, now
@@ -58,6 +63,8 @@ class Dispatcher:
         # outage and process, not per try. The outage's start itself is in the database.
         self._outages_logged: set[str] = set()
         self._outages_lock = threading.Lock()
+        # Destinations whose refused certificate this process has logged as an error.
+        self._trust_logged: set[str] = set()
         self._started_at = now()
 
     def run_one(self, owner: str, kinds: tuple[str, ...] | None = None,
@@ -78,6 +85,18 @@ class Dispatcher:
             job_store.fail_attempt(self.db, job.id, owner, str(exc), retry_at=None)
             log.error("job %d to %s failed for good: %s", job.id, job.destination, exc,
                       extra=extra)
+        except TrustRefused as exc:
+            delay = trust_delay(queue)
+            job_store.wait_for_trust(self.db, job.id, owner, str(exc), now() + delay)
+            # An error, not an outage: it needs a person. Once per destination and process
+            # (a backlog meets it once per job and minute), then information.
+            with self._outages_lock:
+                first = job.destination not in self._trust_logged
+                self._trust_logged.add(job.destination)
+            log.log(logging.ERROR if first else logging.INFO,
+                    "job %d to %s waits for its credentials to be put right (next try in "
+                    "%.0fs, not counted as an attempt; jobs to it go on queueing, none fails "
+                    "for it): %s", job.id, job.destination, delay, exc, extra=extra)
         except LinkDown as exc:
             down_for, began = self._down_for(job, getattr(target, "name", job.destination))
             delay = link_delay(queue, down_for)
@@ -145,6 +164,7 @@ class Dispatcher:
         jobs that waited for it are due now."""
         with self._outages_lock:
             self._outages_logged.discard(job.destination)
+            self._trust_logged.discard(job.destination)
         was_down = uplink_store.clear_unreachable(self.db, job.destination)
         if was_down:
             woken = job_store.wake_waiting_for_link(self.db, job.kind, job.destination)
@@ -153,6 +173,12 @@ class Dispatcher:
             self.wake.set()
 
     def start(self) -> None:
+        # A restart is how a new certificate (pas enroll --replace) or CA takes effect: the
+        # jobs that waited for one try again now rather than up to a minute later.
+        woken = job_store.wake_waiting_for_trust(self.db)
+        if woken:
+            log.info("%s waiting for credentials due now (start-up)",
+                     counted(woken, "job"))
         for number in range(self.settings.queue.workers):
             thread = threading.Thread(target=self._loop, args=(f"{self.owner_prefix}:{number}",),
                                       name=f"pas-worker-{number}", daemon=True)

@@ -34,6 +34,13 @@ def room_delay(queue: QueueSection) -> float:
     return min(queue.backoff_max_s, max(queue.backoff_initial_s, ROOM_RETRY_S))
 
 
+def trust_delay(queue: QueueSection) -> float:
+    """Seconds until a job that met a refused certificate tries again (not counted): as
+    :func:`room_delay`. Only a person cures it, and a restart (which makes such jobs due at
+    once) is how the cure takes effect; the tries in between only show it still holds."""
+    return room_delay(queue)
+
+
 def link_delay(queue: QueueSection, down_for_s: float) -> float:
     """Seconds until a job waiting for its destination's link tries again, given how long the
     link has been down: a quarter of that, at least ``backoff_initial_s`` and at most

@@ -173,6 +173,7 @@ def fail_attempt(db: Database, job_id: int, owner: str, error: str, retry_at: fl
 
 WAITING_FOR_LINK = "waiting for the link: "
 WAITING_FOR_ROOM = "waiting for room on the spool: "
+WAITING_FOR_TRUST = "waiting for credentials: "
 
 
 def wait_for_link(db: Database, job_id: int, owner: str, error: str, retry_at: float) -> None:
@@ -187,6 +188,25 @@ def wait_for_room(db: Database, job_id: int, owner: str, error: str, retry_at: f
     :func:`wait_for_link` (the attempt given back), with the :data:`WAITING_FOR_ROOM`
     prefix."""
     _wait(db, job_id, owner, WAITING_FOR_ROOM + error, retry_at)
+
+
+def wait_for_trust(db: Database, job_id: int, owner: str, error: str, retry_at: float) -> None:
+    """An attempt that met a certificate refused at either end of its TLS link: as
+    :func:`wait_for_link` (the attempt given back), with the :data:`WAITING_FOR_TRUST`
+    prefix."""
+    _wait(db, job_id, owner, WAITING_FOR_TRUST + error, retry_at)
+
+
+def wake_waiting_for_trust(db: Database) -> int:
+    """Every job waiting for credentials is due now: called at start-up, because a
+    restart is how a new certificate or CA takes effect. How many."""
+    at = now()
+    with db.transaction() as conn:
+        cursor = conn.execute(
+            """UPDATE jobs SET next_attempt_at = ?, updated_at = ?
+               WHERE state = 'pending' AND next_attempt_at > ? AND last_error LIKE ?""",
+            (at, at, at, WAITING_FOR_TRUST + "%"))
+        return cursor.rowcount
 
 
 def _wait(db: Database, job_id: int, owner: str, error: str, retry_at: float) -> None:

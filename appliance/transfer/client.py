@@ -85,7 +85,9 @@ class _ServerError(Exception):
 
 
 def _transient(exc: BaseException) -> bool:
-    return isinstance(exc, httpx.TransportError | _ServerError)
+    """Worth trying again at once: a transport error or a 5xx, but not a certificate refused
+    (the same answer comes back every time)."""
+    return isinstance(exc, httpx.TransportError | _ServerError) and trust_problem(exc) is None
 
 
 def _json(response: httpx.Response) -> Any:
@@ -155,6 +157,43 @@ def link_down(exc: BaseException) -> bool:
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return False
+
+
+# Why a hub refuses a client certificate (its answer's ``error``), and the OpenSSL reasons
+# of the alerts a TLS peer sends when it refuses one at the handshake.
+_REFUSED_CERTIFICATE_ERRORS = ("certificate_revoked", "certificate_unknown",
+                               "certificate_expired", "client_certificate_required")
+_REFUSED_CERTIFICATE_ALERTS = ("CERTIFICATE_REVOKED", "CERTIFICATE_EXPIRED",
+                               "CERTIFICATE_UNKNOWN", "CERTIFICATE_REQUIRED",
+                               "BAD_CERTIFICATE", "UNKNOWN_CA", "UNSUPPORTED_CERTIFICATE")
+
+
+def trust_problem(exc: BaseException) -> str | None:
+    """What keeps the two ends of a TLS link from trusting each other, if that is the
+    failure (None otherwise): this end refused the peer's certificate (expired, another CA,
+    a name it does not carry), the peer refused this end's at the handshake (a TLS alert),
+    or the hub answered that it no longer accepts it (403 ``certificate_revoked``).
+
+    Such a failure is neither the job's nor the link's: waiting does not cure it and no
+    job should fail for it (every queued study would); it needs a person, a new enrolment
+    or a CA put right, and the queue must then go on by itself."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return f"this appliance does not trust the peer's certificate: " \
+                   f"{current.verify_message or current.reason}"
+        if isinstance(current, ssl.SSLError) and any(
+                alert in str(current.reason or "") for alert in _REFUSED_CERTIFICATE_ALERTS):
+            return f"the peer refused this appliance's certificate at the TLS handshake " \
+                   f"({str(current.reason).lower()})"
+        if isinstance(current, HubRefused) and current.status in (401, 403) and \
+                isinstance(current.body, dict) and \
+                current.body.get("error") in _REFUSED_CERTIFICATE_ERRORS:
+            return f"the hub refuses this appliance's certificate ({current.body['error']})"
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 WARM_IDLE_S = 20.0
@@ -422,8 +461,9 @@ class HubClient:
         )
         try:
             response = retrying(attempt)
-        except RetryError as exc:
-            cause = exc.last_attempt.exception()
+        except (RetryError, httpx.TransportError) as exc:
+            # Retries spent, or a failure not worth one (a certificate refused): the same.
+            cause = exc.last_attempt.exception() if isinstance(exc, RetryError) else exc
             message = f"hub {what}: {type(cause).__name__}: {cause}"
             self._contact(False, message)
             raise HubUnavailable(message) from cause

@@ -67,6 +67,18 @@ class Enrolment:
     def ca_cert(self) -> Path:
         return self.pki_dir / "ca.crt"
 
+    def expired_at(self, at: datetime | None = None) -> datetime | None:
+        """When this appliance's certificate expired, if it has (None: still valid, or
+        unreadable, which the start-up check reports). The hub refuses an expired one at the
+        TLS handshake, where TLS 1.3 gives the client no reason, only a closed connection:
+        this is how the appliance tells that from a link down."""
+        try:
+            cert = x509.load_pem_x509_certificate(self.client_cert.read_bytes())
+        except (OSError, ValueError):
+            return None
+        expiry = cert.not_valid_after_utc
+        return expiry if expiry <= (at or datetime.now(UTC)) else None
+
     def ssl_context(self) -> ssl.SSLContext:
         """TLS 1.3 only, the pinned fleet CA only, hostname checked, our client cert loaded."""
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.ca_cert))

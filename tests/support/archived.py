@@ -12,7 +12,7 @@ from tests.support.peers import Orthanc
 
 def orthanc_hashes(orthanc: Orthanc) -> dict[str, str]:
     hashes: dict[str, str] = {}
-    with httpx.Client(base_url=orthanc.url, timeout=60) as http:
+    with httpx.Client(base_url=orthanc.url, timeout=60, auth=orthanc.auth) as http:
         listing = http.get("/instances", params={"expand": ""})
         listing.raise_for_status()
         for instance in listing.json():

@@ -430,12 +430,21 @@ class Orthanc:
         log = open(self.folder / "orthanc.log", "ab")
         self.proc = subprocess.Popen(self.ns.command(["Orthanc", str(config_path)]),
                                      stdout=log, stderr=subprocess.STDOUT)
-        wait_for(lambda: httpx.get(f"{self.url}/system", timeout=1).status_code == 200,
+        wait_for(lambda: httpx.get(f"{self.url}/system", timeout=1,
+                                   auth=self.auth).status_code == 200,
                  timeout, what="Orthanc HTTP")
         return self
 
+    @property
+    def auth(self) -> tuple[str, str] | None:
+        """The first registered user, when ``extra_config`` turns authentication on."""
+        users = self.extra_config.get("RegisteredUsers") or {}
+        if not self.extra_config.get("AuthenticationEnabled") or not users:
+            return None
+        return next(iter(users.items()))
+
     def get(self, path: str, **kwargs: Any) -> httpx.Response:
-        return httpx.get(f"{self.url}{path}", timeout=60, **kwargs)
+        return httpx.get(f"{self.url}{path}", timeout=60, auth=self.auth, **kwargs)
 
     def instances(self) -> list[str]:
         return self.get("/instances").json()

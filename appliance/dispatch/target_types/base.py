@@ -15,6 +15,10 @@ no connection after its in-request retries (a 5xx is counted).
 
 :class:`NoRoomForCopy` (``dicom``, when an instance must be re-encoded and the spool has no
 room for the copy) also waits uncounted: the cause is the appliance's, not the job's.
+
+:class:`TrustRefused` (``hub`` and ``stowrs``: a certificate refused at either end of the TLS
+link, or the hub answering that it no longer accepts this appliance's) waits uncounted too,
+and is logged as an error: it is not an outage and needs a person.
 """
 
 from __future__ import annotations
@@ -46,6 +50,22 @@ class LinkDown(Exception):
     is counted. The message becomes the job's ``last_error`` after ``waiting for the link: ``
     (``pas queue list``, the status page): the dicom and stowrs kinds start it with
     ``<destination> unreachable:`` so that its first words say what is going on."""
+
+
+class TrustRefused(LinkDown):
+    """The destination and this appliance do not trust each other: a certificate refused at
+    the TLS handshake (expired, revoked, from another CA, a hostname it does not carry), the
+    hub answering 403 ``certificate_revoked``, or an archive answering 401/403 to the
+    configured password or token. Retrying cannot cure it, and failing the job for it would
+    fail every study queued (they all meet it): the job waits, its attempts not counted,
+    with the cause in ``last_error`` after ``waiting for credentials: ``, until someone puts
+    the credentials right (``pas enroll --replace``, a corrected configuration) and restarts
+    PAS, which makes the waiting jobs due at once. A :class:`LinkDown` so that any code
+    waiting for the link treats it as such; the dispatcher tells the two apart."""
+
+
+TRUST_HINT = ("`pas doctor` checks the certificates; a revoked or expired one is replaced with "
+              "`pas enroll --replace` and a restart of PAS")
 
 
 class NoRoomForCopy(Exception):

@@ -32,7 +32,13 @@ from typing import Any
 
 from appliance.config import Settings
 from appliance.dispatch.pack_ahead import PackAhead
-from appliance.dispatch.target_types.base import LinkDown, PermanentError, SendContext
+from appliance.dispatch.target_types.base import (
+    TRUST_HINT,
+    LinkDown,
+    PermanentError,
+    SendContext,
+    TrustRefused,
+)
 from appliance.ops import metrics
 from appliance.store import jobs as job_store
 from appliance.store import uplink as uplink_store
@@ -44,6 +50,7 @@ from appliance.transfer.client import (
     HubUnavailable,
     ReceiptInvalid,
     link_down,
+    trust_problem,
 )
 from appliance.transfer.enrolment import Enrolment
 from appliance.transfer.throttle import cap_mbps, hub_throttle
@@ -139,8 +146,19 @@ class HubTarget:
     def send(self, job: Job, context: SendContext) -> None:
         try:
             self._send(job, context)
-        except HubUnavailable as exc:
-            if link_down(exc):
+        except (HubUnavailable, HubRefused) as exc:
+            problem = trust_problem(exc)
+            if problem is not None:
+                # A certificate refused at either end: every job would meet it, none is at
+                # fault. They wait, counted nowhere, until someone puts the certificate right.
+                raise TrustRefused(f"{self.name}: {problem}; {TRUST_HINT}") from exc
+            expired = self.enrolment.expired_at() if link_down(exc) else None
+            if expired is not None:  # the hub refused it at the handshake: no reason given
+                raise TrustRefused(
+                    f"{self.name}: this appliance's certificate expired on "
+                    f"{expired:%Y-%m-%d %H:%M} UTC (the hub closes the connection at the TLS "
+                    f"handshake); {TRUST_HINT}") from exc
+            if isinstance(exc, HubUnavailable) and link_down(exc):
                 # No answer at all (no connection, or it went silent): the WAN or the hub is
                 # down, which says nothing about this job. It waits for the link.
                 raise LinkDown(str(exc)) from exc
@@ -197,6 +215,8 @@ class HubTarget:
         try:
             return self.client.create_transfer(manifest) == 201
         except HubRefused as exc:
+            if trust_problem(exc) is not None:
+                raise  # not this manifest's fault: send() makes the job wait
             if exc.status == 409:  # our id with another manifest: the job changed
                 self._forget_transfer(job, context, progress)
                 raise RuntimeError(f"{exc}; a new transfer will be created") from None

@@ -39,9 +39,15 @@ from tenacity import (
 )
 
 from appliance.config import StowRsDestination
-from appliance.dispatch.target_types.base import LinkDown, PermanentError, SendContext
+from appliance.dispatch.target_types.base import (
+    LinkDown,
+    PermanentError,
+    SendContext,
+    TrustRefused,
+)
 from appliance.store import uplink as uplink_store
 from appliance.store.jobs import Job
+from appliance.transfer.client import trust_problem
 from appliance.words import counted
 
 log = logging.getLogger("pas.dispatch.stowrs")
@@ -71,7 +77,8 @@ NO_CONNECTION = (httpx.ConnectError, httpx.ConnectTimeout)
 
 
 def _transient(exc: BaseException) -> bool:
-    return isinstance(exc, httpx.TransportError | _ServerError)
+    """A transport error or a 5xx, but not a certificate refused (it comes back each time)."""
+    return isinstance(exc, httpx.TransportError | _ServerError) and trust_problem(exc) is None
 
 
 def _values(item: dict[str, Any], tag: str) -> list[Any]:
@@ -202,8 +209,15 @@ class StowRsTarget:
                             wait=wait_random_exponential(multiplier=0.5, max=10), reraise=False)
         try:
             response = retrying(attempt)
-        except RetryError as exc:
-            cause = exc.last_attempt.exception()
+        except (RetryError, httpx.TransportError) as exc:
+            # Retries spent, or a failure not worth one (a certificate refused).
+            cause = exc.last_attempt.exception() if isinstance(exc, RetryError) else exc
+            problem = trust_problem(cause) if cause is not None else None
+            if problem is not None:  # the same for every job: none fails for it
+                message = (f"{self.name}: {problem}; check destinations.{self.name}'s "
+                           "ca_file, client_cert and client_key (`pas doctor`)")
+                uplink_store.record_contact(context.db, self.name, False, message)
+                raise TrustRefused(message) from cause
             if isinstance(cause, NO_CONNECTION):
                 message = (f"{self.name} unreachable: no connection to {url} after "
                            f"{RETRIES + 1} tries ({type(cause).__name__}: {cause})")
@@ -226,6 +240,13 @@ class StowRsTarget:
         if response.status_code in (408, 429):
             raise RuntimeError(f"{self.name}: STOW-RS answered HTTP {response.status_code} "
                                f"(busy); retrying later")
+        if response.status_code in (401, 403):
+            # Credentials refused (a password changed, a token expired): every job would meet
+            # it and none is at fault; they wait until the configuration is put right.
+            raise TrustRefused(f"{self.name}: STOW-RS answered HTTP {response.status_code}, "
+                               f"the archive refuses this appliance's credentials; check "
+                               f"destinations.{self.name}'s bearer_token or username and "
+                               f"password: {response.text[:200]}")
         if 400 <= response.status_code < 500:
             raise PermanentError(f"{self.name}: STOW-RS answered HTTP {response.status_code}: "
                                  f"{response.text[:300]}")
