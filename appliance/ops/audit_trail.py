@@ -71,10 +71,16 @@ def _xml_text(value: Any) -> str:
 
 def _object_ids(target: str) -> list[str]:
     """One ParticipantObjectIdentification per study (PS3.15 A.5.3.2): a store event lists
-    its studies comma-joined; any other target (a query summary) stays one object."""
+    its studies comma-joined; a WADO-RS retrieve names its path's UIDs slash-joined (study,
+    series, instance), whose study is the object (the whole path, labelled a Study Instance
+    UID, matched no study at the collector); any other target (a query summary) stays one
+    object."""
     parts = [p.strip() for p in target.split(",") if p.strip()]
     if len(parts) > 1 and all(_UID.fullmatch(p) for p in parts):
         return parts
+    path = target.split("/")
+    if len(path) > 1 and all(_UID.fullmatch(p) for p in path):
+        return [path[0]]
     return [target]
 
 

@@ -1,16 +1,16 @@
-"""DICOMweb over a (Database, Spool): QIDO-RS, WADO-RS and STOW-RS as Starlette routes.
+"""DICOMweb over a (Database, Spool): the routes, QIDO-RS, STOW-RS and the access check.
 
-Owns: the HTTP shape of DICOMweb (PS3.18): query parameters to matching keys, DICOM JSON,
-multipart/related bodies (streamed from the spool file by file: bounded memory; a STOW-RS
-part above ``spill_above`` goes to a spool temp file as it arrives, stow_parts.py), frames and
-rendered JPEG/PNG (the pixel and transfer-syntax work itself is in ``wado_media.py``),
-STOW-RS responses, the bearer-token check, and the access audit of each query, retrieve and
-store. The parsing and bodies that need no handler state (parameters, the STOW boundary,
-problem and octet-stream answers, SOP items) are ``dicomweb_http.py``'s.
-:func:`build_dicomweb_routes` works over any (Database, Spool), so the hub's embedded archive
-can serve the same API. May not touch: SQL (``store/query.py``), spool writes (STOW goes
-through :class:`~appliance.ingest.receive.Receiver`, so the same durability rules as C-STORE
-apply: a part is reported stored only after fsync + commit).
+Owns: the route table of DICOMweb (PS3.18) under one prefix; QIDO-RS (query parameters to
+matching keys, result caps, DICOM JSON); STOW-RS (parts streamed in, a part above
+``spill_above`` written to a spool temp file as it arrives, ``stow_parts.py``; the response's
+SOP sequences); the bearer-token check (:meth:`DicomWeb.actor_of`) and the access audit rows
+(:meth:`DicomWeb.record`) of each query and store. WADO-RS (retrieve, metadata, bulk data,
+frames, rendered) and its ``retrieve`` rows, written once each answer is over, are
+``wado_rs.py``'s; the parsing and bodies that need no handler state are
+``dicomweb_http.py``'s. :func:`build_dicomweb_routes` works over any (Database, Spool), so the
+hub's embedded archive can serve the same API. May not touch: SQL (``store/query.py``), spool
+writes (STOW goes through :class:`~appliance.ingest.receive.Receiver`, so the same durability
+rules as C-STORE apply: a part is reported stored only after fsync + commit).
 """
 
 from __future__ import annotations
@@ -19,11 +19,9 @@ import contextlib
 import hashlib
 import io
 import logging
-import re
 import secrets
-import time
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, BinaryIO
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
@@ -37,35 +35,19 @@ from starlette.routing import BaseRoute, Mount, Route
 
 from appliance.ingest.attributes import InvalidInstance
 from appliance.serving.dicomweb_http import (
-    CHUNK,
-    ClosingStream,
-    ReportedEnd,
     _boundary,
-    _file_part,
     _int_param,
     _keyword,
-    _octet_parts,
     _problem,
     _sop_item,
-    _stream_part,
 )
 from appliance.serving.stow_parts import Part, SpilledPart, answer_head, discard_parts, other_study
-from appliance.serving.wado_media import (
-    DecodedPixels,
-    HttpProblem,
-    accepted_syntaxes,
-    frame_list,
-    metadata_item,
-    part_syntax,
-    read_bulkdata,
-    read_frames,
-    render,
-)
+from appliance.serving.wado_media import HttpProblem
+from appliance.serving.wado_rs import DICOM_JSON, WadoRs
 from appliance.store import audit
 from appliance.store import query as store_query
 from appliance.store.db import Database
 from appliance.store.spool import Spool, SpoolFull
-from appliance.store.transcode import open_transcoded
 from appliance.words import counted
 
 if TYPE_CHECKING:
@@ -74,7 +56,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pas.dicomweb")
 
-DICOM_JSON = "application/dicom+json"
 # A STOW-RS part larger than this goes to a spool temp file as it arrives (the appliance
 # passes its ``dicom.spill_above_mb``): a 300 MB part took the daemon up by 612 MB.
 SPILL_ABOVE = 32 << 20
@@ -129,7 +110,7 @@ class DicomWeb:
 
     # -- access -------------------------------------------------------------------------
 
-    def _actor(self, request: Request) -> str:
+    def actor_of(self, request: Request) -> str:
         """Who asks, for the audit; raises 401 when a bearer token is required and wrong."""
         if not self.bearer_tokens:
             return "anonymous"
@@ -141,7 +122,7 @@ class DicomWeb:
             raise HttpProblem(401, "a valid bearer token is required (Authorization: Bearer)")
         return "bearer:" + hashlib.sha256(token.strip().encode()).hexdigest()[:12]
 
-    def _audit(self, request: Request, event: str, actor: str, target: str | None,
+    def record(self, request: Request, event: str, actor: str, target: str | None,
                outcome: str, detail: str | None = None, limit: int = 500) -> None:
         try:
             audit.record(self.db, event, actor=actor,
@@ -161,7 +142,7 @@ class DicomWeb:
         detail = f"{len(stored)} stored (STOW-RS)"
         if left_out:
             detail += f", {counted(left_out, 'more study', 'more studies')} not listed"
-        self._audit(request, "store", actor, target, outcome, detail, limit=STORE_TARGET_MAX)
+        self.record(request, "store", actor, target, outcome, detail, limit=STORE_TARGET_MAX)
 
     # -- QIDO-RS ------------------------------------------------------------------------
 
@@ -170,7 +151,7 @@ class DicomWeb:
         level = {"studies": "STUDY", "series": "SERIES", "instances": "IMAGE"}[
             request.scope["route_level"]]
         try:
-            actor = self._actor(request)
+            actor = self.actor_of(request)
             keys = self._qido_keys(request, level, path)
             limit = _int_param(request, "limit", positive=True)
             offset = _int_param(request, "offset") or 0
@@ -192,7 +173,7 @@ class DicomWeb:
             headers["Warning"] = TRUNCATED.format(service=service)
             detail = f"{counted(len(rows), 'result')} (QIDO-RS), truncated at the server's limit"
         target = store_query_summary(level, keys)
-        self._audit(request, "query", actor, target, "success", detail)
+        self.record(request, "query", actor, target, "success", detail)
         return JSONResponse([self._json(level, keys, row) for row in rows],
                             media_type=DICOM_JSON, headers=headers)
 
@@ -262,199 +243,11 @@ class DicomWeb:
             ds.RetrieveURL = url
         return ds.to_json_dict()
 
-    # -- WADO-RS ------------------------------------------------------------------------
-
-    def _rows(self, path: dict[str, str]) -> list[Any]:
-        keys = {"StudyInstanceUID": path["study"]}
-        level = "STUDY"
-        if "series" in path:
-            keys["SeriesInstanceUID"], level = path["series"], "SERIES"
-        if "instance" in path:
-            keys["SOPInstanceUID"], level = path["instance"], "IMAGE"
-        failed: Exception | None = None
-        if self.fetcher is not None and store_query.study_instance_count(
-                self.db, path["study"]) == 0:
-            try:
-                self.fetcher(path["study"])
-            except Exception as exc:
-                log.warning("fetch-through of %s failed: %s", path["study"], exc)
-                failed = exc
-        try:
-            rows = store_query.instances_for(self.db, level, keys)
-        except store_query.QueryError as exc:
-            raise HttpProblem(400, str(exc)) from None
-        if not rows and failed is not None:
-            # Not "no such instance": the region may well hold it, it could not be asked
-            # (a WAN down); 503 tells a viewer to try again later.
-            raise HttpProblem(503, f"study {path['study']} is not on site and the region "
-                                   f"could not provide it: {failed}")
-        if not rows:
-            raise HttpProblem(404, f"no instance matches {'/'.join(path.values())}")
-        store_query.touch_studies(self.db, [path["study"]], time.time())
-        return rows
-
-    async def retrieve(self, request: Request) -> Response:
-        try:
-            actor = self._actor(request)
-            wanted = accepted_syntaxes(request.headers.get("accept", ""))
-            rows = await run_in_threadpool(self._rows, dict(request.path_params))
-            # Decided for every part before the first byte: a 406 cannot follow a 200.
-            syntaxes = [part_syntax(wanted, row["transfer_syntax_uid"]) for row in rows]
-        except HttpProblem as exc:
-            return _problem(exc)
-        target, sent = "/".join(request.path_params.values()), [0]
-
-        def ended(problem: str | None) -> None:
-            """The audit row, once the answer is over: what the viewer was sent."""
-            if problem is None:
-                self._audit(request, "retrieve", actor, target, "success",
-                            f"{counted(len(rows), 'instance')} (WADO-RS)")
-            else:
-                self._audit(request, "retrieve", actor, target,
-                            f"failure: {problem}, after {sent[0]} of "
-                            f"{counted(len(rows), 'instance')}",
-                            f"{sent[0]} of {counted(len(rows), 'instance')} (WADO-RS)")
-
-        first: BinaryIO | Exception | None = None
-        if syntaxes[0] != rows[0]["transfer_syntax_uid"]:
-            # The first part's copy is made before the status line: a copy the spool has no
-            # room for (its quota, the free-space floor) is then an answer the viewer can act
-            # on (503, try later) instead of a 200 cut short. A later part's refusal can only
-            # cut the answer (audited with what was sent).
-            try:
-                first = await run_in_threadpool(open_transcoded, self.spool,
-                                                self.spool.path(rows[0]["path"]), syntaxes[0])
-            except SpoolFull as exc:
-                ended(str(exc))
-                return _problem(HttpProblem(503, f"{exc}; try again later"))
-            except Exception as exc:  # as before: the answer cut at its first part
-                first = exc
-
-        def finished(problem: str | None) -> None:
-            if isinstance(first, io.IOBase):  # closed here too when never streamed (the
-                first.close()  # client went first): its bytes and quota room go at once
-            ended(problem)
-
-        boundary = secrets.token_hex(16)
-        return ClosingStream(ReportedEnd(self._multipart(rows, boundary, syntaxes, sent, first),
-                                         finished),
-                             media_type=('multipart/related; type="application/dicom"; '
-                                         f"boundary={boundary}"))
-
-    def _multipart(self, rows: list[Any], boundary: str, syntaxes: list[str],
-                   sent: list[int], first: BinaryIO | Exception | None = None) -> Iterator[bytes]:
-        """The parts; ``sent[0]`` counts those whose last bytes the server took. ``first``:
-        the first part's copy in another syntax, made before the answer began (or why it
-        could not be)."""
-        for number, (row, syntax) in enumerate(zip(rows, syntaxes, strict=True)):
-            yield (f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={syntax}"
-                   "\r\n\r\n").encode()
-            path = self.spool.path(row["path"])
-            if syntax == row["transfer_syntax_uid"]:
-                with open(path, "rb") as handle:
-                    while chunk := handle.read(CHUNK):
-                        yield chunk
-            else:  # re-encoded into a temp file, streamed from it, gone once read or dropped
-                if number == 0 and isinstance(first, Exception):
-                    raise first
-                copy = (first if number == 0 and first is not None
-                        else open_transcoded(self.spool, path, syntax))
-                with copy as handle:
-                    while chunk := handle.read(CHUNK):
-                        yield chunk
-            yield b"\r\n"
-            sent[0] += 1
-        yield f"--{boundary}--\r\n".encode()
-
-    async def metadata(self, request: Request) -> Response:
-        try:
-            actor = self._actor(request)
-            rows = await run_in_threadpool(self._rows, dict(request.path_params))
-            result = await run_in_threadpool(self._metadata, rows)
-        except HttpProblem as exc:
-            return _problem(exc)
-        self._audit(request, "retrieve", actor, "/".join(request.path_params.values()),
-                    "success", f"{counted(len(rows), 'instance')} (metadata)")
-        return JSONResponse(result, media_type=DICOM_JSON)
-
-    def _metadata(self, rows: list[Any]) -> list[dict[str, Any]]:
-        result = []
-        for row in rows:
-            base = (f"{self.base_url}/studies/{row['study_uid']}/series/{row['series_uid']}"
-                    f"/instances/{row['sop_instance_uid']}")
-            item = metadata_item(self.spool.path(row["path"]), base)
-            if row["transfer_syntax_uid"]:
-                item["00020010"] = {"vr": "UI", "Value": [row["transfer_syntax_uid"]]}
-            result.append(item)
-        return result
-
-    async def bulkdata(self, request: Request) -> Response:
-        """One top-level bulk data attribute's bytes, where metadata's BulkDataURI points."""
-        try:
-            actor = self._actor(request)
-            tag = request.path_params["tag"]
-            if not re.fullmatch(r"[0-9A-Fa-f]{8}", tag):
-                raise HttpProblem(400, f"bulk data tag {tag!r}: 8 hexadecimal digits")
-            rows = await run_in_threadpool(self._rows, dict(request.path_params))
-            data = await run_in_threadpool(read_bulkdata, self.spool.path(rows[0]["path"]),
-                                           int(tag, 16))
-        except HttpProblem as exc:
-            return _problem(exc)
-        path = self.spool.path(rows[0]["path"])
-        size = (data[1] if isinstance(data, tuple) else data.size
-                if isinstance(data, DecodedPixels) else len(data))
-        self._audit(request, "retrieve", actor, "/".join(request.path_params.values()),
-                    "success", f"bulk data {size} bytes")
-        if isinstance(data, DecodedPixels):  # compressed pixels, decoded as they are sent
-            boundary = secrets.token_hex(16)
-            return ClosingStream(_stream_part(data.chunks(), boundary), media_type=(
-                'multipart/related; type="application/octet-stream"; '
-                f"boundary={boundary}"))
-        if isinstance(data, tuple):  # a large value as stored: streamed from the file
-            boundary = secrets.token_hex(16)
-            return ClosingStream(_file_part(path, *data, boundary), media_type=(
-                'multipart/related; type="application/octet-stream"; '
-                f"boundary={boundary}"))
-        return _octet_parts([data])
-
-    async def frames(self, request: Request) -> Response:
-        try:
-            actor = self._actor(request)
-            numbers = frame_list(request.path_params["frames"])
-            rows = await run_in_threadpool(self._rows, dict(request.path_params))
-            frames = await run_in_threadpool(read_frames, self.spool.path(rows[0]["path"]),
-                                             numbers)
-        except HttpProblem as exc:
-            return _problem(exc)
-        self._audit(request, "retrieve", actor, "/".join(request.path_params.values()),
-                    "success", counted(len(frames), "frame"))
-        return _octet_parts(frames)
-
-    async def rendered(self, request: Request) -> Response:
-        try:
-            actor = self._actor(request)
-            accept = request.headers.get("accept", "image/jpeg")
-            media = "image/png" if "image/png" in accept and "image/jpeg" not in accept \
-                else "image/jpeg"
-            frame = int(request.path_params.get("frame", "1"))
-            viewport = request.query_params.get("viewport")
-            rows = await run_in_threadpool(self._rows, dict(request.path_params))
-            data = await run_in_threadpool(render, self.spool.path(rows[0]["path"]), frame,
-                                           media, viewport)
-        except (HttpProblem, ValueError) as exc:
-            if not isinstance(exc, HttpProblem):
-                exc = HttpProblem(400, str(exc))
-            return _problem(exc)
-        self._audit(request, "retrieve", actor,
-                    "/".join(str(v) for v in request.path_params.values()),
-                    "success", f"rendered {media}")
-        return Response(data, media_type=media)
-
     # -- STOW-RS ------------------------------------------------------------------------
 
     async def stow(self, request: Request) -> Response:
         try:
-            actor = self._actor(request)
+            actor = self.actor_of(request)
             if self.receiver is None:
                 raise HttpProblem(405, "STOW-RS is not offered here")
             boundary = _boundary(request.headers.get("content-type", ""))
@@ -600,6 +393,7 @@ def build_dicomweb_routes(db: Database, spool: Spool, *, receiver: Receiver | No
                    pn_case_sensitive=pn_case_sensitive, max_results=max_results,
                    max_limit=max_limit, fetcher=fetcher, base_url=prefix,
                    spill_above=spill_above)
+    wado = WadoRs(web)
     study = "/studies/{study}"
     series = study + "/series/{series}"
     instance = series + "/instances/{instance}"
@@ -612,17 +406,17 @@ def build_dicomweb_routes(db: Database, spool: Spool, *, receiver: Receiver | No
         Route(study + "/series", _level("series", web.qido), methods=["GET"]),
         Route(study + "/instances", _level("instances", web.qido), methods=["GET"]),
         Route(series + "/instances", _level("instances", web.qido), methods=["GET"]),
-        Route(study, web.retrieve, methods=["GET"]),
-        Route(series, web.retrieve, methods=["GET"]),
-        Route(instance, web.retrieve, methods=["GET"]),
-        Route(study + "/metadata", web.metadata, methods=["GET"]),
-        Route(series + "/metadata", web.metadata, methods=["GET"]),
-        Route(instance + "/metadata", web.metadata, methods=["GET"]),
-        Route(instance + "/frames/{frames}", web.frames, methods=["GET"]),
-        Route(instance + "/bulkdata/{tag}", web.bulkdata, methods=["GET"]),
-        Route(instance + "/rendered", web.rendered, methods=["GET"]),
-        Route(instance + "/thumbnail", web.rendered, methods=["GET"]),
-        Route(instance + "/frames/{frame:int}/rendered", web.rendered, methods=["GET"]),
+        Route(study, wado.retrieve, methods=["GET"]),
+        Route(series, wado.retrieve, methods=["GET"]),
+        Route(instance, wado.retrieve, methods=["GET"]),
+        Route(study + "/metadata", wado.metadata, methods=["GET"]),
+        Route(series + "/metadata", wado.metadata, methods=["GET"]),
+        Route(instance + "/metadata", wado.metadata, methods=["GET"]),
+        Route(instance + "/frames/{frames}", wado.frames, methods=["GET"]),
+        Route(instance + "/bulkdata/{tag}", wado.bulkdata, methods=["GET"]),
+        Route(instance + "/rendered", wado.rendered, methods=["GET"]),
+        Route(instance + "/thumbnail", wado.rendered, methods=["GET"]),
+        Route(instance + "/frames/{frame:int}/rendered", wado.rendered, methods=["GET"]),
     ]
     return [Mount(prefix, routes=routes)]
 

@@ -1,24 +1,22 @@
 """DICOMweb's request parsing and response bodies, with no handler state: what the routes in
-``dicomweb.py`` read from a request and the bodies they answer with.
+``dicomweb.py`` and ``wado_rs.py`` read from a request and the bodies they answer with.
 
 Owns: QIDO-RS parameter names to keywords (:func:`_keyword`) and integer parameters
 (:func:`_int_param`, limit and offset, clamped to SQLite's integers), a STOW-RS request's
 multipart boundary (:func:`_boundary`), the JSON answer to an :class:`HttpProblem`
-(:func:`_problem`), multipart/related octet-stream answers (:func:`_octet_parts` in memory,
-:func:`_file_part` streamed from a file a megabyte at a time, :func:`_stream_part` from any
-chunks), the streamed answer that
+(:func:`_problem`), multipart/related octet-stream parts (:func:`_file_part` streamed from a
+file a megabyte at a time, :func:`_stream_part` from any chunks), the streamed answer that
 closes its body however it ends (:class:`ClosingStream`), the body that reports how it ended
 (:class:`ReportedEnd`, for the audit row the handler writes) and a STOW-RS response's SOP items
-(:func:`_sop_item`). Split from ``dicomweb.py``, which keeps the handlers (QIDO-RS,
-WADO-RS, STOW-RS), the routes, the bearer-token check and the audit. May not touch: SQL,
-spool writes (a file part only reads the path it is given), the audit, the handlers' state.
+(:func:`_sop_item`). Split from ``dicomweb.py``, which keeps the routes, QIDO-RS, STOW-RS, the
+bearer-token check and the audit (WADO-RS is ``wado_rs.py``'s). May not touch: SQL, spool
+writes (a file part only reads the path it is given), the audit, the handlers' state.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
-import secrets
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,7 +26,7 @@ from pydicom.datadict import keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from starlette.concurrency import iterate_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.types import Send
 
 from appliance.serving.wado_media import HttpProblem
@@ -86,9 +84,11 @@ class ClosingStream(StreamingResponse):
     (a WADO-RS copy in another syntax, already removed from the spool's folder, kept its disk
     space that long: tests/test_transcode_memory.py)."""
 
-    def __init__(self, content: Iterator[bytes], media_type: str):
+    def __init__(self, content: Iterator[bytes], media_type: str,
+                 headers: dict[str, str] | None = None):
         self._source = content
-        super().__init__(iterate_in_threadpool(content), media_type=media_type)
+        super().__init__(iterate_in_threadpool(content), media_type=media_type,
+                         headers=headers)
 
     async def stream_response(self, send: Send) -> None:
         try:
@@ -145,16 +145,6 @@ class ReportedEnd:
                 return
             self._reported = True
         self._ended(problem)
-
-
-def _octet_parts(blobs: list[bytes]) -> Response:
-    """multipart/related; type="application/octet-stream", one part per blob."""
-    boundary = secrets.token_hex(16)
-    parts = [f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n".encode()
-             + blob + b"\r\n" for blob in blobs]
-    parts.append(f"--{boundary}--\r\n".encode())
-    return Response(b"".join(parts), media_type=(
-        f'multipart/related; type="application/octet-stream"; boundary={boundary}'))
 
 
 def _sop_item(uid: str, sop_class: str, url: str | None = None, reason: int | None = None,

@@ -1,8 +1,8 @@
 """WADO-RS media work, with no HTTP in it: which transfer syntax each instance is sent in
 (PS3.18 8.7.3.5; the re-encoding itself is ``appliance.store.transcode``'s, since it writes
 a spool temp file), raw frames, and rendered images through the grayscale pipeline. Split
-from ``dicomweb.py`` (which keeps the routes and handlers) to keep each file readable. May
-not touch: SQL, spool writes, the network.
+from the handlers (``wado_rs.py``) to keep each file readable. May not touch: SQL, spool
+writes, the network.
 """
 
 from __future__ import annotations
@@ -91,36 +91,48 @@ def frame_list(text: str) -> list[int]:
     return numbers
 
 
-def read_frames(path: Path, numbers: list[int]) -> list[bytes]:
-    """The raw pixel bytes of each frame asked (decoded when stored compressed). Only those
-    frames are read: native ones from where they lie in the file, compressed ones decoded one
-    by one (a frame of a 300 MB multi-frame took the whole object into memory)."""
+def read_frames(path: Path, numbers: list[int]) -> Iterator[bytes]:
+    """The raw pixel bytes of each frame asked (decoded when stored compressed), one at a time
+    as they are taken. The instance and the frame numbers are checked at the call, before the
+    first frame (an HttpProblem then can still be the answer's status); the frames are read
+    lazily: native ones from where they lie in the file, compressed ones decoded one by one
+    (a frame of a 300 MB multi-frame took the whole object into memory)."""
     ds = dcmread(path, defer_size=BULK_THRESHOLD)
     if "PixelData" not in ds:
         raise HttpProblem(404, "the instance has no pixel data")
     count = int(ds.get("NumberOfFrames", 1) or 1)
     if max(numbers) > count:
         raise HttpProblem(404, f"frame {max(numbers)} asked, the instance has {count}")
-    if not ds.file_meta.TransferSyntaxUID.is_compressed:
-        size = ds.Rows * ds.Columns * ds.SamplesPerPixel * ds.BitsAllocated // 8
-        where = _deferred_range(ds, PIXEL_DATA)
-        if where is None:  # small enough to have been read
-            pixels = ds.PixelData
-            return [pixels[(n - 1) * size:n * size] for n in numbers]
-        offset, length = where
-        frames = []
-        with open(path, "rb") as handle:
-            for n in numbers:
-                start = min((n - 1) * size, length)
-                handle.seek(offset + start)
-                frames.append(handle.read(min(size, length - start)))
-        return frames
-    result = []
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        return _decoded_frames(path, numbers)
+    size = ds.Rows * ds.Columns * ds.SamplesPerPixel * ds.BitsAllocated // 8
+    where = _deferred_range(ds, PIXEL_DATA)
+    if where is None:  # small enough to have been read
+        pixels = ds.PixelData
+        return iter([pixels[(n - 1) * size:n * size] for n in numbers])
+    return _native_frames(path, *where, size, numbers)
+
+
+def _native_frames(path: Path, offset: int, length: int, size: int,
+                   numbers: list[int]) -> Iterator[bytes]:
+    """Frames of native Pixel Data (``length`` bytes at ``offset``) read where they lie. A
+    file shorter than its Pixel Data says is an error, not a short frame sent as whole."""
+    with open(path, "rb") as handle:
+        for n in numbers:
+            start = min((n - 1) * size, length)
+            wanted = min(size, length - start)
+            handle.seek(offset + start)
+            frame = handle.read(wanted)
+            if len(frame) < wanted:
+                raise OSError(f"{path.name}: frame {n} is {wanted - len(frame)} bytes short "
+                              "(the file is shorter than its Pixel Data)")
+            yield frame
+
+
+def _decoded_frames(path: Path, numbers: list[int]) -> Iterator[bytes]:
     for n in numbers:
         array = pixel_array(str(path), index=n - 1)
-        result.append(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"))
-                      .tobytes())
-    return result
+        yield np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
 
 
 def _deferred_range(ds: Any, tag: int) -> tuple[int, int] | None:

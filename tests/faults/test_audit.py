@@ -96,6 +96,30 @@ def _patient_objects(root: ET.Element) -> list[str]:
     return patients
 
 
+def test_atna_message_of_a_wado_rs_retrieve_cut_short() -> None:
+    """A WADO-RS row names its path's UIDs (study/series/instance): the Study object is the
+    study (it was the whole path, which no collector matched as a Study Instance UID), and a
+    retrieve the viewer left before the end is a failure (EventOutcomeIndicator 4) whose
+    description says how much was sent."""
+    from appliance.ops.audit_trail import atna_message
+
+    row = {"at": 1.7e9, "event": "retrieve", "actor": "anonymous", "source": "10.0.0.7",
+           "target": "1.2.3.4/1.2.3.4.5/1.2.3.4.5.6", "patient": "P1",
+           "outcome": "failure: the client went away before the end, after 0 of 1 instance",
+           "detail": "0 of 1 instance (WADO-RS frames 1,2)"}
+    root = ET.fromstring(atna_message(row, "SITE", "host"))
+    event = root.find("EventIdentification")
+    assert event is not None and event.get("EventOutcomeIndicator") == "4"
+    assert event.get("EventActionCode") == "R"
+    assert root.findtext("EventIdentification/EventOutcomeDescription") == row["outcome"]
+    assert [o.get("ParticipantObjectID") for o in _study_objects(root)] == ["1.2.3.4"]
+    assert _patient_objects(root) == ["P1"]
+    whole = atna_message({**row, "target": "1.2.3.4", "outcome": "success"}, "SITE", "host")
+    root = ET.fromstring(whole)
+    assert root.find("EventIdentification").get("EventOutcomeIndicator") == "0"  # type: ignore[union-attr]
+    assert [o.get("ParticipantObjectID") for o in _study_objects(root)] == ["1.2.3.4"]
+
+
 class SyslogTlsCollector:
     """A TLS syslog receiver (RFC 5425 framing), loopback only."""
 

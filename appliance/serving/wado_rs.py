@@ -1,0 +1,360 @@
+"""WADO-RS handlers over a (Database, Spool): retrieve (study, series, instance), metadata,
+bulk data, frames and rendered images, and the access audit row of each.
+
+Owns: finding the instances a WADO-RS path names (asking the region through ``fetcher`` for a
+study not on site), streaming each answer (multipart/related parts and DICOM JSON items one
+instance at a time, frames one frame at a time: bounded memory), and the ``retrieve`` audit
+row of every request that passed the access check. That row is written once the answer is
+over (:class:`Tally`, through ``dicomweb_http.ReportedEnd``), never before its first byte: it
+says what the viewer was sent. Written up front, an answer cut by a viewer that went away,
+an unreadable file or a failed transcode was audited a success. Whatever can be decided
+before the status line is (the instances, the first part or item, a copy in another syntax),
+so that a refusal is an HTTP status the viewer can act on, audited with its reason.
+
+Split from ``dicomweb.py``, which keeps the routes, QIDO-RS, STOW-RS and the access check
+this module calls (``DicomWeb.actor_of``, ``DicomWeb.record``). The pixel and JSON work is
+``wado_media.py``'s, bodies and parsing ``dicomweb_http.py``'s. May not touch: SQL
+(``store/query.py``), spool writes (a copy in another syntax is ``store/transcode.py``'s).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+
+from appliance.serving.dicomweb_http import (
+    CHUNK,
+    ClosingStream,
+    ReportedEnd,
+    _file_part,
+    _problem,
+    _stream_part,
+)
+from appliance.serving.wado_media import (
+    DecodedPixels,
+    HttpProblem,
+    accepted_syntaxes,
+    frame_list,
+    metadata_item,
+    part_syntax,
+    read_bulkdata,
+    read_frames,
+    render,
+)
+from appliance.store import query as store_query
+from appliance.store.spool import SpoolFull
+from appliance.store.transcode import open_transcoded
+from appliance.words import counted
+
+if TYPE_CHECKING:
+    from appliance.serving.dicomweb import DicomWeb
+
+log = logging.getLogger("pas.dicomweb")
+
+DICOM_JSON = "application/dicom+json"
+OCTET_PARTS = 'multipart/related; type="application/octet-stream"; boundary={}'
+
+
+class Tally:
+    """What one WADO-RS answer holds and has sent, and its one audit row.
+
+    ``total``: the instances the answer holds, once known; ``sent``: those whose last bytes
+    the server took (an instance counts once it is sent whole). :meth:`ended` writes the row
+    when the answer is over (None: its last byte was taken; else what cut it), and
+    :meth:`refused` when the request is answered with an error status instead."""
+
+    def __init__(self, web: DicomWeb, request: Request, actor: str, what: str):
+        self.web = web
+        self.request = request
+        self.actor = actor
+        self.what = what  # how the answer is named in the detail: "WADO-RS metadata"
+        # The UIDs of the path only: a study search (pas audit --study, ATNA) reads them.
+        self.target = "/".join(str(request.path_params[k]) for k in
+                               ("study", "series", "instance") if k in request.path_params)
+        self.total: int | None = None
+        self.sent = 0
+
+    def _of_total(self) -> str:
+        return f"{self.sent} of {counted(self.total or 0, 'instance')}"
+
+    def ended(self, problem: str | None) -> None:
+        if problem is None:
+            self.web.record(self.request, "retrieve", self.actor, self.target, "success",
+                            f"{counted(self.sent, 'instance')} ({self.what})")
+        else:
+            self.web.record(self.request, "retrieve", self.actor, self.target,
+                            f"failure: {problem}, after {self._of_total()}",
+                            f"{self._of_total()} ({self.what})")
+
+    def refused(self, exc: HttpProblem) -> None:
+        """The row of a request answered with an error status: nothing was sent."""
+        if self.total is None:
+            outcome, sent = f"failure: {exc.detail}", "nothing sent"
+        else:
+            outcome, sent = f"failure: {exc.detail}, after {self._of_total()}", self._of_total()
+        self.web.record(self.request, "retrieve", self.actor, self.target, outcome,
+                        f"{sent} ({self.what}), HTTP {exc.status}")
+
+    def stream(self, chunks: Iterator[bytes], media_type: str, length: int | None = None,
+               closing: Callable[[], None] | None = None) -> Response:
+        """The answer made of ``chunks``, its row written when it is over. ``closing``: run
+        first then, however it ends (a copy never streamed is dropped at once)."""
+        def finished(problem: str | None) -> None:
+            if closing is not None:
+                closing()
+            self.ended(problem)
+
+        headers = {"content-length": str(length)} if length is not None else None
+        return ClosingStream(ReportedEnd(chunks, finished), media_type=media_type,
+                             headers=headers)
+
+
+class WadoRs:
+    """The WADO-RS handlers of one :class:`~appliance.serving.dicomweb.DicomWeb`: its
+    (Database, Spool), fetcher, base URL and access check."""
+
+    def __init__(self, web: DicomWeb):
+        self.web = web
+        self.db = web.db
+        self.spool = web.spool
+
+    async def _audited(self, request: Request, what: str,
+                       answer: Callable[[Request, Tally], Awaitable[Response]]) -> Response:
+        """``answer`` with its audit row: one per request that passed the access check,
+        success or not (a refusal with its status and reason, an unreadable file included:
+        it was a 500 with no row at all)."""
+        try:
+            actor = self.web.actor_of(request)
+        except HttpProblem as exc:  # refused access: the security row is the middleware's
+            return _problem(exc)
+        tally = Tally(self.web, request, actor, what)
+        try:
+            return await answer(request, tally)
+        except HttpProblem as exc:
+            tally.refused(exc)
+            return _problem(exc)
+        except Exception as exc:
+            log.exception("WADO-RS %s failed", request.url.path)
+            problem = HttpProblem(500, f"the instance could not be read: {str(exc)[:300]}")
+            tally.refused(problem)
+            return _problem(problem)
+
+    def _rows(self, path: dict[str, str]) -> list[Any]:
+        keys = {"StudyInstanceUID": path["study"]}
+        level = "STUDY"
+        if "series" in path:
+            keys["SeriesInstanceUID"], level = path["series"], "SERIES"
+        if "instance" in path:
+            keys["SOPInstanceUID"], level = path["instance"], "IMAGE"
+        failed: Exception | None = None
+        if self.web.fetcher is not None and store_query.study_instance_count(
+                self.db, path["study"]) == 0:
+            try:
+                self.web.fetcher(path["study"])
+            except Exception as exc:
+                log.warning("fetch-through of %s failed: %s", path["study"], exc)
+                failed = exc
+        try:
+            rows = store_query.instances_for(self.db, level, keys)
+        except store_query.QueryError as exc:
+            raise HttpProblem(400, str(exc)) from None
+        if not rows and failed is not None:
+            # Not "no such instance": the region may well hold it, it could not be asked
+            # (a WAN down); 503 tells a viewer to try again later.
+            raise HttpProblem(503, f"study {path['study']} is not on site and the region "
+                                   f"could not provide it: {failed}")
+        if not rows:
+            raise HttpProblem(404, f"no instance matches {'/'.join(path.values())}")
+        store_query.touch_studies(self.db, [path["study"]], time.time())
+        return rows
+
+    async def _found(self, request: Request, tally: Tally) -> list[Any]:
+        rows: list[Any] = await run_in_threadpool(self._rows, dict(request.path_params))
+        tally.total = len(rows)
+        return rows
+
+    # -- instances ----------------------------------------------------------------------
+
+    async def retrieve(self, request: Request) -> Response:
+        return await self._audited(request, "WADO-RS", self._retrieve)
+
+    async def _retrieve(self, request: Request, tally: Tally) -> Response:
+        wanted = accepted_syntaxes(request.headers.get("accept", ""))
+        rows = await self._found(request, tally)
+        # Decided for every part before the first byte: a 406 cannot follow a 200.
+        syntaxes = [part_syntax(wanted, row["transfer_syntax_uid"]) for row in rows]
+        first: BinaryIO | Exception | None = None
+        if syntaxes[0] != rows[0]["transfer_syntax_uid"]:
+            # The first part's copy is made before the status line: a copy the spool has no
+            # room for (its quota, the free-space floor) is then an answer the viewer can act
+            # on (503, try later) instead of a 200 cut short. A later part's refusal can only
+            # cut the answer (audited with what was sent).
+            try:
+                first = await run_in_threadpool(open_transcoded, self.spool,
+                                                self.spool.path(rows[0]["path"]), syntaxes[0])
+            except SpoolFull as exc:
+                raise HttpProblem(503, f"{exc}; try again later") from None
+            except Exception as exc:  # as before: the answer cut at its first part
+                first = exc
+
+        def drop_copy() -> None:
+            if isinstance(first, io.IOBase):  # closed here too when never streamed (the
+                first.close()  # client went first): its bytes and quota room go at once
+
+        boundary = secrets.token_hex(16)
+        return tally.stream(self._multipart(rows, boundary, syntaxes, tally, first),
+                            'multipart/related; type="application/dicom"; '
+                            f"boundary={boundary}", closing=drop_copy)
+
+    def _multipart(self, rows: list[Any], boundary: str, syntaxes: list[str], tally: Tally,
+                   first: BinaryIO | Exception | None = None) -> Iterator[bytes]:
+        """The parts; ``tally.sent`` counts those whose last bytes the server took.
+        ``first``: the first part's copy in another syntax, made before the answer began
+        (or why it could not be)."""
+        for number, (row, syntax) in enumerate(zip(rows, syntaxes, strict=True)):
+            yield (f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={syntax}"
+                   "\r\n\r\n").encode()
+            path = self.spool.path(row["path"])
+            if syntax == row["transfer_syntax_uid"]:
+                with open(path, "rb") as handle:
+                    while chunk := handle.read(CHUNK):
+                        yield chunk
+            else:  # re-encoded into a temp file, streamed from it, gone once read or dropped
+                if number == 0 and isinstance(first, Exception):
+                    raise first
+                copy = (first if number == 0 and first is not None
+                        else open_transcoded(self.spool, path, syntax))
+                with copy as handle:
+                    while chunk := handle.read(CHUNK):
+                        yield chunk
+            yield b"\r\n"
+            tally.sent += 1
+        yield f"--{boundary}--\r\n".encode()
+
+    # -- metadata -----------------------------------------------------------------------
+
+    async def metadata(self, request: Request) -> Response:
+        return await self._audited(request, "WADO-RS metadata", self._metadata)
+
+    async def _metadata(self, request: Request, tally: Tally) -> Response:
+        """DICOM JSON, one instance at a time as it is sent: the MR study's 520 items make
+        51 MB of JSON, which was built whole (and its dicts) before the first byte. The
+        first item is made before the status line: an unreadable file is then a 500."""
+        rows = await self._found(request, tally)
+        first = await run_in_threadpool(self._item, rows[0])
+        return tally.stream(self._items(first, rows[1:], tally), DICOM_JSON)
+
+    def _item(self, row: Any) -> bytes:
+        base = (f"{self.web.base_url}/studies/{row['study_uid']}/series/{row['series_uid']}"
+                f"/instances/{row['sop_instance_uid']}")
+        item = metadata_item(self.spool.path(row["path"]), base)
+        if row["transfer_syntax_uid"]:
+            item["00020010"] = {"vr": "UI", "Value": [row["transfer_syntax_uid"]]}
+        # As Starlette's JSONResponse writes it.
+        return json.dumps(item, ensure_ascii=False, allow_nan=False,
+                          separators=(",", ":")).encode()
+
+    def _items(self, first: bytes, rest: list[Any], tally: Tally) -> Iterator[bytes]:
+        yield b"[" + first
+        tally.sent += 1
+        for row in rest:
+            yield b"," + self._item(row)
+            tally.sent += 1
+        yield b"]"
+
+    # -- one instance: bulk data, frames, rendered ----------------------------------------
+
+    async def bulkdata(self, request: Request) -> Response:
+        """One top-level bulk data attribute's bytes, where metadata's BulkDataURI points."""
+        tag = request.path_params["tag"]
+        return await self._audited(request, f"WADO-RS bulk data {tag[:16]}", self._bulkdata)
+
+    async def _bulkdata(self, request: Request, tally: Tally) -> Response:
+        tag = request.path_params["tag"]
+        if not re.fullmatch(r"[0-9A-Fa-f]{8}", tag):
+            raise HttpProblem(400, f"bulk data tag {tag!r}: 8 hexadecimal digits")
+        rows = await self._found(request, tally)
+        path = self.spool.path(rows[0]["path"])
+        data = await run_in_threadpool(read_bulkdata, path, int(tag, 16))
+        boundary = secrets.token_hex(16)
+        if isinstance(data, DecodedPixels):  # compressed pixels, decoded as they are sent
+            size, body = data.size, _stream_part(data.chunks(), boundary)
+        elif isinstance(data, tuple):  # a large value as stored: streamed from the file
+            size, body = data[1], _file_part(path, *data, boundary)
+        else:
+            size, body = len(data), _stream_part(iter([data]), boundary)
+        tally.what += f", {size} bytes"
+        return tally.stream(_whole(body, tally), OCTET_PARTS.format(boundary))
+
+    async def frames(self, request: Request) -> Response:
+        what = f"WADO-RS frames {request.path_params['frames'][:64]}"
+        return await self._audited(request, what, self._frames)
+
+    async def _frames(self, request: Request, tally: Tally) -> Response:
+        numbers = frame_list(request.path_params["frames"])
+        rows = await self._found(request, tally)
+        frames = await run_in_threadpool(read_frames, self.spool.path(rows[0]["path"]),
+                                         numbers)
+        try:  # the first frame before the status line: a file that cannot give it is a 500
+            first = await run_in_threadpool(next, frames)
+        except BaseException:
+            close = getattr(frames, "close", None)
+            if close is not None:
+                close()
+            raise
+        boundary = secrets.token_hex(16)
+        return tally.stream(_whole(_frame_parts(first, frames, boundary), tally),
+                            OCTET_PARTS.format(boundary))
+
+    async def rendered(self, request: Request) -> Response:
+        return await self._audited(request, "WADO-RS rendered", self._rendered)
+
+    async def _rendered(self, request: Request, tally: Tally) -> Response:
+        accept = request.headers.get("accept", "image/jpeg")
+        media = "image/png" if "image/png" in accept and "image/jpeg" not in accept \
+            else "image/jpeg"
+        tally.what = f"WADO-RS rendered {media}"
+        frame = int(request.path_params.get("frame", "1"))
+        viewport = request.query_params.get("viewport")
+        rows = await self._found(request, tally)
+        try:
+            data = await run_in_threadpool(render, self.spool.path(rows[0]["path"]), frame,
+                                           media, viewport)
+        except ValueError as exc:  # a viewport that is not "width,height"
+            raise HttpProblem(400, str(exc)) from None
+        return tally.stream(_whole(_slices(data), tally), media, length=len(data))
+
+
+def _whole(chunks: Iterator[bytes], tally: Tally) -> Iterator[bytes]:
+    """A one-instance answer's chunks: the instance counts as sent once the last is taken."""
+    yield from chunks
+    tally.sent = 1
+
+
+def _slices(data: bytes) -> Iterator[bytes]:
+    for start in range(0, len(data), CHUNK):
+        yield data[start:start + CHUNK]
+
+
+def _frame_parts(first: bytes, rest: Iterator[bytes], boundary: str) -> Iterator[bytes]:
+    """One application/octet-stream part per frame, each read as it is sent."""
+    head = f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n".encode()
+    try:
+        yield head + first + b"\r\n"
+        for frame in rest:
+            yield head + frame + b"\r\n"
+    finally:
+        close = getattr(rest, "close", None)
+        if close is not None:
+            close()
+    yield f"--{boundary}--\r\n".encode()
