@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import struct
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ from appliance.ingest.attributes import InvalidInstance
 from appliance.store import index
 from appliance.store.db import Database
 from appliance.store.spool import Spool, SpoolFull
+from tests.support import raw_ul
 from tests.support.peers import PasProcess, storescu
 from tests.test_ingest import dataset_part
 from tests.test_ingest_spill import peak_rss_mb
@@ -250,5 +252,44 @@ def test_a_200_mb_deflated_object_costs_its_chunks_not_its_size(tmp_path: Path) 
         assert _inflated_sha(stored[sent_uid]) == _inflated_sha(sent)
         assert not [p for p in (pas.home / "spool" / "tmp").glob("*") if p.stat().st_size]
         assert c_store < BOUND_MB and stow_rs < BOUND_MB, (c_store, stow_rs)
+    finally:
+        pas.stop()
+
+
+def test_no_room_for_the_inflated_copy_is_out_of_resources_for_each_sender(
+        tmp_path: Path) -> None:
+    """The quota (24 MB) holds the ~15 MB deflated object, not its 40 MiB inflated copy:
+    the C-STORE is answered 0xA700 and STOW-RS 507 (0xA700 in the failed part), each
+    naming the quota, nothing written and no temp file left; the daemon serves on."""
+    source = deflated_object(tmp_path / "deflated.dcm", frames=20)
+    assert source.stat().st_size < 20 << 20
+    pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                                        "PAS_STORAGE__QUOTA_MB": "24"}).start()
+    try:
+        ds = dcmread(source, stop_before_pixels=True)
+        sop_class = str(ds.SOPClassUID)
+        raw = raw_ul.associate(pas.port, [(1, sop_class, DEFLATED)])
+        try:
+            answer = raw.c_store(1, sop_class, str(ds.SOPInstanceUID), dataset_part(source))
+        finally:
+            raw.release()
+        assert struct.unpack("<H", answer[0x0900])[0] == 0xA700
+        assert b"spool quota reached" in answer[0x0902] and b"temporary copy" in answer[0x0902]
+
+        boundary = "pas-deflated"
+        response = httpx.post(
+            f"http://127.0.0.1:{pas.http_port}/dicom-web/studies",
+            content=f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+            + source.read_bytes() + f"\r\n--{boundary}--\r\n".encode(), timeout=60,
+            headers={"content-type": f'multipart/related; type="application/dicom"; '
+                                     f"boundary={boundary}"})
+        assert response.status_code == 507, response.text
+        [failed] = response.json()["00081198"]["Value"]
+        assert failed["00081197"]["Value"][0] == 0xA700
+        assert pas.status()["instances"] == 0
+        assert not [p for p in (pas.home / "spool" / "tmp").glob("*") if p.stat().st_size]
+        storescu([deflated_object(tmp_path / "small.dcm", frames=1)], pas.port,
+                 extra=DEFLATE_ON_THE_WIRE)  # 2 MiB inflated: fits, and is filed
+        assert pas.status()["instances"] == 1
     finally:
         pas.stop()
