@@ -3,9 +3,11 @@
 Owns: parsing a received dataset (the quick header walk of :mod:`appliance.ingest.header`,
 pydicom when something is unusual) and every check that refuses an object before any byte of
 it reaches the spool: truncation, a VR rule other than the transfer syntax's, a deflate bomb,
-a SOP Class or Instance other than the request's, short pixel data. May not touch: the spool,
-the index, the network: it reads bytes and returns an :class:`~appliance.store.index.InstanceRecord`
-or raises :class:`~appliance.ingest.attributes.InvalidInstance` naming the problem.
+a SOP Class or Instance other than the request's, short pixel data. May not touch: the spool
+(a deflated dataset is inflated by the inflater its caller hands it, which may put it in a
+spool temp file), the index, the network: it reads bytes and returns an
+:class:`~appliance.store.index.InstanceRecord` or raises
+:class:`~appliance.ingest.attributes.InvalidInstance` naming the problem.
 Split from receive.py (which keeps the filing order of invariant 1) to keep each under ~600
 lines.
 """

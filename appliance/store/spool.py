@@ -1,6 +1,8 @@
 """The spool: received files on disk, exactly as kept, written durably.
 
-Owns: file layout, atomic durable writes, free-space checks. May not touch: the database
+Owns: file layout, atomic durable writes, free-space checks, and the room reserved by
+temporary copies (never filed: a transcoded copy, an inflated dataset) against the quota and
+the free-space floor until their bytes are gone. May not touch: the database
 (the caller indexes what :meth:`Spool.write` returns, after it returned).
 
 Files are content-addressed (``ab/<sha256>.dcm``): the same bytes land on the same name, so a
