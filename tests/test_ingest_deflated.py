@@ -4,9 +4,9 @@ indexed as before, and kept as sent (invariant 4).
 Found in review (2026-12-04): ingest let pydicom inflate a deflated dataset whole in memory
 (``dcmread``: ``zlib.decompress`` of the dataset, then a parse of that copy; the C-STORE path
 first copied the dataset behind its header too), refusing only past 256 MiB inflated. One
-deflated object of 200 MiB inflated (75 MB as sent) took the daemon's peak RSS up by about
-three times its inflated size, over C-STORE and over STOW-RS (whose handler read each part twice
-more with pydicom for its answer). The dataset is now inflated a megabyte at a time into a
+deflated object of 200 MiB inflated (75 MB as sent) took the daemon's peak RSS up by 3.2
+(C-STORE) and 3.7 (STOW-RS) times its inflated size (the STOW-RS handler read each part
+twice more with pydicom for its answer). The dataset is now inflated a megabyte at a time into a
 spool temp file counted against ``storage.quota_mb`` (appliance/store/inflate.py), mapped,
 indexed in place like any explicit little endian one, and removed; the STOW-RS answer names
 what the receiver's record read. Measured figures: docs/benchmarks.md.
