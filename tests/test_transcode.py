@@ -34,6 +34,7 @@ from pydicom.uid import (
 )
 
 import appliance.store.transcode as transcode
+from appliance.store import inflate
 from appliance.store.spool import Spool, SpoolFull
 from appliance.store.transcode import TranscodeError, open_transcoded, transcoded
 from tests.test_transfer_pack import write_dicom
@@ -390,8 +391,8 @@ def test_a_deflated_object_is_inflated_into_a_temp_file_a_chunk_at_a_time(
         raise AssertionError("the deflated dataset was inflated whole")
 
     monkeypatch.setattr(zlib, "decompress", whole)
-    monkeypatch.setattr(transcode, "INFLATE_CHUNK", 4096)  # many chunks, either side
-    monkeypatch.setattr(transcode, "ROOM_STEP", 64 << 10)
+    monkeypatch.setattr(inflate, "INFLATE_CHUNK", 4096)  # many chunks, either side
+    monkeypatch.setattr(inflate, "ROOM_STEP", 64 << 10)
     held: list[int] = []
     real = transcode.dcmwrite
 
@@ -445,8 +446,8 @@ def test_a_deflated_object_that_cannot_be_copied_leaves_nothing(
         open_transcoded(spool, garbage, IMPLICIT)
     nothing_left(spool)
 
-    monkeypatch.setattr(transcode, "INFLATE_CHUNK", 4096)
-    monkeypatch.setattr(transcode, "ROOM_STEP", 64 << 10)  # asked again every 64 kB
+    monkeypatch.setattr(inflate, "INFLATE_CHUNK", 4096)
+    monkeypatch.setattr(inflate, "ROOM_STEP", 64 << 10)  # asked again every 64 kB
     counting = _FillingSpool(tmp_path / "counting", None)
     with open_transcoded(counting, source, EXPLICIT):
         pass

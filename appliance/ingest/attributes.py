@@ -29,6 +29,15 @@ class DatasetMismatch(InvalidInstance):
     0xA900, "Data Set does not match SOP Class", as DCMTK's storescp answers)."""
 
 
+class OtherStudy(InvalidInstance):
+    """The object belongs to another study than the one it was sent to (a STOW-RS to
+    /studies/{study}); ``record`` is its index record."""
+
+    def __init__(self, record: InstanceRecord):
+        super().__init__(f"belongs to study {record.study_uid}")
+        self.record = record
+
+
 class _Unreadable:
     """An element whose value pydicom cannot convert (unknown VR, undecodable bytes)."""
 

@@ -3,9 +3,11 @@
 Owns: parsing a received dataset (the quick header walk of :mod:`appliance.ingest.header`,
 pydicom when something is unusual) and every check that refuses an object before any byte of
 it reaches the spool: truncation, a VR rule other than the transfer syntax's, a deflate bomb,
-a SOP Class or Instance other than the request's, short pixel data. May not touch: the spool,
-the index, the network: it reads bytes and returns an :class:`~appliance.store.index.InstanceRecord`
-or raises :class:`~appliance.ingest.attributes.InvalidInstance` naming the problem.
+a SOP Class or Instance other than the request's, short pixel data. May not touch: the spool
+(a deflated dataset is inflated by the inflater its caller hands it, which may put it in a
+spool temp file), the index, the network: it reads bytes and returns an
+:class:`~appliance.store.index.InstanceRecord` or raises
+:class:`~appliance.ingest.attributes.InvalidInstance` naming the problem.
 Split from receive.py (which keeps the filing order of invariant 1) to keep each under ~600
 lines.
 """
@@ -13,7 +15,8 @@ lines.
 from __future__ import annotations
 
 import logging
-import zlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from io import BytesIO
 from typing import Any
 
@@ -22,7 +25,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.pixels.utils import get_expected_length
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from appliance.ingest.attributes import (
     DatasetMismatch,
@@ -32,8 +35,13 @@ from appliance.ingest.attributes import (
 )
 from appliance.ingest.header import PIXEL_DATA, PIXEL_TAGS, WANTED, Truncated, read_header
 from appliance.store import index
+from appliance.store.inflate import InflateError, inflated
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
+
+# Inflates a deflated dataset: (deflated bytes, limit=) -> a context giving the inflated
+# bytes as a buffer (appliance.store.inflate.inflated, bound to the receiver's spool).
+Inflater = Callable[..., AbstractContextManager[memoryview]]
 
 log = logging.getLogger("pas.ingest")
 
@@ -54,16 +62,26 @@ def check_request(record: index.InstanceRecord, sop_class_uid: str,
 
 
 def read_dataset_record(header: bytes, dataset: bytes | bytearray | memoryview,
-                         transfer_syntax_uid: str) -> index.InstanceRecord:
+                         transfer_syntax_uid: str, *,
+                         inflate: Inflater | None = None) -> index.InstanceRecord:
     """As :func:`read_record`, for a network dataset whose encoding the transfer syntax
     names: parsed as it is, without first copying it behind its header and re-reading the
-    meta. A deflated or unknown syntax takes the whole-file path (pydicom inflates there)."""
+    meta. A deflated one is inflated by ``inflate`` (see :func:`_read_deflated`); an unknown
+    syntax takes the whole-file path."""
     syntax = UID(transfer_syntax_uid)
-    if syntax.is_deflated:
-        _check_inflation(dataset)
+    if syntax.is_deflated and len(dataset):
+        return _read_deflated(dataset, syntax, inflate)
     if not syntax.is_transfer_syntax or syntax.is_deflated:
         return read_record(header + bytes(dataset))  # (a spilled one is read into memory)
-    _check_encoding(dataset, syntax)
+    return _read_plain(dataset, syntax, syntax)
+
+
+def _read_plain(dataset: bytes | bytearray | memoryview, syntax: UID,
+                recorded_as: UID) -> index.InstanceRecord:
+    """The record of a dataset encoded as ``syntax`` names (not deflated), read where it
+    lies; indexed under ``recorded_as`` (for an inflated dataset, the deflated syntax it
+    arrived in)."""
+    _check_encoding(dataset, syntax, recorded_as)
     try:
         quick = read_header(dataset, syntax.is_implicit_VR, syntax.is_little_endian)
     except Truncated as exc:
@@ -73,7 +91,7 @@ def read_dataset_record(header: bytes, dataset: bytes | bytearray | memoryview,
             # The record first: it decodes the raw values itself; the pixel check goes
             # through pydicom, which converts the character set element and would send the
             # record down pydicom's slower path (0.2 ms more per image).
-            record = record_from_raw(quick.dataset, str(syntax))
+            record = record_from_raw(quick.dataset, str(recorded_as))
             _check_image_has_pixels(record.sop_class_uid, quick.has_pixel_data)
             if quick.pixel_length is not None and not syntax.is_compressed:
                 _check_pixel_length(quick.dataset, quick.pixel_length)
@@ -94,7 +112,39 @@ def read_dataset_record(header: bytes, dataset: bytes | bytearray | memoryview,
         reader.close()
     _check_complete(ds, dataset)
     _read_deferred_index_values(ds, dataset)
-    return _record(ds, syntax)
+    return _record(ds, recorded_as)
+
+
+# A deflated dataset that inflates past this is refused (a deflate bomb). Ingest no longer
+# holds the inflated dataset in memory (:func:`_read_deflated`), so the bound is not ingest's
+# RAM but what the rest of PAS does with a deflated object: each copy in another syntax
+# inflates it again onto the spool, and the readers that still use pydicom's whole-file read
+# (the pack stage's layout probe, WADO-RS rendered media, the hub's archive) inflate it in
+# memory. Deflate is meant for small objects (structured reports); 256 MiB keeps a bomb from
+# costing more than that anywhere, and refuses it as invalid (0xC210), not as out of
+# resources (0xA700, which a sender retries for ever), as a quota-bound limit would.
+MAX_INFLATED_BYTES = 256 << 20
+
+
+def _in_memory(deflated: bytes | bytearray | memoryview, *,
+               limit: int) -> AbstractContextManager[memoryview]:
+    """The inflater without a spool (tests, tools): all in memory, up to ``limit``."""
+    return inflated(deflated, limit=limit, spool=None)
+
+
+def _read_deflated(deflated: bytes | bytearray | memoryview, syntax: UID,
+                   inflate: Inflater | None) -> index.InstanceRecord:
+    """A Deflated Explicit VR Little Endian dataset (PS3.5 A.5), inflated by ``inflate``
+    (the receiver's puts what passes a few MB into a spool temp file counted against the
+    quota, and maps it), refused past ``MAX_INFLATED_BYTES`` as it inflates, then read in
+    place as any explicit little endian dataset, with the same checks (truncation, VR rule,
+    pixel length). pydicom inflated it whole in memory, then parsed that copy: ~2x its
+    inflated size of RAM. The file kept is the deflated bytes as sent (invariant 4)."""
+    try:
+        with (inflate or _in_memory)(deflated, limit=MAX_INFLATED_BYTES) as plain:
+            return _read_plain(plain, UID(ExplicitVRLittleEndian), syntax)
+    except InflateError as exc:
+        raise InvalidInstance(str(exc)) from None
 
 
 def _read_deferred_index_values(ds: Dataset, data: bytes | bytearray | memoryview) -> None:
@@ -140,7 +190,8 @@ class _BufferReader:
         self._view.release()
 
 
-def _check_encoding(dataset: bytes | bytearray, syntax: UID) -> None:
+def _check_encoding(dataset: bytes | bytearray | memoryview, syntax: UID,
+                    named: UID | None = None) -> None:
     """Refuse a dataset not encoded with the VR rule its transfer syntax names. pydicom would
     notice, log a warning and read it anyway, and the file would be kept behind a file meta
     naming the negotiated syntax, which no other reader could then parse. The test is
@@ -152,31 +203,7 @@ def _check_encoding(dataset: bytes | bytearray, syntax: UID) -> None:
         found = "explicit" if explicit_found else "implicit"
         raise InvalidInstance(
             f"the dataset is encoded with {found} VR, not as its transfer syntax "
-            f"({syntax.name}) says")
-
-
-MAX_INFLATED_BYTES = 256 << 20
-
-
-def _check_inflation(deflated: bytes | bytearray | memoryview) -> None:
-    """pydicom inflates a deflated dataset whole, in memory: refuse one that would inflate
-    past ``MAX_INFLATED_BYTES`` (a deflate bomb: 1 MB that inflates to 1 GiB took the
-    daemon's memory up by 2.1 GB). Counted here as it inflates, a megabyte at a time, and
-    thrown away; deflate is used for small objects (structured reports), not images."""
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    data = memoryview(deflated)
-    total = 0
-    try:
-        for at in range(0, len(data), 1 << 16):
-            pending: bytes | memoryview = data[at:at + (1 << 16)]
-            while pending:
-                total += len(inflater.decompress(pending, 1 << 20))
-                if total > MAX_INFLATED_BYTES:
-                    raise InvalidInstance(f"the deflated dataset inflates past "
-                                          f"{MAX_INFLATED_BYTES >> 20} MB: refused")
-                pending = inflater.unconsumed_tail
-    except zlib.error:
-        return  # not valid deflate data: pydicom's reader says what is wrong
+            f"({(named or syntax).name}) says")
 
 
 def _check_complete(ds: Dataset, data: bytes | bytearray | memoryview) -> None:
@@ -200,17 +227,19 @@ def _check_complete(ds: Dataset, data: bytes | bytearray | memoryview) -> None:
         raise InvalidInstance("dataset truncated: it ends inside an element header")
 
 
-def read_record(content: bytes | memoryview, *,
-                 in_place: bool = False) -> index.InstanceRecord:
+def read_record(content: bytes | memoryview, *, in_place: bool = False,
+                inflate: Inflater | None = None) -> index.InstanceRecord:
     """Parse the object's structure (every element's tag and length, sequences included): a
     truncated or unparseable one is refused here, before any byte reaches the spool. Values
     are not converted: an odd value in some element is the sender's business, and the bytes
     are kept exactly as sent. ``in_place``: ``content`` is a mapped file of any size (a
-    spilled STOW-RS part), read where it lies, values over DEFER_BYTES left unread."""
+    spilled STOW-RS part), read where it lies, values over DEFER_BYTES left unread.
+    ``inflate``: how a deflated dataset is inflated (see :func:`_read_deflated`)."""
     start = _dataset_offset(content)
     meta_syntax = _meta_syntax(content)
-    if start is not None and meta_syntax.is_transfer_syntax and meta_syntax.is_deflated:
-        _check_inflation(memoryview(content)[start:])  # before pydicom inflates it whole
+    if start is not None and start < len(content) and meta_syntax.is_transfer_syntax \
+            and meta_syntax.is_deflated:
+        return _read_deflated(memoryview(content)[start:], meta_syntax, inflate)
     reader: Any = _BufferReader(content) if in_place else BytesIO(content)
     try:
         ds = dcmread(reader, force=True, defer_size=DEFER_BYTES if in_place else None)
@@ -224,7 +253,7 @@ def read_record(content: bytes | memoryview, *,
             reader.close()
     if transfer_syntax.is_transfer_syntax and not transfer_syntax.is_deflated:
         if start is not None:  # the network path's checks, on the file's dataset
-            _check_encoding(content[start:start + 6], transfer_syntax)  # type: ignore[arg-type]
+            _check_encoding(content[start:start + 6], transfer_syntax)
             try:
                 read_header(memoryview(content)[start:], transfer_syntax.is_implicit_VR,
                             transfer_syntax.is_little_endian)

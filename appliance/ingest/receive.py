@@ -8,6 +8,7 @@ caller, who answers the sender. Any failure before the commit leaves no new file
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import sqlite3
@@ -19,12 +20,11 @@ from typing import Any
 from pydicom.uid import generate_uid
 
 from appliance import __version__
-from appliance.ingest.attributes import (
-    InvalidInstance,
-)
+from appliance.ingest.attributes import InvalidInstance, OtherStudy
 from appliance.ingest.reading import check_request, read_dataset_record, read_record
 from appliance.store import index
 from appliance.store.db import Database
+from appliance.store.inflate import inflated
 from appliance.store.spool import SpillFile, Spool, SpoolFull
 
 log = logging.getLogger("pas.ingest")
@@ -47,6 +47,8 @@ class Received:
     size: int
     duplicate: bool
     conflict: bool
+    sop_class_uid: str = ""
+    series_uid: str = ""
 
 
 def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
@@ -172,6 +174,9 @@ class Receiver:
         self.db = db
         self.spool = spool
         self._commits = GroupCommit(db)
+        # A deflated dataset is inflated past a few MB into a spool temp file (its room
+        # counted against the quota like a transcoded copy's), not in memory (invariant 8).
+        self._inflate = functools.partial(inflated, spool=spool)
 
     def _used_bytes(self) -> int:
         """The spool's size, for the quota check: one row the index's triggers keep (it was
@@ -198,10 +203,20 @@ class Receiver:
         else:
             header = part10_header(sop_class_uid, sop_instance_uid, transfer_syntax_uid)
             digest = None
-        record = read_dataset_record(header, dataset, transfer_syntax_uid)
+        record = read_dataset_record(header, dataset, transfer_syntax_uid,
+                                     inflate=self._inflate)
         check_request(record, sop_class_uid, sop_instance_uid)
         return self._file([header, dataset], record, calling_ae=calling_ae,
                           called_ae=called_ae, source=source, origin="local", digest=digest)
+
+    def _inflate_spilled(self, spill: SpillFile) -> Any:
+        """The inflater for a dataset mapped from ``spill``: it reads the deflated bytes from
+        the file, a megabyte at a time, rather than through the mapping, every page of which
+        it would touch (the whole deflated object counted in the daemon's RSS)."""
+        def inflate(deflated: memoryview, *, limit: int) -> Any:
+            start = spill.size - len(deflated)  # the mapping is the file's tail
+            return inflated(spill.chunks(start=start), limit=limit, spool=self.spool)
+        return inflate
 
     def open_spill(self, header: bytes) -> SpillFile:
         """Where a large C-STORE's fragments go as they arrive (dicomnet/direct_receive.py)."""
@@ -218,7 +233,8 @@ class Receiver:
             assert prepared is not None, "a spill is opened behind its prepared file meta"
             header, digest = prepared
             with spill.dataset() as dataset:
-                record = read_dataset_record(header, dataset, transfer_syntax_uid)
+                record = read_dataset_record(header, dataset, transfer_syntax_uid,
+                                             inflate=self._inflate_spilled(spill))
             check_request(record, sop_class_uid, sop_instance_uid)
             self.spool.check_room(spill.size, self._used_bytes())
         except BaseException:
@@ -239,9 +255,13 @@ class Receiver:
     def receive_file(self, content: bytes, *, calling_ae: str | None = None,
                      called_ae: str | None = None, source: str | None = None,
                      expect_sop_instance_uid: str | None = None,
+                     expect_study_uid: str | None = None,
                      origin: str = "local") -> Received:
-        """A whole Part 10 file (STOW-RS, a fetched instance, or a C-STORE made into one)."""
-        record = read_record(content)
+        """A whole Part 10 file (STOW-RS, a fetched instance, or a C-STORE made into one).
+        ``expect_study_uid``: an object of another study is refused (:class:`OtherStudy`)
+        before anything is written."""
+        record = read_record(content, inflate=self._inflate)
+        _check_study(record, expect_study_uid)
         if expect_sop_instance_uid and record.sop_instance_uid != expect_sop_instance_uid:
             raise InvalidInstance(
                 f"SOPInstanceUID differs from the C-STORE request's: dataset "
@@ -252,6 +272,7 @@ class Receiver:
 
     def receive_spilled_file(self, spill: SpillFile, digest: Any, *,
                              calling_ae: str | None = None, source: str | None = None,
+                             expect_study_uid: str | None = None,
                              origin: str = "local") -> Received:
         """A whole Part 10 file too large to hold in memory (a STOW-RS part), already in a
         spool temp file opened with no header, ``digest`` fed with all its bytes as they
@@ -261,7 +282,9 @@ class Receiver:
                 raise SpoolFull(f"cannot write to the spool: "
                                 f"{spill.error.strerror or spill.error}")
             with spill.dataset() as content:
-                record = read_record(content, in_place=True)
+                record = read_record(content, in_place=True,
+                                     inflate=self._inflate_spilled(spill))
+            _check_study(record, expect_study_uid)
             self.spool.check_room(spill.size, self._used_bytes())
         except BaseException:
             spill.discard()
@@ -312,4 +335,10 @@ class Receiver:
                         record.sop_instance_uid, outcome.version,
                         extra={"STUDY_UID": record.study_uid, "CALLING_AE": calling_ae})
         return Received(record.sop_instance_uid, record.study_uid, outcome.instance_id,
-                        stored.sha256, stored.size, outcome.duplicate, outcome.conflict)
+                        stored.sha256, stored.size, outcome.duplicate, outcome.conflict,
+                        record.sop_class_uid, record.series_uid)
+
+
+def _check_study(record: index.InstanceRecord, expected: str | None) -> None:
+    if expected is not None and record.study_uid != expected:
+        raise OtherStudy(record)

@@ -15,9 +15,7 @@ rules as C-STORE apply: a part is reported stored only after fsync + commit).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import logging
 import secrets
 from collections.abc import Callable
@@ -33,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
-from appliance.ingest.attributes import InvalidInstance
+from appliance.ingest.attributes import InvalidInstance, OtherStudy
 from appliance.serving.dicomweb_http import (
     _boundary,
     _int_param,
@@ -41,7 +39,7 @@ from appliance.serving.dicomweb_http import (
     _problem,
     _sop_item,
 )
-from appliance.serving.stow_parts import Part, SpilledPart, answer_head, discard_parts, other_study
+from appliance.serving.stow_parts import Part, SpilledPart, discard_parts
 from appliance.serving.wado_media import HttpProblem
 from appliance.serving.wado_rs import DICOM_JSON, WadoRs
 from appliance.store import audit
@@ -314,28 +312,26 @@ class DicomWeb:
     def _store_part(self, content: bytes | SpilledPart, actor: str, source: str | None,
                     stored: list[dict[str, Any]], failed: list[dict[str, Any]],
                     target: str | None = None) -> None:
+        """File one part. What the answer names (SOP Class, series, study) comes from the
+        receiver's record: the part is parsed once, where it lies (a deflated one is not
+        inflated again in memory by a second read of pydicom's)."""
         assert self.receiver is not None
-        # A spilled part is read from its temp file, up to its pixels (not into memory).
-        source_of: Any = content.spill.path if isinstance(content, SpilledPart) \
-            else io.BytesIO(content)
-        if target is not None and (other := other_study(source_of, target)) is not None:
-            # PS3.18 10.5: a STOW to a study stores only that study's instances; filing
-            # another study's instance under it would mislead. Refused, nothing written.
-            if isinstance(content, SpilledPart):
-                content.spill.discard()
-            failed.append({"uid": other[0], "sop_class": other[1], "reason": 0xA900,
-                           "note": f"belongs to study {other[2]}, not {target}"})
-            return
         try:
-            ds = None
             if isinstance(content, SpilledPart):
-                with contextlib.suppress(Exception):  # unreadable: the receiver says why
-                    ds = answer_head(source_of)
                 received = self.receiver.receive_spilled_file(
-                    content.spill, content.digest, calling_ae=actor, source=source)
+                    content.spill, content.digest, calling_ae=actor, source=source,
+                    expect_study_uid=target)
             else:
                 received = self.receiver.receive_file(content, calling_ae=actor,
-                                                      source=source)
+                                                      source=source, expect_study_uid=target)
+        except OtherStudy as exc:
+            # PS3.18 10.5: a STOW to a study stores only that study's instances; filing
+            # another study's instance under it would mislead. Refused, nothing written.
+            other = exc.record
+            failed.append({"uid": other.sop_instance_uid, "sop_class": other.sop_class_uid,
+                           "reason": 0xA900, "note": f"belongs to study {other.study_uid}, "
+                                                     f"not {target}"})
+            return
         except InvalidInstance as exc:
             failed.append({"uid": "", "sop_class": "", "reason": 0xC000, "note": str(exc)})
             return
@@ -346,13 +342,10 @@ class DicomWeb:
             log.exception("STOW-RS part failed")
             failed.append({"uid": "", "sop_class": "", "reason": 0x0110, "note": str(exc)})
             return
-        if ds is None:  # a spilled part's temp file is filed under its hash by now
-            ds = answer_head(source_of if not isinstance(content, SpilledPart) else
-                             self.spool.path(f"{received.sha256[:2]}/{received.sha256}.dcm"))
-        stored.append({"uid": received.sop_instance_uid, "sop_class": str(ds.SOPClassUID),
+        stored.append({"uid": received.sop_instance_uid, "sop_class": received.sop_class_uid,
                        "study": received.study_uid,
                        "url": f"{self.base_url}/studies/{received.study_uid}/series/"
-                              f"{ds.SeriesInstanceUID}/instances/{received.sop_instance_uid}"})
+                              f"{received.series_uid}/instances/{received.sop_instance_uid}"})
 
 
 def _study_list(studies: set[str], limit: int) -> tuple[str | None, int]:

@@ -1,17 +1,15 @@
 """STOW-RS parts as they arrive: each held in memory up to a threshold, then written to a
 spool temp file (hashed on the way) so that a part of any size costs bounded memory
-(invariant 8), and the few attributes the handler reads from a part before and after it is
-filed. Split from ``dicomweb.py``, which keeps the route. May not touch: SQL; the temp file
-is the spool's (:class:`~appliance.store.spool.SpillFile`), filed by the receiver.
+(invariant 8). What the answer names about a part comes from the receiver's record: a
+second read of pydicom's would inflate a deflated part whole in memory. Split from
+``dicomweb.py``, which keeps the route. May not touch: SQL; the temp file is the spool's
+(:class:`~appliance.store.spool.SpillFile`), filed by the receiver.
 """
 
 from __future__ import annotations
 
 import hashlib
 from typing import TYPE_CHECKING, Any
-
-from pydicom import dcmread
-from pydicom.dataset import Dataset
 
 from appliance.store.spool import SpillFile
 
@@ -68,29 +66,3 @@ def discard_parts(parts: list[bytes | SpilledPart], current: list[Part]) -> None
             part.spill.discard()
     for unfinished in current:
         unfinished.discard()
-
-
-def answer_head(source: Any) -> Dataset:
-    """The attributes a STOW-RS answer names, read up to the pixels (a path or a file)."""
-    if hasattr(source, "seek"):
-        source.seek(0)
-    return dcmread(source, stop_before_pixels=True, specific_tags=[
-        "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"])
-
-
-def other_study(source: Any, target: str) -> tuple[str, str, str] | None:
-    """(SOP Instance UID, SOP Class UID, Study Instance UID) of a part (a path or a file)
-    whose study is not ``target``; None when it is, or when the part cannot be read (the
-    receiver then refuses it with the reason it finds)."""
-    try:
-        if hasattr(source, "seek"):
-            source.seek(0)
-        ds = dcmread(source, stop_before_pixels=True, specific_tags=[
-            "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"])
-        study = str(ds.get("StudyInstanceUID", "") or "")
-    except Exception:
-        return None
-    if study == target:
-        return None
-    return (str(ds.get("SOPInstanceUID", "") or ""), str(ds.get("SOPClassUID", "") or ""),
-            study or "(none)")

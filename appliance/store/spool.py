@@ -1,6 +1,8 @@
 """The spool: received files on disk, exactly as kept, written durably.
 
-Owns: file layout, atomic durable writes, free-space checks. May not touch: the database
+Owns: file layout, atomic durable writes, free-space checks, and the room reserved by
+temporary copies (never filed: a transcoded copy, an inflated dataset) against the quota and
+the free-space floor until their bytes are gone. May not touch: the database
 (the caller indexes what :meth:`Spool.write` returns, after it returned).
 
 Files are content-addressed (``ab/<sha256>.dcm``): the same bytes land on the same name, so a
@@ -145,10 +147,12 @@ class SpillFile:
         except OSError as exc:
             self.error = exc
 
-    def chunks(self, size: int = 1 << 20) -> Iterator[bytes]:
-        """The file's bytes after its header, ``size`` at a time (to hash it, say)."""
+    def chunks(self, size: int = 1 << 20, *, start: int | None = None) -> Iterator[bytes]:
+        """The file's bytes after its header (from ``start`` in the file, if given), ``size``
+        at a time (to hash it, to inflate it: read, not mapped, every page of a mapping
+        read whole would count in the daemon's RSS)."""
         with open(self.path, "rb") as handle:
-            handle.seek(self.header_length)
+            handle.seek(self.header_length if start is None else start)
             while chunk := handle.read(size):
                 yield chunk
 
@@ -198,7 +202,7 @@ class Spool:
         # Temporary copies made and not yet let go -> the room each was granted: they count
         # against the quota until their bytes are gone (see open_temp).
         self._copies: dict[Path, int] = {}
-        self._copies_lock = threading.Lock()
+        self._copies_lock = threading.RLock()  # taken again by check_temp_room
         if create:
             self.tmp.mkdir(parents=True, exist_ok=True)
             self._make_fanout()
@@ -256,11 +260,12 @@ class Spool:
             raise
 
     def open_temp(self, room: int = 0) -> tuple[Path, int]:
-        """A new temp file for bytes that are never filed (a transcoded copy to send) and a
-        descriptor open for writing (the caller closes it, and removes the file with
-        :meth:`remove_temp`; start-up removes what a crash left). ``room``: the bytes it
-        will hold, refused (SpoolFull) when they would cut into the free-space floor that
-        keeps the modalities' C-STOREs possible, or take the spool past its quota.
+        """A new temp file for bytes that are never filed (a transcoded copy to send, an
+        inflated dataset read once) and a descriptor open for writing (the caller closes
+        it, and removes the file with :meth:`remove_temp`; start-up removes what a crash
+        left). ``room``: the bytes it will hold (more may be asked with :meth:`grow_temp`),
+        refused (SpoolFull) when they would cut into the free-space floor that keeps the
+        modalities' C-STOREs possible, or take the spool past its quota.
 
         The quota is the operator's bound on the disk PAS takes: a copy is transient, but
         its bytes are on that disk while it is sent (a 300 MB decoded object from a 5 MB
@@ -268,26 +273,50 @@ class Spool:
         the room of the copies not yet let go (several viewers at once). Ingest's own check
         (:meth:`check_room`) does not count copies: a viewer's read never makes a modality's
         C-STORE refused; a copy is what waits."""
-        self.check_temp_room(room)
-        held = self._held_bytes() if self.quota_bytes and self._held_bytes else 0
         with self._copies_lock:  # checked and granted at once: two copies cannot both fit
-            copies = sum(self._copies.values())
-            if self.quota_bytes and room and held + copies + room > self.quota_bytes:
-                raise SpoolFull(
-                    f"spool quota reached: {room} bytes needed for a temporary copy, "
-                    f"{held + copies} in use, quota {self.quota_bytes} ({held} filed, "
-                    f"{copies} in other temporary copies)")
+            self._check_copy_room(room)
             path, fd = self._temp_files.take()
             self._copies[path] = room
         return path, fd
 
+    def grow_temp(self, path: Path, more: int) -> None:
+        """The temp copy at ``path`` (from :meth:`open_temp`) needs ``more`` bytes of room
+        than it was granted (its size was not known ahead: an inflated dataset): checked
+        against the floor and the quota as :meth:`open_temp` checks a new copy, and added
+        to its reservation, or refused (SpoolFull) with nothing granted."""
+        with self._copies_lock:
+            self._check_copy_room(more)
+            self._copies[path] = self._copies.get(path, 0) + more
+
+    def _check_copy_room(self, room: int) -> None:
+        """Whether ``room`` more bytes of temp copies fit (the caller holds the lock)."""
+        self.check_temp_room(room)
+        if not (self.quota_bytes and room):
+            return
+        held = self._held_bytes() if self._held_bytes else 0
+        copies = sum(self._copies.values())
+        if held + copies + room > self.quota_bytes:
+            raise SpoolFull(
+                f"spool quota reached: {room} bytes needed for a temporary copy, "
+                f"{held + copies} in use, quota {self.quota_bytes} ({held} filed, "
+                f"{copies} in other temporary copies)")
+
     def check_temp_room(self, room: int) -> None:
-        """Refuse (SpoolFull) ``room`` more bytes of temp files when they would cut into the
-        free-space floor: asked again as a temp file whose size was not known ahead grows."""
-        free = shutil.disk_usage(self.tmp).free
-        if room and free - room < self.min_free_bytes:
-            raise SpoolFull(f"disk nearly full: {free} bytes free, {room} needed for a "
-                            f"temporary copy, floor {self.min_free_bytes}")
+        """Refuse (SpoolFull) ``room`` more bytes of temp copies when they would cut into the
+        free-space floor. The disk's free space does not yet show the bytes that copies in
+        flight were granted and have not written: two copies at once could each see room
+        for one. Those bytes (each copy's room less its file's size so far) count as used."""
+        with self._copies_lock:
+            free = shutil.disk_usage(self.tmp).free
+            pending = 0
+            for path, granted in self._copies.items():
+                size = _size_of(path)  # None: removed, its bytes all written (kept open)
+                pending += max(0, granted - size) if size is not None else 0
+            if room and free - pending - room < self.min_free_bytes:
+                raise SpoolFull(
+                    f"disk nearly full: {free} bytes free, {room} needed for a temporary "
+                    f"copy, {pending} promised to copies being written, floor "
+                    f"{self.min_free_bytes}")
 
     def remove_temp(self, path: Path, *, keep_room: bool = False) -> None:
         """Remove a temp file. ``keep_room``: a reader still holds it open, so its bytes

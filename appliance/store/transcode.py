@@ -13,7 +13,8 @@ the elements read are the small ones (``defer_size``); a large value is a buffer
 pydicom's writer copies in chunks (byte-swapped on the way when stored big endian), and the
 Pixel Data is decoded one frame at a time as it is written. A Deflated Explicit VR Little
 Endian object is first inflated a megabyte at a time into a spool temp file of its own
-(removed with the copy, or when the copy fails), then read from there like any explicit
+(:mod:`appliance.store.inflate`; its room reserved as it grows, removed with the copy, or
+when the copy fails), then read from there like any explicit
 little endian one: pydicom inflated it whole, in memory. The result is, byte for byte,
 what pydicom's whole-object decode gives (``decompress(generate_instance_uid=False)``, or
 the word swap the dicom destination did, then ``save_as(enforce_file_format=True)``): the
@@ -40,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -66,6 +66,7 @@ from pydicom.pixels.utils import as_pixel_options
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pydicom.valuerep import BUFFERABLE_VRS, VR
 
+from appliance.store import inflate as inflating
 from appliance.store.spool import Spool, SpoolFull
 
 PIXEL_DATA = 0x7FE00010
@@ -76,8 +77,6 @@ TARGETS = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
 # Values made of words whose bytes a big endian encoding reverses: VR -> word size.
 WORD_SIZE = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
 WRITE_BUFFER = 1 << 20
-INFLATE_CHUNK = 1 << 20  # deflated bytes read, and inflated bytes made, at a time
-ROOM_STEP = 16 << 20  # the inflated file's room is asked again each time it grows this much
 
 
 class TranscodeError(Exception):
@@ -190,10 +189,10 @@ def _inflated(spool: Spool, source: Path,
         if not stored.read(1):
             return None
         stored.seek(start)
-        path, fd = spool.open_temp(ROOM_STEP)
+        # (InflateError, a stream cut short or not deflate, is named by write_transcoded.)
+        path = inflating.inflate_to_temp(
+            spool, iter(lambda: stored.read(inflating.INFLATE_CHUNK), b""))
         held.callback(spool.remove_temp, path)
-        with os.fdopen(fd, "wb", buffering=0) as inflated:
-            _inflate(stored, inflated, spool)
     read_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     held.callback(os.close, read_fd)
     with open(path, "rb") as handle:
@@ -203,28 +202,6 @@ def _inflated(spool: Spool, source: Path,
     ds = FileDataset(str(path), dataset, preamble, file_meta, False, True)
     ds.set_original_encoding(False, True, dataset._character_set)
     return ds, read_fd, start + os.fstat(read_fd).st_size
-
-
-def _inflate(stored: BinaryIO, inflated: BinaryIO, spool: Spool) -> None:
-    """The raw deflate stream from ``stored``'s position (PS3.5 A.5), inflated into
-    ``inflated``, ``INFLATE_CHUNK`` at most in memory either side; the room it takes asked of
-    the spool as it grows. What follows the end of the stream (the writer's padding byte) is
-    ignored, as ``zlib.decompress`` ignores it; a stream cut short is refused as it fails."""
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    written = asked = 0
-    while not inflater.eof and (pending := stored.read(INFLATE_CHUNK)):
-        while pending and not inflater.eof:
-            chunk = inflater.decompress(pending, INFLATE_CHUNK)
-            pending = inflater.unconsumed_tail
-            inflated.write(chunk)
-            written += len(chunk)
-            if written - asked >= ROOM_STEP:
-                spool.check_temp_room(ROOM_STEP)
-                asked = written
-    inflated.write(inflater.flush())
-    if not inflater.eof:
-        raise TranscodeError("the deflated dataset is cut short: its deflate stream does not "
-                             "end")
 
 
 def _decoded(ds: Dataset) -> bool:
