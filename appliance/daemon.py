@@ -25,6 +25,7 @@ from appliance.routing.stability import Router
 from appliance.store import audit, index
 from appliance.store.db import Database
 from appliance.store.spool import Spool
+from appliance.words import counted
 
 log = logging.getLogger("pas.daemon")
 
@@ -122,6 +123,13 @@ class Daemon:
             audit.record(self.db, "security", actor="system", outcome="success",
                          detail=f"permissions tightened: {fixed}")
         self.recovery_report = startup_recovery(self.db, self.spool, self.receiver)
+        # Here, not in startup_recovery (pas verify --repair runs that beside a live daemon):
+        # the C-STORE associations the daemon's last end cut get their store rows.
+        cut = audit.close_cut_associations(self.db)
+        if cut:
+            log.warning("start-up recovery: %s cut by the daemon's last end; their store "
+                        "rows written from the index (pas audit --event store)",
+                        counted(cut, "DICOM association"))
         self.cache_policy = CachePolicy(self.settings, self.db, self.spool)
         try:
             self.listener.start()

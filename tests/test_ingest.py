@@ -8,6 +8,7 @@ with storescp's copy of the same send.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import sqlite3
@@ -266,10 +267,23 @@ def test_kill_9_mid_study_loses_nothing_acknowledged(pas_factory, tmp_path: Path
     assert not missing, f"acknowledged but lost: {sorted(missing)[:5]}"
     assert not half_written(pas.home / "spool")  # recovery removed temp files
     assert_spool_consistent(pas.home)
+    # The cut association's store row: written at the restart from what the index holds
+    # (the row of an association is written at its end, which the kill took away).
+    (cut,) = json.loads(restarted.cli("audit", "--event", "store", "--json").stdout)
+    assert (cut["actor"], cut["source"]) == ("MR1", "127.0.0.1"), cut
+    assert cut["outcome"] == "failure: cut by a stop of the daemon (a crash, a power loss)"
+    assert cut["detail"].startswith(f"{len(held)} instances stored before the cut"), cut
+    studies = {r[0] for r in sqlite3.connect(pas.home / "pas.sqlite").execute(
+        "SELECT study_uid FROM studies")}
+    assert cut["target"] == ",".join(sorted(studies)) and cut["patient"], cut
+    assert "1 DICOM association cut by the daemon's last end" in restarted.log()
     storescu(MR_DIR, restarted.port, calling="MR1")
     status = restarted.status()
     assert status["instances"] == 520 and status["files"] == 520
     assert_spool_consistent(pas.home)
+    rows = json.loads(restarted.cli("audit", "--event", "store", "--json").stdout)
+    assert [r["outcome"] for r in rows] == ["success", cut["outcome"]]  # newest first
+    assert rows[0]["detail"] == "520 instances stored, 0 refused"  # the held ones again too
 
 
 def test_quota_reached_answers_out_of_resources_and_recovers(pas_factory) -> None:

@@ -8,6 +8,7 @@ May not touch: SQL or files directly (it calls :class:`~appliance.ingest.receive
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -239,6 +240,8 @@ class DicomListener:
                         "negotiated for %s", calling, sop_class_uid, context_sop_class_uid,
                         extra={"CALLING_AE": calling})
         else:
+            if getattr(assoc, "pas_opened_note", None) is None:
+                self._note_opened(assoc)
             status, comment = self._store(assoc, transfer_syntax_uid, sop_class_uid,
                                           sop_instance_uid, dataset, prepared)
         self._note_store(assoc, status)
@@ -311,21 +314,39 @@ class DicomListener:
             else:
                 note["refused"] += 1
 
+    def _note_opened(self, assoc: Any) -> None:
+        """Before the association's first instance is filed: note it open in the database,
+        so that a crash before its end still leaves its ``store`` row (written at the next
+        start, ``audit.close_cut_associations``)."""
+        requestor = assoc.requestor
+        try:
+            assoc.pas_opened_note = audit.association_opened(
+                self.receiver.db, requestor.ae_title.strip(), requestor.address)
+        except Exception:  # the trail must not refuse the instance; its end row still comes
+            log.exception("noting the association open for the audit trail failed")
+            assoc.pas_opened_note = 0
+
     def _on_association_end(self, event: Any) -> None:
         """One audit ``store`` event per association (PS3.15 "DICOM Instances
-        Transferred"): who, from where, which studies, how many stored and refused."""
+        Transferred"): who, from where, which studies, how many stored and refused; written
+        with the end of its open note, in one transaction."""
         with self._stats_lock:
             note = self._per_association.pop(id(event.assoc), None)
+        opened = getattr(event.assoc, "pas_opened_note", None)
         if not note:
+            if opened:
+                with contextlib.suppress(Exception):  # a row left: written at the next start
+                    audit.association_closed(self.receiver.db, opened)
             return
         requestor = event.assoc.requestor
         refused = note["refused"]
         try:
-            audit.record(self.receiver.db, "store", actor=requestor.ae_title.strip(),
-                         source=requestor.address,
-                         target=",".join(sorted(note["studies"]))[:4000] or None,
-                         outcome="success" if not refused else f"failure: {refused} refused",
-                         detail=f"{counted(note['stored'], 'instance')} stored, {refused} refused")
+            audit.association_closed(
+                self.receiver.db, opened, actor=requestor.ae_title.strip(),
+                source=requestor.address,
+                target=",".join(sorted(note["studies"]))[:4000] or None,
+                outcome="success" if not refused else f"failure: {refused} refused",
+                detail=f"{counted(note['stored'], 'instance')} stored, {refused} refused")
         except Exception:  # the audit must not break the association's end
             log.exception("audit record failed")
 

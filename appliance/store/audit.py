@@ -23,11 +23,13 @@ from __future__ import annotations
 import contextlib
 import re
 import sqlite3
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from appliance.store.db import Database, after_commit, now
+from appliance.words import counted
 
 # Called after each committed record (journald, syslog: appliance/ops/audit_trail.py), once
 # its transaction committed. A sink must be quick and must not raise; it runs in the
@@ -118,6 +120,78 @@ def _publish(entry: dict[str, Any]) -> None:
     for sink in list(_sinks):
         with contextlib.suppress(Exception):  # the trail itself is committed already
             sink(entry)
+
+
+# --- C-STORE associations: their store row, and one a stop of the daemon cut ----------------
+
+def association_opened(db: Database, calling_ae: str, source_address: str | None) -> int:
+    """A DICOM association's first C-STORE: note it open (migration 10), so that a crash
+    before its end still leaves its ``store`` row, written at the next start. One small
+    transaction per association, not per instance."""
+    with db.transaction() as conn:
+        cursor = conn.execute(
+            "INSERT INTO open_associations (calling_ae, source_address, opened_at) "
+            "VALUES (?, ?, ?)", (calling_ae, source_address, now()))
+        return int(cursor.lastrowid or 0)
+
+
+def association_closed(db: Database, opened: int | None, **row: Any) -> None:
+    """The association ended: its ``store`` row (``row``: as :func:`record`; none when
+    ``row`` is empty, an association that stored nothing) and the end of its open note, in
+    one transaction."""
+    with db.transaction() as conn:
+        if row:
+            record_in(conn, "store", **row)
+        if opened:
+            conn.execute("DELETE FROM open_associations WHERE id = ?", (opened,))
+
+
+CUT_OUTCOME = "failure: cut by a stop of the daemon (a crash, a power loss)"
+
+
+def close_cut_associations(db: Database) -> int:
+    """At start-up, before the DICOM port opens: every association still noted open was cut
+    by the daemon's end. Each gets its ``store`` row now, with what the index holds of it:
+    the instances received from its calling AE and address since it opened, up to the next
+    association of the same AE and address (two at once from one modality share them out by
+    time, so none is counted twice). How many rows."""
+    opened = db.query("SELECT * FROM open_associations ORDER BY calling_ae, source_address, "
+                      "opened_at, id")
+    for number, association in enumerate(opened):
+        following = opened[number + 1] if number + 1 < len(opened) else None
+        same_sender = following is not None and (
+            following["calling_ae"], following["source_address"]) == (
+            association["calling_ae"], association["source_address"])
+        until = following["opened_at"] if same_sender else None
+        with db.transaction() as conn:
+            held = conn.execute(
+                """SELECT count(*) AS instances, group_concat(DISTINCT s.study_uid) AS studies
+                   FROM instances i JOIN studies s ON s.id = i.study_fk
+                   WHERE i.calling_ae = ? AND i.source_address IS ? AND i.received_at >= ?
+                         AND (? IS NULL OR i.received_at < ?)""",
+                (association["calling_ae"], association["source_address"],
+                 association["opened_at"], until, until)).fetchone()
+            studies = ",".join(sorted((held["studies"] or "").split(","))).strip(",")
+            count = int(held["instances"])
+            record_in(conn, "store", actor=association["calling_ae"],
+                      source=association["source_address"], outcome=CUT_OUTCOME,
+                      target=_whole_uids(studies, 4000) or None,
+                      detail=f"{counted(count, 'instance')} stored before the cut (as the "
+                             f"index holds them; opened "
+                             f"{_clock(association['opened_at'])})")
+            conn.execute("DELETE FROM open_associations WHERE id = ?", (association["id"],))
+    return len(opened)
+
+
+def _whole_uids(listing: str, limit: int) -> str:
+    """``listing`` (comma-separated UIDs) cut at ``limit`` characters between whole UIDs."""
+    if len(listing) <= limit:
+        return listing
+    return listing[:listing.rfind(",", 0, limit + 1)]
+
+
+def _clock(at: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
 
 
 def recent(db: Database, limit: int = 100, event: str | None = None) -> list[dict[str, Any]]:

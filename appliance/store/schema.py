@@ -322,4 +322,17 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE audit ADD COLUMN patient TEXT;
     """,
+    # 10 (the audit trail): DICOM associations storing right now. A C-STORE association's
+    # ``store`` row is written when it ends; one cut by a crash or a power loss ended with
+    # no row, its instances stored with no trace of who sent them in the trail. The row here
+    # is written at its first C-STORE and deleted with its ``store`` row (one transaction);
+    # one left at start-up is an association the daemon's end cut (audit.close_cut_associations).
+    """
+    CREATE TABLE open_associations (
+        id INTEGER PRIMARY KEY,
+        calling_ae TEXT NOT NULL,
+        source_address TEXT,
+        opened_at REAL NOT NULL
+    );
+    """,
 ]
