@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import struct
+import subprocess
+import sys
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -294,3 +296,25 @@ def test_no_room_for_the_inflated_copy_is_out_of_resources_for_each_sender(
         assert pas.status()["instances"] == 1
     finally:
         pas.stop()
+
+
+def test_the_pack_stage_reads_no_deflated_dataset_to_find_its_pixel_layout(
+        tmp_path: Path) -> None:
+    """The uplink's pack stage looks for a native pixel layout (JPEG-LS bands) in each file:
+    it let pydicom read a deflated one whole, inflating it in memory (measured: peak RSS +18
+    MB for this 40 MiB one; objects up to 256 MiB are accepted), to find no layout it could
+    use. It reads the file meta first now (+0 MB).
+    A child process, so that its peak RSS is this call's."""
+    path = deflated_object(tmp_path / "deflated.dcm", frames=20)  # 40 MiB inflated
+    probe = ("import resource, sys\n"
+             "from pathlib import Path\n"
+             "from appliance.transfer.layout import _parse_layout\n"
+             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+             "found = _parse_layout(Path(sys.argv[1]))\n"
+             "grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before\n"
+             "print(found is None, grown // 1024)\n")
+    result = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True,
+                            text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    none, grown_mb = result.stdout.split()
+    assert none == "True"  # deflated: no layout, as before
+    assert int(grown_mb) < 8, f"peak RSS +{grown_mb} MB to read a deflated file's layout"

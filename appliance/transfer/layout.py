@@ -37,15 +37,25 @@ _LAYOUT_CACHE_SIZES = 64
 _LAYOUTS_PER_SIZE = 4
 
 
+# Native pixel data: implicit VR LE, explicit VR LE, explicit VR BE.
+_NATIVE_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
+
+
 def _parse_layout(path: Path) -> tuple[PixelLayout, _Evidence] | None:
     """Read only the header (pixel data deferred) and describe the native pixel data, or None
     when there is none that JPEG-LS can carry (encapsulated, deflated, float, 1 or 32 bits,
     unreadable). Correctness never depends on this: a wrong guess only costs compression,
     since every band is verified."""
     import pydicom
+    from pydicom.filereader import read_file_meta_info
     from pydicom.tag import Tag
 
     try:
+        # The file meta first: pydicom inflates a deflated dataset whole, in memory (up to
+        # 256 MiB each, on the pack stage's threads), to find no layout it can use anyway.
+        meta_syntax = read_file_meta_info(path).get("TransferSyntaxUID")
+        if meta_syntax is not None and str(meta_syntax) not in _NATIVE_SYNTAXES:
+            return None
         ds = pydicom.dcmread(path, defer_size=256, force=True)
         raw = ds.get_item(Tag(0x7FE0, 0x0010), keep_deferred=True)
         if raw is None or getattr(raw, "value_tell", None) is None:
@@ -55,11 +65,7 @@ def _parse_layout(path: Path) -> tuple[PixelLayout, _Evidence] | None:
         raws = [ds.get_item(Tag(tag), keep_deferred=True) for tag in _GEOMETRY_TAGS]
         tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
         big_endian = str(tsyntax) == "1.2.840.10008.1.2.2" if tsyntax else not raw.is_little_endian
-        if tsyntax is not None and str(tsyntax) not in (
-            "1.2.840.10008.1.2",
-            "1.2.840.10008.1.2.1",
-            "1.2.840.10008.1.2.2",
-        ):
+        if tsyntax is not None and str(tsyntax) not in _NATIVE_SYNTAXES:
             return None  # compressed, or deflated (value offsets are not file offsets)
         bits = int(ds.BitsAllocated)
         columns = int(ds.Columns)
