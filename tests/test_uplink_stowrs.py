@@ -12,6 +12,7 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from pydicom import dcmread
 
@@ -138,6 +139,15 @@ def test_credentials_the_archive_refuses_make_the_jobs_wait_until_put_right(
             assert job["last_error"].startswith(
                 "waiting for credentials: archive: STOW-RS answered HTTP 401, the archive "
                 "refuses this appliance's credentials"), job["last_error"]
+        # Such jobs never fail, so the failed-jobs signals miss them: status, metric and
+        # the line of pas status say it instead.
+        (refused,) = pas.status()["credentials_refused"]
+        assert refused["destination"] == "archive" and refused["jobs"] == len(waiting)
+        assert refused["error"].startswith("archive: STOW-RS answered HTTP 401"), refused
+        assert f"archive: {len(waiting)} job" in pas.cli("status").stdout
+        scraped = httpx.get(f"http://127.0.0.1:{pas.http_port}/metrics", timeout=10).text
+        assert (f'pas_jobs_waiting_for_credentials{{destination="archive"}} '
+                f"{float(len(waiting))}") in scraped
         errors = [line for line in pas.log().splitlines() if " ERROR " in line]
         assert len(errors) == 1 and "waits for its credentials" in errors[0], errors
         assert not orthanc.instances()
@@ -151,6 +161,7 @@ def test_credentials_the_archive_refuses_make_the_jobs_wait_until_put_right(
                   for r in _rows(home, "SELECT sop_instance_uid, sha256 FROM instances")}
         assert orthanc_hashes(orthanc) == stored
         assert fixed.status()["links"]["archive"]["state"] == "up"
+        assert fixed.status()["credentials_refused"] == []
     finally:
         orthanc.stop()
 

@@ -163,6 +163,10 @@ def status(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> No
             backlog.add_row(row["destination"], str(row["studies"]), human_size(row["bytes"]),
                             f"{row['oldest_age_s']:.0f} s")
         console.print(backlog)
+    for refused in snapshot.get("credentials_refused") or []:
+        console.print(f"[red]{refused['destination']}:[/red] "
+                      f"{counted(refused['jobs'], 'job')} waiting for credentials: "
+                      f"{refused['error']}", highlight=False, soft_wrap=True)
     if snapshot.get("links"):
         links = Table(title="Links")
         for column in ("destination", "state", "last contact", "last error"):

@@ -58,6 +58,9 @@ def build_heartbeat(settings: Settings, db: Database, started_at: float,
     for job in job_store.list_jobs(db, "failed", MAX_ERRORS):
         errors.append(f"job {job['id']} to {job['destination']}: "
                       f"{(job['last_error'] or 'failed')[:120]}")
+    for refused in snapshot["credentials_refused"]:  # they never fail: said here instead
+        errors.append(f"{refused['destination']}: {refused['jobs']} jobs waiting for "
+                      f"credentials: {refused['error'][:120]}")
     disk = snapshot["disk"]
     if disk["used_percent"] > 85:
         errors.append(f"disk {disk['used_percent']} % used")

@@ -213,6 +213,13 @@ class ApplianceCollector(Collector):
         for destination, count in ops_store.failed_jobs_by_destination(self.db).items():
             failed.add_metric([destination], count)
         yield failed
+        refused = GaugeMetricFamily(
+            "pas_jobs_waiting_for_credentials",
+            "Jobs waiting for credentials to be put right (a certificate or password the "
+            "destination refuses), by destination", labels=["destination"])
+        for row in job_store.waiting_for_credentials(self.db):
+            refused.add_metric([row["destination"]], row["jobs"])
+        yield refused
 
         uploads = ops_store.hub_upload_totals(self.db)
         wan = CounterMetricFamily("pas_wan_bytes", "Bytes on the WAN link, by direction "

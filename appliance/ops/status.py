@@ -30,6 +30,8 @@ def collect(settings: Settings, db: Database) -> dict[str, Any]:
         "jobs": states,
         "jobs_by_kind": by_kind,
         "backlog": job_store.backlog_by_destination(db),
+        # Destinations refusing this appliance's credentials: their jobs wait, none fails.
+        "credentials_refused": job_store.waiting_for_credentials(db),
         # Per destination: "up"/"down", last successful contact, last error (store/uplink.py).
         "links": uplink_store.link_states(db),
         # Integrity flags and the disk alert (store/cache.py, issue 7).

@@ -313,6 +313,23 @@ def counts_by_state(db: Database) -> dict[str, dict[str, int]]:
     return result
 
 
+def waiting_for_credentials(db: Database) -> list[dict[str, Any]]:
+    """Per destination whose jobs wait for credentials to be put right (``TrustRefused``):
+    how many, and the latest refusal, as the job recorded it (without its prefix). Such jobs
+    never fail, so the "failed jobs" signals (the status page, ``pas_jobs_failed``, the
+    hub's dashboard) no longer show them: this does."""
+    rows = db.query(
+        """SELECT destination, count(*) AS jobs, max(updated_at) AS since_latest,
+                  (SELECT last_error FROM jobs latest WHERE latest.destination = j.destination
+                     AND latest.state IN ('pending', 'running') AND latest.last_error LIKE ?
+                   ORDER BY latest.updated_at DESC LIMIT 1) AS last_error
+           FROM jobs j WHERE state IN ('pending', 'running') AND last_error LIKE ?
+           GROUP BY destination ORDER BY destination""",
+        (WAITING_FOR_TRUST + "%", WAITING_FOR_TRUST + "%"))
+    return [{"destination": r["destination"], "jobs": int(r["jobs"]),
+             "error": (r["last_error"] or "")[len(WAITING_FOR_TRUST):]} for r in rows]
+
+
 def backlog_by_destination(db: Database) -> list[dict[str, Any]]:
     """Per destination: studies and bytes not yet delivered, and the age of the oldest job."""
     rows = db.query(
