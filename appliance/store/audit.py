@@ -29,9 +29,10 @@ from typing import Any
 
 from appliance.store.db import Database, after_commit, now
 
-# Called after each committed record (journald, syslog: appliance/ops/audit_trail.py), once
-# its transaction committed. A sink must be quick and must not raise; it runs in the
-# caller's thread, after the write lock is released.
+# Called after each committed record, once its transaction committed: the daemon's outbox
+# readers (journald, syslog: appliance/ops/audit_trail.py) use it to wake up at once instead
+# of at their next poll; what they send they read from the table. A sink must be quick and
+# must not raise; it runs in the caller's thread, after the write lock is released.
 _sinks: list[Callable[[dict[str, Any]], None]] = []
 
 
@@ -118,6 +119,51 @@ def _publish(entry: dict[str, Any]) -> None:
     for sink in list(_sinks):
         with contextlib.suppress(Exception):  # the trail itself is committed already
             sink(entry)
+
+
+# -- the outbox: the copies of the trail read the table past their mark ---------------------
+#
+# A copy (journald, a syslog collector: appliance/ops/audit_trail.py) reads the rows after
+# its mark in id order, hands them on, then advances the mark: at least once, never a row
+# skipped, whichever process wrote it (the daemon or the ``pas`` CLI) and whatever crashed in
+# between. Ids grow in commit order: SQLite has one writer at a time and the table is
+# append-only, so a row committed later never gets a smaller id than one already read.
+
+
+def outbox_start(db: Database, sink: str) -> int:
+    """The mark of ``sink``: the last row id it was handed. A sink never seen before (the
+    first start after the upgrade that brought the outbox, or a new collector) starts at
+    the table's last row: the history before it is not sent (it is in the table, read with
+    ``pas audit``), which would flood a collector with years of rows at an upgrade."""
+    with db.transaction() as conn:
+        row = conn.execute("SELECT last_id FROM audit_outbox WHERE sink = ?",
+                           (sink,)).fetchone()
+        if row is not None:
+            return int(row[0])
+        last = int(conn.execute("SELECT coalesce(max(id), 0) FROM audit").fetchone()[0])
+        conn.execute("INSERT INTO audit_outbox (sink, last_id, updated_at) VALUES (?, ?, ?)",
+                     (sink, last, now()))
+        return last
+
+
+def outbox_advance(db: Database, sink: str, last_id: int) -> None:
+    """Record that ``sink`` was handed every row up to ``last_id`` (never moves back)."""
+    with db.transaction() as conn:
+        conn.execute("UPDATE audit_outbox SET last_id = max(last_id, ?), updated_at = ? "
+                     "WHERE sink = ?", (last_id, now(), sink))
+
+
+def rows_after(db: Database, after_id: int, limit: int) -> list[dict[str, Any]]:
+    """At most ``limit`` rows after ``after_id``, oldest first: a sink reads in batches, so
+    a backlog of a week without a collector is never held in memory at once."""
+    return [dict(r) for r in db.query("SELECT * FROM audit WHERE id > ? ORDER BY id LIMIT ?",
+                                      (after_id, limit))]
+
+
+def count_after(db: Database, after_id: int) -> int:
+    """How many rows a sink at ``after_id`` has not been handed yet."""
+    row = db.query_one("SELECT count(*) FROM audit WHERE id > ?", (after_id,))
+    return int(row[0]) if row else 0
 
 
 def recent(db: Database, limit: int = 100, event: str | None = None) -> list[dict[str, Any]]:

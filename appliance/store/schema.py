@@ -322,4 +322,17 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE audit ADD COLUMN patient TEXT;
     """,
+    # 10 (the audit outbox, appliance/store/audit.py): how far each copy of the trail
+    # (journald, one syslog collector) has read the audit table, by row id. The copies were
+    # fed from memory in the daemon: rows the `pas` CLI wrote never left the table, and rows
+    # queued when the daemon was killed, or dropped by a full queue, were never sent. A copy
+    # with no row here starts at the table's last id when it first runs (no flood of history
+    # at the upgrade).
+    """
+    CREATE TABLE audit_outbox (
+        sink TEXT PRIMARY KEY,         -- 'journal', 'syslog host:port'
+        last_id INTEGER NOT NULL,      -- audit rows up to this id were handed to the sink
+        updated_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    """,
 ]
