@@ -69,7 +69,7 @@ QIDO_DEFAULT_LIMIT = 1000
 QIDO_MAX_LIMIT = 10000
 # How long a STOW-RS store row's target may grow: the list of studies, as a C-STORE
 # association's row (appliance/ingest/scp.py), cut between UIDs, never inside one.
-STORE_TARGET_MAX = 4000
+STORE_TARGET_MAX = audit.STUDY_LIST_MAX
 # PS3.18 8.3.4.4: what a server that limited the results answers.
 TRUNCATED = ('299 {service}: "The number of results exceeded the maximum supported by the '
              'server. Additional results can be requested."')
@@ -138,7 +138,7 @@ class DicomWeb:
         a C-STORE association's row): ``pas audit --study`` and the ATNA Study objects read
         targets as Study Instance UIDs, and the row used to list SOP Instance UIDs, which
         neither could find. No study when nothing was stored (a C-STORE row's NULL)."""
-        target, left_out = _study_list({s["study"] for s in stored}, STORE_TARGET_MAX)
+        target, left_out = audit.study_list({s["study"] for s in stored}, STORE_TARGET_MAX)
         detail = f"{len(stored)} stored (STOW-RS)"
         if left_out:
             detail += f", {counted(left_out, 'more study', 'more studies')} not listed"
@@ -353,20 +353,6 @@ class DicomWeb:
                        "study": received.study_uid,
                        "url": f"{self.base_url}/studies/{received.study_uid}/series/"
                               f"{ds.SeriesInstanceUID}/instances/{received.sop_instance_uid}"})
-
-
-def _study_list(studies: set[str], limit: int) -> tuple[str | None, int]:
-    """The studies comma-joined in UID order, as many whole UIDs as ``limit`` characters
-    hold (a UID cut in the middle would name another study, or none), and how many did not
-    fit; None when there is no study."""
-    joined = ""
-    ordered = sorted(studies)
-    for n, uid in enumerate(ordered):
-        longer = f"{joined},{uid}" if joined else uid
-        if len(longer) > limit:
-            return joined or None, len(ordered) - n
-        joined = longer
-    return joined or None, 0
 
 
 def store_query_summary(level: str, keys: dict[str, str]) -> str:

@@ -53,6 +53,26 @@ _PATIENT_KEY = re.compile(r"(?:^| )PatientID=(\S+)")
 PATIENT_SEPARATOR = "\\"  # DICOM's value separator: never inside a PatientID (LO)
 
 
+# How long a store row's list of studies may grow (a C-STORE association's, a STOW-RS
+# request's): about 60 studies. Past it the list is cut between whole UIDs (study_list).
+STUDY_LIST_MAX = 4000
+
+
+def study_list(studies: set[str], limit: int = STUDY_LIST_MAX) -> tuple[str | None, int]:
+    """The studies comma-joined in UID order, as many whole UIDs as ``limit`` characters
+    hold (a UID cut in the middle would name another study, or none: ``pas audit --study``
+    and the ATNA Study objects read each word as a UID), and how many did not fit; None when
+    there is no study."""
+    joined = ""
+    ordered = sorted(studies)
+    for n, uid in enumerate(ordered):
+        longer = f"{joined},{uid}" if joined else uid
+        if len(longer) > limit:
+            return joined or None, len(ordered) - n
+        joined = longer
+    return joined or None, 0
+
+
 def _patients_named(conn: sqlite3.Connection, target: str | None) -> set[str]:
     """The PatientIDs a target is about: the patients of the studies or instances it names,
     as the index holds them now, and a PatientID a query or retrieve asked for exactly (a
