@@ -69,12 +69,17 @@ def _xml_text(value: Any) -> str:
                                    else f"\\u{ord(m.group()):04x}"), str(value))
 
 
+# The model a query row names when it names none (rows from before migration 10 are not
+# sent, see OutboxReader; a writer that forgot it): Study Root FIND, the one QIDO-RS uses.
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+
+
 def _object_ids(target: str) -> list[str]:
     """One ParticipantObjectIdentification per study (PS3.15 A.5.3.2): a store event lists
     its studies comma-joined; a WADO-RS retrieve names its path's UIDs slash-joined (study,
     series, instance), whose study is the object (the whole path, labelled a Study Instance
-    UID, matched no study at the collector); any other target (a query summary) stays one
-    object."""
+    UID, matched no study at the collector); any other target stays one object (a query
+    is a SOP Queried object instead: _queried)."""
     parts = [p.strip() for p in target.split(",") if p.strip()]
     if len(parts) > 1 and all(_UID.fullmatch(p) for p in parts):
         return parts
@@ -82,6 +87,31 @@ def _object_ids(target: str) -> list[str]:
     if len(path) > 1 and all(_UID.fullmatch(p) for p in path):
         return [path[0]]
     return [target]
+
+
+def _detail(parent: ET.Element, entry: dict[str, Any]) -> None:
+    """The row's detail (counts) as xs:base64Binary, under ``parent``."""
+    if entry.get("detail"):
+        value = base64.b64encode(str(entry["detail"])[:1000].encode()).decode("ascii")
+        ET.SubElement(parent, "ParticipantObjectDetail", type="detail", value=value)
+
+
+def _queried(root: ET.Element, entry: dict[str, Any]) -> None:
+    """A query's participant object (PS3.15 A.5.3.2 Query): the SOP Class of the model
+    asked under, ID type (110181, DCM, "SOP Class UID"), and the query itself as
+    ParticipantObjectQuery (base64). It was labelled a Study Instance UID holding the
+    query's keys, which no collector reads as a query. The query is the row's text (level
+    and matching keys, as ``pas audit`` shows it), not the identifier's DICOM encoding: the
+    row does not keep that, so no TransferSyntax detail is given."""
+    queried = ET.SubElement(root, "ParticipantObjectIdentification",
+                            ParticipantObjectID=_xml_text(entry.get("sop_class")
+                                                          or STUDY_ROOT_FIND),
+                            ParticipantObjectTypeCode="2", ParticipantObjectTypeCodeRole="3")
+    ET.SubElement(queried, "ParticipantObjectIDTypeCode", {
+        "csd-code": "110181", "codeSystemName": "DCM", "originalText": "SOP Class UID"})
+    ET.SubElement(queried, "ParticipantObjectQuery").text = base64.b64encode(
+        str(entry.get("target") or "").encode()).decode("ascii")
+    _detail(queried, entry)
 
 
 def _patient_ids(patient: str | None) -> list[str]:
@@ -127,7 +157,11 @@ def atna_message(entry: dict[str, Any], site: str, host: str) -> str:
                   NetworkAccessPointTypeCode="1")
     ET.SubElement(root, "AuditSourceIdentification", AuditEnterpriseSiteID=_xml_text(site),
                   AuditSourceID=_xml_text(f"pas@{host}"))
-    for object_id in _object_ids(str(entry["target"])) if entry.get("target") else []:
+    studies = [] if entry["event"] == "query" or not entry.get("target") else \
+        _object_ids(str(entry["target"]))
+    if entry["event"] == "query":
+        _queried(root, entry)
+    for object_id in studies:
         target = ET.SubElement(root, "ParticipantObjectIdentification",
                                ParticipantObjectID=_xml_text(object_id),
                                ParticipantObjectTypeCode="2",
@@ -135,9 +169,7 @@ def atna_message(entry: dict[str, Any], site: str, host: str) -> str:
         ET.SubElement(target, "ParticipantObjectIDTypeCode", {
             "csd-code": "110180", "codeSystemName": "DCM",
             "originalText": "Study Instance UID"})
-        if entry.get("detail"):
-            value = base64.b64encode(str(entry["detail"])[:1000].encode()).decode("ascii")
-            ET.SubElement(target, "ParticipantObjectDetail", type="detail", value=value)
+        _detail(target, entry)
     for patient_id in _patient_ids(entry.get("patient")):
         person = ET.SubElement(root, "ParticipantObjectIdentification",
                                ParticipantObjectID=_xml_text(patient_id),

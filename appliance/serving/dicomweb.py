@@ -70,6 +70,8 @@ QIDO_MAX_LIMIT = 10000
 # How long a STOW-RS store row's target may grow: the list of studies, as a C-STORE
 # association's row (appliance/ingest/scp.py), cut between UIDs, never inside one.
 STORE_TARGET_MAX = audit.STUDY_LIST_MAX
+# Study Root Query/Retrieve Information Model - FIND: the model QIDO-RS searches.
+QIDO_SOP_CLASS = "1.2.840.10008.5.1.4.1.2.2.1"
 # PS3.18 8.3.4.4: what a server that limited the results answers.
 TRUNCATED = ('299 {service}: "The number of results exceeded the maximum supported by the '
              'server. Additional results can be requested."')
@@ -123,12 +125,13 @@ class DicomWeb:
         return "bearer:" + hashlib.sha256(token.strip().encode()).hexdigest()[:12]
 
     def record(self, request: Request, event: str, actor: str, target: str | None,
-               outcome: str, detail: str | None = None, limit: int = 500) -> None:
+               outcome: str, detail: str | None = None, limit: int = 500,
+               sop_class: str | None = None) -> None:
         try:
             audit.record(self.db, event, actor=actor,
                          source=request.client.host if request.client else None,
                          target=target[:limit] if target else None, outcome=outcome,
-                         detail=detail)
+                         detail=detail, sop_class=sop_class)
         except Exception:
             log.exception("audit record failed")
 
@@ -173,7 +176,10 @@ class DicomWeb:
             headers["Warning"] = TRUNCATED.format(service=service)
             detail = f"{counted(len(rows), 'result')} (QIDO-RS), truncated at the server's limit"
         target = store_query_summary(level, keys)
-        self.record(request, "query", actor, target, "success", detail)
+        # QIDO-RS searches the Study Root information model (PS3.18 10.6): the ATNA Query
+        # message names its FIND SOP Class as what was queried.
+        self.record(request, "query", actor, target, "success", detail,
+                    sop_class=QIDO_SOP_CLASS)
         return JSONResponse([self._json(level, keys, row) for row in rows],
                             media_type=DICOM_JSON, headers=headers)
 

@@ -327,8 +327,11 @@ MIGRATIONS: list[str] = [
     # fed from memory in the daemon: rows the `pas` CLI wrote never left the table, and rows
     # queued when the daemon was killed, or dropped by a full queue, were never sent. A copy
     # with no row here starts at the table's last id when it first runs (no flood of history
-    # at the upgrade).
+    # at the upgrade). With it, the SOP Class a query asked under (its information model,
+    # e.g. Patient Root FIND): the ATNA Query message names it (PS3.15 A.5.3.2), and the row
+    # did not record it. NULL for every other event, and for rows from before.
     """
+    ALTER TABLE audit ADD COLUMN sop_class TEXT;
     CREATE TABLE audit_outbox (
         sink TEXT PRIMARY KEY,         -- 'journal', 'syslog host:port'
         last_id INTEGER NOT NULL,      -- audit rows up to this id were handed to the sink

@@ -62,11 +62,36 @@ def test_atna_message_is_well_formed_ps315() -> None:
         assert base64.b64decode(detail.get("value"), validate=True).decode() == \
             "2 instances stored, 0 refused"
     query = {**store, "event": "query", "target": "STUDY PatientID=P1, Modality=CT",
-             "patient": "P1"}  # as audit.record writes it: the PatientID asked for exactly
+             "patient": "P1",  # as audit.record writes it: the PatientID asked for exactly
+             "sop_class": PATIENT_ROOT_FIND, "detail": "2 results"}
     root = ET.fromstring(atna_message(query, "SITE", "host"))
-    assert [o.get("ParticipantObjectID") for o in root.findall(
-        "ParticipantObjectIdentification")] == ["STUDY PatientID=P1, Modality=CT", "P1"]
+    # PS3.15 A.5.3.2 Query: the SOP Class queried, the query itself; no Study object (the
+    # keys were labelled a Study Instance UID), and the patient asked for.
+    assert _study_objects(root) == []
+    assert _queried(root) == (PATIENT_ROOT_FIND, "STUDY PatientID=P1, Modality=CT")
     assert _patient_objects(root) == ["P1"]
+    assert len(root.findall("ParticipantObjectIdentification")) == 2
+
+
+PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
+
+
+def _queried(root: ET.Element) -> tuple[str, str]:
+    """The one "SOP Queried" object of a query message (PS3.15 A.5.3.2: System object, role
+    Report, ID type (110181, DCM, "SOP Class UID"), the query in ParticipantObjectQuery as
+    base64): (the SOP Class UID, the query decoded)."""
+    import base64
+
+    [obj] = root.findall("ParticipantObjectIdentification/ParticipantObjectIDTypeCode"
+                         "[@csd-code='110181']/..")
+    assert (obj.get("ParticipantObjectTypeCode"), obj.get("ParticipantObjectTypeCodeRole")) \
+        == ("2", "3")
+    assert obj[0].attrib == {"csd-code": "110181", "codeSystemName": "DCM",
+                             "originalText": "SOP Class UID"}
+    query = obj.find("ParticipantObjectQuery")
+    assert query is not None and query.text is not None
+    return obj.get("ParticipantObjectID") or "", base64.b64decode(query.text,
+                                                                   validate=True).decode()
 
 
 def _study_objects(root: ET.Element) -> list[ET.Element]:
@@ -418,6 +443,16 @@ def test_records_the_cli_writes_reach_the_collector_and_the_journal(tmp_path: Pa
                if m.find("ActiveParticipant[@UserIsRequestor='true']").get("UserID")  # type: ignore[union-attr]
                == operator]
         assert [o.get("ParticipantObjectID") for o in _study_objects(pin[0])] == [study]
+        # A viewer's C-FIND in the Patient Root model: the SOP Class it asked under and its
+        # keys reach the collector as PS3.15 A.5.3.2 wants them.
+        subprocess.run(["findscu", "-P", "-aet", "VIEWER", "-aec", "PAS", "-k",
+                        "QueryRetrieveLevel=PATIENT", "-k", "PatientID=NOBODY", "127.0.0.1",
+                        str(pas.port)], env=DCMTK_ENV, check=True, capture_output=True,
+                       timeout=60)
+        wait_for(lambda: _by_msgid(collector.messages, "query"), 30, what="the query record")
+        [query] = _by_msgid(collector.messages, "query")
+        assert _queried(query) == (PATIENT_ROOT_FIND, "PATIENT PatientID=NOBODY")
+        assert _patient_objects(query) == ["NOBODY"]
         _all_received_once(collector, pas.home, pas)  # and nothing twice
         # The journald copy (the daemon's stderr here) has them too.
         wait_for(lambda: f"audit delete by {operator} on {study}: success" in pas.log(), 10,
