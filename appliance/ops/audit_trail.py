@@ -1,17 +1,22 @@
 """The audit trail beyond the database: journald entries and RFC 5424 syslog over TLS.
 
 Owns: shaping each committed audit row (``appliance.store.audit``) as a DICOM PS3.15 /
-IHE ATNA audit message, sending it to a syslog collector (RFC 5425: TLS, octet-counted
-frames) from a background thread with a bounded queue, and the "configuration changed"
-event at start-up. May not touch: the audit table (append-only, written by the store) or
-any other state.
+IHE ATNA audit message, the copies that read the table (the outbox: one reader thread for
+the journal, one per syslog collector, RFC 5425: TLS, octet-counted frames), and the
+"configuration changed" event at start-up. May not touch: the audit table (append-only,
+written by the store) or any other state; a copy writes only its own mark.
 
-Why a queue and a thread: an audit sink runs in the caller's thread (a C-STORE, a query),
-and a slow or absent collector must never slow a modality down. The database row is the
-record of truth; the syslog copy is best effort with reconnection, and what a full queue
-drops is counted and logged. At a clean stop what is still queued is sent first, for at most
-``audit.stop_flush_s`` (a stop used to drop it: the last associations' records, the ones an
-auditor looks for around a restart); what that time leaves unsent is counted and logged.
+Why the copies read the table: the table is the record of truth, written by the daemon and
+by the ``pas`` CLI alike. The copies used to be fed from an in-memory queue filled by the
+daemon's own rows: the CLI's rows (a purge, a pin) never reached the journal or the
+collector, and what the queue held at a kill -9, or dropped when full, was never sent. Now
+each copy reads the rows past its committed mark in id order, in batches (bounded memory),
+and moves the mark on after handing them over: at least once, whatever crashed. A row
+committed in the daemon wakes them at once (an audit sink); a CLI's row is found at the
+next poll (``audit.outbox_poll_s``). A slow or absent collector never slows the caller (a
+C-STORE, a query): it only holds its reader. At a clean stop what is not sent yet is sent
+for at most ``audit.stop_flush_s``; what that time leaves is counted, logged, and sent
+after the next start.
 """
 
 from __future__ import annotations
@@ -474,8 +479,11 @@ class AuditTrail:
         record_config_change(self.db, self.settings)
 
     def close(self) -> None:
+        """Both copies flush what is left: the journal's in at most 2 s (it never waits on
+        the network), the collector's in ``audit.stop_flush_s`` (at most 30 s); with the
+        daemon's 20 s for the rest, the stop stays under systemd's TimeoutStopSec=60s."""
         audit.remove_sink(self.journal.wake)
+        self.journal.stop(2.0)
         if self.sender is not None:
             audit.remove_sink(self.sender.wake)
             self.sender.stop(self.settings.audit.stop_flush_s)
-        self.journal.stop(5.0)

@@ -16,6 +16,10 @@ the change commit together or not at all, so no crash leaves a change the trail 
 show (a deletion above all) nor a row for a change that never happened. The store function
 making the change writes the row (eviction, pins, integrity flags, repairs, clock re-basing,
 a prior fetched); :func:`record` is for events that change nothing else.
+
+Also owns the outbox marks (``audit_outbox``, migration 10): how far each copy of the trail
+(journald, a syslog collector: ``appliance.ops.audit_trail``) has read the table. The copies
+read the rows, never a queue in memory, so rows from any process and any crash reach them.
 """
 
 from __future__ import annotations
