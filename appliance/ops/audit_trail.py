@@ -203,6 +203,10 @@ def frame(message: bytes) -> bytes:
 # Rows an outbox reader holds at once: a backlog (a week without a collector) is read from
 # the table in batches of this many, never loaded whole (invariant 8).
 OUTBOX_BATCH = 100
+# The most often a copy commits its mark (one fsync'd write each): a row is one write, and
+# two copies committing after each row would triple the trail's writes beside the ingest.
+# A crash sends again at most this long's rows.
+MARK_EVERY_S = 1.0
 
 
 class OutboxReader:
@@ -216,7 +220,7 @@ class OutboxReader:
     own rows, lost what it held at a kill -9, and dropped rows when full. The table has them
     all; the mark (committed after the rows were handed on) says how far this copy got, so
     after a crash it resends from there: at least once, a row sent twice only when the
-    crash fell between the send and the mark's commit."""
+    crash fell between the send and the mark's commit (at most MARK_EVERY_S apart)."""
 
     kind = "outbox"
 
@@ -226,6 +230,7 @@ class OutboxReader:
         self.poll_s = poll_s
         self.mark = 0  # the last row id handed on (the thread's; committed by _persist)
         self._committed = 0
+        self._committed_at = 0.0  # monotonic
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._flush_until = 0.0  # once stopping: hand on what is left until then (monotonic)
@@ -286,25 +291,29 @@ class OutboxReader:
             log.warning("audit %s: cannot read the audit table (%s)", self.sink, exc)
             return []
 
-    def _persist(self) -> None:
-        """Commit the mark (once per batch, and before a wait): what was handed on is not
-        handed on again after a restart."""
+    def _persist(self, force: bool = False) -> None:
+        """Commit the mark, at most once per MARK_EVERY_S unless ``force``: what was handed
+        on is not handed on again after a restart."""
         with self._mark_lock:
             if self._abandoned or self.mark <= self._committed:
+                return
+            if not force and time.monotonic() - self._committed_at < MARK_EVERY_S:
                 return
             try:
                 audit.outbox_advance(self.db, self.sink, self.mark)
                 self._committed = self.mark
+                self._committed_at = time.monotonic()
             except sqlite3.Error as exc:
                 log.warning("audit %s: cannot record how far it got (%s)", self.sink, exc)
 
     def _idle(self) -> bool:
         """Nothing past the mark: False when stopping (the flush is done), else wait for a
-        wake-up or the next poll and True."""
+        wake-up or the next poll (or the mark's next commit, when one is due) and True."""
         self._persist()
         if self._stop.is_set():
             return False
-        self._wake.wait(self.poll_s)
+        self._wake.wait(self.poll_s if self.mark <= self._committed
+                        else min(self.poll_s, MARK_EVERY_S))
         return True
 
     def _guarded(self) -> None:
@@ -313,7 +322,7 @@ class OutboxReader:
         except Exception:  # never silently: the copy stops, the table keeps every row
             log.exception("audit %s: the outbox reader stopped", self.sink)
         finally:
-            self._persist()
+            self._persist(force=True)
 
     def _run(self) -> None:
         raise NotImplementedError
@@ -403,7 +412,7 @@ class SyslogTlsSender(OutboxReader):
                         with contextlib.suppress(OSError):
                             connection.close()
                     connection = None
-                    self._persist()  # what went before the failure is not sent again
+                    self._persist(force=True)  # what went before is not sent again
                     left = self._time_left()
                     pause = delay if left is None else max(0.0, min(0.5, left))
                     log.warning("audit syslog %s:%d unreachable (%s); retrying in %.1fs",
