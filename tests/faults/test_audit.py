@@ -96,9 +96,11 @@ def _queried(root: ET.Element) -> tuple[str, str]:
 
 def _study_objects(root: ET.Element) -> list[ET.Element]:
     """The Study participant objects (PS3.15 A.5.3: System object, role Report, ID type
-    110180 Study Instance UID)."""
-    found = root.findall("ParticipantObjectIdentification[@ParticipantObjectTypeCode='2']"
-                         "[@ParticipantObjectTypeCodeRole='3']")
+    110180 Study Instance UID): every System/Report object but a query's SOP Queried one."""
+    found = [obj for obj in root.findall(
+        "ParticipantObjectIdentification[@ParticipantObjectTypeCode='2']"
+        "[@ParticipantObjectTypeCodeRole='3']")
+        if obj.find("ParticipantObjectIDTypeCode[@csd-code='110181']") is None]
     for obj in found:
         code = obj.find("ParticipantObjectIDTypeCode")
         assert code is not None and code.attrib == {
