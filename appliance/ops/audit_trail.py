@@ -382,6 +382,16 @@ class SyslogTlsSender(OutboxReader):
                                        timeout=timeout)
         return self.context.wrap_socket(raw, server_hostname=str(self.config.syslog_host))
 
+    def _shaped(self, entry: dict[str, Any]) -> bytes | None:
+        """The frame for one row; None (logged) for a row that cannot be shaped, which must
+        not hold every later row back for ever (the table still has it)."""
+        try:
+            return frame(rfc5424(entry, self.site, self.host))
+        except Exception:
+            log.exception("audit syslog: row %s cannot be shaped as an ATNA message; not "
+                          "sent (pas audit shows it)", entry.get("id"))
+            return None
+
     def _run(self) -> None:
         connection: ssl.SSLSocket | None = None
         delay = 0.5
@@ -400,12 +410,16 @@ class SyslogTlsSender(OutboxReader):
                 if left is not None and left <= 0:
                     return
                 timeout = 10.0 if left is None else min(10.0, left)
+                message = self._shaped(rows[-1])
+                if message is None:
+                    self.mark = rows.pop()["id"]
+                    continue
                 try:
                     if connection is None:
                         connection = self._connect(timeout)
                         delay = 0.5
                     connection.settimeout(timeout)
-                    connection.sendall(frame(rfc5424(rows[-1], self.site, self.host)))
+                    connection.sendall(message)
                     self.sent += 1
                     self.mark = rows.pop()["id"]
                 except (OSError, ssl.SSLError) as exc:

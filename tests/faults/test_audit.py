@@ -502,3 +502,37 @@ def test_records_not_sent_before_a_kill_9_are_sent_once_after_the_restart(
         pas.stop()
         if collector is not None:
             collector.stop()
+
+
+def test_the_first_start_after_the_upgrade_does_not_send_the_history(tmp_path: Path,
+                                                                      pki: Path) -> None:
+    """A database of the version before the outbox (schema 9) holding three rows: the first
+    start of this version sends the rows written from then on (its config event), not the
+    history: a collector would be flooded with years of rows at an upgrade. The history
+    stays in the table (``pas audit``)."""
+    from appliance.store.db import Database
+    from appliance.store.schema import MIGRATIONS
+
+    home = tmp_path / "pas"
+    old = Database(home / "pas.sqlite", migrations=MIGRATIONS[:9])
+    with old.transaction() as conn:  # as the previous version wrote them
+        for n in range(3):
+            conn.execute("INSERT INTO audit (at, event, actor, target, outcome) VALUES "
+                         "(?, 'store', 'OLD1', '1.2.3', 'success')", (1.7e9 + n,))
+    old.close()
+    syslog_port = free_port()
+    collector = SyslogTlsCollector(pki, syslog_port).start()
+    pas = PasProcess(home, _syslog_env(pki, syslog_port)).start()
+    try:
+        wait_for(lambda: _by_msgid(collector.messages, "config"), 30, what="the config event")
+        _stored_study(pas, "CT1")
+        wait_for(lambda: _received(collector.messages)[("store", "CT1")] == 1, 30,
+                 what="the new store record")
+        history = _sent_by_pas(home)[("store", "OLD1")]
+        assert history == 3
+        received = _received(collector.messages)
+        assert received[("store", "OLD1")] == 0
+        assert received == _sent_by_pas(home) - Counter({("store", "OLD1"): 3})
+    finally:
+        pas.stop()
+        collector.stop()
