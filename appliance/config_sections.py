@@ -229,14 +229,20 @@ class CacheSection(_Section):
 
 class AuditSection(_Section):
     """Where the audit trail goes besides the database and the journal: an RFC 5424 syslog
-    collector over TLS (RFC 5425), messages shaped after DICOM PS3.15 / IHE ATNA."""
+    collector over TLS (RFC 5425), messages shaped after DICOM PS3.15 / IHE ATNA. Both
+    copies read the table (the outbox, appliance/ops/audit_trail.py)."""
 
     syslog_host: str | None = None
     syslog_port: Port = 6514
     syslog_ca: Path | None = None
     syslog_cert: Path | None = None
     syslog_key: Path | None = None
+    # No longer used: the copies read the database's audit table in batches instead of a
+    # queue in memory. Still accepted, so that a configuration file naming it stays valid.
     queue_max: int = Field(default=10000, ge=1)
+    # How often the copies look for rows written by another process (the `pas` CLI: a purge,
+    # a pin); the daemon's own rows wake them at once.
+    outbox_poll_s: float = Field(default=2.0, gt=0, le=60)
     # At a clean stop, what is still queued is sent for at most this long (systemd's
     # TimeoutStopSec=60s covers it and the rest of the stop).
     stop_flush_s: float = Field(default=5.0, ge=0, le=30)

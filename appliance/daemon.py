@@ -237,8 +237,10 @@ class Daemon:
         limit one after the other (over 60 s, past systemd's TimeoutStopSec). What is still
         blocked at the deadline is left to end with the process: every state change is
         already committed (invariant 3) and resumes at the next start. The audit trail's
-        flush to syslog comes after, with its own limit (``audit.stop_flush_s``, at most
-        30 s): the whole stop stays under the unit's 60 s."""
+        flush comes after, with its own limits (the journal's 2 s, the collector's
+        ``audit.stop_flush_s``, at most 30 s, and 2.5 s to close its connection): the whole
+        stop stays under the unit's 60 s. What that flush leaves is sent after the next
+        start (the audit outbox)."""
         deadline = time.monotonic() + budget_s
 
         def left(limit: float) -> float:

@@ -34,7 +34,7 @@ from tests.support.peers import (
 CT_A, CT_B, MR = "A002304", "A027284", "FA191122"  # patients: the CT ones have two studies
 OPERATOR = f"operator:{getpass.getuser()}"
 COLUMNS = ["id", "at", "time", "event", "actor", "source", "target", "outcome", "detail",
-           "patient"]
+           "patient", "sop_class"]
 
 
 def _studies(folder: Path, patient: str, count: int | None = None) -> dict[str, list[Path]]:
@@ -301,7 +301,7 @@ def test_rows_written_before_patients_were_recorded_are_found_through_the_index(
     from appliance.store.schema import MIGRATIONS
 
     home = tmp_path / "pas"
-    old = Database(home / "pas.sqlite", migrations=MIGRATIONS[:-1])
+    old = Database(home / "pas.sqlite", migrations=MIGRATIONS[:8])
     index.record_instance(old, InstanceRecord(
         "1.2.9.1.1", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1", "1.2.9", "1.2.9.1",
         patient_id="P_1", modality="CT"), StoredFile("aa/1.dcm", 100, "0" * 64))
@@ -365,9 +365,39 @@ def test_a_stow_rs_row_names_its_studies_and_is_found_by_study(tmp_path: Path) -
 def test_a_stow_rs_rows_study_list_is_cut_between_uids() -> None:
     """Past its length limit the list keeps whole UIDs only (a UID cut in the middle would
     name another study) and says how many were left out."""
-    from appliance.serving.dicomweb import _study_list
+    from appliance.store.audit import study_list
 
-    assert _study_list(set(), 40) == (None, 0)
-    assert _study_list({"1.2.3", "1.2.10"}, 40) == ("1.2.10,1.2.3", 0)
-    assert _study_list({"1.2.3", "1.2.10", "1.2.44"}, 13) == ("1.2.10,1.2.3", 1)
-    assert _study_list({"1.2.3"}, 4) == (None, 1)
+    assert study_list(set(), 40) == (None, 0)
+    assert study_list({"1.2.3", "1.2.10"}, 40) == ("1.2.10,1.2.3", 0)
+    assert study_list({"1.2.3", "1.2.10", "1.2.44"}, 13) == ("1.2.10,1.2.3", 1)
+    assert study_list({"1.2.3"}, 4) == (None, 1)
+
+
+def test_a_c_store_rows_study_list_is_cut_between_uids_and_says_how_many_more(
+        tmp_path: Path) -> None:
+    """One association (DCMTK storescu) of 70 studies with 64-character UIDs: 4549
+    characters of list. The row keeps the 61 whole UIDs that fit in 4000 and says 9 more
+    were not listed, as a STOW-RS row does; it cut the list at 4000 characters, in the
+    middle of the 62nd UID (which then named no study, or another one)."""
+    from tests.support.objects import tiny_ct
+
+    studies = [f"1.2.826.0.1.3680043.8.498.{n:038d}" for n in range(1, 71)]
+    assert {len(uid) for uid in studies} == {64}
+    files = []
+    for n, uid in enumerate(studies):
+        path = tmp_path / "in" / f"{n}.dcm"
+        path.parent.mkdir(exist_ok=True)
+        tiny_ct(uid, PatientID="CUT").save_as(path, enforce_file_format=True)
+        files.append(path)
+    pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                                        "PAS_HTTP__ENABLED": "false",
+                                        "PAS_CACHE__SCRUB_MB_PER_S": "0"}).start()
+    try:
+        _store(pas, files, "CT7")
+        [row] = [r for r in _rows(pas.home) if r["event"] == "store"]
+        listed = row["target"].split(",")
+        assert listed == sorted(studies)[:61] and len(row["target"]) <= 4000
+        assert row["detail"] == "70 instances stored, 0 refused, 9 more studies not listed"
+        assert row["patient"] == "CUT"
+    finally:
+        pas.stop()

@@ -10,11 +10,21 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.support.peers import DCMTK_ENV, MR_DIR, PAS_BIN, free_port, port_open, wait_for
+from tests.support.peers import (
+    DCMTK_ENV,
+    MR_DIR,
+    PAS_BIN,
+    free_port,
+    port_open,
+    read_rows,
+    wait_for,
+)
 
 SCRIPT = r"""
 set -eu
@@ -34,8 +44,10 @@ kill "$journald"; wait "$journald" || true
 """
 
 
-@pytest.mark.root
-def test_structured_fields_reach_journald(tmp_path: Path) -> None:
+def _journal_around(tmp_path: Path, action: Callable[[int], None],
+                    **env: str) -> list[dict[str, Any]]:
+    """``pas run`` under a private journald; ``action(dicom_port)`` while it runs; then
+    PAS stopped (SIGTERM) and the journal's entries written by PAS."""
     # systemd-python (a test dependency) provides the JournalHandler PAS uses under systemd.
     from systemd import journal  # noqa: F401
 
@@ -44,16 +56,13 @@ def test_structured_fields_reach_journald(tmp_path: Path) -> None:
            "PAS_HOME": str(tmp_path / "home"), "PAS_DICOM__HOST": "127.0.0.1",
            "PAS_DICOM__PORT": str(port), "PAS_HTTP__PORT": str(free_port()),
            "PAS_HL7__HOST": "127.0.0.1", "PAS_HL7__PORT": str(free_port()),
-           "PAS_STORAGE__MIN_FREE_MB": "0", "PAS_OPS__HEARTBEAT": "false"}
+           "PAS_STORAGE__MIN_FREE_MB": "0", "PAS_OPS__HEARTBEAT": "false", **env}
     (tmp_path / "home").mkdir()
     runner = subprocess.Popen(["unshare", "-m", "--propagation", "private", "bash", "-c",
                                SCRIPT], env=env)
     try:
         wait_for(lambda: port_open("127.0.0.1", port), 60, what="pas run inside the namespace")
-        rogue = subprocess.run(["storescu", "-aec", "PAS", "-aet", "ROGUE", "127.0.0.1",
-                                str(port), str(next(p for p in MR_DIR.iterdir()))],
-                               env=DCMTK_ENV, capture_output=True, text=True, timeout=60)
-        assert rogue.returncode != 0  # unknown AE: association rejected
+        action(port)
     finally:
         (tmp_path / "done").touch()
         runner.wait(60)
@@ -61,8 +70,48 @@ def test_structured_fields_reach_journald(tmp_path: Path) -> None:
                if line.strip()]
     ours = [e for e in entries if e.get("SYSLOG_IDENTIFIER") == "pas"]
     assert ours, (tmp_path / "pas.out").read_text()[-2000:]
+    return ours
+
+
+@pytest.mark.root
+def test_structured_fields_reach_journald(tmp_path: Path) -> None:
+    def rogue(port: int) -> None:
+        refused = subprocess.run(["storescu", "-aec", "PAS", "-aet", "ROGUE", "127.0.0.1",
+                                  str(port), str(next(p for p in MR_DIR.iterdir()))],
+                                 env=DCMTK_ENV, capture_output=True, text=True, timeout=60)
+        assert refused.returncode != 0  # unknown AE: association rejected
+
+    ours = _journal_around(tmp_path, rogue)
     refused = [e for e in ours if "association rejected" in str(e.get("MESSAGE", ""))]
     assert refused, [e.get("MESSAGE") for e in ours][-20:]
     assert refused[0]["CALLING_AE"] == "ROGUE"
     assert refused[0]["PRIORITY"] == "4"  # warning
     assert refused[0]["LOGGER"].startswith("pas.")
+
+
+@pytest.mark.root
+def test_the_journal_copy_of_an_audit_row_names_its_patient(tmp_path: Path) -> None:
+    """An association stores one MR image: the journal entry of its ``store`` row carries
+    the patient the row records (AUDIT_PATIENT, as ``pas audit --patient`` finds it) and
+    the row's id (AUDIT_ID). The journal copy had the event, actor and outcome only: a
+    journal could not be searched by patient as the table and the ATNA copy can."""
+    from pydicom import dcmread
+
+    image = sorted(MR_DIR.iterdir())[0]
+    patient = str(dcmread(image, stop_before_pixels=True).PatientID)
+
+    def store(port: int) -> None:
+        subprocess.run(["storescu", "-aec", "PAS", "-aet", "MR1", "127.0.0.1", str(port),
+                        str(image)], env=DCMTK_ENV, check=True, capture_output=True,
+                       timeout=60)
+        home = tmp_path / "home"
+        wait_for(lambda: read_rows(home / "pas.sqlite",
+                                   "SELECT 1 FROM audit WHERE event = 'store'"), 30,
+                 what="the store row")
+
+    ours = _journal_around(tmp_path, store, PAS_DICOM__ACCEPT_UNKNOWN="true")
+    [stored] = [e for e in ours if e.get("AUDIT_EVENT") == "store"]
+    assert (stored["AUDIT_ACTOR"], stored["AUDIT_PATIENT"]) == ("MR1", patient)
+    [row] = read_rows(tmp_path / "home" / "pas.sqlite",
+                      "SELECT id, patient FROM audit WHERE event = 'store'")
+    assert (stored["AUDIT_ID"], row["patient"]) == (str(row["id"]), patient)

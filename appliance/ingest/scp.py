@@ -340,13 +340,18 @@ class DicomListener:
             return
         requestor = event.assoc.requestor
         refused = note["refused"]
+        # Whole UIDs only, and how many more (as a STOW-RS row): the list was cut at 4000
+        # characters in the middle of a UID, which named another study or none.
+        target, left_out = audit.study_list(note["studies"])
+        detail = f"{counted(note['stored'], 'instance')} stored, {refused} refused"
+        if left_out:
+            detail += f", {counted(left_out, 'more study', 'more studies')} not listed"
         try:
             audit.association_closed(
                 self.receiver.db, opened, actor=requestor.ae_title.strip(),
-                source=requestor.address,
-                target=",".join(sorted(note["studies"]))[:4000] or None,
+                source=requestor.address, target=target,
                 outcome="success" if not refused else f"failure: {refused} refused",
-                detail=f"{counted(note['stored'], 'instance')} stored, {refused} refused")
+                detail=detail)
         except Exception:  # the audit must not break the association's end
             log.exception("audit record failed")
 

@@ -67,7 +67,9 @@ QIDO_DEFAULT_LIMIT = 1000
 QIDO_MAX_LIMIT = 10000
 # How long a STOW-RS store row's target may grow: the list of studies, as a C-STORE
 # association's row (appliance/ingest/scp.py), cut between UIDs, never inside one.
-STORE_TARGET_MAX = 4000
+STORE_TARGET_MAX = audit.STUDY_LIST_MAX
+# Study Root Query/Retrieve Information Model - FIND: the model QIDO-RS searches.
+QIDO_SOP_CLASS = "1.2.840.10008.5.1.4.1.2.2.1"
 # PS3.18 8.3.4.4: what a server that limited the results answers.
 TRUNCATED = ('299 {service}: "The number of results exceeded the maximum supported by the '
              'server. Additional results can be requested."')
@@ -121,12 +123,13 @@ class DicomWeb:
         return "bearer:" + hashlib.sha256(token.strip().encode()).hexdigest()[:12]
 
     def record(self, request: Request, event: str, actor: str, target: str | None,
-               outcome: str, detail: str | None = None, limit: int = 500) -> None:
+               outcome: str, detail: str | None = None, limit: int = 500,
+               sop_class: str | None = None) -> None:
         try:
             audit.record(self.db, event, actor=actor,
                          source=request.client.host if request.client else None,
                          target=target[:limit] if target else None, outcome=outcome,
-                         detail=detail)
+                         detail=detail, sop_class=sop_class)
         except Exception:
             log.exception("audit record failed")
 
@@ -136,7 +139,7 @@ class DicomWeb:
         a C-STORE association's row): ``pas audit --study`` and the ATNA Study objects read
         targets as Study Instance UIDs, and the row used to list SOP Instance UIDs, which
         neither could find. No study when nothing was stored (a C-STORE row's NULL)."""
-        target, left_out = _study_list({s["study"] for s in stored}, STORE_TARGET_MAX)
+        target, left_out = audit.study_list({s["study"] for s in stored}, STORE_TARGET_MAX)
         detail = f"{len(stored)} stored (STOW-RS)"
         if left_out:
             detail += f", {counted(left_out, 'more study', 'more studies')} not listed"
@@ -171,7 +174,10 @@ class DicomWeb:
             headers["Warning"] = TRUNCATED.format(service=service)
             detail = f"{counted(len(rows), 'result')} (QIDO-RS), truncated at the server's limit"
         target = store_query_summary(level, keys)
-        self.record(request, "query", actor, target, "success", detail)
+        # QIDO-RS searches the Study Root information model (PS3.18 10.6): the ATNA Query
+        # message names its FIND SOP Class as what was queried.
+        self.record(request, "query", actor, target, "success", detail,
+                    sop_class=QIDO_SOP_CLASS)
         return JSONResponse([self._json(level, keys, row) for row in rows],
                             media_type=DICOM_JSON, headers=headers)
 
@@ -346,20 +352,6 @@ class DicomWeb:
                        "study": received.study_uid,
                        "url": f"{self.base_url}/studies/{received.study_uid}/series/"
                               f"{received.series_uid}/instances/{received.sop_instance_uid}"})
-
-
-def _study_list(studies: set[str], limit: int) -> tuple[str | None, int]:
-    """The studies comma-joined in UID order, as many whole UIDs as ``limit`` characters
-    hold (a UID cut in the middle would name another study, or none), and how many did not
-    fit; None when there is no study."""
-    joined = ""
-    ordered = sorted(studies)
-    for n, uid in enumerate(ordered):
-        longer = f"{joined},{uid}" if joined else uid
-        if len(longer) > limit:
-            return joined or None, len(ordered) - n
-        joined = longer
-    return joined or None, 0
 
 
 def store_query_summary(level: str, keys: dict[str, str]) -> str:

@@ -15,6 +15,7 @@ really stored, for the audit row) is ``suboperations.py``'s.
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import threading
@@ -138,20 +139,22 @@ class QueryRetrieveService:
 
     def on_find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
         calling, address = _peer(event)
+        model = str(event.request.AffectedSOPClassUID)
+        # Every query row names the model asked under (the ATNA "SOP Queried" object).
+        audit_query = functools.partial(self._audit, "query", sop_class=model)
         try:
             identifier = event.identifier
             level, keys, asked = identifier_keys(identifier)
             charset = query_charset(identifier)
         except Exception as exc:  # an identifier pydicom cannot decode
-            self._audit("query", calling, address, None, f"failure: undecodable identifier "
+            audit_query(calling, address, None, f"failure: undecodable identifier "
                         f"({exc})")
             yield UNABLE_TO_PROCESS, None
             return
-        model = str(event.request.AffectedSOPClassUID)
         problem = self._level_problem(level, model)
         if problem:
             log.warning("C-FIND from %s refused: %s", calling, problem)
-            self._audit("query", calling, address, level, f"failure: {problem}")
+            audit_query(calling, address, level, f"failure: {problem}")
             yield _failure(IDENTIFIER_DOES_NOT_MATCH, problem), None
             return
         summary = _summary(level, keys)
@@ -174,13 +177,13 @@ class QueryRetrieveService:
                     log.warning("C-FIND from %s: %s (%s)", calling, note, summary)
                     break
                 if event.is_cancelled:
-                    self._audit("query", calling, address, summary, "cancelled", count)
+                    audit_query(calling, address, summary, "cancelled", count)
                     yield CANCELLED, None
                     return
                 # Back-pressure: pynetdicom queues each answer for the DUL at once; without
                 # this wait a viewer reading slowly had them all held in memory (0.7 kB each).
                 if not wait_for_room(event.assoc):
-                    self._audit("query", calling, address, summary, ended, count)
+                    audit_query(calling, address, summary, ended, count)
                     return
                 count += 1
                 if ask_region:
@@ -189,7 +192,7 @@ class QueryRetrieveService:
                                                    charset=charset)
         except store_query.QueryError as exc:
             log.warning("C-FIND from %s refused: %s", calling, exc)
-            self._audit("query", calling, address, summary, f"failure: {exc}", count)
+            audit_query(calling, address, summary, f"failure: {exc}", count)
             yield _failure(IDENTIFIER_DOES_NOT_MATCH, str(exc)), None
             return
         if ask_region:
@@ -204,7 +207,7 @@ class QueryRetrieveService:
                 if values.get("StudyInstanceUID") in local_studies or event.is_cancelled:
                     continue
                 if not wait_for_room(event.assoc):
-                    self._audit("query", calling, address, summary, ended, count)
+                    audit_query(calling, address, summary, ended, count)
                     return
                 count += 1
                 yield PENDING, response_identifier(level, asked, values, self.ae_title,
@@ -216,7 +219,7 @@ class QueryRetrieveService:
             # association's thread and before it reads the viewer's next PDU: the row is
             # written before anything else happens on this association, but its fsync is no
             # longer part of the viewer's wait.
-            self._audit("query", calling, address, summary, "success", count, note)
+            audit_query(calling, address, summary, "success", count, note)
 
     @staticmethod
     def _level_problem(level: str, model: str) -> str | None:
@@ -374,12 +377,13 @@ class QueryRetrieveService:
         return SpoolFile(path, sop_class, row["sop_instance_uid"])
 
     def _audit(self, event: str, calling: str, address: str, target: str | None,
-               outcome: str, count: int | None = None, detail: str | None = None) -> None:
+               outcome: str, count: int | None = None, detail: str | None = None,
+               sop_class: str | None = None) -> None:
         text = " ".join(p for p in (detail, None if count is None else counted(
             count, "result" if event == "query" else "instance")) if p)
         try:
             audit.record(self.db, event, actor=calling, source=address, target=target,
-                         outcome=outcome, detail=text or None)
+                         outcome=outcome, detail=text or None, sop_class=sop_class)
         except Exception:  # the audit must not take a viewer's association down
             log.exception("audit record failed")
 

@@ -16,6 +16,10 @@ the change commit together or not at all, so no crash leaves a change the trail 
 show (a deletion above all) nor a row for a change that never happened. The store function
 making the change writes the row (eviction, pins, integrity flags, repairs, clock re-basing,
 a prior fetched); :func:`record` is for events that change nothing else.
+
+Also owns the outbox marks (``audit_outbox``, migration 10): how far each copy of the trail
+(journald, a syslog collector: ``appliance.ops.audit_trail``) has read the table. The copies
+read the rows, never a queue in memory, so rows from any process and any crash reach them.
 """
 
 from __future__ import annotations
@@ -31,9 +35,10 @@ from typing import Any
 from appliance.store.db import Database, after_commit, now
 from appliance.words import counted
 
-# Called after each committed record (journald, syslog: appliance/ops/audit_trail.py), once
-# its transaction committed. A sink must be quick and must not raise; it runs in the
-# caller's thread, after the write lock is released.
+# Called after each committed record, once its transaction committed: the daemon's outbox
+# readers (journald, syslog: appliance/ops/audit_trail.py) use it to wake up at once instead
+# of at their next poll; what they send they read from the table. A sink must be quick and
+# must not raise; it runs in the caller's thread, after the write lock is released.
 _sinks: list[Callable[[dict[str, Any]], None]] = []
 
 
@@ -52,6 +57,26 @@ _WORD_SEPARATORS = re.compile(r"[,/ =\\]")
 _UID_WORD = re.compile(r"[0-9]+(\.[0-9]+)+")
 _PATIENT_KEY = re.compile(r"(?:^| )PatientID=(\S+)")
 PATIENT_SEPARATOR = "\\"  # DICOM's value separator: never inside a PatientID (LO)
+
+
+# How long a store row's list of studies may grow (a C-STORE association's, a STOW-RS
+# request's): about 60 studies. Past it the list is cut between whole UIDs (study_list).
+STUDY_LIST_MAX = 4000
+
+
+def study_list(studies: set[str], limit: int = STUDY_LIST_MAX) -> tuple[str | None, int]:
+    """The studies comma-joined in UID order, as many whole UIDs as ``limit`` characters
+    hold (a UID cut in the middle would name another study, or none: ``pas audit --study``
+    and the ATNA Study objects read each word as a UID), and how many did not fit; None when
+    there is no study."""
+    joined = ""
+    ordered = sorted(studies)
+    for n, uid in enumerate(ordered):
+        longer = f"{joined},{uid}" if joined else uid
+        if len(longer) > limit:
+            return joined or None, len(ordered) - n
+        joined = longer
+    return joined or None, 0
 
 
 def _patients_named(conn: sqlite3.Connection, target: str | None) -> set[str]:
@@ -76,19 +101,21 @@ def _patients_named(conn: sqlite3.Connection, target: str | None) -> set[str]:
 
 def record(db: Database, event: str, *, actor: str | None, outcome: str = "success",
            target: str | None = None, source: str | None = None,
-           detail: str | None = None, patient: str | None = None) -> None:
+           detail: str | None = None, patient: str | None = None,
+           sop_class: str | None = None) -> None:
     """Append one row in a transaction of its own: for an event that changes no other state
     (a query, a refusal, a report). A row about a state change goes in that change's
     transaction: :func:`record_in`. Called inside a transaction it joins it, as any nested
     :meth:`Database.transaction` does."""
     with db.transaction() as conn:
         record_in(conn, event, actor=actor, outcome=outcome, target=target, source=source,
-                  detail=detail, patient=patient)
+                  detail=detail, patient=patient, sop_class=sop_class)
 
 
 def record_in(conn: sqlite3.Connection, event: str, *, actor: str | None,
               outcome: str = "success", target: str | None = None, source: str | None = None,
-              detail: str | None = None, patient: str | None = None) -> None:
+              detail: str | None = None, patient: str | None = None,
+              sop_class: str | None = None) -> None:
     """Append one row as part of the transaction ``conn`` is in (opened by
     :meth:`Database.transaction`), so it commits with the state change it records or not at
     all (invariant 3). It used to be written in a transaction of its own after the change
@@ -98,20 +125,23 @@ def record_in(conn: sqlite3.Connection, event: str, *, actor: str | None,
     Its patients are looked up from ``target`` in the same transaction (before a deletion in
     it, or named with ``patient``: one the index can no longer tell, a study just evicted).
     The sinks get the row once the transaction has committed, never a row rolled back; a
-    call outside such a transaction is refused (:func:`appliance.store.db.after_commit`)."""
+    call outside such a transaction is refused (:func:`appliance.store.db.after_commit`).
+
+    ``sop_class``: the information model a query asked under (the ATNA Query message's
+    "SOP Queried" object, PS3.15 A.5.3.2); None for other events."""
     entry: dict[str, Any] = {}
     after_commit(conn, lambda: _publish(entry))  # first: refused, it must write nothing
     at = now()
     patients = _patients_named(conn, target) | ({patient} if patient else set())
     named = PATIENT_SEPARATOR.join(sorted(patients)) or None
     cursor = conn.execute(
-        "INSERT INTO audit (at, event, actor, source, target, outcome, detail, patient) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (at, event, actor, source, target, outcome, detail, named),
+        "INSERT INTO audit (at, event, actor, source, target, outcome, detail, patient, "
+        "sop_class) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (at, event, actor, source, target, outcome, detail, named, sop_class),
     )
     entry.update({"id": cursor.lastrowid, "at": at, "event": event, "actor": actor,
                   "source": source, "target": target, "outcome": outcome, "detail": detail,
-                  "patient": named})
+                  "patient": named, "sop_class": sop_class})
 
 
 def _publish(entry: dict[str, Any]) -> None:
@@ -122,10 +152,55 @@ def _publish(entry: dict[str, Any]) -> None:
             sink(entry)
 
 
+# -- the outbox: the copies of the trail read the table past their mark ---------------------
+#
+# A copy (journald, a syslog collector: appliance/ops/audit_trail.py) reads the rows after
+# its mark in id order, hands them on, then advances the mark: at least once, never a row
+# skipped, whichever process wrote it (the daemon or the ``pas`` CLI) and whatever crashed in
+# between. Ids grow in commit order: SQLite has one writer at a time and the table is
+# append-only, so a row committed later never gets a smaller id than one already read.
+
+
+def outbox_start(db: Database, sink: str) -> int:
+    """The mark of ``sink``: the last row id it was handed. A sink never seen before (the
+    first start after the upgrade that brought the outbox, or a new collector) starts at
+    the table's last row: the history before it is not sent (it is in the table, read with
+    ``pas audit``), which would flood a collector with years of rows at an upgrade."""
+    with db.transaction() as conn:
+        row = conn.execute("SELECT last_id FROM audit_outbox WHERE sink = ?",
+                           (sink,)).fetchone()
+        if row is not None:
+            return int(row[0])
+        last = int(conn.execute("SELECT coalesce(max(id), 0) FROM audit").fetchone()[0])
+        conn.execute("INSERT INTO audit_outbox (sink, last_id, updated_at) VALUES (?, ?, ?)",
+                     (sink, last, now()))
+        return last
+
+
+def outbox_advance(db: Database, sink: str, last_id: int) -> None:
+    """Record that ``sink`` was handed every row up to ``last_id`` (never moves back)."""
+    with db.transaction() as conn:
+        conn.execute("UPDATE audit_outbox SET last_id = max(last_id, ?), updated_at = ? "
+                     "WHERE sink = ?", (last_id, now(), sink))
+
+
+def rows_after(db: Database, after_id: int, limit: int) -> list[dict[str, Any]]:
+    """At most ``limit`` rows after ``after_id``, oldest first: a sink reads in batches, so
+    a backlog of a week without a collector is never held in memory at once."""
+    return [dict(r) for r in db.query("SELECT * FROM audit WHERE id > ? ORDER BY id LIMIT ?",
+                                      (after_id, limit))]
+
+
+def count_after(db: Database, after_id: int) -> int:
+    """How many rows a sink at ``after_id`` has not been handed yet."""
+    row = db.query_one("SELECT count(*) FROM audit WHERE id > ?", (after_id,))
+    return int(row[0]) if row else 0
+
+
 # --- C-STORE associations: their store row, and one a stop of the daemon cut ----------------
 
 def association_opened(db: Database, calling_ae: str, source_address: str | None) -> int:
-    """A DICOM association's first C-STORE: note it open (migration 10), so that a crash
+    """A DICOM association's first C-STORE: note it open (migration 11), so that a crash
     before its end still leaves its ``store`` row, written at the next start. One small
     transaction per association, not per instance."""
     with db.transaction() as conn:
@@ -171,23 +246,18 @@ def close_cut_associations(db: Database) -> int:
                          AND (? IS NULL OR i.received_at < ?)""",
                 (association["calling_ae"], association["source_address"],
                  association["opened_at"], until, until)).fetchone()
-            studies = ",".join(sorted((held["studies"] or "").split(","))).strip(",")
+            target, left_out = study_list(set(filter(None, (held["studies"] or "").split(","))))
             count = int(held["instances"])
+            more = (f", {counted(left_out, 'more study', 'more studies')} not listed"
+                    if left_out else "")
             record_in(conn, "store", actor=association["calling_ae"],
                       source=association["source_address"], outcome=CUT_OUTCOME,
-                      target=_whole_uids(studies, 4000) or None,
+                      target=target,
                       detail=f"{counted(count, 'instance')} stored before the cut (as the "
                              f"index holds them; opened "
-                             f"{_clock(association['opened_at'])})")
+                             f"{_clock(association['opened_at'])}){more}")
             conn.execute("DELETE FROM open_associations WHERE id = ?", (association["id"],))
     return len(opened)
-
-
-def _whole_uids(listing: str, limit: int) -> str:
-    """``listing`` (comma-separated UIDs) cut at ``limit`` characters between whole UIDs."""
-    if len(listing) <= limit:
-        return listing
-    return listing[:listing.rfind(",", 0, limit + 1)]
 
 
 def _clock(at: float) -> str:

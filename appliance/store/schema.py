@@ -322,7 +322,23 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE audit ADD COLUMN patient TEXT;
     """,
-    # 10 (the audit trail): DICOM associations storing right now. A C-STORE association's
+    # 10 (the audit outbox, appliance/store/audit.py): how far each copy of the trail
+    # (journald, one syslog collector) has read the audit table, by row id. The copies were
+    # fed from memory in the daemon: rows the `pas` CLI wrote never left the table, and rows
+    # queued when the daemon was killed, or dropped by a full queue, were never sent. A copy
+    # with no row here starts at the table's last id when it first runs (no flood of history
+    # at the upgrade). With it, the SOP Class a query asked under (its information model,
+    # e.g. Patient Root FIND): the ATNA Query message names it (PS3.15 A.5.3.2), and the row
+    # did not record it. NULL for every other event, and for rows from before.
+    """
+    ALTER TABLE audit ADD COLUMN sop_class TEXT;
+    CREATE TABLE audit_outbox (
+        sink TEXT PRIMARY KEY,         -- 'journal', 'syslog host:port'
+        last_id INTEGER NOT NULL,      -- audit rows up to this id were handed to the sink
+        updated_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    """,
+    # 11 (the audit trail): DICOM associations storing right now. A C-STORE association's
     # ``store`` row is written when it ends; one cut by a crash or a power loss ended with
     # no row, its instances stored with no trace of who sent them in the trail. The row here
     # is written at its first C-STORE and deleted with its ``store`` row (one transaction);

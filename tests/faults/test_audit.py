@@ -62,18 +62,45 @@ def test_atna_message_is_well_formed_ps315() -> None:
         assert base64.b64decode(detail.get("value"), validate=True).decode() == \
             "2 instances stored, 0 refused"
     query = {**store, "event": "query", "target": "STUDY PatientID=P1, Modality=CT",
-             "patient": "P1"}  # as audit.record writes it: the PatientID asked for exactly
+             "patient": "P1",  # as audit.record writes it: the PatientID asked for exactly
+             "sop_class": PATIENT_ROOT_FIND, "detail": "2 results"}
     root = ET.fromstring(atna_message(query, "SITE", "host"))
-    assert [o.get("ParticipantObjectID") for o in root.findall(
-        "ParticipantObjectIdentification")] == ["STUDY PatientID=P1, Modality=CT", "P1"]
+    # PS3.15 A.5.3.2 Query: the SOP Class queried, the query itself; no Study object (the
+    # keys were labelled a Study Instance UID), and the patient asked for.
+    assert _study_objects(root) == []
+    assert _queried(root) == (PATIENT_ROOT_FIND, "STUDY PatientID=P1, Modality=CT")
     assert _patient_objects(root) == ["P1"]
+    assert len(root.findall("ParticipantObjectIdentification")) == 2
+
+
+PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
+
+
+def _queried(root: ET.Element) -> tuple[str, str]:
+    """The one "SOP Queried" object of a query message (PS3.15 A.5.3.2: System object, role
+    Report, ID type (110181, DCM, "SOP Class UID"), the query in ParticipantObjectQuery as
+    base64): (the SOP Class UID, the query decoded)."""
+    import base64
+
+    [obj] = root.findall("ParticipantObjectIdentification/ParticipantObjectIDTypeCode"
+                         "[@csd-code='110181']/..")
+    assert (obj.get("ParticipantObjectTypeCode"), obj.get("ParticipantObjectTypeCodeRole")) \
+        == ("2", "3")
+    assert obj[0].attrib == {"csd-code": "110181", "codeSystemName": "DCM",
+                             "originalText": "SOP Class UID"}
+    query = obj.find("ParticipantObjectQuery")
+    assert query is not None and query.text is not None
+    return obj.get("ParticipantObjectID") or "", base64.b64decode(query.text,
+                                                                   validate=True).decode()
 
 
 def _study_objects(root: ET.Element) -> list[ET.Element]:
     """The Study participant objects (PS3.15 A.5.3: System object, role Report, ID type
-    110180 Study Instance UID)."""
-    found = root.findall("ParticipantObjectIdentification[@ParticipantObjectTypeCode='2']"
-                         "[@ParticipantObjectTypeCodeRole='3']")
+    110180 Study Instance UID): every System/Report object but a query's SOP Queried one."""
+    found = [obj for obj in root.findall(
+        "ParticipantObjectIdentification[@ParticipantObjectTypeCode='2']"
+        "[@ParticipantObjectTypeCodeRole='3']")
+        if obj.find("ParticipantObjectIDTypeCode[@csd-code='110181']") is None]
     for obj in found:
         code = obj.find("ParticipantObjectIDTypeCode")
         assert code is not None and code.attrib == {
@@ -355,7 +382,157 @@ def test_a_stop_gives_up_on_an_absent_collector_in_bounded_time_and_says_how_man
         recorded = sum(_sent_by_pas(pas.home).values())
         pas.stop()
         assert pas.proc is not None and pas.proc.returncode == 0, pas.log()[-3000:]
+        # They stay in the table, past the collector's mark: the next start sends them
+        # (test_records_not_sent_before_a_kill_9_are_sent_once_after_the_restart).
         assert (f"{recorded} audit records not sent at stop (audit.stop_flush_s = 1 s); "
-                "the database's audit table has them all") in pas.log()
+                "they stay in the database's audit table and are sent after the next "
+                "start") in pas.log()
     finally:
         pas.stop()
+
+
+def _syslog_env(pki: Path, port: int) -> dict[str, str]:
+    return {"PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_HTTP__ENABLED": "false",
+            "PAS_AUDIT__SYSLOG_HOST": "127.0.0.1", "PAS_AUDIT__SYSLOG_PORT": str(port),
+            "PAS_AUDIT__SYSLOG_CA": str(pki / "ca.crt"),
+            "PAS_CACHE__SCRUB_MB_PER_S": "0"}  # no background pass: the rows are the test's
+
+
+def _stored_study(pas: PasProcess, calling: str) -> str:
+    """Store one CT file from ``calling``; its Study Instance UID, once its row is in."""
+    from pydicom import dcmread
+
+    path = sorted(CT_DIR.glob("*.dcm"))[0]
+    subprocess.run(["storescu", "-aec", "PAS", "-aet", calling, "127.0.0.1", str(pas.port),
+                    str(path)], env=DCMTK_ENV, check=True, capture_output=True, timeout=60)
+    wait_for(lambda: _sent_by_pas(pas.home)[("store", calling)] == 1, 30,
+             what="the store record")
+    return str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+
+
+def _all_received_once(collector: SyslogTlsCollector, home: Path, pas: PasProcess) -> None:
+    """Wait until the collector holds every row of the table, each once (MSGID and the
+    requesting participant counted, as the rows' event and actor)."""
+    try:
+        wait_for(lambda: _received(collector.messages) == _sent_by_pas(home), 30,
+                 what="every audit record at the collector")
+    except TimeoutError:
+        raise AssertionError(f"recorded {dict(_sent_by_pas(home))}, the collector read "
+                             f"{dict(_received(collector.messages))}; PAS's log ends:\n"
+                             f"{pas.log()[-2000:]}") from None
+
+
+def test_records_the_cli_writes_reach_the_collector_and_the_journal(tmp_path: Path,
+                                                                   pki: Path) -> None:
+    """An operator's ``pas cache pin`` and ``pas cache purge --force`` write their rows in
+    the CLI's own process, which has no syslog sender: they were in the table only, never at
+    the collector nor in the journal. The daemon's copies now read the table, and find them
+    at their next poll while the daemon runs."""
+    import getpass
+
+    operator = f"operator:{getpass.getuser()}"
+    syslog_port = free_port()
+    collector = SyslogTlsCollector(pki, syslog_port).start()
+    pas = PasProcess(tmp_path / "pas", _syslog_env(pki, syslog_port)).start()
+    try:
+        study = _stored_study(pas, "CT1")
+        pas.cli("cache", "pin", study, "--days", "1")
+        pas.cli("cache", "purge", study, "--force")
+        assert _sent_by_pas(pas.home)[("delete", operator)] == 1
+        wait_for(lambda: _received(collector.messages)[("delete", operator)] == 1, 30,
+                 what="the purge's record at the collector")
+        pin = [m for m in _by_msgid(collector.messages, "pin")
+               if m.find("ActiveParticipant[@UserIsRequestor='true']").get("UserID")  # type: ignore[union-attr]
+               == operator]
+        assert [o.get("ParticipantObjectID") for o in _study_objects(pin[0])] == [study]
+        # A viewer's C-FIND in the Patient Root model: the SOP Class it asked under and its
+        # keys reach the collector as PS3.15 A.5.3.2 wants them.
+        subprocess.run(["findscu", "-P", "-aet", "VIEWER", "-aec", "PAS", "-k",
+                        "QueryRetrieveLevel=PATIENT", "-k", "PatientID=NOBODY", "127.0.0.1",
+                        str(pas.port)], env=DCMTK_ENV, check=True, capture_output=True,
+                       timeout=60)
+        wait_for(lambda: _by_msgid(collector.messages, "query"), 30, what="the query record")
+        [query] = _by_msgid(collector.messages, "query")
+        assert _queried(query) == (PATIENT_ROOT_FIND, "PATIENT PatientID=NOBODY")
+        assert _patient_objects(query) == ["NOBODY"]
+        _all_received_once(collector, pas.home, pas)  # and nothing twice
+        # The journald copy (the daemon's stderr here) has them too.
+        wait_for(lambda: f"audit delete by {operator} on {study}: success" in pas.log(), 10,
+                 what="the purge's record in the daemon's journal")
+        assert f"audit pin by {operator} on {study}: success" in pas.log()
+    finally:
+        pas.stop()
+        collector.stop()
+
+
+def test_records_not_sent_before_a_kill_9_are_sent_once_after_the_restart(
+        tmp_path: Path, pki: Path) -> None:
+    """The collector is down while two modalities store and an operator pins; then the
+    daemon is killed (SIGKILL): what it had queued in memory for the collector was lost,
+    though the table had it. Now, once restarted with the collector up, it sends every row
+    the collector has not had, each exactly once (nothing of it had been sent: nothing is
+    sent twice), and a clean stop after that sends nothing more."""
+    syslog_port = free_port()
+    env = _syslog_env(pki, syslog_port)
+    home = tmp_path / "pas"
+    pas = PasProcess(home, env).start()
+    collector = None
+    try:
+        _stores_while_the_collector_is_down(pas, 2, long_wait=False)
+        study = _stored_study(pas, "CT9")
+        pas.cli("cache", "pin", study, "--days", "1")
+        recorded = _sent_by_pas(home)
+        assert sum(n for (event, _), n in recorded.items() if event == "pin") == 1
+        pas.kill()
+        collector = SyslogTlsCollector(pki, syslog_port).start()
+        again = PasProcess(home, env)
+        again.env = pas.env  # the same ports: only the process is new
+        again.port = pas.port
+        pas = again.start()
+        _all_received_once(collector, home, pas)
+        final = _sent_by_pas(home)
+        assert final - recorded == Counter() or set(final - recorded) == {
+            ("recovery", "system")}, final - recorded  # what start-up recovery cleaned
+        assert _received(collector.messages)[("store", "CT9")] == 1
+        pas.stop(timeout=60)
+        assert pas.proc is not None and pas.proc.returncode == 0, pas.log()[-3000:]
+        assert _received(collector.messages) == final
+        assert "not sent at stop" not in pas.log()
+    finally:
+        pas.stop()
+        if collector is not None:
+            collector.stop()
+
+
+def test_the_first_start_after_the_upgrade_does_not_send_the_history(tmp_path: Path,
+                                                                      pki: Path) -> None:
+    """A database of the version before the outbox (schema 9) holding three rows: the first
+    start of this version sends the rows written from then on (its config event), not the
+    history: a collector would be flooded with years of rows at an upgrade. The history
+    stays in the table (``pas audit``)."""
+    from appliance.store.db import Database
+    from appliance.store.schema import MIGRATIONS
+
+    home = tmp_path / "pas"
+    old = Database(home / "pas.sqlite", migrations=MIGRATIONS[:9])
+    with old.transaction() as conn:  # as the previous version wrote them
+        for n in range(3):
+            conn.execute("INSERT INTO audit (at, event, actor, target, outcome) VALUES "
+                         "(?, 'store', 'OLD1', '1.2.3', 'success')", (1.7e9 + n,))
+    old.close()
+    syslog_port = free_port()
+    collector = SyslogTlsCollector(pki, syslog_port).start()
+    pas = PasProcess(home, _syslog_env(pki, syslog_port)).start()
+    try:
+        wait_for(lambda: _by_msgid(collector.messages, "config"), 30, what="the config event")
+        _stored_study(pas, "CT1")
+        wait_for(lambda: _received(collector.messages)[("store", "CT1")] == 1, 30,
+                 what="the new store record")
+        history = _sent_by_pas(home)[("store", "OLD1")]
+        assert history == 3
+        received = _received(collector.messages)
+        assert received[("store", "OLD1")] == 0
+        assert received == _sent_by_pas(home) - Counter({("store", "OLD1"): 3})
+    finally:
+        pas.stop()
+        collector.stop()

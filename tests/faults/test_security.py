@@ -191,7 +191,10 @@ def test_refused_access_is_audited_once_per_source_and_minute(tmp_path: Path) ->
             r'^pas_access_refused_total\{channel="\w+",reason="([\w-]+)"\} (\S+)$',
             metrics.text, re.M)}
         assert counts == {"unknown-ae": 6.0, "bearer-token": 6.0}, counts
-        http_rows = [r for r in _security_rows(pas.home) if r["detail"] == "http"]
+        # Each row is written once its 401 was answered (appliance/web/auth.py): awaited.
+        http_rows = wait_for(lambda: len(rows := [r for r in _security_rows(pas.home)
+                                                  if r["detail"] == "http"]) >= 3 and rows,
+                             10, what="the three HTTP refusals' rows")
         assert [(r["actor"], r["source"], r["target"], r["outcome"]) for r in http_rows] == [
             ("anonymous", "127.0.0.1", "/api/status", f"failure: HTTP request refused (401): "
              f"{reason}") for reason in ("no bearer token", "a bearer token that is not one "
