@@ -401,7 +401,10 @@ def test_uploads_wait_out_the_black_hole_then_go_once_and_a_cut_put_resumes(
         hub_db, "SELECT size FROM buckets WHERE transfer_id = ?", (t["id"],)))
     print(f"resent {resent:.0f} bytes ({put_in_hole:.0f} handed into the black hole), "
           f"biggest bucket {biggest}")
-    assert 0 < resent <= put_in_hole + 4 * biggest, (resent, put_in_hole, biggest)
+    # None at all is right too: a bucket whose bytes were all in the hub's socket buffer at
+    # the cut is stored by the hub once it runs again, and the resume (the hub lists what it
+    # holds) does not send it again (seen in CI: 0 resent, 0 handed into the hole).
+    assert 0 <= resent <= put_in_hole + 4 * biggest, (resent, put_in_hole, biggest)
     # The hub checked every file against PAS's SHA-256 (what the modality's C-STOREs
     # carried, as PAS filed them), and the region holds each instance once with that dataset.
     kept = read_rows(wan.db, "SELECT i.sop_instance_uid, i.sha256, i.path FROM instances i "

@@ -100,18 +100,49 @@ class EmbeddedArchive:
             raise ArchiveRefused(f"embedded archive refused {counted(len(refused), 'instance')}"
                                  f": {', '.join(refused[:5])}", refused)
 
+    def _record(self, path: Path) -> Any:
+        """The index record of a rebuilt file. A deflated one is read as the appliance's
+        ingest reads it (inflated a megabyte at a time into a temp file of this archive's
+        spool, mapped): pydicom inflated it whole in memory, up to 256 MiB per instance on
+        each archiving thread, even for its header only."""
+        import mmap
+
+        from pydicom import dcmread
+        from pydicom.filereader import read_file_meta_info
+        from pydicom.uid import UID
+
+        from appliance.ingest.attributes import instance_record
+        from appliance.ingest.reading import read_record
+        from appliance.store.inflate import inflated
+
+        syntax = str(read_file_meta_info(path).get("TransferSyntaxUID", "") or "")
+        if UID(syntax).is_deflated:
+            size = path.stat().st_size
+
+            def from_file(deflated: memoryview, *, limit: int) -> Any:
+                # The deflated bytes read from the file a megabyte at a time, not through
+                # the mapping (each page of which would count in the hub's memory).
+                return inflated(_chunks(path, start=size - len(deflated)), limit=limit,
+                                spool=self.spool)
+
+            with open(path, "rb") as handle, \
+                    mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                view = memoryview(mapped)
+                try:
+                    return read_record(view, in_place=True, inflate=from_file)
+                finally:
+                    view.release()
+        ds = dcmread(path, stop_before_pixels=True)
+        return instance_record(ds, str(getattr(ds.file_meta, "TransferSyntaxUID", "") or ""))
+
     def _file_all(self, instances: list[RebuiltInstance]) -> tuple[list[str], list[Any]]:
         """(refused UIDs, [(record, stored file)] written durably to the spool)."""
-        from pydicom import dcmread
-
-        from appliance.ingest.attributes import InvalidInstance, instance_record
+        from appliance.ingest.attributes import InvalidInstance
 
         refused, filed = [], []
         for instance in instances:
             try:
-                ds = dcmread(instance.path, stop_before_pixels=True)
-                syntax = str(getattr(ds.file_meta, "TransferSyntaxUID", "") or "")
-                record = instance_record(ds, syntax)
+                record = self._record(instance.path)
             except (InvalidInstance, Exception) as exc:  # noqa: B014 - any unreadable header
                 log.warning("embedded archive refused %s: %s", instance.sop_instance_uid, exc)
                 refused.append(instance.sop_instance_uid)
@@ -296,7 +327,8 @@ def _value(item: dict[str, Any], tag: str) -> str:
     return str(values[0])
 
 
-def _chunks(path: Path) -> Iterator[bytes]:
+def _chunks(path: Path, start: int = 0) -> Iterator[bytes]:
     with open(path, "rb") as handle:
+        handle.seek(start)
         while chunk := handle.read(CHUNK):
             yield chunk
