@@ -117,8 +117,11 @@ class CachePolicy:
             message = hard or (f"disk {percent:.1f}% used, above the high watermark "
                                f"({policy.high_watermark_percent}%), nothing more may be "
                                f"evicted (unconfirmed, pinned or within retention)")
-            raised, self.alert = self.alert is None, message
-            if raised:  # raise once, not on every pass
+            # Raised once, not on every pass; again when it becomes the hard limit (the
+            # watermark's alert first, then modalities refused: a worse state, said as such).
+            escalated = bool(hard) and not (self.alert or "").startswith("hard limit")
+            raised, self.alert = self.alert is None or escalated, message
+            if raised:
                 log.error("ALERT %s", message)
                 self._audit_alert("failure: disk", message)
         elif self.alert is not None:
