@@ -40,6 +40,7 @@ from tests.support.peers import (
     MR_DIR,
     PasProcess,
     pas_holding_real_sets,
+    read_rows,
     storescu,
     wait_for,
 )
@@ -477,13 +478,8 @@ def test_wado_rs_serves_a_big_endian_instance_in_little_endian(pas: PasProcess) 
 
 
 def _retrieve_rows_after(pas: PasProcess, last_id: int) -> list[sqlite3.Row]:
-    conn = sqlite3.connect(pas.home / "pas.sqlite")
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute("SELECT * FROM audit WHERE event = 'retrieve' AND id > ? "
-                            "ORDER BY id", (last_id,)).fetchall()
-    finally:
-        conn.close()
+    return read_rows(pas.home / "pas.sqlite", "SELECT * FROM audit WHERE event = 'retrieve' "
+                     "AND id > ? ORDER BY id", (last_id,))
 
 
 def test_wado_rs_audit_row_says_what_the_viewer_was_sent(pas: PasProcess) -> None:

@@ -28,6 +28,7 @@ from tests.support.peers import (
     MR_DIR,
     PasProcess,
     pas_holding_real_sets,
+    read_rows,
     storescu,
     wait_for,
 )
@@ -51,13 +52,8 @@ def _base(pas: PasProcess) -> str:
 
 
 def _rows_after(pas: PasProcess, last: int) -> list[sqlite3.Row]:
-    conn = sqlite3.connect(pas.home / "pas.sqlite")
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute("SELECT * FROM audit WHERE event = 'retrieve' AND id > ? "
-                            "ORDER BY id", (last,)).fetchall()
-    finally:
-        conn.close()
+    return read_rows(pas.home / "pas.sqlite", "SELECT * FROM audit WHERE event = 'retrieve' "
+                     "AND id > ? ORDER BY id", (last,))
 
 
 def _last_id(pas: PasProcess) -> int:

@@ -50,6 +50,13 @@ def jobs(pas: PasProcess) -> list[sqlite3.Row]:
     return rows(pas.home / "pas.sqlite", "SELECT * FROM jobs ORDER BY id")
 
 
+def first_try(pas: PasProcess, what: str) -> sqlite3.Row:
+    """One CT image sent; the job once its first try recorded an error."""
+    storescu(sorted(CT_DIR.glob("*.dcm"))[:1], pas.port)
+    return wait_for(lambda: next((j for j in jobs(pas) if j["last_error"]), None), 60,
+                    what=f"{what}'s first try (log {pas.log_path})")
+
+
 def distinct_uids(folder: Path) -> tuple[set[str], set[str]]:
     sops, studies = set(), set()
     for path in folder.glob("*.dcm"):
@@ -437,9 +444,7 @@ def test_an_expired_certificate_is_named_not_taken_for_a_link_down(
         path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
     pas = enrolled_pas(pas_factory, hub, tmp_path / "site-expired", before_start=expire)
-    storescu(sorted(CT_DIR.glob("*.dcm"))[:1], pas.port)
-    job = wait_for(lambda: next((j for j in jobs(pas) if j["last_error"]), None), 60,
-                   what=f"the upload's first try (log {pas.log_path})")
+    job = first_try(pas, "the upload")
     assert job["last_error"].startswith(
         f"waiting for credentials: hub: this appliance's certificate expired on "
         f"{expired_on:%Y-%m-%d %H:%M} UTC"), job["last_error"]
@@ -459,9 +464,7 @@ def test_a_hub_certificate_the_appliance_cannot_verify_is_named_not_retried_as_a
         (home / "pki" / "ca.crt").write_bytes(other.ca_cert_path.read_bytes())
 
     pas = enrolled_pas(pas_factory, hub, tmp_path / "site-distrust", before_start=distrust)
-    storescu(sorted(CT_DIR.glob("*.dcm"))[:1], pas.port)
-    job = wait_for(lambda: next((j for j in jobs(pas) if j["last_error"]), None), 60,
-                   what=f"the upload's first try (log {pas.log_path})")
+    job = first_try(pas, "the upload")
     assert job["last_error"].startswith(
         "waiting for credentials: hub: this appliance does not trust the peer's "
         "certificate: "), job["last_error"]
@@ -481,9 +484,7 @@ def test_a_stowrs_archive_whose_certificate_fails_verification_waits_for_a_fix(
                        "PAS_DESTINATIONS__ARCHIVE__CA_FILE": str(other.ca_cert_path),
                        "PAS_ROUTING__FALLBACK__DESTINATIONS": '["archive"]',
                        "PAS_STUDY__STABLE_AFTER_S": "1"})
-    storescu(sorted(CT_DIR.glob("*.dcm"))[:1], pas.port)
-    job = wait_for(lambda: next((j for j in jobs(pas) if j["last_error"]), None), 60,
-                   what=f"the STOW-RS job's first try (log {pas.log_path})")
+    job = first_try(pas, "the STOW-RS job")
     assert job["last_error"].startswith(
         "waiting for credentials: archive: this appliance does not trust the peer's "
         "certificate: "), job["last_error"]
