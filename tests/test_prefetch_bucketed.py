@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import re
 import socket
+import subprocess
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,15 @@ from hl7.client import MLLPClient
 from pydicom import dcmread
 
 from tests.support.hub import HubProcess, client, enroll
-from tests.support.peers import CT_DIR, Orthanc, PasProcess, port_open, read_rows, wait_for
+from tests.support.peers import (
+    CT_DIR,
+    PAS_BIN,
+    Orthanc,
+    PasProcess,
+    port_open,
+    read_rows,
+    wait_for,
+)
 from tests.support.peers import prefetch_requests as prefetch_rows
 from tests.support.tcpproxy import TcpProxy, _reset
 
@@ -197,6 +206,68 @@ def test_a_cut_download_resumes_without_fetching_held_instances_again(
     finally:
         pas.stop()
         proxy.stop()
+
+
+def test_a_revoked_certificate_makes_orders_wait_and_a_new_one_fetches_them(
+        region: dict[str, Any]) -> None:
+    """The hub revoking the appliance's certificate answered 403 certificate_revoked to each
+    prior's request, counted as an attempt: after five, every order received meanwhile
+    failed for good, its priors never fetched. Now the orders wait, no attempt counted, the
+    error logged once and shown by the status, the metric and the CLI; after ``pas enroll
+    --replace`` and a restart they are fetched, with no retry by hand."""
+    hub: HubProcess = region["hub"]
+    patient = PATIENTS[1]
+    _, files = region["priors"][patient]
+    pas = pas_for(hub, region["base"] / "pas-revoked", "SITE-R")
+    try:
+        hub.cli("revoke", "SITE-R")
+        port = int(pas.env["PAS_HL7__PORT"])
+        wait_for(lambda: port_open("127.0.0.1", port), 30, what="the HL7 listener")
+        with MLLPClient("127.0.0.1", port) as mllp:
+            assert "MSA|AA|" in mllp.send_message(orm("C30", patient, "O30")).decode()
+
+        def waiting() -> dict[str, Any] | None:
+            rows = [r for r in prefetch_rows(pas) if r["patient_id"] == patient]
+            return rows[0] if rows and (rows[0]["last_error"] or "").startswith(
+                "waiting for credentials") else None
+
+        row = wait_for(waiting, 60, interval=0.2, what=f"the order's first try ({pas.log_path})")
+        assert (row["state"], row["attempts"]) == ("pending", 0), row
+        assert row["last_error"].startswith(
+            "waiting for credentials: the region: the hub refuses this appliance's "
+            "certificate (certificate_revoked)"), row["last_error"]
+        assert "pas enroll --replace" in row["last_error"]
+        # PAS_PREFETCH__RETRY_AFTER_S is 1 here: a refused certificate waits a minute.
+        assert row["next_attempt_at"] - row["updated_at"] >= 59
+        (refused,) = pas.status()["credentials_refused"]
+        assert (refused["destination"], refused["waiting"], refused["what"]) == (
+            "prefetch", 1, "prefetch request"), refused
+        assert "1 prefetch request waiting for credentials" in pas.cli("status").stdout
+        scraped = httpx.get(f"http://127.0.0.1:{pas.http_port}/metrics", timeout=10).text
+        assert "pas_prefetch_waiting_for_credentials 1.0" in scraped
+        errors = [line for line in pas.log().splitlines() if " ERROR " in line]
+        assert len(errors) == 1 and "waits for its credentials" in errors[0], errors
+        assert not [r for r in read_rows(pas.home / "pas.sqlite", "SELECT id FROM instances")]
+
+        pas.stop()
+        replaced = subprocess.run([str(PAS_BIN), "enroll", "--hub", hub.url, "--token",
+                                   hub.token("SITE-R"), "--replace"], env=pas.env,
+                                  capture_output=True, text=True, timeout=60)
+        assert replaced.returncode == 0, replaced.stdout + replaced.stderr
+        pas.start()
+
+        def settled() -> dict[str, Any] | None:
+            rows = [r for r in prefetch_rows(pas) if r["patient_id"] == patient]
+            return rows[0] if rows and rows[0]["state"] in ("fetched", "failed") else None
+
+        row = wait_for(settled, 120, interval=0.2, what=f"the prefetch of {patient}")
+        assert row["state"] == "fetched", row["last_error"]
+        assert "1 prefetch request waiting for credentials due now" in pas.log()
+        assert row["instances_fetched"] == len({sha256(p.read_bytes()) for p in files})
+        assert_on_site_byte_for_byte(pas, files)
+        assert pas.status()["credentials_refused"] == []
+    finally:
+        pas.stop()
 
 
 def test_bad_requests_get_a_clear_error_and_change_nothing(region: dict[str, Any],

@@ -142,7 +142,8 @@ def test_credentials_the_archive_refuses_make_the_jobs_wait_until_put_right(
         # Such jobs never fail, so the failed-jobs signals miss them: status, metric and
         # the line of pas status say it instead.
         (refused,) = pas.status()["credentials_refused"]
-        assert refused["destination"] == "archive" and refused["jobs"] == len(waiting)
+        assert (refused["destination"], refused["waiting"], refused["what"]) == (
+            "archive", len(waiting), "job"), refused
         assert refused["error"].startswith("archive: STOW-RS answered HTTP 401"), refused
         assert f"archive: {len(waiting)} job" in pas.cli("status").stdout
         scraped = httpx.get(f"http://127.0.0.1:{pas.http_port}/metrics", timeout=10).text

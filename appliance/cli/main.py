@@ -165,7 +165,8 @@ def status(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> No
         console.print(backlog)
     for refused in snapshot.get("credentials_refused") or []:
         console.print(f"[red]{refused['destination']}:[/red] "
-                      f"{counted(refused['jobs'], 'job')} waiting for credentials: "
+                      f"{counted(refused['waiting'], refused['what'])} waiting for "
+                      f"credentials: "
                       f"{refused['error']}", highlight=False, soft_wrap=True)
     if snapshot.get("links"):
         links = Table(title="Links")

@@ -36,6 +36,7 @@ from appliance.store import uplink as uplink_store
 from appliance.store.db import Database
 from appliance.transfer.client import wan_timeout
 from appliance.transfer.enrolment import EnrolmentError, load_enrolment
+from appliance.words import counted
 
 log = logging.getLogger("pas.ops.heartbeat")
 
@@ -59,7 +60,8 @@ def build_heartbeat(settings: Settings, db: Database, started_at: float,
         errors.append(f"job {job['id']} to {job['destination']}: "
                       f"{(job['last_error'] or 'failed')[:120]}")
     for refused in snapshot["credentials_refused"]:  # they never fail: said here instead
-        errors.append(f"{refused['destination']}: {refused['jobs']} jobs waiting for "
+        errors.append(f"{refused['destination']}: "
+                      f"{counted(refused['waiting'], refused['what'])} waiting for "
                       f"credentials: {refused['error'][:120]}")
     disk = snapshot["disk"]
     if disk["used_percent"] > 85:

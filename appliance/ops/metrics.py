@@ -33,6 +33,7 @@ from appliance.config import Settings
 from appliance.store import index
 from appliance.store import jobs as job_store
 from appliance.store import ops as ops_store
+from appliance.store import prefetch as prefetch_store
 from appliance.store import uplink as uplink_store
 from appliance.store.db import Database
 
@@ -220,6 +221,12 @@ class ApplianceCollector(Collector):
         for row in job_store.waiting_for_credentials(self.db):
             refused.add_metric([row["destination"]], row["jobs"])
         yield refused
+        prefetch_refused = prefetch_store.waiting_for_credentials(self.db)
+        yield GaugeMetricFamily(
+            "pas_prefetch_waiting_for_credentials",
+            "Prefetch requests waiting for the hub to accept this appliance's certificate "
+            "again (they never fail)",
+            value=prefetch_refused["requests"] if prefetch_refused else 0)
 
         uploads = ops_store.hub_upload_totals(self.db)
         wan = CounterMetricFamily("pas_wan_bytes", "Bytes on the WAN link, by direction "

@@ -10,6 +10,7 @@ from appliance.config import Settings
 from appliance.store import cache as cache_store
 from appliance.store import index
 from appliance.store import jobs as job_store
+from appliance.store import prefetch as prefetch_store
 from appliance.store import uplink as uplink_store
 from appliance.store.db import Database
 
@@ -31,7 +32,7 @@ def collect(settings: Settings, db: Database) -> dict[str, Any]:
         "jobs_by_kind": by_kind,
         "backlog": job_store.backlog_by_destination(db),
         # Destinations refusing this appliance's credentials: their jobs wait, none fails.
-        "credentials_refused": job_store.waiting_for_credentials(db),
+        "credentials_refused": credentials_refused(db),
         # Per destination: "up"/"down", last successful contact, last error (store/uplink.py).
         "links": uplink_store.link_states(db),
         # Integrity flags and the disk alert (store/cache.py, issue 7).
@@ -44,6 +45,19 @@ def collect(settings: Settings, db: Database) -> dict[str, Any]:
             "spool_bytes": totals["bytes"],
         },
     }
+
+
+def credentials_refused(db: Database) -> list[dict[str, Any]]:
+    """What waits for credentials to be put right, per destination: ``waiting`` of ``what``
+    (jobs; for ``prefetch``, the region's hub refusing the certificate, prefetch requests)
+    and the latest refusal."""
+    refused = [{"destination": row["destination"], "waiting": row["jobs"], "what": "job",
+                "error": row["error"]} for row in job_store.waiting_for_credentials(db)]
+    prefetch = prefetch_store.waiting_for_credentials(db)
+    if prefetch is not None:
+        refused.append({"destination": "prefetch", "waiting": prefetch["requests"],
+                        "what": "prefetch request", "error": prefetch["error"]})
+    return refused
 
 
 def human_size(n: float) -> str:

@@ -35,9 +35,10 @@ from appliance.store import audit
 from appliance.store import jobs as job_store
 from appliance.store import prefetch as store
 from appliance.store.db import Database, now
-from appliance.transfer.client import link_down
+from appliance.transfer.client import TRUST_HINT, credentials_refused, link_down, trust_problem
 from appliance.transfer.download import WARM_EVERY_S, DownloadUnavailable, HubDownloads
 from appliance.transfer.download_frames import UID, RebuiltFile
+from appliance.transfer.enrolment import load_enrolment
 from appliance.transfer.region import RegionClient, RegionError, RegionInstance
 from appliance.words import counted
 
@@ -47,6 +48,9 @@ _MAX_WAITING = 4  # requests in flight (resolving or waiting on a download) per 
 # Held instances a priors request may name for one patient (~70 bytes each); a patient with
 # more held on site takes the two-step path, which names only the studies chosen.
 MAX_HELD_INSTANCES = 5000
+# At least this long between the tries of a request whose credentials the hub refuses: only
+# a person cures it, and the restart after the cure makes such requests due at once.
+TRUST_RETRY_S = 60.0
 
 
 def _metric(hook: str, *args: Any) -> None:
@@ -72,6 +76,7 @@ class PrefetchService:
         self.region_factory = region_factory or self._default_region
         self._region: RegionClient | None = None
         self._region_lock = threading.Lock()
+        self._trust_refused = False  # logged as an error once, until a request succeeds
         self.downloads_factory = downloads_factory or self._default_downloads
         self._downloads: HubDownloads | None = None
         self._downloads_lock = threading.Lock()  # taken before _region_lock, never inside it
@@ -190,6 +195,10 @@ class PrefetchService:
         recovered = store.recover(self.db)
         if recovered:
             log.warning("start-up: %d prefetch requests were interrupted; resuming", recovered)
+        woken = store.wake_waiting_for_trust(self.db)
+        if woken:  # a restart is how a new certificate takes effect
+            log.info("start-up: %s waiting for credentials due now",
+                     counted(woken, "prefetch request"))
         self._thread = threading.Thread(target=self._loop, name="pas-prefetch", daemon=True)
         self._thread.start()
         if self.config.mwl.enabled:
@@ -355,6 +364,21 @@ class PrefetchService:
         try:
             self._fetch(request)
         except Exception as exc:  # any failure is an attempt: the request never stays running
+            problem = self._credentials_refused(exc)
+            if problem is not None:
+                # The hub refuses this appliance's certificate (revoked, expired): every
+                # order would meet it and none is at fault. Counted, an afternoon's wait
+                # for a new enrolment failed every order received meanwhile for good.
+                store.wait_for_trust(self.db, request_id,
+                                     now() + max(self.config.retry_after_s, TRUST_RETRY_S),
+                                     f"the region: {problem}; {TRUST_HINT}")
+                first = not self._trust_refused
+                self._trust_refused = True
+                log.log(logging.ERROR if first else logging.INFO,
+                        "prefetch %d for %s waits for its credentials to be put right (not "
+                        "counted as an attempt): %s; %s", request_id, request["patient_id"],
+                        problem, TRUST_HINT)
+                return
             if link_down(exc):
                 # The region could not be reached at all: nothing to hold against this
                 # request. Counted, a WAN outage of a few minutes (max_attempts x
@@ -372,6 +396,18 @@ class PrefetchService:
             return
         # The lead time achieved is read from prefetch_requests by the metrics collector.
         store.finish(self.db, request_id)
+        self._trust_refused = False  # the next refusal is news again: logged as an error
+
+    def _credentials_refused(self, exc: BaseException) -> str | None:
+        """Why the hub refuses this appliance's credentials, if that failed the request (its
+        own certificate's dates read only then)."""
+        enrolment = None
+        if link_down(exc):
+            try:
+                enrolment = load_enrolment(self.settings.home)
+            except Exception:  # a damaged enrolment is the start-up check's to report
+                enrolment = None
+        return credentials_refused(exc, enrolment)
 
     def _fetch(self, request: dict[str, Any]) -> None:
         request_id = int(request["id"])
@@ -397,6 +433,7 @@ class PrefetchService:
             for c in chosen])
         failures = []
         link_errors = []  # the failures that were the link's (each study's own cause kept)
+        refused: list[RegionError] = []  # those where the hub refused our certificate
         for candidate in chosen:
             if self.stopping.is_set():
                 raise RegionError("stopping: the fetch resumes at the next start")
@@ -411,12 +448,16 @@ class PrefetchService:
             except RegionError as exc:
                 store.set_study_state(self.db, request_id, candidate.study_uid, "failed")
                 failures.append(f"{candidate.study_uid}: {exc}")
-                if link_down(exc):
+                if trust_problem(exc) is not None:
+                    refused.append(exc)
+                elif link_down(exc):
                     link_errors.append(exc)
                 continue
             self._pin_and_push(candidate.study_uid, rule.push_to, rule.name)
         if failures:
             error = RegionError("; ".join(failures)[:400])
+            if refused:  # credentials refused: none of the studies is at fault
+                raise error from refused[0]
             if len(link_errors) == len(failures):  # only the link failed them: not counted
                 raise error from link_errors[0]
             raise error

@@ -17,6 +17,7 @@ from typing import Any
 
 from appliance.store import audit
 from appliance.store.db import Database, now
+from appliance.store.jobs import WAITING_FOR_TRUST
 
 # Instances the prefetch stored carry this in instances.source_address.
 REGION_SOURCE = "region:prefetch"
@@ -231,6 +232,40 @@ def defer(db: Database, request_id: int, until: float, reason: str) -> None:
             "UPDATE prefetch_requests SET state = 'pending', attempts = max(attempts - 1, 0), "
             "next_attempt_at = ?, last_error = ?, updated_at = ? WHERE id = ?",
             (until, reason, now(), request_id))
+
+
+def wait_for_trust(db: Database, request_id: int, until: float, error: str) -> None:
+    """As :func:`defer`, for a request the region's hub refused the credentials of: its
+    ``last_error`` starts with :data:`~appliance.store.jobs.WAITING_FOR_TRUST`, as a job's
+    does, so that :func:`waiting_for_credentials` and the start-up find it."""
+    defer(db, request_id, until, (WAITING_FOR_TRUST + error)[:500])
+
+
+def wake_waiting_for_trust(db: Database) -> int:
+    """Every request waiting for credentials is due now: called at start-up, because a
+    restart is how a new certificate takes effect. How many."""
+    at = now()
+    with db.transaction() as conn:
+        return conn.execute(
+            """UPDATE prefetch_requests SET next_attempt_at = ?, updated_at = ?
+               WHERE state = 'pending' AND next_attempt_at > ? AND last_error LIKE ?""",
+            (at, at, at, WAITING_FOR_TRUST + "%")).rowcount
+
+
+def waiting_for_credentials(db: Database) -> dict[str, Any] | None:
+    """The prefetch requests waiting for credentials to be put right: how many, and the
+    latest refusal without its prefix (None: none waits). Such requests never fail, so the
+    failed-requests signals miss them: the status and the metrics show this instead."""
+    row = db.query_one(
+        """SELECT count(*) AS requests,
+                  (SELECT last_error FROM prefetch_requests WHERE state = 'pending'
+                     AND last_error LIKE ? ORDER BY updated_at DESC LIMIT 1) AS last_error
+           FROM prefetch_requests WHERE state = 'pending' AND last_error LIKE ?""",
+        (WAITING_FOR_TRUST + "%", WAITING_FOR_TRUST + "%"))
+    if row is None or not row["requests"]:
+        return None
+    return {"requests": int(row["requests"]),
+            "error": (row["last_error"] or "")[len(WAITING_FOR_TRUST):]}
 
 
 def get_request(db: Database, request_id: int) -> dict[str, Any] | None:

@@ -187,12 +187,34 @@ def trust_problem(exc: BaseException) -> str | None:
                 alert in str(current.reason or "") for alert in _REFUSED_CERTIFICATE_ALERTS):
             return f"the peer refused this appliance's certificate at the TLS handshake " \
                    f"({str(current.reason).lower()})"
-        if isinstance(current, HubRefused) and current.status in (401, 403) and \
-                isinstance(current.body, dict) and \
-                current.body.get("error") in _REFUSED_CERTIFICATE_ERRORS:
-            return f"the hub refuses this appliance's certificate ({current.body['error']})"
+        # The hub's refusal, whichever client met it (uploads: HubRefused; the region's
+        # reads and the downloads: RegionError), keeps the answer's status and body.
+        body = getattr(current, "body", None)
+        if getattr(current, "status", None) in (401, 403) and isinstance(body, dict) and \
+                body.get("error") in _REFUSED_CERTIFICATE_ERRORS:
+            return f"the hub refuses this appliance's certificate ({body['error']})"
         seen.add(id(current))
         current = current.__cause__ or current.__context__
+    return None
+
+
+TRUST_HINT = ("`pas doctor` checks the certificates; a revoked or expired one is replaced with "
+              "`pas enroll --replace` and a restart of PAS")
+
+
+def credentials_refused(exc: BaseException, enrolment: Any | None) -> str | None:
+    """Why the hub, or this end, refuses the link's credentials, if that is the failure:
+    :func:`trust_problem`, or, when the hub closed the connection at the handshake (a link
+    down by every sign), this appliance's own certificate having expired (``enrolment``:
+    an :class:`~appliance.transfer.enrolment.Enrolment`, read for its dates). The uplink and
+    the prefetch both ask it, so that they name the same cause the same way."""
+    problem = trust_problem(exc)
+    if problem is not None:
+        return problem
+    expired = enrolment.expired_at() if enrolment is not None and link_down(exc) else None
+    if expired is not None:  # the hub refused it at the handshake: TLS 1.3 gives no reason
+        return (f"this appliance's certificate expired on {expired:%Y-%m-%d %H:%M} UTC (the "
+                f"hub closes the connection at the TLS handshake)")
     return None
 
 

@@ -69,9 +69,7 @@ class DownloadUnavailable(Exception):
 class DownloadRefused(DownloadError):
     """The hub answered the request with an error status (``status``) before any frame."""
 
-    def __init__(self, message: str, status: int):
-        super().__init__(message)
-        self.status = status
+    status: int
 
 
 
@@ -220,8 +218,8 @@ class HubDownloads:
         if answer.status_code in (404, 405, 501):
             raise DownloadUnavailable(f"the hub answers {answer.status_code} to {SEARCH_PATH}")
         if answer.status_code != 200:
-            raise DownloadError(f"search of {counted(len(patients), 'patient')}: HTTP "
-                                f"{answer.status_code} {answer.text[:200]}")
+            raise DownloadError.refused(f"search of {counted(len(patients), 'patient')}",
+                                        answer)
         try:
             results = answer.json()["results"]
         except (ValueError, KeyError, TypeError):
@@ -474,8 +472,7 @@ class HubDownloads:
                         answer.read()
                         if number == 0:
                             refused.append(answer)
-                        raise DownloadError(f"{what}: lane {number}: HTTP "
-                                            f"{answer.status_code} {answer.text[:200]}")
+                        raise DownloadError.refused(f"{what}: lane {number}", answer)
                     if number == 0:
                         lane0_answered.set()
                     reader = LaneReader()
@@ -552,13 +549,13 @@ class HubDownloads:
                 raise DownloadUnavailable(f"the hub answers {answer.status_code} to "
                                           f"{DOWNLOADS_PATH}")
             raise DownloadRefused(f"{what}: HTTP {answer.status_code} {answer.text[:200]}",
-                                  answer.status_code)
+                                  answer.status_code, problem)
         detail = str(problem.get("detail", ""))
         if batched and answer.status_code == 422 and detail.startswith("study_uid:"):
             # A hub of before the batched form reads the top-level study_uid only.
             raise BatchUnavailable(f"the hub takes one study per download: {detail}")
         raise DownloadRefused(f"{what}: HTTP {answer.status_code} {problem['error']}: {detail}",
-                              answer.status_code)
+                              answer.status_code, problem)
 
 
 def _pieces(payload: bytes) -> Iterator[Any]:

@@ -30,7 +30,25 @@ MULTIPART_DICOM = 'multipart/related; type="application/dicom"; transfer-syntax=
 
 
 class RegionError(Exception):
-    """The region could not answer; the message says which request and why."""
+    """The region could not answer; the message says which request and why. An HTTP
+    refusal keeps its ``status`` and ``body`` (the JSON problem when there is one), so that
+    a caller can tell a refused certificate (``transfer.client.trust_problem``) from a
+    refused request."""
+
+    def __init__(self, message: str, status: int | None = None, body: Any = None):
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+    @classmethod
+    def refused(cls, what: str, answer: httpx.Response) -> RegionError:
+        """The error for an answer with an error status (its content read)."""
+        try:
+            body: Any = answer.json()
+        except ValueError:
+            body = None
+        return cls(f"{what}: HTTP {answer.status_code} {answer.text[:200]}",
+                   answer.status_code, body)
 
 
 @dataclass(frozen=True)
@@ -85,8 +103,7 @@ class RegionClient:
         if self.on_downloaded is not None:
             self.on_downloaded(response.num_bytes_downloaded)
         if response.status_code >= 400:
-            raise RegionError(f"GET {path}: HTTP {response.status_code} "
-                              f"{response.text[:200]}")
+            raise RegionError.refused(f"GET {path}", response)
         return response
 
     def qido(self, path: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -132,8 +149,7 @@ class RegionClient:
             with self.client.stream("GET", url, headers={"Accept": MULTIPART_DICOM}) as answer:
                 if answer.status_code >= 400:
                     answer.read()
-                    raise RegionError(f"GET {path}: HTTP {answer.status_code} "
-                                      f"{answer.text[:200]}")
+                    raise RegionError.refused(f"GET {path}", answer)
                 parser = _MultipartStream(_boundary(answer.headers.get("content-type", "")))
                 for chunk in answer.iter_bytes(256 * 1024):
                     yield from parser.feed(chunk)

@@ -64,10 +64,6 @@ class TrustRefused(LinkDown):
     waiting for the link treats it as such; the dispatcher tells the two apart."""
 
 
-TRUST_HINT = ("`pas doctor` checks the certificates; a revoked or expired one is replaced with "
-              "`pas enroll --replace` and a restart of PAS")
-
-
 class NoRoomForCopy(Exception):
     """A copy this delivery needs cannot be made now for lack of room on the appliance's
     own disk: a compressed instance re-encoded for a node that does not take its syntax,

@@ -33,7 +33,6 @@ from typing import Any
 from appliance.config import Settings
 from appliance.dispatch.pack_ahead import PackAhead
 from appliance.dispatch.target_types.base import (
-    TRUST_HINT,
     LinkDown,
     PermanentError,
     SendContext,
@@ -45,10 +44,12 @@ from appliance.store import uplink as uplink_store
 from appliance.store.db import Database
 from appliance.store.jobs import Job
 from appliance.transfer.client import (
+    TRUST_HINT,
     HubClient,
     HubRefused,
     HubUnavailable,
     ReceiptInvalid,
+    credentials_refused,
     link_down,
     trust_problem,
 )
@@ -147,17 +148,11 @@ class HubTarget:
         try:
             self._send(job, context)
         except (HubUnavailable, HubRefused) as exc:
-            problem = trust_problem(exc)
+            problem = credentials_refused(exc, self.enrolment)
             if problem is not None:
                 # A certificate refused at either end: every job would meet it, none is at
                 # fault. They wait, counted nowhere, until someone puts the certificate right.
                 raise TrustRefused(f"{self.name}: {problem}; {TRUST_HINT}") from exc
-            expired = self.enrolment.expired_at() if link_down(exc) else None
-            if expired is not None:  # the hub refused it at the handshake: no reason given
-                raise TrustRefused(
-                    f"{self.name}: this appliance's certificate expired on "
-                    f"{expired:%Y-%m-%d %H:%M} UTC (the hub closes the connection at the TLS "
-                    f"handshake); {TRUST_HINT}") from exc
             if isinstance(exc, HubUnavailable) and link_down(exc):
                 # No answer at all (no connection, or it went silent): the WAN or the hub is
                 # down, which says nothing about this job. It waits for the link.
