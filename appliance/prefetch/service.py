@@ -26,12 +26,11 @@ from typing import Any
 
 from appliance.config import PrefetchRule, Settings
 from appliance.ingest.receive import Receiver
+from appliance.prefetch import orders
 from appliance.prefetch import rules as prefetch_rules
 from appliance.prefetch.batch import DownloadBatcher, SearchBatcher, Ticket
-from appliance.prefetch.messages import Refusal, build_ack, interpret, parse_message
 from appliance.prefetch.priors import PriorsBatcher, PriorsRefused, PriorsUnavailable
 from appliance.prefetch.rules import Candidate
-from appliance.store import audit
 from appliance.store import jobs as job_store
 from appliance.store import prefetch as store
 from appliance.store.db import Database, now
@@ -112,52 +111,12 @@ class PrefetchService:
     # --- triggers ----------------------------------------------------------------------------
 
     def handle_hl7(self, text: str, source: str = "") -> str:
-        """One HL7 message in, its ACK out. The request is committed before the ACK exists,
-        so an ACKed order is never lost; a resent message is recognised and ACKed again."""
-        message = None
-        try:
-            message = parse_message(text)
-            order = interpret(message)
-            if order.cancel:
-                recorded = store.record_message(self.db, order.message_key,
-                                                order.message_type, "AA", "cancel",
-                                                cancel_key=order.dedup_key)
-                if not recorded.first:
-                    return self._duplicate(message, order.message_type, order.control_id,
-                                           source)
-                log.info("HL7 %s: order %s cancelled", order.message_type, order.dedup_key)
-                return build_ack(message, "AA")
-            scheduled_at = order.scheduled_at
-            request = store.NewRequest(
-                order.dedup_key, "hl7", order.patient_id, order.issuer, order.accession_number,
-                order.modality, order.body_part, scheduled_at,
-                self._due_at(scheduled_at))
-            recorded = store.record_message(self.db, order.message_key, order.message_type,
-                                            "AA", request=request)
-            if not recorded.first:
-                return self._duplicate(message, order.message_type, order.control_id, source)
-            result = recorded.scheduled
-            log.info("HL7 %s %s from %s: patient %s, %s request %s", order.message_type,
-                     order.control_id, source, order.patient_id,
-                     "new" if result and result.created else "known",
-                     result.request_id if result else "-")
+        """One HL7 message in, its ACK out (:func:`appliance.prefetch.orders.handle`): the
+        request is committed before the ACK exists, so an ACKed order is never lost."""
+        ack, scheduled = orders.handle(self.db, text, source, self._due_at)
+        if scheduled:
             self.wake.set()
-            return build_ack(message, "AA")
-        except Refusal as refusal:
-            log.warning("HL7 from %s refused (%s): %s", source, refusal.ack_code, refusal.reason)
-            audit.record(self.db, "hl7", actor=source or None, outcome=f"failure: "
-                         f"{refusal.reason}", detail=refusal.message_type or None)
-            return build_ack(message, refusal.ack_code, refusal.reason, refusal.error_code,
-                             refusal.control_id)
-        except Exception as exc:  # never leave the RIS without an answer
-            log.exception("HL7 from %s: internal error", source)
-            return build_ack(message, "AE", f"internal error: {exc}", "207")
-
-    @staticmethod
-    def _duplicate(message: Any, message_type: str, control_id: str, source: str) -> str:
-        """A message already recorded (a resend): ACKed again, nothing changed."""
-        log.info("HL7 %s %s from %s: already processed", message_type, control_id, source)
-        return build_ack(message, "AA", "duplicate message: already processed")
+        return ack
 
     def _due_at(self, scheduled_at: float | None) -> float:
         """As soon as the exam is within ``lead_time_h`` (now if it already is)."""
