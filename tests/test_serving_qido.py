@@ -257,6 +257,25 @@ def test_an_offset_that_is_not_a_non_negative_integer_is_refused(pas: PasProcess
     assert "offset" in response.json()["detail"], response.text
 
 
+def test_a_refused_search_is_audited_as_a_failed_query(pas: PasProcess) -> None:
+    """A QIDO-RS search refused for its parameters left no trace in the audit trail (C-FIND's
+    refusals did): now one query row each, a failure naming the problem and what was asked."""
+    marker = generate_uid()
+    refused = [qido(pas, "studies", StudyInstanceUID=marker, limit="x"),
+               qido(pas, "series", StudyInstanceUID=marker, NoSuchAttribute="1")]
+    assert [r.status_code for r in refused] == [400, 400], [r.text for r in refused]
+    rows = [r for r in read_rows(pas.home / "pas.sqlite",
+                                 "SELECT * FROM audit WHERE event = 'query' ORDER BY id")
+            if marker in (r["target"] or "")]
+    assert [(r["target"].split()[0], r["outcome"]) for r in rows] == [
+        ("STUDY", f"failure: {refused[0].json()['detail']}"),
+        ("SERIES", "failure: unknown query parameter or attribute: 'NoSuchAttribute'")], \
+        [dict(r) for r in rows]
+    assert all(r["detail"] == "refused (QIDO-RS)" and r["actor"] == "anonymous"
+               and r["source"] == "127.0.0.1" for r in rows), [dict(r) for r in rows]
+    assert "limit=x" in rows[0]["target"] and "NoSuchAttribute=1" in rows[1]["target"]
+
+
 def test_a_huge_offset_is_an_empty_page(pas: PasProcess) -> None:
     """Beyond SQLite's 64-bit integers an offset (or a limit) is no error of the client's."""
     response = qido(pas, "studies", offset=10**30)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
+import urllib.parse
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -151,6 +152,7 @@ class DicomWeb:
         path = request.path_params
         level = {"studies": "STUDY", "series": "SERIES", "instances": "IMAGE"}[
             request.scope["route_level"]]
+        actor = None
         try:
             actor = self.actor_of(request)
             keys = self._qido_keys(request, level, path)
@@ -164,6 +166,11 @@ class DicomWeb:
             fetch = None if limit is None else limit + (1 if capped else 0)
             rows = await run_in_threadpool(self._find, level, keys, fetch, offset)
         except HttpProblem as exc:
+            if actor is not None:  # a search refused as asked: audited, as C-FIND's are
+                asked = urllib.parse.unquote(request.url.query)
+                self.record(request, "query", actor, f"{level} {asked}".strip(),
+                            f"failure: {exc.detail}"[:300], "refused (QIDO-RS)",
+                            sop_class=QIDO_SOP_CLASS)
             return _problem(exc)
         truncated = capped and limit is not None and len(rows) > limit
         headers: dict[str, str] = {}
