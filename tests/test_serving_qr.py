@@ -329,7 +329,9 @@ def test_unknown_move_destination_is_a801_and_changes_nothing(site: Site,
                    "-S", "-aem", "NOWHERE")
     assert "a801" in result.stderr.lower() or "MoveDestinationUnknown" in result.stderr
     assert site.scp.files() == []
-    assert any("NOWHERE" in (row["outcome"] or "") for row in _audit(site, "retrieve"))
+    (refused,) = [r for r in _audit(site, "retrieve") if "NOWHERE" in (r["outcome"] or "")]
+    # The row names what was asked, so that pas audit --study finds the refusal too.
+    assert refused["target"] == f"STUDY StudyInstanceUID={_one_ct_study()}", dict(refused)
     # The daemon keeps serving.
     assert find(site, "pas", ["QueryRetrieveLevel=STUDY", "StudyInstanceUID="], "-S",
                 tmp_path)
@@ -362,7 +364,9 @@ def test_move_without_unique_key_is_refused(site: Site) -> None:
     assert "Final Move Response (Failed" in result.stderr or "Error" in result.stderr, \
         result.stderr[-1000:]
     assert site.scp.files() == []
-    assert "StudyInstanceUID: required" in _audit(site, "retrieve")[-1]["outcome"]
+    refused = _audit(site, "retrieve")[-1]
+    assert "StudyInstanceUID: required" in refused["outcome"]
+    assert refused["target"] == "STUDY PatientID=*", dict(refused)
 
 
 def test_every_query_and_retrieve_is_audited(site: Site, tmp_path: Path) -> None:

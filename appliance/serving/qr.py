@@ -272,7 +272,7 @@ class QueryRetrieveService:
         destination = self.destinations.get(destination_title)
         if destination is None:
             log.warning("C-MOVE from %s to unknown destination %r", calling, destination_title)
-            self._audit("retrieve", calling, address, None,
+            self._audit("retrieve", calling, address, _asked(event),
                         f"failure: unknown move destination {destination_title!r}")
             yield None, None  # pynetdicom answers 0xA801 (move destination unknown)
             return
@@ -280,7 +280,7 @@ class QueryRetrieveService:
             summary, rows = self._resolve(event)
         except (store_query.QueryError, RuntimeError) as exc:
             log.warning("C-MOVE from %s refused: %s", calling, exc)
-            self._audit("retrieve", calling, address, None, f"failure: {exc}")
+            self._audit("retrieve", calling, address, _asked(event), f"failure: {exc}")
             raise  # pynetdicom answers 0xC511 (unable to process)
         established = threading.Event()
         store_assoc: list[Any] = []
@@ -329,7 +329,7 @@ class QueryRetrieveService:
             summary, rows = self._resolve(event)
         except (store_query.QueryError, RuntimeError) as exc:
             log.warning("C-GET from %s refused: %s", calling, exc)
-            self._audit("retrieve", calling, address, None, f"failure: {exc}")
+            self._audit("retrieve", calling, address, _asked(event), f"failure: {exc}")
             raise
         tally = SubOperationTally(total=len(rows))
         stream_spool_files(event.assoc, tally)
@@ -386,6 +386,16 @@ class QueryRetrieveService:
                          outcome=outcome, detail=text or None, sop_class=sop_class)
         except Exception:  # the audit must not take a viewer's association down
             log.exception("audit record failed")
+
+
+def _asked(event: Any) -> str | None:
+    """What a refused retrieve asked for, as its audit row's target (``pas audit --study``
+    finds the refusals of a study too), or None for an identifier that does not decode."""
+    try:
+        level, keys, _ = identifier_keys(event.identifier)
+    except Exception:
+        return None
+    return _summary(level, keys)
 
 
 def _log_failed_retrieve(calling: str, outcome: str, detail: str) -> None:
