@@ -381,7 +381,7 @@ def test_a_c_store_rows_study_list_is_cut_between_uids_and_says_how_many_more(
     middle of the 62nd UID (which then named no study, or another one)."""
     from tests.support.objects import tiny_ct
 
-    studies = [f"1.2.826.0.1.3680043.8.498.{n:038d}" for n in range(1, 71)]
+    studies = [f"1.2.826.0.1.3680043.8.498.9{n:037d}" for n in range(1, 71)]  # valid: no leading 0
     assert {len(uid) for uid in studies} == {64}
     files = []
     for n, uid in enumerate(studies):
