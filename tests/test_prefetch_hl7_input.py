@@ -1,0 +1,79 @@
+"""What a real RIS may put on the wire, against a real ``pas run`` over raw MLLP sockets.
+
+Found in review (2026-12-04):
+- a 1 MB order (within ``hl7.max_message_kb``) whose NTE held a million ``~`` took the
+  daemon from 115 to 560 MB and 4.6 s (six at once: 2.7 GB): the ``hl7`` package builds an
+  object per repetition. Only the segments read are parsed now, with a bounded number of
+  delimiters (invariant 8).
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import pytest
+
+from tests.support.peers import PasProcess, pas_with_hl7
+from tests.support.peers import prefetch_requests as requests
+from tests.test_ingest_spill import peak_rss_mb
+from tests.test_serving_memory import _reset_peak
+
+SB, EB = b"\x0b", b"\x1c\r"
+
+
+@pytest.fixture(scope="module")
+def pas_input(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    pas = pas_with_hl7(tmp_path_factory.mktemp("pas_hl7_input"))
+    yield pas
+    pas.stop()
+
+
+def orm(control: str, order: str, patient: str = "P1^^^HOSP^MR", msh_tail: str = "") -> str:
+    return "\r".join([
+        f"MSH|^~\\&|RIS|HOSP|PAS|HOSP|20261204120000||ORM^O01|{control}|P|2.5{msh_tail}",
+        f"PID|1||{patient}||DOE^JOHN",
+        f"ORC|NW|{order}|||SC||^^^20991231120000",
+        f"OBR|1|{order}||CT^CT||||||||||||||ACC{order}||||||CT",
+    ])
+
+
+def exchange(pas: PasProcess, payload: bytes, answers: int = 1) -> list[bytes]:
+    """Send ``payload`` on a new connection; the MLLP blocks answered (fewer if closed)."""
+    blocks, buffer = [], b""
+    with socket.create_connection(("127.0.0.1", pas.hl7_port), timeout=60) as sock:  # type: ignore[attr-defined]
+        sock.sendall(payload)
+        while len(blocks) < answers:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            buffer += chunk
+            while EB in buffer:
+                block, buffer = buffer.split(EB, 1)
+                blocks.append(block.lstrip(SB))
+    return blocks
+
+
+def request(pas: PasProcess, order: str) -> dict[str, Any]:
+    (row,) = [r for r in requests(pas) if r["dedup_key"].endswith(f"|{order}")]
+    return row
+
+
+def test_segments_not_read_cost_nothing_to_parse(pas_input: PasProcess) -> None:
+    """A million repetitions in an NTE: AA, stored, and the daemon grows by less than 100 MB
+    (it was +445 MB); the same in a segment that is read is refused by name."""
+    assert pas_input.proc is not None
+    bulky = orm("BIG1", "ORDBIG1") + "\rNTE|1||" + "~" * 1_000_000
+    _reset_peak(pas_input.proc.pid)
+    before = peak_rss_mb(pas_input.proc.pid)
+    (ack,) = exchange(pas_input, SB + bulky.encode() + EB)
+    growth = peak_rss_mb(pas_input.proc.pid) - before
+    assert b"MSA|AA|BIG1" in ack
+    assert request(pas_input, "ORDBIG1")["accession_number"] == "ACCORDBIG1"
+    assert growth < 100, f"+{growth:.0f} MB to parse one order"
+
+    complex_pid = orm("BIG2", "ORDBIG2", patient="P2^^^HOSP" + "~" * 30_000)
+    (nak,) = exchange(pas_input, SB + complex_pid.encode() + EB)
+    assert b"MSA|AR|BIG2|PID segment too complex: 30009 delimiters" in nak
+    assert b"may hold 20000 together" in nak
+    assert not [r for r in requests(pas_input) if r["dedup_key"].endswith("|ORDBIG2")]
