@@ -5,6 +5,9 @@ Found in review (2026-12-04):
   daemon from 115 to 560 MB and 4.6 s (six at once: 2.7 GB): the ``hl7`` package builds an
   object per repetition. Only the segments read are parsed now, with a bounded number of
   delimiters (invariant 8).
+- a sender that gave up a message half-way and began again on the same connection (a second
+  start block before the end block) had both read as one: the second one's order stored for
+  the first one's patient, and ACKed with the first one's control id.
 """
 
 from __future__ import annotations
@@ -77,3 +80,15 @@ def test_segments_not_read_cost_nothing_to_parse(pas_input: PasProcess) -> None:
     assert b"MSA|AR|BIG2|PID segment too complex: 30009 delimiters" in nak
     assert b"may hold 20000 together" in nak
     assert not [r for r in requests(pas_input) if r["dedup_key"].endswith("|ORDBIG2")]
+
+
+def test_a_message_begun_again_replaces_the_unfinished_one(pas_input: PasProcess) -> None:
+    """``VT <half of R1> VT <R2> FS CR``: R2 is answered and stored as sent; the half message
+    is dropped (it was read as one message with R2: ACKed as R1, an order stored for patient
+    ``PAT\\x0bMSH`` with R2's order number)."""
+    half = orm("R1", "ORDR1", patient="PATA^^^HOSP").encode()[:70]
+    (ack,) = exchange(pas_input, SB + half + SB + orm("R2", "ORDR2", "PATB^^^HOSP").encode() + EB)
+    assert b"MSA|AA|R2" in ack
+    row = request(pas_input, "ORDR2")  # the one request of that order
+    assert (row["patient_id"], row["accession_number"]) == ("PATB", "ACCORDR2")
+    assert "bytes of an unfinished message dropped, a new start block began" in pas_input.log()

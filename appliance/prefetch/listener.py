@@ -182,7 +182,15 @@ class Hl7Listener:
         if stray:
             log.warning("HL7 from %s: %d bytes before a start block skipped: %r", source,
                         len(stray), bytes(stray[:32]))
-        return (await reader.readuntil(FRAME_END))[:-len(FRAME_END)]
+        block = (await reader.readuntil(FRAME_END))[:-len(FRAME_END)]
+        if START_BLOCK in block:
+            # The sender gave up a message and began again: what preceded the last start
+            # block is an unfinished message (HL7 text never holds VT). Read as one, the two
+            # made an order of the first message's patient with the second one's order number.
+            abandoned, _, block = block.rpartition(START_BLOCK)
+            log.warning("HL7 from %s: %d bytes of an unfinished message dropped, a new start "
+                        "block began: %r", source, len(abandoned), abandoned[:64])
+        return block
 
     async def _refuse(self, writer: HL7StreamWriter, reason: str, source: str) -> None:
         log.warning("HL7 from %s refused: %s", source, reason)
