@@ -8,6 +8,8 @@ Found in review (2026-12-04):
 - a sender that gave up a message half-way and began again on the same connection (a second
   start block before the end block) had both read as one: the second one's order stored for
   the first one's patient, and ACKed with the first one's control id.
+- MSH-18 was ignored: an ``8859/1`` message was read as UTF-8, its patient id ``PÉ1`` stored
+  as ``P\ufffd1``; bytes invalid in the character set were stored as U+FFFD and ACKed AA.
 """
 
 from __future__ import annotations
@@ -92,3 +94,43 @@ def test_a_message_begun_again_replaces_the_unfinished_one(pas_input: PasProcess
     row = request(pas_input, "ORDR2")  # the one request of that order
     assert (row["patient_id"], row["accession_number"]) == ("PATB", "ACCORDR2")
     assert "bytes of an unfinished message dropped, a new start block began" in pas_input.log()
+
+
+def test_the_declared_character_set_is_the_one_read(pas_input: PasProcess) -> None:
+    """MSH-18 ``8859/1``: ``PÉ1`` is stored as sent (it was ``P\\ufffd1``, read as UTF-8);
+    bytes not valid in the declared set, in a value PAS stores, are refused by name (they
+    were stored as U+FFFD); in a patient name, which PAS does not keep, they are harmless."""
+    latin = orm("CS1", "ORDCS1", patient="PÉ1^^^HÔP", msh_tail="||||||8859/1")
+    latin = latin.replace("DOE^JOHN", "MÜLLER^ÉLODIE").replace("ACCORDCS1", "ACCÉ1")
+    (ack,) = exchange(pas_input, SB + latin.encode("latin-1") + EB)
+    assert b"MSA|AA|CS1" in ack
+    row = request(pas_input, "ORDCS1")
+    assert (row["patient_id"], row["issuer"], row["accession_number"]) == ("PÉ1", "HÔP", "ACCÉ1")
+
+    invalid = orm("CS2", "ORDCS2", patient="P\xff2^^^HOSP", msh_tail="||||||UNICODE UTF-8")
+    (nak,) = exchange(pas_input, SB + invalid.encode("latin-1") + EB)
+    assert b"MSA|AE|CS2|PID-3 patient identifier 'P\xef\xbf\xbd2' holds bytes that are not " \
+           b"valid in the message's character set (MSH-18 'UNICODE UTF-8')" in nak
+    assert not [r for r in requests(pas_input) if r["dedup_key"].endswith("|ORDCS2")]
+
+    name_only = orm("CS3", "ORDCS3", msh_tail="||||||UNICODE UTF-8").replace("DOE", "D\xd6E")
+    (ack,) = exchange(pas_input, SB + name_only.encode("latin-1") + EB)
+    assert b"MSA|AA|CS3" in ack
+    assert request(pas_input, "ORDCS3")["patient_id"] == "P1"
+
+
+@pytest.mark.parametrize("declared, codec, unknown", [
+    ("", "utf-8", ""), ("8859/1", "iso8859-1", ""), ("8859/15", "iso8859-15", ""),
+    ("UNICODE UTF-8", "utf-8", ""), ("8859/1~UNICODE UTF-8", "iso8859-1", ""),
+    ("ISO-8859-1", "iso8859-1", ""), ("windows-1252", "cp1252", ""),
+    ("base64", "utf-8", "base64"), ("UNICODE UTF-16", "utf-8", "UNICODE UTF-16"),
+    ("utf-16", "utf-8", "utf-16"), ("EBCDIC", "utf-8", "EBCDIC"),
+])
+def test_msh_18_names_the_codec(declared: str, codec: str, unknown: str) -> None:
+    """Table 0211 names, the names engines write instead, and what cannot be read (a codec
+    that is no text encoding, one whose MLLP bytes are not ASCII): ``hl7.encoding``, named
+    for the log."""
+    from appliance.prefetch.messages import message_encoding
+
+    block = orm("CS9", "ORDCS9", msh_tail=f"||||||{declared}").encode()
+    assert message_encoding(block, "utf-8") == (codec, unknown)

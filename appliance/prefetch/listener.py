@@ -29,7 +29,7 @@ from hl7.mllp import start_hl7_server
 from hl7.mllp.streams import HL7StreamReader, HL7StreamWriter
 
 from appliance.config import Hl7Section
-from appliance.prefetch.messages import build_ack
+from appliance.prefetch.messages import build_ack, message_encoding
 
 log = logging.getLogger("pas.hl7")
 
@@ -132,9 +132,13 @@ class Hl7Listener:
                     return
                 if block is None:
                     return  # the client closed the connection between messages
-                text = block.decode(self.settings.encoding, "replace")
+                encoding, unknown = message_encoding(block, self.settings.encoding)
+                if unknown:
+                    log.warning("HL7 from %s: MSH-18 character set %r unknown, read as %s "
+                                "(hl7.encoding)", source, unknown, encoding)
+                text = block.decode(encoding, "replace")
                 answer = await loop.run_in_executor(None, self.handler, text, source)
-                writer.writeblock(answer.encode(self.settings.encoding, "replace"))
+                writer.writeblock(answer.encode(encoding, "replace"))
                 await writer.drain()
         except ConnectionError:
             return

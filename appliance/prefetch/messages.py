@@ -16,6 +16,7 @@ Which fields are read, and why (HL7 v2.5 positions):
 
 from __future__ import annotations
 
+import codecs
 import datetime as dt
 import re
 from dataclasses import dataclass
@@ -57,6 +58,43 @@ class Refusal(Exception):
 
     def __str__(self) -> str:
         return self.reason
+
+
+# HL7 table 0211 (MSH-18) -> Python codec, for the character sets whose ASCII bytes are ASCII
+# (MLLP framing and the MSH must read as such); a name outside it that Python knows as a text
+# encoding (``UTF-8``, ``ISO-8859-1``, ``windows-1252``, as some engines write) is used too.
+CHARSETS = {"ASCII": "ascii", "ISO IR6": "ascii", "UNICODE UTF-8": "utf-8",
+            "ISO IR192": "utf-8", "ISO IR100": "iso8859-1", "GB 18030-2000": "gb18030",
+            "KS X 1001": "euc-kr", "BIG-5": "big5",
+            **{f"8859/{n}": f"iso8859-{n}" for n in (*range(1, 10), 15)}}
+
+
+def message_encoding(block: bytes, default: str) -> tuple[str, str]:
+    """The codec to read ``block`` with: its MSH-18 character set (first repetition), else
+    ``default`` (``hl7.encoding``). Second item: the MSH-18 value when it names no character
+    set this can read (``default`` is then used), for the caller to log.
+
+    A RIS declaring ``8859/1`` had its ``É`` read as UTF-8, that is U+FFFD: a patient id
+    stored wrong, and two ids differing by one accent made one request."""
+    msh = block.split(b"\r", 1)[0].split(b"\n", 1)[0]
+    if len(msh) < 8 or not msh.startswith(b"MSH"):
+        return default, ""
+    fields = msh.split(msh[3:4])
+    if len(fields) < 18:
+        return default, ""
+    declared = fields[17].split(msh[5:6])[0].decode("ascii", "replace").strip()
+    if not declared:
+        return default, ""
+    codec = CHARSETS.get(declared.upper())
+    if codec is None:
+        try:
+            "".encode(declared)  # a text encoding (not base64, rot13...)
+            codec = codecs.lookup(declared).name
+        except (LookupError, ValueError):
+            return default, declared
+        if codec.startswith(("utf-16", "utf-32")):  # MLLP bytes and the MSH are not ASCII
+            return default, declared
+    return codec, ""
 
 
 def _field(message: hl7.Message, path: str) -> str:
@@ -210,9 +248,27 @@ def interpret(message: hl7.Message, issuer_default: str = "") -> PrefetchOrder:
         raise Refusal(refusal.ack_code, refusal.error_code, refusal.reason, message_type,
                       control_id) from None
     dedup_key, accession, modality, body_part, scheduled_at, cancel = order
+    _refuse_undecodable(message, message_type, control_id, {
+        "PID-3 patient identifier": patient_id, "PID-3.4 issuer": issuer,
+        "accession number": accession, "modality": modality, "body part": body_part,
+        "order, appointment or visit number": dedup_key, "MSH-3/MSH-4/MSH-10": message_key})
     return PrefetchOrder(message_key, message_type, control_id, dedup_key, patient_id, issuer,
                          accession or None, (modality or "").upper() or None, body_part or None,
                          scheduled_at, cancel)
+
+
+def _refuse_undecodable(message: hl7.Message, message_type: str, control_id: str,
+                       stored: dict[str, str]) -> None:
+    """A value PAS stores or matches on that holds U+FFFD, the mark of bytes not valid in
+    the character set the message was read with, is refused naming it: stored, it would
+    match no study in the region, and two ids differing only there would be one request.
+    Such bytes elsewhere (a patient name) are harmless and left."""
+    for name, value in stored.items():
+        if "\ufffd" in value:
+            declared = _msh_field(message, 18)
+            charset = f"MSH-18 {declared!r}" if declared else "hl7.encoding, MSH-18 empty"
+            raise Refusal("AE", "102", f"{name} {value!r} holds bytes that are not valid in "
+                          f"the message's character set ({charset})", message_type, control_id)
 
 
 def _interpret_kind(message: hl7.Message, kind: str, patient: str
