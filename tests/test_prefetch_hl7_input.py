@@ -1,4 +1,4 @@
-"""What a real RIS may put on the wire, against a real ``pas run`` over raw MLLP sockets.
+r"""What a real RIS may put on the wire, against a real ``pas run`` over raw MLLP sockets.
 
 Found in review (2026-12-04):
 - a 1 MB order (within ``hl7.max_message_kb``) whose NTE held a million ``~`` took the
@@ -10,6 +10,8 @@ Found in review (2026-12-04):
   the first one's patient, and ACKed with the first one's control id.
 - MSH-18 was ignored: an ``8859/1`` message was read as UTF-8, its patient id ``PÉ1`` stored
   as ``P\ufffd1``; bytes invalid in the character set were stored as U+FFFD and ACKed AA.
+- the ``hl7`` package's unescaping stored an unescaped backslash ``AB\CD`` as ``AB``, an
+  invalid ``\Xzz\`` as nothing, highlighting ``\H\`` as ``_``: silently wrong ids.
 """
 
 from __future__ import annotations
@@ -134,3 +136,25 @@ def test_msh_18_names_the_codec(declared: str, codec: str, unknown: str) -> None
 
     block = orm("CS9", "ORDCS9", msh_tail=f"||||||{declared}").encode()
     assert message_encoding(block, "utf-8") == (codec, unknown)
+
+
+def test_escape_sequences_are_read_or_refused_by_name(pas_input: PasProcess) -> None:
+    """The delimiters' and hex escapes are stored unescaped, highlighting dropped (it was
+    ``_``); an escape character never closed or a sequence an identifier cannot hold is
+    refused naming the field (``AB\\CD`` was stored as ``AB``, ``\\Xzz\\`` as nothing)."""
+    escaped = orm("ES1", "ORDES1", patient="AB\\F\\C\\H\\D\\N\\^^^H\\S\\1")
+    escaped = escaped.replace("ACCORDES1", "A\\X41\\\\T\\\\E\\")
+    (ack,) = exchange(pas_input, SB + escaped.encode() + EB)
+    assert b"MSA|AA|ES1" in ack
+    row = request(pas_input, "ORDES1")
+    assert (row["patient_id"], row["issuer"], row["accession_number"]) == \
+        ("AB|CD", "H^1", "AA&\\")
+
+    for control, patient, reason in [
+            ("ES2", "AB\\CD^^^HOSP", b"PID-3 'AB\\E\\CD': the escape character '\\E\\' opens a "
+                                     b"sequence it never closes"),
+            ("ES3", "A\\Xzz\\B^^^HOSP", b"PID-3 'A\\E\\Xzz\\E\\B': escape sequence \\E\\Xzz\\E\\ "
+                                       b"is not one an identifier may hold")]:
+        (nak,) = exchange(pas_input, SB + orm(control, f"ORD{control}", patient).encode() + EB)
+        assert b"MSA|AE|" + control.encode() + b"|" + reason in nak
+        assert not [r for r in requests(pas_input) if r["dedup_key"].endswith(f"|ORD{control}")]

@@ -20,6 +20,7 @@ import codecs
 import datetime as dt
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import hl7
 from hl7.util import generate_message_control_id
@@ -98,12 +99,79 @@ def message_encoding(block: bytes, default: str) -> tuple[str, str]:
 
 
 def _field(message: hl7.Message, path: str) -> str:
-    """``message["PID.F3.R1.C1"]`` that answers '' for anything absent."""
+    """``message["PID.F3.R1.C1"]`` that answers '' for anything absent, its escape sequences
+    read by :func:`_unescape` (:class:`Refusal` for one that cannot be read).
+
+    Outside the MSH, the leaf is found here as ``hl7`` finds it (the first child down to a
+    leaf; '' when the path goes on past one) but taken raw: ``hl7`` unescapes on its own
+    terms, which stored ``AB\\CD`` (a backslash not escaped) as ``AB``, ``\\Xzz\\`` as
+    nothing and ``\\H\\`` as ``_``."""
+    name, *steps = path.split(".")
+    if name == "MSH":
+        try:
+            value = message[path]
+        except (KeyError, IndexError, ValueError, TypeError):
+            return ""
+        return str(value).strip() if value is not None else ""
     try:
-        value = message[path]
-    except (KeyError, IndexError, ValueError, TypeError):
+        segment = message.segment(name)
+    except KeyError:
         return ""
-    return str(value).strip() if value is not None else ""
+    indexes = {step[0]: int(step[1:]) for step in steps}
+    if indexes["F"] >= len(segment):
+        return ""
+    node: Any = segment[indexes["F"]]
+    for level in "RCS":
+        index = indexes.get(level, 1)
+        if isinstance(node, str):
+            if index != 1:
+                return ""
+            break
+        node = node[index - 1] if index <= len(node) else ""
+    while not isinstance(node, str):
+        node = node[0] if len(node) else ""
+    try:
+        return _unescape(message, node).strip()
+    except ValueError as exc:
+        label = f"{name}-{indexes['F']}" + (f".{indexes['C']}" if indexes.get("C", 1) > 1
+                                            else "")
+        raise Refusal("AE", "102", f"{label} '{node}': {exc}") from None
+
+
+def _unescape(message: hl7.Message, raw: str) -> str:
+    """HL7 escape sequences of an identifier or code (v2.5 section 2.7): the delimiters
+    (``\\F\\ \\S\\ \\T\\ \\R\\ \\E\\``), bytes in hex (``\\X41\\``, in the message's character
+    set); highlighting (``\\H\\ \\N\\``) dropped. Anything else, an escape character
+    not closed included, is a :class:`ValueError` naming it: guessed, two identifiers would
+    become one."""
+    escape = message.esc
+    if not escape or escape not in raw:
+        return raw
+    parts = raw.split(escape)
+    if len(parts) % 2 == 0:
+        raise ValueError(f"the escape character '{escape}' opens a sequence it never closes "
+                         f"(a literal '{escape}' is written {escape}E{escape})")
+    delimiters = {"F": message.separators[1], "R": message.separators[2],
+                  "S": message.separators[3], "T": message.separators[4], "E": escape}
+    text = []
+    for position, part in enumerate(parts):
+        if position % 2 == 0:
+            text.append(part)
+        elif part in delimiters:
+            text.append(delimiters[part])
+        elif part in ("H", "N"):
+            continue
+        elif re.fullmatch(r"X(?:[0-9A-Fa-f]{2})+", part):
+            codec = message_encoding(str(message.segment("MSH")).encode("ascii", "replace"),
+                                     "utf-8")[0]
+            try:
+                text.append(bytes.fromhex(part[1:]).decode(codec))
+            except UnicodeDecodeError:
+                raise ValueError(f"{escape}{part}{escape}: not {codec} bytes") from None
+        else:
+            raise ValueError(f"escape sequence {escape}{part}{escape} is not one an "
+                             f"identifier may hold (F S T R E X.. H N)")
+    return "".join(text)
 
 
 def _msh_field(message: hl7.Message, number: int) -> str:
@@ -234,19 +302,17 @@ def interpret(message: hl7.Message, issuer_default: str = "") -> PrefetchOrder:
                       f"{supported})", message_type, control_id)
     if not _segment_present(message, "PID"):
         raise Refusal("AE", "100", "PID segment is missing", message_type, control_id)
-    patient_id = _field(message, "PID.F3.R1.C1")
-    if not patient_id:
-        raise Refusal("AE", "101", "PID-3 patient identifier is missing", message_type,
-                      control_id)
-    issuer = _field(message, "PID.F3.R1.C4.S1") or issuer_default
-    sender = f"{_msh_field(message, 3)}|{_msh_field(message, 4)}"
-    message_key = f"{sender}|{control_id}"
-    patient = f"{patient_id}|{issuer}"
     try:
-        order = _interpret_kind(message, kind, patient)
+        patient_id = _field(message, "PID.F3.R1.C1")
+        if not patient_id:
+            raise Refusal("AE", "101", "PID-3 patient identifier is missing")
+        issuer = _field(message, "PID.F3.R1.C4.S1") or issuer_default
+        order = _interpret_kind(message, kind, f"{patient_id}|{issuer}")
     except Refusal as refusal:
         raise Refusal(refusal.ack_code, refusal.error_code, refusal.reason, message_type,
                       control_id) from None
+    sender = f"{_msh_field(message, 3)}|{_msh_field(message, 4)}"
+    message_key = f"{sender}|{control_id}"
     dedup_key, accession, modality, body_part, scheduled_at, cancel = order
     _refuse_undecodable(message, message_type, control_id, {
         "PID-3 patient identifier": patient_id, "PID-3.4 issuer": issuer,
