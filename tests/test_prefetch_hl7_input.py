@@ -12,6 +12,8 @@ Found in review (2026-12-04):
   as ``P\ufffd1``; bytes invalid in the character set were stored as U+FFFD and ACKed AA.
 - the ``hl7`` package's unescaping stored an unescaped backslash ``AB\CD`` as ``AB``, an
   invalid ``\Xzz\`` as nothing, highlighting ``\H\`` as ``_``: silently wrong ids.
+- a control id seen before with another order (a RIS numbering from 1 again) was taken for a
+  resend: ACKed AA "already processed", the new order dropped.
 """
 
 from __future__ import annotations
@@ -158,3 +160,25 @@ def test_escape_sequences_are_read_or_refused_by_name(pas_input: PasProcess) -> 
         (nak,) = exchange(pas_input, SB + orm(control, f"ORD{control}", patient).encode() + EB)
         assert b"MSA|AE|" + control.encode() + b"|" + reason in nak
         assert not [r for r in requests(pas_input) if r["dedup_key"].endswith(f"|ORD{control}")]
+
+
+def test_a_control_id_used_again_for_another_order_is_not_a_resend(
+        pas_input: PasProcess) -> None:
+    """A RIS that numbers its messages from 1 again (reinstalled) sends a new order under an
+    old MSH-10: it is stored and logged (it was ACKed "duplicate message: already
+    processed" and dropped); the same message resent is still recognised, and so is the
+    cancel resent under a reused id."""
+    first = SB + orm("K1", "ORDK1").encode() + EB
+    other = SB + orm("K1", "ORDK2", patient="P2^^^HOSP").encode() + EB
+    acks = exchange(pas_input, first + other + other + first, answers=4)
+    assert [b"MSA|AA|K1" in a for a in acks] == [True] * 4
+    assert [b"duplicate message" in a for a in acks] == [False, False, True, True]
+    assert request(pas_input, "ORDK2")["patient_id"] == "P2"
+    assert request(pas_input, "ORDK1")["times_requested"] == 1
+    assert "control id K1 (MSH-10) was already used for order:P1|HOSP|ORDK1" in pas_input.log()
+
+    cancel = SB + orm("K1", "ORDK2", patient="P2^^^HOSP").replace("ORC|NW", "ORC|CA").encode() \
+        + EB
+    acks = exchange(pas_input, cancel + cancel, answers=2)
+    assert [b"duplicate message" in a for a in acks] == [False, True]
+    assert request(pas_input, "ORDK2")["state"] == "cancelled"
