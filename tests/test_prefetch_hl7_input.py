@@ -12,6 +12,8 @@ Found in review (2026-12-04):
   as ``P\ufffd1``; bytes invalid in the character set were stored as U+FFFD and ACKed AA.
 - the ``hl7`` package's unescaping stored an unescaped backslash ``AB\CD`` as ``AB``, an
   invalid ``\Xzz\`` as nothing, highlighting ``\H\`` as ``_``: silently wrong ids.
+- a message ended by FS alone (no CR) waited ``frame_timeout_s`` for a NAK saying "message not
+  finished"; two of them sent together were read as one.
 - a control id seen before with another order (a RIS numbering from 1 again) was taken for a
   resend: ACKed AA "already processed", the new order dropped.
 """
@@ -33,7 +35,7 @@ SB, EB = b"\x0b", b"\x1c\r"
 
 @pytest.fixture(scope="module")
 def pas_input(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    pas = pas_with_hl7(tmp_path_factory.mktemp("pas_hl7_input"))
+    pas = pas_with_hl7(tmp_path_factory.mktemp("pas_hl7_input"), PAS_HL7__FRAME_TIMEOUT_S="3")
     yield pas
     pas.stop()
 
@@ -182,3 +184,16 @@ def test_a_control_id_used_again_for_another_order_is_not_a_resend(
     acks = exchange(pas_input, cancel + cancel, answers=2)
     assert [b"duplicate message" in a for a in acks] == [False, True]
     assert request(pas_input, "ORDK2")["state"] == "cancelled"
+
+
+def test_an_end_block_without_its_cr_is_named(pas_input: PasProcess) -> None:
+    """``FS`` alone then silence: after ``frame_timeout_s`` a NAK names the missing CR (it
+    said "message not finished"); ``FS`` then the next message's ``VT``: a NAK at once, and
+    neither message taken for an order (they were read as one)."""
+    (nak,) = exchange(pas_input, SB + orm("FS1", "ORDFS1").encode() + b"\x1c")
+    assert b"MSA|AR||an end block FS came, but no CR after it (MLLP ends a message with FS " \
+           b"CR) within hl7.frame_timeout_s (3 s)" in nak
+    two = SB + orm("FS2", "ORDFS2").encode() + b"\x1c" + SB + orm("FS3", "ORDFS3").encode() + EB
+    (nak,) = exchange(pas_input, two, answers=2)
+    assert b"MSA|AR||not MLLP-framed: the end block FS is followed by 0x0b, not CR" in nak
+    assert not [r for r in requests(pas_input) if "|ORDFS" in r["dedup_key"]]
