@@ -140,6 +140,7 @@ def test_msh_18_names_the_codec(declared: str, codec: str, unknown: str) -> None
 
     block = orm("CS9", "ORDCS9", msh_tail=f"||||||{declared}").encode()
     assert message_encoding(block, "utf-8") == (codec, unknown)
+    assert message_encoding(b"\r\n" + block, "utf-8") == (codec, unknown)  # a blank line first
 
 
 def test_escape_sequences_are_read_or_refused_by_name(pas_input: PasProcess) -> None:

@@ -77,7 +77,7 @@ def message_encoding(block: bytes, default: str) -> tuple[str, str]:
 
     A RIS declaring ``8859/1`` had its ``É`` read as UTF-8, that is U+FFFD: a patient id
     stored wrong, and two ids differing by one accent made one request."""
-    msh = block.split(b"\r", 1)[0].split(b"\n", 1)[0]
+    msh = block.lstrip(b"\r\n").split(b"\r", 1)[0].split(b"\n", 1)[0]
     if len(msh) < 8 or not msh.startswith(b"MSH"):
         return default, ""
     fields = msh.split(msh[3:4])
@@ -268,9 +268,8 @@ def parse_message(text: str) -> hl7.Message:
 def _segments_read(text: str) -> str:
     """The first MSH, PID, ORC... of ``text`` (see :data:`READ_SEGMENTS`), in their order."""
     separator = text[3]
-    delimiters = {separator, *text[4:8]}
-    if text[6] != separator:
-        delimiters.discard(text[6])  # the escape character splits nothing
+    encoding_characters = text[4:8].split(separator, 1)[0]  # MSH-2: ^~\& or fewer
+    delimiters = {separator, *encoding_characters[:2], *encoding_characters[3:]}
     kept: dict[str, str] = {}
     for segment in text.split("\r"):
         name = segment.split(separator, 1)[0]
