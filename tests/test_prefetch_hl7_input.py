@@ -14,6 +14,8 @@ Found in review (2026-12-04):
   invalid ``\Xzz\`` as nothing, highlighting ``\H\`` as ``_``: silently wrong ids.
 - a message ended by FS alone (no CR) waited ``frame_timeout_s`` for a NAK saying "message not
   finished"; two of them sent together were read as one.
+- ``ORC|SC`` with ORC-5 ``CA`` (order status: cancelled), sent after a cancel, was taken for a
+  new order and made the cancelled request pending again.
 - a control id seen before with another order (a RIS numbering from 1 again) was taken for a
   resend: ACKed AA "already processed", the new order dropped.
 """
@@ -198,3 +200,23 @@ def test_an_end_block_without_its_cr_is_named(pas_input: PasProcess) -> None:
     (nak,) = exchange(pas_input, two, answers=2)
     assert b"MSA|AR||not MLLP-framed: the end block FS is followed by 0x0b, not CR" in nak
     assert not [r for r in requests(pas_input) if "|ORDFS" in r["dedup_key"]]
+
+
+def test_a_status_change_to_cancelled_cancels(pas_input: PasProcess) -> None:
+    """``ORC|CA`` then ``ORC|SC|...|CA`` (the status notice many RIS send after a cancel): the
+    request stays cancelled (the SC was taken for a new order and made it pending again); an
+    SC to cancelled alone cancels too."""
+    new = orm("SC1", "ORDSC1")
+    cancel = new.replace("ORC|NW", "ORC|CA")
+    status = new.replace("ORC|NW|ORDSC1|||SC", "ORC|SC|ORDSC1|||CA")
+    acks = exchange(pas_input, b"".join(SB + m.encode() + EB for m in [
+        new, cancel.replace("|SC1|", "|SC2|"), status.replace("|SC1|", "|SC3|")]), answers=3)
+    assert [b"MSA|AA" in a for a in acks] == [True] * 3
+    assert request(pas_input, "ORDSC1")["state"] == "cancelled"
+
+    other = orm("SC4", "ORDSC4")
+    discontinued = other.replace("ORC|NW|ORDSC4|||SC", "ORC|SC|ORDSC4|||DC")
+    acks = exchange(pas_input, b"".join(SB + m.encode() + EB for m in [
+        other, discontinued.replace("|SC4|", "|SC5|")]), answers=2)
+    assert [b"MSA|AA" in a for a in acks] == [True] * 2
+    assert request(pas_input, "ORDSC4")["state"] == "cancelled"

@@ -6,9 +6,9 @@ carry the reason). May not touch: the database or the network; the listener does
 
 Which fields are read, and why (HL7 v2.5 positions):
 - every message: MSH-9 type, MSH-10 control id, PID-3 patient identifier (CX: ID^^^issuer).
-- ORM^O01: ORC-1 order control (CA/DC/OC cancel), ORC-2/ORC-3 placer/filler order number
-  (the dedup key), OBR-18 or ORC-2 accession, OBR-24 modality, OBR-15 body site,
-  OBR-27.4 / ORC-7.4 / OBR-36 / OBR-7 the time of the exam.
+- ORM^O01: ORC-1 order control (CA/DC/OC/OD/CR/DR, or SC with ORC-5 CA/DC: cancel),
+  ORC-2/ORC-3 placer/filler order number (the dedup key), OBR-18 or ORC-2 accession, OBR-24
+  modality, OBR-15 body site, OBR-27.4 / ORC-7.4 / OBR-36 / OBR-7 the time of the exam.
 - OMI^O23: the same ORC/OBR, TQ1-7 start time, IPC-1 accession, IPC-5 modality.
 - SIU^S12/S14: SCH-1/SCH-2 appointment ids (dedup key), SCH-11.4 or AIS-4 start time.
 - ADT^A04/A08: PV1-19 visit number (dedup key: A04 then A08 of one visit is one request).
@@ -27,7 +27,12 @@ from hl7.util import generate_message_control_id
 
 SUPPORTED = {("ORM", "O01"), ("OMI", "O23"), ("SIU", "S12"), ("SIU", "S14"),
              ("ADT", "A04"), ("ADT", "A08")}
-CANCEL_CONTROLS = {"CA", "DC", "OC", "OD"}
+# ORC-1 order controls that end an order: cancel / discontinue requests, and the filler's
+# "cancelled / discontinued as requested" answers.
+CANCEL_CONTROLS = {"CA", "DC", "OC", "OD", "CR", "DR"}
+# ORC-1 ``SC`` (status changed) with one of these ORC-5 order statuses ends it too: a RIS
+# sends it after (or instead of) CA, and taken as a new order it revived the cancelled request.
+CANCELLED_STATUSES = {"CA", "DC"}
 
 
 @dataclass(frozen=True)
@@ -354,7 +359,9 @@ def _interpret_kind(message: hl7.Message, kind: str, patient: str
         body_part = _field(message, "OBR.F15.R1.C1")
         scheduled = _time(message, "TQ1.F7.R1.C1", "OBR.F27.R1.C4", "ORC.F7.R1.C4",
                           "OBR.F36", "OBR.F7")
-        cancel = _field(message, "ORC.F1").upper() in CANCEL_CONTROLS
+        control = _field(message, "ORC.F1").upper()
+        cancel = control in CANCEL_CONTROLS or (
+            control == "SC" and _field(message, "ORC.F5").upper() in CANCELLED_STATUSES)
         return (f"order:{patient}|{order_number}", accession, modality, body_part, scheduled,
                 cancel)
     if kind == "SIU":
