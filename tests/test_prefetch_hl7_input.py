@@ -16,6 +16,8 @@ Found in review (2026-12-04):
   finished"; two of them sent together were read as one.
 - ``ORC|SC`` with ORC-5 ``CA`` (order status: cancelled), sent after a cancel, was taken for a
   new order and made the cancelled request pending again.
+- PID-3 was read at its first repetition only: with the INS first (as French RIS may send
+  it) the request was for the INS, not the hospital's IPP the region indexes.
 - a control id seen before with another order (a RIS numbering from 1 again) was taken for a
   resend: ACKed AA "already processed", the new order dropped.
 """
@@ -220,3 +222,22 @@ def test_a_status_change_to_cancelled_cancels(pas_input: PasProcess) -> None:
         other, discontinued.replace("|SC4|", "|SC5|")]), answers=2)
     assert [b"MSA|AA" in a for a in acks] == [True] * 2
     assert request(pas_input, "ORDSC4")["state"] == "cancelled"
+
+
+def test_the_pid_3_repetition_of_a_mapped_issuer_is_the_patient(tmp_path: Any) -> None:
+    """PID-3 with the INS first and the hospital's IPP second: with the IPP's issuer in
+    ``prefetch.issuer_map`` the request is for the IPP (it was for the INS, which the
+    region does not index: no prior found); without one in the map, the first as before."""
+    pas = pas_with_hl7(tmp_path, PAS_PREFETCH__ISSUER_MAP__hosp="1.2.250.1.99")
+    try:
+        ins = "1234567890123^^^ASIP-SANTE-INS-NIR&1.2.250.1.213.1.4.8&ISO^INS"
+        for control, ipp in [("IN1", "IPP42^^^hosp^PI"), ("IN2", "IPP43^^^other^PI")]:
+            message = orm(control, f"ORD{control}", patient=f"{ins}~{ipp}")
+            (ack,) = exchange(pas, SB + message.encode() + EB)
+            assert b"MSA|AA|" + control.encode() in ack
+        mapped, unmapped = request(pas, "ORDIN1"), request(pas, "ORDIN2")
+        assert (mapped["patient_id"], mapped["issuer"]) == ("IPP42", "hosp")
+        assert (unmapped["patient_id"], unmapped["issuer"]) == \
+            ("1234567890123", "ASIP-SANTE-INS-NIR")
+    finally:
+        pas.stop()

@@ -5,7 +5,8 @@ or a :class:`Refusal` that names the problem, and building ACK / NAK messages (M
 carry the reason). May not touch: the database or the network; the listener does that.
 
 Which fields are read, and why (HL7 v2.5 positions):
-- every message: MSH-9 type, MSH-10 control id, PID-3 patient identifier (CX: ID^^^issuer).
+- every message: MSH-9 type, MSH-10 control id, PID-3 patient identifier (CX: ID^^^issuer;
+  the repetition of an issuer in ``prefetch.issuer_map``, else the first).
 - ORM^O01: ORC-1 order control (CA/DC/OC/OD/CR/DR, or SC with ORC-5 CA/DC: cancel),
   ORC-2/ORC-3 placer/filler order number (the dedup key), OBR-18 or ORC-2 accession, OBR-24
   modality, OBR-15 body site, OBR-27.4 / ORC-7.4 / OBR-36 / OBR-7 the time of the exam.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import codecs
 import datetime as dt
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -292,8 +294,11 @@ def _segments_read(text: str) -> str:
     return "\r".join(kept.values())
 
 
-def interpret(message: hl7.Message, issuer_default: str = "") -> PrefetchOrder:
-    """What the message asks for, or :class:`Refusal`."""
+def interpret(message: hl7.Message, issuer_default: str = "",
+              site_issuers: Collection[str] = ()) -> PrefetchOrder:
+    """What the message asks for, or :class:`Refusal`. ``site_issuers``: the issuers whose
+    identifiers the region knows (``prefetch.issuer_map``): the PID-3 repetition of one of
+    them is the patient's, else the first (see :func:`_site_repetition`)."""
     kind = _field(message, "MSH.F9.R1.C1").upper()
     event = _field(message, "MSH.F9.R1.C2").upper()
     message_type = f"{kind}^{event}"
@@ -307,10 +312,11 @@ def interpret(message: hl7.Message, issuer_default: str = "") -> PrefetchOrder:
     if not _segment_present(message, "PID"):
         raise Refusal("AE", "100", "PID segment is missing", message_type, control_id)
     try:
-        patient_id = _field(message, "PID.F3.R1.C1")
+        repetition = _site_repetition(message, site_issuers)
+        patient_id = _field(message, f"PID.F3.R{repetition}.C1")
         if not patient_id:
             raise Refusal("AE", "101", "PID-3 patient identifier is missing")
-        issuer = _field(message, "PID.F3.R1.C4.S1") or issuer_default
+        issuer = _field(message, f"PID.F3.R{repetition}.C4.S1") or issuer_default
         order = _interpret_kind(message, kind, f"{patient_id}|{issuer}")
     except Refusal as refusal:
         raise Refusal(refusal.ack_code, refusal.error_code, refusal.reason, message_type,
@@ -325,6 +331,26 @@ def interpret(message: hl7.Message, issuer_default: str = "") -> PrefetchOrder:
     return PrefetchOrder(message_key, message_type, control_id, dedup_key, patient_id, issuer,
                          accession or None, (modality or "").upper() or None, body_part or None,
                          scheduled_at, cancel)
+
+
+def _site_repetition(message: hl7.Message, site_issuers: Collection[str]) -> int:
+    """The PID-3 repetition whose issuer (CX-4.1) is one of ``site_issuers``, else 1.
+
+    A French RIS sends the INS (``...^^^ASIP-SANTE-INS-NIR&1.2.250.1.213.1.4.8&ISO^INS``)
+    and the hospital's IPP in PID-3, in either order: the first alone queried the region
+    for the INS where it indexes the IPP, and found no prior."""
+    if not site_issuers:
+        return 1
+    field = message.segment("PID")[3] if len(message.segment("PID")) > 3 else []
+    repetitions = len(field) if field and not isinstance(field[0], str) else 1
+    for repetition in range(1, repetitions + 1):
+        try:
+            if _field(message, f"PID.F3.R{repetition}.C4.S1") in site_issuers and \
+                    _field(message, f"PID.F3.R{repetition}.C1"):
+                return repetition
+        except Refusal:
+            continue  # an identifier of another issuer that cannot be read: not this one
+    return 1
 
 
 def _refuse_undecodable(message: hl7.Message, message_type: str, control_id: str,

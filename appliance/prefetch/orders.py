@@ -11,7 +11,7 @@ takes the requests from the database).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from appliance.prefetch.messages import Refusal, build_ack, interpret, parse_message
@@ -23,15 +23,17 @@ log = logging.getLogger("pas.prefetch")
 
 
 def handle(db: Database, text: str, source: str,
-           due_at: Callable[[float | None], float]) -> tuple[str, bool]:
+           due_at: Callable[[float | None], float],
+           site_issuers: Collection[str] = ()) -> tuple[str, bool]:
     """The ACK for one HL7 message, and whether a request was scheduled (the scheduler is
     then woken). ``due_at``: when a request for an exam at that time is due. A resent
     message is recognised and ACKed again, changing nothing; a refused one is audited and
-    NAKed with the reason; an internal error is still answered (AE), never left hanging."""
+    NAKed with the reason; an internal error is still answered (AE), never left hanging.
+    ``site_issuers``: which PID-3 repetition is the patient's (:func:`messages.interpret`)."""
     message = None
     try:
         message = parse_message(text)
-        order = interpret(message)
+        order = interpret(message, site_issuers=site_issuers)
         if order.cancel:
             recorded = store.record_message(db, order.message_key, order.message_type, "AA",
                                             cancel_key=order.dedup_key)
