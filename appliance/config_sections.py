@@ -421,7 +421,7 @@ class Hl7Section(_Section):
     host: str = "0.0.0.0"
     port: Port = 2575
     max_message_kb: int = Field(default=1024, ge=1)
-    encoding: str = "utf-8"
+    encoding: str = "utf-8"  # for messages whose MSH-18 is empty or names no known set
     max_connections: int = Field(default=32, ge=1)
     frame_timeout_s: float = Field(default=60.0, gt=0)
     idle_timeout_s: float = Field(default=3600.0, ge=0)

@@ -8,9 +8,10 @@ worker thread because it commits to SQLite before the ACK leaves. May not touch:
 
 Bytes between frames (the CR LF some engines send after the end block, a keep-alive byte)
 are skipped and logged: only the start block begins a message. A message with no start block
-(an end block met first) or too large gets a NAK naming the problem and the connection is
-closed (the stream cannot be resynchronised); every other connection is served on as before
-(invariant 7).
+(an end block met first), an end block followed by anything but CR, or one too large gets a
+NAK naming the problem and the connection is closed (the stream cannot be resynchronised). A
+start block inside a frame (the sender began again) drops the unfinished message before it.
+Every other connection is served on as before (invariant 7).
 
 Bounded (invariant 8): at most ``hl7.max_connections`` connections are served, the others
 closed at once; a message not finished ``hl7.frame_timeout_s`` after its first byte gets a
@@ -29,7 +30,7 @@ from hl7.mllp import start_hl7_server
 from hl7.mllp.streams import HL7StreamReader, HL7StreamWriter
 
 from appliance.config import Hl7Section
-from appliance.prefetch.messages import build_ack
+from appliance.prefetch.messages import build_ack, message_encoding
 
 log = logging.getLogger("pas.hl7")
 
@@ -46,7 +47,8 @@ class Idle(Exception):
 
 
 class Stalled(Exception):
-    """A message begun but not finished within ``hl7.frame_timeout_s``."""
+    """A message begun but not finished within ``hl7.frame_timeout_s`` (the text: what was
+    missing)."""
 
 
 class Hl7Listener:
@@ -118,10 +120,9 @@ class Hl7Listener:
                     log.info("HL7 from %s: idle for %g s (hl7.idle_timeout_s): closed",
                              source, self.settings.idle_timeout_s)
                     return
-                except Stalled:
-                    await self._refuse(writer, "message not finished within "
-                                       f"hl7.frame_timeout_s ({self.settings.frame_timeout_s:g}"
-                                       " s)", source)
+                except Stalled as exc:
+                    await self._refuse(writer, f"{exc} within hl7.frame_timeout_s "
+                                       f"({self.settings.frame_timeout_s:g} s)", source)
                     return
                 except NotFramed as exc:
                     await self._refuse(writer, f"not MLLP-framed: {exc}", source)
@@ -132,9 +133,13 @@ class Hl7Listener:
                     return
                 if block is None:
                     return  # the client closed the connection between messages
-                text = block.decode(self.settings.encoding, "replace")
+                encoding, unknown = message_encoding(block, self.settings.encoding)
+                if unknown:
+                    log.warning("HL7 from %s: MSH-18 character set %r unknown, read as %s "
+                                "(hl7.encoding)", source, unknown, encoding)
+                text = block.decode(encoding, "replace")
                 answer = await loop.run_in_executor(None, self.handler, text, source)
-                writer.writeblock(answer.encode(self.settings.encoding, "replace"))
+                writer.writeblock(answer.encode(encoding, "replace"))
                 await writer.drain()
         except ConnectionError:
             return
@@ -157,14 +162,16 @@ class Hl7Listener:
                 byte = await reader.read(1)
         except TimeoutError:
             raise Idle from None
+        ended: list[bool] = []  # an end block came: only its CR is awaited
         try:
             async with asyncio.timeout(self.settings.frame_timeout_s):
-                return await self._rest_of_frame(reader, source, byte)
+                return await self._rest_of_frame(reader, source, byte, ended)
         except TimeoutError:
-            raise Stalled from None
+            raise Stalled("an end block FS came, but no CR after it (MLLP ends a message "
+                          "with FS CR)" if ended else "message not finished") from None
 
     async def _rest_of_frame(self, reader: asyncio.StreamReader, source: str,
-                             byte: bytes) -> bytes | None:
+                             byte: bytes, ended: list[bool]) -> bytes | None:
         stray = bytearray()
         while byte != START_BLOCK:
             if not byte:
@@ -182,7 +189,21 @@ class Hl7Listener:
         if stray:
             log.warning("HL7 from %s: %d bytes before a start block skipped: %r", source,
                         len(stray), bytes(stray[:32]))
-        return (await reader.readuntil(FRAME_END))[:-len(FRAME_END)]
+        block = (await reader.readuntil(END_BLOCK))[:-len(END_BLOCK)]
+        ended.append(True)
+        after = await reader.readexactly(1)
+        if after != FRAME_END[1:]:
+            # Read on to the next FS CR, a sender ending its messages with FS alone had two
+            # messages taken for one (or its one left waiting frame_timeout_s for nothing).
+            raise NotFramed(f"the end block FS is followed by 0x{after.hex()}, not CR")
+        if START_BLOCK in block:
+            # The sender gave up a message and began again: what preceded the last start
+            # block is an unfinished message (HL7 text never holds VT). Read as one, the two
+            # made an order of the first message's patient with the second one's order number.
+            abandoned, _, block = block.rpartition(START_BLOCK)
+            log.warning("HL7 from %s: %d bytes of an unfinished message dropped, a new start "
+                        "block began: %r", source, len(abandoned), abandoned[:64])
+        return block
 
     async def _refuse(self, writer: HL7StreamWriter, reason: str, source: str) -> None:
         log.warning("HL7 from %s refused: %s", source, reason)

@@ -5,10 +5,11 @@ or a :class:`Refusal` that names the problem, and building ACK / NAK messages (M
 carry the reason). May not touch: the database or the network; the listener does that.
 
 Which fields are read, and why (HL7 v2.5 positions):
-- every message: MSH-9 type, MSH-10 control id, PID-3 patient identifier (CX: ID^^^issuer).
-- ORM^O01: ORC-1 order control (CA/DC/OC cancel), ORC-2/ORC-3 placer/filler order number
-  (the dedup key), OBR-18 or ORC-2 accession, OBR-24 modality, OBR-15 body site,
-  OBR-27.4 / ORC-7.4 / OBR-36 / OBR-7 the time of the exam.
+- every message: MSH-9 type, MSH-10 control id, PID-3 patient identifier (CX: ID^^^issuer;
+  the repetition of an issuer in ``prefetch.issuer_map``, else the first).
+- ORM^O01: ORC-1 order control (CA/DC/OC/OD/CR/DR, or SC with ORC-5 CA/DC: cancel),
+  ORC-2/ORC-3 placer/filler order number (the dedup key), OBR-18 or ORC-2 accession, OBR-24
+  modality, OBR-15 body site, OBR-27.4 / ORC-7.4 / OBR-36 / OBR-7 the time of the exam.
 - OMI^O23: the same ORC/OBR, TQ1-7 start time, IPC-1 accession, IPC-5 modality.
 - SIU^S12/S14: SCH-1/SCH-2 appointment ids (dedup key), SCH-11.4 or AIS-4 start time.
 - ADT^A04/A08: PV1-19 visit number (dedup key: A04 then A08 of one visit is one request).
@@ -16,16 +17,24 @@ Which fields are read, and why (HL7 v2.5 positions):
 
 from __future__ import annotations
 
+import codecs
 import datetime as dt
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Any
 
 import hl7
 from hl7.util import generate_message_control_id
 
 SUPPORTED = {("ORM", "O01"), ("OMI", "O23"), ("SIU", "S12"), ("SIU", "S14"),
              ("ADT", "A04"), ("ADT", "A08")}
-CANCEL_CONTROLS = {"CA", "DC", "OC", "OD"}
+# ORC-1 order controls that end an order: cancel / discontinue requests, and the filler's
+# "cancelled / discontinued as requested" answers.
+CANCEL_CONTROLS = {"CA", "DC", "OC", "OD", "CR", "DR"}
+# ORC-1 ``SC`` (status changed) with one of these ORC-5 order statuses ends it too: a RIS
+# sends it after (or instead of) CA, and taken as a new order it revived the cancelled request.
+CANCELLED_STATUSES = {"CA", "DC"}
 
 
 @dataclass(frozen=True)
@@ -59,13 +68,117 @@ class Refusal(Exception):
         return self.reason
 
 
+# HL7 table 0211 (MSH-18) -> Python codec, for the character sets whose ASCII bytes are ASCII
+# (MLLP framing and the MSH must read as such); a name outside it that Python knows as a text
+# encoding (``UTF-8``, ``ISO-8859-1``, ``windows-1252``, as some engines write) is used too.
+CHARSETS = {"ASCII": "ascii", "ISO IR6": "ascii", "UNICODE UTF-8": "utf-8",
+            "ISO IR192": "utf-8", "ISO IR100": "iso8859-1", "GB 18030-2000": "gb18030",
+            "KS X 1001": "euc-kr", "BIG-5": "big5",
+            **{f"8859/{n}": f"iso8859-{n}" for n in (*range(1, 10), 15)}}
+
+
+def message_encoding(block: bytes, default: str) -> tuple[str, str]:
+    """The codec to read ``block`` with: its MSH-18 character set (first repetition), else
+    ``default`` (``hl7.encoding``). Second item: the MSH-18 value when it names no character
+    set this can read (``default`` is then used), for the caller to log.
+
+    A RIS declaring ``8859/1`` had its ``É`` read as UTF-8, that is U+FFFD: a patient id
+    stored wrong, and two ids differing by one accent made one request."""
+    msh = block.lstrip(b"\r\n").split(b"\r", 1)[0].split(b"\n", 1)[0]
+    if len(msh) < 8 or not msh.startswith(b"MSH"):
+        return default, ""
+    fields = msh.split(msh[3:4])
+    if len(fields) < 18:
+        return default, ""
+    declared = fields[17].split(msh[5:6])[0].decode("ascii", "replace").strip()
+    if not declared:
+        return default, ""
+    codec = CHARSETS.get(declared.upper())
+    if codec is None:
+        try:
+            "".encode(declared)  # a text encoding (not base64, rot13...)
+            codec = codecs.lookup(declared).name
+        except (LookupError, ValueError):
+            return default, declared
+        if codec.startswith(("utf-16", "utf-32")):  # MLLP bytes and the MSH are not ASCII
+            return default, declared
+    return codec, ""
+
+
 def _field(message: hl7.Message, path: str) -> str:
-    """``message["PID.F3.R1.C1"]`` that answers '' for anything absent."""
+    """``message["PID.F3.R1.C1"]`` that answers '' for anything absent, its escape sequences
+    read by :func:`_unescape` (:class:`Refusal` for one that cannot be read).
+
+    Outside the MSH, the leaf is found here as ``hl7`` finds it (the first child down to a
+    leaf; '' when the path goes on past one) but taken raw: ``hl7`` unescapes on its own
+    terms, which stored ``AB\\CD`` (a backslash not escaped) as ``AB``, ``\\Xzz\\`` as
+    nothing and ``\\H\\`` as ``_``."""
+    name, *steps = path.split(".")
+    if name == "MSH":
+        try:
+            value = message[path]
+        except (KeyError, IndexError, ValueError, TypeError):
+            return ""
+        return str(value).strip() if value is not None else ""
     try:
-        value = message[path]
-    except (KeyError, IndexError, ValueError, TypeError):
+        segment = message.segment(name)
+    except KeyError:
         return ""
-    return str(value).strip() if value is not None else ""
+    indexes = {step[0]: int(step[1:]) for step in steps}
+    if indexes["F"] >= len(segment):
+        return ""
+    node: Any = segment[indexes["F"]]
+    for level in "RCS":
+        index = indexes.get(level, 1)
+        if isinstance(node, str):
+            if index != 1:
+                return ""
+            break
+        node = node[index - 1] if index <= len(node) else ""
+    while not isinstance(node, str):
+        node = node[0] if len(node) else ""
+    try:
+        return _unescape(message, node).strip()
+    except ValueError as exc:
+        label = f"{name}-{indexes['F']}" + (f".{indexes['C']}" if indexes.get("C", 1) > 1
+                                            else "")
+        raise Refusal("AE", "102", f"{label} '{node}': {exc}") from None
+
+
+def _unescape(message: hl7.Message, raw: str) -> str:
+    """HL7 escape sequences of an identifier or code (v2.5 section 2.7): the delimiters
+    (``\\F\\ \\S\\ \\T\\ \\R\\ \\E\\``), bytes in hex (``\\X41\\``, in the message's character
+    set); highlighting (``\\H\\ \\N\\``) dropped. Anything else, an escape character
+    not closed included, is a :class:`ValueError` naming it: guessed, two identifiers would
+    become one."""
+    escape = message.esc
+    if not escape or escape not in raw:
+        return raw
+    parts = raw.split(escape)
+    if len(parts) % 2 == 0:
+        raise ValueError(f"the escape character '{escape}' opens a sequence it never closes "
+                         f"(a literal '{escape}' is written {escape}E{escape})")
+    delimiters = {"F": message.separators[1], "R": message.separators[2],
+                  "S": message.separators[3], "T": message.separators[4], "E": escape}
+    text = []
+    for position, part in enumerate(parts):
+        if position % 2 == 0:
+            text.append(part)
+        elif part in delimiters:
+            text.append(delimiters[part])
+        elif part in ("H", "N"):
+            continue
+        elif re.fullmatch(r"X(?:[0-9A-Fa-f]{2})+", part):
+            codec = message_encoding(str(message.segment("MSH")).encode("ascii", "replace"),
+                                     "utf-8")[0]
+            try:
+                text.append(bytes.fromhex(part[1:]).decode(codec))
+            except UnicodeDecodeError:
+                raise ValueError(f"{escape}{part}{escape}: not {codec} bytes") from None
+        else:
+            raise ValueError(f"escape sequence {escape}{part}{escape} is not one an "
+                             f"identifier may hold (F S T R E X.. H N)")
+    return "".join(text)
 
 
 def _msh_field(message: hl7.Message, number: int) -> str:
@@ -129,22 +242,63 @@ def _time(message: hl7.Message, *paths: str) -> float | None:
     return None
 
 
+# The segments :func:`interpret` reads, each at its first occurrence only (``message["OBR.F18"]``
+# and ``message.segment("OBR")`` answer the first): the others (NTE, OBX, AL1, Z-segments...)
+# are dropped before parsing, since the ``hl7`` package builds a Python object per field,
+# repetition and component: one 1 MB message of ``~`` cost 4.6 s and 450 MB, six at once
+# 2.7 GB (invariant 8).
+READ_SEGMENTS = ("MSH", "PID", "ORC", "OBR", "TQ1", "IPC", "SCH", "AIS", "PV1")
+# Delimiters allowed in the segments kept: a real order carries a few hundred; 20,000 cost
+# about 0.1 s and 10 MB to parse.
+MAX_DELIMITERS = 20_000
+
+
 def parse_message(text: str) -> hl7.Message:
-    """Parse, refusing what is not an HL7 v2 message with a reason."""
+    """Parse, refusing what is not an HL7 v2 message with a reason.
+
+    Only the first of each of :data:`READ_SEGMENTS` is parsed, and those may hold at most
+    :data:`MAX_DELIMITERS` delimiters together (a NAK naming the segment otherwise): what
+    parsing costs is bounded whatever the message carries besides."""
     text = text.replace("\r\n", "\r").replace("\n", "\r").strip("\r")
     if not text.startswith("MSH"):
         raise Refusal("AR", "100", "not an HL7 v2 message: it does not start with an MSH "
                       "segment")
     if len(text) < 8:
         raise Refusal("AR", "100", "MSH segment too short to carry its encoding characters")
+    text = _segments_read(text)
     try:
         return hl7.parse(text)
     except Exception as exc:  # the hl7 package raises several types on broken input
         raise Refusal("AR", "100", f"cannot parse the HL7 message: {exc}") from None
 
 
-def interpret(message: hl7.Message, issuer_default: str = "") -> PrefetchOrder:
-    """What the message asks for, or :class:`Refusal`."""
+def _segments_read(text: str) -> str:
+    """The first MSH, PID, ORC... of ``text`` (see :data:`READ_SEGMENTS`), in their order."""
+    separator = text[3]
+    encoding_characters = text[4:8].split(separator, 1)[0]  # MSH-2: ^~\& or fewer
+    delimiters = {separator, *encoding_characters[:2], *encoding_characters[3:]}
+    kept: dict[str, str] = {}
+    for segment in text.split("\r"):
+        name = segment.split(separator, 1)[0]
+        if name in READ_SEGMENTS and name not in kept:
+            kept[name] = segment
+    total = 0
+    for name, segment in kept.items():
+        count = sum(segment.count(d) for d in delimiters)
+        total += count
+        if total > MAX_DELIMITERS:
+            msh = kept["MSH"].split(separator, 10)[8:10] + ["", ""]  # MSH-9, MSH-10
+            raise Refusal("AR", "100", f"{name} segment too complex: {count} delimiters, the "
+                          f"segments read (MSH, PID, ORC, OBR...) may hold {MAX_DELIMITERS} "
+                          "together", msh[0], msh[1])
+    return "\r".join(kept.values())
+
+
+def interpret(message: hl7.Message, issuer_default: str = "",
+              site_issuers: Collection[str] = ()) -> PrefetchOrder:
+    """What the message asks for, or :class:`Refusal`. ``site_issuers``: the issuers whose
+    identifiers the region knows (``prefetch.issuer_map``): the PID-3 repetition of one of
+    them is the patient's, else the first (see :func:`_site_repetition`)."""
     kind = _field(message, "MSH.F9.R1.C1").upper()
     event = _field(message, "MSH.F9.R1.C2").upper()
     message_type = f"{kind}^{event}"
@@ -157,23 +311,60 @@ def interpret(message: hl7.Message, issuer_default: str = "") -> PrefetchOrder:
                       f"{supported})", message_type, control_id)
     if not _segment_present(message, "PID"):
         raise Refusal("AE", "100", "PID segment is missing", message_type, control_id)
-    patient_id = _field(message, "PID.F3.R1.C1")
-    if not patient_id:
-        raise Refusal("AE", "101", "PID-3 patient identifier is missing", message_type,
-                      control_id)
-    issuer = _field(message, "PID.F3.R1.C4.S1") or issuer_default
-    sender = f"{_msh_field(message, 3)}|{_msh_field(message, 4)}"
-    message_key = f"{sender}|{control_id}"
-    patient = f"{patient_id}|{issuer}"
     try:
-        order = _interpret_kind(message, kind, patient)
+        repetition = _site_repetition(message, site_issuers)
+        patient_id = _field(message, f"PID.F3.R{repetition}.C1")
+        if not patient_id:
+            raise Refusal("AE", "101", "PID-3 patient identifier is missing")
+        issuer = _field(message, f"PID.F3.R{repetition}.C4.S1") or issuer_default
+        order = _interpret_kind(message, kind, f"{patient_id}|{issuer}")
     except Refusal as refusal:
         raise Refusal(refusal.ack_code, refusal.error_code, refusal.reason, message_type,
                       control_id) from None
+    sender = f"{_msh_field(message, 3)}|{_msh_field(message, 4)}"
+    message_key = f"{sender}|{control_id}"
     dedup_key, accession, modality, body_part, scheduled_at, cancel = order
+    _refuse_undecodable(message, message_type, control_id, {
+        "PID-3 patient identifier": patient_id, "PID-3.4 issuer": issuer,
+        "accession number": accession, "modality": modality, "body part": body_part,
+        "order, appointment or visit number": dedup_key, "MSH-3/MSH-4/MSH-10": message_key})
     return PrefetchOrder(message_key, message_type, control_id, dedup_key, patient_id, issuer,
                          accession or None, (modality or "").upper() or None, body_part or None,
                          scheduled_at, cancel)
+
+
+def _site_repetition(message: hl7.Message, site_issuers: Collection[str]) -> int:
+    """The PID-3 repetition whose issuer (CX-4.1) is one of ``site_issuers``, else 1.
+
+    A French RIS sends the INS (``...^^^ASIP-SANTE-INS-NIR&1.2.250.1.213.1.4.8&ISO^INS``)
+    and the hospital's IPP in PID-3, in either order: the first alone queried the region
+    for the INS where it indexes the IPP, and found no prior."""
+    if not site_issuers:
+        return 1
+    field = message.segment("PID")[3] if len(message.segment("PID")) > 3 else []
+    repetitions = len(field) if field and not isinstance(field[0], str) else 1
+    for repetition in range(1, repetitions + 1):
+        try:
+            if _field(message, f"PID.F3.R{repetition}.C4.S1") in site_issuers and \
+                    _field(message, f"PID.F3.R{repetition}.C1"):
+                return repetition
+        except Refusal:
+            continue  # an identifier of another issuer that cannot be read: not this one
+    return 1
+
+
+def _refuse_undecodable(message: hl7.Message, message_type: str, control_id: str,
+                       stored: dict[str, str]) -> None:
+    """A value PAS stores or matches on that holds U+FFFD, the mark of bytes not valid in
+    the character set the message was read with, is refused naming it: stored, it would
+    match no study in the region, and two ids differing only there would be one request.
+    Such bytes elsewhere (a patient name) are harmless and left."""
+    for name, value in stored.items():
+        if "\ufffd" in value:
+            declared = _msh_field(message, 18)
+            charset = f"MSH-18 {declared!r}" if declared else "hl7.encoding, MSH-18 empty"
+            raise Refusal("AE", "102", f"{name} {value!r} holds bytes that are not valid in "
+                          f"the message's character set ({charset})", message_type, control_id)
 
 
 def _interpret_kind(message: hl7.Message, kind: str, patient: str
@@ -194,7 +385,9 @@ def _interpret_kind(message: hl7.Message, kind: str, patient: str
         body_part = _field(message, "OBR.F15.R1.C1")
         scheduled = _time(message, "TQ1.F7.R1.C1", "OBR.F27.R1.C4", "ORC.F7.R1.C4",
                           "OBR.F36", "OBR.F7")
-        cancel = _field(message, "ORC.F1").upper() in CANCEL_CONTROLS
+        control = _field(message, "ORC.F1").upper()
+        cancel = control in CANCEL_CONTROLS or (
+            control == "SC" and _field(message, "ORC.F5").upper() in CANCELLED_STATUSES)
         return (f"order:{patient}|{order_number}", accession, modality, body_part, scheduled,
                 cancel)
     if kind == "SIU":

@@ -11,7 +11,7 @@ takes the requests from the database).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from appliance.prefetch.messages import Refusal, build_ack, interpret, parse_message
@@ -23,20 +23,23 @@ log = logging.getLogger("pas.prefetch")
 
 
 def handle(db: Database, text: str, source: str,
-           due_at: Callable[[float | None], float]) -> tuple[str, bool]:
+           due_at: Callable[[float | None], float],
+           site_issuers: Collection[str] = ()) -> tuple[str, bool]:
     """The ACK for one HL7 message, and whether a request was scheduled (the scheduler is
     then woken). ``due_at``: when a request for an exam at that time is due. A resent
     message is recognised and ACKed again, changing nothing; a refused one is audited and
-    NAKed with the reason; an internal error is still answered (AE), never left hanging."""
+    NAKed with the reason; an internal error is still answered (AE), never left hanging.
+    ``site_issuers``: which PID-3 repetition is the patient's (:func:`messages.interpret`)."""
     message = None
     try:
         message = parse_message(text)
-        order = interpret(message)
+        order = interpret(message, site_issuers=site_issuers)
         if order.cancel:
             recorded = store.record_message(db, order.message_key, order.message_type, "AA",
-                                            "cancel", cancel_key=order.dedup_key)
+                                            cancel_key=order.dedup_key)
             if not recorded.first:
                 return _duplicate(message, order.message_type, order.control_id, source), False
+            _warn_reused(order.control_id, recorded.reused_for, order.dedup_key, source)
             log.info("HL7 %s: order %s cancelled", order.message_type, order.dedup_key)
             return build_ack(message, "AA"), False
         scheduled_at = order.scheduled_at
@@ -47,6 +50,7 @@ def handle(db: Database, text: str, source: str,
                                         request=request)
         if not recorded.first:
             return _duplicate(message, order.message_type, order.control_id, source), False
+        _warn_reused(order.control_id, recorded.reused_for, order.dedup_key, source)
         result = recorded.scheduled
         log.info("HL7 %s %s from %s: patient %s, %s request %s", order.message_type,
                  order.control_id, source, order.patient_id,
@@ -62,6 +66,13 @@ def handle(db: Database, text: str, source: str,
     except Exception as exc:  # never leave the RIS without an answer
         log.exception("HL7 from %s: internal error", source)
         return build_ack(message, "AE", f"internal error: {exc}", "207"), False
+
+
+def _warn_reused(control_id: str, earlier: str | None, order: str, source: str) -> None:
+    if earlier is not None:
+        log.warning("HL7 from %s: control id %s (MSH-10) was already used for %s; this message "
+                    "names %s: taken as a new message (did the RIS restart its numbering?)",
+                    source, control_id, earlier, order)
 
 
 def _duplicate(message: Any, message_type: str, control_id: str, source: str) -> str:

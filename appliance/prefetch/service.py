@@ -113,7 +113,8 @@ class PrefetchService:
     def handle_hl7(self, text: str, source: str = "") -> str:
         """One HL7 message in, its ACK out (:func:`appliance.prefetch.orders.handle`): the
         request is committed before the ACK exists, so an ACKed order is never lost."""
-        ack, scheduled = orders.handle(self.db, text, source, self._due_at)
+        ack, scheduled = orders.handle(self.db, text, source, self._due_at,
+                                       self.config.issuer_map.keys())
         if scheduled:
             self.wake.set()
         return ack

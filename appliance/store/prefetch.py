@@ -51,6 +51,7 @@ def message_seen(db: Database, message_key: str) -> dict[str, Any] | None:
 class Recorded:
     first: bool                   # False: this message key was already recorded (a resend)
     scheduled: Scheduled | None = None
+    reused_for: str | None = None  # the other order an earlier message with this key named
 
 
 def record_message(db: Database, message_key: str, message_type: str, ack_code: str,
@@ -63,16 +64,34 @@ def record_message(db: Database, message_key: str, message_type: str, ack_code: 
     The message row is claimed first (``INSERT OR IGNORE`` on its primary key, under the
     write lock ``BEGIN IMMEDIATE`` takes), and the request is touched only by the one that
     inserted it: the same message resent on several connections at once is counted once
-    (a read before the transaction let two of them through)."""
+    (a read before the transaction let two of them through).
+
+    A key already recorded for a different order (a RIS whose control ids started again
+    from 1 after a reinstall) is not a resend: that message is recorded under its key and
+    the order it names, and ``reused_for`` names the earlier one. Taken for a resend, it was
+    ACKed AA "already processed" and its order silently dropped."""
     at = now()
     scheduled: Scheduled | None = None
+    meaning = request.dedup_key if request is not None else f"cancel {cancel_key}"
+    if cancel_key is not None:
+        detail = meaning  # what a cancel did (it has no request): a resend or a reused key?
+    reused_for: str | None = None
     with db.transaction() as conn:
         claimed = conn.execute(
             "INSERT OR IGNORE INTO prefetch_messages (message_key, received_at, message_type, "
             "request_fk, ack_code, detail) VALUES (?, ?, ?, NULL, ?, ?)",
             (message_key, at, message_type, ack_code, detail))
         if claimed.rowcount == 0:
-            return Recorded(first=False)
+            earlier = _recorded_meaning(conn, message_key)
+            if earlier is None or earlier == meaning:
+                return Recorded(first=False)
+            reused_for, message_key = earlier, f"{message_key}|{meaning}"
+            claimed = conn.execute(
+                "INSERT OR IGNORE INTO prefetch_messages (message_key, received_at, "
+                "message_type, request_fk, ack_code, detail) VALUES (?, ?, ?, NULL, ?, ?)",
+                (message_key, at, message_type, ack_code, detail))
+            if claimed.rowcount == 0:
+                return Recorded(first=False)  # that one resent as well
         if request is not None:
             scheduled = _schedule(conn, request, at, revive=True)
             conn.execute("UPDATE prefetch_messages SET request_fk = ? WHERE message_key = ?",
@@ -81,7 +100,21 @@ def record_message(db: Database, message_key: str, message_type: str, ack_code: 
             conn.execute(
                 "UPDATE prefetch_requests SET state = 'cancelled', updated_at = ? "
                 "WHERE dedup_key = ? AND state = 'pending'", (at, cancel_key))
-    return Recorded(first=True, scheduled=scheduled)
+    return Recorded(first=True, scheduled=scheduled, reused_for=reused_for)
+
+
+def _recorded_meaning(conn: Any, message_key: str) -> str | None:
+    """The order a recorded message named (its request's dedup key, or ``cancel <key>``);
+    None when unknown (a cancel recorded before this was kept)."""
+    row = conn.execute(
+        "SELECT m.detail, r.dedup_key FROM prefetch_messages m LEFT JOIN prefetch_requests r "
+        "ON r.id = m.request_fk WHERE m.message_key = ?", (message_key,)).fetchone()
+    if row is None:
+        return None
+    if row["dedup_key"] is not None:
+        return str(row["dedup_key"])
+    detail = row["detail"] or ""
+    return detail if detail.startswith("cancel ") else None
 
 
 def schedule(db: Database, request: NewRequest, count_repeat: bool = True) -> Scheduled:

@@ -98,10 +98,16 @@ def bucket_target() -> Callable[[bytes], None]:
 
 def hl7_target() -> Callable[[bytes], None]:
     with atheris.instrument_imports(include=["appliance", "hl7"]):
-        from appliance.prefetch.messages import Refusal, build_ack, interpret, parse_message
+        from appliance.prefetch.messages import (
+            Refusal,
+            build_ack,
+            interpret,
+            message_encoding,
+            parse_message,
+        )
 
     def target(data: bytes) -> None:
-        text = data.decode("utf-8", errors="replace")
+        text = data.decode(message_encoding(data, "utf-8")[0], errors="replace")  # as served
         message = None
         try:
             message = parse_message(text)

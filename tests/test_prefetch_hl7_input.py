@@ -1,0 +1,243 @@
+r"""What a real RIS may put on the wire, against a real ``pas run`` over raw MLLP sockets.
+
+Found in review (2026-12-04):
+- a 1 MB order (within ``hl7.max_message_kb``) whose NTE held a million ``~`` took the
+  daemon from 115 to 560 MB and 4.6 s (six at once: 2.7 GB): the ``hl7`` package builds an
+  object per repetition. Only the segments read are parsed now, with a bounded number of
+  delimiters (invariant 8).
+- a sender that gave up a message half-way and began again on the same connection (a second
+  start block before the end block) had both read as one: the second one's order stored for
+  the first one's patient, and ACKed with the first one's control id.
+- MSH-18 was ignored: an ``8859/1`` message was read as UTF-8, its patient id ``PÉ1`` stored
+  as ``P\ufffd1``; bytes invalid in the character set were stored as U+FFFD and ACKed AA.
+- the ``hl7`` package's unescaping stored an unescaped backslash ``AB\CD`` as ``AB``, an
+  invalid ``\Xzz\`` as nothing, highlighting ``\H\`` as ``_``: silently wrong ids.
+- a message ended by FS alone (no CR) waited ``frame_timeout_s`` for a NAK saying "message not
+  finished"; two of them sent together were read as one.
+- ``ORC|SC`` with ORC-5 ``CA`` (order status: cancelled), sent after a cancel, was taken for a
+  new order and made the cancelled request pending again.
+- PID-3 was read at its first repetition only: with the INS first (as French RIS may send
+  it) the request was for the INS, not the hospital's IPP the region indexes.
+- a control id seen before with another order (a RIS numbering from 1 again) was taken for a
+  resend: ACKed AA "already processed", the new order dropped.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import pytest
+
+from tests.support.peers import PasProcess, pas_with_hl7
+from tests.support.peers import prefetch_requests as requests
+from tests.test_ingest_spill import peak_rss_mb
+from tests.test_serving_memory import _reset_peak
+
+SB, EB = b"\x0b", b"\x1c\r"
+
+
+@pytest.fixture(scope="module")
+def pas_input(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    pas = pas_with_hl7(tmp_path_factory.mktemp("pas_hl7_input"), PAS_HL7__FRAME_TIMEOUT_S="3")
+    yield pas
+    pas.stop()
+
+
+def orm(control: str, order: str, patient: str = "P1^^^HOSP^MR", msh_tail: str = "") -> str:
+    return "\r".join([
+        f"MSH|^~\\&|RIS|HOSP|PAS|HOSP|20261204120000||ORM^O01|{control}|P|2.5{msh_tail}",
+        f"PID|1||{patient}||DOE^JOHN",
+        f"ORC|NW|{order}|||SC||^^^20991231120000",
+        f"OBR|1|{order}||CT^CT||||||||||||||ACC{order}||||||CT",
+    ])
+
+
+def exchange(pas: PasProcess, payload: bytes, answers: int = 1) -> list[bytes]:
+    """Send ``payload`` on a new connection; the MLLP blocks answered (fewer if closed)."""
+    blocks, buffer = [], b""
+    with socket.create_connection(("127.0.0.1", pas.hl7_port), timeout=60) as sock:  # type: ignore[attr-defined]
+        sock.sendall(payload)
+        while len(blocks) < answers:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            buffer += chunk
+            while EB in buffer:
+                block, buffer = buffer.split(EB, 1)
+                blocks.append(block.lstrip(SB))
+    return blocks
+
+
+def request(pas: PasProcess, order: str) -> dict[str, Any]:
+    (row,) = [r for r in requests(pas) if r["dedup_key"].endswith(f"|{order}")]
+    return row
+
+
+def test_segments_not_read_cost_nothing_to_parse(pas_input: PasProcess) -> None:
+    """A million repetitions in an NTE: AA, stored, and the daemon grows by less than 100 MB
+    (it was +445 MB); the same in a segment that is read is refused by name."""
+    assert pas_input.proc is not None
+    bulky = orm("BIG1", "ORDBIG1") + "\rNTE|1||" + "~" * 1_000_000
+    _reset_peak(pas_input.proc.pid)
+    before = peak_rss_mb(pas_input.proc.pid)
+    (ack,) = exchange(pas_input, SB + bulky.encode() + EB)
+    growth = peak_rss_mb(pas_input.proc.pid) - before
+    assert b"MSA|AA|BIG1" in ack
+    assert request(pas_input, "ORDBIG1")["accession_number"] == "ACCORDBIG1"
+    assert growth < 100, f"+{growth:.0f} MB to parse one order"
+
+    complex_pid = orm("BIG2", "ORDBIG2", patient="P2^^^HOSP" + "~" * 30_000)
+    (nak,) = exchange(pas_input, SB + complex_pid.encode() + EB)
+    assert b"MSA|AR|BIG2|PID segment too complex: 30009 delimiters" in nak
+    assert b"may hold 20000 together" in nak
+    assert not [r for r in requests(pas_input) if r["dedup_key"].endswith("|ORDBIG2")]
+
+
+def test_a_message_begun_again_replaces_the_unfinished_one(pas_input: PasProcess) -> None:
+    """``VT <half of R1> VT <R2> FS CR``: R2 is answered and stored as sent; the half message
+    is dropped (it was read as one message with R2: ACKed as R1, an order stored for patient
+    ``PAT\\x0bMSH`` with R2's order number)."""
+    half = orm("R1", "ORDR1", patient="PATA^^^HOSP").encode()[:70]
+    (ack,) = exchange(pas_input, SB + half + SB + orm("R2", "ORDR2", "PATB^^^HOSP").encode() + EB)
+    assert b"MSA|AA|R2" in ack
+    row = request(pas_input, "ORDR2")  # the one request of that order
+    assert (row["patient_id"], row["accession_number"]) == ("PATB", "ACCORDR2")
+    assert "bytes of an unfinished message dropped, a new start block began" in pas_input.log()
+
+
+def test_the_declared_character_set_is_the_one_read(pas_input: PasProcess) -> None:
+    """MSH-18 ``8859/1``: ``PÉ1`` is stored as sent (it was ``P\\ufffd1``, read as UTF-8);
+    bytes not valid in the declared set, in a value PAS stores, are refused by name (they
+    were stored as U+FFFD); in a patient name, which PAS does not keep, they are harmless."""
+    latin = orm("CS1", "ORDCS1", patient="PÉ1^^^HÔP", msh_tail="||||||8859/1")
+    latin = latin.replace("DOE^JOHN", "MÜLLER^ÉLODIE").replace("ACCORDCS1", "ACCÉ1")
+    (ack,) = exchange(pas_input, SB + latin.encode("latin-1") + EB)
+    assert b"MSA|AA|CS1" in ack
+    row = request(pas_input, "ORDCS1")
+    assert (row["patient_id"], row["issuer"], row["accession_number"]) == ("PÉ1", "HÔP", "ACCÉ1")
+
+    invalid = orm("CS2", "ORDCS2", patient="P\xff2^^^HOSP", msh_tail="||||||UNICODE UTF-8")
+    (nak,) = exchange(pas_input, SB + invalid.encode("latin-1") + EB)
+    assert b"MSA|AE|CS2|PID-3 patient identifier 'P\xef\xbf\xbd2' holds bytes that are not " \
+           b"valid in the message's character set (MSH-18 'UNICODE UTF-8')" in nak
+    assert not [r for r in requests(pas_input) if r["dedup_key"].endswith("|ORDCS2")]
+
+    name_only = orm("CS3", "ORDCS3", msh_tail="||||||UNICODE UTF-8").replace("DOE", "D\xd6E")
+    (ack,) = exchange(pas_input, SB + name_only.encode("latin-1") + EB)
+    assert b"MSA|AA|CS3" in ack
+    assert request(pas_input, "ORDCS3")["patient_id"] == "P1"
+
+
+@pytest.mark.parametrize("declared, codec, unknown", [
+    ("", "utf-8", ""), ("8859/1", "iso8859-1", ""), ("8859/15", "iso8859-15", ""),
+    ("UNICODE UTF-8", "utf-8", ""), ("8859/1~UNICODE UTF-8", "iso8859-1", ""),
+    ("ISO-8859-1", "iso8859-1", ""), ("windows-1252", "cp1252", ""),
+    ("base64", "utf-8", "base64"), ("UNICODE UTF-16", "utf-8", "UNICODE UTF-16"),
+    ("utf-16", "utf-8", "utf-16"), ("EBCDIC", "utf-8", "EBCDIC"),
+])
+def test_msh_18_names_the_codec(declared: str, codec: str, unknown: str) -> None:
+    """Table 0211 names, the names engines write instead, and what cannot be read (a codec
+    that is no text encoding, one whose MLLP bytes are not ASCII): ``hl7.encoding``, named
+    for the log."""
+    from appliance.prefetch.messages import message_encoding
+
+    block = orm("CS9", "ORDCS9", msh_tail=f"||||||{declared}").encode()
+    assert message_encoding(block, "utf-8") == (codec, unknown)
+    assert message_encoding(b"\r\n" + block, "utf-8") == (codec, unknown)  # a blank line first
+
+
+def test_escape_sequences_are_read_or_refused_by_name(pas_input: PasProcess) -> None:
+    """The delimiters' and hex escapes are stored unescaped, highlighting dropped (it was
+    ``_``); an escape character never closed or a sequence an identifier cannot hold is
+    refused naming the field (``AB\\CD`` was stored as ``AB``, ``\\Xzz\\`` as nothing)."""
+    escaped = orm("ES1", "ORDES1", patient="AB\\F\\C\\H\\D\\N\\^^^H\\S\\1")
+    escaped = escaped.replace("ACCORDES1", "A\\X41\\\\T\\\\E\\")
+    (ack,) = exchange(pas_input, SB + escaped.encode() + EB)
+    assert b"MSA|AA|ES1" in ack
+    row = request(pas_input, "ORDES1")
+    assert (row["patient_id"], row["issuer"], row["accession_number"]) == \
+        ("AB|CD", "H^1", "AA&\\")
+
+    for control, patient, reason in [
+            ("ES2", "AB\\CD^^^HOSP", b"PID-3 'AB\\E\\CD': the escape character '\\E\\' opens a "
+                                     b"sequence it never closes"),
+            ("ES3", "A\\Xzz\\B^^^HOSP", b"PID-3 'A\\E\\Xzz\\E\\B': escape sequence \\E\\Xzz\\E\\ "
+                                       b"is not one an identifier may hold")]:
+        (nak,) = exchange(pas_input, SB + orm(control, f"ORD{control}", patient).encode() + EB)
+        assert b"MSA|AE|" + control.encode() + b"|" + reason in nak
+        assert not [r for r in requests(pas_input) if r["dedup_key"].endswith(f"|ORD{control}")]
+
+
+def test_a_control_id_used_again_for_another_order_is_not_a_resend(
+        pas_input: PasProcess) -> None:
+    """A RIS that numbers its messages from 1 again (reinstalled) sends a new order under an
+    old MSH-10: it is stored and logged (it was ACKed "duplicate message: already
+    processed" and dropped); the same message resent is still recognised, and so is the
+    cancel resent under a reused id."""
+    first = SB + orm("K1", "ORDK1").encode() + EB
+    other = SB + orm("K1", "ORDK2", patient="P2^^^HOSP").encode() + EB
+    acks = exchange(pas_input, first + other + other + first, answers=4)
+    assert [b"MSA|AA|K1" in a for a in acks] == [True] * 4
+    assert [b"duplicate message" in a for a in acks] == [False, False, True, True]
+    assert request(pas_input, "ORDK2")["patient_id"] == "P2"
+    assert request(pas_input, "ORDK1")["times_requested"] == 1
+    assert "control id K1 (MSH-10) was already used for order:P1|HOSP|ORDK1" in pas_input.log()
+
+    cancel = SB + orm("K1", "ORDK2", patient="P2^^^HOSP").replace("ORC|NW", "ORC|CA").encode() \
+        + EB
+    acks = exchange(pas_input, cancel + cancel, answers=2)
+    assert [b"duplicate message" in a for a in acks] == [False, True]
+    assert request(pas_input, "ORDK2")["state"] == "cancelled"
+
+
+def test_an_end_block_without_its_cr_is_named(pas_input: PasProcess) -> None:
+    """``FS`` alone then silence: after ``frame_timeout_s`` a NAK names the missing CR (it
+    said "message not finished"); ``FS`` then the next message's ``VT``: a NAK at once, and
+    neither message taken for an order (they were read as one)."""
+    (nak,) = exchange(pas_input, SB + orm("FS1", "ORDFS1").encode() + b"\x1c")
+    assert b"MSA|AR||an end block FS came, but no CR after it (MLLP ends a message with FS " \
+           b"CR) within hl7.frame_timeout_s (3 s)" in nak
+    two = SB + orm("FS2", "ORDFS2").encode() + b"\x1c" + SB + orm("FS3", "ORDFS3").encode() + EB
+    (nak,) = exchange(pas_input, two, answers=2)
+    assert b"MSA|AR||not MLLP-framed: the end block FS is followed by 0x0b, not CR" in nak
+    assert not [r for r in requests(pas_input) if "|ORDFS" in r["dedup_key"]]
+
+
+def test_a_status_change_to_cancelled_cancels(pas_input: PasProcess) -> None:
+    """``ORC|CA`` then ``ORC|SC|...|CA`` (the status notice many RIS send after a cancel): the
+    request stays cancelled (the SC was taken for a new order and made it pending again); an
+    SC to cancelled alone cancels too."""
+    new = orm("SC1", "ORDSC1")
+    cancel = new.replace("ORC|NW", "ORC|CA")
+    status = new.replace("ORC|NW|ORDSC1|||SC", "ORC|SC|ORDSC1|||CA")
+    acks = exchange(pas_input, b"".join(SB + m.encode() + EB for m in [
+        new, cancel.replace("|SC1|", "|SC2|"), status.replace("|SC1|", "|SC3|")]), answers=3)
+    assert [b"MSA|AA" in a for a in acks] == [True] * 3
+    assert request(pas_input, "ORDSC1")["state"] == "cancelled"
+
+    other = orm("SC4", "ORDSC4")
+    discontinued = other.replace("ORC|NW|ORDSC4|||SC", "ORC|SC|ORDSC4|||DC")
+    acks = exchange(pas_input, b"".join(SB + m.encode() + EB for m in [
+        other, discontinued.replace("|SC4|", "|SC5|")]), answers=2)
+    assert [b"MSA|AA" in a for a in acks] == [True] * 2
+    assert request(pas_input, "ORDSC4")["state"] == "cancelled"
+
+
+def test_the_pid_3_repetition_of_a_mapped_issuer_is_the_patient(tmp_path: Any) -> None:
+    """PID-3 with the INS first and the hospital's IPP second: with the IPP's issuer in
+    ``prefetch.issuer_map`` the request is for the IPP (it was for the INS, which the
+    region does not index: no prior found); without one in the map, the first as before."""
+    pas = pas_with_hl7(tmp_path, PAS_PREFETCH__ISSUER_MAP__hosp="1.2.250.1.99")
+    try:
+        ins = "1234567890123^^^ASIP-SANTE-INS-NIR&1.2.250.1.213.1.4.8&ISO^INS"
+        for control, ipp in [("IN1", "IPP42^^^hosp^PI"), ("IN2", "IPP43^^^other^PI")]:
+            message = orm(control, f"ORD{control}", patient=f"{ins}~{ipp}")
+            (ack,) = exchange(pas, SB + message.encode() + EB)
+            assert b"MSA|AA|" + control.encode() in ack
+        mapped, unmapped = request(pas, "ORDIN1"), request(pas, "ORDIN2")
+        assert (mapped["patient_id"], mapped["issuer"]) == ("IPP42", "hosp")
+        assert (unmapped["patient_id"], unmapped["issuer"]) == \
+            ("1234567890123", "ASIP-SANTE-INS-NIR")
+    finally:
+        pas.stop()
