@@ -483,6 +483,7 @@ class PrefetchSection(_Section):
     pin_days: int = Field(default=30, ge=0)
     rules: list[PrefetchRule] = [PrefetchRule(name="default")]
     # Site issuer (PID-3.4 / IssuerOfPatientID) -> the issuer the regional archive uses.
+    # Matched without regard to case (region_issuer).
     issuer_map: dict[str, str] = {}
     dicomweb_url: str | None = None          # a plain DICOMweb region instead of the hub proxy
     parallel: int = Field(default=8, ge=1, le=32)   # WADO-RS requests in flight
@@ -490,6 +491,15 @@ class PrefetchSection(_Section):
     # fetch-through; else WADO-RS.
     bucketed: bool = True
     download_bucket_kb: int = Field(default=4096, ge=64, le=16384)  # original bytes a bucket
+
+    def region_issuer(self, site_issuer: str) -> str | None:
+        """The region's name for a site issuer, None when the map has none. Matched without
+        regard to case: a key set from the environment arrives in lower case, as every part
+        of a variable's name does (``PAS_PREFETCH__ISSUER_MAP__CHU-A`` is ``chu-a``), and
+        the RIS writes ``CHU-A``: matched exactly, the map never applied."""
+        wanted = site_issuer.casefold()
+        return next((region for site, region in self.issuer_map.items()
+                     if site.casefold() == wanted), None)
     download_streams: int = Field(default=8, ge=1, le=32)  # bucketed downloads at once
     # Connections one bucketed download is striped over when the downlink's rate is known
     # (hub.link_mbps or hub.downlink_mbps): several TCP windows fill a long line sooner than

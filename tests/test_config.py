@@ -203,3 +203,13 @@ def test_pas_home_in_the_environment_wins_over_the_files_home(tmp_path: Path) ->
     settings = load_settings(config, environ={"PAS_HOME": str(tmp_path / "elsewhere")})
     assert settings.home == tmp_path / "elsewhere"
     assert load_settings(config, environ={}).home == Path("/var/lib/pas")
+
+
+def test_an_issuer_mapped_from_the_environment_matches_the_ris_issuer_in_capitals() -> None:
+    """A variable's name arrives in lower case (``PAS_PREFETCH__ISSUER_MAP__CHU-A`` is the
+    key ``chu-a``) and the RIS writes ``CHU-A``: the map applied to no order (the region was
+    asked without its issuer). Matched regardless of case; an unmapped issuer stays unmapped."""
+    prefetch = load_settings(environ={"PAS_PREFETCH__ISSUER_MAP__CHU-A": "REGION-A"}).prefetch
+    assert prefetch.issuer_map == {"chu-a": "REGION-A"}
+    assert prefetch.region_issuer("CHU-A") == prefetch.region_issuer("chu-a") == "REGION-A"
+    assert prefetch.region_issuer("CHU-B") is None

@@ -227,16 +227,18 @@ def test_a_status_change_to_cancelled_cancels(pas_input: PasProcess) -> None:
 def test_the_pid_3_repetition_of_a_mapped_issuer_is_the_patient(tmp_path: Any) -> None:
     """PID-3 with the INS first and the hospital's IPP second: with the IPP's issuer in
     ``prefetch.issuer_map`` the request is for the IPP (it was for the INS, which the
-    region does not index: no prior found); without one in the map, the first as before."""
-    pas = pas_with_hl7(tmp_path, PAS_PREFETCH__ISSUER_MAP__hosp="1.2.250.1.99")
+    region does not index: no prior found); without one in the map, the first as before.
+    The map's key comes from the environment, in lower case as every variable's name part
+    arrives, and the RIS writes the issuer in capitals: matched regardless of case."""
+    pas = pas_with_hl7(tmp_path, PAS_PREFETCH__ISSUER_MAP__HOSP="1.2.250.1.99")
     try:
         ins = "1234567890123^^^ASIP-SANTE-INS-NIR&1.2.250.1.213.1.4.8&ISO^INS"
-        for control, ipp in [("IN1", "IPP42^^^hosp^PI"), ("IN2", "IPP43^^^other^PI")]:
+        for control, ipp in [("IN1", "IPP42^^^HOSP^PI"), ("IN2", "IPP43^^^other^PI")]:
             message = orm(control, f"ORD{control}", patient=f"{ins}~{ipp}")
             (ack,) = exchange(pas, SB + message.encode() + EB)
             assert b"MSA|AA|" + control.encode() in ack
         mapped, unmapped = request(pas, "ORDIN1"), request(pas, "ORDIN2")
-        assert (mapped["patient_id"], mapped["issuer"]) == ("IPP42", "hosp")
+        assert (mapped["patient_id"], mapped["issuer"]) == ("IPP42", "HOSP")
         assert (unmapped["patient_id"], unmapped["issuer"]) == \
             ("1234567890123", "ASIP-SANTE-INS-NIR")
     finally:

@@ -341,11 +341,12 @@ def _site_repetition(message: hl7.Message, site_issuers: Collection[str]) -> int
     for the INS where it indexes the IPP, and found no prior."""
     if not site_issuers:
         return 1
+    wanted = {issuer.casefold() for issuer in site_issuers}  # as PrefetchSection.region_issuer
     field = message.segment("PID")[3] if len(message.segment("PID")) > 3 else []
     repetitions = len(field) if field and not isinstance(field[0], str) else 1
     for repetition in range(1, repetitions + 1):
         try:
-            if _field(message, f"PID.F3.R{repetition}.C4.S1") in site_issuers and \
+            if _field(message, f"PID.F3.R{repetition}.C4.S1").casefold() in wanted and \
                     _field(message, f"PID.F3.R{repetition}.C1"):
                 return repetition
         except Refusal:

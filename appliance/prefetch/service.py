@@ -378,7 +378,8 @@ class PrefetchService:
         region = self.region()
         if region is None:
             raise RegionError("not enrolled with a hub and no prefetch.dicomweb_url set")
-        issuer = self.config.issuer_map.get(request["issuer"], "") if request["issuer"] else ""
+        issuer = (self.config.region_issuer(request["issuer"]) or "") if request["issuer"] \
+            else ""
         current = request["dedup_key"].removeprefix("arrival:") \
             if request["trigger"] == "arrival" else None
         resolved = self._priors_in_one_request(request, rule, issuer, current)
