@@ -62,6 +62,35 @@ def route_study(db: Database, study_fk: int, routed_ids: list[int], jobs: list[N
                 "INSERT OR IGNORE INTO job_instances (job_id, instance_fk) VALUES (?, ?)",
                 [(cursor.lastrowid, i) for i in job.instance_ids],
             )
+            if job.kind != "hub":
+                _drop_superseded(conn, job.destination, int(cursor.lastrowid or 0),
+                                 job.instance_ids)
+
+
+def _drop_superseded(conn: sqlite3.Connection, destination: str, new_job: int,
+                     instance_ids: list[int]) -> None:
+    """Take the other versions of these instances out of the earlier jobs to the same
+    destination that have not sent them yet: the new job carries the sender's last word.
+
+    Why: a corrected version (same SOP Instance UID, other bytes) routed while the first
+    version's job waited for a retry was delivered at once, and the older job sent the stale
+    version after it, overwriting the correction at the node. Only for destinations that
+    read a job's unsent instances at each attempt (``dicom``, ``stowrs``); a hub transfer's
+    manifest is fixed once begun, and the hub orders versions by its receipts."""
+    waiting = [r[0] for r in conn.execute(
+        "SELECT id FROM jobs WHERE destination = ? AND id != ? AND state != 'done'",
+        (destination, new_job))]
+    if not waiting:
+        return
+    older: list[int] = []
+    for instance_id in instance_ids:
+        older.extend(r[0] for r in conn.execute(
+            """SELECT other.id FROM instances this JOIN instances other
+                   ON other.sop_instance_uid = this.sop_instance_uid AND other.id != this.id
+               WHERE this.id = ?""", (instance_id,)))
+    conn.executemany(
+        "DELETE FROM job_instances WHERE job_id = ? AND instance_fk = ? AND sent_at IS NULL",
+        [(job_id, old) for job_id in waiting for old in older])
 
 
 _JOB_SELECT = """SELECT j.*, s.study_uid FROM jobs j JOIN studies s ON s.id = j.study_fk"""
