@@ -286,11 +286,12 @@ def queue_retry(job_id: int = typer.Argument(..., min=1, max=ROW_ID_MAX, help="A
                                              "queue list"),
                 config: Path | None = ConfigOption) -> None:
     """Make a failed or pending job due now, with its attempts reset."""
-    from appliance.store.jobs import retry
+    from appliance.store.jobs import retry, why_not_retried
 
     settings = _settings(config)
-    if not retry(_db(settings), job_id):
-        err.print(f"[red]job {job_id} is not failed or pending (or does not exist)[/red]")
+    db = _db(settings)
+    if not retry(db, job_id):
+        err.print(f"[red]{why_not_retried(db, job_id)}[/red]", highlight=False)
         raise typer.Exit(1)
     console.print(f"job {job_id} will be retried now")
 
