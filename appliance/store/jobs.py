@@ -113,7 +113,12 @@ def claim_next(db: Database, owner: str, lease_s: float,
     With ``max_attempts``, a job whose attempts are all spent that way is failed instead of
     claimed again: a job whose sending kills the daemon (a codec's segfault, the OOM killer)
     once made it crash at every restart, for ever. One kill -9 during a send costs one
-    attempt; the job resumes."""
+    attempt; the job resumes.
+
+    A job to a local node (not the hub) waits while another job of the same study to the
+    same node is being sent (a live lease): a study's delta, e.g. a corrected version of an
+    instance, reaches the node after the first job's instances, never beside them (the node
+    would keep whichever version came last)."""
     at = now()
     kind_filter = ""
     params: list[Any] = [at, at]
@@ -123,6 +128,13 @@ def claim_next(db: Database, owner: str, lease_s: float,
     if max_priority is not None:
         kind_filter += " AND priority <= ?"
         params.append(max_priority)
+    # One job at a time per study and local node: a delta (a correction among it) sent
+    # beside the study's first job, still on its way, was overtaken by the stale version.
+    kind_filter += """ AND (kind = 'hub' OR NOT EXISTS (
+        SELECT 1 FROM jobs other WHERE other.study_fk = jobs.study_fk
+            AND other.destination = jobs.destination AND other.id != jobs.id
+            AND other.state = 'running' AND other.lease_until >= ?))"""
+    params.append(at)
     with db.transaction() as conn:
         if max_attempts is not None:
             conn.execute(
