@@ -381,3 +381,18 @@ def test_a_pattern_that_backtracks_for_ever_gives_up_and_routing_goes_on(
     shown = pas.cli("rules", "test", str(hostile)).stdout
     assert "within 50 ms" in " ".join(shown.split())
     assert "-> pacs (routine, from fallback)" in shown
+
+
+def test_a_retry_of_a_running_job_says_whether_its_worker_is_alive(tmp_path: Path) -> None:
+    """`pas queue retry` of a job left running by a daemon that was stopped or killed said
+    it was not failed or pending: the operator could not tell it would go on by itself."""
+    db, _instance = _one_job(tmp_path)
+    job = job_store.claim_next(db, "worker", lease_s=60)
+    assert job is not None and not job_store.retry(db, job.id)
+    assert job_store.why_not_retried(db, job.id) == (
+        f"job {job.id} is being sent right now: nothing to retry")
+    with db.transaction() as conn:  # the worker died: its lease ran out
+        conn.execute("UPDATE jobs SET lease_until = 0 WHERE id = ?", (job.id,))
+    assert job_store.why_not_retried(db, job.id) == (
+        f"job {job.id} was being sent when its worker stopped (its lease expired): the "
+        "daemon takes it up again by itself, where it stopped")

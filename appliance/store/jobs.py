@@ -297,13 +297,16 @@ def why_not_retried(db: Database, job_id: int) -> str:
     False): the job's state, or that there is no such job and the likely reason. Was one
     sentence for every case ("is not failed or pending (or does not exist)"), which left a
     job done, one being sent and one gone with its study alike."""
-    rows = db.query("SELECT state, finished_at FROM jobs WHERE id = ?", (job_id,))
+    rows = db.query("SELECT state, lease_until FROM jobs WHERE id = ?", (job_id,))
     if not rows:
         return (f"job {job_id} does not exist (a study's jobs go with it when the cache "
                 "evicts it or an operator purges it: pas audit shows the deletion)")
     state = rows[0]["state"]
     if state == "done":
         return f"job {job_id} is done: every instance of it was delivered, nothing to retry"
+    if state == "running" and (rows[0]["lease_until"] or 0) < now():
+        return (f"job {job_id} was being sent when its worker stopped (its lease expired): "
+                "the daemon takes it up again by itself, where it stopped")
     if state == "running":
         return f"job {job_id} is being sent right now: nothing to retry"
     return f"job {job_id} is {state}: only a failed or pending job can be retried"
