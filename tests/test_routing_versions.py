@@ -90,3 +90,43 @@ def test_a_correction_routed_while_the_first_job_is_sending_arrives_last(
         assert last_word == "version Y", by_uid
     finally:
         scp.stop()
+
+
+def test_the_stale_version_leaves_the_older_jobs_of_its_node_only(tmp_path: Path) -> None:
+    """Which jobs lose the older version: the unsent ones to the same local node, also when
+    the correction came under another study (a study UID put right); not a job to another
+    node that routing did not send the correction to, not a hub transfer, not a version
+    already sent."""
+    from appliance.store import index
+    from appliance.store import jobs as job_store
+    from appliance.store.db import Database
+    from appliance.store.index import InstanceRecord, StoredFile
+
+    db = Database(tmp_path / "pas.sqlite")
+    ct = "1.2.840.10008.5.1.4.1.1.2"
+    first = index.record_instance(db, InstanceRecord("1.2.9.1", ct, "1.2.840.10008.1.2.1",
+                                                     "1.2.9", "1.2.9.2", patient_id="P"),
+                                  StoredFile("x", 1, "1" * 64))
+    sent = index.record_instance(db, InstanceRecord("1.2.9.3", ct, "1.2.840.10008.1.2.1",
+                                                    "1.2.9", "1.2.9.2", patient_id="P"),
+                                 StoredFile("s", 1, "3" * 64))
+    ids = [first.instance_id, sent.instance_id]
+    job_store.route_study(db, 1, ids, [job_store.NewJob("dicom", "pacs", 2, "r", ids),
+                                       job_store.NewJob("dicom", "other", 2, "r", ids),
+                                       job_store.NewJob("hub", "hub", 2, "r", ids)])
+    job_store.mark_sent(db, 1, [sent.instance_id])
+    moved = InstanceRecord("1.2.9.1", ct, "1.2.840.10008.1.2.1", "1.2.10", "1.2.10.2",
+                           patient_id="P")
+    corrected = index.record_instance(db, moved, StoredFile("y", 1, "2" * 64))
+    resent = index.record_instance(db, InstanceRecord("1.2.9.3", ct, "1.2.840.10008.1.2.1",
+                                                      "1.2.10", "1.2.10.2", patient_id="P"),
+                                   StoredFile("t", 1, "4" * 64))
+    assert corrected.conflict and resent.conflict
+    new = [corrected.instance_id, resent.instance_id]
+    job_store.route_study(db, 2, new, [job_store.NewJob("dicom", "pacs", 2, "r", new),
+                                       job_store.NewJob("hub", "hub", 2, "r", new)])
+    carried = {j: sorted(r["id"] for r in job_store.job_files(db, j, unsent_only=False))
+               for j in (1, 2, 3, 4, 5)}
+    assert carried == {1: [sent.instance_id],  # the sent one stays, the stale one left
+                       2: ids, 3: ids,         # another node, the hub: as routed
+                       4: sorted(new), 5: sorted(new)}

@@ -75,22 +75,23 @@ def _drop_superseded(conn: sqlite3.Connection, destination: str, new_job: int,
     Why: a corrected version (same SOP Instance UID, other bytes) routed while the first
     version's job waited for a retry was delivered at once, and the older job sent the stale
     version after it, overwriting the correction at the node. Only for destinations that
-    read a job's unsent instances at each attempt (``dicom``, ``stowrs``); a hub transfer's
-    manifest is fixed once begun, and the hub orders versions by its receipts."""
-    waiting = [r[0] for r in conn.execute(
-        "SELECT id FROM jobs WHERE destination = ? AND id != ? AND state != 'done'",
-        (destination, new_job))]
-    if not waiting:
-        return
-    older: list[int] = []
+    read a job's unsent instances at each attempt (``dicom``, ``stowrs``), not for the hub,
+    whose transfer's manifest is fixed once it began."""
+    # A job carries instances of its own study only: the jobs that may hold an older
+    # version are found by that version's study (indexed), not among every job queued to
+    # the destination (a weekend's backlog).
+    pairs: list[tuple[int, int]] = []
     for instance_id in instance_ids:
-        older.extend(r[0] for r in conn.execute(
-            """SELECT other.id FROM instances this JOIN instances other
-                   ON other.sop_instance_uid = this.sop_instance_uid AND other.id != this.id
-               WHERE this.id = ?""", (instance_id,)))
+        for old in conn.execute(
+                """SELECT other.id, other.study_fk FROM instances this JOIN instances other
+                       ON other.sop_instance_uid = this.sop_instance_uid AND other.id != this.id
+                   WHERE this.id = ?""", (instance_id,)).fetchall():
+            pairs.extend((job[0], old[0]) for job in conn.execute(
+                "SELECT id FROM jobs WHERE study_fk = ? AND destination = ? AND id != ? "
+                "AND state != 'done'", (old[1], destination, new_job)))
     conn.executemany(
         "DELETE FROM job_instances WHERE job_id = ? AND instance_fk = ? AND sent_at IS NULL",
-        [(job_id, old) for job_id in waiting for old in older])
+        pairs)
 
 
 _JOB_SELECT = """SELECT j.*, s.study_uid FROM jobs j JOIN studies s ON s.id = j.study_fk"""
