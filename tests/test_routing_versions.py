@@ -130,3 +130,29 @@ def test_the_stale_version_leaves_the_older_jobs_of_its_node_only(tmp_path: Path
     assert carried == {1: [sent.instance_id],  # the sent one stays, the stale one left
                        2: ids, 3: ids,         # another node, the hub: as routed
                        4: sorted(new), 5: sorted(new)}
+
+
+def test_a_failed_job_whose_rest_was_superseded_is_over(tmp_path: Path) -> None:
+    """A job failed with one instance left, whose correction is routed to the same node in a
+    new job: nothing is left for the failed one, which stayed failed (pas status, the
+    failed-jobs alert) though the node gets the correction."""
+    from appliance.store import index
+    from appliance.store import jobs as job_store
+    from appliance.store.db import Database
+    from appliance.store.index import InstanceRecord, StoredFile
+
+    db = Database(tmp_path / "pas.sqlite")
+    record = InstanceRecord("1.2.11.1", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1",
+                            "1.2.11", "1.2.11.2", patient_id="P")
+    first = index.record_instance(db, record, StoredFile("x", 1, "1" * 64)).instance_id
+    job_store.route_study(db, 1, [first], [job_store.NewJob("dicom", "pacs", 2, "r", [first])])
+    job = job_store.claim_next(db, "worker", lease_s=60)
+    assert job is not None
+    job_store.fail_attempt(db, job.id, "worker", "pacs: no C-STORE response", retry_at=None)
+    corrected = index.record_instance(db, record, StoredFile("y", 1, "2" * 64)).instance_id
+    job_store.route_study(db, 1, [corrected],
+                          [job_store.NewJob("dicom", "pacs", 2, "r", [corrected])])
+    states = {j["id"]: (j["state"], j["last_error"]) for j in job_store.list_jobs(db)}
+    assert states == {
+        1: ("done", "what was left to send was superseded by newer versions (job 2)"),
+        2: ("pending", None)}

@@ -92,6 +92,16 @@ def _drop_superseded(conn: sqlite3.Connection, destination: str, new_job: int,
     conn.executemany(
         "DELETE FROM job_instances WHERE job_id = ? AND instance_fk = ? AND sent_at IS NULL",
         pairs)
+    # A failed (or waiting) job left with nothing to send is over: the newer job delivers
+    # what it had left. Kept failed, it stayed in the failed-jobs signals for nothing. A
+    # running one finishes by itself.
+    at = now()
+    conn.executemany(
+        """UPDATE jobs SET state = 'done', finished_at = ?, updated_at = ?, last_error = ?
+           WHERE id = ? AND state IN ('failed', 'pending') AND NOT EXISTS (
+               SELECT 1 FROM job_instances WHERE job_id = jobs.id AND sent_at IS NULL)""",
+        [(at, at, f"what was left to send was superseded by newer versions (job {new_job})",
+          job_id) for job_id in sorted({job_id for job_id, _ in pairs})])
 
 
 _JOB_SELECT = """SELECT j.*, s.study_uid FROM jobs j JOIN studies s ON s.id = j.study_fk"""
