@@ -214,12 +214,17 @@ def rules_test(file: Path = typer.Argument(..., exists=True, dir_okay=False,
                config: Path | None = ConfigOption) -> None:
     """Show which routing rules match a DICOM file, and why."""
     from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
 
     from appliance.routing.rules import explain
 
     settings = _settings(config)
     try:
         ds = dcmread(file, stop_before_pixels=True)
+    except InvalidDicomError:  # pydicom's own words end "Use force=True to force reading."
+        err.print(f"[red]{file}: not a DICOM file[/red] (no 128-byte preamble followed by "
+                  "'DICM', as DICOM Part 10 files begin)", highlight=False)
+        raise typer.Exit(2) from None
     except Exception as exc:
         err.print(f"[red]{file}: not a readable DICOM file:[/red] {exc}")
         raise typer.Exit(2) from None
