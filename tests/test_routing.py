@@ -401,3 +401,17 @@ def test_a_retry_of_a_running_job_says_whether_its_worker_is_alive(tmp_path: Pat
         f"job {job.id} was being sent when its worker stopped (its lease expired): the "
         "daemon takes it up again by itself, where it stopped")
 
+
+
+def test_queue_list_says_when_it_shows_only_the_newest(pas_factory, tmp_path: Path) -> None:
+    """`pas queue list` shows the newest 200 jobs; its title read "200 jobs" with 3,000 queued
+    after an outage, and the operator took it for the backlog."""
+    pas = pas_factory(home=tmp_path / "home", start=False)
+    db, instance = _one_job(pas.home)
+    for _ in range(2):  # three jobs in all
+        job_store.route_study(db, 1, [], [job_store.NewJob("dicom", "pacs", 2, "r",
+                                                           [instance])])
+    part = pas.cli("queue", "list", "--limit", "2").stdout
+    assert "the 2 newest of 3 jobs (--limit for more)" in part, part
+    assert "3 jobs" in pas.cli("queue", "list").stdout
+    assert len(json.loads(pas.cli("queue", "list", "--limit", "2", "--json").stdout)) == 2

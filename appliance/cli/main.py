@@ -265,16 +265,23 @@ def rules_test(file: Path = typer.Argument(..., exists=True, dir_okay=False,
 @queue_app.command("list")
 def queue_list(config: Path | None = ConfigOption,
                state: JobState | None = typer.Option(None, help="Only the jobs in this state"),
+               limit: int = typer.Option(200, "--limit", min=1, max=ROW_ID_MAX,
+                                         help="At most this many, the newest"),
                as_json: bool = JsonOption) -> None:
     """Jobs, newest first."""
-    from appliance.store.jobs import list_jobs
+    from appliance.store.jobs import count_jobs, list_jobs
 
     settings = _settings(config)
-    rows = list_jobs(_reader(settings), state.value if state else None)
+    reader = _reader(settings)
+    rows = list_jobs(reader, state.value if state else None, limit)
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table(title=counted(len(rows), "job"))
+    # The title said "200 jobs" after a weekend's outage had queued 3,000: say it is a part.
+    total = count_jobs(reader, state.value if state else None) if len(rows) == limit else 0
+    title = (f"the {len(rows)} newest of {counted(total, 'job')} (--limit for more)"
+             if total > len(rows) else counted(len(rows), "job"))
+    table = Table(title=title)
     for column in ("id", "kind", "destination", "state", "prio", "attempts", "sent",
                    "next attempt", "last error", "study UID"):
         table.add_column(column)

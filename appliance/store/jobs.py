@@ -377,6 +377,12 @@ def list_jobs(db: Database, state: str | None = None, limit: int = 200) -> list[
     return [dict(r) for r in rows]
 
 
+def count_jobs(db: Database, state: str | None = None) -> int:
+    """How many jobs (in ``state``, when given): what :func:`list_jobs` shows a part of."""
+    where, params = ("WHERE state = ?", (state,)) if state else ("", ())
+    return int(db.query(f"SELECT count(*) FROM jobs {where}", params)[0][0])
+
+
 def counts_by_state(db: Database) -> dict[str, dict[str, int]]:
     """``{kind: {state: count}}``."""
     result: dict[str, dict[str, int]] = {}
