@@ -196,7 +196,43 @@ def build(model: type[BaseModel], data: dict[str, Any]) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, model)) from None
+        problems = format_validation_error(exc, model)
+        if model is Settings:
+            problems += [p for p in _unknown_destinations_in(data) if p not in problems]
+        raise ConfigError(problems) from None
+
+
+def _unknown_destinations_in(data: dict[str, Any]) -> list[str]:
+    """``Settings.model_post_init``'s check of destination names, on the raw data: that
+    check runs only once every field is valid, so a configuration with a bad regular
+    expression *and* a rule naming an unknown destination was refused for the first alone;
+    fixed, it was refused again for the second. ``pas config check`` promises every problem
+    at once. Whatever is not shaped as expected here is left to the field errors."""
+    def names(value: Any) -> list[str]:
+        return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+    def section(value: Any) -> dict[str, Any]:
+        return value if isinstance(value, dict) else {}
+
+    destinations = section(data.get("destinations"))
+    known = set(destinations) | {"hub"}
+    routing, prefetch = section(data.get("routing")), section(data.get("prefetch"))
+    problems = []
+    rules = routing.get("rules")
+    for index, rule in enumerate(rules if isinstance(rules, list) else []):
+        for name in names(section(rule).get("destinations")):
+            if name not in known:
+                problems.append(f"routing.rules.{index}.destinations: unknown destination "
+                                f"{name!r} (defined: {', '.join(sorted(known))})")
+    for name in names(section(routing.get("fallback")).get("destinations")):
+        if name not in known:
+            problems.append(f"routing.fallback.destinations: unknown destination {name!r}")
+    prules = prefetch.get("rules")
+    for index, prule in enumerate(prules if isinstance(prules, list) else []):
+        for name in names(section(prule).get("push_to")):
+            if name not in destinations:
+                problems.append(f"prefetch.rules.{index}.push_to: unknown destination {name!r}")
+    return problems
 
 
 def read_toml(path: Path) -> dict[str, Any]:

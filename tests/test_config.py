@@ -96,6 +96,43 @@ def test_every_problem_is_named_with_a_cross_field_one(tmp_path: Path) -> None:
     ]), result.stderr
 
 
+def test_every_routing_problem_is_named_at_once_and_pas_run_refuses_the_same(
+        tmp_path: Path) -> None:
+    """A rule naming an unknown destination (or a fallback doing so) was reported only once
+    every other field was valid: an operator who fixed the bad regular expression, the
+    empty destinations and the unknown priority was refused again, for the names."""
+    path = tmp_path / "routing.toml"
+    path.write_text("[[routing.rules]]\nname = 'r1'\nmatch = { modality = 'CT(' }\n"
+                    "destinations = ['hub']\npriority = 'asap'\n"
+                    "[[routing.rules]]\nname = 'r2'\ndestinations = []\n"
+                    "[[routing.rules]]\nname = 'r3'\ndestinations = ['nowhere']\n"
+                    "[routing.fallback]\ndestinations = ['ghost']\n")
+    expected = sorted([
+        "config error routing.rules.0.match.modality: is not a valid regular expression "
+        "(missing ), unterminated subpattern at position 2): 'CT('",
+        "config error routing.rules.0.priority: Input should be 'urgent', 'high' or "
+        "'routine', got 'asap'",
+        "config error routing.rules.1.destinations: List should have at least 1 item after "
+        "validation, not 0, got []",
+        "config error routing.rules.2.destinations: unknown destination 'nowhere' "
+        "(defined: hub)",
+        "config error routing.fallback.destinations: unknown destination 'ghost'",
+    ])
+    checked = check(path)
+    assert checked.returncode == 2
+    assert sorted(line for line in checked.stderr.splitlines()
+                  if line.startswith("config error")) == expected, checked.stderr
+    run = subprocess.run([str(PAS_BIN), "run", "--config", str(path)], capture_output=True,
+                         text=True, timeout=60,
+                         env={**{k: v for k, v in os.environ.items()
+                                 if not k.startswith("PAS_")},
+                              "PAS_HOME": str(tmp_path / "home")})
+    assert run.returncode == 2
+    assert sorted(line for line in run.stderr.splitlines()
+                  if line.startswith("config error")) == expected, run.stderr
+    assert not (tmp_path / "home").exists()  # refused before anything was created
+
+
 def test_bad_environment_value_is_named() -> None:
     result = check(None, PAS_DICOM__PORT="0", PAS_DICOM__MAX_ASSOCIATIONS="many")
     assert result.returncode == 2

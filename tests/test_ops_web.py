@@ -128,7 +128,7 @@ def test_status_page_shows_failed_job_and_retry_delivers(site: dict[str, Any]) -
 
 @pytest.mark.parametrize(("path", "status", "words"), [
     ("/jobs/abc/retry", 400, "must be a number"),
-    ("/jobs/999999/retry", 404, "not failed or pending"),
+    ("/jobs/999999/retry", 404, "job 999999 does not exist"),
 ])
 def test_bad_retry_is_refused_and_daemon_keeps_serving(site: dict[str, Any], path: str,
                                                        status: int, words: str) -> None:

@@ -126,8 +126,17 @@ def test_rejecting_destination_counts_attempts_fails_then_retries(pas_factory,
         assert len(scp.files()) == 3
     finally:
         scp.stop()
-    refused = pas.cli("queue", "retry", "999", check=False)
-    assert refused.returncode == 1 and "is not failed or pending" in refused.stderr
+    # A retry that changes nothing says why: it was one sentence for all of these.
+    done = pas.cli("queue", "retry", str(job["id"]), check=False)
+    assert done.returncode == 1
+    assert f"job {job['id']} is done: every instance of it was delivered" in done.stderr
+    unknown = pas.cli("queue", "retry", "999", check=False)
+    assert unknown.returncode == 1 and "job 999 does not exist" in unknown.stderr
+    [listed] = json.loads(pas.cli("queue", "list", "--json").stdout)
+    pas.cli("cache", "purge", "--force", listed["study_uid"])
+    purged = " ".join(pas.cli("queue", "retry", str(job["id"]), check=False).stderr.split())
+    assert f"job {job['id']} does not exist (a study's jobs go with it when the cache evicts " \
+           "it or an operator purges it" in purged, purged
 
 
 def test_an_expired_lease_is_claimed_again_and_resumes(tmp_path: Path) -> None:
@@ -242,8 +251,12 @@ def test_rules_explain_and_cli(pas_factory, tmp_path: Path) -> None:
     assert "calling_ae 'OTHER' does not match /^CT_URG$/" in other
     assert ("-> pacs (routine, from chest)" in other) == bool(
         description and ("CHEST" in description.upper() or "THORAX" in description.upper()))
+    # Refused in an operator's words: pydicom's ended "Use force=True to force reading."
     bad = pas.cli("rules", "test", str(config), check=False)
-    assert bad.returncode == 2 and "not a readable DICOM file" in bad.stderr
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert " ".join(bad.stderr.split()) == (
+        f"{config}: not a DICOM file (no 128-byte preamble followed by 'DICM', as DICOM Part "
+        "10 files begin)")
 
 
 def test_instances_fetched_from_the_region_are_never_routed_back(tmp_path: Path) -> None:
@@ -372,3 +385,33 @@ def test_a_pattern_that_backtracks_for_ever_gives_up_and_routing_goes_on(
     shown = pas.cli("rules", "test", str(hostile)).stdout
     assert "within 50 ms" in " ".join(shown.split())
     assert "-> pacs (routine, from fallback)" in shown
+
+
+def test_a_retry_of_a_running_job_says_whether_its_worker_is_alive(tmp_path: Path) -> None:
+    """`pas queue retry` of a job left running by a daemon that was stopped or killed said
+    it was not failed or pending: the operator could not tell it would go on by itself."""
+    db, _instance = _one_job(tmp_path)
+    job = job_store.claim_next(db, "worker", lease_s=60)
+    assert job is not None and not job_store.retry(db, job.id)
+    assert job_store.why_not_retried(db, job.id) == (
+        f"job {job.id} is being sent right now: nothing to retry")
+    with db.transaction() as conn:  # the worker died: its lease ran out
+        conn.execute("UPDATE jobs SET lease_until = 0 WHERE id = ?", (job.id,))
+    assert job_store.why_not_retried(db, job.id) == (
+        f"job {job.id} was being sent when its worker stopped (its lease expired): the "
+        "daemon takes it up again by itself, where it stopped")
+
+
+
+def test_queue_list_says_when_it_shows_only_the_newest(pas_factory, tmp_path: Path) -> None:
+    """`pas queue list` shows the newest 200 jobs; its title read "200 jobs" with 3,000 queued
+    after an outage, and the operator took it for the backlog."""
+    pas = pas_factory(home=tmp_path / "home", start=False)
+    db, instance = _one_job(pas.home)
+    for _ in range(2):  # three jobs in all
+        job_store.route_study(db, 1, [], [job_store.NewJob("dicom", "pacs", 2, "r",
+                                                           [instance])])
+    part = pas.cli("queue", "list", "--limit", "2").stdout
+    assert "the 2 newest of 3 jobs (--limit for more)" in part, part
+    assert "3 jobs" in pas.cli("queue", "list").stdout
+    assert len(json.loads(pas.cli("queue", "list", "--limit", "2", "--json").stdout)) == 2

@@ -214,12 +214,17 @@ def rules_test(file: Path = typer.Argument(..., exists=True, dir_okay=False,
                config: Path | None = ConfigOption) -> None:
     """Show which routing rules match a DICOM file, and why."""
     from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
 
     from appliance.routing.rules import explain
 
     settings = _settings(config)
     try:
         ds = dcmread(file, stop_before_pixels=True)
+    except InvalidDicomError:  # pydicom's own words end "Use force=True to force reading."
+        err.print(f"[red]{file}: not a DICOM file[/red] (no 128-byte preamble followed by "
+                  "'DICM', as DICOM Part 10 files begin)", highlight=False)
+        raise typer.Exit(2) from None
     except Exception as exc:
         err.print(f"[red]{file}: not a readable DICOM file:[/red] {exc}")
         raise typer.Exit(2) from None
@@ -260,16 +265,23 @@ def rules_test(file: Path = typer.Argument(..., exists=True, dir_okay=False,
 @queue_app.command("list")
 def queue_list(config: Path | None = ConfigOption,
                state: JobState | None = typer.Option(None, help="Only the jobs in this state"),
+               limit: int = typer.Option(200, "--limit", min=1, max=ROW_ID_MAX,
+                                         help="At most this many, the newest"),
                as_json: bool = JsonOption) -> None:
     """Jobs, newest first."""
-    from appliance.store.jobs import list_jobs
+    from appliance.store.jobs import count_jobs, list_jobs
 
     settings = _settings(config)
-    rows = list_jobs(_reader(settings), state.value if state else None)
+    reader = _reader(settings)
+    rows = list_jobs(reader, state.value if state else None, limit)
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table(title=counted(len(rows), "job"))
+    # The title said "200 jobs" after a weekend's outage had queued 3,000: say it is a part.
+    total = count_jobs(reader, state.value if state else None) if len(rows) == limit else 0
+    title = (f"the {len(rows)} newest of {counted(total, 'job')} (--limit for more)"
+             if total > len(rows) else counted(len(rows), "job"))
+    table = Table(title=title)
     for column in ("id", "kind", "destination", "state", "prio", "attempts", "sent",
                    "next attempt", "last error", "study UID"):
         table.add_column(column)
@@ -286,11 +298,12 @@ def queue_retry(job_id: int = typer.Argument(..., min=1, max=ROW_ID_MAX, help="A
                                              "queue list"),
                 config: Path | None = ConfigOption) -> None:
     """Make a failed or pending job due now, with its attempts reset."""
-    from appliance.store.jobs import retry
+    from appliance.store.jobs import retry, why_not_retried
 
     settings = _settings(config)
-    if not retry(_db(settings), job_id):
-        err.print(f"[red]job {job_id} is not failed or pending (or does not exist)[/red]")
+    db = _db(settings)
+    if not retry(db, job_id):
+        err.print(f"[red]{why_not_retried(db, job_id)}[/red]", highlight=False)
         raise typer.Exit(1)
     console.print(f"job {job_id} will be retried now")
 

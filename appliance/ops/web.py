@@ -235,8 +235,8 @@ def routes(daemon: Daemon) -> list[BaseRoute]:
         if not raw.isdigit():
             return PlainTextResponse(f"job id must be a number, got {raw!r}", status_code=400)
         if not await run_in_threadpool(job_store.retry, daemon.db, int(raw)):
-            return PlainTextResponse(f"job {raw} is not failed or pending (or does not exist)",
-                                     status_code=404)
+            reason = await run_in_threadpool(job_store.why_not_retried, daemon.db, int(raw))
+            return PlainTextResponse(reason, status_code=404)
         return RedirectResponse("/", status_code=303)
 
     return [

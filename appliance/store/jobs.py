@@ -62,6 +62,46 @@ def route_study(db: Database, study_fk: int, routed_ids: list[int], jobs: list[N
                 "INSERT OR IGNORE INTO job_instances (job_id, instance_fk) VALUES (?, ?)",
                 [(cursor.lastrowid, i) for i in job.instance_ids],
             )
+            if job.kind != "hub":
+                _drop_superseded(conn, job.destination, int(cursor.lastrowid or 0),
+                                 job.instance_ids)
+
+
+def _drop_superseded(conn: sqlite3.Connection, destination: str, new_job: int,
+                     instance_ids: list[int]) -> None:
+    """Take the other versions of these instances out of the earlier jobs to the same
+    destination that have not sent them yet: the new job carries the sender's last word.
+
+    Why: a corrected version (same SOP Instance UID, other bytes) routed while the first
+    version's job waited for a retry was delivered at once, and the older job sent the stale
+    version after it, overwriting the correction at the node. Only for destinations that
+    read a job's unsent instances at each attempt (``dicom``, ``stowrs``), not for the hub,
+    whose transfer's manifest is fixed once it began."""
+    # A job carries instances of its own study only: the jobs that may hold an older
+    # version are found by that version's study (indexed), not among every job queued to
+    # the destination (a weekend's backlog).
+    pairs: list[tuple[int, int]] = []
+    for instance_id in instance_ids:
+        for old in conn.execute(
+                """SELECT other.id, other.study_fk FROM instances this JOIN instances other
+                       ON other.sop_instance_uid = this.sop_instance_uid AND other.id != this.id
+                   WHERE this.id = ?""", (instance_id,)).fetchall():
+            pairs.extend((job[0], old[0]) for job in conn.execute(
+                "SELECT id FROM jobs WHERE study_fk = ? AND destination = ? AND id != ? "
+                "AND state != 'done'", (old[1], destination, new_job)))
+    conn.executemany(
+        "DELETE FROM job_instances WHERE job_id = ? AND instance_fk = ? AND sent_at IS NULL",
+        pairs)
+    # A failed (or waiting) job left with nothing to send is over: the newer job delivers
+    # what it had left. Kept failed, it stayed in the failed-jobs signals for nothing. A
+    # running one finishes by itself.
+    at = now()
+    conn.executemany(
+        """UPDATE jobs SET state = 'done', finished_at = ?, updated_at = ?, last_error = ?
+           WHERE id = ? AND state IN ('failed', 'pending') AND NOT EXISTS (
+               SELECT 1 FROM job_instances WHERE job_id = jobs.id AND sent_at IS NULL)""",
+        [(at, at, f"what was left to send was superseded by newer versions (job {new_job})",
+          job_id) for job_id in sorted({job_id for job_id, _ in pairs})])
 
 
 _JOB_SELECT = """SELECT j.*, s.study_uid FROM jobs j JOIN studies s ON s.id = j.study_fk"""
@@ -84,7 +124,12 @@ def claim_next(db: Database, owner: str, lease_s: float,
     With ``max_attempts``, a job whose attempts are all spent that way is failed instead of
     claimed again: a job whose sending kills the daemon (a codec's segfault, the OOM killer)
     once made it crash at every restart, for ever. One kill -9 during a send costs one
-    attempt; the job resumes."""
+    attempt; the job resumes.
+
+    A job to a local node (not the hub) waits while another job of the same study to the
+    same node is being sent (a live lease): a study's delta, e.g. a corrected version of an
+    instance, reaches the node after the first job's instances, never beside them (the node
+    would keep whichever version came last)."""
     at = now()
     kind_filter = ""
     params: list[Any] = [at, at]
@@ -94,6 +139,13 @@ def claim_next(db: Database, owner: str, lease_s: float,
     if max_priority is not None:
         kind_filter += " AND priority <= ?"
         params.append(max_priority)
+    # One job at a time per study and local node: a delta (a correction among it) sent
+    # beside the study's first job, still on its way, was overtaken by the stale version.
+    kind_filter += """ AND (kind = 'hub' OR NOT EXISTS (
+        SELECT 1 FROM jobs other WHERE other.study_fk = jobs.study_fk
+            AND other.destination = jobs.destination AND other.id != jobs.id
+            AND other.state = 'running' AND other.lease_until >= ?))"""
+    params.append(at)
     with db.transaction() as conn:
         if max_attempts is not None:
             conn.execute(
@@ -251,6 +303,26 @@ def retry(db: Database, job_id: int) -> bool:
         return cursor.rowcount == 1
 
 
+def why_not_retried(db: Database, job_id: int) -> str:
+    """What to tell an operator whose retry of ``job_id`` changed nothing (:func:`retry` was
+    False): the job's state, or that there is no such job and the likely reason. Was one
+    sentence for every case ("is not failed or pending (or does not exist)"), which left a
+    job done, one being sent and one gone with its study alike."""
+    rows = db.query("SELECT state, lease_until FROM jobs WHERE id = ?", (job_id,))
+    if not rows:
+        return (f"job {job_id} does not exist (a study's jobs go with it when the cache "
+                "evicts it or an operator purges it: pas audit shows the deletion)")
+    state = rows[0]["state"]
+    if state == "done":
+        return f"job {job_id} is done: every instance of it was delivered, nothing to retry"
+    if state == "running" and (rows[0]["lease_until"] or 0) < now():
+        return (f"job {job_id} was being sent when its worker stopped (its lease expired): "
+                "the daemon takes it up again by itself, where it stopped")
+    if state == "running":
+        return f"job {job_id} is being sent right now: nothing to retry"
+    return f"job {job_id} is {state}: only a failed or pending job can be retried"
+
+
 def job_files(db: Database, job_id: int, unsent_only: bool = True) -> list[sqlite3.Row]:
     """The instances a job carries, with their files, in a stable order."""
     sent = "AND ji.sent_at IS NULL" if unsent_only else ""
@@ -303,6 +375,12 @@ def list_jobs(db: Database, state: str | None = None, limit: int = 200) -> list[
         (*params, limit),
     )
     return [dict(r) for r in rows]
+
+
+def count_jobs(db: Database, state: str | None = None) -> int:
+    """How many jobs (in ``state``, when given): what :func:`list_jobs` shows a part of."""
+    where, params = ("WHERE state = ?", (state,)) if state else ("", ())
+    return int(db.query(f"SELECT count(*) FROM jobs {where}", params)[0][0])
 
 
 def counts_by_state(db: Database) -> dict[str, dict[str, int]]:

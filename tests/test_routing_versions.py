@@ -1,0 +1,158 @@
+"""A corrected version of an instance (same SOP Instance UID, other bytes) and the jobs that
+carry its versions to a local node: the node must end up with the sender's last word."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from pydicom import dcmread
+
+from tests.support.objects import tiny_ct
+from tests.support.peers import StoreSCP, storescu, wait_for
+from tests.test_routing import jobs_of, write_config
+
+
+def test_a_superseded_version_is_not_sent_after_its_correction(pas_factory,
+                                                                 tmp_path: Path) -> None:
+    """Version X of an instance is routed to the PACS, whose first try fails (the node
+    rejects the association: counted, retried after a backoff). Meanwhile the modality sends
+    a corrected version Y, routed as a delta and delivered at once. X's job, retried after
+    its backoff, used to send X then: the PACS held the stale version, the correction
+    overwritten. Now routing Y to the PACS takes X out of the older job, unsent."""
+    refusing = StoreSCP(tmp_path / "refusing").start(["--refuse"])
+    config = write_config(tmp_path / "appliance.toml", refusing)
+    pas = pas_factory({"PAS_CONFIG": str(config), "PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                       "PAS_QUEUE__BACKOFF_INITIAL_S": "8", "PAS_QUEUE__BACKOFF_MAX_S": "16"})
+    first = tiny_ct(ImageComments="version X")
+    corrected = tiny_ct(first.StudyInstanceUID, first.SeriesInstanceUID,
+                        SOPInstanceUID=first.SOPInstanceUID, ImageComments="version Y")
+    corrected.file_meta.MediaStorageSOPInstanceUID = first.SOPInstanceUID
+    first.save_as(tmp_path / "x.dcm", enforce_file_format=True)
+    corrected.save_as(tmp_path / "y.dcm", enforce_file_format=True)
+    try:
+        storescu(tmp_path / "x.dcm", pas.port, calling="CT_URG")
+        wait_for(lambda: [(j["state"], j["attempts"]) for j in jobs_of(pas.home)]
+                 == [("pending", 1)], 60, what="X's job failed once, waiting for its retry")
+    finally:
+        refusing.stop()
+    pacs = StoreSCP(tmp_path / "pacs")
+    pacs.port = refusing.port  # the node, back, on the same port
+    pacs.start()
+    try:
+        storescu(tmp_path / "y.dcm", pas.port, calling="CT_URG")
+        wait_for(lambda: len(jobs_of(pas.home)) == 2 and jobs_of(pas.home)[1]["state"] == "done",
+                 60, what="Y's job delivered")
+        # X's job comes due after its backoff (8-16 s) and has nothing left to send.
+        wait_for(lambda: jobs_of(pas.home)[0]["state"] == "done", 60, what="X's job over")
+        received = [dcmread(p).ImageComments for p in pacs.files()]
+        assert received == ["version Y"], received
+        with sqlite3.connect(pas.home / "pas.sqlite") as conn:
+            carried = conn.execute("SELECT job_id, count(*) FROM job_instances "
+                                   "GROUP BY job_id ORDER BY job_id").fetchall()
+        assert carried == [(2, 1)], carried  # X's job carries nothing now
+    finally:
+        pacs.stop()
+
+
+def test_a_correction_routed_while_the_first_job_is_sending_arrives_last(
+        pas_factory, tmp_path: Path) -> None:
+    """A slow PACS (a second per C-STORE) is receiving a study of six instances, the last of
+    which is X, when the modality sends X's correction Y. Y's delta job used to be claimed by
+    the second worker at once and delivered while the first job was still on its way to X:
+    the first job then sent X, and the PACS held the stale version. Now a job to a local
+    node does not start while another job of the same study to that node is being sent."""
+    scp = StoreSCP(tmp_path / "slow").start(["--fork", "--sleep-after", "1"])
+    config = write_config(tmp_path / "appliance.toml", scp)
+    pas = pas_factory({"PAS_CONFIG": str(config), "PAS_DICOM__ACCEPT_UNKNOWN": "true"})
+    study = [tiny_ct(InstanceNumber=n, ImageComments="version X") for n in range(1, 7)]
+    for ds in study[1:]:
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study[0].StudyInstanceUID, \
+            study[0].SeriesInstanceUID
+    last = study[-1]
+    corrected = tiny_ct(last.StudyInstanceUID, last.SeriesInstanceUID, InstanceNumber=6,
+                        SOPInstanceUID=last.SOPInstanceUID, ImageComments="version Y")
+    corrected.file_meta.MediaStorageSOPInstanceUID = last.SOPInstanceUID
+    (tmp_path / "study").mkdir()
+    for n, ds in enumerate(study):
+        ds.save_as(tmp_path / "study" / f"{n}.dcm", enforce_file_format=True)
+    corrected.save_as(tmp_path / "y.dcm", enforce_file_format=True)
+    try:
+        storescu(tmp_path / "study", pas.port, calling="CT_URG")
+        wait_for(lambda: [j["state"] for j in jobs_of(pas.home)] == ["running"], 60,
+                 what="the study's job being sent")
+        storescu(tmp_path / "y.dcm", pas.port, calling="CT_URG")
+        wait_for(lambda: [j["state"] for j in jobs_of(pas.home)] == ["done", "done"], 90,
+                 what="both jobs done")
+        arrivals = sorted(scp.files(), key=lambda p: p.stat().st_mtime_ns)
+        by_uid = [(str(dcmread(p).SOPInstanceUID), dcmread(p).ImageComments) for p in arrivals]
+        last_word = [c for uid, c in by_uid if uid == last.SOPInstanceUID][-1]
+        assert last_word == "version Y", by_uid
+    finally:
+        scp.stop()
+
+
+def test_the_stale_version_leaves_the_older_jobs_of_its_node_only(tmp_path: Path) -> None:
+    """Which jobs lose the older version: the unsent ones to the same local node, also when
+    the correction came under another study (a study UID put right); not a job to another
+    node that routing did not send the correction to, not a hub transfer, not a version
+    already sent."""
+    from appliance.store import index
+    from appliance.store import jobs as job_store
+    from appliance.store.db import Database
+    from appliance.store.index import InstanceRecord, StoredFile
+
+    db = Database(tmp_path / "pas.sqlite")
+    ct = "1.2.840.10008.5.1.4.1.1.2"
+    first = index.record_instance(db, InstanceRecord("1.2.9.1", ct, "1.2.840.10008.1.2.1",
+                                                     "1.2.9", "1.2.9.2", patient_id="P"),
+                                  StoredFile("x", 1, "1" * 64))
+    sent = index.record_instance(db, InstanceRecord("1.2.9.3", ct, "1.2.840.10008.1.2.1",
+                                                    "1.2.9", "1.2.9.2", patient_id="P"),
+                                 StoredFile("s", 1, "3" * 64))
+    ids = [first.instance_id, sent.instance_id]
+    job_store.route_study(db, 1, ids, [job_store.NewJob("dicom", "pacs", 2, "r", ids),
+                                       job_store.NewJob("dicom", "other", 2, "r", ids),
+                                       job_store.NewJob("hub", "hub", 2, "r", ids)])
+    job_store.mark_sent(db, 1, [sent.instance_id])
+    moved = InstanceRecord("1.2.9.1", ct, "1.2.840.10008.1.2.1", "1.2.10", "1.2.10.2",
+                           patient_id="P")
+    corrected = index.record_instance(db, moved, StoredFile("y", 1, "2" * 64))
+    resent = index.record_instance(db, InstanceRecord("1.2.9.3", ct, "1.2.840.10008.1.2.1",
+                                                      "1.2.10", "1.2.10.2", patient_id="P"),
+                                   StoredFile("t", 1, "4" * 64))
+    assert corrected.conflict and resent.conflict
+    new = [corrected.instance_id, resent.instance_id]
+    job_store.route_study(db, 2, new, [job_store.NewJob("dicom", "pacs", 2, "r", new),
+                                       job_store.NewJob("hub", "hub", 2, "r", new)])
+    carried = {j: sorted(r["id"] for r in job_store.job_files(db, j, unsent_only=False))
+               for j in (1, 2, 3, 4, 5)}
+    assert carried == {1: [sent.instance_id],  # the sent one stays, the stale one left
+                       2: ids, 3: ids,         # another node, the hub: as routed
+                       4: sorted(new), 5: sorted(new)}
+
+
+def test_a_failed_job_whose_rest_was_superseded_is_over(tmp_path: Path) -> None:
+    """A job failed with one instance left, whose correction is routed to the same node in a
+    new job: nothing is left for the failed one, which stayed failed (pas status, the
+    failed-jobs alert) though the node gets the correction."""
+    from appliance.store import index
+    from appliance.store import jobs as job_store
+    from appliance.store.db import Database
+    from appliance.store.index import InstanceRecord, StoredFile
+
+    db = Database(tmp_path / "pas.sqlite")
+    record = InstanceRecord("1.2.11.1", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1",
+                            "1.2.11", "1.2.11.2", patient_id="P")
+    first = index.record_instance(db, record, StoredFile("x", 1, "1" * 64)).instance_id
+    job_store.route_study(db, 1, [first], [job_store.NewJob("dicom", "pacs", 2, "r", [first])])
+    job = job_store.claim_next(db, "worker", lease_s=60)
+    assert job is not None
+    job_store.fail_attempt(db, job.id, "worker", "pacs: no C-STORE response", retry_at=None)
+    corrected = index.record_instance(db, record, StoredFile("y", 1, "2" * 64)).instance_id
+    job_store.route_study(db, 1, [corrected],
+                          [job_store.NewJob("dicom", "pacs", 2, "r", [corrected])])
+    states = {j["id"]: (j["state"], j["last_error"]) for j in job_store.list_jobs(db)}
+    assert states == {
+        1: ("done", "what was left to send was superseded by newer versions (job 2)"),
+        2: ("pending", None)}
