@@ -85,6 +85,12 @@ class CachePolicy:
                     continue
                 result.evicted.append(candidate.study_uid)
                 result.freed_bytes += evicted.bytes
+                if evicted.failed_jobs:  # the last resort: nothing else could go
+                    log.warning("evicted study %s with its failed delivery to %s (nothing "
+                                "else could go): the node never got it from here; the "
+                                "region holds it",
+                                candidate.study_uid, ", ".join(evicted.failed_jobs),
+                                extra={"STUDY_UID": candidate.study_uid})
                 log.info("evicted study %s (%s, %s)", candidate.study_uid,
                          counted(evicted.instances, "instance"), counted(evicted.bytes, "byte"),
                          extra={"STUDY_UID": candidate.study_uid})

@@ -57,6 +57,10 @@ def eviction_candidates(db: Database, received_before: float,
     All of: every instance row (every version) confirmed at the region (invariant 2); not
     pinned (or the pin expired); no job still pending or running for it; last received
     before ``received_before`` (the minimum retention).
+
+    A study whose delivery to a local node failed comes after every other, whatever its
+    last use: its job goes with it (the node never gets the study from this cache, and the
+    failed-jobs signals forget it), so it is the last resort, not the first LRU pick.
     """
     at = now()
     rows = db.query(
@@ -69,7 +73,9 @@ def eviction_candidates(db: Database, received_before: float,
                              AND u.confirmed_at IS NULL)
              AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.study_fk = s.id
                              AND j.state IN ('pending', 'running'))
-           GROUP BY s.id ORDER BY used_at, s.id LIMIT ?""",
+           GROUP BY s.id
+           ORDER BY EXISTS (SELECT 1 FROM jobs f WHERE f.study_fk = s.id
+                            AND f.state = 'failed'), used_at, s.id LIMIT ?""",
         (at, received_before, limit),
     )
     return [EvictionCandidate(r["study_uid"], int(r["bytes"]), int(r["n"]), r["used_at"])
@@ -88,6 +94,8 @@ class Evicted:
     unconfirmed: int
     # Whose study it was (the ``delete`` audit row records it; the index no longer can).
     patient_id: str | None = None
+    # Failed deliveries dropped with the study, as "destination (job N)".
+    failed_jobs: tuple[str, ...] = ()
 
 
 def evict_study(db: Database, spool: Spool, study_uid: str, *, force: bool = False,
@@ -141,6 +149,9 @@ def evict_study(db: Database, spool: Spool, study_uid: str, *, force: bool = Fal
                                   "('pending', 'running')", (study["id"],)).fetchone()[0]
             if active:
                 raise NotEvictable(f"study {study_uid}: {counted(active, 'job')} still to run")
+        failed_jobs = tuple(f"{j['destination']} (job {j['id']})" for j in conn.execute(
+            "SELECT id, destination FROM jobs WHERE study_fk = ? AND state = 'failed' "
+            "ORDER BY id", (study["id"],)))
         ids = [r["id"] for r in rows]
         marks = ",".join("?" * len(ids))
         if ids:
@@ -162,7 +173,7 @@ def evict_study(db: Database, spool: Spool, study_uid: str, *, force: bool = Fal
             [(at, p, f"study {study_uid}") for p in doomed],
         )
         evicted = Evicted(study_uid, len(rows), sum(int(r["size"]) for r in rows), unconfirmed,
-                          study["patient_id"])
+                          study["patient_id"], failed_jobs)
         audit.record_in(conn, "delete", actor=actor, target=study_uid,
                         patient=evicted.patient_id, detail=_deleted(reason, evicted, force))
     delete_evicted_files(db, spool, {p: seen[p] for p in doomed})
@@ -173,8 +184,10 @@ def _deleted(reason: str, evicted: Evicted, force: bool) -> str:
     """The ``delete`` row's detail: why, and what went (the unconfirmed count when forced:
     what the region may not hold)."""
     unconfirmed = f" ({evicted.unconfirmed} unconfirmed)" if force else ""
+    dropped = (f"; its failed delivery to {', '.join(evicted.failed_jobs)} dropped with it"
+               if evicted.failed_jobs else "")
     return (f"{reason}: {counted(evicted.instances, 'instance')}{unconfirmed}, "
-            f"{counted(evicted.bytes, 'byte')}")
+            f"{counted(evicted.bytes, 'byte')}{dropped}")
 
 
 EVICT_FILES_PER_TRANSACTION = 256  # the write lock is held while they are unlinked

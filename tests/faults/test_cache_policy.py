@@ -235,3 +235,35 @@ def test_eviction_still_deletes_files_nobody_filed_again(tmp_path: Path) -> None
     assert not (spool.root / path).exists()
     assert list((spool.root / path).parent.iterdir()) == []  # nothing renamed aside left
     assert cache_store.open_issues(db, ("evicting",)) == []
+
+
+def test_a_study_whose_local_delivery_failed_is_evicted_last_and_says_so(
+        four_studies, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    """A confirmed study whose job to the hospital's PACS failed went first when least
+    recently used, its failed job deleted with it: the PACS never got the study and the
+    failed-jobs signals forgot it, silently. Now it goes last, and its delete row and the
+    log name the delivery dropped with it."""
+    from appliance.store import jobs as job_store
+
+    home, db, spool, (s1, s2, s3, s4) = four_studies
+    for n, uid in enumerate((s1, s2, s3, s4)):
+        _last_used(db, uid, 1000.0 + n)  # s1 least recently used
+        _confirm(db, uid)
+    study_fk = db.query("SELECT id FROM studies WHERE study_uid = ?", (s1,))[0]["id"]
+    ids = [r["id"] for r in db.query("SELECT id FROM instances WHERE study_fk = ?",
+                                     (study_fk,))]
+    job_store.route_study(db, study_fk, ids, [job_store.NewJob("dicom", "pacs", 2, "r", ids)])
+    with db.transaction() as conn:  # standing in for the worker giving up on it
+        conn.execute("UPDATE jobs SET state = 'failed', last_error = 'association rejected'")
+    (job_id,) = [r["id"] for r in db.query("SELECT id FROM jobs")]
+
+    policy = _policy(home, db, spool, high_watermark_percent="50", low_watermark_percent="1")
+    with caplog.at_level("WARNING", logger="pas"):
+        assert policy.evict_if_needed().evicted == [s2, s3, s4, s1]
+    (row,) = db.query("SELECT detail FROM audit WHERE event = 'delete' AND target = ?", (s1,))
+    assert row["detail"].endswith(f"; its failed delivery to pacs (job {job_id}) dropped "
+                                  "with it"), row["detail"]
+    assert [r.getMessage() for r in caplog.records if s1 in r.getMessage()
+            and "failed delivery to pacs" in r.getMessage()], caplog.text
+    others = db.query("SELECT detail FROM audit WHERE event = 'delete' AND target != ?", (s1,))
+    assert len(others) == 3 and not any("failed delivery" in r["detail"] for r in others)
