@@ -41,7 +41,7 @@ from appliance.serving.dicomweb_http import (
     _sop_item,
 )
 from appliance.serving.stow_parts import Part, SpilledPart, discard_parts
-from appliance.serving.wado_media import HttpProblem
+from appliance.serving.wado_media import HttpProblem, require_dicom_json
 from appliance.serving.wado_rs import DICOM_JSON, WadoRs
 from appliance.store import audit
 from appliance.store import query as store_query
@@ -155,6 +155,7 @@ class DicomWeb:
         actor = None
         try:
             actor = self.actor_of(request)
+            require_dicom_json(request.headers.get("accept", ""))
             keys = self._qido_keys(request, level, path)
             limit = _int_param(request, "limit", positive=True)
             offset = _int_param(request, "offset") or 0
@@ -259,10 +260,14 @@ class DicomWeb:
     async def stow(self, request: Request) -> Response:
         try:
             actor = self.actor_of(request)
+        except HttpProblem as exc:  # refused access: the security row is the middleware's
+            return _problem(exc)
+        try:
             if self.receiver is None:
                 raise HttpProblem(405, "STOW-RS is not offered here")
             boundary = _boundary(request.headers.get("content-type", ""))
-        except HttpProblem as exc:
+        except HttpProblem as exc:  # a store refused as asked: audited, as QIDO's are
+            self._audit_store(request, actor, [], f"failure: {exc.detail}"[:300])
             return _problem(exc)
         parts: list[bytes | SpilledPart] = []
         current: list[Part] = []
@@ -297,6 +302,7 @@ class DicomWeb:
             await run_in_threadpool(self._store_part, parts.pop(0), actor, source, stored,
                                     failed, target)
         if not stored and not failed:
+            self._audit_store(request, actor, [], "failure: the request holds no DICOM part")
             return _problem(HttpProblem(400, "the request holds no DICOM part"))
         result = Dataset()
         result.ReferencedSOPSequence = [_sop_item(s["uid"], s["sop_class"], s["url"])

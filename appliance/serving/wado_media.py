@@ -26,6 +26,8 @@ PIXEL_DATA = 0x7FE00010
 BULK_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
 BULK_THRESHOLD = 1024
 UNDEFINED_LENGTH = 0xFFFFFFFF
+# A frame number given with more digits than any frame count has (it can only be refused).
+_HUGE_FRAME = 2**63
 
 
 class HttpProblem(Exception):
@@ -46,15 +48,7 @@ def accepted_syntaxes(accept: str) -> list[str]:
     the default of PS3.18 8.7.3.5. Ranges of other media types are disregarded, as RFC 9110
     allows; with none left the default is served."""
     ranges: list[tuple[float, int, str]] = []
-    for n, item in enumerate(re.findall(r'(?:[^,"]|"[^"]*")+', accept)):
-        media, *raw = [p.strip() for p in re.findall(r'(?:[^;"]|"[^"]*")+', item)]
-        params = {k.strip().lower(): v.strip().strip('"')
-                  for k, _, v in (p.partition("=") for p in raw)}
-        try:
-            weight = float(params.get("q", "1"))
-        except ValueError:
-            raise HttpProblem(400, f"Accept: bad q-value in {item.strip()!r}") from None
-        media = media.lower()
+    for n, (media, params, weight) in enumerate(_media_ranges(accept)):
         if weight <= 0:
             continue
         if media in ("*/*", "multipart/*"):
@@ -63,6 +57,72 @@ def accepted_syntaxes(accept: str) -> list[str]:
                 "type", "application/dicom").lower() == "application/dicom":
             ranges.append((-weight, n, params.get("transfer-syntax") or EXPLICIT_LE))
     return [syntax for _, _, syntax in sorted(ranges)] or [EXPLICIT_LE]
+
+
+# What a DICOM JSON answer (QIDO-RS, /metadata) satisfies in Accept: its own type, the
+# application/json PS3.18 also names, and the wildcards.
+DICOM_JSON_RANGES = ("application/dicom+json", "application/json", "application/*", "*/*")
+
+
+def _media_ranges(accept: str) -> Iterator[tuple[str, dict[str, str], float]]:
+    """(media type lowercased, parameters, q-value) of each media range of Accept."""
+    for item in re.findall(r'(?:[^,"]|"[^"]*")+', accept):
+        if not item.strip():
+            continue
+        media, *raw = [p.strip() for p in re.findall(r'(?:[^;"]|"[^"]*")+', item)]
+        params = {k.strip().lower(): v.strip().strip('"')
+                  for k, _, v in (p.partition("=") for p in raw)}
+        try:
+            weight = float(params.get("q", "1"))
+        except ValueError:
+            raise HttpProblem(400, f"Accept: bad q-value in {item.strip()!r}") from None
+        yield media.lower(), params, weight
+
+
+def require_dicom_json(accept: str) -> None:
+    """HttpProblem 406 unless Accept (absent: anything) takes DICOM JSON, the one format PAS
+    answers QIDO-RS and /metadata in. A viewer asking XML (multipart/related;
+    type="application/dicom+xml") got JSON under a 200, which it could not read."""
+    if not accept.strip():
+        return
+    if any(media in DICOM_JSON_RANGES and weight > 0
+           for media, _, weight in _media_ranges(accept)):
+        return
+    raise HttpProblem(406, f"Accept {accept[:120]!r}: PAS answers in DICOM JSON only; ask "
+                           "for application/dicom+json (or application/json)")
+
+
+# Transfer syntaxes whose frames are the native little-endian pixels /frames and /bulkdata
+# send; "*" leaves the choice to the server.
+NATIVE_FRAME_SYNTAXES = ("*", EXPLICIT_LE, IMPLICIT_LE)
+
+
+def require_native_octets(accept: str) -> None:
+    """HttpProblem 406 unless Accept takes what /frames and /bulkdata send: native little-
+    endian bytes as ``multipart/related; type="application/octet-stream"``. A client asking
+    only for frames in a compressed syntax (transfer-syntax=1.2.840.10008.1.2.4.50) or as
+    image/jpeg was sent native pixels under a 200, which its JPEG decoder then got. Ranges of
+    unrelated types (text/html) are disregarded, as for retrieve; none left: served."""
+    relevant = satisfied = False
+    for media, params, weight in _media_ranges(accept):
+        if weight <= 0:
+            continue
+        kind = params.get("type", "application/octet-stream").lower()
+        syntax = params.get("transfer-syntax", EXPLICIT_LE)
+        if media in ("*/*", "multipart/*"):
+            return
+        if media == "multipart/related" or media == "application/octet-stream":
+            relevant = True
+            inner = kind if media == "multipart/related" else media
+            if inner in ("application/octet-stream", "*/*") and syntax in NATIVE_FRAME_SYNTAXES:
+                satisfied = True
+        elif media.startswith(("image/", "video/")):
+            relevant = True
+    if relevant and not satisfied:
+        raise HttpProblem(406, f"Accept {accept[:160]!r}: PAS sends frames and bulk data as "
+                               'multipart/related; type="application/octet-stream" in '
+                               f"{EXPLICIT_LE} (native pixels); ask for that or "
+                               "transfer-syntax=*")
 
 
 def part_syntax(accepted: list[str], stored: str | None) -> str:
@@ -82,13 +142,32 @@ def part_syntax(accepted: list[str], stored: str | None) -> str:
 
 
 def frame_list(text: str) -> list[int]:
-    try:
-        numbers = [int(n) for n in text.split(",")]
-    except ValueError:
-        raise HttpProblem(400, f"frame list {text!r}: comma-separated numbers from 1") from None
-    if not numbers or min(numbers) < 1:
-        raise HttpProblem(400, f"frame list {text!r}: frame numbers start at 1")
+    """A /frames/{list}: comma-separated frame numbers from 1, ASCII digits only (int() also
+    took "1_0" as frame 10 and Arabic-Indic digits). HttpProblem 400 naming the list."""
+    shown = text if len(text) <= 80 else text[:80] + "..."
+    if not re.fullmatch(r"\s*-?[0-9]+\s*(,\s*-?[0-9]+\s*)*", text):
+        raise HttpProblem(400, f"frame list {shown!r}: comma-separated numbers from 1")
+    # A number of thousands of digits is past any frame count: int() refuses those (CPython's
+    # limit on conversions), so such a number is judged on its text.
+    numbers = [int(n) if len(n.strip().lstrip("-")) < 19 else _HUGE_FRAME
+               for n in text.split(",")]
+    if min(numbers) < 1:
+        raise HttpProblem(400, f"frame list {shown!r}: frame numbers start at 1")
     return numbers
+
+
+def viewport_size(text: str | None) -> tuple[int, int] | None:
+    """The ``viewport`` of /rendered (PS3.18 8.3.5.1.3) as (width, height) in pixels: "w,h",
+    or "w" for a square; None when absent. Each a positive integer, else HttpProblem 400
+    naming it (viewport=0,0 was a 500, a division by zero inside the thumbnailing)."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*([0-9]{1,5})\s*(?:,\s*([0-9]{1,5})\s*)?", text)
+    if not match or int(match.group(1)) < 1 or (match.group(2) and int(match.group(2)) < 1):
+        raise HttpProblem(400, f"viewport {text[:40]!r}: width,height in pixels, each a "
+                               "positive integer (at most 99999)")
+    width = int(match.group(1))
+    return width, int(match.group(2) or width)
 
 
 def read_frames(path: Path, numbers: list[int]) -> Iterator[bytes]:
@@ -144,7 +223,7 @@ def _deferred_range(ds: Any, tag: int) -> tuple[int, int] | None:
     return int(raw.value_tell), int(raw.length)
 
 
-def render(path: Path, frame: int, media: str, viewport: str | None) -> bytes:
+def render(path: Path, frame: int, media: str, viewport: tuple[int, int] | None) -> bytes:
     """A frame as 8-bit JPEG/PNG through the grayscale pipeline (PS3.18 8.3.5.1.1, PS3.3
     C.11): Modality LUT (Rescale Slope/Intercept) first, then the VOI LUT or window, else
     min-max. The order matters: a CT's window is in Hounsfield units, not stored values, so
@@ -167,8 +246,7 @@ def render(path: Path, frame: int, media: str, viewport: str | None) -> bytes:
     else:
         image = Image.fromarray(array.astype(np.uint8), mode="RGB")
     if viewport:
-        width, _, height = viewport.partition(",")
-        image.thumbnail((int(width), int(height or width)))
+        image.thumbnail(viewport)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG" if media == "image/png" else "JPEG", quality=90)
     return buffer.getvalue()
