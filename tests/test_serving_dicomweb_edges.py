@@ -248,3 +248,23 @@ def test_every_refused_stow_has_its_audit_row(pas: PasProcess, content_type: str
         ("store", None, "0 stored (STOW-RS)")]
     assert rows[0]["outcome"].startswith(f"failure: {reason}")
     assert _instances(pas) == before
+
+
+# -- QIDO-RS --------------------------------------------------------------------------
+
+def test_fuzzymatching_asked_is_answered_with_the_warning_of_literal_matching(
+        pas: PasProcess) -> None:
+    """PS3.18 8.3.4.1: PAS has no fuzzy matching of names; fuzzymatching=true was matched
+    literally without a word, so the viewer took a literal answer for a fuzzy one."""
+    name = str(dcmread(CT_SMALL).PatientName)
+    fuzzy = httpx.get(f"{_base(pas)}/studies",
+                      params={"PatientName": name, "fuzzymatching": "true"}, timeout=30)
+    assert fuzzy.status_code == 200, fuzzy.text
+    assert fuzzy.headers["Warning"] == (
+        f'299 {_base(pas)}: "The fuzzymatching parameter is not supported. Only literal '
+        'matching has been performed."')
+    assert [s["00100010"]["Value"][0]["Alphabetic"] for s in fuzzy.json()] == [name]
+    literal = httpx.get(f"{_base(pas)}/studies",
+                        params={"PatientName": name, "fuzzymatching": "false"}, timeout=30)
+    assert literal.status_code == 200 and "Warning" not in literal.headers
+    assert literal.json() == fuzzy.json()

@@ -74,6 +74,11 @@ QIDO_SOP_CLASS = "1.2.840.10008.5.1.4.1.2.2.1"
 # PS3.18 8.3.4.4: what a server that limited the results answers.
 TRUNCATED = ('299 {service}: "The number of results exceeded the maximum supported by the '
              'server. Additional results can be requested."')
+# PS3.18 8.3.4.1: what a server without fuzzy semantic matching of person names answers to
+# fuzzymatching=true (PAS matched literally and said nothing: the viewer took the answer as
+# fuzzy).
+NOT_FUZZY = ('299 {service}: "The fuzzymatching parameter is not supported. Only literal '
+             'matching has been performed."')
 
 # Attributes QIDO-RS returns by default per level (PS3.18 table 10.6.3-3..5).
 DEFAULT_RETURN = {
@@ -174,13 +179,16 @@ class DicomWeb:
                             sop_class=QIDO_SOP_CLASS)
             return _problem(exc)
         truncated = capped and limit is not None and len(rows) > limit
-        headers: dict[str, str] = {}
+        warnings: list[str] = []
+        service = f"{request.url.scheme}://{request.url.netloc}{self.base_url}"
         detail = f"{counted(len(rows), 'result')} (QIDO-RS)"
         if truncated:
             rows = rows[:limit]
-            service = f"{request.url.scheme}://{request.url.netloc}{self.base_url}"
-            headers["Warning"] = TRUNCATED.format(service=service)
+            warnings.append(TRUNCATED.format(service=service))
             detail = f"{counted(len(rows), 'result')} (QIDO-RS), truncated at the server's limit"
+        if request.query_params.get("fuzzymatching", "").strip().lower() == "true":
+            warnings.append(NOT_FUZZY.format(service=service))
+        headers = {"Warning": ", ".join(warnings)} if warnings else {}
         target = store_query_summary(level, keys)
         # QIDO-RS searches the Study Root information model (PS3.18 10.6): the ATNA Query
         # message names its FIND SOP Class as what was queried.
