@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
@@ -263,8 +264,31 @@ def test_fuzzymatching_asked_is_answered_with_the_warning_of_literal_matching(
     assert fuzzy.headers["Warning"] == (
         f'299 {_base(pas)}: "The fuzzymatching parameter is not supported. Only literal '
         'matching has been performed."')
-    assert [s["00100010"]["Value"][0]["Alphabetic"] for s in fuzzy.json()] == [name]
+    names = [s["00100010"]["Value"][0]["Alphabetic"] for s in fuzzy.json()]
+    assert names and set(names) == {name}  # the fixture's study, and any STOW'd copy of it
     literal = httpx.get(f"{_base(pas)}/studies",
                         params={"PatientName": name, "fuzzymatching": "false"}, timeout=30)
     assert literal.status_code == 200 and "Warning" not in literal.headers
     assert literal.json() == fuzzy.json()
+
+
+@pytest.mark.parametrize(("accept", "expected"), [
+    ("image/png, image/jpeg;q=0.1", "image/png"),  # was a JPEG: the first named won
+    ("image/jpeg;q=0.2, image/png", "image/png"),
+    ("image/gif", None),  # was a JPEG under a 200
+    ("image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8", "image/jpeg"),  # <img>
+    (None, "image/jpeg"),
+    ("image/png", "image/png"),
+])
+def test_rendered_media_follows_the_q_values(pas: PasProcess, accept: str | None,
+                                             expected: str | None) -> None:
+    headers = {"Accept": accept} if accept else {}
+    answer = httpx.get(f"{_instance_url(pas, CT_SMALL)}/rendered", headers=headers,
+                       timeout=30)
+    if expected is None:
+        assert answer.status_code == 406, answer.text
+        assert "image/jpeg or image/png" in answer.json()["detail"]
+        return
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == expected
+    assert Image.open(io.BytesIO(answer.content)).format == expected.split("/")[1].upper()

@@ -125,6 +125,33 @@ def require_native_octets(accept: str) -> None:
                                "transfer-syntax=*")
 
 
+RENDERED_MEDIA = ("image/jpeg", "image/png")
+
+
+def rendered_media(accept: str) -> str:
+    """The media type of a /rendered answer: of JPEG and PNG, the one Accept ranks first by
+    q-value then order (JPEG for a wildcard or no Accept). The first of the two named in the
+    header used to win whatever the q-values ("image/png, image/jpeg;q=0.1" was a JPEG), and
+    a client taking neither (image/gif only) got a JPEG under a 200: 406 now. Ranges of
+    non-image types are disregarded, as for retrieve."""
+    ranked: list[tuple[float, int, str]] = []
+    images = False
+    for n, (media, _, weight) in enumerate(_media_ranges(accept)):
+        images = images or media.startswith("image/")
+        if weight <= 0:
+            continue
+        if media in RENDERED_MEDIA:
+            ranked.append((-weight, n, media))
+        elif media in ("*/*", "image/*"):
+            ranked.append((-weight, n, "image/jpeg"))
+    if ranked:
+        return sorted(ranked)[0][2]
+    if images:
+        raise HttpProblem(406, f"Accept {accept[:120]!r}: rendered images are image/jpeg or "
+                               "image/png")
+    return "image/jpeg"
+
+
 def part_syntax(accepted: list[str], stored: str | None) -> str:
     """The syntax one instance is sent in: the first accepted one PAS can produce for it.
 

@@ -50,6 +50,7 @@ from appliance.serving.wado_media import (
     read_bulkdata,
     read_frames,
     render,
+    rendered_media,
     require_dicom_json,
     require_native_octets,
     viewport_size,
@@ -326,9 +327,7 @@ class WadoRs:
         return await self._audited(request, "WADO-RS rendered", self._rendered)
 
     async def _rendered(self, request: Request, tally: Tally) -> Response:
-        accept = request.headers.get("accept", "image/jpeg")
-        media = "image/png" if "image/png" in accept and "image/jpeg" not in accept \
-            else "image/jpeg"
+        media = rendered_media(request.headers.get("accept", ""))
         tally.what = f"WADO-RS rendered {media}"
         frame = int(request.path_params.get("frame", "1"))
         viewport = viewport_size(request.query_params.get("viewport"))
