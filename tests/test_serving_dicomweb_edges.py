@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
+from pydicom.pixels import apply_modality_lut
 from pydicom.uid import generate_uid
 
 from tests.support.peers import PasProcess, read_rows
@@ -292,3 +293,46 @@ def test_rendered_media_follows_the_q_values(pas: PasProcess, accept: str | None
     assert answer.status_code == 200, answer.text
     assert answer.headers["content-type"] == expected
     assert Image.open(io.BytesIO(answer.content)).format == expected.split("/")[1].upper()
+
+
+def _expected_window(hu: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """PS3.3 C.11.2.1.2 to 0..255, written out here from the standard's formulas."""
+    if function == "linear":
+        low, high = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
+        y = ((hu - (center - 0.5)) / (width - 1) + 0.5) * 255
+        y = np.where(hu <= low, 0, np.where(hu > high, 255, y))
+    elif function == "linear-exact":
+        y = np.where(hu <= center - width / 2, 0,
+                     np.where(hu > center + width / 2, 255, ((hu - center) / width + 0.5) * 255))
+    else:
+        y = 255 / (1 + np.exp(-4 * (hu - center) / width))
+    return np.rint(y).clip(0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize(("window", "center", "width", "function"), [
+    ("-600,1500,linear", -600.0, 1500.0, "linear"),  # a lung window
+    ("40,400", 40.0, 400.0, "linear"),  # soft tissue; linear by default
+    ("40,400,linear-exact", 40.0, 400.0, "linear-exact"),
+    ("300,1500,SIGMOID", 300.0, 1500.0, "sigmoid"),
+])
+def test_rendered_window_is_the_one_asked(pas: PasProcess, window: str, center: float,
+                                          width: float, function: str) -> None:
+    """window=center,width,function was ignored: the min-max rendering came back instead."""
+    ct = dcmread(CT_SMALL)
+    hu = apply_modality_lut(ct.pixel_array, ct).astype(np.float64)
+    answer = httpx.get(f"{_instance_url(pas, CT_SMALL)}/rendered", params={"window": window},
+                       headers={"Accept": "image/png"}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    got = np.asarray(Image.open(io.BytesIO(answer.content)))
+    expected = _expected_window(hu, center, width, function)
+    assert got.shape == expected.shape
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("window", ["40", "40,0", "40,-5", "a,b", "40,400,cubic", "nan,400",
+                                    "40,0.5,linear"])
+def test_a_bad_window_is_a_400_naming_it(pas: PasProcess, window: str) -> None:
+    answer = httpx.get(f"{_instance_url(pas, CT_SMALL)}/rendered", params={"window": window},
+                       timeout=30)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["detail"].startswith(f"window {window!r}")

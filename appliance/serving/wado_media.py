@@ -250,11 +250,55 @@ def _deferred_range(ds: Any, tag: int) -> tuple[int, int] | None:
     return int(raw.value_tell), int(raw.length)
 
 
-def render(path: Path, frame: int, media: str, viewport: tuple[int, int] | None) -> bytes:
+class Window:
+    """The ``window`` of /rendered (PS3.18 8.3.5.1.4): center, width and VOI LUT function
+    (linear, linear-exact, sigmoid), applied as PS3.3 C.11.2.1.2 says to the values the
+    Modality LUT gives, straight to 0..255. It was ignored: a viewer asking a lung window got
+    the instance's own window under a 200."""
+
+    FUNCTIONS = ("linear", "linear-exact", "sigmoid")
+
+    def __init__(self, center: float, width: float, function: str):
+        self.center, self.width, self.function = center, width, function
+
+    @classmethod
+    def parse(cls, text: str | None) -> Window | None:
+        if text is None:
+            return None
+        center, _, rest = text.partition(",")
+        width, _, function = rest.partition(",")
+        function = function.strip().lower() or "linear"
+        try:
+            c, w = float(center), float(width)
+        except ValueError:
+            c = w = float("nan")
+        valid = (bool(np.isfinite(c) and np.isfinite(w)) and function in cls.FUNCTIONS
+                 and (w >= 1 if function == "linear" else w > 0))
+        if not valid:
+            raise HttpProblem(400, f"window {text[:60]!r}: center,width[,function] with a "
+                                   "positive width (at least 1 for linear) and a function of "
+                                   f"{', '.join(cls.FUNCTIONS)}")
+        return cls(c, w, function)
+
+    def apply(self, values: Any) -> Any:
+        """8-bit grey levels of ``values`` (after the Modality LUT)."""
+        c, w = self.center, self.width
+        if self.function == "sigmoid":
+            return 255.0 / (1.0 + np.exp(-4.0 * (values - c) / w))
+        if self.function == "linear-exact":
+            return ((values - c) / w + 0.5).clip(0.0, 1.0) * 255.0
+        if w == 1:  # PS3.3 C.11.2.1.2.1 at its least width: a threshold
+            return np.where(values > c - 0.5, 255.0, 0.0)
+        return (((values - (c - 0.5)) / (w - 1.0) + 0.5) * 255.0).clip(0.0, 255.0)
+
+
+def render(path: Path, frame: int, media: str, viewport: tuple[int, int] | None,
+           window: Window | None = None) -> bytes:
     """A frame as 8-bit JPEG/PNG through the grayscale pipeline (PS3.18 8.3.5.1.1, PS3.3
-    C.11): Modality LUT (Rescale Slope/Intercept) first, then the VOI LUT or window, else
-    min-max. The order matters: a CT's window is in Hounsfield units, not stored values, so
-    windowing stored values (HU + 1024) turns the whole body white."""
+    C.11): Modality LUT (Rescale Slope/Intercept) first, then the ``window`` asked, else the
+    instance's VOI LUT or window, else min-max. The order matters: a CT's window is in
+    Hounsfield units, not stored values, so windowing stored values (HU + 1024) turns the
+    whole body white."""
     ds = dcmread(path, defer_size=BULK_THRESHOLD)  # the pixels: only the frame rendered
     if "PixelData" not in ds:
         raise HttpProblem(404, "the instance has no pixel data")
@@ -264,9 +308,13 @@ def render(path: Path, frame: int, media: str, viewport: tuple[int, int] | None)
     array = pixel_array(str(path), index=frame - 1)
     if ds.get("SamplesPerPixel", 1) == 1:
         array = apply_modality_lut(array, ds).astype(np.float64)
-        array = apply_voi_lut(array, ds, index=0)
-        low, high = float(np.min(array)), float(np.max(array))
-        array = ((array - low) / ((high - low) or 1.0) * 255.0).clip(0, 255).astype(np.uint8)
+        if window is not None:
+            array = np.rint(window.apply(array)).clip(0, 255).astype(np.uint8)
+        else:
+            array = apply_voi_lut(array, ds, index=0)
+            low, high = float(np.min(array)), float(np.max(array))
+            array = ((array - low) / ((high - low) or 1.0) * 255.0).clip(0, 255).astype(
+                np.uint8)
         if ds.get("PhotometricInterpretation") == "MONOCHROME1":
             array = 255 - array
         image = Image.fromarray(array, mode="L")

@@ -43,6 +43,7 @@ from appliance.serving.dicomweb_http import (
 from appliance.serving.wado_media import (
     DecodedPixels,
     HttpProblem,
+    Window,
     accepted_syntaxes,
     frame_list,
     metadata_item,
@@ -331,9 +332,10 @@ class WadoRs:
         tally.what = f"WADO-RS rendered {media}"
         frame = int(request.path_params.get("frame", "1"))
         viewport = viewport_size(request.query_params.get("viewport"))
+        window = Window.parse(request.query_params.get("window"))
         rows = await self._found(request, tally)
         data = await run_in_threadpool(render, self.spool.path(rows[0]["path"]), frame,
-                                       media, viewport)
+                                       media, viewport, window)
         return tally.stream(_whole(_slices(data), tally), media, length=len(data))
 
 
