@@ -336,3 +336,17 @@ def test_a_bad_window_is_a_400_naming_it(pas: PasProcess, window: str) -> None:
                        timeout=30)
     assert answer.status_code == 400, answer.text
     assert answer.json()["detail"].startswith(f"window {window!r}")
+
+
+@pytest.mark.parametrize("accept", [
+    'multipart/related; type="application/dicom"; q=0',
+    'multipart/related; type="application/dicom"; transfer-syntax=*; q=0, */*;q=0',
+])
+def test_retrieve_refused_by_every_dicom_range_is_406(pas: PasProcess, accept: str) -> None:
+    """q=0 says "not this": such a client was sent the instance in the default syntax."""
+    last = _last_id(pas)
+    answer = httpx.get(_instance_url(pas, CT_SMALL), headers={"Accept": accept}, timeout=30)
+    assert answer.status_code == 406, answer.text
+    assert answer.json()["detail"] == "Accept refuses every DICOM answer (q=0)"
+    [row] = _rows_after(pas, last)
+    assert row["event"] == "retrieve" and row["detail"] == "0 of 1 instance (WADO-RS), HTTP 406"

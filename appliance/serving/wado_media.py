@@ -46,16 +46,24 @@ def accepted_syntaxes(accept: str) -> list[str]:
     ``multipart/related; type="application/dicom"`` range names one syntax, and one without
     a transfer-syntax parameter (or ``*/*``, ``multipart/*``) means Explicit VR Little Endian,
     the default of PS3.18 8.7.3.5. Ranges of other media types are disregarded, as RFC 9110
-    allows; with none left the default is served."""
+    allows; with none left the default is served. When every range for DICOM has q=0 the
+    client refuses all of them: an empty list (406; it was served the default)."""
     ranges: list[tuple[float, int, str]] = []
+    refused = False
     for n, (media, params, weight) in enumerate(_media_ranges(accept)):
-        if weight <= 0:
-            continue
         if media in ("*/*", "multipart/*"):
-            ranges.append((-weight, n, EXPLICIT_LE))
+            syntax = EXPLICIT_LE
         elif media == "multipart/related" and params.get(
                 "type", "application/dicom").lower() == "application/dicom":
-            ranges.append((-weight, n, params.get("transfer-syntax") or EXPLICIT_LE))
+            syntax = params.get("transfer-syntax") or EXPLICIT_LE
+        else:
+            continue
+        if weight <= 0:
+            refused = True
+            continue
+        ranges.append((-weight, n, syntax))
+    if not ranges and refused:
+        return []
     return [syntax for _, _, syntax in sorted(ranges)] or [EXPLICIT_LE]
 
 
@@ -163,6 +171,8 @@ def part_syntax(accepted: list[str], stored: str | None) -> str:
             return stored
         if syntax in (EXPLICIT_LE, IMPLICIT_LE):
             return syntax
+    if not accepted:
+        raise HttpProblem(406, "Accept refuses every DICOM answer (q=0)")
     raise HttpProblem(406, f"transfer syntax {', '.join(accepted)} is not offered for an "
                            f"instance stored as {stored}; ask for *, {stored}, {EXPLICIT_LE} "
                            f"or {IMPLICIT_LE}")
