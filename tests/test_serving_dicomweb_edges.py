@@ -350,3 +350,18 @@ def test_retrieve_refused_by_every_dicom_range_is_406(pas: PasProcess, accept: s
     assert answer.json()["detail"] == "Accept refuses every DICOM answer (q=0)"
     [row] = _rows_after(pas, last)
     assert row["event"] == "retrieve" and row["detail"] == "0 of 1 instance (WADO-RS), HTTP 406"
+
+
+@pytest.mark.parametrize("number", ["99999999999999999999999", "2147483648", "-2147483649"])
+def test_an_integer_key_out_of_range_is_a_400_and_audited(pas: PasProcess, number: str) -> None:
+    """?InstanceNumber=99999999999999999999999 was a 500 (SQLite's OverflowError), unaudited."""
+    last = _last_id(pas)
+    answer = httpx.get(f"{_base(pas)}/instances", params={"InstanceNumber": number},
+                       timeout=30)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["detail"] == (f"InstanceNumber: {number!r} is out of the range of an "
+                                       "IS value (a 32-bit signed integer)")
+    [row] = _rows_after(pas, last)
+    assert row["event"] == "query" and row["outcome"].startswith("failure: InstanceNumber")
+    fine = httpx.get(f"{_base(pas)}/instances", params={"InstanceNumber": "1"}, timeout=30)
+    assert fine.status_code == 200 and fine.json()
