@@ -41,7 +41,7 @@ from appliance.serving.dicomweb_http import (
     _sop_item,
 )
 from appliance.serving.stow_parts import Part, SpilledPart, discard_parts
-from appliance.serving.wado_media import HttpProblem
+from appliance.serving.wado_media import HttpProblem, require_dicom_json
 from appliance.serving.wado_rs import DICOM_JSON, WadoRs
 from appliance.store import audit
 from appliance.store import query as store_query
@@ -74,6 +74,11 @@ QIDO_SOP_CLASS = "1.2.840.10008.5.1.4.1.2.2.1"
 # PS3.18 8.3.4.4: what a server that limited the results answers.
 TRUNCATED = ('299 {service}: "The number of results exceeded the maximum supported by the '
              'server. Additional results can be requested."')
+# PS3.18 8.3.4.1: what a server without fuzzy semantic matching of person names answers to
+# fuzzymatching=true (PAS matched literally and said nothing: the viewer took the answer as
+# fuzzy).
+NOT_FUZZY = ('299 {service}: "The fuzzymatching parameter is not supported. Only literal '
+             'matching has been performed."')
 
 # Attributes QIDO-RS returns by default per level (PS3.18 table 10.6.3-3..5).
 DEFAULT_RETURN = {
@@ -155,6 +160,7 @@ class DicomWeb:
         actor = None
         try:
             actor = self.actor_of(request)
+            require_dicom_json(request.headers.get("accept", ""))
             keys = self._qido_keys(request, level, path)
             limit = _int_param(request, "limit", positive=True)
             offset = _int_param(request, "offset") or 0
@@ -173,13 +179,16 @@ class DicomWeb:
                             sop_class=QIDO_SOP_CLASS)
             return _problem(exc)
         truncated = capped and limit is not None and len(rows) > limit
-        headers: dict[str, str] = {}
+        warnings: list[str] = []
+        service = f"{request.url.scheme}://{request.url.netloc}{self.base_url}"
         detail = f"{counted(len(rows), 'result')} (QIDO-RS)"
         if truncated:
             rows = rows[:limit]
-            service = f"{request.url.scheme}://{request.url.netloc}{self.base_url}"
-            headers["Warning"] = TRUNCATED.format(service=service)
+            warnings.append(TRUNCATED.format(service=service))
             detail = f"{counted(len(rows), 'result')} (QIDO-RS), truncated at the server's limit"
+        if request.query_params.get("fuzzymatching", "").strip().lower() == "true":
+            warnings.append(NOT_FUZZY.format(service=service))
+        headers = {"Warning": ", ".join(warnings)} if warnings else {}
         target = store_query_summary(level, keys)
         # QIDO-RS searches the Study Root information model (PS3.18 10.6): the ATNA Query
         # message names its FIND SOP Class as what was queried.
@@ -259,10 +268,14 @@ class DicomWeb:
     async def stow(self, request: Request) -> Response:
         try:
             actor = self.actor_of(request)
+        except HttpProblem as exc:  # refused access: the security row is the middleware's
+            return _problem(exc)
+        try:
             if self.receiver is None:
                 raise HttpProblem(405, "STOW-RS is not offered here")
             boundary = _boundary(request.headers.get("content-type", ""))
-        except HttpProblem as exc:
+        except HttpProblem as exc:  # a store refused as asked: audited, as QIDO's are
+            self._audit_store(request, actor, [], f"failure: {exc.detail}"[:300])
             return _problem(exc)
         parts: list[bytes | SpilledPart] = []
         current: list[Part] = []
@@ -297,6 +310,7 @@ class DicomWeb:
             await run_in_threadpool(self._store_part, parts.pop(0), actor, source, stored,
                                     failed, target)
         if not stored and not failed:
+            self._audit_store(request, actor, [], "failure: the request holds no DICOM part")
             return _problem(HttpProblem(400, "the request holds no DICOM part"))
         result = Dataset()
         result.ReferencedSOPSequence = [_sop_item(s["uid"], s["sop_class"], s["url"])

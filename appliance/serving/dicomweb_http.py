@@ -176,10 +176,20 @@ def _int_param(request: Request, name: str, positive: bool = False) -> int | Non
 
 
 def _boundary(content_type: str) -> str:
+    """The boundary of a STOW-RS body, whose parts must be DICOM files: HttpProblem 415 for
+    another media type, or a ``type`` other than application/dicom (PS3.18 10.5.1.1; a body
+    of application/dicom+json or +xml parts was read as DICOM, each part then refused as
+    unparseable under a 409), 400 without a boundary. Parameter names in any case (RFC 2045:
+    ``Boundary=`` was "without a boundary parameter")."""
     if not content_type.lower().startswith("multipart/related"):
         raise HttpProblem(415, "STOW-RS needs Content-Type multipart/related; "
                                "type=\"application/dicom\"")
-    match = re.search(r'boundary="?([^";]+)"?', content_type)
+    kind = re.search(r';\s*type\s*=\s*"?([^";]*)"?', content_type, re.IGNORECASE)
+    if kind and kind.group(1).strip().lower() != "application/dicom":
+        raise HttpProblem(415, f"STOW-RS stores application/dicom parts only, not "
+                               f"type={kind.group(1).strip()[:60]!r} (metadata and bulk data "
+                               "requests are not supported)")
+    match = re.search(r';\s*boundary\s*=\s*"?([^";]+)"?', content_type, re.IGNORECASE)
     if not match:
         raise HttpProblem(400, "multipart/related without a boundary parameter")
-    return match.group(1)
+    return match.group(1).strip()

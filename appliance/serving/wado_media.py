@@ -26,6 +26,8 @@ PIXEL_DATA = 0x7FE00010
 BULK_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
 BULK_THRESHOLD = 1024
 UNDEFINED_LENGTH = 0xFFFFFFFF
+# A frame number given with more digits than any frame count has (it can only be refused).
+_HUGE_FRAME = 2**63
 
 
 class HttpProblem(Exception):
@@ -44,9 +46,37 @@ def accepted_syntaxes(accept: str) -> list[str]:
     ``multipart/related; type="application/dicom"`` range names one syntax, and one without
     a transfer-syntax parameter (or ``*/*``, ``multipart/*``) means Explicit VR Little Endian,
     the default of PS3.18 8.7.3.5. Ranges of other media types are disregarded, as RFC 9110
-    allows; with none left the default is served."""
+    allows; with none left the default is served. When every range for DICOM has q=0 the
+    client refuses all of them: an empty list (406; it was served the default)."""
     ranges: list[tuple[float, int, str]] = []
-    for n, item in enumerate(re.findall(r'(?:[^,"]|"[^"]*")+', accept)):
+    refused = False
+    for n, (media, params, weight) in enumerate(_media_ranges(accept)):
+        if media in ("*/*", "multipart/*"):
+            syntax = EXPLICIT_LE
+        elif media == "multipart/related" and params.get(
+                "type", "application/dicom").lower() == "application/dicom":
+            syntax = params.get("transfer-syntax") or EXPLICIT_LE
+        else:
+            continue
+        if weight <= 0:
+            refused = True
+            continue
+        ranges.append((-weight, n, syntax))
+    if not ranges and refused:
+        return []
+    return [syntax for _, _, syntax in sorted(ranges)] or [EXPLICIT_LE]
+
+
+# What a DICOM JSON answer (QIDO-RS, /metadata) satisfies in Accept: its own type, the
+# application/json PS3.18 also names, and the wildcards.
+DICOM_JSON_RANGES = ("application/dicom+json", "application/json", "application/*", "*/*")
+
+
+def _media_ranges(accept: str) -> Iterator[tuple[str, dict[str, str], float]]:
+    """(media type lowercased, parameters, q-value) of each media range of Accept."""
+    for item in re.findall(r'(?:[^,"]|"[^"]*")+', accept):
+        if not item.strip():
+            continue
         media, *raw = [p.strip() for p in re.findall(r'(?:[^;"]|"[^"]*")+', item)]
         params = {k.strip().lower(): v.strip().strip('"')
                   for k, _, v in (p.partition("=") for p in raw)}
@@ -54,15 +84,80 @@ def accepted_syntaxes(accept: str) -> list[str]:
             weight = float(params.get("q", "1"))
         except ValueError:
             raise HttpProblem(400, f"Accept: bad q-value in {item.strip()!r}") from None
-        media = media.lower()
+        yield media.lower(), params, weight
+
+
+def require_dicom_json(accept: str) -> None:
+    """HttpProblem 406 unless Accept (absent: anything) takes DICOM JSON, the one format PAS
+    answers QIDO-RS and /metadata in. A viewer asking XML (multipart/related;
+    type="application/dicom+xml") got JSON under a 200, which it could not read."""
+    if not accept.strip():
+        return
+    if any(media in DICOM_JSON_RANGES and weight > 0
+           for media, _, weight in _media_ranges(accept)):
+        return
+    raise HttpProblem(406, f"Accept {accept[:120]!r}: PAS answers in DICOM JSON only; ask "
+                           "for application/dicom+json (or application/json)")
+
+
+# Transfer syntaxes whose frames are the native little-endian pixels /frames and /bulkdata
+# send; "*" leaves the choice to the server.
+NATIVE_FRAME_SYNTAXES = ("*", EXPLICIT_LE, IMPLICIT_LE)
+
+
+def require_native_octets(accept: str) -> None:
+    """HttpProblem 406 unless Accept takes what /frames and /bulkdata send: native little-
+    endian bytes as ``multipart/related; type="application/octet-stream"``. A client asking
+    only for frames in a compressed syntax (transfer-syntax=1.2.840.10008.1.2.4.50) or as
+    image/jpeg was sent native pixels under a 200, which its JPEG decoder then got. Ranges of
+    unrelated types (text/html) are disregarded, as for retrieve; none left: served."""
+    relevant = satisfied = False
+    for media, params, weight in _media_ranges(accept):
         if weight <= 0:
             continue
+        kind = params.get("type", "application/octet-stream").lower()
+        syntax = params.get("transfer-syntax", EXPLICIT_LE)
         if media in ("*/*", "multipart/*"):
-            ranges.append((-weight, n, EXPLICIT_LE))
-        elif media == "multipart/related" and params.get(
-                "type", "application/dicom").lower() == "application/dicom":
-            ranges.append((-weight, n, params.get("transfer-syntax") or EXPLICIT_LE))
-    return [syntax for _, _, syntax in sorted(ranges)] or [EXPLICIT_LE]
+            return
+        if media == "multipart/related" or media == "application/octet-stream":
+            relevant = True
+            inner = kind if media == "multipart/related" else media
+            if inner in ("application/octet-stream", "*/*") and syntax in NATIVE_FRAME_SYNTAXES:
+                satisfied = True
+        elif media.startswith(("image/", "video/")):
+            relevant = True
+    if relevant and not satisfied:
+        raise HttpProblem(406, f"Accept {accept[:160]!r}: PAS sends frames and bulk data as "
+                               'multipart/related; type="application/octet-stream" in '
+                               f"{EXPLICIT_LE} (native pixels); ask for that or "
+                               "transfer-syntax=*")
+
+
+RENDERED_MEDIA = ("image/jpeg", "image/png")
+
+
+def rendered_media(accept: str) -> str:
+    """The media type of a /rendered answer: of JPEG and PNG, the one Accept ranks first by
+    q-value then order (JPEG for a wildcard or no Accept). The first of the two named in the
+    header used to win whatever the q-values ("image/png, image/jpeg;q=0.1" was a JPEG), and
+    a client taking neither (image/gif only) got a JPEG under a 200: 406 now. Ranges of
+    non-image types are disregarded, as for retrieve."""
+    ranked: list[tuple[float, int, str]] = []
+    images = False
+    for n, (media, _, weight) in enumerate(_media_ranges(accept)):
+        images = images or media.startswith("image/")
+        if weight <= 0:
+            continue
+        if media in RENDERED_MEDIA:
+            ranked.append((-weight, n, media))
+        elif media in ("*/*", "image/*"):
+            ranked.append((-weight, n, "image/jpeg"))
+    if ranked:
+        return sorted(ranked)[0][2]
+    if images:
+        raise HttpProblem(406, f"Accept {accept[:120]!r}: rendered images are image/jpeg or "
+                               "image/png")
+    return "image/jpeg"
 
 
 def part_syntax(accepted: list[str], stored: str | None) -> str:
@@ -76,19 +171,40 @@ def part_syntax(accepted: list[str], stored: str | None) -> str:
             return stored
         if syntax in (EXPLICIT_LE, IMPLICIT_LE):
             return syntax
+    if not accepted:
+        raise HttpProblem(406, "Accept refuses every DICOM answer (q=0)")
     raise HttpProblem(406, f"transfer syntax {', '.join(accepted)} is not offered for an "
                            f"instance stored as {stored}; ask for *, {stored}, {EXPLICIT_LE} "
                            f"or {IMPLICIT_LE}")
 
 
 def frame_list(text: str) -> list[int]:
-    try:
-        numbers = [int(n) for n in text.split(",")]
-    except ValueError:
-        raise HttpProblem(400, f"frame list {text!r}: comma-separated numbers from 1") from None
-    if not numbers or min(numbers) < 1:
-        raise HttpProblem(400, f"frame list {text!r}: frame numbers start at 1")
+    """A /frames/{list}: comma-separated frame numbers from 1, ASCII digits only (int() also
+    took "1_0" as frame 10 and Arabic-Indic digits). HttpProblem 400 naming the list."""
+    shown = text if len(text) <= 80 else text[:80] + "..."
+    if not re.fullmatch(r"\s*-?[0-9]+\s*(,\s*-?[0-9]+\s*)*", text):
+        raise HttpProblem(400, f"frame list {shown!r}: comma-separated numbers from 1")
+    # A number of thousands of digits is past any frame count: int() refuses those (CPython's
+    # limit on conversions), so such a number is judged on its text.
+    numbers = [int(n) if len(n.strip().lstrip("-")) < 19 else _HUGE_FRAME
+               for n in text.split(",")]
+    if min(numbers) < 1:
+        raise HttpProblem(400, f"frame list {shown!r}: frame numbers start at 1")
     return numbers
+
+
+def viewport_size(text: str | None) -> tuple[int, int] | None:
+    """The ``viewport`` of /rendered (PS3.18 8.3.5.1.3) as (width, height) in pixels: "w,h",
+    or "w" for a square; None when absent. Each a positive integer, else HttpProblem 400
+    naming it (viewport=0,0 was a 500, a division by zero inside the thumbnailing)."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*([0-9]{1,5})\s*(?:,\s*([0-9]{1,5})\s*)?", text)
+    if not match or int(match.group(1)) < 1 or (match.group(2) and int(match.group(2)) < 1):
+        raise HttpProblem(400, f"viewport {text[:40]!r}: width,height in pixels, each a "
+                               "positive integer (at most 99999)")
+    width = int(match.group(1))
+    return width, int(match.group(2) or width)
 
 
 def read_frames(path: Path, numbers: list[int]) -> Iterator[bytes]:
@@ -144,11 +260,55 @@ def _deferred_range(ds: Any, tag: int) -> tuple[int, int] | None:
     return int(raw.value_tell), int(raw.length)
 
 
-def render(path: Path, frame: int, media: str, viewport: str | None) -> bytes:
+class Window:
+    """The ``window`` of /rendered (PS3.18 8.3.5.1.4): center, width and VOI LUT function
+    (linear, linear-exact, sigmoid), applied as PS3.3 C.11.2.1.2 says to the values the
+    Modality LUT gives, straight to 0..255. It was ignored: a viewer asking a lung window got
+    the instance's own window under a 200."""
+
+    FUNCTIONS = ("linear", "linear-exact", "sigmoid")
+
+    def __init__(self, center: float, width: float, function: str):
+        self.center, self.width, self.function = center, width, function
+
+    @classmethod
+    def parse(cls, text: str | None) -> Window | None:
+        if text is None:
+            return None
+        center, _, rest = text.partition(",")
+        width, _, function = rest.partition(",")
+        function = function.strip().lower() or "linear"
+        try:
+            c, w = float(center), float(width)
+        except ValueError:
+            c = w = float("nan")
+        valid = (bool(np.isfinite(c) and np.isfinite(w)) and function in cls.FUNCTIONS
+                 and (w >= 1 if function == "linear" else w > 0))
+        if not valid:
+            raise HttpProblem(400, f"window {text[:60]!r}: center,width[,function] with a "
+                                   "positive width (at least 1 for linear) and a function of "
+                                   f"{', '.join(cls.FUNCTIONS)}")
+        return cls(c, w, function)
+
+    def apply(self, values: Any) -> Any:
+        """8-bit grey levels of ``values`` (after the Modality LUT)."""
+        c, w = self.center, self.width
+        if self.function == "sigmoid":
+            return 255.0 / (1.0 + np.exp(-4.0 * (values - c) / w))
+        if self.function == "linear-exact":
+            return ((values - c) / w + 0.5).clip(0.0, 1.0) * 255.0
+        if w == 1:  # PS3.3 C.11.2.1.2.1 at its least width: a threshold
+            return np.where(values > c - 0.5, 255.0, 0.0)
+        return (((values - (c - 0.5)) / (w - 1.0) + 0.5) * 255.0).clip(0.0, 255.0)
+
+
+def render(path: Path, frame: int, media: str, viewport: tuple[int, int] | None,
+           window: Window | None = None) -> bytes:
     """A frame as 8-bit JPEG/PNG through the grayscale pipeline (PS3.18 8.3.5.1.1, PS3.3
-    C.11): Modality LUT (Rescale Slope/Intercept) first, then the VOI LUT or window, else
-    min-max. The order matters: a CT's window is in Hounsfield units, not stored values, so
-    windowing stored values (HU + 1024) turns the whole body white."""
+    C.11): Modality LUT (Rescale Slope/Intercept) first, then the ``window`` asked, else the
+    instance's VOI LUT or window, else min-max. The order matters: a CT's window is in
+    Hounsfield units, not stored values, so windowing stored values (HU + 1024) turns the
+    whole body white."""
     ds = dcmread(path, defer_size=BULK_THRESHOLD)  # the pixels: only the frame rendered
     if "PixelData" not in ds:
         raise HttpProblem(404, "the instance has no pixel data")
@@ -158,17 +318,20 @@ def render(path: Path, frame: int, media: str, viewport: str | None) -> bytes:
     array = pixel_array(str(path), index=frame - 1)
     if ds.get("SamplesPerPixel", 1) == 1:
         array = apply_modality_lut(array, ds).astype(np.float64)
-        array = apply_voi_lut(array, ds, index=0)
-        low, high = float(np.min(array)), float(np.max(array))
-        array = ((array - low) / ((high - low) or 1.0) * 255.0).clip(0, 255).astype(np.uint8)
+        if window is not None:
+            array = np.rint(window.apply(array)).clip(0, 255).astype(np.uint8)
+        else:
+            array = apply_voi_lut(array, ds, index=0)
+            low, high = float(np.min(array)), float(np.max(array))
+            array = ((array - low) / ((high - low) or 1.0) * 255.0).clip(0, 255).astype(
+                np.uint8)
         if ds.get("PhotometricInterpretation") == "MONOCHROME1":
             array = 255 - array
         image = Image.fromarray(array, mode="L")
     else:
         image = Image.fromarray(array.astype(np.uint8), mode="RGB")
     if viewport:
-        width, _, height = viewport.partition(",")
-        image.thumbnail((int(width), int(height or width)))
+        image.thumbnail(viewport)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG" if media == "image/png" else "JPEG", quality=90)
     return buffer.getvalue()

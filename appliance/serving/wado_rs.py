@@ -43,6 +43,7 @@ from appliance.serving.dicomweb_http import (
 from appliance.serving.wado_media import (
     DecodedPixels,
     HttpProblem,
+    Window,
     accepted_syntaxes,
     frame_list,
     metadata_item,
@@ -50,6 +51,10 @@ from appliance.serving.wado_media import (
     read_bulkdata,
     read_frames,
     render,
+    rendered_media,
+    require_dicom_json,
+    require_native_octets,
+    viewport_size,
 )
 from appliance.store import query as store_query
 from appliance.store.spool import SpoolFull
@@ -250,6 +255,7 @@ class WadoRs:
         """DICOM JSON, one instance at a time as it is sent: the MR study's 520 items make
         51 MB of JSON, which was built whole (and its dicts) before the first byte. The
         first item is made before the status line: an unreadable file is then a 500."""
+        require_dicom_json(request.headers.get("accept", ""))
         rows = await self._found(request, tally)
         first = await run_in_threadpool(self._item, rows[0])
         return tally.stream(self._items(first, rows[1:], tally), DICOM_JSON)
@@ -283,6 +289,7 @@ class WadoRs:
         tag = request.path_params["tag"]
         if not re.fullmatch(r"[0-9A-Fa-f]{8}", tag):
             raise HttpProblem(400, f"bulk data tag {tag!r}: 8 hexadecimal digits")
+        require_native_octets(request.headers.get("accept", ""))
         rows = await self._found(request, tally)
         path = self.spool.path(rows[0]["path"])
         data = await run_in_threadpool(read_bulkdata, path, int(tag, 16))
@@ -302,6 +309,7 @@ class WadoRs:
 
     async def _frames(self, request: Request, tally: Tally) -> Response:
         numbers = frame_list(request.path_params["frames"])
+        require_native_octets(request.headers.get("accept", ""))
         rows = await self._found(request, tally)
         frames = await run_in_threadpool(read_frames, self.spool.path(rows[0]["path"]),
                                          numbers)
@@ -320,18 +328,14 @@ class WadoRs:
         return await self._audited(request, "WADO-RS rendered", self._rendered)
 
     async def _rendered(self, request: Request, tally: Tally) -> Response:
-        accept = request.headers.get("accept", "image/jpeg")
-        media = "image/png" if "image/png" in accept and "image/jpeg" not in accept \
-            else "image/jpeg"
+        media = rendered_media(request.headers.get("accept", ""))
         tally.what = f"WADO-RS rendered {media}"
         frame = int(request.path_params.get("frame", "1"))
-        viewport = request.query_params.get("viewport")
+        viewport = viewport_size(request.query_params.get("viewport"))
+        window = Window.parse(request.query_params.get("window"))
         rows = await self._found(request, tally)
-        try:
-            data = await run_in_threadpool(render, self.spool.path(rows[0]["path"]), frame,
-                                           media, viewport)
-        except ValueError as exc:  # a viewport that is not "width,height"
-            raise HttpProblem(400, str(exc)) from None
+        data = await run_in_threadpool(render, self.spool.path(rows[0]["path"]), frame,
+                                       media, viewport, window)
         return tally.stream(_whole(_slices(data), tally), media, length=len(data))
 
 

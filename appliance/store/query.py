@@ -209,9 +209,16 @@ def _match(where: _Where, keyword: str, value: str, pn_case_sensitive: bool) -> 
             raise QueryError(f"{keyword}: {value!r} is not a valid {vr} value or range")
     elif vr == "IS":
         try:
-            where.add(f"{sql} = ?", int(value))
+            number = int(value)
         except ValueError:
             raise QueryError(f"{keyword}: {value!r} is not an integer") from None
+        # PS3.5 IS: a 32-bit signed integer. Past SQLite's 64 bits the bound parameter raised
+        # OverflowError, not a sqlite3.Error: QIDO-RS ?InstanceNumber=99999999999999999999999
+        # was a 500 with no audit row.
+        if not -2**31 <= number < 2**31:
+            raise QueryError(f"{keyword}: {value[:40]!r} is out of the range of an IS value "
+                             "(a 32-bit signed integer)")
+        where.add(f"{sql} = ?", number)
     elif vr == "PN" and not pn_case_sensitive and not value.isascii():
         # SQLite's LIKE and NOCASE fold ASCII letters only: "hélène*" missed HÉLÈNE^DUPONT.
         # Both sides go through str.casefold (registered on the connection by find()); an

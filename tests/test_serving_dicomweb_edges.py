@@ -1,0 +1,367 @@
+"""DICOMweb edge cases a viewer or a PACS client exercises (PS3.18), on a real ``pas run``.
+
+Media negotiation: a QIDO-RS or /metadata client asking for XML, and a /frames or /bulkdata
+client asking for a compressed syntax or image/jpeg, get 406 instead of another format
+under a 200. Parameters: a viewport of 0 or a frame list of non-ASCII digits is a 400 naming
+it (was a 500 and a wrong frame). STOW-RS: a body of JSON or XML parts is a 415, a
+``Boundary=`` in another case is read, and every refused store has its audit row.
+"""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.pixels import apply_modality_lut
+from pydicom.uid import generate_uid
+
+from tests.support.peers import PasProcess, read_rows
+
+CT_SMALL = Path(get_testdata_file("CT_small.dcm"))  # type: ignore[arg-type]
+MULTIFRAME = Path(get_testdata_file("emri_small_jpeg_ls_lossless.dcm"))  # type: ignore[arg-type]
+BOUNDARY = "edge-boundary"
+STOW_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
+OCTETS = 'multipart/related; type="application/octet-stream"'
+
+
+def _body(parts: list[bytes], content_type: str = "application/dicom") -> bytes:
+    head = f"--{BOUNDARY}\r\nContent-Type: {content_type}\r\n\r\n".encode()
+    return b"".join(head + p + b"\r\n" for p in parts) + f"--{BOUNDARY}--\r\n".encode()
+
+
+def _new_instance() -> bytes:
+    """CT_small as a new instance of a new study (nothing else holds its UIDs)."""
+    ds = dcmread(CT_SMALL)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def pas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PasProcess]:
+    """PAS holding CT_small (one native frame) and a JPEG-LS multi-frame MR, by STOW-RS."""
+    pas = PasProcess(tmp_path_factory.mktemp("edges") / "pas",
+                     {"PAS_PREFETCH__ENABLED": "false"}).start()
+    try:
+        stored = httpx.post(f"{_base(pas)}/studies", headers={"Content-Type": STOW_TYPE},
+                            content=_body([CT_SMALL.read_bytes(), MULTIFRAME.read_bytes()]),
+                            timeout=60)
+        assert stored.status_code == 200, stored.text
+        yield pas
+    finally:
+        pas.stop()
+
+
+def _base(pas: PasProcess) -> str:
+    return f"http://127.0.0.1:{pas.http_port}/dicom-web"
+
+
+def _instance_url(pas: PasProcess, path: Path) -> str:
+    ds = dcmread(path, stop_before_pixels=True)
+    return (f"{_base(pas)}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+            f"/instances/{ds.SOPInstanceUID}")
+
+
+def _last_id(pas: PasProcess) -> int:
+    return int(read_rows(pas.home / "pas.sqlite", "SELECT max(id) AS n FROM audit")[0]["n"] or 0)
+
+
+def _rows_after(pas: PasProcess, last: int) -> list[sqlite3.Row]:
+    return read_rows(pas.home / "pas.sqlite",
+                     "SELECT event, target, outcome, detail FROM audit WHERE id > ? "
+                     "ORDER BY id", (last,))
+
+
+def _instances(pas: PasProcess) -> int:
+    return int(read_rows(pas.home / "pas.sqlite",
+                         "SELECT count(*) AS n FROM instances")[0]["n"])
+
+
+def _octet_parts(response: httpx.Response) -> list[bytes]:
+    boundary = response.headers["content-type"].split("boundary=")[1].encode()
+    chunks = response.content.split(b"--" + boundary)[1:-1]
+    return [c.partition(b"\r\n\r\n")[2][:-2] for c in chunks]
+
+
+# -- media negotiation ------------------------------------------------------------------
+
+@pytest.mark.parametrize("accept", [
+    "application/dicom+xml",
+    'multipart/related; type="application/dicom+xml"',
+    "application/dicom+json; q=0",  # the client takes JSON at no price
+    "image/png",
+])
+def test_qido_and_metadata_refuse_an_accept_they_cannot_answer(pas: PasProcess,
+                                                               accept: str) -> None:
+    """An XML client got DICOM JSON under a 200, which it could not read: 406 naming what is
+    offered, and the refused search is audited."""
+    last = _last_id(pas)
+    search = httpx.get(f"{_base(pas)}/studies", headers={"Accept": accept}, timeout=30)
+    assert search.status_code == 406, search.text
+    assert "application/dicom+json" in search.json()["detail"]
+    [row] = _rows_after(pas, last)
+    assert row["event"] == "query" and row["outcome"].startswith("failure: Accept")
+    metadata = httpx.get(f"{_instance_url(pas, CT_SMALL)}/metadata",
+                         headers={"Accept": accept}, timeout=30)
+    assert metadata.status_code == 406, metadata.text
+    [_, row] = _rows_after(pas, last)
+    assert row["event"] == "retrieve" and "HTTP 406" in row["detail"]
+
+
+@pytest.mark.parametrize("accept", [
+    None, "application/dicom+json", "application/json", "*/*",
+    "text/html,application/xhtml+xml,*/*;q=0.8",  # a browser's
+    'multipart/related; type="application/dicom+xml", application/dicom+json;q=0.5',
+])
+def test_qido_and_metadata_answer_what_takes_dicom_json(pas: PasProcess,
+                                                        accept: str | None) -> None:
+    headers = {"Accept": accept} if accept else {}
+    search = httpx.get(f"{_base(pas)}/studies", headers=headers, timeout=30)
+    assert search.status_code == 200, search.text
+    assert search.headers["content-type"] == "application/dicom+json"
+    studies = {s["0020000D"]["Value"][0] for s in search.json()}
+    assert str(dcmread(CT_SMALL).StudyInstanceUID) in studies
+    metadata = httpx.get(f"{_instance_url(pas, CT_SMALL)}/metadata", headers=headers,
+                         timeout=30)
+    assert metadata.status_code == 200, metadata.text
+    [item] = metadata.json()
+    assert item["00080018"]["Value"] == [str(dcmread(CT_SMALL).SOPInstanceUID)]
+
+
+@pytest.mark.parametrize("accept", [
+    f"{OCTETS}; transfer-syntax=1.2.840.10008.1.2.4.50",  # JPEG baseline: lossy
+    f"{OCTETS}; transfer-syntax=1.2.840.10008.1.2.4.80",  # JPEG-LS, as the MR is stored
+    'multipart/related; type="image/jpeg"',
+    "image/jpeg",
+])
+def test_frames_and_bulk_data_in_a_syntax_pas_does_not_send_are_406(pas: PasProcess,
+                                                                     accept: str) -> None:
+    """Native pixels were sent under a 200 to a client that asked for JPEG frames only."""
+    for path in (CT_SMALL, MULTIFRAME):
+        url = _instance_url(pas, path)
+        for what in ("frames/1", "bulkdata/7FE00010"):
+            answer = httpx.get(f"{url}/{what}", headers={"Accept": accept}, timeout=30)
+            assert answer.status_code == 406, (what, answer.text)
+            assert "transfer-syntax=*" in answer.json()["detail"]
+
+
+@pytest.mark.parametrize("accept", [
+    None, "*/*", OCTETS, f"{OCTETS}; transfer-syntax=*",  # OHIF's
+    f"{OCTETS}; transfer-syntax=1.2.840.10008.1.2.4.50, {OCTETS}; transfer-syntax=*;q=0.5",
+    f"{OCTETS}; transfer-syntax=1.2.840.10008.1.2.1",
+])
+def test_frames_answer_native_pixels_when_accepted(pas: PasProcess, accept: str | None) -> None:
+    original = dcmread(MULTIFRAME)
+    headers = {"Accept": accept} if accept else {}
+    answer = httpx.get(f"{_instance_url(pas, MULTIFRAME)}/frames/2,1",
+                       headers=headers, timeout=30)
+    assert answer.status_code == 200, answer.text
+    frames = _octet_parts(answer)
+    expected = original.pixel_array
+    shape = expected.shape[1:]
+    got = [np.frombuffer(f, dtype=expected.dtype.newbyteorder("<")).reshape(shape)
+           for f in frames]
+    assert len(got) == 2
+    assert np.array_equal(got[0], expected[1]) and np.array_equal(got[1], expected[0])
+
+
+# -- parameters ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("viewport", ["0,0", "0", "64,0", "abc", ",", "-5,-5", "64,64,64"])
+def test_a_bad_viewport_is_a_400_naming_it(pas: PasProcess, viewport: str) -> None:
+    """viewport=0,0 was a 500 (a division by zero in the thumbnailing)."""
+    url = f"{_instance_url(pas, CT_SMALL)}/rendered"
+    answer = httpx.get(url, params={"viewport": viewport}, timeout=30)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["detail"].startswith(f"viewport {viewport!r}")
+    still = httpx.get(url, params={"viewport": "32,16"}, timeout=30)
+    assert still.status_code == 200 and still.headers["content-type"] == "image/jpeg"
+
+
+@pytest.mark.parametrize("frames", ["1_2", "\u0661", "1,\u0662", "+1"])
+def test_a_frame_list_takes_ascii_numbers_only(pas: PasProcess, frames: str) -> None:
+    """int() took "1_2" as frame 12 and the Arabic-Indic "١" as frame 1."""
+    answer = httpx.get(f"{_instance_url(pas, MULTIFRAME)}/frames/{frames}", timeout=30)
+    assert answer.status_code == 400, answer.text
+    assert "comma-separated numbers from 1" in answer.json()["detail"]
+
+
+def test_a_huge_frame_list_is_named_short(pas: PasProcess) -> None:
+    answer = httpx.get(f"{_instance_url(pas, MULTIFRAME)}/frames/{'9' * 5000}", timeout=30)
+    assert answer.status_code == 404, answer.text
+    assert len(answer.text) < 300
+
+
+# -- STOW-RS --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["application/dicom+json", "application/dicom+xml"])
+def test_stow_of_metadata_parts_is_415_and_audited(pas: PasProcess, kind: str) -> None:
+    """Such a body was read as DICOM files: each part refused as unparseable under a 409
+    (and a DICOM file sent under that type was stored)."""
+    before, last = _instances(pas), _last_id(pas)
+    answer = httpx.post(f"{_base(pas)}/studies", content=_body([_new_instance()], kind),
+                        headers={"Content-Type": f'multipart/related; type="{kind}"; '
+                                                 f"boundary={BOUNDARY}"}, timeout=30)
+    assert answer.status_code == 415, answer.text
+    assert kind in answer.json()["detail"]
+    assert _instances(pas) == before
+    [row] = _rows_after(pas, last)
+    assert row["event"] == "store" and kind in row["outcome"]
+    assert row["detail"] == "0 stored (STOW-RS)"
+
+
+def test_stow_boundary_parameter_in_any_case(pas: PasProcess) -> None:
+    """RFC 2045: parameter names are case-insensitive; "Boundary=" was refused as missing."""
+    before = _instances(pas)
+    answer = httpx.post(f"{_base(pas)}/studies", content=_body([_new_instance()]),
+                        headers={"Content-Type": f'Multipart/Related; Type="application/dicom"'
+                                                 f'; Boundary="{BOUNDARY}"'}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert _instances(pas) == before + 1
+
+
+@pytest.mark.parametrize(("content_type", "body", "status", "reason"), [
+    ('multipart/related; type="application/dicom"', b"x", 400,
+     "multipart/related without a boundary parameter"),
+    ("application/dicom", b"x", 415, "STOW-RS needs Content-Type multipart/related"),
+    (STOW_TYPE, f"--{BOUNDARY}--\r\n".encode(), 400, "the request holds no DICOM part"),
+])
+def test_every_refused_stow_has_its_audit_row(pas: PasProcess, content_type: str, body: bytes,
+                                              status: int, reason: str) -> None:
+    """These refusals left no row at all: ``pas audit`` did not show the attempt."""
+    before, last = _instances(pas), _last_id(pas)
+    answer = httpx.post(f"{_base(pas)}/studies", content=body,
+                        headers={"Content-Type": content_type}, timeout=30)
+    assert answer.status_code == status, answer.text
+    assert answer.json()["detail"].startswith(reason)
+    rows: list[Any] = _rows_after(pas, last)
+    assert [(r["event"], r["target"], r["detail"]) for r in rows] == [
+        ("store", None, "0 stored (STOW-RS)")]
+    assert rows[0]["outcome"].startswith(f"failure: {reason}")
+    assert _instances(pas) == before
+
+
+# -- QIDO-RS --------------------------------------------------------------------------
+
+def test_fuzzymatching_asked_is_answered_with_the_warning_of_literal_matching(
+        pas: PasProcess) -> None:
+    """PS3.18 8.3.4.1: PAS has no fuzzy matching of names; fuzzymatching=true was matched
+    literally without a word, so the viewer took a literal answer for a fuzzy one."""
+    name = str(dcmread(CT_SMALL).PatientName)
+    fuzzy = httpx.get(f"{_base(pas)}/studies",
+                      params={"PatientName": name, "fuzzymatching": "true"}, timeout=30)
+    assert fuzzy.status_code == 200, fuzzy.text
+    assert fuzzy.headers["Warning"] == (
+        f'299 {_base(pas)}: "The fuzzymatching parameter is not supported. Only literal '
+        'matching has been performed."')
+    names = [s["00100010"]["Value"][0]["Alphabetic"] for s in fuzzy.json()]
+    assert names and set(names) == {name}  # the fixture's study, and any STOW'd copy of it
+    literal = httpx.get(f"{_base(pas)}/studies",
+                        params={"PatientName": name, "fuzzymatching": "false"}, timeout=30)
+    assert literal.status_code == 200 and "Warning" not in literal.headers
+    assert literal.json() == fuzzy.json()
+
+
+@pytest.mark.parametrize(("accept", "expected"), [
+    ("image/png, image/jpeg;q=0.1", "image/png"),  # was a JPEG: the first named won
+    ("image/jpeg;q=0.2, image/png", "image/png"),
+    ("image/gif", None),  # was a JPEG under a 200
+    ("image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8", "image/jpeg"),  # <img>
+    (None, "image/jpeg"),
+    ("image/png", "image/png"),
+])
+def test_rendered_media_follows_the_q_values(pas: PasProcess, accept: str | None,
+                                             expected: str | None) -> None:
+    headers = {"Accept": accept} if accept else {}
+    answer = httpx.get(f"{_instance_url(pas, CT_SMALL)}/rendered", headers=headers,
+                       timeout=30)
+    if expected is None:
+        assert answer.status_code == 406, answer.text
+        assert "image/jpeg or image/png" in answer.json()["detail"]
+        return
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == expected
+    assert Image.open(io.BytesIO(answer.content)).format == expected.split("/")[1].upper()
+
+
+def _expected_window(hu: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """PS3.3 C.11.2.1.2 to 0..255, written out here from the standard's formulas."""
+    if function == "linear":
+        low, high = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
+        y = ((hu - (center - 0.5)) / (width - 1) + 0.5) * 255
+        y = np.where(hu <= low, 0, np.where(hu > high, 255, y))
+    elif function == "linear-exact":
+        y = np.where(hu <= center - width / 2, 0,
+                     np.where(hu > center + width / 2, 255, ((hu - center) / width + 0.5) * 255))
+    else:
+        y = 255 / (1 + np.exp(-4 * (hu - center) / width))
+    return np.rint(y).clip(0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize(("window", "center", "width", "function"), [
+    ("-600,1500,linear", -600.0, 1500.0, "linear"),  # a lung window
+    ("40,400", 40.0, 400.0, "linear"),  # soft tissue; linear by default
+    ("40,400,linear-exact", 40.0, 400.0, "linear-exact"),
+    ("300,1500,SIGMOID", 300.0, 1500.0, "sigmoid"),
+])
+def test_rendered_window_is_the_one_asked(pas: PasProcess, window: str, center: float,
+                                          width: float, function: str) -> None:
+    """window=center,width,function was ignored: the min-max rendering came back instead."""
+    ct = dcmread(CT_SMALL)
+    hu = apply_modality_lut(ct.pixel_array, ct).astype(np.float64)
+    answer = httpx.get(f"{_instance_url(pas, CT_SMALL)}/rendered", params={"window": window},
+                       headers={"Accept": "image/png"}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    got = np.asarray(Image.open(io.BytesIO(answer.content)))
+    expected = _expected_window(hu, center, width, function)
+    assert got.shape == expected.shape
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("window", ["40", "40,0", "40,-5", "a,b", "40,400,cubic", "nan,400",
+                                    "40,0.5,linear"])
+def test_a_bad_window_is_a_400_naming_it(pas: PasProcess, window: str) -> None:
+    answer = httpx.get(f"{_instance_url(pas, CT_SMALL)}/rendered", params={"window": window},
+                       timeout=30)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["detail"].startswith(f"window {window!r}")
+
+
+@pytest.mark.parametrize("accept", [
+    'multipart/related; type="application/dicom"; q=0',
+    'multipart/related; type="application/dicom"; transfer-syntax=*; q=0, */*;q=0',
+])
+def test_retrieve_refused_by_every_dicom_range_is_406(pas: PasProcess, accept: str) -> None:
+    """q=0 says "not this": such a client was sent the instance in the default syntax."""
+    last = _last_id(pas)
+    answer = httpx.get(_instance_url(pas, CT_SMALL), headers={"Accept": accept}, timeout=30)
+    assert answer.status_code == 406, answer.text
+    assert answer.json()["detail"] == "Accept refuses every DICOM answer (q=0)"
+    [row] = _rows_after(pas, last)
+    assert row["event"] == "retrieve" and row["detail"] == "0 of 1 instance (WADO-RS), HTTP 406"
+
+
+@pytest.mark.parametrize("number", ["99999999999999999999999", "2147483648", "-2147483649"])
+def test_an_integer_key_out_of_range_is_a_400_and_audited(pas: PasProcess, number: str) -> None:
+    """?InstanceNumber=99999999999999999999999 was a 500 (SQLite's OverflowError), unaudited."""
+    last = _last_id(pas)
+    answer = httpx.get(f"{_base(pas)}/instances", params={"InstanceNumber": number},
+                       timeout=30)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["detail"] == (f"InstanceNumber: {number!r} is out of the range of an "
+                                       "IS value (a 32-bit signed integer)")
+    [row] = _rows_after(pas, last)
+    assert row["event"] == "query" and row["outcome"].startswith("failure: InstanceNumber")
+    fine = httpx.get(f"{_base(pas)}/instances", params={"InstanceNumber": "1"}, timeout=30)
+    assert fine.status_code == 200 and fine.json()
