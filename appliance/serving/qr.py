@@ -300,11 +300,12 @@ class QueryRetrieveService:
         _throttle_pending(event.assoc, self.settings.retrieve_pending_interval_s)
         what = f"C-MOVE to {destination.title}"
         refused: list[str] = []
+        opened: list[Any] = []  # the sub-association, once its connection is open
         try:
             yield destination.host, destination.port, {
                 "ae_title": destination.title, "contexts": contexts,
                 "evt_handlers": [(evt.EVT_ESTABLISHED, on_established),
-                                 *_refusal_handlers(refused)],
+                                 *_refusal_handlers(refused, opened)],
             }
             yield len(rows)
             if not established.wait(10):
@@ -314,7 +315,7 @@ class QueryRetrieveService:
         finally:
             # Also when pynetdicom drops this generator (destination unreachable: it answers
             # 0xA801 itself; association lost): every retrieve leaves an audit row.
-            why = refused[0] if refused else "destination unreachable or association lost"
+            why = _why_not_up(refused, opened)
             outcome = _retrieve_outcome(
                 tally, rows, stored_by=destination.title,
                 unfinished=f"failure: {what} at {destination.host}:{destination.port} did "
@@ -466,11 +467,16 @@ def _accepted(assoc: Any) -> set[tuple[str, str]]:
     return {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
 
 
-def _refusal_handlers(refused: list[str]) -> list[tuple[Any, Callable[[Any], None]]]:
+def _refusal_handlers(refused: list[str], opened: list[Any]
+                     ) -> list[tuple[Any, Callable[[Any], None]]]:
     """Handlers for a C-MOVE sub-association that note in ``refused`` why it did not come up
-    when the destination said so. pynetdicom answers the viewer 0xA801 alike for a
-    destination that is down, one that rejected the association and one that accepted it
-    with no presentation context (it then aborts it); the audit row names which."""
+    when the destination said so, and in ``opened`` the association once its connection is
+    open. pynetdicom answers the viewer 0xA801 alike for a destination that is down, one
+    that rejected the association and one that accepted it with no presentation context
+    (it then aborts it); the audit row names which (:func:`_why_not_up`)."""
+
+    def on_open(store_event: Any) -> None:
+        opened.append(store_event.assoc)
 
     def on_accepted(store_event: Any) -> None:
         if not store_event.assoc.accepted_contexts:
@@ -482,7 +488,21 @@ def _refusal_handlers(refused: list[str]) -> list[tuple[Any, Callable[[Any], Non
     def on_rejected(store_event: Any) -> None:
         refused.append("the destination rejected the association")
 
-    return [(evt.EVT_ACCEPTED, on_accepted), (evt.EVT_REJECTED, on_rejected)]
+    return [(evt.EVT_CONN_OPEN, on_open), (evt.EVT_ACCEPTED, on_accepted),
+            (evt.EVT_REJECTED, on_rejected)]
+
+
+def _why_not_up(refused: list[str], opened: list[Any]) -> str:
+    """Why a C-MOVE's sub-association ended the retrieve early. pynetdicom marks an
+    association rejected before it runs the EVT_REJECTED handlers, in the association's own
+    thread: the C-MOVE handler, resumed on that mark, could get here first and said
+    "unreachable" for a destination that had answered with a rejection. The mark is read
+    too."""
+    if refused:
+        return refused[0]
+    if opened and opened[0].is_rejected:
+        return "the destination rejected the association"
+    return "destination unreachable or association lost"
 
 
 def _retrieve_outcome(tally: SubOperationTally, rows: list[Any], stored_by: str,
