@@ -252,6 +252,32 @@ def test_every_refused_stow_has_its_audit_row(pas: PasProcess, content_type: str
     assert _instances(pas) == before
 
 
+def test_a_part_that_is_not_a_part_10_file_is_refused_as_it_arrives(pas: PasProcess) -> None:
+    """A STOW-RS part is a PS3.10 file: one without "DICM" after the preamble (30 MB of
+    zeros, a word) was parsed by pydicom, element by empty element (0.3 s per MB), and
+    spilled to the spool first, before its refusal; and why it was refused was said
+    nowhere (the answer carries a FailureReason only). Now it is refused on its first 132
+    bytes, the rest dropped as it comes, and the journal and the audit row say why."""
+    before, last = _instances(pas), _last_id(pas)
+    zeros = bytes(30 << 20)
+    answer = httpx.post(f"{_base(pas)}/studies", headers={"Content-Type": STOW_TYPE},
+                        content=_body([zeros, _new_instance(), b"hello"]), timeout=120)
+    assert answer.status_code == 202, answer.text
+    result = answer.json()
+    assert len(result["00081199"]["Value"]) == 1
+    assert [item["00081197"]["Value"] for item in result["00081198"]["Value"]] == [
+        [0xC000], [0xC000]]
+    assert _instances(pas) == before + 1
+    (row,) = [r for r in _rows_after(pas, last) if r["event"] == "store"]
+    assert row["outcome"] == (
+        "failure: 2 parts refused (first: not a DICOM file: a STOW-RS part is a PS3.10 file, "
+        f"and this one ({len(zeros)} bytes) has no 'DICM' after a 128-byte preamble)"), row
+    refusals = [line for line in pas.log().splitlines()
+                if "part refused (0xC000): not a DICOM file" in line]
+    assert len(refusals) >= 2 and "(5 bytes)" in refusals[-1], refusals
+    assert not [f for f in (pas.home / "spool" / "tmp").glob("*") if f.stat().st_size]
+
+
 # -- QIDO-RS --------------------------------------------------------------------------
 
 def test_fuzzymatching_asked_is_answered_with_the_warning_of_literal_matching(

@@ -40,7 +40,7 @@ from appliance.serving.dicomweb_http import (
     _problem,
     _sop_item,
 )
-from appliance.serving.stow_parts import Part, SpilledPart, discard_parts
+from appliance.serving.stow_parts import NotPart10, Part, SpilledPart, discard_parts
 from appliance.serving.wado_media import HttpProblem, require_dicom_json
 from appliance.serving.wado_rs import DICOM_JSON, WadoRs
 from appliance.store import audit
@@ -69,6 +69,7 @@ QIDO_MAX_LIMIT = 10000
 # How long a STOW-RS store row's target may grow: the list of studies, as a C-STORE
 # association's row (appliance/ingest/scp.py), cut between UIDs, never inside one.
 STORE_TARGET_MAX = audit.STUDY_LIST_MAX
+MAX_REFUSALS_LOGGED = 5  # a STOW-RS request's refused parts named in the journal, one a line
 # Study Root Query/Retrieve Information Model - FIND: the model QIDO-RS searches.
 QIDO_SOP_CLASS = "1.2.840.10008.5.1.4.1.2.2.1"
 # PS3.18 8.3.4.4: what a server that limited the results answers.
@@ -277,7 +278,7 @@ class DicomWeb:
         except HttpProblem as exc:  # a store refused as asked: audited, as QIDO's are
             self._audit_store(request, actor, [], f"failure: {exc.detail}"[:300])
             return _problem(exc)
-        parts: list[bytes | SpilledPart] = []
+        parts: list[bytes | SpilledPart | NotPart10] = []
         current: list[Part] = []
         ended: list[bool] = []
         callbacks = {
@@ -320,8 +321,17 @@ class DicomWeb:
         status = 200 if not failed else (202 if stored else 409)
         if failed and not stored and all(f["reason"] == 0xA700 for f in failed):
             status = 507  # Insufficient Storage: the spool is at its hard limit; retry later
+        for refused in failed[:MAX_REFUSALS_LOGGED]:
+            log.warning("STOW-RS from %s (%s): part refused (0x%04X): %s", source, actor,
+                        refused["reason"], refused["note"])
+        if len(failed) > MAX_REFUSALS_LOGGED:
+            log.warning("STOW-RS from %s (%s): %s refused besides", source, actor,
+                        counted(len(failed) - MAX_REFUSALS_LOGGED, "more part"))
+        # The answer gives each refused part's FailureReason only: why is said here, in
+        # the journal and the audit row (the first reason), for whoever looks into it.
         self._audit_store(request, actor, stored, "success" if not failed
-                          else f"failure: {counted(len(failed), 'part')} refused")
+                          else f"failure: {counted(len(failed), 'part')} refused (first: "
+                               f"{failed[0]['note'][:200]})")
         return JSONResponse(result.to_json_dict(), status_code=status, media_type=DICOM_JSON)
 
     def _malformed(self, request: Request, actor: str, stored: list[dict[str, Any]],
@@ -336,13 +346,17 @@ class DicomWeb:
             body["stored"] = [s["uid"] for s in stored]
         return JSONResponse(body, status_code=400)
 
-    def _store_part(self, content: bytes | SpilledPart, actor: str, source: str | None,
-                    stored: list[dict[str, Any]], failed: list[dict[str, Any]],
-                    target: str | None = None) -> None:
+    def _store_part(self, content: bytes | SpilledPart | NotPart10, actor: str,
+                    source: str | None, stored: list[dict[str, Any]],
+                    failed: list[dict[str, Any]], target: str | None = None) -> None:
         """File one part. What the answer names (SOP Class, series, study) comes from the
         receiver's record: the part is parsed once, where it lies (a deflated one is not
         inflated again in memory by a second read of pydicom's)."""
         assert self.receiver is not None
+        if isinstance(content, NotPart10):  # refused as it arrived (stow_parts.Part)
+            failed.append({"uid": "", "sop_class": "", "reason": 0xC000,
+                           "note": content.reason})
+            return
         try:
             if isinstance(content, SpilledPart):
                 received = self.receiver.receive_spilled_file(
