@@ -276,6 +276,26 @@ def test_a_refused_search_is_audited_as_a_failed_query(pas: PasProcess) -> None:
     assert "limit=x" in rows[0]["target"] and "NoSuchAttribute=1" in rows[1]["target"]
 
 
+@pytest.mark.parametrize(("key", "bad"), [
+    ("StudyDate", "20201301"), ("StudyDate", "20200230"), ("StudyDate", "20200101-20201340"),
+    ("StudyTime", "2500"), ("StudyTime", "1261"), ("StudyTime", "120061-"),
+])
+def test_a_date_or_time_that_does_not_exist_is_refused_naming_it(pas: PasProcess, key: str,
+                                                                 bad: str) -> None:
+    """The shape alone was checked: StudyDate=20201301 matched nothing and answered an
+    empty list, which reads as "no such study"; now 400 naming the key and the value."""
+    response = qido(pas, "studies", **{key: bad})
+    assert response.status_code == 400, (bad, response.text)
+    assert response.json()["detail"].startswith(f"{key}: {bad!r} is not a valid"), response.text
+
+
+def test_real_dates_and_times_at_their_limits_are_searched(pas: PasProcess) -> None:
+    for key, value in [("StudyDate", "20200229"), ("StudyDate", "19000101-20991231"),
+                       ("StudyTime", "235960"), ("StudyTime", "0000-2359")]:
+        response = qido(pas, "studies", **{key: value})
+        assert response.status_code in (200, 204), (value, response.text)
+
+
 def test_a_huge_offset_is_an_empty_page(pas: PasProcess) -> None:
     """Beyond SQLite's 64-bit integers an offset (or a limit) is no error of the client's."""
     response = qido(pas, "studies", offset=10**30)

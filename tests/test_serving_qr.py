@@ -340,6 +340,7 @@ def test_unknown_move_destination_is_a801_and_changes_nothing(site: Site,
 @pytest.mark.parametrize(("keys", "named"), [
     (["QueryRetrieveLevel=FOO", "StudyInstanceUID="], "QueryRetrieveLevel"),
     (["QueryRetrieveLevel=STUDY", "StudyDate=yesterday"], "StudyDate"),
+    (["QueryRetrieveLevel=STUDY", "StudyDate=20201301"], "StudyDate"),  # was: 0 matches
     (["QueryRetrieveLevel=STUDY", "StudyInstanceUID=not-a-uid"], "StudyInstanceUID"),
     (["QueryRetrieveLevel=PATIENT", "PatientID="], "Patient Root"),
 ])

@@ -13,6 +13,7 @@ ever spliced into the SQL text, so a query cannot inject SQL.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import sqlite3
 from collections.abc import Iterator
@@ -99,6 +100,25 @@ _DATE = re.compile(r"^\d{8}$")
 _TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
 
 
+def _valid(vr: str, text: str) -> bool:
+    """A DA that is a calendar date, or a TM whose hours, minutes and seconds are in range.
+    The shape alone let 20201301 through: it matched nothing and answered an empty list,
+    which reads as "no such study" instead of naming the mistake."""
+    if vr == "DA":
+        if not _DATE.match(text):
+            return False
+        try:
+            dt.date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+        except ValueError:
+            return False
+        return True
+    if not _TIME.match(text):
+        return False
+    hours, minutes, seconds = int(text[:2]), text[2:4], text[4:6]
+    return hours < 24 and (not minutes or int(minutes) < 60) and \
+        (not seconds or int(seconds) <= 60)  # 60: a leap second
+
+
 def level_of(keyword: str) -> str | None:
     """The query level an attribute belongs to (None: not one the index knows)."""
     if keyword in COLUMNS:
@@ -147,10 +167,9 @@ def _glob_pattern(value: str) -> str:
 
 
 def _match_range(where: _Where, column: str, keyword: str, value: str, vr: str) -> None:
-    pattern = _DATE if vr == "DA" else _TIME
     low, _, high = value.partition("-")
     for bound in (low, high):
-        if bound and not pattern.match(bound):
+        if bound and not _valid(vr, bound):
             raise QueryError(f"{keyword}: {value!r} is not a valid {vr} range")
     if not low and not high:
         raise QueryError(f"{keyword}: {value!r} is an empty range")
@@ -203,7 +222,7 @@ def _match(where: _Where, keyword: str, value: str, pn_case_sensitive: bool) -> 
     elif vr in ("DA", "TM"):
         if "-" in value:
             _match_range(where, sql, keyword, value, vr)
-        elif (_DATE if vr == "DA" else _TIME).match(value):
+        elif _valid(vr, value):
             where.add(f"{sql} = ?", value)
         else:
             raise QueryError(f"{keyword}: {value!r} is not a valid {vr} value or range")
