@@ -413,8 +413,9 @@ class Hl7Section(_Section):
 
     Memory is bounded by ``max_connections`` x 2 x ``max_message_kb`` (a connection buffers
     at most twice the limit before its socket is paused); a connection that stops in the
-    middle of a message is refused after ``frame_timeout_s``, and one silent between messages
-    is closed after ``idle_timeout_s`` (0: never), so that stuck or leaked connections do not
+    middle of a message is refused after ``frame_timeout_s``, one that has not taken (read)
+    an answer within ``frame_timeout_s`` is dropped, and one silent between messages is
+    closed after ``idle_timeout_s`` (0: never), so that stuck or leaked connections do not
     hold the slots the RIS needs."""
 
     enabled: bool = True

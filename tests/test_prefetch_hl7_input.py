@@ -194,13 +194,13 @@ def test_a_control_id_used_again_for_another_order_is_not_a_resend(
 def test_an_end_block_without_its_cr_is_named(pas_input: PasProcess) -> None:
     """``FS`` alone then silence: after ``frame_timeout_s`` a NAK names the missing CR (it
     said "message not finished"); ``FS`` then the next message's ``VT``: a NAK at once, and
-    neither message taken for an order (they were read as one)."""
+    neither message taken for an order (they were read as one). Both NAKs echo MSH-10."""
     (nak,) = exchange(pas_input, SB + orm("FS1", "ORDFS1").encode() + b"\x1c")
-    assert b"MSA|AR||an end block FS came, but no CR after it (MLLP ends a message with FS " \
+    assert b"MSA|AR|FS1|an end block FS came, but no CR after it (MLLP ends a message with FS " \
            b"CR) within hl7.frame_timeout_s (3 s)" in nak
     two = SB + orm("FS2", "ORDFS2").encode() + b"\x1c" + SB + orm("FS3", "ORDFS3").encode() + EB
     (nak,) = exchange(pas_input, two, answers=2)
-    assert b"MSA|AR||not MLLP-framed: the end block FS is followed by 0x0b, not CR" in nak
+    assert b"MSA|AR|FS2|not MLLP-framed: the end block FS is followed by 0x0b, not CR" in nak
     assert not [r for r in requests(pas_input) if "|ORDFS" in r["dedup_key"]]
 
 

@@ -5,11 +5,24 @@ skipped and the next message is answered as usual; an unframed message still get
 number of HL7 connections is capped (``hl7.max_connections``), a frame not finished within
 ``hl7.frame_timeout_s`` is refused and its connection closed, an idle connection is closed
 after ``hl7.idle_timeout_s``, and the listener then serves new connections as before.
+
+Found in review (2026-12-04):
+- a client that sent messages but never read its ACKs held its connection slot for ever once
+  the socket buffers were full (``drain`` had no bound): with ``max_connections = 1`` every
+  other client was closed at once, for ever. Now dropped after ``hl7.frame_timeout_s``.
+- the NAKs given before a message is read (not framed, too large, not finished) had an empty
+  MSA-2: the RIS could not tell which message was refused. They echo MSH-10 now.
+- the ACK's MSH-7 was UTC without an offset, which HL7 v2 reads as the sender's local time.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import re
 import socket
+import threading
+import time
+import zlib
 from typing import Any
 
 import pytest
@@ -142,3 +155,130 @@ def test_connections_are_capped_and_stalled_or_idle_ones_closed(pas_factory: Any
         assert b"MSA|AA" in exchange(sock, "CAP9")  # slots free again
         assert closed_by_peer(sock)  # then silent for idle_timeout_s: closed
     wait_for(lambda: "idle for 3" in pas.log(), 10, what="the idle close logged")
+
+
+def fields(ack: bytes) -> dict[str, list[str]]:
+    """Each segment of an ACK by name, split into fields (MSH: index n is MSH-n)."""
+    segments = {}
+    for segment in ack.decode().split("\r"):
+        parts = segment.split("|")
+        segments[parts[0]] = ["MSH", "|", *parts[1:]] if parts[0] == "MSH" else parts
+    return segments
+
+
+def test_the_ack_time_carries_its_zone_offset(pas_mllp: PasProcess) -> None:
+    """MSH-7 was ``20261204172843``, UTC with no offset (HL7 reads it as local time). Now
+    ``YYYYMMDDHHMMSS+ZZZZ``, the moment the ACK was built."""
+    with socket.create_connection(("127.0.0.1", pas_mllp.hl7_port), timeout=10) as sock:  # type: ignore[attr-defined]
+        ack = fields(exchange(sock, "TZ1"))
+    stamp = ack["MSH"][7]
+    assert re.fullmatch(r"\d{14}[+-]\d{4}", stamp), stamp
+    moment = dt.datetime.strptime(stamp, "%Y%m%d%H%M%S%z")
+    assert abs(moment.timestamp() - time.time()) < 30
+    assert ack["MSA"][1:3] == ["AA", "TZ1"]
+
+
+@pytest.fixture(scope="module")
+def pas_small(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    pas = pas_with_hl7(tmp_path_factory.mktemp("pas_mllp_small"),
+                       PAS_HL7__FRAME_TIMEOUT_S="2", PAS_HL7__MAX_MESSAGE_KB="8")
+    yield pas
+    pas.stop()
+
+
+MSH_ONLY = b"MSH|^~\\&|RIS|HOSP|PAS|HOSP|20261204120000||ORM^O01|"
+
+
+@pytest.mark.parametrize(("payload", "control", "reason"), [
+    (SB + orm("NK1", "ORDNK1") + b"\x1c\x0b", "NK1", b"followed by 0x0b, not CR"),
+    (orm("NK2", "ORDNK2") + EB, "NK2", b"not MLLP-framed: Block does not begin"),
+    (SB + orm("NK3", "ORDNK3") + b"\rNTE|1||" + b"x" * 9000 + EB, "NK3",
+     b"larger than hl7.max_message_kb (8 KB)"),
+    (SB + orm("NK4", "ORDNK4"), "NK4", b"message not finished within hl7.frame_timeout_s"),
+    (SB + orm("NK5", "ORDNK5") + b"\x1c", "NK5", b"no CR after it"),
+    (SB + MSH_ONLY + b"NK6|P|2.5|", "NK6", b"message not finished"),
+    (SB + MSH_ONLY + b"NK8|P", "NK8", b"message not finished"),  # MSH-11 may be cut short
+    (SB + MSH_ONLY + b"NK7", "", b"message not finished"),  # MSH-10 maybe cut short
+    (SB + b"PID|1||P1\rMSH|x", "", b"message not finished"),  # no MSH first
+], ids=["bad-end-block", "no-start-block", "too-large", "stalled", "fs-no-cr", "msh-only",
+        "msh-to-10", "msh10-cut", "no-msh"])
+def test_mllp_naks_echo_the_control_id(pas_small: PasProcess, payload: bytes, control: str,
+                                       reason: bytes) -> None:
+    """The NAK of a message refused before it is read carries its MSH-10 in MSA-2 and
+    mirrors its MSH (MSA-2 was empty for all of them); none when MSH-10 may be cut short."""
+    with socket.create_connection(("127.0.0.1", pas_small.hl7_port), timeout=15) as sock:  # type: ignore[attr-defined]
+        sock.sendall(payload)
+        (nak,) = read_blocks(sock, 1)
+        assert closed_by_peer(sock)
+    assert reason in nak
+    ack = fields(nak)
+    assert ack["MSA"][1:3] == ["AR", control]
+    assert re.fullmatch(r"\d{14}[+-]\d{4}", ack["MSH"][7])
+    if control:
+        assert ack["MSH"][3:7] == ["PAS", "HOSP", "RIS", "HOSP"]
+        assert ack["MSH"][9] == "ACK^O01^ACK"
+        assert ack["MSH"][11:13] == (["P", "2.5"] if b"2.5" in payload else ["", ""])
+    with socket.create_connection(("127.0.0.1", pas_small.hl7_port), timeout=15) as sock:  # type: ignore[attr-defined]
+        after = f"OK{zlib.crc32(payload)}"
+        assert f"MSA|AA|{after}".encode() in exchange(sock, after)  # served on as before
+
+
+def _send_all(sock: socket.socket, payload: bytes, outcome: list[BaseException]) -> None:
+    """``sendall`` in a thread; ``outcome`` gets the error that ended it."""
+    try:
+        sock.sendall(payload)
+    except OSError as exc:
+        outcome.append(exc)
+
+
+def test_a_client_that_never_reads_its_acks_frees_its_slot(pas_factory: Any) -> None:
+    """With ``max_connections = 1``, a client that sends messages with a 200 KB MSH-3 (which
+    the NAK mirrors) and never reads held the only slot for ever: every other client was
+    closed at once. Now it is dropped ``frame_timeout_s`` after its ACKs stop being taken,
+    logged naming it, and the next client is served."""
+    port = free_port()
+    pas = pas_factory({"PAS_HL7__HOST": "127.0.0.1", "PAS_HL7__PORT": str(port),
+                       "PAS_HL7__MAX_CONNECTIONS": "1", "PAS_HL7__FRAME_TIMEOUT_S": "2",
+                       "PAS_PREFETCH__DICOMWEB_URL": f"http://127.0.0.1:{free_port()}/x"})
+    wait_for(lambda: port_open("127.0.0.1", port), 15, what="the HL7 listener")
+
+    def served(control: str, receive_buffer: int = 0) -> socket.socket | None:
+        sock = socket.socket()
+        if receive_buffer:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        sock.settimeout(15)
+        try:
+            sock.connect(("127.0.0.1", port))
+            if b"MSA|AA" in exchange(sock, control):
+                return sock
+        except (ValueError, ConnectionError):
+            pass
+        sock.close()
+        return None
+
+    deaf = wait_for(lambda: served("DEAF0", 4096), 10, what="the deaf client served")
+    try:
+        sender = deaf.getsockname()
+        big = b"R" * 200_000
+        message = b"\r".join([b"MSH|^~\\&|" + big + b"|HOSP|PAS|HOSP|20261204120000||ORU^R01|"
+                              b"DEAF%d|P|2.5", b"PID|1||P1^^^HOSP^MR"])
+        # 30 MB: more than the socket buffers on both sides hold, so that sendall cannot end
+        # before the listener drops the connection.
+        flood = b"".join(SB + message % n + EB for n in range(1, 151))
+        outcome: list[BaseException] = []
+        sending = threading.Thread(target=_send_all, args=(deaf, flood, outcome), daemon=True)
+        sending.start()
+        flooded = time.monotonic()
+        other = wait_for(lambda: served("NEXT1"), 30, what="the next client served")
+        other.close()
+        assert time.monotonic() - flooded < 20  # 2 s once the buffers are full
+        log = pas.log()
+        assert f"HL7 from {sender[0]}:{sender[1]}: an answer not taken within " \
+               "hl7.frame_timeout_s (2 s)" in log
+        # The socket is gone, not waiting to flush what the client never reads: the flood
+        # still being sent is reset (a close() left it blocked, the descriptor held).
+        sending.join(15)
+        assert not sending.is_alive()
+        assert outcome and isinstance(outcome[0], (ConnectionResetError, BrokenPipeError))
+    finally:
+        deaf.close()

@@ -11,12 +11,17 @@ are skipped and logged: only the start block begins a message. A message with no
 (an end block met first), an end block followed by anything but CR, or one too large gets a
 NAK naming the problem and the connection is closed (the stream cannot be resynchronised). A
 start block inside a frame (the sender began again) drops the unfinished message before it.
-Every other connection is served on as before (invariant 7).
+Every other connection is served on as before (invariant 7). Such a NAK echoes the MSH-10
+control id (in MSA-2) and the MSH fields an ACK mirrors when the message's first segment, an
+MSH, was received whole up to MSH-10 (:func:`~appliance.prefetch.messages.leading_msh`; the
+rest of the message is not parsed), so that the RIS can tell which message was refused.
 
 Bounded (invariant 8): at most ``hl7.max_connections`` connections are served, the others
 closed at once; a message not finished ``hl7.frame_timeout_s`` after its first byte gets a
 NAK and its connection is closed; a connection silent ``hl7.idle_timeout_s`` between
-messages is closed.
+messages is closed; an answer the client does not take within ``hl7.frame_timeout_s`` (a
+client that sends but never reads its ACKs, once the socket buffers are full) has its
+connection dropped: waiting on it for ever held a connection slot for ever.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from hl7.mllp import start_hl7_server
 from hl7.mllp.streams import HL7StreamReader, HL7StreamWriter
 
 from appliance.config import Hl7Section
-from appliance.prefetch.messages import build_ack, message_encoding
+from appliance.prefetch.messages import HEAD_BYTES, build_ack, leading_msh, message_encoding
 
 log = logging.getLogger("pas.hl7")
 
@@ -39,7 +44,16 @@ FRAME_END = END_BLOCK + b"\r"
 
 
 class NotFramed(Exception):
-    """An end block before any start block: an unframed message, not stray bytes."""
+    """An end block before any start block: an unframed message, not stray bytes; or an
+    end block not followed by CR. ``head``: the first bytes of the message, for its MSH."""
+
+    def __init__(self, reason: str, head: bytes = b""):
+        super().__init__(reason)
+        self.head = head
+
+
+class NotReading(Exception):
+    """The client did not take an answer within ``hl7.frame_timeout_s``."""
 
 
 class Idle(Exception):
@@ -48,7 +62,11 @@ class Idle(Exception):
 
 class Stalled(Exception):
     """A message begun but not finished within ``hl7.frame_timeout_s`` (the text: what was
-    missing)."""
+    missing). ``head``: the message, when its end block came; else it is in the buffer."""
+
+    def __init__(self, reason: str, head: bytes = b""):
+        super().__init__(reason)
+        self.head = head
 
 
 class Hl7Listener:
@@ -122,14 +140,16 @@ class Hl7Listener:
                     return
                 except Stalled as exc:
                     await self._refuse(writer, f"{exc} within hl7.frame_timeout_s "
-                                       f"({self.settings.frame_timeout_s:g} s)", source)
+                                       f"({self.settings.frame_timeout_s:g} s)", source,
+                                       exc.head or _buffered(reader))
                     return
                 except NotFramed as exc:
-                    await self._refuse(writer, f"not MLLP-framed: {exc}", source)
+                    await self._refuse(writer, f"not MLLP-framed: {exc}", source, exc.head)
                     return
                 except (ValueError, asyncio.LimitOverrunError):
                     await self._refuse(writer, "message larger than hl7.max_message_kb "
-                                       f"({self.settings.max_message_kb} KB)", source)
+                                       f"({self.settings.max_message_kb} KB)", source,
+                                       _buffered(reader))
                     return
                 if block is None:
                     return  # the client closed the connection between messages
@@ -139,9 +159,8 @@ class Hl7Listener:
                                 "(hl7.encoding)", source, unknown, encoding)
                 text = block.decode(encoding, "replace")
                 answer = await loop.run_in_executor(None, self.handler, text, source)
-                writer.writeblock(answer.encode(encoding, "replace"))
-                await writer.drain()
-        except ConnectionError:
+                await self._send(writer, answer.encode(encoding, "replace"), source)
+        except (ConnectionError, NotReading):
             return
         finally:
             self._connections -= 1
@@ -162,16 +181,18 @@ class Hl7Listener:
                 byte = await reader.read(1)
         except TimeoutError:
             raise Idle from None
-        ended: list[bool] = []  # an end block came: only its CR is awaited
+        ended: list[bytes] = []  # the message, once its end block came: only CR is awaited
         try:
             async with asyncio.timeout(self.settings.frame_timeout_s):
                 return await self._rest_of_frame(reader, source, byte, ended)
         except TimeoutError:
-            raise Stalled("an end block FS came, but no CR after it (MLLP ends a message "
-                          "with FS CR)" if ended else "message not finished") from None
+            if ended:
+                raise Stalled("an end block FS came, but no CR after it (MLLP ends a "
+                              "message with FS CR)", ended[0]) from None
+            raise Stalled("message not finished") from None
 
     async def _rest_of_frame(self, reader: asyncio.StreamReader, source: str,
-                             byte: bytes, ended: list[bool]) -> bytes | None:
+                             byte: bytes, ended: list[bytes]) -> bytes | None:
         stray = bytearray()
         while byte != START_BLOCK:
             if not byte:
@@ -181,7 +202,7 @@ class Hl7Listener:
                 return None
             if byte == END_BLOCK:
                 raise NotFramed("Block does not begin with Start Block character <VT> "
-                                f"(an end block after {len(stray)} bytes)")
+                                f"(an end block after {len(stray)} bytes)", bytes(stray))
             stray += byte
             if len(stray) > self.settings.max_message_kb * 1024:
                 raise NotFramed(f"no start block in {len(stray)} bytes")
@@ -190,12 +211,12 @@ class Hl7Listener:
             log.warning("HL7 from %s: %d bytes before a start block skipped: %r", source,
                         len(stray), bytes(stray[:32]))
         block = (await reader.readuntil(END_BLOCK))[:-len(END_BLOCK)]
-        ended.append(True)
+        ended.append(block)
         after = await reader.readexactly(1)
         if after != FRAME_END[1:]:
             # Read on to the next FS CR, a sender ending its messages with FS alone had two
             # messages taken for one (or its one left waiting frame_timeout_s for nothing).
-            raise NotFramed(f"the end block FS is followed by 0x{after.hex()}, not CR")
+            raise NotFramed(f"the end block FS is followed by 0x{after.hex()}, not CR", block)
         if START_BLOCK in block:
             # The sender gave up a message and began again: what preceded the last start
             # block is an unfinished message (HL7 text never holds VT). Read as one, the two
@@ -205,13 +226,44 @@ class Hl7Listener:
                         "block began: %r", source, len(abandoned), abandoned[:64])
         return block
 
-    async def _refuse(self, writer: HL7StreamWriter, reason: str, source: str) -> None:
+    async def _refuse(self, writer: HL7StreamWriter, reason: str, source: str,
+                      head: bytes) -> None:
+        """A NAK for a message not read whole; ``head``: its first bytes received, whose MSH
+        (when all there up to MSH-10) the NAK echoes."""
         log.warning("HL7 from %s refused: %s", source, reason)
-        writer.writeblock(build_ack(None, "AR", reason, "100").encode())
-        await writer.drain()
+        message, codec = leading_msh(head.rpartition(START_BLOCK)[2], self.settings.encoding)
+        await self._send(writer, build_ack(message, "AR", reason, "100")
+                         .encode(codec, "replace"), source)
+
+    async def _send(self, writer: HL7StreamWriter, answer: bytes, source: str) -> None:
+        """Write one block; :class:`NotReading` (the connection dropped, logged naming the
+        peer) if the client has not taken it within ``hl7.frame_timeout_s``.
+
+        ``drain`` waits only once the socket buffers are full, which a client that never
+        reads its ACKs brings about; unbounded, it held a connection slot for ever. The
+        transport is aborted, not closed: a close waits to flush what the client never
+        reads, and the socket stayed open."""
+        writer.writeblock(answer)
+        try:
+            async with asyncio.timeout(self.settings.frame_timeout_s):
+                await writer.drain()
+        except TimeoutError:
+            log.warning("HL7 from %s: an answer not taken within hl7.frame_timeout_s "
+                        "(%g s), %d bytes unsent (the client does not read its ACKs): "
+                        "connection dropped", source, self.settings.frame_timeout_s,
+                        writer.transport.get_write_buffer_size())
+            writer.transport.abort()
+            raise NotReading from None
 
     def stop(self, timeout: float = 5.0) -> None:
         if self._loop is not None and self._loop.is_running():
             self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread is not None:
             self._thread.join(timeout)
+
+
+def _buffered(reader: asyncio.StreamReader) -> bytes:
+    """The first bytes received and not yet consumed: the start of a message that stalled
+    or is too large (``readuntil`` leaves what it searched in the buffer). Read from the
+    private buffer because ``read`` would wait when it is empty."""
+    return bytes(reader._buffer[:HEAD_BYTES])  # noqa: SLF001

@@ -411,15 +411,20 @@ def build_ack(message: hl7.Message | None, ack_code: str = "AA", text: str = "",
               error_code: str = "", control_id: str = "", application: str = "PAS") -> str:
     """An ACK (AA) or NAK (AE/AR) with the reason in MSA-3 and an ERR segment.
 
-    Built by hand when the incoming message could not even be parsed (no MSH to echo)."""
-    stamp = dt.datetime.now().strftime("%Y%m%d%H%M%S")
+    Built by hand when the incoming message could not even be parsed (no MSH to echo).
+    MSH-7 is local time with its offset (v2.5 DTM ``...SS+ZZZZ``): ``hl7``'s ``create_ack``
+    wrote UTC with no offset, which HL7 reads as the sender's local time (an hour or two off
+    in Europe)."""
+    stamp = dt.datetime.now().astimezone().strftime("%Y%m%d%H%M%S%z")
     own_id = generate_message_control_id()
     clean = _escape(text)
     ack = None
     if message is not None:
         try:
             ack = message.create_ack(ack_code, message_id=own_id, application=application)
+            ack.segment("MSH").assign_field(stamp, 7)
         except Exception:  # found by fuzzing: a malformed MSH makes hl7's create_ack raise
+            ack = None
             control_id = control_id or _field_or_empty(message, "MSH.F10")
     if ack is not None:
         result = str(ack).rstrip("\r")
@@ -433,6 +438,40 @@ def build_ack(message: hl7.Message | None, ack_code: str = "AA", text: str = "",
         result += f"\rERR||||{severity}" if not error_code else \
             f"\rERR|||{error_code}^{_error_name(error_code)}^HL70357|{severity}||||{clean}"
     return result
+
+
+# How much of a message that will not be read whole is searched for its MSH: a real MSH
+# is a few hundred bytes; MSH-10 further than this is not echoed.
+HEAD_BYTES = 4096
+
+
+def leading_msh(head: bytes, default: str) -> tuple[hl7.Message | None, str]:
+    """The MSH that begins ``head`` (the first bytes of a message refused before it is read:
+    too large, unfinished, badly framed), parsed alone, and the codec to answer in
+    (:func:`message_encoding`, ``default`` when MSH-18 is not there).
+
+    None when ``head`` does not begin with an MSH holding all of MSH-10: a control id cut
+    short would match another message of the RIS. Such NAKs had an empty MSA-2, which the
+    RIS cannot match to the message it sent."""
+    line = head[:HEAD_BYTES].lstrip(b"\r\n")
+    whole = False
+    for end in (b"\r", b"\n"):
+        if end in line:
+            line, whole = line.split(end, 1)[0], True
+    if len(line) < 8 or not line.startswith(b"MSH"):
+        return None, default
+    fields = line.split(line[3:4])
+    if not whole:
+        fields = fields[:-1]  # the last field may go on past what was received
+    if len(fields) < 10:  # MSH-10 is fields[9]: MSH-1 is the separator itself
+        return None, default
+    fields += [b""] * (12 - len(fields))  # hl7's create_ack needs MSH-11 and MSH-12
+    line = line[3:4].join(fields)
+    codec = message_encoding(line, default)[0]
+    try:
+        return hl7.parse(line.decode(codec, "replace")), codec
+    except Exception:  # the hl7 package raises several types on broken input
+        return None, default
 
 
 def _field_or_empty(message: hl7.Message, path: str) -> str:
