@@ -280,6 +280,25 @@ def test_a_part_that_is_not_a_part_10_file_is_refused_as_it_arrives(pas: PasProc
 
 # -- QIDO-RS --------------------------------------------------------------------------
 
+def test_a_key_not_matched_at_the_level_is_named_in_a_warning(pas: PasProcess) -> None:
+    """/studies?Modality=MR (a series attribute; the study's is ModalitiesInStudy) was
+    dropped without a word: every study came back and read as the MR ones. The answer is
+    the same, and a Warning names what was not matched; the audit row says it too."""
+    last = _last_id(pas)
+    answer = httpx.get(f"{_base(pas)}/studies", params={"Modality": "MR",
+                                                          "OperatorsName": "NOBODY"},
+                       timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["Warning"] == (
+        f'299 {_base(pas)}: "The following attributes are not supported for matching at '
+        'this level and were ignored: Modality, OperatorsName."')
+    (row,) = [r for r in _rows_after(pas, last) if r["event"] == "query"]
+    assert row["detail"].endswith(", not matched on Modality, OperatorsName"), row["detail"]
+    matched = httpx.get(f"{_base(pas)}/studies", params={"ModalitiesInStudy": "MR"},
+                        timeout=30)
+    assert matched.status_code in (200, 204) and "Warning" not in matched.headers
+
+
 def test_fuzzymatching_asked_is_answered_with_the_warning_of_literal_matching(
         pas: PasProcess) -> None:
     """PS3.18 8.3.4.1: PAS has no fuzzy matching of names; fuzzymatching=true was matched

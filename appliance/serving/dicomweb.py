@@ -80,6 +80,12 @@ TRUNCATED = ('299 {service}: "The number of results exceeded the maximum support
 # fuzzy).
 NOT_FUZZY = ('299 {service}: "The fuzzymatching parameter is not supported. Only literal '
              'matching has been performed."')
+# Matching keys PAS cannot apply at the search's level (a series attribute such as Modality
+# in a study search: ModalitiesInStudy is the study's) or does not index: they were dropped
+# without a word, and the viewer took every study for a filtered answer. PAS's own wording,
+# in the form of the two warnings above.
+NOT_MATCHED = ('299 {service}: "The following attributes are not supported for matching at '
+               'this level and were ignored: {names}."')
 
 # Attributes QIDO-RS returns by default per level (PS3.18 table 10.6.3-3..5).
 DEFAULT_RETURN = {
@@ -189,6 +195,10 @@ class DicomWeb:
             detail = f"{counted(len(rows), 'result')} (QIDO-RS), truncated at the server's limit"
         if request.query_params.get("fuzzymatching", "").strip().lower() == "true":
             warnings.append(NOT_FUZZY.format(service=service))
+        ignored = [k for k, v in keys.items() if v and not store_query.available(k, level)]
+        if ignored:
+            warnings.append(NOT_MATCHED.format(service=service, names=", ".join(ignored)))
+            detail += f", not matched on {', '.join(ignored)}"
         headers = {"Warning": ", ".join(warnings)} if warnings else {}
         target = store_query_summary(level, keys)
         # QIDO-RS searches the Study Root information model (PS3.18 10.6): the ATNA Query
