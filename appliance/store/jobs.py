@@ -126,10 +126,15 @@ def claim_next(db: Database, owner: str, lease_s: float,
     once made it crash at every restart, for ever. One kill -9 during a send costs one
     attempt; the job resumes.
 
-    A job to a local node (not the hub) waits while another job of the same study to the
-    same node is being sent (a live lease): a study's delta, e.g. a corrected version of an
-    instance, reaches the node after the first job's instances, never beside them (the node
-    would keep whichever version came last)."""
+    A job waits while another job of the same study to the same destination is being sent
+    (a live lease): a study's delta, e.g. a corrected version of an instance, reaches the
+    node after the first job's instances, never beside them (the node would keep whichever
+    version came last). A job to the hub also waits for every earlier job of its study to
+    the hub that is still pending (a retry's backoff, a link down): the region (the embedded
+    archive, a DICOMweb archive that overwrites) keeps the version it archived last, and a
+    hub transfer's manifest cannot drop a superseded instance as a local node's job does
+    (:func:`_drop_superseded`). Jobs of the same study to the hub therefore go one after
+    the other, in the order they were routed; a failed one no longer holds the next."""
     at = now()
     kind_filter = ""
     params: list[Any] = [at, at]
@@ -139,12 +144,17 @@ def claim_next(db: Database, owner: str, lease_s: float,
     if max_priority is not None:
         kind_filter += " AND priority <= ?"
         params.append(max_priority)
-    # One job at a time per study and local node: a delta (a correction among it) sent
+    # One job at a time per study and destination: a delta (a correction among it) sent
     # beside the study's first job, still on its way, was overtaken by the stale version.
-    kind_filter += """ AND (kind = 'hub' OR NOT EXISTS (
+    # To the hub, also not before an earlier job of the study that is waiting (a retry, the
+    # link): the region keeps the version it archived last, and the earlier job's transfer
+    # cannot drop its stale version (its manifest is fixed once it began).
+    kind_filter += """ AND NOT EXISTS (
         SELECT 1 FROM jobs other WHERE other.study_fk = jobs.study_fk
             AND other.destination = jobs.destination AND other.id != jobs.id
-            AND other.state = 'running' AND other.lease_until >= ?))"""
+            AND ((other.state = 'running' AND other.lease_until >= ?)
+                 OR (jobs.kind = 'hub' AND other.id < jobs.id
+                     AND other.state IN ('pending', 'running'))))"""
     params.append(at)
     with db.transaction() as conn:
         if max_attempts is not None:
