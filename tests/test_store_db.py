@@ -267,3 +267,45 @@ def test_metric_counters_never_go_down_when_the_cache_evicts(tmp_path: Path) -> 
     assert (ops_store.received_by_calling_ae(db), ops_store.hub_upload_totals(db)) == before
     receiver.receive_file(sources[0].read_bytes(), calling_ae="CT1")  # received again: counts
     assert ops_store.received_by_calling_ae(db)[0]["instances"] == 5
+
+
+def test_a_hub_job_held_back_by_an_earlier_one_of_its_study_says_so(tmp_path: Path) -> None:
+    """A study's hub jobs go in routing order (jobs.claim_next); the later one showed as
+    pending and due, with no reason, while it did not start. pas queue list now says what
+    it waits for; the claim and the list read one condition."""
+    from appliance.ingest.receive import Receiver
+    from appliance.store import jobs as job_store
+    from appliance.store.spool import Spool
+    from tests.support.peers import PAS_BIN
+
+    home = tmp_path / "home"
+    db = Database(home / "pas.sqlite")
+    receiver = Receiver(db, Spool(home / "spool", fsync=False))
+    one_study = dcmread(sorted(CT_DIR.glob("*.dcm"))[0], stop_before_pixels=True)
+    for path in sorted(CT_DIR.glob(f"{one_study.PatientID}_*.dcm")):
+        if dcmread(path, stop_before_pixels=True).StudyInstanceUID == \
+                one_study.StudyInstanceUID:
+            receiver.receive_file(path.read_bytes())
+    first, second = [r["id"] for r in db.query("SELECT id FROM instances ORDER BY id")][:2]
+    (study,) = {r["study_fk"] for r in db.query("SELECT study_fk FROM instances")}
+    job_store.route_study(db, study, [first], [job_store.NewJob("hub", "hub", 2, "r", [first])])
+    job_store.route_study(db, study, [second],
+                          [job_store.NewJob("hub", "hub", 2, "r", [second])])
+    earlier, later = sorted(r["id"] for r in db.query("SELECT id FROM jobs"))
+    waits = {r["id"]: r["waits_for_job"] for r in job_store.list_jobs(db)}
+    assert waits == {earlier: None, later: earlier}
+    listed = subprocess.run([str(PAS_BIN), "queue", "list"], capture_output=True, text=True,
+                            env={**os.environ, "PAS_HOME": str(home), "COLUMNS": "200"},
+                            timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    cells = {row[0]: row for row in ([c.strip() for c in line.split("│")[1:-1]]
+                                     for line in listed.stdout.splitlines() if "│" in line)}
+    assert cells[str(later)][7] == f"after job {earlier}", listed.stdout
+    assert cells[str(earlier)][7] != f"after job {later}", listed.stdout
+    claimed = job_store.claim_next(db, "test", 60)
+    assert claimed is not None and claimed.id == earlier
+    assert job_store.claim_next(db, "test", 60) is None  # the later one waits its turn
+    job_store.finish(db, earlier, "test")
+    assert {r["id"]: r["waits_for_job"] for r in job_store.list_jobs(db)}[later] is None
+    claimed = job_store.claim_next(db, "test", 60)
+    assert claimed is not None and claimed.id == later

@@ -287,6 +287,8 @@ def queue_list(config: Path | None = ConfigOption,
         table.add_column(column)
     for r in rows:
         nxt = _when(r["next_attempt_at"]) if r["state"] == "pending" else "-"
+        if r["waits_for_job"]:  # held back by another job of its study (jobs.claim_next)
+            nxt = f"after job {r['waits_for_job']}"
         table.add_row(str(r["id"]), r["kind"], r["destination"], r["state"], str(r["priority"]),
                       str(r["attempts"]), f"{r['sent']}/{r['instances']}", nxt,
                       (r["last_error"] or "")[:60], r["study_uid"])

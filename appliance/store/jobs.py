@@ -107,6 +107,18 @@ def _drop_superseded(conn: sqlite3.Connection, destination: str, new_job: int,
 _JOB_SELECT = """SELECT j.*, s.study_uid FROM jobs j JOIN studies s ON s.id = j.study_fk"""
 
 
+def _holding_back(job: str) -> str:
+    """SQL ``FROM ... WHERE ...`` over the jobs (``other``) that hold back the job aliased
+    ``job`` (see :func:`claim_next`), with one parameter: now. Shared by the claim, which
+    skips such a job, and :func:`list_jobs`, which says what it waits for: a job held back
+    showed as pending and due, with no reason, while it did not start."""
+    return f"""FROM jobs other WHERE other.study_fk = {job}.study_fk
+            AND other.destination = {job}.destination AND other.id != {job}.id
+            AND ((other.state = 'running' AND other.lease_until >= ?)
+                 OR ({job}.kind = 'hub' AND other.id < {job}.id
+                     AND other.state IN ('pending', 'running')))"""
+
+
 WORKER_DIED = "the worker died while sending it"
 _EXPIRED = f"'{WORKER_DIED} (its lease expired during attempt ' || attempts || ')'"
 
@@ -149,12 +161,7 @@ def claim_next(db: Database, owner: str, lease_s: float,
     # To the hub, also not before an earlier job of the study that is waiting (a retry, the
     # link): the region keeps the version it archived last, and the earlier job's transfer
     # cannot drop its stale version (its manifest is fixed once it began).
-    kind_filter += """ AND NOT EXISTS (
-        SELECT 1 FROM jobs other WHERE other.study_fk = jobs.study_fk
-            AND other.destination = jobs.destination AND other.id != jobs.id
-            AND ((other.state = 'running' AND other.lease_until >= ?)
-                 OR (jobs.kind = 'hub' AND other.id < jobs.id
-                     AND other.state IN ('pending', 'running'))))"""
+    kind_filter += f" AND NOT EXISTS (SELECT 1 {_holding_back('jobs')})"
     params.append(at)
     with db.transaction() as conn:
         if max_attempts is not None:
@@ -371,6 +378,8 @@ def confirm_instances(db: Database, receipts: list[tuple[str, str]]) -> int:
 
 
 def list_jobs(db: Database, state: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+    """Newest first; ``waits_for_job``: for a pending job held back by another job of its
+    study to the same destination (:func:`claim_next`), the first such job, else None."""
     where, params = "", []
     if state:
         where, params = "WHERE j.state = ?", [state]
@@ -379,10 +388,12 @@ def list_jobs(db: Database, state: str | None = None, limit: int = 200) -> list[
                    j.next_attempt_at, j.last_error, j.rule, j.created_at, j.finished_at,
                    (SELECT count(*) FROM job_instances ji WHERE ji.job_id = j.id) AS instances,
                    (SELECT count(*) FROM job_instances ji WHERE ji.job_id = j.id
-                      AND ji.sent_at IS NOT NULL) AS sent
+                      AND ji.sent_at IS NOT NULL) AS sent,
+                   CASE WHEN j.state = 'pending'
+                        THEN (SELECT min(other.id) {_holding_back('j')}) END AS waits_for_job
             FROM jobs j JOIN studies s ON s.id = j.study_fk
             {where} ORDER BY j.id DESC LIMIT ?""",
-        (*params, limit),
+        (now(), *params, limit),
     )
     return [dict(r) for r in rows]
 
