@@ -17,9 +17,13 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes
-from pynetdicom import AE, evt
+from pynetdicom import AE, evt, register_uid
 from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    Verification,
+    uid_to_service_class,
+)
 
 from appliance.config import DicomSection
 from appliance.ingest.attributes import DatasetMismatch, InvalidInstance
@@ -55,6 +59,32 @@ _PREFERRED = [
     "1.2.840.10008.1.2",    # Implicit VR Little Endian
 ]
 TRANSFER_SYNTAXES = _PREFERRED + [str(t) for t in AllTransferSyntaxes if str(t) not in _PREFERRED]
+
+# Retired image storage SOP classes (PS3.4 2004 and before) that modalities still in service
+# send: ultrasound carts and gamma cameras keep their original SOP Class. pynetdicom does not
+# know them, so their presentation contexts were rejected (abstract syntax not supported)
+# and such a modality could not send at all; DCMTK's storescp and Orthanc accept them.
+# Registered with pynetdicom as storage classes, they are received, filed and served
+# (C-GET) like any other. The keywords are pydicom's.
+RETIRED_IMAGE_STORAGE = {
+    "1.2.840.10008.5.1.4.1.1.3": "UltrasoundMultiFrameImageStorageRetired",
+    "1.2.840.10008.5.1.4.1.1.5": "NuclearMedicineImageStorageRetired",
+    "1.2.840.10008.5.1.4.1.1.6": "UltrasoundImageStorageRetired",
+    "1.2.840.10008.5.1.4.1.1.12.3": "XRayAngiographicBiPlaneImageStorage",
+    "1.2.840.10008.5.1.4.1.1.77.1": "VLImageStorageTrial",
+    "1.2.840.10008.5.1.4.1.1.77.2": "VLMultiFrameImageStorageTrial",
+}
+
+
+def storage_sop_classes() -> list[str]:
+    """Every storage SOP class PAS accepts and serves: pynetdicom's, then the retired image
+    classes (registered with pynetdicom here, once, so that its C-STORE handling and the
+    direct path, which ask ``uid_to_service_class``, take them as storage)."""
+    for uid, keyword in RETIRED_IMAGE_STORAGE.items():
+        if uid_to_service_class(uid) is not StorageServiceClass:
+            register_uid(uid, keyword, StorageServiceClass)
+    known = [str(context.abstract_syntax) for context in AllStoragePresentationContexts]
+    return known + [uid for uid in RETIRED_IMAGE_STORAGE if uid not in known]
 
 
 class AssociationPolicy:
@@ -98,8 +128,8 @@ class DicomListener:
         self.ae.maximum_pdu_size = config.max_pdu
         self.ae.require_called_aet = True
         self.ae.add_supported_context(Verification)
-        for context in AllStoragePresentationContexts:
-            self.ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+        for sop_class in storage_sop_classes():
+            self.ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
         self._handlers: list[tuple[Any, Callable[..., Any]]] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
