@@ -26,6 +26,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
+from appliance.dicomnet.direct_receive import p_data_tf
+from appliance.dicomnet.direct_store import c_store_rq
 from tests.support import raw_ul
 from tests.support.peers import CT_DIR, MR_DIR, PasProcess, half_written, storescu, wait_for
 from tests.test_ingest import dataset_part, index_rows
@@ -163,6 +165,31 @@ def test_a_c_store_on_another_classes_context_gets_0122(pas: PasProcess) -> None
         raw.release()
     rows = index_rows(pas.home)
     assert [(r["version"], r["sop_class_uid"]) for r in rows] == [(1, str(CTImageStorage))]
+
+
+def test_a_c_store_on_a_rejected_context_aborts_at_once_and_says_why(
+        pas: PasProcess) -> None:
+    """A modality sending on a context PAS rejected (a transfer syntax not offered): the
+    association was aborted, and no line in PAS's log said why. Now the log names the
+    sender and the context; the abort still comes at the command, nothing is stored."""
+    source = sorted(CT_DIR.glob("*.dcm"))[0]
+    uid = str(dcmread(source, stop_before_pixels=True).SOPInstanceUID)
+    explicit = "1.2.840.10008.1.2.1"
+    raw = raw_ul.associate(pas.port, [(1, str(CTImageStorage), explicit),
+                                      (3, str(CTImageStorage), "1.2.3.4.5.6.7")],
+                           calling="REJECTEDCX")
+    assert raw.accepted == {1: 0, 3: 4}  # 4: transfer syntaxes not supported
+    try:
+        raw.sock.sendall(p_data_tf(3, 0x03, c_store_rq(str(CTImageStorage), uid, 7)))
+        raw.sock.sendall(p_data_tf(3, 0x00, dataset_part(source)[:4096]))  # not the last
+        assert raw.read_pdu(5)[0] == 0x07  # A-ABORT, without waiting for the rest
+    finally:
+        raw.sock.close()
+    wait_for(lambda: "REJECTEDCX (127.0.0.1) sent a message on presentation context 3, "
+                     "which was not accepted at negotiation" in pas.log(), 10,
+             what="the abort's reason in PAS's log")
+    assert_nothing_stored(pas)
+    assert echo_accepted(pas)
 
 
 def test_a_resent_older_version_becomes_current_again(pas: PasProcess, tmp_path: Path) -> None:

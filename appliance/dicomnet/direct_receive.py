@@ -191,6 +191,15 @@ class DirectReceiver:
 
     def _start(self, pdvs: list[tuple[int, int, memoryview]]) -> bool:
         context_id, control, fragment = pdvs[0]
+        if context_id not in self.assoc._accepted_cx:
+            # A message on a context not accepted is a protocol error (PS3.8 9.3.5).
+            # pynetdicom aborted it too, but said nothing PAS logs: the operator of a
+            # modality sending on a context PAS rejected (a transfer syntax not offered)
+            # saw its associations aborted with no reason anywhere.
+            requestor = self.assoc.requestor
+            raise DirectReceiveError(
+                f"{requestor.ae_title.strip()} ({requestor.address}) sent a message on "
+                f"presentation context {context_id}, which was not accepted at negotiation")
         taken = (
             control == _COMMAND | _LAST
             and self.dul.assoc.dimse.message is None
