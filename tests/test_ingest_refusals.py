@@ -26,8 +26,18 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
+from appliance.dicomnet.direct_receive import p_data_tf
+from appliance.dicomnet.direct_store import c_store_rq
 from tests.support import raw_ul
-from tests.support.peers import CT_DIR, MR_DIR, PasProcess, half_written, storescu, wait_for
+from tests.support.peers import (
+    CT_DIR,
+    MR_DIR,
+    PasProcess,
+    half_written,
+    read_rows,
+    storescu,
+    wait_for,
+)
 from tests.test_ingest import dataset_part, index_rows
 
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
@@ -163,6 +173,74 @@ def test_a_c_store_on_another_classes_context_gets_0122(pas: PasProcess) -> None
         raw.release()
     rows = index_rows(pas.home)
     assert [(r["version"], r["sop_class_uid"]) for r in rows] == [(1, str(CTImageStorage))]
+
+
+def test_a_c_store_on_a_rejected_context_aborts_at_once_and_says_why(
+        pas: PasProcess) -> None:
+    """A modality sending on a context PAS rejected (a transfer syntax not offered): the
+    association was aborted, and no line in PAS's log said why. Now the log names the
+    sender and the context; the abort still comes at the command, nothing is stored."""
+    source = sorted(CT_DIR.glob("*.dcm"))[0]
+    uid = str(dcmread(source, stop_before_pixels=True).SOPInstanceUID)
+    explicit = "1.2.840.10008.1.2.1"
+    raw = raw_ul.associate(pas.port, [(1, str(CTImageStorage), explicit),
+                                      (3, str(CTImageStorage), "1.2.3.4.5.6.7")],
+                           calling="REJECTEDCX")
+    assert raw.accepted == {1: 0, 3: 4}  # 4: transfer syntaxes not supported
+    try:
+        raw.sock.sendall(p_data_tf(3, 0x03, c_store_rq(str(CTImageStorage), uid, 7)))
+        raw.sock.sendall(p_data_tf(3, 0x00, dataset_part(source)[:4096]))  # not the last
+        assert raw.read_pdu(5)[0] == 0x07  # A-ABORT, without waiting for the rest
+    finally:
+        raw.sock.close()
+    wait_for(lambda: "REJECTEDCX (127.0.0.1) sent a message on presentation context 3, "
+                     "which was not accepted at negotiation" in pas.log(), 10,
+             what="the abort's reason in PAS's log")
+    assert_nothing_stored(pas)
+    assert echo_accepted(pas)
+
+
+@pytest.mark.parametrize("end", ["A-ABORT", "connection closed"])
+def test_an_association_cut_inside_a_dataset_says_so_in_the_log_and_audit(
+        pas: PasProcess, end: str) -> None:
+    """An association cut in the middle of a C-STORE's dataset (the modality's A-ABORT, or
+    its connection lost between PDUs): nothing of that instance is kept, and the log and the
+    association's audit row say an instance was cut. Before, nothing anywhere said so: the
+    row read "success" when an earlier instance had been stored, and there was no row at
+    all when the cut instance was the association's first."""
+    sources = sorted(CT_DIR.glob("*.dcm"))[:2]
+    explicit = "1.2.840.10008.1.2.1"
+    rows_before = 0
+    for first_stored in (False, True):
+        calling = f"CUT{int(first_stored)}"
+        raw = raw_ul.associate(pas.port, [(1, str(CTImageStorage), explicit)], calling=calling)
+        if first_stored:
+            uid = str(dcmread(sources[0], stop_before_pixels=True).SOPInstanceUID)
+            answer = raw.c_store(1, str(CTImageStorage), uid, dataset_part(sources[0]))
+            assert struct.unpack("<H", answer[0x0900])[0] == 0x0000
+        cut_uid = str(dcmread(sources[1], stop_before_pixels=True).SOPInstanceUID)
+        raw.sock.sendall(p_data_tf(1, 0x03, c_store_rq(str(CTImageStorage), cut_uid, 9)))
+        raw.sock.sendall(p_data_tf(1, 0x00, dataset_part(sources[1])[:8192]))  # not the last
+        if end == "A-ABORT":
+            raw.sock.sendall(struct.pack(">BBI", 0x07, 0, 4) + b"\0\0\0\0")
+        raw.sock.close()
+        wait_for(lambda c=calling: read_rows(pas.home / "pas.sqlite",
+                                             "SELECT 1 FROM audit WHERE event = 'store' "
+                                             "AND actor = ?", (c,)), 10,
+                 what=f"the audit row of {calling}")
+        [row] = read_rows(pas.home / "pas.sqlite",
+                          "SELECT outcome, detail FROM audit WHERE event = 'store' "
+                          "AND actor = ?", (calling,))
+        stored = int(first_stored)
+        assert row["outcome"] == "failure: 1 cut", dict(row)
+        assert row["detail"] == (f"{stored} instance{'' if stored else 's'} stored, 0 refused, "
+                                 "1 cut by the association's end"), dict(row)
+        assert (f"C-STORE of {cut_uid} from {calling} (127.0.0.1) cut after 8192 bytes"
+                in pas.log())
+        rows_before += stored
+        assert pas.status()["instances"] == rows_before
+    assert not half_written(pas.home / "spool")
+    assert echo_accepted(pas)
 
 
 def test_a_resent_older_version_becomes_current_again(pas: PasProcess, tmp_path: Path) -> None:

@@ -69,6 +69,10 @@ class StoreSink(Protocol):
         """Called when a C-STORE starts: the file meta and a hash object fed with it; each
         dataset fragment is fed to the hash as it arrives."""
 
+    def note_cut(self, assoc: Any, sop_instance_uid: str, received: int) -> None:
+        """A C-STORE's dataset was cut by the association's end (abort, connection lost):
+        nothing of it is stored, and the sender had no answer."""
+
     def store_request(self, assoc: Any, transfer_syntax_uid: str, sop_class_uid: str,
                       sop_instance_uid: str, dataset: bytes | bytearray, path: str = ...,
                       prepared: tuple[bytes, Any] | None = None,
@@ -126,7 +130,7 @@ class _Request:
 
     __slots__ = ("context_id", "message_id", "sop_class_uid", "sop_instance_uid", "dataset",
                  "transfer_syntax_uid", "prepared", "context_sop_class_uid", "spill",
-                 "spill_failed")
+                 "spill_failed", "received")
 
     def __init__(self, context_id: int, command: dict[int, bytes], transfer_syntax_uid: str,
                  context_sop_class_uid: str):
@@ -140,6 +144,7 @@ class _Request:
         self.prepared: tuple[bytes, Any] | None = None
         self.spill: Any = None  # the spool's SpillFile once the dataset outgrew memory
         self.spill_failed = False  # no temp file could be made: this one stays in memory
+        self.received = 0  # bytes of its dataset received so far
 
 
 class DirectReceiver:
@@ -181,16 +186,31 @@ class DirectReceiver:
 
     def abandon(self) -> None:
         """Another kind of PDU arrived (release, abort), or the association ended: a message
-        in progress is dropped, with its spill file if it had one."""
+        in progress is dropped, with its spill file if it had one, and told to the listener
+        (``note_cut``): the sender was never answered, and without this nothing in the log
+        or the association's audit row said that an instance was cut."""
         request, self._request = self._request, None
-        if request is not None and request.spill is not None:
-            request.spill.discard()
+        if request is not None:
+            if request.spill is not None:
+                request.spill.discard()
+            note_cut = getattr(self.sink, "note_cut", None)
+            if note_cut is not None:
+                note_cut(self.assoc, request.sop_instance_uid, request.received)
         self._theirs = False
 
     # -- a new message ----------------------------------------------------------------------
 
     def _start(self, pdvs: list[tuple[int, int, memoryview]]) -> bool:
         context_id, control, fragment = pdvs[0]
+        if context_id not in self.assoc._accepted_cx:
+            # A message on a context not accepted is a protocol error (PS3.8 9.3.5).
+            # pynetdicom aborted it too, but said nothing PAS logs: the operator of a
+            # modality sending on a context PAS rejected (a transfer syntax not offered)
+            # saw its associations aborted with no reason anywhere.
+            requestor = self.assoc.requestor
+            raise DirectReceiveError(
+                f"{requestor.ae_title.strip()} ({requestor.address}) sent a message on "
+                f"presentation context {context_id}, which was not accepted at negotiation")
         taken = (
             control == _COMMAND | _LAST
             and self.dul.assoc.dimse.message is None
@@ -268,6 +288,7 @@ class DirectReceiver:
             if control & _COMMAND:
                 raise DirectReceiveError(
                     f"command fragment inside the dataset of message {request.message_id}")
+            request.received += len(fragment)
             if request.spill is not None:
                 request.spill.write(fragment)
             else:

@@ -192,6 +192,7 @@ def _transport_event(self: DULServiceProvider, readable: bool = False) -> bool:
     header = bytearray(6)
     try:
         if not _recv_exactly(sock, memoryview(header)):
+            direct.abandon()  # a C-STORE in progress is cut: noted before the end's audit
             self.event_queue.put("Evt17")  # the peer closed the connection
             return True
         pdu_type, _, pdu_length = struct.unpack(">BBL", header)
@@ -214,10 +215,12 @@ def _transport_event(self: DULServiceProvider, readable: bool = False) -> bool:
             complete = len(body) == pdu_length
     except (OSError, TimeoutError) as exc:
         log.error("connection closed before the entire PDU was received: %s", exc)
+        direct.abandon()
         self.event_queue.put("Evt17")
         return True
     if not complete:
         log.error("the peer closed the connection inside a PDU")
+        direct.abandon()
         self.event_queue.put("Evt17")
         return True
     if pdu_type == P_DATA_TF:

@@ -17,9 +17,13 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes
-from pynetdicom import AE, evt
+from pynetdicom import AE, evt, register_uid
 from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    Verification,
+    uid_to_service_class,
+)
 
 from appliance.config import DicomSection
 from appliance.ingest.attributes import DatasetMismatch, InvalidInstance
@@ -55,6 +59,32 @@ _PREFERRED = [
     "1.2.840.10008.1.2",    # Implicit VR Little Endian
 ]
 TRANSFER_SYNTAXES = _PREFERRED + [str(t) for t in AllTransferSyntaxes if str(t) not in _PREFERRED]
+
+# Retired image storage SOP classes (PS3.4 2004 and before) that modalities still in service
+# send: ultrasound carts and gamma cameras keep their original SOP Class. pynetdicom does not
+# know them, so their presentation contexts were rejected (abstract syntax not supported)
+# and such a modality could not send at all; DCMTK's storescp and Orthanc accept them.
+# Registered with pynetdicom as storage classes, they are received, filed and served
+# (C-GET) like any other. The keywords are pydicom's.
+RETIRED_IMAGE_STORAGE = {
+    "1.2.840.10008.5.1.4.1.1.3": "UltrasoundMultiFrameImageStorageRetired",
+    "1.2.840.10008.5.1.4.1.1.5": "NuclearMedicineImageStorageRetired",
+    "1.2.840.10008.5.1.4.1.1.6": "UltrasoundImageStorageRetired",
+    "1.2.840.10008.5.1.4.1.1.12.3": "XRayAngiographicBiPlaneImageStorage",
+    "1.2.840.10008.5.1.4.1.1.77.1": "VLImageStorageTrial",
+    "1.2.840.10008.5.1.4.1.1.77.2": "VLMultiFrameImageStorageTrial",
+}
+
+
+def storage_sop_classes() -> list[str]:
+    """Every storage SOP class PAS accepts and serves: pynetdicom's, then the retired image
+    classes (registered with pynetdicom here, once, so that its C-STORE handling and the
+    direct path, which ask ``uid_to_service_class``, take them as storage)."""
+    for uid, keyword in RETIRED_IMAGE_STORAGE.items():
+        if uid_to_service_class(uid) is not StorageServiceClass:
+            register_uid(uid, keyword, StorageServiceClass)
+    known = [str(context.abstract_syntax) for context in AllStoragePresentationContexts]
+    return known + [uid for uid in RETIRED_IMAGE_STORAGE if uid not in known]
 
 
 class AssociationPolicy:
@@ -98,8 +128,8 @@ class DicomListener:
         self.ae.maximum_pdu_size = config.max_pdu
         self.ae.require_called_aet = True
         self.ae.add_supported_context(Verification)
-        for context in AllStoragePresentationContexts:
-            self.ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+        for sop_class in storage_sop_classes():
+            self.ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
         self._handlers: list[tuple[Any, Callable[..., Any]]] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
@@ -302,10 +332,29 @@ class DicomListener:
         assoc.pas_study_uid = received.study_uid  # for the association's audit event
         return SUCCESS, None
 
+    def note_cut(self, assoc: Any, sop_instance_uid: str, received: int) -> None:
+        """The direct path's C-STORE cut by the association's end (the peer's A-ABORT, the
+        connection lost) before its dataset was whole: nothing of it was stored, no answer
+        went out. Logged, and counted in the association's audit row (which said "success"
+        for an association cut inside an instance, and was not written at all when the cut
+        one was its first)."""
+        calling = assoc.requestor.ae_title.strip()
+        log.warning("C-STORE of %s from %s (%s) cut after %d bytes of its dataset: the "
+                    "association ended inside it; nothing of it stored", sop_instance_uid,
+                    calling, assoc.requestor.address, received,
+                    extra={"CALLING_AE": calling})
+        with self._stats_lock:
+            if not getattr(assoc, "pas_ended", False):  # its row not written yet
+                self._association_note(assoc)["cut"] += 1
+
+    def _association_note(self, assoc: Any) -> dict[str, Any]:
+        """What an association did, for its audit row (under ``_stats_lock``)."""
+        return self._per_association.setdefault(
+            id(assoc), {"stored": 0, "refused": 0, "cut": 0, "studies": set()})
+
     def _note_store(self, assoc: Any, status: int) -> None:
         with self._stats_lock:
-            note = self._per_association.setdefault(
-                id(assoc), {"stored": 0, "refused": 0, "studies": set()})
+            note = self._association_note(assoc)
             if status == SUCCESS:
                 note["stored"] += 1
                 study = getattr(assoc, "pas_study_uid", None)
@@ -332,6 +381,7 @@ class DicomListener:
         with the end of its open note, in one transaction."""
         with self._stats_lock:
             note = self._per_association.pop(id(event.assoc), None)
+            event.assoc.pas_ended = True  # a late note_cut must not leave a note behind
         opened = getattr(event.assoc, "pas_opened_note", None)
         if not note:
             if opened:
@@ -339,18 +389,23 @@ class DicomListener:
                     audit.association_closed(self.receiver.db, opened)
             return
         requestor = event.assoc.requestor
-        refused = note["refused"]
+        refused, cut = note["refused"], note["cut"]
         # Whole UIDs only, and how many more (as a STOW-RS row): the list was cut at 4000
         # characters in the middle of a UID, which named another study or none.
         target, left_out = audit.study_list(note["studies"])
         detail = f"{counted(note['stored'], 'instance')} stored, {refused} refused"
+        if cut:
+            detail += f", {cut} cut by the association's end"
         if left_out:
             detail += f", {counted(left_out, 'more study', 'more studies')} not listed"
+        failures = [f"{refused} refused"] if refused else []
+        if cut:
+            failures.append(f"{cut} cut")
         try:
             audit.association_closed(
                 self.receiver.db, opened, actor=requestor.ae_title.strip(),
                 source=requestor.address, target=target,
-                outcome="success" if not refused else f"failure: {refused} refused",
+                outcome="failure: " + ", ".join(failures) if failures else "success",
                 detail=detail)
         except Exception:  # the audit must not break the association's end
             log.exception("audit record failed")

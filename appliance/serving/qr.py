@@ -27,7 +27,6 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context, evt
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
-from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -39,7 +38,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from appliance.config import ServingSection
 from appliance.dicomnet.outgoing import wait_for_room
-from appliance.ingest.scp import TRANSFER_SYNTAXES, DicomListener
+from appliance.ingest.scp import TRANSFER_SYNTAXES, DicomListener, storage_sop_classes
 from appliance.ops.metrics import count_retrieve
 from appliance.serving.qr_identifiers import identifier_keys, query_charset, response_identifier
 from appliance.serving.suboperations import (
@@ -117,8 +116,8 @@ class QueryRetrieveService:
     def register(self, listener: DicomListener) -> None:
         """Add the Q/R contexts and handlers to the ingest AE (before it starts), and accept
         the SCP role for storage so that C-GET can send on the viewer's association."""
-        for context in AllStoragePresentationContexts:
-            listener.ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES,
+        for sop_class in storage_sop_classes():
+            listener.ae.add_supported_context(sop_class, TRANSFER_SYNTAXES,
                                               scu_role=True, scp_role=True)
         contexts = [
             PatientRootQueryRetrieveInformationModelFind,
