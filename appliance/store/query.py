@@ -61,22 +61,40 @@ COLUMNS: dict[str, Column] = {
 }
 
 _CURRENT = "x.is_current = 1"
+# Whether a series (alias ``x``) or a study (alias ``y``) still holds a current instance. A
+# correction that moves an instance to another series or study (same SOP Instance UID, new
+# SeriesInstanceUID) leaves the old series, and maybe the old study, with older versions only;
+# eviction removes studies but keeps their patient. Such an entity has nothing a viewer could
+# retrieve: it is neither listed nor counted (it was listed with 0 instances and counted in
+# NumberOfStudyRelatedSeries, NumberOfPatientRelated*, ModalitiesInStudy).
+_SERIES_HELD = "EXISTS (SELECT 1 FROM instances z WHERE z.series_fk = x.id AND z.is_current = 1)"
+_STUDY_HELD = "EXISTS (SELECT 1 FROM instances z WHERE z.study_fk = y.id AND z.is_current = 1)"
+# The same test for the entity a query lists, by its level's alias.
+_HELD: dict[str, str] = {
+    "PATIENT": ("EXISTS (SELECT 1 FROM studies y JOIN instances z ON z.study_fk = y.id "
+                "WHERE y.patient_fk = p.id AND z.is_current = 1)"),
+    "STUDY": "EXISTS (SELECT 1 FROM instances z WHERE z.study_fk = s.id AND z.is_current = 1)",
+    "SERIES": ("EXISTS (SELECT 1 FROM instances z WHERE z.series_fk = se.id "
+               "AND z.is_current = 1)"),
+    "IMAGE": "i.is_current = 1",
+}
 # Attributes computed from the rows below an entity: (level, SQL returning the value).
 COMPUTED: dict[str, tuple[str, str]] = {
     "ModalitiesInStudy": ("STUDY", "(SELECT group_concat(DISTINCT x.modality) FROM series x "
-                                   "WHERE x.study_fk = s.id)"),
+                                   f"WHERE x.study_fk = s.id AND {_SERIES_HELD})"),
     "SOPClassesInStudy": ("STUDY", "(SELECT group_concat(DISTINCT x.sop_class_uid) FROM "
                                    f"instances x WHERE x.study_fk = s.id AND {_CURRENT})"),
     "NumberOfStudyRelatedSeries": ("STUDY", "(SELECT count(*) FROM series x "
-                                            "WHERE x.study_fk = s.id)"),
+                                            f"WHERE x.study_fk = s.id AND {_SERIES_HELD})"),
     "NumberOfStudyRelatedInstances": ("STUDY", "(SELECT count(*) FROM instances x "
                                                f"WHERE x.study_fk = s.id AND {_CURRENT})"),
     "NumberOfSeriesRelatedInstances": ("SERIES", "(SELECT count(*) FROM instances x "
                                                  f"WHERE x.series_fk = se.id AND {_CURRENT})"),
-    "NumberOfPatientRelatedStudies": ("PATIENT", "(SELECT count(*) FROM studies x "
-                                                 "WHERE x.patient_fk = p.id)"),
+    "NumberOfPatientRelatedStudies": ("PATIENT", "(SELECT count(*) FROM studies y "
+                                                 f"WHERE y.patient_fk = p.id AND {_STUDY_HELD})"),
     "NumberOfPatientRelatedSeries": ("PATIENT", "(SELECT count(*) FROM series x JOIN studies y "
-                                                "ON y.id = x.study_fk WHERE y.patient_fk = p.id)"),
+                                                "ON y.id = x.study_fk WHERE y.patient_fk = p.id "
+                                                f"AND {_SERIES_HELD})"),
     "NumberOfPatientRelatedInstances": ("PATIENT", "(SELECT count(*) FROM instances x JOIN "
                                                    "studies y ON y.id = x.study_fk WHERE "
                                                    f"y.patient_fk = p.id AND {_CURRENT})"),
@@ -207,8 +225,8 @@ def _match(where: _Where, keyword: str, value: str, pn_case_sensitive: bool) -> 
         if not values or any(v.replace("*", "") == "" for v in values):
             return  # "*": universal matching (what an SCU sends for "all modalities")
         test, params = _any_of("x.modality", values)
-        where.add(f"EXISTS (SELECT 1 FROM series x WHERE x.study_fk = s.id AND {test})",
-                  *params)
+        where.add("EXISTS (SELECT 1 FROM series x WHERE x.study_fk = s.id AND "
+                  f"{_SERIES_HELD} AND {test})", *params)
         return
     column = COLUMNS[keyword]
     sql, vr = column.sql, column.vr
@@ -273,8 +291,7 @@ def find(db: Database, level: str, keys: dict[str, str], *,
     if level not in LEVELS:
         raise QueryError(f"QueryRetrieveLevel: {level!r} is not one of {', '.join(LEVELS)}")
     where = _Where([], [])
-    if level == "IMAGE":
-        where.add("i.is_current = 1")
+    where.add(_HELD[level])
     selected: list[str] = []
     select_sql: list[str] = []
     # Computed attributes of a level above the query's (NumberOfStudyRelatedInstances of an
