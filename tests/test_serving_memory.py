@@ -22,19 +22,29 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 from PIL import Image
 from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import AE, build_role, evt
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    StudyRootQueryRetrieveInformationModelGet,
+)
 
 from bench.qr import MODALITIES, synthesize
-from tests.support.peers import DCMTK_ENV, PasProcess, storescu, wait_for
+from tests.support.objects import tiny_ct
+from tests.support.peers import DCMTK_ENV, PasProcess, read_rows, storescu, wait_for
 from tests.test_ingest_spill import _big_secondary_capture, _sha256, peak_rss_mb
 
 MEGABYTES = 300
@@ -293,5 +303,112 @@ def test_c_find_of_25000_studies_to_a_viewer_that_pauses(tmp_path: Path) -> None
         # A few dozen answers in flight and the query's own buffers (+3.5 MB for 40,000,
         # measured); not every match pynetdicom had queued (+19.8 MB before).
         assert growth < 8, growth
+    finally:
+        pas.stop()
+
+
+RETRIEVED = 65_000  # the final response's counts are US: at most 65,535 sub-operations
+
+
+def _study_of_many_instances(home: Path, count: int) -> tuple[str, str]:
+    """A PAS home whose index holds one study of ``count`` instances: one real tiny CT
+    stored by storescu, then its index row copied under new SOP Instance UIDs (the same
+    file: only the index matters before the first C-STORE). (study UID, the real SOP UID)."""
+    ds = tiny_ct()
+    ds.save_as(home / "one.dcm", enforce_file_format=True)
+    pas = PasProcess(home, {"PAS_DICOM__ACCEPT_UNKNOWN": "true"}).start()
+    try:
+        storescu(home / "one.dcm", pas.port)
+    finally:
+        pas.stop()
+    prefix = generate_uid()[:40]
+    with sqlite3.connect(home / "pas.sqlite") as conn:
+        columns = ("series_fk, study_fk, sop_class_uid, transfer_syntax_uid, instance_number, "
+                   "path, size, sha256, received_at")
+        conn.executemany(
+            f"INSERT INTO instances (sop_instance_uid, {columns}, routed_at, confirmed_at) "
+            f"SELECT ?, {columns}, received_at, received_at FROM instances "
+            "WHERE sop_instance_uid = ?",
+            ((f"{prefix}.{n}", str(ds.SOPInstanceUID)) for n in range(count)))
+        conn.execute("UPDATE instances SET routed_at = received_at WHERE routed_at IS NULL")
+    return str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
+
+
+def _cancelled_get(pas: PasProcess, level: str, key: str, uid: str) -> Any:
+    """The final C-GET-RSP of a C-GET (pynetdicom as the viewer) that it cancels as soon
+    as its first image arrives."""
+    ae = AE(ae_title="VIEWER")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage)
+    held: list[Any] = []
+
+    def on_store(event: Any) -> int:
+        if not held[1:]:
+            held.append(True)
+            held[0].send_c_cancel(11, context_id=1)
+        return 0x0000
+
+    assoc = ae.associate("127.0.0.1", pas.port, ae_title="PAS",
+                         ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    held.append(assoc)
+    try:
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = level
+        setattr(identifier, key, uid)
+        return [s for s, _ in assoc.send_c_get(
+            identifier, StudyRootQueryRetrieveInformationModelGet, msg_id=11)][-1]
+    finally:
+        assoc.release()
+
+
+def test_c_get_of_a_study_of_65000_instances_does_not_hold_its_rows(tmp_path: Path) -> None:
+    """A retrieve held every instance's index row (about 1.2 kB in Python) from its start
+    to its end: a C-GET or C-MOVE of 65,000 instances took +78 MB before its first
+    C-STORE. It now holds their row ids (8 bytes each) and reads each row as it is sent.
+    pynetdicom as the viewer, which cancels once the first image has arrived."""
+    home = tmp_path / "pas"
+    home.mkdir()
+    study, real = _study_of_many_instances(home, RETRIEVED)
+    pas = PasProcess(home, {"PAS_DICOM__ACCEPT_UNKNOWN": "true"}).start()
+    try:
+        def get(level: str, key: str, uid: str) -> tuple[int, int, int]:
+            """(final status, completed, remaining) of a C-GET cancelled at its first image."""
+            final = _cancelled_get(pas, level, key, uid)
+            return (int(final.Status), int(final.get("NumberOfCompletedSuboperations", -1)),
+                    int(final.get("NumberOfRemainingSuboperations") or 0))
+
+        # Warm-up (modules, the association thread's database connection): one image.
+        assert get("IMAGE", "SOPInstanceUID", real)[:2] == (0x0000, 1)
+        growth, (status, completed, remaining) = _growth(  # type: ignore[misc]
+            pas, lambda: get("STUDY", "StudyInstanceUID", study))
+        print(f"C-GET of {RETRIEVED + 1} instances, cancelled at the first: "
+              f"peak RSS +{growth:.1f} MB")
+        assert status == 0xFE00 and completed >= 1
+        assert completed + remaining == RETRIEVED + 1
+        assert growth < 15, growth  # the ids: 0.5 MB; the rows were +78 MB
+    finally:
+        pas.stop()
+
+
+def test_c_get_of_more_than_65535_instances_is_refused_naming_why(tmp_path: Path) -> None:
+    """A C-MOVE/C-GET response counts its sub-operations in US fields: pynetdicom refuses a
+    retrieve of more than 65,535 instances (0xC416, no comment), and the audit row said
+    "failure: C-GET did not complete (association lost)". PAS refuses it first, the row
+    naming the count and what to do; the daemon keeps serving (the one real image)."""
+    home = tmp_path / "pas"
+    home.mkdir()
+    study, real = _study_of_many_instances(home, 65535)
+    pas = PasProcess(home, {"PAS_DICOM__ACCEPT_UNKNOWN": "true"}).start()
+    try:
+        final = _cancelled_get(pas, "STUDY", "StudyInstanceUID", study)
+        assert 0xC000 <= int(final.Status) <= 0xCFFF, hex(final.Status)
+        rows = read_rows(home / "pas.sqlite",
+                         "SELECT outcome FROM audit WHERE event = 'retrieve' ORDER BY id")
+        assert rows[-1]["outcome"] == (
+            "failure: 65536 instances match, more than the 65535 sub-operations a "
+            "C-MOVE/C-GET response can count (US); retrieve the series one by one")
+        final = _cancelled_get(pas, "IMAGE", "SOPInstanceUID", real)
+        assert (int(final.Status), int(final.NumberOfCompletedSuboperations)) == (0x0000, 1)
     finally:
         pas.stop()

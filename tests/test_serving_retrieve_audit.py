@@ -324,3 +324,51 @@ def test_get_into_a_full_disk_audits_what_the_viewer_stored(site: Site,
     assert found, row["detail"]
     assert int(found.group(1)) >= 1 and int(found.group(1)) + int(found.group(2)) == \
         20 - len(stored)
+
+
+def test_get_without_role_selection_names_it(site: Site) -> None:
+    """A viewer (pynetdicom as the SCU: getscu always sends SCP/SCU Role Selection) that
+    proposes MR Image Storage without taking the SCP role cannot be sent MR images (PS3.7
+    D.3.3.4): those count as failed, the CT image whose role it took is stored, and the row
+    names the missing role selection (it said "no presentation context accepted for MR Image
+    Storage" for a context the viewer had proposed and PAS had accepted)."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        CTImageStorage,
+        MRImageStorage,
+        StudyRootQueryRetrieveInformationModelGet,
+    )
+
+    mr, ct = _mr_images(2), _ct_study()[1][:1]
+    stored: list[str] = []
+
+    def on_store(event: Any) -> int:
+        stored.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    ae = AE(ae_title="VIEWER")
+    for context in (StudyRootQueryRetrieveInformationModelGet, CTImageStorage, MRImageStorage):
+        ae.add_requested_context(context)
+    before = len(site.retrieves())
+    assoc = ae.associate("127.0.0.1", site.pas.port, ae_title="PAS",
+                         ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    try:
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "IMAGE"
+        identifier.SOPInstanceUID = [*ct, *mr]
+        responses = [status for status, _ in assoc.send_c_get(
+            identifier, StudyRootQueryRetrieveInformationModelGet) if status]
+    finally:
+        assoc.release()
+    final = responses[-1]
+    assert (final.Status, final.NumberOfCompletedSuboperations,
+            final.NumberOfFailedSuboperations) == (0xB000, 1, 2)
+    assert stored == ct
+    row = site.next_retrieve(before)
+    assert row["outcome"] == ("failure: 2 of 3 instances not stored by VIEWER (MR Image "
+                              "Storage proposed without SCP/SCU Role Selection: the viewer "
+                              "did not take the SCP role)")
+    assert row["detail"] == "C-GET: 1 completed, 2 failed, 0 warning"

@@ -20,7 +20,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -67,6 +67,11 @@ _PATIENT_ROOT = {str(PatientRootQueryRetrieveInformationModelFind),
                  str(PatientRootQueryRetrieveInformationModelGet)}
 _UNCOMPRESSED = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
 _MAX_CONTEXTS = 128
+# The Number of ... Sub-operations of a C-MOVE/C-GET response are US (PS3.4 C.4.2.1.6).
+MAX_SUB_OPERATIONS = 65535
+# Yielded for an instance purged while its retrieve ran: not a Dataset pynetdicom can send
+# (no SOP Class UID), so it counts that sub-operation failed; the tally already has it.
+_GONE: Any = "instance removed during the retrieve"
 
 # Fetch-through: study UID -> instances fetched from the region (raises on failure).
 Fetcher = Callable[[str], int]
@@ -230,8 +235,9 @@ class QueryRetrieveService:
 
     # -- C-MOVE / C-GET -------------------------------------------------------------------
 
-    def _resolve(self, event: Any) -> tuple[str, list[Any]]:
-        """The instances a retrieve names, after fetching a study that is missing here.
+    def _resolve(self, event: Any) -> tuple[str, store_query.RetrievePlan]:
+        """The instances a retrieve names (their row ids: memory does not grow with whole rows
+        per instance), after fetching a study that is missing here.
         Raises QueryError (a bad identifier) or RuntimeError (the fetch failed)."""
         level, keys, _ = identifier_keys(event.identifier)
         problem = self._level_problem(level, str(event.request.AffectedSOPClassUID))
@@ -242,11 +248,18 @@ class QueryRetrieveService:
         if self.fetcher is not None and self.settings.fetch_through and level == "STUDY":
             for study_uid in study_uids:
                 fetched += self._fetch_if_missing(study_uid)
-        rows = store_query.instances_for(self.db, level, keys)
+        plan = store_query.retrieve_plan(self.db, level, keys)
+        if len(plan.instance_ids) > MAX_SUB_OPERATIONS:
+            # pynetdicom refuses such a retrieve itself (0xC416/0xC516, no comment), and the
+            # audit row then said "did not complete (association lost)".
+            raise store_query.QueryError(
+                f"{len(plan.instance_ids)} instances match, more than the "
+                f"{MAX_SUB_OPERATIONS} sub-operations a C-MOVE/C-GET response can count "
+                "(US); retrieve the series one by one")
         # pas_retrieve_requests_total{result=hit|miss}: served from the cache alone, or not.
-        count_retrieve(hit=bool(rows) and not fetched)
-        store_query.touch_studies(self.db, sorted({r["study_uid"] for r in rows}), time.time())
-        return _summary(level, keys), rows
+        count_retrieve(hit=bool(plan.instance_ids) and not fetched)
+        store_query.touch_studies(self.db, plan.study_uids, time.time())
+        return _summary(level, keys), plan
 
     def _fetch_if_missing(self, study_uid: str) -> int:
         """Instances fetched from the region for this study (0: all were on site)."""
@@ -276,13 +289,14 @@ class QueryRetrieveService:
             yield None, None  # pynetdicom answers 0xA801 (move destination unknown)
             return
         try:
-            summary, rows = self._resolve(event)
+            summary, plan = self._resolve(event)
         except (store_query.QueryError, RuntimeError) as exc:
             log.warning("C-MOVE from %s refused: %s", calling, exc)
             self._audit("retrieve", calling, address, _asked(event), f"failure: {exc}")
             raise  # pynetdicom answers 0xC511 (unable to process)
         established = threading.Event()
         store_assoc: list[Any] = []
+        rows = plan.instance_ids
         tally = SubOperationTally(total=len(rows))
 
         def on_established(store_event: Any) -> None:
@@ -295,7 +309,7 @@ class QueryRetrieveService:
             store_assoc.append(store_event.assoc)
             established.set()
 
-        contexts = _contexts_for(rows)
+        contexts = _contexts_for(plan.pairs)
         _throttle_pending(event.assoc, self.settings.retrieve_pending_interval_s)
         what = f"C-MOVE to {destination.title}"
         refused: list[str] = []
@@ -326,11 +340,12 @@ class QueryRetrieveService:
     def on_get(self, event: Any) -> Iterator[Any]:
         calling, address = _peer(event)
         try:
-            summary, rows = self._resolve(event)
+            summary, plan = self._resolve(event)
         except (store_query.QueryError, RuntimeError) as exc:
             log.warning("C-GET from %s refused: %s", calling, exc)
             self._audit("retrieve", calling, address, _asked(event), f"failure: {exc}")
             raise
+        rows = plan.instance_ids
         tally = SubOperationTally(total=len(rows))
         stream_spool_files(event.assoc, tally)
         _throttle_pending(event.assoc, self.settings.retrieve_pending_interval_s)
@@ -347,19 +362,24 @@ class QueryRetrieveService:
                         detail=tally.detail("C-GET"))
             _log_failed_retrieve(calling, outcome, tally.detail("C-GET"))
 
-    def _sub_operations(self, event: Any, rows: list[Any], accepted: set[tuple[str, str]],
+    def _sub_operations(self, event: Any, rows: Sequence[int], accepted: set[tuple[str, str]],
                         tally: SubOperationTally) -> Iterator[Any]:
         """Yield one pending sub-operation per instance. What each became is counted in
         ``tally`` as its C-STORE is answered (suboperations.py); here the tally learns how
         the run ended: cancelled, or finished once the last sub-operation was answered
         (pynetdicom sends it between this generator's last yield and its end)."""
-        for row in rows:
+        for instance_id in rows:
             if event.is_cancelled:
                 # Set before the yield: pynetdicom sends the final response and never
                 # resumes this generator.
                 tally.cancelled = True
                 yield CANCELLED, None
                 return
+            row = store_query.instance_row(self.db, instance_id)
+            if row is None:  # purged since the retrieve began
+                tally.record_failure(f"instance row {instance_id} removed during the retrieve")
+                yield PENDING, _GONE
+                continue
             yield PENDING, self._as_sent(row, accepted)
         tally.finished = True
 
@@ -438,12 +458,12 @@ def no_delay(event: Any) -> None:
         log.debug("TCP_NODELAY not set: %s", exc)
 
 
-def _contexts_for(rows: list[Any]) -> list[Any]:
+def _contexts_for(pairs: list[tuple[str, str]]) -> list[Any]:
     """For each SOP class: the stored syntax alone (so the peer can accept it) and the
-    uncompressed pair (the fallback), within the 128 contexts an association may propose."""
+    uncompressed pair (the fallback), within the 128 contexts an association may propose.
+    ``pairs``: the retrieve's distinct (SOP class, stored transfer syntax), sorted."""
     contexts: list[Any] = []
     seen: set[tuple[str, tuple[str, ...]]] = set()
-    pairs = sorted({(r["sop_class_uid"], r["transfer_syntax_uid"]) for r in rows})
     for sop_class, _ in pairs:
         key = (sop_class, _UNCOMPRESSED)
         if key not in seen:
@@ -504,7 +524,7 @@ def _why_not_up(refused: list[str], opened: list[Any]) -> str:
     return "destination unreachable or association lost"
 
 
-def _retrieve_outcome(tally: SubOperationTally, rows: list[Any], stored_by: str,
+def _retrieve_outcome(tally: SubOperationTally, rows: Sequence[int], stored_by: str,
                       unfinished: str) -> str:
     """A retrieve's audit outcome from what its sub-operations did. Nothing matched: success
     (pynetdicom answers it at once and never resumes the handler); ended before its last

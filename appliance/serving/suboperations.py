@@ -250,8 +250,15 @@ def _not_sent(assoc: Any, dataset: Any, exc: Exception) -> str:
     could not be made, or the exchange broke."""
     sop_class = str(getattr(dataset, "SOPClassUID", "") or "")
     # PAS sends as the SCU of the storage context: on a C-GET the viewer took the SCP role.
-    if sop_class and not any(cx.abstract_syntax == sop_class and cx.as_scu
-                             for cx in getattr(assoc, "accepted_contexts", [])):
+    contexts = [cx for cx in getattr(assoc, "accepted_contexts", [])
+                if cx.abstract_syntax == sop_class]
+    if sop_class and not any(cx.as_scu for cx in contexts):
+        if contexts:
+            # A C-GET whose viewer proposed the storage context without SCP/SCU Role
+            # Selection (PS3.7 D.3.3.4): it stays the SCU and PAS may not send. The row said
+            # "no presentation context accepted", and IT looked for a missing SOP class.
+            return (f"{UID(sop_class).name} proposed without SCP/SCU Role Selection: the "
+                    "viewer did not take the SCP role")
         return f"no presentation context accepted for {UID(sop_class).name}"
     if isinstance(exc, TranscodeError | SpoolFull):
         return f"copy in another transfer syntax not made: {exc}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import sqlite3
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -61,22 +62,40 @@ COLUMNS: dict[str, Column] = {
 }
 
 _CURRENT = "x.is_current = 1"
+# Whether a series (alias ``x``) or a study (alias ``y``) still holds a current instance. A
+# correction that moves an instance to another series or study (same SOP Instance UID, new
+# SeriesInstanceUID) leaves the old series, and maybe the old study, with older versions only;
+# eviction removes studies but keeps their patient. Such an entity has nothing a viewer could
+# retrieve: it is neither listed nor counted (it was listed with 0 instances and counted in
+# NumberOfStudyRelatedSeries, NumberOfPatientRelated*, ModalitiesInStudy).
+_SERIES_HELD = "EXISTS (SELECT 1 FROM instances z WHERE z.series_fk = x.id AND z.is_current = 1)"
+_STUDY_HELD = "EXISTS (SELECT 1 FROM instances z WHERE z.study_fk = y.id AND z.is_current = 1)"
+# The same test for the entity a query lists, by its level's alias.
+_HELD: dict[str, str] = {
+    "PATIENT": ("EXISTS (SELECT 1 FROM studies y JOIN instances z ON z.study_fk = y.id "
+                "WHERE y.patient_fk = p.id AND z.is_current = 1)"),
+    "STUDY": "EXISTS (SELECT 1 FROM instances z WHERE z.study_fk = s.id AND z.is_current = 1)",
+    "SERIES": ("EXISTS (SELECT 1 FROM instances z WHERE z.series_fk = se.id "
+               "AND z.is_current = 1)"),
+    "IMAGE": "i.is_current = 1",
+}
 # Attributes computed from the rows below an entity: (level, SQL returning the value).
 COMPUTED: dict[str, tuple[str, str]] = {
     "ModalitiesInStudy": ("STUDY", "(SELECT group_concat(DISTINCT x.modality) FROM series x "
-                                   "WHERE x.study_fk = s.id)"),
+                                   f"WHERE x.study_fk = s.id AND {_SERIES_HELD})"),
     "SOPClassesInStudy": ("STUDY", "(SELECT group_concat(DISTINCT x.sop_class_uid) FROM "
                                    f"instances x WHERE x.study_fk = s.id AND {_CURRENT})"),
     "NumberOfStudyRelatedSeries": ("STUDY", "(SELECT count(*) FROM series x "
-                                            "WHERE x.study_fk = s.id)"),
+                                            f"WHERE x.study_fk = s.id AND {_SERIES_HELD})"),
     "NumberOfStudyRelatedInstances": ("STUDY", "(SELECT count(*) FROM instances x "
                                                f"WHERE x.study_fk = s.id AND {_CURRENT})"),
     "NumberOfSeriesRelatedInstances": ("SERIES", "(SELECT count(*) FROM instances x "
                                                  f"WHERE x.series_fk = se.id AND {_CURRENT})"),
-    "NumberOfPatientRelatedStudies": ("PATIENT", "(SELECT count(*) FROM studies x "
-                                                 "WHERE x.patient_fk = p.id)"),
+    "NumberOfPatientRelatedStudies": ("PATIENT", "(SELECT count(*) FROM studies y "
+                                                 f"WHERE y.patient_fk = p.id AND {_STUDY_HELD})"),
     "NumberOfPatientRelatedSeries": ("PATIENT", "(SELECT count(*) FROM series x JOIN studies y "
-                                                "ON y.id = x.study_fk WHERE y.patient_fk = p.id)"),
+                                                "ON y.id = x.study_fk WHERE y.patient_fk = p.id "
+                                                f"AND {_SERIES_HELD})"),
     "NumberOfPatientRelatedInstances": ("PATIENT", "(SELECT count(*) FROM instances x JOIN "
                                                    "studies y ON y.id = x.study_fk WHERE "
                                                    f"y.patient_fk = p.id AND {_CURRENT})"),
@@ -207,8 +226,8 @@ def _match(where: _Where, keyword: str, value: str, pn_case_sensitive: bool) -> 
         if not values or any(v.replace("*", "") == "" for v in values):
             return  # "*": universal matching (what an SCU sends for "all modalities")
         test, params = _any_of("x.modality", values)
-        where.add(f"EXISTS (SELECT 1 FROM series x WHERE x.study_fk = s.id AND {test})",
-                  *params)
+        where.add("EXISTS (SELECT 1 FROM series x WHERE x.study_fk = s.id AND "
+                  f"{_SERIES_HELD} AND {test})", *params)
         return
     column = COLUMNS[keyword]
     sql, vr = column.sql, column.vr
@@ -273,8 +292,7 @@ def find(db: Database, level: str, keys: dict[str, str], *,
     if level not in LEVELS:
         raise QueryError(f"QueryRetrieveLevel: {level!r} is not one of {', '.join(LEVELS)}")
     where = _Where([], [])
-    if level == "IMAGE":
-        where.add("i.is_current = 1")
+    where.add(_HELD[level])
     selected: list[str] = []
     select_sql: list[str] = []
     # Computed attributes of a level above the query's (NumberOfStudyRelatedInstances of an
@@ -335,30 +353,76 @@ def _computed_for(conn: sqlite3.Connection, keyword: str, entity_id: Any) -> Any
     return row["v"] if row else None
 
 
-def instances_for(db: Database, level: str, keys: dict[str, str]) -> list[sqlite3.Row]:
-    """The current instances a retrieve (C-MOVE, C-GET) at ``level`` names by its unique
-    keys: PatientID, StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID (UID lists allowed).
-    An identifier without the unique key of its level is refused: a retrieve never means
-    "everything"."""
+_UNIQUE = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID",
+           "SERIES": "SeriesInstanceUID", "IMAGE": "SOPInstanceUID"}
+_RETRIEVE_ORDER = "ORDER BY s.id, se.series_number, se.id, i.instance_number, i.id"
+
+
+def _retrieve_where(level: str, keys: dict[str, str]) -> _Where:
+    """The WHERE clause of a retrieve at ``level`` (unique keys only; UID lists allowed)."""
     level = level.upper()
-    unique = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID",
-              "SERIES": "SeriesInstanceUID", "IMAGE": "SOPInstanceUID"}
-    if level not in unique:
+    if level not in _UNIQUE:
         raise QueryError(f"QueryRetrieveLevel: {level!r} is not one of {', '.join(LEVELS)}")
-    if not (keys.get(unique[level]) or "").strip():
-        raise QueryError(f"{unique[level]}: required for a {level}-level retrieve")
+    if not (keys.get(_UNIQUE[level]) or "").strip():
+        raise QueryError(f"{_UNIQUE[level]}: required for a {level}-level retrieve")
     where = _Where(["i.is_current = 1"], [])
-    for keyword in unique.values():
+    for keyword in _UNIQUE.values():
         value = (keys.get(keyword) or "").strip()
         if value and available(keyword, level):
             if keyword == "PatientID":
                 where.add("p.patient_id = ?", value)
             else:
                 _match(where, keyword, value, False)
+    return where
+
+
+def instances_for(db: Database, level: str, keys: dict[str, str]) -> list[sqlite3.Row]:
+    """The current instances a retrieve (C-MOVE, C-GET) at ``level`` names by its unique
+    keys: PatientID, StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID (UID lists allowed).
+    An identifier without the unique key of its level is refused: a retrieve never means
+    "everything". Every row whole: for a study's list (fetch-through); a retrieve takes a
+    :class:`RetrievePlan` instead."""
+    where = _retrieve_where(level, keys)
     sql = (f"SELECT i.*, s.study_uid, se.series_uid FROM {_FROM['IMAGE']} "
-           f"WHERE {' AND '.join(where.clauses)} "
-           "ORDER BY s.id, se.series_number, se.id, i.instance_number, i.id")
+           f"WHERE {' AND '.join(where.clauses)} {_RETRIEVE_ORDER}")
     return db.query(sql, tuple(where.params))
+
+
+@dataclass(frozen=True)
+class RetrievePlan:
+    """What a C-MOVE/C-GET will send, without holding its rows: the instances' row ids in
+    the order sent (8 bytes each), the (SOP class, transfer syntax) pairs for the
+    presentation contexts, and the studies touched. The whole rows (about 1.2 kB each in
+    Python) cost 120 MB for a retrieve of 100,000 instances; each is now read when its
+    C-STORE goes (:func:`instance_row`)."""
+
+    instance_ids: array[int]
+    pairs: list[tuple[str, str]]
+    study_uids: list[str]
+
+
+def retrieve_plan(db: Database, level: str, keys: dict[str, str]) -> RetrievePlan:
+    """The :class:`RetrievePlan` of a retrieve at ``level`` (as :func:`instances_for`)."""
+    where = _retrieve_where(level, keys)
+    condition = " AND ".join(where.clauses)
+    params = tuple(where.params)
+    ids: array[int] = array("q")
+    conn = db.connection()
+    for (instance_id,) in conn.execute(
+            f"SELECT i.id FROM {_FROM['IMAGE']} WHERE {condition} {_RETRIEVE_ORDER}", params):
+        ids.append(instance_id)
+    pairs = [(r[0], r[1]) for r in conn.execute(
+        f"SELECT DISTINCT i.sop_class_uid, i.transfer_syntax_uid FROM {_FROM['IMAGE']} "
+        f"WHERE {condition}", params)]
+    studies = [r[0] for r in conn.execute(
+        f"SELECT DISTINCT s.study_uid FROM {_FROM['IMAGE']} WHERE {condition}", params)]
+    return RetrievePlan(ids, sorted(pairs), sorted(studies))
+
+
+def instance_row(db: Database, instance_id: int) -> sqlite3.Row | None:
+    """One instance of a :class:`RetrievePlan` as it is sent (None: removed since, by a
+    purge or an eviction)."""
+    return db.query_one("SELECT * FROM instances WHERE id = ?", (instance_id,))
 
 
 def study_instance_count(db: Database, study_uid: str) -> int:
