@@ -191,15 +191,24 @@ def test_move_of_a_study_the_destination_refuses_entirely_names_the_refusal(
 
 
 def test_move_to_a_destination_rejecting_the_association_says_so(site: Site) -> None:
+    """storescp --refuse answers A-ASSOCIATE-RJ and closes the connection at once. Under
+    load, PAS's DICOM layer (pynetdicom) can see the connection closed before it reads the
+    rejection, and then the truth it has is "unreachable or association lost": up to three
+    moves, each row one of the two, and a rejection named at least once."""
     study, _ = _ct_study()
-    before = len(site.retrieves())
-    result = movescu(site, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}"],
-                     "REFUSING")
-    assert "Refused: MoveDestinationUnknown" in result.stderr, result.stderr[-2000:]
-    row = site.next_retrieve(before)
-    assert row["outcome"].startswith("failure: C-MOVE to REFUSING at 127.0.0.1:")
-    assert row["outcome"].endswith("did not complete (the destination rejected the "
-                                   "association)")
+    rejected = "did not complete (the destination rejected the association)"
+    for _attempt in range(3):
+        before = len(site.retrieves())
+        result = movescu(site, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}"],
+                         "REFUSING")
+        assert "Refused: MoveDestinationUnknown" in result.stderr, result.stderr[-2000:]
+        row = site.next_retrieve(before)
+        assert row["outcome"].startswith("failure: C-MOVE to REFUSING at 127.0.0.1:")
+        assert row["outcome"].endswith((rejected, "did not complete (destination unreachable "
+                                                  "or association lost)")), row["outcome"]
+        if row["outcome"].endswith(rejected):
+            break
+    assert row["outcome"].endswith(rejected), row["outcome"]
     assert row["detail"] == "C-MOVE to REFUSING: 0 completed, 0 failed, 0 warning, 3 not sent"
     # The journal says it too (pynetdicom's own connect errors are not logged: logs.py).
     assert re.search(r" WARNING .*retrieve by \S+: failure: C-MOVE to REFUSING at "
