@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import re
 import socket
-import subprocess
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +28,6 @@ from pydicom import dcmread
 from tests.support.hub import HubProcess, client, enroll
 from tests.support.peers import (
     CT_DIR,
-    PAS_BIN,
     Orthanc,
     PasProcess,
     port_open,
@@ -250,10 +248,7 @@ def test_a_revoked_certificate_makes_orders_wait_and_a_new_one_fetches_them(
         assert not [r for r in read_rows(pas.home / "pas.sqlite", "SELECT id FROM instances")]
 
         pas.stop()
-        replaced = subprocess.run([str(PAS_BIN), "enroll", "--hub", hub.url, "--token",
-                                   hub.token("SITE-R"), "--replace"], env=pas.env,
-                                  capture_output=True, text=True, timeout=60)
-        assert replaced.returncode == 0, replaced.stdout + replaced.stderr
+        pas.cli("enroll", "--hub", hub.url, "--token", hub.token("SITE-R"), "--replace")
         pas.start()
 
         def settled() -> dict[str, Any] | None:

@@ -32,6 +32,7 @@ import pytest
 from tests.support.peers import PasProcess, pas_with_hl7
 from tests.support.peers import prefetch_requests as requests
 from tests.test_ingest_spill import peak_rss_mb
+from tests.test_prefetch_mllp import read_blocks
 from tests.test_serving_memory import _reset_peak
 
 SB, EB = b"\x0b", b"\x1c\r"
@@ -55,18 +56,9 @@ def orm(control: str, order: str, patient: str = "P1^^^HOSP^MR", msh_tail: str =
 
 def exchange(pas: PasProcess, payload: bytes, answers: int = 1) -> list[bytes]:
     """Send ``payload`` on a new connection; the MLLP blocks answered (fewer if closed)."""
-    blocks, buffer = [], b""
     with socket.create_connection(("127.0.0.1", pas.hl7_port), timeout=60) as sock:  # type: ignore[attr-defined]
         sock.sendall(payload)
-        while len(blocks) < answers:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            buffer += chunk
-            while EB in buffer:
-                block, buffer = buffer.split(EB, 1)
-                blocks.append(block.lstrip(SB))
-    return blocks
+        return read_blocks(sock, answers)
 
 
 def request(pas: PasProcess, order: str) -> dict[str, Any]:

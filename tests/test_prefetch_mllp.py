@@ -110,6 +110,24 @@ def exchange(sock: socket.socket, control: str) -> bytes:
     return ack
 
 
+def served(port: int, control: str, receive_buffer: int = 0) -> socket.socket | None:
+    """A new connection that got its ACK for ``control``, else None (the listener may not
+    have seen the close of the port probe yet, which still holds a slot for an instant).
+    ``receive_buffer``: SO_RCVBUF, set before connecting (a client slow to read)."""
+    sock = socket.socket()
+    if receive_buffer:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.settimeout(15)
+    try:
+        sock.connect(("127.0.0.1", port))
+        if b"MSA|AA" in exchange(sock, control):
+            return sock
+    except (ValueError, ConnectionError):
+        pass
+    sock.close()
+    return None
+
+
 def test_connections_are_capped_and_stalled_or_idle_ones_closed(pas_factory: Any) -> None:
     """200 connections each holding 1000 KB of an unfinished message stayed open for ever
     (+236 MB). Now: at most ``max_connections`` are served (the others closed at once), an
@@ -123,21 +141,10 @@ def test_connections_are_capped_and_stalled_or_idle_ones_closed(pas_factory: Any
     wait_for(lambda: port_open("127.0.0.1", port), 15, what="the HL7 listener")
     held: list[socket.socket] = []
 
-    def served(control: str) -> socket.socket | None:
-        """A connection that got its ACK (the listener may not have seen the close of the
-        port probe yet, which still holds a slot for an instant)."""
-        sock = socket.create_connection(("127.0.0.1", port), timeout=15)
-        try:
-            if b"MSA|AA" in exchange(sock, control):
-                return sock
-        except (ValueError, ConnectionError):
-            pass
-        sock.close()
-        return None
-
     try:
         for number in range(3):  # each served, then left in the middle of a message
-            sock = wait_for(lambda n=number: served(f"CAP{n}"), 10, what="a served connection")
+            sock = wait_for(lambda n=number: served(port, f"CAP{n}"), 10,
+                            what="a served connection")
             held.append(sock)
             sock.sendall(SB + b"x" * 200_000)
         for _ in range(2):  # over the cap: closed before anything is read
@@ -242,21 +249,7 @@ def test_a_client_that_never_reads_its_acks_frees_its_slot(pas_factory: Any) -> 
                        "PAS_PREFETCH__DICOMWEB_URL": f"http://127.0.0.1:{free_port()}/x"})
     wait_for(lambda: port_open("127.0.0.1", port), 15, what="the HL7 listener")
 
-    def served(control: str, receive_buffer: int = 0) -> socket.socket | None:
-        sock = socket.socket()
-        if receive_buffer:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-        sock.settimeout(15)
-        try:
-            sock.connect(("127.0.0.1", port))
-            if b"MSA|AA" in exchange(sock, control):
-                return sock
-        except (ValueError, ConnectionError):
-            pass
-        sock.close()
-        return None
-
-    deaf = wait_for(lambda: served("DEAF0", 4096), 10, what="the deaf client served")
+    deaf = wait_for(lambda: served(port, "DEAF0", 4096), 10, what="the deaf client served")
     try:
         sender = deaf.getsockname()
         big = b"R" * 200_000
@@ -269,7 +262,7 @@ def test_a_client_that_never_reads_its_acks_frees_its_slot(pas_factory: Any) -> 
         sending = threading.Thread(target=_send_all, args=(deaf, flood, outcome), daemon=True)
         sending.start()
         flooded = time.monotonic()
-        other = wait_for(lambda: served("NEXT1"), 30, what="the next client served")
+        other = wait_for(lambda: served(port, "NEXT1"), 30, what="the next client served")
         other.close()
         assert time.monotonic() - flooded < 20  # 2 s once the buffers are full
         log = pas.log()

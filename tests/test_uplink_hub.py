@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-import subprocess
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,7 +29,6 @@ from tests.support.hub import HubProcess, enroll
 from tests.support.peers import (
     CT_DIR,
     MR_DIR,
-    PAS_BIN,
     Orthanc,
     PasProcess,
     storescu,
@@ -409,10 +407,7 @@ def test_a_revoked_certificate_makes_the_uploads_wait_and_a_new_one_sends_them(
     assert pas.status()["confirmed_instances"] == 0
 
     pas.stop()
-    replaced = subprocess.run([str(PAS_BIN), "enroll", "--hub", hub.url, "--token",
-                               hub.token("SITE-REVOKED"), "--replace"], env=pas.env,
-                              capture_output=True, text=True, timeout=60)
-    assert replaced.returncode == 0, replaced.stdout + replaced.stderr
+    pas.cli("enroll", "--hub", hub.url, "--token", hub.token("SITE-REVOKED"), "--replace")
     pas.start()
     done = wait_jobs_finished(pas, len(files))
     assert {j["state"] for j in done} == {"done"}, [j["last_error"] for j in done]
