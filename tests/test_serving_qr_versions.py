@@ -52,25 +52,34 @@ class Site:
         self.finds = 0
 
     def _send(self, name: str, datasets: list[Dataset]) -> None:
-        folder = self.root / name
-        folder.mkdir()
-        for n, ds in enumerate(datasets):
-            ds.save_as(folder / f"{n}.dcm", enforce_file_format=True)
-        storescu(folder, self.pas.port)
+        send(self.root / name, self.pas, datasets)
 
     def findscu(self, model: str, level: str, keys: list[str]) -> list[Dataset]:
         self.finds += 1
-        out = self.root / f"find{self.finds}"
-        out.mkdir()
-        args = ["findscu", "-v", model, "-X", "-od", str(out), "-aet", "VIEWER", "-aec", "PAS",
-                "-k", f"QueryRetrieveLevel={level}"]
-        for key in keys:
-            args += ["-k", key]
-        result = subprocess.run([*args, "127.0.0.1", str(self.pas.port)], env=DCMTK_ENV,
-                                capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0, result.stderr[-2000:]
-        assert "Final Find Response (Success)" in result.stderr, result.stderr[-2000:]
-        return [dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
+        return findscu(self.pas, self.root / f"find{self.finds}", model, level, keys)
+
+
+def send(root: Path, pas: PasProcess, datasets: list[Dataset]) -> None:
+    """Each dataset saved to a file of its own in the new folder ``root``, sent by storescu."""
+    root.mkdir()
+    for n, ds in enumerate(datasets):
+        ds.save_as(root / f"{n}.dcm", enforce_file_format=True)
+    storescu(root, pas.port)
+
+
+def findscu(pas: PasProcess, out: Path, model: str, level: str,
+            keys: list[str]) -> list[Dataset]:
+    """DCMTK findscu as the viewer: the answers, written to the new folder ``out``."""
+    out.mkdir()
+    args = ["findscu", "-v", model, "-X", "-od", str(out), "-aet", "VIEWER", "-aec", "PAS",
+            "-k", f"QueryRetrieveLevel={level}"]
+    for key in keys:
+        args += ["-k", key]
+    result = subprocess.run([*args, "127.0.0.1", str(pas.port)], env=DCMTK_ENV,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Final Find Response (Success)" in result.stderr, result.stderr[-2000:]
+    return [dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
 
 
 @pytest.fixture(scope="module")

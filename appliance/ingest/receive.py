@@ -334,6 +334,12 @@ class Receiver:
                         "version (version %d is now current, the others are kept)",
                         record.sop_instance_uid, outcome.version,
                         extra={"STUDY_UID": record.study_uid, "CALLING_AE": calling_ae})
+        if outcome.refiled_from is not None:
+            log.warning("study %s is now filed under patient %r (it was under %s): instance %s "
+                        "names another patient than the study's earlier instances (a "
+                        "correction, or a mix-up at the modality)", record.study_uid,
+                        record.patient_id, outcome.refiled_from, record.sop_instance_uid,
+                        extra={"STUDY_UID": record.study_uid, "CALLING_AE": calling_ae})
         return Received(record.sop_instance_uid, record.study_uid, outcome.instance_id,
                         stored.sha256, stored.size, outcome.duplicate, outcome.conflict,
                         record.sop_class_uid, record.series_uid)

@@ -279,6 +279,7 @@ EVENTS: dict[str, str] = {
     "query": "a C-FIND or QIDO-RS search: the keys asked and the count answered",
     "retrieve": "a C-MOVE, C-GET or WADO-RS request, or a prior fetched from the region",
     "delete": "a study evicted from the cache, or purged by an operator",
+    "refile": "a study moved to another patient by a newer instance naming that patient",
     "pin": "a study pinned in the cache by an operator",
     "unpin": "a study unpinned by an operator",
     "hl7": "an HL7 message refused",

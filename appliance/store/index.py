@@ -11,6 +11,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
+from appliance.store import audit
 from appliance.store.db import Database, now
 
 
@@ -54,6 +55,8 @@ class RecordOutcome:
     duplicate: bool  # the same bytes were already held: nothing changed
     conflict: bool   # the same SOP Instance UID with other bytes: a new version was kept
     version: int
+    # the patient the study was filed under before this instance moved it (a correction)
+    refiled_from: str | None = None
 
 
 def record_instance(
@@ -90,8 +93,8 @@ def record_instance(
         if same is not None and same["is_current"]:
             return RecordOutcome(same["id"], duplicate=True, conflict=False,
                                  version=same["version"])
-        patient_fk = _upsert_patient(conn, record)
-        study_fk = _upsert_study(conn, record, patient_fk, received_at, origin)
+        study_fk, refiled_from = _file_study(conn, record, received_at, origin,
+                               actor=calling_ae or origin, source=source_address)
         series_fk = _upsert_series(conn, record, study_fk)
         if same is not None:  # an older version sent again: current again, routed again
             conn.execute("UPDATE instances SET is_current = 0 WHERE sop_instance_uid = ?",
@@ -104,7 +107,7 @@ def record_instance(
                  source_address, same["id"]),
             )
             return RecordOutcome(same["id"], duplicate=False, conflict=True,
-                                 version=same["version"])
+                                 version=same["version"], refiled_from=refiled_from)
         version = versions[0]["version"] + 1 if versions else 1
         if versions:
             conn.execute(
@@ -123,7 +126,8 @@ def record_instance(
              held_by_region, held_by_region),
         )
         return RecordOutcome(int(cursor.lastrowid or 0), duplicate=False,
-                             conflict=bool(versions), version=version)
+                             conflict=bool(versions), version=version,
+                             refiled_from=refiled_from)
 
 
 def _upsert_patient(conn: sqlite3.Connection, record: InstanceRecord) -> int:
@@ -144,30 +148,92 @@ def _upsert_patient(conn: sqlite3.Connection, record: InstanceRecord) -> int:
     return int(row["id"])
 
 
-def _upsert_study(conn: sqlite3.Connection, record: InstanceRecord, patient_fk: int,
-                  received_at: float, origin: str) -> int:
+def _file_study(conn: sqlite3.Connection, record: InstanceRecord, received_at: float,
+                origin: str, actor: str | None, source: str | None) -> tuple[int, str | None]:
+    """The study row of ``record``, created or brought up to date, and the patient it was
+    filed under until now if this instance moved it to another one (else None).
+
+    The newest instance speaks for the study: each attribute it carries replaces the one
+    held, one it lacks keeps it. Why not the first instance's word, as Orthanc's main tags
+    and dcm4chee's default "supplement" policy keep: PAS's own instances follow the sender's
+    last word (a new version serves), and a correction re-sent by the modality or the RIS,
+    the same Study Instance UID under the right PatientID, must move the study to that
+    patient. It used to stay filed under the first, wrongly identified one: a viewer's
+    C-FIND for the right patient did not find it, and one for the wrong patient did.
+
+    A move to another patient is written in the audit trail (``refile``, naming both) in
+    this transaction, and the ``refiled_from`` of the outcome tells the receiver to log it.
+    An instance with no PatientID never moves a study (it names nobody).
+    """
+    held = conn.execute("SELECT id, patient_fk FROM studies WHERE study_uid = ?",
+                        (record.study_uid,)).fetchone()
+    if held is None:
+        patient_fk = _upsert_patient(conn, record)
+        cursor = conn.execute(
+            """INSERT INTO studies (study_uid, patient_fk, study_date, study_time,
+                   accession_number, study_id, description, referring_physician, origin,
+                   first_received_at, last_received_at)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            (record.study_uid, patient_fk, record.study_date, record.study_time,
+             record.accession_number, record.study_id, record.study_description,
+             record.referring_physician, origin, received_at, received_at),
+        )
+        return int(cursor.lastrowid or 0), None
+    study_fk = int(held["id"])
+    patient_fk = int(held["patient_fk"])
+    if record.patient_id or record.issuer_of_patient_id:
+        patient_fk = _upsert_patient(conn, record)
     conn.execute(
-        """INSERT INTO studies (study_uid, patient_fk, study_date, study_time, accession_number,
-               study_id, description, referring_physician, origin, first_received_at,
-               last_received_at)
-           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-           ON CONFLICT (study_uid) DO UPDATE SET last_received_at = excluded.last_received_at,
-               description = coalesce(description, excluded.description),
-               accession_number = coalesce(accession_number, excluded.accession_number)""",
-        (record.study_uid, patient_fk, record.study_date, record.study_time,
+        """UPDATE studies SET patient_fk = ?, last_received_at = ?,
+               study_date = coalesce(?, study_date), study_time = coalesce(?, study_time),
+               accession_number = coalesce(?, accession_number),
+               study_id = coalesce(?, study_id), description = coalesce(?, description),
+               referring_physician = coalesce(?, referring_physician)
+           WHERE id = ?""",
+        (patient_fk, received_at, record.study_date, record.study_time,
          record.accession_number, record.study_id, record.study_description,
-         record.referring_physician, origin, received_at, received_at),
+         record.referring_physician, study_fk),
     )
-    row = conn.execute("SELECT id FROM studies WHERE study_uid = ?", (record.study_uid,)).fetchone()
-    return int(row["id"])
+    if patient_fk == held["patient_fk"]:
+        return study_fk, None
+    before = _patient_named(conn, int(held["patient_fk"]))
+    audit.record_in(
+        conn, "refile", actor=actor, source=source, target=record.study_uid,
+        patient=before[0],
+        detail=(f"study filed under patient {_patient_label(*before)} until now, "
+                f"under {_patient_label(record.patient_id, record.issuer_of_patient_id)} "
+                f"from instance {record.sop_instance_uid} on"),
+    )
+    return study_fk, _patient_label(*before)
+
+
+def _patient_named(conn: sqlite3.Connection, patient_fk: int) -> tuple[str, str]:
+    row = conn.execute("SELECT patient_id, issuer FROM patients WHERE id = ?",
+                       (patient_fk,)).fetchone()
+    return (str(row["patient_id"]), str(row["issuer"])) if row else ("", "")
+
+
+def _patient_label(patient_id: str, issuer: str) -> str:
+    return f"{patient_id!r} (issuer {issuer!r})" if issuer else repr(patient_id)
 
 
 def _upsert_series(conn: sqlite3.Connection, record: InstanceRecord, study_fk: int) -> int:
+    """The series row, its attributes from the newest instance that carries them (the
+    study's rule, see :func:`_file_study`: a corrected SeriesDescription or BodyPartExamined
+    serves). A series never changes study here: its instances keep their own."""
     conn.execute(
         """INSERT INTO series (series_uid, study_fk, series_number, modality, description,
                body_part)
            VALUES (?, ?, ?, ?, ?, ?)
-           ON CONFLICT (series_uid) DO NOTHING""",
+           ON CONFLICT (series_uid) DO UPDATE SET
+               series_number = coalesce(excluded.series_number, series_number),
+               modality = coalesce(excluded.modality, modality),
+               description = coalesce(excluded.description, description),
+               body_part = coalesce(excluded.body_part, body_part)
+           WHERE coalesce(excluded.series_number, series_number) IS NOT series_number
+              OR coalesce(excluded.modality, modality) IS NOT modality
+              OR coalesce(excluded.description, description) IS NOT description
+              OR coalesce(excluded.body_part, body_part) IS NOT body_part""",
         (record.series_uid, study_fk, record.series_number, record.modality,
          record.series_description, record.body_part),
     )
