@@ -17,7 +17,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from tests.support.objects import tiny_ct
-from tests.support.peers import PasProcess
+from tests.support.peers import PasProcess, read_rows
 from tests.test_serving_qr_versions import findscu, send
 
 pytestmark = pytest.mark.root
@@ -56,6 +56,10 @@ def test_a_study_re_sent_under_another_patient_is_filed_under_it(pas: PasProcess
     assert [s["study_uid"] for s in json.loads(
         pas.cli("studies", "--patient", "RIGHT-2", "--json").stdout)] == [study]
     assert json.loads(pas.cli("studies", "--patient", "WRONG-1", "--json").stdout) == []
+    # The wrong patient's name and birth date are not kept once no study is filed there.
+    assert [r["patient_id"] for r in read_rows(pas.home / "pas.sqlite",
+                                                "SELECT patient_id FROM patients")] == ["RIGHT-2"]
+    assert pas.status()["patients"] == 1
 
     # One move, one audit row, found by either patient; the log says it once.
     [row] = json.loads(pas.cli("audit", "--event", "refile", "--json").stdout)

@@ -2,10 +2,11 @@
 
 A modality that corrects an image re-sends it with the same SOP Instance UID; when the
 correction moves it to another series or study, the old series (or study) keeps only older
-versions. A purged study leaves its patient row. Such an entity has no current instance: a
-retrieve of it sends nothing, so C-FIND must neither list it nor count it (it was listed with
-0 instances, counted in NumberOfStudyRelatedSeries and NumberOfPatientRelated*, and its
-modality stayed in ModalitiesInStudy). findscu as the viewer, a real ``pas run``.
+versions. A purged study leaves its patient with no study (and no row: it is deleted with
+its last study). Such an entity has no current instance: a retrieve of it sends nothing, so
+C-FIND must neither list it nor count it (it was listed with 0 instances, counted in
+NumberOfStudyRelatedSeries and NumberOfPatientRelated*, and its modality stayed in
+ModalitiesInStudy). findscu as the viewer, a real ``pas run``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from tests.support.objects import tiny_ct
-from tests.support.peers import DCMTK_ENV, PasProcess, storescu
+from tests.support.peers import DCMTK_ENV, PasProcess, read_rows, storescu
 
 pytestmark = pytest.mark.root
 
@@ -123,3 +124,6 @@ def test_patient_level_lists_and_counts_only_what_can_be_retrieved(site: Site) -
     assert [(str(ds.PatientID), int(ds.NumberOfPatientRelatedStudies),
              int(ds.NumberOfPatientRelatedSeries), int(ds.NumberOfPatientRelatedInstances))
             for ds in patients] == [("P1", 1, 2, 3)]
+    # Nor its row: the name and birth date of a patient no study is filed under any more.
+    assert [r["patient_id"] for r in read_rows(site.pas.home / "pas.sqlite",
+                                                "SELECT patient_id FROM patients")] == ["P1"]

@@ -61,6 +61,25 @@ def test_a_version_1_database_is_migrated_with_nothing_lost(tmp_path: Path) -> N
     new.close()
 
 
+def test_the_upgrade_forgets_patients_left_without_a_study(tmp_path: Path) -> None:
+    """Earlier versions kept a patient's row after its last study was evicted or purged."""
+    path = tmp_path / "pas.sqlite"
+    old = Database(path, migrations=MIGRATIONS[:11])
+    for n, patient in enumerate(("KEPT", "EVICTED")):
+        record = InstanceRecord(f"1.2.9.{n}", "1.2.840.10008.5.1.4.1.1.2",
+                                "1.2.840.10008.1.2.1", f"1.2.9.{n}.1", f"1.2.9.{n}.2",
+                                patient_id=patient, patient_name=f"{patient}^X")
+        index.record_instance(old, record, StoredFile(f"aa/{n}.dcm", 100, f"{n:064d}"))
+    with old.transaction() as conn:  # what the old eviction left: the patient row alone
+        conn.execute("DELETE FROM instances WHERE sop_instance_uid = '1.2.9.1'")
+        conn.execute("DELETE FROM series WHERE series_uid = '1.2.9.1.2'")
+        conn.execute("DELETE FROM studies WHERE study_uid = '1.2.9.1.1'")
+    old.close()
+    new = Database(path)
+    assert [r["patient_id"] for r in new.query("SELECT patient_id FROM patients")] == ["KEPT"]
+    new.close()
+
+
 def test_an_older_version_refuses_a_newer_database(tmp_path: Path) -> None:
     path = tmp_path / "pas.sqlite"
     Database(path).close()

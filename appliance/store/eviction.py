@@ -35,7 +35,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.store import audit
+from appliance.store import audit, index
 from appliance.store.cache import QUARANTINE_DIR
 from appliance.store.db import Database, now
 from appliance.store.spool import Spool, fsync_dir, process_alive
@@ -131,7 +131,8 @@ def evict_study(db: Database, spool: Spool, study_uid: str, *, force: bool = Fal
         "SELECT i.path FROM instances i JOIN studies s ON s.id = i.study_fk "
         "WHERE s.study_uid = ?", (study_uid,))))
     with db.transaction() as conn:
-        study = conn.execute("SELECT s.id, s.pinned_until, p.patient_id FROM studies s "
+        study = conn.execute("SELECT s.id, s.pinned_until, s.patient_fk, p.patient_id "
+                             "FROM studies s "
                              "JOIN patients p ON p.id = s.patient_fk WHERE s.study_uid = ?",
                              (study_uid,)).fetchone()
         if study is None:
@@ -163,6 +164,7 @@ def evict_study(db: Database, spool: Spool, study_uid: str, *, force: bool = Fal
             conn.execute(f"DELETE FROM instances WHERE id IN ({marks})", ids)
         conn.execute("DELETE FROM series WHERE study_fk = ?", (study["id"],))
         conn.execute("DELETE FROM studies WHERE id = ?", (study["id"],))
+        index.forget_patient_if_unused(conn, int(study["patient_fk"]))
         paths = sorted({r["path"] for r in rows})
         still_used = _paths_in_use(conn, paths)
         doomed = [p for p in paths if p not in still_used]

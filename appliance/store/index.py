@@ -197,6 +197,7 @@ def _file_study(conn: sqlite3.Connection, record: InstanceRecord, received_at: f
     if patient_fk == held["patient_fk"]:
         return study_fk, None
     before = _patient_named(conn, int(held["patient_fk"]))
+    forget_patient_if_unused(conn, int(held["patient_fk"]))
     audit.record_in(
         conn, "refile", actor=actor, source=source, target=record.study_uid,
         patient=before[0],
@@ -205,6 +206,15 @@ def _file_study(conn: sqlite3.Connection, record: InstanceRecord, received_at: f
                 f"from instance {record.sop_instance_uid} on"),
     )
     return study_fk, _patient_label(*before)
+
+
+def forget_patient_if_unused(conn: sqlite3.Connection, patient_fk: int) -> None:
+    """Delete a patient's row once no study of the cache is filed under it (its last study
+    evicted, purged or filed under another patient), in the caller's transaction. Why: the
+    row holds the name, birth date and sex; a cache that keeps them after the images are
+    gone holds health data for nothing (and ``pas status`` counted such patients)."""
+    conn.execute("DELETE FROM patients WHERE id = ? AND NOT EXISTS "
+                 "(SELECT 1 FROM studies WHERE patient_fk = ?)", (patient_fk, patient_fk))
 
 
 def _patient_named(conn: sqlite3.Connection, patient_fk: int) -> tuple[str, str]:

@@ -351,4 +351,11 @@ MIGRATIONS: list[str] = [
         opened_at REAL NOT NULL
     );
     """,
+    # 12 (the index, appliance/store/index.py): a patient's row (name, birth date, sex) is
+    # deleted with the last study filed under it (eviction, purge, a correction filing the
+    # study under another patient: index.forget_patient_if_unused). Before, it stayed for
+    # ever: the ones left behind by earlier versions go now.
+    """
+    DELETE FROM patients WHERE NOT EXISTS (SELECT 1 FROM studies WHERE patient_fk = patients.id);
+    """,
 ]
