@@ -417,34 +417,61 @@ def test_a_revoked_certificate_makes_the_uploads_wait_and_a_new_one_sends_them(
     assert pas.status()["confirmed_instances"] == len(files)
 
 
+def resign_client_certificate(home: Path, signer: HubPKI, not_before: datetime,
+                              not_after: datetime) -> None:
+    """The appliance's client certificate, the same key and name, signed by ``signer``."""
+    ca_key = serialization.load_pem_private_key(signer.ca_key_path.read_bytes(), None)
+    ca_cert = x509.load_pem_x509_certificate(signer.ca_cert_path.read_bytes())
+    path = home / "pki" / "client.crt"
+    current = x509.load_pem_x509_certificate(path.read_bytes())
+    cert = (x509.CertificateBuilder().subject_name(current.subject)
+            .issuer_name(ca_cert.subject).public_key(current.public_key())
+            .serial_number(current.serial_number)
+            .not_valid_before(not_before).not_valid_after(not_after)
+            .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
 def test_an_expired_certificate_is_named_not_taken_for_a_link_down(
         pas_factory: Any, hub: HubProcess, tmp_path: Path) -> None:
     """The hub refuses an expired client certificate at the TLS 1.3 handshake, and the
-    appliance sees only a closed connection: its uploads waited "for the link" for ever,
+    appliance saw only a closed connection: its uploads waited "for the link" for ever,
     the status saying the WAN was down. Now the job names the expiry and what to do."""
     expired_on = datetime.now(UTC) - timedelta(days=2)
-
-    def expire(home: Path) -> None:  # the same key and name, re-signed by the fleet CA
-        pki = HubPKI(hub.home)
-        ca_key = serialization.load_pem_private_key(pki.ca_key_path.read_bytes(), None)
-        ca_cert = x509.load_pem_x509_certificate(pki.ca_cert_path.read_bytes())
-        path = home / "pki" / "client.crt"
-        current = x509.load_pem_x509_certificate(path.read_bytes())
-        cert = (x509.CertificateBuilder().subject_name(current.subject)
-                .issuer_name(ca_cert.subject).public_key(current.public_key())
-                .serial_number(current.serial_number)
-                .not_valid_before(expired_on - timedelta(days=365))
-                .not_valid_after(expired_on)
-                .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
-        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-    pas = enrolled_pas(pas_factory, hub, tmp_path / "site-expired", before_start=expire)
+    pas = enrolled_pas(pas_factory, hub, tmp_path / "site-expired",
+                       before_start=lambda home: resign_client_certificate(
+                           home, HubPKI(hub.home), expired_on - timedelta(days=365), expired_on))
     job = first_try(pas, "the upload")
     assert job["last_error"].startswith(
         f"waiting for credentials: hub: this appliance's certificate expired on "
         f"{expired_on:%Y-%m-%d %H:%M} UTC"), job["last_error"]
     assert "pas enroll --replace" in job["last_error"] and job["attempts"] == 0
     assert "TLS handshake refused (alert certificate_expired)" in hub.log()
+
+
+@pytest.mark.parametrize(("ca_name", "meaning"), [
+    ("Another fleet CA", "issued by a CA the peer does not trust (tlsv1_alert_unknown_ca)"),
+    ("PAS fleet CA", "its signature does not verify against the peer's CA"),
+])
+def test_a_certificate_of_another_ca_is_named_not_taken_for_a_link_down(
+        pas_factory: Any, hub: HubProcess, tmp_path: Path, ca_name: str, meaning: str) -> None:
+    """A client certificate the hub's CA did not sign (restored from another appliance, a
+    fleet CA re-created under the same name) and that is not expired: the hub refuses it at
+    the TLS 1.3 handshake, and asyncio dropped the hub's alert with the connection, so the
+    appliance saw "Server disconnected" and waited for the link for ever. The hub now sends
+    its alert, and the job names the refusal and what to do."""
+    other = HubPKI(tmp_path / "another-ca")
+    other.init(name=ca_name)
+    now = datetime.now(UTC)
+    pas = enrolled_pas(pas_factory, hub, tmp_path / "site-other-ca",
+                       before_start=lambda home: resign_client_certificate(
+                           home, other, now - timedelta(days=1), now + timedelta(days=300)))
+    job = first_try(pas, "the upload")
+    assert job["last_error"].startswith(
+        "waiting for credentials: hub: the peer refused this appliance's certificate at the "
+        f"TLS handshake: {meaning}"), job["last_error"]
+    assert "pas enroll --replace" in job["last_error"] and job["attempts"] == 0
+    assert "TLS handshake refused (alert " in hub.log()
 
 
 def test_a_hub_certificate_the_appliance_cannot_verify_is_named_not_retried_as_a_link(

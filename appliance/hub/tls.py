@@ -17,6 +17,7 @@ once, even on a keep-alive connection opened before.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 import weakref
@@ -69,6 +70,37 @@ def server_config(app: Any, pki: HubPKI, host: str, port: int,
     config.ssl.minimum_version = ssl.TLSVersion.TLSv1_3
     config.ssl._msg_callback = _log_refusals  # type: ignore[attr-defined]
     return config
+
+
+def _send_the_alert_of_a_refused_handshake() -> None:
+    """Make asyncio send the TLS alert of a handshake it refuses before it drops the socket.
+
+    asyncio's SSL protocol (CPython 3.11-3.13, ``asyncio.sslproto``) closes the transport at
+    once when the handshake fails, and the alert OpenSSL wrote (``unknown_ca``,
+    ``decrypt_error``, ``certificate_expired`` ...) stays in its memory buffer, never sent.
+    Under TLS 1.3 the client has finished its side of the handshake by then, so all an
+    appliance whose certificate the hub refuses saw was "Server disconnected without sending
+    a response": a link down, waited for for ever, instead of a refused certificate that
+    needs a new enrolment. The alert is now written to the socket first (one small record,
+    sent at once by the kernel: the transport's buffer is empty at the handshake)."""
+    from asyncio import sslproto
+
+    protocol = getattr(sslproto, "SSLProtocol", None)
+    original = getattr(protocol, "_on_handshake_complete", None)
+    if original is None or getattr(original, "_pas_sends_alert", False):
+        return  # another asyncio: nothing to patch (the client then sees a link down)
+
+    def on_handshake_complete(self: Any, handshake_exc: BaseException | None) -> None:
+        if handshake_exc is not None:
+            with contextlib.suppress(Exception):  # the refusal itself must go on
+                self._process_outgoing()
+        original(self, handshake_exc)
+
+    on_handshake_complete._pas_sends_alert = True  # type: ignore[attr-defined]
+    protocol._on_handshake_complete = on_handshake_complete  # type: ignore[union-attr]
+
+
+_send_the_alert_of_a_refused_handshake()
 
 
 # TLS alert descriptions (RFC 8446 6.2) the hub sends when it refuses a handshake.

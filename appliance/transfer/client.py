@@ -163,9 +163,20 @@ def link_down(exc: BaseException) -> bool:
 # of the alerts a TLS peer sends when it refuses one at the handshake.
 _REFUSED_CERTIFICATE_ERRORS = ("certificate_revoked", "certificate_unknown",
                                "certificate_expired", "client_certificate_required")
-_REFUSED_CERTIFICATE_ALERTS = ("CERTIFICATE_REVOKED", "CERTIFICATE_EXPIRED",
-                               "CERTIFICATE_UNKNOWN", "CERTIFICATE_REQUIRED",
-                               "BAD_CERTIFICATE", "UNKNOWN_CA", "UNSUPPORTED_CERTIFICATE")
+# What each alert means for this appliance's certificate (OpenSSL's verify errors map to
+# them: an unknown issuer to unknown_ca, a signature that does not verify to decrypt_error,
+# a certificate not yet valid to bad_certificate), said for the person who must act.
+_REFUSED_CERTIFICATE_ALERTS = {
+    "CERTIFICATE_REVOKED": "revoked",
+    "CERTIFICATE_EXPIRED": "expired, by the peer's clock",
+    "CERTIFICATE_UNKNOWN": "not accepted",
+    "CERTIFICATE_REQUIRED": "required and not presented",
+    "BAD_CERTIFICATE": "bad, or not yet valid by the peer's clock",
+    "UNKNOWN_CA": "issued by a CA the peer does not trust",
+    "DECRYPT_ERROR": ("its signature does not verify against the peer's CA (a CA of the same "
+                      "name but another key: a re-created fleet CA?)"),
+    "UNSUPPORTED_CERTIFICATE": "of a kind the peer does not support",
+}
 
 
 def trust_problem(exc: BaseException) -> str | None:
@@ -183,10 +194,12 @@ def trust_problem(exc: BaseException) -> str | None:
         if isinstance(current, ssl.SSLCertVerificationError):
             return f"this appliance does not trust the peer's certificate: " \
                    f"{current.verify_message or current.reason}"
-        if isinstance(current, ssl.SSLError) and any(
-                alert in str(current.reason or "") for alert in _REFUSED_CERTIFICATE_ALERTS):
-            return f"the peer refused this appliance's certificate at the TLS handshake " \
-                   f"({str(current.reason).lower()})"
+        reason = str(current.reason or "") if isinstance(current, ssl.SSLError) else ""
+        meaning = next((said for alert, said in _REFUSED_CERTIFICATE_ALERTS.items()
+                        if "ALERT_" + alert in reason), None)
+        if meaning is not None:
+            return f"the peer refused this appliance's certificate at the TLS handshake: " \
+                   f"{meaning} ({reason.lower()})"
         # The hub's refusal, whichever client met it (uploads: HubRefused; the region's
         # reads and the downloads: RegionError), keeps the answer's status and body.
         body = getattr(current, "body", None)
@@ -209,13 +222,12 @@ def credentials_refused(exc: BaseException, enrolment: Any | None) -> str | None
     an :class:`~appliance.transfer.enrolment.Enrolment`, read for its dates). The uplink and
     the prefetch both ask it, so that they name the same cause the same way."""
     problem = trust_problem(exc)
-    if problem is not None:
-        return problem
-    expired = enrolment.expired_at() if enrolment is not None and link_down(exc) else None
-    if expired is not None:  # the hub refused it at the handshake: TLS 1.3 gives no reason
-        return (f"this appliance's certificate expired on {expired:%Y-%m-%d %H:%M} UTC (the "
-                f"hub closes the connection at the TLS handshake)")
-    return None
+    handshake = problem is not None or link_down(exc)
+    expired = enrolment.expired_at() if enrolment is not None and handshake else None
+    if expired is not None:  # the plainest word: the date (a peer's alert, if any, follows)
+        return (f"this appliance's certificate expired on {expired:%Y-%m-%d %H:%M} UTC ("
+                f"{problem or 'the hub closes the connection at the TLS handshake'})")
+    return problem
 
 
 WARM_IDLE_S = 20.0
