@@ -472,6 +472,13 @@ def test_a_certificate_of_another_ca_is_named_not_taken_for_a_link_down(
         f"TLS handshake: {meaning}"), job["last_error"]
     assert "pas enroll --replace" in job["last_error"] and job["attempts"] == 0
     assert "TLS handshake refused (alert " in hub.log()
+    # pas doctor names the same refusal, and sends the operator to enrolment, not the WAN.
+    doctor = pas.cli("doctor", "--json", check=False)
+    [check] = [c for c in json.loads(doctor.stdout) if c["name"] == "hub"]
+    assert doctor.returncode != 0 and check["verdict"] == "fail", check
+    assert f"the peer refused this appliance's certificate at the TLS handshake: {meaning}" \
+        in check["detail"], check
+    assert "pas enroll --replace" in check["fix"], check
 
 
 def test_a_hub_certificate_the_appliance_cannot_verify_is_named_not_retried_as_a_link(

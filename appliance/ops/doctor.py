@@ -178,18 +178,8 @@ def check_hub(enrolment: object) -> list[Check]:
             sent = time.time()
             response = client.get("/api/v1/whoami")
             received = time.time()
-    except httpx.ConnectError as exc:
-        return [Check("hub", "fail", f"cannot reach {url}: {exc}",
-                      "check the WAN link, the firewall (outgoing HTTPS to the hub) and DNS")]
-    except httpx.TimeoutException as exc:
-        # No refusal, no error: packets to the hub vanish (a WAN down, a firewall dropping
-        # them) or the hub is hung. "timed out" alone said neither what nor where.
-        return [Check("hub", "fail", f"no answer from {url} within {HUB_TIMEOUT_S:.0f} s "
-                      f"({type(exc).__name__}): the hub is unreachable",
-                      "check the WAN link and the firewall (outgoing HTTPS to the hub), then "
-                      "the hub's status with regional ops")]
     except (httpx.HTTPError, OSError) as exc:
-        return [Check("hub", "fail", f"{url}: {exc}", "check the link and the hub's status")]
+        return [_hub_failure(url, exc)]
     checks = []
     if response.status_code == 200:
         checks.append(Check("hub", "ok", f"{url} knows us as {response.json().get('site')!r} "
@@ -210,6 +200,30 @@ def check_hub(enrolment: object) -> list[Check]:
         else:
             checks.append(Check("clock", "ok", detail))
     return checks
+
+
+def _hub_failure(url: str, exc: BaseException) -> Check:
+    """Why the hub could not be asked, and who acts: a certificate one end refuses (the
+    hub's TLS alert, or the hub's own certificate this end cannot verify) needs a new
+    enrolment or the CA put right, not the WAN looked at, which the connection errors said."""
+    from appliance.transfer.client import trust_problem
+
+    problem = trust_problem(exc)
+    if problem is not None:
+        return Check("hub", "fail", f"{url}: {problem}",
+                     f"certificates: {ENROL_AGAIN}; if the hub's own certificate is the one "
+                     "refused, ask regional ops which fleet CA it now uses")
+    if isinstance(exc, httpx.ConnectError):
+        return Check("hub", "fail", f"cannot reach {url}: {exc}",
+                     "check the WAN link, the firewall (outgoing HTTPS to the hub) and DNS")
+    if isinstance(exc, httpx.TimeoutException):
+        # No refusal, no error: packets to the hub vanish (a WAN down, a firewall dropping
+        # them) or the hub is hung. "timed out" alone said neither what nor where.
+        return Check("hub", "fail", f"no answer from {url} within {HUB_TIMEOUT_S:.0f} s "
+                     f"({type(exc).__name__}): the hub is unreachable",
+                     "check the WAN link and the firewall (outgoing HTTPS to the hub), then "
+                     "the hub's status with regional ops")
+    return Check("hub", "fail", f"{url}: {exc}", "check the link and the hub's status")
 
 
 def check_destinations(settings: Settings) -> list[Check]:
