@@ -6,6 +6,7 @@ are still found by patient."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import getpass
 import json
@@ -34,7 +35,7 @@ from tests.support.peers import (
 CT_A, CT_B, MR = "A002304", "A027284", "FA191122"  # patients: the CT ones have two studies
 OPERATOR = f"operator:{getpass.getuser()}"
 COLUMNS = ["id", "at", "time", "event", "actor", "source", "target", "outcome", "detail",
-           "patient", "sop_class"]
+           "patient", "sop_class", "query", "query_syntax"]
 
 
 def _studies(folder: Path, patient: str, count: int | None = None) -> dict[str, list[Path]]:
@@ -155,7 +156,11 @@ def test_lists_every_row_newest_first_with_every_column(trail: Trail) -> None:
     rows = json.loads(trail.audit("--json").stdout)
     assert [list(r) for r in rows] == [COLUMNS] * len(rows)
     stored = _rows(trail.pas.home)
-    assert [{k: v for k, v in r.items() if k != "time"} for r in rows] == stored[::-1]
+    # A query's own bytes (a C-FIND identifier) in base64, as the ATNA message has them.
+    as_json = [{k: base64.b64encode(v).decode() if isinstance(v, bytes) else v
+                for k, v in r.items()} for r in stored]
+    assert [{k: v for k, v in r.items() if k != "time"} for r in rows] == as_json[::-1]
+    assert any(r["query"] and r["query_syntax"] for r in rows if r["event"] == "query")
     for row in rows:
         assert dt.datetime.fromisoformat(row["time"]) == dt.datetime.fromtimestamp(
             row["at"], dt.UTC)
@@ -260,7 +265,7 @@ BAD_INPUT = [
     (["--since", "2024-05-02", "--until", "2024-05-01"],
      "--since '2024-05-02' is not before --until '2024-05-01': no row can match"),
     (["--event", "login"], "Invalid value for '--event': Value error, 'login' is not one of "
-                           "'store', 'query', 'retrieve', 'delete', 'pin'"),
+                           "'store', 'query', 'retrieve', 'delete', 'refile', 'pin'"),
     (["--limit", "-5"], "Invalid value for '--limit': '-5' is not a number of rows (1 to "),
     (["--limit", "0"], "Invalid value for '--limit': '0' is not a number of rows"),
     (["--limit", "lots"], "Invalid value for '--limit': 'lots' is not a number of rows"),

@@ -9,6 +9,7 @@ Bad input is refused by the parser or before the database is opened, exit 2.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import re
@@ -150,8 +151,10 @@ def audit(config: Path | None = ConfigOption,
             f"--limit {matched} to see them all") if matched > len(rows) else None
     if as_json:
         # Every column, and the time in ISO 8601 (UTC) beside the epoch seconds stored.
+        # A query's own bytes (a C-FIND identifier) in base64, as the ATNA message has them.
         print(json.dumps([{"id": r["id"], "at": r["at"], "time": dt.datetime.fromtimestamp(
-            r["at"], dt.UTC).isoformat(), **r} for r in rows], indent=2))
+            r["at"], dt.UTC).isoformat(), **{k: base64.b64encode(v).decode() if isinstance(
+                v, bytes) else v for k, v in r.items()}} for r in rows], indent=2))
         if more:
             err.print(more, highlight=False)
         return

@@ -105,18 +105,26 @@ def _detail(parent: ET.Element, entry: dict[str, Any]) -> None:
 def _queried(root: ET.Element, entry: dict[str, Any]) -> None:
     """A query's participant object (PS3.15 A.5.3.2 Query): the SOP Class of the model
     asked under, ID type (110181, DCM, "SOP Class UID"), and the query itself as
-    ParticipantObjectQuery (base64). It was labelled a Study Instance UID holding the
-    query's keys, which no collector reads as a query. The query is the row's text (level
-    and matching keys, as ``pas audit`` shows it), not the identifier's DICOM encoding: the
-    row does not keep that, so no TransferSyntax detail is given."""
+    ParticipantObjectQuery (base64). For a C-FIND, that is the identifier as the viewer
+    encoded it, with a ``TransferSyntax`` detail naming its encoding, so that a collector
+    decodes it as DICOM (it was the row's text summary, which none can); for a QIDO-RS
+    search, the request's path and query string (as dcm4chee's audit does). A row written
+    before the rows kept the query (migration 13) gives its text summary, with no
+    TransferSyntax detail."""
     queried = ET.SubElement(root, "ParticipantObjectIdentification",
                             ParticipantObjectID=_xml_text(entry.get("sop_class")
                                                           or STUDY_ROOT_FIND),
                             ParticipantObjectTypeCode="2", ParticipantObjectTypeCodeRole="3")
     ET.SubElement(queried, "ParticipantObjectIDTypeCode", {
         "csd-code": "110181", "codeSystemName": "DCM", "originalText": "SOP Class UID"})
+    asked = entry.get("query")
+    if not isinstance(asked, bytes | bytearray | memoryview):
+        asked = str(entry.get("target") or "").encode()
     ET.SubElement(queried, "ParticipantObjectQuery").text = base64.b64encode(
-        str(entry.get("target") or "").encode()).decode("ascii")
+        bytes(asked)).decode("ascii")
+    if entry.get("query_syntax"):
+        ET.SubElement(queried, "ParticipantObjectDetail", type="TransferSyntax",
+                      value=base64.b64encode(str(entry["query_syntax"]).encode()).decode())
     _detail(queried, entry)
 
 

@@ -144,8 +144,10 @@ class QueryRetrieveService:
     def on_find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
         calling, address = _peer(event)
         model = str(event.request.AffectedSOPClassUID)
-        # Every query row names the model asked under (the ATNA "SOP Queried" object).
-        audit_query = functools.partial(self._audit, "query", sop_class=model)
+        # Every query row names the model asked under (the ATNA "SOP Queried" object) and
+        # keeps the identifier as the viewer encoded it (its ParticipantObjectQuery).
+        audit_query = functools.partial(self._audit, "query", sop_class=model,
+                                        **_identifier_as_sent(event))
         try:
             identifier = event.identifier
             level, keys, asked = identifier_keys(identifier)
@@ -398,14 +400,25 @@ class QueryRetrieveService:
 
     def _audit(self, event: str, calling: str, address: str, target: str | None,
                outcome: str, count: int | None = None, detail: str | None = None,
-               sop_class: str | None = None) -> None:
+               sop_class: str | None = None, query: bytes | None = None,
+               query_syntax: str | None = None) -> None:
         text = " ".join(p for p in (detail, None if count is None else counted(
             count, "result" if event == "query" else "instance")) if p)
         try:
             audit.record(self.db, event, actor=calling, source=address, target=target,
-                         outcome=outcome, detail=text or None, sop_class=sop_class)
+                         outcome=outcome, detail=text or None, sop_class=sop_class,
+                         query=query, query_syntax=query_syntax)
         except Exception:  # the audit must not take a viewer's association down
             log.exception("audit record failed")
+
+
+def _identifier_as_sent(event: Any) -> dict[str, Any]:
+    """The request's identifier, its bytes as received and their transfer syntax (the
+    presentation context's), for the audit row; nothing when pynetdicom holds none."""
+    raw = getattr(event.request, "Identifier", None)
+    if raw is None:
+        return {}
+    return {"query": raw.getvalue(), "query_syntax": str(event.context.transfer_syntax)}
 
 
 def _asked(event: Any) -> str | None:

@@ -102,20 +102,23 @@ def _patients_named(conn: sqlite3.Connection, target: str | None) -> set[str]:
 def record(db: Database, event: str, *, actor: str | None, outcome: str = "success",
            target: str | None = None, source: str | None = None,
            detail: str | None = None, patient: str | None = None,
-           sop_class: str | None = None) -> None:
+           sop_class: str | None = None, query: bytes | None = None,
+           query_syntax: str | None = None) -> None:
     """Append one row in a transaction of its own: for an event that changes no other state
     (a query, a refusal, a report). A row about a state change goes in that change's
     transaction: :func:`record_in`. Called inside a transaction it joins it, as any nested
     :meth:`Database.transaction` does."""
     with db.transaction() as conn:
         record_in(conn, event, actor=actor, outcome=outcome, target=target, source=source,
-                  detail=detail, patient=patient, sop_class=sop_class)
+                  detail=detail, patient=patient, sop_class=sop_class, query=query,
+                  query_syntax=query_syntax)
 
 
 def record_in(conn: sqlite3.Connection, event: str, *, actor: str | None,
               outcome: str = "success", target: str | None = None, source: str | None = None,
               detail: str | None = None, patient: str | None = None,
-              sop_class: str | None = None) -> None:
+              sop_class: str | None = None, query: bytes | None = None,
+              query_syntax: str | None = None) -> None:
     """Append one row as part of the transaction ``conn`` is in (opened by
     :meth:`Database.transaction`), so it commits with the state change it records or not at
     all (invariant 3). It used to be written in a transaction of its own after the change
@@ -128,7 +131,9 @@ def record_in(conn: sqlite3.Connection, event: str, *, actor: str | None,
     call outside such a transaction is refused (:func:`appliance.store.db.after_commit`).
 
     ``sop_class``: the information model a query asked under (the ATNA Query message's
-    "SOP Queried" object, PS3.15 A.5.3.2); None for other events."""
+    "SOP Queried" object, PS3.15 A.5.3.2); None for other events. ``query``: the query as
+    the requester sent it (a C-FIND identifier's bytes, in ``query_syntax``, its transfer
+    syntax; a QIDO-RS request's path and query string), the message's ParticipantObjectQuery."""
     entry: dict[str, Any] = {}
     after_commit(conn, lambda: _publish(entry))  # first: refused, it must write nothing
     at = now()
@@ -136,12 +141,14 @@ def record_in(conn: sqlite3.Connection, event: str, *, actor: str | None,
     named = PATIENT_SEPARATOR.join(sorted(patients)) or None
     cursor = conn.execute(
         "INSERT INTO audit (at, event, actor, source, target, outcome, detail, patient, "
-        "sop_class) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (at, event, actor, source, target, outcome, detail, named, sop_class),
+        "sop_class, query, query_syntax) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (at, event, actor, source, target, outcome, detail, named, sop_class, query,
+         query_syntax),
     )
     entry.update({"id": cursor.lastrowid, "at": at, "event": event, "actor": actor,
                   "source": source, "target": target, "outcome": outcome, "detail": detail,
-                  "patient": named, "sop_class": sop_class})
+                  "patient": named, "sop_class": sop_class, "query": query,
+                  "query_syntax": query_syntax})
 
 
 def _publish(entry: dict[str, Any]) -> None:

@@ -358,4 +358,12 @@ MIGRATIONS: list[str] = [
     """
     DELETE FROM patients WHERE NOT EXISTS (SELECT 1 FROM studies WHERE patient_fk = patients.id);
     """,
+    # 13 (the audit trail): a query's own words. The ATNA Query message carries the query
+    # (PS3.15 A.5.3.2 ParticipantObjectQuery): for C-FIND the identifier as the viewer
+    # encoded it, with its transfer syntax; the row kept only a text summary, which no
+    # collector decodes as DICOM. NULL for other events and for rows from before.
+    """
+    ALTER TABLE audit ADD COLUMN query BLOB;
+    ALTER TABLE audit ADD COLUMN query_syntax TEXT;
+    """,
 ]

@@ -15,9 +15,12 @@ import subprocess
 import threading
 import xml.etree.ElementTree as ET
 from collections import Counter
+from io import BytesIO
 from pathlib import Path
 
 import pytest
+from pydicom.filereader import read_dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from tests.faults.pki import make_pki
 from tests.support.peers import CT_DIR, DCMTK_ENV, PasProcess, free_port, wait_for
@@ -79,7 +82,15 @@ PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
 def _queried(root: ET.Element) -> tuple[str, str]:
     """The one "SOP Queried" object of a query message (PS3.15 A.5.3.2: System object, role
     Report, ID type (110181, DCM, "SOP Class UID"), the query in ParticipantObjectQuery as
-    base64): (the SOP Class UID, the query decoded)."""
+    base64) of a row with no query bytes: (the SOP Class UID, the query decoded as text)."""
+    uid, query, syntax = _queried_as_sent(root)
+    assert syntax is None
+    return uid, query.decode()
+
+
+def _queried_as_sent(root: ET.Element) -> tuple[str, bytes, str | None]:
+    """The same object: (the SOP Class UID, the query's bytes, the transfer syntax a
+    ``TransferSyntax`` detail names, or None)."""
     import base64
 
     [obj] = root.findall("ParticipantObjectIdentification/ParticipantObjectIDTypeCode"
@@ -90,8 +101,9 @@ def _queried(root: ET.Element) -> tuple[str, str]:
                              "originalText": "SOP Class UID"}
     query = obj.find("ParticipantObjectQuery")
     assert query is not None and query.text is not None
-    return obj.get("ParticipantObjectID") or "", base64.b64decode(query.text,
-                                                                   validate=True).decode()
+    syntax = obj.find("ParticipantObjectDetail[@type='TransferSyntax']")
+    return (obj.get("ParticipantObjectID") or "", base64.b64decode(query.text, validate=True),
+            None if syntax is None else base64.b64decode(syntax.get("value") or "").decode())
 
 
 def _study_objects(root: ET.Element) -> list[ET.Element]:
@@ -453,7 +465,14 @@ def test_records_the_cli_writes_reach_the_collector_and_the_journal(tmp_path: Pa
                        timeout=60)
         wait_for(lambda: _by_msgid(collector.messages, "query"), 30, what="the query record")
         [query] = _by_msgid(collector.messages, "query")
-        assert _queried(query) == (PATIENT_ROOT_FIND, "PATIENT PatientID=NOBODY")
+        # The query as findscu encoded it, read back as DICOM in the syntax the message
+        # names (it was the row's text summary, which no collector decodes as DICOM).
+        model, identifier, syntax = _queried_as_sent(query)
+        assert model == PATIENT_ROOT_FIND and syntax is not None
+        assert syntax in (ImplicitVRLittleEndian, ExplicitVRLittleEndian), syntax
+        keys = read_dataset(BytesIO(identifier), is_implicit_VR=syntax == ImplicitVRLittleEndian,
+                            is_little_endian=True)
+        assert (keys.QueryRetrieveLevel, keys.PatientID) == ("PATIENT", "NOBODY")
         assert _patient_objects(query) == ["NOBODY"]
         _all_received_once(collector, pas.home, pas)  # and nothing twice
         # The journald copy (the daemon's stderr here) has them too.
