@@ -99,6 +99,13 @@ def test_each_order_group_is_a_request_of_its_own(pas_groups: PasProcess) -> Non
     assert send(pas_groups, message) == ("AA", "duplicate message: already processed")
     assert shape(pas_groups) == before
     assert all(r["times_requested"] == 1 for r in rows_of(pas_groups, "PG1").values())
+    # The same control id for other orders (a RIS numbering from 1 again) is a new message.
+    reused = orm("G1", group("THX2"), group("ABD2", "MR", "ABDOMEN"), patient="PG1")
+    assert send(pas_groups, reused) == ("AA", "")
+    assert sorted(rows_of(pas_groups, "PG1")) == ["ABD1", "ABD2", "THX1", "THX2"]
+    before = shape(pas_groups)
+    assert send(pas_groups, reused) == ("AA", "duplicate message: already processed")
+    assert shape(pas_groups) == before
 
 
 def test_omi_groups_each_read_from_their_own_tq1_and_ipc(pas_groups: PasProcess) -> None:
