@@ -142,7 +142,7 @@ def test_hl7_times() -> None:
 
 
 def test_issuer_from_pid3_and_scheduled_time_from_obr27() -> None:
-    order = interpret(parse_message("\r".join([
+    (order,) = interpret(parse_message("\r".join([
         "MSH|^~\\&|RIS|H|PAS|H|20261123||ORM^O01|X1|P|2.5",
         "PID|1||123^^^CHU-A&1.2.250.1&ISO^PI",
         "ORC|NW|P1|F1",

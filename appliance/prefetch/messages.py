@@ -11,6 +11,10 @@ Which fields are read, and why (HL7 v2.5 positions):
   ORC-2/ORC-3 placer/filler order number (the dedup key), OBR-18 or ORC-2 accession, OBR-24
   modality, OBR-15 body site, OBR-27.4 / ORC-7.4 / OBR-36 / OBR-7 the time of the exam.
 - OMI^O23: the same ORC/OBR, TQ1-7 start time, IPC-1 accession, IPC-5 modality.
+- ORM/OMI with several order groups (ORC, then its OBR, TQ1, IPC): each group is an order of
+  its own, read as above from its own segments (:func:`order_groups`); one bad group refuses
+  the whole message, naming the group. Read first-only, the second procedure of a CT thorax +
+  CT abdomen order was never prefetched, nor could it be cancelled.
 - SIU^S12/S14: SCH-1/SCH-2 appointment ids (dedup key), SCH-11.4 or AIS-4 start time.
 - ADT^A04/A08: PV1-19 visit number (dedup key: A04 then A08 of one visit is one request).
 """
@@ -242,23 +246,28 @@ def _time(message: hl7.Message, *paths: str) -> float | None:
     return None
 
 
-# The segments :func:`interpret` reads, each at its first occurrence only (``message["OBR.F18"]``
-# and ``message.segment("OBR")`` answer the first): the others (NTE, OBX, AL1, Z-segments...)
-# are dropped before parsing, since the ``hl7`` package builds a Python object per field,
-# repetition and component: one 1 MB message of ``~`` cost 4.6 s and 450 MB, six at once
-# 2.7 GB (invariant 8).
-READ_SEGMENTS = ("MSH", "PID", "ORC", "OBR", "TQ1", "IPC", "SCH", "AIS", "PV1")
+# The segments :func:`interpret` reads. Of these, the first only (``message.segment``
+# answers the first); each ORC opens an order group, and of :data:`GROUP_SEGMENTS` the first
+# in each group is kept. The others (NTE, OBX, AL1, Z-segments...) are dropped before parsing,
+# since the ``hl7`` package builds a Python object per field, repetition and component: one
+# 1 MB message of ``~`` cost 4.6 s and 450 MB, six at once 2.7 GB (invariant 8).
+READ_SEGMENTS = ("MSH", "PID", "SCH", "AIS", "PV1")
+GROUP_SEGMENTS = ("OBR", "TQ1", "IPC")
 # Delimiters allowed in the segments kept: a real order carries a few hundred; 20,000 cost
 # about 0.1 s and 10 MB to parse.
 MAX_DELIMITERS = 20_000
+# Order groups (ORC segments) one ORM/OMI may carry: a real one holds a few procedures; more
+# is refused (split them over several messages) rather than read half.
+MAX_GROUPS = 50
 
 
 def parse_message(text: str) -> hl7.Message:
     """Parse, refusing what is not an HL7 v2 message with a reason.
 
-    Only the first of each of :data:`READ_SEGMENTS` is parsed, and those may hold at most
-    :data:`MAX_DELIMITERS` delimiters together (a NAK naming the segment otherwise): what
-    parsing costs is bounded whatever the message carries besides."""
+    Only the segments read are parsed (:data:`READ_SEGMENTS`, and the ORC groups), at most
+    :data:`MAX_GROUPS` groups, holding at most :data:`MAX_DELIMITERS` delimiters together
+    (a NAK naming the segment otherwise): what parsing costs is bounded whatever the message
+    carries besides."""
     text = text.replace("\r\n", "\r").replace("\n", "\r").strip("\r")
     if not text.startswith("MSH"):
         raise Refusal("AR", "100", "not an HL7 v2 message: it does not start with an MSH "
@@ -273,32 +282,93 @@ def parse_message(text: str) -> hl7.Message:
 
 
 def _segments_read(text: str) -> str:
-    """The first MSH, PID, ORC... of ``text`` (see :data:`READ_SEGMENTS`), in their order."""
+    """The segments of ``text`` that are read, in their order: the first MSH, PID, SCH...
+    (:data:`READ_SEGMENTS`), every ORC and the first OBR, TQ1 and IPC after each (those
+    before the first ORC are kept as well: a message of one order may put them first).
+
+    Refused here, before anything is parsed: more than :data:`MAX_GROUPS` ORC (AR); an ORC
+    group holding a second OBR (AE: a procedure with no ORC of its own, so no order number
+    or order control of its own); too many delimiters (AR)."""
     separator = text[3]
     encoding_characters = text[4:8].split(separator, 1)[0]  # MSH-2: ^~\& or fewer
     delimiters = {separator, *encoding_characters[:2], *encoding_characters[3:]}
-    kept: dict[str, str] = {}
+    msh = text.split("\r", 1)[0].split(separator, 10)[8:10] + ["", ""]  # MSH-9, MSH-10
+    component, repetition = (encoding_characters + "^~")[:2]
+    kind = msh[0].split(repetition, 1)[0].split(component, 1)[0].strip().upper()
+    grouped = kind in ("ORM", "OMI")  # other types: the first ORC, OBR... only, as read
+    kept: list[tuple[str, str]] = []
+    seen: set[str] = set()   # READ_SEGMENTS (and ORC when not grouped) already kept
+    in_group: set[str] = set()  # GROUP_SEGMENTS already kept since the last ORC
+    groups = 0
     for segment in text.split("\r"):
         name = segment.split(separator, 1)[0]
-        if name in READ_SEGMENTS and name not in kept:
-            kept[name] = segment
+        if name == "ORC" and not grouped:
+            if name not in seen:
+                seen.add(name)
+                kept.append((name, segment))
+        elif name == "ORC":
+            groups += 1
+            if groups > MAX_GROUPS:
+                raise Refusal("AR", "100", f"too many orders in one message: more than "
+                              f"{MAX_GROUPS} ORC segments (at most {MAX_GROUPS} order groups "
+                              "are read; send the others in another message)", msh[0], msh[1])
+            in_group = set()
+            kept.append((f"ORC #{groups}" if groups > 1 else "ORC", segment))
+        elif name in GROUP_SEGMENTS:
+            if name in in_group:
+                if name == "OBR" and groups and grouped:
+                    raise Refusal("AE", "100", f"order group {groups} (ORC #{groups}) holds a "
+                                  "second OBR segment: each procedure needs an ORC of its own "
+                                  "(its order control and order number)", msh[0], msh[1])
+                continue
+            in_group.add(name)
+            kept.append((f"{name} of ORC #{groups}" if groups > 1 else name, segment))
+        elif name in READ_SEGMENTS and name not in seen:
+            seen.add(name)
+            kept.append((name, segment))
     total = 0
-    for name, segment in kept.items():
+    for name, segment in kept:
         count = sum(segment.count(d) for d in delimiters)
         total += count
         if total > MAX_DELIMITERS:
-            msh = kept["MSH"].split(separator, 10)[8:10] + ["", ""]  # MSH-9, MSH-10
             raise Refusal("AR", "100", f"{name} segment too complex: {count} delimiters, the "
                           f"segments read (MSH, PID, ORC, OBR...) may hold {MAX_DELIMITERS} "
                           "together", msh[0], msh[1])
-    return "\r".join(kept.values())
+    return "\r".join(segment for _, segment in kept)
+
+
+def order_groups(message: hl7.Message) -> list[hl7.Message]:
+    """One message per ORC group: the message's own segments (MSH, PID...) and that group's
+    ORC, OBR, TQ1 and IPC, so that each is read exactly as a message of one order is. The
+    OBR, TQ1 or IPC before the first ORC belong to the first group (after its own)."""
+    header: list[Any] = []
+    leading: list[Any] = []
+    groups: list[list[Any]] = []
+    for segment in message:
+        name = str(segment[0])
+        if name == "ORC":
+            groups.append([segment])
+        elif name in GROUP_SEGMENTS:
+            (groups[-1] if groups else leading).append(segment)
+        else:
+            header.append(segment)
+    if groups:
+        groups[0].extend(leading)
+    return [hl7.Message(message.separator, header + group, esc=message.esc,
+                        separators=message.separators, factory=message.factory)
+            for group in groups]
 
 
 def interpret(message: hl7.Message, issuer_default: str = "",
-              site_issuers: Collection[str] = ()) -> PrefetchOrder:
-    """What the message asks for, or :class:`Refusal`. ``site_issuers``: the issuers whose
-    identifiers the region knows (``prefetch.issuer_map``): the PID-3 repetition of one of
-    them is the patient's, else the first (see :func:`_site_repetition`)."""
+              site_issuers: Collection[str] = ()) -> list[PrefetchOrder]:
+    """What the message asks for, one :class:`PrefetchOrder` per order group of an ORM/OMI
+    (one for the other types), or :class:`Refusal`: a bad group refuses the whole message,
+    its reason naming the group when there are several, so that nothing of a message is
+    stored unless all of it is (one transaction per message, as for one order).
+
+    ``site_issuers``: the issuers whose identifiers the region knows
+    (``prefetch.issuer_map``): the PID-3 repetition of one of them is the patient's, else the
+    first (see :func:`_site_repetition`)."""
     kind = _field(message, "MSH.F9.R1.C1").upper()
     event = _field(message, "MSH.F9.R1.C2").upper()
     message_type = f"{kind}^{event}"
@@ -311,26 +381,42 @@ def interpret(message: hl7.Message, issuer_default: str = "",
                       f"{supported})", message_type, control_id)
     if not _segment_present(message, "PID"):
         raise Refusal("AE", "100", "PID segment is missing", message_type, control_id)
+    sender = f"{_msh_field(message, 3)}|{_msh_field(message, 4)}"
+    message_key = f"{sender}|{control_id}"
+    views = order_groups(message) if kind in ("ORM", "OMI") else [message]
+    orders = []
     try:
         repetition = _site_repetition(message, site_issuers)
         patient_id = _field(message, f"PID.F3.R{repetition}.C1")
         if not patient_id:
             raise Refusal("AE", "101", "PID-3 patient identifier is missing")
         issuer = _field(message, f"PID.F3.R{repetition}.C4.S1") or issuer_default
-        order = _interpret_kind(message, kind, f"{patient_id}|{issuer}")
+        _refuse_undecodable(message, {"PID-3 patient identifier": patient_id,
+                                      "PID-3.4 issuer": issuer,
+                                      "MSH-3/MSH-4/MSH-10": message_key})
+        if not views:
+            raise Refusal("AE", "100", "ORC segment is missing")
+        for number, view in enumerate(views, 1):
+            try:
+                dedup_key, accession, modality, body_part, scheduled_at, cancel = \
+                    _interpret_kind(view, kind, f"{patient_id}|{issuer}")
+                _refuse_undecodable(message, {
+                    "accession number": accession, "modality": modality,
+                    "body part": body_part, "order, appointment or visit number": dedup_key})
+            except Refusal as refusal:
+                if len(views) == 1:
+                    raise
+                raise Refusal(refusal.ack_code, refusal.error_code,
+                              f"order group {number} of {len(views)} (ORC #{number}): "
+                              f"{refusal.reason}") from None
+            orders.append(PrefetchOrder(
+                message_key, message_type, control_id, dedup_key, patient_id, issuer,
+                accession or None, (modality or "").upper() or None, body_part or None,
+                scheduled_at, cancel))
     except Refusal as refusal:
         raise Refusal(refusal.ack_code, refusal.error_code, refusal.reason, message_type,
                       control_id) from None
-    sender = f"{_msh_field(message, 3)}|{_msh_field(message, 4)}"
-    message_key = f"{sender}|{control_id}"
-    dedup_key, accession, modality, body_part, scheduled_at, cancel = order
-    _refuse_undecodable(message, message_type, control_id, {
-        "PID-3 patient identifier": patient_id, "PID-3.4 issuer": issuer,
-        "accession number": accession, "modality": modality, "body part": body_part,
-        "order, appointment or visit number": dedup_key, "MSH-3/MSH-4/MSH-10": message_key})
-    return PrefetchOrder(message_key, message_type, control_id, dedup_key, patient_id, issuer,
-                         accession or None, (modality or "").upper() or None, body_part or None,
-                         scheduled_at, cancel)
+    return orders
 
 
 def _site_repetition(message: hl7.Message, site_issuers: Collection[str]) -> int:
@@ -354,8 +440,7 @@ def _site_repetition(message: hl7.Message, site_issuers: Collection[str]) -> int
     return 1
 
 
-def _refuse_undecodable(message: hl7.Message, message_type: str, control_id: str,
-                       stored: dict[str, str]) -> None:
+def _refuse_undecodable(message: hl7.Message, stored: dict[str, str]) -> None:
     """A value PAS stores or matches on that holds U+FFFD, the mark of bytes not valid in
     the character set the message was read with, is refused naming it: stored, it would
     match no study in the region, and two ids differing only there would be one request.
@@ -365,14 +450,12 @@ def _refuse_undecodable(message: hl7.Message, message_type: str, control_id: str
             declared = _msh_field(message, 18)
             charset = f"MSH-18 {declared!r}" if declared else "hl7.encoding, MSH-18 empty"
             raise Refusal("AE", "102", f"{name} {value!r} holds bytes that are not valid in "
-                          f"the message's character set ({charset})", message_type, control_id)
+                          f"the message's character set ({charset})")
 
 
 def _interpret_kind(message: hl7.Message, kind: str, patient: str
                     ) -> tuple[str, str, str, str, float | None, bool]:
     if kind in ("ORM", "OMI"):
-        if not _segment_present(message, "ORC"):
-            raise Refusal("AE", "100", "ORC segment is missing")
         placer = _field(message, "ORC.F2.R1.C1")
         filler = _field(message, "ORC.F3.R1.C1")
         accession = (_field(message, "IPC.F1.R1.C1") if kind == "OMI" else "") \

@@ -14,7 +14,13 @@ import logging
 from collections.abc import Callable, Collection
 from typing import Any
 
-from appliance.prefetch.messages import Refusal, build_ack, interpret, parse_message
+from appliance.prefetch.messages import (
+    PrefetchOrder,
+    Refusal,
+    build_ack,
+    interpret,
+    parse_message,
+)
 from appliance.store import audit
 from appliance.store import prefetch as store
 from appliance.store.db import Database
@@ -29,34 +35,39 @@ def handle(db: Database, text: str, source: str,
     then woken). ``due_at``: when a request for an exam at that time is due. A resent
     message is recognised and ACKed again, changing nothing; a refused one is audited and
     NAKed with the reason; an internal error is still answered (AE), never left hanging.
-    ``site_issuers``: which PID-3 repetition is the patient's (:func:`messages.interpret`)."""
+    ``site_issuers``: which PID-3 repetition is the patient's (:func:`messages.interpret`).
+
+    An ORM/OMI of several order groups is one ACK and one transaction: each group schedules
+    or cancels its own request (its own order number), or, one group refused, none does."""
     message = None
     try:
         message = parse_message(text)
-        order = interpret(message, site_issuers=site_issuers)
-        if order.cancel:
-            recorded = store.record_message(db, order.message_key, order.message_type, "AA",
-                                            cancel_key=order.dedup_key)
-            if not recorded.first:
-                return _duplicate(message, order.message_type, order.control_id, source), False
-            _warn_reused(order.control_id, recorded.reused_for, order.dedup_key, source)
-            log.info("HL7 %s: order %s cancelled", order.message_type, order.dedup_key)
-            return build_ack(message, "AA"), False
-        scheduled_at = order.scheduled_at
-        request = store.NewRequest(
-            order.dedup_key, "hl7", order.patient_id, order.issuer, order.accession_number,
-            order.modality, order.body_part, scheduled_at, due_at(scheduled_at))
-        recorded = store.record_message(db, order.message_key, order.message_type, "AA",
-                                        request=request)
+        orders = _distinct(interpret(message, site_issuers=site_issuers), source)
+        actions: list[store.NewRequest | store.Cancel] = [
+            store.Cancel(order.dedup_key) if order.cancel else store.NewRequest(
+                order.dedup_key, "hl7", order.patient_id, order.issuer,
+                order.accession_number, order.modality, order.body_part, order.scheduled_at,
+                due_at(order.scheduled_at))
+            for order in orders]
+        first = orders[0]
+        recorded = store.record_message(db, first.message_key, first.message_type, "AA",
+                                        actions=actions)
         if not recorded.first:
-            return _duplicate(message, order.message_type, order.control_id, source), False
-        _warn_reused(order.control_id, recorded.reused_for, order.dedup_key, source)
-        result = recorded.scheduled
-        log.info("HL7 %s %s from %s: patient %s, %s request %s", order.message_type,
-                 order.control_id, source, order.patient_id,
-                 "new" if result and result.created else "known",
-                 result.request_id if result else "-")
-        return build_ack(message, "AA"), True
+            return _duplicate(message, first.message_type, first.control_id, source), False
+        _warn_reused(first.control_id, recorded.reused_for,
+                     "; ".join(order.dedup_key for order in orders), source)
+        scheduled = iter(recorded.all_scheduled)
+        for number, order in enumerate(orders, 1):
+            of = f" (order {number} of {len(orders)})" if len(orders) > 1 else ""
+            if order.cancel:
+                log.info("HL7 %s: order %s cancelled%s", order.message_type, order.dedup_key,
+                         of)
+                continue
+            result = next(scheduled)
+            log.info("HL7 %s %s from %s: patient %s, %s request %s%s", order.message_type,
+                     order.control_id, source, order.patient_id,
+                     "new" if result.created else "known", result.request_id, of)
+        return build_ack(message, "AA"), bool(recorded.all_scheduled)
     except Refusal as refusal:
         log.warning("HL7 from %s refused (%s): %s", source, refusal.ack_code, refusal.reason)
         audit.record(db, "hl7", actor=source or None, outcome=f"failure: {refusal.reason}",
@@ -66,6 +77,24 @@ def handle(db: Database, text: str, source: str,
     except Exception as exc:  # never leave the RIS without an answer
         log.exception("HL7 from %s: internal error", source)
         return build_ack(message, "AE", f"internal error: {exc}", "207"), False
+
+
+def _distinct(orders: list[PrefetchOrder], source: str) -> list[PrefetchOrder]:
+    """The orders of a message, each (order number, cancel or not) once: groups naming the
+    same order number are one order (scheduled twice it was counted as requested twice).
+    Such groups are what one order's several procedure steps look like when the RIS gives
+    them one order number; the first group's modality is the request's, logged."""
+    seen: dict[tuple[str, bool], PrefetchOrder] = {}
+    for order in orders:
+        key = (order.dedup_key, order.cancel)
+        if key in seen:
+            log.warning("HL7 %s %s from %s: two order groups name order %s: one request (the "
+                        "first group's modality %s; the other's %s)", order.message_type,
+                        order.control_id, source, order.dedup_key, seen[key].modality,
+                        order.modality)
+            continue
+        seen[key] = order
+    return list(seen.values())
 
 
 def _warn_reused(control_id: str, earlier: str | None, order: str, source: str) -> None:

@@ -12,6 +12,7 @@ the same order received five times schedules one prefetch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,33 +49,57 @@ def message_seen(db: Database, message_key: str) -> dict[str, Any] | None:
 
 
 @dataclass(frozen=True)
+class Cancel:
+    """An order the RIS cancelled: its pending request (by dedup key) is cancelled."""
+
+    dedup_key: str
+
+
+@dataclass(frozen=True)
 class Recorded:
     first: bool                   # False: this message key was already recorded (a resend)
-    scheduled: Scheduled | None = None
-    reused_for: str | None = None  # the other order an earlier message with this key named
+    scheduled: Scheduled | None = None  # the first order's request
+    reused_for: str | None = None  # the other order(s) an earlier message with this key named
+    all_scheduled: tuple[Scheduled, ...] = ()  # every order's request, in message order
+
+
+def _meaning(action: NewRequest | Cancel) -> str:
+    return action.dedup_key if isinstance(action, NewRequest) else f"cancel {action.dedup_key}"
+
+
+# What a message of several orders is recorded as meaning (prefetch_messages.detail):
+# this prefix, then each order's meaning, in message order.
+SEVERAL = "orders: "
 
 
 def record_message(db: Database, message_key: str, message_type: str, ack_code: str,
                    detail: str | None = None, request: NewRequest | None = None,
-                   cancel_key: str | None = None) -> Recorded:
-    """Remember a message and (optionally) schedule or cancel its request, in ONE
+                   cancel_key: str | None = None,
+                   actions: Sequence[NewRequest | Cancel] = ()) -> Recorded:
+    """Remember a message and (optionally) schedule or cancel its requests, in ONE
     transaction: the ACK is sent only after this commits, so a crash in between makes the RIS
-    resend, and the resend is recognised.
+    resend, and the resend is recognised. ``actions``: what each order of the message does,
+    in its order (``request`` / ``cancel_key``: one order, as a message of one order said).
+    Every order of a message of several is applied or none is (invariant 3).
 
     The message row is claimed first (``INSERT OR IGNORE`` on its primary key, under the
-    write lock ``BEGIN IMMEDIATE`` takes), and the request is touched only by the one that
+    write lock ``BEGIN IMMEDIATE`` takes), and the requests are touched only by the one that
     inserted it: the same message resent on several connections at once is counted once
     (a read before the transaction let two of them through).
 
-    A key already recorded for a different order (a RIS whose control ids started again
+    A key already recorded for different orders (a RIS whose control ids started again
     from 1 after a reinstall) is not a resend: that message is recorded under its key and
-    the order it names, and ``reused_for`` names the earlier one. Taken for a resend, it was
-    ACKed AA "already processed" and its order silently dropped."""
+    the orders it names, and ``reused_for`` names the earlier ones. Taken for a resend, it
+    was ACKed AA "already processed" and its orders silently dropped."""
     at = now()
-    scheduled: Scheduled | None = None
-    meaning = request.dedup_key if request is not None else f"cancel {cancel_key}"
-    if cancel_key is not None:
-        detail = meaning  # what a cancel did (it has no request): a resend or a reused key?
+    actions = [*actions, *([request] if request is not None else []),
+               *([Cancel(cancel_key)] if cancel_key is not None else [])]
+    if len(actions) == 1:
+        meaning = _meaning(actions[0])
+        if isinstance(actions[0], Cancel):
+            detail = meaning  # what a cancel did (it has no request): a resend or a reused key?
+    else:
+        meaning = detail = SEVERAL + "; ".join(map(_meaning, actions))
     reused_for: str | None = None
     with db.transaction() as conn:
         claimed = conn.execute(
@@ -92,25 +117,32 @@ def record_message(db: Database, message_key: str, message_type: str, ack_code: 
                 (message_key, at, message_type, ack_code, detail))
             if claimed.rowcount == 0:
                 return Recorded(first=False)  # that one resent as well
-        if request is not None:
-            scheduled = _schedule(conn, request, at, revive=True)
+        scheduled: list[Scheduled] = []
+        for action in actions:
+            if isinstance(action, NewRequest):
+                scheduled.append(_schedule(conn, action, at, revive=True))
+            else:
+                conn.execute(
+                    "UPDATE prefetch_requests SET state = 'cancelled', updated_at = ? "
+                    "WHERE dedup_key = ? AND state = 'pending'", (at, action.dedup_key))
+        if scheduled:  # the message's first request (a message of several names them all)
             conn.execute("UPDATE prefetch_messages SET request_fk = ? WHERE message_key = ?",
-                         (scheduled.request_id, message_key))
-        if cancel_key is not None:
-            conn.execute(
-                "UPDATE prefetch_requests SET state = 'cancelled', updated_at = ? "
-                "WHERE dedup_key = ? AND state = 'pending'", (at, cancel_key))
-    return Recorded(first=True, scheduled=scheduled, reused_for=reused_for)
+                         (scheduled[0].request_id, message_key))
+    return Recorded(first=True, scheduled=scheduled[0] if scheduled else None,
+                    reused_for=reused_for, all_scheduled=tuple(scheduled))
 
 
 def _recorded_meaning(conn: Any, message_key: str) -> str | None:
-    """The order a recorded message named (its request's dedup key, or ``cancel <key>``);
-    None when unknown (a cancel recorded before this was kept)."""
+    """The order a recorded message named (its request's dedup key, or ``cancel <key>``;
+    ``orders: ...`` for a message of several, see :data:`SEVERAL`); None when unknown (a
+    cancel recorded before this was kept)."""
     row = conn.execute(
         "SELECT m.detail, r.dedup_key FROM prefetch_messages m LEFT JOIN prefetch_requests r "
         "ON r.id = m.request_fk WHERE m.message_key = ?", (message_key,)).fetchone()
     if row is None:
         return None
+    if (row["detail"] or "").startswith(SEVERAL):
+        return str(row["detail"])
     if row["dedup_key"] is not None:
         return str(row["dedup_key"])
     detail = row["detail"] or ""
