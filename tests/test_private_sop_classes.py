@@ -141,6 +141,16 @@ def test_csa_non_image_is_taken_by_default_and_an_unlisted_class_refused_naming_
     # Said once for this modality and class, not at every association.
     storescu(MR_IMAGES[:1], pas.port, extra=modality_profile(tmp_path))
     assert len([line for line in pas.log().splitlines() if PHILIPS_SPECTRUM in line]) == 1
+    # A viewer's C-GET proposes DCMTK's whole storage list in the SCP role only (retired
+    # print and standalone classes PAS does not take among them): it will send none of them,
+    # so nothing is said about it.
+    get = subprocess.run(["getscu", "-aet", "GETSCU", "-aec", "PAS", "-k",
+                          "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=1.2.3",
+                          "-od", str(tmp_path), "127.0.0.1", str(pas.port)],
+                         env=DCMTK_ENV, capture_output=True, text=True, timeout=60)
+    assert get.returncode == 0, get.stderr[-2000:]
+    assert wait_for(lambda: "audit retrieve by GETSCU" in pas.log(), 10, what="the C-GET")
+    assert "from GETSCU" not in pas.log()
 
 
 @pytest.mark.parametrize("direct_receive", ["true", "false"])

@@ -281,8 +281,13 @@ class DicomListener:
         """Name the SOP classes whose presentation contexts were refused because PAS does
         not take them (:class:`RefusedSopClassLog`)."""
         assoc = event.assoc
+        # Only what the peer proposed to send: a C-GET viewer proposes dozens of storage
+        # classes in the SCP role alone (getscu: retired print and standalone classes among
+        # them) and will never send PAS one of them.
+        roles = assoc.requestor.role_selection
         refused = {str(cx.abstract_syntax) for cx in assoc.rejected_contexts
-                   if cx.result == _ABSTRACT_SYNTAX_NOT_SUPPORTED}
+                   if cx.result == _ABSTRACT_SYNTAX_NOT_SUPPORTED
+                   and (cx.abstract_syntax not in roles or roles[cx.abstract_syntax].scu_role)}
         if refused:
             requestor = assoc.requestor
             self.refused_sop_classes.refused(requestor.ae_title.strip(), requestor.address,
