@@ -170,6 +170,24 @@ def test_a_configured_private_class_is_stored_on_either_receive_path(
     assert f'add "{CSA_NON_IMAGE}" to {KEY}' in pas.log()
 
 
+def test_the_refusal_line_is_said_again_after_its_interval_and_its_memory_is_bounded(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from appliance.ingest.scp import RefusedSopClassLog
+
+    said = RefusedSopClassLog(every_s=3600)
+    for _ in range(3):
+        said.refused("MR2", "10.1.2.7", {PHILIPS_SPECTRUM})
+    assert len(caplog.records) == 1
+    said.every_s = 0  # the hour has passed
+    said.refused("MR2", "10.1.2.7", {PHILIPS_SPECTRUM})
+    assert caplog.records[-1].getMessage().endswith(
+        f"to {KEY}; refused 2 more times since it was last said")
+    said.every_s = 3600
+    for number in range(said.MAX_REMEMBERED + 10):  # any AE, any UID: accept_unknown
+        said.refused(f"AE{number}", "10.1.2.8", {f"1.2.3.{number}"})
+    assert len(said._last) <= said.MAX_REMEMBERED
+
+
 def test_config_check_names_each_bad_uid_and_its_place(tmp_path: Path) -> None:
     config = tmp_path / "appliance.toml"
     config.write_text(textwrap.dedent(f"""

@@ -110,6 +110,10 @@ class RefusedSopClassLog:
     association per image would otherwise write it for every image), with how many times it
     was refused meanwhile."""
 
+    # Pairs remembered at most (bounded memory, invariant 8: with dicom.accept_unknown any
+    # calling AE may propose any UID); past it, the ones said longer than every_s ago go.
+    MAX_REMEMBERED = 4096
+
     def __init__(self, every_s: float = 3600.0):
         self.every_s = every_s
         self._last: dict[tuple[str, str], tuple[float, int]] = {}
@@ -119,6 +123,11 @@ class RefusedSopClassLog:
         now = time.monotonic()
         for uid in sorted(sop_classes):
             with self._lock:
+                if len(self._last) >= self.MAX_REMEMBERED:
+                    self._last = {key: value for key, value in self._last.items()
+                                  if now - value[0] < self.every_s}
+                    if len(self._last) >= self.MAX_REMEMBERED:
+                        self._last.clear()  # a flood: saying a line again is the lesser harm
                 said_at, since = self._last.get((calling, uid), (-self.every_s, 0))
                 if now - said_at < self.every_s:
                     self._last[(calling, uid)] = (said_at, since + 1)
