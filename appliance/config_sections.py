@@ -109,9 +109,47 @@ def _nested_quantifier(pattern: str) -> str | None:
     return walk(_parser.parse(pattern, re.IGNORECASE), False)
 
 
+# Siemens CSA Non-Image Storage: the private objects (spectroscopy data, syngo protocols,
+# MR "CSA" series) a Siemens MR or CT sends along with its images. Shipped in the default of
+# ``dicom.extra_storage_sop_classes`` (docs/ingest.md, "Private SOP classes").
+SIEMENS_CSA_NON_IMAGE = "1.3.12.2.1107.5.9.1"
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+
+
+def _storage_sop_class_uid(value: str) -> str:
+    """A SOP Class UID PAS may accept and serve as a storage class: a syntactically valid
+    UID (PS3.5 9.1: digits and dots, no leading zero in a component, at most 64 characters)
+    that is not a standard UID of something else (a transfer syntax, a Q/R model,
+    Verification): taken as storage, that would make PAS file C-STOREs on it."""
+    from pydicom.uid import UID_dictionary  # type: ignore[attr-defined]
+
+    uid = value.strip()
+    if len(uid) > 64 or not _UID.fullmatch(uid):
+        raise ValueError(f"is not a UID (digits separated by dots, no leading zeros, at most "
+                         f"64 characters), got {value!r}")
+    known = UID_dictionary.get(uid)
+    if known is None:  # a private (or unknown) UID: the case this key is for
+        return uid
+    name, kind = known[0], known[1]
+    storage = kind == "SOP Class" and "Storage" in name and not name.startswith(
+        ("Storage ", "Media Storage"))  # Storage Commitment/Management, DICOMDIR
+    if storage:
+        # pynetdicom serves some standard storage-like classes under another service
+        # (Hanging Protocol, Color Palette, Defined Procedure Protocol): not PAS's to take.
+        from pynetdicom.service_class import ServiceClass, StorageServiceClass
+        from pynetdicom.sop_class import uid_to_service_class  # type: ignore[attr-defined]
+
+        storage = uid_to_service_class(uid) in (ServiceClass, StorageServiceClass)
+    if not storage:
+        raise ValueError(f"is the standard UID of {name} ({kind}), not of a storage SOP "
+                         f"class PAS may take C-STOREs for, got {value!r}")
+    return uid
+
+
 Port = Annotated[int, AfterValidator(_port)]
 AETitle = Annotated[str, AfterValidator(_ae_title)]
 Regex = Annotated[str, AfterValidator(_regex)]
+StorageSopClassUid = Annotated[str, AfterValidator(_storage_sop_class_uid)]
 Priority = Literal["urgent", "high", "routine"]
 
 PRIORITY_RANK: dict[str, int] = {"urgent": 0, "high": 1, "routine": 2}
@@ -187,6 +225,10 @@ class DicomSection(_Section):
     # A C-STORE's dataset is held in memory up to this size; beyond, it is written to a spool
     # temp file as it arrives (bounded memory: tomosynthesis, long multi-frame objects).
     spill_above_mb: int = Field(default=32, ge=0)  # 0: every dataset (tests)
+    # Storage SOP classes accepted, stored and served besides the standard ones pynetdicom
+    # knows: vendors' private objects (appliance/ingest/scp.py, storage_sop_classes). One not
+    # listed is refused at negotiation, and the log names it and this key.
+    extra_storage_sop_classes: list[StorageSopClassUid] = [SIEMENS_CSA_NON_IMAGE]
 
 
 class StorageSection(_Section):

@@ -12,11 +12,11 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.uid import AllTransferSyntaxes
+from pydicom.uid import UID, AllTransferSyntaxes
 from pynetdicom import AE, evt, register_uid
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.service_class import StorageServiceClass
@@ -44,6 +44,8 @@ SOP_CLASS_NOT_SUPPORTED = 0x0122
 CANNOT_UNDERSTAND = 0xC210
 PROCESSING_FAILURE = 0xC211
 
+# A-ASSOCIATE-AC presentation context result: abstract syntax not supported (PS3.8 9.3.3.2)
+_ABSTRACT_SYNTAX_NOT_SUPPORTED = 0x03
 # A-ASSOCIATE-RJ: rejected-permanent, by the service user
 _REJECT_PERMANENT = 0x01
 _SOURCE_SERVICE_USER = 0x01
@@ -76,15 +78,69 @@ RETIRED_IMAGE_STORAGE = {
 }
 
 
-def storage_sop_classes() -> list[str]:
-    """Every storage SOP class PAS accepts and serves: pynetdicom's, then the retired image
-    classes (registered with pynetdicom here, once, so that its C-STORE handling and the
-    direct path, which ask ``uid_to_service_class``, take them as storage)."""
+def storage_sop_classes(extra: Sequence[str] = ()) -> list[str]:
+    """Every storage SOP class PAS accepts and serves: pynetdicom's, the retired image
+    classes, then ``extra`` (``dicom.extra_storage_sop_classes``: vendors' private classes
+    such as Siemens CSA Non-Image). The ones pynetdicom does not know are registered with it
+    here as storage classes, once per process, so that its C-STORE handling, the direct
+    path (both ask ``uid_to_service_class``), C-GET and C-MOVE sub-operations take them as
+    storage: received, filed and served like any other."""
     for uid, keyword in RETIRED_IMAGE_STORAGE.items():
         if uid_to_service_class(uid) is not StorageServiceClass:
             register_uid(uid, keyword, StorageServiceClass)
     known = [str(context.abstract_syntax) for context in AllStoragePresentationContexts]
-    return known + [uid for uid in RETIRED_IMAGE_STORAGE if uid not in known]
+    classes = known + [uid for uid in RETIRED_IMAGE_STORAGE if uid not in known]
+    for uid in extra:
+        if uid_to_service_class(uid) is not StorageServiceClass:
+            # The keyword only has to be a unique Python identifier (pynetdicom's rule).
+            register_uid(uid, "PasExtraStorage_" + uid.replace(".", "_"), StorageServiceClass)
+        if uid not in classes:
+            classes.append(uid)
+    return classes
+
+
+class RefusedSopClassLog:
+    """The journal line for a presentation context refused because PAS does not take its
+    SOP class: which class, from whom, and the key that would accept it.
+
+    pynetdicom rejects such a context silently (abstract syntax not supported, PS3.8
+    9.3.3.2), the modality logs a failure for every object of that class, and the study
+    reaches the region incomplete: the only trace on PAS's side is this line. Said at most
+    once per ``every_s`` for one calling AE and SOP class (a modality opening one
+    association per image would otherwise write it for every image), with how many times it
+    was refused meanwhile."""
+
+    # Pairs remembered at most (bounded memory, invariant 8: with dicom.accept_unknown any
+    # calling AE may propose any UID); past it, the ones said longer than every_s ago go.
+    MAX_REMEMBERED = 4096
+
+    def __init__(self, every_s: float = 3600.0):
+        self.every_s = every_s
+        self._last: dict[tuple[str, str], tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def refused(self, calling: str, address: str, sop_classes: set[str]) -> None:
+        now = time.monotonic()
+        for uid in sorted(sop_classes):
+            with self._lock:
+                if len(self._last) >= self.MAX_REMEMBERED:
+                    self._last = {key: value for key, value in self._last.items()
+                                  if now - value[0] < self.every_s}
+                    if len(self._last) >= self.MAX_REMEMBERED:
+                        self._last.clear()  # a flood: saying a line again is the lesser harm
+                said_at, since = self._last.get((calling, uid), (-self.every_s, 0))
+                if now - said_at < self.every_s:
+                    self._last[(calling, uid)] = (said_at, since + 1)
+                    continue
+                self._last[(calling, uid)] = (now, 0)
+            name = UID(uid).name
+            what = uid if name == uid else f"{name} ({uid})"
+            again = f"; refused {counted(since, 'more time')} since it was last said" \
+                if since else ""
+            log.warning("presentation context for SOP class %s from %s (%s) refused: not a "
+                        "storage SOP class PAS takes; to accept it, add \"%s\" to "
+                        "dicom.extra_storage_sop_classes%s", what, calling, address, uid, again,
+                        extra={"CALLING_AE": calling})
 
 
 class AssociationPolicy:
@@ -128,10 +184,15 @@ class DicomListener:
         self.ae.maximum_pdu_size = config.max_pdu
         self.ae.require_called_aet = True
         self.ae.add_supported_context(Verification)
-        for sop_class in storage_sop_classes():
+        # The SCP's supported contexts are not bound by the 128 an association may propose
+        # (that limit is the requestor's): the standard, retired and extra classes all go.
+        self.storage_classes = storage_sop_classes(config.extra_storage_sop_classes)
+        for sop_class in self.storage_classes:
             self.ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+        self.refused_sop_classes = RefusedSopClassLog()
         self._handlers: list[tuple[Any, Callable[..., Any]]] = [
             (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
             (evt.EVT_C_STORE, self._on_c_store_timed),
             (evt.EVT_RELEASED, self._on_association_end),
@@ -224,6 +285,22 @@ class DicomListener:
             )
             event.assoc.kill()  # as pynetdicom does: waits until the A-ASSOCIATE-RJ is sent
             self._refused(event, "unknown-ae", calling, f"association rejected: {reason}")
+
+    def _on_accepted(self, event: Any) -> None:
+        """Name the SOP classes whose presentation contexts were refused because PAS does
+        not take them (:class:`RefusedSopClassLog`)."""
+        assoc = event.assoc
+        # Only what the peer proposed to send: a C-GET viewer proposes dozens of storage
+        # classes in the SCP role alone (getscu: retired print and standalone classes among
+        # them) and will never send PAS one of them.
+        roles = assoc.requestor.role_selection
+        refused = {str(cx.abstract_syntax) for cx in assoc.rejected_contexts
+                   if cx.result == _ABSTRACT_SYNTAX_NOT_SUPPORTED
+                   and (cx.abstract_syntax not in roles or roles[cx.abstract_syntax].scu_role)}
+        if refused:
+            requestor = assoc.requestor
+            self.refused_sop_classes.refused(requestor.ae_title.strip(), requestor.address,
+                                             refused)
 
     def _refused(self, event: Any, kind: str, calling: str, reason: str) -> None:
         """The audit row of a rejected association (after the A-ASSOCIATE-RJ is sent: the

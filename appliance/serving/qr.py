@@ -38,7 +38,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from appliance.config import ServingSection
 from appliance.dicomnet.outgoing import wait_for_room
-from appliance.ingest.scp import TRANSFER_SYNTAXES, DicomListener, storage_sop_classes
+from appliance.ingest.scp import TRANSFER_SYNTAXES, DicomListener
 from appliance.ops.metrics import count_retrieve
 from appliance.serving.qr_identifiers import identifier_keys, query_charset, response_identifier
 from appliance.serving.suboperations import (
@@ -121,7 +121,7 @@ class QueryRetrieveService:
     def register(self, listener: DicomListener) -> None:
         """Add the Q/R contexts and handlers to the ingest AE (before it starts), and accept
         the SCP role for storage so that C-GET can send on the viewer's association."""
-        for sop_class in storage_sop_classes():
+        for sop_class in listener.storage_classes:
             listener.ae.add_supported_context(sop_class, TRANSFER_SYNTAXES,
                                               scu_role=True, scp_role=True)
         contexts = [

@@ -245,7 +245,10 @@ class DicomTarget:
         for sop_class, entry in sorted(refused.items()):
             syntaxes = ", ".join(sorted(UID(ts).name for ts in entry.proposed))
             answer = ", ".join(sorted(entry.answers)) or "no usable context"
-            parts.append(f"SOP class {UID(sop_class).name} ({sop_class}), proposed in "
+            # A private class has no name: its UID alone, not twice.
+            name = UID(sop_class).name
+            named = sop_class if name == sop_class else f"{name} ({sop_class})"
+            parts.append(f"SOP class {named}, proposed in "
                          f"{syntaxes} (answer: {answer}); {counted(entry.instances, 'instance')} "
                          "not sent")
         return (f"{self.name}: {self.peer} accepted no presentation context for "
