@@ -1,0 +1,56 @@
+"""QIDO-RS within one study costs bounded memory (invariant 8), and still answers every
+instance.
+
+Found in review (2026-12-04): a search confined to one study (/studies/{s}/instances,
+/studies/{s}/series/{se}/instances) is not capped (fetch-through lists a study that way), and
+PAS built every row, every DICOM JSON object and the whole body before the first byte: for a
+study of 200,001 instances, peak RSS of `pas run` +1,582 MB. The rows are now read a page at a
+time and the body written as it goes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+
+from tests.support.peers import PasProcess, read_rows
+from tests.test_serving_memory import _growth, _study_of_many_instances
+
+INSTANCES = 200_000
+
+
+def _listed(url: str) -> tuple[int, list[str]]:
+    """(status, SOP Instance UIDs) of a QIDO-RS answer, its body read as it streams."""
+    with httpx.stream("GET", url, headers={"Accept": "application/dicom+json"},
+                      timeout=300) as response:
+        body = b"".join(response.iter_bytes())
+    items = json.loads(body)
+    return response.status_code, [item["00080018"]["Value"][0] for item in items]
+
+
+def test_qido_of_a_study_of_200000_instances_streams_its_answer(tmp_path: Path) -> None:
+    home = tmp_path / "pas"
+    home.mkdir()
+    study, real = _study_of_many_instances(home, INSTANCES)
+    series = read_rows(home / "pas.sqlite", "SELECT series_uid FROM series")[0]["series_uid"]
+    pas = PasProcess(home, {"PAS_DICOM__ACCEPT_UNKNOWN": "true"}).start()
+    base = f"http://127.0.0.1:{pas.http_port}/dicom-web/studies/{study}"
+    try:
+        # Warm-up (modules, the threadpool's database connections): one instance.
+        status, uids = _listed(f"{base}/instances?SOPInstanceUID={real}")
+        assert (status, uids) == (200, [real])
+        for path in ("instances", f"series/{series}/instances"):
+            growth, (status, uids) = _growth(  # type: ignore[misc]
+                pas, lambda path=path: _listed(f"{base}/{path}"))
+            print(f"QIDO-RS /{path} of {INSTANCES + 1} instances: peak RSS +{growth:.1f} MB")
+            assert status == 200
+            assert len(uids) == len(set(uids)) == INSTANCES + 1 and real in uids
+            assert growth < 40, growth  # every row and the whole body: +1,582 MB
+        rows = read_rows(home / "pas.sqlite", "SELECT outcome, detail FROM audit WHERE "
+                                              "event = 'query' ORDER BY id")
+        assert [(r["outcome"], r["detail"]) for r in rows[-2:]] == \
+            [("success", f"{INSTANCES + 1} results (QIDO-RS)")] * 2
+    finally:
+        pas.stop()
