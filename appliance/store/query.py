@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from appliance.store.db import Database
+from appliance.store.person_names import PN_MATCH, PN_TABLES, SEPARATED, pn_match
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 
@@ -257,20 +258,8 @@ def _match(where: _Where, keyword: str, value: str, pn_case_sensitive: bool) -> 
             raise QueryError(f"{keyword}: {value[:40]!r} is out of the range of an IS value "
                              "(a 32-bit signed integer)")
         where.add(f"{sql} = ?", number)
-    elif vr == "PN" and not pn_case_sensitive and not value.isascii():
-        # SQLite's LIKE and NOCASE fold ASCII letters only: "hélène*" missed HÉLÈNE^DUPONT.
-        # Both sides go through str.casefold (registered on the connection by find()); an
-        # ASCII value keeps the form below, which the name index serves and folds the same.
-        folded = _casefold(value)
-        if _has_wildcard(folded):
-            where.add(f"{_CASEFOLD}({sql}) GLOB ?", _glob_pattern(folded))
-        else:
-            where.add(f"{_CASEFOLD}({sql}) = ?", folded)
-    elif vr == "PN" and not pn_case_sensitive:
-        if _has_wildcard(value):
-            where.add(f"{sql} LIKE ? ESCAPE '\\'", _like_pattern(value))
-        else:
-            where.add(f"{sql} = ? COLLATE NOCASE", value)
+    elif vr == "PN":
+        _match_person_name(where, keyword, sql, value, pn_case_sensitive)
     elif "\\" in value:  # several values of a CS (e.g. Modality CT\MR): any of them
         test, params = _any_of(sql, value.split("\\"))
         where.add(test, *params)
@@ -278,6 +267,48 @@ def _match(where: _Where, keyword: str, value: str, pn_case_sensitive: bool) -> 
         where.add(f"{sql} GLOB ?", _glob_pattern(value))
     else:
         where.add(f"{sql} = ?", value)
+
+
+def _match_person_name(where: _Where, keyword: str, sql: str, value: str,
+                       case_sensitive: bool) -> None:
+    """A person name key (PS3.4 C.2.2.2.1, C.2.2.2.4): one value, matched against each value
+    and component group of a stored name that has several (``person_names.py``), against the
+    whole name otherwise. A key of several values (``DOE^JOHN\\DOE^J``) is refused: PN keys
+    are VM 1, PS3.4 C.2.2.2 lets a key hold more values than its VM only for List of UID
+    Matching and for Multiple Value Matching, which is for attributes of VM > 1 and needs an
+    extended negotiation PAS does not offer (C.2.2.2.8 note 4: undefined without it). It
+    matched nothing, which read as "no such patient"."""
+    if "\\" in value:
+        count = len(value.split("\\"))
+        raise QueryError(f"{keyword}: a person name key takes one value, not {count} (PS3.4 "
+                         f"C.2.2.2: VM 1, no multiple value matching): {value[:80]!r}")
+    whole = _Where([], [])
+    if not case_sensitive and not value.isascii():
+        # SQLite's LIKE and NOCASE fold ASCII letters only: "hélène*" missed HÉLÈNE^DUPONT.
+        # Both sides go through str.casefold (registered on the connection by find()); an
+        # ASCII value keeps the form below, which folds the same.
+        folded = _casefold(value)
+        if _has_wildcard(folded):
+            whole.add(f"{_CASEFOLD}({sql}) GLOB ?", _glob_pattern(folded))
+        else:
+            whole.add(f"{_CASEFOLD}({sql}) = ?", folded)
+    elif not case_sensitive:
+        if _has_wildcard(value):
+            whole.add(f"{sql} LIKE ? ESCAPE '\\'", _like_pattern(value))
+        else:
+            whole.add(f"{sql} = ? COLLATE NOCASE", value)
+    elif _has_wildcard(value):
+        whole.add(f"{sql} GLOB ?", _glob_pattern(value))
+    else:
+        whole.add(f"{sql} = ?", value)
+    # Two terms SQLite can each answer from an index: the name index for the names of one
+    # value, the rows of several (their partial index, schema migration 14) by row id.
+    table, column = PN_TABLES[sql]
+    alias = sql.split(".")[0]
+    where.add(f"(({whole.clauses[0]} AND NOT {SEPARATED.format(column=sql)}) OR "
+              f"{alias}.id IN (SELECT id FROM {table} WHERE {SEPARATED.format(column=column)} "
+              f"AND {PN_MATCH}({column}, ?, ?)))",
+              *whole.params, value, int(case_sensitive))
 
 
 def find(db: Database, level: str, keys: dict[str, str], *,
@@ -366,6 +397,7 @@ def _entities(db: Database, level: str, keys: dict[str, str], *, pn_case_sensiti
     conn = db.connection()
     try:
         conn.create_function(_CASEFOLD, 1, _casefold, deterministic=True)
+        conn.create_function(PN_MATCH, 3, pn_match, deterministic=True)
         cursor = conn.execute(sql, where.params)
     except sqlite3.Error as exc:
         raise QueryError(f"query failed: {exc}") from exc
