@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import httpx
 
-from tests.support.peers import PasProcess, read_rows
+from tests.support.peers import PasProcess, read_rows, wait_for
 from tests.test_serving_memory import _growth, _study_of_many_instances
 
 INSTANCES = 200_000
@@ -28,6 +29,11 @@ def _listed(url: str) -> tuple[int, list[str]]:
         body = b"".join(response.iter_bytes())
     items = json.loads(body)
     return response.status_code, [item["00080018"]["Value"][0] for item in items]
+
+
+def _last_query(home: Path) -> Any:
+    return read_rows(home / "pas.sqlite", "SELECT id, outcome, detail FROM audit WHERE "
+                                          "event = 'query' ORDER BY id DESC LIMIT 1")[0]
 
 
 def test_qido_of_a_study_of_200000_instances_streams_its_answer(tmp_path: Path) -> None:
@@ -48,9 +54,24 @@ def test_qido_of_a_study_of_200000_instances_streams_its_answer(tmp_path: Path) 
             assert status == 200
             assert len(uids) == len(set(uids)) == INSTANCES + 1 and real in uids
             assert growth < 40, growth  # every row and the whole body: +1,582 MB
-        rows = read_rows(home / "pas.sqlite", "SELECT outcome, detail FROM audit WHERE "
+        rows = read_rows(home / "pas.sqlite", "SELECT id, outcome, detail FROM audit WHERE "
                                               "event = 'query' ORDER BY id")
         assert [(r["outcome"], r["detail"]) for r in rows[-2:]] == \
             [("success", f"{INSTANCES + 1} results (QIDO-RS)")] * 2
+        # A viewer that goes away after the first page: the row says so and what was sent
+        # (it said "success, 200001 results" before the first byte).
+        with httpx.stream("GET", f"{base}/instances", timeout=60) as response:
+            taken = 0
+            for chunk in response.iter_raw():
+                taken += len(chunk)
+                if taken > 1 << 20:
+                    break
+        cut = wait_for(lambda: (r := _last_query(home))["id"] > rows[-1]["id"] and r,
+                       30, what="the audit row of the cut answer")
+        assert cut["outcome"] == "failure: the client went away before the end"
+        sent = int(cut["detail"].split()[0])
+        assert 0 < sent < INSTANCES, cut["detail"]
+        status, uids = _listed(f"{base}/instances?SOPInstanceUID={real}")
+        assert (status, uids) == (200, [real])
     finally:
         pas.stop()

@@ -264,8 +264,9 @@ class DicomWeb:
             text = ",".join(json.dumps(self._json(level, keys, row), ensure_ascii=False,
                                        allow_nan=False, separators=(",", ":"))
                             for row in page)
-            yield (b"," if sent[0] else b"") + text.encode()
-            sent[0] += len(page)
+            chunk = (b"," if sent[0] else b"") + text.encode()
+            sent[0] += len(page)  # handed to the server to send
+            yield chunk
         yield b"]"
 
     def _cap(self, limit: int | None, confined: bool) -> int | None:
