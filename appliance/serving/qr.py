@@ -131,7 +131,7 @@ class QueryRetrieveService:
         except Exception as exc:  # an identifier pydicom cannot decode
             audit_query(calling, address, None, f"failure: undecodable identifier "
                         f"({exc})")
-            yield _failure(UNABLE_TO_PROCESS, f"undecodable identifier: {exc}"), None
+            yield UNABLE_TO_PROCESS, None
             return
         problem = self._level_problem(level, model)
         if problem:
