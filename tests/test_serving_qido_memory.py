@@ -16,8 +16,13 @@ from typing import Any
 
 import httpx
 
-from tests.support.peers import PasProcess, read_rows, wait_for
-from tests.test_serving_memory import _growth, _study_of_many_instances
+from tests.support.peers import PasProcess, free_port, read_rows, wait_for
+from tests.test_serving_memory import (
+    RETRIEVED,
+    _cancelled_get,
+    _growth,
+    _study_of_many_instances,
+)
 
 INSTANCES = 200_000
 
@@ -73,5 +78,30 @@ def test_qido_of_a_study_of_200000_instances_streams_its_answer(tmp_path: Path) 
         assert 0 < sent < INSTANCES, cut["detail"]
         status, uids = _listed(f"{base}/instances?SOPInstanceUID={real}")
         assert (status, uids) == (200, [real])
+    finally:
+        pas.stop()
+
+
+def test_fetch_through_of_a_study_held_here_does_not_hold_its_rows(tmp_path: Path) -> None:
+    """A study-level C-GET with fetch-through on first asks the region whether it holds more
+    of the study: PAS read every row of the study on site for that (about 1.2 kB each in
+    Python), before asking. A C-GET of 65,001 instances with the region unreachable took
+    +88 MB; the rows are now counted, and the region's list checked against the index."""
+    home = tmp_path / "pas"
+    home.mkdir()
+    study, real = _study_of_many_instances(home, RETRIEVED)
+    region = f"http://127.0.0.1:{free_port()}/dicom-web"  # nothing listens: the WAN is down
+    pas = PasProcess(home, {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                            "PAS_PREFETCH__DICOMWEB_URL": region}).start()
+    try:
+        # Warm-up (modules, the association thread's database connection): one image.
+        assert _cancelled_get(pas, "IMAGE", "SOPInstanceUID", real).Status == 0x0000
+        growth, final = _growth(pas, lambda: _cancelled_get(pas, "STUDY", "StudyInstanceUID",
+                                                            study))
+        print(f"C-GET of {RETRIEVED + 1} instances, fetch-through on, region down: "
+              f"peak RSS +{growth:.1f} MB")
+        assert final.Status == 0xFE00 and final.NumberOfCompletedSuboperations >= 1
+        assert "region unavailable" in pas.log()
+        assert growth < 15, growth
     finally:
         pas.stop()

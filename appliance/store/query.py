@@ -452,8 +452,8 @@ def instances_for(db: Database, level: str, keys: dict[str, str]) -> list[sqlite
     """The current instances a retrieve (C-MOVE, C-GET) at ``level`` names by its unique
     keys: PatientID, StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID (UID lists allowed).
     An identifier without the unique key of its level is refused: a retrieve never means
-    "everything". Every row whole: for a study's list (fetch-through); a retrieve takes a
-    :class:`RetrievePlan` instead."""
+    "everything". Every row whole (WADO-RS, the hub's download); a retrieve takes a
+    :class:`RetrievePlan` instead, and fetch-through :func:`held_of`."""
     where = _retrieve_where(level, keys)
     sql = (f"SELECT i.*, s.study_uid, se.series_uid FROM {_FROM['IMAGE']} "
            f"WHERE {' AND '.join(where.clauses)} {_RETRIEVE_ORDER}")
@@ -503,6 +503,30 @@ def study_instance_count(db: Database, study_uid: str) -> int:
         "SELECT count(*) AS n FROM instances i JOIN studies s ON s.id = i.study_fk "
         "WHERE s.study_uid = ? AND i.is_current = 1", (study_uid,))
     return int(row["n"]) if row else 0
+
+
+def held_of(db: Database, study_uid: str, sop_uids: list[str],
+            batch: int = 500) -> set[str]:
+    """Which of ``sop_uids`` the study holds as current instances, asked ``batch`` at a time:
+    what fetch-through compares the region's list with (every row of the study read whole
+    cost +82 MB for 65,001 instances before the region was even asked)."""
+    held: set[str] = set()
+    conn = db.connection()
+    for start in range(0, len(sop_uids), batch):
+        chunk = sop_uids[start:start + batch]
+        held.update(r[0] for r in conn.execute(
+            "SELECT i.sop_instance_uid FROM instances i JOIN studies s ON s.id = i.study_fk "
+            f"WHERE s.study_uid = ? AND i.is_current = 1 AND i.sop_instance_uid IN "
+            f"({', '.join('?' * len(chunk))})", (study_uid, *chunk)))
+    return held
+
+
+def study_sop_uids(db: Database, study_uid: str) -> set[str]:
+    """The SOP Instance UIDs of a study's current instances (what a bucketed download is
+    told the appliance has)."""
+    return {r[0] for r in db.connection().execute(
+        "SELECT i.sop_instance_uid FROM instances i JOIN studies s ON s.id = i.study_fk "
+        "WHERE s.study_uid = ? AND i.is_current = 1", (study_uid,))}
 
 
 def touch_studies(db: Database, study_uids: list[str], at: float) -> None:
