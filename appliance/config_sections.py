@@ -577,7 +577,7 @@ class ServingSection(_Section):
     max_results: int = Field(default=0, ge=0)          # C-FIND/QIDO answers; 0: no limit
     # With max_results at 0: most results of a QIDO-RS search not confined to one study when
     # the client's limit asks more (it gets this many and the PS3.18 8.3.4.4 Warning; the
-    # answer is built in memory). The page without limit is 1000, or this when lower.
+    # answer is written as it is read). The page without limit is 1000, or this when lower.
     qido_max_limit: int = Field(default=10000, ge=1)
     auth: Literal["none", "bearer", "client_cert"] = "none"
     bearer_tokens: list[str] = []

@@ -18,9 +18,11 @@ from pathlib import Path
 import httpx
 import pytest
 from pydicom import dcmread
+from pydicom.uid import generate_uid
 from pynetdicom.dsutils import split_dataset
 
 from tests.support.hub import HubProcess, enroll
+from tests.support.objects import tiny_ct
 from tests.support.peers import (
     CT_DIR,
     DCMTK_ENV,
@@ -213,3 +215,29 @@ def test_wado_rs_of_a_regional_study_fetches_then_serves(setup: Setup) -> None:
     origin = conn.execute("SELECT origin FROM studies WHERE study_uid = ?", (study,)).fetchone()
     conn.close()
     assert origin == ("regional",)
+
+
+def test_move_of_a_study_partly_on_site_fetches_only_the_rest(setup: Setup,
+                                                              tmp_path: Path) -> None:
+    """The region's list is checked against the index (not against every row of the study
+    read whole): one instance of three on site, two fetched, three moved."""
+    study = generate_uid()
+    paths = []
+    for number in (1, 2, 3):
+        paths.append(tmp_path / f"{number}.dcm")
+        tiny_ct(study, PatientID="PARTLY", InstanceNumber=number).save_as(
+            paths[-1], enforce_file_format=True)
+    storescu(paths, setup.region.dicom_port, host=setup.region.host, called="ORTHANC")
+    storescu(paths[0], setup.pas.port)
+    for old in setup.scp.files():
+        old.unlink()
+    result = subprocess.run(
+        ["movescu", "-v", "-S", "-aet", "VIEWER", "-aec", "PAS", "-aem", "STORESCP",
+         "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
+         "127.0.0.1", str(setup.pas.port)],
+        env=DCMTK_ENV, capture_output=True, text=True, timeout=120)
+    assert "Final Move Response (Success)" in result.stderr, result.stderr[-2000:]
+    assert f"fetched 2 instances of {study} from the region" in setup.pas.log(), \
+        setup.pas.log()[-2000:]
+    sent = {str(dcmread(f).SOPInstanceUID) for f in setup.scp.files()}
+    assert sent == {str(dcmread(p).SOPInstanceUID) for p in paths}

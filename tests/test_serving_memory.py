@@ -403,6 +403,9 @@ def test_c_get_of_more_than_65535_instances_is_refused_naming_why(tmp_path: Path
     try:
         final = _cancelled_get(pas, "STUDY", "StudyInstanceUID", study)
         assert 0xC000 <= int(final.Status) <= 0xCFFF, hex(final.Status)
+        # The viewer is told why too (Error Comment, LO: 64 characters).
+        assert final.ErrorComment == ("65536 instances match, more than the 65535 "
+                                      "sub-operations a C...")
         rows = read_rows(home / "pas.sqlite",
                          "SELECT outcome FROM audit WHERE event = 'retrieve' ORDER BY id")
         assert rows[-1]["outcome"] == (

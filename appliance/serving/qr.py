@@ -10,7 +10,8 @@ file).
 
 How the sub-operations are sent (a stored file streamed as it is, or a copy in explicit or
 implicit VR little endian made only when its C-STORE goes) and counted (what the destination
-really stored, for the audit row) is ``suboperations.py``'s.
+really stored, for the audit row) is ``suboperations.py``'s; how often Pending responses go
+and the Error Comment of a refusal pynetdicom sends itself are ``qr_responses.py``'s.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context, evt
-from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -41,6 +41,7 @@ from appliance.dicomnet.outgoing import wait_for_room
 from appliance.ingest.scp import TRANSFER_SYNTAXES, DicomListener
 from appliance.ops.metrics import count_retrieve
 from appliance.serving.qr_identifiers import identifier_keys, query_charset, response_identifier
+from appliance.serving.qr_responses import explain_refusal, throttle_pending
 from appliance.serving.suboperations import (
     SpoolFile,
     SubOperationTally,
@@ -75,31 +76,6 @@ _GONE: Any = "instance removed during the retrieve"
 
 # Fetch-through: study UID -> instances fetched from the region (raises on failure).
 Fetcher = Callable[[str], int]
-
-
-def _throttle_pending(assoc: Any, interval_s: float) -> None:
-    """Send a retrieve's Pending responses on ``assoc`` at most every ``interval_s``.
-
-    pynetdicom answers every sub-operation with a Pending C-MOVE/C-GET-RSP (counts of
-    remaining/completed/failed). PS3.4 makes them optional; a viewer uses them for a
-    progress bar, and encoding and sending one costs about what a small image's C-STORE
-    does. The first is always sent, the final response always is (it is not Pending)."""
-    if interval_s <= 0 or getattr(assoc.dimse, "_pas_pending_interval", None) is not None:
-        return
-    dimse = assoc.dimse
-    original = dimse.send_msg
-    last_sent = [0.0]
-
-    def send_msg(primitive: Any, context_id: int) -> None:
-        if isinstance(primitive, C_MOVE | C_GET) and primitive.Status == PENDING:
-            now = time.monotonic()
-            if now - last_sent[0] < interval_s:
-                return
-            last_sent[0] = now
-        original(primitive, context_id)
-
-    dimse.send_msg = send_msg
-    dimse._pas_pending_interval = interval_s
 
 
 class QueryRetrieveService:
@@ -282,12 +258,15 @@ class QueryRetrieveService:
 
     def on_move(self, event: Any) -> Iterator[Any]:
         calling, address = _peer(event)
+        explain_refusal(event.assoc, None)
         destination_title = _text(event.move_destination)
         destination = self.destinations.get(destination_title)
         if destination is None:
             log.warning("C-MOVE from %s to unknown destination %r", calling, destination_title)
             self._audit("retrieve", calling, address, _asked(event),
                         f"failure: unknown move destination {destination_title!r}")
+            explain_refusal(event.assoc, lambda: f"unknown move destination "
+                                                  f"{destination_title!r}")
             yield None, None  # pynetdicom answers 0xA801 (move destination unknown)
             return
         try:
@@ -295,6 +274,7 @@ class QueryRetrieveService:
         except (store_query.QueryError, RuntimeError) as exc:
             log.warning("C-MOVE from %s refused: %s", calling, exc)
             self._audit("retrieve", calling, address, _asked(event), f"failure: {exc}")
+            explain_refusal(event.assoc, lambda text=str(exc): text)
             raise  # pynetdicom answers 0xC511 (unable to process)
         established = threading.Event()
         store_assoc: list[Any] = []
@@ -312,10 +292,14 @@ class QueryRetrieveService:
             established.set()
 
         contexts = _contexts_for(plan.pairs)
-        _throttle_pending(event.assoc, self.settings.retrieve_pending_interval_s)
+        throttle_pending(event.assoc, self.settings.retrieve_pending_interval_s)
         what = f"C-MOVE to {destination.title}"
         refused: list[str] = []
         opened: list[Any] = []  # the sub-association, once its connection is open
+        # pynetdicom answers 0xA801 when the sub-association does not come up: say why.
+        explain_refusal(event.assoc, lambda: f"{destination.title}: "
+                                              f"{_why_not_up(refused, opened)}",
+                         only=MOVE_DESTINATION_UNKNOWN)
         try:
             yield destination.host, destination.port, {
                 "ae_title": destination.title, "contexts": contexts,
@@ -346,11 +330,13 @@ class QueryRetrieveService:
         except (store_query.QueryError, RuntimeError) as exc:
             log.warning("C-GET from %s refused: %s", calling, exc)
             self._audit("retrieve", calling, address, _asked(event), f"failure: {exc}")
-            raise
+            explain_refusal(event.assoc, lambda text=str(exc): text)
+            raise  # pynetdicom answers 0xC411 (unable to process)
+        explain_refusal(event.assoc, None)
         rows = plan.instance_ids
         tally = SubOperationTally(total=len(rows))
         stream_spool_files(event.assoc, tally)
-        _throttle_pending(event.assoc, self.settings.retrieve_pending_interval_s)
+        throttle_pending(event.assoc, self.settings.retrieve_pending_interval_s)
         try:
             yield len(rows)
             accepted = {(cx.abstract_syntax, cx.transfer_syntax[0])

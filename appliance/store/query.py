@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from appliance.store.db import Database
+from appliance.store.person_names import PN_MATCH, PN_TABLES, SEPARATED, pn_match
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 
@@ -257,20 +258,8 @@ def _match(where: _Where, keyword: str, value: str, pn_case_sensitive: bool) -> 
             raise QueryError(f"{keyword}: {value[:40]!r} is out of the range of an IS value "
                              "(a 32-bit signed integer)")
         where.add(f"{sql} = ?", number)
-    elif vr == "PN" and not pn_case_sensitive and not value.isascii():
-        # SQLite's LIKE and NOCASE fold ASCII letters only: "hélène*" missed HÉLÈNE^DUPONT.
-        # Both sides go through str.casefold (registered on the connection by find()); an
-        # ASCII value keeps the form below, which the name index serves and folds the same.
-        folded = _casefold(value)
-        if _has_wildcard(folded):
-            where.add(f"{_CASEFOLD}({sql}) GLOB ?", _glob_pattern(folded))
-        else:
-            where.add(f"{_CASEFOLD}({sql}) = ?", folded)
-    elif vr == "PN" and not pn_case_sensitive:
-        if _has_wildcard(value):
-            where.add(f"{sql} LIKE ? ESCAPE '\\'", _like_pattern(value))
-        else:
-            where.add(f"{sql} = ? COLLATE NOCASE", value)
+    elif vr == "PN":
+        _match_person_name(where, keyword, sql, value, pn_case_sensitive)
     elif "\\" in value:  # several values of a CS (e.g. Modality CT\MR): any of them
         test, params = _any_of(sql, value.split("\\"))
         where.add(test, *params)
@@ -278,6 +267,48 @@ def _match(where: _Where, keyword: str, value: str, pn_case_sensitive: bool) -> 
         where.add(f"{sql} GLOB ?", _glob_pattern(value))
     else:
         where.add(f"{sql} = ?", value)
+
+
+def _match_person_name(where: _Where, keyword: str, sql: str, value: str,
+                       case_sensitive: bool) -> None:
+    """A person name key (PS3.4 C.2.2.2.1, C.2.2.2.4): one value, matched against each value
+    and component group of a stored name that has several (``person_names.py``), against the
+    whole name otherwise. A key of several values (``DOE^JOHN\\DOE^J``) is refused: PN keys
+    are VM 1, PS3.4 C.2.2.2 lets a key hold more values than its VM only for List of UID
+    Matching and for Multiple Value Matching, which is for attributes of VM > 1 and needs an
+    extended negotiation PAS does not offer (C.2.2.2.8 note 4: undefined without it). It
+    matched nothing, which read as "no such patient"."""
+    if "\\" in value:
+        count = len(value.split("\\"))
+        raise QueryError(f"{keyword}: a person name key takes one value, not {count} (PS3.4 "
+                         f"C.2.2.2: VM 1, no multiple value matching): {value[:80]!r}")
+    whole = _Where([], [])
+    if not case_sensitive and not value.isascii():
+        # SQLite's LIKE and NOCASE fold ASCII letters only: "hélène*" missed HÉLÈNE^DUPONT.
+        # Both sides go through str.casefold (registered on the connection by find()); an
+        # ASCII value keeps the form below, which folds the same.
+        folded = _casefold(value)
+        if _has_wildcard(folded):
+            whole.add(f"{_CASEFOLD}({sql}) GLOB ?", _glob_pattern(folded))
+        else:
+            whole.add(f"{_CASEFOLD}({sql}) = ?", folded)
+    elif not case_sensitive:
+        if _has_wildcard(value):
+            whole.add(f"{sql} LIKE ? ESCAPE '\\'", _like_pattern(value))
+        else:
+            whole.add(f"{sql} = ? COLLATE NOCASE", value)
+    elif _has_wildcard(value):
+        whole.add(f"{sql} GLOB ?", _glob_pattern(value))
+    else:
+        whole.add(f"{sql} = ?", value)
+    # Two terms SQLite can each answer from an index: the name index for the names of one
+    # value, the rows of several (their partial index, schema migration 14) by row id.
+    table, column = PN_TABLES[sql]
+    alias = sql.split(".")[0]
+    where.add(f"(({whole.clauses[0]} AND NOT {SEPARATED.format(column=sql)}) OR "
+              f"{alias}.id IN (SELECT id FROM {table} WHERE {SEPARATED.format(column=column)} "
+              f"AND {PN_MATCH}({column}, ?, ?)))",
+              *whole.params, value, int(case_sensitive))
 
 
 def find(db: Database, level: str, keys: dict[str, str], *,
@@ -288,6 +319,43 @@ def find(db: Database, level: str, keys: dict[str, str], *,
 
     Keys the index does not hold, or of a level below ``level``, are returned as ``None``
     (the caller sends them empty, as PS3.4 C.4.1.1.3.2 allows for optional keys)."""
+    for _, result in _entities(db, level, keys, pn_case_sensitive=pn_case_sensitive,
+                               limit=limit, offset=offset):
+        yield result
+
+
+def find_pages(db: Database, level: str, keys: dict[str, str], *, page_size: int,
+               pn_case_sensitive: bool = False, limit: int | None = None,
+               offset: int = 0) -> Iterator[list[dict[str, Any]]]:
+    """What :func:`find` returns, ``page_size`` entities at a time, each page one query read
+    whole (so each may run in another thread, on that thread's connection). The pages after
+    the first continue after the last entity's row id, not by OFFSET: a search within a
+    study of 200,000 instances was answered from one list of every row (+1,582 MB), and an
+    OFFSET per page would rescan what came before. The first page raises QueryError for a
+    query the index cannot answer, before anything is sent."""
+    left = limit
+    after: int | None = None
+    computed: dict[tuple[str, Any], Any] = {}  # per owner, once for every page
+    while left is None or left > 0:
+        size = page_size if left is None else min(page_size, left)
+        page = list(_entities(db, level, keys, pn_case_sensitive=pn_case_sensitive,
+                              limit=size, offset=offset if after is None else 0,
+                              after=after, computed=computed))
+        if page:
+            yield [result for _, result in page]
+        if len(page) < size:
+            return
+        after = page[-1][0]
+        if left is not None:
+            left -= len(page)
+
+
+def _entities(db: Database, level: str, keys: dict[str, str], *, pn_case_sensitive: bool,
+              limit: int | None, offset: int, after: int | None = None,
+              computed: dict[tuple[str, Any], Any] | None = None,
+              ) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(row id, values) of each entity :func:`find` returns, past row id ``after``;
+    ``computed`` keeps the computed attributes of the owners above the level."""
     level = level.upper()
     if level not in LEVELS:
         raise QueryError(f"QueryRetrieveLevel: {level!r} is not one of {', '.join(LEVELS)}")
@@ -315,6 +383,8 @@ def find(db: Database, level: str, keys: dict[str, str], *,
             sql = COMPUTED[keyword][1]
         selected.append(keyword)
         select_sql.append(f"{sql} AS c{len(selected) - 1}")
+    if after is not None:
+        where.add(f"{_ENTITY_ID[level]} > ?", after)
     columns = ", ".join([f"{_ENTITY_ID[level]} AS entity_id", *select_sql])
     sql = f"SELECT {columns} FROM {_FROM[level]}"
     if where.clauses:
@@ -327,10 +397,12 @@ def find(db: Database, level: str, keys: dict[str, str], *,
     conn = db.connection()
     try:
         conn.create_function(_CASEFOLD, 1, _casefold, deterministic=True)
+        conn.create_function(PN_MATCH, 3, pn_match, deterministic=True)
         cursor = conn.execute(sql, where.params)
     except sqlite3.Error as exc:
         raise QueryError(f"query failed: {exc}") from exc
-    computed: dict[tuple[str, Any], Any] = {}
+    if computed is None:
+        computed = {}
     for row in cursor:
         result: dict[str, Any] = dict.fromkeys(keys)
         for n, keyword in enumerate(selected):
@@ -342,7 +414,7 @@ def find(db: Database, level: str, keys: dict[str, str], *,
             if keyword in _MULTI and value is not None:
                 value = "\\".join(sorted(set(value.split(","))))
             result[keyword] = value
-        yield result
+        yield row["entity_id"], result
 
 
 def _computed_for(conn: sqlite3.Connection, keyword: str, entity_id: Any) -> Any:
@@ -380,8 +452,8 @@ def instances_for(db: Database, level: str, keys: dict[str, str]) -> list[sqlite
     """The current instances a retrieve (C-MOVE, C-GET) at ``level`` names by its unique
     keys: PatientID, StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID (UID lists allowed).
     An identifier without the unique key of its level is refused: a retrieve never means
-    "everything". Every row whole: for a study's list (fetch-through); a retrieve takes a
-    :class:`RetrievePlan` instead."""
+    "everything". Every row whole (WADO-RS, the hub's download); a retrieve takes a
+    :class:`RetrievePlan` instead, and fetch-through :func:`held_of`."""
     where = _retrieve_where(level, keys)
     sql = (f"SELECT i.*, s.study_uid, se.series_uid FROM {_FROM['IMAGE']} "
            f"WHERE {' AND '.join(where.clauses)} {_RETRIEVE_ORDER}")
@@ -431,6 +503,30 @@ def study_instance_count(db: Database, study_uid: str) -> int:
         "SELECT count(*) AS n FROM instances i JOIN studies s ON s.id = i.study_fk "
         "WHERE s.study_uid = ? AND i.is_current = 1", (study_uid,))
     return int(row["n"]) if row else 0
+
+
+def held_of(db: Database, study_uid: str, sop_uids: list[str],
+            batch: int = 500) -> set[str]:
+    """Which of ``sop_uids`` the study holds as current instances, asked ``batch`` at a time:
+    what fetch-through compares the region's list with (every row of the study read whole
+    cost +82 MB for 65,001 instances before the region was even asked)."""
+    held: set[str] = set()
+    conn = db.connection()
+    for start in range(0, len(sop_uids), batch):
+        chunk = sop_uids[start:start + batch]
+        held.update(r[0] for r in conn.execute(
+            "SELECT i.sop_instance_uid FROM instances i JOIN studies s ON s.id = i.study_fk "
+            f"WHERE s.study_uid = ? AND i.is_current = 1 AND i.sop_instance_uid IN "
+            f"({', '.join('?' * len(chunk))})", (study_uid, *chunk)))
+    return held
+
+
+def study_sop_uids(db: Database, study_uid: str) -> set[str]:
+    """The SOP Instance UIDs of a study's current instances (what a bucketed download is
+    told the appliance has)."""
+    return {r[0] for r in db.connection().execute(
+        "SELECT i.sop_instance_uid FROM instances i JOIN studies s ON s.id = i.study_fk "
+        "WHERE s.study_uid = ? AND i.is_current = 1", (study_uid,))}
 
 
 def touch_studies(db: Database, study_uids: list[str], at: float) -> None:

