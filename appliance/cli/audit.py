@@ -132,8 +132,8 @@ def audit(config: Path | None = ConfigOption,
               "PatientID)")),
           study: str | None = typer.Option(None, "--study", help=(
               "Rows naming this Study Instance UID")),
-          events: list[AuditEvent] | None = typer.Option(None, "--event", help=(
-              "Only this kind of event; repeat for several")),
+          events: list[AuditEvent] | None = typer.Option(None, "--event", metavar="<kind>", help=(
+              "Only this kind of event; repeat for several. Kinds: " + ", ".join(EVENTS))),
           failures: bool = typer.Option(False, "--failures", help=(
               "Only rows whose outcome is not success (failures, cancellations)")),
           limit: int = typer.Option("100", "--limit", parser=parse_limit, metavar="<int>", help=(
