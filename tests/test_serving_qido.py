@@ -276,6 +276,29 @@ def test_a_refused_search_is_audited_as_a_failed_query(pas: PasProcess) -> None:
     assert "limit=x" in rows[0]["target"] and "NoSuchAttribute=1" in rows[1]["target"]
 
 
+def test_a_search_s_atna_message_carries_the_request_as_asked(pas: PasProcess) -> None:
+    """The ATNA Query message's ParticipantObjectQuery was the row's text summary ("STUDY
+    PatientID=..."); for QIDO-RS it is now the request's path and query string, as sent, with
+    no TransferSyntax detail (that is a C-FIND identifier's)."""
+    import base64
+    import xml.etree.ElementTree as ET
+
+    from appliance.ops.audit_trail import atna_message
+
+    marker = generate_uid()
+    assert qido(pas, "studies", StudyInstanceUID=marker, includefield="StudyDescription"
+                ).status_code in (200, 204)
+    [row] = [r for r in read_rows(pas.home / "pas.sqlite",
+                                  "SELECT * FROM audit WHERE event = 'query' ORDER BY id")
+             if marker in (r["target"] or "")]
+    asked = f"/dicom-web/studies?StudyInstanceUID={marker}&includefield=StudyDescription"
+    assert row["query"] == asked.encode() and row["query_syntax"] is None, dict(row)
+    root = ET.fromstring(atna_message(dict(row), "SITE", "host"))
+    [queried] = root.findall("ParticipantObjectIdentification/ParticipantObjectQuery/..")
+    assert base64.b64decode(queried.findtext("ParticipantObjectQuery") or "") == asked.encode()
+    assert queried.find("ParticipantObjectDetail[@type='TransferSyntax']") is None
+
+
 @pytest.mark.parametrize(("key", "bad"), [
     ("StudyDate", "20201301"), ("StudyDate", "20200230"), ("StudyDate", "20200101-20201340"),
     ("StudyTime", "2500"), ("StudyTime", "1261"), ("StudyTime", "120061-"),

@@ -145,11 +145,17 @@ class DicomWeb:
     def record(self, request: Request, event: str, actor: str, target: str | None,
                outcome: str, detail: str | None = None, limit: int = 500,
                sop_class: str | None = None) -> None:
+        # A search's row keeps the request as asked, its path and query string (the ATNA
+        # Query message's ParticipantObjectQuery, as dcm4chee's audit gives a QIDO-RS one).
+        asked = None
+        if event == "query":
+            asked = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         try:
             audit.record(self.db, event, actor=actor,
                          source=request.client.host if request.client else None,
                          target=target[:limit] if target else None, outcome=outcome,
-                         detail=detail, sop_class=sop_class)
+                         detail=detail, sop_class=sop_class,
+                         query=asked.encode()[:4096] if asked else None)
         except Exception:
             log.exception("audit record failed")
 
