@@ -4,8 +4,8 @@ instance.
 Found in review (2026-12-04): a search confined to one study (/studies/{s}/instances,
 /studies/{s}/series/{se}/instances) is not capped (fetch-through lists a study that way), and
 PAS built every row, every DICOM JSON object and the whole body before the first byte: for a
-study of 200,001 instances, peak RSS of `pas run` +1,582 MB. The rows are now read a page at a
-time and the body written as it goes.
+study of 200,001 instances, peak RSS of `pas run` +1,582 MB (this test asks for 50,001). The
+rows are now read a page at a time and the body written as it goes.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from tests.test_serving_memory import (
     _study_of_many_instances,
 )
 
-INSTANCES = 200_000
+# 50,000 (+396 MB before the fix, by the 200,001 figure's rate): the suite's time; the
+# 200,001-instance figures are in docs/benchmarks.md.
+INSTANCES = 50_000
 
 
 def _listed(url: str) -> tuple[int, list[str]]:
@@ -41,7 +43,7 @@ def _last_query(home: Path) -> Any:
                                           "event = 'query' ORDER BY id DESC LIMIT 1")[0]
 
 
-def test_qido_of_a_study_of_200000_instances_streams_its_answer(tmp_path: Path) -> None:
+def test_qido_of_a_study_of_50000_instances_streams_its_answer(tmp_path: Path) -> None:
     home = tmp_path / "pas"
     home.mkdir()
     study, real = _study_of_many_instances(home, INSTANCES)
@@ -58,13 +60,13 @@ def test_qido_of_a_study_of_200000_instances_streams_its_answer(tmp_path: Path) 
             print(f"QIDO-RS /{path} of {INSTANCES + 1} instances: peak RSS +{growth:.1f} MB")
             assert status == 200
             assert len(uids) == len(set(uids)) == INSTANCES + 1 and real in uids
-            assert growth < 40, growth  # every row and the whole body: +1,582 MB
+            assert growth < 40, growth  # every row and the whole body: +396 MB (50,001)
         rows = read_rows(home / "pas.sqlite", "SELECT id, outcome, detail FROM audit WHERE "
                                               "event = 'query' ORDER BY id")
         assert [(r["outcome"], r["detail"]) for r in rows[-2:]] == \
             [("success", f"{INSTANCES + 1} results (QIDO-RS)")] * 2
         # A viewer that goes away after the first page: the row says so and what was sent
-        # (it said "success, 200001 results" before the first byte).
+        # (it said "success, 50001 results" before the first byte).
         with httpx.stream("GET", f"{base}/instances", timeout=60) as response:
             taken = 0
             for chunk in response.iter_raw():
