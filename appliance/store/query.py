@@ -448,19 +448,6 @@ def _retrieve_where(level: str, keys: dict[str, str]) -> _Where:
     return where
 
 
-def instances_for(db: Database, level: str, keys: dict[str, str]) -> list[sqlite3.Row]:
-    """The current instances a retrieve (C-MOVE, C-GET) at ``level`` names by its unique
-    keys: PatientID, StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID (UID lists allowed).
-    An identifier without the unique key of its level is refused: a retrieve never means
-    "everything". Every row whole: for a few instances only. A study's answer (WADO-RS, the
-    hub's download) takes a :class:`RetrievePlan` and :func:`instance_pages` instead, a
-    retrieve the plan and :func:`instance_row`, and fetch-through :func:`held_of`."""
-    where = _retrieve_where(level, keys)
-    sql = (f"SELECT i.*, s.study_uid, se.series_uid FROM {_FROM['IMAGE']} "
-           f"WHERE {' AND '.join(where.clauses)} {_RETRIEVE_ORDER}")
-    return db.query(sql, tuple(where.params))
-
-
 def instance_pages(db: Database, instance_ids: Sequence[int],
                    page_size: int = 500) -> Iterator[list[sqlite3.Row]]:
     """The rows of ``instance_ids`` (a :class:`RetrievePlan`'s) in that order, with their
@@ -493,7 +480,10 @@ class RetrievePlan:
 
 
 def retrieve_plan(db: Database, level: str, keys: dict[str, str]) -> RetrievePlan:
-    """The :class:`RetrievePlan` of a retrieve at ``level`` (as :func:`instances_for`)."""
+    """The :class:`RetrievePlan` of a retrieve (C-MOVE, C-GET, WADO-RS, the hub's download)
+    at ``level``: the current instances its unique keys name, PatientID, StudyInstanceUID,
+    SeriesInstanceUID, SOPInstanceUID (UID lists allowed). An identifier without the unique
+    key of its level is refused: a retrieve never means "everything"."""
     where = _retrieve_where(level, keys)
     condition = " AND ".join(where.clauses)
     params = tuple(where.params)
