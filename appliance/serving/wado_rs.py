@@ -133,16 +133,20 @@ class Found:
     def __init__(self, db: Any, plan: store_query.RetrievePlan, first: Any):
         self.db = db
         self.plan = plan
-        self.first = first
+        self.first = first  # the first of the plan's instances still held
+        self._after_first = plan.instance_ids.index(first["id"]) + 1
 
-    def rows(self, start: int = 0) -> Iterator[Any]:
-        """The rows from the ``start``-th, read a page at a time as they are taken (each
-        page on the thread that asks for it). The first is the one read up front: a part
-        already decided on (its copy in another syntax) is the instance it was made from."""
-        if start == 0:
-            yield self.first
-            start = 1
-        for page in store_query.instance_pages(self.db, self.plan.instance_ids[start:]):
+    def rows(self) -> Iterator[Any]:
+        """Every row, read a page at a time as they are taken (each page on the thread that
+        asks for it). The first is the one read up front: a part already decided on (its
+        copy in another syntax) is the instance it was made from."""
+        yield self.first
+        yield from self.rest()
+
+    def rest(self) -> Iterator[Any]:
+        """The rows after the first, as :meth:`rows`."""
+        for page in store_query.instance_pages(
+                self.db, self.plan.instance_ids[self._after_first:]):
             yield from page
 
 
@@ -195,7 +199,9 @@ class WadoRs:
             plan = store_query.retrieve_plan(self.db, level, keys)
         except store_query.QueryError as exc:
             raise HttpProblem(400, str(exc)) from None
-        first = next(store_query.instance_pages(self.db, plan.instance_ids[:1]), [None])[0]
+        # The first instance still held (one removed since the plan is left out).
+        first = next(store_query.instance_pages(self.db, plan.instance_ids, page_size=1),
+                     [None])[0]
         if first is None and failed is not None:
             # Not "no such instance": the region may well hold it, it could not be asked
             # (a WAN down); 503 tells a viewer to try again later.
@@ -288,7 +294,7 @@ class WadoRs:
         require_dicom_json(request.headers.get("accept", ""))
         found = await self._found(request, tally)
         first = await run_in_threadpool(self._item, found.first)
-        return tally.stream(self._items(first, found.rows(start=1), tally), DICOM_JSON)
+        return tally.stream(self._items(first, found.rest(), tally), DICOM_JSON)
 
     def _item(self, row: Any) -> bytes:
         base = (f"{self.web.base_url}/studies/{row['study_uid']}/series/{row['series_uid']}"
