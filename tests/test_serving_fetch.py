@@ -21,6 +21,7 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 from pynetdicom.dsutils import split_dataset
 
+from appliance.transfer.region import RegionClient
 from tests.support.hub import HubProcess, enroll
 from tests.support.objects import tiny_ct
 from tests.support.peers import (
@@ -241,3 +242,28 @@ def test_move_of_a_study_partly_on_site_fetches_only_the_rest(setup: Setup,
         setup.pas.log()[-2000:]
     sent = {str(dcmread(f).SOPInstanceUID) for f in setup.scp.files()}
     assert sent == {str(dcmread(p).SOPInstanceUID) for p in paths}
+
+
+def test_the_regions_list_of_a_study_read_a_page_at_a_time_is_the_whole_list(
+        setup: Setup, tmp_path: Path) -> None:
+    """Fetch-through asks the region for a study's instances with limit and offset (the
+    whole list in one answer was 157 MB of JSON for 200,000 instances): Orthanc, through
+    the hub's proxy, gives every instance once across the pages, the last one short."""
+    study = generate_uid()
+    paths = []
+    for number in range(1, 6):
+        paths.append(tmp_path / f"{number}.dcm")
+        tiny_ct(study, PatientID="PAGED", InstanceNumber=number).save_as(
+            paths[-1], enforce_file_format=True)
+    storescu(paths, setup.region.dicom_port, host=setup.region.host, called="ORTHANC")
+    client = RegionClient.from_home(setup.pas.home)
+    assert client is not None
+    try:
+        pages = list(client.instance_pages(study, page_size=2))
+        whole = client.qido(f"studies/{study}/instances")
+    finally:
+        client.close()
+    assert [len(page) for page in pages] == [2, 2, 1]
+    paged = [i.sop_instance_uid for page in pages for i in page]
+    assert sorted(paged) == sorted(item["00080018"]["Value"][0] for item in whole)
+    assert sorted(paged) == sorted(str(dcmread(p).SOPInstanceUID) for p in paths)

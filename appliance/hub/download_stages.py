@@ -254,13 +254,17 @@ class Download:
         level = "STUDY"
         if part.series_uid:
             keys["SeriesInstanceUID"], level = part.series_uid, "SERIES"
-        rows = query.instances_for(self.hub.archive.db, level, keys)  # type: ignore[attr-defined]
-        if not rows:
+        db = self.hub.archive.db  # type: ignore[attr-defined]
+        # The row ids (8 bytes an instance), the rows a page at a time as they are packed:
+        # every row of the study was read first (about 1.2 kB each in Python).
+        plan = query.retrieve_plan(db, level, keys)
+        if not plan.instance_ids:
             raise ArchiveFailed(404, "unknown_study", self._what(part) + " is not in the archive")
         self.first.set()
-        for row in rows:
-            yield Staged(PackItem(row["sop_instance_uid"], spool.path(row["path"]),
-                                  int(row["size"]), row["sha256"]), owned=False)
+        for page in query.instance_pages(db, plan.instance_ids):
+            for row in page:
+                yield Staged(PackItem(row["sop_instance_uid"], spool.path(row["path"]),
+                                      int(row["size"]), row["sha256"]), owned=False)
 
     def _dicomweb(self, part: Part) -> Iterator[Staged]:
         archive = self.hub.settings.archive

@@ -17,7 +17,7 @@ import datetime as dt
 import re
 import sqlite3
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -448,16 +448,22 @@ def _retrieve_where(level: str, keys: dict[str, str]) -> _Where:
     return where
 
 
-def instances_for(db: Database, level: str, keys: dict[str, str]) -> list[sqlite3.Row]:
-    """The current instances a retrieve (C-MOVE, C-GET) at ``level`` names by its unique
-    keys: PatientID, StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID (UID lists allowed).
-    An identifier without the unique key of its level is refused: a retrieve never means
-    "everything". Every row whole (WADO-RS, the hub's download); a retrieve takes a
-    :class:`RetrievePlan` instead, and fetch-through :func:`held_of`."""
-    where = _retrieve_where(level, keys)
-    sql = (f"SELECT i.*, s.study_uid, se.series_uid FROM {_FROM['IMAGE']} "
-           f"WHERE {' AND '.join(where.clauses)} {_RETRIEVE_ORDER}")
-    return db.query(sql, tuple(where.params))
+def instance_pages(db: Database, instance_ids: Sequence[int],
+                   page_size: int = 500) -> Iterator[list[sqlite3.Row]]:
+    """The rows of ``instance_ids`` (a :class:`RetrievePlan`'s) in that order, with their
+    study_uid and series_uid, ``page_size`` at a time: each page one query read whole (so
+    each may run in another thread, on that thread's connection). A study's WADO-RS answer
+    and the hub's download read every row first: about 1.2 kB each in Python, +250 MB for
+    a study of 200,000 instances before the first byte. An instance removed since the plan
+    (a purge, an eviction, a newer version) is left out."""
+    for start in range(0, len(instance_ids), page_size):
+        ids = list(instance_ids[start:start + page_size])
+        found = {row["id"]: row for row in db.query(
+            f"SELECT i.*, s.study_uid, se.series_uid FROM {_FROM['IMAGE']} "
+            f"WHERE i.is_current = 1 AND i.id IN ({', '.join('?' * len(ids))})", tuple(ids))}
+        page = [found[i] for i in ids if i in found]
+        if page:
+            yield page
 
 
 @dataclass(frozen=True)
@@ -474,7 +480,10 @@ class RetrievePlan:
 
 
 def retrieve_plan(db: Database, level: str, keys: dict[str, str]) -> RetrievePlan:
-    """The :class:`RetrievePlan` of a retrieve at ``level`` (as :func:`instances_for`)."""
+    """The :class:`RetrievePlan` of a retrieve (C-MOVE, C-GET, WADO-RS, the hub's download)
+    at ``level``: the current instances its unique keys name, PatientID, StudyInstanceUID,
+    SeriesInstanceUID, SOPInstanceUID (UID lists allowed). An identifier without the unique
+    key of its level is refused: a retrieve never means "everything"."""
     where = _retrieve_where(level, keys)
     condition = " AND ".join(where.clauses)
     params = tuple(where.params)

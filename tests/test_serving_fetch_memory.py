@@ -1,0 +1,72 @@
+"""Fetch-through reads the region's list of a study a page at a time (invariant 8).
+
+Found in review (2026-12-04): to tell whether the region holds more of a study than the cache,
+fetch-through asked the region for the study's whole instance list in one QIDO-RS answer and
+held it (its bytes and every object parsed from it): 157 MB of JSON for a study of 200,000
+instances. The list is now asked with limit and offset, a page at a time, each checked
+against the index as it comes.
+
+The region here is a second `pas run` (its DICOMweb root as ``prefetch.dicomweb_url``) holding
+the same study: its QIDO-RS honours limit and offset as the hub's embedded archive does.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+
+from appliance.transfer.region import RegionClient
+from tests.support.peers import PasProcess, read_rows
+from tests.test_serving_memory import _cancelled_get, _growth, _study_of_many_instances
+
+INSTANCES = 50_000
+
+
+def test_fetch_through_lists_a_study_of_50000_instances_a_page_at_a_time(
+        tmp_path: Path) -> None:
+    home = tmp_path / "pas"
+    home.mkdir()
+    study, real = _study_of_many_instances(home, INSTANCES)
+    # The region holds the same 50,001: the spool, and the index by SQLite's backup (its
+    # WAL may still hold the rows just written).
+    shutil.copytree(home, tmp_path / "region", ignore=shutil.ignore_patterns("pas.sqlite*"))
+    with closing(sqlite3.connect(home / "pas.sqlite")) as source, \
+            closing(sqlite3.connect(tmp_path / "region" / "pas.sqlite")) as copy:
+        source.backup(copy)
+    region = PasProcess(tmp_path / "region", {"PAS_DICOM__ACCEPT_UNKNOWN": "true"}).start()
+    root = f"http://127.0.0.1:{region.http_port}/dicom-web"
+    pas = PasProcess(home, {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                            "PAS_PREFETCH__DICOMWEB_URL": root,
+                            # The whole list is awaited: the check is what is measured.
+                            "PAS_SERVING__REGION_QUERY_TIMEOUT_S": "30"}).start()
+    try:
+        # Warm-up (modules, the association thread's database connection): one image.
+        assert _cancelled_get(pas, "IMAGE", "SOPInstanceUID", real).Status == 0x0000
+        growth, final = _growth(pas, lambda: _cancelled_get(pas, "STUDY", "StudyInstanceUID",
+                                                            study))
+        print(f"C-GET of {INSTANCES + 1} instances, fetch-through listing the region's "
+              f"{INSTANCES + 1}: peak RSS +{growth:.1f} MB")
+        assert final.Status == 0xFE00 and final.NumberOfCompletedSuboperations >= 1
+        # The region was asked, a page at a time, and nothing was missing here.
+        log = pas.log()
+        assert "region unavailable" not in log and "fetched" not in log
+        assert growth < 30, growth  # the whole list in one answer: +354 MB
+        queries = read_rows(tmp_path / "region" / "pas.sqlite",
+                            "SELECT detail FROM audit WHERE event = 'query' ORDER BY id")
+        assert [q["detail"] for q in queries] == \
+            ["1000 results (QIDO-RS)"] * 50 + ["1 result (QIDO-RS)"]
+        # The pages are the whole list the region gives in one answer: the same instances.
+        client = RegionClient(root)
+        try:
+            pages = list(client.instance_pages(study))
+            whole = client.qido(f"studies/{study}/instances")
+        finally:
+            client.close()
+        paged = [i.sop_instance_uid for page in pages for i in page]
+        assert len(pages) == 51 and len(paged) == len(set(paged)) == INSTANCES + 1
+        assert set(paged) == {item["00080018"]["Value"][0] for item in whole}
+    finally:
+        pas.stop()
+        region.stop()
