@@ -65,19 +65,19 @@ def test_wado_rs_of_a_study_of_50000_instances_reads_its_rows_as_it_goes(
             f"{base}/series/{row['series_uid']}/instances/{real}")
         assert status == 200
         assert (sha, size) == _expected(boundary, content, row["transfer_syntax_uid"], 1)
-        for path in ("", f"/series/{row['series_uid']}"):
-            growth, (status, boundary, sha, size) = _growth(  # type: ignore[misc]
-                pas, lambda path=path: _retrieved(base + path))
-            print(f"WADO-RS {path or '/'} of {INSTANCES + 1} instances ({size} bytes): "
-                  f"peak RSS +{growth:.1f} MB")
-            assert status == 200
-            # Every part, the stored bytes of each, byte for byte.
-            assert (sha, size) == _expected(boundary, content, row["transfer_syntax_uid"],
-                                            INSTANCES + 1)
-            assert growth < 25, growth
+        # The study (a series is the same path with one more filter: not asked again here,
+        # for the suite's time; the series route's own tests are in test_serving_dicomweb).
+        growth, (status, boundary, sha, size) = _growth(  # type: ignore[misc]
+            pas, lambda: _retrieved(base))
+        print(f"WADO-RS of {INSTANCES + 1} instances ({size} bytes): peak RSS +{growth:.1f} MB")
+        assert status == 200
+        # Every part, the stored bytes of each, byte for byte.
+        assert (sha, size) == _expected(boundary, content, row["transfer_syntax_uid"],
+                                        INSTANCES + 1)
+        assert growth < 25, growth
         rows = read_rows(home / "pas.sqlite", "SELECT outcome, detail FROM audit WHERE "
                                               "event = 'retrieve' ORDER BY id")
-        assert [(r["outcome"], r["detail"]) for r in rows[-2:]] == \
-            [("success", f"{INSTANCES + 1} instances (WADO-RS)")] * 2
+        assert [(r["outcome"], r["detail"]) for r in rows[-1:]] == \
+            [("success", f"{INSTANCES + 1} instances (WADO-RS)")]
     finally:
         pas.stop()
