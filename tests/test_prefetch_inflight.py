@@ -2,13 +2,14 @@
 
 Found (2026-12-04): a second order for a patient whose prior was still downloading (its
 batch had left: on a slow link, for minutes) asked the hub for the same study again, and the
-hub sent it again: here 3 of its 3 instances crossed the WAN twice (only the index kept the
-site from filing them twice). Now the later request joins the download on its way and waits
-for it; if that download fails, the later request downloads the study itself at once.
+hub sent again all the site did not hold yet: here 3 instances (0.5 MB packed), then the 2 not
+filed yet a second time (0.4 MB), across the WAN (only the index kept the site from filing
+them twice). Now the later request joins the download on its way and waits for it; if that
+download fails, the later request downloads the rest itself at once.
 
 Real Orthanc (DICOMweb, its own network namespace) behind a real hub (``pas hub run``, mutual
 TLS), ``pas run`` enrolled with it, orders over MLLP. The first download is held on its way
-by a proxy on the site's link (the bytes beyond the first ``HOLD_AFTER`` wait at the proxy, the
+by a proxy on the site's link (the bytes beyond a stop wait at the proxy, the
 hub's answer stalled by TCP flow control) for as long as the test needs, however loaded the
 machine: the second order arrives while it is certainly in flight, then the download goes on
 (or its connection is cut).
