@@ -211,12 +211,17 @@ class Site:
             assert sha256(original) == row["sha256"]
             assert sha256((self.pas.home / "spool" / row["path"]).read_bytes()) == row["sha256"]
 
-    def sent_by_hub(self, study_uid: str) -> list[tuple[str, int, int]]:
+    def sent_by_hub(self, study_uid: str, at_least: int) -> list[tuple[str, int, int]]:
         """Each download of the study for this site, as the hub logged it: how it ended, the
-        instances it sent, those the site held."""
-        return [(how, int(n), int(held)) for how, n, held in re.findall(
-            rf"download of study {re.escape(study_uid)} for {self.name} (sent|ended early|"
-            r"failed): (\d+) instances? \((\d+) held at the site", self.hub.log())]
+        instances it sent, those the site held. The hub logs a download once its answer is
+        over, which may be just after the site has all of it: ``at_least`` are awaited."""
+        def logged() -> list[tuple[str, int, int]] | None:
+            found = [(how, int(n), int(held)) for how, n, held in re.findall(
+                rf"download of study {re.escape(study_uid)} for {self.name} (sent|ended "
+                r"early|failed): (\d+) instances? \((\d+) held at the site", self.hub.log())]
+            return found if len(found) >= at_least else None
+
+        return wait_for(logged, 30, interval=0.1, what=f"the hub's log of {study_uid}")
 
     def stop(self) -> None:
         self.pas.stop()
@@ -234,7 +239,7 @@ def test_a_prior_on_its_way_down_is_not_sent_again(region: dict[str, Any], route
         site.proxy.release()
         rows = site.both_done()
         count = region["count"]
-        sent = site.sent_by_hub(region["study_uid"])
+        sent = site.sent_by_hub(region["study_uid"], at_least=1)
         assert [(how, n) for how, n, _ in sent] == [("sent", count)], site.hub.log()[-3000:]
         assert {o: (r["state"], r["studies_found"], r["studies_fetched"], r["instances_fetched"])
                 for o, r in rows.items()} == {"O1": ("fetched", 1, 1, count),
@@ -277,7 +282,7 @@ def test_a_later_request_downloads_the_prior_itself_when_the_one_it_waited_for_f
                          rf"{re.escape(region['study_uid'])} it waited for failed \(.*cut after"
                          r".*\): its own download now", site.pas.log())
         # The second download asked only for what the first had not filed.
-        (how, n, held), = site.sent_by_hub(region["study_uid"])[-1:]
+        (how, n, held), = site.sent_by_hub(region["study_uid"], at_least=2)[1:]
         assert how == "sent" and n + held == count and n >= 1 and held >= 1
         assert rows["O2"]["instances_fetched"] == count
         site.assert_prior_on_site_as_in_orthanc(region["orthanc"], count)
