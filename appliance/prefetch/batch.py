@@ -20,8 +20,10 @@ again either: a later request that wants it, and lacks nothing that download doe
 joins it (``in_flight``): its ticket is told as the first ones are, and credited with the
 buckets already filed. Should that download fail, the joined ticket is not failed with it: it
 is handed to the gathering batch once, for a download of its own (what the failed one filed
-counts as held), and fails only if that one does too. Measured before: two orders a few
-seconds apart for the same patient sent the same prior across the WAN twice.
+counts as held), and fails only if that one does too. The priors route's parts are on their
+way too (``left``); a request whose patient has a download under way takes the two-step path
+to join it (``downloading_for``). Before: two orders a few seconds apart for one patient had
+the hub send the prior, then again all of it not filed yet (tests/test_prefetch_inflight.py).
 """
 
 from __future__ import annotations
