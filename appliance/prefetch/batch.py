@@ -14,6 +14,16 @@ requests are claimed and join the same batch. Nothing waits on a timer when noth
 coming: a lone order's study leaves at once. Batches run side by side up to
 ``prefetch.download_streams``; a study already waiting in the gathering batch is not asked for
 twice (both requests are told).
+
+A study already on its way down (its batch left: on a slow link for minutes) is not asked for
+again either: a later request that wants it, and lacks nothing that download does not bring,
+joins it (``in_flight``): its ticket is told as the first ones are, and credited with the
+buckets already filed. Should that download fail, the joined ticket is not failed with it: it
+is handed to the gathering batch once, for a download of its own (what the failed one filed
+counts as held), and fails only if that one does too. The priors route's parts are on their
+way too (``left``); a request whose patient has a download under way takes the two-step path
+to join it (``downloading_for``). Before: two orders a few seconds apart for one patient had
+the hub send the prior, then again all of it not filed yet (tests/test_prefetch_inflight.py).
 """
 
 from __future__ import annotations
@@ -44,7 +54,10 @@ SEARCH_GATHER_MAX_S = 0.05  # ... or this long after it was asked for
 @dataclass
 class Ticket:
     """One request's wish for one study; ``done`` is set with ``filed`` (the UIDs filed),
-    ``unavailable`` (the hub offers no bucketed download: use WADO-RS) or ``error``."""
+    ``unavailable`` (the hub offers no bucketed download: use WADO-RS) or ``error``.
+    ``joined_with``: what the site held when this ticket joined a download already on its way
+    (None otherwise); kept so that, if that download fails, this one can ask for the rest
+    itself."""
 
     request_id: int
     study_uid: str
@@ -52,6 +65,7 @@ class Ticket:
     filed: set[str] = field(default_factory=set)
     unavailable: bool = False
     error: Exception | None = None
+    joined_with: set[str] | None = None
 
     def wait(self, stopping: threading.Event) -> None:
         while not self.done.wait(0.5):
@@ -61,9 +75,17 @@ class Ticket:
 
 @dataclass
 class Wanted:
+    """One study to download for one or more tickets. ``held``: what the download does not
+    ask for; ``patient``: whose it is (``patient_id|issuer``, so that a request can tell that
+    a download of its patient is under way); ``recorded``: what each bucket filed so far (a
+    ticket that joins late is credited with it); ``settled``: its tickets were told."""
+
     study_uid: str
     held: set[str]
     tickets: list[Ticket]
+    patient: str = ""
+    recorded: list[Any] = field(default_factory=list)
+    settled: bool = False
 
 
 class DownloadBatcher:
@@ -85,29 +107,66 @@ class DownloadBatcher:
         self.bucket_bytes = bucket_bytes
         self.stopping = stopping
         self.cond = threading.Condition()
-        self.wanted: dict[str, Wanted] = {}
+        self.wanted: dict[str, Wanted] = {}     # the gathering batch
+        self.in_flight: dict[str, Wanted] = {}  # on their way down, until their tickets are told
         self.first_at = 0.0
         self.gather_max_s = GATHER_MAX_S
         self.batches = 0      # batches sent (tests and logs read it)
         self._thread: threading.Thread | None = None
 
-    def submit(self, request_id: int, study_uid: str, held: set[str]) -> Ticket:
+    def submit(self, request_id: int, study_uid: str, held: set[str],
+               patient: str = "") -> Ticket:
+        """A ticket for ``study_uid`` but ``held``: it joins the study waiting in the gathering
+        batch, or the download of it already on its way when that one asks for all this
+        request lacks, or the study joins the gathering batch."""
         ticket = Ticket(request_id, study_uid)
         with self.cond:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._dispatch, name="pas-prefetch-batch",
-                                                daemon=True)
-                self._thread.start()
-            if not self.wanted:
-                self.first_at = time.monotonic()
-            wanted = self.wanted.get(study_uid)
-            if wanted is None:
-                self.wanted[study_uid] = Wanted(study_uid, set(held), [ticket])
-            else:
-                wanted.held &= held  # ask for what either request lacks
-                wanted.tickets.append(ticket)
-            self.cond.notify_all()
+            going = self.in_flight.get(study_uid)
+            if study_uid in self.wanted or going is None or not going.held <= held:
+                self._want(ticket, held, patient)
+                return ticket
+            ticket.joined_with = set(held)
+            going.tickets.append(ticket)
+            earlier = list(going.recorded)  # later buckets are recorded for it by on_bucket
+            first = going.tickets[0].request_id
+        log.info("prefetch %d: prior %s is already on its way down (request %d's download, "
+                 "%s filed so far): waits for it", request_id, study_uid, first,
+                 counted(len(earlier), "instance"), extra={"STUDY_UID": study_uid})
+        if earlier:
+            self.record(request_id, earlier)
         return ticket
+
+    def _want(self, ticket: Ticket, held: set[str], patient: str) -> None:
+        """Into the gathering batch (under ``cond``)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._dispatch, name="pas-prefetch-batch",
+                                            daemon=True)
+            self._thread.start()
+        if not self.wanted:
+            self.first_at = time.monotonic()
+        wanted = self.wanted.get(ticket.study_uid)
+        if wanted is None:
+            self.wanted[ticket.study_uid] = Wanted(ticket.study_uid, set(held), [ticket],
+                                                   patient)
+        else:
+            wanted.held &= held  # ask for what either request lacks
+            wanted.tickets.append(ticket)
+        self.cond.notify_all()
+
+    def downloading_for(self, patient: str) -> bool:
+        """Whether a study of ``patient`` is gathered or on its way down: a request of that
+        patient then searches and joins it rather than ask the hub's priors route, which
+        would send the study again."""
+        with self.cond:
+            return any(w.patient == patient for w in (*self.wanted.values(),
+                                                      *self.in_flight.values()))
+
+    def left(self, wanted: Wanted) -> None:
+        """``wanted`` is on its way down (a batch or a priors answer carries it): later
+        requests join it until it is settled. A second download of the same study (one that
+        was asked for before this one was known) does not replace the first."""
+        with self.cond:
+            self.in_flight.setdefault(wanted.study_uid, wanted)
 
     def poke(self) -> None:
         """Something changed that may let the gathering batch leave."""
@@ -125,6 +184,8 @@ class DownloadBatcher:
                     self.cond.wait(max(0.0, min(0.05, deadline - time.monotonic())))
                 batch = list(self.wanted.values())
                 self.wanted = {}
+                for wanted in batch:
+                    self.in_flight.setdefault(wanted.study_uid, wanted)
             if not batch:
                 continue
             while not self.streams.acquire(timeout=0.5):
@@ -138,23 +199,54 @@ class DownloadBatcher:
             batch, self.wanted = list(self.wanted.values()), {}
         self._fail(batch, InterruptedError("stopping"))
 
-    @staticmethod
-    def _fail(batch: list[Wanted], error: Exception) -> None:
+    def _fail(self, batch: list[Wanted], error: Exception) -> None:
         for wanted in batch:
+            self.settle(wanted, set(), error)
+
+    def settle(self, wanted: Wanted, filed: set[str], error: Exception | None,
+               unavailable: bool = False) -> None:
+        """The download of ``wanted`` is over: it is no longer on its way, and each ticket not
+        told yet is told, except that one which joined it on its way is handed back to the
+        gathering batch after a failure (once; not when stopping, nor when the hub has no
+        bucketed download), with what this one filed counted as held. Runs once."""
+        again: list[Ticket] = []
+        told: list[Ticket] = []
+        with self.cond:
+            if wanted.settled:
+                return
+            wanted.settled = True
+            if self.in_flight.get(wanted.study_uid) is wanted:
+                del self.in_flight[wanted.study_uid]
             for ticket in wanted.tickets:
-                if not ticket.done.is_set():
-                    ticket.error = error
-                    ticket.done.set()
+                if ticket.done.is_set():
+                    continue
+                if (error is not None and not unavailable and ticket.joined_with is not None
+                        and not self.stopping.is_set()):
+                    ticket.filed |= filed
+                    held, ticket.joined_with = ticket.joined_with | filed, None
+                    self._want(ticket, held, wanted.patient)
+                    again.append(ticket)
+                else:
+                    told.append(ticket)
+        for ticket in again:
+            log.warning("prefetch %d: the download of prior %s it waited for failed (%s): "
+                        "its own download now", ticket.request_id, ticket.study_uid, error,
+                        extra={"STUDY_UID": ticket.study_uid})
+        for ticket in told:
+            ticket.filed |= filed
+            ticket.error, ticket.unavailable = error, unavailable
+            ticket.done.set()
 
     def item_for(self, wanted: Wanted) -> DownloadItem:
         def on_bucket(filed: list[Any]) -> None:
-            for ticket in wanted.tickets:
+            with self.cond:  # a ticket joining now is credited with this bucket or the next
+                wanted.recorded.extend(filed)
+                tickets = list(wanted.tickets)
+            for ticket in tickets:
                 self.record(ticket.request_id, filed)
 
         def on_done(item: DownloadItem) -> None:
-            for ticket in wanted.tickets:
-                ticket.filed, ticket.error = set(item.result.filed), item.error
-                ticket.done.set()
+            self.settle(wanted, set(item.result.filed), item.error)
 
         return DownloadItem(wanted.study_uid, self.file, set(wanted.held),
                             on_bucket=on_bucket, on_done=on_done)
@@ -183,9 +275,7 @@ class DownloadBatcher:
         except DownloadUnavailable as exc:
             log.info("the hub offers no bucketed download (%s): WADO-RS from now on", exc)
             for wanted in batch:
-                for ticket in wanted.tickets:
-                    ticket.unavailable = True
-                    ticket.done.set()
+                self.settle(wanted, set(), None, unavailable=True)
         except Exception as exc:  # a ticket never stays open
             log.exception("prefetch batch failed")
             self._fail(batch, exc)
@@ -194,9 +284,16 @@ class DownloadBatcher:
             self._fail(batch, RuntimeError("the download ended without this study"))
 
     def _one(self, downloads: HubDownloads, item: DownloadItem) -> None:
-        """One study by the single-study form (the stream counts are the study's)."""
+        """One study by the single-study form (the stream counts are the study's). What it
+        filed is noted as it goes: after a cut, a ticket that joined it asks for the rest
+        only."""
+        def on_instance(uid: str, content: Any) -> Any:
+            filed = item.on_instance(uid, content)
+            item.result.filed.add(uid)
+            return filed
+
         try:
-            result = downloads.fetch(item.study_uid, item.on_instance, have=item.have,
+            result = downloads.fetch(item.study_uid, on_instance, have=item.have,
                                      bucket_bytes=self.bucket_bytes,
                                      before_bucket=self.before_bucket, on_bucket=item.on_bucket)
             item.result = result

@@ -37,6 +37,12 @@ from appliance.words import counted
 log = logging.getLogger("pas.prefetch")
 
 
+def patient_key(patient_id: str, issuer: str) -> str:
+    """Whose a download is, as :meth:`DownloadBatcher.downloading_for` is asked (the issuer
+    as the region names it, as in the priors request)."""
+    return f"{patient_id}|{issuer}"
+
+
 class PriorsUnavailable(Exception):
     """The hub has no priors route (an older hub): take the two-step path."""
 
@@ -144,6 +150,7 @@ class PriorsBatcher:
 
     def _stream(self, batch: _Batch) -> None:
         asked = batch.asked  # grows while the batch is open; _fail runs once it is closed
+        wanted: dict[int, Wanted] = {}  # the parts of the answer, by number
         try:
             downloads = self.downloads()
             if downloads is None or not downloads.hub_has_priors:
@@ -151,7 +158,6 @@ class PriorsBatcher:
             self.batcher.before_bucket()
             self.requests += 1
             started = time.monotonic()
-            wanted: dict[int, Wanted] = {}
             items = downloads.fetch_priors(self._lines(batch),
                                            lambda entry: self._found(asked, wanted, entry),
                                            bucket_bytes=self.batcher.bucket_bytes,
@@ -161,11 +167,14 @@ class PriorsBatcher:
                      time.monotonic() - started,
                      sum(1 for i in items if i.error is not None))
             self._close(batch)
-            self._fail(asked, DownloadError("the hub's priors answer ended without a word "
-                                            "of this patient"))
+            error: Exception = DownloadError("the hub's priors answer ended without a word "
+                                             "of this patient")
         except Exception as exc:  # a request never stays waiting
             self._close(batch)
-            self._fail(asked, self._reason(exc))
+            error = self._reason(exc)
+        self._fail(asked, error)
+        for part in list(wanted.values()):  # tickets that joined a part on its way, too
+            self.batcher.settle(part, set(), error)
 
     @staticmethod
     def _reason(exc: Exception) -> Exception:
@@ -214,7 +223,10 @@ class PriorsBatcher:
                     wanted[part].tickets.append(ticket)
                 else:
                     held = set(asked.patient["held"].get(candidate.study_uid, ()))
-                    wanted[part] = Wanted(candidate.study_uid, held, [ticket])
+                    wanted[part] = Wanted(candidate.study_uid, held, [ticket],
+                                          patient_key(asked.patient["patient_id"],
+                                                      asked.patient["issuer"]))
+                    self.batcher.left(wanted[part])  # a later request joins it
                     new.append(self.batcher.item_for(wanted[part]))
                 asked.chosen.append(candidate)
                 asked.tickets[candidate.study_uid] = ticket

@@ -29,7 +29,7 @@ from appliance.ingest.receive import Receiver
 from appliance.prefetch import orders
 from appliance.prefetch import rules as prefetch_rules
 from appliance.prefetch.batch import DownloadBatcher, SearchBatcher, Ticket
-from appliance.prefetch.priors import PriorsBatcher, PriorsRefused, PriorsUnavailable
+from appliance.prefetch.priors import PriorsBatcher, PriorsRefused, PriorsUnavailable, patient_key
 from appliance.prefetch.rules import Candidate
 from appliance.store import jobs as job_store
 from appliance.store import prefetch as store
@@ -429,12 +429,18 @@ class PrefetchService:
         """The chosen priors and their tickets by the hub's priors route (search, choice and
         download in one round trip), or None when this request takes the two-step path: an
         older hub, a rule that needs series-level attributes, more held instances than a
-        request should carry, a batch the hub refused."""
+        request should carry, a batch the hub refused, or a download of this patient's
+        studies on its way down (the hub would send again what that one is bringing; the
+        two-step path joins it)."""
         downloads = self.downloads()
         if (not self._priors_route or downloads is None or not downloads.hub_has_priors
                 or rule.same == "body_part"
                 or any(len(request[key] or "") > 64 for key in ("modality",
                                                                  "accession_number"))):
+            return None
+        if self.batcher.downloading_for(patient_key(request["patient_id"], issuer)):
+            log.info("prefetch %s: a download for patient %s is under way: a search, then "
+                     "its priors join it", request["id"], request["patient_id"])
             return None
         held = store.held_by_patient(self.db, request["patient_id"], MAX_HELD_INSTANCES)
         if held is None:
@@ -475,6 +481,7 @@ class PrefetchService:
         # the request no longer counts as resolving.
         tickets: dict[str, Ticket | None] = {}
         downloads = self.downloads()
+        patient = patient_key(request["patient_id"], issuer)
         for candidate in chosen:
             local = store.local_instance_count(self.db, candidate.study_uid)
             if candidate.instances is not None and local >= candidate.instances > 0:
@@ -482,7 +489,7 @@ class PrefetchService:
             elif downloads is not None:
                 held = store.held_instance_uids(self.db, candidate.study_uid)
                 tickets[candidate.study_uid] = self.batcher.submit(
-                    request_id, candidate.study_uid, held)
+                    request_id, candidate.study_uid, held, patient)
         return chosen, tickets
 
     def _search_studies(self, region: RegionClient, patient_id: str,
