@@ -102,7 +102,9 @@ class PrefetchService:
             self.stopping)
         self.searcher = SearchBatcher(self.downloads)
         self.priors = PriorsBatcher(self.downloads, self.batcher)
-        self._priors_route = True  # off for good once the hub said it has none
+        # The hub's priors route (search, choice and download in one round trip) is asked when it
+        # offers one; off for good once the hub said it has none.
+        self.priors_route = True
         self._batched_search = True  # off for good once the hub said it has none
         self._warm_thread: threading.Thread | None = None
         self._pool = ThreadPoolExecutor(self.config.parallel * 2,
@@ -433,7 +435,7 @@ class PrefetchService:
         studies on its way down (the hub would send again what that one is bringing; the
         two-step path joins it)."""
         downloads = self.downloads()
-        if (not self._priors_route or downloads is None or not downloads.hub_has_priors
+        if (not self.priors_route or downloads is None or not downloads.hub_has_priors
                 or rule.same == "body_part"
                 or any(len(request[key] or "") > 64 for key in ("modality",
                                                                  "accession_number"))):
@@ -457,7 +459,7 @@ class PrefetchService:
             return None
         except PriorsUnavailable as exc:
             log.info("%s: a search, then a download, from now on", exc)
-            self._priors_route = False
+            self.priors_route = False
             return None
         except InterruptedError as exc:
             raise RegionError(str(exc)) from None
