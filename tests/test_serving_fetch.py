@@ -103,6 +103,15 @@ def _audit_queries(pas: PasProcess) -> list[sqlite3.Row]:
         conn.close()
 
 
+def _move_study(setup: Setup, study_uid: str) -> subprocess.CompletedProcess[str]:
+    """movescu as the viewer: the study moved to the test's storescp (STORESCP)."""
+    return subprocess.run(
+        ["movescu", "-v", "-S", "-aet", "VIEWER", "-aec", "PAS", "-aem", "STORESCP",
+         "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
+         "127.0.0.1", str(setup.pas.port)],
+        env=DCMTK_ENV, capture_output=True, text=True, timeout=120)
+
+
 def _dataset_sha(content: bytes, path: Path) -> str:
     path.write_bytes(content)
     _, offset = split_dataset(path)
@@ -126,11 +135,7 @@ def test_cfind_includes_regional_studies_marked_nearline(setup: Setup, tmp_path:
 
 def test_move_of_a_regional_study_fetches_then_serves(setup: Setup, tmp_path: Path) -> None:
     study = _studies(REGIONAL_PATIENT)[0]
-    result = subprocess.run(
-        ["movescu", "-v", "-S", "-aet", "VIEWER", "-aec", "PAS", "-aem", "STORESCP",
-         "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
-         "127.0.0.1", str(setup.pas.port)],
-        env=DCMTK_ENV, capture_output=True, text=True, timeout=120)
+    result = _move_study(setup, study)
     assert result.returncode == 0 and "Final Move Response (Success)" in result.stderr, \
         result.stderr[-2000:]
     files = wait_for(lambda: (f := setup.scp.files()) and len(f) == 3 and f, 30,
@@ -179,11 +184,7 @@ def test_wan_down_cfind_and_cmove_answer_from_local_data(setup: Setup, tmp_path:
         for old in setup.scp.files():
             old.unlink()
         study = _studies(LOCAL_PATIENT)[0]
-        result = subprocess.run(
-            ["movescu", "-v", "-S", "-aet", "VIEWER", "-aec", "PAS", "-aem", "STORESCP",
-             "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
-             "127.0.0.1", str(setup.pas.port)],
-            env=DCMTK_ENV, capture_output=True, text=True, timeout=120)
+        result = _move_study(setup, study)
         assert "Final Move Response (Success)" in result.stderr, result.stderr[-2000:]
         expected = sum(1 for p in CT_DIR.glob(f"{LOCAL_PATIENT}_*.dcm")
                        if str(dcmread(p, stop_before_pixels=True).StudyInstanceUID) == study)
@@ -195,11 +196,7 @@ def test_wan_down_cfind_and_cmove_answer_from_local_data(setup: Setup, tmp_path:
 def test_move_of_an_unknown_study_fails_cleanly(setup: Setup) -> None:
     for old in setup.scp.files():
         old.unlink()
-    result = subprocess.run(
-        ["movescu", "-v", "-S", "-aet", "VIEWER", "-aec", "PAS", "-aem", "STORESCP",
-         "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=1.2.3.4.5.6.7",
-         "127.0.0.1", str(setup.pas.port)],
-        env=DCMTK_ENV, capture_output=True, text=True, timeout=120)
+    result = _move_study(setup, "1.2.3.4.5.6.7")
     # The region knows no such study: nothing fetched, nothing sent, a success with 0 sub-ops.
     assert "Final Move Response" in result.stderr
     assert setup.scp.files() == []
@@ -232,11 +229,7 @@ def test_move_of_a_study_partly_on_site_fetches_only_the_rest(setup: Setup,
     storescu(paths[0], setup.pas.port)
     for old in setup.scp.files():
         old.unlink()
-    result = subprocess.run(
-        ["movescu", "-v", "-S", "-aet", "VIEWER", "-aec", "PAS", "-aem", "STORESCP",
-         "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
-         "127.0.0.1", str(setup.pas.port)],
-        env=DCMTK_ENV, capture_output=True, text=True, timeout=120)
+    result = _move_study(setup, study)
     assert "Final Move Response (Success)" in result.stderr, result.stderr[-2000:]
     assert f"fetched 2 instances of {study} from the region" in setup.pas.log(), \
         setup.pas.log()[-2000:]

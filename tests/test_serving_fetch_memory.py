@@ -18,7 +18,10 @@ from contextlib import closing
 from pathlib import Path
 
 from tests.support.peers import PasProcess, read_rows
-from tests.test_serving_memory import _cancelled_get, _growth, _study_of_many_instances
+from tests.test_serving_memory import (
+    _study_get_growth,
+    _study_of_many_instances,
+)
 
 INSTANCES = 50_000
 
@@ -41,10 +44,7 @@ def test_fetch_through_lists_a_study_of_50000_instances_a_page_at_a_time(
                             # The whole list is awaited: the check is what is measured.
                             "PAS_SERVING__REGION_QUERY_TIMEOUT_S": "30"}).start()
     try:
-        # Warm-up (modules, the association thread's database connection): one image.
-        assert _cancelled_get(pas, "IMAGE", "SOPInstanceUID", real).Status == 0x0000
-        growth, final = _growth(pas, lambda: _cancelled_get(pas, "STUDY", "StudyInstanceUID",
-                                                            study))
+        growth, final = _study_get_growth(pas, study, real)
         print(f"C-GET of {INSTANCES + 1} instances, fetch-through listing the region's "
               f"{INSTANCES + 1}: peak RSS +{growth:.1f} MB")
         assert final.Status == 0xFE00 and final.NumberOfCompletedSuboperations >= 1

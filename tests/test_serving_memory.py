@@ -362,6 +362,16 @@ def _cancelled_get(pas: PasProcess, level: str, key: str, uid: str) -> Any:
         assoc.release()
 
 
+def _study_get_growth(pas: PasProcess, study: str, real: str) -> tuple[float, Any]:
+    """Peak RSS growth of ``pas`` for a study-level C-GET cancelled at its first image, after
+    a warm-up (modules, the association thread's database connection) of one image; and
+    the final C-GET-RSP."""
+    assert _cancelled_get(pas, "IMAGE", "SOPInstanceUID", real).Status == 0x0000
+    growth, final = _growth(pas, lambda: _cancelled_get(pas, "STUDY", "StudyInstanceUID",
+                                                        study))
+    return growth, final
+
+
 def test_c_get_of_a_study_of_65000_instances_does_not_hold_its_rows(tmp_path: Path) -> None:
     """A retrieve held every instance's index row (about 1.2 kB in Python) from its start
     to its end: a C-GET or C-MOVE of 65,000 instances took +78 MB before its first

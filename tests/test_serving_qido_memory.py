@@ -19,8 +19,8 @@ import httpx
 from tests.support.peers import PasProcess, free_port, read_rows, wait_for
 from tests.test_serving_memory import (
     RETRIEVED,
-    _cancelled_get,
     _growth,
+    _study_get_growth,
     _study_of_many_instances,
 )
 
@@ -96,10 +96,7 @@ def test_fetch_through_of_a_study_held_here_does_not_hold_its_rows(tmp_path: Pat
     pas = PasProcess(home, {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
                             "PAS_PREFETCH__DICOMWEB_URL": region}).start()
     try:
-        # Warm-up (modules, the association thread's database connection): one image.
-        assert _cancelled_get(pas, "IMAGE", "SOPInstanceUID", real).Status == 0x0000
-        growth, final = _growth(pas, lambda: _cancelled_get(pas, "STUDY", "StudyInstanceUID",
-                                                            study))
+        growth, final = _study_get_growth(pas, study, real)
         print(f"C-GET of {RETRIEVED + 1} instances, fetch-through on, region down: "
               f"peak RSS +{growth:.1f} MB")
         assert final.Status == 0xFE00 and final.NumberOfCompletedSuboperations >= 1
