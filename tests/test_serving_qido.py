@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from appliance.serving.dicomweb import QIDO_DEFAULT_LIMIT
@@ -297,6 +298,42 @@ def test_a_search_s_atna_message_carries_the_request_as_asked(pas: PasProcess) -
     [queried] = root.findall("ParticipantObjectIdentification/ParticipantObjectQuery/..")
     assert base64.b64decode(queried.findtext("ParticipantObjectQuery") or "") == asked.encode()
     assert queried.find("ParticipantObjectDetail[@type='TransferSyntax']") is None
+
+
+def test_a_c_find_identifier_is_kept_for_the_audit_up_to_a_bound(pas: PasProcess) -> None:
+    """A C-FIND's identifier is kept in its audit row as sent (the ATNA message's
+    ParticipantObjectQuery); one over AUDITED_IDENTIFIER_MAX bytes is not (the table is kept
+    for years and a peer may send megabytes): that row keeps its text summary only."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    from appliance.serving.qr import AUDITED_IDENTIFIER_MAX
+
+    ae = AE(ae_title="VIEWER")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    rows = []
+    for size in (10, AUDITED_IDENTIFIER_MAX + 1000):
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel, identifier.StudyInstanceUID = "STUDY", generate_uid()
+        identifier.StudyDescription = "X" * size
+        assoc = ae.associate("127.0.0.1", pas.port, ae_title="PAS")
+        assert assoc.is_established
+        try:
+            statuses = [s.Status for s, _ in assoc.send_c_find(
+                identifier, StudyRootQueryRetrieveInformationModelFind)]
+        finally:
+            assoc.release()
+        assert statuses[-1] == 0x0000
+        # The newest query row (a long target is cut, the marker with it: not searched).
+        [row] = read_rows(pas.home / "pas.sqlite", "SELECT * FROM audit WHERE event = "
+                          "'query' ORDER BY id DESC LIMIT 1")
+        assert row["target"].startswith("STUDY StudyDescription=XXXXXXXXXX"), row["target"]
+        assert not rows or row["id"] > rows[-1]["id"]
+        rows.append(row)
+    small, large = rows
+    assert small["query"] is not None and b"X" * 10 in small["query"]
+    assert small["query_syntax"] is not None
+    assert large["query"] is None and large["query_syntax"] is None, len(large["query"])
 
 
 @pytest.mark.parametrize(("key", "bad"), [

@@ -398,11 +398,17 @@ class QueryRetrieveService:
             log.exception("audit record failed")
 
 
+AUDITED_IDENTIFIER_MAX = 16384  # bytes of a C-FIND identifier kept in its audit row
+
+
 def _identifier_as_sent(event: Any) -> dict[str, Any]:
     """The request's identifier, its bytes as received and their transfer syntax (the
-    presentation context's), for the audit row; nothing when pynetdicom holds none."""
+    presentation context's), for the audit row; nothing when pynetdicom holds none or when
+    it is over ``AUDITED_IDENTIFIER_MAX`` bytes (the audit table is kept for years, and a
+    peer could send megabytes: such a row keeps its text summary only, and bytes cut short
+    would not decode)."""
     raw = getattr(event.request, "Identifier", None)
-    if raw is None:
+    if raw is None or raw.getbuffer().nbytes > AUDITED_IDENTIFIER_MAX:
         return {}
     return {"query": raw.getvalue(), "query_syntax": str(event.context.transfer_syntax)}
 
