@@ -12,13 +12,10 @@ Which fields are read, and why (HL7 v2.5 positions):
   modality, OBR-15 body site, OBR-27.4 / ORC-7.4 / OBR-36 / OBR-7 the time of the exam.
 - OMI^O23: the same ORC/OBR, TQ1-7 start time, IPC-1 accession, IPC-2 requested procedure
   ID, IPC-5 modality.
-- OMG^O19 (general clinical order, v2.5+, a RIS's successor to ORM): read as OMI without its
-  IPC: ORC, OBR (OBR-18 accession, OBR-19 requested procedure ID, OBR-24 modality), TQ1-7.
-  Refused before (AR 200), so a RIS sending it had no prefetch at all.
-- The procedure of an order group (:attr:`PrefetchOrder.procedure`): its accession (IPC-1,
-  else OBR-18) and requested procedure ID (IPC-2, else OBR-19, as IHE RAD-4 places them).
-  Several groups naming one order number (IHE SWF: one order, several requested procedures)
-  are told apart by it; merged, the second procedure's modality was never prefetched.
+- OMG^O19 (general clinical order, v2.5+): read as OMI without its IPC. It was refused (AR
+  200): a RIS sending it had no prefetch at all.
+- Each order group's requested procedure (:func:`_procedure`) tells apart the groups of one
+  order number (IHE SWF); merged, the second procedure's priors were never fetched.
 - ORM/OMI/OMG with several order groups (ORC, then its OBR, TQ1, IPC): each group is an order of
   its own, read as above from its own segments (:func:`order_groups`); one bad group refuses
   the whole message, naming the group. Read first-only, the second procedure of a CT thorax +
