@@ -103,12 +103,15 @@ def record_message(db: Database, message_key: str, message_type: str, ack_code: 
     at = now()
     actions = [*actions, *([request] if request is not None else []),
                *([Cancel(cancel_key)] if cancel_key is not None else [])]
-    if len(actions) == 1:
-        meaning = _meaning(actions[0])
+    # Each order once: several procedures of one order mean that order, as the message meant
+    # when they were one request (a resend recorded before migration 15 is still a resend).
+    meanings = list(dict.fromkeys(map(_meaning, actions)))
+    if len(meanings) == 1:
+        meaning = meanings[0]
         if isinstance(actions[0], Cancel):
             detail = meaning  # what a cancel did (it has no request): a resend or a reused key?
     else:
-        meaning = detail = SEVERAL + "; ".join(map(_meaning, actions))
+        meaning = detail = SEVERAL + "; ".join(meanings)
     reused_for: str | None = None
     with db.transaction() as conn:
         claimed = conn.execute(
