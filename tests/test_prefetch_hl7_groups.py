@@ -180,6 +180,128 @@ def test_fifty_groups_are_fifty_requests(pas_groups: PasProcess) -> None:
     assert len(rows_of(pas_groups, "PG7")) == 50
 
 
+def obr(placer: str, filler: str, code: str, accession: str, requested: str,
+        modality: str) -> str:
+    """An OBR as a RIS writes it: OBR-18 accession, OBR-19 requested procedure ID (IHE),
+    OBR-24 modality (diagnostic service section)."""
+    fields = ["OBR", "1", placer, filler, code] + [""] * 13 + [accession, requested] \
+        + [""] * 4 + [modality]
+    return "|".join(fields)
+
+
+def answer(pas: PasProcess, message: str) -> hl7.Message:
+    with MLLPClient("127.0.0.1", pas.hl7_port) as client:  # type: ignore[attr-defined]
+        return hl7.parse(client.send_message(message).decode().strip("\x0b\x1c\r"))
+
+
+def test_omg_o19_is_read_like_omi_and_acknowledged(pas_groups: PasProcess) -> None:
+    """A general clinical order (OMG^O19, v2.5.1, as a RIS writes it: PV1, ORC, TQ1, OBR,
+    NTE, OBX) was refused AR 200 ("unsupported message type"): no prefetch at all for a
+    RIS that sends it. Now read as OMI (without IPC), ACKed as ORM and OMI are (the general
+    ACK, MSH-9 ``ACK^O19^ACK``), resends recognised, its cancel cancels."""
+    def omg(control: str, order_control: str) -> str:
+        return "\r".join([
+            f"MSH|^~\\&|RIS|CHU-A|PAS|CHU-A|20261204143000+0100||OMG^O19^OMG_O19|{control}"
+            "|P|2.5.1||||||8859/1",
+            "PID|1||PO19^^^CHU-A^PI||MARTIN^Paul||19601012|M",
+            "PV1|1|O|RADIO^^^CHU-A||||||||||||||||V0001^^^CHU-A^VN",
+            f"ORC|{order_control}|CMD19^RIS|EXA19^RIS||SC||||20261204142900|||1234^DUPONT^Jean",
+            "TQ1|1||||||20991230103000||R",
+            obr("CMD19^RIS", "EXA19^RIS", "ZBQK002^Radiographie du thorax^CCAM", "ACC19",
+                "RP19", "CR"),
+            "NTE|1||Patient porteur d'un pacemaker",
+            "OBX|1|NM|3141-9^Poids^LN||72|kg|||||F"])
+
+    ack = answer(pas_groups, omg("OMG0001", "NW"))
+    assert (str(ack.segment("MSH")[9]), str(ack["MSA.F1"]), str(ack["MSA.F2"])) == (
+        "ACK^O19^ACK", "AA", "OMG0001"), str(ack)
+    (row,) = [r for r in requests(pas_groups) if r["patient_id"] == "PO19"]
+    from appliance.prefetch.messages import parse_hl7_time
+
+    assert (row["dedup_key"], row["accession_number"], row["modality"], row["state"],
+            row["scheduled_at"]) == ("order:PO19|CHU-A|CMD19", "ACC19", "CR", "pending",
+                                     parse_hl7_time("20991230103000"))
+    before = shape(pas_groups)
+    ack = answer(pas_groups, omg("OMG0001", "NW"))
+    assert (str(ack["MSA.F1"]), str(ack["MSA.F3"])) == ("AA",
+                                                        "duplicate message: already processed")
+    assert shape(pas_groups) == before
+    assert answer(pas_groups, omg("OMG0002", "CA"))["MSA.F1"] == "AA"
+    assert [r["state"] for r in requests(pas_groups) if r["patient_id"] == "PO19"] == [
+        "cancelled"]
+
+
+def swf_omi(control: str, *groups: tuple[str, str, str, str], patient: str = "PS1") -> str:
+    """An IHE SWF OMI^O23 (RAD-4, v2.5.1): one order (placer ORD-S, filler FIL-S, one
+    accession), each requested procedure an ORC/TQ1/OBR/IPC group: (order control, requested
+    procedure ID, modality, procedure code)."""
+    segments = [f"MSH|^~\\&|RIS|HOSP|PAS|HOSP|20261204120000||OMI^O23^OMI_O23|{control}|P|"
+                "2.5.1", f"PID|1||{patient}^^^HOSP^MR||DOE^JANE", "PV1|1|O"]
+    for order_control, requested, modality, code in groups:
+        segments += [f"ORC|{order_control}|ORD-S|FIL-S||SC", f"TQ1|1||||||{FAR}",
+                     obr("ORD-S", "FIL-S", code, "ACC-S", requested, modality),
+                     f"IPC|ACC-S|{requested}|1.2.826.0.1.{requested[-1]}|SPS{requested}|"
+                     f"{modality}"]
+    return "\r".join(segments)
+
+
+def by_modality(pas: PasProcess, patient: str) -> dict[str, tuple[Any, ...]]:
+    """The patient's requests: modality -> requested procedure ID, state, times requested."""
+    return {r["modality"]: (r["dedup_key"].rsplit("^", 1)[-1] if "^" in r["dedup_key"]
+                            else "first", r["state"], r["times_requested"])
+            for r in requests(pas) if r["patient_id"] == patient}
+
+
+def test_procedures_of_one_order_number_are_requests_of_their_own(
+        pas_groups: PasProcess) -> None:
+    """IHE SWF: a CT chest and an MR knee of one order (one order number, one accession),
+    told apart by the requested procedure ID (IPC-2). They were one request, the CT's
+    (logged "two order groups name order ..."): the MR priors were never fetched. Now one
+    request each; an exact repeat of a procedure in the message (a second step of it)
+    counts once; the message resent changes nothing, sent again as a new message counts
+    each once more; a cancel naming the MR cancels it alone; an ``ORC|CA`` naming no
+    procedure cancels the order's every procedure."""
+    ct, mr = ("NW", "RP1", "CT", "CTTHX^CT chest"), ("NW", "RP2", "MR", "MRKNEE^MR knee")
+    message = swf_omi("S1", ct, mr, ct)
+    assert send(pas_groups, message) == ("AA", "")
+    assert by_modality(pas_groups, "PS1") == {"CT": ("first", "pending", 1),
+                                              "MR": ("RP2", "pending", 1)}
+    before = shape(pas_groups)
+    assert send(pas_groups, message) == ("AA", "duplicate message: already processed")
+    assert shape(pas_groups) == before
+    assert send(pas_groups, swf_omi("S2", ct, mr)) == ("AA", "")
+    assert by_modality(pas_groups, "PS1") == {"CT": ("first", "pending", 2),
+                                              "MR": ("RP2", "pending", 2)}
+    assert send(pas_groups, swf_omi("S3", ("CA", *mr[1:]))) == ("AA", "")
+    assert by_modality(pas_groups, "PS1") == {"CT": ("first", "pending", 2),
+                                              "MR": ("RP2", "cancelled", 2)}
+    # The MR ordered again (NW after CA) is pending again; a status change to cancelled
+    # naming the CT alone cancels the CT alone.
+    assert send(pas_groups, swf_omi("S4", mr)) == ("AA", "")
+    status = swf_omi("S5", ("SC", *ct[1:])).replace("ORC|SC|ORD-S|FIL-S||SC",
+                                                    "ORC|SC|ORD-S|FIL-S||CA")
+    assert send(pas_groups, status) == ("AA", "")
+    assert by_modality(pas_groups, "PS1") == {"CT": ("first", "cancelled", 2),
+                                              "MR": ("RP2", "pending", 3)}
+    whole = "\r".join(swf_omi("S6").split("\r") + ["ORC|CA|ORD-S|FIL-S||CA"])
+    assert send(pas_groups, whole) == ("AA", "")
+    assert {m: state for m, (_, state, _) in by_modality(pas_groups, "PS1").items()} == {
+        "CT": "cancelled", "MR": "cancelled"}
+
+
+def test_orm_procedures_of_one_order_number_told_apart_by_accession(
+        pas_groups: PasProcess) -> None:
+    """An ORM^O01 giving a CT chest and an MR knee one placer order number, each its own
+    accession (OBR-18): two requests (the MR's priors were not fetched)."""
+    groups = [[f"ORC|NW|ORD-A|||SC||^^^{FAR}", obr("ORD-A", "", code, accession, "", modality)]
+              for code, accession, modality in (("CTTHX", "ACC-A1", "CT"),
+                                                 ("MRKNEE", "ACC-A2", "MR"))]
+    assert send(pas_groups, orm("A1", *groups, patient="PA1")) == ("AA", "")
+    rows = [r for r in requests(pas_groups) if r["patient_id"] == "PA1"]
+    assert sorted((r["accession_number"], r["modality"], r["state"]) for r in rows) == [
+        ("ACC-A1", "CT", "pending"), ("ACC-A2", "MR", "pending")]
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -88,3 +88,57 @@ def test_an_older_version_refuses_a_newer_database(tmp_path: Path) -> None:
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     conn.close()
+
+
+def test_an_order_stored_before_procedures_were_told_apart_keeps_its_request(
+        tmp_path: Path) -> None:
+    """Migration 15: requests are found by order and requested procedure. An order stored
+    before (its procedure not recorded) is still the same order after the upgrade: its
+    message resent is recognised, the order sent again with its CT chest and an MR knee
+    counts its request once more and adds the MR's, and a cancel of the MR leaves the CT."""
+    import time
+
+    from appliance.prefetch import orders
+
+    path = tmp_path / "pas.sqlite"
+    old = Database(path, migrations=MIGRATIONS[:14])
+    with old.transaction() as conn:  # what the version before wrote for a one-order ORM
+        conn.execute(
+            "INSERT INTO prefetch_requests (id, dedup_key, trigger, patient_id, issuer, "
+            "accession_number, modality, due_at, next_attempt_at, created_at, updated_at) "
+            "VALUES (1, 'order:PU|HOSP|ORD-U', 'hl7', 'PU', 'HOSP', 'ACC-U', 'CT', 4e9, 4e9, "
+            "1.0, 1.0)")
+        for control in ("U0", "U1"):  # U0 named a CT and an MR of the order: one request
+            conn.execute("INSERT INTO prefetch_messages VALUES (?, 1.0, 'OMI^O23', 1, 'AA', "
+                         "NULL)", (f"RIS|HOSP|{control}",))
+    old.close()
+    new = Database(path)
+
+    def omi(control: str, *groups: tuple[str, str, str]) -> str:
+        segments = [f"MSH|^~\\&|RIS|HOSP|PAS|HOSP|20261204120000||OMI^O23|{control}|P|2.5.1",
+                    "PID|1||PU^^^HOSP^MR||DOE^JANE"]
+        for control_code, requested, modality in groups:
+            segments += [f"ORC|{control_code}|ORD-U|||SC", "TQ1|1||||||20991231120000",
+                         "OBR|1|ORD-U||X", f"IPC|ACC-U|{requested}|1.2.3|S{requested}|"
+                         f"{modality}"]
+        return "\r".join(segments)
+
+    def handle(message: str) -> str:
+        ack, _ = orders.handle(new, message, "test", lambda at: time.time() + 3600)
+        return ack.split("\r")[1]
+
+    def rows() -> list[tuple[str, str, int]]:
+        return [(r["modality"], r["state"], r["times_requested"]) for r in new.query(
+            "SELECT * FROM prefetch_requests ORDER BY id")]
+
+    # Resends of messages recorded before: recognised, nothing changed (a resend of the
+    # two-procedure message was taken for a new one reusing the control id, and counted).
+    for legacy in (omi("U0", ("NW", "RP1", "CT"), ("NW", "RP2", "MR")),
+                   omi("U1", ("NW", "RP1", "CT"))):
+        assert handle(legacy).endswith("|duplicate message: already processed"), legacy
+    assert rows() == [("CT", "pending", 1)]
+    assert handle(omi("U2", ("NW", "RP1", "CT"), ("NW", "RP2", "MR"))) == "MSA|AA|U2"
+    assert rows() == [("CT", "pending", 2), ("MR", "pending", 1)]
+    assert handle(omi("U3", ("CA", "RP2", "MR"))) == "MSA|AA|U3"
+    assert rows() == [("CT", "pending", 2), ("MR", "cancelled", 1)]
+    new.close()

@@ -10,8 +10,13 @@ Which fields are read, and why (HL7 v2.5 positions):
 - ORM^O01: ORC-1 order control (CA/DC/OC/OD/CR/DR, or SC with ORC-5 CA/DC: cancel),
   ORC-2/ORC-3 placer/filler order number (the dedup key), OBR-18 or ORC-2 accession, OBR-24
   modality, OBR-15 body site, OBR-27.4 / ORC-7.4 / OBR-36 / OBR-7 the time of the exam.
-- OMI^O23: the same ORC/OBR, TQ1-7 start time, IPC-1 accession, IPC-5 modality.
-- ORM/OMI with several order groups (ORC, then its OBR, TQ1, IPC): each group is an order of
+- OMI^O23: the same ORC/OBR, TQ1-7 start time, IPC-1 accession, IPC-2 requested procedure
+  ID, IPC-5 modality.
+- OMG^O19 (general clinical order, v2.5+): read as OMI without its IPC. It was refused (AR
+  200): a RIS sending it had no prefetch at all.
+- Each order group's requested procedure (:func:`_procedure`) tells apart the groups of one
+  order number (IHE SWF); merged, the second procedure's priors were never fetched.
+- ORM/OMI/OMG with several order groups (ORC, then its OBR, TQ1, IPC): each group is an order of
   its own, read as above from its own segments (:func:`order_groups`); one bad group refuses
   the whole message, naming the group. Read first-only, the second procedure of a CT thorax +
   CT abdomen order was never prefetched, nor could it be cancelled.
@@ -31,8 +36,11 @@ from typing import Any
 import hl7
 from hl7.util import generate_message_control_id
 
-SUPPORTED = {("ORM", "O01"), ("OMI", "O23"), ("SIU", "S12"), ("SIU", "S14"),
+SUPPORTED = {("ORM", "O01"), ("OMI", "O23"), ("OMG", "O19"), ("SIU", "S12"), ("SIU", "S14"),
              ("ADT", "A04"), ("ADT", "A08")}
+# The order messages: one order per ORC group (:func:`order_groups`). OMG^O19 has OMI's
+# ORC / TQ1 / OBR order group without the IPC segment.
+ORDER_KINDS = ("ORM", "OMI", "OMG")
 # ORC-1 order controls that end an order: cancel / discontinue requests, and the filler's
 # "cancelled / discontinued as requested" answers.
 CANCEL_CONTROLS = {"CA", "DC", "OC", "OD", "CR", "DR"}
@@ -56,6 +64,9 @@ class PrefetchOrder:
     body_part: str | None
     scheduled_at: float | None  # seconds since the epoch
     cancel: bool = False
+    # Which requested procedure of the order (orders only): (accession, requested procedure
+    # ID) as the group gives them, '' for one it does not give.
+    procedure: tuple[str, str] = ("", "")
 
 
 @dataclass(frozen=True)
@@ -256,7 +267,7 @@ GROUP_SEGMENTS = ("OBR", "TQ1", "IPC")
 # Delimiters allowed in the segments kept: a real order carries a few hundred; 20,000 cost
 # about 0.1 s and 10 MB to parse.
 MAX_DELIMITERS = 20_000
-# Order groups (ORC segments) one ORM/OMI may carry: a real one holds a few procedures; more
+# Order groups (ORC segments) one ORM/OMI/OMG may carry: a real one holds a few procedures; more
 # is refused (split them over several messages) rather than read half.
 MAX_GROUPS = 50
 
@@ -295,7 +306,7 @@ def _segments_read(text: str) -> str:
     msh = text.split("\r", 1)[0].split(separator, 10)[8:10] + ["", ""]  # MSH-9, MSH-10
     component, repetition = (encoding_characters + "^~")[:2]
     kind = msh[0].split(repetition, 1)[0].split(component, 1)[0].strip().upper()
-    grouped = kind in ("ORM", "OMI")  # other types: the first ORC, OBR... only, as read
+    grouped = kind in ORDER_KINDS  # other types: the first ORC, OBR... only, as read
     kept: list[tuple[str, str]] = []
     seen: set[str] = set()   # READ_SEGMENTS (and ORC when not grouped) already kept
     in_group: set[str] = set()  # GROUP_SEGMENTS already kept since the last ORC
@@ -361,7 +372,7 @@ def order_groups(message: hl7.Message) -> list[hl7.Message]:
 
 def interpret(message: hl7.Message, issuer_default: str = "",
               site_issuers: Collection[str] = ()) -> list[PrefetchOrder]:
-    """What the message asks for, one :class:`PrefetchOrder` per order group of an ORM/OMI
+    """What the message asks for, one :class:`PrefetchOrder` per order group of an ORM/OMI/OMG
     (one for the other types), or :class:`Refusal`: a bad group refuses the whole message,
     its reason naming the group when there are several, so that nothing of a message is
     stored unless all of it is (one transaction per message, as for one order).
@@ -383,7 +394,7 @@ def interpret(message: hl7.Message, issuer_default: str = "",
         raise Refusal("AE", "100", "PID segment is missing", message_type, control_id)
     sender = f"{_msh_field(message, 3)}|{_msh_field(message, 4)}"
     message_key = f"{sender}|{control_id}"
-    views = order_groups(message) if kind in ("ORM", "OMI") else [message]
+    views = order_groups(message) if kind in ORDER_KINDS else [message]
     orders = []
     try:
         repetition = _site_repetition(message, site_issuers)
@@ -400,9 +411,11 @@ def interpret(message: hl7.Message, issuer_default: str = "",
             try:
                 dedup_key, accession, modality, body_part, scheduled_at, cancel = \
                     _interpret_kind(view, kind, f"{patient_id}|{issuer}")
+                procedure = _procedure(view, kind) if kind in ORDER_KINDS else ("", "")
                 _refuse_undecodable(message, {
                     "accession number": accession, "modality": modality,
-                    "body part": body_part, "order, appointment or visit number": dedup_key})
+                    "body part": body_part, "order, appointment or visit number": dedup_key,
+                    "requested procedure ID": procedure[1]})
             except Refusal as refusal:
                 if len(views) == 1:
                     raise
@@ -412,7 +425,7 @@ def interpret(message: hl7.Message, issuer_default: str = "",
             orders.append(PrefetchOrder(
                 message_key, message_type, control_id, dedup_key, patient_id, issuer,
                 accession or None, (modality or "").upper() or None, body_part or None,
-                scheduled_at, cancel))
+                scheduled_at, cancel, procedure))
     except Refusal as refusal:
         raise Refusal(refusal.ack_code, refusal.error_code, refusal.reason, message_type,
                       control_id) from None
@@ -453,9 +466,20 @@ def _refuse_undecodable(message: hl7.Message, stored: dict[str, str]) -> None:
                           f"the message's character set ({charset})")
 
 
+def _procedure(group: hl7.Message, kind: str) -> tuple[str, str]:
+    """The requested procedure an order group names: its accession (IPC-1, else OBR-18) and
+    requested procedure ID (IPC-2, else OBR-19: IHE RAD-4's places in OMI and ORM), each ''
+    when not given. IHE SWF gives one order's procedures one order number (and may give them
+    one accession): only these tell a CT chest from an MR knee of the same order."""
+    ipc = kind == "OMI"
+    accession = (_field(group, "IPC.F1.R1.C1") if ipc else "") or _field(group, "OBR.F18")
+    requested = (_field(group, "IPC.F2.R1.C1") if ipc else "") or _field(group, "OBR.F19")
+    return accession, requested
+
+
 def _interpret_kind(message: hl7.Message, kind: str, patient: str
                     ) -> tuple[str, str, str, str, float | None, bool]:
-    if kind in ("ORM", "OMI"):
+    if kind in ORDER_KINDS:
         placer = _field(message, "ORC.F2.R1.C1")
         filler = _field(message, "ORC.F3.R1.C1")
         accession = (_field(message, "IPC.F1.R1.C1") if kind == "OMI" else "") \

@@ -37,17 +37,19 @@ def handle(db: Database, text: str, source: str,
     NAKed with the reason; an internal error is still answered (AE), never left hanging.
     ``site_issuers``: which PID-3 repetition is the patient's (:func:`messages.interpret`).
 
-    An ORM/OMI of several order groups is one ACK and one transaction: each group schedules
-    or cancels its own request (its own order number), or, one group refused, none does."""
+    An ORM/OMI/OMG of several order groups is one ACK and one transaction: each group
+    schedules or cancels its own request (its order number and requested procedure), or, one
+    group refused, none does."""
     message = None
     try:
         message = parse_message(text)
         orders = _distinct(interpret(message, site_issuers=site_issuers), source)
         actions: list[store.NewRequest | store.Cancel] = [
-            store.Cancel(order.dedup_key) if order.cancel else store.NewRequest(
+            store.Cancel(order.dedup_key, _procedure(order)) if order.cancel
+            else store.NewRequest(
                 order.dedup_key, "hl7", order.patient_id, order.issuer,
                 order.accession_number, order.modality, order.body_part, order.scheduled_at,
-                due_at(order.scheduled_at))
+                due_at(order.scheduled_at), _procedure(order))
             for order in orders]
         first = orders[0]
         recorded = store.record_message(db, first.message_key, first.message_type, "AA",
@@ -79,22 +81,32 @@ def handle(db: Database, text: str, source: str,
         return build_ack(message, "AE", f"internal error: {exc}", "207"), False
 
 
+def _procedure(order: PrefetchOrder) -> tuple[str, str] | None:
+    """The requested procedure an order's request is found by (None: not an order)."""
+    return order.procedure if order.dedup_key.startswith("order:") else None
+
+
 def _distinct(orders: list[PrefetchOrder], source: str) -> list[PrefetchOrder]:
-    """The orders of a message, each (order number, cancel or not) once: groups naming the
-    same order number are one order (scheduled twice it was counted as requested twice).
-    Such groups are what one order's several procedure steps look like when the RIS gives
-    them one order number; the first group's modality is the request's, logged."""
-    seen: dict[tuple[str, bool], PrefetchOrder] = {}
+    """The orders of a message, each procedure of each order (cancel or not) once: groups
+    naming the same order number and the same procedure (or one not told apart from it,
+    :func:`store.procedures_compatible`) are one order (scheduled twice it was counted as
+    requested twice), the first group's modality, logged. Groups of one order number with
+    distinct accessions or requested procedure IDs (IHE SWF: a CT chest and an MR knee of
+    one order) are requests of their own."""
+    kept: list[PrefetchOrder] = []
     for order in orders:
-        key = (order.dedup_key, order.cancel)
-        if key in seen:
-            log.warning("HL7 %s %s from %s: two order groups name order %s: one request (the "
-                        "first group's modality %s; the other's %s)", order.message_type,
-                        order.control_id, source, order.dedup_key, seen[key].modality,
-                        order.modality)
+        same = next((earlier for earlier in kept if earlier.dedup_key == order.dedup_key
+                     and earlier.cancel == order.cancel and store.procedures_compatible(
+                         earlier.procedure, order.procedure)), None)
+        if same is not None:
+            log.warning("HL7 %s %s from %s: two order groups name order %s and procedure "
+                        "%s: one request (the first group's modality %s; the other's %s)",
+                        order.message_type, order.control_id, source, order.dedup_key,
+                        "^".join(order.procedure).strip("^") or "(none given)",
+                        same.modality, order.modality)
             continue
-        seen[key] = order
-    return list(seen.values())
+        kept.append(order)
+    return kept
 
 
 def _warn_reused(control_id: str, earlier: str | None, order: str, source: str) -> None:

@@ -7,11 +7,14 @@ is one transaction (invariant 3). May not touch: files or the network.
 
 Idempotence (invariant 6) lives here: a message is known by ``sending app|facility|control
 id`` and a request by a ``dedup_key`` naming the order, appointment or visit it came from, so
-the same order received five times schedules one prefetch.
+the same order received five times schedules one prefetch. An HL7 order's requests are found
+by their order (``order_key``) and requested procedure (``procedure_key``): one order number
+may cover several procedures (IHE SWF), each a request of its own (see :func:`_order_row`).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +38,9 @@ class NewRequest:
     body_part: str | None = None
     scheduled_at: float | None = None
     due_at: float | None = None   # None: now
+    # An HL7 order: ``dedup_key`` names the order, this its requested procedure
+    # ((accession, requested procedure ID), '' where not given; :func:`_order_row`).
+    procedure: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -50,9 +56,12 @@ def message_seen(db: Database, message_key: str) -> dict[str, Any] | None:
 
 @dataclass(frozen=True)
 class Cancel:
-    """An order the RIS cancelled: its pending request (by dedup key) is cancelled."""
+    """An order the RIS cancelled: its pending request (by dedup key) is cancelled; with
+    ``procedure`` (an HL7 order group), the order's pending requests of that procedure (those
+    :func:`procedures_compatible` with it: all of them for a cancel naming none)."""
 
     dedup_key: str
+    procedure: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -94,12 +103,15 @@ def record_message(db: Database, message_key: str, message_type: str, ack_code: 
     at = now()
     actions = [*actions, *([request] if request is not None else []),
                *([Cancel(cancel_key)] if cancel_key is not None else [])]
-    if len(actions) == 1:
-        meaning = _meaning(actions[0])
+    # Each order once: several procedures of one order mean that order, as the message meant
+    # when they were one request (a resend recorded before migration 15 is still a resend).
+    meanings = list(dict.fromkeys(map(_meaning, actions)))
+    if len(meanings) == 1:
+        meaning = meanings[0]
         if isinstance(actions[0], Cancel):
             detail = meaning  # what a cancel did (it has no request): a resend or a reused key?
     else:
-        meaning = detail = SEVERAL + "; ".join(map(_meaning, actions))
+        meaning = detail = SEVERAL + "; ".join(meanings)
     reused_for: str | None = None
     with db.transaction() as conn:
         claimed = conn.execute(
@@ -121,10 +133,16 @@ def record_message(db: Database, message_key: str, message_type: str, ack_code: 
         for action in actions:
             if isinstance(action, NewRequest):
                 scheduled.append(_schedule(conn, action, at, revive=True))
-            else:
+            elif action.procedure is None:
                 conn.execute(
                     "UPDATE prefetch_requests SET state = 'cancelled', updated_at = ? "
                     "WHERE dedup_key = ? AND state = 'pending'", (at, action.dedup_key))
+            else:
+                conn.executemany(
+                    "UPDATE prefetch_requests SET state = 'cancelled', updated_at = ? "
+                    "WHERE id = ? AND state = 'pending'",
+                    [(at, row["id"]) for row in _order_rows(conn, action.dedup_key)
+                     if procedures_compatible(_stored(row), action.procedure)])
         if scheduled:  # the message's first request (a message of several names them all)
             conn.execute("UPDATE prefetch_messages SET request_fk = ? WHERE message_key = ?",
                          (scheduled[0].request_id, message_key))
@@ -163,8 +181,11 @@ def _schedule(conn: Any, request: NewRequest, at: float, repeat: int = 1,
     request stays cancelled (a worklist still listing a step the RIS cancelled by HL7 must
     not undo the cancel at every poll)."""
     due = request.due_at if request.due_at is not None else at
-    row = conn.execute("SELECT id, state FROM prefetch_requests WHERE dedup_key = ?",
-                       (request.dedup_key,)).fetchone()
+    if request.procedure is not None:
+        row = _order_row(conn, request.dedup_key, request.procedure)
+    else:
+        row = conn.execute("SELECT id, state FROM prefetch_requests WHERE dedup_key = ?",
+                           (request.dedup_key,)).fetchone()
     if row is not None and revive and row["state"] == "cancelled":
         conn.execute(
             """UPDATE prefetch_requests SET state = 'pending', attempts = 0,
@@ -187,15 +208,77 @@ def _schedule(conn: Any, request: NewRequest, at: float, repeat: int = 1,
                WHERE id = ?""",
             (repeat, at, request.scheduled_at, due, due, row["id"]))
         return Scheduled(int(row["id"]), created=False)
+    order_key = procedure_key = None
+    dedup_key = request.dedup_key
+    if request.procedure is not None:
+        order_key, procedure_key = request.dedup_key, json.dumps(list(request.procedure))
+        dedup_key = _free_dedup_key(conn, request.dedup_key, request.procedure)
     cursor = conn.execute(
         """INSERT INTO prefetch_requests (dedup_key, trigger, patient_id, issuer,
                accession_number, modality, body_part, scheduled_at, due_at, next_attempt_at,
-               created_at, updated_at)
-           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-        (request.dedup_key, request.trigger, request.patient_id, request.issuer,
+               created_at, updated_at, order_key, procedure_key)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+        (dedup_key, request.trigger, request.patient_id, request.issuer,
          request.accession_number, request.modality, request.body_part, request.scheduled_at,
-         due, due, at, at))
+         due, due, at, at, order_key, procedure_key))
     return Scheduled(int(cursor.lastrowid or 0), created=True)
+
+
+def procedures_compatible(one: tuple[str, str], other: tuple[str, str]) -> bool:
+    """Whether two (accession, requested procedure ID) may name the same procedure: each
+    part equal, or not given on one side. A message naming none (an ``ORC|CA`` alone)
+    names every procedure of its order; one naming an accession, those of that accession."""
+    return all(not a or not b or a == b for a, b in zip(one, other, strict=True))
+
+
+def _stored(row: Any) -> tuple[str, str]:
+    """A request's procedure; ('', '') when not known (stored before migration 15)."""
+    if not row["procedure_key"]:
+        return "", ""
+    accession, requested = json.loads(row["procedure_key"])
+    return str(accession), str(requested)
+
+
+def _order_rows(conn: Any, order_key: str) -> list[Any]:
+    return conn.execute("SELECT id, state, procedure_key FROM prefetch_requests "
+                        "WHERE order_key = ? ORDER BY id", (order_key,)).fetchall()
+
+
+def _order_row(conn: Any, order_key: str, procedure: tuple[str, str]) -> Any:
+    """The request of this order and procedure: the one stored with exactly this procedure,
+    else the first whose procedure is compatible (a part one side did not give: a status
+    message naming no accession; a request stored before procedures were recorded, which
+    then takes this procedure's parts), else None (a procedure of its own).
+
+    Keyed by order alone, an order's second procedure (an MR knee after a CT chest, one
+    order number) was the first one's request, and its priors were never fetched."""
+    rows = _order_rows(conn, order_key)
+    for row in rows:
+        if _stored(row) == procedure:
+            return row
+    for row in rows:
+        stored = _stored(row)
+        if procedures_compatible(stored, procedure):
+            merged = [mine or theirs for mine, theirs in zip(stored, procedure, strict=True)]
+            if tuple(merged) != stored:
+                conn.execute("UPDATE prefetch_requests SET procedure_key = ? WHERE id = ?",
+                             (json.dumps(merged), row["id"]))
+            return row
+    return None
+
+
+def _free_dedup_key(conn: Any, order_key: str, procedure: tuple[str, str]) -> str:
+    """A new request's ``dedup_key``: the order's own key for its first procedure (as every
+    order had before procedures were told apart), then ``<order key>|<accession>^<requested
+    procedure ID>`` (numbered should that be taken)."""
+    label = "^".join(procedure).rstrip("^")
+    candidates = [order_key, f"{order_key}|{label}"]
+    candidates += [f"{order_key}|{label}#{n}" for n in range(2, 1000)]
+    for key in candidates:
+        if conn.execute("SELECT 1 FROM prefetch_requests WHERE dedup_key = ?",
+                        (key,)).fetchone() is None:
+            return key
+    raise RuntimeError(f"no free request key for order {order_key}")
 
 
 def claim_due(db: Database, limit: int = 8) -> list[dict[str, Any]]:

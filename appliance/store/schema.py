@@ -377,4 +377,19 @@ MIGRATIONS: list[str] = [
     CREATE INDEX studies_referring_separated ON studies (id)
         WHERE instr(referring_physician, '=') > 0 OR instr(referring_physician, char(92)) > 0;
     """,
+    # 15 (prefetch, appliance/store/prefetch.py): an HL7 order's request is found by its order
+    # (order_key: ``order:PID|issuer|order number``) and requested procedure (procedure_key:
+    # JSON [accession, requested procedure ID]), no longer by dedup_key alone: IHE SWF gives
+    # one order's procedures (a CT chest, an MR knee) one order number, and keyed by it they
+    # were one request, the second modality's priors never fetched. dedup_key stays unique
+    # (the first procedure keeps the order's key). Requests from before get their order key;
+    # their procedure is not known (NULL): the first procedure of the order to come takes it.
+    """
+    ALTER TABLE prefetch_requests ADD COLUMN order_key TEXT;
+    ALTER TABLE prefetch_requests ADD COLUMN procedure_key TEXT;
+    UPDATE prefetch_requests SET order_key = dedup_key
+        WHERE trigger = 'hl7' AND substr(dedup_key, 1, 6) = 'order:';
+    CREATE INDEX prefetch_requests_order ON prefetch_requests (order_key)
+        WHERE order_key IS NOT NULL;
+    """,
 ]
