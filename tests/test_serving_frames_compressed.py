@@ -7,8 +7,9 @@ storescu proposing its own syntax; httpx as the viewer. Each part's bytes are co
 pydicom's frame extraction of the file sent (SHA-256). Before, every frame was decoded: a
 viewer asking ``type="image/jls"`` got 406, and OHIF's ``transfer-syntax=*`` got native
 pixels several times the size. Also: the native-only request still gets decoded pixels, a
-compressed type the instance is not stored in is a 406 naming the stored syntax, and reading
-one frame of a large multi-frame reads only that frame.
+compressed type the instance is not stored in is a 406 naming the stored syntax, reading
+one frame of a large multi-frame reads only that frame, and the native pixels of big endian
+and deflated objects (kept as sent) are the little-endian pixels they are said to be.
 """
 
 from __future__ import annotations
@@ -26,7 +27,12 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
-from pydicom.uid import JPEGLSLossless, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    JPEGLSLossless,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 
 from tests.support.peers import PasProcess, read_rows, storescu
 
@@ -49,17 +55,35 @@ OCTETS = 'multipart/related; type="application/octet-stream"'
 
 
 @pytest.fixture(scope="module")
-def pas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PasProcess]:
+def uncompressed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """MR_small in Explicit VR Big Endian and CT_small deflated, as new instances (the MR's
+    SOP Instance UID is the JPEG-LS one's): stored as sent, not little endian in the file."""
+    folder = tmp_path_factory.mktemp("uncompressed")
+    big = dcmread(_data("MR_small_bigendian.dcm"))
+    deflated = dcmread(_data("CT_small.dcm"))
+    deflated.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    paths = {}
+    for name, ds in (("big-endian", big), ("deflated", deflated)):
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        paths[name] = folder / f"{name}.dcm"
+        ds.save_as(paths[name], enforce_file_format=True)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def pas(tmp_path_factory: pytest.TempPathFactory,
+        uncompressed: dict[str, Path]) -> Iterator[PasProcess]:
     pas = PasProcess(tmp_path_factory.mktemp("frames") / "pas",
                      {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
                       "PAS_PREFETCH__ENABLED": "false"}).start()
+    proposed = {**PROPOSE, uncompressed["big-endian"]: "-xb", uncompressed["deflated"]: "-xd"}
     try:
-        for path, option in PROPOSE.items():
+        for path, option in proposed.items():
             storescu([path], pas.port, extra=[option, "-R"])
         stored = {r["sop_instance_uid"]: r["transfer_syntax_uid"] for r in read_rows(
             pas.home / "pas.sqlite", "SELECT sop_instance_uid, transfer_syntax_uid "
                                      "FROM instances")}
-        for path in PROPOSE:  # kept in the syntax sent, else nothing here is tested
+        for path in proposed:  # kept in the syntax sent, else nothing here is tested
             ds = dcmread(path, stop_before_pixels=True)
             assert stored[ds.SOPInstanceUID] == ds.file_meta.TransferSyntaxUID, path.name
         yield pas
@@ -182,6 +206,24 @@ def test_a_client_naming_native_pixels_only_still_gets_decoded_pixels(
         assert _parts(answer) == [("application/octet-stream",
                                    np.ascontiguousarray(pixels[n - 1]).tobytes())
                                   for n in numbers]
+
+
+@pytest.mark.parametrize("name", ["big-endian", "deflated"])
+def test_frames_and_pixel_data_of_big_endian_and_deflated_objects_are_little_endian(
+        pas: PasProcess, uncompressed: dict[str, Path], name: str) -> None:
+    """Native pixels, as the part says: a big endian object's were sent unswapped (every
+    16-bit value byte-swapped under a 200), a deflated one's were read at offsets of its
+    inflated stream in the deflated file (/frames a 500 "frame 1 is 13998 bytes short",
+    /bulkdata cut mid-answer)."""
+    path = uncompressed[name]
+    pixels = dcmread(path).pixel_array
+    expected = np.ascontiguousarray(pixels).astype(pixels.dtype.newbyteorder("<")).tobytes()
+    for tail in ("frames/1", "bulkdata/7FE00010"):
+        answer = httpx.get(f"{_url(pas, path)}/{tail}", timeout=30)
+        assert answer.status_code == 200, (tail, answer.text)
+        [(part_type, body)] = _parts(answer)
+        assert part_type == "application/octet-stream"
+        assert _sha(body) == _sha(expected), tail
 
 
 @pytest.mark.parametrize("accept", [

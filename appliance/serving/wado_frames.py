@@ -215,12 +215,17 @@ def open_frames(path: Path, numbers: list[int],
     answer = accept.choose(str(stored))
     if answer.syntax is not None:
         return answer, _stored_frames(path, ds, count, numbers)
-    if stored.is_compressed:
+    if stored.is_compressed or not stored.is_little_endian:
+        # Big endian pixels are swapped by the decoding: they went out as stored, under a
+        # part that says little endian.
         return answer, _decoded_frames(path, numbers)
     size = ds.Rows * ds.Columns * ds.SamplesPerPixel * ds.BitsAllocated // 8
-    where = _deferred_range(ds, PIXEL_DATA)
-    if where is None:  # small enough to have been read
-        pixels = ds.PixelData
+    where = None if stored.is_deflated else _deferred_range(ds, PIXEL_DATA)
+    if where is None:  # small enough to have been read, or deflated
+        # A deflated file's offsets are in its inflated stream, not in the file: its frames
+        # were read at the wrong place (a 500, or other bytes under a 200). Inflated whole,
+        # as every reading of it is (ingest refuses one inflating past 256 MB).
+        pixels = dcmread(path).PixelData if stored.is_deflated else ds.PixelData
         return answer, iter([pixels[(n - 1) * size:n * size] for n in numbers])
     return answer, _native_frames(path, *where, size, numbers)
 

@@ -348,17 +348,23 @@ def read_bulkdata(path: Path, tag: int) -> bytes | tuple[int, int] | DecodedPixe
     little-endian native pixels when stored compressed, as /frames gives them). A large value
     stored as it is served is not read: (file offset, length) instead, for the caller to
     stream from the file (a 300 MB Pixel Data took the daemon up by 1.2 GB); compressed Pixel
-    Data is a :class:`DecodedPixels`, decoded a frame at a time as it is sent."""
+    Data is a :class:`DecodedPixels`, decoded a frame at a time as it is sent; so is big
+    endian Pixel Data (its bytes went out unswapped, as little endian). A deflated file is
+    read inflated: the offsets of its values are in the inflated stream, not the file, and
+    its Pixel Data was streamed from the wrong place (the answer cut, or other bytes)."""
     ds = dcmread(path, defer_size=BULK_THRESHOLD)
     if tag not in ds:
         raise HttpProblem(404, f"the instance has no attribute {tag:08X}")
-    compressed_pixels = tag == PIXEL_DATA and ds.file_meta.TransferSyntaxUID.is_compressed
-    if not compressed_pixels:
+    syntax = ds.file_meta.TransferSyntaxUID
+    if syntax.is_deflated:
+        ds = dcmread(path)  # inflated whole, as ingest allows it (at most 256 MB)
+    decoded_pixels = tag == PIXEL_DATA and (syntax.is_compressed or not syntax.is_little_endian)
+    if not decoded_pixels and not syntax.is_deflated:
         raw = ds.get_item(tag, keep_deferred=True)
         where = _deferred_range(ds, tag)
         if where is not None and _bulk_vr(ds, tag, raw.VR) in BULK_VRS:
             return where
-    if compressed_pixels:
+    if decoded_pixels:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         per_frame = ds.Rows * ds.Columns * ds.SamplesPerPixel * ds.BitsAllocated // 8
         return DecodedPixels(path, frames * per_frame)
