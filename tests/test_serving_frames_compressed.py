@@ -249,6 +249,14 @@ def test_another_compressed_syntax_is_a_406_naming_the_stored_one(pas: PasProces
     assert bulk.status_code == 406, bulk.text
 
 
+def test_an_accept_refusing_every_form_of_frames_is_a_406(pas: PasProcess) -> None:
+    """q=0 on every range for frames: the client takes none of them (RFC 9110 12.4.2); it
+    was sent native pixels under a 200."""
+    answer = _frames(pas, J2K, "1", f'{OCTETS}; q=0, multipart/related; type="image/jp2"; q=0')
+    assert answer.status_code == 406, answer.text
+    assert "transfer-syntax=*" in answer.json()["detail"]
+
+
 def test_one_frame_of_a_large_multiframe_reads_that_frame_only(tmp_path: Path) -> None:
     """40 frames of 1 MiB, no offset table (the fragment walk): frame 40 costs about one
     frame of memory, not the 40 MiB of Pixel Data (invariant 8)."""

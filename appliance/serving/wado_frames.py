@@ -33,7 +33,9 @@ Choice (RFC 9110 12.5.1): the highest q-value wins; where the client leaves the 
 that names native pixels only gets them exactly as before. A client that names only a
 compressed syntax the instance is not stored in gets 406 naming the stored syntax and the
 native alternative: PAS does not transcode frames (no lossy one ever; a lossless one is not
-offered). Ranges with q=0 are disregarded, as before.
+offered). Ranges with q=0 take nothing; an Accept whose every range for frames has q=0
+refuses them all (406; it was served native pixels, as ``accepted_syntaxes`` already answers
+retrieve).
 """
 
 from __future__ import annotations
