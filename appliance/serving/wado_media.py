@@ -1,8 +1,8 @@
 """WADO-RS media work, with no HTTP in it: which transfer syntax each instance is sent in
 (PS3.18 8.7.3.5; the re-encoding itself is ``appliance.store.transcode``'s, since it writes
-a spool temp file), raw frames, and rendered images through the grayscale pipeline. Split
-from the handlers (``wado_rs.py``) to keep each file readable. May not touch: SQL, spool
-writes, the network.
+a spool temp file), bulk data, and rendered images through the grayscale pipeline. Split
+from the handlers (``wado_rs.py``) to keep each file readable; /frames is
+``wado_frames.py``'s. May not touch: SQL, spool writes, the network.
 """
 
 from __future__ import annotations
@@ -100,17 +100,18 @@ def require_dicom_json(accept: str) -> None:
                            "for application/dicom+json (or application/json)")
 
 
-# Transfer syntaxes whose frames are the native little-endian pixels /frames and /bulkdata
-# send; "*" leaves the choice to the server.
+# Transfer syntaxes of the native little-endian pixels /bulkdata sends; "*" leaves the choice
+# to the server.
 NATIVE_FRAME_SYNTAXES = ("*", EXPLICIT_LE, IMPLICIT_LE)
 
 
 def require_native_octets(accept: str) -> None:
-    """HttpProblem 406 unless Accept takes what /frames and /bulkdata send: native little-
-    endian bytes as ``multipart/related; type="application/octet-stream"``. A client asking
-    only for frames in a compressed syntax (transfer-syntax=1.2.840.10008.1.2.4.50) or as
-    image/jpeg was sent native pixels under a 200, which its JPEG decoder then got. Ranges of
-    unrelated types (text/html) are disregarded, as for retrieve; none left: served."""
+    """HttpProblem 406 unless Accept takes what /bulkdata sends: native little-endian bytes
+    as ``multipart/related; type="application/octet-stream"`` (Pixel Data decoded when
+    stored compressed; /frames can send the stored bitstream: ``wado_frames.py``). A client
+    asking only for a compressed syntax (transfer-syntax=1.2.840.10008.1.2.4.50) or image/jpeg
+    was sent native pixels under a 200, which its JPEG decoder then got. Ranges of unrelated
+    types (text/html) are disregarded, as for retrieve; none left: served."""
     relevant = satisfied = False
     for media, params, weight in _media_ranges(accept):
         if weight <= 0:
@@ -127,7 +128,7 @@ def require_native_octets(accept: str) -> None:
         elif media.startswith(("image/", "video/")):
             relevant = True
     if relevant and not satisfied:
-        raise HttpProblem(406, f"Accept {accept[:160]!r}: PAS sends frames and bulk data as "
+        raise HttpProblem(406, f"Accept {accept[:160]!r}: PAS sends bulk data as "
                                'multipart/related; type="application/octet-stream" in '
                                f"{EXPLICIT_LE} (native pixels); ask for that or "
                                "transfer-syntax=*")
@@ -205,50 +206,6 @@ def viewport_size(text: str | None) -> tuple[int, int] | None:
                                "positive integer (at most 99999)")
     width = int(match.group(1))
     return width, int(match.group(2) or width)
-
-
-def read_frames(path: Path, numbers: list[int]) -> Iterator[bytes]:
-    """The raw pixel bytes of each frame asked (decoded when stored compressed), one at a time
-    as they are taken. The instance and the frame numbers are checked at the call, before the
-    first frame (an HttpProblem then can still be the answer's status); the frames are read
-    lazily: native ones from where they lie in the file, compressed ones decoded one by one
-    (a frame of a 300 MB multi-frame took the whole object into memory)."""
-    ds = dcmread(path, defer_size=BULK_THRESHOLD)
-    if "PixelData" not in ds:
-        raise HttpProblem(404, "the instance has no pixel data")
-    count = int(ds.get("NumberOfFrames", 1) or 1)
-    if max(numbers) > count:
-        raise HttpProblem(404, f"frame {max(numbers)} asked, the instance has {count}")
-    if ds.file_meta.TransferSyntaxUID.is_compressed:
-        return _decoded_frames(path, numbers)
-    size = ds.Rows * ds.Columns * ds.SamplesPerPixel * ds.BitsAllocated // 8
-    where = _deferred_range(ds, PIXEL_DATA)
-    if where is None:  # small enough to have been read
-        pixels = ds.PixelData
-        return iter([pixels[(n - 1) * size:n * size] for n in numbers])
-    return _native_frames(path, *where, size, numbers)
-
-
-def _native_frames(path: Path, offset: int, length: int, size: int,
-                   numbers: list[int]) -> Iterator[bytes]:
-    """Frames of native Pixel Data (``length`` bytes at ``offset``) read where they lie. A
-    file shorter than its Pixel Data says is an error, not a short frame sent as whole."""
-    with open(path, "rb") as handle:
-        for n in numbers:
-            start = min((n - 1) * size, length)
-            wanted = min(size, length - start)
-            handle.seek(offset + start)
-            frame = handle.read(wanted)
-            if len(frame) < wanted:
-                raise OSError(f"{path.name}: frame {n} is {wanted - len(frame)} bytes short "
-                              "(the file is shorter than its Pixel Data)")
-            yield frame
-
-
-def _decoded_frames(path: Path, numbers: list[int]) -> Iterator[bytes]:
-    for n in numbers:
-        array = pixel_array(str(path), index=n - 1)
-        yield np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
 
 
 def _deferred_range(ds: Any, tag: int) -> tuple[int, int] | None:
@@ -391,17 +348,23 @@ def read_bulkdata(path: Path, tag: int) -> bytes | tuple[int, int] | DecodedPixe
     little-endian native pixels when stored compressed, as /frames gives them). A large value
     stored as it is served is not read: (file offset, length) instead, for the caller to
     stream from the file (a 300 MB Pixel Data took the daemon up by 1.2 GB); compressed Pixel
-    Data is a :class:`DecodedPixels`, decoded a frame at a time as it is sent."""
+    Data is a :class:`DecodedPixels`, decoded a frame at a time as it is sent; so is big
+    endian Pixel Data (its bytes went out unswapped, as little endian). A deflated file is
+    read inflated: the offsets of its values are in the inflated stream, not the file, and
+    its Pixel Data was streamed from the wrong place (the answer cut, or other bytes)."""
     ds = dcmread(path, defer_size=BULK_THRESHOLD)
     if tag not in ds:
         raise HttpProblem(404, f"the instance has no attribute {tag:08X}")
-    compressed_pixels = tag == PIXEL_DATA and ds.file_meta.TransferSyntaxUID.is_compressed
-    if not compressed_pixels:
+    syntax = ds.file_meta.TransferSyntaxUID
+    if syntax.is_deflated:
+        ds = dcmread(path)  # inflated whole, as ingest allows it (at most 256 MB)
+    decoded_pixels = tag == PIXEL_DATA and (syntax.is_compressed or not syntax.is_little_endian)
+    if not decoded_pixels and not syntax.is_deflated:
         raw = ds.get_item(tag, keep_deferred=True)
         where = _deferred_range(ds, tag)
         if where is not None and _bulk_vr(ds, tag, raw.VR) in BULK_VRS:
             return where
-    if compressed_pixels:
+    if decoded_pixels:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         per_frame = ds.Rows * ds.Columns * ds.SamplesPerPixel * ds.BitsAllocated // 8
         return DecodedPixels(path, frames * per_frame)

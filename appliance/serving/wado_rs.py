@@ -13,7 +13,8 @@ so that a refusal is an HTTP status the viewer can act on, audited with its reas
 
 Split from ``dicomweb.py``, which keeps the routes, QIDO-RS, STOW-RS and the access check
 this module calls (``DicomWeb.actor_of``, ``DicomWeb.record``). The pixel and JSON work is
-``wado_media.py``'s, bodies and parsing ``dicomweb_http.py``'s. May not touch: SQL
+``wado_media.py``'s (/frames: ``wado_frames.py``'s), bodies and parsing
+``dicomweb_http.py``'s. May not touch: SQL
 (``store/query.py``), spool writes (a copy in another syntax is ``store/transcode.py``'s).
 """
 
@@ -40,6 +41,7 @@ from appliance.serving.dicomweb_http import (
     _problem,
     _stream_part,
 )
+from appliance.serving.wado_frames import FrameAccept, open_frames
 from appliance.serving.wado_media import (
     DecodedPixels,
     HttpProblem,
@@ -49,7 +51,6 @@ from appliance.serving.wado_media import (
     metadata_item,
     part_syntax,
     read_bulkdata,
-    read_frames,
     render,
     rendered_media,
     require_dicom_json,
@@ -345,10 +346,11 @@ class WadoRs:
 
     async def _frames(self, request: Request, tally: Tally) -> Response:
         numbers = frame_list(request.path_params["frames"])
-        require_native_octets(request.headers.get("accept", ""))
+        accept = FrameAccept(request.headers.get("accept", ""))
         found = await self._found(request, tally)
-        frames = await run_in_threadpool(read_frames, self.spool.path(found.first["path"]),
-                                         numbers)
+        # Native pixels or the stored bitstream, chosen on the file's syntax (wado_frames.py).
+        answer, frames = await run_in_threadpool(
+            open_frames, self.spool.path(found.first["path"]), numbers, accept)
         try:  # the first frame before the status line: a file that cannot give it is a 500
             first = await run_in_threadpool(next, frames)
         except BaseException:
@@ -357,8 +359,8 @@ class WadoRs:
                 close()
             raise
         boundary = secrets.token_hex(16)
-        return tally.stream(_whole(_frame_parts(first, frames, boundary), tally),
-                            OCTET_PARTS.format(boundary))
+        return tally.stream(_whole(_frame_parts(first, frames, boundary, answer.part_type),
+                                   tally), answer.content_type(boundary))
 
     async def rendered(self, request: Request) -> Response:
         return await self._audited(request, "WADO-RS rendered", self._rendered)
@@ -386,9 +388,11 @@ def _slices(data: bytes) -> Iterator[bytes]:
         yield data[start:start + CHUNK]
 
 
-def _frame_parts(first: bytes, rest: Iterator[bytes], boundary: str) -> Iterator[bytes]:
-    """One application/octet-stream part per frame, each read as it is sent."""
-    head = f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n".encode()
+def _frame_parts(first: bytes, rest: Iterator[bytes], boundary: str,
+                 part_type: str) -> Iterator[bytes]:
+    """One part per frame, each read as it is sent; ``part_type``: its Content-Type
+    (``application/octet-stream``, or ``image/jls; transfer-syntax=...`` for a bitstream)."""
+    head = f"--{boundary}\r\nContent-Type: {part_type}\r\n\r\n".encode()
     try:
         yield head + first + b"\r\n"
         for frame in rest:
