@@ -15,6 +15,7 @@ and deflated objects (kept as sent) are the little-endian pixels they are said t
 from __future__ import annotations
 
 import hashlib
+import io
 import random
 import tracemalloc
 from collections.abc import Iterator
@@ -23,10 +24,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     JPEGLSLossless,
@@ -224,6 +227,25 @@ def test_frames_and_pixel_data_of_big_endian_and_deflated_objects_are_little_end
         [(part_type, body)] = _parts(answer)
         assert part_type == "application/octet-stream"
         assert _sha(body) == _sha(expected), tail
+
+
+@pytest.mark.parametrize("name", ["big-endian", "deflated"])
+def test_rendered_big_endian_and_deflated_objects_are_their_pixels(
+        pas: PasProcess, uncompressed: dict[str, Path], name: str) -> None:
+    """/rendered of a deflated object was a 500 (pydicom's ``pixel_array`` of the file found
+    no Pixel Data in the deflated stream); the PNG is the grayscale pipeline of the pixels
+    pydicom reads from the file sent (Modality LUT, the instance's window, min-max)."""
+    path = uncompressed[name]
+    ds = dcmread(path)
+    values = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds).astype(np.float64), ds,
+                           index=0)
+    low, high = float(values.min()), float(values.max())
+    expected = ((values - low) / ((high - low) or 1.0) * 255.0).clip(0, 255).astype(np.uint8)
+    answer = httpx.get(f"{_url(pas, path)}/rendered", headers={"Accept": "image/png"},
+                       timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == "image/png"
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(answer.content))), expected)
 
 
 @pytest.mark.parametrize("accept", [

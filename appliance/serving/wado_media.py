@@ -18,6 +18,7 @@ from PIL import Image
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, iter_pixels, pixel_array
+from pydicom.uid import UID
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -265,14 +266,18 @@ def render(path: Path, frame: int, media: str, viewport: tuple[int, int] | None,
     C.11): Modality LUT (Rescale Slope/Intercept) first, then the ``window`` asked, else the
     instance's VOI LUT or window, else min-max. The order matters: a CT's window is in
     Hounsfield units, not stored values, so windowing stored values (HU + 1024) turns the
-    whole body white."""
+    whole body white.
+
+    A deflated file is read inflated (pydicom's reader of a path finds no Pixel Data in the
+    deflated stream: it was a 500); ingest refuses one inflating past 256 MB."""
     ds = dcmread(path, defer_size=BULK_THRESHOLD)  # the pixels: only the frame rendered
     if "PixelData" not in ds:
         raise HttpProblem(404, "the instance has no pixel data")
     count = int(ds.get("NumberOfFrames", 1) or 1)
     if not 1 <= frame <= count:
         raise HttpProblem(404, f"frame {frame} asked, the instance has {count}")
-    array = pixel_array(str(path), index=frame - 1)
+    syntax = UID(ds.file_meta.get("TransferSyntaxUID", ""))
+    array = pixel_array(dcmread(path) if syntax.is_deflated else str(path), index=frame - 1)
     if ds.get("SamplesPerPixel", 1) == 1:
         array = apply_modality_lut(array, ds).astype(np.float64)
         if window is not None:
