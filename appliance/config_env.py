@@ -3,8 +3,10 @@
 Owns: turning variables into the nested dict that is merged over the TOML file, each value
 typed by the key it sets. A key whose value is text (an AE title, a password, a path, one of a
 few words) takes the variable's text as it is: read as TOML, ``PAS_DICOM__AE_TITLE=1234`` was
-the integer 1234, which pydantic refuses for a string. Every other key reads it as a TOML
-literal when it is one (``true``, ``11113``, ``["A", "B"]``), else as text. May not touch:
+the integer 1234, which pydantic refuses for a string. A boolean key takes ``true``/``false``
+and the other words pydantic reads as booleans (``yes``, ``on``, ``1``...; the model itself is
+strict, for the TOML file). Every other key reads it as a TOML literal when it is one
+(``11113``, ``["A", "B"]``), else as text. May not touch:
 files, the network; errors are returned to :mod:`appliance.config`, which raises them.
 """
 
@@ -63,6 +65,26 @@ def wants_text(model: type[BaseModel], parts: list[str]) -> bool:
     return bool(members) and all(_is_text(m) for m in members)
 
 
+def wants_flag(model: type[BaseModel], parts: list[str]) -> bool:
+    """True when every type the key allows is a boolean."""
+    members = [m for annotation in _key_types(model, parts) for m in _members(annotation)]
+    return bool(members) and all(m is bool for m in members)
+
+
+# What a variable may say for a boolean key: pydantic's lax words, which the environment's
+# overrides always took (``PAS_DICOM__ACCEPT_UNKNOWN=True``, ``=1``, ``=yes``). The model
+# itself is strict (appliance.config_sections._Section): in the TOML file only true/false.
+_TRUE = frozenset({"true", "1", "yes", "on", "t", "y"})
+_FALSE = frozenset({"false", "0", "no", "off", "f", "n"})
+
+
+def parse_flag(raw: str) -> bool | str:
+    """A boolean key's variable as a boolean; other text as it is, for the model to refuse
+    naming the key (``dicom.accept_unknown: must be true or false, got 'maybe'``)."""
+    word = raw.strip().lower()
+    return True if word in _TRUE else False if word in _FALSE else raw
+
+
 def parse_value(raw: str, text: bool) -> Any:
     """A text key keeps the raw text (a fully quoted TOML string, ``"abc"``, is unquoted as
     before); any other key takes the TOML literal when ``raw`` is one, else the text."""
@@ -118,6 +140,9 @@ def read_overrides(environ: dict[str, str], prefix: str, model: type[BaseModel] 
         node = tree
         for part in parts[:-1]:
             node = node.setdefault(part, {})
+        if model is not None and wants_flag(model, parts):
+            node[parts[-1]] = parse_flag(raw)
+            continue
         text = model is not None and wants_text(model, parts)
         node[parts[-1]] = parse_value(raw, text)
     return tree, []

@@ -22,6 +22,7 @@ import regex
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     field_validator,
@@ -43,6 +44,18 @@ def _ae_title(value: str) -> str:
     if not stripped or len(stripped) > 16 or not re.fullmatch(r"[\x20-\x5b\x5d-\x7e]+", stripped):
         raise ValueError(f"must be 1-16 printable characters without backslash, got {value!r}")
     return stripped
+
+
+def _flag(value: Any) -> Any:
+    """A boolean key takes true or false only: pydantic's lax reading took ``continue =
+    "yes"``, ``"0"`` or ``1``, a typo or a misunderstanding that ``pas config check`` passed.
+    Environment overrides are made booleans before (appliance.config_env.parse_flag)."""
+    if not isinstance(value, bool):
+        raise PydanticCustomError("flag", "must be true or false")
+    return value
+
+
+Flag = Annotated[bool, BeforeValidator(_flag)]
 
 
 # How long a routing or prefetch pattern may take on one value (appliance/routing/patterns.py);
@@ -183,11 +196,11 @@ class DicomTlsSection(_Section):
     be 0600. With ``require_client_cert`` only modalities whose certificate chains to
     ``ca`` complete the handshake."""
 
-    enabled: bool = False
+    enabled: Flag = False
     cert: Path | None = None
     key: Path | None = None
     ca: Path | None = None
-    require_client_cert: bool = True
+    require_client_cert: Flag = True
 
     @model_validator(mode="after")
     def _files_when_enabled(self) -> DicomTlsSection:
@@ -203,7 +216,7 @@ class DicomSection(_Section):
     ae_title: AETitle = "PAS"
     host: str = "0.0.0.0"
     port: Port = 11112
-    accept_unknown: bool = False
+    accept_unknown: Flag = False
     known_aes: list[KnownAE] = []
     max_associations: int = Field(default=16, ge=1, le=256)
     network_timeout_s: float = Field(default=60.0, gt=0)
@@ -217,11 +230,11 @@ class DicomSection(_Section):
     # pynetdicom's association threads wait on their socket and queues instead of polling
     # every 1 ms (appliance/dicomnet/reactor.py). Off only to compare, or on a pynetdicom it
     # does not support (then it stays off by itself).
-    event_driven: bool = True
+    event_driven: Flag = True
     # C-STORE requests are read, filed and answered in the association's reading thread,
     # with hand-encoded command sets (appliance/dicomnet/direct_receive.py); everything else
     # goes through pynetdicom. Needs ``event_driven``. Off: pynetdicom handles every C-STORE.
-    direct_receive: bool = True
+    direct_receive: Flag = True
     # A C-STORE's dataset is held in memory up to this size; beyond, it is written to a spool
     # temp file as it arrives (bounded memory: tomosynthesis, long multi-frame objects).
     spill_above_mb: int = Field(default=32, ge=0)  # 0: every dataset (tests)
@@ -240,7 +253,7 @@ class StorageSection(_Section):
 
     min_free_mb: int = Field(default=512, ge=0)
     quota_mb: int = Field(default=0, ge=0)
-    fsync: bool = True
+    fsync: Flag = True
 
 
 class CacheSection(_Section):
@@ -314,13 +327,13 @@ class QueueSection(_Section):
 class HttpSection(_Section):
     host: str = "127.0.0.1"
     port: Port = 8080
-    enabled: bool = True
+    enabled: Flag = True
 
 
 class OpsSection(_Section):
     """Operations: the heartbeat that feeds the hub's fleet dashboard (only when enrolled)."""
 
-    heartbeat: bool = True
+    heartbeat: Flag = True
     heartbeat_interval_s: float = Field(default=30.0, ge=1)
 
 
@@ -341,7 +354,7 @@ class Rule(_Section):
     destinations: list[str] = Field(min_length=1)
     priority: Priority = "routine"
     # When a rule matches, later rules are not evaluated unless ``continue`` is true.
-    continue_: bool = Field(default=False, alias="continue")
+    continue_: Flag = Field(default=False, alias="continue")
 
 
 class Fallback(_Section):
@@ -360,7 +373,7 @@ class DicomDestination(_Section):
     timeout_s: float = Field(default=30.0, gt=0)
     # DICOM TLS to this node (BCP 195): the node's certificate must chain to ``tls_ca``;
     # ``tls_cert``/``tls_key`` (0600) are PAS's client certificate when the node asks.
-    tls: bool = False
+    tls: Flag = False
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -447,7 +460,7 @@ class HubSection(_Section):
     timeout_s: float = Field(default=60.0, gt=0)
     retries: int = Field(default=4, ge=0, le=20)
     # An urgent job gets a worker of its own so that a long routine upload never delays it.
-    urgent_worker: bool = True
+    urgent_worker: Flag = True
 
 
 class Hl7Section(_Section):
@@ -460,7 +473,7 @@ class Hl7Section(_Section):
     closed after ``idle_timeout_s`` (0: never), so that stuck or leaked connections do not
     hold the slots the RIS needs."""
 
-    enabled: bool = True
+    enabled: Flag = True
     host: str = "0.0.0.0"
     port: Port = 2575
     max_message_kb: int = Field(default=1024, ge=1)
@@ -504,7 +517,7 @@ class PrefetchRule(_Section):
 class PrefetchMwl(_Section):
     """Modality Worklist polling: C-FIND MWL SCU against the RIS for the coming hours."""
 
-    enabled: bool = False
+    enabled: Flag = False
     ae_title: AETitle = "RIS"
     host: str = "127.0.0.1"
     port: Port = 104
@@ -519,8 +532,8 @@ class PrefetchMwl(_Section):
 class PrefetchSection(_Section):
     """Priors on site before the patient arrives (see docs/prefetch.md)."""
 
-    enabled: bool = True
-    on_arrival: bool = True                  # a new local study fetches that patient's priors
+    enabled: Flag = True
+    on_arrival: Flag = True                  # a new local study fetches that patient's priors
     lead_time_h: float = Field(default=24.0, ge=0)
     windows: list[PrefetchWindow] = []       # empty: any time of day
     pin_days: int = Field(default=30, ge=0)
@@ -532,7 +545,7 @@ class PrefetchSection(_Section):
     parallel: int = Field(default=8, ge=1, le=32)   # WADO-RS requests in flight
     # The hub's bucketed download (JPEG-LS + zstd) when it offers one, for priors and for
     # fetch-through; else WADO-RS.
-    bucketed: bool = True
+    bucketed: Flag = True
     download_bucket_kb: int = Field(default=4096, ge=64, le=16384)  # original bytes a bucket
 
     def region_issuer(self, site_issuer: str) -> str | None:
@@ -571,9 +584,9 @@ class ServingSection(_Section):
     HTTP port, status page and /metrics included, also with ``enabled = false``
     (appliance/web/auth.py)."""
 
-    enabled: bool = True
+    enabled: Flag = True
     move_destinations: list[MoveDestination] = []
-    pn_case_sensitive: bool = False
+    pn_case_sensitive: Flag = False
     max_results: int = Field(default=0, ge=0)          # C-FIND/QIDO answers; 0: no limit
     # With max_results at 0: most results of a QIDO-RS search not confined to one study when
     # the client's limit asks more (it gets this many and the PS3.18 8.3.4.4 Warning; the
@@ -584,9 +597,9 @@ class ServingSection(_Section):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
-    fetch_through: bool = True                         # misses fetched from the region (hub)
+    fetch_through: Flag = True                         # misses fetched from the region (hub)
     fetch_timeout_s: float = Field(default=120.0, gt=0)
-    query_region: bool = False                         # C-FIND also asks the region
+    query_region: Flag = False                         # C-FIND also asks the region
     region_query_timeout_s: float = Field(default=0.5, gt=0, le=30)
     # C-MOVE/C-GET pending responses (optional in PS3.4) at most this often; 0: one per image.
     retrieve_pending_interval_s: float = Field(default=0.1, ge=0, le=10)

@@ -250,3 +250,116 @@ def test_an_issuer_mapped_from_the_environment_matches_the_ris_issuer_in_capital
     assert prefetch.issuer_map == {"chu-a": "REGION-A"}
     assert prefetch.region_issuer("CHU-A") == prefetch.region_issuer("chu-a") == "REGION-A"
     assert prefetch.region_issuer("CHU-B") is None
+
+
+def test_a_boolean_key_in_the_file_takes_true_or_false_only(tmp_path: Path) -> None:
+    """``continue = "yes"`` read as true (pydantic's lax booleans: "yes", "on", "0", 1...):
+    a typo or a misunderstanding passed ``pas config check``. Now each such key is named,
+    in a section, in a list of rules and in a destination, and ``pas run`` refuses it too;
+    the same file with real booleans is OK."""
+    rules = "".join(f"[[routing.rules]]\nname = 'r{i}'\ndestinations = ['hub']\n"
+                    for i in range(2))
+    body = ("[dicom]\naccept_unknown = {accept}\n[storage]\nfsync = {fsync}\n"
+            "[serving]\nfetch_through = {fetch}\n" + rules
+            + "[[routing.rules]]\nname = 'r2'\ndestinations = ['hub']\ncontinue = {cont}\n"
+            "[destinations.ws]\nkind = 'dicom'\nae_title = 'WS'\nhost = 'ws'\nport = 104\n"
+            "tls = {tls}\ntls_ca = '/etc/ssl/ws.pem'\n")
+    path = tmp_path / "flags.toml"
+    path.write_text(body.format(accept='"yes"', fsync=1, fetch='"false"', cont='"yes"',
+                                tls='"on"'))
+    result = check(path)
+    assert result.returncode == 2, _said(result)
+    assert sorted(line for line in result.stderr.splitlines()
+                  if line.startswith("config error")) == sorted([
+        "config error dicom.accept_unknown: must be true or false, got 'yes'",
+        "config error storage.fsync: must be true or false, got 1",
+        "config error serving.fetch_through: must be true or false, got 'false'",
+        "config error routing.rules.2.continue: must be true or false, got 'yes'",
+        "config error destinations.ws.tls: must be true or false, got 'on'",
+    ]), result.stderr
+    run = subprocess.run([str(PAS_BIN), "run", "--config", str(path)], capture_output=True,
+                         text=True, timeout=60,
+                         env={**{k: v for k, v in os.environ.items()
+                                 if not k.startswith("PAS_")},
+                              "PAS_HOME": str(tmp_path / "home")})
+    assert run.returncode == 2 and "routing.rules.2.continue: must be true or false" in (
+        run.stderr), run.stderr
+    path.write_text(body.format(accept="true", fsync="false", fetch="false", cont="true",
+                                tls="true"))
+    assert check(path).returncode == 0, _said(check(path))
+
+
+def _boolean_fields(model: type, seen: set[type] | None = None) -> list[tuple[type, str]]:
+    """(model, field name) of every boolean key reachable from ``model``: in sections, in
+    list items (routing rules) and dict values (destinations), through unions."""
+    from typing import Annotated, Union, get_args, get_origin
+
+    from pydantic import BaseModel
+
+    seen = set() if seen is None else seen
+    seen.add(model)
+    found = []
+
+    def leaves(annotation: object) -> list[object]:
+        origin = get_origin(annotation)
+        if origin is Annotated:
+            return leaves(get_args(annotation)[0])
+        if origin in (Union, list, dict) or type(annotation).__name__ == "UnionType":
+            return [leaf for arg in get_args(annotation) for leaf in leaves(arg)]
+        return [annotation]
+
+    for name, field in model.model_fields.items():  # type: ignore[attr-defined]
+        for leaf in leaves(field.annotation):
+            if leaf is bool:
+                found.append((model, name))
+            elif isinstance(leaf, type) and issubclass(leaf, BaseModel) and leaf not in seen:
+                found.extend(_boolean_fields(leaf, seen))
+    return found
+
+
+def test_every_boolean_key_is_strict() -> None:
+    """Each boolean key of the configuration (20 today), not only ``continue``, refuses
+    text and numbers; a key added later as a plain ``bool`` fails here."""
+    from typing import Annotated
+
+    from pydantic import TypeAdapter, ValidationError
+
+    from appliance.config import Settings
+
+    fields = _boolean_fields(Settings)
+    assert len(fields) >= 20 and any(name == "continue_" for _, name in fields), fields
+    lax = []
+    for model, name in fields:
+        field = model.model_fields[name]  # type: ignore[attr-defined]
+        adapter: TypeAdapter[bool] = TypeAdapter(
+            Annotated[bool, *field.metadata] if field.metadata else bool)
+        assert adapter.validate_python(True) is True
+        for written in ("yes", "true", 1, 0):
+            try:
+                adapter.validate_python(written)
+            except ValidationError as exc:
+                assert exc.errors()[0]["msg"] == "must be true or false"
+            else:
+                lax.append(f"{model.__name__}.{name} = {written!r}")
+    assert not lax, lax
+
+
+@pytest.mark.parametrize(("written", "value"), [
+    ("true", True), ("True", True), ("1", True), ("yes", True), ("on", True),
+    ("false", False), ("FALSE", False), ("0", False), ("no", False), ("off", False),
+])
+def test_a_boolean_key_from_the_environment_still_reads_words(written: str,
+                                                              value: bool) -> None:
+    """Variables are text by nature: a boolean key takes the words pydantic always read
+    (the systemd unit and the tests set ``PAS_DICOM__ACCEPT_UNKNOWN=true``)."""
+    settings = load_settings(environ={"PAS_DICOM__ACCEPT_UNKNOWN": written,
+                                      "PAS_ROUTING__FALLBACK__DESTINATIONS": '["hub"]'})
+    assert settings.dicom.accept_unknown is value
+
+
+def test_a_boolean_variable_that_is_no_boolean_is_named() -> None:
+    result = check(None, PAS_DICOM__ACCEPT_UNKNOWN="true", PAS_SERVING__QUERY_REGION="maybe")
+    assert result.returncode == 2, _said(result)
+    assert [line for line in result.stderr.splitlines() if line.startswith("config error")] == [
+        "config error serving.query_region: must be true or false, got 'maybe'"]
+    assert check(None, PAS_DICOM__ACCEPT_UNKNOWN="true").returncode == 0

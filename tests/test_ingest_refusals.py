@@ -20,6 +20,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.filereader import read_dataset
 from pynetdicom import AE, _config
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     MRImageStorage,
@@ -193,11 +194,81 @@ def test_a_c_store_on_a_rejected_context_aborts_at_once_and_says_why(
         assert raw.read_pdu(5)[0] == 0x07  # A-ABORT, without waiting for the rest
     finally:
         raw.sock.close()
-    wait_for(lambda: "REJECTEDCX (127.0.0.1) sent a message on presentation context 3, "
-                     "which was not accepted at negotiation" in pas.log(), 10,
-             what="the abort's reason in PAS's log")
+    wait_for(lambda: "REJECTEDCX (127.0.0.1) sent a C-STORE of CT Image Storage on "
+                     "presentation context 3, which PAS rejected at negotiation" in pas.log(),
+             10, what="the abort's reason in PAS's log")
     assert_nothing_stored(pas)
     assert echo_accepted(pas)
+
+
+@pytest.mark.parametrize("path", ["direct", "pynetdicom"])
+def test_a_message_on_a_context_not_accepted_is_named_counted_and_provider_aborted(
+        tmp_path: Path, path: str) -> None:
+    """pynetdicom as a modality sending a C-STORE on the context PAS rejected, and a raw
+    client on a context it never proposed. Was: an A-ABORT with no reason (and, on
+    pynetdicom's path, ``dicom.direct_receive = false``, a service-user abort and nothing in
+    PAS's log); the log line named neither the SOP class nor why the context was refused,
+    and no audit row or counter had it. Now: an A-P-ABORT (source 2, reason 6: invalid PDU
+    parameter value; no response can go on a context that is not accepted), a warning line
+    and a ``security`` audit row naming the sender, the message, the context and its fate;
+    another modality's association, open throughout, still stores."""
+    env = {"PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_HTTP__ENABLED": "false"}
+    if path == "pynetdicom":
+        env["PAS_DICOM__DIRECT_RECEIVE"] = "false"
+    pas = PasProcess(tmp_path / "pas", env).start()
+    source = sorted(CT_DIR.glob("*.dcm"))[0]
+    uid = str(dcmread(source, stop_before_pixels=True).SOPInstanceUID)
+    explicit = "1.2.840.10008.1.2.1"
+    try:
+        good_ae = AE(ae_title="GOODCT")
+        good_ae.add_requested_context(CTImageStorage, explicit)
+        good = good_ae.associate("127.0.0.1", pas.port, ae_title="PAS")
+        assert good.is_established
+        bad_ae = AE(ae_title="BADMR")
+        bad_ae.add_requested_context(CTImageStorage, explicit)
+        bad_ae.add_requested_context(MRImageStorage, "1.2.3.4.5.6.7")
+        bad = bad_ae.associate("127.0.0.1", pas.port, ae_title="PAS")
+        assert [(cx.context_id, cx.result) for cx in bad.rejected_contexts] == [(3, 4)]
+        request = C_STORE()
+        request.MessageID = 5
+        request.AffectedSOPClassUID = MRImageStorage
+        request.AffectedSOPInstanceUID = uid
+        request.Priority = 2
+        request.DataSet = BytesIO(dataset_part(source)[:4096])
+        bad.dimse.send_msg(request, 3)
+        wait_for(lambda: bad.is_aborted, 10, what="the misbehaving association aborted")
+        raw = raw_ul.associate(pas.port, [(1, str(CTImageStorage), explicit)],
+                               calling="NEVERPROPOSED")
+        try:
+            raw.sock.sendall(p_data_tf(9, 0x03, c_store_rq(str(CTImageStorage), uid, 7)))
+            raw.sock.sendall(p_data_tf(9, 0x02, dataset_part(source)[:4096]))
+            # A-ABORT-RQ: reserved, reserved, source 2 (UL service-provider), reason 6.
+            assert raw.read_pdu(5) == (0x07, b"\x00\x00\x02\x06")
+        finally:
+            raw.sock.close()
+        # The other association, open all the while, still stores.
+        assert good.send_c_store(source).Status == 0x0000
+        good.release()
+        aborted = "association aborted (A-P-ABORT, invalid PDU parameter value)"
+        said = [
+            "sent a C-STORE of MR Image Storage on presentation context 3, which PAS rejected "
+            "at negotiation (MR Image Storage, 1.2.3.4.5.6.7: transfer syntaxes not "
+            f"supported); {aborted}",
+            f"sent a C-STORE of CT Image Storage on presentation context 9, which was never "
+            f"proposed; {aborted}",
+        ]
+        wait_for(lambda: f"NEVERPROPOSED (127.0.0.1) {said[1]}" in pas.log(), 10,
+                 what="the second refusal in PAS's log")
+        assert f"BADMR (127.0.0.1) {said[0]}" in pas.log()
+        rows = read_rows(pas.home / "pas.sqlite", "SELECT actor, source, outcome FROM audit "
+                         "WHERE event = 'security' ORDER BY id")
+        assert [tuple(r) for r in rows] == [("BADMR", "127.0.0.1", f"failure: {said[0]}"),
+                                            ("NEVERPROPOSED", "127.0.0.1",
+                                             f"failure: {said[1]}")]
+        assert "Traceback" not in pas.log()
+        assert pas.status()["instances"] == 1  # GOODCT's
+    finally:
+        pas.stop()
 
 
 @pytest.mark.parametrize("end", ["A-ABORT", "connection closed"])

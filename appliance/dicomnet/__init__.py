@@ -11,8 +11,9 @@ def install(event_driven: bool = True) -> None:
     race in which its association loop takes a C-STORE-RSP meant for ``send_c_store`` (the
     sender then waits out the DIMSE timeout and aborts: seen once in CI with ``pas send``,
     a 30 s stall and "no answer" after 6 of 10 files)."""
-    from appliance.dicomnet import contexts, reactor
+    from appliance.dicomnet import contexts, reactor, unaccepted
 
     contexts.install()
+    unaccepted.install()  # a message on a context not accepted: named, A-P-ABORT
     if event_driven:
         reactor.install()

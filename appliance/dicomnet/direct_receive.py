@@ -21,7 +21,9 @@ context was accepted for a storage SOP class, and pynetdicom is not in the middl
 of its own. The listener prepares the file meta and its SHA-256 when the command arrives, and
 each dataset fragment is hashed as it is read, while the sender is still sending.
 A broken fragment sequence raises :class:`DirectReceiveError`; the reactor then aborts the
-association, as pynetdicom does on a PDU it cannot decode.
+association, as pynetdicom does on a PDU it cannot decode. A message on a context that was not
+accepted raises ``UnacceptedContext`` (``unaccepted.py``: an A-P-ABORT, invalid PDU
+parameter value, then the report naming it).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
 from appliance.dicomnet.direct_store import _element, _ui, parse_command
+from appliance.dicomnet.unaccepted import UnacceptedContext, command_of
 
 log = logging.getLogger("pas.dicomnet")
 
@@ -203,14 +206,16 @@ class DirectReceiver:
     def _start(self, pdvs: list[tuple[int, int, memoryview]]) -> bool:
         context_id, control, fragment = pdvs[0]
         if context_id not in self.assoc._accepted_cx:
-            # A message on a context not accepted is a protocol error (PS3.8 9.3.5).
-            # pynetdicom aborted it too, but said nothing PAS logs: the operator of a
-            # modality sending on a context PAS rejected (a transfer syntax not offered)
-            # saw its associations aborted with no reason anywhere.
-            requestor = self.assoc.requestor
-            raise DirectReceiveError(
-                f"{requestor.ae_title.strip()} ({requestor.address}) sent a message on "
-                f"presentation context {context_id}, which was not accepted at negotiation")
+            # A message on a context not accepted is a protocol error (PS3.8 9.3.5), answered
+            # with an A-P-ABORT; then the listener names the sender, the message, the context
+            # and why it was refused (unaccepted.py). The rest of the message is not awaited.
+            fields: dict[int, bytes] = {}
+            if control & _COMMAND:
+                try:
+                    fields = parse_command(bytes(fragment))
+                except Exception:
+                    fields = {}  # a command cut over PDUs, or not one: named "a message"
+            raise UnacceptedContext(self.assoc, context_id, *command_of(fields))
         taken = (
             control == _COMMAND | _LAST
             and self.dul.assoc.dimse.message is None

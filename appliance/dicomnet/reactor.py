@@ -42,6 +42,7 @@ from pynetdicom.pdu import A_ABORT_RQ
 
 from appliance.dicomnet.direct_receive import P_DATA_TF, DirectReceiveError, DirectReceiver
 from appliance.dicomnet.idle import peer_silent
+from appliance.dicomnet.unaccepted import UnacceptedContext
 
 log = logging.getLogger("pas.dicomnet")
 
@@ -261,12 +262,15 @@ def _dul_step(self: DULServiceProvider, assoc_wake: threading.Event,
         elif _transport_event(self, readable):
             self._idle_timer.restart()
     except Exception as exc:
-        log.error("exception in the DUL reactor, aborting the association: %s", exc)
+        if not isinstance(exc, UnacceptedContext):  # that one is reported below, naming all
+            log.error("exception in the DUL reactor, aborting the association: %s", exc)
         abort_pdu = A_ABORT_RQ()
-        abort_pdu.source = 0x02
-        abort_pdu.reason_diagnostic = 0x00
+        abort_pdu.source = 0x02  # the UL service-provider: a protocol error
+        abort_pdu.reason_diagnostic = getattr(exc, "abort_reason", 0x00)
         if self.socket is not None:
             self.socket.send(abort_pdu.encode())
+        if isinstance(exc, UnacceptedContext):
+            exc.report()  # once the abort is sent: the peer does not wait for the audit row
         self.assoc.is_aborted = True
         self.assoc.is_established = False
         self.assoc._kill = True

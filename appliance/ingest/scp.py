@@ -205,6 +205,8 @@ class DicomListener:
         if config.direct_receive:
             # Read by appliance/dicomnet/reactor.py on every association this AE accepts.
             self.ae._pas_direct_store = self  # type: ignore[attr-defined]
+        # Called by appliance/dicomnet/unaccepted.py, on the direct path and pynetdicom's.
+        self.ae._pas_unaccepted_context = self._on_unaccepted_context  # type: ignore[attr-defined]
         self._server: Any = None
         self._stats_lock = threading.Lock()
         self.stats = {"stored": 0, "duplicates": 0, "conflicts": 0, "refused": 0}
@@ -301,6 +303,20 @@ class DicomListener:
             requestor = assoc.requestor
             self.refused_sop_classes.refused(requestor.ae_title.strip(), requestor.address,
                                              refused)
+
+    def _on_unaccepted_context(self, assoc: Any, what: str) -> None:
+        """A message on a presentation context that was not accepted (``what`` names it,
+        appliance/dicomnet/unaccepted.py): a warning line, and a refusal in the audit trail
+        and ``pas_access_refused{channel="dicom", reason="unaccepted-context"}``, beside the
+        associations refused at negotiation."""
+        requestor = assoc.requestor
+        calling = requestor.ae_title.strip()
+        log.warning("%s (%s) sent %s", calling, requestor.address, what,
+                    extra={"CALLING_AE": calling})
+        if self.refusals is not None:
+            self.refusals.refused(channel="dicom", kind="unaccepted-context",
+                                  source=requestor.address, actor=calling or "-",
+                                  reason=f"sent {what}", target=self.config.ae_title)
 
     def _refused(self, event: Any, kind: str, calling: str, reason: str) -> None:
         """The audit row of a rejected association (after the A-ASSOCIATE-RJ is sent: the

@@ -62,7 +62,8 @@ UPLOAD_INFLIGHT = Gauge("pas_upload_inflight_bytes", "Sealed bucket bytes of the
 CSTORE_PATHS = Counter("pas_cstore_requests", "C-STORE requests filed, by the code path that "
                        "read and answered them (direct, pynetdicom)", ["path"], registry=None)
 ACCESS_REFUSED = Counter("pas_access_refused", "Access attempts refused, by channel and "
-                         "reason (dicom: unknown-ae, rate-limit; http: bearer-token)",
+                         "reason (dicom: unknown-ae, rate-limit, unaccepted-context; "
+                         "http: bearer-token)",
                          ["channel", "reason"], registry=None)
 _HOOKS: list[Any] = [CSTORE_SECONDS, CSTORE_PATHS, RETRIEVES, UPLOAD_PUT_BYTES,
                      UPLOAD_INFLIGHT, ACCESS_REFUSED]

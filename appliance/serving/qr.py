@@ -10,8 +10,10 @@ file).
 
 How the sub-operations are sent (a stored file streamed as it is, or a copy in explicit or
 implicit VR little endian made only when its C-STORE goes) and counted (what the destination
-really stored, for the audit row) is ``suboperations.py``'s; how often Pending responses go
-and the Error Comment of a refusal pynetdicom sends itself are ``qr_responses.py``'s.
+really stored, for the audit row) is ``suboperations.py``'s; how often Pending responses go,
+the Error Comment of a refusal pynetdicom sends itself and the status of one PAS makes
+(``RetrieveRefused``: 0xA900, 0xC000, 0xA801, before any sub-operation) are
+``qr_responses.py``'s.
 """
 
 from __future__ import annotations
@@ -41,7 +43,15 @@ from appliance.dicomnet.outgoing import wait_for_room
 from appliance.ingest.scp import TRANSFER_SYNTAXES, DicomListener
 from appliance.ops.metrics import count_retrieve
 from appliance.serving.qr_identifiers import identifier_keys, query_charset, response_identifier
-from appliance.serving.qr_responses import explain_refusal, throttle_pending
+from appliance.serving.qr_responses import (
+    IDENTIFIER_DOES_NOT_MATCH,
+    MOVE_DESTINATION_UNKNOWN,
+    UNABLE_TO_PROCESS,
+    RetrieveRefused,
+    explain_refusal,
+    refuse,
+    throttle_pending,
+)
 from appliance.serving.suboperations import (
     SpoolFile,
     SubOperationTally,
@@ -59,9 +69,6 @@ log = logging.getLogger("pas.serving")
 PENDING = 0xFF00
 CANCELLED = 0xFE00
 SUCCESS = 0x0000
-IDENTIFIER_DOES_NOT_MATCH = 0xA900
-UNABLE_TO_PROCESS = 0xC000
-MOVE_DESTINATION_UNKNOWN = 0xA801
 
 _PATIENT_ROOT = {str(PatientRootQueryRetrieveInformationModelFind),
                  str(PatientRootQueryRetrieveInformationModelMove),
@@ -129,9 +136,10 @@ class QueryRetrieveService:
             level, keys, asked = identifier_keys(identifier)
             charset = query_charset(identifier)
         except Exception as exc:  # an identifier pydicom cannot decode
-            audit_query(calling, address, None, f"failure: undecodable identifier "
-                        f"({exc})")
-            yield UNABLE_TO_PROCESS, None
+            problem = f"identifier does not decode: {exc}"
+            log.warning("C-FIND from %s refused: %s", calling, problem)
+            audit_query(calling, address, None, f"failure: {problem}")
+            yield _failure(UNABLE_TO_PROCESS, problem), None
             return
         problem = self._level_problem(level, model)
         if problem:
@@ -205,6 +213,8 @@ class QueryRetrieveService:
 
     @staticmethod
     def _level_problem(level: str, model: str) -> str | None:
+        if not level:
+            return "QueryRetrieveLevel missing: PATIENT, STUDY, SERIES or IMAGE"
         if level not in store_query.LEVELS:
             return f"QueryRetrieveLevel {level!r} is not PATIENT, STUDY, SERIES or IMAGE"
         if level == "PATIENT" and model not in _PATIENT_ROOT:
@@ -216,21 +226,40 @@ class QueryRetrieveService:
     def _resolve(self, event: Any) -> tuple[str, store_query.RetrievePlan]:
         """The instances a retrieve names (their row ids: memory does not grow with whole rows
         per instance), after fetching a study that is missing here.
-        Raises QueryError (a bad identifier) or RuntimeError (the fetch failed)."""
-        level, keys, _ = identifier_keys(event.identifier)
+        Raises :class:`RetrieveRefused` with the status PS3.4 C.4.2.1.5/C.4.3.1.5 gives the
+        problem: 0xA900 for an identifier that does not match the SOP class (no, unknown or
+        foreign level, no unique key, a malformed or wildcard one), 0xC000 (unable to
+        process) for one that does not decode, too many matches, a failed fetch."""
+        try:
+            level, keys, _ = identifier_keys(event.identifier)
+        except Exception as exc:
+            raise RetrieveRefused(UNABLE_TO_PROCESS, f"identifier does not decode: {exc}",
+                                  ) from exc
         problem = self._level_problem(level, str(event.request.AffectedSOPClassUID))
         if problem:
-            raise store_query.QueryError(problem)
+            raise RetrieveRefused(IDENTIFIER_DOES_NOT_MATCH, problem)
         study_uids = [u for u in (keys.get("StudyInstanceUID") or "").split("\\") if u]
+        try:
+            # The identifier is checked before any fetch: a wildcard UID went to the region.
+            store_query.check_retrieve_keys(level, keys)
+        except store_query.QueryError as exc:
+            raise RetrieveRefused(IDENTIFIER_DOES_NOT_MATCH, str(exc)) from exc
         fetched = 0
         if self.fetcher is not None and self.settings.fetch_through and level == "STUDY":
-            for study_uid in study_uids:
-                fetched += self._fetch_if_missing(study_uid)
-        plan = store_query.retrieve_plan(self.db, level, keys)
+            try:
+                for study_uid in study_uids:
+                    fetched += self._fetch_if_missing(study_uid)
+            except RuntimeError as exc:
+                raise RetrieveRefused(UNABLE_TO_PROCESS, str(exc)) from exc
+        try:
+            plan = store_query.retrieve_plan(self.db, level, keys)
+        except store_query.QueryError as exc:
+            raise RetrieveRefused(IDENTIFIER_DOES_NOT_MATCH, str(exc)) from exc
         if len(plan.instance_ids) > MAX_SUB_OPERATIONS:
             # pynetdicom refuses such a retrieve itself (0xC416/0xC516, no comment), and the
             # audit row then said "did not complete (association lost)".
-            raise store_query.QueryError(
+            raise RetrieveRefused(
+                UNABLE_TO_PROCESS,
                 f"{len(plan.instance_ids)} instances match, more than the "
                 f"{MAX_SUB_OPERATIONS} sub-operations a C-MOVE/C-GET response can count "
                 "(US); retrieve the series one by one")
@@ -256,26 +285,36 @@ class QueryRetrieveService:
                  study_uid, extra={"STUDY_UID": study_uid})
         return fetched
 
+    def _refused(self, event: Any, what: str, refusal: RetrieveRefused) -> Iterator[Any]:
+        """End a retrieve before any sub-operation: logged, audited, and answered with the
+        refusal's status, Error Comment and Offending Element (qr_responses.refuse: the one
+        way pynetdicom lets a handler choose that status). What this yields is what
+        pynetdicom needs for "no sub-operations": a C-MOVE's destination first (not used:
+        with no sub-operation, no sub-association is opened), then 0. The association stays
+        up for the viewer's next request."""
+        calling, address = _peer(event)
+        log.warning("%s from %s refused (0x%04X): %s", what, calling, refusal.status,
+                    refusal.reason)
+        self._audit("retrieve", calling, address, _asked(event), f"failure: {refusal.reason}")
+        refuse(event.assoc, refusal.status, refusal.reason, refusal.offending)
+        if what == "C-MOVE":
+            yield "", 0
+        yield 0
+
     def on_move(self, event: Any) -> Iterator[Any]:
         calling, address = _peer(event)
         explain_refusal(event.assoc, None)
         destination_title = _text(event.move_destination)
         destination = self.destinations.get(destination_title)
         if destination is None:
-            log.warning("C-MOVE from %s to unknown destination %r", calling, destination_title)
-            self._audit("retrieve", calling, address, _asked(event),
-                        f"failure: unknown move destination {destination_title!r}")
-            explain_refusal(event.assoc, lambda: f"unknown move destination "
-                                                  f"{destination_title!r}")
-            yield None, None  # pynetdicom answers 0xA801 (move destination unknown)
+            yield from self._refused(event, "C-MOVE", RetrieveRefused(
+                MOVE_DESTINATION_UNKNOWN, f"unknown move destination {destination_title!r}"))
             return
         try:
             summary, plan = self._resolve(event)
-        except (store_query.QueryError, RuntimeError) as exc:
-            log.warning("C-MOVE from %s refused: %s", calling, exc)
-            self._audit("retrieve", calling, address, _asked(event), f"failure: {exc}")
-            explain_refusal(event.assoc, lambda text=str(exc): text)
-            raise  # pynetdicom answers 0xC511 (unable to process)
+        except RetrieveRefused as refusal:
+            yield from self._refused(event, "C-MOVE", refusal)
+            return
         established = threading.Event()
         store_assoc: list[Any] = []
         rows = plan.instance_ids
@@ -325,14 +364,12 @@ class QueryRetrieveService:
 
     def on_get(self, event: Any) -> Iterator[Any]:
         calling, address = _peer(event)
+        explain_refusal(event.assoc, None)
         try:
             summary, plan = self._resolve(event)
-        except (store_query.QueryError, RuntimeError) as exc:
-            log.warning("C-GET from %s refused: %s", calling, exc)
-            self._audit("retrieve", calling, address, _asked(event), f"failure: {exc}")
-            explain_refusal(event.assoc, lambda text=str(exc): text)
-            raise  # pynetdicom answers 0xC411 (unable to process)
-        explain_refusal(event.assoc, None)
+        except RetrieveRefused as refusal:
+            yield from self._refused(event, "C-GET", refusal)
+            return
         rows = plan.instance_ids
         tally = SubOperationTally(total=len(rows))
         stream_spool_files(event.assoc, tally)

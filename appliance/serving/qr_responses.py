@@ -1,9 +1,23 @@
 """What a C-MOVE/C-GET sends besides its sub-operations: how often its Pending responses go
-(:func:`throttle_pending`) and why a refused retrieve was refused (:func:`explain_refusal`).
+(:func:`throttle_pending`), why a retrieve pynetdicom refused was refused
+(:func:`explain_refusal`), and the status of a retrieve PAS refuses itself
+(:class:`RetrieveRefused`, :func:`refuse`).
 
 Owns: wraps of one association's ``dimse.send_msg`` that change the C-MOVE/C-GET responses
 pynetdicom sends for the handlers of ``qr.py`` (Pending ones left out, an Error Comment put on
-a refusal). May not touch: SQL, spool writes, the audit (``qr.py`` writes the rows).
+a refusal, a refusal's status set). May not touch: SQL, spool writes, the audit (``qr.py``
+writes the rows).
+
+Why a refusal is made by rewriting a response: pynetdicom's C-MOVE/C-GET service lets a
+handler end a retrieve before any sub-operation only two ways. A C-MOVE handler must first
+yield a destination, and ``(None, None)`` is answered 0xA801 (move destination unknown); any
+exception in the handler is answered with a fixed status of pynetdicom's (0xC514, 0xC413...)
+and logged as an error with a traceback. A status of the handler's own choice (0xA900
+identifier does not match the SOP class, PS3.4 C.4.2.1.5 and C.4.3.1.5) can only follow a
+sub-operation, i.e. a C-MOVE's sub-association opened first. So a refused retrieve yields
+"no sub-operations" (pynetdicom opens no sub-association and answers Success at once) and the
+wrap turns that one response into the refusal: its status, Error Comment, Offending Element,
+and no sub-operation counts.
 """
 
 from __future__ import annotations
@@ -12,11 +26,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pydicom.datadict import tag_for_keyword
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
 
 PENDING = 0xFF00
 CANCELLED = 0xFE00
 SUCCESS = 0x0000
+IDENTIFIER_DOES_NOT_MATCH = 0xA900
+UNABLE_TO_PROCESS = 0xC000
+MOVE_DESTINATION_UNKNOWN = 0xA801
 
 
 def throttle_pending(assoc: Any, interval_s: float) -> None:
@@ -48,32 +66,71 @@ def throttle_pending(assoc: Any, interval_s: float) -> None:
 _NOT_REFUSALS = (SUCCESS, PENDING, CANCELLED, 0xB000)
 
 
+class RetrieveRefused(Exception):
+    """A C-MOVE/C-GET refused before any sub-operation: the status to answer and the reason
+    (Error Comment, audit row, log line). ``offending``: the tag of the element the reason
+    starts with ("StudyInstanceUID: required..."), for the Offending Element of an
+    identifier that does not match the SOP class (PS3.4 C.4.2.1.5)."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        keyword = reason.split(":")[0].split(" ")[0]
+        self.offending = (tag_for_keyword(keyword)
+                          if status == IDENTIFIER_DOES_NOT_MATCH else None)
+
+
+def refuse(assoc: Any, status: int, why: str, offending: int | None = None) -> None:
+    """Have the next final C-MOVE/C-GET response on ``assoc``, the Success pynetdicom sends
+    for a handler that yields no sub-operations, go out as a refusal: ``status``, ``why`` in
+    its Error Comment (0000,0902), the tag ``offending`` in its Offending Element (0000,0901)
+    when given, and no sub-operation counts (PS3.4 C.4.2.1.5: a refusal's related fields are
+    these two). The handler then yields no sub-operations (``qr.py``)."""
+    _install(assoc)
+    assoc.dimse._pas_refusal[:] = [lambda: why, None, (status, offending)]
+
+
 def explain_refusal(assoc: Any, why: Callable[[], str] | None,
                     only: int | None = None) -> None:
     """Have the final C-MOVE/C-GET response of the retrieve now handled on ``assoc`` carry
     ``why()`` in its Error Comment (0000,0902) if it is a refusal (``only``: if its status
     is that one). pynetdicom sends these refusals itself and offers no way to comment them:
-    0xA801 for a destination unknown, down or refusing, 0xC511/0xC411 when the handler
-    raises (a bad identifier, more than 65,535 matches, a study the region could not
-    provide); the viewer got the bare status and only the audit row said why. None: no
-    comment (each retrieve starts so). Set per association: pynetdicom handles its
-    requests one at a time."""
+    0xA801 for a destination down or refusing the association, a 0xCxxx of its own when the
+    handler raises unexpectedly; the viewer got the bare status and only the audit row said
+    why. None: no comment (each retrieve starts so). Set per association: pynetdicom handles
+    its requests one at a time."""
+    _install(assoc)
+    assoc.dimse._pas_refusal[:] = [why, only, None]
+
+
+def _install(assoc: Any) -> None:
+    """Wrap ``assoc``'s ``dimse.send_msg`` once. ``dimse._pas_refusal`` holds what the next
+    final response gets: [why (None: nothing), the only status commented (None: any
+    refusal), (status, offending tag) of a refusal made by :func:`refuse` (else None)]."""
     dimse = assoc.dimse
-    if getattr(dimse, "_pas_refusal", None) is None:
-        original = dimse.send_msg
+    if getattr(dimse, "_pas_refusal", None) is not None:
+        return
+    original = dimse.send_msg
 
-        def send_msg(primitive: Any, context_id: int) -> None:
-            pending = dimse._pas_refusal
-            if (pending[0] is not None and isinstance(primitive, C_MOVE | C_GET)
-                    and primitive.Status not in _NOT_REFUSALS and not primitive.ErrorComment
-                    and pending[1] in (None, primitive.Status)):
-                primitive.ErrorComment = _error_comment(pending[0]())
-                pending[0] = None
-            original(primitive, context_id)
+    def send_msg(primitive: Any, context_id: int) -> None:
+        why, only, made = dimse._pas_refusal
+        if why is not None and isinstance(primitive, C_MOVE | C_GET):
+            if made is not None and primitive.Status == SUCCESS:
+                primitive.Status, offending = made
+                primitive.OffendingElement = [offending] if offending is not None else None
+                primitive.ErrorComment = _error_comment(why())
+                for count in ("Remaining", "Completed", "Failed", "Warning"):
+                    setattr(primitive, f"NumberOf{count}Suboperations", None)
+                dimse._pas_refusal[:] = [None, None, None]
+            elif (made is None and primitive.Status not in _NOT_REFUSALS
+                    and not primitive.ErrorComment and only in (None, primitive.Status)):
+                primitive.ErrorComment = _error_comment(why())
+                dimse._pas_refusal[:] = [None, None, None]
+        original(primitive, context_id)
 
-        dimse.send_msg = send_msg
-        dimse._pas_refusal = [None, None]
-    dimse._pas_refusal[:] = [why, only]
+    dimse.send_msg = send_msg
+    dimse._pas_refusal = [None, None, None]
 
 
 def _error_comment(text: str) -> str:

@@ -430,8 +430,17 @@ _UNIQUE = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID",
 _RETRIEVE_ORDER = "ORDER BY s.id, se.series_number, se.id, i.instance_number, i.id"
 
 
+def check_retrieve_keys(level: str, keys: dict[str, str]) -> None:
+    """Raise QueryError naming what makes ``keys`` unusable for a retrieve at ``level``
+    (before anything is fetched or read for it)."""
+    _retrieve_where(level, keys)
+
+
 def _retrieve_where(level: str, keys: dict[str, str]) -> _Where:
-    """The WHERE clause of a retrieve at ``level`` (unique keys only; UID lists allowed)."""
+    """The WHERE clause of a retrieve at ``level`` (unique keys only; UID lists allowed).
+    A wildcard in a unique key is refused (PS3.4 C.4.2.2.1: a retrieve names its instances
+    by single values or UID lists): PatientID ``*`` matched the literal "*", nothing, and
+    the retrieve answered Success with no sub-operation."""
     level = level.upper()
     if level not in _UNIQUE:
         raise QueryError(f"QueryRetrieveLevel: {level!r} is not one of {', '.join(LEVELS)}")
@@ -440,6 +449,8 @@ def _retrieve_where(level: str, keys: dict[str, str]) -> _Where:
     where = _Where(["i.is_current = 1"], [])
     for keyword in _UNIQUE.values():
         value = (keys.get(keyword) or "").strip()
+        if value and available(keyword, level) and _has_wildcard(value):
+            raise QueryError(f"{keyword}: no wildcard in a retrieve ({value[:40]!r})")
         if value and available(keyword, level):
             if keyword == "PatientID":
                 where.add("p.patient_id = ?", value)
