@@ -239,7 +239,7 @@ def test_fetch_through_with_the_hub_black_holed_fails_fast_and_holds_no_one(wan:
         assert "region could not provide it" in answer.json()["detail"]
         assert seconds < CONNECT_TIMEOUT_S + 5, seconds
         viewer.join(150)
-    print(f"WADO-RS 503 after {seconds:.1f} s, C-MOVE 0xC511 after {moved['seconds']:.1f} s")
+    print(f"WADO-RS 503 after {seconds:.1f} s, C-MOVE 0xC000 after {moved['seconds']:.1f} s")
     # The C-MOVE failed within the connect bound (fetch_timeout_s is 120 s: it used to spend
     # it all on a TCP connect), with Unable to process, and the association was released,
     # not aborted for the time PAS spent on the region (dicom.network_timeout_s = 3 here).
