@@ -166,7 +166,8 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-_NUMBER_TYPES = {"int_type": "must be an integer", "float_type": "must be a number"}
+_NUMBER_TYPES = {"int_type": "must be an integer", "float_type": "must be a number",
+                 "finite_number": "must be a finite number"}
 
 
 def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> list[str]:

@@ -185,13 +185,17 @@ def _strict_numbers(schema: Any) -> None:
     """Every int and float of a section's schema strict (``Port``, ``Field(ge=...)``, in lists
     and tables too): lax, pydantic read ``port = "11112"`` as 11112, ``max_attempts = 3.0`` as
     3, ``stable_after_s = true`` as 1. A float key still takes a TOML integer. Variables are
-    made numbers before (appliance.config_env.parse_number). Defaults are data: left alone."""
+    made numbers before (appliance.config_env.parse_number). Defaults are data: left alone.
+    No float key takes inf or nan: ``check_interval_s = inf`` passed, then crashed the routing
+    thread (OverflowError in Event.wait); "never" is 0 where a key has it."""
     if isinstance(schema, list):
         for item in schema:
             _strict_numbers(item)
     elif isinstance(schema, dict):
         if schema.get("type") in ("int", "float"):
             schema["strict"] = True
+        if schema.get("type") == "float":
+            schema["allow_inf_nan"] = False
         for key, value in schema.items():
             if key != "default":
                 _strict_numbers(value)

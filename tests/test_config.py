@@ -523,3 +523,41 @@ def test_the_hubs_number_keys_are_strict_in_its_file_and_variables(tmp_path: Pat
                                      "PAS_HUB_HTTP__PORT": "9443",
                                      "PAS_HUB_ARCHIVE__TIMEOUT_S": "1.5"})
     assert (hub.http.port, hub.archive.timeout_s) == (9443, 1.5)
+
+
+def test_no_float_key_takes_inf_or_nan(tmp_path: Path) -> None:
+    """``check_interval_s = inf`` passed ``pas config check``; ``pas run`` then said ready and
+    its routing thread died on ``OverflowError`` (Event.wait), nothing routed again. Every
+    float key refuses inf, -inf and nan (nan was refused only by a bound, "greater than 0"),
+    in the file and from a variable."""
+    from pydantic import BaseModel, ValidationError
+
+    path = tmp_path / "infinite.toml"
+    path.write_text("[study]\ncheck_interval_s = inf\n[queue]\npoll_interval_s = -inf\n"
+                    "[dicom]\nnetwork_timeout_s = nan\n[[hub.windows]]\nstart = '07:00'\n"
+                    "end = '19:00'\nmax_mbps = inf\n")
+    result = check(path, PAS_CACHE__SCRUB_MB_PER_S="inf")
+    assert result.returncode == 2, _said(result)
+    assert _errors(result) == sorted([
+        "config error study.check_interval_s: must be a finite number, got inf",
+        "config error queue.poll_interval_s: must be a finite number, got -inf",
+        "config error dicom.network_timeout_s: must be a finite number, got nan",
+        "config error hub.windows.0.max_mbps: must be a finite number, got inf",
+        "config error cache.scrub_mb_per_s: must be a finite number, got inf",
+    ]), result.stderr
+
+    def refused(model: type[BaseModel], key: str, value: float) -> bool:
+        try:
+            model.model_validate({key: value})
+        except ValidationError as exc:
+            return any(e["loc"] == (key,) and e["type"] == "finite_number"
+                       for e in exc.errors())
+        return False
+
+    floats = [(model, name) for model, name, kind in _number_models() if kind is float]
+    assert len(floats) >= 40, floats
+    lax = [f"{model.__name__}.{name} = {value}" for model, name in floats
+           for value in (float("inf"), float("-inf"), float("nan"))
+           if not refused(model, model.model_fields[name].alias or name,  # type: ignore[attr-defined]
+                          value)]
+    assert not lax, lax
