@@ -166,6 +166,10 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+_NUMBER_TYPES = {"int_type": "must be an integer", "float_type": "must be a number",
+                 "finite_number": "must be a finite number"}
+
+
 def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> list[str]:
     """One line per problem: ``key.path: what is wrong, got VALUE``."""
     tags = {"dicom", "hub", "stowrs"} if model is Settings else set()
@@ -186,7 +190,12 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> lis
         elif kind == "missing":
             message = "is required"
         elif kind != "value_error":
-            message = f"{message}, got {error.get('input')!r}"
+            # Numbers are strict (appliance.config_sections._strict_numbers): say which
+            # TOML type the key takes, and show a boolean as the file writes it.
+            message = _NUMBER_TYPES.get(kind, message)
+            value = error.get("input")
+            shown = str(value).lower() if isinstance(value, bool) else repr(value)
+            message = f"{message}, got {shown}"
         path = ".".join(loc) or "(top level)"
         lines.append(f"{path}: {message}")
     return lines

@@ -5,8 +5,10 @@ typed by the key it sets. A key whose value is text (an AE title, a password, a 
 few words) takes the variable's text as it is: read as TOML, ``PAS_DICOM__AE_TITLE=1234`` was
 the integer 1234, which pydantic refuses for a string. A boolean key takes ``true``/``false``
 and the other words pydantic reads as booleans (``yes``, ``on``, ``1``...; the model itself is
-strict, for the TOML file). Every other key reads it as a TOML literal when it is one
-(``11113``, ``["A", "B"]``), else as text. May not touch:
+strict, for the TOML file). A number key takes the number pydantic's lax mode always read
+(``11113``, ``0.5``; the model is strict for numbers too), a boolean or other text is left
+for the model to refuse naming the key. Every other key reads it as a TOML literal when it
+is one (``["A", "B"]``), else as text. May not touch:
 files, the network; errors are returned to :mod:`appliance.config`, which raises them.
 """
 
@@ -18,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 # Top-level keys a variable may not set: ``$PAS_HOME`` (``$PAS_HUB_HOME``) already names the
 # home and is read below the file (appliance.config.load_settings).
@@ -85,6 +87,35 @@ def parse_flag(raw: str) -> bool | str:
     return True if word in _TRUE else False if word in _FALSE else raw
 
 
+def number_type(model: type[BaseModel], parts: list[str]) -> type[int] | type[float] | None:
+    """``int`` or ``float`` when every type the key allows is a number (``float`` when one of
+    them is), else None."""
+    members = [m for annotation in _key_types(model, parts) for m in _members(annotation)]
+    if not members or not all(m is int or m is float for m in members):
+        return None
+    return float if float in members else int
+
+
+# The model's numbers are strict (appliance.config_sections._strict_numbers); a variable's
+# text is made a number here the way pydantic's lax mode always read it.
+_LAX_NUMBER: dict[type, TypeAdapter[Any]] = {int: TypeAdapter(int), float: TypeAdapter(float)}
+
+
+def parse_number(raw: str, kind: type[int] | type[float]) -> int | float | str:
+    """A number key's variable as that number, read as before (``11113``, ``0.5``, ``60``,
+    ``3.0`` for an integer key); a boolean (``PAS_DICOM__PORT=true`` was port 1) or other
+    text as it is, for the model to refuse naming the key (``dicom.port: must be an integer,
+    got 'abc'``)."""
+    value = parse_value(raw, text=False)
+    if isinstance(value, bool):
+        return raw
+    try:
+        number: int | float = _LAX_NUMBER[kind].validate_python(value)
+    except ValidationError:
+        return raw
+    return number
+
+
 def parse_value(raw: str, text: bool) -> Any:
     """A text key keeps the raw text (a fully quoted TOML string, ``"abc"``, is unquoted as
     before); any other key takes the TOML literal when ``raw`` is one, else the text."""
@@ -142,6 +173,10 @@ def read_overrides(environ: dict[str, str], prefix: str, model: type[BaseModel] 
             node = node.setdefault(part, {})
         if model is not None and wants_flag(model, parts):
             node[parts[-1]] = parse_flag(raw)
+            continue
+        kind = number_type(model, parts) if model is not None else None
+        if kind is not None:
+            node[parts[-1]] = parse_number(raw, kind)
             continue
         text = model is not None and wants_text(model, parts)
         node[parts[-1]] = parse_value(raw, text)

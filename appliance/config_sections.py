@@ -25,10 +25,11 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    GetCoreSchemaHandler,
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic_core import CoreSchema, PydanticCustomError
 
 
 def _port(value: int) -> int:
@@ -180,8 +181,37 @@ def _cross_field(key: str, message: str) -> PydanticCustomError:
                                {"key": key, "message": message})
 
 
+def _strict_numbers(schema: Any) -> None:
+    """Every int and float of a section's schema strict (``Port``, ``Field(ge=...)``, in lists
+    and tables too): lax, pydantic read ``port = "11112"`` as 11112, ``max_attempts = 3.0`` as
+    3, ``stable_after_s = true`` as 1. A float key still takes a TOML integer. Variables are
+    made numbers before (appliance.config_env.parse_number). Defaults are data: left alone.
+    No float key takes inf or nan: ``check_interval_s = inf`` passed, then crashed the routing
+    thread (OverflowError in Event.wait); "never" is 0 where a key has it."""
+    if isinstance(schema, list):
+        for item in schema:
+            _strict_numbers(item)
+    elif isinstance(schema, dict):
+        if schema.get("type") in ("int", "float"):
+            schema["strict"] = True
+        if schema.get("type") == "float":
+            schema["allow_inf_nan"] = False
+        for key, value in schema.items():
+            if key != "default":
+                _strict_numbers(value)
+
+
 class _Section(BaseModel):
+    """Unknown keys refused, defaults checked, numbers strict (booleans are ``Flag``)."""
+
     model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any,
+                                     handler: GetCoreSchemaHandler) -> CoreSchema:
+        schema = handler(source)
+        _strict_numbers(schema)  # the keys a later change adds too
+        return schema
 
 
 class KnownAE(_Section):

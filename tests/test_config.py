@@ -289,9 +289,15 @@ def test_a_boolean_key_in_the_file_takes_true_or_false_only(tmp_path: Path) -> N
     assert check(path).returncode == 0, _said(check(path))
 
 
-def _boolean_fields(model: type, seen: set[type] | None = None) -> list[tuple[type, str]]:
-    """(model, field name) of every boolean key reachable from ``model``: in sections, in
-    list items (routing rules) and dict values (destinations), through unions."""
+def _boolean_fields(model: type) -> list[tuple[type, str]]:
+    return [(owner, name) for owner, name, _ in _typed_fields(model, (bool,))]
+
+
+def _typed_fields(model: type, kinds: tuple[type, ...],
+                  seen: set[type] | None = None) -> list[tuple[type, str, type]]:
+    """(model, field name, type) of every key of one of ``kinds`` reachable from ``model``:
+    in sections, in list items (routing rules) and dict values (destinations), through
+    unions and ``Annotated`` (``Port``)."""
     from typing import Annotated, Union, get_args, get_origin
 
     from pydantic import BaseModel
@@ -310,10 +316,10 @@ def _boolean_fields(model: type, seen: set[type] | None = None) -> list[tuple[ty
 
     for name, field in model.model_fields.items():  # type: ignore[attr-defined]
         for leaf in leaves(field.annotation):
-            if leaf is bool:
-                found.append((model, name))
+            if any(leaf is kind for kind in kinds):
+                found.append((model, name, leaf))
             elif isinstance(leaf, type) and issubclass(leaf, BaseModel) and leaf not in seen:
-                found.extend(_boolean_fields(leaf, seen))
+                found.extend(_typed_fields(leaf, kinds, seen))
     return found
 
 
@@ -363,3 +369,195 @@ def test_a_boolean_variable_that_is_no_boolean_is_named() -> None:
     assert [line for line in result.stderr.splitlines() if line.startswith("config error")] == [
         "config error serving.query_region: must be true or false, got 'maybe'"]
     assert check(None, PAS_DICOM__ACCEPT_UNKNOWN="true").returncode == 0
+
+
+def _errors(result: subprocess.CompletedProcess[str]) -> list[str]:
+    return sorted(line for line in result.stderr.splitlines() if line.startswith("config error"))
+
+
+def test_a_number_key_in_the_file_takes_a_toml_number(tmp_path: Path) -> None:
+    """``port = "11112"``, ``stable_after_s = "60"``, ``max_attempts = 3.0`` and
+    ``pin_days = true`` passed ``pas config check`` (pydantic's lax numbers: 11112, 60.0, 3,
+    1). Now each is named, in sections, a list of tables and a destination, ``pas run``
+    refuses it too; the same file with numbers is OK, a float key taking an integer."""
+    body = ("[dicom]\nport = {port}\n[study]\nstable_after_s = {stable}\n"
+            "check_interval_s = {check}\n[queue]\nmax_attempts = {attempts}\n"
+            "[prefetch]\npin_days = {pin}\n[[prefetch.rules]]\nname = 'mr'\npriors = {priors}\n"
+            "[[hub.windows]]\nstart = '07:00'\nend = '19:00'\nmax_mbps = {mbps}\n"
+            "[destinations.ws]\nkind = 'dicom'\nae_title = 'WS'\nhost = 'ws'\nport = {ws}\n"
+            "timeout_s = {timeout}\n")
+    path = tmp_path / "numbers.toml"
+    path.write_text(body.format(port='"11112"', stable='"60"', check="true", attempts="3.0",
+                                pin="true", priors="2.0", mbps='"8"', ws="'104'",
+                                timeout="false"))
+    result = check(path)
+    assert result.returncode == 2, _said(result)
+    assert _errors(result) == sorted([
+        "config error dicom.port: must be an integer, got '11112'",
+        "config error study.stable_after_s: must be a number, got '60'",
+        "config error study.check_interval_s: must be a number, got true",
+        "config error queue.max_attempts: must be an integer, got 3.0",
+        "config error prefetch.pin_days: must be an integer, got true",
+        "config error prefetch.rules.0.priors: must be an integer, got 2.0",
+        "config error hub.windows.0.max_mbps: must be a number, got '8'",
+        "config error destinations.ws.port: must be an integer, got '104'",
+        "config error destinations.ws.timeout_s: must be a number, got false",
+    ]), result.stderr
+    run = subprocess.run([str(PAS_BIN), "run", "--config", str(path)], capture_output=True,
+                         text=True, timeout=60,
+                         env={**{k: v for k, v in os.environ.items()
+                                 if not k.startswith("PAS_")},
+                              "PAS_HOME": str(tmp_path / "home")})
+    assert run.returncode == 2 and "dicom.port: must be an integer, got '11112'" in (
+        " ".join(run.stderr.split())), run.stderr
+    path.write_text(body.format(port=11112, stable=60, check=0.5, attempts=3, pin=7, priors=2,
+                                mbps=8, ws=104, timeout=12.5))
+    assert check(path).returncode == 0, _said(check(path))
+    settings = load_settings(path, environ={})
+    assert settings.study.stable_after_s == 60.0 and type(settings.study.stable_after_s) is float
+    assert settings.hub.windows[0].max_mbps == 8.0 and settings.dicom.port == 11112
+
+
+def _number_models() -> list[tuple[type, str, type]]:
+    from appliance.config import Settings
+    from appliance.hub.config import HubSettings
+
+    return _typed_fields(Settings, (int, float)) + _typed_fields(HubSettings, (int, float))
+
+
+def test_every_number_key_is_strict() -> None:
+    """Each integer and float key of the appliance's and the hub's configuration (80 today),
+    plain, constrained (``Field(ge=1)``) or ``Port``, refuses text and booleans, an integer
+    key a float too; a float key still takes an integer. A key added later is covered."""
+    from pydantic import BaseModel, ValidationError
+
+    fields = _number_models()
+    assert len(fields) >= 80, fields
+    assert {(m.__name__, n) for m, n, _ in fields} >= {
+        ("DicomSection", "port"), ("StudySection", "stable_after_s"), ("RateWindow", "max_mbps"),
+        ("PrefetchRule", "priors"), ("DicomDestination", "port"), ("LimitsSection", "max_buckets")}
+
+    def refusal(model: type[BaseModel], key: str, value: object) -> str | None:
+        """The type error ``value`` gets at ``key`` alone (the other keys may be missing)."""
+        try:
+            model.model_validate({key: value})
+        except ValidationError as exc:
+            return next((e["type"] for e in exc.errors() if e["loc"] == (key,)
+                         and e["type"] in ("int_type", "float_type")), None)
+        return None
+
+    lax = []
+    for model, name, kind in fields:
+        key = model.model_fields[name].alias or name  # type: ignore[attr-defined]
+        expected = "int_type" if kind is int else "float_type"
+        wrong: list[object] = ["7", "7.5", True, False] + ([7.0] if kind is int else [])
+        for value in wrong:
+            if refusal(model, key, value) != expected:
+                lax.append(f"{model.__name__}.{name} = {value!r}")
+        if refusal(model, key, 7) is not None:
+            lax.append(f"{model.__name__}.{name} refuses the integer 7")
+    assert not lax, lax
+
+
+@pytest.mark.parametrize(("variable", "written", "value"), [
+    ("PAS_DICOM__PORT", "11113", 11113), ("PAS_DICOM__PORT", '"11113"', 11113),
+    ("PAS_STUDY__STABLE_AFTER_S", "0.5", 0.5), ("PAS_STUDY__STABLE_AFTER_S", "60", 60.0),
+    ("PAS_QUEUE__MAX_ATTEMPTS", "3.0", 3), ("PAS_DESTINATIONS__WS__PORT", "104", 104),
+])
+def test_a_number_key_from_the_environment_still_reads_numbers(variable: str, written: str,
+                                                               value: float) -> None:
+    """Variables are text by nature: a number key takes the numbers it always took (the
+    systemd unit, the tests and the benchmarks set ``PAS_DICOM__PORT``), the model being
+    strict now. (A guard: this passed before, it fails if the variables are not converted.)"""
+    destination = {"PAS_DESTINATIONS__WS__KIND": "dicom", "PAS_DESTINATIONS__WS__AE_TITLE": "WS",
+                   "PAS_DESTINATIONS__WS__HOST": "ws", "PAS_DESTINATIONS__WS__PORT": "105"}
+    settings = load_settings(environ={**destination, variable: written})
+    got = {"PAS_DICOM__PORT": settings.dicom.port,
+           "PAS_STUDY__STABLE_AFTER_S": settings.study.stable_after_s,
+           "PAS_QUEUE__MAX_ATTEMPTS": settings.queue.max_attempts,
+           "PAS_DESTINATIONS__WS__PORT": settings.destinations["ws"].port,  # type: ignore[union-attr]
+           }[variable]
+    assert got == value and type(got) is type(value)
+
+
+def test_a_number_variable_that_is_no_number_is_named() -> None:
+    """``PAS_DICOM__PORT=true`` was port 1 and ``PAS_PREFETCH__PIN_DAYS=yes`` was refused as
+    "unable to parse string"; each is named by its key with what the variable said."""
+    result = check(None, PAS_DICOM__PORT="true", PAS_PREFETCH__PIN_DAYS="yes",
+                   PAS_QUEUE__MAX_ATTEMPTS="3.5", PAS_STUDY__STABLE_AFTER_S="false",
+                   PAS_HUB__WINDOWS='[{start = "01:00", end = "02:00", max_mbps = "5"}]')
+    assert result.returncode == 2, _said(result)
+    assert _errors(result) == sorted([
+        "config error dicom.port: must be an integer, got 'true'",
+        "config error prefetch.pin_days: must be an integer, got 'yes'",
+        "config error queue.max_attempts: must be an integer, got '3.5'",
+        "config error study.stable_after_s: must be a number, got 'false'",
+        "config error hub.windows.0.max_mbps: must be a number, got '5'",
+    ]), result.stderr
+    assert check(None, PAS_DICOM__PORT="11113").returncode == 0
+
+
+def test_the_hubs_number_keys_are_strict_in_its_file_and_variables(tmp_path: Path) -> None:
+    """The hub's configuration had its own lax base: ``port = "8443"``, ``workers = true``
+    and ``max_buckets = 1e5`` (100000.0) started a hub. ``pas hub sites`` loads it and is
+    refused, each key named; its variables still read numbers."""
+    from appliance.hub.config import load_hub_settings
+
+    path = tmp_path / "hub.toml"
+    path.write_text("[http]\nport = '8443'\n[archive]\nworkers = true\n[limits]\n"
+                    "max_buckets = 1e5\n[transfers]\nabandoned_after_days = '30'\n")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PAS_")}
+    result = subprocess.run([str(PAS_BIN), "hub", "sites", "--config", str(path)],
+                            capture_output=True, text=True, timeout=60,
+                            env={**clean, "PAS_HUB_HOME": str(tmp_path / "hub"),
+                                 "PAS_HUB_ARCHIVE__TIMEOUT_S": "true"})
+    assert result.returncode == 2, _said(result)
+    assert _errors(result) == sorted([
+        "config error http.port: must be an integer, got '8443'",
+        "config error archive.workers: must be an integer, got true",
+        "config error archive.timeout_s: must be a number, got 'true'",
+        "config error limits.max_buckets: must be an integer, got 100000.0",
+        "config error transfers.abandoned_after_days: must be a number, got '30'",
+    ]), result.stderr
+    hub = load_hub_settings(environ={"PAS_HUB_HOME": str(tmp_path / "hub"),
+                                     "PAS_HUB_HTTP__PORT": "9443",
+                                     "PAS_HUB_ARCHIVE__TIMEOUT_S": "1.5"})
+    assert (hub.http.port, hub.archive.timeout_s) == (9443, 1.5)
+
+
+def test_no_float_key_takes_inf_or_nan(tmp_path: Path) -> None:
+    """``check_interval_s = inf`` passed ``pas config check``; ``pas run`` then said ready and
+    its routing thread died on ``OverflowError`` (Event.wait), nothing routed again. Every
+    float key refuses inf, -inf and nan (nan was refused only by a bound, "greater than 0"),
+    in the file and from a variable."""
+    from pydantic import BaseModel, ValidationError
+
+    path = tmp_path / "infinite.toml"
+    path.write_text("[study]\ncheck_interval_s = inf\n[queue]\npoll_interval_s = -inf\n"
+                    "[dicom]\nnetwork_timeout_s = nan\n[[hub.windows]]\nstart = '07:00'\n"
+                    "end = '19:00'\nmax_mbps = inf\n")
+    result = check(path, PAS_CACHE__SCRUB_MB_PER_S="inf")
+    assert result.returncode == 2, _said(result)
+    assert _errors(result) == sorted([
+        "config error study.check_interval_s: must be a finite number, got inf",
+        "config error queue.poll_interval_s: must be a finite number, got -inf",
+        "config error dicom.network_timeout_s: must be a finite number, got nan",
+        "config error hub.windows.0.max_mbps: must be a finite number, got inf",
+        "config error cache.scrub_mb_per_s: must be a finite number, got inf",
+    ]), result.stderr
+
+    def refused(model: type[BaseModel], key: str, value: float) -> bool:
+        try:
+            model.model_validate({key: value})
+        except ValidationError as exc:
+            return any(e["loc"] == (key,) and e["type"] == "finite_number"
+                       for e in exc.errors())
+        return False
+
+    floats = [(model, name) for model, name, kind in _number_models() if kind is float]
+    assert len(floats) >= 40, floats
+    lax = [f"{model.__name__}.{name} = {value}" for model, name in floats
+           for value in (float("inf"), float("-inf"), float("nan"))
+           if not refused(model, model.model_fields[name].alias or name,  # type: ignore[attr-defined]
+                          value)]
+    assert not lax, lax

@@ -95,6 +95,10 @@ def test_bad_priors_requests_get_a_clear_error(region: dict[str, Any], tmp_path:
          "patients[0].rule.same"),
         ({"patients": [{**good, "rule": {"priors": 2, "max_age_days": -1}}]},
          "patients[0].rule.max_age_days"),
+        # JSON true passed isinstance(int) and was one prior; the site's rule is strict now.
+        ({"patients": [{**good, "rule": {"priors": True}}]}, "patients[0].rule.priors"),
+        ({"patients": [{**good, "rule": {"priors": 2, "max_age_days": False}}]},
+         "patients[0].rule.max_age_days"),
         ({"patients": [good, {**good, "current_study_uid": "1.2.x"}]},
          "patients[1].current_study_uid"),
         ({"patients": [{**good, "held": {"1.2.3": "all"}}]}, "patients[0].held"),

@@ -11,15 +11,13 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from appliance.config import Port, build, deep_merge, env_overrides, read_toml
+# The appliance's sections' base: unknown keys refused, numbers strict (``port = "8443"`` or
+# ``workers = true`` named, as in the appliance's file).
+from appliance.config import Port, _Section, build, deep_merge, env_overrides, read_toml
 
 HUB_ENV_PREFIX = "PAS_HUB_"
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
 class HubHttpSection(_Section):

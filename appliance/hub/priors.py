@@ -72,6 +72,10 @@ def _patients(body: Any, key: str = "patients") -> list[dict[str, Any]] | str:
     return patients
 
 
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _wish(patient: dict[str, Any], where: str) -> dict[str, Any] | str:
     """What a priors request says of one patient, checked: the rule, the current exam, the
     instances the site holds."""
@@ -79,9 +83,11 @@ def _wish(patient: dict[str, Any], where: str) -> dict[str, Any] | str:
     if not isinstance(rule, dict):
         return f"{where}rule: must be an object {{\"priors\", \"max_age_days\", \"same\"}}"
     priors, age, same = rule.get("priors"), rule.get("max_age_days", 0), rule.get("same", "any")
-    if not isinstance(priors, int) or not 1 <= priors <= 100:
+    # JSON true is a Python int: it was one prior. Named here; PrefetchRule, whose numbers
+    # are strict, would raise instead of the 422.
+    if not _integer(priors) or not 1 <= priors <= 100:
         return f"{where}rule.priors: must be an integer from 1 to 100"
-    if not isinstance(age, int) or age < 0:
+    if not _integer(age) or age < 0:
         return f"{where}rule.max_age_days: must be an integer >= 0"
     if same not in SAMES:
         return f"{where}rule.same: must be one of {', '.join(SAMES)}"
