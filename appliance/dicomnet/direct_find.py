@@ -9,9 +9,9 @@ when the handler yields it), the identifier's contents (the caller's bytes).
 Why: through pynetdicom each match crossed a Dataset for its command set built through
 ``primitive_to_message`` and encoded twice (once for its group length), the identifier's
 ``pretty_dataset`` (formatted even with its logging off), a queue per PDU and the DUL thread,
-which took the GIL back from the handler for every PDU it sent: ~0.7 ms per match (an
-IMAGE-level C-FIND of the 520-image MR study: 380 ms, Orthanc 480 ms), where the SQL is a
-few microseconds a row. Here the command set of a query's Pending responses is encoded once,
+which took the GIL back from the handler for every PDU it sent: ~0.75 ms per match (an
+IMAGE-level C-FIND of the 520-image MR study, findscu as the viewer: 391 ms, Orthanc 479 ms;
+now 38 ms, bench/qr.py), where the SQL is a few microseconds a row. Here the command set of a query's Pending responses is encoded once,
 and each match is one ``sendall`` of the same PDUs pynetdicom would have sent, byte for byte
 (tests/test_dicomnet.py compares them).
 
@@ -105,28 +105,40 @@ class DirectFindResponder:
 
     def send(self, identifier: bytes) -> None:
         """Send one Pending response carrying ``identifier`` (encoded in the context's
-        transfer syntax). Raises DirectFindError, after aborting the association if the
-        connection broke, when it could not be sent."""
+        transfer syntax). Raises DirectFindError when it could not be sent: the association
+        had ended, or it is aborted here (a broken connection, a DUL that did not drain):
+        pynetdicom then sends no final Success after a cut answer."""
         if association_ended(self.assoc):
             raise DirectFindError("the association ended before the answer was sent")
         pdus = message_pdus(self.context_id, self.command, identifier, self.max_pdu)
-        self._take_socket()
+        failure: Exception
         try:
-            sock = getattr(self.dul.socket, "socket", None)
-            if sock is None or sock.fileno() < 0:
-                raise DirectFindError("the association's connection is closed")
-            sock.sendall(pdus)
-            self.dul._idle_timer.restart()  # the viewer took the answer: it is not idle
-            return
-        except OSError as exc:
+            self._take_socket()
+        except DirectFindError as exc:
             failure = exc
-        finally:
-            self.io_lock.release()
+        else:
+            try:
+                sock = getattr(self.dul.socket, "socket", None)
+                if sock is None or sock.fileno() < 0:
+                    raise DirectFindError("the association's connection is closed")
+                sock.sendall(pdus)
+                self.dul._idle_timer.restart()  # the viewer took the answer: not idle
+                return
+            except (OSError, DirectFindError) as exc:
+                failure = exc
+            finally:
+                self.io_lock.release()
         # Outside the lock: pynetdicom's abort goes through the DUL thread.
         log.warning("C-FIND answer to %s not sent, aborting the association: %s",
                     str(self.assoc.requestor.ae_title).strip(), failure)
         self.assoc.abort()
-        raise DirectFindError(str(failure))
+        try:
+            raise DirectFindError(str(failure))
+        finally:
+            # ``failure``'s traceback holds this frame, whose callers reach the C-FIND
+            # handler's generator: left in that cycle, the generator was closed (and its
+            # audit row written) only at the next garbage collection (direct_store.py).
+            del failure
 
     def _take_socket(self) -> None:
         """Acquire the I/O lock once the DUL has sent whatever was queued before (nothing,
