@@ -11,9 +11,10 @@ Why: through pynetdicom each match crossed a Dataset for its command set built t
 ``pretty_dataset`` (formatted even with its logging off), a queue per PDU and the DUL thread,
 which took the GIL back from the handler for every PDU it sent: ~0.75 ms per match (an
 IMAGE-level C-FIND of the 520-image MR study, findscu as the viewer: 391 ms, Orthanc 479 ms;
-now 38 ms, bench/qr.py), where the SQL is a few microseconds a row. Here the command set of a query's Pending responses is encoded once,
-and each match is one ``sendall`` of the same PDUs pynetdicom would have sent, byte for byte
-(tests/test_dicomnet.py compares them).
+now 38 ms, bench/qr.py), where the SQL is a few microseconds a row. Here the command set
+of a query's Pending responses is encoded once, and each match is one ``sendall`` of the
+same PDUs pynetdicom would have sent, byte for byte (tests/test_serving_qr_answers.py
+compares them).
 
 Back-pressure is the socket's: ``sendall`` returns once the kernel took the bytes, so a
 viewer reading slowly holds one answer in PAS's memory, not a queue of them (invariant 8);
