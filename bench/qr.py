@@ -4,7 +4,8 @@
    through the store layer, every instance pointing at one real CT file so that start-up
    recovery finds them whole): p50/p95 per query shape, over one association from a
    pynetdicom SCU (one request at a time, the time from C-FIND-RQ to the final response).
-2. The same query shapes against PAS and Orthanc each holding only the real CT and MR sets.
+2. The same query shapes against PAS and Orthanc each holding only the real CT and MR sets,
+   and two more there: every study (study level) and every image of the MR study (520).
 3. C-MOVE of the CT set (one C-MOVE per study, one association) and the MR set (one study)
    into a DCMTK storescp, from PAS and from Orthanc in the same run: instances/s, MB/s.
 4. C-FIND with the region asked (``query_region``), link up and link down.
@@ -140,8 +141,12 @@ def time_finds(host: str, port: int, called: str, shapes: dict[str, Callable[[in
             timings, matches = [], 0
             for i in range(repeat):
                 ds = Dataset()
-                ds.QueryRetrieveLevel = "STUDY"
-                for key, value in {**RETURN_KEYS, **make(i)}.items():
+                keys = make(i)
+                # A shape may name its own level and keys (an IMAGE-level search of a
+                # study); a study-level one adds a worklist's return keys.
+                ds.QueryRetrieveLevel = keys.pop("QueryRetrieveLevel", "STUDY")
+                base = RETURN_KEYS if ds.QueryRetrieveLevel == "STUDY" else {}
+                for key, value in {**base, **keys}.items():
                     setattr(ds, key, value)
                 started = time.perf_counter()
                 for status, _identifier in assoc.send_c_find(
@@ -155,6 +160,26 @@ def time_finds(host: str, port: int, called: str, shapes: dict[str, Callable[[in
     finally:
         assoc.release()
     return results
+
+
+def time_findscu(host: str, port: int, called: str, keys: dict[str, str],
+                 repeat: int) -> float:
+    """Milliseconds per query with DCMTK findscu as the viewer (TCP_NODELAY=1): one findscu
+    sending the query ``repeat + 1`` times on one association, less one sending it once
+    (the process and the association). pynetdicom as the viewer spends ~0.45 ms of its own
+    decoding each answer, more than PAS now spends sending it: a large answer's time was
+    mostly the viewer's."""
+    args = ["findscu", "-S", "-aet", "BENCH", "-aec", called]
+    for key, value in keys.items():
+        args += ["-k", f"{key}={value}"]
+
+    def run(times: int) -> float:
+        started = time.perf_counter()
+        subprocess.run([*args, "--repeat", str(times), host, str(port)], check=True,
+                       env={**os.environ, "TCP_NODELAY": "1"}, capture_output=True)
+        return time.perf_counter() - started
+
+    return (run(repeat + 1) - run(1)) / repeat * 1000
 
 
 def time_sql(home: Path, shapes: dict[str, Callable[[int], dict]],
@@ -301,10 +326,17 @@ def main() -> None:
             for folder in (CT_DIR, MR_DIR):
                 storescu(folder, pas.port)
                 storescu(folder, orthanc.dicom_port, host=orthanc.host, called="ORTHANC")
+            [mr_study], _ = studies_of(MR_DIR)
             real_shapes = {
                 "PatientID exact": lambda i: {"PatientID": "A002304"},
                 "StudyDate range": lambda i: {"StudyDate": "19000101-19001231"},
                 "PatientName prefix*": lambda i: {"PatientName": "A0*"},
+                "STUDY, every study": lambda i: {},
+                # A viewer opening the MR study: every image of its 520 (a few series).
+                "IMAGE, the MR study": lambda i: {
+                    "QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": mr_study,
+                    "SeriesInstanceUID": "", "SOPInstanceUID": "", "SOPClassUID": "",
+                    "InstanceNumber": "", "SeriesNumber": ""},
             }
             pas_find = time_finds("127.0.0.1", pas.port, "PAS", real_shapes, args.repeat)
             orthanc_find = time_finds(orthanc.host, orthanc.dicom_port, "ORTHANC", real_shapes,
@@ -319,6 +351,18 @@ def main() -> None:
                       f"{pct(o, .95):.1f} | {pct(o, .5) / pct(p, .5):.2f}x | "
                       f"{pas_find[name][1] // args.repeat} / "
                       f"{orthanc_find[name][1] // args.repeat} |")
+
+            print("\n## C-FIND on the real sets, DCMTK findscu as the viewer, same run\n")
+            print("| query | PAS ms/query | Orthanc ms/query | Orthanc / PAS |")
+            print("|---|---|---|---|")
+            for name, keys in (
+                    ("STUDY, every study", {"QueryRetrieveLevel": "STUDY",
+                                            **RETURN_KEYS}),
+                    ("IMAGE, the MR study", real_shapes["IMAGE, the MR study"](0))):
+                p_ms = time_findscu("127.0.0.1", pas.port, "PAS", keys, args.repeat)
+                o_ms = time_findscu(orthanc.host, orthanc.dicom_port, "ORTHANC", keys,
+                                    args.repeat)
+                print(f"| {name} | {p_ms:.1f} | {o_ms:.1f} | {o_ms / p_ms:.2f}x |")
 
             print("\n## C-MOVE into DCMTK storescp (one C-MOVE per study, one association)\n")
             print("| set | peer | instances | seconds | instances/s | MB/s | PAS / Orthanc |")

@@ -2,11 +2,11 @@
 
 Owns: turning a C-FIND/C-MOVE/C-GET identifier into a call on :mod:`appliance.store.query`
 and answering it (reading the identifier and building a C-FIND answer's, character set
-included, are ``qr_identifiers.py``'s), choosing per instance whether to send the stored bytes
-as they are (the viewer accepted the stored transfer syntax) or a copy in explicit/implicit
-little endian (never fail because a viewer lacks JPEG-LS), and auditing every query and
-retrieve. May not touch: SQL, spool writes (the copy is ``appliance.store.transcode``'s temp
-file).
+included, are ``qr_identifiers.py``'s; encoding and sending each answer ``qr_answers.py``'s),
+choosing per instance whether to send the stored bytes as they are (the viewer accepted
+the stored transfer syntax) or a copy in explicit/implicit little endian (never fail because
+a viewer lacks JPEG-LS), and auditing every query and retrieve. May not touch: SQL, spool
+writes (the copy is ``appliance.store.transcode``'s temp file).
 
 How the sub-operations are sent (a stored file streamed as it is, or a copy in explicit or
 implicit VR little endian made only when its C-STORE goes) and counted (what the destination
@@ -39,10 +39,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from appliance.config import ServingSection
-from appliance.dicomnet.outgoing import wait_for_room
 from appliance.ingest.scp import TRANSFER_SYNTAXES, DicomListener
 from appliance.ops.metrics import count_retrieve
-from appliance.serving.qr_identifiers import identifier_keys, query_charset, response_identifier
+from appliance.serving.qr_answers import IdentifierEncoder, answerer
+from appliance.serving.qr_identifiers import identifier_keys, query_charset
 from appliance.serving.qr_responses import (
     IDENTIFIER_DOES_NOT_MATCH,
     MOVE_DESTINATION_UNKNOWN,
@@ -148,6 +148,8 @@ class QueryRetrieveService:
             yield _failure(IDENTIFIER_DOES_NOT_MATCH, problem), None
             return
         summary = _summary(level, keys)
+        answer = answerer(event, IdentifierEncoder(level, asked, self.ae_title, charset,
+                                                    str(event.context.transfer_syntax)))
         count = 0
         ask_region = self.region_find is not None and level == "STUDY"
         local_studies: set[str] = set()  # only to leave out the region's copies of them
@@ -170,16 +172,12 @@ class QueryRetrieveService:
                     audit_query(calling, address, summary, "cancelled", count)
                     yield CANCELLED, None
                     return
-                # Back-pressure: pynetdicom queues each answer for the DUL at once; without
-                # this wait a viewer reading slowly had them all held in memory (0.7 kB each).
-                if not wait_for_room(event.assoc):
+                if not (yield from answer(values, "ONLINE")):
                     audit_query(calling, address, summary, ended, count)
                     return
                 count += 1
                 if ask_region:
                     local_studies.add(values.get("StudyInstanceUID") or "")
-                yield PENDING, response_identifier(level, asked, values, self.ae_title,
-                                                   charset=charset)
         except store_query.QueryError as exc:
             log.warning("C-FIND from %s refused: %s", calling, exc)
             audit_query(calling, address, summary, f"failure: {exc}", count)
@@ -196,12 +194,10 @@ class QueryRetrieveService:
             for values in regional:
                 if values.get("StudyInstanceUID") in local_studies or event.is_cancelled:
                     continue
-                if not wait_for_room(event.assoc):
+                if not (yield from answer(values, "NEARLINE")):
                     audit_query(calling, address, summary, ended, count)
                     return
                 count += 1
-                yield PENDING, response_identifier(level, asked, values, self.ae_title,
-                                                   availability="NEARLINE", charset=charset)
         try:
             yield SUCCESS, None
         finally:

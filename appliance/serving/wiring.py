@@ -29,6 +29,10 @@ def wire_serving(daemon: Daemon) -> None:
         # pynetdicom's "standard" handlers format a log line for every PDU and DIMSE message
         # even when INFO is off; on a retrieve of 500 small instances that is measurable.
         _config.LOG_HANDLER_LEVEL = "none"
+        # Its C-FIND SCP also decodes and formats every request identifier, and formats
+        # every answer's (pretty_dataset, ~0.15 ms a match), then logs them at INFO/DEBUG.
+        _config.LOG_REQUEST_IDENTIFIERS = False
+        _config.LOG_RESPONSE_IDENTIFIERS = False
     fetcher = make_fetcher(settings, daemon.db, daemon.receiver)
     daemon.qr = QueryRetrieveService(settings.serving, daemon.db, daemon.spool,
                                      settings.dicom.ae_title, fetcher=fetcher,
