@@ -284,6 +284,8 @@ def recent(db: Database, limit: int = 100, event: str | None = None) -> list[dic
 EVENTS: dict[str, str] = {
     "store": "instances received: one row per C-STORE association or STOW-RS request",
     "query": "a C-FIND or QIDO-RS search: the keys asked and the count answered",
+    "commitment": ("a modality's Storage Commitment request (how many instances committed, "
+                   "which not), or its report given up undelivered"),
     "retrieve": "a C-MOVE, C-GET or WADO-RS request, or a prior fetched from the region",
     "delete": "a study evicted from the cache, or purged by an operator",
     "refile": "a study moved to another patient by a newer instance naming that patient",
