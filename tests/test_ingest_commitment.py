@@ -353,3 +353,38 @@ def test_dicom_storage_commitment_false_refuses_the_sop_class(tmp_path: Path) ->
             assoc.release()
     finally:
         pas.stop()
+
+
+def test_report_without_an_address_says_which_key_and_is_given_up_past_its_deadline(
+        tmp_path: Path) -> None:
+    """In-process, the daemon's own objects: a modality PAS has no address for (neither
+    known_aes host+port nor a move destination) gets a retry naming the keys to set; past
+    its deadline the report is given up, with a failure row in the audit trail."""
+    from appliance.config import DicomSection
+    from appliance.ingest.commitment import StorageCommitmentScp
+    from appliance.store import commitment
+    from appliance.store.db import Database
+    from appliance.store.spool import Spool
+
+    db = Database(tmp_path / "pas.sqlite")
+    scp = StorageCommitmentScp(DicomSection(known_aes=[{"title": "CT9"}]), db,
+                               Spool(tmp_path / "spool"))
+    item = [(CTImageStorage, generate_uid())]
+    waiting, _ = commitment.record_request(db, "1.2.9.1", "CT9", "10.0.0.9", item,
+                                           lambda relative: True, 3600)
+    late, _ = commitment.record_request(db, "1.2.9.2", "CT9", "10.0.0.9", item,
+                                        lambda relative: True, -1)
+    scp.deliver(waiting)
+    scp.deliver(late)
+    rows = {r["transaction_uid"]: dict(r) for r in db.query("SELECT * FROM commitment_requests")}
+    assert rows["1.2.9.1"]["state"] == "pending" and rows["1.2.9.1"]["attempts"] == 1
+    assert rows["1.2.9.1"]["last_error"] == (
+        "no address for CT9: give it host and port in dicom.known_aes (or list it in "
+        "serving.move_destinations)")
+    assert rows["1.2.9.1"]["next_attempt_at"] >= rows["1.2.9.1"]["requested_at"] + 5
+    assert rows["1.2.9.2"]["state"] == "given-up"
+    [given_up] = db.query("SELECT * FROM audit WHERE event = 'commitment' AND outcome LIKE "
+                          "'failure: report not delivered%'")
+    assert given_up["actor"] == "CT9" and "1.2.9.2" in given_up["detail"]
+    assert commitment.due(db) == []  # neither is due now: one waits, one is given up
+    db.close()

@@ -284,8 +284,6 @@ def recent(db: Database, limit: int = 100, event: str | None = None) -> list[dic
 EVENTS: dict[str, str] = {
     "store": "instances received: one row per C-STORE association or STOW-RS request",
     "query": "a C-FIND or QIDO-RS search: the keys asked and the count answered",
-    "commitment": ("a modality's Storage Commitment request (how many instances committed, "
-                   "which not), or its report given up undelivered"),
     "retrieve": "a C-MOVE, C-GET or WADO-RS request, or a prior fetched from the region",
     "delete": "a study evicted from the cache, or purged by an operator",
     "refile": "a study moved to another patient by a newer instance naming that patient",
@@ -300,6 +298,8 @@ EVENTS: dict[str, str] = {
     "security": ("access refused (an unknown calling AE, too many associations from one "
                  "source, no valid bearer token), or file permissions tightened at start-up"),
     "clock": "the wall clock stepped, stored deadlines re-based",
+    "commitment": ("a modality's Storage Commitment request (how many instances committed, "
+                   "which not), or its report given up undelivered"),
     "alert": "the disk alert raised or cleared",
 }
 
