@@ -101,10 +101,10 @@ def record_request(db: Database, transaction_uid: str, calling_ae: str,
                             (calling_ae, transaction_uid)).fetchone():
             cursor = conn.execute(
                 "INSERT INTO commitment_requests (transaction_uid, calling_ae, source_address, "
-                "requested_at, committed, failed, next_attempt_at, give_up_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "requested_at, committed, failed, next_attempt_at, give_up_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (transaction_uid, calling_ae, source_address, at, json.dumps(committed),
-                 json.dumps(failed), at, at + give_up_after_s))
+                 json.dumps(failed), at, at + give_up_after_s, at))
             # The studies name their patients in the trail (audit._patients_named).
             named, left_out = audit.study_list(studies)
             detail = (f"Transaction UID {transaction_uid}: {len(committed)} committed, "
@@ -140,8 +140,8 @@ def _again(db: Database, transaction_uid: str, calling_ae: str,
         if row is None:
             return None
         conn.execute("UPDATE commitment_requests SET state = 'pending', next_attempt_at = ?, "
-                     "give_up_at = ?, attempts = 0 WHERE id = ?",
-                     (at, at + give_up_after_s, row["id"]))
+                     "give_up_at = ?, attempts = 0, updated_at = ? WHERE id = ?",
+                     (at, at + give_up_after_s, at, row["id"]))
         row = conn.execute("SELECT * FROM commitment_requests WHERE id = ?",
                            (row["id"],)).fetchone()
         return Commitment.from_row(row)
@@ -168,16 +168,16 @@ def next_due_at(db: Database) -> float | None:
 def mark_sent(db: Database, request_id: int, how: str) -> None:
     with db.transaction() as conn:
         conn.execute("UPDATE commitment_requests SET state = 'sent', sent_at = ?, sent_how = ?, "
-                     "attempts = attempts + 1, last_error = NULL WHERE id = ? "
-                     "AND state = 'pending'", (now(), how, request_id))
+                     "attempts = attempts + 1, last_error = NULL, updated_at = ? WHERE id = ? "
+                     "AND state = 'pending'", (now(), how, now(), request_id))
 
 
 def mark_failed(db: Database, request_id: int, error: str, retry_in_s: float) -> None:
     """One delivery failed; the next one in ``retry_in_s``."""
     with db.transaction() as conn:
         conn.execute("UPDATE commitment_requests SET attempts = attempts + 1, last_error = ?, "
-                     "next_attempt_at = ? WHERE id = ? AND state = 'pending'",
-                     (error, now() + retry_in_s, request_id))
+                     "next_attempt_at = ?, updated_at = ? WHERE id = ? AND state = 'pending'",
+                     (error, now() + retry_in_s, now(), request_id))
 
 
 def give_up(db: Database, request: Commitment, error: str) -> None:
@@ -185,8 +185,8 @@ def give_up(db: Database, request: Commitment, error: str) -> None:
     never heard the answer, so it keeps its copy: nothing is lost, but someone should look)."""
     with db.transaction() as conn:
         changed = conn.execute(
-            "UPDATE commitment_requests SET state = 'given-up', last_error = ? WHERE id = ? "
-            "AND state = 'pending'", (error, request.id)).rowcount
+            "UPDATE commitment_requests SET state = 'given-up', last_error = ?, updated_at = ? "
+            "WHERE id = ? AND state = 'pending'", (error, now(), request.id)).rowcount
         if changed:
             audit.record_in(conn, "commitment", actor=request.calling_ae,
                             source=request.source_address, target=None,
@@ -200,6 +200,17 @@ def due_at_start(db: Database) -> int:
     """At start-up: every report still pending is due at once (the modality may have come
     back while PAS was down, and a restart is how an operator says "try now"); how many."""
     with db.transaction() as conn:
-        return conn.execute("UPDATE commitment_requests SET next_attempt_at = ? "
-                            "WHERE state = 'pending' AND next_attempt_at > ?",
-                            (now(), now())).rowcount
+        return conn.execute("UPDATE commitment_requests SET next_attempt_at = ?, "
+                            "updated_at = ? WHERE state = 'pending' AND next_attempt_at > ?",
+                            (now(), now(), now())).rowcount
+
+
+def shift_for_clock_step_in(conn: sqlite3.Connection, step: float, cut: float) -> int:
+    """Within :func:`appliance.store.cache.shift_for_clock_step`'s transaction: pending
+    reports written before the wall clock stepped keep the time they had left until their
+    next try and their deadline (a step forward by years gave every one up at once, a step
+    back postponed them by its size); how many."""
+    return conn.execute(
+        "UPDATE commitment_requests SET next_attempt_at = next_attempt_at + ?, "
+        "give_up_at = give_up_at + ?, updated_at = updated_at + ? "
+        "WHERE state = 'pending' AND updated_at < ?", (step, step, step, cut)).rowcount

@@ -414,6 +414,7 @@ MIGRATIONS: list[str] = [
         sent_at REAL,
         sent_how TEXT,                 -- 'same association' or 'new association to host:port'
         last_error TEXT,
+        updated_at REAL NOT NULL,      -- last write (a wall-clock step re-bases older rows)
         UNIQUE (calling_ae, transaction_uid)
     );
     CREATE INDEX commitment_requests_due ON commitment_requests (state, next_attempt_at);
