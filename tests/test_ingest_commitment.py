@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, MRImageStorage, generate_uid
 from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import N_ACTION
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 
 from tests.support.objects import tiny_ct
@@ -264,6 +266,33 @@ MALFORMED = [
 ]
 
 
+# Implicit VR little endian: a Transaction UID, then a Referenced SOP Sequence of undefined
+# length whose first "item" is not an item tag: pydicom cannot decode it.
+UNDECODABLE = (b"\x08\x00\x95\x11\x08\x00\x00\x001.2.3.4\x00"
+               b"\x08\x00\x99\x11\xff\xff\xff\xff\x01\x02\x03\x04\x05\x06\x07\x08")
+
+
+def send_raw_n_action(assoc: Any, information: bytes) -> Any:
+    """An N-ACTION-RQ whose Action Information is ``information`` as it is (pynetdicom's
+    send_n_action only sends what it encodes itself); the N-ACTION-RSP primitive. The
+    association's loop is paused meanwhile, as pynetdicom's own send_*() do."""
+    context = assoc._get_valid_context(StorageCommitmentPushModel, "", "scu")
+    request = N_ACTION()
+    request.MessageID = 77
+    request.RequestedSOPClassUID = StorageCommitmentPushModel
+    request.RequestedSOPInstanceUID = WELL_KNOWN
+    request.ActionTypeID = 1
+    request.ActionInformation = BytesIO(information)
+    assoc._reactor_checkpoint.clear()
+    try:
+        wait_for(lambda: assoc._is_paused, 5, interval=0.001, what="the loop paused")
+        assoc.dimse.send_msg(request, context.context_id)
+        _, response = assoc.dimse.get_msg(block=True)
+    finally:
+        assoc._reactor_checkpoint.set()
+    return response
+
+
 def test_malformed_requests_refused_naming_the_problem_and_the_association_serves_on(
         site: Site) -> None:
     reports = Reports()
@@ -277,6 +306,8 @@ def test_malformed_requests_refused_naming_the_problem_and_the_association_serve
             status, _ = assoc.send_n_action(make(), action_type, StorageCommitmentPushModel,
                                             instance)
             assert (status.Status, status.ErrorComment) == (status_code, comment)
+        undecodable = send_raw_n_action(assoc, UNDECODABLE)
+        assert undecodable.Status == 0x0115
         assert assoc.is_established
         # Still serving: a good request on the same association is answered and reported.
         stored = tiny_ct()
@@ -294,6 +325,7 @@ def test_malformed_requests_refused_naming_the_problem_and_the_association_serve
     log = site.pas.log()
     assert "Storage Commitment request from KEEPSOPEN" in log
     assert "refused (0x0120): Transaction UID (0008,1195) missing" in log
+    assert "refused (0x0115): Action Information unreadable: OSError" in log
 
 
 def test_report_undelivered_is_retried_and_survives_a_restart(site: Site) -> None:

@@ -179,19 +179,8 @@ class StorageCommitmentScp:
         assoc = event.assoc
         calling = assoc.requestor.ae_title.strip()
         address = assoc.requestor.address
-        request = event.request
         try:
-            try:
-                information = event.action_information if request.ActionInformation else None
-                transaction_uid, items = parse_request(
-                    request.ActionTypeID, _uid(request.RequestedSOPInstanceUID), information,
-                    self.config.storage_commitment_max_items)
-            except CommitmentRefused:
-                raise
-            except Exception as exc:  # undecodable Action Information, a broken element
-                raise CommitmentRefused(INVALID_ARGUMENT_VALUE,
-                                        f"Action Information unreadable: "
-                                        f"{type(exc).__name__}") from exc
+            transaction_uid, items = self._read(event)
         except CommitmentRefused as refused:
             log.warning("Storage Commitment request from %s (%s) refused (0x%04X): %s",
                         calling, address, refused.status, refused, extra={"CALLING_AE": calling})
@@ -213,6 +202,20 @@ class StorageCommitmentScp:
         threading.Thread(target=self._report_on_association, args=(recorded.id, assoc),
                          name="pas-stgcmt-here", daemon=True).start()
         return 0x0000, None
+
+    def _read(self, event: Any) -> tuple[str, list[tuple[str, str]]]:
+        """:func:`parse_request` on the event; Action Information pydicom cannot decode is
+        refused like any other bad request, not left to pynetdicom's bare 0x0110."""
+        request = event.request
+        try:
+            information = event.action_information if request.ActionInformation else None
+            return parse_request(request.ActionTypeID, _uid(request.RequestedSOPInstanceUID),
+                                 information, self.config.storage_commitment_max_items)
+        except CommitmentRefused:
+            raise
+        except Exception as exc:  # undecodable Action Information, a broken element
+            raise CommitmentRefused(INVALID_ARGUMENT_VALUE, f"Action Information unreadable: "
+                                                            f"{type(exc).__name__}") from exc
 
     # -- delivery ---------------------------------------------------------------------------
 
