@@ -215,10 +215,13 @@ class _Section(BaseModel):
 
 
 class KnownAE(_Section):
-    """A calling AE allowed to associate; ``host`` pins it to one address when set."""
+    """A calling AE allowed to associate; ``host`` pins it to one address when set. ``host``
+    and ``port`` together are where its Storage Commitment reports go when it has closed
+    the association it asked on (appliance/ingest/commitment.py)."""
 
     title: AETitle
     host: str | None = None
+    port: Port | None = None
 
 
 class DicomTlsSection(_Section):
@@ -272,6 +275,14 @@ class DicomSection(_Section):
     # knows: vendors' private objects (appliance/ingest/scp.py, storage_sop_classes). One not
     # listed is refused at negotiation, and the log names it and this key.
     extra_storage_sop_classes: list[StorageSopClassUid] = [SIEMENS_CSA_NON_IMAGE]
+    # Storage Commitment Push Model SCP (appliance/ingest/commitment.py): modalities ask
+    # whether PAS holds what they sent before deleting their copy. A report PAS cannot
+    # deliver is tried again with backoff for this many hours, then given up and logged.
+    storage_commitment: Flag = True
+    storage_commitment_give_up_h: float = Field(default=24.0, gt=0)
+    # Most instances one request may name (a large CT is a few thousand); beyond, the
+    # request is refused (0x0213, resource limitation) and nothing is recorded.
+    storage_commitment_max_items: int = Field(default=50_000, ge=1, le=1_000_000)
 
 
 class StorageSection(_Section):

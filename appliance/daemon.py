@@ -65,6 +65,14 @@ class Daemon:
         # Refused associations and HTTP requests, in the audit trail (coalesced per source).
         self.refusals = RefusalAudit(self.db)
         self.listener = DicomListener(settings.dicom, self.receiver, refusals=self.refusals)
+        self.commitment: Any = None
+        if settings.dicom.storage_commitment:  # Storage Commitment Push Model SCP
+            from appliance.ingest.commitment import STORAGE_COMMITMENT_PUSH, StorageCommitmentScp
+
+            self.commitment = StorageCommitmentScp(settings.dicom, self.db, self.spool,
+                                                   settings.serving.move_destinations)
+            self.listener.add_handlers(self.commitment.handlers(),
+                                       contexts=[STORAGE_COMMITMENT_PUSH])
         self.router = Router(settings, self.db, self.default_destinations)
         self.extra_targets: dict[str, Any] = {}
         self.dispatcher = Dispatcher(
@@ -151,6 +159,11 @@ class Daemon:
         self.dispatcher.start()
         self._start_prefetch()
         self._spawn("pas-router", self._route_loop)
+        if self.commitment is not None:  # reports not yet delivered, this start's and before
+            from appliance.store.commitment import due_at_start
+
+            due_at_start(self.db)
+            self._spawn("pas-stgcmt", lambda: self.commitment.run(self.stopping))
         if self.settings.ops.heartbeat:
             from appliance.ops.heartbeat import HeartbeatSender
 

@@ -142,3 +142,33 @@ def test_an_order_stored_before_procedures_were_told_apart_keeps_its_request(
     assert handle(omi("U3", ("CA", "RP2", "MR"))) == "MSA|AA|U3"
     assert rows() == [("CT", "pending", 2), ("MR", "cancelled", 1)]
     new.close()
+
+
+def test_a_version_15_database_gets_the_commitment_table_and_answers_from_its_index(
+        tmp_path: Path) -> None:
+    """Migration 16 (Storage Commitment): an instance filed before the upgrade is committed
+    after it; one the index never held is not (0x0112)."""
+    from appliance.store import commitment
+
+    path = tmp_path / "pas.sqlite"
+    old = Database(path, migrations=MIGRATIONS[:15])
+    record = InstanceRecord("1.2.9.1", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1",
+                            "1.2.9", "1.2.9.100", patient_id="P1")
+    index.record_instance(old, record, StoredFile("aa/1.dcm", 100, f"{1:064d}"))
+    with pytest.raises(sqlite3.OperationalError, match="no such table: commitment_requests"):
+        old.query("SELECT * FROM commitment_requests")
+    old.close()
+    new = Database(path)
+    assert new.schema_version() == len(MIGRATIONS) >= 16
+    asked = [("1.2.840.10008.5.1.4.1.1.2", "1.2.9.1"), ("1.2.840.10008.5.1.4.1.1.2", "1.2.9.2")]
+    answer, created = commitment.record_request(new, "1.2.9.77", "CT1", "10.0.0.5", asked,
+                                                lambda relative: relative == "aa/1.dcm", 3600)
+    assert created
+    assert answer.committed == [asked[0]]
+    assert answer.failed == [(*asked[1], commitment.NO_SUCH_OBJECT_INSTANCE)]
+    again, created = commitment.record_request(new, "1.2.9.77", "CT1", "10.0.0.5", asked,
+                                               lambda relative: True, 3600)
+    assert not created and (again.id, again.committed, again.failed) == (
+        answer.id, answer.committed, answer.failed)
+    assert new.query_one("SELECT count(*) AS n FROM commitment_requests")["n"] == 1
+    new.close()

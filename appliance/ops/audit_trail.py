@@ -50,6 +50,9 @@ EVENT_CODES: dict[str, tuple[str, str, str]] = {
     "move": ("110104", "DICOM Instances Transferred", "R"),
     "get": ("110104", "DICOM Instances Transferred", "R"),
     "export": ("110106", "Export", "R"),
+    # A Storage Commitment request: PAS vouches for holding instances (PS3.15 has no event
+    # of its own for it; the instances' transfer is the closest).
+    "commitment": ("110104", "DICOM Instances Transferred", "E"),
     "query": ("110112", "Query", "E"),
     "delete": ("110105", "DICOM Study Deleted", "D"),
     "refile": ("110110", "Patient Record", "U"),  # a study moved to another patient

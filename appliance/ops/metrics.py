@@ -65,8 +65,13 @@ ACCESS_REFUSED = Counter("pas_access_refused", "Access attempts refused, by chan
                          "reason (dicom: unknown-ae, rate-limit, unaccepted-context; "
                          "http: bearer-token)",
                          ["channel", "reason"], registry=None)
+# Storage Commitment reports (N-EVENT-REPORT) to modalities: sent (the modality answered
+# success), failed (an attempt that will be retried), given-up (past the deadline).
+COMMITMENT_REPORTS = Counter("pas_storage_commitment_reports", "Storage Commitment reports "
+                             "to modalities, by outcome (sent, failed, given-up)",
+                             ["outcome"], registry=None)
 _HOOKS: list[Any] = [CSTORE_SECONDS, CSTORE_PATHS, RETRIEVES, UPLOAD_PUT_BYTES,
-                     UPLOAD_INFLIGHT, ACCESS_REFUSED]
+                     UPLOAD_INFLIGHT, ACCESS_REFUSED, COMMITMENT_REPORTS]
 LEAD_BUCKETS = (0, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 172800, 604800)
 LEAD_WINDOW_S = 7 * 86400
 
@@ -118,6 +123,10 @@ def add_upload_inflight(delta: int) -> None:
 
 def count_refusal(channel: str, reason: str) -> None:
     ACCESS_REFUSED.labels(channel, reason).inc()
+
+
+def count_commitment_report(outcome: str) -> None:
+    COMMITMENT_REPORTS.labels(outcome=outcome).inc()
 
 
 def count_retrieve(hit: bool) -> None:

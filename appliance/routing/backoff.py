@@ -50,3 +50,14 @@ def link_delay(queue: QueueSection, down_for_s: float) -> float:
     (``jobs.wake_waiting_for_link``, from the heartbeat)."""
     base = min(queue.backoff_max_s, max(queue.backoff_initial_s, down_for_s / 4))
     return min(queue.backoff_max_s, base + random.uniform(0, max(queue.backoff_initial_s, 0.1)))
+
+
+def exponential_delay(attempts: int, initial_s: float, max_s: float) -> float:
+    """Seconds until the next try after ``attempts`` failures, on tenacity's exponential
+    curve with jitter, at most ``max_s``: for retries whose state is a row of their own (a
+    Storage Commitment report, appliance/ingest/commitment.py), not a job of the queue."""
+    # ``multiplier``: tenacity's name for what it called ``initial`` (deprecated).
+    wait = wait_exponential_jitter(multiplier=initial_s, max=max_s, jitter=max(initial_s, 0.1))
+    state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+    state.attempt_number = max(1, attempts)
+    return min(float(wait(state)), max_s)

@@ -298,6 +298,8 @@ EVENTS: dict[str, str] = {
     "security": ("access refused (an unknown calling AE, too many associations from one "
                  "source, no valid bearer token), or file permissions tightened at start-up"),
     "clock": "the wall clock stepped, stored deadlines re-based",
+    "commitment": ("a modality's Storage Commitment request (how many instances committed, "
+                   "which not), or its report given up undelivered"),
     "alert": "the disk alert raised or cleared",
 }
 

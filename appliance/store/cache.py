@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.store import audit, index
+from appliance.store.commitment import shift_for_clock_step_in
 from appliance.store.db import Database, now
 from appliance.store.jobs import WORKER_DIED
 from appliance.store.spool import Spool
@@ -371,7 +372,9 @@ def shift_for_clock_step(db: Database, step: float,
                 "WHERE last_received_at < ? AND id IN "
                 "(SELECT DISTINCT study_fk FROM instances WHERE routed_at IS NULL)",
                 (step, cut)).rowcount
-        shifted = {"pending_jobs": pending, "leases": leases, "studies": studies}
+        reports = shift_for_clock_step_in(conn, step, cut)
+        shifted = {"pending_jobs": pending, "leases": leases, "studies": studies,
+                   "commitment_reports": reports}
         audit.record_in(conn, "clock", actor="system", outcome="success",
                         detail=f"wall clock stepped by {step:+.1f} s; re-based {shifted}")
     return shifted

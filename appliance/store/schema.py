@@ -392,4 +392,31 @@ MIGRATIONS: list[str] = [
     CREATE INDEX prefetch_requests_order ON prefetch_requests (order_key)
         WHERE order_key IS NOT NULL;
     """,
+    # 16 (Storage Commitment, appliance/store/commitment.py): a modality's request that PAS
+    # commit to holding instances, with the answer PAS decided when it came (which instances
+    # the index holds with their file, which not and why) and the delivery of that answer,
+    # the N-EVENT-REPORT: pending until the modality acknowledged it, retried with backoff
+    # across restarts until give_up_at. One row per calling AE and Transaction UID: the same
+    # request again is the same row and the same answer.
+    """
+    CREATE TABLE commitment_requests (
+        id INTEGER PRIMARY KEY,
+        transaction_uid TEXT NOT NULL,
+        calling_ae TEXT NOT NULL,
+        source_address TEXT,
+        requested_at REAL NOT NULL,
+        committed TEXT NOT NULL,       -- JSON [[SOP Class UID, SOP Instance UID], ...]
+        failed TEXT NOT NULL,          -- JSON [[SOP Class UID, SOP Instance UID, reason], ...]
+        state TEXT NOT NULL DEFAULT 'pending',   -- pending, sent, given-up
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        give_up_at REAL NOT NULL,
+        sent_at REAL,
+        sent_how TEXT,                 -- 'same association' or 'new association to host:port'
+        last_error TEXT,
+        updated_at REAL NOT NULL,      -- last write (a wall-clock step re-bases older rows)
+        UNIQUE (calling_ae, transaction_uid)
+    );
+    CREATE INDEX commitment_requests_due ON commitment_requests (state, next_attempt_at);
+    """,
 ]

@@ -98,3 +98,29 @@ def test_step_forward_does_not_expire_running_leases(tmp_path: Path,
     retry = db.query_one("SELECT next_attempt_at FROM jobs WHERE id = ?", (other.id,))
     assert retry is not None and retry["next_attempt_at"] - now() < 5
     db.close()
+
+
+def test_step_forward_does_not_give_up_pending_commitment_reports(
+        tmp_path: Path, clock: dict[str, float]) -> None:
+    """A Storage Commitment report waiting for its modality (appliance/store/commitment.py)
+    keeps its retry and its deadline across a forward step of two days: without the re-base
+    it was given up at its next look, its 24 h apparently over."""
+    from appliance.store import commitment
+
+    db = Database(tmp_path / "pas.sqlite")
+    item = [("1.2.840.10008.5.1.4.1.1.2", "1.2.9.1")]
+    request, _ = commitment.record_request(db, "1.2.9.77", "CT1", None, item,
+                                           lambda relative: True, 24 * 3600.0)
+    commitment.mark_failed(db, request.id, "association refused", retry_in_s=30)
+    watch = ClockWatch(db)
+
+    clock["offset"] = 2 * 24 * 3600.0
+    assert watch.check() > 2 * 24 * 3600.0 - 2
+    row = db.query_one("SELECT next_attempt_at, give_up_at FROM commitment_requests")
+    assert row is not None
+    assert 25 < row["next_attempt_at"] - now() <= 31
+    assert 24 * 3600.0 - 60 < row["give_up_at"] - now() <= 24 * 3600.0
+    assert commitment.due(db) == []
+    [clock_row] = db.query("SELECT detail FROM audit WHERE event = 'clock'")
+    assert "'commitment_reports': 1" in clock_row["detail"]
+    db.close()
