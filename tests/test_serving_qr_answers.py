@@ -40,7 +40,7 @@ from appliance.serving.qr_identifiers import response_identifier
 from appliance.words import counted
 from bench.qr import synthesize
 from tests.support import raw_ul
-from tests.support.peers import CT_DIR, MR_DIR, PasProcess, read_rows, storescu
+from tests.support.peers import CT_DIR, MR_DIR, PasProcess, read_rows, storescu, wait_for
 
 MR_STUDY = "1.2.392.200036.9116.4.2.9143.1467.20191203091257574.1.2"
 STUDY_ROOT = str(StudyRootQueryRetrieveInformationModelFind)
@@ -304,7 +304,11 @@ def test_a_cancel_ends_a_c_find_answered_the_direct_way(tmp_path: Path) -> None:
         raw.release()
         assert status == 0xFE00, hex(status)
         assert 1 <= pending < 5001, pending
-        [row] = read_rows(home / "pas.sqlite", "SELECT outcome, detail FROM audit "
-                          "WHERE event = 'query' AND actor = 'VIEWER'")
+        # The row is written once the handler's generator has ended, which may be just
+        # after the viewer read the final response (a read at once found no row, 1 in ~10).
+        [row] = wait_for(lambda: read_rows(home / "pas.sqlite", "SELECT outcome, detail "
+                                           "FROM audit WHERE event = 'query' "
+                                           "AND actor = 'VIEWER'"), 10,
+                         what="the C-FIND's audit row")
         assert row["outcome"] == "cancelled"
         assert row["detail"] == counted(pending, "result")
