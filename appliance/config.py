@@ -3,10 +3,11 @@
 Owns: the whole model (:class:`Settings`, the sections it holds and the checks across them),
 loading it from TOML and `PAS_*` variables, and turning validation failures into one readable
 line per problem (``dicom.port: must be 1-65535, got 0``). The sections themselves (their keys,
-defaults and checks within one section) are in :mod:`appliance.config_sections`, re-exported
-here; the variables read against the model in :mod:`appliance.config_env`. May not touch: the
-database, the network, the spool. Everything else receives an already validated
-:class:`Settings` object, and imports configuration names from this module.
+defaults and checks within one section) are in :mod:`appliance.config_sections` and the value
+types they share in :mod:`appliance.config_types`, both re-exported here; the variables read
+against the model in :mod:`appliance.config_env`. May not touch: the database, the network,
+the spool. Everything else receives an already validated :class:`Settings` object, and imports
+configuration names from this module.
 
 Precedence, lowest first: embedded defaults, the TOML file, ``PAS_<SECTION>__<KEY>``
 environment variables. The systemd unit, the tests and the benchmarks rely on the last.
@@ -23,9 +24,6 @@ from pydantic import BaseModel, ValidationError
 
 from appliance.config_env import read_overrides
 from appliance.config_sections import (
-    MATCH_TIMEOUT_MS,
-    PRIORITY_RANK,
-    AETitle,
     AuditSection,
     CacheSection,
     Clock,
@@ -42,21 +40,26 @@ from appliance.config_sections import (
     Match,
     MoveDestination,
     OpsSection,
-    Port,
     PrefetchMwl,
     PrefetchRule,
     PrefetchSection,
     PrefetchWindow,
-    Priority,
     QueueSection,
     RateWindow,
-    Regex,
     RoutingSection,
     Rule,
     ServingSection,
     StorageSection,
     StowRsDestination,
     StudySection,
+)
+from appliance.config_types import (
+    MATCH_TIMEOUT_MS,
+    PRIORITY_RANK,
+    AETitle,
+    Port,
+    Priority,
+    Regex,
     _Section,
 )
 
@@ -181,7 +184,7 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> lis
             del loc[2]
         kind = error["type"]
         message = error["msg"].removeprefix("Value error, ")
-        # A section's own check names its key (appliance.config_sections._cross_field).
+        # A section's own check names its key (appliance.config_types._cross_field).
         if kind == "cross_field":
             loc.append(str(error["ctx"]["key"]))
             message = str(error["ctx"]["message"])
@@ -190,7 +193,7 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> lis
         elif kind == "missing":
             message = "is required"
         elif kind != "value_error":
-            # Numbers are strict (appliance.config_sections._strict_numbers): say which
+            # Numbers are strict (appliance.config_types._strict_numbers): say which
             # TOML type the key takes, and show a boolean as the file writes it.
             message = _NUMBER_TYPES.get(kind, message)
             value = error.get("input")

@@ -75,7 +75,7 @@ def wants_flag(model: type[BaseModel], parts: list[str]) -> bool:
 
 # What a variable may say for a boolean key: pydantic's lax words, which the environment's
 # overrides always took (``PAS_DICOM__ACCEPT_UNKNOWN=True``, ``=1``, ``=yes``). The model
-# itself is strict (appliance.config_sections._Section): in the TOML file only true/false.
+# itself is strict (appliance.config_types._Section): in the TOML file only true/false.
 _TRUE = frozenset({"true", "1", "yes", "on", "t", "y"})
 _FALSE = frozenset({"false", "0", "no", "off", "f", "n"})
 
@@ -96,7 +96,7 @@ def number_type(model: type[BaseModel], parts: list[str]) -> type[int] | type[fl
     return float if float in members else int
 
 
-# The model's numbers are strict (appliance.config_sections._strict_numbers); a variable's
+# The model's numbers are strict (appliance.config_types._strict_numbers); a variable's
 # text is made a number here the way pydantic's lax mode always read it.
 _LAX_NUMBER: dict[type, TypeAdapter[Any]] = {int: TypeAdapter(int), float: TypeAdapter(float)}
 

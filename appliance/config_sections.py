@@ -1,10 +1,10 @@
 """Configuration, the sections: the shape, defaults and checks of every setting.
 
-Owns: one pydantic model per TOML section (``[dicom]``, ``[hub]``, ``[serving]``...) and the
-types their keys share (``Port``, ``AETitle``, ``Regex``, ``Clock``, ``Priority``), each
-model's defaults (that run on a laptop) and its own checks, within one section
-(``_cross_field``). May not touch: files, the environment, the database, the network, the
-spool; nor checks across sections (``Settings`` in :mod:`appliance.config` ties the sections
+Owns: one pydantic model per TOML section (``[dicom]``, ``[hub]``, ``[serving]``...), the
+``Clock`` of its windows, each model's defaults (that run on a laptop) and its own checks
+within one section (``_cross_field``; the value types are :mod:`appliance.config_types`).
+May not touch: files, the environment, the database, the network, the spool; nor checks
+across sections (``Settings`` in :mod:`appliance.config` ties the sections
 together and checks the names one section gives another).
 
 Import these from :mod:`appliance.config`, which re-exports them: that stays the one door to
@@ -16,202 +16,21 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-import regex
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    GetCoreSchemaHandler,
-    field_validator,
-    model_validator,
+from pydantic import AfterValidator, Field, field_validator, model_validator
+
+from appliance.config_types import (
+    SIEMENS_CSA_NON_IMAGE,
+    AETitle,
+    Flag,
+    Port,
+    Priority,
+    Regex,
+    StorageSopClassUid,
+    _cross_field,
+    _Section,
 )
-from pydantic_core import CoreSchema, PydanticCustomError
-
-
-def _port(value: int) -> int:
-    if not 1 <= value <= 65535:
-        raise ValueError(f"must be 1-65535, got {value}")
-    return value
-
-
-def _ae_title(value: str) -> str:
-    # PS3.5: AE titles are at most 16 characters of the default repertoire, no backslash or
-    # control characters; leading/trailing spaces are not significant.
-    stripped = value.strip()
-    if not stripped or len(stripped) > 16 or not re.fullmatch(r"[\x20-\x5b\x5d-\x7e]+", stripped):
-        raise ValueError(f"must be 1-16 printable characters without backslash, got {value!r}")
-    return stripped
-
-
-def _flag(value: Any) -> Any:
-    """A boolean key takes true or false only: pydantic's lax reading took ``continue =
-    "yes"``, ``"0"`` or ``1``, a typo or a misunderstanding that ``pas config check`` passed.
-    Environment overrides are made booleans before (appliance.config_env.parse_flag)."""
-    if not isinstance(value, bool):
-        raise PydanticCustomError("flag", "must be true or false")
-    return value
-
-
-Flag = Annotated[bool, BeforeValidator(_flag)]
-
-
-# How long a routing or prefetch pattern may take on one value (appliance/routing/patterns.py);
-# here because the refusal below names it.
-MATCH_TIMEOUT_MS = 50
-
-
-def _regex(value: str) -> str:
-    try:
-        re.compile(value)
-        # What matches at run time (appliance/routing/patterns.py): refused here, not there.
-        regex.compile(value, regex.IGNORECASE | regex.VERSION0)
-    except (re.error, regex.error) as exc:
-        raise ValueError(f"is not a valid regular expression ({exc}): {value!r}") from None
-    nested = _nested_quantifier(value)
-    if nested:
-        raise ValueError(
-            f"has an unbounded quantifier inside a repeated group ({nested}), which can take "
-            "exponential time on a value that almost matches (a StudyDescription sent by a "
-            "modality): the rule would give up on that value after "
-            f"{MATCH_TIMEOUT_MS} ms and count as not matching: write it without the nesting, "
-            "or make the "
-            "outer repeat possessive ('(a+)++') or the repeated group atomic ('(?>a+)+'): "
-            f"{value!r}")
-    return value
-
-
-def _nested_quantifier(pattern: str) -> str | None:
-    """The catastrophic-backtracking form: a repeat that may match more than once around a
-    part with an unbounded repeat, as in ``(a+)+`` or ``(\\w+\\s?)*``. Python's ``re``
-    backtracks through every way of splitting the text between them, holding the GIL all
-    the while. Possessive repeats and atomic groups do not backtrack. A heuristic: it catches
-    this form, not every slow pattern (overlapping alternatives such as ``(a|aa)+`` pass); at
-    run time every match has a time limit (appliance/routing/patterns.py), so what passes here
-    costs at most that per value. Returns the offending part, or None."""
-    from re import _constants as sre  # type: ignore[attr-defined]
-    from re import _parser  # type: ignore[attr-defined]
-
-    def walk(items: Any, repeated: bool) -> str | None:
-        for op, av in items:
-            if op in (sre.MAX_REPEAT, sre.MIN_REPEAT):
-                low, high, body = av
-                if repeated and high == sre.MAXREPEAT:
-                    return "a '+', '*' or '{n,}' repeated again"
-                found = walk(body, repeated or high > 1)
-            elif op == sre.POSSESSIVE_REPEAT:
-                found = walk(av[2], False)
-            elif op == sre.SUBPATTERN:
-                found = walk(av[3], repeated)
-            elif op == sre.BRANCH:
-                found = next((f for b in av[1] if (f := walk(b, repeated))), None)
-            elif op in (sre.ASSERT, sre.ASSERT_NOT):
-                found = walk(av[1], repeated)
-            elif op == sre.ATOMIC_GROUP:  # matched once, never re-split by an outer repeat
-                found = walk(av, False)
-            elif op == sre.GROUPREF_EXISTS:
-                found = walk(av[1], repeated) or (walk(av[2], repeated) if av[2] else None)
-            else:
-                found = None
-            if found:
-                return found
-        return None
-
-    return walk(_parser.parse(pattern, re.IGNORECASE), False)
-
-
-# Siemens CSA Non-Image Storage: the private objects (spectroscopy data, syngo protocols,
-# MR "CSA" series) a Siemens MR or CT sends along with its images. Shipped in the default of
-# ``dicom.extra_storage_sop_classes`` (docs/ingest.md, "Private SOP classes").
-SIEMENS_CSA_NON_IMAGE = "1.3.12.2.1107.5.9.1"
-_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
-
-
-def _storage_sop_class_uid(value: str) -> str:
-    """A SOP Class UID PAS may accept and serve as a storage class: a syntactically valid
-    UID (PS3.5 9.1: digits and dots, no leading zero in a component, at most 64 characters)
-    that is not a standard UID of something else (a transfer syntax, a Q/R model,
-    Verification): taken as storage, that would make PAS file C-STOREs on it."""
-    from pydicom.uid import UID_dictionary  # type: ignore[attr-defined]
-
-    uid = value.strip()
-    if len(uid) > 64 or not _UID.fullmatch(uid):
-        raise ValueError(f"is not a UID (digits separated by dots, no leading zeros, at most "
-                         f"64 characters), got {value!r}")
-    known = UID_dictionary.get(uid)
-    if known is None:  # a private (or unknown) UID: the case this key is for
-        return uid
-    name, kind = known[0], known[1]
-    storage = kind == "SOP Class" and "Storage" in name and not name.startswith(
-        ("Storage ", "Media Storage"))  # Storage Commitment/Management, DICOMDIR
-    if storage:
-        # pynetdicom serves some standard storage-like classes under another service
-        # (Hanging Protocol, Color Palette, Defined Procedure Protocol): not PAS's to take.
-        from pynetdicom.service_class import ServiceClass, StorageServiceClass
-        from pynetdicom.sop_class import uid_to_service_class  # type: ignore[attr-defined]
-
-        storage = uid_to_service_class(uid) in (ServiceClass, StorageServiceClass)
-    if not storage:
-        raise ValueError(f"is the standard UID of {name} ({kind}), not of a storage SOP "
-                         f"class PAS may take C-STOREs for, got {value!r}")
-    return uid
-
-
-Port = Annotated[int, AfterValidator(_port)]
-AETitle = Annotated[str, AfterValidator(_ae_title)]
-Regex = Annotated[str, AfterValidator(_regex)]
-StorageSopClassUid = Annotated[str, AfterValidator(_storage_sop_class_uid)]
-Priority = Literal["urgent", "high", "routine"]
-
-PRIORITY_RANK: dict[str, int] = {"urgent": 0, "high": 1, "routine": 2}
-
-
-def _cross_field(key: str, message: str) -> PydanticCustomError:
-    """A check across the fields of one section, raised from its ``model_validator``.
-
-    Pydantic collects it with every other problem of the file and gives it the section's
-    location (``destinations.ws``); :func:`appliance.config.format_validation_error` appends
-    ``key``. (A ``ConfigError`` raised during validation stopped it: every other problem was
-    hidden.)
-    """
-    return PydanticCustomError("cross_field", "{key}: {message}",
-                               {"key": key, "message": message})
-
-
-def _strict_numbers(schema: Any) -> None:
-    """Every int and float of a section's schema strict (``Port``, ``Field(ge=...)``, in lists
-    and tables too): lax, pydantic read ``port = "11112"`` as 11112, ``max_attempts = 3.0`` as
-    3, ``stable_after_s = true`` as 1. A float key still takes a TOML integer. Variables are
-    made numbers before (appliance.config_env.parse_number). Defaults are data: left alone.
-    No float key takes inf or nan: ``check_interval_s = inf`` passed, then crashed the routing
-    thread (OverflowError in Event.wait); "never" is 0 where a key has it."""
-    if isinstance(schema, list):
-        for item in schema:
-            _strict_numbers(item)
-    elif isinstance(schema, dict):
-        if schema.get("type") in ("int", "float"):
-            schema["strict"] = True
-        if schema.get("type") == "float":
-            schema["allow_inf_nan"] = False
-        for key, value in schema.items():
-            if key != "default":
-                _strict_numbers(value)
-
-
-class _Section(BaseModel):
-    """Unknown keys refused, defaults checked, numbers strict (booleans are ``Flag``)."""
-
-    model_config = ConfigDict(extra="forbid", validate_default=True)
-
-    @classmethod
-    def __get_pydantic_core_schema__(cls, source: Any,
-                                     handler: GetCoreSchemaHandler) -> CoreSchema:
-        schema = handler(source)
-        _strict_numbers(schema)  # the keys a later change adds too
-        return schema
 
 
 class KnownAE(_Section):

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from appliance.config_sections import DicomDestination, ServingSection
+from appliance.config import DicomDestination, ServingSection
 from appliance.dispatch.target_types.dicom import DicomTarget, _Refused
 from appliance.serving.qr import QueryRetrieveService
 from appliance.store import audit

@@ -34,8 +34,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.presentation import build_role
 
-from appliance.config import DicomSection
-from appliance.config_sections import MoveDestination
+from appliance.config import DicomSection, MoveDestination
 from appliance.dicomnet.outgoing import association_ended
 from appliance.ops.metrics import count_commitment_report
 from appliance.routing.backoff import exponential_delay

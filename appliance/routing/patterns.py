@@ -8,7 +8,7 @@ Why: a pattern such as ``(a|aa)+$`` backtracks exponentially on a value that alm
 and the values come from outside (a modality's StudyDescription, an HL7 order's modality).
 Python's ``re`` has no time limit and holds the GIL while it backtracks: one such value froze
 the whole daemon, C-STOREs from every modality unanswered. ``pas config check`` refuses the
-common catastrophic form (a repeat inside a repeat, config_sections.py), a heuristic that
+common catastrophic form (a repeat inside a repeat, config_types.py), a heuristic that
 cannot catch every slow pattern. Here each match runs with mrab-regex (the ``regex`` package,
 whose default VERSION0 syntax is ``re``'s), which gives up after :data:`MATCH_TIMEOUT_S` and
 releases the GIL while it matches: a slow pattern costs one decision that much time, logged,
