@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from appliance.store import audit
@@ -152,16 +152,29 @@ def get(db: Database, request_id: int) -> Commitment | None:
     return Commitment.from_row(row) if row is not None else None
 
 
-def due(db: Database, limit: int = 32) -> list[Commitment]:
-    """Reports to deliver now, the oldest first."""
+def _not_of(exclude_aes: Collection[str]) -> tuple[str, tuple[str, ...]]:
+    """The SQL condition leaving out the reports of ``exclude_aes`` (modalities with a
+    delivery under way), and its parameters."""
+    if not exclude_aes:
+        return "", ()
+    marks = ", ".join("?" * len(exclude_aes))
+    return f" AND calling_ae NOT IN ({marks})", tuple(exclude_aes)
+
+
+def due(db: Database, limit: int = 32, exclude_aes: Collection[str] = ()) -> list[Commitment]:
+    """Reports to deliver now, the oldest first; none of ``exclude_aes`` (so the reports of
+    a modality whose delivery hangs never fill ``limit`` and hide the others')."""
+    condition, params = _not_of(exclude_aes)
     rows = db.query("SELECT * FROM commitment_requests WHERE state = 'pending' "
-                    "AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?", (now(), limit))
+                    f"AND next_attempt_at <= ?{condition} ORDER BY next_attempt_at LIMIT ?",
+                    (now(), *params, limit))
     return [Commitment.from_row(r) for r in rows]
 
 
-def next_due_at(db: Database) -> float | None:
+def next_due_at(db: Database, exclude_aes: Collection[str] = ()) -> float | None:
+    condition, params = _not_of(exclude_aes)
     row = db.query_one("SELECT min(next_attempt_at) AS at FROM commitment_requests "
-                       "WHERE state = 'pending'")
+                       f"WHERE state = 'pending'{condition}", params)
     return float(row["at"]) if row is not None and row["at"] is not None else None
 
 
