@@ -173,8 +173,7 @@ def test_a_black_holed_modality_does_not_delay_another_modalitys_report(
         if loop is not None:
             loop.join(5)
         hole.off()  # the try under way gets its refusal, and ends before the database does
-        pool = getattr(scp, "_pool", None)
-        if pool is not None:
-            pool.shutdown(wait=True)
+        if scp is not None and hasattr(scp, "deliveries_under_way"):
+            wait_for(lambda: scp.deliveries_under_way() == 0, 15, what="tries ended")
         fast.stop()
         ns.delete()

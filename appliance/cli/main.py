@@ -7,6 +7,7 @@ import json
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -183,7 +184,7 @@ def status(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> No
         console.print(links)
 
 
-def _print_commitment(reports: dict) -> None:  # type: ignore[type-arg]
+def _print_commitment(reports: dict[str, Any]) -> None:
     """Storage Commitment reports the modalities wait for, as the backlog is shown: only
     when some wait or were given up in the last 24 h."""
     if reports["by_ae"]:

@@ -20,8 +20,8 @@ entry, with PAS proposing SCP role selection (PS3.4 J.3.3, PS3.7 D.3.3.4). A rep
 could not be delivered stays pending in the database: retried with backoff, across restarts,
 until ``dicom.storage_commitment_give_up_h``, then given up, logged and audited.
 
-Deliveries to different modalities are independent: a small pool
-(:data:`DELIVERY_WORKERS`) with at most one report in flight per AE, so a modality whose
+Deliveries to different modalities are independent: at most :data:`DELIVERY_WORKERS`
+threads at once, at most one report in flight per AE, so a modality whose
 address swallows packets (up to :data:`REPORT_ANSWER_TIMEOUT_S` a try) delays only its own
 reports, not every other modality's. A report to a ``dicom.known_aes`` entry with ``tls``
 (by default: when the listener speaks TLS, ``dicom.tls.enabled``) goes over DICOM TLS with
@@ -35,7 +35,6 @@ import logging
 import ssl
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -184,7 +183,6 @@ class StorageCommitmentScp:
         self._in_flight: set[int] = set()  # reports being tried on their own association
         self._busy_aes: set[str] = set()   # modalities with a report on a new association
         self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
         self.wake = threading.Event()
 
     def handlers(self) -> list[tuple[Any, Any]]:
@@ -349,22 +347,26 @@ class StorageCommitmentScp:
                 assoc.release()
 
     def deliver_due(self) -> None:
-        """Hand each due report to the pool, at most one in flight per modality: a report
-        whose AE is busy waits for the next pass (the finishing delivery wakes the loop)."""
+        """Hand due reports to delivery threads: at most one in flight per modality, at
+        most :data:`DELIVERY_WORKERS` at once. A report whose AE is busy, or beyond the
+        bound, waits for the next pass (a delivery ending wakes the loop). Daemon threads,
+        as the loop's own: a stop never waits for a try to a silent modality to time out."""
         with self._lock:
             busy = set(self._busy_aes)
+        if len(busy) >= DELIVERY_WORKERS:
+            return
         for request in commitment.due(self.db, exclude_aes=busy):
             with self._lock:
+                if len(self._busy_aes) >= DELIVERY_WORKERS:
+                    return
                 if request.id in self._in_flight or request.calling_ae in self._busy_aes:
                     continue
                 self._in_flight.add(request.id)
                 self._busy_aes.add(request.calling_ae)
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(DELIVERY_WORKERS,
-                                                thread_name_prefix="pas-stgcmt-send")
-            self._pool.submit(self._deliver_in_pool, request)
+            threading.Thread(target=self._deliver_in_thread, args=(request,),
+                             name="pas-stgcmt-send", daemon=True).start()
 
-    def _deliver_in_pool(self, request: commitment.Commitment) -> None:
+    def _deliver_in_thread(self, request: commitment.Commitment) -> None:
         try:
             self.deliver(request)
         except Exception:
@@ -376,26 +378,27 @@ class StorageCommitmentScp:
                 self._busy_aes.discard(request.calling_ae)
             self.wake.set()
 
+    def deliveries_under_way(self) -> int:
+        """Reports being tried on new associations now (tests await none before closing)."""
+        with self._lock:
+            return len(self._busy_aes)
+
     def run(self, stopping: threading.Event) -> None:
-        """The delivery loop (a daemon thread): due reports to the pool, then sleep until the
-        next one, a delivery ending, a new request, or at most a second (to notice
-        ``stopping``)."""
-        try:
-            while not stopping.is_set():
-                self.wake.clear()
-                try:
-                    self.deliver_due()
-                    with self._lock:
-                        busy = set(self._busy_aes)
-                    next_at = commitment.next_due_at(self.db, exclude_aes=busy)
-                except Exception:
-                    log.exception("Storage Commitment delivery pass failed")
-                    next_at = None
-                wait = 1.0 if next_at is None else min(1.0, max(0.05, next_at - now()))
-                self.wake.wait(wait)
-        finally:
-            if self._pool is not None:  # a try under way ends by its own timeout
-                self._pool.shutdown(wait=False, cancel_futures=True)
+        """The delivery loop (a daemon thread): due reports to delivery threads, then sleep
+        until the next one, a delivery ending, a new request, or at most a second (to
+        notice ``stopping``)."""
+        while not stopping.is_set():
+            self.wake.clear()
+            try:
+                self.deliver_due()
+                with self._lock:
+                    busy = set(self._busy_aes)
+                next_at = commitment.next_due_at(self.db, exclude_aes=busy)
+            except Exception:
+                log.exception("Storage Commitment delivery pass failed")
+                next_at = None
+            wait = 1.0 if next_at is None else min(1.0, max(0.05, next_at - now()))
+            self.wake.wait(wait)
 
 
 def _failure(status: int, comment: str) -> Dataset:
