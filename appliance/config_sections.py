@@ -36,11 +36,15 @@ from appliance.config_types import (
 class KnownAE(_Section):
     """A calling AE allowed to associate; ``host`` pins it to one address when set. ``host``
     and ``port`` together are where its Storage Commitment reports go when it has closed
-    the association it asked on (appliance/ingest/commitment.py)."""
+    the association it asked on (appliance/ingest/commitment.py). ``tls``: whether that
+    association speaks DICOM TLS (PAS shows ``dicom.tls.cert``/``key``, the modality's
+    certificate must chain to ``dicom.tls.ca``); unset, it follows ``dicom.tls.enabled``:
+    a modality that reaches PAS over TLS is called back over TLS, never in clear."""
 
     title: AETitle
     host: str | None = None
     port: Port | None = None
+    tls: Flag | None = None
 
 
 class DicomTlsSection(_Section):
@@ -102,6 +106,21 @@ class DicomSection(_Section):
     # Most instances one request may name (a large CT is a few thousand); beyond, the
     # request is refused (0x0213, resource limitation) and nothing is recorded.
     storage_commitment_max_items: int = Field(default=50_000, ge=1, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _ca_for_tls_callbacks(self) -> DicomSection:
+        """A report over TLS checks the modality's certificate against ``dicom.tls.ca``:
+        an AE calling back over TLS without it is refused here, not at the first report
+        (by default only one with an address to call back: others never get one)."""
+        if self.tls.ca is not None:
+            return self
+        for number, known in enumerate(self.known_aes):
+            implied = known.tls is None and self.tls.enabled and known.host and known.port
+            if known.tls is True or implied:
+                raise _cross_field(f"known_aes[{number}].tls",
+                                   f"{known.title} is called back over TLS: dicom.tls.ca "
+                                   "(the modalities' CA) is required")
+        return self
 
 
 class StorageSection(_Section):

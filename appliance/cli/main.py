@@ -7,6 +7,7 @@ import json
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -163,6 +164,7 @@ def status(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> No
             backlog.add_row(row["destination"], str(row["studies"]), human_size(row["bytes"]),
                             f"{row['oldest_age_s']:.0f} s")
         console.print(backlog)
+    _print_commitment(snapshot["commitment"])
     for refused in snapshot.get("credentials_refused") or []:
         console.print(f"[red]{refused['destination']}:[/red] "
                       f"{counted(refused['waiting'], refused['what'])} waiting for "
@@ -180,6 +182,26 @@ def status(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> No
                 state += f" (unreachable since {_when(link['unreachable_since'])})"
             links.add_row(name, state, _when(link["last_ok_at"]), error[:100])
         console.print(links)
+
+
+def _print_commitment(reports: dict[str, Any]) -> None:
+    """Storage Commitment reports the modalities wait for, as the backlog is shown: only
+    when some wait or were given up in the last 24 h."""
+    if reports["by_ae"]:
+        table = Table(title="Storage Commitment reports pending")
+        for column in ("modality AE", "reports", "oldest", "attempts", "last error"):
+            table.add_column(column)
+        for row in reports["by_ae"]:
+            table.add_row(row["calling_ae"], str(row["pending"]),
+                          f"{row['oldest_age_s']:.0f} s", str(row["attempts"]),
+                          (row["last_error"] or "-")[:100])
+        console.print(table)
+    if reports["given_up_24h"]:
+        console.print(f"[red]Storage Commitment:[/red] "
+                      f"{counted(reports['given_up_24h'], 'report')} given up in the last 24 h "
+                      f"({reports['given_up_total']} in all): those modalities keep their "
+                      "copies (pas audit --event commitment --failures shows which)",
+                      highlight=False, soft_wrap=True)
 
 
 @app.command()

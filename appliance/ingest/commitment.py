@@ -19,11 +19,20 @@ association's loop for it, after the response went out). A modality that release
 entry, with PAS proposing SCP role selection (PS3.4 J.3.3, PS3.7 D.3.3.4). A report that
 could not be delivered stays pending in the database: retried with backoff, across restarts,
 until ``dicom.storage_commitment_give_up_h``, then given up, logged and audited.
+
+Deliveries to different modalities are independent: at most :data:`DELIVERY_WORKERS`
+threads at once, at most one report in flight per AE, so a modality whose
+address swallows packets (up to :data:`REPORT_ANSWER_TIMEOUT_S` a try) delays only its own
+reports, not every other modality's. A report to a ``dicom.known_aes`` entry with ``tls``
+(by default: when the listener speaks TLS, ``dicom.tls.enabled``) goes over DICOM TLS with
+the listener's certificate and key as client certificate, the modality's certificate
+checked against ``dicom.tls.ca``, as a ``dicom`` destination's forwarding does.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from typing import Any
@@ -67,6 +76,8 @@ REPORT_ANSWER_TIMEOUT_S = 10.0
 # Backoff between delivery attempts of one report.
 RETRY_INITIAL_S = 10.0
 RETRY_MAX_S = 600.0
+# Reports delivered at once on new associations, each to a different modality.
+DELIVERY_WORKERS = 4
 
 
 class CommitmentRefused(Exception):
@@ -165,7 +176,12 @@ class StorageCommitmentScp:
         # known_aes wins over move_destinations: it is the modality's own entry.
         self.addresses.update({ae.title: (ae.host, ae.port) for ae in config.known_aes
                                if ae.host and ae.port})
+        # Modalities whose reports go over DICOM TLS (config: KnownAE.tls, else dicom.tls).
+        self.tls_aes = {ae.title for ae in config.known_aes
+                        if (config.tls.enabled if ae.tls is None else ae.tls)}
+        self._tls_context: ssl.SSLContext | None = None
         self._in_flight: set[int] = set()  # reports being tried on their own association
+        self._busy_aes: set[str] = set()   # modalities with a report on a new association
         self._lock = threading.Lock()
         self.wake = threading.Event()
 
@@ -288,6 +304,18 @@ class StorageCommitmentScp:
                     request.transaction_uid, request.calling_ae, error, delay,
                     extra={"CALLING_AE": request.calling_ae})
 
+    def _client_tls(self) -> ssl.SSLContext:
+        """The context of outgoing DICOM TLS: the modality's certificate must chain to
+        ``dicom.tls.ca``; PAS shows the listener's own certificate (config validation made
+        sure ``ca`` is set for every AE using TLS)."""
+        if self._tls_context is None:
+            from appliance.ops.security import client_context
+
+            tls = self.config.tls
+            assert tls.ca is not None
+            self._tls_context = client_context(tls.ca, tls.cert, tls.key)
+        return self._tls_context
+
     def _deliver_to(self, request: commitment.Commitment, host: str, port: int) -> str | None:
         ae = AE(ae_title=self.config.ae_title)
         ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = REPORT_ANSWER_TIMEOUT_S
@@ -296,12 +324,17 @@ class StorageCommitmentScp:
                                  [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         # PAS is the SCP of the class and the requestor of this association: SCP role only.
         role = build_role(STORAGE_COMMITMENT_PUSH, scu_role=False, scp_role=True)
+        tls = request.calling_ae in self.tls_aes
         try:
-            assoc = ae.associate(host, port, ae_title=request.calling_ae, ext_neg=[role])
+            tls_args = (self._client_tls(), None) if tls else None
+            assoc = ae.associate(host, port, ae_title=request.calling_ae, ext_neg=[role],
+                                 tls_args=tls_args)  # type: ignore[arg-type]
         except Exception as exc:
-            return f"association to {host}:{port} failed: {exc}"
+            return f"association to {host}:{port}{' (TLS)' if tls else ''} failed: {exc}"
         if not assoc.is_established:
             why = "rejected" if assoc.is_rejected else "failed"
+            if tls and not assoc.is_rejected:
+                why += " (TLS: handshake refused, or the modality does not speak TLS there)"
             return f"association to {request.calling_ae} at {host}:{port} {why}"
         try:
             if not assoc.accepted_contexts:
@@ -314,20 +347,53 @@ class StorageCommitmentScp:
                 assoc.release()
 
     def deliver_due(self) -> None:
-        for request in commitment.due(self.db):
+        """Hand due reports to delivery threads: at most one in flight per modality, at
+        most :data:`DELIVERY_WORKERS` at once. A report whose AE is busy, or beyond the
+        bound, waits for the next pass (a delivery ending wakes the loop). Daemon threads,
+        as the loop's own: a stop never waits for a try to a silent modality to time out."""
+        with self._lock:
+            busy = set(self._busy_aes)
+        if len(busy) >= DELIVERY_WORKERS:
+            return
+        for request in commitment.due(self.db, exclude_aes=busy):
             with self._lock:
-                if request.id in self._in_flight:
+                if len(self._busy_aes) >= DELIVERY_WORKERS:
+                    return
+                if request.id in self._in_flight or request.calling_ae in self._busy_aes:
                     continue
+                self._in_flight.add(request.id)
+                self._busy_aes.add(request.calling_ae)
+            threading.Thread(target=self._deliver_in_thread, args=(request,),
+                             name="pas-stgcmt-send", daemon=True).start()
+
+    def _deliver_in_thread(self, request: commitment.Commitment) -> None:
+        try:
             self.deliver(request)
+        except Exception:
+            log.exception("Storage Commitment report %s to %s: delivery failed",
+                          request.transaction_uid, request.calling_ae)
+        finally:
+            with self._lock:
+                self._in_flight.discard(request.id)
+                self._busy_aes.discard(request.calling_ae)
+            self.wake.set()
+
+    def deliveries_under_way(self) -> int:
+        """Reports being tried on new associations now (tests await none before closing)."""
+        with self._lock:
+            return len(self._busy_aes)
 
     def run(self, stopping: threading.Event) -> None:
-        """The delivery loop (a daemon thread): due reports, then sleep until the next one,
-        a new request, or at most a second (to notice ``stopping``)."""
+        """The delivery loop (a daemon thread): due reports to delivery threads, then sleep
+        until the next one, a delivery ending, a new request, or at most a second (to
+        notice ``stopping``)."""
         while not stopping.is_set():
             self.wake.clear()
             try:
                 self.deliver_due()
-                next_at = commitment.next_due_at(self.db)
+                with self._lock:
+                    busy = set(self._busy_aes)
+                next_at = commitment.next_due_at(self.db, exclude_aes=busy)
             except Exception:
                 log.exception("Storage Commitment delivery pass failed")
                 next_at = None

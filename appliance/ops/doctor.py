@@ -1,7 +1,8 @@
 """``pas doctor``: check what usually goes wrong on a new site, and say what to fix.
 
 Owns: the checks (configuration, database, ports, disk, enrolment, certificate, hub
-reachability, clock skew, DICOM destinations) and their verdicts. May not touch: state. Every
+reachability, clock skew, DICOM destinations, Storage Commitment reports) and their
+verdicts. May not touch: state. Every
 check is read-only: it opens the database, binds a port only to learn whether it is free
 (and closes it), and sends a C-ECHO or an HTTPS GET.
 """
@@ -28,6 +29,9 @@ from appliance.words import counted
 Verdict = Literal["ok", "warn", "fail"]
 MAX_SKEW_WARN_S = 30.0
 MAX_SKEW_FAIL_S = 300.0
+# A Storage Commitment report waiting longer than this is worth a look: a reachable
+# modality gets it within seconds (its first retry comes 10 s after a failed try).
+COMMITMENT_STUCK_AFTER_S = 300.0
 HUB_TIMEOUT_S = 10.0
 # A certificate unusable or about to be: the hint an operator can follow as it is written
 # (``pas enroll`` alone refuses an appliance already enrolled).
@@ -273,6 +277,70 @@ def check_database(settings: Settings) -> Check:
     return Check("database", "ok", f"{path}, schema {version}")
 
 
+def check_commitment(settings: Settings) -> list[Check]:
+    """Storage Commitment reports a modality has waited for over
+    :data:`COMMITMENT_STUCK_AFTER_S`, each naming the AE and the last error; reports given
+    up in the last 24 h; and modalities that asked for commitment but have no address, so
+    that a report they do not wait for on their own association can never reach them.
+    Nothing when the database is missing or unreadable (the database check says so)."""
+    from appliance.store import commitment
+    from appliance.store.db import Database
+
+    if not settings.dicom.storage_commitment or not settings.db_path.exists():
+        return []
+    try:
+        db = Database(settings.db_path, readonly=True)
+    except Exception:  # any failure is the database check's finding
+        return []
+    try:
+        reports, askers = commitment.backlog(db), commitment.askers(db)
+    except Exception as exc:
+        return [Check("storage commitment", "fail", f"cannot read the reports: {exc}",
+                      "run pas doctor again; if it persists, see journalctl -u pas")]
+    finally:
+        db.close()
+    addressed = {ae.title for ae in settings.dicom.known_aes if ae.host and ae.port}
+    addressed |= {d.title for d in settings.serving.move_destinations}
+    checks = []
+    for row in reports["by_ae"]:
+        if row["oldest_age_s"] <= COMMITMENT_STUCK_AFTER_S:
+            continue
+        ae = row["calling_ae"]
+        error = row["last_error"] or "not tried yet"
+        fix = (f"give {ae} host and port in dicom.known_aes (where its Storage Commitment "
+               "SCU listens)" if ae not in addressed else
+               f"check that {ae} is on and accepts PAS's association for Storage "
+               "Commitment at the host and port of its dicom.known_aes entry "
+               "(restart PAS to try at once)")
+        tries = counted(row["attempts"], "attempt")
+        checks.append(Check(f"storage commitment {ae}", "warn",
+                            f"{counted(row['pending'], 'report')} pending for "
+                            f"{row['oldest_age_s'] / 60:.0f} min ({tries}); last error: {error}",
+                            fix))
+    for asker in askers:
+        ae = asker["calling_ae"]
+        if ae in addressed or any(c.name == f"storage commitment {ae}" for c in checks):
+            continue
+        checks.append(Check(
+            f"storage commitment {ae}", "warn",
+            f"{ae} asked for Storage Commitment ({counted(asker['requests'], 'request')}) "
+            "but PAS has no address for it: if it closes its association before the report, "
+            "the report cannot reach it",
+            f"give {ae} host and port in dicom.known_aes (where its Storage Commitment SCU "
+            "listens)"))
+    if reports["given_up_24h"]:
+        checks.append(Check("storage commitment", "warn",
+                            f"{counted(reports['given_up_24h'], 'report')} given up in the "
+                            "last 24 h: those modalities keep their copies",
+                            "pas audit --event commitment --failures names them"))
+    if not checks:
+        oldest = reports["oldest_age_s"]
+        checks.append(Check("storage commitment", "ok",
+                            f"{counted(reports['pending'], 'report')} pending" +
+                            (f", the oldest {oldest:.0f} s" if oldest is not None else "")))
+    return checks
+
+
 def run_checks(config_path: Path | None = None) -> list[Check]:
     try:
         settings = load_settings(config_path)
@@ -293,4 +361,5 @@ def run_checks(config_path: Path | None = None) -> list[Check]:
     checks.append(check_disk(settings))
     checks.extend(check_enrolment(settings))
     checks.extend(check_destinations(settings))
+    checks.extend(check_commitment(settings))
     return checks

@@ -8,6 +8,7 @@ from typing import Any
 from appliance import __version__
 from appliance.config import Settings
 from appliance.store import cache as cache_store
+from appliance.store import commitment as commitment_store
 from appliance.store import index
 from appliance.store import jobs as job_store
 from appliance.store import prefetch as prefetch_store
@@ -31,6 +32,9 @@ def collect(settings: Settings, db: Database) -> dict[str, Any]:
         "jobs": states,
         "jobs_by_kind": by_kind,
         "backlog": job_store.backlog_by_destination(db),
+        # Storage Commitment reports the modalities wait for (store/commitment.py): pending
+        # (count, oldest's age, per modality AE with its last error) and given up.
+        "commitment": commitment_store.backlog(db),
         # Destinations refusing this appliance's credentials: their jobs wait, none fails.
         "credentials_refused": credentials_refused(db),
         # Per destination: "up"/"down", last successful contact, last error (store/uplink.py).

@@ -127,6 +127,23 @@ def _links_section(links: dict[str, dict[str, Any]]) -> list[str]:
     return out
 
 
+def _commitment_section(reports: dict[str, Any]) -> list[str]:
+    """Per modality AE, the Storage Commitment reports it still waits for and why: the
+    modality deletes nothing until it hears, so its disk is what fills."""
+    if not reports["by_ae"]:
+        return []
+    out = ["<h2>Storage Commitment reports pending</h2><div class=wrap>"
+           "<table id=commitment-reports><tr><th>modality AE</th><th>reports</th>"
+           "<th>oldest</th><th>attempts</th><th>last error</th></tr>"]
+    for row in reports["by_ae"]:
+        out.append(f"<tr data-ae=\"{_esc(row['calling_ae'])}\"><td>{_esc(row['calling_ae'])}"
+                   f"</td><td>{row['pending']}</td><td>{_age(row['oldest_age_s'])}</td>"
+                   f"<td>{row['attempts']}</td>"
+                   f"<td>{_esc((row['last_error'] or '')[:200])}</td></tr>")
+    out.append("</table></div>")
+    return out
+
+
 def render_page(daemon: Daemon, form_token: FormToken | None = None) -> str:
     """The page; ``form_token`` (when auth is on) goes into each form as a hidden field."""
     snapshot = collect(daemon.settings, daemon.db)
@@ -138,6 +155,7 @@ def render_page(daemon: Daemon, form_token: FormToken | None = None) -> str:
     backlog_studies = sum(row["studies"] for row in snapshot["backlog"])
     oldest = max((row["oldest_age_s"] for row in snapshot["backlog"]), default=None)
     disk = snapshot["disk"]
+    reports = snapshot["commitment"]
     hidden = (f'<input type=hidden name="{form_token.field}" value="{_esc(form_token.value)}">'
               if form_token else "")
     out = [
@@ -152,6 +170,9 @@ def render_page(daemon: Daemon, form_token: FormToken | None = None) -> str:
         f"{_esc(link_text)}</span></b></div>",
         f'<div class="card" id="backlog">Backlog<b>'
         f'{counted(backlog_studies, "study", "studies")}</b>oldest {_age(oldest)}</div>',
+        f'<div class="card" id="commitment">Commitment reports<b>'
+        f'{reports["pending"]} pending</b>oldest {_age(reports["oldest_age_s"])} · '
+        f'given up {reports["given_up_24h"]} (24 h)</div>',
         f'<div class="card" id="disk">Disk<b>{disk["used_percent"]} %</b>'
         f"{human_size(disk['free_bytes'])} free · spool {human_size(disk['spool_bytes'])}</div>",
         f'<div class="card" id="cache">Cache<b>{counted(snapshot["studies"], "study", "studies")}'
@@ -159,6 +180,7 @@ def render_page(daemon: Daemon, form_token: FormToken | None = None) -> str:
         f"{snapshot['confirmed_instances']} confirmed</div>",
         "</div>",
         *_links_section(snapshot.get("links") or {}),
+        *_commitment_section(reports),
         "<h2>Recent studies</h2><div class=wrap><table id=studies><tr><th>time</th>"
         "<th>patient</th><th>study</th><th class=wide>mod.</th><th>images</th>"
         "<th>state</th></tr>",

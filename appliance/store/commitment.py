@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from appliance.store import audit
 from appliance.store.db import Database, now
@@ -152,16 +153,29 @@ def get(db: Database, request_id: int) -> Commitment | None:
     return Commitment.from_row(row) if row is not None else None
 
 
-def due(db: Database, limit: int = 32) -> list[Commitment]:
-    """Reports to deliver now, the oldest first."""
+def _not_of(exclude_aes: Collection[str]) -> tuple[str, tuple[str, ...]]:
+    """The SQL condition leaving out the reports of ``exclude_aes`` (modalities with a
+    delivery under way), and its parameters."""
+    if not exclude_aes:
+        return "", ()
+    marks = ", ".join("?" * len(exclude_aes))
+    return f" AND calling_ae NOT IN ({marks})", tuple(exclude_aes)
+
+
+def due(db: Database, limit: int = 32, exclude_aes: Collection[str] = ()) -> list[Commitment]:
+    """Reports to deliver now, the oldest first; none of ``exclude_aes`` (so the reports of
+    a modality whose delivery hangs never fill ``limit`` and hide the others')."""
+    condition, params = _not_of(exclude_aes)
     rows = db.query("SELECT * FROM commitment_requests WHERE state = 'pending' "
-                    "AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?", (now(), limit))
+                    f"AND next_attempt_at <= ?{condition} ORDER BY next_attempt_at LIMIT ?",
+                    (now(), *params, limit))
     return [Commitment.from_row(r) for r in rows]
 
 
-def next_due_at(db: Database) -> float | None:
+def next_due_at(db: Database, exclude_aes: Collection[str] = ()) -> float | None:
+    condition, params = _not_of(exclude_aes)
     row = db.query_one("SELECT min(next_attempt_at) AS at FROM commitment_requests "
-                       "WHERE state = 'pending'")
+                       f"WHERE state = 'pending'{condition}", params)
     return float(row["at"]) if row is not None and row["at"] is not None else None
 
 
@@ -214,3 +228,46 @@ def shift_for_clock_step_in(conn: sqlite3.Connection, step: float, cut: float) -
         "UPDATE commitment_requests SET next_attempt_at = next_attempt_at + ?, "
         "give_up_at = give_up_at + ?, updated_at = updated_at + ? "
         "WHERE state = 'pending' AND updated_at < ?", (step, step, step, cut)).rowcount
+
+
+GIVEN_UP_RECENT_S = 24 * 3600.0
+
+
+def backlog(db: Database) -> dict[str, Any]:
+    """What hospital IT must see of the reports (``pas status``, the status page, ``pas
+    doctor``): how many wait and since when, per modality with its latest error, and how
+    many were given up (last 24 h, ever). A modality that never hears PAS committed keeps
+    its copy of the study, and its disk fills: this is the first sign of it."""
+    at = now()
+    per_ae = db.query(
+        "SELECT calling_ae, count(*) AS pending, min(requested_at) AS oldest, "
+        "max(attempts) AS attempts, "
+        "(SELECT last_error FROM commitment_requests e WHERE e.calling_ae = c.calling_ae "
+        " AND e.state = 'pending' AND e.last_error IS NOT NULL "
+        " ORDER BY e.updated_at DESC LIMIT 1) AS last_error "
+        "FROM commitment_requests c WHERE state = 'pending' GROUP BY calling_ae "
+        "ORDER BY oldest")
+    given_up = db.query_one(
+        "SELECT count(*) AS total, coalesce(sum(updated_at >= ?), 0) AS recent "
+        "FROM commitment_requests WHERE state = 'given-up'", (at - GIVEN_UP_RECENT_S,))
+    by_ae = [{"calling_ae": r["calling_ae"], "pending": int(r["pending"]),
+              "oldest_age_s": round(at - r["oldest"], 1), "attempts": int(r["attempts"]),
+              "last_error": r["last_error"]} for r in per_ae]
+    return {
+        "pending": sum(row["pending"] for row in by_ae),
+        "oldest_age_s": max((row["oldest_age_s"] for row in by_ae), default=None),
+        "given_up_24h": int(given_up["recent"]) if given_up is not None else 0,
+        "given_up_total": int(given_up["total"]) if given_up is not None else 0,
+        "by_ae": by_ae,
+    }
+
+
+def askers(db: Database) -> list[dict[str, Any]]:
+    """Every modality that asked for commitment: how many requests, when last, and how
+    many reports went on the asking association (``pas doctor``: an AE PAS has no address
+    for gets its reports only while it keeps that association open)."""
+    rows = db.query(
+        "SELECT calling_ae, count(*) AS requests, max(requested_at) AS last_at, "
+        "coalesce(sum(sent_how = 'same association'), 0) AS on_same_association "
+        "FROM commitment_requests GROUP BY calling_ae ORDER BY calling_ae")
+    return [dict(r) for r in rows]

@@ -1,0 +1,179 @@
+"""Storage Commitment reports on a new association: over DICOM TLS, and independent per
+modality (appliance/ingest/commitment.py; docs/ingest.md, "Storage Commitment").
+
+Found in review (2026-12-04): with ``dicom.tls.enabled`` a modality that reached PAS over
+TLS was called back in clear (its TLS-only SCP never got the report); and the delivery
+loop was one thread, so a modality whose address swallows packets held every other
+modality's report for the 10 s of each try.
+
+In-process, the daemon's own :class:`StorageCommitmentScp` and store; the modalities are
+pynetdicom SCPs (one behind a real TLS listener), the silent one a BlackHole in a test
+namespace.
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.uid import CTImageStorage, generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import StorageCommitmentPushModel
+
+from appliance.config import ConfigError, DicomSection, load_settings
+from appliance.ingest import commitment as commitment_scp
+from appliance.ingest.commitment import StorageCommitmentScp
+from appliance.store import commitment
+from appliance.store.db import Database
+from appliance.store.spool import Spool
+from tests.faults.pki import make_pki
+from tests.support.peers import BlackHole, NetNamespace, free_port, wait_for
+
+
+class Modality:
+    """A pynetdicom Storage Commitment SCU taking N-EVENT-REPORTs on its own listener."""
+
+    def __init__(self, title: str, host: str, port: int,
+                 ssl_context: ssl.SSLContext | None = None):
+        self.reports: list[tuple[str, float]] = []  # (Transaction UID, monotonic time)
+        ae = AE(ae_title=title)
+        ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+        self.server = ae.start_server((host, port), block=False, ssl_context=ssl_context,
+                                      evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._on_report)])
+
+    def _on_report(self, event: Any) -> tuple[int, None]:
+        self.reports.append((str(event.event_information.TransactionUID), time.monotonic()))
+        return 0x0000, None
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Database]:
+    database = Database(tmp_path / "pas.sqlite")
+    yield database
+    database.close()
+
+
+def _request(db: Database, transaction_uid: str, calling_ae: str) -> commitment.Commitment:
+    recorded, _ = commitment.record_request(db, transaction_uid, calling_ae, "127.0.0.1",
+                                            [(CTImageStorage, generate_uid())],
+                                            lambda relative: True, 3600)
+    return recorded
+
+
+def _row(db: Database, transaction_uid: str) -> dict[str, Any]:
+    [row] = db.query("SELECT * FROM commitment_requests WHERE transaction_uid = ?",
+                     (transaction_uid,))
+    return dict(row)
+
+
+def test_report_goes_over_tls_to_a_tls_modality_with_the_listeners_certificate(
+        tmp_path: Path, db: Database) -> None:
+    """``dicom.tls.enabled``: a known AE without ``tls`` is called back over TLS (PAS shows
+    its listener's certificate, the modality's is checked against ``dicom.tls.ca``); the
+    modality's SCP speaks TLS only and requires PAS's certificate."""
+    pki = make_pki(tmp_path / "pki")
+    port = free_port()
+    server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki / "ca.crt"))
+    server_side.verify_mode = ssl.CERT_REQUIRED  # PAS must show a certificate of the CA
+    server_side.load_cert_chain(str(pki / "client.crt"), str(pki / "client.key"))
+    modality = Modality("TLSCT", "127.0.0.1", port, server_side)
+    try:
+        config = DicomSection(
+            tls={"enabled": True, "cert": pki / "server.crt", "key": pki / "server.key",
+                 "ca": pki / "ca.crt"},
+            known_aes=[{"title": "TLSCT", "host": "127.0.0.1", "port": port}])
+        scp = StorageCommitmentScp(config, db, Spool(tmp_path / "spool"))
+        transaction = generate_uid()
+        scp.deliver(_request(db, transaction, "TLSCT"))
+        assert [uid for uid, _ in modality.reports] == [transaction]
+        row = _row(db, transaction)
+        assert (row["state"], row["sent_how"]) == ("sent", f"new association to 127.0.0.1:{port}")
+    finally:
+        modality.stop()
+
+
+def test_tls_false_calls_back_in_clear_and_tls_without_a_ca_is_refused_naming_the_key(
+        tmp_path: Path, db: Database) -> None:
+    """``tls = false`` on one known AE: a modality whose SCP listens in clear still gets its
+    report though the listener speaks TLS. ``tls = true`` with no ``dicom.tls.ca``: the
+    configuration is refused, naming the key and the AE."""
+    pki = make_pki(tmp_path / "pki")
+    port = free_port()
+    modality = Modality("CLEARCT", "127.0.0.1", port)
+    try:
+        config = DicomSection(
+            tls={"enabled": True, "cert": pki / "server.crt", "key": pki / "server.key",
+                 "ca": pki / "ca.crt"},
+            known_aes=[{"title": "CLEARCT", "host": "127.0.0.1", "port": port, "tls": False}])
+        scp = StorageCommitmentScp(config, db, Spool(tmp_path / "spool"))
+        transaction = generate_uid()
+        scp.deliver(_request(db, transaction, "CLEARCT"))
+        assert [uid for uid, _ in modality.reports] == [transaction]
+    finally:
+        modality.stop()
+    toml = tmp_path / "pas.toml"
+    toml.write_text(f'home = "{tmp_path / "home"}"\n[dicom]\n'
+                    'known_aes = [{title = "CT1", host = "10.1.1.1", port = 104, tls = true}]\n')
+    with pytest.raises(ConfigError) as refused:
+        load_settings(toml)
+    assert refused.value.problems == [
+        "dicom.known_aes[0].tls: CT1 is called back over TLS: dicom.tls.ca (the modalities' "
+        "CA) is required"]
+
+
+@pytest.mark.root
+def test_a_black_holed_modality_does_not_delay_another_modalitys_report(
+        tmp_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SILENT's address swallows every packet; its report is due first. FAST's report must
+    still arrive at once, not after SILENT's try times out (6 s here): on the one-thread
+    loop it waited for it."""
+    monkeypatch.setattr(commitment_scp, "REPORT_ANSWER_TIMEOUT_S", 6.0)
+    ns = NetNamespace("stgops").create()
+    silent_port = free_port()
+    hole = BlackHole(ns, silent_port)
+    hole.on()
+    fast_port = free_port()
+    fast = Modality("FAST", "127.0.0.1", fast_port)
+    stopping = threading.Event()
+    loop: threading.Thread | None = None
+    scp: StorageCommitmentScp | None = None
+    try:
+        config = DicomSection(known_aes=[
+            {"title": "SILENT", "host": ns.inner_address, "port": silent_port},
+            {"title": "FAST", "host": "127.0.0.1", "port": fast_port}])
+        scp = StorageCommitmentScp(config, db, Spool(tmp_path / "spool"))
+        silent_uids = [generate_uid() for _ in range(3)]
+        for uid in silent_uids:  # due first, the oldest
+            _request(db, uid, "SILENT")
+        fast_uid = generate_uid()
+        _request(db, fast_uid, "FAST")
+        started = time.monotonic()
+        loop = threading.Thread(target=scp.run, args=(stopping,), daemon=True)
+        loop.start()
+        wait_for(lambda: fast.reports, 30, what="FAST's report")
+        [(uid, arrived)] = fast.reports
+        assert uid == fast_uid
+        assert arrived - started < 3.0, f"FAST's report took {arrived - started:.1f} s"
+        assert _row(db, fast_uid)["state"] == "sent"
+        # SILENT: one try at a time, failing by its own timeout, the others still waiting.
+        failed = wait_for(lambda: [r for r in (_row(db, u) for u in silent_uids)
+                                   if r["attempts"] == 1], 20, what="SILENT's first try")
+        assert len(failed) == 1 and "failed" in failed[0]["last_error"]
+        assert all(_row(db, u)["state"] == "pending" for u in silent_uids)
+    finally:
+        stopping.set()
+        if loop is not None:
+            loop.join(5)
+        hole.off()  # the try under way gets its refusal, and ends before the database does
+        if scp is not None and hasattr(scp, "deliveries_under_way"):
+            wait_for(lambda: scp.deliveries_under_way() == 0, 15, what="tries ended")
+        fast.stop()
+        ns.delete()
