@@ -420,3 +420,50 @@ def test_report_without_an_address_says_which_key_and_is_given_up_past_its_deadl
     assert given_up["actor"] == "CT9" and "1.2.9.2" in given_up["detail"]
     assert commitment.due(db) == []  # neither is due now: one waits, one is given up
     db.close()
+
+
+def test_settled_requests_are_forgotten_after_a_week_pending_ones_never(
+        tmp_path: Path) -> None:
+    """In-process: a request holds the UIDs of every instance it answered (a 2,000-image CT
+    is ~260 kB), and rows were kept for ever. The delivery loop's first pass deletes those
+    settled (sent, given up) over a week ago; a pending one, however old, and a recent one
+    stay; the audit rows all stay."""
+    import threading
+
+    from appliance.config import DicomSection
+    from appliance.ingest.commitment import StorageCommitmentScp
+    from appliance.store import commitment
+    from appliance.store.db import Database
+    from appliance.store.spool import Spool
+
+    db = Database(tmp_path / "pas.sqlite")
+    scp = StorageCommitmentScp(DicomSection(known_aes=[{"title": "CT9"}]), db,
+                               Spool(tmp_path / "spool"))
+    item = [(CTImageStorage, generate_uid())]
+    ids = {}
+    for uid in ("1.2.9.10", "1.2.9.11", "1.2.9.12", "1.2.9.13"):
+        ids[uid] = commitment.record_request(db, uid, "CT9", "10.0.0.9", item,
+                                             lambda relative: True, 30 * 86400)[0].id
+    commitment.mark_sent(db, ids["1.2.9.10"], "same association")   # sent 8 days ago
+    commitment.mark_sent(db, ids["1.2.9.11"], "same association")   # sent just now
+    with db.transaction() as conn:
+        conn.execute("UPDATE commitment_requests SET state = 'given-up' WHERE id = ?",
+                     (ids["1.2.9.12"],))                              # given up 8 days ago
+        conn.execute("UPDATE commitment_requests SET updated_at = updated_at - ? "
+                     "WHERE id IN (?, ?, ?)", (8 * 86400, ids["1.2.9.10"], ids["1.2.9.12"],
+                                               ids["1.2.9.13"]))     # 13: pending, 8 days
+    stopping = threading.Event()
+    loop = threading.Thread(target=scp.run, args=(stopping,), daemon=True)
+    loop.start()
+    try:
+        wait_for(lambda: len(db.query("SELECT id FROM commitment_requests")) == 2, 10,
+                 what="the settled requests of over a week forgotten")
+    finally:
+        stopping.set()
+        scp.wake.set()
+        loop.join(10)
+    left = {r["transaction_uid"] for r in db.query("SELECT transaction_uid "
+                                                   "FROM commitment_requests")}
+    assert left == {"1.2.9.11", "1.2.9.13"}
+    assert len(db.query("SELECT id FROM audit WHERE event = 'commitment'")) == 4
+    db.close()

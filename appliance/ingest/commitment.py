@@ -52,6 +52,7 @@ from appliance.store.db import Database, now
 from appliance.store.spool import Spool
 
 log = logging.getLogger("pas.ingest.commitment")
+FORGET_EVERY_S = 3600.0  # how often settled requests are pruned
 
 STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
 WELL_KNOWN_INSTANCE = "1.2.840.10008.1.20.1.1"
@@ -386,10 +387,17 @@ class StorageCommitmentScp:
     def run(self, stopping: threading.Event) -> None:
         """The delivery loop (a daemon thread): due reports to delivery threads, then sleep
         until the next one, a delivery ending, a new request, or at most a second (to
-        notice ``stopping``)."""
+        notice ``stopping``). Hourly, settled requests past their week are forgotten."""
+        forget_at = 0.0  # settled requests pruned at the first pass, then hourly
         while not stopping.is_set():
             self.wake.clear()
             try:
+                if time.monotonic() >= forget_at:
+                    forget_at = time.monotonic() + FORGET_EVERY_S
+                    if forgotten := commitment.forget_settled(self.db):
+                        log.info("Storage Commitment: %d settled requests older than %d "
+                                 "days forgotten (their audit rows stay)", forgotten,
+                                 commitment.SETTLED_KEPT_S // 86400)
                 self.deliver_due()
                 with self._lock:
                     busy = set(self._busy_aes)

@@ -210,6 +210,23 @@ def give_up(db: Database, request: Commitment, error: str) -> None:
                             sop_class="1.2.840.10008.1.20.1")
 
 
+# How long a settled request (its report sent, or given up) is kept: long enough for a
+# modality asking the same transaction again to get the same answer, for `pas doctor` to
+# know who asks, and for IT to look back a week; its audit row stays for good.
+SETTLED_KEPT_S = 7 * 86400.0
+
+
+def forget_settled(db: Database, kept_s: float = SETTLED_KEPT_S) -> int:
+    """Delete requests settled more than ``kept_s`` ago; how many. A row holds the UIDs of
+    every instance it answered (~130 bytes each: a 2,000-image CT is 260 kB), so kept for
+    ever the table grew by tens of MB a day at a busy site, in the database every index
+    read shares. Pending reports are never touched."""
+    with db.transaction() as conn:
+        return conn.execute(
+            "DELETE FROM commitment_requests WHERE state IN ('sent', 'given-up') "
+            "AND updated_at < ?", (now() - kept_s,)).rowcount
+
+
 def due_at_start(db: Database) -> int:
     """At start-up: every report still pending is due at once (the modality may have come
     back while PAS was down, and a restart is how an operator says "try now"); how many."""
