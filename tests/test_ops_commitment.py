@@ -58,7 +58,7 @@ def test_status_json_text_page_and_doctor_show_the_reports_waiting(tmp_path: Pat
             home / "pas.sqlite", "SELECT attempts FROM commitment_requests "
             "WHERE state = 'pending'")), 20, what="a first try of every pending report")
         reports = pas.status()["commitment"]
-        assert (reports["pending"], reports["given_up_24h"], reports["given_up_total"]) == (
+        assert (reports["pending"], reports["given_up_24h"], reports["given_up_7d"]) == (
             3, 1, 1)
         assert reports["oldest_age_s"] >= 600
         by_ae: dict[str, Any] = {row["calling_ae"]: row for row in reports["by_ae"]}
@@ -72,7 +72,7 @@ def test_status_json_text_page_and_doctor_show_the_reports_waiting(tmp_path: Pat
 
         text = pas.cli("status").stdout
         assert "Storage Commitment reports pending" in text and "no address for CT1" in text
-        assert "1 report given up in the last 24 h (1 in all)" in text
+        assert "1 report given up in the last 24 h (1 in the last 7 days)" in text
 
         page = httpx.get(f"http://127.0.0.1:{pas.http_port}/", timeout=10).text
         assert '<div class="card" id="commitment">Commitment reports<b>3 pending</b>' in page

@@ -199,8 +199,8 @@ def _print_commitment(reports: dict[str, Any]) -> None:
     if reports["given_up_24h"]:
         console.print(f"[red]Storage Commitment:[/red] "
                       f"{counted(reports['given_up_24h'], 'report')} given up in the last 24 h "
-                      f"({reports['given_up_total']} in all): those modalities keep their "
-                      "copies (pas audit --event commitment --failures shows which)",
+                      f"({reports['given_up_7d']} in the last 7 days): those modalities keep "
+                      "their copies (pas audit --event commitment --failures shows which)",
                       highlight=False, soft_wrap=True)
 
 

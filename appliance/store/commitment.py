@@ -253,8 +253,9 @@ GIVEN_UP_RECENT_S = 24 * 3600.0
 def backlog(db: Database) -> dict[str, Any]:
     """What hospital IT must see of the reports (``pas status``, the status page, ``pas
     doctor``): how many wait and since when, per modality with its latest error, and how
-    many were given up (last 24 h, ever). A modality that never hears PAS committed keeps
-    its copy of the study, and its disk fills: this is the first sign of it."""
+    many were given up (last 24 h; last 7 days, as settled rows are kept a week). A modality
+    that never hears PAS committed keeps its copy of the study, and its disk fills: this is
+    the first sign of it."""
     at = now()
     per_ae = db.query(
         "SELECT calling_ae, count(*) AS pending, min(requested_at) AS oldest, "
@@ -274,7 +275,7 @@ def backlog(db: Database) -> dict[str, Any]:
         "pending": sum(row["pending"] for row in by_ae),
         "oldest_age_s": max((row["oldest_age_s"] for row in by_ae), default=None),
         "given_up_24h": int(given_up["recent"]) if given_up is not None else 0,
-        "given_up_total": int(given_up["total"]) if given_up is not None else 0,
+        "given_up_7d": int(given_up["total"]) if given_up is not None else 0,
         "by_ae": by_ae,
     }
 
