@@ -129,5 +129,4 @@ def _put_back(assoc: Any, held: list[tuple[Any, Any]]) -> None:
     queue = assoc.dimse.msg_queue
     with queue.mutex:
         queue.queue.extendleft(reversed(held))
-        queue.unfinished_tasks += len(held)
         queue.not_empty.notify(len(held))
