@@ -25,7 +25,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, MRImageStorage, generate_uid
 from pynetdicom import AE, evt
-from pynetdicom.dimse_primitives import N_ACTION
+from pynetdicom.dimse_primitives import C_ECHO, N_ACTION
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 
 from tests.support.objects import tiny_ct
@@ -467,3 +467,51 @@ def test_settled_requests_are_forgotten_after_a_week_pending_ones_never(
     assert left == {"1.2.9.11", "1.2.9.13"}
     assert len(db.query("SELECT id FROM audit WHERE event = 'commitment'")) == 4
     db.close()
+
+
+def test_a_request_crossing_the_report_on_the_open_association_is_answered(site: Site) -> None:
+    """Found in review (2026-12-04): the modality sends a C-ECHO-RQ (or its next N-ACTION-RQ)
+    just as PAS sends the report on the open association. pynetdicom's send_n_event_report
+    took the first message that came back as its answer: the C-ECHO-RQ was read as an
+    invalid N-EVENT-REPORT-RSP and PAS aborted the association the modality was using.
+    Here the modality sends a C-ECHO-RQ before it answers the report (each side has one
+    operation outstanding, within the default window)."""
+    reports = Reports()
+    echoes: list[int] = []
+    ae = modality("KEEPSOPEN")
+
+    def on_report(event: Any) -> tuple[int, None]:
+        echo = C_ECHO()
+        echo.MessageID = 901
+        echo.AffectedSOPClassUID = Verification
+        context = event.assoc._get_valid_context(Verification, "", "scu")
+        event.assoc.dimse.send_msg(echo, context.context_id)
+        return reports.handler("same")(event)
+
+    def on_message(event: Any) -> None:  # the modality's loop drops the answer itself
+        if type(event.message).__name__ == "C_ECHO_RSP":
+            echoes.append(int(event.message.command_set.Status))
+
+    assoc = ae.associate(site.ns.outer_address, site.pas.port, ae_title="PAS",
+                         evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report),
+                                       (evt.EVT_DIMSE_RECV, on_message)])
+    assert assoc.is_established
+    try:
+        stored = tiny_ct()
+        assert assoc.send_c_store(stored).Status == 0x0000
+        transaction = generate_uid()
+        status, _ = assoc.send_n_action(
+            request_info(transaction, [(CTImageStorage, str(stored.SOPInstanceUID))]), 1,
+            StorageCommitmentPushModel, WELL_KNOWN)
+        assert status.Status == 0x0000
+        wait_for(lambda: reports.for_transaction(transaction), 15, what="the report")
+        [row] = wait_for(lambda: [r for r in site.rows(transaction) if r["state"] == "sent"],
+                         10, what="the report marked sent")
+        assert row["sent_how"] == "same association"
+        wait_for(lambda: echoes, 10, what="the C-ECHO-RSP")
+        assert echoes == [0x0000]
+        assert assoc.is_established and not assoc.is_aborted
+        assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        if assoc.is_established:
+            assoc.release()

@@ -23,6 +23,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage
+from pynetdicom import AE
 from pynetdicom.dimse_messages import C_FIND_RSP as C_FIND_RSP_MESSAGE
 from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.dsutils import encode
@@ -40,6 +42,7 @@ from appliance.serving.qr_identifiers import response_identifier
 from appliance.words import counted
 from bench.qr import synthesize
 from tests.support import raw_ul
+from tests.support.objects import tiny_ct
 from tests.support.peers import CT_DIR, MR_DIR, PasProcess, read_rows, storescu, wait_for
 
 MR_STUDY = "1.2.392.200036.9116.4.2.9143.1467.20191203091257574.1.2"
@@ -312,3 +315,62 @@ def test_a_cancel_ends_a_c_find_answered_the_direct_way(tmp_path: Path) -> None:
                          what="the C-FIND's audit row")
         assert row["outcome"] == "cancelled"
         assert row["detail"] == counted(pending, "result")
+
+
+def _cancel_rq(message_id: int) -> bytes:
+    cancel = b"".join([struct.pack("<HHI", 0, 0x0100, 2), struct.pack("<H", 0x0FFF),
+                       struct.pack("<HHI", 0, 0x0120, 2), struct.pack("<H", message_id),
+                       struct.pack("<HHI", 0, 0x0800, 2), struct.pack("<H", 0x0101)])
+    return p_data_tf(1, 0x03, struct.pack("<HHII", 0, 0, 4, len(cancel)) + cancel)
+
+
+def test_a_c_find_left_early_is_audited_though_the_index_changed_meanwhile(
+        tmp_path: Path) -> None:
+    """Found in review (2026-12-04): a C-FIND that ended before its last match (cancelled,
+    or the viewer gone) wrote its audit row on the connection whose match cursor was still
+    open. If anything was written to the index since the query began (here a modality's
+    C-STORE while the viewer is not reading), that row's BEGIN IMMEDIATE met the cursor's
+    stale snapshot: "database is locked" at once, "audit record failed" in the log, no row.
+    Both ways out: a C-CANCEL (final status Cancel) and an A-ABORT."""
+    home = tmp_path / "pas"
+    home.mkdir()
+    # ~5.6 MB of answers: more than loopback's autotuned send buffer (~3.6 MB seen) and the
+    # viewer's 4 kB take, so PAS is still sending when the viewer stops reading.
+    synthesize(home, 30000)
+    keys = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "", "PatientID": ""}
+    with _serving(home) as pas:
+        for viewer in ("CANCELS", "ABORTS"):
+            raw = raw_ul.associate(pas.port, [(1, STUDY_ROOT, IMPLICIT_LE)], calling=viewer,
+                                   receive_buffer=4096)
+            raw.sock.sendall(p_data_tf(1, 0x03, _c_find_rq(STUDY_ROOT, 9))
+                             + p_data_tf(1, 0x02, _identifier(keys, IMPLICIT_LE)))
+            kind, _ = raw.read_pdu()
+            assert kind == 0x04
+            # The viewer reads no more: PAS waits in a send, its cursor open; meanwhile a
+            # modality stores an image (rows written by another connection).
+            modality = AE(ae_title="MODALITY")
+            modality.add_requested_context(CTImageStorage)
+            store = modality.associate("127.0.0.1", pas.port, ae_title="PAS")
+            assert store.send_c_store(tiny_ct()).Status == 0x0000
+            store.release()
+            if viewer == "CANCELS":
+                raw.sock.sendall(_cancel_rq(9))
+                status = None
+                while status is None:
+                    kind, body = raw.read_pdu()
+                    assert kind == 0x04
+                    if body[5] == 0x03:
+                        code = struct.unpack("<H", parse_command(body[6:])[0x0900])[0]
+                        status = None if code == 0xFF00 else code
+                assert status == 0xFE00, hex(status)
+                raw.release()
+            else:
+                raw.sock.sendall(struct.pack(">BBIBBBB", 0x07, 0, 4, 0, 0, 0, 0))
+                raw.sock.close()
+            [row] = wait_for(lambda v=viewer: read_rows(  # type: ignore[misc]
+                home / "pas.sqlite", "SELECT outcome FROM audit WHERE event = 'query' AND "
+                "actor = ?", (v,)), 10, what=f"the audit row of {viewer}'s C-FIND")
+            assert row["outcome"] == ("cancelled" if viewer == "CANCELS" else
+                                      "failure: the association ended before the last "
+                                      "match was sent")
+        assert "audit record failed" not in pas.log()

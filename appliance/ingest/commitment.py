@@ -44,6 +44,7 @@ from pynetdicom import AE, evt
 from pynetdicom.presentation import build_role
 
 from appliance.config import DicomSection, MoveDestination
+from appliance.dicomnet.event_report import EventReportError, send_event_report
 from appliance.dicomnet.outgoing import association_ended
 from appliance.ops.metrics import count_commitment_report
 from appliance.routing.backoff import exponential_delay
@@ -245,8 +246,7 @@ class StorageCommitmentScp:
             request = commitment.get(self.db, request_id)
             if request is None or request.state != "pending" or association_ended(assoc):
                 return
-            assoc.dimse_timeout = REPORT_ANSWER_TIMEOUT_S
-            error = self._send(assoc, request)
+            error = self._send_here(assoc, request)
             if error is None:
                 self._sent(request, "same association")
             else:
@@ -258,6 +258,20 @@ class StorageCommitmentScp:
             with self._lock:
                 self._in_flight.discard(request_id)
             self.wake.set()
+
+    def _send_here(self, assoc: Any, request: commitment.Commitment) -> str | None:
+        """:meth:`_send` on the association the modality opened and may still be using:
+        a request it sends meanwhile is served, not taken for the answer (event_report.py)."""
+        if getattr(assoc.dul, "_pas_io_lock", None) is None:  # pynetdicom's own loops
+            assoc.dimse_timeout = REPORT_ANSWER_TIMEOUT_S
+            return self._send(assoc, request)
+        event_type, info = report_dataset(request, self.config.ae_title)
+        try:
+            code = send_event_report(assoc, info, event_type, STORAGE_COMMITMENT_PUSH,
+                                     WELL_KNOWN_INSTANCE, 1, REPORT_ANSWER_TIMEOUT_S)
+        except EventReportError as exc:
+            return str(exc)
+        return None if code == 0x0000 else f"N-EVENT-REPORT-RSP status 0x{code:04X}"
 
     def _send(self, assoc: Any, request: commitment.Commitment) -> str | None:
         """Send the report on ``assoc``; None when the modality answered success, else what

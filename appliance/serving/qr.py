@@ -160,19 +160,26 @@ class QueryRetrieveService:
             # One row more than max_results tells whether the answer was cut short. C-FIND has
             # no warning status (PS3.4 C.4.1.1.4) and a failure would make most viewers drop
             # the matches sent: it ends in Success, and the cut is logged and audited.
+            # Its cursor holds a read transaction on this thread's connection, the one the
+            # audit row is written on: a match loop left early closes it first. Left open,
+            # the row's BEGIN IMMEDIATE met that stale snapshot once anything else had been
+            # written meanwhile ("database is locked" at once) and the row was lost.
             rows = store_query.find(self.db, level, {"StudyInstanceUID": "", **keys},
                                     limit=None if cap is None else cap + 1,
                                     pn_case_sensitive=self.settings.pn_case_sensitive)
             for values in rows:
                 if cap is not None and count == cap:
+                    rows.close()
                     note = f"truncated: more than serving.max_results = {cap} matches"
                     log.warning("C-FIND from %s: %s (%s)", calling, note, summary)
                     break
                 if event.is_cancelled:
+                    rows.close()
                     audit_query(calling, address, summary, "cancelled", count)
                     yield CANCELLED, None
                     return
                 if not (yield from answer(values, "ONLINE")):
+                    rows.close()
                     audit_query(calling, address, summary, ended, count)
                     return
                 count += 1

@@ -17,7 +17,7 @@ import datetime as dt
 import re
 import sqlite3
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -313,7 +313,7 @@ def _match_person_name(where: _Where, keyword: str, sql: str, value: str,
 
 def find(db: Database, level: str, keys: dict[str, str], *,
          pn_case_sensitive: bool = False, limit: int | None = None,
-         offset: int = 0) -> Iterator[dict[str, Any]]:
+         offset: int = 0) -> Generator[dict[str, Any], None, None]:
     """Every entity at ``level`` matching ``keys`` (keyword -> DICOM string value; empty is
     universal matching), each as keyword -> value for every key asked that the index knows.
 
