@@ -184,6 +184,7 @@ class StorageCommitmentScp:
         self._tls_context: ssl.SSLContext | None = None
         self._in_flight: set[int] = set()  # reports being tried on their own association
         self._busy_aes: set[str] = set()   # modalities with a report on a new association
+        self._answering: set[tuple[str, str]] = set()  # (AE, Transaction UID) being recorded
         self._lock = threading.Lock()
         self.wake = threading.Event()
 
@@ -202,11 +203,19 @@ class StorageCommitmentScp:
             log.warning("Storage Commitment request from %s (%s) refused (0x%04X): %s",
                         calling, address, refused.status, refused, extra={"CALLING_AE": calling})
             return _failure(refused.status, refused.comment), None
+        # Claimed before the row exists: a new (or asked again) request is due at once, and
+        # a delivery pass between its commit and the in-flight mark below would also send
+        # it on a new association while this one sends it here (found at review).
+        answering = (calling, transaction_uid)
+        with self._lock:
+            self._answering.add(answering)
         try:
             recorded, new = commitment.record_request(
                 self.db, transaction_uid, calling, address, items,
                 lambda path: self.spool.path(path).is_file(), self.give_up_after_s)
         except Exception as exc:
+            with self._lock:
+                self._answering.discard(answering)
             log.exception("Storage Commitment request %s from %s could not be recorded",
                           transaction_uid, calling, extra={"CALLING_AE": calling})
             return _failure(PROCESSING_FAILURE, f"not recorded: {type(exc).__name__}"), None
@@ -216,6 +225,7 @@ class StorageCommitmentScp:
                  extra={"CALLING_AE": calling})
         with self._lock:
             self._in_flight.add(recorded.id)
+            self._answering.discard(answering)
         threading.Thread(target=self._report_on_association, args=(recorded.id, assoc),
                          name="pas-stgcmt-here", daemon=True).start()
         return 0x0000, None
@@ -374,7 +384,8 @@ class StorageCommitmentScp:
             with self._lock:
                 if len(self._busy_aes) >= DELIVERY_WORKERS:
                     return
-                if request.id in self._in_flight or request.calling_ae in self._busy_aes:
+                if (request.id in self._in_flight or request.calling_ae in self._busy_aes
+                        or (request.calling_ae, request.transaction_uid) in self._answering):
                     continue
                 self._in_flight.add(request.id)
                 self._busy_aes.add(request.calling_ae)
