@@ -199,7 +199,13 @@ class QueryRetrieveService:
                 note = "; ".join(filter(None, [note, f"region not asked: {exc}"]))
                 log.info("C-FIND: region not asked: %s", exc)
             for values in regional:
-                if values.get("StudyInstanceUID") in local_studies or event.is_cancelled:
+                # A cancel read while the region was asked ends the answer as one read during
+                # the local matches does (it sent none of the region's, then Success).
+                if event.is_cancelled:
+                    audit_query(calling, address, summary, "cancelled", count)
+                    yield CANCELLED, None
+                    return
+                if values.get("StudyInstanceUID") in local_studies:
                     continue
                 if not (yield from answer(values, "NEARLINE")):
                     audit_query(calling, address, summary, ended, count)
