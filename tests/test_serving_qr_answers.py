@@ -79,7 +79,9 @@ def _reference(level: str, asked: list[DataElement], match: dict[str, Any], synt
     return encode(dataset, syntax == IMPLICIT_LE, True) or b""
 
 
-@settings(max_examples=300, deadline=None)
+# derandomize: the same 300 examples each run, so that CI cannot fail on a draw no one made
+# before; the cases random runs found are kept below as examples of their own.
+@settings(max_examples=300, deadline=None, derandomize=True)
 @given(keys=st.lists(st.sampled_from(KEYS), min_size=1, max_size=8, unique=True),
        data=st.data(), syntax=st.sampled_from([IMPLICIT_LE, EXPLICIT_LE]),
        level=st.sampled_from(["PATIENT", "STUDY", "SERIES", "IMAGE"]),
@@ -98,6 +100,17 @@ def test_identifier_bytes_are_pydicoms(keys: list[tuple[str, str]], data: Any, s
             encoder.encode(match, availability)
         return
     assert encoder.encode(match, availability) == reference
+
+
+@pytest.mark.parametrize("name", ["=", "A^B=", "A^B==", "A^B=C", "=B", "A\\B=", "A^B"])
+@pytest.mark.parametrize("syntax", [IMPLICIT_LE, EXPLICIT_LE])
+def test_person_names_with_component_groups_are_pydicoms(name: str, syntax: str) -> None:
+    """Found by a random CI run: a PatientName of '=' went out as '= ', where pydicom (the
+    reference) drops trailing empty component groups and writes nothing."""
+    asked = _asked([("PatientName", "PN"), ("PatientID", "LO")])
+    match = {"PatientName": name, "PatientID": "P1"}
+    encoder = IdentifierEncoder("PATIENT", asked, "PAS", [], syntax)
+    assert encoder.encode(match) == _reference("PATIENT", asked, match, syntax, "ONLINE", [])
 
 
 def test_the_usual_answers_take_the_short_way() -> None:

@@ -16,7 +16,8 @@ and a match is its values padded and joined.
 
 Only what is written the same by both ways goes the short way: little endian (implicit or
 explicit VR), string VRs whose ASCII text pydicom writes as it is (padded to even length:
-NUL for UI, a space otherwise), IS from an integer, empty sequences. A match with any other
+NUL for UI, a space otherwise; not a PN with component groups, whose trailing empty groups
+pydicom drops), IS from an integer, empty sequences. A match with any other
 value (text beyond ASCII: its character set is chosen per match; an IS given as text; a
 value too long for its length field) and a query with any other VR or syntax are encoded by
 pydicom as before. tests/test_serving_qr_answers.py compares the two on generated values.
@@ -113,6 +114,8 @@ class IdentifierEncoder:
             elif isinstance(value, str) and vr in TEXT_VRS and value.isascii():
                 if vr == "UI" and ("\\" in value or value != value.strip()):
                     return None  # pydicom's UID strips each value's surrounding whitespace
+                if vr == "PN" and "=" in value:
+                    return None  # pydicom's PersonName drops trailing empty groups ("A^B=")
                 raw = value.encode("ascii")
             elif type(value) is int and vr == "IS":
                 raw = str(value).encode("ascii")
