@@ -338,6 +338,10 @@ def _cancelled_get(pas: PasProcess, level: str, key: str, uid: str) -> Any:
     """The final C-GET-RSP of a C-GET (pynetdicom as the viewer) that it cancels as soon
     as its first image arrives."""
     ae = AE(ae_title="VIEWER")
+    # What is measured is memory, not time: a fetch-through listing 50,001 instances from
+    # the region took over pynetdicom's default 30 s on a loaded CI machine (final: an empty
+    # Dataset after "DIMSE timeout reached").
+    ae.dimse_timeout = 180
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
     ae.add_requested_context(CTImageStorage)
     held: list[Any] = []
