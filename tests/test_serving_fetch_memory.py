@@ -42,7 +42,7 @@ def test_fetch_through_lists_a_study_of_50000_instances_a_page_at_a_time(
     pas = PasProcess(home, {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
                             "PAS_PREFETCH__DICOMWEB_URL": root,
                             # The whole list is awaited: the check is what is measured.
-                            "PAS_SERVING__REGION_QUERY_TIMEOUT_S": "150"}).start()
+                            "PAS_SERVING__REGION_QUERY_TIMEOUT_S": "30"}).start()
     try:
         growth, final = _study_get_growth(pas, study, real)
         print(f"C-GET of {INSTANCES + 1} instances, fetch-through listing the region's "

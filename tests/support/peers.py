@@ -179,6 +179,7 @@ class PasProcess(ChildProcess):
         }, "pas.log")
 
     def start(self, timeout: float = 30.0) -> PasProcess:
+        ready_before = self.log().count("PAS ready")
         ports = [self.port]
         if self.env.get("PAS_HTTP__ENABLED", "true").lower() != "false":
             ports.append(self.http_port)  # the HTTP app comes up just after the DICOM port
@@ -187,6 +188,12 @@ class PasProcess(ChildProcess):
         host = self.env["PAS_DICOM__HOST"]
         self._launch(ports, timeout, cwd=self.home,
                      host="127.0.0.1" if host in ("", "0.0.0.0", "::") else host)
+        # Its own "ready" line too: an open port alone may be another program's. A port
+        # free_port() gave was taken meanwhile by another test's peer; this daemon exited
+        # ("Address already in use") after the probe had found that peer listening, and the
+        # test then talked to the peer (a CI run).
+        wait_for(lambda: self._alive() and self.log().count("PAS ready") > ready_before,
+                 timeout, what=f"{self.name}'s ready line (log: {self.log_path})")
         return self
 
     def status(self) -> dict[str, Any]:
