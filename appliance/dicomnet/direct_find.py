@@ -29,10 +29,9 @@ from __future__ import annotations
 
 import logging
 import struct
-import time
 from typing import Any
 
-from appliance.dicomnet.direct_store import _element, _ui
+from appliance.dicomnet.direct_store import _element, _ui, take_socket_after_queue
 from appliance.dicomnet.outgoing import association_ended
 
 log = logging.getLogger("pas.dicomnet")
@@ -144,13 +143,5 @@ class DirectFindResponder:
     def _take_socket(self) -> None:
         """Acquire the I/O lock once the DUL has sent whatever was queued before (nothing,
         normally: the viewer sent this request after the previous final response)."""
-        deadline = time.monotonic() + self.timeout
-        queued = self.dul.to_provider_queue
-        while True:
-            self.io_lock.acquire()
-            if not queued.qsize():
-                return
-            self.io_lock.release()
-            if time.monotonic() > deadline or not self.dul.is_alive():
-                raise DirectFindError("the DUL did not send what was queued before")
-            time.sleep(0.0005)
+        if not take_socket_after_queue(self.dul, self.io_lock, self.timeout):
+            raise DirectFindError("the DUL did not send what was queued before")

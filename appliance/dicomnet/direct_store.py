@@ -53,6 +53,23 @@ DATASET_LAST = 0x02
 UNLIMITED_PDU = 1 << 20
 
 
+
+def take_socket_after_queue(dul: Any, io_lock: Any, timeout: float) -> bool:
+    """Acquire ``io_lock`` (the DUL's, reactor.py) once the DUL has sent every primitive
+    queued before, so that what the caller writes to the socket follows them; False, the lock
+    not held, when the DUL did not drain within ``timeout`` or has ended. Shared by the
+    direct C-STORE sender and the direct C-FIND answers (direct_find.py)."""
+    deadline = time.monotonic() + timeout
+    queued = dul.to_provider_queue
+    while True:
+        io_lock.acquire()
+        if not queued.qsize():
+            return True
+        io_lock.release()
+        if time.monotonic() > deadline or not dul.is_alive():
+            return False
+        time.sleep(0.0005)
+
 class DirectStoreError(Exception):
     """The exchange broke the protocol or the connection; the association is aborted."""
 
@@ -205,16 +222,8 @@ class DirectStoreSender:
     def _take_socket(self) -> None:
         """Acquire the I/O lock once the DUL has sent every primitive queued before (a
         Pending C-GET-RSP goes before the next C-STORE-RQ, as pynetdicom would send it)."""
-        deadline = time.monotonic() + (self.timeout or 30)
-        queued = self.dul.to_provider_queue
-        while True:
-            self.io_lock.acquire()
-            if not queued.qsize():
-                return
-            self.io_lock.release()
-            if time.monotonic() > deadline or not self.dul.is_alive():
-                raise DirectStoreError("the DUL did not send what was queued before")
-            time.sleep(0.0005)
+        if not take_socket_after_queue(self.dul, self.io_lock, self.timeout or 30):
+            raise DirectStoreError("the DUL did not send what was queued before")
 
     def _socket(self) -> socket.socket:
         sock = getattr(self.dul.socket, "socket", None)
