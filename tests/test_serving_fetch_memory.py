@@ -37,13 +37,15 @@ def test_fetch_through_lists_a_study_of_50000_instances_a_page_at_a_time(
     with closing(sqlite3.connect(home / "pas.sqlite")) as source, \
             closing(sqlite3.connect(tmp_path / "region" / "pas.sqlite")) as copy:
         source.backup(copy)
-    region = PasProcess(tmp_path / "region", {"PAS_DICOM__ACCEPT_UNKNOWN": "true"}).start()
+    region = PasProcess(tmp_path / "region", {"PAS_DICOM__ACCEPT_UNKNOWN": "true"})
     root = f"http://127.0.0.1:{region.http_port}/dicom-web"
     pas = PasProcess(home, {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
                             "PAS_PREFETCH__DICOMWEB_URL": root,
                             # The whole list is awaited: the check is what is measured.
-                            "PAS_SERVING__REGION_QUERY_TIMEOUT_S": "30"}).start()
-    try:
+                            "PAS_SERVING__REGION_QUERY_TIMEOUT_S": "30"})
+    try:  # both stopped whatever happens (a failed start left the region running)
+        region.start()
+        pas.start()
         growth, final = _study_get_growth(pas, study, real)
         print(f"C-GET of {INSTANCES + 1} instances, fetch-through listing the region's "
               f"{INSTANCES + 1}: peak RSS +{growth:.1f} MB")
