@@ -252,6 +252,18 @@ def test_an_issuer_mapped_from_the_environment_matches_the_ris_issuer_in_capital
     assert prefetch.region_issuer("CHU-B") is None
 
 
+def _run_refuses(path: Path, tmp_path: Path) -> str:
+    """``pas run --config PATH`` (no PAS_* from the test's environment): it must refuse to
+    start (exit 2); its stderr."""
+    run = subprocess.run([str(PAS_BIN), "run", "--config", str(path)], capture_output=True,
+                         text=True, timeout=60,
+                         env={**{k: v for k, v in os.environ.items()
+                                 if not k.startswith("PAS_")},
+                              "PAS_HOME": str(tmp_path / "home")})
+    assert run.returncode == 2, run.stderr
+    return run.stderr
+
+
 def test_a_boolean_key_in_the_file_takes_true_or_false_only(tmp_path: Path) -> None:
     """``continue = "yes"`` read as true (pydantic's lax booleans: "yes", "on", "0", 1...):
     a typo or a misunderstanding passed ``pas config check``. Now each such key is named,
@@ -277,13 +289,7 @@ def test_a_boolean_key_in_the_file_takes_true_or_false_only(tmp_path: Path) -> N
         "config error routing.rules.2.continue: must be true or false, got 'yes'",
         "config error destinations.ws.tls: must be true or false, got 'on'",
     ]), result.stderr
-    run = subprocess.run([str(PAS_BIN), "run", "--config", str(path)], capture_output=True,
-                         text=True, timeout=60,
-                         env={**{k: v for k, v in os.environ.items()
-                                 if not k.startswith("PAS_")},
-                              "PAS_HOME": str(tmp_path / "home")})
-    assert run.returncode == 2 and "routing.rules.2.continue: must be true or false" in (
-        run.stderr), run.stderr
+    assert "routing.rules.2.continue: must be true or false" in _run_refuses(path, tmp_path)
     path.write_text(body.format(accept="true", fsync="false", fetch="false", cont="true",
                                 tls="true"))
     assert check(path).returncode == 0, _said(check(path))
@@ -405,13 +411,8 @@ def test_a_number_key_in_the_file_takes_a_toml_number(tmp_path: Path) -> None:
         "config error destinations.ws.port: must be an integer, got '104'",
         "config error destinations.ws.timeout_s: must be a number, got false",
     ]), result.stderr
-    run = subprocess.run([str(PAS_BIN), "run", "--config", str(path)], capture_output=True,
-                         text=True, timeout=60,
-                         env={**{k: v for k, v in os.environ.items()
-                                 if not k.startswith("PAS_")},
-                              "PAS_HOME": str(tmp_path / "home")})
-    assert run.returncode == 2 and "dicom.port: must be an integer, got '11112'" in (
-        " ".join(run.stderr.split())), run.stderr
+    assert "dicom.port: must be an integer, got '11112'" in " ".join(
+        _run_refuses(path, tmp_path).split())
     path.write_text(body.format(port=11112, stable=60, check=0.5, attempts=3, pin=7, priors=2,
                                 mbps=8, ws=104, timeout=12.5))
     assert check(path).returncode == 0, _said(check(path))

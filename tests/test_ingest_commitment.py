@@ -120,6 +120,18 @@ class Reports:
             return [r for r in self.received if r[1].TransactionUID == uid]
 
 
+def store_and_ask(assoc: Any) -> str:
+    """One new CT stored on ``assoc``, then its commitment asked (accepted); the
+    Transaction UID."""
+    stored = tiny_ct()
+    assert assoc.send_c_store(stored).Status == 0x0000
+    transaction = generate_uid()
+    status, _ = assoc.send_n_action(
+        request_info(transaction, [(CTImageStorage, str(stored.SOPInstanceUID))]), 1,
+        StorageCommitmentPushModel, WELL_KNOWN)
+    assert status.Status == 0x0000
+    return transaction
+
 def modality(title: str) -> AE:
     ae = AE(ae_title=title)
     ae.add_requested_context(CTImageStorage)
@@ -310,13 +322,7 @@ def test_malformed_requests_refused_naming_the_problem_and_the_association_serve
         assert undecodable.Status == 0x0115
         assert assoc.is_established
         # Still serving: a good request on the same association is answered and reported.
-        stored = tiny_ct()
-        assert assoc.send_c_store(stored).Status == 0x0000
-        transaction = generate_uid()
-        status, _ = assoc.send_n_action(
-            request_info(transaction, [(CTImageStorage, str(stored.SOPInstanceUID))]), 1,
-            StorageCommitmentPushModel, WELL_KNOWN)
-        assert status.Status == 0x0000
+        transaction = store_and_ask(assoc)
         wait_for(lambda: reports.for_transaction(transaction), 15, what="the good report")
     finally:
         assoc.release()
@@ -497,13 +503,7 @@ def test_a_request_crossing_the_report_on_the_open_association_is_answered(site:
                                        (evt.EVT_DIMSE_RECV, on_message)])
     assert assoc.is_established
     try:
-        stored = tiny_ct()
-        assert assoc.send_c_store(stored).Status == 0x0000
-        transaction = generate_uid()
-        status, _ = assoc.send_n_action(
-            request_info(transaction, [(CTImageStorage, str(stored.SOPInstanceUID))]), 1,
-            StorageCommitmentPushModel, WELL_KNOWN)
-        assert status.Status == 0x0000
+        transaction = store_and_ask(assoc)
         wait_for(lambda: reports.for_transaction(transaction), 15, what="the report")
         [row] = wait_for(lambda: [r for r in site.rows(transaction) if r["state"] == "sent"],
                          10, what="the report marked sent")
