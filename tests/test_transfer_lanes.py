@@ -106,6 +106,22 @@ def test_a_repeated_chunk_and_a_lane_error_end_the_stream() -> None:
         b"".join(failing)
 
 
+def test_what_arrived_in_order_before_a_lane_failed_is_read_before_the_error() -> None:
+    """A lane cut while the reader lagged: the chunks already in, in order, are the stream
+    (their buckets' instances are complete and filed, not fetched again); the error comes
+    at the first gap. It came at once before, whatever was waiting (a CI run under load
+    filed nothing of a 400 kB cut download, and its retry fetched it all again)."""
+    merge = Reassembly(2)
+    assert merge.put(0, b"abc") and merge.put(3, b"def") and merge.put(9, b"jkl")
+    merge.lane_ended(RuntimeError("lane 0: connection reset"))  # offset 6 never comes
+    got: list[bytes] = []
+    with pytest.raises(RuntimeError, match="connection reset"):
+        for chunk in merge:
+            got.append(chunk)
+    assert got == [b"abc", b"def"]
+    assert merge.ahead == {9: b"jkl"}  # past the gap: not the stream
+
+
 def test_a_lane_waiting_for_room_is_released_when_the_reader_gives_up() -> None:
     merge = Reassembly(2, max_ahead=10)
     merge.put(20, b"x" * 10)  # ahead of offset 0: the room is used up

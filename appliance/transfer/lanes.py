@@ -87,7 +87,9 @@ class Reassembly:
 
     Iterate it (one consumer) for the stream's bytes; each lane calls ``lane_ended`` once
     (with the error that ended it, if any). The iteration ends when every lane has ended and
-    no gap is left, and raises the first lane error, or :class:`LaneFormatError` for a gap."""
+    no gap is left. After a lane error it yields what is already there in order, then raises
+    the first lane error at the first gap; :class:`LaneFormatError` for a gap left when every
+    lane ended."""
 
     def __init__(self, lanes: int, max_ahead: int = MAX_AHEAD_BYTES):
         self.cond = threading.Condition()
@@ -136,9 +138,13 @@ class Reassembly:
                 while (self.next_offset not in self.ahead and self.lanes_open > 0
                        and self.error is None):
                     self.cond.wait(1.0)
-                if self.error is not None:
-                    raise self.error
+                # What arrived in order before a lane failed is still the stream: it is read
+                # before the error (a lane cut under a reader that lagged behind threw away
+                # up to MAX_AHEAD_BYTES it had already been sent, and with them instances
+                # that were complete: the retry fetched them again over the WAN).
                 data = self.ahead.pop(self.next_offset, None)
+                if data is None and self.error is not None:
+                    raise self.error
                 if data is None:  # every lane ended
                     if self.ahead:
                         raise LaneFormatError(f"the download lanes left a gap at offset "
