@@ -9,7 +9,10 @@ disk filled, and nothing on PAS's side showed why.
 A real daemon on a home whose database holds reports made through the store: CT1 (a known
 AE without an address) waiting for 10 minutes, CT2 (an address where nothing listens)
 waiting a moment, CT3 (no address, its report taken on its own association so far) and
-one report given up.
+one report given up. Also what a site's monitoring and regional ops see of them: the
+``pas_storage_commitment_*`` gauges (the alert rule is in image/monitoring/) and the
+heartbeat's errors, which the fleet dashboard shows (found in review on 2026-12-05: neither
+said anything, only doctor and the local status did).
 """
 
 from __future__ import annotations
@@ -23,9 +26,12 @@ from typing import Any
 import httpx
 from pydicom.uid import CTImageStorage, generate_uid
 
+from appliance.config import load_settings
+from appliance.ops.heartbeat import build_heartbeat
 from appliance.store import commitment
 from appliance.store.db import Database
 from tests.support.peers import PasProcess, free_port, read_rows, wait_for
+from tests.test_ops_fleet import metric
 
 
 def _record(db: Database, ae: str, give_up_after_s: float = 86400) -> commitment.Commitment:
@@ -95,5 +101,30 @@ def test_status_json_text_page_and_doctor_show_the_reports_waiting(tmp_path: Pat
         given_up = checks["storage commitment"]
         assert given_up["verdict"] == "warn"
         assert given_up["detail"].startswith("1 report given up in the last 24 h")
+
+        # Prometheus, per modality: what the PasApplianceCommitmentReportsStuck alert reads.
+        scrape = httpx.get(f"http://127.0.0.1:{pas.http_port}/metrics", timeout=10).text
+        assert metric(scrape, "pas_storage_commitment_pending", calling_ae="CT1") == 2
+        assert metric(scrape, "pas_storage_commitment_pending", calling_ae="CT2") == 1
+        assert metric(scrape, "pas_storage_commitment_pending", calling_ae="CT3") is None
+        assert metric(scrape, "pas_storage_commitment_oldest_age_seconds",
+                      calling_ae="CT1") >= 600  # type: ignore[operator]
+        assert metric(scrape, "pas_storage_commitment_oldest_age_seconds",
+                      calling_ae="CT2") < 120  # type: ignore[operator]
+        assert metric(scrape, "pas_storage_commitment_given_up_24h") == 1
+
+        # The heartbeat tells regional ops what doctor warns of (the dashboard shows its
+        # errors): CT1 stuck, one given up; CT2, waiting a moment, not yet.
+        reader = Database(home / "pas.sqlite", readonly=True)
+        try:
+            errors = build_heartbeat(load_settings(environ={"PAS_HOME": str(home)}), reader,
+                                     time.time())["errors"]
+        finally:
+            reader.close()
+        stuck_errors = [e for e in errors if e.startswith("storage commitment:")]
+        assert stuck_errors == [
+            "storage commitment: 2 reports to CT1 waiting 10 min: no address for CT1: give "
+            "it host and port in dicom.known_aes (or list it in serving.move_destinations)",
+            "storage commitment: 1 report given up in the last 24 h"]
     finally:
         pas.stop()

@@ -29,9 +29,6 @@ from appliance.words import counted
 Verdict = Literal["ok", "warn", "fail"]
 MAX_SKEW_WARN_S = 30.0
 MAX_SKEW_FAIL_S = 300.0
-# A Storage Commitment report waiting longer than this is worth a look: a reachable
-# modality gets it within seconds (its first retry comes 10 s after a failed try).
-COMMITMENT_STUCK_AFTER_S = 300.0
 HUB_TIMEOUT_S = 10.0
 # A certificate unusable or about to be: the hint an operator can follow as it is written
 # (``pas enroll`` alone refuses an appliance already enrolled).
@@ -279,9 +276,10 @@ def check_database(settings: Settings) -> Check:
 
 def check_commitment(settings: Settings) -> list[Check]:
     """Storage Commitment reports a modality has waited for over
-    :data:`COMMITMENT_STUCK_AFTER_S`, each naming the AE and the last error; reports given
-    up in the last 24 h; and modalities that asked for commitment but have no address, so
-    that a report they do not wait for on their own association can never reach them.
+    :data:`appliance.store.commitment.STUCK_AFTER_S`, each naming the AE and the last
+    error; reports given up in the last 24 h; and modalities that asked for commitment but
+    have no address, so that a report they do not wait for on their own association can
+    never reach them.
     Nothing when the database is missing or unreadable (the database check says so)."""
     from appliance.store import commitment
     from appliance.store.db import Database
@@ -303,7 +301,7 @@ def check_commitment(settings: Settings) -> list[Check]:
     addressed |= {d.title for d in settings.serving.move_destinations}
     checks = []
     for row in reports["by_ae"]:
-        if row["oldest_age_s"] <= COMMITMENT_STUCK_AFTER_S:
+        if row["oldest_age_s"] <= commitment.STUCK_AFTER_S:
             continue
         ae = row["calling_ae"]
         error = row["last_error"] or "not tried yet"

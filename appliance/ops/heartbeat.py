@@ -30,6 +30,7 @@ from appliance import __version__
 from appliance.config import Settings
 from appliance.ops import metrics
 from appliance.ops.status import collect
+from appliance.store import commitment as commitment_store
 from appliance.store import jobs as job_store
 from appliance.store import ops as ops_store
 from appliance.store import uplink as uplink_store
@@ -63,6 +64,7 @@ def build_heartbeat(settings: Settings, db: Database, started_at: float,
         errors.append(f"{refused['destination']}: "
                       f"{counted(refused['waiting'], refused['what'])} waiting for "
                       f"credentials: {refused['error'][:120]}")
+    errors.extend(commitment_errors(snapshot["commitment"]))
     disk = snapshot["disk"]
     if disk["used_percent"] > 85:
         errors.append(f"disk {disk['used_percent']} % used")
@@ -91,6 +93,23 @@ def build_heartbeat(settings: Settings, db: Database, started_at: float,
         "cert_days_left": None if cert_days is None else round(cert_days, 2),
         "errors": errors[:MAX_ERRORS + 1],
     }
+
+
+def commitment_errors(reports: dict[str, Any]) -> list[str]:
+    """Storage Commitment reports stuck (per modality, past
+    :data:`appliance.store.commitment.STUCK_AFTER_S`) or given up in the last 24 h: what
+    ``pas doctor`` warns of, told to the fleet dashboard too, since a modality that never
+    hears PAS committed keeps every study and fills its disk, and the hospital's IT may
+    first hear of it from regional ops."""
+    errors = [f"storage commitment: {counted(row['pending'], 'report')} to "
+              f"{row['calling_ae']} waiting {row['oldest_age_s'] / 60:.0f} min: "
+              f"{(row['last_error'] or 'not tried yet')[:120]}"
+              for row in reports["by_ae"]
+              if row["oldest_age_s"] > commitment_store.STUCK_AFTER_S]
+    if reports["given_up_24h"]:
+        errors.append(f"storage commitment: {counted(reports['given_up_24h'], 'report')} "
+                      "given up in the last 24 h")
+    return errors
 
 
 class HeartbeatSender:

@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 
 from appliance import __version__
 from appliance.config import Settings
+from appliance.store import commitment as commitment_store
 from appliance.store import index
 from appliance.store import jobs as job_store
 from appliance.store import ops as ops_store
@@ -269,6 +270,7 @@ class ApplianceCollector(Collector):
                 last_ok.add_metric([destination], link["last_ok_at"])
         yield link_up
         yield last_ok
+        yield from self._collect_commitment()
         totals = index.totals(self.db)
         yield GaugeMetricFamily("pas_cache_studies", "Studies in the local cache",
                                 value=totals["studies"])
@@ -279,6 +281,26 @@ class ApplianceCollector(Collector):
                                 value=totals["confirmed_instances"])
         yield GaugeMetricFamily("pas_spool_bytes", "Bytes of DICOM files in the spool",
                                 value=totals["bytes"])
+
+    def _collect_commitment(self) -> Iterator[Metric]:
+        """Storage Commitment reports waiting, per modality: the counter of reports sent
+        says nothing of a modality that never gets one (no address, switched off), whose
+        disk fills with the studies it keeps until PAS has committed them."""
+        reports = commitment_store.backlog(self.db)
+        pending = GaugeMetricFamily("pas_storage_commitment_pending",
+                                    "Storage Commitment reports not yet delivered, by the "
+                                    "modality waiting for them", labels=["calling_ae"])
+        oldest = GaugeMetricFamily("pas_storage_commitment_oldest_age_seconds",
+                                   "Age of the oldest Storage Commitment report not yet "
+                                   "delivered, by modality", labels=["calling_ae"])
+        for row in reports["by_ae"]:
+            pending.add_metric([row["calling_ae"]], row["pending"])
+            oldest.add_metric([row["calling_ae"]], row["oldest_age_s"])
+        yield pending
+        yield oldest
+        yield GaugeMetricFamily("pas_storage_commitment_given_up_24h",
+                                "Storage Commitment reports given up in the last 24 h (the "
+                                "modality keeps its copies)", value=reports["given_up_24h"])
 
     def _collect_host(self) -> Iterator[Metric]:
         home = self.settings.home

@@ -248,6 +248,10 @@ def shift_for_clock_step_in(conn: sqlite3.Connection, step: float, cut: float) -
 
 
 GIVEN_UP_RECENT_S = 24 * 3600.0
+# A report waiting longer than this is worth a look (``pas doctor``, the heartbeat, the
+# ``PasApplianceCommitmentReportsStuck`` alert): a reachable modality gets it within seconds
+# (its first retry comes 10 s after a failed try).
+STUCK_AFTER_S = 300.0
 
 
 def backlog(db: Database) -> dict[str, Any]:
