@@ -18,6 +18,28 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(f"{folder} is missing: ../shared must be beside the repo")
 
 
+def _file_seconds() -> dict[str, float]:
+    weights: dict[str, float] = {}
+    for line in (Path(__file__).parent / "file_seconds.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            seconds, path = line.split()
+            weights[path] = float(seconds)
+    return weights
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The heaviest test files first (tests/file_seconds.txt), each file's tests together
+    and in their order. With ``--dist loadfile`` a worker takes the next file when it is
+    free: in name order the uplink and WAN files (~330 s of the ~2,070 s) came last and
+    one worker ran them alone at the end; longest first, the three workers end together."""
+    weights = _file_seconds()
+    files: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        files.setdefault(item.nodeid.split("::")[0], []).append(item)
+    ordered = sorted(files, key=lambda path: -weights.get(path, 0.0))  # stable: name order
+    items[:] = [item for path in ordered for item in files[path]]
+
+
 @pytest.fixture
 def pas_factory(tmp_path: Path) -> Iterator[Callable[..., PasProcess]]:
     started: list[PasProcess] = []
