@@ -128,6 +128,12 @@ class Settings(_Section):
             for name in prule.push_to:
                 if name not in self.destinations:
                     problems.append(f"prefetch.rules.{index}.push_to: unknown destination {name!r}")
+        if self.dicom.tls.ca is None:  # a workstation's certificate is checked against it
+            for index, moved in enumerate(self.serving.move_destinations):
+                if moved.uses_tls(self.dicom.tls.enabled):
+                    problems.append(
+                        f"serving.move_destinations[{index}].tls: {moved.title} is reached "
+                        "over TLS: dicom.tls.ca (the CA its certificate chains to) is required")
         if problems:
             raise ConfigError(problems)
 

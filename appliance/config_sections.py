@@ -448,11 +448,18 @@ class PrefetchSection(_Section):
 
 
 class MoveDestination(_Section):
-    """A C-MOVE destination a viewer may name: AE title -> where PAS sends the images."""
+    """A C-MOVE destination a viewer may name: AE title -> where PAS sends the images.
+    ``tls``: whether PAS reaches it over DICOM TLS (PAS shows ``dicom.tls.cert``/``key``,
+    the workstation's certificate must chain to ``dicom.tls.ca``); unset, it follows
+    ``dicom.tls.enabled``: a site whose listener speaks TLS sends its images over TLS."""
 
     title: AETitle
     host: str
     port: Port
+    tls: Flag | None = None
+
+    def uses_tls(self, listener_tls: bool) -> bool:
+        return listener_tls if self.tls is None else self.tls
 
 
 class ServingSection(_Section):

@@ -25,7 +25,7 @@ from pydicom.uid import CTImageStorage, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel
 
-from appliance.config import ConfigError, DicomSection, load_settings
+from appliance.config import ConfigError, DicomSection, MoveDestination, load_settings
 from appliance.ingest import commitment as commitment_scp
 from appliance.ingest.commitment import StorageCommitmentScp
 from appliance.store import commitment
@@ -96,6 +96,30 @@ def test_report_goes_over_tls_to_a_tls_modality_with_the_listeners_certificate(
         assert [uid for uid, _ in modality.reports] == [transaction]
         row = _row(db, transaction)
         assert (row["state"], row["sent_how"]) == ("sent", f"new association to 127.0.0.1:{port}")
+    finally:
+        modality.stop()
+
+
+def test_a_modality_known_only_as_a_move_destination_gets_its_report_over_its_tls(
+        tmp_path: Path, db: Database) -> None:
+    """A modality whose address PAS has only from ``serving.move_destinations`` is called
+    back over TLS when that entry says ``tls = true`` (the entry giving the address decides;
+    before, only ``dicom.known_aes`` did, and the report went in clear to a TLS-only SCP)."""
+    pki = make_pki(tmp_path / "pki")
+    port = free_port()
+    server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki / "ca.crt"))
+    server_side.verify_mode = ssl.CERT_REQUIRED
+    server_side.load_cert_chain(str(pki / "client.crt"), str(pki / "client.key"))
+    modality = Modality("MOVECT", "127.0.0.1", port, server_side)
+    try:
+        config = DicomSection(tls={"cert": pki / "server.crt", "key": pki / "server.key",
+                                   "ca": pki / "ca.crt"})
+        scp = StorageCommitmentScp(config, db, Spool(tmp_path / "spool"), [MoveDestination(
+            title="MOVECT", host="127.0.0.1", port=port, tls=True)])
+        transaction = generate_uid()
+        scp.deliver(_request(db, transaction, "MOVECT"))
+        assert [uid for uid, _ in modality.reports] == [transaction]
+        assert _row(db, transaction)["state"] == "sent"
     finally:
         modality.stop()
 

@@ -32,7 +32,6 @@ checked against ``dicom.tls.ca``, as a ``dicom`` destination's forwarding does.
 from __future__ import annotations
 
 import logging
-import ssl
 import threading
 import time
 from typing import Any
@@ -47,6 +46,7 @@ from appliance.config import DicomSection, MoveDestination
 from appliance.dicomnet.event_report import EventReportError, send_event_report
 from appliance.dicomnet.outgoing import association_ended
 from appliance.ops.metrics import count_commitment_report
+from appliance.ops.security import OutgoingDicomTls
 from appliance.routing.backoff import exponential_delay
 from appliance.store import commitment
 from appliance.store.db import Database, now
@@ -178,10 +178,14 @@ class StorageCommitmentScp:
         # known_aes wins over move_destinations: it is the modality's own entry.
         self.addresses.update({ae.title: (ae.host, ae.port) for ae in config.known_aes
                                if ae.host and ae.port})
-        # Modalities whose reports go over DICOM TLS (config: KnownAE.tls, else dicom.tls).
-        self.tls_aes = {ae.title for ae in config.known_aes
-                        if (config.tls.enabled if ae.tls is None else ae.tls)}
-        self._tls_context: ssl.SSLContext | None = None
+        # Modalities whose reports go over DICOM TLS (config: KnownAE.tls, else the
+        # MoveDestination's, else dicom.tls.enabled), the entry giving the address deciding.
+        uses_tls = {d.title: d.uses_tls(config.tls.enabled) for d in move_destinations or []}
+        uses_tls.update({ae.title: config.tls.enabled if ae.tls is None else ae.tls
+                         for ae in config.known_aes if ae.host and ae.port})
+        self.tls_aes = {title for title, tls in uses_tls.items() if tls}
+        self.outgoing_tls = OutgoingDicomTls(config.tls.ca, config.tls.cert,
+                                             config.tls.key)
         self._in_flight: set[int] = set()  # reports being tried on their own association
         self._busy_aes: set[str] = set()   # modalities with a report on a new association
         self._answering: set[tuple[str, str]] = set()  # (AE, Transaction UID) being recorded
@@ -329,18 +333,6 @@ class StorageCommitmentScp:
                     request.transaction_uid, request.calling_ae, error, delay,
                     extra={"CALLING_AE": request.calling_ae})
 
-    def _client_tls(self) -> ssl.SSLContext:
-        """The context of outgoing DICOM TLS: the modality's certificate must chain to
-        ``dicom.tls.ca``; PAS shows the listener's own certificate (config validation made
-        sure ``ca`` is set for every AE using TLS)."""
-        if self._tls_context is None:
-            from appliance.ops.security import client_context
-
-            tls = self.config.tls
-            assert tls.ca is not None
-            self._tls_context = client_context(tls.ca, tls.cert, tls.key)
-        return self._tls_context
-
     def _deliver_to(self, request: commitment.Commitment, host: str, port: int) -> str | None:
         ae = AE(ae_title=self.config.ae_title)
         ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = REPORT_ANSWER_TIMEOUT_S
@@ -351,7 +343,7 @@ class StorageCommitmentScp:
         role = build_role(STORAGE_COMMITMENT_PUSH, scu_role=False, scp_role=True)
         tls = request.calling_ae in self.tls_aes
         try:
-            tls_args = (self._client_tls(), None) if tls else None
+            tls_args = self.outgoing_tls.tls_args(tls)
             assoc = ae.associate(host, port, ae_title=request.calling_ae, ext_neg=[role],
                                  tls_args=tls_args)  # type: ignore[arg-type]
         except Exception as exc:

@@ -80,6 +80,30 @@ def client_context(ca: Path, cert: Path | None = None, key: Path | None = None,
     return context
 
 
+class OutgoingDicomTls:
+    """DICOM TLS on the associations PAS opens to the site's own nodes (Storage Commitment
+    reports to a modality, C-MOVE sub-associations to a workstation): the node's certificate
+    must chain to ``dicom.tls.ca``, PAS shows its listener's certificate. The context is
+    built at the first use (configuration validation made sure ``ca`` is set wherever TLS
+    is used) and shared by every association after it."""
+
+    def __init__(self, ca: Path | None, cert: Path | None, key: Path | None):
+        self.ca, self.cert, self.key = ca, cert, key
+        self._context: ssl.SSLContext | None = None
+        self._lock = threading.Lock()
+
+    def tls_args(self, use_tls: bool) -> tuple[ssl.SSLContext, None] | None:
+        """pynetdicom's ``tls_args`` (no host name check: nodes are addressed by IP), or
+        None in clear."""
+        if not use_tls:
+            return None
+        with self._lock:
+            if self._context is None:
+                assert self.ca is not None
+                self._context = client_context(self.ca, self.cert, self.key)
+            return self._context, None
+
+
 class AssociationRateLimiter:
     """At most ``per_minute`` association attempts per source address in any 60 s window.
 

@@ -38,9 +38,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from appliance.config import ServingSection
+from appliance.config import DicomTlsSection, ServingSection
 from appliance.ingest.scp import TRANSFER_SYNTAXES, DicomListener
 from appliance.ops.metrics import count_retrieve
+from appliance.ops.security import OutgoingDicomTls
 from appliance.serving.qr_answers import IdentifierEncoder, answerer
 from appliance.serving.qr_identifiers import identifier_keys, query_charset
 from appliance.serving.qr_responses import (
@@ -90,8 +91,12 @@ class QueryRetrieveService:
 
     def __init__(self, settings: ServingSection, db: Database, spool: Spool, ae_title: str,
                  fetcher: Fetcher | None = None,
-                 region_find: Callable[[str, dict[str, str]], list[dict[str, Any]]] | None = None):
+                 region_find: Callable[[str, dict[str, str]], list[dict[str, Any]]] | None = None,
+                 tls: DicomTlsSection | None = None):
         self.settings = settings
+        # C-MOVE sub-associations over DICOM TLS to the destinations that use it.
+        self.listener_tls = tls is not None and tls.enabled
+        self.outgoing_tls = OutgoingDicomTls(tls.ca, tls.cert, tls.key) if tls else None
         self.db = db
         self.spool = spool
         self.ae_title = ae_title
@@ -349,8 +354,10 @@ class QueryRetrieveService:
                                               f"{_why_not_up(refused, opened)}",
                          only=MOVE_DESTINATION_UNKNOWN)
         try:
+            use_tls = destination.uses_tls(self.listener_tls)
             yield destination.host, destination.port, {
                 "ae_title": destination.title, "contexts": contexts,
+                "tls_args": self.outgoing_tls.tls_args(use_tls) if self.outgoing_tls else None,
                 "evt_handlers": [(evt.EVT_ESTABLISHED, on_established),
                                  *_refusal_handlers(refused, opened)],
             }

@@ -36,7 +36,8 @@ def wire_serving(daemon: Daemon) -> None:
     fetcher = make_fetcher(settings, daemon.db, daemon.receiver)
     daemon.qr = QueryRetrieveService(settings.serving, daemon.db, daemon.spool,
                                      settings.dicom.ae_title, fetcher=fetcher,
-                                     region_find=make_region_find(settings))
+                                     region_find=make_region_find(settings),
+                                     tls=settings.dicom.tls)
     daemon.qr.register(daemon.listener)
     from appliance.serving.dicomweb import daemon_routes
 

@@ -7,6 +7,7 @@ A test CA, a server, a client and a rogue (self-signed) client certificate come 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -14,7 +15,10 @@ import subprocess
 from pathlib import Path
 
 import httpx
+import pytest
+from pydicom import dcmread
 
+from appliance.config import ConfigError, MoveDestination, load_settings
 from tests.faults.helpers import assert_consistent, assert_kept_exactly, stored_successes
 from tests.faults.pki import make_pki
 from tests.support.peers import (
@@ -109,6 +113,62 @@ def test_forward_to_a_tls_dicom_node(tmp_path: Path) -> None:
     finally:
         pas.stop()
         node.stop()
+
+
+def test_c_move_to_a_tls_workstation_goes_over_tls(tmp_path: Path) -> None:
+    """A C-MOVE's sub-association to a ``serving.move_destinations`` entry with ``tls``
+    goes over TLS, PAS showing ``dicom.tls.cert`` (unset, ``tls`` follows
+    ``dicom.tls.enabled``): a workstation whose storescp speaks TLS only and requires a
+    certificate of the CA gets every image. Before, PAS opened it in clear whatever the
+    configuration: the handshake failed, the viewer got 0xA801 and nothing. The viewer
+    here, DCMTK's movescu, has no TLS: PAS's listener is in clear."""
+    pki = make_pki(tmp_path / "pki")
+    workstation = StoreSCP(tmp_path / "ws", ae_title="WS").start(extra=_tls(pki, "client"))
+    pas = PasProcess(tmp_path / "pas", {
+        **_tls_env(pki), "PAS_DICOM__TLS__ENABLED": "false", "PAS_SERVING__MOVE_DESTINATIONS":
+            f'[{{title = "WS", host = "127.0.0.1", port = {workstation.port}, tls = true}}]'}
+    ).start()
+    try:
+        files = sorted(CT_DIR.glob("*.dcm"))[:3]
+        study = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        files = [f for f in sorted(CT_DIR.glob("*.dcm"))
+                 if str(dcmread(f, stop_before_pixels=True).StudyInstanceUID) == study][:3]
+        subprocess.run(["storescu", "-aec", "PAS", "-aet", "CT1", "127.0.0.1", str(pas.port),
+                        *map(str, files)], env=DCMTK_ENV,
+                       check=True, capture_output=True, timeout=60)
+        moved = subprocess.run(["movescu", "-v", "-S", "-aec", "PAS", "-aet", "VIEWER",
+                                "-aem", "WS", "-k", "QueryRetrieveLevel=STUDY", "-k",
+                                f"StudyInstanceUID={study}", "127.0.0.1", str(pas.port)],
+                               env=DCMTK_ENV,
+                               capture_output=True, text=True, timeout=60)
+        assert moved.returncode == 0, moved.stdout[-2000:] + moved.stderr[-2000:]
+        held = {dcmread(f).SOPInstanceUID: hashlib.sha256(dcmread(f).PixelData).hexdigest()
+                for f in files}
+        got = {dcmread(f).SOPInstanceUID: hashlib.sha256(dcmread(f).PixelData).hexdigest()
+               for f in workstation.files()}
+        assert got == held
+    finally:
+        pas.stop()
+        workstation.stop()
+
+
+def test_a_tls_move_destination_without_a_ca_is_refused_naming_the_key() -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_settings(environ={"PAS_SERVING__MOVE_DESTINATIONS":
+                               '[{title = "WS", host = "10.1.1.9", port = 104, tls = true}]'})
+    assert ("serving.move_destinations[0].tls: WS is reached over TLS: dicom.tls.ca (the CA "
+            "its certificate chains to) is required") in str(refused.value)
+    # Implied by the listener's TLS: the same, where the TLS settings name no CA.
+    with pytest.raises(ConfigError, match=r"serving\.move_destinations\[0\]\.tls"):
+        load_settings(environ={
+            "PAS_DICOM__TLS__ENABLED": "true", "PAS_DICOM__TLS__CERT": "/x.crt",
+            "PAS_DICOM__TLS__KEY": "/x.key", "PAS_DICOM__TLS__REQUIRE_CLIENT_CERT": "false",
+            "PAS_SERVING__MOVE_DESTINATIONS":
+            '[{title = "WS", host = "10.1.1.9", port = 104}]'})
+    # Unset, ``tls`` follows the listener's (the C-MOVE path asks it so, serving/qr.py).
+    assert MoveDestination(title="WS", host="h", port=104).uses_tls(True) is True
+    assert MoveDestination(title="WS", host="h", port=104).uses_tls(False) is False
+    assert MoveDestination(title="WS", host="h", port=104, tls=False).uses_tls(True) is False
 
 
 def test_association_attempts_are_limited_per_source(tmp_path: Path) -> None:
