@@ -88,6 +88,36 @@ def test_the_command_check_finds_what_is_wrong(line: str, wrong: str | None) -> 
         assert len(problems) == 1 and problems[0].startswith(wrong), problems
 
 
+def _leaves(command: object, shown: str = "pas") -> list[str]:
+    """Every command that runs something (``pas cache pin``, not the group ``pas cache``)."""
+    commands = getattr(command, "commands", None)
+    if not commands:
+        return [shown]
+    return [leaf for name, sub in sorted(commands.items())
+            for leaf in _leaves(sub, f"{shown} {name}")]
+
+
+def _named(words: list[str], command: object, shown: str = "pas") -> list[str]:
+    """The commands a documented line names: ``pas cache status/evict`` names two."""
+    commands = getattr(command, "commands", None)
+    if not commands or not words or words[0].startswith("-"):
+        return [shown]
+    return [leaf for name in words[0].split("/") if name in commands
+            for leaf in _named(words[1:], commands[name], f"{shown} {name}")]
+
+
+def test_the_readmes_table_names_every_command() -> None:
+    """README.md's "Using it" is the list IT starts from: a command missing there is one
+    they do not know they have."""
+    rows = [line for line in (ROOT / "README.md").read_text().splitlines()
+            if line.startswith("| `pas ")]
+    named = {command for row in rows for span in re.findall(r"`([^`]+)`", row.split(" | ")[0])
+             if (words := command_words(span.replace("\\|", "|"))) is not None
+             for command in _named(words, CLI)}
+    missing = [leaf for leaf in _leaves(CLI) if leaf not in named]
+    assert not missing, f"README.md's command table lacks {missing}"
+
+
 # --- configuration keys and variables --------------------------------------------------------
 
 def _owners(dotted: str) -> list[type[BaseModel]]:
