@@ -268,6 +268,20 @@ def test_every_metric_named_in_the_docs_is_exported() -> None:
     assert not problems, _report(problems)
 
 
+def test_every_alert_named_in_the_docs_is_a_shipped_rule() -> None:
+    """``PasApplianceCredentialsRefused``: what a doc tells ops to expect is in
+    image/monitoring/alerts.yml (whose names the monitoring tests check against /metrics)."""
+    rules = set(re.findall(r"^\s*- alert: (\w+)$",
+                           (ROOT / "image" / "monitoring" / "alerts.yml").read_text(),
+                           re.MULTILINE))
+    named = {(f"{path.relative_to(ROOT)}:{number}", name) for path in DOCS
+             for number, line in enumerate(path.read_text().splitlines(), 1)
+             for name in re.findall(r"\bPas[A-Z][A-Za-z]+\b", line)}
+    assert len(rules) > 10 and len(named) >= 3
+    problems = [f"{where}: no alert {name}" for where, name in sorted(named) if name not in rules]
+    assert not problems, _report(problems)
+
+
 def _metric_table() -> list[tuple[int, list[str], list[str]]]:
     """operations.md's metrics table: per row, its line, the names of its first cell and
     the labels of its second (``kind, state / destination``: one group per name)."""
