@@ -1,7 +1,9 @@
 """Reading the operator docs as tests/test_docs.py checks them: the code written in them
-(inline code spans and fenced blocks, each with its file and line) and the ``pas`` command
-lines among it, checked against the typer CLI's own command tree (no subprocess: the tree
-is what ``pas --help`` prints from)."""
+(inline code spans and fenced blocks, each with its file and line), and what that code
+names checked against the code itself: ``pas`` command lines against the typer CLI's
+command tree (no subprocess: the tree is what ``pas --help`` prints from), configuration
+keys and ``PAS_*`` variables against the pydantic models, metric names against the
+families the source makes, files, tests and ``appliance.x.y`` against the repository."""
 
 from __future__ import annotations
 
