@@ -52,6 +52,13 @@ class Daemon:
 
         # Before the database opens and recovery runs: one daemon per home.
         self._home_lock = hold_home_lock(settings.home)
+        # A damaged index is refused before anything reads or writes it (store/damage.py).
+        if settings.db_path.exists():
+            from appliance.store.damage import DatabaseDamaged, damage_of, refusal
+
+            finding = damage_of(settings.db_path)
+            if finding is not None:
+                raise DatabaseDamaged(refusal(settings.db_path, finding))
         self.db = Database(settings.db_path)
         self.spool = Spool(
             settings.spool_dir, fsync=settings.storage.fsync,

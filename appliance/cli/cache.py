@@ -1,7 +1,9 @@
-"""``pas verify`` and ``pas cache ...``: integrity checks, pins, eviction and forced purge.
+"""``pas verify`` and ``pas cache ...``: integrity checks, pins, eviction, forced purge and
+setting a damaged index aside (``rebuild-index``).
 
 Thin: parses, calls :mod:`appliance.ops.recovery` / :mod:`appliance.ops.cache_policy`,
-prints. Every action lands in the audit trail (done by the core, not here).
+prints. Every action lands in the audit trail (done by the core, not here; a rebuilt
+index's first row says where the damaged one went).
 """
 
 from __future__ import annotations
@@ -161,6 +163,57 @@ def cache_purge(study_uid: str = StudyArgument, config: Path | None = ConfigOpti
         raise typer.Exit(1) from None
     console.print(f"purged study {study_uid}: {counted(evicted.instances, 'instance')} "
                   f"({evicted.unconfirmed} unconfirmed), {counted(evicted.bytes, 'byte')}")
+
+
+@cache_app.command("rebuild-index")
+def cache_rebuild_index(config: Path | None = ConfigOption,
+                        force: bool = typer.Option(False, "--force", help="Also when SQLite "
+                                                   "finds the index sound (its jobs, "
+                                                   "confirmations and audit rows are then "
+                                                   "left behind in the file set aside)")
+                        ) -> None:
+    """Set a damaged index database aside (kept, renamed) so that the next start indexes
+    every file of the spool again. The daemon must be stopped."""
+    from appliance.cli.main import _settings
+    from appliance.ops.home_lock import HomeInUse, hold_home_lock
+    from appliance.store.damage import damage_of, set_aside
+
+    settings = _settings(config)
+    path = settings.db_path
+    if not path.exists():
+        err.print(f"[red]refused:[/red] no index database at {path}: nothing to set aside")
+        raise typer.Exit(1)
+    try:
+        lock = hold_home_lock(settings.home)
+    except HomeInUse as exc:
+        err.print(f"[red]refused:[/red] {exc}")
+        raise typer.Exit(1) from None
+    try:
+        finding = damage_of(path)
+        if finding is None and not force:
+            err.print(f"[red]refused:[/red] SQLite finds {path} sound (quick_check ok): "
+                      "nothing to rebuild (--force sets it aside anyway)")
+            raise typer.Exit(1)
+        moved = set_aside(path)
+        # The new index's first row says where the old one went (the audit trail before
+        # this moment is in that file).
+        from appliance.store import audit
+        from appliance.store.db import Database
+
+        fresh = Database(path)
+        audit.record(fresh, "recovery", actor=_actor(), outcome="success",
+                     detail=f"index set aside as {moved.name} ({finding or 'sound, --force'})"
+                            "; the spool is indexed again at the next start")
+        fresh.close()
+    finally:
+        lock.close()
+    files = sum(1 for _ in settings.spool_dir.glob("??/*.dcm")) if settings.spool_dir.exists() \
+        else 0
+    console.print(f"{path} ({finding or 'sound, --force'}) set aside as {moved}.\n"
+                  f"Start PAS (systemctl start pas): start-up recovery indexes the "
+                  f"{counted(files, 'file')} of the spool again; their studies are routed "
+                  "again and none is evicted before the region confirms it again.",
+                  highlight=False)
 
 
 def register(app: typer.Typer) -> None:

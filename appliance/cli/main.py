@@ -84,12 +84,15 @@ def run(config: Path | None = ConfigOption) -> None:
 
     settings = _settings(config)
     logs.setup(settings.log_level)
+    from appliance.store.damage import DatabaseDamaged
     from appliance.transfer.enrolment import EnrolmentError
 
     try:
         daemon = Daemon(settings)
-    except (OSError, EnrolmentError) as exc:  # a damaged enrolment must not silently drop
-        err.print(f"[red]cannot start:[/red] {exc}")  # the default route to the hub
+    except (OSError, EnrolmentError, DatabaseDamaged) as exc:
+        # A damaged enrolment must not silently drop the default route to the hub, nor a
+        # damaged index be written to.
+        err.print(f"[red]cannot start:[/red] {exc}")
         raise typer.Exit(1) from None
     from appliance.daemon import PortUnavailable
 

@@ -256,10 +256,11 @@ class Receiver:
                      called_ae: str | None = None, source: str | None = None,
                      expect_sop_instance_uid: str | None = None,
                      expect_study_uid: str | None = None,
-                     origin: str = "local") -> Received:
+                     origin: str = "local", received_at: float | None = None) -> Received:
         """A whole Part 10 file (STOW-RS, a fetched instance, or a C-STORE made into one).
         ``expect_study_uid``: an object of another study is refused (:class:`OtherStudy`)
-        before anything is written."""
+        before anything is written. ``received_at``: a spool file adopted back at start-up,
+        its time on disk (:func:`appliance.store.index.record_instance`)."""
         record = read_record(content, inflate=self._inflate)
         _check_study(record, expect_study_uid)
         if expect_sop_instance_uid and record.sop_instance_uid != expect_sop_instance_uid:
@@ -268,7 +269,7 @@ class Receiver:
                 f"{record.sop_instance_uid}, request {expect_sop_instance_uid}"
             )
         return self._file([content], record, calling_ae=calling_ae, called_ae=called_ae,
-                          source=source, origin=origin)
+                          source=source, origin=origin, received_at=received_at)
 
     def receive_spilled_file(self, spill: SpillFile, digest: Any, *,
                              calling_ae: str | None = None, source: str | None = None,
@@ -294,7 +295,8 @@ class Receiver:
 
     def _file(self, chunks: list[bytes | bytearray], record: index.InstanceRecord, *,
               calling_ae: str | None, called_ae: str | None, source: str | None,
-              origin: str, digest: Any = None, spill: SpillFile | None = None) -> Received:
+              origin: str, digest: Any = None, spill: SpillFile | None = None,
+              received_at: float | None = None) -> Received:
         """Spool the bytes durably, then commit the index row (the order of invariant 1).
         ``spill``: the bytes are already in this temp file (room checked by the caller)."""
         if spill is None:
@@ -309,7 +311,7 @@ class Receiver:
         try:
             outcome = self._commits.record(
                 record, stored, calling_ae=calling_ae, called_ae=called_ae,
-                source_address=source, origin=origin,
+                source_address=source, origin=origin, received_at=received_at,
             )
         except sqlite3.Error as exc:
             if created:

@@ -256,6 +256,7 @@ def check_destinations(settings: Settings) -> list[Check]:
 
 
 def check_database(settings: Settings) -> Check:
+    from appliance.store.damage import damage_of
     from appliance.store.ops import schema_version_of
     from appliance.store.schema import MIGRATIONS
 
@@ -271,7 +272,16 @@ def check_database(settings: Settings) -> Check:
     if version > len(MIGRATIONS):
         return Check("database", "fail", f"{path}: schema {version} is newer than this "
                      f"software ({len(MIGRATIONS)})", "install the newer PAS version again")
-    return Check("database", "ok", f"{path}, schema {version}")
+    try:
+        finding = damage_of(path)
+    except Exception as exc:  # cannot read it through: said, not taken for damage
+        return Check("database", "warn", f"{path}, schema {version}: integrity not checked "
+                     f"({exc})", "run pas doctor as the appliance's user (sudo -u pas)")
+    if finding is not None:
+        return Check("database", "fail", f"{path} is damaged: {finding}",
+                     "systemctl stop pas; pas cache rebuild-index (sets the damaged file "
+                     "aside); systemctl start pas (start-up recovery indexes the spool again)")
+    return Check("database", "ok", f"{path}, schema {version}, integrity checked")
 
 
 def check_commitment(settings: Settings) -> list[Check]:

@@ -98,11 +98,15 @@ def startup_recovery(db: Database, spool: Spool, receiver: object | None,
                     report.eviction_leftovers_renamed_back, report.eviction_leftovers_removed)
     evicting = {i["path"] for i in cache_store.open_issues(db, ("evicting",))}
     flagged = cache_store.open_issue_paths(db, ("missing", "size_mismatch"))
-    # One pass over index and spool side by side, in bounded memory (millions of files).
+    # One pass over index and spool side by side, in bounded memory (millions of files);
+    # orphans adopted after it, oldest first (cache_store.OrphansByAge says why).
+    orphans = cache_store.OrphansByAge(db)
     for item in cache_store.reconcile(db, spool):
         relative = item.path
-        if item.indexed_size is None:
-            _handle_orphan(db, spool, receiver, relative, relative in evicting, report)
+        if item.indexed_size is None and relative in evicting:
+            _handle_orphan(db, spool, receiver, relative, True, report)
+        elif item.indexed_size is None:
+            orphans.add(spool, relative)
         elif item.size_on_disk is None:
             report.missing += 1
             _flag(db, "missing", relative, item.instance_id,
@@ -115,6 +119,11 @@ def startup_recovery(db: Database, spool: Spool, receiver: object | None,
         elif relative in flagged:
             cache_store.resolve_issues(db, relative, "file present again",
                                        ("missing", "size_mismatch"))
+    try:
+        for relative, written_at in orphans.oldest_first():
+            _handle_orphan(db, spool, receiver, relative, False, report, written_at)
+    finally:
+        orphans.close()
     for relative in evicting:  # eviction finished deleting before the crash
         if cache_store.file_size(spool, relative) is None:
             cache_store.resolve_issues(db, relative, "deleted", ("evicting",))
@@ -128,7 +137,8 @@ def startup_recovery(db: Database, spool: Spool, receiver: object | None,
 
 
 def _handle_orphan(db: Database, spool: Spool, receiver: object | None, relative: str,
-                   evicting: bool, report: RecoveryReport) -> None:
+                   evicting: bool, report: RecoveryReport,
+                   written_at: float | None = None) -> None:
     path = spool.root / relative
     if evicting:
         path.unlink(missing_ok=True)
@@ -145,7 +155,8 @@ def _handle_orphan(db: Database, spool: Spool, receiver: object | None, relative
         _flag(db, "orphan", relative, None, "file without an index row", report)
         return
     try:
-        receiver.receive_file(path.read_bytes(), source="recovery")  # type: ignore[attr-defined]
+        receiver.receive_file(path.read_bytes(), source="recovery",  # type: ignore[attr-defined]
+                              received_at=written_at)
     except SpoolFull as exc:  # whole bytes, no room to index them now: leave them, flagged
         _flag(db, "orphan", relative, None, f"not adopted yet: {exc}", report)
         return

@@ -148,6 +148,48 @@ def _spool_sorted(spool: Spool) -> Iterator[tuple[str, int]]:
 # --- integrity flags -------------------------------------------------------------------------
 
 
+class OrphansByAge:
+    """Orphans the walk found, kept in a temporary table of this thread's connection (on
+    disk, not in memory: a whole spool is orphans after ``pas cache rebuild-index``) and
+    handed back oldest file first. Adopted in the order they were written, they are indexed
+    as they were received: the last version of an instance serves, and a study's patient
+    and description are those of its last instance, as before the index was lost (in name
+    order an original adopted after its correction undid it)."""
+
+    def __init__(self, db: Database):
+        self.db = db
+        self.conn = db.connection()
+        self.conn.execute("CREATE TEMP TABLE IF NOT EXISTS orphans_found "
+                          "(written_at REAL NOT NULL, path TEXT NOT NULL)")
+        self.conn.execute("DELETE FROM temp.orphans_found")
+        self.count = 0
+
+    def add(self, spool: Spool, relative: str) -> None:
+        try:
+            written_at = (spool.root / relative).stat().st_mtime
+        except FileNotFoundError:
+            return  # gone since the walk saw it (nothing to adopt)
+        self.conn.execute("INSERT INTO temp.orphans_found VALUES (?, ?)", (written_at, relative))
+        self.count += 1
+
+    def oldest_first(self, page: int = 1000) -> Iterator[tuple[str, float]]:
+        """``(path, written_at)``, a page at a time (the caller writes between pages)."""
+        after: tuple[float, str] = (float("-inf"), "")
+        while True:
+            rows = self.conn.execute(
+                "SELECT written_at, path FROM temp.orphans_found "
+                "WHERE (written_at, path) > (?, ?) ORDER BY written_at, path LIMIT ?",
+                (*after, page)).fetchall()
+            if not rows:
+                break
+            for row in rows:
+                yield row[1], row[0]
+            after = (rows[-1][0], rows[-1][1])
+
+    def close(self) -> None:
+        self.conn.execute("DROP TABLE IF EXISTS temp.orphans_found")
+
+
 def flag_issue(db: Database, kind: str, path: str, instance_id: int | None,
                detail: str) -> bool:
     """Record a problem once: an identical open flag is not duplicated. True if new.

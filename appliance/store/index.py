@@ -68,6 +68,7 @@ def record_instance(
     called_ae: str | None = None,
     source_address: str | None = None,
     origin: str = "local",
+    received_at: float | None = None,
 ) -> RecordOutcome:
     """Index one stored file, in one transaction.
 
@@ -80,19 +81,30 @@ def record_instance(
     An instance of ``origin="regional"`` (fetched from the region: fetch-through, prefetch)
     is held by the region by definition: it is filed as routed and confirmed at once, so that
     routing never sends it back and the cache may evict it.
+
+    ``received_at`` (a file adopted back by start-up recovery: its time on disk): a version
+    older than the current one is kept beside it, not made current. Re-indexing a whole
+    spool (``pas cache rebuild-index``) adopts files in name order, and without this the
+    version adopted last, not the one received last, would serve.
     """
-    received_at = now()
+    adopted = received_at is not None
+    received_at = now() if received_at is None else received_at
     held_by_region = received_at if origin == "regional" else None
     with db.transaction() as conn:
         versions = conn.execute(
-            "SELECT id, sha256, version, is_current FROM instances "
-            "WHERE sop_instance_uid = ? ORDER BY version DESC",
+            "SELECT id, sha256, version, is_current, received_at, study_fk, series_fk "
+            "FROM instances WHERE sop_instance_uid = ? ORDER BY version DESC",
             (record.sop_instance_uid,),
         ).fetchall()
         same = next((row for row in versions if row["sha256"] == stored.sha256), None)
         if same is not None and same["is_current"]:
             return RecordOutcome(same["id"], duplicate=True, conflict=False,
                                  version=same["version"])
+        newer = next((row for row in versions if row["is_current"]
+                      and row["received_at"] > received_at), None) if adopted else None
+        if newer is not None and same is None:
+            return _keep_older_version(conn, record, stored, newer, received_at,
+                                       versions[0]["version"] + 1)
         study_fk, refiled_from = _file_study(conn, record, received_at, origin,
                                actor=calling_ae or origin, source=source_address)
         series_fk = _upsert_series(conn, record, study_fk)
@@ -146,6 +158,25 @@ def _upsert_patient(conn: sqlite3.Connection, record: InstanceRecord) -> int:
         (record.patient_id, record.issuer_of_patient_id),
     ).fetchone()
     return int(row["id"])
+
+
+def _keep_older_version(conn: sqlite3.Connection, record: InstanceRecord, stored: StoredFile,
+                        newer: sqlite3.Row, received_at: float, version: int) -> RecordOutcome:
+    """An adopted file older than the current version of its instance: kept beside it, not
+    current, in the current version's study and series, which it does not touch (an older
+    version's patient or description must not undo a correction received after it).
+    Routing marks it routed without sending it, as any version that is not current."""
+    cursor = conn.execute(
+        """INSERT INTO instances (sop_instance_uid, series_fk, study_fk, sop_class_uid,
+               transfer_syntax_uid, instance_number, path, size, sha256, source_address,
+               received_at, version, is_current)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'recovery', ?, ?, 0)""",
+        (record.sop_instance_uid, newer["series_fk"], newer["study_fk"], record.sop_class_uid,
+         record.transfer_syntax_uid, record.instance_number, stored.path, stored.size,
+         stored.sha256, received_at, version),
+    )
+    return RecordOutcome(int(cursor.lastrowid or 0), duplicate=False, conflict=True,
+                         version=version)
 
 
 def _file_study(conn: sqlite3.Connection, record: InstanceRecord, received_at: float,

@@ -1,0 +1,164 @@
+"""A damaged index database (appliance/store/damage.py; docs/reliability.md).
+
+Found by trying it (2026-12-05): with one page of ``pas.sqlite`` torn (what a failing disk or
+a controller that lied about a flush leaves), ``pas doctor`` said "database ok", and ``pas
+run`` said "PAS ready", then logged a traceback every 2 s from its routing loop while the
+modalities' C-STOREs failed. There was no way back but by hand.
+
+Now the daemon refuses to start naming the damage and the fix, doctor fails its database
+check, and ``pas cache rebuild-index`` sets the damaged file aside (kept, byte for byte) so
+that start-up recovery indexes the spool again: every instance back, the version received
+last serving (a correction is not undone by an older version adopted after it), none lost.
+Real daemon, DCMTK storescu as the modality.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import subprocess
+import time
+from io import BytesIO
+from pathlib import Path
+
+from pydicom import dcmread
+
+from appliance.ingest.receive import Receiver
+from appliance.store.db import Database
+from appliance.store.spool import Spool
+from tests.support.peers import CT_DIR, PAS_BIN, PasProcess, read_rows, storescu
+
+CORRECTED = "CORRECTED^PATIENT"
+
+
+def _versions(db: Path, sop_uid: str) -> list[sqlite3.Row]:
+    return read_rows(db, "SELECT path, sha256, is_current FROM instances "
+                         "WHERE sop_instance_uid = ? ORDER BY version", (sop_uid,))
+
+
+def _tear_a_page_of_the_instances_table(db: Path) -> None:
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'instances'"
+                            ).fetchone()[0]
+    with open(db, "r+b") as handle:
+        handle.seek((root - 1) * page_size)
+        handle.write(b"\xa5" * page_size)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_damaged_index_is_refused_then_rebuilt_from_the_spool(tmp_path: Path) -> None:
+    home = tmp_path / "pas"
+    db = home / "pas.sqlite"
+    pas = PasProcess(home, {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                            "PAS_PREFETCH__ENABLED": "false", "PAS_HTTP__ENABLED": "false"})
+    pas.start()
+    first = sorted(CT_DIR.glob("*.dcm"))[0]
+    study = dcmread(first, stop_before_pixels=True).StudyInstanceUID
+    files = [f for f in sorted(CT_DIR.glob("*.dcm"))
+             if dcmread(f, stop_before_pixels=True).StudyInstanceUID == study][:3]
+    try:
+        storescu(files, pas.port)
+        # A correction of the first instance (same SOP Instance UID, the patient renamed),
+        # sent again until its file's name sorts before the original's: start-up recovery
+        # adopts in name order, so the older original is adopted after it.
+        corrected = dcmread(files[0])
+        sop_uid = str(corrected.SOPInstanceUID)
+        for attempt in range(40):
+            corrected.PatientName = CORRECTED
+            corrected.StudyDescription = f"corrected {attempt}"
+            corrected.save_as(tmp_path / "corrected.dcm")
+            storescu([tmp_path / "corrected.dcm"], pas.port)
+            versions = _versions(db, sop_uid)
+            if versions[-1]["path"] < versions[0]["path"]:
+                break
+        assert versions[-1]["is_current"] and versions[-1]["path"] < versions[0]["path"]
+    finally:
+        pas.stop()
+    current = {row["sop_instance_uid"]: row["path"] for row in read_rows(
+        db, "SELECT sop_instance_uid, path FROM instances WHERE is_current = 1")}
+    assert len(current) == 3
+    spool_before = {p.relative_to(home): _sha256(p) for p in (home / "spool").glob("??/*.dcm")}
+    _tear_a_page_of_the_instances_table(db)
+    damaged_sha = _sha256(db)
+
+    # pas doctor fails the database check, naming the fix.
+    doctor = pas.cli("doctor", "--json", check=False)
+    check = {c["name"]: c for c in json.loads(doctor.stdout)}["database"]
+    assert check["verdict"] == "fail", check
+    assert check["detail"].startswith(f"{db} is damaged: ")
+    assert "pas cache rebuild-index" in check["fix"]
+
+    # pas run refuses to start: one line, no traceback, the DICOM port never opened.
+    run = subprocess.run([str(PAS_BIN), "run"], env=pas.env, capture_output=True, text=True,
+                         timeout=60)
+    said = run.stdout + run.stderr
+    assert run.returncode == 1, said
+    assert f"cannot start: the index database {db} is damaged (" in " ".join(said.split())
+    assert "Traceback" not in said and "PAS ready" not in said
+
+    # Set aside byte for byte; the new index's first audit row says where it went.
+    rebuilt = pas.cli("cache", "rebuild-index")
+    [aside] = home.glob("pas.sqlite.damaged-*Z")  # with its -wal and -shm beside it
+    assert aside.name in " ".join(rebuilt.stdout.split())
+    assert f"{len(spool_before)} files of the spool" in " ".join(rebuilt.stdout.split())
+    assert _sha256(aside) == damaged_sha
+    [row] = read_rows(db, "SELECT event, outcome, detail FROM audit")
+    assert (row["event"], row["outcome"]) == ("recovery", "success")
+    assert row["detail"].startswith(f"index set aside as {aside.name} (")
+
+    # The next start indexes the spool again: each instance back, the correction serving,
+    # the study under the corrected patient, no file changed or lost.
+    pas.start()
+    try:
+        again = {row["sop_instance_uid"]: row["path"] for row in read_rows(
+            db, "SELECT sop_instance_uid, path FROM instances WHERE is_current = 1")}
+        assert again == current
+        assert len(_versions(db, sop_uid)) == len(versions)
+        [patient] = read_rows(db, "SELECT p.name FROM studies s JOIN patients p "
+                                  "ON p.id = s.patient_fk WHERE s.study_uid = ?", (str(study),))
+        assert patient["name"] == CORRECTED
+    finally:
+        pas.stop()
+    assert {p.relative_to(home): _sha256(p)
+            for p in (home / "spool").glob("??/*.dcm")} == spool_before
+
+    # A sound index is not set aside without --force.
+    refused = pas.cli("cache", "rebuild-index", check=False)
+    assert refused.returncode == 1
+    assert "quick_check ok" in refused.stdout + refused.stderr
+    assert len(list(home.glob("pas.sqlite.damaged-*Z"))) == 1
+
+
+def test_a_file_adopted_older_than_the_current_version_does_not_undo_it(
+        tmp_path: Path) -> None:
+    """Start-up recovery adopting an orphan older than the version the index serves (its
+    commit was lost, then a correction of the same instance was received and committed):
+    the orphan is kept beside it, not current, and leaves the study's patient as the
+    correction filed it. Without its time on disk it took over as the newest."""
+    db = Database(tmp_path / "pas.sqlite")
+    receiver = Receiver(db, Spool(tmp_path / "spool", fsync=False))
+    original = dcmread(sorted(CT_DIR.glob("*.dcm"))[0])
+    correction = dcmread(sorted(CT_DIR.glob("*.dcm"))[0])
+    correction.PatientName = CORRECTED
+    buffers = []
+    for dataset in (original, correction):
+        buffer = BytesIO()
+        dataset.save_as(buffer)
+        buffers.append(buffer.getvalue())
+    served = receiver.receive_file(buffers[1], source="CT1")
+    adopted = receiver.receive_file(buffers[0], source="recovery",
+                                    received_at=time.time() - 3600)
+    assert adopted.conflict and not adopted.duplicate
+    rows = db.query("SELECT id, is_current FROM instances WHERE sop_instance_uid = ? "
+                    "ORDER BY version", (served.sop_instance_uid,))
+    assert [(r["id"], r["is_current"]) for r in rows] == [
+        (served.instance_id, 1), (adopted.instance_id, 0)]
+    [patient] = db.query("SELECT name FROM patients")
+    assert patient["name"] == CORRECTED
+    db.close()
