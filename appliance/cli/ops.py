@@ -1,7 +1,9 @@
-"""``pas send`` (a built-in DICOM sender for hospital IT's tests) and ``pas doctor``.
+"""``pas send`` (a built-in DICOM sender for hospital IT's tests), ``pas doctor`` and ``pas
+backup``.
 
-Owns: the two commands' arguments and output. Thin: the checks live in
-:mod:`appliance.ops.doctor`; sending is plain pynetdicom C-STORE, the same a modality does.
+Owns: the commands' arguments and output. Thin: the checks live in
+:mod:`appliance.ops.doctor`, the backup's content in :mod:`appliance.ops.backup`; sending is
+plain pynetdicom C-STORE, the same a modality does.
 May not touch: the store (``send`` talks to the daemon over DICOM like any modality).
 """
 
@@ -159,6 +161,47 @@ def doctor(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> No
         raise typer.Exit(1)
 
 
+def backup(destination: Path = typer.Argument(..., help="Folder to write the backup in "
+                                               "(another disk, a mounted share)"),
+           config: Path | None = ConfigOption, as_json: bool = JsonOption) -> None:
+    """Back up the index, the enrolment and the configuration.
+
+    While PAS runs; not the images (the region holds the confirmed ones)."""
+    from appliance.cli.main import _settings
+    from appliance.config import default_config_path
+    from appliance.ops.backup import make_backup
+
+    settings = _settings(config)
+    if not settings.db_path.exists():
+        err.print(f"[red]refused:[/red] no index database at {settings.db_path}: "
+                  "nothing to back up (check PAS_HOME)", highlight=False)
+        raise typer.Exit(1)
+    if not destination.is_dir():
+        err.print(f"[red]refused:[/red] {destination} is not a folder", highlight=False)
+        raise typer.Exit(1)
+    from appliance.cli.cache import _actor
+
+    made = make_backup(settings, config or default_config_path(), destination, _actor())
+    if as_json:
+        print(json.dumps({"folder": str(made.folder), **made.manifest}, indent=2))
+        return
+    at_risk = made.manifest["instances_not_confirmed_by_the_region"]
+    console.print(f"backup written to {made.folder}: the index "
+                  f"({counted(made.manifest['instances'], 'instance')}, "
+                  f"{counted(made.manifest['studies'], 'study', 'studies')}), "
+                  f"{'the enrolment, ' if (made.folder / 'pki').is_dir() else ''}"
+                  f"{'the configuration, ' if made.manifest['config_file'] else ''}"
+                  f"{MANIFEST_NOTE}", highlight=False)
+    if at_risk:
+        console.print(f"not in it: the images. {counted(at_risk, 'instance')} not yet "
+                      "confirmed by the region have their only copy in the spool.",
+                      highlight=False)
+
+
+MANIFEST_NOTE = "MANIFEST.json (each file's SHA-256)."
+
+
 def register(app: typer.Typer) -> None:
     app.command("send")(send)
     app.command("doctor")(doctor)
+    app.command("backup")(backup)

@@ -301,6 +301,7 @@ EVENTS: dict[str, str] = {
     "commitment": ("a modality's Storage Commitment request (how many instances committed, "
                    "which not), or its report given up undelivered"),
     "alert": "the disk alert raised or cleared",
+    "export": "a backup written by pas backup (the index holds patient names): where, how many",
 }
 
 

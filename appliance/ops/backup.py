@@ -1,0 +1,121 @@
+"""``pas backup``: what a reinstalled appliance needs that the region does not hold.
+
+Owns: the backup's content and its manifest. May not touch: the spool (the DICOM files are
+the data; the region holds every confirmed one, and a backup of terabytes of images is the
+storage layer's job: RAID, snapshots), the index's rows (SQLite's online backup copies them).
+
+What is copied, while the daemon runs:
+- the index (``pas.sqlite``), through SQLite's online backup API: a consistent copy of one
+  moment, jobs, confirmations, prefetch orders, Storage Commitment requests and the audit
+  trail included, without stopping C-STOREs (a plain file copy of a WAL database being
+  written can be torn);
+- the enrolment (``pki/``: the appliance's key and certificate, the hub's pinned CA and
+  URL): without it the appliance must be enrolled again by regional ops; modes kept (0600);
+- the configuration file the appliance runs on, when there is one.
+
+``MANIFEST.json`` names each file with its size and SHA-256, the software and schema
+versions, and what the backup does not protect: the instances not yet confirmed by the
+region, whose only copy is the spool. Restoring is a copy back (docs/operations.md); a
+missing spool file is then flagged by start-up recovery, and ``pas verify --repair`` fetches
+confirmed ones back from the region.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance import __version__
+from appliance.config import Settings
+from appliance.store import audit, index
+from appliance.store.db import Database, copy_consistent
+from appliance.words import counted
+
+MANIFEST = "MANIFEST.json"
+
+
+@dataclass
+class Backup:
+    folder: Path
+    manifest: dict[str, Any]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def make_backup(settings: Settings, config_file: Path | None, destination: Path,
+                actor: str, at: float | None = None) -> Backup:
+    """Write ``destination/pas-backup-<site>-<UTC time>/`` (0700: it holds the private key)
+    and return it with its manifest. The folder is built under a temporary name and renamed
+    at the end: a folder with the final name is whole. An ``export`` audit row (ATNA
+    110106) says who wrote it where: it holds every patient's name."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if at is None else at))
+    final = destination / f"pas-backup-{settings.site}-{stamp}"
+    if final.exists():
+        raise FileExistsError(f"{final} already exists")
+    building = destination / f".{final.name}.partial"
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir(parents=True, mode=0o700)
+    try:
+        copy_consistent(settings.db_path, building / "pas.sqlite")
+        pki = settings.home / "pki"
+        if pki.is_dir():
+            shutil.copytree(pki, building / "pki")  # copy2 keeps each file's mode (0600)
+            (building / "pki").chmod(0o700)
+        if config_file is not None and config_file.is_file():
+            shutil.copy2(config_file, building / config_file.name)
+        manifest = _manifest(settings, building, config_file)
+        (building / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        for path in building.rglob("*"):
+            if path.is_file():
+                with open(path, "rb") as handle:
+                    os.fsync(handle.fileno())
+        building.rename(final)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    live = Database(settings.db_path)
+    try:
+        audit.record(live, "export", actor=actor, target=str(final),
+                     detail=f"pas backup: the index ({counted(manifest['instances'], 'instance')}"
+                            f", {counted(manifest['studies'], 'study', 'studies')}), the "
+                            "enrolment and the configuration")
+    finally:
+        live.close()
+    return Backup(final, manifest)
+
+
+def _manifest(settings: Settings, folder: Path, config_file: Path | None) -> dict[str, Any]:
+    copy = Database(folder / "pas.sqlite", readonly=True)
+    try:
+        totals = index.totals(copy)
+        schema = copy.query_one("PRAGMA user_version")
+    finally:
+        copy.close()
+    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        "site": settings.site,
+        "made_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "software": __version__,
+        "schema": int(schema[0]) if schema is not None else None,
+        "home": str(settings.home),
+        "config_file": str(config_file) if config_file is not None else None,
+        "instances": totals["instances"],
+        "studies": totals["studies"],
+        # Their only copy is the spool: this backup does not hold images.
+        "instances_not_confirmed_by_the_region": totals["instances"]
+        - totals["confirmed_instances"],
+        "files": files,
+    }
