@@ -167,6 +167,14 @@ def hub_run(config: Path | None = HubConfigOption) -> None:
 
     settings = _hub_settings(config)
     logs.setup(settings.log_level)
+    from appliance.store.damage import damage_of
+
+    finding = damage_of(settings.db_path) if settings.db_path.exists() else None
+    if finding is not None:  # never written to: the file is the evidence, and the way back
+        err.print(f"[red]cannot start the hub:[/red] the hub database {settings.db_path} is "
+                  f"damaged ({finding}); keep it as it is and restore the hub home from the "
+                  "host's backup", highlight=False)
+        raise typer.Exit(1)
     try:
         # The port first: a taken one fails the start before the clean-up and the archiver's
         # resumption run, in one line naming http.port (uvicorn binding it printed its own).

@@ -27,6 +27,7 @@ from pydicom import dcmread
 from appliance.ingest.receive import Receiver
 from appliance.store.db import Database
 from appliance.store.spool import Spool
+from tests.support.hub import HubProcess
 from tests.support.peers import CT_DIR, PAS_BIN, PasProcess, read_rows, storescu
 
 CORRECTED = "CORRECTED^PATIENT"
@@ -162,3 +163,28 @@ def test_a_file_adopted_older_than_the_current_version_does_not_undo_it(
     [patient] = db.query("SELECT name FROM patients")
     assert patient["name"] == CORRECTED
     db.close()
+
+
+def test_a_damaged_hub_database_stops_the_hub_before_it_writes(tmp_path: Path) -> None:
+    """The hub's database holds the sites' enrolments and the transfers under way: damaged,
+    ``pas hub run`` refuses to start, naming it, and leaves it byte for byte (before, it
+    started as if the file were sound and wrote to it)."""
+    hub = HubProcess(tmp_path / "hub").init()
+    hub.token("SITE-A")  # a row in enrol_tokens, so that the table has a page of its own
+    db = hub.home / "hub.sqlite"
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'enrol_tokens'"
+                            ).fetchone()[0]
+    with open(db, "r+b") as handle:
+        handle.seek((root - 1) * page_size)
+        handle.write(b"\xa5" * page_size)
+    damaged = _sha256(db)
+    run = subprocess.run([str(PAS_BIN), "hub", "run"], env=hub.env, capture_output=True,
+                         text=True, timeout=60)
+    said = " ".join((run.stdout + run.stderr).split())
+    assert run.returncode == 1, said
+    assert f"cannot start the hub: the hub database {db} is damaged (" in said
+    assert "Traceback" not in said and "hub serving" not in said
+    assert _sha256(db) == damaged
