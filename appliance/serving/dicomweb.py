@@ -35,6 +35,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
 from appliance.ingest.attributes import InvalidInstance, OtherStudy
+from appliance.serving.dicom_json import dataset_json
 from appliance.serving.dicomweb_http import (
     _SQLITE_MAX_INT,
     ClosingStream,
@@ -331,7 +332,7 @@ class DicomWeb:
             if level == "IMAGE" and row.get("SOPInstanceUID"):
                 url += f"/instances/{row['SOPInstanceUID']}"
             ds.RetrieveURL = url
-        return ds.to_json_dict()
+        return dataset_json(ds)  # a stored "DOE^JOHN\\" no longer cuts the answer
 
     # -- STOW-RS ------------------------------------------------------------------------
 
