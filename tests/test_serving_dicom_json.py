@@ -26,6 +26,8 @@ from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 from pydicom.uid import generate_uid
 
+from appliance.prefetch.rules import candidate_from_qido
+from appliance.serving.fetch import _keywords
 from tests.support.peers import CT_DIR, Orthanc, PasProcess
 
 CT_SMALL = Path(get_testdata_file("CT_small.dcm"))  # type: ignore[arg-type]
@@ -125,3 +127,17 @@ def test_metadata_attributes_are_in_tag_order_and_those_orthanc_gives(
     assert item["00020010"]["Value"] == ["1.2.840.10008.1.2.1"]  # both stored so
     assert set(item) - {"00020010"} == set(reference)
     assert not [tag for tag in item if tag.endswith("0000")]
+
+
+def test_a_regional_answer_with_null_values_is_read_as_empty_values() -> None:
+    """What reads a region's QIDO-RS answers (Orthanc, or PAS's hub, both writing F.2.5's
+    null) takes null for an empty value: it read "None" (a name ``ODD^ONE\\None`` in a
+    C-FIND answer of a regional study, a modality "NONE" for the prefetch rules)."""
+    row = {"0020000D": {"vr": "UI", "Value": ["1.2.3"]},
+           "00100010": {"vr": "PN", "Value": [{"Alphabetic": "ODD^ONE"}, None]},
+           "00080061": {"vr": "CS", "Value": ["CT", None]}}
+    keywords = _keywords(row)
+    assert keywords["PatientName"] == "ODD^ONE\\"
+    assert keywords["ModalitiesInStudy"] == "CT\\"
+    candidate = candidate_from_qido(row)
+    assert candidate is not None and candidate.modalities == frozenset({"CT"})
