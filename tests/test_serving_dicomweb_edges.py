@@ -303,6 +303,43 @@ def test_a_key_not_matched_at_the_level_is_named_in_a_warning(pas: PasProcess) -
     assert matched.status_code in (200, 204) and "Warning" not in matched.headers
 
 
+@pytest.mark.parametrize("field", ["00091010", "00431028",  # private (CT_small holds this)
+                                   "ReferencedStudySequence.ReferencedSOPClassUID",
+                                   "00081032.00080100"])
+def test_an_include_field_pas_does_not_return_is_left_out_not_refused(
+        pas: PasProcess, field: str) -> None:
+    """PS3.18 10.6.3.3 returns the includefield attributes "supported by the origin server":
+    a private tag or a path into a sequence was a 400 "unknown query parameter", the whole
+    search refused (a viewer's study list empty for one include field it asks)."""
+    plain = httpx.get(f"{_base(pas)}/studies", timeout=30)
+    asked = httpx.get(f"{_base(pas)}/studies", params={"includefield": f"{field},StudyID"},
+                      timeout=30)
+    assert asked.status_code == 200, asked.text
+    assert asked.json() == plain.json() and "Warning" not in asked.headers
+
+
+def test_a_matching_key_on_a_private_tag_or_a_sequence_path_is_named_in_a_warning(
+        pas: PasProcess) -> None:
+    """Sequence matching (PS3.18 8.3.4.1 ``attribute.attribute``) and private attributes are
+    not in PAS's index: such a key was a 400; it is answered as any key PAS cannot apply,
+    every match of the others and the 299 Warning naming it. A name that is no attribute at
+    all is still a 400 naming it."""
+    plain = httpx.get(f"{_base(pas)}/studies", timeout=30)
+    answer = httpx.get(f"{_base(pas)}/studies", params={"00081032.00080100": "X",
+                                                          "00431028": "Y"}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == plain.json()
+    assert answer.headers["Warning"] == (
+        f'299 {_base(pas)}: "The following attributes are not supported for matching at '
+        'this level and were ignored: 00081032.00080100, 00431028."')
+    for bad in ("PatientNmae", "00081032.Nope", "0008103"):
+        refused = httpx.get(f"{_base(pas)}/studies", params={bad: "X"}, timeout=30)
+        assert refused.status_code == 400
+        assert refused.json()["detail"] == f"unknown query parameter or attribute: {bad!r}"
+    refused = httpx.get(f"{_base(pas)}/studies", params={"includefield": "Nope"}, timeout=30)
+    assert refused.json()["detail"] == "unknown query parameter or attribute: 'Nope'"
+
+
 def test_fuzzymatching_asked_is_answered_with_the_warning_of_literal_matching(
         pas: PasProcess) -> None:
     """PS3.18 8.3.4.1: PAS has no fuzzy matching of names; fuzzymatching=true was matched

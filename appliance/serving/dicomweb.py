@@ -40,9 +40,9 @@ from appliance.serving.dicomweb_http import (
     _SQLITE_MAX_INT,
     ClosingStream,
     ReportedEnd,
+    _attribute,
     _boundary,
     _int_param,
-    _keyword,
     _problem,
     _sop_item,
 )
@@ -301,10 +301,11 @@ class DicomWeb:
             if name in ("limit", "offset", "fuzzymatching", "includefield"):
                 if name == "includefield" and value != "all":
                     for field in value.split(","):
-                        keys.setdefault(_keyword(field.strip()), "")
+                        keys.setdefault(_attribute(field.strip()), "")
                 continue
-            keyword = _keyword(name)
-            if dictionary_VR(tag_for_keyword(keyword)) == "UI":
+            keyword = _attribute(name)
+            tag = tag_for_keyword(keyword)  # None: a private tag or a sequence path
+            if tag is not None and dictionary_VR(tag) == "UI":
                 value = value.replace(",", "\\")  # PS3.18 8.3.4.1: a UID list may use ","
             keys[keyword] = value
         if "study" in path:

@@ -1,7 +1,7 @@
 """DICOMweb's request parsing and response bodies, with no handler state: what the routes in
 ``dicomweb.py`` and ``wado_rs.py`` read from a request and the bodies they answer with.
 
-Owns: QIDO-RS parameter names to keywords (:func:`_keyword`) and integer parameters
+Owns: QIDO-RS parameter names to keywords (:func:`_attribute`) and integer parameters
 (:func:`_int_param`, limit and offset, clamped to SQLite's integers), a STOW-RS request's
 multipart boundary (:func:`_boundary`), the JSON answer to an :class:`HttpProblem`
 (:func:`_problem`), multipart/related octet-stream parts (:func:`_file_part` streamed from a
@@ -40,15 +40,28 @@ def _problem(exc: HttpProblem) -> JSONResponse:
     return JSONResponse({"error": exc.status, "detail": exc.detail}, status_code=exc.status)
 
 
-def _keyword(name: str) -> str:
-    """A QIDO parameter name (keyword or 8 hex digits) -> keyword; HttpProblem if unknown."""
+def _keyword_of(name: str) -> str:
+    """The keyword of a parameter name (keyword or 8 hex digits), "" when there is none."""
     if re.fullmatch(r"[0-9A-Fa-f]{8}", name):
-        keyword = keyword_for_tag(int(name, 16))
-    else:
-        keyword = name if tag_for_keyword(name) is not None else ""
-    if not keyword:
-        raise HttpProblem(400, f"unknown query parameter or attribute: {name!r}")
-    return keyword
+        return keyword_for_tag(int(name, 16))
+    return name if tag_for_keyword(name) is not None else ""
+
+
+def _attribute(name: str) -> str:
+    """A QIDO-RS attribute (PS3.18 8.3.4.1) -> the key PAS searches or returns it by: the
+    keyword of a data dictionary attribute, else the name as given when it is one PAS cannot
+    search or return but well formed: a tag outside the dictionary (a private one) or a path
+    into a sequence (``00081032.00080100``, ``ReferencedStudySequence.ReferencedSOPClassUID``).
+    Those were a 400 "unknown query parameter", the whole search refused; PS3.18 10.6.3.3
+    returns the include fields "supported by the origin server", and a matching key PAS
+    cannot apply is answered with the 299 Warning naming it. HttpProblem 400 for a name that
+    is none of those (a misspelt keyword, a parameter PS3.18 does not define)."""
+    steps = name.split(".")
+    if len(steps) == 1 and (keyword := _keyword_of(name)):
+        return keyword
+    if all(_keyword_of(step) or re.fullmatch(r"[0-9A-Fa-f]{8}", step) for step in steps):
+        return name
+    raise HttpProblem(400, f"unknown query parameter or attribute: {name!r}")
 
 
 def _stream_part(chunks: Iterator[bytes], boundary: str) -> Iterator[bytes]:
