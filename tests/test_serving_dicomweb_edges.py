@@ -322,8 +322,7 @@ def test_a_matching_key_on_a_private_tag_or_a_sequence_path_is_named_in_a_warnin
         pas: PasProcess) -> None:
     """Sequence matching (PS3.18 8.3.4.1 ``attribute.attribute``) and private attributes are
     not in PAS's index: such a key was a 400; it is answered as any key PAS cannot apply,
-    every match of the others and the 299 Warning naming it. A name that is no attribute at
-    all is still a 400 naming it."""
+    every match of the others and the 299 Warning naming it."""
     plain = httpx.get(f"{_base(pas)}/studies", timeout=30)
     answer = httpx.get(f"{_base(pas)}/studies", params={"00081032.00080100": "X",
                                                           "00431028": "Y"}, timeout=30)
@@ -332,12 +331,33 @@ def test_a_matching_key_on_a_private_tag_or_a_sequence_path_is_named_in_a_warnin
     assert answer.headers["Warning"] == (
         f'299 {_base(pas)}: "The following attributes are not supported for matching at '
         'this level and were ignored: 00081032.00080100, 00431028."')
-    for bad in ("PatientNmae", "00081032.Nope", "0008103"):
-        refused = httpx.get(f"{_base(pas)}/studies", params={bad: "X"}, timeout=30)
-        assert refused.status_code == 400
-        assert refused.json()["detail"] == f"unknown query parameter or attribute: {bad!r}"
-    refused = httpx.get(f"{_base(pas)}/studies", params={"includefield": "Nope"}, timeout=30)
-    assert refused.json()["detail"] == "unknown query parameter or attribute: 'Nope'"
+
+
+def test_an_unsupported_query_parameter_is_ignored_and_named(pas: PasProcess) -> None:
+    """PS3.18 8.3: "The origin server shall ignore any unsupported Query Parameters" and
+    answer as if they were not there. A cache-buster (``_=``), a misspelt keyword, a name
+    that is no attribute was a 400 "unknown query parameter", the whole search refused;
+    now the answer is the search without them, with a 299 Warning naming them (the audit
+    row too). A supported parameter with a bad value is still a 400 naming it."""
+    last = _last_id(pas)
+    plain = httpx.get(f"{_base(pas)}/studies", timeout=30)
+    answer = httpx.get(f"{_base(pas)}/studies?_=1733360000&PatientNmae=X&00081032.Nope=1"
+                       "&includefield=StudyID,Nope&0008103=2&bad%0D%0Aname=3", timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == plain.json()
+    assert answer.headers["Warning"] == (
+        f'299 {_base(pas)}: "The following query parameters are not supported and were '
+        'ignored: _, PatientNmae, 00081032.Nope, Nope, 0008103 and 1 more."')
+    rows = [r for r in _rows_after(pas, last) if r["event"] == "query"]
+    assert rows[-1]["outcome"] == "success"
+    assert rows[-1]["detail"].endswith(", ignored parameters _, PatientNmae, 00081032.Nope, "
+                                       "Nope, 0008103 and 1 more"), rows[-1]["detail"]
+    named = httpx.get(f"{_base(pas)}/studies", params={"bad\r\n\"name\u00e9": "1"}, timeout=30)
+    assert named.status_code == 200
+    assert named.headers["Warning"].endswith('ignored: bad???name?."')
+    bad_value = httpx.get(f"{_base(pas)}/studies", params={"StudyDate": "yesterday"},
+                          timeout=30)
+    assert bad_value.status_code == 400 and "StudyDate" in bad_value.json()["detail"]
 
 
 def test_fuzzymatching_asked_is_answered_with_the_warning_of_literal_matching(

@@ -51,17 +51,24 @@ def _attribute(name: str) -> str:
     """A QIDO-RS attribute (PS3.18 8.3.4.1) -> the key PAS searches or returns it by: the
     keyword of a data dictionary attribute, else the name as given when it is one PAS cannot
     search or return but well formed: a tag outside the dictionary (a private one) or a path
-    into a sequence (``00081032.00080100``, ``ReferencedStudySequence.ReferencedSOPClassUID``).
-    Those were a 400 "unknown query parameter", the whole search refused; PS3.18 10.6.3.3
-    returns the include fields "supported by the origin server", and a matching key PAS
-    cannot apply is answered with the 299 Warning naming it. HttpProblem 400 for a name that
-    is none of those (a misspelt keyword, a parameter PS3.18 does not define)."""
+    into a sequence (``00081032.00080100``, ``ReferencedStudySequence.ReferencedSOPClassUID``);
+    "" for a name that is no attribute at all (``_``, a misspelt keyword). Neither is a 400
+    any more (the whole search was refused): PS3.18 8.3 "The origin server shall ignore any
+    unsupported Query Parameters", 10.6.3.3 returns the include fields "supported by the
+    origin server"; the caller names what it ignored in a 299 Warning."""
     steps = name.split(".")
     if len(steps) == 1 and (keyword := _keyword_of(name)):
         return keyword
     if all(_keyword_of(step) or re.fullmatch(r"[0-9A-Fa-f]{8}", step) for step in steps):
         return name
-    raise HttpProblem(400, f"unknown query parameter or attribute: {name!r}")
+    return ""
+
+
+def _shown(name: str) -> str:
+    """A client's parameter name as a Warning header can carry it: printable ASCII without
+    quotes or backslashes (others as ``?``), at most 64 characters."""
+    kept = "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in name[:64])
+    return kept + ("..." if len(name) > 64 else "")
 
 
 def _stream_part(chunks: Iterator[bytes], boundary: str) -> Iterator[bytes]:
