@@ -3,11 +3,12 @@ with a real Orthanc (DICOMweb plugin) holding the same instances as the comparat
 
 One instance as modalities do send them now and then: a patient name with a trailing
 backslash (``ODD^ONE\\``: two values, the second empty), ImageType with an empty value, an IS
-and a DS of two values the second empty, and a Group Length. Before: its metadata was a 500
-("tuple index out of range"), and every QIDO-RS search listing it (``/studies``, a viewer's
-study list) was a 200 cut mid-answer, every study after it lost. F.2.5: the empty values are
-``null`` (as Orthanc writes them); F.2.2: no Group Length, attributes in ascending tag order
-(the Transfer Syntax UID and the BulkDataURIs came last).
+and a DS of two values the second empty, a Group Length, and an FD holding a NaN. Before:
+its metadata was a 500 ("tuple index out of range"; the NaN alone: "Out of range float
+values are not JSON compliant"), and every QIDO-RS search listing it (``/studies``, a
+viewer's study list) was a 200 cut mid-answer, every study after it lost. F.2.5: the empty
+values are ``null`` (as Orthanc writes them, and its NaN); F.2.2: no Group Length,
+attributes in ascending tag order (the Transfer Syntax UID and the BulkDataURIs came last).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def _odd_instance() -> tuple[bytes, Any]:
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     for tag, vr, value in ODD_VALUES:
         ds[tag] = RawDataElement(Tag(tag), vr, len(value), value, 0, False, True)
+    ds.add_new(0x00189087, "FD", float("nan"))  # Diffusion b-value: no JSON number for it
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue(), ds
@@ -115,6 +117,8 @@ def test_metadata_gives_empty_values_as_null_as_orthanc_does(peers: dict[str, An
     # Orthanc writes the empty name as {"Alphabetic": " "}; F.2.5 says null.
     assert item["00100010"]["Value"] == [{"Alphabetic": "ODD^ONE"}, None]
     assert "00200000" not in item and "00200000" not in reference  # F.2.2: no group length
+    # A NaN was a 500 ("Out of range float values are not JSON compliant"); null, as Orthanc.
+    assert item["00189087"] == reference["00189087"] == {"vr": "FD", "Value": [None]}
 
 
 @pytest.mark.parametrize("which", ["odd", "ct"])

@@ -17,7 +17,8 @@ Annex F model:
 Attributes are written in ascending tag order (F.2.2), the callers' additions included
 (:func:`dataset_json`'s ``extra``: metadata's BulkDataURIs and Transfer Syntax UID came last).
 A value pydicom keeps as text where a number is due (an IS or DS that is not one) goes as the
-JSON string F.2.3 allows for IS and DS, rather than failing the answer.
+JSON string F.2.3 allows for IS and DS, and a NaN or infinity (no JSON number) as null,
+rather than failing the answer.
 """
 
 from __future__ import annotations
@@ -93,12 +94,14 @@ def _json_value(value: Any, vr: str) -> Any:
 
 
 def _number(value: Any, vr: str) -> Any:
-    """A JSON number; an IS or DS that is not a finite one keeps its text (F.2.3 allows a
-    string for IS and DS). FL/FD NaN or infinities have no JSON form: their text too."""
+    """A JSON number; an IS or DS that is not one keeps its text (F.2.3 allows a string for
+    IS and DS). A NaN or an infinity (FL, FD, DS) has no JSON form: null, as Orthanc writes
+    a NaN (json.dumps refused it: the instance's metadata was a 500, "Out of range float
+    values are not JSON compliant", and a series' metadata cut at that instance)."""
     try:
         number = int(value) if vr in INTEGER_VRS else float(value)
     except (TypeError, ValueError, OverflowError):
         return str(value).strip()
     if isinstance(number, float) and not math.isfinite(number):
-        return str(value).strip()
+        return None
     return number
