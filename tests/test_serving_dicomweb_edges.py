@@ -342,7 +342,8 @@ def test_an_unsupported_query_parameter_is_ignored_and_named(pas: PasProcess) ->
     last = _last_id(pas)
     plain = httpx.get(f"{_base(pas)}/studies", timeout=30)
     answer = httpx.get(f"{_base(pas)}/studies?_=1733360000&PatientNmae=X&00081032.Nope=1"
-                       "&includefield=StudyID,Nope&0008103=2&bad%0D%0Aname=3", timeout=30)
+                       "&includefield=StudyID,Nope&0008103=2&bad%0D%0Aname=3&=4&includefield=",
+                       timeout=30)  # a blank name or field names nothing
     assert answer.status_code == 200, answer.text
     assert answer.json() == plain.json()
     assert answer.headers["Warning"] == (

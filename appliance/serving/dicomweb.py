@@ -317,15 +317,15 @@ class DicomWeb:
         for name, value in request.query_params.multi_items():
             if name in ("limit", "offset", "fuzzymatching", "includefield"):
                 if name == "includefield" and value != "all":
-                    for field in value.split(","):
-                        if included := _attribute(field.strip()):
+                    for field in (f.strip() for f in value.split(",")):
+                        if included := _attribute(field):
                             keys.setdefault(included, "")
-                        elif field.strip() not in unsupported:
-                            unsupported.append(field.strip())
+                        elif field and field not in unsupported:
+                            unsupported.append(field)
                 continue
             keyword = _attribute(name)
             if not keyword:
-                if name not in unsupported:
+                if name and name not in unsupported:  # "?=x&" names nothing
                     unsupported.append(name)
                 continue
             tag = tag_for_keyword(keyword)  # None: a private tag or a sequence path
