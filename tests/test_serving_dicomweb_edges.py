@@ -318,6 +318,25 @@ def test_an_include_field_pas_does_not_return_is_left_out_not_refused(
     assert asked.json() == plain.json() and "Warning" not in asked.headers
 
 
+def test_includefield_all_returns_every_study_attribute_pas_holds(pas: PasProcess) -> None:
+    """PS3.18 10.6.3.3.1: ``includefield=all`` returns the Patient and Study level Optional
+    Keys the server supports. It added nothing to the defaults: IssuerOfPatientID,
+    SOPClassesInStudy and NumberOfPatientRelated* came only when named one by one."""
+    named = ["IssuerOfPatientID", "SOPClassesInStudy", "NumberOfPatientRelatedStudies",
+             "NumberOfPatientRelatedSeries", "NumberOfPatientRelatedInstances"]
+    every = httpx.get(f"{_base(pas)}/studies", params={"includefield": "all"}, timeout=30)
+    one_by_one = httpx.get(f"{_base(pas)}/studies", params={"includefield": ",".join(named)},
+                           timeout=30)
+    assert every.status_code == one_by_one.status_code == 200, every.text
+    assert every.json() == one_by_one.json()
+    tags = ["00100021", "00080062", "00201200", "00201202", "00201204"]
+    assert every.json() and all(tag in study for study in every.json() for tag in tags)
+    series = httpx.get(f"{_base(pas)}/series", params={"includefield": "all"}, timeout=30)
+    assert series.status_code == 200
+    assert "00080062" not in series.json()[0]  # a study attribute the series search's
+    # defaults do not hold is not added: "all" is the series level's own
+
+
 def test_a_matching_key_on_a_private_tag_or_a_sequence_path_is_named_in_a_warning(
         pas: PasProcess) -> None:
     """Sequence matching (PS3.18 8.3.4.1 ``attribute.attribute``) and private attributes are

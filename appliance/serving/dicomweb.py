@@ -316,9 +316,12 @@ class DicomWeb:
                     keys.setdefault(k, "")
         for name, value in request.query_params.multi_items():
             if name in ("limit", "offset", "fuzzymatching", "includefield"):
-                if name == "includefield" and value != "all":
+                if name == "includefield":
                     for field in (f.strip() for f in value.split(",")):
-                        if included := _attribute(field):
+                        if field == "all":
+                            for keyword in _all_of(level):
+                                keys.setdefault(keyword, "")
+                        elif included := _attribute(field):
                             keys.setdefault(included, "")
                         elif field and field not in unsupported:
                             unsupported.append(field)
@@ -482,6 +485,17 @@ class DicomWeb:
                        "study": received.study_uid,
                        "url": f"{self.base_url}/studies/{received.study_uid}/series/"
                               f"{received.series_uid}/instances/{received.sop_instance_uid}"})
+
+
+def _all_of(level: str) -> list[str]:
+    """What ``includefield=all`` adds: every attribute of the level searched that the index
+    holds, a study search's including the patient's (PS3.18 10.6.3.3.1: the Optional Keys of
+    the Patient and Study levels "supported by the origin server"). It added nothing: a
+    study search with it lacked IssuerOfPatientID, SOPClassesInStudy and the
+    NumberOfPatientRelated* counts that the same search naming them returns."""
+    owners = ("PATIENT", "STUDY") if level == "STUDY" else (level,)
+    return [keyword for keyword in (*store_query.COLUMNS, *store_query.COMPUTED)
+            if store_query.level_of(keyword) in owners]
 
 
 def store_query_summary(level: str, keys: dict[str, str]) -> str:
