@@ -303,6 +303,83 @@ def test_a_key_not_matched_at_the_level_is_named_in_a_warning(pas: PasProcess) -
     assert matched.status_code in (200, 204) and "Warning" not in matched.headers
 
 
+@pytest.mark.parametrize("field", ["00091010", "00431028",  # private (CT_small holds this)
+                                   "ReferencedStudySequence.ReferencedSOPClassUID",
+                                   "00081032.00080100"])
+def test_an_include_field_pas_does_not_return_is_left_out_not_refused(
+        pas: PasProcess, field: str) -> None:
+    """PS3.18 10.6.3.3 returns the includefield attributes "supported by the origin server":
+    a private tag or a path into a sequence was a 400 "unknown query parameter", the whole
+    search refused (a viewer's study list empty for one include field it asks)."""
+    plain = httpx.get(f"{_base(pas)}/studies", timeout=30)
+    asked = httpx.get(f"{_base(pas)}/studies", params={"includefield": f"{field},StudyID"},
+                      timeout=30)
+    assert asked.status_code == 200, asked.text
+    assert asked.json() == plain.json() and "Warning" not in asked.headers
+
+
+def test_includefield_all_returns_every_study_attribute_pas_holds(pas: PasProcess) -> None:
+    """PS3.18 10.6.3.3.1: ``includefield=all`` returns the Patient and Study level Optional
+    Keys the server supports. It added nothing to the defaults: IssuerOfPatientID,
+    SOPClassesInStudy and NumberOfPatientRelated* came only when named one by one."""
+    named = ["IssuerOfPatientID", "SOPClassesInStudy", "NumberOfPatientRelatedStudies",
+             "NumberOfPatientRelatedSeries", "NumberOfPatientRelatedInstances"]
+    every = httpx.get(f"{_base(pas)}/studies", params={"includefield": "all"}, timeout=30)
+    one_by_one = httpx.get(f"{_base(pas)}/studies", params={"includefield": ",".join(named)},
+                           timeout=30)
+    assert every.status_code == one_by_one.status_code == 200, every.text
+    assert every.json() == one_by_one.json()
+    tags = ["00100021", "00080062", "00201200", "00201202", "00201204"]
+    assert every.json() and all(tag in study for study in every.json() for tag in tags)
+    series = httpx.get(f"{_base(pas)}/series", params={"includefield": "all"}, timeout=30)
+    assert series.status_code == 200
+    assert "00080062" not in series.json()[0]  # a study attribute the series search's
+    # defaults do not hold is not added: "all" is the series level's own
+
+
+def test_a_matching_key_on_a_private_tag_or_a_sequence_path_is_named_in_a_warning(
+        pas: PasProcess) -> None:
+    """Sequence matching (PS3.18 8.3.4.1 ``attribute.attribute``) and private attributes are
+    not in PAS's index: such a key was a 400; it is answered as any key PAS cannot apply,
+    every match of the others and the 299 Warning naming it."""
+    plain = httpx.get(f"{_base(pas)}/studies", timeout=30)
+    answer = httpx.get(f"{_base(pas)}/studies", params={"00081032.00080100": "X",
+                                                          "00431028": "Y"}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == plain.json()
+    assert answer.headers["Warning"] == (
+        f'299 {_base(pas)}: "The following attributes are not supported for matching at '
+        'this level and were ignored: 00081032.00080100, 00431028."')
+
+
+def test_an_unsupported_query_parameter_is_ignored_and_named(pas: PasProcess) -> None:
+    """PS3.18 8.3: "The origin server shall ignore any unsupported Query Parameters" and
+    answer as if they were not there. A cache-buster (``_=``), a misspelt keyword, a name
+    that is no attribute was a 400 "unknown query parameter", the whole search refused;
+    now the answer is the search without them, with a 299 Warning naming them (the audit
+    row too). A supported parameter with a bad value is still a 400 naming it."""
+    last = _last_id(pas)
+    plain = httpx.get(f"{_base(pas)}/studies", timeout=30)
+    answer = httpx.get(f"{_base(pas)}/studies?_=1733360000&PatientNmae=X&00081032.Nope=1"
+                       "&includefield=StudyID,Nope&0008103=2&bad%0D%0Aname=3&=4&includefield=",
+                       timeout=30)  # a blank name or field names nothing
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == plain.json()
+    assert answer.headers["Warning"] == (
+        f'299 {_base(pas)}: "The following query parameters are not supported and were '
+        'ignored: _, PatientNmae, 00081032.Nope, Nope, 0008103 and 1 more."')
+    rows = [r for r in _rows_after(pas, last) if r["event"] == "query"]
+    assert rows[-1]["outcome"] == "success"
+    assert rows[-1]["detail"].endswith(", ignored parameters _, PatientNmae, 00081032.Nope, "
+                                       "Nope, 0008103 and 1 more"), rows[-1]["detail"]
+    named = httpx.get(f"{_base(pas)}/studies", params={"bad\r\n\"name\u00e9": "1"}, timeout=30)
+    assert named.status_code == 200
+    assert named.headers["Warning"].endswith('ignored: bad???name?."')
+    bad_value = httpx.get(f"{_base(pas)}/studies", params={"StudyDate": "yesterday"},
+                          timeout=30)
+    assert bad_value.status_code == 400 and "StudyDate" in bad_value.json()["detail"]
+
+
 def test_fuzzymatching_asked_is_answered_with_the_warning_of_literal_matching(
         pas: PasProcess) -> None:
     """PS3.18 8.3.4.1: PAS has no fuzzy matching of names; fuzzymatching=true was matched

@@ -85,7 +85,8 @@ def candidate_from_qido(row: dict[str, Any]) -> Candidate | None:
     study_uid = first("0020000D")
     if not study_uid:
         return None
-    modalities = frozenset(str(m).upper() for m in row.get("00080061", {}).get("Value", []))
+    modalities = frozenset(str(m).upper() for m in row.get("00080061", {}).get("Value", [])
+                           if m is not None)  # an empty value is null (PS3.18 F.2.5)
     count = first("00201208")
     return Candidate(str(study_uid), str(first("00080020") or ""),
                      str(first("00080050") or ""), modalities,

@@ -35,14 +35,16 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
 from appliance.ingest.attributes import InvalidInstance, OtherStudy
+from appliance.serving.dicom_json import dataset_json
 from appliance.serving.dicomweb_http import (
     _SQLITE_MAX_INT,
     ClosingStream,
     ReportedEnd,
+    _attribute,
     _boundary,
     _int_param,
-    _keyword,
     _problem,
+    _shown,
     _sop_item,
 )
 from appliance.serving.stow_parts import NotPart10, Part, SpilledPart, discard_parts
@@ -93,6 +95,12 @@ NOT_FUZZY = ('299 {service}: "The fuzzymatching parameter is not supported. Only
 # in the form of the two warnings above.
 NOT_MATCHED = ('299 {service}: "The following attributes are not supported for matching at '
                'this level and were ignored: {names}."')
+# PS3.18 8.3: "The origin server shall ignore any unsupported Query Parameters" (and may say
+# so): a name that is no attribute nor a QIDO-RS parameter (a cache-buster "_", a misspelt
+# keyword) was a 400 refusing the whole search. PAS's wording, in the form of those above.
+NOT_SUPPORTED = ('299 {service}: "The following query parameters are not supported and were '
+                 'ignored: {names}."')
+MAX_NAMED = 5  # parameters named in that Warning and in the audit row
 
 # Attributes QIDO-RS returns by default per level (PS3.18 table 10.6.3-3..5).
 DEFAULT_RETURN = {
@@ -186,7 +194,8 @@ class DicomWeb:
         try:
             actor = self.actor_of(request)
             require_dicom_json(request.headers.get("accept", ""))
-            keys = self._qido_keys(request, level, path)
+            unsupported: list[str] = []
+            keys = self._qido_keys(request, level, path, unsupported)
             limit = _int_param(request, "limit", positive=True)
             offset = _int_param(request, "offset") or 0
             cap = self.max_results or self._cap(limit, confined="study" in path)
@@ -218,6 +227,12 @@ class DicomWeb:
         if ignored:
             warnings.append(NOT_MATCHED.format(service=service, names=", ".join(ignored)))
             notes += f", not matched on {', '.join(ignored)}"
+        if unsupported:
+            names = ", ".join(_shown(n) for n in unsupported[:MAX_NAMED])
+            if len(unsupported) > MAX_NAMED:
+                names += f" and {len(unsupported) - MAX_NAMED} more"
+            warnings.append(NOT_SUPPORTED.format(service=service, names=names))
+            notes += f", ignored parameters {names}"
         headers = {"Warning": ", ".join(warnings)} if warnings else {}
         target = store_query_summary(level, keys)
         sent = [0]
@@ -283,11 +298,14 @@ class DicomWeb:
             return None
         return self.max_limit if limit is not None else min(QIDO_DEFAULT_LIMIT, self.max_limit)
 
-    def _qido_keys(self, request: Request, level: str, path: dict[str, str]) -> dict[str, str]:
+    def _qido_keys(self, request: Request, level: str, path: dict[str, str],
+                   unsupported: list[str]) -> dict[str, str]:
         """Matching and return keys of a QIDO-RS search. The defaults are those of PS3.18
         10.6.3.3: a series or instance search also returns the Study attributes unless the
         study is in the path, and an instance search the Series attributes unless the series
-        is (a worklist built from /instances needs Modality and SeriesNumber)."""
+        is (a worklist built from /instances needs Modality and SeriesNumber). A parameter
+        or include field that is no attribute is ignored (PS3.18 8.3), its name added to
+        ``unsupported``."""
         keys = {k: "" for k in DEFAULT_RETURN[level]}
         for parent in _PARENT_KEYS.get(level, []):
             keys.setdefault(parent, "")
@@ -298,12 +316,23 @@ class DicomWeb:
                     keys.setdefault(k, "")
         for name, value in request.query_params.multi_items():
             if name in ("limit", "offset", "fuzzymatching", "includefield"):
-                if name == "includefield" and value != "all":
-                    for field in value.split(","):
-                        keys.setdefault(_keyword(field.strip()), "")
+                if name == "includefield":
+                    for field in (f.strip() for f in value.split(",")):
+                        if field == "all":
+                            for keyword in _all_of(level):
+                                keys.setdefault(keyword, "")
+                        elif included := _attribute(field):
+                            keys.setdefault(included, "")
+                        elif field and field not in unsupported:
+                            unsupported.append(field)
                 continue
-            keyword = _keyword(name)
-            if dictionary_VR(tag_for_keyword(keyword)) == "UI":
+            keyword = _attribute(name)
+            if not keyword:
+                if name and name not in unsupported:  # "?=x&" names nothing
+                    unsupported.append(name)
+                continue
+            tag = tag_for_keyword(keyword)  # None: a private tag or a sequence path
+            if tag is not None and dictionary_VR(tag) == "UI":
                 value = value.replace(",", "\\")  # PS3.18 8.3.4.1: a UID list may use ","
             keys[keyword] = value
         if "study" in path:
@@ -331,7 +360,7 @@ class DicomWeb:
             if level == "IMAGE" and row.get("SOPInstanceUID"):
                 url += f"/instances/{row['SOPInstanceUID']}"
             ds.RetrieveURL = url
-        return ds.to_json_dict()
+        return dataset_json(ds)  # a stored "DOE^JOHN\\" no longer cuts the answer
 
     # -- STOW-RS ------------------------------------------------------------------------
 
@@ -456,6 +485,17 @@ class DicomWeb:
                        "study": received.study_uid,
                        "url": f"{self.base_url}/studies/{received.study_uid}/series/"
                               f"{received.series_uid}/instances/{received.sop_instance_uid}"})
+
+
+def _all_of(level: str) -> list[str]:
+    """What ``includefield=all`` adds: every attribute of the level searched that the index
+    holds, a study search's including the patient's (PS3.18 10.6.3.3.1: the Optional Keys of
+    the Patient and Study levels "supported by the origin server"). It added nothing: a
+    study search with it lacked IssuerOfPatientID, SOPClassesInStudy and the
+    NumberOfPatientRelated* counts that the same search naming them returns."""
+    owners = ("PATIENT", "STUDY") if level == "STUDY" else (level,)
+    return [keyword for keyword in (*store_query.COLUMNS, *store_query.COMPUTED)
+            if store_query.level_of(keyword) in owners]
 
 
 def store_query_summary(level: str, keys: dict[str, str]) -> str:

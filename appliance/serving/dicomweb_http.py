@@ -1,7 +1,7 @@
 """DICOMweb's request parsing and response bodies, with no handler state: what the routes in
 ``dicomweb.py`` and ``wado_rs.py`` read from a request and the bodies they answer with.
 
-Owns: QIDO-RS parameter names to keywords (:func:`_keyword`) and integer parameters
+Owns: QIDO-RS parameter names to keywords (:func:`_attribute`) and integer parameters
 (:func:`_int_param`, limit and offset, clamped to SQLite's integers), a STOW-RS request's
 multipart boundary (:func:`_boundary`), the JSON answer to an :class:`HttpProblem`
 (:func:`_problem`), multipart/related octet-stream parts (:func:`_file_part` streamed from a
@@ -40,15 +40,35 @@ def _problem(exc: HttpProblem) -> JSONResponse:
     return JSONResponse({"error": exc.status, "detail": exc.detail}, status_code=exc.status)
 
 
-def _keyword(name: str) -> str:
-    """A QIDO parameter name (keyword or 8 hex digits) -> keyword; HttpProblem if unknown."""
+def _keyword_of(name: str) -> str:
+    """The keyword of a parameter name (keyword or 8 hex digits), "" when there is none."""
     if re.fullmatch(r"[0-9A-Fa-f]{8}", name):
-        keyword = keyword_for_tag(int(name, 16))
-    else:
-        keyword = name if tag_for_keyword(name) is not None else ""
-    if not keyword:
-        raise HttpProblem(400, f"unknown query parameter or attribute: {name!r}")
-    return keyword
+        return keyword_for_tag(int(name, 16))
+    return name if tag_for_keyword(name) is not None else ""
+
+
+def _attribute(name: str) -> str:
+    """A QIDO-RS attribute (PS3.18 8.3.4.1) -> the key PAS searches or returns it by: the
+    keyword of a data dictionary attribute, else the name as given when it is one PAS cannot
+    search or return but well formed: a tag outside the dictionary (a private one) or a path
+    into a sequence (``00081032.00080100``, ``ReferencedStudySequence.ReferencedSOPClassUID``);
+    "" for a name that is no attribute at all (``_``, a misspelt keyword). Neither is a 400
+    any more (the whole search was refused): PS3.18 8.3 "The origin server shall ignore any
+    unsupported Query Parameters", 10.6.3.3 returns the include fields "supported by the
+    origin server"; the caller names what it ignored in a 299 Warning."""
+    steps = name.split(".")
+    if len(steps) == 1 and (keyword := _keyword_of(name)):
+        return keyword
+    if all(_keyword_of(step) or re.fullmatch(r"[0-9A-Fa-f]{8}", step) for step in steps):
+        return name
+    return ""
+
+
+def _shown(name: str) -> str:
+    """A client's parameter name as a Warning header can carry it: printable ASCII without
+    quotes or backslashes (others as ``?``), at most 64 characters."""
+    kept = "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in name[:64])
+    return kept + ("..." if len(name) > 64 else "")
 
 
 def _stream_part(chunks: Iterator[bytes], boundary: str) -> Iterator[bytes]:

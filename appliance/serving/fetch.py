@@ -177,7 +177,9 @@ def _keywords(row: dict[str, Any]) -> dict[str, Any]:
         values = row.get(tag, {}).get("Value")
         if not values:
             continue
-        parts = [v.get("Alphabetic", "") if isinstance(v, dict) else str(v) for v in values]
+        # An empty value of several is null (PS3.18 F.2.5: Orthanc, and PAS's hub, write it).
+        parts = [v.get("Alphabetic", "") if isinstance(v, dict) else "" if v is None else str(v)
+                 for v in values]
         result[keyword] = "\\".join(parts)
     return result
 

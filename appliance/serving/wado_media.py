@@ -20,6 +20,8 @@ from pydicom.datadict import dictionary_VR
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, iter_pixels, pixel_array
 from pydicom.uid import UID
 
+from appliance.serving.dicom_json import dataset_json
+
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
 PIXEL_DATA = 0x7FE00010
@@ -299,11 +301,13 @@ def render(path: Path, frame: int, media: str, viewport: tuple[int, int] | None,
     return buffer.getvalue()
 
 
-def metadata_item(path: Path, base: str) -> dict[str, Any]:
+def metadata_item(path: Path, base: str, transfer_syntax: str | None = None) -> dict[str, Any]:
     """One instance as DICOM JSON for /metadata (PS3.18 10.4.1.2, F.2.7): every attribute;
     top-level bulk data (Pixel Data included) as a BulkDataURI under ``base``/bulkdata that
     resolves to that attribute's bytes. Values above BULK_THRESHOLD are not even read
-    (defer_size); bulk data inside sequences (icons) is small and goes inline."""
+    (defer_size); bulk data inside sequences (icons) is small and goes inline. The model
+    itself (tag order, no group lengths, empty values as null) is ``dicom_json.py``'s;
+    ``transfer_syntax``: the stored one, given as (0002,0010) in its place."""
     ds = dcmread(path, defer_size=BULK_THRESHOLD)
     bulk: dict[int, str] = {}
     for tag in list(ds.keys()):
@@ -316,10 +320,11 @@ def metadata_item(path: Path, base: str) -> dict[str, Any]:
         if vr in BULK_VRS and (length > BULK_THRESHOLD or length == UNDEFINED_LENGTH):
             bulk[int(tag)] = vr
             del ds[tag]
-    item: dict[str, Any] = ds.to_json_dict(bulk_data_threshold=1 << 62)
-    for tag, vr in bulk.items():
-        item[f"{tag:08X}"] = {"vr": vr, "BulkDataURI": f"{base}/bulkdata/{tag:08X}"}
-    return item
+    extra = {f"{tag:08X}": {"vr": vr, "BulkDataURI": f"{base}/bulkdata/{tag:08X}"}
+             for tag, vr in bulk.items()}
+    if transfer_syntax:
+        extra["00020010"] = {"vr": "UI", "Value": [transfer_syntax]}
+    return dataset_json(ds, extra)
 
 
 def _bulk_vr(ds: Any, tag: int, vr: str | None) -> str:

@@ -300,9 +300,7 @@ class WadoRs:
     def _item(self, row: Any) -> bytes:
         base = (f"{self.web.base_url}/studies/{row['study_uid']}/series/{row['series_uid']}"
                 f"/instances/{row['sop_instance_uid']}")
-        item = metadata_item(self.spool.path(row["path"]), base)
-        if row["transfer_syntax_uid"]:
-            item["00020010"] = {"vr": "UI", "Value": [row["transfer_syntax_uid"]]}
+        item = metadata_item(self.spool.path(row["path"]), base, row["transfer_syntax_uid"])
         # As Starlette's JSONResponse writes it.
         return json.dumps(item, ensure_ascii=False, allow_nan=False,
                           separators=(",", ":")).encode()
