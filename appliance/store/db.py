@@ -315,6 +315,11 @@ class Database:
             # Up to date: a reader (``pas status``) must not wait for the write lock, which
             # a busy daemon or a long transaction may hold (tests/faults/test_link_and_lock).
             return
+        # Foreign keys off while the migrations run (a PRAGMA that only takes effect outside
+        # a transaction), checked whole before the commit: a migration that rebuilds a
+        # table others refer to (17, patients) drops it before the new one takes its name,
+        # as SQLite's documented procedure for table changes does.
+        conn.execute("PRAGMA foreign_keys=OFF")
         conn.execute("BEGIN IMMEDIATE")
         try:
             version = int(conn.execute("PRAGMA user_version").fetchone()[0])
@@ -327,10 +332,17 @@ class Database:
                 for statement in _split_statements(script):
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version={number}")
+            broken = conn.execute("PRAGMA foreign_key_check").fetchall()
+            if broken:
+                raise RuntimeError(f"{self.path}: the migration left {len(broken)} rows "
+                                   f"referring to no row (first: {tuple(broken[0])}); "
+                                   "nothing was changed")
             conn.execute("COMMIT")
         except BaseException:
             _rollback(conn)
             raise
+        finally:
+            conn.execute("PRAGMA foreign_keys=ON")
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

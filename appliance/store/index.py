@@ -143,10 +143,20 @@ def record_instance(
 
 
 def _upsert_patient(conn: sqlite3.Connection, record: InstanceRecord) -> int:
+    """The patient row of ``record``'s PatientID and issuer, created or brought up to date.
+    With neither, a new row (a new study's): an instance that names nobody is nobody else's
+    (schema migration 17)."""
+    if not record.patient_id and not record.issuer_of_patient_id:
+        cursor = conn.execute(
+            "INSERT INTO patients (patient_id, issuer, name, birth_date, sex) "
+            "VALUES ('', '', ?, ?, ?)",
+            (record.patient_name, record.birth_date, record.sex))
+        return int(cursor.lastrowid or 0)
     conn.execute(
         """INSERT INTO patients (patient_id, issuer, name, birth_date, sex)
            VALUES (?, ?, ?, ?, ?)
-           ON CONFLICT (patient_id, issuer) DO UPDATE SET
+           ON CONFLICT (patient_id, issuer) WHERE patient_id != '' OR issuer != ''
+           DO UPDATE SET
                name = coalesce(excluded.name, name),
                birth_date = coalesce(excluded.birth_date, birth_date),
                sex = coalesce(excluded.sex, sex)""",
@@ -214,6 +224,12 @@ def _file_study(conn: sqlite3.Connection, record: InstanceRecord, received_at: f
     patient_fk = int(held["patient_fk"])
     if record.patient_id or record.issuer_of_patient_id:
         patient_fk = _upsert_patient(conn, record)
+    else:  # names nobody: its word on the study's own unnamed patient, as a keyed one's
+        conn.execute(
+            """UPDATE patients SET name = coalesce(?, name),
+                   birth_date = coalesce(?, birth_date), sex = coalesce(?, sex)
+               WHERE id = ? AND patient_id = '' AND issuer = ''""",
+            (record.patient_name, record.birth_date, record.sex, patient_fk))
     conn.execute(
         """UPDATE studies SET patient_fk = ?, last_received_at = ?,
                study_date = coalesce(?, study_date), study_time = coalesce(?, study_time),
