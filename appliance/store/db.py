@@ -376,14 +376,15 @@ def _split_statements(script: str) -> list[str]:
 def copy_consistent(path: Path, target: Path) -> None:
     """A consistent copy of the database at ``path`` as of one moment, through SQLite's
     online backup API, while the daemon keeps writing (a file copy of a WAL database being
-    written can be torn). Pages are copied in steps, so writers are held only briefly; the
-    copy restarts by itself when a write lands between steps. ``target`` is a new file,
-    fsynced, in rollback-journal mode (one file)."""
+    written can be torn). In one step: in WAL mode that is one read transaction, which
+    writers do not wait for (copied in several steps, a write landing between two would
+    restart the copy, and under steady ingest it might never end). ``target`` is a new
+    file, fsynced, in rollback-journal mode (one file)."""
     source = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True,
                              timeout=BUSY_TIMEOUT_MS / 1000)
     copy = sqlite3.connect(target)
     try:
-        source.backup(copy, pages=1024, sleep=0.005)
+        source.backup(copy)
         copy.execute("PRAGMA journal_mode=DELETE")
     finally:
         copy.close()
