@@ -447,6 +447,25 @@ class PrefetchSection(_Section):
     mwl: PrefetchMwl = PrefetchMwl()
 
 
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+
+
+def _viewer_origin(value: str) -> str:
+    """One web origin, never ``*``: with any origin allowed, any page a radiologist's browser
+    opens (a site on the internet included) could read the patients' data through that
+    browser, which reaches PAS on the hospital's network."""
+    if value == "*":
+        raise ValueError("'*' would let any web page read patient data through a browser on "
+                         "the hospital's network: name each viewer's origin")
+    if not _ORIGIN.fullmatch(value):
+        raise ValueError(f"{value!r} is not an origin: scheme://host[:port], no path "
+                         "(e.g. https://viewer.hospital.example)")
+    return value
+
+
+ViewerOrigin = Annotated[str, AfterValidator(_viewer_origin)]
+
+
 class MoveDestination(_Section):
     """A C-MOVE destination a viewer may name: AE title -> where PAS sends the images.
     ``tls``: whether PAS reaches it over DICOM TLS (PAS shows ``dicom.tls.cert``/``key``,
@@ -483,6 +502,9 @@ class ServingSection(_Section):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    # Web viewers served from another origin that may read DICOMweb from their users'
+    # browsers (CORS), each "scheme://host[:port]" exactly as the browser sends it.
+    cors_origins: list[ViewerOrigin] = []
     fetch_through: Flag = True                         # misses fetched from the region (hub)
     fetch_timeout_s: float = Field(default=120.0, gt=0)
     query_region: Flag = False                         # C-FIND also asks the region

@@ -2,7 +2,8 @@
 
 ``serving.auth`` guards the whole port, every route a capability contributes included
 (appliance/web/auth.py): bearer tokens in front of the app, client certificates in the TLS
-handshake (``web_tls``). Only ``/healthz`` answers without them.
+handshake (``web_tls``). Only ``/healthz`` answers without them. ``serving.cors_origins``:
+the web viewers of other origins whose pages may read it (Starlette's CORS middleware).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
@@ -47,6 +49,15 @@ def build_app(daemon: Daemon) -> Starlette:
     middleware = ([Middleware(BearerGuard, tokens=serving.bearer_tokens,
                               refusals=daemon.refusals)]
                   if serving.auth == "bearer" else [])
+    if serving.cors_origins:
+        # Outermost: a browser's preflight (OPTIONS, no Authorization header) is answered
+        # here, before the bearer guard, and a 401 still carries the CORS headers that let
+        # the viewer read it.
+        middleware.insert(0, Middleware(
+            CORSMiddleware, allow_origins=serving.cors_origins,
+            allow_methods=["GET", "POST"], allow_headers=["Authorization", "Accept",
+                                                          "Content-Type"],
+            expose_headers=["Warning", "Content-Location", "Location"], max_age=600))
     return Starlette(routes=routes, middleware=middleware)
 
 
