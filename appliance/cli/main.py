@@ -353,6 +353,10 @@ def main() -> None:
     except sqlite3.DatabaseError as exc:
         if is_busy(exc):  # an interactive command's short wait for the write lock ran out
             err.print(f"[red]{BUSY_MESSAGE}[/red]", highlight=False)
+        elif getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_CORRUPT,
+                                                         sqlite3.SQLITE_NOTADB):
+            err.print(f"[red]database error:[/red] {exc}: the index is damaged; pas doctor "
+                      "says what to do (pas cache rebuild-index)", highlight=False)
         else:
             err.print(f"[red]database error:[/red] {exc}", highlight=False)
         sys.exit(1)

@@ -95,6 +95,12 @@ def test_a_damaged_index_is_refused_then_rebuilt_from_the_spool(tmp_path: Path) 
     assert check["detail"].startswith(f"{db} is damaged: ")
     assert "pas cache rebuild-index" in check["fix"]
 
+    # A command that meets the damage says so, and where to look.
+    listed = pas.cli("studies", check=False)
+    assert listed.returncode == 1
+    assert ("the index is damaged; pas doctor says what to do (pas cache rebuild-index)"
+            in " ".join(listed.stderr.split())), listed.stderr
+
     # pas run refuses to start: one line, no traceback, the DICOM port never opened.
     run = subprocess.run([str(PAS_BIN), "run"], env=pas.env, capture_output=True, text=True,
                          timeout=60)
