@@ -137,7 +137,8 @@ class Daemon:
             log.warning("permissions tightened: %s", fixed)
             audit.record(self.db, "security", actor="system", outcome="success",
                          detail=f"permissions tightened: {fixed}")
-        self.recovery_report = startup_recovery(self.db, self.spool, self.receiver)
+        self.recovery_report = startup_recovery(self.db, self.spool, self.receiver,
+                                                progress=self.notifier.extend_start)
         # Here, not in startup_recovery (pas verify --repair runs that beside a live daemon):
         # the C-STORE associations the daemon's last end cut get their store rows.
         cut = audit.close_cut_associations(self.db)

@@ -12,8 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from appliance.ingest.receive import Receiver
 from appliance.ops.notify import Notifier
-from tests.support.peers import PAS_BIN, ROOT, PasProcess, port_open, wait_for
+from appliance.ops.recovery import startup_recovery
+from appliance.store.db import Database
+from appliance.store.spool import Spool
+from tests.support.peers import CT_DIR, PAS_BIN, ROOT, PasProcess, port_open, wait_for
 
 UNITS = ROOT / "image" / "systemd"
 SHIPPED = ["pas.service", "pas-hub.service"]
@@ -200,3 +204,51 @@ def test_a_taken_http_port_fails_start_up_without_ready(tmp_path: Path) -> None:
     assert "address already in use" in stderr.lower()
     assert "Traceback" not in stderr
     assert "PAS ready" not in stdout + stderr
+
+
+def _spool_without_index(home: Path, count: int) -> None:
+    """``count`` instances in ``home``'s spool and no index (a rebuilt index's start)."""
+    db = Database(home / "pas.sqlite")
+    receiver = Receiver(db, Spool(home / "spool", fsync=False))
+    for path in sorted(CT_DIR.glob("*.dcm"))[:count]:
+        receiver.receive_file(path.read_bytes(), source="test")
+    db.close()
+    for made in home.glob("pas.sqlite*"):
+        made.unlink()
+
+
+def test_a_long_start_up_recovery_keeps_systemd_waiting_and_says_how_far(
+        tmp_path: Path) -> None:
+    """Start-up recovery adopting a spool (after pas cache rebuild-index: hours for a large
+    one) ran past ``TimeoutStartSec`` (120 s): systemd killed the start and began again. The
+    daemon now sends ``EXTEND_TIMEOUT_USEC`` with a STATUS saying how far it is, at once and
+    every few seconds, before READY=1."""
+    home = tmp_path / "pas"
+    _spool_without_index(home, 3)
+    pas = PasProcess(home, {"PAS_DICOM__ACCEPT_UNKNOWN": "true"})
+    listener = NotifySocket(tmp_path / "notify.sock", lambda: pas.port)
+    pas.env["NOTIFY_SOCKET"] = str(listener.path)
+    try:
+        pas.start()
+        wait_for(lambda: listener.count("READY=1") == 1, 20, what="READY=1")
+        texts = [text for text, _ in listener.messages]
+        first_ready = next(i for i, t in enumerate(texts) if t.startswith("READY=1"))
+        assert texts[0] == ("EXTEND_TIMEOUT_USEC=60000000\n"
+                            "STATUS=start-up recovery: comparing the spool with the index")
+        assert all(t.startswith("EXTEND_TIMEOUT_USEC=") for t in texts[:first_ready])
+        assert pas.status()["instances"] == 3
+    finally:
+        pas.stop()
+        listener.close()
+    # In process, told at every step: how many files compared, how many adopted of how many.
+    _spool_without_index(home, 3)
+    db = Database(home / "pas.sqlite")
+    told: list[str] = []
+    report = startup_recovery(db, Spool(home / "spool", fsync=False),
+                              Receiver(db, Spool(home / "spool", fsync=False)),
+                              progress=told.append, progress_every_s=0)
+    db.close()
+    assert report.orphans_adopted == 3
+    assert told[1] == "start-up recovery: 1 file compared with the index"
+    assert told[-3:] == [f"start-up recovery: indexing files without a row, {n} of 3"
+                         for n in range(3)]

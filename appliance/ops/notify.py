@@ -93,6 +93,11 @@ class Notifier:
     def watchdog(self, status: str = "") -> bool:
         return self.notify("WATCHDOG=1" + (f"\nSTATUS={status}" if status else ""))
 
+    def extend_start(self, status: str, seconds: float = 60.0) -> bool:
+        """Start-up is still going (a long recovery): systemd's start timeout is moved to
+        ``seconds`` from now (systemd >= 236; older ones ignore it), and says why."""
+        return self.notify(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}\nSTATUS={status}")
+
     def stopping(self) -> bool:
         return self.notify("STOPPING=1")
 

@@ -30,6 +30,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -62,6 +63,24 @@ class RecoveryReport:
         return dict(self.__dict__)
 
 
+class Progress:
+    """Tells whoever waits for start-up (systemd) that recovery is still going, and how far:
+    at once, then at most every ``every_s``. A rebuilt index makes recovery adopt every file
+    of the spool (hours for a large one), past the unit's ``TimeoutStartSec``: systemd then
+    killed the start and began again, each time from further on."""
+
+    def __init__(self, tell: Callable[[str], object] | None, every_s: float = 5.0):
+        self.tell = tell
+        self.every_s = every_s
+        self.next_at = 0.0
+
+    def tick(self, what: Callable[[], str]) -> None:
+        if self.tell is None or time.monotonic() < self.next_at:
+            return
+        self.next_at = time.monotonic() + self.every_s
+        self.tell(what())
+
+
 def _sha256_file(path: Path, throttle: RateLimiter | None = None) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -77,13 +96,19 @@ def _name_hash(relative: str) -> str:
 
 
 def startup_recovery(db: Database, spool: Spool, receiver: object | None,
-                     host: str | None = None) -> RecoveryReport:
+                     host: str | None = None,
+                     progress: Callable[[str], object] | None = None,
+                     progress_every_s: float = 5.0) -> RecoveryReport:
     """Reconcile spool and index, then release this host's stale leases. Idempotent.
 
     ``receiver`` is the ingest :class:`~appliance.ingest.receive.Receiver` used to adopt
     orphans; None leaves orphans flagged instead (``pas verify`` without ``--repair``).
+    ``progress``: told where recovery is, at once and then every few seconds
+    (:class:`Progress`; the daemon extends systemd's start timeout with it).
     """
     report = RecoveryReport()
+    ticks = Progress(progress, progress_every_s)
+    ticks.tick(lambda: "start-up recovery: comparing the spool with the index")
     report.temp_files_removed = spool.remove_temp_files()
     # Before the walk: a file renamed back is in place, not "missing".
     leftovers = eviction.sweep_eviction_leftovers(spool, db)
@@ -101,8 +126,10 @@ def startup_recovery(db: Database, spool: Spool, receiver: object | None,
     # One pass over index and spool side by side, in bounded memory (millions of files);
     # orphans adopted after it, oldest first (cache_store.OrphansByAge says why).
     orphans = cache_store.OrphansByAge(db)
-    for item in cache_store.reconcile(db, spool):
+    for walked, item in enumerate(cache_store.reconcile(db, spool), start=1):
         relative = item.path
+        ticks.tick(lambda walked=walked: f"start-up recovery: {counted(walked, 'file')} "
+                                         "compared with the index")
         if item.indexed_size is None and relative in evicting:
             _handle_orphan(db, spool, receiver, relative, True, report)
         elif item.indexed_size is None:
@@ -120,7 +147,9 @@ def startup_recovery(db: Database, spool: Spool, receiver: object | None,
             cache_store.resolve_issues(db, relative, "file present again",
                                        ("missing", "size_mismatch"))
     try:
-        for relative, written_at in orphans.oldest_first():
+        for done, (relative, written_at) in enumerate(orphans.oldest_first()):
+            ticks.tick(lambda done=done: f"start-up recovery: indexing files without a row, "
+                                         f"{done} of {orphans.count}")
             _handle_orphan(db, spool, receiver, relative, False, report, written_at)
     finally:
         orphans.close()
