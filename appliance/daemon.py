@@ -56,6 +56,10 @@ class Daemon:
         if settings.db_path.exists():
             from appliance.store.damage import DatabaseDamaged, damage_of, refusal
 
+            # One SQLite call, no progress to tell: systemd is asked to wait long enough
+            # for a large index read from a cold disk (12 s per GB measured here).
+            Notifier().extend_start("checking the index database (SQLite quick_check)",
+                                    seconds=900)
             finding = damage_of(settings.db_path)
             if finding is not None:
                 raise DatabaseDamaged(refusal(settings.db_path, finding))

@@ -237,6 +237,14 @@ def test_a_long_start_up_recovery_keeps_systemd_waiting_and_says_how_far(
                             "STATUS=start-up recovery: comparing the spool with the index")
         assert all(t.startswith("EXTEND_TIMEOUT_USEC=") for t in texts[:first_ready])
         assert pas.status()["instances"] == 3
+        # With an index: its integrity check first (one SQLite call, a long wait asked).
+        pas.stop()
+        before = len(listener.messages)
+        pas.start()
+        wait_for(lambda: listener.count("READY=1") == 2, 20, what="READY=1 again")
+        assert listener.messages[before][0] == (
+            "EXTEND_TIMEOUT_USEC=900000000\n"
+            "STATUS=checking the index database (SQLite quick_check)")
     finally:
         pas.stop()
         listener.close()
