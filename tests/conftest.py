@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -82,3 +83,16 @@ def orthanc_factory(tmp_path: Path) -> Iterator[Callable[..., Orthanc]]:
     yield make
     for orthanc in started:
         orthanc.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Debian's headless Chromium through Debian's chromedriver (tests/support/browser.py),
+    one per test module."""
+    from tests.support.browser import chromium
+
+    driver = chromium(tmp_path_factory.mktemp("chromium"))
+    try:
+        yield driver
+    finally:
+        driver.quit()

@@ -101,16 +101,6 @@ def test_retry_refused_without_credentials_changes_nothing(site: dict[str, Any])
     assert pas.status()["jobs"] == before and _failed(pas) == 1
 
 
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """Debian's headless Chromium through Debian's chromedriver (tests/support/browser.py)."""
-    driver = chromium(tmp_path_factory.mktemp("chromium"))
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
 def _with_token(driver: Any) -> None:
     """The browser adds the bearer token to every request, as a header-adding proxy or
     extension would (to other sites' requests too)."""

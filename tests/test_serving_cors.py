@@ -14,14 +14,13 @@ Real headless Chromium, pages served by other origins, a real PAS holding one st
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from appliance.config import ConfigError, load_settings
-from tests.support.browser import OtherSite, chromium
+from tests.support.browser import OtherSite
 from tests.support.objects import tiny_ct
 from tests.support.peers import PasProcess, wait_for
 from tests.test_serving_qr_versions import send
@@ -39,15 +38,6 @@ fetch("http://127.0.0.1:{pas.http_port}/dicom-web/studies",
       document.title = "status " + r.status + (r.ok ? " " + JSON.parse(t).length : ""); }}))
   .catch(() => {{ document.title = "blocked"; }});
 </script>"""
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    driver = chromium(tmp_path_factory.mktemp("chromium"))
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def _title_of(browser: Any, url: str) -> str:
