@@ -132,6 +132,16 @@ def store_and_ask(assoc: Any) -> str:
     assert status.Status == 0x0000
     return transaction
 
+def listen_for_reports(site: Site, reports: Reports) -> Any:
+    """The modality's own Storage Commitment SCU listening where known_aes says (its host and
+    port in the site's namespace): reports on a new association land in ``reports``."""
+    listener = AE(ae_title="MODALITY")
+    listener.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+    return listener.start_server(
+        (site.ns.outer_address, site.modality_port), block=False,
+        evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports.handler("new"))])
+
+
 def modality(title: str) -> AE:
     ae = AE(ae_title=title)
     ae.add_requested_context(CTImageStorage)
@@ -223,11 +233,7 @@ def test_report_on_a_new_association_once_released_and_the_same_answer_again(
     port), proposing the SCP role. Asked again with the same Transaction UID: the same
     answer, again, and still one row."""
     reports = Reports()
-    listener = AE(ae_title="MODALITY")
-    listener.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
-    server = listener.start_server(
-        (site.ns.outer_address, site.modality_port), block=False,
-        evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports.handler("new"))])
+    server = listen_for_reports(site, reports)
     try:
         stored = tiny_ct()
         transaction = generate_uid()
@@ -355,11 +361,7 @@ def test_report_undelivered_is_retried_and_survives_a_restart(site: Site) -> Non
 
     site.pas.stop()
     reports = Reports()
-    listener = AE(ae_title="MODALITY")
-    listener.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
-    server = listener.start_server(
-        (site.ns.outer_address, site.modality_port), block=False,
-        evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports.handler("new"))])
+    server = listen_for_reports(site, reports)
     try:
         site.pas.start()
         [(event_type, info, _)] = wait_for(lambda: reports.for_transaction(transaction), 15,
