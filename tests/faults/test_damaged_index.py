@@ -194,3 +194,29 @@ def test_a_damaged_hub_database_stops_the_hub_before_it_writes(tmp_path: Path) -
     assert f"cannot start the hub: the hub database {db} is damaged (" in said
     assert "Traceback" not in said and "hub serving" not in said
     assert _sha256(db) == damaged
+
+
+def test_a_second_set_aside_in_the_same_second_keeps_the_first(tmp_path: Path) -> None:
+    """``pas cache rebuild-index`` names the file set aside by the second; run again within
+    it (``--force`` on the fresh index, from a script), the rename replaced the damaged
+    database set aside a moment before (its jobs, confirmations and audit trail) with the
+    fresh empty one: the one copy of what the index alone knew, deleted. Each is kept."""
+    from appliance.store.damage import set_aside
+
+    path = tmp_path / "pas.sqlite"
+    at = time.time()
+    set_aside_as = []
+    for label in ("the damaged one", "the fresh one"):
+        conn = sqlite3.connect(path)
+        conn.execute("CREATE TABLE what (label TEXT)")
+        conn.execute("INSERT INTO what VALUES (?)", (label,))
+        conn.commit()
+        conn.close()
+        set_aside_as.append(set_aside(path, at=at))
+    assert set_aside_as[0] != set_aside_as[1] and not path.exists()
+    kept = []
+    for moved in set_aside_as:
+        conn = sqlite3.connect(moved)
+        kept.append(conn.execute("SELECT label FROM what").fetchone()[0])
+        conn.close()
+    assert kept == ["the damaged one", "the fresh one"]
