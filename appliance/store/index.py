@@ -85,7 +85,9 @@ def record_instance(
     ``received_at`` (a file adopted back by start-up recovery: its time on disk): a version
     older than the current one is kept beside it, not made current. Re-indexing a whole
     spool (``pas cache rebuild-index``) adopts files in name order, and without this the
-    version adopted last, not the one received last, would serve.
+    version adopted last, not the one received last, would serve. Nor does an adopted file
+    whose bytes are already an older version (``pas verify --repair`` beside a live daemon:
+    its receive committed after the walk saw it, and a correction came after).
     """
     adopted = received_at is not None
     received_at = now() if received_at is None else received_at
@@ -105,6 +107,9 @@ def record_instance(
         if newer is not None and same is None:
             return _keep_older_version(conn, record, stored, newer, received_at,
                                        versions[0]["version"] + 1)
+        if newer is not None:  # bytes indexed meanwhile as an older version: kept as it is
+            return RecordOutcome(same["id"], duplicate=True, conflict=False,
+                                 version=same["version"])
         study_fk, refiled_from = _file_study(conn, record, received_at, origin,
                                actor=calling_ae or origin, source=source_address)
         series_fk = _upsert_series(conn, record, study_fk)

@@ -21,10 +21,12 @@ import subprocess
 import time
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 
 from appliance.ingest.receive import Receiver
+from appliance.ops.recovery import startup_recovery
 from appliance.store.db import Database
 from appliance.store.spool import Spool
 from tests.support.hub import HubProcess
@@ -166,6 +168,42 @@ def test_a_file_adopted_older_than_the_current_version_does_not_undo_it(
                     "ORDER BY version", (served.sop_instance_uid,))
     assert [(r["id"], r["is_current"]) for r in rows] == [
         (served.instance_id, 1), (adopted.instance_id, 0)]
+    [patient] = db.query("SELECT name FROM patients")
+    assert patient["name"] == CORRECTED
+    db.close()
+
+
+def test_an_orphan_indexed_meanwhile_then_corrected_does_not_undo_the_correction(
+        tmp_path: Path) -> None:
+    """``pas verify --repair`` beside a live daemon: the walk sees a file whose receive has
+    not committed yet (an orphan, adopted only after the whole walk); meanwhile the daemon
+    commits it, then receives a correction of the same instance. Adopting the file (bytes
+    of the older version, now indexed) made that version current again and routed it again:
+    the region and the viewers got the original back over the correction."""
+    db = Database(tmp_path / "pas.sqlite")
+    spool = Spool(tmp_path / "spool", fsync=False)
+    receiver = Receiver(db, spool)
+    original = dcmread(sorted(CT_DIR.glob("*.dcm"))[0])
+    correction = dcmread(sorted(CT_DIR.glob("*.dcm"))[0])
+    correction.PatientName = CORRECTED
+    buffers = []
+    for dataset in (original, correction):
+        buffer = BytesIO()
+        dataset.save_as(buffer)
+        buffers.append(buffer.getvalue())
+    spool.write([buffers[0]])                     # the live receive's file, its row to come
+    live: list[Any] = []
+
+    def live_daemon_meanwhile(message: str) -> None:
+        if "indexing files without a row" in message and not live:   # the walk is over
+            live.append(receiver.receive_file(buffers[0], source="CT1"))  # its commit
+            live.append(receiver.receive_file(buffers[1], source="CT1"))  # the correction
+
+    startup_recovery(db, spool, receiver, progress=live_daemon_meanwhile, progress_every_s=0)
+    rows = db.query("SELECT id, is_current, routed_at FROM instances "
+                    "WHERE sop_instance_uid = ? ORDER BY version", (live[0].sop_instance_uid,))
+    assert [(r["id"], r["is_current"]) for r in rows] == [
+        (live[0].instance_id, 0), (live[1].instance_id, 1)]
     [patient] = db.query("SELECT name FROM patients")
     assert patient["name"] == CORRECTED
     db.close()
