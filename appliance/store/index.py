@@ -111,7 +111,8 @@ def record_instance(
             return RecordOutcome(same["id"], duplicate=True, conflict=False,
                                  version=same["version"])
         study_fk, refiled_from = _file_study(conn, record, received_at, origin,
-                               actor=calling_ae or origin, source=source_address)
+                               actor=calling_ae or origin, source=source_address,
+                               adopted=adopted)
         series_fk = _upsert_series(conn, record, study_fk)
         if same is not None:  # an older version sent again: current again, routed again
             conn.execute("UPDATE instances SET is_current = 0 WHERE sop_instance_uid = ?",
@@ -195,7 +196,8 @@ def _keep_older_version(conn: sqlite3.Connection, record: InstanceRecord, stored
 
 
 def _file_study(conn: sqlite3.Connection, record: InstanceRecord, received_at: float,
-                origin: str, actor: str | None, source: str | None) -> tuple[int, str | None]:
+                origin: str, actor: str | None, source: str | None,
+                adopted: bool = False) -> tuple[int, str | None]:
     """The study row of ``record``, created or brought up to date, and the patient it was
     filed under until now if this instance moved it to another one (else None).
 
@@ -209,10 +211,12 @@ def _file_study(conn: sqlite3.Connection, record: InstanceRecord, received_at: f
 
     A move to another patient is written in the audit trail (``refile``, naming both) in
     this transaction, and the ``refiled_from`` of the outcome tells the receiver to log it.
-    An instance with no PatientID never moves a study (it names nobody).
+    An instance with no PatientID never moves a study (it names nobody). Nor does a file
+    ``adopted`` by start-up recovery that was written before the study's last receipt: it
+    is not the study's last word (it moved a corrected study back to the wrong patient).
     """
-    held = conn.execute("SELECT id, patient_fk FROM studies WHERE study_uid = ?",
-                        (record.study_uid,)).fetchone()
+    held = conn.execute("SELECT id, patient_fk, last_received_at FROM studies "
+                        "WHERE study_uid = ?", (record.study_uid,)).fetchone()
     if held is None:
         patient_fk = _upsert_patient(conn, record)
         cursor = conn.execute(
@@ -226,6 +230,8 @@ def _file_study(conn: sqlite3.Connection, record: InstanceRecord, received_at: f
         )
         return int(cursor.lastrowid or 0), None
     study_fk = int(held["id"])
+    if adopted and received_at < held["last_received_at"]:
+        return study_fk, None
     patient_fk = int(held["patient_fk"])
     if record.patient_id or record.issuer_of_patient_id:
         patient_fk = _upsert_patient(conn, record)

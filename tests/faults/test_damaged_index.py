@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import subprocess
 import time
@@ -206,6 +207,40 @@ def test_an_orphan_indexed_meanwhile_then_corrected_does_not_undo_the_correction
         (live[0].instance_id, 0), (live[1].instance_id, 1)]
     [patient] = db.query("SELECT name FROM patients")
     assert patient["name"] == CORRECTED
+    db.close()
+
+
+def test_an_adopted_instance_older_than_its_studys_last_does_not_refile_it(
+        tmp_path: Path) -> None:
+    """Start-up recovery adopts a file whose commit was lost, its time on disk as its time
+    of receipt; the study has received a later instance since, under the right PatientID
+    (the modality's correction). The older file moved the study back to the wrong patient
+    and set its last receipt back an hour, as if it were the study's last word."""
+    db = Database(tmp_path / "pas.sqlite")
+    spool = Spool(tmp_path / "spool", fsync=False)
+    receiver = Receiver(db, spool)
+    first, later = (dcmread(p) for p in sorted(CT_DIR.glob("*.dcm"))[:2])
+    later.StudyInstanceUID = first.StudyInstanceUID               # one study
+    later.SeriesInstanceUID = first.SeriesInstanceUID
+    first.PatientID, later.PatientID = "WRONG-1", "RIGHT-1"
+    buffers = []
+    for dataset in (first, later):
+        buffer = BytesIO()
+        dataset.save_as(buffer)
+        buffers.append(buffer.getvalue())
+    lost, _ = spool.write([buffers[0]])                     # its commit lost
+    an_hour_ago = time.time() - 3600
+    os.utime(spool.root / lost.path, (an_hour_ago, an_hour_ago))
+    served = receiver.receive_file(buffers[1], source="CT1")
+    report = startup_recovery(db, spool, receiver)
+    assert report.orphans_adopted == 1
+    [study] = db.query("SELECT p.patient_id, s.last_received_at FROM studies s "
+                       "JOIN patients p ON p.id = s.patient_fk")
+    assert study["patient_id"] == "RIGHT-1"
+    received = db.query_one("SELECT received_at FROM instances WHERE id = ?",
+                            (served.instance_id,))["received_at"]
+    assert study["last_received_at"] == received
+    assert db.query_one("SELECT count(*) AS n FROM instances WHERE is_current = 1")["n"] == 2
     db.close()
 
 
