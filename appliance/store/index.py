@@ -233,8 +233,15 @@ def _file_study(conn: sqlite3.Connection, record: InstanceRecord, received_at: f
     if adopted and received_at < held["last_received_at"]:
         return study_fk, None
     patient_fk = int(held["patient_fk"])
+    split = False  # off an unnamed row other studies share (filed before migration 17)
     if record.patient_id or record.issuer_of_patient_id:
         patient_fk = _upsert_patient(conn, record)
+    elif conn.execute(
+            "SELECT 1 FROM patients p WHERE p.id = ? AND p.patient_id = '' AND p.issuer = '' "
+            "AND EXISTS (SELECT 1 FROM studies o WHERE o.patient_fk = p.id AND o.id != ?)",
+            (patient_fk, study_fk)).fetchone() is not None:
+        # Its word on that row would rename the other studies' patient: a row of its own.
+        patient_fk, split = _upsert_patient(conn, record), True
     else:  # names nobody: its word on the study's own unnamed patient, as a keyed one's
         conn.execute(
             """UPDATE patients SET name = coalesce(?, name),
@@ -252,7 +259,7 @@ def _file_study(conn: sqlite3.Connection, record: InstanceRecord, received_at: f
          record.accession_number, record.study_id, record.study_description,
          record.referring_physician, study_fk),
     )
-    if patient_fk == held["patient_fk"]:
+    if patient_fk == held["patient_fk"] or split:
         return study_fk, None
     before = _patient_named(conn, int(held["patient_fk"]))
     forget_patient_if_unused(conn, int(held["patient_fk"]))
