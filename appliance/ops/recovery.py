@@ -175,13 +175,13 @@ def _handle_orphan(db: Database, spool: Spool, receiver: object | None, relative
         report.evictions_finished += 1
         return
     try:
-        content = path.read_bytes()
+        named_right = _sha256_file(path) == _name_hash(relative)
     except FileNotFoundError:
         # Gone since the walk saw it (orphans are adopted after the whole walk): beside a
         # live daemon (pas verify --repair), its eviction unlinked it after deleting the
         # rows, or a receive whose commit failed discarded it. Nothing to adopt.
         return
-    if hashlib.sha256(content).hexdigest() != _name_hash(relative):
+    if not named_right:
         moved = cache_store.quarantine(spool, relative)
         report.orphans_quarantined += 1
         _flag(db, "orphan_corrupt", moved, None,
@@ -190,6 +190,10 @@ def _handle_orphan(db: Database, spool: Spool, receiver: object | None, relative
     if receiver is None:
         _flag(db, "orphan", relative, None, "file without an index row", report)
         return
+    try:
+        content = path.read_bytes()
+    except FileNotFoundError:
+        return  # gone meanwhile, as above
     try:
         receiver.receive_file(content, source="recovery",  # type: ignore[attr-defined]
                               received_at=written_at)
