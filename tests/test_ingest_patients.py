@@ -83,3 +83,38 @@ def test_the_upgrade_keeps_every_study_under_its_patient(tmp_path: Path) -> None
     names = {r["name"] for r in new.query("PRAGMA index_list(patients)")}
     assert {"patients_key", "patients_name", "patients_name_separated"} <= names
     new.close()
+
+
+def test_a_study_merged_before_the_upgrade_gets_its_own_patient_when_sent_again(
+        tmp_path: Path) -> None:
+    """Studies sent without a PatientID before migration 17 stay under their one shared
+    row, which migration 17 says a re-send of one files afresh. It did not: the re-send
+    renamed the shared row, so the other study was listed under the re-sent one's name
+    (SECOND^PATIENT's study as FIRST^PATIENT's). The re-sent study now takes a row of its
+    own and the other keeps the shared one, its name untouched."""
+    path = tmp_path / "pas.sqlite"
+    old = Database(path, migrations=MIGRATIONS[:16])
+
+    def instance(study: str, n: int, patient_id: str, name: str) -> None:
+        record = InstanceRecord(f"{study}.{n}", "1.2.840.10008.5.1.4.1.1.2",
+                                "1.2.840.10008.1.2.1", study, f"{study}.100",
+                                patient_id=patient_id, patient_name=name, modality="CT")
+        index.record_instance(db, record, StoredFile(f"aa/{n}.dcm", 100, f"{n:064d}"))
+
+    db = old
+    instance("1.2.9.1", 1, "", "FIRST^PATIENT")
+    instance("1.2.9.2", 2, "TMP", "SECOND^PATIENT")
+    with old.transaction() as conn:  # as schema 16 filed it: one row, the newest's name
+        conn.execute("UPDATE patients SET name = 'SECOND^PATIENT' WHERE patient_id = ''")
+        conn.execute("UPDATE studies SET patient_fk = (SELECT id FROM patients "
+                     "WHERE patient_id = '') WHERE study_uid = '1.2.9.2'")
+        conn.execute("DELETE FROM patients WHERE patient_id = 'TMP'")
+    old.close()
+    db = Database(path)
+    instance("1.2.9.1", 3, "", "FIRST^PATIENT")  # the first study sent again
+    rows = db.query("SELECT s.study_uid, p.name FROM studies s "
+                    "JOIN patients p ON p.id = s.patient_fk ORDER BY s.study_uid")
+    assert [tuple(r) for r in rows] == [("1.2.9.1", "FIRST^PATIENT"),
+                                        ("1.2.9.2", "SECOND^PATIENT")]
+    assert db.query_one("SELECT count(*) AS n FROM audit WHERE event = 'refile'")["n"] == 0
+    db.close()

@@ -174,7 +174,14 @@ def _handle_orphan(db: Database, spool: Spool, receiver: object | None, relative
         cache_store.resolve_issues(db, relative, "deleted at start-up", ("evicting",))
         report.evictions_finished += 1
         return
-    if _sha256_file(path) != _name_hash(relative):
+    try:
+        named_right = _sha256_file(path) == _name_hash(relative)
+    except FileNotFoundError:
+        # Gone since the walk saw it (orphans are adopted after the whole walk): beside a
+        # live daemon (pas verify --repair), its eviction unlinked it after deleting the
+        # rows, or a receive whose commit failed discarded it. Nothing to adopt.
+        return
+    if not named_right:
         moved = cache_store.quarantine(spool, relative)
         report.orphans_quarantined += 1
         _flag(db, "orphan_corrupt", moved, None,
@@ -184,7 +191,11 @@ def _handle_orphan(db: Database, spool: Spool, receiver: object | None, relative
         _flag(db, "orphan", relative, None, "file without an index row", report)
         return
     try:
-        receiver.receive_file(path.read_bytes(), source="recovery",  # type: ignore[attr-defined]
+        content = path.read_bytes()
+    except FileNotFoundError:
+        return  # gone meanwhile, as above
+    try:
+        receiver.receive_file(content, source="recovery",  # type: ignore[attr-defined]
                               received_at=written_at)
     except SpoolFull as exc:  # whole bytes, no room to index them now: leave them, flagged
         _flag(db, "orphan", relative, None, f"not adopted yet: {exc}", report)

@@ -60,10 +60,17 @@ def refusal(path: Path, finding: str) -> str:
 
 def set_aside(path: Path, at: float | None = None) -> Path:
     """Rename the database and its WAL and shared-memory files to
-    ``<name>.damaged-<UTC time>[-wal|-shm]``; the new name of the database. The caller holds
+    ``<name>.damaged-<UTC time>[-<n>][-wal|-shm]`` (``-<n>``: a name that second already
+    has, never replaced); the new name of the database. The caller holds
     the home's lock (no daemon has it open)."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if at is None else at))
     target = path.with_name(f"{path.name}.damaged-{stamp}")
+    taken = 1
+    while any(target.with_name(target.name + suffix).exists() for suffix in ("", *SIDE_FILES)):
+        # Set aside already in this second (rebuild-index run again): a rename would
+        # replace that file, the one copy of what the damaged index alone knew.
+        taken += 1
+        target = path.with_name(f"{path.name}.damaged-{stamp}-{taken}")
     for suffix in SIDE_FILES:
         side = path.with_name(path.name + suffix)
         if side.exists():

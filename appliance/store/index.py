@@ -85,7 +85,9 @@ def record_instance(
     ``received_at`` (a file adopted back by start-up recovery: its time on disk): a version
     older than the current one is kept beside it, not made current. Re-indexing a whole
     spool (``pas cache rebuild-index``) adopts files in name order, and without this the
-    version adopted last, not the one received last, would serve.
+    version adopted last, not the one received last, would serve. Nor does an adopted file
+    whose bytes are already an older version (``pas verify --repair`` beside a live daemon:
+    its receive committed after the walk saw it, and a correction came after).
     """
     adopted = received_at is not None
     received_at = now() if received_at is None else received_at
@@ -105,8 +107,12 @@ def record_instance(
         if newer is not None and same is None:
             return _keep_older_version(conn, record, stored, newer, received_at,
                                        versions[0]["version"] + 1)
+        if newer is not None:  # bytes indexed meanwhile as an older version: kept as it is
+            return RecordOutcome(same["id"], duplicate=True, conflict=False,
+                                 version=same["version"])
         study_fk, refiled_from = _file_study(conn, record, received_at, origin,
-                               actor=calling_ae or origin, source=source_address)
+                               actor=calling_ae or origin, source=source_address,
+                               adopted=adopted)
         series_fk = _upsert_series(conn, record, study_fk)
         if same is not None:  # an older version sent again: current again, routed again
             conn.execute("UPDATE instances SET is_current = 0 WHERE sop_instance_uid = ?",
@@ -190,7 +196,8 @@ def _keep_older_version(conn: sqlite3.Connection, record: InstanceRecord, stored
 
 
 def _file_study(conn: sqlite3.Connection, record: InstanceRecord, received_at: float,
-                origin: str, actor: str | None, source: str | None) -> tuple[int, str | None]:
+                origin: str, actor: str | None, source: str | None,
+                adopted: bool = False) -> tuple[int, str | None]:
     """The study row of ``record``, created or brought up to date, and the patient it was
     filed under until now if this instance moved it to another one (else None).
 
@@ -204,10 +211,12 @@ def _file_study(conn: sqlite3.Connection, record: InstanceRecord, received_at: f
 
     A move to another patient is written in the audit trail (``refile``, naming both) in
     this transaction, and the ``refiled_from`` of the outcome tells the receiver to log it.
-    An instance with no PatientID never moves a study (it names nobody).
+    An instance with no PatientID never moves a study (it names nobody). Nor does a file
+    ``adopted`` by start-up recovery that was written before the study's last receipt: it
+    is not the study's last word (it moved a corrected study back to the wrong patient).
     """
-    held = conn.execute("SELECT id, patient_fk FROM studies WHERE study_uid = ?",
-                        (record.study_uid,)).fetchone()
+    held = conn.execute("SELECT id, patient_fk, last_received_at FROM studies "
+                        "WHERE study_uid = ?", (record.study_uid,)).fetchone()
     if held is None:
         patient_fk = _upsert_patient(conn, record)
         cursor = conn.execute(
@@ -221,9 +230,18 @@ def _file_study(conn: sqlite3.Connection, record: InstanceRecord, received_at: f
         )
         return int(cursor.lastrowid or 0), None
     study_fk = int(held["id"])
+    if adopted and received_at < held["last_received_at"]:
+        return study_fk, None
     patient_fk = int(held["patient_fk"])
+    split = False  # off an unnamed row other studies share (filed before migration 17)
     if record.patient_id or record.issuer_of_patient_id:
         patient_fk = _upsert_patient(conn, record)
+    elif conn.execute(
+            "SELECT 1 FROM patients p WHERE p.id = ? AND p.patient_id = '' AND p.issuer = '' "
+            "AND EXISTS (SELECT 1 FROM studies o WHERE o.patient_fk = p.id AND o.id != ?)",
+            (patient_fk, study_fk)).fetchone() is not None:
+        # Its word on that row would rename the other studies' patient: a row of its own.
+        patient_fk, split = _upsert_patient(conn, record), True
     else:  # names nobody: its word on the study's own unnamed patient, as a keyed one's
         conn.execute(
             """UPDATE patients SET name = coalesce(?, name),
@@ -241,7 +259,7 @@ def _file_study(conn: sqlite3.Connection, record: InstanceRecord, received_at: f
          record.accession_number, record.study_id, record.study_description,
          record.referring_physician, study_fk),
     )
-    if patient_fk == held["patient_fk"]:
+    if patient_fk == held["patient_fk"] or split:
         return study_fk, None
     before = _patient_named(conn, int(held["patient_fk"]))
     forget_patient_if_unused(conn, int(held["patient_fk"]))

@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import subprocess
 import time
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 
 from appliance.ingest.receive import Receiver
+from appliance.ops.recovery import startup_recovery
 from appliance.store.db import Database
 from appliance.store.spool import Spool
 from tests.support.hub import HubProcess
@@ -171,6 +174,76 @@ def test_a_file_adopted_older_than_the_current_version_does_not_undo_it(
     db.close()
 
 
+def test_an_orphan_indexed_meanwhile_then_corrected_does_not_undo_the_correction(
+        tmp_path: Path) -> None:
+    """``pas verify --repair`` beside a live daemon: the walk sees a file whose receive has
+    not committed yet (an orphan, adopted only after the whole walk); meanwhile the daemon
+    commits it, then receives a correction of the same instance. Adopting the file (bytes
+    of the older version, now indexed) made that version current again and routed it again:
+    the region and the viewers got the original back over the correction."""
+    db = Database(tmp_path / "pas.sqlite")
+    spool = Spool(tmp_path / "spool", fsync=False)
+    receiver = Receiver(db, spool)
+    original = dcmread(sorted(CT_DIR.glob("*.dcm"))[0])
+    correction = dcmread(sorted(CT_DIR.glob("*.dcm"))[0])
+    correction.PatientName = CORRECTED
+    buffers = []
+    for dataset in (original, correction):
+        buffer = BytesIO()
+        dataset.save_as(buffer)
+        buffers.append(buffer.getvalue())
+    spool.write([buffers[0]])                     # the live receive's file, its row to come
+    live: list[Any] = []
+
+    def live_daemon_meanwhile(message: str) -> None:
+        if "indexing files without a row" in message and not live:   # the walk is over
+            live.append(receiver.receive_file(buffers[0], source="CT1"))  # its commit
+            live.append(receiver.receive_file(buffers[1], source="CT1"))  # the correction
+
+    startup_recovery(db, spool, receiver, progress=live_daemon_meanwhile, progress_every_s=0)
+    rows = db.query("SELECT id, is_current, routed_at FROM instances "
+                    "WHERE sop_instance_uid = ? ORDER BY version", (live[0].sop_instance_uid,))
+    assert [(r["id"], r["is_current"]) for r in rows] == [
+        (live[0].instance_id, 0), (live[1].instance_id, 1)]
+    [patient] = db.query("SELECT name FROM patients")
+    assert patient["name"] == CORRECTED
+    db.close()
+
+
+def test_an_adopted_instance_older_than_its_studys_last_does_not_refile_it(
+        tmp_path: Path) -> None:
+    """Start-up recovery adopts a file whose commit was lost, its time on disk as its time
+    of receipt; the study has received a later instance since, under the right PatientID
+    (the modality's correction). The older file moved the study back to the wrong patient
+    and set its last receipt back an hour, as if it were the study's last word."""
+    db = Database(tmp_path / "pas.sqlite")
+    spool = Spool(tmp_path / "spool", fsync=False)
+    receiver = Receiver(db, spool)
+    first, later = (dcmread(p) for p in sorted(CT_DIR.glob("*.dcm"))[:2])
+    later.StudyInstanceUID = first.StudyInstanceUID               # one study
+    later.SeriesInstanceUID = first.SeriesInstanceUID
+    first.PatientID, later.PatientID = "WRONG-1", "RIGHT-1"
+    buffers = []
+    for dataset in (first, later):
+        buffer = BytesIO()
+        dataset.save_as(buffer)
+        buffers.append(buffer.getvalue())
+    lost, _ = spool.write([buffers[0]])                     # its commit lost
+    an_hour_ago = time.time() - 3600
+    os.utime(spool.root / lost.path, (an_hour_ago, an_hour_ago))
+    served = receiver.receive_file(buffers[1], source="CT1")
+    report = startup_recovery(db, spool, receiver)
+    assert report.orphans_adopted == 1
+    [study] = db.query("SELECT p.patient_id, s.last_received_at FROM studies s "
+                       "JOIN patients p ON p.id = s.patient_fk")
+    assert study["patient_id"] == "RIGHT-1"
+    received = db.query_one("SELECT received_at FROM instances WHERE id = ?",
+                            (served.instance_id,))["received_at"]
+    assert study["last_received_at"] == received
+    assert db.query_one("SELECT count(*) AS n FROM instances WHERE is_current = 1")["n"] == 2
+    db.close()
+
+
 def test_a_damaged_hub_database_stops_the_hub_before_it_writes(tmp_path: Path) -> None:
     """The hub's database holds the sites' enrolments and the transfers under way: damaged,
     ``pas hub run`` refuses to start, naming it, and leaves it byte for byte (before, it
@@ -194,3 +267,29 @@ def test_a_damaged_hub_database_stops_the_hub_before_it_writes(tmp_path: Path) -
     assert f"cannot start the hub: the hub database {db} is damaged (" in said
     assert "Traceback" not in said and "hub serving" not in said
     assert _sha256(db) == damaged
+
+
+def test_a_second_set_aside_in_the_same_second_keeps_the_first(tmp_path: Path) -> None:
+    """``pas cache rebuild-index`` names the file set aside by the second; run again within
+    it (``--force`` on the fresh index, from a script), the rename replaced the damaged
+    database set aside a moment before (its jobs, confirmations and audit trail) with the
+    fresh empty one: the one copy of what the index alone knew, deleted. Each is kept."""
+    from appliance.store.damage import set_aside
+
+    path = tmp_path / "pas.sqlite"
+    at = time.time()
+    set_aside_as = []
+    for label in ("the damaged one", "the fresh one"):
+        conn = sqlite3.connect(path)
+        conn.execute("CREATE TABLE what (label TEXT)")
+        conn.execute("INSERT INTO what VALUES (?)", (label,))
+        conn.commit()
+        conn.close()
+        set_aside_as.append(set_aside(path, at=at))
+    assert set_aside_as[0] != set_aside_as[1] and not path.exists()
+    kept = []
+    for moved in set_aside_as:
+        conn = sqlite3.connect(moved)
+        kept.append(conn.execute("SELECT label FROM what").fetchone()[0])
+        conn.close()
+    assert kept == ["the damaged one", "the fresh one"]

@@ -329,3 +329,32 @@ def test_start_up_sweeps_leftovers_whose_pid_another_process_took(tmp_path: Path
         for process in (other, evictor):
             process.kill()
             process.communicate()
+
+
+def test_an_orphan_gone_before_its_adoption_is_skipped_and_the_others_adopted(
+        tmp_path: Path) -> None:
+    """``pas verify --repair`` runs recovery beside a live daemon, and orphans are adopted
+    only after the whole walk (oldest first): a file the walk saw without a row may be gone
+    by its turn (the daemon's eviction unlinks its files after deleting the rows; a receive
+    whose commit failed discards its file). Recovery raised FileNotFoundError there and
+    stopped, the orphans after it left unadopted; it skips that one and goes on."""
+    db = Database(tmp_path / "pas.sqlite")
+    spool = Spool(tmp_path / "spool", fsync=False)
+    receiver = Receiver(db, spool)
+    received = [receiver.receive_file(p.read_bytes()) for p in sorted(CT_DIR.glob("*.dcm"))[:3]]
+    paths = sorted(r["path"] for r in db.query("SELECT path FROM instances"))
+    with db.transaction() as conn:                              # three lost commits
+        conn.execute("DELETE FROM instances")
+    first = min(paths, key=lambda p: (spool.root / p).stat().st_mtime)
+
+    def live_daemon_meanwhile(message: str) -> None:
+        if "indexing files without a row" in message:           # the walk is over
+            (spool.root / first).unlink(missing_ok=True)        # e.g. an eviction's unlink
+
+    report = startup_recovery(db, spool, receiver, progress=live_daemon_meanwhile,
+                              progress_every_s=0)
+    assert report.orphans_adopted == 2
+    assert sorted(r["path"] for r in db.query("SELECT path FROM instances")) == \
+        sorted(set(paths) - {first})
+    assert len(received) == 3 and not (spool.root / first).exists()
+    assert cache_store.open_issues(db) == []
