@@ -26,7 +26,7 @@ from tests.test_serving_qr_versions import findscu, send
 
 
 def test_studies_without_a_patient_id_keep_each_their_own_patient(tmp_path: Path) -> None:
-    first, second, known = generate_uid(), generate_uid(), generate_uid()
+    first, second, third, fourth, known = (generate_uid() for _ in range(5))
     pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
                                         "PAS_PREFETCH__ENABLED": "false"}).start()
     try:
@@ -37,11 +37,18 @@ def test_studies_without_a_patient_id_keep_each_their_own_patient(tmp_path: Path
                     PatientBirthDate="19800202", PatientSex="M"),
             # A later instance of the first study, still naming nobody: it stays where it is.
             tiny_ct(first, PatientID="", PatientName="FIRST^PATIENT"),
+            # An issuer without a PatientID names nobody either (a modality set up with its
+            # hospital's issuer, an emergency patient with no ID yet).
+            tiny_ct(third, PatientID="", IssuerOfPatientID="HOSP-A",
+                    PatientName="THIRD^PATIENT", PatientBirthDate="19600303"),
+            tiny_ct(fourth, PatientID="", IssuerOfPatientID="HOSP-A",
+                    PatientName="FOURTH^PATIENT", PatientBirthDate="19700404"),
             # Studies that name a patient still share it.
             tiny_ct(known, PatientID="P-77", PatientName="KNOWN^ONE"),
             tiny_ct(generate_uid(), PatientID="P-77", PatientName="KNOWN^ONE"),
         ])
-        for name, uid, born in (("FIRST", first, "19500101"), ("SECOND", second, "19800202")):
+        for name, uid, born in (("FIRST", first, "19500101"), ("SECOND", second, "19800202"),
+                                ("THIRD", third, "19600303"), ("FOURTH", fourth, "19700404")):
             [answer] = findscu(pas, tmp_path / f"find-{name}", "-S", "STUDY",
                                [f"PatientName={name}*", "StudyInstanceUID",
                                 "PatientBirthDate"])
@@ -53,7 +60,7 @@ def test_studies_without_a_patient_id_keep_each_their_own_patient(tmp_path: Path
         rows = read_rows(pas.home / "pas.sqlite",
                          "SELECT patient_id, count(*) AS n FROM patients GROUP BY patient_id "
                          "ORDER BY patient_id")
-        assert [(r["patient_id"], r["n"]) for r in rows] == [("", 2), ("P-77", 1)]
+        assert [(r["patient_id"], r["n"]) for r in rows] == [("", 4), ("P-77", 1)]
     finally:
         pas.stop()
 

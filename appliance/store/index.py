@@ -150,18 +150,18 @@ def record_instance(
 
 def _upsert_patient(conn: sqlite3.Connection, record: InstanceRecord) -> int:
     """The patient row of ``record``'s PatientID and issuer, created or brought up to date.
-    With neither, a new row (a new study's): an instance that names nobody is nobody else's
-    (schema migration 17)."""
-    if not record.patient_id and not record.issuer_of_patient_id:
+    Without a PatientID, a new row (a new study's): an instance that names nobody (an issuer
+    alone names nobody) is nobody else's (schema migration 17)."""
+    if not record.patient_id:
         cursor = conn.execute(
             "INSERT INTO patients (patient_id, issuer, name, birth_date, sex) "
-            "VALUES ('', '', ?, ?, ?)",
-            (record.patient_name, record.birth_date, record.sex))
+            "VALUES ('', ?, ?, ?, ?)",
+            (record.issuer_of_patient_id, record.patient_name, record.birth_date, record.sex))
         return int(cursor.lastrowid or 0)
     conn.execute(
         """INSERT INTO patients (patient_id, issuer, name, birth_date, sex)
            VALUES (?, ?, ?, ?, ?)
-           ON CONFLICT (patient_id, issuer) WHERE patient_id != '' OR issuer != ''
+           ON CONFLICT (patient_id, issuer) WHERE patient_id != ''
            DO UPDATE SET
                name = coalesce(excluded.name, name),
                birth_date = coalesce(excluded.birth_date, birth_date),
@@ -234,10 +234,10 @@ def _file_study(conn: sqlite3.Connection, record: InstanceRecord, received_at: f
         return study_fk, None
     patient_fk = int(held["patient_fk"])
     split = False  # off an unnamed row other studies share (filed before migration 17)
-    if record.patient_id or record.issuer_of_patient_id:
+    if record.patient_id:
         patient_fk = _upsert_patient(conn, record)
     elif conn.execute(
-            "SELECT 1 FROM patients p WHERE p.id = ? AND p.patient_id = '' AND p.issuer = '' "
+            "SELECT 1 FROM patients p WHERE p.id = ? AND p.patient_id = '' "
             "AND EXISTS (SELECT 1 FROM studies o WHERE o.patient_fk = p.id AND o.id != ?)",
             (patient_fk, study_fk)).fetchone() is not None:
         # Its word on that row would rename the other studies' patient: a row of its own.
@@ -246,7 +246,7 @@ def _file_study(conn: sqlite3.Connection, record: InstanceRecord, received_at: f
         conn.execute(
             """UPDATE patients SET name = coalesce(?, name),
                    birth_date = coalesce(?, birth_date), sex = coalesce(?, sex)
-               WHERE id = ? AND patient_id = '' AND issuer = ''""",
+               WHERE id = ? AND patient_id = ''""",
             (record.patient_name, record.birth_date, record.sex, patient_fk))
     conn.execute(
         """UPDATE studies SET patient_fk = ?, last_received_at = ?,

@@ -419,14 +419,14 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX commitment_requests_due ON commitment_requests (state, next_attempt_at);
     """,
-    # 17 (the index, appliance/store/index.py): a patient with no PatientID (and no issuer)
-    # is one row per study. Patients were unique on (PatientID, issuer), so every study sent
-    # without a PatientID went under ONE row, whose name, birth date and sex the newest such
-    # instance overwrote: FIRST^PATIENT's study was listed as SECOND^PATIENT's, and a search
-    # for FIRST found nothing. The key is now unique only where it names someone. The
-    # table is rebuilt (SQLite cannot drop a table's UNIQUE); studies keep their patient
-    # ids. Studies merged before stay under their shared row (what each was called is not
-    # in the index any more; a re-send of one files it afresh).
+    # 17 (the index, appliance/store/index.py): a patient with no PatientID (an issuer alone
+    # names nobody) is one row per study. Patients were unique on (PatientID, issuer), so
+    # every study sent without a PatientID went under ONE row, whose name, birth date and
+    # sex the newest such instance overwrote: FIRST^PATIENT's study was listed as
+    # SECOND^PATIENT's, and a search for FIRST found nothing. The key is now unique only
+    # where it names someone. The table is rebuilt (SQLite cannot drop a table's UNIQUE);
+    # studies keep their patient ids. Studies merged before share their row until one of
+    # them is sent again, which then takes a row of its own (index.py, _file_study).
     """
     CREATE TABLE patients_keyed (
         id INTEGER PRIMARY KEY,
@@ -440,8 +440,7 @@ MIGRATIONS: list[str] = [
         SELECT id, patient_id, issuer, name, birth_date, sex FROM patients;
     DROP TABLE patients;
     ALTER TABLE patients_keyed RENAME TO patients;
-    CREATE UNIQUE INDEX patients_key ON patients (patient_id, issuer)
-        WHERE patient_id != '' OR issuer != '';
+    CREATE UNIQUE INDEX patients_key ON patients (patient_id, issuer) WHERE patient_id != '';
     CREATE INDEX patients_name ON patients (name COLLATE NOCASE);
     CREATE INDEX patients_name_separated ON patients (id)
         WHERE instr(name, '=') > 0 OR instr(name, char(92)) > 0;
