@@ -41,12 +41,14 @@ def _versions(db: Path, sop_uid: str) -> list[sqlite3.Row]:
                          "WHERE sop_instance_uid = ? ORDER BY version", (sop_uid,))
 
 
-def _tear_a_page_of_the_instances_table(db: Path) -> None:
+def _tear_the_root_page_of(db: Path, table: str) -> None:
+    """What a failing disk leaves: ``table``'s root page overwritten (after a checkpoint,
+    so that the page is in the file and not only in the WAL)."""
     with sqlite3.connect(db) as conn:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-        root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'instances'"
-                            ).fetchone()[0]
+        root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = ?",
+                            (table,)).fetchone()[0]
     with open(db, "r+b") as handle:
         handle.seek((root - 1) * page_size)
         handle.write(b"\xa5" * page_size)
@@ -88,7 +90,7 @@ def test_a_damaged_index_is_refused_then_rebuilt_from_the_spool(tmp_path: Path) 
         db, "SELECT sop_instance_uid, path FROM instances WHERE is_current = 1")}
     assert len(current) == 3
     spool_before = {p.relative_to(home): _sha256(p) for p in (home / "spool").glob("??/*.dcm")}
-    _tear_a_page_of_the_instances_table(db)
+    _tear_the_root_page_of(db, "instances")
     damaged_sha = _sha256(db)
 
     # pas doctor fails the database check, naming the fix.
@@ -251,14 +253,7 @@ def test_a_damaged_hub_database_stops_the_hub_before_it_writes(tmp_path: Path) -
     hub = HubProcess(tmp_path / "hub").init()
     hub.token("SITE-A")  # a row in enrol_tokens, so that the table has a page of its own
     db = hub.home / "hub.sqlite"
-    with sqlite3.connect(db) as conn:
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-        root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'enrol_tokens'"
-                            ).fetchone()[0]
-    with open(db, "r+b") as handle:
-        handle.seek((root - 1) * page_size)
-        handle.write(b"\xa5" * page_size)
+    _tear_the_root_page_of(db, "enrol_tokens")
     damaged = _sha256(db)
     run = subprocess.run([str(PAS_BIN), "hub", "run"], env=hub.env, capture_output=True,
                          text=True, timeout=60)
