@@ -54,6 +54,20 @@ def _tear_the_root_page_of(db: Path, table: str) -> None:
         handle.write(b"\xa5" * page_size)
 
 
+def _original_and_correction() -> list[bytes]:
+    """A CT file's bytes, and those of its correction (the same SOP Instance UID, the
+    patient renamed)."""
+    original = dcmread(sorted(CT_DIR.glob("*.dcm"))[0])
+    correction = dcmread(sorted(CT_DIR.glob("*.dcm"))[0])
+    correction.PatientName = CORRECTED
+    buffers = []
+    for dataset in (original, correction):
+        buffer = BytesIO()
+        dataset.save_as(buffer)
+        buffers.append(buffer.getvalue())
+    return buffers
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -155,14 +169,7 @@ def test_a_file_adopted_older_than_the_current_version_does_not_undo_it(
     correction filed it. Without its time on disk it took over as the newest."""
     db = Database(tmp_path / "pas.sqlite")
     receiver = Receiver(db, Spool(tmp_path / "spool", fsync=False))
-    original = dcmread(sorted(CT_DIR.glob("*.dcm"))[0])
-    correction = dcmread(sorted(CT_DIR.glob("*.dcm"))[0])
-    correction.PatientName = CORRECTED
-    buffers = []
-    for dataset in (original, correction):
-        buffer = BytesIO()
-        dataset.save_as(buffer)
-        buffers.append(buffer.getvalue())
+    buffers = _original_and_correction()
     served = receiver.receive_file(buffers[1], source="CT1")
     adopted = receiver.receive_file(buffers[0], source="recovery",
                                     received_at=time.time() - 3600)
@@ -186,14 +193,7 @@ def test_an_orphan_indexed_meanwhile_then_corrected_does_not_undo_the_correction
     db = Database(tmp_path / "pas.sqlite")
     spool = Spool(tmp_path / "spool", fsync=False)
     receiver = Receiver(db, spool)
-    original = dcmread(sorted(CT_DIR.glob("*.dcm"))[0])
-    correction = dcmread(sorted(CT_DIR.glob("*.dcm"))[0])
-    correction.PatientName = CORRECTED
-    buffers = []
-    for dataset in (original, correction):
-        buffer = BytesIO()
-        dataset.save_as(buffer)
-        buffers.append(buffer.getvalue())
+    buffers = _original_and_correction()
     spool.write([buffers[0]])                     # the live receive's file, its row to come
     live: list[Any] = []
 
