@@ -8,14 +8,13 @@ index's first row says where the damaged one went).
 
 from __future__ import annotations
 
-import getpass
 import json
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
-from appliance.cli.common import ConfigOption, JsonOption, console, err
+from appliance.cli.common import ConfigOption, JsonOption, console, err, operator_actor
 from appliance.words import counted
 
 cache_app = typer.Typer(help="The local cache: pins, eviction, purge, integrity.",
@@ -46,13 +45,6 @@ def _open(config: Path | None, write: bool = True,  # type: ignore[no-untyped-de
                   min_free_bytes=settings.storage.min_free_mb * 1024 * 1024,
                   quota_bytes=settings.storage.quota_mb * 1024 * 1024, create=write)
     return settings, db, spool
-
-
-def _actor() -> str:
-    try:
-        return f"operator:{getpass.getuser()}"
-    except Exception:  # no passwd entry in some containers
-        return "operator"
 
 
 def verify(config: Path | None = ConfigOption,
@@ -129,7 +121,7 @@ def cache_pin(study_uid: str = StudyArgument, config: Path | None = ConfigOption
         raise typer.Exit(2)
 
     _settings, db, _spool = _open(config)
-    if not pin(db, study_uid, days, _actor()):
+    if not pin(db, study_uid, days, operator_actor()):
         err.print(f"[red]study {study_uid} is not in the cache[/red]")
         raise typer.Exit(1)
     console.print(f"study {study_uid} pinned")
@@ -141,7 +133,7 @@ def cache_unpin(study_uid: str = StudyArgument, config: Path | None = ConfigOpti
     from appliance.ops.cache_policy import unpin
 
     _settings, db, _spool = _open(config)
-    if not unpin(db, study_uid, _actor()):
+    if not unpin(db, study_uid, operator_actor()):
         err.print(f"[red]study {study_uid} is not in the cache[/red]")
         raise typer.Exit(1)
     console.print(f"study {study_uid} unpinned")
@@ -157,7 +149,7 @@ def cache_purge(study_uid: str = StudyArgument, config: Path | None = ConfigOpti
 
     _settings, db, spool = _open(config)
     try:
-        evicted = purge(db, spool, study_uid, _actor(), force)
+        evicted = purge(db, spool, study_uid, operator_actor(), force)
     except NotEvictable as exc:
         err.print(f"[red]refused:[/red] {exc} (use --force to purge anyway)")
         raise typer.Exit(1) from None
@@ -175,8 +167,8 @@ def cache_rebuild_index(config: Path | None = ConfigOption,
     """Set a damaged index database aside (kept, renamed) so that the next start indexes
     every file of the spool again. The daemon must be stopped."""
     from appliance.cli.main import _settings
-    from appliance.ops.home_lock import HomeInUse, hold_home_lock
-    from appliance.store.damage import damage_of, set_aside
+    from appliance.ops.home_lock import HomeInUse
+    from appliance.ops.recovery import IndexSound, set_index_aside
 
     settings = _settings(config)
     path = settings.db_path
@@ -184,35 +176,14 @@ def cache_rebuild_index(config: Path | None = ConfigOption,
         err.print(f"[red]refused:[/red] no index database at {path}: nothing to set aside")
         raise typer.Exit(1)
     try:
-        lock = hold_home_lock(settings.home)
-    except HomeInUse as exc:
+        done = set_index_aside(settings, operator_actor(), force)
+    except (HomeInUse, IndexSound) as exc:
         err.print(f"[red]refused:[/red] {exc}")
         raise typer.Exit(1) from None
-    try:
-        finding = damage_of(path)
-        if finding is None and not force:
-            err.print(f"[red]refused:[/red] SQLite finds {path} sound (quick_check ok): "
-                      "nothing to rebuild (--force sets it aside anyway)")
-            raise typer.Exit(1)
-        moved = set_aside(path)
-        # The new index's first row says where the old one went (the audit trail before
-        # this moment is in that file).
-        from appliance.store import audit
-        from appliance.store.db import Database
-
-        fresh = Database(path)
-        audit.record(fresh, "recovery", actor=_actor(), outcome="success",
-                     detail=f"index set aside as {moved.name} ({finding or 'sound, --force'})"
-                            "; the spool is indexed again at the next start")
-        fresh.close()
-    finally:
-        lock.close()
-    files = sum(1 for _ in settings.spool_dir.glob("??/*.dcm")) if settings.spool_dir.exists() \
-        else 0
-    console.print(f"{path} ({finding or 'sound, --force'}) set aside as {moved}.\n"
+    console.print(f"{path} ({done.finding}) set aside as {done.moved_to}.\n"
                   f"Start PAS (systemctl start pas): start-up recovery indexes the "
-                  f"{counted(files, 'file')} of the spool again; their studies are routed "
-                  "again and none is evicted before the region confirms it again.",
+                  f"{counted(done.spool_files, 'file')} of the spool again; their studies are "
+                  "routed again and none is evicted before the region confirms it again.",
                   highlight=False)
 
 

@@ -150,3 +150,13 @@ def read_database(path: Path, migrations: list[str] | None = None,
         where = f" ({hint})" if not path.exists() else ""
         err.print(f"[red]{exc}[/red]{where}", highlight=False)
         raise typer.Exit(1) from None
+
+
+def operator_actor() -> str:
+    """Who an operator's command acts as, in the audit trail: ``operator:<login>``."""
+    import getpass
+
+    try:
+        return f"operator:{getpass.getuser()}"
+    except Exception:  # no passwd entry in some containers
+        return "operator"

@@ -17,7 +17,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from appliance.cli.common import ConfigOption, JsonOption, console, err
+from appliance.cli.common import ConfigOption, JsonOption, console, err, operator_actor
 from appliance.words import counted
 
 MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts per association
@@ -179,9 +179,8 @@ def backup(destination: Path = typer.Argument(..., help="Folder to write the bac
     if not destination.is_dir():
         err.print(f"[red]refused:[/red] {destination} is not a folder", highlight=False)
         raise typer.Exit(1)
-    from appliance.cli.cache import _actor
-
-    made = make_backup(settings, config or default_config_path(), destination, _actor())
+    made = make_backup(settings, config or default_config_path(), destination,
+                       operator_actor())
     if as_json:
         print(json.dumps({"folder": str(made.folder), **made.manifest}, indent=2))
         return

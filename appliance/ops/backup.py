@@ -97,7 +97,7 @@ def _manifest(settings: Settings, folder: Path, config_file: Path | None) -> dic
     copy = Database(folder / "pas.sqlite", readonly=True)
     try:
         totals = index.totals(copy)
-        schema = copy.query_one("PRAGMA user_version")
+        schema = copy.schema_version()
     finally:
         copy.close()
     files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
@@ -106,7 +106,7 @@ def _manifest(settings: Settings, folder: Path, config_file: Path | None) -> dic
         "site": settings.site,
         "made_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "software": __version__,
-        "schema": int(schema[0]) if schema is not None else None,
+        "schema": schema,
         "home": str(settings.home),
         "config_file": str(config_file) if config_file is not None else None,
         "instances": totals["instances"],

@@ -1,4 +1,5 @@
-"""Start-up recovery, ``pas verify`` and the rate-limited background scrub.
+"""Start-up recovery, ``pas verify``, the rate-limited background scrub, and setting a
+damaged index aside (``pas cache rebuild-index``: :func:`set_index_aside`).
 
 Owns: deciding what a mismatch between the spool and the index means and what to do about
 it. Nothing is silently dropped: every problem is logged, written to the audit trail and
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from appliance.config import Settings
 from appliance.store import audit, eviction
 from appliance.store import cache as cache_store
 from appliance.store.db import Database
@@ -398,3 +400,45 @@ class Scrubber:
             except Exception:
                 log.exception("scrub step failed")
                 stop.wait(idle_s)
+
+
+class IndexSound(Exception):
+    """``pas cache rebuild-index`` without ``--force`` on an index SQLite finds sound."""
+
+
+@dataclass
+class IndexSetAside:
+    moved_to: Path
+    finding: str           # what quick_check found, or that it was set aside by force
+    spool_files: int       # what the next start-up recovery will index again
+
+
+def set_index_aside(settings: Settings, actor: str, force: bool = False) -> IndexSetAside:
+    """Set the index database aside (appliance.store.damage.set_aside) so that the next
+    start indexes the spool again, and write the new index's first audit row saying where
+    the old one went (the audit trail before this moment is in that file). Holds the home's
+    lock meanwhile: raises ``HomeInUse`` while a daemon runs, :class:`IndexSound` when
+    SQLite finds the index sound and ``force`` is not given."""
+    from appliance.ops.home_lock import hold_home_lock
+    from appliance.store.damage import damage_of, set_aside
+
+    path = settings.db_path
+    lock = hold_home_lock(settings.home)
+    try:
+        finding = damage_of(path)
+        if finding is None and not force:
+            raise IndexSound(f"SQLite finds {path} sound (quick_check ok): nothing to rebuild "
+                             "(--force sets it aside anyway)")
+        finding = finding or "sound, --force"
+        moved = set_aside(path)
+        fresh = Database(path)
+        try:
+            audit.record(fresh, "recovery", actor=actor, outcome="success",
+                         detail=f"index set aside as {moved.name} ({finding}); the spool is "
+                                "indexed again at the next start")
+        finally:
+            fresh.close()
+    finally:
+        lock.close()
+    return IndexSetAside(moved, finding, cache_store.spool_file_count(
+        Spool(settings.spool_dir, create=False)))

@@ -145,6 +145,12 @@ def _spool_sorted(spool: Spool) -> Iterator[tuple[str, int]]:
     yield from walk(str(spool.root), "")
 
 
+def spool_file_count(spool: Spool) -> int:
+    """How many files the spool keeps (what a re-index would adopt), walked as reconcile
+    walks it."""
+    return sum(1 for _ in _spool_sorted(spool)) if spool.root.is_dir() else 0
+
+
 # --- integrity flags -------------------------------------------------------------------------
 
 
