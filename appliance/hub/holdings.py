@@ -56,7 +56,7 @@ SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class AskedInstance(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True)
     sop_instance_uid: str = Field(min_length=1, max_length=64)
     sha256: str
 
@@ -71,7 +71,7 @@ class AskedInstance(BaseModel):
 class HoldingsQuestion(BaseModel):
     """Strict, as a manifest: a value of the wrong JSON type is refused naming its path."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True)
     study_uid: str = Field(min_length=1, max_length=64)
     # Chosen by the appliance for this question and echoed in the signed statement: the
     # statement answers this question, not an earlier one.
