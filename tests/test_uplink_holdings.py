@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +43,7 @@ STUDY_FILES = sorted(CT_DIR.glob("A046441_*_19001111-*.dcm"))  # one study, 3 in
 STUDY_UID = str(dcmread(STUDY_FILES[0], stop_before_pixels=True).StudyInstanceUID)
 REQUEST_LIMIT = 8000  # limits.max_manifest_bytes, which bounds a holdings question too
 FAST = {"PAS_STUDY__STABLE_AFTER_S": "1"}
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +83,18 @@ def sent_and_confirmed(pas_factory: Any, hub: HubProcess, home: Path,
     return pas, held
 
 
+def spooled_extra_instance(pas: PasProcess, tmp_path: Path) -> tuple[str, str]:
+    """A fourth instance of the study, which the region never received, put in the spool
+    of a stopped PAS (an instance whose index commit was lost with the damaged index).
+    (SOP Instance UID, SHA-256)."""
+    extra = dcmread(STUDY_FILES[0])
+    extra.SOPInstanceUID = extra.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    extra.InstanceNumber = 999
+    extra.save_as(tmp_path / "extra.dcm", enforce_file_format=True)
+    stored, _ = Spool(pas.home / "spool").write([(tmp_path / "extra.dcm").read_bytes()])
+    return str(extra.SOPInstanceUID), stored.sha256
+
+
 def rebuilt_and_restarted(pas: PasProcess, instances: int) -> list[Any]:
     """``pas cache rebuild-index`` and a start: every spool file adopted, its study routed
     again; the jobs once they are done."""
@@ -114,18 +130,12 @@ def test_a_rebuilt_index_sends_nothing_the_region_holds(pas_factory: Any, hub: H
 def test_only_the_instance_the_region_lacks_is_uploaded(pas_factory: Any, hub: HubProcess,
                                                        tmp_path: Path) -> None:
     pas, held = sent_and_confirmed(pas_factory, hub, tmp_path / "site-partial")
-    # A fourth instance of the study the region never received: its file is in the spool
-    # (an instance whose index commit was lost with the damaged index).
-    extra = dcmread(STUDY_FILES[0])
-    extra.SOPInstanceUID = extra.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    extra.InstanceNumber = 999
-    extra.save_as(tmp_path / "extra.dcm", enforce_file_format=True)
-    stored, _ = Spool(pas.home / "spool").write([(tmp_path / "extra.dcm").read_bytes()])
+    extra_uid, extra_sha = spooled_extra_instance(pas, tmp_path)
     before = hub_counts(hub)
 
     [job] = rebuilt_and_restarted(pas, len(STUDY_FILES) + 1)
 
-    assert confirmed(pas) == {**held, str(extra.SOPInstanceUID): stored.sha256}
+    assert confirmed(pas) == {**held, extra_uid: extra_sha}
     after = hub_counts(hub)
     progress = json.loads(job["progress"])
     assert progress["holdings"] == {"state": "answered", "asked": 4, "held": 3}
@@ -134,11 +144,40 @@ def test_only_the_instance_the_region_lacks_is_uploaded(pas_factory: Any, hub: H
                       (progress["transfer_id"],))
     manifest = json.loads(transfer["manifest"])
     assert [(i["sop_instance_uid"], i["sha256"]) for i in manifest["instances"]] == [
-        (str(extra.SOPInstanceUID), stored.sha256)]
+        (extra_uid, extra_sha)]
     assert after["transfers"] == before["transfers"] + 1
     assert after["buckets"] - before["buckets"] == transfer["bucket_count"] == 1
     assert (f"the region already holds 3 of 4 instances of study {STUDY_UID}: "
             "confirmed from its signed statement, sending 1") in pas.log()
+
+
+def test_a_kill_9_after_the_statement_settled_resumes_with_the_rest(
+        pas_factory: Any, hub: HubProcess, tmp_path: Path) -> None:
+    """SIGKILL right after the transaction that confirmed what the region holds (the job's
+    progress says so): the next start does not ask again and uploads the missing instance
+    alone, once."""
+    pas, held = sent_and_confirmed(pas_factory, hub, tmp_path / "site-killed")
+    extra_uid, extra_sha = spooled_extra_instance(pas, tmp_path)
+    before = hub_counts(hub)
+    pas.cli("cache", "rebuild-index", "--force")
+    killed = subprocess.run(
+        [sys.executable, "-m", "tests.faults.crash_at", "appliance.store.jobs", "confirm_held",
+         "after", "run"], cwd=REPO, env=pas.env, capture_output=True, text=True, timeout=60)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert confirmed(pas) == held  # committed before the kill
+    [job] = jobs(pas)
+    assert json.loads(job["progress"])["holdings"] == {"state": "answered", "asked": 4,
+                                                       "held": 3}
+    assert hub_counts(hub) == before
+
+    pas.start()
+    [job] = wait_jobs_finished(pas, len(STUDY_FILES) + 1, 60)
+    assert job["state"] == "done", job["last_error"]
+    assert confirmed(pas) == {**held, extra_uid: extra_sha}
+    after = hub_counts(hub)
+    assert (after["transfers"], after["buckets"]) == (before["transfers"] + 1,
+                                                     before["buckets"] + 1)
+    assert hub.log().count(f"site SITE-KILLED: study {STUDY_UID}: the region holds") == 1
 
 
 def test_a_statement_whose_signature_does_not_verify_confirms_nothing(
