@@ -252,8 +252,8 @@ class HubTarget:
         said = (f"the region already holds {len(held)} of {len(unsent)} instances of study "
                 f"{job.study_uid}: confirmed from its signed statement, sending {len(rest)}"
                 if statement is not None else
-                f"study {job.study_uid}: {counted(len(candidates), 'adopted instance')} not "
-                f"asked about ({state}): sending {len(rest)}")
+                f"the hub could not say which of the {counted(len(candidates), 'adopted instance')}"
+                f" of study {job.study_uid} the region holds ({state}): sending {len(rest)}")
         confirmed = job_store.confirm_held(
             context.db, job.id, sorted(pairs), sorted(held_ids), progress,
             job.study_uid, said)
