@@ -83,6 +83,7 @@ def test_every_body_route_answers_413_before_reading_past_its_limit(
               ("/api/v1/transfers", site.ssl_context(), MANIFEST_LIMIT, "manifest"),
               ("/api/v1/downloads", site.ssl_context(), MANIFEST_LIMIT, "request"),
               ("/api/v1/downloads/lanes", site.ssl_context(), 4096, "lane request"),
+              ("/api/v1/holdings", site.ssl_context(), MANIFEST_LIMIT, "holdings request"),
               ("/api/v1/heartbeat", site.ssl_context(), 64 * 1024, "heartbeat")]
     for path, context, limit, what in routes:
         status, body = _answer_before_the_body_ends(hub, context, path, framing, limit + 1)
@@ -196,6 +197,7 @@ def test_deeply_nested_json_is_a_clear_4xx_on_every_route(hub: HubProcess,
                     (http, "/api/v1/transfers", (400, "bad_json")),
                     (http, "/api/v1/downloads", (400, "bad_json")),
                     (http, "/api/v1/downloads/lanes", (400, "bad_json")),
+                    (http, "/api/v1/holdings", (400, "bad_json")),
                     (http, "/api/v1/heartbeat", (422, "bad_heartbeat")),
                     (anonymous, "/enroll", (400, "bad_request"))):
                 answer = session.post(path, content=_deep(depth),

@@ -113,12 +113,13 @@ class Hub:
 
 def default_route_providers() -> list[RouteProvider]:
     from appliance.hub.download import download_routes
+    from appliance.hub.holdings import holdings_routes
     from appliance.hub.priors import priors_routes
     from appliance.hub.region import region_routes
     from appliance.hub.transfers import transfer_routes
 
-    providers: list[RouteProvider] = [enrolment_routes, transfer_routes, region_routes,
-                                      priors_routes, download_routes]
+    providers: list[RouteProvider] = [enrolment_routes, transfer_routes, holdings_routes,
+                                      region_routes, priors_routes, download_routes]
     from appliance.hub.fleet import fleet_routes
 
     providers.append(fleet_routes)  # heartbeat, /fleet dashboard, /metrics

@@ -177,6 +177,19 @@ def archived_instances(db: Database, transfer_id: str) -> dict[str, str]:
         (transfer_id,))}
 
 
+def receipted_instances(db: Database, site: str, study_uid: str) -> dict[tuple[str, str], str]:
+    """(SOP Instance UID, SHA-256) -> transfer id, for every instance the hub signed a receipt
+    for in a committed transfer of ``site`` for ``study_uid`` (the study and its late deltas).
+    Read from the stored receipts themselves: exactly what the hub confirmed, nothing else."""
+    held: dict[tuple[str, str], str] = {}
+    for row in db.query("SELECT id, receipt FROM transfers WHERE site = ? AND study_uid = ? "
+                        "AND receipt IS NOT NULL ORDER BY committed_at", (site, study_uid)):
+        for instance in json.loads(row["receipt"]).get("instances", []):
+            held.setdefault((str(instance["sop_instance_uid"]), str(instance["sha256"])),
+                            str(row["id"]))
+    return held
+
+
 def unfinished_transfers(db: Database) -> list[tuple[str, int]]:
     """(id, priority) of transfers holding buckets but no receipt: what a restarted hub's
     archiver resumes."""

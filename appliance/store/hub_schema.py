@@ -114,4 +114,12 @@ HUB_MIGRATIONS: list[str] = [
         SELECT max(b.received_at) FROM buckets b WHERE b.transfer_id = transfers.id)
     WHERE last_activity_at IS NULL AND receipt IS NULL;
     """,
+    # 6: the committed transfers of one study of one site (appliance.hub.holdings): what the
+    # region already holds of a study an appliance asks about after its index was rebuilt or
+    # restored. Without it the question read every transfer the site ever sent, once per
+    # study: the whole history again for each of a rebuilt cache's studies.
+    """
+    CREATE INDEX transfers_committed_study ON transfers (site, study_uid)
+        WHERE receipt IS NOT NULL;
+    """,
 ]

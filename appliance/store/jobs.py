@@ -13,6 +13,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
+from appliance.store import audit
 from appliance.store.db import Database, now
 
 
@@ -345,7 +346,7 @@ def job_files(db: Database, job_id: int, unsent_only: bool = True) -> list[sqlit
     sent = "AND ji.sent_at IS NULL" if unsent_only else ""
     return db.query(
         f"""SELECT i.id, i.sop_instance_uid, i.sop_class_uid, i.transfer_syntax_uid, i.path,
-                   i.size, i.sha256, ji.sent_at
+                   i.size, i.sha256, i.source_address, ji.sent_at
             FROM job_instances ji JOIN instances i ON i.id = ji.instance_fk
             WHERE ji.job_id = ? {sent} ORDER BY i.series_fk, i.instance_number, i.id""",
         (job_id,),
@@ -375,6 +376,27 @@ def confirm_instances(db: Database, receipts: list[tuple[str, str]]) -> int:
             )
             total += cursor.rowcount
         return total
+
+
+def confirm_held(db: Database, job_id: int, pairs: list[tuple[str, str]],
+                 instance_ids: list[int], progress: dict[str, Any], study_uid: str,
+                 detail: str) -> int:
+    """What the region's signed holdings statement settled for a job, in ONE transaction
+    (invariant 3): its (UID, SHA-256) pairs confirmed, those instances marked sent, the job's
+    progress saying the question is answered (a restart does not ask again: it sends the
+    rest), and the ``recovery`` audit row. Returns how many instances were newly confirmed."""
+    at = now()
+    with db.transaction() as conn:
+        confirmed = sum(conn.execute(
+            "UPDATE instances SET confirmed_at = ? WHERE sop_instance_uid = ? AND sha256 = ? "
+            "AND confirmed_at IS NULL", (at, uid, sha)).rowcount for uid, sha in pairs)
+        conn.executemany(
+            "UPDATE job_instances SET sent_at = ? WHERE job_id = ? AND instance_fk = ?",
+            [(at, job_id, i) for i in instance_ids])
+        conn.execute("UPDATE jobs SET progress = ?, updated_at = ? WHERE id = ?",
+                     (json.dumps(progress), at, job_id))
+        audit.record_in(conn, "recovery", actor="system", target=study_uid, detail=detail)
+        return confirmed
 
 
 def list_jobs(db: Database, state: str | None = None, limit: int = 200) -> list[dict[str, Any]]:

@@ -1,6 +1,7 @@
 """The appliance's HTTPS client for the regional hub (docs/protocol.md, "Transfers").
 
-Owns: the wire calls of a transfer (create, PUT bucket, list held buckets, commit, receipt),
+Owns: the wire calls of a transfer (create, PUT bucket, list held buckets, commit, receipt,
+the holdings question asked before a transfer of adopted instances),
 their retry policy, the hub's certificate as seen on the TLS connection, and the receipt's
 signature check. May not touch: the database, the spool, packing or sealing (the caller hands
 in sealed bytes). One :class:`HubClient` is shared by every worker thread: httpx's pool keeps
@@ -425,6 +426,21 @@ class HubClient:
         if response.status_code == 404:
             return None
         return dict(self._expect(response, {200}, "receipt").json())
+
+    def holdings(self, question: dict[str, Any]) -> dict[str, Any] | None:
+        """POST the holdings question (docs/protocol.md, "Holdings"): the hub's signed
+        statement, unchecked (the caller verifies it); None from a hub that does not know the
+        call (404/405: an older hub), whose answer is then "send it all", as before."""
+        body = json.dumps(question, separators=(",", ":")).encode()
+        headers = {"Content-Type": "application/json"}
+        if len(body) > 1400:  # gzip, as a manifest: every hub with this call decodes it
+            body = gzip.compress(body, compresslevel=6, mtime=0)
+            headers["Content-Encoding"] = "gzip"
+        response = self._call("POST", f"{API}/holdings", "holdings", content=body,
+                              headers=headers)
+        if response.status_code in (404, 405):
+            return None
+        return dict(self._expect(response, {200}, "holdings").json())
 
     def verify(self, receipt: dict[str, Any]) -> None:
         """Check a receipt against the certificate the hub presented on this client's TLS

@@ -167,6 +167,9 @@ class HubTarget:
             return
         if all(r["sent_at"] is not None for r in rows):
             return  # confirmed by an earlier attempt that died before finishing the job
+        job, rows = self._settle_holdings(job, context, rows)
+        if not rows:
+            return  # the region holds every instance already: no transfer at all
         items = [pack.PackItem(r["sop_instance_uid"], context.spool.path(r["path"]),
                                int(r["size"]), r["sha256"]) for r in rows]
         new_transfer = not job.progress.get("transfer_id")
@@ -203,6 +206,59 @@ class HubTarget:
         # Delivered: the transfer key has no further use; keep only the id and the counters.
         job_store.save_progress(context.db, job.id, {
             k: v for k, v in progress.items() if k not in ("key", "wrapped_key")})
+
+    def _settle_holdings(self, job: Job, context: SendContext,
+                         rows: list[Any]) -> tuple[Job, list[Any]]:
+        """Before a new transfer of instances start-up recovery adopted (an index rebuilt or
+        restored: the region's confirmations were lost with the old one), ask the hub which
+        of them the region holds with the same bytes; confirm those from its signed
+        statement and mark them sent. Returns the job (its progress updated) and the rows
+        the transfer carries. The job's ``progress["holdings"]`` is the state: present, the
+        question was answered (in the transaction that confirmed), and a resumed attempt
+        sends exactly the rows not sent; absent with a transfer, a transfer from before this
+        step, sent as it was. No question at all in the normal path (nothing adopted)."""
+        from appliance.transfer import holdings
+
+        if "holdings" in job.progress:
+            return job, [r for r in rows if r["sent_at"] is None]
+        candidates = holdings.may_be_held(rows)
+        if job.progress.get("transfer_id") or not candidates:
+            return job, rows
+        extra = {"JOB_ID": job.id, "STUDY_UID": job.study_uid}
+        asked = holdings.question(job.study_uid, candidates)
+        try:
+            statement = self.client.holdings(asked)
+        except HubRefused as exc:
+            if trust_problem(exc) is not None:
+                raise
+            # The question is an economy, never a condition of sending: send it all.
+            log.warning("study %s: the hub refused the holdings question (%s): sending "
+                        "every instance", job.study_uid, exc, extra=extra)
+            statement, state = None, f"refused: {exc}"
+        else:
+            state = "answered" if statement is not None else "the hub has no holdings call"
+        pairs: set[tuple[str, str]] = set()
+        if statement is not None:
+            try:
+                pairs = holdings.held_pairs(statement, asked, self.client.verify)
+            except holdings.StatementInvalid as exc:
+                raise RuntimeError(str(exc)) from None
+        held = [r for r in candidates if (r["sop_instance_uid"], r["sha256"]) in pairs]
+        unsent = [r for r in rows if r["sent_at"] is None]
+        held_ids = {r["id"] for r in held}
+        rest = [r for r in unsent if r["id"] not in held_ids]
+        progress = {**job.progress, "holdings": {"state": state, "asked": len(candidates),
+                                                 "held": len(held)}}
+        said = (f"the region already holds {len(held)} of {len(unsent)} instances of study "
+                f"{job.study_uid}: confirmed from its signed statement, sending {len(rest)}"
+                if statement is not None else
+                f"the hub could not say which of the {counted(len(candidates), 'adopted instance')}"
+                f" of study {job.study_uid} the region holds ({state}): sending {len(rest)}")
+        confirmed = job_store.confirm_held(
+            context.db, job.id, sorted(pairs), sorted(held_ids), progress,
+            job.study_uid, said)
+        log.info("%s (%d newly confirmed)", said, confirmed, extra=extra)
+        return dataclasses.replace(job, progress=progress), rest
 
     def _create(self, job: Job, context: SendContext, progress: dict[str, Any],
                 manifest: dict[str, Any]) -> bool:

@@ -1,0 +1,142 @@
+"""``POST /api/v1/holdings``: which instances of a study the region already holds for this site,
+with the same bytes, as a statement signed like a receipt (docs/protocol.md, "Holdings").
+
+Why: an appliance whose index was rebuilt from its spool (``pas cache rebuild-index``) or
+restored from a backup has lost the region's confirmations; start-up recovery adopts its spool
+files and routes their studies again. Without this question every bucket of every study went
+over the WAN a second time (a 1.5 TB cache on a 20 Mbit/s line: a week of saturated uplink),
+for bytes the region holds. The appliance asks only about instances that may have been
+confirmed before (those start-up recovery adopted), never in the normal path.
+
+Owns: reading and checking the question (bounded, strict), the answer and its signature.
+May not touch: SQL (``appliance.store.hub``), the transfers' routes.
+
+The answer rests on the hub's own records of what it confirmed: the receipts of this site's
+committed transfers of that study, each (SOP Instance UID, SHA-256) pair exactly as a receipt
+named it. Only the calling site's: sites never see each other's transfers (a site could
+otherwise learn that another hospital sent a given study), and a receipt is the hub's word
+to the site that sent the instance, the only word invariant 2 lets a site delete on. The
+statement is signed by the hub's server key, as a receipt is, so that the appliance confirms
+instances on the hub's signature and never on an unsigned answer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import Counter
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from appliance.hub.app import BodyTooLarge, problem, read_body_limited
+from appliance.hub.transfers import (
+    _BadEncoding,
+    _decoded_body,
+    _validation_detail,
+    json_answer,
+)
+from appliance.store import hub as store
+from appliance.words import counted
+
+if TYPE_CHECKING:
+    from appliance.hub.app import Hub
+
+log = logging.getLogger("pas.hub.holdings")
+
+HOLDINGS_PATH = "/api/v1/holdings"
+STATEMENT = "holdings"  # what a signed holdings statement says it is (never a receipt)
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+class AskedInstance(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    sop_instance_uid: str = Field(min_length=1, max_length=64)
+    sha256: str
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, value: str) -> str:
+        if not SHA256_HEX.fullmatch(value):
+            raise ValueError("must be 64 lowercase hex digits")
+        return value
+
+
+class HoldingsQuestion(BaseModel):
+    """Strict, as a manifest: a value of the wrong JSON type is refused naming its path."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    study_uid: str = Field(min_length=1, max_length=64)
+    # Chosen by the appliance for this question and echoed in the signed statement: the
+    # statement answers this question, not an earlier one.
+    nonce: str = Field(min_length=16, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    instances: list[AskedInstance] = Field(min_length=1)
+
+
+def holdings_statement(hub: Hub, site: str, question: HoldingsQuestion) -> dict[str, Any]:
+    """The signed statement: the asked pairs the hub receipted to ``site`` for that study."""
+    receipted = store.receipted_instances(hub.db, site, question.study_uid)
+    held = [{"sop_instance_uid": i.sop_instance_uid, "sha256": i.sha256,
+             "transfer_id": receipted[(i.sop_instance_uid, i.sha256)]}
+            for i in question.instances if (i.sop_instance_uid, i.sha256) in receipted]
+    statement: dict[str, Any] = {
+        "statement": STATEMENT, "site": site, "study_uid": question.study_uid,
+        "nonce": question.nonce, "asked": len(question.instances),
+        "stated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "instances": held,
+    }
+    statement["signature"] = hub.pki.sign(statement)
+    return statement
+
+
+def holdings_routes(hub: Hub) -> list[BaseRoute]:
+    limit = hub.settings.limits.max_manifest_bytes  # a question is smaller than its manifest
+
+    async def holdings(request: Request) -> Response:
+        """Which of the listed (SOP Instance UID, SHA-256) pairs of a study this site's
+        committed transfers were receipted for: a statement signed like a receipt."""
+        site = request.state.site
+        try:
+            raw = await read_body_limited(request, limit, "holdings request")
+            raw = _decoded_body(raw, request.headers.get("content-encoding", ""), limit)
+        except BodyTooLarge as exc:
+            log.warning("site %s: %s", site, exc, extra={"SITE": site})
+            return exc.response
+        except OverflowError:
+            return problem(413, "too_large", f"holdings request over {limit} bytes")
+        except _BadEncoding as exc:
+            return problem(400, "bad_encoding", str(exc))
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            log.warning("site %s: holdings request is not JSON (%s)", site, exc,
+                        extra={"SITE": site})
+            return problem(400, "bad_json", f"the body is not JSON: {exc}")
+        try:
+            question = HoldingsQuestion.model_validate(data)
+        except ValidationError as exc:
+            detail = _validation_detail(exc).replace("manifest:", "request:")
+            log.warning("site %s: malformed holdings request: %s", site, detail,
+                        extra={"SITE": site})
+            return problem(422, "bad_request", detail)
+        twice = [uid for uid, n in Counter(i.sop_instance_uid
+                                           for i in question.instances).items() if n > 1]
+        if twice:
+            log.warning("site %s: holdings request lists %s twice", site, twice[0],
+                        extra={"SITE": site})
+            return problem(422, "bad_request", f"instances: SOP Instance UID {twice[0]} "
+                           "appears twice")
+        statement = await run_in_threadpool(holdings_statement, hub, site, question)
+        log.info("site %s: study %s: the region holds %d of the %s asked about",
+                 site, question.study_uid, len(statement["instances"]),
+                 counted(len(question.instances), "instance"),
+                 extra={"SITE": site, "STUDY_UID": question.study_uid})
+        return json_answer(request, statement)
+
+    return [Route(HOLDINGS_PATH, holdings, methods=["POST"])]

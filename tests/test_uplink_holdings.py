@@ -1,0 +1,327 @@
+"""What the region already holds is not sent again after the index was rebuilt or restored
+(docs/protocol.md "Holdings", docs/operations.md "A damaged index database").
+
+Found by reading the code (2026-12-05): after ``pas cache rebuild-index`` start-up recovery
+adopts every spool file, their studies are routed again, and the region's confirmations went
+with the old index: the hub destination created a new transfer for each study and uploaded
+every bucket again (a 1.5 TB cache on a 20 Mbit/s line: a week of saturated uplink). Now the
+appliance asks the hub about the instances it adopted, confirms those the hub's signed
+statement names, and uploads only the rest.
+
+Real peers only: ``pas hub run`` (embedded archive), the appliance daemon enrolled with it,
+mutual TLS, DCMTK storescu as the modality; the hub's own database counts what arrived.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+from appliance.store.spool import Spool
+from appliance.transfer.client import verify_receipt
+from appliance.transfer.enrolment import Enrolment
+from tests.support.hub import HubProcess, client, enroll, pack_items, ship
+from tests.support.peers import CT_DIR, MR_DIR, PasProcess, storescu, wait_for
+from tests.support.peers import read_rows as rows
+from tests.test_uplink_hub import enrolled_pas, jobs, wait_jobs_finished
+
+STUDY_FILES = sorted(CT_DIR.glob("A046441_*_19001111-*.dcm"))  # one study, 3 instances
+STUDY_UID = str(dcmread(STUDY_FILES[0], stop_before_pixels=True).StudyInstanceUID)
+REQUEST_LIMIT = 8000  # limits.max_manifest_bytes, which bounds a holdings question too
+FAST = {"PAS_STUDY__STABLE_AFTER_S": "1"}
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
+    process = HubProcess(tmp_path_factory.mktemp("hub-holdings") / "home",
+                         {"PAS_HUB_LIMITS__MAX_MANIFEST_BYTES": str(REQUEST_LIMIT)}).init()
+    process.start()
+    yield process
+    process.kill()
+
+
+def hub_counts(hub: HubProcess) -> dict[str, int]:
+    """What the hub received so far: transfers, buckets stored, bucket PUTs."""
+    [row] = rows(hub.home / "hub.sqlite",
+                 "SELECT (SELECT count(*) FROM transfers) AS transfers, "
+                 "(SELECT count(*) FROM buckets) AS buckets, "
+                 "(SELECT coalesce(sum(puts), 0) FROM transfers) AS puts")
+    return dict(row)
+
+
+def confirmed(pas: PasProcess) -> dict[str, str]:
+    """SOP Instance UID -> SHA-256 of every current instance the region confirmed."""
+    return {r["sop_instance_uid"]: r["sha256"] for r in rows(
+        pas.home / "pas.sqlite", "SELECT sop_instance_uid, sha256 FROM instances "
+        "WHERE is_current = 1 AND confirmed_at IS NOT NULL")}
+
+
+def sent_and_confirmed(pas_factory: Any, hub: HubProcess, home: Path,
+                       env: dict[str, str] | None = None) -> tuple[PasProcess, dict[str, str]]:
+    """The study sent through the hub and confirmed; PAS stopped. (PAS, UID -> SHA-256)."""
+    pas = enrolled_pas(pas_factory, hub, home, {**FAST, **(env or {})})
+    storescu(STUDY_FILES, pas.port)
+    wait_jobs_finished(pas, len(STUDY_FILES))
+    held = confirmed(pas)
+    assert len(held) == len(STUDY_FILES)
+    pas.stop()
+    return pas, held
+
+
+def spooled_extra_instance(pas: PasProcess, tmp_path: Path) -> tuple[str, str]:
+    """A fourth instance of the study, which the region never received, put in the spool
+    of a stopped PAS (an instance whose index commit was lost with the damaged index).
+    (SOP Instance UID, SHA-256)."""
+    extra = dcmread(STUDY_FILES[0])
+    extra.SOPInstanceUID = extra.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    extra.InstanceNumber = 999
+    extra.save_as(tmp_path / "extra.dcm", enforce_file_format=True)
+    stored, _ = Spool(pas.home / "spool").write([(tmp_path / "extra.dcm").read_bytes()])
+    return str(extra.SOPInstanceUID), stored.sha256
+
+
+def rebuilt_and_restarted(pas: PasProcess, instances: int) -> list[Any]:
+    """``pas cache rebuild-index`` and a start: every spool file adopted, its study routed
+    again; the jobs once they are done."""
+    pas.cli("cache", "rebuild-index", "--force")
+    pas.start()
+    finished = wait_jobs_finished(pas, instances, 60)
+    assert {j["state"] for j in finished} == {"done"}, [j["last_error"] for j in finished]
+    return finished
+
+
+def test_a_rebuilt_index_sends_nothing_the_region_holds(pas_factory: Any, hub: HubProcess,
+                                                        tmp_path: Path) -> None:
+    pas, held = sent_and_confirmed(pas_factory, hub, tmp_path / "site-rebuilt")
+    before = hub_counts(hub)
+
+    [job] = rebuilt_and_restarted(pas, len(STUDY_FILES))
+
+    # Every instance confirmed again, each with the SHA-256 of its bytes, on the hub's
+    # signed statement; the hub received no transfer, no bucket, no PUT.
+    assert confirmed(pas) == held
+    assert hub_counts(hub) == before
+    progress = json.loads(job["progress"])
+    assert progress["holdings"] == {"state": "answered", "asked": 3, "held": 3}
+    assert "transfer_id" not in progress
+    said = (f"the region already holds 3 of 3 instances of study {STUDY_UID}: "
+            "confirmed from its signed statement, sending 0")
+    assert said in pas.log()
+    audited = rows(pas.home / "pas.sqlite", "SELECT actor, target, detail FROM audit "
+                   "WHERE event = 'recovery' AND detail = ?", (said,))
+    assert [(r["actor"], r["target"]) for r in audited] == [("system", STUDY_UID)]
+
+
+def test_only_the_instance_the_region_lacks_is_uploaded(pas_factory: Any, hub: HubProcess,
+                                                       tmp_path: Path) -> None:
+    pas, held = sent_and_confirmed(pas_factory, hub, tmp_path / "site-partial")
+    extra_uid, extra_sha = spooled_extra_instance(pas, tmp_path)
+    before = hub_counts(hub)
+
+    [job] = rebuilt_and_restarted(pas, len(STUDY_FILES) + 1)
+
+    assert confirmed(pas) == {**held, extra_uid: extra_sha}
+    after = hub_counts(hub)
+    progress = json.loads(job["progress"])
+    assert progress["holdings"] == {"state": "answered", "asked": 4, "held": 3}
+    # One new transfer, carrying that instance alone.
+    [transfer] = rows(hub.home / "hub.sqlite", "SELECT * FROM transfers WHERE id = ?",
+                      (progress["transfer_id"],))
+    manifest = json.loads(transfer["manifest"])
+    assert [(i["sop_instance_uid"], i["sha256"]) for i in manifest["instances"]] == [
+        (extra_uid, extra_sha)]
+    assert after["transfers"] == before["transfers"] + 1
+    assert after["buckets"] - before["buckets"] == transfer["bucket_count"] == 1
+    assert (f"the region already holds 3 of 4 instances of study {STUDY_UID}: "
+            "confirmed from its signed statement, sending 1") in pas.log()
+
+
+def test_a_kill_9_after_the_statement_settled_resumes_with_the_rest(
+        pas_factory: Any, hub: HubProcess, tmp_path: Path) -> None:
+    """SIGKILL right after the transaction that confirmed what the region holds (the job's
+    progress says so): the next start does not ask again and uploads the missing instance
+    alone, once."""
+    pas, held = sent_and_confirmed(pas_factory, hub, tmp_path / "site-killed")
+    extra_uid, extra_sha = spooled_extra_instance(pas, tmp_path)
+    before = hub_counts(hub)
+    pas.cli("cache", "rebuild-index", "--force")
+    killed = subprocess.run(
+        [sys.executable, "-m", "tests.faults.crash_at", "appliance.store.jobs", "confirm_held",
+         "after", "run"], cwd=REPO, env=pas.env, capture_output=True, text=True, timeout=60)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert confirmed(pas) == held  # committed before the kill
+    [job] = jobs(pas)
+    assert json.loads(job["progress"])["holdings"] == {"state": "answered", "asked": 4,
+                                                       "held": 3}
+    assert hub_counts(hub) == before
+
+    pas.start()
+    [job] = wait_jobs_finished(pas, len(STUDY_FILES) + 1, 60)
+    assert job["state"] == "done", job["last_error"]
+    assert confirmed(pas) == {**held, extra_uid: extra_sha}
+    after = hub_counts(hub)
+    assert (after["transfers"], after["buckets"]) == (before["transfers"] + 1,
+                                                     before["buckets"] + 1)
+    assert hub.log().count(f"site SITE-KILLED: study {STUDY_UID}: the region holds") == 1
+
+
+def test_a_statement_whose_signature_does_not_verify_confirms_nothing(
+        pas_factory: Any, hub: HubProcess, tmp_path: Path) -> None:
+    """The hub signs with a key that is not its TLS certificate's (its key file replaced on
+    disk while it runs): the appliance refuses the statement, confirms nothing, uploads
+    nothing; once the hub signs right again, the retry confirms from its statement."""
+    pas, held = sent_and_confirmed(pas_factory, hub, tmp_path / "site-forged")
+    before = hub_counts(hub)
+    key_file = hub.home / "server.key"
+    saved = key_file.read_bytes()
+    other = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption())
+    try:
+        key_file.write_bytes(other)
+        pas.cli("cache", "rebuild-index", "--force")
+        pas.start()
+        refused = wait_for(lambda: next((j for j in jobs(pas) if j["last_error"]), None), 30,
+                           what=f"the study's first try (log {pas.log_path})")
+        assert (f"the hub's holdings statement for study {STUDY_UID} does not "
+                "verify") in refused["last_error"]
+        assert "nothing confirmed from it" in refused["last_error"]
+        assert confirmed(pas) == {}
+        assert hub_counts(hub) == before
+        assert "holdings" not in json.loads(refused["progress"] or "{}")
+    finally:
+        key_file.write_bytes(saved)
+    wait_jobs_finished(pas, len(STUDY_FILES), 30)
+    assert confirmed(pas) == held
+    assert hub_counts(hub) == before
+
+
+@pytest.fixture
+def older_hub(tmp_path: Path) -> Iterator[HubProcess]:
+    """A hub without the holdings call, as every hub before it: the same hub with that one
+    route provider taken out when it starts (a ``sitecustomize`` on its PYTHONPATH)."""
+    patch = tmp_path / "older-hub"
+    patch.mkdir()
+    (patch / "sitecustomize.py").write_text(textwrap.dedent("""\
+        import appliance.hub.app as app
+
+        _providers = app.default_route_providers
+        app.default_route_providers = lambda: [
+            p for p in _providers() if p.__name__ != "holdings_routes"]
+        """))
+    path = os.pathsep.join(p for p in (str(patch), os.environ.get("PYTHONPATH")) if p)
+    process = HubProcess(tmp_path / "hub-older", {"PYTHONPATH": path}).init()
+    process.start()
+    yield process
+    process.kill()
+
+
+def test_an_older_hub_without_the_call_gets_the_study_sent(
+        pas_factory: Any, older_hub: HubProcess, tmp_path: Path) -> None:
+    pas, held = sent_and_confirmed(pas_factory, older_hub, tmp_path / "site-older")
+    before = hub_counts(older_hub)
+
+    [job] = rebuilt_and_restarted(pas, len(STUDY_FILES))
+
+    assert confirmed(pas) == held
+    progress = json.loads(job["progress"])
+    assert progress["holdings"] == {"state": "the hub has no holdings call", "asked": 3,
+                                    "held": 0}
+    # Sent again whole, as before the call existed: one new transfer of the 3 instances.
+    after = hub_counts(older_hub)
+    assert after["transfers"] == before["transfers"] + 1
+    [transfer] = rows(older_hub.home / "hub.sqlite", "SELECT instance_count FROM transfers "
+                      "WHERE id = ?", (progress["transfer_id"],))
+    assert transfer["instance_count"] == 3
+
+
+# --- the hub's side of the call ------------------------------------------------------------
+
+
+def committed_shipment(hub: HubProcess, site: Enrolment, study_uid: str) -> dict[str, str]:
+    """Two MR images sent by ``site`` as one transfer and committed: UID -> SHA-256."""
+    files = sorted(MR_DIR.glob("*.dcm"))[:2]
+    shipment = ship(pack_items(files), site.hub_transfer_key, study_uid=study_uid)
+    with client(site) as http:
+        assert http.post("/api/v1/transfers", json=shipment.manifest).status_code == 201
+        shipment.put_all(http)
+        assert http.post(shipment.url + "/commit").status_code == 200
+    return shipment.originals
+
+
+def ask(http: Any, study_uid: str, pairs: dict[str, str], **extra: Any) -> Any:
+    return http.post("/api/v1/holdings", json={
+        "study_uid": study_uid, "nonce": "n" * 22,
+        "instances": [{"sop_instance_uid": u, "sha256": s} for u, s in pairs.items()],
+        **extra})
+
+
+def test_the_hub_states_what_this_site_holds_signed_and_refuses_bad_questions(
+        hub: HubProcess, tmp_path: Path) -> None:
+    site_a = enroll(hub, tmp_path / "site-a", "CHU-A")
+    site_b = enroll(hub, tmp_path / "site-b", "CHU-B")
+    study = generate_uid()
+    originals = committed_shipment(hub, site_a, study)
+    never_sent = {generate_uid(): "0" * 64}
+    other_bytes = {next(iter(originals)): "f" * 64}
+
+    with client(site_a) as http:
+        answer = ask(http, study, {**originals, **never_sent})
+        assert answer.status_code == 200, answer.text
+        statement = answer.json()
+        certificate = http.get("/api/v1/whoami").extensions["network_stream"] \
+            .get_extra_info("ssl_object").getpeercert(True)
+        verify_receipt(statement, certificate)  # signed as a receipt is
+        assert (statement["statement"], statement["site"], statement["study_uid"],
+                statement["nonce"], statement["asked"]) == (
+            "holdings", "CHU-A", study, "n" * 22, 3)
+        assert {(i["sop_instance_uid"], i["sha256"]) for i in statement["instances"]} == \
+            set(originals.items())
+        # The same UID with other bytes is not held.
+        assert ask(http, study, other_bytes).json()["instances"] == []
+
+        # Bad questions: the clear 4xx, naming the problem; the hub goes on serving.
+        bad = [(b"not json", 400, "bad_json", "the body is not JSON"),
+               (json.dumps({"study_uid": study, "instances": []}).encode(), 422,
+                "bad_request", "nonce: Field required"),
+               (json.dumps({"study_uid": study, "nonce": "n" * 22, "instances": [
+                   {"sop_instance_uid": "1.2", "sha256": "XYZ"}]}).encode(), 422,
+                "bad_request", "instances.0.sha256: must be 64 lowercase hex digits"),
+               (json.dumps({"study_uid": study, "nonce": "n" * 22, "instances": [
+                   {"sop_instance_uid": 12, "sha256": "0" * 64}]}).encode(), 422,
+                "bad_request", "instances.0.sop_instance_uid: Input should be a valid string"),
+               (json.dumps({"study_uid": study, "nonce": "n" * 22, "instances": [
+                   {"sop_instance_uid": "1.2", "sha256": "0" * 64}] * 2}).encode(), 422,
+                "bad_request", "instances: SOP Instance UID 1.2 appears twice"),
+               (b" " * (REQUEST_LIMIT + 1), 413, "too_large",
+                f"holdings request over {REQUEST_LIMIT} bytes")]
+        for body, status, error, detail in bad:
+            answer = http.post("/api/v1/holdings", content=body,
+                               headers={"Content-Type": "application/json"})
+            assert (answer.status_code, answer.json()["error"]) == (status, error), answer.text
+            assert detail in answer.json()["detail"], answer.text
+        assert http.get("/api/v1/whoami").json() == {"site": "CHU-A"}
+
+    # Another site asking about site A's study and bytes: its own committed transfers only.
+    with client(site_b) as http:
+        answer = ask(http, study, originals)
+        assert answer.status_code == 200 and answer.json()["instances"] == []
+        assert answer.json()["site"] == "CHU-B"
+    # Without a client certificate: refused as every /api/v1 call.
+    with httpx.Client(base_url=hub.url, verify=hub.anonymous_context()) as anonymous:
+        assert ask(anonymous, study, originals).status_code in (401, 403)
