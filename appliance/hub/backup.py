@@ -5,8 +5,9 @@ backup only reads it; it edits its own copy), the bucket files, the embedded arc
 files.
 
 What is copied, while ``pas hub run`` serves:
-- ``hub.sqlite`` through SQLite's online backup API (:func:`appliance.store.db.copy_consistent`:
-  one moment, without stopping the hub; ``cp`` of a WAL database being written can be torn):
+- ``hub.sqlite`` through SQLite's online backup API (one moment, without stopping the hub;
+  ``cp`` of a WAL database being written can be torn), the copy checked with ``quick_check``
+  (:func:`appliance.ops.backup_folder.copy_database`: a damaged one is refused, not copied):
   enrolment tokens, issued certificates and their revocations, transfers with their signed
   receipts, the fleet's heartbeats;
 - the PKI files of the home, modes kept (0600): the fleet CA's key and certificate (lost, every
@@ -46,13 +47,13 @@ from appliance.hub.config import HubSettings
 from appliance.hub.pki import HubPKI
 from appliance.ops.backup_folder import (
     BackupRefused,
+    copy_database,
     copy_private,
     utc_stamp,
     write_backup_folder,
 )
 from appliance.store import fleet, hub, index
-from appliance.store.damage import damage_of
-from appliance.store.db import Database, DatabaseUnavailable, copy_consistent
+from appliance.store.db import Database, DatabaseUnavailable
 from appliance.store.hub_schema import HUB_MIGRATIONS
 from appliance.words import counted
 
@@ -99,13 +100,13 @@ def make_hub_backup(settings: HubSettings, config_file: Path | None, destination
     made_at = time.time() if at is None else at
 
     def fill(building: Path) -> dict[str, Any]:
-        _copy_sound(settings.db_path, building / settings.db_path.name)
+        copy_database(settings.db_path, building / settings.db_path.name)
         staged = hub.forget_staging_in_copy(building / settings.db_path.name, made_at)
         archive: dict[str, Any] = {"kind": settings.archive.kind}
         archive_index = settings.archive_dir / "pas.sqlite"
         if settings.archive.kind == "embedded" and archive_index.is_file():
             (building / ARCHIVE_INDEX).parent.mkdir(mode=0o700)
-            _copy_sound(archive_index, building / ARCHIVE_INDEX)
+            copy_database(archive_index, building / ARCHIVE_INDEX)
             archive.update(_archive_totals(building / ARCHIVE_INDEX))
             archive["not_in_backup"] = "archive/spool (the images: the storage's backup)"
         elif settings.archive.kind == "dicomweb":
@@ -146,17 +147,6 @@ def make_hub_backup(settings: HubSettings, config_file: Path | None, destination
                 ", the configuration" if manifest["config_file"] else "",
                 extra={"ACTOR": actor, "TARGET": str(final)})
     return HubBackup(final, manifest)
-
-
-def _copy_sound(source: Path, target: Path) -> None:
-    """The online copy, then SQLite's ``quick_check`` of it: SQLite's backup copies pages as
-    they are, so a damaged database would give a damaged backup that looks whole, the newest
-    one, the one regional ops would restore."""
-    copy_consistent(source, target)
-    finding = damage_of(target)
-    if finding is not None:
-        raise BackupRefused(f"{source} is damaged ({finding}): no backup written; keep the "
-                            "last good backup, it is the one to restore")
 
 
 def _hub_totals(copy_path: Path) -> dict[str, Any]:

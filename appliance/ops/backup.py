@@ -8,7 +8,8 @@ What is copied, while the daemon runs:
 - the index (``pas.sqlite``), through SQLite's online backup API: a consistent copy of one
   moment, jobs, confirmations, prefetch orders, Storage Commitment requests and the audit
   trail included, without stopping C-STOREs (a plain file copy of a WAL database being
-  written can be torn);
+  written can be torn); the copy checked with ``quick_check``: a damaged index is refused,
+  not backed up (the audit row is not written into it either);
 - the enrolment (``pki/``: the appliance's key and certificate, the hub's pinned CA and
   URL): without it the appliance must be enrolled again by regional ops; modes kept (0600);
 - the configuration file the appliance runs on, when there is one.
@@ -30,9 +31,9 @@ from typing import Any
 
 from appliance import __version__
 from appliance.config import Settings
-from appliance.ops.backup_folder import utc_stamp, write_backup_folder
+from appliance.ops.backup_folder import copy_database, utc_stamp, write_backup_folder
 from appliance.store import audit, index
-from appliance.store.db import Database, copy_consistent
+from appliance.store.db import Database
 from appliance.words import counted
 
 
@@ -51,7 +52,7 @@ def make_backup(settings: Settings, config_file: Path | None, destination: Path,
     110106) says who wrote it where: it holds every patient's name."""
 
     def fill(building: Path) -> dict[str, Any]:
-        copy_consistent(settings.db_path, building / "pas.sqlite")
+        copy_database(settings.db_path, building / "pas.sqlite")
         pki = settings.home / "pki"
         if pki.is_dir():
             shutil.copytree(pki, building / "pki")  # copy2 keeps each file's mode (0600)

@@ -5,7 +5,7 @@ Owns: the folder's life (built under a temporary name, 0700, every file fsynced,
 its final name, so a folder with the final name is whole), the ``MANIFEST.json`` written in
 it (each file's size and SHA-256), and copying a private file with its mode. May not touch:
 what goes in it (each backup's own module decides, and copies its databases through
-:func:`appliance.store.db.copy_consistent`).
+:func:`copy_database`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from appliance.store.damage import damage_of
+from appliance.store.db import copy_consistent
 from appliance.store.spool import fsync_dir
 
 MANIFEST = "MANIFEST.json"
@@ -43,6 +45,18 @@ def copy_private(source: Path, target: Path) -> None:
     """Copy one file with its mode (a private key stays 0600), its parents made 0700."""
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     shutil.copy2(source, target)
+
+
+def copy_database(source: Path, target: Path) -> None:
+    """A database's consistent copy (:func:`appliance.store.db.copy_consistent`), then
+    SQLite's ``quick_check`` of it. The online backup copies pages as they are: a damaged
+    database gave a damaged backup that looked whole, the newest, the one that would be
+    restored. Refused (:class:`BackupRefused`), naming the damage."""
+    copy_consistent(source, target)
+    finding = damage_of(target)
+    if finding is not None:
+        raise BackupRefused(f"{source} is damaged ({finding}): no backup written; keep the "
+                            "last good backup, it is the one to restore")
 
 
 def write_backup_folder(destination: Path, name: str,

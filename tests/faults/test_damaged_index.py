@@ -264,6 +264,29 @@ def test_a_damaged_hub_database_stops_the_hub_before_it_writes(tmp_path: Path) -
     assert _sha256(db) == damaged
 
 
+def test_a_damaged_index_is_not_backed_up(tmp_path: Path) -> None:
+    """``pas backup`` of a damaged index wrote a backup that looked whole (the online backup
+    copies pages as they are), then wrote its ``export`` audit row into the damaged file.
+    It refuses, naming the damage, writes nothing, and leaves the index byte for byte."""
+    from appliance.store import audit
+
+    pas = PasProcess(tmp_path / "pas")
+    db = pas.home / "pas.sqlite"
+    index = Database(db)
+    audit.record(index, "export", actor="operator:test", target="an earlier backup")
+    index.close()
+    _tear_the_root_page_of(db, "audit")
+    damaged = _sha256(db)
+    destination = tmp_path / "backups"
+    destination.mkdir()
+    refused = pas.cli("backup", str(destination), check=False)
+    said = " ".join((refused.stdout + refused.stderr).split())
+    assert refused.returncode == 1, said
+    assert f"refused: {db} is damaged (" in said and "no backup written" in said
+    assert "Traceback" not in said
+    assert list(destination.iterdir()) == [] and _sha256(db) == damaged
+
+
 def test_a_damaged_hub_database_is_not_backed_up(tmp_path: Path) -> None:
     """SQLite's online backup copies pages as they are: ``pas hub backup`` of a damaged
     ``hub.sqlite`` wrote a backup that looked whole, the newest, the one regional ops would
