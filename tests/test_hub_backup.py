@@ -96,6 +96,8 @@ def test_a_hub_backup_taken_while_it_serves_restores_the_fleet(
         made = hub.cli("backup", str(destination), "--json")  # the hub serving meanwhile
         # The live hub changed nothing: the half-sent transfer's bucket is still held there.
         assert http.get(half_sent.url + "/buckets").json()["held"] == [0]
+    # Enrolled after the backup: the restored hub never issued that certificate.
+    late_site = enroll(hub, tmp_path / "late", "CHU-EST")
     manifest = json.loads(made.stdout)
     folder = Path(manifest["folder"])
     assert folder.parent == destination and folder.name.startswith("pas-hub-backup-")
@@ -160,7 +162,13 @@ def test_a_hub_backup_taken_while_it_serves_restores_the_fleet(
             assert {i["sha256"] for i in late.json()["instances"]} == \
                 set(half_sent.originals.values())
         with _session(restored, gone) as http:  # its revocation came back with the rest
-            assert http.get("/api/v1/whoami").status_code == 403
+            refused = http.get("/api/v1/whoami")
+            assert refused.status_code == 403
+            assert refused.json()["error"] == "certificate_revoked"
+        with _session(restored, late_site) as http:  # docs: it enrols again
+            refused = http.get("/api/v1/whoami")
+            assert refused.status_code == 403
+            assert refused.json()["error"] == "certificate_unknown"
     finally:
         restored.stop()
 
