@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import sqlite3
 import stat
@@ -32,7 +33,7 @@ from appliance.hub.pki import verify_receipt
 from appliance.store.hub import open_hub_db, revoke_site
 from appliance.transfer.enrolment import Enrolment
 from tests.support.hub import HubProcess, enroll, pack_items, ship
-from tests.support.peers import MR_DIR
+from tests.support.peers import MR_DIR, PAS_BIN
 
 PKI_FILES = {"ca.key", "ca.crt", "server.key", "server.crt", "transfer.key", "transfer.pub"}
 
@@ -211,5 +212,18 @@ def test_a_home_that_is_not_a_hubs_is_refused(tmp_path: Path) -> None:
     refused = other.cli("backup", str(destination), check=False)
     assert refused.returncode == 1
     assert f"refused: {other.home} is not a hub's home: no ca.crt" in \
+        " ".join(refused.stderr.split())
+    # A hub's home this user may not read (root here: the test drops the capabilities that
+    # let root read any file): the hub's user is named, not the appliance's.
+    closed = HubProcess(tmp_path / "closed").init()
+    (closed.home / "ca.key").chmod(0)
+    blind = "-dac_override,-dac_read_search"
+    drop = (["setpriv", f"--bounding-set={blind}", f"--inh-caps={blind}"]
+            if os.geteuid() == 0 else [])
+    refused = subprocess.run([*drop, str(PAS_BIN), "hub", "backup", str(destination)],
+                             env=closed.env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1
+    assert f"permission denied: {closed.home / 'ca.key'}: run as the hub's user (sudo -u " \
+        "pas-hub env PAS_HUB_HOME=/var/lib/pas-hub pas hub ...)" in \
         " ".join(refused.stderr.split())
     assert list(destination.iterdir()) == []

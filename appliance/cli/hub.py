@@ -14,6 +14,7 @@ from rich.table import Table
 
 from appliance.cli.common import (
     ConfigOption,
+    JsonOption,
     console,
     err,
     read_database,
@@ -163,8 +164,8 @@ def hub_transfers(config: Path | None = HubConfigOption,
 def hub_backup(destination: Path = typer.Argument(
         ..., help="Folder to write the backup in (another disk, a mounted share)"),
         config: Path | None = HubConfigOption,
-        as_json: bool = typer.Option(False, "--json", help="the manifest, as JSON")) -> None:
-    """Back up the hub while it runs: its database, the fleet CA and keys, the configuration.
+        as_json: bool = JsonOption) -> None:
+    """Back up the hub while it runs: database, CA and keys, configuration.
 
     Not the staging of transfers not committed (their sites send them again), nor the
     embedded archive's images (the storage's backup)."""
