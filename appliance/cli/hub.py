@@ -14,6 +14,7 @@ from rich.table import Table
 
 from appliance.cli.common import (
     ConfigOption,
+    JsonOption,
     console,
     err,
     read_database,
@@ -22,7 +23,8 @@ from appliance.cli.common import (
 )
 from appliance.words import counted
 
-hub_app = typer.Typer(help="The regional hub: PKI, enrolment tokens, the transfer service.",
+hub_app = typer.Typer(help="The regional hub: PKI, enrolment tokens, the transfer service, "
+                           "its backup.",
                       no_args_is_help=True)
 
 
@@ -158,6 +160,52 @@ def hub_transfers(config: Path | None = HubConfigOption,
     console.print(table)
 
 
+@hub_app.command("backup")
+def hub_backup(destination: Path = typer.Argument(
+        ..., help="Folder to write the backup in (another disk, a mounted share)"),
+        config: Path | None = HubConfigOption,
+        as_json: bool = JsonOption) -> None:
+    """Back up the hub while it runs: database, CA and keys, configuration.
+
+    Not the staging of transfers not committed (their sites send them again), nor the
+    embedded archive's images (the storage's backup)."""
+    import json
+
+    from appliance import logs
+    from appliance.cli.common import operator_actor
+    from appliance.hub.backup import make_hub_backup
+    from appliance.ops.backup_folder import BackupRefused
+
+    settings = _hub_settings(config)
+    logs.setup(settings.log_level)  # the export's WARNING line: journald under systemd
+    try:
+        made = make_hub_backup(settings, config, destination, operator_actor())
+    except BackupRefused as exc:
+        err.print(f"[red]refused:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    manifest = made.manifest
+    if as_json:
+        print(json.dumps({"folder": str(made.folder), **manifest}, indent=2))
+    else:
+        console.print(f"hub backup written to {made.folder}: the database "
+                      f"({counted(manifest['sites_enrolled'], 'site')} enrolled, "
+                      f"{counted(manifest['transfers_committed'], 'transfer')} committed), "
+                      "the fleet CA and keys, "
+                      f"{'the configuration, ' if manifest['config_file'] else ''}"
+                      "MANIFEST.json (each file's SHA-256).", highlight=False)
+        if manifest["transfers_staging_not_in_backup"]:
+            console.print(f"not in it: the buckets of "
+                          f"{counted(manifest['transfers_staging_not_in_backup'], 'transfer')}"
+                          " not committed yet (their sites send them again after a restore).",
+                          highlight=False)
+        if "not_in_backup" in manifest["archive"]:
+            console.print("not in it: the embedded archive's images (archive/spool): back "
+                          "them up with the storage's tools.", highlight=False)
+    if manifest["missing"]:
+        err.print(f"[yellow]missing from the hub home, so from the backup:[/yellow] "
+                  f"{', '.join(manifest['missing'])}", highlight=False)
+
+
 @hub_app.command("run")
 def hub_run(config: Path | None = HubConfigOption) -> None:
     """Serve the hub (HTTPS, TLS 1.3, mutual TLS on /api/v1) in the foreground."""
@@ -172,8 +220,9 @@ def hub_run(config: Path | None = HubConfigOption) -> None:
     finding = damage_of(settings.db_path) if settings.db_path.exists() else None
     if finding is not None:  # never written to: the file is the evidence, and the way back
         err.print(f"[red]cannot start the hub:[/red] the hub database {settings.db_path} is "
-                  f"damaged ({finding}); keep it as it is and restore the hub home from the "
-                  "host's backup", highlight=False)
+                  f"damaged ({finding}); keep it as it is and restore the hub home from its last "
+                  "backup (pas hub backup; docs/operations.md, Backing up the hub)",
+                  highlight=False)
         raise typer.Exit(1)
     try:
         # The port first: a taken one fails the start before the clean-up and the archiver's

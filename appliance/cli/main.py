@@ -346,8 +346,12 @@ def main() -> None:
     try:
         app()
     except PermissionError as exc:
-        err.print(f"[red]permission denied:[/red] {exc.filename or exc}: run as the "
-                  "appliance's user (sudo -u pas pas ...) or point PAS_HOME elsewhere",
+        # A hub command's files are the hub's user's (pas hub backup run by an operator
+        # was told to become the appliance's user and to set PAS_HOME).
+        who = ("the hub's user (sudo -u pas-hub env PAS_HUB_HOME=/var/lib/pas-hub pas hub "
+               "...) or point PAS_HUB_HOME elsewhere" if sys.argv[1:2] == ["hub"]
+               else "the appliance's user (sudo -u pas pas ...) or point PAS_HOME elsewhere")
+        err.print(f"[red]permission denied:[/red] {exc.filename or exc}: run as {who}",
                   highlight=False)
         sys.exit(1)
     except sqlite3.DatabaseError as exc:

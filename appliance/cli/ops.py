@@ -170,17 +170,19 @@ def backup(destination: Path = typer.Argument(..., help="Folder to write the bac
     from appliance.cli.main import _settings
     from appliance.config import default_config_path
     from appliance.ops.backup import make_backup
+    from appliance.ops.backup_folder import BackupRefused
 
     settings = _settings(config)
     if not settings.db_path.exists():
         err.print(f"[red]refused:[/red] no index database at {settings.db_path}: "
                   "nothing to back up (check PAS_HOME)", highlight=False)
         raise typer.Exit(1)
-    if not destination.is_dir():
-        err.print(f"[red]refused:[/red] {destination} is not a folder", highlight=False)
-        raise typer.Exit(1)
-    made = make_backup(settings, config or default_config_path(), destination,
-                       operator_actor())
+    try:
+        made = make_backup(settings, config or default_config_path(), destination,
+                           operator_actor())
+    except BackupRefused as exc:
+        err.print(f"[red]refused:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
     if as_json:
         print(json.dumps({"folder": str(made.folder), **made.manifest}, indent=2))
         return

@@ -8,7 +8,8 @@ What is copied, while the daemon runs:
 - the index (``pas.sqlite``), through SQLite's online backup API: a consistent copy of one
   moment, jobs, confirmations, prefetch orders, Storage Commitment requests and the audit
   trail included, without stopping C-STOREs (a plain file copy of a WAL database being
-  written can be torn);
+  written can be torn); the copy checked with ``quick_check``: a damaged index is refused,
+  not backed up (the audit row is not written into it either);
 - the enrolment (``pki/``: the appliance's key and certificate, the hub's pinned CA and
   URL): without it the appliance must be enrolled again by regional ops; modes kept (0600);
 - the configuration file the appliance runs on, when there is one.
@@ -22,9 +23,6 @@ confirmed ones back from the region.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -33,11 +31,10 @@ from typing import Any
 
 from appliance import __version__
 from appliance.config import Settings
+from appliance.ops.backup_folder import copy_database, utc_stamp, write_backup_folder
 from appliance.store import audit, index
-from appliance.store.db import Database, copy_consistent
+from appliance.store.db import Database
 from appliance.words import counted
-
-MANIFEST = "MANIFEST.json"
 
 
 @dataclass
@@ -46,42 +43,26 @@ class Backup:
     manifest: dict[str, Any]
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def make_backup(settings: Settings, config_file: Path | None, destination: Path,
                 actor: str, at: float | None = None) -> Backup:
     """Write ``destination/pas-backup-<site>-<UTC time>/`` (0700: it holds the private key)
     and return it with its manifest. The folder is built under a temporary name and renamed
-    at the end: a folder with the final name is whole. An ``export`` audit row (ATNA
+    at the end: a folder with the final name is whole (:mod:`appliance.ops.backup_folder`;
+    ``BackupRefused`` names a destination it cannot write in). An ``export`` audit row (ATNA
     110106) says who wrote it where: it holds every patient's name."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if at is None else at))
-    final = destination / f"pas-backup-{settings.site}-{stamp}"
-    if final.exists():
-        raise FileExistsError(f"{final} already exists")
-    building = destination / f".{final.name}.partial"
-    shutil.rmtree(building, ignore_errors=True)
-    building.mkdir(parents=True, mode=0o700)
-    try:
-        copy_consistent(settings.db_path, building / "pas.sqlite")
+
+    def fill(building: Path) -> dict[str, Any]:
+        copy_database(settings.db_path, building / "pas.sqlite")
         pki = settings.home / "pki"
         if pki.is_dir():
             shutil.copytree(pki, building / "pki")  # copy2 keeps each file's mode (0600)
             (building / "pki").chmod(0o700)
         if config_file is not None and config_file.is_file():
             shutil.copy2(config_file, building / config_file.name)
-        manifest = _manifest(settings, building, config_file)
-        (building / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        for path in building.rglob("*"):
-            if path.is_file():
-                with open(path, "rb") as handle:
-                    os.fsync(handle.fileno())
-        building.rename(final)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
+        return _manifest(settings, building, config_file)
+
+    final, manifest = write_backup_folder(destination,
+                                          f"pas-backup-{settings.site}-{utc_stamp(at)}", fill)
     live = Database(settings.db_path)
     try:
         audit.record(live, "export", actor=actor, target=str(final),
@@ -100,8 +81,6 @@ def _manifest(settings: Settings, folder: Path, config_file: Path | None) -> dic
         schema = copy.schema_version()
     finally:
         copy.close()
-    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(folder.rglob("*")) if p.is_file()}
     return {
         "site": settings.site,
         "made_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -114,5 +93,4 @@ def _manifest(settings: Settings, folder: Path, config_file: Path | None) -> dic
         # Their only copy is the spool: this backup does not hold images.
         "instances_not_confirmed_by_the_region": totals["instances"]
         - totals["confirmed_instances"],
-        "files": files,
     }

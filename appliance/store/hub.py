@@ -236,6 +236,46 @@ def list_transfers(db: Database, site: str | None = None, limit: int = 100) -> l
     return [dict(r) for r in db.query(sql + " ORDER BY created_at DESC LIMIT ?", (*params, limit))]
 
 
+# --- backup (appliance.hub.backup) --------------------------------------------------------
+
+
+def forget_staging_in_copy(path: Path, at: float) -> int:
+    """In a backup's copy of ``hub.sqlite`` (one file, rollback journal, no one else writing
+    it): the transfers not committed that hold buckets lose them as an expiry does
+    (:func:`expire_transfer`: rows gone, ``bytes_stored`` 0, ``expired_at`` set), because
+    the backup does not hold their bucket files. A hub restored from it answers their sites
+    an empty held list and they send every bucket again, instead of promising buckets it
+    does not have. Their manifests, the instances already archived ahead, and every
+    committed transfer stay. Returns how many transfers were so marked."""
+    conn = sqlite3.connect(path)
+    try:
+        with conn:
+            staged = [str(r[0]) for r in conn.execute(
+                "SELECT id FROM transfers t WHERE receipt IS NULL AND EXISTS "
+                "(SELECT 1 FROM buckets b WHERE b.transfer_id = t.id)")]
+            conn.executemany("UPDATE transfers SET expired_at = ?, bytes_stored = 0 "
+                             "WHERE id = ?", [(at, transfer_id) for transfer_id in staged])
+            conn.executemany("DELETE FROM buckets WHERE transfer_id = ?",
+                             [(transfer_id,) for transfer_id in staged])
+        return len(staged)
+    finally:
+        conn.close()
+
+
+def backup_counts(db: Database) -> dict[str, int]:
+    """What a hub backup's manifest says it holds: sites with a certificate not revoked,
+    certificates (and revoked ones), transfers committed (receipt kept) and not."""
+    row = db.query_one(
+        "SELECT (SELECT count(DISTINCT site) FROM certificates WHERE revoked_at IS NULL)"
+        " AS sites_enrolled, (SELECT count(*) FROM certificates) AS certificates, "
+        "(SELECT count(*) FROM certificates WHERE revoked_at IS NOT NULL) "
+        "AS certificates_revoked, "
+        "(SELECT count(*) FROM transfers WHERE receipt IS NOT NULL) AS transfers_committed, "
+        "(SELECT count(*) FROM transfers WHERE receipt IS NULL) AS transfers_not_committed")
+    assert row is not None
+    return {key: int(value) for key, value in dict(row).items()}
+
+
 # --- bucket files --------------------------------------------------------------------------
 
 

@@ -264,6 +264,48 @@ def test_a_damaged_hub_database_stops_the_hub_before_it_writes(tmp_path: Path) -
     assert _sha256(db) == damaged
 
 
+def test_a_damaged_index_is_not_backed_up(tmp_path: Path) -> None:
+    """``pas backup`` of a damaged index wrote a backup that looked whole (the online backup
+    copies pages as they are), then wrote its ``export`` audit row into the damaged file.
+    It refuses, naming the damage, writes nothing, and leaves the index byte for byte."""
+    from appliance.store import audit
+
+    pas = PasProcess(tmp_path / "pas")
+    db = pas.home / "pas.sqlite"
+    index = Database(db)
+    audit.record(index, "export", actor="operator:test", target="an earlier backup")
+    index.close()
+    _tear_the_root_page_of(db, "audit")
+    damaged = _sha256(db)
+    destination = tmp_path / "backups"
+    destination.mkdir()
+    refused = pas.cli("backup", str(destination), check=False)
+    said = " ".join((refused.stdout + refused.stderr).split())
+    assert refused.returncode == 1, said
+    assert f"refused: {db} is damaged (" in said and "no backup written" in said
+    assert "Traceback" not in said
+    assert list(destination.iterdir()) == [] and _sha256(db) == damaged
+
+
+def test_a_damaged_hub_database_is_not_backed_up(tmp_path: Path) -> None:
+    """SQLite's online backup copies pages as they are: ``pas hub backup`` of a damaged
+    ``hub.sqlite`` wrote a backup that looked whole, the newest, the one regional ops would
+    restore. It refuses, naming the damage, and writes nothing."""
+    hub = HubProcess(tmp_path / "hub").init()
+    hub.token("SITE-A")
+    db = hub.home / "hub.sqlite"
+    _tear_the_root_page_of(db, "enrol_tokens")
+    damaged = _sha256(db)
+    destination = tmp_path / "backups"
+    destination.mkdir()
+    refused = hub.cli("backup", str(destination), check=False)
+    said = " ".join((refused.stdout + refused.stderr).split())
+    assert refused.returncode == 1, said
+    assert f"refused: {db} is damaged (" in said and "no backup written" in said
+    assert "Traceback" not in said
+    assert list(destination.iterdir()) == [] and _sha256(db) == damaged
+
+
 def test_a_second_set_aside_in_the_same_second_keeps_the_first(tmp_path: Path) -> None:
     """``pas cache rebuild-index`` names the file set aside by the second; run again within
     it (``--force`` on the fresh index, from a script), the rename replaced the damaged

@@ -1,0 +1,175 @@
+"""``pas hub backup``: what a rebuilt hub host needs that no other place holds.
+
+Owns: the hub backup's content and its manifest. May not touch: the live hub's state (the
+backup only reads it; it edits its own copy), the bucket files, the embedded archive's image
+files.
+
+What is copied, while ``pas hub run`` serves:
+- ``hub.sqlite`` through SQLite's online backup API (one moment, without stopping the hub;
+  ``cp`` of a WAL database being written can be torn), the copy checked with ``quick_check``
+  (:func:`appliance.ops.backup_folder.copy_database`: a damaged one is refused, not copied):
+  enrolment tokens, issued certificates and their revocations, transfers with their signed
+  receipts, the fleet's heartbeats;
+- the PKI files of the home, modes kept (0600): the fleet CA's key and certificate (lost, every
+  appliance of the region must be enrolled again: each one pins that CA), the server key and
+  certificate (receipts are signed with it), the X25519 transfer key (buckets sealed for it);
+- the hub's configuration file, when there is one;
+- with the ``embedded`` archive, its index (``archive/pas.sqlite``, same online copy, taken
+  after ``hub.sqlite``: every instance the hub says was archived is in it).
+
+Not copied, and why:
+- the staging of transfers not committed (``buckets/``, ``work/``): their sites still hold the
+  instances (nothing is evicted before a receipt, invariant 2) and send them again. The copy of
+  ``hub.sqlite`` says so: those transfers are marked expired, as abandoned ones are
+  (:func:`appliance.store.hub.forget_staging_in_copy`), so a restored hub answers "no bucket
+  held" instead of promising buckets whose files are not there;
+- ``downloads/``: answers being packed for a site, remade on its next request;
+- the embedded archive's files (``archive/spool``): the region's images, terabytes, written
+  once each and never changed: the storage's backup (snapshots, rsync, a second disk) is the
+  tool for them, as for an appliance's spool.
+
+The hub has no audit trail: the export is one WARNING log line (journald under systemd) naming
+who wrote which folder, as the hub logs its other refusals and admin events.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance import __version__
+from appliance.hub.config import HubSettings
+from appliance.hub.pki import HubPKI
+from appliance.ops.backup_folder import (
+    BackupRefused,
+    copy_database,
+    copy_private,
+    utc_stamp,
+    write_backup_folder,
+)
+from appliance.store import fleet, hub, index
+from appliance.store.db import Database, DatabaseUnavailable
+from appliance.store.hub_schema import HUB_MIGRATIONS
+from appliance.words import counted
+
+log = logging.getLogger("pas.hub.backup")
+
+ARCHIVE_INDEX = "archive/pas.sqlite"
+
+
+@dataclass
+class HubBackup:
+    folder: Path
+    manifest: dict[str, Any]
+
+
+def _pki_files(pki: HubPKI) -> list[Path]:
+    return [pki.ca_key_path, pki.ca_cert_path, pki.server_key_path, pki.server_cert_path,
+            pki.transfer_key_path, pki.transfer_pub_path]
+
+
+def check_hub_home(settings: HubSettings) -> None:
+    """Refuse a home that is missing or is not a hub's (no CA, no database): a backup of
+    the wrong folder would look whole and restore nothing."""
+    home = settings.home
+    hint = "set PAS_HUB_HOME or --config to the hub's home"
+    if not home.is_dir():
+        raise BackupRefused(f"no hub home at {home}: {hint}")
+    pki = HubPKI(home)
+    for needed in (pki.ca_cert_path, pki.ca_key_path, settings.db_path):
+        if not needed.is_file():
+            raise BackupRefused(f"{home} is not a hub's home: no {needed.name} "
+                                f"(pas hub init creates it; {hint})")
+
+
+def make_hub_backup(settings: HubSettings, config_file: Path | None, destination: Path,
+                    actor: str, at: float | None = None) -> HubBackup:
+    """Write ``destination/pas-hub-backup-<UTC time>/`` (0700) in the home's own layout, so
+    that restoring is copying its files back into an empty home; return it with its
+    manifest. Refuses (:class:`BackupRefused`, nothing left behind) a home that is not a
+    hub's, a destination that is not a folder or cannot be written in."""
+    check_hub_home(settings)
+    destination = destination.absolute()  # the log line and the manifest name it whole
+    config = config_file if config_file is not None else settings.config_path
+    pki = HubPKI(settings.home)
+    made_at = time.time() if at is None else at
+
+    def fill(building: Path) -> dict[str, Any]:
+        copy_database(settings.db_path, building / settings.db_path.name)
+        staged = hub.forget_staging_in_copy(building / settings.db_path.name, made_at)
+        archive: dict[str, Any] = {"kind": settings.archive.kind}
+        archive_index = settings.archive_dir / "pas.sqlite"
+        if settings.archive.kind == "embedded" and archive_index.is_file():
+            (building / ARCHIVE_INDEX).parent.mkdir(mode=0o700)
+            copy_database(archive_index, building / ARCHIVE_INDEX)
+            archive.update(_archive_totals(building / ARCHIVE_INDEX))
+            archive["not_in_backup"] = "archive/spool (the images: the storage's backup)"
+        elif settings.archive.kind == "dicomweb":
+            archive["url"] = settings.archive.url
+        missing = []
+        for path in _pki_files(pki):
+            if path.is_file():
+                copy_private(path, building / path.name)
+            else:
+                missing.append(path.name)
+        if config.is_file():
+            copy_private(config, building / config.name)
+        return {
+            "kind": "pas hub backup",
+            "made_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(made_at)),
+            "software": __version__,
+            "home": str(settings.home.absolute()),
+            "config_file": str(config.absolute()) if config.is_file() else None,
+            "ca_fingerprint": pki.ca_fingerprint(),
+            **_hub_totals(building / settings.db_path.name),
+            # Marked expired in the copy: their sites send their buckets again.
+            "transfers_staging_not_in_backup": staged,
+            "archive": archive,
+            "missing": missing,
+        }
+
+    try:
+        final, manifest = write_backup_folder(destination,
+                                              f"pas-hub-backup-{utc_stamp(made_at)}", fill)
+    except sqlite3.DatabaseError as exc:  # a damaged database: the copy stopped on it
+        raise BackupRefused(f"the hub database cannot be read whole ({exc}): no backup "
+                            "written; keep the last good backup, it is the one to restore"
+                            ) from None
+    log.warning("hub backup written to %s by %s on %s: the fleet CA and keys, the database "
+                "(%s enrolled, %s committed)%s", final, actor, socket.gethostname(),
+                counted(manifest["sites_enrolled"], "site"),
+                counted(manifest["transfers_committed"], "transfer"),
+                ", the configuration" if manifest["config_file"] else "",
+                extra={"ACTOR": actor, "TARGET": str(final)})
+    return HubBackup(final, manifest)
+
+
+def _hub_totals(copy_path: Path) -> dict[str, Any]:
+    try:
+        copy = Database(copy_path, HUB_MIGRATIONS, readonly=True)
+    except DatabaseUnavailable as exc:
+        raise BackupRefused(str(exc)) from None
+    try:
+        return {"schema": copy.schema_version(), **hub.backup_counts(copy),
+                "fleet_sites": len(fleet.list_sites(copy)),
+                "heartbeats": fleet.heartbeat_count(copy)}
+    finally:
+        copy.close()
+
+
+def _archive_totals(copy_path: Path) -> dict[str, Any]:
+    try:
+        copy = Database(copy_path, readonly=True)
+    except DatabaseUnavailable as exc:
+        raise BackupRefused(f"the embedded archive's index: {exc}") from None
+    try:
+        totals = index.totals(copy)
+        return {"schema": copy.schema_version(), "instances": totals["instances"],
+                "studies": totals["studies"], "bytes": totals["bytes"]}
+    finally:
+        copy.close()
