@@ -359,8 +359,12 @@ def main() -> None:
             err.print(f"[red]{BUSY_MESSAGE}[/red]", highlight=False)
         elif getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_CORRUPT,
                                                          sqlite3.SQLITE_NOTADB):
-            err.print(f"[red]database error:[/red] {exc}: the index is damaged; pas doctor "
-                      "says what to do (pas cache rebuild-index)", highlight=False)
+            # The hub's database is not rebuilt from anything: its way back is a backup.
+            hint = ("the hub's database is damaged; keep it as it is and restore the hub home "
+                    "from its last backup (docs/operations.md, Backing up the hub)"
+                    if sys.argv[1:2] == ["hub"] else
+                    "the index is damaged; pas doctor says what to do (pas cache rebuild-index)")
+            err.print(f"[red]database error:[/red] {exc}: {hint}", highlight=False)
         else:
             err.print(f"[red]database error:[/red] {exc}", highlight=False)
         sys.exit(1)

@@ -262,6 +262,15 @@ def test_a_damaged_hub_database_stops_the_hub_before_it_writes(tmp_path: Path) -
     assert f"cannot start the hub: the hub database {db} is damaged (" in said
     assert "Traceback" not in said and "hub serving" not in said
     assert _sha256(db) == damaged
+    # A hub command meeting the damage points to the hub's backup, not to the appliance's
+    # rebuild-index (which would tell regional ops to run a command meaningless here).
+    token = subprocess.run([str(PAS_BIN), "hub", "token", "SITE-B"], env=hub.env,
+                           capture_output=True, text=True, timeout=60)
+    said = " ".join((token.stdout + token.stderr).split())
+    assert token.returncode == 1, said
+    assert "the hub's database is damaged" in said and "Backing up the hub" in said, said
+    assert "rebuild-index" not in said and "Traceback" not in said
+    assert _sha256(db) == damaged
 
 
 def test_a_damaged_index_is_not_backed_up(tmp_path: Path) -> None:
