@@ -53,6 +53,9 @@ class Backup:
 
 
 KIND = "pas backup"
+# The start of the export audit row's detail: how pas doctor finds the last backup, wherever
+# it was written (the timer's folder, a drop-in's share, an operator's disk).
+AUDIT_DETAIL = "pas backup: "
 
 
 def make_backup(settings: Settings, config_file: Path | None, destination: Path,
@@ -81,7 +84,7 @@ def make_backup(settings: Settings, config_file: Path | None, destination: Path,
     live = Database(settings.db_path)
     try:
         audit.record(live, "export", actor=actor, target=str(final),
-                     detail=f"pas backup: the index ({counted(manifest['instances'], 'instance')}"
+                     detail=f"{AUDIT_DETAIL}the index ({counted(manifest['instances'], 'instance')}"
                             f", {counted(manifest['studies'], 'study', 'studies')}), the "
                             "enrolment and the configuration")
     finally:
@@ -89,6 +92,14 @@ def make_backup(settings: Settings, config_file: Path | None, destination: Path,
     pruned = None if keep is None else prune_backups(
         final, prefix, {"kind": KIND, "site": settings.site}, keep)
     return Backup(final, manifest, pruned)
+
+
+def last_backup(db: Database) -> tuple[float, Path] | None:
+    """When and where the newest whole backup of this index was written, from its export
+    audit row (written once the folder has its final name): ``None`` when there is none."""
+    row = db.query_one("SELECT at, target FROM audit WHERE event = 'export' AND detail LIKE ? "
+                       "ORDER BY id DESC LIMIT 1", (AUDIT_DETAIL + "%",))
+    return None if row is None else (row["at"], Path(row["target"]))
 
 
 def _manifest(settings: Settings, folder: Path, config_file: Path | None) -> dict[str, Any]:
