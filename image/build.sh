@@ -74,10 +74,14 @@ ln -sfn /opt/pas/current/venv/bin/pas "$rootfs/usr/bin/pas"
 echo "== system configuration"
 cp -a "$here/rootfs/." "$rootfs/"
 install -m 0644 "$here/systemd/pas.service" "$here/systemd/pas-hub.service" \
+  "$here/systemd/pas-backup.service" "$here/systemd/pas-backup.timer" \
+  "$here/systemd/pas-hub-backup.service" "$here/systemd/pas-hub-backup.timer" \
   "$rootfs/etc/systemd/system/"
 install -d "$rootfs/etc/systemd/system/pas.service.d.available"
 cp "$here/systemd/pas.service.d/"*.conf "$rootfs/etc/systemd/system/pas.service.d.available/"
 install -m 0644 "$here/systemd/pas.sysusers.conf" "$rootfs/usr/lib/sysusers.d/pas.conf"
+# The backup timers' default folders (/var/backups/pas, /var/backups/pas-hub), made at boot.
+install -m 0644 "$here/systemd/pas.tmpfiles.conf" "$rootfs/usr/lib/tmpfiles.d/pas.conf"
 install -d -m 0755 "$rootfs/etc/pas" "$rootfs/usr/share/doc/pas"
 install -m 0640 "$repo/config/appliance.toml" "$rootfs/etc/pas/appliance.toml"
 install -m 0644 "$repo/config/appliance.example.toml" "$rootfs/usr/share/doc/pas/"
@@ -96,9 +100,11 @@ echo "127.0.1.1 pas" >> "$rootfs/etc/hosts"
 ln -sfn /run/systemd/resolve/stub-resolv.conf "$rootfs/etc/resolv.conf"
 
 chroot "$rootfs" systemd-sysusers
+# pas-backup.timer: the appliance's daily backup. pas-hub.service and pas-hub-backup.timer are
+# shipped but enabled only on a hub host (docs/operations.md).
 chroot "$rootfs" systemctl enable \
-  pas.service pas-firstboot.service systemd-networkd.service systemd-resolved.service \
-  systemd-timesyncd.service nftables.service ssh.service >/dev/null 2>&1
+  pas.service pas-backup.timer pas-firstboot.service systemd-networkd.service \
+  systemd-resolved.service systemd-timesyncd.service nftables.service ssh.service >/dev/null 2>&1
 chroot "$rootfs" passwd -l root >/dev/null   # no password logins; SSH keys come with the seed
 
 echo "== kernel, initrd and root file system"

@@ -3,15 +3,21 @@
 A C-ECHO alone cannot: DCMTK's storescp (a test node left running, the old PACS gateway on
 the same port) answers it as PAS does, and doctor said "PAS answers" while the modality's
 studies went to that program. Real daemons, a real storescp; doctor reads /proc.
+
+And the last backup's age: a failed pas-backup.timer showed only in ``systemctl --failed``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import sqlite3
 import subprocess
+import time
 from pathlib import Path
 
+from appliance.store.db import Database
 from tests.support.peers import PAS_BIN, PasProcess, StoreSCP, free_port
 
 
@@ -78,3 +84,52 @@ def test_a_daemon_on_ipv6_any_is_checked_not_a_traceback(tmp_path: Path) -> None
     for name in ("DICOM port", "HTTP port"):
         assert checks[name]["verdict"] == "warn", checks[name]
         assert "is free: the daemon is not running" in checks[name]["detail"], checks[name]
+
+
+def _audit_row_at(db_path: Path, at: float, event: str, target: str, detail: str) -> None:
+    """A row as PAS writes it, dated ``at`` (the trail refuses only UPDATE and DELETE)."""
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("INSERT INTO audit (at, event, actor, target, outcome, detail) "
+                     "VALUES (?, ?, 'operator:test', ?, 'success', ?)",
+                     (at, event, target, detail))
+    conn.close()
+
+
+def test_doctor_says_how_old_the_last_backup_is_and_warns_when_it_is_stale(
+        tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    db_path = home / "pas.sqlite"
+    Database(db_path).close()
+    env = _env(home, free_port(), free_port())
+    _, checks = _doctor(env)
+    assert checks["backup"]["verdict"] == "ok", checks["backup"]
+    assert checks["backup"]["detail"].startswith("none yet"), checks["backup"]
+    # An index in use for three days, never backed up.
+    _audit_row_at(db_path, time.time() - 3 * 86400, "config", "appliance.toml", "first start")
+    _, checks = _doctor(env)
+    assert checks["backup"]["verdict"] == "warn", checks["backup"]
+    assert checks["backup"]["detail"] == "no pas backup was ever written of this index"
+
+    destination = tmp_path / "backups"
+    destination.mkdir()
+    made = subprocess.run([str(PAS_BIN), "backup", str(destination), "--json"], env=env,
+                          capture_output=True, text=True, timeout=60, check=True)
+    folder = json.loads(made.stdout)["folder"]
+    _, checks = _doctor(env)
+    assert checks["backup"]["verdict"] == "ok", checks["backup"]
+    assert checks["backup"]["detail"].endswith(f"min ago: {folder}"), checks["backup"]
+    # The timer failing since: the newest backup three days old.
+    _audit_row_at(db_path, time.time() - 3 * 86400, "export", folder,
+                  "pas backup: the index (0 instances, 0 studies), the enrolment and the "
+                  "configuration")
+    _, checks = _doctor(env)
+    assert checks["backup"]["verdict"] == "warn", checks["backup"]
+    assert checks["backup"]["detail"] == f"the last backup is 3 days ago: {folder}"
+    assert "journalctl -u pas-backup" in checks["backup"]["fix"]
+    # Its folder gone (a share no longer mounted, a disk replaced).
+    shutil.rmtree(folder)
+    _, checks = _doctor(env)
+    assert checks["backup"]["verdict"] == "warn", checks["backup"]
+    assert checks["backup"]["detail"] == (f"the last backup, {folder} (3 days ago), is no "
+                                          "longer there")

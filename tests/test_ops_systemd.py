@@ -3,7 +3,10 @@ received on a real unix datagram NOTIFY_SOCKET."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shlex
 import socket
 import subprocess
 import threading
@@ -17,10 +20,12 @@ from appliance.ops.notify import Notifier
 from appliance.ops.recovery import startup_recovery
 from appliance.store.db import Database
 from appliance.store.spool import Spool
+from tests.support.hub import HubProcess
 from tests.support.peers import CT_DIR, PAS_BIN, ROOT, PasProcess, port_open, wait_for
 
 UNITS = ROOT / "image" / "systemd"
-SHIPPED = ["pas.service", "pas-hub.service"]
+SHIPPED = ["pas.service", "pas-hub.service", "pas-backup.service", "pas-hub-backup.service"]
+BACKUPS = ["pas-backup.service", "pas-hub-backup.service"]
 
 
 def _installed_copy(unit: Path, folder: Path, extra: str = "") -> Path:
@@ -73,6 +78,81 @@ def test_shipped_unit_has_the_required_settings() -> None:
     assert re.search(r"^CapabilityBoundingSet=$", text, re.M)
     assert re.search(r"^WatchdogSec=\d+", text, re.M)
     assert re.search(r"^RestrictAddressFamilies=", text, re.M)
+
+
+@pytest.mark.parametrize("service", BACKUPS)
+def test_backup_timer_verifies_and_starts_its_service_daily(service: str,
+                                                            tmp_path: Path) -> None:
+    timer = UNITS / service.replace(".service", ".timer")
+    units = [_installed_copy(UNITS / service, tmp_path), _installed_copy(timer, tmp_path)]
+    result = subprocess.run(["systemd-analyze", "verify", *map(str, units)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
+    text = timer.read_text()
+    for line in ("OnCalendar=*-*-* 01:00:00", "Persistent=true", "WantedBy=timers.target"):
+        assert re.search(rf"^{re.escape(line)}$", text, re.M), line
+    assert re.search(r"^RandomizedDelaySec=\S+$", text, re.M)
+    assert re.search(r"^Type=oneshot$", (UNITS / service).read_text(), re.M)
+
+
+def _unit_environment(text: str) -> dict[str, str]:
+    return dict(re.findall(r"^Environment=(\w+)=(.*)$", text, re.M))
+
+
+def test_backup_folders_are_made_private_for_the_services_user() -> None:
+    """tmpfiles.d makes each service's default folder, 0700, owned by the user it runs as,
+    and the service may write there (ProtectSystem=strict makes /var read-only)."""
+    tmpfiles = (UNITS / "pas.tmpfiles.conf").read_text()
+    for service in BACKUPS:
+        text = (UNITS / service).read_text()
+        folder = _unit_environment(text)["BACKUP_FOLDER"]
+        user = re.search(r"^User=(\S+)$", text, re.M).group(1)  # type: ignore[union-attr]
+        assert re.search(rf"^d {re.escape(folder)} 0700 {user} {user} -$", tmpfiles, re.M)
+        assert re.search(rf"^ReadWritePaths=-{re.escape(folder)}$", text, re.M)
+
+
+def _appliance_home(tmp_path: Path) -> tuple[Path, Path]:
+    home = tmp_path / "pas"
+    home.mkdir()
+    Database(home / "pas.sqlite").close()
+    config = tmp_path / "appliance.toml"
+    config.write_text('site = "SITE-T"\n')
+    return home, config
+
+
+def _hub_home(tmp_path: Path) -> tuple[Path, Path]:
+    home = HubProcess(tmp_path / "hub").init().home
+    config = tmp_path / "hub.toml"
+    config.write_text("")
+    return home, config
+
+
+@pytest.mark.parametrize("service,make_home", [("pas-backup.service", _appliance_home),
+                                               ("pas-hub-backup.service", _hub_home)])
+def test_backup_service_command_line_is_accepted_by_pas(
+        service: str, make_home: Callable[[Path], tuple[Path, Path]], tmp_path: Path) -> None:
+    """The unit's ExecStart, its ${...} expanded from its Environment= as systemd does, run
+    with the folders and the configuration moved into tmp_path: a backup, pruned."""
+    text = (UNITS / service).read_text()
+    home, config = make_home(tmp_path)
+    destination = tmp_path / "backups"
+    destination.mkdir()
+    environment = _unit_environment(text)
+    environment["BACKUP_FOLDER"] = str(destination)
+    home_variable = "PAS_HUB_HOME" if "PAS_HUB_HOME" in environment else "PAS_HOME"
+    environment[home_variable] = str(home)
+    command = re.search(r"^ExecStart=(.*)$", text, re.M).group(1)  # type: ignore[union-attr]
+    argv = shlex.split(re.sub(r"\$\{(\w+)\}", lambda m: environment[m.group(1)], command))
+    assert argv[0] == "/usr/bin/pas" and "--keep" in argv
+    argv[0] = str(PAS_BIN)
+    argv[argv.index("--config") + 1] = str(config)
+    result = subprocess.run([*argv, "--json"], env={**os.environ, **environment},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    made = json.loads(result.stdout)
+    assert Path(made["folder"]).parent == destination
+    assert made["pruned"]["keep"] == int(environment["BACKUP_KEEP"]) >= 1
+    assert [p.name for p in destination.iterdir()] == [Path(made["folder"]).name]
 
 
 def test_notifier_is_a_no_op_outside_systemd() -> None:

@@ -19,6 +19,7 @@ from rich.console import Console
 from appliance.config import ConfigError
 
 if TYPE_CHECKING:
+    from appliance.ops.backup_folder import Pruned
     from appliance.store.db import Database
 
 T = TypeVar("T")
@@ -160,3 +161,39 @@ def operator_actor() -> str:
         return f"operator:{getpass.getuser()}"
     except Exception:  # no passwd entry in some containers
         return "operator"
+
+
+# pas backup's and pas hub backup's --keep: the daily timer's way to stop filling the disk.
+KeepOption = typer.Option(None, "--keep", metavar="N", help=(
+    "After the backup is written whole, remove the older backups of the same kind (and "
+    "site, or hub) in DESTINATION beyond the N newest; N >= 1"))
+
+
+def refuse_bad_keep(keep: int | None) -> None:
+    """Before anything is written: ``--keep 0`` would remove the backup just written."""
+    if keep is not None and keep < 1:
+        err.print(f"[red]refused:[/red] --keep {keep}: keep at least 1 backup (the one just "
+                  "written is always kept); nothing written", highlight=False)
+        raise typer.Exit(2)
+
+
+def report_pruned(pruned: Pruned | None) -> None:
+    """What --keep removed, and, when a removal failed, exit 1: the backup is written, but a
+    timer whose older backups are not removed fills the disk, and must be seen failing."""
+    if pruned is None:
+        return
+    if pruned.removed:
+        console.print(f"--keep {pruned.keep}: removed {', '.join(pruned.removed)}",
+                      highlight=False)
+    if pruned.stale_partials_removed:
+        console.print("removed the temporary folders of backups that stopped before their "
+                      f"end: {', '.join(pruned.stale_partials_removed)}", highlight=False)
+    exit_on_prune_problems(pruned)
+
+
+def exit_on_prune_problems(pruned: Pruned | None) -> None:
+    if pruned is not None and pruned.problems:
+        for problem in pruned.problems:
+            err.print(f"[red]--keep {pruned.keep}:[/red] {problem} (the new backup is "
+                      "written)", highlight=False)
+        raise typer.Exit(1)

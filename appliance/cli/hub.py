@@ -15,9 +15,13 @@ from rich.table import Table
 from appliance.cli.common import (
     ConfigOption,
     JsonOption,
+    KeepOption,
     console,
     err,
+    exit_on_prune_problems,
     read_database,
+    refuse_bad_keep,
+    report_pruned,
     settings_or_exit,
     write_database,
 )
@@ -163,7 +167,7 @@ def hub_transfers(config: Path | None = HubConfigOption,
 @hub_app.command("backup")
 def hub_backup(destination: Path = typer.Argument(
         ..., help="Folder to write the backup in (another disk, a mounted share)"),
-        config: Path | None = HubConfigOption,
+        config: Path | None = HubConfigOption, keep: int | None = KeepOption,
         as_json: bool = JsonOption) -> None:
     """Back up the hub while it runs: database, CA and keys, configuration.
 
@@ -176,16 +180,18 @@ def hub_backup(destination: Path = typer.Argument(
     from appliance.hub.backup import make_hub_backup
     from appliance.ops.backup_folder import BackupRefused
 
+    refuse_bad_keep(keep)
     settings = _hub_settings(config)
     logs.setup(settings.log_level)  # the export's WARNING line: journald under systemd
     try:
-        made = make_hub_backup(settings, config, destination, operator_actor())
+        made = make_hub_backup(settings, config, destination, operator_actor(), keep=keep)
     except BackupRefused as exc:
         err.print(f"[red]refused:[/red] {exc}", highlight=False)
         raise typer.Exit(1) from None
     manifest = made.manifest
     if as_json:
-        print(json.dumps({"folder": str(made.folder), **manifest}, indent=2))
+        pruned = {} if made.pruned is None else {"pruned": made.pruned.as_dict()}
+        print(json.dumps({"folder": str(made.folder), **manifest, **pruned}, indent=2))
     else:
         console.print(f"hub backup written to {made.folder}: the database "
                       f"({counted(manifest['sites_enrolled'], 'site')} enrolled, "
@@ -204,6 +210,10 @@ def hub_backup(destination: Path = typer.Argument(
     if manifest["missing"]:
         err.print(f"[yellow]missing from the hub home, so from the backup:[/yellow] "
                   f"{', '.join(manifest['missing'])}", highlight=False)
+    if as_json:
+        exit_on_prune_problems(made.pruned)
+    else:
+        report_pruned(made.pruned)
 
 
 @hub_app.command("run")

@@ -17,7 +17,17 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from appliance.cli.common import ConfigOption, JsonOption, console, err, operator_actor
+from appliance.cli.common import (
+    ConfigOption,
+    JsonOption,
+    KeepOption,
+    console,
+    err,
+    exit_on_prune_problems,
+    operator_actor,
+    refuse_bad_keep,
+    report_pruned,
+)
 from appliance.words import counted
 
 MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts per association
@@ -163,28 +173,34 @@ def doctor(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> No
 
 def backup(destination: Path = typer.Argument(..., help="Folder to write the backup in "
                                                "(another disk, a mounted share)"),
-           config: Path | None = ConfigOption, as_json: bool = JsonOption) -> None:
+           config: Path | None = ConfigOption, keep: int | None = KeepOption,
+           as_json: bool = JsonOption) -> None:
     """Back up the index, the enrolment and the configuration.
 
     While PAS runs; not the images (the region holds the confirmed ones)."""
+    from appliance import logs
     from appliance.cli.main import _settings
     from appliance.config import default_config_path
     from appliance.ops.backup import make_backup
     from appliance.ops.backup_folder import BackupRefused
 
+    refuse_bad_keep(keep)
     settings = _settings(config)
+    logs.setup(settings.log_level)  # what --keep removed: journald under the timer
     if not settings.db_path.exists():
         err.print(f"[red]refused:[/red] no index database at {settings.db_path}: "
                   "nothing to back up (check PAS_HOME)", highlight=False)
         raise typer.Exit(1)
     try:
         made = make_backup(settings, config or default_config_path(), destination,
-                           operator_actor())
+                           operator_actor(), keep=keep)
     except BackupRefused as exc:
         err.print(f"[red]refused:[/red] {exc}", highlight=False)
         raise typer.Exit(1) from None
     if as_json:
-        print(json.dumps({"folder": str(made.folder), **made.manifest}, indent=2))
+        pruned = {} if made.pruned is None else {"pruned": made.pruned.as_dict()}
+        print(json.dumps({"folder": str(made.folder), **made.manifest, **pruned}, indent=2))
+        exit_on_prune_problems(made.pruned)
         return
     at_risk = made.manifest["instances_not_confirmed_by_the_region"]
     console.print(f"backup written to {made.folder}: the index "
@@ -197,6 +213,7 @@ def backup(destination: Path = typer.Argument(..., help="Folder to write the bac
         console.print(f"not in it: the images. {counted(at_risk, 'instance')} not yet "
                       "confirmed by the region have their only copy in the spool.",
                       highlight=False)
+    report_pruned(made.pruned)
 
 
 MANIFEST_NOTE = "MANIFEST.json (each file's SHA-256)."

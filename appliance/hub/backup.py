@@ -47,8 +47,10 @@ from appliance.hub.config import HubSettings
 from appliance.hub.pki import HubPKI
 from appliance.ops.backup_folder import (
     BackupRefused,
+    Pruned,
     copy_database,
     copy_private,
+    prune_backups,
     utc_stamp,
     write_backup_folder,
 )
@@ -66,6 +68,11 @@ ARCHIVE_INDEX = "archive/pas.sqlite"
 class HubBackup:
     folder: Path
     manifest: dict[str, Any]
+    pruned: Pruned | None = None
+
+
+KIND = "pas hub backup"
+PREFIX = "pas-hub-backup-"
 
 
 def _pki_files(pki: HubPKI) -> list[Path]:
@@ -88,11 +95,16 @@ def check_hub_home(settings: HubSettings) -> None:
 
 
 def make_hub_backup(settings: HubSettings, config_file: Path | None, destination: Path,
-                    actor: str, at: float | None = None) -> HubBackup:
+                    actor: str, at: float | None = None, keep: int | None = None) -> HubBackup:
     """Write ``destination/pas-hub-backup-<UTC time>/`` (0700) in the home's own layout, so
     that restoring is copying its files back into an empty home; return it with its
     manifest. Refuses (:class:`BackupRefused`, nothing left behind) a home that is not a
-    hub's, a destination that is not a folder or cannot be written in."""
+    hub's, a destination that is not a folder or cannot be written in.
+
+    ``keep``: once the backup is whole, the older backups of this hub in ``destination``
+    beyond the ``keep`` newest are removed. "This hub" is its fleet CA's fingerprint in the
+    manifest: a backup of another hub (or of this host before ``pas hub init`` made a new CA:
+    the only copy of the old CA's key) is never removed."""
     check_hub_home(settings)
     destination = destination.absolute()  # the log line and the manifest name it whole
     config = config_file if config_file is not None else settings.config_path
@@ -120,7 +132,7 @@ def make_hub_backup(settings: HubSettings, config_file: Path | None, destination
         if config.is_file():
             copy_private(config, building / config.name)
         return {
-            "kind": "pas hub backup",
+            "kind": KIND,
             "made_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(made_at)),
             "software": __version__,
             "home": str(settings.home.absolute()),
@@ -135,7 +147,7 @@ def make_hub_backup(settings: HubSettings, config_file: Path | None, destination
 
     try:
         final, manifest = write_backup_folder(destination,
-                                              f"pas-hub-backup-{utc_stamp(made_at)}", fill)
+                                              PREFIX + utc_stamp(made_at), fill)
     except sqlite3.DatabaseError as exc:  # a damaged database: the copy stopped on it
         raise BackupRefused(f"the hub database cannot be read whole ({exc}): no backup "
                             "written; keep the last good backup, it is the one to restore"
@@ -146,7 +158,9 @@ def make_hub_backup(settings: HubSettings, config_file: Path | None, destination
                 counted(manifest["transfers_committed"], "transfer"),
                 ", the configuration" if manifest["config_file"] else "",
                 extra={"ACTOR": actor, "TARGET": str(final)})
-    return HubBackup(final, manifest)
+    pruned = None if keep is None else prune_backups(
+        final, PREFIX, {"kind": KIND, "ca_fingerprint": manifest["ca_fingerprint"]}, keep)
+    return HubBackup(final, manifest, pruned)
 
 
 def _hub_totals(copy_path: Path) -> dict[str, Any]:

@@ -16,9 +16,11 @@ What is copied, while the daemon runs:
 
 ``MANIFEST.json`` names each file with its size and SHA-256, the software and schema
 versions, and what the backup does not protect: the instances not yet confirmed by the
-region, whose only copy is the spool. Restoring is a copy back (docs/operations.md); a
-missing spool file is then flagged by start-up recovery, and ``pas verify --repair`` fetches
-confirmed ones back from the region.
+region, whose only copy is the spool; its ``kind`` ("pas backup") and ``site`` are what
+``--keep`` checks before it removes an older backup (the same site's only, never a folder PAS
+did not write: :func:`appliance.ops.backup_folder.prune_backups`). Restoring is a copy back
+(docs/operations.md); a missing spool file is then flagged by start-up recovery, and
+``pas verify --repair`` fetches confirmed ones back from the region.
 """
 
 from __future__ import annotations
@@ -31,7 +33,13 @@ from typing import Any
 
 from appliance import __version__
 from appliance.config import Settings
-from appliance.ops.backup_folder import copy_database, utc_stamp, write_backup_folder
+from appliance.ops.backup_folder import (
+    Pruned,
+    copy_database,
+    prune_backups,
+    utc_stamp,
+    write_backup_folder,
+)
 from appliance.store import audit, index
 from appliance.store.db import Database
 from appliance.words import counted
@@ -41,15 +49,25 @@ from appliance.words import counted
 class Backup:
     folder: Path
     manifest: dict[str, Any]
+    pruned: Pruned | None = None
+
+
+KIND = "pas backup"
+# The start of the export audit row's detail: how pas doctor finds the last backup, wherever
+# it was written (the timer's folder, a drop-in's share, an operator's disk).
+AUDIT_DETAIL = "pas backup: "
 
 
 def make_backup(settings: Settings, config_file: Path | None, destination: Path,
-                actor: str, at: float | None = None) -> Backup:
+                actor: str, at: float | None = None, keep: int | None = None) -> Backup:
     """Write ``destination/pas-backup-<site>-<UTC time>/`` (0700: it holds the private key)
     and return it with its manifest. The folder is built under a temporary name and renamed
     at the end: a folder with the final name is whole (:mod:`appliance.ops.backup_folder`;
     ``BackupRefused`` names a destination it cannot write in). An ``export`` audit row (ATNA
-    110106) says who wrote it where: it holds every patient's name."""
+    110106) says who wrote it where: it holds every patient's name.
+
+    ``keep``: once the backup is whole, the site's older backups in ``destination`` beyond
+    the ``keep`` newest are removed (:func:`appliance.ops.backup_folder.prune_backups`)."""
 
     def fill(building: Path) -> dict[str, Any]:
         copy_database(settings.db_path, building / "pas.sqlite")
@@ -61,17 +79,27 @@ def make_backup(settings: Settings, config_file: Path | None, destination: Path,
             shutil.copy2(config_file, building / config_file.name)
         return _manifest(settings, building, config_file)
 
-    final, manifest = write_backup_folder(destination,
-                                          f"pas-backup-{settings.site}-{utc_stamp(at)}", fill)
+    prefix = f"pas-backup-{settings.site}-"
+    final, manifest = write_backup_folder(destination, prefix + utc_stamp(at), fill)
     live = Database(settings.db_path)
     try:
         audit.record(live, "export", actor=actor, target=str(final),
-                     detail=f"pas backup: the index ({counted(manifest['instances'], 'instance')}"
+                     detail=f"{AUDIT_DETAIL}the index ({counted(manifest['instances'], 'instance')}"
                             f", {counted(manifest['studies'], 'study', 'studies')}), the "
                             "enrolment and the configuration")
     finally:
         live.close()
-    return Backup(final, manifest)
+    pruned = None if keep is None else prune_backups(
+        final, prefix, {"kind": KIND, "site": settings.site}, keep)
+    return Backup(final, manifest, pruned)
+
+
+def last_backup(db: Database) -> tuple[float, Path] | None:
+    """When and where the newest whole backup of this index was written, from its export
+    audit row (written once the folder has its final name): ``None`` when there is none."""
+    row = db.query_one("SELECT at, target FROM audit WHERE event = 'export' AND detail LIKE ? "
+                       "ORDER BY id DESC LIMIT 1", (AUDIT_DETAIL + "%",))
+    return None if row is None else (row["at"], Path(row["target"]))
 
 
 def _manifest(settings: Settings, folder: Path, config_file: Path | None) -> dict[str, Any]:
@@ -82,6 +110,7 @@ def _manifest(settings: Settings, folder: Path, config_file: Path | None) -> dic
     finally:
         copy.close()
     return {
+        "kind": KIND,
         "site": settings.site,
         "made_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "software": __version__,

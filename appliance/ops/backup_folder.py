@@ -2,20 +2,24 @@
 share.
 
 Owns: the folder's life (built under a temporary name, 0700, every file fsynced, renamed to
-its final name, so a folder with the final name is whole), the ``MANIFEST.json`` written in
-it (each file's size and SHA-256), and copying a private file with its mode. May not touch:
-what goes in it (each backup's own module decides, and copies its databases through
-:func:`copy_database`).
+its final name, so a folder with the final name is whole; ``--keep``'s removal of the oldest
+ones), the ``MANIFEST.json`` written in it (each file's size and SHA-256), and copying a
+private file with its mode. May not touch: what goes in it (each backup's own module decides,
+and copies its databases through :func:`copy_database`), any folder that is not a whole backup
+of the same kind and owner (:func:`prune_backups`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +27,13 @@ from appliance.store.damage import damage_of
 from appliance.store.db import copy_consistent
 from appliance.store.spool import fsync_dir
 
+log = logging.getLogger("pas.backup")
+
 MANIFEST = "MANIFEST.json"
+STAMP = r"\d{8}T\d{6}Z"  # utc_stamp()'s shape
+# A temporary folder is a backup being written, unless nothing in it changed for this long:
+# a backup copies databases of at most a few GB, minutes; a day is a crashed run's leftover.
+STALE_PARTIAL_AFTER_S = 24 * 3600
 
 
 class BackupRefused(Exception):
@@ -73,7 +83,7 @@ def write_backup_folder(destination: Path, name: str,
     final = destination / name
     if final.exists():
         raise BackupRefused(f"{final} already exists")
-    building = destination / f".{name}.partial"
+    building = destination / _partial_name(name)
     try:
         shutil.rmtree(building, ignore_errors=True)
         building.mkdir(mode=0o700)
@@ -97,3 +107,132 @@ def write_backup_folder(destination: Path, name: str,
         shutil.rmtree(building, ignore_errors=True)
         raise
     return final, manifest
+
+
+def _partial_name(name: str) -> str:
+    return f".{name}.partial"
+
+
+def _removing_name(name: str) -> str:
+    return f".{name}.removing"
+
+
+@dataclass
+class Pruned:
+    """What ``--keep N`` did in a backup folder, by folder name."""
+
+    keep: int
+    kept: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    # Temporary folders of crashed runs (nothing written in them for a day).
+    stale_partials_removed: list[str] = field(default_factory=list)
+    # Named like a backup of this kind, but without the MANIFEST.json saying so: not ours.
+    left_alone: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"keep": self.keep, "kept": self.kept, "removed": self.removed,
+                "stale_partials_removed": self.stale_partials_removed,
+                "left_alone": self.left_alone, "problems": self.problems}
+
+
+def prune_backups(just_written: Path, prefix: str, same: dict[str, Any], keep: int,
+                  now: float | None = None) -> Pruned:
+    """Keep the ``keep`` newest whole backups named ``<prefix><UTC stamp>`` in
+    ``just_written``'s folder, ``just_written`` always among them; remove the older ones.
+
+    A backup folder is only ever removed when it is one PAS wrote of the same kind and owner:
+    its final name (so it was renamed whole) and a ``MANIFEST.json`` whose fields equal
+    ``same`` (the kind and site, or the hub's CA). Anything else in the folder, a foreign
+    folder, a backup of another site or kind, is left alone. A temporary folder
+    (``.<name>.partial``) is a backup being written by another run, and is left alone too,
+    unless nothing in it changed for :data:`STALE_PARTIAL_AFTER_S` (a crashed run's
+    leftover, removed). A folder is renamed to ``.<name>.removing`` before its files go, so a
+    removal cut short never leaves a partial backup under a whole one's name; such leftovers
+    are removed by the next run. Failures are collected in ``problems``, not raised: the
+    backup just written stands."""
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, got {keep}")
+    destination = just_written.parent
+    now = time.time() if now is None else now
+    whole = re.compile(re.escape(prefix) + STAMP)
+    partial = re.compile(re.escape("." + prefix) + STAMP + re.escape(".partial"))
+    removing = re.compile(re.escape("." + prefix) + STAMP + re.escape(".removing"))
+    pruned = Pruned(keep)
+    ours: list[Path] = []
+    stale: list[Path] = []
+    leftovers: list[Path] = []
+    for entry in sorted(destination.iterdir()):
+        if entry == just_written or entry.is_symlink() or not entry.is_dir():
+            continue
+        if whole.fullmatch(entry.name):
+            if _manifest_says(entry, same):
+                ours.append(entry)
+            else:
+                pruned.left_alone.append(entry.name)
+        elif partial.fullmatch(entry.name):
+            if now - _last_written(entry, now) > STALE_PARTIAL_AFTER_S:
+                stale.append(entry)
+        elif removing.fullmatch(entry.name):
+            leftovers.append(entry)
+    ours.sort(key=lambda p: p.name, reverse=True)  # the stamp sorts as it reads: newest first
+    kept, older = ours[:keep - 1], ours[keep - 1:]
+    pruned.kept = [just_written.name, *(p.name for p in kept)]
+    for folder in older:
+        if _remove(folder, destination / _removing_name(folder.name), pruned):
+            pruned.removed.append(folder.name)
+    for folder in stale:
+        if _remove(folder, folder, pruned):
+            pruned.stale_partials_removed.append(folder.name)
+    for folder in leftovers:
+        _remove(folder, folder, pruned)
+    for name in pruned.removed:
+        log.info("backup %s removed (--keep %d: older than the %d kept)",
+                 destination / name, keep, len(pruned.kept))
+    for name in pruned.stale_partials_removed:
+        log.info("temporary folder %s of a backup that stopped before its end removed "
+                 "(nothing written in it for a day)", destination / name)
+    for problem in pruned.problems:
+        log.warning("--keep %d: %s", keep, problem)
+    return pruned
+
+
+def _manifest_says(folder: Path, same: dict[str, Any]) -> bool:
+    """Whether ``folder/MANIFEST.json`` is a backup manifest with every field of ``same``."""
+    manifest_path = folder / MANIFEST
+    if manifest_path.is_symlink():
+        return False
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(manifest, dict) and isinstance(manifest.get("files"), dict)
+            and all(manifest.get(key) == value for key, value in same.items()))
+
+
+def _last_written(folder: Path, now: float) -> float:
+    """The newest modification time in ``folder`` (a database being copied into it changes
+    its file's, not the folder's); ``now`` when it cannot be read (being renamed: alive)."""
+    try:
+        newest = folder.lstat().st_mtime
+        for root, dirs, files in os.walk(folder):
+            for name in (*dirs, *files):
+                newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+    except OSError:
+        return now
+    return newest
+
+
+def _remove(folder: Path, renamed: Path, pruned: Pruned) -> bool:
+    """Rename ``folder`` out of a whole backup's name, then remove it. A folder another run
+    removed meanwhile is not a problem."""
+    try:
+        if renamed != folder:
+            folder.rename(renamed)
+        shutil.rmtree(renamed)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        pruned.problems.append(f"could not remove {folder}: {exc.strerror or exc}")
+        return False
+    return True

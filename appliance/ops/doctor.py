@@ -1,8 +1,8 @@
 """``pas doctor``: check what usually goes wrong on a new site, and say what to fix.
 
 Owns: the checks (configuration, database, ports, disk, enrolment, certificate, hub
-reachability, clock skew, DICOM destinations, Storage Commitment reports) and their
-verdicts. May not touch: state. Every
+reachability, clock skew, DICOM destinations, Storage Commitment reports, the last backup's
+age) and their verdicts. May not touch: state. Every
 check is read-only: it opens the database, binds a port only to learn whether it is free
 (and closes it), and sends a C-ECHO or an HTTPS GET.
 """
@@ -10,6 +10,7 @@ check is read-only: it opens the database, binds a port only to learn whether it
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import socket
 import time
@@ -32,6 +33,10 @@ MAX_SKEW_FAIL_S = 300.0
 HUB_TIMEOUT_S = 10.0
 # A certificate unusable or about to be: the hint an operator can follow as it is written
 # (``pas enroll`` alone refuses an appliance already enrolled).
+# pas-backup.timer runs daily: two days without a backup is two missed runs.
+BACKUP_STALE_AFTER_S = 2 * 86400
+BACKUP_FIX = ("systemctl status pas-backup.timer pas-backup.service; journalctl -u pas-backup "
+              "(docs/operations.md, Backup and restore)")
 ENROL_AGAIN = "ask regional ops for a new token, then: pas enroll --replace --hub URL --token TOKEN"
 
 
@@ -349,6 +354,64 @@ def check_commitment(settings: Settings) -> list[Check]:
     return checks
 
 
+def check_backup(settings: Settings, now: float | None = None) -> list[Check]:
+    """The newest backup's age, found from its export audit row (so wherever it was written)
+    and looked for on disk: a failed timer shows only in ``systemctl --failed``, which nobody
+    reads until the index is damaged and the backup is needed. No backup on an index younger
+    than two days is a new appliance whose first night has not come: said, not warned.
+    Nothing when the database is missing or unreadable (the database check says so)."""
+    from appliance.ops.backup import last_backup
+    from appliance.ops.backup_folder import MANIFEST
+    from appliance.store.db import Database
+
+    if not settings.db_path.exists():
+        return []
+    now = time.time() if now is None else now
+    try:
+        db = Database(settings.db_path, readonly=True)
+    except Exception:  # any failure is the database check's finding
+        return []
+    try:
+        newest = last_backup(db)
+        first = db.query_one("SELECT min(at) AS at FROM audit")
+    except Exception as exc:
+        return [Check("backup", "warn", f"cannot read the audit trail: {exc}", BACKUP_FIX)]
+    finally:
+        db.close()
+    if newest is None:
+        if first is None or first["at"] is None or now - first["at"] < BACKUP_STALE_AFTER_S:
+            return [Check("backup", "ok", "none yet: pas-backup.timer writes the first one "
+                          "tonight (systemctl list-timers pas-backup.timer)")]
+        return [Check("backup", "warn", "no pas backup was ever written of this index",
+                      "systemctl enable --now pas-backup.timer, or pas backup FOLDER; "
+                      + BACKUP_FIX)]
+    at, folder = newest
+    age = _ago(now - at)
+    try:
+        os.stat(folder / MANIFEST)
+        there = "yes"
+    except PermissionError:
+        there = "unknown"  # 0700, owner pas: run doctor as pas to look inside
+    except OSError:
+        there = "no"
+    if there == "no":
+        return [Check("backup", "warn", f"the last backup, {folder} ({age}), is no longer there",
+                      "is its disk or share mounted? " + BACKUP_FIX)]
+    if now - at > BACKUP_STALE_AFTER_S:
+        return [Check("backup", "warn", f"the last backup is {age}: {folder}", BACKUP_FIX)]
+    return [Check("backup", "ok", f"{age}: {folder}"
+                  + (" (not readable by this user: run as pas to check it is there)"
+                     if there == "unknown" else ""))]
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min ago"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.0f} h ago"
+    return f"{seconds / 86400:.0f} days ago"
+
+
 def run_checks(config_path: Path | None = None) -> list[Check]:
     try:
         settings = load_settings(config_path)
@@ -370,4 +433,5 @@ def run_checks(config_path: Path | None = None) -> list[Check]:
     checks.extend(check_enrolment(settings))
     checks.extend(check_destinations(settings))
     checks.extend(check_commitment(settings))
+    checks.extend(check_backup(settings))
     return checks
