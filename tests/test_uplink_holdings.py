@@ -325,3 +325,36 @@ def test_the_hub_states_what_this_site_holds_signed_and_refuses_bad_questions(
     # Without a client certificate: refused as every /api/v1 call.
     with httpx.Client(base_url=hub.url, verify=hub.anonymous_context()) as anonymous:
         assert ask(anonymous, study, originals).status_code in (401, 403)
+
+
+def test_the_older_version_of_a_corrected_instance_is_confirmed_again(
+        pas_factory: Any, hub: HubProcess, tmp_path: Path) -> None:
+    """A study whose instance was corrected (same SOP Instance UID, other bytes), both versions
+    receipted by the region. After the rebuild the older version is adopted beside the
+    correction, not current, never sent: it was left unconfirmed for ever, and eviction
+    (every version confirmed) never took the study again. Found in review (2026-12-05)."""
+    pas, held = sent_and_confirmed(pas_factory, hub, tmp_path / "site-corrected")
+    original = dcmread(STUDY_FILES[0])
+    original.ImageComments = "corrected"
+    original.save_as(tmp_path / "corrected.dcm", enforce_file_format=True)
+    pas.start()
+    storescu([tmp_path / "corrected.dcm"], pas.port)
+    wait_jobs_finished(pas, len(STUDY_FILES) + 1)
+    versions = {(r["sop_instance_uid"], r["sha256"]) for r in rows(
+        pas.home / "pas.sqlite", "SELECT sop_instance_uid, sha256 FROM instances "
+        "WHERE confirmed_at IS NOT NULL")}
+    assert len(versions) == len(STUDY_FILES) + 1  # both versions receipted
+    pas.stop()
+    before = hub_counts(hub)
+
+    rebuilt_and_restarted(pas, len(STUDY_FILES) + 1)
+
+    after = rows(pas.home / "pas.sqlite", "SELECT sop_instance_uid, sha256, is_current, "
+                 "confirmed_at FROM instances")
+    assert {(r["sop_instance_uid"], r["sha256"]) for r in after
+            if r["confirmed_at"] is not None} == versions, \
+        [dict(r) for r in after if r["confirmed_at"] is None]
+    assert sum(1 for r in after if not r["is_current"]) == 1
+    assert hub_counts(hub) == before  # nothing uploaded again
+    assert (f"the region already holds 3 of 3 instances of study {STUDY_UID} and 1 older "
+            "version: confirmed from its signed statement, sending 0") in pas.log()

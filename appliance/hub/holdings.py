@@ -125,13 +125,15 @@ def holdings_routes(hub: Hub) -> list[BaseRoute]:
             log.warning("site %s: malformed holdings request: %s", site, detail,
                         extra={"SITE": site})
             return problem(422, "bad_request", detail)
-        twice = [uid for uid, n in Counter(i.sop_instance_uid
-                                           for i in question.instances).items() if n > 1]
+        # The same UID with two SHA-256 is two versions of a corrected instance, both of
+        # which the site may hold: a fair question. The same pair twice is not.
+        twice = [pair for pair, n in Counter((i.sop_instance_uid, i.sha256)
+                                            for i in question.instances).items() if n > 1]
         if twice:
-            log.warning("site %s: holdings request lists %s twice", site, twice[0],
+            log.warning("site %s: holdings request lists %s twice", site, twice[0][0],
                         extra={"SITE": site})
-            return problem(422, "bad_request", f"instances: SOP Instance UID {twice[0]} "
-                           "appears twice")
+            return problem(422, "bad_request", f"instances: SOP Instance UID {twice[0][0]} "
+                           "appears twice with the same SHA-256")
         statement = await run_in_threadpool(holdings_statement, hub, site, question)
         log.info("site %s: study %s: the region holds %d of the %s asked about",
                  site, question.study_uid, len(statement["instances"]),
