@@ -34,8 +34,9 @@ from pydicom.uid import generate_uid
 from appliance.store.spool import Spool
 from appliance.transfer.client import verify_receipt
 from appliance.transfer.enrolment import Enrolment
+from tests.support.archived import orthanc_hashes
 from tests.support.hub import HubProcess, client, enroll, pack_items, ship
-from tests.support.peers import CT_DIR, MR_DIR, PasProcess, storescu, wait_for
+from tests.support.peers import CT_DIR, MR_DIR, Orthanc, PasProcess, storescu, wait_for
 from tests.support.peers import read_rows as rows
 from tests.test_uplink_hub import enrolled_pas, jobs, wait_jobs_finished
 
@@ -358,3 +359,41 @@ def test_the_older_version_of_a_corrected_instance_is_confirmed_again(
     assert hub_counts(hub) == before  # nothing uploaded again
     assert (f"the region already holds 3 of 3 instances of study {STUDY_UID} and 1 older "
             "version: confirmed from its signed statement, sending 0") in pas.log()
+
+
+def test_an_overwriting_archive_is_stated_to_hold_only_the_version_it_took_last(
+        tmp_path: Path) -> None:
+    """Orthanc set to overwrite (``OverwriteInstances: true``, as docs/protocol.md tells
+    regional ops) behind the ``dicomweb`` archive kind keeps only the version of a UID it took
+    last. A site sends a study's instance, its correction, then the first version again (a
+    restored index's job that was waiting at the backup). The statement named every version
+    ever receipted, the one Orthanc no longer holds included: the site would have confirmed
+    the correction on it, and evicted the only copy left. Found in review (2026-12-05)."""
+    first = sorted(MR_DIR.glob("*.dcm"))[0]
+    dataset = dcmread(first)
+    dataset.ImageComments = "corrected"
+    dataset.save_as(tmp_path / "corrected.dcm", enforce_file_format=True)
+    uid, study = str(dataset.SOPInstanceUID), str(dataset.StudyInstanceUID)
+    orthanc = Orthanc(tmp_path / "orthanc", extra_config={"OverwriteInstances": True})
+    regional = HubProcess(tmp_path / "hub-dicomweb", {"PAS_HUB_ARCHIVE__KIND": "dicomweb"})
+    try:
+        orthanc.start()
+        regional.env["PAS_HUB_ARCHIVE__URL"] = orthanc.dicomweb
+        regional.init().start()
+        site = enroll(regional, tmp_path / "site", "CHU-W")
+        with client(site) as http:
+            shas = []
+            for path in (first, tmp_path / "corrected.dcm", first):
+                shipment = ship(pack_items([path]), site.hub_transfer_key, study_uid=study)
+                assert http.post("/api/v1/transfers", json=shipment.manifest).status_code == 201
+                shipment.put_all(http)
+                assert http.post(shipment.url + "/commit").status_code == 200
+                shas.append(shipment.originals[uid])
+                # Asked one version at a time: what the region holds of each.
+                stated = {sha: ask(http, study, {uid: sha}).json()["instances"] != []
+                          for sha in set(shas)}
+                assert stated == {sha: sha == shas[-1] for sha in set(shas)}, len(shas)
+                assert orthanc_hashes(orthanc)[uid] == shas[-1]
+    finally:
+        regional.kill()
+        orthanc.stop()

@@ -13,8 +13,10 @@ May not touch: SQL (``appliance.store.hub``), the transfers' routes.
 
 The answer rests on the hub's own records of what it confirmed: the receipts of this site's
 committed transfers of that study, each (SOP Instance UID, SHA-256) pair exactly as a receipt
-named it. Only the calling site's: sites never see each other's transfers (a site could
-otherwise learn that another hospital sent a given study), and a receipt is the hub's word
+named it; with an archive other than the embedded one (which keeps every version), only the
+last version receipted of each UID (an overwriting archive holds no other). Only the
+calling site's: sites never see each other's transfers (a site could otherwise learn that
+another hospital sent a given study), and a receipt is the hub's word
 to the site that sent the instance, the only word invariant 2 lets a site delete on. The
 statement is signed by the hub's server key, as a receipt is, so that the appliance confirms
 instances on the hub's signature and never on an unsigned answer.
@@ -81,7 +83,12 @@ class HoldingsQuestion(BaseModel):
 
 def holdings_statement(hub: Hub, site: str, question: HoldingsQuestion) -> dict[str, Any]:
     """The signed statement: the asked pairs the hub receipted to ``site`` for that study."""
-    receipted = store.receipted_instances(hub.db, site, question.study_uid)
+    # The embedded archive keeps every version of a UID (the last one current); a DICOMweb
+    # archive may keep only the last it took (Orthanc with OverwriteInstances, which
+    # corrections need): there, an older version's receipt no longer says it is held.
+    receipted = store.receipted_instances(
+        hub.db, site, question.study_uid,
+        last_version_only=hub.settings.archive.kind != "embedded")
     held = [{"sop_instance_uid": i.sop_instance_uid, "sha256": i.sha256,
              "transfer_id": receipted[(i.sop_instance_uid, i.sha256)]}
             for i in question.instances if (i.sop_instance_uid, i.sha256) in receipted]
