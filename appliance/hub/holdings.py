@@ -86,12 +86,18 @@ def holdings_statement(hub: Hub, site: str, question: HoldingsQuestion) -> dict[
     # The embedded archive keeps every version of a UID (the last one current); a DICOMweb
     # archive may keep only the last it took (Orthanc with OverwriteInstances, which
     # corrections need): there, an older version's receipt no longer says it is held.
-    receipted = store.receipted_instances(
-        hub.db, site, question.study_uid,
-        last_version_only=hub.settings.archive.kind != "embedded")
-    held = [{"sop_instance_uid": i.sop_instance_uid, "sha256": i.sha256,
-             "transfer_id": receipted[(i.sop_instance_uid, i.sha256)]}
-            for i in question.instances if (i.sop_instance_uid, i.sha256) in receipted]
+    # ``last`` tells the site whether the region's last word on the UID is this version:
+    # when not, the site sends it again (its bytes held or not) for the region to end with
+    # the sender's last word.
+    keeps_versions = hub.settings.archive.kind == "embedded"
+    receipted = store.receipted_instances(hub.db, site, question.study_uid)
+    held = []
+    for asked in question.instances:
+        pair = (asked.sop_instance_uid, asked.sha256)
+        transfer, last = receipted.get(pair, ("", False))
+        if transfer and (last or keeps_versions):
+            held.append({"sop_instance_uid": pair[0], "sha256": pair[1],
+                         "transfer_id": transfer, "last": last})
     statement: dict[str, Any] = {
         "statement": STATEMENT, "site": site, "study_uid": question.study_uid,
         "nonce": question.nonce, "asked": len(question.instances),
