@@ -33,9 +33,10 @@ from pydicom.uid import generate_uid
 
 from appliance.store.spool import Spool
 from appliance.transfer.client import verify_receipt
-from appliance.transfer.enrolment import Enrolment
+from appliance.transfer.enrolment import Enrolment, load_enrolment
+from tests.support.archived import orthanc_hashes
 from tests.support.hub import HubProcess, client, enroll, pack_items, ship
-from tests.support.peers import CT_DIR, MR_DIR, PasProcess, storescu, wait_for
+from tests.support.peers import CT_DIR, MR_DIR, Orthanc, PasProcess, storescu, wait_for
 from tests.support.peers import read_rows as rows
 from tests.test_uplink_hub import enrolled_pas, jobs, wait_jobs_finished
 
@@ -325,3 +326,130 @@ def test_the_hub_states_what_this_site_holds_signed_and_refuses_bad_questions(
     # Without a client certificate: refused as every /api/v1 call.
     with httpx.Client(base_url=hub.url, verify=hub.anonymous_context()) as anonymous:
         assert ask(anonymous, study, originals).status_code in (401, 403)
+
+
+def sent_corrected_and_confirmed(pas_factory: Any, hub: HubProcess, home: Path
+                                 ) -> tuple[PasProcess, set[tuple[str, str]]]:
+    """The study sent, then a correction of its first instance (same SOP Instance UID, other
+    bytes), both versions receipted; PAS stopped. (PAS, every (UID, SHA-256) confirmed)."""
+    pas, _held = sent_and_confirmed(pas_factory, hub, home)
+    corrected = dcmread(STUDY_FILES[0])
+    corrected.ImageComments = "corrected"
+    corrected.save_as(home.parent / f"{home.name}-corrected.dcm", enforce_file_format=True)
+    pas.start()
+    storescu([home.parent / f"{home.name}-corrected.dcm"], pas.port)
+    wait_jobs_finished(pas, len(STUDY_FILES) + 1)
+    versions = {(r["sop_instance_uid"], r["sha256"]) for r in rows(
+        pas.home / "pas.sqlite", "SELECT sop_instance_uid, sha256 FROM instances "
+        "WHERE confirmed_at IS NOT NULL")}
+    assert len(versions) == len(STUDY_FILES) + 1  # both versions receipted
+    pas.stop()
+    return pas, versions
+
+
+def region_versions(hub: HubProcess, uid: str) -> list[tuple[str, int]]:
+    """The embedded archive's versions of ``uid``: (SHA-256, is_current), oldest first."""
+    return [(r["sha256"], r["is_current"]) for r in rows(
+        hub.home / "archive" / "pas.sqlite", "SELECT sha256, is_current FROM instances "
+        "WHERE sop_instance_uid = ? ORDER BY version", (uid,))]
+
+
+def test_the_older_version_of_a_corrected_instance_is_confirmed_again(
+        pas_factory: Any, hub: HubProcess, tmp_path: Path) -> None:
+    """A study whose instance was corrected (same SOP Instance UID, other bytes), both versions
+    receipted by the region. After the rebuild the older version is adopted beside the
+    correction, not current, never sent: it was left unconfirmed for ever, and eviction
+    (every version confirmed) never took the study again. Found in review (2026-12-05)."""
+    pas, versions = sent_corrected_and_confirmed(pas_factory, hub, tmp_path / "site-corrected")
+    before = hub_counts(hub)
+
+    rebuilt_and_restarted(pas, len(STUDY_FILES) + 1)
+
+    after = rows(pas.home / "pas.sqlite", "SELECT sop_instance_uid, sha256, is_current, "
+                 "confirmed_at FROM instances")
+    assert {(r["sop_instance_uid"], r["sha256"]) for r in after
+            if r["confirmed_at"] is not None} == versions, \
+        [dict(r) for r in after if r["confirmed_at"] is None]
+    assert sum(1 for r in after if not r["is_current"]) == 1
+    assert hub_counts(hub) == before  # nothing uploaded again
+    assert (f"the region already holds 3 of 3 instances of study {STUDY_UID} and 1 older "
+            "version: confirmed from its signed statement, sending 0") in pas.log()
+
+
+def test_an_overwriting_archive_is_stated_to_hold_only_the_version_it_took_last(
+        tmp_path: Path) -> None:
+    """Orthanc set to overwrite (``OverwriteInstances: true``, as docs/protocol.md tells
+    regional ops) behind the ``dicomweb`` archive kind keeps only the version of a UID it took
+    last. A site sends a study's instance, its correction, then the first version again (a
+    restored index's job that was waiting at the backup). The statement named every version
+    ever receipted, the one Orthanc no longer holds included: the site would have confirmed
+    the correction on it, and evicted the only copy left. Found in review (2026-12-05)."""
+    first = sorted(MR_DIR.glob("*.dcm"))[0]
+    dataset = dcmread(first)
+    dataset.ImageComments = "corrected"
+    dataset.save_as(tmp_path / "corrected.dcm", enforce_file_format=True)
+    uid, study = str(dataset.SOPInstanceUID), str(dataset.StudyInstanceUID)
+    orthanc = Orthanc(tmp_path / "orthanc", extra_config={"OverwriteInstances": True})
+    regional = HubProcess(tmp_path / "hub-dicomweb", {"PAS_HUB_ARCHIVE__KIND": "dicomweb"})
+    try:
+        orthanc.start()
+        regional.env["PAS_HUB_ARCHIVE__URL"] = orthanc.dicomweb
+        regional.init().start()
+        site = enroll(regional, tmp_path / "site", "CHU-W")
+        with client(site) as http:
+            shas = []
+            for path in (first, tmp_path / "corrected.dcm", first):
+                shipment = ship(pack_items([path]), site.hub_transfer_key, study_uid=study)
+                assert http.post("/api/v1/transfers", json=shipment.manifest).status_code == 201
+                shipment.put_all(http)
+                assert http.post(shipment.url + "/commit").status_code == 200
+                shas.append(shipment.originals[uid])
+                # Asked one version at a time: what the region holds of each.
+                stated = {sha: ask(http, study, {uid: sha}).json()["instances"] != []
+                          for sha in set(shas)}
+                assert stated == {sha: sha == shas[-1] for sha in set(shas)}, len(shas)
+                assert orthanc_hashes(orthanc)[uid] == shas[-1]
+    finally:
+        regional.kill()
+        orthanc.stop()
+
+
+def test_a_correction_the_region_holds_as_an_older_version_is_sent_again(
+        pas_factory: Any, hub: HubProcess, tmp_path: Path) -> None:
+    """The region took the first version again after the correction (a restored index's job,
+    waiting at the backup, sent it after the restore): the embedded archive holds both, the
+    first one current. The statement named the correction held, the site confirmed it and
+    sent nothing: the region kept serving the version the sender had corrected. Now a pair
+    that is not the last version the region took is confirmed (its bytes are there) and sent
+    again, so the region ends with the sender's last word. Found in review (2026-12-05)."""
+    pas, versions = sent_corrected_and_confirmed(pas_factory, hub, tmp_path / "site-stale")
+    uid = str(dcmread(STUDY_FILES[0], stop_before_pixels=True).SOPInstanceUID)
+    [older] = rows(pas.home / "pas.sqlite", "SELECT path FROM instances "
+                   "WHERE sop_instance_uid = ? AND is_current = 0", (uid,))
+    site = load_enrolment(pas.home)
+    assert site is not None
+    first = ship(pack_items([Spool(pas.home / "spool").path(older["path"])]),
+                 site.hub_transfer_key, study_uid=STUDY_UID)
+    with client(site) as http:  # the first version again, as that site
+        assert http.post("/api/v1/transfers", json=first.manifest).status_code == 201
+        first.put_all(http)
+        assert http.post(first.url + "/commit").status_code == 200
+    old_sha = first.originals[uid]
+    [new_sha] = [sha for u, sha in versions if u == uid and sha != old_sha]
+    assert region_versions(hub, uid) == [(old_sha, 1), (new_sha, 0)]
+    before = hub_counts(hub)
+
+    [job] = rebuilt_and_restarted(pas, len(STUDY_FILES) + 1)
+
+    assert region_versions(hub, uid) == [(old_sha, 0), (new_sha, 1)]
+    progress = json.loads(job["progress"])
+    assert progress["holdings"] == {"state": "answered", "asked": 3, "held": 2,
+                                    "older_asked": 1, "older_held": 1, "not_last": 1}
+    [transfer] = rows(hub.home / "hub.sqlite", "SELECT manifest FROM transfers WHERE id = ?",
+                      (progress["transfer_id"],))
+    assert [(i["sop_instance_uid"], i["sha256"])
+            for i in json.loads(transfer["manifest"])["instances"]] == [(uid, new_sha)]
+    assert hub_counts(hub)["transfers"] == before["transfers"] + 1
+    assert {(r["sop_instance_uid"], r["sha256"]) for r in rows(
+        pas.home / "pas.sqlite", "SELECT sop_instance_uid, sha256 FROM instances "
+        "WHERE confirmed_at IS NOT NULL")} == versions

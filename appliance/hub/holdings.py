@@ -13,8 +13,10 @@ May not touch: SQL (``appliance.store.hub``), the transfers' routes.
 
 The answer rests on the hub's own records of what it confirmed: the receipts of this site's
 committed transfers of that study, each (SOP Instance UID, SHA-256) pair exactly as a receipt
-named it. Only the calling site's: sites never see each other's transfers (a site could
-otherwise learn that another hospital sent a given study), and a receipt is the hub's word
+named it; with an archive other than the embedded one (which keeps every version), only the
+last version receipted of each UID (an overwriting archive holds no other). Only the
+calling site's: sites never see each other's transfers (a site could otherwise learn that
+another hospital sent a given study), and a receipt is the hub's word
 to the site that sent the instance, the only word invariant 2 lets a site delete on. The
 statement is signed by the hub's server key, as a receipt is, so that the appliance confirms
 instances on the hub's signature and never on an unsigned answer.
@@ -81,10 +83,21 @@ class HoldingsQuestion(BaseModel):
 
 def holdings_statement(hub: Hub, site: str, question: HoldingsQuestion) -> dict[str, Any]:
     """The signed statement: the asked pairs the hub receipted to ``site`` for that study."""
+    # The embedded archive keeps every version of a UID (the last one current); a DICOMweb
+    # archive may keep only the last it took (Orthanc with OverwriteInstances, which
+    # corrections need): there, an older version's receipt no longer says it is held.
+    # ``last`` tells the site whether the region's last word on the UID is this version:
+    # when not, the site sends it again (its bytes held or not) for the region to end with
+    # the sender's last word.
+    keeps_versions = hub.settings.archive.kind == "embedded"
     receipted = store.receipted_instances(hub.db, site, question.study_uid)
-    held = [{"sop_instance_uid": i.sop_instance_uid, "sha256": i.sha256,
-             "transfer_id": receipted[(i.sop_instance_uid, i.sha256)]}
-            for i in question.instances if (i.sop_instance_uid, i.sha256) in receipted]
+    held = []
+    for asked in question.instances:
+        pair = (asked.sop_instance_uid, asked.sha256)
+        transfer, last = receipted.get(pair, ("", False))
+        if transfer and (last or keeps_versions):
+            held.append({"sop_instance_uid": pair[0], "sha256": pair[1],
+                         "transfer_id": transfer, "last": last})
     statement: dict[str, Any] = {
         "statement": STATEMENT, "site": site, "study_uid": question.study_uid,
         "nonce": question.nonce, "asked": len(question.instances),
@@ -125,13 +138,15 @@ def holdings_routes(hub: Hub) -> list[BaseRoute]:
             log.warning("site %s: malformed holdings request: %s", site, detail,
                         extra={"SITE": site})
             return problem(422, "bad_request", detail)
-        twice = [uid for uid, n in Counter(i.sop_instance_uid
-                                           for i in question.instances).items() if n > 1]
+        # The same UID with two SHA-256 is two versions of a corrected instance, both of
+        # which the site may hold: a fair question. The same pair twice is not.
+        twice = [pair for pair, n in Counter((i.sop_instance_uid, i.sha256)
+                                            for i in question.instances).items() if n > 1]
         if twice:
-            log.warning("site %s: holdings request lists %s twice", site, twice[0],
+            log.warning("site %s: holdings request lists %s twice", site, twice[0][0],
                         extra={"SITE": site})
-            return problem(422, "bad_request", f"instances: SOP Instance UID {twice[0]} "
-                           "appears twice")
+            return problem(422, "bad_request", f"instances: SOP Instance UID {twice[0][0]} "
+                           "appears twice with the same SHA-256")
         statement = await run_in_threadpool(holdings_statement, hub, site, question)
         log.info("site %s: study %s: the region holds %d of the %s asked about",
                  site, question.study_uid, len(statement["instances"]),

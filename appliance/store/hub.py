@@ -177,17 +177,24 @@ def archived_instances(db: Database, transfer_id: str) -> dict[str, str]:
         (transfer_id,))}
 
 
-def receipted_instances(db: Database, site: str, study_uid: str) -> dict[tuple[str, str], str]:
-    """(SOP Instance UID, SHA-256) -> transfer id, for every instance the hub signed a receipt
-    for in a committed transfer of ``site`` for ``study_uid`` (the study and its late deltas).
-    Read from the stored receipts themselves: exactly what the hub confirmed, nothing else."""
+def receipted_instances(db: Database, site: str, study_uid: str
+                        ) -> dict[tuple[str, str], tuple[str, bool]]:
+    """(SOP Instance UID, SHA-256) -> (transfer id, last), for every instance the hub signed
+    a receipt for in a committed transfer of ``site`` for ``study_uid`` (the study and its
+    late deltas). Read from the stored receipts themselves: exactly what the hub confirmed,
+    nothing else. The transfer is the last whose receipt named the pair; ``last``: no later
+    receipt named the UID with other bytes (the version the archive took last: the one an
+    overwriting archive still holds, the current one of an archive that keeps versions)."""
     held: dict[tuple[str, str], str] = {}
+    last: dict[str, tuple[str, str]] = {}
     for row in db.query("SELECT id, receipt FROM transfers WHERE site = ? AND study_uid = ? "
-                        "AND receipt IS NOT NULL ORDER BY committed_at", (site, study_uid)):
+                        "AND receipt IS NOT NULL ORDER BY committed_at, rowid",
+                        (site, study_uid)):
         for instance in json.loads(row["receipt"]).get("instances", []):
-            held.setdefault((str(instance["sop_instance_uid"]), str(instance["sha256"])),
-                            str(row["id"]))
-    return held
+            pair = (str(instance["sop_instance_uid"]), str(instance["sha256"]))
+            held[pair] = str(row["id"])
+            last[pair[0]] = pair
+    return {pair: (transfer, last[pair[0]] == pair) for pair, transfer in held.items()}
 
 
 def unfinished_transfers(db: Database) -> list[tuple[str, int]]:

@@ -353,6 +353,23 @@ def job_files(db: Database, job_id: int, unsent_only: bool = True) -> list[sqlit
     )
 
 
+def older_adopted_versions(db: Database, job_id: int) -> list[sqlite3.Row]:
+    """Versions of the job's study that start-up recovery adopted and that a correction
+    superseded (not current, so never routed to a destination), still unconfirmed. The
+    region may hold them from before the index was lost; nothing else ever confirms them
+    again, and eviction takes a study only once every version is confirmed."""
+    return db.query(
+        """SELECT i.id, i.sop_instance_uid, i.sha256, i.source_address
+           FROM instances i JOIN jobs j ON j.study_fk = i.study_fk
+           WHERE j.id = ? AND i.is_current = 0 AND i.confirmed_at IS NULL
+                 AND i.source_address = 'recovery'
+                 AND NOT EXISTS (SELECT 1 FROM job_instances ji
+                                 WHERE ji.job_id = j.id AND ji.instance_fk = i.id)
+           ORDER BY i.id""",
+        (job_id,),
+    )
+
+
 def mark_sent(db: Database, job_id: int, instance_ids: list[int]) -> None:
     at = now()
     with db.transaction() as conn:

@@ -47,10 +47,13 @@ def question(study_uid: str, rows: Sequence[Any]) -> dict[str, Any]:
 
 
 def held_pairs(statement: dict[str, Any], asked: dict[str, Any],
-               verify: Callable[[dict[str, Any]], None]) -> set[tuple[str, str]]:
-    """The (SOP Instance UID, SHA-256) pairs a verified statement says the region holds.
-    ``verify``: the receipts' signature check (``HubClient.verify``). Raises
-    :class:`StatementInvalid` naming what is wrong."""
+               verify: Callable[[dict[str, Any]], None]) -> dict[tuple[str, str], bool]:
+    """The (SOP Instance UID, SHA-256) pairs a verified statement says the region holds, each
+    with whether it is the region's last word on its UID (``last``: no later version of it
+    went to the region; absent, from a hub that did not say, taken as the last). A held pair
+    that is not the last is confirmed (its bytes are there) but sent again, for the region
+    to end with what this site holds as current. ``verify``: the receipts' signature check
+    (``HubClient.verify``). Raises :class:`StatementInvalid` naming what is wrong."""
     study = asked["study_uid"]
     try:
         verify(statement)
@@ -65,13 +68,13 @@ def held_pairs(statement: dict[str, Any], asked: dict[str, Any],
                                f"(study {statement.get('study_uid')}), not this one about "
                                f"study {study}")
     try:
-        pairs = {(str(i["sop_instance_uid"]), str(i["sha256"]))
+        pairs = {(str(i["sop_instance_uid"]), str(i["sha256"])): i.get("last", True) is True
                  for i in statement.get("instances", [])}
-    except (KeyError, TypeError):
+    except (KeyError, TypeError, AttributeError):
         raise StatementInvalid(f"the hub's holdings statement for study {study} lists an "
                                "instance without its UID or SHA-256") from None
     asked_pairs = {(i["sop_instance_uid"], i["sha256"]) for i in asked["instances"]}
-    stray = sorted(pairs - asked_pairs)
+    stray = sorted(set(pairs) - asked_pairs)
     if stray:
         raise StatementInvalid(f"the hub's holdings statement for study {study} names "
                                f"{len(stray)} instance(s) not asked about, e.g. {stray[0][0]}")

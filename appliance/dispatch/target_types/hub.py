@@ -216,7 +216,11 @@ class HubTarget:
         the transfer carries. The job's ``progress["holdings"]`` is the state: present, the
         question was answered (in the transaction that confirmed), and a resumed attempt
         sends exactly the rows not sent; absent with a transfer, a transfer from before this
-        step, sent as it was. No question at all in the normal path (nothing adopted)."""
+        step, sent as it was. No question at all in the normal path (nothing adopted).
+
+        The same question asks about the study's adopted older versions (a correction
+        superseded them: never sent, so no receipt would ever confirm them again, and the
+        study would never be evictable); those held are confirmed, not sent."""
         from appliance.transfer import holdings
 
         if "holdings" in job.progress:
@@ -225,7 +229,8 @@ class HubTarget:
         if job.progress.get("transfer_id") or not candidates:
             return job, rows
         extra = {"JOB_ID": job.id, "STUDY_UID": job.study_uid}
-        asked = holdings.question(job.study_uid, candidates)
+        older = job_store.older_adopted_versions(context.db, job.id)
+        asked = holdings.question(job.study_uid, [*candidates, *older])
         try:
             statement = self.client.holdings(asked)
         except HubRefused as exc:
@@ -237,20 +242,34 @@ class HubTarget:
             statement, state = None, f"refused: {exc}"
         else:
             state = "answered" if statement is not None else "the hub has no holdings call"
-        pairs: set[tuple[str, str]] = set()
+        pairs: dict[tuple[str, str], bool] = {}  # held -> the region's last word on its UID
         if statement is not None:
             try:
                 pairs = holdings.held_pairs(statement, asked, self.client.verify)
             except holdings.StatementInvalid as exc:
                 raise RuntimeError(str(exc)) from None
-        held = [r for r in candidates if (r["sop_instance_uid"], r["sha256"]) in pairs]
+        # Confirmed: every pair held. Not sent: those that are also the region's last word
+        # (a correction the region holds under an older version sent after it goes again).
+        held = [r for r in candidates if pairs.get((r["sop_instance_uid"], r["sha256"]))]
         unsent = [r for r in rows if r["sent_at"] is None]
         held_ids = {r["id"] for r in held}
         rest = [r for r in unsent if r["id"] not in held_ids]
-        progress = {**job.progress, "holdings": {"state": state, "asked": len(candidates),
-                                                 "held": len(held)}}
+        settled: dict[str, Any] = {"state": state, "asked": len(candidates), "held": len(held)}
+        older_held = sum(1 for r in older if (r["sop_instance_uid"], r["sha256"]) in pairs)
+        not_last = sum(1 for r in candidates
+                       if pairs.get((r["sop_instance_uid"], r["sha256"])) is False)
+        also = ""
+        if older:
+            settled.update(older_asked=len(older), older_held=older_held)
+            also = f" and {counted(older_held, 'older version')}"
+        if not_last:
+            settled.update(not_last=not_last)
+            also += (f" ({not_last} more held, but another version of each came after: "
+                     "sent again)")
+        progress = {**job.progress, "holdings": settled}
         said = (f"the region already holds {len(held)} of {len(unsent)} instances of study "
-                f"{job.study_uid}: confirmed from its signed statement, sending {len(rest)}"
+                f"{job.study_uid}{also}: confirmed from its signed statement, "
+                f"sending {len(rest)}"
                 if statement is not None else
                 f"the hub could not say which of the {counted(len(candidates), 'adopted instance')}"
                 f" of study {job.study_uid} the region holds ({state}): sending {len(rest)}")
