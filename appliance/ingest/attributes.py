@@ -63,12 +63,21 @@ def _text(ds: Dataset, keyword: str) -> str | None:
     return str(value).strip() or None
 
 
+# The range of an IS value (PS3.5 6.2: a 32-bit signed integer). An over-long one
+# ("99999999999999999999") is no value for the index: bound to SQLite it raised
+# OverflowError, and the C-STORE failed ("unexpected error"), with it every other instance
+# of its group commit (appliance/ingest/receive.py), whose rollback catches only SQLite's
+# errors.
+IS_MIN, IS_MAX = -2**31, 2**31 - 1
+
+
 def _int(ds: Dataset, keyword: str) -> int | None:
     try:
         value = _get(ds, keyword)
-        return int(value) if value not in (None, "", UNREADABLE) else None
-    except (TypeError, ValueError):
+        number = int(value) if value not in (None, "", UNREADABLE) else None
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(IS("1e400"))
         return None
+    return number if number is None or IS_MIN <= number <= IS_MAX else None
 
 
 def _uid(ds: Dataset, keyword: str) -> str:
@@ -293,6 +302,8 @@ def record_from_raw(ds: Dataset, transfer_syntax_uid: str) -> InstanceRecord:
             values[name] = int(text) if text is not None and text.isdigit() else None
             if text is not None and values[name] is None:
                 raise _NotSimple
+            if values[name] is not None and values[name] > IS_MAX:
+                values[name] = None  # as _int: past the range of an IS, no value
         for name, tag in _US_TAGS.items():
             values[name] = _unsigned_short(ds._dict.get(tag))
     except _NotSimple:
