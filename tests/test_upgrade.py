@@ -287,3 +287,34 @@ def test_the_daemon_backfills_an_upgraded_index_and_qido_then_gives_the_frames(
         assert "header backfill finished: 1 instance read" in pas.log()
     finally:
         pas.stop()
+
+
+def test_the_hub_backfills_its_embedded_archive_after_the_upgrade(tmp_path: Path) -> None:
+    """The hub's embedded archive keeps the appliance's index (schema 18 too): its instances
+    archived before the upgrade get the image attributes from the same backfill, for the
+    region's QIDO-RS (they stayed NULL: no backfill ran on the hub)."""
+    from pydicom.data import get_testdata_file
+
+    from appliance.ingest.reading import read_record
+    from appliance.store.spool import Spool
+    from tests.support.hub import HubProcess
+    from tests.support.peers import read_rows, wait_for
+
+    hub = HubProcess(tmp_path / "hub").init()
+    archive = hub.home / "archive"
+    old = Database(archive / "pas.sqlite", migrations=MIGRATIONS[:17])
+    data = Path(get_testdata_file("rtdose.dcm")).read_bytes()  # type: ignore[arg-type]
+    stored, _ = Spool(archive / "spool").write([data])
+    record_before_18(old, read_record(data), stored, origin="regional", source_address="SITE1")
+    old.close()
+    hub.start()
+    try:
+        def values() -> tuple[object, ...]:
+            [row] = read_rows(archive / "pas.sqlite", "SELECT image_rows, image_columns, "
+                              "bits_allocated, number_of_frames FROM instances")
+            return tuple(row)
+
+        wait_for(lambda: values() != (None, None, None, None), 10, what="the hub's backfill")
+        assert values() == (10, 10, 32, 15)
+    finally:
+        hub.stop()

@@ -77,6 +77,9 @@ class HeaderBackfill:
         state = header_backfill.progress(self.db)
         if state.finished:
             return
+        if state.after_id >= state.last_id:  # no row filed before the upgrade: a new index
+            header_backfill.finish(self.db)
+            return
         log.info("header backfill: reading the files of the instances filed before schema 18 "
                  "(row ids %d to %d) for their Rows, Columns, BitsAllocated, NumberOfFrames",
                  state.after_id + 1, state.last_id)
