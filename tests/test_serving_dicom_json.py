@@ -202,6 +202,13 @@ def test_instance_searches_give_rows_columns_bits_and_frames_as_orthanc_does(
     series = httpx.get(f"{peers['pas']}/studies/{emri_study}/series?includefield=all",
                        timeout=60).json()
     assert not set(IMAGE_TAGS) & set(series[0])
+    # Matched as InstanceNumber is: a single value, in the range of its VR.
+    found = httpx.get(f"{peers['pas']}/instances", params={"NumberOfFrames": "10"},
+                      timeout=60).json()
+    assert [item["00080018"]["Value"][0] for item in found] == [emri]
+    refused = httpx.get(f"{peers['pas']}/instances", params={"Rows": "70000"}, timeout=60)
+    assert refused.status_code == 400 and "Rows: '70000' is out of the range of a US " \
+        "value (a 16-bit unsigned integer)" in refused.text
 
 
 def test_an_image_level_c_find_answers_them_as_orthanc_does(peers: dict[str, Any],

@@ -68,8 +68,8 @@ COLUMNS: dict[str, Column] = {
     "NumberOfFrames": Column("IMAGE", "i.number_of_frames", "IS"),
 }
 # The range of the integer VRs a key may hold (PS3.5 6.2).
-_INTEGER_RANGE = {"IS": (-2**31, 2**31 - 1, "a 32-bit signed integer"),
-                  "US": (0, 2**16 - 1, "a 16-bit unsigned integer")}
+_INTEGER_RANGE = {"IS": (-2**31, 2**31 - 1, "an IS value (a 32-bit signed integer)"),
+                  "US": (0, 2**16 - 1, "a US value (a 16-bit unsigned integer)")}
 
 _CURRENT = "x.is_current = 1"
 # Whether a series (alias ``x``) or a study (alias ``y``) still holds a current instance. A
@@ -265,8 +265,7 @@ def _match(where: _Where, keyword: str, value: str, pn_case_sensitive: bool) -> 
         # was a 500 with no audit row.
         low, high, what = _INTEGER_RANGE[vr]
         if not low <= number <= high:
-            raise QueryError(f"{keyword}: {value[:40]!r} is out of the range of an {vr} "
-                             f"value ({what})")
+            raise QueryError(f"{keyword}: {value[:40]!r} is out of the range of {what}")
         where.add(f"{sql} = ?", number)
     elif vr == "PN":
         _match_person_name(where, keyword, sql, value, pn_case_sensitive)
