@@ -168,6 +168,10 @@ class Daemon:
             scrubber = Scrubber(self.db, self.spool, self.settings.cache.scrub_mb_per_s * 1e6)
             self._spawn("pas-scrub", lambda: scrubber.run(self.stopping,
                                                           self.settings.cache.scrub_pause_s))
+        from appliance.ops.backfill import HeaderBackfill  # schema 18's rows from before
+
+        backfill = HeaderBackfill(self.db, self.spool)
+        self._spawn("pas-backfill", lambda: backfill.run(self.stopping))
         self.dispatcher.start()
         self._start_prefetch()
         self._spawn("pas-router", self._route_loop)

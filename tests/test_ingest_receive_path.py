@@ -13,12 +13,15 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_files
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
 from pydicom.uid import UID
 
 from appliance.ingest import reading, receive
 from appliance.ingest.attributes import InvalidInstance
 from appliance.ingest.header import Truncated, read_header
-from tests.support.peers import CT_DIR, MR_DIR, wait_for
+from tests.support.objects import tiny_ct
+from tests.support.peers import CT_DIR, MR_DIR, PasProcess, read_rows, storescu, wait_for
 from tests.test_ingest import dataset_part
 
 
@@ -221,3 +224,33 @@ def test_no_cstore_sums_the_instances_and_only_a_quota_reads_the_size(
     assert not [s for s in statements if "sum(" in s]
     reads = [s for s in statements if "FROM instance_totals" in s]
     assert len(reads) == (3 if quota_bytes else 0), reads
+
+
+def test_an_integer_past_the_range_of_an_is_is_no_value_for_the_index(pas: PasProcess,
+                                                                      tmp_path: Path) -> None:
+    """An InstanceNumber, SeriesNumber or NumberOfFrames of 20 digits (an IS holds a 32-bit
+    signed integer in 12 characters): the index took it whole, SQLite refused to bind it
+    (OverflowError) and the C-STORE failed ("unexpected error"), with it any instance
+    sharing its group commit (and the two paths disagreed on it: 99999999999999999999 read
+    raw, 100000000000000000000 through pydicom's float). Now it is no value for the index,
+    as an unreadable one is, the same by both paths, and the instance is stored as sent."""
+    sent = tmp_path / "sent"
+    sent.mkdir()
+    too_long = b"99999999999999999999"
+    for n, tag in enumerate((0x00200013, 0x00200011, 0x00280008)):
+        ds = tiny_ct()
+        ds[tag] = RawDataElement(Tag(tag), "IS", len(too_long), too_long, 0, False, True)
+        ds.save_as(sent / f"{n}.dcm", enforce_file_format=True)
+        quick, full, walked = both_paths(sent / f"{n}.dcm")
+        assert quick == full and walked
+        assert isinstance(quick, dict)
+        assert None in (quick["instance_number"], quick["series_number"],
+                        quick["number_of_frames"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        storescu(sent, pas.port)  # raises on a failure status
+    rows = read_rows(pas.home / "pas.sqlite", "SELECT i.instance_number, i.number_of_frames, "
+                     "se.series_number FROM instances i JOIN series se ON se.id = i.series_fk")
+    assert sorted((r["instance_number"] or 0, r["series_number"] or 0) for r in rows) == [
+        (0, 1), (1, 0), (1, 1)]
+    assert [r["number_of_frames"] for r in rows] == [None] * 3

@@ -300,14 +300,15 @@ def test_rows_written_before_patients_were_recorded_are_found_through_the_index(
     """A database from before migration 9: its rows have no patient column. After the
     upgrade they are still found by patient while the study is indexed, beside new rows
     that record it."""
-    from appliance.store import audit, index
+    from appliance.store import audit
     from appliance.store.db import Database
     from appliance.store.index import InstanceRecord, StoredFile
     from appliance.store.schema import MIGRATIONS
+    from tests.support.old_schema import record_before_18
 
     home = tmp_path / "pas"
     old = Database(home / "pas.sqlite", migrations=MIGRATIONS[:8])
-    index.record_instance(old, InstanceRecord(
+    record_before_18(old, InstanceRecord(
         "1.2.9.1.1", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1", "1.2.9", "1.2.9.1",
         patient_id="P_1", modality="CT"), StoredFile("aa/1.dcm", 100, "0" * 64))
     with old.transaction() as conn:  # as the previous version's audit.record wrote it

@@ -130,6 +130,10 @@ CASES = [
      "NumberOfSeriesRelatedInstances"),
     ("-S", "IMAGE", ["Modality=MR", "SOPInstanceUID="], "SOPInstanceUID"),
     ("-S", "IMAGE", ["InstanceNumber=1", "SOPInstanceUID="], "SOPInstanceUID"),
+    # An image's geometry (schema 18): PAS answered these empty.
+    ("-S", "IMAGE", ["SOPInstanceUID=", "Rows="], "Rows"),
+    ("-S", "IMAGE", ["SOPInstanceUID=", "Columns="], "Columns"),
+    ("-S", "IMAGE", ["SOPInstanceUID=", "BitsAllocated=", "NumberOfFrames="], "BitsAllocated"),
     ("-P", "PATIENT", ["PatientID=*", "PatientName="], "PatientID"),
     ("-P", "PATIENT", ["PatientID=", "NumberOfPatientRelatedStudies="],
      "NumberOfPatientRelatedStudies"),
@@ -169,6 +173,32 @@ def test_find_matches_orthanc(site: Site, tmp_path: Path, model: str, level: str
     asked = {k.split("=")[0] for k in keys}
     for ds in from_pas:
         assert {e.keyword for e in ds} - {"SpecificCharacterSet"} <= asked
+
+
+def test_qido_instances_give_the_image_attributes_orthanc_gives(site: Site) -> None:
+    """QIDO-RS instance searches of every study of both sets: each instance's Rows, Columns,
+    BitsAllocated and NumberOfFrames (PS3.18 Table 10.6.3-5), or their absence, as Orthanc's
+    DICOMweb plugin gives them. PAS gave none."""
+    import httpx
+
+    pas = f"http://127.0.0.1:{site.pas.http_port}/dicom-web"
+    tags = ("00280010", "00280011", "00280100", "00280008")
+    studies = [item["0020000D"]["Value"][0]
+               for item in httpx.get(f"{site.orthanc.dicomweb}/studies", timeout=60).json()]
+    given: dict[str, dict[str, Any]] = {}
+    for study in studies:
+        answers = [{item["00080018"]["Value"][0]: {tag: item.get(tag) for tag in tags}
+                    for item in httpx.get(f"{base}/studies/{study}/instances",
+                                          timeout=60).json()}
+                   for base in (pas, site.orthanc.dicomweb)]
+        assert answers[0] == answers[1], study
+        given.update(answers[0])
+    assert len(given) == 580  # 582 files, two of which repeat a SOP Instance UID
+    geometry = {tuple(attribute and attribute["Value"][0] for attribute in values.values())
+                for values in given.values()}
+    assert {(512, 512, 16, None), (64, 64, 16, None)} <= geometry  # CT, MR
+    assert all(None not in values[:3] and values[3] is None  # single frames
+               for values in geometry), geometry
 
 
 def test_find_returns_requested_keys_with_values(site: Site, tmp_path: Path) -> None:

@@ -59,7 +59,8 @@ KEYS = [("PatientName", "PN"), ("PatientID", "LO"), ("PatientBirthDate", "DA"),
         ("NumberOfStudyRelatedInstances", "IS"), ("RetrieveAETitle", "AE"),
         ("InstanceAvailability", "CS"), ("ReferencedStudySequence", "SQ"),
         ("PatientComments", "LT"), ("StudyComments", "LT"), ("IssuerOfPatientID", "LO"),
-        ("AdditionalPatientHistory", "LT"), ("RetrieveURL", "UR")]
+        ("AdditionalPatientHistory", "LT"), ("RetrieveURL", "UR"), ("Rows", "US"),
+        ("NumberOfFrames", "IS")]
 
 ascii_text = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=70)
 values = st.one_of(st.none(), st.just(""), ascii_text, st.integers(-2**31, 2**31 - 1),
@@ -117,7 +118,8 @@ def test_the_usual_answers_take_the_short_way() -> None:
     """Else the comparison above would compare pydicom with itself."""
     match = {"PatientName": "DOE^JOHN", "PatientID": "A002304", "StudyInstanceUID": "1.2.3",
              "StudyDate": "20190101", "SeriesNumber": 7, "AccessionNumber": None,
-             "ModalitiesInStudy": "CT\\MR", "NumberOfStudyRelatedInstances": 520}
+             "ModalitiesInStudy": "CT\\MR", "NumberOfStudyRelatedInstances": 520,
+             "Rows": 512, "NumberOfFrames": 10}
     asked = _asked([(k, vr) for k, vr in KEYS if k in match or k == "RetrieveAETitle"])
     for syntax in (IMPLICIT_LE, EXPLICIT_LE):
         encoder = IdentifierEncoder("STUDY", asked, "PAS", ["ISO_IR 100"], syntax)
@@ -191,7 +193,9 @@ def _identifier(keys: dict[str, Any], syntax: str) -> bytes:
 QUERIES: list[tuple[str, str, dict[str, Any]]] = [
     (STUDY_ROOT, IMPLICIT_LE, {"QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": MR_STUDY,
                                "SeriesInstanceUID": "", "SOPInstanceUID": "",
-                               "SOPClassUID": "", "InstanceNumber": ""}),
+                               "SOPClassUID": "", "InstanceNumber": "", "Rows": None,
+                               "Columns": None, "BitsAllocated": None,
+                               "NumberOfFrames": ""}),
     (STUDY_ROOT, EXPLICIT_LE, {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": "",
                                "SeriesInstanceUID": "", "Modality": "", "SeriesNumber": "",
                                "SeriesDescription": "", "NumberOfSeriesRelatedInstances": "",

@@ -12,6 +12,7 @@ from appliance.store import jobs as job_store
 from appliance.store.db import Database
 from appliance.store.index import InstanceRecord, StoredFile
 from appliance.store.schema import MIGRATIONS
+from tests.support.old_schema import record_before_18
 from tests.support.peers import PasProcess
 
 
@@ -23,8 +24,8 @@ def test_a_version_1_database_is_migrated_with_nothing_lost(tmp_path: Path) -> N
         record = InstanceRecord(f"1.2.9.{n}", "1.2.840.10008.5.1.4.1.1.2",
                                 "1.2.840.10008.1.2.1", "1.2.9", "1.2.9.100", patient_id="P1",
                                 patient_name="DOE^JANE", modality="CT")
-        ids.append(index.record_instance(old, record, StoredFile(f"aa/{n}.dcm", 100,
-                                                                 f"{n:064d}")).instance_id)
+        ids.append(record_before_18(old, record, StoredFile(f"aa/{n}.dcm", 100,
+                                                            f"{n:064d}")).instance_id)
     job_store.route_study(old, 1, ids, [job_store.NewJob("dicom", "pacs", 0, "r", ids)])
     job_store.confirm_instances(old, [("1.2.9.0", f"{0:064d}")])
     # What the first release's totals read: sums over the rows (the new version reads a row
@@ -69,7 +70,7 @@ def test_the_upgrade_forgets_patients_left_without_a_study(tmp_path: Path) -> No
         record = InstanceRecord(f"1.2.9.{n}", "1.2.840.10008.5.1.4.1.1.2",
                                 "1.2.840.10008.1.2.1", f"1.2.9.{n}.1", f"1.2.9.{n}.2",
                                 patient_id=patient, patient_name=f"{patient}^X")
-        index.record_instance(old, record, StoredFile(f"aa/{n}.dcm", 100, f"{n:064d}"))
+        record_before_18(old, record, StoredFile(f"aa/{n}.dcm", 100, f"{n:064d}"))
     with old.transaction() as conn:  # what the old eviction left: the patient row alone
         conn.execute("DELETE FROM instances WHERE sop_instance_uid = '1.2.9.1'")
         conn.execute("DELETE FROM series WHERE series_uid = '1.2.9.1.2'")
@@ -154,7 +155,7 @@ def test_a_version_15_database_gets_the_commitment_table_and_answers_from_its_in
     old = Database(path, migrations=MIGRATIONS[:15])
     record = InstanceRecord("1.2.9.1", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1",
                             "1.2.9", "1.2.9.100", patient_id="P1")
-    index.record_instance(old, record, StoredFile("aa/1.dcm", 100, f"{1:064d}"))
+    record_before_18(old, record, StoredFile("aa/1.dcm", 100, f"{1:064d}"))
     with pytest.raises(sqlite3.OperationalError, match="no such table: commitment_requests"):
         old.query("SELECT * FROM commitment_requests")
     old.close()
@@ -172,3 +173,148 @@ def test_a_version_15_database_gets_the_commitment_table_and_answers_from_its_in
         answer.id, answer.committed, answer.failed)
     assert new.query_one("SELECT count(*) AS n FROM commitment_requests")["n"] == 1
     new.close()
+
+
+IMAGE_KEYWORDS = ("Rows", "Columns", "BitsAllocated", "NumberOfFrames")
+IMAGE_COLUMNS = ("image_rows", "image_columns", "bits_allocated", "number_of_frames")
+
+
+def test_a_version_17_index_keeps_every_row_and_the_backfill_reads_their_headers(
+        tmp_path: Path) -> None:
+    """Migration 18 adds Rows, Columns, BitsAllocated and NumberOfFrames to the instances:
+    every row of a version-17 index is kept as it was, with those NULL; the header backfill
+    then reads each row's file (real CT and MR, multi-frame explicit and implicit VR,
+    deflated, a structured report), a batch at a time, and a restart goes on after the last
+    batch written. A missing file leaves its row without them; a row filed after the upgrade
+    has them from ingest and is not read again."""
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+
+    from appliance.ingest.reading import read_record
+    from appliance.ops.backfill import HeaderBackfill
+    from appliance.store import header_backfill
+    from appliance.store.spool import Spool
+    from tests.support.peers import CT_DIR, MR_DIR
+
+    path = tmp_path / "pas.sqlite"
+    spool = Spool(tmp_path / "spool", fsync=False)
+    files = [*sorted(CT_DIR.glob("*.dcm"))[:2], *sorted(MR_DIR.glob("*.dcm"))[:2],
+             *(Path(get_testdata_file(name)) for name in (  # type: ignore[arg-type]
+                 "emri_small.dcm", "rtdose.dcm", "image_dfl.dcm", "test-SR.dcm",
+                 "MR_small_implicit.dcm", "CT_small.dcm"))]
+    old = Database(path, migrations=MIGRATIONS[:17])
+    expected: dict[str, tuple[int | None, ...]] = {}
+    for file in files:
+        data = file.read_bytes()
+        stored, _ = spool.write([data])
+        outcome = record_before_18(old, read_record(data), stored, calling_ae="CT1")
+        ds = dcmread(file, stop_before_pixels=True)
+        expected[stored.path] = tuple(None if ds.get(k) in (None, "") else int(ds.get(k))
+                                      for k in IMAGE_KEYWORDS)
+    (spool.path(stored.path)).unlink()  # the last file went missing (CT_small)
+    expected[stored.path] = (None, None, None, None)
+    before = [dict(row) for row in old.query("SELECT * FROM instances ORDER BY id")]
+    counts = {table: old.query_one(f"SELECT count(*) AS n FROM {table}")["n"]
+              for table in ("patients", "studies", "series", "audit")}
+    assert len(before) == len(files) == outcome.instance_id
+    old.close()
+
+    new = Database(path)
+    assert new.schema_version() == len(MIGRATIONS) >= 18
+    after = [dict(row) for row in new.query("SELECT * FROM instances ORDER BY id")]
+    assert [{k: row[k] for k in before[0]} for row in after] == before  # every row, as it was
+    assert all(row[column] is None for row in after for column in IMAGE_COLUMNS)
+    assert counts == {table: new.query_one(f"SELECT count(*) AS n FROM {table}")["n"]
+                      for table in counts}
+    assert header_backfill.progress(new) == header_backfill.Progress(0, len(files), False)
+    # Filed after the upgrade (a new version of the Enhanced MR, big endian: pydicom's
+    # path): its values come from ingest, and the backfill never reads it.
+    later = Path(get_testdata_file("emri_small_big_endian.dcm"))  # type: ignore[arg-type]
+    data = later.read_bytes()
+    stored, _ = spool.write([data])
+    index.record_instance(new, read_record(data), stored)
+    expected[stored.path] = (64, 64, 16, 10)
+
+    first = HeaderBackfill(new, spool, batch=4, pause_s=0)
+    assert first.step() == 4
+    assert header_backfill.progress(new).after_id == 4
+    new.close()
+    new = Database(path)  # a restart: it goes on after the rows written
+    backfill = HeaderBackfill(new, spool, batch=4, pause_s=0)
+    steps = []
+    while step := backfill.step():
+        steps.append(step)
+    assert steps == [4, 2]  # the rows up to the upgrade's last, never the later one
+    assert (backfill.read, backfill.unreadable) == (5, 1)  # the missing file
+    assert header_backfill.progress(new).finished and backfill.step() == 0
+    filled = {row["path"]: tuple(row[column] for column in IMAGE_COLUMNS)
+              for row in new.query("SELECT * FROM instances")}
+    assert filled == expected
+    new.close()
+
+
+def test_the_daemon_backfills_an_upgraded_index_and_qido_then_gives_the_frames(
+        tmp_path: Path) -> None:
+    """``pas run`` on a home whose index is of version 17: it serves at once, the backfill
+    runs in the background, and an instance search then gives the multi-frame instance's
+    NumberOfFrames (until the backfill has read its file, the attribute is left out)."""
+    import httpx
+    from pydicom.data import get_testdata_file
+
+    from appliance.ingest.reading import read_record
+    from appliance.store.spool import Spool
+    from tests.support.peers import wait_for
+
+    home = tmp_path / "pas"
+    old = Database(home / "pas.sqlite", migrations=MIGRATIONS[:17])
+    spool = Spool(home / "spool")
+    data = Path(get_testdata_file("emri_small.dcm")).read_bytes()  # type: ignore[arg-type]
+    stored, _ = spool.write([data])
+    record = read_record(data)
+    record_before_18(old, record, stored)
+    old.close()
+    pas = PasProcess(home, {"PAS_PREFETCH__ENABLED": "false"}).start()
+    try:
+        url = (f"http://127.0.0.1:{pas.http_port}/dicom-web/studies/{record.study_uid}"
+               "/instances")
+
+        def frames() -> object:
+            [item] = httpx.get(url, timeout=10).json()
+            return item.get("00280008")
+
+        wait_for(lambda: frames() is not None, 10, what="the backfill")
+        assert frames() == {"vr": "IS", "Value": [10]}
+        assert "header backfill finished: 1 instance read" in pas.log()
+    finally:
+        pas.stop()
+
+
+def test_the_hub_backfills_its_embedded_archive_after_the_upgrade(tmp_path: Path) -> None:
+    """The hub's embedded archive keeps the appliance's index (schema 18 too): its instances
+    archived before the upgrade get the image attributes from the same backfill, for the
+    region's QIDO-RS (they stayed NULL: no backfill ran on the hub)."""
+    from pydicom.data import get_testdata_file
+
+    from appliance.ingest.reading import read_record
+    from appliance.store.spool import Spool
+    from tests.support.hub import HubProcess
+    from tests.support.peers import read_rows, wait_for
+
+    hub = HubProcess(tmp_path / "hub").init()
+    archive = hub.home / "archive"
+    old = Database(archive / "pas.sqlite", migrations=MIGRATIONS[:17])
+    data = Path(get_testdata_file("rtdose.dcm")).read_bytes()  # type: ignore[arg-type]
+    stored, _ = Spool(archive / "spool").write([data])
+    record_before_18(old, read_record(data), stored, origin="regional", source_address="SITE1")
+    old.close()
+    hub.start()
+    try:
+        def values() -> tuple[object, ...]:
+            [row] = read_rows(archive / "pas.sqlite", "SELECT image_rows, image_columns, "
+                              "bits_allocated, number_of_frames FROM instances")
+            return tuple(row)
+
+        wait_for(lambda: values() != (None, None, None, None), 10, what="the hub's backfill")
+        assert values() == (10, 10, 32, 15)
+    finally:
+        hub.stop()

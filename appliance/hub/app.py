@@ -109,6 +109,10 @@ class Hub:
 
         self.archiver = Archiver(self, settings.archive.workers, settings.archive.requests)
         self.expiry.start()  # then every transfers.expiry_check_interval_s
+        self.stopping = threading.Event()
+        start_backfill = getattr(self.archive, "start_backfill", None)  # the embedded one
+        if start_backfill is not None:
+            start_backfill(self.stopping)
 
 
 def default_route_providers() -> list[RouteProvider]:
@@ -312,5 +316,6 @@ class HubServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.hub.expiry.stop()
+        self.hub.stopping.set()
         if self.thread:
             self.thread.join(10)

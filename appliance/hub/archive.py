@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -82,6 +83,16 @@ class EmbeddedArchive:
         self.db = Database(self.root / "pas.sqlite")
         self.spool = Spool(self.root / "spool")
         self.spool.remove_temp_files()
+
+    def start_backfill(self, stop: threading.Event) -> None:
+        """Its index is the appliance's (schema 18 included): the instances archived before
+        get their Rows, Columns, BitsAllocated and NumberOfFrames from the same background
+        backfill (appliance/ops/backfill.py), for the region's QIDO-RS."""
+        from appliance.ops.backfill import HeaderBackfill
+
+        backfill = HeaderBackfill(self.db, self.spool)
+        threading.Thread(target=backfill.run, args=(stop,), name="pas-hub-backfill",
+                         daemon=True).start()
 
     def store(self, instances: list[RebuiltInstance], site: str) -> None:
         # Files are parsed and fsynced by the spool first, outside any transaction; then one

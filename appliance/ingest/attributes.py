@@ -63,12 +63,21 @@ def _text(ds: Dataset, keyword: str) -> str | None:
     return str(value).strip() or None
 
 
+# The range of an IS value (PS3.5 6.2: a 32-bit signed integer). An over-long one
+# ("99999999999999999999") is no value for the index: bound to SQLite it raised
+# OverflowError, and the C-STORE failed ("unexpected error"), with it every other instance
+# of its group commit (appliance/ingest/receive.py), whose rollback catches only SQLite's
+# errors.
+IS_MIN, IS_MAX = -2**31, 2**31 - 1
+
+
 def _int(ds: Dataset, keyword: str) -> int | None:
     try:
         value = _get(ds, keyword)
-        return int(value) if value not in (None, "", UNREADABLE) else None
-    except (TypeError, ValueError):
+        number = int(value) if value not in (None, "", UNREADABLE) else None
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(IS("1e400"))
         return None
+    return number if number is None or IS_MIN <= number <= IS_MAX else None
 
 
 def _uid(ds: Dataset, keyword: str) -> str:
@@ -210,6 +219,10 @@ def _instance_record(ds: Dataset, transfer_syntax_uid: str) -> InstanceRecord:
         series_description=_text(ds, "SeriesDescription"),
         body_part=_text(ds, "BodyPartExamined"),
         instance_number=_int(ds, "InstanceNumber"),
+        rows=_int(ds, "Rows"),
+        columns=_int(ds, "Columns"),
+        bits_allocated=_int(ds, "BitsAllocated"),
+        number_of_frames=_int(ds, "NumberOfFrames"),
     )
 
 
@@ -229,7 +242,10 @@ _UID_TAGS = {"sop_instance_uid": (0x00080018, "SOPInstanceUID"),
              "sop_class_uid": (0x00080016, "SOPClassUID"),
              "study_uid": (0x0020000D, "StudyInstanceUID"),
              "series_uid": (0x0020000E, "SeriesInstanceUID")}
-_INT_TAGS = {"series_number": 0x00200011, "instance_number": 0x00200013}
+_INT_TAGS = {"series_number": 0x00200011, "instance_number": 0x00200013,
+             "number_of_frames": 0x00280008}
+# The image geometry's US values (2 bytes, little endian: the walk reads no other order).
+_US_TAGS = {"rows": 0x00280010, "columns": 0x00280011, "bits_allocated": 0x00280100}
 
 
 # The VRs these elements have (None: implicit VR, pydicom's dictionary decides); any other,
@@ -250,6 +266,16 @@ def _plain(raw: bytes, codec: str) -> str | None:
     except UnicodeDecodeError:
         raise _NotSimple from None
     return text or None
+
+
+def _unsigned_short(element: RawDataElement | None) -> int | None:
+    """A US value of one raw element, as pydicom converts it (None: absent or empty); one
+    of another VR (an anonymiser's UN, or SS), or of several values, goes to pydicom."""
+    if element is None or not element.value:
+        return None
+    if element.VR not in (None, "US") or len(element.value) != 2:
+        raise _NotSimple
+    return int.from_bytes(element.value, "little")
 
 
 def record_from_raw(ds: Dataset, transfer_syntax_uid: str) -> InstanceRecord:
@@ -276,6 +302,10 @@ def record_from_raw(ds: Dataset, transfer_syntax_uid: str) -> InstanceRecord:
             values[name] = int(text) if text is not None and text.isdigit() else None
             if text is not None and values[name] is None:
                 raise _NotSimple
+            if values[name] is not None and values[name] > IS_MAX:
+                values[name] = None  # as _int: past the range of an IS, no value
+        for name, tag in _US_TAGS.items():
+            values[name] = _unsigned_short(ds._dict.get(tag))
     except _NotSimple:
         return instance_record(ds, transfer_syntax_uid)
     values["patient_id"] = values["patient_id"] or ""

@@ -103,6 +103,8 @@ NOT_SUPPORTED = ('299 {service}: "The following query parameters are not support
 MAX_NAMED = 5  # parameters named in that Warning and in the audit row
 
 # Attributes QIDO-RS returns by default per level (PS3.18 table 10.6.3-3..5).
+# Rows, Columns, BitsAllocated and NumberOfFrames are among an instance's (web viewers list a
+# multi-frame instance's frames and lay images out from them); they were not returned.
 DEFAULT_RETURN = {
     "STUDY": ["StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy",
               "ReferringPhysicianName", "PatientName", "PatientID", "PatientBirthDate",
@@ -110,8 +112,15 @@ DEFAULT_RETURN = {
               "NumberOfStudyRelatedInstances", "StudyDescription"],
     "SERIES": ["Modality", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription",
                "BodyPartExamined", "NumberOfSeriesRelatedInstances"],
-    "IMAGE": ["SOPClassUID", "SOPInstanceUID", "InstanceNumber"],
+    "IMAGE": ["SOPClassUID", "SOPInstanceUID", "InstanceNumber", "Rows", "Columns",
+              "BitsAllocated", "NumberOfFrames"],
 }
+# Instance attributes of type C in that table (returned if the instance has them): one the
+# instance lacks (a structured report's Rows, a single frame's NumberOfFrames) is left out of
+# its answer, as Orthanc leaves it out, rather than given empty, which would say the
+# instance holds it with no value. So also while the backfill has not read an instance's
+# header yet (appliance/ops/backfill.py): unknown is not known to be empty.
+TYPE_C = frozenset({"Rows", "Columns", "BitsAllocated", "NumberOfFrames"})
 _PARENT_KEYS = {"SERIES": ["StudyInstanceUID"], "IMAGE": ["StudyInstanceUID",
                                                            "SeriesInstanceUID"]}
 Fetcher = Callable[[str], int]
@@ -347,6 +356,8 @@ class DicomWeb:
             if not store_query.available(keyword, level):
                 continue
             value = row.get(keyword)
+            if value is None and keyword in TYPE_C:
+                continue
             tag = tag_for_keyword(keyword)
             vr = dictionary_VR(tag)
             if isinstance(value, str) and "\\" in value:

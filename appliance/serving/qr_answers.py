@@ -17,7 +17,8 @@ and a match is its values padded and joined.
 Only what is written the same by both ways goes the short way: little endian (implicit or
 explicit VR), string VRs whose ASCII text pydicom writes as it is (padded to even length:
 NUL for UI, a space otherwise; not a PN with component groups, whose trailing empty groups
-pydicom drops), IS from an integer, empty sequences. A match with any other
+pydicom drops), IS from an integer, US from an integer in its range (two bytes, little
+endian: an image's Rows, Columns, BitsAllocated), empty sequences. A match with any other
 value (text beyond ASCII: its character set is chosen per match; an IS given as text; a
 value too long for its length field) and a query with any other VR or syntax are encoded by
 pydicom as before. tests/test_serving_qr_answers.py compares the two on generated values.
@@ -44,6 +45,7 @@ TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST"
 IMPLICIT_LE, EXPLICIT_LE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
 _QUERY_RETRIEVE_LEVEL = 0x00080052
 _SHORT_LENGTH_MAX = 0xFFFF
+_US = struct.Struct("<H")
 PENDING = 0xFF00
 UNABLE_TO_ENCODE = 0xC312  # pynetdicom's status for an identifier that does not encode
 
@@ -68,7 +70,7 @@ class IdentifierEncoder:
     def _layout(self) -> list[tuple[bytes, str, str, bool]] | None:
         elements = [(_QUERY_RETRIEVE_LEVEL, "QueryRetrieveLevel", "CS")]
         for element in self.asked:
-            if element.VR not in TEXT_VRS and element.VR not in ("IS", "SQ"):
+            if element.VR not in TEXT_VRS and element.VR not in ("IS", "US", "SQ"):
                 return None
             if element.tag < 0x00080000 or element.tag == _QUERY_RETRIEVE_LEVEL:
                 return None  # command or meta groups, or a duplicate: pydicom's business
@@ -119,6 +121,8 @@ class IdentifierEncoder:
                 raw = value.encode("ascii")
             elif type(value) is int and vr == "IS":
                 raw = str(value).encode("ascii")
+            elif type(value) is int and vr == "US" and 0 <= value <= 0xFFFF:
+                raw = _US.pack(value)
             else:
                 return None
             if len(raw) % 2:

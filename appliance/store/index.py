@@ -40,6 +40,12 @@ class InstanceRecord:
     series_description: str | None = None
     body_part: str | None = None
     instance_number: int | None = None
+    # The image's geometry, returned by QIDO-RS and C-FIND at the instance level (schema 18);
+    # None: the instance has no such attribute (a structured report, a single frame).
+    rows: int | None = None
+    columns: int | None = None
+    bits_allocated: int | None = None
+    number_of_frames: int | None = None
 
 
 @dataclass(frozen=True)
@@ -136,12 +142,13 @@ def record_instance(
             """INSERT INTO instances (sop_instance_uid, series_fk, study_fk, sop_class_uid,
                    transfer_syntax_uid, instance_number, path, size, sha256, calling_ae,
                    called_ae, source_address, received_at, version, is_current, routed_at,
-                   confirmed_at)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?)""",
+                   confirmed_at, image_rows, image_columns, bits_allocated, number_of_frames)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)""",
             (record.sop_instance_uid, series_fk, study_fk, record.sop_class_uid,
              record.transfer_syntax_uid, record.instance_number, stored.path, stored.size,
              stored.sha256, calling_ae, called_ae, source_address, received_at, version,
-             held_by_region, held_by_region),
+             held_by_region, held_by_region, record.rows, record.columns,
+             record.bits_allocated, record.number_of_frames),
         )
         return RecordOutcome(int(cursor.lastrowid or 0), duplicate=False,
                              conflict=bool(versions), version=version,
@@ -185,11 +192,13 @@ def _keep_older_version(conn: sqlite3.Connection, record: InstanceRecord, stored
     cursor = conn.execute(
         """INSERT INTO instances (sop_instance_uid, series_fk, study_fk, sop_class_uid,
                transfer_syntax_uid, instance_number, path, size, sha256, source_address,
-               received_at, version, is_current)
-           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'recovery', ?, ?, 0)""",
+               received_at, version, is_current, image_rows, image_columns, bits_allocated,
+               number_of_frames)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'recovery', ?, ?, 0, ?, ?, ?, ?)""",
         (record.sop_instance_uid, newer["series_fk"], newer["study_fk"], record.sop_class_uid,
          record.transfer_syntax_uid, record.instance_number, stored.path, stored.size,
-         stored.sha256, received_at, version),
+         stored.sha256, received_at, version, record.rows, record.columns,
+         record.bits_allocated, record.number_of_frames),
     )
     return RecordOutcome(int(cursor.lastrowid or 0), duplicate=False, conflict=True,
                          version=version)

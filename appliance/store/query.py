@@ -35,7 +35,7 @@ class QueryError(ValueError):
 class Column:
     level: str
     sql: str
-    vr: str  # PN, DA, TM, UI, IS or ST (any other string)
+    vr: str  # PN, DA, TM, UI, IS, US or ST (any other string)
 
 
 # Attributes stored in the index, by keyword.
@@ -60,7 +60,16 @@ COLUMNS: dict[str, Column] = {
     "SOPInstanceUID": Column("IMAGE", "i.sop_instance_uid", "UI"),
     "SOPClassUID": Column("IMAGE", "i.sop_class_uid", "UI"),
     "InstanceNumber": Column("IMAGE", "i.instance_number", "IS"),
+    # Schema 18: NULL for an instance without them, and for one filed before until the
+    # backfill has read its header (appliance/ops/backfill.py).
+    "Rows": Column("IMAGE", "i.image_rows", "US"),
+    "Columns": Column("IMAGE", "i.image_columns", "US"),
+    "BitsAllocated": Column("IMAGE", "i.bits_allocated", "US"),
+    "NumberOfFrames": Column("IMAGE", "i.number_of_frames", "IS"),
 }
+# The range of the integer VRs a key may hold (PS3.5 6.2).
+_INTEGER_RANGE = {"IS": (-2**31, 2**31 - 1, "an IS value (a 32-bit signed integer)"),
+                  "US": (0, 2**16 - 1, "a US value (a 16-bit unsigned integer)")}
 
 _CURRENT = "x.is_current = 1"
 # Whether a series (alias ``x``) or a study (alias ``y``) still holds a current instance. A
@@ -246,7 +255,7 @@ def _match(where: _Where, keyword: str, value: str, pn_case_sensitive: bool) -> 
             where.add(f"{sql} = ?", value)
         else:
             raise QueryError(f"{keyword}: {value!r} is not a valid {vr} value or range")
-    elif vr == "IS":
+    elif vr in _INTEGER_RANGE:
         try:
             number = int(value)
         except ValueError:
@@ -254,9 +263,9 @@ def _match(where: _Where, keyword: str, value: str, pn_case_sensitive: bool) -> 
         # PS3.5 IS: a 32-bit signed integer. Past SQLite's 64 bits the bound parameter raised
         # OverflowError, not a sqlite3.Error: QIDO-RS ?InstanceNumber=99999999999999999999999
         # was a 500 with no audit row.
-        if not -2**31 <= number < 2**31:
-            raise QueryError(f"{keyword}: {value[:40]!r} is out of the range of an IS value "
-                             "(a 32-bit signed integer)")
+        low, high, what = _INTEGER_RANGE[vr]
+        if not low <= number <= high:
+            raise QueryError(f"{keyword}: {value[:40]!r} is out of the range of {what}")
         where.add(f"{sql} = ?", number)
     elif vr == "PN":
         _match_person_name(where, keyword, sql, value, pn_case_sensitive)

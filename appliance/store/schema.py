@@ -445,4 +445,29 @@ MIGRATIONS: list[str] = [
     CREATE INDEX patients_name_separated ON patients (id)
         WHERE instr(name, '=') > 0 OR instr(name, char(92)) > 0;
     """,
+    # 18 (the index, appliance/store/index.py): an image's Rows, Columns, BitsAllocated and
+    # NumberOfFrames, which QIDO-RS returns for each instance (PS3.18 Table 10.6.3-5) and a
+    # C-FIND at IMAGE level when asked: web viewers list a multi-frame instance's frames from
+    # NumberOfFrames and lay images out from Rows and Columns. Ingest fills them from the
+    # header it already reads (NULL: the instance has no such attribute). Rows from before
+    # are NULL until the background backfill (appliance/ops/backfill.py) has read their
+    # files' headers: ``header_backfill`` is where it stands, the rows up to ``last_id``
+    # (those present now; every row after is filed by ingest with its values) in id order,
+    # a batch at a time, surviving restarts. Why not at the upgrade: reading two million
+    # headers takes the better part of an hour, and the daemon would not serve meanwhile.
+    """
+    ALTER TABLE instances ADD COLUMN image_rows INTEGER;
+    ALTER TABLE instances ADD COLUMN image_columns INTEGER;
+    ALTER TABLE instances ADD COLUMN bits_allocated INTEGER;
+    ALTER TABLE instances ADD COLUMN number_of_frames INTEGER;
+    CREATE TABLE header_backfill (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        after_id INTEGER NOT NULL,     -- the rows up to this id are done
+        last_id INTEGER NOT NULL,      -- the last row to read (the newest at the upgrade)
+        started_at REAL,
+        finished_at REAL
+    );
+    INSERT INTO header_backfill (id, after_id, last_id)
+        SELECT 1, 0, coalesce(max(id), 0) FROM instances;
+    """,
 ]

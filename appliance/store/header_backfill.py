@@ -1,0 +1,73 @@
+"""Where the backfill of schema 18's image attributes stands, and what it writes.
+
+Owns: the ``header_backfill`` row (schema migration 18) and the update of an instance's
+``image_rows``, ``image_columns``, ``bits_allocated`` and ``number_of_frames`` from its file's
+header. May not touch: files (``appliance/ops/backfill.py`` reads them), any other column.
+
+Instances filed before schema 18 have NULL there. The backfill walks them by row id, from
+``after_id`` to ``last_id`` (the newest row at the upgrade: every later row was filed with its
+values), a batch at a time, each batch's values and its new position in one transaction: a
+restart goes on after the last batch written (invariant 3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from appliance.store.db import Database, now
+from appliance.store.index import InstanceRecord
+
+
+@dataclass(frozen=True)
+class PendingFile:
+    instance_id: int
+    path: str  # relative to the spool directory
+
+
+@dataclass(frozen=True)
+class Progress:
+    after_id: int
+    last_id: int
+    finished: bool
+
+
+def progress(db: Database) -> Progress:
+    """Where the backfill stands (a database without rows from before schema 18: finished)."""
+    row = db.query_one("SELECT after_id, last_id, finished_at FROM header_backfill")
+    if row is None:
+        return Progress(0, 0, True)
+    return Progress(int(row["after_id"]), int(row["last_id"]), row["finished_at"] is not None)
+
+
+def pending(db: Database, limit: int) -> list[PendingFile]:
+    """The next ``limit`` instances to read ([]: none left, or the backfill finished)."""
+    state = progress(db)
+    if state.finished:
+        return []
+    rows = db.query("SELECT id, path FROM instances WHERE id > ? AND id <= ? ORDER BY id "
+                    "LIMIT ?", (state.after_id, state.last_id, limit))
+    return [PendingFile(int(r["id"]), str(r["path"])) for r in rows]
+
+
+def save(db: Database, read: list[tuple[PendingFile, InstanceRecord | None]],
+         after_id: int) -> None:
+    """The values read for a batch (None: the file could not be read; its row keeps NULL)
+    and the position after it, in one transaction. A row is matched by id and path: one
+    evicted meanwhile is not there any more, and one whose id a newer row took (the newest
+    row evicted, then a new one filed) names another file."""
+    with db.transaction() as conn:
+        conn.executemany(
+            "UPDATE instances SET image_rows = ?, image_columns = ?, bits_allocated = ?, "
+            "number_of_frames = ? WHERE id = ? AND path = ?",
+            [(record.rows, record.columns, record.bits_allocated, record.number_of_frames,
+              item.instance_id, item.path) for item, record in read if record is not None])
+        conn.execute("UPDATE header_backfill SET after_id = ?, "
+                     "started_at = coalesce(started_at, ?)", (after_id, now()))
+
+
+def finish(db: Database) -> None:
+    """Every row up to ``last_id`` has been read."""
+    with db.transaction() as conn:
+        conn.execute("UPDATE header_backfill SET after_id = last_id, finished_at = ?, "
+                     "started_at = coalesce(started_at, ?) WHERE finished_at IS NULL",
+                     (now(), now()))
