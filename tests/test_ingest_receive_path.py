@@ -136,6 +136,31 @@ def test_group_commit_indexes_concurrent_instances_each_all_or_nothing(tmp_path:
     assert db.query_one("SELECT count(*) AS n FROM studies")["n"] == 2
 
 
+def test_one_instance_failing_outside_sqlite_does_not_fail_its_group(tmp_path: Path) -> None:
+    """A value SQLite cannot bind raises OverflowError, not sqlite3.Error: in a group commit
+    it failed every C-STORE sharing the transaction (the savepoint's catch took only SQLite's
+    errors). Three instances committed together, the middle one unbindable: it alone fails."""
+    from appliance.store import index
+    from appliance.store.db import Database
+
+    db = Database(tmp_path / "pas.sqlite")
+    commits = receive.GroupCommit(db)
+
+    def pending(n: int, instance_number: int) -> receive._Pending:
+        record = index.InstanceRecord(
+            sop_instance_uid=f"1.2.3.{n}", sop_class_uid="1.2",
+            transfer_syntax_uid="1.2.840.10008.1.2.1", study_uid="1.2.3", series_uid="1.2.3.9",
+            patient_id="P1", instance_number=instance_number)
+        return receive._Pending(record, index.StoredFile(f"ab/{n}.dcm", 10, f"sha-{n}"), {})
+
+    batch = [pending(1, 1), pending(2, 2**70), pending(3, 3)]
+    commits._commit(batch)
+    assert [type(item.error).__name__ if item.error else "ok" for item in batch] == [
+        "ok", "OverflowError", "ok"]
+    rows = db.query("SELECT sop_instance_uid FROM instances ORDER BY sop_instance_uid")
+    assert [r[0] for r in rows] == ["1.2.3.1", "1.2.3.3"]
+
+
 def test_temp_files_of_a_live_writer_survive_recovery_run_by_another_process(
         tmp_path: Path) -> None:
     """Spool writes take temp files created ahead (spool.py's _TempFiles). Recovery run by

@@ -150,8 +150,15 @@ class GroupCommit:
                             with self.db.savepoint("instance"):
                                 item.outcome = index.record_instance(
                                     self.db, item.record, item.stored, **item.options)
-                        except sqlite3.Error as exc:
+                        except Exception as exc:  # noqa: BLE001 - that instance's failure
+                            # Any error of one instance (a value SQLite cannot bind raises
+                            # OverflowError, not sqlite3.Error) is its own: its savepoint
+                            # rolled it back, the others' C-STOREs still succeed. Unless
+                            # SQLite rolled the whole transaction back (disk full, I/O): the
+                            # rows after it would then commit one by one outside it.
                             item.error = exc
+                            if not self.db.connection().in_transaction:
+                                raise
         except BaseException as exc:  # the commit itself failed: none of them is indexed
             for item in batch:
                 item.error = item.error or exc
