@@ -9,10 +9,11 @@ it through its own read-only connection) or the spool, and it never stops the da
 
 Why: a damaged index is refused at start-up (:mod:`appliance.store.damage`), but damage that
 happened while the daemon ran (a page torn by a failing disk) was seen only as the errors of
-whichever loop met it: a traceback from the routing loop every 2 s, C-STOREs touching the page
-failing, ``/metrics`` saying only ``pas_scrape_store_error 1``, the heartbeat not sent at all
-(it could not read the store), ``pas status`` a database error. Nobody was told "the index is
-damaged, here is what to do", and the appliance could run half-broken for days.
+whatever met it: C-STOREs touching the page failing, a routing traceback every 2 s, a
+heartbeat not sent at all when its reads met it, ``pas status`` a database error. The
+daemon's own connections may keep reading the page from their cache, so ``/metrics`` can say
+nothing at all. Nobody was told "the index is damaged, here is what to do", and the appliance
+could run half-broken for days. Only a fresh connection reading every page finds it.
 
 Why it repairs nothing and keeps the daemon running: the spool's files are the data and they
 are sound; the damage may touch a table no C-STORE needs (the audit trail) while modalities

@@ -1,9 +1,11 @@
 """The index's integrity checked while the daemon runs (appliance/ops/index_check.py).
 
 Found by trying it (2026-12-05): a page of ``pas.sqlite`` torn under a running daemon was seen
-only as the errors of the loops that met it: ``/metrics`` said ``pas_scrape_store_error 1``,
-the heartbeat was not sent at all (the hub saw the site as silent, not as damaged), ``pas
-status`` a database error, and only the next restart refused to start. Now the daemon's own
+only as the errors of the code that met it: C-STOREs touching it failed ("index commit
+failed: database disk image is malformed") while ``/metrics`` said nothing (the daemon's
+connections read the page from their cache: ``pas_scrape_store_error 0``), a heartbeat whose
+reads met it was not sent at all (the hub saw the site as silent, not as damaged), and only
+the next restart refused to start. Now the daemon's own
 ``quick_check`` finds it: ``pas_index_damaged 1``, the heartbeat's first error names the
 damage and the fix, ``pas status`` and ``pas doctor`` say it, the log has it at ERROR.
 Real daemon, real hub over mutual TLS, DCMTK storescu as the modality.
