@@ -151,6 +151,9 @@ class CacheSection(_Section):
     # Background re-hash of the spool, in MB/s (0: off); pauses between passes.
     scrub_mb_per_s: float = Field(default=10.0, ge=0)
     scrub_pause_s: float = Field(default=3600.0, gt=0)
+    # SQLite's quick_check of the index while the daemon runs (appliance/ops/index_check.py),
+    # every this many seconds (0: off; the check at start-up stays).
+    index_check_interval_s: float = Field(default=86400.0, ge=0)
 
     @model_validator(mode="after")
     def _low_below_high(self) -> CacheSection:

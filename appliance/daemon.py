@@ -18,6 +18,7 @@ from appliance.dispatch.target_types import make_target
 from appliance.dispatch.worker import Dispatcher
 from appliance.ingest.receive import Receiver
 from appliance.ingest.scp import DicomListener
+from appliance.ops import index_check
 from appliance.ops.listeners import bind_refused
 from appliance.ops.notify import Notifier, backlog_status
 from appliance.ops.refusals import RefusalAudit
@@ -53,17 +54,24 @@ class Daemon:
         # Before the database opens and recovery runs: one daemon per home.
         self._home_lock = hold_home_lock(settings.home)
         # A damaged index is refused before anything reads or writes it (store/damage.py).
-        if settings.db_path.exists():
-            from appliance.store.damage import DatabaseDamaged, damage_of, refusal
+        created = not settings.db_path.exists()
+        if not created:
+            from appliance.store.damage import DatabaseDamaged, refusal
 
             # One SQLite call, no progress to tell: systemd is asked to wait long enough
             # for a large index read from a cold disk (12 s per GB measured here).
             Notifier().extend_start("checking the index database (SQLite quick_check)",
                                     seconds=900)
-            finding = damage_of(settings.db_path)
-            if finding is not None:
-                raise DatabaseDamaged(refusal(settings.db_path, finding))
+            # A file SQLite cannot open or lock raises, as it did before (not damage).
+            checked = index_check.check(settings.db_path, raise_errors=True)
+            # The first of the daemon's checks: /metrics, the heartbeat and pas status
+            # start from it (ops/index_check.py); pas status says a refusal too.
+            index_check.record(settings.home, checked)
+            if checked.finding is not None:
+                raise DatabaseDamaged(refusal(settings.db_path, checked.finding))
         self.db = Database(settings.db_path)
+        if created:  # nothing to refuse; checked all the same, so that the metric is there
+            index_check.record(settings.home, index_check.check(settings.db_path))
         self.spool = Spool(
             settings.spool_dir, fsync=settings.storage.fsync,
             min_free_bytes=settings.storage.min_free_mb * 1024 * 1024,
@@ -172,6 +180,12 @@ class Daemon:
 
         backfill = HeaderBackfill(self.db, self.spool)
         self._spawn("pas-backfill", lambda: backfill.run(self.stopping))
+        if self.settings.cache.index_check_interval_s > 0:
+            from appliance.ops.index_check import IndexChecker
+
+            checker = IndexChecker(self.settings.db_path, self.settings.home,
+                                   self.settings.cache.index_check_interval_s)
+            self._spawn("pas-index-check", lambda: checker.run(self.stopping))
         self.dispatcher.start()
         self._start_prefetch()
         self._spawn("pas-router", self._route_loop)
@@ -253,8 +267,9 @@ class Daemon:
             try:
                 if self.router.route_ready():
                     self.dispatcher.wake.set()
-            except Exception:
+            except Exception as exc:
                 log.exception("routing pass failed")
+                index_check.suspect(exc)  # SQLITE_CORRUPT: the index is checked soon
             self.stopping.wait(self.settings.study.check_interval_s)
 
     def stop(self, budget_s: float = STOP_BUDGET_S) -> None:

@@ -141,6 +141,7 @@ def status(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> No
     from appliance.ops.status import collect
 
     settings = _settings(config)
+    _say_index_damage(settings)
     snapshot = collect(settings, _reader(settings))
     if as_json:
         print(json.dumps(snapshot, indent=2))
@@ -151,6 +152,10 @@ def status(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> No
     table.add_row("stored", human_size(snapshot["bytes"]))
     disk = snapshot["disk"]
     table.add_row("disk", f"{disk['used_percent']}% used, {human_size(disk['free_bytes'])} free")
+    checked = snapshot["index_check"]
+    if checked is not None:  # the daemon's last integrity check of the index
+        table.add_row("index check", f"{'DAMAGED' if checked['finding'] else 'sound'}, "
+                                     f"{_when(checked['checked_at'])}")
     console.print(table)
     jobs = Table(title="Jobs")
     for column in ("kind", "pending", "running", "done", "failed"):
@@ -185,6 +190,17 @@ def status(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> No
                 state += f" (unreachable since {_when(link['unreachable_since'])})"
             links.add_row(name, state, _when(link["last_ok_at"]), error[:100])
         console.print(links)
+
+
+def _say_index_damage(settings: Settings) -> None:
+    """First, and on stderr (also with --json): the daemon found the index damaged
+    (ops/index_check.py). Said before the store is read, which that damage may stop."""
+    from appliance.ops import index_check
+
+    checked = index_check.load(settings.home)
+    if checked is not None and checked.damaged:
+        err.print(f"[red]index damaged:[/red] {checked.message()} (found "
+                  f"{_when(checked.checked_at)})", highlight=False, soft_wrap=True)
 
 
 def _print_commitment(reports: dict[str, Any]) -> None:

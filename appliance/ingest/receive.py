@@ -22,6 +22,7 @@ from pydicom.uid import generate_uid
 from appliance import __version__
 from appliance.ingest.attributes import InvalidInstance, OtherStudy
 from appliance.ingest.reading import check_request, read_dataset_record, read_record
+from appliance.ops import index_check
 from appliance.store import index
 from appliance.store.db import Database
 from appliance.store.inflate import inflated
@@ -327,6 +328,7 @@ class Receiver:
                 # The file fitted, the index could not grow: the disk is full all the same,
                 # and the sender should hear so (0xA700, try again later), not "failed".
                 raise SpoolFull(f"disk full: the index cannot grow ({exc})") from exc
+            index_check.suspect(exc)  # SQLITE_CORRUPT: the index is checked now, not in a day
             raise StorageFailure(f"index commit failed: {exc}") from exc
         if not created and not self.spool.holds(stored):
             # Bytes already held, and an eviction unlinked that file between this write

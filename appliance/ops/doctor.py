@@ -23,6 +23,7 @@ from typing import Literal
 import httpx
 
 from appliance.config import ConfigError, DicomDestination, Settings, load_settings
+from appliance.ops import index_check
 from appliance.ops.home_lock import lock_file
 from appliance.ops.listeners import listening_pids, lock_holder, process_name
 from appliance.words import counted
@@ -282,7 +283,11 @@ def check_database(settings: Settings) -> Check:
     except Exception as exc:  # cannot read it through: said, not taken for damage
         return Check("database", "warn", f"{path}, schema {version}: integrity not checked "
                      f"({exc})", "run pas doctor as the appliance's user (sudo -u pas)")
+    daemon_found = index_check.load(settings.home)
     if finding is not None:
+        if daemon_found is not None and daemon_found.damaged:  # when it was first seen
+            finding += (f" (the daemon's integrity check found it "
+                        f"{_ago(time.time() - daemon_found.checked_at)})")
         return Check("database", "fail", f"{path} is damaged: {finding}",
                      "systemctl stop pas; pas cache rebuild-index (sets the damaged file "
                      "aside); systemctl start pas (start-up recovery indexes the spool again)")

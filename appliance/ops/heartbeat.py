@@ -15,11 +15,16 @@ its timeout). The heartbeat goes whatever there is to send, so the link's state 
 one interval and one timeout old. Its first success after a failure makes the uploads that
 waited for the link due at once (``jobs.wake_waiting_for_link``): during a long outage each
 tries only every few minutes (``routing.backoff.link_delay``).
+
+A damaged index (:mod:`appliance.ops.index_check`) is the heartbeat's first error, and a store
+that cannot be read no longer stops the heartbeat: it goes with the last figures read.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import sqlite3
 import threading
 import time
 from typing import Any
@@ -28,7 +33,7 @@ import httpx
 
 from appliance import __version__
 from appliance.config import Settings
-from appliance.ops import metrics
+from appliance.ops import index_check, metrics
 from appliance.ops.status import collect
 from appliance.store import commitment as commitment_store
 from appliance.store import jobs as job_store
@@ -49,14 +54,52 @@ HUB_DESTINATION = "hub"
 
 
 def build_heartbeat(settings: Settings, db: Database, started_at: float,
-                    site: str | None = None) -> dict[str, Any]:
-    """The compact status (about 0.5 kB of JSON)."""
+                    site: str | None = None,
+                    last_known: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The compact status (about 0.5 kB of JSON). An index that cannot be read (a damaged
+    page) still gets a heartbeat out, saying so in its errors, with the figures of
+    ``last_known`` (the last heartbeat read from the store; zeros without one): before, the
+    heartbeat failed with the store and the fleet saw the site only as silent."""
+    errors: list[str] = []
+    checked = index_check.latest()
+    if checked is not None and checked.damaged:  # first: the one to act on
+        errors.append(checked.message())
+    try:
+        figures = _from_store(settings, db, errors)
+    except sqlite3.DatabaseError as exc:
+        index_check.suspect(exc)  # SQLITE_CORRUPT: the index is checked soon
+        errors.append(f"{UNREADABLE} ({exc}): "
+                      + ("figures from the last heartbeat that could read it"
+                         if last_known else "figures unknown"))
+        figures = dict(last_known) if last_known else _unknown_figures(settings)
+    try:
+        cert_days = metrics.certificate_days_left(settings.home)
+    except (OSError, ValueError):
+        cert_days = None
+        errors.append("client certificate unreadable")
+    return {
+        "site": site or settings.site,
+        "sent_at": round(time.time(), 3),
+        "version": __version__,
+        "uptime_s": round(time.time() - started_at, 1),
+        **figures,
+        "cert_days_left": None if cert_days is None else round(cert_days, 2),
+        "errors": errors[:MAX_ERRORS + 1],
+    }
+
+
+UNREADABLE = "index database unreadable"
+STORE_FIGURES = ("backlog", "jobs", "disk", "received", "confirmed_instances")
+
+
+def _from_store(settings: Settings, db: Database, errors: list[str]) -> dict[str, Any]:
+    """The heartbeat's figures read from the store (:data:`STORE_FIGURES`); the problems
+    found there added to ``errors``."""
     snapshot = collect(settings, db)
     backlog = snapshot["backlog"]
     by_priority = ops_store.backlog_by_priority(db)
     urgent = [row["oldest_age_s"] for row in by_priority if row["priority"] == 0]
     routine = [row["oldest_age_s"] for row in by_priority if row["priority"] == 2]
-    errors: list[str] = []
     for job in job_store.list_jobs(db, "failed", MAX_ERRORS):
         errors.append(f"job {job['id']} to {job['destination']}: "
                       f"{(job['last_error'] or 'failed')[:120]}")
@@ -68,16 +111,7 @@ def build_heartbeat(settings: Settings, db: Database, started_at: float,
     disk = snapshot["disk"]
     if disk["used_percent"] > 85:
         errors.append(f"disk {disk['used_percent']} % used")
-    try:
-        cert_days = metrics.certificate_days_left(settings.home)
-    except (OSError, ValueError):
-        cert_days = None
-        errors.append("client certificate unreadable")
     return {
-        "site": site or settings.site,
-        "sent_at": round(time.time(), 3),
-        "version": __version__,
-        "uptime_s": round(time.time() - started_at, 1),
         "backlog": {
             "studies": sum(row["studies"] for row in backlog),
             "bytes": sum(row["bytes"] for row in backlog),
@@ -90,8 +124,21 @@ def build_heartbeat(settings: Settings, db: Database, started_at: float,
         "disk": {"used_percent": disk["used_percent"], "free_bytes": disk["free_bytes"]},
         "received": {"instances": snapshot["files"], "bytes": snapshot["bytes"]},
         "confirmed_instances": snapshot["confirmed_instances"],
-        "cert_days_left": None if cert_days is None else round(cert_days, 2),
-        "errors": errors[:MAX_ERRORS + 1],
+    }
+
+
+def _unknown_figures(settings: Settings) -> dict[str, Any]:
+    """Zeros where the store could not be read (the hub's format wants numbers); the disk,
+    which does not come from the store, as it is."""
+    usage = shutil.disk_usage(settings.home if settings.home.exists() else ".")
+    return {
+        "backlog": {"studies": 0, "bytes": 0, "oldest_age_s": 0.0, "urgent_oldest_age_s": 0.0,
+                    "routine_oldest_age_s": 0.0},
+        "jobs": {"pending": 0, "running": 0, "failed": 0},
+        "disk": {"used_percent": round(100 * (usage.total - usage.free) / usage.total, 1),
+                 "free_bytes": usage.free},
+        "received": {"instances": 0, "bytes": 0},
+        "confirmed_instances": 0,
     }
 
 
@@ -127,6 +174,8 @@ class HeartbeatSender:
         self.sent = 0
         self._client: httpx.Client | None = None
         self._client_key: tuple[str, float] | None = None
+        # The figures of the last heartbeat that could read the store (build_heartbeat).
+        self._last_figures: dict[str, Any] | None = None
 
     def _http(self, url: str, context: Any, cert_mtime: float) -> httpx.Client:
         key = (url, cert_mtime)
@@ -146,7 +195,10 @@ class HeartbeatSender:
             return False
         if enrolment is None:
             return False
-        beat = build_heartbeat(self.settings, self.db, self.started_at, enrolment.site)
+        beat = build_heartbeat(self.settings, self.db, self.started_at, enrolment.site,
+                               self._last_figures)
+        if not any(error.startswith(UNREADABLE) for error in beat["errors"]):
+            self._last_figures = {key: beat[key] for key in STORE_FIGURES}
         try:
             client = self._http(enrolment.url, enrolment.ssl_context(),
                                 enrolment.client_cert.stat().st_mtime)

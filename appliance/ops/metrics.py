@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 
 from appliance import __version__
 from appliance.config import Settings
+from appliance.ops import index_check
 from appliance.store import commitment as commitment_store
 from appliance.store import index
 from appliance.store import jobs as job_store
@@ -175,11 +176,13 @@ class ApplianceCollector(Collector):
         try:
             yield from self._collect_store()
             error = 0.0
-        except Exception:  # a scrape must answer even if the database is busy or broken
+        except Exception as exc:  # a scrape must answer even if the database is busy or broken
             log.exception("metrics: reading the store failed")
+            index_check.suspect(exc)  # SQLITE_CORRUPT: the index is checked soon
             error = 1.0
         yield GaugeMetricFamily("pas_scrape_store_error",
                                 "1 when reading the store for this scrape failed", value=error)
+        yield from self._collect_index_check()
         yield from self._collect_host()
         for hook in _HOOKS:
             yield from hook.collect()
@@ -301,6 +304,22 @@ class ApplianceCollector(Collector):
         yield GaugeMetricFamily("pas_storage_commitment_given_up_24h",
                                 "Storage Commitment reports given up in the last 24 h (the "
                                 "modality keeps its copies)", value=reports["given_up_24h"])
+
+    def _collect_index_check(self) -> Iterator[Metric]:
+        """What the daemon's last integrity check of the index found (ops/index_check.py):
+        outside the store's families, which a damaged page may keep from being read."""
+        checked = index_check.latest()
+        if checked is None:  # not the daemon's process (a test's registry, a command)
+            return
+        yield GaugeMetricFamily("pas_index_damaged", "1 when the last integrity check of the "
+                                "index database (SQLite quick_check) found it damaged",
+                                value=int(checked.damaged))
+        yield GaugeMetricFamily("pas_index_check_timestamp_seconds", "Unix time the last "
+                                "integrity check of the index database ended",
+                                value=checked.checked_at)
+        yield GaugeMetricFamily("pas_index_check_duration_seconds", "How long the last "
+                                "integrity check of the index database took",
+                                value=checked.duration_s)
 
     def _collect_host(self) -> Iterator[Metric]:
         home = self.settings.home

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from appliance.config import Settings
+from appliance.ops import index_check
 from appliance.store import audit, eviction
 from appliance.store import cache as cache_store
 from appliance.store.db import Database
@@ -431,6 +432,7 @@ def set_index_aside(settings: Settings, actor: str, force: bool = False) -> Inde
                              "(--force sets it aside anyway)")
         finding = finding or "sound, --force"
         moved = set_aside(path)
+        index_check.forget(settings.home)  # what the daemon found described the old file
         fresh = Database(path)
         try:
             audit.record(fresh, "recovery", actor=actor, outcome="success",

@@ -7,6 +7,7 @@ from typing import Any
 
 from appliance import __version__
 from appliance.config import Settings
+from appliance.ops import index_check
 from appliance.store import cache as cache_store
 from appliance.store import commitment as commitment_store
 from appliance.store import index
@@ -39,6 +40,9 @@ def collect(settings: Settings, db: Database) -> dict[str, Any]:
         "credentials_refused": credentials_refused(db),
         # Per destination: "up"/"down", last successful contact, last error (store/uplink.py).
         "links": uplink_store.link_states(db),
+        # The daemon's last integrity check of the index (ops/index_check.py), None before
+        # any: path, checked_at, duration_s, finding (None: sound).
+        "index_check": index_check.as_status(settings.home),
         # Integrity flags and the disk alert (store/cache.py, issue 7).
         "cache": cache_store.health(db),
         "disk": {

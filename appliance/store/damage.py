@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 SIDE_FILES = ("-wal", "-shm")  # the WAL holds committed transactions: moved with the file
@@ -33,12 +34,16 @@ class DatabaseDamaged(Exception):
     """The index database failed SQLite's integrity check; the message says what to do."""
 
 
-def damage_of(path: Path) -> str | None:
+def damage_of(path: Path, abandon: Callable[[], bool] | None = None) -> str | None:
     """What SQLite's ``quick_check`` finds wrong with the database at ``path`` (its first
     finding, or the corruption error that stopped it), or None when it is sound. Read-only.
     A file SQLite cannot open or lock (permissions, busy) raises ``sqlite3.OperationalError``:
-    that is not damage, and the caller says it as it is."""
+    that is not damage, and the caller says it as it is. ``abandon`` (the daemon stopping) is
+    asked every few thousand SQLite steps; True ends the check with an OperationalError
+    ("interrupted"), so that a check of a large index never holds up a stop."""
     conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=30)
+    if abandon is not None:
+        conn.set_progress_handler(abandon, 10_000)
     try:
         rows = conn.execute("PRAGMA quick_check(1)").fetchall()
     except sqlite3.OperationalError:

@@ -1,0 +1,169 @@
+"""The index's integrity checked while the daemon runs (appliance/ops/index_check.py).
+
+Found by trying it (2026-12-05): a page of ``pas.sqlite`` torn under a running daemon was seen
+only as the errors of the code that met it: C-STOREs touching it failed ("index commit
+failed: database disk image is malformed") while ``/metrics`` said nothing (the daemon's
+connections read the page from their cache: ``pas_scrape_store_error 0``), a heartbeat whose
+reads met it was not sent at all (the hub saw the site as silent, not as damaged), and only
+the next restart refused to start. Now the daemon's own
+``quick_check`` finds it: ``pas_index_damaged 1``, the heartbeat's first error names the
+damage and the fix, ``pas status`` and ``pas doctor`` say it, the log has it at ERROR.
+Real daemon, real hub over mutual TLS, DCMTK storescu as the modality.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydicom import dcmread
+
+from appliance.store import fleet as fleet_store
+from appliance.store.db import Database
+from appliance.store.hub_schema import HUB_MIGRATIONS
+from tests.faults.test_damaged_index import _tear_the_root_page_of
+from tests.support.hub import HubProcess, enroll
+from tests.support.peers import CT_DIR, PasProcess, storescu, wait_for
+from tests.test_ops_fleet import metric
+
+FIX = "systemctl stop pas; sudo -u pas pas cache rebuild-index; systemctl start pas"
+
+
+def _one_study(count: int) -> list[Path]:
+    files = sorted(CT_DIR.glob("*.dcm"))
+    study = dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+    return [f for f in files if dcmread(f, stop_before_pixels=True).StudyInstanceUID
+            == study][:count]
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """An enrolled appliance (heartbeat and index check every second) whose study the hub
+    has confirmed: nothing writes to its instances any more."""
+    hub = HubProcess(tmp_path / "hub").init()
+    hub.start()
+    home = tmp_path / "pas"
+    enroll(hub, home, "SITE-A")
+    pas = PasProcess(home, {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                            "PAS_PREFETCH__ENABLED": "false",
+                            "PAS_OPS__HEARTBEAT_INTERVAL_S": "1",
+                            "PAS_CACHE__INDEX_CHECK_INTERVAL_S": "1"})
+    try:
+        pas.start()
+        files = _one_study(3)
+        storescu(files, pas.port)
+        wait_for(lambda: pas.status()["confirmed_instances"] == len(files), 30,
+                 what="the study confirmed by the hub")
+        yield {"hub": hub, "pas": pas}
+    finally:
+        pas.stop()
+        hub.stop()
+
+
+def _scrape(pas: PasProcess) -> str:
+    return httpx.get(f"http://127.0.0.1:{pas.http_port}/metrics", timeout=10).text
+
+
+def test_damage_under_a_running_daemon_is_found_and_told(site: dict[str, Any]) -> None:
+    pas: PasProcess = site["pas"]
+    db = pas.home / "pas.sqlite"
+    hub_db = Database(site["hub"].home / "hub.sqlite", HUB_MIGRATIONS)
+
+    # Sound: said so, and the check's time advances (it runs every second).
+    first = metric(_scrape(pas), "pas_index_check_timestamp_seconds")
+    assert first is not None and metric(_scrape(pas), "pas_index_damaged") == 0
+    wait_for(lambda: metric(_scrape(pas), "pas_index_check_timestamp_seconds") > first, 10,
+             what="a second check")
+    checked = pas.status()["index_check"]
+    assert checked["finding"] is None and checked["path"] == str(db)
+    assert checked["checked_at"] > first and checked["duration_s"] >= 0
+    assert "index database" not in " ".join(fleet_store.site_status(hub_db, "SITE-A")["errors"])
+
+    _tear_the_root_page_of(db, "instances")
+
+    # The metric. The daemon's own connections may go on reading the page from their
+    # cache (the scrape of the store still answers here): only the check reads the file.
+    wait_for(lambda: metric(_scrape(pas), "pas_index_damaged") == 1, 10,
+             what="pas_index_damaged 1")
+    # The heartbeat's first error: the damage and its fix.
+    said = f"the index database {db} is damaged ("
+    errors = wait_for(lambda: [e for e in fleet_store.site_status(hub_db, "SITE-A")["errors"]
+                               if e.startswith(said)], 10, what="the damage in a heartbeat")
+    assert FIX in errors[0]
+    assert fleet_store.site_status(hub_db, "SITE-A")["errors"][0] == errors[0]
+    hub_db.close()
+    # pas status says it first (stderr), before the store's own error.
+    status = pas.cli("status", check=False)
+    words = " ".join(status.stderr.split())
+    assert f"index damaged: {said}" in words and FIX in words, status.stderr
+    # pas doctor: the damage, when the daemon found it, and the fix.
+    doctor = {c["name"]: c for c in json.loads(pas.cli("doctor", "--json", check=False).stdout)}
+    assert doctor["database"]["verdict"] == "fail"
+    assert doctor["database"]["detail"].startswith(f"{db} is damaged: ")
+    assert "the daemon's integrity check found it" in doctor["database"]["detail"]
+    assert "pas cache rebuild-index" in doctor["database"]["fix"]
+    # The log, at ERROR; the daemon keeps running (the operator decides when to stop it).
+    wait_for(lambda: f"ERROR pas.ops.index_check: {said}" in " ".join(pas.log().split()), 5,
+             what="the ERROR line")
+    assert pas._alive()
+
+
+def test_a_heartbeat_goes_when_the_store_cannot_be_read(tmp_path: Path) -> None:
+    """A damaged page the heartbeat's reads meet (a fresh connection, no page cached): the
+    heartbeat raised with the store and was never posted, so the fleet saw the site only
+    as silent. It is built all the same, in the hub's format, saying why its figures are
+    the last ones read (or unknown, zeros, when none was)."""
+    from appliance.config import load_settings
+    from appliance.hub.fleet import validate_heartbeat
+    from appliance.ingest.receive import Receiver
+    from appliance.ops.heartbeat import build_heartbeat
+    from appliance.store.spool import Spool
+
+    settings = load_settings(environ={"PAS_HOME": str(tmp_path)})
+    db = Database(settings.db_path)
+    Receiver(db, Spool(settings.spool_dir, fsync=False)).receive_file(
+        _one_study(1)[0].read_bytes(), source="CT1")
+    sound = build_heartbeat(settings, db, 0.0)
+    db.close()
+    assert sound["received"]["instances"] == 1 and sound["errors"] == []
+    _tear_the_root_page_of(settings.db_path, "instance_totals")  # read by every status
+    reader = Database(settings.db_path)
+    try:
+        blind = validate_heartbeat(build_heartbeat(settings, reader, 0.0))
+        assert blind["received"]["instances"] == 0 and blind["backlog"]["studies"] == 0
+        assert blind["errors"] == ["index database unreadable (database disk image is "
+                                   "malformed): figures unknown"]
+        last = {key: sound[key] for key in ("backlog", "jobs", "disk", "received",
+                                            "confirmed_instances")}
+        beat = validate_heartbeat(build_heartbeat(settings, reader, 0.0, last_known=last))
+        assert beat["received"]["instances"] == 1
+        assert beat["errors"] == ["index database unreadable (database disk image is "
+                                  "malformed): figures from the last heartbeat that could "
+                                  "read it"]
+    finally:
+        reader.close()
+
+
+def test_a_cstore_meeting_the_damage_has_the_index_checked_at_once(tmp_path: Path) -> None:
+    """The daily check (the default) is not waited for: a C-STORE whose commit meets
+    SQLITE_CORRUPT (refused, as before) has the index checked within seconds."""
+    pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                                        "PAS_PREFETCH__ENABLED": "false"})
+    pas.start()
+    try:
+        files = _one_study(3)
+        storescu(files[:2], pas.port)
+        started = metric(_scrape(pas), "pas_index_check_timestamp_seconds")
+        _tear_the_root_page_of(pas.home / "pas.sqlite", "studies")
+        refused = storescu(files[2:], pas.port, check=False)  # a 0xC000-class status
+        assert refused.returncode != 0
+        assert "index commit failed: database disk image is malformed" in pas.log()
+        wait_for(lambda: metric(_scrape(pas), "pas_index_damaged") == 1, 8,
+                 what="pas_index_damaged 1 without waiting a day")
+        assert metric(_scrape(pas), "pas_index_check_timestamp_seconds") > started
+    finally:
+        pas.stop()
