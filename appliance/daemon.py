@@ -18,6 +18,7 @@ from appliance.dispatch.target_types import make_target
 from appliance.dispatch.worker import Dispatcher
 from appliance.ingest.receive import Receiver
 from appliance.ingest.scp import DicomListener
+from appliance.logs import LoopFailures
 from appliance.ops import index_check
 from appliance.ops.listeners import bind_refused
 from appliance.ops.notify import Notifier, backlog_status
@@ -263,12 +264,14 @@ class Daemon:
         self._threads.append(thread)
 
     def _route_loop(self) -> None:
+        failures = LoopFailures(log, "routing pass failed")
         while not self.stopping.is_set():
             try:
                 if self.router.route_ready():
                     self.dispatcher.wake.set()
+                failures.worked()
             except Exception as exc:
-                log.exception("routing pass failed")
+                failures.failed(exc)
                 index_check.suspect(exc)  # SQLITE_CORRUPT: the index is checked soon
             self.stopping.wait(self.settings.study.check_interval_s)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
+from collections.abc import Callable
 
 
 def setup(level: str = "info") -> None:
@@ -52,3 +54,45 @@ class _ConnectFailureFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(self.DROPPED)
+
+
+class LoopFailures:
+    """What a background loop that fails at every pass says, without flooding the journal.
+
+    A loop running every few seconds met the same error each time (a damaged index page
+    made the routing loop log a 30-line traceback every 2 s: ~43,000 a day, in a journal
+    bounded to 500 MB, pushing out what IT would look for). The first failure is logged
+    whole, with its traceback; the same error again (same type and message) only as one
+    WARNING line at most every ``every_s`` with how many times; another error is logged
+    whole; the first pass that works again says how many failed before it.
+    """
+
+    def __init__(self, log: logging.Logger, what: str, every_s: float = 300.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.log, self.what, self.every_s, self.clock = log, what, every_s, clock
+        self._signature: tuple[str, str] | None = None
+        self._count = 0        # failures in a row
+        self._unsaid = 0       # of those, not yet in a log line
+        self._said_at = 0.0
+
+    def failed(self, exc: BaseException) -> None:
+        """Call from the loop's ``except`` block (the traceback is the current one)."""
+        signature = (type(exc).__name__, str(exc))
+        self._count += 1
+        if signature != self._signature:
+            self._signature, self._unsaid, self._said_at = signature, 0, self.clock()
+            self.log.exception("%s", self.what)
+            return
+        self._unsaid += 1
+        if self.clock() - self._said_at >= self.every_s:
+            self.log.warning("%s again, %d times in %.0f s (%s: %s); the first one's "
+                             "traceback is above", self.what, self._unsaid,
+                             self.clock() - self._said_at, *signature)
+            self._unsaid, self._said_at = 0, self.clock()
+
+    def worked(self) -> None:
+        """Call after a pass that did not fail."""
+        if self._count:
+            self.log.info("%s: works again after %d failed passes", self.what,
+                             self._count)
+        self._signature, self._count, self._unsaid = None, 0, 0

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.config import Settings
+from appliance.logs import LoopFailures
 from appliance.store import audit, eviction
 from appliance.store import cache as cache_store
 from appliance.store.db import Database, now
@@ -153,11 +154,13 @@ class CachePolicy:
                 "integrity_issues": len(cache_store.open_issues(self.db))}
 
     def run(self, stop: threading.Event) -> None:
+        failures = LoopFailures(log, "eviction pass failed")
         while not stop.is_set():
             try:
                 self.evict_if_needed()
-            except Exception:
-                log.exception("eviction pass failed")
+                failures.worked()
+            except Exception as exc:
+                failures.failed(exc)
             stop.wait(self.settings.cache.evict_interval_s)
 
 

@@ -33,6 +33,7 @@ import httpx
 
 from appliance import __version__
 from appliance.config import Settings
+from appliance.logs import LoopFailures
 from appliance.ops import index_check, metrics
 from appliance.ops.status import collect
 from appliance.store import commitment as commitment_store
@@ -233,11 +234,13 @@ class HeartbeatSender:
             log.warning("hub link down: %s", error)
 
     def run(self, stopping: threading.Event) -> None:
+        failures = LoopFailures(log, "heartbeat failed")
         while not stopping.is_set():
             try:
                 self.send_once()
-            except Exception:  # the heartbeat must never take the daemon down
-                log.exception("heartbeat failed")
+                failures.worked()
+            except Exception as exc:  # the heartbeat must never take the daemon down
+                failures.failed(exc)
             stopping.wait(self.interval_s)
         if self._client is not None:
             self._client.close()

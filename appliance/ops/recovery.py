@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from appliance.config import Settings
+from appliance.logs import LoopFailures
 from appliance.ops import index_check
 from appliance.store import audit, eviction
 from appliance.store import cache as cache_store
@@ -394,12 +395,15 @@ class Scrubber:
         return len(items)
 
     def run(self, stop: threading.Event, idle_s: float = 60.0) -> None:
+        failures = LoopFailures(log, "scrub step failed")
         while not stop.is_set():
             try:
-                if self.step(stop) == 0:
+                done = self.step(stop)
+                failures.worked()
+                if done == 0:
                     stop.wait(idle_s)
-            except Exception:
-                log.exception("scrub step failed")
+            except Exception as exc:
+                failures.failed(exc)
                 stop.wait(idle_s)
 
 
