@@ -450,7 +450,9 @@ class PrefetchSection(_Section):
     mwl: PrefetchMwl = PrefetchMwl()
 
 
-_ORIGIN = re.compile(r"https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+_ORIGIN = re.compile(r"(?i:https?)://[A-Za-z0-9.\-]+(:[0-9]{1,5})?"
+                     r"|(?i:https?)://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+_DEFAULT_PORT = {"http": ":80", "https": ":443"}
 
 
 def _viewer_origin(value: str) -> str:
@@ -463,7 +465,12 @@ def _viewer_origin(value: str) -> str:
     if not _ORIGIN.fullmatch(value):
         raise ValueError(f"{value!r} is not an origin: scheme://host[:port], no path "
                          "(e.g. https://viewer.hospital.example)")
-    return value
+    # As the browser writes its Origin header (RFC 6454 serialisation): scheme and host in
+    # lower case, no default port. The CORS middleware compares the strings as they are, so
+    # "https://Viewer.H.example:443" written by IT would otherwise never match, silently.
+    origin = value.lower()
+    scheme = origin.split(":", 1)[0]
+    return origin.removesuffix(_DEFAULT_PORT[scheme])
 
 
 ViewerOrigin = Annotated[str, AfterValidator(_viewer_origin)]

@@ -55,7 +55,9 @@ def test_a_viewer_of_a_named_origin_reads_dicomweb_others_are_blocked(
     with OtherSite(_page(pas, TOKEN)) as viewer, \
             OtherSite(_page(pas, "not-the-token")) as mistyped, \
             OtherSite(_page(pas, TOKEN)) as elsewhere:
-        origin = viewer.url.rstrip("/")
+        # Written as IT might (upper case scheme): the browser's Origin header is in lower
+        # case, and the middleware compares strings; the configuration normalises it.
+        origin = viewer.url.rstrip("/").replace("http://", "HTTP://")
         pas.env["PAS_SERVING__CORS_ORIGINS"] = json.dumps(
             [origin, mistyped.url.rstrip("/")])
         pas.start()
@@ -79,3 +81,17 @@ def test_an_origin_that_is_not_one_viewer_is_refused(value: str, says: str) -> N
     with pytest.raises(ConfigError, match="serving.cors_origins.0: ") as refused:
         load_settings(environ={"PAS_SERVING__CORS_ORIGINS": value})
     assert says in str(refused.value)
+
+
+@pytest.mark.parametrize(("written", "kept"), [
+    ("https://Viewer.Hospital.example:443", "https://viewer.hospital.example"),
+    ("HTTP://viewer.hospital.example:80", "http://viewer.hospital.example"),
+    ("https://viewer.hospital.example:8443", "https://viewer.hospital.example:8443"),
+    ("http://[FE80::1]:8080", "http://[fe80::1]:8080"),
+])
+def test_an_origin_is_kept_as_the_browser_writes_it(written: str, kept: str) -> None:
+    """The browser's Origin header has its scheme and host in lower case and no default
+    port; the CORS middleware compares strings: an origin written otherwise never matched,
+    and nothing said so."""
+    settings = load_settings(environ={"PAS_SERVING__CORS_ORIGINS": json.dumps([written])})
+    assert settings.serving.cors_origins == [kept]
