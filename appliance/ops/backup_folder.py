@@ -84,9 +84,18 @@ def write_backup_folder(destination: Path, name: str,
     if final.exists():
         raise BackupRefused(f"{final} already exists")
     building = destination / _partial_name(name)
+    # The same name is the same second: the timer and an operator started together. The
+    # other run's temporary folder is its backup being written; removed here (as a crash's
+    # leftover), that run went on to write its MANIFEST.json into this one's folder and
+    # rename it whole, holding what this one had copied so far.
+    if building.is_dir() and not building.is_symlink() and \
+            time.time() - _last_written(building, time.time()) > STALE_PARTIAL_AFTER_S:
+        shutil.rmtree(building, ignore_errors=True)  # a crashed run's, a day untouched
     try:
-        shutil.rmtree(building, ignore_errors=True)
         building.mkdir(mode=0o700)
+    except FileExistsError:
+        raise BackupRefused(f"{destination / name} is being written by another run (started "
+                            "the same second): nothing written; run it again") from None
     except OSError as exc:
         raise BackupRefused(f"cannot write in {destination}: {exc.strerror or exc}") from None
     try:
