@@ -20,6 +20,7 @@ import pytest
 
 from appliance.ops.backup_folder import (
     BackupRefused,
+    prune_backups,
     utc_stamp,
     write_backup_folder,
 )
@@ -152,6 +153,31 @@ def _whole(destination: Path, stamp: str) -> Path:
         (folder / "pas.sqlite").write_bytes(f"the index at {stamp}".encode())
         return dict(SAME_SITE)
     return write_backup_folder(destination, f"pas-backup-SITE-K-{stamp}", fill)[0]
+
+
+def test_a_run_never_removes_a_backup_newer_than_its_own(tmp_path: Path) -> None:
+    """Two runs at once, each ``--keep 1``: the timer's (started at 03:00:00, its copy slowed)
+    finishes after an operator's (started at 03:00:10). Each prune sees the other's whole
+    folder; the timer's removed the operator's, the newer one, as "older than the N kept",
+    and the operator's removed the timer's: when the two overlap (this order, or both
+    listing the folder before either removed anything), not one backup was left. A backup
+    stamped after the one just written (another run's, or one written while the clock was
+    ahead) is not this run's to remove."""
+    destination = tmp_path / "backups"
+    destination.mkdir()
+    older = _whole(destination, "20261204T030000Z")
+    operators = _whole(destination, "20261205T030010Z")
+    timers = _whole(destination, "20261205T030000Z")
+    kept = _digests(operators)
+
+    by_timer = prune_backups(timers, "pas-backup-SITE-K-", SAME_SITE, 1)
+    assert by_timer.removed == [older.name]
+    assert by_timer.kept == [timers.name]
+    assert by_timer.newer_left_alone == [operators.name]
+    by_operator = prune_backups(operators, "pas-backup-SITE-K-", SAME_SITE, 1)
+    assert by_operator.removed == [timers.name]
+    assert sorted(p.name for p in destination.iterdir()) == [operators.name]
+    assert _digests(operators) == kept
 
 
 def test_a_backup_of_the_same_name_being_written_is_not_removed_under_its_writer(
