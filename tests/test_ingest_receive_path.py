@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sqlite3
 import warnings
 from pathlib import Path
 
@@ -159,6 +160,40 @@ def test_one_instance_failing_outside_sqlite_does_not_fail_its_group(tmp_path: P
         "ok", "OverflowError", "ok"]
     rows = db.query("SELECT sop_instance_uid FROM instances ORDER BY sop_instance_uid")
     assert [r[0] for r in rows] == ["1.2.3.1", "1.2.3.3"]
+
+
+def test_a_transaction_sqlite_rolled_back_whole_fails_every_instance_of_its_group(
+        tmp_path: Path) -> None:
+    """SQLITE_FULL (here the index at its max_page_count) rolls the whole transaction back,
+    the instances before the failing one included. The batch must end there: every C-STORE
+    of it fails (0xA700), and nothing after the failing one is committed on its own (each
+    SAVEPOINT outside a transaction is one, and its RELEASE commits it: before c0e1ddc the
+    third row was committed for a C-STORE answered "failed", whose file the receive path
+    then removed)."""
+    from appliance.store import index
+    from appliance.store.db import Database
+
+    db = Database(tmp_path / "pas.sqlite")
+    commits = receive.GroupCommit(db)
+
+    def pending(n: int, description: str | None = None) -> receive._Pending:
+        record = index.InstanceRecord(
+            sop_instance_uid=f"1.2.3.{n}", sop_class_uid="1.2",
+            transfer_syntax_uid="1.2.840.10008.1.2.1", study_uid="1.2.3", series_uid="1.2.3.9",
+            patient_id="P1", series_description=description)
+        return receive._Pending(record, index.StoredFile(f"ab/{n}.dcm", 10, f"sha-{n}"), {})
+
+    commits._commit([pending(0)])  # the tables' first pages
+    pages = db.query_one("PRAGMA page_count")[0]
+    db.connection().execute(f"PRAGMA max_page_count = {pages + 4}")
+    batch = [pending(1), pending(2, "x" * 200_000), pending(3)]
+    commits._commit(batch)
+    rows = db.query("SELECT sop_instance_uid FROM instances ORDER BY sop_instance_uid")
+    assert [r[0] for r in rows] == ["1.2.3.0"]
+    # Each the disk-full error itself, which the receive path answers 0xA700 (out of
+    # resources, try again), not "SQLite rolled the transaction back" (0xC000-class).
+    assert [getattr(item.error, "sqlite_errorcode", None) for item in batch] == [
+        sqlite3.SQLITE_FULL] * 3
 
 
 def test_temp_files_of_a_live_writer_survive_recovery_run_by_another_process(

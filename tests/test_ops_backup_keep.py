@@ -16,7 +16,14 @@ import os
 import time
 from pathlib import Path
 
-from appliance.ops.backup_folder import utc_stamp
+import pytest
+
+from appliance.ops.backup_folder import (
+    BackupRefused,
+    prune_backups,
+    utc_stamp,
+    write_backup_folder,
+)
 from appliance.store.db import Database
 from tests.support.hub import HubProcess
 from tests.support.peers import PasProcess, wait_for
@@ -135,3 +142,65 @@ def test_keep_below_one_is_refused_before_anything_is_written(tmp_path: Path) ->
         assert refused.returncode == 2, refused.stderr
         assert "--keep 0: keep at least 1 backup" in refused.stderr
         assert list(destination.iterdir()) == []
+
+
+SAME_SITE = {"kind": "pas backup", "site": "SITE-K"}
+
+
+def _whole(destination: Path, stamp: str) -> Path:
+    """A whole backup of SITE-K named for ``stamp``, written the way every backup is."""
+    def fill(folder: Path) -> dict:
+        (folder / "pas.sqlite").write_bytes(f"the index at {stamp}".encode())
+        return dict(SAME_SITE)
+    return write_backup_folder(destination, f"pas-backup-SITE-K-{stamp}", fill)[0]
+
+
+def test_a_run_never_removes_a_backup_newer_than_its_own(tmp_path: Path) -> None:
+    """Two runs at once, each ``--keep 1``: the timer's (started at 03:00:00, its copy slowed)
+    finishes after an operator's (started at 03:00:10). Each prune sees the other's whole
+    folder; the timer's removed the operator's, the newer one, as "older than the N kept",
+    and the operator's removed the timer's: when the two overlap (this order, or both
+    listing the folder before either removed anything), not one backup was left. A backup
+    stamped after the one just written (another run's, or one written while the clock was
+    ahead) is not this run's to remove."""
+    destination = tmp_path / "backups"
+    destination.mkdir()
+    older = _whole(destination, "20261204T030000Z")
+    operators = _whole(destination, "20261205T030010Z")
+    timers = _whole(destination, "20261205T030000Z")
+    kept = _digests(operators)
+
+    by_timer = prune_backups(timers, "pas-backup-SITE-K-", SAME_SITE, 1)
+    assert by_timer.removed == [older.name]
+    assert by_timer.kept == [timers.name]
+    assert by_timer.newer_left_alone == [operators.name]
+    by_operator = prune_backups(operators, "pas-backup-SITE-K-", SAME_SITE, 1)
+    assert by_operator.removed == [timers.name]
+    assert sorted(p.name for p in destination.iterdir()) == [operators.name]
+    assert _digests(operators) == kept
+
+
+def test_a_backup_of_the_same_name_being_written_is_not_removed_under_its_writer(
+        tmp_path: Path) -> None:
+    """Two runs started in the same second (the timer and an operator) name their folders
+    alike. The second removed the first's temporary folder as a crash's leftover and built
+    its own there: the first then wrote its MANIFEST.json into the second's folder and
+    renamed it whole, holding whatever the second had copied so far. Now the second is
+    refused, naming the other run, and the first's folder is untouched."""
+    destination = tmp_path / "backups"
+    destination.mkdir()
+    name = "pas-backup-SITE-K-20261205T030000Z"
+    running = destination / f".{name}.partial"
+    running.mkdir()
+    (running / "pas.sqlite").write_bytes(b"being copied by the first run")
+    before = _digests(running)
+    with pytest.raises(BackupRefused, match=f"{name} is being written by another run"):
+        write_backup_folder(destination, name, lambda folder: dict(SAME_SITE))
+    assert _digests(running) == before
+    assert sorted(p.name for p in destination.iterdir()) == [running.name]
+    # A crash's leftover of that name (nothing written in it for a day) is no other run's.
+    for path in (running / "pas.sqlite", running):
+        os.utime(path, (time.time() - 2 * 86400,) * 2)
+    made, _ = write_backup_folder(destination, name, lambda folder: dict(SAME_SITE))
+    assert sorted(p.name for p in destination.iterdir()) == [name]
+    assert json.loads((made / "MANIFEST.json").read_text())["files"] == {}

@@ -80,6 +80,17 @@ def _int(ds: Dataset, keyword: str) -> int | None:
     return number if number is None or IS_MIN <= number <= IS_MAX else None
 
 
+# The range of a US value (PS3.5 6.2). Rows, Columns and BitsAllocated are US; written with
+# another VR (SS -1, an IS of 70000) and kept as they came, the index held a value no C-FIND
+# answer can encode: the query failed (0xC312) at that instance, every match after it lost.
+US_MAX = 2**16 - 1
+
+
+def _unsigned(ds: Dataset, keyword: str) -> int | None:
+    number = _int(ds, keyword)
+    return number if number is None or 0 <= number <= US_MAX else None
+
+
 def _uid(ds: Dataset, keyword: str) -> str:
     if _get(ds, keyword) is UNREADABLE:
         raise InvalidInstance(f"{keyword} cannot be read (invalid value representation)")
@@ -219,9 +230,9 @@ def _instance_record(ds: Dataset, transfer_syntax_uid: str) -> InstanceRecord:
         series_description=_text(ds, "SeriesDescription"),
         body_part=_text(ds, "BodyPartExamined"),
         instance_number=_int(ds, "InstanceNumber"),
-        rows=_int(ds, "Rows"),
-        columns=_int(ds, "Columns"),
-        bits_allocated=_int(ds, "BitsAllocated"),
+        rows=_unsigned(ds, "Rows"),
+        columns=_unsigned(ds, "Columns"),
+        bits_allocated=_unsigned(ds, "BitsAllocated"),
         number_of_frames=_int(ds, "NumberOfFrames"),
     )
 

@@ -84,9 +84,18 @@ def write_backup_folder(destination: Path, name: str,
     if final.exists():
         raise BackupRefused(f"{final} already exists")
     building = destination / _partial_name(name)
+    # The same name is the same second: the timer and an operator started together. The
+    # other run's temporary folder is its backup being written; removed here (as a crash's
+    # leftover), that run went on to write its MANIFEST.json into this one's folder and
+    # rename it whole, holding what this one had copied so far.
+    if building.is_dir() and not building.is_symlink() and \
+            time.time() - _last_written(building, time.time()) > STALE_PARTIAL_AFTER_S:
+        shutil.rmtree(building, ignore_errors=True)  # a crashed run's, a day untouched
     try:
-        shutil.rmtree(building, ignore_errors=True)
         building.mkdir(mode=0o700)
+    except FileExistsError:
+        raise BackupRefused(f"{destination / name} is being written by another run (started "
+                            "the same second): nothing written; run it again") from None
     except OSError as exc:
         raise BackupRefused(f"cannot write in {destination}: {exc.strerror or exc}") from None
     try:
@@ -128,18 +137,23 @@ class Pruned:
     stale_partials_removed: list[str] = field(default_factory=list)
     # Named like a backup of this kind, but without the MANIFEST.json saying so: not ours.
     left_alone: list[str] = field(default_factory=list)
+    # Ours, but stamped after the one just written: another run's that finished first, or
+    # one written while the clock was ahead. Not this run's to remove, nor counted in N.
+    newer_left_alone: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"keep": self.keep, "kept": self.kept, "removed": self.removed,
                 "stale_partials_removed": self.stale_partials_removed,
-                "left_alone": self.left_alone, "problems": self.problems}
+                "left_alone": self.left_alone, "newer_left_alone": self.newer_left_alone,
+                "problems": self.problems}
 
 
 def prune_backups(just_written: Path, prefix: str, same: dict[str, Any], keep: int,
                   now: float | None = None) -> Pruned:
     """Keep the ``keep`` newest whole backups named ``<prefix><UTC stamp>`` in
     ``just_written``'s folder, ``just_written`` always among them; remove the older ones.
+    One stamped after ``just_written`` (another run's, finished first) is left alone.
 
     A backup folder is only ever removed when it is one PAS wrote of the same kind and owner:
     its final name (so it was renamed whole) and a ``MANIFEST.json`` whose fields equal
@@ -175,7 +189,12 @@ def prune_backups(just_written: Path, prefix: str, same: dict[str, Any], keep: i
                 stale.append(entry)
         elif removing.fullmatch(entry.name):
             leftovers.append(entry)
-    ours.sort(key=lambda p: p.name, reverse=True)  # the stamp sorts as it reads: newest first
+    # Two runs at once (the timer and an operator), each --keep 1: each would remove the
+    # other's whole backup, and neither was left. A run removes only what is older than its
+    # own backup; the stamp sorts as it reads (the same prefix): newest first.
+    pruned.newer_left_alone = sorted(p.name for p in ours if p.name > just_written.name)
+    ours = sorted((p for p in ours if p.name < just_written.name),
+                  key=lambda p: p.name, reverse=True)
     kept, older = ours[:keep - 1], ours[keep - 1:]
     pruned.kept = [just_written.name, *(p.name for p in kept)]
     for folder in older:
