@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -397,13 +398,36 @@ def confirm_instances(db: Database, receipts: list[tuple[str, str]]) -> int:
 
 def confirm_held(db: Database, job_id: int, pairs: list[tuple[str, str]],
                  instance_ids: list[int], progress: dict[str, Any], study_uid: str,
-                 detail: str) -> int:
+                 detail: str, priors: list[int] | None = None,
+                 prior_detail: Callable[[bool], str] | None = None) -> tuple[int, bool]:
     """What the region's signed holdings statement settled for a job, in ONE transaction
     (invariant 3): its (UID, SHA-256) pairs confirmed, those instances marked sent, the job's
     progress saying the question is answered (a restart does not ask again: it sends the
-    rest), and the ``recovery`` audit row. Returns how many instances were newly confirmed."""
+    rest), and the ``recovery`` audit row. Returns how many instances were newly confirmed,
+    and whether the study was filed regional.
+
+    ``priors``: the ids (among ``instance_ids``) the region holds from another site, never
+    sent by this one (a prior fetched from the region, adopted again after a rebuilt index).
+    When they are every current instance of the study, the study is filed ``regional``
+    again, as prefetch filed it; else it stays this site's (some instances are its own).
+    ``prior_detail``: their own ``recovery`` audit row, told whether the study was filed
+    regional (decided in this transaction: an instance received meanwhile counts)."""
     at = now()
     with db.transaction() as conn:
+        regional = False
+        if priors:
+            own = conn.execute(
+                "SELECT count(*) FROM instances i JOIN studies s ON s.id = i.study_fk "
+                "WHERE s.study_uid = ? AND i.is_current = 1 AND i.id NOT IN "
+                "(SELECT value FROM json_each(?))", (study_uid, json.dumps(sorted(set(priors))))
+            ).fetchone()[0]
+            regional = own == 0
+            if regional:
+                conn.execute("UPDATE studies SET origin = 'regional' WHERE study_uid = ?",
+                             (study_uid,))
+            if prior_detail is not None:
+                audit.record_in(conn, "recovery", actor="system", target=study_uid,
+                                detail=prior_detail(regional))
         confirmed = sum(conn.execute(
             "UPDATE instances SET confirmed_at = ? WHERE sop_instance_uid = ? AND sha256 = ? "
             "AND confirmed_at IS NULL", (at, uid, sha)).rowcount for uid, sha in pairs)
@@ -413,7 +437,7 @@ def confirm_held(db: Database, job_id: int, pairs: list[tuple[str, str]],
         conn.execute("UPDATE jobs SET progress = ?, updated_at = ? WHERE id = ?",
                      (json.dumps(progress), at, job_id))
         audit.record_in(conn, "recovery", actor="system", target=study_uid, detail=detail)
-        return confirmed
+        return confirmed, regional
 
 
 def list_jobs(db: Database, state: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
