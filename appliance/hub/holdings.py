@@ -20,6 +20,12 @@ another hospital sent a given study), and a receipt is the hub's word
 to the site that sent the instance, the only word invariant 2 lets a site delete on. The
 statement is signed by the hub's server key, as a receipt is, so that the appliance confirms
 instances on the hub's signature and never on an unsigned answer.
+
+``region_instances`` (embedded archive only) adds the asked pairs the archive holds, those
+exact bytes, that this site never sent: another site's study it fetched from the region (a
+prior) and adopted again after a rebuilt index. Without it the appliance uploaded every prior
+of its cache as its own study, and the region's receipts said this site sent them. Each entry
+is a bare pair (no site, no transfer): the asker already holds the bytes it names.
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ fields, with the certificate the hub presented on the TLS connection), then: it 
 a holdings statement (a receipt is not one), for this study, answering this question (the
 nonce sent with it), and names only pairs that were asked about. Anything else: nothing is
 confirmed (invariant 2 rests on the hub's signature, never on an unsigned or stray answer).
+Its ``region_instances`` (:func:`region_pairs`) are the region's from another site: a prior
+this site fetched, confirmed and never uploaded as this site's own.
 """
 
 from __future__ import annotations
