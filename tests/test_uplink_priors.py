@@ -27,10 +27,13 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
+from appliance.store.db import Database
+from appliance.store.jobs import list_jobs
 from appliance.transfer.enrolment import load_enrolment
 from tests.support.hub import HubProcess, client, enroll, pack_items, ship
-from tests.support.peers import CT_DIR, PasProcess, storescu, wait_for
+from tests.support.peers import CT_DIR, PasProcess, StoreSCP, storescu, wait_for
 from tests.support.peers import read_rows as rows
+from tests.support.tcpproxy import TcpProxy
 from tests.test_uplink_holdings import (
     FAST,
     STUDY_FILES,
@@ -86,11 +89,27 @@ def site_with_prior(pas_factory: Any, hub: HubProcess, home: Path, patient: str,
     return pas
 
 
+def received_uids(scp: StoreSCP) -> list[str]:
+    """The SOP Instance UIDs of what the local PACS received, one per file written."""
+    return sorted(str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in scp.files())
+
+
 def test_a_prior_fetched_from_the_region_is_filed_regional_not_uploaded_after_a_rebuild(
-        pas_factory: Any, hub: HubProcess, tmp_path: Path) -> None:
+        pas_factory: Any, hub: HubProcess, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Also routed to the hospital's own PACS (DCMTK storescp): the site's own study goes
+    there again after the rebuild, as before; the prior does not (it never went there)."""
     prior = sent_by_another_site(hub, tmp_path / "other")
-    pas = enrolled_pas(pas_factory, hub, tmp_path / "site-priors",
-                       {**FAST, "PAS_PREFETCH__CHECK_INTERVAL_S": "0.2"})
+    local_pacs = StoreSCP(tmp_path / "local-pacs", ae_title="LOCALPACS").start()
+    request.addfinalizer(local_pacs.stop)
+    link = TcpProxy("127.0.0.1", hub.port).start()
+    request.addfinalizer(link.stop)
+    pas = enrolled_pas(pas_factory, hub, tmp_path / "site-priors", via=link, env={
+        **FAST, "PAS_PREFETCH__CHECK_INTERVAL_S": "0.2",
+        "PAS_DESTINATIONS__PACS__KIND": "dicom", "PAS_DESTINATIONS__PACS__AE_TITLE": "LOCALPACS",
+        "PAS_DESTINATIONS__PACS__HOST": "127.0.0.1",
+        "PAS_DESTINATIONS__PACS__PORT": str(local_pacs.port),
+        "PAS_ROUTING__FALLBACK__DESTINATIONS": '["hub", "pacs"]'})
     storescu(STUDY_FILES, pas.port)  # this site's own study, uploaded and confirmed
     wait_jobs_finished(pas, len(STUDY_FILES))
     own = confirmed(pas)
@@ -99,10 +118,27 @@ def test_a_prior_fetched_from_the_region_is_filed_regional_not_uploaded_after_a_
     wait_for(lambda: confirmed(pas) == {**own, **prior}, 30,
              what=f"the prior fetched from the region (log {pas.log_path})")
     assert studies(pas) == {STUDY_UID: "local", PRIOR_UID: "regional"}
+    own_uids = sorted(own)
+    assert received_uids(local_pacs) == own_uids
     pas.stop()
     before = hub_counts(hub)
 
-    finished = rebuilt_and_restarted(pas, len(STUDY_FILES) + len(PRIOR_FILES))
+    # Rebuilt and restarted with the WAN down: the hub cannot answer yet, and the prior's
+    # job to the local PACS waits for its answer instead of forwarding it as a new study.
+    link.cut()
+    pas.cli("cache", "rebuild-index", "--force")
+    pas.start()
+
+    def local_prior_job() -> dict[str, Any] | None:
+        return next((j for j in list_jobs(Database(pas.home / "pas.sqlite"))
+                     if j["study_uid"] == PRIOR_UID and j["destination"] == "pacs"
+                     and (j["state"] == "done" or j["waits_for_job"])), None)
+
+    waiting = wait_for(local_prior_job, 30, what=f"the prior's local job (log {pas.log_path})")
+    assert waiting["state"] == "pending" and waiting["sent"] == 0, waiting
+    assert received_uids(local_pacs) == own_uids
+    link.restore()
+    finished = wait_jobs_finished(pas, len(STUDY_FILES) + len(PRIOR_FILES), 60)
 
     # Nothing went to the hub: no transfer, no bucket, no PUT; both studies confirmed, each
     # instance under the SHA-256 of its bytes; the prior filed regional again.
@@ -112,7 +148,16 @@ def test_a_prior_fetched_from_the_region_is_filed_regional_not_uploaded_after_a_
     assert {j["state"] for j in finished} == {"done"}
     progress = {r["study_uid"]: json.loads(r["progress"]) for r in rows(
         pas.home / "pas.sqlite", "SELECT s.study_uid, j.progress FROM jobs j "
-        "JOIN studies s ON s.id = j.study_fk")}
+        "JOIN studies s ON s.id = j.study_fk WHERE j.kind = 'hub'")}
+    # The local PACS: the site's own study again (the same instances), not the prior; its
+    # job for the prior waited for the hub's answer and says why it sent nothing.
+    assert received_uids(local_pacs) == sorted(own_uids * 2)
+    [local_job] = rows(pas.home / "pas.sqlite", "SELECT j.state, j.last_error, "
+                       "(SELECT count(*) FROM job_instances ji WHERE ji.job_id = j.id) AS n "
+                       "FROM jobs j JOIN studies s ON s.id = j.study_fk "
+                       "WHERE j.kind = 'dicom' AND s.study_uid = ?", (PRIOR_UID,))
+    assert (local_job["state"], local_job["n"]) == ("done", 0)
+    assert local_job["last_error"].startswith("not forwarded: the region's instances")
     assert progress[PRIOR_UID]["holdings"] == {"state": "answered", "asked": 3, "held": 3,
                                                "region_held": 3}
     assert progress[STUDY_UID]["holdings"] == {"state": "answered", "asked": 3, "held": 3}

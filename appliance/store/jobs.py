@@ -114,11 +114,24 @@ def _holding_back(job: str) -> str:
     ``job`` (see :func:`claim_next`), with one parameter: now. Shared by the claim, which
     skips such a job, and :func:`list_jobs`, which says what it waits for: a job held back
     showed as pending and due, with no reason, while it did not start."""
-    return f"""FROM jobs other WHERE other.study_fk = {job}.study_fk
-            AND other.destination = {job}.destination AND other.id != {job}.id
-            AND ((other.state = 'running' AND other.lease_until >= ?)
-                 OR ({job}.kind = 'hub' AND other.id < {job}.id
-                     AND other.state IN ('pending', 'running')))"""
+    return f"""FROM jobs other WHERE other.study_fk = {job}.study_fk AND other.id != {job}.id
+            AND ((other.destination = {job}.destination
+                  AND ((other.state = 'running' AND other.lease_until >= ?)
+                       OR ({job}.kind = 'hub' AND other.id < {job}.id
+                           AND other.state IN ('pending', 'running'))))
+                 OR ({job}.kind != 'hub' AND {_HUB_ASKS_FIRST}))"""
+
+
+# A hub job of the study that will ask the holdings question (instances start-up recovery
+# adopted, not sent, no transfer begun, no answer yet: ``HubTarget._settle_holdings``): the
+# study's other jobs wait for the answer, which says whether its instances are a prior (the
+# region's, from another site), never forwarded as a new study (:func:`confirm_held`).
+_HUB_ASKS_FIRST = """other.kind = 'hub' AND other.state IN ('pending', 'running')
+    AND json_extract(coalesce(other.progress, '{}'), '$.holdings') IS NULL
+    AND json_extract(coalesce(other.progress, '{}'), '$.transfer_id') IS NULL
+    AND EXISTS (SELECT 1 FROM job_instances oji JOIN instances oi ON oi.id = oji.instance_fk
+                WHERE oji.job_id = other.id AND oji.sent_at IS NULL
+                  AND oi.source_address = 'recovery')"""
 
 
 WORKER_DIED = "the worker died while sending it"
@@ -428,6 +441,7 @@ def confirm_held(db: Database, job_id: int, pairs: list[tuple[str, str]],
             if prior_detail is not None:
                 audit.record_in(conn, "recovery", actor="system", target=study_uid,
                                 detail=prior_detail(regional))
+            _not_forwarded(conn, study_uid, sorted(set(priors)), at)
         confirmed = sum(conn.execute(
             "UPDATE instances SET confirmed_at = ? WHERE sop_instance_uid = ? AND sha256 = ? "
             "AND confirmed_at IS NULL", (at, uid, sha)).rowcount for uid, sha in pairs)
@@ -438,6 +452,32 @@ def confirm_held(db: Database, job_id: int, pairs: list[tuple[str, str]],
                      (json.dumps(progress), at, job_id))
         audit.record_in(conn, "recovery", actor="system", target=study_uid, detail=detail)
         return confirmed, regional
+
+
+PRIOR_NOT_FORWARDED = ("not forwarded: the region's instances, sent by another site (a prior "
+                       "fetched from the region, adopted again after a rebuilt index)")
+
+
+def _not_forwarded(conn: sqlite3.Connection, study_uid: str, priors: list[int],
+                   at: float) -> None:
+    """Take a prior's instances out of the study's jobs to other destinations (a local node,
+    a STOW-RS archive) not yet running: never forwarded as a new study of this site, as
+    they were not before the index was lost (prefetch files them routed). Those jobs waited
+    for the hub's answer (:data:`_HUB_ASKS_FIRST`); one left with nothing to send is done,
+    saying why."""
+    jobs = [int(r[0]) for r in conn.execute(
+        "SELECT j.id FROM jobs j JOIN studies s ON s.id = j.study_fk WHERE s.study_uid = ? "
+        "AND j.kind != 'hub' AND j.state IN ('pending', 'failed')", (study_uid,))]
+    if not jobs:
+        return
+    conn.executemany(
+        "DELETE FROM job_instances WHERE job_id = ? AND instance_fk = ? AND sent_at IS NULL",
+        [(job_id, instance_id) for job_id in jobs for instance_id in priors])
+    conn.executemany(
+        """UPDATE jobs SET state = 'done', finished_at = ?, updated_at = ?, last_error = ?
+           WHERE id = ? AND state IN ('pending', 'failed') AND NOT EXISTS (
+               SELECT 1 FROM job_instances WHERE job_id = jobs.id AND sent_at IS NULL)""",
+        [(at, at, PRIOR_NOT_FORWARDED, job_id) for job_id in jobs])
 
 
 def list_jobs(db: Database, state: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
