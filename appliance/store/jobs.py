@@ -161,7 +161,10 @@ def claim_next(db: Database, owner: str, lease_s: float,
     archive, a DICOMweb archive that overwrites) keeps the version it archived last, and a
     hub transfer's manifest cannot drop a superseded instance as a local node's job does
     (:func:`_drop_superseded`). Jobs of the same study to the hub therefore go one after
-    the other, in the order they were routed; a failed one no longer holds the next."""
+    the other, in the order they were routed; a failed one no longer holds the next.
+    A job to another destination also waits while the study's hub job has the holdings
+    question to ask (:data:`_HUB_ASKS_FIRST`): its answer takes a prior's instances out of
+    it (:func:`confirm_held`)."""
     at = now()
     kind_filter = ""
     params: list[Any] = [at, at]

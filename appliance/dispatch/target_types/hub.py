@@ -232,7 +232,12 @@ class HubTarget:
 
         The same question asks about the study's adopted older versions (a correction
         superseded them: never sent, so no receipt would ever confirm them again, and the
-        study would never be evictable); those held are confirmed, not sent."""
+        study would never be evictable); those held are confirmed, not sent.
+
+        Pairs the statement lists as the region's from another site (``region_instances``:
+        a prior this site fetched) are confirmed and never sent, whatever else the study
+        holds; in the same transaction the study is filed regional again when they are all
+        of it, and they leave the study's jobs to local nodes (which waited for this)."""
         from appliance.transfer import holdings
 
         if "holdings" in job.progress:
