@@ -20,6 +20,12 @@ another hospital sent a given study), and a receipt is the hub's word
 to the site that sent the instance, the only word invariant 2 lets a site delete on. The
 statement is signed by the hub's server key, as a receipt is, so that the appliance confirms
 instances on the hub's signature and never on an unsigned answer.
+
+``region_instances`` (embedded archive only) adds the asked pairs the archive holds, those
+exact bytes, that this site never sent: another site's study it fetched from the region (a
+prior) and adopted again after a rebuilt index. Without it the appliance uploaded every prior
+of its cache as its own study, and the region's receipts said this site sent them. Each entry
+is a bare pair (no site, no transfer): the asker already holds the bytes it names.
 """
 
 from __future__ import annotations
@@ -104,8 +110,35 @@ def holdings_statement(hub: Hub, site: str, question: HoldingsQuestion) -> dict[
         "stated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "instances": held,
     }
+    if keeps_versions:
+        own = {(i["sop_instance_uid"], i["sha256"]) for i in held}
+        statement["region_instances"] = region_held(hub, site, question, own)
     statement["signature"] = hub.pki.sign(statement)
     return statement
+
+
+def region_held(hub: Hub, site: str, question: HoldingsQuestion,
+                own: set[tuple[str, str]]) -> list[dict[str, str]]:
+    """The asked pairs the embedded archive holds, with those exact bytes, that this site
+    never sent: another site's study this one fetched from the region (a prior, a
+    fetch-through) and adopted again after its index was rebuilt. Each pair only: no site,
+    no transfer (the asker learns nothing it does not hold already: it has the bytes, and
+    the region's QIDO-RS and WADO-RS serve it the study). Pairs a transfer of this site put
+    in the archive (committed or not) are its own, never the region's from elsewhere: they
+    are in ``instances`` or are sent. Only the embedded archive, whose index records the
+    SHA-256 of each version's exact bytes: a DICOMweb PACS may hold a UID with other bytes
+    than any the hub saw (overwritten, or stored by another feed), so nothing is said."""
+    archive_db = getattr(hub.archive, "db", None)
+    if archive_db is None:
+        return []
+    from appliance.store.query import held_versions
+
+    asked = [(i.sop_instance_uid, i.sha256) for i in question.instances]
+    sent_by_site = store.archived_for_site(hub.db, site, question.study_uid)
+    held = held_versions(archive_db, question.study_uid,
+                         [p for p in asked if p not in own and p not in sent_by_site])
+    return [{"sop_instance_uid": uid, "sha256": sha} for uid, sha in asked
+            if (uid, sha) in held]
 
 
 def holdings_routes(hub: Hub) -> list[BaseRoute]:
@@ -148,9 +181,11 @@ def holdings_routes(hub: Hub) -> list[BaseRoute]:
             return problem(422, "bad_request", f"instances: SOP Instance UID {twice[0][0]} "
                            "appears twice with the same SHA-256")
         statement = await run_in_threadpool(holdings_statement, hub, site, question)
-        log.info("site %s: study %s: the region holds %d of the %s asked about",
+        log.info("site %s: study %s: the region holds %d of the %s asked about from this "
+                 "site (%d more from elsewhere)",
                  site, question.study_uid, len(statement["instances"]),
                  counted(len(question.instances), "instance"),
+                 len(statement.get("region_instances", [])),
                  extra={"SITE": site, "STUDY_UID": question.study_uid})
         return json_answer(request, statement)
 

@@ -197,6 +197,16 @@ def receipted_instances(db: Database, site: str, study_uid: str
     return {pair: (transfer, last[pair[0]] == pair) for pair, transfer in held.items()}
 
 
+def archived_for_site(db: Database, site: str, study_uid: str) -> set[tuple[str, str]]:
+    """(SOP Instance UID, SHA-256) of every instance the archive took from a transfer of
+    ``site`` for ``study_uid``, committed or not (archived while its buckets arrived): the
+    site's own, which a holdings statement never presents as the region's from elsewhere."""
+    return {(str(r[0]), str(r[1])) for r in db.query(
+        "SELECT a.sop_instance_uid, a.sha256 FROM archived_instances a "
+        "JOIN transfers t ON t.id = a.transfer_id WHERE t.site = ? AND t.study_uid = ?",
+        (site, study_uid))}
+
+
 def unfinished_transfers(db: Database) -> list[tuple[str, int]]:
     """(id, priority) of transfers holding buckets but no receipt: what a restarted hub's
     archiver resumes."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,11 +114,24 @@ def _holding_back(job: str) -> str:
     ``job`` (see :func:`claim_next`), with one parameter: now. Shared by the claim, which
     skips such a job, and :func:`list_jobs`, which says what it waits for: a job held back
     showed as pending and due, with no reason, while it did not start."""
-    return f"""FROM jobs other WHERE other.study_fk = {job}.study_fk
-            AND other.destination = {job}.destination AND other.id != {job}.id
-            AND ((other.state = 'running' AND other.lease_until >= ?)
-                 OR ({job}.kind = 'hub' AND other.id < {job}.id
-                     AND other.state IN ('pending', 'running')))"""
+    return f"""FROM jobs other WHERE other.study_fk = {job}.study_fk AND other.id != {job}.id
+            AND ((other.destination = {job}.destination
+                  AND ((other.state = 'running' AND other.lease_until >= ?)
+                       OR ({job}.kind = 'hub' AND other.id < {job}.id
+                           AND other.state IN ('pending', 'running'))))
+                 OR ({job}.kind != 'hub' AND {_HUB_ASKS_FIRST}))"""
+
+
+# A hub job of the study that will ask the holdings question (instances start-up recovery
+# adopted, not sent, no transfer begun, no answer yet: ``HubTarget._settle_holdings``): the
+# study's other jobs wait for the answer, which says whether its instances are a prior (the
+# region's, from another site), never forwarded as a new study (:func:`confirm_held`).
+_HUB_ASKS_FIRST = """other.kind = 'hub' AND other.state IN ('pending', 'running')
+    AND json_extract(coalesce(other.progress, '{}'), '$.holdings') IS NULL
+    AND json_extract(coalesce(other.progress, '{}'), '$.transfer_id') IS NULL
+    AND EXISTS (SELECT 1 FROM job_instances oji JOIN instances oi ON oi.id = oji.instance_fk
+                WHERE oji.job_id = other.id AND oji.sent_at IS NULL
+                  AND oi.source_address = 'recovery')"""
 
 
 WORKER_DIED = "the worker died while sending it"
@@ -147,7 +161,10 @@ def claim_next(db: Database, owner: str, lease_s: float,
     archive, a DICOMweb archive that overwrites) keeps the version it archived last, and a
     hub transfer's manifest cannot drop a superseded instance as a local node's job does
     (:func:`_drop_superseded`). Jobs of the same study to the hub therefore go one after
-    the other, in the order they were routed; a failed one no longer holds the next."""
+    the other, in the order they were routed; a failed one no longer holds the next.
+    A job to another destination also waits while the study's hub job has the holdings
+    question to ask (:data:`_HUB_ASKS_FIRST`): its answer takes a prior's instances out of
+    it (:func:`confirm_held`)."""
     at = now()
     kind_filter = ""
     params: list[Any] = [at, at]
@@ -397,13 +414,37 @@ def confirm_instances(db: Database, receipts: list[tuple[str, str]]) -> int:
 
 def confirm_held(db: Database, job_id: int, pairs: list[tuple[str, str]],
                  instance_ids: list[int], progress: dict[str, Any], study_uid: str,
-                 detail: str) -> int:
+                 detail: str, priors: list[int] | None = None,
+                 prior_detail: Callable[[bool], str] | None = None) -> tuple[int, bool]:
     """What the region's signed holdings statement settled for a job, in ONE transaction
     (invariant 3): its (UID, SHA-256) pairs confirmed, those instances marked sent, the job's
     progress saying the question is answered (a restart does not ask again: it sends the
-    rest), and the ``recovery`` audit row. Returns how many instances were newly confirmed."""
+    rest), and the ``recovery`` audit row. Returns how many instances were newly confirmed,
+    and whether the study was filed regional.
+
+    ``priors``: the ids (among ``instance_ids``) the region holds from another site, never
+    sent by this one (a prior fetched from the region, adopted again after a rebuilt index).
+    When they are every current instance of the study, the study is filed ``regional``
+    again, as prefetch filed it; else it stays this site's (some instances are its own).
+    ``prior_detail``: their own ``recovery`` audit row, told whether the study was filed
+    regional (decided in this transaction: an instance received meanwhile counts)."""
     at = now()
     with db.transaction() as conn:
+        regional = False
+        if priors:
+            own = conn.execute(
+                "SELECT count(*) FROM instances i JOIN studies s ON s.id = i.study_fk "
+                "WHERE s.study_uid = ? AND i.is_current = 1 AND i.id NOT IN "
+                "(SELECT value FROM json_each(?))", (study_uid, json.dumps(sorted(set(priors))))
+            ).fetchone()[0]
+            regional = own == 0
+            if regional:
+                conn.execute("UPDATE studies SET origin = 'regional' WHERE study_uid = ?",
+                             (study_uid,))
+            if prior_detail is not None:
+                audit.record_in(conn, "recovery", actor="system", target=study_uid,
+                                detail=prior_detail(regional))
+            _not_forwarded(conn, study_uid, sorted(set(priors)), at)
         confirmed = sum(conn.execute(
             "UPDATE instances SET confirmed_at = ? WHERE sop_instance_uid = ? AND sha256 = ? "
             "AND confirmed_at IS NULL", (at, uid, sha)).rowcount for uid, sha in pairs)
@@ -413,7 +454,33 @@ def confirm_held(db: Database, job_id: int, pairs: list[tuple[str, str]],
         conn.execute("UPDATE jobs SET progress = ?, updated_at = ? WHERE id = ?",
                      (json.dumps(progress), at, job_id))
         audit.record_in(conn, "recovery", actor="system", target=study_uid, detail=detail)
-        return confirmed
+        return confirmed, regional
+
+
+PRIOR_NOT_FORWARDED = ("not forwarded: the region's instances, sent by another site (a prior "
+                       "fetched from the region, adopted again after a rebuilt index)")
+
+
+def _not_forwarded(conn: sqlite3.Connection, study_uid: str, priors: list[int],
+                   at: float) -> None:
+    """Take a prior's instances out of the study's jobs to other destinations (a local node,
+    a STOW-RS archive) not yet running: never forwarded as a new study of this site, as
+    they were not before the index was lost (prefetch files them routed). Those jobs waited
+    for the hub's answer (:data:`_HUB_ASKS_FIRST`); one left with nothing to send is done,
+    saying why."""
+    jobs = [int(r[0]) for r in conn.execute(
+        "SELECT j.id FROM jobs j JOIN studies s ON s.id = j.study_fk WHERE s.study_uid = ? "
+        "AND j.kind != 'hub' AND j.state IN ('pending', 'failed')", (study_uid,))]
+    if not jobs:
+        return
+    conn.executemany(
+        "DELETE FROM job_instances WHERE job_id = ? AND instance_fk = ? AND sent_at IS NULL",
+        [(job_id, instance_id) for job_id in jobs for instance_id in priors])
+    conn.executemany(
+        """UPDATE jobs SET state = 'done', finished_at = ?, updated_at = ?, last_error = ?
+           WHERE id = ? AND state IN ('pending', 'failed') AND NOT EXISTS (
+               SELECT 1 FROM job_instances WHERE job_id = jobs.id AND sent_at IS NULL)""",
+        [(at, at, PRIOR_NOT_FORWARDED, job_id) for job_id in jobs])
 
 
 def list_jobs(db: Database, state: str | None = None, limit: int = 200) -> list[dict[str, Any]]:

@@ -550,6 +550,26 @@ def held_of(db: Database, study_uid: str, sop_uids: list[str],
     return held
 
 
+def held_versions(db: Database, study_uid: str, pairs: list[tuple[str, str]],
+                  batch: int = 500) -> set[tuple[str, str]]:
+    """Which of the (SOP Instance UID, SHA-256) ``pairs`` of a study the index holds, as any
+    version (current or kept beside a later one), asked ``batch`` UIDs at a time: what the
+    hub's embedded archive answers for the region in a holdings statement (it keeps every
+    version it took, each under the SHA-256 of its exact bytes)."""
+    asked = set(pairs)
+    uids = sorted({uid for uid, _ in pairs})
+    held: set[tuple[str, str]] = set()
+    conn = db.connection()
+    for start in range(0, len(uids), batch):
+        chunk = uids[start:start + batch]
+        held.update(pair for pair in ((str(r[0]), str(r[1])) for r in conn.execute(
+            "SELECT i.sop_instance_uid, i.sha256 FROM instances i "
+            "JOIN studies s ON s.id = i.study_fk WHERE s.study_uid = ? AND "
+            f"i.sop_instance_uid IN ({', '.join('?' * len(chunk))})", (study_uid, *chunk)))
+            if pair in asked)
+    return held
+
+
 def study_sop_uids(db: Database, study_uid: str) -> set[str]:
     """The SOP Instance UIDs of a study's current instances (what a bucketed download is
     told the appliance has)."""

@@ -14,6 +14,8 @@ fields, with the certificate the hub presented on the TLS connection), then: it 
 a holdings statement (a receipt is not one), for this study, answering this question (the
 nonce sent with it), and names only pairs that were asked about. Anything else: nothing is
 confirmed (invariant 2 rests on the hub's signature, never on an unsigned or stray answer).
+Its ``region_instances`` (:func:`region_pairs`) are the region's from another site: a prior
+this site fetched, confirmed and never uploaded as this site's own.
 """
 
 from __future__ import annotations
@@ -79,3 +81,28 @@ def held_pairs(statement: dict[str, Any], asked: dict[str, Any],
         raise StatementInvalid(f"the hub's holdings statement for study {study} names "
                                f"{len(stray)} instance(s) not asked about, e.g. {stray[0][0]}")
     return pairs
+
+
+def region_pairs(statement: dict[str, Any], asked: dict[str, Any]) -> set[tuple[str, str]]:
+    """The asked pairs a statement (already checked by :func:`held_pairs`) says the region's
+    archive holds with those bytes although this site never sent them (``region_instances``:
+    another site's study this one fetched, a prior, adopted again after a rebuilt index).
+    Absent (an older hub, or an archive whose bytes the hub cannot know): none. A pair also
+    listed as this site's own is this site's own. Raises :class:`StatementInvalid` on an
+    entry without its UID or SHA-256, or one not asked about."""
+    study = asked["study_uid"]
+    entries = statement.get("region_instances", [])
+    try:
+        pairs = {(str(i["sop_instance_uid"]), str(i["sha256"])) for i in entries}
+    except (KeyError, TypeError, AttributeError):
+        raise StatementInvalid(f"the hub's holdings statement for study {study} lists a "
+                               "region instance without its UID or SHA-256") from None
+    asked_pairs = {(i["sop_instance_uid"], i["sha256"]) for i in asked["instances"]}
+    stray = sorted(pairs - asked_pairs)
+    if stray:
+        raise StatementInvalid(f"the hub's holdings statement for study {study} names "
+                               f"{len(stray)} region instance(s) not asked about, e.g. "
+                               f"{stray[0][0]}")
+    own = {(str(i.get("sop_instance_uid")), str(i.get("sha256")))
+           for i in statement.get("instances", []) if isinstance(i, dict)}
+    return pairs - own

@@ -122,6 +122,18 @@ class LinkRecorder:
         uplink_store.record_contact(self.db, self.destination, ok, error)
 
 
+def prior_line(study_uid: str, priors: int, regional: bool) -> str:
+    """The log line and audit detail for a study's instances the region holds from another
+    site (a prior fetched here, adopted again after a rebuilt index)."""
+    if regional:
+        return (f"study {study_uid}: {counted(priors, 'instance')} "
+                f"{'is' if priors == 1 else 'are'} the region's (a prior): filed as regional, "
+                "not sent")
+    return (f"study {study_uid}: {counted(priors, 'instance')} "
+            f"{'is' if priors == 1 else 'are'} the region's, sent by another site: confirmed, "
+            "not sent; the study stays this site's (it holds instances of its own)")
+
+
 class HubTarget:
     kind = "hub"
 
@@ -220,7 +232,12 @@ class HubTarget:
 
         The same question asks about the study's adopted older versions (a correction
         superseded them: never sent, so no receipt would ever confirm them again, and the
-        study would never be evictable); those held are confirmed, not sent."""
+        study would never be evictable); those held are confirmed, not sent.
+
+        Pairs the statement lists as the region's from another site (``region_instances``:
+        a prior this site fetched) are confirmed and never sent, whatever else the study
+        holds; in the same transaction the study is filed regional again when they are all
+        of it, and they leave the study's jobs to local nodes (which waited for this)."""
         from appliance.transfer import holdings
 
         if "holdings" in job.progress:
@@ -243,11 +260,17 @@ class HubTarget:
         else:
             state = "answered" if statement is not None else "the hub has no holdings call"
         pairs: dict[tuple[str, str], bool] = {}  # held -> the region's last word on its UID
+        elsewhere: set[tuple[str, str]] = set()  # held, sent by another site: priors
         if statement is not None:
             try:
                 pairs = holdings.held_pairs(statement, asked, self.client.verify)
+                elsewhere = holdings.region_pairs(statement, asked)
             except holdings.StatementInvalid as exc:
                 raise RuntimeError(str(exc)) from None
+        # A prior (another site's study this one fetched from the region, adopted again):
+        # confirmed and never uploaded as this site's, whatever else the study holds.
+        priors = [r for r in candidates if (r["sop_instance_uid"], r["sha256"]) in elsewhere]
+        pairs.update({pair: True for pair in elsewhere})
         # Confirmed: every pair held. Not sent: those that are also the region's last word
         # (a correction the region holds under an older version sent after it goes again).
         held = [r for r in candidates if pairs.get((r["sop_instance_uid"], r["sha256"]))]
@@ -255,6 +278,8 @@ class HubTarget:
         held_ids = {r["id"] for r in held}
         rest = [r for r in unsent if r["id"] not in held_ids]
         settled: dict[str, Any] = {"state": state, "asked": len(candidates), "held": len(held)}
+        if priors:
+            settled["region_held"] = len(priors)
         older_held = sum(1 for r in older if (r["sop_instance_uid"], r["sha256"]) in pairs)
         not_last = sum(1 for r in candidates
                        if pairs.get((r["sop_instance_uid"], r["sha256"])) is False)
@@ -273,9 +298,17 @@ class HubTarget:
                 if statement is not None else
                 f"the hub could not say which of the {counted(len(candidates), 'adopted instance')}"
                 f" of study {job.study_uid} the region holds ({state}): sending {len(rest)}")
-        confirmed = job_store.confirm_held(
+        told: list[str] = []
+
+        def prior_said(regional: bool) -> str:
+            told.append(prior_line(job.study_uid, len(priors), regional))
+            return told[-1]
+
+        confirmed, _regional = job_store.confirm_held(
             context.db, job.id, sorted(pairs), sorted(held_ids), progress,
-            job.study_uid, said)
+            job.study_uid, said, [r["id"] for r in priors], prior_said if priors else None)
+        if told:  # the last: a transaction retried after a busy database told it again
+            log.info("%s", told[-1], extra=extra)
         log.info("%s (%d newly confirmed)", said, confirmed, extra=extra)
         return dataclasses.replace(job, progress=progress), rest
 
