@@ -53,6 +53,9 @@ class Backup:
 
 
 KIND = "pas backup"
+# pas-backup.timer runs daily: two days without a backup is two missed runs. The one threshold
+# of pas doctor, the status page, the hub's fleet dashboard and its alert rule.
+STALE_AFTER_S = 2 * 86400
 # The start of the export audit row's detail: how pas doctor finds the last backup, wherever
 # it was written (the timer's folder, a drop-in's share, an operator's disk).
 AUDIT_DETAIL = "pas backup: "
@@ -100,6 +103,24 @@ def last_backup(db: Database) -> tuple[float, Path] | None:
     row = db.query_one("SELECT at, target FROM audit WHERE event = 'export' AND detail LIKE ? "
                        "ORDER BY id DESC LIMIT 1", (AUDIT_DETAIL + "%",))
     return None if row is None else (row["at"], Path(row["target"]))
+
+
+def backup_state(db: Database, now: float | None = None) -> dict[str, Any]:
+    """The newest backup as every screen shows it (``pas doctor``, the status page,
+    ``/api/status``, the heartbeat): ``last_at`` and ``folder`` (None: never), ``age_s``,
+    ``index_since`` (the index's first audit row: how long it has existed) and ``stale``,
+    true past :data:`STALE_AFTER_S`, or with no backup ever on an index older than that (a
+    new appliance whose first night has not come is not stale)."""
+    now = time.time() if now is None else now
+    newest = last_backup(db)
+    first = db.query_one("SELECT min(at) AS at FROM audit")  # the audit_at index
+    since = None if first is None else first["at"]
+    if newest is None:
+        return {"last_at": None, "folder": None, "age_s": None, "index_since": since,
+                "stale": since is not None and now - since > STALE_AFTER_S}
+    at, folder = newest
+    return {"last_at": at, "folder": str(folder), "age_s": round(max(now - at, 0.0), 1),
+            "index_since": since, "stale": now - at > STALE_AFTER_S}
 
 
 def _manifest(settings: Settings, folder: Path, config_file: Path | None) -> dict[str, Any]:
