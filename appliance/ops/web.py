@@ -174,11 +174,16 @@ def _backup_card(state: dict[str, Any]) -> str:
         text, detail = ago(state["age_s"]), _esc(state["folder"])
     elif state["stale"]:
         css, text = "warn", "never"
-        detail = "pas-backup.timer has not written one: systemctl status pas-backup.timer"
+        detail = "systemctl status pas-backup.timer"
     else:
         css, text, detail = "unknown", "none yet", "the first one tonight (pas-backup.timer)"
     return (f'<div class="card" id="backup">Last backup<b><span class="state {css}">{text}'
             f"</span></b>{detail}</div>")
+
+
+def _unreadable_row(columns: int, error: str) -> str:
+    return (f"<tr class=unreadable><td colspan={columns}>cannot be read from the index: "
+            f"{_esc(error)}</td></tr>")
 
 
 def _unreadable_page(daemon: Daemon, damaged: index_check.IndexCheck | None,
@@ -207,12 +212,24 @@ def render_page(daemon: Daemon, form_token: FormToken | None = None) -> str:
     damaged = index_damage(daemon)
     try:
         snapshot = collect(daemon.settings, daemon.db)
-        studies = ops_store.recent_studies(daemon.db, 20)
-        failed = job_store.list_jobs(daemon.db, "failed", 50)
-        prefetch = ops_store.prefetch_queue(daemon.db)
     except sqlite3.DatabaseError as exc:  # a damaged page met: say what can still be said
         index_check.suspect(exc)  # SQLITE_CORRUPT: the index is checked soon
         return _unreadable_page(daemon, damaged, exc)
+    # Each table on its own: a damaged page under one (the instances: the recent studies)
+    # leaves the cards and the others readable. Before, any of them failing was a 500.
+    unreadable: dict[str, str] = {}
+
+    def read(what: str, reader: Any) -> Any:
+        try:
+            return reader()
+        except sqlite3.DatabaseError as exc:
+            index_check.suspect(exc)
+            unreadable[what] = str(exc)
+            return None
+
+    studies = read("studies", lambda: ops_store.recent_studies(daemon.db, 20)) or []
+    failed = read("failed", lambda: job_store.list_jobs(daemon.db, "failed", 50)) or []
+    prefetch = read("prefetch", lambda: ops_store.prefetch_queue(daemon.db))
     link_class, link_text = link_state(daemon)
     site = enrolled_site(daemon) or snapshot["site"]
     backlog_studies = sum(row["studies"] for row in snapshot["backlog"])
@@ -258,7 +275,9 @@ def render_page(daemon: Daemon, form_token: FormToken | None = None) -> str:
             f"<td class=wide>{_esc(study['modalities'])}</td>"
             f"<td>{study['confirmed']}/{study['instances']}</td>"
             f"<td><span class=\"state {study['state']}\">{study['state']}</span></td></tr>")
-    if not studies:
+    if "studies" in unreadable:
+        out.append(_unreadable_row(6, unreadable["studies"]))
+    elif not studies:
         out.append("<tr><td colspan=6>no study yet</td></tr>")
     out.append("</table></div><h2>Failed jobs</h2><div class=wrap><table id=failed-jobs>"
                "<tr><th>job</th><th>destination</th><th>study</th><th>attempts</th>"
@@ -270,9 +289,14 @@ def render_page(daemon: Daemon, form_token: FormToken | None = None) -> str:
             f"<td>{job['attempts']}</td><td>{_esc((job['last_error'] or '')[:200])}</td>"
             f"<td><form method=post action=\"/jobs/{job['id']}/retry\">{hidden}"
             f"<button type=submit>Retry</button></form></td></tr>")
-    if not failed:
+    if "failed" in unreadable:
+        out.append(_unreadable_row(6, unreadable["failed"]))
+    elif not failed:
         out.append("<tr><td colspan=6>none</td></tr>")
     out.append("</table></div>")
+    if "prefetch" in unreadable:
+        out.append("<h2>Prefetch queue</h2><div class=wrap><table id=prefetch>"
+                   f"{_unreadable_row(4, unreadable['prefetch'])}</table></div>")
     if prefetch is not None:
         out.append("<h2>Prefetch queue</h2><div class=wrap><table id=prefetch><tr>"
                    "<th>request</th><th>patient</th><th>due</th><th>state</th></tr>")
