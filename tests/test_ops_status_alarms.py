@@ -74,6 +74,7 @@ def test_the_page_shows_the_last_backups_age_and_warns_past_two_days(
     assert "systemctl status pas-backup.timer" in card
     backup = httpx.get(f"{base}/api/status", timeout=10).json()["backup"]
     assert backup["last_at"] is None and backup["stale"] is True
+    assert "│ last backup         │ NEVER" in pas.cli("status").stdout
     # A backup now: its age and folder, not a warning.
     destination = tmp_path / "backups"
     destination.mkdir()
@@ -87,6 +88,7 @@ def test_the_page_shows_the_last_backups_age_and_warns_past_two_days(
     assert state == "3 days ago state warn", card
     backup = httpx.get(f"{base}/api/status", timeout=10).json()["backup"]
     assert backup["folder"] == folder and backup["stale"] is True
+    assert "│ last backup         │ STALE, " in pas.cli("status").stdout
     assert 3 * 86400 <= backup["age_s"] < 3 * 86400 + 60
 
 
