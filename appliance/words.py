@@ -1,8 +1,8 @@
-"""How a count reads: ``1 study``, ``2 studies``, ``0 files``.
+"""How a count reads: ``1 study``, ``2 studies``, ``0 files``; how long ago: ``3 days ago``.
 
-Owns: the agreement of a noun with its count, for every line people read (CLI output, the
-status page, audit details, doctor's findings). May not touch: anything else (no imports
-from the rest of PAS, so any layer can use it).
+Owns: the agreement of a noun with its count and how an age reads (:func:`ago`), for every
+line people read (CLI output, the status page, audit details, doctor's findings). May not
+touch: anything else (no imports from the rest of PAS, so any layer can use it).
 """
 
 from __future__ import annotations
@@ -12,3 +12,13 @@ def counted(n: float, noun: str, plural: str | None = None) -> str:
     """``n`` and ``noun`` in agreement: the singular for exactly one, else ``plural`` (by
     default ``noun + "s"``; give it for study/studies, series/series...)."""
     return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
+def ago(seconds: float) -> str:
+    """An age as ``pas doctor`` and the status page say it: ``12 min ago``, ``5 h ago``,
+    ``3 days ago`` (days past two: a backup's age is read in days)."""
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min ago"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.0f} h ago"
+    return f"{seconds / 86400:.0f} days ago"

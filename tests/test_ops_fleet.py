@@ -182,6 +182,8 @@ def test_heartbeat_is_idempotent_and_sortable(fleet: dict[str, Any]) -> None:
     (json.dumps({k: v for k, v in _beat().items() if k != "backlog"}).encode(), 422,
      "backlog: must be an object"),
     (json.dumps(_beat(disk={"used_percent": 140})).encode(), 422, "disk.used_percent"),
+    (json.dumps(_beat(last_backup_at="yesterday")).encode(), 422,
+     "last_backup_at: must be a number"),
     (json.dumps(_beat(site="SITE-A")).encode(), 403, "certificate is for site 'SITE-B'"),
     (b"{" + b" " * 70000 + b"}", 413, "over 65536 bytes"),
 ])
@@ -340,6 +342,50 @@ def test_browser_runs_no_script_a_site_sends(fleet: dict[str, Any], browser: Any
     browser.get(hub.url + "/fleet")
     row = browser.find_element(By.CSS_SELECTOR, 'tr[data-site="SITE-B"]')
     assert hostile in row.text and not row.find_elements(By.TAG_NAME, "img")
+
+
+def test_each_sites_last_backup_on_the_dashboard_and_in_metrics(fleet: dict[str, Any],
+                                                                browser: Any) -> None:
+    """The heartbeat's ``last_backup_at``: the dashboard's "last backup" column, warned past
+    two days, and ``pas_fleet_site_backup_age_seconds`` for the alert rule. A newer
+    appliance's field this hub does not know is ignored; an older appliance's heartbeat
+    without the field is accepted and shows "-", with no gauge."""
+    from selenium.webdriver.common.by import By
+
+    hub: HubProcess = fleet["hub"]
+    pas: PasProcess = fleet["pas"]
+    db = _hub_db(hub)
+
+    def cells() -> dict[str, tuple[str, str]]:
+        browser.get(f"{hub.url}/fleet")
+        return {site: (cell.text, cell.get_attribute("class")) for site in ("SITE-A", "SITE-B")
+                for cell in [browser.find_element(
+                    By.CSS_SELECTOR, f'tr[data-site="{site}"] td.backup')]}
+
+    # SITE-A, a real daemon: the backup written now is in its next heartbeat.
+    destination = fleet["root"] / "backups"
+    destination.mkdir()
+    pas.cli("backup", str(destination), "--json")
+    written_at = pas.status()["backup"]["last_at"]
+    wait_for(lambda: fleet_store.site_status(db, "SITE-A").get("last_backup_at") == written_at,
+             10, what="the backup's time in SITE-A's heartbeat")
+    # SITE-B: three days since its backup, and a field of a later version this hub ignores.
+    with client(fleet["site_b"]) as http:
+        answer = http.post("/api/v1/heartbeat", json=_beat(
+            last_backup_at=time.time() - 3 * 86400, field_of_a_later_version={"x": [1]}))
+    assert answer.status_code == 201, answer.text
+    assert cells() == {"SITE-A": ("0 min ago", "backup"), "SITE-B": ("3 days ago", "backup warn")}
+    scrape = fleet["viewer"].get("/metrics").text
+    assert metric(scrape, "pas_fleet_site_backup_age_seconds", site="SITE-A") < 60  # type: ignore[operator]
+    age_b = metric(scrape, "pas_fleet_site_backup_age_seconds", site="SITE-B")
+    assert age_b is not None and 3 * 86400 <= age_b < 3 * 86400 + 60
+    # An older appliance's heartbeat, without the field: accepted, not reported, no gauge.
+    with client(fleet["site_b"]) as http:
+        answer = http.post("/api/v1/heartbeat", json=_beat(sent_at=time.time() + 1))
+    assert answer.status_code == 201, answer.text
+    assert cells()["SITE-B"] == ("-", "backup")
+    scrape = fleet["viewer"].get("/metrics").text
+    assert metric(scrape, "pas_fleet_site_backup_age_seconds", site="SITE-B") is None
 
 
 def test_link_goes_down_when_the_hub_stops(fleet: dict[str, Any]) -> None:

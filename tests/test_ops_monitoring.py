@@ -41,7 +41,7 @@ def referenced_metric_names() -> set[str]:
 def test_alert_rules_pass_promtool_check() -> None:
     result = promtool("check", "rules", "alerts.yml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 16 rules found" in result.stdout
+    assert "SUCCESS: 17 rules found" in result.stdout
 
 
 def test_alert_rules_unit_tests_pass() -> None:
@@ -58,6 +58,7 @@ def test_alerts_cover_what_the_issue_names() -> None:
     assert "> 0.85" in exprs["PasDiskAlmostFull"]            # disk > 85 %
     assert "< 30" in exprs["PasCertificateExpiring"]         # certificate < 30 days
     assert "> 0" in exprs["PasFailedJobs"]                   # failed jobs
+    assert "pas_fleet_site_backup_age_seconds > 172800" in exprs["PasBackupOld"]  # 2 days
     assert "pas_jobs_waiting_for_credentials > 0" in exprs["PasApplianceCredentialsRefused"]
     assert "pas_index_damaged == 1" in exprs["PasApplianceIndexDamaged"]
 

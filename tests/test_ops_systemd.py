@@ -8,6 +8,7 @@ import os
 import re
 import shlex
 import socket
+import sqlite3
 import subprocess
 import threading
 from collections.abc import Callable
@@ -127,12 +128,11 @@ def _hub_home(tmp_path: Path) -> tuple[Path, Path]:
     return home, config
 
 
-@pytest.mark.parametrize("service,make_home", [("pas-backup.service", _appliance_home),
-                                               ("pas-hub-backup.service", _hub_home)])
-def test_backup_service_command_line_is_accepted_by_pas(
-        service: str, make_home: Callable[[Path], tuple[Path, Path]], tmp_path: Path) -> None:
-    """The unit's ExecStart, its ${...} expanded from its Environment= as systemd does, run
-    with the folders and the configuration moved into tmp_path: a backup, pruned."""
+def _unit_command(service: str, make_home: Callable[[Path], tuple[Path, Path]],
+                  tmp_path: Path) -> tuple[list[str], dict[str, str], Path, Path]:
+    """The unit's ExecStart, its ${...} expanded from its Environment= as systemd does, with
+    the folders and the configuration moved into tmp_path: (argv, environment, home,
+    destination)."""
     text = (UNITS / service).read_text()
     home, config = make_home(tmp_path)
     destination = tmp_path / "backups"
@@ -146,6 +146,15 @@ def test_backup_service_command_line_is_accepted_by_pas(
     assert argv[0] == "/usr/bin/pas" and "--keep" in argv
     argv[0] = str(PAS_BIN)
     argv[argv.index("--config") + 1] = str(config)
+    return argv, environment, home, destination
+
+
+@pytest.mark.parametrize("service,make_home", [("pas-backup.service", _appliance_home),
+                                               ("pas-hub-backup.service", _hub_home)])
+def test_backup_service_command_line_is_accepted_by_pas(
+        service: str, make_home: Callable[[Path], tuple[Path, Path]], tmp_path: Path) -> None:
+    """The unit's command line run as the unit runs it: a backup, pruned."""
+    argv, environment, _home, destination = _unit_command(service, make_home, tmp_path)
     result = subprocess.run([*argv, "--json"], env={**os.environ, **environment},
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -153,6 +162,64 @@ def test_backup_service_command_line_is_accepted_by_pas(
     assert Path(made["folder"]).parent == destination
     assert made["pruned"]["keep"] == int(environment["BACKUP_KEEP"]) >= 1
     assert [p.name for p in destination.iterdir()] == [Path(made["folder"]).name]
+
+
+# What systemd sets for a service its timer started (systemd.exec(5)): INVOCATION_ID for
+# every run, TRIGGER_UNIT and the timer's times for a timer's activation.
+TIMER_ACTIVATION = {"INVOCATION_ID": "4f1c2a8e9b7d4e0fa1b2c3d4e5f60718",
+                    "TRIGGER_TIMER_REALTIME_USEC": "1796432400000000",
+                    "TRIGGER_TIMER_MONOTONIC_USEC": "86400000000"}
+
+
+def _exported_by(home: Path) -> list[str]:
+    """The actors of the appliance's export audit rows (one per backup), oldest first."""
+    with sqlite3.connect(home / "pas.sqlite") as conn:
+        rows = conn.execute("SELECT actor FROM audit WHERE event = 'export' "
+                            "ORDER BY id").fetchall()
+    conn.close()
+    return [row[0] for row in rows]
+
+
+def test_a_backup_its_timer_started_says_so_in_the_trail(tmp_path: Path) -> None:
+    """Started by its timer, the backup's export audit row names the timer
+    (``system:pas-backup.timer``), not ``operator:pas`` as if someone had typed it; an
+    operator's own run still names the operator. Learnt from systemd's own variables, not
+    from a PAS_* one (configuration). (pas hub backup has no audit table: its log line's
+    ACTOR, in the journal under the unit, comes from the same function.)"""
+    import getpass
+
+    service, timer = "pas-backup.service", "pas-backup.timer"
+    argv, environment, home, destination = _unit_command(service, _appliance_home, tmp_path)
+    started = {**os.environ, **environment, **TIMER_ACTIVATION, "TRIGGER_UNIT": timer}
+    by_timer = subprocess.run(argv, env=started, capture_output=True, text=True, timeout=60)
+    assert by_timer.returncode == 0, by_timer.stderr
+    typed = {key: value for key, value in {**os.environ, **environment}.items()
+             if key not in ("INVOCATION_ID", "TRIGGER_UNIT")}
+    elsewhere = tmp_path / "by-hand"  # two backups in one second: two folders
+    elsewhere.mkdir()
+    assert argv[-1] == str(destination)
+    by_hand = subprocess.run([*argv[:-1], str(elsewhere)], env=typed, capture_output=True,
+                             text=True, timeout=60)
+    assert by_hand.returncode == 0, by_hand.stderr
+    actors = _exported_by(home)
+    assert actors == [f"system:{timer}", f"operator:{getpass.getuser()}"], by_timer.stderr
+
+
+def test_a_backup_started_by_hand_with_systemctl_names_its_service(tmp_path: Path) -> None:
+    """``systemctl start pas-backup``: no TRIGGER_UNIT; the service, from the process's cgroup
+    under system.slice (cgroup v2 and v1 lines). A login shell's scope, or INVOCATION_ID
+    without a service's cgroup, is an operator."""
+    from appliance.cli.common import operator_actor
+
+    cgroup = tmp_path / "cgroup"
+    cgroup.write_text("1:name=systemd:/system.slice/pas-backup.service\n"
+                      "0::/system.slice/pas-backup.service\n")
+    assert operator_actor({"INVOCATION_ID": "1"}, cgroup) == "system:pas-backup.service"
+    cgroup.write_text("0::/user.slice/user-0.slice/session-3.scope\n")
+    assert operator_actor({"INVOCATION_ID": "1"}, cgroup).startswith("operator")
+    assert operator_actor({"TRIGGER_UNIT": "pas-backup.timer"}, cgroup).startswith("operator")
+    assert operator_actor({"INVOCATION_ID": "1", "TRIGGER_UNIT": "a timer; DROP TABLE"},
+                          cgroup).startswith("operator")
 
 
 def test_notifier_is_a_no_op_outside_systemd() -> None:

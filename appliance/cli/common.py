@@ -7,8 +7,10 @@ database is opened)."""
 
 from __future__ import annotations
 
+import os
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -153,14 +155,49 @@ def read_database(path: Path, migrations: list[str] | None = None,
         raise typer.Exit(1) from None
 
 
-def operator_actor() -> str:
-    """Who an operator's command acts as, in the audit trail: ``operator:<login>``."""
+def operator_actor(environ: Mapping[str, str] | None = None,
+                   cgroup: Path = Path("/proc/self/cgroup")) -> str:
+    """Who a command acts as, in the audit trail: the systemd unit that ran it,
+    ``system:pas-backup.timer`` (:func:`systemd_starter`), else the operator,
+    ``operator:<login>``. Under the backup timer the login is the service's user: every
+    nightly backup read ``operator:pas``, as if someone had typed it."""
     import getpass
 
+    unit = systemd_starter(os.environ if environ is None else environ, cgroup)
+    if unit is not None:
+        return f"system:{unit}"
     try:
         return f"operator:{getpass.getuser()}"
     except Exception:  # no passwd entry in some containers
         return "operator"
+
+
+# A unit name as systemd writes it (systemd.unit(5)): nothing else goes into the audit trail.
+_UNIT_NAME = re.compile(r"[\w:.@\\-]{1,256}\.(?:service|timer|path|socket)")
+
+
+def systemd_starter(environ: Mapping[str, str], cgroup: Path) -> str | None:
+    """The unit that started this command, when systemd started it as a system service; None
+    otherwise (an operator's shell). Read from what systemd itself sets for a service, never
+    from a ``PAS_*`` variable (those are configuration overrides: config_env.py):
+    ``INVOCATION_ID`` (every service run), ``TRIGGER_UNIT`` (the timer or path unit that
+    activated it, systemd.exec(5)), and else the service's own name, from the process's
+    cgroup under ``system.slice`` (``systemctl start pas-backup`` by hand)."""
+    if not environ.get("INVOCATION_ID"):
+        return None
+    trigger = environ.get("TRIGGER_UNIT", "")
+    if _UNIT_NAME.fullmatch(trigger):
+        return trigger
+    try:
+        lines = cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:  # "0::/system.slice/pas-backup.service" (v2), "1:name=systemd:/..." (v1)
+        path = line.split(":", 2)[-1]
+        parts = path.strip("/").split("/")
+        if len(parts) >= 2 and parts[0] == "system.slice" and _UNIT_NAME.fullmatch(parts[1]):
+            return parts[1]
+    return None
 
 
 # pas backup's and pas hub backup's --keep: the daily timer's way to stop filling the disk.

@@ -156,6 +156,11 @@ def status(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> No
     if checked is not None:  # the daemon's last integrity check of the index
         table.add_row("index check", f"{'DAMAGED' if checked['finding'] else 'sound'}, "
                                      f"{_when(checked['checked_at'])}")
+    backup = snapshot["backup"]  # as pas doctor and the status page judge it
+    table.add_row("last backup", ("none yet" if not backup["stale"] else "NEVER")
+                  if backup["last_at"] is None else
+                  f"{'STALE, ' if backup['stale'] else ''}{_when(backup['last_at'])}, "
+                  f"{backup['folder']}")
     console.print(table)
     jobs = Table(title="Jobs")
     for column in ("kind", "pending", "running", "done", "failed"):

@@ -5,6 +5,11 @@ body's), ``GET /fleet`` (one row per site, sortable and filterable by query stri
 ``GET /fleet/sites/{site}`` (24 h charts as inline SVG) and ``GET /metrics`` (fleet families
 ``pas_fleet_*`` for Prometheus; the alert rules in ``image/monitoring/alerts.yml`` use them).
 May not touch: SQL (``appliance.store.fleet``), transfers, the PKI.
+
+Each site's last backup (the heartbeat's optional ``last_backup_at``): the dashboard's "last
+backup" column, warned past two days (as ``pas doctor`` warns on site), and the gauge
+``pas_fleet_site_backup_age_seconds`` for the alert rule; a site that never backed up counts
+from its first heartbeat, one too old to report it has neither.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from appliance.ops.backup import STALE_AFTER_S as BACKUP_STALE_AFTER_S
 from appliance.store import fleet as store
 from appliance.web.headers import page_headers
-from appliance.words import counted
+from appliance.words import ago, counted
 
 if TYPE_CHECKING:
     from appliance.hub.app import Hub
@@ -35,7 +41,7 @@ SILENT_AFTER_S = 300.0  # a site is "down" when no heartbeat arrived for 5 minut
 MAX_HEARTBEAT_BYTES = 64 * 1024
 MAX_FUTURE_S = 86400.0
 SORT_KEYS = ("site", "state", "last_seen_at", "backlog_studies", "backlog_oldest_s",
-             "disk_used_percent", "version", "cert_days_left", "failed_jobs")
+             "disk_used_percent", "version", "cert_days_left", "failed_jobs", "backup_age_s")
 
 
 class HeartbeatError(ValueError):
@@ -76,6 +82,8 @@ def validate_heartbeat(beat: Any) -> dict[str, Any]:
                              f"{beat['disk']['used_percent']}")
     if beat.get("cert_days_left") is not None:
         _number(beat["cert_days_left"], "cert_days_left", -1e6)
+    if beat.get("last_backup_at") is not None:  # optional: absent from older appliances
+        _number(beat["last_backup_at"], "last_backup_at", 1.0)
     errors = beat.get("errors", [])
     if not isinstance(errors, list) or not all(isinstance(e, str) for e in errors):
         raise HeartbeatError("errors: must be a list of strings")
@@ -88,16 +96,30 @@ def site_rows(hub_db: Any, at: float | None = None) -> list[dict[str, Any]]:
     for row in rows:
         row["silent_s"] = max(at - row["last_seen_at"], 0.0)
         row["state"] = "up" if row["silent_s"] <= SILENT_AFTER_S else "down"
+        row["backup_age_s"] = backup_age(row, at)
+        row["backup_stale"] = (row["backup_age_s"] is not None
+                               and row["backup_age_s"] > BACKUP_STALE_AFTER_S)
     return rows
 
 
+def backup_age(row: dict[str, Any], at: float) -> float | None:
+    """Seconds the site has gone without a backup: since its last one, or, never backed up,
+    since the hub first heard it (a new site is not warned before its second night). None
+    for an appliance too old to report its backups."""
+    if not row["backup_reported"]:
+        return None
+    since = row["last_backup_at"] if row["last_backup_at"] is not None else row["first_seen_at"]
+    return max(at - since, 0.0)
+
+
 def has_problem(row: dict[str, Any]) -> bool:
-    """What the alert rules would flag: down, old backlog, disk, certificate, failed jobs."""
+    """What the alert rules would flag: down, old backlog, disk, certificate, failed jobs,
+    a backup older than two days."""
     cert = row["cert_days_left"]
     return (row["state"] == "down" or row["failed_jobs"] > 0 or row["urgent_oldest_s"] > 480
             or (row.get("routine_oldest_s") or 0) > 14400
             or (row["disk_used_percent"] or 0) > 85 or (cert is not None and cert < 30)
-            or bool(row["errors"]))
+            or row.get("backup_stale", False) or bool(row["errors"]))
 
 
 # --- HTML ------------------------------------------------------------------------------------
@@ -152,7 +174,8 @@ def render_dashboard(rows: list[dict[str, Any]], sort: str, descending: bool, qu
     headings = [("site", "site"), ("state", "state"), ("last_seen_at", "last seen"),
                 ("backlog_studies", "backlog"), ("backlog_oldest_s", "oldest"),
                 ("disk_used_percent", "disk %"), ("version", "version"),
-                ("cert_days_left", "cert days"), ("failed_jobs", "failed jobs")]
+                ("cert_days_left", "cert days"), ("failed_jobs", "failed jobs"),
+                ("backup_age_s", "last backup")]
     for key, label in headings:
         flip = "asc" if sort == key and descending else "desc"
         link = urlencode({"sort": key, "dir": flip, "q": query, "state": state})
@@ -169,11 +192,27 @@ def render_dashboard(rows: list[dict[str, Any]], sort: str, descending: bool, qu
             f'<td class=backlog>{r["backlog_studies"]}</td><td>{_age(r["backlog_oldest_s"])}</td>'
             f'<td{disk_class}>{r["disk_used_percent"]}</td><td>{_esc(r["version"])}</td>'
             f'<td{cert_class}>{"-" if cert is None else f"{cert:.0f}"}</td>'
-            f'<td>{r["failed_jobs"]}</td><td>{_esc("; ".join(r["errors"])[:300])}</td></tr>')
+            f'<td>{r["failed_jobs"]}</td>{_backup_cell(r)}'
+            f'<td>{_esc("; ".join(r["errors"])[:300])}</td></tr>')
     if not rows:
-        out.append("<tr><td colspan=10>no site</td></tr>")
+        out.append("<tr><td colspan=11>no site</td></tr>")
     out.append("</table></div></body></html>")
     return "".join(out)
+
+
+def _backup_cell(row: dict[str, Any]) -> str:
+    """The site's last backup: its age, "never", or "-" from an appliance too old to say."""
+    if row["backup_age_s"] is None:
+        return '<td class=backup title="not reported by this PAS version">-</td>'
+    text = "never" if row["last_backup_at"] is None else ago(row["backup_age_s"])
+    return f'<td class="backup{" warn" if row["backup_stale"] else ""}">{text}</td>'
+
+
+def _backup_fact(status: dict[str, Any], at: float) -> str:
+    if "last_backup_at" not in status:  # an appliance too old to report it
+        return ""
+    last = status["last_backup_at"]
+    return " · last backup " + ("never" if last is None else ago(max(at - last, 0.0)))
 
 
 def svg_chart(points: list[tuple[float, float]], since: float, until: float, title: str,
@@ -219,7 +258,7 @@ def render_site(site: str, status: dict[str, Any], points: list[dict[str, Any]],
         f"{counted(status['backlog']['studies'], 'study', 'studies')} · disk "
         f"{status['disk']['used_percent']} % · "
         f"{counted(status['received']['instances'], 'instance')} received · "
-        f"{counted(len(points), 'heartbeat')} in 24 h</p>",
+        f"{counted(len(points), 'heartbeat')} in 24 h{_backup_fact(status, at)}</p>",
         svg_chart(backlog, since, at, "backlog (studies)"), "<br>",
         svg_chart(throughput, since, at, "received (MB/s)"),
         "</body></html>",
@@ -259,6 +298,10 @@ class FleetCollector(Collector):
                                         "Jobs that gave up at the site", labels=["site"]),
             "info": GaugeMetricFamily("pas_fleet_site_info", "Software version of the site",
                                       labels=["site", "version"]),
+            "backup": GaugeMetricFamily(
+                "pas_fleet_site_backup_age_seconds",
+                "Seconds since the site's last pas backup (never backed up: since its first "
+                "heartbeat); absent for appliances too old to report it", labels=["site"]),
         }
         for r in rows:
             site = [r["site"]]
@@ -275,6 +318,8 @@ class FleetCollector(Collector):
                 families["cert"].add_metric(site, r["cert_days_left"])
             families["failed"].add_metric(site, r["failed_jobs"])
             families["info"].add_metric([r["site"], r["version"] or ""], 1)
+            if r["backup_age_s"] is not None:
+                families["backup"].add_metric(site, r["backup_age_s"])
         yield GaugeMetricFamily("pas_fleet_sites", "Sites that ever sent a heartbeat",
                                 value=len(rows))
         yield from families.values()

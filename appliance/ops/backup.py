@@ -26,6 +26,7 @@ did not write: :func:`appliance.ops.backup_folder.prune_backups`). Restoring is 
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,9 @@ class Backup:
 
 
 KIND = "pas backup"
+# pas-backup.timer runs daily: two days without a backup is two missed runs. The one threshold
+# of pas doctor, the status page, the hub's fleet dashboard and its alert rule.
+STALE_AFTER_S = 2 * 86400
 # The start of the export audit row's detail: how pas doctor finds the last backup, wherever
 # it was written (the timer's folder, a drop-in's share, an operator's disk).
 AUDIT_DETAIL = "pas backup: "
@@ -94,12 +98,51 @@ def make_backup(settings: Settings, config_file: Path | None, destination: Path,
     return Backup(final, manifest, pruned)
 
 
+# Per index file: the audit id read up to, and the newest backup found there. The trail only
+# grows (its triggers refuse UPDATE and DELETE), so each call reads only the rows written
+# since the last. Without it, the status page (every 10 s) and the heartbeat (every 30 s) of
+# an appliance never backed up read the whole trail each time: 0.15 s for 2 million rows
+# (measured on this VM, warm).
+_scanned: dict[str, tuple[int, tuple[float, Path] | None]] = {}
+_scanned_lock = threading.Lock()
+
+
 def last_backup(db: Database) -> tuple[float, Path] | None:
     """When and where the newest whole backup of this index was written, from its export
     audit row (written once the folder has its final name): ``None`` when there is none."""
-    row = db.query_one("SELECT at, target FROM audit WHERE event = 'export' AND detail LIKE ? "
-                       "ORDER BY id DESC LIMIT 1", (AUDIT_DETAIL + "%",))
-    return None if row is None else (row["at"], Path(row["target"]))
+    key = str(db.path)
+    # The top first: a row committed after it has a higher id and is read next time.
+    top = db.query_one("SELECT max(id) AS id FROM audit")["id"] or 0
+    with _scanned_lock:
+        upto, found = _scanned.get(key, (0, None))
+    if top < upto:  # not the trail read before (an index set aside): read it whole
+        upto, found = 0, None
+    row = db.query_one("SELECT at, target FROM audit WHERE id > ? AND id <= ? "
+                       "AND event = 'export' AND detail LIKE ? ORDER BY id DESC LIMIT 1",
+                       (upto, top, AUDIT_DETAIL + "%"))
+    if row is not None:
+        found = (row["at"], Path(row["target"]))
+    with _scanned_lock:
+        _scanned[key] = (top, found)
+    return found
+
+
+def backup_state(db: Database, now: float | None = None) -> dict[str, Any]:
+    """The newest backup as every screen shows it (``pas doctor``, the status page,
+    ``/api/status``, the heartbeat): ``last_at`` and ``folder`` (None: never), ``age_s``,
+    ``index_since`` (the index's first audit row: how long it has existed) and ``stale``,
+    true past :data:`STALE_AFTER_S`, or with no backup ever on an index older than that (a
+    new appliance whose first night has not come is not stale)."""
+    now = time.time() if now is None else now
+    newest = last_backup(db)
+    first = db.query_one("SELECT min(at) AS at FROM audit")  # the audit_at index
+    since = None if first is None else first["at"]
+    if newest is None:
+        return {"last_at": None, "folder": None, "age_s": None, "index_since": since,
+                "stale": since is not None and now - since > STALE_AFTER_S}
+    at, folder = newest
+    return {"last_at": at, "folder": str(folder), "age_s": round(max(now - at, 0.0), 1),
+            "index_since": since, "stale": now - at > STALE_AFTER_S}
 
 
 def _manifest(settings: Settings, folder: Path, config_file: Path | None) -> dict[str, Any]:

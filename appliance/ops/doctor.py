@@ -26,7 +26,7 @@ from appliance.config import ConfigError, DicomDestination, Settings, load_setti
 from appliance.ops import index_check
 from appliance.ops.home_lock import lock_file
 from appliance.ops.listeners import listening_pids, lock_holder, process_name
-from appliance.words import counted
+from appliance.words import ago, counted
 
 Verdict = Literal["ok", "warn", "fail"]
 MAX_SKEW_WARN_S = 30.0
@@ -34,8 +34,6 @@ MAX_SKEW_FAIL_S = 300.0
 HUB_TIMEOUT_S = 10.0
 # A certificate unusable or about to be: the hint an operator can follow as it is written
 # (``pas enroll`` alone refuses an appliance already enrolled).
-# pas-backup.timer runs daily: two days without a backup is two missed runs.
-BACKUP_STALE_AFTER_S = 2 * 86400
 BACKUP_FIX = ("systemctl status pas-backup.timer pas-backup.service; journalctl -u pas-backup "
               "(docs/operations.md, Backup and restore)")
 ENROL_AGAIN = "ask regional ops for a new token, then: pas enroll --replace --hub URL --token TOKEN"
@@ -287,7 +285,7 @@ def check_database(settings: Settings) -> Check:
     if finding is not None:
         if daemon_found is not None and daemon_found.damaged:  # when it was first seen
             finding += (f" (the daemon's integrity check found it "
-                        f"{_ago(time.time() - daemon_found.checked_at)})")
+                        f"{ago(time.time() - daemon_found.checked_at)})")
         return Check("database", "fail", f"{path} is damaged: {finding}",
                      "systemctl stop pas; pas cache rebuild-index (sets the damaged file "
                      "aside); systemctl start pas (start-up recovery indexes the spool again)")
@@ -365,7 +363,7 @@ def check_backup(settings: Settings, now: float | None = None) -> list[Check]:
     reads until the index is damaged and the backup is needed. No backup on an index younger
     than two days is a new appliance whose first night has not come: said, not warned.
     Nothing when the database is missing or unreadable (the database check says so)."""
-    from appliance.ops.backup import last_backup
+    from appliance.ops.backup import backup_state
     from appliance.ops.backup_folder import MANIFEST
     from appliance.store.db import Database
 
@@ -377,21 +375,20 @@ def check_backup(settings: Settings, now: float | None = None) -> list[Check]:
     except Exception:  # any failure is the database check's finding
         return []
     try:
-        newest = last_backup(db)
-        first = db.query_one("SELECT min(at) AS at FROM audit")
+        state = backup_state(db, now)
     except Exception as exc:
         return [Check("backup", "warn", f"cannot read the audit trail: {exc}", BACKUP_FIX)]
     finally:
         db.close()
-    if newest is None:
-        if first is None or first["at"] is None or now - first["at"] < BACKUP_STALE_AFTER_S:
+    if state["last_at"] is None:
+        if not state["stale"]:
             return [Check("backup", "ok", "none yet: pas-backup.timer writes the first one "
                           "tonight (systemctl list-timers pas-backup.timer)")]
         return [Check("backup", "warn", "no pas backup was ever written of this index",
                       "systemctl enable --now pas-backup.timer, or pas backup FOLDER; "
                       + BACKUP_FIX)]
-    at, folder = newest
-    age = _ago(now - at)
+    at, folder = state["last_at"], Path(state["folder"])
+    age = ago(now - at)
     try:
         os.stat(folder / MANIFEST)
         there = "yes"
@@ -402,19 +399,11 @@ def check_backup(settings: Settings, now: float | None = None) -> list[Check]:
     if there == "no":
         return [Check("backup", "warn", f"the last backup, {folder} ({age}), is no longer there",
                       "is its disk or share mounted? " + BACKUP_FIX)]
-    if now - at > BACKUP_STALE_AFTER_S:
+    if state["stale"]:
         return [Check("backup", "warn", f"the last backup is {age}: {folder}", BACKUP_FIX)]
     return [Check("backup", "ok", f"{age}: {folder}"
                   + (" (not readable by this user: run as pas to check it is there)"
                      if there == "unknown" else ""))]
-
-
-def _ago(seconds: float) -> str:
-    if seconds < 3600:
-        return f"{seconds / 60:.0f} min ago"
-    if seconds < 2 * 86400:
-        return f"{seconds / 3600:.0f} h ago"
-    return f"{seconds / 86400:.0f} days ago"
 
 
 def run_checks(config_path: Path | None = None) -> list[Check]:

@@ -90,7 +90,7 @@ def build_heartbeat(settings: Settings, db: Database, started_at: float,
 
 
 UNREADABLE = "index database unreadable"
-STORE_FIGURES = ("backlog", "jobs", "disk", "received", "confirmed_instances")
+STORE_FIGURES = ("backlog", "jobs", "disk", "received", "confirmed_instances", "last_backup_at")
 
 
 def _from_store(settings: Settings, db: Database, errors: list[str]) -> dict[str, Any]:
@@ -125,6 +125,11 @@ def _from_store(settings: Settings, db: Database, errors: list[str]) -> dict[str
         "disk": {"used_percent": disk["used_percent"], "free_bytes": disk["free_bytes"]},
         "received": {"instances": snapshot["files"], "bytes": snapshot["bytes"]},
         "confirmed_instances": snapshot["confirmed_instances"],
+        # When the newest pas backup was written (None: never; ops/backup.py): the fleet
+        # dashboard warns past two days. Optional in the format: the hub reads it only when
+        # present (older appliances do not send it), and older hubs ignore keys they do not
+        # know (hub/fleet.validate_heartbeat checks only its own).
+        "last_backup_at": snapshot["backup"]["last_at"],
     }
 
 
@@ -140,6 +145,7 @@ def _unknown_figures(settings: Settings) -> dict[str, Any]:
                  "free_bytes": usage.free},
         "received": {"instances": 0, "bytes": 0},
         "confirmed_instances": 0,
+        "last_backup_at": None,
     }
 
 

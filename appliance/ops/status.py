@@ -8,6 +8,7 @@ from typing import Any
 from appliance import __version__
 from appliance.config import Settings
 from appliance.ops import index_check
+from appliance.ops.backup import backup_state
 from appliance.store import cache as cache_store
 from appliance.store import commitment as commitment_store
 from appliance.store import index
@@ -43,6 +44,9 @@ def collect(settings: Settings, db: Database) -> dict[str, Any]:
         # The daemon's last integrity check of the index (ops/index_check.py), None before
         # any: path, checked_at, duration_s, finding (None: sound).
         "index_check": index_check.as_status(settings.home),
+        # The newest backup, as pas doctor judges it (ops/backup.py): last_at, folder, age_s,
+        # index_since, stale (past two days, or none ever on an index older than that).
+        "backup": backup_state(db),
         # Integrity flags and the disk alert (store/cache.py, issue 7).
         "cache": cache_store.health(db),
         "disk": {

@@ -1,6 +1,11 @@
 """The appliance's operations routes: the local status page at ``/``, ``/metrics``, and the
 retry button.
 
+What hospital IT must not miss comes first: a damaged index (:mod:`appliance.ops.index_check`:
+a red banner with the fix, in ``pas status``'s words, shown even when the damage stops the
+page's reads of the store) and the last backup's age (:func:`appliance.ops.backup.backup_state`,
+what ``pas doctor`` judges: warning style past two days, or none ever on an older index).
+
 Owns: the HTML hospital IT reads on a phone or a desk, and the Prometheus endpoint. Both are
 server-rendered from the store at request time (the page refreshes itself every 10 s). May
 not touch: state, except the retry button, which calls :func:`appliance.store.jobs.retry`.
@@ -12,6 +17,7 @@ must come from the page's own origin.
 from __future__ import annotations
 
 import html
+import sqlite3
 import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -23,13 +29,13 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from appliance.ops import metrics
+from appliance.ops import index_check, metrics
 from appliance.ops.status import collect, human_size
 from appliance.store import jobs as job_store
 from appliance.store import ops as ops_store
 from appliance.web.auth import FormToken, same_origin
 from appliance.web.headers import page_headers
-from appliance.words import counted
+from appliance.words import ago, counted
 
 if TYPE_CHECKING:
     from appliance.daemon import Daemon
@@ -49,6 +55,9 @@ th,td{padding:6px;border-bottom:1px solid #eee;text-align:left}
 .state{padding:2px 8px;border-radius:10px;font-size:.85em;white-space:nowrap}
 .up,.confirmed,.delivered{background:#d4f5dc} .down,.failed{background:#fbd5d5}
 .sending{background:#dbe8ff} .received,.stable,.unknown{background:#eee}
+.warn{background:#fff1c2} .fresh{background:#d4f5dc}
+.alarm{background:#fbd5d5;border:2px solid #b00;border-radius:8px;padding:10px 14px;
+ margin:0 0 10px;word-break:break-word} .alarm b{display:block;font-size:1.2em;color:#900}
 button{padding:6px 12px;border-radius:6px;border:1px solid #888;background:#fff}
 small{color:#666} .card .state{white-space:normal;display:inline-block} td.t{white-space:nowrap}
 @media (max-width:600px){.wide{display:none} th,td{padding:4px} td{word-break:break-word}
@@ -144,12 +153,83 @@ def _commitment_section(reports: dict[str, Any]) -> list[str]:
     return out
 
 
+def index_damage(daemon: Daemon) -> index_check.IndexCheck | None:
+    """The daemon's last integrity check when it found the index damaged (this process's,
+    else the one recorded in the home), else None."""
+    checked = index_check.latest() or index_check.load(daemon.settings.home)
+    return checked if checked is not None and checked.damaged else None
+
+
+def _damage_banner(checked: index_check.IndexCheck) -> str:
+    """First on the page, in the words of ``pas status`` (the damage, then the fix)."""
+    return (f'<div class=alarm id=index-damaged role=alert><b>Index database damaged</b>'
+            f"{_esc(checked.message())} <small>(found {_when(checked.checked_at)})</small>"
+            "</div>")
+
+
+def _backup_card(state: dict[str, Any]) -> str:
+    """The last backup's age, judged as ``pas doctor`` judges it."""
+    if state["last_at"] is not None:
+        css = "warn" if state["stale"] else "fresh"
+        text, detail = ago(state["age_s"]), _esc(state["folder"])
+    elif state["stale"]:
+        css, text = "warn", "never"
+        detail = "systemctl status pas-backup.timer"
+    else:
+        css, text, detail = "unknown", "none yet", "the first one tonight (pas-backup.timer)"
+    return (f'<div class="card" id="backup">Last backup<b><span class="state {css}">{text}'
+            f"</span></b>{detail}</div>")
+
+
+def _unreadable_row(columns: int, error: str) -> str:
+    return (f"<tr class=unreadable><td colspan={columns}>cannot be read from the index: "
+            f"{_esc(error)}</td></tr>")
+
+
+def _unreadable_page(daemon: Daemon, damaged: index_check.IndexCheck | None,
+                     exc: sqlite3.DatabaseError) -> str:
+    """What the page can still say when the store cannot be read: the damage and its fix
+    (the index check's file, not the store), the hub link, and the error met."""
+    link_class, link_text = link_state(daemon)
+    site = enrolled_site(daemon) or daemon.settings.site
+    return "".join([
+        "<!doctype html><html lang=en><head><meta charset=utf-8>",
+        f'<meta http-equiv="refresh" content="{REFRESH_S}">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>PAS {_esc(site)}</title><style>{STYLE}</style></head><body>",
+        f"<h1>PAS {_esc(site)}</h1>",
+        _damage_banner(damaged) if damaged is not None else "",
+        f'<div class=alarm id=store-unreadable><b>The index cannot be read</b>{_esc(exc)}: '
+        "the figures of this page are unavailable; pas doctor says what to do</div>",
+        f'<div class="cards"><div class="card" id="link">Hub link<b><span class="state '
+        f'{link_class}">{_esc(link_text)}</span></b></div></div>',
+        f"<p><small>refreshed {_when(time.time())} · every {REFRESH_S} s</small></p>",
+        "</body></html>"])
+
+
 def render_page(daemon: Daemon, form_token: FormToken | None = None) -> str:
     """The page; ``form_token`` (when auth is on) goes into each form as a hidden field."""
-    snapshot = collect(daemon.settings, daemon.db)
-    studies = ops_store.recent_studies(daemon.db, 20)
-    failed = job_store.list_jobs(daemon.db, "failed", 50)
-    prefetch = ops_store.prefetch_queue(daemon.db)
+    damaged = index_damage(daemon)
+    try:
+        snapshot = collect(daemon.settings, daemon.db)
+    except sqlite3.DatabaseError as exc:  # a damaged page met: say what can still be said
+        index_check.suspect(exc)  # SQLITE_CORRUPT: the index is checked soon
+        return _unreadable_page(daemon, damaged, exc)
+    # Each table on its own: a damaged page under one (the instances: the recent studies)
+    # leaves the cards and the others readable. Before, any of them failing was a 500.
+    unreadable: dict[str, str] = {}
+
+    def read(what: str, reader: Any) -> Any:
+        try:
+            return reader()
+        except sqlite3.DatabaseError as exc:
+            index_check.suspect(exc)
+            unreadable[what] = str(exc)
+            return None
+
+    studies = read("studies", lambda: ops_store.recent_studies(daemon.db, 20)) or []
+    failed = read("failed", lambda: job_store.list_jobs(daemon.db, "failed", 50)) or []
+    prefetch = read("prefetch", lambda: ops_store.prefetch_queue(daemon.db))
     link_class, link_text = link_state(daemon)
     site = enrolled_site(daemon) or snapshot["site"]
     backlog_studies = sum(row["studies"] for row in snapshot["backlog"])
@@ -165,6 +245,7 @@ def render_page(daemon: Daemon, form_token: FormToken | None = None) -> str:
         f"<title>PAS {_esc(site)}</title><style>{STYLE}</style></head><body>",
         f"<h1>PAS {_esc(site)} <small>AE {_esc(snapshot['ae_title'])} · "
         f"v{_esc(snapshot['version'])}</small></h1>",
+        _damage_banner(damaged) if damaged is not None else "",
         '<div class="cards">',
         f'<div class="card" id="link">Hub link<b><span class="state {link_class}">'
         f"{_esc(link_text)}</span></b></div>",
@@ -178,6 +259,7 @@ def render_page(daemon: Daemon, form_token: FormToken | None = None) -> str:
         f'<div class="card" id="cache">Cache<b>{counted(snapshot["studies"], "study", "studies")}'
         f"</b>{counted(snapshot['instances'], 'instance')} · "
         f"{snapshot['confirmed_instances']} confirmed</div>",
+        _backup_card(snapshot["backup"]),
         "</div>",
         *_links_section(snapshot.get("links") or {}),
         *_commitment_section(reports),
@@ -193,7 +275,9 @@ def render_page(daemon: Daemon, form_token: FormToken | None = None) -> str:
             f"<td class=wide>{_esc(study['modalities'])}</td>"
             f"<td>{study['confirmed']}/{study['instances']}</td>"
             f"<td><span class=\"state {study['state']}\">{study['state']}</span></td></tr>")
-    if not studies:
+    if "studies" in unreadable:
+        out.append(_unreadable_row(6, unreadable["studies"]))
+    elif not studies:
         out.append("<tr><td colspan=6>no study yet</td></tr>")
     out.append("</table></div><h2>Failed jobs</h2><div class=wrap><table id=failed-jobs>"
                "<tr><th>job</th><th>destination</th><th>study</th><th>attempts</th>"
@@ -205,9 +289,14 @@ def render_page(daemon: Daemon, form_token: FormToken | None = None) -> str:
             f"<td>{job['attempts']}</td><td>{_esc((job['last_error'] or '')[:200])}</td>"
             f"<td><form method=post action=\"/jobs/{job['id']}/retry\">{hidden}"
             f"<button type=submit>Retry</button></form></td></tr>")
-    if not failed:
+    if "failed" in unreadable:
+        out.append(_unreadable_row(6, unreadable["failed"]))
+    elif not failed:
         out.append("<tr><td colspan=6>none</td></tr>")
     out.append("</table></div>")
+    if "prefetch" in unreadable:
+        out.append("<h2>Prefetch queue</h2><div class=wrap><table id=prefetch>"
+                   f"{_unreadable_row(4, unreadable['prefetch'])}</table></div>")
     if prefetch is not None:
         out.append("<h2>Prefetch queue</h2><div class=wrap><table id=prefetch><tr>"
                    "<th>request</th><th>patient</th><th>due</th><th>state</th></tr>")

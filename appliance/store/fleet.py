@@ -65,16 +65,21 @@ def record_heartbeat(db: Database, site: str, beat: dict[str, Any]) -> bool:
 
 
 def list_sites(db: Database) -> list[dict[str, Any]]:
-    """Every site's latest state. ``routine_oldest_s`` comes from the stored heartbeat (None
-    from appliances older than that field)."""
+    """Every site's latest state. ``routine_oldest_s`` and ``last_backup_at`` come from the
+    stored heartbeat (None from appliances older than those fields); ``backup_reported``
+    tells a site that never backed up (``last_backup_at`` null in its heartbeat) from one too
+    old to say."""
     rows = db.query(
         f"""SELECT {', '.join(_SITE_COLUMNS)},
-                   json_extract(status, '$.backlog.routine_oldest_age_s') AS routine_oldest_s
+                   json_extract(status, '$.backlog.routine_oldest_age_s') AS routine_oldest_s,
+                   json_extract(status, '$.last_backup_at') AS last_backup_at,
+                   json_type(status, '$.last_backup_at') IS NOT NULL AS backup_reported
             FROM fleet_sites ORDER BY site""")
     result = []
     for row in rows:
         site = dict(row)
         site["errors"] = json.loads(site["errors"] or "[]")
+        site["backup_reported"] = bool(site["backup_reported"])
         result.append(site)
     return result
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sqlite3
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -33,7 +34,16 @@ def build_app(daemon: Daemon) -> Starlette:
     from appliance.web.auth import BearerGuard
 
     async def status_json(_request: Request) -> JSONResponse:
-        return JSONResponse(collect(daemon.settings, daemon.db))
+        try:
+            return JSONResponse(collect(daemon.settings, daemon.db))
+        except sqlite3.DatabaseError as exc:
+            # A damaged page met: what the index check found (its file, not the store) and
+            # the error, not a bare 500 (the status page says the same, ops/web.py).
+            from appliance.ops import index_check
+
+            return JSONResponse({"error": f"index database unreadable: {exc}",
+                                 "index_check": index_check.as_status(daemon.settings.home)},
+                                status_code=503)
 
     async def health(_request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
