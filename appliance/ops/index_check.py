@@ -86,14 +86,16 @@ def latest() -> IndexCheck | None:
 
 
 def check(path: Path, abandon: threading.Event | None = None, *,
-          raise_errors: bool = False) -> IndexCheck:
+          raise_errors: bool = False, thorough: bool = False) -> IndexCheck:
     """Run ``quick_check`` on ``path`` through its own read-only connection, timed. A check
     that cannot run (locked, unreadable, interrupted: not damage) is said in ``error``, or
-    raised with ``raise_errors`` (start-up refuses what it cannot check)."""
+    raised with ``raise_errors`` (start-up refuses what it cannot check). ``thorough``:
+    ``integrity_check`` (:func:`appliance.store.damage.damage_of`)."""
     started = time.monotonic()
     finding = error = None
     try:
-        finding = damage_of(path, abandon.is_set if abandon is not None else None)
+        finding = damage_of(path, abandon.is_set if abandon is not None else None,
+                            thorough=thorough)
     except sqlite3.Error as exc:
         if raise_errors:
             raise
@@ -140,8 +142,11 @@ def forget(home: Path) -> None:
 
 
 def is_corrupt(exc: BaseException) -> bool:
-    return getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_CORRUPT,
-                                                      sqlite3.SQLITE_NOTADB)
+    """SQLite said the file is damaged. Python gives the extended code: an index out of
+    step with its table is SQLITE_CORRUPT_INDEX (779), whose low byte is SQLITE_CORRUPT."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF in (sqlite3.SQLITE_CORRUPT,
+                                                     sqlite3.SQLITE_NOTADB)
 
 
 def suspect(exc: BaseException) -> None:
@@ -158,7 +163,7 @@ def report(result: IndexCheck) -> None:
     elif result.error is not None:
         log.warning("index check of %s did not run to the end: %s", result.path, result.error)
     else:
-        log.info("index check of %s: sound (quick_check ok, %.1f s)", result.path,
+        log.info("index check of %s: sound (SQLite found nothing, %.1f s)", result.path,
                  result.duration_s)
 
 
@@ -172,8 +177,8 @@ class IndexChecker:
         self.home = home
         self.interval_s = interval_s
 
-    def check_now(self, stopping: threading.Event) -> IndexCheck:
-        result = check(self.path, stopping)
+    def check_now(self, stopping: threading.Event, thorough: bool = False) -> IndexCheck:
+        result = check(self.path, stopping, thorough=thorough)
         if result.error is not None:
             # Nothing was learnt (interrupted by a stop, the file locked): the last check's
             # finding and time stand, so that pas_index_check_timestamp_seconds says how old
@@ -202,11 +207,15 @@ class IndexChecker:
             if now < due and not suspected:
                 continue
             _suspected.clear()
+            took = 0.0
             try:
-                self.check_now(stopping)
+                # Suspected: SQLite already said "malformed" to a loop, which quick_check
+                # may not see (an index missing a row of its table): integrity_check.
+                took = self.check_now(stopping, thorough=suspected).duration_s
             except Exception:  # the check must never take the daemon down
                 log.exception("index check failed")
             now = time.monotonic()
             due = now + self.interval_s
             if suspected:
-                earliest_suspect = now + SUSPECT_RECHECK_S
+                # The longer check found nothing: it takes a tenth of a core at most.
+                earliest_suspect = now + max(SUSPECT_RECHECK_S, 10 * took)

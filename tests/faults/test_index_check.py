@@ -14,6 +14,7 @@ Real daemon, real hub over mutual TLS, DCMTK storescu as the modality.
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -165,5 +166,61 @@ def test_a_cstore_meeting_the_damage_has_the_index_checked_at_once(tmp_path: Pat
         wait_for(lambda: metric(_scrape(pas), "pas_index_damaged") == 1, 8,
                  what="pas_index_damaged 1 without waiting a day")
         assert metric(_scrape(pas), "pas_index_check_timestamp_seconds") > started
+    finally:
+        pas.stop()
+
+
+def _drop_an_entry_from_index(db: Path, index: str, table: str) -> None:
+    """What a lost write leaves behind: ``table``'s rows changed while ``index`` did not
+    follow (detached from the schema while the rows changed, then put back as it was).
+    ``quick_check`` says "ok" (it does not compare an index with its table); a DELETE or
+    UPDATE of such a row fails with "database disk image is malformed"
+    (SQLITE_CORRUPT_INDEX, extended code 779)."""
+    with sqlite3.connect(db) as conn:
+        name, tbl, root, sql = conn.execute(
+            "SELECT name, tbl_name, rootpage, sql FROM sqlite_master WHERE name = ?",
+            (index,)).fetchone()
+        conn.execute("PRAGMA writable_schema = ON")
+        conn.execute("DELETE FROM sqlite_master WHERE name = ?", (index,))
+    with sqlite3.connect(db) as conn:
+        conn.execute(f"UPDATE {table} SET last_received_at = last_received_at + 1")  # noqa: S608
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA writable_schema = ON")
+        conn.execute("INSERT INTO sqlite_master VALUES ('index', ?, ?, ?, ?)",
+                     (name, tbl, root, sql))
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+        assert "missing from index" in conn.execute("PRAGMA integrity_check(1)").fetchone()[0]
+
+
+def test_an_index_out_of_step_with_its_table_is_found_when_a_cstore_meets_it(
+        tmp_path: Path) -> None:
+    """An index missing an entry of its table: quick_check (start-up, the daily check) sees
+    nothing, and a C-STORE's commit fails with "database disk image is malformed" under the
+    extended code SQLITE_CORRUPT_INDEX (779). Before, that code was not taken for
+    corruption (only 11 and 26 were), and the check it would have asked for was
+    quick_check again: the daemon's check kept saying the index was sound while every
+    C-STORE of the study failed. The check a loop's corruption error asks for is SQLite's
+    integrity_check, which compares each index with its table."""
+    pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                                        "PAS_PREFETCH__ENABLED": "false"})
+    pas.start()
+    try:
+        files = _one_study(3)
+        storescu(files[:2], pas.port)
+        pas.stop()
+        db = pas.home / "pas.sqlite"
+        _drop_an_entry_from_index(db, "studies_last_received", "studies")
+        pas.start()  # quick_check at start-up: sound
+        started = metric(_scrape(pas), "pas_index_check_timestamp_seconds")
+        assert metric(_scrape(pas), "pas_index_damaged") == 0
+        refused = storescu(files[2:], pas.port, check=False)  # a 0xC000-class status
+        assert refused.returncode != 0
+        assert "index commit failed: database disk image is malformed" in pas.log()
+        wait_for(lambda: metric(_scrape(pas), "pas_index_damaged") == 1, 8,
+                 what="pas_index_damaged 1 after a C-STORE met SQLITE_CORRUPT_INDEX")
+        assert metric(_scrape(pas), "pas_index_check_timestamp_seconds") > started
+        finding = pas.status()["index_check"]["finding"]
+        assert "missing from index studies_last_received" in finding, finding
     finally:
         pas.stop()
