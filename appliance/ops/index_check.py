@@ -129,6 +129,16 @@ def load(home: Path) -> IndexCheck | None:
         return None
 
 
+def found_damaged(home: Path) -> bool:
+    """The daemon's last check found the index in ``home`` damaged: whoever checks it next
+    (start-up, ``pas doctor``, ``pas cache rebuild-index``) runs ``integrity_check``, since
+    that damage may be what ``quick_check`` does not see (an index missing a row). Else
+    start-up said sound again and recorded it, doctor passed and rebuild-index refused the
+    fix this module names. A file left from before a restore costs one longer check."""
+    found = load(home)
+    return found is not None and found.damaged
+
+
 def as_status(home: Path) -> dict[str, Any] | None:
     """The last recorded check as ``pas status --json`` and the status page show it."""
     found = load(home)

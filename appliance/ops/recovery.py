@@ -430,7 +430,7 @@ def set_index_aside(settings: Settings, actor: str, force: bool = False) -> Inde
     path = settings.db_path
     lock = hold_home_lock(settings.home)
     try:
-        finding = damage_of(path)
+        finding = damage_of(path, thorough=index_check.found_damaged(settings.home))
         if finding is None and not force:
             raise IndexSound(f"SQLite finds {path} sound (quick_check ok): nothing to rebuild "
                              "(--force sets it aside anyway)")
