@@ -238,3 +238,40 @@ def test_an_index_out_of_step_with_its_table_is_found_when_a_cstore_meets_it(
     rebuilt = pas.cli("cache", "rebuild-index", check=False)
     assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
     assert len(list(pas.home.glob("pas.sqlite.damaged-*Z"))) == 1
+
+
+def test_a_heartbeat_that_cannot_read_the_store_still_says_the_disk_as_it_is(
+        tmp_path: Path) -> None:
+    """The figures of the last heartbeat that could read the store stand in for those the
+    store holds; the disk is not in the store. Before, the disk went as it was then too:
+    a disk filling while the index was unreadable was sent as the old figure (here 1 % used)
+    for as long as the damage lasted, and the fleet's disk alert (over 85 %) never came."""
+    import shutil
+
+    from appliance.config import load_settings
+    from appliance.hub.fleet import validate_heartbeat
+    from appliance.ingest.receive import Receiver
+    from appliance.ops.heartbeat import build_heartbeat
+    from appliance.store.spool import Spool
+
+    settings = load_settings(environ={"PAS_HOME": str(tmp_path)})
+    db = Database(settings.db_path)
+    Receiver(db, Spool(settings.spool_dir, fsync=False)).receive_file(
+        _one_study(1)[0].read_bytes(), source="CT1")
+    db.close()
+    _tear_the_root_page_of(settings.db_path, "instance_totals")
+    last = {"backlog": {"studies": 2, "bytes": 10, "oldest_age_s": 5.0,
+                        "urgent_oldest_age_s": 0.0, "routine_oldest_age_s": 5.0},
+            "jobs": {"pending": 2, "running": 0, "failed": 0},
+            "disk": {"used_percent": 1.0, "free_bytes": 1},
+            "received": {"instances": 1, "bytes": 10}, "confirmed_instances": 0}
+    reader = Database(settings.db_path)
+    try:
+        beat = validate_heartbeat(build_heartbeat(settings, reader, 0.0, last_known=last))
+    finally:
+        reader.close()
+    assert beat["backlog"] == last["backlog"] and beat["received"] == last["received"]
+    disk = shutil.disk_usage(tmp_path)
+    assert beat["disk"]["used_percent"] == pytest.approx(
+        100 * (disk.total - disk.free) / disk.total, abs=0.2)
+    assert beat["disk"]["free_bytes"] == pytest.approx(disk.free, rel=0.01)
