@@ -404,6 +404,7 @@ class Scrubber:
                     stop.wait(idle_s)
             except Exception as exc:
                 failures.failed(exc)
+                index_check.suspect(exc)  # SQLITE_CORRUPT: the index is checked soon
                 stop.wait(idle_s)
 
 

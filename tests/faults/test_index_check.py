@@ -275,3 +275,94 @@ def test_a_heartbeat_that_cannot_read_the_store_still_says_the_disk_as_it_is(
     assert beat["disk"]["used_percent"] == pytest.approx(
         100 * (disk.total - disk.free) / disk.total, abs=0.2)
     assert beat["disk"]["free_bytes"] == pytest.approx(disk.free, rel=0.01)
+
+
+@pytest.fixture
+def checker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+    """A home with one confirmed study, and the daemon's index checker running on it (its
+    schedule an hour away: only a suspicion makes it check)."""
+    import threading
+
+    from appliance.ingest.receive import Receiver
+    from appliance.ops import index_check
+    from appliance.store.spool import Spool
+
+    monkeypatch.setattr(index_check, "_latest", None)  # this process's, not another test's
+    index_check._suspected.clear()
+    home = tmp_path / "home"
+    db = Database(home / "pas.sqlite")
+    spool = Spool(home / "spool", fsync=False)
+    receiver = Receiver(db, spool)
+    for path in _one_study(3):
+        receiver.receive_file(path.read_bytes(), source="CT1")
+    with db.transaction() as conn:  # confirmed at the region, received long ago: evictable
+        conn.execute("UPDATE instances SET confirmed_at = 1")
+        conn.execute("UPDATE studies SET last_received_at = 1000, last_accessed_at = 1000")
+    db.close()
+    stop = threading.Event()
+    checking = threading.Thread(target=index_check.IndexChecker(
+        home / "pas.sqlite", home, 3600).run, args=(stop,), daemon=True)
+    checking.start()
+    try:
+        yield {"home": home, "stop": stop, "spool": spool}
+    finally:
+        stop.set()
+        checking.join(10)
+
+
+def _loop_meets_damage(run: Any, home: Path, stop: Any) -> str:
+    """Run a loop in its own thread until the checker found the damage; its finding."""
+    import threading
+
+    from appliance.ops import index_check
+
+    looping = threading.Thread(target=run, args=(stop,), daemon=True)
+    looping.start()
+    found = wait_for(lambda: (index_check.latest() or None) and index_check.latest().finding,
+                     8, what="the index checked after the loop met the damage")
+    assert index_check.load(home) is not None and index_check.load(home).damaged
+    stop.set()
+    looping.join(10)
+    return str(found)
+
+
+def test_an_eviction_pass_meeting_corruption_has_the_index_checked(
+        checker: dict[str, Any]) -> None:
+    """Eviction deletes rows, where an index missing one fails "database disk image is
+    malformed" (SQLITE_CORRUPT_INDEX). The eviction loop logged it and tried again at its
+    next pass, for ever, without asking for the check (only routing, C-STORE, the
+    heartbeat and a scrape did): the daily check, a quick_check, would not have seen it."""
+    from appliance.config import load_settings
+    from appliance.ops.cache_policy import CachePolicy
+
+    home: Path = checker["home"]
+    _drop_an_entry_from_index(home / "pas.sqlite", "studies_last_received", "studies")
+    settings = load_settings(environ={"PAS_HOME": str(home), "PAS_STORAGE__QUOTA_MB": "1",
+                                      "PAS_CACHE__HIGH_WATERMARK_PERCENT": "50",
+                                      "PAS_CACHE__LOW_WATERMARK_PERCENT": "1",
+                                      "PAS_CACHE__EVICT_INTERVAL_S": "0.2"})
+    db = Database(home / "pas.sqlite")
+    try:
+        policy = CachePolicy(settings, db, checker["spool"])
+        found = _loop_meets_damage(policy.run, home, checker["stop"])
+    finally:
+        db.close()
+    assert "missing from index studies_last_received" in found
+
+
+def test_a_scrub_step_meeting_corruption_has_the_index_checked(
+        checker: dict[str, Any]) -> None:
+    """The scrub loop fails at most once per scrub_pause_s (an hour): before, a torn page
+    it met waited for the daily check."""
+    from appliance.ops.recovery import Scrubber
+
+    home: Path = checker["home"]
+    _tear_the_root_page_of(home / "pas.sqlite", "instances")
+    db = Database(home / "pas.sqlite")
+    try:
+        scrubber = Scrubber(db, checker["spool"], 1e9)
+        found = _loop_meets_damage(lambda stop: scrubber.run(stop, 3600), home,
+                                   checker["stop"])
+    finally:
+        db.close()
+    assert found
