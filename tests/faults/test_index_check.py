@@ -203,16 +203,21 @@ def test_an_index_out_of_step_with_its_table_is_found_when_a_cstore_meets_it(
     quick_check again: the daemon's check kept saying the index was sound while every
     C-STORE of the study failed. The check a loop's corruption error asks for is SQLite's
     integrity_check, which compares each index with its table."""
+    from appliance.ingest.receive import Receiver
+    from appliance.store.spool import Spool
+
     pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
                                         "PAS_PREFETCH__ENABLED": "false"})
-    pas.start()
+    db = pas.home / "pas.sqlite"
+    files = _one_study(3)
+    index = Database(db)
+    receiver = Receiver(index, Spool(pas.home / "spool", fsync=False))
+    for path in files[:2]:  # the study's first two instances, received before
+        receiver.receive_file(path.read_bytes(), source="CT1")
+    index.close()
+    _drop_an_entry_from_index(db, "studies_last_received", "studies")
+    pas.start()  # quick_check at start-up: sound
     try:
-        files = _one_study(3)
-        storescu(files[:2], pas.port)
-        pas.stop()
-        db = pas.home / "pas.sqlite"
-        _drop_an_entry_from_index(db, "studies_last_received", "studies")
-        pas.start()  # quick_check at start-up: sound
         started = metric(_scrape(pas), "pas_index_check_timestamp_seconds")
         assert metric(_scrape(pas), "pas_index_damaged") == 0
         refused = storescu(files[2:], pas.port, check=False)  # a 0xC000-class status
@@ -308,6 +313,7 @@ def checker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[st
     finally:
         stop.set()
         checking.join(10)
+        index_check._suspected.clear()
 
 
 def _loop_meets_damage(run: Any, home: Path, stop: Any) -> str:
