@@ -180,7 +180,8 @@ def report(result: IndexCheck) -> None:
 class IndexChecker:
     """The daemon's thread: a check every ``interval_s`` after the one at start-up, and one
     at most every :data:`SUSPECT_RECHECK_S` when a loop met a corruption error (until one
-    finds the damage)."""
+    finds the damage). ``quick_check`` while the index is sound and unsuspected;
+    ``integrity_check`` once a loop met corruption or a check found damage."""
 
     def __init__(self, path: Path, home: Path, interval_s: float):
         self.path = path
@@ -218,10 +219,13 @@ class IndexChecker:
                 continue
             _suspected.clear()
             took = 0.0
+            # Suspected: SQLite already said "malformed" to a loop, which quick_check may
+            # not see (an index missing a row of its table): integrity_check. Damage found:
+            # integrity_check too, or the schedule's quick_check would record the index
+            # sound again (and clear pas_index_damaged) over what integrity_check found.
+            thorough = suspected or (known is not None and known.damaged)
             try:
-                # Suspected: SQLite already said "malformed" to a loop, which quick_check
-                # may not see (an index missing a row of its table): integrity_check.
-                took = self.check_now(stopping, thorough=suspected).duration_s
+                took = self.check_now(stopping, thorough=thorough).duration_s
             except Exception:  # the check must never take the daemon down
                 log.exception("index check failed")
             now = time.monotonic()

@@ -372,3 +372,38 @@ def test_a_scrub_step_meeting_corruption_has_the_index_checked(
     finally:
         db.close()
     assert found
+
+
+def test_the_daily_check_does_not_call_sound_what_integrity_check_found(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Damage only integrity_check sees (an index missing a row), found after a loop met
+    it: the next scheduled check, a quick_check, would record the index sound again and
+    clear pas_index_damaged until a loop met the damage once more."""
+    import threading
+
+    from appliance.ingest.receive import Receiver
+    from appliance.ops import index_check
+    from appliance.store.spool import Spool
+
+    monkeypatch.setattr(index_check, "_latest", None)
+    home = tmp_path / "home"
+    db = Database(home / "pas.sqlite")
+    Receiver(db, Spool(home / "spool", fsync=False)).receive_file(
+        _one_study(1)[0].read_bytes(), source="CT1")
+    db.close()
+    _drop_an_entry_from_index(home / "pas.sqlite", "studies_last_received", "studies")
+    found = index_check.check(home / "pas.sqlite", thorough=True)  # as a suspicion's check
+    assert found.damaged
+    index_check.record(home, found)
+    stop = threading.Event()
+    checking = threading.Thread(target=index_check.IndexChecker(
+        home / "pas.sqlite", home, 0.5).run, args=(stop,), daemon=True)
+    checking.start()
+    try:
+        again = wait_for(lambda: index_check.latest().checked_at > found.checked_at
+                         and index_check.latest(), 5, what="the scheduled check")
+    finally:
+        stop.set()
+        checking.join(10)
+    assert again.finding == found.finding
+    assert index_check.load(home).damaged
