@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from appliance.ops.index_check import says_index_trouble
 from appliance.store import fleet as store
 from appliance.web.headers import page_headers
 from appliance.words import counted
@@ -259,6 +260,12 @@ class FleetCollector(Collector):
                                         "Jobs that gave up at the site", labels=["site"]),
             "info": GaugeMetricFamily("pas_fleet_site_info", "Software version of the site",
                                       labels=["site", "version"]),
+            # The site keeps sending heartbeats (not silent), with the last figures it read:
+            # only this says its index is damaged or unreadable (ops/index_check.py).
+            "index": GaugeMetricFamily("pas_fleet_site_index_damaged",
+                                       "1 when the site's last heartbeat says its index "
+                                       "database is damaged or could not be read",
+                                       labels=["site"]),
         }
         for r in rows:
             site = [r["site"]]
@@ -275,6 +282,8 @@ class FleetCollector(Collector):
                 families["cert"].add_metric(site, r["cert_days_left"])
             families["failed"].add_metric(site, r["failed_jobs"])
             families["info"].add_metric([r["site"], r["version"] or ""], 1)
+            families["index"].add_metric(
+                site, int(any(says_index_trouble(e) for e in r["errors"] or [])))
         yield GaugeMetricFamily("pas_fleet_sites", "Sites that ever sent a heartbeat",
                                 value=len(rows))
         yield from families.values()

@@ -91,7 +91,7 @@ def build_heartbeat(settings: Settings, db: Database, started_at: float,
     }
 
 
-UNREADABLE = "index database unreadable"
+UNREADABLE = index_check.UNREADABLE
 STORE_FIGURES = ("backlog", "jobs", "disk", "received", "confirmed_instances")
 
 

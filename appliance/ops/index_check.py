@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -51,6 +52,17 @@ SUSPECT_RECHECK_S = 60.0
 FIX = ("systemctl stop pas; sudo -u pas pas cache rebuild-index; systemctl start pas "
        "(start-up recovery indexes the spool again), or restore the last backup "
        "(docs/operations.md, A damaged index database)")
+
+
+# What a heartbeat says when its own reads of the index failed (ops/heartbeat.py); the hub
+# counts it with the damage message in pas_fleet_site_index_damaged (hub/fleet.py).
+UNREADABLE = "index database unreadable"
+_DAMAGE_SAID = re.compile(r"the index database .* is damaged \(")
+
+
+def says_index_trouble(error: str) -> bool:
+    """A heartbeat error saying the site's index is damaged or could not be read."""
+    return error.startswith(UNREADABLE) or _DAMAGE_SAID.match(error) is not None
 
 
 @dataclass(frozen=True)

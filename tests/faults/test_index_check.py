@@ -82,6 +82,10 @@ def test_damage_under_a_running_daemon_is_found_and_told(site: dict[str, Any]) -
              what="a second check")
     checked = pas.status()["index_check"]
     assert checked["finding"] is None and checked["path"] == str(db)
+    hub: HubProcess = site["hub"]
+    with httpx.Client(base_url=hub.url, verify=hub.anonymous_context(), timeout=30) as viewer:
+        assert metric(viewer.get("/metrics").text, "pas_fleet_site_index_damaged",
+                      site="SITE-A") == 0
     assert checked["checked_at"] > first and checked["duration_s"] >= 0
     assert "index database" not in " ".join(fleet_store.site_status(hub_db, "SITE-A")["errors"])
 
@@ -98,6 +102,14 @@ def test_damage_under_a_running_daemon_is_found_and_told(site: dict[str, Any]) -
     assert FIX in errors[0]
     assert fleet_store.site_status(hub_db, "SITE-A")["errors"][0] == errors[0]
     hub_db.close()
+    # The fleet's metrics say it too, for its alert: the site still sends heartbeats (it is
+    # not silent) and their other figures may be the last ones read, so no other fleet alert
+    # would fire (before, PasSiteSilent fired for a site whose heartbeat the damage stopped).
+    hub: HubProcess = site["hub"]
+    with httpx.Client(base_url=hub.url, verify=hub.anonymous_context(), timeout=30) as viewer:
+        scrape = viewer.get("/metrics").text
+    assert metric(scrape, "pas_fleet_site_index_damaged", site="SITE-A") == 1
+    assert metric(scrape, "pas_fleet_site_up", site="SITE-A") == 1
     # pas status says it first (stderr), before the store's own error.
     status = pas.cli("status", check=False)
     words = " ".join(status.stderr.split())
