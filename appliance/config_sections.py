@@ -14,6 +14,7 @@ the configuration whatever module a section lives in. A new section goes here, i
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -450,9 +451,9 @@ class PrefetchSection(_Section):
     mwl: PrefetchMwl = PrefetchMwl()
 
 
-_ORIGIN = re.compile(r"(?i:https?)://[A-Za-z0-9.\-]+(:[0-9]{1,5})?"
-                     r"|(?i:https?)://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
-_DEFAULT_PORT = {"http": ":80", "https": ":443"}
+_ORIGIN = re.compile(r"(?i:(?P<scheme>https?))://(?:(?P<host>[A-Za-z0-9.\-]+)"
+                     r"|\[(?P<ipv6>[0-9A-Fa-f:.]+)\])(?::(?P<port>[0-9]{1,5}))?")
+_DEFAULT_PORT = {"http": 80, "https": 443}
 
 
 def _viewer_origin(value: str) -> str:
@@ -462,15 +463,29 @@ def _viewer_origin(value: str) -> str:
     if value == "*":
         raise ValueError("'*' would let any web page read patient data through a browser on "
                          "the hospital's network: name each viewer's origin")
-    if not _ORIGIN.fullmatch(value):
+    parts = _ORIGIN.fullmatch(value)
+    if parts is None:
         raise ValueError(f"{value!r} is not an origin: scheme://host[:port], no path "
                          "(e.g. https://viewer.hospital.example)")
-    # As the browser writes its Origin header (RFC 6454 serialisation): scheme and host in
-    # lower case, no default port. The CORS middleware compares the strings as they are, so
-    # "https://Viewer.H.example:443" written by IT would otherwise never match, silently.
-    origin = value.lower()
-    scheme = origin.split(":", 1)[0]
-    return origin.removesuffix(_DEFAULT_PORT[scheme])
+    # As the browser writes its Origin header (RFC 6454, the WHATWG URL serialisation):
+    # scheme and host in lower case, an IPv6 address in its shortest form, the port as a
+    # number (no leading zeros) and none when it is the scheme's default. The CORS
+    # middleware compares the strings as they are, so "https://Viewer.H.example:443" or
+    # ":0443" written by IT would otherwise never match, silently.
+    scheme = parts["scheme"].lower()
+    host = (parts["host"] or "").lower()
+    if parts["ipv6"] is not None:
+        try:
+            host = f"[{ipaddress.IPv6Address(parts['ipv6']).compressed}]"
+        except ValueError:
+            raise ValueError(f"{value!r}: {parts['ipv6']} is not an IPv6 address") from None
+    port = ""
+    if parts["port"] is not None:
+        number = int(parts["port"])
+        if not 1 <= number <= 65535:
+            raise ValueError(f"{value!r}: port {number} is not a TCP port (1-65535)")
+        port = "" if number == _DEFAULT_PORT[scheme] else f":{number}"
+    return f"{scheme}://{host}{port}"
 
 
 ViewerOrigin = Annotated[str, AfterValidator(_viewer_origin)]

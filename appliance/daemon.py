@@ -64,7 +64,8 @@ class Daemon:
             Notifier().extend_start("checking the index database (SQLite quick_check)",
                                     seconds=900)
             # A file SQLite cannot open or lock raises, as it did before (not damage).
-            checked = index_check.check(settings.db_path, raise_errors=True)
+            checked = index_check.check(settings.db_path, raise_errors=True,
+                                        thorough=index_check.found_damaged(settings.home))
             # The first of the daemon's checks: /metrics, the heartbeat and pas status
             # start from it (ops/index_check.py); pas status says a refusal too.
             index_check.record(settings.home, checked)

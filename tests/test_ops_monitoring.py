@@ -41,7 +41,7 @@ def referenced_metric_names() -> set[str]:
 def test_alert_rules_pass_promtool_check() -> None:
     result = promtool("check", "rules", "alerts.yml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 17 rules found" in result.stdout
+    assert "SUCCESS: 18 rules found" in result.stdout
 
 
 def test_alert_rules_unit_tests_pass() -> None:
@@ -61,6 +61,7 @@ def test_alerts_cover_what_the_issue_names() -> None:
     assert "pas_fleet_site_backup_age_seconds > 172800" in exprs["PasBackupOld"]  # 2 days
     assert "pas_jobs_waiting_for_credentials > 0" in exprs["PasApplianceCredentialsRefused"]
     assert "pas_index_damaged == 1" in exprs["PasApplianceIndexDamaged"]
+    assert "pas_fleet_site_index_damaged == 1" in exprs["PasSiteIndexDamaged"]
 
 
 def test_grafana_expressions_parse(tmp_path: Path) -> None:

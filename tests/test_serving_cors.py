@@ -76,6 +76,10 @@ def test_a_viewer_of_a_named_origin_reads_dicomweb_others_are_blocked(
     ('["*"]', "'*' would let any web page read patient data"),
     ('["https://viewer.example/ohif"]', "is not an origin: scheme://host[:port], no path"),
     ('["viewer.example"]', "is not an origin"),
+    # No browser sends these: refused, not kept to match nothing.
+    ('["https://viewer.example:99999"]', "port 99999 is not a TCP port (1-65535)"),
+    ('["https://viewer.example:0"]', "port 0 is not a TCP port (1-65535)"),
+    ('["http://[fe80::1::2]"]', "fe80::1::2 is not an IPv6 address"),
 ])
 def test_an_origin_that_is_not_one_viewer_is_refused(value: str, says: str) -> None:
     with pytest.raises(ConfigError, match="serving.cors_origins.0: ") as refused:
@@ -88,6 +92,11 @@ def test_an_origin_that_is_not_one_viewer_is_refused(value: str, says: str) -> N
     ("HTTP://viewer.hospital.example:80", "http://viewer.hospital.example"),
     ("https://viewer.hospital.example:8443", "https://viewer.hospital.example:8443"),
     ("http://[FE80::1]:8080", "http://[fe80::1]:8080"),
+    # A port the browser reads as a number (WHATWG URL): leading zeros gone, then 443 the
+    # default; an IPv6 address in its shortest form.
+    ("https://viewer.hospital.example:0443", "https://viewer.hospital.example"),
+    ("http://viewer.hospital.example:08080", "http://viewer.hospital.example:8080"),
+    ("http://[fe80:0:0:0:0:0:0:1]", "http://[fe80::1]"),
 ])
 def test_an_origin_is_kept_as_the_browser_writes_it(written: str, kept: str) -> None:
     """The browser's Origin header has its scheme and host in lower case and no default

@@ -30,6 +30,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from appliance.ops.backup import STALE_AFTER_S as BACKUP_STALE_AFTER_S
+from appliance.ops.index_check import says_index_trouble
 from appliance.store import fleet as store
 from appliance.web.headers import page_headers
 from appliance.words import ago, counted
@@ -302,6 +303,12 @@ class FleetCollector(Collector):
                 "pas_fleet_site_backup_age_seconds",
                 "Seconds since the site's last pas backup (never backed up: since its first "
                 "heartbeat); absent for appliances too old to report it", labels=["site"]),
+            # The site keeps sending heartbeats (not silent), with the last figures it read:
+            # only this says its index is damaged or unreadable (ops/index_check.py).
+            "index": GaugeMetricFamily("pas_fleet_site_index_damaged",
+                                       "1 when the site's last heartbeat says its index "
+                                       "database is damaged or could not be read",
+                                       labels=["site"]),
         }
         for r in rows:
             site = [r["site"]]
@@ -320,6 +327,8 @@ class FleetCollector(Collector):
             families["info"].add_metric([r["site"], r["version"] or ""], 1)
             if r["backup_age_s"] is not None:
                 families["backup"].add_metric(site, r["backup_age_s"])
+            families["index"].add_metric(
+                site, int(any(says_index_trouble(e) for e in r["errors"] or [])))
         yield GaugeMetricFamily("pas_fleet_sites", "Sites that ever sent a heartbeat",
                                 value=len(rows))
         yield from families.values()

@@ -22,6 +22,7 @@ from typing import Any
 
 from appliance.config import Settings
 from appliance.logs import LoopFailures
+from appliance.ops import index_check
 from appliance.store import audit, eviction
 from appliance.store import cache as cache_store
 from appliance.store.db import Database, now
@@ -161,6 +162,7 @@ class CachePolicy:
                 failures.worked()
             except Exception as exc:
                 failures.failed(exc)
+                index_check.suspect(exc)  # SQLITE_CORRUPT: the index is checked soon
             stop.wait(self.settings.cache.evict_interval_s)
 
 

@@ -277,7 +277,7 @@ def check_database(settings: Settings) -> Check:
         return Check("database", "fail", f"{path}: schema {version} is newer than this "
                      f"software ({len(MIGRATIONS)})", "install the newer PAS version again")
     try:
-        finding = damage_of(path)
+        finding = damage_of(path, thorough=index_check.found_damaged(settings.home))
     except Exception as exc:  # cannot read it through: said, not taken for damage
         return Check("database", "warn", f"{path}, schema {version}: integrity not checked "
                      f"({exc})", "run pas doctor as the appliance's user (sudo -u pas)")

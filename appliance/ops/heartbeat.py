@@ -72,7 +72,9 @@ def build_heartbeat(settings: Settings, db: Database, started_at: float,
         errors.append(f"{UNREADABLE} ({exc}): "
                       + ("figures from the last heartbeat that could read it"
                          if last_known else "figures unknown"))
-        figures = dict(last_known) if last_known else _unknown_figures(settings)
+        figures = _unknown_figures(settings)
+        if last_known:  # the store's figures as last read; the disk, not in it, as it is
+            figures.update({key: value for key, value in last_known.items() if key != "disk"})
     try:
         cert_days = metrics.certificate_days_left(settings.home)
     except (OSError, ValueError):
@@ -89,7 +91,7 @@ def build_heartbeat(settings: Settings, db: Database, started_at: float,
     }
 
 
-UNREADABLE = "index database unreadable"
+UNREADABLE = index_check.UNREADABLE
 STORE_FIGURES = ("backlog", "jobs", "disk", "received", "confirmed_instances", "last_backup_at")
 
 

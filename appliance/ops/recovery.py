@@ -404,6 +404,7 @@ class Scrubber:
                     stop.wait(idle_s)
             except Exception as exc:
                 failures.failed(exc)
+                index_check.suspect(exc)  # SQLITE_CORRUPT: the index is checked soon
                 stop.wait(idle_s)
 
 
@@ -430,9 +431,11 @@ def set_index_aside(settings: Settings, actor: str, force: bool = False) -> Inde
     path = settings.db_path
     lock = hold_home_lock(settings.home)
     try:
-        finding = damage_of(path)
+        thorough = index_check.found_damaged(settings.home)
+        finding = damage_of(path, thorough=thorough)
         if finding is None and not force:
-            raise IndexSound(f"SQLite finds {path} sound (quick_check ok): nothing to rebuild "
+            checked = "integrity_check" if thorough else "quick_check"
+            raise IndexSound(f"SQLite finds {path} sound ({checked} ok): nothing to rebuild "
                              "(--force sets it aside anyway)")
         finding = finding or "sound, --force"
         moved = set_aside(path)

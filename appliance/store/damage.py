@@ -34,25 +34,31 @@ class DatabaseDamaged(Exception):
     """The index database failed SQLite's integrity check; the message says what to do."""
 
 
-def damage_of(path: Path, abandon: Callable[[], bool] | None = None) -> str | None:
+def damage_of(path: Path, abandon: Callable[[], bool] | None = None, *,
+              thorough: bool = False) -> str | None:
     """What SQLite's ``quick_check`` finds wrong with the database at ``path`` (its first
     finding, or the corruption error that stopped it), or None when it is sound. Read-only.
     A file SQLite cannot open or lock (permissions, busy) raises ``sqlite3.OperationalError``:
     that is not damage, and the caller says it as it is. ``abandon`` (the daemon stopping) is
     asked every few thousand SQLite steps; True ends the check with an OperationalError
-    ("interrupted"), so that a check of a large index never holds up a stop."""
+    ("interrupted"), so that a check of a large index never holds up a stop. ``thorough``
+    runs ``integrity_check`` instead, which also compares every index with its table (an
+    index missing a row, "database disk image is malformed" at the DELETE or UPDATE that
+    meets it, is invisible to ``quick_check``); it costs more (a lookup per row and
+    index), so it is kept for when the damage is already suspected."""
     conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=30)
     if abandon is not None:
         conn.set_progress_handler(abandon, 10_000)
     try:
-        rows = conn.execute("PRAGMA quick_check(1)").fetchall()
+        pragma = "integrity_check" if thorough else "quick_check"
+        rows = conn.execute(f"PRAGMA {pragma}(1)").fetchall()
     except sqlite3.OperationalError:
         raise
     except sqlite3.DatabaseError as exc:  # "database disk image is malformed", "not a db"
         return str(exc)
     finally:
         conn.close()
-    finding = str(rows[0][0]) if rows else "no answer from quick_check"
+    finding = str(rows[0][0]) if rows else f"no answer from {pragma}"
     return None if finding == "ok" else finding
 
 
