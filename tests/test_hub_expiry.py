@@ -161,6 +161,7 @@ def test_an_upgraded_hub_counts_idleness_from_the_last_bucket_not_the_creation(
     try:
         with conn:
             conn.execute("DROP INDEX transfers_open")
+            conn.execute("DROP INDEX transfers_committed_study")  # migration 6's
             conn.execute("ALTER TABLE transfers DROP COLUMN last_activity_at")
             conn.execute("ALTER TABLE transfers DROP COLUMN expired_at")
             conn.execute("UPDATE transfers SET created_at = ? WHERE id = ?",
