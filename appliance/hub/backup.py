@@ -38,7 +38,6 @@ import logging
 import socket
 import sqlite3
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,7 @@ from appliance.hub.config import HubSettings
 from appliance.hub.pki import HubPKI
 from appliance.ops.backup_folder import (
     BackupRefused,
-    Pruned,
+    WrittenBackup,
     copy_database,
     copy_private,
     prune_backups,
@@ -62,13 +61,6 @@ from appliance.words import counted
 log = logging.getLogger("pas.hub.backup")
 
 ARCHIVE_INDEX = "archive/pas.sqlite"
-
-
-@dataclass
-class HubBackup:
-    folder: Path
-    manifest: dict[str, Any]
-    pruned: Pruned | None = None
 
 
 KIND = "pas hub backup"
@@ -95,7 +87,7 @@ def check_hub_home(settings: HubSettings) -> None:
 
 
 def make_hub_backup(settings: HubSettings, config_file: Path | None, destination: Path,
-                    actor: str, at: float | None = None, keep: int | None = None) -> HubBackup:
+                    actor: str, at: float | None = None, keep: int | None = None) -> WrittenBackup:
     """Write ``destination/pas-hub-backup-<UTC time>/`` (0700) in the home's own layout, so
     that restoring is copying its files back into an empty home; return it with its
     manifest. Refuses (:class:`BackupRefused`, nothing left behind) a home that is not a
@@ -160,7 +152,7 @@ def make_hub_backup(settings: HubSettings, config_file: Path | None, destination
                 extra={"ACTOR": actor, "TARGET": str(final)})
     pruned = None if keep is None else prune_backups(
         final, PREFIX, {"kind": KIND, "ca_fingerprint": manifest["ca_fingerprint"]}, keep)
-    return HubBackup(final, manifest, pruned)
+    return WrittenBackup(final, manifest, pruned)
 
 
 def _hub_totals(copy_path: Path) -> dict[str, Any]:

@@ -28,14 +28,13 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from appliance import __version__
 from appliance.config import Settings
 from appliance.ops.backup_folder import (
-    Pruned,
+    WrittenBackup,
     copy_database,
     prune_backups,
     utc_stamp,
@@ -44,14 +43,6 @@ from appliance.ops.backup_folder import (
 from appliance.store import audit, index
 from appliance.store.db import Database
 from appliance.words import counted
-
-
-@dataclass
-class Backup:
-    folder: Path
-    manifest: dict[str, Any]
-    pruned: Pruned | None = None
-
 
 KIND = "pas backup"
 # pas-backup.timer runs daily: two days without a backup is two missed runs. The one threshold
@@ -63,7 +54,7 @@ AUDIT_DETAIL = "pas backup: "
 
 
 def make_backup(settings: Settings, config_file: Path | None, destination: Path,
-                actor: str, at: float | None = None, keep: int | None = None) -> Backup:
+                actor: str, at: float | None = None, keep: int | None = None) -> WrittenBackup:
     """Write ``destination/pas-backup-<site>-<UTC time>/`` (0700: it holds the private key)
     and return it with its manifest. The folder is built under a temporary name and renamed
     at the end: a folder with the final name is whole (:mod:`appliance.ops.backup_folder`;
@@ -95,7 +86,7 @@ def make_backup(settings: Settings, config_file: Path | None, destination: Path,
         live.close()
     pruned = None if keep is None else prune_backups(
         final, prefix, {"kind": KIND, "site": settings.site}, keep)
-    return Backup(final, manifest, pruned)
+    return WrittenBackup(final, manifest, pruned)
 
 
 # Per index file: the audit id read up to, and the newest backup found there. The trail only

@@ -149,6 +149,16 @@ class Pruned:
                 "problems": self.problems}
 
 
+@dataclass
+class WrittenBackup:
+    """A whole backup folder just written (``pas backup`` or ``pas hub backup``): where it
+    is, its manifest, and what ``--keep N`` removed around it (None without ``--keep``)."""
+
+    folder: Path
+    manifest: dict[str, Any]
+    pruned: Pruned | None = None
+
+
 def prune_backups(just_written: Path, prefix: str, same: dict[str, Any], keep: int,
                   now: float | None = None) -> Pruned:
     """Keep the ``keep`` newest whole backups named ``<prefix><UTC stamp>`` in
