@@ -26,7 +26,7 @@ from tests.faults.helpers import (
     sop_uid_of,
     stored_successes,
 )
-from tests.support.peers import CT_DIR, DCMTK_ENV, PasProcess, StoreSCP, free_port, wait_for
+from tests.support.peers import CT_DIR, DCMTK_ENV, PasProcess, StoreSCP, closed_port, wait_for
 
 
 def _jobs(home: Path) -> list[sqlite3.Row]:
@@ -39,7 +39,8 @@ def _jobs(home: Path) -> list[sqlite3.Row]:
 
 
 def test_link_down_during_ingest_of_20_studies_then_up(tmp_path: Path) -> None:
-    node_port = free_port()
+    down = closed_port()  # held while the link is down: nothing else can answer on it
+    node_port = int(down.getsockname()[1])
     home = tmp_path / "pas"
     pas = PasProcess(home, {
         "PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_HTTP__ENABLED": "false",
@@ -69,6 +70,7 @@ def test_link_down_during_ingest_of_20_studies_then_up(tmp_path: Path) -> None:
         # Up: the node starts on the port the jobs were aimed at. No operator action.
         node = StoreSCP(tmp_path / "node", ae_title="NODE")
         node.port = node_port
+        down.close()
         node.start()
         try:
             wait_for(lambda: all(r["state"] == "done" for r in _jobs(home)), 90,
@@ -91,6 +93,7 @@ def test_link_down_during_ingest_of_20_studies_then_up(tmp_path: Path) -> None:
         print(f"\nlink down: 20 studies, {len(uids)} instances, {retries} attempts counted "
               "(the tries while it was down given back), all delivered, 0 lost")
     finally:
+        down.close()
         pas.stop()
 
 

@@ -58,6 +58,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def closed_port(host: str = "127.0.0.1") -> socket.socket:
+    """A port that refuses connections for as long as the returned socket stays open: bound,
+    never listening. For a peer that is down for a while, then starts on that port (close
+    the socket first). A port from :func:`free_port` left unbound that long was once taken
+    by another test's listener, or as the source port of PAS's own retries to it (TCP's
+    self-connect): the attempts were then answered, and counted."""
+    sock = socket.socket()
+    sock.bind((host, 0))
+    return sock
+
+
 def port_open(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):
