@@ -7,7 +7,10 @@ orderly stop. Holds no business logic of its own.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import select
 import signal
 import threading
 import time
@@ -318,15 +321,31 @@ class Daemon:
 
         signal.signal(signal.SIGTERM, _on_signal)
         signal.signal(signal.SIGINT, _on_signal)
+        # The kernel hands a process's signal to any of its threads; Python runs the handler
+        # in the main thread only once that thread is back in the interpreter. Blocked in
+        # ``stopping.wait(tick)``, it heard SIGTERM only at the end of its tick: every stop
+        # began up to a second late. The wakeup pipe, written by whichever thread took the
+        # signal, ends the wait at once.
+        woken, wake = os.pipe()
+        os.set_blocking(woken, False)
+        os.set_blocking(wake, False)
+        previous_wakeup = signal.set_wakeup_fd(wake, warn_on_full_buffer=False)
         self.start()
         watchdog_s = self.notifier.watchdog_interval_s
         tick = min(1.0, watchdog_s) if watchdog_s else 1.0
         try:
-            while not self.stopping.wait(tick):
+            while not self.stopping.is_set():
+                if select.select([woken], [], [], tick)[0]:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(woken, 512)  # the handler has run, or runs next
+                    continue
                 if watchdog_s:
                     # From the main loop on purpose: a hung loop stops the pings and systemd
                     # restarts the service.
                     self.notifier.watchdog(self.status_line())
         finally:
+            signal.set_wakeup_fd(previous_wakeup)
+            os.close(woken)
+            os.close(wake)
             self.notifier.stopping()
             self.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -241,7 +242,14 @@ class DicomListener:
             return
         server, self._server = self._server, None
         open_associations = list(server.active_associations)
-        server.shutdown()
+        # socketserver's loop looks at its stop request only between polls of the listening
+        # socket, every 0.5 s: every stop waited for it. Shutting the socket down wakes the
+        # poll at once; until the request is seen, accept() fails and nothing is accepted.
+        stopping = threading.Thread(target=server.shutdown, name="pas-listener-stop")
+        stopping.start()
+        with contextlib.suppress(OSError):
+            server.socket.shutdown(socket.SHUT_RD)
+        stopping.join()
         for assoc in open_associations:
             assoc.abort()
             if not assoc.is_established:
