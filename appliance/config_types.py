@@ -120,6 +120,8 @@ def _nested_quantifier(pattern: str) -> str | None:
 # MR "CSA" series) a Siemens MR or CT sends along with its images. Shipped in the default of
 # ``dicom.extra_storage_sop_classes`` (docs/ingest.md, "Private SOP classes").
 SIEMENS_CSA_NON_IMAGE = "1.3.12.2.1107.5.9.1"
+# The root of every UID the DICOM standard defines (PS3.5 9.2), and of no other.
+DICOM_UID_ROOT = "1.2.840.10008."
 _UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 
 
@@ -128,12 +130,17 @@ def _storage_sop_class_uid(value: str) -> str:
     UID (PS3.5 9.1: digits and dots, no leading zero in a component, at most 64 characters)
     that is not a standard UID of something else (a transfer syntax, a Q/R model,
     Verification): taken as storage, that would make PAS file C-STOREs on it."""
-    from pydicom.uid import UID_dictionary  # type: ignore[attr-defined]
-
     uid = value.strip()
     if len(uid) > 64 or not _UID.fullmatch(uid):
         raise ValueError(f"is not a UID (digits separated by dots, no leading zeros, at most "
                          f"64 characters), got {value!r}")
+    if not uid.startswith(DICOM_UID_ROOT):
+        # Every UID of the standard is under DICOM's root: a private one is what this key is
+        # for, and needs no look-up (nor pydicom's import, a fifth of a second of every
+        # ``pas`` command, since the shipped default names one).
+        return uid
+    from pydicom.uid import UID_dictionary  # type: ignore[attr-defined]
+
     known = UID_dictionary.get(uid)
     if known is None:  # a private (or unknown) UID: the case this key is for
         return uid
