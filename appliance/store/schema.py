@@ -470,4 +470,14 @@ MIGRATIONS: list[str] = [
     INSERT INTO header_backfill (id, after_id, last_id)
         SELECT 1, 0, coalesce(max(id), 0) FROM instances;
     """,
+    # 19 (the audit trail): the newest disk alert and the newest backup are looked up by the
+    # status page, /api/status, pas status, pas doctor and the heartbeat. Without an index
+    # each look-up read the trail backwards until it met one, the whole trail when there was
+    # none (the usual case): 0.2 s for 2 million rows, every refresh of the page. Partial
+    # indexes: a few rows each, nothing added to the cost of filing a store row, and the
+    # plans of every other audit query unchanged.
+    """
+    CREATE INDEX audit_alerts ON audit (id) WHERE event = 'alert';
+    CREATE INDEX audit_exports ON audit (id) WHERE event = 'export';
+    """,
 ]

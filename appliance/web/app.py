@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -35,7 +36,9 @@ def build_app(daemon: Daemon) -> Starlette:
 
     async def status_json(_request: Request) -> JSONResponse:
         try:
-            return JSONResponse(collect(daemon.settings, daemon.db))
+            # In the thread pool, as the status page and /metrics: read on the event loop, an
+            # index read waiting on SQLite held every other request of the port (DICOMweb).
+            return JSONResponse(await run_in_threadpool(collect, daemon.settings, daemon.db))
         except sqlite3.DatabaseError as exc:
             # A damaged page met: what the index check found (its file, not the store) and
             # the error, not a bare 500 (the status page says the same, ops/web.py).

@@ -1,0 +1,120 @@
+"""The newest disk alert and the newest backup are found without reading the audit trail
+(schema migration 19; appliance/store/cache.py ``health``, appliance/ops/backup.py
+``last_backup``).
+
+The status page, ``/api/status``, ``pas status``, ``pas doctor`` and the heartbeat ask both
+on every refresh. Before the migration each look-up read the trail backwards until it met
+such a row: all of it on an appliance that never had an alert (0.2 s for 2 million rows,
+measured). What is counted here is SQLite's own work (its virtual machine's instructions,
+through a progress handler), not time: it does not depend on the machine's load.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from appliance.ops.backup import AUDIT_DETAIL, last_backup
+from appliance.store import audit
+from appliance.store.cache import health
+from appliance.store.db import Database
+
+ROWS = 100_000
+# A look-up through an index costs a few hundred instructions; reading 100 000 rows costs
+# millions.
+MOST_INSTRUCTIONS = 20_000
+
+
+def _fill(db: Database, rows: int, first_at: float) -> None:
+    """``rows`` store and query rows, as a busy day of associations writes them."""
+    with db.transaction() as conn:
+        conn.executemany(
+            "INSERT INTO audit (at, event, actor, source, target, outcome, detail) "
+            "VALUES (?, ?, 'CT1', '10.0.0.5', '1.2.826.0.1.3680043.8.498.1', 'success', "
+            "'5 instances')",
+            ((first_at + n, "store" if n % 3 else "query") for n in range(rows)))
+
+
+def _instructions(db: Database, look_up) -> tuple[int, object]:  # type: ignore[no-untyped-def]
+    """How many SQLite instructions ``look_up(db)`` ran (to the nearest hundred), and what
+    it returned."""
+    conn = db.connection()
+    steps = [0]
+
+    def count() -> int:
+        steps[0] += 100
+        return 0  # go on
+
+    conn.set_progress_handler(count, 100)
+    try:
+        found = look_up(db)
+    finally:
+        conn.set_progress_handler(None, 0)
+    return steps[0], found
+
+
+def test_no_alert_and_no_backup_are_known_without_reading_the_trail(tmp_path: Path) -> None:
+    db = Database(tmp_path / "pas.sqlite")
+    try:
+        _fill(db, ROWS, 1_000.0)
+        spent, found = _instructions(db, health)
+        assert found == {"integrity_issues": {}, "disk_alert": None, "disk_alert_since": None}
+        assert spent < MOST_INSTRUCTIONS, spent
+        spent, found = _instructions(db, last_backup)
+        assert found is None
+        assert spent < MOST_INSTRUCTIONS, spent
+    finally:
+        db.close()
+
+
+def test_the_newest_alert_and_backup_are_found_under_a_day_of_rows(tmp_path: Path) -> None:
+    db = Database(tmp_path / "pas.sqlite")
+    try:
+        audit.record(db, "export", actor="root", target="/var/backups/pas/pas-backup-old",
+                     detail=AUDIT_DETAIL + "the index (3 instances)")
+        audit.record(db, "alert", actor="system", outcome="failure: disk 91 % full",
+                     detail="spool at 91 %, above 90 %")
+        _fill(db, ROWS, 2_000.0)
+        # Another export (not a backup: its detail says otherwise), then the newest backup.
+        audit.record(db, "export", actor="root", target="/tmp/study.zip",
+                     detail="study 1.2.3 written to a folder")
+        audit.record(db, "export", actor="root", target="/var/backups/pas/pas-backup-new",
+                     detail=AUDIT_DETAIL + "the index (5 instances)")
+        _fill(db, ROWS // 10, 3_000_000.0)
+
+        spent, found = _instructions(db, health)
+        assert found["disk_alert"] == "spool at 91 %, above 90 %"  # type: ignore[index]
+        assert spent < MOST_INSTRUCTIONS, spent
+        spent, found = _instructions(db, last_backup)
+        assert found is not None and found[1] == Path("/var/backups/pas/pas-backup-new")
+        assert spent < MOST_INSTRUCTIONS, spent
+
+        # The alert ends: the newest alert row says so, and the page shows none.
+        audit.record(db, "alert", actor="system", outcome="success",
+                     detail="spool at 70 %, below 85 %")
+        assert health(db)["disk_alert"] is None
+    finally:
+        db.close()
+
+
+def test_the_upgrade_adds_the_indexes_to_a_trail_written_before(tmp_path: Path) -> None:
+    """An index at schema 18 with its trail: migration 19 indexes the rows already there."""
+    path = tmp_path / "pas.sqlite"
+    db = Database(path)
+    audit.record(db, "alert", actor="system", outcome="failure: disk 95 % full",
+                 detail="spool at 95 %, above 90 %")
+    _fill(db, ROWS, 1_000.0)
+    db.close()
+    conn = sqlite3.connect(path)
+    conn.executescript("DROP INDEX audit_alerts; DROP INDEX audit_exports; "
+                       "PRAGMA user_version = 18;")
+    conn.close()
+
+    db = Database(path)
+    try:
+        assert db.schema_version() == 19
+        spent, found = _instructions(db, health)
+        assert found["disk_alert"] == "spool at 95 %, above 90 %"  # type: ignore[index]
+        assert spent < MOST_INSTRUCTIONS, spent
+    finally:
+        db.close()
