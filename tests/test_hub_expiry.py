@@ -145,7 +145,8 @@ def test_an_upgraded_hub_counts_idleness_from_the_last_bucket_not_the_creation(
     site was last heard of: the transfer is kept.
 
     The hub's database is taken back to schema 3 as a hub before the upgrade held it (the two
-    columns and the index dropped, user_version 3), dated so, and the upgraded hub starts."""
+    columns and the index dropped, and what later migrations added, user_version 3), dated
+    so, and the upgraded hub starts."""
     hub = HubProcess(tmp_path / "hub", {"PAS_HUB_TRANSFERS__ABANDONED_AFTER_DAYS": "30"})
     hub.init()
     hub.start()
@@ -162,6 +163,7 @@ def test_an_upgraded_hub_counts_idleness_from_the_last_bucket_not_the_creation(
         with conn:
             conn.execute("DROP INDEX transfers_open")
             conn.execute("DROP INDEX transfers_committed_study")  # migration 6's
+            conn.execute("DROP TABLE hub_backup")  # migration 7's
             conn.execute("ALTER TABLE transfers DROP COLUMN last_activity_at")
             conn.execute("ALTER TABLE transfers DROP COLUMN expired_at")
             conn.execute("UPDATE transfers SET created_at = ? WHERE id = ?",

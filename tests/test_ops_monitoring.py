@@ -41,7 +41,7 @@ def referenced_metric_names() -> set[str]:
 def test_alert_rules_pass_promtool_check() -> None:
     result = promtool("check", "rules", "alerts.yml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 18 rules found" in result.stdout
+    assert "SUCCESS: 19 rules found" in result.stdout
 
 
 def test_alert_rules_unit_tests_pass() -> None:
@@ -59,6 +59,12 @@ def test_alerts_cover_what_the_issue_names() -> None:
     assert "< 30" in exprs["PasCertificateExpiring"]         # certificate < 30 days
     assert "> 0" in exprs["PasFailedJobs"]                   # failed jobs
     assert "pas_fleet_site_backup_age_seconds > 172800" in exprs["PasBackupOld"]  # 2 days
+    assert "pas_hub_backup_age_seconds > 172800" in exprs["PasHubBackupOld"]  # the hub's own
+    hub_backup = {str(rule["alert"]): rule for rule in alert_rules()}["PasHubBackupOld"]
+    assert hub_backup["labels"] == {"severity": "warning"}
+    says = str(hub_backup["annotations"]["description"])  # type: ignore[index]
+    assert "systemctl status pas-hub-backup.timer" in says and \
+        "journalctl -u pas-hub-backup" in says  # what to run on the hub host
     assert "pas_jobs_waiting_for_credentials > 0" in exprs["PasApplianceCredentialsRefused"]
     assert "pas_index_damaged == 1" in exprs["PasApplianceIndexDamaged"]
     assert "pas_fleet_site_index_damaged == 1" in exprs["PasSiteIndexDamaged"]

@@ -177,7 +177,7 @@ def hub_backup(destination: Path = typer.Argument(
 
     from appliance import logs
     from appliance.cli.common import operator_actor
-    from appliance.hub.backup import make_hub_backup
+    from appliance.hub.backup import BackupNotRecorded, make_hub_backup
     from appliance.ops.backup_folder import BackupRefused
 
     refuse_bad_keep(keep)
@@ -187,6 +187,9 @@ def hub_backup(destination: Path = typer.Argument(
         made = make_hub_backup(settings, config, destination, operator_actor(), keep=keep)
     except BackupRefused as exc:
         err.print(f"[red]refused:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    except BackupNotRecorded as exc:  # the folder is whole; the unit fails all the same
+        err.print(f"[red]not recorded:[/red] {exc}", highlight=False)
         raise typer.Exit(1) from None
     manifest = made.manifest
     if as_json:

@@ -29,7 +29,12 @@ Not copied, and why:
   tool for them, as for an appliance's spool.
 
 The hub has no audit trail: the export is one WARNING log line (journald under systemd) naming
-who wrote which folder, as the hub logs its other refusals and admin events.
+who wrote which folder, as the hub logs its other refusals and admin events. Once the folder
+has its final name (whole), the LIVE ``hub.sqlite`` records when, where and by whom
+(:func:`appliance.store.hub.record_hub_backup`, migration 7): the hub's ``/metrics``
+(``pas_hub_backup_age_seconds``, alert ``PasHubBackupOld``) and ``/fleet`` read it, so a
+stopped ``pas-hub-backup.timer`` is seen before a restore is needed. A backup refused records
+nothing; the copy inside the backup keeps the record as it was before (a restore needs none).
 """
 
 from __future__ import annotations
@@ -96,7 +101,10 @@ def make_hub_backup(settings: HubSettings, config_file: Path | None, destination
     ``keep``: once the backup is whole, the older backups of this hub in ``destination``
     beyond the ``keep`` newest are removed. "This hub" is its fleet CA's fingerprint in the
     manifest: a backup of another hub (or of this host before ``pas hub init`` made a new CA:
-    the only copy of the old CA's key) is never removed."""
+    the only copy of the old CA's key) is never removed.
+
+    Once whole, the backup is recorded in the live ``hub.sqlite`` (its time is ``at``, the
+    moment copied); :class:`BackupNotRecorded` when that fails (nothing pruned then)."""
     check_hub_home(settings)
     destination = destination.absolute()  # the log line and the manifest name it whole
     config = config_file if config_file is not None else settings.config_path
@@ -150,9 +158,34 @@ def make_hub_backup(settings: HubSettings, config_file: Path | None, destination
                 counted(manifest["transfers_committed"], "transfer"),
                 ", the configuration" if manifest["config_file"] else "",
                 extra={"ACTOR": actor, "TARGET": str(final)})
+    _record_in_live_hub(settings.db_path, made_at, final, actor)
     pruned = None if keep is None else prune_backups(
         final, PREFIX, {"kind": KIND, "ca_fingerprint": manifest["ca_fingerprint"]}, keep)
     return WrittenBackup(final, manifest, pruned)
+
+
+class BackupNotRecorded(Exception):
+    """The backup folder is whole, but the live ``hub.sqlite`` could not record it (the
+    hub's backup age goes on counting from the previous one); the message names both."""
+
+
+def _record_in_live_hub(db_path: Path, written_at: float, folder: Path, actor: str) -> None:
+    """Note the whole backup in the live database, the hub serving meanwhile (WAL: its
+    readers go on; the one short write waits for the hub's behind the busy timeout). The
+    copy just checked had this software's schema, so opening the live one migrates
+    nothing."""
+    try:
+        live = Database(db_path, HUB_MIGRATIONS)
+        try:
+            hub.record_hub_backup(live, written_at, folder, actor)
+        finally:
+            live.close()
+    except (sqlite3.Error, RuntimeError, OSError) as exc:
+        log.error("hub backup %s is whole, but %s could not record it (%s): the hub's backup "
+                  "age does not count it", folder, db_path, exc)
+        raise BackupNotRecorded(f"hub backup written to {folder}, but {db_path} could not "
+                                f"record it ({exc}): pas_hub_backup_age_seconds and /fleet "
+                                "still count from the previous backup") from None
 
 
 def _hub_totals(copy_path: Path) -> dict[str, Any]:

@@ -10,6 +10,11 @@ Each site's last backup (the heartbeat's optional ``last_backup_at``): the dashb
 backup" column, warned past two days (as ``pas doctor`` warns on site), and the gauge
 ``pas_fleet_site_backup_age_seconds`` for the alert rule; a site that never backed up counts
 from its first heartbeat, one too old to report it has neither.
+
+The hub's own last backup (``pas hub backup``, recorded in ``hub.sqlite`` by migration 7): one
+line above the table, warned past the same two days or when there was never one, and the
+gauges ``pas_hub_backup_age_seconds`` (never backed up: since the hub began being watched,
+a new or upgraded hub) and ``pas_hub_last_backup_timestamp_seconds`` for ``PasHubBackupOld``.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from starlette.routing import BaseRoute, Route
 from appliance.ops.backup import STALE_AFTER_S as BACKUP_STALE_AFTER_S
 from appliance.ops.index_check import says_index_trouble
 from appliance.store import fleet as store
+from appliance.store.hub import hub_backup_record
 from appliance.web.headers import page_headers
 from appliance.words import ago, counted
 
@@ -149,8 +155,28 @@ def _age(seconds: float) -> str:
     return f"{seconds / 86400:.1f} d"
 
 
+def hub_backup_state(record: dict[str, Any], at: float) -> dict[str, Any]:
+    """The hub's own last backup as the dashboard and ``/metrics`` say it: ``age_s`` from the
+    last backup, or from ``since`` (when the hub began being watched) if never; ``stale``
+    past the appliances' two days (:data:`BACKUP_STALE_AFTER_S`)."""
+    counted_from = record["written_at"] if record["written_at"] is not None else record["since"]
+    age = max(at - counted_from, 0.0)
+    return {**record, "age_s": age, "stale": age > BACKUP_STALE_AFTER_S}
+
+
+def _hub_backup_line(backup: dict[str, Any] | None) -> str:
+    if backup is None:
+        return ""
+    warn = " class=warn" if backup["stale"] or backup["written_at"] is None else ""
+    text = ("never" if backup["written_at"] is None
+            else f"{ago(backup['age_s'])}, {_esc(backup['folder'])}")
+    return f"<p id=hub-backup><span{warn}>hub backup: {text}</span></p>"
+
+
 def render_dashboard(rows: list[dict[str, Any]], sort: str, descending: bool, query: str,
-                     state: str) -> str:
+                     state: str, hub_backup: dict[str, Any] | None = None) -> str:
+    """The fleet table; ``hub_backup`` (:func:`hub_backup_state`) adds the line about the
+    hub's own last backup above it."""
     if query:
         rows = [r for r in rows if query.lower() in r["site"].lower()]
     if state in ("up", "down"):
@@ -165,6 +191,7 @@ def render_dashboard(rows: list[dict[str, Any]], sort: str, descending: bool, qu
            '<meta name="viewport" content="width=device-width, initial-scale=1">',
            f"<title>PAS fleet</title><style>{STYLE}</style></head><body>",
            f"<h1>PAS fleet <small id=summary>{up} up / {len(rows)} shown</small></h1>",
+           _hub_backup_line(hub_backup),
            f'<form method=get><input name=q placeholder="site" value="{_esc(query)}"> '
            '<select name=state>'
            + "".join(f'<option value="{v}"{" selected" if v == state else ""}>{v or "all"}'
@@ -332,6 +359,15 @@ class FleetCollector(Collector):
         yield GaugeMetricFamily("pas_fleet_sites", "Sites that ever sent a heartbeat",
                                 value=len(rows))
         yield from families.values()
+        backup = hub_backup_state(hub_backup_record(self.hub.db), time.time())
+        yield GaugeMetricFamily(
+            "pas_hub_backup_age_seconds",
+            "Seconds since the hub's own last pas hub backup (never backed up: since the hub "
+            "began being watched, its install or upgrade)", value=backup["age_s"])
+        if backup["written_at"] is not None:
+            yield GaugeMetricFamily("pas_hub_last_backup_timestamp_seconds",
+                                    "Time of the hub's own last pas hub backup",
+                                    value=backup["written_at"])
 
 
 # --- routes ----------------------------------------------------------------------------------
@@ -372,9 +408,11 @@ def fleet_routes(hub: Hub) -> list[BaseRoute]:
             sort = "site"
         descending = request.query_params.get("dir", "asc") == "desc"
         rows = await run_in_threadpool(site_rows, hub.db)
+        backup = hub_backup_state(await run_in_threadpool(hub_backup_record, hub.db),
+                                  time.time())
         return HTMLResponse(render_dashboard(rows, sort, descending,
                                              request.query_params.get("q", ""),
-                                             request.query_params.get("state", "")),
+                                             request.query_params.get("state", ""), backup),
                             headers=headers)
 
     async def site_page(request: Request) -> Response:

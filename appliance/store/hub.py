@@ -293,6 +293,26 @@ def backup_counts(db: Database) -> dict[str, int]:
     return {key: int(value) for key, value in dict(row).items()}
 
 
+def record_hub_backup(db: Database, written_at: float, folder: Path, actor: str) -> bool:
+    """The live hub's note of a whole backup just written (migration 7's one row): what its
+    ``/metrics`` and ``/fleet`` read to say how old the hub's last backup is. Only moves
+    forward: a backup made earlier that finished after a later one (two runs at once) leaves
+    the later one recorded; returns whether this one was."""
+    with db.transaction() as conn:
+        return conn.execute(
+            "UPDATE hub_backup SET written_at = ?, folder = ?, actor = ? WHERE id = 1 AND "
+            "(written_at IS NULL OR written_at <= ?)",
+            (written_at, str(folder), actor, written_at)).rowcount == 1
+
+
+def hub_backup_record(db: Database) -> dict[str, Any]:
+    """``since`` (when the hub began being watched), and the last backup's ``written_at``,
+    ``folder``, ``actor`` (None: never backed up)."""
+    row = db.query_one("SELECT since, written_at, folder, actor FROM hub_backup WHERE id = 1")
+    assert row is not None  # migration 7 inserted it
+    return dict(row)
+
+
 # --- bucket files --------------------------------------------------------------------------
 
 

@@ -122,4 +122,19 @@ HUB_MIGRATIONS: list[str] = [
     CREATE INDEX transfers_committed_study ON transfers (site, study_uid)
         WHERE receipt IS NOT NULL;
     """,
+    # 7: where the hub's own backups stand (appliance.hub.backup, appliance.hub.fleet): one
+    # row, ``since`` when the hub began being watched (this migration: a new or upgraded hub
+    # counts its backup age from then), the last whole backup's time, folder and who wrote
+    # it (NULL: never). Before it the hub recorded nothing, and a stopped backup timer went
+    # unnoticed until a restore was needed.
+    """
+    CREATE TABLE hub_backup (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        since REAL NOT NULL,
+        written_at REAL,
+        folder TEXT,
+        actor TEXT
+    );
+    INSERT INTO hub_backup (id, since) VALUES (1, (julianday('now') - 2440587.5) * 86400.0);
+    """,
 ]
