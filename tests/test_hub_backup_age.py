@@ -134,6 +134,9 @@ def test_an_upgraded_hub_is_watched_from_its_upgrade(hub: HubProcess, tmp_path: 
     with _viewer(hub) as viewer:
         age = _gauge(viewer.get("/metrics").text, "pas_hub_backup_age_seconds")
         assert age is not None and 0 <= age <= time.time() - before + 1
+        # Not yet a warning: the timer has not had its two days.
+        assert "<p id=hub-backup><span>hub backup: none yet</span></p>" in \
+            viewer.get("/fleet").text
     destination = tmp_path / "backups"
     destination.mkdir()
     made = Path(json.loads(hub.cli("backup", str(destination), "--json").stdout)["folder"])

@@ -167,9 +167,13 @@ def hub_backup_state(record: dict[str, Any], at: float) -> dict[str, Any]:
 def _hub_backup_line(backup: dict[str, Any] | None) -> str:
     if backup is None:
         return ""
-    warn = " class=warn" if backup["stale"] or backup["written_at"] is None else ""
-    text = ("never" if backup["written_at"] is None
-            else f"{ago(backup['age_s'])}, {_esc(backup['folder'])}")
+    # As the appliance's status page: "none yet" on a hub younger than two days (its timer
+    # has not had its chance), "never" in the warning style once it has missed two runs.
+    warn = " class=warn" if backup["stale"] else ""
+    if backup["written_at"] is None:
+        text = "never" if backup["stale"] else "none yet"
+    else:
+        text = f"{ago(backup['age_s'])}, {_esc(backup['folder'])}"
     return f"<p id=hub-backup><span{warn}>hub backup: {text}</span></p>"
 
 
