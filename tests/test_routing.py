@@ -415,3 +415,47 @@ def test_queue_list_says_when_it_shows_only_the_newest(pas_factory, tmp_path: Pa
     assert "the 2 newest of 3 jobs (--limit for more)" in part, part
     assert "3 jobs" in pas.cli("queue", "list").stdout
     assert len(json.loads(pas.cli("queue", "list", "--limit", "2", "--json").stdout)) == 2
+
+
+def test_a_study_that_cannot_be_routed_does_not_hold_the_others(
+        pas_factory, storescp: StoreSCP, tmp_path: Path) -> None:
+    """The first study's row unreadable (its description no longer UTF-8, as a torn page
+    leaves text): it stopped every routing pass, so the study after it never left. It is
+    passed over and said once in the log; the other is delivered; once readable it goes."""
+    config = write_config(tmp_path / "appliance.toml", storescp)
+    pas = pas_factory({"PAS_CONFIG": str(config), "PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                       "PAS_ROUTING__FALLBACK__DESTINATIONS": '["pacs"]',
+                       "PAS_STUDY__STABLE_AFTER_S": "3", "PAS_STUDY__CHECK_INTERVAL_S": "0.2"})
+    first, second = CT_PATIENT, sorted(CT_DIR.glob("A027284_*_19000925-*.dcm"))
+    first_uid = dcmread(first[0], stop_before_pixels=True).StudyInstanceUID
+    storescu(first, pas.port)
+    conn = sqlite3.connect(pas.home / "pas.sqlite", timeout=30)
+    try:
+        with conn:
+            torn = conn.execute(
+                "UPDATE studies SET description = CAST(x'c3ff' AS TEXT) WHERE study_uid = ? "
+                "AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.study_fk = studies.id "
+                "AND i.routed_at IS NOT NULL)", (first_uid,)).rowcount
+    finally:
+        conn.close()
+    assert torn == 1, "the first study was routed before its row could be torn"
+    storescu(second, pas.port)
+
+    wait_for(lambda: len(storescp.files()) == len(second), 60,
+             what="the second study delivered past the first")
+    assert {sop_uid(p) for p in storescp.files()} == {sop_uid(p) for p in second}
+    assert [j["state"] for j in jobs_of(pas.home)] == ["done"]
+    said = "routing study 1 (index row) failed; the others go on"
+    wait_for(lambda: said in pas.log(), 10, what="the unroutable study in the log")
+    assert pas.log().count("Could not decode to UTF-8") == 1  # its traceback, once
+
+    conn = sqlite3.connect(pas.home / "pas.sqlite", timeout=30)
+    try:
+        with conn:
+            conn.execute("UPDATE studies SET description = 'CT chest' WHERE study_uid = ?",
+                         (first_uid,))
+    finally:
+        conn.close()
+    wait_for(lambda: len(storescp.files()) == len(first) + len(second), 60,
+             what="the first study delivered once readable")
+    assert f"{said}: works again after" in pas.log()

@@ -13,6 +13,8 @@ import logging
 from collections.abc import Callable
 
 from appliance.config import Settings
+from appliance.logs import LoopFailures
+from appliance.ops import index_check
 from appliance.routing.rules import routes_for
 from appliance.store import index
 from appliance.store import jobs as job_store
@@ -31,17 +33,38 @@ class Router:
         # Called with the study's id after each routing pass over it (e.g. the prefetch of
         # that patient's priors); a failing callback never stops routing.
         self.on_stable: list[Callable[[int], None]] = []
+        # Studies whose routing failed at the last pass, by study row: each says its error
+        # once, then counts (:class:`appliance.logs.LoopFailures`).
+        self._failing: dict[int, LoopFailures] = {}
 
     def kind_of(self, destination: str) -> str:
         configured = self.settings.destinations.get(destination)
         return configured.kind if configured is not None else destination  # "hub"
 
     def route_ready(self) -> int:
-        """Route every study that became stable; return how many jobs were created."""
+        """Route every study that became stable; return how many jobs were created.
+
+        A study that cannot be routed (its rows unreadable: a torn page, text that is not
+        UTF-8) is passed over, said in the log and tried again at the next pass: it stopped
+        the pass, and every study after it waited, for as long as it stayed unreadable.
+        What stops every study (the list itself unreadable) still ends the pass: the
+        routing loop says it."""
         quiet_since = now() - self.settings.study.stable_after_s
         created = 0
-        for study_fk in index.studies_ready_to_route(self.db, quiet_since):
-            created += self.route_study(study_fk)
+        ready = index.studies_ready_to_route(self.db, quiet_since)
+        for study_fk in ready:
+            try:
+                created += self.route_study(study_fk)
+            except Exception as exc:
+                failures = self._failing.setdefault(study_fk, LoopFailures(
+                    log, f"routing study {study_fk} (index row) failed; the others go on"))
+                failures.failed(exc)
+                index_check.suspect(exc)  # SQLITE_CORRUPT: the index is checked soon
+                continue
+            if (failures := self._failing.pop(study_fk, None)) is not None:
+                failures.worked()
+        for gone in set(self._failing) - set(ready):  # purged, or routed by an operator
+            del self._failing[gone]
         return created
 
     def route_study(self, study_fk: int) -> int:
