@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,12 @@ from appliance.transfer.download import (
 from appliance.words import counted
 
 log = logging.getLogger("pas.prefetch")
+
+# The longest a priors request's body stays open for requests claimed with its first one that
+# have not reached it yet (:meth:`PriorsBatcher.expect`). Each reads what the site holds first;
+# on a loaded machine their threads got there more than the quiet time apart, and a burst of
+# orders due together went as two or three priors requests.
+EXPECTED_MAX_S = 2.0
 
 
 def patient_key(patient_id: str, issuer: str) -> str:
@@ -74,9 +80,11 @@ class PriorsBatcher:
     """``resolve`` from each request's thread. The first request of a burst opens a batch and
     its priors request leaves at once, its body streamed (``HubDownloads.fetch_priors``):
     the requests that resolve while it is open join it as further lines, until none came for
-    ``quiet_s`` (at most ``gather_max_s``), so the hub starts on the first patient while the
-    burst's other orders are still arriving. The stream runs in a thread of its own (one of
-    ``prefetch.download_streams``) while the requests go on with their tickets."""
+    ``quiet_s`` (at most ``gather_max_s``), and none of the requests claimed with it is
+    still on its way (at most ``expected_max_s``), so the hub starts on the first patient
+    while the burst's other orders are still arriving. The stream runs in a thread of its
+    own (one of ``prefetch.download_streams``) while the requests go on with their
+    tickets."""
 
     def __init__(self, downloads: Callable[[], HubDownloads | None], batcher: DownloadBatcher,
                  quiet_s: float = QUIET_S, gather_max_s: float = SEARCH_GATHER_MAX_S):
@@ -87,6 +95,24 @@ class PriorsBatcher:
         self.cond = threading.Condition()
         self.open: _Batch | None = None
         self.requests = 0  # priors requests sent to the hub (tests read it)
+        self.expected_max_s = EXPECTED_MAX_S
+        # Requests claimed that may still join: until each resolves or says it will not.
+        self._expected: set[int] = set()
+
+    def expect(self, request_ids: Iterable[int]) -> None:
+        """Requests the service just claimed: the open batch waits for them (at most
+        ``expected_max_s`` from its first), each joining it or, through
+        :meth:`not_joining`, taking the two-step path."""
+        with self.cond:
+            self._expected.update(request_ids)
+
+    def not_joining(self, request_id: int) -> None:
+        """The request will not join (or has done with the route): the batch stops waiting
+        for it. Called for every request claimed, whatever its path."""
+        with self.cond:
+            if request_id in self._expected:
+                self._expected.discard(request_id)
+                self.cond.notify_all()
 
     def resolve(self, request_id: int, patient: dict[str, Any],
                 stopping: threading.Event) -> tuple[list[Candidate], dict[str, Ticket | None]]:
@@ -100,6 +126,7 @@ class PriorsBatcher:
                 batch = self.open = _Batch()
             assert batch is not None
             batch.asked.append(asked)
+            self._expected.discard(request_id)
             self.cond.notify_all()
         if lead:
             threading.Thread(target=self._send, args=(batch,), name="pas-prefetch-priors",
@@ -113,15 +140,20 @@ class PriorsBatcher:
 
     def _lines(self, batch: _Batch) -> Iterator[dict[str, Any]]:
         """The batch's patients as they join (the request's body), until none came for
-        ``quiet_s`` or ``gather_max_s`` passed since the first; then the batch is closed
+        ``quiet_s`` or ``gather_max_s`` passed since the first, and no request claimed is
+        still expected (or ``expected_max_s`` passed); then the batch is closed
         (under the lock: a request that comes later opens the next one)."""
         deadline = time.monotonic() + self.gather_max_s
         quiet_until = time.monotonic() + self.quiet_s
+        expected_until = time.monotonic() + self.expected_max_s
         sent = 0
         while True:
             with self.cond:
                 while sent == len(batch.asked):
-                    left = min(quiet_until, deadline) - time.monotonic()
+                    at = time.monotonic()
+                    left = min(quiet_until, deadline) - at
+                    if left <= 0 and self._expected:  # claimed with it, on their way here
+                        left = expected_until - at
                     if left <= 0 or self.batcher.stopping.is_set():
                         batch.closed = True
                         return

@@ -241,6 +241,7 @@ class PrefetchService:
                 free = self.config.parallel * _MAX_WAITING - len(inflight)
                 if free > 0:
                     claimed = store.claim_due(self.db, limit=free)
+                    self.priors.expect(int(r["id"]) for r in claimed)
                     with self._slots_lock:
                         self._resolving.update(int(r["id"]) for r in claimed)
                         self._maybe_more_due = len(claimed) == free
@@ -266,6 +267,7 @@ class PrefetchService:
 
     def _resolved(self, request_id: int) -> None:
         """The request no longer resolves its priors: its slot is free (claim the next now)."""
+        self.priors.not_joining(request_id)  # whatever its path, a batch no longer waits
         with self._slots_lock:
             if request_id not in self._resolving:
                 return
@@ -384,7 +386,10 @@ class PrefetchService:
             else ""
         current = request["dedup_key"].removeprefix("arrival:") \
             if request["trigger"] == "arrival" else None
-        resolved = self._priors_in_one_request(request, rule, issuer, current)
+        try:
+            resolved = self._priors_in_one_request(request, rule, issuer, current)
+        finally:
+            self.priors.not_joining(request_id)  # joined and answered, or the two-step path
         if resolved is not None:
             chosen, tickets = resolved
         else:
