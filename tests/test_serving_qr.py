@@ -30,7 +30,7 @@ from tests.support.peers import (
     Orthanc,
     PasProcess,
     StoreSCP,
-    free_port,
+    closed_port,
     storescu,
     wait_for,
 )
@@ -52,12 +52,14 @@ class Site:
         self.orthanc = Orthanc(root / "orthanc", ns=self.ns, modalities={
             "STORESCP": ["STORESCP", self.ns.outer_address, self.scp.port],
             "VIEWER": ["VIEWER", self.ns.outer_address, self.scp.port]}).start()
+        self.switched_off = closed_port()  # refuses connections while the module runs
         self.pas = PasProcess(root / "pas", {
             "PAS_DICOM__ACCEPT_UNKNOWN": "true",
             "PAS_SERVING__MOVE_DESTINATIONS":
                 f'[{{title = "STORESCP", host = "127.0.0.1", port = {self.scp.port}}}, '
                 f'{{title = "IMPLICIT", host = "127.0.0.1", port = {self.implicit_scp.port}}}, '
-                f'{{title = "SWITCHEDOFF", host = "127.0.0.1", port = {free_port()}}}]',
+                f'{{title = "SWITCHEDOFF", host = "127.0.0.1", '
+                f'port = {self.switched_off.getsockname()[1]}}}]',
         }).start()
         for folder in (CT_DIR, MR_DIR):
             storescu(folder, self.pas.port)
@@ -69,6 +71,7 @@ class Site:
         self.orthanc.stop()
         self.scp.stop()
         self.implicit_scp.stop()
+        self.switched_off.close()
         self.ns.delete()
 
 

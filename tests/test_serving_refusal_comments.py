@@ -35,7 +35,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from tests.support.objects import tiny_ct
-from tests.support.peers import DCMTK_ENV, PasProcess, free_port, read_rows, storescu
+from tests.support.peers import DCMTK_ENV, PasProcess, closed_port, read_rows, storescu
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +44,19 @@ def pas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PasProcess, 
     home.mkdir()
     ds = tiny_ct()
     ds.save_as(home / "one.dcm", enforce_file_format=True)
+    switched_off = closed_port()  # refuses connections while the module runs
     pas = PasProcess(home, {
         "PAS_DICOM__ACCEPT_UNKNOWN": "true",
         "PAS_SERVING__MOVE_DESTINATIONS":
-            f'[{{title = "SWITCHEDOFF", host = "127.0.0.1", port = {free_port()}}}]',
+            f'[{{title = "SWITCHEDOFF", host = "127.0.0.1", '
+            f'port = {switched_off.getsockname()[1]}}}]',
     }).start()
     try:
         storescu(home / "one.dcm", pas.port)
         yield pas, str(ds.StudyInstanceUID)
     finally:
         pas.stop()
+        switched_off.close()
 
 
 def _final(tool: str, pas: PasProcess, keys: list[str], *extra: str,
