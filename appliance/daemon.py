@@ -298,6 +298,8 @@ class Daemon:
             return max(0.0, min(limit, deadline - time.monotonic()))
 
         self.stopping.set()
+        if self.commitment is not None:
+            self.commitment.stop()  # its loop sleeps on its own event, not on ``stopping``
         self.listener.stop(grace_s=left(10.0))
         if self.web is not None:
             self.web.stop(left(10.0))

@@ -7,10 +7,12 @@ import json
 import os
 import re
 import shlex
+import signal
 import socket
 import sqlite3
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -295,6 +297,24 @@ def test_daemon_sends_ready_after_port_open_then_watchdog(tmp_path: Path) -> Non
     finally:
         pas.stop()
         listener.close()
+
+
+def test_an_idle_daemon_ends_at_once_on_sigterm(tmp_path: Path) -> None:
+    """``systemctl stop`` (or restart) of an idle daemon: the stop begins when SIGTERM arrives
+    and no part sleeps through it. The Storage Commitment delivery loop (on by default) slept
+    on its own event, up to a second, and the stop joined its thread: every stop took up to
+    1 s (0.7 s measured 0.3 s after start, about 0.9 s just after it)."""
+    pas = PasProcess(tmp_path / "pas", {"PAS_HTTP__ENABLED": "false"}).start()
+    assert pas.proc is not None
+    try:
+        started = time.monotonic()
+        pas.proc.send_signal(signal.SIGTERM)
+        assert pas.proc.wait(10) == 0
+        took = time.monotonic() - started
+    finally:
+        pas.stop()
+    assert "PAS stopped" in pas.log()
+    assert took < 0.5, f"pas run ended {took:.2f} s after SIGTERM"
 
 
 def test_sysusers_creates_the_users_the_units_run_as(tmp_path: Path) -> None:

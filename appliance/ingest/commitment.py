@@ -404,10 +404,13 @@ class StorageCommitmentScp:
     def run(self, stopping: threading.Event) -> None:
         """The delivery loop (a daemon thread): due reports to delivery threads, then sleep
         until the next one, a delivery ending, a new request, or at most a second (to
-        notice ``stopping``). Hourly, settled requests past their week are forgotten."""
+        notice ``stopping``; :meth:`stop` ends that sleep at once). Hourly, settled
+        requests past their week are forgotten."""
         forget_at = 0.0  # settled requests pruned at the first pass, then hourly
-        while not stopping.is_set():
-            self.wake.clear()
+        while True:
+            self.wake.clear()  # before the look at ``stopping``: a stop's wake is never lost
+            if stopping.is_set():
+                return
             try:
                 if time.monotonic() >= forget_at:
                     forget_at = time.monotonic() + FORGET_EVERY_S
@@ -424,6 +427,11 @@ class StorageCommitmentScp:
                 next_at = None
             wait = 1.0 if next_at is None else min(1.0, max(0.05, next_at - now()))
             self.wake.wait(wait)
+
+    def stop(self) -> None:
+        """Wake the delivery loop so that it sees ``stopping`` now: asleep, it held the
+        daemon's stop up to a second (its thread joined), every stop of an idle daemon."""
+        self.wake.set()
 
 
 def _failure(status: int, comment: str) -> Dataset:

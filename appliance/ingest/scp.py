@@ -27,6 +27,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from appliance.config import DicomSection
+from appliance.dicomnet.server import ListenerServer
 from appliance.ingest.attributes import DatasetMismatch, InvalidInstance
 from appliance.ingest.receive import Receiver, StorageFailure
 from appliance.ops.refusals import RefusalAudit
@@ -220,10 +221,17 @@ class DicomListener:
         self._handlers.extend(handlers)
 
     def start(self) -> None:
-        self._server = self.ae.start_server(
-            (self.config.host, self.config.port), block=False, evt_handlers=self._handlers,
-            ssl_context=self.ssl_context,
+        # As ``AE.start_server(block=False)``, with PAS's server: TLS handshakes off the
+        # accept loop (appliance/dicomnet/server.py).
+        server = self.ae.make_server(
+            (self.config.host, self.config.port), evt_handlers=self._handlers,
+            ssl_context=self.ssl_context, server_class=ListenerServer,
+            handshake_timeout_s=self.config.network_timeout_s,
         )
+        threading.Thread(target=server.serve_forever, name="pas-dicom-accept",
+                         daemon=True).start()
+        self.ae._servers.append(server)  # pynetdicom's shutdown() removes it
+        self._server = server
         log.info("DICOM listener %s on %s:%d%s", self.config.ae_title, self.config.host,
                  self.config.port, " (TLS)" if self.ssl_context else "")
 
@@ -249,6 +257,7 @@ class DicomListener:
         stopping.start()
         with contextlib.suppress(OSError):
             server.socket.shutdown(socket.SHUT_RD)
+        server.end_handshakes()  # the server's close joins their threads
         stopping.join()
         for assoc in open_associations:
             assoc.abort()

@@ -11,7 +11,10 @@ import hashlib
 import json
 import os
 import re
+import signal
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -71,6 +74,56 @@ def test_scp_tls_requires_a_client_certificate_from_the_ca(tmp_path: Path) -> No
         assert state["rows"] == 3
         assert_kept_exactly(pas.home, acknowledged)
         assert "PRIVATE KEY" not in pas.log()
+    finally:
+        pas.stop()
+
+
+def test_a_silent_client_on_the_tls_port_blocks_neither_others_nor_the_stop(
+        tmp_path: Path) -> None:
+    """A TCP connection to the TLS port that sends nothing (a port scan, a device set up for
+    plain DICOM waiting for the A-ASSOCIATE-AC) held pynetdicom's accept loop in its TLS
+    handshake: the next client's echo was never answered, and SIGTERM left the daemon running
+    (> 20 s, until systemd's kill). The handshake now runs in the connection's thread."""
+    pki = make_pki(tmp_path / "pki")
+    pas = PasProcess(tmp_path / "pas", _tls_env(pki)).start()
+    try:
+        with socket.create_connection(("127.0.0.1", pas.port)):  # accepted first: FIFO
+            echo = subprocess.run(["echoscu", "-ta", "10", "-aec", "PAS", "-aet", "ECHO",
+                                   *_tls(pki, "client"), "127.0.0.1", str(pas.port)],
+                                  env=DCMTK_ENV, capture_output=True, text=True, timeout=30)
+            assert echo.returncode == 0, echo.stderr[-2000:]
+            # Stopped with the silent client still connected, its handshake still waiting
+            # (dicom.network_timeout_s, 60 s): the stop ends it.
+            started = time.monotonic()
+            assert pas.proc is not None
+            pas.proc.send_signal(signal.SIGTERM)
+            try:
+                returncode = pas.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pytest.fail("pas run still running 10 s after SIGTERM")
+            assert returncode == 0 and time.monotonic() - started < 5
+        assert "PAS stopped" in pas.log()
+    finally:
+        pas.stop()
+
+
+def test_a_tls_handshake_not_completed_in_the_network_timeout_is_closed(
+        tmp_path: Path) -> None:
+    """The connection's thread waits for the handshake at most ``dicom.network_timeout_s``,
+    then closes the connection and says so (it waited for ever)."""
+    pki = make_pki(tmp_path / "pki")
+    pas = PasProcess(tmp_path / "pas", {**_tls_env(pki),
+                                        "PAS_DICOM__NETWORK_TIMEOUT_S": "2"}).start()
+    try:
+        with socket.create_connection(("127.0.0.1", pas.port)) as silent:
+            silent.settimeout(15)
+            started = time.monotonic()
+            assert silent.recv(1) == b""  # closed by PAS
+            assert 1.5 < time.monotonic() - started < 10
+        wait_for(lambda: "TLS: 127.0.0.1 connected but completed no handshake in 2 s "
+                         "(dicom.network_timeout_s): connection closed" in pas.log(), 10,
+                 what="the handshake time-out in the log")
+        assert _echo(pas.port, _tls(pki, "client")) == 0  # still serving
     finally:
         pas.stop()
 

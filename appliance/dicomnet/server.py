@@ -1,0 +1,92 @@
+"""The association server PAS's DICOM port runs: pynetdicom's, with the TLS handshake moved
+off its accept loop.
+
+pynetdicom wraps each accepted socket in TLS inside ``get_request``, on the one thread that
+accepts every connection, and the handshake blocks with no time limit. A client that opened a
+TCP connection to the TLS port and sent nothing (a port scan, a health check, a device
+configured for plain DICOM that waits for the A-ASSOCIATE-AC) held that thread: no other
+association was accepted for as long as it stayed connected, and a stop waited on that
+thread for ever (``systemctl stop`` ended in systemd's kill). Here each handshake runs in the
+connection's own thread, limited to the network timeout, and a stop ends those still waiting.
+
+Owns: accepting connections on the DICOM port. May not touch the index, the spool or any
+service's handlers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import ssl
+import threading
+from typing import Any
+
+from pynetdicom.transport import ThreadedAssociationServer
+
+log = logging.getLogger("pas.ingest")
+
+
+class ListenerServer(ThreadedAssociationServer):
+    """:class:`ThreadedAssociationServer` whose TLS handshakes run in each connection's
+    thread, at most ``handshake_timeout_s``, and end when the server stops."""
+
+    def __init__(self, *args: Any, handshake_timeout_s: float = 60.0, **kwargs: Any) -> None:
+        self.handshake_timeout_s = handshake_timeout_s
+        self._handshakes_lock = threading.Lock()
+        self._handshaking: set[ssl.SSLSocket] = set()
+        self._closing = False
+        super().__init__(*args, **kwargs)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept only: the handshake is :meth:`process_request_thread`'s."""
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True,
+                                                  do_handshake_on_connect=False)
+        return client, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket) and not self._handshake(request, client_address):
+            self.shutdown_request(request)
+            return
+        super().process_request_thread(request, client_address)
+
+    def _handshake(self, request: ssl.SSLSocket, client_address: Any) -> bool:
+        """Complete the TLS handshake within the time limit; False (logged) when it failed,
+        timed out or the server is stopping."""
+        with self._handshakes_lock:
+            if self._closing:
+                return False
+            self._handshaking.add(request)
+        blocking = request.gettimeout()
+        try:
+            request.settimeout(self.handshake_timeout_s)
+            request.do_handshake()
+            request.settimeout(blocking)  # the association's reads: as pynetdicom set them
+        except TimeoutError:
+            if not self._closing:
+                log.warning("TLS: %s connected but completed no handshake in %.0f s "
+                            "(dicom.network_timeout_s): connection closed", client_address[0],
+                            self.handshake_timeout_s)
+            return False
+        except (OSError, ValueError) as exc:
+            # A port probe, plain DICOM, a refused certificate (ssl.SSLError is an OSError;
+            # ValueError: closed by a stop). Not logged higher than when pynetdicom's accept
+            # loop dropped them silently: health checks would fill the journal.
+            log.debug("TLS handshake with %s failed: %s", client_address[0], exc)
+            return False
+        finally:
+            with self._handshakes_lock:
+                self._handshaking.discard(request)
+        return not self._closing
+
+    def end_handshakes(self) -> None:
+        """Refuse every handshake from now on and end those waiting for their client: the
+        server's close joins their threads."""
+        with self._handshakes_lock:
+            self._closing = True
+            waiting = list(self._handshaking)
+        for request in waiting:
+            with contextlib.suppress(OSError):
+                request.shutdown(socket.SHUT_RDWR)
