@@ -12,7 +12,6 @@ import socket
 import sqlite3
 import subprocess
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -307,14 +306,15 @@ def test_an_idle_daemon_ends_at_once_on_sigterm(tmp_path: Path) -> None:
     pas = PasProcess(tmp_path / "pas", {"PAS_HTTP__ENABLED": "false"}).start()
     assert pas.proc is not None
     try:
-        started = time.monotonic()
         pas.proc.send_signal(signal.SIGTERM)
         assert pas.proc.wait(10) == 0
-        took = time.monotonic() - started
     finally:
         pas.stop()
-    assert "PAS stopped" in pas.log()
-    assert took < 0.5, f"pas run ended {took:.2f} s after SIGTERM"
+    # The daemon's own stamps, from the signal heard to the end of its stop: what a loaded
+    # machine adds to starting and reaping a process is not counted. A sleeping loop held
+    # this 0.7-1.0 s; without one it takes a few hundredths.
+    took = pas.logged_at("PAS stopped") - pas.logged_at("signal 15: stopping")
+    assert took < 0.4, f"the stop took {took:.2f} s after SIGTERM was heard"
 
 
 def test_sysusers_creates_the_users_the_units_run_as(tmp_path: Path) -> None:
