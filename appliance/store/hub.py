@@ -297,12 +297,16 @@ def record_hub_backup(db: Database, written_at: float, folder: Path, actor: str)
     """The live hub's note of a whole backup just written (migration 7's one row): what its
     ``/metrics`` and ``/fleet`` read to say how old the hub's last backup is. Only moves
     forward: a backup made earlier that finished after a later one (two runs at once) leaves
-    the later one recorded; returns whether this one was."""
+    the later one recorded; returns whether this one was.
+
+    A record dated in the future (the clock ran ahead when it was written and was set back
+    since) is replaced all the same: kept, it refused every later backup until the clock
+    caught up with it, its age reading 0 meanwhile (a stopped timer unseen that long)."""
     with db.transaction() as conn:
         return conn.execute(
             "UPDATE hub_backup SET written_at = ?, folder = ?, actor = ? WHERE id = 1 AND "
-            "(written_at IS NULL OR written_at <= ?)",
-            (written_at, str(folder), actor, written_at)).rowcount == 1
+            "(written_at IS NULL OR written_at <= ? OR written_at > ?)",
+            (written_at, str(folder), actor, written_at, max(now(), written_at))).rowcount == 1
 
 
 def hub_backup_record(db: Database) -> dict[str, Any]:
