@@ -30,12 +30,16 @@ log = logging.getLogger("pas.routing")
 # same way: passed over one by one, each waited the busy timeout in turn (30 s per study
 # per pass) and logged its own traceback, then its own count every 5 min.
 DATABASE_WIDE = {5, 6, 7, 8, 10, 13, 14}  # SQLITE_BUSY ... SQLITE_CANTOPEN
+# Except a read that failed (a bad sector under one study's rows, as a torn page gives
+# SQLITE_CORRUPT): that study is passed over, as the torn one is.
+ONE_PAGE = {266, 522}  # SQLITE_IOERR_READ, SQLITE_IOERR_SHORT_READ
 
 
 def is_database_wide(exc: BaseException) -> bool:
     """Whether ``exc`` says the database as a whole refused (not one study's rows)."""
     code = getattr(exc, "sqlite_errorcode", None)
-    return isinstance(exc, sqlite3.Error) and code is not None and code & 0xFF in DATABASE_WIDE
+    return (isinstance(exc, sqlite3.Error) and code is not None
+            and code & 0xFF in DATABASE_WIDE and code not in ONE_PAGE)
 
 
 class Router:
