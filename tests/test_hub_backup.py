@@ -252,11 +252,11 @@ def test_a_hub_database_of_another_schema_is_refused_naming_the_way_out(
     said = " ".join(refused.stderr.split())
     if step < 0:
         assert (f"refused: the hub database {database} is at schema {known - 1}, older than "
-                f"this software's ({known}): the hub running is the version before the "
-                "upgrade; restart it (systemctl restart pas-hub: it migrates the database at "
-                "its start), then back up again. No backup written") in said, said
+                f"this software's ({known}): the pas-hub service is the version before the "
+                "upgrade (or stopped); restart it (systemctl restart pas-hub: it migrates the "
+                "database at its start), then back up again. No backup written") in said, said
     else:
         assert (f"refused: the hub database {database} is at schema {known + 1}, newer than "
                 f"this software knows ({known}): run the pas hub backup of the version the "
-                "hub runs. No backup written") in said, said
+                "pas-hub service runs. No backup written") in said, said
     assert list(destination.iterdir()) == []

@@ -55,13 +55,13 @@ from appliance.ops.backup_folder import (
     copy_database,
     copy_private,
     prune_backups,
+    refuse_another_schema,
     utc_stamp,
     write_backup_folder,
 )
 from appliance.store import fleet, hub, index
 from appliance.store.db import Database, DatabaseUnavailable
 from appliance.store.hub_schema import HUB_MIGRATIONS
-from appliance.store.ops import schema_version_of
 from appliance.store.schema import MIGRATIONS
 from appliance.words import counted
 
@@ -94,32 +94,15 @@ def check_hub_home(settings: HubSettings) -> None:
 
 
 def check_schemas(settings: HubSettings) -> None:
-    """Refuse, before anything is copied, a hub database (or embedded archive index) of
-    another schema than this software's: the CLI upgraded before the running hub was
-    restarted (which migrates it), or an older CLI. Met on the copy, the refusal named the
-    temporary folder's file, already removed, and the appliance's daemon (``pas run``,
-    ``systemctl restart pas``) as what migrates it."""
+    """The hub database and the embedded archive's index, of this software's schema
+    (:func:`refuse_another_schema`: a hub not restarted since the upgrade is refused, saying
+    so, before anything is copied)."""
+    refuse_another_schema(settings.db_path, len(HUB_MIGRATIONS), "the hub database", "pas-hub",
+                          "pas hub backup")
     archive_index = settings.archive_dir / "pas.sqlite"
-    databases = [(settings.db_path, len(HUB_MIGRATIONS), "the hub database")]
     if settings.archive.kind == "embedded" and archive_index.is_file():
-        databases.append((archive_index, len(MIGRATIONS), "the embedded archive's index"))
-    for path, known, what in databases:
-        try:
-            version = schema_version_of(path)
-        except sqlite3.Error as exc:
-            raise BackupRefused(f"{what} {path} cannot be read ({exc}): no backup written; "
-                                "keep the last good backup") from None
-        if version < known:
-            raise BackupRefused(
-                f"{what} {path} is at schema {version}, older than this software's ({known}):"
-                " the hub running is the version before the upgrade; restart it (systemctl "
-                "restart pas-hub: it migrates the database at its start), then back up "
-                "again. No backup written")
-        if version > known:
-            raise BackupRefused(
-                f"{what} {path} is at schema {version}, newer than this software knows "
-                f"({known}): run the pas hub backup of the version the hub runs. No backup "
-                "written")
+        refuse_another_schema(archive_index, len(MIGRATIONS), "the embedded archive's index",
+                              "pas-hub", "pas hub backup")
 
 
 def make_hub_backup(settings: HubSettings, config_file: Path | None, destination: Path,
