@@ -227,3 +227,36 @@ def test_a_home_that_is_not_a_hubs_is_refused(tmp_path: Path) -> None:
         "pas-hub env PAS_HUB_HOME=/var/lib/pas-hub pas hub ...)" in \
         " ".join(refused.stderr.split())
     assert list(destination.iterdir()) == []
+
+
+@pytest.mark.parametrize("step", [-1, 1])
+def test_a_hub_database_of_another_schema_is_refused_naming_the_way_out(
+        tmp_path: Path, step: int) -> None:
+    """The CLI upgraded (a new hub migration) while the running hub, not restarted, keeps
+    the schema before: the backup was refused on the copy, naming the temporary folder's
+    file (removed by then) and the appliance's daemon (``pas run, systemctl restart pas``)
+    as what migrates it. An older CLI on a newer database: the same. Refused before
+    anything is copied."""
+    from appliance.store.hub_schema import HUB_MIGRATIONS
+
+    known = len(HUB_MIGRATIONS)
+    hub = HubProcess(tmp_path / "hub").init()
+    database = hub.home / "hub.sqlite"
+    with sqlite3.connect(database) as conn:
+        conn.execute(f"PRAGMA user_version = {known + step}")
+    conn.close()
+    destination = tmp_path / "backups"
+    destination.mkdir()
+    refused = hub.cli("backup", str(destination), check=False)
+    assert refused.returncode == 1, refused.stdout
+    said = " ".join(refused.stderr.split())
+    if step < 0:
+        assert (f"refused: the hub database {database} is at schema {known - 1}, older than "
+                f"this software's ({known}): the pas-hub service is the version before the "
+                "upgrade (or stopped); restart it (systemctl restart pas-hub: it migrates the "
+                "database at its start), then back up again. No backup written") in said, said
+    else:
+        assert (f"refused: the hub database {database} is at schema {known + 1}, newer than "
+                f"this software knows ({known}): run the pas hub backup of the version the "
+                "pas-hub service runs. No backup written") in said, said
+    assert list(destination.iterdir()) == []

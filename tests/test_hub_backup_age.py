@@ -164,3 +164,62 @@ def test_a_backup_the_live_database_cannot_record_fails_loudly(
         "it" in said, failed.stderr
     assert (folder / "MANIFEST.json").is_file()
     assert _record(hub) == before
+
+
+def test_a_backup_recorded_while_the_clock_ran_ahead_does_not_hide_the_next(
+        hub: HubProcess, tmp_path: Path) -> None:
+    """The hub's clock ran a month ahead when its timer's last backup was recorded, and was
+    set back since (NTP): the record "only moves forward", so every later backup was left
+    unrecorded until the clock caught up with it a month later, and the age read 0 all that
+    time (a timer stopped meanwhile unseen). A record dated in the future gives way."""
+    ahead = time.time() + 30 * DAY
+    db = open_hub_db(hub.home / "hub.sqlite")
+    try:
+        with db.transaction() as conn:
+            conn.execute("UPDATE hub_backup SET written_at = ?, folder = ?, actor = ?",
+                         (ahead, str(tmp_path / f"pas-hub-backup-{utc_stamp(ahead)}"),
+                          "system:pas-hub-backup.timer"))
+    finally:
+        db.close()
+    destination = tmp_path / "backups"
+    destination.mkdir()
+    made = Path(json.loads(hub.cli("backup", str(destination), "--json").stdout)["folder"])
+    record = _record(hub)
+    assert record["folder"] == str(made) and record["actor"].startswith("operator:")
+    assert time.time() - 60 < record["written_at"] <= time.time()
+    hub.start()
+    with _viewer(hub) as viewer:
+        assert _gauge(viewer.get("/metrics").text,
+                      "pas_hub_last_backup_timestamp_seconds") == record["written_at"]
+        assert f"hub backup: 0 min ago, {made}</span>" in viewer.get("/fleet").text
+
+
+def test_a_missing_record_row_does_not_take_the_fleet_metrics_with_it(
+        hub: HubProcess, tmp_path: Path) -> None:
+    """Migration 7's one row gone (the database edited by hand): every scrape of ``/metrics``
+    failed (500: the sites' families lost with the hub's, so every fleet alert went quiet),
+    ``/fleet`` too, and no later backup was recorded (an UPDATE of no
+    row). The page says the record is missing; the next backup writes it again."""
+    db = open_hub_db(hub.home / "hub.sqlite")
+    try:
+        with db.transaction() as conn:
+            conn.execute("DELETE FROM hub_backup")
+    finally:
+        db.close()
+    hub.start()
+    with _viewer(hub) as viewer:
+        scrape = viewer.get("/metrics")
+        assert scrape.status_code == 200
+        assert _gauge(scrape.text, "pas_fleet_sites") == 0
+        assert _gauge(scrape.text, "pas_hub_backup_age_seconds") is None
+        page = viewer.get("/fleet")
+        assert page.status_code == 200
+        assert ("<p id=hub-backup><span class=warn>hub backup: unknown (no record in "
+                "hub.sqlite: the next pas hub backup writes it)</span></p>") in page.text
+
+        destination = tmp_path / "backups"
+        destination.mkdir()
+        made = Path(json.loads(hub.cli("backup", str(destination), "--json").stdout)["folder"])
+        record = _record(hub)
+        assert record["folder"] == str(made) and record["since"] == record["written_at"]
+        assert _gauge(viewer.get("/metrics").text, "pas_hub_backup_age_seconds") < 60  # type: ignore[operator]

@@ -95,3 +95,43 @@ def test_a_backup_taken_while_pas_receives_restores_the_index_and_enrolment(
     finally:
         pas.stop()
     assert _sha256(home / "pki" / "client.key") == manifest["files"]["pki/client.key"]["sha256"]
+
+
+def test_an_index_of_another_schema_is_refused_in_one_line(tmp_path: Path) -> None:
+    """The package upgraded (a new migration) while the daemon, not restarted yet or stopped,
+    left the index at the schema before: ``pas backup`` (the nightly timer's) ended in a
+    traceback naming the temporary folder's copy, removed by then. An older ``pas`` on a
+    newer index: the same. Refused in one line naming the live index and the way out,
+    nothing written, the index as it was."""
+    from appliance.store.db import Database
+    from appliance.store.schema import MIGRATIONS
+
+    known = len(MIGRATIONS)
+    destination = tmp_path / "backups"
+    destination.mkdir()
+    for step in (-1, 1):
+        home = tmp_path / f"home{step}"
+        Database(home / "pas.sqlite", MIGRATIONS[:-1]).close()
+        if step > 0:
+            with sqlite3.connect(home / "pas.sqlite") as conn:
+                conn.execute(f"PRAGMA user_version = {known + 1}")
+            conn.close()
+        refused = PasProcess(home).cli("backup", str(destination), check=False)
+        assert refused.returncode == 1, refused.stdout
+        said = " ".join(refused.stderr.split())
+        index = home / "pas.sqlite"
+        if step < 0:
+            assert said == (
+                f"refused: the index {index} is at schema {known - 1}, older than this "
+                f"software's ({known}): the pas service is the version before the upgrade (or "
+                "stopped); restart it (systemctl restart pas: it migrates the database at its "
+                "start), then back up again. No backup written"), refused.stderr
+        else:
+            assert said == (
+                f"refused: the index {index} is at schema {known + 1}, newer than this "
+                f"software knows ({known}): run the pas backup of the version the pas service "
+                "runs. No backup written"), refused.stderr
+        assert list(destination.iterdir()) == []
+        with sqlite3.connect(index) as conn:
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == known + step
+        conn.close()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import subprocess
 import textwrap
 from pathlib import Path
 
+import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
@@ -459,3 +461,38 @@ def test_a_study_that_cannot_be_routed_does_not_hold_the_others(
     wait_for(lambda: len(storescp.files()) == len(first) + len(second), 60,
              what="the first study delivered once readable")
     assert f"{said}: works again after" in pas.log()
+
+
+def test_a_database_refusing_as_a_whole_ends_the_routing_pass_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The index's write lock held past the busy timeout (as a full disk or an I/O error,
+    every study's routing fails the same way): each study was passed over in turn, waiting
+    the busy timeout (the daemon's 30 s) and logging its own traceback, so five ready
+    studies made a pass of five timeouts and five tracebacks (then five counts every 5 min).
+    The pass ends at the first: the routing loop says it once; all are routed after."""
+    from appliance.routing.stability import Router
+    from appliance.store import index
+    from appliance.store.index import InstanceRecord, StoredFile
+
+    path = tmp_path / "pas.sqlite"
+    db = Database(path, busy_timeout_ms=300)
+    for n in range(5):
+        record = InstanceRecord(f"1.2.9.{n}", "1.2.840.10008.5.1.4.1.1.2",
+                                "1.2.840.10008.1.2.1", f"1.2.9.{n}.1", f"1.2.9.{n}.2",
+                                patient_id="P")
+        index.record_instance(db, record, StoredFile(f"x{n}", 1, f"{n}" * 64))
+    router = Router(Settings.model_validate({"study": {"stable_after_s": 0}}), db,
+                    lambda: ["hub"])
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # another process's long write
+        with caplog.at_level(logging.INFO, logger="pas.routing"), \
+                pytest.raises(sqlite3.OperationalError, match="database is locked"):
+            router.route_ready()
+        assert [r.getMessage() for r in caplog.records if r.exc_info] == []
+        holder.execute("ROLLBACK")
+    finally:
+        holder.close()
+    assert router.route_ready() == 5
+    assert len(job_store.list_jobs(db)) == 5
+    db.close()

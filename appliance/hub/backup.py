@@ -55,12 +55,14 @@ from appliance.ops.backup_folder import (
     copy_database,
     copy_private,
     prune_backups,
+    refuse_another_schema,
     utc_stamp,
     write_backup_folder,
 )
 from appliance.store import fleet, hub, index
 from appliance.store.db import Database, DatabaseUnavailable
 from appliance.store.hub_schema import HUB_MIGRATIONS
+from appliance.store.schema import MIGRATIONS
 from appliance.words import counted
 
 log = logging.getLogger("pas.hub.backup")
@@ -91,6 +93,18 @@ def check_hub_home(settings: HubSettings) -> None:
                                 f"(pas hub init creates it; {hint})")
 
 
+def check_schemas(settings: HubSettings) -> None:
+    """The hub database and the embedded archive's index, of this software's schema
+    (:func:`refuse_another_schema`: a hub not restarted since the upgrade is refused, saying
+    so, before anything is copied)."""
+    refuse_another_schema(settings.db_path, len(HUB_MIGRATIONS), "the hub database", "pas-hub",
+                          "pas hub backup")
+    archive_index = settings.archive_dir / "pas.sqlite"
+    if settings.archive.kind == "embedded" and archive_index.is_file():
+        refuse_another_schema(archive_index, len(MIGRATIONS), "the embedded archive's index",
+                              "pas-hub", "pas hub backup")
+
+
 def make_hub_backup(settings: HubSettings, config_file: Path | None, destination: Path,
                     actor: str, at: float | None = None, keep: int | None = None) -> WrittenBackup:
     """Write ``destination/pas-hub-backup-<UTC time>/`` (0700) in the home's own layout, so
@@ -106,6 +120,7 @@ def make_hub_backup(settings: HubSettings, config_file: Path | None, destination
     Once whole, the backup is recorded in the live ``hub.sqlite`` (its time is ``at``, the
     moment copied); :class:`BackupNotRecorded` when that fails (nothing pruned then)."""
     check_hub_home(settings)
+    check_schemas(settings)
     destination = destination.absolute()  # the log line and the manifest name it whole
     config = config_file if config_file is not None else settings.config_path
     pki = HubPKI(settings.home)

@@ -160,6 +160,8 @@ def hub_backup_state(record: dict[str, Any], at: float) -> dict[str, Any]:
     last backup, or from ``since`` (when the hub began being watched) if never; ``stale``
     past the appliances' two days (:data:`BACKUP_STALE_AFTER_S`)."""
     counted_from = record["written_at"] if record["written_at"] is not None else record["since"]
+    if counted_from is None:  # no record at all: unknown, said as a warning
+        return {**record, "age_s": None, "stale": True}
     age = max(at - counted_from, 0.0)
     return {**record, "age_s": age, "stale": age > BACKUP_STALE_AFTER_S}
 
@@ -170,7 +172,9 @@ def _hub_backup_line(backup: dict[str, Any] | None) -> str:
     # As the appliance's status page: "none yet" on a hub younger than two days (its timer
     # has not had its chance), "never" in the warning style once it has missed two runs.
     warn = " class=warn" if backup["stale"] else ""
-    if backup["written_at"] is None:
+    if backup["age_s"] is None:
+        text = "unknown (no record in hub.sqlite: the next pas hub backup writes it)"
+    elif backup["written_at"] is None:
         text = "never" if backup["stale"] else "none yet"
     else:
         text = f"{ago(backup['age_s'])}, {_esc(backup['folder'])}"
@@ -364,10 +368,11 @@ class FleetCollector(Collector):
                                 value=len(rows))
         yield from families.values()
         backup = hub_backup_state(hub_backup_record(self.hub.db), time.time())
-        yield GaugeMetricFamily(
-            "pas_hub_backup_age_seconds",
-            "Seconds since the hub's own last pas hub backup (never backed up: since the hub "
-            "began being watched, its install or upgrade)", value=backup["age_s"])
+        if backup["age_s"] is not None:  # None: no record (the next backup writes one)
+            yield GaugeMetricFamily(
+                "pas_hub_backup_age_seconds",
+                "Seconds since the hub's own last pas hub backup (never backed up: since the "
+                "hub began being watched, its install or upgrade)", value=backup["age_s"])
         if backup["written_at"] is not None:
             yield GaugeMetricFamily("pas_hub_last_backup_timestamp_seconds",
                                     "Time of the hub's own last pas hub backup",

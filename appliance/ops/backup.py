@@ -36,11 +36,13 @@ from appliance.ops.backup_folder import (
     WrittenBackup,
     copy_database,
     prune_backups,
+    refuse_another_schema,
     utc_stamp,
     write_backup_folder,
 )
 from appliance.store import audit, index
 from appliance.store.db import Database
+from appliance.store.schema import MIGRATIONS
 from appliance.words import counted
 
 KIND = "pas backup"
@@ -73,6 +75,7 @@ def make_backup(settings: Settings, config_file: Path | None, destination: Path,
             shutil.copy2(config_file, building / config_file.name)
         return _manifest(settings, building, config_file)
 
+    refuse_another_schema(settings.db_path, len(MIGRATIONS), "the index", "pas", "pas backup")
     prefix = f"pas-backup-{settings.site}-"
     final, manifest = write_backup_folder(destination, prefix + utc_stamp(at), fill)
     live = Database(settings.db_path)

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +40,33 @@ STALE_PARTIAL_AFTER_S = 24 * 3600
 class BackupRefused(Exception):
     """A backup that cannot be written where asked, or of a home that is not what it should
     be; the message names the problem. Nothing was left behind."""
+
+
+def refuse_another_schema(path: Path, known: int, what: str, service: str, command: str
+                          ) -> None:
+    """Refuse (:class:`BackupRefused`), before anything is copied, a database of another
+    schema than this software's: the package upgraded while the running ``service`` (not
+    restarted yet, or stopped) is the version before, which migrates it at its start; or an
+    older ``command`` on a newer database. Met on the copy, the refusal named the temporary
+    folder's file (removed by then); ``pas backup`` ended in a traceback."""
+    from appliance.store.ops import schema_version_of
+
+    try:
+        version = schema_version_of(path)
+    except sqlite3.Error as exc:
+        raise BackupRefused(f"{what} {path} cannot be read ({exc}): no backup written; keep "
+                            "the last good backup") from None
+    if version < known:
+        raise BackupRefused(
+            f"{what} {path} is at schema {version}, older than this software's ({known}): "
+            f"the {service} service is the version before the upgrade (or stopped); restart "
+            f"it (systemctl restart {service}: it migrates the database at its start), then "
+            "back up again. No backup written")
+    if version > known:
+        raise BackupRefused(
+            f"{what} {path} is at schema {version}, newer than this software knows ({known}):"
+            f" run the {command} of the version the {service} service runs. No backup "
+            "written")
 
 
 def utc_stamp(at: float | None = None) -> str:

@@ -10,6 +10,7 @@ docs/routing.md for why this, and not series-level triggers.
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Callable
 
 from appliance.config import Settings
@@ -22,6 +23,23 @@ from appliance.store.db import Database, now
 from appliance.words import counted
 
 log = logging.getLogger("pas.routing")
+
+# SQLite's primary result codes that are about the database as a whole, not about one
+# study's rows: its write lock held past the busy timeout (BUSY, LOCKED), no memory, a
+# read-only file, an I/O error, a full disk, a file it cannot open. Every study fails the
+# same way: passed over one by one, each waited the busy timeout in turn (30 s per study
+# per pass) and logged its own traceback, then its own count every 5 min.
+DATABASE_WIDE = {5, 6, 7, 8, 10, 13, 14}  # SQLITE_BUSY ... SQLITE_CANTOPEN
+# Except a read that failed (a bad sector under one study's rows, as a torn page gives
+# SQLITE_CORRUPT): that study is passed over, as the torn one is.
+ONE_PAGE = {266, 522}  # SQLITE_IOERR_READ, SQLITE_IOERR_SHORT_READ
+
+
+def is_database_wide(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database as a whole refused (not one study's rows)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return (isinstance(exc, sqlite3.Error) and code is not None
+            and code & 0xFF in DATABASE_WIDE and code not in ONE_PAGE)
 
 
 class Router:
@@ -47,8 +65,8 @@ class Router:
         A study that cannot be routed (its rows unreadable: a torn page, text that is not
         UTF-8) is passed over, said in the log and tried again at the next pass: it stopped
         the pass, and every study after it waited, for as long as it stayed unreadable.
-        What stops every study (the list itself unreadable) still ends the pass: the
-        routing loop says it."""
+        What stops every study (the list itself unreadable, or the database refusing as a
+        whole: :func:`is_database_wide`) still ends the pass: the routing loop says it."""
         quiet_since = now() - self.settings.study.stable_after_s
         created = 0
         ready = index.studies_ready_to_route(self.db, quiet_since)
@@ -56,6 +74,8 @@ class Router:
             try:
                 created += self.route_study(study_fk)
             except Exception as exc:
+                if is_database_wide(exc):
+                    raise  # the pass ends; the routing loop says it once, and counts it
                 failures = self._failing.setdefault(study_fk, LoopFailures(
                     log, f"routing study {study_fk} (index row) failed; the others go on"))
                 failures.failed(exc)

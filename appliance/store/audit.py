@@ -338,7 +338,13 @@ def _where(wanted: AuditFilter) -> tuple[str, list[Any]]:
     if wanted.until is not None:
         clauses.append("a.at < ?")
         params.append(wanted.until)
-    if wanted.events:
+    if len(wanted.events) == 1:
+        # "=", not "IN (?)": SQLite matches a partial index's WHERE only against "=" with
+        # the bound value, so --event alert / export read migration 19's indexes (a few
+        # rows), not the whole trail (0.34 s for 2 million rows, twice: the rows, the count).
+        clauses.append("a.event = ?")
+        params.append(wanted.events[0])
+    elif wanted.events:
         clauses.append(f"a.event IN ({','.join('?' * len(wanted.events))})")
         params.extend(wanted.events)
     if wanted.failures:

@@ -297,19 +297,30 @@ def record_hub_backup(db: Database, written_at: float, folder: Path, actor: str)
     """The live hub's note of a whole backup just written (migration 7's one row): what its
     ``/metrics`` and ``/fleet`` read to say how old the hub's last backup is. Only moves
     forward: a backup made earlier that finished after a later one (two runs at once) leaves
-    the later one recorded; returns whether this one was."""
+    the later one recorded; returns whether this one was.
+
+    A record dated in the future (the clock ran ahead when it was written and was set back
+    since) is replaced all the same: kept, it refused every later backup until the clock
+    caught up with it, its age reading 0 meanwhile (a stopped timer unseen that long). A row
+    gone (the database edited by hand) is written again: an UPDATE alone never recorded a
+    backup again."""
     with db.transaction() as conn:
         return conn.execute(
-            "UPDATE hub_backup SET written_at = ?, folder = ?, actor = ? WHERE id = 1 AND "
-            "(written_at IS NULL OR written_at <= ?)",
-            (written_at, str(folder), actor, written_at)).rowcount == 1
+            "INSERT INTO hub_backup (id, since, written_at, folder, actor) VALUES (1, ?, ?, ?, ?) "
+            "ON CONFLICT (id) DO UPDATE SET written_at = excluded.written_at, "
+            "folder = excluded.folder, actor = excluded.actor WHERE written_at IS NULL OR "
+            "written_at <= excluded.written_at OR written_at > ?",
+            (written_at, written_at, str(folder), actor, max(now(), written_at))).rowcount == 1
 
 
 def hub_backup_record(db: Database) -> dict[str, Any]:
     """``since`` (when the hub began being watched), and the last backup's ``written_at``,
-    ``folder``, ``actor`` (None: never backed up)."""
+    ``folder``, ``actor`` (None: never backed up). All None when migration 7's row is gone
+    (a database edited by hand): asserted, it failed every scrape of ``/metrics``, the
+    sites' families with it, and ``/fleet``."""
     row = db.query_one("SELECT since, written_at, folder, actor FROM hub_backup WHERE id = 1")
-    assert row is not None  # migration 7 inserted it
+    if row is None:
+        return {"since": None, "written_at": None, "folder": None, "actor": None}
     return dict(row)
 
 
