@@ -446,7 +446,8 @@ def test_a_study_that_cannot_be_routed_does_not_hold_the_others(
     wait_for(lambda: len(storescp.files()) == len(second), 60,
              what="the second study delivered past the first")
     assert {sop_uid(p) for p in storescp.files()} == {sop_uid(p) for p in second}
-    assert [j["state"] for j in jobs_of(pas.home)] == ["done"]
+    wait_for(lambda: [j["state"] for j in jobs_of(pas.home)] == ["done"], 30,
+             what="the second study's job done (the first has none)")
     said = "routing study 1 (index row) failed; the others go on"
     wait_for(lambda: said in pas.log(), 10, what="the unroutable study in the log")
     assert pas.log().count("Could not decode to UTF-8") == 1  # its traceback, once
