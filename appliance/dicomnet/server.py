@@ -89,4 +89,8 @@ class ListenerServer(ThreadedAssociationServer):
             waiting = list(self._handshaking)
         for request in waiting:
             with contextlib.suppress(OSError):
-                request.shutdown(socket.SHUT_RDWR)
+                # The TCP socket's shutdown, not SSLSocket's: that one also drops the TLS
+                # object, and a thread between its registration and its do_handshake then
+                # died on an AttributeError (a traceback at the stop, its socket left open).
+                # This way the handshake meets the end of the connection (an OSError).
+                socket.socket.shutdown(request, socket.SHUT_RDWR)
