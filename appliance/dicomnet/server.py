@@ -9,6 +9,13 @@ association was accepted for as long as it stayed connected, and a stop waited o
 thread for ever (``systemctl stop`` ended in systemd's kill). Here each handshake runs in the
 connection's own thread, limited to the network timeout, and a stop ends those still waiting.
 
+A handshake refused for the client's certificate (none, another CA's, expired) is a refused
+access like an unknown AE title: said at warning level, naming the address and why, and
+handed to ``on_refused`` (the audit trail's security rows). pynetdicom's loop dropped it
+without a word, so a modality whose certificate had expired could not send and nothing on
+the site said why. Other failed handshakes (a port probe, a health check that only connects,
+plain DICOM on the TLS port) stay at debug level: health checks would fill the journal.
+
 Owns: accepting connections on the DICOM port. May not touch the index, the spool or any
 service's handlers.
 """
@@ -20,19 +27,36 @@ import logging
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from pynetdicom.transport import ThreadedAssociationServer
 
 log = logging.getLogger("pas.ingest")
 
+# OpenSSL's reason when a client sent no certificate and one is required (TLS 1.2 and 1.3).
+_NO_CERTIFICATE = {"PEER_DID_NOT_RETURN_A_CERTIFICATE", "CERTIFICATE_REQUIRED"}
+
+
+def certificate_refusal(exc: BaseException) -> str | None:
+    """Why a failed server-side handshake refused the client's certificate (the audit row's
+    and the log line's words), or None when it failed for anything else."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS client certificate refused: {exc.verify_message or exc.reason}"
+    if isinstance(exc, ssl.SSLError) and exc.reason in _NO_CERTIFICATE:
+        return "TLS client certificate refused: none presented (one from dicom.tls.ca is required)"
+    return None
+
 
 class ListenerServer(ThreadedAssociationServer):
     """:class:`ThreadedAssociationServer` whose TLS handshakes run in each connection's
     thread, at most ``handshake_timeout_s``, and end when the server stops."""
 
-    def __init__(self, *args: Any, handshake_timeout_s: float = 60.0, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, handshake_timeout_s: float = 60.0,
+                 on_refused: Callable[[str, str], None] | None = None, **kwargs: Any) -> None:
         self.handshake_timeout_s = handshake_timeout_s
+        # Called (address, reason) for a handshake that refused the client's certificate.
+        self.on_refused = on_refused
         self._handshakes_lock = threading.Lock()
         self._handshaking: set[ssl.SSLSocket] = set()
         self._closing = False
@@ -71,10 +95,14 @@ class ListenerServer(ThreadedAssociationServer):
                             self.handshake_timeout_s)
             return False
         except (OSError, ValueError) as exc:
-            # A port probe, plain DICOM, a refused certificate (ssl.SSLError is an OSError;
-            # ValueError: closed by a stop). Not logged higher than when pynetdicom's accept
-            # loop dropped them silently: health checks would fill the journal.
-            log.debug("TLS handshake with %s failed: %s", client_address[0], exc)
+            # ssl.SSLError is an OSError; ValueError: closed by a stop.
+            refusal = certificate_refusal(exc)
+            if refusal is None:  # a port probe, a health check, plain DICOM: not news
+                log.debug("TLS handshake with %s failed: %s", client_address[0], exc)
+                return False
+            log.warning("TLS: %s refused: %s (connection closed)", client_address[0], refusal)
+            if self.on_refused is not None:
+                self.on_refused(client_address[0], refusal)
             return False
         finally:
             with self._handshakes_lock:
@@ -89,4 +117,8 @@ class ListenerServer(ThreadedAssociationServer):
             waiting = list(self._handshaking)
         for request in waiting:
             with contextlib.suppress(OSError):
-                request.shutdown(socket.SHUT_RDWR)
+                # The TCP socket's shutdown, not SSLSocket's: that one also drops the TLS
+                # object, and a thread between its registration and its do_handshake then
+                # died on an AttributeError (a traceback at the stop, its socket left open).
+                # This way the handshake meets the end of the connection (an OSError).
+                socket.socket.shutdown(request, socket.SHUT_RDWR)

@@ -226,7 +226,7 @@ class DicomListener:
         server = self.ae.make_server(
             (self.config.host, self.config.port), evt_handlers=self._handlers,
             ssl_context=self.ssl_context, server_class=ListenerServer,
-            handshake_timeout_s=self.config.network_timeout_s,
+            handshake_timeout_s=self.config.network_timeout_s, on_refused=self._tls_refused,
         )
         threading.Thread(target=server.serve_forever, name="pas-dicom-accept",
                          daemon=True).start()
@@ -343,6 +343,13 @@ class DicomListener:
             self.refusals.refused(channel="dicom", kind=kind,
                                   source=event.assoc.requestor.address,
                                   actor=calling or "-", reason=reason, target=called or None)
+
+    def _tls_refused(self, address: str, reason: str) -> None:
+        """The audit row of a TLS handshake that refused the client's certificate: no
+        A-ASSOCIATE-RQ was read, so no AE title is known."""
+        if self.refusals is not None:
+            self.refusals.refused(channel="dicom", kind="tls-certificate", source=address,
+                                  actor="-", reason=reason)
 
     def _on_c_store_timed(self, event: Any) -> Any:
         """pynetdicom's EVT_C_STORE handler (``dicom.direct_receive = false``, or a C-STORE

@@ -64,7 +64,8 @@ UPLOAD_INFLIGHT = Gauge("pas_upload_inflight_bytes", "Sealed bucket bytes of the
 CSTORE_PATHS = Counter("pas_cstore_requests", "C-STORE requests filed, by the code path that "
                        "read and answered them (direct, pynetdicom)", ["path"], registry=None)
 ACCESS_REFUSED = Counter("pas_access_refused", "Access attempts refused, by channel and "
-                         "reason (dicom: unknown-ae, rate-limit, unaccepted-context; "
+                         "reason (dicom: unknown-ae, rate-limit, unaccepted-context, "
+                         "tls-certificate; "
                          "http: bearer-token)",
                          ["channel", "reason"], registry=None)
 # Storage Commitment reports (N-EVENT-REPORT) to modalities: sent (the modality answered

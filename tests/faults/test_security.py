@@ -128,6 +128,40 @@ def test_a_tls_handshake_not_completed_in_the_network_timeout_is_closed(
         pas.stop()
 
 
+def test_a_refused_client_certificate_is_logged_and_audited(tmp_path: Path) -> None:
+    """A handshake refused for the client's certificate (another CA's, none) is a refused
+    access: a warning naming the address and why, a ``security`` row in the audit trail and
+    the counter. pynetdicom's accept loop dropped it without a word (the handshake's own
+    thread then logged it at debug level): a modality whose certificate expired could not
+    send and nothing on the site said why. A port probe that only connects stays quiet."""
+    pki = make_pki(tmp_path / "pki")
+    pas = PasProcess(tmp_path / "pas", _tls_env(pki)).start()
+    try:
+        socket.create_connection(("127.0.0.1", pas.port)).close()  # a probe: not a refusal
+        assert _echo(pas.port, _tls(pki, "rogue")) != 0
+        assert _echo(pas.port, _tls(pki, "rogue")) != 0  # the same minute: counted, one row
+        assert _echo(pas.port, ["+tla", "+cf", str(pki / "ca.crt")]) != 0
+        assert _echo(pas.port, _tls(pki, "client")) == 0  # still serving
+        rows = wait_for(lambda: len(found := _security_rows(pas.home)) >= 2 and found, 10,
+                        what="the refusals' audit rows")
+        assert [(r["actor"], r["source"], r["outcome"], r["detail"]) for r in rows] == [
+            ("-", "127.0.0.1", "failure: TLS client certificate refused: self-signed "
+                               "certificate", "dicom"),
+            ("-", "127.0.0.1", "failure: TLS client certificate refused: none presented (one "
+                               "from dicom.tls.ca is required)", "dicom")]
+        log = pas.log()
+        assert log.count("TLS: 127.0.0.1 refused: TLS client certificate refused: "
+                         "self-signed certificate (connection closed)") == 2
+        assert log.count("TLS: 127.0.0.1 refused: TLS client certificate refused: none "
+                         "presented") == 1
+        assert "EOF occurred" not in log  # the probe
+    finally:
+        pas.stop()
+    rows = _security_rows(pas.home)
+    assert len(rows) == 3 and rows[2]["detail"].startswith(
+        "dicom; 1 more attempt refused in the 60 s from "), rows
+
+
 def test_readable_key_is_refused_at_start_with_the_fix(tmp_path: Path) -> None:
     pki = make_pki(tmp_path / "pki")
     (pki / "server.key").chmod(0o644)
