@@ -380,6 +380,19 @@ def test_read_only_commands_change_nothing_and_never_migrate(tmp_path: Path) -> 
             "systemctl restart pas) migrates it at its start"], args
     _sidecars_left(old, before)
 
+    # The hub's database names the hub's service: it said the appliance's.
+    from appliance.store.hub_schema import HUB_MIGRATIONS
+
+    old_hub = tmp_path / "old-hub"
+    Database(old_hub / "hub.sqlite", HUB_MIGRATIONS[:-1]).close()
+    for args in (("hub", "sites"), ("hub", "transfers")):
+        result = _pas(old, *args, env={"PAS_HUB_HOME": str(old_hub)})
+        assert result.returncode == 1, (args, result.stdout, result.stderr)
+        assert result.stderr.strip().splitlines() == [
+            f"{old_hub / 'hub.sqlite'}: database schema {len(HUB_MIGRATIONS) - 1} is older "
+            f"than this software's ({len(HUB_MIGRATIONS)}); it was left as it is: the hub "
+            "(pas hub run, systemctl restart pas-hub) migrates it at its start"], args
+
 
 def test_a_read_only_reader_sees_a_daemon_that_starts_and_ingests_meanwhile(
         tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from appliance.store.hub_schema import HUB_MIGRATIONS
 from appliance.store.schema import MIGRATIONS
 
 BUSY_TIMEOUT_MS = 30_000  # the daemon's: its writes ride over another's long transaction
@@ -300,10 +301,14 @@ class Database:
         """Read-only: the schema must be the one this software knows (nothing migrated)."""
         version = self.schema_version()
         if version < len(migrations):
+            # The hub's database is migrated by the hub's service, not the appliance's.
+            daemon = ("the hub (pas hub run, systemctl restart pas-hub)"
+                      if migrations is HUB_MIGRATIONS
+                      else "the daemon (pas run, systemctl restart pas)")
             raise DatabaseUnavailable(
                 f"{self.path}: database schema {version} is older than this software's "
-                f"({len(migrations)}); it was left as it is: the daemon (pas run, "
-                f"systemctl restart pas) migrates it at its start")
+                f"({len(migrations)}); it was left as it is: {daemon} migrates it at its "
+                "start")
         if version > len(migrations):
             raise DatabaseUnavailable(
                 f"{self.path}: database schema {version} is newer than this software knows "
