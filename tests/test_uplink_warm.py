@@ -7,8 +7,11 @@ read from the kernel's own table (``/proc/net/tcp``): client sockets to the hub'
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -90,5 +93,33 @@ def test_connections_outlive_an_idle_spell_longer_than_httpx_default_expiry(
         assert _client_ports(hub.port) == opened
         assert client.held_buckets("no-such-transfer") is None
         assert _client_ports(hub.port) == opened
+    finally:
+        client.close()
+
+
+def test_warm_opens_every_connection_when_one_call_starts_late(
+        hub: HubProcess, site: Enrolment) -> None:
+    """Seen in a full CI run: ``warm()``'s two calls went out one after the other on a loaded
+    machine, the second took the connection the first had just given back, and one
+    connection of two was warm. Here the second call starts 0.5 s late (as a thread of a
+    loaded machine does): both connections are opened all the same."""
+    client = HubClient(site.url, site.ssl_context(), max_connections=2)
+    calls = {"n": 0}
+    lock = threading.Lock()
+    for name in ("get", "stream"):  # whichever warm() uses
+        real = getattr(client._http, name)
+
+        def late_second(*args: Any, _real: Any = real, **kwargs: Any) -> Any:
+            with lock:
+                calls["n"] += 1
+                late = calls["n"] == 2
+            if late:
+                time.sleep(0.5)
+            return _real(*args, **kwargs)
+
+        setattr(client._http, name, late_second)
+    try:
+        assert client.warm() == 2
+        assert len(_client_ports(hub.port)) == 2
     finally:
         client.close()

@@ -336,13 +336,23 @@ class HubClient:
         """Open (or keep open) every connection of the pool: as many ``GET /whoami`` at once
         as the pool holds. Returns how many answered. Failures are not reported as the link's
         state (the next real call says it)."""
+        # Each call keeps its connection busy (its answer not yet read) until every call
+        # holds one: a call that ended first gave its connection back to the pool, and a
+        # call that started after took that one instead of opening its own (a loaded
+        # machine warmed 1 connection of 2).
+        together = threading.Barrier(self.slots.total)
+
         def one(_: int) -> bool:
             try:
-                response = self._http.get(f"{API}/whoami", timeout=10.0)
+                with self._http.stream("GET", f"{API}/whoami", timeout=10.0) as response:
+                    self._remember_certificate(response)
+                    with contextlib.suppress(threading.BrokenBarrierError):
+                        together.wait(10.0)
+                    response.read()
+                    return response.status_code == 200
             except httpx.HTTPError:
+                together.abort()  # the others stop waiting for this one
                 return False
-            self._remember_certificate(response)
-            return response.status_code == 200
 
         with ThreadPoolExecutor(self.slots.total, thread_name_prefix="pas-hub-warm") as pool:
             answered = sum(pool.map(one, range(self.slots.total)))
