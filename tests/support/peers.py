@@ -35,6 +35,10 @@ DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 ORTHANC_DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 
+class PeerExited(RuntimeError):
+    """A child process waited for has exited: :func:`wait_for` raises it at once."""
+
+
 def wait_for(condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05,
              what: str = "condition") -> Any:
     """Poll ``condition`` until it returns something truthy; fail after ``timeout``."""
@@ -45,6 +49,8 @@ def wait_for(condition: Callable[[], Any], timeout: float = 30.0, interval: floa
             result = condition()
             if result:
                 return result
+        except PeerExited:
+            raise  # it will not come up: waiting on is the timeout spent for nothing
         except Exception as exc:  # the condition may fail until the peer is up
             last_error = exc
         time.sleep(interval)
@@ -113,7 +119,7 @@ class ChildProcess:
 
     def _alive(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
-            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: "
+            raise PeerExited(f"{self.name} exited with {self.proc.returncode}: "
                                f"{self.log()[-2000:]}")
         return True
 
@@ -190,6 +196,28 @@ class PasProcess(ChildProcess):
         }, "pas.log")
 
     def start(self, timeout: float = 30.0) -> PasProcess:
+        """Start and wait for the ready line. A port :func:`free_port` gave that another
+        test's peer took before this daemon bound it (its start refused: "Address already
+        in use", seen in a CI run) is replaced by a new one, twice at most, when it is this
+        object's own (not one the test set)."""
+        for attempt in range(3):
+            log_before = len(self.log())
+            try:
+                return self._start_once(timeout)
+            except (RuntimeError, TimeoutError):
+                refused = self.log()[log_before:]
+                if attempt == 2 or "Address already in use" not in refused:
+                    raise
+                self._new_ports()
+        raise AssertionError("unreachable")
+
+    def _new_ports(self) -> None:
+        for attribute, key in (("port", "PAS_DICOM__PORT"), ("http_port", "PAS_HTTP__PORT")):
+            if self.env.get(key) == str(getattr(self, attribute)):
+                setattr(self, attribute, free_port())
+                self.env[key] = str(getattr(self, attribute))
+
+    def _start_once(self, timeout: float) -> PasProcess:
         ready_before = self.log().count("PAS ready")
         ports = [self.port]
         if self.env.get("PAS_HTTP__ENABLED", "true").lower() != "false":
