@@ -67,9 +67,9 @@ class PriorsFetcher:
         self.db = db
         self.receiver = receiver
         self.stopping = stopping
-        self.region = region
-        self.downloads = downloads
-        # The hub said it has no bucketed download: the service stops offering one for good.
+        # The region's clients, made when first asked for and closed by the service, which
+        # ``bucketed_unavailable`` tells that the hub said it has no bucketed download.
+        self.region, self.downloads = region, downloads
         self.bucketed_unavailable = bucketed_unavailable
         # The request no longer resolves its priors: the scheduler frees its slot.
         self.resolved = resolved

@@ -62,7 +62,6 @@ class QueryRetrieveService:
                  tls: DicomTlsSection | None = None):
         self.settings = settings
         self.db = db
-        self.spool = spool
         self.ae_title = ae_title
         self.fetcher = fetcher
         self.region_find = region_find
