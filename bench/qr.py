@@ -38,7 +38,7 @@ from pynetdicom.sop_class import (  # noqa: E402  # type: ignore[attr-defined]
 )
 
 from appliance.ingest.receive import Receiver  # noqa: E402
-from appliance.serving.qr import no_delay, reactor_takes_no_messages  # noqa: E402
+from appliance.serving.qr_associations import no_delay, reactor_takes_no_messages  # noqa: E402
 from appliance.store import index  # noqa: E402
 from appliance.store import query as store_query  # noqa: E402
 from appliance.store.db import Database  # noqa: E402

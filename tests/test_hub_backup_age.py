@@ -59,6 +59,22 @@ def _viewer(hub: HubProcess) -> httpx.Client:
     return httpx.Client(base_url=hub.url, verify=hub.anonymous_context(), timeout=30)
 
 
+def _backup_into(hub: HubProcess, destination: Path) -> Path:
+    """The timer's command, ``pas hub backup DESTINATION``, into a new folder: the backup
+    folder it wrote (as its ``--json`` says)."""
+    destination.mkdir()
+    return Path(json.loads(hub.cli("backup", str(destination), "--json").stdout)["folder"])
+
+
+def _recorded_just_now_by_an_operator(hub: HubProcess, folder: Path) -> dict:
+    """The record after a backup run by hand just now: that folder, an operator's, this
+    minute's."""
+    record = _record(hub)
+    assert record["folder"] == str(folder) and record["actor"].startswith("operator:")
+    assert time.time() - 60 < record["written_at"] <= time.time()
+    return record
+
+
 def test_the_hubs_backup_age_counts_from_since_then_from_each_backup(
         hub: HubProcess, tmp_path: Path) -> None:
     db = open_hub_db(hub.home / "hub.sqlite")
@@ -77,12 +93,8 @@ def test_the_hubs_backup_age_counts_from_since_then_from_each_backup(
             viewer.get("/fleet").text
 
         # The timer's command, while the hub serves.
-        destination = tmp_path / "backups"
-        destination.mkdir()
-        first = Path(json.loads(hub.cli("backup", str(destination), "--json").stdout)["folder"])
-        record = _record(hub)
-        assert record["folder"] == str(first) and record["actor"].startswith("operator:")
-        assert time.time() - 60 < record["written_at"] <= time.time()
+        first = _backup_into(hub, tmp_path / "backups")
+        record = _recorded_just_now_by_an_operator(hub, first)
         scrape = viewer.get("/metrics").text
         assert _gauge(scrape, "pas_hub_backup_age_seconds") < 60  # type: ignore[operator]
         assert _gauge(scrape, "pas_hub_last_backup_timestamp_seconds") == record["written_at"]
@@ -103,9 +115,7 @@ def test_the_hubs_backup_age_counts_from_since_then_from_each_backup(
         # (the folder's name is stamped to the second): it is the one recorded and shown.
         stamp = utc_stamp()
         wait_for(lambda: utc_stamp() != stamp, 5, what="the next second")
-        elsewhere = tmp_path / "share <&> x"
-        elsewhere.mkdir()
-        second = Path(json.loads(hub.cli("backup", str(elsewhere), "--json").stdout)["folder"])
+        second = _backup_into(hub, tmp_path / "share <&> x")
         moved = _record(hub)
         assert moved["folder"] == str(second) and moved["written_at"] > record["written_at"]
         assert moved["since"] == record["since"]
@@ -137,9 +147,7 @@ def test_an_upgraded_hub_is_watched_from_its_upgrade(hub: HubProcess, tmp_path: 
         # Not yet a warning: the timer has not had its two days.
         assert "<p id=hub-backup><span>hub backup: none yet</span></p>" in \
             viewer.get("/fleet").text
-    destination = tmp_path / "backups"
-    destination.mkdir()
-    made = Path(json.loads(hub.cli("backup", str(destination), "--json").stdout)["folder"])
+    made = _backup_into(hub, tmp_path / "backups")
     assert _record(hub)["folder"] == str(made)
 
 
@@ -181,12 +189,8 @@ def test_a_backup_recorded_while_the_clock_ran_ahead_does_not_hide_the_next(
                           "system:pas-hub-backup.timer"))
     finally:
         db.close()
-    destination = tmp_path / "backups"
-    destination.mkdir()
-    made = Path(json.loads(hub.cli("backup", str(destination), "--json").stdout)["folder"])
-    record = _record(hub)
-    assert record["folder"] == str(made) and record["actor"].startswith("operator:")
-    assert time.time() - 60 < record["written_at"] <= time.time()
+    made = _backup_into(hub, tmp_path / "backups")
+    record = _recorded_just_now_by_an_operator(hub, made)
     hub.start()
     with _viewer(hub) as viewer:
         assert _gauge(viewer.get("/metrics").text,
@@ -217,9 +221,7 @@ def test_a_missing_record_row_does_not_take_the_fleet_metrics_with_it(
         assert ("<p id=hub-backup><span class=warn>hub backup: unknown (no record in "
                 "hub.sqlite: the next pas hub backup writes it)</span></p>") in page.text
 
-        destination = tmp_path / "backups"
-        destination.mkdir()
-        made = Path(json.loads(hub.cli("backup", str(destination), "--json").stdout)["folder"])
+        made = _backup_into(hub, tmp_path / "backups")
         record = _record(hub)
         assert record["folder"] == str(made) and record["since"] == record["written_at"]
         assert _gauge(viewer.get("/metrics").text, "pas_hub_backup_age_seconds") < 60  # type: ignore[operator]

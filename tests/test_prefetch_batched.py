@@ -86,7 +86,7 @@ class Site:
         self.receiver = Receiver(self.db, Spool(self.settings.spool_dir, fsync=False))
         self.service = PrefetchService(self.settings, self.db, self.receiver)
         # However loaded the machine, the batch waits for every request resolving.
-        self.service.batcher.gather_max_s = 120
+        self.service.fetcher.batcher.gather_max_s = 120
 
     def order(self, patients: tuple[str, ...]) -> list[int]:
         return [store.schedule(self.db, store.NewRequest(f"manual:{p}", "manual", p)).request_id
@@ -136,7 +136,7 @@ def test_requests_due_together_come_down_in_one_stream(region: dict[str, Any],
     # hub's priors route (tests/test_prefetch_priors.py) was taken whenever the keep-warm
     # call had learnt the hub's features before the requests resolved (it failed once in CI
     # under load, with no search made).
-    site.service.priors_route = False
+    site.service.fetcher.priors_route = False
     # Due now, before the scheduler runs: claimed together.
     rows = site.run(site.order(PATIENTS))
     site.assert_fetched(rows, region["priors"], PATIENTS)
@@ -147,8 +147,8 @@ def test_requests_due_together_come_down_in_one_stream(region: dict[str, Any],
         assert pinned is not None and pinned["pinned_until"] > now()
     # One search request at least went to the hub's batched search (no per-patient QIDO),
     # and the three studies came down in one stream.
-    assert site.service.searcher.requests >= 1
-    assert site.service.batcher.batches == 1
+    assert site.service.fetcher.searcher.requests >= 1
+    assert site.service.fetcher.batcher.batches == 1
     # The hub logs it when its side of the stream is done, which may be just after the site
     # has read the last byte: awaited, not read once.
     wait_for(lambda: re.search(r"batched download for SITE-BATCH sent: 3 studies in one "
@@ -321,7 +321,7 @@ def test_an_urgent_upload_keeps_the_link_from_a_batch(region: dict[str, Any],
     ids = site.order(patients)
     site.service.start()
     try:
-        wait_for(lambda: site.service.stepped_aside > 0, 60, what="the batch to step aside")
+        wait_for(lambda: site.service.fetcher.stepped_aside > 0, 60, what="the batch to step aside")
         rows = [store.get_request(site.db, i) for i in ids]
         assert all(r is not None and r["instances_fetched"] == 0 for r in rows)
         assert "SITE-URGENT sent" not in hub.log()  # no stream started

@@ -73,10 +73,10 @@ def test_urgent_upload_keeps_the_link_then_the_prior_arrives(tmp_path: Path,
                               region_factory=lambda: RegionClient(orthanc.dicomweb))
     request_id = store.schedule(db, store.NewRequest("manual:t", "manual", patient)).request_id
     (request,) = store.claim_due(db)
-    worker = threading.Thread(target=service.process, args=(request,))
+    worker = threading.Thread(target=service.fetcher.process, args=(request,))
     worker.start()
     try:
-        wait_for(lambda: service.stepped_aside > 0, 30, what="the fetch to step aside")
+        wait_for(lambda: service.fetcher.stepped_aside > 0, 30, what="the fetch to step aside")
         row = store.get_request(db, request_id)
         assert row is not None and row["studies_found"] == 1
         assert row["instances_fetched"] == 0  # nothing downloaded while the urgent job waits
@@ -134,7 +134,7 @@ def test_a_fetch_cut_short_resumes_with_only_the_missing_instances(
         request_id = store.schedule(db, store.NewRequest("manual:r", "manual", patient)
                                     ).request_id
         (request,) = store.claim_due(db)
-        service.process(request)
+        service.fetcher.process(request)
     finally:
         service.stop()
     row = store.get_request(db, request_id)

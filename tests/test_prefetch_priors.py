@@ -50,8 +50,8 @@ def test_orders_due_together_are_one_priors_request(region: dict[str, Any],
     rows = site.run(site.order(PATIENTS))
     site.assert_fetched(rows, region["priors"], PATIENTS)
     # One request to the hub for the three patients: no search, no separate download.
-    assert site.service.priors.requests == 1
-    assert site.service.searcher.requests == 0 and site.service.batcher.batches == 0
+    assert site.service.fetcher.priors.requests == 1
+    assert site.service.fetcher.searcher.requests == 0 and site.service.fetcher.batcher.batches == 0
     assert "priors for SITE-ONE: 3 patients searched, 3 studies to send" in hub.log()
     assert "download for SITE-ONE over 4 lanes" in hub.log()
     assert re.search(r"batched download for SITE-ONE sent: 3 studies in one stream", hub.log())
@@ -75,7 +75,7 @@ def test_requests_claimed_together_are_one_request_however_late_their_threads(
     monkeypatch.setattr(store, "held_by_patient", late_for_the_last)
     rows = site.run(site.order(PATIENTS))
     site.assert_fetched(rows, region["priors"], PATIENTS)
-    assert site.service.priors.requests == 1
+    assert site.service.fetcher.priors.requests == 1
     assert "priors for SITE-LATE: 3 patients searched, 3 studies to send" in hub.log()
 
 
@@ -92,7 +92,7 @@ def test_what_the_site_holds_is_not_sent_again(region: dict[str, Any], tmp_path:
     for row, patient in zip(rows, PATIENTS, strict=True):
         assert row["state"] == "fetched", row["last_error"]
         site.assert_on_site(region["priors"][patient][1])
-    assert site.service.priors.requests == 1
+    assert site.service.fetcher.priors.requests == 1
     assert "priors for SITE-HELD: 3 patients searched, 2 studies to send" in hub.log()
     partial_uid, _ = region["priors"][PATIENTS[1]]
     held = re.search(rf"download of study {re.escape(partial_uid)} for SITE-HELD sent: "

@@ -217,7 +217,7 @@ def test_outside_the_wan_windows_a_due_request_waits_for_the_next_opening(
                               region_factory=no_region)  # type: ignore[arg-type]
     store.schedule(db, store.NewRequest("manual:W", "manual", "W"))
     (request,) = store.claim_due(db)
-    service.process(request)
+    service.fetcher.process(request)
     row = store.get_request(db, request["id"])
     assert row is not None and row["state"] == "pending" and row["attempts"] == 0
     assert "outside the WAN windows" in row["last_error"]

@@ -35,6 +35,26 @@ def _fill(db: Database, rows: int, first_at: float) -> None:
             ((first_at + n, "store" if n % 3 else "query") for n in range(rows)))
 
 
+def _disk_alert_raised(db: Database, percent: int) -> None:
+    """A disk alert raised (outcome failure), as the cache policy records one: its detail is
+    what ``health`` returns while the alert lasts."""
+    audit.record(db, "alert", actor="system", outcome=f"failure: disk {percent} % full",
+                 detail=f"spool at {percent} %, above 90 %")
+
+
+def _disk_alert_ended(db: Database) -> None:
+    """The alert cleared: the newest alert row's outcome is success."""
+    audit.record(db, "alert", actor="system", outcome="success",
+                 detail="spool at 70 %, below 85 %")
+
+
+def _backup_recorded(db: Database, folder: str, instances: int) -> None:
+    """A backup's export row (``last_backup`` knows it by its detail) for a backup into
+    ``/var/backups/pas/<folder>``."""
+    audit.record(db, "export", actor="root", target=f"/var/backups/pas/{folder}",
+                 detail=AUDIT_DETAIL + f"the index ({instances} instances)")
+
+
 def _instructions(db: Database, look_up) -> tuple[int, object]:  # type: ignore[no-untyped-def]
     """How many SQLite instructions ``look_up(db)`` ran (to the nearest hundred), and what
     it returned."""
@@ -70,16 +90,13 @@ def test_no_alert_and_no_backup_are_known_without_reading_the_trail(tmp_path: Pa
 def test_the_newest_alert_and_backup_are_found_under_a_day_of_rows(tmp_path: Path) -> None:
     db = Database(tmp_path / "pas.sqlite")
     try:
-        audit.record(db, "export", actor="root", target="/var/backups/pas/pas-backup-old",
-                     detail=AUDIT_DETAIL + "the index (3 instances)")
-        audit.record(db, "alert", actor="system", outcome="failure: disk 91 % full",
-                     detail="spool at 91 %, above 90 %")
+        _backup_recorded(db, "pas-backup-old", 3)
+        _disk_alert_raised(db, 91)
         _fill(db, ROWS, 2_000.0)
         # Another export (not a backup: its detail says otherwise), then the newest backup.
         audit.record(db, "export", actor="root", target="/tmp/study.zip",
                      detail="study 1.2.3 written to a folder")
-        audit.record(db, "export", actor="root", target="/var/backups/pas/pas-backup-new",
-                     detail=AUDIT_DETAIL + "the index (5 instances)")
+        _backup_recorded(db, "pas-backup-new", 5)
         _fill(db, ROWS // 10, 3_000_000.0)
 
         spent, found = _instructions(db, health)
@@ -90,8 +107,7 @@ def test_the_newest_alert_and_backup_are_found_under_a_day_of_rows(tmp_path: Pat
         assert spent < MOST_INSTRUCTIONS, spent
 
         # The alert ends: the newest alert row says so, and the page shows none.
-        audit.record(db, "alert", actor="system", outcome="success",
-                     detail="spool at 70 %, below 85 %")
+        _disk_alert_ended(db)
         assert health(db)["disk_alert"] is None
     finally:
         db.close()
@@ -101,8 +117,7 @@ def test_the_upgrade_adds_the_indexes_to_a_trail_written_before(tmp_path: Path) 
     """An index at schema 18 with its trail: migration 19 indexes the rows already there."""
     path = tmp_path / "pas.sqlite"
     db = Database(path)
-    audit.record(db, "alert", actor="system", outcome="failure: disk 95 % full",
-                 detail="spool at 95 %, above 90 %")
+    _disk_alert_raised(db, 95)
     _fill(db, ROWS, 1_000.0)
     db.close()
     conn = sqlite3.connect(path)
@@ -127,13 +142,10 @@ def test_pas_audit_of_one_event_reads_its_index_not_the_trail(tmp_path: Path) ->
     few rows asked for."""
     db = Database(tmp_path / "pas.sqlite")
     try:
-        audit.record(db, "alert", actor="system", outcome="failure: disk 91 % full",
-                     detail="spool at 91 %, above 90 %")
+        _disk_alert_raised(db, 91)
         _fill(db, ROWS, 1_000.0)
-        audit.record(db, "alert", actor="system", outcome="success",
-                     detail="spool at 70 %, below 85 %")
-        audit.record(db, "export", actor="root", target="/var/backups/pas/pas-backup-1",
-                     detail=AUDIT_DETAIL + "the index (5 instances)")
+        _disk_alert_ended(db)
+        _backup_recorded(db, "pas-backup-1", 5)
 
         spent, found = _instructions(
             db, lambda d: audit.search(d, audit.AuditFilter(events=("alert",)), 50))

@@ -4,7 +4,7 @@ Owns: gathering the studies that prefetch requests hand over (a RIS often sends 
 in one burst: ten ORMs within milliseconds), and sending each gathered batch as one request to
 the hub (``HubDownloads.fetch_many``): one TCP stream, one slow start, one queue on the WAN,
 instead of one download per study overshooting the link's queue together (measured: 0.7-0.9
-MB of 5.6 MB resent with ten at once, docs/benchmarks.md). May not touch: SQL (the service's
+MB of 5.6 MB resent with ten at once, docs/benchmarks.md). May not touch: SQL (the fetcher's
 callbacks do the bookkeeping), files (the Receiver writes them).
 
 When a batch leaves: as soon as no request is still resolving its priors (QIDO through the

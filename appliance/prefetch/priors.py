@@ -5,13 +5,13 @@ burst's orders a few ms apart) and sending them as one ``HubDownloads.fetch_prio
 searches each patient, chooses the priors by the rule the request names, and streams the ones
 the site lacks in the same answer (``appliance.hub.priors``). Each request gets back the
 studies chosen for it and a ticket per study to download, as from the two-step path (search,
-then :class:`appliance.prefetch.batch.DownloadBatcher`). May not touch: SQL (the service
+then :class:`appliance.prefetch.batch.DownloadBatcher`). May not touch: SQL (the fetcher
 passes what the site holds), files (the Receiver writes them).
 
 Why: on a 70 ms line the search and the download request were two round trips before the
 first byte of a prior moved; this is one (docs/benchmarks.md, prefetch). A request that cannot
 use it (an older hub, a rule that needs series-level attributes, a retry that must name the
-instances a cut attempt filed) takes the two-step path: the service decides.
+instances a cut attempt filed) takes the two-step path: the fetcher decides.
 """
 
 from __future__ import annotations

@@ -2,11 +2,13 @@
 C-FIND answer's identifier built, in the viewer's own character set when it can hold the text.
 
 Owns: the level, matching keys and asked-for elements of a request (:func:`identifier_keys`),
-its Specific Character Set (:func:`query_charset`), the character set of an answer
-(:func:`response_charset`, PS3.4 C.4.1.1.3.2) and the answer itself
-(:func:`response_identifier`). Split from ``qr.py``, which keeps the handlers (C-FIND, C-MOVE,
-C-GET), the sub-associations and the audit. May not touch: SQL, the spool, associations or
-the network, the audit: these are pure functions of datasets and values.
+whether its level is one the model allows (:func:`level_problem`), the summary of it an audit
+row names (:func:`request_summary`), its Specific Character Set (:func:`query_charset`), the
+character set of an answer (:func:`response_charset`, PS3.4 C.4.1.1.3.2) and the answer itself
+(:func:`response_identifier`). Split from ``qr.py``, which keeps the C-FIND handler and the
+audit (the C-MOVE/C-GET handlers are ``qr_retrieve.py``'s, their associations
+``qr_associations.py``'s). May not touch: SQL, the spool, associations or the network, the
+audit: these are pure functions of datasets and values.
 """
 
 from __future__ import annotations
@@ -17,6 +19,17 @@ from pydicom.charset import custom_encoders, python_encoding
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+)
+
+from appliance.store.query import LEVELS
+
+_PATIENT_ROOT = {str(PatientRootQueryRetrieveInformationModelFind),
+                 str(PatientRootQueryRetrieveInformationModelMove),
+                 str(PatientRootQueryRetrieveInformationModelGet)}
 
 
 def identifier_keys(identifier: Dataset) -> tuple[str, dict[str, str], list[DataElement]]:
@@ -39,6 +52,24 @@ def identifier_keys(identifier: Dataset) -> tuple[str, dict[str, str], list[Data
         else:
             keys[keyword] = str(value)
     return level, keys, asked
+
+
+def level_problem(level: str, model: str) -> str | None:
+    """What is wrong with a request's QueryRetrieveLevel under the information ``model`` (its
+    SOP Class UID) it was sent in, or None when the level is one that model allows."""
+    if not level:
+        return "QueryRetrieveLevel missing: PATIENT, STUDY, SERIES or IMAGE"
+    if level not in LEVELS:
+        return f"QueryRetrieveLevel {level!r} is not PATIENT, STUDY, SERIES or IMAGE"
+    if level == "PATIENT" and model not in _PATIENT_ROOT:
+        return "QueryRetrieveLevel PATIENT is only valid in the Patient Root model"
+    return None
+
+
+def request_summary(level: str, keys: dict[str, str]) -> str:
+    """What was asked, for the audit trail: the level and the non-empty matching keys."""
+    parts = [f"{k}={v}" for k, v in keys.items() if v]
+    return f"{level} {' '.join(parts)}"[:500]
 
 
 # Terms of Specific Character Set meaning the default repertoire (ASCII) alone.

@@ -4,9 +4,9 @@
 (:class:`RetrieveRefused`, :func:`refuse`).
 
 Owns: wraps of one association's ``dimse.send_msg`` that change the C-MOVE/C-GET responses
-pynetdicom sends for the handlers of ``qr.py`` (Pending ones left out, an Error Comment put on
-a refusal, a refusal's status set). May not touch: SQL, spool writes, the audit (``qr.py``
-writes the rows).
+pynetdicom sends for the handlers of ``qr_retrieve.py`` (Pending ones left out, an Error
+Comment put on a refusal, a refusal's status set). May not touch: SQL, spool writes, the audit
+(``qr.py`` writes the rows).
 
 Why a refusal is made by rewriting a response: pynetdicom's C-MOVE/C-GET service lets a
 handler end a retrieve before any sub-operation only two ways. A C-MOVE handler must first
@@ -86,7 +86,7 @@ def refuse(assoc: Any, status: int, why: str, offending: int | None = None) -> N
     for a handler that yields no sub-operations, go out as a refusal: ``status``, ``why`` in
     its Error Comment (0000,0902), the tag ``offending`` in its Offending Element (0000,0901)
     when given, and no sub-operation counts (PS3.4 C.4.2.1.5: a refusal's related fields are
-    these two). The handler then yields no sub-operations (``qr.py``)."""
+    these two). The handler then yields no sub-operations (``qr_retrieve.py``)."""
     _install(assoc)
     assoc.dimse._pas_refusal[:] = [lambda: why, None, (status, offending)]
 

@@ -3,8 +3,9 @@
 Owns: the markers a C-MOVE/C-GET handler yields for pynetdicom to send (:class:`SpoolFile`,
 :class:`TranscodedFile`), the wrap of the sending association's ``send_c_store`` that sends
 them, and the count of each sub-operation's real outcome (:class:`SubOperationTally`) that
-the retrieve's audit row reports. May not touch: the audit table (``qr.py`` writes the row),
-SQL, spool writes (a copy in another syntax is ``appliance.store.transcode``'s temp file).
+the retrieve's audit row reports. May not touch: the audit table (``qr_retrieve.py`` has the
+row written), SQL, spool writes (a copy in another syntax is ``appliance.store.transcode``'s
+temp file).
 
 Why markers: pynetdicom's Q/R service only accepts a :class:`~pydicom.dataset.Dataset` from
 the handler and would re-encode it. Re-encoding a CT costs time and may change bytes. So when

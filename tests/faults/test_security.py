@@ -252,7 +252,7 @@ def test_a_tls_move_destination_without_a_ca_is_refused_naming_the_key() -> None
             "PAS_DICOM__TLS__KEY": "/x.key", "PAS_DICOM__TLS__REQUIRE_CLIENT_CERT": "false",
             "PAS_SERVING__MOVE_DESTINATIONS":
             '[{title = "WS", host = "10.1.1.9", port = 104}]'})
-    # Unset, ``tls`` follows the listener's (the C-MOVE path asks it so, serving/qr.py).
+    # Unset, ``tls`` follows the listener's (the C-MOVE path asks it so, serving/qr_retrieve.py).
     assert MoveDestination(title="WS", host="h", port=104).uses_tls(True) is True
     assert MoveDestination(title="WS", host="h", port=104).uses_tls(False) is False
     assert MoveDestination(title="WS", host="h", port=104, tls=False).uses_tls(True) is False

@@ -1,0 +1,328 @@
+"""Retrieves: the C-MOVE and C-GET handlers, from the identifier to the last sub-operation.
+
+Owns: turning a C-MOVE/C-GET identifier into the instances it names
+(:func:`appliance.store.query.retrieve_plan`, after fetching a study missing here through
+``fetcher``), refusing one that cannot be served before any sub-operation (the status PS3.4
+gives the problem), opening a C-MOVE's sub-association to a configured destination (its
+contexts, TLS, and why it did not come up are ``qr_associations.py``'s), choosing per instance
+whether to send the stored bytes as they are (the viewer accepted the stored transfer syntax)
+or a copy in explicit/implicit little endian (never fail because a viewer lacks JPEG-LS), and
+the outcome each retrieve's audit row says. Split from ``qr.py``, which keeps the C-FIND
+handler, registers these handlers and writes the audit rows (``audit``, given here). May not
+touch: SQL, spool writes (the copy is ``appliance.store.transcode``'s temp file), the audit
+table but through ``audit``.
+
+How the sub-operations are sent and counted is ``suboperations.py``'s; how often Pending
+responses go, the Error Comment of a refusal pynetdicom sends itself and the status of one PAS
+makes (:class:`RetrieveRefused`) are ``qr_responses.py``'s.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from pynetdicom import evt
+
+from appliance.config import DicomTlsSection, ServingSection
+from appliance.ops.metrics import count_retrieve
+from appliance.ops.security import OutgoingDicomTls
+from appliance.serving.qr_associations import (
+    UNCOMPRESSED,
+    accepted_contexts,
+    contexts_for,
+    no_delay,
+    peer,
+    reactor_takes_no_messages,
+    refusal_handlers,
+    why_not_up,
+)
+from appliance.serving.qr_identifiers import identifier_keys, level_problem, request_summary
+from appliance.serving.qr_responses import (
+    CANCELLED,
+    IDENTIFIER_DOES_NOT_MATCH,
+    MOVE_DESTINATION_UNKNOWN,
+    PENDING,
+    UNABLE_TO_PROCESS,
+    RetrieveRefused,
+    explain_refusal,
+    refuse,
+    throttle_pending,
+)
+from appliance.serving.suboperations import (
+    SpoolFile,
+    SubOperationTally,
+    TranscodedFile,
+    stream_spool_files,
+)
+from appliance.store import query as store_query
+from appliance.store.db import Database
+from appliance.store.spool import Spool
+from appliance.words import counted
+
+log = logging.getLogger("pas.serving")
+
+# The Number of ... Sub-operations of a C-MOVE/C-GET response are US (PS3.4 C.4.2.1.6).
+MAX_SUB_OPERATIONS = 65535
+# Yielded for an instance purged while its retrieve ran: not a Dataset pynetdicom can send
+# (no SOP Class UID), so it counts that sub-operation failed; the tally already has it.
+_GONE: Any = "instance removed during the retrieve"
+
+# Fetch-through: study UID -> instances fetched from the region (raises on failure).
+Fetcher = Callable[[str], int]
+# Writes one access audit row: (event, calling, address, target, outcome, count, detail).
+AuditWriter = Callable[..., None]
+
+
+class RetrieveHandlers:
+    """The C-MOVE and C-GET handlers, over one (Database, Spool)."""
+
+    def __init__(self, settings: ServingSection, db: Database, spool: Spool,
+                 audit: AuditWriter, fetcher: Fetcher | None = None,
+                 tls: DicomTlsSection | None = None):
+        self.settings = settings
+        # C-MOVE sub-associations over DICOM TLS to the destinations that use it.
+        self.listener_tls = tls is not None and tls.enabled
+        self.outgoing_tls = OutgoingDicomTls(tls.ca, tls.cert, tls.key) if tls else None
+        self.db = db
+        self.spool = spool
+        self.audit = audit
+        self.fetcher = fetcher
+        self.destinations = {d.title: d for d in settings.move_destinations}
+
+    def _resolve(self, event: Any) -> tuple[str, store_query.RetrievePlan]:
+        """The instances a retrieve names (their row ids: memory does not grow with whole rows
+        per instance), after fetching a study that is missing here.
+        Raises :class:`RetrieveRefused` with the status PS3.4 C.4.2.1.5/C.4.3.1.5 gives the
+        problem: 0xA900 for an identifier that does not match the SOP class (no, unknown or
+        foreign level, no unique key, a malformed or wildcard one), 0xC000 (unable to
+        process) for one that does not decode, too many matches, a failed fetch."""
+        try:
+            level, keys, _ = identifier_keys(event.identifier)
+        except Exception as exc:
+            raise RetrieveRefused(UNABLE_TO_PROCESS, f"identifier does not decode: {exc}",
+                                  ) from exc
+        problem = level_problem(level, str(event.request.AffectedSOPClassUID))
+        if problem:
+            raise RetrieveRefused(IDENTIFIER_DOES_NOT_MATCH, problem)
+        study_uids = [u for u in (keys.get("StudyInstanceUID") or "").split("\\") if u]
+        try:
+            # The identifier is checked before any fetch: a wildcard UID went to the region.
+            store_query.check_retrieve_keys(level, keys)
+        except store_query.QueryError as exc:
+            raise RetrieveRefused(IDENTIFIER_DOES_NOT_MATCH, str(exc)) from exc
+        fetched = 0
+        if self.fetcher is not None and self.settings.fetch_through and level == "STUDY":
+            try:
+                for study_uid in study_uids:
+                    fetched += self._fetch_if_missing(study_uid)
+            except RuntimeError as exc:
+                raise RetrieveRefused(UNABLE_TO_PROCESS, str(exc)) from exc
+        try:
+            plan = store_query.retrieve_plan(self.db, level, keys)
+        except store_query.QueryError as exc:
+            raise RetrieveRefused(IDENTIFIER_DOES_NOT_MATCH, str(exc)) from exc
+        if len(plan.instance_ids) > MAX_SUB_OPERATIONS:
+            # pynetdicom refuses such a retrieve itself (0xC416/0xC516, no comment), and the
+            # audit row then said "did not complete (association lost)".
+            raise RetrieveRefused(
+                UNABLE_TO_PROCESS,
+                f"{len(plan.instance_ids)} instances match, more than the "
+                f"{MAX_SUB_OPERATIONS} sub-operations a C-MOVE/C-GET response can count "
+                "(US); retrieve the series one by one")
+        # pas_retrieve_requests_total{result=hit|miss}: served from the cache alone, or not.
+        count_retrieve(hit=bool(plan.instance_ids) and not fetched)
+        store_query.touch_studies(self.db, plan.study_uids, time.time())
+        return request_summary(level, keys), plan
+
+    def _fetch_if_missing(self, study_uid: str) -> int:
+        """Instances fetched from the region for this study (0: all were on site)."""
+        assert self.fetcher is not None
+        held = store_query.study_instance_count(self.db, study_uid)
+        try:
+            fetched = self.fetcher(study_uid)
+        except Exception as exc:
+            if held:
+                log.warning("fetch-through of %s failed (%s); serving the %s held",
+                            study_uid, exc, counted(held, "instance"))
+                return 0
+            raise RuntimeError(f"study {study_uid} is not on site and the region could not "
+                               f"provide it: {exc}") from exc
+        log.info("fetch-through: %s of %s from the region", counted(fetched, "instance"),
+                 study_uid, extra={"STUDY_UID": study_uid})
+        return fetched
+
+    def _refused(self, event: Any, what: str, refusal: RetrieveRefused) -> Iterator[Any]:
+        """End a retrieve before any sub-operation: logged, audited, and answered with the
+        refusal's status, Error Comment and Offending Element (qr_responses.refuse: the one
+        way pynetdicom lets a handler choose that status). What this yields is what
+        pynetdicom needs for "no sub-operations": a C-MOVE's destination first (not used:
+        with no sub-operation, no sub-association is opened), then 0. The association stays
+        up for the viewer's next request."""
+        calling, address = peer(event)
+        log.warning("%s from %s refused (0x%04X): %s", what, calling, refusal.status,
+                    refusal.reason)
+        self.audit("retrieve", calling, address, _asked(event), f"failure: {refusal.reason}")
+        refuse(event.assoc, refusal.status, refusal.reason, refusal.offending)
+        if what == "C-MOVE":
+            yield "", 0
+        yield 0
+
+    def on_move(self, event: Any) -> Iterator[Any]:
+        calling, address = peer(event)
+        explain_refusal(event.assoc, None)
+        destination_title = _text(event.move_destination)
+        destination = self.destinations.get(destination_title)
+        if destination is None:
+            yield from self._refused(event, "C-MOVE", RetrieveRefused(
+                MOVE_DESTINATION_UNKNOWN, f"unknown move destination {destination_title!r}"))
+            return
+        try:
+            summary, plan = self._resolve(event)
+        except RetrieveRefused as refusal:
+            yield from self._refused(event, "C-MOVE", refusal)
+            return
+        established = threading.Event()
+        store_assoc: list[Any] = []
+        rows = plan.instance_ids
+        tally = SubOperationTally(total=len(rows))
+
+        def on_established(store_event: Any) -> None:
+            no_delay(store_event)
+            reactor_takes_no_messages(store_event.assoc)
+            # With pynetdicom's own polling loops (dicom.event_driven = false): poll every
+            # 0.1 ms, not 1 ms, for the life of this retrieve's sub-association.
+            store_event.assoc.dul._run_loop_delay = 0.0001
+            stream_spool_files(store_event.assoc, tally)
+            store_assoc.append(store_event.assoc)
+            established.set()
+
+        contexts = contexts_for(plan.pairs)
+        throttle_pending(event.assoc, self.settings.retrieve_pending_interval_s)
+        what = f"C-MOVE to {destination.title}"
+        refused: list[str] = []
+        opened: list[Any] = []  # the sub-association, once its connection is open
+        # pynetdicom answers 0xA801 when the sub-association does not come up: say why.
+        explain_refusal(event.assoc, lambda: f"{destination.title}: "
+                                              f"{why_not_up(refused, opened)}",
+                         only=MOVE_DESTINATION_UNKNOWN)
+        try:
+            use_tls = destination.uses_tls(self.listener_tls)
+            yield destination.host, destination.port, {
+                "ae_title": destination.title, "contexts": contexts,
+                "tls_args": self.outgoing_tls.tls_args(use_tls) if self.outgoing_tls else None,
+                "evt_handlers": [(evt.EVT_ESTABLISHED, on_established),
+                                 *refusal_handlers(refused, opened)],
+            }
+            yield len(rows)
+            if not established.wait(10):
+                raise RuntimeError("the sub-association did not report itself established")
+            accepted = accepted_contexts(store_assoc[0])
+            yield from self._sub_operations(event, rows, accepted, tally)
+        finally:
+            # Also when pynetdicom drops this generator (destination unreachable: it answers
+            # 0xA801 itself; association lost): every retrieve leaves an audit row.
+            why = why_not_up(refused, opened)
+            outcome = _retrieve_outcome(
+                tally, rows, stored_by=destination.title,
+                unfinished=f"failure: {what} at {destination.host}:{destination.port} did "
+                           f"not complete ({why})")
+            self.audit("retrieve", calling, address, summary, outcome,
+                       detail=tally.detail(what))
+            _log_failed_retrieve(calling, outcome, tally.detail(what))
+
+    def on_get(self, event: Any) -> Iterator[Any]:
+        calling, address = peer(event)
+        explain_refusal(event.assoc, None)
+        try:
+            summary, plan = self._resolve(event)
+        except RetrieveRefused as refusal:
+            yield from self._refused(event, "C-GET", refusal)
+            return
+        rows = plan.instance_ids
+        tally = SubOperationTally(total=len(rows))
+        stream_spool_files(event.assoc, tally)
+        throttle_pending(event.assoc, self.settings.retrieve_pending_interval_s)
+        try:
+            yield len(rows)
+            accepted = {(cx.abstract_syntax, cx.transfer_syntax[0])
+                        for cx in event.assoc.accepted_contexts if cx.as_scu}
+            yield from self._sub_operations(event, rows, accepted, tally)
+        finally:
+            outcome = _retrieve_outcome(
+                tally, rows, stored_by=calling,
+                unfinished="failure: C-GET did not complete (association lost)")
+            self.audit("retrieve", calling, address, summary, outcome,
+                       detail=tally.detail("C-GET"))
+            _log_failed_retrieve(calling, outcome, tally.detail("C-GET"))
+
+    def _sub_operations(self, event: Any, rows: Sequence[int], accepted: set[tuple[str, str]],
+                        tally: SubOperationTally) -> Iterator[Any]:
+        """Yield one pending sub-operation per instance. What each became is counted in
+        ``tally`` as its C-STORE is answered (suboperations.py); here the tally learns how
+        the run ended: cancelled, or finished once the last sub-operation was answered
+        (pynetdicom sends it between this generator's last yield and its end)."""
+        for instance_id in rows:
+            if event.is_cancelled:
+                # Set before the yield: pynetdicom sends the final response and never
+                # resumes this generator.
+                tally.cancelled = True
+                yield CANCELLED, None
+                return
+            row = store_query.instance_row(self.db, instance_id)
+            if row is None:  # purged since the retrieve began
+                tally.record_failure(f"instance row {instance_id} removed during the retrieve")
+                yield PENDING, _GONE
+                continue
+            yield PENDING, self._as_sent(row, accepted)
+        tally.finished = True
+
+    def _as_sent(self, row: Any, accepted: set[tuple[str, str]]) -> SpoolFile:
+        """The stored bytes when the stored syntax was accepted; else the same instance (same
+        SOP Instance UID) in explicit, or else implicit, VR little endian. When neither was
+        accepted either, the stored file: pynetdicom finds no context and fails that one."""
+        path = self.spool.path(row["path"])
+        sop_class, syntax = row["sop_class_uid"], row["transfer_syntax_uid"]
+        if (sop_class, syntax) not in accepted:
+            for target in UNCOMPRESSED:
+                if (sop_class, target) in accepted:
+                    return TranscodedFile(path, sop_class, row["sop_instance_uid"], target,
+                                          self.spool)
+        return SpoolFile(path, sop_class, row["sop_instance_uid"])
+
+
+def _asked(event: Any) -> str | None:
+    """What a refused retrieve asked for, as its audit row's target (``pas audit --study``
+    finds the refusals of a study too), or None for an identifier that does not decode."""
+    try:
+        level, keys, _ = identifier_keys(event.identifier)
+    except Exception:
+        return None
+    return request_summary(level, keys)
+
+
+def _log_failed_retrieve(calling: str, outcome: str, detail: str) -> None:
+    """A retrieve that did not deliver everything is in the journal too, not only in the
+    audit: it is what IT looks for when a radiologist says "the study never came"."""
+    if outcome.startswith("failure"):
+        log.warning("retrieve by %s: %s; %s", calling, outcome, detail)
+
+
+def _retrieve_outcome(tally: SubOperationTally, rows: Sequence[int], stored_by: str,
+                      unfinished: str) -> str:
+    """A retrieve's audit outcome from what its sub-operations did. Nothing matched: success
+    (pynetdicom answers it at once and never resumes the handler); ended before its last
+    sub-operation was answered, not by a cancel: ``unfinished``, and what was not stored
+    when some were sent."""
+    if not rows or tally.finished or tally.cancelled:
+        return tally.outcome(stored_by)
+    return f"{unfinished}; {tally.not_stored(stored_by)}" if tally.answered else unfinished
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("ascii", errors="replace")
+    return str(value or "").strip()
