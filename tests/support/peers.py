@@ -597,6 +597,10 @@ def pas_with_hl7(home: Path, **env: str) -> PasProcess:
     })
     pas.hl7_port = int(pas.env["PAS_HL7__PORT"])  # type: ignore[attr-defined]
     pas.start()
-    wait_for(lambda: port_open("127.0.0.1", pas.hl7_port), 15,  # type: ignore[attr-defined]
-             what="the HL7 listener")
+    try:
+        wait_for(lambda: port_open("127.0.0.1", pas.hl7_port), 15,  # type: ignore[attr-defined]
+                 what="the HL7 listener")
+    except BaseException:
+        pas.stop()  # the caller never gets it to stop
+        raise
     return pas
