@@ -13,6 +13,7 @@ keeping the association open for the report, one sending malformed requests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_ECHO, N_ACTION
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 
+from tests.support.cleanup import started
 from tests.support.objects import tiny_ct
 from tests.support.peers import NetNamespace, Orthanc, PasProcess, free_port, read_rows, wait_for
 
@@ -41,22 +43,25 @@ class Site:
     pynetdicom modalities on the outer address (so PAS can pin them and call them back)."""
 
     def __init__(self, root: Path):
-        self.ns = NetNamespace("stgcmt").create()
-        self.modality_port = free_port()
-        self.pas = PasProcess(root / "pas", {
-            "PAS_DICOM__HOST": self.ns.outer_address,
-            "PAS_HTTP__ENABLED": "false",
-            "PAS_PREFETCH__ENABLED": "false",
-            "PAS_DICOM__STORAGE_COMMITMENT_MAX_ITEMS": "100",  # the limit's test stays cheap
-            "PAS_DICOM__KNOWN_AES":
-                f'[{{title = "ORTHANC", host = "{self.ns.inner_address}", port = 4242}}, '
-                f'{{title = "MODALITY", host = "{self.ns.outer_address}", '
-                f'port = {self.modality_port}}}, '
-                f'{{title = "KEEPSOPEN", host = "{self.ns.outer_address}"}}]',
-        })
-        self.orthanc = Orthanc(root / "orthanc", ns=self.ns, modalities={
-            "PAS": ["PAS", self.ns.outer_address, self.pas.port]}).start()
-        self.pas.start()
+        with contextlib.ExitStack() as stack:  # a step that raises stops those started
+            self.ns = NetNamespace("stgcmt").create()
+            stack.callback(self.ns.delete)
+            self.modality_port = free_port()
+            self.pas = PasProcess(root / "pas", {
+                "PAS_DICOM__HOST": self.ns.outer_address,
+                "PAS_HTTP__ENABLED": "false",
+                "PAS_PREFETCH__ENABLED": "false",
+                "PAS_DICOM__STORAGE_COMMITMENT_MAX_ITEMS": "100",  # the limit's test: cheap
+                "PAS_DICOM__KNOWN_AES":
+                    f'[{{title = "ORTHANC", host = "{self.ns.inner_address}", port = 4242}}, '
+                    f'{{title = "MODALITY", host = "{self.ns.outer_address}", '
+                    f'port = {self.modality_port}}}, '
+                    f'{{title = "KEEPSOPEN", host = "{self.ns.outer_address}"}}]',
+            })
+            self.orthanc = started(stack, Orthanc(root / "orthanc", ns=self.ns, modalities={
+                "PAS": ["PAS", self.ns.outer_address, self.pas.port]}))
+            started(stack, self.pas)
+            stack.pop_all()  # set up: stop() stops them from now on
 
     def stop(self) -> None:
         self.pas.stop()

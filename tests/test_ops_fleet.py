@@ -3,6 +3,7 @@ fleet dashboard, site page and fleet metrics; idempotence and every named bad he
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -21,6 +22,7 @@ from appliance.hub.fleet import render_dashboard, site_rows
 from appliance.store import fleet as fleet_store
 from appliance.store.db import Database
 from appliance.store.hub_schema import HUB_MIGRATIONS
+from tests.support.cleanup import started
 from tests.support.hub import HubProcess, client, enroll
 from tests.support.peers import MR_DIR, ROOT, PasProcess, storescu, wait_for
 
@@ -38,21 +40,17 @@ def metric(text: str, name: str, **labels: str) -> float | None:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("fleet")
-    hub = HubProcess(root / "hub").init()
-    hub.start()
-    home = root / "site-a"
-    enroll(hub, home, "SITE-A")
-    other = enroll(hub, root / "site-b", "SITE-B")  # posts by hand, no daemon
-    pas = PasProcess(home, {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
-                            "PAS_OPS__HEARTBEAT_INTERVAL_S": "1"}).start()
-    viewer = httpx.Client(base_url=hub.url, verify=hub.anonymous_context(), timeout=30)
-    try:
+    with contextlib.ExitStack() as stack:  # a step that raises stops those started
+        hub = started(stack, HubProcess(root / "hub").init())
+        home = root / "site-a"
+        enroll(hub, home, "SITE-A")
+        other = enroll(hub, root / "site-b", "SITE-B")  # posts by hand, no daemon
+        pas = started(stack, PasProcess(home, {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                                               "PAS_OPS__HEARTBEAT_INTERVAL_S": "1"}))
+        viewer = stack.enter_context(
+            httpx.Client(base_url=hub.url, verify=hub.anonymous_context(), timeout=30))
         storescu(FILES, pas.port, calling="CT01")
         yield {"hub": hub, "pas": pas, "viewer": viewer, "site_b": other, "root": root}
-    finally:
-        viewer.close()
-        pas.stop()
-        hub.stop()
 
 
 def _hub_db(hub: HubProcess) -> Database:

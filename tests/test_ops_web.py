@@ -4,6 +4,7 @@ make the job wait for the link, uncounted), then accepts (the retry button deliv
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 
 from tests.support.browser import chromium
+from tests.support.cleanup import started
 from tests.support.peers import MR_DIR, PasProcess, StoreSCP, storescu, wait_for
 
 FILES = sorted(p for p in MR_DIR.rglob("*") if p.is_file())[:12]
@@ -33,28 +35,26 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """One daemon whose only destination (a storescp) rejects associations while the study
     arrives: the job fails. ``scp`` (on that port, not started) is the node once fixed."""
     root = tmp_path_factory.mktemp("ops_web")
-    scp = StoreSCP(root / "scp")  # port reserved, not started yet
-    refusing = StoreSCP(root / "refusing")
-    refusing.port = scp.port
-    refusing.start(["--refuse"])
-    pas = PasProcess(root / "pas", {
-        "PAS_DICOM__ACCEPT_UNKNOWN": "true",
-        "PAS_QUEUE__MAX_ATTEMPTS": "1",
-        "PAS_DESTINATIONS__LOCAL__KIND": "dicom",
-        "PAS_DESTINATIONS__LOCAL__AE_TITLE": scp.ae_title,
-        "PAS_DESTINATIONS__LOCAL__HOST": "127.0.0.1",
-        "PAS_DESTINATIONS__LOCAL__PORT": str(scp.port),
-        "PAS_ROUTING__FALLBACK__DESTINATIONS": '["local"]',
-    }).start()
-    try:
+    with contextlib.ExitStack() as stack:  # a step that raises stops those started
+        scp = StoreSCP(root / "scp")  # port reserved, not started yet: the tests start it
+        stack.callback(scp.stop)
+        refusing = StoreSCP(root / "refusing")
+        refusing.port = scp.port
+        started(stack, refusing, ["--refuse"])
+        pas = started(stack, PasProcess(root / "pas", {
+            "PAS_DICOM__ACCEPT_UNKNOWN": "true",
+            "PAS_QUEUE__MAX_ATTEMPTS": "1",
+            "PAS_DESTINATIONS__LOCAL__KIND": "dicom",
+            "PAS_DESTINATIONS__LOCAL__AE_TITLE": scp.ae_title,
+            "PAS_DESTINATIONS__LOCAL__HOST": "127.0.0.1",
+            "PAS_DESTINATIONS__LOCAL__PORT": str(scp.port),
+            "PAS_ROUTING__FALLBACK__DESTINATIONS": '["local"]',
+        }))
         storescu(FILES, pas.port, calling="MODALITY1")
         base = f"http://127.0.0.1:{pas.http_port}"
         wait_for(lambda: pas.status()["jobs"].get("failed") == 1, 60, what="the job to fail")
-    finally:
-        refusing.stop()
-    yield {"pas": pas, "scp": scp, "base": base}
-    pas.stop()
-    scp.stop()
+        refusing.stop()  # the node, down until a test starts scp on its port
+        yield {"pas": pas, "scp": scp, "base": base}
 
 
 def test_metrics_count_what_arrived(site: dict[str, Any]) -> None:

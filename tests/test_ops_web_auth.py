@@ -7,6 +7,7 @@ DICOMweb is off."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import ssl
@@ -19,6 +20,7 @@ import pytest
 from pydicom import dcmread
 
 from tests.support.browser import OtherSite, chromium, files_containing
+from tests.support.cleanup import started
 from tests.support.peers import MR_DIR, PasProcess, StoreSCP, storescu, wait_for
 from tests.test_serving_dicomweb import _issue, _write
 
@@ -34,32 +36,30 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     one failed job. ``scp`` (on that port, not started) is the node once fixed. (A node not
     listening would make the job wait for the link, uncounted, not fail.)"""
     root = tmp_path_factory.mktemp("ops_auth")
-    scp = StoreSCP(root / "scp")  # port reserved, not started yet
-    refusing = StoreSCP(root / "refusing")
-    refusing.port = scp.port
-    refusing.start(["--refuse"])
-    pas = PasProcess(root / "pas", {
-        "PAS_DICOM__ACCEPT_UNKNOWN": "true",
-        "PAS_PREFETCH__ENABLED": "false",
-        "PAS_SERVING__AUTH": "bearer",
-        "PAS_SERVING__BEARER_TOKENS": f'["{TOKEN}"]',
-        "PAS_QUEUE__MAX_ATTEMPTS": "1",
-        "PAS_DESTINATIONS__LOCAL__KIND": "dicom",
-        "PAS_DESTINATIONS__LOCAL__AE_TITLE": scp.ae_title,
-        "PAS_DESTINATIONS__LOCAL__HOST": "127.0.0.1",
-        "PAS_DESTINATIONS__LOCAL__PORT": str(scp.port),
-        "PAS_ROUTING__FALLBACK__DESTINATIONS": '["local"]',
-    }).start()
-    try:
+    with contextlib.ExitStack() as stack:  # a step that raises stops those started
+        scp = StoreSCP(root / "scp")  # port reserved, not started yet: the tests start it
+        stack.callback(scp.stop)
+        refusing = StoreSCP(root / "refusing")
+        refusing.port = scp.port
+        started(stack, refusing, ["--refuse"])
+        pas = started(stack, PasProcess(root / "pas", {
+            "PAS_DICOM__ACCEPT_UNKNOWN": "true",
+            "PAS_PREFETCH__ENABLED": "false",
+            "PAS_SERVING__AUTH": "bearer",
+            "PAS_SERVING__BEARER_TOKENS": f'["{TOKEN}"]',
+            "PAS_QUEUE__MAX_ATTEMPTS": "1",
+            "PAS_DESTINATIONS__LOCAL__KIND": "dicom",
+            "PAS_DESTINATIONS__LOCAL__AE_TITLE": scp.ae_title,
+            "PAS_DESTINATIONS__LOCAL__HOST": "127.0.0.1",
+            "PAS_DESTINATIONS__LOCAL__PORT": str(scp.port),
+            "PAS_ROUTING__FALLBACK__DESTINATIONS": '["local"]',
+        }))
         storescu(FILES, pas.port)
         wait_for(lambda: pas.status()["jobs"].get("failed") == 1, 60, what="the job to fail")
-    finally:
-        refusing.stop()
-    job_id = int(json.loads(pas.cli("queue", "list", "--json").stdout)[0]["id"])
-    yield {"pas": pas, "scp": scp, "base": f"http://127.0.0.1:{pas.http_port}",
-           "job_id": job_id}
-    pas.stop()
-    scp.stop()
+        refusing.stop()  # the node, down until a test starts scp on its port
+        job_id = int(json.loads(pas.cli("queue", "list", "--json").stdout)[0]["id"])
+        yield {"pas": pas, "scp": scp, "base": f"http://127.0.0.1:{pas.http_port}",
+               "job_id": job_id}
 
 
 @pytest.mark.parametrize("path", ROUTES)

@@ -14,6 +14,7 @@ with the original dataset bytes. The tests share one region (module scope) and r
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -31,6 +32,7 @@ from hl7.client import MLLPClient
 from pydicom import dcmread
 from pydicom.filereader import _read_file_meta_info, read_preamble
 
+from tests.support.cleanup import started
 from tests.support.peers import (
     CT_DIR,
     DCMTK_ENV,
@@ -103,48 +105,44 @@ def region(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     if os.geteuid() != 0:
         pytest.fail("Orthanc runs in a network namespace: the tests must run as root")
     base = tmp_path_factory.mktemp("prefetch_region")
-    orthanc = Orthanc(base / "orthanc").start()
-    hub = Hub(base / "hub", orthanc.dicomweb).start()
-    patients = ct_studies()
-    priors = {patient: studies[0] for patient, studies in patients.items()}
-    # Through Orthanc's REST API, which keeps the file byte for byte (storescu would rewrite
-    # undefined-length sequences, so the region would not hold the originals' bytes).
-    for _, files in priors.values():
-        for path in files:
-            answer = httpx.post(f"{orthanc.url}/instances", content=path.read_bytes(), timeout=60)
-            assert answer.status_code == 200, answer.text
-    token = hub.cli("token", "SITEA").strip()
-    workstation = StoreSCP(base / "workstation", ae_title="READING1").start()
-    viewer = StoreSCP(base / "viewer", ae_title="VIEWER").start()
-    pas = PasProcess(base / "pas", {
-        # The viewer that retrieves the priors by C-MOVE once the region is gone.
-        "PAS_SERVING__MOVE_DESTINATIONS":
-            f'[{{title = "VIEWER", host = "127.0.0.1", port = {viewer.port}}}]',
-        # An MR exam's priors are also pushed to the reading workstation; others stay cached.
-        "PAS_DESTINATIONS__WS__KIND": "dicom", "PAS_DESTINATIONS__WS__AE_TITLE": "READING1",
-        "PAS_DESTINATIONS__WS__HOST": "127.0.0.1",
-        "PAS_DESTINATIONS__WS__PORT": str(workstation.port),
-        "PAS_PREFETCH__RULES": '[{name = "mr-reading", modality = "^MR$", push_to = ["ws"]}, '
-                               '{name = "default"}]',
-        "PAS_HL7__HOST": "127.0.0.1", "PAS_HL7__PORT": str(free_port()),
-        "PAS_PREFETCH__RETRY_AFTER_S": "1", "PAS_PREFETCH__PIN_DAYS": "30",
-        "PAS_PREFETCH__CHECK_INTERVAL_S": "0.2", "PAS_DICOM__ACCEPT_UNKNOWN": "true",
-    })
-    pas.home.mkdir(parents=True, exist_ok=True)
-    pas.cli("enroll", "--hub", f"https://127.0.0.1:{hub.port}", "--token", token)
-    pas.start()
-    hl7_port = int(pas.env["PAS_HL7__PORT"])
-    wait_for(lambda: port_open("127.0.0.1", hl7_port), 15, what="the HL7 listener")
-    try:
+    with contextlib.ExitStack() as stack:  # a step that raises stops those started
+        orthanc = started(stack, Orthanc(base / "orthanc"))
+        hub = started(stack, Hub(base / "hub", orthanc.dicomweb))
+        patients = ct_studies()
+        priors = {patient: studies[0] for patient, studies in patients.items()}
+        # Through Orthanc's REST API, which keeps the file byte for byte (storescu would
+        # rewrite undefined-length sequences, so the region would not hold the originals').
+        for _, files in priors.values():
+            for path in files:
+                answer = httpx.post(f"{orthanc.url}/instances", content=path.read_bytes(),
+                                    timeout=60)
+                assert answer.status_code == 200, answer.text
+        token = hub.cli("token", "SITEA").strip()
+        workstation = started(stack, StoreSCP(base / "workstation", ae_title="READING1"))
+        viewer = started(stack, StoreSCP(base / "viewer", ae_title="VIEWER"))
+        pas = PasProcess(base / "pas", {
+            # The viewer that retrieves the priors by C-MOVE once the region is gone.
+            "PAS_SERVING__MOVE_DESTINATIONS":
+                f'[{{title = "VIEWER", host = "127.0.0.1", port = {viewer.port}}}]',
+            # An MR exam's priors are also pushed to the reading workstation; others stay
+            # cached.
+            "PAS_DESTINATIONS__WS__KIND": "dicom", "PAS_DESTINATIONS__WS__AE_TITLE": "READING1",
+            "PAS_DESTINATIONS__WS__HOST": "127.0.0.1",
+            "PAS_DESTINATIONS__WS__PORT": str(workstation.port),
+            "PAS_PREFETCH__RULES": '[{name = "mr-reading", modality = "^MR$", '
+                                   'push_to = ["ws"]}, {name = "default"}]',
+            "PAS_HL7__HOST": "127.0.0.1", "PAS_HL7__PORT": str(free_port()),
+            "PAS_PREFETCH__RETRY_AFTER_S": "1", "PAS_PREFETCH__PIN_DAYS": "30",
+            "PAS_PREFETCH__CHECK_INTERVAL_S": "0.2", "PAS_DICOM__ACCEPT_UNKNOWN": "true",
+        })
+        pas.home.mkdir(parents=True, exist_ok=True)
+        pas.cli("enroll", "--hub", f"https://127.0.0.1:{hub.port}", "--token", token)
+        started(stack, pas)
+        hl7_port = int(pas.env["PAS_HL7__PORT"])
+        wait_for(lambda: port_open("127.0.0.1", hl7_port), 15, what="the HL7 listener")
         yield {"orthanc": orthanc, "hub": hub, "pas": pas, "priors": priors,
                "patients": patients, "hl7_port": hl7_port, "workstation": workstation,
                "viewer": viewer}
-    finally:
-        pas.stop()
-        workstation.stop()
-        viewer.stop()
-        hub.stop()
-        orthanc.stop()
 
 
 def orm(control: str, patient: str, order: str) -> str:

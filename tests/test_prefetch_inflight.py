@@ -17,6 +17,7 @@ machine: the second order arrives while it is certainly in flight, then the down
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import socket
@@ -29,6 +30,7 @@ import pytest
 from hl7.client import MLLPClient
 from pydicom import dcmread
 
+from tests.support.cleanup import started
 from tests.support.hub import HubProcess, enroll
 from tests.support.peers import CT_DIR, Orthanc, PasProcess, port_open, read_rows, wait_for
 from tests.support.peers import prefetch_requests as prefetch_rows
@@ -147,22 +149,24 @@ class Site:
     def __init__(self, region: dict[str, Any], name: str, route: str, stops: list[int]):
         self.name = name
         self.hub: HubProcess = region["hub"]
-        self.proxy = HoldingProxy("127.0.0.1", self.hub.port, stops).start()
-        home = region["base"] / name
-        enrolment = enroll(self.hub, home, name)
-        path = home / "pki" / "hub.json"
-        path.write_text(path.read_text().replace(enrolment.url,
-                                                 f"https://localhost:{self.proxy.port}"))
-        self.pas = PasProcess(home, {
-            "PAS_PREFETCH__RETRY_AFTER_S": "1", "PAS_PREFETCH__CHECK_INTERVAL_S": "0.2",
-            "PAS_PREFETCH__DOWNLOAD_BUCKET_KB": "64", "PAS_OPS__HEARTBEAT": "false",
-            "PAS_PREFETCH__RULES": '[{name = "ct", modality = "^CT$", priors = 1, '
-                                   f'same = "{ROUTES[route]}"}}]'}).start()
-        port = int(self.pas.env["PAS_HL7__PORT"])
-        wait_for(lambda: port_open("127.0.0.1", port), 30, what="the HL7 listener")
-        # The hub's features known (its priors route): the first order takes it.
-        wait_for(lambda: "hub connection open" in self.pas.log(), 30,
-                 what=f"the hub connection kept warm ({self.pas.log_path})")
+        with contextlib.ExitStack() as stack:  # a step that raises stops those started
+            self.proxy = started(stack, HoldingProxy("127.0.0.1", self.hub.port, stops))
+            home = region["base"] / name
+            enrolment = enroll(self.hub, home, name)
+            path = home / "pki" / "hub.json"
+            path.write_text(path.read_text().replace(enrolment.url,
+                                                     f"https://localhost:{self.proxy.port}"))
+            self.pas = started(stack, PasProcess(home, {
+                "PAS_PREFETCH__RETRY_AFTER_S": "1", "PAS_PREFETCH__CHECK_INTERVAL_S": "0.2",
+                "PAS_PREFETCH__DOWNLOAD_BUCKET_KB": "64", "PAS_OPS__HEARTBEAT": "false",
+                "PAS_PREFETCH__RULES": '[{name = "ct", modality = "^CT$", priors = 1, '
+                                       f'same = "{ROUTES[route]}"}}]'}))
+            port = int(self.pas.env["PAS_HL7__PORT"])
+            wait_for(lambda: port_open("127.0.0.1", port), 30, what="the HL7 listener")
+            # The hub's features known (its priors route): the first order takes it.
+            wait_for(lambda: "hub connection open" in self.pas.log(), 30,
+                     what=f"the hub connection kept warm ({self.pas.log_path})")
+            stack.pop_all()  # set up: stop() stops them from now on
 
     def order(self, n: int) -> None:
         with MLLPClient("127.0.0.1", int(self.pas.env["PAS_HL7__PORT"])) as mllp:

@@ -18,6 +18,7 @@ accepts private classes, storescp without it the one that does not.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import subprocess
 import textwrap
@@ -34,6 +35,7 @@ from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet  # type: ignore[attr-defined]
 
 from tests.support.archived import orthanc_hashes
+from tests.support.cleanup import started
 from tests.support.hub import HubProcess
 from tests.support.peers import (
     DCMTK_ENV,
@@ -211,37 +213,40 @@ class Site:
     private classes (storescp -pm) and one that does not."""
 
     def __init__(self, root: Path):
-        self.move_scp = StoreSCP(root / "move", ae_title="VIEWERSCP").start(["-pm"])
-        self.pacs = StoreSCP(root / "pacs", ae_title="PACS").start(["-pm"])
-        self.strict = StoreSCP(root / "strict", ae_title="STRICT").start()
-        config = root / "appliance.toml"
-        config.write_text(textwrap.dedent(f"""
-            [queue]
-            max_attempts = 2
-            backoff_initial_s = 0.2
-            backoff_max_s = 0.5
-            [routing.fallback]
-            destinations = ["pacs", "strict"]
-            [destinations.pacs]
-            kind = "dicom"
-            ae_title = "PACS"
-            host = "127.0.0.1"
-            port = {self.pacs.port}
-            [destinations.strict]
-            kind = "dicom"
-            ae_title = "STRICT"
-            host = "127.0.0.1"
-            port = {self.strict.port}
-            [[serving.move_destinations]]
-            title = "VIEWERSCP"
-            host = "127.0.0.1"
-            port = {self.move_scp.port}
-            """))
-        self.pas = PasProcess(root / "pas", {"PAS_CONFIG": str(config),
-                                             "PAS_DICOM__ACCEPT_UNKNOWN": "true",
-                                             "PAS_PREFETCH__ENABLED": "false"}).start()
-        self.sent = send_study(self.pas, root)
-        self.stored = spool_datasets(self.pas)
+        with contextlib.ExitStack() as stack:  # a step that raises stops those started
+            self.move_scp = started(stack, StoreSCP(root / "move", ae_title="VIEWERSCP"),
+                                    ["-pm"])
+            self.pacs = started(stack, StoreSCP(root / "pacs", ae_title="PACS"), ["-pm"])
+            self.strict = started(stack, StoreSCP(root / "strict", ae_title="STRICT"))
+            config = root / "appliance.toml"
+            config.write_text(textwrap.dedent(f"""
+                [queue]
+                max_attempts = 2
+                backoff_initial_s = 0.2
+                backoff_max_s = 0.5
+                [routing.fallback]
+                destinations = ["pacs", "strict"]
+                [destinations.pacs]
+                kind = "dicom"
+                ae_title = "PACS"
+                host = "127.0.0.1"
+                port = {self.pacs.port}
+                [destinations.strict]
+                kind = "dicom"
+                ae_title = "STRICT"
+                host = "127.0.0.1"
+                port = {self.strict.port}
+                [[serving.move_destinations]]
+                title = "VIEWERSCP"
+                host = "127.0.0.1"
+                port = {self.move_scp.port}
+                """))
+            self.pas = started(stack, PasProcess(root / "pas", {
+                "PAS_CONFIG": str(config), "PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                "PAS_PREFETCH__ENABLED": "false"}))
+            self.sent = send_study(self.pas, root)
+            self.stored = spool_datasets(self.pas)
+            stack.pop_all()  # set up: stop() stops them from now on
         self.study = str(dcmread(CSA_SOURCE, stop_before_pixels=True).StudyInstanceUID)
 
     def stop(self) -> None:

@@ -9,6 +9,7 @@ a character set the workstation asked in, QIDO-RS splits the name into its compo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import subprocess
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from pydicom.charset import encode_string
 from pydicom.dataset import Dataset
 from pydicom.filereader import _read_file_meta_info, read_preamble
 
+from tests.support.cleanup import started
 from tests.support.objects import tiny_ct
 from tests.support.peers import DCMTK_ENV, PasProcess, read_rows, storescu, wait_for
 
@@ -88,9 +90,11 @@ class Site:
         folder = root / "objects"
         folder.mkdir(parents=True)
         self.files = {pid: _object(pid, folder) for pid in CASES}
-        self.pas = PasProcess(root / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
-                                             "PAS_PREFETCH__ENABLED": "false"}).start()
-        storescu(sorted(self.files.values()), self.pas.port)
+        with contextlib.ExitStack() as stack:  # a step that raises stops the daemon
+            self.pas = started(stack, PasProcess(root / "pas", {
+                "PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_PREFETCH__ENABLED": "false"}))
+            storescu(sorted(self.files.values()), self.pas.port)
+            stack.pop_all()  # set up: the fixture stops it from now on
         self.finds = 0
 
     def findscu(self, keys: list[str | bytes], level: str = "STUDY",

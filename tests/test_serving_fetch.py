@@ -8,6 +8,7 @@ data.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import sqlite3
@@ -22,6 +23,7 @@ from pydicom.uid import generate_uid
 from pynetdicom.dsutils import split_dataset
 
 from appliance.transfer.region import RegionClient
+from tests.support.cleanup import started
 from tests.support.hub import HubProcess, enroll
 from tests.support.objects import tiny_ct
 from tests.support.peers import (
@@ -44,23 +46,25 @@ class Setup:
     ``/api/v1/region/dicom-web`` proxy); PAS enrolled with ``pas enroll``."""
 
     def __init__(self, root: Path):
-        self.scp = StoreSCP(root / "scp").start()
-        self.region = Orthanc(root / "region").start()
-        storescu(sorted(CT_DIR.glob(f"{REGIONAL_PATIENT}_*.dcm")), self.region.dicom_port,
-                 host=self.region.host, called="ORTHANC")
-        self.hub = HubProcess(root / "hub", {"PAS_HUB_ARCHIVE__KIND": "dicomweb",
-                                             "PAS_HUB_ARCHIVE__URL": self.region.dicomweb})
-        self.hub.init().start()
-        enroll(self.hub, root / "pas", "SITE-A")
-        self.pas = PasProcess(root / "pas", {
-            "PAS_DICOM__ACCEPT_UNKNOWN": "true",
-            "PAS_PREFETCH__ENABLED": "false",
-            "PAS_SERVING__QUERY_REGION": "true",
-            "PAS_SERVING__REGION_QUERY_TIMEOUT_S": "0.5",
-            "PAS_SERVING__MOVE_DESTINATIONS":
-                f'[{{title = "STORESCP", host = "127.0.0.1", port = {self.scp.port}}}]',
-        }).start()
-        storescu(sorted(CT_DIR.glob(f"{LOCAL_PATIENT}_*.dcm")), self.pas.port)
+        with contextlib.ExitStack() as stack:  # a step that raises stops those started
+            self.scp = started(stack, StoreSCP(root / "scp"))
+            self.region = started(stack, Orthanc(root / "region"))
+            storescu(sorted(CT_DIR.glob(f"{REGIONAL_PATIENT}_*.dcm")), self.region.dicom_port,
+                     host=self.region.host, called="ORTHANC")
+            self.hub = started(stack, HubProcess(root / "hub", {
+                "PAS_HUB_ARCHIVE__KIND": "dicomweb",
+                "PAS_HUB_ARCHIVE__URL": self.region.dicomweb}).init())
+            enroll(self.hub, root / "pas", "SITE-A")
+            self.pas = started(stack, PasProcess(root / "pas", {
+                "PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                "PAS_PREFETCH__ENABLED": "false",
+                "PAS_SERVING__QUERY_REGION": "true",
+                "PAS_SERVING__REGION_QUERY_TIMEOUT_S": "0.5",
+                "PAS_SERVING__MOVE_DESTINATIONS":
+                    f'[{{title = "STORESCP", host = "127.0.0.1", port = {self.scp.port}}}]',
+            }))
+            storescu(sorted(CT_DIR.glob(f"{LOCAL_PATIENT}_*.dcm")), self.pas.port)
+            stack.pop_all()  # set up: stop() stops them from now on
 
     def stop(self) -> None:
         self.pas.stop()

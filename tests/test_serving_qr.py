@@ -8,6 +8,7 @@ stored transfer syntax, and a decompressed copy (same pixels, same UIDs) when it
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import sqlite3
@@ -22,6 +23,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pynetdicom.dsutils import split_dataset
 
+from tests.support.cleanup import started
 from tests.support.peers import (
     CT_DIR,
     DCMTK_ENV,
@@ -44,27 +46,34 @@ class Site:
 
     def __init__(self, root: Path):
         self.root = root
-        self.ns = NetNamespace("qr").create()
-        # storescp listens on every address: PAS reaches it on loopback, Orthanc (inside its
-        # namespace) on the namespace's outer address.
-        self.scp = StoreSCP(root / "scp").start()
-        self.implicit_scp = StoreSCP(root / "implicit", ae_title="IMPLICIT").start(["+xi"])
-        self.orthanc = Orthanc(root / "orthanc", ns=self.ns, modalities={
-            "STORESCP": ["STORESCP", self.ns.outer_address, self.scp.port],
-            "VIEWER": ["VIEWER", self.ns.outer_address, self.scp.port]}).start()
-        self.switched_off = closed_port()  # refuses connections while the module runs
-        self.pas = PasProcess(root / "pas", {
-            "PAS_DICOM__ACCEPT_UNKNOWN": "true",
-            "PAS_SERVING__MOVE_DESTINATIONS":
-                f'[{{title = "STORESCP", host = "127.0.0.1", port = {self.scp.port}}}, '
-                f'{{title = "IMPLICIT", host = "127.0.0.1", port = {self.implicit_scp.port}}}, '
-                f'{{title = "SWITCHEDOFF", host = "127.0.0.1", '
-                f'port = {self.switched_off.getsockname()[1]}}}]',
-        }).start()
-        for folder in (CT_DIR, MR_DIR):
-            storescu(folder, self.pas.port)
-            storescu(folder, self.orthanc.dicom_port, host=self.orthanc.host, called="ORTHANC")
-        storescu(JPEG_LS_FILE, self.pas.port, extra=["-xt"])
+        with contextlib.ExitStack() as stack:  # a step that raises stops those started
+            self.ns = NetNamespace("qr").create()
+            stack.callback(self.ns.delete)
+            # storescp listens on every address: PAS reaches it on loopback, Orthanc (inside
+            # its namespace) on the namespace's outer address.
+            self.scp = started(stack, StoreSCP(root / "scp"))
+            self.implicit_scp = started(stack, StoreSCP(root / "implicit", ae_title="IMPLICIT"),
+                                        ["+xi"])
+            self.orthanc = started(stack, Orthanc(root / "orthanc", ns=self.ns, modalities={
+                "STORESCP": ["STORESCP", self.ns.outer_address, self.scp.port],
+                "VIEWER": ["VIEWER", self.ns.outer_address, self.scp.port]}))
+            self.switched_off = closed_port()  # refuses connections while the module runs
+            stack.callback(self.switched_off.close)
+            self.pas = started(stack, PasProcess(root / "pas", {
+                "PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                "PAS_SERVING__MOVE_DESTINATIONS":
+                    f'[{{title = "STORESCP", host = "127.0.0.1", port = {self.scp.port}}}, '
+                    f'{{title = "IMPLICIT", host = "127.0.0.1", '
+                    f'port = {self.implicit_scp.port}}}, '
+                    f'{{title = "SWITCHEDOFF", host = "127.0.0.1", '
+                    f'port = {self.switched_off.getsockname()[1]}}}]',
+            }))
+            for folder in (CT_DIR, MR_DIR):
+                storescu(folder, self.pas.port)
+                storescu(folder, self.orthanc.dicom_port, host=self.orthanc.host,
+                         called="ORTHANC")
+            storescu(JPEG_LS_FILE, self.pas.port, extra=["-xt"])
+            stack.pop_all()  # set up: stop() stops them from now on
 
     def stop(self) -> None:
         self.pas.stop()

@@ -11,6 +11,7 @@ ModalitiesInStudy). findscu as the viewer, a real ``pas run``.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from tests.support.cleanup import started
 from tests.support.objects import tiny_ct
 from tests.support.peers import DCMTK_ENV, PasProcess, read_rows, storescu
 
@@ -38,18 +40,20 @@ class Site:
 
     def __init__(self, root: Path):
         self.root = root
-        self.pas = PasProcess(root / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
-                                             "PAS_PREFETCH__ENABLED": "false"}).start()
-        moved = tiny_ct(STUDY_A, SERIES_OT, PatientID="P1", Modality="OT", SeriesNumber=1)
-        kept = tiny_ct(STUDY_A, SERIES_CT, PatientID="P1", SeriesNumber=2)
-        other = tiny_ct(STUDY_B, SERIES_B, PatientID="P1", SeriesNumber=1)
-        purged = tiny_ct(STUDY_C, SERIES_C, PatientID="P2", SeriesNumber=1)
-        self._send("first", [moved, kept, other, purged])
-        moved.SeriesInstanceUID, moved.Modality, moved.SeriesNumber = SERIES_FIXED, "CT", 3
-        other.StudyInstanceUID, other.SeriesInstanceUID = STUDY_A, SERIES_CT
-        other.InstanceNumber = 2
-        self._send("corrections", [moved, other])
-        self.pas.cli("cache", "purge", STUDY_C, "--force")
+        with contextlib.ExitStack() as stack:  # a step that raises stops the daemon
+            self.pas = started(stack, PasProcess(root / "pas", {
+                "PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_PREFETCH__ENABLED": "false"}))
+            moved = tiny_ct(STUDY_A, SERIES_OT, PatientID="P1", Modality="OT", SeriesNumber=1)
+            kept = tiny_ct(STUDY_A, SERIES_CT, PatientID="P1", SeriesNumber=2)
+            other = tiny_ct(STUDY_B, SERIES_B, PatientID="P1", SeriesNumber=1)
+            purged = tiny_ct(STUDY_C, SERIES_C, PatientID="P2", SeriesNumber=1)
+            self._send("first", [moved, kept, other, purged])
+            moved.SeriesInstanceUID, moved.Modality, moved.SeriesNumber = SERIES_FIXED, "CT", 3
+            other.StudyInstanceUID, other.SeriesInstanceUID = STUDY_A, SERIES_CT
+            other.InstanceNumber = 2
+            self._send("corrections", [moved, other])
+            self.pas.cli("cache", "purge", STUDY_C, "--force")
+            stack.pop_all()  # set up: the fixture stops it from now on
         self.finds = 0
 
     def _send(self, name: str, datasets: list[Dataset]) -> None:

@@ -18,6 +18,7 @@ serves the next request.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from tests.support.cleanup import started
 from tests.support.objects import tiny_ct
 from tests.support.peers import DCMTK_ENV, PasProcess, closed_port, read_rows, storescu
 
@@ -44,19 +46,17 @@ def pas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PasProcess, 
     home.mkdir()
     ds = tiny_ct()
     ds.save_as(home / "one.dcm", enforce_file_format=True)
-    switched_off = closed_port()  # refuses connections while the module runs
-    pas = PasProcess(home, {
-        "PAS_DICOM__ACCEPT_UNKNOWN": "true",
-        "PAS_SERVING__MOVE_DESTINATIONS":
-            f'[{{title = "SWITCHEDOFF", host = "127.0.0.1", '
-            f'port = {switched_off.getsockname()[1]}}}]',
-    }).start()
-    try:
+    with contextlib.ExitStack() as stack:  # a step that raises stops those started
+        switched_off = closed_port()  # refuses connections while the module runs
+        stack.callback(switched_off.close)
+        pas = started(stack, PasProcess(home, {
+            "PAS_DICOM__ACCEPT_UNKNOWN": "true",
+            "PAS_SERVING__MOVE_DESTINATIONS":
+                f'[{{title = "SWITCHEDOFF", host = "127.0.0.1", '
+                f'port = {switched_off.getsockname()[1]}}}]',
+        }))
         storescu(home / "one.dcm", pas.port)
         yield pas, str(ds.StudyInstanceUID)
-    finally:
-        pas.stop()
-        switched_off.close()
 
 
 def _final(tool: str, pas: PasProcess, keys: list[str], *extra: str,

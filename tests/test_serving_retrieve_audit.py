@@ -10,6 +10,7 @@ counts of the final C-MOVE/C-GET response pynetdicom sends the viewer.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sqlite3
 import subprocess
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 
+from tests.support.cleanup import started
 from tests.support.peers import (
     CT_DIR,
     DCMTK_ENV,
@@ -61,21 +63,25 @@ class Site:
         profile = root / "mr-only.cfg"
         root.mkdir(parents=True, exist_ok=True)
         profile.write_text(MR_ONLY_PROFILE)
-        self.scp = StoreSCP(root / "scp").start()
-        self.mr_only = StoreSCP(root / "mr-only", ae_title="MRONLY").start(
-            ["-xf", str(profile), "MROnly"])
-        self.full = StoreSCP(root / "full", ae_title="FULLDISK", disk_kb=SMALL_DISK_KB).start()
-        self.refusing = StoreSCP(root / "refusing", ae_title="REFUSING").start(["--refuse"])
-        self.scps = (self.scp, self.mr_only, self.full, self.refusing)
-        destinations = ", ".join(
-            f'{{title = "{scp.ae_title}", host = "127.0.0.1", port = {scp.port}}}'
-            for scp in self.scps)
-        self.pas = PasProcess(root / "pas", {
-            "PAS_DICOM__ACCEPT_UNKNOWN": "true",
-            "PAS_SERVING__MOVE_DESTINATIONS": f"[{destinations}]",
-        }).start()
-        for folder in (CT_DIR, MR_DIR):
-            storescu(folder, self.pas.port)
+        with contextlib.ExitStack() as stack:  # a step that raises stops those started
+            self.scp = started(stack, StoreSCP(root / "scp"))
+            self.mr_only = started(stack, StoreSCP(root / "mr-only", ae_title="MRONLY"),
+                                   ["-xf", str(profile), "MROnly"])
+            self.full = started(stack, StoreSCP(root / "full", ae_title="FULLDISK",
+                                                disk_kb=SMALL_DISK_KB))
+            self.refusing = started(stack, StoreSCP(root / "refusing", ae_title="REFUSING"),
+                                    ["--refuse"])
+            self.scps = (self.scp, self.mr_only, self.full, self.refusing)
+            destinations = ", ".join(
+                f'{{title = "{scp.ae_title}", host = "127.0.0.1", port = {scp.port}}}'
+                for scp in self.scps)
+            self.pas = started(stack, PasProcess(root / "pas", {
+                "PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                "PAS_SERVING__MOVE_DESTINATIONS": f"[{destinations}]",
+            }))
+            for folder in (CT_DIR, MR_DIR):
+                storescu(folder, self.pas.port)
+            stack.pop_all()  # set up: stop() stops them from now on
 
     def stop(self) -> None:
         self.pas.stop()

@@ -18,6 +18,7 @@ returns, a PUT cut in the middle included; ``systemctl stop`` ends within its bu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -35,6 +36,7 @@ from hl7.client import MLLPClient
 from pydicom import dcmread
 from pynetdicom.dsutils import split_dataset
 
+from tests.support.cleanup import started
 from tests.support.hub import HubProcess, enroll
 from tests.support.peers import (
     CT_DIR,
@@ -103,17 +105,22 @@ class Wan:
 
     def __init__(self, root: Path):
         self.root = root
+        with contextlib.ExitStack() as stack:  # a step that raises stops those started
+            self._start(root, stack)
+            stack.pop_all()  # set up: stop() stops them from now on
+
+    def _start(self, root: Path, stack: contextlib.ExitStack) -> None:
         self.ns = NetNamespace("pasbh").create()
-        self.region = Orthanc(root / "region", ns=self.ns).start()
+        stack.callback(self.ns.delete)
+        self.region = started(stack, Orthanc(root / "region", ns=self.ns))
         for path in _files(REGIONAL):  # the REST API keeps every byte (docs/prefetch.md)
             httpx.post(f"{self.region.url}/instances", content=path.read_bytes(),
                        timeout=60).raise_for_status()
-        self.hub = HubProcess(root / "hub", {
+        self.hub = started(stack, HubProcess(root / "hub", {
             "PAS_HUB_ARCHIVE__KIND": "dicomweb",
-            "PAS_HUB_ARCHIVE__URL": "http://127.0.0.1:8042/dicom-web"}, ns=self.ns)
-        self.hub.init().start()
+            "PAS_HUB_ARCHIVE__URL": "http://127.0.0.1:8042/dicom-web"}, ns=self.ns).init())
         self.hole = BlackHole(self.ns, self.hub.port)
-        self.scp = StoreSCP(root / "scp").start()
+        self.scp = started(stack, StoreSCP(root / "scp"))
         self.home = root / "pas"
         enroll(self.hub, self.home, "SITE-A")
         self.env = {
@@ -134,7 +141,7 @@ class Wan:
             "PAS_HUB__MAX_MBPS": "2", "PAS_HUB__BUCKET_MB": "0.4", "PAS_HUB__TIMEOUT_S": "5",
             "PAS_HUB__RETRIES": "0",
         }
-        self.pas = PasProcess(self.home, self.env).start()
+        self.pas = started(stack, PasProcess(self.home, self.env))
         storescu(_files(LOCAL), self.pas.port)
         wait_for(lambda: self.unconfirmed() == 0 and self.instances() == 6, 60,
                  what="the local studies confirmed by the region")

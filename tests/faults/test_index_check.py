@@ -13,6 +13,7 @@ Real daemon, real hub over mutual TLS, DCMTK storescu as the modality.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import subprocess
@@ -28,6 +29,7 @@ from appliance.store import fleet as fleet_store
 from appliance.store.db import Database
 from appliance.store.hub_schema import HUB_MIGRATIONS
 from tests.faults.test_damaged_index import _tear_the_root_page_of
+from tests.support.cleanup import started
 from tests.support.hub import HubProcess, enroll
 from tests.support.peers import CT_DIR, PAS_BIN, PasProcess, storescu, wait_for
 from tests.test_ops_fleet import metric
@@ -46,24 +48,19 @@ def _one_study(count: int) -> list[Path]:
 def site(tmp_path: Path) -> Iterator[dict[str, Any]]:
     """An enrolled appliance (heartbeat and index check every second) whose study the hub
     has confirmed: nothing writes to its instances any more."""
-    hub = HubProcess(tmp_path / "hub").init()
-    hub.start()
-    home = tmp_path / "pas"
-    enroll(hub, home, "SITE-A")
-    pas = PasProcess(home, {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
-                            "PAS_PREFETCH__ENABLED": "false",
-                            "PAS_OPS__HEARTBEAT_INTERVAL_S": "1",
-                            "PAS_CACHE__INDEX_CHECK_INTERVAL_S": "1"})
-    try:
-        pas.start()
+    with contextlib.ExitStack() as stack:  # a step that raises stops those started
+        hub = started(stack, HubProcess(tmp_path / "hub").init())
+        home = tmp_path / "pas"
+        enroll(hub, home, "SITE-A")
+        pas = started(stack, PasProcess(home, {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                                               "PAS_PREFETCH__ENABLED": "false",
+                                               "PAS_OPS__HEARTBEAT_INTERVAL_S": "1",
+                                               "PAS_CACHE__INDEX_CHECK_INTERVAL_S": "1"}))
         files = _one_study(3)
         storescu(files, pas.port)
         wait_for(lambda: pas.status()["confirmed_instances"] == len(files), 30,
                  what="the study confirmed by the hub")
         yield {"hub": hub, "pas": pas}
-    finally:
-        pas.stop()
-        hub.stop()
 
 
 def _scrape(pas: PasProcess) -> str:

@@ -81,7 +81,8 @@ class HubProcess(ChildProcess):
         return token
 
     def start(self, timeout: float = 30.0) -> HubProcess:
-        self._launch([self.port], timeout)
+        with self.stopped_if_start_fails():
+            self._launch([self.port], timeout)
         return self
 
     def anonymous_context(self) -> ssl.SSLContext:

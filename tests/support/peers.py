@@ -142,6 +142,17 @@ class ChildProcess:
                 self.proc.wait()
 
     @contextlib.contextmanager
+    def stopped_if_start_fails(self) -> Iterator[None]:
+        """Around a start: if it raises (its port or ready line not seen in time on a loaded
+        machine), the process it launched is stopped. The caller never got the peer back
+        to stop it: it ran on for the rest of the session, holding its ports."""
+        try:
+            yield
+        except BaseException:
+            self.stop()
+            raise
+
+    @contextlib.contextmanager
     def frozen(self) -> Iterator[None]:
         """The process stopped (SIGSTOP) inside the block, continued after it (also on
         failure): a request it is serving can neither be answered nor fail, so what a test
@@ -225,14 +236,15 @@ class PasProcess(ChildProcess):
         # Awaited on loopback, or on the one address given (a test namespace's outer end:
         # then the HTTP app must be disabled or listen there too).
         host = self.env["PAS_DICOM__HOST"]
-        self._launch(ports, timeout, cwd=self.home,
-                     host="127.0.0.1" if host in ("", "0.0.0.0", "::") else host)
-        # Its own "ready" line too: an open port alone may be another program's. A port
-        # free_port() gave was taken meanwhile by another test's peer; this daemon exited
-        # ("Address already in use") after the probe had found that peer listening, and the
-        # test then talked to the peer (a CI run).
-        wait_for(lambda: self._alive() and self.log().count("PAS ready") > ready_before,
-                 timeout, what=f"{self.name}'s ready line (log: {self.log_path})")
+        with self.stopped_if_start_fails():
+            self._launch(ports, timeout, cwd=self.home,
+                         host="127.0.0.1" if host in ("", "0.0.0.0", "::") else host)
+            # Its own "ready" line too: an open port alone may be another program's. A port
+            # free_port() gave was taken meanwhile by another test's peer; this daemon exited
+            # ("Address already in use") after the probe had found that peer listening, and
+            # the test then talked to the peer (a CI run).
+            wait_for(lambda: self._alive() and self.log().count("PAS ready") > ready_before,
+                     timeout, what=f"{self.name}'s ready line (log: {self.log_path})")
         return self
 
     def status(self) -> dict[str, Any]:
@@ -303,8 +315,12 @@ class StoreSCP:
             argv = on_small_disk(self.folder, self.disk_kb, argv)
         self.proc = subprocess.Popen(argv, env={**DCMTK_ENV, **(env or {})},
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: self.proc.poll() is None and port_open("127.0.0.1", self.port), 15,
-                 what=f"storescp {self.ae_title}")
+        try:
+            wait_for(lambda: self.proc.poll() is None and port_open("127.0.0.1", self.port),
+                     15, what=f"storescp {self.ae_title}")
+        except BaseException:
+            self.stop()  # not listening in time: not left running (the caller never got it)
+            raise
         return self
 
     def files(self) -> list[Path]:
@@ -340,15 +356,21 @@ class NetNamespace:
         self.inner_if = f"v{tag}b"
 
     def create(self) -> NetNamespace:
+        """Created whole, or not at all: a step that fails deletes what the others made."""
         run = _ip
-        run("netns", "add", self.name)
-        run("link", "add", self.outer_if, "type", "veth", "peer", "name", self.inner_if)
-        run("link", "set", self.inner_if, "netns", self.name)
-        run("addr", "add", f"{self.outer_address}/30", "dev", self.outer_if)
-        run("link", "set", self.outer_if, "up")
-        run("-n", self.name, "addr", "add", f"{self.inner_address}/30", "dev", self.inner_if)
-        run("-n", self.name, "link", "set", self.inner_if, "up")
-        run("-n", self.name, "link", "set", "lo", "up")
+        run("netns", "add", self.name)  # refused for a name taken: not ours to delete
+        try:
+            run("link", "add", self.outer_if, "type", "veth", "peer", "name", self.inner_if)
+            run("link", "set", self.inner_if, "netns", self.name)
+            run("addr", "add", f"{self.outer_address}/30", "dev", self.outer_if)
+            run("link", "set", self.outer_if, "up")
+            run("-n", self.name, "addr", "add", f"{self.inner_address}/30", "dev",
+                self.inner_if)
+            run("-n", self.name, "link", "set", self.inner_if, "up")
+            run("-n", self.name, "link", "set", "lo", "up")
+        except BaseException:
+            self.delete()
+            raise
         return self
 
     def command(self, args: list[str]) -> list[str]:
@@ -449,6 +471,14 @@ class Orthanc:
         self.folder.mkdir(parents=True, exist_ok=True)
         if self.owns_ns:
             self.ns.create()
+        try:
+            self._run(timeout)
+        except BaseException:
+            self.stop()  # not answering in time: stopped, its own namespace deleted
+            raise
+        return self
+
+    def _run(self, timeout: float) -> None:
         config = {
             "Name": self.ae_title,
             "StorageDirectory": str(self.folder / "storage"),
@@ -479,7 +509,6 @@ class Orthanc:
         wait_for(lambda: httpx.get(f"{self.url}/system", timeout=1,
                                    auth=self.auth).status_code == 200,
                  timeout, what="Orthanc HTTP")
-        return self
 
     @property
     def auth(self) -> tuple[str, str] | None:
@@ -568,6 +597,10 @@ def pas_with_hl7(home: Path, **env: str) -> PasProcess:
     })
     pas.hl7_port = int(pas.env["PAS_HL7__PORT"])  # type: ignore[attr-defined]
     pas.start()
-    wait_for(lambda: port_open("127.0.0.1", pas.hl7_port), 15,  # type: ignore[attr-defined]
-             what="the HL7 listener")
+    try:
+        wait_for(lambda: port_open("127.0.0.1", pas.hl7_port), 15,  # type: ignore[attr-defined]
+                 what="the HL7 listener")
+    except BaseException:
+        pas.stop()  # the caller never gets it to stop
+        raise
     return pas
