@@ -104,23 +104,28 @@ class ListenerServer(ThreadedAssociationServer):
         self._handshaking: set[ssl.SSLSocket] = set()
         self._closing = False
         # Connections accepted whose thread has not handed them to their association yet
-        # (the TLS handshake, the association's creation).
-        self._starting = 0
+        # (the TLS handshake, the association's creation): their sockets.
+        self._starting: set[Any] = set()
         self._full_warning = ThrottledWarning()
         super().__init__(*args, **kwargs)
 
     def open_connections(self) -> int:
-        """Connections open on the port: those starting, and the associations running
-        (one that just started may be counted twice for a moment: the bound errs low)."""
+        """Connections open on the port: those starting, and the associations running.
+        Counted by socket: an association whose thread just started is also still
+        "starting" until its connection's thread returns (a burst of six connections was
+        counted as seven, and the sixth refused)."""
         with self._handshakes_lock:
-            starting = self._starting
-        return starting + len(self.active_associations)
+            sockets = set(self._starting)
+        for assoc in self.active_associations:
+            transport = getattr(assoc.dul, "socket", None)
+            sockets.add(getattr(transport, "socket", None) or assoc)
+        return len(sockets)
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """socketserver's hook before a connection gets its thread: False closes it."""
         if not self.max_connections or self.open_connections() < self.max_connections:
             with self._handshakes_lock:
-                self._starting += 1
+                self._starting.add(request)
             return True
         self._refuse_full(client_address[0])
         return False
@@ -144,7 +149,7 @@ class ListenerServer(ThreadedAssociationServer):
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._started()  # no thread (none could be started): socketserver closes it
+            self._started(request)  # no thread could be started: socketserver closes it
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -155,11 +160,11 @@ class ListenerServer(ThreadedAssociationServer):
                 return
             super().process_request_thread(request, client_address)
         finally:
-            self._started()
+            self._started(request)
 
-    def _started(self) -> None:
+    def _started(self, request: Any) -> None:
         with self._handshakes_lock:
-            self._starting -= 1
+            self._starting.discard(request)
 
     def _handshake(self, request: ssl.SSLSocket, client_address: Any) -> bool:
         """Complete the TLS handshake within the time limit; False (logged) when it failed,

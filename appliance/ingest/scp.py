@@ -30,7 +30,7 @@ from appliance.config import DicomSection
 from appliance.dicomnet.server import ListenerServer, ThrottledWarning
 from appliance.ingest.attributes import DatasetMismatch, InvalidInstance
 from appliance.ingest.receive import Receiver, StorageFailure
-from appliance.ops.metrics import count_refusal
+from appliance.ops.metrics import count_refusal, watch_dicom_connections
 from appliance.ops.refusals import RefusalAudit
 from appliance.ops.security import AssociationRateLimiter, server_context
 from appliance.store import audit
@@ -240,6 +240,7 @@ class DicomListener:
                          daemon=True).start()
         self.ae._servers.append(server)  # pynetdicom's shutdown() removes it
         self._server = server
+        watch_dicom_connections(server.open_connections)
         log.info("DICOM listener %s on %s:%d%s", self.config.ae_title, self.config.host,
                  self.config.port, " (TLS)" if self.ssl_context else "")
 
@@ -257,6 +258,7 @@ class DicomListener:
         if self._server is None:
             return
         server, self._server = self._server, None
+        watch_dicom_connections(None)
         open_associations = list(server.active_associations)
         # socketserver's loop looks at its stop request only between polls of the listening
         # socket, every 0.5 s: every stop waited for it. Shutting the socket down wakes the
