@@ -41,6 +41,8 @@ from typing import Any
 
 from pynetdicom.transport import ThreadedAssociationServer
 
+from appliance.dicomnet.contexts import SharedContexts
+
 log = logging.getLogger("pas.ingest")
 
 
@@ -108,6 +110,7 @@ class ListenerServer(ThreadedAssociationServer):
         self._starting: set[Any] = set()
         self._full_warning = ThrottledWarning()
         super().__init__(*args, **kwargs)
+        self.contexts = SharedContexts(self.contexts)  # not copied for each association
 
     def open_connections(self) -> int:
         """Connections open on the port: those starting, and the associations running.
