@@ -11,7 +11,7 @@ DEMO_HOME ?= ./var
 # bench/wan's link emulator (tests/test_wan_emulator.py, make bench-wan) is C, built at run time.
 TEST_APT += gcc
 
-.PHONY: demo test venv deps-test lint image box bench-ingest bench-heartbeat bench-prefetch clean
+.PHONY: demo test venv deps-test lint image box bench-ingest bench-associations bench-heartbeat bench-prefetch clean
 
 venv: $(VENV)/.installed
 
@@ -56,6 +56,10 @@ test-fuzz: venv
 
 bench-ingest: deps-test venv
 	$(PY) bench/ingest.py
+
+# One association per image (storescu per file), PAS next to storescp: images/s and CPU per association.
+bench-associations: deps-test venv
+	$(PY) bench/associations.py $(BENCH_ARGS)
 
 # The emulated WAN (bench/wan): storescu, Orthanc STOW-RS and PAS over the same links.
 # BENCH_ARGS=--quick for the 20 Mbit/s link only. Root (network namespaces, TUN).

@@ -76,6 +76,10 @@ class DicomSection(_Section):
     accept_unknown: Flag = False
     known_aes: list[KnownAE] = []
     max_associations: int = Field(default=16, ge=1, le=256)
+    # Connections open at once on the DICOM port, those that have not sent their
+    # A-ASSOCIATE-RQ (or finished their TLS handshake) yet included: a bound on threads and
+    # memory against port scans and floods. Beyond, a new connection is closed at once.
+    max_connections: int = Field(default=64, ge=1, le=4096)
     network_timeout_s: float = Field(default=60.0, gt=0)
     # Largest PDU we accept; 0 means unlimited (pynetdicom's convention).
     max_pdu: int = Field(default=262144, ge=0)
@@ -107,6 +111,16 @@ class DicomSection(_Section):
     # Most instances one request may name (a large CT is a few thousand); beyond, the
     # request is refused (0x0213, resource limitation) and nothing is recorded.
     storage_commitment_max_items: int = Field(default=50_000, ge=1, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _connections_for_associations(self) -> DicomSection:
+        """Each association is a connection: a bound under the association limit would
+        leave places no one could take."""
+        if self.max_connections < self.max_associations:
+            raise _cross_field("max_connections",
+                               f"must be at least dicom.max_associations "
+                               f"({self.max_associations}), got {self.max_connections}")
+        return self
 
     @model_validator(mode="after")
     def _ca_for_tls_callbacks(self) -> DicomSection:

@@ -49,6 +49,8 @@ def test_environment_overrides_every_key() -> None:
     ("[dicom]\nport = 70000", "dicom.port: must be 1-65535, got 70000"),
     ("[dicom]\nae_title = 'MUCH_TOO_LONG_AE_TITLE'", "dicom.ae_title: must be 1-16"),
     ("[dicom]\nprot = 104", "dicom.prot: unknown key"),
+    ("[dicom]\nmax_associations = 20\nmax_connections = 10",
+     "dicom.max_connections: must be at least dicom.max_associations (20), got 10"),
     ("[study]\nstable_after_s = -1", "study.stable_after_s: Input should be greater than"),
     ("[[routing.rules]]\nname = 'x'\nmatch = { modality = '(' }\ndestinations = ['hub']",
      "routing.rules.0.match.modality: is not a valid regular expression"),

@@ -16,6 +16,14 @@ without a word, so a modality whose certificate had expired could not send and n
 the site said why. Other failed handshakes (a port probe, a health check that only connects,
 plain DICOM on the TLS port) stay at debug level: health checks would fill the journal.
 
+Connections open at once are bounded (``max_connections``, ``dicom.max_connections``): one
+accepted beyond is closed at once, counted and logged (invariant 8). Without a bound, every
+connection that sent nothing (a port scan, a flood) held two threads for pynetdicom's ACSE
+timeout (30 s): 1,000 such connections took +44 MB and hundreds of threads, and a flood
+could exhaust the unit's tasks. The bound counts connections still in their TLS handshake
+and associations alike. Which of them may negotiate at once is the listener's business
+(``dicom.max_associations``, counted from the A-ASSOCIATE-RQ: appliance/ingest/scp.py).
+
 Owns: accepting connections on the DICOM port. May not touch the index, the spool or any
 service's handlers.
 """
@@ -27,12 +35,38 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from pynetdicom.transport import ThreadedAssociationServer
 
+from appliance.dicomnet.contexts import SharedContexts
+
 log = logging.getLogger("pas.ingest")
+
+
+
+class ThrottledWarning:
+    """A warning said at once, then at most once per ``every_s`` with how many were not said
+    in between: a flood of refusals must not flood the journal (the counters have each)."""
+
+    def __init__(self, every_s: float = 60.0):
+        self.every_s = every_s
+        self._lock = threading.Lock()
+        self._said_at: float | None = None
+        self._unsaid = 0
+
+    def warn(self, message: str, *args: Any, **kwargs: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if self._said_at is not None and now - self._said_at < self.every_s:
+                self._unsaid += 1
+                return
+            unsaid, self._unsaid, self._said_at = self._unsaid, 0, now
+        if unsaid:
+            message += f" ({unsaid} more in the last {self.every_s:.0f} s, not logged)"
+        log.warning(message, *args, **kwargs)
 
 # OpenSSL's reason when a client sent no certificate and one is required (TLS 1.2 and 1.3).
 _NO_CERTIFICATE = {"PEER_DID_NOT_RETURN_A_CERTIFICATE", "CERTIFICATE_REQUIRED"}
@@ -50,17 +84,61 @@ def certificate_refusal(exc: BaseException) -> str | None:
 
 class ListenerServer(ThreadedAssociationServer):
     """:class:`ThreadedAssociationServer` whose TLS handshakes run in each connection's
-    thread, at most ``handshake_timeout_s``, and end when the server stops."""
+    thread, at most ``handshake_timeout_s``, and end when the server stops; with at most
+    ``max_connections`` connections open at once (0: no bound)."""
+
+    # The listening socket's backlog: socketserver's 5 dropped the SYN of a sixth connection
+    # arriving while the accept loop was busy, and the client's kernel sent it again only
+    # after a second (a CT opening parallel associations, a viewer's C-MOVE beside them).
+    request_queue_size = 128
 
     def __init__(self, *args: Any, handshake_timeout_s: float = 60.0,
-                 on_refused: Callable[[str, str], None] | None = None, **kwargs: Any) -> None:
+                 max_connections: int = 0,
+                 on_refused: Callable[[str, str, str], None] | None = None,
+                 **kwargs: Any) -> None:
         self.handshake_timeout_s = handshake_timeout_s
-        # Called (address, reason) for a handshake that refused the client's certificate.
+        self.max_connections = max_connections
+        # Called (address, kind, reason) for a handshake that refused the client's
+        # certificate (kind "tls-certificate") and a connection over the bound
+        # ("too-many-connections").
         self.on_refused = on_refused
         self._handshakes_lock = threading.Lock()
         self._handshaking: set[ssl.SSLSocket] = set()
         self._closing = False
+        # Connections accepted whose thread has not handed them to their association yet
+        # (the TLS handshake, the association's creation): their sockets.
+        self._starting: set[Any] = set()
+        self._full_warning = ThrottledWarning()
         super().__init__(*args, **kwargs)
+        self.contexts = SharedContexts(self.contexts)  # not copied for each association
+
+    def open_connections(self) -> int:
+        """Connections open on the port: those starting, and the associations running.
+        Counted by socket: an association whose thread just started is also still
+        "starting" until its connection's thread returns (a burst of six connections was
+        counted as seven, and the sixth refused)."""
+        with self._handshakes_lock:
+            sockets = set(self._starting)
+        for assoc in self.active_associations:
+            transport = getattr(assoc.dul, "socket", None)
+            sockets.add(getattr(transport, "socket", None) or assoc)
+        return len(sockets)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """socketserver's hook before a connection gets its thread: False closes it."""
+        if not self.max_connections or self.open_connections() < self.max_connections:
+            with self._handshakes_lock:
+                self._starting.add(request)
+            return True
+        self._refuse_full(client_address[0])
+        return False
+
+    def _refuse_full(self, address: str) -> None:
+        reason = (f"connection closed: {self.max_connections} connections already open "
+                  f"(dicom.max_connections)")
+        self._full_warning.warn("DICOM port: %s from %s", reason, address)
+        if self.on_refused is not None:
+            self.on_refused(address, "too-many-connections", reason)
 
     def get_request(self) -> tuple[socket.socket, Any]:
         """Accept only: the handshake is :meth:`process_request_thread`'s."""
@@ -70,11 +148,26 @@ class ListenerServer(ThreadedAssociationServer):
                                                   do_handshake_on_connect=False)
         return client, address
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._started(request)  # no thread could be started: socketserver closes it
+            raise
+
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        if isinstance(request, ssl.SSLSocket) and not self._handshake(request, client_address):
-            self.shutdown_request(request)
-            return
-        super().process_request_thread(request, client_address)
+        try:
+            if isinstance(request, ssl.SSLSocket) and not self._handshake(request,
+                                                                          client_address):
+                self.shutdown_request(request)
+                return
+            super().process_request_thread(request, client_address)
+        finally:
+            self._started(request)
+
+    def _started(self, request: Any) -> None:
+        with self._handshakes_lock:
+            self._starting.discard(request)
 
     def _handshake(self, request: ssl.SSLSocket, client_address: Any) -> bool:
         """Complete the TLS handshake within the time limit; False (logged) when it failed,
@@ -102,7 +195,7 @@ class ListenerServer(ThreadedAssociationServer):
                 return False
             log.warning("TLS: %s refused: %s (connection closed)", client_address[0], refusal)
             if self.on_refused is not None:
-                self.on_refused(client_address[0], refusal)
+                self.on_refused(client_address[0], "tls-certificate", refusal)
             return False
         finally:
             with self._handshakes_lock:

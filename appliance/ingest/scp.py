@@ -27,9 +27,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from appliance.config import DicomSection
-from appliance.dicomnet.server import ListenerServer
+from appliance.dicomnet.server import ListenerServer, ThrottledWarning
 from appliance.ingest.attributes import DatasetMismatch, InvalidInstance
 from appliance.ingest.receive import Receiver, StorageFailure
+from appliance.ops.metrics import count_refusal, watch_dicom_connections
 from appliance.ops.refusals import RefusalAudit
 from appliance.ops.security import AssociationRateLimiter, server_context
 from appliance.store import audit
@@ -181,7 +182,12 @@ class DicomListener:
             if tls.enabled and tls.cert and tls.key else None
         self.on_stored = on_stored
         self.ae = AE(ae_title=config.ae_title)
-        self.ae.maximum_associations = config.max_associations
+        # pynetdicom counts every open connection against its limit, one that never sent its
+        # A-ASSOCIATE-RQ too: a port scan's silent connections locked modalities out
+        # ("Local Limit Exceeded") for its ACSE timeout. Its limit is the connection bound
+        # here (dicomnet/server.py keeps to it); dicom.max_associations is counted from the
+        # A-ASSOCIATE-RQ on, in _on_requested.
+        self.ae.maximum_associations = config.max_connections
         self.ae.network_timeout = config.network_timeout_s
         self.ae.maximum_pdu_size = config.max_pdu
         self.ae.require_called_aet = True
@@ -192,6 +198,7 @@ class DicomListener:
         for sop_class in self.storage_classes:
             self.ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
         self.refused_sop_classes = RefusedSopClassLog()
+        self._busy_warning = ThrottledWarning()  # dicom.max_associations reached
         self._handlers: list[tuple[Any, Callable[..., Any]]] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -226,12 +233,14 @@ class DicomListener:
         server = self.ae.make_server(
             (self.config.host, self.config.port), evt_handlers=self._handlers,
             ssl_context=self.ssl_context, server_class=ListenerServer,
-            handshake_timeout_s=self.config.network_timeout_s, on_refused=self._tls_refused,
+            handshake_timeout_s=self.config.network_timeout_s,
+            max_connections=self.config.max_connections, on_refused=self._connection_refused,
         )
         threading.Thread(target=server.serve_forever, name="pas-dicom-accept",
                          daemon=True).start()
         self.ae._servers.append(server)  # pynetdicom's shutdown() removes it
         self._server = server
+        watch_dicom_connections(server.open_connections)
         log.info("DICOM listener %s on %s:%d%s", self.config.ae_title, self.config.host,
                  self.config.port, " (TLS)" if self.ssl_context else "")
 
@@ -249,6 +258,7 @@ class DicomListener:
         if self._server is None:
             return
         server, self._server = self._server, None
+        watch_dicom_connections(None)
         open_associations = list(server.active_associations)
         # socketserver's loop looks at its stop request only between polls of the listening
         # socket, every 0.5 s: every stop waited for it. Shutting the socket down wakes the
@@ -295,6 +305,18 @@ class DicomListener:
             self._refused(event, "rate-limit", calling,
                           f"association rejected: more than "
                           f"{self.rate_limiter.per_minute} attempts in a minute")
+            return
+        negotiating = self._associations_negotiating(event.assoc)
+        if negotiating >= self.config.max_associations:
+            self._busy_warning.warn(
+                "association from %s (%s) rejected: %d associations already open "
+                "(dicom.max_associations); the sender should try again later", calling,
+                requestor.address, negotiating, extra={"CALLING_AE": calling})
+            event.assoc.acse.send_reject(
+                _REJECT_TRANSIENT, _SOURCE_PROVIDER_PRESENTATION, _LOCAL_LIMIT_EXCEEDED
+            )
+            event.assoc.kill()
+            count_refusal("dicom", "too-many-associations")
             return
         reason = self.policy.refusal(calling, requestor.address)
         if reason:
@@ -344,12 +366,27 @@ class DicomListener:
                                   source=event.assoc.requestor.address,
                                   actor=calling or "-", reason=reason, target=called or None)
 
-    def _tls_refused(self, address: str, reason: str) -> None:
-        """The audit row of a TLS handshake that refused the client's certificate: no
-        A-ASSOCIATE-RQ was read, so no AE title is known."""
+    def _associations_negotiating(self, assoc: Any) -> int:
+        """The listener's other associations that sent their A-ASSOCIATE-RQ and are not
+        over: the ones ``dicom.max_associations`` bounds. A connection still waiting for
+        its client's first PDU (Sta2) does not count: it takes a thread, bounded by
+        ``dicom.max_connections``, not a place."""
+        server = self._server
+        if server is None:
+            return 0
+        return sum(1 for other in server.active_associations
+                   if other is not assoc and other.is_alive()
+                   and other.dul.state_machine.current_state != "Sta2")
+
+    def _connection_refused(self, address: str, kind: str, reason: str) -> None:
+        """The audit row (coalesced per source and minute) of a connection the server
+        closed before any A-ASSOCIATE-RQ was read (no AE title is known): a TLS handshake
+        that refused the client's certificate, a connection over ``dicom.max_connections``."""
         if self.refusals is not None:
-            self.refusals.refused(channel="dicom", kind="tls-certificate", source=address,
-                                  actor="-", reason=reason)
+            self.refusals.refused(channel="dicom", kind=kind, source=address, actor="-",
+                                  reason=reason)
+        else:
+            count_refusal("dicom", kind)
 
     def _on_c_store_timed(self, event: Any) -> Any:
         """pynetdicom's EVT_C_STORE handler (``dicom.direct_receive = false``, or a C-STORE

@@ -14,7 +14,7 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -68,13 +68,18 @@ ACCESS_REFUSED = Counter("pas_access_refused", "Access attempts refused, by chan
                          "tls-certificate; "
                          "http: bearer-token)",
                          ["channel", "reason"], registry=None)
+# Connections open on the DICOM port (appliance/dicomnet/server.py: bounded by
+# dicom.max_connections); read from the listener at scrape time, 0 when it is not running.
+DICOM_CONNECTIONS = Gauge("pas_dicom_connections", "Connections open on the DICOM port, those "
+                          "that have not sent an A-ASSOCIATE-RQ yet included (bound: "
+                          "dicom.max_connections)", registry=None)
 # Storage Commitment reports (N-EVENT-REPORT) to modalities: sent (the modality answered
 # success), failed (an attempt that will be retried), given-up (past the deadline).
 COMMITMENT_REPORTS = Counter("pas_storage_commitment_reports", "Storage Commitment reports "
                              "to modalities, by outcome (sent, failed, given-up)",
                              ["outcome"], registry=None)
 _HOOKS: list[Any] = [CSTORE_SECONDS, CSTORE_PATHS, RETRIEVES, UPLOAD_PUT_BYTES,
-                     UPLOAD_INFLIGHT, ACCESS_REFUSED, COMMITMENT_REPORTS]
+                     UPLOAD_INFLIGHT, ACCESS_REFUSED, COMMITMENT_REPORTS, DICOM_CONNECTIONS]
 LEAD_BUCKETS = (0, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 172800, 604800)
 LEAD_WINDOW_S = 7 * 86400
 
@@ -122,6 +127,11 @@ def add_upload_put_bytes(count: int) -> None:
 def add_upload_inflight(delta: int) -> None:
     """A PUT of ``delta`` bytes starts (positive) or ends (negative)."""
     UPLOAD_INFLIGHT.inc(delta)
+
+
+def watch_dicom_connections(count: Callable[[], float] | None) -> None:
+    """What ``pas_dicom_connections`` reads at scrape time (None: the listener stopped)."""
+    DICOM_CONNECTIONS.set_function(count if count is not None else lambda: 0.0)
 
 
 def count_refusal(channel: str, reason: str) -> None:

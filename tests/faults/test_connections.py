@@ -1,0 +1,132 @@
+"""Connections on the DICOM port that never become associations (a port scan, a flood, a
+client that connects and says nothing), against a real daemon, DCMTK's storescu and
+pynetdicom as a client that holds its association open.
+
+``dicom.max_associations`` counts associations from their A-ASSOCIATE-RQ; connections that
+have not sent one are bounded by ``dicom.max_connections`` (appliance/dicomnet/server.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from tests.support.peers import CT_DIR, DCMTK_ENV, PasProcess, read_rows, wait_for
+
+CT_FILE = sorted(CT_DIR.rglob("*.dcm"))[0]
+
+
+def _store(port: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["storescu", "-aec", "PAS", "-aet", "CT1", "127.0.0.1", str(port),
+                           str(CT_FILE)], env=DCMTK_ENV, capture_output=True, text=True,
+                          timeout=60)
+
+
+@contextlib.contextmanager
+def _silent(port: int, count: int) -> Iterator[list[socket.socket]]:
+    """``count`` TCP connections to the port that send nothing, closed at the end."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=10))
+               for _ in range(count)]
+
+
+def _refusals(pas: PasProcess) -> dict[str, float]:
+    text = httpx.get(f"http://127.0.0.1:{pas.http_port}/metrics", timeout=10).text
+    return {m.group(1): float(m.group(2)) for m in re.finditer(
+        r'^pas_access_refused_total\{channel="dicom",reason="([\w-]+)"\} (\S+)$', text, re.M)}
+
+
+def _connections(pas: PasProcess) -> float:
+    text = httpx.get(f"http://127.0.0.1:{pas.http_port}/metrics", timeout=10).text
+    return float(re.search(r"^pas_dicom_connections (\S+)$", text, re.M).group(1))
+
+
+def _threads(pas: PasProcess) -> int:
+    assert pas.proc is not None
+    return len(os.listdir(f"/proc/{pas.proc.pid}/task"))
+
+
+@pytest.fixture
+def pas(tmp_path: Path) -> Iterator[PasProcess]:
+    daemon = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                                           "PAS_DICOM__MAX_ASSOCIATIONS": "2",
+                                           "PAS_DICOM__MAX_CONNECTIONS": "6",
+                                           "PAS_CACHE__SCRUB_MB_PER_S": "0"})
+    try:
+        yield daemon.start()
+    finally:
+        daemon.stop()
+
+
+def test_silent_connections_take_no_association_place(pas: PasProcess) -> None:
+    """Four connections that sent nothing, over max_associations (2) but under
+    max_connections (6): a modality's C-STORE is served. pynetdicom counted every open
+    connection against the association limit: storescu was rejected "Local Limit
+    Exceeded" until the silent ones timed out (30 s)."""
+    with _silent(pas.port, 4):
+        sent = _store(pas.port)
+        assert sent.returncode == 0, sent.stderr
+    assert pas.status()["instances"] == 1
+
+
+def test_associations_over_the_limit_are_rejected_from_the_request(pas: PasProcess) -> None:
+    """Two associations held open: a third is rejected (A-ASSOCIATE-RJ, transient, local
+    limit exceeded), logged naming dicom.max_associations and counted; once one is
+    released, the C-STORE goes through."""
+    client = AE(ae_title="VIEWER")
+    client.add_requested_context(Verification)
+    held = [client.associate("127.0.0.1", pas.port, ae_title="PAS") for _ in range(2)]
+    try:
+        assert all(assoc.is_established for assoc in held)
+        refused = _store(pas.port)
+        assert refused.returncode != 0
+        assert "Local Limit Exceeded" in refused.stderr, refused.stderr
+        assert _refusals(pas) == {"too-many-associations": 1.0}
+        assert re.search(r"WARNING pas\.ingest: association from CT1 \(127\.0\.0\.1\) rejected: "
+                         r"2 associations already open \(dicom\.max_associations\)", pas.log())
+        held.pop().release()
+        wait_for(lambda: _store(pas.port).returncode == 0, 30, what="the C-STORE served")
+    finally:
+        for assoc in held:
+            assoc.release()
+    assert pas.status()["instances"] == 1
+
+
+def test_connections_over_the_bound_are_closed_at_once(pas: PasProcess) -> None:
+    """Six silent connections fill max_connections: a seventh is closed by PAS at once,
+    the refusal logged, counted and audited (one row for the source); a flood of 60 more
+    adds no thread (each held two until pynetdicom's 30 s timeout, 1,000 of them took
+    +44 MB). Once the silent ones go, a modality is served again."""
+    # The start's probe of the port (a connection closed at once) is over.
+    wait_for(lambda: _connections(pas) == 0, 10, what="no connection open")
+    with _silent(pas.port, 6) as silent:
+        wait_for(lambda: _connections(pas) == 6, 10, what="the six connections counted")
+        threads_held = _threads(pas)
+        with socket.create_connection(("127.0.0.1", pas.port), timeout=10) as seventh:
+            assert seventh.recv(1) == b""  # closed by PAS, not by the timeout (10 s)
+        with _silent(pas.port, 60) as flood:
+            for connection in flood:
+                assert connection.recv(1) == b""
+        assert _threads(pas) <= threads_held
+        assert _refusals(pas) == {"too-many-connections": 61.0}
+        assert "connection closed: 6 connections already open (dicom.max_connections) " \
+               "from 127.0.0.1" in pas.log()
+        assert _store(pas.port).returncode != 0  # the bound holds for everyone
+        for connection in silent:
+            connection.close()
+        wait_for(lambda: _store(pas.port).returncode == 0, 30, what="the C-STORE served")
+    rows = read_rows(pas.home / "pas.sqlite", "SELECT actor, source, outcome FROM audit "
+                     "WHERE event = 'security' ORDER BY id")
+    assert [tuple(row) for row in rows] == [
+        ("-", "127.0.0.1", "failure: connection closed: 6 connections already open "
+                           "(dicom.max_connections)")]
