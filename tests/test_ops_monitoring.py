@@ -41,7 +41,7 @@ def referenced_metric_names() -> set[str]:
 def test_alert_rules_pass_promtool_check() -> None:
     result = promtool("check", "rules", "alerts.yml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 19 rules found" in result.stdout
+    assert "SUCCESS: 20 rules found" in result.stdout
 
 
 def test_alert_rules_unit_tests_pass() -> None:
@@ -68,6 +68,9 @@ def test_alerts_cover_what_the_issue_names() -> None:
     assert "pas_jobs_waiting_for_credentials > 0" in exprs["PasApplianceCredentialsRefused"]
     assert "pas_index_damaged == 1" in exprs["PasApplianceIndexDamaged"]
     assert "pas_fleet_site_index_damaged == 1" in exprs["PasSiteIndexDamaged"]
+    turning_away = exprs["PasApplianceDicomTurningAway"]  # capacity refusals, not security
+    assert "too-many-associations|too-many-connections" in turning_away
+    assert "unknown-ae" not in turning_away
 
 
 def test_grafana_expressions_parse(tmp_path: Path) -> None:
