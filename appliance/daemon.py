@@ -271,7 +271,7 @@ class Daemon:
         failures = LoopFailures(log, "routing pass failed")
         while not self.stopping.is_set():
             try:
-                if self.router.route_ready():
+                if self.router.route_ready(self.stopping):
                     self.dispatcher.wake.set()
                 failures.worked()
             except Exception as exc:

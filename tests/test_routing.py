@@ -497,3 +497,34 @@ def test_a_database_refusing_as_a_whole_ends_the_routing_pass_once(
     assert router.route_ready() == 5
     assert len(job_store.list_jobs(db)) == 5
     db.close()
+
+
+def test_a_stop_ends_the_routing_pass_between_two_studies(tmp_path: Path) -> None:
+    """A stop set while a pass goes through a backlog: the study being routed finishes (its
+    jobs in one transaction), the next ones wait for the next start. The pass went on to
+    the end of the backlog, and the stop waited for it."""
+    import threading
+
+    from appliance.routing.stability import Router
+    from appliance.store import index
+    from appliance.store.index import InstanceRecord, StoredFile
+
+    db = Database(tmp_path / "pas.sqlite")
+    for n in range(5):
+        record = InstanceRecord(f"1.2.9.{n}", "1.2.840.10008.5.1.4.1.1.2",
+                                "1.2.840.10008.1.2.1", f"1.2.9.{n}.1", f"1.2.9.{n}.2",
+                                patient_id="P")
+        index.record_instance(db, record, StoredFile(f"x{n}", 1, f"{n}" * 64))
+    router = Router(Settings.model_validate({"study": {"stable_after_s": 0}}), db,
+                    lambda: ["hub"])
+    stopping = threading.Event()
+    router.on_stable.append(lambda study_fk: stopping.set())  # the stop comes during study 1
+    assert router.route_ready(stopping) == 1
+    assert len(job_store.list_jobs(db)) == 1
+    stopping.clear()
+    assert router.route_ready(stopping) == 1  # the next start's pass goes on, one by one
+    router.on_stable.clear()
+    stopping.clear()
+    assert router.route_ready(stopping) == 3
+    assert len(job_store.list_jobs(db)) == 5
+    db.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
 from collections.abc import Callable
 
 from appliance.config import Settings
@@ -59,8 +60,11 @@ class Router:
         configured = self.settings.destinations.get(destination)
         return configured.kind if configured is not None else destination  # "hub"
 
-    def route_ready(self) -> int:
+    def route_ready(self, stopping: threading.Event | None = None) -> int:
         """Route every study that became stable; return how many jobs were created.
+        ``stopping`` set ends the pass between two studies: the ones after it are routed
+        at the next start (each study's jobs are one transaction), and a stop does not wait
+        for a pass over a long backlog (after an outage, thousands of studies).
 
         A study that cannot be routed (its rows unreadable: a torn page, text that is not
         UTF-8) is passed over, said in the log and tried again at the next pass: it stopped
@@ -71,6 +75,8 @@ class Router:
         created = 0
         ready = index.studies_ready_to_route(self.db, quiet_since)
         for study_fk in ready:
+            if stopping is not None and stopping.is_set():
+                return created
             try:
                 created += self.route_study(study_fk)
             except Exception as exc:
