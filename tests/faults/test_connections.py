@@ -24,6 +24,8 @@ from pynetdicom.sop_class import Verification
 from tests.support.peers import CT_DIR, DCMTK_ENV, PasProcess, read_rows, wait_for
 
 CT_FILE = sorted(CT_DIR.rglob("*.dcm"))[0]
+# An A-ABORT PDU (PS3.8 9.3.8): service user, no reason.
+A_ABORT = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0])
 
 
 def _store(port: int) -> subprocess.CompletedProcess[str]:
@@ -130,3 +132,23 @@ def test_connections_over_the_bound_are_closed_at_once(pas: PasProcess) -> None:
     assert [tuple(row) for row in rows] == [
         ("-", "127.0.0.1", "failure: connection closed: 6 connections already open "
                            "(dicom.max_connections)")]
+
+
+def test_a_connection_that_sends_something_else_first_frees_its_place_when_it_ends(
+        pas: PasProcess) -> None:
+    """Six probes that send something other than an A-ASSOCIATE-RQ, then close: an HTTP
+    request (PAS answers A-ABORT) and an A-ABORT, three of each. pynetdicom's association
+    thread waited its 30 s ACSE timeout for a request that could no longer come: each probe
+    kept its place among max_connections (6) that long after it had gone, and storescu was
+    closed out ("6 connections already open")."""
+    wait_for(lambda: _connections(pas) == 0, 10, what="no connection open")
+    for first in [b"GET / HTTP/1.0\r\n\r\n", A_ABORT] * 3:
+        with socket.create_connection(("127.0.0.1", pas.port), timeout=10) as probe:
+            probe.sendall(first)
+            assert probe.recv(64)[:1] in (b"\x07", b"")  # PAS aborts (A-ABORT), or closes
+    wait_for(lambda: _connections(pas) == 0, 5, what="the probes' places free (not in 30 s)")
+    sent = _store(pas.port)
+    assert sent.returncode == 0, sent.stderr
+    assert pas.status()["instances"] == 1
+    assert "too-many-connections" not in _refusals(pas)
+
