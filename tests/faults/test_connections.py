@@ -12,7 +12,9 @@ import contextlib
 import os
 import re
 import socket
+import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,6 +42,19 @@ def _silent(port: int, count: int) -> Iterator[list[socket.socket]]:
     with contextlib.ExitStack() as stack:
         yield [stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=10))
                for _ in range(count)]
+
+
+@contextlib.contextmanager
+def _write_lock_held(pas: PasProcess) -> Iterator[None]:
+    """Another writer's long transaction on PAS's database (a backup, an eviction, ``pas``
+    commands): SQLite's write lock held until the block ends."""
+    other = sqlite3.connect(pas.home / "pas.sqlite", isolation_level=None, timeout=30)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        yield
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
 
 
 def _refusals(pas: PasProcess) -> dict[str, float]:
@@ -120,7 +135,9 @@ def test_connections_over_the_bound_are_closed_at_once(pas: PasProcess) -> None:
             for connection in flood:
                 assert connection.recv(1) == b""
         assert _threads(pas) <= threads_held
-        assert _refusals(pas) == {"too-many-connections": 61.0}
+        # Counted (and audited) by the listener's reporting thread, off the accept loop.
+        wait_for(lambda: _refusals(pas) == {"too-many-connections": 61.0}, 10,
+                 what="the 61 refusals counted")
         assert "connection closed: 6 connections already open (dicom.max_connections) " \
                "from 127.0.0.1" in pas.log()
         assert _store(pas.port).returncode != 0  # the bound holds for everyone
@@ -152,3 +169,32 @@ def test_a_connection_that_sends_something_else_first_frees_its_place_when_it_en
     assert pas.status()["instances"] == 1
     assert "too-many-connections" not in _refusals(pas)
 
+
+def test_a_connection_over_the_bound_does_not_stop_the_port_while_the_audit_waits(
+        pas: PasProcess) -> None:
+    """The refusal of a connection over max_connections is audited (a SQLite write): it
+    was written on the accept loop, which waited for the database's write lock while
+    another writer held it (up to 30 s), and accepted no one meanwhile: a C-ECHO with a
+    place free waited for its A-ASSOCIATE-AC until its 3 s ACSE timeout. Now the echo is
+    served at once, and the refusal's row is written once the lock is free."""
+    wait_for(lambda: _connections(pas) == 0, 10, what="no connection open")
+    with _silent(pas.port, 6) as silent:
+        wait_for(lambda: _connections(pas) == 6, 10, what="the six connections counted")
+        with _write_lock_held(pas):
+            with socket.create_connection(("127.0.0.1", pas.port), timeout=10) as seventh:
+                assert seventh.recv(1) == b""  # over the bound: closed
+            silent[0].close()
+            wait_for(lambda: _connections(pas) == 5, 10, what="a place free")
+            started = time.monotonic()
+            echo = subprocess.run(["echoscu", "-ta", "3", "-aec", "PAS", "-aet", "CT1",
+                                   "127.0.0.1", str(pas.port)], env=DCMTK_ENV,
+                                  capture_output=True, text=True, timeout=60)
+            assert echo.returncode == 0, echo.stderr
+            assert time.monotonic() - started < 2.5
+        rows = wait_for(lambda: read_rows(
+            pas.home / "pas.sqlite", "SELECT actor, source, outcome FROM audit "
+            "WHERE event = 'security'"), 30, what="the refusal's audit row")
+    assert [tuple(row) for row in rows] == [
+        ("-", "127.0.0.1", "failure: connection closed: 6 connections already open "
+                           "(dicom.max_connections)")]
+    assert _refusals(pas) == {"too-many-connections": 1.0}
