@@ -102,6 +102,15 @@ def storage_sop_classes(extra: Sequence[str] = ()) -> list[str]:
     return classes
 
 
+def _end_connection(assoc: Any) -> None:
+    """Shut an association's connection down under its DUL (the TCP socket's shutdown, not
+    SSLSocket's, as ``ListenerServer.end_handshakes`` does)."""
+    sock = getattr(assoc.dul.socket, "socket", None)
+    if sock is not None:
+        with contextlib.suppress(OSError, ValueError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
 class RefusedSopClassLog:
     """The journal line for a presentation context refused because PAS does not take its
     SOP class: which class, from whom, and the key that would accept it.
@@ -274,7 +283,15 @@ class DicomListener:
             log.warning("refused connections not all audited after %.0f s at shutdown",
                         grace_s)
         for assoc in open_associations:
-            assoc.abort()
+            if assoc.dul.state_machine.current_state in ("Sta1", "Sta2"):
+                # No A-ASSOCIATE-RQ yet (a port probe, a silent connection): nothing to
+                # abort. pynetdicom's state machine has no A-ABORT request there, and its
+                # DUL thread died on one: a traceback in the journal for every silent
+                # connection at every stop. Its connection is ended instead; the DUL sees
+                # it close (and tells the association thread, dicomnet/reactor.py).
+                _end_connection(assoc)
+            else:
+                assoc.abort()
             if not assoc.is_established:
                 # A connection that never sent its A-ASSOCIATE-RQ (a port probe, a health
                 # check) leaves the thread waiting up to acse_timeout for one; pynetdicom

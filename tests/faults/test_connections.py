@@ -198,3 +198,22 @@ def test_a_connection_over_the_bound_does_not_stop_the_port_while_the_audit_wait
         ("-", "127.0.0.1", "failure: connection closed: 6 connections already open "
                            "(dicom.max_connections)")]
     assert _refusals(pas) == {"too-many-connections": 1.0}
+
+
+def test_a_stop_with_silent_connections_open_ends_them_without_a_traceback(
+        pas: PasProcess) -> None:
+    """Six connections that sent nothing, open at the stop. PAS asked an A-ABORT of each:
+    pynetdicom's state machine has none before an A-ASSOCIATE-RQ, and each DUL thread died
+    on it ("Invalid event 'Evt15' for the current state 'Sta2'"), a traceback in the
+    journal per connection at every stop (64 with dicom.max_connections' default). Now
+    each connection is closed and the daemon exits 0, with nothing of the kind logged."""
+    wait_for(lambda: _connections(pas) == 0, 10, what="no connection open")
+    with _silent(pas.port, 6) as silent:
+        wait_for(lambda: _connections(pas) == 6, 10, what="the six connections counted")
+        pas.stop()
+        assert pas.proc is not None and pas.proc.returncode == 0
+        for connection in silent:
+            assert connection.recv(1) == b""
+    log = pas.log()
+    assert "Invalid event" not in log and "Traceback" not in log, log[-3000:]
+    assert "PAS stopped" in log
