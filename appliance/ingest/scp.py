@@ -208,6 +208,7 @@ class DicomListener:
             self.ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
         self.refused_sop_classes = RefusedSopClassLog()
         self._busy_warning = ThrottledWarning()  # dicom.max_associations reached
+        self._admission_lock = threading.Lock()
         self._handlers: list[tuple[Any, Callable[..., Any]]] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -327,8 +328,11 @@ class DicomListener:
                           f"association rejected: more than "
                           f"{self.rate_limiter.per_minute} attempts in a minute")
             return
-        negotiating = self._associations_negotiating(event.assoc)
-        if negotiating >= self.config.max_associations:
+        with self._admission_lock:  # counting and taking a place: one request at a time
+            negotiating = self._associations_admitted()
+            if negotiating < self.config.max_associations:
+                event.assoc.pas_admitted = True
+        if not getattr(event.assoc, "pas_admitted", False):
             self._busy_warning.warn(
                 "association from %s (%s) rejected: %d associations already open "
                 "(dicom.max_associations); the sender should try again later", calling,
@@ -387,17 +391,20 @@ class DicomListener:
                                   source=event.assoc.requestor.address,
                                   actor=calling or "-", reason=reason, target=called or None)
 
-    def _associations_negotiating(self, assoc: Any) -> int:
-        """The listener's other associations that sent their A-ASSOCIATE-RQ and are not
-        over: the ones ``dicom.max_associations`` bounds. A connection still waiting for
-        its client's first PDU (Sta2) does not count: it takes a thread, bounded by
-        ``dicom.max_connections``, not a place."""
+    def _associations_admitted(self) -> int:
+        """The listener's associations given a place of ``dicom.max_associations`` (by
+        :meth:`_on_requested`, from their A-ASSOCIATE-RQ) whose thread is still running. A
+        connection that has sent no request has no place: it takes a thread, bounded by
+        ``dicom.max_connections``. Called under ``_admission_lock``, the place taken under
+        it too: counting every association past its request instead, two requests handled
+        at once each counted the other, and with one place free both were rejected (17
+        times in 40); with no association open, max_associations + 1 requests arriving
+        together were often all rejected."""
         server = self._server
         if server is None:
             return 0
         return sum(1 for other in server.active_associations
-                   if other is not assoc and other.is_alive()
-                   and other.dul.state_machine.current_state != "Sta2")
+                   if getattr(other, "pas_admitted", False) and other.is_alive())
 
     def _connection_refused(self, address: str, kind: str, reason: str) -> None:
         """The audit row (coalesced per source and minute) of a connection the server

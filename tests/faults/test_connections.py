@@ -14,6 +14,7 @@ import re
 import socket
 import sqlite3
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from tests.support import raw_ul
 from tests.support.peers import CT_DIR, DCMTK_ENV, PasProcess, read_rows, wait_for
 
 CT_FILE = sorted(CT_DIR.rglob("*.dcm"))[0]
@@ -217,3 +219,45 @@ def test_a_stop_with_silent_connections_open_ends_them_without_a_traceback(
     log = pas.log()
     assert "Invalid event" not in log and "Traceback" not in log, log[-3000:]
     assert "PAS stopped" in log
+
+
+def _sent_together(connections: list[socket.socket], pdu: bytes) -> list[int | None]:
+    """``pdu`` sent on every connection at the same instant; the type of each answer."""
+    together = threading.Barrier(len(connections))
+    answers: list[int | None] = [None] * len(connections)
+
+    def send(index: int) -> None:
+        together.wait()
+        connections[index].sendall(pdu)
+        answers[index] = raw_ul.RawAssociation(connections[index]).read_pdu()[0]
+
+    threads = [threading.Thread(target=send, args=(index,)) for index in range(len(connections))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return answers
+
+
+def test_requests_arriving_together_take_every_free_place(pas: PasProcess) -> None:
+    """Three A-ASSOCIATE-RQs sent at the same instant, with both places of
+    max_associations (2) free: two are accepted and one rejected, in every round. Each
+    request counted every other association past its A-ASSOCIATE-RQ, those waiting in the
+    same check too: requests arriving together each counted the others, and more were
+    rejected than the limit asked (with one place free and two requests, both were
+    rejected in 17 rounds of 40; here, one or none accepted)."""
+    request = raw_ul.associate_rq([(1, str(Verification), "1.2.840.10008.1.2")], "PAS",
+                                  "CT1", 0)
+    for _ in range(10):
+        wait_for(lambda: _connections(pas) == 0, 10, what="no connection open")
+        connections = [socket.create_connection(("127.0.0.1", pas.port), timeout=10)
+                       for _ in range(3)]
+        wait_for(lambda: _connections(pas) == 3, 10, what="the three connections open")
+        answers = _sent_together(connections, request)
+        for connection, answer in zip(connections, answers, strict=True):
+            if answer == 0x02:  # A-ASSOCIATE-AC
+                raw_ul.RawAssociation(connection).release()
+            else:
+                connection.close()
+        assert sorted(answers) == [0x02, 0x02, 0x03]  # two AC, one RJ
+    assert _refusals(pas) == {"too-many-associations": 10.0}
