@@ -87,6 +87,7 @@ class RefusalReporter:
         self._wake = threading.Event()
         self._done = threading.Event()  # nothing pending, nothing being reported
         self._done.set()
+        self._closing = False
         # Started here, not at the first refusal: a thread that cannot start must fail the
         # listener's start, not the accept loop.
         threading.Thread(target=self._run, name="pas-dicom-refusals", daemon=True).start()
@@ -100,9 +101,12 @@ class RefusalReporter:
             self._done.clear()
         self._wake.set()
 
-    def wait_reported(self, timeout: float) -> bool:
-        """Wait until every refusal put so far is reported (at the stop: before the audit's
-        last counts are written); False if ``timeout`` ran out first."""
+    def close(self, timeout: float) -> bool:
+        """Report what is pending, then end the thread (at the stop, once nothing more is
+        put: before the audit's last counts are written); False if ``timeout`` ran out
+        first (the thread then ends once it has reported them)."""
+        self._closing = True
+        self._wake.set()
         return self._done.wait(timeout)
 
     def _run(self) -> None:
@@ -111,6 +115,8 @@ class RefusalReporter:
             self._wake.clear()
             with self._lock:
                 pending, self._pending = self._pending, {}
+                if not pending and self._closing:
+                    return
             for (address, kind, reason), count in pending.items():
                 for _ in range(count):
                     try:
@@ -120,6 +126,8 @@ class RefusalReporter:
             with self._lock:
                 if not self._pending:
                     self._done.set()
+                    if self._closing:
+                        return
 
 
 # OpenSSL's reason when a client sent no certificate and one is required (TLS 1.2 and 1.3).
@@ -163,8 +171,9 @@ class ListenerServer(ThreadedAssociationServer):
         # (the TLS handshake, the association's creation): their sockets.
         self._starting: set[Any] = set()
         self._full_warning = ThrottledWarning()
-        self._full_refusals = RefusalReporter(on_refused) if on_refused is not None else None
         super().__init__(*args, **kwargs)
+        # Once the port is bound: a start that fails leaves no thread behind.
+        self._full_refusals = RefusalReporter(on_refused) if on_refused is not None else None
         self.contexts = SharedContexts(self.contexts)  # not copied for each association
 
     def open_connections(self) -> int:
@@ -195,10 +204,11 @@ class ListenerServer(ThreadedAssociationServer):
         if self._full_refusals is not None:  # not on this loop: see the module's docstring
             self._full_refusals.put(address, "too-many-connections", reason)
 
-    def wait_refusals_reported(self, timeout: float) -> bool:
+    def finish_refusals(self, timeout: float) -> bool:
         """At the stop, once nothing more is accepted: the refusals of connections over the
-        bound all handed to ``on_refused`` (False if ``timeout`` ran out first)."""
-        return self._full_refusals is None or self._full_refusals.wait_reported(timeout)
+        bound all handed to ``on_refused``, and their thread ended (False if ``timeout``
+        ran out first)."""
+        return self._full_refusals is None or self._full_refusals.close(timeout)
 
     def get_request(self) -> tuple[socket.socket, Any]:
         """Accept only: the handshake is :meth:`process_request_thread`'s."""

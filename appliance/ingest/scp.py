@@ -280,7 +280,7 @@ class DicomListener:
         server.end_handshakes()  # the server's close joins their threads
         stopping.join()
         # Before the daemon writes the audit's last counts (RefusalAudit.flush).
-        if not server.wait_refusals_reported(grace_s):
+        if not server.finish_refusals(grace_s):
             log.warning("refused connections not all audited after %.0f s at shutdown",
                         grace_s)
         for assoc in open_associations:
