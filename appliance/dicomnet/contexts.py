@@ -20,6 +20,11 @@ UIDs, each made into a UID two or three times while pynetdicom decodes and negot
 same few hundred standard UIDs come in every association, so it is remembered (bounded);
 pydicom still warns or raises on an invalid one exactly as before. ``UID.is_valid`` (the
 same regular expression, asked by pynetdicom for each context) is remembered likewise.
+Only values that could be a UID (64 characters at most) are remembered: the answer for a
+longer one is computed each time. A UID item in a PDU may be 65,535 bytes long, and each
+check kept the whole string: an A-ASSOCIATE-RQ naming a 60 kB "UID" left 120 kB behind
+(pynetdicom's and pydicom's checks) before it was refused, from anyone who could connect,
+up to 8,192 of them per check: ~1 GB (invariant 8).
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from pynetdicom import _config as pynetdicom_config
 from pynetdicom.presentation import PresentationContext
 
 _installed = False
+# The longest UID (PS3.5 9.1): anything longer is invalid, and is not remembered.
+UID_MAX_LENGTH = 64
 
 
 class SharedContexts(list[PresentationContext]):
@@ -57,7 +64,8 @@ def _remembering(validator: Any) -> Any:
     remembered = lru_cache(maxsize=8192)(validator)
 
     def validate_ui(vr: str, value: Any) -> tuple[bool, str]:
-        if type(value) is str or type(value).__name__ == "UID":
+        if (type(value) is str or type(value).__name__ == "UID") \
+                and len(value) <= UID_MAX_LENGTH:
             return remembered(vr, str(value))
         return validator(vr, value)
 
@@ -71,7 +79,7 @@ def _remembering_pynetdicom(validator: Any) -> Any:
         return validator(pydicom_uid.UID(value))
 
     def validate_ui(value: Any) -> tuple[bool, str]:
-        if isinstance(value, str):
+        if isinstance(value, str) and len(value) <= UID_MAX_LENGTH:
             return remembered(str(value), bool(pynetdicom_config.ENFORCE_UID_CONFORMANCE))
         return validator(value)
 
@@ -100,6 +108,8 @@ def install() -> None:
         remembered = lru_cache(maxsize=8192)(lambda text: is_valid.fget(pydicom_uid.UID(text)))
 
         def valid(self: pydicom_uid.UID) -> bool:
+            if len(self) > UID_MAX_LENGTH:
+                return bool(is_valid.fget(self))
             return bool(remembered(str(self)))
 
         valid.pas_remembering = True  # type: ignore[attr-defined]

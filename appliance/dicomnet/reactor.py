@@ -284,16 +284,30 @@ def _dul_step(self: DULServiceProvider, assoc_wake: threading.Event,
     self.state_machine.do_action(event)
     if sending:
         self._idle_timer.restart()  # PAS was sending, not waiting for the peer (idle.py)
-    if event == "Evt17" and state == "Sta2" and self.assoc.is_acceptor:
-        # The connection closed before any A-ASSOCIATE-RQ (a port probe, a monitoring
-        # system's TCP check). pynetdicom's association thread would wait acse_timeout
-        # (30 s) for one, holding a place of dicom.max_associations all that time: a few
-        # probes a minute kept modalities out. Tell it none is coming, as stop() does.
-        self.to_user_queue.put(None)
+    if self.assoc.is_acceptor and not getattr(self, "_pas_requested", False):
+        if event == "Evt6" and self.state_machine.current_state == "Sta3":
+            self._pas_requested = True  # type: ignore[attr-defined]  # the RQ went up
+        elif self.state_machine.current_state == "Sta1" and state != "Sta1":
+            _no_request_coming(self)
     # Whatever the action queued for the association (a DIMSE message, a release or abort
     # indication) is now visible: let its loop look.
     assoc_wake.set()
     return "busy"
+
+
+def _no_request_coming(self: DULServiceProvider) -> None:
+    """The connection of an accepted association ended before any A-ASSOCIATE-RQ reached
+    its association thread: the peer closed it (a port probe, a monitoring system's TCP
+    check), or sent something else first (an HTTP request or a TLS hello on the plain port,
+    an A-ABORT, a PDU that does not decode: pynetdicom answers A-ABORT and closes). That
+    thread waits acse_timeout (30 s) for a request; pynetdicom tells it nothing, so the
+    connection kept its place among dicom.max_connections (and, before that bound, among
+    dicom.max_associations) and two threads for 30 s after it was gone: 64 HTTP probes in
+    30 s closed the port to every modality. None tells it none is coming, as stop() does."""
+    if self.assoc.is_acceptor and not getattr(self, "_pas_requested", False) \
+            and not getattr(self, "_pas_none_sent", False):
+        self._pas_none_sent = True  # type: ignore[attr-defined]
+        self.to_user_queue.put(None)
 
 
 def dul_run_reactor(self: DULServiceProvider) -> None:
@@ -342,6 +356,7 @@ def dul_run_reactor(self: DULServiceProvider) -> None:
             direct.abandon()
         assoc_wake.set()  # the association loop checks dul.is_alive()
         wakeup.close()
+        _no_request_coming(self)  # a DUL that ended (killed, failed) before any request
 
 
 def association_run_reactor(self: Association) -> None:

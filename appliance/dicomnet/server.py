@@ -23,6 +23,10 @@ timeout (30 s): 1,000 such connections took +44 MB and hundreds of threads, and 
 could exhaust the unit's tasks. The bound counts connections still in their TLS handshake
 and associations alike. Which of them may negotiate at once is the listener's business
 (``dicom.max_associations``, counted from the A-ASSOCIATE-RQ: appliance/ingest/scp.py).
+Such a refusal is decided on the accept loop but reported (``on_refused``: the audit row, a
+SQLite transaction) from a thread of its own: on the loop, the write waited for the
+database's write lock whenever another writer held it (up to its 30 s busy timeout), and no
+connection, a modality's included, was accepted meanwhile.
 
 Owns: accepting connections on the DICOM port. May not touch the index, the spool or any
 service's handlers.
@@ -46,7 +50,6 @@ from appliance.dicomnet.contexts import SharedContexts
 log = logging.getLogger("pas.ingest")
 
 
-
 class ThrottledWarning:
     """A warning said at once, then at most once per ``every_s`` with how many were not said
     in between: a flood of refusals must not flood the journal (the counters have each)."""
@@ -67,6 +70,65 @@ class ThrottledWarning:
         if unsaid:
             message += f" ({unsaid} more in the last {self.every_s:.0f} s, not logged)"
         log.warning(message, *args, **kwargs)
+
+
+class RefusalReporter:
+    """Calls ``report(address, kind, reason)`` for each refusal :meth:`put` from the accept
+    loop, in a thread of its own, so that the loop never waits for it (the audit row's
+    write can wait up to the database's busy timeout). Refusals waiting to be reported are
+    kept as counts per (address, kind, reason), at most ``max_pending`` of them (invariant
+    8): past that, those of a new address are counted under the address "-"."""
+
+    def __init__(self, report: Callable[[str, str, str], None], max_pending: int = 1024):
+        self._report = report
+        self.max_pending = max_pending
+        self._pending: dict[tuple[str, str, str], int] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._done = threading.Event()  # nothing pending, nothing being reported
+        self._done.set()
+        self._closing = False
+        # Started here, not at the first refusal: a thread that cannot start must fail the
+        # listener's start, not the accept loop.
+        threading.Thread(target=self._run, name="pas-dicom-refusals", daemon=True).start()
+
+    def put(self, address: str, kind: str, reason: str) -> None:
+        with self._lock:
+            key = (address, kind, reason)
+            if key not in self._pending and len(self._pending) >= self.max_pending:
+                key = ("-", kind, reason)
+            self._pending[key] = self._pending.get(key, 0) + 1
+            self._done.clear()
+        self._wake.set()
+
+    def close(self, timeout: float) -> bool:
+        """Report what is pending, then end the thread (at the stop, once nothing more is
+        put: before the audit's last counts are written); False if ``timeout`` ran out
+        first (the thread then ends once it has reported them)."""
+        self._closing = True
+        self._wake.set()
+        return self._done.wait(timeout)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            with self._lock:
+                pending, self._pending = self._pending, {}
+                if not pending and self._closing:
+                    return
+            for (address, kind, reason), count in pending.items():
+                for _ in range(count):
+                    try:
+                        self._report(address, kind, reason)
+                    except Exception:  # the next refusals are still reported
+                        log.exception("reporting a refused connection failed")
+            with self._lock:
+                if not self._pending:
+                    self._done.set()
+                    if self._closing:
+                        return
+
 
 # OpenSSL's reason when a client sent no certificate and one is required (TLS 1.2 and 1.3).
 _NO_CERTIFICATE = {"PEER_DID_NOT_RETURN_A_CERTIFICATE", "CERTIFICATE_REQUIRED"}
@@ -110,6 +172,8 @@ class ListenerServer(ThreadedAssociationServer):
         self._starting: set[Any] = set()
         self._full_warning = ThrottledWarning()
         super().__init__(*args, **kwargs)
+        # Once the port is bound: a start that fails leaves no thread behind.
+        self._full_refusals = RefusalReporter(on_refused) if on_refused is not None else None
         self.contexts = SharedContexts(self.contexts)  # not copied for each association
 
     def open_connections(self) -> int:
@@ -137,8 +201,14 @@ class ListenerServer(ThreadedAssociationServer):
         reason = (f"connection closed: {self.max_connections} connections already open "
                   f"(dicom.max_connections)")
         self._full_warning.warn("DICOM port: %s from %s", reason, address)
-        if self.on_refused is not None:
-            self.on_refused(address, "too-many-connections", reason)
+        if self._full_refusals is not None:  # not on this loop: see the module's docstring
+            self._full_refusals.put(address, "too-many-connections", reason)
+
+    def finish_refusals(self, timeout: float) -> bool:
+        """At the stop, once nothing more is accepted: the refusals of connections over the
+        bound all handed to ``on_refused``, and their thread ended (False if ``timeout``
+        ran out first)."""
+        return self._full_refusals is None or self._full_refusals.close(timeout)
 
     def get_request(self) -> tuple[socket.socket, Any]:
         """Accept only: the handshake is :meth:`process_request_thread`'s."""

@@ -102,6 +102,15 @@ def storage_sop_classes(extra: Sequence[str] = ()) -> list[str]:
     return classes
 
 
+def _end_connection(assoc: Any) -> None:
+    """Shut an association's connection down under its DUL (the TCP socket's shutdown, not
+    SSLSocket's, as ``ListenerServer.end_handshakes`` does)."""
+    sock = getattr(assoc.dul.socket, "socket", None)
+    if sock is not None:
+        with contextlib.suppress(OSError, ValueError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
 class RefusedSopClassLog:
     """The journal line for a presentation context refused because PAS does not take its
     SOP class: which class, from whom, and the key that would accept it.
@@ -199,6 +208,7 @@ class DicomListener:
             self.ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
         self.refused_sop_classes = RefusedSopClassLog()
         self._busy_warning = ThrottledWarning()  # dicom.max_associations reached
+        self._admission_lock = threading.Lock()
         self._handlers: list[tuple[Any, Callable[..., Any]]] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -269,8 +279,20 @@ class DicomListener:
             server.socket.shutdown(socket.SHUT_RD)
         server.end_handshakes()  # the server's close joins their threads
         stopping.join()
+        # Before the daemon writes the audit's last counts (RefusalAudit.flush).
+        if not server.finish_refusals(grace_s):
+            log.warning("refused connections not all audited after %.0f s at shutdown",
+                        grace_s)
         for assoc in open_associations:
-            assoc.abort()
+            if assoc.dul.state_machine.current_state in ("Sta1", "Sta2"):
+                # No A-ASSOCIATE-RQ yet (a port probe, a silent connection): nothing to
+                # abort. pynetdicom's state machine has no A-ABORT request there, and its
+                # DUL thread died on one: a traceback in the journal for every silent
+                # connection at every stop. Its connection is ended instead; the DUL sees
+                # it close (and tells the association thread, dicomnet/reactor.py).
+                _end_connection(assoc)
+            else:
+                assoc.abort()
             if not assoc.is_established:
                 # A connection that never sent its A-ASSOCIATE-RQ (a port probe, a health
                 # check) leaves the thread waiting up to acse_timeout for one; pynetdicom
@@ -306,8 +328,11 @@ class DicomListener:
                           f"association rejected: more than "
                           f"{self.rate_limiter.per_minute} attempts in a minute")
             return
-        negotiating = self._associations_negotiating(event.assoc)
-        if negotiating >= self.config.max_associations:
+        with self._admission_lock:  # counting and taking a place: one request at a time
+            negotiating = self._associations_admitted()
+            if negotiating < self.config.max_associations:
+                event.assoc.pas_admitted = True
+        if not getattr(event.assoc, "pas_admitted", False):
             self._busy_warning.warn(
                 "association from %s (%s) rejected: %d associations already open "
                 "(dicom.max_associations); the sender should try again later", calling,
@@ -366,17 +391,20 @@ class DicomListener:
                                   source=event.assoc.requestor.address,
                                   actor=calling or "-", reason=reason, target=called or None)
 
-    def _associations_negotiating(self, assoc: Any) -> int:
-        """The listener's other associations that sent their A-ASSOCIATE-RQ and are not
-        over: the ones ``dicom.max_associations`` bounds. A connection still waiting for
-        its client's first PDU (Sta2) does not count: it takes a thread, bounded by
-        ``dicom.max_connections``, not a place."""
+    def _associations_admitted(self) -> int:
+        """The listener's associations given a place of ``dicom.max_associations`` (by
+        :meth:`_on_requested`, from their A-ASSOCIATE-RQ) whose thread is still running. A
+        connection that has sent no request has no place: it takes a thread, bounded by
+        ``dicom.max_connections``. Called under ``_admission_lock``, the place taken under
+        it too: counting every association past its request instead, two requests handled
+        at once each counted the other, and with one place free both were rejected (17
+        times in 40); with no association open, max_associations + 1 requests arriving
+        together were often all rejected."""
         server = self._server
         if server is None:
             return 0
         return sum(1 for other in server.active_associations
-                   if other is not assoc and other.is_alive()
-                   and other.dul.state_machine.current_state != "Sta2")
+                   if getattr(other, "pas_admitted", False) and other.is_alive())
 
     def _connection_refused(self, address: str, kind: str, reason: str) -> None:
         """The audit row (coalesced per source and minute) of a connection the server

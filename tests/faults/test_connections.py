@@ -12,7 +12,10 @@ import contextlib
 import os
 import re
 import socket
+import sqlite3
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,9 +24,12 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from tests.support import raw_ul
 from tests.support.peers import CT_DIR, DCMTK_ENV, PasProcess, read_rows, wait_for
 
 CT_FILE = sorted(CT_DIR.rglob("*.dcm"))[0]
+# An A-ABORT PDU (PS3.8 9.3.8): service user, no reason.
+A_ABORT = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0])
 
 
 def _store(port: int) -> subprocess.CompletedProcess[str]:
@@ -38,6 +44,19 @@ def _silent(port: int, count: int) -> Iterator[list[socket.socket]]:
     with contextlib.ExitStack() as stack:
         yield [stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=10))
                for _ in range(count)]
+
+
+@contextlib.contextmanager
+def _write_lock_held(pas: PasProcess) -> Iterator[None]:
+    """Another writer's long transaction on PAS's database (a backup, an eviction, ``pas``
+    commands): SQLite's write lock held until the block ends."""
+    other = sqlite3.connect(pas.home / "pas.sqlite", isolation_level=None, timeout=30)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        yield
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
 
 
 def _refusals(pas: PasProcess) -> dict[str, float]:
@@ -118,7 +137,9 @@ def test_connections_over_the_bound_are_closed_at_once(pas: PasProcess) -> None:
             for connection in flood:
                 assert connection.recv(1) == b""
         assert _threads(pas) <= threads_held
-        assert _refusals(pas) == {"too-many-connections": 61.0}
+        # Counted (and audited) by the listener's reporting thread, off the accept loop.
+        wait_for(lambda: _refusals(pas) == {"too-many-connections": 61.0}, 10,
+                 what="the 61 refusals counted")
         assert "connection closed: 6 connections already open (dicom.max_connections) " \
                "from 127.0.0.1" in pas.log()
         assert _store(pas.port).returncode != 0  # the bound holds for everyone
@@ -130,3 +151,113 @@ def test_connections_over_the_bound_are_closed_at_once(pas: PasProcess) -> None:
     assert [tuple(row) for row in rows] == [
         ("-", "127.0.0.1", "failure: connection closed: 6 connections already open "
                            "(dicom.max_connections)")]
+
+
+def test_a_connection_that_sends_something_else_first_frees_its_place_when_it_ends(
+        pas: PasProcess) -> None:
+    """Six probes that send something other than an A-ASSOCIATE-RQ, then close: an HTTP
+    request (PAS answers A-ABORT) and an A-ABORT, three of each. pynetdicom's association
+    thread waited its 30 s ACSE timeout for a request that could no longer come: each probe
+    kept its place among max_connections (6) that long after it had gone, and storescu was
+    closed out ("6 connections already open")."""
+    wait_for(lambda: _connections(pas) == 0, 10, what="no connection open")
+    for first in [b"GET / HTTP/1.0\r\n\r\n", A_ABORT] * 3:
+        with socket.create_connection(("127.0.0.1", pas.port), timeout=10) as probe:
+            probe.sendall(first)
+            assert probe.recv(64)[:1] in (b"\x07", b"")  # PAS aborts (A-ABORT), or closes
+    wait_for(lambda: _connections(pas) == 0, 5, what="the probes' places free (not in 30 s)")
+    sent = _store(pas.port)
+    assert sent.returncode == 0, sent.stderr
+    assert pas.status()["instances"] == 1
+    assert "too-many-connections" not in _refusals(pas)
+
+
+def test_a_connection_over_the_bound_does_not_stop_the_port_while_the_audit_waits(
+        pas: PasProcess) -> None:
+    """The refusal of a connection over max_connections is audited (a SQLite write): it
+    was written on the accept loop, which waited for the database's write lock while
+    another writer held it (up to 30 s), and accepted no one meanwhile: a C-ECHO with a
+    place free waited for its A-ASSOCIATE-AC until its 3 s ACSE timeout. Now the echo is
+    served at once, and the refusal's row is written once the lock is free."""
+    wait_for(lambda: _connections(pas) == 0, 10, what="no connection open")
+    with _silent(pas.port, 6) as silent:
+        wait_for(lambda: _connections(pas) == 6, 10, what="the six connections counted")
+        with _write_lock_held(pas):
+            with socket.create_connection(("127.0.0.1", pas.port), timeout=10) as seventh:
+                assert seventh.recv(1) == b""  # over the bound: closed
+            silent[0].close()
+            wait_for(lambda: _connections(pas) == 5, 10, what="a place free")
+            started = time.monotonic()
+            echo = subprocess.run(["echoscu", "-ta", "3", "-aec", "PAS", "-aet", "CT1",
+                                   "127.0.0.1", str(pas.port)], env=DCMTK_ENV,
+                                  capture_output=True, text=True, timeout=60)
+            assert echo.returncode == 0, echo.stderr
+            assert time.monotonic() - started < 2.5
+        rows = wait_for(lambda: read_rows(
+            pas.home / "pas.sqlite", "SELECT actor, source, outcome FROM audit "
+            "WHERE event = 'security'"), 30, what="the refusal's audit row")
+    assert [tuple(row) for row in rows] == [
+        ("-", "127.0.0.1", "failure: connection closed: 6 connections already open "
+                           "(dicom.max_connections)")]
+    assert _refusals(pas) == {"too-many-connections": 1.0}
+
+
+def test_a_stop_with_silent_connections_open_ends_them_without_a_traceback(
+        pas: PasProcess) -> None:
+    """Six connections that sent nothing, open at the stop. PAS asked an A-ABORT of each:
+    pynetdicom's state machine has none before an A-ASSOCIATE-RQ, and each DUL thread died
+    on it ("Invalid event 'Evt15' for the current state 'Sta2'"), a traceback in the
+    journal per connection at every stop (64 with dicom.max_connections' default). Now
+    each connection is closed and the daemon exits 0, with nothing of the kind logged."""
+    wait_for(lambda: _connections(pas) == 0, 10, what="no connection open")
+    with _silent(pas.port, 6) as silent:
+        wait_for(lambda: _connections(pas) == 6, 10, what="the six connections counted")
+        pas.stop()
+        assert pas.proc is not None and pas.proc.returncode == 0
+        for connection in silent:
+            assert connection.recv(1) == b""
+    log = pas.log()
+    assert "Invalid event" not in log and "Traceback" not in log, log[-3000:]
+    assert "PAS stopped" in log
+
+
+def _sent_together(connections: list[socket.socket], pdu: bytes) -> list[int | None]:
+    """``pdu`` sent on every connection at the same instant; the type of each answer."""
+    together = threading.Barrier(len(connections))
+    answers: list[int | None] = [None] * len(connections)
+
+    def send(index: int) -> None:
+        together.wait()
+        connections[index].sendall(pdu)
+        answers[index] = raw_ul.RawAssociation(connections[index]).read_pdu()[0]
+
+    threads = [threading.Thread(target=send, args=(index,)) for index in range(len(connections))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return answers
+
+
+def test_requests_arriving_together_take_every_free_place(pas: PasProcess) -> None:
+    """Three A-ASSOCIATE-RQs sent at the same instant, with both places of
+    max_associations (2) free: two are accepted and one rejected, in every round. Each
+    request counted every other association past its A-ASSOCIATE-RQ, those waiting in the
+    same check too: requests arriving together each counted the others, and more were
+    rejected than the limit asked (with one place free and two requests, both were
+    rejected in 17 rounds of 40; here, one or none accepted)."""
+    request = raw_ul.associate_rq([(1, str(Verification), "1.2.840.10008.1.2")], "PAS",
+                                  "CT1", 0)
+    for _ in range(10):
+        wait_for(lambda: _connections(pas) == 0, 10, what="no connection open")
+        connections = [socket.create_connection(("127.0.0.1", pas.port), timeout=10)
+                       for _ in range(3)]
+        wait_for(lambda: _connections(pas) == 3, 10, what="the three connections open")
+        answers = _sent_together(connections, request)
+        for connection, answer in zip(connections, answers, strict=True):
+            if answer == 0x02:  # A-ASSOCIATE-AC
+                raw_ul.RawAssociation(connection).release()
+            else:
+                connection.close()
+        assert sorted(answers) == [0x02, 0x02, 0x03]  # two AC, one RJ
+    assert _refusals(pas) == {"too-many-associations": 10.0}
