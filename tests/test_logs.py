@@ -44,3 +44,46 @@ def test_a_loop_failing_every_pass_logs_its_traceback_once_then_counts(
     assert len(records) == 4
     failures.worked()  # nothing failed since: nothing to say
     assert len(caplog.records) == 4
+
+
+def test_a_line_carrying_a_peers_huge_value_is_cut_in_the_journal(tmp_path) -> None:
+    """A-ASSOCIATE-RQs naming a 60 kB "UID" (a PDU item may be 65,535 bytes), sent to a
+    real daemon: each is refused as before, and the log lines that carry the value
+    (pydicom's, pynetdicom's and their traceback) are cut. Each such connection wrote 182 kB
+    to the log; a C-ECHO is answered meanwhile."""
+    import socket
+    import struct
+    import subprocess
+
+    from tests.support.peers import DCMTK_ENV, PasProcess
+
+    def item(kind: int, body: bytes) -> bytes:
+        return struct.pack(">BBH", kind, 0, len(body)) + body
+
+    def request(abstract_syntax: bytes) -> bytes:
+        context = item(0x20, bytes([1, 0, 0, 0]) + item(0x30, abstract_syntax)
+                       + item(0x40, b"1.2.840.10008.1.2"))
+        user = item(0x50, item(0x51, struct.pack(">I", 16384)) + item(0x52, b"1.2.3.4"))
+        body = (struct.pack(">HH", 1, 0) + b"PAS".ljust(16) + b"PROBE".ljust(16) + bytes(32)
+                + item(0x10, b"1.2.840.10008.3.1.1.1") + context + user)
+        return struct.pack(">BBI", 1, 0, len(body)) + body
+
+    pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                                        "PAS_HTTP__ENABLED": "false"}).start()
+    try:
+        before = pas.log_path.stat().st_size
+        for n in range(5):
+            with socket.create_connection(("127.0.0.1", pas.port), timeout=10) as peer:
+                peer.sendall(request(b"1.2.%d." % n + b"9" * 60000))
+                while peer.recv(65536):  # PAS aborts and closes: the PDU is not decodable
+                    pass
+        echo = subprocess.run(["echoscu", "-aec", "PAS", "127.0.0.1", str(pas.port)],
+                              env=DCMTK_ENV, capture_output=True, timeout=30)
+        assert echo.returncode == 0
+    finally:
+        pas.stop()
+    log = pas.log()
+    assert log.count("Unable to decode the received PDU data") == 5  # each refused, said
+    assert "characters cut]" in log
+    assert max(len(line) for line in log.splitlines()) < 4200  # a traceback: 4,096 at most
+    assert (pas.log_path.stat().st_size - before) / 5 < 20_000
