@@ -30,26 +30,37 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return result
 
 
+def refusing_node(stack: contextlib.ExitStack, root: Path) -> tuple[StoreSCP, StoreSCP]:
+    """``scp``, its port reserved and not started (the tests start it: the node once
+    fixed), and a storescp on that port refusing every association, started."""
+    scp = StoreSCP(root / "scp")
+    stack.callback(scp.stop)
+    refusing = StoreSCP(root / "refusing")
+    refusing.port = scp.port
+    started(stack, refusing, ["--refuse"])
+    return scp, refusing
+
+
+def failing_destination(scp: StoreSCP) -> dict[str, str]:
+    """A daemon's environment: every study to ``scp`` (a ``dicom`` destination, one
+    attempt). (A node not listening would make the job wait for the link, uncounted, not
+    fail: hence a refusing one on its port.)"""
+    return {"PAS_QUEUE__MAX_ATTEMPTS": "1", "PAS_DESTINATIONS__LOCAL__KIND": "dicom",
+            "PAS_DESTINATIONS__LOCAL__AE_TITLE": scp.ae_title,
+            "PAS_DESTINATIONS__LOCAL__HOST": "127.0.0.1",
+            "PAS_DESTINATIONS__LOCAL__PORT": str(scp.port),
+            "PAS_ROUTING__FALLBACK__DESTINATIONS": '["local"]'}
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """One daemon whose only destination (a storescp) rejects associations while the study
     arrives: the job fails. ``scp`` (on that port, not started) is the node once fixed."""
     root = tmp_path_factory.mktemp("ops_web")
     with contextlib.ExitStack() as stack:  # a step that raises stops those started
-        scp = StoreSCP(root / "scp")  # port reserved, not started yet: the tests start it
-        stack.callback(scp.stop)
-        refusing = StoreSCP(root / "refusing")
-        refusing.port = scp.port
-        started(stack, refusing, ["--refuse"])
+        scp, refusing = refusing_node(stack, root)
         pas = started(stack, PasProcess(root / "pas", {
-            "PAS_DICOM__ACCEPT_UNKNOWN": "true",
-            "PAS_QUEUE__MAX_ATTEMPTS": "1",
-            "PAS_DESTINATIONS__LOCAL__KIND": "dicom",
-            "PAS_DESTINATIONS__LOCAL__AE_TITLE": scp.ae_title,
-            "PAS_DESTINATIONS__LOCAL__HOST": "127.0.0.1",
-            "PAS_DESTINATIONS__LOCAL__PORT": str(scp.port),
-            "PAS_ROUTING__FALLBACK__DESTINATIONS": '["local"]',
-        }))
+            "PAS_DICOM__ACCEPT_UNKNOWN": "true", **failing_destination(scp)}))
         storescu(FILES, pas.port, calling="MODALITY1")
         base = f"http://127.0.0.1:{pas.http_port}"
         wait_for(lambda: pas.status()["jobs"].get("failed") == 1, 60, what="the job to fail")

@@ -22,6 +22,7 @@ from pydicom import dcmread
 from tests.support.browser import OtherSite, chromium, files_containing
 from tests.support.cleanup import started
 from tests.support.peers import MR_DIR, PasProcess, StoreSCP, storescu, wait_for
+from tests.test_ops_web import failing_destination, refusing_node
 from tests.test_serving_dicomweb import _issue, _write
 
 FILES = sorted(p for p in MR_DIR.rglob("*") if p.is_file())[:3]
@@ -37,22 +38,13 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     listening would make the job wait for the link, uncounted, not fail.)"""
     root = tmp_path_factory.mktemp("ops_auth")
     with contextlib.ExitStack() as stack:  # a step that raises stops those started
-        scp = StoreSCP(root / "scp")  # port reserved, not started yet: the tests start it
-        stack.callback(scp.stop)
-        refusing = StoreSCP(root / "refusing")
-        refusing.port = scp.port
-        started(stack, refusing, ["--refuse"])
+        scp, refusing = refusing_node(stack, root)
         pas = started(stack, PasProcess(root / "pas", {
             "PAS_DICOM__ACCEPT_UNKNOWN": "true",
             "PAS_PREFETCH__ENABLED": "false",
             "PAS_SERVING__AUTH": "bearer",
             "PAS_SERVING__BEARER_TOKENS": f'["{TOKEN}"]',
-            "PAS_QUEUE__MAX_ATTEMPTS": "1",
-            "PAS_DESTINATIONS__LOCAL__KIND": "dicom",
-            "PAS_DESTINATIONS__LOCAL__AE_TITLE": scp.ae_title,
-            "PAS_DESTINATIONS__LOCAL__HOST": "127.0.0.1",
-            "PAS_DESTINATIONS__LOCAL__PORT": str(scp.port),
-            "PAS_ROUTING__FALLBACK__DESTINATIONS": '["local"]',
+            **failing_destination(scp),
         }))
         storescu(FILES, pas.port)
         wait_for(lambda: pas.status()["jobs"].get("failed") == 1, 60, what="the job to fail")

@@ -472,16 +472,10 @@ def test_a_database_refusing_as_a_whole_ends_the_routing_pass_once(
     studies made a pass of five timeouts and five tracebacks (then five counts every 5 min).
     The pass ends at the first: the routing loop says it once; all are routed after."""
     from appliance.routing.stability import Router
-    from appliance.store import index
-    from appliance.store.index import InstanceRecord, StoredFile
 
     path = tmp_path / "pas.sqlite"
     db = Database(path, busy_timeout_ms=300)
-    for n in range(5):
-        record = InstanceRecord(f"1.2.9.{n}", "1.2.840.10008.5.1.4.1.1.2",
-                                "1.2.840.10008.1.2.1", f"1.2.9.{n}.1", f"1.2.9.{n}.2",
-                                patient_id="P")
-        index.record_instance(db, record, StoredFile(f"x{n}", 1, f"{n}" * 64))
+    _file_studies(db, 5)
     router = Router(Settings.model_validate({"study": {"stable_after_s": 0}}), db,
                     lambda: ["hub"])
     holder = sqlite3.connect(path, isolation_level=None)
@@ -506,15 +500,9 @@ def test_a_stop_ends_the_routing_pass_between_two_studies(tmp_path: Path) -> Non
     import threading
 
     from appliance.routing.stability import Router
-    from appliance.store import index
-    from appliance.store.index import InstanceRecord, StoredFile
 
     db = Database(tmp_path / "pas.sqlite")
-    for n in range(5):
-        record = InstanceRecord(f"1.2.9.{n}", "1.2.840.10008.5.1.4.1.1.2",
-                                "1.2.840.10008.1.2.1", f"1.2.9.{n}.1", f"1.2.9.{n}.2",
-                                patient_id="P")
-        index.record_instance(db, record, StoredFile(f"x{n}", 1, f"{n}" * 64))
+    _file_studies(db, 5)
     router = Router(Settings.model_validate({"study": {"stable_after_s": 0}}), db,
                     lambda: ["hub"])
     stopping = threading.Event()
@@ -528,3 +516,15 @@ def test_a_stop_ends_the_routing_pass_between_two_studies(tmp_path: Path) -> Non
     assert router.route_ready(stopping) == 3
     assert len(job_store.list_jobs(db)) == 5
     db.close()
+
+
+def _file_studies(db: Database, count: int) -> None:
+    """``count`` one-instance CT studies of patient P, filed in ``db``."""
+    from appliance.store import index
+    from appliance.store.index import InstanceRecord, StoredFile
+
+    for n in range(count):
+        record = InstanceRecord(f"1.2.9.{n}", "1.2.840.10008.5.1.4.1.1.2",
+                                "1.2.840.10008.1.2.1", f"1.2.9.{n}.1", f"1.2.9.{n}.2",
+                                patient_id="P")
+        index.record_instance(db, record, StoredFile(f"x{n}", 1, f"{n}" * 64))
