@@ -328,6 +328,17 @@ class DicomListener:
                           f"association rejected: more than "
                           f"{self.rate_limiter.per_minute} attempts in a minute")
             return
+        reason = self.policy.refusal(calling, requestor.address)
+        if reason:
+            log.warning("association rejected: %s", reason, extra={"CALLING_AE": calling})
+            event.assoc.acse.send_reject(
+                _REJECT_PERMANENT, _SOURCE_SERVICE_USER, _CALLING_AE_NOT_RECOGNISED
+            )
+            event.assoc.kill()  # as pynetdicom does: waits until the A-ASSOCIATE-RJ is sent
+            self._refused(event, "unknown-ae", calling, f"association rejected: {reason}")
+            return
+        # After the AE policy: an unknown AE is told so (permanently, and audited), not
+        # "busy, try again", and takes no place.
         with self._admission_lock:  # counting and taking a place: one request at a time
             negotiating = self._associations_admitted()
             if negotiating < self.config.max_associations:
@@ -342,15 +353,6 @@ class DicomListener:
             )
             event.assoc.kill()
             count_refusal("dicom", "too-many-associations")
-            return
-        reason = self.policy.refusal(calling, requestor.address)
-        if reason:
-            log.warning("association rejected: %s", reason, extra={"CALLING_AE": calling})
-            event.assoc.acse.send_reject(
-                _REJECT_PERMANENT, _SOURCE_SERVICE_USER, _CALLING_AE_NOT_RECOGNISED
-            )
-            event.assoc.kill()  # as pynetdicom does: waits until the A-ASSOCIATE-RJ is sent
-            self._refused(event, "unknown-ae", calling, f"association rejected: {reason}")
 
     def _on_accepted(self, event: Any) -> None:
         """Name the SOP classes whose presentation contexts were refused because PAS does
