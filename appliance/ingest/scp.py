@@ -267,6 +267,11 @@ class DicomListener:
         sender sees no success and sends again: invariant 1), then the thread ends."""
         if self._server is None:
             return
+        # One grace for the whole stop, the refusals' audit and the associations' end
+        # together: given grace_s each, one after the other (the associations not even
+        # aborted while the audit waited), the stop took twice as long (20 s with the
+        # database's write lock held by another writer: the daemon's whole stop budget).
+        deadline = time.monotonic() + grace_s
         server, self._server = self._server, None
         watch_dicom_connections(None)
         open_associations = list(server.active_associations)
@@ -279,10 +284,6 @@ class DicomListener:
             server.socket.shutdown(socket.SHUT_RD)
         server.end_handshakes()  # the server's close joins their threads
         stopping.join()
-        # Before the daemon writes the audit's last counts (RefusalAudit.flush).
-        if not server.finish_refusals(grace_s):
-            log.warning("refused connections not all audited after %.0f s at shutdown",
-                        grace_s)
         for assoc in open_associations:
             if assoc.dul.state_machine.current_state in ("Sta1", "Sta2"):
                 # No A-ASSOCIATE-RQ yet (a port probe, a silent connection): nothing to
@@ -298,9 +299,13 @@ class DicomListener:
                 # check) leaves the thread waiting up to acse_timeout for one; pynetdicom
                 # reads None there as "none came" and ends the association.
                 assoc.dul.to_user_queue.put(None)
+        # Before the daemon writes the audit's last counts (RefusalAudit.flush); the
+        # associations end meanwhile.
+        if not server.finish_refusals(max(0.0, deadline - time.monotonic())):
+            log.warning("refused connections not all audited after %.0f s at shutdown",
+                        grace_s)
         # One grace for all of them, not each: associations blocked on the WAN (a fetch from
         # a hub that no longer answers) took grace_s one after the other.
-        deadline = time.monotonic() + grace_s
         for assoc in open_associations:
             assoc.join(max(0.0, deadline - time.monotonic()))
             if assoc.is_alive():

@@ -9,12 +9,15 @@ have not sent one are bounded by ``dicom.max_connections`` (appliance/dicomnet/s
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import re
+import signal
 import socket
 import sqlite3
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -282,3 +285,59 @@ def test_an_unknown_ae_is_told_so_even_when_every_place_is_taken(tmp_path: Path)
         assert refused.returncode != 0
         assert "Calling AE Title Not Recognized" in refused.stderr, refused.stderr
         assert _refusals(daemon) == {"unknown-ae": 1.0}
+
+
+def test_the_stop_waits_one_grace_for_refusals_and_associations_together(
+        tmp_path: Path) -> None:
+    """Another writer holds the database's write lock through the stop: the audit row of a
+    connection refused over max_connections (6) waits for it, and so does a C-STORE being
+    filed (pynetdicom's handler, dicom.direct_receive = false). The listener's stop gave
+    the refusals' audit 10 s before even aborting the associations, then gave those 10 s
+    more (20 s: the daemon's whole stop budget, none left for the other parts, the web
+    server's socket closed under it). Now the sender is told at once (A-ABORT), and the
+    audit and the associations share one grace."""
+    pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                                        "PAS_DICOM__MAX_ASSOCIATIONS": "2",
+                                        "PAS_DICOM__MAX_CONNECTIONS": "6",
+                                        "PAS_DICOM__DIRECT_RECEIVE": "false",
+                                        "PAS_CACHE__SCRUB_MB_PER_S": "0"})
+    sent = tmp_path / "storescu.txt"
+    try:
+        pas.start()
+        wait_for(lambda: _connections(pas) == 0, 10, what="no connection open")
+        with _write_lock_held(pas), sent.open("w") as output:
+            store = subprocess.Popen(["storescu", "-v", "-aec", "PAS", "-aet", "CT1",
+                                      "127.0.0.1", str(pas.port), str(CT_FILE)],
+                                     env=DCMTK_ENV, stdout=output, stderr=subprocess.STDOUT)
+            try:
+                with _silent(pas.port, 5):
+                    wait_for(lambda: _connections(pas) == 6, 10, what="six connections open")
+                    wait_for(lambda: "XMIT" in sent.read_text(), 10, what="the C-STORE sent")
+                    with socket.create_connection(("127.0.0.1", pas.port),
+                                                  timeout=10) as seventh:
+                        assert seventh.recv(1) == b""  # over the bound: its audit row waits
+                    assert pas.proc is not None
+                    pas.proc.send_signal(signal.SIGTERM)
+                    started = time.monotonic()
+                    store.wait(30)
+                    told = time.monotonic() - started
+                    wait_for(lambda: "refused connections not all audited" in pas.log(), 30,
+                             what="the refusals' grace over")
+            finally:
+                store.kill()
+                store.wait()
+    finally:
+        pas.stop(60)
+    assert "Peer aborted Association" in sent.read_text(), sent.read_text()
+    assert told < 5, f"the sender was aborted {told:.1f} s after the stop began"
+    log = pas.log()
+    # The first SIGTERM's line (the test's own stop at the end sends another).
+    stop_line = next(line for line in log.splitlines() if "signal 15: stopping" in line)
+    stopped_at = datetime.datetime.strptime(stop_line[:23], "%Y-%m-%d %H:%M:%S,%f")
+    for line in ("refused connections not all audited after 10 s", "still busy after 10 s"):
+        if line in log:  # the C-STORE may have been aborted before its handler began
+            waited = pas.logged_at(line) - stopped_at.timestamp()
+            assert waited < 11.5, f"{line!r} {waited:.1f} s after the stop began"
+    # The parts after the listener had their time: the web server's, given none, had its
+    # socket closed under it (a traceback in its thread).
+    assert "Traceback" not in log, log[-3000:]
