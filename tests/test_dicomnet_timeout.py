@@ -360,7 +360,12 @@ def test_a_c_store_slower_than_the_network_timeout_keeps_its_sub_association(
         _released(mover.returncode, errors, "Move")
         assert _datasets(scp.files()) == _datasets(files)
         assert lasted > 2 * NETWORK_TIMEOUT_S, lasted  # else this would prove nothing
-        assert "network timeout reached" not in pas.log()
+        # None while the images travelled. After them, PAS rightly gives a peer silent
+        # after its A-RELEASE-RQ the network timeout: a storescp running 5 ms in 505 on a
+        # loaded machine once took longer to answer (a CI run), the images all delivered.
+        timeouts = [line for line in pas.log().splitlines()
+                    if "network timeout reached" in line]
+        assert all("answer to the A-RELEASE-RQ" in line for line in timeouts), timeouts
     finally:
         pas.stop()
         scp.stop()

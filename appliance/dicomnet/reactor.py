@@ -411,7 +411,7 @@ def association_run_reactor(self: Association) -> None:
             return
 
         if peer_silent(self):
-            log.error("network timeout reached")
+            log.error("network timeout reached: %s", _silent_peer(self))
             if self.network_timeout_response == "A-RELEASE":
                 self._is_paused = True
                 self._reactor_checkpoint.wait()
@@ -421,6 +421,18 @@ def association_run_reactor(self: Association) -> None:
                 self.abort()
             self.kill()
             return
+
+
+def _silent_peer(assoc: Association) -> str:
+    """Who went silent, and what PAS was waiting for: the line alone named neither (a C-MOVE
+    destination that never answered PAS's release, or a viewer gone quiet?)."""
+    peer = assoc.acceptor if assoc.is_requestor else assoc.requestor
+    waiting = (" while PAS waited for its answer to the A-RELEASE-RQ"
+               if assoc.dul.state_machine.current_state == "Sta7" else "")
+    ending = "released" if assoc.network_timeout_response == "A-RELEASE" else "aborted"
+    return (f"{str(peer.ae_title).strip() or '?'} ({peer.address}) sent nothing for "
+            f"{assoc.network_timeout:g} s (dicom.network_timeout_s){waiting}; "
+            f"association {ending}")
 
 
 def install() -> bool:
