@@ -55,7 +55,10 @@ class _LongRecordFilter(logging.Filter):
     TRACEBACK_CHARS = 4096
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a call whose arguments do not fit its format:
+            return True  # logging's own error report says so (a filter's raise reached the caller)
         if len(message) > self.MESSAGE_CHARS:
             record.msg = _cut(message, self.MESSAGE_CHARS)
             record.args = None

@@ -87,3 +87,18 @@ def test_a_line_carrying_a_peers_huge_value_is_cut_in_the_journal(tmp_path) -> N
     assert "characters cut]" in log
     assert max(len(line) for line in log.splitlines()) < 4200  # a traceback: 4,096 at most
     assert (pas.log_path.stat().st_size - before) / 5 < 20_000
+
+
+def test_a_log_call_whose_arguments_do_not_fit_never_raises_at_the_caller() -> None:
+    """The journal's length filter formats each record: a call whose arguments do not fit
+    its format (a library's bug) must still reach logging's own error report, not raise
+    where the daemon logged."""
+    from appliance.logs import _LongRecordFilter
+
+    record = logging.LogRecord("pynetdicom", logging.ERROR, __file__, 1, "%d of %d", ("x",),
+                               None)
+    assert _LongRecordFilter().filter(record) is True
+    long_record = logging.LogRecord("pydicom", logging.WARNING, __file__, 1, "value %s",
+                                    ("9" * 60_000,), None)
+    assert _LongRecordFilter().filter(long_record) is True
+    assert long_record.getMessage().endswith("... [57958 characters cut]")  # 60,006 - 2,048
