@@ -9,8 +9,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 
 def setup(level: str = "info") -> None:
@@ -89,6 +91,29 @@ class _ConnectFailureFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(self.DROPPED)
+
+
+class ThrottledWarning:
+    """A warning said at once, then at most once per ``every_s`` with how many were not said
+    in between: a flood of refusals must not flood the journal (the counters have each)."""
+
+    def __init__(self, log: logging.Logger, every_s: float = 60.0):
+        self.log = log
+        self.every_s = every_s
+        self._lock = threading.Lock()
+        self._said_at: float | None = None
+        self._unsaid = 0
+
+    def warn(self, message: str, *args: Any, **kwargs: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if self._said_at is not None and now - self._said_at < self.every_s:
+                self._unsaid += 1
+                return
+            unsaid, self._unsaid, self._said_at = self._unsaid, 0, now
+        if unsaid:
+            message += f" ({unsaid} more in the last {self.every_s:.0f} s, not logged)"
+        self.log.warning(message, *args, **kwargs)
 
 
 class LoopFailures:

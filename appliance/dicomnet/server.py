@@ -39,37 +39,15 @@ import logging
 import socket
 import ssl
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
 from pynetdicom.transport import ThreadedAssociationServer
 
 from appliance.dicomnet.contexts import SharedContexts
+from appliance.logs import ThrottledWarning
 
 log = logging.getLogger("pas.ingest")
-
-
-class ThrottledWarning:
-    """A warning said at once, then at most once per ``every_s`` with how many were not said
-    in between: a flood of refusals must not flood the journal (the counters have each)."""
-
-    def __init__(self, every_s: float = 60.0):
-        self.every_s = every_s
-        self._lock = threading.Lock()
-        self._said_at: float | None = None
-        self._unsaid = 0
-
-    def warn(self, message: str, *args: Any, **kwargs: Any) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if self._said_at is not None and now - self._said_at < self.every_s:
-                self._unsaid += 1
-                return
-            unsaid, self._unsaid, self._said_at = self._unsaid, 0, now
-        if unsaid:
-            message += f" ({unsaid} more in the last {self.every_s:.0f} s, not logged)"
-        log.warning(message, *args, **kwargs)
 
 
 class RefusalReporter:
@@ -170,7 +148,7 @@ class ListenerServer(ThreadedAssociationServer):
         # Connections accepted whose thread has not handed them to their association yet
         # (the TLS handshake, the association's creation): their sockets.
         self._starting: set[Any] = set()
-        self._full_warning = ThrottledWarning()
+        self._full_warning = ThrottledWarning(log)
         super().__init__(*args, **kwargs)
         # Once the port is bound: a start that fails leaves no thread behind.
         self._full_refusals = RefusalReporter(on_refused) if on_refused is not None else None

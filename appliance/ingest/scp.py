@@ -27,9 +27,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from appliance.config import DicomSection
-from appliance.dicomnet.server import ListenerServer, ThrottledWarning
+from appliance.dicomnet.server import ListenerServer
 from appliance.ingest.attributes import DatasetMismatch, InvalidInstance
 from appliance.ingest.receive import Receiver, StorageFailure
+from appliance.logs import ThrottledWarning
 from appliance.ops.metrics import count_refusal, watch_dicom_connections
 from appliance.ops.refusals import RefusalAudit
 from appliance.ops.security import AssociationRateLimiter, server_context
@@ -207,7 +208,7 @@ class DicomListener:
         for sop_class in self.storage_classes:
             self.ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
         self.refused_sop_classes = RefusedSopClassLog()
-        self._busy_warning = ThrottledWarning()  # dicom.max_associations reached
+        self._busy_warning = ThrottledWarning(log)  # dicom.max_associations reached
         self._admission_lock = threading.Lock()
         self._handlers: list[tuple[Any, Callable[..., Any]]] = [
             (evt.EVT_REQUESTED, self._on_requested),
