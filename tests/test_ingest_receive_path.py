@@ -15,11 +15,12 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_files
 from pydicom.dataelem import RawDataElement
+from pydicom.pixels.utils import get_expected_length
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
 from appliance.ingest import reading, receive
-from appliance.ingest.attributes import InvalidInstance
+from appliance.ingest.attributes import InvalidInstance, pixel_geometry, record_from_raw
 from appliance.ingest.header import Truncated, read_header
 from tests.support.objects import tiny_ct
 from tests.support.peers import CT_DIR, MR_DIR, PasProcess, read_rows, storescu, wait_for
@@ -314,3 +315,83 @@ def test_an_integer_past_the_range_of_an_is_is_no_value_for_the_index(pas: PasPr
     assert sorted((r["instance_number"] or 0, r["series_number"] or 0) for r in rows) == [
         (0, 1), (1, 0), (1, 1)]
     assert [r["number_of_frames"] for r in rows] == [None] * 3
+
+
+def _geometry_and_expected(path: Path) -> tuple[object, object]:
+    """(pixel_geometry's expected length or None when it leaves it to pydicom, pydicom's
+    expected length from its full parse or the exception type it raises)."""
+    full = dcmread(path, force=True)
+    try:
+        expected: object = get_expected_length(full, unit="bytes")
+    except Exception as exc:  # noqa: BLE001 - the type is what is compared
+        expected = type(exc)
+    syntax = UID(str(full.file_meta.TransferSyntaxUID))
+    try:
+        quick = read_header(dataset_part(path), syntax.is_implicit_VR,
+                            syntax.is_little_endian)
+    except Truncated:  # refused before any pixel check
+        return None, expected
+    if quick is None:
+        return None, expected
+    try:
+        record = record_from_raw(quick.dataset, str(syntax))
+    except InvalidInstance:
+        return None, expected
+    geometry = pixel_geometry(quick.dataset, record)
+    return (None if geometry is None else get_expected_length(geometry)), expected
+
+
+def test_the_pixel_check_reads_the_records_geometry_as_pydicom_would() -> None:
+    """The pixel-length check takes its geometry from the values the record already decoded
+    (attributes.pixel_geometry), not from pydicom's conversion of each raw element (60-70 us
+    per image): the expected length must be pydicom's on every file we have where the
+    shortcut is taken, and it must be taken on the real sets."""
+    taken = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        files = sorted(CT_DIR.glob("*.dcm")) + sorted(MR_DIR.glob("*.dcm"))
+        for name in [*files, *get_testdata_files()]:
+            path = Path(name)
+            try:
+                meta = dcmread(path, stop_before_pixels=True).file_meta
+                if "TransferSyntaxUID" not in meta or not UID(
+                        str(meta.TransferSyntaxUID)).is_transfer_syntax:
+                    continue
+                dataset_part(path)
+            except Exception:  # noqa: BLE001 - not a Part 10 file we can split
+                continue
+            shortcut, expected = _geometry_and_expected(path)
+            if shortcut is not None:
+                assert shortcut == expected, path.name
+                taken += 1
+    assert taken > 582 + 50, taken
+
+
+@pytest.mark.parametrize(("attributes", "pixel_bytes", "refused"), [
+    ({}, 126, True),                                        # a pixel short of 8x8x2
+    ({}, 128, False),
+    ({"NumberOfFrames": 3}, 128 * 3 - 2, True),
+    ({"NumberOfFrames": 3}, 128 * 3, False),
+    ({"NumberOfFrames": 0}, 128, False),                    # pydicom reads 0 as 1 frame
+    ({"BitsAllocated": 1, "BitsStored": 1, "HighBit": 0, "Rows": 16, "Columns": 16}, 32,
+     False),                                                # 256 bits
+    ({"BitsAllocated": 1, "BitsStored": 1, "HighBit": 0, "Rows": 16, "Columns": 16}, 30,
+     True),
+    ({"SamplesPerPixel": 3, "PhotometricInterpretation": "YBR_FULL_422",
+      "BitsAllocated": 8, "BitsStored": 8, "HighBit": 7, "PlanarConfiguration": 0}, 128,
+     False),                                                # 8x8x3 // 3 * 2
+    ({"SamplesPerPixel": 3, "PhotometricInterpretation": "YBR_FULL_422",
+      "BitsAllocated": 8, "BitsStored": 8, "HighBit": 7, "PlanarConfiguration": 0}, 126,
+     True),
+    ({"PhotometricInterpretation": "MONOCHROME2\\MONOCHROME1"}, 126, True),  # pydicom's way
+])
+def test_short_pixel_data_is_refused_by_both_paths_alike(
+        tmp_path: Path, attributes: dict[str, object], pixel_bytes: int, refused: bool) -> None:
+    ds = tiny_ct(**attributes)
+    ds.PixelData = bytes(pixel_bytes)
+    path = tmp_path / "image.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    quick, full, walked = both_paths(path)
+    assert walked
+    assert quick == full
+    assert (quick == ("refused", "PixelData is truncated")) is refused, quick
