@@ -395,3 +395,23 @@ def test_short_pixel_data_is_refused_by_both_paths_alike(
     assert walked
     assert quick == full
     assert (quick == ("refused", "PixelData is truncated")) is refused, quick
+
+
+def test_a_dataset_cut_inside_a_short_top_level_value_is_refused_naming_it() -> None:
+    """The walk reads most elements (short VRs) on a path of its own; a dataset that ends
+    inside one of their values is refused naming the element and the bytes missing, as one
+    that ends inside a long value is, and pydicom's full parse refuses it too."""
+    source = sorted(CT_DIR.glob("*.dcm"))[0]
+    meta = dcmread(source, stop_before_pixels=True).file_meta
+    syntax = str(meta.TransferSyntaxUID)
+    header = receive.part10_header(str(meta.MediaStorageSOPClassUID),
+                                   str(meta.MediaStorageSOPInstanceUID), syntax)
+    dataset = dataset_part(source)
+    name_at = dataset.index(b"\x10\x00\x10\x00PN")  # (0010,0010) PatientName, explicit VR
+    length = int.from_bytes(dataset[name_at + 6:name_at + 8], "little")
+    assert length > 2
+    cut = dataset[:name_at + 8 + 2]
+    with pytest.raises(InvalidInstance, match=(
+            rf"dataset truncated: element \(0010,0010\) declares {length} bytes, 2 remain")):
+        reading.read_dataset_record(header, cut, syntax)
+    assert outcome(lambda: reading.read_record(header + cut))[0] == "refused"
