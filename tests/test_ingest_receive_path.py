@@ -17,7 +17,7 @@ from pydicom.data import get_testdata_files
 from pydicom.dataelem import RawDataElement
 from pydicom.pixels.utils import get_expected_length
 from pydicom.tag import Tag
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from appliance.ingest import reading, receive
 from appliance.ingest.attributes import InvalidInstance, pixel_geometry, record_from_raw
@@ -397,19 +397,26 @@ def test_short_pixel_data_is_refused_by_both_paths_alike(
     assert (quick == ("refused", "PixelData is truncated")) is refused, quick
 
 
-def test_a_dataset_cut_inside_a_short_top_level_value_is_refused_naming_it() -> None:
-    """The walk reads most elements (short VRs) on a path of its own; a dataset that ends
-    inside one of their values is refused naming the element and the bytes missing, as one
-    that ends inside a long value is, and pydicom's full parse refuses it too."""
-    source = sorted(CT_DIR.glob("*.dcm"))[0]
-    meta = dcmread(source, stop_before_pixels=True).file_meta
-    syntax = str(meta.TransferSyntaxUID)
-    header = receive.part10_header(str(meta.MediaStorageSOPClassUID),
-                                   str(meta.MediaStorageSOPInstanceUID), syntax)
-    dataset = dataset_part(source)
-    name_at = dataset.index(b"\x10\x00\x10\x00PN")  # (0010,0010) PatientName, explicit VR
-    length = int.from_bytes(dataset[name_at + 6:name_at + 8], "little")
-    assert length > 2
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_a_dataset_cut_inside_a_short_top_level_value_is_refused_naming_it(
+        tmp_path: Path, syntax: str) -> None:
+    """The walk reads most elements (short values, no sequence) on a path of its own; a
+    dataset that ends inside one of their values is refused naming the element and the
+    bytes missing, as one that ends inside a long value is, and pydicom's full parse
+    refuses it too."""
+    ds = tiny_ct(PatientName="Doe^Jane^Middle")
+    ds.file_meta.TransferSyntaxUID = syntax
+    path = tmp_path / "image.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    header = receive.part10_header(ds.SOPClassUID, ds.SOPInstanceUID, syntax)
+    dataset = dataset_part(path)
+    if syntax == ExplicitVRLittleEndian:
+        name_at = dataset.index(b"\x10\x00\x10\x00PN")  # (0010,0010) PatientName
+        length = int.from_bytes(dataset[name_at + 6:name_at + 8], "little")
+    else:
+        name_at = dataset.index(b"\x10\x00\x10\x00")
+        length = int.from_bytes(dataset[name_at + 4:name_at + 8], "little")
+    assert length == 16
     cut = dataset[:name_at + 8 + 2]
     with pytest.raises(InvalidInstance, match=(
             rf"dataset truncated: element \(0010,0010\) declares {length} bytes, 2 remain")):
