@@ -11,7 +11,7 @@ DEMO_HOME ?= ./var
 # bench/wan's link emulator (tests/test_wan_emulator.py, make bench-wan) is C, built at run time.
 TEST_APT += gcc
 
-.PHONY: demo test venv deps-test lint image box bench-ingest bench-associations bench-heartbeat bench-prefetch clean
+.PHONY: demo test venv deps-test lint image box bench-ingest bench-associations bench-forward bench-heartbeat bench-prefetch clean
 
 venv: $(VENV)/.installed
 
@@ -60,6 +60,10 @@ bench-ingest: deps-test venv
 # One association per image (storescu per file), PAS next to storescp: images/s and CPU per association.
 bench-associations: deps-test venv
 	$(PY) bench/associations.py $(BENCH_ARGS)
+
+# Forwarding to the hospital's PACS (a dicom destination = storescp), next to storescu sending the same sets.
+bench-forward: deps-test venv
+	$(PY) bench/forward.py $(BENCH_ARGS)
 
 # The emulated WAN (bench/wan): storescu, Orthanc STOW-RS and PAS over the same links.
 # BENCH_ARGS=--quick for the 20 Mbit/s link only. Root (network namespaces, TUN).

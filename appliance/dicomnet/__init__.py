@@ -1,7 +1,8 @@
 """DICOM networking shared by ingest and serving: how pynetdicom's association threads wait.
 
 Owns: process-wide adjustments to pynetdicom (see ``reactor``; ``idle``: what its network
-timeout measures). May not touch the index, the spool or any service's handlers."""
+timeout measures; ``nodelay``: Nagle off on every association's socket). May not touch the
+index, the spool or any service's handlers."""
 
 
 def install(event_driven: bool = True) -> None:
@@ -11,9 +12,10 @@ def install(event_driven: bool = True) -> None:
     race in which its association loop takes a C-STORE-RSP meant for ``send_c_store`` (the
     sender then waits out the DIMSE timeout and aborts: seen once in CI with ``pas send``,
     a 30 s stall and "no answer" after 6 of 10 files)."""
-    from appliance.dicomnet import contexts, reactor, unaccepted
+    from appliance.dicomnet import contexts, nodelay, reactor, unaccepted
 
     contexts.install()
+    nodelay.install()  # TCP_NODELAY on every association's socket (no 40 ms stalls)
     unaccepted.install()  # a message on a context not accepted: named, A-P-ABORT
     if event_driven:
         reactor.install()

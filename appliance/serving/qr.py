@@ -5,8 +5,9 @@ its identifier into a call on :mod:`appliance.store.query`, answering from the i
 a STUDY query, from the region) and the audit row of every query and retrieve. Reading the
 identifier and building a C-FIND answer's, character set included, are
 ``qr_identifiers.py``'s; encoding and sending each answer ``qr_answers.py``'s; the C-MOVE and
-C-GET handlers ``qr_retrieve.py``'s; the associations (the peer, TCP_NODELAY, a C-MOVE's
-sub-association) ``qr_associations.py``'s. May not touch: SQL, spool writes.
+C-GET handlers ``qr_retrieve.py``'s; the associations (the peer, a C-MOVE's sub-association)
+``qr_associations.py``'s (TCP_NODELAY on every association's socket: ``dicomnet/nodelay.py``).
+May not touch: SQL, spool writes.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from appliance.config import DicomTlsSection, ServingSection
 from appliance.ingest.scp import TRANSFER_SYNTAXES, DicomListener
 from appliance.serving.qr_answers import IdentifierEncoder, answerer
-from appliance.serving.qr_associations import no_delay, peer
+from appliance.serving.qr_associations import peer
 from appliance.serving.qr_identifiers import (
     identifier_keys,
     level_problem,
@@ -84,7 +85,6 @@ class QueryRetrieveService:
             StudyRootQueryRetrieveInformationModelGet,
         ]
         listener.add_handlers([
-            (evt.EVT_CONN_OPEN, no_delay),
             (evt.EVT_C_FIND, self.on_find),
             (evt.EVT_C_MOVE, self.retrieves.on_move),
             (evt.EVT_C_GET, self.retrieves.on_get),

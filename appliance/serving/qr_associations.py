@@ -1,11 +1,11 @@
 """The associations a Q/R handler works on: the viewer's, and the one a C-MOVE opens.
 
-Owns: who asked (:func:`peer`), TCP_NODELAY on an association's socket (:func:`no_delay`), and
-a C-MOVE's sub-association to its destination: the presentation contexts proposed
-(:func:`contexts_for`: the stored syntax and the uncompressed fallback), those accepted, its
-reactor kept off the C-STORE responses (:func:`reactor_takes_no_messages`), and why it did not
-come up (:func:`refusal_handlers`, :func:`why_not_up`). Split from ``qr.py`` (the C-FIND
-handler, the wiring, the audit) and used by ``qr_retrieve.py`` (the C-MOVE/C-GET handlers).
+Owns: who asked (:func:`peer`), and a C-MOVE's sub-association to its destination: the
+presentation contexts proposed (:func:`contexts_for`: the stored syntax and the uncompressed
+fallback), those accepted, its reactor kept off the C-STORE responses
+(:func:`reactor_takes_no_messages`), and why it did not come up (:func:`refusal_handlers`,
+:func:`why_not_up`). Split from ``qr.py`` (the C-FIND handler, the wiring, the audit) and
+used by ``qr_retrieve.py`` (the C-MOVE/C-GET handlers).
 May not touch: SQL, the spool, the audit, the DIMSE messages of a retrieve (sending the
 sub-operations is ``suboperations.py``'s, the responses ``qr_responses.py``'s).
 """
@@ -13,7 +13,6 @@ sub-operations is ``suboperations.py``'s, the responses ``qr_responses.py``'s).
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -53,18 +52,6 @@ def reactor_takes_no_messages(assoc: Any) -> None:
         return original(block=True) if block else (None, None)
 
     dimse.get_msg = get_msg
-
-
-def no_delay(event: Any) -> None:
-    """TCP_NODELAY on an association's socket. pynetdicom leaves Nagle on, and a DIMSE
-    message goes out as several small PDUs: with the peer's delayed ACK every response then
-    stalls ~40 ms (the same stall DESIGN.md notes for DCMTK without TCP_NODELAY=1)."""
-    try:
-        sock = event.assoc.dul.socket.socket
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (AttributeError, OSError) as exc:
-        log.debug("TCP_NODELAY not set: %s", exc)
 
 
 def contexts_for(pairs: list[tuple[str, str]]) -> list[Any]:

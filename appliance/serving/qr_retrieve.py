@@ -34,7 +34,6 @@ from appliance.serving.qr_associations import (
     UNCOMPRESSED,
     accepted_contexts,
     contexts_for,
-    no_delay,
     peer,
     reactor_takes_no_messages,
     refusal_handlers,
@@ -191,7 +190,6 @@ class RetrieveHandlers:
         tally = SubOperationTally(total=len(rows))
 
         def on_established(store_event: Any) -> None:
-            no_delay(store_event)
             reactor_takes_no_messages(store_event.assoc)
             # With pynetdicom's own polling loops (dicom.event_driven = false): poll every
             # 0.1 ms, not 1 ms, for the life of this retrieve's sub-association.
