@@ -50,7 +50,12 @@ from tests.support.peers import (
 from tests.test_config import check
 from tests.test_ingest import dataset_part, index_rows
 from tests.test_routing import jobs_of
-from tests.test_uplink_hub import enrolled_pas, stored_hashes, wait_jobs_finished
+from tests.test_uplink_hub import (
+    FEW_FILES_STABLE,
+    enrolled_pas,
+    stored_hashes,
+    wait_jobs_finished,
+)
 
 pytestmark = pytest.mark.root
 
@@ -358,7 +363,9 @@ def test_uplinked_through_the_hub_into_the_regional_archive_bit_exact(
             orthanc.start()
             regional.env["PAS_HUB_ARCHIVE__URL"] = orthanc.dicomweb
         regional.init().start()
-        pas = enrolled_pas(pas_factory, regional, tmp_path / "site")
+        # Four instances in one storescu run: the suite's 1 s to be stable, not the 3 s
+        # enrolled_pas gives hundreds (a delta job would be awaited and checked the same).
+        pas = enrolled_pas(pas_factory, regional, tmp_path / "site", FEW_FILES_STABLE)
         sent = send_study(pas, tmp_path)
         finished = wait_jobs_finished(pas, len(sent), 180)
         assert {j["state"] for j in finished} == {"done"}, [j["last_error"] for j in finished]

@@ -40,6 +40,11 @@ from tests.support.tcpproxy import TcpProxy
 PARALLEL = 3
 # The resume tests: one MR study of 300 instances (25.8 MB) in ~50 buckets of 0.5 MiB.
 RESUME_FILES = sorted(MR_DIR.glob("*.dcm"))[:300]
+# A send of one image (or a few) is over in well under a second: its study need not wait
+# enrolled_pas's 3 s (there for the hundreds of images of the other tests) to be stable. One
+# image cannot make a delta job at all; a few take the 1 s the rest of the suite gives.
+ONE_IMAGE_STABLE = {"PAS_STUDY__STABLE_AFTER_S": "0.5"}
+FEW_FILES_STABLE = {"PAS_STUDY__STABLE_AFTER_S": "1"}
 
 
 
@@ -363,8 +368,9 @@ def test_a_manifest_the_hub_refuses_fails_the_job_with_the_hubs_reason(
                                                   "PAS_HUB_LIMITS__EARLY_BUCKET_WAIT_S": "0.5"})
     strict.init().start()
     try:
+        # (A delta job, were storescu to stall, would fail the same way: nothing changes.)
         pas = enrolled_pas(pas_factory, strict, tmp_path / "site-strict",
-                           {"PAS_HUB__BUCKET_MB": "0.5"})
+                           {"PAS_HUB__BUCKET_MB": "0.5", **FEW_FILES_STABLE})
         files = sorted(MR_DIR.glob("*.dcm"))[:40]  # 3.4 MB: 7 buckets of 0.5 MiB
         storescu(files, pas.port)
         failed = wait_for(lambda: [j for j in jobs(pas) if j["state"] == "failed"], 60,
@@ -387,7 +393,8 @@ def test_a_revoked_certificate_makes_the_uploads_wait_and_a_new_one_sends_them(
     home = tmp_path / "site-revoked"
     # The default-like wait between tries (a minute): the restart, not the wait's end, must
     # send them.
-    pas = enrolled_pas(pas_factory, hub, home, {"PAS_QUEUE__BACKOFF_MAX_S": "300"})
+    pas = enrolled_pas(pas_factory, hub, home, {"PAS_QUEUE__BACKOFF_MAX_S": "300",
+                                                **FEW_FILES_STABLE})
     hub.cli("revoke", "SITE-REVOKED")
     files = sorted(CT_DIR.glob("*.dcm"))[:3]
     sops, _studies = distinct_uids(CT_DIR)
@@ -439,7 +446,7 @@ def test_an_expired_certificate_is_named_not_taken_for_a_link_down(
     the status saying the WAN was down. Now the job names the expiry and what to do."""
     expired_on = datetime.now(UTC) - timedelta(days=2)
     pas = enrolled_pas(pas_factory, hub, tmp_path / "site-expired",
-                       before_start=lambda home: resign_client_certificate(
+                       ONE_IMAGE_STABLE, before_start=lambda home: resign_client_certificate(
                            home, HubPKI(hub.home), expired_on - timedelta(days=365), expired_on))
     job = first_try(pas, "the upload")
     assert job["last_error"].startswith(
@@ -463,7 +470,7 @@ def test_a_certificate_of_another_ca_is_named_not_taken_for_a_link_down(
     other = HubPKI(tmp_path / "another-ca")
     other.init(name=ca_name)
     now = datetime.now(UTC)
-    pas = enrolled_pas(pas_factory, hub, tmp_path / "site-other-ca",
+    pas = enrolled_pas(pas_factory, hub, tmp_path / "site-other-ca", ONE_IMAGE_STABLE,
                        before_start=lambda home: resign_client_certificate(
                            home, other, now - timedelta(days=1), now + timedelta(days=300)))
     job = first_try(pas, "the upload")
@@ -492,7 +499,8 @@ def test_a_hub_certificate_the_appliance_cannot_verify_is_named_not_retried_as_a
     def distrust(home: Path) -> None:
         (home / "pki" / "ca.crt").write_bytes(other.ca_cert_path.read_bytes())
 
-    pas = enrolled_pas(pas_factory, hub, tmp_path / "site-distrust", before_start=distrust)
+    pas = enrolled_pas(pas_factory, hub, tmp_path / "site-distrust", ONE_IMAGE_STABLE,
+                       before_start=distrust)
     job = first_try(pas, "the upload")
     assert job["last_error"].startswith(
         "waiting for credentials: hub: this appliance does not trust the peer's "
@@ -553,7 +561,7 @@ def test_verify_repair_restores_confirmed_instances_from_the_region(
         pas_factory: Any, hub: HubProcess, tmp_path: Path) -> None:
     """A damaged and a missing file of a study the region confirmed come back byte for byte
     from the region (through the hub's proxy of its archive) with `pas verify --repair`."""
-    pas = enrolled_pas(pas_factory, hub, tmp_path / "site-repair")
+    pas = enrolled_pas(pas_factory, hub, tmp_path / "site-repair", FEW_FILES_STABLE)
     files = sorted(CT_DIR.glob("A046441_*_19001111-*.dcm"))  # one study, 3 instances
     storescu(files, pas.port)
     wait_jobs_finished(pas, len(files))

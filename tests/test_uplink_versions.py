@@ -109,7 +109,10 @@ def test_a_correction_routed_while_the_hub_is_unreachable_is_what_the_region_ser
     proxy = TcpProxy("127.0.0.1", hub.port).start()
     try:
         proxy.cut()
-        pas = enrolled_pas(pas_factory, hub, tmp_path / "site-down", SLOW, via=proxy)
+        # One retry of each request, not four: the link is down until the test restores it,
+        # and the default retries only delayed X's job saying so (5.6 s of them).
+        pas = enrolled_pas(pas_factory, hub, tmp_path / "site-down",
+                           {**SLOW, "PAS_HUB__RETRIES": "1"}, via=proxy)
         storescu(study, pas.port)
         wait_for(lambda: (j := jobs(pas)) and (j[0]["last_error"] or "").startswith(
             "waiting for the link"), 60, what="X's job waiting for the link")

@@ -176,8 +176,10 @@ def _upsert_patient(conn: sqlite3.Connection, record: InstanceRecord) -> int:
         (record.patient_id, record.issuer_of_patient_id, record.patient_name,
          record.birth_date, record.sex),
     )
+    # "patient_id != ''" (true here) lets SQLite use patients_key, which is partial: without
+    # it the look-up read every patient row, for each instance filed.
     row = conn.execute(
-        "SELECT id FROM patients WHERE patient_id = ? AND issuer = ?",
+        "SELECT id FROM patients WHERE patient_id = ? AND issuer = ? AND patient_id != ''",
         (record.patient_id, record.issuer_of_patient_id),
     ).fetchone()
     return int(row["id"])

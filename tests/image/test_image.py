@@ -104,7 +104,9 @@ def console_text(console: Path) -> str:
 
 def test_image_boots_to_ready_and_answers_c_echo(booted: tuple[int, Path, float]) -> None:
     port, console, deadline = booted
-    wait_for(lambda: echo(port, "ECHOSCU").returncode == 0, deadline, interval=2,
+    # Once the guest's network is up, each try is refused at once until PAS listens: tried
+    # every 0.5 s, not 2 s, the answer is seen within half a second of the port opening.
+    wait_for(lambda: echo(port, "ECHOSCU").returncode == 0, deadline, interval=0.5,
              what=f"C-ECHO from the booted image (console: {console})")
     # The port opens just before READY=1 is sent, and on one emulated CPU systemd may
     # journal "Started" a moment after the echo was answered: await the line, not a snapshot.
