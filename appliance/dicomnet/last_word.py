@@ -98,6 +98,8 @@ def close_after_last_word(dul: Any) -> bool:
     pynetdicom's close queues Evt17 (Sta13 -> Sta1, the ARTIM timer stopped). True: the
     reactor's "an event was queued"."""
     transport = dul.socket
+    if transport is None:
+        return False
     sock = getattr(transport, "socket", None)
     if sock is not None:
         with contextlib.suppress(OSError, ValueError):
