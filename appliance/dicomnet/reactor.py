@@ -64,6 +64,9 @@ MAX_CONTROL_PDU_BYTES = 64 << 10
 # syntax pydicom knows, with a user identity item, stay well under it.
 MAX_ASSOCIATE_PDU_BYTES = 1 << 20
 
+# The PDUs whose body is four bytes (PS3.8 Tables 9-24 to 9-26).
+_FOUR_BYTE_BODIES = {0x05: "A-RELEASE-RQ", 0x06: "A-RELEASE-RP", 0x07: "A-ABORT"}
+
 # Events of the association's own requests to the DUL (PS3.8 Table 9-6): A-ASSOCIATE
 # response accept and reject, P-DATA, A-RELEASE request and response, A-ABORT.
 _USER_REQUESTS = frozenset({"Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"})
@@ -230,6 +233,13 @@ def _transport_event(self: DULServiceProvider, readable: bool = False) -> bool:
         pdu_type, _, pdu_length = struct.unpack(">BBL", header)
         if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
             return _unreadable(self, direct, f"an unknown PDU type (0x{pdu_type:02X})")
+        if pdu_type in _FOUR_BYTE_BODIES and pdu_length != 4:
+            # Its body is four bytes, always (PS3.8 9.3.6-9.3.8). Read as declared, a short
+            # one left its last bytes to be taken for the next PDU's header, and the DUL
+            # waited for the rest of it for the network timeout (60 s), the release's answer
+            # unsent and the place held; a long one would swallow the next PDU.
+            return _unreadable(self, direct, f"an {_FOUR_BYTE_BODIES[pdu_type]} PDU declaring "
+                                             f"{pdu_length} bytes (its body has 4)")
         limit = _pdu_limit(self, pdu_type)
         if pdu_length > limit:
             # Memory is reserved from this length: a PDU over what PAS offered to receive is

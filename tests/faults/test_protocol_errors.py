@@ -36,6 +36,8 @@ UNKNOWN_TYPE = b"\x55\x00" + struct.pack(">I", 4) + b"abcd"
 EMPTY_COMMAND = struct.pack(">BBI", 0x04, 0, 6) + struct.pack(">IBB", 2, 1, 0x03)
 # A-RELEASE-RQ before the A-ASSOCIATE-AC: a well-formed PDU the state does not allow.
 EARLY_RELEASE = struct.pack(">BBI", 0x05, 0, 4) + b"\0\0\0\0"
+# An A-RELEASE-RQ whose length field says 2 where its body has 4 bytes.
+SHORT_RELEASE = struct.pack(">BBI", 0x05, 0, 2) + b"\0" * 4
 # A valid P-DATA-TF (one 1000-byte dataset fragment on context 1), for the streams.
 STREAM_PDU = struct.pack(">BBI", 0x04, 0, 1006) + struct.pack(">IBB", 1002, 1, 0) + b"\0" * 1000
 PROMPT_S = 5.0  # "at once", with room for a loaded CI: the timers in play are 30 and 60 s
@@ -139,13 +141,16 @@ def test_a_pdu_behind_the_request_before_pas_answered_it(
     (UNKNOWN_TYPE, "an unknown PDU type (0x55)"),
     (EMPTY_COMMAND, "a message that does not decode (AttributeError: 'Dataset' object has "
                     "no attribute 'CommandField')"),
-], ids=["unknown-type", "undecodable-message"])
+    (SHORT_RELEASE, "an A-RELEASE-RQ PDU declaring 2 bytes (its body has 4)"),
+], ids=["unknown-type", "undecodable-message", "lying-length"])
 def test_a_pdu_pas_cannot_read_on_an_accepted_association(
         pas: PasProcess, tmp_path: Path, garbage: bytes, what: str) -> None:
     """After the A-ASSOCIATE-AC. An unknown type: A-ABORT, then the body of that PDU read
     as the next one's header, and the connection held for the network timeout (60 s). A
     P-DATA-TF whose command does not decode: pynetdicom's state machine raised, two
-    tracebacks in the journal, and the connection dropped without an A-ABORT."""
+    tracebacks in the journal, and the connection dropped without an A-ABORT. A release
+    whose length field lies (2): its last two bytes taken for the next PDU's header, the
+    DUL waited for the rest for the network timeout (60 s), the release never answered."""
     with socket.create_connection(("127.0.0.1", pas.port), timeout=10) as peer:
         peer.sendall(REQUEST)
         assert raw_ul.RawAssociation(peer).read_pdu()[0] == 0x02  # A-ASSOCIATE-AC
