@@ -18,8 +18,12 @@ The two loops below are pynetdicom 3.0's ``DULServiceProvider.run_reactor`` and
 as is). They are installed only for the pynetdicom versions they were written against;
 anything else keeps pynetdicom's own loops and logs why (`install()` returns False).
 
-One behaviour differs on purpose: what the network idle timer measures (idle.py): the
-loops restart it when a PDU went out and when a handler returned, not only when one came in.
+Behaviours that differ on purpose: what the network idle timer measures (idle.py): the
+loops restart it when a PDU went out and when a handler returned, not only when one came in;
+PDUs are read by PAS in every state, and one that cannot be read (or that the state does not
+allow) is named and ends the reading, and a connection whose association is over is closed
+without reading more (last_word.py); a request of the association's after the association
+ended under it (its A-ASSOCIATE-AC or -RJ crossing the peer's invalid PDU) is dropped.
 """
 
 from __future__ import annotations
@@ -38,8 +42,10 @@ import pynetdicom
 from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.fsm import TRANSITION_TABLE
 from pynetdicom.pdu import A_ABORT_RQ
 
+from appliance.dicomnet import last_word
 from appliance.dicomnet.direct_receive import P_DATA_TF, DirectReceiveError, DirectReceiver
 from appliance.dicomnet.idle import peer_silent
 from appliance.dicomnet.unaccepted import UnacceptedContext
@@ -54,6 +60,24 @@ PREALLOCATE_PDU_BYTES = 4 << 20
 # Longest PDU other than P-DATA-TF accepted on an established association (A-RELEASE and
 # A-ABORT are a few bytes).
 MAX_CONTROL_PDU_BYTES = 64 << 10
+# Longest A-ASSOCIATE-RQ/-AC/-RJ accepted: 128 presentation contexts proposing every transfer
+# syntax pydicom knows, with a user identity item, stay well under it.
+MAX_ASSOCIATE_PDU_BYTES = 1 << 20
+
+# The PDUs whose body is four bytes (PS3.8 Tables 9-24 to 9-26).
+_FOUR_BYTE_BODIES = {0x05: "A-RELEASE-RQ", 0x06: "A-RELEASE-RP", 0x07: "A-ABORT"}
+
+# Events of the association's own requests to the DUL (PS3.8 Table 9-6): A-ASSOCIATE
+# response accept and reject, P-DATA, A-RELEASE request and response, A-ABORT.
+_USER_REQUESTS = frozenset({"Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"})
+
+# Events of PDUs received from the peer (PS3.8 Table 9-6), whose actions decode them.
+_PDU_NAMES = {"Evt3": "A-ASSOCIATE-AC", "Evt4": "A-ASSOCIATE-RJ", "Evt6": "A-ASSOCIATE-RQ",
+              "Evt10": "P-DATA-TF", "Evt12": "A-RELEASE-RQ", "Evt13": "A-RELEASE-RP",
+              "Evt16": "A-ABORT"}
+_PEER_PDUS = frozenset(_PDU_NAMES)
+# Set by the DUL thread while the state machine acts on one of them (_QuietPeerActions).
+_peer_action = threading.local()
 
 _installed = False
 _install_lock = threading.Lock()
@@ -174,33 +198,48 @@ def _bound_socket_waits(self: DULServiceProvider) -> None:
 
 
 def _transport_event(self: DULServiceProvider, readable: bool = False) -> bool:
-    """pynetdicom's ``_is_transport_event`` and ``_read_pdu_data``, with one change: on an
-    association that has a :class:`DirectReceiver`, a P-DATA-TF PDU goes to it first, and to
-    pynetdicom (decoded as pynetdicom would) only if it is not part of a C-STORE it took.
-    PDUs are read with large ``recv_into`` calls instead of pynetdicom's 4 kB reads.
+    """pynetdicom's ``_is_transport_event`` and ``_read_pdu_data``, read by PAS in every
+    state: on an association that has a :class:`DirectReceiver`, a P-DATA-TF PDU goes to it
+    first, and to pynetdicom (decoded as pynetdicom would) only if it is not part of a
+    C-STORE it took. PDUs are read with large ``recv_into`` calls instead of pynetdicom's
+    4 kB reads. A PDU that cannot be read ends the reading (last_word.py): the stream after
+    it cannot be framed. In Sta13 (the association over, PAS's last PDU sent) nothing is
+    read: the connection is closed (last_word.py).
     ``readable``: the loop's ``select()`` just reported the socket readable, so pynetdicom's
     own zero-timeout ``select()`` (``socket.ready``) is skipped. (The one other reader, a
     DirectStoreSender sending a C-GET's C-STOREs on this association, may have read what the
     ``select()`` saw: the loop then passes ``readable=False``, see ``dul_run_reactor``.)"""
     if not getattr(self, "_pas_waits_bounded", False):
         _bound_socket_waits(self)
-    direct = _direct_receiver(self)
-    if direct is None or self.state_machine.current_state != "Sta6":
-        return self._is_transport_event()
-    if not (self.socket and (readable or self.socket.ready)):
+    state = self.state_machine.current_state
+    if state == "Sta13":
+        return last_word.close_after_last_word(self)
+    if getattr(self, "_pas_protocol_error", None) is not None:
+        return False  # its Evt19 is queued: the A-ABORT, then Sta13 and the close
+    direct = _direct_receiver(self) if state == "Sta6" else None
+    # Not connected yet (a requestor before its connect: select() reports the bare socket
+    # readable), or closed: nothing to read.
+    if not (self.socket and getattr(self.socket, "_is_connected", False)
+            and (readable or self.socket.ready)):
         return False
     sock = self.socket.socket
     header = bytearray(6)
     try:
         if not _recv_exactly(sock, memoryview(header)):
-            direct.abandon()  # a C-STORE in progress is cut: noted before the end's audit
+            if direct:
+                direct.abandon()  # a C-STORE in progress is cut: noted before the end's audit
             self.event_queue.put("Evt17")  # the peer closed the connection
             return True
         pdu_type, _, pdu_length = struct.unpack(">BBL", header)
         if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
-            log.error("unknown PDU type received 0x%02X", pdu_type)
-            self.event_queue.put("Evt19")
-            return True
+            return _unreadable(self, direct, f"an unknown PDU type (0x{pdu_type:02X})")
+        if pdu_type in _FOUR_BYTE_BODIES and pdu_length != 4:
+            # Its body is four bytes, always (PS3.8 9.3.6-9.3.8). Read as declared, a short
+            # one left its last bytes to be taken for the next PDU's header, and the DUL
+            # waited for the rest of it for the network timeout (60 s), the release's answer
+            # unsent and the place held; a long one would swallow the next PDU.
+            return _unreadable(self, direct, f"an {_FOUR_BYTE_BODIES[pdu_type]} PDU declaring "
+                                             f"{pdu_length} bytes (its body has 4)")
         limit = _pdu_limit(self, pdu_type)
         if pdu_length > limit:
             # Memory is reserved from this length: a PDU over what PAS offered to receive is
@@ -215,36 +254,57 @@ def _transport_event(self: DULServiceProvider, readable: bool = False) -> bool:
             body = self.socket.recv(pdu_length)
             complete = len(body) == pdu_length
     except (OSError, TimeoutError) as exc:
-        log.error("connection closed before the entire PDU was received: %s", exc)
-        direct.abandon()
+        log.error("connection closed before the entire PDU was received from %s: %s",
+                  last_word.peer_name(self), exc)
+        if direct:
+            direct.abandon()
         self.event_queue.put("Evt17")
         return True
     if not complete:
-        log.error("the peer closed the connection inside a PDU")
-        direct.abandon()
+        log.error("%s closed the connection inside a PDU", last_word.peer_name(self))
+        if direct:
+            direct.abandon()
         self.event_queue.put("Evt17")
         return True
-    if pdu_type == P_DATA_TF:
-        if direct.take(body):
-            return True
-    else:
-        direct.abandon()
+    if direct:
+        if pdu_type == P_DATA_TF:
+            if direct.take(body):
+                return True
+        else:
+            direct.abandon()
     try:
         pdu, event = self._decode_pdu(header + body)
     except Exception as exc:
-        log.error("unable to decode the received PDU: %s", exc)
-        self.event_queue.put("Evt19")
-        return True
+        return _unreadable(self, direct, f"a PDU of type 0x{pdu_type:02X} that does not "
+                                         f"decode ({type(exc).__name__}: {exc})")
+    if pdu_type == 0x01:  # who it is, for the lines that name the peer (last_word.py)
+        self._pas_calling = str(pdu.calling_ae_title).strip()  # type: ignore[attr-defined]
     self.event_queue.put(event)
     self._recv_pdu.put(pdu)
+    return True
+
+
+def _unreadable(self: DULServiceProvider, direct: DirectReceiver | None, what: str) -> bool:
+    """A PDU that cannot be read: named (last_word.py), and nothing more is read; Evt19 has
+    the state machine send the A-ABORT (PS3.8 AA-1, AA-8), then Sta13 closes."""
+    if direct:
+        direct.abandon()
+    last_word.protocol_error(self, what)
+    self.event_queue.put("Evt19")
     return True
 
 
 def _pdu_limit(self: DULServiceProvider, pdu_type: int) -> int:
     """The longest PDU body accepted: for P-DATA-TF, the Maximum Length PAS offered in its
     A-ASSOCIATE-AC (PS3.8 D.1: the sender must not exceed it), if it offered one."""
+    if pdu_type in (0x01, 0x02, 0x03):
+        return MAX_ASSOCIATE_PDU_BYTES
     if pdu_type != 0x04:
         return MAX_CONTROL_PDU_BYTES
+    if not self.assoc.is_acceptor:
+        # PAS's own associations take what their peer sends, as pynetdicom did: a peer's
+        # over-long PDU must not fail a C-MOVE's sub-operations or a forward.
+        return 0xFFFFFFFF
     offered = getattr(self.assoc.acceptor, "maximum_length", 0) or 0
     return offered if offered else 0xFFFFFFFF  # dicom.max_pdu = 0: unlimited, as configured
 
@@ -262,26 +322,52 @@ def _dul_step(self: DULServiceProvider, assoc_wake: threading.Event,
         elif _transport_event(self, readable):
             self._idle_timer.restart()
     except Exception as exc:
-        if not isinstance(exc, UnacceptedContext):  # that one is reported below, naming all
+        if isinstance(exc, DirectReceiveError):  # the peer's PDU broke the rules: named
+            last_word.protocol_error(self, f"a PDU that breaks the rules ({exc})")
+        elif not isinstance(exc, UnacceptedContext):  # that one is reported below
             log.error("exception in the DUL reactor, aborting the association: %s", exc)
-        abort_pdu = A_ABORT_RQ()
-        abort_pdu.source = 0x02  # the UL service-provider: a protocol error
-        abort_pdu.reason_diagnostic = getattr(exc, "abort_reason", 0x00)
-        if self.socket is not None:
-            self.socket.send(abort_pdu.encode())
+        _abort(self, getattr(exc, "abort_reason", 0x00))
         if isinstance(exc, UnacceptedContext):
             exc.report()  # once the abort is sent: the peer does not wait for the audit row
-        self.assoc.is_aborted = True
-        self.assoc.is_established = False
-        self.assoc._kill = True
-        self._kill_thread = True
         return "stop"
     try:
         event = self.event_queue.get(block=False)
     except queue.Empty:
         return "idle"
     state = self.state_machine.current_state
-    self.state_machine.do_action(event)
+    if event in _USER_REQUESTS and state in ("Sta1", "Sta13"):
+        # The association ended under its user (the peer's invalid PDU, its close) while the
+        # user was deciding: its A-ASSOCIATE-AC or -RJ (or any later request) has no one to
+        # go to. pynetdicom's state machine has no action for it: the DUL thread died on an
+        # InvalidEventError ("Invalid event 'Evt8' for the current state 'Sta13'"), a
+        # traceback in the journal.
+        log.debug("%s from the association after its end: dropped", event)
+        with contextlib.suppress(queue.Empty):  # its primitive, as the action would take it
+            self.to_provider_queue.get(block=False)
+        assoc_wake.set()
+        return "busy"
+    if event in _PEER_PDUS and TRANSITION_TABLE.get((event, state)) in ("AA-1", "AA-8"):
+        # A well-formed PDU the state does not allow (a P-DATA-TF or A-RELEASE-RQ before
+        # the A-ASSOCIATE-AC, a second A-ASSOCIATE-RQ): pynetdicom aborted without a word.
+        name = _PDU_NAMES[event]
+        last_word.protocol_error(self, f"{'a' if name[0] == 'P' else 'an'} {name} PDU out "
+                                       f"of sequence (DICOM UL state {state})")
+    if event in _PEER_PDUS:
+        # A message pynetdicom cannot decode (a P-DATA whose command set does not parse)
+        # raised in its action: it logged a traceback and ended the DUL without a word to
+        # the peer (no A-ABORT), and its own loop died on the error (a second traceback).
+        _peer_action.running = True
+    try:
+        self.state_machine.do_action(event)
+    except Exception as exc:
+        if event not in _PEER_PDUS:
+            raise
+        last_word.protocol_error(self, f"a message that does not decode "
+                                       f"({type(exc).__name__}: {exc})")
+        _abort(self, 0x00)
+        return "stop"
+    finally:
+        _peer_action.running = False
     if sending:
         self._idle_timer.restart()  # PAS was sending, not waiting for the peer (idle.py)
     if self.assoc.is_acceptor and not getattr(self, "_pas_requested", False):
@@ -293,6 +379,29 @@ def _dul_step(self: DULServiceProvider, assoc_wake: threading.Event,
     # indication) is now visible: let its loop look.
     assoc_wake.set()
     return "busy"
+
+
+def _abort(self: DULServiceProvider, reason: int) -> None:
+    """Send an A-ABORT (the UL service-provider: a protocol error) and end the association
+    and this DUL at once; the report of a protocol error once the abort is sent."""
+    abort_pdu = A_ABORT_RQ()
+    abort_pdu.source = 0x02
+    abort_pdu.reason_diagnostic = reason
+    if self.socket is not None:
+        self.socket.send(abort_pdu.encode())
+    self.assoc.is_aborted = True
+    self.assoc.is_established = False
+    self.assoc._kill = True
+    self._kill_thread = True
+    last_word.report(self)
+
+
+class _QuietPeerActions(logging.Filter):
+    """Drops pynetdicom's state machine's lines (an error and a traceback) for an action on
+    a peer's PDU that raised: :func:`_dul_step` says it once, naming the peer."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(_peer_action, "running", False)
 
 
 def _no_request_coming(self: DULServiceProvider) -> None:
@@ -357,6 +466,7 @@ def dul_run_reactor(self: DULServiceProvider) -> None:
         assoc_wake.set()  # the association loop checks dul.is_alive()
         wakeup.close()
         _no_request_coming(self)  # a DUL that ended (killed, failed) before any request
+        last_word.report(self)  # a protocol error whose connection did not reach Sta13
 
 
 def association_run_reactor(self: Association) -> None:
@@ -466,6 +576,7 @@ def install() -> bool:
             _association_wake(self).set()
             original_kill(self)
 
+        logging.getLogger("pynetdicom.fsm").addFilter(_QuietPeerActions())
         DULServiceProvider.__init__ = dul_init  # type: ignore[method-assign]
         # Thread.__init__ binds self.run_reactor as the thread's target: the class's, now ours.
         DULServiceProvider.run_reactor = dul_run_reactor  # type: ignore[method-assign]

@@ -227,6 +227,8 @@ class DicomListener:
             self.ae._pas_direct_store = self  # type: ignore[attr-defined]
         # Called by appliance/dicomnet/unaccepted.py, on the direct path and pynetdicom's.
         self.ae._pas_unaccepted_context = self._on_unaccepted_context  # type: ignore[attr-defined]
+        # Called by appliance/dicomnet/last_word.py once such a connection is closed.
+        self.ae._pas_invalid_pdu = self._on_invalid_pdu  # type: ignore[attr-defined]
         self._server: Any = None
         self._stats_lock = threading.Lock()
         self.stats = {"stored": 0, "duplicates": 0, "conflicts": 0, "refused": 0}
@@ -389,6 +391,16 @@ class DicomListener:
             self.refusals.refused(channel="dicom", kind="unaccepted-context",
                                   source=requestor.address, actor=calling or "-",
                                   reason=f"sent {what}", target=self.config.ae_title)
+
+    def _on_invalid_pdu(self, address: str, calling: str, what: str) -> None:
+        """A PDU that could not be read (dicomnet/last_word.py logged it): a refusal in the
+        audit trail and ``pas_access_refused{channel="dicom", reason="invalid-pdu"}``."""
+        if self.refusals is not None:
+            self.refusals.refused(channel="dicom", kind="invalid-pdu", source=address,
+                                  actor=calling or "-", reason=f"sent {what}",
+                                  target=self.config.ae_title)
+        else:
+            count_refusal("dicom", "invalid-pdu")
 
     def _refused(self, event: Any, kind: str, calling: str, reason: str) -> None:
         """The audit row of a rejected association (after the A-ASSOCIATE-RJ is sent: the
