@@ -37,8 +37,9 @@ from pynetdicom.sop_class import (  # noqa: E402  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from appliance.dicomnet.nodelay import no_delay  # noqa: E402
 from appliance.ingest.receive import Receiver  # noqa: E402
-from appliance.serving.qr_associations import no_delay, reactor_takes_no_messages  # noqa: E402
+from appliance.serving.qr_associations import reactor_takes_no_messages  # noqa: E402
 from appliance.store import index  # noqa: E402
 from appliance.store import query as store_query  # noqa: E402
 from appliance.store.db import Database  # noqa: E402
@@ -125,12 +126,17 @@ RETURN_KEYS = {"StudyInstanceUID": "", "PatientName": "", "PatientID": "", "Stud
                "NumberOfStudyRelatedInstances": ""}
 
 
+def _no_delay(event: evt.Event) -> None:
+    """The benchmark's own associations without Nagle, as PAS's (dicomnet/nodelay.py)."""
+    no_delay(event.assoc.dul.socket.socket)
+
+
 def time_finds(host: str, port: int, called: str, shapes: dict[str, Callable[[int], dict]],
                repeat: int) -> dict[str, tuple[list[float], int]]:
     ae = AE(ae_title="BENCH")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     assoc = ae.associate(host, port, ae_title=called,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, no_delay)])
+                         evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)])
     assert assoc.is_established, f"association with {called} refused"
     # This SCU never receives requests; without this pynetdicom's reactor can take a pending
     # response off the queue (stale pause flag) and a query then looks one match short.
@@ -215,7 +221,7 @@ def time_moves(host: str, port: int, called: str, study_uids: list[str], dest: S
     ae = AE(ae_title="BENCH")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
     assoc = ae.associate(host, port, ae_title=called,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, no_delay)])
+                         evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)])
     assert assoc.is_established
     started = time.perf_counter()
     try:
