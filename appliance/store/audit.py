@@ -356,12 +356,16 @@ def _where(wanted: AuditFilter) -> tuple[str, list[Any]]:
         # The patients recorded with the row; for rows written before they were (migration
         # 8), one of the patient's studies the index still holds, or a query or retrieve that
         # asked for this PatientID exactly (instr, not LIKE: IDs are case-sensitive and hold
-        # '_' and '%').
+        # '_' and '%'). "patient_id != ''" (implied by a non-empty ID) lets SQLite use
+        # patients_key, which is partial (migration 17): without it the EXISTS read every
+        # patient row for each audit row the first two tests did not keep.
+        keyed = " AND p.patient_id != ''" if wanted.patient else ""
         clauses.append(
             "(instr('\\' || coalesce(a.patient, '') || '\\', '\\' || ? || '\\') > 0"
             " OR instr(' ' || coalesce(a.target, '') || ' ', ' PatientID=' || ? || ' ') > 0"
             " OR EXISTS (SELECT 1 FROM patients p JOIN studies s ON s.patient_fk = p.id"
-            f" WHERE p.patient_id = ? AND instr({_TARGET_WORDS}, ',' || s.study_uid || ',') > 0))")
+            f" WHERE p.patient_id = ?{keyed}"
+            f" AND instr({_TARGET_WORDS}, ',' || s.study_uid || ',') > 0))")
         params.extend([wanted.patient] * 3)
     return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
 

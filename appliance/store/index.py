@@ -373,6 +373,10 @@ def list_studies(db: Database, patient_id: str | None = None,
     where, params = "", []
     if patient_id is not None:
         where, params = "WHERE p.patient_id = ?", [patient_id]
+    if patient_id:
+        # Implied, and stated so that SQLite uses patients_key (partial): without it the
+        # studies were read newest first, every one, to find this patient's.
+        where += " AND p.patient_id != ''"
     rows = db.query(
         f"""SELECT s.study_uid, p.patient_id, p.name AS patient_name, s.study_date,
                    s.accession_number, s.description, s.origin, s.last_received_at,

@@ -466,11 +466,14 @@ def held_instance_uids(db: Database, study_uid: str) -> set[str]:
 def held_by_patient(db: Database, patient_id: str,
                     limit: int) -> dict[str, list[str]] | None:
     """Study UID -> the SOP Instance UIDs held, for the local studies of that patient ID
-    (whatever the issuer: a superset only costs bytes); None if over ``limit`` instances."""
+    (whatever the issuer: a superset only costs bytes); None if over ``limit`` instances.
+    ``patient_id != ''`` (implied by a non-empty ID) lets SQLite use patients_key, which is
+    partial (schema migration 17): without it each order read every current instance."""
+    keyed = " AND p.patient_id != ''" if patient_id else ""
     rows = db.query(
         "SELECT s.study_uid, i.sop_instance_uid FROM instances i "
         "JOIN studies s ON s.id = i.study_fk JOIN patients p ON p.id = s.patient_fk "
-        "WHERE p.patient_id = ? AND i.is_current = 1 LIMIT ?", (patient_id, limit + 1))
+        f"WHERE p.patient_id = ?{keyed} AND i.is_current = 1 LIMIT ?", (patient_id, limit + 1))
     if len(rows) > limit:
         return None
     held: dict[str, list[str]] = {}
