@@ -35,6 +35,11 @@ from typing import Any
 
 log = logging.getLogger("pas.dicomnet")
 
+# The description of an unreadable PDU kept, at most: the decoder's message may quote a
+# value the peer sent (a 60 kB "UID" in an A-ASSOCIATE-RQ item), and the description goes to
+# the log line, the audit row and the refusals counter's detail.
+DESCRIPTION_AT_MOST = 300
+
 # What is read and thrown away before the close, at most: with nothing unread left, the
 # close ends the stream with a FIN after PAS's last PDU; with data still unread, the kernel
 # answers with a reset (the peer may then lose that PDU, if it had not read it yet).
@@ -57,6 +62,8 @@ def protocol_error(dul: Any, what: str) -> None:
     (:func:`report`): the peer does not wait for the audit row."""
     if getattr(dul, "_pas_protocol_error", None) is not None:
         return  # one line per connection: what follows an unreadable PDU is not read
+    if len(what) > DESCRIPTION_AT_MOST:
+        what = f"{what[:DESCRIPTION_AT_MOST]}... [{len(what):,} characters]"
     dul._pas_protocol_error = what
     log.warning("DICOM peer %s sent %s: association aborted (A-ABORT), connection closed",
                 peer_name(dul), what)
