@@ -414,6 +414,7 @@ YBR_422 = {"SamplesPerPixel": 3, "BitsAllocated": 8, "BitsStored": 8, "HighBit":
     # (the quick path used the record's int 8 and refused).
     (0x00280010, "DS", b"8 ", {}, 126, False),
     (0x00280008, "DS", b"2 ", {}, 128 * 2 - 2, False),
+    (0x00280008, "IS", b"2.5 ", {}, 128 * 2 - 2, False),   # pydicom's ISfloat 2.5
 ])
 def test_odd_geometry_values_give_pydicoms_pixel_check_on_both_paths(
         tmp_path: Path, tag: int, vr: str, value: bytes, attributes: dict[str, object],

@@ -348,8 +348,11 @@ def pixel_geometry(ds: Dataset, record: InstanceRecord) -> SimpleNamespace | Non
     raw = ds._dict
     if record.rows is None or record.columns is None or record.bits_allocated is None:
         return None
-    if _NUMBER_OF_FRAMES in raw and record.number_of_frames is None:
-        return None  # empty, not a number, or past an IS: pydicom says what it means
+    if _NUMBER_OF_FRAMES in raw and (record.number_of_frames is None
+                                     or not isinstance(raw[_NUMBER_OF_FRAMES].value, bytes)):
+        # Empty, not a number, past an IS, or not plain digits (converted by pydicom for the
+        # record: "2.5" is 2 there, 2.5 to pydicom, and no int length): pydicom decides.
+        return None
     if any(tag in raw and raw[tag].VR not in (None, vr)
            for tag, vr in _RECORD_GEOMETRY_VRS.items()):
         return None
