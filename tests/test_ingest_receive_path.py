@@ -397,6 +397,54 @@ def test_short_pixel_data_is_refused_by_both_paths_alike(
     assert (quick == ("refused", "PixelData is truncated")) is refused, quick
 
 
+YBR_422 = {"SamplesPerPixel": 3, "BitsAllocated": 8, "BitsStored": 8, "HighBit": 7,
+           "PlanarConfiguration": 0}
+
+
+@pytest.mark.parametrize(("tag", "vr", "value", "attributes", "pixel_bytes", "refused"), [
+    # pydicom trims a CS value's trailing spaces and NULs only: " YBR_FULL_422" is not
+    # YBR_FULL_422 to it, 8x8x3 bytes are expected (the quick path took 2/3 of that).
+    (0x00280004, "CS", b" YBR_FULL_422 ", YBR_422, 128, True),
+    (0x00280004, "CS", b"YBR_FULL_422\t ", YBR_422, 128, True),
+    (0x00280004, "CS", b"YBR_FULL_422\x00\x00", YBR_422, 128, False),
+    # NumberOfFrames 50 as US: "2\x00" is no text "2" (the quick path expected 2 frames).
+    (0x00280008, "US", (50).to_bytes(2, "little"), {}, 128 * 2, True),
+    (0x00280008, "US", (50).to_bytes(2, "little"), {}, 128 * 50, False),
+    # A DS Rows: pydicom's float makes no int of the expected length and skips the check
+    # (the quick path used the record's int 8 and refused).
+    (0x00280010, "DS", b"8 ", {}, 126, False),
+    (0x00280008, "DS", b"2 ", {}, 128 * 2 - 2, False),
+    (0x00280008, "IS", b"2.5 ", {}, 128 * 2 - 2, False),   # pydicom's ISfloat 2.5
+])
+def test_odd_geometry_values_give_pydicoms_pixel_check_on_both_paths(
+        tmp_path: Path, tag: int, vr: str, value: bytes, attributes: dict[str, object],
+        pixel_bytes: int, refused: bool) -> None:
+    ds = tiny_ct(**attributes)
+    ds[tag] = RawDataElement(Tag(tag), vr, len(value), value, 0, False, True)
+    ds.PixelData = bytes(pixel_bytes)
+    path = tmp_path / "image.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    quick, full, walked = both_paths(path)
+    assert walked
+    assert quick == full
+    assert (quick == ("refused", "PixelData is truncated")) is refused, quick
+
+
+def test_an_instance_number_written_as_us_is_its_number_on_both_paths(tmp_path: Path) -> None:
+    """InstanceNumber 50 and SeriesNumber 49 as US: the quick path read the bytes "2\\x00"
+    and "1\\x00" as text and indexed 2 and 1."""
+    ds = tiny_ct()
+    ds[0x00200013] = RawDataElement(Tag(0x00200013), "US", 2, b"2\x00", 0, False, True)
+    ds[0x00200011] = RawDataElement(Tag(0x00200011), "US", 2, b"1\x00", 0, False, True)
+    path = tmp_path / "image.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    quick, full, walked = both_paths(path)
+    assert walked
+    assert quick == full
+    assert isinstance(quick, dict)
+    assert (quick["instance_number"], quick["series_number"]) == (50, 49)
+
+
 @pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
 def test_a_dataset_cut_inside_a_short_top_level_value_is_refused_naming_it(
         tmp_path: Path, syntax: str) -> None:

@@ -18,7 +18,9 @@ from typing import Any
 
 import pytest
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.filereader import read_dataset
+from pydicom.tag import Tag
 from pynetdicom import AE, _config
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -30,6 +32,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from appliance.dicomnet.direct_receive import p_data_tf
 from appliance.dicomnet.direct_store import c_store_rq
 from tests.support import raw_ul
+from tests.support.objects import tiny_ct
 from tests.support.peers import (
     CT_DIR,
     MR_DIR,
@@ -114,6 +117,31 @@ def test_an_object_cut_anywhere_is_refused_and_nothing_stored(pas: PasProcess,
     assert_nothing_stored(pas)
     assert send_file_as_is(pas.port, source).Status == 0x0000  # and the next one is taken
     assert pas.status()["instances"] == 1
+
+
+def test_pixel_data_short_of_a_us_number_of_frames_is_refused(pas: PasProcess,
+                                                               tmp_path: Path) -> None:
+    """NumberOfFrames 50 written with VR US (as some writers do; an IS is text): its bytes
+    "2\\x00" were read as the text "2", and the pixel-length check of the quick path took
+    that from the record. An object with 2 of its 50 frames was answered Success, stored,
+    and indexed as 2 frames; pydicom's full parse reads 50 and refuses it."""
+    ds = tiny_ct()
+    ds[0x00280008] = RawDataElement(Tag(0x00280008), "US", 2, (50).to_bytes(2, "little"), 0,
+                                    False, True)
+    ds.PixelData = bytes(128 * 2)
+    cut = tmp_path / "two-of-fifty-frames.dcm"
+    ds.save_as(cut, enforce_file_format=True)
+    answer = send_file_as_is(pas.port, cut)
+    assert answer.Status == 0xC210, hex(answer.Status)
+    assert "PixelData is truncated: 256 bytes, the header describes 6400" in str(
+        answer.ErrorComment), answer.ErrorComment
+    assert_nothing_stored(pas)
+    ds.PixelData = bytes(128 * 50)
+    whole = tmp_path / "fifty-frames.dcm"
+    ds.save_as(whole, enforce_file_format=True)
+    assert send_file_as_is(pas.port, whole).Status == 0x0000
+    assert [r["number_of_frames"] for r in read_rows(
+        pas.home / "pas.sqlite", "SELECT number_of_frames FROM instances")] == [50]
 
 
 def test_a_dataset_in_another_vr_than_its_context_is_refused(pas: PasProcess,

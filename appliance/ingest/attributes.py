@@ -310,6 +310,8 @@ def record_from_raw(ds: Dataset, transfer_syntax_uid: str) -> InstanceRecord:
         for name, tag in _TEXT_TAGS.items():
             values[name] = _plain(raw[tag], codec) if tag in raw else None
         for name, tag in _INT_TAGS.items():
+            if tag in raw and ds._dict[tag].VR not in (None, "IS"):
+                raise _NotSimple  # a writer's US or UL: its bytes are a number, not text
             text = _plain(raw[tag], "ascii") if tag in raw else None
             values[name] = int(text) if text is not None and text.isdigit() else None
             if text is not None and values[name] is None:
@@ -327,6 +329,11 @@ def record_from_raw(ds: Dataset, transfer_syntax_uid: str) -> InstanceRecord:
 
 # The Image Pixel elements pydicom's get_expected_length reads beyond the record's own.
 _SAMPLES_PER_PIXEL, _PHOTOMETRIC, _NUMBER_OF_FRAMES = 0x00280002, 0x00280004, 0x00280008
+# The record's geometry values and the VR each must have to be pydicom's value too: the
+# record makes an int of a DS Rows (8.0) or NumberOfFrames (2.5), where pydicom's float
+# makes the expected length no int, and the check is skipped.
+_RECORD_GEOMETRY_VRS = {0x00280010: "US", 0x00280011: "US", 0x00280100: "US",
+                        _NUMBER_OF_FRAMES: "IS"}
 
 
 def pixel_geometry(ds: Dataset, record: InstanceRecord) -> SimpleNamespace | None:
@@ -341,17 +348,26 @@ def pixel_geometry(ds: Dataset, record: InstanceRecord) -> SimpleNamespace | Non
     raw = ds._dict
     if record.rows is None or record.columns is None or record.bits_allocated is None:
         return None
-    if _NUMBER_OF_FRAMES in raw and record.number_of_frames is None:
-        return None  # empty, not a number, or past an IS: pydicom says what it means
+    if _NUMBER_OF_FRAMES in raw and (record.number_of_frames is None
+                                     or not isinstance(raw[_NUMBER_OF_FRAMES].value, bytes)):
+        # Empty, not a number, past an IS, or not plain digits (converted by pydicom for the
+        # record: "2.5" is 2 there, 2.5 to pydicom, and no int length): pydicom decides.
+        return None
+    if any(tag in raw and raw[tag].VR not in (None, vr)
+           for tag, vr in _RECORD_GEOMETRY_VRS.items()):
+        return None
     photometric = raw.get(_PHOTOMETRIC)
-    if photometric is None or photometric.VR not in (None, "CS"):
+    if (photometric is None or photometric.VR not in (None, "CS")
+            or not isinstance(photometric.value, bytes) or b"\\" in photometric.value):
         return None
     try:
         samples = _unsigned_short(raw.get(_SAMPLES_PER_PIXEL))
-        interpretation = _plain(photometric.value, "ascii")
     except _NotSimple:
         return None
-    if samples is None or interpretation is None:
+    # pydicom's reading of a CS value: Latin-1, trailing spaces and NULs trimmed, nothing
+    # else (" YBR_FULL_422" is not YBR_FULL_422 to it, nor to its length check).
+    interpretation = photometric.value.decode("latin-1").rstrip(" \x00")
+    if samples is None or not interpretation:
         return None
     return SimpleNamespace(Rows=record.rows, Columns=record.columns, SamplesPerPixel=samples,
                            BitsAllocated=record.bits_allocated,
