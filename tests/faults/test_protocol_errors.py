@@ -235,18 +235,23 @@ def test_a_pdu_over_the_bound_on_a_large_association_is_refused_naming_the_peer(
     _served_bit_exact(pas, tmp_path)
 
 
+@pytest.mark.parametrize(("garbage", "what"), [
+    (UNKNOWN_TYPE, "an unknown PDU type (0x55)"),
+    (EMPTY_COMMAND, "a message that does not decode (AttributeError: 'Dataset' object has "
+                    "no attribute 'CommandField')"),
+], ids=["unknown-type", "undecodable-message"])
 def test_a_pdu_pas_cannot_read_on_its_own_association_fails_the_send_at_once(
-        tmp_path: Path) -> None:
+        tmp_path: Path, garbage: bytes, what: str) -> None:
     """PAS forwarding to a ``dicom`` destination whose answer to the C-STORE is a PDU PAS
-    cannot read (an unknown type; the node here is a pynetdicom SCP that writes it instead of
-    its C-STORE-RSP). PAS named it, aborted and closed the connection at once, but its
-    sender was not told: it waited out the DIMSE timeout (the destination's timeout_s, 20 s
-    here) for an answer that could not come, and only then did the job fail."""
+    cannot read (the node here is a pynetdicom SCP that writes it instead of its
+    C-STORE-RSP). PAS named it and aborted at once, but its sender was not told: it waited
+    out the DIMSE timeout (the destination's timeout_s, 20 s here) for an answer that could
+    not come, and only then did the job fail."""
     answered = threading.Event()
     done = threading.Event()
 
     def on_store(event: Any) -> int:
-        event.assoc.dul.socket.socket.sendall(UNKNOWN_TYPE)
+        event.assoc.dul.socket.socket.sendall(garbage)
         answered.set()
         done.wait(30)  # the node says nothing more
         return 0x0000
@@ -275,9 +280,8 @@ def test_a_pdu_pas_cannot_read_on_its_own_association_fails_the_send_at_once(
         assert time.monotonic() - started < PROMPT_S
         assert job["last_error"] == (f"ConnectionError: node: no C-STORE response for "
                                      f"{dcmread(CT_FILE, stop_before_pixels=True).SOPInstanceUID}")
-        assert pas.log().count("WARNING pas.dicomnet: DICOM peer NODE (127.0.0.1) sent an "
-                               "unknown PDU type (0x55): association aborted (A-ABORT), "
-                               "connection closed") == 1
+        assert pas.log().count(f"WARNING pas.dicomnet: DICOM peer NODE (127.0.0.1) sent "
+                               f"{what}: association aborted (A-ABORT)") == 1
     finally:
         done.set()
         pas.stop()
