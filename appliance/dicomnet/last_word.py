@@ -86,6 +86,18 @@ def report(dul: Any) -> None:
         log.exception("reporting the invalid PDU of %s failed", peer_name(dul))
 
 
+def wake_sender(dul: Any) -> None:
+    """Tell a thread waiting for the peer's answer on this association (a forward's C-STORE,
+    a C-MOVE's sub-operation, a worklist query: PAS's own associations) that none is coming,
+    as pynetdicom's actions for a peer's abort or a lost connection do (AA-2 to AA-4). Its
+    AA-8 and PAS's own abort do not: PAS aborted at once on the peer's unreadable PDU, and
+    the sender still waited out the DIMSE timeout (a dicom destination's 20 s of timeout_s,
+    measured; 30 s by default) before its job failed."""
+    dimse = getattr(dul.assoc, "dimse", None)
+    if dimse is not None:
+        dimse.msg_queue.put((None, None))
+
+
 def _discard_arrived(sock: socket.socket) -> int:
     """Read and drop what has already arrived (without waiting); how many bytes. The TCP
     socket's own recv: an SSLSocket refuses flags, and TLS records need no decrypting to
@@ -116,5 +128,7 @@ def close_after_last_word(dul: Any) -> bool:
             log.debug("%s sent %d bytes after the association ended: discarded",
                       peer_name(dul), discarded)
     transport.close()
+    if getattr(dul, "_pas_protocol_error", None) is not None:
+        wake_sender(dul)  # its A-ABORT is out, the connection closed: no answer is coming
     report(dul)
     return True

@@ -393,6 +393,7 @@ def _abort(self: DULServiceProvider, reason: int) -> None:
     self.assoc.is_established = False
     self.assoc._kill = True
     self._kill_thread = True
+    last_word.wake_sender(self)
     last_word.report(self)
 
 

@@ -18,14 +18,16 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from pynetdicom import AE
+from pydicom import dcmread
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from tests.faults.test_connections import CT_FILE, _connections, _refusals, _store
 from tests.support import raw_ul
-from tests.support.peers import PasProcess, read_rows, wait_for
+from tests.support.peers import PasProcess, free_port, read_rows, wait_for
 from tests.test_dicomnet import as_sent, datasets_held
 
 REQUEST = raw_ul.associate_rq([(1, str(Verification), "1.2.840.10008.1.2")], "PAS", "CT1", 0)
@@ -231,3 +233,56 @@ def test_a_pdu_over_the_bound_on_a_large_association_is_refused_naming_the_peer(
                              f"{offered + 1} bytes, over the {offered} this association "
                              f"accepts)")
     _served_bit_exact(pas, tmp_path)
+
+
+@pytest.mark.parametrize(("garbage", "what"), [
+    (UNKNOWN_TYPE, "an unknown PDU type (0x55)"),
+    (EMPTY_COMMAND, "a message that does not decode (AttributeError: 'Dataset' object has "
+                    "no attribute 'CommandField')"),
+], ids=["unknown-type", "undecodable-message"])
+def test_a_pdu_pas_cannot_read_on_its_own_association_fails_the_send_at_once(
+        tmp_path: Path, garbage: bytes, what: str) -> None:
+    """PAS forwarding to a ``dicom`` destination whose answer to the C-STORE is a PDU PAS
+    cannot read (the node here is a pynetdicom SCP that writes it instead of its
+    C-STORE-RSP). PAS named it and aborted at once, but its sender was not told: it waited
+    out the DIMSE timeout (the destination's timeout_s, 20 s here) for an answer that could
+    not come, and only then did the job fail."""
+    answered = threading.Event()
+    done = threading.Event()
+
+    def on_store(event: Any) -> int:
+        event.assoc.dul.socket.socket.sendall(garbage)
+        answered.set()
+        done.wait(30)  # the node says nothing more
+        return 0x0000
+
+    node = AE(ae_title="NODE")
+    node.add_supported_context(CTImageStorage, ALL_TRANSFER_SYNTAXES)
+    node_port = free_port()
+    server = node.start_server(("127.0.0.1", node_port), block=False,
+                               evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    pas = PasProcess(tmp_path / "pas", {
+        "PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_HTTP__ENABLED": "false",
+        "PAS_CACHE__SCRUB_MB_PER_S": "0", "PAS_QUEUE__MAX_ATTEMPTS": "1",
+        "PAS_DESTINATIONS__NODE__KIND": "dicom", "PAS_DESTINATIONS__NODE__AE_TITLE": "NODE",
+        "PAS_DESTINATIONS__NODE__HOST": "127.0.0.1",
+        "PAS_DESTINATIONS__NODE__PORT": str(node_port),
+        "PAS_DESTINATIONS__NODE__TIMEOUT_S": "20",
+        "PAS_ROUTING__FALLBACK__DESTINATIONS": '["node"]'})
+    try:
+        pas.start()
+        assert _store(pas.port).returncode == 0
+        assert answered.wait(30), "PAS never sent the C-STORE"
+        started = time.monotonic()
+        [job] = wait_for(lambda: [r for r in read_rows(pas.home / "pas.sqlite",
+                                                       "SELECT state, last_error FROM jobs")
+                                  if r["state"] == "failed"], 15, what="the job failed")
+        assert time.monotonic() - started < PROMPT_S
+        assert job["last_error"] == (f"ConnectionError: node: no C-STORE response for "
+                                     f"{dcmread(CT_FILE, stop_before_pixels=True).SOPInstanceUID}")
+        assert pas.log().count(f"WARNING pas.dicomnet: DICOM peer NODE (127.0.0.1) sent "
+                               f"{what}: association aborted (A-ABORT)") == 1
+    finally:
+        done.set()
+        pas.stop()
+        server.shutdown()
