@@ -16,36 +16,19 @@ through a progress handler), not time: it does not depend on the machine's load.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from appliance.store import hub as store
 from appliance.store.db import Database
 from appliance.store.hub_schema import HUB_MIGRATIONS
+from tests.support.sqlite_steps import counted
 
 TRANSFERS = 20_000
 # Through the index: 24 to 40 instructions; through every transfer of the site, 100,000.
 MOST_INSTRUCTIONS = 10_000
 ASKED = "2.25.77"  # the study asked about
 SHA = "a" * 64
-
-
-def _counted(db: Database, look_up: Callable[[], Any]) -> tuple[int, Any]:
-    """How many SQLite instructions ``look_up()`` ran, and what it returned."""
-    conn = db.connection()
-    steps = [0]
-
-    def count() -> int:
-        steps[0] += 1
-        return 0  # go on
-
-    conn.set_progress_handler(count, 1)
-    try:
-        result = look_up()
-    finally:
-        conn.set_progress_handler(None, 0)
-    return steps[0], result
 
 
 def _transfer(n: int | str, site: str, study_uid: str, committed: bool) -> tuple[Any, ...]:
@@ -77,11 +60,11 @@ def test_a_holdings_question_reads_that_study_s_transfers_only(tmp_path: Path) -
                 [(transfer_id, f"{study}.{transfer_id.rsplit('-', 1)[1]}", SHA)
                  for transfer_id, _, study, _, _ in rows])
 
-        spent, own = _counted(db, lambda: store.archived_for_site(db, "CHU-NORD", ASKED))
+        spent, own = counted(db, lambda: store.archived_for_site(db, "CHU-NORD", ASKED))
         assert spent < MOST_INSTRUCTIONS, spent
         assert own == {(f"{ASKED}.first", SHA), (f"{ASKED}.delta", SHA)}
 
-        spent, receipted = _counted(db, lambda: store.receipted_instances(
+        spent, receipted = counted(db, lambda: store.receipted_instances(
             db, "CHU-NORD", ASKED))
         assert spent < MOST_INSTRUCTIONS, spent
         assert receipted == {(f"{ASKED}.first", SHA): ("T-CHU-NORD-first", True)}

@@ -28,6 +28,7 @@ from pydicom.uid import generate_uid
 from appliance.store import audit, index, prefetch, query
 from appliance.store.db import Database
 from appliance.store.index import InstanceRecord, StoredFile
+from tests.support.sqlite_steps import counted
 
 PATIENTS = 20_000
 # Filing one instance through the indexes costs a few hundred instructions (measured: 100 to
@@ -50,21 +51,9 @@ def _record(patient_id: str, name: str, n: int | None = None) -> InstanceRecord:
 
 
 def _counted(db: Database, look_up: Callable[[], Any]) -> tuple[int, Any]:
-    """How many SQLite instructions ``look_up()`` ran (to the nearest hundred, rounded down
-    for each statement), and what it returned."""
-    conn = db.connection()
-    steps = [0]
-
-    def count() -> int:
-        steps[0] += 100
-        return 0  # go on
-
-    conn.set_progress_handler(count, 100)
-    try:
-        result = look_up()
-    finally:
-        conn.set_progress_handler(None, 0)
-    return steps[0], result
+    """SQLite instructions in steps of a hundred (each statement rounded down): the
+    look-ups before their fix ran millions."""
+    return counted(db, look_up, every=100)
 
 
 def _instructions(db: Database, record: InstanceRecord) -> int:

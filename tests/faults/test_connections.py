@@ -78,12 +78,18 @@ def _threads(pas: PasProcess) -> int:
     return len(os.listdir(f"/proc/{pas.proc.pid}/task"))
 
 
+def small_listener(home: Path) -> PasProcess:
+    """A daemon (not started) whose DICOM port takes 2 associations and 6 connections: a
+    few raw connections reach its bounds."""
+    return PasProcess(home, {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                             "PAS_DICOM__MAX_ASSOCIATIONS": "2",
+                             "PAS_DICOM__MAX_CONNECTIONS": "6",
+                             "PAS_CACHE__SCRUB_MB_PER_S": "0"})
+
+
 @pytest.fixture
 def pas(tmp_path: Path) -> Iterator[PasProcess]:
-    daemon = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
-                                           "PAS_DICOM__MAX_ASSOCIATIONS": "2",
-                                           "PAS_DICOM__MAX_CONNECTIONS": "6",
-                                           "PAS_CACHE__SCRUB_MB_PER_S": "0"})
+    daemon = small_listener(tmp_path / "pas")
     try:
         yield daemon.start()
     finally:

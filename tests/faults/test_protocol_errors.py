@@ -25,7 +25,13 @@ from pydicom import dcmread
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from tests.faults.test_connections import CT_FILE, _connections, _refusals, _store
+from tests.faults.test_connections import (
+    CT_FILE,
+    _connections,
+    _refusals,
+    _store,
+    small_listener,
+)
 from tests.support import raw_ul
 from tests.support.peers import PasProcess, free_port, read_rows, wait_for
 from tests.test_dicomnet import as_sent, datasets_held
@@ -47,10 +53,7 @@ PROMPT_S = 5.0  # "at once", with room for a loaded CI: the timers in play are 3
 
 @pytest.fixture
 def pas(tmp_path: Path) -> Iterator[PasProcess]:
-    daemon = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
-                                           "PAS_DICOM__MAX_ASSOCIATIONS": "2",
-                                           "PAS_DICOM__MAX_CONNECTIONS": "6",
-                                           "PAS_CACHE__SCRUB_MB_PER_S": "0"})
+    daemon = small_listener(tmp_path / "pas")
     try:
         yield daemon.start()
         wait_for(lambda: _connections(daemon) == 0, 10, what="no connection open")
