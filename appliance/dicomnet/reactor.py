@@ -389,6 +389,11 @@ def _abort(self: DULServiceProvider, reason: int) -> None:
     abort_pdu.reason_diagnostic = reason
     if self.socket is not None:
         self.socket.send(abort_pdu.encode())
+        if self.assoc.is_requestor:
+            # PAS's own association: nothing else closes it (an accepted one's thread
+            # does). It stayed open, in CLOSE-WAIT once the peer had closed, until the
+            # association object was collected (~8 s), after a log line saying "closed".
+            self.socket.close()
     self.assoc.is_aborted = True
     self.assoc.is_established = False
     self.assoc._kill = True

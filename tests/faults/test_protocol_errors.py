@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import socket
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -59,6 +60,15 @@ def pas(tmp_path: Path) -> Iterator[PasProcess]:
         wait_for(lambda: _connections(daemon) == 0, 10, what="no connection open")
     finally:
         daemon.stop()
+
+
+def _sockets_to(pas: PasProcess, port: int) -> list[str]:
+    """The TCP connections of the daemon's process to ``port`` (any state but listening),
+    from ``ss``."""
+    assert pas.proc is not None
+    listed = subprocess.run(["ss", "-tnpH", "dport", "=", f":{port}"], capture_output=True,
+                            text=True, check=True).stdout
+    return [line for line in listed.splitlines() if f"pid={pas.proc.pid}," in line]
 
 
 def _answers(sock: socket.socket) -> tuple[list[int], float]:
@@ -285,6 +295,10 @@ def test_a_pdu_pas_cannot_read_on_its_own_association_fails_the_send_at_once(
                                      f"{dcmread(CT_FILE, stop_before_pixels=True).SOPInstanceUID}")
         assert pas.log().count(f"WARNING pas.dicomnet: DICOM peer NODE (127.0.0.1) sent "
                                f"{what}: association aborted (A-ABORT)") == 1
+        # "connection closed", as the line says: no socket of PAS's left to the node (its
+        # own abort path left one open, in CLOSE-WAIT, until the association was collected).
+        wait_for(lambda: not _sockets_to(pas, node_port), PROMPT_S,
+                 what="PAS's connection to the node closed")
     finally:
         done.set()
         pas.stop()
