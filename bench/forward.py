@@ -18,12 +18,12 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tests.support.configs import everything_to  # noqa: E402
 from tests.support.peers import (  # noqa: E402
     CT_DIR,
     DCMTK_ENV,
@@ -52,17 +52,7 @@ def _jobs(database: Path) -> list[sqlite3.Row]:
 
 def forward_seconds(folder: Path, scp: StoreSCP, work: Path) -> float:
     """Seconds from the first forwarding job's creation to the last one's end."""
-    config = work / "appliance.toml"
-    config.write_text(textwrap.dedent(f"""
-        [routing.fallback]
-        destinations = ["pacs"]
-
-        [destinations.pacs]
-        kind = "dicom"
-        ae_title = "{scp.ae_title}"
-        host = "127.0.0.1"
-        port = {scp.port}
-        """))
+    config = everything_to(work / "appliance.toml", scp)
     pas = PasProcess(work / "pas", {
         "PAS_CONFIG": str(config), "PAS_DICOM__ACCEPT_UNKNOWN": "true",
         "PAS_HTTP__ENABLED": "false", "PAS_STUDY__STABLE_AFTER_S": "1"}).start()

@@ -21,6 +21,7 @@ from pydicom.uid import (
 from appliance.dispatch.target_types.dicom import plan_associations
 from appliance.store.spool import Spool
 from appliance.store.transcode import transcoded
+from tests.support.configs import everything_to
 from tests.support.peers import StoreSCP, storescu, wait_for
 from tests.test_ingest import dataset_part, index_rows, sop_uid
 from tests.test_routing import CT_PATIENT, jobs_of
@@ -31,23 +32,12 @@ CT_IMAGE, MR_IMAGE = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"
 
 def write_config(path: Path, scp: StoreSCP) -> Path:
     """Everything goes to the peer (fallback route); a failed job is retried once."""
-    path.write_text(textwrap.dedent(f"""
+    return everything_to(path, scp, timeout_s=10, before="""
         [queue]
         max_attempts = 2
         backoff_initial_s = 0.2
         backoff_max_s = 0.5
-
-        [routing.fallback]
-        destinations = ["pacs"]
-
-        [destinations.pacs]
-        kind = "dicom"
-        ae_title = "{scp.ae_title}"
-        host = "127.0.0.1"
-        port = {scp.port}
-        timeout_s = 10
-        """))
-    return path
+        """)
 
 
 def send_ct_and_big_endian_mr(pas_factory, scp: StoreSCP, tmp_path: Path):  # type: ignore[no-untyped-def]

@@ -19,7 +19,6 @@ import os
 import re
 import sqlite3
 import subprocess
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +37,7 @@ from appliance.store.index import InstanceRecord, StoredFile
 from appliance.store.jobs import WAITING_FOR_LINK
 from appliance.store.spool import Spool
 from tests.support.archived import orthanc_hashes
+from tests.support.configs import everything_to
 from tests.support.peers import (
     PAS_BIN,
     NetNamespace,
@@ -152,23 +152,12 @@ def test_an_outage_outlives_a_restart_of_the_daemon(pas_factory, tmp_path: Path)
     state now: the restarted daemon goes on from the same start (the long wait), says once
     that the outage continues, and the study arrives bit-exact once the PACS is back."""
     scp = StoreSCP(tmp_path / "late", ae_title="PACS")  # its port chosen, nothing listening
-    config = tmp_path / "appliance.toml"
-    config.write_text(textwrap.dedent(f"""
+    config = everything_to(tmp_path / "appliance.toml", scp, timeout_s=10, before=f"""
         [queue]
         max_attempts = {MAX_ATTEMPTS}
         backoff_initial_s = 0.2
         backoff_max_s = 60
-
-        [routing.fallback]
-        destinations = ["pacs"]
-
-        [destinations.pacs]
-        kind = "dicom"
-        ae_title = "{scp.ae_title}"
-        host = "127.0.0.1"
-        port = {scp.port}
-        timeout_s = 10
-        """))
+        """)
     pas: PasProcess = pas_factory({"PAS_CONFIG": str(config),
                                    "PAS_DICOM__ACCEPT_UNKNOWN": "true"})
     storescu(CT_PATIENT, pas.port)

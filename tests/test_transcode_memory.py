@@ -21,7 +21,6 @@ import os
 import signal
 import struct
 import subprocess
-import textwrap
 from pathlib import Path
 
 import httpx
@@ -31,6 +30,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import iter_pixels
 from pydicom.uid import RLELossless, SecondaryCaptureImageStorage, generate_uid
 
+from tests.support.configs import everything_to
 from tests.support.peers import DCMTK_ENV, PasProcess, StoreSCP, storescu, wait_for
 from tests.test_routing import jobs_of
 from tests.test_serving_memory import _growth, _single_part
@@ -220,18 +220,7 @@ def test_c_get_of_a_300_mb_rle_object_by_a_viewer_without_rle(tmp_path: Path) ->
 
 def test_routing_a_300_mb_rle_object_to_a_node_without_rle(tmp_path: Path) -> None:
     scp = StoreSCP(tmp_path / "node", ae_title="OLDPACS").start()  # uncompressed only
-    config = tmp_path / "appliance.toml"
-    config.write_text(textwrap.dedent(f"""
-        [routing.fallback]
-        destinations = ["pacs"]
-
-        [destinations.pacs]
-        kind = "dicom"
-        ae_title = "{scp.ae_title}"
-        host = "127.0.0.1"
-        port = {scp.port}
-        timeout_s = 30
-        """))
+    config = everything_to(tmp_path / "appliance.toml", scp)
     pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
                                         "PAS_CONFIG": str(config)}).start()
     try:

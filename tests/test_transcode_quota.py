@@ -23,12 +23,12 @@ from __future__ import annotations
 import re
 import sqlite3
 import subprocess
-import textwrap
 from pathlib import Path
 
 import httpx
 from pydicom import dcmread
 
+from tests.support.configs import everything_to
 from tests.support.peers import DCMTK_ENV, PasProcess, StoreSCP, storescu, wait_for
 from tests.test_routing import jobs_of
 from tests.test_serving_retrieve_audit import final_counts
@@ -52,18 +52,7 @@ def _retrieves(pas: PasProcess) -> list[sqlite3.Row]:
 
 def test_a_copy_past_the_quota_is_refused_by_every_sender(tmp_path: Path) -> None:
     node = StoreSCP(tmp_path / "node", ae_title="OLDPACS").start()  # uncompressed only
-    config = tmp_path / "appliance.toml"
-    config.write_text(textwrap.dedent(f"""
-        [routing.fallback]
-        destinations = ["pacs"]
-
-        [destinations.pacs]
-        kind = "dicom"
-        ae_title = "{node.ae_title}"
-        host = "127.0.0.1"
-        port = {node.port}
-        timeout_s = 30
-        """))
+    config = everything_to(tmp_path / "appliance.toml", node)
     env = {"PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_STORAGE__QUOTA_MB": str(QUOTA_MB),
            "PAS_CONFIG": str(config), "PAS_QUEUE__MAX_ATTEMPTS": "2",
            "PAS_QUEUE__BACKOFF_INITIAL_S": "0.2", "PAS_QUEUE__BACKOFF_MAX_S": "0.5"}

@@ -1,0 +1,35 @@
+"""Configuration files the tests and benchmarks write: one shape, written once.
+
+Why: "every study to one DICOM node" (the fallback rule and a ``dicom`` destination named
+``pacs``) is the set-up of the forwarding, transcoding and link tests and of
+``bench/forward.py``; each wrote the same TOML by hand."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Protocol
+
+
+class _Node(Protocol):
+    ae_title: str
+    port: int
+
+
+def everything_to(path: Path, node: _Node, *, timeout_s: float = 30,
+                  before: str = "") -> Path:
+    """Write at ``path`` a configuration routing every study (the fallback rule) to the DICOM
+    node ``node`` (a StoreSCP) on 127.0.0.1, as destination ``pacs``; ``before``: more TOML
+    put first (a ``[queue]`` section). Returns ``path``."""
+    path.write_text(textwrap.dedent(before) + textwrap.dedent(f"""
+        [routing.fallback]
+        destinations = ["pacs"]
+
+        [destinations.pacs]
+        kind = "dicom"
+        ae_title = "{node.ae_title}"
+        host = "127.0.0.1"
+        port = {node.port}
+        timeout_s = {timeout_s:g}
+        """))
+    return path
