@@ -100,7 +100,7 @@ class DicomSection(_Section):
     # temp file as it arrives (bounded memory: tomosynthesis, long multi-frame objects).
     spill_above_mb: int = Field(default=32, ge=0)  # 0: every dataset (tests)
     # Storage SOP classes accepted, stored and served besides the standard ones pynetdicom
-    # knows: vendors' private objects (appliance/ingest/scp.py, storage_sop_classes). One not
+    # knows: vendors' private objects (appliance/ingest/policy.py, storage_sop_classes). One not
     # listed is refused at negotiation, and the log names it and this key.
     extra_storage_sop_classes: list[StorageSopClassUid] = [SIEMENS_CSA_NON_IMAGE]
     # Storage Commitment Push Model SCP (appliance/ingest/commitment.py): modalities ask

@@ -179,7 +179,7 @@ def test_a_configured_private_class_is_stored_on_either_receive_path(
 
 def test_the_refusal_line_is_said_again_after_its_interval_and_its_memory_is_bounded(
         caplog: pytest.LogCaptureFixture) -> None:
-    from appliance.ingest.scp import RefusedSopClassLog
+    from appliance.ingest.policy import RefusedSopClassLog
 
     said = RefusedSopClassLog(every_s=3600)
     for _ in range(3):

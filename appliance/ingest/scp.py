@@ -1,8 +1,10 @@
 """The DICOM listener modalities send to: C-ECHO and C-STORE (pynetdicom).
 
-Owns: presentation contexts, the association policy (known calling AEs, optionally pinned to
-a host; the called AE title) and mapping receive outcomes to DIMSE statuses. Other services
-(C-FIND/C-MOVE/C-GET) register their handlers on the same AE through :meth:`add_handlers`.
+Owns: presentation contexts, applying the association policy (appliance/ingest/policy.py:
+known calling AEs, optionally pinned to a host, and the SOP classes and transfer syntaxes
+taken; here: the called AE title, the limits) and mapping receive outcomes to DIMSE
+statuses. Other services (C-FIND/C-MOVE/C-GET) register their handlers on the same AE
+through :meth:`add_handlers`.
 May not touch: SQL or files directly (it calls :class:`~appliance.ingest.receive.Receiver`).
 """
 
@@ -13,22 +15,22 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, AllTransferSyntaxes
-from pynetdicom import AE, evt, register_uid
-from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.service_class import StorageServiceClass
-from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-    Verification,
-    uid_to_service_class,
-)
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from appliance.config import DicomSection
 from appliance.dicomnet.server import ListenerServer
 from appliance.ingest.attributes import DatasetMismatch, InvalidInstance
+from appliance.ingest.policy import (
+    TRANSFER_SYNTAXES,
+    AssociationPolicy,
+    RefusedSopClassLog,
+    storage_sop_classes,
+)
 from appliance.ingest.receive import Receiver, StorageFailure
 from appliance.logs import ThrottledWarning
 from appliance.ops.metrics import count_refusal, watch_dicom_connections
@@ -59,50 +61,6 @@ _REJECT_TRANSIENT = 0x02
 _SOURCE_PROVIDER_PRESENTATION = 0x03
 _LOCAL_LIMIT_EXCEEDED = 0x02
 
-# Every transfer syntax pydicom knows: we store what arrives as it arrives. Uncompressed first.
-_PREFERRED = [
-    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
-    "1.2.840.10008.1.2",    # Implicit VR Little Endian
-]
-TRANSFER_SYNTAXES = _PREFERRED + [str(t) for t in AllTransferSyntaxes if str(t) not in _PREFERRED]
-
-# Retired image storage SOP classes (PS3.4 2004 and before) that modalities still in service
-# send: ultrasound carts and gamma cameras keep their original SOP Class. pynetdicom does not
-# know them, so their presentation contexts were rejected (abstract syntax not supported)
-# and such a modality could not send at all; DCMTK's storescp and Orthanc accept them.
-# Registered with pynetdicom as storage classes, they are received, filed and served
-# (C-GET) like any other. The keywords are pydicom's.
-RETIRED_IMAGE_STORAGE = {
-    "1.2.840.10008.5.1.4.1.1.3": "UltrasoundMultiFrameImageStorageRetired",
-    "1.2.840.10008.5.1.4.1.1.5": "NuclearMedicineImageStorageRetired",
-    "1.2.840.10008.5.1.4.1.1.6": "UltrasoundImageStorageRetired",
-    "1.2.840.10008.5.1.4.1.1.12.3": "XRayAngiographicBiPlaneImageStorage",
-    "1.2.840.10008.5.1.4.1.1.77.1": "VLImageStorageTrial",
-    "1.2.840.10008.5.1.4.1.1.77.2": "VLMultiFrameImageStorageTrial",
-}
-
-
-def storage_sop_classes(extra: Sequence[str] = ()) -> list[str]:
-    """Every storage SOP class PAS accepts and serves: pynetdicom's, the retired image
-    classes, then ``extra`` (``dicom.extra_storage_sop_classes``: vendors' private classes
-    such as Siemens CSA Non-Image). The ones pynetdicom does not know are registered with it
-    here as storage classes, once per process, so that its C-STORE handling, the direct
-    path (both ask ``uid_to_service_class``), C-GET and C-MOVE sub-operations take them as
-    storage: received, filed and served like any other."""
-    for uid, keyword in RETIRED_IMAGE_STORAGE.items():
-        if uid_to_service_class(uid) is not StorageServiceClass:
-            register_uid(uid, keyword, StorageServiceClass)
-    known = [str(context.abstract_syntax) for context in AllStoragePresentationContexts]
-    classes = known + [uid for uid in RETIRED_IMAGE_STORAGE if uid not in known]
-    for uid in extra:
-        if uid_to_service_class(uid) is not StorageServiceClass:
-            # The keyword only has to be a unique Python identifier (pynetdicom's rule).
-            register_uid(uid, "PasExtraStorage_" + uid.replace(".", "_"), StorageServiceClass)
-        if uid not in classes:
-            classes.append(uid)
-    return classes
-
-
 def _end_connection(assoc: Any) -> None:
     """Shut an association's connection down under its DUL (the TCP socket's shutdown, not
     SSLSocket's, as ``ListenerServer.end_handshakes`` does)."""
@@ -110,69 +68,6 @@ def _end_connection(assoc: Any) -> None:
     if sock is not None:
         with contextlib.suppress(OSError, ValueError):
             socket.socket.shutdown(sock, socket.SHUT_RDWR)
-
-
-class RefusedSopClassLog:
-    """The journal line for a presentation context refused because PAS does not take its
-    SOP class: which class, from whom, and the key that would accept it.
-
-    pynetdicom rejects such a context silently (abstract syntax not supported, PS3.8
-    9.3.3.2), the modality logs a failure for every object of that class, and the study
-    reaches the region incomplete: the only trace on PAS's side is this line. Said at most
-    once per ``every_s`` for one calling AE and SOP class (a modality opening one
-    association per image would otherwise write it for every image), with how many times it
-    was refused meanwhile."""
-
-    # Pairs remembered at most (bounded memory, invariant 8: with dicom.accept_unknown any
-    # calling AE may propose any UID); past it, the ones said longer than every_s ago go.
-    MAX_REMEMBERED = 4096
-
-    def __init__(self, every_s: float = 3600.0):
-        self.every_s = every_s
-        self._last: dict[tuple[str, str], tuple[float, int]] = {}
-        self._lock = threading.Lock()
-
-    def refused(self, calling: str, address: str, sop_classes: set[str]) -> None:
-        now = time.monotonic()
-        for uid in sorted(sop_classes):
-            with self._lock:
-                if len(self._last) >= self.MAX_REMEMBERED:
-                    self._last = {key: value for key, value in self._last.items()
-                                  if now - value[0] < self.every_s}
-                    if len(self._last) >= self.MAX_REMEMBERED:
-                        self._last.clear()  # a flood: saying a line again is the lesser harm
-                said_at, since = self._last.get((calling, uid), (-self.every_s, 0))
-                if now - said_at < self.every_s:
-                    self._last[(calling, uid)] = (said_at, since + 1)
-                    continue
-                self._last[(calling, uid)] = (now, 0)
-            name = UID(uid).name
-            what = uid if name == uid else f"{name} ({uid})"
-            again = f"; refused {counted(since, 'more time')} since it was last said" \
-                if since else ""
-            log.warning("presentation context for SOP class %s from %s (%s) refused: not a "
-                        "storage SOP class PAS takes; to accept it, add \"%s\" to "
-                        "dicom.extra_storage_sop_classes%s", what, calling, address, uid, again,
-                        extra={"CALLING_AE": calling})
-
-
-class AssociationPolicy:
-    """Which calling AEs may open an association, and from where."""
-
-    def __init__(self, config: DicomSection):
-        self.accept_unknown = config.accept_unknown
-        self.known = {ae.title: ae.host for ae in config.known_aes}
-
-    def refusal(self, calling_ae: str, address: str) -> str | None:
-        """None when allowed; otherwise the reason, for the log."""
-        if calling_ae in self.known:
-            host = self.known[calling_ae]
-            if host is not None and host != address:
-                return f"calling AE {calling_ae!r} is known, but from {host}, not {address}"
-            return None
-        if self.accept_unknown:
-            return None
-        return f"calling AE {calling_ae!r} from {address} is not a known AE (dicom.known_aes)"
 
 
 class DicomListener:

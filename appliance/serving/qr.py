@@ -29,7 +29,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from appliance.config import DicomTlsSection, ServingSection
-from appliance.ingest.scp import TRANSFER_SYNTAXES, DicomListener
+from appliance.ingest.policy import TRANSFER_SYNTAXES
+from appliance.ingest.scp import DicomListener
 from appliance.serving.qr_answers import IdentifierEncoder, answerer
 from appliance.serving.qr_associations import peer
 from appliance.serving.qr_identifiers import (
