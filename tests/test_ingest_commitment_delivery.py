@@ -32,7 +32,8 @@ from appliance.store import commitment
 from appliance.store.db import Database
 from appliance.store.spool import Spool
 from tests.faults.pki import make_pki
-from tests.support.peers import BlackHole, NetNamespace, free_port, wait_for
+from tests.support.netns import BlackHole, NetNamespace
+from tests.support.peers import free_port, wait_for
 
 
 class Modality:

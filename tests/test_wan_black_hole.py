@@ -3,7 +3,7 @@
 Real processes only: the regional Orthanc and ``pas hub run`` in a network namespace of their
 own (198.18.0.0/15), PAS enrolled with that hub across a veth, DCMTK viewers and modality,
 HL7 over MLLP. The black hole is ``nft`` dropping every packet to and from the hub's port
-inside the hub's namespace (tests/support/peers.py ``BlackHole``): no refusal, no RST, no
+inside the hub's namespace (tests/support/netns.py ``BlackHole``): no refusal, no RST, no
 ICMP, so a connect waits for its timeout and a connection under way goes silent. (A hub
 stopped is the easy case: connections are refused at once. tests/test_serving_fetch.py's
 "WAN down" takes the link between the hub and the regional archive down: the hub still
@@ -38,10 +38,10 @@ from pynetdicom.dsutils import split_dataset
 
 from tests.support.cleanup import started
 from tests.support.hub import HubProcess, enroll
+from tests.support.netns import BlackHole
 from tests.support.peers import (
     CT_DIR,
     DCMTK_ENV,
-    BlackHole,
     NetNamespace,
     Orthanc,
     PasProcess,
