@@ -353,3 +353,50 @@ def test_enroll_replace_puts_a_new_certificate_in_place_only_once_the_hub_issued
     assert recovered is not None and (home / "pki" / "hub.json").exists()
     assert (recovered.pki_dir / "client.crt").read_bytes() == \
         (new.pki_dir / "client.crt").read_bytes()
+
+
+def test_an_enrolment_edited_to_a_plain_http_url_stops_start_up_naming_it(
+        hub: HubProcess, tmp_path: Path) -> None:
+    """``pas enroll`` refuses an http:// hub URL, but ``hub.json`` is a plain file: edited to
+    one (the hub moved, a proxy put in front of it), the daemon started and its calls to the
+    hub went in clear to that address (keep-warm's GET /api/v1/whoami first, then heartbeats
+    and manifests listing every SOP Instance UID). Now start-up is refused naming the file
+    and the field, and nothing is sent."""
+    from tests.support.peers import PasProcess
+
+    home = tmp_path / "site-plain"
+    enroll(hub, home, "SITE-PLAIN")
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    hub_json = home / "pki" / "hub.json"
+    info = json.loads(hub_json.read_text())
+    info["url"] = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    hub_json.write_text(json.dumps(info))
+    received = bytearray()
+
+    def accept_once() -> bool:
+        try:
+            connection, _ = listener.accept()
+        except TimeoutError:
+            return False
+        with connection:
+            connection.settimeout(5)
+            received.extend(connection.recv(4096))
+        return True
+
+    pas = PasProcess(home, {"PAS_DICOM__ACCEPT_UNKNOWN": "true"})
+    daemon = subprocess.Popen([str(PAS_BIN), "run"], env=pas.env, cwd=home,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: daemon.poll() is not None or accept_once(), 60,
+                 what="pas run to exit, or to call the plain http:// address")
+        assert not received, f"sent in clear: {bytes(received[:200])!r}"
+        output = daemon.communicate(timeout=30)[0]
+        assert daemon.returncode == 1, output
+        assert "cannot start" in output and "hub.json" in output and "https://" in output, output
+        assert "Traceback" not in output
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        listener.close()

@@ -11,6 +11,7 @@ waiting for the rest when the socket's timeout ends the test.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import ssl
@@ -208,3 +209,32 @@ def test_deeply_nested_json_is_a_clear_4xx_on_every_route(hub: HubProcess,
         nested["comment"] = json.loads(_deep(500))
         assert http.post("/api/v1/transfers", json=nested).status_code == 201
         assert http.get("/api/v1/whoami").status_code == 200
+
+
+def test_a_transfer_id_with_a_trailing_newline_is_refused_naming_the_field(
+        hub: HubProcess, site: Enrolment) -> None:
+    """``re.match`` with ``$`` also matches before a final newline: "<uuid>\\n" passed as a
+    transfer id (201), and the hub made a bucket folder and log lines with a line break in
+    their name. Refused now as any other malformed id; nothing is created."""
+    import base64
+
+    from appliance.transfer import seal
+
+    files = sorted(p for p in MR_DIR.rglob("*") if p.is_file())[5:6]
+    shipment = ship(pack_items(files), site.hub_transfer_key)
+    bad_id = shipment.transfer_id + "\n"
+    wrapped = seal.wrap_key(shipment.key, site.hub_transfer_key, bad_id)
+    manifest = {**shipment.manifest, "transfer_id": bad_id,
+                "wrapped_key": base64.b64encode(wrapped).decode()}
+    with client(site) as http:
+        answer = http.post("/api/v1/transfers", json=manifest)
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["detail"].startswith("transfer_id: "), answer.json()["detail"]
+    assert (bad_id,) not in _transfer_ids(hub)
+
+
+def _transfer_ids(hub: HubProcess) -> list[tuple[str]]:
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(hub.home / "hub.sqlite")) as db:
+        return db.execute("SELECT id FROM transfers").fetchall()

@@ -524,3 +524,54 @@ def test_a_bucket_that_comes_before_its_manifest_waits_for_it(
     assert "receipt" not in answer.json()  # the set is not complete
     assert http.get(small.url + "/buckets").json()["held"] == [0]
     assert _status(http, small)["bytes_received"] == len(small.buckets[0])
+
+
+def _bucket_with_one_piece(uid: str, offset: int, total: int, data: bytes) -> bytes:
+    """A well-formed bucket payload (pack.py's format v1) carrying one piece of ``uid``:
+    ``data`` at ``offset`` of a file of ``total`` bytes, in the zstd stream. What a packer
+    that disagrees with its own manifest (or a hostile site, with the transfer's key) sends."""
+    import struct
+
+    import zstandard
+
+    from appliance.transfer import pack
+
+    frame = zstandard.ZstdCompressor().compress(data)
+    header = json.dumps({"v": 1, "raw": len(data), "blobs": [len(frame)], "entries": [
+        {"uid": uid, "offset": offset, "length": len(data), "total": total,
+         "segs": [[0, len(data)]]}]}, separators=(",", ":")).encode()
+    return pack.MAGIC + struct.pack(">I", len(header)) + header + frame
+
+
+def test_a_piece_past_the_size_the_manifest_gives_is_refused_naming_it(
+        hub: HubProcess, site: Enrolment, http: httpx.Client, mr_files: list[Path]) -> None:
+    """A sealed bucket that authenticates and unpacks, but whose piece lies past the size the
+    manifest gives its instance (its own header says a file of 32 TiB): the commit is a 422
+    bad_bucket naming the instance and both sizes, nothing is written past that size under
+    the hub's work folder, and the hub keeps serving. Before, the archiver wrote the piece
+    where it said: a sparse file of that size, hashed whole by the background round and again
+    by the commit (a piece at 8 GiB: the commit answered sha256_mismatch after 37 s; at 1 TiB
+    it would take hours, an archiver thread and the transfer's lock held all along); past the
+    file system's limit (this one) the write failed, OSError [Errno 22], and the commit
+    answered 500 Internal Server Error, which a site retries as a passing fault."""
+    from appliance.transfer import seal
+
+    shipment = ship(pack_items(mr_files[:1]), site.hub_transfer_key)
+    instance = shipment.manifest["instances"][0]
+    far = 1 << 45  # past ext4's 16 TiB largest file: the write itself fails
+    payload = _bucket_with_one_piece(instance["sop_instance_uid"], far, far + 10, b"x" * 10)
+    sealed = seal.seal_bucket(shipment.key, shipment.transfer_id, 0, payload)
+    assert http.post("/api/v1/transfers", json=shipment.manifest).status_code == 201
+    assert http.put(shipment.bucket_url(0), content=sealed).status_code == 201
+    answer = http.post(shipment.url + "/commit")
+    assert answer.status_code == 422, answer.text
+    body = answer.json()
+    assert body["error"] == "bad_bucket" and body["bucket"] == 0, body
+    assert instance["sop_instance_uid"] in body["detail"]
+    assert str(instance["size"]) in body["detail"] and str(far + 10) in body["detail"]
+    assert http.get(shipment.url + "/receipt").status_code == 404
+    work = hub.home / "work" / shipment.transfer_id
+    written = [p.stat().st_size for p in work.rglob("*") if p.is_file()] if work.exists() else []
+    assert all(size <= instance["size"] for size in written), written
+    assert _status(http, shipment)["held"] == 1  # still serving; the bucket stays held
+    assert "commit refused" in hub.log()

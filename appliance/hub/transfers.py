@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pas.hub.transfers")
 
-TRANSFER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
+# fullmatch: with match, "$" also matched before a final newline ("<uuid>\n" was an id).
+TRANSFER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}")
 KEY_CACHE_TRANSFERS = 1024  # unwrapped bucket keys kept in memory (most recent transfers)
 # Receipts (and manifests on the way up) list every instance: 70 KB of JSON for a 520-image
 # MR, several round trips of a fresh TCP window on a 70 ms line; gzip makes them 3-4x smaller.
@@ -120,7 +121,7 @@ class Manifest(BaseModel):
     @field_validator("transfer_id")
     @classmethod
     def _id(cls, value: str) -> str:
-        if not TRANSFER_ID.match(value):
+        if not TRANSFER_ID.fullmatch(value):
             raise ValueError("must be 1-64 letters, digits or '-' (a UUID)")
         return value
 

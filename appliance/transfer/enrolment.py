@@ -123,12 +123,18 @@ def load_enrolment(home: Path) -> Enrolment | None:
     except (OSError, ValueError) as exc:
         raise EnrolmentError(f"{directory / 'hub.json'}: unreadable ({exc})") from None
     try:
-        return Enrolment(pki_dir=directory, url=str(data["url"]).rstrip("/"),
-                         site=str(data["site"]),
-                         hub_transfer_key=base64.b64decode(data["hub_transfer_key"]),
-                         enrolled_at=str(data.get("enrolled_at", "")))
+        enrolment = Enrolment(pki_dir=directory, url=str(data["url"]).rstrip("/"),
+                              site=str(data["site"]),
+                              hub_transfer_key=base64.b64decode(data["hub_transfer_key"]),
+                              enrolled_at=str(data.get("enrolled_at", "")))
     except (KeyError, ValueError) as exc:
         raise EnrolmentError(f"{directory / 'hub.json'}: missing or bad field ({exc})") from None
+    # As enroll() checks: the file is plain JSON, and edited to http:// every call to the hub
+    # (manifests with every SOP Instance UID, heartbeats) went in clear (invariant 5).
+    if urlsplit(enrolment.url).scheme != "https":
+        raise EnrolmentError(f"{directory / 'hub.json'}: url must start with https:// (nothing "
+                             f"leaves the site in clear), got {enrolment.url!r}")
+    return enrolment
 
 
 def parse_token(token: str) -> tuple[str, str, str]:

@@ -366,14 +366,43 @@ class HubTarget:
                 break
             body = response.json() if response.content else {}
             if response.status_code == 422:
-                raise PermanentError(f"hub rebuilt instances whose SHA-256 differ from the "
-                                     f"manifest: {body.get('mismatch')}")
+                raise self._cannot_rebuild(job, context, progress, plans, body)
             log.warning("transfer %s: commit says buckets missing %s", transfer_id,
                         body.get("missing"), extra=extra)
         if receipt is None:
             raise RuntimeError(f"transfer {transfer_id}: buckets still missing after "
                                f"{COMMIT_ROUNDS} rounds")
         return receipt
+
+    def _cannot_rebuild(self, job: Job, context: SendContext, progress: dict[str, Any],
+                        plans: list[Any], body: dict[str, Any]) -> Exception:
+        """For a commit refused 422 (the hub cannot rebuild the transfer from the buckets it
+        holds, and keeps the first copy of each): the job leaves the transfer, its next
+        attempt sends a new one (kept, every retry met the same 422, cause gone or not).
+        Files here damaged: fail for good naming them; intact: spoiled on the way, retried."""
+        from appliance.transfer import pack
+
+        self._forget_transfer(job, context, progress)
+        error, transfer_id = body.get("error", "unprocessable"), progress["transfer_id"]
+        named = {str(m.get("sop_instance_uid")) for m in body.get("mismatch") or []
+                 if isinstance(m, dict)}
+        items = {item.sop_instance_uid: item for plan in plans for item, _o, _l in plan.entries}
+        damaged = pack.damaged([items[uid] for uid in sorted(named) if uid in items])
+        if damaged:
+            files = "; ".join(f"{i.sop_instance_uid} ({i.path})" for i in damaged[:3])
+            return PermanentError(
+                f"the hub cannot rebuild transfer {transfer_id} ({error}): the file here of "
+                f"{counted(len(damaged), 'instance')} is damaged (not the SHA-256 recorded "
+                f"when received): {files}; once the sender sent it again, `pas queue retry "
+                f"{job.id}` sends a new transfer")
+        if error == "sha256_mismatch" and named:
+            return RuntimeError(
+                f"the hub rebuilt {counted(len(named), 'instance')} of transfer {transfer_id} "
+                f"with another SHA-256 while the files here are intact (spoiled on the way): "
+                f"{', '.join(sorted(named)[:3])}; the next attempt sends a new transfer")
+        return PermanentError(f"the hub cannot rebuild transfer {transfer_id} ({error}): "
+                              f"{body.get('detail')}; `pas queue retry {job.id}` sends a new "
+                              "transfer")
 
     def _transfer_identity(self, job: Job, context: SendContext, bucket_count: int,
                            sizes: list[int | None]) -> dict[str, Any]:
