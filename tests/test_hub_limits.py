@@ -238,3 +238,17 @@ def _transfer_ids(hub: HubProcess) -> list[tuple[str]]:
 
     with contextlib.closing(sqlite3.connect(hub.home / "hub.sqlite")) as db:
         return db.execute("SELECT id FROM transfers").fetchall()
+
+
+def test_a_download_s_uid_with_a_trailing_newline_is_refused_naming_it(
+        hub: HubProcess, site: Enrolment) -> None:
+    """The download protocol's UID check (and the lane id's) had the same "$": a study UID
+    "1.2.3\\n" was taken as a UID and searched. Refused now, as any other malformed one."""
+    with client(site) as http:
+        for body, field in (({"study_uid": "1.2.840.113619\n"}, "study_uid"),
+                            ({"study_uid": "1.2.840.113619",
+                              "series_uid": "1.2.840.113619.2\n"}, "series_uid")):
+            answer = http.post("/api/v1/downloads", json=body)
+            assert answer.status_code == 422, answer.text
+            assert answer.json()["detail"].startswith(f"{field}: not a DICOM UID"), answer.text
+        assert http.get("/api/v1/whoami").status_code == 200

@@ -339,6 +339,8 @@ def test_a_c_find_identifier_is_kept_for_the_audit_up_to_a_bound(pas: PasProcess
 @pytest.mark.parametrize(("key", "bad"), [
     ("StudyDate", "20201301"), ("StudyDate", "20200230"), ("StudyDate", "20200101-20201340"),
     ("StudyTime", "2500"), ("StudyTime", "1261"), ("StudyTime", "120061-"),
+    # \d took any script's digits (int() reads them): searched as a date, matching nothing.
+    ("StudyDate", "\u0662\u0660\u0662\u0660\u0660\u0661\u0660\u0661"),
 ])
 def test_a_date_or_time_that_does_not_exist_is_refused_naming_it(pas: PasProcess, key: str,
                                                                  bad: str) -> None:

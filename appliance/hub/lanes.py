@@ -38,7 +38,7 @@ TLS_BUFFER_BYTES = 32 * 1024
 JOIN_WAIT_S = 5.0
 FORGET_AFTER_S = 60.0  # an ended download's id is remembered this long (late joins)
 MAX_RATE_BPS = 10_000_000_000
-LANE_ID = re.compile(r"^[0-9a-f]{32}$")
+LANE_ID = re.compile(r"[0-9a-f]{32}\Z")  # \Z: "$" took a final newline too
 
 
 def parse_lanes(value: Any) -> tuple[str, int, int] | str:

@@ -130,8 +130,10 @@ _ENTITY_ID = {"PATIENT": "p.id", "STUDY": "s.id", "SERIES": "se.id", "IMAGE": "i
 _ENTITY_TABLE = {"PATIENT": "patients p", "STUDY": "studies s", "SERIES": "series se"}
 _DEPTH = {level: n for n, level in enumerate(LEVELS)}
 
-_DATE = re.compile(r"^\d{8}$")
-_TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
+# [0-9], not \d: any script's digits, which int() reads, so "\u0662\u0660..." (Arabic-Indic)
+# was searched as a date and matched nothing. \Z, not $ (which matches before a newline).
+_DATE = re.compile(r"[0-9]{8}\Z")
+_TIME = re.compile(r"[0-9]{2}([0-9]{2}([0-9]{2}(\.[0-9]{1,6})?)?)?\Z")
 
 
 def _valid(vr: str, text: str) -> bool:

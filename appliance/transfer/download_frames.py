@@ -42,7 +42,7 @@ FRAME_LEN = struct.Struct(">I")
 MAX_FRAME_HEADER = 16 * 1024 * 1024
 MAX_FRAME_PAYLOAD = 256 * 1024 * 1024
 # A UID as the download protocol takes it (study, series, instance; the hub refuses others).
-UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+UID = re.compile(r"[0-9]+(\.[0-9]+)*\Z")  # \Z: "$" took a final newline too
 
 
 class DownloadError(RegionError):

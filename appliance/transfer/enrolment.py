@@ -38,7 +38,7 @@ from appliance.store.spool import fsync_dir
 
 PKI_DIR = "pki"
 TOKEN_RE = re.compile(r"^(?P<site>[A-Za-z0-9][A-Za-z0-9_-]{0,63})\.(?P<secret>[A-Za-z0-9_-]{16,})"
-                      r"\.(?P<cafp>[0-9a-f]{64})$")
+                      r"\.(?P<cafp>[0-9a-f]{64})\Z")
 
 
 class EnrolmentError(Exception):
