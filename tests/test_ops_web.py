@@ -139,6 +139,7 @@ def test_status_page_shows_failed_job_and_retry_delivers(site: dict[str, Any]) -
 
 @pytest.mark.parametrize(("path", "status", "words"), [
     ("/jobs/abc/retry", 400, "must be a number"),
+    ("/jobs/%C2%B2/retry", 400, "must be a number"),  # "\u00b2".isdigit(): int() raised, a 500
     ("/jobs/999999/retry", 404, "job 999999 does not exist"),
 ])
 def test_bad_retry_is_refused_and_daemon_keeps_serving(site: dict[str, Any], path: str,

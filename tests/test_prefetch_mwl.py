@@ -135,3 +135,25 @@ def test_worklist_steps_become_one_request_each(pas_factory: Any, ris: WorklistS
     wait_for(lambda: [r["scheduled_at"] for r in requests(pas) if r["patient_id"] == "P1"]
              == [later.timestamp()], 30, what="the rescheduled step")
     assert len(requests(pas)) == 2
+
+
+def test_a_step_whose_date_does_not_exist_does_not_cost_the_others(
+        pas_factory: Any, ris: WorklistSCP) -> None:
+    """A RIS's step dated 20261301 made strptime raise inside the poll: the whole answer was
+    lost, the other steps never scheduled, on every poll. Now that step is a request due at
+    once (no time to count back from), and the others are scheduled as usual."""
+    tomorrow = (dt.datetime.now() + dt.timedelta(hours=20)).replace(microsecond=0)
+    ris.add("P1", "ACC1", "CT", tomorrow)
+    ris.add("P2", "ACC2", "CT", tomorrow)
+    ris.add("P3", "ACC3", "CT", tomorrow)
+    with ris.lock:
+        ris.items[1].ScheduledProcedureStepSequence[0].ScheduledProcedureStepStartDate = \
+            "20261301"
+        ris.items[2].ScheduledProcedureStepSequence[0].ScheduledProcedureStepStartDate = \
+            "2026\u00b2101"  # '²'.isdigit() is True
+    pas = start_pas(pas_factory, ris)
+    wait_for(lambda: len(requests(pas)) == 3, 30, what="three worklist requests")
+    rows = {r["patient_id"]: r for r in requests(pas)}
+    assert rows["P1"]["scheduled_at"] == tomorrow.timestamp()
+    assert rows["P2"]["scheduled_at"] is None and rows["P3"]["scheduled_at"] is None
+    assert "worklist poll failed" not in pas.log()

@@ -343,7 +343,7 @@ def routes(daemon: Daemon) -> list[BaseRoute]:
             return PlainTextResponse("refused: use the Retry button of the status page "
                                      "(or `pas queue retry ID`)", status_code=403)
         raw = request.path_params["job_id"]
-        if not raw.isdigit():
+        if not (raw.isascii() and raw.isdigit()):  # "\u00b2".isdigit(), and int() raises
             return PlainTextResponse(f"job id must be a number, got {raw!r}", status_code=400)
         if not await run_in_threadpool(job_store.retry, daemon.db, int(raw)):
             reason = await run_in_threadpool(job_store.why_not_retried, daemon.db, int(raw))

@@ -11,6 +11,7 @@ For sites whose RIS offers a worklist but no HL7 feed to PAS.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 from dataclasses import dataclass
@@ -66,9 +67,13 @@ def item_from(identifier: Dataset) -> WorklistItem | None:
     date = str(step.get("ScheduledProcedureStepStartDate", "") or "")
     time_ = str(step.get("ScheduledProcedureStepStartTime", "") or "").split(".")[0]
     scheduled = None
-    if len(date) == 8 and date.isdigit():
-        stamp = date + (time_ + "000000")[:6] if time_.isdigit() else date + "000000"
-        scheduled = dt.datetime.strptime(stamp, "%Y%m%d%H%M%S").timestamp()
+    if len(date) == 8 and date.isascii() and date.isdigit():
+        stamp = date + (time_ + "000000")[:6] \
+            if time_.isascii() and time_.isdigit() else date + "000000"
+        # A date or time that does not exist (20261301, 2560) is no time to count back from:
+        # the step is due at once. Raised, it lost the whole answer, every poll.
+        with contextlib.suppress(ValueError):
+            scheduled = dt.datetime.strptime(stamp, "%Y%m%d%H%M%S").timestamp()
     return WorklistItem(
         patient_id, str(identifier.get("IssuerOfPatientID", "") or ""),
         str(identifier.get("AccessionNumber", "") or ""), str(step.get("Modality", "") or ""),
