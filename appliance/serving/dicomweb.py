@@ -30,7 +30,7 @@ from pydicom.dataset import Dataset
 from python_multipart import MultipartParser
 from python_multipart.exceptions import MultipartParseError
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
@@ -413,7 +413,10 @@ class DicomWeb:
         except MultipartParseError as exc:
             discard_parts(parts, current)
             return self._malformed(request, actor, stored, str(exc))
-        except BaseException:  # the client went away: no spill file is left behind
+        except ClientDisconnect:
+            discard_parts(parts, current)  # no spill file is left behind
+            return self._cut(request, actor, stored, source)
+        except BaseException:
             discard_parts(parts, current)
             raise
         while parts:
@@ -454,6 +457,19 @@ class DicomWeb:
         if stored:
             body["stored"] = [s["uid"] for s in stored]
         return JSONResponse(body, status_code=400)
+
+    def _cut(self, request: Request, actor: str, stored: list[dict[str, Any]],
+             source: str | None) -> Response:
+        """The client went away before the end of the body (a viewer's tab closed, a network
+        drop). The parts filed before are durable and listed: the request's ``store`` row
+        names them, as a C-STORE association's row does when it is aborted. It had no row
+        at all (instances found by QIDO-RS, in no ``pas audit``), and the journal an ERROR
+        traceback (starlette's ``ClientDisconnect``) for a client's own choice."""
+        reason = "the client went away before the end of the body"
+        log.warning("STOW-RS from %s (%s): %s, after %s", source, actor, reason,
+                    counted(len(stored), "part") + " stored")
+        self._audit_store(request, actor, stored, f"failure: {reason}")
+        return _problem(HttpProblem(400, reason))  # never sent: nobody reads it
 
     def _store_part(self, content: bytes | SpilledPart | NotPart10, actor: str,
                     source: str | None, stored: list[dict[str, Any]],
