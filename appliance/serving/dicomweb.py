@@ -47,7 +47,7 @@ from appliance.serving.dicomweb_http import (
     _shown,
     _sop_item,
 )
-from appliance.serving.stow_parts import NotPart10, Part, SpilledPart, discard_parts
+from appliance.serving.stow_parts import NotPart10, OpenNote, Part, SpilledPart, discard_parts
 from appliance.serving.wado_media import HttpProblem, require_dicom_json
 from appliance.serving.wado_rs import DICOM_JSON, WadoRs
 from appliance.store import audit
@@ -177,16 +177,25 @@ class DicomWeb:
             log.exception("audit record failed")
 
     def _audit_store(self, request: Request, actor: str, stored: list[dict[str, Any]],
-                     outcome: str) -> None:
+                     outcome: str, note: OpenNote | None = None) -> None:
         """The ``store`` row of one STOW-RS request. Its target is the studies stored (as
         a C-STORE association's row): ``pas audit --study`` and the ATNA Study objects read
         targets as Study Instance UIDs, and the row used to list SOP Instance UIDs, which
-        neither could find. No study when nothing was stored (a C-STORE row's NULL)."""
+        neither could find. No study when nothing was stored (a C-STORE row's NULL).
+        ``note``: the request's open note, closed in the row's transaction."""
         target, left_out = audit.study_list({s["study"] for s in stored}, STORE_TARGET_MAX)
         detail = f"{len(stored)} stored (STOW-RS)"
         if left_out:
             detail += f", {counted(left_out, 'more study', 'more studies')} not listed"
-        self.record(request, "store", actor, target, outcome, detail, limit=STORE_TARGET_MAX)
+        if note is None or not note.id:
+            self.record(request, "store", actor, target, outcome, detail,
+                        limit=STORE_TARGET_MAX)
+            return
+        try:
+            audit.association_closed(self.db, note.id, actor=actor, source=note.source,
+                                     target=target, outcome=outcome, detail=detail)
+        except Exception:  # the note stays: its row is written at the next start
+            log.exception("audit record failed")
 
     # -- QIDO-RS ------------------------------------------------------------------------
 
@@ -400,30 +409,36 @@ class DicomWeb:
         stored: list[dict[str, Any]] = []
         failed: list[dict[str, Any]] = []
         source = request.client.host if request.client else None
+        note = OpenNote(self.db, actor, source)
         target = request.path_params.get("study")  # POST /studies/{study}: only that study
         try:
             async for chunk in request.stream():
                 parser.write(chunk)
                 while parts:  # one instance at a time: memory bounded by the largest one
                     await run_in_threadpool(self._store_part, parts.pop(0), actor, source,
-                                            stored, failed, target)
+                                            stored, failed, target, note)
             parser.finalize()
             if not ended:  # a cut body: its last part may be cut too, so none is trusted
                 raise MultipartParseError("the body ends before its closing boundary")
         except MultipartParseError as exc:
             discard_parts(parts, current)
-            return self._malformed(request, actor, stored, str(exc))
+            return self._malformed(request, actor, stored, str(exc), note)
         except ClientDisconnect:
             discard_parts(parts, current)  # no spill file is left behind
-            return self._cut(request, actor, stored, source)
-        except BaseException:
+            return self._cut(request, actor, stored, source, note)
+        except Exception as exc:
+            discard_parts(parts, current)
+            self._audit_store(request, actor, stored, f"failure: {exc}"[:300], note)
+            raise
+        except BaseException:  # cancelled: the daemon stops, the note's row comes at start
             discard_parts(parts, current)
             raise
         while parts:
             await run_in_threadpool(self._store_part, parts.pop(0), actor, source, stored,
-                                    failed, target)
+                                    failed, target, note)
         if not stored and not failed:
-            self._audit_store(request, actor, [], "failure: the request holds no DICOM part")
+            self._audit_store(request, actor, [], "failure: the request holds no DICOM part",
+                              note)
             return _problem(HttpProblem(400, "the request holds no DICOM part"))
         result = Dataset()
         result.ReferencedSOPSequence = [_sop_item(s["uid"], s["sop_class"], s["url"])
@@ -443,23 +458,23 @@ class DicomWeb:
         # the journal and the audit row (the first reason), for whoever looks into it.
         self._audit_store(request, actor, stored, "success" if not failed
                           else f"failure: {counted(len(failed), 'part')} refused (first: "
-                               f"{failed[0]['note'][:200]})")
+                               f"{failed[0]['note'][:200]})", note)
         return JSONResponse(result.to_json_dict(), status_code=status, media_type=DICOM_JSON)
 
     def _malformed(self, request: Request, actor: str, stored: list[dict[str, Any]],
-                   reason: str) -> Response:
+                   reason: str, note: OpenNote | None = None) -> Response:
         """400 for a body that is not valid multipart (invariant 7: the problem is named).
         Parts complete after the error are not stored; those stored before it, from earlier
         chunks of the stream, are durable already and are listed so the client knows."""
         detail = f"malformed multipart body: {reason}"
-        self._audit_store(request, actor, stored, "failure: malformed multipart body")
+        self._audit_store(request, actor, stored, "failure: malformed multipart body", note)
         body: dict[str, Any] = {"error": 400, "detail": detail}
         if stored:
             body["stored"] = [s["uid"] for s in stored]
         return JSONResponse(body, status_code=400)
 
     def _cut(self, request: Request, actor: str, stored: list[dict[str, Any]],
-             source: str | None) -> Response:
+             source: str | None, note: OpenNote) -> Response:
         """The client went away before the end of the body (a viewer's tab closed, a network
         drop). The parts filed before are durable and listed: the request's ``store`` row
         names them, as a C-STORE association's row does when it is aborted. It had no row
@@ -468,12 +483,13 @@ class DicomWeb:
         reason = "the client went away before the end of the body"
         log.warning("STOW-RS from %s (%s): %s, after %s", source, actor, reason,
                     counted(len(stored), "part") + " stored")
-        self._audit_store(request, actor, stored, f"failure: {reason}")
+        self._audit_store(request, actor, stored, f"failure: {reason}", note)
         return _problem(HttpProblem(400, reason))  # never sent: nobody reads it
 
     def _store_part(self, content: bytes | SpilledPart | NotPart10, actor: str,
                     source: str | None, stored: list[dict[str, Any]],
-                    failed: list[dict[str, Any]], target: str | None = None) -> None:
+                    failed: list[dict[str, Any]], target: str | None = None,
+                    note: OpenNote | None = None) -> None:
         """File one part. What the answer names (SOP Class, series, study) comes from the
         receiver's record: the part is parsed once, where it lies (a deflated one is not
         inflated again in memory by a second read of pydicom's)."""
@@ -482,6 +498,8 @@ class DicomWeb:
             failed.append({"uid": "", "sop_class": "", "reason": 0xC000,
                            "note": content.reason})
             return
+        if note is not None:  # before the first filing: a kill -9 after it leaves a row
+            note.ensure()
         try:
             if isinstance(content, SpilledPart):
                 received = self.receiver.receive_spilled_file(

@@ -3,18 +3,24 @@ spool temp file (hashed on the way) so that a part of any size costs bounded mem
 (invariant 8). What the answer names about a part comes from the receiver's record: a
 second read of pydicom's would inflate a deflated part whole in memory. Split from
 ``dicomweb.py``, which keeps the route. May not touch: SQL; the temp file is the spool's
-(:class:`~appliance.store.spool.SpillFile`), filed by the receiver.
+(:class:`~appliance.store.spool.SpillFile`), filed by the receiver. Also the request's
+note in the audit trail's open list (:class:`OpenNote`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from typing import TYPE_CHECKING, Any
 
+from appliance.store import audit
 from appliance.store.spool import SpillFile
 
 if TYPE_CHECKING:
     from appliance.ingest.receive import Receiver
+    from appliance.store.db import Database
+
+log = logging.getLogger("pas.dicomweb")
 
 
 class SpilledPart:
@@ -100,3 +106,30 @@ def discard_parts(parts: list[bytes | SpilledPart | NotPart10], current: list[Pa
             part.spill.discard()
     for unfinished in current:
         unfinished.discard()
+
+
+class OpenNote:
+    """A STOW-RS request noted open in the audit trail before its first part is filed, as a
+    C-STORE association is (``audit.association_opened``): a daemon killed in the middle of
+    the body (kill -9, a power loss) then still leaves the request's ``store`` row, written
+    at the next start with the instances the index holds of it
+    (``audit.close_cut_associations``). It left none: the filed instances were in no audit
+    row, ever. ``id`` is the note (0: it could not be written; the end row still comes),
+    None before the first part; the end row closes it (``audit.association_closed``)."""
+
+    def __init__(self, db: Database, actor: str, source: str | None):
+        self.db = db
+        self.actor = actor
+        self.source = source
+        self.id: int | None = None
+
+    def ensure(self) -> None:
+        """Note the request open, once, before a part is filed (a request of no DICOM part
+        costs no transaction)."""
+        if self.id is not None:
+            return
+        try:
+            self.id = audit.association_opened(self.db, self.actor, self.source)
+        except Exception:  # the trail must not refuse the part; its end row still comes
+            log.exception("noting the STOW-RS request open for the audit trail failed")
+            self.id = 0
