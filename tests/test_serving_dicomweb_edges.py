@@ -10,6 +10,7 @@ its audit row.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import sqlite3
 from collections.abc import Iterator
@@ -234,6 +235,43 @@ def test_stow_boundary_parameter_in_any_case(pas: PasProcess) -> None:
     assert answer.status_code == 200, answer.text
     assert _instances(pas) == before + 1
 
+
+
+def test_a_stow_body_with_a_preamble_is_read_past_it(pas: PasProcess) -> None:
+    """RFC 2046 5.1.1 (multipart/related's syntax, RFC 2387): text before the first boundary
+    line is a preamble, which a receiver ignores. PAS refused the whole body, 400
+    "Expected boundary character 45, got 84 at index 2" (Orthanc's DICOMweb plugin stores
+    it). The instance is stored and served back bit-exact."""
+    before = _instances(pas)
+    part = _new_instance()
+    answer = httpx.post(f"{_base(pas)}/studies", headers={"Content-Type": STOW_TYPE},
+                        content=b"This is a preamble.\r\nIt says nothing.\r\n" + _body([part]),
+                        timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert _instances(pas) == before + 1
+    url = answer.json()["00081199"]["Value"][0]["00081190"]["Value"][0]
+    served = httpx.get(f"http://127.0.0.1:{pas.http_port}{url}", timeout=30, headers={
+        "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+    assert served.status_code == 200
+    parts = served.content.split(b"\r\n\r\n", 1)[1].rsplit(b"\r\n--", 1)[0]
+    assert hashlib.sha256(parts).hexdigest() == hashlib.sha256(part).hexdigest()
+
+
+def test_a_stow_body_without_the_boundary_it_names_is_a_400_saying_so(pas: PasProcess) -> None:
+    """A Content-Type whose boundary the body does not use was refused with the parser's
+    words, "Expected boundary character 111, got 101 at index 2": now the answer names the
+    boundary looked for. Nothing is stored; the refusal has its row."""
+    before, last = _instances(pas), _last_id(pas)
+    answer = httpx.post(f"{_base(pas)}/studies", content=_body([_new_instance()]), timeout=30,
+                        headers={"Content-Type": 'multipart/related; type="application/dicom"; '
+                                                 "boundary=other"})
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["detail"] == (
+        "malformed multipart body: no boundary line '--other' (the boundary of its "
+        "Content-Type) in the body")
+    assert _instances(pas) == before
+    assert [(r["event"], r["outcome"]) for r in _rows_after(pas, last)] == [
+        ("store", "failure: malformed multipart body")]
 
 @pytest.mark.parametrize(("content_type", "body", "status", "reason"), [
     ('multipart/related; type="application/dicom"', b"x", 400,

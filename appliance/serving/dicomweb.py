@@ -47,7 +47,14 @@ from appliance.serving.dicomweb_http import (
     _shown,
     _sop_item,
 )
-from appliance.serving.stow_parts import NotPart10, OpenNote, Part, SpilledPart, discard_parts
+from appliance.serving.stow_parts import (
+    BodyStart,
+    NotPart10,
+    OpenNote,
+    Part,
+    SpilledPart,
+    discard_parts,
+)
 from appliance.serving.wado_media import HttpProblem, require_dicom_json
 from appliance.serving.wado_rs import DICOM_JSON, WadoRs
 from appliance.store import audit
@@ -411,12 +418,14 @@ class DicomWeb:
         source = request.client.host if request.client else None
         note = OpenNote(self.db, actor, source)
         target = request.path_params.get("study")  # POST /studies/{study}: only that study
+        start = BodyStart(boundary)  # a preamble before the first boundary is skipped
         try:
             async for chunk in request.stream():
-                parser.write(chunk)
+                parser.write(start.feed(chunk))
                 while parts:  # one instance at a time: memory bounded by the largest one
                     await run_in_threadpool(self._store_part, parts.pop(0), actor, source,
                                             stored, failed, target, note)
+            start.finish()
             parser.finalize()
             if not ended:  # a cut body: its last part may be cut too, so none is trusted
                 raise MultipartParseError("the body ends before its closing boundary")
