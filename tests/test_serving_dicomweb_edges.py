@@ -529,3 +529,47 @@ def test_an_integer_key_out_of_range_is_a_400_and_audited(pas: PasProcess, numbe
     assert row["event"] == "query" and row["outcome"].startswith("failure: InstanceNumber")
     fine = httpx.get(f"{_base(pas)}/instances", params={"InstanceNumber": "1"}, timeout=30)
     assert fine.status_code == 200 and fine.json()
+
+
+# -- the UIDs of a path ----------------------------------------------------------------
+
+def _two(path: Path, other: Path, keyword: str) -> str:
+    """The ``keyword`` UIDs of two files joined as a UID list, as a URL path segment."""
+    return "%5C".join(str(dcmread(p, stop_before_pixels=True)[keyword].value)
+                      for p in (path, other))
+
+
+@pytest.mark.parametrize(("method", "where", "event"), [
+    ("GET", "/studies/{studies}", "retrieve"),
+    ("GET", "/studies/{studies}/metadata", "retrieve"),
+    ("GET", "/studies/{studies}/series", "query"),
+    ("GET", "/studies/{study}/series/{series}/instances", "query"),
+    ("POST", "/studies/{studies}", "store"),
+])
+def test_a_uid_list_in_the_path_is_a_400_naming_it(pas: PasProcess, method: str, where: str,
+                                                   event: str) -> None:
+    """A DICOMweb path names one study, series or instance (PS3.18 10.4.1.1, 10.6.1.1).
+    ``/studies/A%5CB/metadata`` was read as the UID list of a C-MOVE: a 200 holding both
+    studies (the real Orthanc answers 404), under an audit target matching no study, with
+    the cache's LRU stamp of neither touched, and fetch-through asked the region for the
+    study "A\\B" however much of A and B was held. A STOW to it refused every part (0xA900
+    under a 409) after reading the whole body."""
+    ct = dcmread(CT_SMALL, stop_before_pixels=True)
+    url = _base(pas) + where.format(
+        studies=_two(CT_SMALL, MULTIFRAME, "StudyInstanceUID"), study=ct.StudyInstanceUID,
+        series=_two(CT_SMALL, MULTIFRAME, "SeriesInstanceUID"))
+    keyword = "SeriesInstanceUID" if "{series}" in where else "StudyInstanceUID"
+    before, last = _instances(pas), _last_id(pas)
+    if method == "POST":
+        answer = httpx.post(url, headers={"Content-Type": STOW_TYPE},
+                            content=_body([_new_instance()]), timeout=30)
+    else:
+        answer = httpx.get(url, timeout=30)
+    assert answer.status_code == 400, answer.text[:300]
+    detail = answer.json()["detail"]
+    assert detail.startswith(f"{keyword} '") and detail.endswith(
+        "in the path: a path names one UID, not a list"), detail
+    rows = _rows_after(pas, last)
+    assert [(r["event"], r["outcome"].startswith(f"failure: {keyword} '")) for r in rows] == [
+        (event, True)], [dict(r) for r in rows]
+    assert _instances(pas) == before

@@ -43,6 +43,7 @@ from appliance.serving.dicomweb_http import (
     _attribute,
     _boundary,
     _int_param,
+    _one_uid_each,
     _problem,
     _shown,
     _sop_item,
@@ -219,6 +220,7 @@ class DicomWeb:
         try:
             actor = self.actor_of(request)
             require_dicom_json(request.headers.get("accept", ""))
+            _one_uid_each(path)
             unsupported: list[str] = []
             keys = self._qido_keys(request, level, path, unsupported)
             limit = _int_param(request, "limit", positive=True)
@@ -399,6 +401,7 @@ class DicomWeb:
         try:
             if self.receiver is None:
                 raise HttpProblem(405, "STOW-RS is not offered here")
+            _one_uid_each(request.path_params)
             boundary = _boundary(request.headers.get("content-type", ""))
         except HttpProblem as exc:  # a store refused as asked: audited, as QIDO's are
             self._audit_store(request, actor, [], f"failure: {exc.detail}"[:300])

@@ -38,6 +38,7 @@ from appliance.serving.dicomweb_http import (
     ClosingStream,
     ReportedEnd,
     _file_part,
+    _one_uid_each,
     _problem,
     _stream_part,
 )
@@ -182,6 +183,7 @@ class WadoRs:
             return _problem(problem)
 
     def _plan(self, path: dict[str, str]) -> Found:
+        _one_uid_each(path)  # before the region is asked for a study "A\\B"
         keys = {"StudyInstanceUID": path["study"]}
         level = "STUDY"
         if "series" in path:
