@@ -208,6 +208,32 @@ def test_a_huge_frame_list_is_named_short(pas: PasProcess) -> None:
     assert len(answer.text) < 300
 
 
+@pytest.mark.parametrize(("frame", "status", "detail"), [
+    ("0", 400, "frame list '0': frame numbers start at 1"),
+    ("-1", 400, "frame list '-1': frame numbers start at 1"),
+    ("1,2", 400, "frame '1,2': one frame number from 1"),
+    ("9" * 5000, 404, "frame 9223372036854775808 asked, the instance has 10"),
+])
+def test_a_rendered_frame_number_pas_cannot_render_is_refused_naming_it(
+        pas: PasProcess, frame: str, status: int, detail: str) -> None:
+    """/frames/{n}/rendered took n through Starlette's int route convertor: a number of
+    more than 4300 digits made int() raise inside the routing, a 500 with an ERROR
+    traceback and no audit row; 0 was a 404 (frames start at 1: /frames/0 is a 400), and
+    -1 or a list a bare 404 "Not Found" from the router. Now as /frames reads its list."""
+    last, log_size = _last_id(pas), len(pas.log())
+    answer = httpx.get(f"{_instance_url(pas, MULTIFRAME)}/frames/{frame}/rendered",
+                       timeout=30)
+    assert answer.status_code == status, answer.text[:300]
+    assert answer.json()["detail"].startswith(detail[:60]), answer.text[:300]
+    # (A success row may be an earlier answer's, written once its last byte was taken.)
+    rows = [r for r in _rows_after(pas, last) if r["outcome"] != "success"]
+    assert [(r["event"], r["detail"].endswith(f"HTTP {status}")) for r in rows] == [
+        ("retrieve", True)], [dict(r) for r in rows]
+    assert "Exception in ASGI application" not in pas.log()[log_size:]
+    rendered = httpx.get(f"{_instance_url(pas, MULTIFRAME)}/frames/10/rendered", timeout=30)
+    assert rendered.status_code == 200 and rendered.headers["content-type"] == "image/jpeg"
+
+
 # -- STOW-RS --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["application/dicom+json", "application/dicom+xml"])

@@ -53,6 +53,7 @@ from appliance.serving.wado_media import (
     part_syntax,
     read_bulkdata,
     render,
+    rendered_frame,
     rendered_media,
     require_dicom_json,
     require_native_octets,
@@ -368,7 +369,7 @@ class WadoRs:
     async def _rendered(self, request: Request, tally: Tally) -> Response:
         media = rendered_media(request.headers.get("accept", ""))
         tally.what = f"WADO-RS rendered {media}"
-        frame = int(request.path_params.get("frame", "1"))
+        frame = rendered_frame(request.path_params.get("frame", "1"))
         viewport = viewport_size(request.query_params.get("viewport"))
         window = Window.parse(request.query_params.get("window"))
         found = await self._found(request, tally)
