@@ -26,7 +26,7 @@ from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import generate_uid
 
-from tests.support.peers import PasProcess, read_rows
+from tests.support.peers import PasProcess, read_rows, wait_for
 
 CT_SMALL = Path(get_testdata_file("CT_small.dcm"))  # type: ignore[arg-type]
 MULTIFRAME = Path(get_testdata_file("emri_small_jpeg_ls_lossless.dcm"))  # type: ignore[arg-type]
@@ -232,6 +232,9 @@ def test_a_rendered_frame_number_pas_cannot_render_is_refused_naming_it(
     assert "Exception in ASGI application" not in pas.log()[log_size:]
     rendered = httpx.get(f"{_instance_url(pas, MULTIFRAME)}/frames/10/rendered", timeout=30)
     assert rendered.status_code == 200 and rendered.headers["content-type"] == "image/jpeg"
+    # Its row, written once the last byte was taken, before the next test counts rows.
+    wait_for(lambda: [r for r in _rows_after(pas, last) if r["outcome"] == "success"],
+             what="the rendered image's audit row")
 
 
 # -- STOW-RS --------------------------------------------------------------------------
