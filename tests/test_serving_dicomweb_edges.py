@@ -466,6 +466,23 @@ def test_fuzzymatching_asked_is_answered_with_the_warning_of_literal_matching(
     assert literal.json() == fuzzy.json()
 
 
+@pytest.mark.parametrize("value", ["yes", "1", "maybe", ""])
+def test_a_fuzzymatching_neither_true_nor_false_is_a_400_naming_it(pas: PasProcess,
+                                                                   value: str) -> None:
+    """PS3.18 8.3.4.1: fuzzymatching is "true" or "false". Any other value was ignored
+    without a word: fuzzymatching=yes, meant as true, got a literal answer with no Warning,
+    which the viewer took for a fuzzy one (the real Orthanc answers 400 "Not a proper value
+    for fuzzy matching (true or false)"). A bad value of a parameter PAS supports is a 400
+    naming it, as limit's and offset's are."""
+    last = _last_id(pas)
+    answer = httpx.get(f"{_base(pas)}/studies", params={"fuzzymatching": value}, timeout=30)
+    assert answer.status_code == 400, answer.text[:300]
+    assert answer.json()["detail"] == f"fuzzymatching: true or false, got {value!r}"
+    assert [(r["event"], r["outcome"]) for r in _rows_after(pas, last)] == [
+        ("query", f"failure: fuzzymatching: true or false, got {value!r}")]
+    upper = httpx.get(f"{_base(pas)}/studies", params={"fuzzymatching": "TRUE"}, timeout=30)
+    assert upper.status_code == 200 and "fuzzymatching" in upper.headers["Warning"]
+
 @pytest.mark.parametrize(("accept", "expected"), [
     ("image/png, image/jpeg;q=0.1", "image/png"),  # was a JPEG: the first named won
     ("image/jpeg;q=0.2, image/png", "image/png"),

@@ -42,6 +42,7 @@ from appliance.serving.dicomweb_http import (
     ReportedEnd,
     _attribute,
     _boundary,
+    _fuzzy,
     _int_param,
     _one_uid_each,
     _problem,
@@ -221,6 +222,7 @@ class DicomWeb:
             actor = self.actor_of(request)
             require_dicom_json(request.headers.get("accept", ""))
             _one_uid_each(path)
+            fuzzy = _fuzzy(request)
             unsupported: list[str] = []
             keys = self._qido_keys(request, level, path, unsupported)
             limit = _int_param(request, "limit", positive=True)
@@ -248,7 +250,7 @@ class DicomWeb:
         if truncated:
             warnings.append(TRUNCATED.format(service=service))
             notes = ", truncated at the server's limit"
-        if request.query_params.get("fuzzymatching", "").strip().lower() == "true":
+        if fuzzy:
             warnings.append(NOT_FUZZY.format(service=service))
         ignored = [k for k, v in keys.items() if v and not store_query.available(k, level)]
         if ignored:

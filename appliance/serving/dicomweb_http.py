@@ -215,6 +215,18 @@ def _one_uid_each(path: dict[str, str]) -> None:
                                    "not a list")
 
 
+def _fuzzy(request: Request) -> bool:
+    """Whether a QIDO-RS search asks ``fuzzymatching=true`` (PS3.18 8.3.4.1: "true" or
+    "false", in any case); HttpProblem 400 naming another value. It was ignored without a
+    word: ``fuzzymatching=yes``, meant as true, got a literal answer and no Warning."""
+    raw = request.query_params.get("fuzzymatching")
+    if raw is None or raw.strip().lower() == "false":
+        return False
+    if raw.strip().lower() == "true":
+        return True
+    raise HttpProblem(400, f"fuzzymatching: true or false, got {raw[:40]!r}")
+
+
 def _boundary(content_type: str) -> str:
     """The boundary of a STOW-RS body, whose parts must be DICOM files: HttpProblem 415 for
     another media type, or a ``type`` other than application/dicom (PS3.18 10.5.1.1; a body
