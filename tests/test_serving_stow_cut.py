@@ -84,6 +84,8 @@ def test_a_client_gone_mid_body_leaves_the_row_of_what_was_stored(pas: PasProces
         ("anonymous", "127.0.0.1", "1 stored (STOW-RS)")]
     assert rows[0]["outcome"] == "failure: the client went away before the end of the body"
     assert _held(pas, study) == 1
+    # The request's open note went with its row: a later start writes no second one.
+    assert not read_rows(pas.home / "pas.sqlite", "SELECT * FROM open_associations")
     assert "Exception in ASGI application" not in pas.log()
     assert "ClientDisconnect" not in pas.log()
     # Nothing of the cut part left on the spool; the daemon serves the next request.
