@@ -1,14 +1,15 @@
-"""DICOMweb over a (Database, Spool): the routes, QIDO-RS, STOW-RS and the access check.
+"""DICOMweb over a (Database, Spool): the routes, QIDO-RS and the access check.
 
 Owns: the route table of DICOMweb (PS3.18) under one prefix; QIDO-RS (query parameters to
-matching keys, result caps, DICOM JSON); STOW-RS (parts streamed in, a part above
-``spill_above`` written to a spool temp file as it arrives, ``stow_parts.py``; the response's
-SOP sequences); the bearer-token check (:meth:`DicomWeb.actor_of`) and the access audit rows
-(:meth:`DicomWeb.record`) of each query and store. WADO-RS (retrieve, metadata, bulk data,
-frames, rendered) and its ``retrieve`` rows, written once each answer is over, are
-``wado_rs.py``'s; the parsing and bodies that need no handler state are
-``dicomweb_http.py``'s. :func:`build_dicomweb_routes` works over any (Database, Spool), so the
-hub's embedded archive can serve the same API. May not touch: SQL (``store/query.py``), spool
+matching keys, result caps, DICOM JSON); the bearer-token check (:meth:`DicomWeb.actor_of`)
+and the access audit rows (:meth:`DicomWeb.record`) of each query and store. STOW-RS (parts
+streamed in, a part above ``spill_above`` written to a spool temp file as it arrives; the
+response's SOP sequences; the request's ``store`` row however it ends) is ``stow_rs.py``'s
+(parts: ``stow_parts.py``). WADO-RS (retrieve, metadata, bulk data, frames, rendered) and
+its ``retrieve`` rows, written once each answer is over, are ``wado_rs.py``'s; the parsing
+and bodies that need no handler state are ``dicomweb_http.py``'s.
+:func:`build_dicomweb_routes` works over any (Database, Spool), so the hub's embedded
+archive can serve the same API. May not touch: SQL (``store/query.py``), spool
 writes (STOW goes through :class:`~appliance.ingest.receive.Receiver`, so the same durability
 rules as C-STORE apply: a part is reported stored only after fsync + commit).
 """
@@ -27,33 +28,30 @@ from typing import TYPE_CHECKING, Any
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from python_multipart import MultipartParser
-from python_multipart.exceptions import MultipartParseError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Mount, Route
 
-from appliance.ingest.attributes import InvalidInstance, OtherStudy
 from appliance.serving.dicom_json import dataset_json
 from appliance.serving.dicomweb_http import (
     _SQLITE_MAX_INT,
     ClosingStream,
     ReportedEnd,
     _attribute,
-    _boundary,
+    _fuzzy,
     _int_param,
+    _one_uid_each,
     _problem,
     _shown,
-    _sop_item,
 )
-from appliance.serving.stow_parts import NotPart10, Part, SpilledPart, discard_parts
+from appliance.serving.stow_rs import StowRs
 from appliance.serving.wado_media import HttpProblem, require_dicom_json
 from appliance.serving.wado_rs import DICOM_JSON, WadoRs
 from appliance.store import audit
 from appliance.store import query as store_query
 from appliance.store.db import Database
-from appliance.store.spool import Spool, SpoolFull
+from appliance.store.spool import Spool
 from appliance.words import counted
 
 if TYPE_CHECKING:
@@ -75,10 +73,6 @@ QIDO_PAGE = 500
 # The most an explicit limit gets on such a search (serving.qido_max_limit): limit=100000000
 # was unbounded. Both caps answer with the Warning below, so that the client pages on.
 QIDO_MAX_LIMIT = 10000
-# How long a STOW-RS store row's target may grow: the list of studies, as a C-STORE
-# association's row (appliance/ingest/scp.py), cut between UIDs, never inside one.
-STORE_TARGET_MAX = audit.STUDY_LIST_MAX
-MAX_REFUSALS_LOGGED = 5  # a STOW-RS request's refused parts named in the journal, one a line
 # Study Root Query/Retrieve Information Model - FIND: the model QIDO-RS searches.
 QIDO_SOP_CLASS = "1.2.840.10008.5.1.4.1.2.2.1"
 # PS3.18 8.3.4.4: what a server that limited the results answers.
@@ -176,18 +170,6 @@ class DicomWeb:
         except Exception:
             log.exception("audit record failed")
 
-    def _audit_store(self, request: Request, actor: str, stored: list[dict[str, Any]],
-                     outcome: str) -> None:
-        """The ``store`` row of one STOW-RS request. Its target is the studies stored (as
-        a C-STORE association's row): ``pas audit --study`` and the ATNA Study objects read
-        targets as Study Instance UIDs, and the row used to list SOP Instance UIDs, which
-        neither could find. No study when nothing was stored (a C-STORE row's NULL)."""
-        target, left_out = audit.study_list({s["study"] for s in stored}, STORE_TARGET_MAX)
-        detail = f"{len(stored)} stored (STOW-RS)"
-        if left_out:
-            detail += f", {counted(left_out, 'more study', 'more studies')} not listed"
-        self.record(request, "store", actor, target, outcome, detail, limit=STORE_TARGET_MAX)
-
     # -- QIDO-RS ------------------------------------------------------------------------
 
     async def qido(self, request: Request) -> Response:
@@ -203,6 +185,8 @@ class DicomWeb:
         try:
             actor = self.actor_of(request)
             require_dicom_json(request.headers.get("accept", ""))
+            _one_uid_each(path)
+            fuzzy = _fuzzy(request)
             unsupported: list[str] = []
             keys = self._qido_keys(request, level, path, unsupported)
             limit = _int_param(request, "limit", positive=True)
@@ -230,7 +214,7 @@ class DicomWeb:
         if truncated:
             warnings.append(TRUNCATED.format(service=service))
             notes = ", truncated at the server's limit"
-        if request.query_params.get("fuzzymatching", "").strip().lower() == "true":
+        if fuzzy:
             warnings.append(NOT_FUZZY.format(service=service))
         ignored = [k for k, v in keys.items() if v and not store_query.available(k, level)]
         if ignored:
@@ -373,131 +357,6 @@ class DicomWeb:
             ds.RetrieveURL = url
         return dataset_json(ds)  # a stored "DOE^JOHN\\" no longer cuts the answer
 
-    # -- STOW-RS ------------------------------------------------------------------------
-
-    async def stow(self, request: Request) -> Response:
-        try:
-            actor = self.actor_of(request)
-        except HttpProblem as exc:  # refused access: the security row is the middleware's
-            return _problem(exc)
-        try:
-            if self.receiver is None:
-                raise HttpProblem(405, "STOW-RS is not offered here")
-            boundary = _boundary(request.headers.get("content-type", ""))
-        except HttpProblem as exc:  # a store refused as asked: audited, as QIDO's are
-            self._audit_store(request, actor, [], f"failure: {exc.detail}"[:300])
-            return _problem(exc)
-        parts: list[bytes | SpilledPart | NotPart10] = []
-        current: list[Part] = []
-        ended: list[bool] = []
-        callbacks = {
-            "on_part_begin": lambda: current.append(Part(self.receiver, self.spill_above)),
-            "on_part_data": lambda data, start, end: current[-1].add(data[start:end]),
-            "on_part_end": lambda: parts.append(current.pop().done()),
-            "on_end": lambda: ended.append(True),
-        }
-        parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
-        stored: list[dict[str, Any]] = []
-        failed: list[dict[str, Any]] = []
-        source = request.client.host if request.client else None
-        target = request.path_params.get("study")  # POST /studies/{study}: only that study
-        try:
-            async for chunk in request.stream():
-                parser.write(chunk)
-                while parts:  # one instance at a time: memory bounded by the largest one
-                    await run_in_threadpool(self._store_part, parts.pop(0), actor, source,
-                                            stored, failed, target)
-            parser.finalize()
-            if not ended:  # a cut body: its last part may be cut too, so none is trusted
-                raise MultipartParseError("the body ends before its closing boundary")
-        except MultipartParseError as exc:
-            discard_parts(parts, current)
-            return self._malformed(request, actor, stored, str(exc))
-        except BaseException:  # the client went away: no spill file is left behind
-            discard_parts(parts, current)
-            raise
-        while parts:
-            await run_in_threadpool(self._store_part, parts.pop(0), actor, source, stored,
-                                    failed, target)
-        if not stored and not failed:
-            self._audit_store(request, actor, [], "failure: the request holds no DICOM part")
-            return _problem(HttpProblem(400, "the request holds no DICOM part"))
-        result = Dataset()
-        result.ReferencedSOPSequence = [_sop_item(s["uid"], s["sop_class"], s["url"])
-                                        for s in stored]
-        if failed:
-            result.FailedSOPSequence = [_sop_item(**f) for f in failed]
-        status = 200 if not failed else (202 if stored else 409)
-        if failed and not stored and all(f["reason"] == 0xA700 for f in failed):
-            status = 507  # Insufficient Storage: the spool is at its hard limit; retry later
-        for refused in failed[:MAX_REFUSALS_LOGGED]:
-            log.warning("STOW-RS from %s (%s): part refused (0x%04X): %s", source, actor,
-                        refused["reason"], refused["note"])
-        if len(failed) > MAX_REFUSALS_LOGGED:
-            log.warning("STOW-RS from %s (%s): %s refused besides", source, actor,
-                        counted(len(failed) - MAX_REFUSALS_LOGGED, "more part"))
-        # The answer gives each refused part's FailureReason only: why is said here, in
-        # the journal and the audit row (the first reason), for whoever looks into it.
-        self._audit_store(request, actor, stored, "success" if not failed
-                          else f"failure: {counted(len(failed), 'part')} refused (first: "
-                               f"{failed[0]['note'][:200]})")
-        return JSONResponse(result.to_json_dict(), status_code=status, media_type=DICOM_JSON)
-
-    def _malformed(self, request: Request, actor: str, stored: list[dict[str, Any]],
-                   reason: str) -> Response:
-        """400 for a body that is not valid multipart (invariant 7: the problem is named).
-        Parts complete after the error are not stored; those stored before it, from earlier
-        chunks of the stream, are durable already and are listed so the client knows."""
-        detail = f"malformed multipart body: {reason}"
-        self._audit_store(request, actor, stored, "failure: malformed multipart body")
-        body: dict[str, Any] = {"error": 400, "detail": detail}
-        if stored:
-            body["stored"] = [s["uid"] for s in stored]
-        return JSONResponse(body, status_code=400)
-
-    def _store_part(self, content: bytes | SpilledPart | NotPart10, actor: str,
-                    source: str | None, stored: list[dict[str, Any]],
-                    failed: list[dict[str, Any]], target: str | None = None) -> None:
-        """File one part. What the answer names (SOP Class, series, study) comes from the
-        receiver's record: the part is parsed once, where it lies (a deflated one is not
-        inflated again in memory by a second read of pydicom's)."""
-        assert self.receiver is not None
-        if isinstance(content, NotPart10):  # refused as it arrived (stow_parts.Part)
-            failed.append({"uid": "", "sop_class": "", "reason": 0xC000,
-                           "note": content.reason})
-            return
-        try:
-            if isinstance(content, SpilledPart):
-                received = self.receiver.receive_spilled_file(
-                    content.spill, content.digest, calling_ae=actor, source=source,
-                    expect_study_uid=target)
-            else:
-                received = self.receiver.receive_file(content, calling_ae=actor,
-                                                      source=source, expect_study_uid=target)
-        except OtherStudy as exc:
-            # PS3.18 10.5: a STOW to a study stores only that study's instances; filing
-            # another study's instance under it would mislead. Refused, nothing written.
-            other = exc.record
-            failed.append({"uid": other.sop_instance_uid, "sop_class": other.sop_class_uid,
-                           "reason": 0xA900, "note": f"belongs to study {other.study_uid}, "
-                                                     f"not {target}"})
-            return
-        except InvalidInstance as exc:
-            failed.append({"uid": "", "sop_class": "", "reason": 0xC000, "note": str(exc)})
-            return
-        except SpoolFull as exc:
-            failed.append({"uid": "", "sop_class": "", "reason": 0xA700, "note": str(exc)})
-            return
-        except Exception as exc:
-            log.exception("STOW-RS part failed")
-            failed.append({"uid": "", "sop_class": "", "reason": 0x0110, "note": str(exc)})
-            return
-        stored.append({"uid": received.sop_instance_uid, "sop_class": received.sop_class_uid,
-                       "study": received.study_uid,
-                       "url": f"{self.base_url}/studies/{received.study_uid}/series/"
-                              f"{received.series_uid}/instances/{received.sop_instance_uid}"})
-
-
 def _all_of(level: str) -> list[str]:
     """What ``includefield=all`` adds: every attribute of the level searched that the index
     holds, a study search's including the patient's (PS3.18 10.6.3.3.1: the Optional Keys of
@@ -534,13 +393,14 @@ def build_dicomweb_routes(db: Database, spool: Spool, *, receiver: Receiver | No
                    max_limit=max_limit, fetcher=fetcher, base_url=prefix,
                    spill_above=spill_above)
     wado = WadoRs(web)
+    stow = StowRs(web)
     study = "/studies/{study}"
     series = study + "/series/{series}"
     instance = series + "/instances/{instance}"
     routes = [
         Route("/studies", _level("studies", web.qido), methods=["GET"]),
-        Route("/studies", web.stow, methods=["POST"]),
-        Route(study, web.stow, methods=["POST"]),
+        Route("/studies", stow.stow, methods=["POST"]),
+        Route(study, stow.stow, methods=["POST"]),
         Route("/series", _level("series", web.qido), methods=["GET"]),
         Route("/instances", _level("instances", web.qido), methods=["GET"]),
         Route(study + "/series", _level("series", web.qido), methods=["GET"]),
@@ -556,7 +416,9 @@ def build_dicomweb_routes(db: Database, spool: Spool, *, receiver: Receiver | No
         Route(instance + "/bulkdata/{tag}", wado.bulkdata, methods=["GET"]),
         Route(instance + "/rendered", wado.rendered, methods=["GET"]),
         Route(instance + "/thumbnail", wado.rendered, methods=["GET"]),
-        Route(instance + "/frames/{frame:int}/rendered", wado.rendered, methods=["GET"]),
+        # {frame}, not {frame:int}: Starlette's int() of 4301 digits raised in the routing
+        # (a 500, no audit row); the handler reads it as /frames reads its list.
+        Route(instance + "/frames/{frame}/rendered", wado.rendered, methods=["GET"]),
     ]
     return [Mount(prefix, routes=routes)]
 

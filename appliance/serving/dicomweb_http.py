@@ -195,6 +195,38 @@ def _int_param(request: Request, name: str, positive: bool = False) -> int | Non
     return int(digits) if len(digits) < 19 else _SQLITE_MAX_INT
 
 
+# What each UID of a DICOMweb path is, as the answers name it.
+_PATH_UIDS = (("study", "StudyInstanceUID"), ("series", "SeriesInstanceUID"),
+              ("instance", "SOPInstanceUID"))
+
+
+def _one_uid_each(path: dict[str, str]) -> None:
+    """HttpProblem 400 when a UID of a resource's path is a list (``A\\B``, sent as
+    ``A%5CB``): the path names one study, series or instance (PS3.18 10.4.1.1, 10.6.1.1).
+    It was read as a C-MOVE's UID list: WADO-RS and QIDO-RS answered for every study
+    listed, fetch-through asked the region for the study "A\\B" however much of A and B
+    was held, and a STOW to it refused every part. A malformed UID or a wildcard is the
+    index's to refuse (400 too)."""
+    for key, keyword in _PATH_UIDS:
+        value = path.get(key)
+        if value is not None and "\\" in value:
+            shown = value if len(value) <= 80 else value[:80] + "..."
+            raise HttpProblem(400, f"{keyword} {shown!r} in the path: a path names one UID, "
+                                   "not a list")
+
+
+def _fuzzy(request: Request) -> bool:
+    """Whether a QIDO-RS search asks ``fuzzymatching=true`` (PS3.18 8.3.4.1: "true" or
+    "false", in any case); HttpProblem 400 naming another value. It was ignored without a
+    word: ``fuzzymatching=yes``, meant as true, got a literal answer and no Warning."""
+    raw = request.query_params.get("fuzzymatching")
+    if raw is None or raw.strip().lower() == "false":
+        return False
+    if raw.strip().lower() == "true":
+        return True
+    raise HttpProblem(400, f"fuzzymatching: true or false, got {raw[:40]!r}")
+
+
 def _boundary(content_type: str) -> str:
     """The boundary of a STOW-RS body, whose parts must be DICOM files: HttpProblem 415 for
     another media type, or a ``type`` other than application/dicom (PS3.18 10.5.1.1; a body

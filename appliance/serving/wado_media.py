@@ -197,6 +197,18 @@ def frame_list(text: str) -> list[int]:
     return numbers
 
 
+def rendered_frame(text: str) -> int:
+    """The frame of ``/frames/{n}/rendered``: one number from 1, read as :func:`frame_list`
+    reads a list (ASCII digits; one too long for any frame count is past the end, a 404
+    where the instance is read). HttpProblem 400 naming it otherwise: 0 was a 404, "-1"
+    and "1,2" a bare 404 from the router, and 4301 digits or more a 500."""
+    numbers = frame_list(text)
+    if len(numbers) != 1:
+        shown = text if len(text) <= 80 else text[:80] + "..."
+        raise HttpProblem(400, f"frame {shown!r}: one frame number from 1")
+    return numbers[0]
+
+
 def viewport_size(text: str | None) -> tuple[int, int] | None:
     """The ``viewport`` of /rendered (PS3.18 8.3.5.1.3) as (width, height) in pixels: "w,h",
     or "w" for a square; None when absent. Each a positive integer, else HttpProblem 400

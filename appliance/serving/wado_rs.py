@@ -38,6 +38,7 @@ from appliance.serving.dicomweb_http import (
     ClosingStream,
     ReportedEnd,
     _file_part,
+    _one_uid_each,
     _problem,
     _stream_part,
 )
@@ -52,6 +53,7 @@ from appliance.serving.wado_media import (
     part_syntax,
     read_bulkdata,
     render,
+    rendered_frame,
     rendered_media,
     require_dicom_json,
     require_native_octets,
@@ -182,6 +184,7 @@ class WadoRs:
             return _problem(problem)
 
     def _plan(self, path: dict[str, str]) -> Found:
+        _one_uid_each(path)  # before the region is asked for a study "A\\B"
         keys = {"StudyInstanceUID": path["study"]}
         level = "STUDY"
         if "series" in path:
@@ -366,7 +369,7 @@ class WadoRs:
     async def _rendered(self, request: Request, tally: Tally) -> Response:
         media = rendered_media(request.headers.get("accept", ""))
         tally.what = f"WADO-RS rendered {media}"
-        frame = int(request.path_params.get("frame", "1"))
+        frame = rendered_frame(request.path_params.get("frame", "1"))
         viewport = viewport_size(request.query_params.get("viewport"))
         window = Window.parse(request.query_params.get("window"))
         found = await self._found(request, tally)
