@@ -249,7 +249,7 @@ def openapi(routes: list[BaseRoute]) -> dict[str, Any]:
     for route in routes:
         if not isinstance(route, Route):
             continue
-        path = route.path.replace("{index:int}", "{index}").replace("{path:path}", "{path}")
+        path = route.path.replace("{path:path}", "{path}")
         doc = (route.endpoint.__doc__ or route.name).strip().splitlines()[0]
         secured = path.startswith("/api/v1")
         for method in sorted((route.methods or set()) - {"HEAD"}):

@@ -279,18 +279,26 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
         """Store one sealed bucket durably (idempotent per index); with ``?commit=true``, also
         commit when it completes the set, and answer the receipt with it."""
         site = request.state.site
+        text = request.path_params["index"]
+        if not (text.isascii() and text.isdigit()):
+            return problem(400, "bad_request", f"bucket index must be a number from 0, got "
+                           f"{text[:40]!r}")
         row, missing = await lookup_for_bucket(request)
         if missing:
             return missing
-        index = int(request.path_params["index"])
-        where = f"transfer {row['id']} bucket {index}"
+        # Read here, not by Starlette's {index:int}: its int() of 4301 digits raised in the
+        # routing (a 500), and past 2**63 SQLite could not bind it. Past the transfer's
+        # buckets either way: a 416 below.
+        index = int(text) if len(text) <= 12 else row["bucket_count"]
+        shown = text if len(text) <= 12 else text[:12] + "..."
+        where = f"transfer {row['id']} bucket {shown}"
         if row["receipt"] is not None:
             log.warning("site %s: %s refused: transfer already committed", site, where)
             return problem(409, "committed", f"transfer {row['id']} is already committed")
         if not 0 <= index < row["bucket_count"]:
             log.warning("site %s: %s out of range", site, where)
             return problem(416, "index_out_of_range",
-                           f"bucket index {index} not in 0..{row['bucket_count'] - 1}")
+                           f"bucket index {shown} not in 0..{row['bucket_count'] - 1}")
         declared = int(request.headers.get("content-length") or 0)
         if declared > limits.max_bucket_bytes:
             log.warning("site %s: %s refused: %d bytes over the limit", site, where, declared)
@@ -399,7 +407,7 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
     return [
         Route(base, create, methods=["POST"]),
         Route(base + "/{transfer_id}", status, methods=["GET"]),
-        Route(base + "/{transfer_id}/buckets/{index:int}", put_bucket, methods=["PUT"]),
+        Route(base + "/{transfer_id}/buckets/{index}", put_bucket, methods=["PUT"]),
         Route(base + "/{transfer_id}/buckets", held, methods=["GET"]),
         Route(base + "/{transfer_id}/commit", commit, methods=["POST"]),
         Route(base + "/{transfer_id}/receipt", receipt, methods=["GET"]),
