@@ -1,12 +1,16 @@
 """What hospital IT reads on a first installation, against a real ``pas run``: why ``pas
 send`` could not associate (an AE title PAS does not know, a wrong called AE, nothing
-listening)."""
+listening), and the daemon's disk alert in ``pas cache status``, ``pas status`` and on the
+status page (it was only in ``pas status --json`` and the journal)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
-from tests.support.peers import MR_DIR, PasProcess, free_port
+import httpx
+
+from tests.support.peers import MR_DIR, PasProcess, free_port, wait_for
 
 FILES = sorted(p for p in MR_DIR.rglob("*") if p.is_file())[:5]
 
@@ -35,3 +39,35 @@ def test_send_says_why_the_association_failed(
     sent = pas.cli("send", *files, "--calling-ae", "CT2")
     assert f"sent {len(FILES)} of {len(FILES)} files" in sent.stdout
     assert pas.status()["instances"] == len(FILES)
+
+
+def test_the_daemons_disk_alert_is_shown_where_hospital_it_looks(
+        pas_factory: Callable[..., PasProcess]) -> None:
+    # A spool quota this small is within the alert's headroom at once: the daemon raises
+    # the "hard limit" alert (C-STOREs about to be refused with 0xA700) at its first pass.
+    pas = pas_factory({"PAS_STORAGE__QUOTA_MB": "1"})
+    wait_for(lambda: "ALERT hard limit" in pas.log(), 15, what="the daemon's disk alert")
+
+    cache = pas.cli("cache", "status")
+    assert "{'" not in cache.stdout  # a table, not the Python dict it printed
+    row = next(line for line in cache.stdout.splitlines() if "disk alert" in line)
+    assert "hard limit" in row and "storage.quota_mb=1" in row
+    as_json = json.loads(pas.cli("cache", "status", "--json").stdout)
+    assert as_json["alert"].startswith("hard limit") and as_json["alert_since"] > 0
+
+    status = pas.cli("status").stdout
+    row = next(line for line in status.splitlines() if "disk alert" in line)
+    assert "hard limit" in row
+
+    page = httpx.get(f"http://127.0.0.1:{pas.http_port}/", timeout=10)
+    assert page.status_code == 200
+    assert 'id="disk-alert">hard limit' in page.text
+
+
+def test_no_alert_row_while_all_is_well(pas: PasProcess) -> None:
+    cache = pas.cli("cache", "status").stdout
+    row = next(line for line in cache.splitlines() if "disk alert" in line)
+    assert row.split("│")[2].strip() == "none"
+    assert "disk alert" not in pas.cli("status").stdout
+    page = httpx.get(f"http://127.0.0.1:{pas.http_port}/", timeout=10).text
+    assert 'id="disk"' in page and "disk-alert" not in page
