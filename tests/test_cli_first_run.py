@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 
@@ -71,3 +72,30 @@ def test_no_alert_row_while_all_is_well(pas: PasProcess) -> None:
     assert "disk alert" not in pas.cli("status").stdout
     page = httpx.get(f"http://127.0.0.1:{pas.http_port}/", timeout=10).text
     assert 'id="disk"' in page and "disk-alert" not in page
+
+
+def test_an_alert_the_space_came_back_from_is_cleared_by_the_next_start(
+        pas_factory: Callable[..., PasProcess], tmp_path: Path) -> None:
+    """The quota raised, then stop and start without it: the alert row stayed the latest,
+    and the disk alert was shown for ever (only the process that raised one cleared it)."""
+    home = tmp_path / "home"
+    first = pas_factory({"PAS_STORAGE__QUOTA_MB": "1"}, home=home)
+    wait_for(lambda: "ALERT hard limit" in first.log(), 15, what="the daemon's disk alert")
+    first.stop()
+    second = pas_factory(home=home)
+    wait_for(lambda: "disk alert cleared" in second.log(), 15, what="the alert cleared")
+    assert second.status()["cache"]["disk_alert"] is None
+    assert "disk alert" not in second.cli("status").stdout
+    page = httpx.get(f"http://127.0.0.1:{second.http_port}/", timeout=10).text
+    assert "disk-alert" not in page
+
+    # Raised again while it holds: one alert row, not one per start.
+    second.stop()
+    third = pas_factory({"PAS_STORAGE__QUOTA_MB": "1"}, home=home)
+    wait_for(lambda: "ALERT hard limit" in third.log(), 15, what="the alert raised again")
+    third.stop()
+    fourth = pas_factory({"PAS_STORAGE__QUOTA_MB": "1"}, home=home)
+    assert "hard limit" in fourth.status()["cache"]["disk_alert"]
+    fourth.cli("cache", "evict")  # a pass of its own, done when it returns (the daemon's too)
+    alerts = json.loads(fourth.cli("audit", "--event", "alert", "--json").stdout)
+    assert [row["outcome"] for row in alerts] == ["failure: disk", "success", "failure: disk"]
