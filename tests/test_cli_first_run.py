@@ -64,6 +64,12 @@ def test_the_daemons_disk_alert_is_shown_where_hospital_it_looks(
     assert page.status_code == 200
     assert 'id="disk-alert">hard limit' in page.text
 
+    # pas doctor judged the file system alone ("ok"): the quota is what refuses C-STOREs.
+    doctor = pas.cli("doctor", "--json", check=False)
+    assert doctor.returncode == 1
+    disk = next(c for c in json.loads(doctor.stdout) if c["name"] == "disk")
+    assert disk["verdict"] == "fail" and "hard limit" in disk["detail"], disk
+
 
 def test_no_alert_row_while_all_is_well(pas: PasProcess) -> None:
     cache = pas.cli("cache", "status").stdout
@@ -72,6 +78,8 @@ def test_no_alert_row_while_all_is_well(pas: PasProcess) -> None:
     assert "disk alert" not in pas.cli("status").stdout
     page = httpx.get(f"http://127.0.0.1:{pas.http_port}/", timeout=10).text
     assert 'id="disk"' in page and "disk-alert" not in page
+    doctor = json.loads(pas.cli("doctor", "--json", check=False).stdout)
+    assert "disk alert" not in next(c for c in doctor if c["name"] == "disk")["detail"]
 
 
 def test_an_alert_the_space_came_back_from_is_cleared_by_the_next_start(
