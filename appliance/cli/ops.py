@@ -54,7 +54,8 @@ def _why_not_associated(assoc: Any, heard: dict[str, Any], calling_ae: str,
             return (f"rejected: called AE title '{called_ae}' not recognised; give the "
                     f"SCP's own AE title (PAS: dicom.ae_title) with --called-ae")
         return f"rejected ({answer.result_str}: {reason})"
-    return "the association was aborted (e.g. none of the files' SOP classes is accepted)"
+    return ("connected, but the association was aborted or not answered (none of the "
+            "files' SOP classes accepted, or a port that speaks DICOM TLS: pas send does not)")
 
 
 def _dicom_files(paths: list[Path]) -> tuple[list[Path], list[Path]]:
