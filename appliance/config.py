@@ -15,6 +15,7 @@ environment variables. The systemd unit, the tests and the benchmarks rely on th
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from pathlib import Path
@@ -198,6 +199,23 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> lis
             message = "unknown key"
         elif kind == "missing":
             message = "is required"
+        elif kind in ("union_tag_invalid", "union_tag_not_found"):
+            # A destination's kind, said as the key the operator wrote; pydantic's words
+            # ("Input tag 'dicomm' found using 'kind' does not match any of the expected
+            # tags ..., got {the whole table}") named neither the key nor what to write.
+            loc.append("kind")
+            expected = error.get("ctx", {}).get("expected_tags") or "'dicom', 'hub', 'stowrs'"
+            message = (f"must be one of {expected}, got {error['ctx']['tag']!r}"
+                       if kind == "union_tag_invalid" else f"is required ({expected})")
+        elif kind in ("model_type", "dict_type"):
+            # A section or a list entry that is a table, written as a value: "Input should be
+            # a valid dictionary or instance of KnownAE" named a Python class. A bare title
+            # where a table is needed (known_aes = ["CT2"], as the first-boot seed takes
+            # them) is answered with the table to write.
+            value = error.get("input")
+            message = f"must be a table ({{ key = value, ... }}), got {value!r}"
+            if isinstance(value, str) and loc[-2:-1] in (["known_aes"], ["move_destinations"]):
+                message += f": write {{ title = {json.dumps(value)} }}"
         elif kind != "value_error":
             # Numbers are strict (appliance.config_types._strict_numbers): say which
             # TOML type the key takes, and show a boolean as the file writes it.

@@ -70,6 +70,14 @@ def test_environment_overrides_every_key() -> None:
     ("[destinations.web]\nkind = 'stowrs'\nurl = 'ftp://x'",
      "destinations.web.url: must start with http:// or https://"),
     ("[dicom\nport = 1", "not valid TOML"),
+    # pydantic's words named a Python class ("a valid dictionary or instance of KnownAE")
+    # or dumped the table ("Input tag 'dicomm' found using 'kind' ..."), not the key.
+    ("[dicom]\nknown_aes = ['CT2']", "dicom.known_aes.0: must be a table ({ key = value, "
+     "... }), got 'CT2': write { title = \"CT2\" }"),
+    ("[destinations.pacs]\nkind = 'dicomm'\nae_title = 'P'\nhost = 'pacs'\nport = 104",
+     "destinations.pacs.kind: must be one of 'dicom', 'hub', 'stowrs', got 'dicomm'"),
+    ("[destinations.pacs]\nae_title = 'P'\nhost = 'pacs'\nport = 104",
+     "destinations.pacs.kind: is required ('dicom', 'hub', 'stowrs')"),
 ])
 def test_bad_configuration_is_named_and_refused(tmp_path: Path, toml: str,
                                                expected: str) -> None:

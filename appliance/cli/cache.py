@@ -77,16 +77,36 @@ def verify(config: Path | None = ConfigOption,
 @cache_app.command("status")
 def cache_status(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> None:
     """Disk use against the watermarks, the alert, open integrity issues."""
+    from appliance.cli.main import _when
     from appliance.ops.cache_policy import CachePolicy
-    from appliance.store.cache import open_issues
+    from appliance.ops.status import human_size
+    from appliance.store.cache import health, open_issues
 
     settings, db, spool = _open(config, write=False)
     snapshot = CachePolicy(settings, db, spool).snapshot()
+    # The alert is the daemon's, read from its audit row as pas status reads it: the
+    # CachePolicy made here, in the command's own process, never raised one (it said
+    # "'alert': None" while the daemon was above the high watermark, nothing evictable).
+    cache_health = health(db)
+    snapshot["alert"] = cache_health["disk_alert"]
+    snapshot["alert_since"] = cache_health["disk_alert_since"]
     issues = open_issues(db)
     if as_json:
         print(json.dumps({**snapshot, "issues": issues}, indent=2))
         return
-    console.print(snapshot)
+    # A table, as pas status prints: it printed the Python dict ({'used_bytes': ...}).
+    table = Table(title="Cache", show_header=False)
+    of_what = ("storage.quota_mb" if settings.storage.quota_mb
+               else "the spool's file system")
+    table.add_row("used", f"{snapshot['used_percent']} % "
+                          f"({human_size(snapshot['used_bytes'])} of "
+                          f"{human_size(snapshot['capacity_bytes'])}, {of_what})")
+    table.add_row("watermarks", f"high {snapshot['high_watermark_percent']} %, "
+                                f"low {snapshot['low_watermark_percent']} %")
+    table.add_row("disk alert", "none" if snapshot["alert"] is None else
+                  f"[red]{snapshot['alert']}[/red] (since {_when(snapshot['alert_since'])})")
+    table.add_row("integrity issues", str(snapshot["integrity_issues"]))
+    console.print(table, highlight=False)
     if issues:
         table = Table(title=counted(len(issues), "open integrity issue"))
         for column in ("kind", "path", "detail"):

@@ -152,6 +152,14 @@ def status(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> No
     table.add_row("stored", human_size(snapshot["bytes"]))
     disk = snapshot["disk"]
     table.add_row("disk", f"{disk['used_percent']}% used, {human_size(disk['free_bytes'])} free")
+    cache = snapshot["cache"]  # the daemon's disk alert, from its audit row (store/cache.py)
+    if cache["disk_alert"]:
+        table.add_row("disk alert", f"[red]{cache['disk_alert']}[/red] "
+                                    f"(since {_when(cache['disk_alert_since'])})")
+    if cache["integrity_issues"]:
+        table.add_row("integrity issues", ", ".join(
+            f"{kind} {n}" for kind, n in sorted(cache["integrity_issues"].items()))
+            + " (pas cache status)")
     checked = snapshot["index_check"]
     if checked is not None:  # the daemon's last integrity check of the index
         table.add_row("index check", f"{'DAMAGED' if checked['finding'] else 'sound'}, "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -31,6 +32,30 @@ from appliance.cli.common import (
 from appliance.words import counted
 
 MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts per association
+
+
+def _why_not_associated(assoc: Any, heard: dict[str, Any], calling_ae: str,
+                        called_ae: str) -> str:
+    """What the SCP answered, in words that say what to change. One sentence for every case
+    ("refused, or nothing listening: check the port, the AE title and dicom.known_aes") left
+    the user guessing which: PAS's A-ASSOCIATE-RJ names the calling AE it does not know,
+    and ``pas send`` calls as PASSEND unless told (docs/install.md)."""
+    if not heard.get("open"):
+        return ("no connection (nothing listens there, or a firewall drops it): check --host "
+                "and --port")
+    answer = heard.get("answer")
+    if assoc.is_rejected and answer is not None:
+        reason = answer.reason_str
+        if answer.result_source == 1 and answer.diagnostic == 3:
+            return (f"rejected: calling AE title '{calling_ae}' not recognised; PAS accepts "
+                    f"the AE titles in dicom.known_aes: add it there (and restart PAS), or "
+                    f"send as one of them with --calling-ae")
+        if answer.result_source == 1 and answer.diagnostic == 7:
+            return (f"rejected: called AE title '{called_ae}' not recognised; give the "
+                    f"SCP's own AE title (PAS: dicom.ae_title) with --called-ae")
+        return f"rejected ({answer.result_str}: {reason})"
+    return ("connected, but the association was aborted or not answered (none of the "
+            "files' SOP classes accepted, or a port that speaks DICOM TLS: pas send does not)")
 
 
 def _dicom_files(paths: list[Path]) -> tuple[list[Path], list[Path]]:
@@ -61,7 +86,7 @@ def send(paths: list[Path] = typer.Argument(..., help="DICOM files or folders (r
          config: Path | None = ConfigOption) -> None:
     """Send DICOM files to PAS (or any SCP) with C-STORE, with a progress bar."""
     from pydicom import dcmread
-    from pynetdicom import AE
+    from pynetdicom import AE, evt
 
     from appliance import dicomnet
     from appliance.cli.main import _settings
@@ -107,10 +132,14 @@ def send(paths: list[Path] = typer.Argument(..., help="DICOM files or folders (r
     ae = AE(ae_title=calling_ae)
     for sop_class, syntax in sorted(contexts):
         ae.add_requested_context(sop_class, syntax)
-    assoc = ae.associate(host, port, ae_title=called_ae)
+    heard: dict[str, Any] = {}
+    handlers = [(evt.EVT_CONN_OPEN, lambda event: heard.setdefault("open", True)),
+                (evt.EVT_ACSE_RECV, lambda event: heard.setdefault("answer", event.primitive))]
+    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=handlers)
     if not assoc.is_established:
-        err.print(f"[red]cannot associate with {called_ae}@{host}:{port}[/red] (refused, "
-                  "or nothing listening): check the port, the AE title and dicom.known_aes")
+        err.print(f"[red]cannot associate with {called_ae}@{host}:{port}[/red]: "
+                  f"{_why_not_associated(assoc, heard, calling_ae, called_ae)}",
+                  highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     failures: list[str] = []
     sent_bytes = 0

@@ -51,7 +51,17 @@ class CachePolicy:
         self.settings = settings
         self.db = db
         self.spool = spool
-        self.alert: str | None = None  # shown by status; None when all is well
+        # The alert as last recorded (its audit row), not None: a daemon restarted once the
+        # space was back never wrote "cleared" (only a process that had raised it did), and
+        # pas status, the page and pas cache status showed the old alert for ever; one
+        # restarted while it still held wrote the same alert again.
+        self.alert: str | None = self._recorded_alert()
+
+    def _recorded_alert(self) -> str | None:
+        try:
+            return cache_store.health(self.db)["disk_alert"]
+        except sqlite3.Error:  # an unreadable trail: the first pass raises it afresh
+            return None
 
     def _usage(self) -> tuple[int, int]:
         quota = self.settings.storage.quota_mb * 1024 * 1024

@@ -139,9 +139,39 @@ def check_disk(settings: Settings) -> Check:
         return Check("disk", "fail", detail + f" (below storage.min_free_mb = "
                      f"{settings.storage.min_free_mb})",
                      "free space, or let the cache evict confirmed studies (pas cache)")
+    alert = _recorded_disk_alert(settings)
+    if alert is not None and alert.startswith("hard limit"):
+        return Check("disk", "fail", f"{detail}; the daemon's disk alert: {alert}",
+                     "free space or raise the limit it names; the cache evicts only what "
+                     "the region confirmed (pas status: the backlog)")
+    if alert is not None:
+        return Check("disk", "warn", f"{detail}; the daemon's disk alert: {alert}",
+                     "plan more space, a lower retention, or fewer pins (pas cache status)")
     if used > 85:
         return Check("disk", "warn", detail, "over 85 %: plan more space or a lower retention")
     return Check("disk", "ok", detail)
+
+
+def _recorded_disk_alert(settings: Settings) -> str | None:
+    """The daemon's disk alert as last recorded (its audit row, store/cache.py), which also
+    watches ``storage.quota_mb`` and the watermarks: the file system's figures alone said
+    "ok" while C-STOREs were refused at the quota. None without a readable database (the
+    database check says why)."""
+    from appliance.store import cache as cache_store
+    from appliance.store.db import Database
+
+    if not settings.db_path.exists():
+        return None
+    try:
+        db = Database(settings.db_path, readonly=True)
+    except Exception:  # any failure is the database check's finding
+        return None
+    try:
+        return cache_store.health(db)["disk_alert"]
+    except Exception:
+        return None
+    finally:
+        db.close()
 
 
 def check_enrolment(settings: Settings) -> list[Check]:

@@ -181,6 +181,19 @@ def _backup_card(state: dict[str, Any]) -> str:
             f"</span></b>{detail}</div>")
 
 
+def _disk_card(disk: dict[str, Any], alert: str | None) -> str:
+    """Free space, and the daemon's disk alert in warning style: above the high watermark
+    with nothing evictable, or near the limit where C-STOREs are refused (0xA700). The page
+    showed only the file system's figures, which look fine under a full spool quota."""
+    figures = (f"{human_size(disk['free_bytes'])} free · "
+               f"spool {human_size(disk['spool_bytes'])}")
+    if alert is None:
+        return f'<div class="card" id="disk">Disk<b>{disk["used_percent"]} %</b>{figures}</div>'
+    return (f'<div class="card" id="disk">Disk<b><span class="state warn">'
+            f'{disk["used_percent"]} %</span></b>{figures}'
+            f'<br><span id="disk-alert">{_esc(alert)}</span></div>')
+
+
 def _unreadable_row(columns: int, error: str) -> str:
     return (f"<tr class=unreadable><td colspan={columns}>cannot be read from the index: "
             f"{_esc(error)}</td></tr>")
@@ -254,8 +267,7 @@ def render_page(daemon: Daemon, form_token: FormToken | None = None) -> str:
         f'<div class="card" id="commitment">Commitment reports<b>'
         f'{reports["pending"]} pending</b>oldest {_age(reports["oldest_age_s"])} · '
         f'given up {reports["given_up_24h"]} (24 h)</div>',
-        f'<div class="card" id="disk">Disk<b>{disk["used_percent"]} %</b>'
-        f"{human_size(disk['free_bytes'])} free · spool {human_size(disk['spool_bytes'])}</div>",
+        _disk_card(disk, snapshot["cache"]["disk_alert"]),
         f'<div class="card" id="cache">Cache<b>{counted(snapshot["studies"], "study", "studies")}'
         f"</b>{counted(snapshot['instances'], 'instance')} · "
         f"{snapshot['confirmed_instances']} confirmed</div>",
