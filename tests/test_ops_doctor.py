@@ -9,6 +9,7 @@ And the last backup's age: a failed pas-backup.timer showed only in ``systemctl 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 from appliance.store.db import Database
-from tests.support.peers import PAS_BIN, PasProcess, StoreSCP, free_port
+from tests.support.peers import PAS_BIN, PasProcess, StoreSCP, free_port, wait_for
 
 
 def _doctor(env: dict[str, str]) -> tuple[int, dict[str, dict[str, str]]]:
@@ -133,3 +134,43 @@ def test_doctor_says_how_old_the_last_backup_is_and_warns_when_it_is_stale(
     assert checks["backup"]["verdict"] == "warn", checks["backup"]
     assert checks["backup"]["detail"] == (f"the last backup, {folder} (3 days ago), is no "
                                           "longer there")
+
+
+def test_doctor_s_echo_from_this_machine_is_no_security_event(tmp_path: Path) -> None:
+    """The appliance's default refuses unknown AEs, and doctor's C-ECHO (calling AE
+    PASDOCTOR) was one: every check-up wrote a security warning and a failure row in the
+    audit trail (copied to the ATNA collector). From this machine, Verification only, it is
+    let through and answered; the same title asking for anything else is still refused."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+
+    pas = PasProcess(tmp_path / "home", {"PAS_DICOM__ACCEPT_UNKNOWN": "false"}).start()
+    try:
+        env = {**_env(tmp_path / "home", pas.port, pas.http_port),
+               "PAS_DICOM__ACCEPT_UNKNOWN": "false"}
+        _code, checks = _doctor(env)
+        assert checks["DICOM port"]["verdict"] == "ok", checks["DICOM port"]
+        assert "association rejected" not in pas.log()
+
+        def security_rows() -> list[tuple[str, str]]:
+            with contextlib.closing(sqlite3.connect(tmp_path / "home" / "pas.sqlite")) as db:
+                return db.execute("SELECT actor, outcome FROM audit "
+                                  "WHERE event = 'security'").fetchall()
+
+        assert security_rows() == []
+        # The exception is doctor's echo, nothing more: storage under its title is refused.
+        storing = AE(ae_title="PASDOCTOR")
+        storing.add_requested_context(Verification)
+        storing.add_requested_context(CTImageStorage)
+        assoc = storing.associate("127.0.0.1", pas.port, ae_title="PAS")
+        assert assoc.is_rejected
+        echoing = AE(ae_title="PASDOCTOR")
+        echoing.add_requested_context(Verification)
+        assoc = echoing.associate("127.0.0.1", pas.port, ae_title="PAS")
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+        wait_for(lambda: len(security_rows()) == 1, 10, what="the refused storage's row")
+        assert security_rows()[0][1].startswith("failure"), security_rows()
+    finally:
+        pas.stop()

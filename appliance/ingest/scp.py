@@ -231,7 +231,9 @@ class DicomListener:
                           f"association rejected: more than "
                           f"{self.rate_limiter.per_minute} attempts in a minute")
             return
-        reason = self.policy.refusal(calling, requestor.address)
+        proposed = [str(context.abstract_syntax) for context
+                    in requestor.primitive.presentation_context_definition_list or ()]
+        reason = self.policy.refusal(calling, requestor.address, proposed)
         if reason:
             log.warning("association rejected: %s", reason, extra={"CALLING_AE": calling})
             event.assoc.acse.send_reject(

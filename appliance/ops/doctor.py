@@ -54,7 +54,10 @@ def _dicom_answers(host: str, port: int, ae_title: str) -> bool:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-    ae = AE(ae_title="PASDOCTOR")
+    from appliance.ingest.policy import DOCTOR_AE
+
+    # Let through by the daemon from this machine, Verification only (no refusal audited).
+    ae = AE(ae_title=DOCTOR_AE)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.network_timeout = 5
     assoc = ae.associate(host, port, ae_title=ae_title)
