@@ -325,3 +325,16 @@ def load_settings(path: Path | None = None, environ: dict[str, str] | None = Non
     data = deep_merge(data, env_overrides(environ, model=Settings))
     settings: Settings = build(Settings, data)
     return settings
+
+
+def problems_the_environment_hides(path: Path) -> list[str]:
+    """What is wrong with the file's own values, read without the environment's overrides:
+    ``pas config check`` with ``PAS_DICOM__PORT`` set said "OK" for a file whose port was
+    70000, because the variable replaced it before the check; the day the variable goes (a
+    drop-in removed, another shell), ``pas run`` refuses that file. Empty when the file
+    alone is valid (every key has a default, so a file never needs the environment)."""
+    try:
+        build(Settings, read_toml(path))
+    except ConfigError as exc:
+        return exc.problems
+    return []

@@ -574,3 +574,22 @@ def test_no_float_key_takes_inf_or_nan(tmp_path: Path) -> None:
            if not refused(model, model.model_fields[name].alias or name,  # type: ignore[attr-defined]
                           value)]
     assert not lax, lax
+
+
+def test_check_names_a_bad_value_of_the_file_an_environment_variable_replaces(
+        tmp_path: Path) -> None:
+    """PAS_DICOM__PORT replaced the file's port before the check: a port of 70000 in the file
+    was "configuration OK" while the variable was set, and refused by pas run the day it
+    was not. The file's own values are checked too; a valid file with overrides is OK."""
+    path = tmp_path / "appliance.toml"
+    path.write_text('[dicom]\nport = 70000\n')
+    result = check(path, PAS_DICOM__PORT="11113")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "configuration OK" not in result.stdout
+    assert "dicom.port: must be 1-65535, got 70000" in result.stderr, result.stderr
+    assert "PAS_* variable replaces it now" in result.stderr
+    path.write_text('[dicom]\nport = 11112\n')
+    assert check(path, PAS_DICOM__PORT="11113").returncode == 0
+    # Found where pas run finds it ($PAS_HOME/appliance.toml), not only when named.
+    path.write_text('[dicom]\nport = 70000\n')
+    assert check(None, PAS_HOME=str(tmp_path), PAS_DICOM__PORT="11113").returncode == 2

@@ -27,7 +27,12 @@ from appliance.cli.common import (
     settings_or_exit,
     write_database,
 )
-from appliance.config import Settings, load_settings
+from appliance.config import (
+    Settings,
+    default_config_path,
+    load_settings,
+    problems_the_environment_hides,
+)
 from appliance.ops.status import human_size
 from appliance.words import counted
 
@@ -128,6 +133,13 @@ def config_check(path: Path | None = typer.Argument(
                    "pas run --help)")) -> None:
     """Validate a configuration; print every problem with its key path."""
     settings = _settings(path)
+    checked = path or default_config_path()
+    hidden = problems_the_environment_hides(checked) if checked is not None else []
+    for problem in hidden:
+        err.print(f"[red]config error[/red] in {checked} (a PAS_* variable replaces it now; "
+                  f"without it pas run refuses the file): {problem}", highlight=False)
+    if hidden:
+        raise typer.Exit(2)
     console.print(f"[green]configuration OK[/green]: site {settings.site}, AE "
                   f"{settings.dicom.ae_title} port "
                   f"{settings.dicom.port}, home {settings.home}, "
