@@ -107,6 +107,7 @@ def test_unreachable_dicom_node_waits_uncounted_then_gets_the_study(pas_factory,
     # here): never failed, and the last error says why it waits.
     assert re.search(r"│ (pending|running) ", listing) and "failed" not in listing, listing
     assert "waiting for the link: pacs unreachable" in listing, listing
+    assert "│ routine " in listing, listing  # the rule's priority, not its rank (2)
 
     scp.start()  # the PACS is back from maintenance, on the same port
     try:

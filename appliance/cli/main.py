@@ -28,6 +28,7 @@ from appliance.cli.common import (
     write_database,
 )
 from appliance.config import (
+    PRIORITY_RANK,
     Settings,
     default_config_path,
     load_settings,
@@ -52,6 +53,9 @@ __import__("appliance.cli.ops", fromlist=["register"]).register(app)  # pas send
 __import__("appliance.cli.audit", fromlist=["register"]).register(app)  # pas audit
 
 
+
+
+PRIORITY_NAME = {rank: name for name, rank in PRIORITY_RANK.items()}
 
 
 def _settings(path: Path | None) -> Settings:
@@ -348,14 +352,16 @@ def queue_list(config: Path | None = ConfigOption,
     title = (f"the {len(rows)} newest of {counted(total, 'job')} (--limit for more)"
              if total > len(rows) else counted(len(rows), "job"))
     table = Table(title=title)
-    for column in ("id", "kind", "destination", "state", "prio", "attempts", "sent",
+    for column in ("id", "kind", "destination", "state", "priority", "attempts", "sent",
                    "next attempt", "last error", "study UID"):
         table.add_column(column)
     for r in rows:
         nxt = _when(r["next_attempt_at"]) if r["state"] == "pending" else "-"
         if r["waits_for_job"]:  # held back by another job of its study (jobs.claim_next)
             nxt = f"after job {r['waits_for_job']}"
-        table.add_row(str(r["id"]), r["kind"], r["destination"], r["state"], str(r["priority"]),
+        # The rule's word (urgent, high, routine), not the rank the queue orders by.
+        priority = PRIORITY_NAME.get(r["priority"], str(r["priority"]))
+        table.add_row(str(r["id"]), r["kind"], r["destination"], r["state"], priority,
                       str(r["attempts"]), f"{r['sent']}/{r['instances']}", nxt,
                       (r["last_error"] or "")[:60], r["study_uid"])
     console.print(table)
