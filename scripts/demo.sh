@@ -23,6 +23,9 @@ for _ in $(seq 100); do
   kill -0 "$hub_pid" 2>/dev/null || { echo "hub did not start:"; tail -5 "$hub_home/hub.log"; exit 1; }
   sleep 0.1
 done
+# The site's name, where pas run and pas status from another shell both read it
+# ($PAS_HOME/appliance.toml): the name it enrols under, not the default "PAS".
+[ -f "$home/appliance.toml" ] || printf '# Written by make demo.\nsite = "DEMO"\n' >"$home/appliance.toml"
 if [ ! -f "$home/pki/hub.json" ]; then
   $PAS enroll --hub "https://localhost:$hub_port" --token "$($PAS hub token DEMO)"
 fi

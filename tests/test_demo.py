@@ -70,6 +70,11 @@ def test_make_demo_runs_receives_a_study_and_sends_it_to_its_hub(tmp_path: Path)
         archive = home.parent / "var-hub" / "archive"
         [held] = [r for r in _studies(archive) if r["study_uid"] == row["study_uid"]]
         assert held["instances"] == len(files)
+        # The site as the hub knows it, also for pas status run from another shell.
+        status = subprocess.run([str(REPO / ".venv" / "bin" / "pas"), "status", "--json"],
+                                env={**os.environ, "PAS_HOME": str(home)}, capture_output=True,
+                                text=True, timeout=60, check=True)
+        assert json.loads(status.stdout)["site"] == "DEMO", status.stdout[:300]
         sent_uids = {dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in files}
         local, regional = ({r["sop_instance_uid"]: r["sha256"] for r in read_rows(
             db, "SELECT sop_instance_uid, sha256 FROM instances")}
