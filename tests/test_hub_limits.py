@@ -272,3 +272,38 @@ def test_a_bucket_index_that_is_not_a_small_number_is_refused_naming_it(
                 index[:12] if status == 416 else "must be")), detail[:200]
         assert shipment.put_all(http) == [201] * len(shipment.buckets)
         assert http.post(shipment.url + "/commit").status_code == 200
+
+
+BIG_BUCKET_MB = 48
+
+
+def test_a_bucket_put_holds_about_one_copy_of_the_bucket_in_memory(
+        hub: HubProcess, site: Enrolment) -> None:
+    """Each bucket PUT held about four copies of the bucket at the peak: the body as read,
+    bytes() of it, the ciphertext sliced off the nonce, and the plaintext decrypted only to
+    check the tag (64 MiB buckets, 256 MiB per PUT, and nothing caps the PUTs of a region's
+    sites at once: invariant 8). Now the tag is checked as the ciphertext streams through the
+    decryptor, a megabyte at a time; the bucket is still refused when tampered."""
+    from appliance.transfer import seal
+    from tests.test_ingest_spill import peak_rss_mb
+    from tests.test_serving_memory import _reset_peak
+
+    files = sorted(p for p in MR_DIR.rglob("*") if p.is_file())[7:8]
+    shipment = ship(pack_items(files), site.hub_transfer_key)
+    big = seal.seal_bucket(shipment.key, shipment.transfer_id, 0,
+                           bytes(BIG_BUCKET_MB << 20))  # authenticates; never unpacked here
+    tampered = bytearray(big)
+    tampered[len(big) // 2] ^= 1
+    assert hub.proc is not None
+    with client(site) as http:
+        assert http.post("/api/v1/transfers", json=shipment.manifest).status_code == 201
+        answer = http.put(f"{shipment.url}/buckets/0", content=bytes(tampered))
+        assert answer.status_code == 400 and answer.json()["error"] == "bucket_rejected"
+        del tampered
+        _reset_peak(hub.proc.pid)
+        before = peak_rss_mb(hub.proc.pid)
+        assert http.put(f"{shipment.url}/buckets/0", content=big).status_code == 201
+        growth = peak_rss_mb(hub.proc.pid) - before
+    assert growth < 2.2 * BIG_BUCKET_MB, f"peak RSS grew {growth:.0f} MB for one PUT"
+    stored = hub.home / "buckets" / shipment.transfer_id / "000000.bkt"
+    assert stored.read_bytes() == big

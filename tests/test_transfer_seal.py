@@ -4,6 +4,8 @@ unwraps only with the hub's key and for its transfer (invariant 5, docs/protocol
 from __future__ import annotations
 
 import hashlib
+import os
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -17,6 +19,7 @@ from appliance.transfer.seal import (
     BucketRejected,
     KeyUnwrapError,
     SealError,
+    check_bucket,
     generate_hub_keypair,
     new_transfer_key,
     open_bucket,
@@ -52,27 +55,42 @@ def test_each_seal_uses_a_fresh_nonce() -> None:
     assert first[:NONCE_BYTES] != second[:NONCE_BYTES] and first != second
 
 
-@pytest.mark.parametrize("where", [0, NONCE_BYTES, NONCE_BYTES + 5, -1])
-def test_one_flipped_byte_anywhere_is_rejected(where: int) -> None:
-    sealed = bytearray(seal_bucket(KEY, TRANSFER, 2, b"x" * 100))
+# open_bucket (the archiver: the plaintext) and check_bucket (the hub's PUT: the tag alone,
+# streamed a megabyte at a time) refuse the same buckets.
+OPENERS = [open_bucket, check_bucket]
+
+
+@pytest.mark.parametrize("opener", OPENERS)
+@pytest.mark.parametrize(("size", "where"), [
+    (100, 0), (100, NONCE_BYTES), (100, NONCE_BYTES + 5), (100, -1), (0, -1),
+    (5 << 19, NONCE_BYTES + (3 << 19)),  # in the second megabyte of check_bucket's reads
+])
+def test_one_flipped_byte_anywhere_is_rejected(opener: Callable[..., object], size: int,
+                                               where: int) -> None:
+    sealed = bytearray(seal_bucket(KEY, TRANSFER, 2, b"x" * size))
     sealed[where] ^= 0x01
     with pytest.raises(BucketRejected, match="fails authentication"):
-        open_bucket(KEY, TRANSFER, 2, bytes(sealed))
+        opener(KEY, TRANSFER, 2, bytes(sealed))
 
 
-def test_truncated_replayed_and_wrong_key_buckets_are_rejected() -> None:
+@pytest.mark.parametrize("opener", OPENERS)
+def test_truncated_replayed_and_wrong_key_buckets_are_rejected(
+        opener: Callable[..., object]) -> None:
     sealed = seal_bucket(KEY, TRANSFER, 3, b"payload" * 50)
     with pytest.raises(BucketRejected, match="fails authentication"):
-        open_bucket(KEY, TRANSFER, 3, sealed[:-1])
+        opener(KEY, TRANSFER, 3, sealed[:-1])
     with pytest.raises(BucketRejected, match="truncated"):
-        open_bucket(KEY, TRANSFER, 3, sealed[: NONCE_BYTES + TAG_BYTES - 1])
+        opener(KEY, TRANSFER, 3, sealed[: NONCE_BYTES + TAG_BYTES - 1])
     with pytest.raises(BucketRejected, match="bucket 4 of transfer"):
-        open_bucket(KEY, TRANSFER, 4, sealed)  # replayed at another index
+        opener(KEY, TRANSFER, 4, sealed)  # replayed at another index
     with pytest.raises(BucketRejected, match=OTHER):
-        open_bucket(KEY, OTHER, 3, sealed)  # replayed into another transfer
+        opener(KEY, OTHER, 3, sealed)  # replayed into another transfer
     with pytest.raises(BucketRejected):
-        open_bucket(new_transfer_key(), TRANSFER, 3, sealed)
+        opener(new_transfer_key(), TRANSFER, 3, sealed)
     assert open_bucket(KEY, TRANSFER, 3, sealed) == b"payload" * 50
+    assert check_bucket(KEY, TRANSFER, 3, bytearray(sealed)) is None  # type: ignore[func-returns-value]
+    big = seal_bucket(KEY, TRANSFER, 5, os.urandom(5 << 19))  # several reads, the tag at the end
+    assert check_bucket(KEY, TRANSFER, 5, big) is None  # type: ignore[func-returns-value]
 
 
 def test_bad_arguments_are_clear_value_errors() -> None:

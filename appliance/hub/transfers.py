@@ -315,9 +315,10 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
         except ClientDisconnect:
             log.warning("site %s: %s: client went away mid-body; nothing stored", site, where)
             return Response(status_code=400)
-        sealed = bytes(body)
+        sealed = body  # checked and stored as read: no copy (one bucket in memory per PUT)
         try:
-            await run_in_threadpool(seal.open_bucket, transfer_key(row), row["id"], index, sealed)
+            await run_in_threadpool(seal.check_bucket, transfer_key(row), row["id"], index,
+                                    sealed)
         except seal.SealError as exc:
             log.warning("site %s: %s rejected: %s", site, where, exc, extra={"SITE": site})
             return problem(400, "bucket_rejected", f"{where} fails authentication (tampered, "
