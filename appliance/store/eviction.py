@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,7 +99,8 @@ class Evicted:
 
 
 def evict_study(db: Database, spool: Spool, study_uid: str, *, force: bool = False,
-                actor: str = "system", reason: str = "evicted") -> Evicted:
+                actor: str = "system", reason: str = "evicted",
+                rows_deleted: Callable[[], None] | None = None) -> Evicted:
     """Drop a study from the index and the spool, rows first (one transaction), then files.
 
     Without ``force`` a study with any unconfirmed instance, a live pin or an active job is
@@ -178,6 +179,8 @@ def evict_study(db: Database, spool: Spool, study_uid: str, *, force: bool = Fal
                           study["patient_id"], failed_jobs)
         audit.record_in(conn, "delete", actor=actor, target=study_uid,
                         patient=evicted.patient_id, detail=_deleted(reason, evicted, force))
+    if rows_deleted is not None:
+        rows_deleted()
     delete_evicted_files(db, spool, {p: seen[p] for p in doomed})
     return evicted
 
