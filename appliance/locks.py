@@ -9,9 +9,10 @@ bounded memory). StudyReaders likewise holds a study only while it is read.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Protocol, TypeVar
 
 
@@ -94,6 +95,17 @@ class StudyReaders:
             self.release(registered)
             raise
         return plan, registered
+
+    @contextlib.contextmanager
+    def holding(self, study_uids: list[str]) -> Iterator[None]:
+        """Readers of these studies for the block: a fetch-through filing a study's
+        instances (each confirmed as it is filed: the region served it) before the retrieve
+        that asked for it plans and registers its own."""
+        self.register(study_uids)
+        try:
+            yield
+        finally:
+            self.release(study_uids)
 
     def release(self, study_uids: list[str]) -> None:
         with self._lock:

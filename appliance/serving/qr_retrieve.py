@@ -117,17 +117,22 @@ class RetrieveHandlers:
         except store_query.QueryError as exc:
             raise RetrieveRefused(IDENTIFIER_DOES_NOT_MATCH, str(exc)) from exc
         fetched = 0
-        if self.fetcher is not None and self.settings.fetch_through and level == "STUDY":
-            try:
-                for study_uid in study_uids:
-                    fetched += self._fetch_if_missing(study_uid)
-            except RuntimeError as exc:
-                raise RetrieveRefused(UNABLE_TO_PROCESS, str(exc)) from exc
-        try:  # its studies registered as being read: the cache does not evict them
-            plan, reading = self.readers.planned(
-                lambda: store_query.retrieve_plan(self.db, level, keys))
-        except store_query.QueryError as exc:
-            raise RetrieveRefused(IDENTIFIER_DOES_NOT_MATCH, str(exc)) from exc
+        fetching = (self.fetcher is not None and self.settings.fetch_through
+                    and level == "STUDY")
+        # Held from before the fetch: each fetched instance is confirmed as it is filed, and
+        # eviction took a study half fetched before the plan below (the viewer got the rest).
+        with self.readers.holding(study_uids if fetching else []):
+            if fetching:
+                try:
+                    for study_uid in study_uids:
+                        fetched += self._fetch_if_missing(study_uid)
+                except RuntimeError as exc:
+                    raise RetrieveRefused(UNABLE_TO_PROCESS, str(exc)) from exc
+            try:  # its studies registered as being read: the cache does not evict them
+                plan, reading = self.readers.planned(
+                    lambda: store_query.retrieve_plan(self.db, level, keys))
+            except store_query.QueryError as exc:
+                raise RetrieveRefused(IDENTIFIER_DOES_NOT_MATCH, str(exc)) from exc
         if len(plan.instance_ids) > MAX_SUB_OPERATIONS:
             self.readers.release(reading)
             # pynetdicom refuses such a retrieve itself (0xC416/0xC516, no comment), and the

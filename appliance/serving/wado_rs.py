@@ -209,18 +209,21 @@ class WadoRs:
         if "instance" in path:
             keys["SOPInstanceUID"], level = path["instance"], "IMAGE"
         failed: Exception | None = None
-        if self.web.fetcher is not None and store_query.study_instance_count(
-                self.db, path["study"]) == 0:
+        # Held from before a fetch-through: its instances are confirmed as they are filed,
+        # and eviction could take the study half fetched before the plan registers it.
+        with tally.readers.holding([path["study"]]):
+            if self.web.fetcher is not None and store_query.study_instance_count(
+                    self.db, path["study"]) == 0:
+                try:
+                    self.web.fetcher(path["study"])
+                except Exception as exc:
+                    log.warning("fetch-through of %s failed: %s", path["study"], exc)
+                    failed = exc
             try:
-                self.web.fetcher(path["study"])
-            except Exception as exc:
-                log.warning("fetch-through of %s failed: %s", path["study"], exc)
-                failed = exc
-        try:
-            plan, tally.reading = tally.readers.planned(
-                lambda: store_query.retrieve_plan(self.db, level, keys))
-        except store_query.QueryError as exc:
-            raise HttpProblem(400, str(exc)) from None
+                plan, tally.reading = tally.readers.planned(
+                    lambda: store_query.retrieve_plan(self.db, level, keys))
+            except store_query.QueryError as exc:
+                raise HttpProblem(400, str(exc)) from None
         # The first instance still held (one removed since the plan is left out).
         first = next(store_query.instance_pages(self.db, plan.instance_ids, page_size=1),
                      [None])[0]

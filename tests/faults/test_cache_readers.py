@@ -16,22 +16,36 @@ import contextlib
 import hashlib
 import re
 import sqlite3
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from pydicom import dcmread
 
 from tests.faults.helpers import dataset_bytes, sha256
 from tests.support.cleanup import started
-from tests.support.peers import CT_DIR, MR_DIR, PasProcess, storescu, wait_for
+from tests.support.peers import (
+    CT_DIR,
+    DCMTK_ENV,
+    MR_DIR,
+    Orthanc,
+    PasProcess,
+    storescu,
+    wait_for,
+)
 
 MR_IMAGES = 20
 
 
 def _study_uid(path: Path) -> str:
     return str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+
+
+def _sop_uid(path: Path) -> str:
+    return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
 
 def _held(home: Path) -> dict[str, int]:
@@ -57,8 +71,10 @@ def _confirm_everything(home: Path) -> None:
 
 # ~3 MB (C-GET) or ~47 MB (WADO-RS) held against a quota ten times that: above a 10 % high
 # watermark, and every confirmed study may go (low watermark 0).
-def _pas(stack: contextlib.ExitStack, home: Path, quota_mb: int) -> PasProcess:
+def _pas(stack: contextlib.ExitStack, home: Path, quota_mb: int,
+         **env: str) -> PasProcess:
     return started(stack, PasProcess(home, {
+        **env,
         "PAS_DICOM__ACCEPT_UNKNOWN": "true",  # STORESCU and VIEWER
         "PAS_STORAGE__QUOTA_MB": str(quota_mb),
         "PAS_CACHE__HIGH_WATERMARK_PERCENT": "10",
@@ -183,3 +199,34 @@ def test_a_study_read_through_wado_rs_is_not_evicted_under_the_viewer(tmp_path: 
         wait_for(lambda: _held(pas.home) == {}, 30, what="the read study evicted after")
         stack.pop_all()
     pas.stop()
+
+
+@pytest.mark.root  # Orthanc in a network namespace of its own
+def test_a_study_fetched_through_for_a_viewer_is_not_evicted_half_way(tmp_path: Path) -> None:
+    """A study only the region holds (a real Orthanc, PAS's plain DICOMweb region), asked
+    for by getscu: each instance fetched is confirmed as it is filed (the region served
+    it). Past the high watermark the eviction pass took the study half fetched, before the
+    retrieve planned it: the viewer got what was filed after the last pass."""
+    mr_files = sorted(MR_DIR.glob("*.dcm"))[:100]  # 8.6 MB; past 2 MB the pass runs
+    study = _study_uid(mr_files[0])
+    sent = {_sop_uid(p) for p in mr_files}
+    with contextlib.ExitStack() as stack:
+        region = started(stack, Orthanc(tmp_path / "region"))
+        storescu(mr_files, region.dicom_port, host=region.host, called="ORTHANC")
+        pas = _pas(stack, tmp_path / "pas", quota_mb=20,
+                   PAS_PREFETCH__ENABLED="false", PAS_PREFETCH__DICOMWEB_URL=region.dicomweb)
+        out = tmp_path / "viewer"
+        out.mkdir()
+        got = subprocess.run(
+            ["getscu", "-S", "-aet", "VIEWER", "-aec", "PAS", "-k", "QueryRetrieveLevel=STUDY",
+             "-k", f"StudyInstanceUID={study}", "127.0.0.1", str(pas.port), "-od", str(out)],
+            env=DCMTK_ENV, capture_output=True, text=True, timeout=300)
+        received = {_sop_uid(p) for p in out.iterdir()}
+        assert (got.returncode, len(received)) == (0, len(mr_files)), (
+            got.returncode, len(received), got.stderr[-2000:])
+        assert received == sent  # every instance of the study
+        # Read, the study goes like any confirmed one.
+        wait_for(lambda: _held(pas.home) == {}, 30, what="the study evicted after")
+        stack.pop_all()
+    pas.stop()
+    region.stop()
