@@ -18,6 +18,7 @@ import re
 import sqlite3
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,9 @@ from tests.support.peers import (
     MR_DIR,
     Orthanc,
     PasProcess,
+    free_port,
+    port_open,
+    prefetch_requests,
     storescu,
     wait_for,
 )
@@ -227,6 +231,60 @@ def test_a_study_fetched_through_for_a_viewer_is_not_evicted_half_way(tmp_path: 
         assert received == sent  # every instance of the study
         # Read, the study goes like any confirmed one.
         wait_for(lambda: _held(pas.home) == {}, 30, what="the study evicted after")
+        stack.pop_all()
+    pas.stop()
+    region.stop()
+
+
+def _orm(patient: str) -> str:
+    return "\r".join([
+        "MSH|^~\\&|RIS|HOSP|PAS|HOSP|20261205120000||ORM^O01|EVICT1|P|2.5",
+        f"PID|1||{patient}^^^^MR||DOE^JOHN",
+        "ORC|NW|ORD-EVICT1|||SC",
+        "OBR|1|ORD-EVICT1||MRHEAD^MR head||||||||||||||ACC-EVICT1||||||MR",
+    ])
+
+
+@pytest.mark.root  # Orthanc in a network namespace of its own
+def test_a_prior_being_prefetched_is_not_evicted_half_way(tmp_path: Path) -> None:
+    """An order (HL7 ORM over MLLP) brings the patient's prior from the region (a real
+    Orthanc, PAS's plain DICOMweb region). Each instance fetched is confirmed as it is
+    filed (the region served it); the prior was pinned only once the whole study was
+    fetched. Past the high watermark the eviction pass took the prior half fetched: the
+    request said "fetched", 100 instances, and the cache held the few filed after the last
+    pass, pinned for the pin's days."""
+    from hl7.client import MLLPClient
+
+    mr_files = sorted(MR_DIR.glob("*.dcm"))[:100]  # 8.6 MB; past 2 MB the pass runs
+    study = _study_uid(mr_files[0])
+    patient = str(dcmread(mr_files[0], stop_before_pixels=True).PatientID)
+    with contextlib.ExitStack() as stack:
+        region = started(stack, Orthanc(tmp_path / "region"))
+        for path in mr_files:  # Orthanc's REST API keeps each file byte for byte
+            answer = httpx.post(f"{region.url}/instances", content=path.read_bytes(),
+                                timeout=60)
+            assert answer.status_code == 200, answer.text
+        hl7_port = free_port()
+        pas = _pas(stack, tmp_path / "pas", quota_mb=20,
+                   PAS_PREFETCH__DICOMWEB_URL=region.dicomweb,
+                   PAS_HL7__HOST="127.0.0.1", PAS_HL7__PORT=str(hl7_port),
+                   PAS_PREFETCH__CHECK_INTERVAL_S="0.2", PAS_PREFETCH__PIN_DAYS="30")
+        wait_for(lambda: port_open("127.0.0.1", hl7_port), 15, what="the HL7 listener")
+        with MLLPClient("127.0.0.1", hl7_port) as client:
+            assert "MSA|AA|EVICT1" in client.send_message(_orm(patient)).decode()
+        (request,) = wait_for(lambda: [r for r in prefetch_requests(pas)
+                                       if r["state"] in ("fetched", "failed")], 120,
+                              what="the prefetch request done")
+        assert (request["state"], request["instances_fetched"]) == ("fetched", len(mr_files))
+        # The prior whole on site, pinned: no eviction pass takes it for 30 days.
+        assert _held(pas.home) == {study: len(mr_files)}
+        conn = sqlite3.connect(pas.home / "pas.sqlite", timeout=30)
+        try:
+            (pinned_until,) = conn.execute("SELECT pinned_until FROM studies WHERE "
+                                           "study_uid = ?", (study,)).fetchone()
+        finally:
+            conn.close()
+        assert pinned_until > time.time() + 29 * 86400
         stack.pop_all()
     pas.stop()
     region.stop()
