@@ -309,6 +309,12 @@ def check_file(db: Database, spool: Spool, item: cache_store.IndexedFile, report
     try:
         digest = _sha256_file(path, throttle)
     except FileNotFoundError:
+        if not cache_store.still_indexed(db, item.instance_id):
+            # Its row went since the batch was read (an eviction or a purge deletes the
+            # rows, then the files): not damage. Flagged "missing", it stayed open for ever
+            # (no row left for a later pass to find the path whole again).
+            report.files -= 1
+            return
         if repair and region is not None and item.confirmed and restore_from_region(
                 db, spool, item, region, report):
             report.repaired += 1

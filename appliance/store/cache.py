@@ -446,6 +446,11 @@ def health(db: Database) -> dict[str, Any]:
             "disk_alert_since": alert["at"] if raised else None}
 
 
+def still_indexed(db: Database, instance_id: int) -> bool:
+    """Whether an instance row is still there (the scrub read it a batch ago)."""
+    return db.query_one("SELECT 1 FROM instances WHERE id = ?", (instance_id,)) is not None
+
+
 def instance_identity(db: Database, instance_id: int) -> tuple[str, str, str] | None:
     """(study, series, SOP Instance UID) of an instance row: what a region fetch needs."""
     row = db.query_one(
