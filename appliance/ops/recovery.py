@@ -174,9 +174,8 @@ def _handle_orphan(db: Database, spool: Spool, receiver: object | None, relative
                    written_at: float | None = None) -> None:
     path = spool.root / relative
     if evicting:
-        path.unlink(missing_ok=True)
-        cache_store.resolve_issues(db, relative, "deleted at start-up", ("evicting",))
-        report.evictions_finished += 1
+        if eviction.finish_evicted_file(db, spool, relative):  # unless filed again since
+            report.evictions_finished += 1
         return
     try:
         named_right = _sha256_file(path) == _name_hash(relative)

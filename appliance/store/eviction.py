@@ -250,6 +250,24 @@ def delete_evicted_files(db: Database, spool: Spool,
     return kept
 
 
+def finish_evicted_file(db: Database, spool: Spool, relative: str) -> bool:
+    """Start-up recovery's end of an eviction a crash (or a live evictor, beside ``pas verify
+    --repair``) left with its file in place: unlink it unless a row names the path again,
+    and resolve its ``evicting`` flag (``deleted at start-up`` or ``kept``). True: deleted.
+    Under the write lock, so no index commit lands between the look at the rows and the
+    unlink: the walk that found the orphan read its rows earlier, and a re-send of the same
+    bytes committed since (beside a live daemon) lost its file to the unlink."""
+    with db.transaction() as conn:
+        kept = bool(_paths_in_use(conn, [relative]))
+        if not kept:
+            (spool.root / relative).unlink(missing_ok=True)
+        conn.execute(
+            "UPDATE integrity_issues SET resolved_at = ?, resolution = ? "
+            "WHERE kind = 'evicting' AND path = ? AND resolved_at IS NULL",
+            (now(), "kept" if kept else "deleted at start-up", relative))
+    return not kept
+
+
 EVICTING_ASIDE = ".evicting-"  # <name>.dcm.evicting-<pid>: a file an eviction is unlinking
 
 

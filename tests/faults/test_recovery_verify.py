@@ -7,6 +7,7 @@ spool, as a failing disk or a crash would.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -358,3 +359,48 @@ def test_an_orphan_gone_before_its_adoption_is_skipped_and_the_others_adopted(
         sorted(set(paths) - {first})
     assert len(received) == 3 and not (spool.root / first).exists()
     assert cache_store.open_issues(db) == []
+
+
+def test_a_resend_filed_while_recovery_finishes_an_eviction_keeps_its_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pas verify --repair`` (start-up recovery beside a live daemon) meets a file an
+    eviction had not unlinked yet (its rows gone, its ``evicting`` flag open). A modality
+    re-sends the same bytes, and the receive commits its row after the walk read the rows
+    of that page: recovery unlinked the file anyway, under a row answered Success (a missing
+    file, unconfirmed). Now the unlink looks at the rows under the write lock: kept."""
+    from appliance.store import eviction
+
+    db = Database(tmp_path / "pas.sqlite")
+    spool = Spool(tmp_path / "spool")
+    receiver = Receiver(db, spool)
+    content = sorted(CT_DIR.glob("*.dcm"))[0].read_bytes()
+    first = receiver.receive_file(content)
+    with db.transaction() as conn:  # the region's receipt (the uplink does it)
+        conn.execute("UPDATE instances SET confirmed_at = 1")
+    path = db.query_one("SELECT path FROM instances WHERE id = ?",
+                        (first.instance_id,))["path"]
+    # The eviction's rows and flag committed; its files not unlinked yet.
+    monkeypatch.setattr(eviction, "delete_evicted_files", lambda *args, **kwargs: [])
+    eviction.evict_study(db, spool, first.study_uid)
+    monkeypatch.undo()
+    assert (spool.root / path).exists() and db.query("SELECT id FROM instances") == []
+    real_reconcile = cache_store.reconcile
+    resent = []
+
+    def reconcile_then_resend(*args, **kwargs):  # type: ignore[no-untyped-def]
+        for item in real_reconcile(*args, **kwargs):
+            if item.path == path:  # the walk read this page's rows before the re-send
+                resent.append(receiver.receive_file(content))
+            yield item
+
+    monkeypatch.setattr(cache_store, "reconcile", reconcile_then_resend)
+    report = startup_recovery(db, spool, receiver)
+    (again,) = resent
+    row = db.query_one("SELECT path, sha256, confirmed_at FROM instances WHERE id = ?",
+                       (again.instance_id,))
+    assert row["path"] == path and row["confirmed_at"] is None
+    assert (spool.root / path).exists(), "the re-sent instance's file was unlinked"
+    assert hashlib.sha256((spool.root / path).read_bytes()).hexdigest() == row["sha256"]
+    assert report.evictions_finished == 0
+    assert cache_store.open_issues(db, ("evicting",)) == []  # resolved: kept
+    db.close()
