@@ -8,6 +8,10 @@ the region confirms both studies held (the test writes ``confirmed_at``, standin
 uplink's receipts, as tests/faults/test_cache_policy.py does). The study nobody reads goes;
 the one being read stays until its retrieve ends, and every one of its instances reaches the
 viewer with the exact bytes the modality sent. Once the retrieve is over it may go too.
+
+The same for a study on its way from the region (a real Orthanc, PAS's plain DICOMweb
+region), whose instances are confirmed as they are filed: fetched through for a viewer's
+getscu, or prefetched as a prior for an HL7 order. Neither may be evicted half way.
 """
 
 from __future__ import annotations
