@@ -86,6 +86,10 @@ class NotEvictable(Exception):
     """The study may not be dropped (unconfirmed instances, pinned, or unknown)."""
 
 
+class UnknownStudy(NotEvictable):
+    """No such study in the cache: ``--force`` changes nothing to that."""
+
+
 @dataclass(frozen=True)
 class Evicted:
     study_uid: str
@@ -137,7 +141,7 @@ def evict_study(db: Database, spool: Spool, study_uid: str, *, force: bool = Fal
                              "JOIN patients p ON p.id = s.patient_fk WHERE s.study_uid = ?",
                              (study_uid,)).fetchone()
         if study is None:
-            raise NotEvictable(f"study {study_uid} is not in the cache")
+            raise UnknownStudy(f"study {study_uid} is not in the cache")
         rows = conn.execute("SELECT id, path, size, confirmed_at FROM instances "
                             "WHERE study_fk = ?", (study["id"],)).fetchall()
         unconfirmed = sum(1 for r in rows if r["confirmed_at"] is None)
