@@ -106,8 +106,9 @@ def _one_pass_over_both(pas: PasProcess, read_study: str, other_study: str) -> d
     study nobody reads; on the code before, the same pass went on to the study being read
     (every confirmed study may go)."""
     _confirm_everything(pas.home)
+    skipped = f"not evicted: study {read_study} is being read"  # the pass's log line
     wait_for(lambda: other_study not in (held := _held(pas.home)) and (
-        read_study not in held or "being read" in pas.log()), 30,
+        read_study not in held or skipped in pas.log()), 30,
         what="an eviction pass over both studies")
     return _held(pas.home)
 
@@ -172,6 +173,57 @@ def test_a_study_being_retrieved_is_not_evicted_under_the_viewer(tmp_path: Path)
         wait_for(lambda: _held(pas.home) == {}, 30, what="the read study evicted after")
         stack.pop_all()
     pas.stop()
+
+
+def test_a_study_being_moved_is_not_evicted_under_the_destination(tmp_path: Path) -> None:
+    """The same with C-MOVE (DCMTK movescu as the viewer): the move destination, a
+    pynetdicom storage SCP, is slow to take its first C-STORE."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
+
+    mr_files, ct_files, read_study, other_study = _two_studies(MR_IMAGES)
+    sent = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID):
+            sha256(dataset_bytes(p.read_bytes())) for p in mr_files}
+    first_store, go_on = threading.Event(), threading.Event()
+    received: dict[str, str] = {}
+
+    def on_store(event: Any) -> int:
+        received[str(event.request.AffectedSOPInstanceUID)] = sha256(
+            event.request.DataSet.getvalue())
+        first_store.set()
+        go_on.wait(60)
+        return 0x0000
+
+    destination = AE(ae_title="SLOWSCP")
+    destination.add_supported_context(MRImageStorage, "1.2.840.10008.1.2.1")
+    port = free_port()
+    server = destination.start_server(("127.0.0.1", port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        with contextlib.ExitStack() as stack:
+            pas = _pas(stack, tmp_path / "pas", quota_mb=10,
+                       PAS_SERVING__MOVE_DESTINATIONS=f'[{{title = "SLOWSCP", host = '
+                                                      f'"127.0.0.1", port = {port}}}]')
+            storescu([*mr_files, *ct_files], pas.port)
+            moving = subprocess.Popen(
+                ["movescu", "-S", "-aet", "VIEWER", "-aec", "PAS", "-aem", "SLOWSCP",
+                 "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={read_study}",
+                 "127.0.0.1", str(pas.port)],
+                env=DCMTK_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                assert first_store.wait(30), "the first C-STORE of the move never came"
+                held_during = _one_pass_over_both(pas, read_study, other_study)
+            finally:
+                go_on.set()
+                _, stderr = moving.communicate(timeout=60)
+            assert held_during == {read_study: MR_IMAGES}, held_during
+            assert moving.returncode == 0, stderr[-2000:]
+            assert received == sent  # every instance, the modality's exact bytes
+            wait_for(lambda: _held(pas.home) == {}, 30, what="the moved study evicted after")
+            stack.pop_all()
+        pas.stop()
+    finally:
+        server.shutdown()
 
 
 def _parts(body: bytes, content_type: str) -> list[bytes]:
