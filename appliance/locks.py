@@ -55,11 +55,13 @@ class StudyReaders:
     down to the low one, the one being read included (the retrieve touches it, which only
     makes it the last pick). A viewer of a 20-image study got 1 completed, 19 failed.
 
-    The order that makes the check hold: eviction takes :meth:`evicting` (this lock) from
-    its look at the readers until its rows' deletion is committed, and counts a
-    ``generation`` then. A retrieve reads the generation before its plan and registers
-    after it (:meth:`reading`); a changed generation means an eviction committed in
-    between, which the plan may predate: the plan is made again, registered as it is.
+    The order that makes the check hold: eviction takes :meth:`evicting` (this lock), the
+    database's write lock already held, from its look at the readers until its rows'
+    deletion is committed, and counts a ``generation`` then (a retrieve never holds the
+    write lock while it registers: no deadlock). A retrieve reads the generation before its
+    plan and registers after it (:meth:`planned`); a changed generation means an eviction
+    committed in between, which the plan may predate: the plan is made again, registered
+    as it is.
     An eviction that looks after the registration sees the reader and skips the study."""
 
     def __init__(self) -> None:
@@ -130,8 +132,9 @@ class StudyReaders:
 
 
 class EvictionGuard:
-    """:meth:`StudyReaders.evicting`'s hold: :meth:`committed` once the rows are gone (a new
-    generation), :meth:`release` in any case (idempotent)."""
+    """:meth:`StudyReaders.evicting`'s hold: :meth:`committed` once the eviction's
+    transaction is over (a new generation: a retrieve that planned meanwhile plans again,
+    needlessly after a rollback, harmlessly), :meth:`release` alone otherwise; idempotent."""
 
     def __init__(self, readers: StudyReaders):
         self._readers = readers

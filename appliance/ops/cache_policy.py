@@ -17,6 +17,7 @@ import logging
 import shutil
 import sqlite3
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,20 +85,16 @@ class CachePolicy:
                 if used <= target:
                     break
                 try:  # its ``delete`` audit row commits with the rows' deletion
-                    guard = self.readers.evicting(candidate.study_uid)
-                except StudyBeingRead as exc:  # a viewer's retrieve: its files stay
-                    log.info("not evicted: %s", exc, extra={"STUDY_UID": candidate.study_uid})
-                    continue
-                try:
                     evicted = eviction.evict_study(
                         self.db, self.spool, candidate.study_uid, actor="system",
                         reason="evicted (LRU, confirmed at the region)",
-                        rows_deleted=guard.committed)
+                        hold=self._readers_hold(candidate.study_uid))
+                except StudyBeingRead as exc:  # a viewer's retrieve: its files stay
+                    log.info("not evicted: %s", exc, extra={"STUDY_UID": candidate.study_uid})
+                    continue
                 except eviction.NotEvictable as exc:  # changed since listed: skip it
                     log.info("not evicted: %s", exc)
                     continue
-                finally:
-                    guard.release()
                 result.evicted.append(candidate.study_uid)
                 result.freed_bytes += evicted.bytes
                 if evicted.failed_jobs:  # the last resort: nothing else could go
@@ -115,6 +112,11 @@ class CachePolicy:
         result.used_after = used
         self._update_alert(result)
         return result
+
+    def _readers_hold(self, study_uid: str) -> Callable[[], Callable[[], None]]:
+        """For :func:`eviction.evict_study`: the study's readers looked at and held (none
+        may register) until its rows' deletion is over; StudyBeingRead when one reads it."""
+        return lambda: self.readers.evicting(study_uid).committed
 
     def hard_limit_near(self) -> str | None:
         """Why new instances are (or are about to be) refused with 0xA700, or None."""

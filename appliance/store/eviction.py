@@ -29,6 +29,7 @@ from the index with no ``delete`` row, for ever.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator
@@ -104,7 +105,7 @@ class Evicted:
 
 def evict_study(db: Database, spool: Spool, study_uid: str, *, force: bool = False,
                 actor: str = "system", reason: str = "evicted",
-                rows_deleted: Callable[[], None] | None = None) -> Evicted:
+                hold: Callable[[], Callable[[], None]] | None = None) -> Evicted:
     """Drop a study from the index and the spool, rows first (one transaction), then files.
 
     Without ``force`` a study with any unconfirmed instance, a live pin or an active job is
@@ -128,6 +129,13 @@ def evict_study(db: Database, spool: Spool, study_uid: str, *, force: bool = Fal
     commits its row only after the deletion, having lost the write lock to both of its
     transactions meanwhile. Closing that needs the receive path to check its file after its
     own commit (ingest's code).
+
+    ``hold`` is called inside the transaction, the write lock held, before anything is
+    deleted: it may refuse (raise: nothing changed) and returns what ends the hold, called
+    once the transaction is over (committed or not), before the files go. The cache policy
+    holds the study's readers there (:class:`appliance.locks.StudyReaders`): taken with the
+    write lock already held, never the other way round (a retrieve registering never holds
+    the write lock), and given back before the unlinks of a large study.
     """
     at = now()
     # The files as they are before any row goes (see above); rows that arrive before the
@@ -135,7 +143,10 @@ def evict_study(db: Database, spool: Spool, study_uid: str, *, force: bool = Fal
     seen = _file_identities(spool, (r["path"] for r in db.query(
         "SELECT i.path FROM instances i JOIN studies s ON s.id = i.study_fk "
         "WHERE s.study_uid = ?", (study_uid,))))
-    with db.transaction() as conn:
+    # The hold ends after the transaction (the stack exits last), committed or not.
+    with contextlib.ExitStack() as held, db.transaction() as conn:
+        if hold is not None:
+            held.callback(hold())
         study = conn.execute("SELECT s.id, s.pinned_until, s.patient_fk, p.patient_id "
                              "FROM studies s "
                              "JOIN patients p ON p.id = s.patient_fk WHERE s.study_uid = ?",
@@ -183,8 +194,6 @@ def evict_study(db: Database, spool: Spool, study_uid: str, *, force: bool = Fal
                           study["patient_id"], failed_jobs)
         audit.record_in(conn, "delete", actor=actor, target=study_uid,
                         patient=evicted.patient_id, detail=_deleted(reason, evicted, force))
-    if rows_deleted is not None:
-        rows_deleted()
     delete_evicted_files(db, spool, {p: seen[p] for p in doomed})
     return evicted
 
