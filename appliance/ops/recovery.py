@@ -157,6 +157,14 @@ def startup_recovery(db: Database, spool: Spool, receiver: object | None,
             _handle_orphan(db, spool, receiver, relative, False, report, written_at)
     finally:
         orphans.close()
+    # Flags on paths no row names any more: the scrub raised "missing" for files an eviction
+    # had just deleted with their rows (until 2026-12-05), and nothing ever resolved them.
+    stale = cache_store.resolve_unindexed(
+        db, ("missing", "size_mismatch", "hash_mismatch"), "no longer indexed (evicted or "
+        "purged)")
+    if stale:
+        log.info("start-up recovery: %s on files no longer indexed resolved",
+                 counted(stale, "integrity flag"))
     for relative in evicting:  # eviction finished deleting before the crash
         if cache_store.file_size(spool, relative) is None:
             cache_store.resolve_issues(db, relative, "deleted", ("evicting",))

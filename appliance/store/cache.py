@@ -258,6 +258,18 @@ def resolve_restored(db: Database, path: str, sop_instance_uid: str, detail: str
         return cursor.rowcount
 
 
+def resolve_unindexed(db: Database, kinds: tuple[str, ...], resolution: str) -> int:
+    """Resolve the open flags of these kinds on paths no instance row names any more (the
+    study was evicted or purged since): nothing is left to repair or to find whole again,
+    so no later pass would ever resolve them. Returns how many."""
+    with db.transaction() as conn:
+        return conn.execute(
+            f"UPDATE integrity_issues SET resolved_at = ?, resolution = ? "
+            f"WHERE resolved_at IS NULL AND kind IN ({','.join('?' * len(kinds))}) "
+            f"AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.path = integrity_issues.path)",
+            (now(), resolution, *kinds)).rowcount
+
+
 def open_issue_paths(db: Database, kinds: tuple[str, ...]) -> set[str]:
     """The paths with an open flag of these kinds (a handful: each is a problem a human or a
     re-send must resolve)."""

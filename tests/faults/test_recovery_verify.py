@@ -404,3 +404,28 @@ def test_a_resend_filed_while_recovery_finishes_an_eviction_keeps_its_file(
     assert report.evictions_finished == 0
     assert cache_store.open_issues(db, ("evicting",)) == []  # resolved: kept
     db.close()
+
+
+def test_start_up_resolves_flags_on_files_no_row_names_any_more(filled) -> None:  # type: ignore[no-untyped-def]
+    """A "missing" flag whose instance was purged since (or evicted: the scrub raised such
+    flags for files an eviction had just deleted with their rows) stayed open for ever: no
+    row is left for a pass to find the path whole again, and `pas status`, the status page
+    and the heartbeat kept counting it. Start-up recovery resolves it; a flag on a path a
+    row still names stays open."""
+    from appliance.store import eviction
+
+    home, db, spool, receiver, sources, received = filled
+    gone, kept = (db.query_one("SELECT path FROM instances WHERE id = ?",
+                               (r.instance_id,))["path"] for r in received[:2])
+    (spool.root / gone).unlink()
+    (spool.root / kept).unlink()
+    startup_recovery(db, spool, None)
+    assert cache_store.health(db)["integrity_issues"] == {"missing": 2}
+    study = db.query_one("SELECT s.study_uid FROM studies s JOIN instances i ON "
+                         "i.study_fk = s.id WHERE i.path = ?", (gone,))["study_uid"]
+    assert study != db.query_one("SELECT s.study_uid FROM studies s JOIN instances i ON "
+                                 "i.study_fk = s.id WHERE i.path = ?", (kept,))["study_uid"]
+    eviction.evict_study(db, spool, study, force=True, actor="operator:test")
+    startup_recovery(db, spool, None)
+    assert cache_store.health(db)["integrity_issues"] == {"missing": 1}
+    assert [i["path"] for i in cache_store.open_issues(db, ("missing",))] == [kept]
