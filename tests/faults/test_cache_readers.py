@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import re
 import sqlite3
 import subprocess
@@ -261,12 +262,33 @@ def test_a_study_read_through_wado_rs_is_not_evicted_under_the_viewer(tmp_path: 
     pas.stop()
 
 
+def _fetched_through(pas: PasProcess, study: str, viewer: str, out: Path) -> set[str]:
+    """The SOP Instance UIDs a viewer got of ``study``: getscu (C-GET), or WADO-RS."""
+    if viewer == "getscu":
+        out.mkdir()
+        got = subprocess.run(
+            ["getscu", "-S", "-aet", "VIEWER", "-aec", "PAS", "-k", "QueryRetrieveLevel=STUDY",
+             "-k", f"StudyInstanceUID={study}", "127.0.0.1", str(pas.port), "-od", str(out)],
+            env=DCMTK_ENV, capture_output=True, text=True, timeout=300)
+        assert got.returncode == 0, got.stderr[-2000:]
+        return {_sop_uid(p) for p in out.iterdir()}
+    answer = httpx.get(f"http://127.0.0.1:{pas.http_port}/dicom-web/studies/{study}",
+                       headers={"Accept": 'multipart/related; type="application/dicom"; '
+                                          "transfer-syntax=*"}, timeout=300)
+    assert answer.status_code == 200, answer.text[:500]
+    return {str(dcmread(io.BytesIO(part), stop_before_pixels=True).SOPInstanceUID)
+            for part in _parts(answer.content, answer.headers["content-type"])}
+
+
 @pytest.mark.root  # Orthanc in a network namespace of its own
-def test_a_study_fetched_through_for_a_viewer_is_not_evicted_half_way(tmp_path: Path) -> None:
+@pytest.mark.parametrize("viewer", ["getscu", "wado-rs"])
+def test_a_study_fetched_through_for_a_viewer_is_not_evicted_half_way(tmp_path: Path,
+                                                                      viewer: str) -> None:
     """A study only the region holds (a real Orthanc, PAS's plain DICOMweb region), asked
-    for by getscu: each instance fetched is confirmed as it is filed (the region served
-    it). Past the high watermark the eviction pass took the study half fetched, before the
-    retrieve planned it: the viewer got what was filed after the last pass."""
+    for by getscu or by WADO-RS: each instance fetched is confirmed as it is filed (the
+    region served it). Past the high watermark the eviction pass took the study half
+    fetched, before the retrieve planned it: the viewer got what was filed after the last
+    pass (getscu: 19, then 5 of 100, with a final Success)."""
     mr_files = sorted(MR_DIR.glob("*.dcm"))[:100]  # 8.6 MB; past 2 MB the pass runs
     study = _study_uid(mr_files[0])
     sent = {_sop_uid(p) for p in mr_files}
@@ -275,15 +297,8 @@ def test_a_study_fetched_through_for_a_viewer_is_not_evicted_half_way(tmp_path: 
         storescu(mr_files, region.dicom_port, host=region.host, called="ORTHANC")
         pas = _pas(stack, tmp_path / "pas", quota_mb=20,
                    PAS_PREFETCH__ENABLED="false", PAS_PREFETCH__DICOMWEB_URL=region.dicomweb)
-        out = tmp_path / "viewer"
-        out.mkdir()
-        got = subprocess.run(
-            ["getscu", "-S", "-aet", "VIEWER", "-aec", "PAS", "-k", "QueryRetrieveLevel=STUDY",
-             "-k", f"StudyInstanceUID={study}", "127.0.0.1", str(pas.port), "-od", str(out)],
-            env=DCMTK_ENV, capture_output=True, text=True, timeout=300)
-        received = {_sop_uid(p) for p in out.iterdir()}
-        assert (got.returncode, len(received)) == (0, len(mr_files)), (
-            got.returncode, len(received), got.stderr[-2000:])
+        received = _fetched_through(pas, study, viewer, tmp_path / "viewer")
+        assert len(received) == len(mr_files), (len(received), pas.log()[-2000:])
         assert received == sent  # every instance of the study
         # Read, the study goes like any confirmed one.
         wait_for(lambda: _held(pas.home) == {}, 30, what="the study evicted after")
