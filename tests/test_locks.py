@@ -4,8 +4,11 @@ ones), the same lock for every caller while one holds it, none kept after."""
 from __future__ import annotations
 
 import threading
+from types import SimpleNamespace
 
-from appliance.locks import KeyedLocks
+import pytest
+
+from appliance.locks import KeyedLocks, StudyBeingRead, StudyReaders
 
 
 def test_keyed_locks_are_shared_while_held_exclusive_and_gone_after() -> None:
@@ -33,3 +36,27 @@ def test_keyed_locks_are_shared_while_held_exclusive_and_gone_after() -> None:
         with locks(f"transfer-{number}"):
             pass
     assert len(locks) == 0
+
+
+def test_a_retrieve_plan_an_eviction_may_predate_is_made_again() -> None:
+    """An eviction that commits between a retrieve's plan and its registration: the plan
+    (which may name the rows just deleted) is made again, registered; a later eviction of
+    the study is refused until the retrieve releases it."""
+    readers = StudyReaders()
+    made: list[int] = []
+
+    def make_plan() -> SimpleNamespace:
+        made.append(1)
+        if len(made) == 1:  # the eviction of another study commits meanwhile
+            readers.evicting("2.25.2").committed()
+        return SimpleNamespace(study_uids=["2.25.1", "2.25.1"])
+
+    plan, reading = readers.planned(make_plan)
+    assert len(made) == 2 and reading == ["2.25.1"] and readers.read_now("2.25.1")
+    with pytest.raises(StudyBeingRead, match="being read"):
+        readers.evicting("2.25.1")
+    readers.evicting("2.25.3").release()  # others are not held up
+    readers.release(reading)
+    assert not readers.read_now("2.25.1")
+    readers.evicting("2.25.1").committed()
+    assert readers.generation == 2

@@ -165,11 +165,14 @@ def cache_purge(study_uid: str = StudyArgument, config: Path | None = ConfigOpti
                                            "the region, pinned or queued (audited)")) -> None:
     """Delete a study from the cache now. Without --force only a confirmed, unpinned one."""
     from appliance.ops.cache_policy import purge
-    from appliance.store.eviction import NotEvictable
+    from appliance.store.eviction import NotEvictable, UnknownStudy
 
     _settings, db, spool = _open(config)
     try:
         evicted = purge(db, spool, study_uid, operator_actor(), force)
+    except UnknownStudy as exc:  # --force cannot help: no hint to use it (given or not)
+        err.print(f"[red]refused:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
     except NotEvictable as exc:
         err.print(f"[red]refused:[/red] {exc} (use --force to purge anyway)")
         raise typer.Exit(1) from None

@@ -264,8 +264,11 @@ class Receiver:
                      called_ae: str | None = None, source: str | None = None,
                      expect_sop_instance_uid: str | None = None,
                      expect_study_uid: str | None = None,
-                     origin: str = "local", received_at: float | None = None) -> Received:
+                     origin: str = "local", received_at: float | None = None,
+                     pin_until: float | None = None) -> Received:
         """A whole Part 10 file (STOW-RS, a fetched instance, or a C-STORE made into one).
+        ``pin_until``: a prefetched prior's study pinned with its row
+        (:func:`appliance.store.index.record_instance`).
         ``expect_study_uid``: an object of another study is refused (:class:`OtherStudy`)
         before anything is written. ``received_at``: a spool file adopted back at start-up,
         its time on disk (:func:`appliance.store.index.record_instance`)."""
@@ -277,12 +280,14 @@ class Receiver:
                 f"{record.sop_instance_uid}, request {expect_sop_instance_uid}"
             )
         return self._file([content], record, calling_ae=calling_ae, called_ae=called_ae,
-                          source=source, origin=origin, received_at=received_at)
+                          source=source, origin=origin, received_at=received_at,
+                          pin_until=pin_until)
 
     def receive_spilled_file(self, spill: SpillFile, digest: Any, *,
                              calling_ae: str | None = None, source: str | None = None,
                              expect_study_uid: str | None = None,
-                             origin: str = "local") -> Received:
+                             origin: str = "local",
+                             pin_until: float | None = None) -> Received:
         """A whole Part 10 file too large to hold in memory (a STOW-RS part), already in a
         spool temp file opened with no header, ``digest`` fed with all its bytes as they
         arrived. Parsed in place (values over DEFER_BYTES not read) and filed as it is."""
@@ -299,12 +304,12 @@ class Receiver:
             spill.discard()
             raise
         return self._file([], record, calling_ae=calling_ae, called_ae=None, source=source,
-                          origin=origin, digest=digest, spill=spill)
+                          origin=origin, digest=digest, spill=spill, pin_until=pin_until)
 
     def _file(self, chunks: list[bytes | bytearray], record: index.InstanceRecord, *,
               calling_ae: str | None, called_ae: str | None, source: str | None,
               origin: str, digest: Any = None, spill: SpillFile | None = None,
-              received_at: float | None = None) -> Received:
+              received_at: float | None = None, pin_until: float | None = None) -> Received:
         """Spool the bytes durably, then commit the index row (the order of invariant 1).
         ``spill``: the bytes are already in this temp file (room checked by the caller)."""
         if spill is None:
@@ -320,6 +325,7 @@ class Receiver:
             outcome = self._commits.record(
                 record, stored, calling_ae=calling_ae, called_ae=called_ae,
                 source_address=source, origin=origin, received_at=received_at,
+                pin_until=pin_until,
             )
         except sqlite3.Error as exc:
             if created:

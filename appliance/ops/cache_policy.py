@@ -17,10 +17,12 @@ import logging
 import shutil
 import sqlite3
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.config import Settings
+from appliance.locks import READERS, StudyBeingRead, StudyReaders
 from appliance.logs import LoopFailures
 from appliance.ops import index_check
 from appliance.store import audit, eviction
@@ -47,10 +49,13 @@ class EvictionPass:
 
 
 class CachePolicy:
-    def __init__(self, settings: Settings, db: Database, spool: Spool):
+    def __init__(self, settings: Settings, db: Database, spool: Spool,
+                 readers: StudyReaders = READERS):
         self.settings = settings
         self.db = db
         self.spool = spool
+        # The studies this process's retrieves are reading: never evicted from under them.
+        self.readers = readers
         # The alert as last recorded (its audit row), not None: a daemon restarted once the
         # space was back never wrote "cleared" (only a process that had raised it did), and
         # pas status, the page and pas cache status showed the old alert for ever; one
@@ -85,13 +90,18 @@ class CachePolicy:
             candidates = eviction.eviction_candidates(self.db, received_before, limit=50)
             if not candidates:
                 break
+            evicted_before = len(result.evicted)
             for candidate in candidates:
                 if used <= target:
                     break
                 try:  # its ``delete`` audit row commits with the rows' deletion
                     evicted = eviction.evict_study(
                         self.db, self.spool, candidate.study_uid, actor="system",
-                        reason="evicted (LRU, confirmed at the region)")
+                        reason="evicted (LRU, confirmed at the region)",
+                        hold=self._readers_hold(candidate.study_uid))
+                except StudyBeingRead as exc:  # a viewer's retrieve: its files stay
+                    log.info("not evicted: %s", exc, extra={"STUDY_UID": candidate.study_uid})
+                    continue
                 except eviction.NotEvictable as exc:  # changed since listed: skip it
                     log.info("not evicted: %s", exc)
                     continue
@@ -107,9 +117,16 @@ class CachePolicy:
                          counted(evicted.instances, "instance"), counted(evicted.bytes, "byte"),
                          extra={"STUDY_UID": candidate.study_uid})
                 used, capacity = self._usage()
+            if len(result.evicted) == evicted_before:
+                break  # each skipped (being read, or changed since listed): the same list again
         result.used_after = used
         self._update_alert(result)
         return result
+
+    def _readers_hold(self, study_uid: str) -> Callable[[], Callable[[], None]]:
+        """For :func:`eviction.evict_study`: the study's readers looked at and held (none
+        may register) until its rows' deletion is over; StudyBeingRead when one reads it."""
+        return lambda: self.readers.evicting(study_uid).committed
 
     def hard_limit_near(self) -> str | None:
         """Why new instances are (or are about to be) refused with 0xA700, or None."""
@@ -134,7 +151,7 @@ class CachePolicy:
             result.still_above_high = percent >= policy.high_watermark_percent
             message = hard or (f"disk {percent:.1f}% used, above the high watermark "
                                f"({policy.high_watermark_percent}%), nothing more may be "
-                               f"evicted (unconfirmed, pinned or within retention)")
+                               f"evicted (unconfirmed, pinned, within retention or being read)")
             # Raised once, not on every pass; again when it becomes the hard limit (the
             # watermark's alert first, then modalities refused: a worse state, said as such).
             escalated = bool(hard) and not (self.alert or "").startswith("hard limit")

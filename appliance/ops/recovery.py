@@ -157,6 +157,14 @@ def startup_recovery(db: Database, spool: Spool, receiver: object | None,
             _handle_orphan(db, spool, receiver, relative, False, report, written_at)
     finally:
         orphans.close()
+    # Flags on paths no row names any more: the scrub raised "missing" for files an eviction
+    # had just deleted with their rows (until 2026-12-05), and nothing ever resolved them.
+    stale = cache_store.resolve_unindexed(
+        db, ("missing", "size_mismatch", "hash_mismatch"), "no longer indexed (evicted or "
+        "purged)")
+    if stale:
+        log.info("start-up recovery: %s on files no longer indexed resolved",
+                 counted(stale, "integrity flag"))
     for relative in evicting:  # eviction finished deleting before the crash
         if cache_store.file_size(spool, relative) is None:
             cache_store.resolve_issues(db, relative, "deleted", ("evicting",))
@@ -174,9 +182,8 @@ def _handle_orphan(db: Database, spool: Spool, receiver: object | None, relative
                    written_at: float | None = None) -> None:
     path = spool.root / relative
     if evicting:
-        path.unlink(missing_ok=True)
-        cache_store.resolve_issues(db, relative, "deleted at start-up", ("evicting",))
-        report.evictions_finished += 1
+        if eviction.finish_evicted_file(db, spool, relative):  # unless filed again since
+            report.evictions_finished += 1
         return
     try:
         named_right = _sha256_file(path) == _name_hash(relative)
@@ -309,6 +316,12 @@ def check_file(db: Database, spool: Spool, item: cache_store.IndexedFile, report
     try:
         digest = _sha256_file(path, throttle)
     except FileNotFoundError:
+        if not cache_store.still_indexed(db, item.instance_id):
+            # Its row went since the batch was read (an eviction or a purge deletes the
+            # rows, then the files): not damage. Flagged "missing", it stayed open for ever
+            # (no row left for a later pass to find the path whole again).
+            report.files -= 1
+            return
         if repair and region is not None and item.confirmed and restore_from_region(
                 db, spool, item, region, report):
             report.repaired += 1

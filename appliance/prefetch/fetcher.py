@@ -347,10 +347,11 @@ class PriorsFetcher:
         reads the dataset. A large one comes already in a spool temp file (RebuiltFile)."""
         if isinstance(content, RebuiltFile):
             received = self.receiver.receive_spilled_file(
-                content.file, content.digest, source=store.REGION_SOURCE, origin="regional")
+                content.file, content.digest, source=store.REGION_SOURCE, origin="regional",
+                pin_until=self._pin_until())
             return received.instance_id, received.size
         received = self.receiver.receive_file(content, source=store.REGION_SOURCE,
-                                              origin="regional")
+                                              origin="regional", pin_until=self._pin_until())
         return received.instance_id, received.size
 
     def _record_bucket(self, request_id: int, filed: list[tuple[int, int]]) -> None:
@@ -371,15 +372,21 @@ class PriorsFetcher:
             content = region.retrieve_instance(instance)
             received = self.receiver.receive_file(
                 content, source=store.REGION_SOURCE, origin="regional",
-                expect_sop_instance_uid=instance.sop_instance_uid)
+                expect_sop_instance_uid=instance.sop_instance_uid, pin_until=self._pin_until())
         except Exception as exc:  # one bad instance must not stop the others
             return f"{instance.sop_instance_uid}: {exc}"
         store.mark_fetched_routed(self.db, received.instance_id)
         store.add_progress(self.db, request_id, 1, received.size)
         return None
 
+    def _pin_until(self) -> float:
+        """Until when a prior is pinned: from the filing of its first fetched instance on
+        (each is confirmed as it is filed: unpinned, the eviction pass took a prior half
+        fetched), and again once the whole study is on site (:meth:`_pin_and_push`)."""
+        return now() + self.config.pin_days * 86400
+
     def _pin_and_push(self, study_uid: str, push_to: list[str], rule_name: str) -> None:
-        store.pin_study(self.db, study_uid, now() + self.config.pin_days * 86400)
+        store.pin_study(self.db, study_uid, self._pin_until())
         if not push_to:
             return
         study_fk, ids = store.instance_ids_of_study(self.db, study_uid)

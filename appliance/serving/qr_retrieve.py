@@ -28,6 +28,7 @@ from typing import Any
 from pynetdicom import evt
 
 from appliance.config import DicomTlsSection, ServingSection
+from appliance.locks import READERS, StudyReaders
 from appliance.ops.metrics import count_retrieve
 from appliance.ops.security import OutgoingDicomTls
 from appliance.serving.qr_associations import (
@@ -81,7 +82,7 @@ class RetrieveHandlers:
 
     def __init__(self, settings: ServingSection, db: Database, spool: Spool,
                  audit: AuditWriter, fetcher: Fetcher | None = None,
-                 tls: DicomTlsSection | None = None):
+                 tls: DicomTlsSection | None = None, readers: StudyReaders = READERS):
         self.settings = settings
         # C-MOVE sub-associations over DICOM TLS to the destinations that use it.
         self.listener_tls = tls is not None and tls.enabled
@@ -91,10 +92,12 @@ class RetrieveHandlers:
         self.audit = audit
         self.fetcher = fetcher
         self.destinations = {d.title: d for d in settings.move_destinations}
+        self.readers = readers  # the studies being read, which eviction leaves alone
 
-    def _resolve(self, event: Any) -> tuple[str, store_query.RetrievePlan]:
+    def _resolve(self, event: Any) -> tuple[str, store_query.RetrievePlan, list[str]]:
         """The instances a retrieve names (their row ids: memory does not grow with whole rows
-        per instance), after fetching a study that is missing here.
+        per instance), after fetching a study that is missing here, and the studies
+        registered as being read (the caller releases them when the retrieve ends).
         Raises :class:`RetrieveRefused` with the status PS3.4 C.4.2.1.5/C.4.3.1.5 gives the
         problem: 0xA900 for an identifier that does not match the SOP class (no, unknown or
         foreign level, no unique key, a malformed or wildcard one), 0xC000 (unable to
@@ -114,17 +117,24 @@ class RetrieveHandlers:
         except store_query.QueryError as exc:
             raise RetrieveRefused(IDENTIFIER_DOES_NOT_MATCH, str(exc)) from exc
         fetched = 0
-        if self.fetcher is not None and self.settings.fetch_through and level == "STUDY":
-            try:
-                for study_uid in study_uids:
-                    fetched += self._fetch_if_missing(study_uid)
-            except RuntimeError as exc:
-                raise RetrieveRefused(UNABLE_TO_PROCESS, str(exc)) from exc
-        try:
-            plan = store_query.retrieve_plan(self.db, level, keys)
-        except store_query.QueryError as exc:
-            raise RetrieveRefused(IDENTIFIER_DOES_NOT_MATCH, str(exc)) from exc
+        fetching = (self.fetcher is not None and self.settings.fetch_through
+                    and level == "STUDY")
+        # Held from before the fetch: each fetched instance is confirmed as it is filed, and
+        # eviction took a study half fetched before the plan below (the viewer got the rest).
+        with self.readers.holding(study_uids if fetching else []):
+            if fetching:
+                try:
+                    for study_uid in study_uids:
+                        fetched += self._fetch_if_missing(study_uid)
+                except RuntimeError as exc:
+                    raise RetrieveRefused(UNABLE_TO_PROCESS, str(exc)) from exc
+            try:  # its studies registered as being read: the cache does not evict them
+                plan, reading = self.readers.planned(
+                    lambda: store_query.retrieve_plan(self.db, level, keys))
+            except store_query.QueryError as exc:
+                raise RetrieveRefused(IDENTIFIER_DOES_NOT_MATCH, str(exc)) from exc
         if len(plan.instance_ids) > MAX_SUB_OPERATIONS:
+            self.readers.release(reading)
             # pynetdicom refuses such a retrieve itself (0xC416/0xC516, no comment), and the
             # audit row then said "did not complete (association lost)".
             raise RetrieveRefused(
@@ -134,8 +144,12 @@ class RetrieveHandlers:
                 "(US); retrieve the series one by one")
         # pas_retrieve_requests_total{result=hit|miss}: served from the cache alone, or not.
         count_retrieve(hit=bool(plan.instance_ids) and not fetched)
-        store_query.touch_studies(self.db, plan.study_uids, time.time())
-        return request_summary(level, keys), plan
+        try:
+            store_query.touch_studies(self.db, plan.study_uids, time.time())
+        except BaseException:
+            self.readers.release(reading)
+            raise
+        return request_summary(level, keys), plan, reading
 
     def _fetch_if_missing(self, study_uid: str) -> int:
         """Instances fetched from the region for this study (0: all were on site)."""
@@ -171,7 +185,6 @@ class RetrieveHandlers:
         yield 0
 
     def on_move(self, event: Any) -> Iterator[Any]:
-        calling, address = peer(event)
         explain_refusal(event.assoc, None)
         destination_title = _text(event.move_destination)
         destination = self.destinations.get(destination_title)
@@ -180,10 +193,19 @@ class RetrieveHandlers:
                 MOVE_DESTINATION_UNKNOWN, f"unknown move destination {destination_title!r}"))
             return
         try:
-            summary, plan = self._resolve(event)
+            summary, plan, reading = self._resolve(event)
         except RetrieveRefused as refusal:
             yield from self._refused(event, "C-MOVE", refusal)
             return
+        try:
+            yield from self._move(event, destination, summary, plan)
+        finally:  # also when pynetdicom drops this generator
+            self.readers.release(reading)
+
+    def _move(self, event: Any, destination: Any, summary: str,
+              plan: store_query.RetrievePlan) -> Iterator[Any]:
+        """:meth:`on_move` once its instances are planned (their studies being read)."""
+        calling, address = peer(event)
         established = threading.Event()
         store_assoc: list[Any] = []
         rows = plan.instance_ids
@@ -233,13 +255,20 @@ class RetrieveHandlers:
             _log_failed_retrieve(calling, outcome, tally.detail(what))
 
     def on_get(self, event: Any) -> Iterator[Any]:
-        calling, address = peer(event)
         explain_refusal(event.assoc, None)
         try:
-            summary, plan = self._resolve(event)
+            summary, plan, reading = self._resolve(event)
         except RetrieveRefused as refusal:
             yield from self._refused(event, "C-GET", refusal)
             return
+        try:
+            yield from self._get(event, summary, plan)
+        finally:  # also when pynetdicom drops this generator
+            self.readers.release(reading)
+
+    def _get(self, event: Any, summary: str, plan: store_query.RetrievePlan) -> Iterator[Any]:
+        """:meth:`on_get` once its instances are planned (their studies being read)."""
+        calling, address = peer(event)
         rows = plan.instance_ids
         tally = SubOperationTally(total=len(rows))
         stream_spool_files(event.assoc, tally)

@@ -33,6 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
+from appliance.locks import READERS
 from appliance.serving.dicomweb_http import (
     CHUNK,
     ClosingStream,
@@ -91,11 +92,21 @@ class Tally:
                                ("study", "series", "instance") if k in request.path_params)
         self.total: int | None = None
         self.sent = 0
+        # The studies registered as being read (the cache does not evict them) until the
+        # answer is over: released by ended, refused or release, whichever comes first.
+        self.readers = READERS
+        self.reading: list[str] = []
+
+    def release(self) -> None:
+        """The answer is over: its studies may be evicted again (idempotent)."""
+        reading, self.reading = self.reading, []
+        self.readers.release(reading)
 
     def _of_total(self) -> str:
         return f"{self.sent} of {counted(self.total or 0, 'instance')}"
 
     def ended(self, problem: str | None) -> None:
+        self.release()
         if problem is None:
             self.web.record(self.request, "retrieve", self.actor, self.target, "success",
                             f"{counted(self.sent, 'instance')} ({self.what})")
@@ -106,6 +117,7 @@ class Tally:
 
     def refused(self, exc: HttpProblem) -> None:
         """The row of a request answered with an error status: nothing was sent."""
+        self.release()
         if self.total is None:
             outcome, sent = f"failure: {exc.detail}", "nothing sent"
         else:
@@ -182,8 +194,13 @@ class WadoRs:
             problem = HttpProblem(500, f"the instance could not be read: {str(exc)[:300]}")
             tally.refused(problem)
             return _problem(problem)
+        except BaseException:  # cancelled: no answer, no row, but no reader left behind
+            tally.release()
+            raise
 
-    def _plan(self, path: dict[str, str]) -> Found:
+    def _plan(self, path: dict[str, str], tally: Tally) -> Found:
+        """The instances ``path`` names, their studies registered on ``tally`` as being read
+        (here, in the thread: a request cancelled while this runs still releases them)."""
         _one_uid_each(path)  # before the region is asked for a study "A\\B"
         keys = {"StudyInstanceUID": path["study"]}
         level = "STUDY"
@@ -192,17 +209,21 @@ class WadoRs:
         if "instance" in path:
             keys["SOPInstanceUID"], level = path["instance"], "IMAGE"
         failed: Exception | None = None
-        if self.web.fetcher is not None and store_query.study_instance_count(
-                self.db, path["study"]) == 0:
+        # Held from before a fetch-through: its instances are confirmed as they are filed,
+        # and eviction could take the study half fetched before the plan registers it.
+        with tally.readers.holding([path["study"]]):
+            if self.web.fetcher is not None and store_query.study_instance_count(
+                    self.db, path["study"]) == 0:
+                try:
+                    self.web.fetcher(path["study"])
+                except Exception as exc:
+                    log.warning("fetch-through of %s failed: %s", path["study"], exc)
+                    failed = exc
             try:
-                self.web.fetcher(path["study"])
-            except Exception as exc:
-                log.warning("fetch-through of %s failed: %s", path["study"], exc)
-                failed = exc
-        try:
-            plan = store_query.retrieve_plan(self.db, level, keys)
-        except store_query.QueryError as exc:
-            raise HttpProblem(400, str(exc)) from None
+                plan, tally.reading = tally.readers.planned(
+                    lambda: store_query.retrieve_plan(self.db, level, keys))
+            except store_query.QueryError as exc:
+                raise HttpProblem(400, str(exc)) from None
         # The first instance still held (one removed since the plan is left out).
         first = next(store_query.instance_pages(self.db, plan.instance_ids, page_size=1),
                      [None])[0]
@@ -217,7 +238,7 @@ class WadoRs:
         return Found(self.db, plan, first)
 
     async def _found(self, request: Request, tally: Tally) -> Found:
-        found: Found = await run_in_threadpool(self._plan, dict(request.path_params))
+        found: Found = await run_in_threadpool(self._plan, dict(request.path_params), tally)
         tally.total = len(found.plan.instance_ids)
         return found
 

@@ -258,6 +258,18 @@ def resolve_restored(db: Database, path: str, sop_instance_uid: str, detail: str
         return cursor.rowcount
 
 
+def resolve_unindexed(db: Database, kinds: tuple[str, ...], resolution: str) -> int:
+    """Resolve the open flags of these kinds on paths no instance row names any more (the
+    study was evicted or purged since): nothing is left to repair or to find whole again,
+    so no later pass would ever resolve them. Returns how many."""
+    with db.transaction() as conn:
+        return conn.execute(
+            f"UPDATE integrity_issues SET resolved_at = ?, resolution = ? "
+            f"WHERE resolved_at IS NULL AND kind IN ({','.join('?' * len(kinds))}) "
+            f"AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.path = integrity_issues.path)",
+            (now(), resolution, *kinds)).rowcount
+
+
 def open_issue_paths(db: Database, kinds: tuple[str, ...]) -> set[str]:
     """The paths with an open flag of these kinds (a handful: each is a problem a human or a
     re-send must resolve)."""
@@ -444,6 +456,11 @@ def health(db: Database) -> dict[str, Any]:
     raised = alert is not None and alert["outcome"] != "success"
     return {"integrity_issues": issues, "disk_alert": alert["detail"] if raised else None,
             "disk_alert_since": alert["at"] if raised else None}
+
+
+def still_indexed(db: Database, instance_id: int) -> bool:
+    """Whether an instance row is still there (the scrub read it a batch ago)."""
+    return db.query_one("SELECT 1 FROM instances WHERE id = ?", (instance_id,)) is not None
 
 
 def instance_identity(db: Database, instance_id: int) -> tuple[str, str, str] | None:

@@ -29,9 +29,10 @@ from the index with no ``delete`` row, for ever.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +87,10 @@ class NotEvictable(Exception):
     """The study may not be dropped (unconfirmed instances, pinned, or unknown)."""
 
 
+class UnknownStudy(NotEvictable):
+    """No such study in the cache: ``--force`` changes nothing to that."""
+
+
 @dataclass(frozen=True)
 class Evicted:
     study_uid: str
@@ -99,7 +104,8 @@ class Evicted:
 
 
 def evict_study(db: Database, spool: Spool, study_uid: str, *, force: bool = False,
-                actor: str = "system", reason: str = "evicted") -> Evicted:
+                actor: str = "system", reason: str = "evicted",
+                hold: Callable[[], Callable[[], None]] | None = None) -> Evicted:
     """Drop a study from the index and the spool, rows first (one transaction), then files.
 
     Without ``force`` a study with any unconfirmed instance, a live pin or an active job is
@@ -123,6 +129,13 @@ def evict_study(db: Database, spool: Spool, study_uid: str, *, force: bool = Fal
     commits its row only after the deletion, having lost the write lock to both of its
     transactions meanwhile. Closing that needs the receive path to check its file after its
     own commit (ingest's code).
+
+    ``hold`` is called inside the transaction, the write lock held, before anything is
+    deleted: it may refuse (raise: nothing changed) and returns what ends the hold, called
+    once the transaction is over (committed or not), before the files go. The cache policy
+    holds the study's readers there (:class:`appliance.locks.StudyReaders`): taken with the
+    write lock already held, never the other way round (a retrieve registering never holds
+    the write lock), and given back before the unlinks of a large study.
     """
     at = now()
     # The files as they are before any row goes (see above); rows that arrive before the
@@ -130,13 +143,16 @@ def evict_study(db: Database, spool: Spool, study_uid: str, *, force: bool = Fal
     seen = _file_identities(spool, (r["path"] for r in db.query(
         "SELECT i.path FROM instances i JOIN studies s ON s.id = i.study_fk "
         "WHERE s.study_uid = ?", (study_uid,))))
-    with db.transaction() as conn:
+    # The hold ends after the transaction (the stack exits last), committed or not.
+    with contextlib.ExitStack() as held, db.transaction() as conn:
+        if hold is not None:
+            held.callback(hold())
         study = conn.execute("SELECT s.id, s.pinned_until, s.patient_fk, p.patient_id "
                              "FROM studies s "
                              "JOIN patients p ON p.id = s.patient_fk WHERE s.study_uid = ?",
                              (study_uid,)).fetchone()
         if study is None:
-            raise NotEvictable(f"study {study_uid} is not in the cache")
+            raise UnknownStudy(f"study {study_uid} is not in the cache")
         rows = conn.execute("SELECT id, path, size, confirmed_at FROM instances "
                             "WHERE study_fk = ?", (study["id"],)).fetchall()
         unconfirmed = sum(1 for r in rows if r["confirmed_at"] is None)
@@ -245,6 +261,24 @@ def delete_evicted_files(db: Database, spool: Spool,
                 [(at, resolution, relative) for resolution, relative in resolved],
             )
     return kept
+
+
+def finish_evicted_file(db: Database, spool: Spool, relative: str) -> bool:
+    """Start-up recovery's end of an eviction a crash (or a live evictor, beside ``pas verify
+    --repair``) left with its file in place: unlink it unless a row names the path again,
+    and resolve its ``evicting`` flag (``deleted at start-up`` or ``kept``). True: deleted.
+    Under the write lock, so no index commit lands between the look at the rows and the
+    unlink: the walk that found the orphan read its rows earlier, and a re-send of the same
+    bytes committed since (beside a live daemon) lost its file to the unlink."""
+    with db.transaction() as conn:
+        kept = bool(_paths_in_use(conn, [relative]))
+        if not kept:
+            (spool.root / relative).unlink(missing_ok=True)
+        conn.execute(
+            "UPDATE integrity_issues SET resolved_at = ?, resolution = ? "
+            "WHERE kind = 'evicting' AND path = ? AND resolved_at IS NULL",
+            (now(), "kept" if kept else "deleted at start-up", relative))
+    return not kept
 
 
 EVICTING_ASIDE = ".evicting-"  # <name>.dcm.evicting-<pid>: a file an eviction is unlinking

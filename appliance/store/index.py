@@ -75,6 +75,7 @@ def record_instance(
     source_address: str | None = None,
     origin: str = "local",
     received_at: float | None = None,
+    pin_until: float | None = None,
 ) -> RecordOutcome:
     """Index one stored file, in one transaction.
 
@@ -86,7 +87,9 @@ def record_instance(
 
     An instance of ``origin="regional"`` (fetched from the region: fetch-through, prefetch)
     is held by the region by definition: it is filed as routed and confirmed at once, so that
-    routing never sends it back and the cache may evict it.
+    routing never sends it back and the cache may evict it. A prefetched prior's
+    (``pin_until``) pins its study in the same transaction: confirmed at once, it was
+    evicted half fetched, before the prefetch pinned it once the whole study was there.
 
     ``received_at`` (a file adopted back by start-up recovery: its time on disk): a version
     older than the current one is kept beside it, not made current. Re-indexing a whole
@@ -120,6 +123,9 @@ def record_instance(
                                actor=calling_ae or origin, source=source_address,
                                adopted=adopted)
         series_fk = _upsert_series(conn, record, study_fk)
+        if pin_until is not None:  # never shortens a pin
+            conn.execute("UPDATE studies SET pinned_until = max(coalesce(pinned_until, 0), ?) "
+                         "WHERE id = ?", (pin_until, study_fk))
         if same is not None:  # an older version sent again: current again, routed again
             conn.execute("UPDATE instances SET is_current = 0 WHERE sop_instance_uid = ?",
                          (record.sop_instance_uid,))

@@ -143,6 +143,20 @@ def test_forced_purge_from_the_cli_is_audited_and_alert_clears(four_studies) -> 
     assert all(r["actor"].startswith("operator") for r in forced)
 
 
+def test_purge_of_an_unknown_study_names_it_and_suggests_no_force(four_studies) -> None:  # type: ignore[no-untyped-def]
+    """``pas cache purge UID --force`` of a study not in the cache said "(use --force to
+    purge anyway)": --force was given, and cannot help. Refused, nothing changed."""
+    home, db, _spool, uids = four_studies
+    env = {**os.environ, "PAS_HOME": str(home)}
+    for extra in ([], ["--force"]):
+        refused = subprocess.run([str(PAS_BIN), "cache", "purge", "1.2.3.4", *extra], env=env,
+                                 capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 1
+        assert "study 1.2.3.4 is not in the cache" in refused.stderr
+        assert "--force" not in refused.stderr, refused.stderr
+    assert _studies(db) == set(uids)
+
+
 # --- eviction racing a re-send of the same bytes ---------------------------------------------
 
 

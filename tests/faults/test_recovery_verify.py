@@ -7,6 +7,7 @@ spool, as a failing disk or a crash would.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -358,3 +359,73 @@ def test_an_orphan_gone_before_its_adoption_is_skipped_and_the_others_adopted(
         sorted(set(paths) - {first})
     assert len(received) == 3 and not (spool.root / first).exists()
     assert cache_store.open_issues(db) == []
+
+
+def test_a_resend_filed_while_recovery_finishes_an_eviction_keeps_its_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pas verify --repair`` (start-up recovery beside a live daemon) meets a file an
+    eviction had not unlinked yet (its rows gone, its ``evicting`` flag open). A modality
+    re-sends the same bytes, and the receive commits its row after the walk read the rows
+    of that page: recovery unlinked the file anyway, under a row answered Success (a missing
+    file, unconfirmed). Now the unlink looks at the rows under the write lock: kept."""
+    from appliance.store import eviction
+
+    db = Database(tmp_path / "pas.sqlite")
+    spool = Spool(tmp_path / "spool")
+    receiver = Receiver(db, spool)
+    content = sorted(CT_DIR.glob("*.dcm"))[0].read_bytes()
+    first = receiver.receive_file(content)
+    with db.transaction() as conn:  # the region's receipt (the uplink does it)
+        conn.execute("UPDATE instances SET confirmed_at = 1")
+    path = db.query_one("SELECT path FROM instances WHERE id = ?",
+                        (first.instance_id,))["path"]
+    # The eviction's rows and flag committed; its files not unlinked yet.
+    monkeypatch.setattr(eviction, "delete_evicted_files", lambda *args, **kwargs: [])
+    eviction.evict_study(db, spool, first.study_uid)
+    monkeypatch.undo()
+    assert (spool.root / path).exists() and db.query("SELECT id FROM instances") == []
+    real_reconcile = cache_store.reconcile
+    resent = []
+
+    def reconcile_then_resend(*args, **kwargs):  # type: ignore[no-untyped-def]
+        for item in real_reconcile(*args, **kwargs):
+            if item.path == path:  # the walk read this page's rows before the re-send
+                resent.append(receiver.receive_file(content))
+            yield item
+
+    monkeypatch.setattr(cache_store, "reconcile", reconcile_then_resend)
+    report = startup_recovery(db, spool, receiver)
+    (again,) = resent
+    row = db.query_one("SELECT path, sha256, confirmed_at FROM instances WHERE id = ?",
+                       (again.instance_id,))
+    assert row["path"] == path and row["confirmed_at"] is None
+    assert (spool.root / path).exists(), "the re-sent instance's file was unlinked"
+    assert hashlib.sha256((spool.root / path).read_bytes()).hexdigest() == row["sha256"]
+    assert report.evictions_finished == 0
+    assert cache_store.open_issues(db, ("evicting",)) == []  # resolved: kept
+    db.close()
+
+
+def test_start_up_resolves_flags_on_files_no_row_names_any_more(filled) -> None:  # type: ignore[no-untyped-def]
+    """A "missing" flag whose instance was purged since (or evicted: the scrub raised such
+    flags for files an eviction had just deleted with their rows) stayed open for ever: no
+    row is left for a pass to find the path whole again, and `pas status`, the status page
+    and the heartbeat kept counting it. Start-up recovery resolves it; a flag on a path a
+    row still names stays open."""
+    from appliance.store import eviction
+
+    home, db, spool, receiver, sources, received = filled
+    gone, kept = (db.query_one("SELECT path FROM instances WHERE id = ?",
+                               (r.instance_id,))["path"] for r in received[:2])
+    (spool.root / gone).unlink()
+    (spool.root / kept).unlink()
+    startup_recovery(db, spool, None)
+    assert cache_store.health(db)["integrity_issues"] == {"missing": 2}
+    study = db.query_one("SELECT s.study_uid FROM studies s JOIN instances i ON "
+                         "i.study_fk = s.id WHERE i.path = ?", (gone,))["study_uid"]
+    assert study != db.query_one("SELECT s.study_uid FROM studies s JOIN instances i ON "
+                                 "i.study_fk = s.id WHERE i.path = ?", (kept,))["study_uid"]
+    eviction.evict_study(db, spool, study, force=True, actor="operator:test")
+    startup_recovery(db, spool, None)
+    assert cache_store.health(db)["integrity_issues"] == {"missing": 1}
+    assert [i["path"] for i in cache_store.open_issues(db, ("missing",))] == [kept]
