@@ -222,7 +222,7 @@ def test_cache_pin_refuses_a_duration_that_is_not_positive(pas: PasProcess) -> N
     """--days -5 and nan printed "pinned" and pinned nothing; --days 0 pinned for ever."""
     storescu([FILES[0]], pas.port)
     (study,) = json.loads(pas.cli("studies", "--json").stdout)
-    for days in ("-5", "nan", "0"):
+    for days in ("-5", "nan", "0", "inf"):  # inf: "pinned for inf days" in the audit row
         result = pas.cli("cache", "pin", study["study_uid"], "--days", days, check=False)
         assert result.returncode == 2, (days, result.stdout, result.stderr)
         assert "--days must be a positive number of days" in result.stderr

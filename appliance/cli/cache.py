@@ -135,7 +135,8 @@ def cache_pin(study_uid: str = StudyArgument, config: Path | None = ConfigOption
     """Keep a study in the cache whatever the disk pressure (until unpinned or N days)."""
     from appliance.ops.cache_policy import pin
 
-    if days is not None and not days > 0:  # nan too: it said "pinned" and pinned nothing
+    # nan too: it said "pinned" and pinned nothing; inf: "pinned for inf days" in the trail.
+    if days is not None and not 0 < days < float("inf"):
         err.print(f"[red]--days must be a positive number of days, got {days}[/red] "
                   "(omit it to pin until unpinned)")
         raise typer.Exit(2)
