@@ -43,6 +43,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS
 
 from appliance.config import DicomDestination
 from appliance.dicomnet.direct_store import DirectStoreError, DirectStoreSender
@@ -66,7 +67,16 @@ _config.STORE_SEND_CHUNKED_DATASET = True
 UNCOMPRESSED = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
 MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts in one association
 BATCH_MARK = 25     # record progress every N instances
-SUCCESS = (0x0000, 0xB000, 0xB007, 0xB006)  # success, and PS3.4 B.2.3's warnings
+# Stored: Success and every Warning as pynetdicom classifies a C-STORE status (PS3.4 B.2.3's
+# 0xB000, 0xB006, 0xB007 and PS3.7 C's general 0x0107, 0x0116), as the retrieve's audit
+# counts them (serving/suboperations.py). The general warnings were taken for failures: the
+# instance, stored by the node, sent again at each attempt and the job failed in the end.
+STORED = (STATUS_SUCCESS, STATUS_WARNING)
+
+
+def stored(status: int) -> bool:
+    """Whether the node stored the instance it answered ``status`` for."""
+    return STORAGE_SERVICE_CLASS_STATUS.get(status, ("", ""))[0] in STORED
 # Refusals in a row after which the peer refuses everything (full, broken), not one instance:
 # the attempt stops there rather than offer it the rest of the study.
 REFUSALS_IN_A_ROW = 10
@@ -182,7 +192,7 @@ class DicomTarget:
                 if lease_lost.is_set():
                     raise RuntimeError(f"job {job.id}: lease lost, another worker owns it now")
                 code = self._send_one(assoc, row, accepted, context)
-                if code not in SUCCESS:
+                if not stored(code):
                     # One instance refused does not hold back the rest of the study.
                     failed.append((row["sop_instance_uid"], code))
                     in_a_row += 1
@@ -192,6 +202,11 @@ class DicomTarget:
                                            "rest is sent at the next attempt")
                     continue
                 in_a_row = 0
+                if code != 0x0000:  # stored, but the node says it changed or doubted something
+                    warning = STORAGE_SERVICE_CLASS_STATUS[code][1]
+                    log.warning("%s stored by %s with a C-STORE warning 0x%04X (%s)",
+                                row["sop_instance_uid"], self.name, code, warning,
+                                extra={"JOB_ID": job.id, "STUDY_UID": job.study_uid})
                 sent.append(row["id"])
                 if len(sent) >= BATCH_MARK:
                     context.mark_sent(job, sent)
