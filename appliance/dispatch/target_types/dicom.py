@@ -112,8 +112,10 @@ def plan_associations(pairs: set[tuple[str, str]]) -> list[list[PresentationCont
 @dataclass
 class _Attempt:
     """What one attempt met so far: whether a TCP connection to the peer ever opened (then
-    the peer was reachable, whatever else happens in this attempt)."""
+    the peer was reachable, whatever else happens in this attempt), and the instances whose
+    stored file could not be read (SOP Instance UID, the error): passed over, not sent."""
     reached: bool = False
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -152,14 +154,19 @@ class DicomTarget:
                 self._send_group(job, context, contexts,
                                  [f for f in files if f["sop_class_uid"] in classes], refused,
                                  failed, lease_lost, attempt)
+        unreadable = self._unreadable(attempt.unreadable, len(files))
         if refused:
             raise PermanentError(self._refusal(refused)
-                                 + (f"; {self._failures(failed, len(files))}" if failed else ""))
-        if failed:
-            # Retried with backoff (the peer may be out of space): only these go again.
-            raise RuntimeError(self._failures(failed, len(files))
-                               + ("; the others were delivered" if len(failed) < len(files)
-                                  else ""))
+                                 + (f"; {self._failures(failed, len(files))}" if failed else "")
+                                 + (f"; {unreadable}" if unreadable else ""))
+        if failed or unreadable:
+            # Retried with backoff (the peer may be out of space, the file put back by
+            # pas verify --repair): only these go again.
+            missed = len(failed) + len(attempt.unreadable)
+            raise RuntimeError("; ".join(
+                ([self._failures(failed, len(files))] if failed else [])
+                + ([unreadable] if unreadable else []))
+                + ("; the others were delivered" if missed < len(files) else ""))
 
     def _send_group(self, job: Job, context: SendContext, contexts: list[PresentationContext],
                     files: list[Any], refused: dict[str, _Refused],
@@ -200,6 +207,11 @@ class DicomTarget:
             for row in usable:
                 if lease_lost.is_set():
                     raise RuntimeError(f"job {job.id}: lease lost, another worker owns it now")
+                problem = self._unreadable_file(context, row)
+                if problem is not None:
+                    # The appliance's own disk, not the node: the rest of the study goes.
+                    attempt.unreadable.append((row["sop_instance_uid"], problem))
+                    continue
                 code = self._send_one(assoc, row, accepted, context)
                 if not stored(code):
                     # One instance refused does not hold back the rest of the study.
@@ -318,6 +330,30 @@ class DicomTarget:
                 status.Status = result[0]
                 return status
         return assoc.send_c_store(path)
+
+    @staticmethod
+    def _unreadable_file(context: SendContext, row: Any) -> str | None:
+        """Why the stored file of ``row`` cannot be read (None: it can), tried before its
+        C-STORE begins, so that nothing half-sent is left on the association. A file gone
+        or unreadable (a bad sector, a permission) raised out of the attempt: every attempt
+        stopped at it, and the instances after it never reached the node (1 of 5 sent, the
+        job failed after its attempts)."""
+        try:
+            with open(context.spool.path(row["path"]), "rb") as stored:
+                stored.read(132)  # the preamble and "DICM": the file is there and readable
+        except OSError as exc:
+            return f"{type(exc).__name__}: {exc.strerror or exc}"
+        return None
+
+    def _unreadable(self, unreadable: list[tuple[str, str]], total: int) -> str:
+        """The instances passed over because their stored file could not be read, named."""
+        if not unreadable:
+            return ""
+        sample = ", ".join(f"{uid} ({error})" for uid, error in unreadable[:3])
+        more = f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else ""
+        return (f"{len(unreadable)} of the {counted(total, 'instance')} still to send not "
+                f"sent to {self.name}: their stored file cannot be read (pas verify says "
+                f"more): {sample}{more}")
 
     def _failures(self, failed: list[tuple[str, int]], total: int) -> str:
         sample = ", ".join(f"{uid} (0x{code:04X})" for uid, code in failed[:3])
