@@ -3,13 +3,16 @@ carry its versions to a local node: the node must end up with the sender's last 
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.uid import generate_uid
 
 from tests.support.objects import tiny_ct
 from tests.support.peers import StoreSCP, storescu, wait_for
+from tests.test_ingest import sop_uid
 from tests.test_routing import jobs_of, write_config
 
 
@@ -88,6 +91,50 @@ def test_a_correction_routed_while_the_first_job_is_sending_arrives_last(
         by_uid = [(str(dcmread(p).SOPInstanceUID), dcmread(p).ImageComments) for p in arrivals]
         last_word = [c for uid, c in by_uid if uid == last.SOPInstanceUID][-1]
         assert last_word == "version Y", by_uid
+    finally:
+        scp.stop()
+
+
+def test_a_correction_under_another_study_routed_while_the_first_job_sends_arrives_last(
+        pas_factory, tmp_path: Path) -> None:
+    """As above, but the correction puts the study UID right: Y, same SOP Instance UID as
+    X, comes under another Study Instance UID, so its delta is a job of another study. It
+    was claimed by the second worker at once (only a job of the same study held it back)
+    and delivered while the first job was still on its way to X, which it then sent: the
+    PACS received Y, then X, and held the stale version. Now a job to a local node also
+    waits while a job of another study to that node, holding another version of one of its
+    instances, is being sent; `pas queue list` says which."""
+    scp = StoreSCP(tmp_path / "slow").start(["--fork", "--sleep-after", "1"])
+    config = write_config(tmp_path / "appliance.toml", scp)
+    pas = pas_factory({"PAS_CONFIG": str(config), "PAS_DICOM__ACCEPT_UNKNOWN": "true"})
+    study = [tiny_ct(InstanceNumber=n, ImageComments="version X") for n in range(1, 7)]
+    for ds in study[1:]:
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study[0].StudyInstanceUID, \
+            study[0].SeriesInstanceUID
+    last = study[-1]
+    corrected = tiny_ct(generate_uid(), generate_uid(), InstanceNumber=6,
+                        SOPInstanceUID=last.SOPInstanceUID, ImageComments="version Y")
+    corrected.file_meta.MediaStorageSOPInstanceUID = last.SOPInstanceUID
+    (tmp_path / "study").mkdir()
+    for n, ds in enumerate(study):
+        ds.save_as(tmp_path / "study" / f"{n}.dcm", enforce_file_format=True)
+    corrected.save_as(tmp_path / "y.dcm", enforce_file_format=True)
+    try:
+        storescu(tmp_path / "study", pas.port, calling="CT_URG")
+        wait_for(lambda: [j["state"] for j in jobs_of(pas.home)] == ["running"], 60,
+                 what="the study's job being sent")
+        storescu(tmp_path / "y.dcm", pas.port, calling="CT_URG")
+        wait_for(lambda: len(jobs_of(pas.home)) == 2, 60, what="Y's job routed")
+        listing = json.loads(pas.cli("queue", "list", "--json").stdout)
+        states = {j["id"]: (j["state"], j["waits_for_job"]) for j in listing}
+        wait_for(lambda: [j["state"] for j in jobs_of(pas.home)] == ["done", "done"], 90,
+                 what="both jobs done")
+        arrivals = sorted(scp.files(), key=lambda p: p.stat().st_mtime_ns)
+        versions = [(dcmread(p).ImageComments, str(dcmread(p).StudyInstanceUID))
+                    for p in arrivals if sop_uid(p) == last.SOPInstanceUID]
+        assert versions[-1] == ("version Y", corrected.StudyInstanceUID), versions
+        if states[1][0] == "running":  # Y's job waits for it, and says so
+            assert states[2] == ("pending", 1), states
     finally:
         scp.stop()
 

@@ -111,15 +111,34 @@ _JOB_SELECT = """SELECT j.*, s.study_uid FROM jobs j JOIN studies s ON s.id = j.
 
 def _holding_back(job: str) -> str:
     """SQL ``FROM ... WHERE ...`` over the jobs (``other``) that hold back the job aliased
-    ``job`` (see :func:`claim_next`), with one parameter: now. Shared by the claim, which
-    skips such a job, and :func:`list_jobs`, which says what it waits for: a job held back
-    showed as pending and due, with no reason, while it did not start."""
-    return f"""FROM jobs other WHERE other.study_fk = {job}.study_fk AND other.id != {job}.id
-            AND ((other.destination = {job}.destination
-                  AND ((other.state = 'running' AND other.lease_until >= ?)
-                       OR ({job}.kind = 'hub' AND other.id < {job}.id
-                           AND other.state IN ('pending', 'running'))))
-                 OR ({job}.kind != 'hub' AND {_HUB_ASKS_FIRST}))"""
+    ``job`` (see :func:`claim_next`), with two parameters: now, now. Shared by the claim,
+    which skips such a job, and :func:`list_jobs`, which says what it waits for: a job held
+    back showed as pending and due, with no reason, while it did not start."""
+    return f"""FROM jobs other WHERE other.id != {job}.id
+            AND ((other.study_fk = {job}.study_fk
+                  AND ((other.destination = {job}.destination
+                        AND ((other.state = 'running' AND other.lease_until >= ?)
+                             OR ({job}.kind = 'hub' AND other.id < {job}.id
+                                 AND other.state IN ('pending', 'running'))))
+                       OR ({job}.kind != 'hub' AND {_HUB_ASKS_FIRST})))
+                 OR ({job}.kind != 'hub' AND other.study_fk != {job}.study_fk
+                     AND other.destination = {job}.destination
+                     AND other.state = 'running' AND other.lease_until >= ?
+                     AND {_OTHER_VERSION_THERE.format(job=job)}))"""
+
+
+# A job being sent to the same node from another study that holds another version of one of
+# this job's unsent instances (a correction that moved an instance to another study, same
+# SOP Instance UID): that job may still send its version (its list of instances was read
+# when its attempt began; routing this one took the stale version out of its rows only), so
+# this one waits, as a delta of the same study does, and its version arrives last.
+_OTHER_VERSION_THERE = """EXISTS (
+    SELECT 1 FROM job_instances mine_ji
+    JOIN instances mine ON mine.id = mine_ji.instance_fk
+    JOIN instances theirs ON theirs.sop_instance_uid = mine.sop_instance_uid
+                         AND theirs.id != mine.id
+    WHERE mine_ji.job_id = {job}.id AND mine_ji.sent_at IS NULL
+      AND theirs.study_fk = other.study_fk)"""
 
 
 # A hub job of the study that will ask the holdings question (instances start-up recovery
@@ -162,6 +181,10 @@ def claim_next(db: Database, owner: str, lease_s: float,
     hub transfer's manifest cannot drop a superseded instance as a local node's job does
     (:func:`_drop_superseded`). Jobs of the same study to the hub therefore go one after
     the other, in the order they were routed; a failed one no longer holds the next.
+    A job to a local node also waits while a job of *another* study to that node is being
+    sent that holds another version of one of its unsent instances (a correction that put
+    the Study Instance UID right: the same instance, now another study's;
+    :data:`_OTHER_VERSION_THERE`).
     A job to another destination also waits while the study's hub job has the holdings
     question to ask (:data:`_HUB_ASKS_FIRST`): its answer takes a prior's instances out of
     it (:func:`confirm_held`)."""
@@ -180,7 +203,7 @@ def claim_next(db: Database, owner: str, lease_s: float,
     # link): the region keeps the version it archived last, and the earlier job's transfer
     # cannot drop its stale version (its manifest is fixed once it began).
     kind_filter += f" AND NOT EXISTS (SELECT 1 {_holding_back('jobs')})"
-    params.append(at)
+    params.extend((at, at))
     with db.transaction() as conn:
         if max_attempts is not None:
             conn.execute(
@@ -499,7 +522,7 @@ def list_jobs(db: Database, state: str | None = None, limit: int = 200) -> list[
                         THEN (SELECT min(other.id) {_holding_back('j')}) END AS waits_for_job
             FROM jobs j JOIN studies s ON s.id = j.study_fk
             {where} ORDER BY j.id DESC LIMIT ?""",
-        (now(), *params, limit),
+        (now(), now(), *params, limit),
     )
     return [dict(r) for r in rows]
 
