@@ -524,7 +524,6 @@ def build_ack(message: hl7.Message | None, ack_code: str = "AA", text: str = "",
     in Europe)."""
     stamp = dt.datetime.now().astimezone().strftime("%Y%m%d%H%M%S%z")
     own_id = generate_message_control_id()
-    clean = _escape(text)
     ack = None
     if message is not None:
         try:
@@ -533,17 +532,23 @@ def build_ack(message: hl7.Message | None, ack_code: str = "AA", text: str = "",
         except Exception:  # found by fuzzing: a malformed MSH makes hl7's create_ack raise
             ack = None
             control_id = control_id or _field_or_empty(message, "MSH.F10")
+    # MSA-3 and ERR in the delimiters of the ACK's MSH (the message's MSH-1/2): with |^ a
+    # RIS using # read MSA-2 as "C42|duplicate message..." and matched no NAK to a message.
+    delimiters = (*message.separators[1:5], message.esc or "\\") \
+        if ack is not None and message is not None else ("|", "~", "^", "&", "\\")
+    field, _, component, _, _ = delimiters
+    clean = _escape(text, *delimiters)
     if ack is not None:
         result = str(ack).rstrip("\r")
         if text:
-            result += f"|{clean}"  # MSA-3 text message
+            result += f"{field}{clean}"  # MSA-3 text message
     else:
         result = (f"MSH|^~\\&|{application}||||{stamp}||ACK|{own_id}|P|2.5\r"
-                  f"MSA|{ack_code}|{_escape(control_id)}|{clean}")
+                  f"MSA|{ack_code}|{_escape(control_id, *delimiters)}|{clean}")
     if ack_code != "AA":
-        severity = "E"
-        result += f"\rERR||||{severity}" if not error_code else \
-            f"\rERR|||{error_code}^{_error_name(error_code)}^HL70357|{severity}||||{clean}"
+        f, c = field, component
+        result += f"\rERR{f * 4}E" if not error_code else \
+            f"\rERR{f * 3}{error_code}{c}{_error_name(error_code)}{c}HL70357{f}E{f * 4}{clean}"
     return result
 
 
@@ -594,7 +599,13 @@ def _error_name(code: str) -> str:
             "207": "Application internal error"}.get(code, "Error")
 
 
-def _escape(text: str) -> str:
-    """HL7 escape sequences for the delimiters, so that a reason never breaks the ACK."""
-    return (text.replace("\\", "\\E\\").replace("|", "\\F\\").replace("^", "\\S\\")
-            .replace("&", "\\T\\").replace("~", "\\R\\").replace("\r", " ").replace("\n", " "))
+def _escape(text: str, field: str = "|", repetition: str = "~", component: str = "^",
+            subcomponent: str = "&", escape: str = "\\") -> str:
+    """HL7 escape sequences for the delimiters (the message's own: MSH-1 and MSH-2), so
+    that a reason never breaks the ACK. The escape character goes first: the sequences
+    written after it are made of it."""
+    text = text.replace(escape, f"{escape}E{escape}")
+    for character, letter in ((field, "F"), (component, "S"), (subcomponent, "T"),
+                              (repetition, "R")):
+        text = text.replace(character, f"{escape}{letter}{escape}")
+    return text.replace("\r", " ").replace("\n", " ")
