@@ -204,6 +204,32 @@ def test_order_cancelled_then_ordered_again_is_pending_again(pas_hl7: PasProcess
     assert row["next_attempt_at"] == row["due_at"]
 
 
+def test_a_changed_order_changes_its_pending_request(pas_hl7: PasProcess) -> None:
+    """NW for a CT, then XO (change order) of the same order and accession as an MR with
+    a new exam time: the pending request is the MR's (its rule chooses MR priors). Before,
+    only the time moved: the request kept CT, and the CT rule chose the priors of an exam
+    no longer ordered. The same when a cancelled order is ordered again as another exam."""
+    send(pas_hl7, orm("XO1", "ORD30", when="20991231120000"))
+    (ack,) = send(pas_hl7, orm("XO2", "ORD30", when="20991230080000", control_code="XO",
+                               modality="MR").replace("CTCHEST^CT chest", "MRKNEE^MR knee"))
+    assert msa(ack)[:2] == ("AA", "XO2")
+    (row,) = [r for r in requests(pas_hl7) if r["dedup_key"] == "order:P100|HOSP|ORD30"]
+    from appliance.prefetch.messages import parse_hl7_time
+
+    assert (row["state"], row["modality"], row["times_requested"]) == ("pending", "MR", 2)
+    assert row["scheduled_at"] == parse_hl7_time("20991230080000")
+    # a message giving no modality (a status update) keeps the one known
+    send(pas_hl7, orm("XO3", "ORD30", when="20991230080000", control_code="SC", modality=""))
+    (row,) = [r for r in requests(pas_hl7) if r["dedup_key"] == "order:P100|HOSP|ORD30"]
+    assert row["modality"] == "MR"
+
+    send(pas_hl7, orm("XO4", "ORD31", when="20991231120000"),
+         orm("XO5", "ORD31", control_code="CA"),
+         orm("XO6", "ORD31", when="20991231120000", modality="US"))
+    (row,) = [r for r in requests(pas_hl7) if r["dedup_key"] == "order:P100|HOSP|ORD31"]
+    assert (row["state"], row["modality"]) == ("pending", "US")
+
+
 @pytest.mark.parametrize("message, code, reason", [
     ("garbage that is not HL7", "AR", "does not start with an MSH segment"),
     (orm("U1", "ORD6").replace("ORM^O01", "ORU^R01"), "AR", "unsupported message type ORU^R01"),

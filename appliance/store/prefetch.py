@@ -191,12 +191,18 @@ def _schedule(conn: Any, request: NewRequest, at: float, repeat: int = 1,
             """UPDATE prefetch_requests SET state = 'pending', attempts = 0,
                    times_requested = times_requested + ?, updated_at = ?,
                    scheduled_at = ?, due_at = ?, next_attempt_at = ?, last_error = NULL,
-                   started_at = NULL, finished_at = NULL
+                   started_at = NULL, finished_at = NULL,
+                   accession_number = coalesce(?, accession_number),
+                   modality = coalesce(?, modality), body_part = coalesce(?, body_part)
                WHERE id = ?""",
-            (repeat, at, request.scheduled_at, due, due, row["id"]))
+            (repeat, at, request.scheduled_at, due, due, request.accession_number,
+             request.modality, request.body_part, row["id"]))
         return Scheduled(int(row["id"]), created=False)
     if row is not None:
-        # The same order again: count it; a new appointment time moves a pending request.
+        # The same order again: count it; a new appointment time moves a pending request,
+        # and what the order now asks for (an XO from CT to MR) is what its rule will read:
+        # only the time moved before, and the CT rule chose priors for an MR. A part the
+        # message does not give (a status update naming no modality) keeps the one known.
         conn.execute(
             """UPDATE prefetch_requests SET times_requested = times_requested + ?,
                    updated_at = ?,
@@ -204,9 +210,16 @@ def _schedule(conn: Any, request: NewRequest, at: float, repeat: int = 1,
                                        ELSE scheduled_at END,
                    due_at = CASE WHEN state = 'pending' THEN ? ELSE due_at END,
                    next_attempt_at = CASE WHEN state = 'pending' AND attempts = 0 THEN ?
-                                          ELSE next_attempt_at END
+                                          ELSE next_attempt_at END,
+                   accession_number = CASE WHEN state = 'pending'
+                       THEN coalesce(?, accession_number) ELSE accession_number END,
+                   modality = CASE WHEN state = 'pending' THEN coalesce(?, modality)
+                                   ELSE modality END,
+                   body_part = CASE WHEN state = 'pending' THEN coalesce(?, body_part)
+                                    ELSE body_part END
                WHERE id = ?""",
-            (repeat, at, request.scheduled_at, due, due, row["id"]))
+            (repeat, at, request.scheduled_at, due, due, request.accession_number,
+             request.modality, request.body_part, row["id"]))
         return Scheduled(int(row["id"]), created=False)
     order_key = procedure_key = None
     dedup_key = request.dedup_key
