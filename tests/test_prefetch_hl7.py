@@ -305,3 +305,55 @@ def test_hl7_port_taken_is_reported_and_dicom_keeps_serving(
         # only fail.
         wait_for(lambda: re.search(r"stable: 1 instance\b", pas.log()), 30, what="the study routed")
         assert requests(pas) == []
+
+
+class SilentRegion:
+    """A region that accepts connections and never answers (a hung archive, a WAN that went
+    silent), until :meth:`release` closes them all: the fetch is running meanwhile."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.server.getsockname()[1])
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return  # released
+            self.held.append(conn)
+
+    def release(self) -> None:
+        self.server.close()
+        for conn in self.held:
+            conn.close()
+
+
+def test_an_order_cancelled_while_its_fetch_runs_stays_cancelled(tmp_path: Any) -> None:
+    """NW (due now), its fetch running against a region that does not answer, then CA
+    (ACKed AA), then the region's connection closes: the request is cancelled and never
+    tried again. Before, the cancel touched only a pending request: while the fetch ran it
+    changed nothing, the failed attempt made the request pending again ("waiting for the
+    link", not even counted), and the cancelled order's priors would have been fetched
+    once the link came back."""
+    region = SilentRegion()
+    pas = pas_with_hl7(tmp_path, PAS_PREFETCH__DICOMWEB_URL=(
+        f"http://127.0.0.1:{region.port}/dicom-web"))
+    try:
+        (ack,) = send(pas, orm("RC1", "ORD40"))
+        assert msa(ack)[:2] == ("AA", "RC1")
+        wait_for(lambda: region.held and requests(pas)[0]["state"] == "running", 30,
+                 what="the fetch running, its search held by the region")
+        (ack,) = send(pas, orm("RC2", "ORD40", control_code="CA"))
+        assert msa(ack)[:2] == ("AA", "RC2")
+        region.release()
+        wait_for(lambda: "prefetch 1 for P100" in pas.log(),
+                 30, what="the attempt ended")
+        (row,) = requests(pas)
+        assert (row["state"], row["last_error"]) == ("cancelled", None), row
+        assert "prefetch 1 for P100: cancelled while it ran" in pas.log()
+    finally:
+        region.release()
+        pas.stop()

@@ -25,6 +25,11 @@ from appliance.store.jobs import WAITING_FOR_TRUST
 
 # Instances the prefetch stored carry this in instances.source_address.
 REGION_SOURCE = "region:prefetch"
+# The states a cancel from the RIS ends. A running request too: cancelling only pending
+# ones lost a cancel that came while the fetch ran (its failed attempt made it pending
+# again, retried until the link came back). The end of such an attempt (finish, defer,
+# fail_attempt) changes only a request still running, so the cancel stays.
+CANCELLABLE = "('pending', 'running')"
 
 
 @dataclass(frozen=True)
@@ -136,11 +141,11 @@ def record_message(db: Database, message_key: str, message_type: str, ack_code: 
             elif action.procedure is None:
                 conn.execute(
                     "UPDATE prefetch_requests SET state = 'cancelled', updated_at = ? "
-                    "WHERE dedup_key = ? AND state = 'pending'", (at, action.dedup_key))
+                    f"WHERE dedup_key = ? AND state IN {CANCELLABLE}", (at, action.dedup_key))
             else:
                 conn.executemany(
                     "UPDATE prefetch_requests SET state = 'cancelled', updated_at = ? "
-                    "WHERE id = ? AND state = 'pending'",
+                    f"WHERE id = ? AND state IN {CANCELLABLE}",
                     [(at, row["id"]) for row in _order_rows(conn, action.dedup_key)
                      if procedures_compatible(_stored(row), action.procedure)])
         if scheduled:  # the message's first request (a message of several names them all)
@@ -367,7 +372,7 @@ def finish(db: Database, request_id: int) -> None:
                    last_error = NULL,
                    studies_fetched = (SELECT count(*) FROM prefetch_studies
                        WHERE request_fk = ? AND state IN ('fetched', 'on_site'))
-               WHERE id = ?""", (at, at, request_id, request_id))
+               WHERE id = ? AND state = 'running'""", (at, at, request_id, request_id))
 
 
 def fail_attempt(db: Database, request_id: int, error: str, max_attempts: int,
@@ -375,8 +380,10 @@ def fail_attempt(db: Database, request_id: int, error: str, max_attempts: int,
     """Back to pending with ``retry_at``, or failed once ``max_attempts`` are spent."""
     at = now()
     with db.transaction() as conn:
-        row = conn.execute("SELECT attempts FROM prefetch_requests WHERE id = ?",
+        row = conn.execute("SELECT attempts, state FROM prefetch_requests WHERE id = ?",
                            (request_id,)).fetchone()
+        if row is not None and row["state"] != "running":
+            return str(row["state"])  # cancelled by the RIS while it ran: it stays so
         state = "failed" if row is None or row["attempts"] >= max_attempts else "pending"
         conn.execute(
             "UPDATE prefetch_requests SET state = ?, last_error = ?, next_attempt_at = ?, "
@@ -385,21 +392,21 @@ def fail_attempt(db: Database, request_id: int, error: str, max_attempts: int,
     return state
 
 
-def defer(db: Database, request_id: int, until: float, reason: str) -> None:
+def defer(db: Database, request_id: int, until: float, reason: str) -> bool:
     """Not now (outside the WAN windows, or the region unreachable): pending again, the
-    attempt not counted."""
+    attempt not counted. False when the request was cancelled while it ran (it stays so)."""
     with db.transaction() as conn:
-        conn.execute(
+        return conn.execute(
             "UPDATE prefetch_requests SET state = 'pending', attempts = max(attempts - 1, 0), "
-            "next_attempt_at = ?, last_error = ?, updated_at = ? WHERE id = ?",
-            (until, reason, now(), request_id))
+            "next_attempt_at = ?, last_error = ?, updated_at = ? WHERE id = ? "
+            "AND state = 'running'", (until, reason, now(), request_id)).rowcount > 0
 
 
-def wait_for_trust(db: Database, request_id: int, until: float, error: str) -> None:
+def wait_for_trust(db: Database, request_id: int, until: float, error: str) -> bool:
     """As :func:`defer`, for a request the region's hub refused the credentials of: its
     ``last_error`` starts with :data:`~appliance.store.jobs.WAITING_FOR_TRUST`, as a job's
     does, so that :func:`waiting_for_credentials` and the start-up find it."""
-    defer(db, request_id, until, (WAITING_FOR_TRUST + error)[:500])
+    return defer(db, request_id, until, (WAITING_FOR_TRUST + error)[:500])
 
 
 def wake_waiting_for_trust(db: Database) -> int:
