@@ -357,3 +357,46 @@ def test_an_order_cancelled_while_its_fetch_runs_stays_cancelled(tmp_path: Any) 
     finally:
         region.release()
         pas.stop()
+
+
+def test_pas_status_says_when_the_prefetch_waits_fails_or_is_late(tmp_path: Any) -> None:
+    """A region answering 500 (an order failed for good, max_attempts = 1), then none at
+    all (an order for an exam already past waits for the link): ``pas status`` says both,
+    and that the waiting one is late, in its text and its JSON. It said nothing of the
+    prefetch (only of a certificate refused): the region's outage and the orders given up
+    were seen only by whoever ran ``pas prefetch list``."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Refusing(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.send_error(500, "archive database offline")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    region = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=region.serve_forever, daemon=True).start()
+    pas = pas_with_hl7(tmp_path, PAS_PREFETCH__MAX_ATTEMPTS="1", PAS_PREFETCH__DICOMWEB_URL=(
+        f"http://127.0.0.1:{region.server_address[1]}/dicom-web"))
+    try:
+        send(pas, orm("ST1", "ORD50"))
+        wait_for(lambda: requests(pas)[0]["state"] == "failed", 30, what="the order failed")
+        region.shutdown()
+        region.server_close()
+        send(pas, orm("ST2", "ORD51", patient="P101", when="20200101120000"))
+        wait_for(lambda: (requests(pas)[0]["last_error"] or "").startswith(
+            "waiting for the link"), 30, what="the second order waiting for the link")
+        summary = pas.status()["prefetch"]
+        assert {key: summary[key] for key in ("pending", "running", "waiting_for_link",
+                                              "failed_24h", "late")} == {
+            "pending": 1, "running": 0, "waiting_for_link": 1, "failed_24h": 1, "late": 1}
+        assert "500" in summary["last_failure"]
+        text = " ".join(pas.cli("status").stdout.split())
+        assert "prefetch: 1 prefetch request waiting for the link since " in text
+        assert "prefetch: 1 prefetch request failed in the last 24 h (pas prefetch list " \
+               "--state failed), the last: " in text
+        assert "prefetch: 1 prefetch request late: the exam time passed, the priors not on " \
+               "site yet (1 pending, 0 running)" in text
+    finally:
+        region.server_close()
+        pas.stop()
