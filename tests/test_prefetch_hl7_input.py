@@ -25,6 +25,8 @@ Found in review (2026-12-05):
 - a message with delimiters other than ``|^~\&`` (MSH ``#$*@!``) got MSA-3 and ERR appended
   with ``|`` and ``^``: its resend's AA and every NAK had MSA-2 ``D1|duplicate message...``,
   no control id the RIS sent.
+- the ACK of an ``8859/1`` message was encoded in 8859/1 (its MSH-6 echoing ``HÔP``) but
+  declared nothing in MSH-18, which HL7 reads as ASCII.
 """
 
 from __future__ import annotations
@@ -119,6 +121,19 @@ def test_the_declared_character_set_is_the_one_read(pas_input: PasProcess) -> No
     assert b"MSA|AE|CS2|PID-3 patient identifier 'P\xef\xbf\xbd2' holds bytes that are not " \
            b"valid in the message's character set (MSH-18 'UNICODE UTF-8')" in nak
     assert not [r for r in requests(pas_input) if r["dedup_key"].endswith("|ORDCS2")]
+
+    # the answers go back in 8859/1 and say so in their MSH-18 (HL7 reads it empty as
+    # ASCII, and the AA's MSH-6 echoes the RIS's 'HÔP' as the byte 0xD4)
+    facility = latin.replace("|RIS|HOSP|", "|RIS|HÔP|").replace("|CS1|", "|CS4|")
+    bad = orm("CS5", "ORDCS5", patient="PÉ\\5^^^HOSP", msh_tail="||||||8859/1")
+    accepted, refused = (
+        [segment.split("|") for segment in answer.decode("latin-1").split("\r")[:2]]
+        for answer in exchange(pas_input, b"".join(SB + m.encode("latin-1") + EB
+                                                   for m in (facility, bad)), answers=2))
+    assert [accepted[0][17], accepted[0][5], *accepted[1][1:3]] == \
+        ["8859/1", "HÔP", "AA", "CS4"], accepted
+    assert [refused[0][17], *refused[1][1:3]] == ["8859/1", "AE", "CS5"], refused
+    assert refused[1][3].startswith("PID-3 'PÉ\\E\\5': the escape character"), refused
 
     name_only = orm("CS3", "ORDCS3", msh_tail="||||||UNICODE UTF-8").replace("DOE", "D\xd6E")
     (ack,) = exchange(pas_input, SB + name_only.encode("latin-1") + EB)

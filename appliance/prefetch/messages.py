@@ -108,16 +108,22 @@ def message_encoding(block: bytes, default: str) -> tuple[str, str]:
     declared = fields[17].split(msh[5:6])[0].decode("ascii", "replace").strip()
     if not declared:
         return default, ""
+    codec = charset_codec(declared)
+    return (codec, "") if codec is not None else (default, declared)
+
+
+def charset_codec(declared: str) -> str | None:
+    """The codec of an MSH-18 character set, None for one not read (:func:`message_encoding`)."""
     codec = CHARSETS.get(declared.upper())
     if codec is None:
         try:
             "".encode(declared)  # a text encoding (not base64, rot13...)
             codec = codecs.lookup(declared).name
         except (LookupError, ValueError):
-            return default, declared
+            return None
         if codec.startswith(("utf-16", "utf-32")):  # MLLP bytes and the MSH are not ASCII
-            return default, declared
-    return codec, ""
+            return None
+    return codec
 
 
 def _field(message: hl7.Message, path: str) -> str:
@@ -529,6 +535,9 @@ def build_ack(message: hl7.Message | None, ack_code: str = "AA", text: str = "",
         try:
             ack = message.create_ack(ack_code, message_id=own_id, application=application)
             ack.segment("MSH").assign_field(stamp, 7)
+            charset = _msh_field(message, 18).split(message.separators[2])[0]
+            if charset and charset_codec(charset) is not None:  # the ACK's, as encoded;
+                ack.segment("MSH").assign_field(charset, 18)  # empty, HL7 reads ASCII
         except Exception:  # found by fuzzing: a malformed MSH makes hl7's create_ack raise
             ack = None
             control_id = control_id or _field_or_empty(message, "MSH.F10")
