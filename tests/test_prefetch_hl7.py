@@ -155,6 +155,36 @@ def test_siu_reschedule_moves_one_request(pas_hl7: PasProcess) -> None:
     assert rows[0]["scheduled_at"] == parse_hl7_time("20991202090000")
 
 
+def test_siu_rescheduled_then_cancelled(pas_hl7: PasProcess) -> None:
+    """S12, S13 (rescheduled: the appointment's new time), S15 (cancelled): AA each, one
+    request, moved then cancelled; S17 (deleted) cancels too. S13, S15 and S17 were
+    refused AR 200 "unsupported message type": a RIS announcing appointments by SIU had
+    its reschedules and cancels rejected, and the cancelled appointment's priors fetched."""
+    def siu(event: str, control: str, appointment: str, start: str = "") -> str:
+        return "\r".join([
+            f"MSH|^~\\&|RIS|HOSP|PAS|HOSP|20261123120000||SIU^{event}|{control}|P|2.5",
+            f"SCH|{appointment}||||||||||^^^{start}",
+            "PID|1||P201^^^HOSP^MR||ROE^ANN",
+            f"AIS|1||MRBRAIN^MR brain|{start}",
+        ])
+    acks = send(pas_hl7, siu("S12", "SR1", "APPT8", "20991201080000"),
+                siu("S13", "SR2", "APPT8", "20991203100000"))
+    assert [msa(a)[:2] for a in acks] == [("AA", "SR1"), ("AA", "SR2")]
+    (row,) = [r for r in requests(pas_hl7) if r["dedup_key"] == "appointment:P201|HOSP|APPT8"]
+    from appliance.prefetch.messages import parse_hl7_time
+
+    assert (row["state"], row["times_requested"]) == ("pending", 2)
+    assert row["scheduled_at"] == parse_hl7_time("20991203100000")
+
+    acks = send(pas_hl7, siu("S15", "SR3", "APPT8"), siu("S12", "SR4", "APPT9", "20991201"),
+                siu("S17", "SR5", "APPT9"))
+    assert [msa(a)[:2] for a in acks] == [("AA", "SR3"), ("AA", "SR4"), ("AA", "SR5")]
+    states = {r["dedup_key"]: r["state"] for r in requests(pas_hl7)
+              if r["dedup_key"].startswith("appointment:P201|")}
+    assert states == {"appointment:P201|HOSP|APPT8": "cancelled",
+                      "appointment:P201|HOSP|APPT9": "cancelled"}
+
+
 def test_adt_a04_then_a08_of_one_visit_and_omi(pas_hl7: PasProcess) -> None:
     def adt(event: str, control: str) -> str:
         return "\r".join([

@@ -20,7 +20,8 @@ Which fields are read, and why (HL7 v2.5 positions):
   its own, read as above from its own segments (:func:`order_groups`); one bad group refuses
   the whole message, naming the group. Read first-only, the second procedure of a CT thorax +
   CT abdomen order was never prefetched, nor could it be cancelled.
-- SIU^S12/S14: SCH-1/SCH-2 appointment ids (dedup key), SCH-11.4 or AIS-4 start time.
+- SIU^S12/S13/S14: SCH-1/SCH-2 appointment ids (dedup key), SCH-11.4 or AIS-4 start time;
+  S15/S17 (cancelled, deleted) cancel that appointment's request.
 - ADT^A04/A08: PV1-19 visit number (dedup key: A04 then A08 of one visit is one request).
 """
 
@@ -36,8 +37,11 @@ from typing import Any
 import hl7
 from hl7.util import generate_message_control_id
 
-SUPPORTED = {("ORM", "O01"), ("OMI", "O23"), ("OMG", "O19"), ("SIU", "S12"), ("SIU", "S14"),
-             ("ADT", "A04"), ("ADT", "A08")}
+SUPPORTED = {("ORM", "O01"), ("OMI", "O23"), ("OMG", "O19"), ("SIU", "S12"), ("SIU", "S13"),
+             ("SIU", "S14"), ("SIU", "S15"), ("SIU", "S17"), ("ADT", "A04"), ("ADT", "A08")}
+# SIU events that end an appointment (cancelled, deleted); S13 (rescheduled) moves it as S14.
+# Refused (AR 200) before: a RIS's reschedules and cancels rejected, the priors fetched.
+SIU_CANCELS = {"S15", "S17"}
 # The order messages: one order per ORC group (:func:`order_groups`). OMG^O19 has OMI's
 # ORC / TQ1 / OBR order group without the IPC segment.
 ORDER_KINDS = ("ORM", "OMI", "OMG")
@@ -416,7 +420,7 @@ def interpret(message: hl7.Message, issuer_default: str = "",
         for number, view in enumerate(views, 1):
             try:
                 dedup_key, accession, modality, body_part, scheduled_at, cancel = \
-                    _interpret_kind(view, kind, f"{patient_id}|{issuer}")
+                    _interpret_kind(view, kind, f"{patient_id}|{issuer}", event)
                 procedure = _procedure(view, kind) if kind in ORDER_KINDS else ("", "")
                 _refuse_undecodable(message, {
                     "accession number": accession, "modality": modality,
@@ -483,7 +487,7 @@ def _procedure(group: hl7.Message, kind: str) -> tuple[str, str]:
     return accession, requested
 
 
-def _interpret_kind(message: hl7.Message, kind: str, patient: str
+def _interpret_kind(message: hl7.Message, kind: str, patient: str, event: str = ""
                     ) -> tuple[str, str, str, str, float | None, bool]:
     if kind in ORDER_KINDS:
         placer = _field(message, "ORC.F2.R1.C1")
@@ -512,7 +516,7 @@ def _interpret_kind(message: hl7.Message, kind: str, patient: str
         modality = _field(message, "OBR.F24")
         accession = _field(message, "OBR.F18")
         return (f"appointment:{patient}|{appointment}", accession, modality, "", scheduled,
-                False)
+                event in SIU_CANCELS)
     # ADT^A04 / A08: a registered outpatient; one request per visit.
     visit = _field(message, "PV1.F19.R1.C1") or _field(message, "PV1.F44")[:8] \
         or dt.date.today().strftime("%Y%m%d")
