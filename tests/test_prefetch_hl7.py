@@ -209,6 +209,13 @@ def test_adt_a04_then_a08_of_one_visit_and_omi(pas_hl7: PasProcess) -> None:
     assert len(order) == 1
     assert order[0]["accession_number"] == "ACC9" and order[0]["modality"] == "US"
 
+    # A11 (cancel admit / visit notification) cancels the visit's request: it was refused
+    # AR 200, and the cancelled visit's priors fetched all the same
+    (ack,) = send(pas_hl7, adt("A11", "A3"))
+    assert msa(ack)[:2] == ("AA", "A3")
+    (visit,) = [r for r in requests(pas_hl7) if r["dedup_key"] == "visit:P300|HOSP|V555"]
+    assert visit["state"] == "cancelled"
+
 
 def test_cancel_order(pas_hl7: PasProcess) -> None:
     send(pas_hl7, orm("K1", "ORD5", when="20991231120000"))

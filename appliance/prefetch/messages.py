@@ -22,7 +22,8 @@ Which fields are read, and why (HL7 v2.5 positions):
   CT abdomen order was never prefetched, nor could it be cancelled.
 - SIU^S12/S13/S14: SCH-1/SCH-2 appointment ids (dedup key), SCH-11.4 or AIS-4 start time;
   S15/S17 (cancelled, deleted) cancel that appointment's request.
-- ADT^A04/A08: PV1-19 visit number (dedup key: A04 then A08 of one visit is one request).
+- ADT^A04/A08: PV1-19 visit number (dedup key: A04 then A08 of one visit is one request);
+  A11 (cancel admit / visit) cancels it.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ import hl7
 from hl7.util import generate_message_control_id
 
 SUPPORTED = {("ORM", "O01"), ("OMI", "O23"), ("OMG", "O19"), ("SIU", "S12"), ("SIU", "S13"),
-             ("SIU", "S14"), ("SIU", "S15"), ("SIU", "S17"), ("ADT", "A04"), ("ADT", "A08")}
+             ("SIU", "S14"), ("SIU", "S15"), ("SIU", "S17"), ("ADT", "A04"), ("ADT", "A08"),
+             ("ADT", "A11")}
 # SIU events that end an appointment (cancelled, deleted); S13 (rescheduled) moves it as S14.
 # Refused (AR 200) before: a RIS's reschedules and cancels rejected, the priors fetched.
 SIU_CANCELS = {"S15", "S17"}
@@ -517,11 +519,12 @@ def _interpret_kind(message: hl7.Message, kind: str, patient: str, event: str = 
         accession = _field(message, "OBR.F18")
         return (f"appointment:{patient}|{appointment}", accession, modality, "", scheduled,
                 event in SIU_CANCELS)
-    # ADT^A04 / A08: a registered outpatient; one request per visit.
+    # ADT^A04 / A08: a registered outpatient; one request per visit, which A11 (cancel
+    # admit / visit notification) cancels.
     visit = _field(message, "PV1.F19.R1.C1") or _field(message, "PV1.F44")[:8] \
         or dt.date.today().strftime("%Y%m%d")
     scheduled = _time(message, "PV1.F44")
-    return f"visit:{patient}|{visit}", "", "", "", scheduled, False
+    return f"visit:{patient}|{visit}", "", "", "", scheduled, event == "A11"
 
 
 def build_ack(message: hl7.Message | None, ack_code: str = "AA", text: str = "",
