@@ -396,6 +396,36 @@ def test_an_order_cancelled_while_its_fetch_runs_stays_cancelled(tmp_path: Any) 
         pas.stop()
 
 
+def test_an_order_cancelled_and_ordered_again_while_its_fetch_runs_is_that_fetch(
+        tmp_path: Any) -> None:
+    """NW, its fetch running (the region holds the search), CA, NW again: the request is
+    running, the attempt under way is its (one connection to the region, not two), and
+    when that attempt meets the closed link the request waits for the link as any other.
+    Revived as pending, a second attempt ran beside the first, and whichever ended second
+    logged the active order as "cancelled while it ran"."""
+    region = SilentRegion()
+    pas = pas_with_hl7(tmp_path, PAS_PREFETCH__DICOMWEB_URL=(
+        f"http://127.0.0.1:{region.port}/dicom-web"))
+    try:
+        send(pas, orm("RR1", "ORD41"))
+        wait_for(lambda: region.held and requests(pas)[0]["state"] == "running", 30,
+                 what="the fetch running, its search held by the region")
+        acks = send(pas, orm("RR2", "ORD41", control_code="CA"), orm("RR3", "ORD41"))
+        assert [msa(a)[:2] for a in acks] == [("AA", "RR2"), ("AA", "RR3")]
+        (row,) = requests(pas)
+        assert (row["state"], row["times_requested"]) == ("running", 2), row
+        region.release()
+        wait_for(lambda: "prefetch 1 for P100" in pas.log(), 30, what="the attempt ended")
+        (row,) = requests(pas)
+        assert row["state"] == "pending" and row["last_error"].startswith(
+            "waiting for the link"), row
+        assert len(region.held) == 1
+        assert "cancelled while it ran" not in pas.log()
+    finally:
+        region.release()
+        pas.stop()
+
+
 def test_pas_status_says_when_the_prefetch_waits_fails_or_is_late(tmp_path: Any) -> None:
     """A region answering 500 (an order failed for good, max_attempts = 1), then none at
     all (an order for an exam already past waits for the link): ``pas status`` says both,

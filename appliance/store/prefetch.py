@@ -28,8 +28,12 @@ REGION_SOURCE = "region:prefetch"
 # The states a cancel from the RIS ends. A running request too: cancelling only pending
 # ones lost a cancel that came while the fetch ran (its failed attempt made it pending
 # again, retried until the link came back). The end of such an attempt (finish, defer,
-# fail_attempt) changes only a request still running, so the cancel stays.
+# fail_attempt) changes only a request still running, so the cancel stays. A cancelled
+# request's finished_at stays NULL while that attempt runs (set when it ends): an order
+# revived meanwhile is that attempt's again ('running'), not a second one run beside it.
 CANCELLABLE = "('pending', 'running')"
+CANCEL_SET = ("state = 'cancelled', updated_at = ?, "
+              "finished_at = CASE WHEN state = 'running' THEN NULL ELSE ? END")
 
 
 @dataclass(frozen=True)
@@ -140,13 +144,14 @@ def record_message(db: Database, message_key: str, message_type: str, ack_code: 
                 scheduled.append(_schedule(conn, action, at, revive=True))
             elif action.procedure is None:
                 conn.execute(
-                    "UPDATE prefetch_requests SET state = 'cancelled', updated_at = ? "
-                    f"WHERE dedup_key = ? AND state IN {CANCELLABLE}", (at, action.dedup_key))
+                    f"UPDATE prefetch_requests SET {CANCEL_SET} "
+                    f"WHERE dedup_key = ? AND state IN {CANCELLABLE}",
+                    (at, at, action.dedup_key))
             else:
                 conn.executemany(
-                    "UPDATE prefetch_requests SET state = 'cancelled', updated_at = ? "
+                    f"UPDATE prefetch_requests SET {CANCEL_SET} "
                     f"WHERE id = ? AND state IN {CANCELLABLE}",
-                    [(at, row["id"]) for row in _order_rows(conn, action.dedup_key)
+                    [(at, at, row["id"]) for row in _order_rows(conn, action.dedup_key)
                      if procedures_compatible(_stored(row), action.procedure)])
         if scheduled:  # the message's first request (a message of several names them all)
             conn.execute("UPDATE prefetch_messages SET request_fk = ? WHERE message_key = ?",
@@ -193,10 +198,12 @@ def _schedule(conn: Any, request: NewRequest, at: float, repeat: int = 1,
                            (request.dedup_key,)).fetchone()
     if row is not None and revive and row["state"] == "cancelled":
         conn.execute(
-            """UPDATE prefetch_requests SET state = 'pending', attempts = 0,
+            """UPDATE prefetch_requests SET attempts = 0,
+                   state = CASE WHEN finished_at IS NULL THEN 'running' ELSE 'pending' END,
                    times_requested = times_requested + ?, updated_at = ?,
                    scheduled_at = ?, due_at = ?, next_attempt_at = ?, last_error = NULL,
-                   started_at = NULL, finished_at = NULL,
+                   started_at = CASE WHEN finished_at IS NULL THEN started_at END,
+                   finished_at = NULL,
                    accession_number = coalesce(?, accession_number),
                    modality = coalesce(?, modality), body_part = coalesce(?, body_part)
                WHERE id = ?""",
@@ -316,10 +323,14 @@ def claim_due(db: Database, limit: int = 8) -> list[dict[str, Any]]:
 
 
 def recover(db: Database) -> int:
-    """After a restart: running requests go back to pending; fetched instances are routed."""
+    """After a restart: running requests go back to pending; fetched instances are routed;
+    no attempt of a cancelled request runs any more (nor of one cancelled before its
+    finished_at said so: an order revived then is pending, not running with no thread)."""
     with db.transaction() as conn:
         cursor = conn.execute("UPDATE prefetch_requests SET state = 'pending', updated_at = ? "
                               "WHERE state = 'running'", (now(),))
+        conn.execute("UPDATE prefetch_requests SET finished_at = coalesce(updated_at, ?) "
+                     "WHERE state = 'cancelled' AND finished_at IS NULL", (now(),))
     mark_fetched_routed(db)
     return cursor.rowcount
 
@@ -373,6 +384,7 @@ def finish(db: Database, request_id: int) -> None:
                    studies_fetched = (SELECT count(*) FROM prefetch_studies
                        WHERE request_fk = ? AND state IN ('fetched', 'on_site'))
                WHERE id = ? AND state = 'running'""", (at, at, request_id, request_id))
+        _cancelled_attempt_over(conn, request_id, at)
 
 
 def fail_attempt(db: Database, request_id: int, error: str, max_attempts: int,
@@ -383,6 +395,7 @@ def fail_attempt(db: Database, request_id: int, error: str, max_attempts: int,
         row = conn.execute("SELECT attempts, state FROM prefetch_requests WHERE id = ?",
                            (request_id,)).fetchone()
         if row is not None and row["state"] != "running":
+            _cancelled_attempt_over(conn, request_id, at)
             return str(row["state"])  # cancelled by the RIS while it ran: it stays so
         state = "failed" if row is None or row["attempts"] >= max_attempts else "pending"
         conn.execute(
@@ -396,10 +409,18 @@ def defer(db: Database, request_id: int, until: float, reason: str) -> bool:
     """Not now (outside the WAN windows, or the region unreachable): pending again, the
     attempt not counted. False when the request was cancelled while it ran (it stays so)."""
     with db.transaction() as conn:
-        return conn.execute(
+        deferred = conn.execute(
             "UPDATE prefetch_requests SET state = 'pending', attempts = max(attempts - 1, 0), "
             "next_attempt_at = ?, last_error = ?, updated_at = ? WHERE id = ? "
             "AND state = 'running'", (until, reason, now(), request_id)).rowcount > 0
+        _cancelled_attempt_over(conn, request_id, now())
+        return deferred
+
+
+def _cancelled_attempt_over(conn: Any, request_id: int, at: float) -> None:
+    """The attempt of a request cancelled while it ran has ended (see :data:`CANCEL_SET`)."""
+    conn.execute("UPDATE prefetch_requests SET finished_at = ? WHERE id = ? AND "
+                 "state = 'cancelled' AND finished_at IS NULL", (at, request_id))
 
 
 def wait_for_trust(db: Database, request_id: int, until: float, error: str) -> bool:
