@@ -155,6 +155,36 @@ def test_siu_reschedule_moves_one_request(pas_hl7: PasProcess) -> None:
     assert rows[0]["scheduled_at"] == parse_hl7_time("20991202090000")
 
 
+def test_siu_rescheduled_then_cancelled(pas_hl7: PasProcess) -> None:
+    """S12, S13 (rescheduled: the appointment's new time), S15 (cancelled): AA each, one
+    request, moved then cancelled; S17 (deleted) cancels too. S13, S15 and S17 were
+    refused AR 200 "unsupported message type": a RIS announcing appointments by SIU had
+    its reschedules and cancels rejected, and the cancelled appointment's priors fetched."""
+    def siu(event: str, control: str, appointment: str, start: str = "") -> str:
+        return "\r".join([
+            f"MSH|^~\\&|RIS|HOSP|PAS|HOSP|20261123120000||SIU^{event}|{control}|P|2.5",
+            f"SCH|{appointment}||||||||||^^^{start}",
+            "PID|1||P201^^^HOSP^MR||ROE^ANN",
+            f"AIS|1||MRBRAIN^MR brain|{start}",
+        ])
+    acks = send(pas_hl7, siu("S12", "SR1", "APPT8", "20991201080000"),
+                siu("S13", "SR2", "APPT8", "20991203100000"))
+    assert [msa(a)[:2] for a in acks] == [("AA", "SR1"), ("AA", "SR2")]
+    (row,) = [r for r in requests(pas_hl7) if r["dedup_key"] == "appointment:P201|HOSP|APPT8"]
+    from appliance.prefetch.messages import parse_hl7_time
+
+    assert (row["state"], row["times_requested"]) == ("pending", 2)
+    assert row["scheduled_at"] == parse_hl7_time("20991203100000")
+
+    acks = send(pas_hl7, siu("S15", "SR3", "APPT8"), siu("S12", "SR4", "APPT9", "20991201"),
+                siu("S17", "SR5", "APPT9"))
+    assert [msa(a)[:2] for a in acks] == [("AA", "SR3"), ("AA", "SR4"), ("AA", "SR5")]
+    states = {r["dedup_key"]: r["state"] for r in requests(pas_hl7)
+              if r["dedup_key"].startswith("appointment:P201|")}
+    assert states == {"appointment:P201|HOSP|APPT8": "cancelled",
+                      "appointment:P201|HOSP|APPT9": "cancelled"}
+
+
 def test_adt_a04_then_a08_of_one_visit_and_omi(pas_hl7: PasProcess) -> None:
     def adt(event: str, control: str) -> str:
         return "\r".join([
@@ -179,6 +209,13 @@ def test_adt_a04_then_a08_of_one_visit_and_omi(pas_hl7: PasProcess) -> None:
     assert len(order) == 1
     assert order[0]["accession_number"] == "ACC9" and order[0]["modality"] == "US"
 
+    # A11 (cancel admit / visit notification) cancels the visit's request: it was refused
+    # AR 200, and the cancelled visit's priors fetched all the same
+    (ack,) = send(pas_hl7, adt("A11", "A3"))
+    assert msa(ack)[:2] == ("AA", "A3")
+    (visit,) = [r for r in requests(pas_hl7) if r["dedup_key"] == "visit:P300|HOSP|V555"]
+    assert visit["state"] == "cancelled"
+
 
 def test_cancel_order(pas_hl7: PasProcess) -> None:
     send(pas_hl7, orm("K1", "ORD5", when="20991231120000"))
@@ -202,6 +239,32 @@ def test_order_cancelled_then_ordered_again_is_pending_again(pas_hl7: PasProcess
     assert row["scheduled_at"] == parse_hl7_time("20991230100000")
     assert row["due_at"] == pytest.approx(row["scheduled_at"] - 12 * 3600)
     assert row["next_attempt_at"] == row["due_at"]
+
+
+def test_a_changed_order_changes_its_pending_request(pas_hl7: PasProcess) -> None:
+    """NW for a CT, then XO (change order) of the same order and accession as an MR with
+    a new exam time: the pending request is the MR's (its rule chooses MR priors). Before,
+    only the time moved: the request kept CT, and the CT rule chose the priors of an exam
+    no longer ordered. The same when a cancelled order is ordered again as another exam."""
+    send(pas_hl7, orm("XO1", "ORD30", when="20991231120000"))
+    (ack,) = send(pas_hl7, orm("XO2", "ORD30", when="20991230080000", control_code="XO",
+                               modality="MR").replace("CTCHEST^CT chest", "MRKNEE^MR knee"))
+    assert msa(ack)[:2] == ("AA", "XO2")
+    (row,) = [r for r in requests(pas_hl7) if r["dedup_key"] == "order:P100|HOSP|ORD30"]
+    from appliance.prefetch.messages import parse_hl7_time
+
+    assert (row["state"], row["modality"], row["times_requested"]) == ("pending", "MR", 2)
+    assert row["scheduled_at"] == parse_hl7_time("20991230080000")
+    # a message giving no modality (a status update) keeps the one known
+    send(pas_hl7, orm("XO3", "ORD30", when="20991230080000", control_code="SC", modality=""))
+    (row,) = [r for r in requests(pas_hl7) if r["dedup_key"] == "order:P100|HOSP|ORD30"]
+    assert row["modality"] == "MR"
+
+    send(pas_hl7, orm("XO4", "ORD31", when="20991231120000"),
+         orm("XO5", "ORD31", control_code="CA"),
+         orm("XO6", "ORD31", when="20991231120000", modality="US"))
+    (row,) = [r for r in requests(pas_hl7) if r["dedup_key"] == "order:P100|HOSP|ORD31"]
+    assert (row["state"], row["modality"]) == ("pending", "US")
 
 
 @pytest.mark.parametrize("message, code, reason", [
@@ -279,3 +342,128 @@ def test_hl7_port_taken_is_reported_and_dicom_keeps_serving(
         # only fail.
         wait_for(lambda: re.search(r"stable: 1 instance\b", pas.log()), 30, what="the study routed")
         assert requests(pas) == []
+
+
+class SilentRegion:
+    """A region that accepts connections and never answers (a hung archive, a WAN that went
+    silent), until :meth:`release` closes them all: the fetch is running meanwhile."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.server.getsockname()[1])
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return  # released
+            self.held.append(conn)
+
+    def release(self) -> None:
+        self.server.close()
+        for conn in self.held:
+            conn.close()
+
+
+def test_an_order_cancelled_while_its_fetch_runs_stays_cancelled(tmp_path: Any) -> None:
+    """NW (due now), its fetch running against a region that does not answer, then CA
+    (ACKed AA), then the region's connection closes: the request is cancelled and never
+    tried again. Before, the cancel touched only a pending request: while the fetch ran it
+    changed nothing, the failed attempt made the request pending again ("waiting for the
+    link", not even counted), and the cancelled order's priors would have been fetched
+    once the link came back."""
+    region = SilentRegion()
+    pas = pas_with_hl7(tmp_path, PAS_PREFETCH__DICOMWEB_URL=(
+        f"http://127.0.0.1:{region.port}/dicom-web"))
+    try:
+        (ack,) = send(pas, orm("RC1", "ORD40"))
+        assert msa(ack)[:2] == ("AA", "RC1")
+        wait_for(lambda: region.held and requests(pas)[0]["state"] == "running", 30,
+                 what="the fetch running, its search held by the region")
+        (ack,) = send(pas, orm("RC2", "ORD40", control_code="CA"))
+        assert msa(ack)[:2] == ("AA", "RC2")
+        region.release()
+        wait_for(lambda: "prefetch 1 for P100" in pas.log(),
+                 30, what="the attempt ended")
+        (row,) = requests(pas)
+        assert (row["state"], row["last_error"]) == ("cancelled", None), row
+        assert "prefetch 1 for P100: cancelled while it ran" in pas.log()
+    finally:
+        region.release()
+        pas.stop()
+
+
+def test_an_order_cancelled_and_ordered_again_while_its_fetch_runs_is_that_fetch(
+        tmp_path: Any) -> None:
+    """NW, its fetch running (the region holds the search), CA, NW again: the request is
+    running, the attempt under way is its (one connection to the region, not two), and
+    when that attempt meets the closed link the request waits for the link as any other.
+    Revived as pending, a second attempt ran beside the first, and whichever ended second
+    logged the active order as "cancelled while it ran"."""
+    region = SilentRegion()
+    pas = pas_with_hl7(tmp_path, PAS_PREFETCH__DICOMWEB_URL=(
+        f"http://127.0.0.1:{region.port}/dicom-web"))
+    try:
+        send(pas, orm("RR1", "ORD41"))
+        wait_for(lambda: region.held and requests(pas)[0]["state"] == "running", 30,
+                 what="the fetch running, its search held by the region")
+        acks = send(pas, orm("RR2", "ORD41", control_code="CA"), orm("RR3", "ORD41"))
+        assert [msa(a)[:2] for a in acks] == [("AA", "RR2"), ("AA", "RR3")]
+        (row,) = requests(pas)
+        assert (row["state"], row["times_requested"]) == ("running", 2), row
+        region.release()
+        wait_for(lambda: "prefetch 1 for P100" in pas.log(), 30, what="the attempt ended")
+        (row,) = requests(pas)
+        assert row["state"] == "pending" and row["last_error"].startswith(
+            "waiting for the link"), row
+        assert len(region.held) == 1
+        assert "cancelled while it ran" not in pas.log()
+    finally:
+        region.release()
+        pas.stop()
+
+
+def test_pas_status_says_when_the_prefetch_waits_fails_or_is_late(tmp_path: Any) -> None:
+    """A region answering 500 (an order failed for good, max_attempts = 1), then none at
+    all (an order for an exam already past waits for the link): ``pas status`` says both,
+    and that the waiting one is late, in its text and its JSON. It said nothing of the
+    prefetch (only of a certificate refused): the region's outage and the orders given up
+    were seen only by whoever ran ``pas prefetch list``."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Refusing(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.send_error(500, "archive database offline")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    region = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=region.serve_forever, daemon=True).start()
+    pas = pas_with_hl7(tmp_path, PAS_PREFETCH__MAX_ATTEMPTS="1", PAS_PREFETCH__DICOMWEB_URL=(
+        f"http://127.0.0.1:{region.server_address[1]}/dicom-web"))
+    try:
+        send(pas, orm("ST1", "ORD50"))
+        wait_for(lambda: requests(pas)[0]["state"] == "failed", 30, what="the order failed")
+        region.shutdown()
+        region.server_close()
+        send(pas, orm("ST2", "ORD51", patient="P101", when="20200101120000"))
+        wait_for(lambda: (requests(pas)[0]["last_error"] or "").startswith(
+            "waiting for the link"), 30, what="the second order waiting for the link")
+        summary = pas.status()["prefetch"]
+        assert {key: summary[key] for key in ("pending", "running", "waiting_for_link",
+                                              "failed_24h", "late")} == {
+            "pending": 1, "running": 0, "waiting_for_link": 1, "failed_24h": 1, "late": 1}
+        assert "500" in summary["last_failure"]
+        text = " ".join(pas.cli("status").stdout.split())
+        assert "prefetch: 1 prefetch request waiting for the link since " in text
+        assert "prefetch: 1 prefetch request failed in the last 24 h (pas prefetch list " \
+               "--state failed), the last: " in text
+        assert "prefetch: 1 prefetch request late: the exam time passed, the priors not on " \
+               "site yet (1 pending, 0 running)" in text
+    finally:
+        region.server_close()
+        pas.stop()

@@ -20,6 +20,13 @@ Found in review (2026-12-04):
   it) the request was for the INS, not the hospital's IPP the region indexes.
 - a control id seen before with another order (a RIS numbering from 1 again) was taken for a
   resend: ACKed AA "already processed", the new order dropped.
+
+Found in review (2026-12-05):
+- a message with delimiters other than ``|^~\&`` (MSH ``#$*@!``) got MSA-3 and ERR appended
+  with ``|`` and ``^``: its resend's AA and every NAK had MSA-2 ``D1|duplicate message...``,
+  no control id the RIS sent.
+- the ACK of an ``8859/1`` message was encoded in 8859/1 (its MSH-6 echoing ``HÔP``) but
+  declared nothing in MSH-18, which HL7 reads as ASCII.
 """
 
 from __future__ import annotations
@@ -114,6 +121,19 @@ def test_the_declared_character_set_is_the_one_read(pas_input: PasProcess) -> No
     assert b"MSA|AE|CS2|PID-3 patient identifier 'P\xef\xbf\xbd2' holds bytes that are not " \
            b"valid in the message's character set (MSH-18 'UNICODE UTF-8')" in nak
     assert not [r for r in requests(pas_input) if r["dedup_key"].endswith("|ORDCS2")]
+
+    # the answers go back in 8859/1 and say so in their MSH-18 (HL7 reads it empty as
+    # ASCII, and the AA's MSH-6 echoes the RIS's 'HÔP' as the byte 0xD4)
+    facility = latin.replace("|RIS|HOSP|", "|RIS|HÔP|").replace("|CS1|", "|CS4|")
+    bad = orm("CS5", "ORDCS5", patient="PÉ\\5^^^HOSP", msh_tail="||||||8859/1")
+    accepted, refused = (
+        [segment.split("|") for segment in answer.decode("latin-1").split("\r")[:2]]
+        for answer in exchange(pas_input, b"".join(SB + m.encode("latin-1") + EB
+                                                   for m in (facility, bad)), answers=2))
+    assert [accepted[0][17], accepted[0][5], *accepted[1][1:3]] == \
+        ["8859/1", "HÔP", "AA", "CS4"], accepted
+    assert [refused[0][17], *refused[1][1:3]] == ["8859/1", "AE", "CS5"], refused
+    assert refused[1][3].startswith("PID-3 'PÉ\\E\\5': the escape character"), refused
 
     name_only = orm("CS3", "ORDCS3", msh_tail="||||||UNICODE UTF-8").replace("DOE", "D\xd6E")
     (ack,) = exchange(pas_input, SB + name_only.encode("latin-1") + EB)
@@ -235,3 +255,63 @@ def test_the_pid_3_repetition_of_a_mapped_issuer_is_the_patient(tmp_path: Any) -
             ("1234567890123", "ASIP-SANTE-INS-NIR")
     finally:
         pas.stop()
+
+
+def other_delimiters(control: str, order: str, *more: str, patient: str = "PD1$$$HOSP") -> str:
+    """An ORM whose MSH-1/MSH-2 are ``#`` and ``$*@!`` (component ``$``, repetition ``*``,
+    escape ``@``, subcomponent ``!``): HL7 lets a sender choose them, and the ACK must use
+    them."""
+    return "\r".join([
+        f"MSH#$*@!#RIS#HOSP#PAS#HOSP#20261205120000##ORM$O01#{control}#P#2.5",
+        f"PID#1##{patient}##DOE$JOHN",
+        f"ORC#NW#{order}###SC##$$$20991231120000",
+        f"OBR#1#{order}##CT$CT##############ACC{order}######CT", *more])
+
+
+def msa_and_err(ack: bytes) -> tuple[list[str], list[str]]:
+    """MSA and ERR of an ACK whose field separator is ``#`` (ERR empty when absent)."""
+    segments = {s.split("#", 1)[0]: s.split("#") for s in ack.decode().split("\r") if s}
+    assert segments["MSH"][1] == "$*@!", ack
+    return segments["MSA"], segments.get("ERR", [])
+
+
+def test_the_ack_is_written_in_the_message_s_own_delimiters(pas_input: PasProcess) -> None:
+    """A message with ``#`` as field separator and ``$*@!`` as encoding characters: every
+    ACK's MSA-2 is its control id and MSA-3 / ERR are written with its delimiters, the
+    reason escaped with its escape character. Before, MSA-3 and ERR were appended with
+    ``|`` and ``^``: the resend's "already processed" AA read ``MSA-2 = D1|duplicate
+    message...`` and every NAK's MSA-2 held its reason too, so the RIS could match none
+    of them to the message it sent (and resent it for ever)."""
+    first = SB + other_delimiters("D1", "ORDD1").encode() + EB
+    acks = exchange(pas_input, first + first, answers=2)
+    assert [msa_and_err(a)[0][1:] for a in acks] == [
+        ["AA", "D1"], ["AA", "D1", "duplicate message: already processed"]]
+    assert request(pas_input, "ORDD1")["times_requested"] == 1
+    assert request(pas_input, "ORDD1")["patient_id"] == "PD1"
+
+    # an unclosed escape character in PID-3: refused, the reason quoting '@' as @E@
+    (nak,) = exchange(pas_input, SB + other_delimiters(
+        "D2", "ORDD2", patient="AB@CD$$$HOSP").encode() + EB)
+    msa, err = msa_and_err(nak)
+    assert msa[1:3] == ["AE", "D2"], nak
+    assert msa[3].startswith("PID-3 'AB@E@CD': the escape character '@E@' opens a sequence "
+                             "it never closes (a literal '@E@' is written @E@E@E@)"), nak
+    assert err[3] == "102$Data type error$HL70357" and err[8] == msa[3], nak
+    assert not [r for r in requests(pas_input) if r["dedup_key"].endswith("|ORDD2")]
+
+    # a second order group with no order number: its reason holds '#', the field separator
+    (nak,) = exchange(pas_input, SB + other_delimiters(
+        "D3", "ORDD3", "ORC#NW", "OBR#1").encode() + EB)
+    msa, err = msa_and_err(nak)
+    assert msa[1:3] == ["AE", "D3"], nak
+    assert msa[3].startswith("order group 2 of 2 (ORC @F@2): no order number: "), nak
+    assert err[3] == "101$Required field missing$HL70357", nak
+
+    # refused by the listener before the message is read (FS not followed by CR)
+    (nak,) = exchange(pas_input, SB + other_delimiters("D4", "ORDD4").encode() + b"\x1cX")
+    msa, err = msa_and_err(nak)
+    assert msa[1:] == ["AR", "D4", "not MLLP-framed: the end block FS is followed by 0x58, "
+                       "not CR"], nak
+    assert err[3] == "100$Segment sequence error$HL70357", nak
+    assert not [r for r in requests(pas_input) if "|ORDD3" in r["dedup_key"]
+                or "|ORDD4" in r["dedup_key"]]

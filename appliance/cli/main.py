@@ -202,6 +202,7 @@ def status(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> No
                             f"{row['oldest_age_s']:.0f} s")
         console.print(backlog)
     _print_commitment(snapshot["commitment"])
+    _print_prefetch(snapshot.get("prefetch"))
     for refused in snapshot.get("credentials_refused") or []:
         console.print(f"[red]{refused['destination']}:[/red] "
                       f"{counted(refused['waiting'], refused['what'])} waiting for "
@@ -230,6 +231,28 @@ def _say_index_damage(settings: Settings) -> None:
     if checked is not None and checked.damaged:
         err.print(f"[red]index damaged:[/red] {checked.message()} (found "
                   f"{_when(checked.checked_at)})", highlight=False, soft_wrap=True)
+
+
+def _print_prefetch(summary: dict[str, Any] | None) -> None:
+    """The prefetch, only when something is wrong with it: requests waiting for the link,
+    failed in the last 24 h, or late (the exam time passed, the priors not on site)."""
+    if not summary:
+        return
+    if summary["waiting_for_link"]:
+        console.print(f"[yellow]prefetch:[/yellow] "
+                      f"{counted(summary['waiting_for_link'], 'prefetch request')} waiting for "
+                      f"the link since {_when(summary['waiting_since'])} (tried again every "
+                      f"prefetch.retry_after_s): {summary['link_error']}",
+                      highlight=False, soft_wrap=True)
+    if summary["failed_24h"]:
+        console.print(f"[red]prefetch:[/red] {counted(summary['failed_24h'], 'prefetch request')}"
+                      f" failed in the last 24 h (pas prefetch list --state failed), the last: "
+                      f"{summary['last_failure']}", highlight=False, soft_wrap=True)
+    if summary["late"]:
+        console.print(f"[red]prefetch:[/red] {counted(summary['late'], 'prefetch request')} "
+                      "late: the exam time passed, the priors not on site yet "
+                      f"({summary['pending']} pending, {summary['running']} running)",
+                      highlight=False, soft_wrap=True)
 
 
 def _print_commitment(reports: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ from appliance.store import cache as cache_store
 from appliance.store import commitment as commitment_store
 from appliance.store import index
 from appliance.store import jobs as job_store
+from appliance.store import ops as ops_store
 from appliance.store import prefetch as prefetch_store
 from appliance.store import uplink as uplink_store
 from appliance.store.db import Database
@@ -37,6 +38,8 @@ def collect(settings: Settings, db: Database) -> dict[str, Any]:
         # Storage Commitment reports the modalities wait for (store/commitment.py): pending
         # (count, oldest's age, per modality AE with its last error) and given up.
         "commitment": commitment_store.backlog(db),
+        # Prefetch requests pending, waiting for the link, failed in 24 h, late (store/ops.py).
+        "prefetch": ops_store.prefetch_summary(db),
         # Destinations refusing this appliance's credentials: their jobs wait, none fails.
         "credentials_refused": credentials_refused(db),
         # Per destination: "up"/"down", last successful contact, last error (store/uplink.py).

@@ -126,8 +126,11 @@ class PriorsFetcher:
                 # The region could not be reached at all: nothing to hold against this
                 # request. Counted, a WAN outage of a few minutes (max_attempts x
                 # retry_after_s) failed every order received meanwhile for good.
-                store.defer(self.db, request_id, now() + self.config.retry_after_s,
-                            f"waiting for the link: {exc}"[:500])
+                if not store.defer(self.db, request_id, now() + self.config.retry_after_s,
+                                   f"waiting for the link: {exc}"[:500]):
+                    log.info("prefetch %d for %s: cancelled while it ran (%s): not tried "
+                             "again", request_id, request["patient_id"], exc)
+                    return
                 log.warning("prefetch %d for %s: the region is unreachable, waiting for the "
                             "link (next try in %.0f s, not counted as an attempt): %s",
                             request_id, request["patient_id"], self.config.retry_after_s, exc)

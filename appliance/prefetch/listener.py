@@ -13,7 +13,7 @@ NAK naming the problem and the connection is closed (the stream cannot be resync
 start block inside a frame (the sender began again) drops the unfinished message before it.
 Every other connection is served on as before (invariant 7). Such a NAK echoes the MSH-10
 control id (in MSA-2) and the MSH fields an ACK mirrors when the message's first segment, an
-MSH, was received whole up to MSH-10 (:func:`~appliance.prefetch.messages.leading_msh`; the
+MSH, was received whole up to MSH-10 (:func:`~appliance.prefetch.acks.leading_msh`; the
 rest of the message is not parsed), so that the RIS can tell which message was refused.
 
 Bounded (invariant 8): at most ``hl7.max_connections`` connections are served, the others
@@ -35,7 +35,8 @@ from hl7.mllp import start_hl7_server
 from hl7.mllp.streams import HL7StreamReader, HL7StreamWriter
 
 from appliance.config import Hl7Section
-from appliance.prefetch.messages import HEAD_BYTES, build_ack, leading_msh, message_encoding
+from appliance.prefetch.acks import HEAD_BYTES, build_ack, leading_msh
+from appliance.prefetch.messages import message_encoding
 
 log = logging.getLogger("pas.hl7")
 

@@ -1,8 +1,9 @@
-"""HL7 v2 messages from the RIS: what they ask for, and the acknowledgement we answer.
+"""HL7 v2 messages from the RIS: what they ask for.
 
 Owns: turning an HL7 v2 message (parsed by the ``hl7`` package) into a :class:`PrefetchOrder`
-or a :class:`Refusal` that names the problem, and building ACK / NAK messages (MSA-3 and ERR
-carry the reason). May not touch: the database or the network; the listener does that.
+or a :class:`Refusal` that names the problem (the ACK / NAK answering it is built in
+:mod:`appliance.prefetch.acks`). May not touch: the database or the network; the listener
+does that.
 
 Which fields are read, and why (HL7 v2.5 positions):
 - every message: MSH-9 type, MSH-10 control id, PID-3 patient identifier (CX: ID^^^issuer;
@@ -20,8 +21,10 @@ Which fields are read, and why (HL7 v2.5 positions):
   its own, read as above from its own segments (:func:`order_groups`); one bad group refuses
   the whole message, naming the group. Read first-only, the second procedure of a CT thorax +
   CT abdomen order was never prefetched, nor could it be cancelled.
-- SIU^S12/S14: SCH-1/SCH-2 appointment ids (dedup key), SCH-11.4 or AIS-4 start time.
-- ADT^A04/A08: PV1-19 visit number (dedup key: A04 then A08 of one visit is one request).
+- SIU^S12/S13/S14: SCH-1/SCH-2 appointment ids (dedup key), SCH-11.4 or AIS-4 start time;
+  S15/S17 (cancelled, deleted) cancel that appointment's request.
+- ADT^A04/A08: PV1-19 visit number (dedup key: A04 then A08 of one visit is one request);
+  A11 (cancel admit / visit) cancels it.
 """
 
 from __future__ import annotations
@@ -34,10 +37,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import hl7
-from hl7.util import generate_message_control_id
 
-SUPPORTED = {("ORM", "O01"), ("OMI", "O23"), ("OMG", "O19"), ("SIU", "S12"), ("SIU", "S14"),
-             ("ADT", "A04"), ("ADT", "A08")}
+SUPPORTED = {("ORM", "O01"), ("OMI", "O23"), ("OMG", "O19"), ("SIU", "S12"), ("SIU", "S13"),
+             ("SIU", "S14"), ("SIU", "S15"), ("SIU", "S17"), ("ADT", "A04"), ("ADT", "A08"),
+             ("ADT", "A11")}
+# SIU events that end an appointment (cancelled, deleted); S13 (rescheduled) moves it as S14.
+# Refused (AR 200) before: a RIS's reschedules and cancels rejected, the priors fetched.
+SIU_CANCELS = {"S15", "S17"}
 # The order messages: one order per ORC group (:func:`order_groups`). OMG^O19 has OMI's
 # ORC / TQ1 / OBR order group without the IPC segment.
 ORDER_KINDS = ("ORM", "OMI", "OMG")
@@ -108,16 +114,22 @@ def message_encoding(block: bytes, default: str) -> tuple[str, str]:
     declared = fields[17].split(msh[5:6])[0].decode("ascii", "replace").strip()
     if not declared:
         return default, ""
+    codec = charset_codec(declared)
+    return (codec, "") if codec is not None else (default, declared)
+
+
+def charset_codec(declared: str) -> str | None:
+    """The codec of an MSH-18 character set, None for one not read (:func:`message_encoding`)."""
     codec = CHARSETS.get(declared.upper())
     if codec is None:
         try:
             "".encode(declared)  # a text encoding (not base64, rot13...)
             codec = codecs.lookup(declared).name
         except (LookupError, ValueError):
-            return default, declared
+            return None
         if codec.startswith(("utf-16", "utf-32")):  # MLLP bytes and the MSH are not ASCII
-            return default, declared
-    return codec, ""
+            return None
+    return codec
 
 
 def _field(message: hl7.Message, path: str) -> str:
@@ -410,7 +422,7 @@ def interpret(message: hl7.Message, issuer_default: str = "",
         for number, view in enumerate(views, 1):
             try:
                 dedup_key, accession, modality, body_part, scheduled_at, cancel = \
-                    _interpret_kind(view, kind, f"{patient_id}|{issuer}")
+                    _interpret_kind(view, kind, f"{patient_id}|{issuer}", event)
                 procedure = _procedure(view, kind) if kind in ORDER_KINDS else ("", "")
                 _refuse_undecodable(message, {
                     "accession number": accession, "modality": modality,
@@ -477,7 +489,7 @@ def _procedure(group: hl7.Message, kind: str) -> tuple[str, str]:
     return accession, requested
 
 
-def _interpret_kind(message: hl7.Message, kind: str, patient: str
+def _interpret_kind(message: hl7.Message, kind: str, patient: str, event: str = ""
                     ) -> tuple[str, str, str, str, float | None, bool]:
     if kind in ORDER_KINDS:
         placer = _field(message, "ORC.F2.R1.C1")
@@ -506,95 +518,10 @@ def _interpret_kind(message: hl7.Message, kind: str, patient: str
         modality = _field(message, "OBR.F24")
         accession = _field(message, "OBR.F18")
         return (f"appointment:{patient}|{appointment}", accession, modality, "", scheduled,
-                False)
-    # ADT^A04 / A08: a registered outpatient; one request per visit.
+                event in SIU_CANCELS)
+    # ADT^A04 / A08: a registered outpatient; one request per visit, which A11 (cancel
+    # admit / visit notification) cancels.
     visit = _field(message, "PV1.F19.R1.C1") or _field(message, "PV1.F44")[:8] \
         or dt.date.today().strftime("%Y%m%d")
     scheduled = _time(message, "PV1.F44")
-    return f"visit:{patient}|{visit}", "", "", "", scheduled, False
-
-
-def build_ack(message: hl7.Message | None, ack_code: str = "AA", text: str = "",
-              error_code: str = "", control_id: str = "", application: str = "PAS") -> str:
-    """An ACK (AA) or NAK (AE/AR) with the reason in MSA-3 and an ERR segment.
-
-    Built by hand when the incoming message could not even be parsed (no MSH to echo).
-    MSH-7 is local time with its offset (v2.5 DTM ``...SS+ZZZZ``): ``hl7``'s ``create_ack``
-    wrote UTC with no offset, which HL7 reads as the sender's local time (an hour or two off
-    in Europe)."""
-    stamp = dt.datetime.now().astimezone().strftime("%Y%m%d%H%M%S%z")
-    own_id = generate_message_control_id()
-    clean = _escape(text)
-    ack = None
-    if message is not None:
-        try:
-            ack = message.create_ack(ack_code, message_id=own_id, application=application)
-            ack.segment("MSH").assign_field(stamp, 7)
-        except Exception:  # found by fuzzing: a malformed MSH makes hl7's create_ack raise
-            ack = None
-            control_id = control_id or _field_or_empty(message, "MSH.F10")
-    if ack is not None:
-        result = str(ack).rstrip("\r")
-        if text:
-            result += f"|{clean}"  # MSA-3 text message
-    else:
-        result = (f"MSH|^~\\&|{application}||||{stamp}||ACK|{own_id}|P|2.5\r"
-                  f"MSA|{ack_code}|{_escape(control_id)}|{clean}")
-    if ack_code != "AA":
-        severity = "E"
-        result += f"\rERR||||{severity}" if not error_code else \
-            f"\rERR|||{error_code}^{_error_name(error_code)}^HL70357|{severity}||||{clean}"
-    return result
-
-
-# How much of a message that will not be read whole is searched for its MSH: a real MSH
-# is a few hundred bytes; MSH-10 further than this is not echoed.
-HEAD_BYTES = 4096
-
-
-def leading_msh(head: bytes, default: str) -> tuple[hl7.Message | None, str]:
-    """The MSH that begins ``head`` (the first bytes of a message refused before it is read:
-    too large, unfinished, badly framed), parsed alone, and the codec to answer in
-    (:func:`message_encoding`, ``default`` when MSH-18 is not there).
-
-    None when ``head`` does not begin with an MSH holding all of MSH-10: a control id cut
-    short would match another message of the RIS. Such NAKs had an empty MSA-2, which the
-    RIS cannot match to the message it sent."""
-    line = head[:HEAD_BYTES].lstrip(b"\r\n")
-    whole = False
-    for end in (b"\r", b"\n"):
-        if end in line:
-            line, whole = line.split(end, 1)[0], True
-    if len(line) < 8 or not line.startswith(b"MSH"):
-        return None, default
-    fields = line.split(line[3:4])
-    if not whole:
-        fields = fields[:-1]  # the last field may go on past what was received
-    if len(fields) < 10:  # MSH-10 is fields[9]: MSH-1 is the separator itself
-        return None, default
-    fields += [b""] * (12 - len(fields))  # hl7's create_ack needs MSH-11 and MSH-12
-    line = line[3:4].join(fields)
-    codec = message_encoding(line, default)[0]
-    try:
-        return hl7.parse(line.decode(codec, "replace")), codec
-    except Exception:  # the hl7 package raises several types on broken input
-        return None, default
-
-
-def _field_or_empty(message: hl7.Message, path: str) -> str:
-    try:
-        return _field(message, path)
-    except Exception:  # the same malformed message may break the field accessor too
-        return ""
-
-
-def _error_name(code: str) -> str:
-    return {"100": "Segment sequence error", "101": "Required field missing",
-            "102": "Data type error", "200": "Unsupported message type",
-            "207": "Application internal error"}.get(code, "Error")
-
-
-def _escape(text: str) -> str:
-    """HL7 escape sequences for the delimiters, so that a reason never breaks the ACK."""
-    return (text.replace("\\", "\\E\\").replace("|", "\\F\\").replace("^", "\\S\\")
-            .replace("&", "\\T\\").replace("~", "\\R\\").replace("\r", " ").replace("\n", " "))
+    return f"visit:{patient}|{visit}", "", "", "", scheduled, event == "A11"

@@ -14,10 +14,10 @@ import logging
 from collections.abc import Callable, Collection
 from typing import Any
 
+from appliance.prefetch.acks import build_ack
 from appliance.prefetch.messages import (
     PrefetchOrder,
     Refusal,
-    build_ack,
     interpret,
     parse_message,
 )

@@ -142,3 +142,42 @@ def prefetch_lead_times(db: Database, since: float) -> list[float] | None:
     except sqlite3.OperationalError:
         return None
     return [float(r["lead"]) for r in rows]
+
+
+def prefetch_summary(db: Database, day_s: float = 86400.0) -> dict[str, Any] | None:
+    """What ``pas status`` says of the prefetch (None when its tables are absent): requests
+    pending and running, those waiting for the link (the region unreachable: tried again
+    for as long as the outage lasts, never failed), those failed for good in the last
+    ``day_s`` with the newest one's error, and those still not fetched whose exam time has
+    passed (late). ``pas status`` said nothing of the prefetch but a certificate refused:
+    an outage of the region or requests given up were seen only by ``pas prefetch list``."""
+    at = now()
+    try:
+        row = db.query_one(
+            """SELECT count(*) FILTER (WHERE state = 'pending') AS pending,
+                      count(*) FILTER (WHERE state = 'running') AS running,
+                      count(*) FILTER (WHERE state = 'pending'
+                                       AND last_error LIKE 'waiting for the link:%')
+                          AS waiting_for_link,
+                      min(created_at) FILTER (WHERE state = 'pending'
+                                              AND last_error LIKE 'waiting for the link:%')
+                          AS waiting_since,
+                      count(*) FILTER (WHERE state = 'failed' AND finished_at >= ?)
+                          AS failed_24h,
+                      count(*) FILTER (WHERE state IN ('pending', 'running')
+                                       AND scheduled_at IS NOT NULL AND scheduled_at < ?)
+                          AS late
+               FROM prefetch_requests""", (at - day_s, at))
+        failed = db.query_one(
+            "SELECT last_error FROM prefetch_requests WHERE state = 'failed' AND "
+            "finished_at >= ? ORDER BY finished_at DESC LIMIT 1", (at - day_s,))
+        link = db.query_one(
+            "SELECT last_error FROM prefetch_requests WHERE state = 'pending' AND last_error "
+            "LIKE 'waiting for the link:%' ORDER BY updated_at DESC LIMIT 1")
+    except sqlite3.OperationalError:
+        return None
+    summary = dict(row) if row is not None else {}
+    summary["last_failure"] = failed["last_error"] if failed is not None else None
+    summary["link_error"] = link["last_error"].removeprefix("waiting for the link: ") \
+        if link is not None else None
+    return summary

@@ -25,6 +25,15 @@ from appliance.store.jobs import WAITING_FOR_TRUST
 
 # Instances the prefetch stored carry this in instances.source_address.
 REGION_SOURCE = "region:prefetch"
+# The states a cancel from the RIS ends. A running request too: cancelling only pending
+# ones lost a cancel that came while the fetch ran (its failed attempt made it pending
+# again, retried until the link came back). The end of such an attempt (finish, defer,
+# fail_attempt) changes only a request still running, so the cancel stays. A cancelled
+# request's finished_at stays NULL while that attempt runs (set when it ends): an order
+# revived meanwhile is that attempt's again ('running'), not a second one run beside it.
+CANCELLABLE = "('pending', 'running')"
+CANCEL_SET = ("state = 'cancelled', updated_at = ?, "
+              "finished_at = CASE WHEN state = 'running' THEN NULL ELSE ? END")
 
 
 @dataclass(frozen=True)
@@ -135,13 +144,14 @@ def record_message(db: Database, message_key: str, message_type: str, ack_code: 
                 scheduled.append(_schedule(conn, action, at, revive=True))
             elif action.procedure is None:
                 conn.execute(
-                    "UPDATE prefetch_requests SET state = 'cancelled', updated_at = ? "
-                    "WHERE dedup_key = ? AND state = 'pending'", (at, action.dedup_key))
+                    f"UPDATE prefetch_requests SET {CANCEL_SET} "
+                    f"WHERE dedup_key = ? AND state IN {CANCELLABLE}",
+                    (at, at, action.dedup_key))
             else:
                 conn.executemany(
-                    "UPDATE prefetch_requests SET state = 'cancelled', updated_at = ? "
-                    "WHERE id = ? AND state = 'pending'",
-                    [(at, row["id"]) for row in _order_rows(conn, action.dedup_key)
+                    f"UPDATE prefetch_requests SET {CANCEL_SET} "
+                    f"WHERE id = ? AND state IN {CANCELLABLE}",
+                    [(at, at, row["id"]) for row in _order_rows(conn, action.dedup_key)
                      if procedures_compatible(_stored(row), action.procedure)])
         if scheduled:  # the message's first request (a message of several names them all)
             conn.execute("UPDATE prefetch_messages SET request_fk = ? WHERE message_key = ?",
@@ -188,15 +198,23 @@ def _schedule(conn: Any, request: NewRequest, at: float, repeat: int = 1,
                            (request.dedup_key,)).fetchone()
     if row is not None and revive and row["state"] == "cancelled":
         conn.execute(
-            """UPDATE prefetch_requests SET state = 'pending', attempts = 0,
+            """UPDATE prefetch_requests SET attempts = 0,
+                   state = CASE WHEN finished_at IS NULL THEN 'running' ELSE 'pending' END,
                    times_requested = times_requested + ?, updated_at = ?,
                    scheduled_at = ?, due_at = ?, next_attempt_at = ?, last_error = NULL,
-                   started_at = NULL, finished_at = NULL
+                   started_at = CASE WHEN finished_at IS NULL THEN started_at END,
+                   finished_at = NULL,
+                   accession_number = coalesce(?, accession_number),
+                   modality = coalesce(?, modality), body_part = coalesce(?, body_part)
                WHERE id = ?""",
-            (repeat, at, request.scheduled_at, due, due, row["id"]))
+            (repeat, at, request.scheduled_at, due, due, request.accession_number,
+             request.modality, request.body_part, row["id"]))
         return Scheduled(int(row["id"]), created=False)
     if row is not None:
-        # The same order again: count it; a new appointment time moves a pending request.
+        # The same order again: count it; a new appointment time moves a pending request,
+        # and what the order now asks for (an XO from CT to MR) is what its rule will read:
+        # only the time moved before, and the CT rule chose priors for an MR. A part the
+        # message does not give (a status update naming no modality) keeps the one known.
         conn.execute(
             """UPDATE prefetch_requests SET times_requested = times_requested + ?,
                    updated_at = ?,
@@ -204,9 +222,16 @@ def _schedule(conn: Any, request: NewRequest, at: float, repeat: int = 1,
                                        ELSE scheduled_at END,
                    due_at = CASE WHEN state = 'pending' THEN ? ELSE due_at END,
                    next_attempt_at = CASE WHEN state = 'pending' AND attempts = 0 THEN ?
-                                          ELSE next_attempt_at END
+                                          ELSE next_attempt_at END,
+                   accession_number = CASE WHEN state = 'pending'
+                       THEN coalesce(?, accession_number) ELSE accession_number END,
+                   modality = CASE WHEN state = 'pending' THEN coalesce(?, modality)
+                                   ELSE modality END,
+                   body_part = CASE WHEN state = 'pending' THEN coalesce(?, body_part)
+                                    ELSE body_part END
                WHERE id = ?""",
-            (repeat, at, request.scheduled_at, due, due, row["id"]))
+            (repeat, at, request.scheduled_at, due, due, request.accession_number,
+             request.modality, request.body_part, row["id"]))
         return Scheduled(int(row["id"]), created=False)
     order_key = procedure_key = None
     dedup_key = request.dedup_key
@@ -298,10 +323,14 @@ def claim_due(db: Database, limit: int = 8) -> list[dict[str, Any]]:
 
 
 def recover(db: Database) -> int:
-    """After a restart: running requests go back to pending; fetched instances are routed."""
+    """After a restart: running requests go back to pending; fetched instances are routed;
+    no attempt of a cancelled request runs any more (nor of one cancelled before its
+    finished_at said so: an order revived then is pending, not running with no thread)."""
     with db.transaction() as conn:
         cursor = conn.execute("UPDATE prefetch_requests SET state = 'pending', updated_at = ? "
                               "WHERE state = 'running'", (now(),))
+        conn.execute("UPDATE prefetch_requests SET finished_at = coalesce(updated_at, ?) "
+                     "WHERE state = 'cancelled' AND finished_at IS NULL", (now(),))
     mark_fetched_routed(db)
     return cursor.rowcount
 
@@ -354,7 +383,8 @@ def finish(db: Database, request_id: int) -> None:
                    last_error = NULL,
                    studies_fetched = (SELECT count(*) FROM prefetch_studies
                        WHERE request_fk = ? AND state IN ('fetched', 'on_site'))
-               WHERE id = ?""", (at, at, request_id, request_id))
+               WHERE id = ? AND state = 'running'""", (at, at, request_id, request_id))
+        _cancelled_attempt_over(conn, request_id, at)
 
 
 def fail_attempt(db: Database, request_id: int, error: str, max_attempts: int,
@@ -362,8 +392,11 @@ def fail_attempt(db: Database, request_id: int, error: str, max_attempts: int,
     """Back to pending with ``retry_at``, or failed once ``max_attempts`` are spent."""
     at = now()
     with db.transaction() as conn:
-        row = conn.execute("SELECT attempts FROM prefetch_requests WHERE id = ?",
+        row = conn.execute("SELECT attempts, state FROM prefetch_requests WHERE id = ?",
                            (request_id,)).fetchone()
+        if row is not None and row["state"] != "running":
+            _cancelled_attempt_over(conn, request_id, at)
+            return str(row["state"])  # cancelled by the RIS while it ran: it stays so
         state = "failed" if row is None or row["attempts"] >= max_attempts else "pending"
         conn.execute(
             "UPDATE prefetch_requests SET state = ?, last_error = ?, next_attempt_at = ?, "
@@ -372,21 +405,29 @@ def fail_attempt(db: Database, request_id: int, error: str, max_attempts: int,
     return state
 
 
-def defer(db: Database, request_id: int, until: float, reason: str) -> None:
+def defer(db: Database, request_id: int, until: float, reason: str) -> bool:
     """Not now (outside the WAN windows, or the region unreachable): pending again, the
-    attempt not counted."""
+    attempt not counted. False when the request was cancelled while it ran (it stays so)."""
     with db.transaction() as conn:
-        conn.execute(
+        deferred = conn.execute(
             "UPDATE prefetch_requests SET state = 'pending', attempts = max(attempts - 1, 0), "
-            "next_attempt_at = ?, last_error = ?, updated_at = ? WHERE id = ?",
-            (until, reason, now(), request_id))
+            "next_attempt_at = ?, last_error = ?, updated_at = ? WHERE id = ? "
+            "AND state = 'running'", (until, reason, now(), request_id)).rowcount > 0
+        _cancelled_attempt_over(conn, request_id, now())
+        return deferred
 
 
-def wait_for_trust(db: Database, request_id: int, until: float, error: str) -> None:
+def _cancelled_attempt_over(conn: Any, request_id: int, at: float) -> None:
+    """The attempt of a request cancelled while it ran has ended (see :data:`CANCEL_SET`)."""
+    conn.execute("UPDATE prefetch_requests SET finished_at = ? WHERE id = ? AND "
+                 "state = 'cancelled' AND finished_at IS NULL", (at, request_id))
+
+
+def wait_for_trust(db: Database, request_id: int, until: float, error: str) -> bool:
     """As :func:`defer`, for a request the region's hub refused the credentials of: its
     ``last_error`` starts with :data:`~appliance.store.jobs.WAITING_FOR_TRUST`, as a job's
     does, so that :func:`waiting_for_credentials` and the start-up find it."""
-    defer(db, request_id, until, (WAITING_FOR_TRUST + error)[:500])
+    return defer(db, request_id, until, (WAITING_FOR_TRUST + error)[:500])
 
 
 def wake_waiting_for_trust(db: Database) -> int:

@@ -98,9 +98,9 @@ def bucket_target() -> Callable[[bytes], None]:
 
 def hl7_target() -> Callable[[bytes], None]:
     with atheris.instrument_imports(include=["appliance", "hl7"]):
+        from appliance.prefetch.acks import build_ack
         from appliance.prefetch.messages import (
             Refusal,
-            build_ack,
             interpret,
             message_encoding,
             parse_message,

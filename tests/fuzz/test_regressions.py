@@ -48,7 +48,8 @@ def test_toml_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_ack_for_a_message_with_a_malformed_msh9_is_built(tmp_path: Path) -> None:
-    from appliance.prefetch.messages import build_ack, parse_message
+    from appliance.prefetch.acks import build_ack
+    from appliance.prefetch.messages import parse_message
 
     text = ("MSH|^~\\&|RIS|HOSP|PAS|HOPS|202MSH|^~\\&|RIS|60101120000||ORM^O01|MSHOSP|PAS|HOSP|"
             "20260101120000||SIU^S12|MSG0002|P|2.5\rSCH|APPT1\rPID|1||PAT002^^^HOSP||ROE^")
