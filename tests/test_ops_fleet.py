@@ -184,6 +184,29 @@ def test_heartbeat_is_idempotent_and_sortable(fleet: dict[str, Any]) -> None:
      "last_backup_at: must be a number"),
     (json.dumps(_beat(site="SITE-A")).encode(), 403, "certificate is for site 'SITE-B'"),
     (b"{" + b" " * 70000 + b"}", 413, "over 65536 bytes"),
+    # Python's json reads NaN and Infinity (and 1e999 as infinity); stored, they made the
+    # site's row JSON SQLite cannot read: the whole dashboard and /metrics failed.
+    (json.dumps(_beat(disk={"used_percent": float("nan")})).encode(), 422,
+     "NaN is not a number"),
+    (json.dumps(_beat(backlog={"studies": 1, "bytes": 1, "oldest_age_s": float("inf"),
+                               "urgent_oldest_age_s": 0})).encode(), 422,
+     "Infinity is not a number"),
+    (json.dumps(_beat()).replace('"oldest_age_s": 600.0', '"oldest_age_s": 1e999').encode(),
+     422, "1e999 is not a finite number"),
+    (json.dumps(_beat(extra={"later": float("-inf")})).encode(), 422,
+     "-Infinity is not a number"),
+    (json.dumps(_beat(backlog={"studies": 10**30, "bytes": 1, "oldest_age_s": 1,
+                               "urgent_oldest_age_s": 0})).encode(), 422,
+     "backlog.studies: must be at most"),
+    (json.dumps(_beat(backlog={"studies": 1, "bytes": 1, "oldest_age_s": 1,
+                               "urgent_oldest_age_s": 0, "routine_oldest_age_s": "soon"})
+                ).encode(), 422, "backlog.routine_oldest_age_s: must be a number"),
+    (json.dumps(_beat(version="1." + "9" * 200)).encode(), 422,
+     "version: at most 64 printable characters"),
+    (json.dumps(_beat(version="1.0\n# HELP fake")).encode(), 422,
+     "version: at most 64 printable characters"),
+    (json.dumps(_beat(errors=["refused"] * 1000)).encode(), 422, "errors: at most 20"),
+    (json.dumps(_beat(errors=["x" * 5000])).encode(), 422, "errors[0]: at most 2000"),
 ])
 def test_bad_heartbeat_refused_nothing_changed(fleet: dict[str, Any], body: bytes, status: int,
                                                words: str) -> None:
@@ -198,6 +221,35 @@ def test_bad_heartbeat_refused_nothing_changed(fleet: dict[str, Any], body: byte
     assert fleet_store.heartbeat_count(db, "SITE-B") == count
     assert fleet_store.site_status(db, "SITE-B") == before
     assert fleet["viewer"].get("/fleet").status_code == 200
+
+
+def test_a_sites_non_numbers_leave_the_fleet_view_up(fleet: dict[str, Any]) -> None:
+    """One site's heartbeat with NaN (Python's json writes it for a float nan, and reads it)
+    made the hub's /fleet answer 500 and /metrics drop the connection, for every site: the
+    stored row was JSON SQLite's json_extract refuses. Refused now; the view stays up."""
+    db = _hub_db(fleet["hub"])
+    count = fleet_store.heartbeat_count(db, "SITE-B")
+    answers = []
+    with client(fleet["site_b"]) as http:
+        for beat in (_beat(disk={"used_percent": float("nan"), "free_bytes": 1}),
+                     _beat(backlog={"studies": 1, "bytes": 1, "oldest_age_s": 1,
+                                    "urgent_oldest_age_s": 0,
+                                    "routine_oldest_age_s": float("inf")}),
+                     _beat(uptime_s=float("nan"))):
+            answers.append(http.post("/api/v1/heartbeat", content=json.dumps(beat).encode(),
+                                     headers={"content-type": "application/json"}))
+    viewer: httpx.Client = fleet["viewer"]
+    for params in ({}, {"state": "problems"}, {"sort": "backlog_oldest_s"}):
+        page = viewer.get("/fleet", params=params)
+        assert page.status_code == 200, page.text
+        assert 'data-site="SITE-B"' in page.text
+    assert viewer.get("/fleet/sites/SITE-B").status_code == 200
+    scrape = viewer.get("/metrics")
+    assert scrape.status_code == 200
+    assert metric(scrape.text, "pas_fleet_site_up", site="SITE-A") == 1
+    assert metric(scrape.text, "pas_fleet_sites") == 2
+    assert [a.status_code for a in answers] == [422, 422, 422], [a.text for a in answers]
+    assert fleet_store.heartbeat_count(db, "SITE-B") == count
 
 
 def test_heartbeat_without_client_certificate_is_refused(fleet: dict[str, Any]) -> None:

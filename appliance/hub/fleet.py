@@ -20,6 +20,8 @@ a new or upgraded hub) and ``pas_hub_last_backup_timestamp_seconds`` for ``PasHu
 from __future__ import annotations
 
 import html
+import json
+import math
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -47,6 +49,15 @@ if TYPE_CHECKING:
 SILENT_AFTER_S = 300.0  # a site is "down" when no heartbeat arrived for 5 minutes
 MAX_HEARTBEAT_BYTES = 64 * 1024
 MAX_FUTURE_S = 86400.0
+# Beyond any real count, byte total or age, and exact as a float; SQLite's INTEGER stops at
+# 2**63, and a larger number was an OverflowError (500) at the insert.
+MAX_NUMBER = float(2**53)
+# What a site's strings may be: the version is a label of pas_fleet_site_info and a dashboard
+# cell; an appliance sends at most 6 errors (ops/heartbeat.MAX_ERRORS + 1) of a few hundred
+# characters. Past these the heartbeat is refused, not cut, so the site hears what is wrong.
+MAX_VERSION_CHARS = 64
+MAX_ERRORS = 20
+MAX_ERROR_CHARS = 2000
 SORT_KEYS = ("site", "state", "last_seen_at", "backlog_studies", "backlog_oldest_s",
              "disk_used_percent", "version", "cert_days_left", "failed_jobs", "backup_age_s")
 
@@ -58,13 +69,54 @@ class HeartbeatError(ValueError):
 def _number(value: Any, path: str, minimum: float = 0.0) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise HeartbeatError(f"{path}: must be a number, got {value!r}")
+    if not math.isfinite(value):  # a dict built in Python, not read by parse_heartbeat
+        raise HeartbeatError(f"{path}: must be a finite number, got {value!r}")
     if value < minimum:
         raise HeartbeatError(f"{path}: must be >= {minimum}, got {value!r}")
+    if value > MAX_NUMBER:
+        raise HeartbeatError(f"{path}: must be at most {MAX_NUMBER:.0f}, got {value!r}")
     return float(value)
 
 
+def _not_a_number(word: str) -> float:
+    raise HeartbeatError(f"{word} is not a number (JSON has no NaN or Infinity)")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise HeartbeatError(f"{text} is not a finite number")
+    return value
+
+
+def parse_heartbeat(body: bytes) -> dict[str, Any]:
+    """The heartbeat read from its body and checked (:func:`validate_heartbeat`).
+
+    Why not plain ``json.loads``: it reads ``NaN``, ``Infinity`` and ``1e999`` (as infinity)
+    anywhere in the document, keys the hub does not check included, and the whole heartbeat
+    is stored as JSON (``fleet_sites.status``, written back by ``json.dumps`` with those
+    words): SQLite's ``json_extract`` then refuses the row ("malformed JSON") and every read
+    of the fleet (``/fleet``, ``/metrics``) failed, for every site, until the next good
+    heartbeat of that one. Raises :class:`HeartbeatError` (a ``ValueError``), or
+    ``ValueError``/``RecursionError`` for a body that is not JSON."""
+    return validate_heartbeat(json.loads(body, parse_constant=_not_a_number,
+                                         parse_float=_finite))
+
+
+def _text(value: Any, path: str, limit: int) -> str:
+    """A printable string of at most ``limit`` characters (no newline or control character:
+    a label in the hub's ``/metrics``, text on its pages)."""
+    if not isinstance(value, str) or not value or len(value) > limit or not value.isprintable():
+        shown = repr(value) if len(repr(value)) <= 80 else f"{repr(value)[:80]}... " \
+            f"({len(value) if isinstance(value, str) else '?'} characters)"
+        raise HeartbeatError(f"{path}: at most {limit} printable characters, got {shown}")
+    return value
+
+
 def validate_heartbeat(beat: Any) -> dict[str, Any]:
-    """Check the shape :func:`appliance.ops.heartbeat.build_heartbeat` produces."""
+    """Check the shape :func:`appliance.ops.heartbeat.build_heartbeat` produces, and that
+    nothing in it is out of bounds (a number too large for the store, a string too long for
+    a label or a page)."""
     if not isinstance(beat, dict):
         raise HeartbeatError("body must be a JSON object")
     sent_at = _number(beat.get("sent_at"), "sent_at", 1.0)
@@ -75,6 +127,7 @@ def validate_heartbeat(beat: Any) -> dict[str, Any]:
                              "clock (fix the appliance's clock: pas doctor)")
     if not isinstance(beat.get("version"), str) or not beat["version"]:
         raise HeartbeatError(f"version: must be a non-empty string, got {beat.get('version')!r}")
+    _text(beat["version"], "version", MAX_VERSION_CHARS)
     for section, keys in (("backlog", ("studies", "bytes", "oldest_age_s",
                                        "urgent_oldest_age_s")),
                           ("jobs", ("failed",)), ("disk", ("used_percent",)),
@@ -84,6 +137,8 @@ def validate_heartbeat(beat: Any) -> dict[str, Any]:
             raise HeartbeatError(f"{section}: must be an object")
         for key in keys:
             _number(part.get(key), f"{section}.{key}")
+    if beat["backlog"].get("routine_oldest_age_s") is not None:  # optional: older appliances
+        _number(beat["backlog"]["routine_oldest_age_s"], "backlog.routine_oldest_age_s")
     if beat["disk"]["used_percent"] > 100:
         raise HeartbeatError("disk.used_percent: must be <= 100, got "
                              f"{beat['disk']['used_percent']}")
@@ -94,6 +149,12 @@ def validate_heartbeat(beat: Any) -> dict[str, Any]:
     errors = beat.get("errors", [])
     if not isinstance(errors, list) or not all(isinstance(e, str) for e in errors):
         raise HeartbeatError("errors: must be a list of strings")
+    if len(errors) > MAX_ERRORS:
+        raise HeartbeatError(f"errors: at most {MAX_ERRORS}, got {len(errors)}")
+    for number, error in enumerate(errors):
+        if len(error) > MAX_ERROR_CHARS:
+            raise HeartbeatError(f"errors[{number}]: at most {MAX_ERROR_CHARS} characters, "
+                                 f"got {len(error)}")
     return beat
 
 
@@ -399,9 +460,7 @@ def fleet_routes(hub: Hub) -> list[BaseRoute]:
         except BodyTooLarge as exc:
             return exc.response
         try:
-            import json
-
-            beat = validate_heartbeat(json.loads(body))
+            beat = parse_heartbeat(body)
         except (ValueError, RecursionError) as exc:  # JSONDecodeError, HeartbeatError, too deep
             return problem(422, "bad_heartbeat", str(exc))
         if beat.get("site") not in (None, site):

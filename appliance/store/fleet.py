@@ -41,7 +41,10 @@ def record_heartbeat(db: Database, site: str, beat: dict[str, Any]) -> bool:
         values = (site, at, at, sent_at, beat["version"], backlog["studies"],
                   backlog["oldest_age_s"], backlog["urgent_oldest_age_s"],
                   beat["disk"]["used_percent"], beat.get("cert_days_left"),
-                  beat["jobs"]["failed"], json.dumps(beat.get("errors", [])), json.dumps(beat))
+                  beat["jobs"]["failed"], json.dumps(beat.get("errors", [])),
+                  # No NaN or Infinity: SQLite's json_extract refuses such a row, and every
+                  # read of the fleet with it (hub/fleet.parse_heartbeat refuses them first).
+                  json.dumps(beat, allow_nan=False))
         conn.execute(
             """INSERT INTO fleet_sites (site, first_seen_at, last_seen_at, last_sent_at, version,
                    backlog_studies, backlog_oldest_s, urgent_oldest_s, disk_used_percent,
