@@ -438,6 +438,41 @@ def test_each_sites_last_backup_on_the_dashboard_and_in_metrics(fleet: dict[str,
     assert metric(scrape, "pas_fleet_site_backup_age_seconds", site="SITE-B") is None
 
 
+def _received_total(text: str, name: str) -> float:
+    """The sum of a per-calling-AE counter over every AE."""
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples if sample.name == name)
+
+
+def test_received_figures_keep_counting_after_eviction(fleet: dict[str, Any]) -> None:
+    """The heartbeat's ``received`` is what the site received (the hub's page: "N instances
+    received", and its throughput chart from the deltas), as ``pas_received_*_total``: a
+    purge of the confirmed study must not take it back. It sent the cache's content
+    (instance_totals), which eviction lowers: 0 instances received after the purge."""
+    import pydicom
+
+    pas: PasProcess = fleet["pas"]
+    db = _hub_db(fleet["hub"])
+    study = str(pydicom.dcmread(FILES[0], stop_before_pixels=True).StudyInstanceUID)
+    wait_for(lambda: (fleet_store.site_status(db, "SITE-A") or {}).get("confirmed_instances")
+             == len(FILES), 90, what="the study confirmed in a heartbeat")
+    sent_bytes = pas.status()["bytes"]  # as filed (the files' meta written by PAS)
+    pas.cli("cache", "purge", study)  # confirmed: evictable without --force
+    assert pas.status()["files"] == 0
+    scrape = httpx.get(f"http://127.0.0.1:{pas.http_port}/metrics", timeout=10).text
+    assert _received_total(scrape, "pas_received_instances_total") == len(FILES)
+    assert _received_total(scrape, "pas_received_bytes_total") == sent_bytes
+    purged_at = time.time()
+    wait_for(lambda: (fleet_store.site_status(db, "SITE-A") or {}).get("sent_at", 0)
+             > purged_at + 1, 20, what="a heartbeat sent after the purge")
+    status = fleet_store.site_status(db, "SITE-A")
+    assert status is not None
+    assert status["received"] == {"instances": len(FILES), "bytes": sent_bytes}
+    assert status["confirmed_instances"] == 0  # the cache's figure: nothing left to confirm
+    page = fleet["viewer"].get("/fleet/sites/SITE-A").text
+    assert f"{len(FILES)} instances received" in page
+
+
 def test_link_goes_down_when_the_hub_stops(fleet: dict[str, Any]) -> None:
     pas: PasProcess = fleet["pas"]
     fleet["hub"].kill()  # the hub vanishes (power cut, WAN cut): no goodbye

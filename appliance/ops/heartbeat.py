@@ -125,7 +125,10 @@ def _from_store(settings: Settings, db: Database, errors: list[str]) -> dict[str
         "jobs": {state: snapshot["jobs"].get(state, 0)
                  for state in ("pending", "running", "failed")},
         "disk": {"used_percent": disk["used_percent"], "free_bytes": disk["free_bytes"]},
-        "received": {"instances": snapshot["files"], "bytes": snapshot["bytes"]},
+        # What the site received since its index was created (pas_received_*_total): the
+        # hub's "N instances received" and its throughput chart, from the deltas. It was the
+        # cache's content (files, bytes), which eviction lowers: 0 received after a purge.
+        "received": ops_store.received_totals(db),
         "confirmed_instances": snapshot["confirmed_instances"],
         # When the newest pas backup was written (None: never; ops/backup.py): the fleet
         # dashboard warns past two days. Optional in the format: the hub reads it only when
