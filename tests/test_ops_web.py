@@ -60,7 +60,9 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     with contextlib.ExitStack() as stack:  # a step that raises stops those started
         scp, refusing = refusing_node(stack, root)
         pas = started(stack, PasProcess(root / "pas", {
-            "PAS_DICOM__ACCEPT_UNKNOWN": "true", **failing_destination(scp)}))
+            "PAS_DICOM__ACCEPT_UNKNOWN": "true",
+            # Named: an unknown title is counted under calling_ae="other" (metrics.OTHER_AE).
+            "PAS_DICOM__KNOWN_AES": '[{title = "MODALITY1"}]', **failing_destination(scp)}))
         storescu(FILES, pas.port, calling="MODALITY1")
         base = f"http://127.0.0.1:{pas.http_port}"
         wait_for(lambda: pas.status()["jobs"].get("failed") == 1, 60, what="the job to fail")
@@ -177,3 +179,25 @@ def test_browser_runs_no_script_a_modality_sends(site: dict[str, Any], tmp_path:
         assert not row.find_elements(By.CSS_SELECTOR, "img, script, b")
     finally:
         driver.quit()
+
+
+def test_calling_ae_label_is_bounded_by_the_configuration(pas_factory: Any) -> None:
+    """With ``dicom.accept_unknown``, any sender chooses its calling AE: each title it made
+    up was a new ``calling_ae`` series of ``pas_received_*_total`` for ever (the counters are
+    durable), the unbounded label Prometheus warns against. The titles of ``dicom.known_aes``
+    keep their own series; every other title is counted under ``other``, totals unchanged."""
+    pas = pas_factory({"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                       "PAS_DICOM__KNOWN_AES": '[{title = "CT01"}]'})
+    storescu(FILES[:2], pas.port, calling="CT01")
+    for number, path in enumerate(FILES[2:]):
+        storescu([path], pas.port, calling=f"MADEUP{number:02d}")
+    assert pas.status()["files"] == len(FILES)
+    text = httpx.get(f"http://127.0.0.1:{pas.http_port}/metrics", timeout=10).text
+    by_ae = {labels: value for (name, labels), value in samples(text).items()
+             if name == "pas_received_instances_total"}
+    assert by_ae == {(("calling_ae", "CT01"),): 2,
+                     (("calling_ae", "other"),): len(FILES) - 2}, by_ae
+    received = {labels: value for (name, labels), value in samples(text).items()
+                if name == "pas_received_bytes_total"}
+    assert set(received) == set(by_ae)
+    assert sum(received.values()) == pas.status()["bytes"]
