@@ -201,3 +201,28 @@ def test_calling_ae_label_is_bounded_by_the_configuration(pas_factory: Any) -> N
                 if name == "pas_received_bytes_total"}
     assert set(received) == set(by_ae)
     assert sum(received.values()) == pas.status()["bytes"]
+
+
+def test_refusal_counters_are_exported_at_zero_from_the_start(pas_factory: Any) -> None:
+    """Prometheus's increase() does not count a series' first value: a counter child made at
+    the first refusal (prometheus_client's labels are lazy) appeared at 1, or at 40 for a
+    burst within one scrape interval, and PasApplianceDicomTurningAway
+    (increase(...[10m]) > 0) never fired for it. Every channel and reason the docs list is
+    exported at 0 from the start, so the first refusal is an increase."""
+    pas = pas_factory({"PAS_DICOM__KNOWN_AES": '[{title = "CT01"}]'})
+    url = f"http://127.0.0.1:{pas.http_port}/metrics"
+
+    def refused() -> dict[tuple[tuple[str, str], ...], float]:
+        return {labels: value for (name, labels), value in
+                samples(httpx.get(url, timeout=10).text).items()
+                if name == "pas_access_refused_total"}
+
+    before = refused()
+    for reason in ("unknown-ae", "rate-limit", "unaccepted-context", "invalid-pdu",
+                   "tls-certificate", "too-many-associations", "too-many-connections"):
+        assert before.get((("channel", "dicom"), ("reason", reason))) == 0, (reason, before)
+    assert before.get((("channel", "http"), ("reason", "bearer-token"))) == 0, before
+    answer = storescu(FILES[:1], pas.port, calling="STRANGER", check=False)
+    assert answer.returncode != 0
+    wait_for(lambda: refused().get((("channel", "dicom"), ("reason", "unknown-ae"))) == 1, 10,
+             what="the unknown AE counted")
