@@ -226,3 +226,33 @@ def test_refusal_counters_are_exported_at_zero_from_the_start(pas_factory: Any) 
     assert answer.returncode != 0
     wait_for(lambda: refused().get((("channel", "dicom"), ("reason", "unknown-ae"))) == 1, 10,
              what="the unknown AE counted")
+
+
+def test_backlog_counts_a_study_once_whatever_its_destinations(pas_factory: Any) -> None:
+    """A study routed to two destinations is one study waiting: the status page's Backlog
+    card (and the heartbeat's backlog.studies, the hub's fleet row) summed the studies of
+    each destination and said 2, while /metrics and pas status count it per destination."""
+    from tests.support.peers import free_port
+
+    env: dict[str, str] = {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                           "PAS_ROUTING__FALLBACK__DESTINATIONS": '["pacs", "archive"]'}
+    for name in ("PACS", "ARCHIVE"):  # nothing listens: the jobs wait for the link
+        env |= {f"PAS_DESTINATIONS__{name}__KIND": "dicom",
+                f"PAS_DESTINATIONS__{name}__AE_TITLE": name,
+                f"PAS_DESTINATIONS__{name}__HOST": "127.0.0.1",
+                f"PAS_DESTINATIONS__{name}__PORT": str(free_port())}
+    pas = pas_factory(env)
+    storescu(FILES[:3], pas.port, calling="CT01")
+    wait_for(lambda: {row["destination"]: row["studies"] for row in pas.status()["backlog"]}
+             == {"pacs": 1, "archive": 1}, 30, what="one study waiting for each destination")
+    page = httpx.get(f"http://127.0.0.1:{pas.http_port}/", timeout=10).text
+    card = page[page.index('id="backlog"'):]
+    assert card.startswith('id="backlog">Backlog<b>1 study</b>'), card[:80]
+    from appliance.config import load_settings
+    from appliance.ops.heartbeat import build_heartbeat
+    from appliance.store.db import Database
+    from appliance.store.schema import MIGRATIONS
+
+    settings = load_settings(environ=dict(pas.env))
+    beat = build_heartbeat(settings, Database(pas.home / "pas.sqlite", MIGRATIONS), 0.0)
+    assert beat["backlog"]["studies"] == 1, beat["backlog"]

@@ -116,7 +116,7 @@ def _from_store(settings: Settings, db: Database, errors: list[str]) -> dict[str
         errors.append(f"disk {disk['used_percent']} % used")
     return {
         "backlog": {
-            "studies": sum(row["studies"] for row in backlog),
+            "studies": snapshot["backlog_studies"],  # each once, whatever its destinations
             "bytes": sum(row["bytes"] for row in backlog),
             "oldest_age_s": max((row["oldest_age_s"] for row in backlog), default=0.0),
             "urgent_oldest_age_s": max(urgent, default=0.0),
