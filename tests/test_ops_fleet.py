@@ -438,6 +438,40 @@ def test_each_sites_last_backup_on_the_dashboard_and_in_metrics(fleet: dict[str,
     assert metric(scrape, "pas_fleet_site_backup_age_seconds", site="SITE-B") is None
 
 
+def _backlog(studies: int) -> dict[str, Any]:
+    return {"studies": studies, "bytes": 1000, "oldest_age_s": 60.0, "urgent_oldest_age_s": 0.0,
+            "routine_oldest_age_s": 60.0}
+
+
+def test_a_site_whose_clock_is_set_back_is_not_frozen(fleet: dict[str, Any]) -> None:
+    """The site's row moved only forward in sent_at (the appliance's clock): once a site's
+    clock, an hour ahead, was put right, none of its heartbeats updated the row for an hour
+    (each recorded in the history, 201): the dashboard kept the old figures and its last
+    seen, and showed the site down after 5 minutes while it sent every 30 s. A heartbeat
+    that is merely late (sent before the newest one, delivered after) still changes nothing."""
+    db = _hub_db(fleet["hub"])
+    with client(fleet["site_b"]) as http:
+        ahead = http.post("/api/v1/heartbeat", json=_beat(sent_at=time.time() + 3600,
+                                                          backlog=_backlog(9)))
+        assert ahead.status_code == 201, ahead.text
+        fixed_at = time.time()
+        fixed = http.post("/api/v1/heartbeat", json=_beat(sent_at=fixed_at,
+                                                          backlog=_backlog(4)))
+        assert fixed.status_code == 201, fixed.text
+        status = fleet_store.site_status(db, "SITE-B")
+        assert status is not None
+        assert (status["sent_at"], status["backlog"]["studies"]) == (fixed_at, 4)
+        assert status["last_seen_at"] >= fixed_at
+        late = http.post("/api/v1/heartbeat", json=_beat(sent_at=fixed_at - 5,
+                                                         backlog=_backlog(7)))
+        assert late.status_code == 201, late.text  # in the history, not the latest state
+    status = fleet_store.site_status(db, "SITE-B")
+    assert status is not None and status["backlog"]["studies"] == 4
+    page = fleet["viewer"].get("/fleet").text
+    row = page[page.index('<tr data-site="SITE-B">'):]
+    assert "<td class=backlog>4</td>" in row[:row.index("</tr>")]
+
+
 def _received_total(text: str, name: str) -> float:
     """The sum of a per-calling-AE counter over every AE."""
     return sum(sample.value for family in text_string_to_metric_families(text)

@@ -14,6 +14,10 @@ from typing import Any
 from appliance.store.db import Database, now
 
 HISTORY_DAYS = 8.0
+# How long a heartbeat can take from the appliance to the hub (its client gives up after
+# 15 s): one sent earlier than the site's latest, by the site's own clock, is late news only
+# if the site's clock moved less than this against the hub's between the two.
+MAX_IN_FLIGHT_S = 120.0
 
 _SITE_COLUMNS = ("site", "first_seen_at", "last_seen_at", "last_sent_at", "version",
                  "backlog_studies", "backlog_oldest_s", "urgent_oldest_s", "disk_used_percent",
@@ -22,8 +26,12 @@ _SITE_COLUMNS = ("site", "first_seen_at", "last_seen_at", "last_sent_at", "versi
 
 def record_heartbeat(db: Database, site: str, beat: dict[str, Any]) -> bool:
     """Store one validated heartbeat. False when this ``(site, sent_at)`` was already
-    recorded (nothing changes). The site's latest state only moves forward in ``sent_at``, so
-    a late duplicate or an old one resent after a reconnection cannot overwrite newer news."""
+    recorded (nothing changes). The site's latest state moves forward in ``sent_at``, so a
+    late one (sent before the latest, delivered after) cannot overwrite newer news; unless
+    the site's clock was set back meanwhile: its offset to the hub's clock (``sent_at`` minus
+    arrival) fell by more than :data:`MAX_IN_FLIGHT_S`, more than any delivery takes. Before,
+    a site whose clock an hour ahead was put right had its row frozen for that hour (its
+    heartbeats only in the history): the dashboard showed it down while it sent every 30 s."""
     at = now()
     sent_at = float(beat["sent_at"])
     backlog = beat["backlog"]
@@ -59,8 +67,10 @@ def record_heartbeat(db: Database, site: str, beat: dict[str, Any]) -> bool:
                    cert_days_left = excluded.cert_days_left,
                    failed_jobs = excluded.failed_jobs, errors = excluded.errors,
                    status = excluded.status
-               WHERE excluded.last_sent_at > fleet_sites.last_sent_at""",
-            values,
+               WHERE excluded.last_sent_at > fleet_sites.last_sent_at
+                  OR (fleet_sites.last_sent_at - fleet_sites.last_seen_at)
+                     - (excluded.last_sent_at - excluded.last_seen_at) > ?""",
+            (*values, MAX_IN_FLIGHT_S),
         )
         conn.execute("DELETE FROM fleet_heartbeats WHERE received_at < ?",
                      (at - HISTORY_DAYS * 86400,))
