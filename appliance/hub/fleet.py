@@ -46,6 +46,9 @@ from appliance.words import ago, counted
 if TYPE_CHECKING:
     from appliance.hub.app import Hub
 
+# The site page's charts: one point a minute at most (1,440 a day), whatever the heartbeats'
+# rate (store.history_by_slot).
+CHART_SLOT_S = 60.0
 SILENT_AFTER_S = 300.0  # a site is "down" when no heartbeat arrived for 5 minutes
 MAX_HEARTBEAT_BYTES = 64 * 1024
 MAX_FUTURE_S = 86400.0
@@ -335,7 +338,9 @@ def svg_chart(points: list[tuple[float, float]], since: float, until: float, tit
 
 
 def render_site(site: str, status: dict[str, Any], points: list[dict[str, Any]],
-                at: float) -> str:
+                at: float, beats: int | None = None) -> str:
+    """``points``: the 24 h history, one per slot (store.history_by_slot) or one per
+    heartbeat; ``beats``: how many heartbeats they are (default: one each)."""
     since = at - 86400
     backlog = [(p["received_at"], float(p["backlog_studies"])) for p in points]
     throughput = []
@@ -355,7 +360,8 @@ def render_site(site: str, status: dict[str, Any], points: list[dict[str, Any]],
         f"{counted(status['backlog']['studies'], 'study', 'studies')} · disk "
         f"{status['disk']['used_percent']} % · "
         f"{counted(status['received']['instances'], 'instance')} received · "
-        f"{counted(len(points), 'heartbeat')} in 24 h{_backup_fact(status, at)}</p>",
+        f"{counted(len(points) if beats is None else beats, 'heartbeat')} in 24 h"
+        f"{_backup_fact(status, at)}</p>",
         svg_chart(backlog, since, at, "backlog (studies)"), "<br>",
         svg_chart(throughput, since, at, "received (MB/s)"),
         "</body></html>",
@@ -490,8 +496,9 @@ def fleet_routes(hub: Hub) -> list[BaseRoute]:
             return HTMLResponse(f"<p>unknown site {_esc(site)}</p>", status_code=404,
                                 headers=headers)
         at = time.time()
-        points = await run_in_threadpool(store.history, hub.db, site, at - 86400)
-        return HTMLResponse(render_site(site, status, points, at), headers=headers)
+        points, beats = await run_in_threadpool(store.history_by_slot, hub.db, site,
+                                                at - 86400, CHART_SLOT_S)
+        return HTMLResponse(render_site(site, status, points, at, beats), headers=headers)
 
     async def scrape(_request: Request) -> Response:
         body = await run_in_threadpool(generate_latest, registry)
