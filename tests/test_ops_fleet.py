@@ -18,7 +18,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from appliance.hub.fleet import render_dashboard, site_rows
+from appliance.hub.fleet import has_problem, render_dashboard, site_rows
 from appliance.store import fleet as fleet_store
 from appliance.store.db import Database
 from appliance.store.hub_schema import HUB_MIGRATIONS
@@ -498,6 +498,34 @@ def test_site_page_stays_bounded_with_a_day_of_one_second_heartbeats(
     assert all(len(chart[:chart.index('"')].split()) <= 1441 for chart in charts)
     assert "backlog (studies) (max 77)" in page.text
     assert f"{beats} heartbeats in 24 h" in page.text.replace(",", "")
+
+
+def test_a_revoked_site_leaves_the_fleet_alerts(fleet: dict[str, Any]) -> None:
+    """pas hub revoke SITE (a site closed, or a stolen appliance) refuses its certificate,
+    but its row stayed as any site's: "down" five minutes later, for ever, with its
+    pas_fleet_site_* series (PasSiteSilent firing, critical, until someone edited the
+    hub's database). It is shown as revoked, not a problem, and has no series."""
+    hub: HubProcess = fleet["hub"]
+    closed = enroll(hub, fleet["root"] / "site-c", "SITE-C")
+    with client(closed) as http:
+        assert http.post("/api/v1/heartbeat", json=_beat(site="SITE-C")).status_code == 201
+    viewer: httpx.Client = fleet["viewer"]
+    assert metric(viewer.get("/metrics").text, "pas_fleet_site_up", site="SITE-C") == 1
+    hub.cli("revoke", "SITE-C")
+    with client(closed) as http:
+        assert http.post("/api/v1/heartbeat", json=_beat(site="SITE-C")).status_code == 403
+    scrape = viewer.get("/metrics").text
+    for name in ("pas_fleet_site_up", "pas_fleet_site_last_seen_timestamp_seconds",
+                 "pas_fleet_site_failed_jobs", "pas_fleet_site_disk_used_ratio"):
+        assert metric(scrape, name, site="SITE-C") is None, name
+    assert metric(scrape, "pas_fleet_site_up", site="SITE-A") == 1
+    page = viewer.get("/fleet").text
+    row = page[page.index('<tr data-site="SITE-C">'):]
+    assert 'class="state revoked">revoked<' in row[:row.index("</tr>")]
+    problems = viewer.get("/fleet", params={"state": "problems"}).text
+    assert 'data-site="SITE-C"' not in problems
+    rows = {r["site"]: r for r in site_rows(_hub_db(hub), at=time.time() + 3600)}
+    assert rows["SITE-C"]["state"] == "revoked" and not has_problem(rows["SITE-C"])
 
 
 def _received_total(text: str, name: str) -> float:

@@ -39,7 +39,7 @@ from starlette.routing import BaseRoute, Route
 from appliance.ops.backup import STALE_AFTER_S as BACKUP_STALE_AFTER_S
 from appliance.ops.index_check import says_index_trouble
 from appliance.store import fleet as store
-from appliance.store.hub import hub_backup_record
+from appliance.store.hub import hub_backup_record, revoked_sites
 from appliance.web.headers import page_headers
 from appliance.words import ago, counted
 
@@ -162,11 +162,17 @@ def validate_heartbeat(beat: Any) -> dict[str, Any]:
 
 
 def site_rows(hub_db: Any, at: float | None = None) -> list[dict[str, Any]]:
+    """Every site's latest state; ``state`` is ``up``, ``down`` (silent past
+    :data:`SILENT_AFTER_S`) or ``revoked`` (``pas hub revoke``: its silence is expected, no
+    problem, and :class:`FleetCollector` exports no series for it, so that PasSiteSilent
+    and the other rules do not fire for a closed site for ever)."""
     at = time.time() if at is None else at
     rows = store.list_sites(hub_db)
+    revoked = revoked_sites(hub_db)
     for row in rows:
         row["silent_s"] = max(at - row["last_seen_at"], 0.0)
-        row["state"] = "up" if row["silent_s"] <= SILENT_AFTER_S else "down"
+        row["state"] = ("revoked" if row["site"] in revoked
+                        else "up" if row["silent_s"] <= SILENT_AFTER_S else "down")
         row["backup_age_s"] = backup_age(row, at)
         row["backup_stale"] = (row["backup_age_s"] is not None
                                and row["backup_age_s"] > BACKUP_STALE_AFTER_S)
@@ -186,6 +192,8 @@ def backup_age(row: dict[str, Any], at: float) -> float | None:
 def has_problem(row: dict[str, Any]) -> bool:
     """What the alert rules would flag: down, old backlog, disk, certificate, failed jobs,
     a backup older than two days."""
+    if row["state"] == "revoked":
+        return False
     cert = row["cert_days_left"]
     return (row["state"] == "down" or row["failed_jobs"] > 0 or row["urgent_oldest_s"] > 480
             or (row.get("routine_oldest_s") or 0) > 14400
@@ -200,6 +208,7 @@ body{font-family:system-ui,sans-serif;margin:0;padding:12px;background:#f6f7f9;c
 h1{font-size:1.3em} table{border-collapse:collapse;width:100%;background:#fff;font-size:.9em}
 th,td{padding:6px;border-bottom:1px solid #eee;text-align:left} th a{color:#225}
 .up{background:#d4f5dc}.down{background:#fbd5d5}.warn{background:#fff1c2}
+.revoked{background:#e4e4e4;color:#555}
 .state{padding:2px 8px;border-radius:10px} form{margin:8px 0} .wrap{overflow-x:auto}
 svg{background:#fff;border:1px solid #ddd;max-width:100%}
 """
@@ -251,7 +260,7 @@ def render_dashboard(rows: list[dict[str, Any]], sort: str, descending: bool, qu
     hub's own last backup above it."""
     if query:
         rows = [r for r in rows if query.lower() in r["site"].lower()]
-    if state in ("up", "down"):
+    if state in ("up", "down", "revoked"):
         rows = [r for r in rows if r["state"] == state]
     elif state == "problems":
         rows = [r for r in rows if has_problem(r)]
@@ -267,7 +276,7 @@ def render_dashboard(rows: list[dict[str, Any]], sort: str, descending: bool, qu
            f'<form method=get><input name=q placeholder="site" value="{_esc(query)}"> '
            '<select name=state>'
            + "".join(f'<option value="{v}"{" selected" if v == state else ""}>{v or "all"}'
-                     "</option>" for v in ("", "up", "down", "problems"))
+                     "</option>" for v in ("", "up", "down", "problems", "revoked"))
            + f'</select><input type=hidden name=sort value="{_esc(sort)}">'
            "<button type=submit>Filter</button></form>",
            "<div class=wrap><table id=fleet><tr>"]
@@ -378,7 +387,7 @@ class FleetCollector(Collector):
         self.hub = hub
 
     def collect(self) -> Iterator[Metric]:
-        rows = site_rows(self.hub.db)
+        rows = [r for r in site_rows(self.hub.db) if r["state"] != "revoked"]
         families = {
             "up": GaugeMetricFamily("pas_fleet_site_up",
                                     "1 when the site's last heartbeat is under 5 min old",
@@ -431,8 +440,8 @@ class FleetCollector(Collector):
                 families["backup"].add_metric(site, r["backup_age_s"])
             families["index"].add_metric(
                 site, int(any(says_index_trouble(e) for e in r["errors"] or [])))
-        yield GaugeMetricFamily("pas_fleet_sites", "Sites that ever sent a heartbeat",
-                                value=len(rows))
+        yield GaugeMetricFamily("pas_fleet_sites", "Sites that ever sent a heartbeat, "
+                                "revoked ones left out", value=len(rows))
         yield from families.values()
         backup = hub_backup_state(hub_backup_record(self.hub.db), time.time())
         if backup["age_s"] is not None:  # None: no record (the next backup writes one)
