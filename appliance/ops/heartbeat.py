@@ -49,6 +49,7 @@ log = logging.getLogger("pas.ops.heartbeat")
 
 HEARTBEAT_PATH = "/api/v1/heartbeat"
 MAX_ERRORS = 5
+MAX_ERROR_CHARS = 1000
 # The enrolled hub's destination name (the daemon's default route; dispatch/target_types/hub):
 # the heartbeat and the uploads share one link state.
 HUB_DESTINATION = "hub"
@@ -87,7 +88,9 @@ def build_heartbeat(settings: Settings, db: Database, started_at: float,
         "uptime_s": round(time.time() - started_at, 1),
         **figures,
         "cert_days_left": None if cert_days is None else round(cert_days, 2),
-        "errors": errors[:MAX_ERRORS + 1],
+        # Each cut well below the hub's limit (hub/fleet.MAX_ERROR_CHARS, 2,000): a heartbeat
+        # over it is refused whole, and the site would look silent.
+        "errors": [error[:MAX_ERROR_CHARS] for error in errors[:MAX_ERRORS + 1]],
     }
 
 
