@@ -18,7 +18,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from appliance.hub.fleet import render_dashboard, site_rows
+from appliance.hub.fleet import has_problem, render_dashboard, site_rows
 from appliance.store import fleet as fleet_store
 from appliance.store.db import Database
 from appliance.store.hub_schema import HUB_MIGRATIONS
@@ -184,6 +184,29 @@ def test_heartbeat_is_idempotent_and_sortable(fleet: dict[str, Any]) -> None:
      "last_backup_at: must be a number"),
     (json.dumps(_beat(site="SITE-A")).encode(), 403, "certificate is for site 'SITE-B'"),
     (b"{" + b" " * 70000 + b"}", 413, "over 65536 bytes"),
+    # Python's json reads NaN and Infinity (and 1e999 as infinity); stored, they made the
+    # site's row JSON SQLite cannot read: the whole dashboard and /metrics failed.
+    (json.dumps(_beat(disk={"used_percent": float("nan")})).encode(), 422,
+     "NaN is not a number"),
+    (json.dumps(_beat(backlog={"studies": 1, "bytes": 1, "oldest_age_s": float("inf"),
+                               "urgent_oldest_age_s": 0})).encode(), 422,
+     "Infinity is not a number"),
+    (json.dumps(_beat()).replace('"oldest_age_s": 600.0', '"oldest_age_s": 1e999').encode(),
+     422, "1e999 is not a finite number"),
+    (json.dumps(_beat(extra={"later": float("-inf")})).encode(), 422,
+     "-Infinity is not a number"),
+    (json.dumps(_beat(backlog={"studies": 10**30, "bytes": 1, "oldest_age_s": 1,
+                               "urgent_oldest_age_s": 0})).encode(), 422,
+     "backlog.studies: must be at most"),
+    (json.dumps(_beat(backlog={"studies": 1, "bytes": 1, "oldest_age_s": 1,
+                               "urgent_oldest_age_s": 0, "routine_oldest_age_s": "soon"})
+                ).encode(), 422, "backlog.routine_oldest_age_s: must be a number"),
+    (json.dumps(_beat(version="1." + "9" * 200)).encode(), 422,
+     "version: at most 64 printable characters"),
+    (json.dumps(_beat(version="1.0\n# HELP fake")).encode(), 422,
+     "version: at most 64 printable characters"),
+    (json.dumps(_beat(errors=["refused"] * 1000)).encode(), 422, "errors: at most 20"),
+    (json.dumps(_beat(errors=["x" * 5000])).encode(), 422, "errors[0]: at most 2000"),
 ])
 def test_bad_heartbeat_refused_nothing_changed(fleet: dict[str, Any], body: bytes, status: int,
                                                words: str) -> None:
@@ -198,6 +221,35 @@ def test_bad_heartbeat_refused_nothing_changed(fleet: dict[str, Any], body: byte
     assert fleet_store.heartbeat_count(db, "SITE-B") == count
     assert fleet_store.site_status(db, "SITE-B") == before
     assert fleet["viewer"].get("/fleet").status_code == 200
+
+
+def test_a_sites_non_numbers_leave_the_fleet_view_up(fleet: dict[str, Any]) -> None:
+    """One site's heartbeat with NaN (Python's json writes it for a float nan, and reads it)
+    made the hub's /fleet answer 500 and /metrics drop the connection, for every site: the
+    stored row was JSON SQLite's json_extract refuses. Refused now; the view stays up."""
+    db = _hub_db(fleet["hub"])
+    count = fleet_store.heartbeat_count(db, "SITE-B")
+    answers = []
+    with client(fleet["site_b"]) as http:
+        for beat in (_beat(disk={"used_percent": float("nan"), "free_bytes": 1}),
+                     _beat(backlog={"studies": 1, "bytes": 1, "oldest_age_s": 1,
+                                    "urgent_oldest_age_s": 0,
+                                    "routine_oldest_age_s": float("inf")}),
+                     _beat(uptime_s=float("nan"))):
+            answers.append(http.post("/api/v1/heartbeat", content=json.dumps(beat).encode(),
+                                     headers={"content-type": "application/json"}))
+    viewer: httpx.Client = fleet["viewer"]
+    for params in ({}, {"state": "problems"}, {"sort": "backlog_oldest_s"}):
+        page = viewer.get("/fleet", params=params)
+        assert page.status_code == 200, page.text
+        assert 'data-site="SITE-B"' in page.text
+    assert viewer.get("/fleet/sites/SITE-B").status_code == 200
+    scrape = viewer.get("/metrics")
+    assert scrape.status_code == 200
+    assert metric(scrape.text, "pas_fleet_site_up", site="SITE-A") == 1
+    assert metric(scrape.text, "pas_fleet_sites") == 2
+    assert [a.status_code for a in answers] == [422, 422, 422], [a.text for a in answers]
+    assert fleet_store.heartbeat_count(db, "SITE-B") == count
 
 
 def test_heartbeat_without_client_certificate_is_refused(fleet: dict[str, Any]) -> None:
@@ -384,6 +436,131 @@ def test_each_sites_last_backup_on_the_dashboard_and_in_metrics(fleet: dict[str,
     assert cells()["SITE-B"] == ("-", "backup")
     scrape = fleet["viewer"].get("/metrics").text
     assert metric(scrape, "pas_fleet_site_backup_age_seconds", site="SITE-B") is None
+
+
+def _backlog(studies: int) -> dict[str, Any]:
+    return {"studies": studies, "bytes": 1000, "oldest_age_s": 60.0, "urgent_oldest_age_s": 0.0,
+            "routine_oldest_age_s": 60.0}
+
+
+def test_a_site_whose_clock_is_set_back_is_not_frozen(fleet: dict[str, Any]) -> None:
+    """The site's row moved only forward in sent_at (the appliance's clock): once a site's
+    clock, an hour ahead, was put right, none of its heartbeats updated the row for an hour
+    (each recorded in the history, 201): the dashboard kept the old figures and its last
+    seen, and showed the site down after 5 minutes while it sent every 30 s. A heartbeat
+    that is merely late (sent before the newest one, delivered after) still changes nothing."""
+    db = _hub_db(fleet["hub"])
+    with client(fleet["site_b"]) as http:
+        ahead = http.post("/api/v1/heartbeat", json=_beat(sent_at=time.time() + 3600,
+                                                          backlog=_backlog(9)))
+        assert ahead.status_code == 201, ahead.text
+        fixed_at = time.time()
+        fixed = http.post("/api/v1/heartbeat", json=_beat(sent_at=fixed_at,
+                                                          backlog=_backlog(4)))
+        assert fixed.status_code == 201, fixed.text
+        status = fleet_store.site_status(db, "SITE-B")
+        assert status is not None
+        assert (status["sent_at"], status["backlog"]["studies"]) == (fixed_at, 4)
+        assert status["last_seen_at"] >= fixed_at
+        late = http.post("/api/v1/heartbeat", json=_beat(sent_at=fixed_at - 5,
+                                                         backlog=_backlog(7)))
+        assert late.status_code == 201, late.text  # in the history, not the latest state
+    status = fleet_store.site_status(db, "SITE-B")
+    assert status is not None and status["backlog"]["studies"] == 4
+    page = fleet["viewer"].get("/fleet").text
+    row = page[page.index('<tr data-site="SITE-B">'):]
+    assert "<td class=backlog>4</td>" in row[:row.index("</tr>")]
+
+
+def test_site_page_stays_bounded_with_a_day_of_one_second_heartbeats(
+        fleet: dict[str, Any]) -> None:
+    """ops.heartbeat_interval_s may be 1 (and a site may post faster): the site page drew
+    every heartbeat of 24 h, 86,400 points per chart, a 1.9 MB page every 30 s refresh. The
+    charts hold at most one point a minute; the count and the maximum stay exact."""
+    db = _hub_db(fleet["hub"])
+    with client(fleet["site_b"]) as http:
+        assert http.post("/api/v1/heartbeat", json=_beat()).status_code == 201
+    start = time.time() - 86400 + 60
+    with db.transaction() as conn:  # a day of history as a 1 s heartbeat leaves it
+        conn.executemany(
+            "INSERT OR IGNORE INTO fleet_heartbeats (site, sent_at, received_at, "
+            "backlog_studies, backlog_oldest_s, disk_used_percent, received_bytes, "
+            "received_instances, failed_jobs) VALUES ('SITE-B', ?, ?, ?, 1.0, 50.0, ?, ?, 0)",
+            [(start + i, start + i, 77 if i == 5000 else i % 50, i * 1000, i)
+             for i in range(86400 - 120)])
+    beats = len(fleet_store.history(db, "SITE-B", time.time() - 86400))
+    assert beats >= 86400 - 120
+    page = fleet["viewer"].get("/fleet/sites/SITE-B")
+    assert page.status_code == 200
+    assert len(page.content) < 150_000, len(page.content)
+    charts = page.text.split('points="')[1:]
+    assert len(charts) == 2
+    assert all(len(chart[:chart.index('"')].split()) <= 1441 for chart in charts)
+    assert "backlog (studies) (max 77)" in page.text
+    assert f"{beats} heartbeats in 24 h" in page.text.replace(",", "")
+
+
+def test_a_revoked_site_leaves_the_fleet_alerts(fleet: dict[str, Any]) -> None:
+    """pas hub revoke SITE (a site closed, or a stolen appliance) refuses its certificate,
+    but its row stayed as any site's: "down" five minutes later, for ever, with its
+    pas_fleet_site_* series (PasSiteSilent firing, critical, until someone edited the
+    hub's database). It is shown as revoked, not a problem, and has no series."""
+    hub: HubProcess = fleet["hub"]
+    closed = enroll(hub, fleet["root"] / "site-c", "SITE-C")
+    with client(closed) as http:
+        assert http.post("/api/v1/heartbeat", json=_beat(site="SITE-C")).status_code == 201
+    viewer: httpx.Client = fleet["viewer"]
+    assert metric(viewer.get("/metrics").text, "pas_fleet_site_up", site="SITE-C") == 1
+    hub.cli("revoke", "SITE-C")
+    with client(closed) as http:
+        assert http.post("/api/v1/heartbeat", json=_beat(site="SITE-C")).status_code == 403
+    scrape = viewer.get("/metrics").text
+    for name in ("pas_fleet_site_up", "pas_fleet_site_last_seen_timestamp_seconds",
+                 "pas_fleet_site_failed_jobs", "pas_fleet_site_disk_used_ratio"):
+        assert metric(scrape, name, site="SITE-C") is None, name
+    assert metric(scrape, "pas_fleet_site_up", site="SITE-A") == 1
+    page = viewer.get("/fleet").text
+    row = page[page.index('<tr data-site="SITE-C">'):]
+    assert 'class="state revoked">revoked<' in row[:row.index("</tr>")]
+    problems = viewer.get("/fleet", params={"state": "problems"}).text
+    assert 'data-site="SITE-C"' not in problems
+    rows = {r["site"]: r for r in site_rows(_hub_db(hub), at=time.time() + 3600)}
+    assert rows["SITE-C"]["state"] == "revoked" and not has_problem(rows["SITE-C"])
+
+
+def _received_total(text: str, name: str) -> float:
+    """The sum of a per-calling-AE counter over every AE."""
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples if sample.name == name)
+
+
+def test_received_figures_keep_counting_after_eviction(fleet: dict[str, Any]) -> None:
+    """The heartbeat's ``received`` is what the site received (the hub's page: "N instances
+    received", and its throughput chart from the deltas), as ``pas_received_*_total``: a
+    purge of the confirmed study must not take it back. It sent the cache's content
+    (instance_totals), which eviction lowers: 0 instances received after the purge."""
+    import pydicom
+
+    pas: PasProcess = fleet["pas"]
+    db = _hub_db(fleet["hub"])
+    study = str(pydicom.dcmread(FILES[0], stop_before_pixels=True).StudyInstanceUID)
+    wait_for(lambda: (fleet_store.site_status(db, "SITE-A") or {}).get("confirmed_instances")
+             == len(FILES), 90, what="the study confirmed in a heartbeat")
+    sent_bytes = pas.status()["bytes"]  # as filed (the files' meta written by PAS)
+    pas.cli("cache", "purge", study)  # confirmed: evictable without --force
+    assert pas.status()["files"] == 0
+    scrape = httpx.get(f"http://127.0.0.1:{pas.http_port}/metrics", timeout=10).text
+    assert _received_total(scrape, "pas_received_instances_total") == len(FILES)
+    assert _received_total(scrape, "pas_received_bytes_total") == sent_bytes
+    purged_at = time.time()
+    wait_for(lambda: (fleet_store.site_status(db, "SITE-A") or {}).get("sent_at", 0)
+             > purged_at + 1, 20, what="a heartbeat sent after the purge")
+    status = fleet_store.site_status(db, "SITE-A")
+    assert status is not None
+    assert status["received"] == {"instances": len(FILES), "bytes": sent_bytes}
+    assert status["confirmed_instances"] == 0  # the cache's figure: nothing left to confirm
+    page = fleet["viewer"].get("/fleet/sites/SITE-A").text
+    assert f"{len(FILES)} instances received" in page
 
 
 def test_link_goes_down_when_the_hub_stops(fleet: dict[str, Any]) -> None:

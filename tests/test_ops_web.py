@@ -60,7 +60,9 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     with contextlib.ExitStack() as stack:  # a step that raises stops those started
         scp, refusing = refusing_node(stack, root)
         pas = started(stack, PasProcess(root / "pas", {
-            "PAS_DICOM__ACCEPT_UNKNOWN": "true", **failing_destination(scp)}))
+            "PAS_DICOM__ACCEPT_UNKNOWN": "true",
+            # Named: an unknown title is counted under calling_ae="other" (metrics.OTHER_AE).
+            "PAS_DICOM__KNOWN_AES": '[{title = "MODALITY1"}]', **failing_destination(scp)}))
         storescu(FILES, pas.port, calling="MODALITY1")
         base = f"http://127.0.0.1:{pas.http_port}"
         wait_for(lambda: pas.status()["jobs"].get("failed") == 1, 60, what="the job to fail")
@@ -177,3 +179,80 @@ def test_browser_runs_no_script_a_modality_sends(site: dict[str, Any], tmp_path:
         assert not row.find_elements(By.CSS_SELECTOR, "img, script, b")
     finally:
         driver.quit()
+
+
+def test_calling_ae_label_is_bounded_by_the_configuration(pas_factory: Any) -> None:
+    """With ``dicom.accept_unknown``, any sender chooses its calling AE: each title it made
+    up was a new ``calling_ae`` series of ``pas_received_*_total`` for ever (the counters are
+    durable), the unbounded label Prometheus warns against. The titles of ``dicom.known_aes``
+    keep their own series; every other title is counted under ``other``, totals unchanged."""
+    pas = pas_factory({"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                       "PAS_DICOM__KNOWN_AES": '[{title = "CT01"}]'})
+    storescu(FILES[:2], pas.port, calling="CT01")
+    for number, path in enumerate(FILES[2:]):
+        storescu([path], pas.port, calling=f"MADEUP{number:02d}")
+    assert pas.status()["files"] == len(FILES)
+    text = httpx.get(f"http://127.0.0.1:{pas.http_port}/metrics", timeout=10).text
+    by_ae = {labels: value for (name, labels), value in samples(text).items()
+             if name == "pas_received_instances_total"}
+    assert by_ae == {(("calling_ae", "CT01"),): 2,
+                     (("calling_ae", "other"),): len(FILES) - 2}, by_ae
+    received = {labels: value for (name, labels), value in samples(text).items()
+                if name == "pas_received_bytes_total"}
+    assert set(received) == set(by_ae)
+    assert sum(received.values()) == pas.status()["bytes"]
+
+
+def test_refusal_counters_are_exported_at_zero_from_the_start(pas_factory: Any) -> None:
+    """Prometheus's increase() does not count a series' first value: a counter child made at
+    the first refusal (prometheus_client's labels are lazy) appeared at 1, or at 40 for a
+    burst within one scrape interval, and PasApplianceDicomTurningAway
+    (increase(...[10m]) > 0) never fired for it. Every channel and reason the docs list is
+    exported at 0 from the start, so the first refusal is an increase."""
+    pas = pas_factory({"PAS_DICOM__KNOWN_AES": '[{title = "CT01"}]'})
+    url = f"http://127.0.0.1:{pas.http_port}/metrics"
+
+    def refused() -> dict[tuple[tuple[str, str], ...], float]:
+        return {labels: value for (name, labels), value in
+                samples(httpx.get(url, timeout=10).text).items()
+                if name == "pas_access_refused_total"}
+
+    before = refused()
+    for reason in ("unknown-ae", "rate-limit", "unaccepted-context", "invalid-pdu",
+                   "tls-certificate", "too-many-associations", "too-many-connections"):
+        assert before.get((("channel", "dicom"), ("reason", reason))) == 0, (reason, before)
+    assert before.get((("channel", "http"), ("reason", "bearer-token"))) == 0, before
+    answer = storescu(FILES[:1], pas.port, calling="STRANGER", check=False)
+    assert answer.returncode != 0
+    wait_for(lambda: refused().get((("channel", "dicom"), ("reason", "unknown-ae"))) == 1, 10,
+             what="the unknown AE counted")
+
+
+def test_backlog_counts_a_study_once_whatever_its_destinations(pas_factory: Any) -> None:
+    """A study routed to two destinations is one study waiting: the status page's Backlog
+    card (and the heartbeat's backlog.studies, the hub's fleet row) summed the studies of
+    each destination and said 2, while /metrics and pas status count it per destination."""
+    from tests.support.peers import free_port
+
+    env: dict[str, str] = {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                           "PAS_ROUTING__FALLBACK__DESTINATIONS": '["pacs", "archive"]'}
+    for name in ("PACS", "ARCHIVE"):  # nothing listens: the jobs wait for the link
+        env |= {f"PAS_DESTINATIONS__{name}__KIND": "dicom",
+                f"PAS_DESTINATIONS__{name}__AE_TITLE": name,
+                f"PAS_DESTINATIONS__{name}__HOST": "127.0.0.1",
+                f"PAS_DESTINATIONS__{name}__PORT": str(free_port())}
+    pas = pas_factory(env)
+    storescu(FILES[:3], pas.port, calling="CT01")
+    wait_for(lambda: {row["destination"]: row["studies"] for row in pas.status()["backlog"]}
+             == {"pacs": 1, "archive": 1}, 30, what="one study waiting for each destination")
+    page = httpx.get(f"http://127.0.0.1:{pas.http_port}/", timeout=10).text
+    card = page[page.index('id="backlog"'):]
+    assert card.startswith('id="backlog">Backlog<b>1 study</b>'), card[:80]
+    from appliance.config import load_settings
+    from appliance.ops.heartbeat import build_heartbeat
+    from appliance.store.db import Database
+    from appliance.store.schema import MIGRATIONS
+
+    settings = load_settings(environ=dict(pas.env))
+    beat = build_heartbeat(settings, Database(pas.home / "pas.sqlite", MIGRATIONS), 0.0)
+    assert beat["backlog"]["studies"] == 1, beat["backlog"]

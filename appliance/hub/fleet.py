@@ -20,6 +20,8 @@ a new or upgraded hub) and ``pas_hub_last_backup_timestamp_seconds`` for ``PasHu
 from __future__ import annotations
 
 import html
+import json
+import math
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -37,16 +39,28 @@ from starlette.routing import BaseRoute, Route
 from appliance.ops.backup import STALE_AFTER_S as BACKUP_STALE_AFTER_S
 from appliance.ops.index_check import says_index_trouble
 from appliance.store import fleet as store
-from appliance.store.hub import hub_backup_record
+from appliance.store.hub import hub_backup_record, revoked_sites
 from appliance.web.headers import page_headers
 from appliance.words import ago, counted
 
 if TYPE_CHECKING:
     from appliance.hub.app import Hub
 
+# The site page's charts: one point a minute at most (1,440 a day), whatever the heartbeats'
+# rate (store.history_by_slot).
+CHART_SLOT_S = 60.0
 SILENT_AFTER_S = 300.0  # a site is "down" when no heartbeat arrived for 5 minutes
 MAX_HEARTBEAT_BYTES = 64 * 1024
 MAX_FUTURE_S = 86400.0
+# Beyond any real count, byte total or age, and exact as a float; SQLite's INTEGER stops at
+# 2**63, and a larger number was an OverflowError (500) at the insert.
+MAX_NUMBER = float(2**53)
+# What a site's strings may be: the version is a label of pas_fleet_site_info and a dashboard
+# cell; an appliance sends at most 6 errors (ops/heartbeat.MAX_ERRORS + 1) of a few hundred
+# characters. Past these the heartbeat is refused, not cut, so the site hears what is wrong.
+MAX_VERSION_CHARS = 64
+MAX_ERRORS = 20
+MAX_ERROR_CHARS = 2000
 SORT_KEYS = ("site", "state", "last_seen_at", "backlog_studies", "backlog_oldest_s",
              "disk_used_percent", "version", "cert_days_left", "failed_jobs", "backup_age_s")
 
@@ -58,13 +72,54 @@ class HeartbeatError(ValueError):
 def _number(value: Any, path: str, minimum: float = 0.0) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise HeartbeatError(f"{path}: must be a number, got {value!r}")
+    if not math.isfinite(value):  # a dict built in Python, not read by parse_heartbeat
+        raise HeartbeatError(f"{path}: must be a finite number, got {value!r}")
     if value < minimum:
         raise HeartbeatError(f"{path}: must be >= {minimum}, got {value!r}")
+    if value > MAX_NUMBER:
+        raise HeartbeatError(f"{path}: must be at most {MAX_NUMBER:.0f}, got {value!r}")
     return float(value)
 
 
+def _not_a_number(word: str) -> float:
+    raise HeartbeatError(f"{word} is not a number (JSON has no NaN or Infinity)")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise HeartbeatError(f"{text} is not a finite number")
+    return value
+
+
+def parse_heartbeat(body: bytes) -> dict[str, Any]:
+    """The heartbeat read from its body and checked (:func:`validate_heartbeat`).
+
+    Why not plain ``json.loads``: it reads ``NaN``, ``Infinity`` and ``1e999`` (as infinity)
+    anywhere in the document, keys the hub does not check included, and the whole heartbeat
+    is stored as JSON (``fleet_sites.status``, written back by ``json.dumps`` with those
+    words): SQLite's ``json_extract`` then refuses the row ("malformed JSON") and every read
+    of the fleet (``/fleet``, ``/metrics``) failed, for every site, until the next good
+    heartbeat of that one. Raises :class:`HeartbeatError` (a ``ValueError``), or
+    ``ValueError``/``RecursionError`` for a body that is not JSON."""
+    return validate_heartbeat(json.loads(body, parse_constant=_not_a_number,
+                                         parse_float=_finite))
+
+
+def _text(value: Any, path: str, limit: int) -> str:
+    """A printable string of at most ``limit`` characters (no newline or control character:
+    a label in the hub's ``/metrics``, text on its pages)."""
+    if not isinstance(value, str) or not value or len(value) > limit or not value.isprintable():
+        shown = repr(value) if len(repr(value)) <= 80 else f"{repr(value)[:80]}... " \
+            f"({len(value) if isinstance(value, str) else '?'} characters)"
+        raise HeartbeatError(f"{path}: at most {limit} printable characters, got {shown}")
+    return value
+
+
 def validate_heartbeat(beat: Any) -> dict[str, Any]:
-    """Check the shape :func:`appliance.ops.heartbeat.build_heartbeat` produces."""
+    """Check the shape :func:`appliance.ops.heartbeat.build_heartbeat` produces, and that
+    nothing in it is out of bounds (a number too large for the store, a string too long for
+    a label or a page)."""
     if not isinstance(beat, dict):
         raise HeartbeatError("body must be a JSON object")
     sent_at = _number(beat.get("sent_at"), "sent_at", 1.0)
@@ -75,6 +130,7 @@ def validate_heartbeat(beat: Any) -> dict[str, Any]:
                              "clock (fix the appliance's clock: pas doctor)")
     if not isinstance(beat.get("version"), str) or not beat["version"]:
         raise HeartbeatError(f"version: must be a non-empty string, got {beat.get('version')!r}")
+    _text(beat["version"], "version", MAX_VERSION_CHARS)
     for section, keys in (("backlog", ("studies", "bytes", "oldest_age_s",
                                        "urgent_oldest_age_s")),
                           ("jobs", ("failed",)), ("disk", ("used_percent",)),
@@ -84,6 +140,8 @@ def validate_heartbeat(beat: Any) -> dict[str, Any]:
             raise HeartbeatError(f"{section}: must be an object")
         for key in keys:
             _number(part.get(key), f"{section}.{key}")
+    if beat["backlog"].get("routine_oldest_age_s") is not None:  # optional: older appliances
+        _number(beat["backlog"]["routine_oldest_age_s"], "backlog.routine_oldest_age_s")
     if beat["disk"]["used_percent"] > 100:
         raise HeartbeatError("disk.used_percent: must be <= 100, got "
                              f"{beat['disk']['used_percent']}")
@@ -94,15 +152,27 @@ def validate_heartbeat(beat: Any) -> dict[str, Any]:
     errors = beat.get("errors", [])
     if not isinstance(errors, list) or not all(isinstance(e, str) for e in errors):
         raise HeartbeatError("errors: must be a list of strings")
+    if len(errors) > MAX_ERRORS:
+        raise HeartbeatError(f"errors: at most {MAX_ERRORS}, got {len(errors)}")
+    for number, error in enumerate(errors):
+        if len(error) > MAX_ERROR_CHARS:
+            raise HeartbeatError(f"errors[{number}]: at most {MAX_ERROR_CHARS} characters, "
+                                 f"got {len(error)}")
     return beat
 
 
 def site_rows(hub_db: Any, at: float | None = None) -> list[dict[str, Any]]:
+    """Every site's latest state; ``state`` is ``up``, ``down`` (silent past
+    :data:`SILENT_AFTER_S`) or ``revoked`` (``pas hub revoke``: its silence is expected, no
+    problem, and :class:`FleetCollector` exports no series for it, so that PasSiteSilent
+    and the other rules do not fire for a closed site for ever)."""
     at = time.time() if at is None else at
     rows = store.list_sites(hub_db)
+    revoked = revoked_sites(hub_db)
     for row in rows:
         row["silent_s"] = max(at - row["last_seen_at"], 0.0)
-        row["state"] = "up" if row["silent_s"] <= SILENT_AFTER_S else "down"
+        row["state"] = ("revoked" if row["site"] in revoked
+                        else "up" if row["silent_s"] <= SILENT_AFTER_S else "down")
         row["backup_age_s"] = backup_age(row, at)
         row["backup_stale"] = (row["backup_age_s"] is not None
                                and row["backup_age_s"] > BACKUP_STALE_AFTER_S)
@@ -122,6 +192,8 @@ def backup_age(row: dict[str, Any], at: float) -> float | None:
 def has_problem(row: dict[str, Any]) -> bool:
     """What the alert rules would flag: down, old backlog, disk, certificate, failed jobs,
     a backup older than two days."""
+    if row["state"] == "revoked":
+        return False
     cert = row["cert_days_left"]
     return (row["state"] == "down" or row["failed_jobs"] > 0 or row["urgent_oldest_s"] > 480
             or (row.get("routine_oldest_s") or 0) > 14400
@@ -136,6 +208,7 @@ body{font-family:system-ui,sans-serif;margin:0;padding:12px;background:#f6f7f9;c
 h1{font-size:1.3em} table{border-collapse:collapse;width:100%;background:#fff;font-size:.9em}
 th,td{padding:6px;border-bottom:1px solid #eee;text-align:left} th a{color:#225}
 .up{background:#d4f5dc}.down{background:#fbd5d5}.warn{background:#fff1c2}
+.revoked{background:#e4e4e4;color:#555}
 .state{padding:2px 8px;border-radius:10px} form{margin:8px 0} .wrap{overflow-x:auto}
 svg{background:#fff;border:1px solid #ddd;max-width:100%}
 """
@@ -187,7 +260,7 @@ def render_dashboard(rows: list[dict[str, Any]], sort: str, descending: bool, qu
     hub's own last backup above it."""
     if query:
         rows = [r for r in rows if query.lower() in r["site"].lower()]
-    if state in ("up", "down"):
+    if state in ("up", "down", "revoked"):
         rows = [r for r in rows if r["state"] == state]
     elif state == "problems":
         rows = [r for r in rows if has_problem(r)]
@@ -203,7 +276,7 @@ def render_dashboard(rows: list[dict[str, Any]], sort: str, descending: bool, qu
            f'<form method=get><input name=q placeholder="site" value="{_esc(query)}"> '
            '<select name=state>'
            + "".join(f'<option value="{v}"{" selected" if v == state else ""}>{v or "all"}'
-                     "</option>" for v in ("", "up", "down", "problems"))
+                     "</option>" for v in ("", "up", "down", "problems", "revoked"))
            + f'</select><input type=hidden name=sort value="{_esc(sort)}">'
            "<button type=submit>Filter</button></form>",
            "<div class=wrap><table id=fleet><tr>"]
@@ -274,7 +347,9 @@ def svg_chart(points: list[tuple[float, float]], since: float, until: float, tit
 
 
 def render_site(site: str, status: dict[str, Any], points: list[dict[str, Any]],
-                at: float) -> str:
+                at: float, beats: int | None = None) -> str:
+    """``points``: the 24 h history, one per slot (store.history_by_slot) or one per
+    heartbeat; ``beats``: how many heartbeats they are (default: one each)."""
     since = at - 86400
     backlog = [(p["received_at"], float(p["backlog_studies"])) for p in points]
     throughput = []
@@ -294,7 +369,8 @@ def render_site(site: str, status: dict[str, Any], points: list[dict[str, Any]],
         f"{counted(status['backlog']['studies'], 'study', 'studies')} · disk "
         f"{status['disk']['used_percent']} % · "
         f"{counted(status['received']['instances'], 'instance')} received · "
-        f"{counted(len(points), 'heartbeat')} in 24 h{_backup_fact(status, at)}</p>",
+        f"{counted(len(points) if beats is None else beats, 'heartbeat')} in 24 h"
+        f"{_backup_fact(status, at)}</p>",
         svg_chart(backlog, since, at, "backlog (studies)"), "<br>",
         svg_chart(throughput, since, at, "received (MB/s)"),
         "</body></html>",
@@ -311,7 +387,7 @@ class FleetCollector(Collector):
         self.hub = hub
 
     def collect(self) -> Iterator[Metric]:
-        rows = site_rows(self.hub.db)
+        rows = [r for r in site_rows(self.hub.db) if r["state"] != "revoked"]
         families = {
             "up": GaugeMetricFamily("pas_fleet_site_up",
                                     "1 when the site's last heartbeat is under 5 min old",
@@ -364,8 +440,8 @@ class FleetCollector(Collector):
                 families["backup"].add_metric(site, r["backup_age_s"])
             families["index"].add_metric(
                 site, int(any(says_index_trouble(e) for e in r["errors"] or [])))
-        yield GaugeMetricFamily("pas_fleet_sites", "Sites that ever sent a heartbeat",
-                                value=len(rows))
+        yield GaugeMetricFamily("pas_fleet_sites", "Sites that ever sent a heartbeat, "
+                                "revoked ones left out", value=len(rows))
         yield from families.values()
         backup = hub_backup_state(hub_backup_record(self.hub.db), time.time())
         if backup["age_s"] is not None:  # None: no record (the next backup writes one)
@@ -399,9 +475,7 @@ def fleet_routes(hub: Hub) -> list[BaseRoute]:
         except BodyTooLarge as exc:
             return exc.response
         try:
-            import json
-
-            beat = validate_heartbeat(json.loads(body))
+            beat = parse_heartbeat(body)
         except (ValueError, RecursionError) as exc:  # JSONDecodeError, HeartbeatError, too deep
             return problem(422, "bad_heartbeat", str(exc))
         if beat.get("site") not in (None, site):
@@ -431,8 +505,9 @@ def fleet_routes(hub: Hub) -> list[BaseRoute]:
             return HTMLResponse(f"<p>unknown site {_esc(site)}</p>", status_code=404,
                                 headers=headers)
         at = time.time()
-        points = await run_in_threadpool(store.history, hub.db, site, at - 86400)
-        return HTMLResponse(render_site(site, status, points, at), headers=headers)
+        points, beats = await run_in_threadpool(store.history_by_slot, hub.db, site,
+                                                at - 86400, CHART_SLOT_S)
+        return HTMLResponse(render_site(site, status, points, at, beats), headers=headers)
 
     async def scrape(_request: Request) -> Response:
         body = await run_in_threadpool(generate_latest, registry)

@@ -49,6 +49,7 @@ log = logging.getLogger("pas.ops.heartbeat")
 
 HEARTBEAT_PATH = "/api/v1/heartbeat"
 MAX_ERRORS = 5
+MAX_ERROR_CHARS = 1000
 # The enrolled hub's destination name (the daemon's default route; dispatch/target_types/hub):
 # the heartbeat and the uploads share one link state.
 HUB_DESTINATION = "hub"
@@ -87,7 +88,9 @@ def build_heartbeat(settings: Settings, db: Database, started_at: float,
         "uptime_s": round(time.time() - started_at, 1),
         **figures,
         "cert_days_left": None if cert_days is None else round(cert_days, 2),
-        "errors": errors[:MAX_ERRORS + 1],
+        # Each cut well below the hub's limit (hub/fleet.MAX_ERROR_CHARS, 2,000): a heartbeat
+        # over it is refused whole, and the site would look silent.
+        "errors": [error[:MAX_ERROR_CHARS] for error in errors[:MAX_ERRORS + 1]],
     }
 
 
@@ -116,7 +119,7 @@ def _from_store(settings: Settings, db: Database, errors: list[str]) -> dict[str
         errors.append(f"disk {disk['used_percent']} % used")
     return {
         "backlog": {
-            "studies": sum(row["studies"] for row in backlog),
+            "studies": snapshot["backlog_studies"],  # each once, whatever its destinations
             "bytes": sum(row["bytes"] for row in backlog),
             "oldest_age_s": max((row["oldest_age_s"] for row in backlog), default=0.0),
             "urgent_oldest_age_s": max(urgent, default=0.0),
@@ -125,7 +128,10 @@ def _from_store(settings: Settings, db: Database, errors: list[str]) -> dict[str
         "jobs": {state: snapshot["jobs"].get(state, 0)
                  for state in ("pending", "running", "failed")},
         "disk": {"used_percent": disk["used_percent"], "free_bytes": disk["free_bytes"]},
-        "received": {"instances": snapshot["files"], "bytes": snapshot["bytes"]},
+        # What the site received since its index was created (pas_received_*_total): the
+        # hub's "N instances received" and its throughput chart, from the deltas. It was the
+        # cache's content (files, bytes), which eviction lowers: 0 received after a purge.
+        "received": ops_store.received_totals(db),
         "confirmed_instances": snapshot["confirmed_instances"],
         # When the newest pas backup was written (None: never; ops/backup.py): the fleet
         # dashboard warns past two days. Optional in the format: the hub reads it only when

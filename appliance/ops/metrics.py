@@ -68,6 +68,17 @@ ACCESS_REFUSED = Counter("pas_access_refused", "Access attempts refused, by chan
                          "tls-certificate; "
                          "http: bearer-token)",
                          ["channel", "reason"], registry=None)
+# Every channel and reason exported at 0 from the start: Prometheus's increase() does not count
+# a series' first value, and a child made at the first refusal appeared at 1 (or at 40, a burst
+# between two scrapes): PasApplianceDicomTurningAway (increase(...[10m]) > 0) never fired for
+# it. The reasons of docs/operations.md's table; one named nowhere here still counts (lazily).
+REFUSAL_REASONS = {"dicom": ("unknown-ae", "rate-limit", "unaccepted-context", "invalid-pdu",
+                             "tls-certificate", "too-many-associations",
+                             "too-many-connections"),
+                   "http": ("bearer-token",)}
+for _channel, _reasons in REFUSAL_REASONS.items():
+    for _reason in _reasons:
+        ACCESS_REFUSED.labels(_channel, _reason)
 # Connections open on the DICOM port (appliance/dicomnet/server.py: bounded by
 # dicom.max_connections); read from the listener at scrape time, 0 when it is not running.
 DICOM_CONNECTIONS = Gauge("pas_dicom_connections", "Connections open on the DICOM port, those "
@@ -80,6 +91,8 @@ COMMITMENT_REPORTS = Counter("pas_storage_commitment_reports", "Storage Commitme
                              ["outcome"], registry=None)
 _HOOKS: list[Any] = [CSTORE_SECONDS, CSTORE_PATHS, RETRIEVES, UPLOAD_PUT_BYTES,
                      UPLOAD_INFLIGHT, ACCESS_REFUSED, COMMITMENT_REPORTS, DICOM_CONNECTIONS]
+# The calling_ae label of pas_received_*_total for a title not in dicom.known_aes.
+OTHER_AE = "other"
 LEAD_BUCKETS = (0, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 172800, 604800)
 LEAD_WINDOW_S = 7 * 86400
 
@@ -203,9 +216,9 @@ class ApplianceCollector(Collector):
                                         "Instances received, by calling AE", labels=["calling_ae"])
         received_bytes = CounterMetricFamily("pas_received_bytes",
                                              "Bytes received, by calling AE", labels=["calling_ae"])
-        for row in ops_store.received_by_calling_ae(self.db):
-            instances.add_metric([row["calling_ae"]], row["instances"])
-            received_bytes.add_metric([row["calling_ae"]], row["bytes"])
+        for calling_ae, (count, size) in self._received_by_ae().items():
+            instances.add_metric([calling_ae], count)
+            received_bytes.add_metric([calling_ae], size)
         yield instances
         yield received_bytes
 
@@ -295,6 +308,22 @@ class ApplianceCollector(Collector):
                                 value=totals["confirmed_instances"])
         yield GaugeMetricFamily("pas_spool_bytes", "Bytes of DICOM files in the spool",
                                 value=totals["bytes"])
+
+    def _received_by_ae(self) -> dict[str, tuple[int, int]]:
+        """(instances, bytes) received per ``calling_ae`` label: a title of
+        ``dicom.known_aes``, ``""`` (fetched from the region), or :data:`OTHER_AE` for any
+        other title. With ``dicom.accept_unknown`` a sender chooses its title freely, and
+        each one it made up was a series for ever (the counters are durable): a label's
+        values must stay bounded. Adding a title to ``known_aes`` moves its count from
+        ``other`` to its own series (``other`` goes down once: a counter reset to rate())."""
+        known = {ae.title for ae in self.settings.dicom.known_aes}
+        folded: dict[str, tuple[int, int]] = {}
+        for row in ops_store.received_by_calling_ae(self.db):
+            ae = row["calling_ae"]
+            label = ae if ae == "" or ae in known else OTHER_AE
+            count, size = folded.get(label, (0, 0))
+            folded[label] = (count + int(row["instances"]), size + int(row["bytes"]))
+        return folded
 
     def _collect_commitment(self) -> Iterator[Metric]:
         """Storage Commitment reports waiting, per modality: the counter of reports sent

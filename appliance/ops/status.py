@@ -35,6 +35,9 @@ def collect(settings: Settings, db: Database) -> dict[str, Any]:
         "jobs": states,
         "jobs_by_kind": by_kind,
         "backlog": job_store.backlog_by_destination(db),
+        # Studies waiting, each once (a study routed to two destinations is one): what the
+        # page's Backlog card and the heartbeat say; "backlog" has them per destination.
+        "backlog_studies": job_store.backlog_studies(db),
         # Storage Commitment reports the modalities wait for (store/commitment.py): pending
         # (count, oldest's age, per modality AE with its last error) and given up.
         "commitment": commitment_store.backlog(db),

@@ -245,7 +245,7 @@ def render_page(daemon: Daemon, form_token: FormToken | None = None) -> str:
     prefetch = read("prefetch", lambda: ops_store.prefetch_queue(daemon.db))
     link_class, link_text = link_state(daemon)
     site = enrolled_site(daemon) or snapshot["site"]
-    backlog_studies = sum(row["studies"] for row in snapshot["backlog"])
+    backlog_studies = snapshot["backlog_studies"]  # each once, whatever its destinations
     oldest = max((row["oldest_age_s"] for row in snapshot["backlog"]), default=None)
     disk = snapshot["disk"]
     reports = snapshot["commitment"]

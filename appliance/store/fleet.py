@@ -14,6 +14,10 @@ from typing import Any
 from appliance.store.db import Database, now
 
 HISTORY_DAYS = 8.0
+# How long a heartbeat can take from the appliance to the hub (its client gives up after
+# 15 s): one sent earlier than the site's latest, by the site's own clock, is late news only
+# if the site's clock moved less than this against the hub's between the two.
+MAX_IN_FLIGHT_S = 120.0
 
 _SITE_COLUMNS = ("site", "first_seen_at", "last_seen_at", "last_sent_at", "version",
                  "backlog_studies", "backlog_oldest_s", "urgent_oldest_s", "disk_used_percent",
@@ -22,8 +26,12 @@ _SITE_COLUMNS = ("site", "first_seen_at", "last_seen_at", "last_sent_at", "versi
 
 def record_heartbeat(db: Database, site: str, beat: dict[str, Any]) -> bool:
     """Store one validated heartbeat. False when this ``(site, sent_at)`` was already
-    recorded (nothing changes). The site's latest state only moves forward in ``sent_at``, so
-    a late duplicate or an old one resent after a reconnection cannot overwrite newer news."""
+    recorded (nothing changes). The site's latest state moves forward in ``sent_at``, so a
+    late one (sent before the latest, delivered after) cannot overwrite newer news; unless
+    the site's clock was set back meanwhile: its offset to the hub's clock (``sent_at`` minus
+    arrival) fell by more than :data:`MAX_IN_FLIGHT_S`, more than any delivery takes. Before,
+    a site whose clock an hour ahead was put right had its row frozen for that hour (its
+    heartbeats only in the history): the dashboard showed it down while it sent every 30 s."""
     at = now()
     sent_at = float(beat["sent_at"])
     backlog = beat["backlog"]
@@ -41,7 +49,10 @@ def record_heartbeat(db: Database, site: str, beat: dict[str, Any]) -> bool:
         values = (site, at, at, sent_at, beat["version"], backlog["studies"],
                   backlog["oldest_age_s"], backlog["urgent_oldest_age_s"],
                   beat["disk"]["used_percent"], beat.get("cert_days_left"),
-                  beat["jobs"]["failed"], json.dumps(beat.get("errors", [])), json.dumps(beat))
+                  beat["jobs"]["failed"], json.dumps(beat.get("errors", [])),
+                  # No NaN or Infinity: SQLite's json_extract refuses such a row, and every
+                  # read of the fleet with it (hub/fleet.parse_heartbeat refuses them first).
+                  json.dumps(beat, allow_nan=False))
         conn.execute(
             """INSERT INTO fleet_sites (site, first_seen_at, last_seen_at, last_sent_at, version,
                    backlog_studies, backlog_oldest_s, urgent_oldest_s, disk_used_percent,
@@ -56,8 +67,10 @@ def record_heartbeat(db: Database, site: str, beat: dict[str, Any]) -> bool:
                    cert_days_left = excluded.cert_days_left,
                    failed_jobs = excluded.failed_jobs, errors = excluded.errors,
                    status = excluded.status
-               WHERE excluded.last_sent_at > fleet_sites.last_sent_at""",
-            values,
+               WHERE excluded.last_sent_at > fleet_sites.last_sent_at
+                  OR (fleet_sites.last_sent_at - fleet_sites.last_seen_at)
+                     - (excluded.last_sent_at - excluded.last_seen_at) > ?""",
+            (*values, MAX_IN_FLIGHT_S),
         )
         conn.execute("DELETE FROM fleet_heartbeats WHERE received_at < ?",
                      (at - HISTORY_DAYS * 86400,))
@@ -99,6 +112,25 @@ def history(db: Database, site: str, since: float) -> list[dict[str, Any]]:
         (site, since),
     )
     return [dict(r) for r in rows]
+
+
+def history_by_slot(db: Database, site: str, since: float,
+                    slot_s: float) -> tuple[list[dict[str, Any]], int]:
+    """The site's heartbeats received since ``since`` as one point per ``slot_s`` seconds
+    (the slot's last arrival, its largest backlog and its latest cumulative received
+    figures), and how many heartbeats they are. What the site page draws: a site on
+    ``ops.heartbeat_interval_s = 1`` (or posting faster) gave 86,400 points a day per chart,
+    a 1.9 MB page at every refresh; now at most ``86400 / slot_s`` whatever the rate."""
+    rows = db.query(
+        """SELECT max(received_at) AS received_at, max(backlog_studies) AS backlog_studies,
+                  max(received_bytes) AS received_bytes,
+                  max(received_instances) AS received_instances, count(*) AS beats
+           FROM fleet_heartbeats WHERE site = ? AND received_at >= ?
+           GROUP BY CAST((received_at - ?) / ? AS INTEGER) ORDER BY 1""",
+        (site, since, since, slot_s),
+    )
+    points = [dict(r) for r in rows]
+    return points, sum(int(p.pop("beats")) for p in points)
 
 
 def heartbeat_count(db: Database, site: str | None = None) -> int:

@@ -74,6 +74,14 @@ def revoke_site(db: Database, site: str) -> int:
                             "revoked_at IS NULL", (now(), site)).rowcount
 
 
+def revoked_sites(db: Database) -> set[str]:
+    """Sites whose every certificate is revoked (``pas hub revoke``; enrolled again since:
+    not in it). The fleet shows them as revoked, not as silent."""
+    rows = db.query("SELECT site FROM certificates GROUP BY site "
+                    "HAVING sum(revoked_at IS NULL) = 0")
+    return {r["site"] for r in rows}
+
+
 def certificate_state(db: Database, serial: str) -> Literal["valid", "revoked", "unknown"]:
     row = db.query_one("SELECT revoked_at FROM certificates WHERE serial = ?", (serial,))
     if row is None:

@@ -29,6 +29,19 @@ def received_by_calling_ae(db: Database) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
 
 
+def received_totals(db: Database) -> dict[str, int]:
+    """Instances (every version) and bytes received since the database was created, every
+    calling AE together: the sums of :func:`received_by_calling_ae`'s counters, which
+    eviction and purge never lower (the cache's own figures, ``index.totals``, they do)."""
+    row = db.query_one(
+        """SELECT coalesce(sum(CASE WHEN name = 'received_instances' THEN value END), 0)
+                      AS instances,
+                  coalesce(sum(CASE WHEN name = 'received_bytes' THEN value END), 0) AS bytes
+           FROM counters WHERE name IN ('received_instances', 'received_bytes')""")
+    return {"instances": int(row["instances"]) if row else 0,
+            "bytes": int(row["bytes"]) if row else 0}
+
+
 def failed_jobs_by_destination(db: Database) -> dict[str, int]:
     rows = db.query("SELECT destination, count(*) AS n FROM jobs WHERE state = 'failed' "
                     "GROUP BY destination")

@@ -64,8 +64,9 @@ def _write_lock_held(pas: PasProcess) -> Iterator[None]:
 
 def _refusals(pas: PasProcess) -> dict[str, float]:
     text = httpx.get(f"http://127.0.0.1:{pas.http_port}/metrics", timeout=10).text
-    return {m.group(1): float(m.group(2)) for m in re.finditer(
-        r'^pas_access_refused_total\{channel="dicom",reason="([\w-]+)"\} (\S+)$', text, re.M)}
+    return {m.group(1): float(m.group(2)) for m in re.finditer(  # every reason exported: at 0
+        r'^pas_access_refused_total\{channel="dicom",reason="([\w-]+)"\} (\S+)$', text, re.M)
+        if float(m.group(2))}
 
 
 def _connections(pas: PasProcess) -> float:
