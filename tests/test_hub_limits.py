@@ -304,6 +304,7 @@ def test_a_bucket_put_holds_about_one_copy_of_the_bucket_in_memory(
         before = peak_rss_mb(hub.proc.pid)
         assert http.put(f"{shipment.url}/buckets/0", content=big).status_code == 201
         growth = peak_rss_mb(hub.proc.pid) - before
-    assert growth < 2.2 * BIG_BUCKET_MB, f"peak RSS grew {growth:.0f} MB for one PUT"
+    # Measured: +47.9 MB (one copy: the body as read); +191.9 MB before (four).
+    assert growth < 1.5 * BIG_BUCKET_MB, f"peak RSS grew {growth:.0f} MB for one PUT"
     stored = hub.home / "buckets" / shipment.transfer_id / "000000.bkt"
     assert stored.read_bytes() == big
