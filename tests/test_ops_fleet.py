@@ -111,7 +111,8 @@ def test_appliance_metrics_show_the_link(fleet: dict[str, Any]) -> None:
     wire = metric(text, "pas_wan_bytes_total", direction="up")
     assert wire is not None and 0 < wire < pas.status()["bytes"]
     assert metric(text, "pas_compression_ratio") == pytest.approx(pas.status()["bytes"] / wire)
-    assert metric(text, "pas_prefetch_lead_time_seconds_count") is not None
+    assert metric(text, "pas_prefetch_fetched_7d") is not None
+    assert "pas_prefetch_lead_time_seconds_bucket" not in text  # a window is no histogram
     assert metric(text, "pas_destination_link_up", destination="hub") == 1
     page = httpx.get(f"http://127.0.0.1:{pas.http_port}/", timeout=10).text
     assert 'class="state up">up (last contact' in page

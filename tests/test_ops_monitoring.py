@@ -87,3 +87,17 @@ def test_a_bad_expression_is_caught(tmp_path: Path) -> None:
     (tmp_path / "bad.yml").write_text(yaml.safe_dump({"groups": [{"name": "g", "rules": [
         {"alert": "Broken", "expr": "pas_fleet_site_up >"}]}]}))
     assert promtool("check", "rules", "bad.yml", cwd=tmp_path).returncode != 0
+
+
+def test_prefetch_lead_times_are_gauges_of_the_window() -> None:
+    """They were a histogram computed over the last 7 days: its buckets and count fell as
+    requests aged out of the window, which Prometheus reads as counter resets."""
+    from appliance.ops.metrics import lead_time_families
+
+    fetched, late, quantiles = lead_time_families([-600.0, 3600.0, 7200.0, 86400.0, 900.0])
+    assert [f.type for f in (fetched, late, quantiles)] == ["gauge"] * 3
+    assert fetched.samples[0].value == 5 and late.samples[0].value == 1
+    assert {s.labels["quantile"]: s.value for s in quantiles.samples} == {
+        "0.1": -600.0, "0.5": 3600.0, "0.9": 86400.0}
+    empty = lead_time_families([])
+    assert [f.samples[0].value for f in empty[:2]] == [0, 0] and empty[2].samples == []

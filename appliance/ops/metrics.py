@@ -11,6 +11,7 @@ touch: any state; a hook only moves a counter.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import threading
 import time
@@ -23,7 +24,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
-    HistogramMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector
@@ -93,7 +93,6 @@ _HOOKS: list[Any] = [CSTORE_SECONDS, CSTORE_PATHS, RETRIEVES, UPLOAD_PUT_BYTES,
                      UPLOAD_INFLIGHT, ACCESS_REFUSED, COMMITMENT_REPORTS, DICOM_CONNECTIONS]
 # The calling_ae label of pas_received_*_total for a title not in dicom.known_aes.
 OTHER_AE = "other"
-LEAD_BUCKETS = (0, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 172800, 604800)
 LEAD_WINDOW_S = 7 * 86400
 
 
@@ -171,11 +170,29 @@ def _sample_value(metric: Any, labels: dict[str, str]) -> float:
     return 0.0
 
 
-def _histogram(name: str, documentation: str, values: list[float]) -> HistogramMetricFamily:
-    buckets = [(str(float(bound)), float(sum(1 for v in values if v <= bound)))
-               for bound in LEAD_BUCKETS]
-    buckets.append(("+Inf", float(len(values))))
-    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=sum(values))
+LEAD_QUANTILES = (0.1, 0.5, 0.9)
+
+
+def lead_time_families(leads: list[float]) -> list[GaugeMetricFamily]:
+    """The prefetch's lead times of the last 7 days as gauges: how many priors were fetched,
+    how many late (after the exam's time), and the lead time's quantiles (nearest rank).
+
+    Gauges, not a histogram: a histogram's buckets and count are cumulative counters, and
+    these were computed over a sliding window, so they fell as requests aged out of it, which
+    ``rate()`` and ``histogram_quantile()`` read as counter resets (found by the review of
+    the operations surface)."""
+    fetched = GaugeMetricFamily("pas_prefetch_fetched_7d", "Prefetch requests whose priors "
+                                "were fetched in the last 7 days", value=len(leads))
+    late = GaugeMetricFamily("pas_prefetch_late_7d", "Of those, fetched after the exam's "
+                             "scheduled time", value=sum(1 for lead in leads if lead < 0))
+    quantiles = GaugeMetricFamily("pas_prefetch_lead_time_7d_seconds", "How long before the "
+                                  "scheduled exam priors were on site, fetched in the last 7 "
+                                  "days (below 0: late), by quantile", labels=["quantile"])
+    ordered = sorted(leads)
+    for q in LEAD_QUANTILES if ordered else ():
+        rank = max(1, math.ceil(q * len(ordered)))
+        quantiles.add_metric([str(q)], ordered[rank - 1])
+    return [fetched, late, quantiles]
 
 
 def certificate_days_left(home: Path) -> float | None:
@@ -282,9 +299,7 @@ class ApplianceCollector(Collector):
                                     value=uploads["original"] / uploads["wire"])
         leads = ops_store.prefetch_lead_times(self.db, time.time() - LEAD_WINDOW_S)
         if leads is not None:
-            yield _histogram("pas_prefetch_lead_time_seconds",
-                             "How long before the scheduled exam priors were on site "
-                             "(fetched in the last 7 days; below 0: late)", leads)
+            yield from lead_time_families(leads)
         link_up = GaugeMetricFamily("pas_destination_link_up",
                                     "1 when the last delivery contact with the destination "
                                     "succeeded (store/uplink.py)", labels=["destination"])
