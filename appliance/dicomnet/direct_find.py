@@ -80,19 +80,21 @@ def message_pdus(context_id: int, command: bytes, dataset: bytes, max_pdu: int) 
 class DirectFindResponder:
     """Sends the Pending responses of one C-FIND request (the handler's thread)."""
 
-    def __init__(self, assoc: Any, context_id: int, message_id: int, sop_class_uid: str):
+    def __init__(self, assoc: Any, context_id: int, message_id: int, sop_class_uid: str,
+                 status: int = PENDING):
         self.assoc = assoc
         self.dul = assoc.dul
         self.io_lock = assoc.dul._pas_io_lock
         self.context_id = context_id
-        self.command = c_find_rsp(sop_class_uid, message_id)
+        self.command = c_find_rsp(sop_class_uid, message_id, status)
         # The requestor's Maximum Length: what each PDU sent to it may hold.
         self.max_pdu = int(assoc.dimse.maximum_pdu_size or 0)
         self.timeout = assoc.dimse_timeout or 30
 
     @classmethod
-    def for_event(cls, event: Any) -> DirectFindResponder | None:
-        """A responder for the C-FIND request of ``event``; None when the association has
+    def for_event(cls, event: Any, status: int = PENDING) -> DirectFindResponder | None:
+        """A responder for the C-FIND request of ``event``, its answers' Pending ``status``
+        0xFF00 or 0xFF01; None when the association has
         no I/O lock (``dicom.event_driven = false``: pynetdicom's own loops), and pynetdicom
         sends each answer."""
         assoc = event.assoc
@@ -101,7 +103,7 @@ class DirectFindResponder:
         if 0 < int(assoc.dimse.maximum_pdu_size or 0) < 7:  # pynetdicom refuses it: let it
             return None
         return cls(assoc, int(event.context.context_id), int(event.request.MessageID),
-                   str(event.request.AffectedSOPClassUID))
+                   str(event.request.AffectedSOPClassUID), status)
 
     def send(self, identifier: bytes) -> None:
         """Send one Pending response carrying ``identifier`` (encoded in the context's

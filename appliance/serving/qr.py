@@ -31,13 +31,19 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from appliance.config import DicomTlsSection, ServingSection
 from appliance.ingest.policy import TRANSFER_SYNTAXES
 from appliance.ingest.scp import DicomListener
-from appliance.serving.qr_answers import IdentifierEncoder, answerer
+from appliance.serving.qr_answers import (
+    PENDING,
+    PENDING_UNMATCHED,
+    IdentifierEncoder,
+    answerer,
+)
 from appliance.serving.qr_associations import peer
 from appliance.serving.qr_identifiers import (
     identifier_keys,
     level_problem,
     query_charset,
     request_summary,
+    unmatched_keys,
 )
 from appliance.serving.qr_responses import (
     CANCELLED,
@@ -117,8 +123,11 @@ class QueryRetrieveService:
             yield _failure(IDENTIFIER_DOES_NOT_MATCH, problem), None
             return
         summary = request_summary(level, keys)
+        # Keys given a value that PAS does not match: each answer says so (0xFF01).
+        unmatched = unmatched_keys(level, keys, asked)
         answer = answerer(event, IdentifierEncoder(level, asked, self.ae_title, charset,
-                                                    str(event.context.transfer_syntax)))
+                                                    str(event.context.transfer_syntax)),
+                          PENDING_UNMATCHED if unmatched else PENDING)
         count = 0
         ask_region = self.region_find is not None and level == "STUDY"
         local_studies: set[str] = set()  # only to leave out the region's copies of them
@@ -187,6 +196,10 @@ class QueryRetrieveService:
             # association's thread and before it reads the viewer's next PDU: the row is
             # written before anything else happens on this association, but its fsync is no
             # longer part of the viewer's wait.
+            if unmatched:  # first in the row's detail, before its count and any other note
+                note = " ".join(filter(None, [
+                    f"keys not matched (answered 0x{PENDING_UNMATCHED:04X}): "
+                    f"{', '.join(unmatched)};", note]))
             audit_query(calling, address, summary, "success", count, note)
 
     def _audit(self, event: str, calling: str, address: str, target: str | None,

@@ -47,6 +47,9 @@ _QUERY_RETRIEVE_LEVEL = 0x00080052
 _SHORT_LENGTH_MAX = 0xFFFF
 _US = struct.Struct("<H")
 PENDING = 0xFF00
+# Pending, "one or more Optional Keys were not supported for existence and/or matching for
+# this Identifier" (PS3.4 C.4.1.1.4): a query with keys PAS ignored (qr_identifiers.py).
+PENDING_UNMATCHED = 0xFF01
 UNABLE_TO_ENCODE = 0xC312  # pynetdicom's status for an identifier that does not encode
 
 
@@ -142,13 +145,14 @@ class IdentifierEncoder:
 Answerer = Callable[[dict[str, Any], str], Generator[tuple[int, Any], None, bool]]
 
 
-def answerer(event: Any, encoder: IdentifierEncoder) -> Answerer:
+def answerer(event: Any, encoder: IdentifierEncoder, status: int = PENDING) -> Answerer:
     """Each match written straight to the socket (direct_find.py: its bytes are what
     pynetdicom would send), or, on an association without the event-driven loops, yielded
     for pynetdicom to send once the DUL has room: it queues each answer at once, and a viewer
     reading slowly had them all held in memory (0.7 kB each). An identifier that does not
-    encode is a failure, 0xC312, as pynetdicom answers it."""
-    responder = DirectFindResponder.for_event(event)
+    encode is a failure, 0xC312, as pynetdicom answers it. ``status``: each answer's Pending
+    status (0xFF01 when keys of the request were not matched)."""
+    responder = DirectFindResponder.for_event(event, status)
 
     def direct(values: dict[str, Any], availability: str
                ) -> Generator[tuple[int, Any], None, bool]:
@@ -167,7 +171,7 @@ def answerer(event: Any, encoder: IdentifierEncoder) -> Answerer:
                ) -> Generator[tuple[int, Any], None, bool]:
         if not wait_for_room(event.assoc):
             return False
-        yield PENDING, response_identifier(encoder.level, encoder.asked, values,
+        yield status, response_identifier(encoder.level, encoder.asked, values,
                                            encoder.retrieve_ae, availability=availability,
                                            charset=encoder.charset)
         return True

@@ -25,7 +25,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelMove,
 )
 
-from appliance.store.query import LEVELS
+from appliance.store.query import LEVELS, available
 
 _PATIENT_ROOT = {str(PatientRootQueryRetrieveInformationModelFind),
                  str(PatientRootQueryRetrieveInformationModelMove),
@@ -52,6 +52,44 @@ def identifier_keys(identifier: Dataset) -> tuple[str, dict[str, str], list[Data
         else:
             keys[keyword] = str(value)
     return level, keys, asked
+
+
+# Keys a C-FIND answer fills from PAS itself, whatever the request held.
+_ANSWERED_BY_PAS = frozenset({"RetrieveAETitle", "InstanceAvailability"})
+
+
+def unmatched_keys(level: str, keys: dict[str, str], asked: list[DataElement]) -> list[str]:
+    """The keys of a request that hold a value (not universal matching: empty or ``*``) and
+    that PAS does not match at ``level``: not in the index, of a level below the query's, or
+    a sequence whose item holds a value (sequence matching, PS3.4 C.2.2.2.6, is not offered).
+    They are ignored, so each answer is Pending 0xFF01 (PS3.4 C.4.1.1.4: "one or more
+    Optional Keys were not supported for existence and/or matching"): answered 0xFF00, which
+    says every key was applied, a viewer filtering on ``InstitutionName=ZZZ`` got every study
+    of the cache as matching it."""
+    unmatched = []
+    for element in asked:
+        keyword = element.keyword
+        if keyword in _ANSWERED_BY_PAS:
+            continue
+        if element.VR == "SQ":
+            if any(_holds_a_value(item) for item in element.value or []):
+                unmatched.append(keyword)
+        elif (keys.get(keyword) or "").strip().replace("*", "") and \
+                not available(keyword, level):
+            unmatched.append(keyword)
+    return unmatched
+
+
+def _holds_a_value(item: Dataset) -> bool:
+    """Whether a sequence item of a request asks for more than universal matching."""
+    for element in item:
+        if element.VR == "SQ":
+            if any(_holds_a_value(nested) for nested in element.value or []):
+                return True
+        elif str(element.value if element.value is not None else "").strip().replace(
+                "*", ""):
+            return True
+    return False
 
 
 def level_problem(level: str, model: str) -> str | None:

@@ -53,6 +53,7 @@ from appliance.serving.qr_responses import (
     throttle_pending,
 )
 from appliance.serving.suboperations import (
+    RemovedInstance,
     SpoolFile,
     SubOperationTally,
     TranscodedFile,
@@ -67,9 +68,9 @@ log = logging.getLogger("pas.serving")
 
 # The Number of ... Sub-operations of a C-MOVE/C-GET response are US (PS3.4 C.4.2.1.6).
 MAX_SUB_OPERATIONS = 65535
-# Yielded for an instance purged while its retrieve ran: not a Dataset pynetdicom can send
-# (no SOP Class UID), so it counts that sub-operation failed; the tally already has it.
-_GONE: Any = "instance removed during the retrieve"
+
+# How many instances' SOP Instance UIDs a retrieve reads ahead of their C-STOREs.
+_UID_PAGE = 500
 
 # Fetch-through: study UID -> instances fetched from the region (raises on failure).
 Fetcher = Callable[[str], int]
@@ -292,7 +293,10 @@ class RetrieveHandlers:
         ``tally`` as its C-STORE is answered (suboperations.py); here the tally learns how
         the run ended: cancelled, or finished once the last sub-operation was answered
         (pynetdicom sends it between this generator's last yield and its end)."""
-        for instance_id in rows:
+        uids: dict[int, str] = {}  # the SOP Instance UIDs of the next page of instances
+        for n, instance_id in enumerate(rows):
+            if n % _UID_PAGE == 0:
+                uids = store_query.instance_uids(self.db, rows[n:n + _UID_PAGE])
             if event.is_cancelled:
                 # Set before the yield: pynetdicom sends the final response and never
                 # resumes this generator.
@@ -300,9 +304,10 @@ class RetrieveHandlers:
                 yield CANCELLED, None
                 return
             row = store_query.instance_row(self.db, instance_id)
-            if row is None:  # purged since the retrieve began
-                tally.record_failure(f"instance row {instance_id} removed during the retrieve")
-                yield PENDING, _GONE
+            if row is None:  # purged since the retrieve began: its send fails, counted there
+                yield PENDING, RemovedInstance(
+                    f"instance row {instance_id} removed during the retrieve",
+                    uids.get(instance_id))
                 continue
             yield PENDING, self._as_sent(row, accepted)
         tally.finished = True

@@ -185,6 +185,37 @@ class TranscodedFile(SpoolFile):
         return self._spool
 
 
+class InstanceRemoved(Exception):
+    """The instance of a sub-operation was removed (a forced purge) after its retrieve was
+    planned: nothing to send."""
+
+
+class RemovedInstance(Dataset):
+    """Stands for such an instance in a C-MOVE/C-GET sub-operation. Its send fails (counted
+    once, with ``reason``), so pynetdicom counts it failed and one fewer remaining, and names
+    its SOP Instance UID in the Failed SOP Instance UID List when the retrieve read it before
+    the row was gone (a page ahead); otherwise it is left out of the list. The handler
+    yielded a bare string instead, which pynetdicom counts failed but not done: every later
+    Pending response, and the final one, said that many sub-operations remained (1
+    completed, 3 failed, 3 remaining for a study of 4), and each was an empty UID in the
+    Failed SOP Instance UID List."""
+
+    def __init__(self, reason: str, sop_instance_uid: str | None = None):
+        super().__init__()
+        self._reason = reason
+        if sop_instance_uid:  # read a page ahead, before the purge: named in the list
+            self.SOPInstanceUID = sop_instance_uid
+
+    @property
+    def reason(self) -> str:
+        return self._reason
+
+    def __bool__(self) -> bool:
+        # A Dataset without elements is false, and pynetdicom sends a Pending one only when
+        # it is true: left false, the sub-operation was neither sent nor counted at all.
+        return True
+
+
 def stream_spool_files(assoc: Any, tally: SubOperationTally) -> None:
     """Make ``assoc.send_c_store`` send a :class:`SpoolFile` from its path, unchanged, and
     count every sub-operation's outcome in ``tally`` from now on.
@@ -215,6 +246,8 @@ def stream_spool_files(assoc: Any, tally: SubOperationTally) -> None:
         return result
 
     def send(dataset: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(dataset, RemovedInstance):
+            raise InstanceRemoved(dataset.reason)
         if not isinstance(dataset, SpoolFile):
             return original(dataset, *args, **kwargs)
         if not isinstance(dataset, TranscodedFile):
@@ -249,6 +282,8 @@ def _not_sent(assoc: Any, dataset: Any, exc: Exception) -> str:
     """Why a sub-operation has no status, for the audit: the peer accepted no presentation
     context for the SOP class (pynetdicom raises before sending), the copy in another syntax
     could not be made, or the exchange broke."""
+    if isinstance(exc, InstanceRemoved):
+        return str(exc)
     sop_class = str(getattr(dataset, "SOPClassUID", "") or "")
     # PAS sends as the SCU of the storage context: on a C-GET the viewer took the SCP role.
     contexts = [cx for cx in getattr(assoc, "accepted_contexts", [])

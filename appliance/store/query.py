@@ -284,8 +284,7 @@ def _match(where: _Where, keyword: str, value: str, pn_case_sensitive: bool) -> 
     else:
         where.add(f"{sql} = ?", value)
     if keyword == "PatientID" and not _has_wildcard(value) and all(value.split("\\")):
-        # Not for a wildcard: a prefix could use the index too, but SQLite cannot tell how
-        # many IDs it covers, and took it over a better one (P00* with PatientName
+        # Not for a wildcard: SQLite took a prefix over a better index (P00* with PatientName
         # PATIENT^1000*: 657 -> 240,357 instructions where every ID began with P00).
         where.add(_NAMES_SOMEONE)
 
@@ -349,11 +348,9 @@ def find_pages(db: Database, level: str, keys: dict[str, str], *, page_size: int
                pn_case_sensitive: bool = False, limit: int | None = None,
                offset: int = 0) -> Iterator[list[dict[str, Any]]]:
     """What :func:`find` returns, ``page_size`` entities at a time, each page one query read
-    whole (so each may run in another thread, on that thread's connection). The pages after
-    the first continue after the last entity's row id, not by OFFSET: a search within a
-    study of 200,000 instances was answered from one list of every row (+1,582 MB), and an
-    OFFSET per page would rescan what came before. The first page raises QueryError for a
-    query the index cannot answer, before anything is sent."""
+    whole (so each may run in another thread), the pages after the first after the last
+    entity's row id, not by OFFSET (which rescans): one list of every row of a study of
+    200,000 instances cost +1,582 MB. The first page raises QueryError, before any answer."""
     left = limit
     after: int | None = None
     computed: dict[tuple[str, Any], Any] = {}  # per owner, once for every page
@@ -484,11 +481,9 @@ def _retrieve_where(level: str, keys: dict[str, str]) -> _Where:
 def instance_pages(db: Database, instance_ids: Sequence[int],
                    page_size: int = 500) -> Iterator[list[sqlite3.Row]]:
     """The rows of ``instance_ids`` (a :class:`RetrievePlan`'s) in that order, with their
-    study_uid and series_uid, ``page_size`` at a time: each page one query read whole (so
-    each may run in another thread, on that thread's connection). A study's WADO-RS answer
-    and the hub's download read every row first: about 1.2 kB each in Python, +250 MB for
-    a study of 200,000 instances before the first byte. An instance removed since the plan
-    (a purge, an eviction, a newer version) is left out."""
+    study_uid and series_uid, ``page_size`` at a time, each page one query (so each may run
+    in another thread): reading every row first cost +250 MB for 200,000 instances before
+    the first byte (WADO-RS, the hub's download). One removed since the plan is left out."""
     for start in range(0, len(instance_ids), page_size):
         ids = list(instance_ids[start:start + page_size])
         found = {row["id"]: row for row in db.query(
@@ -502,10 +497,9 @@ def instance_pages(db: Database, instance_ids: Sequence[int],
 @dataclass(frozen=True)
 class RetrievePlan:
     """What a C-MOVE/C-GET will send, without holding its rows: the instances' row ids in
-    the order sent (8 bytes each), the (SOP class, transfer syntax) pairs for the
-    presentation contexts, and the studies touched. The whole rows (about 1.2 kB each in
-    Python) cost 120 MB for a retrieve of 100,000 instances; each is now read when its
-    C-STORE goes (:func:`instance_row`)."""
+    the order sent (8 bytes each), the (SOP class, transfer syntax) pairs for the contexts,
+    and the studies touched. Whole rows cost 120 MB for 100,000 instances; each is read when
+    its C-STORE goes (:func:`instance_row`)."""
 
     instance_ids: array[int]
     pairs: list[tuple[str, str]]
@@ -537,6 +531,14 @@ def instance_row(db: Database, instance_id: int) -> sqlite3.Row | None:
     """One instance of a :class:`RetrievePlan` as it is sent (None: removed since, by a
     purge or an eviction)."""
     return db.query_one("SELECT * FROM instances WHERE id = ?", (instance_id,))
+
+
+def instance_uids(db: Database, ids: Sequence[int]) -> dict[int, str]:
+    """The SOP Instance UIDs of those of ``ids`` still held (a retrieve reads them a page
+    ahead, so that one purged before its C-STORE is still named as failed)."""
+    return {r[0]: r[1] for r in db.connection().execute(
+        f"SELECT id, sop_instance_uid FROM instances WHERE id IN ({', '.join('?' * len(ids))})",
+        list(ids))} if ids else {}
 
 
 def study_instance_count(db: Database, study_uid: str) -> int:
