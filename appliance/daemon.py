@@ -89,6 +89,11 @@ class Daemon:
         # Refused associations and HTTP requests, in the audit trail (coalesced per source).
         self.refusals = RefusalAudit(self.db)
         self.listener = DicomListener(settings.dicom, self.receiver, refusals=self.refusals)
+        from appliance.serving.wiring import web_tls  # serving.auth = client_cert
+
+        # Here, as the DICOM port's TLS context: a readable key stops start-up naming it
+        # (in _start_web, its PermissionError read as a port that cannot be bound).
+        self.web_tls = web_tls(settings) if settings.http.enabled else {}
         self.commitment: Any = None
         if settings.dicom.storage_commitment:  # Storage Commitment Push Model SCP
             from appliance.ingest.commitment import STORAGE_COMMITMENT_PUSH, StorageCommitmentScp
@@ -214,12 +219,11 @@ class Daemon:
         """Bind and serve the HTTP port; a port that cannot be bound fails start-up like the
         DICOM port (one line, exit 1, no READY) instead of leaving a daemon without its status
         page, metrics and DICOMweb."""
-        from appliance.serving.wiring import web_tls  # serving.auth = client_cert
         from appliance.web.app import WebServer, build_app
 
         http = self.settings.http
         try:
-            self.web = WebServer(build_app(self), http.host, http.port, **web_tls(self.settings))
+            self.web = WebServer(build_app(self), http.host, http.port, **self.web_tls)
         except OSError as exc:
             self.listener.stop()
             raise PortUnavailable(bind_refused("http.port", "http.host", http.host, http.port,

@@ -73,7 +73,7 @@ def test_a_hub_backup_taken_while_it_serves_restores_the_fleet(
     gone = enroll(hub, tmp_path / "gone", "CHU-SUD")
     live = open_hub_db(hub.home / "hub.sqlite")
     try:
-        assert revoke_site(live, "CHU-SUD") == 1
+        assert revoke_site(live, "CHU-SUD") == (1, 0)
     finally:
         live.close()
     mr = sorted(p for p in MR_DIR.rglob("*") if p.is_file())

@@ -249,6 +249,32 @@ def test_revocation_applies_at_once_even_on_an_open_connection(
     assert again.returncode == 1
 
 
+def test_revocation_voids_the_sites_unspent_tokens(hub: HubProcess, tmp_path: Path) -> None:
+    """``pas hub revoke SITE`` (a stolen appliance) revoked the certificates only: a token
+    of that site issued before and never spent (a first one reported lost, a spare in a
+    seed file or a mail) still enrolled, and its holder got a fresh, valid certificate of the
+    site: the revocation undone by anyone holding it. A token issued after the revocation
+    (the site's own ``pas enroll --replace``) is the way back in."""
+    spare = hub.token("STOLEN", cli=True)  # issued, reported lost, never spent
+    enroll(hub, tmp_path / "site", "STOLEN", cli=True)  # the site enrolled with another one
+    never = hub.token("NEVER-ENROLLED", cli=True)
+    revoked = hub.cli("revoke", "STOLEN")
+    assert "revoked 1 certificate of site STOLEN" in revoked.stdout
+    assert "1 unspent enrolment token" in revoked.stdout
+    thief = _pas_enroll(tmp_path / "thief", hub.url, spare)
+    assert thief.returncode == 1 and "403" in thief.stderr, thief.stdout + thief.stderr
+    assert load_enrolment(tmp_path / "thief") is None
+    assert "valid" not in [line for line in hub.cli("sites").stdout.splitlines()
+                           if "STOLEN" in line][0]
+    # A site with no certificate yet: its token is voided all the same, and said so.
+    voided = hub.cli("revoke", "NEVER-ENROLLED")
+    assert voided.returncode == 0 and "1 unspent enrolment token" in voided.stdout
+    assert _pas_enroll(tmp_path / "never", hub.url, never).returncode == 1
+    # The way back in: a token issued after the revocation.
+    renewed = _pas_enroll(tmp_path / "renewed", hub.url, hub.token("STOLEN", cli=True))
+    assert renewed.returncode == 0, renewed.stdout + renewed.stderr
+
+
 def test_tls_below_1_3_is_refused(hub: HubProcess) -> None:
     context = hub.anonymous_context()
     context.minimum_version = ssl.TLSVersion.TLSv1_2

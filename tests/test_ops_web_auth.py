@@ -11,6 +11,7 @@ import contextlib
 import json
 import re
 import ssl
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,10 @@ import httpx
 import pytest
 from pydicom import dcmread
 
+from appliance.ops.security import BCP195_TLS12_CIPHERS
 from tests.support.browser import OtherSite, chromium, files_containing
 from tests.support.cleanup import started
-from tests.support.peers import MR_DIR, PasProcess, StoreSCP, storescu, wait_for
+from tests.support.peers import MR_DIR, PAS_BIN, PasProcess, StoreSCP, storescu, wait_for
 from tests.test_ops_web import failing_destination, refusing_node
 from tests.test_serving_dicomweb import _issue, _write
 
@@ -202,3 +204,65 @@ def test_client_certificate_guards_the_page_even_without_dicomweb(tmp_path: Path
         assert answer.status_code == 403
     finally:
         pas.stop()
+
+
+def _client_cert_env(tmp_path: Path) -> tuple[dict[str, str], tuple[str, str], str]:
+    """serving.auth = client_cert with a CA, PAS's certificate and a viewer's."""
+    ca_key, ca_cert = _issue("viewers CA", None, None, ca=True)
+    ca_crt, _ = _write(tmp_path, "ca", ca_key, ca_cert)
+    server = _write(tmp_path, "server", *_issue("pas", ca_key, ca_cert.subject, ip="127.0.0.1"))
+    viewer = _write(tmp_path, "viewer", *_issue("viewer-1", ca_key, ca_cert.subject))
+    return {"PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_PREFETCH__ENABLED": "false",
+            "PAS_SERVING__AUTH": "client_cert", "PAS_SERVING__TLS_CERT": server[0],
+            "PAS_SERVING__TLS_KEY": server[1], "PAS_SERVING__TLS_CLIENT_CA": ca_crt}, viewer, ca_crt
+
+
+def _handshake(port: int, viewer: tuple[str, str], ca_crt: str, *args: str) -> str:
+    """The suite ``openssl s_client`` agreed on with the HTTP port ("(NONE)": refused)."""
+    result = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}",
+                             "-cert", viewer[0], "-key", viewer[1], "-CAfile", ca_crt, *args],
+                            input=b"", capture_output=True, timeout=30)
+    found = re.search(r"Cipher is (\S+)", result.stdout.decode(errors="replace"))
+    assert found, result.stdout.decode(errors="replace") + result.stderr.decode(errors="replace")
+    return found[1]
+
+
+def test_the_https_port_speaks_the_bcp195_suites_only(tmp_path: Path) -> None:
+    """With serving.auth = client_cert the HTTP port (DICOMweb: patients' images) took
+    uvicorn's cipher list ("TLSv1"): a TLS 1.2 client offering only a CBC suite without AEAD
+    (ECDHE-ECDSA-AES256-SHA384) was served, where the DICOM port (same BCP 195 profile,
+    appliance/ops/security.py) refuses it. Now the same suites as the DICOM port."""
+    env, viewer, ca_crt = _client_cert_env(tmp_path)
+    pas = PasProcess(tmp_path / "pas", env).start()
+    try:
+        port = pas.http_port
+        context = ssl.create_default_context(cafile=ca_crt)
+        context.load_cert_chain(*viewer)
+        wait_for(lambda: httpx.get(f"https://127.0.0.1:{port}/healthz", verify=context,
+                                   timeout=5), 20, what="the HTTP port over TLS")
+        for cbc in ("ECDHE-ECDSA-AES256-SHA384", "ECDHE-ECDSA-AES128-SHA256",
+                    "ECDHE-ECDSA-AES128-SHA"):
+            assert _handshake(port, viewer, ca_crt, "-tls1_2", "-cipher", cbc) == "(NONE)", cbc
+        for version in ("-tls1", "-tls1_1"):
+            assert _handshake(port, viewer, ca_crt, version) == "(NONE)", version
+        assert _handshake(port, viewer, ca_crt, "-tls1_2") in BCP195_TLS12_CIPHERS.split(":")
+        assert _handshake(port, viewer, ca_crt, "-tls1_3").startswith("TLS_AES_")
+        answer = httpx.get(f"https://127.0.0.1:{port}/api/status", verify=context, timeout=5)
+        assert answer.status_code == 200
+    finally:
+        pas.stop()
+
+
+def test_a_readable_https_key_is_refused_at_start_with_the_fix(tmp_path: Path) -> None:
+    """serving.tls_key (the HTTP port's private key) was used with mode 0644, where the
+    DICOM port's key (dicom.tls.key) is refused: the configuration says keys are 0600."""
+    env, _viewer, _ca = _client_cert_env(tmp_path)
+    key = Path(env["PAS_SERVING__TLS_KEY"])
+    key.chmod(0o644)
+    pas = PasProcess(tmp_path / "pas", env)
+    result = subprocess.run([str(PAS_BIN), "run"], env=pas.env, capture_output=True,
+                            text=True, timeout=60)
+    message = result.stdout + result.stderr
+    assert result.returncode == 1, message
+    assert f"serving.tls_key {key}" in message and f"chmod 600 {key}" in message, message
+    assert "PRIVATE KEY" not in message and "http.port" not in message, message

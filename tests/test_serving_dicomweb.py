@@ -415,6 +415,7 @@ def _write(folder: Path, name: str, key: Any, cert: Any) -> tuple[str, str]:
     pem.write_bytes(key.private_bytes(serialization.Encoding.PEM,
                                       serialization.PrivateFormat.PKCS8,
                                       serialization.NoEncryption()))
+    pem.chmod(0o600)  # as installed: PAS refuses a key others can read
     return str(crt), str(pem)
 
 

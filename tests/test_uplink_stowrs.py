@@ -200,3 +200,28 @@ def test_kill_9_mid_stow_resumes_per_instance(pas_factory, orthanc: Orthanc) -> 
               for r in _rows(pas.home, "SELECT sop_instance_uid, sha256 FROM instances")}
     arrived = orthanc_hashes(orthanc)
     assert {uid: arrived.get(uid) for uid in stored} == stored
+
+
+def test_a_client_key_others_can_read_is_refused_and_the_jobs_wait(pas_factory,
+                                                                    tmp_path: Path) -> None:
+    """``client_key`` of a stowrs destination was used whatever its mode (``dicom.tls.key``,
+    a dicom destination's ``tls_key`` and ``audit.syslog_key`` are refused unless 0600): the
+    jobs waited for the archive as for a link down, the key's mode never said. Now they
+    wait for the credentials, the key and its fix named, none fails for it."""
+    from tests.support.peers import free_port
+    from tests.test_serving_dicomweb import _issue, _write
+
+    crt, key = _write(tmp_path, "pas-client", *_issue("pas", None, None))
+    Path(key).chmod(0o644)
+    pas: PasProcess = pas_factory({
+        **_stow_env(f"https://127.0.0.1:{free_port()}/dicom-web"),  # nothing listens there
+        "PAS_DESTINATIONS__ARCHIVE__CLIENT_CERT": crt,
+        "PAS_DESTINATIONS__ARCHIVE__CLIENT_KEY": key})
+    storescu(sorted(CT_DIR.glob("*.dcm"))[:1], pas.port)
+    jobs = wait_for(lambda: [j for j in _jobs(pas.home) if j["last_error"]] or None, 60,
+                    what="the stowrs job's first try")
+    error = jobs[0]["last_error"]
+    assert error.startswith("waiting for credentials: "), error
+    assert f"destinations.archive.client_key {key}" in error and f"chmod 600 {key}" in error
+    assert jobs[0]["state"] == "pending" and jobs[0]["attempts"] == 0, dict(jobs[0])
+    assert "PRIVATE KEY" not in error

@@ -119,15 +119,21 @@ def hub_token(site: str = typer.Argument(..., help=SITE_HELP),
 @hub_app.command("revoke")
 def hub_revoke(site: str = typer.Argument(..., help="Site name, as pas hub sites lists it"),
                config: Path | None = HubConfigOption) -> None:
-    """Refuse SITE's certificates from now on (the running hub checks every request)."""
+    """Refuse SITE's certificates from now on (the running hub checks every request) and
+    void its unspent enrolment tokens (a new token is the way back in)."""
     from appliance.store.hub import revoke_site
 
     settings = _hub_settings(config)
-    count = revoke_site(_hub_db(settings), site)
+    count, tokens = revoke_site(_hub_db(settings), site)
+    voided = f"voided {counted(tokens, 'unspent enrolment token')}" if tokens else ""
     if count == 0:
+        if voided:
+            console.print(f"no valid certificate of site {site} to revoke, {voided}")
+            return
         err.print(f"[yellow]no valid certificate of site {site!r} to revoke[/yellow]")
         raise typer.Exit(1)
-    console.print(f"revoked {counted(count, 'certificate')} of site {site}")
+    console.print(f"revoked {counted(count, 'certificate')} of site {site}"
+                  + (f", {voided}" if voided else ""))
 
 
 @hub_app.command("sites")

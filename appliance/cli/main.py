@@ -42,6 +42,19 @@ app = typer.Typer(help="PAS, the hospital's access point to the regional imaging
 config_app = typer.Typer(help="Configuration.", no_args_is_help=True)
 rules_app = typer.Typer(help="Routing rules.", no_args_is_help=True)
 queue_app = typer.Typer(help="The job queue.", no_args_is_help=True)
+
+
+@app.callback()
+def _private_files() -> None:
+    """What PAS writes (the index: every patient's name; the spool: the images; the audit
+    trail's files) is for its user and group only, as ``UMask=0027`` in pas.service makes
+    it. Run otherwise (by hand, another service manager, a package install) the shell's
+    umask 022 left the index and every stored image world-readable (0644)."""
+    import os
+
+    os.umask(0o027)
+
+
 app.add_typer(config_app, name="config")
 app.add_typer(rules_app, name="rules")
 app.add_typer(queue_app, name="queue")

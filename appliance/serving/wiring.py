@@ -48,9 +48,21 @@ def web_tls(settings: Settings) -> dict[str, Any]:
     """uvicorn TLS options when the HTTP port requires client certificates (``serving.auth =
     "client_cert"``): the whole port then speaks TLS and refuses, in the handshake, a client
     without a certificate from ``tls_client_ca``. Empty otherwise. Also with
-    ``serving.enabled = false``: the status page, /metrics and /api/status stay protected."""
+    ``serving.enabled = false``: the status page, /metrics and /api/status stay protected.
+
+    The DICOM port's BCP 195 profile (appliance/ops/security.py) holds here too: uvicorn's
+    own cipher list ("TLSv1") let a TLS 1.2 client agree on a CBC suite without AEAD
+    (ECDHE-ECDSA-AES256-SHA384) for DICOMweb's images; the AEAD suites of that list need
+    TLS 1.2, so TLS 1.0 and 1.1 find none either. The key must be 0600 as ``dicom.tls.key``
+    (:class:`~appliance.ops.security.SecretFileError` naming the file and the fix): it was
+    used whatever its mode."""
+    from appliance.ops.security import BCP195_TLS12_CIPHERS, check_secret_file
+
     serving = settings.serving
     if serving.auth != "client_cert":
         return {}
+    assert serving.tls_key is not None  # the section's check: required with client_cert
+    check_secret_file(serving.tls_key, "serving.tls_key")
     return {"ssl_certfile": str(serving.tls_cert), "ssl_keyfile": str(serving.tls_key),
-            "ssl_ca_certs": str(serving.tls_client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
+            "ssl_ca_certs": str(serving.tls_client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED,
+            "ssl_ciphers": BCP195_TLS12_CIPHERS}

@@ -67,11 +67,21 @@ def use_token(db: Database, secret_sha256: str, site: str,
         return result
 
 
-def revoke_site(db: Database, site: str) -> int:
-    """Revoke every certificate of ``site``; returns how many were newly revoked."""
+def revoke_site(db: Database, site: str) -> tuple[int, int]:
+    """Revoke every certificate of ``site`` and void its unspent enrolment tokens, in one
+    transaction; returns (certificates newly revoked, tokens voided).
+
+    Why the tokens: a token issued before (a first one reported lost, a spare in a seed file
+    or a mail) enrolled after the revocation, and its holder got a fresh, valid certificate
+    of the revoked site. A voided token is marked spent (``used_at``): the hub answers it as
+    any used token. A token issued after the revocation is the site's way back in."""
     with db.transaction() as conn:
-        return conn.execute("UPDATE certificates SET revoked_at = ? WHERE site = ? AND "
-                            "revoked_at IS NULL", (now(), site)).rowcount
+        at = now()
+        certificates = conn.execute("UPDATE certificates SET revoked_at = ? WHERE site = ? "
+                                    "AND revoked_at IS NULL", (at, site)).rowcount
+        tokens = conn.execute("UPDATE enrol_tokens SET used_at = ? WHERE site = ? "
+                              "AND used_at IS NULL", (at, site)).rowcount
+        return certificates, tokens
 
 
 def revoked_sites(db: Database) -> set[str]:

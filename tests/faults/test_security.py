@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ from tests.support.peers import (
     StoreSCP,
     free_port,
     read_rows,
+    storescu,
     wait_for,
 )
 
@@ -369,3 +371,24 @@ def test_refused_access_is_audited_once_per_source_and_minute(tmp_path: Path) ->
 def _minute(rows: list[tuple[object, object]], index: int) -> str:
     """The window start written in a row (its clock is the daemon's)."""
     return str(rows[index][1]).rsplit(" from ", 1)[1]
+
+
+def test_what_pas_writes_is_not_world_readable_whatever_the_umask(tmp_path: Path) -> None:
+    """``pas run`` started with the usual umask 022 (by hand, outside pas.service and its
+    UMask=0027) wrote the index (patients' names) and each stored image 0644: any local
+    user could read them. Now 0640 at most, as under the unit."""
+    previous = os.umask(0o022)  # the child inherits it
+    try:
+        pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                                            "PAS_HTTP__ENABLED": "false"}).start()
+    finally:
+        os.umask(previous)
+    try:
+        storescu(sorted(CT_DIR.glob("*.dcm"))[:2], pas.port)
+        written = [pas.home / "pas.sqlite", *(pas.home / "spool").rglob("*")]
+        assert sum(p.is_file() for p in written) >= 3, written  # the index and two images
+        readable = {str(p): stat.filemode(p.stat().st_mode) for p in written
+                    if p.stat().st_mode & stat.S_IRWXO}
+        assert not readable, readable
+    finally:
+        pas.stop()

@@ -144,6 +144,14 @@ class StowRsTarget:
             context = ssl.create_default_context(
                 cafile=str(self.config.ca_file) if self.config.ca_file else None)
             if self.config.client_cert:
+                if self.config.client_key:  # 0600 as every key PAS uses (ops/security.py)
+                    from appliance.ops.security import SecretFileError, check_secret_file
+
+                    try:
+                        check_secret_file(self.config.client_key,
+                                          f"destinations.{self.name}.client_key")
+                    except SecretFileError as exc:  # a setting to put right: jobs wait
+                        raise TrustRefused(str(exc)) from None
                 context.load_cert_chain(
                     str(self.config.client_cert),
                     str(self.config.client_key) if self.config.client_key else None)
