@@ -72,9 +72,13 @@ def test_token_bucket_unlimited_never_waits_and_follows_a_changing_rate() -> Non
     assert clock.slept >= (20 * CHUNK - CHUNK) / 100_000.0
 
 
-def test_routine_uploads_wait_while_an_urgent_one_runs() -> None:
+@pytest.mark.parametrize("rate", [1e6, 0.0], ids=["capped", "uncapped"])
+def test_routine_uploads_wait_while_an_urgent_one_runs(rate: float) -> None:
+    """Capped or not (no cap is the default), a routine PUT's next chunk waits while an urgent
+    upload runs. Uncapped, the routine PUTs used to go on beside it: on a 4 Mbit/s line a
+    4-image urgent study took 4.5-8.0 s beside a routine CT upload instead of 1.5 s alone."""
     clock = FakeClock()
-    bucket = TokenBucket(lambda: 1e6, clock=clock, sleep=clock.sleep)
+    bucket = TokenBucket(lambda: rate, clock=clock, sleep=clock.sleep)
     released = threading.Event()
 
     def routine() -> None:
