@@ -240,19 +240,13 @@ def test_a_daemon_killed_mid_study_sends_again_only_what_it_had_not_recorded(
     before the kill (measured: 4 of 4) was sent again."""
     from collections import Counter
 
-    from tests.support.objects import tiny_ct
 
     scp = StoreSCP(tmp_path / "slow").start(["--sleep-after", "1"])
     try:
         env = {"PAS_CONFIG": str(write_config(tmp_path / "appliance.toml", scp)),
                "PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_QUEUE__MAX_ATTEMPTS": "5"}
         pas = pas_factory(env)
-        first = tiny_ct(InstanceNumber=1)
-        (tmp_path / "study").mkdir()
-        for n in range(8):
-            tiny_ct(first.StudyInstanceUID, first.SeriesInstanceUID, InstanceNumber=n + 1
-                    ).save_as(tmp_path / "study" / f"{n}.dcm", enforce_file_format=True)
-        storescu(tmp_path / "study", pas.port)
+        storescu(tiny_study(tmp_path / "study", 8), pas.port)
         wait_for(lambda: len(scp.files()) >= 3, 60, what="3 instances at the node")
         pas.kill()
         before_kill = len(scp.files())
@@ -274,19 +268,13 @@ def test_an_unreadable_stored_file_does_not_hold_back_the_rest_of_the_study(
     four, and the job, retried, fails naming the instance and why; `pas queue list` says
     4/5 sent. The read error ended every attempt at that instance: the node got 1 of 5 and
     the three after it were never sent."""
-    from tests.support.objects import tiny_ct
     from tests.support.peers import free_port
 
     scp = StoreSCP(tmp_path / "pacs")
     scp.port = free_port()  # nothing listens there yet: the job waits for the link
     config = write_config(tmp_path / "appliance.toml", scp)
     pas = pas_factory({"PAS_CONFIG": str(config), "PAS_DICOM__ACCEPT_UNKNOWN": "true"})
-    first = tiny_ct(InstanceNumber=1)
-    (tmp_path / "study").mkdir()
-    for n in range(5):
-        tiny_ct(first.StudyInstanceUID, first.SeriesInstanceUID, InstanceNumber=n + 1
-                ).save_as(tmp_path / "study" / f"{n}.dcm", enforce_file_format=True)
-    storescu(tmp_path / "study", pas.port)
+    storescu(tiny_study(tmp_path / "study", 5), pas.port)
     wait_for(lambda: (jobs_of(pas.home) or [{}])[0].get("last_error", "") and jobs_of(
         pas.home)[0]["last_error"].startswith("waiting for the link"), 60,
         what="the job waiting for the node")
@@ -305,3 +293,15 @@ def test_an_unreadable_stored_file_does_not_hold_back_the_rest_of_the_study(
         assert "stored file cannot be read" in job["last_error"], job
     finally:
         scp.stop()
+
+
+def tiny_study(folder: Path, count: int) -> Path:
+    """``count`` tiny CT instances of one new study and series, written to ``folder``."""
+    from tests.support.objects import tiny_ct
+
+    first = tiny_ct(InstanceNumber=1)
+    folder.mkdir()
+    for n in range(count):
+        tiny_ct(first.StudyInstanceUID, first.SeriesInstanceUID, InstanceNumber=n + 1
+                ).save_as(folder / f"{n}.dcm", enforce_file_format=True)
+    return folder

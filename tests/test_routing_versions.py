@@ -7,7 +7,7 @@ import json
 import sqlite3
 from pathlib import Path
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
 
 from tests.support.objects import tiny_ct
@@ -68,18 +68,7 @@ def test_a_correction_routed_while_the_first_job_is_sending_arrives_last(
     scp = StoreSCP(tmp_path / "slow").start(["--fork", "--sleep-after", "1"])
     config = write_config(tmp_path / "appliance.toml", scp)
     pas = pas_factory({"PAS_CONFIG": str(config), "PAS_DICOM__ACCEPT_UNKNOWN": "true"})
-    study = [tiny_ct(InstanceNumber=n, ImageComments="version X") for n in range(1, 7)]
-    for ds in study[1:]:
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study[0].StudyInstanceUID, \
-            study[0].SeriesInstanceUID
-    last = study[-1]
-    corrected = tiny_ct(last.StudyInstanceUID, last.SeriesInstanceUID, InstanceNumber=6,
-                        SOPInstanceUID=last.SOPInstanceUID, ImageComments="version Y")
-    corrected.file_meta.MediaStorageSOPInstanceUID = last.SOPInstanceUID
-    (tmp_path / "study").mkdir()
-    for n, ds in enumerate(study):
-        ds.save_as(tmp_path / "study" / f"{n}.dcm", enforce_file_format=True)
-    corrected.save_as(tmp_path / "y.dcm", enforce_file_format=True)
+    last, _corrected = _study_and_its_correction(tmp_path, other_study=False)
     try:
         storescu(tmp_path / "study", pas.port, calling="CT_URG")
         wait_for(lambda: [j["state"] for j in jobs_of(pas.home)] == ["running"], 60,
@@ -107,18 +96,7 @@ def test_a_correction_under_another_study_routed_while_the_first_job_sends_arriv
     scp = StoreSCP(tmp_path / "slow").start(["--fork", "--sleep-after", "1"])
     config = write_config(tmp_path / "appliance.toml", scp)
     pas = pas_factory({"PAS_CONFIG": str(config), "PAS_DICOM__ACCEPT_UNKNOWN": "true"})
-    study = [tiny_ct(InstanceNumber=n, ImageComments="version X") for n in range(1, 7)]
-    for ds in study[1:]:
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study[0].StudyInstanceUID, \
-            study[0].SeriesInstanceUID
-    last = study[-1]
-    corrected = tiny_ct(generate_uid(), generate_uid(), InstanceNumber=6,
-                        SOPInstanceUID=last.SOPInstanceUID, ImageComments="version Y")
-    corrected.file_meta.MediaStorageSOPInstanceUID = last.SOPInstanceUID
-    (tmp_path / "study").mkdir()
-    for n, ds in enumerate(study):
-        ds.save_as(tmp_path / "study" / f"{n}.dcm", enforce_file_format=True)
-    corrected.save_as(tmp_path / "y.dcm", enforce_file_format=True)
+    last, corrected = _study_and_its_correction(tmp_path, other_study=True)
     try:
         storescu(tmp_path / "study", pas.port, calling="CT_URG")
         wait_for(lambda: [j["state"] for j in jobs_of(pas.home)] == ["running"], 60,
@@ -203,3 +181,25 @@ def test_a_failed_job_whose_rest_was_superseded_is_over(tmp_path: Path) -> None:
     assert states == {
         1: ("done", "what was left to send was superseded by newer versions (job 2)"),
         2: ("pending", None)}
+
+
+def _study_and_its_correction(tmp_path: Path, *,
+                              other_study: bool) -> tuple[Dataset, Dataset]:
+    """Six tiny CT instances of one study, "version X", in ``tmp_path/study``, and a
+    correction of the last, "version Y" (its SOP Instance UID), in ``tmp_path/y.dcm``: in
+    the same study, or under another Study Instance UID. Returns the last of X, and Y."""
+    study = [tiny_ct(InstanceNumber=n, ImageComments="version X") for n in range(1, 7)]
+    for ds in study[1:]:
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study[0].StudyInstanceUID, \
+            study[0].SeriesInstanceUID
+    last = study[-1]
+    where = (generate_uid(), generate_uid()) if other_study \
+        else (last.StudyInstanceUID, last.SeriesInstanceUID)
+    corrected = tiny_ct(*where, InstanceNumber=6, SOPInstanceUID=last.SOPInstanceUID,
+                        ImageComments="version Y")
+    corrected.file_meta.MediaStorageSOPInstanceUID = last.SOPInstanceUID
+    (tmp_path / "study").mkdir()
+    for n, ds in enumerate(study):
+        ds.save_as(tmp_path / "study" / f"{n}.dcm", enforce_file_format=True)
+    corrected.save_as(tmp_path / "y.dcm", enforce_file_format=True)
+    return last, corrected

@@ -10,6 +10,7 @@ its audit row.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import sqlite3
 from collections.abc import Iterator
@@ -49,11 +50,10 @@ def _new_instance() -> bytes:
     return buffer.getvalue()
 
 
-@pytest.fixture(scope="module")
-def pas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PasProcess]:
+@contextlib.contextmanager
+def pas_holding_two_objects(home: Path) -> Iterator[PasProcess]:
     """PAS holding CT_small (one native frame) and a JPEG-LS multi-frame MR, by STOW-RS."""
-    pas = PasProcess(tmp_path_factory.mktemp("edges") / "pas",
-                     {"PAS_PREFETCH__ENABLED": "false"}).start()
+    pas = PasProcess(home, {"PAS_PREFETCH__ENABLED": "false"}).start()
     try:
         stored = httpx.post(f"{_base(pas)}/studies", headers={"Content-Type": STOW_TYPE},
                             content=_body([CT_SMALL.read_bytes(), MULTIFRAME.read_bytes()]),
@@ -62,6 +62,12 @@ def pas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PasProcess]:
         yield pas
     finally:
         pas.stop()
+
+
+@pytest.fixture(scope="module")
+def pas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PasProcess]:
+    with pas_holding_two_objects(tmp_path_factory.mktemp("edges") / "pas") as pas:
+        yield pas
 
 
 def _base(pas: PasProcess) -> str:

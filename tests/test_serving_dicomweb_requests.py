@@ -29,22 +29,15 @@ from tests.test_serving_dicomweb_edges import (
     _last_id,
     _new_instance,
     _rows_after,
+    pas_holding_two_objects,
 )
 
 
 @pytest.fixture(scope="module")
 def pas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PasProcess]:
     """PAS holding CT_small (one native frame) and a JPEG-LS multi-frame MR, by STOW-RS."""
-    pas = PasProcess(tmp_path_factory.mktemp("requests") / "pas",
-                     {"PAS_PREFETCH__ENABLED": "false"}).start()
-    try:
-        stored = httpx.post(f"{_base(pas)}/studies", headers={"Content-Type": STOW_TYPE},
-                            content=_body([CT_SMALL.read_bytes(), MULTIFRAME.read_bytes()]),
-                            timeout=60)
-        assert stored.status_code == 200, stored.text
+    with pas_holding_two_objects(tmp_path_factory.mktemp("requests") / "pas") as pas:
         yield pas
-    finally:
-        pas.stop()
 
 
 def test_a_stow_body_with_a_preamble_is_read_past_it(pas: PasProcess) -> None:

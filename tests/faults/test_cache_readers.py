@@ -130,15 +130,7 @@ def test_a_study_being_retrieved_is_not_evicted_under_the_viewer(tmp_path: Path)
         storescu([*mr_files, *ct_files], pas.port)
         assert _held(pas.home) == {read_study: MR_IMAGES, other_study: len(ct_files)}
 
-        first_store, go_on = threading.Event(), threading.Event()
-        received: dict[str, str] = {}
-
-        def on_store(event: Any) -> int:
-            received[str(event.request.AffectedSOPInstanceUID)] = sha256(
-                event.request.DataSet.getvalue())
-            first_store.set()
-            go_on.wait(60)  # the viewer is slow: the retrieve is under way meanwhile
-            return 0x0000
+        on_store, first_store, go_on, received = _slow_viewer()
 
         ae = AE(ae_title="VIEWER")
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
@@ -185,15 +177,7 @@ def test_a_study_being_moved_is_not_evicted_under_the_destination(tmp_path: Path
     mr_files, ct_files, read_study, other_study = _two_studies(MR_IMAGES)
     sent = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID):
             sha256(dataset_bytes(p.read_bytes())) for p in mr_files}
-    first_store, go_on = threading.Event(), threading.Event()
-    received: dict[str, str] = {}
-
-    def on_store(event: Any) -> int:
-        received[str(event.request.AffectedSOPInstanceUID)] = sha256(
-            event.request.DataSet.getvalue())
-        first_store.set()
-        go_on.wait(60)
-        return 0x0000
+    on_store, first_store, go_on, received = _slow_viewer()
 
     destination = AE(ae_title="SLOWSCP")
     destination.add_supported_context(MRImageStorage, "1.2.840.10008.1.2.1")
@@ -359,3 +343,19 @@ def test_a_prior_being_prefetched_is_not_evicted_half_way(tmp_path: Path) -> Non
         stack.pop_all()
     pas.stop()
     region.stop()
+
+
+def _slow_viewer() -> tuple[Any, threading.Event, threading.Event, dict[str, str]]:
+    """A viewer's C-STORE handler that takes the first image, then waits for ``go_on``
+    (the retrieve is under way meanwhile); what it received, SOP Instance UID -> SHA-256."""
+    first_store, go_on = threading.Event(), threading.Event()
+    received: dict[str, str] = {}
+
+    def on_store(event: Any) -> int:
+        received[str(event.request.AffectedSOPInstanceUID)] = sha256(
+            event.request.DataSet.getvalue())
+        first_store.set()
+        go_on.wait(60)
+        return 0x0000
+
+    return on_store, first_store, go_on, received
