@@ -392,3 +392,48 @@ def test_what_pas_writes_is_not_world_readable_whatever_the_umask(tmp_path: Path
         assert not readable, readable
     finally:
         pas.stop()
+
+
+def test_a_dicom_destination_key_others_can_read_makes_its_jobs_wait(tmp_path: Path) -> None:
+    """A ``dicom`` destination's ``tls_key`` readable by others was refused by a generic
+    error: each job to it counted an attempt, backed off and failed in the end, for a file
+    mode. Now its jobs wait for the credentials, as a STOW-RS destination's do: the key and
+    its fix named, no attempt counted, nothing sent."""
+    pki = make_pki(tmp_path / "pki")
+    key = tmp_path / "readable-client.key"
+    key.write_bytes((pki / "client.key").read_bytes())
+    key.chmod(0o644)
+    node = StoreSCP(tmp_path / "node", ae_title="NODE")
+    node.start(extra=["+tls", str(pki / "server.key"), str(pki / "server.crt"),
+                      "+cf", str(pki / "ca.crt")])
+    pas = PasProcess(tmp_path / "pas", {
+        "PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_HTTP__ENABLED": "false",
+        "PAS_DESTINATIONS__NODE__KIND": "dicom", "PAS_DESTINATIONS__NODE__AE_TITLE": "NODE",
+        "PAS_DESTINATIONS__NODE__HOST": "127.0.0.1",
+        "PAS_DESTINATIONS__NODE__PORT": str(node.port),
+        "PAS_DESTINATIONS__NODE__TLS": "true",
+        "PAS_DESTINATIONS__NODE__TLS_CA": str(pki / "ca.crt"),
+        "PAS_DESTINATIONS__NODE__TLS_CERT": str(pki / "client.crt"),
+        "PAS_DESTINATIONS__NODE__TLS_KEY": str(key),
+        "PAS_ROUTING__FALLBACK__DESTINATIONS": '["node"]',
+        "PAS_STUDY__STABLE_AFTER_S": "0.5", "PAS_QUEUE__POLL_INTERVAL_S": "0.2",
+    }).start()
+    try:
+        files = sorted(str(p) for p in CT_DIR.glob("*.dcm"))[:3]
+        subprocess.run(["storescu", "-aec", "PAS", "-aet", "CT1", "127.0.0.1", str(pas.port),
+                        *files], env=DCMTK_ENV, check=True, capture_output=True, timeout=60)
+
+        def tried() -> dict | None:
+            rows = read_rows(pas.home / "pas.sqlite",
+                             "SELECT state, attempts, last_error FROM jobs")
+            return dict(rows[0]) if rows and rows[0]["last_error"] else None
+
+        job = wait_for(tried, 60, what="the job's first try")
+        assert job["last_error"].startswith("waiting for credentials: "), job
+        assert f"destinations.node.tls_key {key}" in job["last_error"], job
+        assert f"chmod 600 {key}" in job["last_error"], job
+        assert job["state"] == "pending" and job["attempts"] == 0, job
+        assert node.files() == []
+    finally:
+        pas.stop()
+        node.stop()

@@ -53,6 +53,7 @@ from appliance.dispatch.target_types.base import (
     NoRoomForCopy,
     PermanentError,
     SendContext,
+    TrustRefused,
 )
 from appliance.store import uplink as uplink_store
 from appliance.store.jobs import Job
@@ -248,8 +249,16 @@ class DicomTarget:
         ae.connection_timeout = self.config.timeout_s
         tls_args = None
         if self.config.tls and self.config.tls_ca:  # DICOM TLS, BCP 195 (ops/security.py)
-            from appliance.ops.security import client_context
+            from appliance.ops.security import SecretFileError, check_secret_file, client_context
 
+            if self.config.tls_cert is not None and self.config.tls_key is not None:
+                # A key others can read is a setting to put right: the jobs wait for it, as
+                # a stowrs destination's do. It raised a generic error: each job counted an
+                # attempt, backed off and failed in the end, for a file mode.
+                try:
+                    check_secret_file(self.config.tls_key, f"destinations.{self.name}.tls_key")
+                except SecretFileError as exc:
+                    raise TrustRefused(str(exc)) from None
             tls_args = (client_context(self.config.tls_ca, self.config.tls_cert,
                                        self.config.tls_key), None)
         return ae.associate(self.config.host, self.config.port, contexts,
