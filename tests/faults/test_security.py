@@ -178,22 +178,34 @@ def test_readable_key_is_refused_at_start_with_the_fix(tmp_path: Path) -> None:
         (tmp_path / "pas" / "spool").rglob("*.dcm"))
 
 
-def test_forward_to_a_tls_dicom_node(tmp_path: Path) -> None:
-    pki = make_pki(tmp_path / "pki")
+def _tls_node_and_pas(tmp_path: Path, pki: Path, key: Path,
+                      **env: str) -> tuple[StoreSCP, PasProcess]:
+    """A DCMTK storescp behind DICOM TLS (AE NODE) and a PAS forwarding every study to it,
+    showing the client certificate with ``key``."""
     node = StoreSCP(tmp_path / "node", ae_title="NODE")
     node.start(extra=["+tls", str(pki / "server.key"), str(pki / "server.crt"),
                       "+cf", str(pki / "ca.crt")])
-    pas = PasProcess(tmp_path / "pas", {
-        "PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_HTTP__ENABLED": "false",
-        "PAS_DESTINATIONS__NODE__KIND": "dicom", "PAS_DESTINATIONS__NODE__AE_TITLE": "NODE",
-        "PAS_DESTINATIONS__NODE__HOST": "127.0.0.1",
-        "PAS_DESTINATIONS__NODE__PORT": str(node.port),
-        "PAS_DESTINATIONS__NODE__TLS": "true",
-        "PAS_DESTINATIONS__NODE__TLS_CA": str(pki / "ca.crt"),
-        "PAS_DESTINATIONS__NODE__TLS_CERT": str(pki / "client.crt"),
-        "PAS_DESTINATIONS__NODE__TLS_KEY": str(pki / "client.key"),
-        "PAS_ROUTING__FALLBACK__DESTINATIONS": '["node"]',
-    }).start()
+    try:
+        pas = PasProcess(tmp_path / "pas", {
+            "PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_HTTP__ENABLED": "false",
+            "PAS_DESTINATIONS__NODE__KIND": "dicom", "PAS_DESTINATIONS__NODE__AE_TITLE": "NODE",
+            "PAS_DESTINATIONS__NODE__HOST": "127.0.0.1",
+            "PAS_DESTINATIONS__NODE__PORT": str(node.port),
+            "PAS_DESTINATIONS__NODE__TLS": "true",
+            "PAS_DESTINATIONS__NODE__TLS_CA": str(pki / "ca.crt"),
+            "PAS_DESTINATIONS__NODE__TLS_CERT": str(pki / "client.crt"),
+            "PAS_DESTINATIONS__NODE__TLS_KEY": str(key),
+            "PAS_ROUTING__FALLBACK__DESTINATIONS": '["node"]', **env,
+        }).start()
+    except BaseException:
+        node.stop()
+        raise
+    return node, pas
+
+
+def test_forward_to_a_tls_dicom_node(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    node, pas = _tls_node_and_pas(tmp_path, pki, pki / "client.key")
     try:
         files = sorted(str(p) for p in CT_DIR.glob("*.dcm"))[:3]
         subprocess.run(["storescu", "-aec", "PAS", "-aet", "CT1", "127.0.0.1", str(pas.port),
@@ -403,21 +415,8 @@ def test_a_dicom_destination_key_others_can_read_makes_its_jobs_wait(tmp_path: P
     key = tmp_path / "readable-client.key"
     key.write_bytes((pki / "client.key").read_bytes())
     key.chmod(0o644)
-    node = StoreSCP(tmp_path / "node", ae_title="NODE")
-    node.start(extra=["+tls", str(pki / "server.key"), str(pki / "server.crt"),
-                      "+cf", str(pki / "ca.crt")])
-    pas = PasProcess(tmp_path / "pas", {
-        "PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_HTTP__ENABLED": "false",
-        "PAS_DESTINATIONS__NODE__KIND": "dicom", "PAS_DESTINATIONS__NODE__AE_TITLE": "NODE",
-        "PAS_DESTINATIONS__NODE__HOST": "127.0.0.1",
-        "PAS_DESTINATIONS__NODE__PORT": str(node.port),
-        "PAS_DESTINATIONS__NODE__TLS": "true",
-        "PAS_DESTINATIONS__NODE__TLS_CA": str(pki / "ca.crt"),
-        "PAS_DESTINATIONS__NODE__TLS_CERT": str(pki / "client.crt"),
-        "PAS_DESTINATIONS__NODE__TLS_KEY": str(key),
-        "PAS_ROUTING__FALLBACK__DESTINATIONS": '["node"]',
-        "PAS_STUDY__STABLE_AFTER_S": "0.5", "PAS_QUEUE__POLL_INTERVAL_S": "0.2",
-    }).start()
+    node, pas = _tls_node_and_pas(tmp_path, pki, key, PAS_STUDY__STABLE_AFTER_S="0.5",
+                                  PAS_QUEUE__POLL_INTERVAL_S="0.2")
     try:
         files = sorted(str(p) for p in CT_DIR.glob("*.dcm"))[:3]
         subprocess.run(["storescu", "-aec", "PAS", "-aet", "CT1", "127.0.0.1", str(pas.port),
