@@ -120,12 +120,14 @@ def served(port: int, control: str, receive_buffer: int = 0) -> socket.socket | 
     sock.settimeout(15)
     try:
         sock.connect(("127.0.0.1", port))
-        if b"MSA|AA" in exchange(sock, control):
-            return sock
-    except (ValueError, ConnectionError):
-        pass
-    sock.close()
-    return None
+        ack = exchange(sock, control)
+    except (ValueError, ConnectionError):  # closed at once: every slot was taken
+        sock.close()
+        return None
+    if b"MSA|AA" not in ack:
+        sock.close()
+        raise RuntimeError(f"{control} answered {ack[:300]!r}")  # kept by wait_for's message
+    return sock
 
 
 def test_connections_are_capped_and_stalled_or_idle_ones_closed(pas_factory: Any) -> None:
@@ -249,7 +251,10 @@ def test_a_client_that_never_reads_its_acks_frees_its_slot(pas_factory: Any) -> 
                        "PAS_PREFETCH__DICOMWEB_URL": f"http://127.0.0.1:{free_port()}/x"})
     wait_for(lambda: port_open("127.0.0.1", port), 15, what="the HL7 listener")
 
-    deaf = wait_for(lambda: served(port, "DEAF0", 4096), 10, what="the deaf client served")
+    try:
+        deaf = wait_for(lambda: served(port, "DEAF0", 4096), 30, what="the deaf client served")
+    except TimeoutError as exc:  # what the listener said is the explanation
+        raise AssertionError(f"{exc}\nPAS log:\n{pas.log()[-4000:]}") from None
     try:
         sender = deaf.getsockname()
         big = b"R" * 200_000
