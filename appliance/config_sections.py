@@ -25,6 +25,7 @@ from appliance.config_types import (
     SIEMENS_CSA_NON_IMAGE,
     AETitle,
     Flag,
+    HostName,
     Port,
     Priority,
     Regex,
@@ -222,9 +223,14 @@ class QueueSection(_Section):
 
 
 class HttpSection(_Section):
+    """``allowed_hosts``: names the port answers to besides IP addresses, ``localhost``, the
+    machine's host name and FQDN (appliance/web/hosts.py: a Host header naming anything
+    else is refused, against DNS rebinding)."""
+
     host: str = "127.0.0.1"
     port: Port = 8080
     enabled: Flag = True
+    allowed_hosts: list[HostName] = []
 
 
 class OpsSection(_Section):

@@ -1,16 +1,17 @@
 """Configuration, the value types every section's keys share, and the sections' base.
 
 Owns: what a single value may be (``Port``, ``AETitle``, ``Flag``, ``Regex``,
-``StorageSopClassUid``, ``Priority``), the checks behind each, and ``_Section``: unknown keys
-refused, defaults checked, numbers strict. Split from :mod:`appliance.config_sections`
-(the models themselves) to keep each file readable. May not touch: files, the environment,
-the database, the network.
+``StorageSopClassUid``, ``Priority``, ``HostName``), the checks behind each, and
+``_Section``: unknown keys refused, defaults checked, numbers strict. Split from
+:mod:`appliance.config_sections` (the models themselves) to keep each file readable. May not
+touch: files, the environment, the database, the network.
 
 Import these from :mod:`appliance.config`, the one door to the configuration.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Any, Literal
 
@@ -160,7 +161,41 @@ def _storage_sop_class_uid(value: str) -> str:
     return uid
 
 
+# One DNS label as a browser sends it in Host (ASCII: an IDN arrives in its xn-- form).
+# Underscores: Windows-era names have them and browsers send them.
+_HOST_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
+
+
+def _host_name(value: str) -> str:
+    """A name browsers reach the appliance's HTTP port by (``http.allowed_hosts``), as the
+    Host header carries it: lower case, IDN in its ``xn--`` form, no final dot. Exact names
+    only, never ``*`` nor a domain suffix: a name answered that someone else's DNS may
+    resolve is what lets a page on the internet read PAS through a radiologist's browser
+    (DNS rebinding, appliance/web/hosts.py), and ``.co.uk``-style suffixes cannot be told
+    from a hospital's own domain without the public suffix list."""
+    text = value.strip()
+    if "*" in text or text.startswith("."):
+        raise ValueError(f"{value!r}: name each host exactly (no wildcard, no domain "
+                         "suffix): answering names others control lets a web page on the "
+                         "internet read patient data through a browser on the hospital's "
+                         "network (DNS rebinding)")
+    try:
+        return str(ipaddress.ip_address(text.strip("[]")))  # always answered; kept as given
+    except ValueError:
+        pass
+    name = text[:-1] if text.endswith(".") else text
+    try:
+        name = name.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        name = ""
+    if len(name) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in name.split(".")):
+        raise ValueError(f"{value!r} is not a host name: letters, digits, '-' and dots, no "
+                         "scheme, port or path (e.g. pas.hospital.example)")
+    return name
+
+
 Port = Annotated[int, AfterValidator(_port)]
+HostName = Annotated[str, AfterValidator(_host_name)]
 AETitle = Annotated[str, AfterValidator(_ae_title)]
 Regex = Annotated[str, AfterValidator(_regex)]
 StorageSopClassUid = Annotated[str, AfterValidator(_storage_sop_class_uid)]

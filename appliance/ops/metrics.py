@@ -66,7 +66,7 @@ CSTORE_PATHS = Counter("pas_cstore_requests", "C-STORE requests filed, by the co
 ACCESS_REFUSED = Counter("pas_access_refused", "Access attempts refused, by channel and "
                          "reason (dicom: unknown-ae, rate-limit, unaccepted-context, "
                          "tls-certificate; "
-                         "http: bearer-token)",
+                         "http: bearer-token, host-header)",
                          ["channel", "reason"], registry=None)
 # Every channel and reason exported at 0 from the start: Prometheus's increase() does not count
 # a series' first value, and a child made at the first refusal appeared at 1 (or at 40, a burst
@@ -75,7 +75,7 @@ ACCESS_REFUSED = Counter("pas_access_refused", "Access attempts refused, by chan
 REFUSAL_REASONS = {"dicom": ("unknown-ae", "rate-limit", "unaccepted-context", "invalid-pdu",
                              "tls-certificate", "too-many-associations",
                              "too-many-connections"),
-                   "http": ("bearer-token",)}
+                   "http": ("bearer-token", "host-header")}
 for _channel, _reasons in REFUSAL_REASONS.items():
     for _reason in _reasons:
         ACCESS_REFUSED.labels(_channel, _reason)

@@ -3,7 +3,9 @@
 ``serving.auth`` guards the whole port, every route a capability contributes included
 (appliance/web/auth.py): bearer tokens in front of the app, client certificates in the TLS
 handshake (``web_tls``). Only ``/healthz`` answers without them. ``serving.cors_origins``:
-the web viewers of other origins whose pages may read it (Starlette's CORS middleware).
+the web viewers of other origins whose pages may read it (Starlette's CORS middleware). In
+front of all: the Host check (appliance/web/hosts.py), whatever ``serving.auth`` is: a name
+PAS is not known by is a page using DNS rebinding, answered 421.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ log = logging.getLogger("pas.web")
 def build_app(daemon: Daemon) -> Starlette:
     from appliance.ops.status import collect
     from appliance.web.auth import BearerGuard
+    from appliance.web.hosts import HostGuard, KnownHosts
 
     async def status_json(_request: Request) -> JSONResponse:
         try:
@@ -71,6 +74,10 @@ def build_app(daemon: Daemon) -> Starlette:
             allow_methods=["GET", "POST"], allow_headers=["Authorization", "Accept",
                                                           "Content-Type"],
             expose_headers=["Warning", "Content-Location", "Location"], max_age=600))
+    # Outermost of all: a request naming another host gets nothing, a CORS preflight
+    # included.
+    middleware.insert(0, Middleware(HostGuard, known=KnownHosts.of(daemon.settings),
+                                    refusals=daemon.refusals))
     return Starlette(routes=routes, middleware=middleware)
 
 

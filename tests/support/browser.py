@@ -14,14 +14,17 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-dev-shm-usage")
 
 
-def chromium(profile: Path | str, ignore_certificate_errors: bool = False) -> Any:
-    """A Chromium whose profile (disk cache included) is ``profile``; the caller quits it."""
+def chromium(profile: Path | str, ignore_certificate_errors: bool = False,
+             flags: tuple[str, ...] = ()) -> Any:
+    """A Chromium whose profile (disk cache included) is ``profile``; the caller quits it.
+    ``flags``: more command-line switches (``--host-resolver-rules=MAP name 127.0.0.1``: a
+    name resolved to an address without any DNS)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
-    for flag in (*FLAGS, f"--user-data-dir={profile}"):
+    for flag in (*FLAGS, f"--user-data-dir={profile}", *flags):
         options.add_argument(flag)
     if ignore_certificate_errors:  # the hub's certificate comes from the fleet's private CA
         options.add_argument("--ignore-certificate-errors")
