@@ -66,7 +66,7 @@ def _expected_id(hub_home: Path, secret: str) -> str:
     assert isinstance(key, ec.EllipticCurvePrivateKey)
     scalar = key.private_numbers().private_value.to_bytes(32, "big")
     mac_key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
-                   info=b"pas hub enrolment token id v1").derive(scalar)
+                   info=b"pas-hub enrolment token id v1").derive(scalar)
     digest = hashlib.sha256(secret.encode()).hexdigest()
     return hmac.new(mac_key, digest.encode(), hashlib.sha256).hexdigest()[:24]
 

@@ -48,7 +48,7 @@ DEFAULT_TOKEN_VALIDITY = timedelta(days=7)
 MAX_TOKEN_VALIDITY = timedelta(days=90)
 # 96 bits: no two of a fleet's tokens share an identifier (birthday bound ~2^48 tokens).
 TOKEN_ID_HEX = 24
-_TOKEN_ID_INFO = b"pas hub enrolment token id v1"
+_TOKEN_ID_INFO = b"pas-hub enrolment token id v1"
 _VALIDITY_RE = re.compile(r"^\s*(?P<n>[0-9]+)\s*(?P<unit>[smhd])\s*\Z")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
