@@ -131,6 +131,12 @@ def test_an_expired_token_is_refused_saying_when_and_a_fresh_one_enrols(
               for line in hub.cli("tokens").stdout.splitlines() if "│ LATE" in line}
     assert listed[token_id][3:] == [shown_until, "expired"]
     assert listed[fresh_id][4] == "spent"
+    # Revoking the site voids no expired token: it enrols nothing already, and "voided 1
+    # unspent enrolment token" would have the operator hunt for a spare still out there.
+    revoked = hub.cli("revoke", "LATE").stdout
+    assert "revoked 1 certificate of site LATE" in revoked and "voided" not in revoked, revoked
+    assert [used for used, until in _token_rows(hub.home, "LATE") if until < time.time()] \
+        == [None]
 
 
 def test_a_validity_not_positive_too_long_or_without_unit_is_refused(hub: HubProcess) -> None:

@@ -84,13 +84,15 @@ def revoke_site(db: Database, site: str) -> tuple[int, int]:
     Why the tokens: a token issued before (a first one reported lost, a spare in a seed file
     or a mail) enrolled after the revocation, and its holder got a fresh, valid certificate
     of the revoked site. A voided token is marked spent (``used_at``): the hub answers it as
-    any used token. A token issued after the revocation is the site's way back in."""
+    any used token. A token issued after the revocation is the site's way back in. An
+    expired one is left as it is: it enrols nothing already, and counted it would make the
+    operator believe a spare was still out there."""
     with db.transaction() as conn:
         at = now()
         certificates = conn.execute("UPDATE certificates SET revoked_at = ? WHERE site = ? "
                                     "AND revoked_at IS NULL", (at, site)).rowcount
         tokens = conn.execute("UPDATE enrol_tokens SET used_at = ? WHERE site = ? "
-                              "AND used_at IS NULL", (at, site)).rowcount
+                              "AND used_at IS NULL AND expires_at > ?", (at, site, at)).rowcount
         return certificates, tokens
 
 
