@@ -137,20 +137,25 @@ def hub_tokens(config: Path | None = HubConfigOption) -> None:
     it), when issued, until when valid, and whether spent."""
     import time
 
-    from appliance.hub.pki import HubPKI, utc_text
+    from appliance.hub.pki import HubPKI, PKIError, utc_text
     from appliance.store.hub import list_tokens
 
     settings = _hub_settings(config)
     rows = list_tokens(_hub_reader(settings))
     pki = HubPKI(settings.home)
+    try:  # the identifier's key comes from the CA key: the hub's user only
+        ids = [pki.token_id(r["secret_sha256"]) for r in rows]
+    except (PKIError, OSError) as exc:
+        err.print(f"[red]cannot name the tokens:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
     table = Table(title=counted(len(rows), "enrolment token"))
     for column in ("site", "token", "issued", "valid until", "state"):
         table.add_column(column)
     at = time.time()
-    for r in rows:
+    for r, token_id in zip(rows, ids, strict=True):
         state = ("spent" if r["used_at"] is not None
                  else "expired" if r["expires_at"] <= at else "unspent")
-        table.add_row(r["site"], pki.token_id(r["secret_sha256"]), utc_text(r["created_at"]),
+        table.add_row(r["site"], token_id, utc_text(r["created_at"]),
                       utc_text(r["expires_at"]), state)
     console.print(table)
 
