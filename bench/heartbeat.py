@@ -32,7 +32,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from appliance.hub.pki import HubPKI  # noqa: E402
+from appliance.hub.pki import DEFAULT_TOKEN_VALIDITY, HubPKI  # noqa: E402
 from appliance.store import fleet as fleet_store  # noqa: E402
 from appliance.store.hub import add_token, open_hub_db  # noqa: E402
 from appliance.transfer.enrolment import Enrolment, enroll  # noqa: E402
@@ -63,7 +63,7 @@ def enrol_sites(hub: HubProcess, root: Path, count: int) -> list[Enrolment]:
     for index in range(count):
         site = f"SITE-{index:04d}"
         token, digest = pki.new_token(site)
-        add_token(db, site, digest)
+        add_token(db, site, digest, time.time() + DEFAULT_TOKEN_VALIDITY.total_seconds())
         tokens.append((root / site, token))
     with ThreadPoolExecutor(4) as pool:
         return list(pool.map(lambda pair: enroll(pair[0], hub.url, pair[1]), tokens))

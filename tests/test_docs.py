@@ -67,7 +67,7 @@ def test_every_documented_command_line_is_a_real_command() -> None:
 
 
 @pytest.mark.parametrize("line, wrong", [
-    ("pas hub tokens SITE", "pas hub: no command 'tokens'"),
+    ("pas hub tokenz SITE", "pas hub: no command 'tokenz'"),
     ("pas queue retry --force ID", "pas queue retry: no option --force"),
     ("pas audit --event commitments", "pas audit --event: 'commitments' is not one of"),
     ("pas cache status/evict/sweep", "pas cache: no command 'sweep'"),

@@ -101,19 +101,63 @@ def hub_init(address: list[str] = typer.Option(
 
 @hub_app.command("token")
 def hub_token(site: str = typer.Argument(..., help=SITE_HELP),
+              valid_for: str = typer.Option(
+                  "7d", "--valid-for",
+                  help="how long the token may be spent: a whole number and s, m, h or d "
+                       "(72h, 7d; at most 90d)"),
               config: Path | None = HubConfigOption) -> None:
-    """Print a one-time enrolment token for SITE."""
-    from appliance.hub.pki import HubPKI
+    """Print a one-time enrolment token for SITE (stdout: the token alone; stderr: its
+    identifier and when it expires)."""
+    import time
+
+    from appliance.hub.pki import HubPKI, PKIError, parse_validity, utc_text
     from appliance.store.hub import add_token
 
+    try:
+        validity = parse_validity(valid_for)
+    except PKIError as exc:
+        err.print(f"[red]bad --valid-for:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
     settings = _hub_settings(config)
     pki = HubPKI(settings.home)
     if not pki.exists():
         err.print(f"[red]no hub under {settings.home}:[/red] run `pas hub init` first")
         raise typer.Exit(1)
     token, digest = pki.new_token(_check_site(site))
-    add_token(_hub_db(settings), site, digest)
+    expires_at = time.time() + validity.total_seconds()
+    add_token(_hub_db(settings), site, digest, expires_at)
     print(token)
+    err.print(f"token {pki.token_id(digest)} for site {site}, valid until "
+              f"{utc_text(expires_at)}", highlight=False)
+
+
+@hub_app.command("tokens")
+def hub_tokens(config: Path | None = HubConfigOption) -> None:
+    """Enrolment tokens issued (the latest 200): site, identifier (as the hub's log names
+    it), when issued, until when valid, and whether spent."""
+    import time
+
+    from appliance.hub.pki import HubPKI, PKIError, utc_text
+    from appliance.store.hub import list_tokens
+
+    settings = _hub_settings(config)
+    rows = list_tokens(_hub_reader(settings))
+    pki = HubPKI(settings.home)
+    try:  # the identifier's key comes from the CA key: the hub's user only
+        ids = [pki.token_id(r["secret_sha256"]) for r in rows]
+    except (PKIError, OSError) as exc:
+        err.print(f"[red]cannot name the tokens:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    table = Table(title=counted(len(rows), "enrolment token"))
+    for column in ("site", "token", "issued", "valid until", "state"):
+        table.add_column(column)
+    at = time.time()
+    for r, token_id in zip(rows, ids, strict=True):
+        state = ("spent" if r["used_at"] is not None
+                 else "expired" if r["expires_at"] <= at else "unspent")
+        table.add_row(r["site"], token_id, utc_text(r["created_at"]),
+                      utc_text(r["expires_at"]), state)
+    console.print(table)
 
 
 @hub_app.command("revoke")

@@ -19,6 +19,7 @@ import logging
 import shutil
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +31,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from appliance.hub.config import HubSettings
-from appliance.hub.pki import HubPKI, PKIError, certificate_identity, secret_digest
+from appliance.hub.pki import HubPKI, PKIError, certificate_identity, secret_digest, utc_text
 from appliance.locks import KeyedLocks
 from appliance.ops.listeners import bind_refused
 from appliance.store import hub as store
@@ -192,20 +193,38 @@ def enrolment_routes(hub: Hub) -> list[BaseRoute]:
             log.warning("enrolment refused: %s", exc)
             return problem(403, "bad_token", str(exc))
         digest = secret_digest(secret)
-        if cafp != hub.pki.ca_fingerprint() or store.token_site(hub.db, digest) != site:
-            log.warning("enrolment refused for site %s: unknown or used token", site)
+        token_id = hub.pki.token_id(digest)
+        fields = {"SITE": site, "TOKEN_ID": token_id}
+        row = store.enrol_token(hub.db, digest)
+        if (cafp != hub.pki.ca_fingerprint() or row is None or row["site"] != site
+                or row["used_at"] is not None):
+            log.warning("enrolment refused for site %s: unknown or used token (token %s)",
+                        site, token_id, extra=fields)
             return problem(403, "bad_token", "unknown, already used or foreign token")
+        if row["expires_at"] <= time.time():
+            # Said plainly, with when: the holder has the secret, so the date tells them
+            # nothing they could not ask for; what they need is a new token, not a guess.
+            expired = utc_text(row["expires_at"])
+            log.warning("enrolment refused for site %s: token %s expired at %s", site,
+                        token_id, expired, extra=fields)
+            return problem(403, "token_expired",
+                           f"this enrolment token of site {site} expired at {expired}: ask "
+                           f"regional ops for a new one (pas hub token {site})",
+                           expired_at=expired)
         try:
             issued = hub.pki.sign_csr(csr_pem.encode(), site)
         except PKIError as exc:
-            log.warning("enrolment refused for site %s: %s", site, exc)
+            log.warning("enrolment refused for site %s: %s", site, exc, extra=fields)
             return problem(400, "bad_csr", str(exc))
         result = await run_in_threadpool(
             store.use_token, hub.db, digest, site,
             lambda: (issued.serial, issued.not_after.isoformat(), issued))
-        if result is None:
-            return problem(403, "bad_token", "unknown, already used or foreign token")
-        log.info("enrolled site %s (certificate %s)", site, issued.serial, extra={"SITE": site})
+        if result is None:  # spent by a racing enrolment, or expired meanwhile
+            log.warning("enrolment refused for site %s: token %s used or expired meanwhile",
+                        site, token_id, extra=fields)
+            return problem(403, "bad_token", "unknown, already used, expired or foreign token")
+        log.info("enrolled site %s (certificate %s, token %s)", site, issued.serial, token_id,
+                 extra=fields)
         return JSONResponse({
             "site": site, "certificate_pem": issued.pem.decode(),
             "ca_pem": hub.pki.ca_pem().decode(),

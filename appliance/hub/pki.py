@@ -8,15 +8,21 @@ the caller through ``appliance.store.hub``), the network.
 
 Keys are ECDSA P-256 (small, fast, what every TLS 1.3 stack speaks). A token is
 ``SITE.SECRET.CAFP``: the hub keeps only the SHA-256 of SECRET; CAFP is the hex SHA-256 of the
-CA certificate (DER), so the appliance can authenticate the hub before it trusts it.
+CA certificate (DER), so the appliance can authenticate the hub before it trusts it. A token
+is valid for a while (:data:`DEFAULT_TOKEN_VALIDITY`, at most :data:`MAX_TOKEN_VALIDITY`): one
+printed for a site never installed used to stay good for ever, and leaked, enrolled a rogue
+appliance years later. Logs and listings name a token by :meth:`HubPKI.token_id`, a keyed
+hash: a plain hash of the secret would let whoever reads the logs confirm a guessed token.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import ipaddress
 import json
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -27,6 +33,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from appliance.transfer.enrolment import ca_fingerprint, write_private
@@ -35,6 +42,15 @@ DEFAULT_ADDRESSES = ("127.0.0.1", "localhost")
 CA_DAYS = 3650
 SERVER_DAYS = 825
 CLIENT_DAYS = 825
+DEFAULT_TOKEN_VALIDITY = timedelta(days=7)
+# Longer than a quarter, a token is a standing key to the fleet again: issue it nearer the
+# installation instead.
+MAX_TOKEN_VALIDITY = timedelta(days=90)
+# 96 bits: no two of a fleet's tokens share an identifier (birthday bound ~2^48 tokens).
+TOKEN_ID_HEX = 24
+_TOKEN_ID_INFO = b"pas-hub enrolment token id v1"
+_VALIDITY_RE = re.compile(r"^\s*(?P<n>[0-9]+)\s*(?P<unit>[smhd])\s*\Z")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 class PKIError(Exception):
@@ -73,6 +89,7 @@ class HubPKI:
 
     def __init__(self, home: Path):
         self.home = Path(home)
+        self._token_id_key: bytes | None = None
 
     # paths ------------------------------------------------------------------------------
     @property
@@ -180,9 +197,26 @@ class HubPKI:
 
     # tokens and client certificates -----------------------------------------------------
     def new_token(self, site: str) -> tuple[str, str]:
-        """A one-time token for ``site``: (token to print, SHA-256 of its secret to record)."""
+        """A one-time token for ``site``: (token to print, SHA-256 of its secret to record).
+        Its validity is recorded beside the digest (``appliance.store.hub.add_token``)."""
         secret = secrets.token_urlsafe(24)
         return f"{site}.{secret}.{self.ca_fingerprint()}", secret_digest(secret)
+
+    def token_id(self, secret_sha256: str) -> str:
+        """How logs and ``pas hub tokens`` name a token: HMAC-SHA256 of the digest the hub
+        records, under a key derived from the CA key, first :data:`TOKEN_ID_HEX` hex digits.
+
+        Why keyed: the journal travels further than the CA key (log collectors, support
+        bundles); an unkeyed hash there would confirm a guessed token offline. Why of the
+        digest and not of the secret: tokens issued before this identifier existed get one
+        too, from the row the hub kept."""
+        if self._token_id_key is None:
+            ca_key, _cert = self._ca()
+            scalar = ca_key.private_numbers().private_value.to_bytes(32, "big")
+            self._token_id_key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                                      info=_TOKEN_ID_INFO).derive(scalar)
+        return hmac.new(self._token_id_key, secret_sha256.encode(),
+                        hashlib.sha256).hexdigest()[:TOKEN_ID_HEX]
 
     def sign_csr(self, csr_pem: bytes, site: str) -> IssuedCertificate:
         """Issue a client certificate (CN = site) for the key in the CSR.
@@ -227,6 +261,29 @@ class HubPKI:
 
 def secret_digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def utc_text(epoch: float) -> str:
+    """``2026-12-12T16:40:05Z``: how a token's times are shown (CLI, refusal, log)."""
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_validity(text: str) -> timedelta:
+    """``72h``, ``7d``, ``30m``, ``90s`` -> a token's validity; raises PKIError naming the
+    problem: no unit (is ``7`` days or hours?), not positive, or over
+    :data:`MAX_TOKEN_VALIDITY`."""
+    match = _VALIDITY_RE.match(text)
+    if not match:
+        raise PKIError(f"validity {text!r}: expected a whole number and a unit, s, m, h or d "
+                       "(e.g. 72h, 7d)")
+    seconds = int(match["n"]) * _UNITS[match["unit"]]  # compared as a number: 10**30d
+    if seconds <= 0:                                    # overflows a timedelta
+        raise PKIError(f"validity {text!r}: must be positive")
+    if seconds > MAX_TOKEN_VALIDITY.total_seconds():
+        raise PKIError(f"validity {text!r}: at most {MAX_TOKEN_VALIDITY.days}d (a token "
+                       "valid longer is a standing key to the fleet: issue it nearer the "
+                       "installation)")
+    return timedelta(seconds=seconds)
 
 
 def canonical_json(document: dict[str, Any]) -> bytes:

@@ -35,17 +35,25 @@ def open_hub_db(path: Path) -> Database:
 # --- enrolment -----------------------------------------------------------------------------
 
 
-def add_token(db: Database, site: str, secret_sha256: str) -> None:
+def add_token(db: Database, site: str, secret_sha256: str, expires_at: float) -> None:
     with db.transaction() as conn:
-        conn.execute("INSERT INTO enrol_tokens (secret_sha256, site, created_at) VALUES (?, ?, ?)",
-                     (secret_sha256, site, now()))
+        conn.execute("INSERT INTO enrol_tokens (secret_sha256, site, created_at, expires_at) "
+                     "VALUES (?, ?, ?, ?)", (secret_sha256, site, now(), expires_at))
 
 
-def token_site(db: Database, secret_sha256: str) -> str | None:
-    """The site an unused token was made for; None if unknown or already used."""
-    row = db.query_one("SELECT site FROM enrol_tokens WHERE secret_sha256 = ? AND used_at IS NULL",
-                       (secret_sha256,))
-    return str(row["site"]) if row else None
+def enrol_token(db: Database, secret_sha256: str) -> sqlite3.Row | None:
+    """The token row (site, created_at, used_at, expires_at), or None if unknown. The caller
+    tells a spent or foreign token (answered alike) from an expired one (answered with when)."""
+    return db.query_one("SELECT site, created_at, used_at, expires_at FROM enrol_tokens "
+                        "WHERE secret_sha256 = ?", (secret_sha256,))
+
+
+def list_tokens(db: Database, limit: int = 200) -> list[dict[str, Any]]:
+    """The latest tokens issued, newest first, with their digest (for the keyed identifier
+    the caller shows; never printed as is)."""
+    return [dict(r) for r in db.query(
+        "SELECT secret_sha256, site, created_at, used_at, expires_at FROM enrol_tokens "
+        "ORDER BY created_at DESC LIMIT ?", (limit,))]
 
 
 def use_token(db: Database, secret_sha256: str, site: str,
@@ -53,12 +61,14 @@ def use_token(db: Database, secret_sha256: str, site: str,
     """Spend the token and record the certificate ``issue()`` made, in one transaction.
 
     ``issue`` returns (serial, not_after, result). None when the token was spent meanwhile
-    (two enrolments racing with one token: exactly one wins).
+    (two enrolments racing with one token: exactly one wins) or expired since the caller
+    looked: the expiry is checked here too, in the transaction that spends it.
     """
     with db.transaction() as conn:
+        at = now()
         spent = conn.execute(
             "UPDATE enrol_tokens SET used_at = ? WHERE secret_sha256 = ? AND site = ? "
-            "AND used_at IS NULL", (now(), secret_sha256, site)).rowcount
+            "AND used_at IS NULL AND expires_at > ?", (at, secret_sha256, site, at)).rowcount
         if spent != 1:
             return None
         serial, not_after, result = issue()
@@ -74,13 +84,15 @@ def revoke_site(db: Database, site: str) -> tuple[int, int]:
     Why the tokens: a token issued before (a first one reported lost, a spare in a seed file
     or a mail) enrolled after the revocation, and its holder got a fresh, valid certificate
     of the revoked site. A voided token is marked spent (``used_at``): the hub answers it as
-    any used token. A token issued after the revocation is the site's way back in."""
+    any used token. A token issued after the revocation is the site's way back in. An
+    expired one is left as it is: it enrols nothing already, and counted it would make the
+    operator believe a spare was still out there."""
     with db.transaction() as conn:
         at = now()
         certificates = conn.execute("UPDATE certificates SET revoked_at = ? WHERE site = ? "
                                     "AND revoked_at IS NULL", (at, site)).rowcount
         tokens = conn.execute("UPDATE enrol_tokens SET used_at = ? WHERE site = ? "
-                              "AND used_at IS NULL", (at, site)).rowcount
+                              "AND used_at IS NULL AND expires_at > ?", (at, site, at)).rowcount
         return certificates, tokens
 
 

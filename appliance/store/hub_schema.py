@@ -149,4 +149,15 @@ HUB_MIGRATIONS: list[str] = [
     DROP INDEX transfers_committed_study;
     CREATE INDEX transfers_study ON transfers (site, study_uid);
     """,
+    # 9: enrolment tokens expire (appliance.hub.pki.DEFAULT_TOKEN_VALIDITY, ``pas hub token
+    # --valid-for``). Before it a token never expired: one printed for a site never installed
+    # stayed good for ever, and leaked, enrolled a rogue appliance years later. The tokens
+    # already issued get what they would have had, 7 days from their issue: an unspent one
+    # older than that is refused as expired from the upgrade on (regional ops issue a new
+    # one), rather than left a standing key for 7 more days. The default 0 (expired) is for a
+    # row written without a validity, which no code of this version does.
+    """
+    ALTER TABLE enrol_tokens ADD COLUMN expires_at REAL NOT NULL DEFAULT 0;
+    UPDATE enrol_tokens SET expires_at = created_at + 7 * 86400;
+    """,
 ]

@@ -12,6 +12,7 @@ import json
 import os
 import ssl
 import subprocess
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 import httpx
 from pydicom import dcmread
 
-from appliance.hub.pki import HubPKI
+from appliance.hub.pki import HubPKI, parse_validity
 from appliance.store.hub import add_token, open_hub_db
 from appliance.transfer import pack, seal
 from appliance.transfer.enrolment import Enrolment, load_enrolment
@@ -68,14 +69,15 @@ class HubProcess(ChildProcess):
             open_hub_db(self.home / "hub.sqlite").close()
         return self
 
-    def token(self, site: str, cli: bool = False) -> str:
+    def token(self, site: str, cli: bool = False, valid_for: str = "7d") -> str:
         """A one-time token, from ``pas hub token`` (``cli=True``) or the same calls in-process."""
         if cli:
-            return self.cli("token", site).stdout.strip()
+            return self.cli("token", site, "--valid-for", valid_for).stdout.strip()
         token, digest = HubPKI(self.home).new_token(site)
         db = open_hub_db(self.home / "hub.sqlite")
         try:
-            add_token(db, site, digest)
+            add_token(db, site, digest,
+                      time.time() + parse_validity(valid_for).total_seconds())
         finally:
             db.close()
         return token
