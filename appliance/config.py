@@ -193,8 +193,8 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> lis
         message = error["msg"].removeprefix("Value error, ")
         # A section's own check names its key (appliance.config_types._cross_field).
         if kind == "cross_field":
+            message = str(error["ctx"]["message"]).replace("{section}", ".".join(loc))
             loc.append(str(error["ctx"]["key"]))
-            message = str(error["ctx"]["message"])
         elif kind == "extra_forbidden":
             message = "unknown key"
         elif kind == "missing":

@@ -30,9 +30,18 @@ from appliance.config_types import (
     Priority,
     Regex,
     StorageSopClassUid,
+    WebRoot,
     _cross_field,
     _Section,
+    sent_in_clear,
 )
+
+
+def _cleartext(what: str) -> str:
+    """The refusal of an ``http://`` URL beyond loopback (:func:`sent_in_clear`), naming the
+    opt-in of the section it is in (``{section}``, filled by config.format_validation_error)."""
+    return (f"http:// sends {what} in clear; use https:// (or set "
+            "{section}.allow_cleartext = true for a host on the hospital's own network)")
 
 
 class KnownAE(_Section):
@@ -293,8 +302,12 @@ class HubDestination(_Section):
 
 
 class StowRsDestination(_Section):
+    """DICOMweb STOW-RS to an archive at ``url``. ``http://`` beyond loopback only with
+    ``allow_cleartext`` (a peer on the hospital's own network): invariant 5."""
+
     kind: Literal["stowrs"]
-    url: str
+    url: WebRoot
+    allow_cleartext: Flag = False
     instances_per_request: int = Field(default=16, ge=1, le=1000)
     bearer_token: str | None = None
     username: str | None = None
@@ -304,12 +317,13 @@ class StowRsDestination(_Section):
     ca_file: Path | None = None
     timeout_s: float = Field(default=60.0, gt=0)
 
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        if not re.match(r"^https?://", value):
-            raise ValueError(f"must start with http:// or https://, got {value!r}")
-        return value.rstrip("/")
+    @model_validator(mode="after")
+    def _not_in_clear(self) -> StowRsDestination:
+        if not self.allow_cleartext and sent_in_clear(self.url):
+            credentials = self.bearer_token or self.username is not None
+            raise _cross_field("url", _cleartext("patient data and credentials" if credentials
+                                                 else "patient data"))
+        return self
 
 
 Destination = Annotated[
@@ -444,7 +458,10 @@ class PrefetchSection(_Section):
     # Site issuer (PID-3.4 / IssuerOfPatientID) -> the issuer the regional archive uses.
     # Matched without regard to case (region_issuer).
     issuer_map: dict[str, str] = {}
-    dicomweb_url: str | None = None          # a plain DICOMweb region instead of the hub proxy
+    dicomweb_url: WebRoot | None = None      # a plain DICOMweb region instead of the hub proxy
+    # dicomweb_url may be http:// to a host other than loopback (invariant 5: only for a
+    # region reached on the hospital's own network, never across the WAN).
+    allow_cleartext: Flag = False
     parallel: int = Field(default=8, ge=1, le=32)   # WADO-RS requests in flight
     # The hub's bucketed download (JPEG-LS + zstd) when it offers one, for priors and for
     # fetch-through; else WADO-RS.
@@ -469,6 +486,12 @@ class PrefetchSection(_Section):
     retry_after_s: float = Field(default=30.0, ge=0)
     timeout_s: float = Field(default=60.0, gt=0)
     mwl: PrefetchMwl = PrefetchMwl()
+
+    @model_validator(mode="after")
+    def _not_in_clear(self) -> PrefetchSection:
+        if self.dicomweb_url and not self.allow_cleartext and sent_in_clear(self.dicomweb_url):
+            raise _cross_field("dicomweb_url", _cleartext("patient data"))
+        return self
 
 
 _ORIGIN = re.compile(r"(?i:(?P<scheme>https?))://(?:(?P<host>[A-Za-z0-9.\-]+)"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import regex
 from pydantic import (
@@ -194,6 +195,44 @@ def _host_name(value: str) -> str:
     return name
 
 
+def _web_root(value: str) -> str:
+    """A DICOMweb root PAS sends to or reads from: ``http(s)://host[:port][/path]``, without
+    its trailing slash (the callers add ``/studies``). Whether it may be ``http://`` is the
+    section's check (:func:`sent_in_clear`): it depends on the section's opt-in."""
+    if not re.match(r"^https?://", value):
+        raise ValueError(f"must start with http:// or https://, got {value!r}")
+    try:
+        parts = urlsplit(value)
+        host, _port_number = parts.hostname, parts.port
+    except ValueError as exc:  # "http://[::1", "http://h:99999"
+        raise ValueError(f"is not a URL ({exc}), got {value!r}") from None
+    if not host:
+        raise ValueError(f"names no host, got {value!r}")
+    return value.rstrip("/")
+
+
+def sent_in_clear(url: str) -> bool:
+    """True when ``url`` is ``http://`` to a host other than this machine's loopback
+    (127.0.0.0/8, ::1, ``localhost``): what is sent there crosses a network in clear.
+
+    Invariant 5 (docs: DESIGN "Nothing leaves the site in clear"): a region's DICOMweb or a
+    STOW-RS archive is usually reached over the WAN, and an ``http://`` URL put patient data
+    (and a bearer token or password) on it unencrypted, accepted without a word. A name is
+    not resolved (a check of the file must not depend on DNS): only the literal loopback
+    addresses and ``localhost`` count as this machine."""
+    parts = urlsplit(url)
+    if parts.scheme != "http":
+        return False
+    host = (parts.hostname or "").rstrip(".")
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name other than localhost
+        return True
+
+
+WebRoot = Annotated[str, AfterValidator(_web_root)]
 Port = Annotated[int, AfterValidator(_port)]
 HostName = Annotated[str, AfterValidator(_host_name)]
 AETitle = Annotated[str, AfterValidator(_ae_title)]
@@ -210,7 +249,9 @@ def _cross_field(key: str, message: str) -> PydanticCustomError:
     Pydantic collects it with every other problem of the file and gives it the section's
     location (``destinations.ws``); :func:`appliance.config.format_validation_error` appends
     ``key``. (A ``ConfigError`` raised during validation stopped it: every other problem was
-    hidden.)
+    hidden.) ``{section}`` in ``message`` becomes the section's path there
+    (``destinations.archive``): a model does not know the name it is given in the file, and
+    the operator is told the very key to set.
     """
     return PydanticCustomError("cross_field", "{key}: {message}",
                                {"key": key, "message": message})

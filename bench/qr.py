@@ -249,6 +249,7 @@ def wan_down_finds(root: Path, region: Orthanc, ns: NetNamespace, repeat: int) -
     pas = PasProcess(root / "pas-wan", {
         "PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_PREFETCH__ENABLED": "false",
         "PAS_PREFETCH__DICOMWEB_URL": region.dicomweb, "PAS_SERVING__QUERY_REGION": "true",
+        "PAS_PREFETCH__ALLOW_CLEARTEXT": "true",  # Orthanc's http:// in its namespace
         "PAS_SERVING__REGION_QUERY_TIMEOUT_S": "0.5"}).start()
     try:
         storescu(CT_DIR, pas.port)

@@ -162,14 +162,14 @@ def test_environment_value_is_read_as_its_key_type() -> None:
     """Text keys keep digits as text (an AE title, a password); number keys still get a
     number; a quoted value is unquoted as before."""
     result = check(None, PAS_DICOM__AE_TITLE="1234", PAS_DICOM__PORT="11113",
-                   PAS_DESTINATIONS__R__KIND="stowrs", PAS_DESTINATIONS__R__URL="http://x",
+                   PAS_DESTINATIONS__R__KIND="stowrs", PAS_DESTINATIONS__R__URL="https://x",
                    PAS_DESTINATIONS__R__USERNAME="1000", PAS_DESTINATIONS__R__PASSWORD="2024",
                    PAS_SITE='"quoted"')
     assert result.returncode == 0, _said(result)
     assert "site quoted, AE 1234 port 11113" in _said(result)
     assert _said(result).endswith(" rules, 1 destination")
     settings = load_settings(environ={"PAS_DESTINATIONS__R__KIND": "stowrs",
-                                      "PAS_DESTINATIONS__R__URL": "http://x",
+                                      "PAS_DESTINATIONS__R__URL": "https://x",
                                       "PAS_DESTINATIONS__R__PASSWORD": "2024",
                                       "PAS_SERVING__AUTH": "bearer",
                                       "PAS_SERVING__BEARER_TOKENS": '["123"]'})

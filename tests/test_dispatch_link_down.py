@@ -233,6 +233,7 @@ def test_unreachable_stowrs_archive_waits_uncounted_then_gets_the_study(
         "PAS_DICOM__ACCEPT_UNKNOWN": "true",
         "PAS_DESTINATIONS__ARCHIVE__KIND": "stowrs",
         "PAS_DESTINATIONS__ARCHIVE__URL": late_orthanc.dicomweb,
+        "PAS_DESTINATIONS__ARCHIVE__ALLOW_CLEARTEXT": "true",  # http:// in its namespace
         "PAS_ROUTING__FALLBACK__DESTINATIONS": '["archive"]',
         "PAS_QUEUE__MAX_ATTEMPTS": str(MAX_ATTEMPTS),
         "PAS_QUEUE__BACKOFF_INITIAL_S": "0.2",

@@ -66,6 +66,8 @@ def _stow_env(url: str, per_request: int = 8) -> dict[str, str]:
         "PAS_DICOM__ACCEPT_UNKNOWN": "true",
         "PAS_DESTINATIONS__ARCHIVE__KIND": "stowrs",
         "PAS_DESTINATIONS__ARCHIVE__URL": url,
+        # Orthanc's HTTP in its namespace (198.18.x.x), as an archive on the hospital's network.
+        "PAS_DESTINATIONS__ARCHIVE__ALLOW_CLEARTEXT": "true",
         "PAS_DESTINATIONS__ARCHIVE__INSTANCES_PER_REQUEST": str(per_request),
         "PAS_ROUTING__FALLBACK__DESTINATIONS": '["archive"]',
         "PAS_QUEUE__BACKOFF_INITIAL_S": "0.5",

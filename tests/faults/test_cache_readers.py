@@ -280,7 +280,8 @@ def test_a_study_fetched_through_for_a_viewer_is_not_evicted_half_way(tmp_path: 
         region = started(stack, Orthanc(tmp_path / "region"))
         storescu(mr_files, region.dicom_port, host=region.host, called="ORTHANC")
         pas = _pas(stack, tmp_path / "pas", quota_mb=20,
-                   PAS_PREFETCH__ENABLED="false", PAS_PREFETCH__DICOMWEB_URL=region.dicomweb)
+                   PAS_PREFETCH__ENABLED="false", PAS_PREFETCH__DICOMWEB_URL=region.dicomweb,
+                   PAS_PREFETCH__ALLOW_CLEARTEXT="true")  # Orthanc's http:// in its namespace
         received = _fetched_through(pas, study, viewer, tmp_path / "viewer")
         assert len(received) == len(mr_files), (len(received), pas.log()[-2000:])
         assert received == sent  # every instance of the study
@@ -321,7 +322,7 @@ def test_a_prior_being_prefetched_is_not_evicted_half_way(tmp_path: Path) -> Non
             assert answer.status_code == 200, answer.text
         hl7_port = free_port()
         pas = _pas(stack, tmp_path / "pas", quota_mb=20,
-                   PAS_PREFETCH__DICOMWEB_URL=region.dicomweb,
+                   PAS_PREFETCH__DICOMWEB_URL=region.dicomweb, PAS_PREFETCH__ALLOW_CLEARTEXT="true",
                    PAS_HL7__HOST="127.0.0.1", PAS_HL7__PORT=str(hl7_port),
                    PAS_PREFETCH__CHECK_INTERVAL_S="0.2", PAS_PREFETCH__PIN_DAYS="30")
         wait_for(lambda: port_open("127.0.0.1", hl7_port), 15, what="the HL7 listener")
