@@ -12,6 +12,7 @@ import datetime
 import hashlib
 import io
 import ipaddress
+import json
 import re
 import sqlite3
 import ssl
@@ -372,10 +373,15 @@ def test_queries_and_retrieves_are_audited(pas: PasProcess, client: DICOMwebClie
 
 
 def test_bearer_token_required_when_configured(tmp_path: Path) -> None:
+    """Only a listed token is served; the audit names the one used by its place in the list,
+    never by a hash of it (its SHA-256's first 12 hex digits let whoever reads the audit
+    trail check guesses of a token a person chose)."""
+    tokens = ["another-viewer-token", TOKEN]
     pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
                                         "PAS_PREFETCH__ENABLED": "false",
                                         "PAS_SERVING__AUTH": "bearer",
-                                        "PAS_SERVING__BEARER_TOKENS": f'["{TOKEN}"]'}).start()
+                                        "PAS_SERVING__BEARER_TOKENS": json.dumps(tokens)}
+                     ).start()
     try:
         storescu(next(iter(sorted(CT_DIR.glob("*.dcm")))), pas.port)
         url = f"http://127.0.0.1:{pas.http_port}/dicom-web"
@@ -386,6 +392,12 @@ def test_bearer_token_required_when_configured(tmp_path: Path) -> None:
             DICOMwebClient(url).search_for_studies()
         authorised = DICOMwebClient(url, headers={"Authorization": f"Bearer {TOKEN}"})
         assert len(authorised.search_for_studies()) == 1
+        with sqlite3.connect(pas.home / "pas.sqlite") as conn:
+            actors = [actor for (actor,) in conn.execute(
+                "SELECT actor FROM audit WHERE event = 'query' ORDER BY id")]
+        assert actors[-1] == "bearer:token-2"
+        digest = hashlib.sha256(TOKEN.encode()).hexdigest()
+        assert not any(digest[:8] in (actor or "") for actor in actors)
     finally:
         pas.stop()
 
