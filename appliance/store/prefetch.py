@@ -88,6 +88,9 @@ def _meaning(action: NewRequest | Cancel) -> str:
 # What a message of several orders is recorded as meaning (prefetch_messages.detail):
 # this prefix, then each order's meaning, in message order.
 SEVERAL = "orders: "
+# What a patient merge is recorded as meaning: this prefix, then the merges it named
+# (:mod:`appliance.store.prefetch_merge`).
+MERGED = "merge "
 
 
 def record_message(db: Database, message_key: str, message_type: str, ack_code: str,
@@ -121,23 +124,12 @@ def record_message(db: Database, message_key: str, message_type: str, ack_code: 
             detail = meaning  # what a cancel did (it has no request): a resend or a reused key?
     else:
         meaning = detail = SEVERAL + "; ".join(meanings)
-    reused_for: str | None = None
     with db.transaction() as conn:
-        claimed = conn.execute(
-            "INSERT OR IGNORE INTO prefetch_messages (message_key, received_at, message_type, "
-            "request_fk, ack_code, detail) VALUES (?, ?, ?, NULL, ?, ?)",
-            (message_key, at, message_type, ack_code, detail))
-        if claimed.rowcount == 0:
-            earlier = _recorded_meaning(conn, message_key)
-            if earlier is None or earlier == meaning:
-                return Recorded(first=False)
-            reused_for, message_key = earlier, f"{message_key}|{meaning}"
-            claimed = conn.execute(
-                "INSERT OR IGNORE INTO prefetch_messages (message_key, received_at, "
-                "message_type, request_fk, ack_code, detail) VALUES (?, ?, ?, NULL, ?, ?)",
-                (message_key, at, message_type, ack_code, detail))
-            if claimed.rowcount == 0:
-                return Recorded(first=False)  # that one resent as well
+        claimed, reused_for = claim_message(conn, message_key, message_type, ack_code,
+                                            detail, meaning, at)
+        if claimed is None:
+            return Recorded(first=False)
+        message_key = claimed
         scheduled: list[Scheduled] = []
         for action in actions:
             if isinstance(action, NewRequest):
@@ -160,6 +152,29 @@ def record_message(db: Database, message_key: str, message_type: str, ack_code: 
                     reused_for=reused_for, all_scheduled=tuple(scheduled))
 
 
+def claim_message(conn: Any, message_key: str, message_type: str, ack_code: str,
+                  detail: str | None, meaning: str, at: float) -> tuple[str | None, str | None]:
+    """Record a message in the transaction ``conn`` is in: the key it is recorded under
+    (None: already recorded with this ``meaning``, a resend that must change nothing), and
+    the meaning an earlier message with this key had when the key was reused for another
+    (see :func:`record_message`)."""
+    claimed = conn.execute(
+        "INSERT OR IGNORE INTO prefetch_messages (message_key, received_at, message_type, "
+        "request_fk, ack_code, detail) VALUES (?, ?, ?, NULL, ?, ?)",
+        (message_key, at, message_type, ack_code, detail))
+    if claimed.rowcount:
+        return message_key, None
+    earlier = _recorded_meaning(conn, message_key)
+    if earlier is None or earlier == meaning:
+        return None, None
+    message_key = f"{message_key}|{meaning}"
+    claimed = conn.execute(
+        "INSERT OR IGNORE INTO prefetch_messages (message_key, received_at, "
+        "message_type, request_fk, ack_code, detail) VALUES (?, ?, ?, NULL, ?, ?)",
+        (message_key, at, message_type, ack_code, detail))
+    return (message_key if claimed.rowcount else None), earlier  # None: that one resent too
+
+
 def _recorded_meaning(conn: Any, message_key: str) -> str | None:
     """The order a recorded message named (its request's dedup key, or ``cancel <key>``;
     ``orders: ...`` for a message of several, see :data:`SEVERAL`); None when unknown (a
@@ -174,7 +189,7 @@ def _recorded_meaning(conn: Any, message_key: str) -> str | None:
     if row["dedup_key"] is not None:
         return str(row["dedup_key"])
     detail = row["detail"] or ""
-    return detail if detail.startswith("cancel ") else None
+    return detail if detail.startswith(("cancel ", MERGED)) else None
 
 
 def schedule(db: Database, request: NewRequest, count_repeat: bool = True) -> Scheduled:
