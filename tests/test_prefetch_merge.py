@@ -5,21 +5,26 @@ the surviving patient (PID-3), re-keyed so that the RIS's later messages about t
 find them; an order the surviving patient already has is not doubled (the prior patient's
 request is cancelled, naming the one that holds it); requests already ended stay as they
 were; the ACK (AA) says what moved, and the audit trail has a ``merge`` row; a resend
-changes nothing; a malformed merge is NAKed naming the problem and changes nothing.
-Requests are read with ``pas prefetch list --json``. Refused (AR 200) before: a John Doe's
-orders searched the region for the temporary id and fetched no prior of the real patient.
+changes nothing; a malformed merge is NAKed naming the problem and changes nothing; a
+request whose fetch was running when its patient was merged searches again for the
+surviving patient once that attempt ends. Requests are read with ``pas prefetch list
+--json``. Refused (AR 200) before: a John Doe's orders searched the region for the
+temporary id and fetched no prior of the real patient.
 """
 
 from __future__ import annotations
 
 import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qs, urlparse
 
 import hl7
 import pytest
 from hl7.client import MLLPClient
 
-from tests.support.peers import PasProcess, pas_with_hl7
+from tests.support.peers import PasProcess, pas_with_hl7, wait_for
 from tests.support.peers import prefetch_requests as requests
 
 FAR = "20991231120000"
@@ -178,3 +183,71 @@ def test_a_malformed_merge_is_refused_naming_it_and_changes_nothing(
     assert shape(pas) == before
     assert [r["patient_id"] for r in requests(pas) if r["dedup_key"].endswith("|B-JD9")] == \
         ["JD9"]
+
+
+class HeldRegion:
+    """A DICOMweb region on loopback whose QIDO-RS study searches wait until
+    :meth:`release`, then answer no study; it notes the PatientID each search asked for."""
+
+    def __init__(self) -> None:
+        self.searched: list[str] = []
+        self.gate = threading.Event()
+        region = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                url = urlparse(self.path)
+                if url.path.endswith("/studies"):
+                    region.searched.append(parse_qs(url.query).get("PatientID", [""])[0])
+                    region.gate.wait(30)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/dicom+json")
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"[]")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = int(self.server.server_address[1])
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def release(self) -> None:
+        self.gate.set()
+
+    def close(self) -> None:
+        self.gate.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_request_merged_while_its_fetch_runs_searches_again_for_the_real_patient(
+        tmp_path: Any) -> None:
+    """A John Doe's order due now, its search held by the region; the merge moves it while
+    it runs; the region then answers (no prior for the temporary id): the request searches
+    again, for the real patient, and only then is fetched. Without that, the attempt for the
+    temporary id ended the request as fetched and the real patient's priors were never
+    searched for."""
+    region = HeldRegion()
+    pas = pas_with_hl7(tmp_path, PAS_PREFETCH__DICOMWEB_URL=(
+        f"http://127.0.0.1:{region.port}/dicom-web"))
+    try:
+        (ack,) = send(pas, orm("T1", "T-CT", "JDT", when=""))
+        assert msa(ack)[0] == "AA"
+        wait_for(lambda: region.searched == ["JDT"] and requests(pas)[0]["state"] == "running",
+                 30, what="the fetch running, its search held by the region")
+        (ack,) = send(pas, merge("TM1", "PID|1||RT^^^HOSP", "MRG|JDT^^^HOSP"))
+        assert msa(ack)[:2] == ("AA", "TM1")
+        (row,) = requests(pas)
+        assert (row["patient_id"], row["state"]) == ("RT", "running")
+        region.release()
+        wait_for(lambda: requests(pas)[0]["state"] == "fetched", 30, what="the request done")
+        assert region.searched == ["JDT", "RT"]
+        (row,) = listed(pas).values()
+        assert (row["patient_id"], row["dedup_key"], row["attempts"]) == (
+            "RT", "order:RT|HOSP|T-CT", 1)
+        assert "prefetch 1 for JDT: that patient was merged into another" in pas.log()
+    finally:
+        region.close()
+        pas.stop()

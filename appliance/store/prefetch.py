@@ -390,9 +390,14 @@ def add_progress(db: Database, request_id: int, instances: int, size: int) -> No
             (instances, size, now(), request_id))
 
 
-def finish(db: Database, request_id: int) -> None:
+def finish(db: Database, request_id: int, patient: tuple[str, str] | None = None) -> bool:
+    """The attempt found and fetched what it could: ``fetched``. ``patient``: whom it searched
+    for (patient id, issuer); False when that patient was merged into another meanwhile, the
+    request pending again (:func:`_merged_away`)."""
     at = now()
     with db.transaction() as conn:
+        if patient is not None and _merged_away(conn, request_id, patient, at):
+            return False
         conn.execute(
             """UPDATE prefetch_requests SET state = 'fetched', finished_at = ?, updated_at = ?,
                    last_error = NULL,
@@ -400,13 +405,28 @@ def finish(db: Database, request_id: int) -> None:
                        WHERE request_fk = ? AND state IN ('fetched', 'on_site'))
                WHERE id = ? AND state = 'running'""", (at, at, request_id, request_id))
         _cancelled_attempt_over(conn, request_id, at)
+    return True
+
+
+def _merged_away(conn: Any, request_id: int, patient: tuple[str, str], at: float) -> bool:
+    """A running request whose patient is no longer ``patient`` (the one its attempt searched
+    for: an ADT merge moved it to the surviving patient while it ran) is made pending again,
+    due now, the attempt not counted. Ended as fetched, it held the temporary id's (no)
+    priors, and the real patient's were never searched for."""
+    return conn.execute(
+        "UPDATE prefetch_requests SET state = 'pending', attempts = max(attempts - 1, 0), "
+        "next_attempt_at = ?, updated_at = ? WHERE id = ? AND state = 'running' "
+        "AND (patient_id != ? OR issuer != ?)", (at, at, request_id, *patient)).rowcount > 0
 
 
 def fail_attempt(db: Database, request_id: int, error: str, max_attempts: int,
-                 retry_at: float) -> str:
-    """Back to pending with ``retry_at``, or failed once ``max_attempts`` are spent."""
+                 retry_at: float, patient: tuple[str, str] | None = None) -> str:
+    """Back to pending with ``retry_at``, or failed once ``max_attempts`` are spent; pending
+    and due now, not counted, when the patient searched for was merged away meanwhile."""
     at = now()
     with db.transaction() as conn:
+        if patient is not None and _merged_away(conn, request_id, patient, at):
+            return "pending"
         row = conn.execute("SELECT attempts, state FROM prefetch_requests WHERE id = ?",
                            (request_id,)).fetchone()
         if row is not None and row["state"] != "running":

@@ -14,6 +14,10 @@ already has the request of that order, appointment or visit (the RIS re-sent it 
 real identity first), the prior patient's is cancelled instead, naming that request in
 ``last_error``: the order is not fetched twice. Requests already ended (fetched, failed,
 cancelled) stay as they were: they say what was done under the identity of the time.
+
+A request running while it moves keeps its attempt, which searched for the prior id; that
+attempt's end makes it pending again (:func:`appliance.store.prefetch.finish`), so that it
+searches again for the patient it now names.
 """
 
 from __future__ import annotations
