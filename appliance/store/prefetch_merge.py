@@ -29,13 +29,12 @@ from appliance.store import audit
 from appliance.store.db import Database, now
 from appliance.store.prefetch import (
     CANCEL_SET,
-    MERGED,
     _free_dedup_key,
     _order_rows,
     _stored,
-    claim_message,
     procedures_compatible,
 )
+from appliance.store.prefetch_messages import MERGED, claim_message
 
 NOT_DONE = ("pending", "running")
 
