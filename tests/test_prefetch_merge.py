@@ -134,6 +134,12 @@ def test_a40_moves_a_john_doe_s_pending_orders_to_the_real_patient(pas: PasProce
     later = listed(pas)
     assert len(later) == len(before)
     assert (later[ct]["times_requested"], later[ct]["modality"]) == (2, "MR")
+    # ... and a cancel of the appointment under R1 cancels the moved one.
+    (ack,) = send(pas, "\r".join([
+        "MSH|^~\\&|RIS|HOSP|PAS|HOSP|20261205120000||SIU^S15|S2|P|2.5",
+        "SCH|APPT-JD1||||||||||^^^" + FAR, "PID|1||R1^^^HOSP^MR"]))
+    assert msa(ack)[0] == "AA"
+    assert listed(pas)[appt]["state"] == "cancelled"
     # The same merge resent: recognised, nothing changes.
     shown = shape(pas)
     (ack,) = send(pas, merge("MG1", "PID|1||R1^^^HOSP^MR||DOE^JOHN", "MRG|JD1^^^HOSP^MR"))
