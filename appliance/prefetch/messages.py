@@ -25,6 +25,8 @@ Which fields are read, and why (HL7 v2.5 positions):
   S15/S17 (cancelled, deleted) cancel that appointment's request.
 - ADT^A04/A08: PV1-19 visit number (dedup key: A04 then A08 of one visit is one request);
   A11 (cancel admit / visit) cancels it.
+- ADT^A40/A34/A36/A18 (merge patient): PID-3 the surviving patient, MRG-1 the prior one
+  (read by :mod:`appliance.prefetch.merges`, each PID with its MRG).
 """
 
 from __future__ import annotations
@@ -40,7 +42,12 @@ import hl7
 
 SUPPORTED = {("ORM", "O01"), ("OMI", "O23"), ("OMG", "O19"), ("SIU", "S12"), ("SIU", "S13"),
              ("SIU", "S14"), ("SIU", "S15"), ("SIU", "S17"), ("ADT", "A04"), ("ADT", "A08"),
-             ("ADT", "A11")}
+             ("ADT", "A11"), ("ADT", "A40"), ("ADT", "A34"), ("ADT", "A36"), ("ADT", "A18")}
+# ADT events that merge a prior patient (MRG-1) into the PID-3 one: A40 (v2.3.1+, patient
+# identifier list), A34 / A36 (patient id only / with the account) and A18 (v2.2 and
+# before) say the same for the prefetch. Refused (AR 200) before: a John Doe's pending
+# orders searched the region for the temporary id, and no prior of the real patient came.
+MERGE_EVENTS = {"A40", "A34", "A36", "A18"}
 # SIU events that end an appointment (cancelled, deleted); S13 (rescheduled) moves it as S14.
 # Refused (AR 200) before: a RIS's reschedules and cancels rejected, the priors fetched.
 SIU_CANCELS = {"S15", "S17"}
@@ -274,7 +281,7 @@ def _time(message: hl7.Message, *paths: str) -> float | None:
 # in each group is kept. The others (NTE, OBX, AL1, Z-segments...) are dropped before parsing,
 # since the ``hl7`` package builds a Python object per field, repetition and component: one
 # 1 MB message of ``~`` cost 4.6 s and 450 MB, six at once 2.7 GB (invariant 8).
-READ_SEGMENTS = ("MSH", "PID", "SCH", "AIS", "PV1")
+READ_SEGMENTS = ("MSH", "PID", "SCH", "AIS", "PV1", "MRG")
 GROUP_SEGMENTS = ("OBR", "TQ1", "IPC")
 # Delimiters allowed in the segments kept: a real order carries a few hundred; 20,000 cost
 # about 0.1 s and 10 MB to parse.
@@ -317,8 +324,12 @@ def _segments_read(text: str) -> str:
     delimiters = {separator, *encoding_characters[:2], *encoding_characters[3:]}
     msh = text.split("\r", 1)[0].split(separator, 10)[8:10] + ["", ""]  # MSH-9, MSH-10
     component, repetition = (encoding_characters + "^~")[:2]
-    kind = msh[0].split(repetition, 1)[0].split(component, 1)[0].strip().upper()
+    kind, _, event = msh[0].split(repetition, 1)[0].partition(component)
+    kind, event = kind.strip().upper(), event.split(component, 1)[0].strip().upper()
     grouped = kind in ORDER_KINDS  # other types: the first ORC, OBR... only, as read
+    # A merge may name several patients (A40: {PID, MRG} repeated): each PID and MRG kept.
+    merging = kind == "ADT" and event in MERGE_EVENTS
+    patients = 0
     kept: list[tuple[str, str]] = []
     seen: set[str] = set()   # READ_SEGMENTS (and ORC when not grouped) already kept
     in_group: set[str] = set()  # GROUP_SEGMENTS already kept since the last ORC
@@ -346,6 +357,13 @@ def _segments_read(text: str) -> str:
                 continue
             in_group.add(name)
             kept.append((f"{name} of ORC #{groups}" if groups > 1 else name, segment))
+        elif merging and name in ("PID", "MRG"):
+            patients += name == "PID"
+            if patients > MAX_GROUPS:
+                raise Refusal("AR", "100", f"too many patients in one merge: more than "
+                              f"{MAX_GROUPS} PID segments (send the others in another "
+                              "message)", msh[0], msh[1])
+            kept.append((name, segment))
         elif name in READ_SEGMENTS and name not in seen:
             seen.add(name)
             kept.append((name, segment))
@@ -444,8 +462,10 @@ def interpret(message: hl7.Message, issuer_default: str = "",
     return orders
 
 
-def _site_repetition(message: hl7.Message, site_issuers: Collection[str]) -> int:
-    """The PID-3 repetition whose issuer (CX-4.1) is one of ``site_issuers``, else 1.
+def _site_repetition(message: hl7.Message, site_issuers: Collection[str],
+                     segment: str = "PID", number: int = 3) -> int:
+    """The PID-3 repetition (``segment``-``number``: MRG-1 for a merge) whose issuer (CX-4.1)
+    is one of ``site_issuers``, else 1.
 
     A French RIS sends the INS (``...^^^ASIP-SANTE-INS-NIR&1.2.250.1.213.1.4.8&ISO^INS``)
     and the hospital's IPP in PID-3, in either order: the first alone queried the region
@@ -453,12 +473,14 @@ def _site_repetition(message: hl7.Message, site_issuers: Collection[str]) -> int
     if not site_issuers:
         return 1
     wanted = {issuer.casefold() for issuer in site_issuers}  # as PrefetchSection.region_issuer
-    field = message.segment("PID")[3] if len(message.segment("PID")) > 3 else []
+    found = message.segment(segment)
+    field = found[number] if len(found) > number else []
     repetitions = len(field) if field and not isinstance(field[0], str) else 1
     for repetition in range(1, repetitions + 1):
         try:
-            if _field(message, f"PID.F3.R{repetition}.C4.S1").casefold() in wanted and \
-                    _field(message, f"PID.F3.R{repetition}.C1"):
+            path = f"{segment}.F{number}.R{repetition}"
+            if _field(message, f"{path}.C4.S1").casefold() in wanted and \
+                    _field(message, f"{path}.C1"):
                 return repetition
         except Refusal:
             continue  # an identifier of another issuer that cannot be read: not this one

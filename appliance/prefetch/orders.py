@@ -15,15 +15,17 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 from appliance.prefetch.acks import build_ack
+from appliance.prefetch.merges import interpret_merges, is_merge
 from appliance.prefetch.messages import (
     PrefetchOrder,
     Refusal,
     interpret,
     parse_message,
 )
-from appliance.store import audit
+from appliance.store import audit, prefetch_merge
 from appliance.store import prefetch as store
 from appliance.store.db import Database
+from appliance.words import counted
 
 log = logging.getLogger("pas.prefetch")
 
@@ -43,6 +45,8 @@ def handle(db: Database, text: str, source: str,
     message = None
     try:
         message = parse_message(text)
+        if is_merge(message):
+            return _merge(db, message, source, site_issuers), False
         orders = _distinct(interpret(message, site_issuers=site_issuers), source)
         actions: list[store.NewRequest | store.Cancel] = [
             store.Cancel(order.dedup_key, _procedure(order)) if order.cancel
@@ -79,6 +83,39 @@ def handle(db: Database, text: str, source: str,
     except Exception as exc:  # never leave the RIS without an answer
         log.exception("HL7 from %s: internal error", source)
         return build_ack(message, "AE", f"internal error: {exc}", "207"), False
+
+
+def _merge(db: Database, message: Any, source: str, site_issuers: Collection[str]) -> str:
+    """An ADT merge (A40, A34, A36, A18): the prior patient's requests not yet done moved to
+    the surviving patient (:mod:`appliance.store.prefetch_merge`), then the ACK, whose MSA-3
+    says how many moved. A merge naming a patient PAS has no request for is ACKed too: the
+    RIS did nothing wrong."""
+    merges = interpret_merges(message, site_issuers)
+    first = merges[0]
+    recorded = prefetch_merge.record_merges(
+        db, first.message_key, first.message_type,
+        [prefetch_merge.Merge(m.prior_id, m.prior_issuer, m.patient_id, m.issuer)
+         for m in merges], source)
+    if not recorded.first:
+        return _duplicate(message, first.message_type, first.control_id, source)
+    _warn_reused(first.control_id, recorded.reused_for,
+                 "; ".join(m.merge.describe() for m in recorded.merged), source)
+    said = []
+    for merged in recorded.merged:
+        moved = counted(len(merged.moved), "prefetch request")
+        log.info("HL7 %s %s from %s: patient %s merged: %s moved%s", first.message_type,
+                 first.control_id, source, merged.merge.describe(), moved,
+                 f" ({', '.join(f'#{n}' for n in merged.moved)})" if merged.moved else "")
+        text = f"patient {merged.merge.describe()}: {moved} moved"
+        if merged.folded:
+            log.info("HL7 %s %s: %s of %s cancelled, the surviving patient's already held "
+                     "its order: %s", first.message_type, first.control_id,
+                     counted(len(merged.folded), "request"), merged.merge.prior_id,
+                     ", ".join(f"#{old} (held by #{holder})" for old, holder in merged.folded))
+            text += (f", {counted(len(merged.folded), 'request')} cancelled (the surviving "
+                     "patient's held the same order)")
+        said.append(text)
+    return build_ack(message, "AA", "; ".join(said))
 
 
 def _procedure(order: PrefetchOrder) -> tuple[str, str] | None:

@@ -22,6 +22,7 @@ from typing import Any
 from appliance.store import audit
 from appliance.store.db import Database, now
 from appliance.store.jobs import WAITING_FOR_TRUST
+from appliance.store.prefetch_messages import SEVERAL, claim_message
 
 # Instances the prefetch stored carry this in instances.source_address.
 REGION_SOURCE = "region:prefetch"
@@ -85,11 +86,6 @@ def _meaning(action: NewRequest | Cancel) -> str:
     return action.dedup_key if isinstance(action, NewRequest) else f"cancel {action.dedup_key}"
 
 
-# What a message of several orders is recorded as meaning (prefetch_messages.detail):
-# this prefix, then each order's meaning, in message order.
-SEVERAL = "orders: "
-
-
 def record_message(db: Database, message_key: str, message_type: str, ack_code: str,
                    detail: str | None = None, request: NewRequest | None = None,
                    cancel_key: str | None = None,
@@ -121,23 +117,12 @@ def record_message(db: Database, message_key: str, message_type: str, ack_code: 
             detail = meaning  # what a cancel did (it has no request): a resend or a reused key?
     else:
         meaning = detail = SEVERAL + "; ".join(meanings)
-    reused_for: str | None = None
     with db.transaction() as conn:
-        claimed = conn.execute(
-            "INSERT OR IGNORE INTO prefetch_messages (message_key, received_at, message_type, "
-            "request_fk, ack_code, detail) VALUES (?, ?, ?, NULL, ?, ?)",
-            (message_key, at, message_type, ack_code, detail))
-        if claimed.rowcount == 0:
-            earlier = _recorded_meaning(conn, message_key)
-            if earlier is None or earlier == meaning:
-                return Recorded(first=False)
-            reused_for, message_key = earlier, f"{message_key}|{meaning}"
-            claimed = conn.execute(
-                "INSERT OR IGNORE INTO prefetch_messages (message_key, received_at, "
-                "message_type, request_fk, ack_code, detail) VALUES (?, ?, ?, NULL, ?, ?)",
-                (message_key, at, message_type, ack_code, detail))
-            if claimed.rowcount == 0:
-                return Recorded(first=False)  # that one resent as well
+        claimed, reused_for = claim_message(conn, message_key, message_type, ack_code,
+                                            detail, meaning, at)
+        if claimed is None:
+            return Recorded(first=False)
+        message_key = claimed
         scheduled: list[Scheduled] = []
         for action in actions:
             if isinstance(action, NewRequest):
@@ -158,23 +143,6 @@ def record_message(db: Database, message_key: str, message_type: str, ack_code: 
                          (scheduled[0].request_id, message_key))
     return Recorded(first=True, scheduled=scheduled[0] if scheduled else None,
                     reused_for=reused_for, all_scheduled=tuple(scheduled))
-
-
-def _recorded_meaning(conn: Any, message_key: str) -> str | None:
-    """The order a recorded message named (its request's dedup key, or ``cancel <key>``;
-    ``orders: ...`` for a message of several, see :data:`SEVERAL`); None when unknown (a
-    cancel recorded before this was kept)."""
-    row = conn.execute(
-        "SELECT m.detail, r.dedup_key FROM prefetch_messages m LEFT JOIN prefetch_requests r "
-        "ON r.id = m.request_fk WHERE m.message_key = ?", (message_key,)).fetchone()
-    if row is None:
-        return None
-    if (row["detail"] or "").startswith(SEVERAL):
-        return str(row["detail"])
-    if row["dedup_key"] is not None:
-        return str(row["dedup_key"])
-    detail = row["detail"] or ""
-    return detail if detail.startswith("cancel ") else None
 
 
 def schedule(db: Database, request: NewRequest, count_repeat: bool = True) -> Scheduled:
@@ -375,9 +343,14 @@ def add_progress(db: Database, request_id: int, instances: int, size: int) -> No
             (instances, size, now(), request_id))
 
 
-def finish(db: Database, request_id: int) -> None:
+def finish(db: Database, request_id: int, patient: tuple[str, str] | None = None) -> bool:
+    """The attempt found and fetched what it could: ``fetched``. ``patient``: whom it searched
+    for (patient id, issuer); False when that patient was merged into another meanwhile, the
+    request pending again (:func:`_merged_away`)."""
     at = now()
     with db.transaction() as conn:
+        if patient is not None and _merged_away(conn, request_id, patient, at):
+            return False
         conn.execute(
             """UPDATE prefetch_requests SET state = 'fetched', finished_at = ?, updated_at = ?,
                    last_error = NULL,
@@ -385,13 +358,28 @@ def finish(db: Database, request_id: int) -> None:
                        WHERE request_fk = ? AND state IN ('fetched', 'on_site'))
                WHERE id = ? AND state = 'running'""", (at, at, request_id, request_id))
         _cancelled_attempt_over(conn, request_id, at)
+    return True
+
+
+def _merged_away(conn: Any, request_id: int, patient: tuple[str, str], at: float) -> bool:
+    """A running request whose patient is no longer ``patient`` (the one its attempt searched
+    for: an ADT merge moved it to the surviving patient while it ran) is made pending again,
+    due now, the attempt not counted. Ended as fetched, it held the temporary id's (no)
+    priors, and the real patient's were never searched for."""
+    return conn.execute(
+        "UPDATE prefetch_requests SET state = 'pending', attempts = max(attempts - 1, 0), "
+        "next_attempt_at = ?, updated_at = ? WHERE id = ? AND state = 'running' "
+        "AND (patient_id != ? OR issuer != ?)", (at, at, request_id, *patient)).rowcount > 0
 
 
 def fail_attempt(db: Database, request_id: int, error: str, max_attempts: int,
-                 retry_at: float) -> str:
-    """Back to pending with ``retry_at``, or failed once ``max_attempts`` are spent."""
+                 retry_at: float, patient: tuple[str, str] | None = None) -> str:
+    """Back to pending with ``retry_at``, or failed once ``max_attempts`` are spent; pending
+    and due now, not counted, when the patient searched for was merged away meanwhile."""
     at = now()
     with db.transaction() as conn:
+        if patient is not None and _merged_away(conn, request_id, patient, at):
+            return "pending"
         row = conn.execute("SELECT attempts, state FROM prefetch_requests WHERE id = ?",
                            (request_id,)).fetchone()
         if row is not None and row["state"] != "running":

@@ -99,6 +99,7 @@ def bucket_target() -> Callable[[bytes], None]:
 def hl7_target() -> Callable[[bytes], None]:
     with atheris.instrument_imports(include=["appliance", "hl7"]):
         from appliance.prefetch.acks import build_ack
+        from appliance.prefetch.merges import interpret_merges, is_merge
         from appliance.prefetch.messages import (
             Refusal,
             interpret,
@@ -111,7 +112,10 @@ def hl7_target() -> Callable[[bytes], None]:
         message = None
         try:
             message = parse_message(text)
-            interpret(message)
+            if is_merge(message):  # as orders.handle reads it
+                interpret_merges(message)
+            else:
+                interpret(message)
         except Refusal as refusal:
             build_ack(message, refusal.ack_code, str(refusal))
             return

@@ -1,0 +1,61 @@
+"""The HL7 messages the prefetch has recorded: how a message is claimed once, and what an
+earlier message with the same key meant.
+
+Owns: the ``prefetch_messages`` rows written when a message is applied (in the caller's
+transaction, with what the message changes: :func:`appliance.store.prefetch.record_message`
+for orders, appointments and visits, :func:`appliance.store.prefetch_merge.record_merges`
+for patient merges). Split from prefetch.py so that both share one claim. May not touch:
+the requests themselves, files or the network.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# What a message of several orders is recorded as meaning (prefetch_messages.detail):
+# this prefix, then each order's meaning, in message order.
+SEVERAL = "orders: "
+# What a patient merge is recorded as meaning: this prefix, then the merges it named
+# (:mod:`appliance.store.prefetch_merge`).
+MERGED = "merge "
+
+
+def claim_message(conn: Any, message_key: str, message_type: str, ack_code: str,
+                  detail: str | None, meaning: str, at: float) -> tuple[str | None, str | None]:
+    """Record a message in the transaction ``conn`` is in: the key it is recorded under
+    (None: already recorded with this ``meaning``, a resend that must change nothing), and
+    the meaning an earlier message with this key had when the key was reused for another
+    (see :func:`appliance.store.prefetch.record_message`)."""
+    claimed = conn.execute(
+        "INSERT OR IGNORE INTO prefetch_messages (message_key, received_at, message_type, "
+        "request_fk, ack_code, detail) VALUES (?, ?, ?, NULL, ?, ?)",
+        (message_key, at, message_type, ack_code, detail))
+    if claimed.rowcount:
+        return message_key, None
+    earlier = _recorded_meaning(conn, message_key)
+    if earlier is None or earlier == meaning:
+        return None, None
+    message_key = f"{message_key}|{meaning}"
+    claimed = conn.execute(
+        "INSERT OR IGNORE INTO prefetch_messages (message_key, received_at, "
+        "message_type, request_fk, ack_code, detail) VALUES (?, ?, ?, NULL, ?, ?)",
+        (message_key, at, message_type, ack_code, detail))
+    return (message_key if claimed.rowcount else None), earlier  # None: that one resent too
+
+
+def _recorded_meaning(conn: Any, message_key: str) -> str | None:
+    """The order a recorded message named (its request's dedup key, or ``cancel <key>``;
+    ``orders: ...`` for a message of several, see :data:`SEVERAL`; ``merge ...`` for a
+    patient merge, :data:`MERGED`); None when unknown (a cancel recorded before this was
+    kept)."""
+    row = conn.execute(
+        "SELECT m.detail, r.dedup_key FROM prefetch_messages m LEFT JOIN prefetch_requests r "
+        "ON r.id = m.request_fk WHERE m.message_key = ?", (message_key,)).fetchone()
+    if row is None:
+        return None
+    if (row["detail"] or "").startswith(SEVERAL):
+        return str(row["detail"])
+    if row["dedup_key"] is not None:
+        return str(row["dedup_key"])
+    detail = row["detail"] or ""
+    return detail if detail.startswith(("cancel ", MERGED)) else None
