@@ -168,6 +168,16 @@ class Daemon:
             log.warning("start-up recovery: %s cut by the daemon's last end; their store "
                         "rows written from the index (pas audit --event store)",
                         counted(cut, "DICOM association"))
+        # The studies its retrieves read, shown to pas cache evict/purge (their own process):
+        # the rows a daemon killed left behind go first.
+        from appliance.locks import READERS
+        from appliance.store import readers as shared_readers
+
+        left_behind = shared_readers.clear(self.db)
+        if left_behind:
+            log.info("start-up: %s left by the daemon's last end cleared",
+                     counted(left_behind, "study reader"))
+        READERS.share(shared_readers.SharedReaders(self.db))
         self.cache_policy = CachePolicy(self.settings, self.db, self.spool)
         try:
             self.listener.start()
@@ -317,6 +327,9 @@ class Daemon:
             self.audit_trail.close()
         for thread in self._threads:
             thread.join(left(5.0))
+        from appliance.locks import READERS
+
+        READERS.share(None)  # what is still read ends with the process; the next start clears
         self.db.close()
         log.info("PAS stopped")
 

@@ -1,7 +1,8 @@
 """Locks by key (a transfer id, a study UID), kept only while someone holds them.
 
 Owns: :class:`KeyedLocks`, and :class:`StudyReaders` (the studies a retrieve of this process
-is reading, which the cache's eviction leaves alone). May not touch anything else. Why
+is reading, which the cache's eviction leaves alone; shown to other processes through what the
+daemon hands :meth:`StudyReaders.share`, the index's rows). May not touch anything else. Why
 KeyedLocks: a hub sees millions of transfers in its life and an appliance fetches through
 thousands of studies; a dict of one lock per key ever seen grew without end (invariant 8:
 bounded memory). StudyReaders likewise holds a study only while it is read.
@@ -10,10 +11,15 @@ bounded memory). StudyReaders likewise holds a study only while it is read.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from typing import Protocol, TypeVar
+
+log = logging.getLogger("pas.cache")
 
 
 class _HasStudies(Protocol):
@@ -22,6 +28,19 @@ class _HasStudies(Protocol):
 
 
 _Plan = TypeVar("_Plan", bound=_HasStudies)
+
+
+class _Shared(Protocol):
+    """Where the readers are shown to other processes (``appliance.store.readers``)."""
+
+    def write(self, reading: dict[str, tuple[str, float]], gone: list[str]) -> None: ...
+
+    def deletions(self) -> int: ...
+
+
+def reading_since(who: str, since: float) -> str:
+    """How a reader is named in a refusal: 'C-GET by VIEWER at 127.0.0.1 since ...'."""
+    return f"{who or 'a retrieve'} since {datetime.fromtimestamp(since):%Y-%m-%d %H:%M:%S}"
 
 
 class KeyedLocks:
@@ -67,23 +86,73 @@ class StudyReaders:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._reading: dict[str, int] = {}
+        # Who began the present spell of reading of each study, and when (a refusal names
+        # them): the first reader, kept while any reads it.
+        self._first: dict[str, tuple[str, float]] = {}
         self.generation = 0
+        # Shown to the other processes that evict (pas cache evict/purge): see share().
+        self._shared: _Shared | None = None
+        self._shared_lock = threading.Lock()  # taken before _lock, never while it is held
+        self._shown: dict[str, tuple[str, float]] = {}
 
-    def register(self, study_uids: list[str]) -> int:
-        """Count a reader of each study; returns the generation at that moment."""
+    def share(self, shared: _Shared | None) -> None:
+        """Show the studies being read to the other processes that evict (the daemon's:
+        ``appliance.store.readers.SharedReaders``, rows in the index that ``pas cache
+        evict``/``purge`` read inside their transaction). Why: those run in a process of
+        their own, where this object is empty, and deleted a study under a viewer.
+
+        The order that makes their check hold is the one :meth:`planned` keeps for this
+        process's eviction, with the count of ``delete`` rows for the generation: read before
+        the plan, and again once the study's row is committed (a row written when the first
+        reader comes, removed when the last goes: nothing written for a study read already)."""
+        self._shared = shared
+
+    def _generation(self) -> tuple[int, int]:
+        shared = self._shared
+        return self.generation, shared.deletions() if shared is not None else 0
+
+    def register(self, study_uids: list[str], who: str = "") -> tuple[int, int]:
+        """Count a reader of each study (``who``: 'C-GET by VIEWER at 127.0.0.1'); returns
+        the generation once they are shown (this process's evictions, and the others')."""
+        at = time.time()
         with self._lock:
             for uid in study_uids:
                 self._reading[uid] = self._reading.get(uid, 0) + 1
-            return self.generation
+                self._first.setdefault(uid, (who, at))
+        try:
+            self._show(study_uids)
+        except BaseException:  # not shown: not registered (the retrieve fails, as it must)
+            self.release(study_uids)
+            raise
+        return self._generation()
 
-    def planned(self, make_plan: Callable[[], _Plan]) -> tuple[_Plan, list[str]]:
+    def _show(self, study_uids: list[str]) -> None:
+        """The shared rows of these studies brought to what this process holds now (under
+        ``_shared_lock``: whatever order threads come in, the last look writes the state)."""
+        shared = self._shared
+        if shared is None:
+            return
+        with self._shared_lock:
+            with self._lock:
+                now = {u: self._first[u] for u in study_uids if u in self._reading}
+            reading = {u: v for u, v in now.items() if self._shown.get(u) != v}
+            gone = [u for u in dict.fromkeys(study_uids) if u not in now and u in self._shown]
+            if not reading and not gone:
+                return
+            shared.write(reading, gone)
+            self._shown.update(reading)
+            for uid in gone:
+                del self._shown[uid]
+
+    def planned(self, make_plan: Callable[[], _Plan],
+                who: str = "") -> tuple[_Plan, list[str]]:
         """``make_plan()`` with a reader registered for each of its studies, valid as made:
         made again while an eviction committed between the plan and the registration.
         Returns the plan and the studies to :meth:`release` when the retrieve ends."""
-        before = self.generation
+        before = self._generation()
         plan = make_plan()
         registered = list(dict.fromkeys(plan.study_uids))
-        at = self.register(registered)
+        at = self.register(registered, who)
         try:
             while at != before:  # rare: an eviction committed meanwhile; these stay held
                 before = at
@@ -91,25 +160,28 @@ class StudyReaders:
                 new = [u for u in dict.fromkeys(plan.study_uids) if u not in registered]
                 if not new:
                     break  # every study of the new plan was registered before it was made
+                at = self.register(new, who)
                 registered += new
-                at = self.register(new)
         except BaseException:
             self.release(registered)
             raise
         return plan, registered
 
     @contextlib.contextmanager
-    def holding(self, study_uids: list[str]) -> Iterator[None]:
+    def holding(self, study_uids: list[str], who: str = "") -> Iterator[None]:
         """Readers of these studies for the block: a fetch-through filing a study's
         instances (each confirmed as it is filed: the region served it) before the retrieve
         that asked for it plans and registers its own."""
-        self.register(study_uids)
+        self.register(study_uids, who)
         try:
             yield
         finally:
             self.release(study_uids)
 
     def release(self, study_uids: list[str]) -> None:
+        """The retrieve is over: its studies may be evicted again. Never raises (it runs as
+        a retrieve ends, however): a row the index would not take off now is logged, and
+        taken off by the next reader of the study, or at the next start."""
         with self._lock:
             for uid in study_uids:
                 left = self._reading.get(uid, 0) - 1
@@ -117,6 +189,24 @@ class StudyReaders:
                     self._reading[uid] = left
                 else:
                     self._reading.pop(uid, None)
+                    self._first.pop(uid, None)
+        try:
+            self._show(study_uids)
+        except Exception as exc:
+            log.warning("the index still shows %s as being read (%s): pas cache evict and "
+                        "purge leave it until it is read again or the daemon restarts",
+                        ", ".join(study_uids), exc)
+
+    def settle(self) -> None:
+        """What the index shows brought to what is read (a row a failed :meth:`release` left
+        behind taken off); the eviction pass calls it each time round. Writes nothing when
+        they agree, the usual case."""
+        with self._shared_lock:
+            shown = list(self._shown)
+        try:
+            self._show(shown)
+        except Exception as exc:
+            log.warning("the index's readers not brought up to date: %s", exc)
 
     def read_now(self, study_uid: str) -> bool:
         return study_uid in self._reading
@@ -126,8 +216,9 @@ class StudyReaders:
         :class:`StudyBeingRead` (the lock released) when a retrieve reads the study."""
         self._lock.acquire()
         if study_uid in self._reading:
+            who, since = self._first.get(study_uid, ("", time.time()))
             self._lock.release()
-            raise StudyBeingRead(f"study {study_uid} is being read (a retrieve under way)")
+            raise StudyBeingRead(f"study {study_uid} is being read ({reading_since(who, since)})")
         return EvictionGuard(self)
 
 

@@ -309,3 +309,27 @@ def test_a_hub_job_held_back_by_an_earlier_one_of_its_study_says_so(tmp_path: Pa
     assert {r["id"]: r["waits_for_job"] for r in job_store.list_jobs(db)}[later] is None
     claimed = job_store.claim_next(db, "test", 60)
     assert claimed is not None and claimed.id == later
+
+
+def test_a_transaction_that_need_not_be_durable_leaves_the_connection_durable(
+        tmp_path: Path) -> None:
+    """``transaction(durable=False)`` (the readers' rows) commits without waiting for the
+    disk; the connection is back to ``synchronous=FULL`` after it, committed or rolled back,
+    for the C-STORE whose commit comes next on it (invariant 1)."""
+    db = Database(tmp_path / "pas.sqlite")
+    synchronous = "PRAGMA synchronous"
+    with db.transaction() as conn:
+        conn.execute("CREATE TABLE worth_nothing (x)")
+    with db.transaction(durable=False) as conn:
+        assert conn.execute(synchronous).fetchone()[0] == 1  # NORMAL
+        conn.execute("INSERT INTO worth_nothing VALUES (1)")
+    assert db.connection().execute(synchronous).fetchone()[0] == 2  # FULL
+    with pytest.raises(ZeroDivisionError), db.transaction(durable=False):
+        raise ZeroDivisionError
+    assert db.connection().execute(synchronous).fetchone()[0] == 2
+    with db.transaction() as conn:
+        assert conn.execute(synchronous).fetchone()[0] == 2
+        with db.transaction(durable=False):  # nested: the outer one's durability
+            assert conn.execute(synchronous).fetchone()[0] == 2
+    assert db.query("SELECT count(*) FROM worth_nothing")[0][0] == 1
+    db.close()

@@ -125,7 +125,9 @@ def cache_evict(config: Path | None = ConfigOption) -> None:
     result = CachePolicy(settings, db, spool).evict_if_needed()
     console.print(f"evicted {counted(len(result.evicted), 'study', 'studies')}, "
                   f"{counted(result.freed_bytes, 'byte')}; used {result.used_after}/"
-                  f"{result.capacity}")
+                  f"{result.capacity}", highlight=False)
+    for why in result.skipped.values():  # a study being read: a viewer's retrieve under way
+        console.print(f"not evicted: {why}", highlight=False)
 
 
 @cache_app.command("pin")
@@ -163,16 +165,22 @@ def cache_unpin(study_uid: str = StudyArgument, config: Path | None = ConfigOpti
 @cache_app.command("purge")
 def cache_purge(study_uid: str = StudyArgument, config: Path | None = ConfigOption,
                 force: bool = typer.Option(False, "--force", help="Also when not confirmed at "
-                                           "the region, pinned or queued (audited)")) -> None:
+                                           "the region, pinned, queued or being read by a "
+                                           "viewer (audited)")) -> None:
     """Delete a study from the cache now. Without --force only a confirmed, unpinned one."""
     from appliance.ops.cache_policy import purge
-    from appliance.store.eviction import NotEvictable, UnknownStudy
+    from appliance.store.eviction import BeingRead, NotEvictable, UnknownStudy
 
     _settings, db, spool = _open(config)
     try:
         evicted = purge(db, spool, study_uid, operator_actor(), force)
     except UnknownStudy as exc:  # --force cannot help: no hint to use it (given or not)
         err.print(f"[red]refused:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    except BeingRead as exc:  # a viewer's retrieve under way in the daemon
+        err.print(f"[red]refused:[/red] {exc}. Purge once the retrieve is over, or use "
+                  "--force to purge now: the viewer then fails to get what it has not "
+                  "received yet", highlight=False)
         raise typer.Exit(1) from None
     except NotEvictable as exc:
         err.print(f"[red]refused:[/red] {exc} (use --force to purge anyway)")

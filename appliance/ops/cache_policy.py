@@ -46,6 +46,9 @@ class EvictionPass:
     evicted: list[str] = field(default_factory=list)
     freed_bytes: int = 0
     still_above_high: bool = False
+    # Studies listed but left, and why (being read, changed since listed): pas cache evict
+    # says so, where it used to say only how many went.
+    skipped: dict[str, str] = field(default_factory=dict)
 
 
 class CachePolicy:
@@ -99,11 +102,14 @@ class CachePolicy:
                         self.db, self.spool, candidate.study_uid, actor="system",
                         reason="evicted (LRU, confirmed at the region)",
                         hold=self._readers_hold(candidate.study_uid))
-                except StudyBeingRead as exc:  # a viewer's retrieve: its files stay
+                except (StudyBeingRead, eviction.BeingRead) as exc:  # a viewer's retrieve
+                    # (this process's, or the daemon's seen from pas cache evict): files stay
                     log.info("not evicted: %s", exc, extra={"STUDY_UID": candidate.study_uid})
+                    result.skipped[candidate.study_uid] = str(exc)
                     continue
                 except eviction.NotEvictable as exc:  # changed since listed: skip it
                     log.info("not evicted: %s", exc)
+                    result.skipped[candidate.study_uid] = str(exc)
                     continue
                 result.evicted.append(candidate.study_uid)
                 result.freed_bytes += evicted.bytes
@@ -185,6 +191,7 @@ class CachePolicy:
         failures = LoopFailures(log, "eviction pass failed")
         while not stop.is_set():
             try:
+                self.readers.settle()  # a reader's row the index kept by mistake taken off
                 self.evict_if_needed()
                 failures.worked()
             except Exception as exc:

@@ -95,7 +95,8 @@ class RetrieveHandlers:
         self.destinations = {d.title: d for d in settings.move_destinations}
         self.readers = readers  # the studies being read, which eviction leaves alone
 
-    def _resolve(self, event: Any) -> tuple[str, store_query.RetrievePlan, list[str]]:
+    def _resolve(self, event: Any,
+                 what: str) -> tuple[str, store_query.RetrievePlan, list[str]]:
         """The instances a retrieve names (their row ids: memory does not grow with whole rows
         per instance), after fetching a study that is missing here, and the studies
         registered as being read (the caller releases them when the retrieve ends).
@@ -120,9 +121,11 @@ class RetrieveHandlers:
         fetched = 0
         fetching = (self.fetcher is not None and self.settings.fetch_through
                     and level == "STUDY")
+        calling, address = peer(event)
+        who = f"{what} by {calling} at {address}"  # named to pas cache purge, refused
         # Held from before the fetch: each fetched instance is confirmed as it is filed, and
         # eviction took a study half fetched before the plan below (the viewer got the rest).
-        with self.readers.holding(study_uids if fetching else []):
+        with self.readers.holding(study_uids if fetching else [], who):
             if fetching:
                 try:
                     for study_uid in study_uids:
@@ -131,7 +134,7 @@ class RetrieveHandlers:
                     raise RetrieveRefused(UNABLE_TO_PROCESS, str(exc)) from exc
             try:  # its studies registered as being read: the cache does not evict them
                 plan, reading = self.readers.planned(
-                    lambda: store_query.retrieve_plan(self.db, level, keys))
+                    lambda: store_query.retrieve_plan(self.db, level, keys), who)
             except store_query.QueryError as exc:
                 raise RetrieveRefused(IDENTIFIER_DOES_NOT_MATCH, str(exc)) from exc
         if len(plan.instance_ids) > MAX_SUB_OPERATIONS:
@@ -194,7 +197,7 @@ class RetrieveHandlers:
                 MOVE_DESTINATION_UNKNOWN, f"unknown move destination {destination_title!r}"))
             return
         try:
-            summary, plan, reading = self._resolve(event)
+            summary, plan, reading = self._resolve(event, f"C-MOVE to {destination.title}")
         except RetrieveRefused as refusal:
             yield from self._refused(event, "C-MOVE", refusal)
             return
@@ -258,7 +261,7 @@ class RetrieveHandlers:
     def on_get(self, event: Any) -> Iterator[Any]:
         explain_refusal(event.assoc, None)
         try:
-            summary, plan, reading = self._resolve(event)
+            summary, plan, reading = self._resolve(event, "C-GET")
         except RetrieveRefused as refusal:
             yield from self._refused(event, "C-GET", refusal)
             return

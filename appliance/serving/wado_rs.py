@@ -211,7 +211,9 @@ class WadoRs:
         failed: Exception | None = None
         # Held from before a fetch-through: its instances are confirmed as they are filed,
         # and eviction could take the study half fetched before the plan registers it.
-        with tally.readers.holding([path["study"]]):
+        client = tally.request.client
+        who = f"{tally.what} by {tally.actor} at {client.host if client else 'an unknown address'}"
+        with tally.readers.holding([path["study"]], who):
             if self.web.fetcher is not None and store_query.study_instance_count(
                     self.db, path["study"]) == 0:
                 try:
@@ -221,7 +223,7 @@ class WadoRs:
                     failed = exc
             try:
                 plan, tally.reading = tally.readers.planned(
-                    lambda: store_query.retrieve_plan(self.db, level, keys))
+                    lambda: store_query.retrieve_plan(self.db, level, keys), who)
             except store_query.QueryError as exc:
                 raise HttpProblem(400, str(exc)) from None
         # The first instance still held (one removed since the plan is left out).

@@ -36,9 +36,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.locks import reading_since
 from appliance.store import audit, index
 from appliance.store.cache import QUARANTINE_DIR
 from appliance.store.db import Database, now
+from appliance.store.readers import live_readers
 from appliance.store.spool import Spool, fsync_dir, process_alive
 from appliance.words import counted
 
@@ -91,6 +93,11 @@ class UnknownStudy(NotEvictable):
     """No such study in the cache: ``--force`` changes nothing to that."""
 
 
+class BeingRead(NotEvictable):
+    """The running daemon's retrieve reads the study (a viewer's C-MOVE, C-GET or WADO-RS):
+    deleting it now fails the viewer for every instance it has not received yet."""
+
+
 @dataclass(frozen=True)
 class Evicted:
     study_uid: str
@@ -109,7 +116,10 @@ def evict_study(db: Database, spool: Spool, study_uid: str, *, force: bool = Fal
     """Drop a study from the index and the spool, rows first (one transaction), then files.
 
     Without ``force`` a study with any unconfirmed instance, a live pin or an active job is
-    refused: the cache never breaks invariant 2 on its own. ``force`` is the operator's purge.
+    refused: the cache never breaks invariant 2 on its own. So is one the running daemon's
+    retrieve reads (:class:`BeingRead`, from its ``study_readers`` rows: the caller may be
+    ``pas cache evict`` or ``purge``, in a process of its own). ``force`` is the operator's
+    purge.
 
     The ``delete`` audit row (by ``actor``; its detail ``reason`` and the counts) is part of
     the transaction that deletes the rows (see the module's docstring for why there). A
@@ -156,7 +166,14 @@ def evict_study(db: Database, spool: Spool, study_uid: str, *, force: bool = Fal
         rows = conn.execute("SELECT id, path, size, confirmed_at FROM instances "
                             "WHERE study_fk = ?", (study["id"],)).fetchall()
         unconfirmed = sum(1 for r in rows if r["confirmed_at"] is None)
+        readers = live_readers(conn, study_uid)
+        being_read = (f"being read by the running daemon (pid {readers[0].pid}): " + "; ".join(
+            reading_since(r.reader, r.since) for r in readers)) if readers else ""
+        if force and readers:  # the trail says whose retrieve the operator cut short
+            reason = f"{reason}, while {being_read}"
         if not force:
+            if readers:
+                raise BeingRead(f"study {study_uid} is {being_read}")
             if unconfirmed:
                 raise NotEvictable(f"study {study_uid}: {counted(unconfirmed, 'instance')} not "
                                    "confirmed at the region")

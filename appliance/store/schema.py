@@ -480,4 +480,22 @@ MIGRATIONS: list[str] = [
     CREATE INDEX audit_alerts ON audit (id) WHERE event = 'alert';
     CREATE INDEX audit_exports ON audit (id) WHERE event = 'export';
     """,
+    # 20 (appliance/store/readers.py): the studies the daemon's retrieves (C-MOVE, C-GET,
+    # WADO-RS) are reading, for the other processes that evict (pas cache evict, pas cache
+    # purge): the daemon's in-memory readers (appliance.locks.StudyReaders) are not theirs
+    # to see, and pas cache evict deleted a study under a viewer's C-GET. One row per study
+    # and daemon, written when the first reader comes and when the last goes; the rows of a
+    # daemon that died are cleared at the next start. ``audit_deletes``: the newest
+    # ``delete`` row, which a retrieve reads before its plan and after its row: a deletion
+    # committed in between (another process's) means the plan is made again.
+    """
+    CREATE TABLE study_readers (
+        study_uid TEXT NOT NULL,
+        pid INTEGER NOT NULL,          -- the daemon whose retrieve reads it
+        reader TEXT NOT NULL,          -- who reads: 'C-GET by VIEWER at 127.0.0.1'
+        since REAL NOT NULL,           -- read without a break since then
+        PRIMARY KEY (study_uid, pid)
+    ) WITHOUT ROWID;
+    CREATE INDEX audit_deletes ON audit (id) WHERE event = 'delete';
+    """,
 ]

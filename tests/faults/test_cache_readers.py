@@ -83,13 +83,13 @@ def _confirm_everything(home: Path) -> None:
 def _pas(stack: contextlib.ExitStack, home: Path, quota_mb: int,
          **env: str) -> PasProcess:
     return started(stack, PasProcess(home, {
-        **env,
         "PAS_DICOM__ACCEPT_UNKNOWN": "true",  # STORESCU and VIEWER
         "PAS_STORAGE__QUOTA_MB": str(quota_mb),
         "PAS_CACHE__HIGH_WATERMARK_PERCENT": "10",
         "PAS_CACHE__LOW_WATERMARK_PERCENT": "0",
         "PAS_CACHE__EVICT_INTERVAL_S": "0.2",
         "PAS_CACHE__SCRUB_MB_PER_S": "0",
+        **env,
     }))
 
 
@@ -209,6 +209,108 @@ def test_a_study_being_moved_is_not_evicted_under_the_destination(tmp_path: Path
         pas.stop()
     finally:
         server.shutdown()
+
+
+def _readers_shown(home: Path) -> int:
+    """The daemon's readers as the index shows them to pas cache evict/purge."""
+    conn = sqlite3.connect(home / "pas.sqlite", timeout=30)
+    try:
+        return int(conn.execute("SELECT count(*) FROM study_readers").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_pas_cache_evict_and_purge_leave_a_study_the_daemon_is_reading(tmp_path: Path) -> None:
+    """``pas cache evict`` and ``pas cache purge``, run by an IT admin while a viewer's C-GET
+    is under way, run in a process of their own: the daemon's readers are not theirs to
+    see, and on the code before the purge deleted the study under the viewer (exit 0,
+    "purged study ...: 20 instances") and the viewer got 1 of 20. Now the purge is refused
+    naming the reader, the pass evicts the study nobody reads and says which it left; once
+    the retrieve is over, the same commands take the read studies. The viewer reads two
+    studies at once (the MR and a CT: one C-GET, both UIDs), a third is read by nobody."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        CTImageStorage,
+        MRImageStorage,
+        StudyRootQueryRetrieveInformationModelGet,
+    )
+
+    mr_files, ct_files, mr_study, ct_study = _two_studies(MR_IMAGES)
+    others = [p for p in sorted(CT_DIR.glob("A002304_*.dcm")) if _study_uid(p) != ct_study]
+    other_study = _study_uid(others[0])
+    sent = {_sop_uid(p): sha256(dataset_bytes(p.read_bytes())) for p in mr_files}
+    with contextlib.ExitStack() as stack:
+        # The daemon's own pass runs at its start (nothing confirmed yet), then not again:
+        # what goes is what the CLI takes.
+        pas = _pas(stack, tmp_path / "pas", quota_mb=10, PAS_CACHE__EVICT_INTERVAL_S="3600")
+        storescu([*mr_files, *ct_files, *others], pas.port)
+        assert _held(pas.home) == {mr_study: MR_IMAGES, ct_study: len(ct_files),
+                                   other_study: len(others)}
+        # What PAS holds of each instance read (DCMTK's storescu re-encodes these CT files
+        # a little as it sends them: the MR's are the files' own bytes, checked below).
+        held = {_sop_uid(f): sha256(dataset_bytes(f.read_bytes()))
+                for f in (pas.home / "spool").rglob("*.dcm")}
+        held = {uid: held[uid] for uid in {*sent, *map(_sop_uid, ct_files)}}
+        assert {uid: held[uid] for uid in sent} == sent
+        on_store, first_store, go_on, received = _slow_viewer()
+        ae = AE(ae_title="VIEWER")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+        for storage in (MRImageStorage, CTImageStorage):
+            ae.add_requested_context(storage, "1.2.840.10008.1.2.1")
+        assoc = ae.associate("127.0.0.1", pas.port, ae_title="PAS",
+                             ext_neg=[build_role(MRImageStorage, scp_role=True),
+                                      build_role(CTImageStorage, scp_role=True)],
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        assert assoc.is_established
+        statuses: list[Any] = []
+
+        def retrieve() -> None:
+            identifier = Dataset()
+            identifier.QueryRetrieveLevel = "STUDY"
+            identifier.StudyInstanceUID = [mr_study, ct_study]
+            statuses.extend(status for status, _ in assoc.send_c_get(
+                identifier, StudyRootQueryRetrieveInformationModelGet) if status)
+
+        viewer = threading.Thread(target=retrieve, daemon=True)
+        viewer.start()
+        try:
+            assert first_store.wait(30), "the first C-STORE of the retrieve never came"
+            _confirm_everything(pas.home)
+            purged = pas.cli("cache", "purge", mr_study, check=False)
+            held_after_purge = _held(pas.home)
+            evicted = pas.cli("cache", "evict", check=False)
+            held_after_evict = _held(pas.home)
+        finally:
+            go_on.set()
+            viewer.join(60)
+            assoc.release()
+        refusal = " ".join(purged.stderr.split())  # rich wraps long lines
+        assert purged.returncode == 1, (purged.stdout, purged.stderr)
+        assert f"study {mr_study} is being read by the running daemon" in refusal, refusal
+        assert "C-GET by VIEWER at 127.0.0.1 since" in refusal and "--force" in refusal
+        assert held_after_purge == {mr_study: MR_IMAGES, ct_study: len(ct_files),
+                                    other_study: len(others)}
+        said = " ".join(evicted.stdout.split())
+        assert evicted.returncode == 0, (evicted.stdout, evicted.stderr)
+        assert "evicted 1 study" in said, said
+        for study in (mr_study, ct_study):
+            assert f"not evicted: study {study} is being read by the running daemon" in said
+        assert held_after_evict == {mr_study: MR_IMAGES, ct_study: len(ct_files)}
+        final = statuses[-1]
+        assert (final.Status, final.NumberOfCompletedSuboperations,
+                final.get("NumberOfFailedSuboperations", 0)) == (0x0000, len(held), 0), final
+        assert received == held  # every instance of both, byte for byte
+
+        # The read over, its studies may go: by the purge, and by the pass.
+        wait_for(lambda: _readers_shown(pas.home) == 0, 30, what="the readers' rows gone")
+        purged = pas.cli("cache", "purge", mr_study)
+        assert f"purged study {mr_study}: {MR_IMAGES} instances" in purged.stdout
+        evicted = pas.cli("cache", "evict")
+        assert "evicted 1 study" in evicted.stdout and "not evicted" not in evicted.stdout
+        assert _held(pas.home) == {}
+        stack.pop_all()
+    pas.stop()
 
 
 def _parts(body: bytes, content_type: str) -> list[bytes]:
