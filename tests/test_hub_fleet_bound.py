@@ -1,20 +1,33 @@
-"""The fleet's history bounded per site (appliance/store/fleet.py, hub migration 10).
+"""The fleet's history and heartbeat rate, bounded per site (appliance/hub/fleet_gate.py,
+appliance/store/fleet.py, hub migration 10).
 
 The hub took every heartbeat with a new ``sent_at``: an enrolled site posting in a loop (a bug,
-or its certificate in other hands) added a history row for each, kept 8 days, and its site
-page read them all.
+or its certificate in other hands) added a history row and a commit for each, kept 8 days, and
+its site page read them all. A real ``pas hub run`` and an enrolled client posting in a loop:
+what the hub keeps and answers, counted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
+import pytest
+
+from appliance.hub.fleet_gate import BURST, HISTORY_EVERY_S, RATE_PER_S
 from appliance.store import fleet as fleet_store
-from appliance.store.fleet import HISTORY_EVERY_S
+from appliance.store.db import Database
 from appliance.store.hub import open_hub_db
+from tests.support.cleanup import started
+from tests.support.hub import HubProcess, client, enroll
 from tests.support.sqlite_steps import counted
+from tests.test_ops_fleet import metric
+
+REFUSED_LINE = "posts heartbeats faster than"
 
 
 def _beat(site: str, sent_at: float, studies: int = 3, version: str = "loop") -> dict[str, Any]:
@@ -25,6 +38,74 @@ def _beat(site: str, sent_at: float, studies: int = 3, version: str = "loop") ->
             "disk": {"used_percent": 40.0, "free_bytes": 10},
             "received": {"instances": 7, "bytes": 7000}, "confirmed_instances": 0,
             "cert_days_left": 200.0, "errors": []}
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
+    root = tmp_path_factory.mktemp("fleetbound")
+    with contextlib.ExitStack() as stack:
+        yield started(stack, HubProcess(root / "hub").init())
+
+
+def _hub_db(hub: HubProcess) -> Database:
+    return open_hub_db(hub.home / "hub.sqlite")
+
+
+def test_a_site_posting_in_a_loop_keeps_a_bounded_history(hub: HubProcess,
+                                                          tmp_path: Path) -> None:
+    """Three seconds of heartbeats posted as fast as one connection goes: the first
+    ``BURST`` and then one a second are taken, the rest refused with 429 and Retry-After; the
+    history keeps one row per 15 s window, which still counts every heartbeat taken and
+    their largest backlog; the site's row is its newest heartbeat; the refusals are in
+    /metrics and in one log line."""
+    site = enroll(hub, tmp_path / "loop", "LOOP")
+    taken: list[float] = []
+    refusals: list[httpx.Response] = []
+    with client(site) as http:
+        began = time.time()
+        n = 0
+        while time.time() - began < 3.0:
+            n += 1
+            sent_at = began + n / 1000  # distinct, as a loop's clock gives them
+            answer = http.post("/api/v1/heartbeat", json=_beat(
+                "LOOP", sent_at, studies=77 if n == 3 else n % 50))
+            if answer.status_code == 201:
+                taken.append(sent_at)
+            else:
+                refusals.append(answer)
+        elapsed = time.time() - began
+        # A client that honours the Retry-After is taken again.
+        wait = int(refusals[-1].headers["Retry-After"])
+        time.sleep(wait)  # what is under test: the wait the hub asked for is enough
+        after = began + (n + 1) / 1000
+        assert http.post("/api/v1/heartbeat", json=_beat("LOOP", after)).status_code == 201
+        taken.append(after)
+
+    assert BURST <= len(taken) <= BURST + RATE_PER_S * (elapsed + wait) + 2, len(taken)
+    assert len(refusals) > 100, f"{n} posts, {len(refusals)} refused"
+    for answer in refusals:
+        assert answer.status_code == 429, answer.text
+        assert answer.json()["error"] == "too_many_heartbeats"
+        assert int(answer.headers["Retry-After"]) >= 1
+
+    db = _hub_db(hub)
+    try:
+        rows = fleet_store.history_rows(db, "LOOP")
+        # Windows of 15 s from the first heartbeat taken: before, a row for each one taken.
+        assert rows <= 1 + (time.time() - began) // HISTORY_EVERY_S, (rows, len(taken))
+        assert fleet_store.heartbeat_count(db, "LOOP") == len(taken)
+        status = fleet_store.site_status(db, "LOOP")
+        assert status is not None and status["sent_at"] == max(taken)
+    finally:
+        db.close()
+    with httpx.Client(base_url=hub.url, verify=hub.anonymous_context(), timeout=30) as viewer:
+        page = viewer.get("/fleet/sites/LOOP").text
+        assert f"{len(taken)} heartbeats in 24 h" in page
+        assert "backlog (studies) (max 77)" in page  # the window kept its largest backlog
+        scrape = viewer.get("/metrics").text
+    assert metric(scrape, "pas_fleet_heartbeats_refused_total", site="LOOP") == len(refusals)
+    lines = [line for line in hub.log().splitlines() if REFUSED_LINE in line]
+    assert len(lines) == 1 and "'LOOP'" in lines[0], lines  # once a minute, not per refusal
 
 
 def test_the_history_window_and_the_site_page_read_stay_bounded(tmp_path: Path) -> None:
