@@ -3,8 +3,9 @@ appliance/store/fleet.py, hub migration 10).
 
 The hub took every heartbeat with a new ``sent_at``: an enrolled site posting in a loop (a bug,
 or its certificate in other hands) added a history row and a commit for each, kept 8 days, and
-its site page read them all. A real ``pas hub run`` and an enrolled client posting in a loop:
-what the hub keeps and answers, counted.
+its site page read them all. A real ``pas hub run``, an enrolled client posting in a loop, and
+a real ``pas run`` heartbeating every second (the fastest the appliance allows): what the hub
+keeps and answers, counted.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from typing import Any
 import httpx
 import pytest
 
+from appliance import __version__
 from appliance.hub.fleet_gate import BURST, HISTORY_EVERY_S, RATE_PER_S
 from appliance.store import fleet as fleet_store
 from appliance.store.db import Database
 from appliance.store.hub import open_hub_db
 from tests.support.cleanup import started
 from tests.support.hub import HubProcess, client, enroll
+from tests.support.peers import PasProcess, wait_for
 from tests.support.sqlite_steps import counted
 from tests.test_ops_fleet import metric
 
@@ -150,3 +153,47 @@ def test_the_history_window_and_the_site_page_read_stay_bounded(tmp_path: Path) 
     finally:
         db.close()
     assert work["LARGE"] <= 1.1 * work["SMALL"], work
+
+
+def test_a_well_behaved_appliance_is_never_refused_and_takes_a_429_calmly(
+        hub: HubProcess, tmp_path: Path) -> None:
+    """``pas run`` heartbeating every second (the smallest ops.heartbeat_interval_s) is
+    never refused. Then a loop posts with its certificate too (a copied appliance): the
+    daemon's heartbeats get 429; it logs that once, keeps the hub's link up (a 429 is an
+    answer: it was "hub link down", as an unreachable hub), waits the Retry-After, and is
+    taken again once the loop stops."""
+    home = tmp_path / "good"
+    enrolment = enroll(hub, home, "GOOD")
+    db = _hub_db(hub)
+    with contextlib.ExitStack() as stack:
+        stack.callback(db.close)
+        pas = started(stack, PasProcess(home, {"PAS_OPS__HEARTBEAT_INTERVAL_S": "1"}))
+        wait_for(lambda: fleet_store.heartbeat_count(db, "GOOD") >= 4, 20,
+                 what="four heartbeats of the daemon")
+        with httpx.Client(base_url=hub.url, verify=hub.anonymous_context(),
+                          timeout=30) as viewer:
+            scrape = viewer.get("/metrics").text
+        assert metric(scrape, "pas_fleet_heartbeats_refused_total", site="GOOD") == 0
+        assert "refused a heartbeat" not in pas.log()
+
+        def met_a_429() -> bool:
+            log = pas.log()
+            return "refused a heartbeat as too frequent" in log or "hub link down" in log
+
+        with client(enrolment) as http:
+            began = time.time()
+            while not met_a_429():
+                assert time.time() - began < 20, "the daemon met no 429"
+                http.post("/api/v1/heartbeat", json=_beat("GOOD", time.time()))
+            stopped = time.time()
+        wait_for(lambda: (fleet_store.site_status(db, "GOOD") or {}).get("sent_at", 0) > stopped,
+                 20, what="a heartbeat of the daemon taken again")
+        status = fleet_store.site_status(db, "GOOD")
+        assert status is not None and status["version"] == __version__
+        log = pas.log()
+        assert "hub link down" not in log
+        assert log.count("refused a heartbeat as too frequent") == 1
+        assert "the hub takes heartbeats again, after" in log
+        appliance_metrics = httpx.get(f"http://127.0.0.1:{pas.http_port}/metrics",
+                                      timeout=10).text
+        assert metric(appliance_metrics, "pas_hub_link_up") == 1
