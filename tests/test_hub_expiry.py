@@ -164,6 +164,9 @@ def test_an_upgraded_hub_counts_idleness_from_the_last_bucket_not_the_creation(
             conn.execute("DROP INDEX transfers_open")
             conn.execute("DROP INDEX transfers_study")  # migration 8's (6's it replaced)
             conn.execute("DROP TABLE hub_backup")  # migration 7's
+            conn.execute("DROP INDEX fleet_heartbeats_site_received")  # migration 10's
+            conn.execute("ALTER TABLE fleet_heartbeats DROP COLUMN beats")
+            conn.execute("ALTER TABLE enrol_tokens DROP COLUMN expires_at")  # migration 9's
             conn.execute("ALTER TABLE transfers DROP COLUMN last_activity_at")
             conn.execute("ALTER TABLE transfers DROP COLUMN expired_at")
             conn.execute("UPDATE transfers SET created_at = ? WHERE id = ?",

@@ -477,7 +477,10 @@ def test_site_page_stays_bounded_with_a_day_of_one_second_heartbeats(
         fleet: dict[str, Any]) -> None:
     """ops.heartbeat_interval_s may be 1 (and a site may post faster): the site page drew
     every heartbeat of 24 h, 86,400 points per chart, a 1.9 MB page every 30 s refresh. The
-    charts hold at most one point a minute; the count and the maximum stay exact."""
+    charts hold at most one point a minute. The table here is what an older hub kept (a row
+    per heartbeat): the page reads each minute's newest rows only (store.SLOT_ROWS), so its
+    count is theirs; the history this hub writes keeps every count and maximum in its rows
+    (tests/test_hub_fleet_bound.py)."""
     db = _hub_db(fleet["hub"])
     with client(fleet["site_b"]) as http:
         assert http.post("/api/v1/heartbeat", json=_beat()).status_code == 201
@@ -497,8 +500,8 @@ def test_site_page_stays_bounded_with_a_day_of_one_second_heartbeats(
     charts = page.text.split('points="')[1:]
     assert len(charts) == 2
     assert all(len(chart[:chart.index('"')].split()) <= 1441 for chart in charts)
-    assert "backlog (studies) (max 77)" in page.text
-    assert f"{beats} heartbeats in 24 h" in page.text.replace(",", "")
+    shown = int(page.text.split(" heartbeats in 24 h")[0].rsplit("· ", 1)[1].replace(",", ""))
+    assert 1440 <= shown <= 1441 * fleet_store.SLOT_ROWS, shown
 
 
 def test_a_revoked_site_leaves_the_fleet_alerts(fleet: dict[str, Any]) -> None:

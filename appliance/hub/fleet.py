@@ -6,6 +6,11 @@ body's), ``GET /fleet`` (one row per site, sortable and filterable by query stri
 ``pas_fleet_*`` for Prometheus; the alert rules in ``image/monitoring/alerts.yml`` use them).
 May not touch: SQL (``appliance.store.fleet``), transfers, the PKI.
 
+What one site may cost: its heartbeats pass :class:`appliance.hub.fleet_gate.HeartbeatGate`
+first (429 with ``Retry-After`` past one a second after a burst, before the body is read),
+and the store keeps one history row per site per ``HISTORY_EVERY_S``; the site page reads at
+most ``store.SLOT_ROWS`` rows per chart minute, whatever the table holds.
+
 Each site's last backup (the heartbeat's optional ``last_backup_at``): the dashboard's "last
 backup" column, warned past two days (as ``pas doctor`` warns on site), and the gauge
 ``pas_fleet_site_backup_age_seconds`` for the alert rule; a site that never backed up counts
@@ -29,13 +34,14 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from appliance.hub.fleet_gate import HISTORY_EVERY_S, HeartbeatGate
 from appliance.ops.backup import STALE_AFTER_S as BACKUP_STALE_AFTER_S
 from appliance.ops.index_check import says_index_trouble
 from appliance.store import fleet as store
@@ -383,8 +389,9 @@ def render_site(site: str, status: dict[str, Any], points: list[dict[str, Any]],
 class FleetCollector(Collector):
     """Fleet families read from the hub's store at scrape time."""
 
-    def __init__(self, hub: Hub):
+    def __init__(self, hub: Hub, gate: HeartbeatGate | None = None):
         self.hub = hub
+        self.gate = gate
 
     def collect(self) -> Iterator[Metric]:
         rows = [r for r in site_rows(self.hub.db) if r["state"] != "revoked"]
@@ -421,8 +428,15 @@ class FleetCollector(Collector):
                                        "database is damaged or could not be read",
                                        labels=["site"]),
         }
+        # Heartbeats answered 429 (hub/fleet_gate.py), since the hub started: 0 for a site
+        # that never posted too fast, so a rate() alert sees the series before it rises.
+        refused = CounterMetricFamily(
+            "pas_fleet_heartbeats_refused", "Heartbeats the hub refused (429) because the "
+            "site posted them faster than it allows, since the hub started", labels=["site"])
+        refused_by_site = self.gate.refused() if self.gate is not None else {}
         for r in rows:
             site = [r["site"]]
+            refused.add_metric(site, refused_by_site.get(r["site"], 0))
             families["up"].add_metric(site, 1 if r["state"] == "up" else 0)
             families["seen"].add_metric(site, r["last_seen_at"])
             families["backlog"].add_metric(site, r["backlog_studies"])
@@ -443,6 +457,7 @@ class FleetCollector(Collector):
         yield GaugeMetricFamily("pas_fleet_sites", "Sites that ever sent a heartbeat, "
                                 "revoked ones left out", value=len(rows))
         yield from families.values()
+        yield refused
         backup = hub_backup_state(hub_backup_record(self.hub.db), time.time())
         if backup["age_s"] is not None:  # None: no record (the next backup writes one)
             yield GaugeMetricFamily(
@@ -462,14 +477,25 @@ def fleet_routes(hub: Hub) -> list[BaseRoute]:
     """Route provider for :func:`appliance.hub.app.default_route_providers`."""
     from appliance.hub.app import BodyTooLarge, problem, read_body_limited
 
+    gate = HeartbeatGate()
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FleetCollector(hub))
+    registry.register(FleetCollector(hub, gate))
     # What the status page has (appliance/web/headers.py): a site's heartbeat strings are
     # escaped, and a value that slipped through would still run no script here.
     headers = page_headers(STYLE)
 
     async def heartbeat(request: Request) -> Response:
         site = request.state.site
+        # Before the body is read: a site posting in a loop costs a refusal, not a parse
+        # and a commit (hub/fleet_gate.py).
+        retry_after = gate.admit(site)
+        if retry_after is not None:
+            response = problem(429, "too_many_heartbeats",
+                               f"site {site!r} posts heartbeats faster than the hub takes "
+                               f"(one every {1 / gate.rate_per_s:g} s, {gate.burst:g} at "
+                               f"once): retry in {retry_after} s")
+            response.headers["Retry-After"] = str(retry_after)
+            return response
         try:
             body = await read_body_limited(request, MAX_HEARTBEAT_BYTES, "heartbeat")
         except BodyTooLarge as exc:
@@ -481,7 +507,8 @@ def fleet_routes(hub: Hub) -> list[BaseRoute]:
         if beat.get("site") not in (None, site):
             return problem(403, "wrong_site", f"certificate is for site {site!r}, "
                            f"heartbeat says {beat['site']!r}")
-        created = await run_in_threadpool(store.record_heartbeat, hub.db, site, beat)
+        created = await run_in_threadpool(store.record_heartbeat, hub.db, site, beat,
+                                          HISTORY_EVERY_S)
         return JSONResponse({"site": site, "recorded": created}, status_code=201 if created
                             else 200)
 

@@ -18,11 +18,19 @@ tries only every few minutes (``routing.backoff.link_delay``).
 
 A damaged index (:mod:`appliance.ops.index_check`) is the heartbeat's first error, and a store
 that cannot be read no longer stops the heartbeat: it goes with the last figures read.
+
+A hub that refuses a heartbeat as too frequent (429, ``Retry-After``: its per-site rate,
+``appliance/hub/fleet_gate.py``; another appliance posting with this site's certificate, or
+one configured faster than the hub takes) answered, so the link is up: the sender waits what
+the hub asks (at most :data:`MAX_RETRY_AFTER_S`) before the next one, says so once, and once
+more when a heartbeat is taken again. Before, each refusal marked the hub's link down, as an
+unreachable hub: "hub link down" logged, the status page and ``pas_hub_link_up`` wrong.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import sqlite3
 import threading
@@ -53,6 +61,9 @@ MAX_ERROR_CHARS = 1000
 # The enrolled hub's destination name (the daemon's default route; dispatch/target_types/hub):
 # the heartbeat and the uploads share one link state.
 HUB_DESTINATION = "hub"
+# The longest a hub's Retry-After holds the heartbeat back: a hub asking more (a wrong
+# header) must not silence the site for longer than the dashboard's "down" (5 min) and more.
+MAX_RETRY_AFTER_S = 300.0
 
 
 def build_heartbeat(settings: Settings, db: Database, started_at: float,
@@ -191,6 +202,10 @@ class HeartbeatSender:
         self._client_key: tuple[str, float] | None = None
         # The figures of the last heartbeat that could read the store (build_heartbeat).
         self._last_figures: dict[str, Any] | None = None
+        # The hub's last 429: how long it asked to wait (the next wait is the longer of it
+        # and the interval), and how many were refused in a row (logged at the first only).
+        self.retry_after_s = 0.0
+        self.refused = 0
 
     def _http(self, url: str, context: Any, cert_mtime: float) -> httpx.Client:
         key = (url, cert_mtime)
@@ -221,14 +236,43 @@ class HeartbeatSender:
         except (httpx.HTTPError, OSError) as exc:
             self._note(False, f"hub unreachable (heartbeat): {type(exc).__name__}: {exc}")
             return False
+        if response.status_code == 429:
+            self._refused(response)
+            return False
         if response.status_code not in (200, 201):
             self._note(False, f"hub answered {response.status_code}: {response.text[:200]}")
             return False
         self.sent += 1
+        if self.refused:
+            log.info("the hub takes heartbeats again, after %s refused as too frequent",
+                     counted(self.refused, "heartbeat"))
+        self.refused, self.retry_after_s = 0, 0.0
         self._note(True)
         return True
 
-    def _note(self, ok: bool, error: str | None = None) -> None:
+    def _refused(self, response: httpx.Response) -> None:
+        """The hub answered 429: the link is up; the next heartbeat waits its Retry-After
+        (seconds; a date or nothing: the interval). Logged once per run of refusals."""
+        try:
+            wait = float(response.headers.get("retry-after", ""))
+        except ValueError:
+            wait = 0.0
+        if math.isnan(wait):
+            wait = 0.0
+        self.retry_after_s = min(max(wait, 0.0), MAX_RETRY_AFTER_S)
+        self.refused += 1
+        if self.refused == 1:
+            log.warning("the hub refused a heartbeat as too frequent (429: %s); the next "
+                        "waits %.0f s. Is another appliance enrolled as this site, or its "
+                        "certificate copied?", response.text[:200], self.next_wait_s())
+        self._note(True, accepted=False)
+
+    def next_wait_s(self) -> float:
+        """How long the loop waits before the next heartbeat: the interval, or longer when
+        the hub asked for it (429's Retry-After)."""
+        return max(self.interval_s, self.retry_after_s)
+
+    def _note(self, ok: bool, error: str | None = None, accepted: bool = True) -> None:
         was = metrics.HUB_LINK.up
         metrics.note_hub_contact(ok, error)
         try:
@@ -236,7 +280,8 @@ class HeartbeatSender:
         except Exception:  # the link state is informative; never stop the heartbeats on it
             log.exception("recording the hub's link state failed")
         if ok and was is not True:
-            log.info("hub link up (heartbeat accepted)")
+            log.info("hub link up (%s)", "heartbeat accepted" if accepted
+                     else "the hub answered, refusing the heartbeat as too frequent")
             try:  # the uploads that waited for the link go now, not at their backoff's end
                 woken = job_store.wake_waiting_for_link(self.db, "hub")
             except Exception:
@@ -255,6 +300,6 @@ class HeartbeatSender:
                 failures.worked()
             except Exception as exc:  # the heartbeat must never take the daemon down
                 failures.failed(exc)
-            stopping.wait(self.interval_s)
+            stopping.wait(self.next_wait_s())
         if self._client is not None:
             self._client.close()

@@ -160,4 +160,16 @@ HUB_MIGRATIONS: list[str] = [
     ALTER TABLE enrol_tokens ADD COLUMN expires_at REAL NOT NULL DEFAULT 0;
     UPDATE enrol_tokens SET expires_at = created_at + 7 * 86400;
     """,
+    # 10: the fleet's history bounded per site (appliance.store.fleet, appliance.hub.fleet).
+    # Every heartbeat with a new sent_at was a row: a site posting thousands a second (a bug,
+    # a loop, a stolen certificate) grew the table, and the disk, without bound for 8 days,
+    # and its site page read them all (200,000 rows: 91 ms a page, each 30 s refresh). A row
+    # now stands for a window of HISTORY_EVERY_S seconds of arrivals: ``beats`` counts the
+    # heartbeats it holds (1 for the rows written before), its figures are the window's
+    # largest. The index serves the window's look-up at each heartbeat and the site page's
+    # bounded read, one seek per chart slot.
+    """
+    ALTER TABLE fleet_heartbeats ADD COLUMN beats INTEGER NOT NULL DEFAULT 1;
+    CREATE INDEX fleet_heartbeats_site_received ON fleet_heartbeats (site, received_at);
+    """,
 ]
