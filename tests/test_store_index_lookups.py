@@ -1,6 +1,6 @@
 """Look-ups by PatientID go through an index, however many patients are held: filing an
 instance (appliance/store/index.py ``_upsert_patient``), C-FIND and QIDO-RS, C-MOVE, C-GET
-and WADO-RS by PatientID (appliance/store/query.py), ``pas studies --patient``
+and WADO-RS by PatientID (appliance/store/query.py, retrieve.py), ``pas studies --patient``
 (index.py ``list_studies``), the priors an HL7 order finds on site (appliance/store/prefetch.py
 ``held_by_patient``) and ``pas audit --patient`` (appliance/store/audit.py).
 
@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from pydicom.uid import generate_uid
 
-from appliance.store import audit, index, prefetch, query
+from appliance.store import audit, index, prefetch, query, retrieve
 from appliance.store.db import Database
 from appliance.store.index import InstanceRecord, StoredFile
 from tests.support.sqlite_steps import counted
@@ -170,7 +170,7 @@ def test_patient_id_keys_that_may_match_an_empty_id_keep_their_answers(held: Dat
 
 def test_a_retrieve_by_patient_id_reads_that_patient_only(held: Database) -> None:
     """C-MOVE, C-GET and WADO-RS of a patient (before: 640,000 instructions)."""
-    spent, plan = _counted(held, lambda: query.retrieve_plan(
+    spent, plan = _counted(held, lambda: retrieve.retrieve_plan(
         held, "PATIENT", {"PatientID": f"P{WANTED:07d}"}))
     assert spent < MOST_INSTRUCTIONS, spent
     assert plan.study_uids == [_study_uid(WANTED)]

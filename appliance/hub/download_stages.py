@@ -248,7 +248,7 @@ class Download:
             yield from self._dicomweb(part)
 
     def _embedded(self, part: Part, spool: Any) -> Iterator[Staged]:
-        from appliance.store import query
+        from appliance.store import retrieve
 
         keys = {"StudyInstanceUID": part.study_uid}
         level = "STUDY"
@@ -257,11 +257,11 @@ class Download:
         db = self.hub.archive.db  # type: ignore[attr-defined]
         # The row ids (8 bytes an instance), the rows a page at a time as they are packed:
         # every row of the study was read first (about 1.2 kB each in Python).
-        plan = query.retrieve_plan(db, level, keys)
+        plan = retrieve.retrieve_plan(db, level, keys)
         if not plan.instance_ids:
             raise ArchiveFailed(404, "unknown_study", self._what(part) + " is not in the archive")
         self.first.set()
-        for page in query.instance_pages(db, plan.instance_ids):
+        for page in retrieve.instance_pages(db, plan.instance_ids):
             for row in page:
                 yield Staged(PackItem(row["sop_instance_uid"], spool.path(row["path"]),
                                       int(row["size"]), row["sha256"]), owned=False)

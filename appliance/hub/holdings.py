@@ -131,7 +131,7 @@ def region_held(hub: Hub, site: str, question: HoldingsQuestion,
     archive_db = getattr(hub.archive, "db", None)
     if archive_db is None:
         return []
-    from appliance.store.query import held_versions
+    from appliance.store.retrieve import held_versions
 
     asked = [(i.sop_instance_uid, i.sha256) for i in question.instances]
     sent_by_site = store.archived_for_site(hub.db, site, question.study_uid)

@@ -9,6 +9,7 @@ parsing and response bodies in ``dicomweb_http.py``), their authentication, the 
 of every query and retrieve, and fetching studies that are not (fully) on site from the region
 through the hub (``fetch.py``).
 
-May not touch: SQL (that lives in ``appliance/store/query.py`` and the other store modules),
-spool writes (new instances go through ``appliance.ingest.receive.Receiver``), the uplink.
+May not touch: SQL (that lives in ``appliance/store/query.py``, ``retrieve.py`` and the other
+store modules), spool writes (new instances go through ``appliance.ingest.receive.Receiver``),
+the uplink.
 """

@@ -26,7 +26,7 @@ from urllib.parse import urlencode
 from appliance.config import Settings
 from appliance.ingest.receive import Receiver
 from appliance.locks import KeyedLocks
-from appliance.store import query as store_query
+from appliance.store import retrieve as store_retrieve
 from appliance.store.db import Database
 from appliance.transfer.download import DownloadUnavailable, HubDownloads
 from appliance.transfer.region import RegionClient, RegionError, RegionInstance
@@ -64,7 +64,7 @@ class FetchThrough:
         with self._lock(study_uid):
             # Counted, not listed: the region's answer is checked against the index below
             # (the study's rows read whole cost +82 MB for 65,001 instances, region or not).
-            held = store_query.study_instance_count(self.db, study_uid)
+            held = store_retrieve.study_instance_count(self.db, study_uid)
             pages = self._missing(study_uid, held)
             try:
                 if held:
@@ -111,7 +111,7 @@ class FetchThrough:
         region's failure."""
         try:
             for page in self.client.instance_pages(study_uid):
-                here = store_query.held_of(self.db, study_uid,
+                here = store_retrieve.held_of(self.db, study_uid,
                                            [i.sop_instance_uid for i in page]) if held else set()
                 missing = [i for i in page if i.sop_instance_uid not in here]
                 if missing:
@@ -124,7 +124,7 @@ class FetchThrough:
         offer it (WADO-RS from then on). A cut raises: what was filed stays."""
         if self.downloads is None:
             return None
-        held = store_query.study_sop_uids(self.db, study_uid)
+        held = store_retrieve.study_sop_uids(self.db, study_uid)
 
         def file(_uid: str, content: bytes) -> None:
             # The bytes are the region's file, SHA-256 checked by the download.

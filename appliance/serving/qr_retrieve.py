@@ -1,7 +1,7 @@
 """Retrieves: the C-MOVE and C-GET handlers, from the identifier to the last sub-operation.
 
 Owns: turning a C-MOVE/C-GET identifier into the instances it names
-(:func:`appliance.store.query.retrieve_plan`, after fetching a study missing here through
+(:func:`appliance.store.retrieve.retrieve_plan`, after fetching a study missing here through
 ``fetcher``), refusing one that cannot be served before any sub-operation (the status PS3.4
 gives the problem), opening a C-MOVE's sub-association to a configured destination (its
 contexts, TLS, and why it did not come up are ``qr_associations.py``'s), choosing per instance
@@ -59,8 +59,9 @@ from appliance.serving.suboperations import (
     TranscodedFile,
     stream_spool_files,
 )
-from appliance.store import query as store_query
+from appliance.store import retrieve as store_retrieve
 from appliance.store.db import Database
+from appliance.store.query import QueryError
 from appliance.store.spool import Spool
 from appliance.words import counted
 
@@ -96,7 +97,7 @@ class RetrieveHandlers:
         self.readers = readers  # the studies being read, which eviction leaves alone
 
     def _resolve(self, event: Any,
-                 what: str) -> tuple[str, store_query.RetrievePlan, list[str]]:
+                 what: str) -> tuple[str, store_retrieve.RetrievePlan, list[str]]:
         """The instances a retrieve names (their row ids: memory does not grow with whole rows
         per instance), after fetching a study that is missing here, and the studies
         registered as being read (the caller releases them when the retrieve ends).
@@ -115,8 +116,8 @@ class RetrieveHandlers:
         study_uids = [u for u in (keys.get("StudyInstanceUID") or "").split("\\") if u]
         try:
             # The identifier is checked before any fetch: a wildcard UID went to the region.
-            store_query.check_retrieve_keys(level, keys)
-        except store_query.QueryError as exc:
+            store_retrieve.check_retrieve_keys(level, keys)
+        except QueryError as exc:
             raise RetrieveRefused(IDENTIFIER_DOES_NOT_MATCH, str(exc)) from exc
         fetched = 0
         fetching = (self.fetcher is not None and self.settings.fetch_through
@@ -134,8 +135,8 @@ class RetrieveHandlers:
                     raise RetrieveRefused(UNABLE_TO_PROCESS, str(exc)) from exc
             try:  # its studies registered as being read: the cache does not evict them
                 plan, reading = self.readers.planned(
-                    lambda: store_query.retrieve_plan(self.db, level, keys), who)
-            except store_query.QueryError as exc:
+                    lambda: store_retrieve.retrieve_plan(self.db, level, keys), who)
+            except QueryError as exc:
                 raise RetrieveRefused(IDENTIFIER_DOES_NOT_MATCH, str(exc)) from exc
         if len(plan.instance_ids) > MAX_SUB_OPERATIONS:
             self.readers.release(reading)
@@ -149,7 +150,7 @@ class RetrieveHandlers:
         # pas_retrieve_requests_total{result=hit|miss}: served from the cache alone, or not.
         count_retrieve(hit=bool(plan.instance_ids) and not fetched)
         try:
-            store_query.touch_studies(self.db, plan.study_uids, time.time())
+            store_retrieve.touch_studies(self.db, plan.study_uids, time.time())
         except BaseException:
             self.readers.release(reading)
             raise
@@ -158,7 +159,7 @@ class RetrieveHandlers:
     def _fetch_if_missing(self, study_uid: str) -> int:
         """Instances fetched from the region for this study (0: all were on site)."""
         assert self.fetcher is not None
-        held = store_query.study_instance_count(self.db, study_uid)
+        held = store_retrieve.study_instance_count(self.db, study_uid)
         try:
             fetched = self.fetcher(study_uid)
         except Exception as exc:
@@ -207,7 +208,7 @@ class RetrieveHandlers:
             self.readers.release(reading)
 
     def _move(self, event: Any, destination: Any, summary: str,
-              plan: store_query.RetrievePlan) -> Iterator[Any]:
+              plan: store_retrieve.RetrievePlan) -> Iterator[Any]:
         """:meth:`on_move` once its instances are planned (their studies being read)."""
         calling, address = peer(event)
         established = threading.Event()
@@ -270,7 +271,7 @@ class RetrieveHandlers:
         finally:  # also when pynetdicom drops this generator
             self.readers.release(reading)
 
-    def _get(self, event: Any, summary: str, plan: store_query.RetrievePlan) -> Iterator[Any]:
+    def _get(self, event: Any, summary: str, plan: store_retrieve.RetrievePlan) -> Iterator[Any]:
         """:meth:`on_get` once its instances are planned (their studies being read)."""
         calling, address = peer(event)
         rows = plan.instance_ids
@@ -299,14 +300,14 @@ class RetrieveHandlers:
         uids: dict[int, str] = {}  # the SOP Instance UIDs of the next page of instances
         for n, instance_id in enumerate(rows):
             if n % _UID_PAGE == 0:
-                uids = store_query.instance_uids(self.db, rows[n:n + _UID_PAGE])
+                uids = store_retrieve.instance_uids(self.db, rows[n:n + _UID_PAGE])
             if event.is_cancelled:
                 # Set before the yield: pynetdicom sends the final response and never
                 # resumes this generator.
                 tally.cancelled = True
                 yield CANCELLED, None
                 return
-            row = store_query.instance_row(self.db, instance_id)
+            row = store_retrieve.instance_row(self.db, instance_id)
             if row is None:  # purged since the retrieve began: its send fails, counted there
                 yield PENDING, RemovedInstance(
                     f"instance row {instance_id} removed during the retrieve",

@@ -15,7 +15,7 @@ Split from ``dicomweb.py``, which keeps the routes, QIDO-RS, STOW-RS and the acc
 this module calls (``DicomWeb.actor_of``, ``DicomWeb.record``). The pixel and JSON work is
 ``wado_media.py``'s (/frames: ``wado_frames.py``'s), bodies and parsing
 ``dicomweb_http.py``'s. May not touch: SQL
-(``store/query.py``), spool writes (a copy in another syntax is ``store/transcode.py``'s).
+(``store/retrieve.py``), spool writes (a copy in another syntax is ``store/transcode.py``'s).
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ from appliance.serving.wado_media import (
     require_native_octets,
     viewport_size,
 )
-from appliance.store import query as store_query
+from appliance.store import retrieve as store_retrieve
+from appliance.store.query import QueryError
 from appliance.store.spool import SpoolFull
 from appliance.store.transcode import open_transcoded
 from appliance.words import counted
@@ -141,11 +142,11 @@ class Tally:
 
 class Found:
     """The instances a WADO-RS path names, without holding their rows: the
-    :class:`~appliance.store.query.RetrievePlan` (8 bytes an instance) and the first row,
+    :class:`~appliance.store.retrieve.RetrievePlan` (8 bytes an instance) and the first row,
     read before the status line. Every row of the study was read first: about 1.2 kB each,
     +250 MB for a study of 200,000 instances before the first byte."""
 
-    def __init__(self, db: Any, plan: store_query.RetrievePlan, first: Any):
+    def __init__(self, db: Any, plan: store_retrieve.RetrievePlan, first: Any):
         self.db = db
         self.plan = plan
         self.first = first  # the first of the plan's instances still held
@@ -160,7 +161,7 @@ class Found:
 
     def rest(self) -> Iterator[Any]:
         """The rows after the first, as :meth:`rows`."""
-        for page in store_query.instance_pages(
+        for page in store_retrieve.instance_pages(
                 self.db, self.plan.instance_ids[self._after_first:]):
             yield from page
 
@@ -214,7 +215,7 @@ class WadoRs:
         client = tally.request.client
         who = f"{tally.what} by {tally.actor} at {client.host if client else 'an unknown address'}"
         with tally.readers.holding([path["study"]], who):
-            if self.web.fetcher is not None and store_query.study_instance_count(
+            if self.web.fetcher is not None and store_retrieve.study_instance_count(
                     self.db, path["study"]) == 0:
                 try:
                     self.web.fetcher(path["study"])
@@ -223,11 +224,11 @@ class WadoRs:
                     failed = exc
             try:
                 plan, tally.reading = tally.readers.planned(
-                    lambda: store_query.retrieve_plan(self.db, level, keys), who)
-            except store_query.QueryError as exc:
+                    lambda: store_retrieve.retrieve_plan(self.db, level, keys), who)
+            except QueryError as exc:
                 raise HttpProblem(400, str(exc)) from None
         # The first instance still held (one removed since the plan is left out).
-        first = next(store_query.instance_pages(self.db, plan.instance_ids, page_size=1),
+        first = next(store_retrieve.instance_pages(self.db, plan.instance_ids, page_size=1),
                      [None])[0]
         if first is None and failed is not None:
             # Not "no such instance": the region may well hold it, it could not be asked
@@ -236,7 +237,7 @@ class WadoRs:
                                    f"could not provide it: {failed}")
         if first is None:
             raise HttpProblem(404, f"no instance matches {'/'.join(path.values())}")
-        store_query.touch_studies(self.db, [path["study"]], time.time())
+        store_retrieve.touch_studies(self.db, [path["study"]], time.time())
         return Found(self.db, plan, first)
 
     async def _found(self, request: Request, tally: Tally) -> Found:

@@ -142,7 +142,7 @@ _OTHER_VERSION_THERE = """EXISTS (
 
 
 # A hub job of the study that will ask the holdings question (instances start-up recovery
-# adopted, not sent, no transfer begun, no answer yet: ``HubTarget._settle_holdings``): the
+# adopted, not sent, no transfer begun, no answer yet: ``dispatch/hub_holdings.py``): the
 # study's other jobs wait for the answer, which says whether its instances are a prior (the
 # region's, from another site), never forwarded as a new study (:func:`confirm_held`).
 _HUB_ASKS_FIRST = """other.kind = 'hub' AND other.state IN ('pending', 'running')

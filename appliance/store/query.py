@@ -3,9 +3,10 @@
 Owns: the mapping of DICOM attributes to index columns, the PS3.4 C.2.2.2 matching rules as
 SQL (single value, ``*``/``?`` wildcards, date and time ranges, UID lists, universal matching,
 person-name matching case-insensitive or not), the computed attributes (ModalitiesInStudy,
-SOPClassesInStudy, NumberOf*Related*) and which instances a retrieve covers. Read-only: it
-never changes a row. May not touch: files, the network, pydicom datasets (callers turn the
-plain dicts returned here into datasets or JSON).
+SOPClassesInStudy, NumberOf*Related*). Read-only: it never changes a row. May not touch:
+files, the network, pydicom datasets (callers turn the plain dicts returned here into
+datasets or JSON); which instances a retrieve covers and what the cache holds of a study
+(:mod:`appliance.store.retrieve`, which matches its UID lists with :func:`_match`).
 
 Values are always bound as parameters; only column names from the fixed tables below are
 ever spliced into the SQL text, so a query cannot inject SQL.
@@ -16,8 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import sqlite3
-from array import array
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -441,162 +441,3 @@ def _computed_for(conn: sqlite3.Connection, keyword: str, entity_id: Any) -> Any
     row = conn.execute(f"SELECT {expression} AS v FROM {_ENTITY_TABLE[owner]} "
                        f"WHERE {_ENTITY_ID[owner]} = ?", (entity_id,)).fetchone()
     return row["v"] if row else None
-
-
-_UNIQUE = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID",
-           "SERIES": "SeriesInstanceUID", "IMAGE": "SOPInstanceUID"}
-_RETRIEVE_ORDER = "ORDER BY s.id, se.series_number, se.id, i.instance_number, i.id"
-
-
-def check_retrieve_keys(level: str, keys: dict[str, str]) -> None:
-    """Raise QueryError naming what makes ``keys`` unusable for a retrieve at ``level``
-    (before anything is fetched or read for it)."""
-    _retrieve_where(level, keys)
-
-
-def _retrieve_where(level: str, keys: dict[str, str]) -> _Where:
-    """The WHERE clause of a retrieve at ``level`` (unique keys only; UID lists allowed).
-    A wildcard in a unique key is refused (PS3.4 C.4.2.2.1: a retrieve names its instances
-    by single values or UID lists): PatientID ``*`` matched the literal "*", nothing, and
-    the retrieve answered Success with no sub-operation."""
-    level = level.upper()
-    if level not in _UNIQUE:
-        raise QueryError(f"QueryRetrieveLevel: {level!r} is not one of {', '.join(LEVELS)}")
-    if not (keys.get(_UNIQUE[level]) or "").strip():
-        raise QueryError(f"{_UNIQUE[level]}: required for a {level}-level retrieve")
-    where = _Where(["i.is_current = 1"], [])
-    for keyword in _UNIQUE.values():
-        value = (keys.get(keyword) or "").strip()
-        if value and available(keyword, level) and _has_wildcard(value):
-            raise QueryError(f"{keyword}: no wildcard in a retrieve ({value[:40]!r})")
-        if value and available(keyword, level):
-            if keyword == "PatientID":
-                where.add("p.patient_id = ?", value)
-                where.add(_NAMES_SOMEONE)  # implied: the value is not empty
-            else:
-                _match(where, keyword, value, False)
-    return where
-
-
-def instance_pages(db: Database, instance_ids: Sequence[int],
-                   page_size: int = 500) -> Iterator[list[sqlite3.Row]]:
-    """The rows of ``instance_ids`` (a :class:`RetrievePlan`'s) in that order, with their
-    study_uid and series_uid, ``page_size`` at a time, each page one query (so each may run
-    in another thread): reading every row first cost +250 MB for 200,000 instances before
-    the first byte (WADO-RS, the hub's download). One removed since the plan is left out."""
-    for start in range(0, len(instance_ids), page_size):
-        ids = list(instance_ids[start:start + page_size])
-        found = {row["id"]: row for row in db.query(
-            f"SELECT i.*, s.study_uid, se.series_uid FROM {_FROM['IMAGE']} "
-            f"WHERE i.is_current = 1 AND i.id IN ({', '.join('?' * len(ids))})", tuple(ids))}
-        page = [found[i] for i in ids if i in found]
-        if page:
-            yield page
-
-
-@dataclass(frozen=True)
-class RetrievePlan:
-    """What a C-MOVE/C-GET will send, without holding its rows: the instances' row ids in
-    the order sent (8 bytes each), the (SOP class, transfer syntax) pairs for the contexts,
-    and the studies touched. Whole rows cost 120 MB for 100,000 instances; each is read when
-    its C-STORE goes (:func:`instance_row`)."""
-
-    instance_ids: array[int]
-    pairs: list[tuple[str, str]]
-    study_uids: list[str]
-
-
-def retrieve_plan(db: Database, level: str, keys: dict[str, str]) -> RetrievePlan:
-    """The :class:`RetrievePlan` of a retrieve (C-MOVE, C-GET, WADO-RS, the hub's download)
-    at ``level``: the current instances its unique keys name, PatientID, StudyInstanceUID,
-    SeriesInstanceUID, SOPInstanceUID (UID lists allowed). An identifier without the unique
-    key of its level is refused: a retrieve never means "everything"."""
-    where = _retrieve_where(level, keys)
-    condition = " AND ".join(where.clauses)
-    params = tuple(where.params)
-    ids: array[int] = array("q")
-    conn = db.connection()
-    for (instance_id,) in conn.execute(
-            f"SELECT i.id FROM {_FROM['IMAGE']} WHERE {condition} {_RETRIEVE_ORDER}", params):
-        ids.append(instance_id)
-    pairs = [(r[0], r[1]) for r in conn.execute(
-        f"SELECT DISTINCT i.sop_class_uid, i.transfer_syntax_uid FROM {_FROM['IMAGE']} "
-        f"WHERE {condition}", params)]
-    studies = [r[0] for r in conn.execute(
-        f"SELECT DISTINCT s.study_uid FROM {_FROM['IMAGE']} WHERE {condition}", params)]
-    return RetrievePlan(ids, sorted(pairs), sorted(studies))
-
-
-def instance_row(db: Database, instance_id: int) -> sqlite3.Row | None:
-    """One instance of a :class:`RetrievePlan` as it is sent (None: removed since, by a
-    purge or an eviction)."""
-    return db.query_one("SELECT * FROM instances WHERE id = ?", (instance_id,))
-
-
-def instance_uids(db: Database, ids: Sequence[int]) -> dict[int, str]:
-    """The SOP Instance UIDs of those of ``ids`` still held (a retrieve reads them a page
-    ahead, so that one purged before its C-STORE is still named as failed)."""
-    return {r[0]: r[1] for r in db.connection().execute(
-        f"SELECT id, sop_instance_uid FROM instances WHERE id IN ({', '.join('?' * len(ids))})",
-        list(ids))} if ids else {}
-
-
-def study_instance_count(db: Database, study_uid: str) -> int:
-    """How many current instances of a study the cache holds (0: not on site)."""
-    row = db.query_one(
-        "SELECT count(*) AS n FROM instances i JOIN studies s ON s.id = i.study_fk "
-        "WHERE s.study_uid = ? AND i.is_current = 1", (study_uid,))
-    return int(row["n"]) if row else 0
-
-
-def held_of(db: Database, study_uid: str, sop_uids: list[str],
-            batch: int = 500) -> set[str]:
-    """Which of ``sop_uids`` the study holds as current instances, asked ``batch`` at a time:
-    what fetch-through compares the region's list with (every row of the study read whole
-    cost +82 MB for 65,001 instances before the region was even asked)."""
-    held: set[str] = set()
-    conn = db.connection()
-    for start in range(0, len(sop_uids), batch):
-        chunk = sop_uids[start:start + batch]
-        held.update(r[0] for r in conn.execute(
-            "SELECT i.sop_instance_uid FROM instances i JOIN studies s ON s.id = i.study_fk "
-            f"WHERE s.study_uid = ? AND i.is_current = 1 AND i.sop_instance_uid IN "
-            f"({', '.join('?' * len(chunk))})", (study_uid, *chunk)))
-    return held
-
-
-def held_versions(db: Database, study_uid: str, pairs: list[tuple[str, str]],
-                  batch: int = 500) -> set[tuple[str, str]]:
-    """Which of the (SOP Instance UID, SHA-256) ``pairs`` of a study the index holds, as any
-    version (current or kept beside a later one), asked ``batch`` UIDs at a time: what the
-    hub's embedded archive answers for the region in a holdings statement (it keeps every
-    version it took, each under the SHA-256 of its exact bytes)."""
-    asked = set(pairs)
-    uids = sorted({uid for uid, _ in pairs})
-    held: set[tuple[str, str]] = set()
-    conn = db.connection()
-    for start in range(0, len(uids), batch):
-        chunk = uids[start:start + batch]
-        held.update(pair for pair in ((str(r[0]), str(r[1])) for r in conn.execute(
-            "SELECT i.sop_instance_uid, i.sha256 FROM instances i "
-            "JOIN studies s ON s.id = i.study_fk WHERE s.study_uid = ? AND "
-            f"i.sop_instance_uid IN ({', '.join('?' * len(chunk))})", (study_uid, *chunk)))
-            if pair in asked)
-    return held
-
-
-def study_sop_uids(db: Database, study_uid: str) -> set[str]:
-    """The SOP Instance UIDs of a study's current instances (what a bucketed download is
-    told the appliance has)."""
-    return {r[0] for r in db.connection().execute(
-        "SELECT i.sop_instance_uid FROM instances i JOIN studies s ON s.id = i.study_fk "
-        "WHERE s.study_uid = ? AND i.is_current = 1", (study_uid,))}
-
-
-def touch_studies(db: Database, study_uids: list[str], at: float) -> None:
-    """Mark studies as just read (the cache's LRU eviction uses last_accessed_at)."""
-    if not study_uids:
-        return
-    with db.transaction() as conn:
-        conn.executemany("UPDATE studies SET last_accessed_at = ? WHERE study_uid = ?",
-                         [(at, uid) for uid in study_uids])
