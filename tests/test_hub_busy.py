@@ -24,7 +24,8 @@ import pytest
 
 from appliance.transfer.enrolment import Enrolment
 from tests.support.hub import HubProcess, Shipment, client, enroll, pack_items, ship
-from tests.support.peers import MR_DIR, read_rows, wait_for
+from tests.support.peers import CT_DIR, MR_DIR, read_rows, storescu, wait_for
+from tests.test_uplink_hub import enrolled_pas, stored_hashes, wait_jobs_finished
 
 BUDGET = 1024 * 1024  # limits.max_bucket_bytes and limits.bucket_bodies_bytes
 ANSWER_TIMEOUT_S = 20.0  # an upper bound for an answer, not a wait: the answer ends it
@@ -131,3 +132,37 @@ def test_a_bucket_put_past_the_budget_is_503_unread_and_stores_nothing(
         shipment.originals
     assert {uid: sha for uid, sha in archived(hub).items() if uid in shipment.originals} == \
         shipment.originals
+
+
+def test_the_uplink_waits_for_a_busy_hub_then_delivers_bit_exact(
+        hub: HubProcess, pas_factory: Any, tmp_path: Path) -> None:
+    """``queue.max_attempts`` 1 and ``hub.retries`` 1: a busy answer counted as an attempt
+    fails the study for good, as it did."""
+    hog = enroll(hub, tmp_path / "hog", "CHU-SLOW")
+    mr = sorted(p for p in MR_DIR.rglob("*") if p.is_file())
+    files = sorted(CT_DIR.glob("*.dcm"))[:4]  # one job per study they belong to
+    with budget_held(hub, hog, ship(pack_items(mr[:2]), hog.hub_transfer_key,
+                                    target_bytes=64 * 1024)):
+        pas = enrolled_pas(pas_factory, hub, tmp_path / "site-busy", {
+            "PAS_QUEUE__MAX_ATTEMPTS": "1", "PAS_HUB__RETRIES": "1",
+            "PAS_HUB__BUCKET_MB": "0.5", "PAS_STUDY__STABLE_AFTER_S": "1"})
+        storescu(files, pas.port)
+        db = pas.home / "pas.sqlite"
+        waiting = wait_for(lambda: next((j for j in read_rows(db, "SELECT * FROM jobs")
+                                         if j["last_error"] or j["state"] in ("done", "failed")),
+                                        None),
+                           60, what=f"the upload's first try (log {pas.log_path})")
+        assert (waiting["state"], waiting["attempts"]) == ("pending", 0), dict(waiting)
+        assert waiting["last_error"].startswith("waiting for the destination to free up: "), \
+            waiting["last_error"]
+        assert "Retry-After 1 s" in waiting["last_error"]
+    # The hub free again: the same job resumes and the study is confirmed from the receipt.
+    finished = wait_jobs_finished(pas, len(files), timeout=60)
+    assert finished and all(j["state"] == "done" and j["attempts"] <= 1 for j in finished), \
+        [dict(j) for j in finished]
+    stored = stored_hashes(pas)
+    assert len(stored) == len(files)
+    assert {uid: sha for uid, sha in archived(hub).items() if uid in stored} == stored
+    confirmed = read_rows(db, "SELECT count(*) AS n FROM instances WHERE confirmed_at IS NOT NULL")
+    assert confirmed[0]["n"] == len(files)
+    assert "(limits.bucket_bodies_bytes); come back in 1 s" in hub.log()
