@@ -15,11 +15,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import select
 import socket
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from appliance.transfer.enrolment import Enrolment
@@ -42,25 +45,54 @@ def hub(tmp_path: Path) -> Iterator[HubProcess]:
     process.stop()
 
 
+class SlowPut:
+    """A PUT of ``shipment``'s bucket 0 on a raw TLS socket that declares a whole budget
+    and sends 1 KiB: a slow site's upload, holding its reservation until it closes."""
+
+    def __init__(self, hub: HubProcess, site: Enrolment, shipment: Shipment):
+        self.hub, self.site, self.shipment = hub, site, shipment
+        self.tls: ssl.SSLSocket | None = None
+
+    def start(self) -> None:
+        raw = socket.create_connection(("127.0.0.1", self.hub.port), timeout=ANSWER_TIMEOUT_S)
+        self.tls = self.site.ssl_context().wrap_socket(raw, server_hostname="localhost")
+        self.tls.sendall(f"PUT {self.shipment.bucket_url(0)} HTTP/1.1\r\n"
+                         f"Host: localhost:{self.hub.port}\r\nContent-Length: {BUDGET}\r\n"
+                         "\r\n".encode() + b"\0" * 1024)
+
+    def answered(self) -> bool:
+        return self.tls is not None and bool(select.select([self.tls], [], [], 0)[0])
+
+    def close(self) -> None:
+        if self.tls is not None:
+            self.tls.close()
+            self.tls = None
+
+
 @contextlib.contextmanager
 def budget_held(hub: HubProcess, site: Enrolment, shipment: Shipment) -> Iterator[None]:
-    """A PUT of ``shipment``'s bucket 0 that declares a whole budget and sends 1 KiB: the hub
-    holds its reservation until the connection closes (on leaving)."""
-    http = client(site)
-    assert http.post("/api/v1/transfers", json=shipment.manifest).status_code == 201
-    with socket.create_connection(("127.0.0.1", hub.port), timeout=ANSWER_TIMEOUT_S) as raw, \
-            site.ssl_context().wrap_socket(raw, server_hostname="localhost") as tls:
-        tls.sendall(f"PUT {shipment.bucket_url(0)} HTTP/1.1\r\nHost: localhost:{hub.port}\r\n"
-                    f"Content-Type: application/octet-stream\r\nContent-Length: {BUDGET}\r\n"
-                    "\r\n".encode() + b"\0" * 1024)
-        # Held once a body the hub would have read (it fails authentication: nothing stored
-        # either way) is refused as busy instead.
-        wait_for(lambda: http.put(shipment.bucket_url(1), content=b"\0" * 64).status_code == 503,
-                 what="the hub's bucket budget held by the slow PUT")
+    """A :class:`SlowPut` holding the hub's whole budget, until leaving."""
+    slow = SlowPut(hub, site, shipment)
+
+    def holds() -> bool:
+        """Held once a body the hub would read (it fails authentication: nothing stored
+        either way) is refused as busy. The probe may be read first and the slow PUT
+        refused: it then has its answer, and starts again."""
+        if slow.tls is None:
+            slow.start()
+        if http.put(shipment.bucket_url(1), content=b"\0" * 64).status_code == 503:
+            return True
+        if slow.answered():
+            slow.close()
+        return False
+
+    with client(site) as http:
+        assert http.post("/api/v1/transfers", json=shipment.manifest).status_code == 201
         try:
+            wait_for(holds, 60, what="the hub's bucket budget held by the slow PUT")
             yield
         finally:
-            http.close()
+            slow.close()
 
 
 def head_only_answer(hub: HubProcess, site: Enrolment, path: str, size: int
@@ -122,8 +154,11 @@ def test_a_bucket_put_past_the_budget_is_503_unread_and_stores_nothing(
             assert http.get("/api/v1/whoami").json() == {"site": "CHU-EST"}  # still serving
         # The slow PUT gone, its budget is free again: the same buckets are stored and the
         # study reaches the archive bit-exact.
-        first = wait_for(lambda: http.put(shipment.bucket_url(0), content=shipment.buckets[0]),
-                         what="the budget given back")
+        def stored_once_free() -> httpx.Response | None:
+            answer = http.put(shipment.bucket_url(0), content=shipment.buckets[0])
+            return None if answer.status_code == 503 else answer
+
+        first = wait_for(stored_once_free, what="the budget given back")
         assert first.status_code == 201, first.text
         assert shipment.put_all(http)[1:] == [201] * (len(shipment.buckets) - 1)
         receipt = http.post(shipment.url + "/commit")
