@@ -407,8 +407,9 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
             else:
                 if receipt is not None:
                     answer["receipt"] = receipt
-        # With a receipt, as big as the manifest: written and gzipped off the event loop.
-        return await run_in_threadpool(json_answer, request, answer, 201 if created else 200)
+        if "receipt" in answer:  # as big as the manifest: written and gzipped off the loop
+            return await run_in_threadpool(json_answer, request, answer, 201 if created else 200)
+        return json_answer(request, answer, 201 if created else 200)
 
     async def held(request: Request) -> Response:
         """The bucket indexes the hub holds for a transfer."""
