@@ -8,6 +8,9 @@ A certificate refused at either end of a destination's TLS link (``TrustRefused`
 an outage: the job waits uncounted too (every job would meet it; none may fail for it), the
 first of each destination logged as an error, and a restart makes such jobs due at once.
 
+A destination that answered it is busy (``DestinationBusy``: the hub's 503 with
+Retry-After) does not use up attempts either: the job comes back after the time it asked.
+
 A destination that could not be reached at all (``LinkDown``) does not use up attempts: the
 job waits for the link, tried again after a delay that grows with how long the destination
 has been unreachable (``routing/backoff.link_delay``). For the hub that length comes from the
@@ -30,6 +33,7 @@ from collections.abc import Callable
 
 from appliance.config import Settings
 from appliance.dispatch.target_types.base import (
+    DestinationBusy,
     LinkDown,
     NoRoomForCopy,
     PermanentError,
@@ -37,7 +41,13 @@ from appliance.dispatch.target_types.base import (
     TargetType,
     TrustRefused,
 )
-from appliance.routing.backoff import link_delay, next_delay, room_delay, trust_delay
+from appliance.routing.backoff import (
+    busy_delay,
+    link_delay,
+    next_delay,
+    room_delay,
+    trust_delay,
+)
 from appliance.store import jobs as job_store
 from appliance.store import uplink as uplink_store
 from appliance.store.db import Database, now
@@ -108,6 +118,12 @@ class Dispatcher:
             log.log(level, "job %d to %s: destination unreachable for %.1fs, the job waits for "
                     "it (next try in %.1fs, not counted as an attempt): %s", job.id,
                     job.destination, down_for, delay, exc, extra=extra)
+        except DestinationBusy as exc:
+            delay = busy_delay(queue, exc.retry_after_s)
+            job_store.wait_for_peer(self.db, job.id, owner, str(exc), now() + delay)
+            log.info("job %d to %s: the destination is busy and asked to come back later (next "
+                     "try in %.1fs, not counted as an attempt): %s", job.id, job.destination,
+                     delay, exc, extra=extra)
         except NoRoomForCopy as exc:
             delay = room_delay(queue)
             job_store.wait_for_room(self.db, job.id, owner, str(exc), now() + delay)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import itertools
-import json
 import logging
 import queue
 import shutil
@@ -41,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from appliance.hub import manifest_json
 from appliance.hub.archive import ArchiveRefused, RebuiltInstance
 from appliance.store import hub as store
 from appliance.words import counted
@@ -173,7 +173,7 @@ class Archiver:
                 self._drain(state)
             elif state.refused_ahead:
                 return 0
-            manifest = json.loads(row["manifest"])
+            manifest = manifest_json.loads(row["manifest"])
             expected = {i["sop_instance_uid"]: i for i in manifest["instances"]}
             numbers = {uid: n for n, uid in enumerate(expected)}
             archived = store.archived_instances(self.hub.db, transfer_id)
@@ -226,7 +226,7 @@ class Archiver:
         from appliance.transfer import seal
 
         if state.key is None:
-            manifest = json.loads(row["manifest"])
+            manifest = manifest_json.loads(row["manifest"])
             state.key = seal.unwrap_key(base64.b64decode(manifest["wrapped_key"]),
                                         self.hub.pki.transfer_private_key(), row["id"])
         return state.key

@@ -20,6 +20,7 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from appliance.hub import manifest_json
 from appliance.hub.archiver import CommitRefused
 from appliance.store import hub as store
 from appliance.words import counted
@@ -39,7 +40,7 @@ def commit_transfer(hub: Hub, transfer_id: str) -> dict[str, Any]:
         assert row is not None
         if row["receipt"] is not None:
             return dict(json.loads(row["receipt"]))
-        manifest = json.loads(row["manifest"])
+        manifest = manifest_json.loads(row["manifest"])
         held = store.held_buckets(hub.db, transfer_id)
         missing = sorted(set(range(row["bucket_count"])) - set(held))
         if missing:

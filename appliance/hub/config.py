@@ -65,6 +65,18 @@ class LimitsSection(_Section):
     # A download lane (appliance/transfer/lanes.py) waits this long for the download it
     # joins, which the site requested at the same moment on another connection.
     lane_join_wait_s: float = Field(default=5.0, ge=0, le=60)
+    # Bytes of bucket PUT bodies held at once, every site together (each PUT reserves its
+    # Content-Length before reading): a PUT beyond is answered 503 busy with Retry-After
+    # (busy_retry_after_s), unread, nothing stored. 512 MiB: a small hub's memory.
+    bucket_bodies_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
+    busy_retry_after_s: int = Field(default=5, ge=1, le=3600)
+
+    @model_validator(mode="after")
+    def _room_for_one_bucket(self) -> LimitsSection:
+        if self.bucket_bodies_bytes < self.max_bucket_bytes:  # else never accepted
+            raise ValueError(f"bucket_bodies_bytes ({self.bucket_bodies_bytes}) must be at "
+                             f"least max_bucket_bytes ({self.max_bucket_bytes})")
+        return self
 
 
 class TransfersSection(_Section):

@@ -20,15 +20,23 @@ import logging
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from appliance.hub import manifest_json
 from appliance.hub.app import BodyTooLarge, problem, read_body_limited
 from appliance.store import hub as store
 from appliance.words import counted
@@ -162,6 +170,31 @@ class ManifestArrivals:
             entry[0].set()
 
 
+class BucketBodies:
+    """The bytes of bucket PUT bodies the hub holds at once, every site together (invariant
+    8): each PUT holds its bucket (up to ``limits.max_bucket_bytes``) while it is read,
+    checked and stored, and 40 sites sending 48 MB buckets at once held ~2 GB. A PUT reserves
+    its declared Content-Length (``max_bucket_bytes`` when chunked) before reading its body.
+    Used on the server's event loop only (no lock)."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.held = 0  # bytes reserved
+        self.bodies = 0  # PUTs holding a reservation
+
+    def take(self, size: int) -> bool:
+        """Reserve ``size`` bytes, if the budget has them (then :meth:`give_back` them)."""
+        if self.held + size > self.budget:
+            return False
+        self.held += size
+        self.bodies += 1
+        return True
+
+    def give_back(self, size: int) -> None:
+        self.held -= size
+        self.bodies -= 1
+
+
 def transfer_routes(hub: Hub) -> list[BaseRoute]:
     from appliance.hub.commit import CommitRefused, commit_if_complete, commit_transfer
     from appliance.transfer import seal
@@ -173,6 +206,7 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
     keys_lock = threading.Lock()
     limits = hub.settings.limits
     arrivals = ManifestArrivals()
+    bodies = BucketBodies(limits.bucket_bodies_bytes)
 
     def transfer_key(row: Any) -> bytes:
         with keys_lock:
@@ -180,14 +214,18 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
             if key is not None:
                 keys.move_to_end(row["id"])
                 return key
-        manifest = json.loads(row["manifest"])
+        manifest = manifest_json.loads(row["manifest"])  # in a worker thread, never the loop
         key = seal.unwrap_key(base64.b64decode(manifest["wrapped_key"]),
                               hub.pki.transfer_private_key(), row["id"])
+        remember_key(row["id"], key)
+        return key
+
+    def remember_key(transfer_id: str, key: bytes) -> None:
         with keys_lock:
-            keys[row["id"]] = key
+            keys[transfer_id] = key
+            keys.move_to_end(transfer_id)
             while len(keys) > KEY_CACHE_TRANSFERS:
                 keys.popitem(last=False)
-        return key
 
     async def create(request: Request) -> Response:
         """Create a transfer from its manifest (idempotent per id)."""
@@ -197,40 +235,20 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
         except BodyTooLarge as exc:
             log.warning("site %s: %s", site, exc, extra={"SITE": site})
             return exc.response
-        try:
-            raw = _decoded_body(raw, request.headers.get("content-encoding", ""),
-                                limits.max_manifest_bytes)
-        except OverflowError:
-            return problem(413, "too_large", f"manifest over {limits.max_manifest_bytes} bytes")
-        except _BadEncoding as exc:
-            log.warning("site %s: manifest: %s", site, exc, extra={"SITE": site})
-            return problem(400, "bad_encoding", str(exc))
-        try:
-            data = json.loads(raw)
-        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
-            log.warning("site %s: manifest is not JSON (%s)", site, exc, extra={"SITE": site})
-            return problem(400, "bad_json", f"the body is not JSON: {exc}")
-        try:
-            manifest = Manifest.model_validate(data)
-        except ValidationError as exc:
-            detail = _validation_detail(exc)
-            log.warning("site %s: malformed manifest: %s", site, detail, extra={"SITE": site})
-            return problem(422, "bad_manifest", detail)
-        problems = _manifest_problems(manifest, limits.max_buckets)
-        if problems:
-            log.warning("site %s: inconsistent manifest: %s", site, problems[0])
-            return problem(422, "bad_manifest", "; ".join(problems[:10]))
-        try:
-            seal.unwrap_key(base64.b64decode(manifest.wrapped_key), hub.pki.transfer_private_key(),
-                            manifest.transfer_id)
-        except (ValueError, seal.SealError) as exc:
-            log.warning("site %s: transfer %s: wrapped_key unusable (%s)", site,
-                        manifest.transfer_id, exc)
-            return problem(422, "bad_wrapped_key",
-                           f"wrapped_key cannot be unwrapped with this hub's key: {exc}")
-        canonical = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
-        outcome = await run_in_threadpool(store.create_transfer, hub.db, site, data,
-                                          hashlib.sha256(canonical).hexdigest())
+        # Decoding, parsing, validating and hashing a manifest is CPU work (a 100,000-instance
+        # one: about 1 s): done on the event loop, it held every other site's requests for
+        # that long. Now in a worker thread, and a piece at a time (manifest_json; the
+        # validation by slices of instances) so that the loop gets the GIL between pieces.
+        parsed = await run_in_threadpool(
+            _parse_manifest, raw, request.headers.get("content-encoding", ""), site, limits,
+            hub.pki.transfer_private_key)
+        if isinstance(parsed, Response):
+            return parsed
+        data, manifest, key, digest, text = parsed
+        outcome = await run_in_threadpool(store.create_transfer, hub.db, site, data, digest,
+                                          text)
+        if outcome != "conflict":  # its buckets' checks need no unwrap, nor a manifest parse
+            remember_key(manifest.transfer_id, key)
         if outcome == "conflict":
             log.warning("site %s: transfer %s exists with another manifest", site,
                         manifest.transfer_id)
@@ -275,6 +293,48 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
                     await asyncio.wait_for(created.wait(), limits.early_bucket_wait_s)
         return await run_in_threadpool(lookup, request)
 
+    async def receive_and_store(request: Request, row: Any, index: int, where: str
+                                ) -> tuple[bool, int] | Response:
+        """Read, authenticate and store one bucket body: (created, size), or the refusal.
+        The body lives only in this frame (one bucket in memory per PUT)."""
+        site = request.state.site
+        body = bytearray()
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limits.max_bucket_bytes:
+                    log.warning("site %s: %s refused: over the limit", site, where)
+                    return problem(413, "too_large", f"bucket over the limit of "
+                                   f"{limits.max_bucket_bytes} bytes")
+        except ClientDisconnect:
+            log.warning("site %s: %s: client went away mid-body; nothing stored", site, where)
+            return Response(status_code=400)
+        sealed = body  # checked and stored as read: no copy (one bucket in memory per PUT)
+        try:
+            await run_in_threadpool(
+                lambda: seal.check_bucket(transfer_key(row), row["id"], index, sealed))
+        except seal.SealError as exc:
+            log.warning("site %s: %s rejected: %s", site, where, exc, extra={"SITE": site})
+            return problem(400, "bucket_rejected", f"{where} fails authentication (tampered, "
+                           f"truncated or replayed from another transfer or index): {exc}")
+
+        def store_it() -> bool:
+            store.count_received(hub.db, row["id"], len(sealed))
+            if index in store.held_buckets(hub.db, row["id"]):
+                return False
+            relative = store.write_bucket_file(hub.settings.buckets_dir, row["id"], index, sealed)
+            return store.record_bucket(hub.db, row["id"], index, len(sealed),
+                                       hashlib.sha256(sealed).hexdigest(), relative)
+
+        with_lock = hub.lock(row["id"])
+
+        def locked() -> bool:
+            with with_lock:
+                return store_it()
+
+        created = await run_in_threadpool(locked)
+        return created, len(sealed)
+
     async def put_bucket(request: Request) -> Response:
         """Store one sealed bucket durably (idempotent per index); with ``?commit=true``, also
         commit when it completes the set, and answer the receipt with it."""
@@ -304,45 +364,32 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
             log.warning("site %s: %s refused: %d bytes over the limit", site, where, declared)
             return problem(413, "too_large", f"bucket of {declared} bytes is over the limit "
                            f"of {limits.max_bucket_bytes}")
-        body = bytearray()
+        reserved = declared if request.headers.get("content-length") else \
+            limits.max_bucket_bytes
+        if not bodies.take(reserved):
+            # Every site's PUT bodies together stay under limits.bucket_bodies_bytes: refused
+            # before the body is read (uvicorn discards it as it arrives, a buffer at a time),
+            # nothing stored; the appliance comes back after Retry-After.
+            log.warning("site %s: %s refused: the hub holds %s (%d bytes) already "
+                        "(limits.bucket_bodies_bytes); come back in %d s", site, where,
+                        counted(bodies.bodies, "bucket body", "bucket bodies"), bodies.held,
+                        limits.busy_retry_after_s, extra={"SITE": site})
+            busy = problem(503, "busy", f"the hub is receiving "
+                           f"{counted(bodies.bodies, 'bucket', 'buckets')} already "
+                           f"(limits.bucket_bodies_bytes): send {where} again in "
+                           f"{limits.busy_retry_after_s} s")
+            busy.headers["Retry-After"] = str(limits.busy_retry_after_s)
+            return busy
         try:
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > limits.max_bucket_bytes:
-                    log.warning("site %s: %s refused: over the limit", site, where)
-                    return problem(413, "too_large", f"bucket over the limit of "
-                                   f"{limits.max_bucket_bytes} bytes")
-        except ClientDisconnect:
-            log.warning("site %s: %s: client went away mid-body; nothing stored", site, where)
-            return Response(status_code=400)
-        sealed = body  # checked and stored as read: no copy (one bucket in memory per PUT)
-        try:
-            await run_in_threadpool(seal.check_bucket, transfer_key(row), row["id"], index,
-                                    sealed)
-        except seal.SealError as exc:
-            log.warning("site %s: %s rejected: %s", site, where, exc, extra={"SITE": site})
-            return problem(400, "bucket_rejected", f"{where} fails authentication (tampered, "
-                           f"truncated or replayed from another transfer or index): {exc}")
-
-        def store_it() -> bool:
-            store.count_received(hub.db, row["id"], len(sealed))
-            if index in store.held_buckets(hub.db, row["id"]):
-                return False
-            relative = store.write_bucket_file(hub.settings.buckets_dir, row["id"], index, sealed)
-            return store.record_bucket(hub.db, row["id"], index, len(sealed),
-                                       hashlib.sha256(sealed).hexdigest(), relative)
-
-        with_lock = hub.lock(row["id"])
-
-        def locked() -> bool:
-            with with_lock:
-                return store_it()
-
-        created = await run_in_threadpool(locked)
+            stored = await receive_and_store(request, row, index, where)
+        finally:  # the body is gone with receive_and_store's frame: not held by a commit
+            bodies.give_back(reserved)
+        if isinstance(stored, Response):
+            return stored
+        created, size = stored
         if created:  # rebuild and archive what this bucket completed, in the background
             hub.archiver.notify(row["id"], row["priority"])
-        answer: dict[str, Any] = {"transfer_id": row["id"], "index": index,
-                                  "size": len(sealed)}
+        answer: dict[str, Any] = {"transfer_id": row["id"], "index": index, "size": size}
         if request.query_params.get("commit") in ("1", "true"):
             # "Commit if this completes the set": the last PUT of a study answers with the
             # receipt. Anything short of a receipt (buckets still missing, a refusal) leaves
@@ -360,6 +407,8 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
             else:
                 if receipt is not None:
                     answer["receipt"] = receipt
+        if "receipt" in answer:  # as big as the manifest: written and gzipped off the loop
+            return await run_in_threadpool(json_answer, request, answer, 201 if created else 200)
         return json_answer(request, answer, 201 if created else 200)
 
     async def held(request: Request) -> Response:
@@ -393,7 +442,7 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
             log.warning("site %s: transfer %s commit refused: %s", request.state.site,
                         row["id"], exc.detail, extra={"SITE": request.state.site})
             return problem(exc.status, exc.error, exc.detail, **exc.extra)
-        return json_answer(request, receipt)
+        return await run_in_threadpool(json_answer, request, receipt)
 
     async def receipt(request: Request) -> Response:
         """The signed receipt of a committed transfer."""
@@ -402,7 +451,8 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
             return missing
         if row["receipt"] is None:
             return problem(404, "not_committed", f"transfer {row['id']} is not committed")
-        return json_answer(request, json.loads(row["receipt"]))
+        return await run_in_threadpool(
+            lambda: json_answer(request, manifest_json.loads(row["receipt"])))
 
     base = "/api/v1/transfers"
     return [
@@ -413,6 +463,74 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
         Route(base + "/{transfer_id}/commit", commit, methods=["POST"]),
         Route(base + "/{transfer_id}/receipt", receipt, methods=["GET"]),
     ]
+
+
+# Instances validated per call: each call holds the GIL (pydantic-core), about 6 ms for
+# 1000 instances; between calls the event loop's thread gets it back.
+VALIDATE_CHUNK = 1000
+_INSTANCES: TypeAdapter[list[ManifestInstance]] = TypeAdapter(list[ManifestInstance])
+
+
+def _validated(data: Any) -> Manifest:
+    """``Manifest.model_validate(data)``, the instances a piece at a time (see
+    :data:`VALIDATE_CHUNK`). Raises the same :class:`ValidationError` as the one call (a
+    refused manifest is validated again whole, for the same paths in its detail)."""
+    instances = data.get("instances") if isinstance(data, dict) else None
+    if not isinstance(instances, list) or len(instances) <= VALIDATE_CHUNK:
+        return Manifest.model_validate(data)
+    try:
+        head = Manifest.model_validate({**data, "instances": instances[:1]})
+        checked: list[ManifestInstance] = []
+        for start in range(0, len(instances), VALIDATE_CHUNK):
+            checked.extend(_INSTANCES.validate_python(instances[start:start + VALIDATE_CHUNK]))
+    except ValidationError:
+        return Manifest.model_validate(data)
+    return head.model_copy(update={"instances": checked})
+
+
+def _parse_manifest(raw: bytes, encoding: str, site: str, limits: Any,
+                    private_key: Callable[[], bytes]
+                    ) -> tuple[dict[str, Any], Manifest, bytes, str, str | None] | Response:
+    """A manifest POST's body checked (run in a worker thread: CPU-bound): the manifest as
+    sent, validated, its unwrapped transfer key, its canonical SHA-256 and its JSON text to
+    store (None: not UTF-8, the store writes it); or the refusal to answer, logged."""
+    try:
+        raw = _decoded_body(raw, encoding, limits.max_manifest_bytes)
+    except OverflowError:
+        return problem(413, "too_large", f"manifest over {limits.max_manifest_bytes} bytes")
+    except _BadEncoding as exc:
+        log.warning("site %s: manifest: %s", site, exc, extra={"SITE": site})
+        return problem(400, "bad_encoding", str(exc))
+    try:
+        data = manifest_json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
+        log.warning("site %s: manifest is not JSON (%s)", site, exc, extra={"SITE": site})
+        return problem(400, "bad_json", f"the body is not JSON: {exc}")
+    try:
+        manifest = _validated(data)
+    except ValidationError as exc:
+        detail = _validation_detail(exc)
+        log.warning("site %s: malformed manifest: %s", site, detail, extra={"SITE": site})
+        return problem(422, "bad_manifest", detail)
+    problems = _manifest_problems(manifest, limits.max_buckets)
+    if problems:
+        log.warning("site %s: inconsistent manifest: %s", site, problems[0])
+        return problem(422, "bad_manifest", "; ".join(problems[:10]))
+    from appliance.transfer import seal
+
+    try:
+        key = seal.unwrap_key(base64.b64decode(manifest.wrapped_key), private_key(),
+                              manifest.transfer_id)
+    except (ValueError, seal.SealError) as exc:
+        log.warning("site %s: transfer %s: wrapped_key unusable (%s)", site,
+                    manifest.transfer_id, exc)
+        return problem(422, "bad_wrapped_key",
+                       f"wrapped_key cannot be unwrapped with this hub's key: {exc}")
+    try:
+        text: str | None = raw.decode("utf-8") if json.detect_encoding(raw) == "utf-8" else None
+    except UnicodeDecodeError:
+        text = None
+    return data, manifest, key, manifest_json.canonical_sha256(data), text
 
 
 def _manifest_problems(manifest: Manifest, max_buckets: int) -> list[str]:

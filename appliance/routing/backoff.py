@@ -41,6 +41,14 @@ def trust_delay(queue: QueueSection) -> float:
     return room_delay(queue)
 
 
+def busy_delay(queue: QueueSection, retry_after_s: float) -> float:
+    """Seconds until a job a busy destination turned away tries again (not counted): the
+    time it asked for, at least ``backoff_initial_s``, and up to a quarter more so that the
+    jobs it turned away do not all come back at once."""
+    base = max(queue.backoff_initial_s, retry_after_s)
+    return base + random.uniform(0, base / 4)
+
+
 def link_delay(queue: QueueSection, down_for_s: float) -> float:
     """Seconds until a job waiting for its destination's link tries again, given how long the
     link has been down: a quarter of that, at least ``backoff_initial_s`` and at most

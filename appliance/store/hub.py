@@ -119,8 +119,11 @@ def list_certificates(db: Database) -> list[dict[str, Any]]:
 
 
 def create_transfer(db: Database, site: str, manifest: dict[str, Any],
-                    manifest_sha256: str) -> Literal["created", "same", "conflict"]:
-    """Record a transfer; the same id with the same manifest is a repeat, else a conflict."""
+                    manifest_sha256: str, text: str | None = None
+                    ) -> Literal["created", "same", "conflict"]:
+    """Record a transfer; the same id with the same manifest is a repeat, else a conflict.
+    ``text``: the manifest's JSON as sent, stored as is (a 20 MB manifest's ``json.dumps``
+    held the GIL 0.1 s, the hub's event loop with it); else ``manifest`` written."""
     with db.transaction() as conn:
         row = conn.execute("SELECT site, manifest_sha256 FROM transfers WHERE id = ?",
                            (manifest["transfer_id"],)).fetchone()
@@ -134,8 +137,8 @@ def create_transfer(db: Database, site: str, manifest: dict[str, Any],
             "INSERT INTO transfers (id, site, study_uid, priority, bucket_count, instance_count,"
             " manifest, manifest_sha256, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (manifest["transfer_id"], site, manifest["study_uid"], manifest.get("priority", 0),
-             manifest["bucket_count"], len(manifest["instances"]), json.dumps(manifest),
-             manifest_sha256, now()))
+             manifest["bucket_count"], len(manifest["instances"]),
+             json.dumps(manifest) if text is None else text, manifest_sha256, now()))
         return "created"
 
 

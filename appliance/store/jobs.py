@@ -284,6 +284,7 @@ def fail_attempt(db: Database, job_id: int, owner: str, error: str, retry_at: fl
 WAITING_FOR_LINK = "waiting for the link: "
 WAITING_FOR_ROOM = "waiting for room on the spool: "
 WAITING_FOR_TRUST = "waiting for credentials: "
+WAITING_FOR_PEER = "waiting for the destination to free up: "
 
 
 def wait_for_link(db: Database, job_id: int, owner: str, error: str, retry_at: float) -> None:
@@ -305,6 +306,13 @@ def wait_for_trust(db: Database, job_id: int, owner: str, error: str, retry_at: 
     :func:`wait_for_link` (the attempt given back), with the :data:`WAITING_FOR_TRUST`
     prefix."""
     _wait(db, job_id, owner, WAITING_FOR_TRUST + error, retry_at)
+
+
+def wait_for_peer(db: Database, job_id: int, owner: str, error: str, retry_at: float) -> None:
+    """An attempt the destination turned away as busy, naming when to come back: as
+    :func:`wait_for_link` (the attempt given back), with the :data:`WAITING_FOR_PEER`
+    prefix."""
+    _wait(db, job_id, owner, WAITING_FOR_PEER + error, retry_at)
 
 
 def wake_waiting_for_trust(db: Database) -> int:

@@ -13,9 +13,11 @@ gives its slot back once its body is handed to the kernel, and every hub connect
 under the line's rate when it is known: ``appliance.transfer.pacing`` says why and how.
 
 Retries (tenacity, exponential backoff with full jitter): connection errors, timeouts and
-5xx answers are retried a few times; a 4xx is never retried here, because the protocol gives
-each one a meaning the caller must act on (409 on commit: send the missing buckets; 400 on a
-bucket: it failed authentication, re-seal it; 404: the transfer is unknown, create it).
+5xx answers are retried a few times (a 503 with ``Retry-After``, a hub at its memory bound,
+after the time it asks; still busy after the retries: :class:`HubBusy`, the job waits);
+a 4xx is never retried here, because the protocol gives each one a meaning the caller must
+act on (409 on commit: send the missing buckets; 400 on a bucket: it failed authentication,
+re-seal it; 404: the transfer is unknown, create it).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import dataclasses
 import gzip
 import json
 import logging
+import random
 import ssl
 import threading
 import time
@@ -40,6 +43,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from tenacity import (
+    RetryCallState,
     RetryError,
     Retrying,
     retry_if_exception,
@@ -63,6 +67,16 @@ class HubUnavailable(HubError):
     """The hub could not be reached or answered 5xx, after the retries: try again later."""
 
 
+class HubBusy(HubUnavailable):
+    """The hub answered 503 with a ``Retry-After`` (it holds as many bucket bodies as its
+    memory allows, ``limits.bucket_bodies_bytes``), every retry: nothing is wrong with the
+    request nor the link; come back after ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class HubRefused(HubError):
     """The hub answered a 4xx: it names what is wrong with this request."""
 
@@ -83,6 +97,21 @@ class _ServerError(Exception):
     def __init__(self, response: httpx.Response):
         self.response = response
         super().__init__(f"HTTP {response.status_code} {response.text[:300]}")
+
+
+# A Retry-After longer than this is read as this (a hub's mistake must not park a PUT for days).
+MAX_RETRY_AFTER_S = 300.0
+
+
+def retry_after(exc: BaseException | None) -> float | None:
+    """The seconds a 503 answer's ``Retry-After`` asks for (delta-seconds; capped at
+    :data:`MAX_RETRY_AFTER_S`), None for any other failure."""
+    if not isinstance(exc, _ServerError) or exc.response.status_code != 503:
+        return None
+    text = exc.response.headers.get("retry-after", "").strip()
+    if not text.isascii() or not text.isdigit():
+        return None
+    return min(float(text), MAX_RETRY_AFTER_S)
 
 
 def _transient(exc: BaseException) -> bool:
@@ -510,10 +539,18 @@ class HubClient:
                 raise _ServerError(response)
             return response
 
+        backoff = wait_random_exponential(multiplier=0.5, max=self.backoff_max_s)
+
+        def wait(state: RetryCallState) -> float:
+            """A busy hub's Retry-After (and up to a quarter more, so that the sites it
+            turned away do not all come back at the same instant), else the backoff."""
+            asked = retry_after(state.outcome.exception() if state.outcome else None)
+            return backoff(state) if asked is None else asked + random.uniform(0, asked / 4)
+
         retrying = Retrying(
             retry=retry_if_exception(_transient),
             stop=stop_after_attempt(self.retries + 1),
-            wait=wait_random_exponential(multiplier=0.5, max=self.backoff_max_s),
+            wait=wait,
             reraise=False,
             before_sleep=lambda state: log.info(
                 "hub %s: attempt %d failed (%s), retrying", what, state.attempt_number,
@@ -525,6 +562,11 @@ class HubClient:
             # Retries spent, or a failure not worth one (a certificate refused): the same.
             cause = exc.last_attempt.exception() if isinstance(exc, RetryError) else exc
             message = f"hub {what}: {type(cause).__name__}: {cause}"
+            asked = retry_after(cause)
+            if asked is not None:  # it answered: the link is up, the hub busy
+                self._contact(True, None)
+                raise HubBusy(f"hub {what}: busy (HTTP 503, Retry-After {asked:.0f} s)",
+                              asked) from cause
             self._contact(False, message)
             raise HubUnavailable(message) from cause
         self._contact(True, None)

@@ -13,6 +13,9 @@ anything else in the attempt (an association rejected or aborted by the node, or
 mid-study, is the node answering: counted); ``stowrs`` when the attempt's first request got
 no connection after its in-request retries (a 5xx is counted).
 
+:class:`DestinationBusy` (``hub``: still busy after the client's retries, each after the
+hub's ``Retry-After``) waits uncounted for the time the destination asked.
+
 :class:`NoRoomForCopy` (``dicom``, when an instance must be re-encoded and the spool has no
 room for the copy) also waits uncounted: the cause is the appliance's, not the job's.
 
@@ -62,6 +65,19 @@ class TrustRefused(LinkDown):
     the credentials right (``pas enroll --replace``, a corrected configuration) and restarts
     PAS, which makes the waiting jobs due at once. A :class:`LinkDown` so that any code
     waiting for the link treats it as such; the dispatcher tells the two apart."""
+
+
+class DestinationBusy(Exception):
+    """The destination answered that it is busy and named when to come back (the hub's 503
+    with ``Retry-After``: it holds as many bucket bodies as its memory allows, every site
+    together). Neither the job's fault nor an outage: the job waits ``retry_after_s``, the
+    attempt not counted (a hub busy with forty sites' backlog must not fail a study), with
+    the cause in ``last_error`` after ``waiting for the destination to free up: ``; a
+    transfer then resumes with the buckets the hub does not hold."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class NoRoomForCopy(Exception):

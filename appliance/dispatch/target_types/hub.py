@@ -35,6 +35,7 @@ from appliance.config import Settings
 from appliance.dispatch.hub_holdings import settle_holdings
 from appliance.dispatch.pack_ahead import PackAhead
 from appliance.dispatch.target_types.base import (
+    DestinationBusy,
     LinkDown,
     PermanentError,
     SendContext,
@@ -47,6 +48,7 @@ from appliance.store.db import Database
 from appliance.store.jobs import Job
 from appliance.transfer.client import (
     TRUST_HINT,
+    HubBusy,
     HubClient,
     HubRefused,
     HubUnavailable,
@@ -155,6 +157,9 @@ class HubTarget:
                 # A certificate refused at either end: every job would meet it, none is at
                 # fault. They wait, counted nowhere, until someone puts the certificate right.
                 raise TrustRefused(f"{self.name}: {problem}; {TRUST_HINT}") from exc
+            if isinstance(exc, HubBusy):
+                # It answered, busy, naming when to come back: the job waits, uncounted.
+                raise DestinationBusy(str(exc), exc.retry_after_s) from exc
             if isinstance(exc, HubUnavailable) and link_down(exc):
                 # No answer at all (no connection, or it went silent): the WAN or the hub is
                 # down, which says nothing about this job. It waits for the link.
