@@ -1,4 +1,5 @@
-"""How a count reads: ``1 study``, ``2 studies``, ``0 files``; how long ago: ``3 days ago``.
+"""How a count reads: ``1 study``, ``2 studies``, ``0 files``; how long ago: ``3 days ago``;
+how the appliance is titled.
 
 Owns: the agreement of a noun with its count and how an age reads (:func:`ago`), for every
 line people read (CLI output, the status page, audit details, doctor's findings). May not
@@ -22,3 +23,11 @@ def ago(seconds: float) -> str:
     if seconds < 2 * 86400:
         return f"{seconds / 3600:.0f} h ago"
     return f"{seconds / 86400:.0f} days ago"
+
+
+def appliance_title(site: str, ae_title: str | None = None) -> str:
+    """What ``pas status`` and the status page are titled: ``PAS CHU-NORD (AE PAS)``. The
+    site is left out while it is the default ``PAS`` (both read ``PAS PAS (PAS)`` on a fresh
+    install, which looked like a bug); the AE title is labelled as such."""
+    title = "PAS" if site in ("", "PAS") else f"PAS {site}"
+    return f"{title} (AE {ae_title})" if ae_title else title

@@ -57,6 +57,7 @@ def test_the_daemons_disk_alert_is_shown_where_hospital_it_looks(
     assert as_json["alert"].startswith("hard limit") and as_json["alert_since"] > 0
 
     status = pas.cli("status").stdout
+    assert status.lstrip().startswith("PAS (AE PAS)")  # was "PAS PAS (PAS)" on defaults
     row = next(line for line in status.splitlines() if "disk alert" in line)
     assert "hard limit" in row
 

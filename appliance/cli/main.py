@@ -35,7 +35,7 @@ from appliance.config import (
     problems_the_environment_hides,
 )
 from appliance.ops.status import human_size
-from appliance.words import counted
+from appliance.words import appliance_title, counted
 
 app = typer.Typer(help="PAS, the hospital's access point to the regional imaging platform.",
                   no_args_is_help=True, add_completion=False)
@@ -175,7 +175,8 @@ def status(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> No
     if as_json:
         print(json.dumps(snapshot, indent=2))
         return
-    table = Table(title=f"PAS {snapshot['site']} ({snapshot['ae_title']})", show_header=False)
+    table = Table(title=appliance_title(snapshot["site"], snapshot["ae_title"]),
+                  show_header=False)
     for key in ("patients", "studies", "instances", "confirmed_instances", "conflicts"):
         table.add_row(key.replace("_", " "), str(snapshot[key]))
     table.add_row("stored", human_size(snapshot["bytes"]))

@@ -35,7 +35,7 @@ from appliance.store import jobs as job_store
 from appliance.store import ops as ops_store
 from appliance.web.auth import FormToken, same_origin
 from appliance.web.headers import page_headers
-from appliance.words import ago, counted
+from appliance.words import ago, appliance_title, counted
 
 if TYPE_CHECKING:
     from appliance.daemon import Daemon
@@ -209,8 +209,8 @@ def _unreadable_page(daemon: Daemon, damaged: index_check.IndexCheck | None,
         "<!doctype html><html lang=en><head><meta charset=utf-8>",
         f'<meta http-equiv="refresh" content="{REFRESH_S}">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>PAS {_esc(site)}</title><style>{STYLE}</style></head><body>",
-        f"<h1>PAS {_esc(site)}</h1>",
+        f"<title>{_esc(appliance_title(site))}</title><style>{STYLE}</style></head><body>",
+        f"<h1>{_esc(appliance_title(site))}</h1>",
         _damage_banner(damaged) if damaged is not None else "",
         f'<div class=alarm id=store-unreadable><b>The index cannot be read</b>{_esc(exc)}: '
         "the figures of this page are unavailable; pas doctor says what to do</div>",
@@ -255,8 +255,8 @@ def render_page(daemon: Daemon, form_token: FormToken | None = None) -> str:
         "<!doctype html><html lang=en><head><meta charset=utf-8>",
         f'<meta http-equiv="refresh" content="{REFRESH_S}">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>PAS {_esc(site)}</title><style>{STYLE}</style></head><body>",
-        f"<h1>PAS {_esc(site)} <small>AE {_esc(snapshot['ae_title'])} · "
+        f"<title>{_esc(appliance_title(site))}</title><style>{STYLE}</style></head><body>",
+        f"<h1>{_esc(appliance_title(site))} <small>AE {_esc(snapshot['ae_title'])} · "
         f"v{_esc(snapshot['version'])}</small></h1>",
         _damage_banner(damaged) if damaged is not None else "",
         '<div class="cards">',
