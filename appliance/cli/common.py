@@ -234,3 +234,15 @@ def exit_on_prune_problems(pruned: Pruned | None) -> None:
             err.print(f"[red]--keep {pruned.keep}:[/red] {problem} (the new backup is "
                       "written)", highlight=False)
         raise typer.Exit(1)
+
+
+ERROR_CELL_CHARS = 300
+
+
+def error_cell(text: str | None) -> str:
+    """A job's or request's last error as a table cell: whole up to :data:`ERROR_CELL_CHARS`
+    (the table wraps it), cut with an ellipsis past that (``--json`` has it all). Cut at 50
+    or 60 characters, the part that says what to do was lost: "waiting for credentials:
+    destinations.pacs.tls_key can be read by others (chmod 600 ...)" ended at "by oth"."""
+    text = text or ""
+    return text if len(text) <= ERROR_CELL_CHARS else text[:ERROR_CELL_CHARS - 1] + "…"

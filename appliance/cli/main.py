@@ -22,6 +22,7 @@ from appliance.cli.common import (
     JsonOption,
     console,
     err,
+    error_cell,
     is_busy,
     read_database,
     settings_or_exit,
@@ -400,7 +401,7 @@ def queue_list(config: Path | None = ConfigOption,
         priority = PRIORITY_NAME.get(r["priority"], str(r["priority"]))
         table.add_row(str(r["id"]), r["kind"], r["destination"], r["state"], priority,
                       str(r["attempts"]), f"{r['sent']}/{r['instances']}", nxt,
-                      (r["last_error"] or "")[:60], r["study_uid"])
+                      error_cell(r["last_error"]), r["study_uid"])
     console.print(table)
 
 

@@ -21,6 +21,7 @@ from appliance.cli.common import (
     PrefetchState,
     console,
     err,
+    error_cell,
     read_database,
     write_database,
 )
@@ -97,7 +98,7 @@ def list_requests(state: PrefetchState | None = typer.Option(
                       _when(r["scheduled_at"]), r["state"],
                       f"{r['studies_fetched']}/{r['studies_found']}",
                       str(r["instances_fetched"]), _lead(r["lead_time_s"]),
-                      str(r["times_requested"]), (r["last_error"] or "")[:50])
+                      str(r["times_requested"]), error_cell(r["last_error"]))
     console.print(table)
 
 

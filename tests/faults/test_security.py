@@ -432,6 +432,9 @@ def test_a_dicom_destination_key_others_can_read_makes_its_jobs_wait(tmp_path: P
         assert f"destinations.node.tls_key {key}" in job["last_error"], job
         assert f"chmod 600 {key}" in job["last_error"], job
         assert job["state"] == "pending" and job["attempts"] == 0, job
+        # pas queue list shows what to do too (its column was cut at 60 characters).
+        pas.env["COLUMNS"] = "2000"  # one line per row: the check reads the cell whole
+        assert f"chmod 600 {key}" in pas.cli("queue", "list").stdout
         assert node.files() == []
     finally:
         pas.stop()
