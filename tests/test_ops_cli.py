@@ -381,6 +381,7 @@ def test_help_shows_flags_as_flags_and_counts_agree_with_their_noun(
     assert study["study_uid"] in listing and "…" not in listing, listing
     purged = pas.cli("cache", "purge", study["study_uid"], "--force").stdout
     assert f"purged study {study['study_uid']}: 1 instance (1 unconfirmed), " in _plain(purged)
+    assert re.search(r"unconfirmed\), \d+\.\d [kMG]B$", _plain(purged).strip())  # not bytes
     assert pas.cli("studies").stdout.splitlines()[0].strip() == "0 studies"
 
 

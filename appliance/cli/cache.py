@@ -120,12 +120,13 @@ def cache_status(config: Path | None = ConfigOption, as_json: bool = JsonOption)
 def cache_evict(config: Path | None = ConfigOption) -> None:
     """Run one eviction pass now (the daemon does it every cache.evict_interval_s)."""
     from appliance.ops.cache_policy import CachePolicy
+    from appliance.ops.status import human_size
 
     settings, db, spool = _open(config, long_pass=True)
     result = CachePolicy(settings, db, spool).evict_if_needed()
     console.print(f"evicted {counted(len(result.evicted), 'study', 'studies')}, "
-                  f"{counted(result.freed_bytes, 'byte')}; used {result.used_after}/"
-                  f"{result.capacity}", highlight=False)
+                  f"{human_size(result.freed_bytes)} freed; used {human_size(result.used_after)}"
+                  f" of {human_size(result.capacity)}", highlight=False)
     for why in result.skipped.values():  # a study being read: a viewer's retrieve under way
         console.print(f"not evicted: {why}", highlight=False)
 
@@ -169,6 +170,7 @@ def cache_purge(study_uid: str = StudyArgument, config: Path | None = ConfigOpti
                                            "viewer (audited)")) -> None:
     """Delete a study from the cache now. Without --force only a confirmed, unpinned one."""
     from appliance.ops.cache_policy import purge
+    from appliance.ops.status import human_size
     from appliance.store.eviction import BeingRead, NotEvictable, UnknownStudy
 
     _settings, db, spool = _open(config)
@@ -186,7 +188,7 @@ def cache_purge(study_uid: str = StudyArgument, config: Path | None = ConfigOpti
         err.print(f"[red]refused:[/red] {exc} (use --force to purge anyway)")
         raise typer.Exit(1) from None
     console.print(f"purged study {study_uid}: {counted(evicted.instances, 'instance')} "
-                  f"({evicted.unconfirmed} unconfirmed), {counted(evicted.bytes, 'byte')}")
+                  f"({evicted.unconfirmed} unconfirmed), {human_size(evicted.bytes)}")
 
 
 @cache_app.command("rebuild-index")

@@ -308,6 +308,8 @@ def test_pas_cache_evict_and_purge_leave_a_study_the_daemon_is_reading(tmp_path:
         assert f"purged study {mr_study}: {MR_IMAGES} instances" in purged.stdout
         evicted = pas.cli("cache", "evict")
         assert "evicted 1 study" in evicted.stdout and "not evicted" not in evicted.stdout
+        assert re.search(r"[\d.]+ [kMG]?B freed; used [\d.]+ [kMG]?B of ", evicted.stdout), \
+            evicted.stdout
         assert _held(pas.home) == {}
         stack.pop_all()
     pas.stop()
