@@ -1,0 +1,144 @@
+"""Restoring ``pas backup`` after the appliance's disk is lost (docs/operations.md, "Backup
+and restore"), as hospital IT lives it: real peers only.
+
+A real ``pas run`` enrolled to a real ``pas hub run``; DCMTK storescu sends three studies,
+two confirmed by the region, one still queued (the hub down) when the backup is taken. The
+disk is lost: a fresh home, ``pas.sqlite`` and ``pki/`` put back from the backup, the hub up
+again, PAS started. Every indexed file is then missing (start-up recovery flags them).
+
+What a viewer gets: the confirmed studies are fetched again from the region, bit-exact, by
+WADO-RS and by C-GET (their rows were counted as "on site", so fetch-through never asked the
+region: a WADO-RS answer was cut after its 200 status line, a C-GET failed every
+sub-operation with ``No such file or directory``); the study the region never had is a clear
+404 naming the way out, said before any byte of an answer.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import httpx
+from pydicom import dcmread
+
+from tests.support.cleanup import started
+from tests.support.hub import HubProcess, enroll
+from tests.support.peers import CT_DIR, DCMTK_ENV, PasProcess, read_rows, storescu, wait_for
+
+ENV = {"PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_QUEUE__BACKOFF_INITIAL_S": "0.3",
+       "PAS_QUEUE__BACKOFF_MAX_S": "1", "PAS_PREFETCH__ON_ARRIVAL": "false",
+       "PAS_STORAGE__FSYNC": "false", "PAS_SITE": "SITE-A"}
+
+
+def _studies(count: int) -> list[list[Path]]:
+    """The first ``count`` studies of the CT set (three files each), their files."""
+    by_study: dict[str, list[Path]] = collections.defaultdict(list)
+    for path in sorted(CT_DIR.glob("*.dcm")):
+        by_study[str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)].append(path)
+    return list(by_study.values())[:count]
+
+
+def _uid(files: list[Path]) -> str:
+    return str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+
+
+def _sha256s(blobs: list[bytes]) -> set[str]:
+    return {hashlib.sha256(b).hexdigest() for b in blobs}
+
+
+def _parts(answer: httpx.Response) -> list[bytes]:
+    """The bodies of a multipart/related answer."""
+    boundary = answer.headers["content-type"].split("boundary=")[1].split(";")[0].strip('"')
+    return [chunk.partition(b"\r\n\r\n")[2][:-2]
+            for chunk in answer.content.split(b"--" + boundary.encode())[1:-1]]
+
+
+def _indexed(db: Path, study_uid: str) -> set[str]:
+    """The SHA-256 the index recorded of each instance of a study (what the modality sent,
+    stored bit-exact)."""
+    return {r["sha256"] for r in read_rows(
+        db, "SELECT i.sha256 FROM instances i JOIN studies s ON s.id = i.study_fk "
+            "WHERE s.study_uid = ?", (study_uid,))}
+
+
+def _count(db: Path, sql: str) -> int:
+    return int(read_rows(db, sql)[0][0])
+
+
+def test_a_backup_restored_on_a_new_disk_serves_the_confirmed_studies_from_the_region(
+        tmp_path: Path) -> None:
+    confirmed_a, confirmed_b, queued = _studies(3)
+    destination = tmp_path / "backups"
+    destination.mkdir()
+    with contextlib.ExitStack() as stack:
+        hub = started(stack, HubProcess(tmp_path / "hub").init())
+        home = tmp_path / "site"
+        enroll(hub, home, "SITE-A")
+        pas = started(stack, PasProcess(home, ENV))
+        storescu(confirmed_a + confirmed_b, pas.port)
+        wait_for(lambda: _count(home / "pas.sqlite", "SELECT count(*) FROM instances "
+                                "WHERE confirmed_at IS NOT NULL") == 6, 60, what="6 confirmed")
+        hub.stop()  # the WAN down: the third study waits in the queue
+        storescu(queued, pas.port)
+        wait_for(lambda: _count(home / "pas.sqlite", "SELECT count(*) FROM jobs "
+                                "WHERE last_error IS NOT NULL") >= 1, 60, what="a job waiting")
+        folder = Path(json.loads(pas.cli("backup", str(destination), "--json").stdout)
+                      ["folder"])
+        pas.stop()
+
+        # The disk lost: a new one, the backup put back as the docs say, the WAN back.
+        new_home = tmp_path / "new-disk"
+        new_home.mkdir()
+        shutil.copy2(folder / "pas.sqlite", new_home / "pas.sqlite")
+        shutil.copytree(folder / "pki", new_home / "pki")
+        hub.start()
+        restored = started(stack, PasProcess(new_home, ENV))
+        db = new_home / "pas.sqlite"
+        assert len(_indexed(db, _uid(confirmed_a)) | _indexed(db, _uid(confirmed_b))) == 6
+        assert _count(db, "SELECT count(*) FROM integrity_issues WHERE kind = 'missing' "
+                          "AND resolved_at IS NULL") == 9
+
+        web = f"http://127.0.0.1:{restored.http_port}/dicom-web/studies/"
+        answer = httpx.get(web + _uid(confirmed_a), timeout=60,
+                           headers={"Accept": 'multipart/related; type="application/dicom"'})
+        assert answer.status_code == 200
+        assert _sha256s(_parts(answer)) == _indexed(folder / "pas.sqlite", _uid(confirmed_a))
+
+        out = tmp_path / "viewer"
+        out.mkdir()
+        got = subprocess.run(["getscu", "-S", "-aet", "VIEWER", "-aec", "PAS", "-od", str(out),
+                              "-k", "QueryRetrieveLevel=STUDY",
+                              "-k", f"StudyInstanceUID={_uid(confirmed_b)}",
+                              "127.0.0.1", str(restored.port)],
+                             capture_output=True, text=True, env=DCMTK_ENV, timeout=120)
+        assert got.returncode == 0, got.stderr
+        # getscu writes its own file meta: the instances by UID, and the spool's files put
+        # back with the bytes the index recorded.
+        assert {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+                for p in out.iterdir()} == {str(dcmread(p, stop_before_pixels=True)
+                                                .SOPInstanceUID) for p in confirmed_b}
+        rows = read_rows(db, "SELECT i.path, i.sha256 FROM instances i JOIN studies s "
+                             "ON s.id = i.study_fk WHERE s.study_uid = ?", (_uid(confirmed_b),))
+        assert len(rows) == 3
+        for row in rows:
+            assert _sha256s([(new_home / "spool" / row["path"]).read_bytes()]) == \
+                {row["sha256"]}
+
+        # The region never had the queued study: a clear answer before the status line.
+        lost = httpx.get(web + _uid(queued), timeout=60,
+                         headers={"Accept": 'multipart/related; type="application/dicom"'})
+        assert lost.status_code == 404
+        assert lost.json()["detail"] == (
+            f"3 instances of study {_uid(queued)} asked for lost their file on this "
+            "appliance (flagged missing: pas cache status) and the region does not hold "
+            "them (never confirmed there): send the study again from its modality")
+        # The files fetched again are whole: their flags resolved, the lost study's open.
+        assert _count(db, "SELECT count(*) FROM integrity_issues WHERE kind = 'missing' "
+                          "AND resolved_at IS NULL") == 3
+        assert _count(db, "SELECT count(*) FROM integrity_issues WHERE kind = 'missing' "
+                          "AND resolution = 'fetched again from the region'") == 6
