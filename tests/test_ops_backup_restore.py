@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import shutil
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -142,3 +143,32 @@ def test_a_backup_restored_on_a_new_disk_serves_the_confirmed_studies_from_the_r
                           "AND resolved_at IS NULL") == 3
         assert _count(db, "SELECT count(*) FROM integrity_issues WHERE kind = 'missing' "
                           "AND resolution = 'fetched again from the region'") == 6
+
+
+def test_a_newer_versions_database_stops_the_start_in_one_line(tmp_path: Path) -> None:
+    """A backup a newer PAS wrote, put back by hand (or a downgrade): ``pas run`` and
+    ``pas hub run`` refused it with a traceback; one line now, exit 1, the file untouched."""
+    from appliance.store.db import Database
+    from appliance.store.hub import open_hub_db
+    from appliance.store.hub_schema import HUB_MIGRATIONS
+    from appliance.store.schema import MIGRATIONS
+
+    home = tmp_path / "pas"
+    Database(home / "pas.sqlite").close()
+    hub = HubProcess(tmp_path / "hub").init()
+    open_hub_db(hub.home / "hub.sqlite").close()
+    for process, path, known in ((PasProcess(home), home / "pas.sqlite", len(MIGRATIONS)),
+                                 (hub, hub.home / "hub.sqlite", len(HUB_MIGRATIONS))):
+        with sqlite3.connect(path) as conn:
+            conn.execute(f"PRAGMA user_version = {known + 1}")
+        conn.close()
+        refused = process.cli("run", check=False)
+        said = " ".join(refused.stderr.split())
+        assert refused.returncode == 1, refused.stderr
+        assert "Traceback" not in refused.stderr and said.endswith(
+            f"{path}: database schema version {known + 1} is newer than this software knows "
+            f"({known}); refusing to run an old version on it: a newer PAS wrote it "
+            "(reinstall that version)"), said
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == known + 1
+        conn.close()
