@@ -3,14 +3,17 @@ and restore"), as hospital IT lives it: real peers only.
 
 A real ``pas run`` enrolled to a real ``pas hub run``; DCMTK storescu sends three studies,
 two confirmed by the region, one still queued (the hub down) when the backup is taken. The
-disk is lost: a fresh home, ``pas.sqlite`` and ``pki/`` put back from the backup, the hub up
-again, PAS started. Every indexed file is then missing (start-up recovery flags them).
+disk is lost: a fresh home, ``pas restore`` puts the index and the enrolment back, the hub
+up again, PAS started. Every indexed file is then missing (start-up recovery flags them).
 
 What a viewer gets: the confirmed studies are fetched again from the region, bit-exact, by
 WADO-RS and by C-GET (their rows were counted as "on site", so fetch-through never asked the
 region: a WADO-RS answer was cut after its 200 status line, a C-GET failed every
 sub-operation with ``No such file or directory``); the study the region never had is a clear
 404 naming the way out, said before any byte of an answer.
+
+``pas restore`` refuses, before it changes anything, another site's backup, a truncated or
+damaged one and one a newer version wrote; a start on a newer version's database is one line.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import hashlib
 import json
 import shutil
 import sqlite3
+import stat
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -94,11 +99,10 @@ def test_a_backup_restored_on_a_new_disk_serves_the_confirmed_studies_from_the_r
 
         # The disk lost: a new one, the backup put back as the docs say, the WAN back.
         new_home = tmp_path / "new-disk"
-        new_home.mkdir()
-        shutil.copy2(folder / "pas.sqlite", new_home / "pas.sqlite")
-        shutil.copytree(folder / "pki", new_home / "pki")
+        restored = PasProcess(new_home, ENV)
+        restored.cli("restore", str(folder))
         hub.start()
-        restored = started(stack, PasProcess(new_home, ENV))
+        started(stack, restored)
         db = new_home / "pas.sqlite"
         assert len(_indexed(db, _uid(confirmed_a)) | _indexed(db, _uid(confirmed_b))) == 6
         assert _count(db, "SELECT count(*) FROM integrity_issues WHERE kind = 'missing' "
@@ -143,6 +147,106 @@ def test_a_backup_restored_on_a_new_disk_serves_the_confirmed_studies_from_the_r
                           "AND resolved_at IS NULL") == 3
         assert _count(db, "SELECT count(*) FROM integrity_issues WHERE kind = 'missing' "
                           "AND resolution = 'fetched again from the region'") == 6
+
+
+def _tree(home: Path) -> dict[str, str]:
+    """Every file of a home with its SHA-256: what a refused restore must leave as it was."""
+    return {str(p.relative_to(home)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(home.rglob("*")) if p.is_file() and p.name != "pas.lock"}
+
+
+def test_a_backup_that_is_not_this_sites_whole_sound_and_known_is_refused(
+        tmp_path: Path) -> None:
+    """``pas restore`` (the restore was a copy by hand, checked by nothing): another site's
+    backup started without a word and spoke to the hub with that site's certificate; a
+    newer version's stopped the start with a traceback; a truncated or damaged index was
+    found once the home's own had been overwritten. Each is refused in one line, the home
+    left as it was; a good one is restored, what the home held set aside."""
+    from appliance.store.db import Database
+    from appliance.store.schema import MIGRATIONS
+
+    site = tmp_path / "site"
+    Database(site / "pas.sqlite").close()
+    (site / "pki").mkdir(mode=0o700)
+    (site / "pki" / "client.key").write_bytes(b"the enrolment's key\n")
+    (site / "pki" / "client.key").chmod(0o600)
+    destination = tmp_path / "backups"
+    destination.mkdir()
+    backup = Path(json.loads(PasProcess(site, {"PAS_SITE": "SITE-A"}).cli(
+        "backup", str(destination), "--json").stdout)["folder"])
+
+    # The appliance the backup goes back on: its own index and enrolment, say a new one.
+    home = tmp_path / "home"
+    Database(home / "pas.sqlite").close()
+    (home / "pki").mkdir(mode=0o700)
+    (home / "pki" / "client.key").write_bytes(b"a new enrolment's key\n")
+    before = _tree(home)
+
+    def variant(name: str, change: Callable[[Path], None]) -> Path:
+        folder = tmp_path / name / backup.name
+        shutil.copytree(backup, folder)
+        change(folder)
+        return folder
+
+    def truncate(folder: Path) -> None:
+        index = folder / "pas.sqlite"
+        index.write_bytes(index.read_bytes()[:4096])
+
+    def damage(folder: Path) -> None:
+        index = folder / "pas.sqlite"
+        data = bytearray(index.read_bytes())
+        data[4096:4196] = bytes(100)
+        index.write_bytes(bytes(data))
+
+    def newer(folder: Path) -> None:  # as a newer PAS writes it: its manifest agrees
+        index = folder / "pas.sqlite"
+        with sqlite3.connect(index) as conn:
+            conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+        conn.close()
+        manifest = json.loads((folder / "MANIFEST.json").read_text())
+        manifest["software"] = "9.0.0"
+        manifest["files"]["pas.sqlite"] = {"bytes": index.stat().st_size,
+                                           "sha256": _sha256s([index.read_bytes()]).pop()}
+        (folder / "MANIFEST.json").write_text(json.dumps(manifest))
+
+    this_site = PasProcess(home, {"PAS_SITE": "SITE-A"})
+    refusals = [
+        (PasProcess(home, {"PAS_SITE": "SITE-B"}), backup,
+         f"{backup} is the backup of site 'SITE-A', and this appliance is site 'SITE-B' (site "
+         "in its configuration): restored, it would speak to the hub as that site. Restore a "
+         "pas-backup-SITE-B-... folder (or put this site's configuration back first). Nothing "
+         "restored"),
+        (this_site, variant("truncated", truncate),
+         f"{tmp_path}/truncated/{backup.name}/pas.sqlite is 4096 bytes, the manifest says "
+         f"{(backup / 'pas.sqlite').stat().st_size} (truncated or damaged): restore an older "
+         "backup. Nothing restored"),
+        (this_site, variant("damaged", damage),
+         f"{tmp_path}/damaged/{backup.name}/pas.sqlite does not have the SHA-256 the manifest "
+         "gives (damaged): restore an older backup. Nothing restored"),
+        (this_site, variant("newer", newer),
+         f"{tmp_path}/newer/{backup.name} was written by a newer PAS (version 9.0.0, index "
+         f"schema {len(MIGRATIONS) + 1}; this one knows {len(MIGRATIONS)}): install that "
+         "version or a later one, then restore. Nothing restored"),
+    ]
+    for pas, folder, said in refusals:
+        refused = pas.cli("restore", str(folder), check=False)
+        assert refused.returncode == 1, refused.stdout
+        assert " ".join(refused.stderr.split()) == f"refused: {said}"
+        assert _tree(home) == before
+
+    done = this_site.cli("restore", str(backup))
+    assert done.returncode == 0, done.stderr
+    assert _sha256s([(home / "pas.sqlite").read_bytes()]) != {before["pas.sqlite"]}
+    assert (home / "pki" / "client.key").read_bytes() == b"the enrolment's key\n"
+    assert stat.S_IMODE((home / "pki" / "client.key").stat().st_mode) == 0o600
+    [index_aside] = home.glob("pas.sqlite.before-restore-*")
+    [pki_aside] = home.glob("pki.before-restore-*")
+    assert _sha256s([index_aside.read_bytes()]) == {before["pas.sqlite"]}
+    assert (pki_aside / "client.key").read_bytes() == b"a new enrolment's key\n"
+    [row] = read_rows(home / "pas.sqlite", "SELECT actor, detail FROM audit "
+                                           "WHERE event = 'recovery'")
+    assert row["actor"].startswith("operator")
+    assert row["detail"].startswith(f"pas restore: the index and the enrolment of {backup}")
 
 
 def test_a_newer_versions_database_stops_the_start_in_one_line(tmp_path: Path) -> None:
