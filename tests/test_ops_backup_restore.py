@@ -148,6 +148,28 @@ def test_a_backup_restored_on_a_new_disk_serves_the_confirmed_studies_from_the_r
         assert _count(db, "SELECT count(*) FROM integrity_issues WHERE kind = 'missing' "
                           "AND resolution = 'fetched again from the region'") == 6
 
+        # Its job cannot send what is gone: it fails at once saying so (it failed each try
+        # on FileNotFoundError, for queue.max_attempts tries and hours of backoff).
+        job = wait_for(lambda: next(iter(read_rows(
+            db, "SELECT j.* FROM jobs j JOIN studies s ON s.id = j.study_fk "
+                "WHERE s.study_uid = ? AND j.state = 'failed'", (_uid(queued),))), None), 60,
+            what="the lost study's job failed")
+        assert job["attempts"] == 1 and job["last_error"] == (
+            f"3 instances of study {_uid(queued)} not yet confirmed by the region lost their "
+            "file on this appliance (flagged missing: pas cache status): this appliance held "
+            "their only copy. Send the study again from its modality (the files come back), "
+            f"then pas queue retry {job['id']}")
+        # The modality sends it again, the operator retries: uploaded once, confirmed.
+        storescu(queued, restored.port)
+        restored.cli("queue", "retry", str(job["id"]))
+        wait_for(lambda: _count(db, "SELECT count(*) FROM instances WHERE confirmed_at "
+                                "IS NOT NULL") == 9, 60, what="the re-sent study confirmed")
+        assert _count(db, "SELECT count(*) FROM integrity_issues WHERE resolved_at IS NULL") \
+            == 0
+        assert [r["n"] for r in read_rows(
+            hub.home / "hub.sqlite", "SELECT count(*) AS n FROM transfers WHERE study_uid = ? "
+                                     "AND receipt IS NOT NULL", (_uid(queued),))] == [1]
+
 
 def _tree(home: Path) -> dict[str, str]:
     """Every file of a home with its SHA-256: what a refused restore must leave as it was."""

@@ -67,8 +67,8 @@ class FetchThrough:
             # are not on site: the region's copies are fetched as for a study not held.
             # Counted as held, they were served from a file that is not there (a WADO-RS
             # answer cut after its status line, C-GET sub-operations failed).
-            lost = {r["sop_instance_uid"]: r["path"]
-                    for r in cache_store.study_files_missing(self.db, study_uid)}
+            lost = {r["sop_instance_uid"]: r["path"] for r in
+                    cache_store.files_still_missing(self.db, self.receiver.spool, study_uid)}
             try:
                 return self._fetch(study_uid, lost)
             finally:
@@ -167,12 +167,12 @@ class FetchThrough:
         content-addressed, so the region's copy of an instance lands under the name its row
         gives, and the file is whole once it is there. Left open, the next fetch-through
         would take them for lost again (until a ``pas verify`` found them)."""
-        back = 0
-        for path in lost.values():
-            if self.receiver.spool.path(path).is_file():
-                back += cache_store.resolve_issues(self.db, path, "fetched again from the "
-                                                   "region", ("missing",))
-        if back:
+        if not lost:
+            return
+        still = cache_store.files_still_missing(self.db, self.receiver.spool, study_uid,
+                                                "fetched again from the region")
+        back = len(lost) - len(still)
+        if back > 0:
             log.warning("%s of %s whose file was missing fetched again from the region",
                         counted(back, "instance"), study_uid, extra={"STUDY_UID": study_uid})
 

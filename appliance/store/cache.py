@@ -284,6 +284,21 @@ def study_files_missing(db: Database, study_uid: str) -> list[sqlite3.Row]:
         "AND x.kind = 'missing' AND x.path = i.path)", (study_uid,))
 
 
+def files_still_missing(db: Database, spool: Spool, study_uid: str,
+                        resolution: str = "file present again") -> list[sqlite3.Row]:
+    """:func:`study_files_missing`, less those whose file is back in the spool (the same
+    bytes sent again, or fetched from the region: content-addressed, they land under the
+    name the row gives), whose flags are resolved here with ``resolution``. Left open, a
+    file sent again was still taken for lost until the next ``pas verify`` or start."""
+    still = []
+    for row in study_files_missing(db, study_uid):
+        if spool.path(row["path"]).is_file():
+            resolve_issues(db, row["path"], resolution, ("missing",))
+        else:
+            still.append(row)
+    return still
+
+
 def open_issue_paths(db: Database, kinds: tuple[str, ...]) -> set[str]:
     """The paths with an open flag of these kinds (a handful: each is a problem a human or a
     re-send must resolve)."""
