@@ -298,3 +298,29 @@ def test_a_newer_versions_database_stops_the_start_in_one_line(tmp_path: Path) -
         with sqlite3.connect(path) as conn:
             assert conn.execute("PRAGMA user_version").fetchone()[0] == known + 1
         conn.close()
+
+
+def test_a_lost_file_sent_again_is_served_without_a_region(tmp_path: Path) -> None:
+    """An appliance with no region to fetch from: a file lost (flagged missing at the
+    start) and sent again by its modality is served, its flag resolved, not taken for lost
+    until the next ``pas verify``."""
+    [files] = _studies(1)
+    pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                                        "PAS_PREFETCH__ENABLED": "false"})
+    with contextlib.ExitStack() as stack:
+        started(stack, pas)
+        storescu(files[:1], pas.port)
+        pas.stop()
+        db = pas.home / "pas.sqlite"
+        [row] = read_rows(db, "SELECT path, sha256 FROM instances")
+        (pas.home / "spool" / row["path"]).unlink()
+        pas.start()
+        web = f"http://127.0.0.1:{pas.http_port}/dicom-web/studies/{_uid(files)}"
+        accept = {"Accept": 'multipart/related; type="application/dicom"'}
+        assert httpx.get(web, headers=accept, timeout=60).status_code == 404
+        storescu(files[:1], pas.port)
+        answer = httpx.get(web, headers=accept, timeout=60)
+        assert answer.status_code == 200
+        assert _sha256s(_parts(answer)) == {row["sha256"]}
+        assert [r["resolution"] for r in read_rows(
+            db, "SELECT resolution FROM integrity_issues")] == ["file present again"]

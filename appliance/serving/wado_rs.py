@@ -230,8 +230,8 @@ class WadoRs:
             # Not on site, or some of its files lost (flagged missing: a restored index
             # over a new disk): the region's copies are fetched first.
             if self.web.fetcher is not None and (store_retrieve.study_instance_count(
-                    self.db, path["study"]) == 0 or cache_store.study_files_missing(
-                    self.db, path["study"])):
+                    self.db, path["study"]) == 0 or cache_store.files_still_missing(
+                    self.db, self.spool, path["study"])):
                 try:
                     self.web.fetcher(path["study"])
                 except Exception as exc:
@@ -245,7 +245,7 @@ class WadoRs:
         # A file still missing (not confirmed, so the region never had it; or the region
         # could not be asked) would cut the answer after its status line: said before it.
         planned = set(plan.instance_ids)
-        gone = [r for r in cache_store.study_files_missing(self.db, path["study"])
+        gone = [r for r in cache_store.files_still_missing(self.db, self.spool, path["study"])
                 if r["id"] in planned]
         if gone:  # tally.refused releases the study
             raise HttpProblem(503 if failed is not None else 404, _lost(path["study"], gone,
