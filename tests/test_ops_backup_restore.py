@@ -22,6 +22,7 @@ import collections
 import contextlib
 import hashlib
 import json
+import os
 import shutil
 import sqlite3
 import stat
@@ -184,6 +185,7 @@ def test_a_backup_that_is_not_this_sites_whole_sound_and_known_is_refused(
     newer version's stopped the start with a traceback; a truncated or damaged index was
     found once the home's own had been overwritten. Each is refused in one line, the home
     left as it was; a good one is restored, what the home held set aside."""
+    from appliance.ops.home_lock import hold_home_lock
     from appliance.store.db import Database
     from appliance.store.schema import MIGRATIONS
 
@@ -255,6 +257,16 @@ def test_a_backup_that_is_not_this_sites_whole_sound_and_known_is_refused(
         assert refused.returncode == 1, refused.stdout
         assert " ".join(refused.stderr.split()) == f"refused: {said}"
         assert _tree(home) == before
+    lock = hold_home_lock(home)  # as pas run holds it
+    try:
+        refused = this_site.cli("restore", str(backup), check=False)
+    finally:
+        lock.close()
+    assert refused.returncode == 1
+    assert " ".join(refused.stderr.split()) == (
+        f"refused: another pas run (pid {os.getpid()}) is using {home}: one daemon per "
+        "PAS_HOME; stop it first (systemctl stop pas)")
+    assert _tree(home) == before
 
     done = this_site.cli("restore", str(backup))
     assert done.returncode == 0, done.stderr
