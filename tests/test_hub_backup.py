@@ -260,3 +260,41 @@ def test_a_hub_database_of_another_schema_is_refused_naming_the_way_out(
                 f"this software knows ({known}): run the pas hub backup of the version the "
                 "pas-hub service runs. No backup written") in said, said
     assert list(destination.iterdir()) == []
+
+
+def test_images_committed_after_the_backup_are_found_again_by_the_restored_hub(
+        hub: HubProcess, tmp_path: Path) -> None:
+    """The documented hub restore: the backup's files in an empty home, ``archive/spool``
+    back from the storage's backup. A transfer committed after the backup had its files in
+    that spool and no row in the restored archive index: the region's QIDO-RS listed 3 of the
+    6 instances its sites hold receipts for. The hub indexes them again at its start."""
+    hub.start()
+    site = enroll(hub, tmp_path / "site", "CHU-NORD")
+    mr = sorted(p for p in MR_DIR.rglob("*") if p.is_file())[:6]
+    study_uid = str(dcmread(mr[0], stop_before_pixels=True).StudyInstanceUID)
+    destination = tmp_path / "backups"
+    destination.mkdir()
+    with _session(hub, site) as http:
+        for index, files in enumerate((mr[:3], mr[3:])):
+            shipment = ship(pack_items(files), site.hub_transfer_key, 256 << 10, study_uid)
+            assert http.post("/api/v1/transfers", json=shipment.manifest).status_code == 201
+            assert shipment.put_all(http) == [201] * len(shipment.buckets)
+            assert http.post(shipment.url + "/commit").status_code == 200
+            if index == 0:
+                folder = Path(json.loads(hub.cli("backup", str(destination), "--json").stdout)
+                              ["folder"])
+    hub.stop()
+    restored = HubProcess(tmp_path / "restored")
+    shutil.copytree(folder, restored.home, ignore=shutil.ignore_patterns("MANIFEST.json"))
+    shutil.copytree(hub.home / "archive" / "spool", restored.home / "archive" / "spool")
+    restored.start()
+    try:
+        with _session(restored, site) as http:
+            listed = http.get(f"/api/v1/region/dicom-web/studies/{study_uid}/instances")
+            assert listed.status_code == 200, listed.text
+            assert {i["00080018"]["Value"][0] for i in listed.json()} == \
+                {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in mr}
+        assert "embedded archive: 3 instances in its spool but in no row of its index" \
+            in restored.log()
+    finally:
+        restored.stop()

@@ -275,6 +275,7 @@ def hub_run(config: Path | None = HubConfigOption) -> None:
     from appliance import logs
     from appliance.hub.app import Hub, HubServer, bind_port
     from appliance.hub.pki import PKIError
+    from appliance.store.db import SchemaTooNew
 
     settings = _hub_settings(config)
     logs.setup(settings.log_level)
@@ -296,7 +297,7 @@ def hub_run(config: Path | None = HubConfigOption) -> None:
         except BaseException:
             sock.close()
             raise
-    except (PKIError, OSError) as exc:
+    except (PKIError, OSError, SchemaTooNew) as exc:
         err.print(f"[red]cannot start the hub:[/red] {exc}", highlight=False)
         raise typer.Exit(1) from None
     console.print(f"hub serving on https://{settings.http.host}:{settings.http.port} "

@@ -108,11 +108,12 @@ def run(config: Path | None = ConfigOption) -> None:
     settings = _settings(config)
     logs.setup(settings.log_level)
     from appliance.store.damage import DatabaseDamaged
+    from appliance.store.db import SchemaTooNew
     from appliance.transfer.enrolment import EnrolmentError
 
     try:
         daemon = Daemon(settings)
-    except (OSError, EnrolmentError, DatabaseDamaged) as exc:
+    except (OSError, EnrolmentError, DatabaseDamaged, SchemaTooNew) as exc:
         # A damaged enrolment must not silently drop the default route to the hub, nor a
         # damaged index be written to.
         err.print(f"[red]cannot start:[/red] {exc}")

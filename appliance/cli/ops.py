@@ -1,8 +1,9 @@
-"""``pas send`` (a built-in DICOM sender for hospital IT's tests), ``pas doctor`` and ``pas
-backup``.
+"""``pas send`` (a built-in DICOM sender for hospital IT's tests), ``pas doctor``, ``pas
+backup`` and ``pas restore``.
 
 Owns: the commands' arguments and output. Thin: the checks live in
-:mod:`appliance.ops.doctor`, the backup's content in :mod:`appliance.ops.backup`; sending is
+:mod:`appliance.ops.doctor`, the backup's content in :mod:`appliance.ops.backup`, its checks
+before a restore in :mod:`appliance.ops.restore`; sending is
 plain pynetdicom C-STORE, the same a modality does.
 May not touch: the store (``send`` talks to the daemon over DICOM like any modality).
 """
@@ -248,7 +249,40 @@ def backup(destination: Path = typer.Argument(..., help="Folder to write the bac
 MANIFEST_NOTE = "MANIFEST.json (each file's SHA-256)."
 
 
+def restore(folder: Path = typer.Argument(..., help="A pas-backup-<site>-<UTC time> folder "
+                                           "written by pas backup"),
+            config: Path | None = ConfigOption) -> None:
+    """Put a backup's index and enrolment back in the home (PAS stopped).
+
+    Checked first: this site's, whole (each file's SHA-256), sound, of a version this PAS
+    runs; refused in one line otherwise, nothing changed. What the home held is set aside."""
+    from appliance.cli.main import _settings
+    from appliance.ops.home_lock import HomeInUse
+    from appliance.ops.restore import RestoreRefused, restore_backup
+
+    settings = _settings(config)
+    try:
+        done = restore_backup(settings, folder, operator_actor())
+    except (RestoreRefused, HomeInUse) as exc:
+        err.print(f"[red]refused:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    console.print(f"restored {folder} in {settings.home}: the index "
+                  f"({counted(done.manifest.get('instances', 0), 'instance')}) and the "
+                  "enrolment", highlight=False)
+    for what, aside in (("index", done.index_set_aside), ("enrolment", done.pki_set_aside)):
+        if aside is not None:
+            console.print(f"the home's {what} before it set aside as {aside}", highlight=False)
+    if done.config_in_backup is not None:
+        console.print(f"the backup's configuration is {done.config_in_backup}: put it back "
+                      f"where PAS reads it ({done.manifest.get('config_file')}) if it is lost",
+                      highlight=False)
+    console.print("next: systemctl start pas (start-up recovery reconciles the spool; a "
+                  "confirmed study whose files are gone comes from the region when asked, "
+                  "pas verify --repair fetches them all)", highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     app.command("send")(send)
     app.command("doctor")(doctor)
     app.command("backup")(backup)
+    app.command("restore")(restore)

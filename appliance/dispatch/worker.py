@@ -48,6 +48,7 @@ from appliance.routing.backoff import (
     room_delay,
     trust_delay,
 )
+from appliance.store import cache as cache_store
 from appliance.store import jobs as job_store
 from appliance.store import uplink as uplink_store
 from appliance.store.db import Database, now
@@ -55,6 +56,22 @@ from appliance.store.spool import Spool
 from appliance.words import counted
 
 log = logging.getLogger("pas.dispatch")
+
+
+def _refuse_lost_files(db: Database, spool: Spool, job: job_store.Job) -> None:
+    """A study the region has not confirmed whose files are gone (flagged missing: a lost
+    disk under a restored index) cannot be sent by any number of tries: each one failed on
+    ``FileNotFoundError`` for ``queue.max_attempts`` tries, hours of backoff, before the job
+    failed naming a spool path. It fails at once, saying what happened and what to do. A file
+    sent again since by the modality is back (its flag resolved): the job goes on."""
+    lost = [r for r in cache_store.files_still_missing(db, spool, job.study_uid)
+            if r["confirmed_at"] is None]
+    if lost:
+        raise PermanentError(
+            f"{counted(len(lost), 'instance')} of study {job.study_uid} not yet confirmed by "
+            "the region lost their file on this appliance (flagged missing: pas cache "
+            "status): this appliance held their only copy. Send the study again from its "
+            f"modality (the files come back), then pas queue retry {job.id}")
 
 
 class Dispatcher:
@@ -89,6 +106,7 @@ class Dispatcher:
         extra = {"JOB_ID": job.id, "STUDY_UID": job.study_uid}
         target: TargetType | None = None
         try:
+            _refuse_lost_files(self.db, self.spool, job)
             target = self.target_for(job.destination)
             target.send(job, context)
         except PermanentError as exc:

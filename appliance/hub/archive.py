@@ -83,6 +83,47 @@ class EmbeddedArchive:
         self.db = Database(self.root / "pas.sqlite")
         self.spool = Spool(self.root / "spool")
         self.spool.remove_temp_files()
+        self.adopt_unindexed()
+
+    def adopt_unindexed(self) -> int:
+        """Index the files of the archive's spool that its index does not name; how many.
+
+        A hub restored from ``pas hub backup`` gets its index as of the backup and its
+        ``archive/spool`` from the storage's backup: the instances committed after the
+        backup were in the spool and in no row, so the region's QIDO-RS and WADO-RS never
+        found them, although their sites held a receipt (and may have evicted them). Run at
+        start, before anything is archived (no file of a batch being filed is taken for
+        one), one walk of index and spool side by side as an appliance's start-up
+        recovery does (:func:`appliance.store.cache.reconcile`: bounded memory); each file
+        re-hashed, one whose bytes are not its name left alone and logged."""
+        from appliance.store.cache import reconcile
+        from appliance.store.index import record_instance
+
+        adopted = 0
+        for item in reconcile(self.db, self.spool):
+            if item.indexed_size is not None or item.size_on_disk is None:
+                continue
+            path = self.spool.path(item.path)
+            try:
+                record = self._record(path)
+                stored, _created = self.spool.write(_chunks(path))
+            except Exception as exc:  # an unreadable file: left as it is, said
+                log.warning("embedded archive: %s is in no row and cannot be read (%s): left "
+                            "alone", path, exc)
+                continue
+            if stored.path != item.path:
+                log.warning("embedded archive: %s is in no row and its bytes are not its name "
+                            "(SHA-256 %s): left alone", path, stored.sha256)
+                continue
+            with self.db.transaction():
+                record_instance(self.db, record, stored, origin="regional",
+                                source_address="adopted at start")
+            adopted += 1
+        if adopted:
+            log.warning("embedded archive: %s in its spool but in no row of its index (a hub "
+                        "restored from a backup older than its images) indexed again",
+                        counted(adopted, "instance"))
+        return adopted
 
     def start_backfill(self, stop: threading.Event) -> None:
         """Its index is the appliance's (schema 18 included): the instances archived before

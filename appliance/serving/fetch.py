@@ -26,6 +26,7 @@ from urllib.parse import urlencode
 from appliance.config import Settings
 from appliance.ingest.receive import Receiver
 from appliance.locks import KeyedLocks
+from appliance.store import cache as cache_store
 from appliance.store import retrieve as store_retrieve
 from appliance.store.db import Database
 from appliance.transfer.download import DownloadUnavailable, HubDownloads
@@ -62,69 +63,85 @@ class FetchThrough:
 
     def __call__(self, study_uid: str) -> int:
         with self._lock(study_uid):
-            # Counted, not listed: the region's answer is checked against the index below
-            # (the study's rows read whole cost +82 MB for 65,001 instances, region or not).
-            held = store_retrieve.study_instance_count(self.db, study_uid)
-            pages = self._missing(study_uid, held)
+            # Rows whose file is gone (flagged missing: a lost disk under a restored index)
+            # are not on site: the region's copies are fetched as for a study not held.
+            # Counted as held, they were served from a file that is not there (a WADO-RS
+            # answer cut after its status line, C-GET sub-operations failed).
+            lost = {r["sop_instance_uid"]: r["path"] for r in
+                    cache_store.files_still_missing(self.db, self.receiver.spool, study_uid)}
             try:
-                if held:
-                    # Something is on site: ask the region whether it holds more, but never
-                    # make a viewer wait long for a study it can already have (WAN down).
-                    future = self._checker.submit(next, pages, None)
-                    first = future.result(timeout=self.check_timeout_s)
-                else:
-                    first = next(pages, None)
-            except FutureTimeout:
-                # Not started yet (the checkers are busy with a region that does not
-                # answer): dropped, so that checks do not pile up behind a dead link.
-                future.cancel()
-                log.info("region did not list %s within %.1f s: serving the %s held",
-                         study_uid, self.check_timeout_s, counted(held, "instance"))
-                return 0
-            if first is None:
-                return 0
-            fetched = self._download(study_uid)
-            if fetched is not None:
-                pages.close()
-                return fetched
+                return self._fetch(study_uid, lost)
+            finally:
+                self._found_again(study_uid, lost)
 
-            def fetch_one(instance: Any) -> None:
-                content = self.client.retrieve_instance(instance)
-                self.receiver.receive_file(content, calling_ae="REGION", source="region",
-                                           expect_sop_instance_uid=instance.sop_instance_uid,
-                                           origin="regional")
+    def _fetch(self, study_uid: str, lost: dict[str, str]) -> int:
+        """The study's instances the region holds and this appliance does not (``lost``:
+        those whose row is here but not their file), fetched; how many."""
+        # Counted, not listed: the region's answer is checked against the index below
+        # (the study's rows read whole cost +82 MB for 65,001 instances, region or not).
+        held = store_retrieve.study_instance_count(self.db, study_uid) - len(lost)
+        pages = self._missing(study_uid, held, lost)
+        try:
+            if held and not lost:
+                # Something is on site: ask the region whether it holds more, but never
+                # make a viewer wait long for a study it can already have (WAN down).
+                future = self._checker.submit(next, pages, None)
+                first = future.result(timeout=self.check_timeout_s)
+            else:
+                first = next(pages, None)
+        except FutureTimeout:
+            # Not started yet (the checkers are busy with a region that does not
+            # answer): dropped, so that checks do not pile up behind a dead link.
+            future.cancel()
+            log.info("region did not list %s within %.1f s: serving the %s held",
+                     study_uid, self.check_timeout_s, counted(held, "instance"))
+            return 0
+        if first is None:
+            return 0
+        fetched = self._download(study_uid, lost)
+        if fetched is not None:
+            pages.close()
+            return fetched
 
-            count = 0
-            with ThreadPoolExecutor(self.parallel, thread_name_prefix="pas-fetch") as pool:
-                for page in chain([first], pages):
-                    for future in [pool.submit(fetch_one, i) for i in page]:
-                        future.result()  # the first failure fails the fetch (what arrived stays)
-                    count += len(page)
-            log.info("fetched %s of %s from the region", counted(count, "instance"),
-                     study_uid, extra={"STUDY_UID": study_uid})
-            return count
+        def fetch_one(instance: Any) -> None:
+            content = self.client.retrieve_instance(instance)
+            self.receiver.receive_file(content, calling_ae="REGION", source="region",
+                                       expect_sop_instance_uid=instance.sop_instance_uid,
+                                       origin="regional")
 
-    def _missing(self, study_uid: str, held: int) -> Iterator[list[RegionInstance]]:
-        """What the region lists for the study and the index does not hold, a page of the
-        region's list at a time (its pages without any missing are skipped): the whole list
-        read in one answer was 157 MB of JSON for 200,000 instances. RuntimeError naming the
-        region's failure."""
+        count = 0
+        with ThreadPoolExecutor(self.parallel, thread_name_prefix="pas-fetch") as pool:
+            for page in chain([first], pages):
+                for future in [pool.submit(fetch_one, i) for i in page]:
+                    future.result()  # the first failure fails the fetch (what arrived stays)
+                count += len(page)
+        log.info("fetched %s of %s from the region", counted(count, "instance"),
+                 study_uid, extra={"STUDY_UID": study_uid})
+        return count
+
+    def _missing(self, study_uid: str, held: int, lost: dict[str, str]
+                 ) -> Iterator[list[RegionInstance]]:
+        """What the region lists for the study and the index does not hold (or holds with
+        its file ``lost``), a page of the region's list at a time (its pages without any
+        missing are skipped): the whole list read in one answer was 157 MB of JSON for
+        200,000 instances. RuntimeError naming the region's failure."""
         try:
             for page in self.client.instance_pages(study_uid):
                 here = store_retrieve.held_of(self.db, study_uid,
                                            [i.sop_instance_uid for i in page]) if held else set()
-                missing = [i for i in page if i.sop_instance_uid not in here]
+                missing = [i for i in page
+                           if i.sop_instance_uid not in here or i.sop_instance_uid in lost]
                 if missing:
                     yield missing
         except RegionError as exc:
             raise RuntimeError(f"region unavailable: {exc}") from exc
 
-    def _download(self, study_uid: str) -> int | None:
+    def _download(self, study_uid: str, lost: dict[str, str]) -> int | None:
         """The missing instances by the hub's bucketed download; None when the hub does not
         offer it (WADO-RS from then on). A cut raises: what was filed stays."""
         if self.downloads is None:
             return None
-        held = store_retrieve.study_sop_uids(self.db, study_uid)
+        held = store_retrieve.study_sop_uids(self.db, study_uid) - set(lost)
 
         def file(_uid: str, content: bytes) -> None:
             # The bytes are the region's file, SHA-256 checked by the download.
@@ -143,6 +160,21 @@ class FetchThrough:
                  counted(len(result.filed), "instance"), study_uid,
                  extra={"STUDY_UID": study_uid})
         return len(result.filed)
+
+
+    def _found_again(self, study_uid: str, lost: dict[str, str]) -> None:
+        """Resolve the ``missing`` flags of the files the fetch wrote back: the spool is
+        content-addressed, so the region's copy of an instance lands under the name its row
+        gives, and the file is whole once it is there. Left open, the next fetch-through
+        would take them for lost again (until a ``pas verify`` found them)."""
+        if not lost:
+            return
+        still = cache_store.files_still_missing(self.db, self.receiver.spool, study_uid,
+                                                "fetched again from the region")
+        back = len(lost) - len(still)
+        if back > 0:
+            log.warning("%s of %s whose file was missing fetched again from the region",
+                        counted(back, "instance"), study_uid, extra={"STUDY_UID": study_uid})
 
 
 class RegionFind:

@@ -60,6 +60,7 @@ from appliance.serving.wado_media import (
     require_native_octets,
     viewport_size,
 )
+from appliance.store import cache as cache_store
 from appliance.store import retrieve as store_retrieve
 from appliance.store.query import QueryError
 from appliance.store.spool import SpoolFull
@@ -73,6 +74,17 @@ log = logging.getLogger("pas.dicomweb")
 
 DICOM_JSON = "application/dicom+json"
 OCTET_PARTS = 'multipart/related; type="application/octet-stream"; boundary={}'
+
+
+def _lost(study_uid: str, gone: list[Any], failed: Exception | None) -> str:
+    """Why a WADO-RS answer names instances whose file this appliance lost: the region could
+    not be asked (try later), or it does not hold them (never confirmed there: their only
+    copy was the spool; only the modality has them now)."""
+    return (f"{counted(len(gone), 'instance')} of study {study_uid} asked for lost "
+            "their file on this appliance (flagged missing: pas cache status) and the region "
+            + (f"could not be asked: {failed}" if failed is not None else
+               "does not hold them (never confirmed there): send the study again from its "
+               "modality"))
 
 
 class Tally:
@@ -215,8 +227,11 @@ class WadoRs:
         client = tally.request.client
         who = f"{tally.what} by {tally.actor} at {client.host if client else 'an unknown address'}"
         with tally.readers.holding([path["study"]], who):
-            if self.web.fetcher is not None and store_retrieve.study_instance_count(
-                    self.db, path["study"]) == 0:
+            # Not on site, or some of its files lost (flagged missing: a restored index
+            # over a new disk): the region's copies are fetched first.
+            if self.web.fetcher is not None and (store_retrieve.study_instance_count(
+                    self.db, path["study"]) == 0 or cache_store.files_still_missing(
+                    self.db, self.spool, path["study"])):
                 try:
                     self.web.fetcher(path["study"])
                 except Exception as exc:
@@ -227,6 +242,14 @@ class WadoRs:
                     lambda: store_retrieve.retrieve_plan(self.db, level, keys), who)
             except QueryError as exc:
                 raise HttpProblem(400, str(exc)) from None
+        # A file still missing (not confirmed, so the region never had it; or the region
+        # could not be asked) would cut the answer after its status line: said before it.
+        planned = set(plan.instance_ids)
+        gone = [r for r in cache_store.files_still_missing(self.db, self.spool, path["study"])
+                if r["id"] in planned]
+        if gone:  # tally.refused releases the study
+            raise HttpProblem(503 if failed is not None else 404, _lost(path["study"], gone,
+                                                                         failed))
         # The first instance still held (one removed since the plan is left out).
         first = next(store_retrieve.instance_pages(self.db, plan.instance_ids, page_size=1),
                      [None])[0]

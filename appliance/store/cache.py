@@ -270,6 +270,35 @@ def resolve_unindexed(db: Database, kinds: tuple[str, ...], resolution: str) -> 
             (now(), resolution, *kinds)).rowcount
 
 
+def study_files_missing(db: Database, study_uid: str) -> list[sqlite3.Row]:
+    """The current instances of a study whose file is flagged ``missing`` (an open flag):
+    ``id``, ``sop_instance_uid``, ``path``, ``confirmed_at``. After a lost disk and a
+    restored index every row is such a one: fetch-through counts them as not on site (the
+    region holds the confirmed ones) instead of serving a file that is not there. The flag
+    is looked up by its path, all three columns of ``integrity_open``: one probe per row,
+    however many flags are open."""
+    return db.query(
+        "SELECT i.id, i.sop_instance_uid, i.path, i.confirmed_at FROM instances i "
+        "JOIN studies s ON s.id = i.study_fk WHERE s.study_uid = ? AND i.is_current = 1 "
+        "AND EXISTS (SELECT 1 FROM integrity_issues x WHERE x.resolved_at IS NULL "
+        "AND x.kind = 'missing' AND x.path = i.path)", (study_uid,))
+
+
+def files_still_missing(db: Database, spool: Spool, study_uid: str,
+                        resolution: str = "file present again") -> list[sqlite3.Row]:
+    """:func:`study_files_missing`, less those whose file is back in the spool (the same
+    bytes sent again, or fetched from the region: content-addressed, they land under the
+    name the row gives), whose flags are resolved here with ``resolution``. Left open, a
+    file sent again was still taken for lost until the next ``pas verify`` or start."""
+    still = []
+    for row in study_files_missing(db, study_uid):
+        if spool.path(row["path"]).is_file():
+            resolve_issues(db, row["path"], resolution, ("missing",))
+        else:
+            still.append(row)
+    return still
+
+
 def open_issue_paths(db: Database, kinds: tuple[str, ...]) -> set[str]:
     """The paths with an open flag of these kinds (a handful: each is a problem a human or a
     re-send must resolve)."""

@@ -69,19 +69,20 @@ def refusal(path: Path, finding: str) -> str:
             "start PAS: start-up recovery indexes every file of the spool again")
 
 
-def set_aside(path: Path, at: float | None = None) -> Path:
+def set_aside(path: Path, at: float | None = None, label: str = "damaged") -> Path:
     """Rename the database and its WAL and shared-memory files to
-    ``<name>.damaged-<UTC time>[-<n>][-wal|-shm]`` (``-<n>``: a name that second already
+    ``<name>.<label>-<UTC time>[-<n>][-wal|-shm]`` (``-<n>``: a name that second already
     has, never replaced); the new name of the database. The caller holds
-    the home's lock (no daemon has it open)."""
+    the home's lock (no daemon has it open). ``label``: why (``pas restore`` sets a sound
+    index aside as ``before-restore``)."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if at is None else at))
-    target = path.with_name(f"{path.name}.damaged-{stamp}")
+    target = path.with_name(f"{path.name}.{label}-{stamp}")
     taken = 1
     while any(target.with_name(target.name + suffix).exists() for suffix in ("", *SIDE_FILES)):
         # Set aside already in this second (rebuild-index run again): a rename would
         # replace that file, the one copy of what the damaged index alone knew.
         taken += 1
-        target = path.with_name(f"{path.name}.damaged-{stamp}-{taken}")
+        target = path.with_name(f"{path.name}.{label}-{stamp}-{taken}")
     for suffix in SIDE_FILES:
         side = path.with_name(path.name + suffix)
         if side.exists():

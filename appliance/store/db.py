@@ -87,6 +87,12 @@ class DatabaseUnavailable(Exception):
     it is (older: ``pas run`` migrates it; newer: an older PAS was reinstalled)."""
 
 
+class SchemaTooNew(RuntimeError):
+    """A database a newer PAS wrote (a downgrade, or a backup of a newer version restored):
+    never migrated backwards nor written to. ``pas run`` says it in one line (it was a
+    traceback)."""
+
+
 IDLE_CONNECTIONS = 8  # kept open for the next threads; more are closed when their thread ends
 
 
@@ -361,10 +367,10 @@ class Database:
         try:
             version = int(conn.execute("PRAGMA user_version").fetchone()[0])
             if version > len(migrations):
-                raise RuntimeError(
+                raise SchemaTooNew(
                     f"{self.path}: database schema version {version} is newer than this "
-                    f"software knows ({len(migrations)}); refusing to run an old version on it"
-                )
+                    f"software knows ({len(migrations)}); refusing to run an old version on "
+                    "it: a newer PAS wrote it (reinstall that version)")
             for number, script in enumerate(migrations[version:], start=version + 1):
                 for statement in _split_statements(script):
                     conn.execute(statement)

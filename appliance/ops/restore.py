@@ -1,0 +1,172 @@
+"""``pas restore``: a ``pas backup`` folder put back in the home, checked before anything
+changes.
+
+Owns: deciding whether a backup folder may be restored on this appliance, and putting its
+index and enrolment in place. May not touch: the spool (start-up recovery reconciles it with
+the restored index: files received since are adopted, indexed ones gone are flagged), the
+configuration file (``/etc/pas`` is the operator's; the backup's copy is named for them).
+
+Why a command: the restore was a copy by hand, checked by nothing. Another site's backup
+(the backups of a region's sites side by side on one share) started without a word, and the
+appliance then spoke to the hub with the other site's certificate, as that site; a backup
+written by a newer version stopped the start with a traceback; a truncated or damaged file
+was found only once the home's own index had been overwritten. Each is refused here, in one
+line naming the problem, before anything in the home is touched. What the home held is set
+aside, never deleted: ``pas.sqlite.before-restore-<UTC time>``, ``pki.before-restore-<UTC
+time>``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance.config import Settings
+from appliance.ops.backup import KIND
+from appliance.ops.backup_folder import MANIFEST, sha256_of
+from appliance.store import audit
+from appliance.store.damage import damage_of, set_aside
+from appliance.store.db import Database
+from appliance.store.ops import schema_version_of
+from appliance.store.schema import MIGRATIONS
+from appliance.store.spool import fsync_dir
+
+ASIDE = "before-restore"
+
+
+class RestoreRefused(Exception):
+    """A backup folder that may not be restored here; the message names the problem.
+    Nothing in the home was changed."""
+
+
+@dataclass
+class Restored:
+    manifest: dict[str, Any]
+    index_set_aside: Path | None
+    pki_set_aside: Path | None
+    config_in_backup: Path | None
+
+
+def check_backup(settings: Settings, folder: Path) -> dict[str, Any]:
+    """The backup's manifest, once the folder is found to be a whole ``pas backup`` of this
+    site that this software can run: each file its manifest names, with its size and
+    SHA-256; an index SQLite finds sound, of a schema this version knows. Raises
+    :class:`RestoreRefused` naming the first problem."""
+    manifest = _manifest(folder)
+    if manifest.get("kind") != KIND:
+        raise RestoreRefused(f"{folder} is not a pas backup (its {MANIFEST} says kind "
+                             f"{manifest.get('kind')!r}): nothing restored")
+    if manifest.get("site") != settings.site:
+        raise RestoreRefused(
+            f"{folder} is the backup of site {manifest.get('site')!r}, and this appliance is "
+            f"site {settings.site!r} (site in its configuration): restored, it would speak "
+            f"to the hub as that site. Restore a pas-backup-{settings.site}-... folder (or "
+            "put this site's configuration back first). Nothing restored")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or "pas.sqlite" not in files:
+        raise RestoreRefused(f"{folder}/{MANIFEST} names no pas.sqlite: not a whole backup; "
+                             "nothing restored")
+    for name, entry in sorted(files.items()):
+        _check_file(folder, name, entry)
+    index = folder / "pas.sqlite"
+    known = len(MIGRATIONS)
+    try:
+        schema = schema_version_of(index)
+        finding = damage_of(index)
+    except sqlite3.Error as exc:
+        raise RestoreRefused(f"{index} cannot be read ({exc}): nothing restored") from None
+    if schema > known:
+        raise RestoreRefused(
+            f"{folder} was written by a newer PAS (version {manifest.get('software')}, index "
+            f"schema {schema}; this one knows {known}): install that version or a later one, "
+            "then restore. Nothing restored")
+    if finding is not None:
+        raise RestoreRefused(f"{index} is damaged ({finding}): restore an older backup. "
+                             "Nothing restored")
+    return manifest
+
+
+def restore_backup(settings: Settings, folder: Path, actor: str,
+                   at: float | None = None) -> Restored:
+    """Check ``folder`` (:func:`check_backup`), then, holding the home's lock (``HomeInUse``
+    while a daemon runs), set the home's index and enrolment aside and put the backup's in
+    their place (modes kept: the key stays 0600). The restored index's audit trail says who
+    restored which backup; the next start reconciles it with the spool."""
+    from appliance.ops.home_lock import hold_home_lock
+
+    manifest = check_backup(settings, folder)
+    home = settings.home
+    lock = hold_home_lock(home)
+    try:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if at is None else at))
+        index_aside = set_aside(settings.db_path, at, ASIDE) \
+            if settings.db_path.exists() else None
+        incoming = home / ".pas.sqlite.restoring"
+        shutil.copy2(folder / "pas.sqlite", incoming)
+        with open(incoming, "rb") as handle:
+            os.fsync(handle.fileno())
+        incoming.rename(settings.db_path)
+        pki_aside = None
+        if (home / "pki").exists():
+            pki_aside = home / f"pki.{ASIDE}-{stamp}"
+            (home / "pki").rename(pki_aside)
+        if (folder / "pki").is_dir():
+            shutil.copytree(folder / "pki", home / "pki")  # copy2: each file's mode kept
+            (home / "pki").chmod(0o700)
+        fsync_dir(home)
+        restored = Database(settings.db_path)  # migrated here when the backup is older
+        try:
+            audit.record(restored, "recovery", actor=actor, outcome="success",
+                         detail=f"pas restore: the index and the enrolment of {folder} "
+                                f"(written {manifest.get('made_at')})"
+                                + (f"; the home's index set aside as {index_aside.name}"
+                                   if index_aside else ""))
+        finally:
+            restored.close()
+    finally:
+        lock.close()
+    config_name = manifest.get("config_file")
+    config = folder / Path(config_name).name if config_name else None
+    return Restored(manifest, index_aside, pki_aside,
+                    config if config is not None and config.is_file() else None)
+
+
+def _manifest(folder: Path) -> dict[str, Any]:
+    if not folder.is_dir():
+        raise RestoreRefused(f"{folder} is not a folder"
+                             + ("" if folder.exists() else " (it does not exist)"))
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise RestoreRefused(f"{folder} holds no {MANIFEST}: not a pas backup (or one cut "
+                             "short); nothing restored") from None
+    except (OSError, ValueError) as exc:
+        raise RestoreRefused(f"{folder}/{MANIFEST} cannot be read ({exc}): the backup is "
+                             "damaged; nothing restored") from None
+    if not isinstance(manifest, dict):
+        raise RestoreRefused(f"{folder}/{MANIFEST} is not a backup manifest: nothing restored")
+    return manifest
+
+
+def _check_file(folder: Path, name: str, entry: Any) -> None:
+    path = folder / name
+    if not isinstance(entry, dict) or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise RestoreRefused(f"{folder}/{MANIFEST}: entry {name!r} is not a backup file's: "
+                             "nothing restored")
+    if not path.is_file():
+        raise RestoreRefused(f"{path} is missing (the manifest names it): the backup is not "
+                             "whole; nothing restored")
+    size = path.stat().st_size
+    if size != entry.get("bytes"):
+        raise RestoreRefused(f"{path} is {size} bytes, the manifest says {entry.get('bytes')}"
+                             " (truncated or damaged): restore an older backup. Nothing "
+                             "restored")
+    if sha256_of(path) != entry.get("sha256"):
+        raise RestoreRefused(f"{path} does not have the SHA-256 the manifest gives (damaged)"
+                             ": restore an older backup. Nothing restored")

@@ -1,0 +1,338 @@
+"""Restoring ``pas backup`` after the appliance's disk is lost (docs/operations.md, "Backup
+and restore"), as hospital IT lives it: real peers only.
+
+A real ``pas run`` enrolled to a real ``pas hub run``; DCMTK storescu sends three studies,
+two confirmed by the region, one still queued (the hub down) when the backup is taken. The
+disk is lost: a fresh home, ``pas restore`` puts the index and the enrolment back, the hub
+up again, PAS started. Every indexed file is then missing (start-up recovery flags them).
+
+What a viewer gets: the confirmed studies are fetched again from the region, bit-exact, by
+WADO-RS and by C-GET (their rows were counted as "on site", so fetch-through never asked the
+region: a WADO-RS answer was cut after its 200 status line, a C-GET failed every
+sub-operation with ``No such file or directory``); the study the region never had is a clear
+404 naming the way out, said before any byte of an answer.
+
+``pas restore`` refuses, before it changes anything, another site's backup, a truncated or
+damaged one and one a newer version wrote; a start on a newer version's database is one line.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import stat
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+from pydicom import dcmread
+
+from tests.support.cleanup import started
+from tests.support.hub import HubProcess, enroll
+from tests.support.peers import CT_DIR, DCMTK_ENV, PasProcess, read_rows, storescu, wait_for
+
+ENV = {"PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_QUEUE__BACKOFF_INITIAL_S": "0.3",
+       "PAS_QUEUE__BACKOFF_MAX_S": "1", "PAS_PREFETCH__ON_ARRIVAL": "false",
+       "PAS_STORAGE__FSYNC": "false", "PAS_SITE": "SITE-A"}
+
+
+def _studies(count: int) -> list[list[Path]]:
+    """The first ``count`` studies of the CT set (three files each), their files."""
+    by_study: dict[str, list[Path]] = collections.defaultdict(list)
+    for path in sorted(CT_DIR.glob("*.dcm")):
+        by_study[str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)].append(path)
+    return list(by_study.values())[:count]
+
+
+def _uid(files: list[Path]) -> str:
+    return str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+
+
+def _sha256s(blobs: list[bytes]) -> set[str]:
+    return {hashlib.sha256(b).hexdigest() for b in blobs}
+
+
+def _parts(answer: httpx.Response) -> list[bytes]:
+    """The bodies of a multipart/related answer."""
+    boundary = answer.headers["content-type"].split("boundary=")[1].split(";")[0].strip('"')
+    return [chunk.partition(b"\r\n\r\n")[2][:-2]
+            for chunk in answer.content.split(b"--" + boundary.encode())[1:-1]]
+
+
+def _indexed(db: Path, study_uid: str) -> set[str]:
+    """The SHA-256 the index recorded of each instance of a study (what the modality sent,
+    stored bit-exact)."""
+    return {r["sha256"] for r in read_rows(
+        db, "SELECT i.sha256 FROM instances i JOIN studies s ON s.id = i.study_fk "
+            "WHERE s.study_uid = ?", (study_uid,))}
+
+
+def _count(db: Path, sql: str) -> int:
+    return int(read_rows(db, sql)[0][0])
+
+
+def test_a_backup_restored_on_a_new_disk_serves_the_confirmed_studies_from_the_region(
+        tmp_path: Path) -> None:
+    confirmed_a, confirmed_b, queued = _studies(3)
+    destination = tmp_path / "backups"
+    destination.mkdir()
+    with contextlib.ExitStack() as stack:
+        hub = started(stack, HubProcess(tmp_path / "hub").init())
+        home = tmp_path / "site"
+        enroll(hub, home, "SITE-A")
+        pas = started(stack, PasProcess(home, ENV))
+        storescu(confirmed_a + confirmed_b, pas.port)
+        wait_for(lambda: _count(home / "pas.sqlite", "SELECT count(*) FROM instances "
+                                "WHERE confirmed_at IS NOT NULL") == 6, 60, what="6 confirmed")
+        hub.stop()  # the WAN down: the third study waits in the queue
+        storescu(queued, pas.port)
+        wait_for(lambda: _count(home / "pas.sqlite", "SELECT count(*) FROM jobs "
+                                "WHERE last_error IS NOT NULL") >= 1, 60, what="a job waiting")
+        folder = Path(json.loads(pas.cli("backup", str(destination), "--json").stdout)
+                      ["folder"])
+        pas.stop()
+
+        # The disk lost: a new one, the backup put back as the docs say, the WAN back.
+        new_home = tmp_path / "new-disk"
+        restored = PasProcess(new_home, ENV)
+        restored.cli("restore", str(folder))
+        hub.start()
+        started(stack, restored)
+        db = new_home / "pas.sqlite"
+        assert len(_indexed(db, _uid(confirmed_a)) | _indexed(db, _uid(confirmed_b))) == 6
+        assert _count(db, "SELECT count(*) FROM integrity_issues WHERE kind = 'missing' "
+                          "AND resolved_at IS NULL") == 9
+
+        web = f"http://127.0.0.1:{restored.http_port}/dicom-web/studies/"
+        answer = httpx.get(web + _uid(confirmed_a), timeout=60,
+                           headers={"Accept": 'multipart/related; type="application/dicom"'})
+        assert answer.status_code == 200
+        assert _sha256s(_parts(answer)) == _indexed(folder / "pas.sqlite", _uid(confirmed_a))
+
+        out = tmp_path / "viewer"
+        out.mkdir()
+        got = subprocess.run(["getscu", "-S", "-aet", "VIEWER", "-aec", "PAS", "-od", str(out),
+                              "-k", "QueryRetrieveLevel=STUDY",
+                              "-k", f"StudyInstanceUID={_uid(confirmed_b)}",
+                              "127.0.0.1", str(restored.port)],
+                             capture_output=True, text=True, env=DCMTK_ENV, timeout=120)
+        assert got.returncode == 0, got.stderr
+        # getscu writes its own file meta: the instances by UID, and the spool's files put
+        # back with the bytes the index recorded.
+        assert {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+                for p in out.iterdir()} == {str(dcmread(p, stop_before_pixels=True)
+                                                .SOPInstanceUID) for p in confirmed_b}
+        rows = read_rows(db, "SELECT i.path, i.sha256 FROM instances i JOIN studies s "
+                             "ON s.id = i.study_fk WHERE s.study_uid = ?", (_uid(confirmed_b),))
+        assert len(rows) == 3
+        for row in rows:
+            assert _sha256s([(new_home / "spool" / row["path"]).read_bytes()]) == \
+                {row["sha256"]}
+
+        # The region never had the queued study: a clear answer before the status line.
+        lost = httpx.get(web + _uid(queued), timeout=60,
+                         headers={"Accept": 'multipart/related; type="application/dicom"'})
+        assert lost.status_code == 404
+        assert lost.json()["detail"] == (
+            f"3 instances of study {_uid(queued)} asked for lost their file on this "
+            "appliance (flagged missing: pas cache status) and the region does not hold "
+            "them (never confirmed there): send the study again from its modality")
+        # The files fetched again are whole: their flags resolved, the lost study's open.
+        assert _count(db, "SELECT count(*) FROM integrity_issues WHERE kind = 'missing' "
+                          "AND resolved_at IS NULL") == 3
+        assert _count(db, "SELECT count(*) FROM integrity_issues WHERE kind = 'missing' "
+                          "AND resolution = 'fetched again from the region'") == 6
+
+        # Its job cannot send what is gone: it fails at once saying so (it failed each try
+        # on FileNotFoundError, for queue.max_attempts tries and hours of backoff).
+        job = wait_for(lambda: next(iter(read_rows(
+            db, "SELECT j.* FROM jobs j JOIN studies s ON s.id = j.study_fk "
+                "WHERE s.study_uid = ? AND j.state = 'failed'", (_uid(queued),))), None), 60,
+            what="the lost study's job failed")
+        assert job["attempts"] == 1 and job["last_error"] == (
+            f"3 instances of study {_uid(queued)} not yet confirmed by the region lost their "
+            "file on this appliance (flagged missing: pas cache status): this appliance held "
+            "their only copy. Send the study again from its modality (the files come back), "
+            f"then pas queue retry {job['id']}")
+        # The modality sends it again, the operator retries: uploaded once, confirmed.
+        storescu(queued, restored.port)
+        restored.cli("queue", "retry", str(job["id"]))
+        wait_for(lambda: _count(db, "SELECT count(*) FROM instances WHERE confirmed_at "
+                                "IS NOT NULL") == 9, 60, what="the re-sent study confirmed")
+        assert _count(db, "SELECT count(*) FROM integrity_issues WHERE resolved_at IS NULL") \
+            == 0
+        assert [r["n"] for r in read_rows(
+            hub.home / "hub.sqlite", "SELECT count(*) AS n FROM transfers WHERE study_uid = ? "
+                                     "AND receipt IS NOT NULL", (_uid(queued),))] == [1]
+
+
+def _tree(home: Path) -> dict[str, str]:
+    """Every file of a home with its SHA-256: what a refused restore must leave as it was."""
+    return {str(p.relative_to(home)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(home.rglob("*")) if p.is_file() and p.name != "pas.lock"}
+
+
+def test_a_backup_that_is_not_this_sites_whole_sound_and_known_is_refused(
+        tmp_path: Path) -> None:
+    """``pas restore`` (the restore was a copy by hand, checked by nothing): another site's
+    backup started without a word and spoke to the hub with that site's certificate; a
+    newer version's stopped the start with a traceback; a truncated or damaged index was
+    found once the home's own had been overwritten. Each is refused in one line, the home
+    left as it was; a good one is restored, what the home held set aside."""
+    from appliance.ops.home_lock import hold_home_lock
+    from appliance.store.db import Database
+    from appliance.store.schema import MIGRATIONS
+
+    site = tmp_path / "site"
+    Database(site / "pas.sqlite").close()
+    (site / "pki").mkdir(mode=0o700)
+    (site / "pki" / "client.key").write_bytes(b"the enrolment's key\n")
+    (site / "pki" / "client.key").chmod(0o600)
+    destination = tmp_path / "backups"
+    destination.mkdir()
+    backup = Path(json.loads(PasProcess(site, {"PAS_SITE": "SITE-A"}).cli(
+        "backup", str(destination), "--json").stdout)["folder"])
+
+    # The appliance the backup goes back on: its own index and enrolment, say a new one.
+    home = tmp_path / "home"
+    Database(home / "pas.sqlite").close()
+    (home / "pki").mkdir(mode=0o700)
+    (home / "pki" / "client.key").write_bytes(b"a new enrolment's key\n")
+    before = _tree(home)
+
+    def variant(name: str, change: Callable[[Path], None]) -> Path:
+        folder = tmp_path / name / backup.name
+        shutil.copytree(backup, folder)
+        change(folder)
+        return folder
+
+    def truncate(folder: Path) -> None:
+        index = folder / "pas.sqlite"
+        index.write_bytes(index.read_bytes()[:4096])
+
+    def damage(folder: Path) -> None:
+        index = folder / "pas.sqlite"
+        data = bytearray(index.read_bytes())
+        data[4096:4196] = bytes(100)
+        index.write_bytes(bytes(data))
+
+    def newer(folder: Path) -> None:  # as a newer PAS writes it: its manifest agrees
+        index = folder / "pas.sqlite"
+        with sqlite3.connect(index) as conn:
+            conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+        conn.close()
+        manifest = json.loads((folder / "MANIFEST.json").read_text())
+        manifest["software"] = "9.0.0"
+        manifest["files"]["pas.sqlite"] = {"bytes": index.stat().st_size,
+                                           "sha256": _sha256s([index.read_bytes()]).pop()}
+        (folder / "MANIFEST.json").write_text(json.dumps(manifest))
+
+    this_site = PasProcess(home, {"PAS_SITE": "SITE-A"})
+    refusals = [
+        (PasProcess(home, {"PAS_SITE": "SITE-B"}), backup,
+         f"{backup} is the backup of site 'SITE-A', and this appliance is site 'SITE-B' (site "
+         "in its configuration): restored, it would speak to the hub as that site. Restore a "
+         "pas-backup-SITE-B-... folder (or put this site's configuration back first). Nothing "
+         "restored"),
+        (this_site, variant("truncated", truncate),
+         f"{tmp_path}/truncated/{backup.name}/pas.sqlite is 4096 bytes, the manifest says "
+         f"{(backup / 'pas.sqlite').stat().st_size} (truncated or damaged): restore an older "
+         "backup. Nothing restored"),
+        (this_site, variant("damaged", damage),
+         f"{tmp_path}/damaged/{backup.name}/pas.sqlite does not have the SHA-256 the manifest "
+         "gives (damaged): restore an older backup. Nothing restored"),
+        (this_site, variant("newer", newer),
+         f"{tmp_path}/newer/{backup.name} was written by a newer PAS (version 9.0.0, index "
+         f"schema {len(MIGRATIONS) + 1}; this one knows {len(MIGRATIONS)}): install that "
+         "version or a later one, then restore. Nothing restored"),
+    ]
+    for pas, folder, said in refusals:
+        refused = pas.cli("restore", str(folder), check=False)
+        assert refused.returncode == 1, refused.stdout
+        assert " ".join(refused.stderr.split()) == f"refused: {said}"
+        assert _tree(home) == before
+    lock = hold_home_lock(home)  # as pas run holds it
+    try:
+        refused = this_site.cli("restore", str(backup), check=False)
+    finally:
+        lock.close()
+    assert refused.returncode == 1
+    assert " ".join(refused.stderr.split()) == (
+        f"refused: another pas run (pid {os.getpid()}) is using {home}: one daemon per "
+        "PAS_HOME; stop it first (systemctl stop pas)")
+    assert _tree(home) == before
+
+    done = this_site.cli("restore", str(backup))
+    assert done.returncode == 0, done.stderr
+    assert _sha256s([(home / "pas.sqlite").read_bytes()]) != {before["pas.sqlite"]}
+    assert (home / "pki" / "client.key").read_bytes() == b"the enrolment's key\n"
+    assert stat.S_IMODE((home / "pki" / "client.key").stat().st_mode) == 0o600
+    [index_aside] = home.glob("pas.sqlite.before-restore-*")
+    [pki_aside] = home.glob("pki.before-restore-*")
+    assert _sha256s([index_aside.read_bytes()]) == {before["pas.sqlite"]}
+    assert (pki_aside / "client.key").read_bytes() == b"a new enrolment's key\n"
+    [row] = read_rows(home / "pas.sqlite", "SELECT actor, detail FROM audit "
+                                           "WHERE event = 'recovery'")
+    assert row["actor"].startswith("operator")
+    assert row["detail"].startswith(f"pas restore: the index and the enrolment of {backup}")
+
+
+def test_a_newer_versions_database_stops_the_start_in_one_line(tmp_path: Path) -> None:
+    """A backup a newer PAS wrote, put back by hand (or a downgrade): ``pas run`` and
+    ``pas hub run`` refused it with a traceback; one line now, exit 1, the file untouched."""
+    from appliance.store.db import Database
+    from appliance.store.hub import open_hub_db
+    from appliance.store.hub_schema import HUB_MIGRATIONS
+    from appliance.store.schema import MIGRATIONS
+
+    home = tmp_path / "pas"
+    Database(home / "pas.sqlite").close()
+    hub = HubProcess(tmp_path / "hub").init()
+    open_hub_db(hub.home / "hub.sqlite").close()
+    for process, path, known in ((PasProcess(home), home / "pas.sqlite", len(MIGRATIONS)),
+                                 (hub, hub.home / "hub.sqlite", len(HUB_MIGRATIONS))):
+        with sqlite3.connect(path) as conn:
+            conn.execute(f"PRAGMA user_version = {known + 1}")
+        conn.close()
+        refused = process.cli("run", check=False)
+        said = " ".join(refused.stderr.split())
+        assert refused.returncode == 1, refused.stderr
+        assert "Traceback" not in refused.stderr and said.endswith(
+            f"{path}: database schema version {known + 1} is newer than this software knows "
+            f"({known}); refusing to run an old version on it: a newer PAS wrote it "
+            "(reinstall that version)"), said
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == known + 1
+        conn.close()
+
+
+def test_a_lost_file_sent_again_is_served_without_a_region(tmp_path: Path) -> None:
+    """An appliance with no region to fetch from: a file lost (flagged missing at the
+    start) and sent again by its modality is served, its flag resolved, not taken for lost
+    until the next ``pas verify``."""
+    [files] = _studies(1)
+    pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                                        "PAS_PREFETCH__ENABLED": "false"})
+    with contextlib.ExitStack() as stack:
+        started(stack, pas)
+        storescu(files[:1], pas.port)
+        pas.stop()
+        db = pas.home / "pas.sqlite"
+        [row] = read_rows(db, "SELECT path, sha256 FROM instances")
+        (pas.home / "spool" / row["path"]).unlink()
+        pas.start()
+        web = f"http://127.0.0.1:{pas.http_port}/dicom-web/studies/{_uid(files)}"
+        accept = {"Accept": 'multipart/related; type="application/dicom"'}
+        assert httpx.get(web, headers=accept, timeout=60).status_code == 404
+        storescu(files[:1], pas.port)
+        answer = httpx.get(web, headers=accept, timeout=60)
+        assert answer.status_code == 200
+        assert _sha256s(_parts(answer)) == {row["sha256"]}
+        assert [r["resolution"] for r in read_rows(
+            db, "SELECT resolution FROM integrity_issues")] == ["file present again"]
