@@ -1,4 +1,5 @@
-"""Patient merges (HL7 ADT^A40, and the older A34 / A18) sent over MLLP to a real ``pas run``.
+"""Patient merges (HL7 ADT^A40, the older A34 / A18, and A47's change of a patient identifier)
+sent over MLLP to a real ``pas run``.
 
 What is proven: a merge moves the prior patient's (MRG-1) prefetch requests not yet done to
 the surviving patient (PID-3), re-keyed so that the RIS's later messages about those orders
@@ -9,7 +10,8 @@ changes nothing; a malformed merge is NAKed naming the problem and changes nothi
 request whose fetch was running when its patient was merged searches again for the
 surviving patient once that attempt ends. Requests are read with ``pas prefetch list
 --json``. Refused (AR 200) before: a John Doe's orders searched the region for the
-temporary id and fetched no prior of the real patient.
+temporary id and fetched no prior of the real patient. ADT^A47 (a wrong identifier
+corrected) was still refused AR 200: the requests kept searching for the wrong one.
 """
 
 from __future__ import annotations
@@ -59,9 +61,10 @@ def orm(control: str, order: str, patient: str, control_code: str = "NW",
 
 
 def merge(control: str, *segments: str, event: str = "A40") -> str:
+    structure = "ADT_A30" if event == "A47" else "ADT_A39"  # v2.5's for A47: one PID, one MRG
     return "\r".join([
-        f"MSH|^~\\&|ADT|HOSP|PAS|HOSP|20261205120000||ADT^{event}^ADT_A39|{control}|P|2.5",
-        "EVN|A40|20261205120000",
+        f"MSH|^~\\&|ADT|HOSP|PAS|HOSP|20261205120000||ADT^{event}^{structure}|{control}|P|2.5",
+        f"EVN|{event}|20261205120000",
         *segments,
     ])
 
@@ -166,26 +169,94 @@ def test_older_forms_and_several_patients_in_one_a40(pas: PasProcess) -> None:
         "order:JD18", "order:JD34", "order:JDX", "order:JDY")}
 
 
-@pytest.mark.parametrize(("segments", "code", "reason"), [
-    (("PID|1||R9^^^HOSP",), "AE", "MRG segment is missing: ADT^A40 names the patient merged"),
-    (("PID|1||R9^^^HOSP", "MRG|^^^HOSP"), "AE", "MRG-1 prior patient identifier is missing"),
-    (("PID|1||JD9^^^HOSP", "MRG|JD9^^^HOSP"), "AE",
+def test_a47_moves_the_wrong_identifier_s_pending_requests_to_the_corrected_one(
+        pas: PasProcess) -> None:
+    """ADT^A47 (change patient identifier list, HL7 v2.5 3.3.47): the registration typed IPP
+    W47 where the patient's is C47, and the RIS ordered under W47 (a CT, an MR, a cancelled
+    order) and made an appointment; C47 already has an order of its own, another patient is
+    unrelated. The correction moves W47's requests not yet done to C47, re-keyed, and leaves
+    the cancelled one and the others; ACK, audit and resend as for a merge. Refused AR 200
+    before: the requests went on searching the region for W47, which has no history."""
+    send(pas, orm("W1", "W-CT", "W47"), orm("W2", "W-MR", "W47", modality="MR"),
+         orm("W3", "W-OLD", "W47"), orm("W4", "W-OLD", "W47", control_code="CA"),
+         orm("C1", "C-OWN", "C47"), orm("Q1", "Q-OTHER", "OTHER47"),
+         "\r".join(["MSH|^~\\&|RIS|HOSP|PAS|HOSP|20261205120000||SIU^S12|WS1|P|2.5",
+                    "SCH|APPT-W47||||||||||^^^" + FAR, "PID|1||W47^^^HOSP^MR"]))
+    before = {r["id"]: r for r in requests(pas)}
+    ids = {r["dedup_key"]: i for i, r in before.items()}
+    ct, mr, old, appt = (ids["order:W47|HOSP|W-CT"], ids["order:W47|HOSP|W-MR"],
+                         ids["order:W47|HOSP|W-OLD"], ids["appointment:W47|HOSP|APPT-W47"])
+    own, other = ids["order:C47|HOSP|C-OWN"], ids["order:OTHER47|HOSP|Q-OTHER"]
+    assert before[old]["state"] == "cancelled"
+    assert {before[i]["state"] for i in (ct, mr, appt, own, other)} == {"pending"}
+
+    (ack,) = send(pas, merge("CH47", "PID|1||C47^^^HOSP^MR||DOE^JANE", "MRG|W47^^^HOSP^MR",
+                             event="A47"))
+    assert msa(ack) == ("AA", "CH47", "patient W47 (HOSP) into C47 (HOSP): 3 prefetch "
+                        "requests moved")
+    assert str(ack.segment("MSH")[9]) == "ACK^A47^ACK"
+
+    after = {r["id"]: r for r in requests(pas)}
+    assert len(after) == len(before)  # nothing created
+    for moved, key in ((ct, "order:C47|HOSP|W-CT"), (mr, "order:C47|HOSP|W-MR"),
+                       (appt, "appointment:C47|HOSP|APPT-W47")):
+        assert (after[moved]["patient_id"], after[moved]["issuer"], after[moved]["dedup_key"],
+                after[moved]["state"], after[moved]["due_at"]) == (
+            "C47", "HOSP", key, "pending", before[moved]["due_at"])
+    for kept in (old, own, other):
+        assert after[kept] == before[kept], kept
+    rows = [r for r in json.loads(pas.cli("audit", "--event", "merge", "--json").stdout)
+            if r["detail"].startswith("ADT^A47")]
+    assert [(r["patient"], r["outcome"], r["detail"]) for r in rows] == [(
+        "C47\\W47", "success", f"ADT^A47: patient W47 (HOSP) into C47 (HOSP); prefetch "
+        f"requests not yet done moved: #{ct}, #{mr}, #{appt}")]
+
+    # The RIS's next message about the CT order names C47: it finds the moved request.
+    (ack,) = send(pas, orm("C2", "W-CT", "C47"))
+    assert msa(ack)[0] == "AA"
+    later = {r["id"]: r for r in requests(pas)}
+    assert len(later) == len(before) and later[ct]["times_requested"] == 2
+    # The same A47 resent: recognised, nothing changes.
+    shown = shape(pas)
+    (ack,) = send(pas, merge("CH47", "PID|1||C47^^^HOSP^MR||DOE^JANE", "MRG|W47^^^HOSP^MR",
+                             event="A47"))
+    assert msa(ack)[0] == "AA" and "duplicate" in msa(ack)[2]
+    assert shape(pas) == shown
+
+
+@pytest.mark.parametrize(("event", "segments", "code", "reason"), [
+    ("A40", ("PID|1||R9^^^HOSP",), "AE",
+     "MRG segment is missing: ADT^A40 names the patient merged"),
+    ("A40", ("PID|1||R9^^^HOSP", "MRG|^^^HOSP"), "AE",
+     "MRG-1 prior patient identifier is missing"),
+    ("A40", ("PID|1||JD9^^^HOSP", "MRG|JD9^^^HOSP"), "AE",
      "MRG-1 prior patient identifier JD9 (issuer HOSP) is PID-3's own: a patient cannot be "
      "merged into itself"),
-    (("MRG|JD9^^^HOSP", "PID|1||R9^^^HOSP"), "AE", "MRG segment before any PID"),
-    (("PID|1||^^^HOSP", "MRG|JD9^^^HOSP"), "AE", "PID-3 patient identifier is missing"),
-    (("PID|1||R9^^^HOSP", "MRG|JD9^^^HOSP", "PID|2||R8^^^HOSP"), "AE",
+    ("A40", ("MRG|JD9^^^HOSP", "PID|1||R9^^^HOSP"), "AE", "MRG segment before any PID"),
+    ("A40", ("PID|1||^^^HOSP", "MRG|JD9^^^HOSP"), "AE", "PID-3 patient identifier is missing"),
+    ("A40", ("PID|1||R9^^^HOSP", "MRG|JD9^^^HOSP", "PID|2||R8^^^HOSP"), "AE",
      "MRG segment is missing (PID #2)"),
-], ids=["no-mrg", "empty-mrg-1", "same-id", "mrg-first", "empty-pid-3", "second-pid-no-mrg"])
+    # A47 (change patient identifier list) is read by the same code: refused alike.
+    ("A47", ("PID|1||R9^^^HOSP",), "AE",
+     "MRG segment is missing: ADT^A47 names the patient merged"),
+    ("A47", ("PID|1||R9^^^HOSP", "MRG|^^^HOSP"), "AE",
+     "MRG-1 prior patient identifier is missing"),
+    ("A47", ("PID|1||JD9^^^HOSP", "MRG|JD9"), "AE",
+     "MRG-1 prior patient identifier JD9 (issuer HOSP) is PID-3's own"),
+    ("A47", ("MRG|JD9^^^HOSP", "PID|1||R9^^^HOSP"), "AE", "MRG segment before any PID"),
+], ids=["no-mrg", "empty-mrg-1", "same-id", "mrg-first", "empty-pid-3", "second-pid-no-mrg",
+        "a47-no-mrg", "a47-empty-mrg-1", "a47-same-id", "a47-mrg-first"])
 def test_a_malformed_merge_is_refused_naming_it_and_changes_nothing(
-        pas: PasProcess, segments: tuple[str, ...], code: str, reason: str) -> None:
+        pas: PasProcess, event: str, segments: tuple[str, ...], code: str,
+        reason: str) -> None:
     send(pas, orm("B1", "B-JD9", "JD9"))
     before = shape(pas)
-    (ack,) = send(pas, merge(f"BAD-{abs(hash(segments))}", *segments))
+    (ack,) = send(pas, merge(f"BAD-{event}-{abs(hash(segments))}", *segments, event=event))
     ack_code, _, text = msa(ack)
     assert ack_code == code
     assert reason in text, text
     assert reason in str(ack["ERR.F8"])
+    assert str(ack.segment("MSH")[9]) == f"ACK^{event}^ACK"
     assert shape(pas) == before
     assert [r["patient_id"] for r in requests(pas) if r["dedup_key"].endswith("|B-JD9")] == \
         ["JD9"]

@@ -56,7 +56,8 @@ EVENT_CODES: dict[str, tuple[str, str, str]] = {
     "query": ("110112", "Query", "E"),
     "delete": ("110105", "DICOM Study Deleted", "D"),
     "refile": ("110110", "Patient Record", "U"),  # a study moved to another patient
-    "merge": ("110110", "Patient Record", "U"),  # the RIS merged two patients (ADT^A40)
+    # the RIS merged two patients (ADT^A40), or changed a patient identifier (A47)
+    "merge": ("110110", "Patient Record", "U"),
     "config": ("110113", "Security Alert", "E"),
     "security": ("110113", "Security Alert", "E"),  # refused access, permissions tightened
     "enrolment": ("110114", "User Authentication", "E"),

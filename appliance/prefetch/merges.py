@@ -1,8 +1,9 @@
 """HL7 v2 patient merges from the RIS / ADT feed: which patient became which.
 
-Owns: reading an ADT^A40 (or the older A34 / A36 / A18 forms) into :class:`PatientMerge`
-items, or a :class:`~appliance.prefetch.messages.Refusal` naming the problem. May not touch:
-the database or the network (:mod:`appliance.prefetch.orders` stores what it means).
+Owns: reading an ADT^A40 (or the older A34 / A36 / A18 forms, or an A47) into
+:class:`PatientMerge` items, or a :class:`~appliance.prefetch.messages.Refusal` naming the
+problem. May not touch: the database or the network (:mod:`appliance.prefetch.orders`
+stores what it means).
 
 Why: a trauma patient is registered under a temporary identity ("John Doe", a temporary
 PID-3) and the exams are ordered under it; once identified, the ADT system merges that
@@ -10,6 +11,11 @@ identity into the real patient's (HL7 v2.5 section 3.3.40: PID-3 the surviving p
 MRG-1 the prior identifier that disappears). PAS's pending requests still named the
 temporary id: they searched the region for a patient who has no history there and fetched
 no prior of the real one.
+
+ADT^A47 (change patient identifier list, v2.5 section 3.3.47) corrects one identifier of a
+patient: MRG-1 the incorrect one, PID-3 the correct one (IHE ITI-30). It is read here as a
+merge is, field for field and refusal for refusal: for the prefetch the effect is the same
+(the requests of MRG-1 become PID-3's), only the HL7 meaning differs.
 
 Fields read (v2.5 positions): MSH-9, MSH-10 as for every message; per merged patient (A40
 repeats the PID / MRG pair), PID-3 and MRG-1 ``ID^^^issuer``: for PID-3 the repetition of

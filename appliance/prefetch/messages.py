@@ -26,7 +26,8 @@ Which fields are read, and why (HL7 v2.5 positions):
 - ADT^A04/A08: PV1-19 visit number (dedup key: A04 then A08 of one visit is one request);
   A11 (cancel admit / visit) cancels it.
 - ADT^A40/A34/A36/A18 (merge patient): PID-3 the surviving patient, MRG-1 the prior one
-  (read by :mod:`appliance.prefetch.merges`, each PID with its MRG).
+  (read by :mod:`appliance.prefetch.merges`, each PID with its MRG); A47 (change patient
+  identifier list: MRG-1 the wrong identifier, PID-3 the right one) read the same way.
 """
 
 from __future__ import annotations
@@ -42,12 +43,17 @@ import hl7
 
 SUPPORTED = {("ORM", "O01"), ("OMI", "O23"), ("OMG", "O19"), ("SIU", "S12"), ("SIU", "S13"),
              ("SIU", "S14"), ("SIU", "S15"), ("SIU", "S17"), ("ADT", "A04"), ("ADT", "A08"),
-             ("ADT", "A11"), ("ADT", "A40"), ("ADT", "A34"), ("ADT", "A36"), ("ADT", "A18")}
+             ("ADT", "A11"), ("ADT", "A40"), ("ADT", "A34"), ("ADT", "A36"), ("ADT", "A18"),
+             ("ADT", "A47")}
 # ADT events that merge a prior patient (MRG-1) into the PID-3 one: A40 (v2.3.1+, patient
 # identifier list), A34 / A36 (patient id only / with the account) and A18 (v2.2 and
 # before) say the same for the prefetch. Refused (AR 200) before: a John Doe's pending
 # orders searched the region for the temporary id, and no prior of the real patient came.
-MERGE_EVENTS = {"A40", "A34", "A36", "A18"}
+# A47 (change patient identifier list: one identifier of the same patient was wrong, MRG-1,
+# and is now PID-3's) is not a merge of two patients, but for the prefetch it does what one
+# does: the requests of the old identifier are the new one's. Refused (AR 200) before, they
+# kept searching the region for an identifier that no longer exists.
+MERGE_EVENTS = {"A40", "A34", "A36", "A18", "A47"}
 # SIU events that end an appointment (cancelled, deleted); S13 (rescheduled) moves it as S14.
 # Refused (AR 200) before: a RIS's reschedules and cancels rejected, the priors fetched.
 SIU_CANCELS = {"S15", "S17"}

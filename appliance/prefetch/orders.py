@@ -86,10 +86,10 @@ def handle(db: Database, text: str, source: str,
 
 
 def _merge(db: Database, message: Any, source: str, site_issuers: Collection[str]) -> str:
-    """An ADT merge (A40, A34, A36, A18): the prior patient's requests not yet done moved to
-    the surviving patient (:mod:`appliance.store.prefetch_merge`), then the ACK, whose MSA-3
-    says how many moved. A merge naming a patient PAS has no request for is ACKed too: the
-    RIS did nothing wrong."""
+    """An ADT merge (A40, A34, A36, A18) or identifier change (A47): the prior patient's
+    (MRG-1) requests not yet done moved to the surviving patient (PID-3,
+    :mod:`appliance.store.prefetch_merge`), then the ACK, whose MSA-3 says how many moved. A
+    merge naming a patient PAS has no request for is ACKed too: the RIS did nothing wrong."""
     merges = interpret_merges(message, site_issuers)
     first = merges[0]
     recorded = prefetch_merge.record_merges(

@@ -302,8 +302,9 @@ EVENTS: dict[str, str] = {
                    "which not), or its report given up undelivered"),
     "alert": "the disk alert raised or cleared",
     "export": "a backup written by pas backup (the index holds patient names): where, how many",
-    "merge": ("a patient merged into another by the RIS (HL7 ADT^A40, A34, A36, A18): the "
-              "prefetch requests not yet done that moved"),
+    "merge": ("a patient merged into another by the RIS (HL7 ADT^A40, A34, A36, A18), or a "
+              "patient identifier changed (A47): the prefetch requests not yet done that "
+              "moved"),
 }
 
 

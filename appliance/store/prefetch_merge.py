@@ -1,4 +1,5 @@
-"""Patient merges (HL7 ADT^A40 and its older forms) applied to the prefetch requests.
+"""Patient merges (HL7 ADT^A40 and its older forms, and A47's change of identifier) applied
+to the prefetch requests.
 
 Owns: the SQL that moves a merged-away patient's requests not yet done to the surviving
 patient, with the message's record and its audit rows, in one transaction (invariant 3).
