@@ -7,7 +7,8 @@ that declares a full bucket and sends almost nothing holds the whole budget (a s
 upload); ``pas run`` (enrolled through the real code) as the uplink. Without the bound every
 PUT was read whatever the others held (40 sites x a 48 MB bucket: ~2 GB); without the
 uplink's handling a 503 was retried on the exponential backoff and then counted as a failed
-attempt.
+attempt. The hub's /metrics count the busy refusals per site and show the bodies held (the
+log alone said it before).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import select
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,9 +27,12 @@ from typing import Any
 import httpx
 import pytest
 
+from appliance.store.hub import open_hub_db, revoke_site
 from appliance.transfer.enrolment import Enrolment
 from tests.support.hub import HubProcess, Shipment, client, enroll, pack_items, ship
 from tests.support.peers import CT_DIR, MR_DIR, read_rows, storescu, wait_for
+from tests.test_hub_fleet_bound import _beat
+from tests.test_ops_fleet import metric
 from tests.test_uplink_hub import enrolled_pas, stored_hashes, wait_jobs_finished
 
 BUDGET = 1024 * 1024  # limits.max_bucket_bytes and limits.bucket_bodies_bytes
@@ -119,6 +124,21 @@ def _headers(answer: bytes) -> dict[str, str]:
     return {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head)}
 
 
+BUSY = "pas_hub_bucket_puts_refused_busy_total"
+
+
+def budget_metrics(hub: HubProcess) -> dict[str, float | None]:
+    """The hub's /metrics as regional ops' Prometheus reads it (no client certificate):
+    the busy refusals of both sites and the bucket bodies held now."""
+    with httpx.Client(base_url=hub.url, verify=hub.anonymous_context(), timeout=30) as viewer:
+        scrape = viewer.get("/metrics")
+    assert scrape.status_code == 200, scrape.text
+    return {"CHU-EST": metric(scrape.text, BUSY, site="CHU-EST"),
+            "CHU-SLOW": metric(scrape.text, BUSY, site="CHU-SLOW"),
+            **{name: metric(scrape.text, f"pas_hub_bucket_bodies_{name}")
+               for name in ("held_bytes", "held", "budget_bytes")}}
+
+
 def archived(hub: HubProcess) -> dict[str, str]:
     """SOP Instance UID -> SHA-256 of the file the embedded archive holds."""
     return {r["sop_instance_uid"]: hashlib.sha256(
@@ -135,6 +155,11 @@ def test_a_bucket_put_past_the_budget_is_503_unread_and_stores_nothing(
     shipment = ship(pack_items(mr[:12]), site.hub_transfer_key, target_bytes=256 * 1024)
     assert len(shipment.buckets) >= 2 and max(map(len, shipment.buckets)) <= BUDGET
     with client(site) as http:
+        # CHU-EST is in the fleet (a heartbeat): its refusals are exported at 0 from the
+        # start, and the gauges too; CHU-SLOW, never refused and never heard, is not.
+        assert http.post("/api/v1/heartbeat", json=_beat("CHU-EST", time.time())).status_code == 201
+        assert budget_metrics(hub) == {"CHU-EST": 0, "CHU-SLOW": None, "held_bytes": 0,
+                                       "held": 0, "budget_bytes": BUDGET}
         assert http.post("/api/v1/transfers", json=shipment.manifest).status_code == 201
         with budget_held(hub, hog, ship(pack_items(mr[12:14]), hog.hub_transfer_key,
                                         target_bytes=64 * 1024)):
@@ -152,6 +177,14 @@ def test_a_bucket_put_past_the_budget_is_503_unread_and_stores_nothing(
             assert not (hub.home / "buckets" / shipment.transfer_id).exists() or not any(
                 (hub.home / "buckets" / shipment.transfer_id).iterdir())
             assert http.get("/api/v1/whoami").json() == {"site": "CHU-EST"}  # still serving
+            # What regional ops see meanwhile: CHU-EST's two refusals, the probe's of
+            # CHU-SLOW (and its slow PUT's, when the probe was read first), a refused site
+            # exported though it never sent a heartbeat; the slow PUT holding the budget.
+            busy = budget_metrics(hub)
+            assert busy["CHU-EST"] == 2 and busy["CHU-SLOW"] is not None and \
+                busy["CHU-SLOW"] >= 1, busy
+            assert (busy["held_bytes"], busy["held"], busy["budget_bytes"]) == (
+                BUDGET, 1, BUDGET), busy
         # The slow PUT gone, its budget is free again: the same buckets are stored and the
         # study reaches the archive bit-exact.
         def stored_once_free() -> httpx.Response | None:
@@ -167,6 +200,16 @@ def test_a_bucket_put_past_the_budget_is_503_unread_and_stores_nothing(
         shipment.originals
     assert {uid: sha for uid, sha in archived(hub).items() if uid in shipment.originals} == \
         shipment.originals
+    # Every reservation given back; a site revoked since leaves the metrics, as it leaves
+    # the fleet's (a bounded set of series: the enrolled sites).
+    db = open_hub_db(hub.home / "hub.sqlite")
+    try:
+        revoke_site(db, "CHU-SLOW")
+    finally:
+        db.close()
+    after = budget_metrics(hub)
+    assert after["CHU-EST"] is not None and after["CHU-EST"] >= 2, after
+    assert (after["CHU-SLOW"], after["held_bytes"], after["held"]) == (None, 0, 0), after
 
 
 def test_the_uplink_waits_for_a_busy_hub_then_delivers_bit_exact(

@@ -41,7 +41,7 @@ def referenced_metric_names() -> set[str]:
 def test_alert_rules_pass_promtool_check() -> None:
     result = promtool("check", "rules", "alerts.yml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 20 rules found" in result.stdout
+    assert "SUCCESS: 21 rules found" in result.stdout
 
 
 def test_alert_rules_unit_tests_pass() -> None:
@@ -68,6 +68,10 @@ def test_alerts_cover_what_the_issue_names() -> None:
     assert "pas_jobs_waiting_for_credentials > 0" in exprs["PasApplianceCredentialsRefused"]
     assert "pas_index_damaged == 1" in exprs["PasApplianceIndexDamaged"]
     assert "pas_fleet_site_index_damaged == 1" in exprs["PasSiteIndexDamaged"]
+    # The hub's busy refusals (hub/bucket_bodies.py): sustained, one alert per hub.
+    hub_busy = {str(rule["alert"]): rule for rule in alert_rules()}["PasHubBusy"]
+    assert "sum without (site) (rate(pas_hub_bucket_puts_refused_busy_total[5m])) > 0" in \
+        exprs["PasHubBusy"] and hub_busy["for"] == "15m"
     turning_away = exprs["PasApplianceDicomTurningAway"]  # capacity refusals, not security
     assert "too-many-associations|too-many-connections" in turning_away
     assert "unknown-ae" not in turning_away

@@ -97,6 +97,10 @@ class Hub:
         for stale in settings.work_dir.iterdir():  # rebuilds a crash interrupted; never receipted
             shutil.rmtree(stale, ignore_errors=True)
         self.lock = KeyedLocks()  # hub.lock(transfer_id): one transfer's changes in turn
+        from appliance.hub.bucket_bodies import BucketBodies  # PUT bodies held, every site
+
+        # Taken by the bucket PUTs (transfers.py), read by /metrics (fleet.py).
+        self.bucket_bodies = BucketBodies(settings.limits.bucket_bodies_bytes)
         from appliance.hub.expiry import StagingExpiry  # abandoned uploads' staging
 
         self.expiry = StagingExpiry(self)

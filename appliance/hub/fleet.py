@@ -20,6 +20,10 @@ The hub's own last backup (``pas hub backup``, recorded in ``hub.sqlite`` by mig
 line above the table, warned past the same two days or when there was never one, and the
 gauges ``pas_hub_backup_age_seconds`` (never backed up: since the hub began being watched,
 a new or upgraded hub) and ``pas_hub_last_backup_timestamp_seconds`` for ``PasHubBackupOld``.
+
+The hub's bucket budget (``limits.bucket_bodies_bytes``, :mod:`appliance.hub.bucket_bodies`):
+``pas_hub_bucket_puts_refused_busy_total`` per site (``PasHubBusy``) and the gauges of the
+bucket bodies held now.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from appliance.hub.bucket_bodies import families as bucket_body_families
 from appliance.hub.fleet_gate import HISTORY_EVERY_S, HeartbeatGate
 from appliance.ops.backup import STALE_AFTER_S as BACKUP_STALE_AFTER_S
 from appliance.ops.index_check import says_index_trouble
@@ -458,6 +463,7 @@ class FleetCollector(Collector):
                                 "revoked ones left out", value=len(rows))
         yield from families.values()
         yield refused
+        yield from self._bucket_bodies({r["site"] for r in rows})
         backup = hub_backup_state(hub_backup_record(self.hub.db), time.time())
         if backup["age_s"] is not None:  # None: no record (the next backup writes one)
             yield GaugeMetricFamily(
@@ -468,6 +474,17 @@ class FleetCollector(Collector):
             yield GaugeMetricFamily("pas_hub_last_backup_timestamp_seconds",
                                     "Time of the hub's own last pas hub backup",
                                     value=backup["written_at"])
+
+    def _bucket_bodies(self, fleet: set[str]) -> Iterator[Metric]:
+        """The hub's busy refusals per site and the bucket bodies it holds now
+        (hub/bucket_bodies.py). The sites: the fleet's (0 for one never refused), and a site
+        refused before its first heartbeat unless revoked since, as the fleet leaves a
+        revoked one out."""
+        now = self.hub.bucket_bodies.now()
+        others = set(now.refused) - fleet
+        if others:
+            others -= revoked_sites(self.hub.db)
+        yield from bucket_body_families(now, fleet | others)
 
 
 # --- routes ----------------------------------------------------------------------------------

@@ -170,31 +170,6 @@ class ManifestArrivals:
             entry[0].set()
 
 
-class BucketBodies:
-    """The bytes of bucket PUT bodies the hub holds at once, every site together (invariant
-    8): each PUT holds its bucket (up to ``limits.max_bucket_bytes``) while it is read,
-    checked and stored, and 40 sites sending 48 MB buckets at once held ~2 GB. A PUT reserves
-    its declared Content-Length (``max_bucket_bytes`` when chunked) before reading its body.
-    Used on the server's event loop only (no lock)."""
-
-    def __init__(self, budget: int) -> None:
-        self.budget = budget
-        self.held = 0  # bytes reserved
-        self.bodies = 0  # PUTs holding a reservation
-
-    def take(self, size: int) -> bool:
-        """Reserve ``size`` bytes, if the budget has them (then :meth:`give_back` them)."""
-        if self.held + size > self.budget:
-            return False
-        self.held += size
-        self.bodies += 1
-        return True
-
-    def give_back(self, size: int) -> None:
-        self.held -= size
-        self.bodies -= 1
-
-
 def transfer_routes(hub: Hub) -> list[BaseRoute]:
     from appliance.hub.commit import CommitRefused, commit_if_complete, commit_transfer
     from appliance.transfer import seal
@@ -206,7 +181,7 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
     keys_lock = threading.Lock()
     limits = hub.settings.limits
     arrivals = ManifestArrivals()
-    bodies = BucketBodies(limits.bucket_bodies_bytes)
+    bodies = hub.bucket_bodies  # every site together; /metrics reads it (bucket_bodies.py)
 
     def transfer_key(row: Any) -> bytes:
         with keys_lock:
@@ -366,10 +341,11 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
                            f"of {limits.max_bucket_bytes}")
         reserved = declared if request.headers.get("content-length") else \
             limits.max_bucket_bytes
-        if not bodies.take(reserved):
+        if not bodies.take(reserved, site):
             # Every site's PUT bodies together stay under limits.bucket_bodies_bytes: refused
             # before the body is read (uvicorn discards it as it arrives, a buffer at a time),
-            # nothing stored; the appliance comes back after Retry-After.
+            # nothing stored; the appliance comes back after Retry-After. Counted for the
+            # site in pas_hub_bucket_puts_refused_busy_total.
             log.warning("site %s: %s refused: the hub holds %s (%d bytes) already "
                         "(limits.bucket_bodies_bytes); come back in %d s", site, where,
                         counted(bodies.bodies, "bucket body", "bucket bodies"), bodies.held,
