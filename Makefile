@@ -11,7 +11,7 @@ DEMO_HOME ?= ./var
 # bench/wan's link emulator (tests/test_wan_emulator.py, make bench-wan) is C, built at run time.
 TEST_APT += gcc
 
-.PHONY: demo test venv deps-test lint image box bench-ingest bench-associations bench-forward bench-heartbeat bench-prefetch clean
+.PHONY: demo test venv deps-test lint image box bench-ingest bench-associations bench-forward bench-heartbeat bench-hub-loop bench-prefetch clean
 
 venv: $(VENV)/.installed
 
@@ -97,6 +97,12 @@ bench-qr: deps-test venv
 
 bench-heartbeat: deps-test venv
 	$(PY) bench/heartbeat.py
+
+# How long other sites' requests wait while the hub takes in a 100,000-instance manifest;
+# the fleet's site page with one site's history flooded (200,000 rows).
+bench-hub-loop: deps-test venv
+	$(PY) bench/hub_loop.py $(BENCH_ARGS)
+	$(PY) bench/fleet_page.py
 
 # The appliance image (root): Debian 12 minimal + PAS under /opt/pas; see image/README.md.
 image: deps-test
