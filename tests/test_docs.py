@@ -406,4 +406,4 @@ def test_doc_code_is_found_where_it_is() -> None:
     enroll = next(piece for piece in code(install) if piece.text.startswith("runuser"))
     lines = install.read_text().splitlines()
     assert lines[enroll.line - 1].startswith("runuser -u pas -- pas enroll")
-    assert "--token" in enroll.text and enroll.block == ""
+    assert "--hub https:" in enroll.text and enroll.block == ""  # the joined line

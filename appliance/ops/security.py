@@ -3,7 +3,8 @@
 Owns: the DICOM TLS contexts (BCP 195 profile: TLS 1.2 minimum, the recommended AEAD
 suites, certificate verification), the rule that private keys and secrets are readable by
 their owner only, and the per-source limit on association attempts. May not touch: SQL,
-files other than reading the key/certificate files it is given, or the network itself.
+files other than reading the key, certificate or secret files it is given (a token file),
+or the network itself.
 
 Why a key with group/other permissions is refused rather than fixed: the file may be
 shared with something else on purpose; the operator must decide. The message names the
@@ -12,6 +13,7 @@ file, its mode and the fix, never the key's content.
 
 from __future__ import annotations
 
+import os
 import ssl
 import stat
 import threading
@@ -37,11 +39,46 @@ def check_secret_file(path: Path, what: str) -> None:
         mode = path.stat().st_mode
     except FileNotFoundError:
         raise SecretFileError(f"{what} {path}: file not found") from None
+    _refuse_shared(path, mode, what)
+
+
+def _refuse_shared(path: Path, mode: int, what: str) -> None:
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise SecretFileError(
             f"{what} {path}: permissions {stat.filemode(mode)} let others read it; "
             f"run `chmod 600 {path}` (keys and secrets must be 0600)"
         )
+
+
+def read_secret_file(path: Path, what: str, limit: int) -> bytes:
+    """The content of a secret handed over in a file (``pas enroll --token-file``), refused
+    as a key is when others than its owner may read it. The checks are made on the file
+    opened, not on its name, so the file read is the file checked; a FIFO or a device (which
+    could block or never end) is no secret file, and one over ``limit`` bytes is not what
+    was asked for (the message never shows the content)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise SecretFileError(f"{what} {path}: file not found") from None
+    except OSError as exc:
+        raise SecretFileError(f"{what} {path}: cannot open it ({exc.strerror})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):  # a directory too: fdopen would raise before any check
+            raise SecretFileError(f"{what} {path}: not a regular file")
+        _refuse_shared(path, mode, what)
+        file = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with file:
+        try:
+            data = file.read(limit + 1)
+        except OSError as exc:
+            raise SecretFileError(f"{what} {path}: cannot read it ({exc.strerror})") from None
+    if len(data) > limit:
+        raise SecretFileError(f"{what} {path}: over {limit} bytes, not the secret expected")
+    return data
 
 
 def _base_context(purpose: ssl.Purpose) -> ssl.SSLContext:

@@ -197,21 +197,24 @@ def test_first_boot_enrols_on_the_configuration_the_unit_runs_on(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """No VM needed. pas-firstboot's ``pas enroll`` names the file pas.service's ``pas run``
     reads (``--config``), so the enrolment lands under the home the daemon uses, whatever the
-    environment runuser passes on."""
+    environment runuser passes on. The token goes through standard input, never the
+    command line (which every local user reads in the process list)."""
     firstboot = _firstboot()
-    commands: list[list[str]] = []
+    commands: list[tuple[list[str], object]] = []
 
-    def run(command: list[str], **_kwargs: object) -> subprocess.CompletedProcess[str]:
-        commands.append(command)
+    def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        commands.append((command, kwargs.get("input")))
         return subprocess.CompletedProcess(command, 0, "enrolled", "")
 
     monkeypatch.setattr(firstboot.subprocess, "run", run)
-    assert firstboot.enrol({"hub": {"url": "https://hub.example:8443", "token": "T"}})
-    (command,) = commands
+    token = "SITE-A.SECRET"
+    assert firstboot.enrol({"hub": {"url": "https://hub.example:8443", "token": token}})
+    ((command, given),) = commands
     unit = (ROOT / "image" / "systemd" / "pas.service").read_text()
     (unit_config,) = re.findall(r"^ExecStart=/usr/bin/pas run --config (\S+)$", unit, re.M)
     assert command[command.index("enroll"):] == [
-        "enroll", "--config", unit_config, "--hub", "https://hub.example:8443", "--token", "T"]
+        "enroll", "--config", unit_config, "--hub", "https://hub.example:8443", "--token", "-"]
+    assert given == f"{token}\n" and not any(token in word for word in command)
 
 
 def test_first_boot_writes_the_site_once_and_only_retries_the_enrolment(
@@ -239,9 +242,9 @@ def test_first_boot_writes_the_site_once_and_only_retries_the_enrolment(
     hub_up = {"up": False}
     enrolments: list[list[str]] = []
 
-    def run(command: list[str], **_kwargs: object) -> subprocess.CompletedProcess[str]:
+    def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
         if "enroll" in command:
-            enrolments.append(command)
+            enrolments.append([*command, str(kwargs.get("input"))])
             if not hub_up["up"]:
                 return subprocess.CompletedProcess(command, 1, "", "hub unreachable")
         return subprocess.CompletedProcess(command, 0, "", "")
@@ -263,8 +266,8 @@ def test_first_boot_writes_the_site_once_and_only_retries_the_enrolment(
     assert seeds_read == [1] and written == ["write_network", "write_firewall", "write_ssh"]
     assert firstboot.CONFIG.read_text() == changed
     assert len(enrolments) == 3
-    assert all(c[-4:] == ["--hub", "https://hub.example:8443", "--token", "SITE-A.SECRET"]
-               for c in enrolments)
+    assert all(c[-5:] == ["--hub", "https://hub.example:8443", "--token", "-",
+                          "SITE-A.SECRET\n"] for c in enrolments)
     assert firstboot.MARKER.exists() and not firstboot.PENDING_HUB.exists()
 
     # Enrolled by hand after a failed first boot: the next boot does not enrol again.

@@ -96,14 +96,18 @@ class HubProcess(ChildProcess):
 
 def enroll(hub: HubProcess, home: Path, site: str, cli: bool = False) -> Enrolment:
     """Enrol ``home`` (``$PAS_HOME``) with the hub: ``pas enroll`` through the real CLI
-    (``cli=True``), or the same function it calls, in this process."""
+    (``cli=True``; the token on standard input, as an operator should give it), or the same
+    function it calls, in this process."""
     token = hub.token(site, cli=cli)
     if cli:
         env = {**os.environ, "PAS_HOME": str(home)}
         env.pop("PAS_CONFIG", None)
-        result = subprocess.run([str(PAS_BIN), "enroll", "--hub", hub.url, "--token", token],
-                                env=env, capture_output=True, text=True, timeout=60)
+        env.pop("PAS_ENROLL_TOKEN", None)
+        result = subprocess.run([str(PAS_BIN), "enroll", "--hub", hub.url, "--token", "-"],
+                                input=f"{token}\n", env=env, capture_output=True, text=True,
+                                timeout=60)
         assert result.returncode == 0, result.stdout + result.stderr
+        assert "warning" not in result.stderr, result.stderr
     else:
         enroll_appliance(home, hub.url, token)
     enrolment = load_enrolment(home)
