@@ -157,9 +157,9 @@ def _one_series_or_instance_each(home: Path, port: int, http_port: int,
         assert _sha256s(_parts(answer)) == _sha256s([_stored(home, _sop_uid(wanted))])
 
 
-def _refused_get(port: int, study_uid: str, series_uid: str) -> tuple[int, str, int]:
-    """A series-level C-GET by pynetdicom: the final status, its Error Comment, and how
-    many instances arrived."""
+def _get(port: int, study_uid: str, series_uid: str | None = None) -> tuple[int, str, int]:
+    """A C-GET by pynetdicom, of a series (``series_uid``) or else of the study: the final
+    status, its Error Comment, and how many instances arrived."""
     from pydicom.dataset import Dataset
     from pynetdicom import AE, build_role
     from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -183,9 +183,10 @@ def _refused_get(port: int, study_uid: str, series_uid: str) -> tuple[int, str, 
     assert assoc.is_established
     try:
         identifier = Dataset()
-        identifier.QueryRetrieveLevel = "SERIES"
+        identifier.QueryRetrieveLevel = "SERIES" if series_uid else "STUDY"
         identifier.StudyInstanceUID = study_uid
-        identifier.SeriesInstanceUID = series_uid
+        if series_uid:
+            identifier.SeriesInstanceUID = series_uid
         final = list(assoc.send_c_get(identifier,
                                       StudyRootQueryRetrieveInformationModelGet))[-1][0]
     finally:
@@ -270,8 +271,7 @@ def test_a_backup_restored_on_a_new_disk_serves_the_confirmed_studies_from_the_r
             "them (never confirmed there): send the study again from its modality")
         # And to a C-GET of one of its series: refused before any sub-operation, the
         # cause first in the Error Comment (it failed its sub-operation: file not found).
-        status, comment, arrived = _refused_get(restored.port, _uid(queued),
-                                                _series_uid(queued[0]))
+        status, comment, arrived = _get(restored.port, _uid(queued), _series_uid(queued[0]))
         assert (status, comment, arrived) == (
             0xC000, "1 instance lost here, not at the region: send study 1.3.6.1.4...", 0)
         # The files fetched again are whole: their flags resolved (the whole of each study
@@ -446,8 +446,9 @@ def test_a_newer_versions_database_stops_the_start_in_one_line(tmp_path: Path) -
 
 def test_a_lost_file_sent_again_is_served_without_a_region(tmp_path: Path) -> None:
     """An appliance with no region to fetch from: a file lost (flagged missing at the
-    start) and sent again by its modality is served, its flag resolved, not taken for lost
-    until the next ``pas verify``."""
+    start) is a WADO-RS 404 and a C-GET refused saying so (its sub-operation failed, file
+    not found); sent again by its modality it is served, its flag resolved, not taken for
+    lost until the next ``pas verify``."""
     [files] = _studies(1)
     pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
                                         "PAS_PREFETCH__ENABLED": "false"})
@@ -462,9 +463,12 @@ def test_a_lost_file_sent_again_is_served_without_a_region(tmp_path: Path) -> No
         web = f"http://127.0.0.1:{pas.http_port}/dicom-web/studies/{_uid(files)}"
         accept = {"Accept": 'multipart/related; type="application/dicom"'}
         assert httpx.get(web, headers=accept, timeout=60).status_code == 404
+        assert _get(pas.port, _uid(files)) == (
+            0xC000, "1 instance lost here, no region to fetch from: send study 1.3...", 0)
         storescu(files[:1], pas.port)
         answer = httpx.get(web, headers=accept, timeout=60)
         assert answer.status_code == 200
+        assert _get(pas.port, _uid(files)) == (0x0000, "", 1)
         assert _sha256s(_parts(answer)) == {row["sha256"]}
         assert [r["resolution"] for r in read_rows(
             db, "SELECT resolution FROM integrity_issues")] == ["file present again"]
