@@ -9,8 +9,11 @@ up again, PAS started. Every indexed file is then missing (start-up recovery fla
 What a viewer gets: the confirmed studies are fetched again from the region, bit-exact, by
 WADO-RS and by C-GET (their rows were counted as "on site", so fetch-through never asked the
 region: a WADO-RS answer was cut after its 200 status line, a C-GET failed every
-sub-operation with ``No such file or directory``); the study the region never had is a clear
-404 naming the way out, said before any byte of an answer.
+sub-operation with ``No such file or directory``), and so are they when a viewer asks for one
+series or one instance (a series-level C-GET, an instance-level C-MOVE, WADO-RS of a series or
+an instance: the study-level fetch was all there was, these failed their sub-operations); the
+study the region never had is a clear 404 naming the way out, said before any byte of an
+answer, and a clear refusal (0xC000, the cause in its Error Comment) to a C-GET.
 
 ``pas restore`` refuses, before it changes anything, another site's backup, a truncated or
 damaged one and one a newer version wrote; a start on a newer version's database is one line.
@@ -29,13 +32,22 @@ import stat
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 from pydicom import dcmread
 
 from tests.support.cleanup import started
 from tests.support.hub import HubProcess, enroll
-from tests.support.peers import CT_DIR, DCMTK_ENV, PasProcess, read_rows, storescu, wait_for
+from tests.support.peers import (
+    CT_DIR,
+    DCMTK_ENV,
+    PasProcess,
+    StoreSCP,
+    read_rows,
+    storescu,
+    wait_for,
+)
 
 ENV = {"PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_QUEUE__BACKOFF_INITIAL_S": "0.3",
        "PAS_QUEUE__BACKOFF_MAX_S": "1", "PAS_PREFETCH__ON_ARRIVAL": "false",
@@ -77,9 +89,115 @@ def _count(db: Path, sql: str) -> int:
     return int(read_rows(db, sql)[0][0])
 
 
+def _dataset_sha256(data: bytes) -> str:
+    """The SHA-256 of a DICOM file's data set, its file meta left out: what a C-STORE carries
+    (getscu and storescp write a file meta of their own before the bytes they received)."""
+    assert data[128:132] == b"DICM" and data[132:136] == b"\x02\x00\x00\x00", data[:140]
+    return hashlib.sha256(data[144 + int.from_bytes(data[140:144], "little"):]).hexdigest()
+
+
+def _sop_uid(path: Path) -> str:
+    return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def _series_uid(path: Path) -> str:
+    return str(dcmread(path, stop_before_pixels=True).SeriesInstanceUID)
+
+
+def _stored(home: Path, sop_uid: str) -> bytes:
+    """The file the spool holds of an instance, checked against the SHA-256 its index row
+    recorded (the row restored from the backup: what the modality sent)."""
+    [row] = read_rows(home / "pas.sqlite", "SELECT path, sha256 FROM instances "
+                                           "WHERE sop_instance_uid = ?", (sop_uid,))
+    data = (home / "spool" / row["path"]).read_bytes()
+    assert hashlib.sha256(data).hexdigest() == row["sha256"]
+    return data
+
+
+def _one_series_or_instance_each(home: Path, port: int, http_port: int,
+                                 by_series: list[Path], by_image: list[Path],
+                                 web_series: list[Path], web_image: list[Path],
+                                 mover: StoreSCP, out: Path) -> None:
+    """Four lost studies, one asked for each way below the study level; the viewer gets the
+    bytes the modality sent each time (each study's lost instances fetched from the region).
+    The index's SHA-256 is of the file as stored (DCMTK's storescu re-encodes sequences)."""
+    get = subprocess.run(["getscu", "-S", "+B", "-aet", "VIEWER", "-aec", "PAS", "-od",
+                          str(out), "-k", "QueryRetrieveLevel=SERIES",
+                          "-k", f"StudyInstanceUID={_uid(by_series)}",
+                          "-k", f"SeriesInstanceUID={_series_uid(by_series[0])}",
+                          "127.0.0.1", str(port)],
+                         capture_output=True, text=True, env=DCMTK_ENV, timeout=120)
+    assert get.returncode == 0, get.stderr
+    got = list(out.iterdir())  # was none: its sub-operation failed, file not found
+    assert len(got) == 1, get.stderr
+    assert _dataset_sha256(got[0].read_bytes()) == \
+        _dataset_sha256(_stored(home, _sop_uid(by_series[0])))
+
+    move = subprocess.run(["movescu", "-S", "-aet", "VIEWER", "-aec", "PAS", "-aem",
+                           mover.ae_title, "-k", "QueryRetrieveLevel=IMAGE",
+                           "-k", f"StudyInstanceUID={_uid(by_image)}",
+                           "-k", f"SeriesInstanceUID={_series_uid(by_image[1])}",
+                           "-k", f"SOPInstanceUID={_sop_uid(by_image[1])}",
+                           "127.0.0.1", str(port)],
+                          capture_output=True, text=True, env=DCMTK_ENV, timeout=120)
+    assert move.returncode == 0, move.stderr
+    moved = mover.files()
+    assert len(moved) == 1, move.stderr
+    assert _dataset_sha256(moved[0].read_bytes()) == \
+        _dataset_sha256(_stored(home, _sop_uid(by_image[1])))
+
+    web = f"http://127.0.0.1:{http_port}/dicom-web/studies/"
+    accept = {"Accept": 'multipart/related; type="application/dicom"'}
+    for path in (f"{_uid(web_series)}/series/{_series_uid(web_series[2])}",
+                 f"{_uid(web_image)}/series/{_series_uid(web_image[0])}/instances/"
+                 f"{_sop_uid(web_image[0])}"):
+        answer = httpx.get(web + path, headers=accept, timeout=60)
+        assert answer.status_code == 200, answer.text[:300]
+        wanted = web_series[2] if "/instances/" not in path else web_image[0]
+        assert _sha256s(_parts(answer)) == _sha256s([_stored(home, _sop_uid(wanted))])
+
+
+def _get(port: int, study_uid: str, series_uid: str | None = None) -> tuple[int, str, int]:
+    """A C-GET by pynetdicom, of a series (``series_uid``) or else of the study: the final
+    status, its Error Comment, and how many instances arrived."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE, build_role
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        CTImageStorage,
+        StudyRootQueryRetrieveInformationModelGet,
+    )
+
+    ae = AE(ae_title="VIEWER")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage)
+    received: list[Any] = []
+
+    def on_store(event: Any) -> int:
+        received.append(event.request.AffectedSOPInstanceUID)
+        return 0x0000
+
+    from pynetdicom import evt
+    assoc = ae.associate("127.0.0.1", port, ae_title="PAS",
+                         ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    try:
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "SERIES" if series_uid else "STUDY"
+        identifier.StudyInstanceUID = study_uid
+        if series_uid:
+            identifier.SeriesInstanceUID = series_uid
+        final = list(assoc.send_c_get(identifier,
+                                      StudyRootQueryRetrieveInformationModelGet))[-1][0]
+    finally:
+        assoc.release()
+    return int(final.Status), str(final.get("ErrorComment", "")), len(received)
+
+
 def test_a_backup_restored_on_a_new_disk_serves_the_confirmed_studies_from_the_region(
         tmp_path: Path) -> None:
-    confirmed_a, confirmed_b, queued = _studies(3)
+    confirmed_a, confirmed_b, queued, by_series, by_image, web_series, web_image = _studies(7)
+    below_study = by_series + by_image + web_series + web_image
     destination = tmp_path / "backups"
     destination.mkdir()
     with contextlib.ExitStack() as stack:
@@ -87,9 +205,10 @@ def test_a_backup_restored_on_a_new_disk_serves_the_confirmed_studies_from_the_r
         home = tmp_path / "site"
         enroll(hub, home, "SITE-A")
         pas = started(stack, PasProcess(home, ENV))
-        storescu(confirmed_a + confirmed_b, pas.port)
+        storescu(confirmed_a + confirmed_b + below_study, pas.port)
         wait_for(lambda: _count(home / "pas.sqlite", "SELECT count(*) FROM instances "
-                                "WHERE confirmed_at IS NOT NULL") == 6, 60, what="6 confirmed")
+                                "WHERE confirmed_at IS NOT NULL") == 18, 60,
+                 what="18 confirmed")
         hub.stop()  # the WAN down: the third study waits in the queue
         storescu(queued, pas.port)
         wait_for(lambda: _count(home / "pas.sqlite", "SELECT count(*) FROM jobs "
@@ -100,14 +219,16 @@ def test_a_backup_restored_on_a_new_disk_serves_the_confirmed_studies_from_the_r
 
         # The disk lost: a new one, the backup put back as the docs say, the WAN back.
         new_home = tmp_path / "new-disk"
-        restored = PasProcess(new_home, ENV)
+        mover = started(stack, StoreSCP(tmp_path / "moved"))
+        restored = PasProcess(new_home, {**ENV, "PAS_SERVING__MOVE_DESTINATIONS": (
+            f'[{{title = "{mover.ae_title}", host = "127.0.0.1", port = {mover.port}}}]')})
         restored.cli("restore", str(folder))
         hub.start()
         started(stack, restored)
         db = new_home / "pas.sqlite"
         assert len(_indexed(db, _uid(confirmed_a)) | _indexed(db, _uid(confirmed_b))) == 6
         assert _count(db, "SELECT count(*) FROM integrity_issues WHERE kind = 'missing' "
-                          "AND resolved_at IS NULL") == 9
+                          "AND resolved_at IS NULL") == 21
 
         web = f"http://127.0.0.1:{restored.http_port}/dicom-web/studies/"
         answer = httpx.get(web + _uid(confirmed_a), timeout=60,
@@ -135,6 +256,11 @@ def test_a_backup_restored_on_a_new_disk_serves_the_confirmed_studies_from_the_r
             assert _sha256s([(new_home / "spool" / row["path"]).read_bytes()]) == \
                 {row["sha256"]}
 
+        series_out = tmp_path / "viewer-series"
+        series_out.mkdir()
+        _one_series_or_instance_each(new_home, restored.port, restored.http_port, by_series,
+                                     by_image, web_series, web_image, mover, series_out)
+
         # The region never had the queued study: a clear answer before the status line.
         lost = httpx.get(web + _uid(queued), timeout=60,
                          headers={"Accept": 'multipart/related; type="application/dicom"'})
@@ -143,11 +269,17 @@ def test_a_backup_restored_on_a_new_disk_serves_the_confirmed_studies_from_the_r
             f"3 instances of study {_uid(queued)} asked for lost their file on this "
             "appliance (flagged missing: pas cache status) and the region does not hold "
             "them (never confirmed there): send the study again from its modality")
-        # The files fetched again are whole: their flags resolved, the lost study's open.
+        # And to a C-GET of one of its series: refused before any sub-operation, the
+        # cause first in the Error Comment (it failed its sub-operation: file not found).
+        status, comment, arrived = _get(restored.port, _uid(queued), _series_uid(queued[0]))
+        assert (status, comment, arrived) == (
+            0xC000, "1 instance lost here, not at the region: send study 1.3.6.1.4...", 0)
+        # The files fetched again are whole: their flags resolved (the whole of each study
+        # asked for below the study level), the lost study's open.
         assert _count(db, "SELECT count(*) FROM integrity_issues WHERE kind = 'missing' "
                           "AND resolved_at IS NULL") == 3
         assert _count(db, "SELECT count(*) FROM integrity_issues WHERE kind = 'missing' "
-                          "AND resolution = 'fetched again from the region'") == 6
+                          "AND resolution = 'fetched again from the region'") == 18
 
         # Its job cannot send what is gone: it fails at once saying so (it failed each try
         # on FileNotFoundError, for queue.max_attempts tries and hours of backoff).
@@ -164,7 +296,7 @@ def test_a_backup_restored_on_a_new_disk_serves_the_confirmed_studies_from_the_r
         storescu(queued, restored.port)
         restored.cli("queue", "retry", str(job["id"]))
         wait_for(lambda: _count(db, "SELECT count(*) FROM instances WHERE confirmed_at "
-                                "IS NOT NULL") == 9, 60, what="the re-sent study confirmed")
+                                "IS NOT NULL") == 21, 60, what="the re-sent study confirmed")
         assert _count(db, "SELECT count(*) FROM integrity_issues WHERE resolved_at IS NULL") \
             == 0
         assert [r["n"] for r in read_rows(
@@ -314,8 +446,9 @@ def test_a_newer_versions_database_stops_the_start_in_one_line(tmp_path: Path) -
 
 def test_a_lost_file_sent_again_is_served_without_a_region(tmp_path: Path) -> None:
     """An appliance with no region to fetch from: a file lost (flagged missing at the
-    start) and sent again by its modality is served, its flag resolved, not taken for lost
-    until the next ``pas verify``."""
+    start) is a WADO-RS 404 and a C-GET refused saying so (its sub-operation failed, file
+    not found); sent again by its modality it is served, its flag resolved, not taken for
+    lost until the next ``pas verify``."""
     [files] = _studies(1)
     pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
                                         "PAS_PREFETCH__ENABLED": "false"})
@@ -330,9 +463,12 @@ def test_a_lost_file_sent_again_is_served_without_a_region(tmp_path: Path) -> No
         web = f"http://127.0.0.1:{pas.http_port}/dicom-web/studies/{_uid(files)}"
         accept = {"Accept": 'multipart/related; type="application/dicom"'}
         assert httpx.get(web, headers=accept, timeout=60).status_code == 404
+        assert _get(pas.port, _uid(files)) == (
+            0xC000, "1 instance lost here, no region to fetch from: send study 1.3...", 0)
         storescu(files[:1], pas.port)
         answer = httpx.get(web, headers=accept, timeout=60)
         assert answer.status_code == 200
+        assert _get(pas.port, _uid(files)) == (0x0000, "", 1)
         assert _sha256s(_parts(answer)) == {row["sha256"]}
         assert [r["resolution"] for r in read_rows(
             db, "SELECT resolution FROM integrity_issues")] == ["file present again"]

@@ -1,8 +1,9 @@
 """Retrieves: the C-MOVE and C-GET handlers, from the identifier to the last sub-operation.
 
 Owns: turning a C-MOVE/C-GET identifier into the instances it names
-(:func:`appliance.store.retrieve.retrieve_plan`, after fetching a study missing here through
-``fetcher``), refusing one that cannot be served before any sub-operation (the status PS3.4
+(:func:`appliance.store.retrieve.retrieve_plan`, after fetching through ``fetcher`` a study
+missing here, or at any level the studies of the instances asked whose file is lost),
+refusing one that cannot be served before any sub-operation (the status PS3.4
 gives the problem), opening a C-MOVE's sub-association to a configured destination (its
 contexts, TLS, and why it did not come up are ``qr_associations.py``'s), choosing per instance
 whether to send the stored bytes as they are (the viewer accepted the stored transfer syntax)
@@ -59,6 +60,7 @@ from appliance.serving.suboperations import (
     TranscodedFile,
     stream_spool_files,
 )
+from appliance.store import cache as cache_store
 from appliance.store import retrieve as store_retrieve
 from appliance.store.db import Database
 from appliance.store.query import QueryError
@@ -104,7 +106,8 @@ class RetrieveHandlers:
         Raises :class:`RetrieveRefused` with the status PS3.4 C.4.2.1.5/C.4.3.1.5 gives the
         problem: 0xA900 for an identifier that does not match the SOP class (no, unknown or
         foreign level, no unique key, a malformed or wildcard one), 0xC000 (unable to
-        process) for one that does not decode, too many matches, a failed fetch."""
+        process) for one that does not decode, too many matches, a failed fetch, instances
+        whose file is lost (flagged missing) and that the region did not give back."""
         try:
             level, keys, _ = identifier_keys(event.identifier)
         except Exception as exc:
@@ -120,24 +123,41 @@ class RetrieveHandlers:
         except QueryError as exc:
             raise RetrieveRefused(IDENTIFIER_DOES_NOT_MATCH, str(exc)) from exc
         fetched = 0
-        fetching = (self.fetcher is not None and self.settings.fetch_through
-                    and level == "STUDY")
+        fetching = self.fetcher is not None and self.settings.fetch_through
+        # Files flagged missing (a lost disk under a restored index): looked for only when
+        # some are, one probe otherwise.
+        lost_files = cache_store.any_file_missing(self.db)
+        if level == "STUDY":
+            to_fetch = study_uids if fetching else []
+        elif fetching and lost_files:
+            # A series, an instance or a patient whose files are lost: the studies holding
+            # them have their missing instances fetched from the region first, as for a
+            # study-level retrieve. Counted as on site, they were sent from files that are
+            # not there (every sub-operation failed: No such file or directory).
+            to_fetch = self._studies_with_lost_files(level, keys)
+        else:
+            to_fetch = []
         calling, address = peer(event)
         who = f"{what} by {calling} at {address}"  # named to pas cache purge, refused
+        failures: dict[str, Exception] = {}  # study UID -> why the region could not help
         # Held from before the fetch: each fetched instance is confirmed as it is filed, and
         # eviction took a study half fetched before the plan below (the viewer got the rest).
-        with self.readers.holding(study_uids if fetching else [], who):
-            if fetching:
-                try:
-                    for study_uid in study_uids:
-                        fetched += self._fetch_if_missing(study_uid)
-                except RuntimeError as exc:
-                    raise RetrieveRefused(UNABLE_TO_PROCESS, str(exc)) from exc
+        with self.readers.holding(to_fetch, who):
+            try:
+                for study_uid in to_fetch:
+                    fetched += self._fetch_if_missing(study_uid, failures)
+            except RuntimeError as exc:
+                raise RetrieveRefused(UNABLE_TO_PROCESS, str(exc)) from exc
             try:  # its studies registered as being read: the cache does not evict them
                 plan, reading = self.readers.planned(
                     lambda: store_retrieve.retrieve_plan(self.db, level, keys), who)
             except QueryError as exc:
                 raise RetrieveRefused(IDENTIFIER_DOES_NOT_MATCH, str(exc)) from exc
+        lost = self._lost_reason(plan, failures) if lost_files else None
+        if lost is not None:
+            # Said before any sub-operation, as WADO-RS says it before its status line.
+            self.readers.release(reading)
+            raise RetrieveRefused(UNABLE_TO_PROCESS, lost)
         if len(plan.instance_ids) > MAX_SUB_OPERATIONS:
             self.readers.release(reading)
             # pynetdicom refuses such a retrieve itself (0xC416/0xC516, no comment), and the
@@ -156,8 +176,10 @@ class RetrieveHandlers:
             raise
         return request_summary(level, keys), plan, reading
 
-    def _fetch_if_missing(self, study_uid: str) -> int:
-        """Instances fetched from the region for this study (0: all were on site)."""
+    def _fetch_if_missing(self, study_uid: str, failures: dict[str, Exception]) -> int:
+        """Instances fetched from the region for this study (0: all were on site). A study
+        partly held whose fetch failed is served as held, its failure kept in ``failures``
+        (the reason of a refusal if some of what was asked lost its file)."""
         assert self.fetcher is not None
         held = store_retrieve.study_instance_count(self.db, study_uid)
         try:
@@ -166,12 +188,51 @@ class RetrieveHandlers:
             if held:
                 log.warning("fetch-through of %s failed (%s); serving the %s held",
                             study_uid, exc, counted(held, "instance"))
+                failures[study_uid] = exc
                 return 0
             raise RuntimeError(f"study {study_uid} is not on site and the region could not "
                                f"provide it: {exc}") from exc
         log.info("fetch-through: %s of %s from the region", counted(fetched, "instance"),
                  study_uid, extra={"STUDY_UID": study_uid})
         return fetched
+
+    def _lost_in(self, plan: store_retrieve.RetrievePlan) -> dict[str, int]:
+        """Study UID -> how many of the planned instances of that study have their file
+        flagged missing and still not in the spool."""
+        planned = set(plan.instance_ids)
+        lost: dict[str, int] = {}
+        for study_uid in plan.study_uids:
+            n = sum(1 for r in cache_store.files_still_missing(self.db, self.spool, study_uid)
+                    if r["id"] in planned)
+            if n:
+                lost[study_uid] = n
+        return lost
+
+    def _studies_with_lost_files(self, level: str, keys: dict[str, str]) -> list[str]:
+        """The studies of the instances a SERIES, IMAGE or PATIENT-level retrieve names of
+        which some lost their file: those the region is asked for first."""
+        return sorted(self._lost_in(store_retrieve.retrieve_plan(self.db, level, keys)))
+
+    def _lost_reason(self, plan: store_retrieve.RetrievePlan,
+                     failures: dict[str, Exception]) -> str | None:
+        """Why a retrieve cannot be served whole, when some instances it names lost their
+        file and were not fetched again; None when none did. The cause comes first: an
+        Error Comment keeps 64 characters (the audit row and the log keep it all)."""
+        lost = self._lost_in(plan)
+        if not lost:
+            return None
+        count = counted(sum(lost.values()), "instance")
+        studies = ", ".join(sorted(lost))
+        failed = [f"{uid}: {failures[uid]}" for uid in sorted(lost) if uid in failures]
+        why = "their file flagged missing: pas cache status"
+        if failed:
+            return (f"{count} lost here, the region could not be asked: try again later "
+                    f"({why}; {'; '.join(failed)})")
+        if self.fetcher is None or not self.settings.fetch_through:
+            return (f"{count} lost here, no region to fetch from: send study {studies} again "
+                    f"from its modality ({why})")
+        return (f"{count} lost here, not at the region: send study {studies} again from its "
+                f"modality ({why}; never confirmed by the region)")
 
     def _refused(self, event: Any, what: str, refusal: RetrieveRefused) -> Iterator[Any]:
         """End a retrieve before any sub-operation: logged, audited, and answered with the

@@ -284,6 +284,14 @@ def study_files_missing(db: Database, study_uid: str) -> list[sqlite3.Row]:
         "AND x.kind = 'missing' AND x.path = i.path)", (study_uid,))
 
 
+def any_file_missing(db: Database) -> bool:
+    """Whether any file is flagged ``missing`` and not resolved: nearly never (a lost disk, a
+    file removed by hand), so a retrieve looks at its instances' files only then (one probe
+    of ``integrity_open``)."""
+    return db.query_one("SELECT 1 FROM integrity_issues WHERE resolved_at IS NULL "
+                        "AND kind = 'missing' LIMIT 1") is not None
+
+
 def files_still_missing(db: Database, spool: Spool, study_uid: str,
                         resolution: str = "file present again") -> list[sqlite3.Row]:
     """:func:`study_files_missing`, less those whose file is back in the spool (the same
