@@ -105,6 +105,11 @@ def test_a_backup_restored_on_a_new_disk_serves_the_confirmed_studies_from_the_r
         hub.start()
         started(stack, restored)
         db = new_home / "pas.sqlite"
+        # The status page and /api/status: the restored backup is the last one.
+        status_page = f"http://127.0.0.1:{restored.http_port}/"
+        assert f"{folder} (restored from it " in httpx.get(status_page, timeout=10).text
+        assert httpx.get(status_page + "api/status", timeout=10).json()["backup"][
+            "folder"] == str(folder)
         assert len(_indexed(db, _uid(confirmed_a)) | _indexed(db, _uid(confirmed_b))) == 6
         assert _count(db, "SELECT count(*) FROM integrity_issues WHERE kind = 'missing' "
                           "AND resolved_at IS NULL") == 9
