@@ -226,6 +226,11 @@ def test_a_backup_restored_on_a_new_disk_serves_the_confirmed_studies_from_the_r
         hub.start()
         started(stack, restored)
         db = new_home / "pas.sqlite"
+        # The status page and /api/status: the restored backup is the last one.
+        status_page = f"http://127.0.0.1:{restored.http_port}/"
+        assert f"{folder} (restored from it " in httpx.get(status_page, timeout=10).text
+        assert httpx.get(status_page + "api/status", timeout=10).json()["backup"][
+            "folder"] == str(folder)
         assert len(_indexed(db, _uid(confirmed_a)) | _indexed(db, _uid(confirmed_b))) == 6
         assert _count(db, "SELECT count(*) FROM integrity_issues WHERE kind = 'missing' "
                           "AND resolved_at IS NULL") == 21
@@ -365,6 +370,11 @@ def test_a_backup_that_is_not_this_sites_whole_sound_and_known_is_refused(
                                            "sha256": _sha256s([index.read_bytes()]).pop()}
         (folder / "MANIFEST.json").write_text(json.dumps(manifest))
 
+    def undated(folder: Path) -> None:  # the time pas status would give it, unreadable
+        manifest = json.loads((folder / "MANIFEST.json").read_text())
+        manifest["made_at"] = "yesterday"
+        (folder / "MANIFEST.json").write_text(json.dumps(manifest))
+
     this_site = PasProcess(home, {"PAS_SITE": "SITE-A"})
     refusals = [
         (PasProcess(home, {"PAS_SITE": "SITE-B"}), backup,
@@ -383,6 +393,9 @@ def test_a_backup_that_is_not_this_sites_whole_sound_and_known_is_refused(
          f"{tmp_path}/newer/{backup.name} was written by a newer PAS (version 9.0.0, index "
          f"schema {len(MIGRATIONS) + 1}; this one knows {len(MIGRATIONS)}): install that "
          "version or a later one, then restore. Nothing restored"),
+        (this_site, variant("undated", undated),
+         f"{tmp_path}/undated/{backup.name}/MANIFEST.json: made_at 'yesterday' is not a UTC "
+         "time (YYYY-MM-DDTHH:MM:SSZ): the manifest is damaged; nothing restored"),
     ]
     for pas, folder, said in refusals:
         refused = pas.cli("restore", str(folder), check=False)
@@ -472,3 +485,48 @@ def test_a_lost_file_sent_again_is_served_without_a_region(tmp_path: Path) -> No
         assert _sha256s(_parts(answer)) == {row["sha256"]}
         assert [r["resolution"] for r in read_rows(
             db, "SELECT resolution FROM integrity_issues")] == ["file present again"]
+
+
+def test_status_and_doctor_name_the_restored_backup_as_the_last_one(tmp_path: Path) -> None:
+    """A backup's index is copied before ``pas backup`` writes its ``export`` audit row, so
+    the restored index did not hold it: ``pas status`` and ``pas doctor`` then said "never"
+    (an index three days old: "no pas backup was ever written of this index"), or named the
+    backup before. The restore records the backup it put back, with its manifest's time; a
+    backup written after the restore is the last one again."""
+    import calendar
+    import time
+
+    from appliance.store.db import Database
+
+    site = tmp_path / "site"
+    Database(site / "pas.sqlite").close()
+    with sqlite3.connect(site / "pas.sqlite") as conn:  # an index in use for three days
+        conn.execute("INSERT INTO audit (at, event, actor, outcome, detail) VALUES "
+                     "(?, 'config', 'operator:test', 'success', 'first start')",
+                     (time.time() - 3 * 86400,))
+    conn.close()
+    destination = tmp_path / "backups"
+    destination.mkdir()
+    backup = Path(json.loads(PasProcess(site, {"PAS_SITE": "SITE-A"}).cli(
+        "backup", str(destination), "--json").stdout)["folder"])
+    made_at = calendar.timegm(time.strptime(
+        json.loads((backup / "MANIFEST.json").read_text())["made_at"], "%Y-%m-%dT%H:%M:%SZ"))
+
+    restored = PasProcess(tmp_path / "home", {"PAS_SITE": "SITE-A"})
+    restored.cli("restore", str(backup))
+    state = restored.status()["backup"]
+    assert (state["last_at"], state["folder"], state["stale"]) == (made_at, str(backup), False)
+    assert state["restored_at"] is not None and state["restored_at"] >= made_at
+    said = restored.cli("status").stdout
+    assert f"{backup}, restored" in " ".join(said.replace("│", " ").split())
+    checks = {c["name"]: c for c in json.loads(
+        restored.cli("doctor", "--json", check=False).stdout)}
+    assert checks["backup"]["verdict"] == "ok", checks["backup"]
+    assert checks["backup"]["detail"].startswith(f"0 min ago: {backup} (restored from it "), \
+        checks["backup"]
+    # The next backup, of the restored index: the last one again, not the restored one.
+    after = tmp_path / "after"
+    after.mkdir()
+    newer = Path(json.loads(restored.cli("backup", str(after), "--json").stdout)["folder"])
+    state = restored.status()["backup"]
+    assert (state["folder"], state["restored_at"]) == (str(newer), None)

@@ -53,6 +53,18 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         yield {"hub": hub, "pas": pas, "viewer": viewer, "site_b": other, "root": root}
 
 
+@pytest.fixture(scope="module")
+def uploaded(fleet: dict[str, Any]) -> dict[str, Any]:
+    """The fleet once the appliance holds the hub's receipt for the study sent at set-up:
+    every instance confirmed, so the upload's figures (the hub job's progress, written
+    bucket by bucket before the commit) are final. A test reading them asks for this
+    rather than counting on an earlier test of the module having waited."""
+    url = f"http://127.0.0.1:{fleet['pas'].http_port}/metrics"
+    wait_for(lambda: metric(httpx.get(url, timeout=10).text, "pas_confirmed_instances")
+             == len(FILES), 90, interval=0.2, what="every instance confirmed by the hub")
+    return fleet
+
+
 def _hub_db(hub: HubProcess) -> Database:
     return Database(hub.home / "hub.sqlite", HUB_MIGRATIONS)
 
@@ -99,8 +111,8 @@ def test_heartbeats_reach_the_dashboard(fleet: dict[str, Any]) -> None:
     assert 0 < metric(scrape, "pas_fleet_site_disk_used_ratio", site="SITE-A") < 1  # type: ignore[operator]
 
 
-def test_appliance_metrics_show_the_link(fleet: dict[str, Any]) -> None:
-    pas: PasProcess = fleet["pas"]
+def test_appliance_metrics_show_the_link(uploaded: dict[str, Any]) -> None:
+    pas: PasProcess = uploaded["pas"]
     text = httpx.get(f"http://127.0.0.1:{pas.http_port}/metrics", timeout=10).text
     assert metric(text, "pas_hub_link_up") == 1
     assert metric(text, "pas_enrolled") == 1

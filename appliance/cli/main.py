@@ -200,7 +200,9 @@ def status(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> No
     table.add_row("last backup", ("none yet" if not backup["stale"] else "NEVER")
                   if backup["last_at"] is None else
                   f"{'STALE, ' if backup['stale'] else ''}{_when(backup['last_at'])}, "
-                  f"{backup['folder']}")
+                  f"{backup['folder']}"
+                  + (f", restored from it {_when(backup['restored_at'])}"
+                     if backup.get("restored_at") else ""))
     console.print(table)
     jobs = Table(title="Jobs")
     for column in ("kind", "pending", "running", "done", "failed"):

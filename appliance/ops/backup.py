@@ -40,7 +40,7 @@ from appliance.ops.backup_folder import (
     utc_stamp,
     write_backup_folder,
 )
-from appliance.store import audit, index
+from appliance.store import audit, backups, index
 from appliance.store.db import Database
 from appliance.store.schema import MIGRATIONS
 from appliance.words import counted
@@ -52,6 +52,8 @@ STALE_AFTER_S = 2 * 86400
 # The start of the export audit row's detail: how pas doctor finds the last backup, wherever
 # it was written (the timer's folder, a drop-in's share, an operator's disk).
 AUDIT_DETAIL = "pas backup: "
+# The manifest's made_at (UTC): pas restore reads it back as the restored backup's time.
+MADE_AT_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 
 def make_backup(settings: Settings, config_file: Path | None, destination: Path,
@@ -91,18 +93,21 @@ def make_backup(settings: Settings, config_file: Path | None, destination: Path,
     return WrittenBackup(final, manifest, pruned)
 
 
-def last_backup(db: Database) -> tuple[float, Path] | None:
-    """When and where the newest whole backup of this index was written, from its export
-    audit row (written once the folder has its final name): ``None`` when there is none.
-    Read through migration 19's index of export rows: the status page asks every 10 s."""
-    row = db.query_one("SELECT at, target FROM audit WHERE event = 'export' AND detail LIKE ? "
-                       "ORDER BY id DESC LIMIT 1", (AUDIT_DETAIL + "%",))
-    return None if row is None else (row["at"], Path(row["target"]))
+def last_backup(db: Database) -> tuple[float, Path, float | None] | None:
+    """When and where the newest whole backup of this index was written, and when this
+    index was restored from it (None: a backup written of this index), ``None`` when there
+    is none: the newest export audit row (written once the folder has its final name), or
+    the backup ``pas restore`` put back, whichever came last
+    (:func:`appliance.store.backups.newest_backup`)."""
+    newest = backups.newest_backup(db, AUDIT_DETAIL)
+    return None if newest is None else (newest["at"], Path(newest["folder"]),
+                                        newest["restored_at"])
 
 
 def backup_state(db: Database, now: float | None = None) -> dict[str, Any]:
     """The newest backup as every screen shows it (``pas doctor``, the status page,
     ``/api/status``, the heartbeat): ``last_at`` and ``folder`` (None: never), ``age_s``,
+    ``restored_at`` (this index restored from that backup then; None otherwise),
     ``index_since`` (the index's first audit row: how long it has existed) and ``stale``,
     true past :data:`STALE_AFTER_S`, or with no backup ever on an index older than that (a
     new appliance whose first night has not come is not stale)."""
@@ -111,11 +116,13 @@ def backup_state(db: Database, now: float | None = None) -> dict[str, Any]:
     first = db.query_one("SELECT min(at) AS at FROM audit")  # the audit_at index
     since = None if first is None else first["at"]
     if newest is None:
-        return {"last_at": None, "folder": None, "age_s": None, "index_since": since,
+        return {"last_at": None, "folder": None, "age_s": None, "restored_at": None,
+                "index_since": since,
                 "stale": since is not None and now - since > STALE_AFTER_S}
-    at, folder = newest
+    at, folder, restored_at = newest
     return {"last_at": at, "folder": str(folder), "age_s": round(max(now - at, 0.0), 1),
-            "index_since": since, "stale": now - at > STALE_AFTER_S}
+            "restored_at": restored_at, "index_since": since,
+            "stale": now - at > STALE_AFTER_S}
 
 
 def _manifest(settings: Settings, folder: Path, config_file: Path | None) -> dict[str, Any]:
@@ -128,7 +135,7 @@ def _manifest(settings: Settings, folder: Path, config_file: Path | None) -> dic
     return {
         "kind": KIND,
         "site": settings.site,
-        "made_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "made_at": time.strftime(MADE_AT_FORMAT, time.gmtime()),
         "software": __version__,
         "schema": schema,
         "home": str(settings.home),

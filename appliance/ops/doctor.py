@@ -422,6 +422,9 @@ def check_backup(settings: Settings, now: float | None = None) -> list[Check]:
                       + BACKUP_FIX)]
     at, folder = state["last_at"], Path(state["folder"])
     age = ago(now - at)
+    # An index pas restore put back: the backup it came from, said as such.
+    restored = "" if state.get("restored_at") is None else \
+        f" (restored from it {ago(now - state['restored_at'])})"
     try:
         os.stat(folder / MANIFEST)
         there = "yes"
@@ -433,8 +436,9 @@ def check_backup(settings: Settings, now: float | None = None) -> list[Check]:
         return [Check("backup", "warn", f"the last backup, {folder} ({age}), is no longer there",
                       "is its disk or share mounted? " + BACKUP_FIX)]
     if state["stale"]:
-        return [Check("backup", "warn", f"the last backup is {age}: {folder}", BACKUP_FIX)]
-    return [Check("backup", "ok", f"{age}: {folder}"
+        return [Check("backup", "warn", f"the last backup is {age}: {folder}{restored}",
+                      BACKUP_FIX)]
+    return [Check("backup", "ok", f"{age}: {folder}{restored}"
                   + (" (not readable by this user: run as pas to check it is there)"
                      if there == "unknown" else ""))]
 

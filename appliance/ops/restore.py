@@ -18,6 +18,7 @@ time>``.
 
 from __future__ import annotations
 
+import calendar
 import json
 import os
 import shutil
@@ -28,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from appliance.config import Settings
-from appliance.ops.backup import KIND
+from appliance.ops.backup import KIND, MADE_AT_FORMAT
 from appliance.ops.backup_folder import MANIFEST, sha256_of
-from appliance.store import audit
+from appliance.store import backups
 from appliance.store.damage import damage_of, set_aside
 from appliance.store.db import Database
 from appliance.store.ops import schema_version_of
@@ -68,6 +69,7 @@ def check_backup(settings: Settings, folder: Path) -> dict[str, Any]:
             f"site {settings.site!r} (site in its configuration): restored, it would speak "
             f"to the hub as that site. Restore a pas-backup-{settings.site}-... folder (or "
             "put this site's configuration back first). Nothing restored")
+    made_at(folder, manifest)
     files = manifest.get("files")
     if not isinstance(files, dict) or "pas.sqlite" not in files:
         raise RestoreRefused(f"{folder}/{MANIFEST} names no pas.sqlite: not a whole backup; "
@@ -122,11 +124,15 @@ def restore_backup(settings: Settings, folder: Path, actor: str,
         fsync_dir(home)
         restored = Database(settings.db_path)  # migrated here when the backup is older
         try:
-            audit.record(restored, "recovery", actor=actor, outcome="success",
-                         detail=f"pas restore: the index and the enrolment of {folder} "
-                                f"(written {manifest.get('made_at')})"
-                                + (f"; the home's index set aside as {index_aside.name}"
-                                   if index_aside else ""))
+            # The backup's own export row is not in its index (written after the copy): the
+            # restore says which backup this index now is, for pas status and pas doctor.
+            backups.record_restore(
+                restored, made_at=made_at(folder, manifest), folder=folder.resolve(),
+                actor=actor,
+                detail=f"pas restore: the index and the enrolment of {folder} "
+                       f"(written {manifest.get('made_at')})"
+                       + (f"; the home's index set aside as {index_aside.name}"
+                          if index_aside else ""))
         finally:
             restored.close()
     finally:
@@ -135,6 +141,19 @@ def restore_backup(settings: Settings, folder: Path, actor: str,
     config = folder / Path(config_name).name if config_name else None
     return Restored(manifest, index_aside, pki_aside,
                     config if config is not None and config.is_file() else None)
+
+
+def made_at(folder: Path, manifest: dict[str, Any]) -> float:
+    """When the backup was written, from its manifest (``made_at``, UTC, as ``pas backup``
+    writes it): the time ``pas status`` and ``pas doctor`` give the last backup once it is
+    restored. Raises :class:`RestoreRefused` when it is not such a time."""
+    written = manifest.get("made_at")
+    try:
+        return float(calendar.timegm(time.strptime(str(written), MADE_AT_FORMAT)))
+    except ValueError:
+        raise RestoreRefused(f"{folder}/{MANIFEST}: made_at {written!r} is not a UTC time "
+                             "(YYYY-MM-DDTHH:MM:SSZ): the manifest is damaged; nothing "
+                             "restored") from None
 
 
 def _manifest(folder: Path) -> dict[str, Any]:

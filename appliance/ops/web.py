@@ -172,6 +172,8 @@ def _backup_card(state: dict[str, Any]) -> str:
     if state["last_at"] is not None:
         css = "warn" if state["stale"] else "fresh"
         text, detail = ago(state["age_s"]), _esc(state["folder"])
+        if state.get("restored_at") is not None:  # this index is that backup, put back
+            detail += f" (restored from it {_when(state['restored_at'])})"
     elif state["stale"]:
         css, text = "warn", "never"
         detail = "systemctl status pas-backup.timer"

@@ -118,7 +118,7 @@ def record_in(conn: sqlite3.Connection, event: str, *, actor: str | None,
               outcome: str = "success", target: str | None = None, source: str | None = None,
               detail: str | None = None, patient: str | None = None,
               sop_class: str | None = None, query: bytes | None = None,
-              query_syntax: str | None = None) -> None:
+              query_syntax: str | None = None) -> int:
     """Append one row as part of the transaction ``conn`` is in (opened by
     :meth:`Database.transaction`), so it commits with the state change it records or not at
     all (invariant 3). It used to be written in a transaction of its own after the change
@@ -133,7 +133,10 @@ def record_in(conn: sqlite3.Connection, event: str, *, actor: str | None,
     ``sop_class``: the information model a query asked under (the ATNA Query message's
     "SOP Queried" object, PS3.15 A.5.3.2); None for other events. ``query``: the query as
     the requester sent it (a C-FIND identifier's bytes, in ``query_syntax``, its transfer
-    syntax; a QIDO-RS request's path and query string), the message's ParticipantObjectQuery."""
+    syntax; a QIDO-RS request's path and query string), the message's ParticipantObjectQuery.
+
+    Returns the row's id: a row of another table written in the same transaction may name
+    it (:func:`appliance.store.backups.record_restore`)."""
     entry: dict[str, Any] = {}
     after_commit(conn, lambda: _publish(entry))  # first: refused, it must write nothing
     at = now()
@@ -149,6 +152,7 @@ def record_in(conn: sqlite3.Connection, event: str, *, actor: str | None,
                   "source": source, "target": target, "outcome": outcome, "detail": detail,
                   "patient": named, "sop_class": sop_class, "query": query,
                   "query_syntax": query_syntax})
+    return int(cursor.lastrowid or 0)
 
 
 def _publish(entry: dict[str, Any]) -> None:

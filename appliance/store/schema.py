@@ -498,4 +498,16 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE INDEX audit_deletes ON audit (id) WHERE event = 'delete';
     """,
+    # 21 (appliance/store/backups.py): the backups ``pas restore`` put back. A backup's
+    # index is copied before ``pas backup`` writes its ``export`` audit row, so the restored
+    # index did not hold it: pas status, pas doctor, the status page and the heartbeat said
+    # no backup was ever written (or named the one before). One row per restore, keyed by
+    # its ``recovery`` audit row: its place among the export rows says which came last.
+    """
+    CREATE TABLE restored_backups (
+        audit_id INTEGER PRIMARY KEY REFERENCES audit (id),
+        made_at REAL NOT NULL,         -- when the backup was written (its MANIFEST.json)
+        folder TEXT NOT NULL           -- the backup folder it was restored from
+    );
+    """,
 ]
