@@ -42,6 +42,7 @@ from tests.support.hub import HubProcess, enroll
 from tests.support.peers import (
     CT_DIR,
     DCMTK_ENV,
+    PAS_BIN,
     PasProcess,
     StoreSCP,
     read_rows,
@@ -530,3 +531,24 @@ def test_status_and_doctor_name_the_restored_backup_as_the_last_one(tmp_path: Pa
     newer = Path(json.loads(restored.cli("backup", str(after), "--json").stdout)["folder"])
     state = restored.status()["backup"]
     assert (state["folder"], state["restored_at"]) == (str(newer), None)
+
+
+def test_a_backup_to_a_relative_folder_is_found_from_anywhere(tmp_path: Path) -> None:
+    """``pas backup b`` recorded the folder as given, relative to where it ran: ``pas status``
+    and ``pas doctor``, run from another directory, then named a backup that was not there.
+    The folder is recorded absolute."""
+    from appliance.store.db import Database
+
+    site = tmp_path / "site"
+    Database(site / "pas.sqlite").close()
+    pas = PasProcess(site, {"PAS_SITE": "SITE-A"})
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    (work / "b").mkdir(parents=True)
+    elsewhere.mkdir()
+    made = subprocess.run([str(PAS_BIN), *pas.cli_prefix, "backup", "b", "--json"], env=pas.env,
+                          cwd=work, capture_output=True, text=True, timeout=60, check=True)
+    folder = Path(json.loads(made.stdout)["folder"])
+    assert folder.is_absolute() and folder.parent == work / "b", folder
+    status = subprocess.run([str(PAS_BIN), *pas.cli_prefix, "status", "--json"], env=pas.env,
+                            cwd=elsewhere, capture_output=True, text=True, timeout=60, check=True)
+    assert json.loads(status.stdout)["backup"]["folder"] == str(folder)

@@ -78,6 +78,9 @@ def make_backup(settings: Settings, config_file: Path | None, destination: Path,
         return _manifest(settings, building, config_file)
 
     refuse_another_schema(settings.db_path, len(MIGRATIONS), "the index", "pas", "pas backup")
+    # Absolute: the audit row names it for pas status and pas doctor, which may run from
+    # another directory (a relative "b" read as "no longer there").
+    destination = destination.absolute()
     prefix = f"pas-backup-{settings.site}-"
     final, manifest = write_backup_folder(destination, prefix + utc_stamp(at), fill)
     live = Database(settings.db_path)
