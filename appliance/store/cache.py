@@ -100,6 +100,12 @@ def reconcile(db: Database, spool: Spool) -> Iterator[Reconciled]:
             row, file = next(rows, None), next(files, None)
 
 
+def is_indexed(db: Database, path: str) -> bool:
+    """Whether a row names ``path`` now: a file :func:`reconcile` gave as unindexed may have
+    been an instance in flight (the spool writes its file, then the index commits its row)."""
+    return db.query_one("SELECT 1 FROM instances WHERE path = ? LIMIT 1", (path,)) is not None
+
+
 def _indexed_by_path(db: Database) -> Iterator[tuple[str, int, int]]:
     """(path, size, first instance id) of each indexed file, in path order (SQLite's binary
     order: UTF-8 bytes, which is Python's order of the same strings)."""
