@@ -315,3 +315,19 @@ def test_the_ack_is_written_in_the_message_s_own_delimiters(pas_input: PasProces
     assert err[3] == "100$Segment sequence error$HL70357", nak
     assert not [r for r in requests(pas_input) if "|ORDD3" in r["dedup_key"]
                 or "|ORDD4" in r["dedup_key"]]
+
+
+def test_a_letter_among_the_delimiters_is_refused_by_name(pas_input: PasProcess) -> None:
+    """The fuzzer's merge with MSH-2 ``^~\\MSH&``: its subcomponent delimiter ``M`` cut the
+    MRG segment's name, the merge reading found the segment by its text and the hl7 package
+    then did not (KeyError: an AE "internal error"). Delimiters that are letters, digits or
+    spaces are refused, naming them; nothing is recorded."""
+    merge = "\r".join(["MSH|^~\\MSH&|ADT|HOSP|PAS|HOSP|20260101120000||ADT^A40^ADT_A39|DL1|P|2.5",
+                       "EVN|A40", "PID|1||PAT004^^^HOSP", "MRG|PAT005^^^HOSP"])
+    (nak,) = exchange(pas_input, SB + merge.encode() + EB)
+    assert b"|AR|" in nak and b"delimiters" in nak and b"'M' cannot be one" in nak, nak
+    assert b"internal error" not in nak
+    ordered = orm("DL2", "ORDDL2").replace("MSH|^~\\&|", "MSH|^~\\1|", 1)
+    (nak,) = exchange(pas_input, SB + ordered.encode() + EB)
+    assert b"|AR|" in nak and b"'1' cannot be one" in nak, nak
+    assert not [r for r in requests(pas_input) if r["dedup_key"].endswith("|ORDDL2")]

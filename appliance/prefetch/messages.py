@@ -310,6 +310,16 @@ def parse_message(text: str) -> hl7.Message:
                       "segment")
     if len(text) < 8:
         raise Refusal("AR", "100", "MSH segment too short to carry its encoding characters")
+    # MSH-1 and the four encoding characters of MSH-2 split every segment, its name too: a
+    # letter there (the fuzzer's "MSH|^~\\MSH&") cut "MRG" into pieces that the merge
+    # reading found by its text and the hl7 package then did not (a KeyError, answered as
+    # an internal error). HL7 v2 (2.5.4) has them printable and neither letters nor digits.
+    delimiters = text[3] + text[4:].split(text[3], 1)[0][:4]
+    bad = [c for c in delimiters if c.isalnum() or c.isspace() or not c.isprintable()]
+    if bad:
+        raise Refusal("AR", "100", f"MSH-1/MSH-2 delimiters {delimiters!r}: {bad[0]!r} cannot "
+                      "be one (a delimiter is a printable character, not a letter, digit or "
+                      "space)")
     text = _segments_read(text)
     try:
         return hl7.parse(text)
@@ -479,7 +489,10 @@ def _site_repetition(message: hl7.Message, site_issuers: Collection[str],
     if not site_issuers:
         return 1
     wanted = {issuer.casefold() for issuer in site_issuers}  # as PrefetchSection.region_issuer
-    found = message.segment(segment)
+    try:
+        found = message.segment(segment)
+    except KeyError:  # no such segment: its absence is refused by the caller, naming it
+        return 1
     field = found[number] if len(found) > number else []
     repetitions = len(field) if field and not isinstance(field[0], str) else 1
     for repetition in range(1, repetitions + 1):
