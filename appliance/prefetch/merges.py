@@ -83,9 +83,8 @@ def interpret_merges(message: hl7.Message,
             except Refusal as refusal:
                 if len(pairs) == 1:
                     raise
-                raise Refusal(refusal.ack_code, refusal.error_code,
-                              f"patient {number} of {len(pairs)} (PID #{number}): "
-                              f"{refusal.reason}") from None
+                raise refusal.of_part(
+                    f"patient {number} of {len(pairs)} (PID #{number})") from None
     except Refusal as refusal:
         raise Refusal(refusal.ack_code, refusal.error_code, refusal.reason, message_type,
                       control_id) from None

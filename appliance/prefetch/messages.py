@@ -101,6 +101,11 @@ class Refusal(Exception):
     def __str__(self) -> str:
         return self.reason
 
+    def of_part(self, part: str) -> Refusal:
+        """The same refusal, its reason naming the ``part`` of a message of several (an
+        order group, a merged patient) that it is about."""
+        return Refusal(self.ack_code, self.error_code, f"{part}: {self.reason}")
+
 
 # HL7 table 0211 (MSH-18) -> Python codec, for the character sets whose ASCII bytes are ASCII
 # (MLLP framing and the MSH must read as such); a name outside it that Python knows as a text
@@ -465,9 +470,8 @@ def interpret(message: hl7.Message, issuer_default: str = "",
             except Refusal as refusal:
                 if len(views) == 1:
                     raise
-                raise Refusal(refusal.ack_code, refusal.error_code,
-                              f"order group {number} of {len(views)} (ORC #{number}): "
-                              f"{refusal.reason}") from None
+                raise refusal.of_part(
+                    f"order group {number} of {len(views)} (ORC #{number})") from None
             orders.append(PrefetchOrder(
                 message_key, message_type, control_id, dedup_key, patient_id, issuer,
                 accession or None, (modality or "").upper() or None, body_part or None,
