@@ -294,3 +294,50 @@ def _firstboot() -> Any:
     firstboot = importlib.util.module_from_spec(spec)
     loader.exec_module(firstboot)
     return firstboot
+
+
+def test_the_console_questions_do_not_show_the_enrolment_token(tmp_path: Path) -> None:
+    """At the console (no seed), pas-firstboot asks its questions on a terminal that a KVM
+    switch, a shared screen or a recorder may show: the enrolment token (a credential that
+    enrols a site) is read without echo, the other answers are shown as typed."""
+    import json
+    import pty
+    import select
+    import sys
+
+    token = "CHU-NORD.s3cretTokenPart.abcdef0123"
+    out = tmp_path / "seed.json"
+    script = ROOT / "image" / "rootfs" / "usr" / "local" / "sbin" / "pas-firstboot"
+    child = ("import importlib.machinery, importlib.util, json, sys\n"
+             f"loader = importlib.machinery.SourceFileLoader('fb', {str(script)!r})\n"
+             "spec = importlib.util.spec_from_loader('fb', loader)\n"
+             "fb = importlib.util.module_from_spec(spec); loader.exec_module(fb)\n"
+             f"open({str(out)!r}, 'w').write(json.dumps(fb.ask()))\n")
+    answers = {"Site name": "CHU-NORD", "AE title": "", "Modality AE": "CT1,MR1",
+               "Static address": "", "Regional hub URL": "https://hub.example:8443",
+               "Enrolment token": token}
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the pty is its controlling terminal, as the console is
+        os.execv(sys.executable, [sys.executable, "-c", child])
+    shown = b""
+    pending = list(answers.items())
+    while True:
+        ready, _, _ = select.select([fd], [], [], 30)
+        assert ready, f"no question after 30 s; the console showed {shown!r}"
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the child ended and closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+        if pending and pending[0][0].encode() in shown.rsplit(b"\n", 1)[-1] + chunk:
+            os.write(fd, pending.pop(0)[1].encode() + b"\n")
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, shown.decode(errors="replace")
+    assert not pending, shown.decode(errors="replace")
+    seed = json.loads(out.read_text())
+    assert seed["hub"] == {"url": "https://hub.example:8443", "token": token}
+    assert seed["site"] == "CHU-NORD" and seed["known_aes"] == ["CT1", "MR1"]
+    assert b"CHU-NORD" in shown and b"hub.example" in shown  # other answers echo as typed
+    assert token.encode() not in shown and b"s3cret" not in shown, shown.decode(errors="replace")
