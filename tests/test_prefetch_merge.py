@@ -150,6 +150,27 @@ def test_a40_moves_a_john_doe_s_pending_orders_to_the_real_patient(pas: PasProce
     assert shape(pas) == shown
 
 
+def test_a40_with_assigning_authorities_given_as_oids_alone(pas: PasProcess) -> None:
+    """An order and a merge whose PID-3 and MRG-1 name their assigning authority by OID
+    alone (CX-4.2, ``^^^&1.2.250.1.71.4.2.1&ISO``, as IHE PAM France senders write it): the
+    request's issuer is the OID and the merge finds it. Before, the issuer was read from
+    CX-4.1 only and stored empty, and another authority's patient of the same number with
+    no issuer was the same patient to PAS."""
+    oid = "1.2.250.1.71.4.2.1"
+    (ack,) = send(pas, orm("OID1", "M-OID", "JD7").replace("^^^HOSP^MR", f"^^^&{oid}&ISO^PI"))
+    assert msa(ack)[0] == "AA"
+    (request,) = [r for r in listed(pas).values() if r["dedup_key"].endswith("|M-OID")]
+    assert (request["patient_id"], request["issuer"], request["dedup_key"]) == \
+        ("JD7", oid, f"order:JD7|{oid}|M-OID")
+    (ack,) = send(pas, merge("MGOID", f"PID|1||R7^^^&{oid}&ISO^PI||DOE^JOHN",
+                             f"MRG|JD7^^^&{oid}&ISO^PI"))
+    assert msa(ack)[:2] == ("AA", "MGOID")
+    assert msa(ack)[2] == f"patient JD7 ({oid}) into R7 ({oid}): 1 prefetch request moved"
+    moved = listed(pas)[request["id"]]
+    assert (moved["patient_id"], moved["issuer"], moved["dedup_key"], moved["state"]) == \
+        ("R7", oid, f"order:R7|{oid}|M-OID", "pending")
+
+
 def test_older_forms_and_several_patients_in_one_a40(pas: PasProcess) -> None:
     """A18 (v2.2) and A34 with MRG-1 giving no issuer (the surviving patient's is taken), and
     one A40 merging two patients: each pair moves its own."""

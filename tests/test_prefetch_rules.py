@@ -156,6 +156,28 @@ def test_issuer_from_pid3_and_scheduled_time_from_obr27() -> None:
         interpret(parse_message("MSH|^~\\&|A|B|C|D|2026||ADT^A01|Z|P|2.5\rPID|1||9"))
 
 
+def test_an_issuer_given_as_an_oid_alone_is_the_oid() -> None:
+    """PID-3 whose assigning authority is an OID alone (CX-4.2, IHE PAM and French senders):
+    the request's issuer is the OID, and ``prefetch.issuer_map`` may name it to choose the
+    repetition. Read as CX-4.1 only, it was stored empty and could not be mapped."""
+    def order_of(pid3: str, site_issuers: list[str] | None = None) -> tuple[str, str]:
+        (order,) = interpret(parse_message("\r".join([
+            "MSH|^~\\&|RIS|H|PAS|H|20261123||ORM^O01|X1|P|2.5", f"PID|1||{pid3}",
+            "ORC|NW|P1|F1", "OBR|1|P1|F1|CT^CT|||||||||||||A77||||||CT"])),
+            site_issuers=site_issuers or [])
+        return order.patient_id, order.issuer
+
+    assert order_of("IPP42^^^&1.2.250.1.71.4.2.1&ISO^PI") == ("IPP42", "1.2.250.1.71.4.2.1")
+    ins = "1234567890123^^^&1.2.250.1.213.1.4.8&ISO^INS"
+    both = f"{ins}~IPP42^^^&1.2.250.1.71.4.2.1&ISO^PI"
+    assert order_of(both) == ("1234567890123", "1.2.250.1.213.1.4.8")  # no map: the first
+    assert order_of(both, ["1.2.250.1.71.4.2.1"]) == ("IPP42", "1.2.250.1.71.4.2.1")
+    # a namespace with its OID: the namespace, as before, and the map may name either
+    named = f"{ins}~IPP42^^^CHU-A&1.2.250.1.71.4.2.1&ISO^PI"
+    assert order_of(named, ["1.2.250.1.71.4.2.1"]) == ("IPP42", "CHU-A")
+    assert order_of(named, ["chu-a"]) == ("IPP42", "CHU-A")
+
+
 def test_multipart_parts() -> None:
     body = (b"--abc\r\nContent-Type: application/dicom\r\n\r\nFIRST\r\n--abc\r\n"
             b"Content-Type: application/dicom\r\n\r\nSEC\r\nOND\r\n--abc--\r\n")

@@ -39,6 +39,7 @@ from appliance.prefetch.messages import (
     _msh_field,
     _refuse_undecodable,
     _site_repetition,
+    identifier_issuer,
 )
 
 
@@ -129,13 +130,13 @@ def _merge(pair: hl7.Message, site_issuers: Collection[str], message_key: str,
     patient_id = _field(pair, f"PID.F3.R{repetition}.C1")
     if not patient_id:
         raise Refusal("AE", "101", "PID-3 patient identifier is missing")
-    issuer = _field(pair, f"PID.F3.R{repetition}.C4.S1")
+    issuer = identifier_issuer(pair, f"PID.F3.R{repetition}")
     prior_repetition = _site_repetition(pair, [issuer] if issuer else site_issuers, "MRG", 1)
     prior_id = _field(pair, f"MRG.F1.R{prior_repetition}.C1")
     if not prior_id:
         raise Refusal("AE", "101", "MRG-1 prior patient identifier is missing: which "
                       "patient is merged away is not said")
-    prior_issuer = _field(pair, f"MRG.F1.R{prior_repetition}.C4.S1") or issuer
+    prior_issuer = identifier_issuer(pair, f"MRG.F1.R{prior_repetition}") or issuer
     _refuse_undecodable(pair, {"PID-3 patient identifier": patient_id,
                                "PID-3.4 issuer": issuer,
                                "MRG-1 prior patient identifier": prior_id,

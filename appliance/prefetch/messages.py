@@ -452,7 +452,7 @@ def interpret(message: hl7.Message, issuer_default: str = "",
         patient_id = _field(message, f"PID.F3.R{repetition}.C1")
         if not patient_id:
             raise Refusal("AE", "101", "PID-3 patient identifier is missing")
-        issuer = _field(message, f"PID.F3.R{repetition}.C4.S1") or issuer_default
+        issuer = identifier_issuer(message, f"PID.F3.R{repetition}") or issuer_default
         _refuse_undecodable(message, {"PID-3 patient identifier": patient_id,
                                       "PID-3.4 issuer": issuer,
                                       "MSH-3/MSH-4/MSH-10": message_key})
@@ -484,8 +484,8 @@ def interpret(message: hl7.Message, issuer_default: str = "",
 
 def _site_repetition(message: hl7.Message, site_issuers: Collection[str],
                      segment: str = "PID", number: int = 3) -> int:
-    """The PID-3 repetition (``segment``-``number``: MRG-1 for a merge) whose issuer (CX-4.1)
-    is one of ``site_issuers``, else 1.
+    """The PID-3 repetition (``segment``-``number``: MRG-1 for a merge) whose issuer (CX-4.1
+    namespace or CX-4.2 OID) is one of ``site_issuers``, else 1.
 
     A French RIS sends the INS (``...^^^ASIP-SANTE-INS-NIR&1.2.250.1.213.1.4.8&ISO^INS``)
     and the hospital's IPP in PID-3, in either order: the first alone queried the region
@@ -502,12 +502,24 @@ def _site_repetition(message: hl7.Message, site_issuers: Collection[str],
     for repetition in range(1, repetitions + 1):
         try:
             path = f"{segment}.F{number}.R{repetition}"
-            if _field(message, f"{path}.C4.S1").casefold() in wanted and \
-                    _field(message, f"{path}.C1"):
+            names = {_field(message, f"{path}.C4.S{part}").casefold() for part in (1, 2)}
+            if names & wanted and _field(message, f"{path}.C1"):
                 return repetition
         except Refusal:
             continue  # an identifier of another issuer that cannot be read: not this one
     return 1
+
+
+def identifier_issuer(message: hl7.Message, path: str) -> str:
+    """The assigning authority of the CX identifier at ``path`` (``PID.F3.R2``, ``MRG.F1.R1``):
+    its namespace (CX-4.1, ``CHU-A``), else its universal ID (CX-4.2, the OID), else ''.
+
+    French and IHE PAM senders often give the authority as an OID alone
+    (``IPP42^^^&1.2.250.1.71.4.2.1&ISO^PI``). Read as CX-4.1 only, that issuer was stored
+    empty: ``prefetch.issuer_map`` could not name it, so the region was asked by PatientID
+    alone, and the request could not be told from another authority's patient of the same
+    number."""
+    return _field(message, f"{path}.C4.S1") or _field(message, f"{path}.C4.S2")
 
 
 def _refuse_undecodable(message: hl7.Message, stored: dict[str, str]) -> None:
