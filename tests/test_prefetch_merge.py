@@ -213,8 +213,9 @@ def test_a47_moves_the_wrong_identifier_s_pending_requests_to_the_corrected_one(
 
     (ack,) = send(pas, merge("CH47", "PID|1||C47^^^HOSP^MR||DOE^JANE", "MRG|W47^^^HOSP^MR",
                              event="A47"))
-    assert msa(ack) == ("AA", "CH47", "patient W47 (HOSP) into C47 (HOSP): 3 prefetch "
-                        "requests moved")
+    # Said as what it is: an identifier corrected, not two patients merged.
+    assert msa(ack) == ("AA", "CH47", "identifier W47 (HOSP) corrected to C47 (HOSP): 3 "
+                        "prefetch requests moved")
     assert str(ack.segment("MSH")[9]) == "ACK^A47^ACK"
 
     after = {r["id"]: r for r in requests(pas)}
@@ -229,8 +230,8 @@ def test_a47_moves_the_wrong_identifier_s_pending_requests_to_the_corrected_one(
     rows = [r for r in json.loads(pas.cli("audit", "--event", "merge", "--json").stdout)
             if r["detail"].startswith("ADT^A47")]
     assert [(r["patient"], r["outcome"], r["detail"]) for r in rows] == [(
-        "C47\\W47", "success", f"ADT^A47: patient W47 (HOSP) into C47 (HOSP); prefetch "
-        f"requests not yet done moved: #{ct}, #{mr}, #{appt}")]
+        "C47\\W47", "success", f"ADT^A47: identifier W47 (HOSP) corrected to C47 (HOSP); "
+        f"prefetch requests not yet done moved: #{ct}, #{mr}, #{appt}")]
 
     # The RIS's next message about the CT order names C47: it finds the moved request.
     (ack,) = send(pas, orm("C2", "W-CT", "C47"))
@@ -259,11 +260,12 @@ def test_a47_moves_the_wrong_identifier_s_pending_requests_to_the_corrected_one(
      "MRG segment is missing (PID #2)"),
     # A47 (change patient identifier list) is read by the same code: refused alike.
     ("A47", ("PID|1||R9^^^HOSP",), "AE",
-     "MRG segment is missing: ADT^A47 names the patient merged"),
+     "MRG segment is missing: ADT^A47 names the identifier corrected"),
     ("A47", ("PID|1||R9^^^HOSP", "MRG|^^^HOSP"), "AE",
      "MRG-1 prior patient identifier is missing"),
     ("A47", ("PID|1||JD9^^^HOSP", "MRG|JD9"), "AE",
-     "MRG-1 prior patient identifier JD9 (issuer HOSP) is PID-3's own"),
+     "MRG-1 prior patient identifier JD9 (issuer HOSP) is PID-3's own: an identifier cannot "
+     "be corrected to itself"),
     ("A47", ("MRG|JD9^^^HOSP", "PID|1||R9^^^HOSP"), "AE", "MRG segment before any PID"),
 ], ids=["no-mrg", "empty-mrg-1", "same-id", "mrg-first", "empty-pid-3", "second-pid-no-mrg",
         "a47-no-mrg", "a47-empty-mrg-1", "a47-same-id", "a47-mrg-first"])

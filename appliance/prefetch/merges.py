@@ -117,11 +117,19 @@ def _pairs(message: hl7.Message, message_type: str) -> list[hl7.Message]:
     for number, pair in enumerate(pairs, 1):
         if len(pair) < 2:
             of = f" (PID #{number})" if len(pairs) > 1 else ""
+            what = ("the identifier corrected" if is_correction(message_type)
+                    else "the patient merged away")
             raise Refusal("AE", "100", f"MRG segment is missing{of}: {message_type} names "
-                          "the patient merged away (its prior identifier, MRG-1) there")
+                          f"{what} (its prior identifier, MRG-1) there")
     return [hl7.Message(message.separator, header + pair, esc=message.esc,
                         separators=message.separators, factory=message.factory)
             for pair in pairs]
+
+
+def is_correction(message_type: str) -> bool:
+    """An A47 (change patient identifier list): one patient's identifier corrected, not two
+    patients merged; its refusals, ACK and audit say so."""
+    return message_type.split("^")[1:2] == ["A47"]
 
 
 def _merge(pair: hl7.Message, site_issuers: Collection[str], message_key: str,
@@ -135,7 +143,8 @@ def _merge(pair: hl7.Message, site_issuers: Collection[str], message_key: str,
     prior_id = _field(pair, f"MRG.F1.R{prior_repetition}.C1")
     if not prior_id:
         raise Refusal("AE", "101", "MRG-1 prior patient identifier is missing: which "
-                      "patient is merged away is not said")
+                      + ("identifier is corrected" if is_correction(message_type)
+                         else "patient is merged away") + " is not said")
     prior_issuer = identifier_issuer(pair, f"MRG.F1.R{prior_repetition}") or issuer
     _refuse_undecodable(pair, {"PID-3 patient identifier": patient_id,
                                "PID-3.4 issuer": issuer,
@@ -145,6 +154,8 @@ def _merge(pair: hl7.Message, site_issuers: Collection[str], message_key: str,
     if (prior_id, prior_issuer) == (patient_id, issuer):
         named = f"{prior_id}" + (f" (issuer {issuer})" if issuer else "")
         raise Refusal("AE", "205", f"MRG-1 prior patient identifier {named} is PID-3's own: "
-                      "a patient cannot be merged into itself")
+                      + ("an identifier cannot be corrected to itself"
+                         if is_correction(message_type) else
+                         "a patient cannot be merged into itself"))
     return PatientMerge(message_key, message_type, control_id, patient_id, issuer, prior_id,
                         prior_issuer)

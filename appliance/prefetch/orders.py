@@ -15,7 +15,7 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 from appliance.prefetch.acks import build_ack
-from appliance.prefetch.merges import interpret_merges, is_merge
+from appliance.prefetch.merges import interpret_merges, is_correction, is_merge
 from appliance.prefetch.messages import (
     PrefetchOrder,
     Refusal,
@@ -94,7 +94,8 @@ def _merge(db: Database, message: Any, source: str, site_issuers: Collection[str
     first = merges[0]
     recorded = prefetch_merge.record_merges(
         db, first.message_key, first.message_type,
-        [prefetch_merge.Merge(m.prior_id, m.prior_issuer, m.patient_id, m.issuer)
+        [prefetch_merge.Merge(m.prior_id, m.prior_issuer, m.patient_id, m.issuer,
+                              correction=is_correction(m.message_type))
          for m in merges], source)
     if not recorded.first:
         return _duplicate(message, first.message_type, first.control_id, source)
@@ -103,17 +104,18 @@ def _merge(db: Database, message: Any, source: str, site_issuers: Collection[str
     said = []
     for merged in recorded.merged:
         moved = counted(len(merged.moved), "prefetch request")
-        log.info("HL7 %s %s from %s: patient %s merged: %s moved%s", first.message_type,
-                 first.control_id, source, merged.merge.describe(), moved,
+        log.info("HL7 %s %s from %s: %s: %s moved%s", first.message_type,
+                 first.control_id, source, merged.merge.said(), moved,
                  f" ({', '.join(f'#{n}' for n in merged.moved)})" if merged.moved else "")
-        text = f"patient {merged.merge.describe()}: {moved} moved"
+        text = f"{merged.merge.said()}: {moved} moved"
         if merged.folded:
-            log.info("HL7 %s %s: %s of %s cancelled, the surviving patient's already held "
-                     "its order: %s", first.message_type, first.control_id,
+            log.info("HL7 %s %s: %s of %s cancelled, %s already held its order: %s",
+                     first.message_type, first.control_id,
                      counted(len(merged.folded), "request"), merged.merge.prior_id,
+                     merged.merge.survivor,
                      ", ".join(f"#{old} (held by #{holder})" for old, holder in merged.folded))
-            text += (f", {counted(len(merged.folded), 'request')} cancelled (the surviving "
-                     "patient's held the same order)")
+            text += (f", {counted(len(merged.folded), 'request')} cancelled "
+                     f"({merged.merge.survivor} held the same order)")
         said.append(text)
     return build_ack(message, "AA", "; ".join(said))
 

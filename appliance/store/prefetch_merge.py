@@ -42,16 +42,36 @@ NOT_DONE = ("pending", "running")
 
 @dataclass(frozen=True)
 class Merge:
-    """The prior patient (MRG-1) merged into the surviving one (PID-3)."""
+    """The prior patient (MRG-1) merged into the surviving one (PID-3); ``correction``: an
+    A47, one identifier of the same patient corrected (no second patient involved)."""
 
     prior_id: str
     prior_issuer: str
     patient_id: str
     issuer: str
+    correction: bool = False
 
     def describe(self) -> str:
+        """The merge as the message record keeps it (a resend is compared on it): the same
+        words for A40 and A47, as recorded before A47 had its own."""
         return (f"{_who(self.prior_id, self.prior_issuer)} into "
                 f"{_who(self.patient_id, self.issuer)}")
+
+    def said(self) -> str:
+        """For people (ACK, audit, log, a request's last error): an identity-vigilance team
+        tells a merge of two patients from one identifier typed wrong."""
+        if self.correction:
+            return (f"identifier {_who(self.prior_id, self.prior_issuer)} corrected to "
+                    f"{_who(self.patient_id, self.issuer)}")
+        return f"patient {self.describe()}"
+
+    @property
+    def verb(self) -> str:
+        return "corrected" if self.correction else "merged"
+
+    @property
+    def survivor(self) -> str:
+        return "the corrected identifier's" if self.correction else "the surviving patient's"
 
 
 @dataclass(frozen=True)
@@ -106,7 +126,7 @@ def _merge(conn: Any, merge: Merge, at: float) -> Merged:
         if holder is not None:
             conn.execute(
                 f"UPDATE prefetch_requests SET {CANCEL_SET}, last_error = ? WHERE id = ?",
-                (at, at, f"patient {merge.describe()} merged: request {holder} already "
+                (at, at, f"{merge.said()} {merge.verb}: request {holder} already "
                  "holds this order", row["id"]))
             folded.append((int(row["id"]), holder))
             continue
@@ -155,9 +175,9 @@ def _who(patient_id: str, issuer: str) -> str:
 
 def _audit_detail(message_type: str, merged: Merged) -> str:
     moved = ", ".join(f"#{n}" for n in merged.moved) or "none"
-    text = (f"{message_type}: patient {merged.merge.describe()}; prefetch requests not yet "
+    text = (f"{message_type}: {merged.merge.said()}; prefetch requests not yet "
             f"done moved: {moved}")
     if merged.folded:
-        text += "; cancelled, the surviving patient's request already holding the order: " + \
+        text += f"; cancelled, {merged.merge.survivor} request already holding the order: " + \
             ", ".join(f"#{old} (held by #{holder})" for old, holder in merged.folded)
     return text
