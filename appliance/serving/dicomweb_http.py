@@ -105,10 +105,10 @@ class ClosingStream(StreamingResponse):
     space that long: tests/test_transcode_memory.py)."""
 
     def __init__(self, content: Iterator[bytes], media_type: str,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, status_code: int = 200):
         self._source = content
-        super().__init__(iterate_in_threadpool(content), media_type=media_type,
-                         headers=headers)
+        super().__init__(iterate_in_threadpool(content), status_code=status_code,
+                         media_type=media_type, headers=headers)
 
     async def stream_response(self, send: Send) -> None:
         try:

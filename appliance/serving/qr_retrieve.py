@@ -2,16 +2,18 @@
 
 Owns: turning a C-MOVE/C-GET identifier into the instances it names
 (:func:`appliance.store.retrieve.retrieve_plan`, after fetching through ``fetcher`` a study
-missing here, or at any level the studies of the instances asked whose file is lost),
-refusing one that cannot be served before any sub-operation (the status PS3.4
-gives the problem), opening a C-MOVE's sub-association to a configured destination (its
-contexts, TLS, and why it did not come up are ``qr_associations.py``'s), choosing per instance
-whether to send the stored bytes as they are (the viewer accepted the stored transfer syntax)
-or a copy in explicit/implicit little endian (never fail because a viewer lacks JPEG-LS), and
-the outcome each retrieve's audit row says. Split from ``qr.py``, which keeps the C-FIND
-handler, registers these handlers and writes the audit rows (``audit``, given here). May not
-touch: SQL, spool writes (the copy is ``appliance.store.transcode``'s temp file), the audit
-table but through ``audit``.
+missing here, or at any level the studies of the instances asked whose file is lost), refusing
+one that cannot be served before any sub-operation (the status PS3.4 gives the problem),
+reporting the instances whose file is lost here and that the region did not give back as failed
+sub-operations of a retrieve that serves the rest (0xB000, the Failed SOP Instance UID List;
+every instance lost so: refused), opening a C-MOVE's sub-association to a configured
+destination (its contexts, TLS, and why it did not come up are ``qr_associations.py``'s),
+choosing per instance whether to send the stored bytes as they are (the viewer accepted the
+stored transfer syntax) or a copy in explicit/implicit little endian (never fail because a
+viewer lacks JPEG-LS), and the outcome each retrieve's audit row says. Split from ``qr.py``,
+which keeps the C-FIND handler, registers these handlers and writes the audit rows (``audit``,
+given here). May not touch: SQL, spool writes (the copy is ``appliance.store.transcode``'s temp
+file), the audit table but through ``audit``.
 
 How the sub-operations are sent and counted is ``suboperations.py``'s; how often Pending
 responses go, the Error Comment of a refusal pynetdicom sends itself and the status of one PAS
@@ -24,6 +26,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pynetdicom import evt
@@ -54,6 +57,7 @@ from appliance.serving.qr_responses import (
     throttle_pending,
 )
 from appliance.serving.suboperations import (
+    LostInstance,
     RemovedInstance,
     SpoolFile,
     SubOperationTally,
@@ -81,6 +85,26 @@ Fetcher = Callable[[str], int]
 AuditWriter = Callable[..., None]
 
 
+@dataclass
+class LostFiles:
+    """The instances of a retrieve whose file is lost here (flagged missing) and that the
+    region did not give back: row id -> SOP Instance UID, and why, said once for all of
+    them. The retrieve serves the rest; these are its failed sub-operations."""
+
+    uids: dict[int, str]
+    reason: str
+    by_study: dict[str, int]  # study UID -> how many of its instances asked are lost
+
+    @property
+    def studies(self) -> list[str]:
+        return sorted(self.by_study)
+
+    @property
+    def per_study(self) -> str:
+        """``3 of study 1.2.3, 1 of study 1.2.4``: what the journal's line names."""
+        return ", ".join(f"{n} of study {uid}" for uid, n in sorted(self.by_study.items()))
+
+
 class RetrieveHandlers:
     """The C-MOVE and C-GET handlers, over one (Database, Spool)."""
 
@@ -98,16 +122,21 @@ class RetrieveHandlers:
         self.destinations = {d.title: d for d in settings.move_destinations}
         self.readers = readers  # the studies being read, which eviction leaves alone
 
-    def _resolve(self, event: Any,
-                 what: str) -> tuple[str, store_retrieve.RetrievePlan, list[str]]:
+    def _resolve(self, event: Any, what: str
+                 ) -> tuple[str, store_retrieve.RetrievePlan, list[str], LostFiles | None]:
         """The instances a retrieve names (their row ids: memory does not grow with whole rows
-        per instance), after fetching a study that is missing here, and the studies
-        registered as being read (the caller releases them when the retrieve ends).
-        Raises :class:`RetrieveRefused` with the status PS3.4 C.4.2.1.5/C.4.3.1.5 gives the
-        problem: 0xA900 for an identifier that does not match the SOP class (no, unknown or
-        foreign level, no unique key, a malformed or wildcard one), 0xC000 (unable to
-        process) for one that does not decode, too many matches, a failed fetch, instances
-        whose file is lost (flagged missing) and that the region did not give back."""
+        per instance), after fetching a study that is missing here, the studies registered
+        as being read (the caller releases them when the retrieve ends), and those of the
+        instances whose file is lost here and that the region did not give back (None: no
+        such one): the retrieve serves the others and reports these as failed
+        sub-operations (PS3.4 C.4.2.1.4, C.4.3: 0xB000, the Failed SOP Instance UID List).
+        A viewer reading an emergency with the WAN down gets the images on site; the whole
+        retrieve was refused. Raises :class:`RetrieveRefused` with the status PS3.4
+        C.4.2.1.5/C.4.3.1.5 gives the problem: 0xA900 for an identifier that does not match
+        the SOP class (no, unknown or foreign level, no unique key, a malformed or wildcard
+        one), 0xC000 (unable to process) for one that does not decode, too many matches, a
+        failed fetch, and a retrieve every instance of which is lost so (nothing to serve:
+        the cause in the Error Comment says more than 0xA702 would)."""
         try:
             level, keys, _ = identifier_keys(event.identifier)
         except Exception as exc:
@@ -153,11 +182,15 @@ class RetrieveHandlers:
                     lambda: store_retrieve.retrieve_plan(self.db, level, keys), who)
             except QueryError as exc:
                 raise RetrieveRefused(IDENTIFIER_DOES_NOT_MATCH, str(exc)) from exc
-        lost = self._lost_reason(plan, failures) if lost_files else None
-        if lost is not None:
+        lost = self._lost_files(plan, failures) if lost_files else None
+        if lost is not None and len(lost.uids) == len(plan.instance_ids):
             # Said before any sub-operation, as WADO-RS says it before its status line.
             self.readers.release(reading)
-            raise RetrieveRefused(UNABLE_TO_PROCESS, lost)
+            raise RetrieveRefused(UNABLE_TO_PROCESS, lost.reason)
+        for study_uid, exc in sorted(failures.items()):
+            if lost is None or study_uid not in lost.studies:  # else said with the lost
+                log.warning("fetch-through of %s failed (%s); serving the instances held",
+                            study_uid, exc, extra={"STUDY_UID": study_uid})
         if len(plan.instance_ids) > MAX_SUB_OPERATIONS:
             self.readers.release(reading)
             # pynetdicom refuses such a retrieve itself (0xC416/0xC516, no comment), and the
@@ -174,7 +207,13 @@ class RetrieveHandlers:
         except BaseException:
             self.readers.release(reading)
             raise
-        return request_summary(level, keys), plan, reading
+        if lost is not None:  # the one line of the journal that says it (no line per file)
+            log.warning("%s: serving the %s on site; %s (%s) reported as failed "
+                        "sub-operations: %s", who,
+                        counted(len(plan.instance_ids) - len(lost.uids), "instance"),
+                        counted(len(lost.uids), "instance"), lost.per_study, lost.reason,
+                        extra={"STUDY_UID": ",".join(lost.studies)})
+        return request_summary(level, keys), plan, reading, lost
 
     def _fetch_if_missing(self, study_uid: str, failures: dict[str, Exception]) -> int:
         """Instances fetched from the region for this study (0: all were on site). A study
@@ -185,9 +224,7 @@ class RetrieveHandlers:
         try:
             fetched = self.fetcher(study_uid)
         except Exception as exc:
-            if held:
-                log.warning("fetch-through of %s failed (%s); serving the %s held",
-                            study_uid, exc, counted(held, "instance"))
+            if held:  # logged once the plan says whether some of what is asked is lost
                 failures[study_uid] = exc
                 return 0
             raise RuntimeError(f"study {study_uid} is not on site and the region could not "
@@ -196,16 +233,17 @@ class RetrieveHandlers:
                  study_uid, extra={"STUDY_UID": study_uid})
         return fetched
 
-    def _lost_in(self, plan: store_retrieve.RetrievePlan) -> dict[str, int]:
-        """Study UID -> how many of the planned instances of that study have their file
-        flagged missing and still not in the spool."""
+    def _lost_in(self, plan: store_retrieve.RetrievePlan) -> dict[str, dict[int, str]]:
+        """Study UID -> the planned instances of that study (row id -> SOP Instance UID)
+        whose file is flagged missing and still not in the spool."""
         planned = set(plan.instance_ids)
-        lost: dict[str, int] = {}
+        lost: dict[str, dict[int, str]] = {}
         for study_uid in plan.study_uids:
-            n = sum(1 for r in cache_store.files_still_missing(self.db, self.spool, study_uid)
-                    if r["id"] in planned)
-            if n:
-                lost[study_uid] = n
+            rows = {r["id"]: r["sop_instance_uid"] for r in
+                    cache_store.files_still_missing(self.db, self.spool, study_uid)
+                    if r["id"] in planned}
+            if rows:
+                lost[study_uid] = rows
         return lost
 
     def _studies_with_lost_files(self, level: str, keys: dict[str, str]) -> list[str]:
@@ -213,15 +251,23 @@ class RetrieveHandlers:
         which some lost their file: those the region is asked for first."""
         return sorted(self._lost_in(store_retrieve.retrieve_plan(self.db, level, keys)))
 
-    def _lost_reason(self, plan: store_retrieve.RetrievePlan,
-                     failures: dict[str, Exception]) -> str | None:
-        """Why a retrieve cannot be served whole, when some instances it names lost their
-        file and were not fetched again; None when none did. The cause comes first: an
-        Error Comment keeps 64 characters (the audit row and the log keep it all)."""
+    def _lost_files(self, plan: store_retrieve.RetrievePlan,
+                    failures: dict[str, Exception]) -> LostFiles | None:
+        """The instances a retrieve names whose file is lost and was not fetched again, and
+        why they cannot be served; None when none is. The cause comes first: an Error
+        Comment keeps 64 characters (the audit row and the log keep it all)."""
         lost = self._lost_in(plan)
         if not lost:
             return None
-        count = counted(sum(lost.values()), "instance")
+        uids = {i: uid for rows in lost.values() for i, uid in rows.items()}
+        by_study = {study_uid: len(rows) for study_uid, rows in lost.items()}
+        return LostFiles(uids, self._lost_reason(lost, failures), by_study)
+
+    def _lost_reason(self, lost: dict[str, dict[int, str]],
+                     failures: dict[str, Exception]) -> str:
+        """Why the lost instances of ``lost`` (study UID -> its lost instances) cannot be
+        served: the region could not be asked, there is none, or it does not hold them."""
+        count = counted(sum(len(rows) for rows in lost.values()), "instance")
         studies = ", ".join(sorted(lost))
         failed = [f"{uid}: {failures[uid]}" for uid in sorted(lost) if uid in failures]
         why = "their file flagged missing: pas cache status"
@@ -259,17 +305,18 @@ class RetrieveHandlers:
                 MOVE_DESTINATION_UNKNOWN, f"unknown move destination {destination_title!r}"))
             return
         try:
-            summary, plan, reading = self._resolve(event, f"C-MOVE to {destination.title}")
+            summary, plan, reading, lost = self._resolve(event,
+                                                         f"C-MOVE to {destination.title}")
         except RetrieveRefused as refusal:
             yield from self._refused(event, "C-MOVE", refusal)
             return
         try:
-            yield from self._move(event, destination, summary, plan)
+            yield from self._move(event, destination, summary, plan, lost)
         finally:  # also when pynetdicom drops this generator
             self.readers.release(reading)
 
     def _move(self, event: Any, destination: Any, summary: str,
-              plan: store_retrieve.RetrievePlan) -> Iterator[Any]:
+              plan: store_retrieve.RetrievePlan, lost: LostFiles | None) -> Iterator[Any]:
         """:meth:`on_move` once its instances are planned (their studies being read)."""
         calling, address = peer(event)
         established = threading.Event()
@@ -307,7 +354,7 @@ class RetrieveHandlers:
             if not established.wait(10):
                 raise RuntimeError("the sub-association did not report itself established")
             accepted = accepted_contexts(store_assoc[0])
-            yield from self._sub_operations(event, rows, accepted, tally)
+            yield from self._sub_operations(event, rows, accepted, tally, lost)
         finally:
             # Also when pynetdicom drops this generator (destination unreachable: it answers
             # 0xA801 itself; association lost): every retrieve leaves an audit row.
@@ -318,21 +365,22 @@ class RetrieveHandlers:
                            f"not complete ({why})")
             self.audit("retrieve", calling, address, summary, outcome,
                        detail=tally.detail(what))
-            _log_failed_retrieve(calling, outcome, tally.detail(what))
+            _log_failed_retrieve(calling, outcome, tally, what)
 
     def on_get(self, event: Any) -> Iterator[Any]:
         explain_refusal(event.assoc, None)
         try:
-            summary, plan, reading = self._resolve(event, "C-GET")
+            summary, plan, reading, lost = self._resolve(event, "C-GET")
         except RetrieveRefused as refusal:
             yield from self._refused(event, "C-GET", refusal)
             return
         try:
-            yield from self._get(event, summary, plan)
+            yield from self._get(event, summary, plan, lost)
         finally:  # also when pynetdicom drops this generator
             self.readers.release(reading)
 
-    def _get(self, event: Any, summary: str, plan: store_retrieve.RetrievePlan) -> Iterator[Any]:
+    def _get(self, event: Any, summary: str, plan: store_retrieve.RetrievePlan,
+             lost: LostFiles | None) -> Iterator[Any]:
         """:meth:`on_get` once its instances are planned (their studies being read)."""
         calling, address = peer(event)
         rows = plan.instance_ids
@@ -343,21 +391,24 @@ class RetrieveHandlers:
             yield len(rows)
             accepted = {(cx.abstract_syntax, cx.transfer_syntax[0])
                         for cx in event.assoc.accepted_contexts if cx.as_scu}
-            yield from self._sub_operations(event, rows, accepted, tally)
+            yield from self._sub_operations(event, rows, accepted, tally, lost)
         finally:
             outcome = _retrieve_outcome(
                 tally, rows, stored_by=calling,
                 unfinished="failure: C-GET did not complete (association lost)")
             self.audit("retrieve", calling, address, summary, outcome,
                        detail=tally.detail("C-GET"))
-            _log_failed_retrieve(calling, outcome, tally.detail("C-GET"))
+            _log_failed_retrieve(calling, outcome, tally, "C-GET")
 
     def _sub_operations(self, event: Any, rows: Sequence[int], accepted: set[tuple[str, str]],
-                        tally: SubOperationTally) -> Iterator[Any]:
+                        tally: SubOperationTally, lost: LostFiles | None = None
+                        ) -> Iterator[Any]:
         """Yield one pending sub-operation per instance. What each became is counted in
         ``tally`` as its C-STORE is answered (suboperations.py); here the tally learns how
         the run ended: cancelled, or finished once the last sub-operation was answered
-        (pynetdicom sends it between this generator's last yield and its end)."""
+        (pynetdicom sends it between this generator's last yield and its end). An instance
+        of ``lost`` is a sub-operation that fails without a C-STORE (:class:`LostInstance`),
+        named in the final response's Failed SOP Instance UID List."""
         uids: dict[int, str] = {}  # the SOP Instance UIDs of the next page of instances
         for n, instance_id in enumerate(rows):
             if n % _UID_PAGE == 0:
@@ -368,6 +419,9 @@ class RetrieveHandlers:
                 tally.cancelled = True
                 yield CANCELLED, None
                 return
+            if lost is not None and instance_id in lost.uids:
+                yield PENDING, LostInstance(lost.reason, lost.uids[instance_id])
+                continue
             row = store_retrieve.instance_row(self.db, instance_id)
             if row is None:  # purged since the retrieve began: its send fails, counted there
                 yield PENDING, RemovedInstance(
@@ -401,11 +455,16 @@ def _asked(event: Any) -> str | None:
     return request_summary(level, keys)
 
 
-def _log_failed_retrieve(calling: str, outcome: str, detail: str) -> None:
+def _log_failed_retrieve(calling: str, outcome: str, tally: SubOperationTally,
+                         what: str) -> None:
     """A retrieve that did not deliver everything is in the journal too, not only in the
-    audit: it is what IT looks for when a radiologist says "the study never came"."""
+    audit: it is what IT looks for when a radiologist says "the study never came". One
+    whose only failures are its lost files, run to its end, was said once before its first
+    sub-operation (:meth:`RetrieveHandlers._resolve`): not said again."""
+    if tally.lost and tally.finished and tally.failed == tally.lost:
+        return
     if outcome.startswith("failure"):
-        log.warning("retrieve by %s: %s; %s", calling, outcome, detail)
+        log.warning("retrieve by %s: %s; %s", calling, outcome, tally.detail(what))
 
 
 def _retrieve_outcome(tally: SubOperationTally, rows: Sequence[int], stored_by: str,

@@ -99,6 +99,10 @@ class SubOperationTally:
     failed: int = 0
     first_failure: str | None = None
     first_warning: str | None = None
+    # Of ``failed``: instances whose file is lost here and that the region did not give
+    # back, never sent (:class:`LostInstance`), and why (kept whole: the audit says it).
+    lost: int = 0
+    lost_reason: str | None = None
     cancelled: bool = False
     finished: bool = False
 
@@ -125,12 +129,20 @@ class SubOperationTally:
         self.failed += 1
         self.first_failure = self.first_failure or reason[:_REASON_CHARS]
 
+    def record_lost(self, reason: str) -> None:
+        """A sub-operation of an instance whose file is lost here: failed, never sent."""
+        self.failed += 1
+        self.lost += 1
+        self.lost_reason = self.lost_reason or reason
+
     def not_stored(self, stored_by: str) -> str:
         """``3 of 10 instances not stored by VIEWER (0xA700 out of resources)``: those
-        refused, failed or never sent, and the first failure."""
+        refused, failed or never sent, and the first failure (and why the lost ones were
+        not sent: their own reason, whole)."""
         missing = self.total - self.completed - self.warning
+        reasons = [r for r in (self.lost_reason, self.first_failure) if r]
         return (f"{missing} of {self.total} instances not stored by {stored_by}"
-                + (f" ({self.first_failure})" if self.first_failure else ""))
+                + (f" ({'; '.join(reasons)})" if reasons else ""))
 
     def outcome(self, stored_by: str) -> str:
         """The audit outcome once the retrieve ran to its end (``finished``) or was
@@ -144,7 +156,9 @@ class SubOperationTally:
     def detail(self, what: str) -> str:
         """``C-MOVE to VIEWER: 7 completed, 3 failed, 0 warning`` (+ what was not sent,
         + the first warning: delivered, but not as sent)."""
-        text = f"{what}: {self.completed} completed, {self.failed} failed, {self.warning} warning"
+        lost = f" ({self.lost} lost here, not sent)" if self.lost else ""
+        text = (f"{what}: {self.completed} completed, {self.failed} failed{lost}, "
+                f"{self.warning} warning")
         if self.total > self.answered:
             text += f", {self.total - self.answered} not sent"
         if self.warning:
@@ -216,6 +230,34 @@ class RemovedInstance(Dataset):
         return True
 
 
+class LostInstance(Dataset):
+    """Stands for an instance whose file is lost on this appliance (flagged missing: a lost
+    disk under a restored index) and that the region did not give back, in a C-MOVE/C-GET
+    that serves the rest (PS3.4 C.4.2.1.4/C.4.3: deliver what can be, end 0xB000 with the
+    failures counted and named). Nothing is sent for it: the wrapped ``send_c_store``
+    answers it with a failure status of its own, so that pynetdicom counts it failed and
+    names its SOP Instance UID in the Failed SOP Instance UID List (0008,0058) without a
+    log line per instance (an exception is logged twice by pynetdicom: 600 lines for the
+    300 lost files of one study). The retrieve's one WARNING is ``qr_retrieve.py``'s."""
+
+    def __init__(self, reason: str, sop_instance_uid: str):
+        super().__init__()
+        self._reason = reason
+        self.SOPInstanceUID = sop_instance_uid
+
+    @property
+    def reason(self) -> str:
+        return self._reason
+
+    def __bool__(self) -> bool:
+        return True  # as RemovedInstance: a false Pending dataset is never sent or counted
+
+
+# The status a lost instance's sub-operation is counted with (never on the wire: no C-STORE
+# is sent): "Processing failure" (PS3.7 Annex C), a failure pynetdicom knows.
+_LOST_STATUS = 0x0110
+
+
 def stream_spool_files(assoc: Any, tally: SubOperationTally) -> None:
     """Make ``assoc.send_c_store`` send a :class:`SpoolFile` from its path, unchanged, and
     count every sub-operation's outcome in ``tally`` from now on.
@@ -233,6 +275,11 @@ def stream_spool_files(assoc: Any, tally: SubOperationTally) -> None:
 
     def send_c_store(dataset: Any, *args: Any, **kwargs: Any) -> Any:
         counted: SubOperationTally = assoc._pas_tally
+        if isinstance(dataset, LostInstance):
+            counted.record_lost(dataset.reason)
+            status = Dataset()
+            status.Status = _LOST_STATUS
+            return status
         try:
             result = send(dataset, *args, **kwargs)
         except Exception as exc:  # pynetdicom counts it failed too

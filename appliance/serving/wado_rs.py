@@ -26,6 +26,7 @@ import logging
 import re
 import secrets
 import time
+from array import array
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -87,6 +88,36 @@ def _lost(study_uid: str, gone: list[Any], failed: Exception | None) -> str:
                "modality"))
 
 
+# How many SOP Instance UIDs a 206's Warning names (then "and N more"): a header stays short.
+_NAMED_LOST = 20
+
+
+class LeftOut:
+    """The instances a WADO-RS answer of several leaves out: their file is lost on this
+    appliance and the region did not give them back. The answer serves the others, 206
+    Partial Content with a Warning naming these (PS3.18 10.4.3: "some, but not all, of the
+    requested instances"): a viewer reading an emergency with the WAN down gets the images
+    on site; the whole answer was refused (404/503)."""
+
+    def __init__(self, study_uid: str, uids: list[str], asked: int, reason: str):
+        self.study_uid = study_uid
+        self.uids = uids
+        self.asked = asked  # the instances the path names, these included
+        self.reason = reason
+
+    def warning(self, service: str) -> str:
+        """The Warning header (RFC 7234 5.5: 299 and the service, as QIDO-RS's): how many,
+        why, and which (SOP Instance UIDs, the first few)."""
+        named = ", ".join(self.uids[:_NAMED_LOST])
+        if len(self.uids) > _NAMED_LOST:
+            named += f" and {len(self.uids) - _NAMED_LOST} more"
+        text = (f"{len(self.uids)} of the {self.asked} instances could not be returned: "
+                f"{self.reason}. Not returned: {named}")
+        # An HTTP header's quoted text: printable ASCII, no quote or backslash.
+        text = "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in text)
+        return f'299 {service}: "{text}"'
+
+
 class Tally:
     """What one WADO-RS answer holds and has sent, and its one audit row.
 
@@ -105,6 +136,7 @@ class Tally:
                                ("study", "series", "instance") if k in request.path_params)
         self.total: int | None = None
         self.sent = 0
+        self.left_out: LeftOut | None = None  # a 206: instances lost here, not answered
         # The studies registered as being read (the cache does not evict them) until the
         # answer is over: released by ended, refused or release, whichever comes first.
         self.readers = READERS
@@ -120,7 +152,13 @@ class Tally:
 
     def ended(self, problem: str | None) -> None:
         self.release()
-        if problem is None:
+        if problem is None and self.left_out is not None:
+            lost = self.left_out
+            self.web.record(self.request, "retrieve", self.actor, self.target,
+                            f"failure: {counted(len(lost.uids), 'instance')} of "
+                            f"{lost.asked} not sent: {lost.reason}",
+                            f"{self._of_total()} ({self.what}), HTTP 206")
+        elif problem is None:
             self.web.record(self.request, "retrieve", self.actor, self.target, "success",
                             f"{counted(self.sent, 'instance')} ({self.what})")
         else:
@@ -147,9 +185,15 @@ class Tally:
                 closing()
             self.ended(problem)
 
-        headers = {"content-length": str(length)} if length is not None else None
+        headers = {"content-length": str(length)} if length is not None else {}
+        status = 200
+        if self.left_out is not None:
+            status = 206
+            base = self.web.base_url
+            headers["Warning"] = self.left_out.warning(
+                f"{self.request.url.scheme}://{self.request.url.netloc}{base}")
         return ClosingStream(ReportedEnd(chunks, finished), media_type=media_type,
-                             headers=headers)
+                             headers=headers, status_code=status)
 
 
 class Found:
@@ -158,10 +202,12 @@ class Found:
     read before the status line. Every row of the study was read first: about 1.2 kB each,
     +250 MB for a study of 200,000 instances before the first byte."""
 
-    def __init__(self, db: Any, plan: store_retrieve.RetrievePlan, first: Any):
+    def __init__(self, db: Any, plan: store_retrieve.RetrievePlan, first: Any,
+                 left_out: LeftOut | None = None):
         self.db = db
         self.plan = plan
         self.first = first  # the first of the plan's instances still held
+        self.left_out = left_out  # lost here, not in ``plan``: the answer is a 206
         self._after_first = plan.instance_ids.index(first["id"]) + 1
 
     def rows(self) -> Iterator[Any]:
@@ -234,8 +280,7 @@ class WadoRs:
                     self.db, self.spool, path["study"])):
                 try:
                     self.web.fetcher(path["study"])
-                except Exception as exc:
-                    log.warning("fetch-through of %s failed: %s", path["study"], exc)
+                except Exception as exc:  # logged once the plan says what is lost
                     failed = exc
             try:
                 plan, tally.reading = tally.readers.planned(
@@ -244,12 +289,26 @@ class WadoRs:
                 raise HttpProblem(400, str(exc)) from None
         # A file still missing (not confirmed, so the region never had it; or the region
         # could not be asked) would cut the answer after its status line: said before it.
+        # All of what is asked: refused; some: the rest served, 206 (LeftOut).
         planned = set(plan.instance_ids)
         gone = [r for r in cache_store.files_still_missing(self.db, self.spool, path["study"])
                 if r["id"] in planned]
-        if gone:  # tally.refused releases the study
+        if failed is not None and not 0 < len(gone) < len(planned):  # else said below
+            log.warning("fetch-through of %s failed: %s", path["study"], failed)
+        if gone and len(gone) == len(planned):  # tally.refused releases the study
             raise HttpProblem(503 if failed is not None else 404, _lost(path["study"], gone,
                                                                          failed))
+        left_out = None
+        if gone:
+            left_out = LeftOut(path["study"], [r["sop_instance_uid"] for r in gone],
+                               len(planned), _lost(path["study"], gone, failed))
+            ids = {r["id"] for r in gone}
+            plan = store_retrieve.RetrievePlan(
+                array("q", (i for i in plan.instance_ids if i not in ids)), plan.pairs,
+                plan.study_uids)
+            log.warning("%s: serving the %s on site, 206 Partial Content: %s", who,
+                        counted(len(plan.instance_ids), "instance"), left_out.reason,
+                        extra={"STUDY_UID": path["study"]})
         # The first instance still held (one removed since the plan is left out).
         first = next(store_retrieve.instance_pages(self.db, plan.instance_ids, page_size=1),
                      [None])[0]
@@ -261,11 +320,12 @@ class WadoRs:
         if first is None:
             raise HttpProblem(404, f"no instance matches {'/'.join(path.values())}")
         store_retrieve.touch_studies(self.db, [path["study"]], time.time())
-        return Found(self.db, plan, first)
+        return Found(self.db, plan, first, left_out)
 
     async def _found(self, request: Request, tally: Tally) -> Found:
         found: Found = await run_in_threadpool(self._plan, dict(request.path_params), tally)
         tally.total = len(found.plan.instance_ids)
+        tally.left_out = found.left_out
         return found
 
     # -- instances ----------------------------------------------------------------------
