@@ -281,7 +281,14 @@ def hub_run(config: Path | None = HubConfigOption) -> None:
 
     settings = _hub_settings(config)
     logs.setup(settings.log_level)
+    from appliance.ops.home_lock import HomeInUse, hold_hub_lock
     from appliance.store.damage import damage_of
+
+    try:  # one hub per home, held for the process's life (pas hub restore waits for it)
+        home_lock = hold_hub_lock(settings.home) if settings.home.is_dir() else None
+    except HomeInUse as exc:
+        err.print(f"[red]cannot start the hub:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
 
     finding = damage_of(settings.db_path) if settings.db_path.exists() else None
     if finding is not None:  # never written to: the file is the evidence, and the way back
@@ -304,7 +311,11 @@ def hub_run(config: Path | None = HubConfigOption) -> None:
         raise typer.Exit(1) from None
     console.print(f"hub serving on https://{settings.http.host}:{settings.http.port} "
                   f"(archive: {settings.archive.kind})")
-    server.run()
+    try:
+        server.run()
+    finally:
+        if home_lock is not None:
+            home_lock.close()
 
 
 # Where the enrolment token comes from when no option names it: the environment of the
