@@ -271,6 +271,82 @@ def hub_backup(destination: Path = typer.Argument(
         report_pruned(made.pruned)
 
 
+@hub_app.command("restore")
+def hub_restore(folder: Path = typer.Argument(
+        ..., help="A pas-hub-backup-<UTC time> folder written by pas hub backup"),
+        config: Path | None = HubConfigOption,
+        force: bool = typer.Option(
+            False, "--force",
+            help="restore into a home holding another fleet CA (set aside, not deleted): "
+                 "every appliance its hub enrolled must then enrol again")) -> None:
+    """Put a hub backup back in the hub's home (the hub stopped).
+
+    Checked first: a whole pas hub backup (each file's size and SHA-256), sound databases of
+    a version this PAS runs, no hub running on the home, no other fleet CA in it; refused in
+    one line otherwise, nothing changed. What the home held is set aside, never deleted."""
+    from appliance import logs
+    from appliance.cli.common import operator_actor
+    from appliance.hub.restore import RestoreStopped, restore_hub_backup
+    from appliance.ops.restore import RestoreRefused
+
+    settings = _hub_settings(config)
+    logs.setup(settings.log_level)  # the restore's WARNING line: journald under systemd
+    try:
+        done = restore_hub_backup(settings.home, folder, operator_actor(), force=force)
+    except RestoreRefused as exc:
+        err.print(f"[red]refused:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    except RestoreStopped as exc:
+        err.print(f"[red]not finished:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    for line in restored_lines(done):
+        console.print(line, highlight=False)
+
+
+def restored_lines(done) -> list[str]:  # type: ignore[no-untyped-def]
+    """What ``pas hub restore`` tells the operator: what is back (the manifest's counts),
+    what was set aside, where the configuration is, what is left to do."""
+    m = done.manifest
+    archive = m.get("archive") or {}
+    what = (f"the database ({counted(m.get('sites_enrolled', 0), 'site')} enrolled, "
+            f"{counted(m.get('certificates_revoked', 0), 'certificate')} revoked, "
+            f"{counted(m.get('transfers_committed', 0), 'transfer')} committed, "
+            f"{counted(m.get('heartbeats', 0), 'heartbeat')}), the fleet CA "
+            f"({str(m.get('ca_fingerprint'))[:16]}...) and keys")
+    if "archive/pas.sqlite" in done.placed:
+        what += (f", the embedded archive's index "
+                 f"({counted(archive.get('instances', 0), 'instance')} of "
+                 f"{counted(archive.get('studies', 0), 'study', 'studies')})")
+    lines = [f"hub restored in {done.home} from {done.folder} (written {m.get('made_at')}): "
+             f"{what}"]
+    if done.kept:
+        lines.append(f"already as in the backup, kept: {', '.join(done.kept)}")
+    if done.set_aside:
+        lines.append(f"set aside in {done.home}, not deleted: "
+                     + ", ".join(str(p.relative_to(done.home)) for p in done.set_aside))
+    if m.get("missing"):
+        lines.append(f"not in the backup (missing from the hub's home when it was written): "
+                     f"{', '.join(m['missing'])}")
+    config = done.config
+    if config is not None and config.state == "put back":
+        lines.append(f"configuration put back: {config.target}")
+    elif config is not None and config.state == "left":
+        lines.append(f"configuration: {config.target} exists, left as it is (the backup's "
+                     f"is {config.copy})")
+    elif config is not None:
+        lines.append(f"configuration not put back at {config.target} ({config.why}): copy "
+                     f"{config.copy} there")
+    if m.get("transfers_staging_not_in_backup"):
+        lines.append(f"{counted(m['transfers_staging_not_in_backup'], 'transfer')} not "
+                     "committed at the backup: their sites send every bucket again")
+    todo = ["systemctl start pas-hub"]
+    if archive.get("kind") == "embedded":
+        todo.insert(0, f"put {done.home / 'archive' / 'spool'} back from the storage's backup "
+                       "(the embedded archive's images are not in a hub backup)")
+    lines.append("next: " + "; then ".join(todo))
+    return lines
+
+
 @hub_app.command("run")
 def hub_run(config: Path | None = HubConfigOption) -> None:
     """Serve the hub (HTTPS, TLS 1.3, mutual TLS on /api/v1) in the foreground."""
@@ -281,13 +357,20 @@ def hub_run(config: Path | None = HubConfigOption) -> None:
 
     settings = _hub_settings(config)
     logs.setup(settings.log_level)
+    from appliance.ops.home_lock import HomeInUse, hold_hub_lock
     from appliance.store.damage import damage_of
+
+    try:  # one hub per home, held for the process's life (pas hub restore waits for it)
+        home_lock = hold_hub_lock(settings.home) if settings.home.is_dir() else None
+    except HomeInUse as exc:
+        err.print(f"[red]cannot start the hub:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
 
     finding = damage_of(settings.db_path) if settings.db_path.exists() else None
     if finding is not None:  # never written to: the file is the evidence, and the way back
         err.print(f"[red]cannot start the hub:[/red] the hub database {settings.db_path} is "
                   f"damaged ({finding}); keep it as it is and restore the hub home from its last "
-                  "backup (pas hub backup; docs/operations.md, Backing up the hub)",
+                  "backup (pas hub restore FOLDER; docs/operations.md, Backing up the hub)",
                   highlight=False)
         raise typer.Exit(1)
     try:
@@ -304,7 +387,11 @@ def hub_run(config: Path | None = HubConfigOption) -> None:
         raise typer.Exit(1) from None
     console.print(f"hub serving on https://{settings.http.host}:{settings.http.port} "
                   f"(archive: {settings.archive.kind})")
-    server.run()
+    try:
+        server.run()
+    finally:
+        if home_lock is not None:
+            home_lock.close()
 
 
 # Where the enrolment token comes from when no option names it: the environment of the

@@ -449,7 +449,8 @@ def main() -> None:
                                                          sqlite3.SQLITE_NOTADB):
             # The hub's database is not rebuilt from anything: its way back is a backup.
             hint = ("the hub's database is damaged; keep it as it is and restore the hub home "
-                    "from its last backup (docs/operations.md, Backing up the hub)"
+                    "from its last backup (pas hub restore FOLDER; docs/operations.md, Backing "
+                    "up the hub)"
                     if sys.argv[1:2] == ["hub"] else
                     "the index is damaged; pas doctor says what to do (pas cache rebuild-index)")
             err.print(f"[red]database error:[/red] {exc}: {hint}", highlight=False)

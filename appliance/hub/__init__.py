@@ -1,6 +1,8 @@
 """The regional hub: fleet PKI (pki.py), settings (config.py), the HTTPS service (app.py,
 tls.py), the transfer API (transfers.py), rebuilding and archiving committed studies
-(commit.py, archive.py), and the fleet view (fleet.py, the operations engineer's).
+(commit.py, archive.py), the fleet view (fleet.py, the operations engineer's), and the
+home's backup and checked restore (backup.py, restore.py: whole files copied with their
+modes, as ``appliance.ops.backup_folder`` and ``appliance.ops.restore`` do the appliance's).
 
 May not touch: SQL or durable file writes (those live in ``appliance.store.hub``), the
 appliance's own database or spool.

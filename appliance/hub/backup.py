@@ -74,7 +74,8 @@ KIND = "pas hub backup"
 PREFIX = "pas-hub-backup-"
 
 
-def _pki_files(pki: HubPKI) -> list[Path]:
+def pki_files(pki: HubPKI) -> list[Path]:
+    """The PKI files of a hub home, as a backup holds them (and a restore puts them back)."""
     return [pki.ca_key_path, pki.ca_cert_path, pki.server_key_path, pki.server_cert_path,
             pki.transfer_key_path, pki.transfer_pub_path]
 
@@ -108,7 +109,7 @@ def check_schemas(settings: HubSettings) -> None:
 def make_hub_backup(settings: HubSettings, config_file: Path | None, destination: Path,
                     actor: str, at: float | None = None, keep: int | None = None) -> WrittenBackup:
     """Write ``destination/pas-hub-backup-<UTC time>/`` (0700) in the home's own layout, so
-    that restoring is copying its files back into an empty home; return it with its
+    that restoring is putting its files back (``pas hub restore``); return it with its
     manifest. Refuses (:class:`BackupRefused`, nothing left behind) a home that is not a
     hub's, a destination that is not a folder or cannot be written in.
 
@@ -139,7 +140,7 @@ def make_hub_backup(settings: HubSettings, config_file: Path | None, destination
         elif settings.archive.kind == "dicomweb":
             archive["url"] = settings.archive.url
         missing = []
-        for path in _pki_files(pki):
+        for path in pki_files(pki):
             if path.is_file():
                 copy_private(path, building / path.name)
             else:

@@ -59,7 +59,7 @@ def check_backup(settings: Settings, folder: Path) -> dict[str, Any]:
     site that this software can run: each file its manifest names, with its size and
     SHA-256; an index SQLite finds sound, of a schema this version knows. Raises
     :class:`RestoreRefused` naming the first problem."""
-    manifest = _manifest(folder)
+    manifest = read_manifest(folder)
     if manifest.get("kind") != KIND:
         raise RestoreRefused(f"{folder} is not a pas backup (its {MANIFEST} says kind "
                              f"{manifest.get('kind')!r}): nothing restored")
@@ -75,7 +75,7 @@ def check_backup(settings: Settings, folder: Path) -> dict[str, Any]:
         raise RestoreRefused(f"{folder}/{MANIFEST} names no pas.sqlite: not a whole backup; "
                              "nothing restored")
     for name, entry in sorted(files.items()):
-        _check_file(folder, name, entry)
+        check_file(folder, name, entry)
     index = folder / "pas.sqlite"
     known = len(MIGRATIONS)
     try:
@@ -156,14 +156,17 @@ def made_at(folder: Path, manifest: dict[str, Any]) -> float:
                              "restored") from None
 
 
-def _manifest(folder: Path) -> dict[str, Any]:
+def read_manifest(folder: Path, what: str = "pas backup") -> dict[str, Any]:
+    """A backup folder's ``MANIFEST.json`` (``what``: the kind of backup, for the refusal),
+    or :class:`RestoreRefused` naming why it cannot be read. ``pas hub restore`` reads its
+    backups' through it too."""
     if not folder.is_dir():
         raise RestoreRefused(f"{folder} is not a folder"
                              + ("" if folder.exists() else " (it does not exist)"))
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except FileNotFoundError:
-        raise RestoreRefused(f"{folder} holds no {MANIFEST}: not a pas backup (or one cut "
+        raise RestoreRefused(f"{folder} holds no {MANIFEST}: not a {what} (or one cut "
                              "short); nothing restored") from None
     except (OSError, ValueError) as exc:
         raise RestoreRefused(f"{folder}/{MANIFEST} cannot be read ({exc}): the backup is "
@@ -173,7 +176,8 @@ def _manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def _check_file(folder: Path, name: str, entry: Any) -> None:
+def check_file(folder: Path, name: str, entry: Any) -> None:
+    """One file the manifest names: inside the folder, there, of its size and SHA-256."""
     path = folder / name
     if not isinstance(entry, dict) or Path(name).is_absolute() or ".." in Path(name).parts:
         raise RestoreRefused(f"{folder}/{MANIFEST}: entry {name!r} is not a backup file's: "

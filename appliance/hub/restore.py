@@ -1,0 +1,316 @@
+"""``pas hub restore``: a ``pas hub backup`` folder put back in the hub's home, checked before
+anything in the home changes.
+
+Owns: deciding whether a hub backup may be restored in this home, and putting its files in
+place (``hub.sqlite``, the fleet CA and keys, the embedded archive's index), with the
+configuration file when it is missing. May not touch: the staging (``buckets/``, ``work/``),
+``downloads/``, the embedded archive's images (``archive/spool``: the storage's backup), a
+configuration file that exists (``/etc/pas`` is the operator's).
+
+Why a command: the hub's restore was a copy by hand ("copy the backup's files except
+MANIFEST.json into the empty home"), checked by nothing. A truncated or damaged copy, a
+backup a newer version wrote, a copy made beside a hub still serving (its database and keys
+replaced under it), or into the home of another hub (its fleet CA, the one every appliance
+it enrolled pins, overwritten) were each found, if at all, once the hub ran on them. Each is
+refused here, in one line naming the problem, before anything in the home is touched; the
+other hub's CA only with ``--force``. What the home held is set aside,
+``<name>.before-restore-<UTC time>``, never deleted, as ``pas restore`` does on an appliance.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from appliance.hub.backup import ARCHIVE_INDEX, KIND, pki_files
+from appliance.hub.pki import HubPKI
+from appliance.ops.backup_folder import MANIFEST, sha256_of, utc_stamp
+from appliance.ops.restore import RestoreRefused, check_file, read_manifest
+from appliance.store.damage import SIDE_FILES, damage_of, set_aside
+from appliance.store.hub_schema import HUB_MIGRATIONS
+from appliance.store.ops import schema_version_of
+from appliance.store.schema import MIGRATIONS
+from appliance.store.spool import fsync_dir
+from appliance.transfer.enrolment import ca_fingerprint
+from appliance.words import counted
+
+log = logging.getLogger("pas.hub.restore")
+
+ASIDE = "before-restore"
+DATABASE = "hub.sqlite"
+# Their WAL, when the home has one, is part of what they hold: never "the same" as a copy.
+DATABASES = (DATABASE, ARCHIVE_INDEX)
+NOTHING = "Nothing restored"
+
+
+class RestoreStopped(Exception):
+    """The restore began and could not finish (a full disk, an I/O error): the message says
+    what is in place and what was set aside."""
+
+
+@dataclass
+class ConfigOutcome:
+    """What became of the backup's configuration file: ``put back`` at ``target``, ``left``
+    (a file is there: the operator's), or ``not put back`` (``why``)."""
+
+    state: str
+    target: Path
+    copy: Path
+    why: str = ""
+
+
+@dataclass
+class HubRestored:
+    manifest: dict[str, Any]
+    folder: Path
+    home: Path
+    placed: list[str]
+    set_aside: list[Path] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)  # already the backup's, byte for byte
+    config: ConfigOutcome | None = None
+
+
+def check_hub_backup(folder: Path) -> dict[str, Any]:
+    """The manifest of ``folder``, once it is found to be a whole ``pas hub backup`` this
+    software can run: each file it names there with its size and SHA-256, its CA the one it
+    names, its databases sound (SQLite's ``quick_check``) and of a schema this version
+    knows. Raises :class:`RestoreRefused` naming the first problem."""
+    manifest = read_manifest(folder, "pas hub backup")
+    if manifest.get("kind") == "pas backup":
+        raise RestoreRefused(f"{folder} is an appliance's backup (its {MANIFEST} says kind "
+                             "'pas backup'), not a hub's: pas restore puts it back on its "
+                             "appliance; nothing restored")
+    if manifest.get("kind") != KIND:
+        raise RestoreRefused(f"{folder} is not a pas hub backup (its {MANIFEST} says kind "
+                             f"{manifest.get('kind')!r}): nothing restored")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise RestoreRefused(f"{folder}/{MANIFEST} lists no files: the manifest is damaged; "
+                             "nothing restored")
+    for needed in (DATABASE, "ca.crt", "ca.key"):
+        if needed not in files:
+            raise RestoreRefused(f"{folder}/{MANIFEST} names no {needed}: not a whole hub "
+                                 f"backup. {NOTHING}")
+    known = set(_home_files(files)) | ({_config_name(manifest)} - {None})
+    for name, entry in sorted(files.items()):
+        if name not in known:
+            raise RestoreRefused(
+                f"{folder}/{MANIFEST} names {name!r}, not a file this version puts back "
+                f"(written by PAS {manifest.get('software')}): restore it with that version "
+                f"or a later one. {NOTHING}")
+        check_file(folder, name, entry)
+    _check_ca(folder, manifest)
+    _check_database(folder, manifest, DATABASE, "hub database", len(HUB_MIGRATIONS))
+    if ARCHIVE_INDEX in files:
+        _check_database(folder, manifest, ARCHIVE_INDEX, "embedded archive's index",
+                        len(MIGRATIONS))
+    return manifest
+
+
+def check_hub_home(home: Path, manifest: dict[str, Any], force: bool) -> None:
+    """Refuse a home that is not a folder, or that holds another fleet CA than the backup's
+    (unless ``force``): its hub enrolled appliances that pin it."""
+    if home.exists() and not home.is_dir():
+        raise RestoreRefused(f"the hub home {home} is not a folder (PAS_HUB_HOME or the "
+                             f"configuration's home). {NOTHING}")
+    ca = HubPKI(home).ca_cert_path
+    if force or not ca.is_file():
+        return
+    try:
+        there = ca_fingerprint(ca.read_bytes())
+    except ValueError as exc:
+        there = f"unreadable: {exc}"
+    wanted = manifest["ca_fingerprint"]
+    if there != wanted:
+        raise RestoreRefused(
+            f"{home} holds another fleet CA than the backup's (fingerprint {there[:16]}..., "
+            f"the backup's {wanted[:16]}...): restoring would replace the CA that every "
+            "appliance enrolled with this home's hub pins, and each would have to enrol "
+            "again. If this home is the one to replace, run it again with --force (its CA is "
+            f"set aside, not deleted). {NOTHING}")
+
+
+def restore_hub_backup(home: Path, folder: Path, actor: str, force: bool = False,
+                       at: float | None = None) -> HubRestored:
+    """Check ``folder`` and ``home`` (:func:`check_hub_backup`, :func:`check_hub_home`),
+    then, holding the hub's lock (refused while ``pas hub run`` holds it), set aside what
+    the home holds of the backup's files and put the backup's in their place: 0600, owned
+    as the home is (a restore run as root leaves them the hub's user's). The configuration
+    goes back where the manifest says only if no file is there. One WARNING log line says
+    who restored which backup, as the backup's says who wrote it."""
+    from appliance.ops.home_lock import HomeInUse, hold_hub_lock, hub_lock_file
+
+    folder = folder.absolute()
+    manifest = check_hub_backup(folder)
+    check_hub_home(home, manifest, force)
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        lock = hold_hub_lock(home)
+    except HomeInUse as exc:
+        raise RestoreRefused(f"{exc}. {NOTHING}") from None
+    try:
+        owner = home.stat()
+        _own(hub_lock_file(home), owner)  # the hub's user takes it at its start
+        stamp_at = time.time() if at is None else at
+        done = HubRestored(manifest, folder, home, [])
+        for name in _home_files(manifest["files"]):
+            try:
+                _place(folder, name, home, owner, stamp_at, done)
+            except OSError as exc:
+                stopped = (f"the restore stopped at {name} ({exc.strerror or exc}"
+                           f"{': ' + str(exc.filename) if exc.filename else ''}); put back: "
+                           f"{', '.join(done.placed) or 'nothing'}; set aside: "
+                           f"{', '.join(p.name for p in done.set_aside) or 'nothing'}")
+                log.error("hub restore from %s by %s: %s", folder, actor, stopped,
+                          extra={"ACTOR": actor, "TARGET": str(home)})
+                raise RestoreStopped(f"{stopped}. Fix the cause and run pas hub restore "
+                                     "again (what it sets aside stays)") from None
+        done.config = _put_config_back(folder, manifest, home, owner)
+    finally:
+        lock.close()
+    log.warning("hub restored from %s by %s on %s: the fleet CA and keys, the database "
+                "(%s enrolled, %s committed)%s", folder, actor, socket.gethostname(),
+                counted(manifest.get("sites_enrolled", 0), "site"),
+                counted(manifest.get("transfers_committed", 0), "transfer"),
+                ", the embedded archive's index" if ARCHIVE_INDEX in done.placed else "",
+                extra={"ACTOR": actor, "TARGET": str(home)})
+    return done
+
+
+def _home_files(files: dict[str, Any]) -> list[str]:
+    """The backup's files that go in the home, in their order: keys first, the databases
+    last (a restore stopped half-way leaves the home's database, and says what it put
+    back)."""
+    names = [path.name for path in pki_files(HubPKI(Path(".")))]
+    return [name for name in (*names, ARCHIVE_INDEX, DATABASE) if name in files]
+
+
+def _config_name(manifest: dict[str, Any]) -> str | None:
+    config = manifest.get("config_file")
+    return Path(str(config)).name if config else None
+
+
+def _check_ca(folder: Path, manifest: dict[str, Any]) -> None:
+    try:
+        found = ca_fingerprint((folder / "ca.crt").read_bytes())
+    except ValueError as exc:
+        raise RestoreRefused(f"{folder}/ca.crt is not a certificate ({exc}): the backup is "
+                             f"damaged. {NOTHING}") from None
+    if found != manifest.get("ca_fingerprint"):
+        raise RestoreRefused(f"{folder}/ca.crt is not the CA its {MANIFEST} names "
+                             f"(fingerprint {found[:16]}..., the manifest says "
+                             f"{str(manifest.get('ca_fingerprint'))[:16]}...): the backup is "
+                             f"damaged. {NOTHING}")
+
+
+def _check_database(folder: Path, manifest: dict[str, Any], name: str, what: str,
+                    known: int) -> None:
+    path = folder / name
+    try:
+        schema = schema_version_of(path)
+        finding = damage_of(path)
+    except sqlite3.Error as exc:
+        raise RestoreRefused(f"the {what} {path} cannot be read ({exc}): restore an older "
+                             f"backup. {NOTHING}") from None
+    if finding is not None:
+        raise RestoreRefused(f"the {what} {path} is damaged ({finding}): restore an older "
+                             f"backup. {NOTHING}")
+    if schema > known:
+        raise RestoreRefused(
+            f"{folder} was written by a newer PAS (version {manifest.get('software')}, {what} "
+            f"schema {schema}; this one knows {known}): install that version or a later one, "
+            f"then restore. {NOTHING}")
+
+
+def _place(folder: Path, name: str, home: Path, owner: os.stat_result, at: float,
+           done: HubRestored) -> None:
+    """One backup file in the home: copied beside its place (0600, the home's owner,
+    fsynced), what is there set aside, then renamed into place."""
+    target = home / name
+    if name not in DATABASES and target.is_file() and \
+            sha256_of(target) == done.manifest["files"][name]["sha256"]:
+        done.kept.append(name)  # the same key (this hub's home): nothing to set aside
+        return
+    if not target.parent.is_dir():
+        target.parent.mkdir(mode=0o700)
+        _own(target.parent, owner)
+    incoming = target.with_name(f".{target.name}.restoring")
+    try:
+        shutil.copyfile(folder / name, incoming)
+        incoming.chmod(0o600)
+        _own(incoming, owner)
+        with open(incoming, "rb") as handle:
+            os.fsync(handle.fileno())
+    except BaseException:
+        incoming.unlink(missing_ok=True)
+        raise
+    done.set_aside += _set_aside(target, at)
+    incoming.rename(target)
+    fsync_dir(target.parent)
+    done.placed.append(name)
+
+
+def _set_aside(target: Path, at: float) -> list[Path]:
+    """What the home holds at ``target`` renamed ``<name>.before-restore-<UTC time>``,
+    with a database's WAL and shared-memory files: a WAL left beside the restored database
+    would be replayed into it at its first open."""
+    if target.exists():
+        return [set_aside(target, at, ASIDE)]
+    moved = []
+    for suffix in SIDE_FILES:  # a WAL whose database is gone: never the restored one's
+        side = target.with_name(target.name + suffix)
+        if side.exists():
+            aside = side.with_name(f"{side.name}.{ASIDE}-{utc_stamp(at)}")
+            side.rename(aside)
+            moved.append(aside)
+    return moved
+
+
+def _own(path: Path, owner: os.stat_result) -> None:
+    """``path`` owned as the home is, when this process may give it away (root): a restore
+    run with sudo left root's files the hub's user could not read."""
+    if os.geteuid() == 0 and (path.stat().st_uid, path.stat().st_gid) != \
+            (owner.st_uid, owner.st_gid):
+        os.chown(path, owner.st_uid, owner.st_gid)
+
+
+def _config_target(manifest: dict[str, Any], home: Path) -> Path:
+    """Where the configuration goes back: the manifest's ``config_file``; one that was in
+    the backed-up hub's home goes in this home (the same file, wherever the home now is)."""
+    config = Path(str(manifest["config_file"]))
+    old_home = manifest.get("home")
+    if old_home and config.is_relative_to(Path(str(old_home))):
+        return home / config.relative_to(Path(str(old_home)))
+    return config
+
+
+def _put_config_back(folder: Path, manifest: dict[str, Any], home: Path,
+                     owner: os.stat_result) -> ConfigOutcome | None:
+    name = _config_name(manifest)
+    if name is None or not (folder / name).is_file():
+        return None
+    target = _config_target(manifest, home)
+    copy = folder / name
+    if target.exists():
+        return ConfigOutcome("left", target, copy)
+    if not target.parent.is_dir():
+        return ConfigOutcome("not put back", target, copy, f"no folder {target.parent}")
+    incoming = target.with_name(f".{target.name}.restoring")
+    try:
+        shutil.copy2(copy, incoming)  # its mode kept, as the backup kept it
+        _own(incoming, owner)
+        with open(incoming, "rb") as handle:
+            os.fsync(handle.fileno())
+        incoming.rename(target)
+        fsync_dir(target.parent)
+    except OSError as exc:  # the home is restored: said, not undone
+        incoming.unlink(missing_ok=True)
+        return ConfigOutcome("not put back", target, copy, exc.strerror or str(exc))
+    return ConfigOutcome("put back", target, copy)

@@ -1,0 +1,317 @@
+"""``pas hub restore`` (appliance/hub/restore.py; docs/operations.md, "Backing up the hub").
+
+The hub's restore was a copy by hand ("copy the backup's files except MANIFEST.json into the
+empty home"), checked by nothing: a truncated or damaged backup, one a newer version wrote, a
+copy beside a hub still serving or over another hub's fleet CA were found, if at all, once the
+hub ran on them. A real ``pas hub run`` with an enrolled site and a committed transfer is
+backed up by ``pas hub backup``, restored by ``pas hub restore`` into the empty home of a
+rebuilt host, and a hub started on it lets the same site in with the certificate it was
+enrolled with. Each refusal is one line, exit 1, and the home byte for byte as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sqlite3
+import stat
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+from pydicom import dcmread
+
+from appliance.hub.pki import verify_receipt
+from appliance.store.db import Database
+from appliance.store.hub_schema import HUB_MIGRATIONS
+from appliance.transfer.enrolment import Enrolment
+from tests.support.hub import HubProcess, enroll, pack_items, ship
+from tests.support.peers import MR_DIR
+
+NOBODY = 65534  # the rebuilt host's home belongs to the hub's user, not to root
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _tree(home: Path) -> dict[str, str]:
+    """Every file of a home with its SHA-256 (its log, its lock and SQLite's shared-memory
+    index, which a reader rewrites, left out): what a refused restore must leave as it was."""
+    return {str(p.relative_to(home)): _sha256(p) for p in sorted(home.rglob("*"))
+            if p.is_file() and p.name not in ("hub.log", "hub.lock")
+            and not p.name.endswith("-shm")}
+
+
+def _session(hub: HubProcess, enrolment: Enrolment) -> httpx.Client:
+    """The enrolled appliance's own identity (its key, its certificate, the CA it pinned),
+    talking to ``hub`` wherever it now listens."""
+    return httpx.Client(base_url=hub.url, verify=enrolment.ssl_context(), timeout=60)
+
+
+def _backup(hub: HubProcess, destination: Path) -> tuple[Path, dict]:
+    destination.mkdir(exist_ok=True)
+    manifest = json.loads(hub.cli("backup", str(destination), "--json").stdout)
+    return Path(manifest["folder"]), manifest
+
+
+def test_a_hub_restored_into_the_empty_home_of_a_rebuilt_host_lets_its_sites_in(
+        tmp_path: Path) -> None:
+    hub = HubProcess(tmp_path / "hub").init()
+    (hub.home / "hub.toml").write_text("[transfers]\nabandoned_after_days = 20\n")
+    mr = sorted(p for p in MR_DIR.rglob("*") if p.is_file())[:3]
+    study_uid = str(dcmread(mr[0], stop_before_pixels=True).StudyInstanceUID)
+    hub.start()
+    try:
+        site = enroll(hub, tmp_path / "site", "CHU-NORD")
+        shipment = ship(pack_items(mr), site.hub_transfer_key, 256 << 10, study_uid)
+        with _session(hub, site) as http:
+            assert http.post("/api/v1/transfers", json=shipment.manifest).status_code == 201
+            assert shipment.put_all(http) == [201] * len(shipment.buckets)
+            answer = http.post(shipment.url + "/commit")
+            assert answer.status_code == 200, answer.text
+            receipt = answer.json()
+        folder, manifest = _backup(hub, tmp_path / "backups")  # the hub serving meanwhile
+    finally:
+        hub.stop()
+    assert manifest["archive"]["instances"] == 3
+
+    # The rebuilt host: the hub's home, empty, belongs to the hub's user; root restores.
+    restored = HubProcess(tmp_path / "restored")
+    restored.home.mkdir(mode=0o750)
+    os.chown(restored.home, NOBODY, NOBODY)
+    done = restored.cli("restore", str(folder))
+    said = " ".join(done.stdout.split())
+    assert said == (
+        f"hub restored in {restored.home} from {folder} (written {manifest['made_at']}): the "
+        "database (1 site enrolled, 0 certificates revoked, 1 transfer committed, 0 "
+        f"heartbeats), the fleet CA ({manifest['ca_fingerprint'][:16]}...) and keys, the "
+        f"embedded archive's index (3 instances of {manifest['archive']['studies']} "
+        f"{'study' if manifest['archive']['studies'] == 1 else 'studies'}) "
+        f"configuration put back: {restored.home / 'hub.toml'} "
+        f"next: put {restored.home / 'archive' / 'spool'} back from the storage's backup (the "
+        "embedded archive's images are not in a hub backup); then systemctl start pas-hub")
+    assert "WARNING" in done.stderr and \
+        f"hub restored from {folder} by operator:" in done.stderr, done.stderr
+    # Every file of the backup in its place, byte for byte, the hub's user's; keys 0600.
+    assert set(manifest["files"]) == {"ca.key", "ca.crt", "server.key", "server.crt",
+                                      "transfer.key", "transfer.pub", "hub.sqlite",
+                                      "archive/pas.sqlite", "hub.toml"}
+    for name, entry in manifest["files"].items():
+        placed = restored.home / name
+        assert _sha256(placed) == entry["sha256"], name
+        assert (placed.stat().st_uid, placed.stat().st_gid) == (NOBODY, NOBODY), name
+        if name != "hub.toml":  # the configuration keeps its own mode
+            assert stat.S_IMODE(placed.stat().st_mode) == 0o600, name
+    assert (restored.home / "archive").stat().st_uid == NOBODY
+    assert not [p for p in restored.home.rglob("*") if "restoring" in p.name]
+
+    shutil.copytree(hub.home / "archive" / "spool", restored.home / "archive" / "spool")
+    restored.start()
+    try:
+        with _session(restored, site) as http:
+            assert http.get("/api/v1/whoami").json() == {"site": "CHU-NORD"}
+            kept = http.get(shipment.url + "/receipt")
+            assert kept.status_code == 200 and kept.json() == receipt
+            assert verify_receipt(kept.json(), (restored.home / "server.crt").read_bytes())
+            listed = http.get(f"/api/v1/region/dicom-web/studies/{study_uid}/instances")
+            assert listed.status_code == 200, listed.text
+            assert {i["00080018"]["Value"][0] for i in listed.json()} == \
+                set(shipment.originals)
+    finally:
+        restored.stop()
+
+
+def _tear_the_root_page_of(db: Path, table: str) -> None:
+    """What a failing disk leaves: ``table``'s root page overwritten."""
+    with sqlite3.connect(db) as conn:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = ?",
+                            (table,)).fetchone()[0]
+    conn.close()
+    with open(db, "r+b") as handle:
+        handle.seek((root - 1) * page_size)
+        handle.write(b"\xa5" * page_size)
+
+
+def _agree(folder: Path, name: str, **fields: str) -> None:
+    """The manifest rewritten to agree with ``name`` as it now is (a backup written so, not
+    damaged on its way): only the deeper check can find what is wrong."""
+    manifest = json.loads((folder / "MANIFEST.json").read_text())
+    path = folder / name
+    manifest["files"][name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    manifest.update(fields)
+    (folder / "MANIFEST.json").write_text(json.dumps(manifest))
+
+
+def test_a_hub_backup_that_may_not_be_restored_here_is_refused_and_the_home_left_as_it_was(
+        tmp_path: Path) -> None:
+    hub = HubProcess(tmp_path / "hub").init()
+    hub.token("SITE-A")  # a row in enrol_tokens, so that the table has a page of its own
+    (hub.home / "archive").mkdir(mode=0o700)
+    Database(hub.home / "archive" / "pas.sqlite").close()  # the embedded archive's index
+    (hub.home / "hub.toml").write_text("[transfers]\nabandoned_after_days = 20\n")
+    backup, manifest = _backup(hub, tmp_path / "backups")
+    other = HubProcess(tmp_path / "other").init()  # another hub: its own fleet CA
+    known = len(HUB_MIGRATIONS)
+
+    def variant(name: str, change: Callable[[Path], None]) -> Path:
+        folder = tmp_path / name / backup.name
+        shutil.copytree(backup, folder)
+        change(folder)
+        return folder
+
+    def appliance_backup(folder: Path) -> None:
+        manifest = json.loads((folder / "MANIFEST.json").read_text())
+        (folder / "MANIFEST.json").write_text(json.dumps({**manifest, "kind": "pas backup"}))
+
+    def truncate(folder: Path) -> None:
+        (folder / "hub.sqlite").write_bytes((folder / "hub.sqlite").read_bytes()[:4096])
+
+    def damage(folder: Path) -> None:
+        key = bytearray((folder / "ca.key").read_bytes())
+        key[40:50] = b"0123456789"
+        (folder / "ca.key").write_bytes(bytes(key))
+
+    def torn(name: str, table: str) -> Callable[[Path], None]:
+        def change(folder: Path) -> None:
+            _tear_the_root_page_of(folder / name, table)
+            _agree(folder, name)
+        return change
+
+    def newer(folder: Path) -> None:  # as a newer PAS writes it: its manifest agrees
+        with sqlite3.connect(folder / "hub.sqlite") as conn:
+            conn.execute(f"PRAGMA user_version = {known + 1}")
+        conn.close()
+        _agree(folder, "hub.sqlite", software="9.0.0")
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refusals = [
+        (hub, empty, f"{empty} holds no MANIFEST.json: not a pas hub backup (or one cut "
+                     "short); nothing restored"),
+        (hub, variant("appliance", appliance_backup),
+         f"{tmp_path}/appliance/{backup.name} is an appliance's backup (its MANIFEST.json says "
+         "kind 'pas backup'), not a hub's: pas restore puts it back on its appliance; nothing "
+         "restored"),
+        (hub, variant("missing", lambda f: (f / "transfer.key").unlink()),
+         f"{tmp_path}/missing/{backup.name}/transfer.key is missing (the manifest names it): "
+         "the backup is not whole; nothing restored"),
+        (hub, variant("truncated", truncate),
+         f"{tmp_path}/truncated/{backup.name}/hub.sqlite is 4096 bytes, the manifest says "
+         f"{manifest['files']['hub.sqlite']['bytes']} (truncated or damaged): restore an "
+         "older backup. Nothing restored"),
+        (hub, variant("damaged", damage),
+         f"{tmp_path}/damaged/{backup.name}/ca.key does not have the SHA-256 the manifest "
+         "gives (damaged): restore an older backup. Nothing restored"),
+        (hub, variant("torn", torn("hub.sqlite", "enrol_tokens")),
+         f"the hub database {tmp_path}/torn/{backup.name}/hub.sqlite is damaged ("),
+        (hub, variant("torn-archive", torn("archive/pas.sqlite", "instances")),
+         f"the embedded archive's index {tmp_path}/torn-archive/{backup.name}/archive/"
+         "pas.sqlite is damaged ("),
+        (hub, variant("newer", newer),
+         f"{tmp_path}/newer/{backup.name} was written by a newer PAS (version 9.0.0, hub "
+         f"database schema {known + 1}; this one knows {known}): install that version or a "
+         "later one, then restore. Nothing restored"),
+        (other, backup,
+         f"{other.home} holds another fleet CA than the backup's (fingerprint "
+         f"{_fingerprint(other.home)[:16]}..., the backup's "
+         f"{manifest['ca_fingerprint'][:16]}...): restoring would replace the CA that every "
+         "appliance enrolled with this home's hub pins, and each would have to enrol again. "
+         "If this home is the one to replace, run it again with --force (its CA is set "
+         "aside, not deleted). Nothing restored"),
+    ]
+    for target, folder, expected in refusals:
+        before = _tree(target.home)
+        refused = target.cli("restore", str(folder), check=False)
+        said = " ".join(refused.stderr.split())
+        assert refused.returncode == 1, refused.stdout
+        if expected.endswith("damaged ("):  # then SQLite's own words for the damage
+            assert said.startswith(f"refused: {expected}") and said.endswith(
+                "): restore an older backup. Nothing restored"), said
+        else:
+            assert said == f"refused: {expected}"
+        assert _tree(target.home) == before, folder
+        assert not (target.home / "hub.lock").exists()
+
+    # A hub serving on the home: its database and keys are not replaced under it.
+    hub.start()
+    try:
+        before = _tree(hub.home)
+        refused = hub.cli("restore", str(backup), check=False)
+        assert refused.returncode == 1, refused.stdout
+        assert " ".join(refused.stderr.split()) == (
+            f"refused: a pas hub run (pid {hub.proc.pid}) is using {hub.home}: one hub per "
+            "PAS_HUB_HOME; stop it first (systemctl stop pas-hub). Nothing restored")
+        assert _tree(hub.home) == before
+        # The lock is the hub's: a second pas hub run on the home (another port) is refused.
+        second = HubProcess(hub.home)
+        again = second.cli("run", check=False)
+        assert again.returncode == 1, again.stdout
+        assert " ".join(again.stderr.split()) == (
+            f"cannot start the hub: a pas hub run (pid {hub.proc.pid}) is using {hub.home}: "
+            "one hub per PAS_HUB_HOME; stop it first (systemctl stop pas-hub)")
+        assert _tree(hub.home) == before
+    finally:
+        hub.stop()
+
+    # Stopped, the same hub's home (its database damaged, say): what differs is set aside,
+    # the same keys kept, the operator's configuration left.
+    before = _tree(hub.home)
+    done = hub.cli("restore", str(backup))
+    said = " ".join(done.stdout.split())
+    assert "already as in the backup, kept: ca.key, ca.crt, server.key, server.crt, " \
+        "transfer.key, transfer.pub" in said, said
+    [database_aside] = hub.home.glob("hub.sqlite.before-restore-*Z")  # its -wal beside it
+    [archive_aside] = (hub.home / "archive").glob("pas.sqlite.before-restore-*Z")
+    assert f"set aside in {hub.home}, not deleted: archive/{archive_aside.name}, " \
+        f"{database_aside.name}" in said, said
+    assert _sha256(database_aside) == before["hub.sqlite"]
+    assert _sha256(archive_aside) == before["archive/pas.sqlite"]
+    assert _sha256(hub.home / "hub.sqlite") == manifest["files"]["hub.sqlite"]["sha256"]
+    assert f"configuration: {hub.home / 'hub.toml'} exists, left as it is (the backup's is " \
+        f"{backup / 'hub.toml'})" in said, said
+
+    # Another hub's home, with --force: its CA set aside, the backup's in place. A restore
+    # stopped half-way (a folder it cannot write in) says what it put back and set aside,
+    # the home's database not replaced yet; run again, it finishes.
+    other_ca = _sha256(other.home / "ca.crt")
+    other_database = _sha256(other.home / "hub.sqlite")
+    (other.home / "archive").mkdir(mode=0o700)
+    subprocess.run(["chattr", "+i", str(other.home / "archive")], check=True)
+    try:
+        stopped = other.cli("restore", "--force", str(backup), check=False)
+    finally:
+        subprocess.run(["chattr", "-i", str(other.home / "archive")], check=True)
+    assert stopped.returncode == 1, stopped.stdout
+    assert "ERROR" in stopped.stderr and \
+        f"pas.hub.restore: hub restore from {backup} by operator:" in stopped.stderr
+    said = " ".join(stopped.stderr.split())
+    said = said[said.index("not finished: "):]
+    keys = ("ca.key", "ca.crt", "server.key", "server.crt", "transfer.key", "transfer.pub")
+    incoming = other.home / "archive" / ".pas.sqlite.restoring"
+    assert re.fullmatch(
+        rf"not finished: the restore stopped at archive/pas\.sqlite \(Operation not "
+        rf"permitted: {re.escape(str(incoming))}\); put back: {re.escape(', '.join(keys))}; "
+        "set aside: " + ", ".join(rf"{re.escape(key)}\.before-restore-\d{{8}}T\d{{6}}Z"
+                                  for key in keys)
+        + r"\. Fix the cause and run pas hub restore again \(what it sets aside stays\)",
+        said), said
+    assert _sha256(other.home / "hub.sqlite") == other_database
+    assert list((other.home / "archive").iterdir()) == []
+    done = other.cli("restore", "--force", str(backup))
+    [ca_aside] = other.home.glob("ca.crt.before-restore-*Z")
+    assert _sha256(ca_aside) == other_ca
+    assert _fingerprint(other.home) == manifest["ca_fingerprint"]
+    assert (other.home / "hub.toml").read_bytes() == (hub.home / "hub.toml").read_bytes()
+    assert f"configuration put back: {other.home / 'hub.toml'}" in " ".join(done.stdout.split())
+
+
+def _fingerprint(home: Path) -> str:
+    from appliance.transfer.enrolment import ca_fingerprint
+
+    return ca_fingerprint((home / "ca.crt").read_bytes())
