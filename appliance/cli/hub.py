@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 from rich.table import Table
@@ -28,6 +28,9 @@ from appliance.cli.common import (
     write_database,
 )
 from appliance.words import counted
+
+if TYPE_CHECKING:  # the CLI imports the hub's modules only when a command runs
+    from appliance.hub.restore import HubRestored
 
 hub_app = typer.Typer(help="The regional hub: PKI, enrolment tokens, the transfer service, "
                            "its backup.",
@@ -303,7 +306,7 @@ def hub_restore(folder: Path = typer.Argument(
         console.print(line, highlight=False)
 
 
-def restored_lines(done) -> list[str]:  # type: ignore[no-untyped-def]
+def restored_lines(done: HubRestored) -> list[str]:
     """What ``pas hub restore`` tells the operator: what is back (the manifest's counts),
     what was set aside, where the configuration is, what is left to do."""
     m = done.manifest
