@@ -148,6 +148,13 @@ class Settings(_Section):
         return self.home / "pas.sqlite"
 
 
+def configured_site(settings: Settings) -> str | None:
+    """The site the configuration names (the file's ``site`` or ``PAS_SITE``), None when it
+    names none: then the default stands in for display only, and the enrolment's name is the
+    one the hub knows (transfer/enrolment.check_site compares the two)."""
+    return settings.site if "site" in settings.model_fields_set else None
+
+
 def _is_hub_variable(name: str) -> bool:
     """``PAS_HUB_<SECTION>__<KEY>`` configures the hub; ``PAS_HUB__<KEY>`` is the appliance's
     own ``[hub]`` section."""

@@ -37,11 +37,12 @@ from appliance.config_types import (
 )
 
 
-def _cleartext(what: str) -> str:
+def _cleartext(what: str, network: str = "the hospital's own network") -> str:
     """The refusal of an ``http://`` URL beyond loopback (:func:`sent_in_clear`), naming the
-    opt-in of the section it is in (``{section}``, filled by config.format_validation_error)."""
+    opt-in of the section it is in (``{section}``, filled by config.format_validation_error);
+    ``network``: where such a host may be (the hub's archive: the data centre's)."""
     return (f"http:// sends {what} in clear; use https:// (or set "
-            "{section}.allow_cleartext = true for a host on the hospital's own network)")
+            f"{{section}}.allow_cleartext = true for a host on {network})")
 
 
 class KnownAE(_Section):

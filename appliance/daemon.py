@@ -53,6 +53,13 @@ class Daemon:
         from appliance import dicomnet
 
         dicomnet.install(settings.dicom.event_driven)  # before any association exists
+        from appliance.config import configured_site
+        from appliance.transfer.enrolment import check_site
+
+        # First, before the home is locked or its index opened (nothing changed): the
+        # configuration's site and the enrolment's certificate are the same site, or the
+        # appliance would speak to the hub as one and audit as the other (SiteMismatch).
+        check_site(settings.home, configured_site(settings))
         from appliance.ops.home_lock import hold_home_lock
 
         # Before the database opens and recovery runs: one daemon per home.

@@ -426,14 +426,15 @@ def enroll(hub: str = typer.Option(..., "--hub", help="https://host:port of the 
     or, at a terminal, a prompt that does not echo it."""
     # --config as for pas run: the enrolment goes under the home of the configuration the
     # daemon will run on (an IT account with /etc/pas/appliance.toml had to set PAS_CONFIG).
-    from appliance.config import load_settings
+    from appliance.config import configured_site, load_settings
     from appliance.transfer.enrolment import EnrolmentError
     from appliance.transfer.enrolment import enroll as do_enroll
 
-    home = settings_or_exit(lambda: load_settings(config)).home
+    settings = settings_or_exit(lambda: load_settings(config))
     secret = _enrolment_token(token, token_file)
     try:
-        enrolment = do_enroll(home, hub, secret, replace=replace)
+        enrolment = do_enroll(settings.home, hub, secret, replace=replace,
+                              configured_site=configured_site(settings))
     except EnrolmentError as exc:
         err.print(f"[red]enrolment failed:[/red] {exc}")
         raise typer.Exit(1) from None

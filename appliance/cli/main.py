@@ -159,11 +159,29 @@ def config_check(path: Path | None = typer.Argument(
                   f"without it pas run refuses the file): {problem}", highlight=False)
     if hidden:
         raise typer.Exit(2)
+    _check_enrolled_site(settings)
     console.print(f"[green]configuration OK[/green]: site {settings.site}, AE "
                   f"{settings.dicom.ae_title} port "
                   f"{settings.dicom.port}, home {settings.home}, "
                   f"{counted(len(settings.routing.rules), 'rule')}, "
                   f"{counted(len(settings.destinations), 'destination')}")
+
+
+def _check_enrolled_site(settings: Settings) -> None:
+    """With an enrolment in the configuration's home, the site it names must be the
+    enrolment's: pas run refuses otherwise, and pas-upgrade runs this check before it
+    switches versions (image/rootfs/usr/local/sbin/pas-upgrade). An enrolment that cannot
+    be read is pas doctor's to report: this command checks the configuration."""
+    from appliance.config import configured_site
+    from appliance.transfer.enrolment import EnrolmentError, SiteMismatch, check_site
+
+    try:
+        check_site(settings.home, configured_site(settings))
+    except SiteMismatch as exc:
+        err.print(f"[red]config error[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    except EnrolmentError:
+        pass
 
 
 @app.command()

@@ -23,7 +23,9 @@ both heard "not held", and both were receipted while Orthanc kept only the first
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import ssl
 import tempfile
 import threading
 import uuid
@@ -38,11 +40,53 @@ from appliance.locks import KeyedLocks
 from appliance.words import counted
 
 if TYPE_CHECKING:
-    from appliance.hub.config import HubSettings
+    from appliance.hub.config import ArchiveSection, HubSettings
 
 log = logging.getLogger("pas.hub.archive")
 
 CHUNK = 1 << 20
+
+
+class ArchiveTrustError(OSError):
+    """``archive.ca_file`` cannot be read as a bundle of CA certificates: the hub does not
+    start (``cannot start the hub: archive.ca_file ...``)."""
+
+
+def archive_verify(archive: ArchiveSection) -> ssl.SSLContext:
+    """How every client of the hub to the archive verifies its certificate (the STOWs and
+    questions here, the region proxy, the downloads' reads, the priors' searches): the
+    bundle ``archive.ca_file`` names, else the system's store. Until 2026-12-05 they used
+    httpx's own default (certifi's list of public CAs): a regional PACS under the region's
+    private CA was reached over https:// only with SSL_CERT_FILE in the hub's environment,
+    which no document said, and http:// to any host was taken."""
+    return _verify_context(str(archive.ca_file) if archive.ca_file else None)
+
+
+@functools.lru_cache(maxsize=4)
+def _verify_context(ca_file: str | None) -> ssl.SSLContext:
+    """One context per bundle for the hub's life (a context is shared safely between
+    threads and event loops; a bundle replaced is read at the next start)."""
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ValueError) as exc:  # missing, unreadable, or no certificate in it
+        raise ArchiveTrustError(f"archive.ca_file {ca_file}: not a readable PEM bundle of CA "
+                                f"certificates ({exc})") from None
+
+
+def trust_problem(exc: BaseException, archive: ArchiveSection) -> str | None:
+    """The words for a failure to trust the archive's certificate, if ``exc`` is one (None
+    otherwise): what the check said, and the key that names what it is checked against."""
+    current: BaseException | None = exc
+    seen: set[int] = set()
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLCertVerificationError):
+            against = (f"the CA bundle in archive.ca_file ({archive.ca_file})" if
+                       archive.ca_file else "the system's store (archive.ca_file not set)")
+            return (f"the hub does not trust the archive's certificate "
+                    f"({current.verify_message or current.reason}), checked against {against}")
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 @dataclass(frozen=True)
@@ -212,10 +256,12 @@ class DicomWebArchive:
 
     kind = "dicomweb"
 
-    def __init__(self, url: str, per_request: int = 16, timeout_s: float = 120.0):
-        self.url = url.rstrip("/")
-        self.per_request = per_request
-        self.client = httpx.Client(timeout=timeout_s)
+    def __init__(self, archive: ArchiveSection):
+        assert archive.url
+        self.settings = archive
+        self.url = archive.url.rstrip("/")
+        self.per_request = archive.instances_per_request
+        self.client = httpx.Client(timeout=archive.timeout_s, verify=archive_verify(archive))
         self._uids = KeyedLocks()  # one per SOP Instance UID being asked, sent, read back
 
     @contextlib.contextmanager
@@ -273,8 +319,9 @@ class DicomWebArchive:
                         "includefield": ["0020000D", "0020000E"]},
                 headers={"Accept": "application/dicom+json"})
         except httpx.HTTPError as exc:
-            log.warning("QIDO-RS to %s failed: %s", self.url, exc)
-            return None, f"cannot ask the archive whether it holds this UID already: {exc}"
+            why = trust_problem(exc, self.settings) or str(exc)
+            log.warning("QIDO-RS to %s failed: %s", self.url, why)
+            return None, f"cannot ask the archive whether it holds this UID already: {why}"
         if response.status_code == 204:
             return {}, ""
         try:
@@ -315,7 +362,8 @@ class DicomWebArchive:
                 finally:
                     parser.close()
         except (httpx.HTTPError, ArchiveFailed, OSError) as exc:
-            return f"held by the archive before this STOW, and reading it back failed: {exc}"
+            why = trust_problem(exc, self.settings) or exc
+            return f"held by the archive before this STOW, and reading it back failed: {why}"
         if len(parts) != 1:
             return (f"held by the archive before this STOW, and reading it back gave "
                     f"{len(parts)} parts instead of 1")
@@ -350,7 +398,8 @@ class DicomWebArchive:
                          f"boundary={boundary}", "Content-Length": str(length),
                          "Accept": "application/dicom+json"})
         except httpx.HTTPError as exc:
-            log.warning("STOW-RS to %s failed: %s", self.url, exc)
+            log.warning("STOW-RS to %s failed: %s", self.url,
+                        trust_problem(exc, self.settings) or exc)
             return uids, False
         if response.status_code not in (200, 202):
             log.warning("STOW-RS to %s answered %s: %s", self.url, response.status_code,
@@ -367,9 +416,7 @@ class DicomWebArchive:
 
 def open_archive(settings: HubSettings) -> Archive:
     if settings.archive.kind == "dicomweb":
-        assert settings.archive.url
-        return DicomWebArchive(settings.archive.url, settings.archive.instances_per_request,
-                               settings.archive.timeout_s)
+        return DicomWebArchive(settings.archive)
     return EmbeddedArchive(settings.archive_dir)
 
 

@@ -16,6 +16,8 @@ from pydantic import Field, field_validator, model_validator
 # The appliance's sections' base: unknown keys refused, numbers strict (``port = "8443"`` or
 # ``workers = true`` named, as in the appliance's file).
 from appliance.config import Port, _Section, build, deep_merge, env_overrides, read_toml
+from appliance.config_sections import _cleartext
+from appliance.config_types import Flag, _cross_field, sent_in_clear
 
 HUB_ENV_PREFIX = "PAS_HUB_"
 
@@ -27,10 +29,16 @@ class HubHttpSection(_Section):
 
 class ArchiveSection(_Section):
     """``embedded``: files + SQLite under ``$PAS_HUB_HOME/archive``; ``dicomweb``: STOW-RS to
-    ``url`` (the DICOMweb root of the regional PACS)."""
+    ``url`` (the DICOMweb root of the regional PACS). ``http://`` beyond loopback only with
+    ``allow_cleartext`` (a PACS on the data centre's own network), as the appliance's
+    DICOMweb URLs (invariant 5: every study of the region passes there, and it took any
+    host in clear). ``ca_file``: the PEM bundle the PACS's certificate is verified with,
+    instead of the system's store (a regional PACS under a private CA; hub/archive.py)."""
 
     kind: Literal["embedded", "dicomweb"] = "embedded"
     url: str | None = None
+    allow_cleartext: Flag = False
+    ca_file: Path | None = None
     instances_per_request: int = Field(default=16, ge=1, le=1000)
     timeout_s: float = Field(default=120.0, gt=0)
     # Threads rebuilding and archiving instances while their transfer's buckets arrive.
@@ -51,6 +59,9 @@ class ArchiveSection(_Section):
     def _url_for_dicomweb(self) -> ArchiveSection:
         if self.kind == "dicomweb" and not self.url:
             raise ValueError("url is required when kind is 'dicomweb'")
+        if self.url and not self.allow_cleartext and sent_in_clear(self.url):
+            raise _cross_field("url", _cleartext("every study the sites send",
+                                                 "the data centre's own network"))
         return self
 
 

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from starlette.concurrency import run_in_threadpool
 
+from appliance.hub.archive import archive_verify, trust_problem
 from appliance.hub.staging import ArchiveFailed, PartsToFiles, Planner, boundary, uid_of
 from appliance.transfer.download_frames import encode_frame
 from appliance.transfer.pack import PackItem, pack_bucket
@@ -280,6 +281,7 @@ class Download:
         try:
             # identity: the archive is on the hub's LAN; gzip would only cost its CPU.
             with httpx.stream("GET", f"{archive.url}/{path}", timeout=archive.timeout_s,
+                              verify=archive_verify(archive),
                               headers={"Accept": MULTIPART_DICOM,
                                        "Accept-Encoding": "identity"}) as answer:
                 if answer.status_code == 404:
@@ -303,8 +305,9 @@ class Download:
                 if parser.state != "closed":
                     raise ArchiveFailed(502, "archive_cut", "the archive's answer was cut short")
         except httpx.HTTPError as exc:
+            why = trust_problem(exc, archive) or f"{type(exc).__name__}: {exc}"
             raise ArchiveFailed(502, "archive_unreachable",
-                                f"the regional archive: {type(exc).__name__}: {exc}") from exc
+                                f"the regional archive: {why}") from exc
         finally:
             if parser is not None:
                 parser.close()

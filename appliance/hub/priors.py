@@ -35,6 +35,7 @@ from starlette.routing import BaseRoute, Route
 
 from appliance.config import PrefetchRule
 from appliance.hub.app import BodyTooLarge, problem, read_body_limited
+from appliance.hub.archive import archive_verify, trust_problem
 from appliance.hub.download import MAX_BUCKET_BYTES, bucket_bytes, stream_answer
 from appliance.hub.download_stages import Download, Part
 from appliance.hub.lanes import parse_lanes
@@ -111,7 +112,8 @@ def _wish(patient: dict[str, Any], where: str) -> dict[str, Any] | str:
 def priors_routes(hub: Hub) -> list[BaseRoute]:
     limits = hub.settings.limits
     archive = hub.settings.archive
-    archive_client = httpx.AsyncClient(timeout=archive.timeout_s) \
+    archive_client = httpx.AsyncClient(timeout=archive.timeout_s,
+                                       verify=archive_verify(archive)) \
         if archive.kind == "dicomweb" and archive.url else None
 
     async def one_search(patient: dict[str, str]) -> dict[str, Any]:
@@ -124,7 +126,8 @@ def priors_routes(hub: Hub) -> list[BaseRoute]:
             answer = await archive_client.get(f"{archive.url}/studies", params=params,
                                               headers={"Accept": DICOM_JSON})
         except httpx.HTTPError as exc:
-            return {"error": "archive_unreachable", "detail": f"{type(exc).__name__}: {exc}"}
+            return {"error": "archive_unreachable",
+                    "detail": trust_problem(exc, archive) or f"{type(exc).__name__}: {exc}"}
         if answer.status_code == 204 or (answer.status_code == 200 and not answer.content):
             return {"studies": []}
         if answer.status_code != 200:

@@ -17,6 +17,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from appliance.hub.app import problem
+from appliance.hub.archive import archive_verify, trust_problem
 
 if TYPE_CHECKING:
     from appliance.hub.app import Hub
@@ -33,7 +34,8 @@ def region_routes(hub: Hub) -> list[BaseRoute]:
 
         return build_dicomweb_routes(hub.archive.db, embedded,  # type: ignore[attr-defined]
                                      receiver=None, prefix=PREFIX)
-    client = httpx.AsyncClient(timeout=archive.timeout_s) if archive.kind == "dicomweb" else None
+    client = (httpx.AsyncClient(timeout=archive.timeout_s, verify=archive_verify(archive))
+              if archive.kind == "dicomweb" else None)
 
     async def proxy(request: Request) -> Response:
         """QIDO-RS / WADO-RS of the regional archive, read-only."""
@@ -53,7 +55,8 @@ def region_routes(hub: Hub) -> list[BaseRoute]:
         try:
             answer = await client.send(upstream, stream=True)
         except httpx.HTTPError as exc:
-            return problem(502, "archive_unreachable", f"the regional archive: {exc}")
+            return problem(502, "archive_unreachable",
+                           f"the regional archive: {trust_problem(exc, archive) or exc}")
         passed = {k: v for k, v in answer.headers.items() if k.lower() in PASSED_HEADERS}
         return StreamingResponse(answer.aiter_raw(), status_code=answer.status_code,
                                  headers=passed, background=BackgroundTask(answer.aclose))

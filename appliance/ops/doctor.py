@@ -178,8 +178,14 @@ def _recorded_disk_alert(settings: Settings) -> str | None:
 
 
 def check_enrolment(settings: Settings) -> list[Check]:
+    from appliance.config import configured_site
     from appliance.ops.metrics import certificate_days_left
-    from appliance.transfer.enrolment import EnrolmentError, load_enrolment
+    from appliance.transfer.enrolment import (
+        EnrolmentError,
+        SiteMismatch,
+        check_site,
+        load_enrolment,
+    )
 
     try:
         enrolment = load_enrolment(settings.home)
@@ -189,6 +195,12 @@ def check_enrolment(settings: Settings) -> list[Check]:
         return [Check("enrolment", "warn", "not enrolled with a regional hub",
                       "ask regional ops for a token, then: pas enroll --hub URL --token TOKEN")]
     checks = [Check("enrolment", "ok", f"site {enrolment.site}, hub {enrolment.url}")]
+    try:  # the configuration's site is the certificate's: pas run refuses otherwise
+        check_site(settings.home, configured_site(settings))
+    except SiteMismatch as exc:
+        checks.append(Check("site", "fail", exc.problem, exc.way_out))
+    except EnrolmentError:
+        pass  # read above: the same files
     try:
         days = certificate_days_left(settings.home)
     except (OSError, ValueError) as exc:

@@ -45,6 +45,24 @@ class EnrolmentError(Exception):
     """Enrolment failed; the message says why. Nothing was written."""
 
 
+class SiteMismatch(EnrolmentError):
+    """The configuration names one site and the enrolment is another's (see
+    :func:`check_site`): ``problem`` says which, ``way_out`` the two ways to put it right."""
+
+    def __init__(self, configured: str, enrolled: str, certificate: Path):
+        self.configured, self.enrolled = configured, enrolled
+        self.problem = (f"the configuration says site = {json.dumps(configured)}, but "
+                        f"this appliance is enrolled with the hub as site {enrolled!r} (its "
+                        f"certificate {certificate}): the hub would take its studies and "
+                        f"heartbeats as {enrolled!r} while its audit trail and status say "
+                        f"{configured!r}")
+        self.way_out = (f"put back site = {json.dumps(enrolled)}, or enrol it as "
+                        f"{configured!r} (pas hub token {configured} at the region, then "
+                        "pas enroll --replace)")
+        # As a configuration error is said: the key path first (pas config check, pas run).
+        super().__init__(f"site: {self.problem}. {self.way_out[0].upper()}{self.way_out[1:]}")
+
+
 @dataclass(frozen=True)
 class Enrolment:
     """What the appliance knows about its hub once enrolled."""
@@ -78,6 +96,17 @@ class Enrolment:
             return None
         expiry = cert.not_valid_after_utc
         return expiry if expiry <= (at or datetime.now(UTC)) else None
+
+    def certificate_site(self) -> str | None:
+        """The site the hub knows this appliance by: its certificate's CN, the one name the
+        hub reads (hub/pki.certificate_identity), whatever ``hub.json`` says. None when
+        the certificate cannot be read (the start-up and doctor checks say that)."""
+        try:
+            cert = x509.load_pem_x509_certificate(self.client_cert.read_bytes())
+        except (OSError, ValueError):
+            return None
+        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return str(names[0].value) if names else None
 
     def ssl_context(self) -> ssl.SSLContext:
         """TLS 1.3 only, the pinned fleet CA only, hostname checked, our client cert loaded."""
@@ -134,6 +163,24 @@ def load_enrolment(home: Path) -> Enrolment | None:
     if urlsplit(enrolment.url).scheme != "https":
         raise EnrolmentError(f"{directory / 'hub.json'}: url must start with https:// (nothing "
                              f"leaves the site in clear), got {enrolment.url!r}")
+    return enrolment
+
+
+def check_site(home: Path, configured: str | None) -> Enrolment | None:
+    """The enrolment under ``home``, once checked to be of the site the configuration names.
+
+    ``configured`` is the configuration's ``site`` when it names one (the file's key or
+    ``PAS_SITE``; None when it names none, and the enrolment's name stands). An appliance
+    enrolled as A whose file was edited or copied to say B spoke to the hub with A's
+    certificate (the hub knows it as A, whatever it claims) while its audit trail, status
+    and backups said B: raises :class:`SiteMismatch` naming both and the ways out, for
+    ``pas run`` to refuse before its ports open (``pas config check``, ``pas doctor``)."""
+    enrolment = load_enrolment(home)
+    if enrolment is None or configured is None:
+        return enrolment
+    enrolled = enrolment.certificate_site() or enrolment.site
+    if enrolled != configured:
+        raise SiteMismatch(configured, enrolled, enrolment.client_cert)
     return enrolment
 
 
@@ -194,18 +241,28 @@ def _fetch_ca(url: str, cafp: str, timeout: float) -> bytes:
 
 
 def enroll(home: Path, url: str, token: str, timeout: float = 30.0, *,
-           replace: bool = False) -> Enrolment:
+           replace: bool = False, configured_site: str | None = None) -> Enrolment:
     """Enrol this appliance: new key + CSR, pinned CA checked against the token, files 0600.
 
     Refuses to overwrite an existing enrolment unless ``replace`` (a certificate revoked or
     about to expire, a new token from regional ops): the new files are then made beside the
     old ones and swapped in only once the hub has issued the certificate, so a refused
     token or an unreachable hub leaves the old enrolment as it was.
+
+    ``configured_site``: the site the configuration names, if it names one; a token of
+    another site is refused before anything is sent (the token stays unspent), since
+    ``pas run`` would then refuse the enrolment it made (:func:`check_site`).
     """
     url = url.rstrip("/")
     if urlsplit(url).scheme != "https":
         raise EnrolmentError(f"hub URL must start with https://, got {url!r}")
     site, _secret, cafp = parse_token(token)
+    if configured_site is not None and site != configured_site:
+        raise EnrolmentError(
+            f"the token is for site {site!r} and the configuration says site = "
+            f"{json.dumps(configured_site)}: ask regional ops for a token of site "
+            f"{configured_site!r} (pas hub token {configured_site}), or set site = "
+            f"{json.dumps(site)} first; nothing sent to the hub, the token is still unspent")
     directory = pki_dir(home)
     if (directory / "hub.json").exists() and not replace:
         raise EnrolmentError(f"already enrolled ({directory / 'hub.json'} exists): to enrol "

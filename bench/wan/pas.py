@@ -36,7 +36,9 @@ class Hub:
         self.home = home
         self.env = {**os.environ, "PAS_HUB_HOME": str(home),
                     "PAS_HUB_HTTP__HOST": "0.0.0.0", "PAS_HUB_HTTP__PORT": str(HUB_PORT),
-                    "PAS_HUB_ARCHIVE__KIND": "dicomweb", "PAS_HUB_ARCHIVE__URL": archive_url}
+                    "PAS_HUB_ARCHIVE__KIND": "dicomweb", "PAS_HUB_ARCHIVE__URL": archive_url,
+                    # Orthanc beside the hub in the region namespace, plain http://.
+                    "PAS_HUB_ARCHIVE__ALLOW_CLEARTEXT": "true"}
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property

@@ -1,0 +1,115 @@
+"""An appliance enrolled as one site whose configuration names another is refused, with the
+way out, before it speaks to anyone.
+
+The hub knows an appliance by its certificate's CN (the site of the token it enrolled with);
+the appliance's audit trail, status, metrics and backups use the configuration's ``site``.
+A file edited or copied from another appliance to say ``CHU-B`` on an appliance enrolled as
+``CHU-A`` used to start: its studies and heartbeats went to the region as CHU-A while
+everything local said CHU-B. Real peers: ``pas hub run``, ``pas run``, ``pas config check``,
+``pas doctor`` and ``pas enroll`` as child processes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance.store.hub import list_tokens, open_hub_db
+from tests.support.hub import HubProcess, enroll
+from tests.support.peers import PAS_BIN, PasProcess, port_open, wait_for
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
+    process = HubProcess(tmp_path_factory.mktemp("hub") / "home").init()
+    process.start()
+    yield process
+    process.stop()
+
+
+def _pas(env: dict[str, str], *args: str, token: str | None = None
+         ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(PAS_BIN), *args], env=env, input=token, capture_output=True,
+                          text=True, timeout=120)
+
+
+def _unspent(hub: HubProcess, site: str) -> int:
+    db = open_hub_db(hub.home / "hub.sqlite")
+    try:
+        return sum(1 for row in list_tokens(db) if row["site"] == site and row["used_at"] is None)
+    finally:
+        db.close()
+
+
+def test_a_configuration_naming_another_site_than_the_enrolment_is_refused_with_the_way_out(
+        hub: HubProcess, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    enroll(hub, home, "CHU-A")
+    config = tmp_path / "appliance.toml"
+    config.write_text(f'site = "CHU-B"\nhome = "{home}"\n')
+    pas = PasProcess(home)
+    env = {**pas.env, "PAS_CONFIG": str(config)}
+    certificate = home / "pki" / "client.crt"
+    problem = (f"the configuration says site = \"CHU-B\", but this appliance is enrolled "
+               f"with the hub as site 'CHU-A' (its certificate {certificate})")
+    way_out = ('put back site = "CHU-A", or enrol it as \'CHU-B\' (pas hub token CHU-B at the '
+               "region, then pas enroll --replace)")
+
+    # pas run: one line, exit 1, before the home is locked or the index created, no port.
+    run = subprocess.Popen([str(PAS_BIN), "run"], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: run.poll() is not None or port_open("127.0.0.1", pas.port), 60,
+                 what="pas run to exit or open its DICOM port")
+        opened = run.poll() is None
+    finally:
+        if run.poll() is None:
+            run.kill()
+        out, errors = run.communicate(timeout=30)
+    assert not opened, f"pas run started as 'CHU-B' with CHU-A's certificate:\n{errors}"
+    assert run.returncode == 1, out + errors
+    said = " ".join(errors.split())  # rich wraps long lines at its console's width
+    assert said.startswith(f"cannot start: site: {problem}"), said
+    assert way_out[1:] in said and "Traceback" not in said, said
+    assert not (home / "pas.sqlite").exists() and not (home / "pas.lock").exists()
+
+    # pas config check (pas-upgrade's check before it switches versions): exit 2.
+    check = _pas(env, "config", "check", str(config))
+    assert check.returncode == 2, check.stdout + check.stderr
+    said = " ".join(check.stderr.split())
+    assert said.startswith(f"config error site: {problem}") and way_out[1:] in said, said
+
+    doctor = _pas(env, "doctor", "--json")
+    assert doctor.returncode == 1, doctor.stdout + doctor.stderr
+    (site_check,) = [c for c in json.loads(doctor.stdout) if c["name"] == "site"]
+    assert site_check["verdict"] == "fail" and site_check["fix"] == way_out, site_check
+    assert site_check["detail"].startswith(problem), site_check
+
+    # A token of the enrolled site is refused by a configuration naming another, before
+    # anything is sent: the token stays unspent, the enrolment as it was.
+    token_a = hub.token("CHU-A")
+    before = certificate.read_bytes()
+    again = _pas(env, "enroll", "--replace", "--hub", hub.url, "--token", "-",
+                 token=f"{token_a}\n")
+    assert again.returncode == 1, again.stdout + again.stderr
+    said = " ".join(again.stderr.split())
+    assert ("the token is for site 'CHU-A' and the configuration says site = \"CHU-B\"" in said
+            and "nothing sent to the hub" in said), said
+    assert _unspent(hub, "CHU-A") == 1 and certificate.read_bytes() == before
+
+    # The ways out: site put back, or a token of the configured site.
+    config.write_text(f'site = "CHU-A"\nhome = "{home}"\n')
+    assert _pas(env, "config", "check", str(config)).returncode == 0
+    config.write_text(f'site = "CHU-B"\nhome = "{home}"\n')
+    token_b = hub.token("CHU-B")
+    again = _pas(env, "enroll", "--replace", "--hub", hub.url, "--token", "-",
+                 token=f"{token_b}\n")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "enrolled as site CHU-B" in again.stdout
+    check = _pas(env, "config", "check", str(config))
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "configuration OK: site CHU-B" in check.stdout
