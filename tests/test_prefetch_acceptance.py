@@ -70,7 +70,9 @@ class Hub:
         self.port = free_port()
         self.env = {**os.environ, "PAS_HUB_HOME": str(home),
                     "PAS_HUB_HTTP__HOST": "127.0.0.1", "PAS_HUB_HTTP__PORT": str(self.port),
-                    "PAS_HUB_ARCHIVE__KIND": "dicomweb", "PAS_HUB_ARCHIVE__URL": archive_url}
+                    "PAS_HUB_ARCHIVE__KIND": "dicomweb", "PAS_HUB_ARCHIVE__URL": archive_url,
+                    # the test's Orthanc speaks plain HTTP inside its network namespace
+                    "PAS_HUB_ARCHIVE__ALLOW_CLEARTEXT": "true"}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def cli(self, *args: str) -> str:
