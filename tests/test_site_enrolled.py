@@ -107,6 +107,17 @@ def test_no_site_in_the_configuration_is_the_enrolments_site_everywhere(
     assert (other / "pki" / "client.crt").read_bytes() == key_before
     assert not (other / "pas.sqlite").exists()
 
+    # A backup written before manifests said where the site came from ("PAS", the default,
+    # no site_from) is of its certificate's site: taken back by CHU-A, refused by CHU-B.
+    older = manifest.copy()
+    older["site"] = "PAS"
+    del older["site_from"]
+    (folder / "MANIFEST.json").write_text(json.dumps(older))
+    refused = PasProcess(other).cli("restore", str(folder), check=False)
+    assert "is the backup of site 'CHU-A', and this appliance is site 'CHU-B'" in " ".join(
+        refused.stderr.split()), refused.stderr
+    PasProcess(home).cli("restore", str(folder))
+
     # A configuration naming its site keeps it (the enrolment is the same site).
     named = PasProcess(home, {"PAS_SITE": "CHU-A"})
     assert " ".join(named.cli("config", "check").stdout.split()).startswith(
