@@ -21,7 +21,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, PrivateAttr, ValidationError
 
 from appliance.config_env import read_overrides
 from appliance.config_sections import (
@@ -76,6 +76,7 @@ __all__ = [
     "RoutingSection", "Rule", "ServingSection", "Settings", "StorageSection",
     "StowRsDestination", "StudySection", "build", "deep_merge", "default_config_path",
     "env_overrides", "format_validation_error", "load_settings", "read_toml",
+    "site_origin", "with_enrolled_site",
 ]
 
 ENV_PREFIX = "PAS_"
@@ -109,6 +110,9 @@ class Settings(_Section):
     prefetch: PrefetchSection = PrefetchSection()
     serving: ServingSection = ServingSection()
     destinations: dict[str, Destination] = {}
+    # True when ``site`` is the enrolment's name, put there by load_settings because the
+    # configuration names none (configured_site, site_origin tell the cases apart).
+    _site_from_enrolment: bool = PrivateAttr(default=False)
 
     def model_post_init(self, _context: Any) -> None:
         # Runs only once every field validated (so it hides no other problem) and reports
@@ -150,9 +154,45 @@ class Settings(_Section):
 
 def configured_site(settings: Settings) -> str | None:
     """The site the configuration names (the file's ``site`` or ``PAS_SITE``), None when it
-    names none: then the default stands in for display only, and the enrolment's name is the
-    one the hub knows (transfer/enrolment.check_site compares the two)."""
-    return settings.site if "site" in settings.model_fields_set else None
+    names none: then ``settings.site`` is the enrolment's name (:func:`with_enrolled_site`),
+    or the default when not enrolled (transfer/enrolment.check_site compares the two)."""
+    return settings.site if site_origin(settings) == "configuration" else None
+
+
+def site_origin(settings: Settings) -> Literal["configuration", "enrolment", "default"]:
+    """Where ``settings.site`` comes from: the configuration (the file's ``site`` or
+    ``PAS_SITE``), the enrolment (the configuration names none: the name the hub knows this
+    appliance by), or neither (the default "PAS": not enrolled, no name given)."""
+    if settings._site_from_enrolment:
+        return "enrolment"
+    return "configuration" if "site" in settings.model_fields_set else "default"
+
+
+def with_enrolled_site(settings: Settings) -> Settings:
+    """``settings`` with the enrolment's site as ``site`` when the configuration names none.
+
+    The one place the appliance's effective site is decided (:func:`load_settings`, so the
+    daemon and every command agree). A configuration without ``site`` enrolled as CHU-A was
+    CHU-A to the hub (its certificate) and "PAS" to its own audit trail, ``pas_info``,
+    ``pas status``, the status page and its backups. A configuration that names its site
+    keeps it (``pas run`` refuses one naming another than the enrolment's); an appliance
+    not enrolled, or whose enrolment cannot be read (``pas doctor`` says why), keeps the
+    default."""
+    if "site" in settings.model_fields_set or settings._site_from_enrolment:
+        return settings
+    home = Path(settings.home)
+    # os.path.exists: False on any OSError. Not enrolled: no import of the enrolment's
+    # module (httpx, cryptography) for every command of an appliance without a hub.
+    if not any(os.path.exists(home / folder / "hub.json") for folder in ("pki", "pki.new")):
+        return settings
+    from appliance.transfer.enrolment import enrolled_site
+
+    name = enrolled_site(home)
+    if name is None:
+        return settings
+    resolved = settings.model_copy(update={"site": name})
+    resolved._site_from_enrolment = True
+    return resolved
 
 
 def _is_hub_variable(name: str) -> bool:
@@ -321,7 +361,8 @@ def default_config_path(environ: dict[str, str] | None = None,
 
 
 def load_settings(path: Path | None = None, environ: dict[str, str] | None = None) -> Settings:
-    """Defaults, then the TOML file (if any), then environment overrides; validated."""
+    """Defaults, then the TOML file (if any), then environment overrides; validated. With no
+    ``site`` named, the enrolment's (:func:`with_enrolled_site`)."""
     environ = dict(os.environ) if environ is None else environ
     data: dict[str, Any] = {}
     path = path or default_config_path(environ)
@@ -331,7 +372,7 @@ def load_settings(path: Path | None = None, environ: dict[str, str] | None = Non
         data["home"] = environ["PAS_HOME"]
     data = deep_merge(data, env_overrides(environ, model=Settings))
     settings: Settings = build(Settings, data)
-    return settings
+    return with_enrolled_site(settings)
 
 
 def problems_the_environment_hides(path: Path) -> list[str]:

@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Any
 
-from appliance.config import Settings
+from appliance.config import Settings, configured_site, with_enrolled_site
 from appliance.dispatch.target_types import make_target
 from appliance.dispatch.worker import Dispatcher
 from appliance.ingest.receive import Receiver
@@ -49,11 +49,12 @@ PORT_104_DROP_IN = "install image/systemd/pas.service.d/port-104.conf"
 
 class Daemon:
     def __init__(self, settings: Settings):
-        self.settings = settings
+        # As load_settings does (a no-op then): a Settings built another way (in-process
+        # tests) gets the same site, the enrolment's when the configuration names none.
+        self.settings = settings = with_enrolled_site(settings)
         from appliance import dicomnet
 
         dicomnet.install(settings.dicom.event_driven)  # before any association exists
-        from appliance.config import configured_site
         from appliance.transfer.enrolment import check_site
 
         # First, before the home is locked or its index opened (nothing changed): the

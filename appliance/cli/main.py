@@ -160,7 +160,10 @@ def config_check(path: Path | None = typer.Argument(
     if hidden:
         raise typer.Exit(2)
     _check_enrolled_site(settings)
-    console.print(f"[green]configuration OK[/green]: site {settings.site}, AE "
+    from appliance.config import site_origin
+
+    enrolled = " (its enrolment's)" if site_origin(settings) == "enrolment" else ""
+    console.print(f"[green]configuration OK[/green]: site {settings.site}{enrolled}, AE "
                   f"{settings.dicom.ae_title} port "
                   f"{settings.dicom.port}, home {settings.home}, "
                   f"{counted(len(settings.routing.rules), 'rule')}, "

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance import __version__
-from appliance.config import Settings
+from appliance.config import Settings, site_origin
 from appliance.ops.backup_folder import (
     WrittenBackup,
     copy_database,
@@ -138,6 +138,9 @@ def _manifest(settings: Settings, folder: Path, config_file: Path | None) -> dic
     return {
         "kind": KIND,
         "site": settings.site,
+        # The configuration's, the enrolment's or the default: pas restore puts a backup
+        # named by its enrolment back on an appliance with no name yet (a new disk).
+        "site_from": site_origin(settings),
         "made_at": time.strftime(MADE_AT_FORMAT, time.gmtime()),
         "software": __version__,
         "schema": schema,

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.config import Settings
+from appliance.config import Settings, site_origin
 from appliance.ops.backup import KIND, MADE_AT_FORMAT
 from appliance.ops.backup_folder import MANIFEST, sha256_of
 from appliance.store import backups
@@ -63,12 +63,13 @@ def check_backup(settings: Settings, folder: Path) -> dict[str, Any]:
     if manifest.get("kind") != KIND:
         raise RestoreRefused(f"{folder} is not a pas backup (its {MANIFEST} says kind "
                              f"{manifest.get('kind')!r}): nothing restored")
-    if manifest.get("site") != settings.site:
+    if not _of_this_site(settings, folder, manifest):
+        origin = site_origin(settings)
         raise RestoreRefused(
-            f"{folder} is the backup of site {manifest.get('site')!r}, and this appliance is "
-            f"site {settings.site!r} (site in its configuration): restored, it would speak "
-            f"to the hub as that site. Restore a pas-backup-{settings.site}-... folder (or "
-            "put this site's configuration back first). Nothing restored")
+            f"{folder} is the backup of site {_backup_site(folder, manifest)!r}, and this "
+            f"appliance is site {settings.site!r} ({ORIGIN_WORDS[origin]}): restored, it "
+            f"would speak to the hub as that site. Restore a pas-backup-{settings.site}-... "
+            "folder (or put this site's configuration back first). Nothing restored")
     made_at(folder, manifest)
     files = manifest.get("files")
     if not isinstance(files, dict) or "pas.sqlite" not in files:
@@ -92,6 +93,41 @@ def check_backup(settings: Settings, folder: Path) -> dict[str, Any]:
         raise RestoreRefused(f"{index} is damaged ({finding}): restore an older backup. "
                              "Nothing restored")
     return manifest
+
+
+# How a refusal says where this appliance's site comes from (appliance.config.site_origin).
+ORIGIN_WORDS = {"configuration": "site in its configuration",
+                "enrolment": "its enrolment's; its configuration names no site",
+                "default": "the default: its configuration names no site and it is not "
+                           "enrolled"}
+
+
+def _backup_site(folder: Path, manifest: dict[str, Any]) -> str | None:
+    """The site a backup is of: its manifest's. A backup written before manifests said
+    where the name came from ("site_from") whose site is the default "PAS" was of a
+    configuration that named none: its enrolment's certificate (if it holds one) says
+    which site it is, as the appliance now takes that name."""
+    site = manifest.get("site")
+    if "site_from" not in manifest and site == "PAS":
+        from appliance.transfer.enrolment import certificate_cn
+
+        return certificate_cn(folder / "pki" / "client.crt") or site
+    return site if isinstance(site, str) else None
+
+
+def _of_this_site(settings: Settings, folder: Path, manifest: dict[str, Any]) -> bool:
+    """Whether ``folder`` may be restored on this appliance as far as its site goes. Its
+    site must be this appliance's (the configuration's, else the enrolment's), or, on an
+    appliance with no name yet (the configuration names none, not enrolled: a new disk),
+    one no configuration named: the backup's enrolment then names the appliance, as a
+    backup of such a configuration was always restored there. A backup whose
+    configuration named its site needs that configuration back first, as before."""
+    if site_origin(settings) == "default":
+        named_by = manifest.get("site_from")
+        if named_by in ("enrolment", "default") or (
+                named_by is None and manifest.get("site") == "PAS"):
+            return True
+    return _backup_site(folder, manifest) == settings.site
 
 
 def restore_backup(settings: Settings, folder: Path, actor: str,

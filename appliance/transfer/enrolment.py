@@ -101,12 +101,7 @@ class Enrolment:
         """The site the hub knows this appliance by: its certificate's CN, the one name the
         hub reads (hub/pki.certificate_identity), whatever ``hub.json`` says. None when
         the certificate cannot be read (the start-up and doctor checks say that)."""
-        try:
-            cert = x509.load_pem_x509_certificate(self.client_cert.read_bytes())
-        except (OSError, ValueError):
-            return None
-        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        return str(names[0].value) if names else None
+        return certificate_cn(self.client_cert)
 
     def ssl_context(self) -> ssl.SSLContext:
         """TLS 1.3 only, the pinned fleet CA only, hostname checked, our client cert loaded."""
@@ -116,6 +111,17 @@ class Enrolment:
         context.verify_mode = ssl.CERT_REQUIRED
         context.load_cert_chain(str(self.client_cert), str(self.client_key))
         return context
+
+
+def certificate_cn(path: Path) -> str | None:
+    """The CN of the PEM certificate at ``path`` (an enrolment's site), None when there is
+    none or it cannot be read."""
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else None
 
 
 def pki_dir(home: Path) -> Path:
@@ -164,6 +170,21 @@ def load_enrolment(home: Path) -> Enrolment | None:
         raise EnrolmentError(f"{directory / 'hub.json'}: url must start with https:// (nothing "
                              f"leaves the site in clear), got {enrolment.url!r}")
     return enrolment
+
+
+def enrolled_site(home: Path) -> str | None:
+    """The site the hub knows the appliance under ``home`` by (its certificate's CN, else
+    ``hub.json``'s), None when not enrolled or when the enrolment cannot be read (``pas
+    doctor`` and ``pas run`` say why; a command run by a user who may not read ``pki/``
+    keeps the default). appliance.config.with_enrolled_site makes it the site when the
+    configuration names none."""
+    try:
+        enrolment = load_enrolment(home)
+    except (EnrolmentError, OSError):
+        return None
+    if enrolment is None:
+        return None
+    return enrolment.certificate_site() or enrolment.site
 
 
 def check_site(home: Path, configured: str | None) -> Enrolment | None:

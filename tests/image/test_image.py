@@ -296,31 +296,28 @@ def _firstboot() -> Any:
     return firstboot
 
 
-def test_the_console_questions_do_not_show_the_enrolment_token(tmp_path: Path) -> None:
-    """At the console (no seed), pas-firstboot asks its questions on a terminal that a KVM
-    switch, a shared screen or a recorder may show: the enrolment token (a credential that
-    enrols a site) is read without echo, the other answers are shown as typed."""
+def _console(tmp_path: Path, answers: list[tuple[str, str]]) -> tuple[dict[str, Any], bytes]:
+    """pas-firstboot's questions (``ask()``) on a pty, as on the console: each answer typed
+    once the line shown so far holds its prompt's words, in order. The seed they make and
+    everything the terminal showed."""
     import json
     import pty
     import select
     import sys
 
-    token = "CHU-NORD.s3cretTokenPart.abcdef0123"
     out = tmp_path / "seed.json"
+    out.unlink(missing_ok=True)
     script = ROOT / "image" / "rootfs" / "usr" / "local" / "sbin" / "pas-firstboot"
     child = ("import importlib.machinery, importlib.util, json, sys\n"
              f"loader = importlib.machinery.SourceFileLoader('fb', {str(script)!r})\n"
              "spec = importlib.util.spec_from_loader('fb', loader)\n"
              "fb = importlib.util.module_from_spec(spec); loader.exec_module(fb)\n"
              f"open({str(out)!r}, 'w').write(json.dumps(fb.ask()))\n")
-    answers = {"Site name": "CHU-NORD", "AE title": "", "Modality AE": "CT1,MR1",
-               "Static address": "", "Regional hub URL": "https://hub.example:8443",
-               "Enrolment token": token}
     pid, fd = pty.fork()
     if pid == 0:  # the child: the pty is its controlling terminal, as the console is
         os.execv(sys.executable, [sys.executable, "-c", child])
     shown = b""
-    pending = list(answers.items())
+    pending = list(answers)
     while True:
         ready, _, _ = select.select([fd], [], [], 30)
         assert ready, f"no question after 30 s; the console showed {shown!r}"
@@ -333,11 +330,144 @@ def test_the_console_questions_do_not_show_the_enrolment_token(tmp_path: Path) -
         shown += chunk
         if pending and pending[0][0].encode() in shown.rsplit(b"\n", 1)[-1] + chunk:
             os.write(fd, pending.pop(0)[1].encode() + b"\n")
+    os.close(fd)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, shown.decode(errors="replace")
     assert not pending, shown.decode(errors="replace")
-    seed = json.loads(out.read_text())
+    return json.loads(out.read_text()), shown
+
+
+def _token(site: str, secret: str = "s3cretTokenPart0123") -> str:
+    """A token as ``pas hub token SITE`` prints it (SITE.SECRET.CAFP)."""
+    return f"{site}.{secret}.{'ab' * 32}"
+
+
+def test_the_console_questions_do_not_show_the_enrolment_token(tmp_path: Path) -> None:
+    """At the console (no seed), pas-firstboot asks its questions on a terminal that a KVM
+    switch, a shared screen or a recorder may show: the enrolment token (a credential that
+    enrols a site) is read without echo, the other answers are shown as typed."""
+    token = _token("CHU-NORD")
+    seed, shown = _console(tmp_path, [
+        ("Site name", "CHU-NORD"), ("AE title", ""), ("Modality AE", "CT1,MR1"),
+        ("Static address", ""), ("Regional hub URL", "https://hub.example:8443"),
+        ("Enrolment token", token)])
     assert seed["hub"] == {"url": "https://hub.example:8443", "token": token}
     assert seed["site"] == "CHU-NORD" and seed["known_aes"] == ["CT1", "MR1"]
     assert b"CHU-NORD" in shown and b"hub.example" in shown  # other answers echo as typed
     assert token.encode() not in shown and b"s3cret" not in shown, shown.decode(errors="replace")
+
+
+def test_the_console_says_a_token_of_another_site_at_once_and_asks_again(
+        tmp_path: Path) -> None:
+    """The site is asked first, the token later. A token of another site than the one typed
+    was taken as it was: ``pas enroll`` then refused it (the token unspent), and every later
+    boot tried again until /etc/pas was fixed by hand. Now the mismatch is said at once and
+    the site asked again, the token's the default; another answer asks that site's token.
+    A token that is not one is asked again; no site typed takes the token's."""
+    sud, nord = _token("CHU-SUD", "sudSecretPart012345"), _token("CHU-NORD", "nordSecretPart01234")
+    first = [("Site name", "CHU-NORD"), ("AE title", ""), ("Modality AE", "CT1"),
+             ("Static address", ""), ("Regional hub URL", "https://hub.example:8443")]
+
+    # The token's site kept: Enter at the question asked again.
+    seed, shown = _console(tmp_path, [*first, ("Enrolment token", sud), ("Site name", "")])
+    said = shown.decode(errors="replace")
+    assert ("This token is for site CHU-SUD, not CHU-NORD: the hub would enrol the appliance "
+            "as CHU-SUD.") in said, said
+    assert "[CHU-SUD]: " in said.rsplit("This token is for site", 1)[1], said
+    assert seed["site"] == "CHU-SUD" and seed["hub"]["token"] == sud
+    assert "sudSecret" not in said
+
+    # The site typed kept: its token asked again (a mistyped one said and asked once more).
+    seed, shown = _console(tmp_path, [*first, ("Enrolment token", sud), ("Site name", "CHU-NORD"),
+                                      ("Enrolment token", "CHU-NORD.typo"),
+                                      ("Enrolment token", nord)])
+    said = shown.decode(errors="replace")
+    assert "That is not an enrolment token (SITE.SECRET.CAFP" in said, said
+    assert seed["site"] == "CHU-NORD" and seed["hub"]["token"] == nord
+    assert "Secret" not in said and "typo" not in said
+
+    # No site typed: the token's. No token (enrol later): the site typed, no hub.
+    seed, _ = _console(tmp_path, [("Site name", ""), *first[1:], ("Enrolment token", sud)])
+    assert seed["site"] == "CHU-SUD" and seed["hub"]["token"] == sud
+    seed, _ = _console(tmp_path, [*first, ("Enrolment token", "")])
+    assert seed["site"] == "CHU-NORD" and "hub" not in seed
+
+
+def test_a_seed_whose_site_is_not_its_tokens_is_refused_in_one_line_before_anything(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No VM needed. A seed saying site = "CHU-B" with a token of CHU-A was written whole (the
+    configuration, network, firewall, SSH keys, the site marked configured), then ``pas
+    enroll`` refused the token at this boot and every later one, until IT found and fixed
+    /etc/pas by hand. Now the seed is checked first: one line naming both sites and the
+    fix, nothing written, no command run; fixed, the next boot configures and enrols."""
+    import tomllib
+
+    firstboot = _firstboot()
+    etc, home = tmp_path / "etc", tmp_path / "var"
+    etc.mkdir()
+    seed_file = tmp_path / "boot" / "pas-seed.toml"
+    seed_file.parent.mkdir()
+    for name, value in (("CONFIG", etc / "appliance.toml"), ("HOME", str(home)),
+                        ("MARKER", home / ".firstboot-done"),
+                        ("CONFIGURED", etc / ".firstboot-configured"),
+                        ("PENDING_HUB", etc / "firstboot-hub.toml"), ("SEEDS", [seed_file])):
+        monkeypatch.setattr(firstboot, name, value)
+    written: list[str] = []
+    for step in ("write_network", "write_firewall", "write_ssh"):
+        monkeypatch.setattr(firstboot, step, lambda _seed, step=step: written.append(step))
+    commands: list[list[str]] = []
+
+    def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        commands.append([*command, str(kwargs.get("input") or "")])
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(firstboot.subprocess, "run", run)
+    token = _token("CHU-A", "theSecretPart012345")
+    hub = f'[hub]\nurl = "https://hub.example:8443"\ntoken = "{token}"\n'
+
+    def refused() -> str:
+        with pytest.raises(SystemExit) as stopped:
+            firstboot.main()
+        line = str(stopped.value.code)
+        assert "\n" not in line and "theSecret" not in line, line
+        assert sorted(p.name for p in etc.iterdir()) == [] and not home.exists()
+        assert written == [] and [c[0] for c in commands] == ["modprobe"] * len(commands)
+        return line
+
+    seed_file.write_text(f'site = "CHU-B"\nknown_aes = ["CT1"]\n{hub}')
+    assert refused() == (
+        f'pas-firstboot: {seed_file} says site = "CHU-B" but its [hub] token is for site '
+        "CHU-A (the hub would enrol the appliance as CHU-A): nothing configured. Put site = "
+        '"CHU-A" in the seed, or a token of CHU-B (pas hub token CHU-B at the region), then '
+        "reboot (or systemctl start pas-firstboot)")
+    seed_file.write_text('site = "CHU-A"\n[hub]\nurl = "https://hub.example:8443"\n'
+                         'token = "CHU-A.short"\n')
+    assert refused().startswith(f"pas-firstboot: {seed_file}: [hub] token is not an enrolment "
+                                "token (SITE.SECRET.CAFP")
+
+    # Fixed (the site left out: the token's): configured and enrolled at the next boot.
+    seed_file.write_text(f'known_aes = ["CT1"]\n{hub}')
+    firstboot.main()
+    assert tomllib.loads(firstboot.CONFIG.read_text())["site"] == "CHU-A"
+    assert firstboot.MARKER.exists() and written == ["write_network", "write_firewall",
+                                                      "write_ssh"]
+    (enrolment,) = [c for c in commands if "enroll" in c]
+    assert enrolment[-1] == f"{token}\n"
+
+
+def test_the_configuration_names_no_site_when_first_boot_was_given_none(
+        tmp_path: Path) -> None:
+    """No VM needed. No site and no token (enrol later): first boot wrote site = "PAS", and
+    the ``pas enroll`` the docs then give refused every real site's token (the configuration
+    names another site). Now no site is named: the enrolment names it. The token pattern is
+    the appliance's own."""
+    from appliance.config import configured_site, load_settings
+    from appliance.transfer.enrolment import TOKEN_RE
+
+    firstboot = _firstboot()
+    written = tmp_path / "appliance.toml"
+    written.write_text(firstboot.config_text({"ae_title": "PAS", "known_aes": ["CT1"]}))
+    assert configured_site(load_settings(written, {})) is None
+    written.write_text(firstboot.config_text({"site": "CHU-A"}))
+    assert configured_site(load_settings(written, {})) == "CHU-A"
+    assert firstboot.TOKEN_RE.pattern == TOKEN_RE.pattern
