@@ -11,6 +11,7 @@ enrolled with. Each refusal is one line, exit 1, and the home byte for byte as i
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import json
 import os
@@ -19,6 +20,8 @@ import shutil
 import sqlite3
 import stat
 import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,6 +48,29 @@ def _tree(home: Path) -> dict[str, str]:
     return {str(p.relative_to(home)): _sha256(p) for p in sorted(home.rglob("*"))
             if p.is_file() and p.name not in ("hub.log", "hub.lock")
             and not p.name.endswith("-shm")}
+
+
+def _rows(database: Path) -> tuple[list[str], dict]:
+    """A database's schema and rows as SQL text (migration 7's row left out), and that row."""
+    conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    conn.row_factory = sqlite3.Row
+    try:
+        rest = [line for line in conn.iterdump() if not line.startswith('INSERT INTO "hub_backup"')]
+        return rest, dict(conn.execute("SELECT * FROM hub_backup").fetchone())
+    finally:
+        conn.close()
+
+
+def _as_backed_up_naming(placed: Path, folder: Path, manifest: dict) -> None:
+    """The restored ``hub.sqlite`` holds the backup's rows, but for migration 7's: it names
+    the backup restored as the last one (its folder, its ``made_at``), ``since`` unchanged."""
+    rest, record = _rows(placed)
+    backed_up, before = _rows(folder / "hub.sqlite")
+    assert rest == backed_up
+    assert record["written_at"] == calendar.timegm(time.strptime(manifest["made_at"],
+                                                                 "%Y-%m-%dT%H:%M:%SZ"))
+    assert record["folder"] == str(folder) and record["since"] == before["since"]
+    assert record["actor"].startswith("restored by operator:"), record
 
 
 def _session(hub: HubProcess, enrolment: Enrolment) -> httpx.Client:
@@ -103,7 +129,10 @@ def test_a_hub_restored_into_the_empty_home_of_a_rebuilt_host_lets_its_sites_in(
                                       "archive/pas.sqlite", "hub.toml"}
     for name, entry in manifest["files"].items():
         placed = restored.home / name
-        assert _sha256(placed) == entry["sha256"], name
+        if name == "hub.sqlite":  # the same rows, but for the one naming this backup
+            _as_backed_up_naming(placed, folder, manifest)
+        else:
+            assert _sha256(placed) == entry["sha256"], name
         assert (placed.stat().st_uid, placed.stat().st_gid) == (NOBODY, NOBODY), name
         if name != "hub.toml":  # the configuration keeps its own mode
             assert stat.S_IMODE(placed.stat().st_mode) == 0o600, name
@@ -169,6 +198,10 @@ def test_a_hub_backup_that_may_not_be_restored_here_is_refused_and_the_home_left
         manifest = json.loads((folder / "MANIFEST.json").read_text())
         (folder / "MANIFEST.json").write_text(json.dumps({**manifest, "kind": "pas backup"}))
 
+    def undated(folder: Path) -> None:  # the restored hub's last backup would be unknown
+        manifest = json.loads((folder / "MANIFEST.json").read_text())
+        (folder / "MANIFEST.json").write_text(json.dumps({**manifest, "made_at": "yesterday"}))
+
     def truncate(folder: Path) -> None:
         (folder / "hub.sqlite").write_bytes((folder / "hub.sqlite").read_bytes()[:4096])
 
@@ -198,6 +231,9 @@ def test_a_hub_backup_that_may_not_be_restored_here_is_refused_and_the_home_left
          f"{tmp_path}/appliance/{backup.name} is an appliance's backup (its MANIFEST.json says "
          "kind 'pas backup'), not a hub's: pas restore puts it back on its appliance; nothing "
          "restored"),
+        (hub, variant("undated", undated),
+         f"{tmp_path}/undated/{backup.name}/MANIFEST.json: made_at 'yesterday' is not a UTC "
+         "time (YYYY-MM-DDTHH:MM:SSZ): the manifest is damaged; nothing restored"),
         (hub, variant("missing", lambda f: (f / "transfer.key").unlink()),
          f"{tmp_path}/missing/{backup.name}/transfer.key is missing (the manifest names it): "
          "the backup is not whole; nothing restored"),
@@ -272,7 +308,7 @@ def test_a_hub_backup_that_may_not_be_restored_here_is_refused_and_the_home_left
         f"{database_aside.name}" in said, said
     assert _sha256(database_aside) == before["hub.sqlite"]
     assert _sha256(archive_aside) == before["archive/pas.sqlite"]
-    assert _sha256(hub.home / "hub.sqlite") == manifest["files"]["hub.sqlite"]["sha256"]
+    _as_backed_up_naming(hub.home / "hub.sqlite", backup, manifest)
     assert f"configuration: {hub.home / 'hub.toml'} exists, left as it is (the backup's is " \
         f"{backup / 'hub.toml'})" in said, said
 
@@ -315,3 +351,32 @@ def _fingerprint(home: Path) -> str:
     from appliance.transfer.enrolment import ca_fingerprint
 
     return ca_fingerprint((home / "ca.crt").read_bytes())
+
+
+def test_a_restore_stopped_while_it_named_the_backup_leaves_nothing_the_next_run_replays(
+        tmp_path: Path) -> None:
+    """The restore changes its copy of ``hub.sqlite`` (the row naming the backup) before
+    putting it in place. Killed during that change, it leaves SQLite's rollback journal
+    beside the copy (``.hub.sqlite.restoring-journal``), and the next run's fresh copy, at
+    its first open, got that journal's pages rolled back into it: another database's. The
+    journal is a real one, left by a process that exits in the middle of a transaction."""
+    hub = HubProcess(tmp_path / "hub").init()
+    hub.token("SITE-A")
+    folder, manifest = _backup(hub, tmp_path / "backups")
+    incoming = hub.home / ".hub.sqlite.restoring"
+    with sqlite3.connect(incoming) as conn:  # what a stopped run was changing: not the backup
+        conn.execute("CREATE TABLE filler (x BLOB)")
+        conn.executemany("INSERT INTO filler VALUES (randomblob(3000))", [()] * 50)
+    conn.close()
+    killed = subprocess.run(
+        [sys.executable, "-c", "import os, sqlite3\n"
+         f"conn = sqlite3.connect({str(incoming)!r})\n"
+         "conn.execute('PRAGMA cache_size = 1')\n"
+         "conn.execute('BEGIN')\n"
+         "conn.execute('UPDATE filler SET x = randomblob(3000)')\n"
+         "os._exit(9)\n"], check=False)
+    assert killed.returncode == 9
+    assert incoming.with_name(incoming.name + "-journal").stat().st_size > 0
+    hub.cli("restore", str(folder))
+    _as_backed_up_naming(hub.home / "hub.sqlite", folder, manifest)
+    assert not [p for p in hub.home.iterdir() if "restoring" in p.name]
