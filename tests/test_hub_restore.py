@@ -26,14 +26,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 
 from appliance.hub.pki import verify_receipt
+from appliance.ops.backup_folder import utc_stamp
 from appliance.store.db import Database
 from appliance.store.hub_schema import HUB_MIGRATIONS
 from appliance.transfer.enrolment import Enrolment
-from tests.support.hub import HubProcess, enroll, pack_items, ship
-from tests.support.peers import MR_DIR
+from tests.support.hub import HubProcess, Shipment, enroll, pack_items, ship
+from tests.support.peers import MR_DIR, wait_for
 
 NOBODY = 65534  # the rebuilt host's home belongs to the hub's user, not to root
 
@@ -351,6 +353,117 @@ def _fingerprint(home: Path) -> str:
     from appliance.transfer.enrolment import ca_fingerprint
 
     return ca_fingerprint((home / "ca.crt").read_bytes())
+
+
+def _scrape(hub: HubProcess) -> tuple[dict[str, float], str]:
+    """The hub's ``/metrics`` (its samples by name) and ``/fleet`` page, as regional ops
+    read them (no client certificate)."""
+    with httpx.Client(base_url=hub.url, verify=hub.anonymous_context(), timeout=30) as viewer:
+        metrics = {sample.name: float(sample.value)
+                   for family in text_string_to_metric_families(viewer.get("/metrics").text)
+                   for sample in family.samples if not sample.labels}
+        return metrics, viewer.get("/fleet").text
+
+
+def _in_spool(hub: HubProcess, shipment: Shipment) -> dict[str, str]:
+    """SOP Instance UID -> SHA-256 of the embedded archive's file for each instance of
+    ``shipment`` (content-addressed ``archive/spool/ab/<sha256>.dcm``), read back."""
+    spool = hub.home / "archive" / "spool"
+    files = {uid: spool / sha[:2] / f"{sha}.dcm" for uid, sha in shipment.originals.items()}
+    return {uid: _sha256(path) for uid, path in files.items() if path.is_file()}
+
+
+def test_a_hub_restored_in_place_names_that_backup_and_drops_staging_it_no_longer_knows(
+        tmp_path: Path) -> None:
+    """Backed up twice, then busy, then restored from the second backup in its own home.
+
+    The backup's copy of hub.sqlite is taken before the backup records itself in the live
+    one: the restored hub named the backup before the one restored (``/fleet``,
+    ``pas_hub_last_backup_timestamp_seconds``, the age ``PasHubBackupOld`` watches). And the
+    ``buckets/<id>`` of a transfer begun after the backup, unknown to the restored database,
+    stayed on disk for ever: the hub cleaned only the folders of transfers it had a row
+    for. Both are asserted on a real ``pas hub run``; a live transfer's folder stays through
+    restarts and its upload completes, bit-exact in the archive."""
+    hub = HubProcess(tmp_path / "hub").init()
+    mr = sorted(p for p in MR_DIR.rglob("*") if p.is_file())
+    hub.start()
+    try:
+        site = enroll(hub, tmp_path / "site", "CHU-NORD")
+        key = site.hub_transfer_key
+        expired = ship(pack_items(mr[0:8]), key, 128 << 10, "1.2.826.0.1.3680043.8.498.901")
+        late = ship(pack_items(mr[8:16]), key, 128 << 10, "1.2.826.0.1.3680043.8.498.902")
+        live = ship(pack_items(mr[16:24]), key, 128 << 10, "1.2.826.0.1.3680043.8.498.903")
+        assert min(len(s.buckets) for s in (expired, late, live)) >= 3
+        with _session(hub, site) as http:
+            for shipment in (expired, live):
+                assert http.post("/api/v1/transfers", json=shipment.manifest).status_code == 201
+            assert http.put(expired.bucket_url(0), content=expired.buckets[0]).status_code == 201
+        first, _ = _backup(hub, tmp_path / "backups")
+        stamp = utc_stamp()
+        wait_for(lambda: utc_stamp() != stamp, 5, what="the next second")  # another name
+        folder, manifest = _backup(hub, tmp_path / "backups")
+        with _session(hub, site) as http:  # after the backup: an upload cut short, and more
+            assert http.post("/api/v1/transfers", json=late.manifest).status_code == 201
+            assert [http.put(late.bucket_url(i), content=late.buckets[i]).status_code
+                    for i in (0, 1)] == [201, 201]
+            assert http.put(live.bucket_url(0), content=live.buckets[0]).status_code == 201
+    finally:
+        hub.stop()
+    buckets = hub.home / "buckets"
+    assert {p.name for p in buckets.iterdir()} == {expired.transfer_id, late.transfer_id,
+                                                   live.transfer_id}
+    (buckets / "lost+found").mkdir()  # not a transfer's: a mount point's, left alone
+    (hub.home / "work" / late.transfer_id).mkdir(exist_ok=True)  # its rebuild's, say
+    (hub.home / "work" / late.transfer_id / "0.dcm").write_bytes(b"rebuilt")
+
+    hub.cli("restore", str(folder))
+    hub.start()
+    try:
+        # (1) The restored hub's last backup is the one restored: its folder, its time.
+        made_at = calendar.timegm(time.strptime(manifest["made_at"], "%Y-%m-%dT%H:%M:%SZ"))
+        metrics, page = _scrape(hub)
+        assert metrics["pas_hub_last_backup_timestamp_seconds"] == made_at
+        assert 0 <= metrics["pas_hub_backup_age_seconds"] <= time.time() - made_at + 1
+        assert re.search(rf"<p id=hub-backup><span>hub backup: \d+ min ago, "
+                         rf"{re.escape(str(folder))}</span></p>", page), page
+        assert str(first) not in page
+
+        # (2) At start: the late transfer's folder (unknown to the restored database) and the
+        # expired one's went, in one line with the bytes freed; the live one's stayed.
+        assert {p.name for p in buckets.iterdir()} == {live.transfer_id, "lost+found"}
+        assert list((hub.home / "work").iterdir()) == []  # emptied at each start
+        freed = len(late.buckets[0]) + len(late.buckets[1]) + len(expired.buckets[0])
+        assert ("staging removed at start: 2 folders with no live transfer row (1 unknown to "
+                "hub.sqlite, as a transfer begun after the backup it was restored from; 1 "
+                f"expired; 0 committed), {freed} bytes freed") in hub.log(), hub.log()[-3000:]
+        with _session(hub, site) as http:
+            assert http.get(live.url + "/buckets").json()["held"] == []  # sent after the backup
+            assert [http.put(live.bucket_url(i), content=live.buckets[i]).status_code
+                    for i in (0, 1)] == [201, 201]
+            # The late transfer's site resumes it: unknown, so posted again, and sent whole.
+            assert http.post("/api/v1/transfers", json=late.manifest).status_code == 201
+            assert late.put_all(http) == [201] * len(late.buckets)
+            assert http.post(late.url + "/commit").status_code == 200
+    finally:
+        hub.stop()
+
+    # A restart: the live transfer's folder, with its buckets held, is not an orphan.
+    hub.start()
+    try:
+        assert {p.name for p in buckets.iterdir()} == {live.transfer_id, "lost+found"}
+        assert hub.log().count("staging removed at start") == 1
+        with _session(hub, site) as http:
+            assert http.get(live.url + "/buckets").json()["held"] == [0, 1]
+            rest = [http.put(live.bucket_url(i), content=live.buckets[i]).status_code
+                    for i in range(2, len(live.buckets))]
+            assert rest == [201] * (len(live.buckets) - 2)
+            answer = http.post(live.url + "/commit")
+            assert answer.status_code == 200, answer.text
+            assert {i["sop_instance_uid"]: i["sha256"] for i in answer.json()["instances"]} \
+                == live.originals
+    finally:
+        hub.stop()
+    assert _in_spool(hub, live) == live.originals and _in_spool(hub, late) == late.originals
 
 
 def test_a_restore_stopped_while_it_named_the_backup_leaves_nothing_the_next_run_replays(

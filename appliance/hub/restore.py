@@ -5,9 +5,10 @@ Owns: deciding whether a hub backup may be restored in this home, and putting it
 place (``hub.sqlite``, the fleet CA and keys, the embedded archive's index), with the
 configuration file when it is missing; in the database put back, the record of the hub's
 last backup names this one (its copy of ``hub.sqlite`` was taken before the backup recorded
-itself). May not touch: the staging (``buckets/``, ``work/``), ``downloads/``, the embedded
-archive's images (``archive/spool``: the storage's backup), a configuration file that exists
-(``/etc/pas`` is the operator's).
+itself). May not touch: the staging (``buckets/``, ``work/``: the hub's start removes what no
+transfer of the restored database still needs, :mod:`appliance.hub.expiry`),
+``downloads/``, the embedded archive's images (``archive/spool``: the storage's backup), a
+configuration file that exists (``/etc/pas`` is the operator's).
 
 Why a command: the hub's restore was a copy by hand ("copy the backup's files except
 MANIFEST.json into the empty home"), checked by nothing. A truncated or damaged copy, a

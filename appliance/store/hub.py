@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sqlite3
 import uuid
 from collections.abc import Callable
@@ -436,3 +437,19 @@ def remove_temp_buckets(root: Path) -> int:
         removed += 1
     return removed
 
+
+def staging_folders(root: Path) -> list[Path]:
+    """The folders under ``root`` (``buckets/``): a transfer's staging each, named by its
+    id. A symbolic link or a file there is not one (never the hub's own)."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink())
+
+
+def remove_staging_folder(folder: Path) -> int:
+    """A staging folder with what it holds (sealed buckets, half-written ones, anything
+    else); returns the bytes freed. Only for a transfer no live row stands for: its files
+    are never read again."""
+    freed = sum(os.lstat(os.path.join(top, name)).st_size
+                for top, _dirs, names in os.walk(folder) for name in names)
+    shutil.rmtree(folder)
+    fsync_dir(folder.parent)
+    return freed
