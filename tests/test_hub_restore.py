@@ -11,6 +11,7 @@ enrolled with. Each refusal is one line, exit 1, and the home byte for byte as i
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import json
 import os
@@ -19,18 +20,22 @@ import shutil
 import sqlite3
 import stat
 import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 
 from appliance.hub.pki import verify_receipt
+from appliance.ops.backup_folder import utc_stamp
 from appliance.store.db import Database
 from appliance.store.hub_schema import HUB_MIGRATIONS
 from appliance.transfer.enrolment import Enrolment
-from tests.support.hub import HubProcess, enroll, pack_items, ship
-from tests.support.peers import MR_DIR
+from tests.support.hub import HubProcess, Shipment, enroll, pack_items, ship
+from tests.support.peers import MR_DIR, wait_for
 
 NOBODY = 65534  # the rebuilt host's home belongs to the hub's user, not to root
 
@@ -45,6 +50,29 @@ def _tree(home: Path) -> dict[str, str]:
     return {str(p.relative_to(home)): _sha256(p) for p in sorted(home.rglob("*"))
             if p.is_file() and p.name not in ("hub.log", "hub.lock")
             and not p.name.endswith("-shm")}
+
+
+def _rows(database: Path) -> tuple[list[str], dict]:
+    """A database's schema and rows as SQL text (migration 7's row left out), and that row."""
+    conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    conn.row_factory = sqlite3.Row
+    try:
+        rest = [line for line in conn.iterdump() if not line.startswith('INSERT INTO "hub_backup"')]
+        return rest, dict(conn.execute("SELECT * FROM hub_backup").fetchone())
+    finally:
+        conn.close()
+
+
+def _as_backed_up_naming(placed: Path, folder: Path, manifest: dict) -> None:
+    """The restored ``hub.sqlite`` holds the backup's rows, but for migration 7's: it names
+    the backup restored as the last one (its folder, its ``made_at``), ``since`` unchanged."""
+    rest, record = _rows(placed)
+    backed_up, before = _rows(folder / "hub.sqlite")
+    assert rest == backed_up
+    assert record["written_at"] == calendar.timegm(time.strptime(manifest["made_at"],
+                                                                 "%Y-%m-%dT%H:%M:%SZ"))
+    assert record["folder"] == str(folder) and record["since"] == before["since"]
+    assert record["actor"].startswith("restored by operator:"), record
 
 
 def _session(hub: HubProcess, enrolment: Enrolment) -> httpx.Client:
@@ -103,7 +131,10 @@ def test_a_hub_restored_into_the_empty_home_of_a_rebuilt_host_lets_its_sites_in(
                                       "archive/pas.sqlite", "hub.toml"}
     for name, entry in manifest["files"].items():
         placed = restored.home / name
-        assert _sha256(placed) == entry["sha256"], name
+        if name == "hub.sqlite":  # the same rows, but for the one naming this backup
+            _as_backed_up_naming(placed, folder, manifest)
+        else:
+            assert _sha256(placed) == entry["sha256"], name
         assert (placed.stat().st_uid, placed.stat().st_gid) == (NOBODY, NOBODY), name
         if name != "hub.toml":  # the configuration keeps its own mode
             assert stat.S_IMODE(placed.stat().st_mode) == 0o600, name
@@ -169,6 +200,10 @@ def test_a_hub_backup_that_may_not_be_restored_here_is_refused_and_the_home_left
         manifest = json.loads((folder / "MANIFEST.json").read_text())
         (folder / "MANIFEST.json").write_text(json.dumps({**manifest, "kind": "pas backup"}))
 
+    def undated(folder: Path) -> None:  # the restored hub's last backup would be unknown
+        manifest = json.loads((folder / "MANIFEST.json").read_text())
+        (folder / "MANIFEST.json").write_text(json.dumps({**manifest, "made_at": "yesterday"}))
+
     def truncate(folder: Path) -> None:
         (folder / "hub.sqlite").write_bytes((folder / "hub.sqlite").read_bytes()[:4096])
 
@@ -198,6 +233,9 @@ def test_a_hub_backup_that_may_not_be_restored_here_is_refused_and_the_home_left
          f"{tmp_path}/appliance/{backup.name} is an appliance's backup (its MANIFEST.json says "
          "kind 'pas backup'), not a hub's: pas restore puts it back on its appliance; nothing "
          "restored"),
+        (hub, variant("undated", undated),
+         f"{tmp_path}/undated/{backup.name}/MANIFEST.json: made_at 'yesterday' is not a UTC "
+         "time (YYYY-MM-DDTHH:MM:SSZ): the manifest is damaged; nothing restored"),
         (hub, variant("missing", lambda f: (f / "transfer.key").unlink()),
          f"{tmp_path}/missing/{backup.name}/transfer.key is missing (the manifest names it): "
          "the backup is not whole; nothing restored"),
@@ -272,7 +310,7 @@ def test_a_hub_backup_that_may_not_be_restored_here_is_refused_and_the_home_left
         f"{database_aside.name}" in said, said
     assert _sha256(database_aside) == before["hub.sqlite"]
     assert _sha256(archive_aside) == before["archive/pas.sqlite"]
-    assert _sha256(hub.home / "hub.sqlite") == manifest["files"]["hub.sqlite"]["sha256"]
+    _as_backed_up_naming(hub.home / "hub.sqlite", backup, manifest)
     assert f"configuration: {hub.home / 'hub.toml'} exists, left as it is (the backup's is " \
         f"{backup / 'hub.toml'})" in said, said
 
@@ -315,3 +353,143 @@ def _fingerprint(home: Path) -> str:
     from appliance.transfer.enrolment import ca_fingerprint
 
     return ca_fingerprint((home / "ca.crt").read_bytes())
+
+
+def _scrape(hub: HubProcess) -> tuple[dict[str, float], str]:
+    """The hub's ``/metrics`` (its samples by name) and ``/fleet`` page, as regional ops
+    read them (no client certificate)."""
+    with httpx.Client(base_url=hub.url, verify=hub.anonymous_context(), timeout=30) as viewer:
+        metrics = {sample.name: float(sample.value)
+                   for family in text_string_to_metric_families(viewer.get("/metrics").text)
+                   for sample in family.samples if not sample.labels}
+        return metrics, viewer.get("/fleet").text
+
+
+def _in_spool(hub: HubProcess, shipment: Shipment) -> dict[str, str]:
+    """SOP Instance UID -> SHA-256 of the embedded archive's file for each instance of
+    ``shipment`` (content-addressed ``archive/spool/ab/<sha256>.dcm``), read back."""
+    spool = hub.home / "archive" / "spool"
+    files = {uid: spool / sha[:2] / f"{sha}.dcm" for uid, sha in shipment.originals.items()}
+    return {uid: _sha256(path) for uid, path in files.items() if path.is_file()}
+
+
+def test_a_hub_restored_in_place_names_that_backup_and_drops_staging_it_no_longer_knows(
+        tmp_path: Path) -> None:
+    """Backed up twice, then busy, then restored from the second backup in its own home.
+
+    The backup's copy of hub.sqlite is taken before the backup records itself in the live
+    one: the restored hub named the backup before the one restored (``/fleet``,
+    ``pas_hub_last_backup_timestamp_seconds``, the age ``PasHubBackupOld`` watches). And the
+    ``buckets/<id>`` of a transfer begun after the backup, unknown to the restored database,
+    stayed on disk for ever: the hub cleaned only the folders of transfers it had a row
+    for. Both are asserted on a real ``pas hub run``; a live transfer's folder stays through
+    restarts and its upload completes, bit-exact in the archive."""
+    hub = HubProcess(tmp_path / "hub").init()
+    mr = sorted(p for p in MR_DIR.rglob("*") if p.is_file())
+    hub.start()
+    try:
+        site = enroll(hub, tmp_path / "site", "CHU-NORD")
+        key = site.hub_transfer_key
+        expired = ship(pack_items(mr[0:8]), key, 128 << 10, "1.2.826.0.1.3680043.8.498.901")
+        late = ship(pack_items(mr[8:16]), key, 128 << 10, "1.2.826.0.1.3680043.8.498.902")
+        live = ship(pack_items(mr[16:24]), key, 128 << 10, "1.2.826.0.1.3680043.8.498.903")
+        assert min(len(s.buckets) for s in (expired, late, live)) >= 3
+        with _session(hub, site) as http:
+            for shipment in (expired, live):
+                assert http.post("/api/v1/transfers", json=shipment.manifest).status_code == 201
+            assert http.put(expired.bucket_url(0), content=expired.buckets[0]).status_code == 201
+        first, _ = _backup(hub, tmp_path / "backups")
+        stamp = utc_stamp()
+        wait_for(lambda: utc_stamp() != stamp, 5, what="the next second")  # another name
+        folder, manifest = _backup(hub, tmp_path / "backups")
+        with _session(hub, site) as http:  # after the backup: an upload cut short, and more
+            assert http.post("/api/v1/transfers", json=late.manifest).status_code == 201
+            assert [http.put(late.bucket_url(i), content=late.buckets[i]).status_code
+                    for i in (0, 1)] == [201, 201]
+            assert http.put(live.bucket_url(0), content=live.buckets[0]).status_code == 201
+    finally:
+        hub.stop()
+    buckets = hub.home / "buckets"
+    assert {p.name for p in buckets.iterdir()} == {expired.transfer_id, late.transfer_id,
+                                                   live.transfer_id}
+    (buckets / "lost+found").mkdir()  # not a transfer's: a mount point's, left alone
+    (hub.home / "work" / late.transfer_id).mkdir(exist_ok=True)  # its rebuild's, say
+    (hub.home / "work" / late.transfer_id / "0.dcm").write_bytes(b"rebuilt")
+
+    hub.cli("restore", str(folder))
+    hub.start()
+    try:
+        # (1) The restored hub's last backup is the one restored: its folder, its time.
+        made_at = calendar.timegm(time.strptime(manifest["made_at"], "%Y-%m-%dT%H:%M:%SZ"))
+        metrics, page = _scrape(hub)
+        assert metrics["pas_hub_last_backup_timestamp_seconds"] == made_at
+        assert 0 <= metrics["pas_hub_backup_age_seconds"] <= time.time() - made_at + 1
+        assert re.search(rf"<p id=hub-backup><span>hub backup: \d+ min ago, "
+                         rf"{re.escape(str(folder))}</span></p>", page), page
+        assert str(first) not in page
+
+        # (2) At start: the late transfer's folder (unknown to the restored database) and the
+        # expired one's went, in one line with the bytes freed; the live one's stayed.
+        assert {p.name for p in buckets.iterdir()} == {live.transfer_id, "lost+found"}
+        assert list((hub.home / "work").iterdir()) == []  # emptied at each start
+        freed = len(late.buckets[0]) + len(late.buckets[1]) + len(expired.buckets[0])
+        assert ("staging removed at start: 2 folders with no live transfer row (1 unknown to "
+                "hub.sqlite, as a transfer begun after the backup it was restored from; 1 "
+                f"expired; 0 committed), {freed} bytes freed") in hub.log(), hub.log()[-3000:]
+        with _session(hub, site) as http:
+            assert http.get(live.url + "/buckets").json()["held"] == []  # sent after the backup
+            assert [http.put(live.bucket_url(i), content=live.buckets[i]).status_code
+                    for i in (0, 1)] == [201, 201]
+            # The late transfer's site resumes it: unknown, so posted again, and sent whole.
+            assert http.post("/api/v1/transfers", json=late.manifest).status_code == 201
+            assert late.put_all(http) == [201] * len(late.buckets)
+            assert http.post(late.url + "/commit").status_code == 200
+    finally:
+        hub.stop()
+
+    # A restart: the live transfer's folder, with its buckets held, is not an orphan.
+    hub.start()
+    try:
+        assert {p.name for p in buckets.iterdir()} == {live.transfer_id, "lost+found"}
+        assert hub.log().count("staging removed at start") == 1
+        with _session(hub, site) as http:
+            assert http.get(live.url + "/buckets").json()["held"] == [0, 1]
+            rest = [http.put(live.bucket_url(i), content=live.buckets[i]).status_code
+                    for i in range(2, len(live.buckets))]
+            assert rest == [201] * (len(live.buckets) - 2)
+            answer = http.post(live.url + "/commit")
+            assert answer.status_code == 200, answer.text
+            assert {i["sop_instance_uid"]: i["sha256"] for i in answer.json()["instances"]} \
+                == live.originals
+    finally:
+        hub.stop()
+    assert _in_spool(hub, live) == live.originals and _in_spool(hub, late) == late.originals
+
+
+def test_a_restore_stopped_while_it_named_the_backup_leaves_nothing_the_next_run_replays(
+        tmp_path: Path) -> None:
+    """The restore changes its copy of ``hub.sqlite`` (the row naming the backup) before
+    putting it in place. Killed during that change, it leaves SQLite's rollback journal
+    beside the copy (``.hub.sqlite.restoring-journal``), and the next run's fresh copy, at
+    its first open, got that journal's pages rolled back into it: another database's. The
+    journal is a real one, left by a process that exits in the middle of a transaction."""
+    hub = HubProcess(tmp_path / "hub").init()
+    hub.token("SITE-A")
+    folder, manifest = _backup(hub, tmp_path / "backups")
+    incoming = hub.home / ".hub.sqlite.restoring"
+    with sqlite3.connect(incoming) as conn:  # what a stopped run was changing: not the backup
+        conn.execute("CREATE TABLE filler (x BLOB)")
+        conn.executemany("INSERT INTO filler VALUES (randomblob(3000))", [()] * 50)
+    conn.close()
+    killed = subprocess.run(
+        [sys.executable, "-c", "import os, sqlite3\n"
+         f"conn = sqlite3.connect({str(incoming)!r})\n"
+         "conn.execute('PRAGMA cache_size = 1')\n"
+         "conn.execute('BEGIN')\n"
+         "conn.execute('UPDATE filler SET x = randomblob(3000)')\n"
+         "os._exit(9)\n"], check=False)
+    assert killed.returncode == 9
+    assert incoming.with_name(incoming.name + "-journal").stat().st_size > 0
+    hub.cli("restore", str(folder))
+    _as_backed_up_naming(hub.home / "hub.sqlite", folder, manifest)
+    assert not [p for p in hub.home.iterdir() if "restoring" in p.name]

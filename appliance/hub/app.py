@@ -90,10 +90,6 @@ class Hub:
         settings.buckets_dir.mkdir(parents=True, exist_ok=True)
         settings.work_dir.mkdir(parents=True, exist_ok=True)
         store.remove_temp_buckets(settings.buckets_dir)
-        for directory in settings.buckets_dir.iterdir():  # a crash between receipt (or
-            row = store.get_transfer(self.db, directory.name)  # expiry) and clean-up
-            if row is not None and (row["receipt"] is not None or row["expired_at"] is not None):
-                store.remove_bucket_files(settings.buckets_dir, directory.name)
         for stale in settings.work_dir.iterdir():  # rebuilds a crash interrupted; never receipted
             shutil.rmtree(stale, ignore_errors=True)
         self.lock = KeyedLocks()  # hub.lock(transfer_id): one transfer's changes in turn
@@ -104,6 +100,7 @@ class Hub:
         from appliance.hub.expiry import StagingExpiry  # abandoned uploads' staging
 
         self.expiry = StagingExpiry(self)
+        self.expiry.remove_orphans()  # staging no live transfer row stands for (a restore)
         self.expiry.sweep()  # before the archiver resumes them, and before the port opens
         self.archive = open_archive(settings)
         self.route_providers: list[RouteProvider] = default_route_providers()

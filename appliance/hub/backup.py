@@ -34,7 +34,8 @@ has its final name (whole), the LIVE ``hub.sqlite`` records when, where and by w
 (:func:`appliance.store.hub.record_hub_backup`, migration 7): the hub's ``/metrics``
 (``pas_hub_backup_age_seconds``, alert ``PasHubBackupOld``) and ``/fleet`` read it, so a
 stopped ``pas-hub-backup.timer`` is seen before a restore is needed. A backup refused records
-nothing; the copy inside the backup keeps the record as it was before (a restore needs none).
+nothing; the copy inside the backup keeps the record as it was before (``pas hub restore``
+names this backup in the copy it puts back: :func:`appliance.store.hub.name_restored_backup`).
 """
 
 from __future__ import annotations

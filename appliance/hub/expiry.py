@@ -19,6 +19,16 @@ manifest stay: a site that comes back re-posts the manifest (same: 200), is told
 bucket is held, and sends them all again; its first bucket clears ``expired_at``. Instances
 archived ahead of the commit stay in the archive (bit-exact, and taken again without a
 duplicate), as do their ``archived_instances`` rows.
+
+Staging no live transfer row stands for (:meth:`StagingExpiry.remove_orphans`, at start):
+the hub cleaned only the folders of transfers it has a row for, so after ``pas hub restore``
+the ``buckets/<id>`` of every transfer begun after the backup (no row in the restored
+``hub.sqlite``) stayed on disk for ever, as did a folder a crash or a stray file left behind
+after a receipt or an expiry. At start every ``buckets/<id>`` whose transfer is unknown,
+expired or committed goes, whole, in one log line with the count and the bytes freed
+(``work/`` is emptied at every start already). Only at start: the port is not open, so no
+transfer is being created or sent (a folder is made by a transfer's first bucket, after its
+row), and a restore, the way such folders appear, needs the hub stopped (``hub.lock``).
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from appliance.hub.transfers import TRANSFER_ID
 from appliance.store import hub as store
 from appliance.words import counted
 
@@ -45,6 +56,20 @@ class ExpirySweep:
     transfers: int = 0
     buckets: int = 0
     bytes: int = 0
+
+
+@dataclass
+class OrphanSweep:
+    """Staging folders removed at start, by what their transfer is in ``hub.sqlite``."""
+
+    unknown: int = 0
+    expired: int = 0
+    committed: int = 0
+    bytes: int = 0
+
+    @property
+    def folders(self) -> int:
+        return self.unknown + self.expired + self.committed
 
 
 class StagingExpiry:
@@ -87,6 +112,36 @@ class StagingExpiry:
             log.warning("abandoned transfers expired: %d (%s, %d bytes; %d since start)",
                         done.transfers, counted(done.buckets, "bucket"), done.bytes,
                         self.total.transfers)
+        return done
+
+    def remove_orphans(self) -> OrphanSweep:
+        """At start, before the port opens: remove every ``buckets/<id>`` with no live
+        transfer row (unknown to ``hub.sqlite``, expired, or committed), whatever
+        ``abandoned_after_days`` says; one WARNING line when any went. A live transfer's
+        folder is left whole (its site resumes it). A folder not named as a transfer id is
+        not the hub's: left."""
+        done = OrphanSweep()
+        for folder in store.staging_folders(self.hub.settings.buckets_dir):
+            if not TRANSFER_ID.fullmatch(folder.name):
+                continue
+            row = store.get_transfer(self.hub.db, folder.name)
+            kind = ("unknown" if row is None else "committed" if row["receipt"] is not None
+                    else "expired" if row["expired_at"] is not None else None)
+            if kind is None:
+                continue
+            try:
+                done.bytes += store.remove_staging_folder(folder)
+            except OSError as exc:  # the next start tries again; serving goes on
+                log.error("the staging folder %s (transfer %s) could not be removed: %s",
+                          folder, kind, exc.strerror or exc)
+                continue
+            setattr(done, kind, getattr(done, kind) + 1)
+        if done.folders:
+            log.warning("staging removed at start: %s with no live transfer row (%d unknown "
+                        "to hub.sqlite, as a transfer begun after the backup it was restored "
+                        "from; %d expired; %d committed), %d bytes freed",
+                        counted(done.folders, "folder"), done.unknown, done.expired,
+                        done.committed, done.bytes)
         return done
 
     def start(self) -> None:

@@ -3,7 +3,10 @@ anything in the home changes.
 
 Owns: deciding whether a hub backup may be restored in this home, and putting its files in
 place (``hub.sqlite``, the fleet CA and keys, the embedded archive's index), with the
-configuration file when it is missing. May not touch: the staging (``buckets/``, ``work/``),
+configuration file when it is missing; in the database put back, the record of the hub's
+last backup names this one (its copy of ``hub.sqlite`` was taken before the backup recorded
+itself). May not touch: the staging (``buckets/``, ``work/``: the hub's start removes what no
+transfer of the restored database still needs, :mod:`appliance.hub.expiry`),
 ``downloads/``, the embedded archive's images (``archive/spool``: the storage's backup), a
 configuration file that exists (``/etc/pas`` is the operator's).
 
@@ -25,6 +28,7 @@ import shutil
 import socket
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +36,9 @@ from typing import Any
 from appliance.hub.backup import ARCHIVE_INDEX, KIND, pki_files
 from appliance.hub.pki import HubPKI
 from appliance.ops.backup_folder import MANIFEST, sha256_of, utc_stamp
-from appliance.ops.restore import RestoreRefused, check_file, read_manifest
+from appliance.ops.restore import RestoreRefused, check_file, made_at, read_manifest
 from appliance.store.damage import SIDE_FILES, damage_of, set_aside
+from appliance.store.hub import name_restored_backup
 from appliance.store.hub_schema import HUB_MIGRATIONS
 from appliance.store.ops import schema_version_of
 from appliance.store.schema import MIGRATIONS
@@ -75,6 +80,7 @@ class HubRestored:
     set_aside: list[Path] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)  # already the backup's, byte for byte
     config: ConfigOutcome | None = None
+    named_last: bool = False  # the restored hub.sqlite names this backup its last one
 
 
 def check_hub_backup(folder: Path) -> dict[str, Any]:
@@ -94,6 +100,7 @@ def check_hub_backup(folder: Path) -> dict[str, Any]:
     if not isinstance(files, dict):
         raise RestoreRefused(f"{folder}/{MANIFEST} lists no files: the manifest is damaged; "
                              "nothing restored")
+    made_at(folder, manifest)  # the restored hub's last backup: refused if unreadable
     for needed in (DATABASE, "ca.crt", "ca.key"):
         if needed not in files:
             raise RestoreRefused(f"{folder}/{MANIFEST} names no {needed}: not a whole hub "
@@ -160,12 +167,23 @@ def restore_hub_backup(home: Path, folder: Path, actor: str, force: bool = False
         _own(hub_lock_file(home), owner)  # the hub's user takes it at its start
         stamp_at = time.time() if at is None else at
         done = HubRestored(manifest, folder, home, [])
+
+        def name_it(incoming: Path) -> None:
+            # The backup copied hub.sqlite before it recorded itself in the live one: the
+            # copy names the backup before it (or none), and the restored hub's backup age
+            # (/fleet, /metrics, PasHubBackupOld) counted from that. It names this one.
+            done.named_last = name_restored_backup(incoming, made_at(folder, manifest),
+                                                   folder, actor)
+
         for name in _home_files(manifest["files"]):
             try:
-                _place(folder, name, home, owner, stamp_at, done)
-            except OSError as exc:
-                stopped = (f"the restore stopped at {name} ({exc.strerror or exc}"
-                           f"{': ' + str(exc.filename) if exc.filename else ''}); put back: "
+                _place(folder, name, home, owner, stamp_at, done,
+                       name_it if name == DATABASE else None)
+            except (OSError, sqlite3.Error) as exc:
+                why = getattr(exc, "strerror", None) or exc
+                where = getattr(exc, "filename", None)
+                stopped = (f"the restore stopped at {name} ({why}"
+                           f"{': ' + str(where) if where else ''}); put back: "
                            f"{', '.join(done.placed) or 'nothing'}; set aside: "
                            f"{', '.join(p.name for p in done.set_aside) or 'nothing'}")
                 log.error("hub restore from %s by %s: %s", folder, actor, stopped,
@@ -181,6 +199,10 @@ def restore_hub_backup(home: Path, folder: Path, actor: str, force: bool = False
                 counted(manifest.get("transfers_committed", 0), "transfer"),
                 ", the embedded archive's index" if ARCHIVE_INDEX in done.placed else "",
                 extra={"ACTOR": actor, "TARGET": str(home)})
+    if not done.named_last:
+        log.warning("the restored hub.sqlite (schema %s) predates the hub's record of its "
+                    "backups: its backup age counts from the hub's next start",
+                    manifest.get("schema"), extra={"TARGET": str(home)})
     return done
 
 
@@ -230,9 +252,10 @@ def _check_database(folder: Path, manifest: dict[str, Any], name: str, what: str
 
 
 def _place(folder: Path, name: str, home: Path, owner: os.stat_result, at: float,
-           done: HubRestored) -> None:
-    """One backup file in the home: copied beside its place (0600, the home's owner,
-    fsynced), what is there set aside, then renamed into place."""
+           done: HubRestored, prepare: Callable[[Path], None] | None = None) -> None:
+    """One backup file in the home: copied beside its place (0600, the home's owner),
+    changed by ``prepare`` (the database: it names the backup restored), fsynced, what is
+    there set aside, then renamed into place: the copy and its change land together."""
     target = home / name
     if name not in DATABASES and target.is_file() and \
             sha256_of(target) == done.manifest["files"][name]["sha256"]:
@@ -242,19 +265,30 @@ def _place(folder: Path, name: str, home: Path, owner: os.stat_result, at: float
         target.parent.mkdir(mode=0o700)
         _own(target.parent, owner)
     incoming = target.with_name(f".{target.name}.restoring")
+    _remove_journals(incoming)  # a stopped run's, else rolled back into this new copy
     try:
         shutil.copyfile(folder / name, incoming)
         incoming.chmod(0o600)
         _own(incoming, owner)
+        if prepare is not None:
+            prepare(incoming)
         with open(incoming, "rb") as handle:
             os.fsync(handle.fileno())
     except BaseException:
         incoming.unlink(missing_ok=True)
+        _remove_journals(incoming)
         raise
     done.set_aside += _set_aside(target, at)
     incoming.rename(target)
     fsync_dir(target.parent)
     done.placed.append(name)
+
+
+def _remove_journals(incoming: Path) -> None:
+    """SQLite's files beside a copy being put in place (its rollback journal, a WAL): left by
+    a restore stopped while it changed the copy, SQLite would apply them to the next one."""
+    for suffix in ("-journal", *SIDE_FILES):
+        incoming.with_name(incoming.name + suffix).unlink(missing_ok=True)
 
 
 def _set_aside(target: Path, at: float) -> list[Path]:

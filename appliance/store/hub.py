@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sqlite3
 import uuid
 from collections.abc import Callable
@@ -346,6 +347,35 @@ def record_hub_backup(db: Database, written_at: float, folder: Path, actor: str)
             (written_at, written_at, str(folder), actor, max(now(), written_at))).rowcount == 1
 
 
+def name_restored_backup(path: Path, made_at: float, folder: Path, actor: str) -> bool:
+    """In the copy of a backup's ``hub.sqlite`` that ``pas hub restore`` is about to put in
+    place (one file, no one else writing it): migration 7's row names that backup as the
+    last one, ``written_at`` its manifest's ``made_at``, ``actor`` "restored by <actor>".
+
+    Why: the backup copied ``hub.sqlite`` before it recorded itself in the live one, so the
+    copy's row named the backup before it (or none), and the restored hub's ``/fleet``,
+    ``pas_hub_backup_age_seconds`` and ``PasHubBackupOld`` counted from that older one. The
+    row is replaced whatever it holds: the restored hub's state is this backup's. ``since``
+    stays (``made_at`` if the row was gone). Returns False, nothing written, for a copy
+    older than migration 7 (no such table): the hub's start adds the row, counting from
+    then."""
+    conn = sqlite3.connect(path)
+    try:
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                        "name = 'hub_backup'").fetchone() is None:
+            return False
+        with conn:
+            conn.execute(
+                "INSERT INTO hub_backup (id, since, written_at, folder, actor) "
+                "VALUES (1, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                "written_at = excluded.written_at, folder = excluded.folder, "
+                "actor = excluded.actor",
+                (made_at, made_at, str(folder), f"restored by {actor}"))
+        return True
+    finally:
+        conn.close()
+
+
 def hub_backup_record(db: Database) -> dict[str, Any]:
     """``since`` (when the hub began being watched), and the last backup's ``written_at``,
     ``folder``, ``actor`` (None: never backed up). All None when migration 7's row is gone
@@ -406,3 +436,20 @@ def remove_temp_buckets(root: Path) -> int:
         temp.unlink(missing_ok=True)
         removed += 1
     return removed
+
+
+def staging_folders(root: Path) -> list[Path]:
+    """The folders under ``root`` (``buckets/``): a transfer's staging each, named by its
+    id. A symbolic link or a file there is not one (never the hub's own)."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink())
+
+
+def remove_staging_folder(folder: Path) -> int:
+    """A staging folder with what it holds (sealed buckets, half-written ones, anything
+    else); returns the bytes freed. Only for a transfer no live row stands for: its files
+    are never read again."""
+    freed = sum(os.lstat(os.path.join(top, name)).st_size
+                for top, _dirs, names in os.walk(folder) for name in names)
+    shutil.rmtree(folder)
+    fsync_dir(folder.parent)
+    return freed
