@@ -95,8 +95,11 @@ class Hub:
         self.lock = KeyedLocks()  # hub.lock(transfer_id): one transfer's changes in turn
         from appliance.hub.bucket_bodies import BucketBodies  # PUT bodies held, every site
 
-        # Taken by the bucket PUTs (transfers.py), read by /metrics (fleet.py).
-        self.bucket_bodies = BucketBodies(settings.limits.bucket_bodies_bytes)
+        # Taken by the bucket PUTs and reservations (transfers.py), read by /metrics (fleet.py).
+        limits = settings.limits
+        self.bucket_bodies = BucketBodies(limits.bucket_bodies_bytes,
+                                          limits.bucket_reservation_s,
+                                          limits.bucket_reservations_per_site)
         from appliance.hub.expiry import StagingExpiry  # abandoned uploads' staging
 
         self.expiry = StagingExpiry(self)

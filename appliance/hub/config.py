@@ -81,6 +81,12 @@ class LimitsSection(_Section):
     # (busy_retry_after_s), unread, nothing stored. 512 MiB: a small hub's memory.
     bucket_bodies_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
     busy_retry_after_s: int = Field(default=5, ge=1, le=3600)
+    # A bucket reservation (POST .../buckets/{index}/reservation, asked by an appliance the
+    # hub turned away busy recently, so that a refusal costs a small request and not a
+    # bucket's body) holds its bytes of bucket_bodies_bytes this long for its PUT, and a
+    # site holds at most this many at once (one per PUT it sends at once: hub.connections).
+    bucket_reservation_s: float = Field(default=30.0, ge=1, le=600)
+    bucket_reservations_per_site: int = Field(default=16, ge=1, le=1024)
 
     @model_validator(mode="after")
     def _room_for_one_bucket(self) -> LimitsSection:

@@ -53,6 +53,7 @@ KEY_CACHE_TRANSFERS = 1024  # unwrapped bucket keys kept in memory (most recent 
 # MR, several round trips of a fresh TCP window on a 70 ms line; gzip makes them 3-4x smaller.
 GZIP_OVER_BYTES = 1400
 MAX_PRIORITY = 1000
+MAX_RESERVATION_BYTES = 1024  # {"bytes": 67108864}: a few dozen
 
 
 class _BadEncoding(ValueError):
@@ -310,9 +311,9 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
         created = await run_in_threadpool(locked)
         return created, len(sealed)
 
-    async def put_bucket(request: Request) -> Response:
-        """Store one sealed bucket durably (idempotent per index); with ``?commit=true``, also
-        commit when it completes the set, and answer the receipt with it."""
+    async def bucket_of(request: Request) -> tuple[Any, int, str] | Response:
+        """The transfer row, index and name of the bucket a PUT or a reservation is for,
+        or the refusal (logged)."""
         site = request.state.site
         text = request.path_params["index"]
         if not (text.isascii() and text.isdigit()):
@@ -334,28 +335,90 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
             log.warning("site %s: %s out of range", site, where)
             return problem(416, "index_out_of_range",
                            f"bucket index {shown} not in 0..{row['bucket_count'] - 1}")
-        declared = int(request.headers.get("content-length") or 0)
+        return row, index, where
+
+    def too_large(site: str, where: str, size: int) -> Response:
+        log.warning("site %s: %s refused: %d bytes over the limit", site, where, size)
+        return problem(413, "too_large", f"bucket of {size} bytes is over the limit "
+                       f"of {limits.max_bucket_bytes}")
+
+    def busy(site: str, where: str) -> Response:
+        """503 busy with Retry-After, for a PUT or a reservation the budget has no room
+        for (counted for the site by :class:`BucketBodies`), logged."""
+        now = bodies.now()
+        held = counted(now.bodies, "bucket body", "bucket bodies")
+        if now.reservations:
+            held += f" and {counted(now.reservations, 'reservation')}"
+        log.warning("site %s: %s refused: the hub holds %s (%d bytes) already "
+                    "(limits.bucket_bodies_bytes); come back in %d s", site, where, held,
+                    now.held, limits.busy_retry_after_s, extra={"SITE": site})
+        answer = problem(503, "busy", f"the hub is receiving {held} already "
+                         f"(limits.bucket_bodies_bytes): send {where} again in "
+                         f"{limits.busy_retry_after_s} s")
+        answer.headers["Retry-After"] = str(limits.busy_retry_after_s)
+        return answer
+
+    async def reserve(request: Request) -> Response:
+        """Hold the bytes of a bucket's body out of the budget for its PUT, for
+        ``limits.bucket_reservation_s``: 200, or 503 busy when there is no room, for which
+        nothing but this small request crossed the WAN (docs/protocol.md, "A busy hub")."""
+        site = request.state.site
+        try:
+            raw = await read_body_limited(request, MAX_RESERVATION_BYTES, "reservation")
+        except BodyTooLarge as exc:
+            return exc.response
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            log.warning("site %s: reservation is not JSON (%s)", site, exc, extra={"SITE": site})
+            return problem(400, "bad_json", f"the body is not JSON: {exc}")
+        size = data.get("bytes") if isinstance(data, dict) else None
+        if type(size) is not int or size < 1:  # not a bool, not 3.0, not "3"
+            log.warning("site %s: malformed reservation: bytes %.60r", site, size,
+                        extra={"SITE": site})
+            return problem(422, "bad_reservation", f'bytes: must be the size of the bucket\'s '
+                           f'body, a whole number from 1 ({{"bytes": 6291456}}), got {size!r:.60}')
+        target = await bucket_of(request)
+        if isinstance(target, Response):
+            return target
+        row, index, where = target
+        if size > limits.max_bucket_bytes:
+            return too_large(site, f"the reservation of {where}", size)
+        outcome = bodies.reserve(site, row["id"], index, size)
+        if outcome == "busy":
+            return busy(site, f"the reservation of {where}")
+        if outcome == "too_many":
+            log.warning("site %s: reservation of %s refused: the site holds %s already",
+                        site, where, counted(bodies.per_site, "reservation"),
+                        extra={"SITE": site})
+            return problem(429, "too_many_reservations", f"this site holds "
+                           f"{counted(bodies.per_site, 'reservation')} already "
+                           f"(limits.bucket_reservations_per_site): one per PUT sent at once")
+        return JSONResponse({"transfer_id": row["id"], "index": index, "bytes": size,
+                             "expires_in_s": limits.bucket_reservation_s})
+
+    async def put_bucket(request: Request) -> Response:
+        """Store one sealed bucket durably (idempotent per index); with ``?commit=true``, also
+        commit when it completes the set, and answer the receipt with it."""
+        site = request.state.site
+        target = await bucket_of(request)
+        if isinstance(target, Response):
+            return target
+        row, index, where = target
+        length = request.headers.get("content-length")
+        declared = int(length or 0)
         if declared > limits.max_bucket_bytes:
-            log.warning("site %s: %s refused: %d bytes over the limit", site, where, declared)
-            return problem(413, "too_large", f"bucket of {declared} bytes is over the limit "
-                           f"of {limits.max_bucket_bytes}")
-        reserved = declared if request.headers.get("content-length") else \
-            limits.max_bucket_bytes
-        if not bodies.take(reserved, site):
+            return too_large(site, where, declared)
+        # A PUT its reservation covers holds that (no second take: never refused busy);
+        # one without (an older appliance, a hub not busy lately) takes as it comes.
+        reserved = declared if length else limits.max_bucket_bytes
+        if not (length and bodies.claim(site, row["id"], index, declared)) and \
+                not bodies.take(reserved, site):
             # Every site's PUT bodies together stay under limits.bucket_bodies_bytes: refused
             # before the body is read (uvicorn discards it as it arrives, a buffer at a time),
             # nothing stored; the appliance comes back after Retry-After. Counted for the
             # site in pas_hub_bucket_puts_refused_busy_total.
-            log.warning("site %s: %s refused: the hub holds %s (%d bytes) already "
-                        "(limits.bucket_bodies_bytes); come back in %d s", site, where,
-                        counted(bodies.bodies, "bucket body", "bucket bodies"), bodies.held,
-                        limits.busy_retry_after_s, extra={"SITE": site})
-            busy = problem(503, "busy", f"the hub is receiving "
-                           f"{counted(bodies.bodies, 'bucket', 'buckets')} already "
-                           f"(limits.bucket_bodies_bytes): send {where} again in "
-                           f"{limits.busy_retry_after_s} s")
-            busy.headers["Retry-After"] = str(limits.busy_retry_after_s)
-            return busy
+            return busy(site, where)
         try:
             stored = await receive_and_store(request, row, index, where)
         finally:  # the body is gone with receive_and_store's frame: not held by a commit
@@ -435,6 +498,7 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
         Route(base, create, methods=["POST"]),
         Route(base + "/{transfer_id}", status, methods=["GET"]),
         Route(base + "/{transfer_id}/buckets/{index}", put_bucket, methods=["PUT"]),
+        Route(base + "/{transfer_id}/buckets/{index}/reservation", reserve, methods=["POST"]),
         Route(base + "/{transfer_id}/buckets", held, methods=["GET"]),
         Route(base + "/{transfer_id}/commit", commit, methods=["POST"]),
         Route(base + "/{transfer_id}/receipt", receipt, methods=["GET"]),

@@ -1,4 +1,4 @@
 """Transfer to the regional hub: packing (pack.py, with unpack.py for the hub's side,
 layout.py to find pixel data, jls.py for CharLS, levels.py for the auto level), sealing
-(seal.py), the HTTP client, and the enrolment files (enrolment.py). May not touch: SQL (that
-lives in ``appliance.store``)."""
+(seal.py), the HTTP client (client.py; reservations.py when the hub is busy), and the
+enrolment files (enrolment.py). May not touch: SQL (that lives in ``appliance.store``)."""

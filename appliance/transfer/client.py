@@ -14,7 +14,9 @@ under the line's rate when it is known: ``appliance.transfer.pacing`` says why a
 
 Retries (tenacity, exponential backoff with full jitter): connection errors, timeouts and
 5xx answers are retried a few times (a 503 with ``Retry-After``, a hub at its memory bound,
-after the time it asks; still busy after the retries: :class:`HubBusy`, the job waits);
+after the time it asks; still busy after the retries: :class:`HubBusy`, the job waits;
+while the hub has said busy lately, each PUT first reserves its bucket's bytes, so that a
+refusal costs a small request and not the bucket's body: ``reservations.py``);
 a 4xx is never retried here, because the protocol gives each one a meaning the caller must
 act on (409 on commit: send the missing buckets; 400 on a bucket: it failed authentication,
 re-seal it; 404: the transfer is unknown, create it).
@@ -52,6 +54,7 @@ from tenacity import (
 )
 
 from appliance.transfer.pacing import ConnectionSlots, LinkMeter, PacedBackend, Pacer
+from appliance.transfer.reservations import Reservations
 from appliance.transfer.throttle import TokenBucket
 
 log = logging.getLogger("pas.transfer.client")
@@ -351,6 +354,7 @@ class HubClient:
                                 keepalive_expiry=KEEP_ALIVE_S),
         )
         self.pacer = Pacer(link_mbps)
+        self.reservations = Reservations(self._http)  # asked while the hub is busy
         # Every connection the pool opens is handed to the pacer (low unsent mark; pacing
         # when the line's rate is known).
         self._http._transport._pool._network_backend = PacedBackend(self.pacer)
@@ -434,9 +438,17 @@ class HubClient:
                       else _chunks(sealed))
             return _then(self._counted(chunks) if self.on_put_bytes else chunks, sent)
 
+        def reserve() -> None:
+            """While the hub said busy lately, the bucket's reservation first (its PUT
+            then uses it): refused busy, the 503 is this attempt's, the body never sent."""
+            refused = self.reservations.before_put(transfer_id, index, len(sealed))
+            if refused is not None:
+                self._remember_certificate(refused)
+                raise _ServerError(refused)
+
         response = self._call(
             "PUT", f"{API}/transfers/{transfer_id}/buckets/{index}", f"bucket {index}",
-            content_factory=body, slot=lambda: self._put_slot(urgent, len(sealed)),
+            content_factory=body, slot=lambda: self._put_slot(urgent, len(sealed), reserve),
             headers={"Content-Type": "application/octet-stream",
                      "Content-Length": str(len(sealed))},
             params={"commit": "true"} if commit else None,
@@ -489,12 +501,17 @@ class HubClient:
         verify_receipt(receipt, self.hub_certificate_der)
 
     @contextlib.contextmanager
-    def _put_slot(self, urgent: bool, size: int) -> Iterator[Callable[[], None]]:
+    def _put_slot(self, urgent: bool, size: int, reserve: Callable[[], None] | None = None
+                  ) -> Iterator[Callable[[], None]]:
         """Held around one PUT attempt. Yields ``sent``, called once the body is handed to
         the kernel: the slot, the meter and the pacer's share go to the next PUT then, while
-        this one waits for its answer on its own connection (in flight until it comes)."""
+        this one waits for its answer on its own connection (in flight until it comes).
+        ``reserve``: called once the slot is held (a site's reservations are then at most
+        its PUTs sending at once), before the PUT is measured."""
         with contextlib.ExitStack() as sending:
             sending.enter_context(self.slots.hold(urgent))
+            if reserve is not None:
+                reserve()
             sending.enter_context(self.meter.measure(size))
             sending.enter_context(self.pacer.sending())
             done = sending.pop_all()
@@ -539,6 +556,14 @@ class HubClient:
                 raise _ServerError(response)
             return response
 
+        def attempt_noting_busy() -> httpx.Response:
+            try:
+                return attempt()
+            except _ServerError as exc:
+                if retry_after(exc) is not None:  # busy: PUTs reserve first for a while
+                    self.reservations.busy()
+                raise
+
         backoff = wait_random_exponential(multiplier=0.5, max=self.backoff_max_s)
 
         def wait(state: RetryCallState) -> float:
@@ -557,7 +582,7 @@ class HubClient:
                 state.outcome.exception() if state.outcome else "?"),
         )
         try:
-            response = retrying(attempt)
+            response = retrying(attempt_noting_busy)
         except (RetryError, httpx.TransportError) as exc:
             # Retries spent, or a failure not worth one (a certificate refused): the same.
             cause = exc.last_attempt.exception() if isinstance(exc, RetryError) else exc
