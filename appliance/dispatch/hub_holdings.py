@@ -23,7 +23,8 @@ from typing import Any
 from appliance.dispatch.target_types.base import SendContext
 from appliance.store import jobs as job_store
 from appliance.store.jobs import Job
-from appliance.transfer.client import HubClient, HubRefused, trust_problem
+from appliance.transfer.client import HubClient, HubRefused
+from appliance.transfer.link_failures import trust_problem
 from appliance.words import counted
 
 log = logging.getLogger("pas.dispatch.hub")

@@ -256,7 +256,7 @@ def _hub_failure(url: str, exc: BaseException) -> Check:
     """Why the hub could not be asked, and who acts: a certificate one end refuses (the
     hub's TLS alert, or the hub's own certificate this end cannot verify) needs a new
     enrolment or the CA put right, not the WAN looked at, which the connection errors said."""
-    from appliance.transfer.client import trust_problem
+    from appliance.transfer.link_failures import trust_problem
 
     problem = trust_problem(exc)
     if problem is not None:

@@ -34,10 +34,15 @@ from appliance.prefetch.rules import Candidate
 from appliance.store import jobs as job_store
 from appliance.store import prefetch as store
 from appliance.store.db import Database, now
-from appliance.transfer.client import TRUST_HINT, credentials_refused, link_down, trust_problem
 from appliance.transfer.download import DownloadUnavailable, HubDownloads
 from appliance.transfer.download_frames import UID, RebuiltFile
 from appliance.transfer.enrolment import load_enrolment
+from appliance.transfer.link_failures import (
+    TRUST_HINT,
+    credentials_refused,
+    link_down,
+    trust_problem,
+)
 from appliance.transfer.region import RegionClient, RegionError, RegionInstance
 from appliance.words import counted
 

@@ -35,7 +35,7 @@ REGION_PAGE = 1000
 class RegionError(Exception):
     """The region could not answer; the message says which request and why. An HTTP
     refusal keeps its ``status`` and ``body`` (the JSON problem when there is one), so that
-    a caller can tell a refused certificate (``transfer.client.trust_problem``) from a
+    a caller can tell a refused certificate (``transfer.link_failures.trust_problem``) from a
     refused request."""
 
     def __init__(self, message: str, status: int | None = None, body: Any = None):

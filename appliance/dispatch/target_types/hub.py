@@ -47,17 +47,19 @@ from appliance.store import uplink as uplink_store
 from appliance.store.db import Database
 from appliance.store.jobs import Job
 from appliance.transfer.client import (
-    TRUST_HINT,
     HubBusy,
     HubClient,
     HubRefused,
     HubUnavailable,
     ReceiptInvalid,
+)
+from appliance.transfer.enrolment import Enrolment
+from appliance.transfer.link_failures import (
+    TRUST_HINT,
     credentials_refused,
     link_down,
     trust_problem,
 )
-from appliance.transfer.enrolment import Enrolment
 from appliance.transfer.throttle import cap_mbps, hub_throttle
 from appliance.words import counted
 

@@ -47,7 +47,7 @@ from appliance.dispatch.target_types.base import (
 )
 from appliance.store import uplink as uplink_store
 from appliance.store.jobs import Job
-from appliance.transfer.client import trust_problem
+from appliance.transfer.link_failures import trust_problem
 from appliance.words import counted
 
 log = logging.getLogger("pas.dispatch.stowrs")
