@@ -113,3 +113,47 @@ def test_a_configuration_naming_another_site_than_the_enrolment_is_refused_with_
     check = _pas(env, "config", "check", str(config))
     assert check.returncode == 0, check.stdout + check.stderr
     assert "configuration OK: site CHU-B" in check.stdout
+
+
+def test_a_site_differing_only_by_spaces_or_case_is_said_so_and_never_offered_as_a_site(
+        hub: HubProcess, tmp_path: Path) -> None:
+    """``site = "CHU-A "`` (a space left after the name) on an appliance enrolled as CHU-A
+    was told to "enrol it as 'CHU-A ' (pas hub token CHU-A at the region ...)": a name the
+    hub refuses to issue a token for, and a command that names the enrolled site again.
+    ``site = ""`` got "pas hub token  at the region". The refusal stays (the name is not
+    the enrolment's); its words say what differs, and offer only the way that exists."""
+    home = tmp_path / "home"
+    enroll(hub, home, "CHU-A")
+    config = tmp_path / "appliance.toml"
+    env = {**PasProcess(home).env, "PAS_CONFIG": str(config)}
+    env.pop("PAS_SITE", None)
+    said = {}
+    for site in ("CHU-A ", "", "chu-a"):
+        config.write_text(f'site = {json.dumps(site)}\nhome = "{home}"\n')
+        check = _pas(env, "config", "check", str(config))
+        assert check.returncode == 2, check.stdout + check.stderr
+        said[site] = " ".join(check.stderr.split())
+    assert "(they differ only by the spaces around the configured name). Put back site = " \
+        '"CHU-A" ("CHU-A " cannot be a site\'s name at the hub: letters, digits, \'-\' or ' \
+        "'_', at most 64)" in said["CHU-A "], said["CHU-A "]
+    assert 'Put back site = "CHU-A" ("" cannot be a site\'s name at the hub' in said[""], said
+    for site in ("CHU-A ", ""):
+        assert "enrol it as" not in said[site] and "pas hub token" not in said[site], said
+    # Another case is another site at the hub: it can be enrolled, and the case is named.
+    assert ("(they differ only in case: the hub's site names are case-sensitive). Put back "
+            "site = \"CHU-A\", or enrol it as 'chu-a' (pas hub token chu-a at the region, "
+            "then pas enroll --replace)") in said["chu-a"], said["chu-a"]
+    # pas doctor gives the same way out as its fix; pas enroll with a token of CHU-A says
+    # to set the name, not to ask for a token of 'CHU-A ' (the token stays unspent).
+    config.write_text(f'site = "CHU-A "\nhome = "{home}"\n')
+    token = hub.token("CHU-A")
+    again = _pas(env, "enroll", "--replace", "--hub", hub.url, "--token", "-",
+                 token=f"{token}\n")
+    assert again.returncode == 1, again.stdout + again.stderr
+    assert ("the configuration says site = \"CHU-A \": \"CHU-A \" cannot be a site's name at "
+            "the hub (letters, digits, '-' or '_', at most 64): set site = \"CHU-A\" first; "
+            "nothing sent to the hub") in " ".join(again.stderr.split()), again.stderr
+    doctor = _pas(env, "doctor", "--json")
+    (site_check,) = [c for c in json.loads(doctor.stdout) if c["name"] == "site"]
+    assert site_check["fix"].startswith('put back site = "CHU-A" ("CHU-A " cannot be'), \
+        site_check
