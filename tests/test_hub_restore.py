@@ -35,7 +35,7 @@ from appliance.store.db import Database
 from appliance.store.hub_schema import HUB_MIGRATIONS
 from appliance.transfer.enrolment import Enrolment
 from tests.support.hub import HubProcess, Shipment, enroll, pack_items, ship
-from tests.support.peers import MR_DIR, wait_for
+from tests.support.peers import MR_DIR, PAS_BIN, wait_for
 
 NOBODY = 65534  # the rebuilt host's home belongs to the hub's user, not to root
 
@@ -275,6 +275,33 @@ def test_a_hub_backup_that_may_not_be_restored_here_is_refused_and_the_home_left
             assert said == f"refused: {expected}"
         assert _tree(target.home) == before, folder
         assert not (target.home / "hub.lock").exists()
+
+    # No home named (sudo pas hub restore FOLDER, PAS_HUB_HOME forgotten; or --config with a
+    # file naming none): was restored into ./var-hub where the command ran, exit 0, "then
+    # systemctl start pas-hub" (whose home had none of it). Refused, nothing created; a
+    # default home that holds a hub (a developer's) is still restored, and named whole.
+    unnamed = {k: v for k, v in hub.env.items() if k != "PAS_HUB_HOME"}
+    config = tmp_path / "hub-without-home.toml"
+    config.write_text("[transfers]\nabandoned_after_days = 20\n")
+    here = tmp_path / "cwd"
+    here.mkdir()
+    for extra in ([], ["--config", str(config)]):
+        refused = subprocess.run([str(PAS_BIN), "hub", "restore", str(backup), *extra],
+                                 env=unnamed, cwd=here, capture_output=True, text=True,
+                                 timeout=120)
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert " ".join(refused.stderr.split()) == (
+            "refused: no hub home named: neither PAS_HUB_HOME nor the configuration names "
+            f"one, and the default, var-hub in this folder ({here}/var-hub), holds no hub. "
+            "Name the home to put the backup in, as pas-hub.service does: sudo env "
+            "PAS_HUB_HOME=/var/lib/pas-hub pas hub restore FOLDER. Nothing restored")
+        assert list(here.iterdir()) == []
+    shutil.copytree(hub.home, here / "var-hub")
+    restored = subprocess.run([str(PAS_BIN), "hub", "restore", str(backup)], env=unnamed,
+                              cwd=here, capture_output=True, text=True, timeout=120)
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert restored.stdout.startswith(f"hub restored in {here}/var-hub from {backup} "), \
+        restored.stdout
 
     # A hub serving on the home: its database and keys are not replaced under it.
     hub.start()

@@ -207,6 +207,12 @@ def test_a_partly_lost_study_is_served_without_its_lost_instances(tmp_path: Path
         final, failed, _ = _retrieve(pas.port, "move", identifier, mover.ae_title)
         assert _counts(final) == (0xB000, 2, 1, 0)
         assert failed == set(some[:1])
+        # Each of the four needed the region and did not get it: a cache miss, not a hit
+        # (the hit ratio said 1.0 while every retrieve of the study went without 3 images).
+        metrics = httpx.get(f"http://127.0.0.1:{pas.http_port}/metrics", timeout=10).text
+        retrieves = dict(re.findall(r'^pas_retrieve_requests_total\{result="(\w+)"\} (\S+)',
+                                    metrics, re.M))
+        assert retrieves == {"miss": "4.0"}, retrieves
 
         # WADO-RS, study and series: 206, the 37 parts, a Warning naming the three (and the
         # study's metadata: the 37 items).

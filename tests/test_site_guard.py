@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from appliance.store.hub import list_tokens, open_hub_db
+from appliance.transfer.enrolment import SHIPPED_SITE
 from tests.support.hub import HubProcess, enroll
 from tests.support.peers import PAS_BIN, PasProcess, port_open, wait_for
 
@@ -113,3 +115,59 @@ def test_a_configuration_naming_another_site_than_the_enrolment_is_refused_with_
     check = _pas(env, "config", "check", str(config))
     assert check.returncode == 0, check.stdout + check.stderr
     assert "configuration OK: site CHU-B" in check.stdout
+
+
+def test_a_site_differing_only_by_spaces_or_case_is_said_so_and_never_offered_as_a_site(
+        hub: HubProcess, tmp_path: Path) -> None:
+    """``site = "CHU-A "`` (a space left after the name) on an appliance enrolled as CHU-A
+    was told to "enrol it as 'CHU-A ' (pas hub token CHU-A at the region ...)": a name the
+    hub refuses to issue a token for, and a command that names the enrolled site again.
+    ``site = ""`` got "pas hub token  at the region", the shipped file's placeholder left as
+    it was "enrol it as 'CHANGE-ME'", and pas enroll on it "ask regional ops for a token of
+    site 'CHANGE-ME'". The refusal stays (the name is not the enrolment's); its words say
+    what differs, and offer only the way that exists."""
+    home = tmp_path / "home"
+    enroll(hub, home, "CHU-A")
+    config = tmp_path / "appliance.toml"
+    env = {**PasProcess(home).env, "PAS_CONFIG": str(config)}
+    env.pop("PAS_SITE", None)
+    shipped = tomllib.loads((Path(__file__).parents[1] / "config" / "appliance.toml")
+                            .read_text())["site"]
+    assert shipped == SHIPPED_SITE  # the placeholder the messages recognise
+    said = {}
+    for site in ("CHU-A ", "", "chu-a", shipped):
+        config.write_text(f'site = {json.dumps(site)}\nhome = "{home}"\n')
+        check = _pas(env, "config", "check", str(config))
+        assert check.returncode == 2, check.stdout + check.stderr
+        said[site] = " ".join(check.stderr.split())
+    assert "(they differ only by the spaces around the configured name). Put back site = " \
+        '"CHU-A" ("CHU-A " is not a name the hub can enrol (letters, digits, \'-\' or \'_\', ' \
+        "at most 64))" in said["CHU-A "], said["CHU-A "]
+    assert 'Put back site = "CHU-A" ("" is not a name the hub can enrol' in said[""], said
+    assert 'Put back site = "CHU-A" ("CHANGE-ME" is the shipped file\'s placeholder, never ' \
+        "set)" in said[shipped], said[shipped]
+    for site in ("CHU-A ", "", shipped):
+        assert "enrol it as" not in said[site] and "pas hub token" not in said[site], said
+    # Another case is another site at the hub: it can be enrolled, and the case is named.
+    assert ("(they differ only in case: the hub's site names are case-sensitive). Put back "
+            "site = \"CHU-A\", or enrol it as 'chu-a' (pas hub token chu-a at the region, "
+            "then pas enroll --replace)") in said["chu-a"], said["chu-a"]
+    # pas enroll with a token of CHU-A says to set the name, not to ask for a token of
+    # 'CHU-A ' or 'CHANGE-ME' (the token stays unspent); pas doctor's fix is the way out.
+    token = hub.token("CHU-A")
+    unspent = _unspent(hub, "CHU-A")
+    for site, why in (("CHU-A ", "is not a name the hub can enrol (letters, digits, '-' or "
+                                 "'_', at most 64)"),
+                      (shipped, "the shipped file's placeholder, never set")):
+        config.write_text(f'site = {json.dumps(site)}\nhome = "{home}"\n')
+        again = _pas(env, "enroll", "--replace", "--hub", hub.url, "--token", "-",
+                     token=f"{token}\n")
+        assert again.returncode == 1, again.stdout + again.stderr
+        assert (f"the configuration says site = {json.dumps(site)} ({why.removeprefix('is ')}"
+                f"): set site = \"CHU-A\" first; nothing sent to the hub") in \
+            " ".join(again.stderr.split()), again.stderr
+    assert _unspent(hub, "CHU-A") == unspent
+    doctor = _pas(env, "doctor", "--json")
+    (site_check,) = [c for c in json.loads(doctor.stdout) if c["name"] == "site"]
+    assert site_check["fix"] == ('put back site = "CHU-A" ("CHANGE-ME" is the shipped '
+                                 "file's placeholder, never set)"), site_check

@@ -289,13 +289,15 @@ def hub_restore(folder: Path = typer.Argument(
     one line otherwise, nothing changed. What the home held is set aside, never deleted."""
     from appliance import logs
     from appliance.cli.common import operator_actor
+    from appliance.hub.config import home_named
     from appliance.hub.restore import RestoreStopped, restore_hub_backup
     from appliance.ops.restore import RestoreRefused
 
     settings = _hub_settings(config)
     logs.setup(settings.log_level)  # the restore's WARNING line: journald under systemd
     try:
-        done = restore_hub_backup(settings.home, folder, operator_actor(), force=force)
+        done = restore_hub_backup(settings.home, folder, operator_actor(), force=force,
+                                  home_named=home_named(settings))
     except RestoreRefused as exc:
         err.print(f"[red]refused:[/red] {exc}", highlight=False)
         raise typer.Exit(1) from None

@@ -106,8 +106,13 @@ class TransfersSection(_Section):
     expiry_check_interval_s: float = Field(default=3600.0, gt=0)
 
 
+# The home when neither PAS_HUB_HOME nor the configuration names one: the folder a developer's
+# hub runs in, relative to where the command runs (pas-hub.service names /var/lib/pas-hub).
+DEFAULT_HOME = "./var-hub"
+
+
 class HubSettings(_Section):
-    home: Path = Path("./var-hub")
+    home: Path = Path(DEFAULT_HOME)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     http: HubHttpSection = HubHttpSection()
     archive: ArchiveSection = ArchiveSection()
@@ -137,7 +142,14 @@ class HubSettings(_Section):
 
 def hub_home(environ: dict[str, str] | None = None) -> Path:
     environ = dict(os.environ) if environ is None else environ
-    return Path(environ.get("PAS_HUB_HOME", "./var-hub"))
+    return Path(environ.get("PAS_HUB_HOME", DEFAULT_HOME))
+
+
+def home_named(settings: HubSettings, environ: dict[str, str] | None = None) -> bool:
+    """Whether ``PAS_HUB_HOME`` or the configuration named the hub's home (else it is
+    :data:`DEFAULT_HOME`, in whatever folder the command runs from)."""
+    environ = dict(os.environ) if environ is None else environ
+    return "PAS_HUB_HOME" in environ or settings.home != Path(DEFAULT_HOME)
 
 
 def load_hub_settings(path: Path | None = None,

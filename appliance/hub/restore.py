@@ -121,12 +121,24 @@ def check_hub_backup(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def check_hub_home(home: Path, manifest: dict[str, Any], force: bool) -> None:
+def check_hub_home(home: Path, manifest: dict[str, Any], force: bool,
+                   named: bool = True) -> None:
     """Refuse a home that is not a folder, or that holds another fleet CA than the backup's
-    (unless ``force``): its hub enrolled appliances that pin it."""
+    (unless ``force``): its hub enrolled appliances that pin it. And a home that neither
+    ``PAS_HUB_HOME`` nor the configuration named (``named`` False: ``./var-hub`` where the
+    command runs) unless a hub is already there: ``sudo pas hub restore FOLDER`` without
+    ``env PAS_HUB_HOME=/var/lib/pas-hub`` put the fleet CA's key in ``/root/var-hub``, said
+    "hub restored in var-hub ... then systemctl start pas-hub", and the hub that started
+    had none of it."""
     if home.exists() and not home.is_dir():
         raise RestoreRefused(f"the hub home {home} is not a folder (PAS_HUB_HOME or the "
                              f"configuration's home). {NOTHING}")
+    if not named and not any((home / name).exists() for name in ("ca.crt", DATABASE)):
+        raise RestoreRefused(
+            f"no hub home named: neither PAS_HUB_HOME nor the configuration names one, and "
+            f"the default, {home} in this folder ({home.absolute()}), holds no hub. Name "
+            "the home to put the backup in, as pas-hub.service does: sudo env "
+            "PAS_HUB_HOME=/var/lib/pas-hub pas hub restore FOLDER. " + NOTHING)
     ca = HubPKI(home).ca_cert_path
     if force or not ca.is_file():
         return
@@ -145,7 +157,7 @@ def check_hub_home(home: Path, manifest: dict[str, Any], force: bool) -> None:
 
 
 def restore_hub_backup(home: Path, folder: Path, actor: str, force: bool = False,
-                       at: float | None = None) -> HubRestored:
+                       at: float | None = None, home_named: bool = True) -> HubRestored:
     """Check ``folder`` and ``home`` (:func:`check_hub_backup`, :func:`check_hub_home`),
     then, holding the hub's lock (refused while ``pas hub run`` holds it), set aside what
     the home holds of the backup's files and put the backup's in their place: 0600, owned
@@ -156,7 +168,8 @@ def restore_hub_backup(home: Path, folder: Path, actor: str, force: bool = False
 
     folder = folder.absolute()
     manifest = check_hub_backup(folder)
-    check_hub_home(home, manifest, force)
+    check_hub_home(home, manifest, force, home_named)
+    home = home.absolute()  # what it says: "hub restored in var-hub" named no place
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         lock = hold_hub_lock(home)

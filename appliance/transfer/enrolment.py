@@ -37,8 +37,22 @@ from cryptography.x509.oid import NameOID
 from appliance.store.spool import fsync_dir
 
 PKI_DIR = "pki"
-TOKEN_RE = re.compile(r"^(?P<site>[A-Za-z0-9][A-Za-z0-9_-]{0,63})\.(?P<secret>[A-Za-z0-9_-]{16,})"
+# A site's name as the hub issues tokens and certificates for it (pas hub token SITE).
+SITE_NAME = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
+TOKEN_RE = re.compile(rf"^(?P<site>{SITE_NAME})\.(?P<secret>[A-Za-z0-9_-]{{16,}})"
                       r"\.(?P<cafp>[0-9a-f]{64})\Z")
+# config/appliance.toml's site (the image's /etc/pas/appliance.toml): a name to replace.
+SHIPPED_SITE = "CHANGE-ME"
+
+
+def not_a_site(name: str) -> str | None:
+    """Why the configured ``name`` is no site to enrol as (None: the hub can enrol it): the
+    shipped file's placeholder, or a name the hub never issues a token for."""
+    if name == SHIPPED_SITE:
+        return "the shipped file's placeholder, never set"
+    if not re.fullmatch(SITE_NAME, name):
+        return "not a name the hub can enrol (letters, digits, '-' or '_', at most 64)"
+    return None
 
 
 class EnrolmentError(Exception):
@@ -47,7 +61,14 @@ class EnrolmentError(Exception):
 
 class SiteMismatch(EnrolmentError):
     """The configuration names one site and the enrolment is another's (see
-    :func:`check_site`): ``problem`` says which, ``way_out`` the two ways to put it right."""
+    :func:`check_site`): ``problem`` says which, ``way_out`` the ways to put it right.
+
+    Enrolling as the configured site is offered only when it is a site's name
+    (:func:`not_a_site`): ``site = "CHU-A "`` (a trailing space) or ``""`` was answered "enrol
+    it as 'CHU-A ' (pas hub token CHU-A ...)", a token the hub refuses to issue or that names
+    the enrolled site again; the shipped file's ``CHANGE-ME``, left as it was, "enrol it as
+    'CHANGE-ME'". A name that differs from the enrolment's only in case or by spaces around it
+    is said to: the one character to fix is not easy to see in two quoted names."""
 
     def __init__(self, configured: str, enrolled: str, certificate: Path):
         self.configured, self.enrolled = configured, enrolled
@@ -56,9 +77,19 @@ class SiteMismatch(EnrolmentError):
                         f"certificate {certificate}): the hub would take its studies and "
                         f"heartbeats as {enrolled!r} while its audit trail and status say "
                         f"{configured!r}")
-        self.way_out = (f"put back site = {json.dumps(enrolled)}, or enrol it as "
-                        f"{configured!r} (pas hub token {configured} at the region, then "
-                        "pas enroll --replace)")
+        if configured.strip() == enrolled:
+            self.problem += " (they differ only by the spaces around the configured name)"
+        elif configured.strip().casefold() == enrolled.casefold():
+            self.problem += (" (they differ only in case: the hub's site names are "
+                             "case-sensitive)" if configured.strip() == configured else
+                             " (they differ only in case and by spaces)")
+        self.way_out = f"put back site = {json.dumps(enrolled)}"
+        why_not = not_a_site(configured)
+        if why_not is None:
+            self.way_out += (f", or enrol it as {configured!r} (pas hub token {configured} "
+                             "at the region, then pas enroll --replace)")
+        else:
+            self.way_out += f" ({json.dumps(configured)} is {why_not})"
         # As a configuration error is said: the key path first (pas config check, pas run).
         super().__init__(f"site: {self.problem}. {self.way_out[0].upper()}{self.way_out[1:]}")
 
@@ -279,10 +310,13 @@ def enroll(home: Path, url: str, token: str, timeout: float = 30.0, *,
         raise EnrolmentError(f"hub URL must start with https://, got {url!r}")
     site, _secret, cafp = parse_token(token)
     if configured_site is not None and site != configured_site:
+        # A token of the configured site only when it is a site's name (SiteMismatch).
+        why_not = not_a_site(configured_site)
+        ask = (f": ask regional ops for a token of site {configured_site!r} (pas hub token "
+               f"{configured_site}), or " if why_not is None else f" ({why_not}): ")
         raise EnrolmentError(
             f"the token is for site {site!r} and the configuration says site = "
-            f"{json.dumps(configured_site)}: ask regional ops for a token of site "
-            f"{configured_site!r} (pas hub token {configured_site}), or set site = "
+            f"{json.dumps(configured_site)}{ask}set site = "
             f"{json.dumps(site)} first; nothing sent to the hub, the token is still unspent")
     directory = pki_dir(home)
     if (directory / "hub.json").exists() and not replace:
