@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -81,6 +82,48 @@ def test_a_thread_that_ends_inside_a_transaction_releases_the_write_lock(tmp_pat
     assert time.monotonic() - started < 5
     names = [row["patient_id"] for row in db.query("SELECT patient_id FROM patients")]
     assert names == ["KEPT"]
+
+
+CLOSE_UNDER_A_STATEMENT = """
+import sys, threading, time
+from pathlib import Path
+from appliance.store.db import Database
+db = Database(Path(sys.argv[1]) / "pas.sqlite")
+started, outcome = threading.Event(), []
+def change():
+    with db.transaction() as conn:
+        started.set()  # a statement that runs a while inside SQLite, the GIL released
+        conn.execute("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n "
+                     "WHERE i < 1500000) SELECT count(*) FROM n").fetchone()
+        conn.execute("PRAGMA user_version = 77")
+    outcome.append("committed")
+thread = threading.Thread(target=change)
+thread.start()
+started.wait()
+time.sleep(0.1)
+db.close()  # the daemon's stop: a part still busy past its budget
+thread.join()
+print("outcome", outcome)
+"""
+
+
+def test_closing_the_database_leaves_another_threads_statement_whole(tmp_path: Path) -> None:
+    """``Database.close()`` while another thread is inside a transaction (the daemon's stop
+    leaves a part blocked past its budget to end with the process): that thread's change
+    commits and the process lives. CI saw the process die (SIGSEGV in a commitment
+    delivery's COMMIT as its database was closed); before, the change was lost with
+    "Cannot operate on a closed database", or the process died."""
+    for run in range(3):
+        home = tmp_path / str(run)
+        home.mkdir()
+        done = subprocess.run(
+            [sys.executable, "-c", CLOSE_UNDER_A_STATEMENT, str(home)],
+            capture_output=True, text=True, timeout=60,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+        assert "outcome ['committed']" in done.stdout, done.stderr[-2000:]
+        version = sqlite3.connect(home / "pas.sqlite").execute("PRAGMA user_version")
+        assert version.fetchone()[0] == 77
 
 
 def test_the_daemon_holds_no_more_descriptors_after_many_associations(pas) -> None:

@@ -322,15 +322,31 @@ class Database:
         return self.connection().execute(sql, params).fetchone()
 
     def close(self) -> None:
+        """Close the idle connections and this thread's own; a connection another thread
+        holds is closed when that thread ends (``_give_back`` sees the database closed), or
+        with the process.
+
+        Why not every connection at once: another thread may be inside a statement on its
+        connection (the daemon's stop leaves a part blocked past its budget to end with the
+        process), and closing an sqlite3 connection under it frees what that statement
+        uses. CI saw the process die of it (SIGSEGV in a commitment delivery's COMMIT as
+        its database was closed). Replacing the thread-local storage did the same from
+        here: its other threads' connections were handed back, and closed, by this thread."""
+        held = getattr(self._local, "held", None)
         with self._pool_lock:
             self._closed = True
-            connections = list(self._open)
-            self._open.clear()
+            closing = list(self._idle)
             self._idle.clear()
-        for conn in connections:
+            if held is not None:
+                closing.append(held.conn)
+            for conn in closing:
+                self._open.discard(conn)
+        if held is not None:
+            del self._local.held  # its hand-back finds it closed: nothing more to do
+        self._local.depth = 0
+        for conn in closing:
             with contextlib.suppress(sqlite3.ProgrammingError):
                 conn.close()
-        self._local = threading.local()
 
     def schema_version(self) -> int:
         return int(self.connection().execute("PRAGMA user_version").fetchone()[0])
