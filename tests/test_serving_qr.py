@@ -432,8 +432,9 @@ def test_move_to_a_destination_that_is_down_fails_and_pas_keeps_serving(
     result = dcmtk("movescu", "127.0.0.1", site.pas.port, "PAS",
                    ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={_one_ct_study()}"],
                    "-S", "-aem", "SWITCHEDOFF")
-    # pynetdicom answers 0xA801 when it cannot associate with the destination.
-    assert "Final Move Response (Refused: MoveDestinationUnknown)" in result.stderr, \
+    # Known, not reached: every sub-operation failed (0xA702), not "destination unknown"
+    # (pynetdicom's 0xA801; tests/test_serving_move_not_up.py).
+    assert "Final Move Response (Refused: OutOfResourcesSubOperations)" in result.stderr, \
         result.stderr[-1000:]
     last = wait_for(lambda: (rows := _audit(site, "retrieve")) and "SWITCHEDOFF" in
                     (rows[-1]["detail"] or "") and rows[-1], 10, what="the audit row")

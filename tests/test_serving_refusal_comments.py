@@ -4,7 +4,9 @@
 Found in review (2026-12-04): pynetdicom sends these refusals itself (0xA801 for a move
 destination unknown, down or refusing the association; 0xC514/0xC413 when the handler
 refuses the identifier) and the viewer got the bare status: only PAS's audit row said why.
-The final response now carries the reason; the daemon keeps serving.
+The final response now carries the reason; the daemon keeps serving. (Since 2026-12-05 a
+known destination that is down is 0xA702, every sub-operation failed:
+tests/test_serving_move_not_up.py.)
 
 Found in review (2026-12-04, later): an identifier that does not match the SOP class (no,
 unknown or foreign QueryRetrieveLevel, no unique key, a malformed or wildcard one) ended in
@@ -96,7 +98,7 @@ STUDY_UID, SERIES_UID = "(0020,000d)", "(0020,000e)"
     ("movescu", ["QueryRetrieveLevel=STUDY", "StudyInstanceUID={study}"],
      ["-aem", "NOWHERE"], "0xa801", "unknown move destination 'NOWHERE'", None),
     ("movescu", ["QueryRetrieveLevel=STUDY", "StudyInstanceUID={study}"],
-     ["-aem", "SWITCHEDOFF"], "0xa801",
+     ["-aem", "SWITCHEDOFF"], "0xa702",  # known, not reached: every sub-operation failed
      "SWITCHEDOFF: destination unreachable or association lost", None),
     ("movescu", ["QueryRetrieveLevel=STUDY", "PatientID=*"], ["-aem", "SWITCHEDOFF"],
      "0xa900", "StudyInstanceUID: required for a STUDY-level retrieve", STUDY_UID),

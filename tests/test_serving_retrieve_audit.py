@@ -183,16 +183,17 @@ def test_move_to_a_destination_refusing_a_sop_class_audits_the_failed_ones(
 
 def test_move_of_a_study_the_destination_refuses_entirely_names_the_refusal(
         site: Site) -> None:
-    """Every context rejected: pynetdicom aborts the sub-association and answers 0xA801,
-    as for a destination that is down; the audit row says which it was."""
+    """Every context rejected: pynetdicom aborts the sub-association and answers 0xA801, as
+    for a destination that is down; PAS answers every sub-operation failed (0xA702,
+    tests/test_serving_move_not_up.py) and the audit row says why."""
     study, _ = _ct_study()
     before = len(site.retrieves())
-    movescu(site, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}"], "MRONLY")
+    result = movescu(site, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}"], "MRONLY")
     row = site.next_retrieve(before)
-    assert row["outcome"].startswith("failure: C-MOVE to MRONLY at 127.0.0.1:")
-    assert row["outcome"].endswith("did not complete (the destination accepted no "
-                                   "presentation context; refused: CT Image Storage)")
-    assert row["detail"] == "C-MOVE to MRONLY: 0 completed, 0 failed, 0 warning, 3 not sent"
+    assert row["outcome"] == ("failure: 3 of 3 instances not stored by MRONLY (no "
+                              "presentation context accepted for CT Image Storage)")
+    assert row["detail"] == "C-MOVE to MRONLY: 0 completed, 3 failed, 0 warning"
+    assert final_counts(result.stderr, "Move") == {"completed": 0, "failed": 3, "warning": 0}
     assert not _received(site.mr_only.files()) & set(_ct_study()[1])
 
 
@@ -202,25 +203,26 @@ def test_move_to_a_destination_rejecting_the_association_says_so(site: Site) -> 
     rejection, and then the truth it has is "unreachable or association lost": up to three
     moves, each row one of the two, and a rejection named at least once."""
     study, _ = _ct_study()
-    rejected = "did not complete (the destination rejected the association)"
+    where = f"no association with 127.0.0.1:{site.refusing.port}: "
+    rejected = f"{where}the destination rejected the association)"
     for _attempt in range(3):
         before = len(site.retrieves())
         result = movescu(site, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}"],
                          "REFUSING")
-        assert "Refused: MoveDestinationUnknown" in result.stderr, result.stderr[-2000:]
+        assert "Refused: OutOfResourcesSubOperations" in result.stderr, result.stderr[-2000:]
         row = site.next_retrieve(before)
-        assert row["outcome"].startswith("failure: C-MOVE to REFUSING at 127.0.0.1:")
-        assert row["outcome"].endswith((rejected, "did not complete (destination unreachable "
-                                                  "or association lost)")), row["outcome"]
+        assert row["outcome"].startswith("failure: 3 of 3 instances not stored by REFUSING (")
+        assert row["outcome"].endswith((rejected, f"{where}destination unreachable or "
+                                                  "association lost)")), row["outcome"]
         if row["outcome"].endswith(rejected):
             break
     assert row["outcome"].endswith(rejected), row["outcome"]
-    assert row["detail"] == "C-MOVE to REFUSING: 0 completed, 0 failed, 0 warning, 3 not sent"
+    assert row["detail"] == "C-MOVE to REFUSING: 0 completed, 3 failed, 0 warning"
     # The journal says it too (pynetdicom's own connect errors are not logged: logs.py).
-    assert re.search(r" WARNING .*retrieve by \S+: failure: C-MOVE to REFUSING at "
-                     r"127\.0\.0\.1:\d+ did not complete \(the destination rejected the "
-                     r"association\); C-MOVE to REFUSING: 0 completed", site.pas.log()), \
-        site.pas.log()[-2000:]
+    assert re.search(r" WARNING .*retrieve by \S+: failure: 3 of 3 instances not stored by "
+                     r"REFUSING \(no association with 127\.0\.0\.1:\d+: the destination "
+                     r"rejected the association\); C-MOVE to REFUSING: 0 completed, 3 failed",
+                     site.pas.log()), site.pas.log()[-2000:]
 
 
 def test_move_to_a_full_disk_audits_what_was_stored(site: Site) -> None:

@@ -3,9 +3,9 @@
 Owns: who asked (:func:`peer`), and a C-MOVE's sub-association to its destination: the
 presentation contexts proposed (:func:`contexts_for`: the stored syntax and the uncompressed
 fallback), those accepted, its reactor kept off the C-STORE responses
-(:func:`reactor_takes_no_messages`), and why it did not come up (:func:`refusal_handlers`,
-:func:`why_not_up`). Split from ``qr.py`` (the C-FIND handler, the wiring, the audit) and
-used by ``qr_retrieve.py`` (the C-MOVE/C-GET handlers).
+(:func:`reactor_takes_no_messages`), and why it did not come up
+(:class:`SubAssociationWatch`). Split from ``qr.py`` (the C-FIND handler, the wiring, the
+audit) and used by ``qr_retrieve.py`` (the C-MOVE/C-GET handlers).
 May not touch: SQL, the spool, the audit, the DIMSE messages of a retrieve (sending the
 sub-operations is ``suboperations.py``'s, the responses ``qr_responses.py``'s).
 """
@@ -83,39 +83,62 @@ def accepted_contexts(assoc: Any) -> set[tuple[str, str]]:
     return {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
 
 
-def refusal_handlers(refused: list[str], opened: list[Any]
-                     ) -> list[tuple[Any, Callable[[Any], None]]]:
-    """Handlers for a C-MOVE sub-association that note in ``refused`` why it did not come up
-    when the destination said so, and in ``opened`` the association once its connection is
-    open. pynetdicom answers the viewer 0xA801 alike for a destination that is down, one
-    that rejected the association and one that accepted it with no presentation context
-    (it then aborts it); the audit row names which (:func:`why_not_up`)."""
+class SubAssociationWatch:
+    """Why a C-MOVE's sub-association did not come up, seen through its events: the SOP
+    classes of a destination that accepted the association and none of its presentation
+    contexts, a rejection, or neither (unreachable). pynetdicom answers the three alike
+    (0xA801); PAS fails every sub-operation instead (``qr_retrieve.py``) and says which it
+    was: in the final response's Error Comment (:meth:`comment`), the audit row and the
+    journal (:meth:`failure`)."""
 
-    def on_open(store_event: Any) -> None:
-        opened.append(store_event.assoc)
+    def __init__(self) -> None:
+        self.opened: list[Any] = []  # the sub-association, once its connection is open
+        self.refused_classes: list[str] = []  # accepted with no context: these classes
+        self.rejected = False
 
-    def on_accepted(store_event: Any) -> None:
-        if not store_event.assoc.accepted_contexts:
-            names = sorted({UID(cx.abstract_syntax).name
-                            for cx in store_event.assoc.rejected_contexts})
-            refused.append("the destination accepted no presentation context; refused: "
-                           + ", ".join(names)[:200])
+    def handlers(self) -> list[tuple[Any, Callable[[Any], None]]]:
+        """The sub-association's event handlers that note what happened."""
 
-    def on_rejected(store_event: Any) -> None:
-        refused.append("the destination rejected the association")
+        def on_open(store_event: Any) -> None:
+            self.opened.append(store_event.assoc)
 
-    return [(evt.EVT_CONN_OPEN, on_open), (evt.EVT_ACCEPTED, on_accepted),
-            (evt.EVT_REJECTED, on_rejected)]
+        def on_accepted(store_event: Any) -> None:
+            if not store_event.assoc.accepted_contexts:
+                self.refused_classes = sorted(
+                    {UID(cx.abstract_syntax).name
+                     for cx in store_event.assoc.rejected_contexts})
 
+        def on_rejected(store_event: Any) -> None:
+            self.rejected = True
 
-def why_not_up(refused: list[str], opened: list[Any]) -> str:
-    """Why a C-MOVE's sub-association ended the retrieve early. pynetdicom marks an
-    association rejected before it runs the EVT_REJECTED handlers, in the association's own
-    thread: the C-MOVE handler, resumed on that mark, could get here first and said
-    "unreachable" for a destination that had answered with a rejection. The mark is read
-    too."""
-    if refused:
-        return refused[0]
-    if opened and opened[0].is_rejected:
-        return "the destination rejected the association"
-    return "destination unreachable or association lost"
+        return [(evt.EVT_CONN_OPEN, on_open), (evt.EVT_ACCEPTED, on_accepted),
+                (evt.EVT_REJECTED, on_rejected)]
+
+    def why(self) -> str:
+        """Why the sub-association did not come up, or ended the retrieve early.
+        pynetdicom marks an association rejected before it runs the EVT_REJECTED handlers,
+        in the association's own thread: the C-MOVE handler, resumed on that mark, could get
+        here first and said "unreachable" for a destination that had answered with a
+        rejection. The mark is read too."""
+        if self.refused_classes:
+            return f"no presentation context accepted for {self._classes()}"
+        if self.rejected or (self.opened and self.opened[0].is_rejected):
+            return "the destination rejected the association"
+        return "destination unreachable or association lost"
+
+    def failure(self, host: str, port: int) -> str:
+        """Why each sub-operation failed, as the audit row says it: the SOP classes
+        refused (the words of a class refused by a destination that took others), or
+        where the association was not made, and why."""
+        if self.refused_classes:
+            return self.why()
+        return f"no association with {host}:{port}: {self.why()}"
+
+    def comment(self, title: str) -> str:
+        """The Error Comment (64 characters): the SOP classes refused first."""
+        if self.refused_classes:
+            return f"{title} accepted none of: {self._classes()}"
+        return f"{title}: {self.why()}"
+
+    def _classes(self) -> str:
+        return ", ".join(self.refused_classes)[:200]

@@ -1,11 +1,13 @@
 """What a C-MOVE/C-GET sends besides its sub-operations: how often its Pending responses go
 (:func:`throttle_pending`), why a retrieve pynetdicom refused was refused
-(:func:`explain_refusal`), and the status of a retrieve PAS refuses itself
-(:class:`RetrieveRefused`, :func:`refuse`).
+(:func:`explain_refusal`), the status of a retrieve PAS refuses itself
+(:class:`RetrieveRefused`, :func:`refuse`), and the final response of a C-MOVE whose
+sub-association did not come up (:func:`fail_every_suboperation`).
 
 Owns: wraps of one association's ``dimse.send_msg`` that change the C-MOVE/C-GET responses
 pynetdicom sends for the handlers of ``qr_retrieve.py`` (Pending ones left out, an Error
-Comment put on a refusal, a refusal's status set). May not touch: SQL, spool writes, the audit
+Comment put on a refusal, a refusal's status set, every sub-operation of a C-MOVE counted
+failed). May not touch: SQL, spool writes, the audit
 (``qr.py`` writes the rows).
 
 Why a refusal is made by rewriting a response: pynetdicom's C-MOVE/C-GET service lets a
@@ -17,17 +19,23 @@ identifier does not match the SOP class, PS3.4 C.4.2.1.5 and C.4.3.1.5) can only
 sub-operation, i.e. a C-MOVE's sub-association opened first. So a refused retrieve yields
 "no sub-operations" (pynetdicom opens no sub-association and answers Success at once) and the
 wrap turns that one response into the refusal: its status, Error Comment, Offending Element,
-and no sub-operation counts.
+and no sub-operation counts. Likewise pynetdicom answers 0xA801 (move destination unknown)
+for a known destination whose sub-association did not come up, and that response is
+rewritten to fail every sub-operation (0xA702, the counts, the Failed SOP Instance UID List).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from io import BytesIO
 from typing import Any
 
 from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
+from pynetdicom.dsutils import encode
 
 PENDING = 0xFF00
 CANCELLED = 0xFE00
@@ -35,6 +43,7 @@ SUCCESS = 0x0000
 IDENTIFIER_DOES_NOT_MATCH = 0xA900
 UNABLE_TO_PROCESS = 0xC000
 MOVE_DESTINATION_UNKNOWN = 0xA801
+REFUSED_SUB_OPERATIONS = 0xA702  # Refused: Out of resources - unable to perform sub-operations
 
 
 def throttle_pending(assoc: Any, interval_s: float) -> None:
@@ -87,8 +96,7 @@ def refuse(assoc: Any, status: int, why: str, offending: int | None = None) -> N
     its Error Comment (0000,0902), the tag ``offending`` in its Offending Element (0000,0901)
     when given, and no sub-operation counts (PS3.4 C.4.2.1.5: a refusal's related fields are
     these two). The handler then yields no sub-operations (``qr_retrieve.py``)."""
-    _install(assoc)
-    assoc.dimse._pas_refusal[:] = [lambda: why, None, (status, offending)]
+    _install(assoc).set(why=lambda: why, made=(status, offending))
 
 
 def explain_refusal(assoc: Any, why: Callable[[], str] | None,
@@ -96,41 +104,89 @@ def explain_refusal(assoc: Any, why: Callable[[], str] | None,
     """Have the final C-MOVE/C-GET response of the retrieve now handled on ``assoc`` carry
     ``why()`` in its Error Comment (0000,0902) if it is a refusal (``only``: if its status
     is that one). pynetdicom sends these refusals itself and offers no way to comment them:
-    0xA801 for a destination down or refusing the association, a 0xCxxx of its own when the
-    handler raises unexpectedly; the viewer got the bare status and only the audit row said
-    why. None: no comment (each retrieve starts so). Set per association: pynetdicom handles
-    its requests one at a time."""
-    _install(assoc)
-    assoc.dimse._pas_refusal[:] = [why, only, None]
+    a 0xCxxx of its own when the handler raises unexpectedly; the viewer got the bare status
+    and only the audit row said why. None: no comment (each retrieve starts so). Set per
+    association: pynetdicom handles its requests one at a time."""
+    _install(assoc).set(why=why, only=only)
 
 
-def _install(assoc: Any) -> None:
-    """Wrap ``assoc``'s ``dimse.send_msg`` once. ``dimse._pas_refusal`` holds what the next
-    final response gets: [why (None: nothing), the only status commented (None: any
-    refusal), (status, offending tag) of a refusal made by :func:`refuse` (else None)]."""
+def fail_every_suboperation(assoc: Any, why: Callable[[], str],
+                            failed: Callable[[], list[str]]) -> None:
+    """Have the 0xA801 (move destination unknown) pynetdicom sends for a C-MOVE whose
+    sub-association did not come up go out as PS3.4 C.4.2.3.1 says: each sub-operation
+    that cannot be performed is failed, and when all are, the final status is Failure or
+    Refused. So: 0xA702 (Refused: Out of resources - unable to perform sub-operations),
+    as DCMTK's Q/R SCP answers a sub-association it could not build, with 0 completed,
+    every instance failed, 0 warning, the Failed SOP Instance UID List (0008,0058) naming
+    them (PS3.4 C.4.2.1.4) and ``why()`` in the Error Comment. The destination is known:
+    0xA801 told the viewer it was not. ``failed()``: the retrieve's SOP Instance UIDs,
+    called once, as the response goes (the caller counts them failed then)."""
+    _install(assoc).set(why=why, only=MOVE_DESTINATION_UNKNOWN, failed=failed)
+
+
+@dataclass
+class _NextFinal:
+    """What the next final response of a retrieve on one association gets."""
+
+    why: Callable[[], str] | None = None  # its Error Comment (None: nothing changed)
+    only: int | None = None  # the only status commented (None: any refusal)
+    made: tuple[int, int | None] | None = None  # (status, offending tag) of refuse()
+    failed: Callable[[], list[str]] | None = None  # fail_every_suboperation's UIDs
+
+    def set(self, why: Callable[[], str] | None, only: int | None = None,
+            made: tuple[int, int | None] | None = None,
+            failed: Callable[[], list[str]] | None = None) -> None:
+        self.why, self.only, self.made, self.failed = why, only, made, failed
+
+
+def _install(assoc: Any) -> _NextFinal:
+    """Wrap ``assoc``'s ``dimse.send_msg`` once; ``dimse._pas_refusal`` holds what the next
+    final response gets (:class:`_NextFinal`)."""
     dimse = assoc.dimse
-    if getattr(dimse, "_pas_refusal", None) is not None:
-        return
+    state = getattr(dimse, "_pas_refusal", None)
+    if state is not None:
+        return state
     original = dimse.send_msg
+    state = _NextFinal()
 
     def send_msg(primitive: Any, context_id: int) -> None:
-        why, only, made = dimse._pas_refusal
-        if why is not None and isinstance(primitive, C_MOVE | C_GET):
-            if made is not None and primitive.Status == SUCCESS:
-                primitive.Status, offending = made
+        if state.why is not None and isinstance(primitive, C_MOVE | C_GET):
+            if state.made is not None and primitive.Status == SUCCESS:
+                primitive.Status, offending = state.made
                 primitive.OffendingElement = [offending] if offending is not None else None
-                primitive.ErrorComment = _error_comment(why())
+                primitive.ErrorComment = _error_comment(state.why())
                 for count in ("Remaining", "Completed", "Failed", "Warning"):
                     setattr(primitive, f"NumberOf{count}Suboperations", None)
-                dimse._pas_refusal[:] = [None, None, None]
-            elif (made is None and primitive.Status not in _NOT_REFUSALS
-                    and not primitive.ErrorComment and only in (None, primitive.Status)):
-                primitive.ErrorComment = _error_comment(why())
-                dimse._pas_refusal[:] = [None, None, None]
+                state.set(None)
+            elif (state.made is None and primitive.Status not in _NOT_REFUSALS
+                    and not primitive.ErrorComment and state.only in (None, primitive.Status)):
+                if state.failed is not None:
+                    _every_one_failed(assoc, primitive, context_id, state.failed())
+                primitive.ErrorComment = _error_comment(state.why())
+                state.set(None)
         original(primitive, context_id)
 
     dimse.send_msg = send_msg
-    dimse._pas_refusal = [None, None, None]
+    dimse._pas_refusal = state
+    return state
+
+
+def _every_one_failed(assoc: Any, primitive: Any, context_id: int, uids: list[str]) -> None:
+    """``primitive`` as the final response of a retrieve none of whose sub-operations could
+    be performed: 0xA702, the counts, the Failed SOP Instance UID List as its identifier
+    (encoded in the transfer syntax of the C-MOVE's presentation context)."""
+    primitive.Status = REFUSED_SUB_OPERATIONS
+    primitive.NumberOfRemainingSuboperations = None
+    primitive.NumberOfCompletedSuboperations = 0
+    primitive.NumberOfFailedSuboperations = len(uids)
+    primitive.NumberOfWarningSuboperations = 0
+    syntax = next(cx.transfer_syntax[0] for cx in assoc.accepted_contexts
+                  if cx.context_id == context_id)
+    identifier = Dataset()
+    identifier.FailedSOPInstanceUIDList = uids
+    encoded = encode(identifier, syntax.is_implicit_VR, syntax.is_little_endian,
+                     syntax.is_deflated)
+    primitive.Identifier = BytesIO(encoded) if encoded is not None else None
 
 
 def _error_comment(text: str) -> str:

@@ -7,7 +7,9 @@ one that cannot be served before any sub-operation (the status PS3.4 gives the p
 reporting the instances whose file is lost here and that the region did not give back as failed
 sub-operations of a retrieve that serves the rest (0xB000, the Failed SOP Instance UID List;
 every instance lost so: refused), opening a C-MOVE's sub-association to a configured
-destination (its contexts, TLS, and why it did not come up are ``qr_associations.py``'s),
+destination (its contexts, TLS, and why it did not come up are ``qr_associations.py``'s) and,
+when it does not come up, counting every sub-operation failed (0xA702, not pynetdicom's
+0xA801 "move destination unknown": PS3.4 C.4.2.3.1),
 choosing per instance whether to send the stored bytes as they are (the viewer accepted the
 stored transfer syntax) or a copy in explicit/implicit little endian (never fail because a
 viewer lacks JPEG-LS), and the outcome each retrieve's audit row says. Split from ``qr.py``,
@@ -16,8 +18,9 @@ given here). May not touch: SQL, spool writes (the copy is ``appliance.store.tra
 file), the audit table but through ``audit``.
 
 How the sub-operations are sent and counted is ``suboperations.py``'s; how often Pending
-responses go, the Error Comment of a refusal pynetdicom sends itself and the status of one PAS
-makes (:class:`RetrieveRefused`) are ``qr_responses.py``'s.
+responses go, the Error Comment of a refusal pynetdicom sends itself, the status of one PAS
+makes (:class:`RetrieveRefused`) and the final response of a C-MOVE whose sub-association did
+not come up are ``qr_responses.py``'s.
 """
 
 from __future__ import annotations
@@ -37,12 +40,11 @@ from appliance.ops.metrics import count_retrieve
 from appliance.ops.security import OutgoingDicomTls
 from appliance.serving.qr_associations import (
     UNCOMPRESSED,
+    SubAssociationWatch,
     accepted_contexts,
     contexts_for,
     peer,
     reactor_takes_no_messages,
-    refusal_handlers,
-    why_not_up,
 )
 from appliance.serving.qr_identifiers import identifier_keys, level_problem, request_summary
 from appliance.serving.qr_responses import (
@@ -53,6 +55,7 @@ from appliance.serving.qr_responses import (
     UNABLE_TO_PROCESS,
     RetrieveRefused,
     explain_refusal,
+    fail_every_suboperation,
     refuse,
     throttle_pending,
 )
@@ -340,19 +343,39 @@ class RetrieveHandlers:
         contexts = contexts_for(plan.pairs)
         throttle_pending(event.assoc, self.settings.retrieve_pending_interval_s)
         what = f"C-MOVE to {destination.title}"
-        refused: list[str] = []
-        opened: list[Any] = []  # the sub-association, once its connection is open
-        # pynetdicom answers 0xA801 when the sub-association does not come up: say why.
-        explain_refusal(event.assoc, lambda: f"{destination.title}: "
-                                              f"{why_not_up(refused, opened)}",
-                         only=MOVE_DESTINATION_UNKNOWN)
+        watch = SubAssociationWatch()
+
+        def every_one_failed() -> list[str]:
+            """The sub-association did not come up (the destination took none of the SOP
+            classes, rejected it, or was not reached): every sub-operation failed, counted
+            so for the audit row (a lost one as lost), and the SOP Instance UIDs the final
+            response names."""
+            reason = watch.failure(destination.host, destination.port)
+            failed: list[str] = []
+            for start in range(0, len(rows), _UID_PAGE):
+                page = rows[start:start + _UID_PAGE]
+                uids = store_retrieve.instance_uids(self.db, page)
+                for instance_id in page:
+                    if lost is not None and instance_id in lost.uids:
+                        tally.record_lost(lost.reason)
+                        failed.append(lost.uids[instance_id])
+                        continue
+                    tally.record_failure(reason)
+                    if instance_id in uids:  # else purged since: failed, not named
+                        failed.append(uids[instance_id])
+            tally.finished = True
+            return failed
+
+        # pynetdicom answers 0xA801 (move destination unknown) when the sub-association
+        # does not come up: it goes out as every sub-operation failed, saying why.
+        fail_every_suboperation(event.assoc, lambda: watch.comment(destination.title),
+                                every_one_failed)
         try:
             use_tls = destination.uses_tls(self.listener_tls)
             yield destination.host, destination.port, {
                 "ae_title": destination.title, "contexts": contexts,
                 "tls_args": self.outgoing_tls.tls_args(use_tls) if self.outgoing_tls else None,
-                "evt_handlers": [(evt.EVT_ESTABLISHED, on_established),
-                                 *refusal_handlers(refused, opened)],
+                "evt_handlers": [(evt.EVT_ESTABLISHED, on_established), *watch.handlers()],
             }
             yield len(rows)
             if not established.wait(10):
@@ -360,13 +383,13 @@ class RetrieveHandlers:
             accepted = accepted_contexts(store_assoc[0])
             yield from self._sub_operations(event, rows, accepted, tally, lost)
         finally:
-            # Also when pynetdicom drops this generator (destination unreachable: it answers
-            # 0xA801 itself; association lost): every retrieve leaves an audit row.
-            why = why_not_up(refused, opened)
+            # Also when pynetdicom drops this generator (the sub-association did not come
+            # up: every sub-operation failed, above; association lost): every retrieve
+            # leaves an audit row.
             outcome = _retrieve_outcome(
                 tally, rows, stored_by=destination.title,
                 unfinished=f"failure: {what} at {destination.host}:{destination.port} did "
-                           f"not complete ({why})")
+                           f"not complete ({watch.why()})")
             self.audit("retrieve", calling, address, summary, outcome,
                        detail=tally.detail(what))
             _log_failed_retrieve(calling, outcome, tally, what)
