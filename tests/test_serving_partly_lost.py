@@ -162,6 +162,11 @@ def test_a_partly_lost_study_is_served_without_its_lost_instances(tmp_path: Path
                                  "AND resolved_at IS NULL")) == 3
         # What the dashboard and PasApplianceFilesMissing read: no metric said it before.
         assert _metric(pas, "pas_spool_files_missing") == 3.0
+        # And the status page's cache card (it showed the counts alone).
+        page = httpx.get(f"http://127.0.0.1:{pas.http_port}/", timeout=10)
+        assert page.status_code == 200
+        assert '<span class="state warn" id="files-missing">3 files missing</span>' in \
+            page.text, page.text[:3000]
         log_before = len(pas.log())
 
         # getscu, study level: the 37 on site, bit-exact (was: refused 0xC000, none).
