@@ -41,7 +41,7 @@ def referenced_metric_names() -> set[str]:
 def test_alert_rules_pass_promtool_check() -> None:
     result = promtool("check", "rules", "alerts.yml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 22 rules found" in result.stdout
+    assert "SUCCESS: 23 rules found" in result.stdout
 
 
 def test_alert_rules_unit_tests_pass() -> None:
@@ -76,6 +76,7 @@ def test_alerts_cover_what_the_issue_names() -> None:
     files_missing = {str(rule["alert"]): rule for rule in alert_rules()}[
         "PasApplianceFilesMissing"]
     assert exprs["PasApplianceFilesMissing"] == "pas_spool_files_missing > 0"
+    assert exprs["PasSiteFilesMissing"] == "pas_fleet_site_files_missing > 0"  # the hub's
     says = str(files_missing["annotations"]["description"])  # type: ignore[index]
     assert "pas cache status" in says and "pas verify --repair" in says and \
         "region" in says  # what to run, and where the files come back from
@@ -100,8 +101,9 @@ def test_dashboard_shows_missing_files_and_the_hubs_reservations() -> None:
     panels = {str(panel["title"]): [str(t["expr"]) for t in panel["targets"]]
               for panel in dashboard["panels"]}
     assert len({panel["id"] for panel in dashboard["panels"]}) == len(dashboard["panels"])
-    missing = [exprs for title, exprs in panels.items() if "files missing" in title]
-    assert missing == [["pas_spool_files_missing"]], panels
+    missing = [exprs for title, exprs in panels.items() if "files missing" in title.lower()]
+    assert sorted(missing) == [['pas_fleet_site_files_missing{site=~"$site"}'],
+                               ["pas_spool_files_missing"]], panels
     busy = [exprs for exprs in panels.values()
             if any("pas_hub_bucket_puts_refused_busy_total" in e for e in exprs)]
     assert busy and any("pas_hub_bucket_reservations_refused_busy_total" in e
