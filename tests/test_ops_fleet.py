@@ -8,6 +8,7 @@ import copy
 import json
 import os
 import shutil
+import sqlite3
 import tempfile
 import time
 from collections.abc import Iterator
@@ -514,6 +515,46 @@ def test_site_page_stays_bounded_with_a_day_of_one_second_heartbeats(
     assert all(len(chart[:chart.index('"')].split()) <= 1441 for chart in charts)
     shown = int(page.text.split(" heartbeats in 24 h")[0].rsplit("· ", 1)[1].replace(",", ""))
     assert 1440 <= shown <= 1441 * fleet_store.SLOT_ROWS, shown
+
+
+def test_files_missing_at_a_site_reach_the_fleet(uploaded: dict[str, Any]) -> None:
+    """A file of SITE-A's spool removed (a lost disk, a file deleted by hand) and flagged by
+    pas verify: its heartbeats say how many, and the hub exports it per site
+    (pas_fleet_site_files_missing, PasSiteFilesMissing). Regional ops, who scrape only the
+    hub, had nothing saying why the site's retrieves were served partly. Put back and
+    verified again, the site is clean again (the tests after this one need it so)."""
+    pas: PasProcess = uploaded["pas"]
+    viewer: httpx.Client = uploaded["viewer"]
+    url = f"http://127.0.0.1:{pas.http_port}/metrics"
+
+    def fleet_says() -> float | None:
+        return metric(viewer.get("/metrics").text, "pas_fleet_site_files_missing",
+                      site="SITE-A")
+
+    assert fleet_says() == 0
+    conn = sqlite3.connect(pas.home / "pas.sqlite")
+    [(relative,)] = conn.execute("SELECT path FROM instances ORDER BY id LIMIT 1").fetchall()
+    conn.close()
+    spool_file = pas.home / "spool" / relative
+    kept = uploaded["root"] / "kept.dcm"
+    spool_file.rename(kept)
+    try:
+        flagged = pas.cli("verify", check=False)
+        assert flagged.returncode == 1, flagged.stdout + flagged.stderr
+        assert metric(httpx.get(url, timeout=10).text, "pas_spool_files_missing") == 1
+        wait_for(lambda: fleet_says() == 1, 30, interval=0.2,
+                 what="SITE-A's heartbeat saying 1 file missing")
+        page = viewer.get("/fleet").text
+        row = page[page.index('<tr data-site="SITE-A">'):]
+        assert "1 file missing from the spool" in row[:row.index("</tr>")]
+        problems = viewer.get("/fleet", params={"state": "problems"}).text
+        assert 'data-site="SITE-A"' in problems
+    finally:
+        kept.rename(spool_file)
+    clean = pas.cli("verify", check=False)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    wait_for(lambda: fleet_says() == 0, 30, interval=0.2,
+             what="SITE-A's heartbeat with no file missing")
 
 
 def test_a_revoked_site_leaves_the_fleet_alerts(fleet: dict[str, Any]) -> None:

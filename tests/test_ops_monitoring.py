@@ -41,7 +41,7 @@ def referenced_metric_names() -> set[str]:
 def test_alert_rules_pass_promtool_check() -> None:
     result = promtool("check", "rules", "alerts.yml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 21 rules found" in result.stdout
+    assert "SUCCESS: 23 rules found" in result.stdout
 
 
 def test_alert_rules_unit_tests_pass() -> None:
@@ -72,6 +72,14 @@ def test_alerts_cover_what_the_issue_names() -> None:
     hub_busy = {str(rule["alert"]): rule for rule in alert_rules()}["PasHubBusy"]
     assert "sum without (site) (rate(pas_hub_bucket_puts_refused_busy_total[5m])) > 0" in \
         exprs["PasHubBusy"] and hub_busy["for"] == "15m"
+    # Files flagged missing (a lost disk under a restored index): no metric said it.
+    files_missing = {str(rule["alert"]): rule for rule in alert_rules()}[
+        "PasApplianceFilesMissing"]
+    assert exprs["PasApplianceFilesMissing"] == "pas_spool_files_missing > 0"
+    assert exprs["PasSiteFilesMissing"] == "pas_fleet_site_files_missing > 0"  # the hub's
+    says = str(files_missing["annotations"]["description"])  # type: ignore[index]
+    assert "pas cache status" in says and "pas verify --repair" in says and \
+        "region" in says  # what to run, and where the files come back from
     turning_away = exprs["PasApplianceDicomTurningAway"]  # capacity refusals, not security
     assert "too-many-associations|too-many-connections" in turning_away
     assert "unknown-ae" not in turning_away
@@ -84,6 +92,28 @@ def test_grafana_expressions_parse(tmp_path: Path) -> None:
     (tmp_path / "grafana_rules.yml").write_text(yaml.safe_dump(rules))
     result = promtool("check", "rules", "grafana_rules.yml", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dashboard_shows_missing_files_and_the_hubs_reservations() -> None:
+    """The files flagged missing on the appliance, and the hub's bucket reservations next to
+    its busy refusals: exported, alerted on or documented, and on no panel."""
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    panels = {str(panel["title"]): [str(t["expr"]) for t in panel["targets"]]
+              for panel in dashboard["panels"]}
+    assert len({panel["id"] for panel in dashboard["panels"]}) == len(dashboard["panels"])
+    missing = [exprs for title, exprs in panels.items() if "files missing" in title.lower()]
+    assert sorted(missing) == [['pas_fleet_site_files_missing{site=~"$site"}'],
+                               ["pas_spool_files_missing"]], panels
+    busy = [exprs for exprs in panels.values()
+            if any("pas_hub_bucket_puts_refused_busy_total" in e for e in exprs)]
+    assert busy and any("pas_hub_bucket_reservations_refused_busy_total" in e
+                        for e in busy[0]), busy
+    held = {e for exprs in panels.values() for e in exprs}
+    assert {"pas_hub_bucket_reservations_held", "pas_hub_bucket_reservations_held_bytes",
+            "pas_hub_bucket_bodies_held_bytes", "pas_hub_bucket_bodies_budget_bytes"} <= held
+    # Side by side: no two panels on the same place of the grid.
+    places = [(p["gridPos"]["x"], p["gridPos"]["y"]) for p in dashboard["panels"]]
+    assert len(set(places)) == len(places), places
 
 
 def test_a_bad_expression_is_caught(tmp_path: Path) -> None:

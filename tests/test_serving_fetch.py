@@ -159,7 +159,8 @@ def test_move_of_a_regional_study_fetches_then_serves(setup: Setup, tmp_path: Pa
         setup.pas.log(), setup.pas.log()[-2000:]
     # The miss and the bytes it brought down are visible to operations.
     metrics = httpx.get(f"http://127.0.0.1:{setup.pas.http_port}/metrics", timeout=10).text
-    misses = re.search(r'^pas_retrieve_requests_total\{result="miss"\} (\S+)', metrics, re.M)
+    misses = re.search(r'^pas_retrieve_requests_total\{channel="dicom",result="miss"\} (\S+)',
+                       metrics, re.M)
     down = re.search(r'^pas_wan_bytes_total\{direction="down"\} (\S+)', metrics, re.M)
     assert misses and float(misses.group(1)) >= 1, metrics[-2000:]
     originals = sum(len(setup.region.instance_file(i["ID"])) for i in region_ids)
@@ -206,17 +207,42 @@ def test_move_of_an_unknown_study_fails_cleanly(setup: Setup) -> None:
     assert setup.scp.files() == []
 
 
+def _wado_retrieves(setup: Setup) -> dict[str, float]:
+    """pas_retrieve_requests_total{channel="wado-rs"} by result."""
+    text = httpx.get(f"http://127.0.0.1:{setup.pas.http_port}/metrics", timeout=10).text
+    return {result: float(value) for result, value in re.findall(
+        r'^pas_retrieve_requests_total\{channel="wado-rs",result="(\w+)"\} (\S+)$', text,
+        re.M)}
+
+
 def test_wado_rs_of_a_regional_study_fetches_then_serves(setup: Setup) -> None:
     study = _studies(REGIONAL_PATIENT)[1]  # not fetched by any earlier test
-    response = httpx.get(f"http://127.0.0.1:{setup.pas.http_port}/dicom-web/studies/{study}",
-                         headers={"Accept": 'multipart/related; type="application/dicom"; '
-                                            "transfer-syntax=*"}, timeout=120)
+    web = f"http://127.0.0.1:{setup.pas.http_port}/dicom-web/studies/{study}"
+    accept = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
+    before = _wado_retrieves(setup)
+    response = httpx.get(web, headers=accept, timeout=120)
     assert response.status_code == 200
     assert response.content.count(b"Content-Type: application/dicom;") == 3
     conn = sqlite3.connect(setup.pas.home / "pas.sqlite")
     origin = conn.execute("SELECT origin FROM studies WHERE study_uid = ?", (study,)).fetchone()
+    series, sop = conn.execute(
+        "SELECT se.series_uid, i.sop_instance_uid FROM instances i JOIN series se "
+        "ON se.id = i.series_fk JOIN studies s ON s.id = i.study_fk WHERE s.study_uid = ? "
+        "LIMIT 1", (study,)).fetchone()
     conn.close()
     assert origin == ("regional",)
+    # Fetched from the region: a miss. WADO-RS retrieves were counted nowhere (only C-MOVE
+    # and C-GET were): a web viewer's site showed no retrieves at all.
+    assert _wado_retrieves(setup) == {"hit": before["hit"], "miss": before["miss"] + 1}
+    # Now on site: the study, one series and one instance served from the cache, three hits.
+    parts = {}
+    for path in (web, f"{web}/series/{series}", f"{web}/series/{series}/instances/{sop}"):
+        again = httpx.get(path, headers=accept, timeout=60)
+        assert again.status_code == 200, again.text[:300]
+        parts[path] = again.content.count(b"Content-Type: application/dicom;")
+    assert list(parts.values())[0] == 3 and 1 <= list(parts.values())[1] <= 3 and \
+        list(parts.values())[2] == 1, parts
+    assert _wado_retrieves(setup) == {"hit": before["hit"] + 3, "miss": before["miss"] + 1}
 
 
 def test_move_of_a_study_partly_on_site_fetches_only_the_rest(setup: Setup,

@@ -108,6 +108,21 @@ def _retrieve(port: int, kind: str, identifier: Dataset,
     return final, {str(v) for v in ([value] if isinstance(value, str) else value)}, received
 
 
+def _metric(pas: PasProcess, name: str) -> float | None:
+    """The value of an unlabelled sample of the daemon's /metrics (None: not exported)."""
+    text = httpx.get(f"http://127.0.0.1:{pas.http_port}/metrics", timeout=10).text
+    found = re.search(rf"^{name} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else None
+
+
+def _retrieves(pas: PasProcess) -> dict[tuple[str, str], float]:
+    """pas_retrieve_requests_total by (channel, result)."""
+    text = httpx.get(f"http://127.0.0.1:{pas.http_port}/metrics", timeout=10).text
+    return {(channel, result): float(value) for channel, result, value in re.findall(
+        r'^pas_retrieve_requests_total\{channel="([\w-]+)",result="(\w+)"\} (\S+)$',
+        text, re.M)}
+
+
 def _counts(final: Dataset) -> tuple[int, int, int, int]:
     return (int(final.Status), int(final.NumberOfCompletedSuboperations),
             int(final.NumberOfFailedSuboperations), int(final.NumberOfWarningSuboperations))
@@ -145,6 +160,13 @@ def test_a_partly_lost_study_is_served_without_its_lost_instances(tmp_path: Path
         pas.start()  # start-up recovery flags the three missing
         assert len(read_rows(db, "SELECT id FROM integrity_issues WHERE kind = 'missing' "
                                  "AND resolved_at IS NULL")) == 3
+        # What the dashboard and PasApplianceFilesMissing read: no metric said it before.
+        assert _metric(pas, "pas_spool_files_missing") == 3.0
+        # And the status page's cache card (it showed the counts alone).
+        page = httpx.get(f"http://127.0.0.1:{pas.http_port}/", timeout=10)
+        assert page.status_code == 200
+        assert '<span class="state warn" id="files-missing">3 files missing</span>' in \
+            page.text, page.text[:3000]
         log_before = len(pas.log())
 
         # getscu, study level: the 37 on site, bit-exact (was: refused 0xC000, none).
@@ -209,10 +231,8 @@ def test_a_partly_lost_study_is_served_without_its_lost_instances(tmp_path: Path
         assert failed == set(some[:1])
         # Each of the four needed the region and did not get it: a cache miss, not a hit
         # (the hit ratio said 1.0 while every retrieve of the study went without 3 images).
-        metrics = httpx.get(f"http://127.0.0.1:{pas.http_port}/metrics", timeout=10).text
-        retrieves = dict(re.findall(r'^pas_retrieve_requests_total\{result="(\w+)"\} (\S+)',
-                                    metrics, re.M))
-        assert retrieves == {"miss": "4.0"}, retrieves
+        assert _retrieves(pas) == {("dicom", "hit"): 0.0, ("dicom", "miss"): 4.0,
+                                   ("wado-rs", "hit"): 0.0, ("wado-rs", "miss"): 0.0}
 
         # WADO-RS, study and series: 206, the 37 parts, a Warning naming the three (and the
         # study's metadata: the 37 items).
@@ -230,6 +250,10 @@ def test_a_partly_lost_study_is_served_without_its_lost_instances(tmp_path: Path
                                       f"study {study} asked for lost their file"), warning
             assert set(re.findall(r"[0-9.]{20,}", warning.split("Not returned: ")[1])) == \
                 lost_uids
+        # Both WADO-RS retrieves were served partly: misses, counted as the C-MOVE/C-GET
+        # ones are (they were not counted at all).
+        assert _retrieves(pas) == {("dicom", "hit"): 0.0, ("dicom", "miss"): 4.0,
+                                   ("wado-rs", "hit"): 0.0, ("wado-rs", "miss"): 2.0}
         metadata = httpx.get(f"{web}/metadata", headers={"Accept": "application/dicom+json"},
                              timeout=60)
         assert metadata.status_code == 206 and "warning" in metadata.headers
@@ -265,3 +289,6 @@ def test_a_partly_lost_study_is_served_without_its_lost_instances(tmp_path: Path
             f"failure: 3 instances of 40 not sent: 3 instances of study {study} asked for lost "
             "their file") for r in rows), rows
 
+        # The metadata (not a retrieve of instances) and the refusal above (nothing served,
+        # as a C-MOVE/C-GET of lost instances only is refused uncounted): no more counted.
+        assert _retrieves(pas)[("wado-rs", "miss")] == 2.0

@@ -48,6 +48,7 @@ from starlette.routing import BaseRoute, Route
 from appliance.hub.bucket_bodies import families as bucket_body_families
 from appliance.hub.fleet_gate import HISTORY_EVERY_S, HeartbeatGate
 from appliance.ops.backup import STALE_AFTER_S as BACKUP_STALE_AFTER_S
+from appliance.ops.files_missing import count_said as files_missing_said
 from appliance.ops.index_check import says_index_trouble
 from appliance.store import fleet as store
 from appliance.store.hub import hub_backup_record, revoked_sites
@@ -428,6 +429,11 @@ class FleetCollector(Collector):
                 "heartbeat); absent for appliances too old to report it", labels=["site"]),
             # The site keeps sending heartbeats (not silent), with the last figures it read:
             # only this says its index is damaged or unreadable (ops/index_check.py).
+            # Indexed files missing from the site's spool (its heartbeat's error line,
+            # ops/files_missing.py): its retrieves of those studies are served partly.
+            "missing": GaugeMetricFamily("pas_fleet_site_files_missing",
+                                         "Files the site's last heartbeat says are flagged "
+                                         "missing from its spool (0: none)", labels=["site"]),
             "index": GaugeMetricFamily("pas_fleet_site_index_damaged",
                                        "1 when the site's last heartbeat says its index "
                                        "database is damaged or could not be read",
@@ -459,6 +465,8 @@ class FleetCollector(Collector):
                 families["backup"].add_metric(site, r["backup_age_s"])
             families["index"].add_metric(
                 site, int(any(says_index_trouble(e) for e in r["errors"] or [])))
+            families["missing"].add_metric(
+                site, max((files_missing_said(e) for e in r["errors"] or []), default=0))
         yield GaugeMetricFamily("pas_fleet_sites", "Sites that ever sent a heartbeat, "
                                 "revoked ones left out", value=len(rows))
         yield from families.values()

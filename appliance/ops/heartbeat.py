@@ -42,7 +42,7 @@ import httpx
 from appliance import __version__
 from appliance.config import Settings
 from appliance.logs import LoopFailures
-from appliance.ops import index_check, metrics
+from appliance.ops import files_missing, index_check, metrics
 from appliance.ops.status import collect
 from appliance.store import commitment as commitment_store
 from appliance.store import jobs as job_store
@@ -114,6 +114,11 @@ def _from_store(settings: Settings, db: Database, errors: list[str]) -> dict[str
     found there added to ``errors``."""
     snapshot = collect(settings, db)
     backlog = snapshot["backlog"]
+    # Before the failed jobs (the errors are capped): files lost here are the one problem
+    # no job, alert or refusal of the hub shows regional ops (hub: pas_fleet_site_files_missing).
+    missing = snapshot["cache"]["integrity_issues"].get("missing", 0)
+    if missing:
+        errors.append(files_missing.heartbeat_error(missing))
     by_priority = ops_store.backlog_by_priority(db)
     urgent = [row["oldest_age_s"] for row in by_priority if row["priority"] == 0]
     routine = [row["oldest_age_s"] for row in by_priority if row["priority"] == 2]

@@ -196,6 +196,22 @@ def _disk_card(disk: dict[str, Any], alert: str | None) -> str:
             f'<br><span id="disk-alert">{_esc(alert)}</span></div>')
 
 
+def _cache_card(snapshot: dict[str, Any]) -> str:
+    """The cache's figures, and its files flagged missing in warning style (a lost disk
+    under a restored index, files removed by hand): their studies are served partly when
+    the region cannot give them back, and the page said nothing of it."""
+    card = (f'<div class="card" id="cache">Cache<b>'
+            f'{counted(snapshot["studies"], "study", "studies")}</b>'
+            f"{counted(snapshot['instances'], 'instance')} · "
+            f"{snapshot['confirmed_instances']} confirmed")
+    missing = snapshot["cache"]["integrity_issues"].get("missing", 0)
+    if missing:
+        card += (f'<br><span class="state warn" id="files-missing">'
+                 f"{counted(missing, 'file')} missing</span> (pas cache status; pas verify "
+                 "--repair fetches them from the region)")
+    return card + "</div>"
+
+
 def _unreadable_row(columns: int, error: str) -> str:
     return (f"<tr class=unreadable><td colspan={columns}>cannot be read from the index: "
             f"{_esc(error)}</td></tr>")
@@ -270,9 +286,7 @@ def render_page(daemon: Daemon, form_token: FormToken | None = None) -> str:
         f'{reports["pending"]} pending</b>oldest {_age(reports["oldest_age_s"])} · '
         f'given up {reports["given_up_24h"]} (24 h)</div>',
         _disk_card(disk, snapshot["cache"]["disk_alert"]),
-        f'<div class="card" id="cache">Cache<b>{counted(snapshot["studies"], "study", "studies")}'
-        f"</b>{counted(snapshot['instances'], 'instance')} · "
-        f"{snapshot['confirmed_instances']} confirmed</div>",
+        _cache_card(snapshot),
         _backup_card(snapshot["backup"]),
         "</div>",
         *_links_section(snapshot.get("links") or {}),

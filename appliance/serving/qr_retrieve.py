@@ -203,12 +203,13 @@ class RetrieveHandlers:
                 f"{len(plan.instance_ids)} instances match, more than the "
                 f"{MAX_SUB_OPERATIONS} sub-operations a C-MOVE/C-GET response can count "
                 "(US); retrieve the series one by one")
-        # pas_retrieve_requests_total{result=hit|miss}: served from the cache alone, or not.
+        # pas_retrieve_requests_total{channel="dicom",result=hit|miss}: served from the cache
+        # alone, or not (WADO-RS counts its own, channel="wado-rs": wado_rs.py).
         # One that needed the region and did not get it (a fetch that failed, instances lost
         # here: served without them, 0xB000) is a miss: counted a hit, a site whose lost
         # disk left every study partly served showed a hit ratio of 1.0.
         count_retrieve(hit=bool(plan.instance_ids) and not fetched and not failures
-                       and lost is None)
+                       and lost is None, channel="dicom")
         try:
             store_retrieve.touch_studies(self.db, plan.study_uids, time.time())
         except BaseException:

@@ -35,6 +35,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from appliance.locks import READERS
+from appliance.ops.metrics import count_retrieve
 from appliance.serving.dicomweb_http import (
     CHUNK,
     ClosingStream,
@@ -257,9 +258,12 @@ class WadoRs:
             tally.release()
             raise
 
-    def _plan(self, path: dict[str, str], tally: Tally) -> Found:
+    def _plan(self, path: dict[str, str], tally: Tally, counted_as: str | None = None) -> Found:
         """The instances ``path`` names, their studies registered on ``tally`` as being read
-        (here, in the thread: a request cancelled while this runs still releases them)."""
+        (here, in the thread: a request cancelled while this runs still releases them).
+        ``counted_as`` (a study, series or instance retrieve: "wado-rs") counts it in
+        ``pas_retrieve_requests_total`` as C-MOVE/C-GET are: a hit when the cache alone
+        served all of it."""
         _one_uid_each(path)  # before the region is asked for a study "A\\B"
         keys = {"StudyInstanceUID": path["study"]}
         level = "STUDY"
@@ -268,6 +272,7 @@ class WadoRs:
         if "instance" in path:
             keys["SOPInstanceUID"], level = path["instance"], "IMAGE"
         failed: Exception | None = None
+        fetched = 0
         # Held from before a fetch-through: its instances are confirmed as they are filed,
         # and eviction could take the study half fetched before the plan registers it.
         client = tally.request.client
@@ -279,7 +284,7 @@ class WadoRs:
                     self.db, path["study"]) == 0 or cache_store.files_still_missing(
                     self.db, self.spool, path["study"])):
                 try:
-                    self.web.fetcher(path["study"])
+                    fetched = self.web.fetcher(path["study"])
                 except Exception as exc:  # logged once the plan says what is lost
                     failed = exc
             try:
@@ -309,6 +314,13 @@ class WadoRs:
             log.warning("%s: serving the %s on site, 206 Partial Content: %s", who,
                         counted(len(plan.instance_ids), "instance"), left_out.reason,
                         extra={"STUDY_UID": path["study"]})
+        if counted_as is not None:
+            # As qr_retrieve.py counts a C-MOVE/C-GET: one that needed the region (fetched
+            # from it, or asked and not answered, or served without instances lost here:
+            # 206) is a miss. Not counted before: WADO-RS viewers were missing from the
+            # hit ratio, whatever the region served them.
+            count_retrieve(hit=bool(plan.instance_ids) and not fetched and failed is None
+                           and left_out is None, channel=counted_as)
         # The first instance still held (one removed since the plan is left out).
         first = next(store_retrieve.instance_pages(self.db, plan.instance_ids, page_size=1),
                      [None])[0]
@@ -322,8 +334,10 @@ class WadoRs:
         store_retrieve.touch_studies(self.db, [path["study"]], time.time())
         return Found(self.db, plan, first, left_out)
 
-    async def _found(self, request: Request, tally: Tally) -> Found:
-        found: Found = await run_in_threadpool(self._plan, dict(request.path_params), tally)
+    async def _found(self, request: Request, tally: Tally,
+                     counted_as: str | None = None) -> Found:
+        found: Found = await run_in_threadpool(self._plan, dict(request.path_params), tally,
+                                               counted_as)
         tally.total = len(found.plan.instance_ids)
         tally.left_out = found.left_out
         return found
@@ -335,7 +349,7 @@ class WadoRs:
 
     async def _retrieve(self, request: Request, tally: Tally) -> Response:
         wanted = accepted_syntaxes(request.headers.get("accept", ""))
-        found = await self._found(request, tally)
+        found = await self._found(request, tally, counted_as="wado-rs")
         # Decided for every part before the first byte: a 406 cannot follow a 200. The
         # first instance's syntax first (the 406 names it), then every other stored one.
         stored = found.first["transfer_syntax_uid"]
