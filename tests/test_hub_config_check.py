@@ -118,6 +118,15 @@ def test_each_refusal_is_named_by_its_key_and_exits_2(initialised: Path,
                            PAS_HUB_ARCHIVE__URL="http://198.18.0.2:8042/dicom-web")
     assert (status, lines) == (2, [f"config error {CLEARTEXT_REFUSED}"])
 
+    # A refused value of the file that a variable replaces now: pas hub run refuses the
+    # file the day the variable goes (as pas config check says for the appliance).
+    bad.write_text('[archive]\nkind = "dicomweb"\nurl = "http://198.18.0.2:8042/dicom-web"\n')
+    status, lines = _check(home, str(bad),
+                           PAS_HUB_ARCHIVE__URL="https://pacs.region.example/dicom-web")
+    assert (status, lines) == (2, [
+        f"config error in {bad} (a PAS_HUB_* variable replaces it now; without it pas hub run "
+        f"refuses the file): {CLEARTEXT_REFUSED}"])
+
     # archive.ca_file: missing, or a file that is no PEM bundle (pas hub run's words).
     garbage = tmp_path / "region-ca.pem"
     garbage.write_text("not a certificate\n")

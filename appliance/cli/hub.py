@@ -69,8 +69,16 @@ def hub_config_check(path: Path | None = typer.Argument(
     bundle, the home (a hub's PKI, readable and writable by this user), its databases'
     schemas (none newer than this version's) and soundness."""
     from appliance.hub.check import check_hub
+    from appliance.hub.config import hub_config_path, hub_problems_the_environment_hides
 
     settings = _hub_settings(path)
+    checked = hub_config_path(path)
+    hidden = hub_problems_the_environment_hides(checked) if checked is not None else []
+    for problem in hidden:
+        err.print(f"[red]config error[/red] in {checked} (a PAS_HUB_* variable replaces it "
+                  f"now; without it pas hub run refuses the file): {problem}", highlight=False)
+    if hidden:
+        raise typer.Exit(2)
     found = check_hub(settings)
     for problem in found.problems:
         err.print(f"[red]config error[/red] {problem}", highlight=False)
