@@ -180,3 +180,11 @@ def test_a_database_newer_than_this_version_is_refused_and_left_as_it_is(
         "PAS wrote it; pas hub run refuses it (install that version or a later one)"], lines
     assert _tree(home) == before
     assert not any(p.name.endswith(("-wal", "-shm")) for p in home.rglob("*"))
+
+    # With a setting refused as well, one run still names every problem.
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[http]\nport = 70000\n")
+    status, both = _check(home, str(bad))
+    assert (status, both) == (2, ["config error http.port: must be 1-65535, got 70000",
+                                  *lines]), both
+    assert _tree(home) == before

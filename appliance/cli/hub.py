@@ -68,10 +68,21 @@ def hub_config_check(path: Path | None = typer.Argument(
     beyond loopback without archive.allow_cleartext...), archive.ca_file read as a PEM
     bundle, the home (a hub's PKI, readable and writable by this user), its databases'
     schemas (none newer than this version's) and soundness."""
-    from appliance.hub.check import check_hub
-    from appliance.hub.config import hub_config_path, hub_problems_the_environment_hides
+    from appliance.config import ConfigError
+    from appliance.hub.check import check_home_only, check_hub
+    from appliance.hub.config import (
+        hub_config_path,
+        hub_problems_the_environment_hides,
+        load_hub_settings,
+    )
 
-    settings = _hub_settings(path)
+    try:
+        settings = load_hub_settings(path)
+    except ConfigError as exc:  # every problem in one run: the home's too
+        problems = exc.problems + check_home_only(path).problems
+        for problem in problems:
+            err.print(f"[red]config error[/red] {problem}", highlight=False)
+        raise typer.Exit(2) from None
     checked = hub_config_path(path)
     hidden = hub_problems_the_environment_hides(checked) if checked is not None else []
     for problem in hidden:

@@ -14,9 +14,12 @@ the upgraded ``pas hub run`` failed to start; the appliance has had ``pas config
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from appliance.hub.config import HubSettings
 
@@ -37,6 +40,37 @@ def check_hub(settings: HubSettings) -> HubCheck:
     settings' own validation already refused (those never get here: ConfigError)."""
     found = HubCheck()
     _check_ca_file(settings, found)
+    if _check_home(settings, found):
+        _check_databases(settings, found)
+    return found
+
+
+def check_home_only(path: Path | None, environ: dict[str, str] | None = None) -> HubCheck:
+    """The home's checks when the settings themselves were refused (ConfigError), so that
+    one run names every problem, as with valid settings: the home and the archive's kind
+    taken as load_hub_settings would take them (``PAS_HUB_HOME``, else the file's ``home``;
+    ``PAS_HUB_ARCHIVE__KIND``, else the file's), whatever else is wrong in the file."""
+    from appliance.config import ConfigError, read_toml
+    from appliance.hub.config import (
+        DEFAULT_HOME,
+        ArchiveSection,
+        hub_config_path,
+        hub_home,
+    )
+
+    environ = dict(os.environ) if environ is None else environ
+    data: dict[str, Any] = {}
+    config = hub_config_path(path, environ)
+    if config is not None:
+        with contextlib.suppress(ConfigError, OSError):
+            data = read_toml(config)
+    archive = data.get("archive") if isinstance(data.get("archive"), dict) else {}
+    home = (str(hub_home(environ)) if "PAS_HUB_HOME" in environ
+            else data.get("home") if isinstance(data.get("home"), str) else DEFAULT_HOME)
+    kind = environ.get("PAS_HUB_ARCHIVE__KIND", archive.get("kind"))
+    settings = HubSettings.model_construct(home=Path(home), archive=ArchiveSection.model_construct(
+        kind=kind if kind in ("embedded", "dicomweb") else "embedded"))
+    found = HubCheck()
     if _check_home(settings, found):
         _check_databases(settings, found)
     return found
