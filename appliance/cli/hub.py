@@ -52,6 +52,57 @@ def _hub_settings(path: Path | None):  # type: ignore[no-untyped-def]
     return settings_or_exit(lambda: load_hub_settings(path))
 
 
+hub_config_app = typer.Typer(help="The hub's configuration.", no_args_is_help=True)
+hub_app.add_typer(hub_config_app, name="config")
+
+
+@hub_config_app.command("check")
+def hub_config_check(path: Path | None = typer.Argument(
+        None, help="hub TOML to check (default: the one pas hub run would read, "
+                   "$PAS_HUB_HOME/hub.toml if present; pas-hub.service: /etc/pas/hub.toml)")
+                     ) -> None:
+    """Check a hub configuration as pas hub run does before it serves, writing nothing;
+    print every problem with its key path (exit 2).
+
+    Run the NEW version's check before a hub upgrade: the settings (an http:// archive.url
+    beyond loopback without archive.allow_cleartext...), archive.ca_file read as a PEM
+    bundle, the home (a hub's PKI, readable and writable by this user), its databases'
+    schemas (none newer than this version's) and soundness."""
+    from appliance.config import ConfigError
+    from appliance.hub.check import check_home_only, check_hub
+    from appliance.hub.config import (
+        hub_config_path,
+        hub_problems_the_environment_hides,
+        load_hub_settings,
+    )
+
+    try:
+        settings = load_hub_settings(path)
+    except ConfigError as exc:  # every problem in one run: the home's too
+        problems = exc.problems + check_home_only(path).problems
+        for problem in problems:
+            err.print(f"[red]config error[/red] {problem}", highlight=False)
+        raise typer.Exit(2) from None
+    checked = hub_config_path(path)
+    hidden = hub_problems_the_environment_hides(checked) if checked is not None else []
+    for problem in hidden:
+        err.print(f"[red]config error[/red] in {checked} (a PAS_HUB_* variable replaces it "
+                  f"now; without it pas hub run refuses the file): {problem}", highlight=False)
+    if hidden:
+        raise typer.Exit(2)
+    found = check_hub(settings)
+    for problem in found.problems:
+        err.print(f"[red]config error[/red] {problem}", highlight=False)
+    if found.problems:
+        raise typer.Exit(2)
+    archive = settings.archive
+    where = f" {archive.url}" if archive.kind == "dicomweb" else ""
+    databases = "; ".join(found.schemas) or "no database yet (pas hub run creates it)"
+    console.print(f"[green]hub configuration OK[/green]: home {settings.home}, "
+                  f"https on {settings.http.host}:{settings.http.port}, archive "
+                  f"{archive.kind}{where}; {databases}", highlight=False)
+
+
 HUB_HOME_HINT = "not the hub's home? set PAS_HUB_HOME or --config; pas hub init creates it"
 
 

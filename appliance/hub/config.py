@@ -15,7 +15,15 @@ from pydantic import Field, field_validator, model_validator
 
 # The appliance's sections' base: unknown keys refused, numbers strict (``port = "8443"`` or
 # ``workers = true`` named, as in the appliance's file).
-from appliance.config import Port, _Section, build, deep_merge, env_overrides, read_toml
+from appliance.config import (
+    ConfigError,
+    Port,
+    _Section,
+    build,
+    deep_merge,
+    env_overrides,
+    read_toml,
+)
 from appliance.config_sections import _cleartext
 from appliance.config_types import Flag, _cross_field, sent_in_clear
 
@@ -157,11 +165,32 @@ def load_hub_settings(path: Path | None = None,
     """Defaults, then ``hub.toml`` (``path``, else ``$PAS_HUB_HOME/hub.toml`` if present), then
     ``PAS_HUB_<SECTION>__<KEY>`` variables; validated (ConfigError lists every problem)."""
     environ = dict(os.environ) if environ is None else environ
-    home = hub_home(environ)
-    data: dict[str, Any] = {"home": str(home)}
-    path = path or (home / "hub.toml" if (home / "hub.toml").exists() else None)
+    data: dict[str, Any] = {"home": str(hub_home(environ))}
+    path = hub_config_path(path, environ)
     if path is not None:
         data = deep_merge(data, read_toml(path))
     data = deep_merge(data, env_overrides(environ, HUB_ENV_PREFIX, HubSettings))
     settings: HubSettings = build(HubSettings, data)
     return settings
+
+
+def hub_config_path(path: Path | None = None, environ: dict[str, str] | None = None
+                    ) -> Path | None:
+    """The file :func:`load_hub_settings` reads: ``path``, else ``$PAS_HUB_HOME/hub.toml``
+    if present, else none (built-in defaults)."""
+    home = hub_home(environ)
+    return path or (home / "hub.toml" if (home / "hub.toml").exists() else None)
+
+
+def hub_problems_the_environment_hides(path: Path,
+                                       environ: dict[str, str] | None = None) -> list[str]:
+    """What is wrong with the file's own values, read without the ``PAS_HUB_*`` overrides
+    (``PAS_HUB_HOME`` kept: it names where the file is used): a variable that replaces a
+    refused value makes the check say OK, and the day it goes (a drop-in removed, another
+    shell) ``pas hub run`` refuses the file. As ``pas config check`` does for the appliance."""
+    environ = dict(os.environ) if environ is None else environ
+    try:
+        build(HubSettings, deep_merge({"home": str(hub_home(environ))}, read_toml(path)))
+    except ConfigError as exc:
+        return exc.problems
+    return []

@@ -35,7 +35,7 @@ class DatabaseDamaged(Exception):
 
 
 def damage_of(path: Path, abandon: Callable[[], bool] | None = None, *,
-              thorough: bool = False) -> str | None:
+              thorough: bool = False, untouched: bool = False) -> str | None:
     """What SQLite's ``quick_check`` finds wrong with the database at ``path`` (its first
     finding, or the corruption error that stopped it), or None when it is sound. Read-only.
     A file SQLite cannot open or lock (permissions, busy) raises ``sqlite3.OperationalError``:
@@ -45,8 +45,11 @@ def damage_of(path: Path, abandon: Callable[[], bool] | None = None, *,
     runs ``integrity_check`` instead, which also compares every index with its table (an
     index missing a row, "database disk image is malformed" at the DELETE or UPDATE that
     meets it, is invisible to ``quick_check``); it costs more (a lookup per row and
-    index), so it is kept for when the damage is already suspected."""
-    conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=30)
+    index), so it is kept for when the damage is already suspected. ``untouched``: no
+    ``-wal`` or ``-shm`` file created beside it (:func:`appliance.store.ops.read_only_uri`)."""
+    from appliance.store.ops import read_only_uri
+
+    conn = sqlite3.connect(read_only_uri(path, untouched=untouched), uri=True, timeout=30)
     if abandon is not None:
         conn.set_progress_handler(abandon, 10_000)
     try:

@@ -121,13 +121,26 @@ def prefetch_queue(db: Database, limit: int = 20) -> list[dict[str, Any]] | None
         return None
 
 
-def schema_version_of(path: Path) -> int:
+def schema_version_of(path: Path, *, untouched: bool = False) -> int:
     """The schema version of an existing database file, opened read-only (``pas doctor``
-    must not create or migrate anything)."""
-    uri = f"file:{path}?mode=ro"
+    must not create or migrate anything). ``untouched``: not even the ``-wal``/``-shm``
+    files SQLite creates beside a WAL database it reads (:func:`read_only_uri`)."""
+    uri = read_only_uri(path, untouched=untouched)
     with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5)) as conn:
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # fails if not SQLite
         return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def read_only_uri(path: Path, *, untouched: bool = False) -> str:
+    """The URI that opens ``path`` read-only. SQLite reading a WAL database creates its
+    ``-wal`` and ``-shm`` files when they are absent and the folder is writable (a stopped
+    hub's or daemon's database; as root, for the file's owner), even with ``mode=ro``:
+    ``untouched`` then opens it ``immutable`` (nothing created; safe because no process has
+    it open, or those files would exist). With them present it is read as usual."""
+    uri = f"{path.absolute().as_uri()}?mode=ro"
+    if untouched and not any(Path(f"{path}{side}").exists() for side in ("-wal", "-shm")):
+        uri += "&immutable=1"
+    return uri
 
 
 def hub_upload_totals(db: Database) -> dict[str, int]:

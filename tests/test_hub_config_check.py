@@ -1,0 +1,190 @@
+"""``pas hub config check [PATH]`` (appliance/hub/check.py): what ``pas hub run`` refuses at
+its start, found before a hub upgrade switches versions.
+
+The hub had no check: its configuration gains refusals over time (an ``http://``
+``archive.url`` beyond loopback unless ``archive.allow_cleartext``, an ``archive.ca_file``
+that is no PEM bundle) and its database's schema only goes forward, and a hub operator
+learnt of them when the upgraded ``pas hub run`` failed to start. Real ``pas hub init`` homes
+and real ``pas hub config check`` runs: every problem is one line naming its key, exit 2,
+and the home is left byte for byte as it was (nothing created, migrated or locked).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from appliance.store.hub_schema import HUB_MIGRATIONS
+from appliance.store.schema import MIGRATIONS
+from tests.support.hub import HubProcess
+from tests.support.peers import PAS_BIN
+
+CLEARTEXT_REFUSED = ("archive.url: http:// sends every study the sites send in clear; use "
+                     "https:// (or set archive.allow_cleartext = true for a host on the data "
+                     "centre's own network)")
+
+
+@pytest.fixture(scope="module")
+def initialised(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One hub home made by ``pas hub init``, copied by each test that changes it."""
+    home = tmp_path_factory.mktemp("hub") / "home"
+    HubProcess(home).init()
+    return home
+
+
+def _home(initialised: Path, tmp_path: Path) -> Path:
+    home = tmp_path / "home"
+    shutil.copytree(initialised, home)
+    return home
+
+
+def _check(home: Path, *args: str, **env: str) -> tuple[int, list[str]]:
+    """``pas hub config check ARGS`` with the hub's home and only these PAS_* variables:
+    its exit status and every line it printed (stdout and stderr)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PAS_")}
+    result = subprocess.run([str(PAS_BIN), "hub", "config", "check", *args],
+                            capture_output=True, text=True, timeout=60,
+                            env={**clean, "PAS_HUB_HOME": str(home), **env})
+    lines = [" ".join(line.split()) for line in (result.stdout + result.stderr).splitlines()
+             if line.strip()]
+    return result.returncode, lines
+
+
+def _tree(home: Path) -> dict[str, tuple[str, int]]:
+    """Every file of the home, its SHA-256 and mode: what a check must leave as it was."""
+    return {str(p.relative_to(home)): (hashlib.sha256(p.read_bytes()).hexdigest(),
+                                       p.stat().st_mode)
+            for p in sorted(home.rglob("*")) if p.is_file()}
+
+
+def _set_schema(database: Path, version: int) -> None:
+    conn = sqlite3.connect(database)
+    try:
+        conn.execute(f"PRAGMA user_version={version}")
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def test_a_good_configuration_is_ok_and_nothing_in_the_home_changes(
+        initialised: Path, tmp_path: Path) -> None:
+    home = _home(initialised, tmp_path)
+    (home / "hub.toml").write_text('[http]\nport = 9443\n[archive]\nkind = "embedded"\n')
+    before = _tree(home)
+    status, lines = _check(home)
+    assert status == 0, lines
+    assert lines == [f"hub configuration OK: home {home}, https on 0.0.0.0:9443, archive "
+                     f"embedded; hub.sqlite schema {len(HUB_MIGRATIONS)} of "
+                     f"{len(HUB_MIGRATIONS)} (current)"], lines
+    # Read only: no -wal/-shm beside the stopped hub's database, no lock, no buckets/.
+    assert _tree(home) == before
+    assert sorted(p.name for p in home.iterdir()) == sorted(before)
+
+    # A PATH names the file (pas-hub.service's /etc/pas/hub.toml), a dicomweb archive with
+    # the opt-in and a real PEM bundle as ca_file (the fleet CA is one): taken, no network.
+    other = tmp_path / "hub.toml"
+    other.write_text(f'[archive]\nkind = "dicomweb"\nurl = "http://pacs.dc.example/dicom-web"\n'
+                     f'allow_cleartext = true\nca_file = "{home / "ca.crt"}"\n')
+    status, lines = _check(home, str(other))
+    assert status == 0, lines
+    assert lines[0].startswith(f"hub configuration OK: home {home}, https on 0.0.0.0:8443, "
+                               "archive dicomweb http://pacs.dc.example/dicom-web;"), lines
+
+
+def test_each_refusal_is_named_by_its_key_and_exits_2(initialised: Path,
+                                                      tmp_path: Path) -> None:
+    home = _home(initialised, tmp_path)
+    before = _tree(home)
+    bad = tmp_path / "bad.toml"
+
+    # The settings' own refusals, every one at once, as pas hub run says them.
+    bad.write_text('[http]\nport = 70000\n[archive]\nkind = "dicomweb"\n'
+                   'url = "http://198.18.0.2:8042/dicom-web"\n[limits]\nbucketz = 2\n')
+    status, lines = _check(home, str(bad))
+    assert status == 2, lines
+    assert sorted(lines) == sorted([
+        f"config error {CLEARTEXT_REFUSED}",
+        "config error limits.bucketz: unknown key",
+        "config error http.port: must be 1-65535, got 70000"]), lines
+
+    # The same refusal from the environment pas-hub.service may set (a drop-in).
+    status, lines = _check(home, PAS_HUB_ARCHIVE__KIND="dicomweb",
+                           PAS_HUB_ARCHIVE__URL="http://198.18.0.2:8042/dicom-web")
+    assert (status, lines) == (2, [f"config error {CLEARTEXT_REFUSED}"])
+
+    # A refused value of the file that a variable replaces now: pas hub run refuses the
+    # file the day the variable goes (as pas config check says for the appliance).
+    bad.write_text('[archive]\nkind = "dicomweb"\nurl = "http://198.18.0.2:8042/dicom-web"\n')
+    status, lines = _check(home, str(bad),
+                           PAS_HUB_ARCHIVE__URL="https://pacs.region.example/dicom-web")
+    assert (status, lines) == (2, [
+        f"config error in {bad} (a PAS_HUB_* variable replaces it now; without it pas hub run "
+        f"refuses the file): {CLEARTEXT_REFUSED}"])
+
+    # archive.ca_file: missing, or a file that is no PEM bundle (pas hub run's words).
+    garbage = tmp_path / "region-ca.pem"
+    garbage.write_text("not a certificate\n")
+    for ca_file, why in ((tmp_path / "missing.pem", "No such file or directory"),
+                         (garbage, "")):
+        bad.write_text(f'[archive]\nkind = "dicomweb"\nurl = "https://pacs.region.example/x"\n'
+                       f'ca_file = "{ca_file}"\n')
+        status, lines = _check(home, str(bad))
+        assert status == 2, lines
+        assert len(lines) == 1 and lines[0].startswith(
+            f"config error archive.ca_file {ca_file}: not a readable PEM bundle of CA "
+            "certificates ("), lines
+        assert why in lines[0]
+    assert _tree(home) == before
+
+
+def test_a_home_that_is_no_hub_is_refused(tmp_path: Path) -> None:
+    status, lines = _check(tmp_path / "absent")
+    assert (status, lines) == (2, [f"config error home: {tmp_path / 'absent'} is not a "
+                                   "folder (no hub there: set PAS_HUB_HOME or home, or run "
+                                   "pas hub init)"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    status, lines = _check(empty)
+    assert (status, lines) == (2, [f"config error home: no hub under {empty} (no ca.crt): run "
+                                   "pas hub init, or set PAS_HUB_HOME or home to the hub's "
+                                   "home"])
+    assert list(empty.iterdir()) == []
+
+
+def test_a_database_newer_than_this_version_is_refused_and_left_as_it_is(
+        initialised: Path, tmp_path: Path) -> None:
+    """A hub restored from a newer version's backup, or a downgrade: pas hub run refuses the
+    database (SchemaTooNew); the check says it first, for the hub's database and for the
+    embedded archive's index, and never migrates or touches either."""
+    home = _home(initialised, tmp_path)
+    newer = len(HUB_MIGRATIONS) + 1
+    _set_schema(home / "hub.sqlite", newer)
+    (home / "archive").mkdir()
+    index = home / "archive" / "pas.sqlite"
+    _set_schema(index, len(MIGRATIONS) + 3)
+    before = _tree(home)
+    status, lines = _check(home)
+    assert status == 2, lines
+    assert lines == [
+        f"config error home: the hub database {home / 'hub.sqlite'} has schema {newer}, newer "
+        f"than this version knows ({len(HUB_MIGRATIONS)}): a newer PAS wrote it; pas hub run "
+        "refuses it (install that version or a later one)",
+        f"config error home: the embedded archive's index {index} has schema "
+        f"{len(MIGRATIONS) + 3}, newer than this version knows ({len(MIGRATIONS)}): a newer "
+        "PAS wrote it; pas hub run refuses it (install that version or a later one)"], lines
+    assert _tree(home) == before
+    assert not any(p.name.endswith(("-wal", "-shm")) for p in home.rglob("*"))
+
+    # With a setting refused as well, one run still names every problem.
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[http]\nport = 70000\n")
+    status, both = _check(home, str(bad))
+    assert (status, both) == (2, ["config error http.port: must be 1-65535, got 70000",
+                                  *lines]), both
+    assert _tree(home) == before
