@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.peers import DCMTK_ENV, ROOT, free_port, wait_for
+from tests.support.peers import DCMTK_ENV, PAS_BIN, ROOT, free_port, wait_for
 
 CACHE = Path(os.environ.get("PAS_IMAGE_CACHE", "/var/cache/pas-image-test"))
 
@@ -431,9 +431,11 @@ def test_a_seed_whose_site_is_not_its_tokens_is_refused_in_one_line_before_anyth
 class _SeededBoot:
     """pas-firstboot (``_firstboot()``) on a seed file under ``tmp_path``: its files there,
     its steps that touch the system recorded instead (network, firewall, SSH keys, every
-    command: ``pas config check`` and ``pas enroll`` answer success)."""
+    command: ``pas config check`` and ``pas enroll`` answer success; with ``real_check``,
+    ``pas config check`` is this tree's own)."""
 
-    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                 real_check: bool = False) -> None:
         self.firstboot = _firstboot()
         self.etc, self.home = tmp_path / "etc", tmp_path / "var"
         self.etc.mkdir()
@@ -450,9 +452,14 @@ class _SeededBoot:
             monkeypatch.setattr(self.firstboot, step,
                                 lambda _seed, step=step: self.written.append(step))
         self.commands: list[list[str]] = []
+        real_run = subprocess.run  # the script's module is this one: patched below
 
         def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
             self.commands.append([*command, str(kwargs.get("input") or "")])
+            if real_check and command[:3] == ["/usr/bin/pas", "config", "check"]:
+                clean = {k: v for k, v in os.environ.items() if not k.startswith("PAS_")}
+                return real_run([str(PAS_BIN), *command[1:]], capture_output=True,
+                                text=True, env=clean, timeout=60)
             return subprocess.CompletedProcess(command, 0, "", "")
 
         monkeypatch.setattr(self.firstboot.subprocess, "run", run)
@@ -543,3 +550,45 @@ def test_the_configuration_names_no_site_when_first_boot_was_given_none(
     written.write_text(firstboot.config_text({"site": "CHU-A"}))
     assert configured_site(load_settings(written, {})) == "CHU-A"
     assert firstboot.TOKEN_RE.pattern == TOKEN_RE.pattern
+
+
+def test_a_seed_pas_refuses_leaves_the_shipped_configuration_in_place(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No VM needed; this tree's real ``pas config check``. A seed of the right form whose
+    values PAS refuses (an AE title of 25 characters) replaced the shipped
+    /etc/pas/appliance.toml with the refused one, so pas.service (ordered after first boot,
+    not requiring it) failed to start too, and the words came on two lines, the second
+    without ``pas-firstboot:``. Now the configuration is checked beside it first: one line
+    with PAS's own words, the shipped file byte for byte, nothing else written, the token
+    unspent; fixed, the next boot configures."""
+    import hashlib
+
+    booting = _SeededBoot(tmp_path, monkeypatch, real_check=True)
+    firstboot = booting.firstboot
+    shipped = (ROOT / "config" / "appliance.toml").read_bytes()
+    firstboot.CONFIG.write_bytes(shipped)
+    token = _token("CHU-A", "theSecretPart012345")
+    hub = f'[hub]\nurl = "https://hub.example:8443"\ntoken = "{token}"\n'
+    booting.seed_file.write_text(f'ae_title = "THIS_AE_TITLE_IS_TOO_LONG"\n{hub}')
+
+    with pytest.raises(SystemExit) as stopped:
+        firstboot.main()
+    line = str(stopped.value.code)
+    assert line == (
+        "pas-firstboot: the site's answers make a configuration PAS refuses (config error "
+        "dicom.ae_title: must be 1-16 printable characters without backslash, got "
+        "'THIS_AE_TITLE_IS_TOO_LONG'): nothing configured. Fix the seed (or the answers at "
+        "the console), then reboot (or systemctl start pas-firstboot)"), line
+    assert hashlib.sha256(firstboot.CONFIG.read_bytes()).digest() == \
+        hashlib.sha256(shipped).digest()
+    assert [p.name for p in booting.etc.iterdir()] == ["appliance.toml"]
+    assert not booting.home.exists() and booting.written == []
+    assert not [c for c in booting.commands if "enroll" in c]
+
+    booting.seed_file.write_text(f'ae_title = "PAS_CHU_A"\n{hub}')  # fixed
+    firstboot.main()
+    assert 'ae_title = "PAS_CHU_A"' in firstboot.CONFIG.read_text()
+    assert sorted(p.name for p in booting.etc.iterdir()) == [".firstboot-configured",
+                                                             "appliance.toml"]
+    (enrolment,) = [c for c in booting.commands if "enroll" in c]
+    assert enrolment[-1] == f"{token}\n" and firstboot.MARKER.exists()
