@@ -95,6 +95,8 @@ def test_a_good_configuration_is_ok_and_nothing_in_the_home_changes(
     assert status == 0, lines
     assert lines[0].startswith(f"hub configuration OK: home {home}, https on 0.0.0.0:8443, "
                                "archive dicomweb http://pacs.dc.example/dicom-web;"), lines
+    assert lines[1:] == [_ca_file_unused(home / "ca.crt", HTTP_WHY.format(
+        url="http://pacs.dc.example/dicom-web"))], lines
 
 
 def test_each_refusal_is_named_by_its_key_and_exits_2(initialised: Path,
@@ -141,6 +143,57 @@ def test_each_refusal_is_named_by_its_key_and_exits_2(initialised: Path,
             "certificates ("), lines
         assert why in lines[0]
     assert _tree(home) == before
+
+
+EMBEDDED_WHY = ('the archive is embedded (archive.kind = "embedded": files on the hub itself, '
+                "no connection whose certificate it could verify)")
+HTTP_WHY = ("archive.url is http:// ({url}): no TLS, no certificate to verify, the archive "
+            "link is not verified")
+
+
+def _ca_file_unused(ca_file: Path, why: str) -> str:
+    return (f"warning: archive.ca_file ({ca_file}) has no effect: {why}; it verifies only an "
+            "https:// dicomweb archive")
+
+
+def test_a_ca_file_that_verifies_nothing_is_said_by_check_and_run(initialised: Path,
+                                                                  tmp_path: Path) -> None:
+    """``archive.ca_file`` verifies an ``https://`` dicomweb archive only. Set with the
+    embedded archive, or an ``http://`` url, it was taken without a word (check: "OK"; run:
+    serving), and the operator who set it believed the archive link verified. Now both
+    commands say so in one warning line naming the key and why, and still check OK / serve."""
+    home = _home(initialised, tmp_path)
+    bundle = home / "ca.crt"  # a real PEM bundle: only its use is in question
+    ok = f"hub configuration OK: home {home}, https on 0.0.0.0:8443, archive"
+
+    (home / "hub.toml").write_text(f'[archive]\nca_file = "{bundle}"\n')  # embedded, default
+    status, lines = _check(home)
+    assert status == 0 and lines[0].startswith(f"{ok} embedded;"), lines
+    assert lines[1:] == [_ca_file_unused(bundle, EMBEDDED_WHY)], lines
+
+    url = "http://127.0.0.1:8042/dicom-web"  # loopback: allowed in clear, still unverified
+    (home / "hub.toml").write_text(f'[archive]\nkind = "dicomweb"\nurl = "{url}"\n'
+                                   f'ca_file = "{bundle}"\n')
+    status, lines = _check(home)
+    assert status == 0 and lines[0].startswith(f"{ok} dicomweb {url};"), lines
+    assert lines[1:] == [_ca_file_unused(bundle, HTTP_WHY.format(url=url))], lines
+
+    url = "https://pacs.region.example/dicom-web"  # where it verifies: no warning
+    (home / "hub.toml").write_text(f'[archive]\nkind = "dicomweb"\nurl = "{url}"\n'
+                                   f'ca_file = "{bundle}"\n')
+    status, lines = _check(home)
+    assert status == 0 and len(lines) == 1 and lines[0].startswith(f"{ok} dicomweb {url};")
+
+    # pas hub run, the key from the environment (a pas-hub.service drop-in): the warning,
+    # then it serves.
+    (home / "hub.toml").unlink()
+    hub = HubProcess(home, env={"PAS_HUB_ARCHIVE__CA_FILE": str(bundle)}).start()
+    try:
+        said = [" ".join(line.split()) for line in hub.log().splitlines()]
+        assert _ca_file_unused(bundle, EMBEDDED_WHY) in said, said
+        assert any(line.startswith("hub serving on https://127.0.0.1:") for line in said), said
+    finally:
+        hub.stop()
 
 
 def test_a_home_that_is_no_hub_is_refused(tmp_path: Path) -> None:

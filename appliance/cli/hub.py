@@ -30,6 +30,7 @@ from appliance.cli.common import (
 from appliance.words import counted
 
 if TYPE_CHECKING:  # the CLI imports the hub's modules only when a command runs
+    from appliance.hub.config import HubSettings
     from appliance.hub.restore import HubRestored
 
 hub_app = typer.Typer(help="The regional hub: PKI, enrolment tokens, the transfer service, "
@@ -95,12 +96,21 @@ def hub_config_check(path: Path | None = typer.Argument(
         err.print(f"[red]config error[/red] {problem}", highlight=False)
     if found.problems:
         raise typer.Exit(2)
+    _warn_ineffective(settings)
     archive = settings.archive
     where = f" {archive.url}" if archive.kind == "dicomweb" else ""
     databases = "; ".join(found.schemas) or "no database yet (pas hub run creates it)"
     console.print(f"[green]hub configuration OK[/green]: home {settings.home}, "
                   f"https on {settings.http.host}:{settings.http.port}, archive "
                   f"{archive.kind}{where}; {databases}", highlight=False)
+
+
+def _warn_ineffective(settings: HubSettings) -> None:
+    """One ``warning:`` line per key set to no effect (hub/config.py): said, not refused."""
+    from appliance.hub.config import ineffective_settings
+
+    for warning in ineffective_settings(settings):
+        err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
 
 
 HUB_HOME_HINT = "not the hub's home? set PAS_HUB_HOME or --config; pas hub init creates it"
@@ -413,6 +423,7 @@ def hub_run(config: Path | None = HubConfigOption) -> None:
 
     settings = _hub_settings(config)
     logs.setup(settings.log_level)
+    _warn_ineffective(settings)
     from appliance.ops.home_lock import HomeInUse, hold_hub_lock
     from appliance.store.damage import damage_of
 

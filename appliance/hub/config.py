@@ -148,6 +148,27 @@ class HubSettings(_Section):
         return self.home / "hub.toml"
 
 
+def ineffective_settings(settings: HubSettings) -> list[str]:
+    """Keys set to what this configuration never uses, each one line naming the key and
+    why: ``pas hub config check`` and ``pas hub run`` warn, and run (nothing is wrong with
+    the archive link; the operator's belief about it is). ``archive.ca_file`` verifies only
+    an ``https://`` dicomweb archive: with the embedded archive, or an ``http://`` url, it
+    was taken without a word, and an operator who set it believed the link verified."""
+    archive = settings.archive
+    if archive.ca_file is None:
+        return []
+    if archive.kind == "embedded":
+        why = ('the archive is embedded (archive.kind = "embedded": files on the hub itself, '
+               "no connection whose certificate it could verify)")
+    elif archive.url and not archive.url.startswith("https://"):
+        why = (f"archive.url is http:// ({archive.url}): no TLS, no certificate to verify, "
+               "the archive link is not verified")
+    else:
+        return []
+    return [f"archive.ca_file ({archive.ca_file}) has no effect: {why}; it verifies only an "
+            "https:// dicomweb archive"]
+
+
 def hub_home(environ: dict[str, str] | None = None) -> Path:
     environ = dict(os.environ) if environ is None else environ
     return Path(environ.get("PAS_HUB_HOME", DEFAULT_HOME))

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.peers import DCMTK_ENV, ROOT, free_port, wait_for
+from tests.support.peers import DCMTK_ENV, PAS_BIN, ROOT, free_port, wait_for
 
 CACHE = Path(os.environ.get("PAS_IMAGE_CACHE", "/var/cache/pas-image-test"))
 
@@ -402,37 +402,10 @@ def test_a_seed_whose_site_is_not_its_tokens_is_refused_in_one_line_before_anyth
     fix, nothing written, no command run; fixed, the next boot configures and enrols."""
     import tomllib
 
-    firstboot = _firstboot()
-    etc, home = tmp_path / "etc", tmp_path / "var"
-    etc.mkdir()
-    seed_file = tmp_path / "boot" / "pas-seed.toml"
-    seed_file.parent.mkdir()
-    for name, value in (("CONFIG", etc / "appliance.toml"), ("HOME", str(home)),
-                        ("MARKER", home / ".firstboot-done"),
-                        ("CONFIGURED", etc / ".firstboot-configured"),
-                        ("PENDING_HUB", etc / "firstboot-hub.toml"), ("SEEDS", [seed_file])):
-        monkeypatch.setattr(firstboot, name, value)
-    written: list[str] = []
-    for step in ("write_network", "write_firewall", "write_ssh"):
-        monkeypatch.setattr(firstboot, step, lambda _seed, step=step: written.append(step))
-    commands: list[list[str]] = []
-
-    def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
-        commands.append([*command, str(kwargs.get("input") or "")])
-        return subprocess.CompletedProcess(command, 0, "", "")
-
-    monkeypatch.setattr(firstboot.subprocess, "run", run)
+    booting = _SeededBoot(tmp_path, monkeypatch)
+    firstboot, seed_file, refused = booting.firstboot, booting.seed_file, booting.refused
     token = _token("CHU-A", "theSecretPart012345")
     hub = f'[hub]\nurl = "https://hub.example:8443"\ntoken = "{token}"\n'
-
-    def refused() -> str:
-        with pytest.raises(SystemExit) as stopped:
-            firstboot.main()
-        line = str(stopped.value.code)
-        assert "\n" not in line and "theSecret" not in line, line
-        assert sorted(p.name for p in etc.iterdir()) == [] and not home.exists()
-        assert written == [] and [c[0] for c in commands] == ["modprobe"] * len(commands)
-        return line
 
     seed_file.write_text(f'site = "CHU-B"\nknown_aes = ["CT1"]\n{hub}')
     assert refused() == (
@@ -449,10 +422,116 @@ def test_a_seed_whose_site_is_not_its_tokens_is_refused_in_one_line_before_anyth
     seed_file.write_text(f'known_aes = ["CT1"]\n{hub}')
     firstboot.main()
     assert tomllib.loads(firstboot.CONFIG.read_text())["site"] == "CHU-A"
-    assert firstboot.MARKER.exists() and written == ["write_network", "write_firewall",
-                                                      "write_ssh"]
-    (enrolment,) = [c for c in commands if "enroll" in c]
+    assert firstboot.MARKER.exists() and booting.written == ["write_network",
+                                                             "write_firewall", "write_ssh"]
+    (enrolment,) = [c for c in booting.commands if "enroll" in c]
     assert enrolment[-1] == f"{token}\n"
+
+
+class _SeededBoot:
+    """pas-firstboot (``_firstboot()``) on a seed file under ``tmp_path``: its files there,
+    its steps that touch the system recorded instead (network, firewall, SSH keys, every
+    command: ``pas config check`` and ``pas enroll`` answer success; with ``real_check``,
+    ``pas config check`` is this tree's own)."""
+
+    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                 real_check: bool = False) -> None:
+        self.firstboot = _firstboot()
+        self.etc, self.home = tmp_path / "etc", tmp_path / "var"
+        self.etc.mkdir()
+        self.seed_file = tmp_path / "boot" / "pas-seed.toml"
+        self.seed_file.parent.mkdir()
+        for name, value in (("CONFIG", self.etc / "appliance.toml"), ("HOME", str(self.home)),
+                            ("MARKER", self.home / ".firstboot-done"),
+                            ("CONFIGURED", self.etc / ".firstboot-configured"),
+                            ("PENDING_HUB", self.etc / "firstboot-hub.toml"),
+                            ("SEEDS", [self.seed_file])):
+            monkeypatch.setattr(self.firstboot, name, value)
+        self.written: list[str] = []
+        for step in ("write_network", "write_firewall", "write_ssh"):
+            monkeypatch.setattr(self.firstboot, step,
+                                lambda _seed, step=step: self.written.append(step))
+        self.commands: list[list[str]] = []
+        real_run = subprocess.run  # the script's module is this one: patched below
+
+        def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+            self.commands.append([*command, str(kwargs.get("input") or "")])
+            if real_check and command[:3] == ["/usr/bin/pas", "config", "check"]:
+                clean = {k: v for k, v in os.environ.items() if not k.startswith("PAS_")}
+                return real_run([str(PAS_BIN), *command[1:]], capture_output=True,
+                                text=True, env=clean, timeout=60)
+            return subprocess.CompletedProcess(command, 0, "", "")
+
+        monkeypatch.setattr(self.firstboot.subprocess, "run", run)
+
+    def refused(self) -> str:
+        """The one line a refused seed stops first boot with (SystemExit: the unit fails),
+        once shown that nothing was written and no command but modprobe ran (the token is
+        not spent)."""
+        with pytest.raises(SystemExit) as stopped:
+            self.firstboot.main()
+        line = str(stopped.value.code)
+        assert "\n" not in line and "theSecret" not in line, line
+        assert sorted(p.name for p in self.etc.iterdir()) == [] and not self.home.exists()
+        assert self.written == []
+        assert [c[0] for c in self.commands] == ["modprobe"] * len(self.commands)
+        return line
+
+
+def test_a_seed_that_is_not_toml_or_not_of_its_types_is_refused_in_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No VM needed. A seed that was not TOML (an array left open) stopped first boot on a
+    Python traceback (tomllib.TOMLDecodeError) that named no file; ``site = 5`` on another
+    (AttributeError); ``known_aes = "CT1"`` was configured as the three modalities C, T and
+    1, a [hub] without url as "no hub in the seed" (the token never used), and both ended
+    "configured". Now each is one line naming the seed file, where or which key, and the fix;
+    nothing written, no command run, the token unspent; fixed, the next boot configures."""
+    import tomllib
+
+    booting = _SeededBoot(tmp_path, monkeypatch)
+    seed_file, refused = booting.seed_file, booting.refused
+    token = _token("CHU-A", "theSecretPart012345")
+    hub = f'[hub]\nurl = "https://hub.example:8443"\ntoken = "{token}"\n'
+    fix = "nothing configured. Fix the seed, then reboot (or systemctl start pas-firstboot)"
+
+    seed_file.write_text(f'site = "CHU-A"\nknown_aes = ["CT1", "MR1"\n{hub}')
+    assert refused() == (f"pas-firstboot: {seed_file} is not valid TOML (Unclosed array (at "
+                         f"line 3, column 1)): {fix}")
+    seed_file.write_bytes(b'site = "CHU-\xe9"\n')  # Latin-1, as an old editor saves it
+    assert refused() == f"pas-firstboot: {seed_file} is not UTF-8 text (byte 12): {fix}"
+
+    for seed, problem in (
+            ("site = 5\n", 'site: must be text in quotes (site = "..."), got 5'),
+            ('known_aes = "CT1"\n', "known_aes: must be a list of texts in quotes (known_aes "
+                                    '= ["...", "..."]), got "CT1"'),
+            (f'[hub]\ntoken = "{token}"\n', "hub.url: missing (a [hub] needs it)"),
+            (f'hub = "{token}"\n', "hub: must be a table ([hub] on its own line, its keys "
+                                   "below), got (not shown)"),
+            ("accept_unknown = 1\n", "accept_unknown: must be true or false (accept_unknown "
+                                     "= true), got 1"),
+            ('known_ae = ["CT1"]\n', "known_ae: unknown key (the seed's keys: site, "
+                                     "ae_title, known_aes, accept_unknown, network, firewall, "
+                                     "hub, ssh)"),
+            ('[network]\naddress = "10.1.2.300/24"\ngateway = "10.1.2.1"\n',
+             'network.address: must be an address with its prefix, e.g. "10.1.2.20/24", got '
+             '"10.1.2.300/24"'),
+            (f'[hub]\nurl = "http://hub.example:8443"\ntoken = "{token}"\n',
+             'hub.url: must start with https:// (the hub\'s address, e.g. '
+             '"https://hub.region.example:8443"), got "http://hub.example:8443"')):
+        seed_file.write_text(seed)
+        assert refused() == f"pas-firstboot: {seed_file}: {problem}: {fix}", seed
+
+    seed_file.write_text(f'site = 5\nknown_aes = "CT1"\n{hub}')  # every problem, one line
+    assert refused().startswith(f"pas-firstboot: {seed_file}: site: must be text in quotes "
+                                '(site = "..."), got 5; known_aes: must be')
+
+    seed_file.write_text(f'site = "CHU-A"\nknown_aes = ["CT1", "MR1"]\n{hub}')  # fixed
+    booting.firstboot.main()
+    config = tomllib.loads(booting.firstboot.CONFIG.read_text())
+    assert config["site"] == "CHU-A"
+    assert [entry["title"] for entry in config["dicom"]["known_aes"]] == ["CT1", "MR1"]
+    (enrolment,) = [c for c in booting.commands if "enroll" in c]
+    assert enrolment[-1] == f"{token}\n" and booting.firstboot.MARKER.exists()
 
 
 def test_the_configuration_names_no_site_when_first_boot_was_given_none(
@@ -471,3 +550,45 @@ def test_the_configuration_names_no_site_when_first_boot_was_given_none(
     written.write_text(firstboot.config_text({"site": "CHU-A"}))
     assert configured_site(load_settings(written, {})) == "CHU-A"
     assert firstboot.TOKEN_RE.pattern == TOKEN_RE.pattern
+
+
+def test_a_seed_pas_refuses_leaves_the_shipped_configuration_in_place(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No VM needed; this tree's real ``pas config check``. A seed of the right form whose
+    values PAS refuses (an AE title of 25 characters) replaced the shipped
+    /etc/pas/appliance.toml with the refused one, so pas.service (ordered after first boot,
+    not requiring it) failed to start too, and the words came on two lines, the second
+    without ``pas-firstboot:``. Now the configuration is checked beside it first: one line
+    with PAS's own words, the shipped file byte for byte, nothing else written, the token
+    unspent; fixed, the next boot configures."""
+    import hashlib
+
+    booting = _SeededBoot(tmp_path, monkeypatch, real_check=True)
+    firstboot = booting.firstboot
+    shipped = (ROOT / "config" / "appliance.toml").read_bytes()
+    firstboot.CONFIG.write_bytes(shipped)
+    token = _token("CHU-A", "theSecretPart012345")
+    hub = f'[hub]\nurl = "https://hub.example:8443"\ntoken = "{token}"\n'
+    booting.seed_file.write_text(f'ae_title = "THIS_AE_TITLE_IS_TOO_LONG"\n{hub}')
+
+    with pytest.raises(SystemExit) as stopped:
+        firstboot.main()
+    line = str(stopped.value.code)
+    assert line == (
+        "pas-firstboot: the site's answers make a configuration PAS refuses (config error "
+        "dicom.ae_title: must be 1-16 printable characters without backslash, got "
+        "'THIS_AE_TITLE_IS_TOO_LONG'): nothing configured. Fix the seed (or the answers at "
+        "the console), then reboot (or systemctl start pas-firstboot)"), line
+    assert hashlib.sha256(firstboot.CONFIG.read_bytes()).digest() == \
+        hashlib.sha256(shipped).digest()
+    assert [p.name for p in booting.etc.iterdir()] == ["appliance.toml"]
+    assert not booting.home.exists() and booting.written == []
+    assert not [c for c in booting.commands if "enroll" in c]
+
+    booting.seed_file.write_text(f'ae_title = "PAS_CHU_A"\n{hub}')  # fixed
+    firstboot.main()
+    assert 'ae_title = "PAS_CHU_A"' in firstboot.CONFIG.read_text()
+    assert sorted(p.name for p in booting.etc.iterdir()) == [".firstboot-configured",
+                                                             "appliance.toml"]
+    (enrolment,) = [c for c in booting.commands if "enroll" in c]
+    assert enrolment[-1] == f"{token}\n" and firstboot.MARKER.exists()
