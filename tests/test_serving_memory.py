@@ -42,6 +42,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelGet,
 )
 
+from appliance.ingest.receive import Receiver
+from appliance.store.db import Database
+from appliance.store.spool import Spool
 from bench.qr import MODALITIES, synthesize
 from tests.support.objects import tiny_ct
 from tests.support.peers import DCMTK_ENV, PasProcess, read_rows, storescu, wait_for
@@ -312,15 +315,18 @@ RETRIEVED = 65_000  # the final response's counts are US: at most 65,535 sub-ope
 
 def _study_of_many_instances(home: Path, count: int) -> tuple[str, str]:
     """A PAS home whose index holds one study of ``count`` instances: one real tiny CT
-    stored by storescu, then its index row copied under new SOP Instance UIDs (the same
-    file: only the index matters before the first C-STORE). (study UID, the real SOP UID)."""
+    filed by PAS's receive path (in this process, as bench/qr.py's synthesize files its real
+    CT: a daemon started and stopped for one storescu cost ~1.5 s of each of six tests),
+    then its index row copied under new SOP Instance UIDs (the same file: only the index
+    matters before the first C-STORE). (study UID, the real SOP UID)."""
     ds = tiny_ct()
     ds.save_as(home / "one.dcm", enforce_file_format=True)
-    pas = PasProcess(home, {"PAS_DICOM__ACCEPT_UNKNOWN": "true"}).start()
+    db = Database(home / "pas.sqlite")
     try:
-        storescu(home / "one.dcm", pas.port)
+        Receiver(db, Spool(home / "spool")).receive_file((home / "one.dcm").read_bytes(),
+                                                          calling_ae="STORESCU")
     finally:
-        pas.stop()
+        db.close()
     prefix = generate_uid()[:40]
     with sqlite3.connect(home / "pas.sqlite") as conn:
         columns = ("series_fk, study_fk, sop_class_uid, transfer_syntax_uid, instance_number, "
