@@ -96,3 +96,26 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         yield driver
     finally:
         driver.quit()
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A ``pas hub run`` on its own fresh home, one per test module (a module with a hub of
+    another configuration defines its own ``hub``)."""
+    from tests.support.hub import HubProcess
+
+    process = HubProcess(tmp_path_factory.mktemp("hub") / "home").init()
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def pynetdicom_senders_fixed() -> None:
+    """A module's pynetdicom senders get the fix PAS installs in its own processes:
+    pynetdicom 3.0.4's association loop can take a fast SCP's C-STORE-RSP meant for
+    ``send_c_store``, which then waits out its timeout (about 1 in 2,000-5,000 under load,
+    seen against DCMTK storescp too: a flaky sender, not PAS). Used through ``pytestmark``."""
+    from appliance import dicomnet
+
+    dicomnet.install()

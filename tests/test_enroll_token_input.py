@@ -14,7 +14,6 @@ import os
 import select
 import subprocess
 import termios
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,14 +24,6 @@ from tests.support.hub import HubProcess
 from tests.support.peers import PAS_BIN
 
 VISIBLE = "visible to other users of this host"
-
-
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
-    process = HubProcess(tmp_path_factory.mktemp("hub") / "home").init()
-    process.start()
-    yield process
-    process.stop()
 
 
 def _env(home: Path, **extra: str) -> dict[str, str]:

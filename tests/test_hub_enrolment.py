@@ -32,14 +32,6 @@ from tests.support.hub import HubProcess, client, enroll
 from tests.support.peers import PAS_BIN, wait_for
 
 
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
-    process = HubProcess(tmp_path_factory.mktemp("hub") / "home").init()
-    process.start()
-    yield process
-    process.stop()
-
-
 def _pas_enroll(home: Path, url: str, token: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PAS_HOME": str(home)}
     return subprocess.run([str(PAS_BIN), "enroll", "--hub", url, "--token", token], env=env,

@@ -16,7 +16,6 @@ import re
 import sqlite3
 import subprocess
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -34,14 +33,6 @@ from tests.support.peers import PAS_BIN, wait_for
 
 ISSUED = re.compile(r"token (?P<id>[0-9a-f]{24}) for site (?P<site>\S+), valid until "
                     r"(?P<until>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)")
-
-
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
-    process = HubProcess(tmp_path_factory.mktemp("hub") / "home").init()
-    process.start()
-    yield process
-    process.stop()
 
 
 def _issue(hub: HubProcess, site: str, *valid_for: str) -> tuple[str, str, float]:

@@ -26,19 +26,12 @@ from pydicom.filereader import _read_file_meta_info, read_preamble
 from pynetdicom import AE, _config
 from pynetdicom.presentation import AllStoragePresentationContexts
 
-from appliance import dicomnet
 from tests.support.peers import CT_DIR, MR_DIR, StoreSCP, half_written, storescu, wait_for
 
 STORAGE_CLASSES = {str(c.abstract_syntax) for c in AllStoragePresentationContexts}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _senders_without_pynetdicoms_race() -> None:
-    """This module's pynetdicom senders get the fix PAS installs in its own processes:
-    pynetdicom 3.0.4's association loop can take a fast SCP's C-STORE-RSP meant for
-    ``send_c_store``, which then waits out its timeout (about 1 in 2,000-5,000 under load,
-    seen against DCMTK storescp too: a flaky sender, not PAS)."""
-    dicomnet.install()
+pytestmark = pytest.mark.usefixtures("pynetdicom_senders_fixed")
 
 
 def dataset_part(path: Path) -> bytes:

@@ -29,12 +29,11 @@ from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_ECHO, N_ACTION
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 
-from appliance import dicomnet
 from tests.support.cleanup import started
 from tests.support.objects import tiny_ct
 from tests.support.peers import NetNamespace, Orthanc, PasProcess, free_port, read_rows, wait_for
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("pynetdicom_senders_fixed")]
 
 WELL_KNOWN = "1.2.840.10008.1.20.1.1"
 
@@ -80,14 +79,6 @@ class Site:
             "SELECT * FROM audit WHERE event = 'commitment' AND detail LIKE ?",
             (f"%{transaction_uid}%",))]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _senders_without_pynetdicoms_race() -> None:
-    """This module's pynetdicom senders get the fix PAS installs in its own processes:
-    pynetdicom 3.0.4's association loop can take a fast SCP's C-STORE-RSP meant for
-    ``send_c_store``, which then waits out its timeout (about 1 in 2,000-5,000 under load,
-    seen against DCMTK storescp too: a flaky sender, not PAS)."""
-    dicomnet.install()
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,6 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
-from appliance import dicomnet
 from appliance.dicomnet.direct_receive import p_data_tf
 from appliance.dicomnet.direct_store import c_store_rq
 from tests.support import raw_ul
@@ -48,13 +47,7 @@ from tests.test_ingest import dataset_part, index_rows
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _senders_without_pynetdicoms_race() -> None:
-    """This module's pynetdicom senders get the fix PAS installs in its own processes:
-    pynetdicom 3.0.4's association loop can take a fast SCP's C-STORE-RSP meant for
-    ``send_c_store``, which then waits out its timeout (about 1 in 2,000-5,000 under load,
-    seen against DCMTK storescp too: a flaky sender, not PAS)."""
-    dicomnet.install()
+pytestmark = pytest.mark.usefixtures("pynetdicom_senders_fixed")
 
 
 @pytest.fixture

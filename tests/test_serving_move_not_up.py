@@ -49,23 +49,9 @@ from tests.support.peers import (
     storescu,
     wait_for,
 )
+from tests.support.storescp_profiles import one_class_profile
 
-# A storescp configuration (DCMTK's format, as in its storescp.cfg) accepting CT only.
-CT_ONLY_PROFILE = """\
-[[TransferSyntaxes]]
-[Uncompressed]
-TransferSyntax1 = LocalEndianExplicit
-TransferSyntax2 = OppositeEndianExplicit
-TransferSyntax3 = LittleEndianImplicit
-
-[[PresentationContexts]]
-[CTOnly]
-PresentationContext1 = CTImageStorage\\Uncompressed
-
-[[Profiles]]
-[CTOnly]
-PresentationContexts = CTOnly
-"""
+CT_ONLY_PROFILE = one_class_profile("CTOnly", "CTImageStorage")
 MR_COUNT = 4
 
 

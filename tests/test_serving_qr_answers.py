@@ -34,7 +34,6 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
 )
 
-from appliance import dicomnet
 from appliance.dicomnet.direct_find import c_find_rsp, message_pdus
 from appliance.dicomnet.direct_receive import p_data_tf
 from appliance.dicomnet.direct_store import parse_command
@@ -68,13 +67,7 @@ values = st.one_of(st.none(), st.just(""), ascii_text, st.integers(-2**31, 2**31
                    st.text(max_size=12))  # the last: beyond ASCII too (pydicom's way)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _senders_without_pynetdicoms_race() -> None:
-    """This module's pynetdicom senders get the fix PAS installs in its own processes:
-    pynetdicom 3.0.4's association loop can take a fast SCP's C-STORE-RSP meant for
-    ``send_c_store``, which then waits out its timeout (about 1 in 2,000-5,000 under load,
-    seen against DCMTK storescp too: a flaky sender, not PAS)."""
-    dicomnet.install()
+pytestmark = pytest.mark.usefixtures("pynetdicom_senders_fixed")
 
 
 def _asked(keys: list[tuple[str, str]]) -> list[DataElement]:

@@ -32,25 +32,11 @@ from tests.support.peers import (
     storescu,
     wait_for,
 )
+from tests.support.storescp_profiles import one_class_profile
 
 pytestmark = pytest.mark.root  # unshare --mount and a tmpfs: the full disks are real
 
-# A storescp configuration (DCMTK's format, as in its storescp.cfg) accepting MR only.
-MR_ONLY_PROFILE = """\
-[[TransferSyntaxes]]
-[Uncompressed]
-TransferSyntax1 = LocalEndianExplicit
-TransferSyntax2 = OppositeEndianExplicit
-TransferSyntax3 = LittleEndianImplicit
-
-[[PresentationContexts]]
-[MROnly]
-PresentationContext1 = MRImageStorage\\Uncompressed
-
-[[Profiles]]
-[MROnly]
-PresentationContexts = MROnly
-"""
+MR_ONLY_PROFILE = one_class_profile("MROnly", "MRImageStorage")
 SMALL_DISK_KB = 1024  # about 11 of the 86 kB MR images
 
 

@@ -14,24 +14,14 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
 from tests.faults.pki import make_pki
 from tests.faults.test_audit import SyslogTlsCollector, _by_msgid
 from tests.support.hub import HubProcess, enroll
 from tests.support.peers import PasProcess, free_port, wait_for
-
-
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
-    process = HubProcess(tmp_path_factory.mktemp("hub") / "home").init()
-    process.start()
-    yield process
-    process.stop()
 
 
 def _site_of(message: ET.Element) -> tuple[str | None, str | None]:

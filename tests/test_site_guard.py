@@ -14,23 +14,12 @@ from __future__ import annotations
 import json
 import subprocess
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from appliance.store.hub import list_tokens, open_hub_db
 from appliance.transfer.enrolment import SHIPPED_SITE
 from tests.support.hub import HubProcess, enroll
 from tests.support.peers import PAS_BIN, PasProcess, port_open, wait_for
-
-
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
-    process = HubProcess(tmp_path_factory.mktemp("hub") / "home").init()
-    process.start()
-    yield process
-    process.stop()
 
 
 def _pas(env: dict[str, str], *args: str, token: str | None = None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +18,6 @@ from appliance.transfer.client import HubClient
 from appliance.transfer.enrolment import Enrolment
 from tests.support.hub import HubProcess, enroll
 from tests.support.peers import wait_for
-
-
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
-    process = HubProcess(tmp_path_factory.mktemp("hub") / "home").init()
-    process.start()
-    yield process
-    process.stop()
 
 
 @pytest.fixture(scope="module")

@@ -99,6 +99,18 @@ def settings_or_exit(load: Callable[[], T]) -> T:
         raise typer.Exit(2) from None
 
 
+def refuse_hidden_problems(checked: Path | None, hidden: list[str], variables: str,
+                           daemon: str) -> None:
+    """``pas config check`` and ``pas hub config check``: a file value an environment
+    variable replaces now (``variables``: ``PAS_*`` or ``PAS_HUB_*``) is still a problem of
+    the file, refused by ``daemon`` once the variable is gone; each said, then exit 2."""
+    for problem in hidden:
+        err.print(f"[red]config error[/red] in {checked} (a {variables} variable replaces it "
+                  f"now; without it {daemon} refuses the file): {problem}", highlight=False)
+    if hidden:
+        raise typer.Exit(2)
+
+
 # Where an administrator's shell finds the appliance's data: the hint when there is no database.
 HOME_HINT = ("not the home pas run uses? set PAS_HOME, or --config / PAS_CONFIG (on the "
              "appliance: /etc/pas/appliance.toml, home /var/lib/pas)")

@@ -23,6 +23,7 @@ from appliance.cli.common import (
     exit_on_prune_problems,
     read_database,
     refuse_bad_keep,
+    refuse_hidden_problems,
     report_pruned,
     settings_or_exit,
     write_database,
@@ -86,11 +87,7 @@ def hub_config_check(path: Path | None = typer.Argument(
         raise typer.Exit(2) from None
     checked = hub_config_path(path)
     hidden = hub_problems_the_environment_hides(checked) if checked is not None else []
-    for problem in hidden:
-        err.print(f"[red]config error[/red] in {checked} (a PAS_HUB_* variable replaces it "
-                  f"now; without it pas hub run refuses the file): {problem}", highlight=False)
-    if hidden:
-        raise typer.Exit(2)
+    refuse_hidden_problems(checked, hidden, "PAS_HUB_*", "pas hub run")
     found = check_hub(settings)
     for problem in found.problems:
         err.print(f"[red]config error[/red] {problem}", highlight=False)

@@ -25,6 +25,7 @@ from appliance.cli.common import (
     error_cell,
     is_busy,
     read_database,
+    refuse_hidden_problems,
     settings_or_exit,
     write_database,
 )
@@ -154,11 +155,7 @@ def config_check(path: Path | None = typer.Argument(
     settings = _settings(path)
     checked = path or default_config_path()
     hidden = problems_the_environment_hides(checked) if checked is not None else []
-    for problem in hidden:
-        err.print(f"[red]config error[/red] in {checked} (a PAS_* variable replaces it now; "
-                  f"without it pas run refuses the file): {problem}", highlight=False)
-    if hidden:
-        raise typer.Exit(2)
+    refuse_hidden_problems(checked, hidden, "PAS_*", "pas run")
     _check_enrolled_site(settings)
     from appliance.config import site_origin
 
