@@ -54,6 +54,8 @@ def verify(config: Path | None = ConfigOption,
            as_json: bool = JsonOption) -> None:
     """Re-hash every stored file against the index and report; exit 1 on any problem."""
     from appliance.ingest.receive import Receiver
+    from appliance.ops.home_lock import lock_file
+    from appliance.ops.listeners import lock_holder
     from appliance.ops.recovery import verify as run_verify
 
     settings, db, spool = _open(config, long_pass=True)
@@ -62,7 +64,8 @@ def verify(config: Path | None = ConfigOption,
         from appliance.transfer.region import RegionClient
 
         region = RegionClient.from_home(settings.home, settings.prefetch.dicomweb_url)
-    report = run_verify(db, spool, repair=repair, receiver=Receiver(db, spool), region=region)
+    report = run_verify(db, spool, repair=repair, receiver=Receiver(db, spool), region=region,
+                        beside_daemon=lock_holder(lock_file(settings.home)) is not None)
     summary = {k: v for k, v in report.__dict__.items() if k != "problems"}
     if as_json:
         print(json.dumps({**summary, "problems": report.problems}, indent=2))

@@ -354,10 +354,13 @@ def check_file(db: Database, spool: Spool, item: cache_store.IndexedFile, report
 
 
 def verify(db: Database, spool: Spool, *, repair: bool = False, receiver: object | None = None,
-           bytes_per_s: float = 0, region: RegionSource | None = None) -> VerifyReport:
+           bytes_per_s: float = 0, region: RegionSource | None = None,
+           beside_daemon: bool = False) -> VerifyReport:
     """Re-hash every indexed file; report orphans too. ``repair`` adopts whole orphans,
     quarantines damaged files, and restores missing or damaged instances the region confirmed
-    from the region (``region``), checking each against its recorded SHA-256."""
+    from the region (``region``), checking each against its recorded SHA-256.
+    ``beside_daemon``: a ``pas run`` holds this home, so a file without a row may be a
+    receive still under way (:func:`_orphans`)."""
     started = time.time()
     recovery = startup_recovery(db, spool, receiver if repair else None) if repair else None
     report = VerifyReport()
@@ -369,7 +372,7 @@ def verify(db: Database, spool: Spool, *, repair: bool = False, receiver: object
         report.problems.extend(recovery.problems)
     else:
         report.problems.extend(f"orphan {path}: file without an index row"
-                               for path in _orphans(db, spool, started))
+                               for path in _orphans(db, spool, started, beside_daemon))
     audit.record(db, "verify", actor="operator", outcome="success" if not report.problems
                  else f"failure: {counted(len(report.problems), 'problem')}",
                  detail=f"files={report.files} ok={report.ok} missing={report.missing} "
@@ -377,23 +380,30 @@ def verify(db: Database, spool: Spool, *, repair: bool = False, receiver: object
     return report
 
 
-# How long ``pas verify`` waits for the row of a file written while it ran: longer than the
-# daemon's busy timeout (30 s), the most a commit waits for the write lock before it fails
-# (and a failed commit removes the file it had written).
+# How long ``pas verify`` waits for the row of a file a receive may still be filing: longer
+# than the daemon's busy timeout (30 s), the most a commit waits for the write lock before it
+# fails (and a failed commit removes the file it had written).
 IN_FLIGHT_S = 35.0
 
 
-def _orphans(db: Database, spool: Spool, started: float) -> list[str]:
+def _orphans(db: Database, spool: Spool, started: float, beside_daemon: bool) -> list[str]:
     """The spool's files without an index row, as ``pas verify`` (without ``--repair``)
-    reports them beside a daemon that receives. The receive path writes an instance's file,
-    then commits its row (invariant 1): the walk can see the file before the row. Reported
-    as they were, a verify run during ingest named 1 or 2 such files "orphan" in 68 of 89
-    runs (exit 1, an alert for nothing). Each candidate is looked up again once the walk is
-    done; one written after this verify began is waited for (its row commits in
-    milliseconds, at most ``IN_FLIGHT_S``), and only one that still has no row, or that was
-    there before the verify began (a crash's leftover), is an orphan."""
+    reports them. The receive path writes an instance's file, then commits its row
+    (invariant 1): the walk can see the file before the row. Reported as they were, a verify
+    run during ingest named 1 or 2 such files "orphan" in 68 of 89 runs (exit 1, an alert
+    for nothing). Each candidate is looked up again once the walk is done, and one a receive
+    may still be filing is waited for (its row commits in milliseconds, at most
+    ``IN_FLIGHT_S``); only one that still has no row then is an orphan.
+
+    Which files a receive may still be filing: beside a running daemon, any written less
+    than ``IN_FLIGHT_S`` before this verify began. Until 2026-12-05 only those written after
+    it began were waited for, and CI once saw an orphan reported anyway: a file written just
+    before the verify began, whose row was still behind its fsyncs and the write lock.
+    With no daemon, nothing is in flight but another command's write begun after the verify
+    (``pas import``): a crash's leftover is reported at once, not after 35 s."""
     candidates = [found.path for found in cache_store.reconcile(db, spool)
                   if found.indexed_size is None]
+    in_flight_since = started - IN_FLIGHT_S if beside_daemon else started
     deadline = time.monotonic() + IN_FLIGHT_S
     orphans = []
     for path in candidates:
@@ -402,7 +412,7 @@ def _orphans(db: Database, spool: Spool, started: float) -> list[str]:
                 written = spool.path(path).stat().st_mtime
             except FileNotFoundError:
                 break  # discarded (its commit failed) or evicted since: nothing to report
-            if written < started or time.monotonic() >= deadline:
+            if written < in_flight_since or time.monotonic() >= deadline:
                 orphans.append(path)
                 break
             time.sleep(0.02)  # another process's commit: nothing to wait on but the index
