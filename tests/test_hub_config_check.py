@@ -115,6 +115,15 @@ def test_each_refusal_is_named_by_its_key_and_exits_2(initialised: Path,
         "config error limits.bucketz: unknown key",
         "config error http.port: must be 1-65535, got 70000"]), lines
 
+    # A PACS's url with the embedded archive (kind left at its default): its studies would
+    # have stayed on the hub's disk, confirmed to their sites, and never reached the PACS.
+    bad.write_text('[archive]\nurl = "https://pacs.region.example/dicom-web"\n')
+    status, lines = _check(home, str(bad))
+    assert (status, lines) == (2, [
+        "config error archive.url: set (https://pacs.region.example/dicom-web) but kind is "
+        "'embedded': the region's studies would stay on the hub's own disk and none would go "
+        'there; set kind = "dicomweb" to archive to it, or remove url']), lines
+
     # The same refusal from the environment pas-hub.service may set (a drop-in).
     status, lines = _check(home, PAS_HUB_ARCHIVE__KIND="dicomweb",
                            PAS_HUB_ARCHIVE__URL="http://198.18.0.2:8042/dicom-web")

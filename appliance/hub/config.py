@@ -67,6 +67,13 @@ class ArchiveSection(_Section):
     def _url_for_dicomweb(self) -> ArchiveSection:
         if self.kind == "dicomweb" and not self.url:
             raise ValueError("url is required when kind is 'dicomweb'")
+        if self.kind == "embedded" and self.url:
+            # Taken without a word before: an operator who set the PACS's url and not the
+            # kind believed the region's studies went there; they stayed on the hub's disk,
+            # each confirmed to its site, and nothing reached the PACS.
+            raise _cross_field("url", f"set ({self.url}) but kind is 'embedded': the region's "
+                               "studies would stay on the hub's own disk and none would go "
+                               "there; set kind = \"dicomweb\" to archive to it, or remove url")
         if self.url and not self.allow_cleartext and sent_in_clear(self.url):
             raise _cross_field("url", _cleartext("every study the sites send",
                                                  "the data centre's own network"))
