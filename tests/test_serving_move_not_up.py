@@ -42,6 +42,7 @@ from tests.support.peers import (
     CT_DIR,
     DCMTK_ENV,
     MR_DIR,
+    Orthanc,
     PasProcess,
     StoreSCP,
     closed_port,
@@ -58,7 +59,9 @@ MR_COUNT = 4
 class Site:
     """PAS holding a CT study (3 instances) and 4 MR instances of one study, and three
     configured destinations: CTONLY (accepts CT Image Storage only), REFUSING (rejects every
-    association) and SWITCHEDOFF (a port that refuses connections)."""
+    association), SWITCHEDOFF (a port that refuses connections) and MISTYPED (a workstation,
+    Orthanc checking the called AE title, configured in PAS under another title than its
+    own: it rejects the association, "called AE title not recognised")."""
 
     def __init__(self, root: Path):
         ct = sorted(CT_DIR.glob("A002304_*.dcm"))
@@ -79,10 +82,16 @@ class Site:
                                     ["--refuse"])
             self.switched_off = closed_port()  # refuses connections while the module runs
             stack.callback(self.switched_off.close)
+            self.workstation = started(stack, Orthanc(
+                root / "workstation", ae_title="VIEWSTATION",
+                extra_config={"DicomCheckCalledAet": True}))
             destinations = ", ".join(
-                f'{{title = "{title}", host = "127.0.0.1", port = {port}}}' for title, port in (
-                    ("CTONLY", self.ct_only.port), ("REFUSING", self.refusing.port),
-                    ("SWITCHEDOFF", self.switched_off.getsockname()[1])))
+                f'{{title = "{title}", host = "{host}", port = {port}}}'
+                for title, host, port in (
+                    ("CTONLY", "127.0.0.1", self.ct_only.port),
+                    ("REFUSING", "127.0.0.1", self.refusing.port),
+                    ("SWITCHEDOFF", "127.0.0.1", self.switched_off.getsockname()[1]),
+                    ("MISTYPED", self.workstation.host, self.workstation.dicom_port)))
             self.pas = started(stack, PasProcess(root / "pas", {
                 "PAS_DICOM__ACCEPT_UNKNOWN": "true",
                 "PAS_SERVING__MOVE_DESTINATIONS": f"[{destinations}]",
@@ -212,29 +221,49 @@ def test_a_destination_accepting_some_classes_gets_those(site: Site) -> None:
     assert row["detail"] == f"C-MOVE to CTONLY: 3 completed, {MR_COUNT} failed, 0 warning"
 
 
-@pytest.mark.parametrize(("destination", "why"), [
+# The Error Comment and the audit row's reason for each way the destination did not come up.
+UNREACHABLE = ("{title}: destination unreachable or association lost",
+               "destination unreachable or association lost")
+
+
+def _rejected(reason: str) -> tuple[str, str]:
+    return ("{title} rejected: " + reason,
+            "the destination rejected the association: " + reason)
+
+
+@pytest.mark.parametrize(("destination", "said"), [
     # storescp --refuse answers A-ASSOCIATE-RJ and closes at once: PAS's DICOM layer may see
     # the close before the rejection (tests/test_serving_retrieve_audit.py), hence either.
-    ("REFUSING", ("the destination rejected the association",
-                  "destination unreachable or association lost")),
-    ("SWITCHEDOFF", ("destination unreachable or association lost",)),
+    ("REFUSING", (_rejected("no reason given"), UNREACHABLE)),
+    ("SWITCHEDOFF", (UNREACHABLE,)),
+    # The rejection's reason is said: the fix is in PAS's destination entry (its title).
+    ("MISTYPED", (_rejected("called AE title not recognised"), UNREACHABLE)),
 ])
 def test_a_known_destination_that_does_not_come_up_fails_every_instance(
-        site: Site, destination: str, why: tuple[str, ...]) -> None:
+        site: Site, destination: str, said: tuple[tuple[str, str], ...]) -> None:
     """Rejected or unreachable: the destination is known, the sub-operations could not be
     performed: 0xA702, every instance failed and named, why in the Error Comment (was
-    0xA801 "move destination unknown"). An unknown title stays 0xA801."""
-    before = len(site.retrieves())
-    final, failed = _move(site, destination, _study(site.ct_study))
-    assert _counts(final) == (0xA702, 0, 3, 0), final
-    assert sorted(failed) == sorted(site.ct)
-    assert final.ErrorComment in {f"{destination}: {w}" for w in why}, final.ErrorComment
-    row = site.next_retrieve(before)
-    port = {"REFUSING": site.refusing.port,
-            "SWITCHEDOFF": site.switched_off.getsockname()[1]}[destination]
-    assert row["outcome"] in {f"failure: 3 of 3 instances not stored by {destination} (no "
-                              f"association with 127.0.0.1:{port}: {w})" for w in why}, row
-    assert row["detail"] == f"C-MOVE to {destination}: 0 completed, 3 failed, 0 warning"
+    0xA801 "move destination unknown"): a rejection with its reason (was without). Up to
+    three moves, for a rejection whose close PAS saw first; a rejection is named at least
+    once. An unknown title stays 0xA801."""
+    address = {"REFUSING": f"127.0.0.1:{site.refusing.port}",
+               "SWITCHEDOFF": f"127.0.0.1:{site.switched_off.getsockname()[1]}",
+               "MISTYPED": f"{site.workstation.host}:{site.workstation.dicom_port}"}[destination]
+    for _attempt in range(3):
+        before = len(site.retrieves())
+        final, failed = _move(site, destination, _study(site.ct_study))
+        assert _counts(final) == (0xA702, 0, 3, 0), final
+        assert sorted(failed) == sorted(site.ct)
+        row = site.next_retrieve(before)
+        seen = (final.ErrorComment, row["outcome"])
+        expected = {(comment.format(title=destination),
+                     f"failure: 3 of 3 instances not stored by {destination} (no association "
+                     f"with {address}: {why})") for comment, why in said}
+        assert seen in expected, seen
+        assert row["detail"] == f"C-MOVE to {destination}: 0 completed, 3 failed, 0 warning"
+        if final.ErrorComment == said[0][0].format(title=destination):
+            break
+    assert final.ErrorComment == said[0][0].format(title=destination), final.ErrorComment
     # An unknown destination: 0xA801, no sub-operation, no counts.
     final, failed = _move(site, "NOWHERE", _study(site.ct_study))
     assert _counts(final) == (0xA801, None, None, None), final

@@ -190,7 +190,7 @@ def test_move_to_a_destination_rejecting_the_association_says_so(site: Site) -> 
     moves, each row one of the two, and a rejection named at least once."""
     study, _ = _ct_study()
     where = f"no association with 127.0.0.1:{site.refusing.port}: "
-    rejected = f"{where}the destination rejected the association)"
+    rejected = f"{where}the destination rejected the association: no reason given)"
     for _attempt in range(3):
         before = len(site.retrieves())
         result = movescu(site, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}"],
@@ -207,7 +207,8 @@ def test_move_to_a_destination_rejecting_the_association_says_so(site: Site) -> 
     # The journal says it too (pynetdicom's own connect errors are not logged: logs.py).
     assert re.search(r" WARNING .*retrieve by \S+: failure: 3 of 3 instances not stored by "
                      r"REFUSING \(no association with 127\.0\.0\.1:\d+: the destination "
-                     r"rejected the association\); C-MOVE to REFUSING: 0 completed, 3 failed",
+                     r"rejected the association: no reason given\); C-MOVE to REFUSING: 0 "
+                     r"completed, 3 failed",
                      site.pas.log()), site.pas.log()[-2000:]
 
 
