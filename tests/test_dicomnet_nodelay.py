@@ -17,6 +17,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 
 from appliance import dicomnet
 from appliance.config import DicomDestination
+from appliance.dicomnet.rejection import RejectionWatch
 from appliance.dispatch.target_types.dicom import DicomTarget, plan_associations
 from tests.support.peers import StoreSCP
 
@@ -33,7 +34,7 @@ def test_a_dicom_destinations_association_has_nagle_off(tmp_path: Path) -> None:
             kind="dicom", ae_title="PACS", host="127.0.0.1", port=scp.port, timeout_s=10), "PAS")
         contexts = next(iter(plan_associations({(CTImageStorage, "1.2.840.10008.1.2.1")})))
         opened = threading.Event()
-        assoc = target._associate(contexts, opened)
+        assoc = target._associate(contexts, opened, RejectionWatch())
         try:
             assert assoc.is_established
             assert _nodelay(assoc.dul.socket.socket) == 1

@@ -18,7 +18,8 @@ from typing import Any
 
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context, evt
-from pynetdicom.pdu import A_ASSOCIATE_RJ
+
+from appliance.dicomnet.rejection import RejectionWatch
 
 log = logging.getLogger("pas.serving")
 
@@ -96,7 +97,7 @@ class SubAssociationWatch:
         self.opened: list[Any] = []  # the sub-association, once its connection is open
         self.refused_classes: list[str] = []  # accepted with no context: these classes
         self.rejected = False
-        self.rejection: str | None = None  # the A-ASSOCIATE-RJ's reason, as PS3.8 names it
+        self.rejection = RejectionWatch()  # the A-ASSOCIATE-RJ's reason, as PS3.8 names it
 
     def handlers(self) -> list[tuple[Any, Callable[[Any], None]]]:
         """The sub-association's event handlers that note what happened."""
@@ -113,14 +114,8 @@ class SubAssociationWatch:
         def on_rejected(store_event: Any) -> None:
             self.rejected = True
 
-        def on_pdu(store_event: Any) -> None:
-            # The rejection's reason is only in its PDU (pynetdicom logs it, keeps nothing):
-            # "calling AE title not recognised" is the usual fix to make, in the destination.
-            if isinstance(store_event.pdu, A_ASSOCIATE_RJ):
-                self.rejection = _rejection(store_event.pdu)
-
         return [(evt.EVT_CONN_OPEN, on_open), (evt.EVT_ACCEPTED, on_accepted),
-                (evt.EVT_REJECTED, on_rejected), (evt.EVT_PDU_RECV, on_pdu)]
+                (evt.EVT_REJECTED, on_rejected), self.rejection.handler()]
 
     def why(self) -> str:
         """Why the sub-association did not come up, or ended the retrieve early.
@@ -130,8 +125,8 @@ class SubAssociationWatch:
         rejection. The mark is read too."""
         if self.refused_classes:
             return f"no presentation context accepted for {self._classes()}"
-        if self.rejection is not None:
-            return f"the destination rejected the association: {self.rejection}"
+        if self.rejection.reason is not None:
+            return f"the destination rejected the association: {self.rejection.reason}"
         if self.rejected or (self.opened and self.opened[0].is_rejected):
             return "the destination rejected the association"
         return "destination unreachable or association lost"
@@ -148,21 +143,10 @@ class SubAssociationWatch:
         """The Error Comment (64 characters): the SOP classes refused first."""
         if self.refused_classes:
             return f"{title} accepted none of: {self._classes()}"
-        if self.rejection is not None:  # short: a 16-character title and its reason fit
-            return f"{title} rejected: {self.rejection}"
+        if self.rejection.reason is not None:  # short: a 16-character title, its reason fit
+            return f"{title} rejected: {self.rejection.reason}"
         return f"{title}: {self.why()}"
 
     def _classes(self) -> str:
         return ", ".join(self.refused_classes)[:200]
 
-
-def _rejection(pdu: A_ASSOCIATE_RJ) -> str:
-    """An A-ASSOCIATE-RJ's reason in PS3.8's words (table 9-21), lower case, "(transient)"
-    after one the destination may take later (congestion, a limit of associations); the
-    codes when they are none the table names (pynetdicom raises on those)."""
-    try:
-        named = pdu.reason_str
-        reason = named[0].lower() + named[1:]  # "Calling AE title..." -> "calling AE title..."
-    except ValueError:
-        reason = f"source {pdu.source}, reason {pdu.reason_diagnostic}"
-    return f"{reason} (transient)" if pdu.result == 0x02 else reason

@@ -48,6 +48,7 @@ from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CL
 
 from appliance.config import DicomDestination
 from appliance.dicomnet.direct_store import DirectStoreError, DirectStoreSender
+from appliance.dicomnet.rejection import RejectionWatch
 from appliance.dispatch.target_types.base import (
     LinkDown,
     NoRoomForCopy,
@@ -174,7 +175,8 @@ class DicomTarget:
                     failed: list[tuple[str, int]], lease_lost: threading.Event,
                     attempt: _Attempt) -> None:
         opened = threading.Event()
-        assoc = self._associate(contexts, opened)
+        rejection = RejectionWatch()
+        assoc = self._associate(contexts, opened, rejection)
         if opened.is_set():
             attempt.reached = True
         if not assoc.is_established:
@@ -191,8 +193,11 @@ class DicomTarget:
                 # The peer answered, but accepted none of the contexts: not a network fault.
                 self._note_refused(files, contexts, assoc.rejected_contexts, refused)
                 return
-            message = (f"{self.name}: association with {self.peer} not established "
-                       f"({'rejected by the peer' if assoc.is_rejected else 'aborted'})")
+            if rejection.reason is not None:
+                how = f"rejected by the peer: {rejection.reason}"
+            else:
+                how = "rejected by the peer" if assoc.is_rejected else "aborted"
+            message = f"{self.name}: association with {self.peer} not established ({how})"
             uplink_store.record_contact(context.db, self.name, False, message)
             raise ConnectionError(message)
         uplink_store.record_contact(context.db, self.name, True)
@@ -239,9 +244,11 @@ class DicomTarget:
             if assoc.is_established:
                 assoc.release()
 
-    def _associate(self, contexts: list[PresentationContext], opened: threading.Event) -> Any:
+    def _associate(self, contexts: list[PresentationContext], opened: threading.Event,
+                   rejection: RejectionWatch) -> Any:
         """Request the association; ``opened`` is set once the TCP connection is open (a
-        connection that fails looks like an abort otherwise). The connection too is bounded
+        connection that fails looks like an abort otherwise), ``rejection`` holds a
+        rejection's reason (a mistyped AE title says so). The connection too is bounded
         by ``timeout_s``: pynetdicom's default waits for the system's SYN retries, about
         two minutes for a host that is off."""
         ae = AE(ae_title=self.calling_ae)
@@ -263,7 +270,8 @@ class DicomTarget:
                                        self.config.tls_key), None)
         return ae.associate(self.config.host, self.config.port, contexts,
                             ae_title=self.config.ae_title, tls_args=tls_args,  # type: ignore[arg-type]
-                            evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: opened.set())])
+                            evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: opened.set()),
+                                          rejection.handler()])
 
     @staticmethod
     def _usable(row: Any, accepted: set[tuple[str, str]]) -> bool:
