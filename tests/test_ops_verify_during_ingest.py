@@ -23,12 +23,13 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
 from appliance import dicomnet
-from tests.support.peers import MR_DIR, PAS_BIN, PasProcess, wait_for
+from tests.support.peers import MR_DIR, PAS_BIN, PasProcess, read_rows, wait_for
 
 VERIFY_RUNS = 6
 
@@ -98,8 +99,12 @@ def _holds_open(pid: int, path: Path) -> bool:
         return False
 
 
+@pytest.mark.parametrize("repair", [False, True], ids=["verify", "verify-repair"])
 def test_a_file_written_just_before_verify_whose_row_commits_after_its_walk_is_no_orphan(
-        tmp_path: Path) -> None:
+        tmp_path: Path, repair: bool) -> None:
+    """``--repair`` adopts orphans: it took the in-flight file as one, and counted it
+    repaired; had its adoption committed first, the row would have had no calling AE (what
+    routing rules match), the daemon's receive finding it a duplicate."""
     pas = PasProcess(tmp_path / "pas", {"PAS_PREFETCH__ENABLED": "false",
                                         "PAS_HTTP__ENABLED": "false",
                                         "PAS_DICOM__ACCEPT_UNKNOWN": "true"})
@@ -136,7 +141,8 @@ def test_a_file_written_just_before_verify_whose_row_commits_after_its_walk_is_n
         locked.set()
         wait_for(lambda: len(list(spool.glob("??/*.dcm"))) == 2, 30,
                  what="the second instance's spool file")
-        verify = subprocess.Popen([str(PAS_BIN), "verify", "--json"], env=pas.env,
+        verify = subprocess.Popen([str(PAS_BIN), "verify", *(["--repair"] if repair else []),
+                                   "--json"], env=pas.env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         # The verify opens the database just before its walk; the walk of a two-file spool
         # takes milliseconds, and a second more lets it end (nothing says so from outside).
@@ -157,5 +163,8 @@ def test_a_file_written_just_before_verify_whose_row_commits_after_its_walk_is_n
     # Checked: the rows committed when its walk began (the second is not, unless this machine
     # was slow enough for the lock to go first; then the case is not made, but nothing fails).
     assert report["files"] == report["ok"] in (1, 2)
+    assert report["repaired"] == 0, report
+    rows = read_rows(db_path, "SELECT calling_ae FROM instances")
+    assert [row["calling_ae"] for row in rows] == ["MODALITY", "MODALITY"]
     after = json.loads(pas.cli("verify", "--json").stdout)
     assert (after["files"], after["ok"], after["problems"]) == (2, 2, [])

@@ -102,13 +102,18 @@ def _name_hash(relative: str) -> str:
 def startup_recovery(db: Database, spool: Spool, receiver: object | None,
                      host: str | None = None,
                      progress: Callable[[str], object] | None = None,
-                     progress_every_s: float = 5.0) -> RecoveryReport:
+                     progress_every_s: float = 5.0,
+                     in_flight_since: float | None = None) -> RecoveryReport:
     """Reconcile spool and index, then release this host's stale leases. Idempotent.
 
     ``receiver`` is the ingest :class:`~appliance.ingest.receive.Receiver` used to adopt
     orphans; None leaves orphans flagged instead (``pas verify`` without ``--repair``).
     ``progress``: told where recovery is, at once and then every few seconds
     (:class:`Progress`; the daemon extends systemd's start timeout with it).
+    ``in_flight_since``: a daemon receives beside this run (``pas verify --repair``): a file
+    without a row written since then may be a receive still filing it, and its row is waited
+    for (:func:`_row_arrives`) before it is adopted as an orphan. Adopted first, its row
+    had no calling AE (what routing rules match) and its receive found it a duplicate.
     """
     report = RecoveryReport()
     ticks = Progress(progress, progress_every_s)
@@ -150,10 +155,14 @@ def startup_recovery(db: Database, spool: Spool, receiver: object | None,
         elif relative in flagged:
             cache_store.resolve_issues(db, relative, "file present again",
                                        ("missing", "size_mismatch"))
+    deadline = time.monotonic() + IN_FLIGHT_S
     try:
         for done, (relative, written_at) in enumerate(orphans.oldest_first()):
             ticks.tick(lambda done=done: f"start-up recovery: indexing files without a row, "
                                          f"{done} of {orphans.count}")
+            if in_flight_since is not None and _row_arrives(db, spool, relative,
+                                                            in_flight_since, deadline):
+                continue  # a receive's, filed meanwhile
             _handle_orphan(db, spool, receiver, relative, False, report, written_at)
     finally:
         orphans.close()
@@ -362,7 +371,9 @@ def verify(db: Database, spool: Spool, *, repair: bool = False, receiver: object
     ``beside_daemon``: a ``pas run`` holds this home, so a file without a row may be a
     receive still under way (:func:`_orphans`)."""
     started = time.time()
-    recovery = startup_recovery(db, spool, receiver if repair else None) if repair else None
+    in_flight_since = started - IN_FLIGHT_S if beside_daemon else started
+    recovery = startup_recovery(
+        db, spool, receiver, in_flight_since=in_flight_since) if repair else None
     report = VerifyReport()
     throttle = RateLimiter(bytes_per_s) if bytes_per_s else None
     for item in cache_store.every_indexed_file(db):
@@ -372,7 +383,7 @@ def verify(db: Database, spool: Spool, *, repair: bool = False, receiver: object
         report.problems.extend(recovery.problems)
     else:
         report.problems.extend(f"orphan {path}: file without an index row"
-                               for path in _orphans(db, spool, started, beside_daemon))
+                               for path in _orphans(db, spool, in_flight_since))
     audit.record(db, "verify", actor="operator", outcome="success" if not report.problems
                  else f"failure: {counted(len(report.problems), 'problem')}",
                  detail=f"files={report.files} ok={report.ok} missing={report.missing} "
@@ -386,37 +397,44 @@ def verify(db: Database, spool: Spool, *, repair: bool = False, receiver: object
 IN_FLIGHT_S = 35.0
 
 
-def _orphans(db: Database, spool: Spool, started: float, beside_daemon: bool) -> list[str]:
+def _orphans(db: Database, spool: Spool, in_flight_since: float) -> list[str]:
     """The spool's files without an index row, as ``pas verify`` (without ``--repair``)
     reports them. The receive path writes an instance's file, then commits its row
     (invariant 1): the walk can see the file before the row. Reported as they were, a verify
     run during ingest named 1 or 2 such files "orphan" in 68 of 89 runs (exit 1, an alert
     for nothing). Each candidate is looked up again once the walk is done, and one a receive
-    may still be filing is waited for (its row commits in milliseconds, at most
-    ``IN_FLIGHT_S``); only one that still has no row then is an orphan.
+    may still be filing is waited for (:func:`_row_arrives`); only one that still has no row
+    then is an orphan.
 
-    Which files a receive may still be filing: beside a running daemon, any written less
-    than ``IN_FLIGHT_S`` before this verify began. Until 2026-12-05 only those written after
-    it began were waited for, and CI once saw an orphan reported anyway: a file written just
-    before the verify began, whose row was still behind its fsyncs and the write lock.
-    With no daemon, nothing is in flight but another command's write begun after the verify
-    (``pas import``): a crash's leftover is reported at once, not after 35 s."""
+    Which files a receive may still be filing (``in_flight_since``): beside a running
+    daemon, any written less than ``IN_FLIGHT_S`` before this verify began. Until 2026-12-05
+    only those written after it began were waited for, and CI once saw an orphan reported
+    anyway: a file written just before the verify began, whose row was still behind its
+    fsyncs and the write lock. With no daemon, nothing is in flight but another command's
+    write begun after the verify (``pas import``): a crash's leftover is reported at once,
+    not after 35 s."""
     candidates = [found.path for found in cache_store.reconcile(db, spool)
                   if found.indexed_size is None]
-    in_flight_since = started - IN_FLIGHT_S if beside_daemon else started
     deadline = time.monotonic() + IN_FLIGHT_S
-    orphans = []
-    for path in candidates:
-        while not cache_store.is_indexed(db, path):
-            try:
-                written = spool.path(path).stat().st_mtime
-            except FileNotFoundError:
-                break  # discarded (its commit failed) or evicted since: nothing to report
-            if written < in_flight_since or time.monotonic() >= deadline:
-                orphans.append(path)
-                break
-            time.sleep(0.02)  # another process's commit: nothing to wait on but the index
-    return orphans
+    return [path for path in candidates
+            if not _row_arrives(db, spool, path, in_flight_since, deadline)]
+
+
+def _row_arrives(db: Database, spool: Spool, path: str, in_flight_since: float,
+                 deadline: float) -> bool:
+    """Whether ``path`` has an index row, or gets one by ``deadline`` (monotonic) when it
+    was written at or after ``in_flight_since``: its receive's commit, in milliseconds, at
+    most the daemon's busy timeout. A file gone meanwhile counts as arrived: its receive
+    discarded it (a failed commit) or an eviction removed it, nothing to report."""
+    while not cache_store.is_indexed(db, path):
+        try:
+            written = spool.path(path).stat().st_mtime
+        except FileNotFoundError:
+            return True
+        if written < in_flight_since or time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)  # another process's commit: nothing to wait on but the index
+    return True
 
 
 class Scrubber:
