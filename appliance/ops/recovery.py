@@ -410,9 +410,9 @@ def _orphans(db: Database, spool: Spool, in_flight_since: float) -> list[str]:
     daemon, any written less than ``IN_FLIGHT_S`` before this verify began. Until 2026-12-05
     only those written after it began were waited for, and CI once saw an orphan reported
     anyway: a file written just before the verify began, whose row was still behind its
-    fsyncs and the write lock. With no daemon, nothing is in flight but another command's
-    write begun after the verify (``pas import``): a crash's leftover is reported at once,
-    not after 35 s."""
+    fsyncs and the write lock. With no daemon nothing receives: a crash's leftover is
+    reported at once, not after 35 s (only a file written after the verify began is waited
+    for, as before)."""
     candidates = [found.path for found in cache_store.reconcile(db, spool)
                   if found.indexed_size is None]
     deadline = time.monotonic() + IN_FLIGHT_S

@@ -149,4 +149,3 @@ class SubAssociationWatch:
 
     def _classes(self) -> str:
         return ", ".join(self.refused_classes)[:200]
-
