@@ -45,10 +45,10 @@ from tests.support.peers import (
     Orthanc,
     PasProcess,
     StoreSCP,
+    audit_rows,
     closed_port,
-    read_rows,
+    next_audit_row,
     storescu,
-    wait_for,
 )
 from tests.support.storescp_profiles import one_class_profile
 
@@ -103,17 +103,10 @@ class Site:
         self._stack.close()
 
     def retrieves(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in read_rows(
-            self.pas.home / "pas.sqlite", "SELECT * FROM audit WHERE event = 'retrieve' "
-                                          "ORDER BY id")]
+        return audit_rows(self.pas.home, "retrieve")
 
     def next_retrieve(self, before: int) -> dict[str, Any]:
-        """The audit row of the retrieve just made (written as its handler ends, which may
-        be just after the viewer has its final response)."""
-        rows = wait_for(lambda: (r := self.retrieves()) and len(r) > before and r, 10,
-                        what="the retrieve's audit row")
-        assert len(rows) == before + 1, rows[before:]
-        return rows[-1]
+        return next_audit_row(self.pas.home, "retrieve", before)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,9 +27,10 @@ from tests.support.peers import (
     MR_DIR,
     PasProcess,
     StoreSCP,
+    audit_rows,
+    next_audit_row,
     on_small_disk,
     storescu,
-    wait_for,
 )
 from tests.support.storescp_profiles import one_class_profile
 
@@ -75,21 +75,10 @@ class Site:
             scp.stop()
 
     def retrieves(self) -> list[dict[str, Any]]:
-        conn = sqlite3.connect(self.pas.home / "pas.sqlite")
-        conn.row_factory = sqlite3.Row
-        try:
-            return [dict(r) for r in conn.execute(
-                "SELECT * FROM audit WHERE event = 'retrieve' ORDER BY id")]
-        finally:
-            conn.close()
+        return audit_rows(self.pas.home, "retrieve")
 
     def next_retrieve(self, before: int) -> dict[str, Any]:
-        """The audit row of the retrieve just made (written when its handler ends, which
-        for a move pynetdicom refused may be just after movescu has its answer)."""
-        rows = wait_for(lambda: (r := self.retrieves()) and len(r) > before and r, 10,
-                        what="the retrieve's audit row")
-        assert len(rows) == before + 1, rows[before:]
-        return rows[-1]
+        return next_audit_row(self.pas.home, "retrieve", before)
 
 
 @pytest.fixture(scope="module")

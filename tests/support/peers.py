@@ -479,6 +479,21 @@ def read_rows(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.
         conn.close()
 
 
+def audit_rows(home: Path, event: str) -> list[dict[str, Any]]:
+    """A PAS home's audit rows of one event (``retrieve``, ``query``...), oldest first."""
+    return [dict(row) for row in read_rows(
+        home / "pas.sqlite", "SELECT * FROM audit WHERE event = ? ORDER BY id", (event,))]
+
+
+def next_audit_row(home: Path, event: str, before: int) -> dict[str, Any]:
+    """The one audit row of ``event`` after the ``before`` already there. A retrieve's is
+    written as its handler ends, which may be just after the viewer has its final response
+    (or, for a move pynetdicom refused, just after movescu has its answer): awaited."""
+    rows = wait_for(lambda: (r := audit_rows(home, event)) and len(r) > before and r, 10,
+                    what=f"the {event}'s audit row")
+    assert len(rows) == before + 1, rows[before:]
+    return rows[-1]
+
 
 def pas_holding_real_sets(home: Path) -> PasProcess:
     """A started PAS holding the CT and MR sets (the serving tests' module fixtures)."""
