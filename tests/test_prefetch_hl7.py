@@ -33,7 +33,7 @@ def pas_hl7(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def send(pas: PasProcess, *messages: str) -> list[hl7.Message]:
-    with MLLPClient("127.0.0.1", pas.hl7_port) as client:  # type: ignore[attr-defined]
+    with MLLPClient("127.0.0.1", pas.hl7_port) as client:
         answers = [client.send_message(m) for m in messages]
     return [hl7.parse(a.decode().strip("\x0b\x1c\r")) for a in answers]
 
@@ -106,7 +106,7 @@ def test_one_message_resent_on_many_connections_at_once_counts_once(
     """A RIS that resends after an ACK timeout on new connections: the message is recorded
     once and counted once, whichever connection wins (the check was outside the
     transaction: 30 at once gave times_requested = 2)."""
-    port = pas_hl7.hl7_port  # type: ignore[attr-defined]
+    port = pas_hl7.hl7_port
     for round_ in range(3):
         payload = b"\x0b" + orm(f"RACE{round_}", f"ORDR{round_}").encode() + b"\x1c\r"
         start = threading.Barrier(30)
@@ -321,6 +321,28 @@ def test_manual_request_and_list(pas_hl7: PasProcess) -> None:
     assert sum(listed["counts"].values()) == len(listed["requests"])
     bad = pas_hl7.cli("prefetch", "patient", " ", check=False)
     assert bad.returncode == 2 and "PATIENT_ID" in bad.stderr
+
+
+def test_a_test_daemon_whose_own_hl7_port_was_taken_starts_again_on_another(
+        tmp_path: Any) -> None:
+    """The tests' harness, not PAS: another test's server held the port a test's PAS was
+    given for HL7; PAS started without its HL7 listener (as it should), and the test sent its
+    order to that server, reading HTTP's 400 back (a CI run). The harness now starts PAS
+    again on a new HL7 port, as it does for its DICOM and HTTP ports."""
+    pas = PasProcess(tmp_path / "pas", {"PAS_HTTP__ENABLED": "false"})
+    first = pas.hl7_port
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", first))
+        taken.listen()
+        pas.start()
+        try:
+            assert pas.hl7_port != first
+            assert f"HL7 listener cannot listen on 127.0.0.1:{first}" in pas.log()
+            assert f"HL7 MLLP listener on 127.0.0.1:{pas.hl7_port}" in pas.log()
+            (ack,) = send(pas, orm("MOVED1", "ORDMOVED"))
+            assert msa(ack)[0] == "AA"
+        finally:
+            pas.stop()
 
 
 def test_hl7_port_taken_is_reported_and_dicom_keeps_serving(
