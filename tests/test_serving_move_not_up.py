@@ -31,7 +31,6 @@ import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pydicom import dcmread
@@ -44,10 +43,9 @@ from tests.support.peers import (
     MR_DIR,
     Orthanc,
     PasProcess,
+    RetrieveAudit,
     StoreSCP,
-    audit_rows,
     closed_port,
-    next_audit_row,
     storescu,
 )
 from tests.support.storescp_profiles import one_class_profile
@@ -56,7 +54,7 @@ CT_ONLY_PROFILE = one_class_profile("CTOnly", "CTImageStorage")
 MR_COUNT = 4
 
 
-class Site:
+class Site(RetrieveAudit):
     """PAS holding a CT study (3 instances) and 4 MR instances of one study, and three
     configured destinations: CTONLY (accepts CT Image Storage only), REFUSING (rejects every
     association), SWITCHEDOFF (a port that refuses connections) and MISTYPED (a workstation,
@@ -101,12 +99,6 @@ class Site:
 
     def stop(self) -> None:
         self._stack.close()
-
-    def retrieves(self) -> list[dict[str, Any]]:
-        return audit_rows(self.pas.home, "retrieve")
-
-    def next_retrieve(self, before: int) -> dict[str, Any]:
-        return next_audit_row(self.pas.home, "retrieve", before)
 
 
 @pytest.fixture(scope="module")

@@ -26,9 +26,8 @@ from tests.support.peers import (
     DCMTK_ENV,
     MR_DIR,
     PasProcess,
+    RetrieveAudit,
     StoreSCP,
-    audit_rows,
-    next_audit_row,
     on_small_disk,
     storescu,
 )
@@ -40,7 +39,7 @@ MR_ONLY_PROFILE = one_class_profile("MROnly", "MRImageStorage")
 SMALL_DISK_KB = 1024  # about 11 of the 86 kB MR images
 
 
-class Site:
+class Site(RetrieveAudit):
     """PAS holding the CT and MR sets, and four move destinations: one that stores
     everything, one that refuses CT, one whose disk fills up, one that rejects every
     association."""
@@ -73,12 +72,6 @@ class Site:
         self.pas.stop()
         for scp in self.scps:
             scp.stop()
-
-    def retrieves(self) -> list[dict[str, Any]]:
-        return audit_rows(self.pas.home, "retrieve")
-
-    def next_retrieve(self, before: int) -> dict[str, Any]:
-        return next_audit_row(self.pas.home, "retrieve", before)
 
 
 @pytest.fixture(scope="module")

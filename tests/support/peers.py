@@ -510,6 +510,19 @@ def next_audit_row(home: Path, event: str, before: int) -> dict[str, Any]:
     return rows[-1]
 
 
+class RetrieveAudit:
+    """For a test's site around one ``pas`` (a :class:`PasProcess`): its retrieve audit
+    rows, and the row of the retrieve just made."""
+
+    pas: PasProcess
+
+    def retrieves(self) -> list[dict[str, Any]]:
+        return audit_rows(self.pas.home, "retrieve")
+
+    def next_retrieve(self, before: int) -> dict[str, Any]:
+        return next_audit_row(self.pas.home, "retrieve", before)
+
+
 def pas_holding_real_sets(home: Path) -> PasProcess:
     """A started PAS holding the CT and MR sets (the serving tests' module fixtures)."""
     pas = PasProcess(home, {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
