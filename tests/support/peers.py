@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 
 from tests.support.netns import NetNamespace
+from tests.support.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
@@ -56,12 +57,6 @@ def wait_for(condition: Callable[[], Any], timeout: float = 30.0, interval: floa
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}"
                        + (f" (last error: {last_error})" if last_error else ""))
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def closed_port(host: str = "127.0.0.1") -> socket.socket:
