@@ -186,6 +186,8 @@ class Daemon:
             log.info("start-up: %s left by the daemon's last end cleared",
                      counted(left_behind, "study reader"))
         READERS.share(shared_readers.SharedReaders(self.db))
+        if "hub" in self.extra_targets:  # enrolled: what waited for a hub goes to it now
+            self._release_awaiting_hub()
         self.cache_policy = CachePolicy(self.settings, self.db, self.spool)
         try:
             self.listener.start()
@@ -232,6 +234,21 @@ class Daemon:
                  self.settings.dicom.host, self.listener.port, self.settings.home)
         # Only now: the database is open and the SCP listens (invariant for Type=notify).
         self.notifier.ready(self.status_line())
+
+    def _release_awaiting_hub(self) -> None:
+        """The instances routed nowhere before this appliance was enrolled go back to
+        routing, which sends them to the hub (appliance/store/awaiting_hub.py)."""
+        from appliance.store import awaiting_hub
+
+        instances, studies = awaiting_hub.release(self.db)
+        if instances:
+            log.warning("start-up: %s of %s received before this appliance was enrolled "
+                        "routed again: they go to the hub now",
+                        counted(instances, "instance"), counted(studies, "study", "studies"))
+            audit.record(self.db, "recovery", actor="system", outcome="success",
+                         detail=f"{counted(instances, 'instance')} of "
+                                f"{counted(studies, 'study', 'studies')} received before the "
+                                "enrolment routed again, to the hub")
 
     def _start_web(self) -> None:
         """Bind and serve the HTTP port; a port that cannot be bound fails start-up like the

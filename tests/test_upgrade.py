@@ -318,3 +318,47 @@ def test_the_hub_backfills_its_embedded_archive_after_the_upgrade(tmp_path: Path
         assert values() == (10, 10, 32, 15)
     finally:
         hub.stop()
+
+
+def test_instances_routed_nowhere_before_the_upgrade_wait_for_the_hub(tmp_path: Path) -> None:
+    """Migration 22: an appliance of the version before, not enrolled, marked the instances
+    no rule sent anywhere routed, with no job: enrolled later, it never sent them. The
+    migration files them for the hub; those routed to a destination, confirmed, superseded
+    or a prior's are left as they were."""
+    path = tmp_path / "pas.sqlite"
+    old = Database(path, migrations=MIGRATIONS[:21])
+
+    def filed(n: int, study: str) -> int:
+        record = InstanceRecord(f"1.2.9.{n}", "1.2.840.10008.5.1.4.1.1.2",
+                                "1.2.840.10008.1.2.1", study, f"{study}.1", patient_id="P1",
+                                modality="CT")
+        return index.record_instance(old, record, StoredFile(f"aa/{n}.dcm", 100,
+                                                             f"{n:064d}")).instance_id
+
+    nowhere = [filed(n, "1.2.9.100") for n in range(3)]   # routed, no job: waits for the hub
+    to_pacs = [filed(n, "1.2.9.200") for n in range(3, 5)]  # routed to a local PACS
+    confirmed = filed(5, "1.2.9.300")                     # routed nowhere, confirmed since
+    prior = filed(6, "1.2.9.400")                         # a prior fetched from the region
+    unrouted = filed(7, "1.2.9.500")                      # not routed yet: routing's own
+    job_store.route_study(old, 1, nowhere, [])
+    job_store.route_study(old, 2, to_pacs, [job_store.NewJob("dicom", "pacs", 2, "r", to_pacs)])
+    job_store.route_study(old, 3, [confirmed], [])
+    job_store.route_study(old, 4, [prior], [])
+    job_store.confirm_instances(old, [("1.2.9.5", f"{5:064d}")])
+    with old.transaction() as conn:
+        conn.execute("UPDATE studies SET origin = 'regional' WHERE study_uid = '1.2.9.400'")
+    assert old.query_one("SELECT count(*) AS n FROM sqlite_master "
+                         "WHERE name = 'awaiting_hub'")["n"] == 0
+    old.close()
+    new = Database(path)
+    assert [r["instance_fk"] for r in new.query(
+        "SELECT instance_fk FROM awaiting_hub ORDER BY instance_fk")] == nowhere
+    assert unrouted not in nowhere
+    from appliance.store import awaiting_hub
+
+    assert awaiting_hub.waiting(new) == (3, 1)
+    assert awaiting_hub.release(new) == (3, 1)
+    assert [r["id"] for r in new.query(
+        "SELECT id FROM instances WHERE routed_at IS NULL ORDER BY id")] == [*nowhere, unrouted]
+    assert awaiting_hub.waiting(new) == (0, 0) and awaiting_hub.release(new) == (0, 0)
+    new.close()

@@ -237,6 +237,13 @@ def status(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> No
             backlog.add_row(row["destination"], str(row["studies"]), human_size(row["bytes"]),
                             f"{row['oldest_age_s']:.0f} s")
         console.print(backlog)
+    waiting = snapshot["awaiting_enrolment"]
+    if waiting["instances"]:
+        console.print(f"[yellow]not enrolled:[/yellow] "
+                      f"{counted(waiting['instances'], 'instance')} of "
+                      f"{counted(waiting['studies'], 'study', 'studies')} wait for the "
+                      "enrolment to go to the region (pas enroll, then restart PAS)",
+                      highlight=False, soft_wrap=True)
     _print_commitment(snapshot["commitment"])
     _print_prefetch(snapshot.get("prefetch"))
     for refused in snapshot.get("credentials_refused") or []:
@@ -388,7 +395,8 @@ def rules_test(file: Path = typer.Argument(..., exists=True, dir_okay=False,
         for route in routes:
             console.print(f"-> {route.destination} ({names[route.priority]}, from {route.rule})")
     else:
-        console.print("-> no destination: kept locally only")
+        console.print("-> no destination: kept locally only, until this appliance is "
+                      "enrolled (then to the hub, the default route)")
 
 
 @queue_app.command("list")

@@ -9,9 +9,9 @@ from appliance import __version__
 from appliance.config import Settings
 from appliance.ops import index_check
 from appliance.ops.backup import backup_state
+from appliance.store import awaiting_hub, index
 from appliance.store import cache as cache_store
 from appliance.store import commitment as commitment_store
-from appliance.store import index
 from appliance.store import jobs as job_store
 from appliance.store import ops as ops_store
 from appliance.store import prefetch as prefetch_store
@@ -43,6 +43,10 @@ def collect(settings: Settings, db: Database) -> dict[str, Any]:
         "commitment": commitment_store.backlog(db),
         # Prefetch requests pending, waiting for the link, failed in 24 h, late (store/ops.py).
         "prefetch": ops_store.prefetch_summary(db),
+        # Instances routed nowhere before the enrolment: the first enrolled start sends them
+        # to the hub (store/awaiting_hub.py).
+        "awaiting_enrolment": dict(zip(("instances", "studies"), awaiting_hub.waiting(db),
+                                       strict=True)),
         # Destinations refusing this appliance's credentials: their jobs wait, none fails.
         "credentials_refused": credentials_refused(db),
         # Per destination: "up"/"down", last successful contact, last error (store/uplink.py).

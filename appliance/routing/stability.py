@@ -4,7 +4,9 @@ A study is stable when no *new* instance arrived for ``stable_after_s`` seconds 
 duplicate does not reset the clock). Its unrouted instances are matched against the rules
 and become one job per destination, in one transaction. Instances arriving later are a
 delta: they wait for the study to be quiet again and are routed on their own. See
-docs/routing.md for why this, and not series-level triggers.
+docs/routing.md for why this, and not series-level triggers. Instances no destination takes
+on an appliance not yet enrolled are filed for the hub its enrolment brings
+(appliance/store/awaiting_hub.py).
 """
 
 from __future__ import annotations
@@ -99,6 +101,9 @@ class Router:
             return 0
         defaults = self.default_destinations()
         grouped: dict[str, dict] = {}
+        # No rule, no fallback and no hub yet (not enrolled): kept here until the enrolment
+        # makes the default route (appliance/store/awaiting_hub.py).
+        awaiting_hub: list[int] = []
         for row in rows:
             if not row["is_current"]:
                 continue  # a newer version of this instance arrived: only that one travels
@@ -107,7 +112,10 @@ class Router:
                 "modality": row["modality"], "sop_class": row["sop_class_uid"],
                 "study_description": row["study_description"], "body_part": row["body_part"],
             }
-            for route in routes_for(self.settings.routing, attributes, defaults):
+            routes = routes_for(self.settings.routing, attributes, defaults)
+            if not routes and not defaults:
+                awaiting_hub.append(row["id"])
+            for route in routes:
                 group = grouped.setdefault(route.destination,
                                            {"priority": route.priority, "rule": route.rule,
                                             "ids": []})
@@ -118,7 +126,8 @@ class Router:
                              group["ids"])
             for name, group in grouped.items()
         ]
-        job_store.route_study(self.db, study_fk, [r["id"] for r in rows], new_jobs)
+        job_store.route_study(self.db, study_fk, [r["id"] for r in rows], new_jobs,
+                              awaiting_hub)
         for callback in self.on_stable:
             try:
                 callback(study_fk)
@@ -129,6 +138,8 @@ class Router:
             log.info("study %s stable: %s -> %s", study_uid, counted(len(rows), "instance"),
                      ", ".join(j.destination for j in new_jobs), extra={"STUDY_UID": study_uid})
         else:
-            log.info("study %s stable: %s, no destination (kept locally)",
-                     study_uid, counted(len(rows), "instance"), extra={"STUDY_UID": study_uid})
+            log.info("study %s stable: %s, no destination (kept locally)%s",
+                     study_uid, counted(len(rows), "instance"),
+                     ": sent to the region once this appliance is enrolled" if awaiting_hub
+                     else "", extra={"STUDY_UID": study_uid})
         return len(new_jobs)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from appliance.store import audit
+from appliance.store import audit, awaiting_hub
 from appliance.store.db import Database, now
 
 
@@ -47,12 +47,16 @@ class Job:
                    row["last_error"])
 
 
-def route_study(db: Database, study_fk: int, routed_ids: list[int], jobs: list[NewJob]) -> None:
-    """Mark instances routed and create their jobs, all in one transaction."""
+def route_study(db: Database, study_fk: int, routed_ids: list[int], jobs: list[NewJob],
+                awaiting_hub_ids: list[int] = ()) -> None:  # type: ignore[assignment]
+    """Mark instances routed and create their jobs, all in one transaction; the instances
+    no destination took before the appliance was enrolled (``awaiting_hub_ids``) are filed
+    for the hub (:mod:`appliance.store.awaiting_hub`) in the same one."""
     at = now()
     with db.transaction() as conn:
         conn.executemany("UPDATE instances SET routed_at = ? WHERE id = ? AND routed_at IS NULL",
                          [(at, i) for i in routed_ids])
+        awaiting_hub.hold(conn, awaiting_hub_ids, at)
         for job in jobs:
             cursor = conn.execute(
                 """INSERT INTO jobs (kind, destination, study_fk, priority, state, attempts,

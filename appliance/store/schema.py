@@ -510,4 +510,21 @@ MIGRATIONS: list[str] = [
         folder TEXT NOT NULL           -- the backup folder it was restored from
     );
     """,
+    # 22 (appliance/store/awaiting_hub.py): the instances routed while the appliance was not
+    # enrolled that no rule and no fallback sent anywhere: the default route, to the hub, did
+    # not exist yet, and they were never sent once it did. The first enrolled start hands
+    # them back to routing. Filled from the rows before: an instance routed, current, of a
+    # local study, never confirmed and in no job was routed nowhere (an enrolled appliance
+    # sends every such instance to the hub by default, so it was routed before enrolment).
+    """
+    CREATE TABLE awaiting_hub (
+        instance_fk INTEGER PRIMARY KEY,   -- instances.id
+        since REAL NOT NULL                -- when routing found no destination for it
+    );
+    INSERT INTO awaiting_hub (instance_fk, since)
+        SELECT i.id, i.routed_at FROM instances i JOIN studies s ON s.id = i.study_fk
+        WHERE i.routed_at IS NOT NULL AND i.is_current = 1 AND i.confirmed_at IS NULL
+          AND s.origin = 'local'
+          AND i.id NOT IN (SELECT instance_fk FROM job_instances);
+    """,
 ]
