@@ -17,11 +17,13 @@ from typing import Any
 import pytest
 
 from tests.support.peers import (
+    CT_DIR,
     MR_DIR,
     PAS_BIN,
     PasProcess,
     StoreSCP,
     free_port,
+    read_rows,
     storescu,
 )
 
@@ -65,6 +67,62 @@ def test_send_refusals_then_a_folder_into_pas(pas: PasProcess, tmp_path: Path) -
     assert "skipped, unreadable DICOM header" in again.stderr and "cut.dcm" in again.stderr
     assert f"sent {len(FILES)} of {len(FILES)} files" in again.stdout
     assert "Traceback" not in again.stderr
+
+
+def _dataset_bytes(raw: bytes) -> bytes:
+    """A Part 10 file's dataset: its bytes after the preamble, DICM and the file meta."""
+    import io
+
+    from pydicom.filereader import _read_file_meta_info
+
+    handle = io.BytesIO(raw)
+    handle.seek(132)
+    _read_file_meta_info(handle)
+    return raw[handle.tell():]
+
+
+def test_send_sends_each_file_as_it_is_stored(pas: PasProcess) -> None:
+    """``pas send`` decoded each file and encoded it again: a CT whose sequences have
+    defined lengths arrived with undefined ones, other bytes than the file's (a modality's
+    copy already held then counted a conflict, a second version). The dataset's own bytes
+    go now: PAS stores exactly the file's dataset, and the same files again are
+    duplicates."""
+    ct = sorted(CT_DIR.glob("*.dcm"))[:4]
+    result = pas.cli("send", *map(str, ct), "--calling-ae", "ITTEST")
+    assert "sent 4 of 4 files" in result.stdout, result.stdout + result.stderr
+    stored = {r["sop_instance_uid"]: pas.home / "spool" / r["path"] for r in read_rows(
+        pas.home / "pas.sqlite", "SELECT sop_instance_uid, path FROM instances")}
+    assert len(stored) == 4
+    from pydicom import dcmread
+
+    for path in ct:
+        uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+        assert _dataset_bytes(stored[uid].read_bytes()) == _dataset_bytes(path.read_bytes())
+    pas.cli("send", *map(str, ct))
+    status = pas.status()
+    assert (status["instances"], status["conflicts"]) == (4, 0)
+
+
+@pytest.mark.parametrize(("option", "said"), [
+    (["--calling-ae", ""], "--calling-ae: must be 1-16 printable characters"),
+    (["--calling-ae", "WAY_TOO_LONG_AE_TITLE_X"], "--calling-ae: must be 1-16 printable"),
+    (["--called-ae", ""], "--called-ae: must be 1-16 printable characters"),
+    (["--called-ae", "A\\B"], "--called-ae: must be 1-16 printable characters"),
+    (["--port", "0"], "--port: must be 1-65535, got 0"),
+    (["--port", "99999"], "--port: must be 1-65535, got 99999"),
+    (["--port", "-5"], "--port: must be 1-65535, got -5"),
+    (["--host", "nosuchhost.invalid"], "--host: cannot resolve 'nosuchhost.invalid'"),
+])
+def test_send_refuses_a_bad_option_naming_it(pas: PasProcess, option: list[str],
+                                             said: str) -> None:
+    """Each was a traceback (pynetdicom's AE title check, the socket's port range, the
+    resolver), or, for ``--port 0`` and ``--called-ae ""``, silently the configuration's
+    values. Now one line naming the option, exit 2, nothing sent."""
+    refused = pas.cli("send", str(FILES[0]), *option, check=False)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert said in " ".join(refused.stderr.split()), refused.stderr
+    assert "Traceback" not in refused.stderr and "sent" not in refused.stdout
+    assert pas.status()["instances"] == 0
 
 
 def _doctor(env: dict[str, str], *args: str) -> tuple[int, dict[str, dict[str, str]]]:

@@ -85,7 +85,11 @@ def send(paths: list[Path] = typer.Argument(..., help="DICOM files or folders (r
                                         help="Our AE title (PAS accepts it if it is in "
                                              "dicom.known_aes, or with dicom.accept_unknown)"),
          config: Path | None = ConfigOption) -> None:
-    """Send DICOM files to PAS (or any SCP) with C-STORE, with a progress bar."""
+    """Send DICOM files to PAS (or any SCP) with C-STORE, with a progress bar.
+
+    Each file's dataset goes as its bytes are stored (what the modality sent), not decoded
+    and encoded again: re-encoded, a file with defined-length sequences arrived with other
+    bytes, and PAS rightly counted a conflict (a new version) for a file it already held."""
     from pydicom import dcmread
     from pynetdicom import AE, evt
 
@@ -96,12 +100,15 @@ def send(paths: list[Path] = typer.Argument(..., help="DICOM files or folders (r
     if missing:
         err.print(f"[red]no such file or folder:[/red] {', '.join(missing)}")
         raise typer.Exit(2)
+    _refuse_bad_send_options(host, port, called_ae, calling_ae)
+    calling_ae = calling_ae.strip()
     event_driven = True
     if port is None or called_ae is None:
         settings = _settings(config)
-        port = port or settings.dicom.port
-        called_ae = called_ae or settings.dicom.ae_title
+        port = settings.dicom.port if port is None else port
+        called_ae = settings.dicom.ae_title if called_ae is None else called_ae
         event_driven = settings.dicom.event_driven
+    called_ae = called_ae.strip()
     dicomnet.install(event_driven)
     files, not_dicom = _dicom_files(paths)
     for path in not_dicom:
@@ -121,7 +128,8 @@ def send(paths: list[Path] = typer.Argument(..., help="DICOM files or folders (r
                       highlight=False)
             files.remove(path)
             continue
-        headers[path] = pair
+        headers[path] = (*pair, str(ds.file_meta.get("MediaStorageSOPInstanceUID")
+                                    or ds.get("SOPInstanceUID", "")))
         contexts.add(pair)
     if not files:
         err.print("[red]nothing to send: no readable DICOM file[/red]")
@@ -149,9 +157,8 @@ def send(paths: list[Path] = typer.Argument(..., help="DICOM files or folders (r
     try:
         with Progress(*columns, console=err, transient=False) as progress:
             task = progress.add_task("send", total=len(files), mb=0.0)
-            for path in files:
-                status = assoc.send_c_store(dcmread(path))
-                code = getattr(status, "Status", None) if status else None
+            for message_id, path in enumerate(files, start=1):
+                code = _store_file(assoc, path, headers[path], (message_id - 1) % 0xFFFF + 1)
                 if code == 0:
                     sent_bytes += path.stat().st_size
                 else:
@@ -172,6 +179,61 @@ def send(paths: list[Path] = typer.Argument(..., help="DICOM files or folders (r
         err.print(f"[red]failed:[/red] {failure}", highlight=False)
     if failures:
         raise typer.Exit(1)
+
+
+def _refuse_bad_send_options(host: str, port: int | None, called_ae: str | None,
+                             calling_ae: str) -> None:
+    """Each bad option of ``pas send`` in one line naming it, exit 2, before anything is
+    read or sent (they were tracebacks from pynetdicom or the resolver, or, for
+    ``--port 0`` and ``--called-ae ""``, silently the configuration's values)."""
+    import socket
+
+    from appliance.config_types import _ae_title, _port
+
+    problems = []
+    for option, value in (("--calling-ae", calling_ae), ("--called-ae", called_ae)):
+        if value is not None:
+            try:
+                _ae_title(value)
+            except ValueError as exc:
+                problems.append(f"{option}: {exc}")
+    if port is not None:
+        try:
+            _port(port)
+        except ValueError as exc:
+            problems.append(f"--port: {exc}")
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        problems.append(f"--host: cannot resolve {host!r} "
+                        f"({getattr(exc, 'strerror', None) or exc})")
+    for problem in problems:
+        err.print(f"[red]{problem}[/red]", highlight=False, soft_wrap=True)
+    if problems:
+        raise typer.Exit(2)
+
+
+def _store_file(assoc: Any, path: Path, header: tuple[str, str, str],
+                message_id: int) -> int | None:
+    """C-STORE ``path`` on ``assoc``: its dataset's stored bytes straight to the socket
+    (``DirectStoreSender``, as PAS sends its own files to a viewer or a node); through
+    pynetdicom, decoded, only when the reactors are not installed or no accepted context
+    carries the file's own transfer syntax. The response's status, None without one."""
+    from pydicom import dcmread
+
+    from appliance.dicomnet.direct_store import DirectStoreError, DirectStoreSender
+
+    sop_class, _syntax, sop_instance = header
+    if DirectStoreSender.available(assoc) and sop_instance:
+        try:
+            result = DirectStoreSender(assoc).send_file(path, sop_class, sop_instance,
+                                                        message_id)
+        except DirectStoreError:
+            return None  # the association is aborted: the caller counts the rest lost
+        if result is not None:
+            return result[0]
+    status = assoc.send_c_store(dcmread(path), msg_id=message_id)
+    return getattr(status, "Status", None) if status else None
 
 
 def doctor(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> None:
