@@ -472,3 +472,27 @@ def test_help_words_each_option_once_and_lists_each_command_on_one_line(
         assert len(rows) == len(command.commands), (group, rows)  # one line each
     assert "Make a failed or pending job due now" in texts["queue retry"]
     assert not home.exists()
+
+
+def test_verify_audits_the_operator_who_ran_it(pas: PasProcess) -> None:
+    """``pas verify`` wrote its audit row as actor ``operator`` (no login: who ran it was
+    lost), and ``pas verify --repair``'s recovery row said ``system``, as if the daemon had
+    done it; its log line printed a Python dict. Both name the operator now, as pas backup
+    and pas cache do."""
+    import getpass
+
+    storescu(FILES[:2], pas.port)
+    (path,) = [r["path"] for r in read_rows(pas.home / "pas.sqlite",
+                                             "SELECT path FROM instances LIMIT 1")]
+    (pas.home / "spool" / path).unlink()
+    found = pas.cli("verify", check=False)
+    assert found.returncode == 1 and "missing=1" in found.stdout, found.stdout
+    repaired = pas.cli("verify", "--repair", check=False)
+    assert "start-up recovery: missing=1" in repaired.stderr, repaired.stderr
+    assert "{'" not in repaired.stderr
+    me = f"operator:{getpass.getuser()}"
+    rows = json.loads(pas.cli("audit", "--json", "--limit", "20").stdout)
+    verifies = [r["actor"] for r in rows if r["event"] == "verify"]
+    recoveries = [r for r in rows if r["event"] == "recovery" and "missing=1" in r["detail"]]
+    assert verifies == [me, me], rows
+    assert [r["actor"] for r in recoveries] == [me], rows

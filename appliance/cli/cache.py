@@ -65,7 +65,8 @@ def verify(config: Path | None = ConfigOption,
 
         region = RegionClient.from_home(settings.home, settings.prefetch.dicomweb_url)
     report = run_verify(db, spool, repair=repair, receiver=Receiver(db, spool), region=region,
-                        beside_daemon=lock_holder(lock_file(settings.home)) is not None)
+                        beside_daemon=lock_holder(lock_file(settings.home)) is not None,
+                        actor=operator_actor())
     summary = {k: v for k, v in report.__dict__.items() if k != "problems"}
     if as_json:
         print(json.dumps({**summary, "problems": report.problems}, indent=2))

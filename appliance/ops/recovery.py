@@ -103,7 +103,8 @@ def startup_recovery(db: Database, spool: Spool, receiver: object | None,
                      host: str | None = None,
                      progress: Callable[[str], object] | None = None,
                      progress_every_s: float = 5.0,
-                     in_flight_since: float | None = None) -> RecoveryReport:
+                     in_flight_since: float | None = None,
+                     actor: str = "system") -> RecoveryReport:
     """Reconcile spool and index, then release this host's stale leases. Idempotent.
 
     ``receiver`` is the ingest :class:`~appliance.ingest.receive.Receiver` used to adopt
@@ -180,9 +181,9 @@ def startup_recovery(db: Database, spool: Spool, receiver: object | None,
     report.leases_released = cache_store.release_host_leases(db, host or os.uname().nodename)
     summary = {k: v for k, v in report.as_dict().items() if v and k != "problems"}
     if summary:
-        log.warning("start-up recovery: %s", summary)
-        audit.record(db, "recovery", actor="system", outcome="success",
-                     detail=", ".join(f"{k}={v}" for k, v in summary.items()))
+        found = ", ".join(f"{k}={v}" for k, v in summary.items())
+        log.warning("start-up recovery: %s", found)
+        audit.record(db, "recovery", actor=actor, outcome="success", detail=found)
     return report
 
 
@@ -364,7 +365,7 @@ def check_file(db: Database, spool: Spool, item: cache_store.IndexedFile, report
 
 def verify(db: Database, spool: Spool, *, repair: bool = False, receiver: object | None = None,
            bytes_per_s: float = 0, region: RegionSource | None = None,
-           beside_daemon: bool = False) -> VerifyReport:
+           beside_daemon: bool = False, actor: str = "operator") -> VerifyReport:
     """Re-hash every indexed file; report orphans too. ``repair`` adopts whole orphans,
     quarantines damaged files, and restores missing or damaged instances the region confirmed
     from the region (``region``), checking each against its recorded SHA-256.
@@ -373,7 +374,7 @@ def verify(db: Database, spool: Spool, *, repair: bool = False, receiver: object
     started = time.time()
     in_flight_since = started - IN_FLIGHT_S if beside_daemon else started
     recovery = startup_recovery(
-        db, spool, receiver, in_flight_since=in_flight_since) if repair else None
+        db, spool, receiver, in_flight_since=in_flight_since, actor=actor) if repair else None
     report = VerifyReport()
     throttle = RateLimiter(bytes_per_s) if bytes_per_s else None
     for item in cache_store.every_indexed_file(db):
@@ -384,7 +385,7 @@ def verify(db: Database, spool: Spool, *, repair: bool = False, receiver: object
     else:
         report.problems.extend(f"orphan {path}: file without an index row"
                                for path in _orphans(db, spool, in_flight_since))
-    audit.record(db, "verify", actor="operator", outcome="success" if not report.problems
+    audit.record(db, "verify", actor=actor, outcome="success" if not report.problems
                  else f"failure: {counted(len(report.problems), 'problem')}",
                  detail=f"files={report.files} ok={report.ok} missing={report.missing} "
                         f"hash_mismatch={report.hash_mismatch} repaired={report.repaired}")
