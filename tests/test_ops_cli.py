@@ -474,19 +474,35 @@ def test_help_words_each_option_once_and_lists_each_command_on_one_line(
     assert not home.exists()
 
 
-def test_verify_audits_the_operator_who_ran_it(pas: PasProcess) -> None:
+def test_verify_audits_the_operator_who_ran_it_and_doctor_names_what_it_found(
+        pas: PasProcess) -> None:
     """``pas verify`` wrote its audit row as actor ``operator`` (no login: who ran it was
     lost), and ``pas verify --repair``'s recovery row said ``system``, as if the daemon had
     done it; its log line printed a Python dict. Both name the operator now, as pas backup
-    and pas cache do."""
+    and pas cache do. ``pas doctor`` said all was well (exit 0) with files flagged missing
+    or damaged; it fails now, naming them."""
     import getpass
 
     storescu(FILES[:2], pas.port)
     (path,) = [r["path"] for r in read_rows(pas.home / "pas.sqlite",
                                              "SELECT path FROM instances LIMIT 1")]
+    clean = {c["name"]: c for c in json.loads(pas.cli("doctor", "--json", check=False).stdout)}
+    assert clean["stored files"]["verdict"] == "ok" and clean["jobs"]["verdict"] == "ok"
     (pas.home / "spool" / path).unlink()
+    (other,) = [r["path"] for r in read_rows(pas.home / "pas.sqlite",
+                                              "SELECT path FROM instances WHERE path != ?",
+                                              (path,))]
+    damaged = bytearray((pas.home / "spool" / other).read_bytes())
+    damaged[-1] ^= 0xFF
+    (pas.home / "spool" / other).write_bytes(bytes(damaged))
     found = pas.cli("verify", check=False)
     assert found.returncode == 1 and "missing=1" in found.stdout, found.stdout
+    doctor = pas.cli("doctor", "--json", check=False)
+    checks = {c["name"]: c for c in json.loads(doctor.stdout)}
+    assert doctor.returncode == 1 and checks["stored files"]["verdict"] == "fail", checks
+    assert checks["stored files"]["detail"] == ("flagged: hash mismatch 1, missing 1 "
+                                                 "(pas cache status lists them)")
+    assert "pas verify --repair" in checks["stored files"]["fix"]
     repaired = pas.cli("verify", "--repair", check=False)
     assert "start-up recovery: missing=1" in repaired.stderr, repaired.stderr
     assert "{'" not in repaired.stderr

@@ -119,6 +119,12 @@ def test_rejecting_destination_counts_attempts_fails_then_retries(pas_factory,
     status = pas.status()
     assert status["jobs"] == {"failed": 1}
     assert status["links"]["pacs"]["state"] == "down"
+    # pas doctor says so (it said nothing of failed jobs: all ok, exit 0).
+    doctor = {c["name"]: c for c in json.loads(pas.cli("doctor", "--json", check=False).stdout)}
+    assert doctor["jobs"]["verdict"] == "warn", doctor["jobs"]
+    assert doctor["jobs"]["detail"].startswith("1 job failed (pacs 1); the last: pacs: "
+                                                "association with STORESCP@"), doctor["jobs"]
+    assert "pas queue retry ID" in doctor["jobs"]["fix"]
     assert "not established" in status["links"]["pacs"]["last_error"]
     scp = StoreSCP(tmp_path / "late")
     scp.port = refusing.port  # the node, fixed, on the same port

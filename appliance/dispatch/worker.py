@@ -74,6 +74,22 @@ def _refuse_lost_files(db: Database, spool: Spool, job: job_store.Job) -> None:
             f"modality (the files come back), then pas queue retry {job.id}")
 
 
+
+# The failures the destinations raise on purpose, each with a sentence that names the
+# destination and what went wrong: their class name added nothing for the operator reading
+# pas queue list, pas doctor, the status page or the fleet's errors
+# ("ConnectionError: pacs: association with ...").
+_SAID_IN_FULL: tuple[type[BaseException], ...] = (RuntimeError, ConnectionError, PermanentError)
+
+
+def attempt_error(exc: BaseException) -> str:
+    """A failed attempt's ``last_error``: the destination's own sentence, or, for anything
+    else (a bug: ``KeyError: 'x'`` alone says nothing), the exception's class and text."""
+    text = str(exc)
+    if text and (type(exc) in _SAID_IN_FULL or isinstance(exc, PermanentError)):
+        return text
+    return f"{type(exc).__name__}: {text}"
+
 class Dispatcher:
     def __init__(self, settings: Settings, db: Database, spool: Spool,
                  target_for: Callable[[str], TargetType]):
@@ -155,7 +171,7 @@ class Dispatcher:
         except Exception as exc:
             delay = next_delay(queue, job.attempts)
             retry_at = None if delay is None else now() + delay
-            state = job_store.fail_attempt(self.db, job.id, owner, f"{type(exc).__name__}: {exc}",
+            state = job_store.fail_attempt(self.db, job.id, owner, attempt_error(exc),
                                            retry_at)
             log.warning("job %d to %s attempt %d failed (%s): %s", job.id, job.destination,
                         job.attempts, f"next in {delay:.0f}s" if delay else state, exc,

@@ -455,6 +455,58 @@ def check_backup(settings: Settings, now: float | None = None) -> list[Check]:
                      if there == "unknown" else ""))]
 
 
+# How many failed jobs the check reads to name their destinations (the count is exact).
+FAILED_JOBS_NAMED = 1000
+
+
+def check_stored_data(settings: Settings) -> list[Check]:
+    """Stored files flagged missing or damaged (start-up recovery, the daemon's scrub, pas
+    verify), and jobs that failed: pas doctor said all was well (exit 0) while images were
+    lost (for those the region has not confirmed, the only copy) or a study never reached a
+    destination; only pas status and pas queue list showed it. Nothing when the database is
+    missing or unreadable (the database check says so)."""
+    from appliance.store import cache as cache_store
+    from appliance.store import jobs as job_store
+    from appliance.store.db import Database
+
+    if not settings.db_path.exists():
+        return []
+    try:
+        db = Database(settings.db_path, readonly=True)
+    except Exception:  # any failure is the database check's finding
+        return []
+    try:
+        issues = cache_store.health(db)["integrity_issues"]
+        failed = job_store.count_jobs(db, "failed")
+        named = job_store.list_jobs(db, "failed", FAILED_JOBS_NAMED) if failed else []
+    except Exception as exc:
+        return [Check("stored files", "fail", f"cannot read the index: {exc}",
+                      "run pas doctor again; if it persists, see journalctl -u pas")]
+    finally:
+        db.close()
+    if issues:
+        found = ", ".join(f"{kind.replace('_', ' ')} {n}" for kind, n in sorted(issues.items()))
+        checks = [Check("stored files", "fail",
+                        f"flagged: {found} (pas cache status lists them)",
+                        "pas verify --repair restores from the region those it confirmed; "
+                        "send the others again from their modality")]
+    else:
+        checks = [Check("stored files", "ok", "none flagged missing or damaged")]
+    if failed:
+        by_destination: dict[str, int] = {}
+        for job in named:
+            by_destination[job["destination"]] = by_destination.get(job["destination"], 0) + 1
+        where = ", ".join(f"{name} {n}" for name, n in sorted(by_destination.items()))
+        last = (named[0]["last_error"] or "no error recorded")[:160]
+        checks.append(Check("jobs", "warn",
+                            f"{counted(failed, 'job')} failed ({where}); the last: {last}",
+                            "pas queue list --state failed says why; put it right, then "
+                            "pas queue retry ID"))
+    else:
+        checks.append(Check("jobs", "ok", "none failed"))
+    return checks
+
+
 def run_checks(config_path: Path | None = None) -> list[Check]:
     try:
         settings = load_settings(config_path)
@@ -475,6 +527,7 @@ def run_checks(config_path: Path | None = None) -> list[Check]:
     checks.append(check_disk(settings))
     checks.extend(check_enrolment(settings))
     checks.extend(check_destinations(settings))
+    checks.extend(check_stored_data(settings))
     checks.extend(check_commitment(settings))
     checks.extend(check_backup(settings))
     return checks
