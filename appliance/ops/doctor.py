@@ -36,7 +36,8 @@ HUB_TIMEOUT_S = 10.0
 # (``pas enroll`` alone refuses an appliance already enrolled).
 BACKUP_FIX = ("systemctl status pas-backup.timer pas-backup.service; journalctl -u pas-backup "
               "(docs/operations.md, Backup and restore)")
-ENROL_AGAIN = "ask regional ops for a new token, then: pas enroll --replace --hub URL --token TOKEN"
+ENROL_AGAIN = ("ask regional ops for a new token, then: pas enroll --replace --hub URL (it asks "
+               "for the token; or --token-file FILE)")
 
 
 @dataclass
@@ -193,7 +194,8 @@ def check_enrolment(settings: Settings) -> list[Check]:
         return [Check("enrolment", "fail", str(exc), ENROL_AGAIN)]
     if enrolment is None:
         return [Check("enrolment", "warn", "not enrolled with a regional hub",
-                      "ask regional ops for a token, then: pas enroll --hub URL --token TOKEN")]
+                      "ask regional ops for a token, then: pas enroll --hub URL (it asks for "
+                      "the token; or --token-file FILE)")]
     checks = [Check("enrolment", "ok", f"site {enrolment.site}, hub {enrolment.url}")]
     try:  # the configuration's site is the certificate's: pas run refuses otherwise
         check_site(settings.home, configured_site(settings))

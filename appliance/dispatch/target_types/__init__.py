@@ -30,7 +30,7 @@ def make_target(name: str, settings: Settings, extra: dict[str, TargetType] | No
     if (config is None and name == "hub") or (config is not None and config.kind == "hub"):
         # The daemon puts the hub into ``extra`` when enrolled; reaching here means it is not.
         raise PermanentError(f"destination {name!r}: this appliance is not enrolled with a hub "
-                             "(run `pas enroll --hub URL --token TOKEN`, restart, then "
+                             "(run `pas enroll --hub URL`, restart, then "
                              "`pas queue retry`)")
     if config is None:
         raise PermanentError(f"destination {name!r} is not configured")
