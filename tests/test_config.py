@@ -593,3 +593,14 @@ def test_check_names_a_bad_value_of_the_file_an_environment_variable_replaces(
     # Found where pas run finds it ($PAS_HOME/appliance.toml), not only when named.
     path.write_text('[dicom]\nport = 70000\n')
     assert check(None, PAS_HOME=str(tmp_path), PAS_DICOM__PORT="11113").returncode == 2
+    # With another problem the variables do not hide, both are said in the same run (the
+    # hidden one was said only once the other was fixed), each once.
+    path.write_text('[dicom]\nport = 70000\nae_title = "WAY-TOO-LONG-AE-TITLE"\n')
+    result = check(path, PAS_DICOM__PORT="11113")
+    said = [" ".join(line.split()) for line in result.stderr.split("config error")[1:]]
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert said == [
+        "dicom.ae_title: must be 1-16 printable characters without backslash, got "
+        "'WAY-TOO-LONG-AE-TITLE'",
+        f"in {path} (a PAS_* variable replaces it now; without it pas run refuses the file): "
+        "dicom.port: must be 1-65535, got 70000"], result.stderr

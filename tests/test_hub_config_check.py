@@ -137,6 +137,16 @@ def test_each_refusal_is_named_by_its_key_and_exits_2(initialised: Path,
     assert (status, lines) == (2, [
         f"config error in {bad} (a PAS_HUB_* variable replaces it now; without it pas hub run "
         f"refuses the file): {CLEARTEXT_REFUSED}"])
+    # With a problem the variables do not hide, both in the same run (the hidden one was
+    # said only once the other was fixed).
+    bad.write_text('[archive]\nkind = "dicomweb"\nurl = "http://198.18.0.2:8042/dicom-web"\n'
+                   '[http]\nport = 0\n')
+    status, lines = _check(home, str(bad),
+                           PAS_HUB_ARCHIVE__URL="https://pacs.region.example/dicom-web")
+    assert (status, lines) == (2, [
+        "config error http.port: must be 1-65535, got 0",
+        f"config error in {bad} (a PAS_HUB_* variable replaces it now; without it pas hub run "
+        f"refuses the file): {CLEARTEXT_REFUSED}"]), lines
 
     # archive.ca_file: missing, or a file that is no PEM bundle (pas hub run's words).
     garbage = tmp_path / "region-ca.pem"

@@ -165,6 +165,21 @@ def test_doctor_names_bad_configuration(tmp_path: Path) -> None:
     assert "dicom.port: must be 1-65535, got 0" in details
     assert not (tmp_path / "home").exists()  # doctor changes nothing
 
+    # A file not there: the fix names the file, not "this key" (there is none).
+    code, checks = _doctor(env, "--config", str(tmp_path / "missing.toml"))
+    assert code == 1 and checks["configuration"]["detail"].endswith("missing.toml: file not found")
+    assert checks["configuration"]["fix"].startswith("give the configuration file pas run reads")
+
+    # A bad value a PAS_* variable replaces now: "configuration ok" before, while pas config
+    # check refuses the file and pas run will once the variable goes.
+    config.write_text("[dicom]\nport = 0\n")
+    _, checks = _doctor({**env, "PAS_DICOM__PORT": str(free_port())}, "--config", str(config))
+    assert checks["configuration"]["verdict"] == "warn", checks["configuration"]
+    assert checks["configuration"]["detail"] == (
+        f"in {config} (a PAS_* variable replaces it now; without it pas run refuses the file): "
+        "dicom.port: must be 1-65535, got 0")
+    assert not (tmp_path / "home").exists()
+
 
 def test_doctor_finds_a_port_taken_by_another_program(tmp_path: Path) -> None:
     port = free_port()

@@ -100,14 +100,19 @@ def settings_or_exit(load: Callable[[], T]) -> T:
 
 
 def refuse_hidden_problems(checked: Path | None, hidden: list[str], variables: str,
-                           daemon: str) -> None:
+                           daemon: str, said: list[str] = ()) -> None:  # type: ignore[assignment]
     """``pas config check`` and ``pas hub config check``: a file value an environment
     variable replaces now (``variables``: ``PAS_*`` or ``PAS_HUB_*``) is still a problem of
-    the file, refused by ``daemon`` once the variable is gone; each said, then exit 2."""
+    the file, refused by ``daemon`` once the variable is gone; each said, then exit 2.
+    ``said``: the problems of the settings as the environment makes them, printed already
+    (exit 2 after these too): the file's own problems among them are not said twice.
+    Before, any such problem made the check stop there, and the hidden ones were learnt
+    only at the next run, once the others were fixed."""
+    hidden = [problem for problem in hidden if problem not in said]
     for problem in hidden:
         err.print(f"[red]config error[/red] in {checked} (a {variables} variable replaces it "
                   f"now; without it {daemon} refuses the file): {problem}", highlight=False)
-    if hidden:
+    if hidden or said:
         raise typer.Exit(2)
 
 

@@ -78,14 +78,15 @@ def hub_config_check(path: Path | None = typer.Argument(
         load_hub_settings,
     )
 
+    checked = hub_config_path(path)
     try:
         settings = load_hub_settings(path)
     except ConfigError as exc:  # every problem in one run: the home's too
         problems = exc.problems + check_home_only(path).problems
         for problem in problems:
             err.print(f"[red]config error[/red] {problem}", highlight=False)
-        raise typer.Exit(2) from None
-    checked = hub_config_path(path)
+        hidden = hub_problems_the_environment_hides(checked) if checked is not None else []
+        refuse_hidden_problems(checked, hidden, "PAS_HUB_*", "pas hub run", problems)
     hidden = hub_problems_the_environment_hides(checked) if checked is not None else []
     refuse_hidden_problems(checked, hidden, "PAS_HUB_*", "pas hub run")
     found = check_hub(settings)

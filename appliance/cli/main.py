@@ -31,6 +31,7 @@ from appliance.cli.common import (
 )
 from appliance.config import (
     PRIORITY_RANK,
+    ConfigError,
     Settings,
     default_config_path,
     load_settings,
@@ -152,10 +153,15 @@ def config_check(path: Path | None = typer.Argument(
         None, help="TOML file to check (default: the one pas run would read; see "
                    "pas run --help)")) -> None:
     """Validate a configuration; print every problem with its key path."""
-    settings = _settings(path)
+    try:
+        settings, said = load_settings(path), []
+    except ConfigError as exc:
+        said = exc.problems
+        for problem in said:
+            err.print(f"[red]config error[/red] {problem}", highlight=False)
     checked = path or default_config_path()
     hidden = problems_the_environment_hides(checked) if checked is not None else []
-    refuse_hidden_problems(checked, hidden, "PAS_*", "pas run")
+    refuse_hidden_problems(checked, hidden, "PAS_*", "pas run", said)
     _check_enrolled_site(settings)
     from appliance.config import site_origin
 

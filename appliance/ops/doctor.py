@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import socket
 import time
@@ -22,7 +23,14 @@ from typing import Literal
 
 import httpx
 
-from appliance.config import ConfigError, DicomDestination, Settings, load_settings
+from appliance.config import (
+    ConfigError,
+    DicomDestination,
+    Settings,
+    default_config_path,
+    load_settings,
+    problems_the_environment_hides,
+)
 from appliance.ops import index_check
 from appliance.ops.home_lock import lock_file
 from appliance.ops.listeners import listening_pids, lock_holder, process_name
@@ -509,14 +517,33 @@ def check_stored_data(settings: Settings) -> list[Check]:
     return checks
 
 
+def _config_fix(problem: str) -> str:
+    """What to do about a configuration problem: a key to fix, or the file itself (not
+    found, unreadable, not TOML), where "fix this key" named no key."""
+    if re.match(r"[a-z_][a-z0-9_.]*: ", problem):
+        return "fix this key in the TOML file (pas config check)"
+    return "give the configuration file pas run reads (--config, PAS_CONFIG), or fix it " \
+           "(pas config check)"
+
+
 def run_checks(config_path: Path | None = None) -> list[Check]:
     try:
         settings = load_settings(config_path)
     except ConfigError as exc:
-        return [Check("configuration", "fail", problem, "fix this key in the TOML file "
-                      "(pas config check)") for problem in exc.problems]
-    checks = [Check("configuration", "ok", f"AE {settings.dicom.ae_title}, home "
-                    f"{settings.home}, {counted(len(settings.destinations), 'destination')}")]
+        return [Check("configuration", "fail", problem, _config_fix(problem))
+                for problem in exc.problems]
+    # The file's own values a PAS_* variable replaces now: pas config check refuses them,
+    # and pas run will the day the variable goes (doctor said "configuration ok").
+    checked = config_path or default_config_path()
+    hidden = problems_the_environment_hides(checked) if checked is not None else []
+    checks = [Check("configuration", "warn",
+                    f"in {checked} (a PAS_* variable replaces it now; without it pas run "
+                    f"refuses the file): {problem}", _config_fix(problem))
+              for problem in hidden]
+    if not hidden:
+        checks.append(Check("configuration", "ok",
+                            f"AE {settings.dicom.ae_title}, home {settings.home}, "
+                            f"{counted(len(settings.destinations), 'destination')}"))
     checks.append(check_database(settings))
     dicom, http = settings.dicom, settings.http
     daemon_pid = lock_holder(lock_file(settings.home))
