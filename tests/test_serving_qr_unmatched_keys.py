@@ -20,6 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
@@ -29,8 +30,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from tests.support.objects import tiny_ct
 from tests.support.peers import PasProcess, read_rows, storescu
 
-STUDIES = {"P1": {"InstitutionName": "HOSP NORD", "StudyDescription": "Chest CT"},
-           "P2": {"InstitutionName": "HOSP SUD", "StudyDescription": "Head CT"}}
+STUDIES = {"P1": {"InstitutionName": "HOSP NORD", "StudyDescription": "Chest CT",
+                  "StudyTime": "012345.000"},
+           "P2": {"InstitutionName": "HOSP SUD", "StudyDescription": "Head CT",
+                  "StudyTime": "1500"}}
 
 
 @pytest.fixture(scope="module", params=["direct", "pynetdicom"])
@@ -58,6 +61,14 @@ def find(pas: PasProcess, level: str, keys: dict[str, object],
          model: str = StudyRootQueryRetrieveInformationModelFind
          ) -> tuple[list[tuple[int, Dataset]], int]:
     """([(Pending status, identifier)...], final status) of one C-FIND by pynetdicom."""
+    pending, final = find_final(pas, level, keys, model)
+    return pending, int(final.Status)
+
+
+def find_final(pas: PasProcess, level: str, keys: dict[str, object],
+               model: str = StudyRootQueryRetrieveInformationModelFind
+               ) -> tuple[list[tuple[int, Dataset]], Dataset]:
+    """([(Pending status, identifier)...], the final status dataset) of one C-FIND."""
     ae = AE(ae_title="VIEWER")
     ae.add_requested_context(model)
     assoc = ae.associate("127.0.0.1", pas.port, ae_title="PAS")
@@ -72,7 +83,7 @@ def find(pas: PasProcess, level: str, keys: dict[str, object],
     finally:
         assoc.release()
     pending = [(int(status.Status), identifier) for status, identifier in responses[:-1]]
-    return pending, int(responses[-1][0].Status)
+    return pending, responses[-1][0]
 
 
 def last_query_detail(pas: PasProcess) -> str:
@@ -141,3 +152,48 @@ def test_a_sequence_key_with_a_value_in_its_item_is_answered_pending_ff01(
         pending, final = find(pas, "STUDY", {"ReferencedStudySequence": value})
         assert final == 0x0000
         assert [status for status, _ in pending] == [0xFF00, 0xFF00]
+
+
+@pytest.mark.parametrize(("keys", "expected", "status"), [
+    # Not filters PAS applies: answered 0xFF00 with every study ONLINE, as if matched.
+    ({"InstanceAvailability": "OFFLINE"}, ["P1", "P2"], 0xFF01),
+    ({"RetrieveAETitle": "OTHERAE"}, ["P1", "P2"], 0xFF01),
+    ({"InstanceAvailability": "", "RetrieveAETitle": "*"}, ["P1", "P2"], 0xFF00),
+    # Matched on the study's instances (it was refused, 0xA900).
+    ({"SOPClassesInStudy": "1.2.840.10008.5.1.4.1.1.2"}, ["P1", "P2"], 0xFF00),
+    ({"SOPClassesInStudy": "1.2.840.10008.5.1.4.1.1.4\\1.2.840.10008.5.1.4.1.1.88.22"}, [],
+     None),
+    # A lone "*" on a UID key is universal matching (it was refused, 0xA900).
+    ({"StudyInstanceUID": "*"}, ["P1", "P2"], 0xFF00),
+    # One time matches it stored with fractional seconds, or at a lower precision.
+    ({"StudyTime": "012345"}, ["P1"], 0xFF00),
+    ({"StudyTime": "150013"}, ["P2"], 0xFF00),
+    ({"StudyTime": "012346"}, [], None),
+])
+def test_keys_matched_or_said_unmatched_as_ps3_4_asks(
+        pas: PasProcess, keys: dict[str, object], expected: list[str],
+        status: int | None) -> None:
+    pending, final = find(pas, "STUDY", keys)
+    assert final == 0x0000
+    assert sorted(str(ds.PatientID) for _, ds in pending) == expected
+    assert {s for s, _ in pending} == ({status} if status is not None else set())
+
+
+@pytest.mark.parametrize(("keys", "offending", "comment"), [
+    ({"StudyDate": "2020-01-01"}, 0x00080020, "StudyDate: '2020-01-01' is not a valid DA"),
+    ({"StudyInstanceUID": "1.2.x"}, 0x0020000D, "StudyInstanceUID: '1.2.x' is not a UID"),
+    ({"NumberOfStudyRelatedInstances": "3"}, 0x00201208,
+     "NumberOfStudyRelatedInstances: matching on this attribute is no"),
+])
+def test_a_refused_find_names_the_key_in_offending_element(
+        pas: PasProcess, keys: dict[str, object], offending: int, comment: str) -> None:
+    """0xA900 carried only the Error Comment, cut at 64 characters; PS3.4 C.4.1.1.4 pairs it
+    with the Offending Element (0000,0901), which PAS's C-MOVE and C-GET refusals gave."""
+    pending, final = find_final(pas, "STUDY", keys)
+    assert pending == [] and int(final.Status) == 0xA900
+    tags = final.OffendingElement  # one tag, or a MultiValue of them
+    assert [int(t) for t in (tags if isinstance(tags, list | MultiValue) else [tags])] == [
+        offending], final
+    assert str(final.ErrorComment).startswith(comment), final.ErrorComment
+    # The association's next request is served.
+    assert len(find(pas, "STUDY", {})[0]) == 2

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -234,8 +236,15 @@ def _identifier_as_sent(event: Any) -> dict[str, Any]:
 
 
 def _failure(status: int, message: str) -> Dataset:
-    """A failure status with the problem named in ErrorComment (LO: 64 characters)."""
+    """A failure status with the problem named in ErrorComment (LO: 64 characters) and, when
+    the message begins with the key at fault (``StudyDate: ...``, ``QueryRetrieveLevel
+    missing``), that key's tag as Offending Element (0000,0901): PS3.4 C.4.1.1.4 pairs both
+    with 0xA900. A viewer showed only the comment's cut text; the C-MOVE and C-GET refusals
+    carried the tag already."""
     ds = Dataset()
     ds.Status = status
+    offending = tag_for_keyword(re.split(r"[: ]", message, maxsplit=1)[0])
+    if offending is not None:
+        ds.OffendingElement = [offending]
     ds.ErrorComment = message[:64]
     return ds

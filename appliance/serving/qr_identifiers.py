@@ -70,6 +70,11 @@ def unmatched_keys(level: str, keys: dict[str, str], asked: list[DataElement]) -
     for element in asked:
         keyword = element.keyword
         if keyword in _ANSWERED_BY_PAS:
+            # Not a filter PAS applies: a value given (InstanceAvailability=OFFLINE) was
+            # answered 0xFF00 with every study ONLINE, as if it had been matched.
+            if str(element.value if element.value is not None else "").strip().replace(
+                    "*", ""):
+                unmatched.append(keyword)
             continue
         if element.VR == "SQ":
             if any(_holds_a_value(item) for item in element.value or []):

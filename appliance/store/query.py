@@ -236,6 +236,18 @@ def _any_of(column: str, values: list[str]) -> tuple[str, list[str]]:
 
 def _match(where: _Where, keyword: str, value: str, pn_case_sensitive: bool) -> None:
     """Append the SQL for one non-empty matching key (PS3.4 C.2.2.2)."""
+    if keyword == "SOPClassesInStudy":
+        # A study holding an instance of any of the classes (refused before, where a viewer
+        # listing a cache's structured reports or presentation states asks it).
+        uids = [v.strip() for v in value.split("\\") if v.strip()]
+        if not uids or any(uid.replace("*", "") == "" for uid in uids):
+            return  # "*": universal matching
+        if any(not re.fullmatch(r"[0-9.]{1,64}", uid) for uid in uids):
+            raise QueryError(f"{keyword}: {value!r} is not a UID or a list of UIDs")
+        where.add("EXISTS (SELECT 1 FROM instances x WHERE x.study_fk = s.id AND "
+                  f"x.is_current = 1 AND x.sop_class_uid IN ({', '.join('?' * len(uids))}))",
+                  *uids)
+        return
     if keyword in COMPUTED:
         if keyword != "ModalitiesInStudy":
             raise QueryError(f"{keyword}: matching on this attribute is not supported")
@@ -248,8 +260,10 @@ def _match(where: _Where, keyword: str, value: str, pn_case_sensitive: bool) -> 
         return
     column = COLUMNS[keyword]
     sql, vr = column.sql, column.vr
-    if value.replace("*", "") == "" and vr != "UI":
-        return  # "*" alone: universal matching
+    if value.replace("*", "") == "":
+        # "*" alone: universal matching, a UID's too (refused before: PS3.4 C.2.2.2.4 keeps
+        # wildcards off UIDs, but a lone "*" is what viewers send for "any", as Orthanc takes).
+        return
     if vr == "UI":
         uids = [v.strip() for v in value.split("\\") if v.strip()]
         if any(not re.fullmatch(r"[0-9.]{1,64}", uid) for uid in uids):
@@ -258,6 +272,10 @@ def _match(where: _Where, keyword: str, value: str, pn_case_sensitive: bool) -> 
     elif vr in ("DA", "TM"):
         if "-" in value:
             _match_range(where, sql, keyword, value, vr)
+        elif vr == "TM" and _valid(vr, value):
+            # One time as the range from it to itself: 012345 is 01:23:45 to 01:23:45.99,
+            # so a time stored as 012345.000 matches it (compared as text, it did not).
+            _match_range(where, sql, keyword, f"{value}-{value}", vr)
         elif _valid(vr, value):
             where.add(f"{sql} = ?", value)
         else:
