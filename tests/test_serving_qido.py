@@ -258,6 +258,42 @@ def test_an_offset_that_is_not_a_non_negative_integer_is_refused(pas: PasProcess
     assert "offset" in response.json()["detail"], response.text
 
 
+@pytest.mark.parametrize(("query", "said"), [
+    ("StudyDate=19010101-&StudyDate=-19001231", "StudyDate: given more than once "
+     "('19010101-' and '-19001231'); give it once (a UID list: a,b)"),
+    ("PatientID=A&00100020=B", "PatientID: given more than once ('A' and 'B')"),
+    ("limit=2&limit=5", "limit: given 2 times; give it once"),
+    ("offset=0&offset=3", "offset: given 2 times; give it once"),
+])
+def test_a_parameter_given_twice_is_refused_naming_it(pas: PasProcess, query: str,
+                                                      said: str) -> None:
+    """The last one was applied without a word: StudyDate=19010101-&StudyDate=-19001231
+    answered the 13 studies of the second range, where both applied match none; limit=2&
+    limit=5 gave 5. Includefield, which PS3.18 lets repeat, still may."""
+    response = httpx.get(f"http://127.0.0.1:{pas.http_port}/dicom-web/studies?{query}",
+                         timeout=60)
+    assert response.status_code == 400, response.text
+    assert said in response.json()["detail"], response.text
+    fields = httpx.get(f"http://127.0.0.1:{pas.http_port}/dicom-web/studies?limit=1&"
+                       "includefield=00081030&includefield=StudyID", timeout=60)
+    assert fields.status_code == 200 and len(fields.json()) == 1, fields.text
+
+
+def test_instance_availability_is_returned_online(pas: PasProcess, files: list[Any]) -> None:
+    """PS3.18's study and instance tables return Instance Availability (0008,0056) if known;
+    PAS knows (what it answers is on its disk: C-FIND says ONLINE) and never returned it,
+    even asked by includefield. Series answer it when asked, and with their study's
+    attributes."""
+    mr = next(f for f in files if f.Modality == "MR")
+    for path, params in (("studies", {}), (f"studies/{mr.StudyInstanceUID}/instances", {}),
+                         ("series", {"includefield": "InstanceAvailability"})):
+        answer = qido(pas, path, **params).json()
+        assert answer and all(value(item, "00080056") == "ONLINE" for item in answer), path
+        assert all(item["00080056"]["vr"] == "CS" for item in answer)
+    # Not a series default (a series search outside a study returns the study's).
+    assert "00080056" not in qido(pas, f"studies/{mr.StudyInstanceUID}/series").json()[0]
+
+
 def test_a_refused_search_is_audited_as_a_failed_query(pas: PasProcess) -> None:
     """A QIDO-RS search refused for its parameters left no trace in the audit trail (C-FIND's
     refusals did): now one query row each, a failure naming the problem and what was asked."""

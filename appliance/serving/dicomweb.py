@@ -98,15 +98,21 @@ MAX_NAMED = 5  # parameters named in that Warning and in the audit row
 # Rows, Columns, BitsAllocated and NumberOfFrames are among an instance's (web viewers list a
 # multi-frame instance's frames and lay images out from them); they were not returned.
 DEFAULT_RETURN = {
-    "STUDY": ["StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy",
+    "STUDY": ["StudyDate", "StudyTime", "AccessionNumber", "InstanceAvailability",
+              "ModalitiesInStudy",
               "ReferringPhysicianName", "PatientName", "PatientID", "PatientBirthDate",
               "PatientSex", "StudyInstanceUID", "StudyID", "NumberOfStudyRelatedSeries",
               "NumberOfStudyRelatedInstances", "StudyDescription"],
     "SERIES": ["Modality", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription",
                "BodyPartExamined", "NumberOfSeriesRelatedInstances"],
-    "IMAGE": ["SOPClassUID", "SOPInstanceUID", "InstanceNumber", "Rows", "Columns",
-              "BitsAllocated", "NumberOfFrames"],
+    "IMAGE": ["SOPClassUID", "SOPInstanceUID", "InstanceAvailability", "InstanceNumber",
+              "Rows", "Columns", "BitsAllocated", "NumberOfFrames"],
 }
+# Instance Availability (0008,0056), "present if known" in PS3.18's study and instance
+# tables: what PAS answers from its cache is on its disk, ONLINE (as its C-FIND says). It was
+# never returned, even when asked by includefield.
+INSTANCE_AVAILABILITY = "00080056"
+ONLINE = element_json(DataElement(0x00080056, "CS", "ONLINE"))
 # Instance attributes of type C in that table (returned if the instance has them): one the
 # instance lacks (a structured report's Rows, a single frame's NumberOfFrames) is left out of
 # its answer, as Orthanc leaves it out, rather than given empty, which would say the
@@ -318,6 +324,7 @@ class DicomWeb:
             if upper.lower() not in path:
                 for k in DEFAULT_RETURN[upper]:
                     keys.setdefault(k, "")
+        matched: dict[str, str] = {}
         for name, value in request.query_params.multi_items():
             if name in ("limit", "offset", "fuzzymatching", "includefield"):
                 if name == "includefield":
@@ -338,6 +345,10 @@ class DicomWeb:
             tag = tag_for_keyword(keyword)  # None: a private tag or a sequence path
             if tag is not None and dictionary_VR(tag) == "UI":
                 value = value.replace(",", "\\")  # PS3.18 8.3.4.1: a UID list may use ","
+            if keyword in matched:  # the last one was applied, without a word
+                raise HttpProblem(400, f"{keyword}: given more than once ({matched[keyword]!r} "
+                                       f"and {value!r}); give it once (a UID list: a,b)")
+            matched[keyword] = value
             keys[keyword] = value
         if "study" in path:
             keys["StudyInstanceUID"] = path["study"]
@@ -369,6 +380,8 @@ class DicomWeb:
             if value is None and keyword in TYPE_C:
                 continue
             attributes[f"{tag:08X}"] = _json_attribute(tag, vr, value, memo)
+        if "InstanceAvailability" in keys:
+            attributes[INSTANCE_AVAILABILITY] = ONLINE
         study = row.get("StudyInstanceUID")
         if study:
             url = f"{self.base_url}/studies/{study}"

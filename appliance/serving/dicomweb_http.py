@@ -183,9 +183,12 @@ def _int_param(request: Request, name: str, positive: bool = False) -> int | Non
     """The query parameter ``name`` as a non-negative (``positive``: at least 1) integer, None
     when absent; HttpProblem 400 naming it otherwise. ASCII digits only (str.isdigit also took
     "²", which int() refused: a 500). Past SQLite's largest integer, that integer."""
-    raw = request.query_params.get(name)
-    if raw is None:
+    given = request.query_params.getlist(name)
+    if not given:
         return None
+    if len(given) > 1:  # the last one was taken, without a word
+        raise HttpProblem(400, f"{name}: given {len(given)} times; give it once")
+    raw = given[0]
     digits = raw.lstrip("0") or "0"
     if not re.fullmatch(r"[0-9]+", raw) or (positive and digits == "0"):
         kind = "a positive" if positive else "a non-negative"
