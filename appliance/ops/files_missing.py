@@ -27,6 +27,13 @@ def heartbeat_error(count: int) -> str:
             "back): pas cache status; pas verify --repair")
 
 
+def damaged_error(count: int) -> str:
+    """The heartbeat's error line for ``count`` (> 0) files flagged damaged (their size or
+    SHA-256 no longer the received bytes')."""
+    return (f"{counted(count, 'file')} damaged in the spool (flagged: bytes no longer those "
+            "received; a failing disk?): pas cache status; pas verify --repair")
+
+
 def count_said(error: str) -> int:
     """The count a heartbeat error of :func:`heartbeat_error` says (0 for any other)."""
     found = _SAID.match(error)

@@ -116,9 +116,13 @@ def _from_store(settings: Settings, db: Database, errors: list[str]) -> dict[str
     backlog = snapshot["backlog"]
     # Before the failed jobs (the errors are capped): files lost here are the one problem
     # no job, alert or refusal of the hub shows regional ops (hub: pas_fleet_site_files_missing).
-    missing = snapshot["cache"]["integrity_issues"].get("missing", 0)
+    issues = snapshot["cache"]["integrity_issues"]
+    missing = issues.get("missing", 0)
     if missing:
         errors.append(files_missing.heartbeat_error(missing))
+    damaged = issues.get("size_mismatch", 0) + issues.get("hash_mismatch", 0)
+    if damaged:  # said to regional ops as the missing ones are
+        errors.append(files_missing.damaged_error(damaged))
     by_priority = ops_store.backlog_by_priority(db)
     urgent = [row["oldest_age_s"] for row in by_priority if row["priority"] == 0]
     routine = [row["oldest_age_s"] for row in by_priority if row["priority"] == 2]

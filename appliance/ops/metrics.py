@@ -345,6 +345,13 @@ class ApplianceCollector(Collector):
                                 "the spool and not resolved (pas cache status; pas verify "
                                 "--repair fetches the confirmed ones back from the region)",
                                 value=cache_store.files_missing_count(self.db))
+        # Files whose bytes are no longer those received (the scrub or pas verify re-hashed
+        # them: a failing disk, silent corruption): only the missing ones were exported.
+        yield GaugeMetricFamily("pas_spool_files_damaged", "Indexed files flagged damaged "
+                                "(size or SHA-256 no longer the received bytes') and not "
+                                "resolved (pas cache status; pas verify --repair quarantines "
+                                "them and fetches the confirmed ones back from the region)",
+                                value=cache_store.files_damaged_count(self.db))
 
     def _received_by_ae(self) -> dict[str, tuple[int, int]]:
         """(instances, bytes) received per ``calling_ae`` label: a title of

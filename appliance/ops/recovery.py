@@ -317,10 +317,18 @@ def restore_from_region(db: Database, spool: Spool, item: cache_store.IndexedFil
 
 def check_file(db: Database, spool: Spool, item: cache_store.IndexedFile, report: VerifyReport,
                throttle: RateLimiter | None = None, repair: bool = False,
-               region: RegionSource | None = None) -> None:
+               region: RegionSource | None = None, set_aside: bool = False) -> None:
     """Re-hash one indexed file against its row; flag it, and with ``repair`` quarantine a
     damaged copy and, when a ``region`` is given and the region confirmed the instance,
-    restore the original bytes from there."""
+    restore the original bytes from there.
+
+    ``set_aside`` (the daemon's scrub): a damaged copy is quarantined too, and its row
+    flagged ``missing`` besides ``hash_mismatch``. Left in place it was served as it was (a
+    C-MOVE, C-GET or WADO-RS sent the wrong bytes, a forward to a local node too) until an
+    operator ran ``pas verify --repair``, and the modality's re-send was taken for a
+    duplicate (a same-size file under its name counts as held). Flagged missing, its study
+    is served as one with a lost file: fetched from the region when it confirmed it, else
+    the rest with a warning; a re-send writes the right bytes and clears the flag."""
     report.files += 1
     path = spool.root / item.path
     try:
@@ -349,11 +357,17 @@ def check_file(db: Database, spool: Spool, item: cache_store.IndexedFile, report
     report.hash_mismatch += 1
     detail = f"SHA-256 {digest[:16]}… differs from the index {item.sha256[:16]}…"
     report.problems.append(f"hash_mismatch {item.path}: {detail}")
-    if repair:
+    moved = None
+    if repair or set_aside:
         # Moving the damaged copy aside lets a re-send (or a fetch from the region) write
         # the right bytes again: the spool treats an existing same-size file as already held.
-        moved = cache_store.quarantine(spool, item.path)
-        detail += f"; damaged copy moved to {moved}"
+        try:
+            moved = cache_store.quarantine(spool, item.path)
+        except FileNotFoundError:  # evicted, purged or set aside meanwhile: as it is
+            moved = None
+        if moved is not None:
+            detail += f"; damaged copy moved to {moved}"
+    if repair:
         report.repaired += 1
         if region is not None and item.confirmed and restore_from_region(
                 db, spool, item, region, report):
@@ -361,6 +375,9 @@ def check_file(db: Database, spool: Spool, item: cache_store.IndexedFile, report
             report.problems.pop()  # repaired: no longer a problem
             return
     _flag(db, "hash_mismatch", item.path, item.instance_id, detail)
+    if set_aside and moved is not None:
+        _flag(db, "missing", item.path, item.instance_id,
+              f"damaged copy set aside by the scrub ({moved}): served as a lost file")
 
 
 def verify(db: Database, spool: Spool, *, repair: bool = False, receiver: object | None = None,
@@ -463,7 +480,7 @@ class Scrubber:
         for item in items:
             if stop.is_set():
                 break
-            check_file(self.db, self.spool, item, self.last_report, throttle)
+            check_file(self.db, self.spool, item, self.last_report, throttle, set_aside=True)
             position = item.instance_id
         cache_store.save_scrub_position(self.db, position)
         return len(items)

@@ -204,11 +204,17 @@ def _cache_card(snapshot: dict[str, Any]) -> str:
             f'{counted(snapshot["studies"], "study", "studies")}</b>'
             f"{counted(snapshot['instances'], 'instance')} · "
             f"{snapshot['confirmed_instances']} confirmed")
-    missing = snapshot["cache"]["integrity_issues"].get("missing", 0)
+    issues = snapshot["cache"]["integrity_issues"]
+    missing = issues.get("missing", 0)
     if missing:
         card += (f'<br><span class="state warn" id="files-missing">'
                  f"{counted(missing, 'file')} missing</span> (pas cache status; pas verify "
                  "--repair fetches them from the region)")
+    damaged = issues.get("size_mismatch", 0) + issues.get("hash_mismatch", 0)
+    if damaged:  # the scrub's or pas verify's finding: bytes no longer those received
+        card += (f'<br><span class="state warn" id="files-damaged">'
+                 f"{counted(damaged, 'file')} damaged</span> (pas cache status; pas verify "
+                 "--repair sets them aside and fetches the confirmed ones from the region)")
     return card + "</div>"
 
 

@@ -310,6 +310,15 @@ def files_missing_count(db: Database) -> int:
     return int(row["n"]) if row is not None else 0
 
 
+def files_damaged_count(db: Database) -> int:
+    """How many files are flagged damaged (``size_mismatch``, ``hash_mismatch``: their bytes
+    are no longer what was received) and not resolved (``pas_spool_files_damaged``), counted
+    as :func:`files_missing_count` counts the missing ones."""
+    row = db.query_one("SELECT count(*) AS n FROM integrity_issues WHERE resolved_at IS NULL "
+                       "AND kind IN ('size_mismatch', 'hash_mismatch')")
+    return int(row["n"]) if row is not None else 0
+
+
 def files_still_missing(db: Database, spool: Spool, study_uid: str,
                         resolution: str = "file present again") -> list[sqlite3.Row]:
     """:func:`study_files_missing`, less those whose file is back in the spool (the same

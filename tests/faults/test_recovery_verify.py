@@ -92,10 +92,19 @@ def test_verify_reports_then_recovery_flags_and_repair_restores(filled) -> None:
     assert scrubber.last_report.hash_mismatch == 2 and scrubber.last_report.missing == 1
     assert "hash_mismatch" in {i["kind"] for i in cache_store.open_issues(db)}
     assert spool_state(home)["rows"] == 6  # nothing was dropped from the index
+    # The scrub set the two damaged copies aside (never served again) and flagged them
+    # missing too: their studies are served as ones with a lost file.
+    assert not truncated.exists() and not flipped.exists()
+    assert len(cache_store.study_files_missing(db, str(received[1].study_uid))) >= 1
+    assert sorted(p.name for p in (spool.root / "quarantine").iterdir()
+                  if p.name.endswith(".dcm") and not p.name.endswith(garbage.name)) == sorted(
+        str(p.relative_to(spool.root)).replace("/", "_") for p in (truncated, flipped))
 
-    # 3. --repair moves damaged copies aside; the modality re-sends; verify is clean again.
+    # 3. --repair has nothing left to set aside (it moved damaged copies aside itself when
+    # the scrub had not); the modality re-sends; verify is clean again.
     result = _pas(home, "verify", "--repair", "--json")
-    assert json.loads(result.stdout)["repaired"] == 2
+    assert json.loads(result.stdout)["repaired"] == 0
+    assert json.loads(result.stdout)["missing"] == 3
     for source in sources[:3]:
         again = receiver.receive_file(source.read_bytes())
         assert again.duplicate  # the row was there all along: only the file comes back
