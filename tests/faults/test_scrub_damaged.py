@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
@@ -61,6 +62,8 @@ def test_a_damaged_file_is_set_aside_served_as_lost_and_healed_by_a_resend(
             damaged["path"].replace("/", "_")]
         assert _metric(pas, "pas_spool_files_damaged") == 1.0
         assert _metric(pas, "pas_spool_files_missing") == 1.0
+        page = httpx.get(f"http://127.0.0.1:{pas.http_port}/", timeout=10).text
+        assert '<span class="state warn" id="files-damaged">1 file damaged</span>' in page
 
         study = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
         identifier = Dataset()
