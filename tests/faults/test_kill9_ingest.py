@@ -83,4 +83,4 @@ def test_orphan_from_lost_commit_is_adopted_not_dropped(tmp_path: Path) -> None:
     state = assert_consistent(home)
     assert state["rows"] == 1
     assert next(iter(state["by_sop"].values()))["path"] == stored.path
-    assert "orphans_adopted': 1" in pas.log() and "temp_files_removed': 1" in pas.log()
+    assert "orphans_adopted=1" in pas.log() and "temp_files_removed=1" in pas.log()
