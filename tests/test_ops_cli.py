@@ -512,6 +512,15 @@ def test_verify_audits_the_operator_who_ran_it_and_doctor_names_what_it_found(
     (pas.home / "spool" / other).write_bytes(bytes(damaged))
     found = pas.cli("verify", check=False)
     assert found.returncode == 1 and "missing=1" in found.stdout, found.stdout
+    # Each problem says which instance it is and what gets it back (a spool path alone
+    # told IT nothing).
+    problems = json.loads(pas.cli("verify", "--json", check=False).stdout)["problems"]
+    (lost,) = [p for p in problems if p.startswith("missing ")]
+    (uid, study) = [(r["sop_instance_uid"], r["study_uid"]) for r in read_rows(
+        pas.home / "pas.sqlite", "SELECT i.sop_instance_uid, s.study_uid FROM instances i "
+        "JOIN studies s ON s.id = i.study_fk WHERE i.path = ?", (path,))][0]
+    assert lost.endswith(f": instance {uid} of study {study}, not confirmed by the region "
+                         "(this was its only copy): send the study again from its modality"), lost
     doctor = pas.cli("doctor", "--json", check=False)
     checks = {c["name"]: c for c in json.loads(doctor.stdout)}
     assert doctor.returncode == 1 and checks["stored files"]["verdict"] == "fail", checks
@@ -525,5 +534,5 @@ def test_verify_audits_the_operator_who_ran_it_and_doctor_names_what_it_found(
     rows = json.loads(pas.cli("audit", "--json", "--limit", "20").stdout)
     verifies = [r["actor"] for r in rows if r["event"] == "verify"]
     recoveries = [r for r in rows if r["event"] == "recovery" and "missing=1" in r["detail"]]
-    assert verifies == [me, me], rows
+    assert verifies == [me, me, me], rows
     assert [r["actor"] for r in recoveries] == [me], rows

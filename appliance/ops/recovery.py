@@ -346,7 +346,8 @@ def check_file(db: Database, spool: Spool, item: cache_store.IndexedFile, report
             return
         report.missing += 1
         _flag(db, "missing", item.path, item.instance_id, "indexed file missing")
-        report.problems.append(f"missing {item.path} (instance row {item.instance_id})")
+        report.problems.append(f"missing {item.path} (instance row {item.instance_id}): "
+                               f"{_what_to_do(db, item, repair)}")
         return
     report.bytes += item.size
     if digest == item.sha256:
@@ -356,7 +357,8 @@ def check_file(db: Database, spool: Spool, item: cache_store.IndexedFile, report
         return
     report.hash_mismatch += 1
     detail = f"SHA-256 {digest[:16]}… differs from the index {item.sha256[:16]}…"
-    report.problems.append(f"hash_mismatch {item.path}: {detail}")
+    report.problems.append(f"hash_mismatch {item.path}: {detail}; "
+                           f"{_what_to_do(db, item, repair)}")
     moved = None
     if repair or set_aside:
         # Moving the damaged copy aside lets a re-send (or a fetch from the region) write
@@ -378,6 +380,22 @@ def check_file(db: Database, spool: Spool, item: cache_store.IndexedFile, report
     if set_aside and moved is not None:
         _flag(db, "missing", item.path, item.instance_id,
               f"damaged copy set aside by the scrub ({moved}): served as a lost file")
+
+
+def _what_to_do(db: Database, item: cache_store.IndexedFile, repaired: bool) -> str:
+    """Which instance a lost or damaged file is, and what gets it back: a spool path alone
+    told IT nothing (which study? the only copy?). The region holds what it confirmed (``pas
+    verify --repair`` fetches it, or did when it could); what it never confirmed only the
+    modality can send again."""
+    identity = cache_store.instance_identity(db, item.instance_id)
+    which = (f"instance {identity[2]} of study {identity[0]}" if identity is not None
+             else f"instance row {item.instance_id}")
+    if item.confirmed:
+        return (f"{which}, confirmed by the region: "
+                + ("the region could not give it back now; try again" if repaired
+                   else "pas verify --repair fetches it back"))
+    return (f"{which}, not confirmed by the region (this was its only copy): send the study "
+            "again from its modality")
 
 
 def verify(db: Database, spool: Spool, *, repair: bool = False, receiver: object | None = None,
