@@ -514,7 +514,13 @@ def test_status_and_doctor_name_the_restored_backup_as_the_last_one(tmp_path: Pa
         json.loads((backup / "MANIFEST.json").read_text())["made_at"], "%Y-%m-%dT%H:%M:%SZ"))
 
     restored = PasProcess(tmp_path / "home", {"PAS_SITE": "SITE-A"})
-    restored.cli("restore", str(backup))
+    said = " ".join(restored.cli("restore", str(backup)).stdout.split())
+    # Not enrolled when it was written: said so (it said "and the enrolment").
+    assert ("the index (0 instances); it held no enrolment (not enrolled when it was "
+            "written)") in said and "and the enrolment" not in said, said
+    [row] = read_rows(tmp_path / "home" / "pas.sqlite",
+                      "SELECT detail FROM audit WHERE event = 'recovery'")
+    assert row["detail"].startswith(f"pas restore: the index of {backup}"), row["detail"]
     state = restored.status()["backup"]
     assert (state["last_at"], state["folder"], state["stale"]) == (made_at, str(backup), False)
     assert state["restored_at"] is not None and state["restored_at"] >= made_at

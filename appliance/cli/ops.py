@@ -328,9 +328,12 @@ def restore(folder: Path = typer.Argument(..., help="A pas-backup-<site>-<UTC ti
     except (RestoreRefused, HomeInUse) as exc:
         err.print(f"[red]refused:[/red] {exc}", highlight=False)
         raise typer.Exit(1) from None
+    # "and the enrolment" only when the backup held one (an appliance not yet enrolled).
+    enrolment = (" and the enrolment" if (folder / "pki").is_dir() else
+                 "; it held no enrolment (not enrolled when it was written)")
     console.print(f"restored {folder} in {settings.home}: the index "
-                  f"({counted(done.manifest.get('instances', 0), 'instance')}) and the "
-                  "enrolment", highlight=False)
+                  f"({counted(done.manifest.get('instances', 0), 'instance')}){enrolment}",
+                  highlight=False)
     for what, aside in (("index", done.index_set_aside), ("enrolment", done.pki_set_aside)):
         if aside is not None:
             console.print(f"the home's {what} before it set aside as {aside}", highlight=False)

@@ -154,7 +154,8 @@ def restore_backup(settings: Settings, folder: Path, actor: str,
         if (home / "pki").exists():
             pki_aside = home / f"pki.{ASIDE}-{stamp}"
             (home / "pki").rename(pki_aside)
-        if (folder / "pki").is_dir():
+        has_pki = (folder / "pki").is_dir()
+        if has_pki:
             shutil.copytree(folder / "pki", home / "pki")  # copy2: each file's mode kept
             (home / "pki").chmod(0o700)
         fsync_dir(home)
@@ -165,7 +166,8 @@ def restore_backup(settings: Settings, folder: Path, actor: str,
             backups.record_restore(
                 restored, made_at=made_at(folder, manifest), folder=folder.resolve(),
                 actor=actor,
-                detail=f"pas restore: the index and the enrolment of {folder} "
+                detail=f"pas restore: the index{' and the enrolment' if has_pki else ''} "
+                       f"of {folder} "
                        f"(written {manifest.get('made_at')})"
                        + (f"; the home's index set aside as {index_aside.name}"
                           if index_aside else ""))
