@@ -139,6 +139,11 @@ class Settings(_Section):
                     problems.append(
                         f"serving.move_destinations[{index}].tls: {moved.title} is reached "
                         "over TLS: dicom.tls.ca (the CA its certificate chains to) is required")
+        # A home that is a file (PAS_HOME set to one by mistake): pas run said "cannot start:
+        # .../pki/hub.json: unreadable ([Errno 20] Not a directory)".
+        if self.home.exists() and not self.home.is_dir():
+            problems.append(f"home: {self.home} is not a folder (PAS_HOME or the file's home "
+                            "names where PAS keeps its index and spool)")
         if problems:
             raise ConfigError(problems)
 

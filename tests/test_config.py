@@ -604,3 +604,18 @@ def test_check_names_a_bad_value_of_the_file_an_environment_variable_replaces(
         "'WAY-TOO-LONG-AE-TITLE'",
         f"in {path} (a PAS_* variable replaces it now; without it pas run refuses the file): "
         "dicom.port: must be 1-65535, got 70000"], result.stderr
+
+
+def test_a_home_that_is_a_file_is_refused_naming_it(tmp_path: Path) -> None:
+    """PAS_HOME set to a file: pas run said "cannot start: FILE/pki/hub.json: unreadable
+    ([Errno 20] Not a directory)"; the configuration is refused naming the key instead."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    result = check(None, PAS_HOME=str(a_file))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"config error home: {a_file} is not a folder" in " ".join(result.stderr.split())
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PAS_")}
+    run = subprocess.run([str(PAS_BIN), "run"], env={**clean, "PAS_HOME": str(a_file)},
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "home: " in run.stderr and "Traceback" not in run.stderr
+    assert a_file.read_text() == "not a folder"
