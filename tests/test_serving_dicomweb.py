@@ -244,6 +244,10 @@ def test_wado_rs_transfer_syntax_negotiation(pas: PasProcess, accept: str,
                              headers={"Accept": accept}, timeout=60)
         if expected is None:
             assert response.status_code == 406, response.text
+            # Each syntax PAS offers named once (the explicit VR stored one was twice).
+            offered = response.json()["detail"].split("; ask for ")[1]
+            names = offered.replace(" or ", ", ").split(", ")
+            assert len(names) == len(set(names)) >= 3, offered
             continue
         assert response.status_code == 200, response.text
         [(content_type, body)] = _dicom_parts(response)

@@ -113,6 +113,7 @@ def test_a_uid_list_in_the_path_is_a_400_naming_it(pas: PasProcess, method: str,
     detail = answer.json()["detail"]
     assert detail.startswith(f"{keyword} '") and detail.endswith(
         "in the path: a path names one UID, not a list"), detail
+    assert detail.count("\\") == 1, detail  # quoted as given: repr doubled the backslash
     rows = _rows_after(pas, last)
     assert [(r["event"], r["outcome"].startswith(f"failure: {keyword} '")) for r in rows] == [
         (event, True)], [dict(r) for r in rows]

@@ -212,9 +212,12 @@ def _one_uid_each(path: dict[str, str]) -> None:
     index's to refuse (400 too)."""
     for key, keyword in _PATH_UIDS:
         value = path.get(key)
-        if value is not None and "\\" in value:
-            shown = value if len(value) <= 80 else value[:80] + "..."
-            raise HttpProblem(400, f"{keyword} {shown!r} in the path: a path names one UID, "
+        if value is None:
+            continue
+        # Quoted as given (repr doubled each backslash: '1.2.3\\\\4.5').
+        shown = value if len(value) <= 80 else value[:80] + "..."
+        if "\\" in value:
+            raise HttpProblem(400, f"{keyword} '{shown}' in the path: a path names one UID, "
                                    "not a list")
 
 

@@ -177,9 +177,11 @@ def part_syntax(accepted: list[str], stored: str | None) -> str:
             return syntax
     if not accepted:
         raise HttpProblem(406, "Accept refuses every DICOM answer (q=0)")
+    # Each once: an instance stored in explicit VR little endian named it twice.
+    offered = list(dict.fromkeys(s for s in ("*", stored, EXPLICIT_LE, IMPLICIT_LE) if s))
     raise HttpProblem(406, f"transfer syntax {', '.join(accepted)} is not offered for an "
-                           f"instance stored as {stored}; ask for *, {stored}, {EXPLICIT_LE} "
-                           f"or {IMPLICIT_LE}")
+                           f"instance stored as {stored}; ask for {', '.join(offered[:-1])} "
+                           f"or {offered[-1]}")
 
 
 def frame_list(text: str) -> list[int]:
