@@ -87,6 +87,8 @@ def test_late_instances_form_a_delta_routed_again(pas_factory, storescp: StoreSC
              what="delta job")
     listing = json.loads(pas.cli("queue", "list", "--json").stdout)
     assert sorted(j["instances"] for j in listing) == [1, 2]
+    # The priority as the table says it, beside its rank.
+    assert {(j["priority"], j["priority_name"]) for j in listing} == {(0, "urgent")}
     assert len(storescp.files()) == 3
 
 

@@ -417,8 +417,9 @@ def queue_list(config: Path | None = ConfigOption,
     settings = _settings(config)
     reader = _reader(settings)
     rows = list_jobs(reader, state.value if state else None, limit)
-    if as_json:
-        print(json.dumps(rows, indent=2))
+    if as_json:  # the table's word beside the number scripts already read
+        print(json.dumps([{**r, "priority_name": PRIORITY_NAME.get(r["priority"])}
+                          for r in rows], indent=2))
         return
     # The title said "200 jobs" after a weekend's outage had queued 3,000: say it is a part.
     total = count_jobs(reader, state.value if state else None) if len(rows) == limit else 0
