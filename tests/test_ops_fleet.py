@@ -557,6 +557,40 @@ def test_files_missing_at_a_site_reach_the_fleet(uploaded: dict[str, Any]) -> No
              what="SITE-A's heartbeat with no file missing")
 
 
+def test_files_damaged_at_a_site_reach_the_fleet(uploaded: dict[str, Any]) -> None:
+    """A file of SITE-A's spool whose bytes changed (one flipped), found by pas verify: the
+    site's heartbeat says it, and the hub's fleet page shows it (only missing files were
+    said). Put back and verified again, the site is clean again."""
+    pas: PasProcess = uploaded["pas"]
+    viewer: httpx.Client = uploaded["viewer"]
+
+    def row() -> str:
+        page = viewer.get("/fleet").text
+        found = page[page.index('<tr data-site="SITE-A">'):]
+        return found[:found.index("</tr>")]
+
+    conn = sqlite3.connect(pas.home / "pas.sqlite")
+    [(relative,)] = conn.execute("SELECT path FROM instances ORDER BY id LIMIT 1").fetchall()
+    conn.close()
+    spool_file = pas.home / "spool" / relative
+    original = spool_file.read_bytes()
+    damaged = bytearray(original)
+    damaged[-1] ^= 0xFF
+    spool_file.write_bytes(bytes(damaged))
+    try:
+        flagged = pas.cli("verify", check=False)
+        assert flagged.returncode == 1, flagged.stdout + flagged.stderr
+        wait_for(lambda: "1 file damaged in the spool" in row(), 30, interval=0.2,
+                 what="SITE-A's heartbeat saying 1 file damaged")
+    finally:
+        # The daemon's scrub may have set the damaged copy aside meanwhile: written back.
+        spool_file.write_bytes(original)
+    clean = pas.cli("verify", check=False)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    wait_for(lambda: "damaged" not in row() and "missing" not in row(), 30, interval=0.2,
+             what="SITE-A's heartbeat with no file damaged")
+
+
 def test_a_revoked_site_leaves_the_fleet_alerts(fleet: dict[str, Any]) -> None:
     """pas hub revoke SITE (a site closed, or a stolen appliance) refuses its certificate,
     but its row stayed as any site's: "down" five minutes later, for ever, with its

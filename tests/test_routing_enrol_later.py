@@ -35,6 +35,11 @@ def test_a_study_received_before_the_enrolment_goes_to_the_region_after_it(
         said = " ".join(pas.cli("status").stdout.split())
         assert ("not enrolled: 6 instances of 1 study wait for the enrolment to go to the "
                 "region (pas enroll, then restart PAS)") in said, said
+        checks = {c["name"]: c for c in json.loads(pas.cli("doctor", "--json",
+                                                           check=False).stdout)}
+        assert checks["enrolment"]["detail"] == (
+            "not enrolled with a regional hub: 6 instances of 1 study received meanwhile "
+            "wait for it to go to the region"), checks["enrolment"]
     finally:
         pas.stop()
 

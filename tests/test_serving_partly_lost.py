@@ -167,6 +167,7 @@ def test_a_partly_lost_study_is_served_without_its_lost_instances(tmp_path: Path
         assert page.status_code == 200
         assert '<span class="state warn" id="files-missing">3 files missing</span>' in \
             page.text, page.text[:3000]
+        assert "pas verify --repair fetches the confirmed ones from the region" in page.text
         log_before = len(pas.log())
 
         # getscu, study level: the 37 on site, bit-exact (was: refused 0xC000, none).

@@ -201,9 +201,10 @@ def check_enrolment(settings: Settings) -> list[Check]:
     except EnrolmentError as exc:
         return [Check("enrolment", "fail", str(exc), ENROL_AGAIN)]
     if enrolment is None:
-        return [Check("enrolment", "warn", "not enrolled with a regional hub",
+        return [Check("enrolment", "warn", "not enrolled with a regional hub"
+                      + _awaiting_enrolment(settings),
                       "ask regional ops for a token, then: pas enroll --hub URL (it asks for "
-                      "the token; or --token-file FILE)")]
+                      "the token; or --token-file FILE), then restart PAS")]
     checks = [Check("enrolment", "ok", f"site {enrolment.site}, hub {enrolment.url}")]
     try:  # the configuration's site is the certificate's: pas run refuses otherwise
         check_site(settings.home, configured_site(settings))
@@ -227,6 +228,29 @@ def check_enrolment(settings: Settings) -> list[Check]:
                             f"valid for {counted(round(days), 'more day')}"))
     checks.extend(check_hub(enrolment))
     return checks
+
+
+def _awaiting_enrolment(settings: Settings) -> str:
+    """What waits for the enrolment to go to the region (appliance/store/awaiting_hub.py),
+    said after "not enrolled"; nothing when none does or the index cannot be read (the
+    database check says why)."""
+    from appliance.store import awaiting_hub
+    from appliance.store.db import Database
+
+    if not settings.db_path.exists():
+        return ""
+    try:
+        db = Database(settings.db_path, readonly=True)
+        try:
+            instances, studies = awaiting_hub.waiting(db)
+        finally:
+            db.close()
+    except Exception:  # any failure is the database check's finding
+        return ""
+    if not instances:
+        return ""
+    return (f": {counted(instances, 'instance')} of {counted(studies, 'study', 'studies')} "
+            "received meanwhile wait for it to go to the region")
 
 
 def check_hub(enrolment: object) -> list[Check]:

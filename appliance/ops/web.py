@@ -196,25 +196,27 @@ def _disk_card(disk: dict[str, Any], alert: str | None) -> str:
             f'<br><span id="disk-alert">{_esc(alert)}</span></div>')
 
 
-def _cache_card(snapshot: dict[str, Any]) -> str:
+def _cache_card(snapshot: dict[str, Any], has_region: bool = True) -> str:
     """The cache's figures, and its files flagged missing in warning style (a lost disk
     under a restored index, files removed by hand): their studies are served partly when
-    the region cannot give them back, and the page said nothing of it."""
+    the region cannot give them back, and the page said nothing of it. ``has_region``:
+    enrolled, or a DICOMweb region configured; without one, "pas verify --repair fetches
+    them from the region" promised what cannot happen: their modality must send them."""
     card = (f'<div class="card" id="cache">Cache<b>'
             f'{counted(snapshot["studies"], "study", "studies")}</b>'
             f"{counted(snapshot['instances'], 'instance')} · "
             f"{snapshot['confirmed_instances']} confirmed")
     issues = snapshot["cache"]["integrity_issues"]
     missing = issues.get("missing", 0)
+    back = ("pas verify --repair fetches the confirmed ones from the region" if has_region
+            else "no region to fetch them from: send their studies again from the modality")
     if missing:
         card += (f'<br><span class="state warn" id="files-missing">'
-                 f"{counted(missing, 'file')} missing</span> (pas cache status; pas verify "
-                 "--repair fetches them from the region)")
+                 f"{counted(missing, 'file')} missing</span> (pas cache status; {back})")
     damaged = issues.get("size_mismatch", 0) + issues.get("hash_mismatch", 0)
     if damaged:  # the scrub's or pas verify's finding: bytes no longer those received
         card += (f'<br><span class="state warn" id="files-damaged">'
-                 f"{counted(damaged, 'file')} damaged</span> (pas cache status; pas verify "
-                 "--repair sets them aside and fetches the confirmed ones from the region)")
+                 f"{counted(damaged, 'file')} damaged</span> (pas cache status; {back})")
     return card + "</div>"
 
 
@@ -292,7 +294,8 @@ def render_page(daemon: Daemon, form_token: FormToken | None = None) -> str:
         f'{reports["pending"]} pending</b>oldest {_age(reports["oldest_age_s"])} · '
         f'given up {reports["given_up_24h"]} (24 h)</div>',
         _disk_card(disk, snapshot["cache"]["disk_alert"]),
-        _cache_card(snapshot),
+        _cache_card(snapshot, enrolled_site(daemon) is not None
+                    or bool(daemon.settings.prefetch.dicomweb_url)),
         _backup_card(snapshot["backup"]),
         "</div>",
         *_links_section(snapshot.get("links") or {}),

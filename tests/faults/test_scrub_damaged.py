@@ -64,6 +64,9 @@ def test_a_damaged_file_is_set_aside_served_as_lost_and_healed_by_a_resend(
         assert _metric(pas, "pas_spool_files_missing") == 1.0
         page = httpx.get(f"http://127.0.0.1:{pas.http_port}/", timeout=10).text
         assert '<span class="state warn" id="files-damaged">1 file damaged</span>' in page
+        # Not enrolled, no region configured: the page does not promise a fetch from one.
+        assert "no region to fetch them from: send their studies again from the modality" \
+            in page and "fetches the confirmed ones from the region" not in page
 
         study = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
         identifier = Dataset()
