@@ -582,6 +582,8 @@ def test_files_damaged_at_a_site_reach_the_fleet(uploaded: dict[str, Any]) -> No
         assert flagged.returncode == 1, flagged.stdout + flagged.stderr
         wait_for(lambda: "1 file damaged in the spool" in row(), 30, interval=0.2,
                  what="SITE-A's heartbeat saying 1 file damaged")
+        assert metric(viewer.get("/metrics").text, "pas_fleet_site_files_damaged",
+                      site="SITE-A") == 1
     finally:
         # The daemon's scrub may have set the damaged copy aside meanwhile: written back.
         spool_file.write_bytes(original)
@@ -589,6 +591,8 @@ def test_files_damaged_at_a_site_reach_the_fleet(uploaded: dict[str, Any]) -> No
     assert clean.returncode == 0, clean.stdout + clean.stderr
     wait_for(lambda: "damaged" not in row() and "missing" not in row(), 30, interval=0.2,
              what="SITE-A's heartbeat with no file damaged")
+    assert metric(viewer.get("/metrics").text, "pas_fleet_site_files_damaged",
+                  site="SITE-A") == 0
 
 
 def test_a_revoked_site_leaves_the_fleet_alerts(fleet: dict[str, Any]) -> None:

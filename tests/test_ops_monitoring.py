@@ -41,7 +41,7 @@ def referenced_metric_names() -> set[str]:
 def test_alert_rules_pass_promtool_check() -> None:
     result = promtool("check", "rules", "alerts.yml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 24 rules found" in result.stdout
+    assert "SUCCESS: 25 rules found" in result.stdout
 
 
 def test_alert_rules_unit_tests_pass() -> None:
@@ -82,6 +82,7 @@ def test_alerts_cover_what_the_issue_names() -> None:
         "region" in says  # what to run, and where the files come back from
     # Files damaged (the scrub's finding): only the missing ones were exported.
     assert exprs["PasApplianceFilesDamaged"] == "pas_spool_files_damaged > 0"
+    assert exprs["PasSiteFilesDamaged"] == "pas_fleet_site_files_damaged > 0"  # the hub's
     turning_away = exprs["PasApplianceDicomTurningAway"]  # capacity refusals, not security
     assert "too-many-associations|too-many-connections" in turning_away
     assert "unknown-ae" not in turning_away
@@ -104,7 +105,8 @@ def test_dashboard_shows_missing_files_and_the_hubs_reservations() -> None:
               for panel in dashboard["panels"]}
     assert len({panel["id"] for panel in dashboard["panels"]}) == len(dashboard["panels"])
     missing = [exprs for title, exprs in panels.items() if "files missing" in title.lower()]
-    assert sorted(missing) == [['pas_fleet_site_files_missing{site=~"$site"}'],
+    assert sorted(missing) == [['pas_fleet_site_files_missing{site=~"$site"}',
+                                'pas_fleet_site_files_damaged{site=~"$site"}'],
                                ["pas_spool_files_missing", "pas_spool_files_damaged"]], panels
     busy = [exprs for exprs in panels.values()
             if any("pas_hub_bucket_puts_refused_busy_total" in e for e in exprs)]

@@ -49,6 +49,7 @@ from appliance.hub.bucket_bodies import families as bucket_body_families
 from appliance.hub.fleet_gate import HISTORY_EVERY_S, HeartbeatGate
 from appliance.ops.backup import STALE_AFTER_S as BACKUP_STALE_AFTER_S
 from appliance.ops.files_missing import count_said as files_missing_said
+from appliance.ops.files_missing import damaged_said as files_damaged_said
 from appliance.ops.index_check import says_index_trouble
 from appliance.store import fleet as store
 from appliance.store.hub import hub_backup_record, revoked_sites
@@ -434,6 +435,10 @@ class FleetCollector(Collector):
             "missing": GaugeMetricFamily("pas_fleet_site_files_missing",
                                          "Files the site's last heartbeat says are flagged "
                                          "missing from its spool (0: none)", labels=["site"]),
+            "damaged": GaugeMetricFamily("pas_fleet_site_files_damaged",
+                                         "Files the site's last heartbeat says are flagged "
+                                         "damaged in its spool (their bytes no longer those "
+                                         "received; 0: none)", labels=["site"]),
             "index": GaugeMetricFamily("pas_fleet_site_index_damaged",
                                        "1 when the site's last heartbeat says its index "
                                        "database is damaged or could not be read",
@@ -467,6 +472,8 @@ class FleetCollector(Collector):
                 site, int(any(says_index_trouble(e) for e in r["errors"] or [])))
             families["missing"].add_metric(
                 site, max((files_missing_said(e) for e in r["errors"] or []), default=0))
+            families["damaged"].add_metric(
+                site, max((files_damaged_said(e) for e in r["errors"] or []), default=0))
         yield GaugeMetricFamily("pas_fleet_sites", "Sites that ever sent a heartbeat, "
                                 "revoked ones left out", value=len(rows))
         yield from families.values()

@@ -8,7 +8,8 @@ is gone, flagged ``missing``: the site's retrieves of those studies are served p
 the region cannot give them back. The site's own ``pas_spool_files_missing`` says it to a
 Prometheus scraping the appliance; regional ops, who scrape only the hub, see it as one of
 the heartbeat's errors and as ``pas_fleet_site_files_missing`` (its count read back here),
-as a damaged index is carried (ops/index_check.py).
+as a damaged index is carried (ops/index_check.py). Files flagged damaged (their bytes no
+longer those received) are said and read back the same way (``pas_fleet_site_files_damaged``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import re
 from appliance.words import counted
 
 _SAID = re.compile(r"^(\d+) files? missing from the spool\b")
+_DAMAGED_SAID = re.compile(r"^(\d+) files? damaged in the spool\b")
 
 
 def heartbeat_error(count: int) -> str:
@@ -37,4 +39,10 @@ def damaged_error(count: int) -> str:
 def count_said(error: str) -> int:
     """The count a heartbeat error of :func:`heartbeat_error` says (0 for any other)."""
     found = _SAID.match(error)
+    return int(found.group(1)) if found else 0
+
+
+def damaged_said(error: str) -> int:
+    """The count a heartbeat error of :func:`damaged_error` says (0 for any other)."""
+    found = _DAMAGED_SAID.match(error)
     return int(found.group(1)) if found else 0
