@@ -187,11 +187,18 @@ def test_a_destination_that_cannot_hold_the_backup_is_refused(
                 (a_file, f"{a_file} is not a folder"),
                 (tmp_path / "nowhere", f"{tmp_path / 'nowhere'} is not a folder (it does "
                                        "not exist)"),
-                (locked, f"cannot write in {locked}: Operation not permitted")]:
+                (locked, f"cannot write in {locked}: Operation not permitted"),
+                # Inside the hub's home: emptied at the next start (downloads/), while the
+                # fleet page named it the last good backup; lost with the home anyway.
+                (hub.home / "downloads", f"{hub.home / 'downloads'} is inside the hub's home "
+                 f"{hub.home}: a backup there is lost with the home (and the hub empties "
+                 "downloads/ at each start); write it on another disk or a share"),
+                (hub.home, f"{hub.home} is inside the hub's home")]:
             refused = hub.cli("backup", str(destination), check=False)
             assert refused.returncode == 1, refused.stdout
             assert f"refused: {said}" in " ".join(refused.stderr.split()), refused.stderr
         assert list(locked.iterdir()) == []
+        assert not list((hub.home / "downloads").glob("pas-hub-backup-*"))
     finally:
         subprocess.run(["chattr", "-i", str(locked)], check=True)
     assert a_file.read_text() == "not a folder\n" and not (tmp_path / "nowhere").exists()

@@ -135,3 +135,20 @@ def test_an_index_of_another_schema_is_refused_in_one_line(tmp_path: Path) -> No
         with sqlite3.connect(index) as conn:
             assert conn.execute("PRAGMA user_version").fetchone()[0] == known + step
         conn.close()
+
+
+def test_a_destination_inside_the_home_is_refused(tmp_path: Path) -> None:
+    """A backup written in PAS's own home is lost with it (the spool's disk): refused, naming
+    both, nothing written."""
+    from appliance.store.db import Database
+
+    home = tmp_path / "home"
+    Database(home / "pas.sqlite").close()
+    inside = home / "backups"
+    inside.mkdir()
+    refused = PasProcess(home).cli("backup", str(inside), check=False)
+    assert refused.returncode == 1, refused.stdout
+    assert " ".join(refused.stderr.split()) == (
+        f"refused: {inside} is inside PAS's home {home}: a backup there is lost with the home "
+        "(the spool's disk); write it on another disk or a share")
+    assert list(inside.iterdir()) == []

@@ -57,6 +57,7 @@ from appliance.ops.backup_folder import (
     copy_private,
     prune_backups,
     refuse_another_schema,
+    refuse_inside_home,
     utc_stamp,
     write_backup_folder,
 )
@@ -124,6 +125,8 @@ def make_hub_backup(settings: HubSettings, config_file: Path | None, destination
     check_hub_home(settings)
     check_schemas(settings)
     destination = destination.absolute()  # the log line and the manifest name it whole
+    refuse_inside_home(destination, settings.home, "the hub's",
+                       " (and the hub empties downloads/ at each start)")
     config = config_file if config_file is not None else settings.config_path
     pki = HubPKI(settings.home)
     made_at = time.time() if at is None else at

@@ -37,6 +37,7 @@ from appliance.ops.backup_folder import (
     copy_database,
     prune_backups,
     refuse_another_schema,
+    refuse_inside_home,
     utc_stamp,
     write_backup_folder,
 )
@@ -81,6 +82,7 @@ def make_backup(settings: Settings, config_file: Path | None, destination: Path,
     # Absolute: the audit row names it for pas status and pas doctor, which may run from
     # another directory (a relative "b" read as "no longer there").
     destination = destination.absolute()
+    refuse_inside_home(destination, settings.home, "PAS's", " (the spool's disk)")
     prefix = f"pas-backup-{settings.site}-"
     final, manifest = write_backup_folder(destination, prefix + utc_stamp(at), fill)
     live = Database(settings.db_path)

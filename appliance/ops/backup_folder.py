@@ -97,6 +97,20 @@ def copy_database(source: Path, target: Path) -> None:
                             "last good backup, it is the one to restore")
 
 
+def refuse_inside_home(destination: Path, home: Path, whose: str, why: str) -> None:
+    """Refuse (:class:`BackupRefused`) a destination in ``home`` or under it: a backup there
+    is lost with the home it is meant to bring back, and ``why`` says what else befalls it
+    (the hub empties ``downloads/`` at each start: a backup written there was gone after a
+    restart, while the fleet page still named it the last good one)."""
+    try:
+        inside = destination.resolve().is_relative_to(home.resolve())
+    except OSError:
+        return  # unreadable: write_backup_folder says what is wrong with it
+    if inside:
+        raise BackupRefused(f"{destination} is inside {whose} home {home}: a backup there is "
+                            f"lost with the home{why}; write it on another disk or a share")
+
+
 def write_backup_folder(destination: Path, name: str,
                         fill: Callable[[Path], dict[str, Any]]) -> tuple[Path, dict[str, Any]]:
     """Build ``destination/name`` (0700: a backup holds private keys) and return it with its
