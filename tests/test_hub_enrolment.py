@@ -54,6 +54,30 @@ def test_init_creates_private_files_and_a_server_certificate_for_the_addresses(
     assert again.returncode == 1 and "already initialised" in again.stderr
 
 
+def test_init_refuses_an_address_or_a_home_it_cannot_use_and_writes_nothing(
+        tmp_path: Path) -> None:
+    """``--address ""`` was a traceback half-way (the CA written, the server certificate not:
+    "already initialised" at the next try, and no tool to finish it); ``http://hub``, ``bad
+    name!`` and ``999.1.1.1`` went into the certificate as DNS names no appliance matches; a
+    home that is a file was a traceback. Each is one line naming it, nothing written."""
+    hub = HubProcess(tmp_path / "hub")
+    for address in ("", "http://hub", "bad name!", "999.1.1.1", "hub.example:8443"):
+        refused = hub.cli("init", "--address", "hub.region.example", "--address", address,
+                          check=False)
+        said = " ".join(refused.stderr.split())
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+        assert said.startswith(f"--address {address!r}: not an IP address or a DNS name"), said
+        assert not hub.home.exists()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    refused = HubProcess(a_file).cli("init", check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert f"cannot make the hub's home {a_file}" in " ".join(refused.stderr.split())
+    # Then a good one works on the same home.
+    hub.init("hub.region.example", "*.region.example", "198.18.0.1", cli=True)
+    assert (hub.home / "server.crt").is_file()
+
+
 def test_enroll_writes_0600_files_and_talks_mutual_tls(hub: HubProcess, tmp_path: Path) -> None:
     enrolment = enroll(hub, tmp_path / "site", "CHU-NORD", cli=True)
     assert enrolment.site == "CHU-NORD" and enrolment.url == hub.url

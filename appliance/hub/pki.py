@@ -74,6 +74,33 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
+# A DNS name of the server certificate (RFC 1123): dot-separated labels of letters, digits
+# and hyphens, none starting or ending with a hyphen; a wildcard first label is allowed.
+_DNS_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+_DNS_NAME = re.compile(rf"(\*\.)?{_DNS_LABEL}(\.{_DNS_LABEL})*")
+
+
+def address_problems(addresses: list[str]) -> list[str]:
+    """What is wrong with each address the server certificate is to name: an IP address or a
+    DNS name. ``--address ""`` ended ``pas hub init`` in a traceback half-way (the CA written,
+    the server certificate not: "already initialised" at the next try); ``http://hub``,
+    ``bad name!`` or ``999.1.1.1`` went into the certificate as DNS names no appliance would
+    ever match."""
+    problems = []
+    for address in addresses:
+        try:
+            ipaddress.ip_address(address)
+            continue
+        except ValueError:
+            pass
+        if re.fullmatch(r"[0-9.]+", address) or len(address) > 253 or \
+                not _DNS_NAME.fullmatch(address):
+            problems.append(f"--address {address!r}: not an IP address or a DNS name (the "
+                            "name or address the appliances reach the hub by, e.g. "
+                            "hub.region.example or 198.18.0.2; no scheme, port or path)")
+    return problems
+
+
 def _san(addresses: list[str]) -> x509.SubjectAlternativeName:
     names: list[x509.GeneralName] = []
     for address in addresses:
@@ -124,9 +151,17 @@ class HubPKI:
         """Create CA, server certificate and transfer key. Refuses to replace an existing CA
         (every enrolled appliance pins it); the server certificate alone can be re-issued
         with :meth:`issue_server_certificate`."""
+        if problems := address_problems(list(addresses or DEFAULT_ADDRESSES)):
+            raise PKIError("; ".join(problems))  # before anything is written
         if self.exists():
             raise PKIError(f"{self.ca_cert_path} exists: this hub is already initialised")
-        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:  # a file where the home should be: was a traceback
+            raise PKIError(f"cannot make the hub's home {self.home}: "
+                           f"{exc.strerror or exc}") from None
+        if not self.home.is_dir():
+            raise PKIError(f"the hub's home {self.home} is not a folder")
         ca_key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         now = _now()
