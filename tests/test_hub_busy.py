@@ -155,10 +155,10 @@ def test_a_bucket_put_past_the_budget_is_503_unread_and_stores_nothing(
     shipment = ship(pack_items(mr[:12]), site.hub_transfer_key, target_bytes=256 * 1024)
     assert len(shipment.buckets) >= 2 and max(map(len, shipment.buckets)) <= BUDGET
     with client(site) as http:
-        # CHU-EST is in the fleet (a heartbeat): its refusals are exported at 0 from the
-        # start, and the gauges too; CHU-SLOW, never refused and never heard, is not.
+        # Both are in the fleet (CHU-EST by a heartbeat, CHU-SLOW by its enrolment, never
+        # heard yet): their refusals are exported at 0 from the start, and the gauges too.
         assert http.post("/api/v1/heartbeat", json=_beat("CHU-EST", time.time())).status_code == 201
-        assert budget_metrics(hub) == {"CHU-EST": 0, "CHU-SLOW": None, "held_bytes": 0,
+        assert budget_metrics(hub) == {"CHU-EST": 0, "CHU-SLOW": 0, "held_bytes": 0,
                                        "held": 0, "budget_bytes": BUDGET}
         assert http.post("/api/v1/transfers", json=shipment.manifest).status_code == 201
         with budget_held(hub, hog, ship(pack_items(mr[12:14]), hog.hub_transfer_key,

@@ -623,6 +623,43 @@ def test_a_revoked_site_leaves_the_fleet_alerts(fleet: dict[str, Any]) -> None:
     assert rows["SITE-C"]["state"] == "revoked" and not has_problem(rows["SITE-C"])
 
 
+def test_a_site_enrolled_that_never_sends_a_heartbeat_is_shown_and_goes_down(
+        fleet: dict[str, Any]) -> None:
+    """A site enrolled whose appliance never came up (or cannot reach the hub) was on no
+    page and in no series, while ``pas hub sites`` listed its certificate: never shown down,
+    PasSiteSilent never fired, and its page was a 404 "unknown site". It is shown
+    ``enrolled``, exported (last seen: its enrolment), and down five minutes after it."""
+    hub: HubProcess = fleet["hub"]
+    quiet = enroll(hub, fleet["root"] / "site-q", "SITE-Q")
+    viewer: httpx.Client = fleet["viewer"]
+    page = viewer.get("/fleet").text
+    row = page[page.index('<tr data-site="SITE-Q">'):]
+    assert 'class="state enrolled">enrolled<' in row[:row.index("</tr>")]
+    own = viewer.get("/fleet/sites/SITE-Q")
+    assert own.status_code == 200 and "no heartbeat yet" in own.text, own.text
+    scrape = viewer.get("/metrics").text
+    assert metric(scrape, "pas_fleet_site_up", site="SITE-Q") == 0
+    issued = _hub_db(hub).query_one("SELECT min(issued_at) AS at FROM certificates "
+                                    "WHERE site = 'SITE-Q'")["at"]
+    assert metric(scrape, "pas_fleet_site_last_seen_timestamp_seconds",
+                  site="SITE-Q") == pytest.approx(issued)
+    later = {r["site"]: r for r in site_rows(_hub_db(hub), at=time.time() + 400)}
+    assert later["SITE-Q"]["state"] == "down" and has_problem(later["SITE-Q"])
+    assert later["SITE-Q"]["errors"][0].startswith("no heartbeat since its enrolment")
+    # Its first heartbeat, with more errors than the table shows: each whole on its page.
+    errors = [f"job {n} to hub: " + "refused " * 40 for n in range(3)]
+    with client(quiet) as http:
+        assert http.post("/api/v1/heartbeat",
+                         json=_beat(site="SITE-Q", errors=errors)).status_code == 201
+    page = viewer.get("/fleet").text
+    row = page[page.index('<tr data-site="SITE-Q">'):]
+    row = row[:row.index("</tr>")]
+    assert 'class="state up">up<' in row and "(3 errors: the site's page has them all)" in row
+    own = viewer.get("/fleet/sites/SITE-Q").text
+    assert all(f"<li>{error}</li>" in own for error in errors) and "failed jobs 1" in own
+    hub.cli("revoke", "SITE-Q")  # the module's later tests count the sites they made
+
+
 def _received_total(text: str, name: str) -> float:
     """The sum of a per-calling-AE counter over every AE."""
     return sum(sample.value for family in text_string_to_metric_families(text)

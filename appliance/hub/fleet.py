@@ -52,7 +52,7 @@ from appliance.ops.files_missing import count_said as files_missing_said
 from appliance.ops.files_missing import damaged_said as files_damaged_said
 from appliance.ops.index_check import says_index_trouble
 from appliance.store import fleet as store
-from appliance.store.hub import hub_backup_record, revoked_sites
+from appliance.store.hub import enrolled_sites, hub_backup_record, revoked_sites
 from appliance.web.headers import page_headers
 from appliance.words import ago, counted
 
@@ -176,20 +176,44 @@ def validate_heartbeat(beat: Any) -> dict[str, Any]:
 
 def site_rows(hub_db: Any, at: float | None = None) -> list[dict[str, Any]]:
     """Every site's latest state; ``state`` is ``up``, ``down`` (silent past
-    :data:`SILENT_AFTER_S`) or ``revoked`` (``pas hub revoke``: its silence is expected, no
-    problem, and :class:`FleetCollector` exports no series for it, so that PasSiteSilent
-    and the other rules do not fire for a closed site for ever)."""
+    :data:`SILENT_AFTER_S`; a site enrolled that never sent a heartbeat counts from its
+    enrolment), ``enrolled`` (no heartbeat yet, enrolled less than that ago) or
+    ``revoked`` (``pas hub revoke``: its silence is expected, no problem, and
+    :class:`FleetCollector` exports no series for it, so that PasSiteSilent and the other
+    rules do not fire for a closed site for ever)."""
     at = time.time() if at is None else at
     rows = store.list_sites(hub_db)
     revoked = revoked_sites(hub_db)
+    heard = {row["site"] for row in rows}
+    # Enrolled, never heard: it was on no page and in no series, so an appliance that never
+    # came up (or cannot reach the hub) was never shown down and PasSiteSilent never fired.
+    for site, enrolled_at in sorted(enrolled_sites(hub_db).items()):
+        if site not in heard:
+            rows.append(_never_heard(site, enrolled_at))
     for row in rows:
         row["silent_s"] = max(at - row["last_seen_at"], 0.0)
         row["state"] = ("revoked" if row["site"] in revoked
+                        else "enrolled" if row.get("never_heard")
+                        and row["silent_s"] <= SILENT_AFTER_S
                         else "up" if row["silent_s"] <= SILENT_AFTER_S else "down")
+        if row.get("never_heard") and row["state"] == "down":
+            row["errors"] = [f"no heartbeat since its enrolment, {_age(row['silent_s'])} ago: "
+                             "its appliance is not running or cannot reach the hub"]
         row["backup_age_s"] = backup_age(row, at)
         row["backup_stale"] = (row["backup_age_s"] is not None
                                and row["backup_age_s"] > BACKUP_STALE_AFTER_S)
     return rows
+
+
+def _never_heard(site: str, enrolled_at: float) -> dict[str, Any]:
+    """The fleet row of a site enrolled (a valid certificate) that sent no heartbeat yet:
+    "last seen" is its enrolment, so it goes down, and PasSiteSilent fires, five minutes
+    after it if nothing comes."""
+    return {"site": site, "first_seen_at": None, "last_seen_at": enrolled_at,
+            "last_sent_at": None, "version": None, "backlog_studies": 0,
+            "backlog_oldest_s": 0.0, "urgent_oldest_s": 0.0, "disk_used_percent": None,
+            "cert_days_left": None, "failed_jobs": 0, "errors": [], "routine_oldest_s": None,
+            "last_backup_at": None, "backup_reported": False, "never_heard": True}
 
 
 def backup_age(row: dict[str, Any], at: float) -> float | None:
@@ -220,7 +244,7 @@ STYLE = """
 body{font-family:system-ui,sans-serif;margin:0;padding:12px;background:#f6f7f9;color:#222}
 h1{font-size:1.3em} table{border-collapse:collapse;width:100%;background:#fff;font-size:.9em}
 th,td{padding:6px;border-bottom:1px solid #eee;text-align:left} th a{color:#225}
-.up{background:#d4f5dc}.down{background:#fbd5d5}.warn{background:#fff1c2}
+.up{background:#d4f5dc}.down{background:#fbd5d5}.enrolled{background:#e0ecff}.warn{background:#fff1c2}
 .revoked{background:#e4e4e4;color:#555}
 .state{padding:2px 8px;border-radius:10px} form{margin:8px 0} .wrap{overflow-x:auto}
 svg{background:#fff;border:1px solid #ddd;max-width:100%}
@@ -273,7 +297,7 @@ def render_dashboard(rows: list[dict[str, Any]], sort: str, descending: bool, qu
     hub's own last backup above it."""
     if query:
         rows = [r for r in rows if query.lower() in r["site"].lower()]
-    if state in ("up", "down", "revoked"):
+    if state in ("up", "down", "revoked", "enrolled"):
         rows = [r for r in rows if r["state"] == state]
     elif state == "problems":
         rows = [r for r in rows if has_problem(r)]
@@ -289,7 +313,8 @@ def render_dashboard(rows: list[dict[str, Any]], sort: str, descending: bool, qu
            f'<form method=get><input name=q placeholder="site" value="{_esc(query)}"> '
            '<select name=state>'
            + "".join(f'<option value="{v}"{" selected" if v == state else ""}>{v or "all"}'
-                     "</option>" for v in ("", "up", "down", "problems", "revoked"))
+                     "</option>" for v in ("", "up", "down", "problems", "revoked",
+                                           "enrolled"))
            + f'</select><input type=hidden name=sort value="{_esc(sort)}">'
            "<button type=submit>Filter</button></form>",
            "<div class=wrap><table id=fleet><tr>"]
@@ -312,14 +337,27 @@ def render_dashboard(rows: list[dict[str, Any]], sort: str, descending: bool, qu
             f'{_esc(r["site"])}</a></td><td><span class="state {r["state"]}">{r["state"]}'
             f'</span></td><td>{_age(r["silent_s"])} ago</td>'
             f'<td class=backlog>{r["backlog_studies"]}</td><td>{_age(r["backlog_oldest_s"])}</td>'
-            f'<td{disk_class}>{r["disk_used_percent"]}</td><td>{_esc(r["version"])}</td>'
+            f'<td{disk_class}>{"-" if r["disk_used_percent"] is None else r["disk_used_percent"]}'
+            f'</td><td>{_esc(r["version"] or "-")}</td>'
             f'<td{cert_class}>{"-" if cert is None else f"{cert:.0f}"}</td>'
-            f'<td>{r["failed_jobs"]}</td>{_backup_cell(r)}'
-            f'<td>{_esc("; ".join(r["errors"])[:300])}</td></tr>')
+            f'<td>{r["failed_jobs"]}</td>{_backup_cell(r)}{_errors_cell(r["errors"])}</tr>')
     if not rows:
         out.append("<tr><td colspan=11>no site</td></tr>")
     out.append("</table></div></body></html>")
     return "".join(out)
+
+
+# The errors cell of the fleet table: the start of them; the whole in its title (hover) and
+# on the site's page. It was cut at 300 characters mid-sentence, and shown nowhere whole.
+ERRORS_SHOWN = 300
+
+
+def _errors_cell(errors: list[str]) -> str:
+    joined = "; ".join(errors)
+    if len(joined) <= ERRORS_SHOWN:
+        return f"<td>{_esc(joined)}</td>"
+    return (f'<td title="{_esc(joined)}">{_esc(joined[:ERRORS_SHOWN])}… '
+            f"({counted(len(errors), 'error')}: the site's page has them all)</td>")
 
 
 def _backup_cell(row: dict[str, Any]) -> str:
@@ -328,6 +366,28 @@ def _backup_cell(row: dict[str, Any]) -> str:
         return '<td class=backup title="not reported by this PAS version">-</td>'
     text = "never" if row["last_backup_at"] is None else ago(row["backup_age_s"])
     return f'<td class="backup{" warn" if row["backup_stale"] else ""}">{text}</td>'
+
+
+def _errors_list(errors: list[str]) -> str:
+    """The site's last heartbeat's errors, each whole (the fleet table shows their start)."""
+    if not errors:
+        return "<p id=errors>no error</p>"
+    return ("<h2>errors (last heartbeat)</h2><ul id=errors>"
+            + "".join(f"<li>{_esc(error)}</li>" for error in errors) + "</ul>")
+
+
+def render_enrolled(site: str, enrolled_at: float, at: float) -> str:
+    """The page of a site enrolled that sent no heartbeat yet (it was a 404 "unknown site"
+    while ``pas hub sites`` listed its certificate)."""
+    when = datetime.fromtimestamp(enrolled_at).strftime("%Y-%m-%d %H:%M:%S")
+    return "".join([
+        "<!doctype html><html lang=en><head><meta charset=utf-8>",
+        '<meta http-equiv="refresh" content="30">',
+        f"<title>PAS {_esc(site)}</title><style>{STYLE}</style></head><body>",
+        f'<p><a href="/fleet">fleet</a></p><h1>{_esc(site)}</h1>',
+        f"<p id=facts>enrolled {when} ({_age(max(at - enrolled_at, 0.0))} ago); no heartbeat "
+        "yet: its appliance sends one every 30 s once running and reaching the hub</p>",
+        "</body></html>"])
 
 
 def _backup_fact(status: dict[str, Any], at: float) -> str:
@@ -383,7 +443,9 @@ def render_site(site: str, status: dict[str, Any], points: list[dict[str, Any]],
         f"{status['disk']['used_percent']} % · "
         f"{counted(status['received']['instances'], 'instance')} received · "
         f"{counted(len(points) if beats is None else beats, 'heartbeat')} in 24 h"
-        f"{_backup_fact(status, at)}</p>",
+        f"{_backup_fact(status, at)} · failed jobs "
+        f"{(status.get('jobs') or {}).get('failed', 0)}</p>",
+        _errors_list(status.get("errors") or []),
         svg_chart(backlog, since, at, "backlog (studies)"), "<br>",
         svg_chart(throughput, since, at, "received (MB/s)"),
         "</body></html>",
@@ -561,6 +623,10 @@ def fleet_routes(hub: Hub) -> list[BaseRoute]:
         site = request.path_params["site"]
         status = await run_in_threadpool(store.site_status, hub.db, site)
         if status is None:
+            enrolled = (await run_in_threadpool(enrolled_sites, hub.db)).get(site)
+            if enrolled is not None:
+                return HTMLResponse(render_enrolled(site, enrolled, time.time()),
+                                    headers=headers)
             return HTMLResponse(f"<p>unknown site {_esc(site)}</p>", status_code=404,
                                 headers=headers)
         at = time.time()

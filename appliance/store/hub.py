@@ -105,6 +105,14 @@ def revoked_sites(db: Database) -> set[str]:
     return {r["site"] for r in rows}
 
 
+def enrolled_sites(db: Database) -> dict[str, float]:
+    """Sites holding a certificate not revoked, with when the first of those was issued:
+    what the fleet shows of a site that enrolled and never sent a heartbeat."""
+    rows = db.query("SELECT site, min(issued_at) AS issued_at FROM certificates "
+                    "WHERE revoked_at IS NULL GROUP BY site")
+    return {r["site"]: float(r["issued_at"]) for r in rows}
+
+
 def certificate_state(db: Database, serial: str) -> Literal["valid", "revoked", "unknown"]:
     row = db.query_one("SELECT revoked_at FROM certificates WHERE serial = ?", (serial,))
     if row is None:
