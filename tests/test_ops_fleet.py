@@ -609,6 +609,13 @@ def test_a_revoked_site_leaves_the_fleet_alerts(fleet: dict[str, Any]) -> None:
     hub.cli("revoke", "SITE-C")
     with client(closed) as http:
         assert http.post("/api/v1/heartbeat", json=_beat(site="SITE-C")).status_code == 403
+    # Run again: done already (exit 0, said so); a name never enrolled (a typo): exit 1.
+    # Both said "no valid certificate of site ... to revoke", exit 1.
+    again = hub.cli("revoke", "SITE-C")
+    assert "site SITE-C: every certificate already revoked (the last on " in again.stdout
+    typo = hub.cli("revoke", "SITE-c", check=False)
+    assert typo.returncode == 1 and "no site 'SITE-c' was ever enrolled on this hub" in \
+        " ".join(typo.stderr.split()), typo.stderr
     scrape = viewer.get("/metrics").text
     for name in ("pas_fleet_site_up", "pas_fleet_site_last_seen_timestamp_seconds",
                  "pas_fleet_site_failed_jobs", "pas_fleet_site_disk_used_ratio"):

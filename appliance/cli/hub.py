@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -229,16 +230,26 @@ def hub_revoke(site: str = typer.Argument(..., help="Site name, as pas hub sites
                config: Path | None = HubConfigOption) -> None:
     """Refuse SITE's certificates from now on (the running hub checks every request) and
     void its unspent enrolment tokens (a new token is the way back in)."""
-    from appliance.store.hub import revoke_site
+    from appliance.store.hub import list_certificates, revoke_site
 
     settings = _hub_settings(config)
-    count, tokens = revoke_site(_hub_db(settings), site)
+    db = _hub_db(settings)
+    count, tokens = revoke_site(db, site)
     voided = f"voided {counted(tokens, 'unspent enrolment token')}" if tokens else ""
     if count == 0:
         if voided:
             console.print(f"no valid certificate of site {site} to revoke, {voided}")
             return
-        err.print(f"[yellow]no valid certificate of site {site!r} to revoke[/yellow]")
+        # Revoked already (run twice: done, exit 0) told apart from a site this hub never
+        # enrolled (a typo: exit 1); both said "no valid certificate to revoke", exit 1.
+        revoked = [r["revoked_at"] for r in list_certificates(db) if r["site"] == site]
+        if revoked:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(max(revoked)))
+            console.print(f"site {site}: every certificate already revoked (the last on "
+                          f"{when}); nothing to do")
+            return
+        err.print(f"[yellow]no site {site!r} was ever enrolled on this hub (pas hub sites "
+                  "lists them; names are case-sensitive)[/yellow]", highlight=False)
         raise typer.Exit(1)
     console.print(f"revoked {counted(count, 'certificate')} of site {site}"
                   + (f", {voided}" if voided else ""))
