@@ -218,7 +218,8 @@ def hub_tokens(config: Path | None = HubConfigOption) -> None:
         table.add_column(column)
     at = time.time()
     for r, token_id in zip(rows, ids, strict=True):
-        state = ("spent" if r["used_at"] is not None
+        state = ("voided (pas hub revoke)" if r.get("voided_at") is not None
+                 else "spent" if r["used_at"] is not None
                  else "expired" if r["expires_at"] <= at else "unspent")
         table.add_row(r["site"], token_id, utc_text(r["created_at"]),
                       utc_text(r["expires_at"]), state)

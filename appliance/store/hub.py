@@ -53,7 +53,8 @@ def list_tokens(db: Database, limit: int = 200) -> list[dict[str, Any]]:
     """The latest tokens issued, newest first, with their digest (for the keyed identifier
     the caller shows; never printed as is)."""
     return [dict(r) for r in db.query(
-        "SELECT secret_sha256, site, created_at, used_at, expires_at FROM enrol_tokens "
+        "SELECT secret_sha256, site, created_at, used_at, expires_at, voided_at "
+        "FROM enrol_tokens "
         "ORDER BY created_at DESC LIMIT ?", (limit,))]
 
 
@@ -85,15 +86,17 @@ def revoke_site(db: Database, site: str) -> tuple[int, int]:
     Why the tokens: a token issued before (a first one reported lost, a spare in a seed file
     or a mail) enrolled after the revocation, and its holder got a fresh, valid certificate
     of the revoked site. A voided token is marked spent (``used_at``): the hub answers it as
-    any used token. A token issued after the revocation is the site's way back in. An
+    any used token; ``voided_at`` tells ``pas hub tokens`` it was voided, not spent. A
+    token issued after the revocation is the site's way back in. An
     expired one is left as it is: it enrols nothing already, and counted it would make the
     operator believe a spare was still out there."""
     with db.transaction() as conn:
         at = now()
         certificates = conn.execute("UPDATE certificates SET revoked_at = ? WHERE site = ? "
                                     "AND revoked_at IS NULL", (at, site)).rowcount
-        tokens = conn.execute("UPDATE enrol_tokens SET used_at = ? WHERE site = ? "
-                              "AND used_at IS NULL AND expires_at > ?", (at, site, at)).rowcount
+        tokens = conn.execute("UPDATE enrol_tokens SET used_at = ?, voided_at = ? "
+                              "WHERE site = ? AND used_at IS NULL AND expires_at > ?",
+                              (at, at, site, at)).rowcount
         return certificates, tokens
 
 

@@ -172,4 +172,11 @@ HUB_MIGRATIONS: list[str] = [
     ALTER TABLE fleet_heartbeats ADD COLUMN beats INTEGER NOT NULL DEFAULT 1;
     CREATE INDEX fleet_heartbeats_site_received ON fleet_heartbeats (site, received_at);
     """,
+    # 11: a token ``pas hub revoke`` voided is marked so (``voided_at``, beside ``used_at``,
+    # which the hub still answers as a spent token's): ``pas hub tokens`` listed it "spent",
+    # like one an appliance enrolled with, and an operator checking whether a spare token
+    # was used got the wrong answer. Those voided before stay "spent" (nothing tells them).
+    """
+    ALTER TABLE enrol_tokens ADD COLUMN voided_at REAL;
+    """,
 ]
