@@ -258,6 +258,9 @@ def test_a_sites_non_numbers_leave_the_fleet_view_up(fleet: dict[str, Any]) -> N
         assert page.status_code == 200, page.text
         assert 'data-site="SITE-B"' in page.text
     assert viewer.get("/fleet/sites/SITE-B").status_code == 200
+    # The hub's root leads to the fleet (it was a 404).
+    root = viewer.get("/", follow_redirects=False)
+    assert (root.status_code, root.headers["location"]) == (307, "/fleet")
     scrape = viewer.get("/metrics")
     assert scrape.status_code == 200
     assert metric(scrape.text, "pas_fleet_site_up", site="SITE-A") == 1

@@ -42,7 +42,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from appliance.hub.bucket_bodies import families as bucket_body_families
@@ -640,6 +640,7 @@ def fleet_routes(hub: Hub) -> list[BaseRoute]:
 
     return [
         Route("/api/v1/heartbeat", heartbeat, methods=["POST"]),
+        Route("/", lambda _request: RedirectResponse("/fleet"), methods=["GET"]),
         Route("/fleet", dashboard, methods=["GET"]),
         Route("/fleet/sites/{site}", site_page, methods=["GET"]),
         Route("/metrics", scrape, methods=["GET"]),
