@@ -260,3 +260,21 @@ def test_a_database_newer_than_this_version_is_refused_and_left_as_it_is(
     assert (status, both) == (2, ["config error http.port: must be 1-65535, got 70000",
                                   *lines]), both
     assert _tree(home) == before
+
+
+@pytest.mark.parametrize(("host", "said"), [
+    # A name the resolver refuses by its syntax alone: no DNS query leaves this host (one
+    # like 999.0.0.1 does fail the same way, after asking the configured resolver).
+    ("bad host!", "http.host: 'bad host!' does not resolve"),
+    ("198.51.100.7", "http.host: '198.51.100.7' is no address of this host (198.51.100.7)"),
+])
+def test_a_host_the_hub_cannot_listen_on_is_refused(initialised: Path, host: str,
+                                                     said: str) -> None:
+    """``PAS_HUB_HTTP__HOST=999.0.0.1 pas hub config check`` said "hub configuration OK",
+    and ``pas hub run`` then failed ("Name or service not known"); an address of another
+    host (TEST-NET-2 here) the same at its bind. The port is not tried: the hub holds it."""
+    status, lines = _check(initialised, PAS_HUB_HTTP__HOST=host)
+    assert status == 2 and any(line.startswith(f"config error {said}") for line in lines), \
+        lines
+    status, _ = _check(initialised, PAS_HUB_HTTP__HOST="127.0.0.1")
+    assert status == 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,9 +41,37 @@ def check_hub(settings: HubSettings) -> HubCheck:
     settings' own validation already refused (those never get here: ConfigError)."""
     found = HubCheck()
     _check_ca_file(settings, found)
+    _check_host(settings, found)
     if _check_home(settings, found):
         _check_databases(settings, found)
     return found
+
+
+def _check_host(settings: HubSettings, found: HubCheck) -> None:
+    """``http.host`` must be an address this host can bind: "OK" was said for
+    ``999.0.0.1`` (or a name that resolves nowhere), which ``pas hub run`` then refused
+    ("Name or service not known"). The port is not tried: the running hub holds it."""
+    host = settings.http.host
+    if host in ("", "0.0.0.0", "::"):
+        return
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None,
+                                                              type=socket.SOCK_STREAM)}
+    except (OSError, UnicodeError) as exc:
+        found.problems.append(f"http.host: {host!r} does not resolve "
+                              f"({getattr(exc, 'strerror', None) or exc}): the hub could "
+                              "not listen there")
+        return
+    for address in sorted(addresses):
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((address, 0))  # any port: only whether the address is this host's
+                return
+            except OSError:
+                continue
+    found.problems.append(f"http.host: {host!r} is no address of this host "
+                          f"({', '.join(sorted(addresses))}): the hub could not listen there")
 
 
 def check_home_only(path: Path | None, environ: dict[str, str] | None = None) -> HubCheck:
