@@ -301,6 +301,13 @@ def test_cache_pin_refuses_a_duration_that_is_not_positive(pas: PasProcess) -> N
         assert result.returncode == 2, (days, result.stdout, result.stderr)
         assert "--days must be a positive number of days" in result.stderr
     assert "pinned" in pas.cli("cache", "pin", study["study_uid"], "--days", "2").stdout
+    # A patient ID given for the study: said to be no UID, as pas audit --study says.
+    wrong = pas.cli("cache", "pin", "FA191122", check=False)
+    assert wrong.returncode == 1 and " ".join(wrong.stderr.split()) == (
+        "study FA191122 is not in the cache: 'FA191122' is not a UID (digits and dots, at "
+        "most 64 characters, as pas studies lists it)"), wrong.stderr
+    unknown = pas.cli("cache", "unpin", "1.2.3", check=False)
+    assert " ".join(unknown.stderr.split()) == "study 1.2.3 is not in the cache"
 
 
 def _pas(home: Path, *args: str, env: dict[str, str] | None = None,

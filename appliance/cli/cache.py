@@ -9,6 +9,7 @@ index's first row says where the damaged one went).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import typer
@@ -21,6 +22,15 @@ cache_app = typer.Typer(help="The local cache: pins, eviction, purge, integrity.
                         no_args_is_help=True)
 
 StudyArgument = typer.Argument(..., help="Study Instance UID, as pas studies lists it")
+
+
+def _not_a_uid(text: str) -> str:
+    """Said after "not in the cache" when the argument is no UID at all (a patient ID, a
+    typo): ``pas audit --study`` said so, the cache commands did not."""
+    if re.fullmatch(r"[0-9]+(\.[0-9]+)*", text) and len(text) <= 64:
+        return ""
+    return (f": {text!r} is not a UID (digits and dots, at most 64 characters, as pas "
+            "studies lists it)")
 
 
 def _open(config: Path | None, write: bool = True,  # type: ignore[no-untyped-def]
@@ -150,7 +160,8 @@ def cache_pin(study_uid: str = StudyArgument, config: Path | None = ConfigOption
 
     _settings, db, _spool = _open(config)
     if not pin(db, study_uid, days, operator_actor()):
-        err.print(f"[red]study {study_uid} is not in the cache[/red]")
+        err.print(f"[red]study {study_uid} is not in the cache[/red]{_not_a_uid(study_uid)}",
+                  highlight=False)
         raise typer.Exit(1)
     console.print(f"study {study_uid} pinned")
 
@@ -162,7 +173,8 @@ def cache_unpin(study_uid: str = StudyArgument, config: Path | None = ConfigOpti
 
     _settings, db, _spool = _open(config)
     if not unpin(db, study_uid, operator_actor()):
-        err.print(f"[red]study {study_uid} is not in the cache[/red]")
+        err.print(f"[red]study {study_uid} is not in the cache[/red]{_not_a_uid(study_uid)}",
+                  highlight=False)
         raise typer.Exit(1)
     console.print(f"study {study_uid} unpinned")
 
