@@ -9,13 +9,14 @@ check is read-only: it opens the database, binds a port only to learn whether it
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
 import shutil
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -34,6 +35,7 @@ from appliance.config import (
 from appliance.ops import index_check
 from appliance.ops.home_lock import lock_file
 from appliance.ops.listeners import listening_pids, lock_holder, process_name
+from appliance.store.db import Database
 from appliance.words import ago, counted
 
 Verdict = Literal["ok", "warn", "fail"]
@@ -164,26 +166,38 @@ def check_disk(settings: Settings) -> Check:
     return Check("disk", "ok", detail)
 
 
+@contextlib.contextmanager
+def _index(settings: Settings) -> Iterator[Database | None]:
+    """The index opened read-only for one check and closed after it; None when it is missing
+    or does not open (the database check says why: the others say nothing of it)."""
+    if not settings.db_path.exists():
+        yield None
+        return
+    try:
+        db = Database(settings.db_path, readonly=True)
+    except Exception:  # any failure is the database check's finding
+        yield None
+        return
+    try:
+        yield db
+    finally:
+        db.close()
+
+
 def _recorded_disk_alert(settings: Settings) -> str | None:
     """The daemon's disk alert as last recorded (its audit row, store/cache.py), which also
     watches ``storage.quota_mb`` and the watermarks: the file system's figures alone said
     "ok" while C-STOREs were refused at the quota. None without a readable database (the
     database check says why)."""
     from appliance.store import cache as cache_store
-    from appliance.store.db import Database
 
-    if not settings.db_path.exists():
-        return None
-    try:
-        db = Database(settings.db_path, readonly=True)
-    except Exception:  # any failure is the database check's finding
-        return None
-    try:
-        return cache_store.health(db)["disk_alert"]
-    except Exception:
-        return None
-    finally:
-        db.close()
+    with _index(settings) as db:
+        if db is None:
+            return None
+        try:
+            return cache_store.health(db)["disk_alert"]
+        except Exception:
+            return None
 
 
 def check_enrolment(settings: Settings) -> list[Check]:
@@ -235,18 +249,14 @@ def _awaiting_enrolment(settings: Settings) -> str:
     said after "not enrolled"; nothing when none does or the index cannot be read (the
     database check says why)."""
     from appliance.store import awaiting_hub
-    from appliance.store.db import Database
 
-    if not settings.db_path.exists():
-        return ""
-    try:
-        db = Database(settings.db_path, readonly=True)
+    with _index(settings) as db:
+        if db is None:
+            return ""
         try:
             instances, studies = awaiting_hub.waiting(db)
-        finally:
-            db.close()
-    except Exception:  # any failure is the database check's finding
-        return ""
+        except Exception:  # any failure is the database check's finding
+            return ""
     if not instances:
         return ""
     return (f": {counted(instances, 'instance')} of {counted(studies, 'study', 'studies')} "
@@ -379,21 +389,17 @@ def check_commitment(settings: Settings) -> list[Check]:
     never reach them.
     Nothing when the database is missing or unreadable (the database check says so)."""
     from appliance.store import commitment
-    from appliance.store.db import Database
 
-    if not settings.dicom.storage_commitment or not settings.db_path.exists():
+    if not settings.dicom.storage_commitment:
         return []
-    try:
-        db = Database(settings.db_path, readonly=True)
-    except Exception:  # any failure is the database check's finding
-        return []
-    try:
-        reports, askers = commitment.backlog(db), commitment.askers(db)
-    except Exception as exc:
-        return [Check("storage commitment", "fail", f"cannot read the reports: {exc}",
-                      "run pas doctor again; if it persists, see journalctl -u pas")]
-    finally:
-        db.close()
+    with _index(settings) as db:
+        if db is None:
+            return []
+        try:
+            reports, askers = commitment.backlog(db), commitment.askers(db)
+        except Exception as exc:
+            return [Check("storage commitment", "fail", f"cannot read the reports: {exc}",
+                          "run pas doctor again; if it persists, see journalctl -u pas")]
     addressed = {ae.title for ae in settings.dicom.known_aes if ae.host and ae.port}
     addressed |= {d.title for d in settings.serving.move_destinations}
     checks = []
@@ -444,21 +450,16 @@ def check_backup(settings: Settings, now: float | None = None) -> list[Check]:
     Nothing when the database is missing or unreadable (the database check says so)."""
     from appliance.ops.backup import backup_state
     from appliance.ops.backup_folder import MANIFEST
-    from appliance.store.db import Database
 
-    if not settings.db_path.exists():
-        return []
     now = time.time() if now is None else now
-    try:
-        db = Database(settings.db_path, readonly=True)
-    except Exception:  # any failure is the database check's finding
-        return []
-    try:
-        state = backup_state(db, now)
-    except Exception as exc:
-        return [Check("backup", "warn", f"cannot read the audit trail: {exc}", BACKUP_FIX)]
-    finally:
-        db.close()
+    with _index(settings) as db:
+        if db is None:
+            return []
+        try:
+            state = backup_state(db, now)
+        except Exception as exc:
+            return [Check("backup", "warn", f"cannot read the audit trail: {exc}",
+                          BACKUP_FIX)]
     if state["last_at"] is None:
         if not state["stale"]:
             return [Check("backup", "ok", "none yet: pas-backup.timer writes the first one "
@@ -501,23 +502,17 @@ def check_stored_data(settings: Settings) -> list[Check]:
     missing or unreadable (the database check says so)."""
     from appliance.store import cache as cache_store
     from appliance.store import jobs as job_store
-    from appliance.store.db import Database
 
-    if not settings.db_path.exists():
-        return []
-    try:
-        db = Database(settings.db_path, readonly=True)
-    except Exception:  # any failure is the database check's finding
-        return []
-    try:
-        issues = cache_store.health(db)["integrity_issues"]
-        failed = job_store.count_jobs(db, "failed")
-        named = job_store.list_jobs(db, "failed", FAILED_JOBS_NAMED) if failed else []
-    except Exception as exc:
-        return [Check("stored files", "fail", f"cannot read the index: {exc}",
-                      "run pas doctor again; if it persists, see journalctl -u pas")]
-    finally:
-        db.close()
+    with _index(settings) as db:
+        if db is None:
+            return []
+        try:
+            issues = cache_store.health(db)["integrity_issues"]
+            failed = job_store.count_jobs(db, "failed")
+            named = job_store.list_jobs(db, "failed", FAILED_JOBS_NAMED) if failed else []
+        except Exception as exc:
+            return [Check("stored files", "fail", f"cannot read the index: {exc}",
+                          "run pas doctor again; if it persists, see journalctl -u pas")]
     if issues:
         found = ", ".join(f"{kind.replace('_', ' ')} {n}" for kind, n in sorted(issues.items()))
         checks = [Check("stored files", "fail",
