@@ -80,15 +80,14 @@ def hub_config_check(path: Path | None = typer.Argument(
     )
 
     checked = hub_config_path(path)
+    hidden = hub_problems_the_environment_hides(checked) if checked is not None else []
     try:
         settings = load_hub_settings(path)
     except ConfigError as exc:  # every problem in one run: the home's too
         problems = exc.problems + check_home_only(path).problems
         for problem in problems:
             err.print(f"[red]config error[/red] {problem}", highlight=False)
-        hidden = hub_problems_the_environment_hides(checked) if checked is not None else []
         refuse_hidden_problems(checked, hidden, "PAS_HUB_*", "pas hub run", problems)
-    hidden = hub_problems_the_environment_hides(checked) if checked is not None else []
     refuse_hidden_problems(checked, hidden, "PAS_HUB_*", "pas hub run")
     found = check_hub(settings)
     for problem in found.problems:
@@ -231,7 +230,7 @@ def hub_revoke(site: str = typer.Argument(..., help="Site name, as pas hub sites
                config: Path | None = HubConfigOption) -> None:
     """Refuse SITE's certificates from now on (the running hub checks every request) and
     void its unspent enrolment tokens (a new token is the way back in)."""
-    from appliance.store.hub import list_certificates, revoke_site
+    from appliance.store.hub import last_revoked_at, revoke_site
 
     settings = _hub_settings(config)
     db = _hub_db(settings)
@@ -243,9 +242,9 @@ def hub_revoke(site: str = typer.Argument(..., help="Site name, as pas hub sites
             return
         # Revoked already (run twice: done, exit 0) told apart from a site this hub never
         # enrolled (a typo: exit 1); both said "no valid certificate to revoke", exit 1.
-        revoked = [r["revoked_at"] for r in list_certificates(db) if r["site"] == site]
-        if revoked:
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(max(revoked)))
+        revoked = last_revoked_at(db, site)
+        if revoked is not None:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(revoked))
             console.print(f"site {site}: every certificate already revoked (the last on "
                           f"{when}); nothing to do")
             return

@@ -100,6 +100,14 @@ def revoke_site(db: Database, site: str) -> tuple[int, int]:
         return certificates, tokens
 
 
+def last_revoked_at(db: Database, site: str) -> float | None:
+    """When the last of ``site``'s certificates was revoked; None when it has none revoked
+    (never enrolled, or every certificate still valid)."""
+    row = db.query_one("SELECT max(revoked_at) AS at FROM certificates WHERE site = ?",
+                       (site,))
+    return None if row is None or row["at"] is None else float(row["at"])
+
+
 def revoked_sites(db: Database) -> set[str]:
     """Sites whose every certificate is revoked (``pas hub revoke``; enrolled again since:
     not in it). The fleet shows them as revoked, not as silent."""
