@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel
@@ -206,3 +207,59 @@ def test_a_black_holed_modality_does_not_delay_another_modalitys_report(
             wait_for(lambda: scp.deliveries_under_way() == 0, 40, what="tries ended")
         fast.stop()
         ns.delete()
+
+
+def test_the_report_on_the_open_association_comes_after_the_answer_to_its_request(
+        tmp_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch,
+        pynetdicom_senders_fixed: None) -> None:
+    """pynetdicom marks the association's loop paused while the N-ACTION handler runs, before
+    its N-ACTION-RSP is sent. The report thread took that for its turn: on a loaded host
+    (here: an answer 0.5 s late) the report went first, the modality's pynetdicom took it for
+    the answer to its N-ACTION and aborted (this process's pynetdicom has PAS's fix and
+    copes: the order it received them in is what is checked). The report must wait."""
+    monkeypatch.setattr(commitment_scp, "SAME_ASSOCIATION_GRACE_S", 0.0)
+    scp = StorageCommitmentScp(DicomSection(known_aes=[
+        {"title": "KEEPSOPEN", "host": "127.0.0.1"}]), db, Spool(tmp_path / "spool"))
+    [(event_type, on_n_action)] = scp.handlers()
+    assert event_type == evt.EVT_N_ACTION
+
+    def late_answer(event: Any) -> Any:
+        answer = on_n_action(event)  # starts the report thread
+        time.sleep(0.5)  # pynetdicom sends the N-ACTION-RSP only when this returns
+        return answer
+
+    pas = AE(ae_title="PAS")
+    pas.add_supported_context(StorageCommitmentPushModel)
+    port = free_port()
+    server = pas.start_server(("127.0.0.1", port), block=False,
+                              evt_handlers=[(evt.EVT_N_ACTION, late_answer)])
+    reports: list[str] = []
+    received: list[str] = []  # DIMSE messages, in the order the modality received them
+    modality = AE(ae_title="KEEPSOPEN")
+    modality.add_requested_context(StorageCommitmentPushModel)
+    assoc = modality.associate("127.0.0.1", port, ae_title="PAS", evt_handlers=[
+        (evt.EVT_N_EVENT_REPORT,
+         lambda event: (reports.append(str(event.event_information.TransactionUID)),
+                        (0x0000, None))[1]),
+        (evt.EVT_DIMSE_RECV, lambda event: received.append(type(event.message).__name__))])
+    try:
+        assert assoc.is_established
+        transaction = generate_uid()
+        info = Dataset()
+        info.TransactionUID = transaction
+        item = Dataset()
+        item.ReferencedSOPClassUID = CTImageStorage
+        item.ReferencedSOPInstanceUID = generate_uid()  # never sent: reported failed
+        info.ReferencedSOPSequence = [item]
+        status, _ = assoc.send_n_action(info, 1, StorageCommitmentPushModel,
+                                        "1.2.840.10008.1.20.1.1")
+        assert status.get("Status") == 0x0000, "the N-ACTION-RSP was not the first answer"
+        assert assoc.is_established
+        wait_for(lambda: reports, 15, what="the report on the open association")
+        assert reports == [transaction]
+        assert received == ["N_ACTION_RSP", "N_EVENT_REPORT_RQ"]
+        wait_for(lambda: _row(db, transaction)["state"] == "sent", 10, what="report recorded")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        server.shutdown()

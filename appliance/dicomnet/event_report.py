@@ -66,11 +66,15 @@ def send_event_report(assoc: Any, information: Dataset, event_type: int, class_u
 
     # pynetdicom's own protocol with its association loop: it stops taking messages off the
     # DIMSE queue until the checkpoint is set again (reactor.association_run_reactor).
+    # Parked, not merely paused: pynetdicom marks the loop paused while a handler runs, and
+    # the N-ACTION handler that asked for this report may not have sent its N-ACTION-RSP
+    # yet; a modality must get that answer first (pynetdicom's send_n_action took the
+    # report for it and aborted).
     assoc._reactor_checkpoint.clear()
     held: list[tuple[Any, Any]] = []
     try:
         deadline = time.monotonic() + _PAUSE_WAIT_S
-        while not assoc._is_paused:
+        while not getattr(assoc, "_pas_parked", False):
             if time.monotonic() > deadline or association_ended(assoc):
                 raise EventReportError("the association's loop did not pause")
             time.sleep(0.0001)

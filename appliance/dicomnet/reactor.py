@@ -478,14 +478,34 @@ def dul_run_reactor(self: DULServiceProvider) -> None:
 def association_run_reactor(self: Association) -> None:
     """pynetdicom's association loop (both modes); waits on the DUL's wake instead of
     sleeping 1 ms. ``_is_paused`` is True while it waits: it touches no queue then, so a
-    ``send_*()`` from another thread need not wait for it."""
+    ``send_*()`` from another thread need not wait for it.
+
+    ``_pas_parked`` is True only while it waits at the checkpoint, between requests.
+    pynetdicom also sets ``_is_paused`` while a handler runs (so the handler may call
+    ``send_*()``), before the handler's answer is sent: a thread that must not send before
+    that answer (a Storage Commitment report after its N-ACTION-RSP) waits for this one."""
+    try:
+        _association_loop(self)
+    finally:
+        # A loop that ended touches no queue: a send_*() or release() spinning on
+        # _is_paused must see it paused. Woken at the checkpoint by a kill() from another
+        # thread, the loop wrote False after kill()'s True and left: a release() that had
+        # read is_established just before would spin forever (a likely cause of a test's
+        # release() spinning 300 s in CI, 2026-12-06).
+        self._pas_parked = True  # type: ignore[attr-defined]
+        self._is_paused = True
+
+
+def _association_loop(self: Association) -> None:
     wake = _association_wake(self)
     self._is_paused = False
     while not self._kill:
         self._is_paused = True
+        self._pas_parked = True  # type: ignore[attr-defined]
         wake.wait(TICK_S)
         wake.clear()
         self._reactor_checkpoint.wait()
+        self._pas_parked = False  # type: ignore[attr-defined]
         self._is_paused = False
         if self._kill:
             break
