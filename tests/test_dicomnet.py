@@ -513,3 +513,40 @@ def test_remembered_uid_checks_keep_no_overlong_value() -> None:
     finally:
         tracemalloc.stop()
         logging.disable(logging.NOTSET)
+
+
+def test_the_storage_contexts_built_once_equal_pynetdicoms() -> None:
+    """The listener's ~180 storage contexts, built with the transfer syntaxes checked once
+    (dicomnet/contexts.py), are what pynetdicom's add_supported_context makes class by class:
+    ingest's pass, then serving's with the SCU and SCP roles, then a class already supported
+    with other syntaxes (pynetdicom extends its list)."""
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    from appliance.dicomnet.contexts import add_supported_contexts
+    from appliance.ingest.policy import TRANSFER_SYNTAXES, storage_sop_classes
+
+    classes = storage_sop_classes([])
+    assert len(classes) > 150
+    theirs, ours = AE(), AE()
+    theirs.add_supported_context(CTImageStorage, [ImplicitVRLittleEndian])
+    ours.add_supported_context(CTImageStorage, [ImplicitVRLittleEndian])
+    for sop_class in classes:
+        theirs.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+    add_supported_contexts(ours, classes, TRANSFER_SYNTAXES)
+    for sop_class in classes:
+        theirs.add_supported_context(sop_class, TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+    add_supported_contexts(ours, classes, TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+    theirs.add_supported_context(Verification, [ExplicitVRLittleEndian])
+    add_supported_contexts(ours, [Verification], [ExplicitVRLittleEndian])
+
+    def described(ae: AE) -> list[tuple[str, list[str], bool | None, bool | None]]:
+        return [(cx.abstract_syntax, list(cx.transfer_syntax), cx.scu_role, cx.scp_role)
+                for cx in ae.supported_contexts]
+
+    assert described(ours) == described(theirs)
+    ct = [cx for cx in ours.supported_contexts if cx.abstract_syntax == CTImageStorage]
+    assert ct[0].transfer_syntax[0] == ImplicitVRLittleEndian and ct[0].scp_role is True
+    # Each class has its own list: a change to one leaves the others as they were.
+    first, second = ours.supported_contexts[1:3]
+    first.transfer_syntax.append("1.2.3.4")
+    assert "1.2.3.4" not in second.transfer_syntax

@@ -23,6 +23,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from appliance.config import DicomSection
+from appliance.dicomnet.contexts import add_supported_contexts
 from appliance.dicomnet.server import ListenerServer
 from appliance.ingest.attributes import DatasetMismatch, InvalidInstance
 from appliance.ingest.policy import (
@@ -100,8 +101,7 @@ class DicomListener:
         # The SCP's supported contexts are not bound by the 128 an association may propose
         # (that limit is the requestor's): the standard, retired and extra classes all go.
         self.storage_classes = storage_sop_classes(config.extra_storage_sop_classes)
-        for sop_class in self.storage_classes:
-            self.ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+        add_supported_contexts(self.ae, self.storage_classes, TRANSFER_SYNTAXES)
         self.refused_sop_classes = RefusedSopClassLog()
         self._busy_warning = ThrottledWarning(log)  # dicom.max_associations reached
         self._admission_lock = threading.Lock()

@@ -31,6 +31,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from appliance.config import DicomTlsSection, ServingSection
+from appliance.dicomnet.contexts import add_supported_contexts
 from appliance.ingest.policy import TRANSFER_SYNTAXES
 from appliance.ingest.scp import DicomListener
 from appliance.serving.qr_answers import (
@@ -82,9 +83,8 @@ class QueryRetrieveService:
     def register(self, listener: DicomListener) -> None:
         """Add the Q/R contexts and handlers to the ingest AE (before it starts), and accept
         the SCP role for storage so that C-GET can send on the viewer's association."""
-        for sop_class in listener.storage_classes:
-            listener.ae.add_supported_context(sop_class, TRANSFER_SYNTAXES,
-                                              scu_role=True, scp_role=True)
+        add_supported_contexts(listener.ae, listener.storage_classes, TRANSFER_SYNTAXES,
+                               scu_role=True, scp_role=True)
         contexts = [
             PatientRootQueryRetrieveInformationModelFind,
             StudyRootQueryRetrieveInformationModelFind,
