@@ -293,7 +293,10 @@ def test_a_backup_restored_on_a_new_disk_serves_the_confirmed_studies_from_the_r
             db, "SELECT j.* FROM jobs j JOIN studies s ON s.id = j.study_fk "
                 "WHERE s.study_uid = ? AND j.state = 'failed'", (_uid(queued),))), None), 60,
             what="the lost study's job failed")
-        assert job["attempts"] == 1 and job["last_error"] == (
+        # One try, or two on a loaded machine: a try begun before the restored daemon had
+        # flagged the files missing meets a bare FileNotFoundError and waits its backoff
+        # (2 tries in a local run at 1,281 s); never queue.max_attempts.
+        assert job["attempts"] in (1, 2) and job["last_error"] == (
             f"3 instances of study {_uid(queued)} not yet confirmed by the region lost their "
             "file on this appliance (flagged missing: pas cache status): this appliance held "
             "their only copy. Send the study again from its modality (the files come back), "
