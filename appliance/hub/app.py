@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -36,6 +35,7 @@ from appliance.locks import KeyedLocks
 from appliance.ops.listeners import bind_refused
 from appliance.store import hub as store
 from appliance.transfer.enrolment import EnrolmentError, parse_token
+from appliance.web.quiet_server import QuietServer
 
 log = logging.getLogger("pas.hub")
 
@@ -323,7 +323,7 @@ class HubServer:
         except BaseException:
             self.sock.close()
             raise
-        self.server = uvicorn.Server(config)
+        self.server = QuietServer(config)
         self.thread: threading.Thread | None = None
 
     def run(self) -> None:
@@ -337,7 +337,7 @@ class HubServer:
         self.thread.start()
 
     def stop(self) -> None:
-        self.server.should_exit = True
+        self.server.stop()
         self.hub.expiry.stop()
         self.hub.stopping.set()
         if self.thread:

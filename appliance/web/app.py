@@ -26,6 +26,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
+from appliance.web.quiet_server import QuietServer
+
 if TYPE_CHECKING:
     from appliance.daemon import Daemon
 
@@ -92,7 +94,7 @@ class WebServer:
     def __init__(self, app: Any, host: str, port: int, **ssl: Any):
         config = uvicorn.Config(app, host=host, port=port, log_level="warning",
                                 access_log=False, lifespan="off", **ssl)
-        self.server = uvicorn.Server(config)
+        self.server = QuietServer(config)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn chooses
         self.sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
@@ -115,7 +117,7 @@ class WebServer:
             self.thread.join(0.02)
 
     def stop(self, timeout: float = 10.0) -> None:
-        self.server.should_exit = True
+        self.server.stop()
         if self.thread.is_alive():
             self.thread.join(timeout)
         self.sock.close()
