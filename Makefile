@@ -11,7 +11,7 @@ DEMO_HOME ?= ./var
 # bench/wan's link emulator (tests/test_wan_emulator.py, make bench-wan) is C, built at run time.
 TEST_APT += gcc
 
-.PHONY: demo test venv deps-test lint image box bench-ingest bench-associations bench-forward bench-heartbeat bench-hub-loop bench-prefetch clean
+.PHONY: demo test venv deps-test lint image box bench-ingest bench-associations bench-forward bench-heartbeat bench-hub-loop bench-idle bench-prefetch clean
 
 venv: $(VENV)/.installed
 
@@ -108,6 +108,10 @@ bench-heartbeat: deps-test venv
 bench-hub-loop: deps-test venv
 	$(PY) bench/hub_loop.py $(BENCH_ARGS)
 	$(PY) bench/fleet_page.py
+
+# CPU an idle `pas run` uses (its defaults), beside an idle Orthanc.
+bench-idle: deps-test venv
+	$(PY) bench/idle_cpu.py $(BENCH_ARGS)
 
 # The appliance image (root): Debian 12 minimal + PAS under /opt/pas; see image/README.md.
 image: deps-test

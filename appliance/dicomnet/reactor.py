@@ -483,20 +483,13 @@ def association_run_reactor(self: Association) -> None:
     ``_pas_parked`` is True only while it waits at the checkpoint, between requests.
     pynetdicom also sets ``_is_paused`` while a handler runs (so the handler may call
     ``send_*()``), before the handler's answer is sent: a thread that must not send before
-    that answer (a Storage Commitment report after its N-ACTION-RSP) waits for this one."""
-    try:
-        _association_loop(self)
-    finally:
-        # A loop that ended touches no queue: a send_*() or release() spinning on
-        # _is_paused must see it paused. Woken at the checkpoint by a kill() from another
-        # thread, the loop wrote False after kill()'s True and left: a release() that had
-        # read is_established just before would spin forever (a likely cause of a test's
-        # release() spinning 300 s in CI, 2026-12-06).
-        self._pas_parked = True  # type: ignore[attr-defined]
-        self._is_paused = True
+    that answer (a Storage Commitment report after its N-ACTION-RSP) waits for this one.
 
-
-def _association_loop(self: Association) -> None:
+    (Tried and taken back, 2026-12-06: marking the loop paused once it ended, so that a
+    release() racing a kill() from another thread could not spin. With it, a C-MOVE
+    sub-association to a slowly reading storescp was aborted for silence 4 times in 5,
+    against none in 7 without; why is not understood yet. The spin it was meant to prevent
+    was a guess at a 300 s hang in a test's release() that has not been reproduced.)"""
     wake = _association_wake(self)
     self._is_paused = False
     while not self._kill:
