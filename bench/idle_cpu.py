@@ -4,7 +4,7 @@ An appliance waits most of the day; what it burns then is the hospital's power a
 test suite, the CPU that several idle daemons take from the tests on two cores. Both peers
 are started with an empty home, left alone for a settling pause, then their CPU time
 (``/proc/PID/stat``, user + system, all threads) is read over the same window, in the same
-run. Per thread for PAS (``--threads``), named as Python names them (py-spy, if present).
+run. ``--threads`` adds PAS's threads by kernel thread id (``py-spy dump --pid`` names them).
 
 Usage: ``python bench/idle_cpu.py [--seconds 30] [--rounds 3] [--threads]``
 (``make bench-idle``). Results: docs/benchmarks.md, "Idle CPU".

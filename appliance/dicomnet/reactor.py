@@ -488,7 +488,7 @@ def association_run_reactor(self: Association) -> None:
     (Tried and taken back, 2026-12-06: marking the loop paused once it ended, so that a
     release() racing a kill() from another thread could not spin. With it, a C-MOVE
     sub-association to a slowly reading storescp was aborted for silence 4 times in 5,
-    against none in 7 without; why is not understood yet. The spin it was meant to prevent
+    against none in 9 without; why is not understood yet. The spin it was meant to prevent
     was a guess at a 300 s hang in a test's release() that has not been reproduced.)"""
     wake = _association_wake(self)
     self._is_paused = False
