@@ -23,6 +23,13 @@ from tests.test_serving_fetch import Setup
 pytestmark = pytest.mark.root
 
 
+@pytest.fixture(autouse=True)
+def _exec_for_real(monkeypatch: pytest.MonkeyPatch) -> None:
+    """New interpreters, not children of the warm one (tests/support/zygote.py): what is
+    left running is found by the command line and environment it was started with."""
+    monkeypatch.setenv("PAS_TEST_EXEC", "1")
+
+
 def running_under(root: Path) -> list[int]:
     """The processes whose command line or environment names a path under ``root`` (a
     peer's folder, config file or home): what a set-up there launched and left running."""

@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from tests.support import zygote
 from tests.support.netns import NetNamespace
 from tests.support.ports import free_port
 
@@ -92,25 +93,37 @@ class ChildProcess:
     # exec NS`` for a process inside a network namespace).
     probe_host = "127.0.0.1"
     launcher: tuple[str, ...] = ()
+    # A new interpreter for each command, not a child of the warm one (tests/support/zygote.py):
+    # for a test that finds processes by their command line or environment.
+    exec_for_real = False
 
     def __init__(self, home: Path, env: dict[str, str], log_name: str):
         self.home = Path(home)
         self.env = env
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: subprocess.Popen[bytes] | zygote.ForkedProcess | None = None
         self.log_path = self.home / log_name
 
     def _launch(self, ports: list[int], timeout: float, cwd: Path | None = None,
                 host: str = "127.0.0.1") -> None:
         self.home.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([*self.launcher, str(PAS_BIN), *self.command],
-                                     env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                     cwd=cwd)
+        with open(self.log_path, "ab") as log:
+            if self._warm():
+                self.proc = zygote.spawn(list(self.command), self.env, cwd,
+                                         stdout=log.fileno(), stderr=log.fileno())
+            else:
+                self.proc = subprocess.Popen([*self.launcher, str(PAS_BIN), *self.command],
+                                             env=self.env, stdout=log,
+                                             stderr=subprocess.STDOUT, cwd=cwd)
         # The address given (a namespace link's end), else the class's (the hub in one).
         probe = host if host != "127.0.0.1" else self.probe_host
         for port in ports:
             wait_for(lambda p=port: self._alive() and port_open(probe, p), timeout,
                      what=f"{self.name} on {probe} port {port} (log: {self.log_path})")
+
+    def _warm(self) -> bool:
+        """Forked from the warm interpreter: unless under a launcher, asked not to, or
+        with an environment only a new interpreter reads whole (:func:`zygote.suits`)."""
+        return not self.launcher and not self.exec_for_real and zygote.suits(self.env)
 
     def _alive(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
@@ -168,8 +181,11 @@ class ChildProcess:
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         command = [*self.cli_prefix, *args]
-        result = subprocess.run([str(PAS_BIN), *command], env=self.env, capture_output=True,
-                                text=True, timeout=120)
+        if self._warm():
+            result = zygote.run(command, self.env, timeout=120)
+        else:
+            result = subprocess.run([str(PAS_BIN), *command], env=self.env,
+                                    capture_output=True, text=True, timeout=120)
         if check and result.returncode != 0:
             raise AssertionError(f"pas {' '.join(command)} -> {result.returncode}\n"
                                  f"{result.stdout}\n{result.stderr}")
