@@ -35,6 +35,7 @@ goes (its end of the warm interpreter's stdin closes), the children are killed.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import selectors
@@ -91,7 +92,7 @@ def _serve(listener: socket.socket) -> list[str]:
             kind, data = key.data
             if kind == "worker":  # the worker ended: its children end with it
                 for pid in children:
-                    with _suppressed():
+                    with contextlib.suppress(OSError):
                         os.kill(pid, signal.SIGKILL)
                 os._exit(0)
             if kind == "exited":
@@ -100,7 +101,7 @@ def _serve(listener: socket.socket) -> list[str]:
                 selector.unregister(pidfd)
                 os.close(pidfd)
                 _, status = os.waitpid(pid, 0)
-                with _suppressed():
+                with contextlib.suppress(OSError):
                     connection.send(json.dumps(
                         {"returncode": os.waitstatus_to_exitcode(status)}).encode())
                 connection.close()
@@ -141,14 +142,6 @@ def _become(request: dict[str, Any], fds: list[int]) -> None:
     import ctypes
 
     ctypes.CDLL(None, use_errno=True).prctl(15, PAS_BIN.name.encode(), 0, 0, 0)  # PR_SET_NAME
-
-
-class _suppressed:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> bool:
-        return exc[0] is not None and issubclass(exc[0], OSError)  # type: ignore[arg-type]
 
 
 def _warm_main(socket_name: str) -> None:
