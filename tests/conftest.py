@@ -9,7 +9,12 @@ from typing import Any
 
 import pytest
 
+from tests.support import zygote
 from tests.support.peers import CT_DIR, MR_DIR, Orthanc, PasProcess, StoreSCP
+
+# The suite's pas commands are forked from a warm interpreter (tests/support/zygote.py). Not
+# the benchmarks': they measure pas as it runs on the appliance, a new interpreter.
+zygote.ENABLED = True
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -13,6 +13,10 @@ real command does. The command-line modules themselves (``appliance.cli.*``) are
 the child, not ahead: they read the terminal and the environment when imported (rich's
 consoles), which must be the command's, not the warm interpreter's.
 
+Only the test suite forks (tests/conftest.py sets :data:`ENABLED`): the benchmarks in
+``bench/`` use the same ``PasProcess`` and measure ``pas`` as the appliance runs it, a new
+interpreter.
+
 What is not the same, and where the tests keep a real ``exec``:
 
 - ``/proc/PID/cmdline`` and ``environ`` show the warm interpreter's (``comm`` is set to
@@ -51,6 +55,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 PAS_BIN = Path(sys.executable).parent / "pas"
 MAX_MESSAGE = 1 << 20
+# Set by tests/conftest.py: the suite forks, the benchmarks (which share tests/support) exec.
+ENABLED = False
 
 # What a daemon and the commands import, ahead. Not appliance.cli: see the module docstring.
 WARM_IMPORTS = (
@@ -259,9 +265,10 @@ def _startup_variables(env: dict[str, str] | os._Environ[str]) -> dict[str, str]
 
 def suits(env: dict[str, str]) -> bool:
     """Whether a command with this environment may be forked from the warm interpreter: not
-    when ``PAS_TEST_EXEC=1``, nor when it sets what only a new interpreter reads (a test's
-    PYTHONPATH with a ``sitecustomize`` patching the hub, tests/test_uplink_holdings.py)."""
-    if os.environ.get("PAS_TEST_EXEC", "") in ("1", "true"):
+    outside the test suite (:data:`ENABLED`), nor when ``PAS_TEST_EXEC=1``, nor when it sets
+    what only a new interpreter reads (a test's PYTHONPATH with a ``sitecustomize`` patching
+    the hub, tests/test_uplink_holdings.py)."""
+    if not ENABLED or os.environ.get("PAS_TEST_EXEC", "") in ("1", "true"):
         return False
     return _startup_variables(env) == (_warm.startup_variables
                                        or _startup_variables(os.environ))
