@@ -266,7 +266,8 @@ def hub_sites(config: Path | None = HubConfigOption) -> None:
         table.add_column(column)
     for r in rows:
         table.add_row(r["site"], r["serial"], r["not_after"][:10],
-                      "revoked" if r["revoked_at"] else "valid")
+                      f"superseded by {r['superseded_by']}" if r["superseded_by"]
+                      else "revoked" if r["revoked_at"] else "valid")
     console.print(table)
 
 

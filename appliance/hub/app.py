@@ -18,6 +18,7 @@ import json
 import logging
 import shutil
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -146,6 +147,9 @@ class ClientCertificateGate:
     def __init__(self, app: Any, hub: Hub):
         self.app = app
         self.hub = hub
+        # Certificates seen in use whose older siblings are retired already: one
+        # transaction at a certificate's first request after the hub starts, not at each.
+        self._in_use: set[str] = set()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/api/v1"):
@@ -165,12 +169,35 @@ class ClientCertificateGate:
         if state != "valid":
             log.warning("refused %s %s from site %s: certificate %s is %s", scope["method"],
                         scope["path"], site, serial, state, extra={"SITE": site})
-            await problem(403, f"certificate_{state}",
-                          f"the certificate of site {site!r} (serial {serial}) is {state}"
-                          )(scope, receive, send)
+            detail = f"the certificate of site {site!r} (serial {serial}) is {state}"
+            if state == "superseded":
+                detail += (": a newer certificate of the site is in use (enrolled since, on "
+                           "this appliance or another one); if this appliance is the site's, "
+                           "enrol it again (pas enroll --replace) and restart PAS")
+            await problem(403, f"certificate_{state}", detail)(scope, receive, send)
             return
+        if serial not in self._in_use:
+            await self._retire_older(site, serial, client)
         scope.setdefault("state", {})["site"] = site
         await self.app(scope, receive, send)
+
+    async def _retire_older(self, site: str, serial: str, client: str) -> None:
+        """The site's older certificates are superseded by this one, now in use
+        (:func:`store.retire_older_certificates`). A database that refuses the write (busy)
+        leaves it for the next request, and this one is served all the same."""
+        try:
+            retired = await run_in_threadpool(store.retire_older_certificates,
+                                              self.hub.db, serial)
+        except sqlite3.Error as exc:
+            log.warning("site %s: older certificates not retired yet: %s", site, exc,
+                        extra={"SITE": site})
+            return
+        self._in_use.add(serial)
+        for old in retired:
+            log.warning("site %s: certificate %s superseded by certificate %s, first used "
+                        "from %s; requests with %s are refused from now on (if that is still "
+                        "an appliance of the site, two boxes were enrolled as one site)",
+                        site, old, serial, client, old, extra={"SITE": site})
 
 
 def enrolment_routes(hub: Hub) -> list[BaseRoute]:

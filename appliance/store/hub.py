@@ -124,11 +124,40 @@ def enrolled_sites(db: Database) -> dict[str, float]:
     return {r["site"]: float(r["issued_at"]) for r in rows}
 
 
-def certificate_state(db: Database, serial: str) -> Literal["valid", "revoked", "unknown"]:
-    row = db.query_one("SELECT revoked_at FROM certificates WHERE serial = ?", (serial,))
+def certificate_state(db: Database, serial: str
+                      ) -> Literal["valid", "revoked", "superseded", "unknown"]:
+    row = db.query_one("SELECT revoked_at, superseded_by FROM certificates WHERE serial = ?",
+                       (serial,))
     if row is None:
         return "unknown"
+    if row["superseded_by"] is not None:
+        return "superseded"
     return "revoked" if row["revoked_at"] is not None else "valid"
+
+
+def retire_older_certificates(db: Database, serial: str) -> list[str]:
+    """The site of certificate ``serial`` uses it: its certificates issued before it and
+    still valid are revoked, ``superseded_by`` it, in one transaction. Returns their serials.
+
+    Why at the first use and not at the enrolment: ``pas enroll --replace`` writes the new
+    certificate beside a running daemon, which uploads with the old one until it restarts;
+    a renewal must not cut it off before then. Why at all: one site is one appliance to
+    the region. A second box enrolled as the site (a token spent twice over the years, a
+    spare token in a seed file) uploaded and sent heartbeats as that site beside the first,
+    and nothing showed it. Now the older box is refused (403 ``certificate_superseded``),
+    its queue waits and says so, and the fleet shows the site's problem. An older
+    certificate's use never retires a newer one."""
+    with db.transaction() as conn:
+        row = conn.execute("SELECT rowid, site FROM certificates WHERE serial = ? "
+                           "AND revoked_at IS NULL", (serial,)).fetchone()
+        if row is None:
+            return []
+        older = [r[0] for r in conn.execute(
+            "SELECT serial FROM certificates WHERE site = ? AND rowid < ? "
+            "AND revoked_at IS NULL", (row[1], row[0]))]
+        conn.executemany("UPDATE certificates SET revoked_at = ?, superseded_by = ? "
+                         "WHERE serial = ?", [(now(), serial, old) for old in older])
+        return older
 
 
 def list_certificates(db: Database) -> list[dict[str, Any]]:

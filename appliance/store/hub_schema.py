@@ -179,4 +179,11 @@ HUB_MIGRATIONS: list[str] = [
     """
     ALTER TABLE enrol_tokens ADD COLUMN voided_at REAL;
     """,
+    # 12: a site holds one certificate in use (appliance.store.hub.retire_older_certificates):
+    # the first request made with a site's newest certificate retires its older ones, and
+    # ``superseded_by`` names the one that did. Two appliances enrolled as one site (a token
+    # spent on a second box, a spare in a seed file) both uploaded as that site, unseen.
+    """
+    ALTER TABLE certificates ADD COLUMN superseded_by TEXT;
+    """,
 ]

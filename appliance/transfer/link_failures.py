@@ -34,8 +34,9 @@ def link_down(exc: BaseException) -> bool:
 
 # Why a hub refuses a client certificate (its answer's ``error``), and the OpenSSL reasons
 # of the alerts a TLS peer sends when it refuses one at the handshake.
-_REFUSED_CERTIFICATE_ERRORS = ("certificate_revoked", "certificate_unknown",
-                               "certificate_expired", "client_certificate_required")
+_REFUSED_CERTIFICATE_ERRORS = ("certificate_revoked", "certificate_superseded",
+                               "certificate_unknown", "certificate_expired",
+                               "client_certificate_required")
 # What each alert means for this appliance's certificate (OpenSSL's verify errors map to
 # them: an unknown issuer to unknown_ca, a signature that does not verify to decrypt_error,
 # a certificate not yet valid to bad_certificate), said for the person who must act.
@@ -78,14 +79,18 @@ def trust_problem(exc: BaseException) -> str | None:
         body = getattr(current, "body", None)
         if getattr(current, "status", None) in (401, 403) and isinstance(body, dict) and \
                 body.get("error") in _REFUSED_CERTIFICATE_ERRORS:
+            if body["error"] == "certificate_superseded":
+                return ("the hub refuses this appliance's certificate (certificate_superseded): "
+                        "a newer certificate of this site is in use, enrolled since on this "
+                        "appliance or on another one")
             return f"the hub refuses this appliance's certificate ({body['error']})"
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return None
 
 
-TRUST_HINT = ("`pas doctor` checks the certificates; a revoked or expired one is replaced with "
-              "`pas enroll --replace` and a restart of PAS")
+TRUST_HINT = ("`pas doctor` checks the certificates; a revoked, superseded or expired one is "
+              "replaced with `pas enroll --replace` and a restart of PAS")
 
 
 def credentials_refused(exc: BaseException, enrolment: Any | None) -> str | None:
