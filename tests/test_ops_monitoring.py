@@ -41,7 +41,7 @@ def referenced_metric_names() -> set[str]:
 def test_alert_rules_pass_promtool_check() -> None:
     result = promtool("check", "rules", "alerts.yml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 25 rules found" in result.stdout
+    assert "SUCCESS: 26 rules found" in result.stdout
 
 
 def test_alert_rules_unit_tests_pass() -> None:
@@ -72,6 +72,9 @@ def test_alerts_cover_what_the_issue_names() -> None:
     hub_busy = {str(rule["alert"]): rule for rule in alert_rules()}["PasHubBusy"]
     assert "sum without (site) (rate(pas_hub_bucket_puts_refused_busy_total[5m])) > 0" in \
         exprs["PasHubBusy"] and hub_busy["for"] == "15m"
+    # A transfer open at the hub for hours (hub/transfer_metrics.py), per site.
+    assert exprs["PasHubTransferOpenLong"] == \
+        "pas_hub_transfer_oldest_open_age_seconds > 21600"  # 6 h
     # Files flagged missing (a lost disk under a restored index): no metric said it.
     files_missing = {str(rule["alert"]): rule for rule in alert_rules()}[
         "PasApplianceFilesMissing"]

@@ -32,6 +32,7 @@ from starlette.routing import BaseRoute, Route
 
 from appliance.hub.config import HubSettings
 from appliance.hub.pki import HubPKI, PKIError, certificate_identity, secret_digest, utc_text
+from appliance.hub.transfer_metrics import TransferCounters
 from appliance.locks import KeyedLocks
 from appliance.ops.listeners import bind_refused
 from appliance.store import hub as store
@@ -94,6 +95,7 @@ class Hub:
         for stale in settings.work_dir.iterdir():  # rebuilds a crash interrupted; never receipted
             shutil.rmtree(stale, ignore_errors=True)
         self.lock = KeyedLocks()  # hub.lock(transfer_id): one transfer's changes in turn
+        self.transfer_counters = TransferCounters()  # /metrics: received and committed
         from appliance.hub.bucket_bodies import BucketBodies  # PUT bodies held, every site
 
         # Taken by the bucket PUTs and reservations (transfers.py), read by /metrics (fleet.py).

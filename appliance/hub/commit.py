@@ -65,7 +65,8 @@ def commit_transfer(hub: Hub, transfer_id: str) -> dict[str, Any]:
                           for i in manifest["instances"]],
         }
         receipt["signature"] = hub.pki.sign(receipt)
-        store.set_receipt(hub.db, transfer_id, receipt)
+        if store.set_receipt(hub.db, transfer_id, receipt):
+            hub.transfer_counters.committed(row["site"], len(manifest["instances"]))
         store.remove_bucket_files(hub.settings.buckets_dir, transfer_id)
         hub.archiver.forget(transfer_id)
         log.info("transfer %s committed: %s archived (%s); the tail took %.2f s",

@@ -47,6 +47,7 @@ from starlette.routing import BaseRoute, Route
 
 from appliance.hub.bucket_bodies import families as bucket_body_families
 from appliance.hub.fleet_gate import HISTORY_EVERY_S, HeartbeatGate
+from appliance.hub.transfer_metrics import open_transfer_families
 from appliance.ops.backup import STALE_AFTER_S as BACKUP_STALE_AFTER_S
 from appliance.ops.files_missing import count_said as files_missing_said
 from appliance.ops.files_missing import damaged_said as files_damaged_said
@@ -541,6 +542,9 @@ class FleetCollector(Collector):
         yield from families.values()
         yield refused
         yield from self._bucket_bodies({r["site"] for r in rows})
+        fleet = {r["site"] for r in rows}
+        yield from self.hub.transfer_counters.families(fleet)
+        yield from open_transfer_families(self.hub.db, fleet)
         backup = hub_backup_state(hub_backup_record(self.hub.db), time.time())
         if backup["age_s"] is not None:  # None: no record (the next backup writes one)
             yield GaugeMetricFamily(

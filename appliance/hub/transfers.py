@@ -309,6 +309,7 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
                 return store_it()
 
         created = await run_in_threadpool(locked)
+        hub.transfer_counters.bucket_received(site, len(sealed), created)
         return created, len(sealed)
 
     async def bucket_of(request: Request) -> tuple[Any, int, str] | Response:

@@ -233,6 +233,16 @@ def record_bucket(db: Database, transfer_id: str, index: int, size: int, sha256:
         return True
 
 
+def open_transfers_by_site(db: Database) -> dict[str, tuple[int, float]]:
+    """Site -> (transfers neither committed nor expired, the oldest one's created_at): read
+    through the ``transfers_open`` partial index, so its cost is the open ones', not the
+    history's (the hub's /metrics at every scrape)."""
+    rows = db.query("SELECT site, count(*) AS n, min(created_at) AS first FROM transfers "
+                    "INDEXED BY transfers_open WHERE receipt IS NULL AND expired_at IS NULL "
+                    "GROUP BY site")
+    return {r["site"]: (int(r["n"]), float(r["first"])) for r in rows}
+
+
 def set_receipt(db: Database, transfer_id: str, receipt: dict[str, Any]) -> bool:
     """Store the receipt once; False if another commit stored one first."""
     with db.transaction() as conn:
