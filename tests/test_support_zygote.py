@@ -70,3 +70,22 @@ def test_a_python_variable_of_its_own_sends_the_command_to_a_new_interpreter(
         tmp_path: Path) -> None:
     assert zygote.suits(dict(os.environ))
     assert not zygote.suits({**os.environ, "PYTHONPATH": str(tmp_path)})
+
+
+def test_a_command_that_outlives_its_timeout_is_killed(tmp_path: Path) -> None:
+    """As subprocess.run does: TimeoutExpired, and the child is gone (a daemon left running
+    would hold its ports and home for the rest of the session)."""
+    pas = PasProcess(tmp_path / "home")
+    pas.home.mkdir(parents=True)
+    with pytest.raises(subprocess.TimeoutExpired):
+        zygote.run(["run"], pas.env, timeout=1, cwd=pas.home)
+    left = [entry.name for entry in Path("/proc").iterdir() if entry.name.isdigit()
+            and _cwd(entry) == str(pas.home)]
+    assert left == []
+
+
+def _cwd(entry: Path) -> str | None:
+    try:
+        return os.readlink(entry / "cwd")
+    except OSError:  # ended meanwhile, or not ours to read
+        return None

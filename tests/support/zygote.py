@@ -287,38 +287,53 @@ def spawn(args: list[str], env: dict[str, str], cwd: Path | str | None = None,
 
 def run(args: list[str], env: dict[str, str], timeout: float,
         cwd: Path | str | None = None) -> subprocess.CompletedProcess[str]:
-    """:func:`subprocess.run` of ``pas ARGS`` with its output captured as text."""
+    """:func:`subprocess.run` of ``pas ARGS`` with its output captured as text. As there,
+    the child is killed when the wait runs out or is interrupted (a test's timeout)."""
     out_read, out_write = os.pipe()
     err_read, err_write = os.pipe()
+    open_fds = {out_read, err_read}
     try:
-        proc = spawn(args, env, cwd, stdout=out_write, stderr=err_write)
+        try:
+            proc = spawn(args, env, cwd, stdout=out_write, stderr=err_write)
+        finally:
+            os.close(out_write)
+            os.close(err_write)
+        try:
+            chunks = _read_until_closed(open_fds, time.monotonic() + timeout)
+            returncode = proc.wait(timeout)
+        except BaseException as exc:
+            proc.kill()
+            proc.wait()
+            if isinstance(exc, TimeoutError):
+                raise subprocess.TimeoutExpired(proc.args, timeout) from None
+            raise
     finally:
-        os.close(out_write)
-        os.close(err_write)
-    chunks: dict[int, list[bytes]] = {out_read: [], err_read: []}
-    deadline = time.monotonic() + timeout
-    with selectors.DefaultSelector() as selector:
-        for fd in chunks:
-            selector.register(fd, selectors.EVENT_READ)
-        while selector.get_map():
-            left = deadline - time.monotonic()
-            ready = selector.select(max(left, 0))
-            if not ready and left <= 0:
-                proc.kill()
-                proc.wait()
-                for fd in chunks:
-                    os.close(fd)
-                raise subprocess.TimeoutExpired(proc.args, timeout)
-            for key, _ in ready:
-                data = os.read(key.fd, 65536)
-                if data:
-                    chunks[key.fd].append(data)
-                else:
-                    selector.unregister(key.fd)
-                    os.close(key.fd)
-    returncode = proc.wait(max(deadline - time.monotonic(), 1))
+        for fd in open_fds:
+            os.close(fd)
 
     def text(fd: int) -> str:
         return b"".join(chunks[fd]).decode().replace("\r\n", "\n").replace("\r", "\n")
 
     return subprocess.CompletedProcess(proc.args, returncode, text(out_read), text(err_read))
+
+
+def _read_until_closed(open_fds: set[int], deadline: float) -> dict[int, list[bytes]]:
+    """What the pipes in ``open_fds`` carry until each is closed at the other end (each
+    closed here then, and taken out of the set); TimeoutError past ``deadline``."""
+    chunks: dict[int, list[bytes]] = {fd: [] for fd in open_fds}
+    with selectors.DefaultSelector() as selector:
+        for fd in open_fds:
+            selector.register(fd, selectors.EVENT_READ)
+        while selector.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            for key, _ in selector.select(left):
+                data = os.read(key.fd, 65536)
+                if data:
+                    chunks[key.fd].append(data)
+                else:
+                    selector.unregister(key.fd)
+                    open_fds.discard(key.fd)
+                    os.close(key.fd)
+    return chunks
