@@ -123,6 +123,16 @@ def test_dashboard_shows_missing_files_and_the_hubs_reservations() -> None:
     assert len(set(places)) == len(places), places
 
 
+def test_dashboard_shows_what_the_hub_receives_commits_and_leaves_open() -> None:
+    """The hub's transfer families (hub/transfer_metrics.py), per site of the $site choice."""
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    exprs = {str(t["expr"]) for panel in dashboard["panels"] for t in panel["targets"]}
+    assert {'rate(pas_hub_bucket_bytes_received_total{site=~"$site"}[5m])',
+            'rate(pas_hub_instances_committed_total{site=~"$site"}[5m])',
+            'pas_hub_transfer_oldest_open_age_seconds{site=~"$site"}',
+            'pas_hub_transfers_open{site=~"$site"}'} <= exprs
+
+
 def test_a_bad_expression_is_caught(tmp_path: Path) -> None:
     """The check above can fail: promtool refuses a broken expression."""
     (tmp_path / "bad.yml").write_text(yaml.safe_dump({"groups": [{"name": "g", "rules": [
