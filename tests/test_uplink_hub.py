@@ -305,6 +305,11 @@ def test_kill_9_mid_upload_resumes_the_same_transfer(pas_factory: Any, hub: HubP
     assert 0 < held < transfer["bucket_count"]
     pas.start()
     _assert_resumed_once(pas, hub, transfer_id)
+    # The resumed attempt asked what the hub holds, found its manifest there (the same
+    # SHA-256) and did not post it again: megabytes for a large study on a slow line.
+    assert f"transfer {transfer_id}: the hub holds its manifest already: not sent again" \
+        in pas.log()
+    assert f"transfer {transfer_id}: its manifest posted again" not in hub.log()
 
 
 def test_both_sets_through_dicomweb_hub_arrive_bit_exact_in_orthanc(

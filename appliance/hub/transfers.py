@@ -235,6 +235,10 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
                      counted(len(manifest.instances), "instance"),
                      counted(manifest.bucket_count, "bucket"),
                      extra={"SITE": site, "STUDY_UID": manifest.study_uid})
+        else:
+            log.info("site %s: transfer %s: its manifest posted again, the same (%s)", site,
+                     manifest.transfer_id, counted(len(raw), "byte"),
+                     extra={"SITE": site, "STUDY_UID": manifest.study_uid})
         arrivals.created(manifest.transfer_id)
         return JSONResponse({"transfer_id": manifest.transfer_id, "bucket_count":
                              manifest.bucket_count},
@@ -452,12 +456,15 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
         return json_answer(request, answer, 201 if created else 200)
 
     async def held(request: Request) -> Response:
-        """The bucket indexes the hub holds for a transfer."""
+        """The bucket indexes the hub holds for a transfer, and the SHA-256 of the manifest
+        it holds (canonical JSON): a site resuming the transfer with that manifest need not
+        POST it again (a 50,000-instance study's is megabytes on a slow line)."""
         row, missing = await run_in_threadpool(lookup, request)
         if missing:
             return missing
         held_now = await run_in_threadpool(store.held_buckets, hub.db, row["id"])
-        return JSONResponse({"held": held_now, "count": row["bucket_count"]})
+        return JSONResponse({"held": held_now, "count": row["bucket_count"],
+                             "manifest_sha256": row["manifest_sha256"]})
 
     async def status(request: Request) -> Response:
         """A transfer's state and byte counters."""

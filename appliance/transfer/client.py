@@ -132,7 +132,8 @@ def _json(response: httpx.Response) -> Any:
 
 
 def canonical_json(document: dict[str, Any]) -> bytes:
-    """The bytes the hub signs: the receipt without its signature, keys sorted, no spaces."""
+    """The bytes the hub signs (the receipt without its signature) and hashes (a manifest):
+    keys sorted, no spaces."""
     return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -374,11 +375,18 @@ class HubClient:
 
     def held_buckets(self, transfer_id: str) -> set[int] | None:
         """The bucket indexes the hub holds durably; None if it does not know the transfer."""
+        known = self.transfer_held(transfer_id)
+        return None if known is None else known[0]
+
+    def transfer_held(self, transfer_id: str) -> tuple[set[int], str | None] | None:
+        """(bucket indexes held durably, SHA-256 of the manifest the hub holds: None from a
+        hub too old to say it); None if the hub does not know the transfer."""
         response = self._call("GET", f"{API}/transfers/{transfer_id}/buckets", "held buckets")
         if response.status_code == 404:
             return None
         body = self._expect(response, {200}, "held buckets").json()
-        return {int(i) for i in body.get("held", [])}
+        digest = body.get("manifest_sha256")
+        return {int(i) for i in body.get("held", [])}, digest if isinstance(digest, str) else None
 
     def commit(self, transfer_id: str) -> httpx.Response:
         """POST commit. The caller reads 200 (receipt), 409 (missing) and 422 (mismatch);
