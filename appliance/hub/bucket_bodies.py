@@ -4,7 +4,7 @@ see of it in ``/metrics``.
 Owns: the budget of ``limits.bucket_bodies_bytes`` (:class:`BucketBodies`, asked by
 :mod:`appliance.hub.transfers` before a PUT's body is read), the bucket reservations taken
 out of it ahead of a PUT, the busy refusals it counts per site, and their metric families
-(:func:`families`, exported by :class:`appliance.hub.fleet.FleetCollector`). May not touch:
+(:func:`families`, exported by :class:`appliance.hub.fleet_metrics.FleetCollector`). May not touch:
 SQL, the network, the PKI.
 
 Why the metrics: past the budget a bucket PUT is answered ``503 busy`` with ``Retry-After``
