@@ -145,7 +145,7 @@ def retire_older_certificates(db: Database, serial: str) -> list[str]:
     the region. A second box enrolled as the site (a token spent twice over the years, a
     spare token in a seed file) uploaded and sent heartbeats as that site beside the first,
     and nothing showed it. Now the older box is refused (403 ``certificate_superseded``),
-    its queue waits and says so, and the fleet shows the site's problem. An older
+    its queue waits and says so, and the hub's log names both certificates. An older
     certificate's use never retires a newer one."""
     with db.transaction() as conn:
         row = conn.execute("SELECT rowid, site FROM certificates WHERE serial = ? "
