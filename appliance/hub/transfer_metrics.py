@@ -25,53 +25,49 @@ from appliance.store.db import Database
 __all__ = ["TransferCounters", "open_transfer_families"]
 
 
+# The counters' names (Prometheus adds ``_total``) and what each says.
+_COUNTERS = {
+    "pas_hub_bucket_bytes_received": "Bytes of authenticated bucket bodies the hub received, "
+                                     "held already or not, since it started",
+    "pas_hub_buckets_stored": "Buckets the hub stored (new ones), since it started",
+    "pas_hub_transfers_committed": "Transfers the hub committed (archived and receipt "
+                                   "signed), since it started",
+    "pas_hub_instances_committed": "Instances in the transfers the hub committed, since it "
+                                   "started",
+}
+
+
 class TransferCounters:
     """Counters since the hub started, per site (Prometheus' ``rate()`` takes restarts)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._bytes: dict[str, int] = defaultdict(int)
-        self._buckets: dict[str, int] = defaultdict(int)
-        self._transfers: dict[str, int] = defaultdict(int)
-        self._instances: dict[str, int] = defaultdict(int)
+        self._counts: dict[str, dict[str, int]] = {name: defaultdict(int) for name in _COUNTERS}
+
+    def _add(self, site: str, **amounts: int) -> None:
+        with self._lock:
+            for name, amount in amounts.items():
+                self._counts[f"pas_hub_{name}"][site] += amount
 
     def bucket_received(self, site: str, size: int, stored: bool) -> None:
         """An authenticated bucket body arrived (``stored``: new, not one already held)."""
-        with self._lock:
-            self._bytes[site] += size
-            self._buckets[site] += int(stored)
+        self._add(site, bucket_bytes_received=size, buckets_stored=int(stored))
 
     def committed(self, site: str, instances: int) -> None:
         """A transfer got its receipt (once per transfer: a repeated commit is not one)."""
-        with self._lock:
-            self._transfers[site] += 1
-            self._instances[site] += instances
+        self._add(site, transfers_committed=1, instances_committed=instances)
 
     def families(self, sites: Iterable[str]) -> Iterator[Metric]:
         """``sites``: the fleet's, each with a series from 0 (a ``rate()`` alert sees it
         before it rises), and any other that sent something since the start."""
-        families = {
-            "bytes": CounterMetricFamily(
-                "pas_hub_bucket_bytes_received", "Bytes of authenticated bucket bodies the "
-                "hub received, held already or not, since it started", labels=["site"]),
-            "buckets": CounterMetricFamily(
-                "pas_hub_buckets_stored", "Buckets the hub stored (new ones), since it "
-                "started", labels=["site"]),
-            "transfers": CounterMetricFamily(
-                "pas_hub_transfers_committed", "Transfers the hub committed (archived and "
-                "receipt signed), since it started", labels=["site"]),
-            "instances": CounterMetricFamily(
-                "pas_hub_instances_committed", "Instances in the transfers the hub "
-                "committed, since it started", labels=["site"]),
-        }
         with self._lock:
-            counts = {"bytes": dict(self._bytes), "buckets": dict(self._buckets),
-                      "transfers": dict(self._transfers), "instances": dict(self._instances)}
-        every = set(sites).union(*(set(c) for c in counts.values()))
-        for site in sorted(every):
-            for name, family in families.items():
+            counts = {name: dict(by_site) for name, by_site in self._counts.items()}
+        every = sorted(set(sites).union(*counts.values()))
+        for name, help_text in _COUNTERS.items():
+            family = CounterMetricFamily(name, help_text, labels=["site"])
+            for site in every:
                 family.add_metric([site], counts[name].get(site, 0))
-        yield from families.values()
+            yield family
 
 
 def open_transfer_families(db: Database, sites: Iterable[str],
