@@ -93,9 +93,6 @@ class ChildProcess:
     # exec NS`` for a process inside a network namespace).
     probe_host = "127.0.0.1"
     launcher: tuple[str, ...] = ()
-    # A new interpreter for each command, not a child of the warm one (tests/support/zygote.py):
-    # for a test that finds processes by their command line or environment.
-    exec_for_real = False
 
     def __init__(self, home: Path, env: dict[str, str], log_name: str):
         self.home = Path(home)
@@ -121,9 +118,10 @@ class ChildProcess:
                      what=f"{self.name} on {probe} port {port} (log: {self.log_path})")
 
     def _warm(self) -> bool:
-        """Forked from the warm interpreter: unless under a launcher, asked not to, or
-        with an environment only a new interpreter reads whole (:func:`zygote.suits`)."""
-        return not self.launcher and not self.exec_for_real and zygote.suits(self.env)
+        """Forked from the warm interpreter: unless under a launcher, or with an environment
+        only a new interpreter reads whole, or with ``PAS_TEST_EXEC=1``
+        (:func:`zygote.suits`)."""
+        return not self.launcher and zygote.suits(self.env)
 
     def _alive(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:

@@ -21,7 +21,7 @@ What is not the same, and where the tests keep a real ``exec``:
 
 - ``/proc/PID/cmdline`` and ``environ`` show the warm interpreter's (``comm`` is set to
   ``pas``): a test that looks for processes by them (tests/test_support_fixtures.py) sets
-  ``exec_for_real``.
+  ``PAS_TEST_EXEC=1``.
 - Every child has the same hash seed (set and dict order of strings repeat between runs).
 - A command run under a launcher (``ip netns exec``, ``prlimit``), the systemd unit, the image,
   ``make demo`` and the direct ``subprocess`` calls of tests about the binary itself are
