@@ -25,24 +25,14 @@ from appliance.store.db import Database
 __all__ = ["TransferCounters", "open_transfer_families"]
 
 
-# The counters' names (Prometheus adds ``_total``) and what each says.
-_COUNTERS = {
-    "pas_hub_bucket_bytes_received": "Bytes of authenticated bucket bodies the hub received, "
-                                     "held already or not, since it started",
-    "pas_hub_buckets_stored": "Buckets the hub stored (new ones), since it started",
-    "pas_hub_transfers_committed": "Transfers the hub committed (archived and receipt "
-                                   "signed), since it started",
-    "pas_hub_instances_committed": "Instances in the transfers the hub committed, since it "
-                                   "started",
-}
-
-
 class TransferCounters:
     """Counters since the hub started, per site (Prometheus' ``rate()`` takes restarts)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._counts: dict[str, dict[str, int]] = {name: defaultdict(int) for name in _COUNTERS}
+        # Family name -> site -> count.
+        self._counts: defaultdict[str, defaultdict[str, int]] = defaultdict(
+            lambda: defaultdict(int))
 
     def _add(self, site: str, **amounts: int) -> None:
         with self._lock:
@@ -59,14 +49,26 @@ class TransferCounters:
 
     def families(self, sites: Iterable[str]) -> Iterator[Metric]:
         """``sites``: the fleet's, each with a series from 0 (a ``rate()`` alert sees it
-        before it rises), and any other that sent something since the start."""
+        before it rises), and any other that sent something since the start. (Each family
+        is written out with its name: tests/support/docs.py reads the names from here.)"""
+        families = [
+            CounterMetricFamily("pas_hub_bucket_bytes_received", "Bytes of authenticated "
+                                "bucket bodies the hub received, held already or not, since "
+                                "it started", labels=["site"]),
+            CounterMetricFamily("pas_hub_buckets_stored", "Buckets the hub stored (new ones), "
+                                "since it started", labels=["site"]),
+            CounterMetricFamily("pas_hub_transfers_committed", "Transfers the hub committed "
+                                "(archived and receipt signed), since it started",
+                                labels=["site"]),
+            CounterMetricFamily("pas_hub_instances_committed", "Instances in the transfers "
+                                "the hub committed, since it started", labels=["site"]),
+        ]
         with self._lock:
             counts = {name: dict(by_site) for name, by_site in self._counts.items()}
         every = sorted(set(sites).union(*counts.values()))
-        for name, help_text in _COUNTERS.items():
-            family = CounterMetricFamily(name, help_text, labels=["site"])
+        for family in families:
             for site in every:
-                family.add_metric([site], counts[name].get(site, 0))
+                family.add_metric([site], counts.get(family.name, {}).get(site, 0))
             yield family
 
 
