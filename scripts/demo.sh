@@ -8,6 +8,7 @@ export PAS_HOME="$home" PAS_DICOM__ACCEPT_UNKNOWN="${PAS_DICOM__ACCEPT_UNKNOWN:-
 # A study leaves 10 s after its last image in the demo (60 s on an appliance: docs/routing.md).
 export PAS_STUDY__STABLE_AFTER_S="${PAS_STUDY__STABLE_AFTER_S:-10}"
 port="${PAS_DICOM__PORT:-11112}"
+http_port="${PAS_HTTP__PORT:-8080}"
 PAS=.venv/bin/pas
 
 # The regional hub, on loopback only (hub engineer's part of the demo).
@@ -27,7 +28,8 @@ done
 # ($PAS_HOME/appliance.toml): the name it enrols under, not the default "PAS".
 [ -f "$home/appliance.toml" ] || printf '# Written by make demo.\nsite = "DEMO"\n' >"$home/appliance.toml"
 if [ ! -f "$home/pki/hub.json" ]; then
-  $PAS enroll --hub "https://localhost:$hub_port" --token "$($PAS hub token DEMO)"
+  # The token goes through a pipe: never on a command line, where `ps` shows it.
+  $PAS hub token DEMO | $PAS enroll --hub "https://localhost:$hub_port" --token -
 fi
 
 cat <<TXT
@@ -38,6 +40,7 @@ cat <<TXT
 
   Send a study (DCMTK):   TCP_NODELAY=1 storescu -aec PAS +sd +r localhost $port ../shared/data/ct-covid19-ny-sbu
   See what arrived:       PAS_HOME=$home $PAS status
+                          http://localhost:$http_port/ (status page: cache, queue, region link)
                           PAS_HOME=$home $PAS studies
   On the regional side:   PAS_HUB_HOME=$hub_home $PAS hub transfers
                           PAS_HOME=$hub_home/archive $PAS studies

@@ -57,6 +57,10 @@ def test_make_demo_runs_receives_a_study_and_sends_it_to_its_hub(tmp_path: Path)
         assert line, banner
         argv = shlex.split(line.group(1))
         assert argv[:3] == ["TCP_NODELAY=1", "storescu", "-aec"] and str(dicom_port) in argv
+        # The status page, where a newcomer looks next.
+        assert f"http://localhost:{env['PAS_HTTP__PORT']}/" in banner, banner
+        # The enrolment token went through a pipe: no warning that `ps` could show it.
+        assert "visible to other users" not in banner, banner
         # The banner's command, on one study's files instead of the whole set.
         sent = subprocess.run([*argv[1:-1], *map(str, files)], env=DCMTK_ENV,
                               capture_output=True, text=True, timeout=60)
@@ -91,3 +95,13 @@ def test_make_demo_runs_receives_a_study_and_sends_it_to_its_hub(tmp_path: Path)
             raise
     wait_for(lambda: not port_open("127.0.0.1", hub_port), 15, what="the demo's hub stopped")
     assert not port_open("127.0.0.1", dicom_port)
+
+
+def test_the_demos_data_is_never_committed() -> None:
+    """``make demo`` writes the hub's CA key, server key and transfer key under var-hub/
+    (beside var/): a ``git add -A`` must not take them."""
+    ignored = {line.strip() for line in (REPO / ".gitignore").read_text().splitlines()}
+    script = (REPO / "scripts" / "demo.sh").read_text()
+    demo_home = re.search(r'home="\$\{1:-\./([^}"]+)\}"', script)
+    assert demo_home, "scripts/demo.sh: where its data goes"
+    assert {f"{demo_home.group(1)}/", f"{demo_home.group(1)}-hub/"} <= ignored, ignored

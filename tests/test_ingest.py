@@ -26,6 +26,7 @@ from pydicom.filereader import _read_file_meta_info, read_preamble
 from pynetdicom import AE, _config
 from pynetdicom.presentation import AllStoragePresentationContexts
 
+from appliance.words import counted
 from tests.support.peers import CT_DIR, MR_DIR, StoreSCP, half_written, storescu, wait_for
 
 STORAGE_CLASSES = {str(c.abstract_syntax) for c in AllStoragePresentationContexts}
@@ -92,6 +93,12 @@ def test_real_sets_stored_exactly_as_sent_and_duplicates_once(pas, tmp_path: Pat
         assert dataset_part(stored) == dataset_part(witness_by_uid[row["sop_instance_uid"]])
         assert row["calling_ae"] == "MODALITY"
     assert_spool_consistent(pas.home)
+    # Each association's audit row adds up to what the index holds: the re-sends apart.
+    rows_said = wait_for(lambda: (lambda r: r if len(r) == 2 else None)(json.loads(
+        pas.cli("audit", "--event", "store", "--json").stdout)), 30,
+        what="both associations' store rows")
+    assert sorted(r["detail"] for r in rows_said) == [
+        "520 instances stored, 0 refused", "60 instances stored, 2 already held, 0 refused"]
 
 
 def _pydicom_files() -> list[Path]:
@@ -297,7 +304,10 @@ def test_kill_9_mid_study_loses_nothing_acknowledged(pas_factory, tmp_path: Path
     assert_spool_consistent(pas.home)
     rows = json.loads(restarted.cli("audit", "--event", "store", "--json").stdout)
     assert [r["outcome"] for r in rows] == ["success", cut["outcome"]]  # newest first
-    assert rows[0]["detail"] == "520 instances stored, 0 refused"  # the held ones again too
+    # Those held before the kill: a success each, not stored a second time, and said so.
+    again = f", {len(held)} already held" if held else ""
+    assert rows[0]["detail"] == f"{counted(520 - len(held), 'instance')} stored{again}, " \
+        "0 refused", rows[0]
 
 
 def test_quota_reached_answers_out_of_resources_and_recovers(pas_factory) -> None:

@@ -65,6 +65,9 @@ def test_no_site_in_the_configuration_is_the_enrolments_site_everywhere(
         assert pas.cli("status").stdout.strip().startswith("PAS CHU-A (AE PAS)")
         checked = " ".join(pas.cli("config", "check").stdout.split())
         assert "configuration OK: site CHU-A (its enrolment's)," in checked, checked
+        # The region is where studies go: named, not left behind "0 destinations".
+        assert checked.endswith(f"0 destinations besides the regional hub {hub.url} "
+                                "(destination hub, enrolled)"), checked
 
         written = json.loads(pas.cli("backup", str(destination), "--json").stdout)
         folder = Path(written["folder"])

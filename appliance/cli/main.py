@@ -170,7 +170,25 @@ def config_check(path: Path | None = typer.Argument(
                   f"{settings.dicom.ae_title} port "
                   f"{settings.dicom.port}, home {settings.home}, "
                   f"{counted(len(settings.routing.rules), 'rule')}, "
-                  f"{counted(len(settings.destinations), 'destination')}")
+                  f"{counted(len(settings.destinations), 'destination')}"
+                  f"{_and_the_hub(settings)}")
+
+
+def _and_the_hub(settings: Settings) -> str:
+    """The region, when enrolled and not named among the destinations: ``pas run`` adds it
+    as destination ``hub`` (where a study goes when no rule names one). "0 destinations"
+    alone read as if studies went nowhere."""
+    from appliance.transfer.enrolment import EnrolmentError, load_enrolment
+
+    if "hub" in settings.destinations:
+        return ""
+    try:
+        enrolment = load_enrolment(settings.home)
+    except (EnrolmentError, OSError) as exc:  # pas doctor says what is wrong with it
+        return f" (and the regional hub's enrolment is unreadable: {exc})"
+    if enrolment is None:
+        return ""
+    return f" besides the regional hub {enrolment.url} (destination hub, enrolled)"
 
 
 def _check_enrolled_site(settings: Settings) -> None:

@@ -373,7 +373,7 @@ class DicomListener:
                 self._note_opened(assoc)
             status, comment = self._store(assoc, transfer_syntax_uid, sop_class_uid,
                                           sop_instance_uid, dataset, prepared)
-        self._note_store(assoc, status)
+        self._note_store(assoc, status, getattr(assoc, "pas_last_held", False))
         from appliance.ops.metrics import observe_cstore
 
         observe_cstore(time.perf_counter() - started, status, path)
@@ -393,6 +393,7 @@ class DicomListener:
                prepared: tuple[bytes, Any] | None = None) -> tuple[int, str | None]:
         requestor = assoc.requestor
         calling = requestor.ae_title.strip()
+        assoc.pas_last_held = False
         try:
             received = self.receiver.receive_dataset(
                 dataset,
@@ -429,6 +430,7 @@ class DicomListener:
         if self.on_stored is not None and not received.duplicate:
             self.on_stored(received.study_uid)
         assoc.pas_study_uid = received.study_uid  # for the association's audit event
+        assoc.pas_last_held = received.duplicate  # the same bytes again: counted apart there
         return SUCCESS, None
 
     def note_cut(self, assoc: Any, sop_instance_uid: str, received: int) -> None:
@@ -449,13 +451,15 @@ class DicomListener:
     def _association_note(self, assoc: Any) -> dict[str, Any]:
         """What an association did, for its audit row (under ``_stats_lock``)."""
         return self._per_association.setdefault(
-            id(assoc), {"stored": 0, "refused": 0, "cut": 0, "studies": set()})
+            id(assoc), {"stored": 0, "held": 0, "refused": 0, "cut": 0, "studies": set()})
 
-    def _note_store(self, assoc: Any, status: int) -> None:
+    def _note_store(self, assoc: Any, status: int, held: bool) -> None:
+        """``held``: a success for bytes already stored (no second copy): counted apart, so
+        the audit row's figures add up to what the index holds."""
         with self._stats_lock:
             note = self._association_note(assoc)
             if status == SUCCESS:
-                note["stored"] += 1
+                note["held" if held else "stored"] += 1
                 study = getattr(assoc, "pas_study_uid", None)
                 if study:
                     note["studies"].add(study)
@@ -492,7 +496,10 @@ class DicomListener:
         # Whole UIDs only, and how many more (as a STOW-RS row): the list was cut at 4000
         # characters in the middle of a UID, which named another study or none.
         target, left_out = audit.study_list(note["studies"])
-        detail = f"{counted(note['stored'], 'instance')} stored, {refused} refused"
+        detail = f"{counted(note['stored'], 'instance')} stored"
+        if note["held"]:  # e.g. a modality sending a study again: success, no second copy
+            detail += f", {note['held']} already held"
+        detail += f", {refused} refused"
         if cut:
             detail += f", {cut} cut by the association's end"
         if left_out:

@@ -462,8 +462,9 @@ def check_backup(settings: Settings, now: float | None = None) -> list[Check]:
                           BACKUP_FIX)]
     if state["last_at"] is None:
         if not state["stale"]:
-            return [Check("backup", "ok", "none yet: pas-backup.timer writes the first one "
-                          "tonight (systemctl list-timers pas-backup.timer)")]
+            return [Check("backup", "ok", "none yet: on the appliance, pas-backup.timer "
+                          "writes the first one tonight (systemctl list-timers "
+                          "pas-backup.timer); elsewhere: pas backup FOLDER")]
         return [Check("backup", "warn", "no pas backup was ever written of this index",
                       "systemctl enable --now pas-backup.timer, or pas backup FOLDER; "
                       + BACKUP_FIX)]

@@ -178,7 +178,9 @@ def _backup_card(state: dict[str, Any]) -> str:
         css, text = "warn", "never"
         detail = "systemctl status pas-backup.timer"
     else:
-        css, text, detail = "unknown", "none yet", "the first one tonight (pas-backup.timer)"
+        # pas-backup.timer exists on the appliance image only (a demo or a laptop has none).
+        css, text, detail = ("unknown", "none yet",
+                             "pas-backup.timer writes one nightly; by hand: pas backup FOLDER")
     return (f'<div class="card" id="backup">Last backup<b><span class="state {css}">{text}'
             f"</span></b>{detail}</div>")
 
