@@ -4,7 +4,10 @@ many transfers the site sent (appliance/store/hub.py ``archived_for_site`` and
 
 An appliance whose index was rebuilt or restored asks the hub, study by study, which instances
 the region holds (appliance/hub/holdings.py). With the embedded archive the hub also leaves
-out what the site's own transfers of that study put in the archive, committed or not. Hub
+out what the site's own transfers of that study put in the archive, committed or not (the
+committed ones through their receipts: their ``archived_instances`` rows go with the commit
+since hub schema 13; the rows of committed transfers inserted below stand for an older hub's,
+which the lookup reads all the same). Hub
 migration 6's index of a site's studies is partial (``WHERE receipt IS NOT NULL``): SQLite
 takes it only for a query that implies that, which this one cannot (it wants the transfers
 not committed too). It read every transfer the site ever sent, once per study asked: 100,019
