@@ -34,6 +34,7 @@ from appliance.words import counted
 log = logging.getLogger("pas.cache")
 
 DAY_S = 86400.0
+PRUNE_INTERVAL_S = 3600.0  # settled eviction rows: how often the loop forgets the old ones
 # Alert a little before the floor/quota, so the operator hears of it before senders do.
 HARD_LIMIT_HEADROOM = 4 * 1024 * 1024
 
@@ -187,12 +188,26 @@ class CachePolicy:
                 "alert": self.alert,
                 "integrity_issues": len(cache_store.open_issues(self.db))}
 
+    def prune_settled_evictions(self) -> int:
+        """Forget the ``evicting`` rows settled over SETTLED_EVICTIONS_KEPT_DAYS ago (each
+        evicted file leaves one); logged when some went."""
+        pruned = eviction.prune_settled_evictions(
+            self.db, now() - eviction.SETTLED_EVICTIONS_KEPT_DAYS * DAY_S)
+        if pruned:
+            log.info("forgot %s settled over %d days ago", counted(pruned, "evicted file's row"),
+                     eviction.SETTLED_EVICTIONS_KEPT_DAYS)
+        return pruned
+
     def run(self, stop: threading.Event) -> None:
         failures = LoopFailures(log, "eviction pass failed")
+        next_prune = 0.0  # at the first pass, then hourly
         while not stop.is_set():
             try:
                 self.readers.settle()  # a reader's row the index kept by mistake taken off
                 self.evict_if_needed()
+                if now() >= next_prune:
+                    next_prune = now() + PRUNE_INTERVAL_S
+                    self.prune_settled_evictions()
                 failures.worked()
             except Exception as exc:
                 failures.failed(exc)

@@ -527,4 +527,10 @@ MIGRATIONS: list[str] = [
           AND s.origin = 'local'
           AND i.id NOT IN (SELECT instance_fk FROM job_instances);
     """,
+    # 23 (appliance/store/eviction.py prune_settled_evictions): an eviction's settled
+    # ``evicting`` rows, one per file evicted, found by age without reading the others.
+    """
+    CREATE INDEX integrity_issues_settled_evictions ON integrity_issues (resolved_at)
+        WHERE kind = 'evicting' AND resolved_at IS NOT NULL;
+    """,
 ]
