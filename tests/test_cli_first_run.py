@@ -61,6 +61,7 @@ def test_the_daemons_disk_alert_is_shown_where_hospital_it_looks(
 
     status = pas.cli("status").stdout
     assert status.lstrip().startswith("PAS (AE PAS)")  # was "PAS PAS (PAS)" on defaults
+    assert "Backlog: none" in status  # said when empty, not left out
     row = next(line for line in status.splitlines() if "disk alert" in line)
     assert "hard limit" in row
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,8 +105,9 @@ def test_a_commit_drops_the_upload_rows_and_answers_every_question_as_before(
         assert {i["transfer_id"] for i in held["instances"]} == {tid}
         assert held["region_instances"] == []
 
-    listed = hub.cli("transfers", "--site", "CHU-OUEST").stdout
-    assert f"{count}/{count}" in " ".join(listed.split()), listed
+    listed = " ".join(hub.cli("transfers", "--site", "CHU-OUEST").stdout.split())
+    assert f"{count}/{count}" in listed, listed
+    assert re.search(r"\d+/\d+ │ \d+(\.\d)? (kB|MB) │ yes", listed), listed  # bytes received
 
 
 def test_migration_13_drops_the_upload_rows_of_transfers_committed_before_it(

@@ -29,6 +29,7 @@ from appliance.cli.common import (
     settings_or_exit,
     write_database,
 )
+from appliance.ops.status import human_size
 from appliance.words import counted
 
 if TYPE_CHECKING:  # the CLI imports the hub's modules only when a command runs
@@ -285,7 +286,7 @@ def hub_transfers(config: Path | None = HubConfigOption,
         table.add_column(column)
     for r in rows:
         table.add_row(r["site"], r["id"], r["study_uid"], str(r["instance_count"]),
-                      f"{r['held']}/{r['bucket_count']}", str(r["bytes_received"]),
+                      f"{r['held']}/{r['bucket_count']}", human_size(r["bytes_received"]),
                       "yes" if r["committed_at"] else "expired" if r["expired_at"] else "no")
     console.print(table)
 
