@@ -291,8 +291,10 @@ def test_a_message_on_a_context_not_accepted_is_named_counted_and_provider_abort
         wait_for(lambda: f"NEVERPROPOSED (127.0.0.1) {said[1]}" in pas.log(), 10,
                  what="the second refusal in PAS's log")
         assert f"BADMR (127.0.0.1) {said[0]}" in pas.log()
-        rows = read_rows(pas.home / "pas.sqlite", "SELECT actor, source, outcome FROM audit "
-                         "WHERE event = 'security' ORDER BY id")
+        # The audit row commits just after the log line (seen read too soon under load).
+        rows = wait_for(lambda: (lambda r: r if len(r) >= 2 else None)(read_rows(
+            pas.home / "pas.sqlite", "SELECT actor, source, outcome FROM audit "
+            "WHERE event = 'security' ORDER BY id")), 10, what="both security rows")
         assert [tuple(r) for r in rows] == [("BADMR", "127.0.0.1", f"failure: {said[0]}"),
                                             ("NEVERPROPOSED", "127.0.0.1",
                                              f"failure: {said[1]}")]

@@ -125,6 +125,7 @@ def test_the_upgrade_adds_the_indexes_to_a_trail_written_before(tmp_path: Path) 
     conn.executescript("DROP INDEX audit_alerts; DROP INDEX audit_exports; "
                        "DROP TABLE study_readers; DROP INDEX audit_deletes; "
                        "DROP TABLE restored_backups; DROP TABLE awaiting_hub; "
+                       "DROP INDEX integrity_issues_settled_evictions; "
                        "PRAGMA user_version = 18;")
     conn.close()
 

@@ -57,10 +57,12 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
 
 
 def hub_counts(hub: HubProcess) -> dict[str, int]:
-    """What the hub received so far: transfers, buckets stored, bucket PUTs."""
+    """What the hub received so far: transfers, buckets stored, bucket PUTs. A committed
+    transfer's bucket rows went with its commit (hub schema 13): it stored all of its."""
     [row] = rows(hub.home / "hub.sqlite",
                  "SELECT (SELECT count(*) FROM transfers) AS transfers, "
-                 "(SELECT count(*) FROM buckets) AS buckets, "
+                 "(SELECT count(*) FROM buckets) + (SELECT coalesce(sum(bucket_count), 0) "
+                 "FROM transfers WHERE receipt IS NOT NULL) AS buckets, "
                  "(SELECT coalesce(sum(puts), 0) FROM transfers) AS puts")
     return dict(row)
 
@@ -143,8 +145,8 @@ def test_only_the_instance_the_region_lacks_is_uploaded(pas_factory: Any, hub: H
     # One new transfer, carrying that instance alone.
     [transfer] = rows(hub.home / "hub.sqlite", "SELECT * FROM transfers WHERE id = ?",
                       (progress["transfer_id"],))
-    manifest = json.loads(transfer["manifest"])
-    assert [(i["sop_instance_uid"], i["sha256"]) for i in manifest["instances"]] == [
+    receipt = json.loads(transfer["receipt"])  # its manifest's text went with the commit
+    assert [(i["sop_instance_uid"], i["sha256"]) for i in receipt["instances"]] == [
         (extra_uid, extra_sha)]
     assert after["transfers"] == before["transfers"] + 1
     assert after["buckets"] - before["buckets"] == transfer["bucket_count"] == 1
@@ -448,10 +450,10 @@ def test_a_correction_the_region_holds_as_an_older_version_is_sent_again(
     progress = json.loads(job["progress"])
     assert progress["holdings"] == {"state": "answered", "asked": 3, "held": 2,
                                     "older_asked": 1, "older_held": 1, "not_last": 1}
-    [transfer] = rows(hub.home / "hub.sqlite", "SELECT manifest FROM transfers WHERE id = ?",
+    [transfer] = rows(hub.home / "hub.sqlite", "SELECT receipt FROM transfers WHERE id = ?",
                       (progress["transfer_id"],))
     assert [(i["sop_instance_uid"], i["sha256"])
-            for i in json.loads(transfer["manifest"])["instances"]] == [(uid, new_sha)]
+            for i in json.loads(transfer["receipt"])["instances"]] == [(uid, new_sha)]
     assert hub_counts(hub)["transfers"] == before["transfers"] + 1
     assert {(r["sop_instance_uid"], r["sha256"]) for r in rows(
         pas.home / "pas.sqlite", "SELECT sop_instance_uid, sha256 FROM instances "
