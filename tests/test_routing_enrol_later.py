@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from tests.support.hub import HubProcess, enroll
-from tests.support.peers import MR_DIR, PasProcess, read_rows, storescu, wait_for
+from tests.support.peers import CT_DIR, MR_DIR, PasProcess, read_rows, storescu, wait_for
 
 
 def test_a_study_received_before_the_enrolment_goes_to_the_region_after_it(
@@ -35,6 +36,7 @@ def test_a_study_received_before_the_enrolment_goes_to_the_region_after_it(
         said = " ".join(pas.cli("status").stdout.split())
         assert ("not enrolled: 6 instances of 1 study wait for the enrolment to go to the "
                 "region (pas enroll, then restart PAS)") in said, said
+        assert "Backlog: none" not in said  # they wait: not "nothing waiting"
         checks = {c["name"]: c for c in json.loads(pas.cli("doctor", "--json",
                                                            check=False).stdout)}
         assert checks["enrolment"]["detail"] == (
@@ -75,3 +77,63 @@ def test_a_study_received_before_the_enrolment_goes_to_the_region_after_it(
         assert pas.log().count("received before this appliance was enrolled") == 1
     finally:
         pas.stop()
+
+
+def test_a_purged_waiting_study_leaves_no_row_for_the_next_instances(
+        pas_factory: Any, tmp_path: Path) -> None:
+    """``pas cache purge --force`` of a study waiting for the enrolment: its waiting rows go
+    with its instances. They stayed; the next instances received took the freed ids and
+    were counted waiting (and would have been routed twice at the enrolment) before they
+    were even routed."""
+    pas = pas_factory({"PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_STUDY__STABLE_AFTER_S": "1",
+                       "PAS_STUDY__CHECK_INTERVAL_S": "0.2"})
+    first = sorted(CT_DIR.glob("A002304_*_19010112-*.dcm"))  # one study of 3 images
+    storescu(first, pas.port)
+    wait_for(lambda: pas.status()["awaiting_enrolment"]["instances"] == 3, 30,
+             what="the study kept for the hub")
+    [study] = {r["study_uid"] for r in read_rows(pas.home / "pas.sqlite",
+                                                  "SELECT study_uid FROM studies")}
+    ids = [r["id"] for r in read_rows(pas.home / "pas.sqlite", "SELECT id FROM instances")]
+    pas.cli("cache", "purge", "--force", study)
+    assert not read_rows(pas.home / "pas.sqlite", "SELECT * FROM awaiting_hub")
+    pas.stop()  # the next study must not go stable (routed) before it is looked at
+    pas.env["PAS_STUDY__STABLE_AFTER_S"] = "3600"
+    pas.start()
+    storescu(sorted(CT_DIR.glob("A046441_*_19010101-*.dcm")), pas.port)
+    wait_for(lambda: pas.status()["instances"] == 3, 30, what="the next study stored")
+    reused = [r["id"] for r in read_rows(pas.home / "pas.sqlite", "SELECT id FROM instances")]
+    assert set(reused) & set(ids), (ids, reused)  # the ids freed are taken again
+    assert pas.status()["awaiting_enrolment"] == {"instances": 0, "studies": 0}
+
+
+def test_migration_24_drops_the_rows_left_and_the_trigger_keeps_them_off(
+        tmp_path: Path) -> None:
+    """An index of schema 23 holding rows a purge left: one of no instance, one older than
+    the instance that took its id. They go; the row of an instance that waits stays, and
+    goes with its instance."""
+    from appliance.store import index
+    from appliance.store.db import Database
+    from appliance.store.index import InstanceRecord, StoredFile
+    from appliance.store.schema import MIGRATIONS
+
+    db = Database(tmp_path / "pas.sqlite", MIGRATIONS[:23])
+    ct = "1.2.840.10008.5.1.4.1.1.2"
+    waits, took_a_freed_id = (index.record_instance(
+        db, InstanceRecord(uid, ct, "1.2.840.10008.1.2.1", "1.2.9", "1.2.9.2", patient_id="P"),
+        StoredFile(uid, 1, sha * 64)).instance_id for uid, sha in (("1.2.9.1", "1"),
+                                                                   ("1.2.9.3", "3")))
+    [(received,)] = db.connection().execute("SELECT max(received_at) FROM instances")
+    with db.transaction() as conn:
+        conn.executemany("INSERT INTO awaiting_hub (instance_fk, since) VALUES (?, ?)",
+                         [(waits, received + 1), (took_a_freed_id, received - 100),
+                          (took_a_freed_id + 50, received)])
+    db.close()
+    db = Database(tmp_path / "pas.sqlite", MIGRATIONS)
+    try:
+        rows = [tuple(r) for r in db.connection().execute("SELECT instance_fk FROM awaiting_hub")]
+        assert rows == [(waits,)]
+        with db.transaction() as conn:  # as an eviction or a purge deletes it
+            conn.execute("DELETE FROM instances WHERE id = ?", (waits,))
+        assert not db.connection().execute("SELECT 1 FROM awaiting_hub").fetchall()
+    finally:
+        db.close()

@@ -261,9 +261,11 @@ def status(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> No
             backlog.add_row(row["destination"], str(row["studies"]), human_size(row["bytes"]),
                             f"{row['oldest_age_s']:.0f} s")
         console.print(backlog)
-    else:  # said, not left out: an operator checking the backlog sees that it was looked at
-        console.print("Backlog: none (nothing waiting for a destination)")
     waiting = snapshot["awaiting_enrolment"]
+    if not snapshot["backlog"] and not waiting["instances"]:
+        # Said, not left out: an operator checking the backlog sees that it was looked at.
+        # Not with studies waiting for the enrolment (said just below): they wait too.
+        console.print("Backlog: none (nothing waiting for a destination)")
     if waiting["instances"]:
         console.print(f"[yellow]not enrolled:[/yellow] "
                       f"{counted(waiting['instances'], 'instance')} of "

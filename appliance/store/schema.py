@@ -533,4 +533,18 @@ MIGRATIONS: list[str] = [
     CREATE INDEX integrity_issues_settled_evictions ON integrity_issues (resolved_at)
         WHERE kind = 'evicting' AND resolved_at IS NOT NULL;
     """,
+    # 24 (appliance/store/awaiting_hub.py): an instance's waiting row goes with the instance.
+    # ``pas cache purge`` of a study waiting for the enrolment left its rows; an instance
+    # received later took a freed id (``instances.id`` is reused once the highest rows are
+    # deleted) and was counted waiting before it was even routed, then routed twice at the
+    # enrolment. Rows left so are dropped: those of no instance, and those older than the
+    # instance of their id (it arrived after the row was written: not the one that waited).
+    """
+    DELETE FROM awaiting_hub WHERE instance_fk NOT IN (SELECT id FROM instances)
+        OR since < (SELECT received_at FROM instances WHERE id = instance_fk);
+    CREATE TRIGGER instances_leave_awaiting_hub AFTER DELETE ON instances
+    BEGIN
+        DELETE FROM awaiting_hub WHERE instance_fk = OLD.id;
+    END;
+    """,
 ]
