@@ -137,3 +137,42 @@ def test_migration_24_drops_the_rows_left_and_the_trigger_keeps_them_off(
         assert not db.connection().execute("SELECT 1 FROM awaiting_hub").fetchall()
     finally:
         db.close()
+
+
+def test_a_rule_naming_the_hub_before_the_enrolment_waits_for_it_then_sends(
+        hub: HubProcess, tmp_path: Path) -> None:
+    """A rule that names the hub on an appliance not enrolled yet: its job waits for the
+    credentials (no attempt counted, none failed), and the start after ``pas enroll`` sends
+    it. It failed for good at once before, to be retried by hand."""
+    home = tmp_path / "pas"
+    home.mkdir()
+    (home / "appliance.toml").write_text(
+        '[[routing.rules]]\nname = "MR to the region"\nmatch = { modality = "^MR$" }\n'
+        'destinations = ["hub"]\n')
+    files = sorted(p for p in MR_DIR.rglob("*") if p.is_file())[:4]
+    pas = PasProcess(home, {"PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_STUDY__STABLE_AFTER_S": "1",
+                            "PAS_QUEUE__MAX_ATTEMPTS": "1"})
+    pas.env.pop("PAS_CONFIG", None)
+    pas.start()
+    try:
+        storescu(files, pas.port)
+
+        def waiting() -> dict | None:
+            rows = read_rows(home / "pas.sqlite", "SELECT * FROM jobs")
+            return dict(rows[0]) if rows and rows[0]["last_error"] else None
+        job = wait_for(waiting, 30, what="the job to the hub tried once")
+        assert (job["destination"], job["state"], job["attempts"]) == ("hub", "pending", 0), job
+        assert job["last_error"].startswith("waiting for credentials: destination 'hub': this "
+                                            "appliance is not enrolled"), job
+        assert "failed for good" not in pas.log()
+    finally:
+        pas.stop()
+
+    enroll(hub, home, "RULED", cli=True)
+    pas.start()
+    try:
+        wait_for(lambda: pas.status()["confirmed_instances"] == 4, 60,
+                 what="the study confirmed by the region after the enrolment")
+        assert pas.status()["jobs_by_kind"] == {"hub": {"done": 1}}
+    finally:
+        pas.stop()

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from appliance.config import DicomDestination, Settings
-from appliance.dispatch.target_types.base import PermanentError, TargetType
+from appliance.dispatch.target_types.base import PermanentError, TargetType, TrustRefused
 from appliance.dispatch.target_types.dicom import DicomTarget
 from appliance.dispatch.target_types.stowrs import StowRsTarget
 
@@ -29,9 +29,13 @@ def make_target(name: str, settings: Settings, extra: dict[str, TargetType] | No
     config = settings.destinations.get(name)
     if (config is None and name == "hub") or (config is not None and config.kind == "hub"):
         # The daemon puts the hub into ``extra`` when enrolled; reaching here means it is not.
-        raise PermanentError(f"destination {name!r}: this appliance is not enrolled with a hub "
-                             "(run `pas enroll --hub URL`, restart, then "
-                             "`pas queue retry`)")
+        # The job waits for the credentials, its attempts not counted, as studies that reach
+        # the hub by the default route do (store/awaiting_hub.py): a rule naming the hub
+        # before the enrolment (docs/install.md, "enrol later") failed its jobs for good,
+        # each to be retried by hand once enrolled. The start after `pas enroll` sends them.
+        raise TrustRefused(f"destination {name!r}: this appliance is not enrolled with a "
+                           "regional hub yet (pas enroll --hub URL, then restart PAS: the "
+                           "jobs waiting for it go then)")
     if config is None:
         raise PermanentError(f"destination {name!r} is not configured")
     factory = FACTORIES.get(config.kind)
