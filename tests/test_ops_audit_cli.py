@@ -178,6 +178,9 @@ def test_lists_every_row_newest_first_with_every_column(trail: Trail) -> None:
     assert listed_ids == [r["id"] for r in rows]
     for uid in (*trail.ct_a, trail.ct_b, trail.mr):
         assert uid in table
+    # A row's patients on one line: one per line beside its studies one per line read as
+    # pairs (which study is whose is not recorded).
+    assert f"│ {CT_B}, {MR} " in table, table
     header = next(line for line in lines if "event" in line)
     assert [c.strip() for c in header.strip("┃").split("┃")] == [
         "id", "time", "event", "actor", "source", "patient", "target", "outcome", "detail"]
@@ -239,7 +242,7 @@ def test_filters_by_period(trail: Trail) -> None:
 
 def test_limit_shows_the_newest_and_says_how_many_matched(trail: Trail) -> None:
     table = trail.audit("--limit", "2")
-    assert table.stdout.splitlines()[0].strip() == "11 audit rows"
+    assert table.stdout.splitlines()[0].strip() == "2 of 11 audit rows"  # as many as shown
     assert table.stdout.splitlines()[-1] == (
         "2 of 11 matching rows shown, the newest: --limit 11 to see them all")
     assert trail.mr in table.stdout and trail.ct_b in table.stdout

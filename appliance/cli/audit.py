@@ -79,8 +79,10 @@ def _target(value: str | None) -> Text:
 
 
 def _patients(value: str | None) -> Text:
-    """The patients recorded with a row, one per line (stored backslash-separated)."""
-    return Text("\n").join(_shown(p) for p in (value or "").split(PATIENT_SEPARATOR))
+    """The patients recorded with a row (stored backslash-separated), on one line: one per
+    line beside the studies one per line read as pairs, which they are not (the row keeps
+    which patients and which studies, not which study is whose)."""
+    return Text(", ").join(_shown(p) for p in (value or "").split(PATIENT_SEPARATOR))
 
 
 def _local(at: float) -> str:
@@ -158,7 +160,8 @@ def audit(config: Path | None = ConfigOption,
         if more:
             err.print(more, highlight=False)
         return
-    table = Table(title=counted(matched, "audit row"))
+    table = Table(title=f"{len(rows)} of {counted(matched, 'audit row')}" if more
+                  else counted(matched, "audit row"))
     # Folded, never cut with "…": a UID or a time cut short names nothing.
     for column in ("id", "time", "event", "actor", "source", "patient", "target", "outcome",
                    "detail"):
