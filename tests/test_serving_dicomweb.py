@@ -180,6 +180,53 @@ def test_rendered_png_and_jpeg(pas: PasProcess) -> None:
     assert max(Image.open(io.BytesIO(thumb.content)).size) == 64
 
 
+def test_thumbnails_of_an_instance_a_series_and_a_study(pas: PasProcess) -> None:
+    """A thumbnail is small (128 pixels at most, unless a viewport is asked) and exists for a
+    study and a series too (PS3.18 10.4.1.1.5): a series shows its middle image, a study its
+    first series'. Before: the full-size image, and a bare 404 for a study or a series."""
+    base = f"http://127.0.0.1:{pas.http_port}/dicom-web"
+    by_series: dict[tuple[str, str], list] = {}
+    for header in _headers(CT_DIR):
+        by_series.setdefault((header.StudyInstanceUID, header.SeriesInstanceUID),
+                             []).append(header)
+    ct = sorted(by_series[next(iter(by_series))], key=lambda h: int(h.InstanceNumber))
+    study = ct[0].StudyInstanceUID
+    in_study = sorted((hs[0] for (st, _), hs in by_series.items() if st == study),
+                      key=lambda h: int(h.SeriesNumber))
+    assert len(in_study) == 3  # axial, coronal, sagittal: one image each
+
+    def thumbnail(url: str) -> bytes:
+        answer = httpx.get(url + "/thumbnail", timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["content-type"] == "image/jpeg"
+        return answer.content
+
+    def instance_url(h: Any) -> str:
+        return (f"{base}/studies/{h.StudyInstanceUID}/series/{h.SeriesInstanceUID}"
+                f"/instances/{h.SOPInstanceUID}")
+
+    first = in_study[0]
+    small = thumbnail(instance_url(first))
+    assert Image.open(io.BytesIO(small)).size == (128, 128)  # a 512 x 512 CT, shrunk
+    full = httpx.get(instance_url(first) + "/rendered", timeout=30).content
+    assert Image.open(io.BytesIO(full)).size == (512, 512)
+    # A study's: its first series' (the lowest Series Number); a series': its own image.
+    assert thumbnail(f"{base}/studies/{study}") == small
+    for header in in_study:
+        assert thumbnail(f"{base}/studies/{study}/series/{header.SeriesInstanceUID}") == \
+            thumbnail(instance_url(header))
+    # A series of 520 images shows the middle one (by Instance Number), never enlarged.
+    mr = sorted(_headers(MR_DIR), key=lambda h: int(h.InstanceNumber))
+    middle = mr[(len(mr) + 1) // 2 - 1]
+    assert int(middle.InstanceNumber) == 260
+    series_url = f"{base}/studies/{middle.StudyInstanceUID}/series/{middle.SeriesInstanceUID}"
+    shown = thumbnail(series_url)
+    assert shown == thumbnail(instance_url(middle)) != thumbnail(instance_url(mr[0]))
+    assert Image.open(io.BytesIO(shown)).size == (64, 64)  # its own size: not enlarged
+    assert httpx.get(f"{base}/studies/{study}/series/1.2.3/thumbnail",
+                     timeout=30).status_code == 404
+
+
 def test_rendered_ct_goes_through_the_modality_lut_before_the_window(pas: PasProcess) -> None:
     """A CT's window is in HU: rendering must rescale stored values first (PS3.3 C.11)."""
     path = sorted(CT_DIR.glob("*.dcm"))[0]

@@ -473,7 +473,9 @@ def build_dicomweb_routes(db: Database, spool: Spool, *, receiver: Receiver | No
         Route(instance + "/frames/{frames}", wado.frames, methods=["GET"]),
         Route(instance + "/bulkdata/{tag}", wado.bulkdata, methods=["GET"]),
         Route(instance + "/rendered", wado.rendered, methods=["GET"]),
-        Route(instance + "/thumbnail", wado.rendered, methods=["GET"]),
+        Route(study + "/thumbnail", wado.thumbnail, methods=["GET"]),
+        Route(series + "/thumbnail", wado.thumbnail, methods=["GET"]),
+        Route(instance + "/thumbnail", wado.thumbnail, methods=["GET"]),
         # {frame}, not {frame:int}: Starlette's int() of 4301 digits raised in the routing
         # (a 500, no audit row); the handler reads it as /frames reads its list.
         Route(instance + "/frames/{frame}/rendered", wado.rendered, methods=["GET"]),

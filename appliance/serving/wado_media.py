@@ -138,6 +138,9 @@ def require_native_octets(accept: str) -> None:
 
 
 RENDERED_MEDIA = ("image/jpeg", "image/png")
+# A thumbnail's box when its request names no viewport (PS3.18 leaves the size to the server):
+# a study list's tile. The aspect ratio is kept; an image smaller than it is not enlarged.
+THUMBNAIL_VIEWPORT = (128, 128)
 
 
 def rendered_media(accept: str) -> str:

@@ -47,6 +47,7 @@ from appliance.serving.dicomweb_http import (
 )
 from appliance.serving.wado_frames import FrameAccept, open_frames
 from appliance.serving.wado_media import (
+    THUMBNAIL_VIEWPORT,
     DecodedPixels,
     HttpProblem,
     Window,
@@ -507,6 +508,40 @@ class WadoRs:
 
     async def rendered(self, request: Request) -> Response:
         return await self._audited(request, "WADO-RS rendered", self._rendered)
+
+    async def thumbnail(self, request: Request) -> Response:
+        return await self._audited(request, "WADO-RS thumbnail", self._thumbnail)
+
+    async def _thumbnail(self, request: Request, tally: Tally) -> Response:
+        """A small rendered image (PS3.18 10.4.1.1.5; its size is the server's choice): of
+        the instance; of a series, its middle image; of a study, the middle image of its
+        first series that has one. Within THUMBNAIL_VIEWPORT unless ``viewport`` says
+        otherwise. It was the instance's full-size rendering, and a bare 404 for a study
+        or a series, whose thumbnails a viewer's study list shows."""
+        media = rendered_media(request.headers.get("accept", ""))
+        tally.what = f"WADO-RS thumbnail {media}"
+        viewport = viewport_size(request.query_params.get("viewport")) or THUMBNAIL_VIEWPORT
+        window = Window.parse(request.query_params.get("window"))
+        found = await self._found(request, tally)
+        path = request.path_params
+        if "instance" in path:
+            candidates = [found.first]
+        else:
+            held = set(found.plan.instance_ids)
+            candidates = [row for row in await run_in_threadpool(
+                store_retrieve.representative_instances, self.db, path["study"],
+                path.get("series")) if row["id"] in held]
+        tally.total = 1  # one instance shown, whatever the study or series holds
+        for row in candidates:
+            try:
+                data = await run_in_threadpool(render, self.spool.path(row["path"]), 1, media,
+                                               viewport, window)
+            except HttpProblem as exc:
+                if exc.status != 404 or row is candidates[-1]:
+                    raise
+                continue  # no image in it (a report): the next series'
+            return tally.stream(_whole(_slices(data), tally), media, length=len(data))
+        raise HttpProblem(404, f"no instance of {'/'.join(path.values())} to show")
 
     async def _rendered(self, request: Request, tally: Tally) -> Response:
         media = rendered_media(request.headers.get("accept", ""))

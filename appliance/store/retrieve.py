@@ -116,6 +116,27 @@ def retrieve_plan(db: Database, level: str, keys: dict[str, str]) -> RetrievePla
     return RetrievePlan(ids, sorted(pairs), sorted(studies))
 
 
+def representative_instances(db: Database, study_uid: str, series_uid: str | None = None,
+                             limit: int = 8) -> list[sqlite3.Row]:
+    """What a study's or a series' thumbnail shows: the middle current instance (by Instance
+    Number) of each of its series, in series order (the first series first), id and path.
+    Several: the first series may hold no image (a report, a presentation state)."""
+    where, params = "s.study_uid = ? AND i.is_current = 1", [study_uid]
+    if series_uid is not None:
+        where += " AND se.series_uid = ?"
+        params.append(series_uid)
+    return db.query(
+        f"""SELECT id, path FROM (
+                SELECT i.id, i.path, se.series_number, se.id AS series_id,
+                       row_number() OVER (PARTITION BY se.id
+                                          ORDER BY i.instance_number, i.id) AS place,
+                       count(*) OVER (PARTITION BY se.id) AS instances
+                FROM {_FROM['IMAGE']} WHERE {where})
+            WHERE place = (instances + 1) / 2
+            ORDER BY series_number IS NULL, series_number, series_id LIMIT ?""",
+        (*params, limit))
+
+
 def instance_row(db: Database, instance_id: int) -> sqlite3.Row | None:
     """One instance of a :class:`RetrievePlan` as it is sent (None: removed since, by a
     purge or an eviction)."""
