@@ -183,7 +183,7 @@ def test_keys_matched_or_said_unmatched_as_ps3_4_asks(
     ({"StudyDate": "2020-01-01"}, 0x00080020, "StudyDate: '2020-01-01' is not a valid DA"),
     ({"StudyInstanceUID": "1.2.x"}, 0x0020000D, "StudyInstanceUID: '1.2.x' is not a UID"),
     ({"NumberOfStudyRelatedInstances": "3"}, 0x00201208,
-     "NumberOfStudyRelatedInstances: matching on this attribute is no"),
+     "NumberOfStudyRelatedInstances: a count, returned, not matched"),
 ])
 def test_a_refused_find_names_the_key_in_offending_element(
         pas: PasProcess, keys: dict[str, object], offending: int, comment: str) -> None:
@@ -195,5 +195,33 @@ def test_a_refused_find_names_the_key_in_offending_element(
     assert [int(t) for t in (tags if isinstance(tags, list | MultiValue) else [tags])] == [
         offending], final
     assert str(final.ErrorComment).startswith(comment), final.ErrorComment
+    if "count" in comment:  # said whole within the comment's 64 characters
+        assert str(final.ErrorComment) == comment, final.ErrorComment
     # The association's next request is served.
     assert len(find(pas, "STUDY", {})[0]) == 2
+
+
+def test_a_private_key_with_a_value_is_answered_pending_ff01(pas: PasProcess) -> None:
+    """A private attribute (no keyword) given a value is not matched: 0xFF01, named in the
+    audit row by its tag. It was dropped unseen, 0xFF00. Its private creator alone reserves
+    a block and matches nothing: 0xFF00."""
+    for with_key, status in ((True, 0xFF01), (False, 0xFF00)):
+        ae = AE(ae_title="VIEWER")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        assoc = ae.associate("127.0.0.1", pas.port, ae_title="PAS")
+        assert assoc.is_established
+        try:
+            query = Dataset()
+            query.QueryRetrieveLevel = "STUDY"
+            query.PatientID = ""
+            query.add_new(0x00110010, "LO", "ACME")
+            if with_key:
+                query.add_new(0x00111001, "LO", "X")
+            responses = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+        finally:
+            assoc.release()
+        assert int(responses[-1][0].Status) == 0x0000
+        assert [int(s.Status) for s, _ in responses[:-1]] == [status, status]
+        detail = last_query_detail(pas)
+        assert detail == ("keys not matched (answered 0xFF01): (0011,1001); 2 results"
+                          if with_key else "2 results"), detail

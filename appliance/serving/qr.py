@@ -47,6 +47,7 @@ from appliance.serving.qr_identifiers import (
     query_charset,
     request_summary,
     unmatched_keys,
+    unnamed_keys,
 )
 from appliance.serving.qr_responses import (
     CANCELLED,
@@ -126,7 +127,7 @@ class QueryRetrieveService:
             return
         summary = request_summary(level, keys)
         # Keys given a value that PAS does not match: each answer says so (0xFF01).
-        unmatched = unmatched_keys(level, keys, asked)
+        unmatched = unmatched_keys(level, keys, asked) + unnamed_keys(identifier)
         answer = answerer(event, IdentifierEncoder(level, asked, self.ae_title, charset,
                                                     str(event.context.transfer_syntax)),
                           PENDING_UNMATCHED if unmatched else PENDING)

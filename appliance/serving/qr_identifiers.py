@@ -85,6 +85,25 @@ def unmatched_keys(level: str, keys: dict[str, str], asked: list[DataElement]) -
     return unmatched
 
 
+def unnamed_keys(identifier: Dataset) -> list[str]:
+    """Keys of a request that PAS knows no name for (private attributes, tags of no
+    dictionary) and that hold a value: never matched, so each answer is Pending 0xFF01, as
+    for :func:`unmatched_keys`. They were dropped unseen (0xFF00: as if applied). A private
+    creator (gggg,0010-00FF) reserves a block and matches nothing: not one of them."""
+    named = []
+    for element in identifier:
+        if element.keyword or (element.tag.is_private and element.tag.is_private_creator):
+            continue
+        value = element.value
+        if element.VR == "SQ":
+            given = any(_holds_a_value(item) for item in value or [])
+        else:
+            given = bool(str(value if value is not None else "").strip().replace("*", ""))
+        if given:
+            named.append(f"({element.tag.group:04X},{element.tag.element:04X})")
+    return named
+
+
 def _holds_a_value(item: Dataset) -> bool:
     """Whether a sequence item of a request asks for more than universal matching."""
     for element in item:

@@ -250,7 +250,9 @@ def _match(where: _Where, keyword: str, value: str, pn_case_sensitive: bool) -> 
         return
     if keyword in COMPUTED:
         if keyword != "ModalitiesInStudy":
-            raise QueryError(f"{keyword}: matching on this attribute is not supported")
+            # Said within the 64 characters of a C-FIND's Error Comment (the longest
+            # keyword, NumberOfPatientRelatedInstances, leaves 29): it was cut mid-word.
+            raise QueryError(f"{keyword}: a count, returned, not matched")
         values = [v for v in value.split("\\") if v]
         if not values or any(v.replace("*", "") == "" for v in values):
             return  # "*": universal matching (what an SCU sends for "all modalities")
