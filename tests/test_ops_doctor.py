@@ -62,6 +62,13 @@ def test_the_port_of_a_pas_on_another_home_is_not_ours(tmp_path: Path) -> None:
         assert checks["DICOM port"]["verdict"] == "ok", checks["DICOM port"]
         assert f"(pid {mine.proc.pid}) answers" in checks["DICOM port"]["detail"]
         assert checks["HTTP port"]["verdict"] == "ok", checks["HTTP port"]
+        # Asked with other settings (a port nothing listens on): it runs, not "not running".
+        code, checks = _doctor(_env(tmp_path / "home", free_port(), mine.http_port))
+        port_check = checks["DICOM port"]
+        assert port_check["verdict"] == "warn", port_check
+        assert f"yet PAS (pid {mine.proc.pid}) runs on this home: it was started with other " \
+            "settings" in port_check["detail"], port_check
+        assert f"/proc/{mine.proc.pid}/environ" in port_check["fix"], port_check
     finally:
         mine.stop()
         other.stop()

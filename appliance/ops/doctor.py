@@ -139,6 +139,14 @@ def _port_check(name: str, host: str, port: int, what: str,
                          "configuration")
         return Check(name, "fail", f"cannot bind {host}:{port}: {exc}",
                      "check the host address in the configuration")
+    if daemon_pid is not None:
+        # It runs (it holds this home's lock) but not where these settings say: started
+        # with others (PAS_* variables of its own shell, another --config). "Not running"
+        # sent an operator to start a second one.
+        return Check(name, "warn", f"{host}:{port} is free, yet PAS (pid {daemon_pid}) runs "
+                     "on this home: it was started with other settings",
+                     "run pas doctor with the daemon's settings (its PAS_* variables: "
+                     f"tr '\\0' '\\n' < /proc/{daemon_pid}/environ | grep ^PAS_)")
     return Check(name, "warn", f"{host}:{port} is free: the daemon is not running",
                  "start it: systemctl start pas (or pas run)")
 
