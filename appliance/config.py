@@ -376,8 +376,29 @@ def load_settings(path: Path | None = None, environ: dict[str, str] | None = Non
     if environ.get("PAS_HOME"):  # the environment wins over the file, as for every key
         data["home"] = environ["PAS_HOME"]
     data = deep_merge(data, env_overrides(environ, model=Settings))
-    settings: Settings = build(Settings, data)
+    try:
+        settings: Settings = build(Settings, data)
+    except ConfigError as exc:
+        raise ConfigError(name_the_variables(exc.problems, environ)) from None
     return with_enrolled_site(settings)
+
+
+def name_the_variables(problems: list[str], environ: dict[str, str],
+                       prefix: str = ENV_PREFIX) -> list[str]:
+    """Each problem of a key a variable sets, with that variable's name: ``PAS_DICOM__PORT=abc``
+    read ``dicom.port: must be an integer, got 'abc'``, and the operator searched the TOML
+    file (there may be none) for a value the unit's environment gave."""
+    setting = {}
+    for name in environ:
+        if name.startswith(prefix) and not (prefix == ENV_PREFIX and _is_hub_variable(name)):
+            setting[".".join(p.lower() for p in name[len(prefix):].split("__"))] = name
+    named = []
+    for problem in problems:
+        path = problem.split(":", 1)[0]
+        variable = next((v for key, v in setting.items()
+                         if path == key or path.startswith(key + ".")), None)
+        named.append(f"{problem} (set by {variable})" if variable else problem)
+    return named
 
 
 def problems_the_environment_hides(path: Path) -> list[str]:

@@ -385,7 +385,8 @@ def test_a_boolean_variable_that_is_no_boolean_is_named() -> None:
     result = check(None, PAS_DICOM__ACCEPT_UNKNOWN="true", PAS_SERVING__QUERY_REGION="maybe")
     assert result.returncode == 2, _said(result)
     assert [line for line in result.stderr.splitlines() if line.startswith("config error")] == [
-        "config error serving.query_region: must be true or false, got 'maybe'"]
+        "config error serving.query_region: must be true or false, got 'maybe' "
+        "(set by PAS_SERVING__QUERY_REGION)"]
     assert check(None, PAS_DICOM__ACCEPT_UNKNOWN="true").returncode == 0
 
 
@@ -501,11 +502,15 @@ def test_a_number_variable_that_is_no_number_is_named() -> None:
                    PAS_HUB__WINDOWS='[{start = "01:00", end = "02:00", max_mbps = "5"}]')
     assert result.returncode == 2, _said(result)
     assert _errors(result) == sorted([
-        "config error dicom.port: must be an integer, got 'true'",
-        "config error prefetch.pin_days: must be an integer, got 'yes'",
-        "config error queue.max_attempts: must be an integer, got '3.5'",
-        "config error study.stable_after_s: must be a number, got 'false'",
-        "config error hub.windows.0.max_mbps: must be a number, got '5'",
+        "config error dicom.port: must be an integer, got 'true' (set by PAS_DICOM__PORT)",
+        "config error prefetch.pin_days: must be an integer, got 'yes' "
+        "(set by PAS_PREFETCH__PIN_DAYS)",
+        "config error queue.max_attempts: must be an integer, got '3.5' "
+        "(set by PAS_QUEUE__MAX_ATTEMPTS)",
+        "config error study.stable_after_s: must be a number, got 'false' "
+        "(set by PAS_STUDY__STABLE_AFTER_S)",
+        "config error hub.windows.0.max_mbps: must be a number, got '5' "
+        "(set by PAS_HUB__WINDOWS)",
     ]), result.stderr
     assert check(None, PAS_DICOM__PORT="11113").returncode == 0
 
@@ -556,7 +561,8 @@ def test_no_float_key_takes_inf_or_nan(tmp_path: Path) -> None:
         "config error queue.poll_interval_s: must be a finite number, got -inf",
         "config error dicom.network_timeout_s: must be a finite number, got nan",
         "config error hub.windows.0.max_mbps: must be a finite number, got inf",
-        "config error cache.scrub_mb_per_s: must be a finite number, got inf",
+        "config error cache.scrub_mb_per_s: must be a finite number, got inf "
+        "(set by PAS_CACHE__SCRUB_MB_PER_S)",
     ]), result.stderr
 
     def refused(model: type[BaseModel], key: str, value: float) -> bool:

@@ -69,7 +69,10 @@ def test_http_beyond_loopback_is_refused_naming_the_key(url: str) -> None:
         load_settings(environ={"PAS_PREFETCH__DICOMWEB_URL": url,
                                "PAS_DESTINATIONS__A__KIND": "stowrs",
                                "PAS_DESTINATIONS__A__URL": url})
-    assert raised.value.problems == [PREFETCH_REFUSED, _stow_refused("a")]
+    # Each named with the variable that set it (config.name_the_variables).
+    assert raised.value.problems == [
+        f"{PREFETCH_REFUSED} (set by PAS_PREFETCH__DICOMWEB_URL)",
+        f"{_stow_refused('a')} (set by PAS_DESTINATIONS__A__URL)"]
 
 
 def test_a_url_without_host_or_scheme_is_named() -> None:
@@ -79,8 +82,9 @@ def test_a_url_without_host_or_scheme_is_named() -> None:
                                "PAS_DESTINATIONS__A__URL": "http:///dicom-web"})
     assert raised.value.problems == [
         "prefetch.dicomweb_url: must start with http:// or https://, got "
-        "'region.example/dicom-web'",
-        "destinations.a.url: names no host, got 'http:///dicom-web'"]
+        "'region.example/dicom-web' (set by PAS_PREFETCH__DICOMWEB_URL)",
+        "destinations.a.url: names no host, got 'http:///dicom-web' "
+        "(set by PAS_DESTINATIONS__A__URL)"]
 
 
 def test_config_check_refuses_the_file_and_each_opt_in_covers_its_own_key(
@@ -116,8 +120,9 @@ def test_config_check_refuses_an_environment_override_and_takes_its_opt_in(
                   PAS_DESTINATIONS__ARCHIVE__KIND="stowrs",
                   PAS_DESTINATIONS__ARCHIVE__URL=region)
     assert result.returncode == 2, _lines(result)
-    assert _lines(result) == [f"config error {PREFETCH_REFUSED}",
-                              f"config error {_stow_refused('archive')}"]
+    assert _lines(result) == [
+        f"config error {PREFETCH_REFUSED} (set by PAS_PREFETCH__DICOMWEB_URL)",
+        f"config error {_stow_refused('archive')} (set by PAS_DESTINATIONS__ARCHIVE__URL)"]
 
     result = _pas(["config", "check"], tmp_path, PAS_PREFETCH__DICOMWEB_URL=region,
                   PAS_PREFETCH__ALLOW_CLEARTEXT="true",

@@ -181,3 +181,14 @@ def test_doctor_s_echo_from_this_machine_is_no_security_event(tmp_path: Path) ->
         assert security_rows()[0][1].startswith("failure"), security_rows()
     finally:
         pas.stop()
+
+
+def test_a_bad_variable_is_named_with_its_fix_not_the_toml_file(tmp_path: Path) -> None:
+    """``PAS_DICOM__PORT=abc`` was reported as the key alone, with "fix this key in the TOML
+    file" (there may be no file): the variable is named, and what to do with it."""
+    code, checks = _doctor({**_env(tmp_path / "home", free_port(), free_port()),
+                            "PAS_DICOM__PORT": "abc"})
+    check = checks["configuration"]
+    assert code == 1 and check["verdict"] == "fail", check
+    assert check["detail"] == "dicom.port: must be an integer, got 'abc' (set by PAS_DICOM__PORT)"
+    assert check["fix"].startswith("fix or unset PAS_DICOM__PORT"), check

@@ -117,7 +117,8 @@ def test_hl7_encoding_is_validated(tmp_path: Path) -> None:
     then every message died with LookupError in the listener and no ACK was ever sent)."""
     with pytest.raises(ConfigError) as refused:
         load_settings(environ={"PAS_HOME": str(tmp_path), "PAS_HL7__ENCODING": "utf-9"})
-    assert refused.value.problems == ["hl7.encoding: unknown encoding 'utf-9'"]
+    assert refused.value.problems == [
+        "hl7.encoding: unknown encoding 'utf-9' (set by PAS_HL7__ENCODING)"]
     for name in ("utf-8", "iso-8859-1", "latin-1", "cp1252"):
         settings = load_settings(environ={"PAS_HOME": str(tmp_path),
                                           "PAS_HL7__ENCODING": name})

@@ -548,6 +548,9 @@ def check_stored_data(settings: Settings) -> list[Check]:
 def _config_fix(problem: str) -> str:
     """What to do about a configuration problem: a key to fix, or the file itself (not
     found, unreadable, not TOML), where "fix this key" named no key."""
+    variable = re.search(r"\(set by (\w+)\)$", problem)
+    if variable:  # the environment's value, not the file's (config.name_the_variables)
+        return f"fix or unset {variable.group(1)} (the unit's Environment=, or the shell's)"
     if re.match(r"[a-z_][a-z0-9_.]*: ", problem):
         return "fix this key in the TOML file (pas config check)"
     return "give the configuration file pas run reads (--config, PAS_CONFIG), or fix it " \
