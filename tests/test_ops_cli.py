@@ -146,12 +146,22 @@ def test_doctor_checks_destinations(storescp: StoreSCP, tmp_path: Path) -> None:
            "PAS_DESTINATIONS__DEAD__KIND": "dicom",
            "PAS_DESTINATIONS__DEAD__AE_TITLE": "NOBODY",
            "PAS_DESTINATIONS__DEAD__HOST": "127.0.0.1",
-           "PAS_DESTINATIONS__DEAD__PORT": str(free_port())}
+           "PAS_DESTINATIONS__DEAD__PORT": str(free_port()),
+           # A viewer's C-MOVE destinations: one up, one off (a warning, not a failure).
+           "PAS_SERVING__MOVE_DESTINATIONS": (
+               f'[{{title = "{storescp.ae_title}", host = "127.0.0.1", port = {storescp.port}}},'
+               f' {{title = "WSOFF", host = "127.0.0.1", port = {free_port()}}}]')}
     code, checks = _doctor(env)
     assert code == 1  # the dead destination must be fixed
     assert checks["destination archive"]["verdict"] == "ok", checks["destination archive"]
     assert checks["destination dead"]["verdict"] == "fail"
     assert "NOBODY@127.0.0.1" in checks["destination dead"]["fix"]
+    up = checks[f"move destination {storescp.ae_title}"]
+    assert up["verdict"] == "ok" and up["detail"].endswith(": success"), up
+    off = checks["move destination WSOFF"]
+    assert off["verdict"] == "warn", off
+    assert "association refused or no answer" in off["detail"], off
+    assert "serving.move_destinations" in off["fix"], off
     assert checks["DICOM port"]["verdict"] == "warn"  # free: the daemon is not running
     assert "systemctl start pas" in checks["DICOM port"]["fix"]
     assert checks["database"]["verdict"] == "warn"

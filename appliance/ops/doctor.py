@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import httpx
 
@@ -328,31 +328,66 @@ def _hub_failure(url: str, exc: BaseException) -> Check:
     return Check("hub", "fail", f"{url}: {exc}", "check the link and the hub's status")
 
 
-def check_destinations(settings: Settings) -> list[Check]:
+def _echo(calling: str, title: str, host: str, port: int,
+          tls_args: tuple[Any, None] | None) -> str | None:
+    """None when ``title``@``host``:``port`` answers a C-ECHO with success, else what
+    happened."""
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 5
+    assoc = ae.associate(host, port, ae_title=title, tls_args=tls_args)  # type: ignore[arg-type]
+    if not assoc.is_established:
+        return "association refused or no answer"
+    status = assoc.send_c_echo()
+    assoc.release()
+    return None if bool(status) and status.Status == 0 else "C-ECHO failed"
+
+
+def check_destinations(settings: Settings) -> list[Check]:
+    """A C-ECHO to every DICOM node PAS sends to: the routing destinations (a failure: the
+    studies routed there wait), then the C-MOVE destinations viewers name (a warning: a
+    workstation may be off for the night). Over DICOM TLS where PAS would use it; the
+    destinations' checks went in clear (a TLS node failed), and the move destinations had
+    none (a mistyped port showed only when a radiologist's C-MOVE failed, 0xA702)."""
+    from appliance.ops.security import OutgoingDicomTls, client_context
 
     checks = []
     for name, destination in sorted(settings.destinations.items()):
         if not isinstance(destination, DicomDestination):
             continue
-        ae = AE(ae_title=destination.calling_ae_title or settings.dicom.ae_title)
-        ae.add_requested_context(Verification)
-        ae.acse_timeout = ae.network_timeout = 5
-        assoc = ae.associate(destination.host, destination.port,
-                             ae_title=destination.ae_title)
         where = f"{destination.ae_title}@{destination.host}:{destination.port}"
-        if assoc.is_established:
-            status = assoc.send_c_echo()
-            assoc.release()
-            ok = bool(status) and status.Status == 0
-            checks.append(Check(f"destination {name}", "ok" if ok else "fail",
-                                f"C-ECHO {where}: {'success' if ok else 'failed'}",
-                                "" if ok else "check the destination's AE configuration"))
-        else:
-            checks.append(Check(f"destination {name}", "fail",
-                                f"C-ECHO {where}: association refused or no answer",
-                                f"check that {where} is up and knows our AE title"))
+        try:
+            tls_args = (client_context(destination.tls_ca, destination.tls_cert,
+                                       destination.tls_key), None) \
+                if destination.tls and destination.tls_ca else None
+            problem = _echo(destination.calling_ae_title or settings.dicom.ae_title,
+                            destination.ae_title, destination.host, destination.port, tls_args)
+        except Exception as exc:  # a certificate file missing, unreadable, a key too open
+            problem = f"not tried: {exc}"
+        checks.append(Check(f"destination {name}", "fail" if problem else "ok",
+                            f"C-ECHO {where}{' over TLS' if destination.tls else ''}: "
+                            f"{problem or 'success'}",
+                            f"check that {where} is up and knows our AE title" if problem
+                            else ""))
+    listener = settings.dicom.tls
+    outgoing = OutgoingDicomTls(listener.ca, listener.cert, listener.key)
+    for node in settings.serving.move_destinations:
+        where = f"{node.title}@{node.host}:{node.port}"
+        use_tls = node.uses_tls(listener.enabled)
+        try:
+            problem = _echo(settings.dicom.ae_title, node.title, node.host, node.port,
+                            outgoing.tls_args(use_tls))
+        except Exception as exc:
+            problem = f"not tried: {exc}"
+        checks.append(Check(f"move destination {node.title}", "warn" if problem else "ok",
+                            f"C-ECHO {where}{' over TLS' if use_tls else ''}: "
+                            f"{problem or 'success'}",
+                            f"a viewer's C-MOVE to {node.title} fails while this lasts: check "
+                            "that the workstation is on and that serving.move_destinations "
+                            "has its address and port" if problem else ""))
     return checks
 
 

@@ -211,9 +211,18 @@ def test_forward_to_a_tls_dicom_node(tmp_path: Path) -> None:
         subprocess.run(["storescu", "-aec", "PAS", "-aet", "CT1", "127.0.0.1", str(pas.port),
                         *files], env=DCMTK_ENV, check=True, capture_output=True, timeout=60)
         wait_for(lambda: len(node.files()) == 3, 60, what="3 files at the TLS node")
+        # pas doctor's C-ECHO goes over TLS too (it went in clear, and failed).
+        check = _doctor_checks(pas)["destination node"]
+        assert check["verdict"] == "ok" and check["detail"].endswith("over TLS: success"), check
     finally:
         pas.stop()
         node.stop()
+
+
+def _doctor_checks(pas: PasProcess) -> dict[str, dict[str, str]]:
+    result = subprocess.run([str(PAS_BIN), "doctor", "--json"], env=pas.env,
+                            capture_output=True, text=True, timeout=120)
+    return {c["name"]: c for c in json.loads(result.stdout)}
 
 
 def test_c_move_to_a_tls_workstation_goes_over_tls(tmp_path: Path) -> None:
@@ -248,6 +257,8 @@ def test_c_move_to_a_tls_workstation_goes_over_tls(tmp_path: Path) -> None:
         got = {dcmread(f).SOPInstanceUID: hashlib.sha256(dcmread(f).PixelData).hexdigest()
                for f in workstation.files()}
         assert got == held
+        check = _doctor_checks(pas)["move destination WS"]  # over TLS, as the C-MOVE went
+        assert check["verdict"] == "ok" and check["detail"].endswith("over TLS: success"), check
     finally:
         pas.stop()
         workstation.stop()
