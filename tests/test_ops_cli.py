@@ -556,3 +556,27 @@ def test_verify_audits_the_operator_who_ran_it_and_doctor_names_what_it_found(
     recoveries = [r for r in rows if r["event"] == "recovery" and "missing=1" in r["detail"]]
     assert verifies == [me, me, me], rows
     assert [r["actor"] for r in recoveries] == [me], rows
+
+
+def test_pin_unpin_and_purge_say_what_pin_there_was(pas: PasProcess) -> None:
+    """A timed pin over a permanent one shortened it with only "pinned"; "unpinned" was said
+    of a study never pinned; a forced purge of a pinned study said nothing of the pin, nor
+    did its audit row."""
+    storescu([FILES[0]], pas.port)
+    (study,) = json.loads(pas.cli("studies", "--json").stdout)
+    uid = study["study_uid"]
+
+    def said(*args: str) -> str:
+        return " ".join(pas.cli("cache", *args).stdout.split())
+
+    assert said("unpin", uid) == f"study {uid} was not pinned: nothing changed"
+    assert said("pin", uid) == f"study {uid} pinned until unpinned"
+    shortened = said("pin", uid, "--days", "2")
+    assert re.fullmatch(rf"study {re.escape(uid)} pinned until \d{{4}}-\d\d-\d\d \d\d:\d\d UTC "
+                        r"\(shortened: was pinned until unpinned\)", shortened), shortened
+    assert said("pin", uid).endswith("pinned until unpinned (was pinned until " +
+                                     shortened.split(" until ")[1].split(" (")[0] + ")")
+    purged = said("purge", "--force", uid)
+    assert purged.endswith("; it was pinned until unpinned"), purged
+    (row,) = json.loads(pas.cli("audit", "--event", "delete", "--json").stdout)
+    assert "while pinned until unpinned" in row["detail"], row

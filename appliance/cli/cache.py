@@ -159,11 +159,20 @@ def cache_pin(study_uid: str = StudyArgument, config: Path | None = ConfigOption
         raise typer.Exit(2)
 
     _settings, db, _spool = _open(config)
-    if not pin(db, study_uid, days, operator_actor()):
+    change = pin(db, study_uid, days, operator_actor())
+    if change is None:
         err.print(f"[red]study {study_uid} is not in the cache[/red]{_not_a_uid(study_uid)}",
                   highlight=False)
         raise typer.Exit(1)
-    console.print(f"study {study_uid} pinned")
+    from appliance.store.cache import PINNED_FOR_EVER, pin_words
+
+    until = change.at + days * 86400 if days else PINNED_FOR_EVER
+    said = f"study {study_uid} pinned {pin_words(until)}"
+    if change.was_pinned:
+        assert change.before is not None
+        shorter = "[yellow]shortened[/yellow]: " if change.before > until else ""
+        said += f" ({shorter}was pinned {pin_words(change.before)})"
+    console.print(said, highlight=False)
 
 
 @cache_app.command("unpin")
@@ -172,11 +181,19 @@ def cache_unpin(study_uid: str = StudyArgument, config: Path | None = ConfigOpti
     from appliance.ops.cache_policy import unpin
 
     _settings, db, _spool = _open(config)
-    if not unpin(db, study_uid, operator_actor()):
+    change = unpin(db, study_uid, operator_actor())
+    if change is None:
         err.print(f"[red]study {study_uid} is not in the cache[/red]{_not_a_uid(study_uid)}",
                   highlight=False)
         raise typer.Exit(1)
-    console.print(f"study {study_uid} unpinned")
+    from appliance.store.cache import pin_words
+
+    if not change.was_pinned:  # said, not "unpinned" as if something changed
+        console.print(f"study {study_uid} was not pinned: nothing changed", highlight=False)
+        return
+    assert change.before is not None
+    console.print(f"study {study_uid} unpinned (was pinned {pin_words(change.before)})",
+                  highlight=False)
 
 
 @cache_app.command("purge")
@@ -203,8 +220,14 @@ def cache_purge(study_uid: str = StudyArgument, config: Path | None = ConfigOpti
     except NotEvictable as exc:
         err.print(f"[red]refused:[/red] {exc} (use --force to purge anyway)")
         raise typer.Exit(1) from None
+    pinned = ""
+    if evicted.pinned_until is not None:  # a forced purge overrode it: said, as the trail does
+        from appliance.store.cache import pin_words
+
+        pinned = f"; it was pinned {pin_words(evicted.pinned_until)}"
     console.print(f"purged study {study_uid}: {counted(evicted.instances, 'instance')} "
-                  f"({evicted.unconfirmed} unconfirmed), {human_size(evicted.bytes)}")
+                  f"({evicted.unconfirmed} unconfirmed), {human_size(evicted.bytes)}{pinned}",
+                  highlight=False)
 
 
 @cache_app.command("rebuild-index")

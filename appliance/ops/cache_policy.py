@@ -218,18 +218,18 @@ class CachePolicy:
 # --- operator actions (the CLI calls these) --------------------------------------------------
 
 
-def pin(db: Database, study_uid: str, days: float | None, actor: str) -> bool:
-    """Pin a study for ``days`` (None: until unpinned). The ``pin`` row commits with it."""
-    until = now() + days * DAY_S if days else float("inf")
-    if until == float("inf"):
-        until = 1e18  # "for ever" that SQLite REAL compares as expected
+def pin(db: Database, study_uid: str, days: float | None,
+        actor: str) -> cache_store.PinChange | None:
+    """Pin a study for ``days`` (None: until unpinned). The ``pin`` row commits with it.
+    None: no such study."""
+    until = now() + days * DAY_S if days else cache_store.PINNED_FOR_EVER
     return cache_store.set_pin(
         db, study_uid, until, actor=actor,
         detail=f"pinned for {counted(days, 'day')}" if days else "pinned until unpinned")
 
 
-def unpin(db: Database, study_uid: str, actor: str) -> bool:
-    """Unpin a study. The ``unpin`` row commits with it."""
+def unpin(db: Database, study_uid: str, actor: str) -> cache_store.PinChange | None:
+    """Unpin a study. The ``unpin`` row commits with it. None: no such study."""
     return cache_store.set_pin(db, study_uid, None, actor=actor)
 
 

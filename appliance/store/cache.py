@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -411,20 +412,49 @@ def save_scrub_position(db: Database, last_instance_id: int, pass_done: bool = F
         )
 
 
+# What "pinned until unpinned" is stored as (SQLite REAL compares it as expected).
+PINNED_FOR_EVER = 1e18
+
+
+def pin_words(until: float) -> str:
+    """A pin's end as the operator and the trail read it: "until unpinned", or its UTC date
+    and time (the trail is read elsewhere too: the ATNA repository, the fleet's ops)."""
+    if until >= PINNED_FOR_EVER:
+        return "until unpinned"
+    return "until " + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(until))
+
+
+@dataclass(frozen=True)
+class PinChange:
+    """A pin set or lifted: the pin the study had before (``pinned_until``, None or in the
+    past: none), for the operator to see what changed (a timed pin over a permanent one
+    shortened it without a word)."""
+
+    before: float | None
+    at: float
+
+    @property
+    def was_pinned(self) -> bool:
+        return self.before is not None and self.before >= self.at
+
+
 def set_pin(db: Database, study_uid: str, until: float | None, *, actor: str,
-            detail: str | None = None) -> bool:
-    """Pin a study until ``until`` (epoch seconds), or unpin it with None. False if unknown.
+            detail: str | None = None) -> PinChange | None:
+    """Pin a study until ``until`` (epoch seconds), or unpin it with None. None if unknown.
 
     The operator's ``pin``/``unpin`` audit row (by ``actor``, a failure for an unknown study)
     is written in the same transaction, so the trail shows every pin the index holds."""
     with db.transaction() as conn:
-        cursor = conn.execute("UPDATE studies SET pinned_until = ? WHERE study_uid = ?",
-                              (until, study_uid))
-        done = cursor.rowcount == 1
+        row = conn.execute("SELECT pinned_until FROM studies WHERE study_uid = ?",
+                           (study_uid,)).fetchone()
+        if row is not None:
+            conn.execute("UPDATE studies SET pinned_until = ? WHERE study_uid = ?",
+                         (until, study_uid))
         audit.record_in(conn, "pin" if until is not None else "unpin", actor=actor,
-                        target=study_uid, outcome="success" if done else "failure: unknown study",
+                        target=study_uid,
+                        outcome="success" if row is not None else "failure: unknown study",
                         detail=detail)
-        return done
+        return PinChange(row["pinned_until"], now()) if row is not None else None
 
 
 def study_state(db: Database, study_uid: str) -> dict[str, Any] | None:

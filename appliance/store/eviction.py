@@ -108,6 +108,8 @@ class Evicted:
     patient_id: str | None = None
     # Failed deliveries dropped with the study, as "destination (job N)".
     failed_jobs: tuple[str, ...] = ()
+    # The pin a forced purge overrode (None: not pinned).
+    pinned_until: float | None = None
 
 
 def evict_study(db: Database, spool: Spool, study_uid: str, *, force: bool = False,
@@ -171,6 +173,12 @@ def evict_study(db: Database, spool: Spool, study_uid: str, *, force: bool = Fal
             reading_since(r.reader, r.since) for r in readers)) if readers else ""
         if force and readers:  # the trail says whose retrieve the operator cut short
             reason = f"{reason}, while {being_read}"
+        pinned_until = study["pinned_until"] if (study["pinned_until"] is not None
+                                                 and study["pinned_until"] >= at) else None
+        if force and pinned_until is not None:  # and that it was kept on purpose
+            from appliance.store.cache import pin_words
+
+            reason = f"{reason}, while pinned {pin_words(pinned_until)}"
         if not force:
             if readers:
                 raise BeingRead(f"study {study_uid} is {being_read}")
@@ -208,7 +216,7 @@ def evict_study(db: Database, spool: Spool, study_uid: str, *, force: bool = Fal
             [(at, p, f"study {study_uid}") for p in doomed],
         )
         evicted = Evicted(study_uid, len(rows), sum(int(r["size"]) for r in rows), unconfirmed,
-                          study["patient_id"], failed_jobs)
+                          study["patient_id"], failed_jobs, pinned_until)
         audit.record_in(conn, "delete", actor=actor, target=study_uid,
                         patient=evicted.patient_id, detail=_deleted(reason, evicted, force))
     delete_evicted_files(db, spool, {p: seen[p] for p in doomed})
