@@ -570,7 +570,11 @@ def test_pin_unpin_and_purge_say_what_pin_there_was(pas: PasProcess) -> None:
         return " ".join(pas.cli("cache", *args).stdout.split())
 
     assert said("unpin", uid) == f"study {uid} was not pinned: nothing changed"
+    assert json.loads(pas.cli("studies", "--json").stdout)[0]["pinned_until"] is None
     assert said("pin", uid) == f"study {uid} pinned until unpinned"
+    # pas studies shows the pin (no command did).
+    assert json.loads(pas.cli("studies", "--json").stdout)[0]["pinned_until"] >= 1e18
+    assert "│ until unpinned │" in pas.cli("studies").stdout
     shortened = said("pin", uid, "--days", "2")
     assert re.fullmatch(rf"study {re.escape(uid)} pinned until \d{{4}}-\d\d-\d\d \d\d:\d\d UTC "
                         r"\(shortened: was pinned until unpinned\)", shortened), shortened

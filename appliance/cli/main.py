@@ -348,10 +348,11 @@ def _print_commitment(reports: dict[str, Any]) -> None:
 
 @app.command()
 def studies(config: Path | None = ConfigOption,
-            patient: str | None = typer.Option(None, "--patient",
-                                               help="Only this patient's studies (PatientID)"),
+            patient: str | None = typer.Option(
+                None, "--patient", help="Only this patient's studies (PatientID, exact: no "
+                                        "wildcards)"),
             as_json: bool = JsonOption) -> None:
-    """List the studies the cache holds, newest first."""
+    """List the studies the cache holds, the most recently received first."""
     from appliance.store.index import list_studies
 
     settings = _settings(config)
@@ -360,14 +361,17 @@ def studies(config: Path | None = ConfigOption,
         print(json.dumps(rows, indent=2))
         return
     table = Table(title=counted(len(rows), "study", "studies"))
+    from appliance.store.cache import pin_words
+
     for column in ("patient", "name", "date", "modalities", "description", "series",
-                   "instances", "size", "confirmed", "study UID"):
+                   "instances", "size", "confirmed", "pinned", "study UID"):
         table.add_column(column)
     for r in rows:
+        pinned = pin_words(r["pinned_until"]) if r["pinned_until"] is not None else ""
         table.add_row(r["patient_id"], r["patient_name"] or "", r["study_date"] or "",
                       r["modalities"] or "", r["description"] or "", str(r["series"]),
                       str(r["instances"]), human_size(r["bytes"]),
-                      f"{r['confirmed']}/{r['instances']}", r["study_uid"])
+                      f"{r['confirmed']}/{r['instances']}", pinned, r["study_uid"])
     console.print(table)
 
 

@@ -375,7 +375,8 @@ def spool_bytes(db: Database) -> int:
 
 def list_studies(db: Database, patient_id: str | None = None,
                  limit: int = 1000) -> list[dict[str, Any]]:
-    """Studies in the cache, newest first, with counts and the state of their delivery."""
+    """Studies in the cache, the most recently received first, with counts, the state of
+    their delivery and their pin (``pinned_until``: None when not pinned now)."""
     where, params = "", []
     if patient_id is not None:
         where, params = "WHERE p.patient_id = ?", [patient_id]
@@ -386,6 +387,7 @@ def list_studies(db: Database, patient_id: str | None = None,
     rows = db.query(
         f"""SELECT s.study_uid, p.patient_id, p.name AS patient_name, s.study_date,
                    s.accession_number, s.description, s.origin, s.last_received_at,
+                   CASE WHEN s.pinned_until >= ? THEN s.pinned_until END AS pinned_until,
                    (SELECT group_concat(DISTINCT se.modality) FROM series se
                       WHERE se.study_fk = s.id) AS modalities,
                    (SELECT count(*) FROM series se WHERE se.study_fk = s.id) AS series,
@@ -398,7 +400,7 @@ def list_studies(db: Database, patient_id: str | None = None,
             FROM studies s JOIN patients p ON p.id = s.patient_fk
             {where}
             ORDER BY s.last_received_at DESC LIMIT ?""",
-        (*params, limit),
+        (now(), *params, limit),
     )
     return [dict(r) for r in rows]
 
