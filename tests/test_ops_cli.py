@@ -580,6 +580,10 @@ def test_pin_unpin_and_purge_say_what_pin_there_was(pas: PasProcess) -> None:
                         r"\(shortened: was pinned until unpinned\)", shortened), shortened
     assert said("pin", uid).endswith("pinned until unpinned (was pinned until " +
                                      shortened.split(" until ")[1].split(" (")[0] + ")")
+    # evict runs a pass: given a study, it says to purge it (typer's "unexpected extra
+    # argument" said not what to do), and changes nothing.
+    refused = pas.cli("cache", "evict", uid, check=False)
+    assert refused.returncode == 2 and f"pas cache purge {uid}" in refused.stderr, refused
     purged = said("purge", "--force", uid)
     assert purged.endswith("; it was pinned until unpinned"), purged
     (row,) = json.loads(pas.cli("audit", "--event", "delete", "--json").stdout)

@@ -131,11 +131,18 @@ def cache_status(config: Path | None = ConfigOption, as_json: bool = JsonOption)
 
 
 @cache_app.command("evict")
-def cache_evict(config: Path | None = ConfigOption) -> None:
-    """Run one eviction pass now (the daemon does it every cache.evict_interval_s)."""
+def cache_evict(config: Path | None = ConfigOption,
+                study_uid: str | None = typer.Argument(None, hidden=True)) -> None:
+    """Run one eviction pass now (the daemon does it every cache.evict_interval_s): the
+    least recently used confirmed studies, down to the low watermark. One study by its UID:
+    pas cache purge STUDY_UID."""
     from appliance.ops.cache_policy import CachePolicy
     from appliance.ops.status import human_size
 
+    if study_uid is not None:  # typer's "Got unexpected extra argument" said not what to do
+        err.print(f"[red]pas cache evict takes no study:[/red] it runs an eviction pass; to "
+                  f"delete study {study_uid} now: pas cache purge {study_uid}", highlight=False)
+        raise typer.Exit(2)
     settings, db, spool = _open(config, long_pass=True)
     result = CachePolicy(settings, db, spool).evict_if_needed()
     console.print(f"evicted {counted(len(result.evicted), 'study', 'studies')}, "
