@@ -532,6 +532,9 @@ def test_verify_audits_the_operator_who_ran_it_and_doctor_names_what_it_found(
     (pas.home / "spool" / other).write_bytes(bytes(damaged))
     found = pas.cli("verify", check=False)
     assert found.returncode == 1 and "missing=1" in found.stdout, found.stdout
+    # Each problem said once, in the report (its log line on stderr said it again).
+    assert "integrity: " not in found.stderr, found.stderr
+    assert sum(path in line for line in found.stdout.splitlines()) == 1, found.stdout
     # Each problem says which instance it is and what gets it back (a spool path alone
     # told IT nothing).
     problems = json.loads(pas.cli("verify", "--json", check=False).stdout)["problems"]
