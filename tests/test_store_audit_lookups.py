@@ -126,6 +126,7 @@ def test_the_upgrade_adds_the_indexes_to_a_trail_written_before(tmp_path: Path) 
                        "DROP TABLE study_readers; DROP INDEX audit_deletes; "
                        "DROP TABLE restored_backups; DROP TABLE awaiting_hub; "
                        "DROP INDEX integrity_issues_settled_evictions; "
+                       "DROP TRIGGER instances_leave_awaiting_hub; "
                        "PRAGMA user_version = 18;")
     conn.close()
 

@@ -497,7 +497,13 @@ def association_run_reactor(self: Association) -> None:
         self._pas_parked = True  # type: ignore[attr-defined]
         wake.wait(TICK_S)
         wake.clear()
-        self._reactor_checkpoint.wait()
+        while not self._reactor_checkpoint.wait(TICK_S):
+            # Parked: said again at each tick. A sender (release(), send_*()) spins until it
+            # reads True; a test's release() once spun 300 s on False while this loop sat
+            # here (2026-12-06, after one at 2026-12-05; what wrote False is not found: in
+            # this process only this loop and pynetdicom's _serve_request, run by it, do).
+            # Parked, this loop touches no queue: True is the truth whatever was written.
+            self._is_paused = True
         self._pas_parked = False  # type: ignore[attr-defined]
         self._is_paused = False
         if self._kill:
