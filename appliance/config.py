@@ -228,6 +228,8 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+_BOUNDS = {"greater_than": "greater than", "greater_than_equal": "at least",
+           "less_than": "less than", "less_than_equal": "at most"}
 _NUMBER_TYPES = {"int_type": "must be an integer", "float_type": "must be a number",
                  "finite_number": "must be a finite number"}
 
@@ -248,7 +250,7 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> lis
             message = str(error["ctx"]["message"]).replace("{section}", ".".join(loc))
             loc.append(str(error["ctx"]["key"]))
         elif kind == "extra_forbidden":
-            message = "unknown key"
+            message = "unknown key" + _did_you_mean(model, loc)
         elif kind == "missing":
             message = "is required"
         elif kind in ("union_tag_invalid", "union_tag_not_found"):
@@ -268,6 +270,21 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> lis
             message = f"must be a table ({{ key = value, ... }}), got {value!r}"
             if isinstance(value, str) and loc[-2:-1] in (["known_aes"], ["move_destinations"]):
                 message += f": write {{ title = {json.dumps(value)} }}"
+        elif kind in _BOUNDS:  # "Input should be greater than 0": said as the others
+            limit = next(iter(error.get("ctx", {}).values()), "?")
+            if isinstance(limit, float) and limit.is_integer():
+                limit = int(limit)  # "at least 0", not "at least 0.0"
+            message = f"must be {_BOUNDS[kind]} {limit}, got {error.get('input')!r}"
+        elif kind == "too_short":  # "List should have at least 1 item after validation"
+            least = error.get("ctx", {}).get("min_length", 1)
+            message = f"must have at least {least} {'item' if least == 1 else 'items'}, " \
+                      f"got {error.get('input')!r}"
+        elif kind == "literal_error":
+            # pydantic's "Input should be 'urgent', 'high' or 'routine'": said as every
+            # other problem is ("must be ..., got ...").
+            expected = error.get("ctx", {}).get("expected", "")
+            message = f"must be one of {expected.replace(' or ', ', ')}, got " \
+                      f"{error.get('input')!r}"
         elif kind != "value_error":
             # Numbers are strict (appliance.config_types._strict_numbers): say which
             # TOML type the key takes, and show a boolean as the file writes it.
@@ -278,6 +295,40 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> lis
         path = ".".join(loc) or "(top level)"
         lines.append(f"{path}: {message}")
     return lines
+
+
+def _did_you_mean(model: type[BaseModel], loc: list[str]) -> str:
+    """", did you mean 'port'?" for an unknown key close to a key of its table (a typo:
+    ``prot``, ``max_atempts``, ``modalty``), else nothing."""
+    import difflib
+
+    current: Any = model
+    for part in loc[:-1]:
+        current = _member_model(current, part)
+        if current is None:
+            return ""
+    if not (isinstance(current, type) and issubclass(current, BaseModel)):
+        return ""
+    names = [field.alias or name for name, field in current.model_fields.items()]
+    close = difflib.get_close_matches(loc[-1], names, n=1, cutoff=0.75)
+    return f", did you mean {close[0]!r}?" if close else ""
+
+
+def _member_model(annotation: Any, part: str) -> Any:
+    """The type one step down ``annotation`` at ``part``: a model's field, a list's item (a
+    number), a dict's value; None where that cannot be said (a union of kinds)."""
+    import typing
+
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _member_model(typing.get_args(annotation)[0], part)
+    if origin in (list, dict):
+        return typing.get_args(annotation)[-1]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        field = annotation.model_fields.get(part) or next(
+            (f for f in annotation.model_fields.values() if f.alias == part), None)
+        return field.annotation if field is not None else None
+    return None
 
 
 def build(model: type[BaseModel], data: dict[str, Any]) -> Any:
