@@ -502,7 +502,9 @@ def test_help_words_each_option_once_and_lists_each_command_on_one_line(
 
     root = typer.main.get_command(app)
     for group, command in (("", root), ("prefetch", root.commands["prefetch"])):  # type: ignore[attr-defined]
-        panel = texts[group].split("Commands")[1]
+        # The top level's commands are in panels (test_help_groups_every_command...).
+        panel = texts[group].split("╰", 1)[1] if group == "" else \
+            texts[group].split("Commands")[1]
         rows = [line for line in panel.splitlines() if line.startswith("│")]
         assert len(rows) == len(command.commands), (group, rows)  # one line each
     assert "Make a failed or pending job due now" in texts["queue retry"]
@@ -591,3 +593,17 @@ def test_pin_unpin_and_purge_say_what_pin_there_was(pas: PasProcess) -> None:
     assert purged.endswith("; it was pinned until unpinned"), purged
     (row,) = json.loads(pas.cli("audit", "--event", "delete", "--json").stdout)
     assert "while pinned until unpinned" in row["detail"], row
+
+
+def test_help_groups_every_command_by_what_an_operator_comes_for(
+        helps: tuple[Path, dict[str, str]]) -> None:
+    """``pas --help`` listed its commands in the order the modules registered them, the
+    regional hub's among the appliance's. Every one is now in a panel, in this order."""
+    from appliance.cli.main import HELP_PANELS
+
+    text = helps[1][""]
+    places = [text.index(f"─ {title} ─") for title in HELP_PANELS]
+    assert places == sorted(places), places
+    assert "─ Commands ─" not in text  # none left out of a panel
+    run, hub = text.index("│ run "), text.index("│ hub ")
+    assert places[0] < run < places[1] and hub > places[-1]

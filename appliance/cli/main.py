@@ -482,6 +482,35 @@ def queue_retry(job_id: int = typer.Argument(..., min=1, max=ROW_ID_MAX, help="A
     console.print(f"job {job_id} will be retried now")
 
 
+# ``pas --help`` by what an operator comes for, in this order: the commands were listed as the
+# modules registered them, the hub's (another host's) among the appliance's own.
+HELP_PANELS = {
+    "Running": ("run", "status", "studies", "doctor", "version"),
+    "Setting up": ("config", "rules", "enroll"),
+    "Work under way": ("queue", "prefetch", "send"),
+    "Cache and integrity": ("cache", "verify"),
+    "Records and recovery": ("audit", "backup", "restore"),
+    "The regional hub (on the hub's host)": ("hub",),
+}
+
+
+def _panelled() -> None:
+    order = [name for names in HELP_PANELS.values() for name in names]
+    panel = {name: title for title, names in HELP_PANELS.items() for name in names}
+
+    def name_of(info: Any) -> str:
+        return info.name or info.callback.__name__.replace("_", "-")
+
+    for infos in (app.registered_commands, app.registered_groups):
+        for info in infos:
+            info.rich_help_panel = panel.get(name_of(info))
+        infos.sort(key=lambda info: order.index(name_of(info)) if name_of(info) in order
+                   else len(order))
+
+
+_panelled()
+
+
 def main() -> None:
     """The ``pas`` entry point: what the file system or the database refuses is said in one
     line, not a traceback (an IT account running ``pas status`` on the appliance's
