@@ -424,8 +424,11 @@ def test_max_results_cut_in_c_find_is_logged_and_audited(pas_factory: Any,
     found = findscu(pas, "STUDY", ["StudyInstanceUID"], tmp_path / "find")
     assert len(found) == 5
     wait_for(lambda: "more than serving.max_results = 5" in pas.log())
-    audit = read_rows(pas.home / "pas.sqlite", "SELECT outcome, detail FROM audit "
-                      "WHERE event = 'query' ORDER BY id")
+    # The row is written once the final response is sent: awaited, not read at once.
+    audit = wait_for(lambda: (lambda rows: rows if rows and "truncated" in (
+        rows[-1]["detail"] or "") else None)(read_rows(
+            pas.home / "pas.sqlite", "SELECT outcome, detail FROM audit "
+            "WHERE event = 'query' ORDER BY id")), 10, what="the query's audit row")
     assert "truncated" in audit[-1]["detail"] and audit[-1]["outcome"] == "success"
     exact = findscu(pas, "STUDY", ["PatientID=TINY1", "StudyInstanceUID"], tmp_path / "one")
     assert len(exact) == 1
