@@ -99,7 +99,7 @@ STUDY_UID, SERIES_UID = "(0020,000d)", "(0020,000e)"
      ["-aem", "NOWHERE"], "0xa801", "unknown move destination 'NOWHERE'", None),
     ("movescu", ["QueryRetrieveLevel=STUDY", "StudyInstanceUID={study}"],
      ["-aem", "SWITCHEDOFF"], "0xa702",  # known, not reached: every sub-operation failed
-     "SWITCHEDOFF: destination unreachable or association lost", None),
+     "SWITCHEDOFF: could not connect (refused or no answer)", None),
     ("movescu", ["QueryRetrieveLevel=STUDY", "PatientID=*"], ["-aem", "SWITCHEDOFF"],
      "0xa900", "StudyInstanceUID: required for a STUDY-level retrieve", STUDY_UID),
     ("movescu", ["StudyInstanceUID={study}"], ["-aem", "SWITCHEDOFF"],

@@ -168,7 +168,7 @@ def test_move_of_a_study_the_destination_refuses_entirely_names_the_refusal(
 def test_move_to_a_destination_rejecting_the_association_says_so(site: Site) -> None:
     """storescp --refuse answers A-ASSOCIATE-RJ and closes the connection at once. Under
     load, PAS's DICOM layer (pynetdicom) can see the connection closed before it reads the
-    rejection, and then the truth it has is "unreachable or association lost": up to three
+    rejection, and then the truth it has is "closed while negotiating": up to three
     moves, each row one of the two, and a rejection named at least once."""
     study, _ = _ct_study()
     where = f"no association with 127.0.0.1:{site.refusing.port}: "
@@ -180,8 +180,8 @@ def test_move_to_a_destination_rejecting_the_association_says_so(site: Site) -> 
         assert "Refused: OutOfResourcesSubOperations" in result.stderr, result.stderr[-2000:]
         row = site.next_retrieve(before)
         assert row["outcome"].startswith("failure: 3 of 3 instances not stored by REFUSING (")
-        assert row["outcome"].endswith((rejected, f"{where}destination unreachable or "
-                                                  "association lost)")), row["outcome"]
+        assert row["outcome"].endswith((rejected, f"{where}closed while negotiating the "
+                                                  "association)")), row["outcome"]
         if row["outcome"].endswith(rejected):
             break
     assert row["outcome"].endswith(rejected), row["outcome"]

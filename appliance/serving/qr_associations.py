@@ -96,6 +96,7 @@ class SubAssociationWatch:
     def __init__(self) -> None:
         self.opened: list[Any] = []  # the sub-association, once its connection is open
         self.refused_classes: list[str] = []  # accepted with no context: these classes
+        self.accepted = False  # the destination accepted the association
         self.rejected = False
         self.rejection = RejectionWatch()  # the A-ASSOCIATE-RJ's reason, as PS3.8 names it
 
@@ -106,6 +107,7 @@ class SubAssociationWatch:
             self.opened.append(store_event.assoc)
 
         def on_accepted(store_event: Any) -> None:
+            self.accepted = True
             if not store_event.assoc.accepted_contexts:
                 self.refused_classes = sorted(
                     {UID(cx.abstract_syntax).name
@@ -129,7 +131,15 @@ class SubAssociationWatch:
             return f"the destination rejected the association: {self.rejection.reason}"
         if self.rejected or (self.opened and self.opened[0].is_rejected):
             return "the destination rejected the association"
-        return "destination unreachable or association lost"
+        # Which of the three it was: "unreachable or association lost" said none (a
+        # workstation switched off, a port mistyped, a peer closing mid-negotiation, or a
+        # link lost after images went all read alike). Each fits the Error Comment's 64
+        # characters after a 16-character title.
+        if not self.opened:
+            return "could not connect (refused or no answer)"
+        if not self.accepted:
+            return "closed while negotiating the association"
+        return "association lost"
 
     def failure(self, host: str, port: int) -> str:
         """Why each sub-operation failed, as the audit row says it: the SOP classes
