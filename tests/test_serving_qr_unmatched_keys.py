@@ -16,7 +16,7 @@ pynetdicom's own (``dicom.event_driven = false``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from pydicom.dataset import Dataset
@@ -66,9 +66,11 @@ def find(pas: PasProcess, level: str, keys: dict[str, object],
 
 
 def find_final(pas: PasProcess, level: str, keys: dict[str, object],
-               model: str = StudyRootQueryRetrieveInformationModelFind
+               model: str = StudyRootQueryRetrieveInformationModelFind,
+               extra: Callable[[Dataset], object] | None = None
                ) -> tuple[list[tuple[int, Dataset]], Dataset]:
-    """([(Pending status, identifier)...], the final status dataset) of one C-FIND."""
+    """([(Pending status, identifier)...], the final status dataset) of one C-FIND;
+    ``extra`` adds to the query what a keyword cannot name (a private element)."""
     ae = AE(ae_title="VIEWER")
     ae.add_requested_context(model)
     assoc = ae.associate("127.0.0.1", pas.port, ae_title="PAS")
@@ -79,6 +81,8 @@ def find_final(pas: PasProcess, level: str, keys: dict[str, object],
         query.PatientID = ""
         for keyword, value in keys.items():
             setattr(query, keyword, value)
+        if extra is not None:
+            extra(query)
         responses = list(assoc.send_c_find(query, model))
     finally:
         assoc.release()
@@ -206,22 +210,13 @@ def test_a_private_key_with_a_value_is_answered_pending_ff01(pas: PasProcess) ->
     audit row by its tag. It was dropped unseen, 0xFF00. Its private creator alone reserves
     a block and matches nothing: 0xFF00."""
     for with_key, status in ((True, 0xFF01), (False, 0xFF00)):
-        ae = AE(ae_title="VIEWER")
-        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-        assoc = ae.associate("127.0.0.1", pas.port, ae_title="PAS")
-        assert assoc.is_established
-        try:
-            query = Dataset()
-            query.QueryRetrieveLevel = "STUDY"
-            query.PatientID = ""
+        def private(query: Dataset, with_key: bool = with_key) -> None:
             query.add_new(0x00110010, "LO", "ACME")
             if with_key:
                 query.add_new(0x00111001, "LO", "X")
-            responses = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
-        finally:
-            assoc.release()
-        assert int(responses[-1][0].Status) == 0x0000
-        assert [int(s.Status) for s, _ in responses[:-1]] == [status, status]
+        pending, final = find_final(pas, "STUDY", {}, extra=private)
+        assert int(final.Status) == 0x0000
+        assert [s for s, _ in pending] == [status, status]
         detail = last_query_detail(pas)
         assert detail == ("keys not matched (answered 0xFF01): (0011,1001); 2 results"
                           if with_key else "2 results"), detail

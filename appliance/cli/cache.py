@@ -189,13 +189,13 @@ def cache_pin(study_uid: str = StudyArgument, config: Path | None = ConfigOption
         err.print(f"[red]study {study_uid} is not in the cache[/red]{_not_a_uid(study_uid)}",
                   highlight=False)
         raise typer.Exit(1)
-    from appliance.store.cache import PINNED_FOR_EVER, pin_words
+    from appliance.store.cache import pin_words
 
-    until = change.at + days * 86400 if days else PINNED_FOR_EVER
-    said = f"study {study_uid} pinned {pin_words(until)}"
+    assert change.after is not None
+    said = f"study {study_uid} pinned {pin_words(change.after)}"
     if change.was_pinned:
         assert change.before is not None
-        shorter = "[yellow]shortened[/yellow]: " if change.before > until else ""
+        shorter = "[yellow]shortened[/yellow]: " if change.before > change.after else ""
         said += f" ({shorter}was pinned {pin_words(change.before)})"
     console.print(said, highlight=False)
 

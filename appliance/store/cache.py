@@ -431,6 +431,7 @@ class PinChange:
     shortened it without a word)."""
 
     before: float | None
+    after: float | None  # the pin set (None: lifted)
     at: float
 
     @property
@@ -454,7 +455,7 @@ def set_pin(db: Database, study_uid: str, until: float | None, *, actor: str,
                         target=study_uid,
                         outcome="success" if row is not None else "failure: unknown study",
                         detail=detail)
-        return PinChange(row["pinned_until"], now()) if row is not None else None
+        return PinChange(row["pinned_until"], until, now()) if row is not None else None
 
 
 def study_state(db: Database, study_uid: str) -> dict[str, Any] | None:
