@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, PrivateAttr, ValidationError
 
-from appliance.config_env import read_overrides
+from appliance.config_env import key_of, read_overrides
 from appliance.config_sections import (
     AuditSection,
     CacheSection,
@@ -442,7 +442,7 @@ def name_the_variables(problems: list[str], environ: dict[str, str],
     setting = {}
     for name in environ:
         if name.startswith(prefix) and not (prefix == ENV_PREFIX and _is_hub_variable(name)):
-            setting[".".join(p.lower() for p in name[len(prefix):].split("__"))] = name
+            setting[".".join(key_of(name, prefix))] = name
     named = []
     for problem in problems:
         path = problem.split(":", 1)[0]

@@ -140,6 +140,11 @@ def _top_level_scalars(model: type[BaseModel]) -> set[str]:
     return names - RESERVED_TOP_LEVEL
 
 
+def key_of(name: str, prefix: str) -> list[str]:
+    """The key path a variable sets: ``PAS_DICOM__PORT`` -> ``["dicom", "port"]``."""
+    return [part.lower() for part in name[len(prefix):].split("__")]
+
+
 def read_overrides(environ: dict[str, str], prefix: str, model: type[BaseModel] | None,
                    ignore: Callable[[str], bool] = lambda _name: False,
                    ) -> tuple[dict[str, Any], list[str]]:
@@ -156,7 +161,7 @@ def read_overrides(environ: dict[str, str], prefix: str, model: type[BaseModel] 
         rest = name[len(prefix):]
         if "__" not in rest and rest.lower() not in top_level:
             continue
-        entries.append(([p.lower() for p in rest.split("__")], name, raw))
+        entries.append((key_of(name, prefix), name, raw))
     entries.sort()
     problems = []
     for index, (parts, name, _raw) in enumerate(entries):

@@ -17,24 +17,13 @@ import hashlib
 import json
 import re
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from appliance.hub.holdings import HOLDINGS_PATH
 from appliance.store.db import Database
 from appliance.store.hub_schema import HUB_MIGRATIONS
 from tests.support.hub import HubProcess, client, enroll, pack_items, ship
 from tests.support.peers import MR_DIR
-
-
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
-    process = HubProcess(tmp_path_factory.mktemp("hub") / "home").init()
-    process.start()
-    yield process
-    process.stop()
 
 
 def _rows(hub_db: Path, sql: str, *params: object) -> list[tuple]:

@@ -45,14 +45,8 @@ def test_a_study_received_before_the_enrolment_goes_to_the_region_after_it(
     finally:
         pas.stop()
 
-    enroll(hub, home, "EARLY", cli=True)
-    pas.start()
     try:
-        wait_for(lambda: pas.status()["confirmed_instances"] == 6, 90,
-                 what="the six instances confirmed by the region")
-        status = pas.status()
-        assert status["awaiting_enrolment"] == {"instances": 0, "studies": 0}
-        assert status["jobs_by_kind"] == {"hub": {"done": 1}}
+        _enrolled_then_confirmed(hub, pas, "EARLY", 6)
         assert ("start-up: 6 instances of 1 study received before this appliance was "
                 "enrolled routed again: they go to the hub now") in pas.log()
         (row,) = [r for r in json.loads(pas.cli("audit", "--event", "recovery",
@@ -168,11 +162,19 @@ def test_a_rule_naming_the_hub_before_the_enrolment_waits_for_it_then_sends(
     finally:
         pas.stop()
 
-    enroll(hub, home, "RULED", cli=True)
-    pas.start()
     try:
-        wait_for(lambda: pas.status()["confirmed_instances"] == 4, 60,
-                 what="the study confirmed by the region after the enrolment")
-        assert pas.status()["jobs_by_kind"] == {"hub": {"done": 1}}
+        _enrolled_then_confirmed(hub, pas, "RULED", 4)
     finally:
         pas.stop()
+
+
+def _enrolled_then_confirmed(hub: HubProcess, pas: PasProcess, site: str, count: int) -> None:
+    """``pas enroll`` (the real CLI) while the daemon is stopped, then its start: the
+    ``count`` instances received before are confirmed by the region, in one hub job."""
+    enroll(hub, pas.home, site, cli=True)
+    pas.start()
+    wait_for(lambda: pas.status()["confirmed_instances"] == count, 90,
+             what=f"the {count} instances confirmed by the region after the enrolment")
+    status = pas.status()
+    assert status["awaiting_enrolment"] == {"instances": 0, "studies": 0}
+    assert status["jobs_by_kind"] == {"hub": {"done": 1}}
