@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -12,9 +13,9 @@ from appliance.config import ConfigError, load_settings
 from tests.support.peers import PAS_BIN, ROOT
 
 
-def check(path: Path | None, **env: str) -> subprocess.CompletedProcess[str]:
+def check(path: Path | None, *options: str, **env: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PAS_")}
-    args = [str(PAS_BIN), "config", "check"] + ([str(path)] if path else [])
+    args = [str(PAS_BIN), "config", "check"] + ([str(path)] if path else []) + list(options)
     return subprocess.run(args, env={**clean, **env}, capture_output=True, text=True,
                           timeout=60)
 
@@ -108,6 +109,11 @@ def test_every_problem_is_named_with_a_cross_field_one(tmp_path: Path) -> None:
         "(90.0), got 95.0",
         "config error destinations.ws.tls_ca: required when tls = true",
     ]), result.stderr
+    # --json: the same problems, listed (a configuration management's check reads them).
+    answer = check(path, "--json")
+    assert answer.returncode == 2 and answer.stderr == "", answer.stderr
+    assert json.loads(answer.stdout) == {
+        "ok": False, "problems": [line.removeprefix("config error ") for line in lines]}
 
 
 def test_every_routing_problem_is_named_at_once_and_pas_run_refuses_the_same(
@@ -614,6 +620,20 @@ def test_check_names_a_bad_value_of_the_file_an_environment_variable_replaces(
         "'WAY-TOO-LONG-AE-TITLE'",
         f"in {path} (a PAS_* variable replaces it now; without it pas run refuses the file): "
         "dicom.port: must be 1-65535, got 70000"], result.stderr
+    answer = check(path, "--json", PAS_DICOM__PORT="11113")
+    assert answer.returncode == 2, answer.stdout + answer.stderr
+    assert json.loads(answer.stdout) == {"ok": False, "problems": said}
+    # A valid file: what the text check summarises, named.
+    path.write_text('site = "CHU-Z"\n[dicom]\nport = 11112\n[destinations.ws]\nkind = '
+                    '"dicom"\nae_title = "WS"\nhost = "127.0.0.1"\nport = 104\n'
+                    '[[routing.rules]]\nname = "all"\ndestinations = ["ws"]\n')
+    answer = check(path, "--json", PAS_DICOM__PORT="11113", PAS_HOME=str(tmp_path / "home"))
+    assert answer.returncode == 0, answer.stdout + answer.stderr
+    assert json.loads(answer.stdout) == {
+        "ok": True, "problems": [], "site": "CHU-Z", "site_from": "configuration",
+        "ae_title": "PAS", "port": 11113, "home": str(tmp_path / "home"), "rules": ["all"],
+        "destinations": {"ws": "dicom"}, "enrolled_hub": None}
+    assert not (tmp_path / "home").exists()  # a check creates nothing
 
 
 def test_a_home_that_is_a_file_is_refused_naming_it(tmp_path: Path) -> None:

@@ -222,7 +222,16 @@ def test_one_instance_refused_does_not_hold_back_the_rest_of_the_study(pas_facto
         assert "failure status for 1 of the 1 instance still to send" in job["last_error"]
         assert f"{sop_uid(CT_PATIENT[0])} (0xA700)" in job["last_error"], job
         blocked.rmdir()
-        pas.cli("queue", "retry", str(job["id"]))
+        # --json: the job's row as pas queue list --json gives it, right after the retry.
+        retried = json.loads(pas.cli("queue", "retry", str(job["id"]), "--json").stdout)
+        assert {k: retried[k] for k in ("id", "waits_for_job", "destination", "priority",
+                                        "instances")} == {
+            "id": job["id"], "waits_for_job": None, "destination": job["destination"],
+            "priority": job["priority"], "instances": len(CT_PATIENT)}, retried
+        assert retried["priority_name"] in ("urgent", "high", "routine"), retried
+        # Its attempts reset, unless the worker took it up between the retry and the read.
+        assert (retried["state"], retried["attempts"]) in (
+            ("pending", 0), ("running", 1), ("done", 1)), retried
         wait_for(lambda: [j["state"] for j in jobs_of(pas.home)] == ["done"], 60,
                  what="the retried job done")
         assert {sop_uid(p) for p in scp.files()} == {sop_uid(p) for p in CT_PATIENT}

@@ -10,6 +10,7 @@ import re
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -476,6 +477,13 @@ def test_help_shows_flags_as_flags_and_counts_agree_with_their_noun(
     assert f"purged study {study['study_uid']}: 1 instance (1 unconfirmed), " in _plain(purged)
     assert re.search(r"unconfirmed\), \d+\.\d [kMG]B$", _plain(purged).strip())  # not bytes
     assert pas.cli("studies").stdout.splitlines()[0].strip() == "0 studies"
+    # --json: what the delete audit row records, named; the bytes exact.
+    storescu([FILES[0]], pas.port)
+    (study,) = json.loads(pas.cli("studies", "--json").stdout)
+    assert json.loads(pas.cli("cache", "purge", study["study_uid"], "--force", "--json").stdout
+                      ) == {"study_uid": study["study_uid"], "patient_id": study["patient_id"],
+                            "instances": 1, "unconfirmed": 1, "bytes": study["bytes"],
+                            "pinned_until": None, "failed_jobs_dropped": []}
 
 
 def test_help_words_each_option_once_and_lists_each_command_on_one_line(
@@ -589,6 +597,26 @@ def test_pin_unpin_and_purge_say_what_pin_there_was(pas: PasProcess) -> None:
     # argument" said not what to do), and changes nothing.
     refused = pas.cli("cache", "evict", uid, check=False)
     assert refused.returncode == 2 and f"pas cache purge {uid}" in refused.stderr, refused
+
+    def answer(*args: str) -> dict[str, Any]:  # --json: the same pin change, named
+        return json.loads(pas.cli("cache", *args, uid, "--json").stdout)
+
+    timed = answer("pin", "--days", "1")
+    assert timed["study_uid"] == uid and timed["was_pinned_until"] >= 1e18, timed
+    assert not timed["until_unpinned"] and timed["changed"], timed
+    assert 0 < timed["pinned_until"] - time.time() <= 86_400, timed
+    assert json.loads(pas.cli("studies", "--json").stdout)[0]["pinned_until"] == \
+        timed["pinned_until"]
+    for_ever = answer("pin")
+    assert (for_ever["until_unpinned"], for_ever["was_pinned_until"], for_ever["changed"]) == \
+        (True, timed["pinned_until"], True), for_ever
+    assert answer("pin")["changed"] is False  # pinned until unpinned already
+    assert answer("unpin") == {"study_uid": uid, "pinned_until": None, "until_unpinned": False,
+                               "was_pinned_until": for_ever["pinned_until"], "changed": True}
+    assert answer("unpin") == {"study_uid": uid, "pinned_until": None, "until_unpinned": False,
+                               "was_pinned_until": None, "changed": False}
+    assert json.loads(pas.cli("studies", "--json").stdout)[0]["pinned_until"] is None
+    said("pin", uid)
     purged = said("purge", "--force", uid)
     assert purged.endswith("; it was pinned until unpinned"), purged
     (row,) = json.loads(pas.cli("audit", "--event", "delete", "--json").stdout)

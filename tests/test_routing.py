@@ -263,8 +263,22 @@ def test_rules_explain_and_cli(pas_factory, tmp_path: Path) -> None:
     assert "calling_ae 'OTHER' does not match /^CT_URG$/" in other
     assert ("-> pacs (routine, from chest)" in other) == bool(
         description and ("CHEST" in description.upper() or "THORAX" in description.upper()))
+    # --json: the same verdicts, for a hospital's own checks of its rules.
+    answer = json.loads(pas.cli("rules", "test", str(CT_PATIENT[0]), "--calling-ae", "CT_URG",
+                                "--json").stdout)
+    header = dcmread(CT_PATIENT[0], stop_before_pixels=True)
+    assert answer["file"] == str(CT_PATIENT[0])
+    assert answer["attributes"] == {
+        "calling_ae": "CT_URG", "called_ae": "PAS", "modality": "CT",
+        "sop_class": header.SOPClassUID, "study_description": str(description),
+        "body_part": str(header.get("BodyPartExamined", ""))}
+    assert [(r["name"], r["matched"]) for r in answer["rules"]] == [
+        ("emergency CT", True), ("chest", False)], answer["rules"]
+    assert answer["rules"][1]["reasons"][-1] == "(not evaluated: an earlier rule decided)"
+    assert answer["routes"] == [{"destination": "pacs", "priority": "urgent",
+                                 "rule": "emergency CT"}]
     # Refused in an operator's words: pydicom's ended "Use force=True to force reading."
-    bad = pas.cli("rules", "test", str(config), check=False)
+    bad = pas.cli("rules", "test", str(config), "--json", check=False)
     assert bad.returncode == 2 and bad.stdout == ""
     assert " ".join(bad.stderr.split()) == (
         f"{config}: not a DICOM file (no 128-byte preamble followed by 'DICM', as DICOM Part "

@@ -68,6 +68,9 @@ def test_no_site_in_the_configuration_is_the_enrolments_site_everywhere(
         # The region is where studies go: named, not left behind "0 destinations".
         assert checked.endswith(f"0 destinations besides the regional hub {hub.url} "
                                 "(destination hub, enrolled)"), checked
+        answer = json.loads(pas.cli("config", "check", "--json").stdout)
+        assert (answer["ok"], answer["site"], answer["site_from"], answer["enrolled_hub"],
+                answer["destinations"]) == (True, "CHU-A", "enrolment", hub.url, {}), answer
 
         written = json.loads(pas.cli("backup", str(destination), "--json").stdout)
         folder = Path(written["folder"])

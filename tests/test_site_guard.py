@@ -73,6 +73,10 @@ def test_a_configuration_naming_another_site_than_the_enrolment_is_refused_with_
     assert check.returncode == 2, check.stdout + check.stderr
     said = " ".join(check.stderr.split())
     assert said.startswith(f"config error site: {problem}") and way_out[1:] in said, said
+    answer = _pas(env, "config", "check", str(config), "--json")
+    assert answer.returncode == 2, answer.stdout + answer.stderr
+    (listed,) = json.loads(answer.stdout)["problems"]
+    assert " ".join(listed.split()) == said.removeprefix("config error "), listed
 
     doctor = _pas(env, "doctor", "--json")
     assert doctor.returncode == 1, doctor.stdout + doctor.stderr

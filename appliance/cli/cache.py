@@ -12,12 +12,16 @@ import json
 import logging
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
 
 from appliance.cli.common import ConfigOption, JsonOption, console, err, operator_actor
 from appliance.words import counted
+
+if TYPE_CHECKING:  # imported when used: every pas command imports this module
+    from appliance.store.cache import PinChange
 
 cache_app = typer.Typer(help="The local cache: pins, eviction, purge, integrity.",
                         no_args_is_help=True)
@@ -173,7 +177,8 @@ def cache_evict(config: Path | None = ConfigOption,
 @cache_app.command("pin")
 def cache_pin(study_uid: str = StudyArgument, config: Path | None = ConfigOption,
               days: float | None = typer.Option(None, "--days", help="Pin for N days "
-                                                "(default: until unpinned)")) -> None:
+                                                "(default: until unpinned)"),
+              as_json: bool = JsonOption) -> None:
     """Keep a study in the cache whatever the disk pressure (until unpinned or N days)."""
     from appliance.ops.cache_policy import pin
 
@@ -192,6 +197,9 @@ def cache_pin(study_uid: str = StudyArgument, config: Path | None = ConfigOption
     from appliance.store.cache import pin_words
 
     assert change.after is not None
+    if as_json:
+        print(json.dumps(_pin_json(study_uid, change), indent=2))
+        return
     said = f"study {study_uid} pinned {pin_words(change.after)}"
     if change.was_pinned:
         assert change.before is not None
@@ -200,8 +208,20 @@ def cache_pin(study_uid: str = StudyArgument, config: Path | None = ConfigOption
     console.print(said, highlight=False)
 
 
+def _pin_json(study_uid: str, change: PinChange) -> dict[str, object]:
+    """``pin`` / ``unpin --json``: the pin now and the one before (``pinned_until`` as in
+    ``pas studies --json``: seconds since the epoch, 1e18 until unpinned; null: none)."""
+    from appliance.store.cache import PINNED_FOR_EVER
+
+    before = change.before if change.was_pinned else None  # a pin run out is none
+    return {"study_uid": study_uid, "pinned_until": change.after,
+            "until_unpinned": change.after is not None and change.after >= PINNED_FOR_EVER,
+            "was_pinned_until": before, "changed": before != change.after}
+
+
 @cache_app.command("unpin")
-def cache_unpin(study_uid: str = StudyArgument, config: Path | None = ConfigOption) -> None:
+def cache_unpin(study_uid: str = StudyArgument, config: Path | None = ConfigOption,
+                as_json: bool = JsonOption) -> None:
     """Let the disk policy evict this study again (once confirmed)."""
     from appliance.ops.cache_policy import unpin
 
@@ -213,6 +233,9 @@ def cache_unpin(study_uid: str = StudyArgument, config: Path | None = ConfigOpti
         raise typer.Exit(1)
     from appliance.store.cache import pin_words
 
+    if as_json:
+        print(json.dumps(_pin_json(study_uid, change), indent=2))
+        return
     if not change.was_pinned:  # said, not "unpinned" as if something changed
         console.print(f"study {study_uid} was not pinned: nothing changed", highlight=False)
         return
@@ -225,7 +248,8 @@ def cache_unpin(study_uid: str = StudyArgument, config: Path | None = ConfigOpti
 def cache_purge(study_uid: str = StudyArgument, config: Path | None = ConfigOption,
                 force: bool = typer.Option(False, "--force", help="Also when not confirmed at "
                                            "the region, pinned, queued or being read by a "
-                                           "viewer (audited)")) -> None:
+                                           "viewer (audited)"),
+                as_json: bool = JsonOption) -> None:
     """Delete a study from the cache now. Without --force only a confirmed, unpinned one."""
     from appliance.ops.cache_policy import purge
     from appliance.ops.status import human_size
@@ -245,6 +269,12 @@ def cache_purge(study_uid: str = StudyArgument, config: Path | None = ConfigOpti
     except NotEvictable as exc:
         err.print(f"[red]refused:[/red] {exc} (use --force to purge anyway)")
         raise typer.Exit(1) from None
+    if as_json:  # what the delete audit row records, named
+        print(json.dumps({"study_uid": study_uid, "patient_id": evicted.patient_id,
+                          "instances": evicted.instances, "unconfirmed": evicted.unconfirmed,
+                          "bytes": evicted.bytes, "pinned_until": evicted.pinned_until,
+                          "failed_jobs_dropped": list(evicted.failed_jobs)}, indent=2))
+        return
     pinned = ""
     if evicted.pinned_until is not None:  # a forced purge overrode it: said, as the trail does
         from appliance.store.cache import pin_words

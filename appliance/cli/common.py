@@ -108,12 +108,20 @@ def refuse_hidden_problems(checked: Path | None, hidden: list[str], variables: s
     (exit 2 after these too): the file's own problems among them are not said twice.
     Before, any such problem made the check stop there, and the hidden ones were learnt
     only at the next run, once the others were fixed."""
-    hidden = [problem for problem in hidden if problem not in said]
+    hidden = hidden_problems(checked, hidden, variables, daemon, said)
     for problem in hidden:
-        err.print(f"[red]config error[/red] in {checked} (a {variables} variable replaces it "
-                  f"now; without it {daemon} refuses the file): {problem}", highlight=False)
+        err.print(f"[red]config error[/red] {problem}", highlight=False)
     if hidden or said:
         raise typer.Exit(2)
+
+
+def hidden_problems(checked: Path | None, hidden: list[str], variables: str, daemon: str,
+                    said: list[str] = ()) -> list[str]:  # type: ignore[assignment]
+    """The file's problems an environment variable hides now (see
+    :func:`refuse_hidden_problems`), each in the words that say so, those in ``said`` left
+    out; also what ``--json`` lists."""
+    return [f"in {checked} (a {variables} variable replaces it now; without it {daemon} "
+            f"refuses the file): {problem}" for problem in hidden if problem not in said]
 
 
 # Where an administrator's shell finds the appliance's data: the hint when there is no database.

@@ -23,6 +23,7 @@ from appliance.cli.common import (
     console,
     err,
     error_cell,
+    hidden_problems,
     is_busy,
     read_database,
     refuse_hidden_problems,
@@ -151,18 +152,27 @@ def _exit_now(code: int) -> None:
 @config_app.command("check")
 def config_check(path: Path | None = typer.Argument(
         None, help="TOML file to check (default: the one pas run would read; see "
-                   "pas run --help)")) -> None:
-    """Validate a configuration; print every problem with its key path."""
+                   "pas run --help)"), as_json: bool = JsonOption) -> None:
+    """Validate a configuration; print every problem with its key path (exit 2 if any)."""
+    settings: Settings | None = None
     try:
         settings, said = load_settings(path), []
     except ConfigError as exc:
         said = exc.problems
-        for problem in said:
-            err.print(f"[red]config error[/red] {problem}", highlight=False)
     checked = path or default_config_path()
     hidden = problems_the_environment_hides(checked) if checked is not None else []
+    if as_json:  # for a configuration management's check (Ansible's validate, a CI job)
+        _config_check_json(settings, said + hidden_problems(checked, hidden, "PAS_*",
+                                                            "pas run", said))
+        return
+    for problem in said:
+        err.print(f"[red]config error[/red] {problem}", highlight=False)
     refuse_hidden_problems(checked, hidden, "PAS_*", "pas run", said)
-    _check_enrolled_site(settings)
+    assert settings is not None
+    site_problem = _enrolled_site_problem(settings)
+    if site_problem:
+        err.print(f"[red]config error[/red] {site_problem}", highlight=False)
+        raise typer.Exit(2)
     from appliance.config import site_origin
 
     enrolled = " (its enrolment's)" if site_origin(settings) == "enrolment" else ""
@@ -172,6 +182,33 @@ def config_check(path: Path | None = typer.Argument(
                   f"{counted(len(settings.routing.rules), 'rule')}, "
                   f"{counted(len(settings.destinations), 'destination')}"
                   f"{_and_the_hub(settings)}")
+
+
+def _config_check_json(settings: Settings | None, problems: list[str]) -> None:
+    """``pas config check --json``: ``{"ok": false, "problems": [...]}`` (exit 2), each
+    problem as the text check words it; or what the text check summarises, named."""
+    if settings is not None and not problems:
+        site_problem = _enrolled_site_problem(settings)
+        problems = [site_problem] if site_problem else []
+    if problems or settings is None:
+        print(json.dumps({"ok": False, "problems": problems}, indent=2))
+        raise typer.Exit(2)
+    from appliance.config import site_origin
+    from appliance.transfer.enrolment import EnrolmentError, load_enrolment
+
+    try:
+        enrolment = load_enrolment(settings.home)
+        hub: str | None = enrolment.url if enrolment is not None else None
+    except (EnrolmentError, OSError):  # pas doctor's to report, as the text check says
+        hub = None
+    print(json.dumps({
+        "ok": True, "problems": [], "site": settings.site, "site_from": site_origin(settings),
+        "ae_title": settings.dicom.ae_title, "port": settings.dicom.port,
+        "home": str(settings.home),
+        "rules": [rule.name for rule in settings.routing.rules],
+        "destinations": {name: destination.kind
+                         for name, destination in settings.destinations.items()},
+        "enrolled_hub": hub}, indent=2))
 
 
 def _and_the_hub(settings: Settings) -> str:
@@ -191,7 +228,7 @@ def _and_the_hub(settings: Settings) -> str:
     return f" besides the regional hub {enrolment.url} (destination hub, enrolled)"
 
 
-def _check_enrolled_site(settings: Settings) -> None:
+def _enrolled_site_problem(settings: Settings) -> str | None:
     """With an enrolment in the configuration's home, the site it names must be the
     enrolment's: pas run refuses otherwise, and pas-upgrade runs this check before it
     switches versions (image/rootfs/usr/local/sbin/pas-upgrade). An enrolment that cannot
@@ -202,10 +239,10 @@ def _check_enrolled_site(settings: Settings) -> None:
     try:
         check_site(settings.home, configured_site(settings))
     except SiteMismatch as exc:
-        err.print(f"[red]config error[/red] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+        return str(exc)
     except EnrolmentError:
         pass
+    return None
 
 
 @app.command()
@@ -379,7 +416,7 @@ def studies(config: Path | None = ConfigOption,
 def rules_test(file: Path = typer.Argument(..., exists=True, dir_okay=False,
                                            help="A DICOM file, as a modality would send it"),
                calling_ae: str = typer.Option("", "--calling-ae", help="As if sent by this AE"),
-               config: Path | None = ConfigOption) -> None:
+               config: Path | None = ConfigOption, as_json: bool = JsonOption) -> None:
     """Show which routing rules match a DICOM file, and why."""
     from pydicom import dcmread
     from pydicom.errors import InvalidDicomError
@@ -417,15 +454,24 @@ def rules_test(file: Path = typer.Argument(..., exists=True, dir_okay=False,
                   highlight=False)
         raise typer.Exit(1) from None
     results, routes = explain(settings.routing, attributes, ["hub"] if enrolled else [])
+    if as_json:  # what a hospital's own checks of its rules read (a file per modality)
+        print(json.dumps({
+            "file": str(file), "attributes": attributes,
+            "rules": [{"name": r.name, "matched": r.matched, "reasons": r.reasons}
+                      for r in results],
+            "routes": [{"destination": r.destination, "priority": PRIORITY_NAME[r.priority],
+                        "rule": r.rule} for r in routes],
+        }, indent=2))
+        return
     for result in results:
         mark = "[green]MATCH[/green]" if result.matched else "[dim]no[/dim]   "
         console.print(f"{mark} rule {result.name!r}")
         for reason in result.reasons:
             console.print(f"        {reason}", highlight=False)
     if routes:
-        names = {0: "urgent", 1: "high", 2: "routine"}
         for route in routes:
-            console.print(f"-> {route.destination} ({names[route.priority]}, from {route.rule})")
+            console.print(f"-> {route.destination} ({PRIORITY_NAME[route.priority]}, "
+                          f"from {route.rule})")
     else:
         console.print("-> no destination: kept locally only, until this appliance is "
                       "enrolled (then to the hub, the default route)")
@@ -470,16 +516,24 @@ def queue_list(config: Path | None = ConfigOption,
 @queue_app.command("retry")
 def queue_retry(job_id: int = typer.Argument(..., min=1, max=ROW_ID_MAX, help="As in pas "
                                              "queue list"),
-                config: Path | None = ConfigOption) -> None:
+                config: Path | None = ConfigOption, as_json: bool = JsonOption) -> None:
     """Make a failed or pending job due now, with its attempts reset."""
-    from appliance.store.jobs import retry, why_not_retried
+    from appliance.store.jobs import list_jobs, retry, why_not_retried
 
     settings = _settings(config)
     db = _db(settings)
     if not retry(db, job_id):
         err.print(f"[red]{why_not_retried(db, job_id)}[/red]", highlight=False)
         raise typer.Exit(1)
-    console.print(f"job {job_id} will be retried now")
+    (job,) = list_jobs(db, job_id=job_id)
+    if as_json:  # the row pas queue list --json gives, as it is now
+        print(json.dumps({**job, "priority_name": PRIORITY_NAME.get(job["priority"])},
+                         indent=2))
+        return
+    # "Now" was said of a job another job to the same destination holds back (store.jobs).
+    when = (f"once job {job['waits_for_job']} is over (it goes to {job['destination']} "
+            "first)" if job["waits_for_job"] else "now")
+    console.print(f"job {job_id} will be retried {when}", highlight=False)
 
 
 # ``pas --help`` by what an operator comes for, in this order: the commands were listed as the

@@ -528,12 +528,18 @@ def _not_forwarded(conn: sqlite3.Connection, study_uid: str, priors: list[int],
         [(at, at, PRIOR_NOT_FORWARDED, job_id) for job_id in jobs])
 
 
-def list_jobs(db: Database, state: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
-    """Newest first; ``waits_for_job``: for a pending job held back by another job of its
-    study to the same destination (:func:`claim_next`), the first such job, else None."""
-    where, params = "", []
+def list_jobs(db: Database, state: str | None = None, limit: int = 200, *,
+              job_id: int | None = None) -> list[dict[str, Any]]:
+    """Newest first (only ``job_id``, when given); ``waits_for_job``: for a pending job held
+    back by another job of its study to the same destination (:func:`claim_next`), the first
+    such job, else None."""
+    conditions, params = [], []
     if state:
-        where, params = "WHERE j.state = ?", [state]
+        conditions, params = ["j.state = ?"], [state]
+    if job_id is not None:
+        conditions.append("j.id = ?")
+        params.append(job_id)
+    where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
     rows = db.query(
         f"""SELECT j.id, j.kind, j.destination, s.study_uid, j.priority, j.state, j.attempts,
                    j.next_attempt_at, j.last_error, j.rule, j.created_at, j.finished_at,
