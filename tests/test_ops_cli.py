@@ -264,10 +264,13 @@ def test_pas_run_names_why_a_port_cannot_be_bound(tmp_path: Path) -> None:
             "PAS_HL7__ENABLED": "false"}
 
     def run(env: dict[str, str], prefix: tuple[str, ...] = ()) -> str:
+        existed = (tmp_path / "pas").exists()
         result = subprocess.run([*prefix, str(PAS_BIN), "run"], env={**base, **env},
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 1, result.stdout + result.stderr
         assert "Traceback" not in result.stderr
+        # Refused before a new home is made: it left an empty one (a PAS_HOME typo's).
+        assert (tmp_path / "pas").exists() == existed
         (line,) = [x for x in result.stderr.splitlines() if x.startswith("cannot start")]
         return line
 
@@ -276,6 +279,10 @@ def test_pas_run_names_why_a_port_cannot_be_bound(tmp_path: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         said = run({"PAS_DICOM__PORT": str(port)})
+        # A home there already: the daemon's own bind says the same, after its start-up.
+        (tmp_path / "pas").mkdir()
+        assert run({"PAS_DICOM__PORT": str(port)}) == said
+        shutil.rmtree(tmp_path / "pas")
     assert said == (f"cannot start: dicom.port {port} on 127.0.0.1: Address already in use "
                     f"(another program listens there: ss -ltnp 'sport = :{port}')")
 

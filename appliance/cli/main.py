@@ -110,6 +110,18 @@ def run(config: Path | None = ConfigOption) -> None:
 
     settings = _settings(config)
     logs.setup(settings.log_level)
+    if not settings.home.exists():  # refused, it would leave an empty home behind
+        from appliance.daemon import PORT_104_DROP_IN
+        from appliance.ops.listeners import first_port_refused
+
+        dicom, http = settings.dicom, settings.http
+        refused = first_port_refused(
+            [("dicom.port", "dicom.host", dicom.host, dicom.port)]
+            + ([("http.port", "http.host", http.host, http.port)] if http.enabled else []),
+            PORT_104_DROP_IN)
+        if refused:
+            err.print(f"[red]cannot start:[/red] {refused}", highlight=False)
+            raise typer.Exit(1)
     from appliance.store.damage import DatabaseDamaged
     from appliance.store.db import SchemaTooNew
     from appliance.transfer.enrolment import EnrolmentError

@@ -1,10 +1,12 @@
 """Who is who on this machine, read from ``/proc``: the process listening on a TCP port, and
 the process holding a PAS home's lock; and why a port could not be bound, in words
-(:func:`bind_refused`, for ``pas run`` and ``pas hub run``).
+(:func:`bind_refused`, for ``pas run`` and ``pas hub run``; :func:`first_port_refused`
+binds for a moment to ask).
 
 Owns: reading ``/proc/net/tcp``, ``/proc/net/tcp6``, ``/proc/<pid>/fd``, ``/proc/locks`` and
-``/proc/<pid>/comm``. May not touch: anything else. Every function only reads, and answers
-None when the kernel will not tell (another user's process without the right to look).
+``/proc/<pid>/comm``. May not touch: anything else. Every function only reads (or binds a
+port for a moment, and closes it), and answers None when the kernel will not tell (another
+user's process without the right to look).
 
 Why: ``pas doctor`` used to call any program that answered a C-ECHO on the DICOM port "PAS".
 DCMTK's storescp left running from a test, a PAS started on another home, or the old PACS
@@ -116,3 +118,20 @@ def bind_refused(port_key: str, host_key: str, host: str, port: int, exc: OSErro
         return (f"{said} (this user may not bind it: net.ipv4.ip_unprivileged_port_start "
                 "raised, or a security policy)")
     return said
+
+
+def first_port_refused(ports: list[tuple[str, str, str, int]], capability: str) -> str | None:
+    """Binds each ``(port_key, host_key, host, port)`` for a moment, in order, and says
+    (:func:`bind_refused`) why the first that cannot be bound cannot; None when all can.
+    ``pas run`` asks before it creates a new home: refused for a port taken, it left behind
+    an empty home (a database, a spool, a lock) where PAS_HOME had a typo."""
+    import socket
+
+    for port_key, host_key, host, port in ports:
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((host, port))
+        except OSError as exc:
+            return bind_refused(port_key, host_key, host, port, exc, capability)
+    return None
