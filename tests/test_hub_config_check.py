@@ -12,11 +12,13 @@ and the home is left byte for byte as it was (nothing created, migrated or locke
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import sqlite3
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,6 +56,16 @@ def _check(home: Path, *args: str, **env: str) -> tuple[int, list[str]]:
     lines = [" ".join(line.split()) for line in (result.stdout + result.stderr).splitlines()
              if line.strip()]
     return result.returncode, lines
+
+
+def _json(home: Path, *args: str, status: int = 0) -> dict[str, Any]:
+    """``pas hub config check ARGS --json``: what it printed on stdout, nothing on stderr."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PAS_")}
+    result = subprocess.run([str(PAS_BIN), "hub", "config", "check", *args, "--json"],
+                            capture_output=True, text=True, timeout=60,
+                            env={**clean, "PAS_HUB_HOME": str(home)})
+    assert (result.returncode, result.stderr) == (status, ""), result.stdout + result.stderr
+    return json.loads(result.stdout)
 
 
 def _tree(home: Path) -> dict[str, tuple[str, int]]:
@@ -97,6 +109,17 @@ def test_a_good_configuration_is_ok_and_nothing_in_the_home_changes(
                                "archive dicomweb http://pacs.dc.example/dicom-web;"), lines
     assert lines[1:] == [_ca_file_unused(home / "ca.crt", HTTP_WHY.format(
         url="http://pacs.dc.example/dicom-web"))], lines
+    # --json: the same, named (a configuration management's check reads it).
+    answer = _json(home, str(other))
+    assert answer == {
+        "ok": True, "problems": [], "warnings": answer["warnings"], "home": str(home),
+        "http_host": "0.0.0.0", "http_port": 8443, "archive_kind": "dicomweb",
+        "archive_url": "http://pacs.dc.example/dicom-web",
+        "databases": [f"hub.sqlite schema {len(HUB_MIGRATIONS)} of {len(HUB_MIGRATIONS)} "
+                      "(current)"]}, answer
+    assert [" ".join(w.split()) for w in answer["warnings"]] == [
+        line.removeprefix("warning: ") for line in lines[1:]], answer
+    assert _tree(home) == before
 
 
 def test_each_refusal_is_named_by_its_key_and_exits_2(initialised: Path,
@@ -114,6 +137,8 @@ def test_each_refusal_is_named_by_its_key_and_exits_2(initialised: Path,
         f"config error {CLEARTEXT_REFUSED}",
         "config error limits.bucketz: unknown key",
         "config error http.port: must be 1-65535, got 70000"]), lines
+    assert _json(home, str(bad), status=2) == {
+        "ok": False, "problems": [line.removeprefix("config error ") for line in lines]}
 
     # A PACS's url with the embedded archive (kind left at its default): its studies would
     # have stayed on the hub's disk, confirmed to their sites, and never reached the PACS.

@@ -6,6 +6,7 @@ Owns: parsing and printing only; the work is in ``appliance.hub`` and
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -63,8 +64,8 @@ hub_app.add_typer(hub_config_app, name="config")
 @hub_config_app.command("check")
 def hub_config_check(path: Path | None = typer.Argument(
         None, help="hub TOML to check (default: the one pas hub run would read, "
-                   "$PAS_HUB_HOME/hub.toml if present; pas-hub.service: /etc/pas/hub.toml)")
-                     ) -> None:
+                   "$PAS_HUB_HOME/hub.toml if present; pas-hub.service: /etc/pas/hub.toml)"),
+        as_json: bool = JsonOption) -> None:
     """Check a hub configuration as pas hub run does before it serves, writing nothing;
     print every problem with its key path (exit 2).
 
@@ -72,11 +73,13 @@ def hub_config_check(path: Path | None = typer.Argument(
     beyond loopback without archive.allow_cleartext...), archive.ca_file read as a PEM
     bundle, the home (a hub's PKI, readable and writable by this user), its databases'
     schemas (none newer than this version's) and soundness."""
+    from appliance.cli.common import hidden_problems
     from appliance.config import ConfigError
     from appliance.hub.check import check_home_only, check_hub
     from appliance.hub.config import (
         hub_config_path,
         hub_problems_the_environment_hides,
+        ineffective_settings,
         load_hub_settings,
     )
 
@@ -86,22 +89,43 @@ def hub_config_check(path: Path | None = typer.Argument(
         settings = load_hub_settings(path)
     except ConfigError as exc:  # every problem in one run: the home's too
         problems = exc.problems + check_home_only(path).problems
+        if as_json:
+            _refused_json(problems + hidden_problems(checked, hidden, "PAS_HUB_*",
+                                                     "pas hub run", problems))
         for problem in problems:
             err.print(f"[red]config error[/red] {problem}", highlight=False)
         refuse_hidden_problems(checked, hidden, "PAS_HUB_*", "pas hub run", problems)
+    if as_json and hidden:
+        _refused_json(hidden_problems(checked, hidden, "PAS_HUB_*", "pas hub run"))
     refuse_hidden_problems(checked, hidden, "PAS_HUB_*", "pas hub run")
     found = check_hub(settings)
+    if as_json and found.problems:
+        _refused_json(found.problems)
     for problem in found.problems:
         err.print(f"[red]config error[/red] {problem}", highlight=False)
     if found.problems:
         raise typer.Exit(2)
-    _warn_ineffective(settings)
     archive = settings.archive
+    if as_json:  # for a configuration management's check, as pas config check --json
+        print(json.dumps({
+            "ok": True, "problems": [], "warnings": ineffective_settings(settings),
+            "home": str(settings.home), "http_host": settings.http.host,
+            "http_port": settings.http.port, "archive_kind": archive.kind,
+            "archive_url": archive.url if archive.kind == "dicomweb" else None,
+            "databases": found.schemas}, indent=2))
+        return
+    _warn_ineffective(settings)
     where = f" {archive.url}" if archive.kind == "dicomweb" else ""
     databases = "; ".join(found.schemas) or "no database yet (pas hub run creates it)"
     console.print(f"[green]hub configuration OK[/green]: home {settings.home}, "
                   f"https on {settings.http.host}:{settings.http.port}, archive "
                   f"{archive.kind}{where}; {databases}", highlight=False)
+
+
+def _refused_json(problems: list[str]) -> NoReturn:
+    """``pas hub config check --json`` of a configuration with problems: listed, exit 2."""
+    print(json.dumps({"ok": False, "problems": problems}, indent=2))
+    raise typer.Exit(2)
 
 
 def _warn_ineffective(settings: HubSettings) -> None:
@@ -300,8 +324,6 @@ def hub_backup(destination: Path = typer.Argument(
 
     Not the staging of transfers not committed (their sites send them again), nor the
     embedded archive's images (the storage's backup)."""
-    import json
-
     from appliance import logs
     from appliance.cli.common import operator_actor
     from appliance.hub.backup import BackupNotRecorded, make_hub_backup
