@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -347,7 +348,56 @@ def test_a_request_merged_while_its_fetch_runs_searches_again_for_the_real_patie
         (row,) = listed(pas).values()
         assert (row["patient_id"], row["dedup_key"], row["attempts"]) == (
             "RT", "order:RT|HOSP|T-CT", 1)
-        assert "prefetch 1 for JDT: that patient was merged into another" in pas.log()
+        assert "prefetch 1 for JDT: its order changed while it ran (the patient merged" in \
+            pas.log()
+    finally:
+        region.close()
+        pas.stop()
+
+
+def test_an_order_changed_while_its_fetch_runs_or_after_it_is_fetched_again(
+        tmp_path: Any) -> None:
+    """An ``ORC|XO`` turning a CT into an MR while the CT's fetch ran was ACKed AA and lost:
+    only a pending request took a change, the attempt ended as fetched with the CT's rule,
+    and the MR's priors were never searched for (an interface engine never resends an ACKed
+    message). Now the attempt's end sees it and the request searches again; a change after
+    it was fetched does the same, and an exam moved days later waits for its new due time."""
+    region = HeldRegion()
+    pas = pas_with_hl7(tmp_path, PAS_PREFETCH__DICOMWEB_URL=(
+        f"http://127.0.0.1:{region.port}/dicom-web"))
+    try:
+        (ack,) = send(pas, orm("C1", "C-CT", "PC", when=""))
+        assert msa(ack)[0] == "AA"
+        wait_for(lambda: region.searched == ["PC"] and requests(pas)[0]["state"] == "running",
+                 30, what="the fetch running, its search held by the region")
+        (ack,) = send(pas, orm("C2", "C-CT", "PC", control_code="XO", modality="MR", when=""))
+        assert msa(ack)[:2] == ("AA", "C2")
+        (row,) = requests(pas)
+        assert (row["state"], row["modality"]) == ("running", "MR")  # the attempt's end decides
+        region.release()
+        wait_for(lambda: requests(pas)[0]["state"] == "fetched", 30, what="the request done")
+        assert region.searched == ["PC", "PC"]  # searched again, for the MR
+        (row,) = listed(pas).values()
+        assert (row["modality"], row["attempts"], row["times_requested"]) == ("MR", 1, 2), row
+        assert "prefetch 1 for PC: its order changed while it ran" in pas.log()
+
+        # Fetched, then changed again (the body part): searched again at once.
+        (ack,) = send(pas, orm("C3", "C-CT", "PC", control_code="XO", modality="US", when=""))
+        assert msa(ack)[0] == "AA"
+        wait_for(lambda: len(region.searched) == 3 and requests(pas)[0]["state"] == "fetched",
+                 30, what="the changed request fetched again")
+        assert requests(pas)[0]["modality"] == "US"
+        # Fetched, then the exam moved days later: pending, due lead_time_h before it.
+        (ack,) = send(pas, orm("C4", "C-CT", "PC", control_code="XO", modality="US"))
+        assert msa(ack)[0] == "AA"
+        (row,) = requests(pas)
+        assert row["state"] == "pending" and row["next_attempt_at"] == row["due_at"], row
+        assert row["due_at"] > time.time() + 86_400 and len(region.searched) == 3, row
+        # The same message content again (a RIS's resend under a new control id): no change.
+        send(pas, orm("C5", "C-CT", "PC", control_code="XO", modality="US"))
+        assert {k: v for k, v in requests(pas)[0].items() if k not in (
+            "times_requested", "updated_at")} == {
+            k: v for k, v in row.items() if k not in ("times_requested", "updated_at")}
     finally:
         region.close()
         pas.stop()

@@ -218,6 +218,44 @@ def test_failed_attempts_end_in_failed_and_restart_recovers(tmp_path: Path) -> N
     assert store.claim_due(db) == []
 
 
+def test_a_change_of_a_failed_or_cancelled_request_and_one_without_a_time(
+        tmp_path: Path) -> None:
+    """What the same order's later message does by state (the running and fetched ones
+    against a real daemon: tests/test_prefetch_merge.py): a failed request that now asks
+    for another exam, or another time, is tried again from its first attempt; the same
+    message again changes nothing; a cancelled one stays cancelled; a message with no exam
+    time (a status update) keeps the known one: its due time went to now, and a fetch set
+    for the day before the exam ran at once."""
+    db = Database(tmp_path / "pas.sqlite")
+
+    def order(modality: str, scheduled: float | None, due: float) -> store.NewRequest:
+        return store.NewRequest("order:P|H|1", "hl7", "P", "H", "A1", modality, None,
+                                scheduled, due)
+
+    store.schedule(db, order("CT", 2e9, 1.9e9))
+    store.schedule(db, order("CT", None, 1.0))  # no time given: due stays 1.9e9
+    (row,) = store.list_requests(db)
+    assert (row["scheduled_at"], row["due_at"], row["next_attempt_at"]) == (2e9, 1.9e9, 1.9e9)
+    store.schedule(db, order("CT", 3.0, 1.0))  # now due at once (1.0 is in the past)
+    for _ in range(2):
+        (claimed,) = store.claim_due(db)
+        store.fail_attempt(db, claimed["id"], "boom", max_attempts=2, retry_at=0,
+                           searched=claimed)
+    assert store.list_requests(db)[0]["state"] == "failed"
+    store.schedule(db, order("CT", 3.0, 1.0))  # the same again: nothing to try again for
+    assert store.list_requests(db)[0]["state"] == "failed"
+    store.schedule(db, order("MR", None, 1.0))
+    (row,) = store.list_requests(db)
+    assert (row["state"], row["attempts"], row["modality"], row["last_error"],
+            row["finished_at"]) == ("pending", 0, "MR", None, None), row
+    (claimed,) = store.claim_due(db)
+    store.record_message(db, "RIS|H|c", "ORM^O01", "AA", cancel_key="order:P|H|1")
+    assert store.fail_attempt(db, claimed["id"], "boom", 2, 0, claimed) == "cancelled"
+    store.schedule(db, order("US", 4.0, 1.0))
+    (row,) = store.list_requests(db)
+    assert (row["state"], row["modality"], row["scheduled_at"]) == ("cancelled", "MR", 3.0)
+
+
 def test_outside_the_wan_windows_a_due_request_waits_for_the_next_opening(
         tmp_path: Path) -> None:
     """No region is touched: the request is deferred before any network use."""

@@ -141,15 +141,15 @@ class PriorsFetcher:
                             request_id, request["patient_id"], self.config.retry_after_s, exc)
                 return
             state = store.fail_attempt(self.db, request_id, str(exc), self.config.max_attempts,
-                                       now() + self.config.retry_after_s, _patient(request))
+                                       now() + self.config.retry_after_s, request)
             log.warning("prefetch %d for %s: %s (%s)", request_id, request["patient_id"], exc,
                         state)
             return
         # The lead time achieved is read from prefetch_requests by the metrics collector.
-        if not store.finish(self.db, request_id, _patient(request)):
-            log.info("prefetch %d for %s: that patient was merged into another while it ran: "
-                     "pending again, to search for the patient it now names", request_id,
-                     request["patient_id"])
+        if not store.finish(self.db, request_id, request):
+            log.info("prefetch %d for %s: its order changed while it ran (the patient merged "
+                     "into another, the procedure changed or the exam moved): pending again, "
+                     "for what it now asks", request_id, request["patient_id"])
             return
         self._trust_refused = False  # the next refusal is news again: logged as an error
 
@@ -408,8 +408,3 @@ class PriorsFetcher:
                                  f"prefetch:{rule_name}", ids) for name in push_to]
         job_store.route_study(self.db, study_fk, ids, jobs)
         self.on_jobs_created()
-
-
-def _patient(request: dict[str, Any]) -> tuple[str, str]:
-    """Whom a claimed request's attempt searches for (an ADT merge may change the row's)."""
-    return str(request["patient_id"]), str(request["issuer"])
