@@ -399,6 +399,9 @@ class Hl7Section(_Section):
     max_connections: int = Field(default=32, ge=1)
     frame_timeout_s: float = Field(default=60.0, gt=0)
     idle_timeout_s: float = Field(default=3600.0, ge=0)
+    # MSH-11 processing ids acted on (P production, T training, D debugging); others are
+    # refused AR 202 (appliance/prefetch/messages.py refuse_other_processing).
+    processing_ids: list[Literal["P", "T", "D"]] = Field(default=["P"], min_length=1)
 
     @field_validator("encoding")
     @classmethod

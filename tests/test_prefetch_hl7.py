@@ -217,6 +217,74 @@ def test_adt_a04_then_a08_of_one_visit_and_omi(pas_hl7: PasProcess) -> None:
     assert visit["state"] == "cancelled"
 
 
+def _hl7_audit_rows(pas: PasProcess) -> list[dict[str, Any]]:
+    return json.loads(pas.cli("audit", "--event", "hl7", "--limit", "100000", "--json").stdout)
+
+
+def test_an_adt_feed_s_other_events_and_an_a08_of_no_known_visit_make_nothing(
+        pas_hl7: PasProcess) -> None:
+    """A hospital's ADT feed sends every event of every patient. A01, A03, A31, A39 were
+    refused AR 200 (an interface engine holds its queue and alarms on each, and each wrote
+    a failure audit row); an A08 (any change of any patient's record) made a prefetch
+    request, so every inpatient whose address changed had priors pulled over the WAN. Now
+    those events are ACKed AA, nothing done, and an A08 only updates a visit an A04 made."""
+    def adt(event: str, control: str, visit: str = "V777", admit: str = "") -> str:
+        return "\r".join([
+            f"MSH|^~\\&|ADT|HOSP|PAS|HOSP|20261206120000||ADT^{event}|{control}|P|2.5",
+            "PID|1||P301^^^HOSP^MR||ROE^RAY",
+            f"PV1|1|I|||||||||||||||||{visit}" + ("|" * 25 + admit if admit else ""),
+        ])
+
+    before, audited = shape(pas_hl7), len(_hl7_audit_rows(pas_hl7))
+    for event in ("A01", "A03", "A31", "A39"):
+        (ack,) = send(pas_hl7, adt(event, f"N{event}"))
+        assert msa(ack) == ("AA", f"N{event}",
+                            f"ADT^{event}: not used by PAS's prefetch, nothing done"), event
+        assert str(ack.segment("MSH")[9]) == f"ACK^{event}^ACK"
+    (ack,) = send(pas_hl7, adt("A08", "U1"))
+    assert msa(ack) == ("AA", "U1", "no prefetch request for visit:P301|HOSP|V777: an "
+                        "ADT^A08 updates the one an ADT^A04 made, and makes none")
+    assert shape(pas_hl7) == before
+    assert len(_hl7_audit_rows(pas_hl7)) == audited  # nothing refused
+    # Registered (A04), then updated (A08, the admit time moved): one request, moved.
+    send(pas_hl7, adt("A04", "U2"))
+    (ack,) = send(pas_hl7, adt("A08", "U3", admit="20991203100000"))
+    assert msa(ack)[:2] == ("AA", "U3")
+    (row,) = [r for r in requests(pas_hl7) if r["dedup_key"] == "visit:P301|HOSP|V777"]
+    from appliance.prefetch.messages import parse_hl7_time
+
+    assert (row["times_requested"], row["scheduled_at"]) == (
+        2, parse_hl7_time("20991203100000")), row
+
+
+def test_a_test_message_is_refused_and_a_nak_before_parsing_mirrors_the_msh(
+        pas_hl7: PasProcess) -> None:
+    """MSH-11 ``T`` (a RIS's test system) made a request like any order and fetched a real
+    patient's priors: refused AR 202 now, nothing changed. And a message refused before it
+    is parsed whole (here 51 order groups) was answered with a hand-made MSH: MSH-5/6
+    empty, MSH-9 ``ACK``, MSH-12 ``2.5`` whatever the message said."""
+    before = shape(pas_hl7)
+    for processing in ("T", "D"):
+        training = orm(f"T{processing}", "ORD77").replace("|P|2.5", f"|{processing}|2.5", 1)
+        (ack,) = send(pas_hl7, training)
+        assert msa(ack) == ("AR", f"T{processing}", f"processing id {processing} (MSH-11): "
+                            "this PAS acts on P only (hl7.processing_ids); a test or training "
+                            "message must not fetch a patient's priors")
+        assert str(ack.segment("ERR")[3]) == "202^Unsupported processing id^HL70357"
+        assert str(ack.segment("MSH")[11]) == processing
+    assert shape(pas_hl7) == before
+    groups = [f"ORC|NW|G{n}\rOBR|1|G{n}||CT^CT||||||||||||||ACCG{n}||||||CT" for n in range(51)]
+    many = "\r".join([
+        "MSH|^~\\&|RIS|HOSP|PAS|RAD|20261206120000||ORM^O01|MANY1|P|2.3.1",
+        "PID|1||P302^^^HOSP^MR||DOE^JANE", *groups])
+    (ack,) = send(pas_hl7, many)
+    assert msa(ack)[:2] == ("AR", "MANY1")
+    header = ack.segment("MSH")
+    assert [str(header[n]) for n in (3, 4, 5, 6, 9, 11, 12)] == [
+        "PAS", "RAD", "RIS", "HOSP", "ACK^O01^ACK", "P", "2.3.1"], str(header)
+    assert shape(pas_hl7) == before
+
+
 def test_cancel_order(pas_hl7: PasProcess) -> None:
     send(pas_hl7, orm("K1", "ORD5", when="20991231120000"))
     (ack,) = send(pas_hl7, orm("K2", "ORD5", control_code="CA"))

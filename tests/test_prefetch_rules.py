@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from appliance.config import ConfigError, PrefetchRule, PrefetchWindow, load_settings
-from appliance.prefetch.messages import Refusal, interpret, parse_hl7_time, parse_message
+from appliance.prefetch.messages import (
+    NotUsed,
+    Refusal,
+    interpret,
+    parse_hl7_time,
+    parse_message,
+)
 from appliance.prefetch.rules import (
     Candidate,
     candidate_from_qido,
@@ -153,7 +159,10 @@ def test_issuer_from_pid3_and_scheduled_time_from_obr27() -> None:
     assert (order.modality, order.body_part) == ("CT", "CHEST")
     assert order.scheduled_at == dt.datetime(2026, 11, 24, 9, 30).timestamp()
     assert order.dedup_key == "order:123|CHU-A|P1"
-    with pytest.raises(Refusal, match="unsupported message type ADT\\^A01"):
+    with pytest.raises(Refusal, match="unsupported message type ORU\\^R01"):
+        interpret(parse_message("MSH|^~\\&|A|B|C|D|2026||ORU^R01|Z|P|2.5\rPID|1||9"))
+    # An ADT feed's events not read are not refused: ACKed AA, nothing done (orders.handle).
+    with pytest.raises(NotUsed, match="ADT\\^A01: not used by PAS's prefetch"):
         interpret(parse_message("MSH|^~\\&|A|B|C|D|2026||ADT^A01|Z|P|2.5\rPID|1||9"))
 
 
@@ -287,3 +296,21 @@ def test_outside_the_wan_windows_a_due_request_waits_for_the_next_opening(
         expected += dt.timedelta(days=1)
     assert row["next_attempt_at"] == expected.timestamp()
     service.stop()
+
+
+def test_a_test_pas_takes_the_processing_ids_it_is_given(tmp_path: Path) -> None:
+    """``hl7.processing_ids = ["T"]`` (a test PAS fed by a test RIS): T acted on, P refused;
+    the variable's JSON list is read as the file's list."""
+    from appliance.prefetch import orders
+
+    assert load_settings(environ={"PAS_HL7__PROCESSING_IDS": '["T"]'}).hl7.processing_ids \
+        == ["T"]
+    db = Database(tmp_path / "pas.sqlite")
+    message = ("MSH|^~\\&|RIS|HOSP|PAS|HOSP|20261206||ORM^O01|{id}|{processing}|2.5\r"
+               "PID|1||P9^^^HOSP\rORC|NW|O9\rOBR|1|O9||CT^CT||||||||||||||A9||||||CT")
+    answers = {processing: orders.handle(db, message.format(id=processing, processing=processing),
+                                         "test", lambda _: 0.0, (), ("T",))[0]
+               for processing in ("P", "T")}
+    assert "|AR|P|processing id P (MSH-11): this PAS acts on T only" in answers["P"]
+    assert "MSA|AA|T" in answers["T"]
+    assert [r["dedup_key"] for r in store.list_requests(db)] == ["order:P9|HOSP|O9"]

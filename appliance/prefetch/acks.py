@@ -15,7 +15,13 @@ import datetime as dt
 import hl7
 from hl7.util import generate_message_control_id
 
-from appliance.prefetch.messages import _field, _msh_field, charset_codec, message_encoding
+from appliance.prefetch.messages import (
+    _field,
+    _msh_field,
+    bad_delimiters,
+    charset_codec,
+    message_encoding,
+)
 
 
 def build_ack(message: hl7.Message | None, ack_code: str = "AA", text: str = "",
@@ -93,6 +99,25 @@ def leading_msh(head: bytes, default: str) -> tuple[hl7.Message | None, str]:
         return None, default
 
 
+def msh_alone(text: str) -> hl7.Message | None:
+    """The MSH of a message refused before it was parsed whole (too many order groups, a
+    second OBR in a group, a segment too complex), parsed alone, for the NAK to mirror it:
+    those NAKs were built by hand, MSH-3 to MSH-6 empty, MSH-11 ``P`` and MSH-12 ``2.5``
+    whatever the message said, which an engine routing answers by MSH-5/6 misfiled. None
+    when the text does not begin with an MSH holding MSH-10."""
+    line = text.lstrip("\r\n").replace("\n", "\r").split("\r", 1)[0]
+    if len(line) < 8 or not line.startswith("MSH"):
+        return None
+    fields = line.split(line[3])
+    if len(fields) < 10 or bad_delimiters(line[3] + fields[1][:4]):  # answered by hand
+        return None
+    fields += [""] * (12 - len(fields))  # hl7's create_ack needs MSH-11 and MSH-12
+    try:
+        return hl7.parse(line[3].join(fields))
+    except Exception:  # the hl7 package raises several types on broken input
+        return None
+
+
 def _field_or_empty(message: hl7.Message, path: str) -> str:
     try:
         return _field(message, path)
@@ -103,6 +128,7 @@ def _field_or_empty(message: hl7.Message, path: str) -> str:
 def _error_name(code: str) -> str:
     return {"100": "Segment sequence error", "101": "Required field missing",
             "102": "Data type error", "200": "Unsupported message type",
+            "202": "Unsupported processing id",
             "207": "Application internal error"}.get(code, "Error")
 
 

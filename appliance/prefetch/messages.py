@@ -24,7 +24,15 @@ Which fields are read, and why (HL7 v2.5 positions):
 - SIU^S12/S13/S14: SCH-1/SCH-2 appointment ids (dedup key), SCH-11.4 or AIS-4 start time;
   S15/S17 (cancelled, deleted) cancel that appointment's request.
 - ADT^A04/A08: PV1-19 visit number (dedup key: A04 then A08 of one visit is one request);
-  A11 (cancel admit / visit) cancels it.
+  an A08 updates the request of a visit an A04 registered and makes none (a hospital's ADT
+  feed sends one for every change of any patient's record: each made a request, and the
+  priors of every inpatient whose address changed crossed the WAN); A11 (cancel admit /
+  visit) cancels it. The ADT events not read here (A01, A03, A31...) are ACKed AA, nothing
+  done (:class:`NotUsed`): a feed sends them all, and NAKed, an interface engine holds its
+  queue and alarms on each.
+- MSH-11 processing id: only those of ``hl7.processing_ids`` (production, ``P``, by
+  default) are acted on (:func:`refuse_other_processing`); a training or test message
+  fetched a real patient's priors.
 - ADT^A40/A34/A36/A18 (merge patient): PID-3 the surviving patient, MRG-1 the prior one
   (read by :mod:`appliance.prefetch.merges`, each PID with its MRG); A47 (change patient
   identifier list: MRG-1 the wrong identifier, PID-3 the right one) read the same way.
@@ -86,6 +94,19 @@ class PrefetchOrder:
     # Which requested procedure of the order (orders only): (accession, requested procedure
     # ID) as the group gives them, '' for one it does not give.
     procedure: tuple[str, str] = ("", "")
+    update_only: bool = False   # ADT^A08: changes the visit's request, never makes one
+
+
+@dataclass
+class NotUsed(Exception):
+    """An ADT event the prefetch does not read (A01 admit, A03 discharge, A31 person
+    update...): ACKed AA with this reason, nothing done or recorded."""
+
+    message_type: str
+    control_id: str
+
+    def __str__(self) -> str:
+        return f"{self.message_type}: not used by PAS's prefetch, nothing done"
 
 
 @dataclass(frozen=True)
@@ -320,7 +341,7 @@ def parse_message(text: str) -> hl7.Message:
     # reading found by its text and the hl7 package then did not (a KeyError, answered as
     # an internal error). HL7 v2 (2.5.4) has them printable and neither letters nor digits.
     delimiters = text[3] + text[4:].split(text[3], 1)[0][:4]
-    bad = [c for c in delimiters if c.isalnum() or c.isspace() or not c.isprintable()]
+    bad = bad_delimiters(delimiters)
     if bad:
         raise Refusal("AR", "100", f"MSH-1/MSH-2 delimiters {delimiters!r}: {bad[0]!r} cannot "
                       "be one (a delimiter is a printable character, not a letter, digit or "
@@ -330,6 +351,29 @@ def parse_message(text: str) -> hl7.Message:
         return hl7.parse(text)
     except Exception as exc:  # the hl7 package raises several types on broken input
         raise Refusal("AR", "100", f"cannot parse the HL7 message: {exc}") from None
+
+
+def refuse_other_processing(message: hl7.Message, accepted: Collection[str]) -> None:
+    """:class:`Refusal` (AR 202, HL7 table 0357 "Unsupported processing id") of a message
+    whose MSH-11 processing id (its first component: P production, T training, D debugging)
+    is not one of ``accepted`` (``hl7.processing_ids``). A test or training message from a
+    RIS's test system on the production feed made a request like any order, and fetched a
+    real patient's priors from the region. An empty MSH-11 (older senders) is taken as
+    production."""
+    processing = _field(message, "MSH.F11.R1.C1").upper() or "P"
+    if processing not in {value.upper() for value in accepted}:
+        kind = _field(message, "MSH.F9.R1.C1").upper()
+        event = _field(message, "MSH.F9.R1.C2").upper()
+        raise Refusal("AR", "202", f"processing id {processing} (MSH-11): this PAS acts on "
+                      f"{', '.join(sorted(accepted))} only (hl7.processing_ids); a test or "
+                      "training message must not fetch a patient's priors",
+                      f"{kind}^{event}", _msh_field(message, 10))
+
+
+def bad_delimiters(delimiters: str) -> list[str]:
+    """Those of MSH-1 and MSH-2's characters that cannot be delimiters (HL7 v2 2.5.4: they
+    are printable, neither letters nor digits nor spaces)."""
+    return [c for c in delimiters if c.isalnum() or c.isspace() or not c.isprintable()]
 
 
 def _segments_read(text: str) -> str:
@@ -437,6 +481,8 @@ def interpret(message: hl7.Message, issuer_default: str = "",
     control_id = _msh_field(message, 10)
     if not control_id:
         raise Refusal("AR", "101", "MSH-10 message control id is missing", message_type)
+    if kind == "ADT" and (kind, event) not in SUPPORTED:
+        raise NotUsed(message_type, control_id)
     if (kind, event) not in SUPPORTED:
         supported = ", ".join(f"{k}^{e}" for k, e in sorted(SUPPORTED))
         raise Refusal("AR", "200", f"unsupported message type {message_type} (accepted: "
@@ -475,7 +521,7 @@ def interpret(message: hl7.Message, issuer_default: str = "",
             orders.append(PrefetchOrder(
                 message_key, message_type, control_id, dedup_key, patient_id, issuer,
                 accession or None, (modality or "").upper() or None, body_part or None,
-                scheduled_at, cancel, procedure))
+                scheduled_at, cancel, procedure, update_only=(kind, event) == ("ADT", "A08")))
     except Refusal as refusal:
         raise Refusal(refusal.ack_code, refusal.error_code, refusal.reason, message_type,
                       control_id) from None

@@ -14,13 +14,15 @@ import logging
 from collections.abc import Callable, Collection
 from typing import Any
 
-from appliance.prefetch.acks import build_ack
+from appliance.prefetch.acks import build_ack, msh_alone
 from appliance.prefetch.merges import interpret_merges, is_correction, is_merge
 from appliance.prefetch.messages import (
+    NotUsed,
     PrefetchOrder,
     Refusal,
     interpret,
     parse_message,
+    refuse_other_processing,
 )
 from appliance.store import audit, prefetch_merge
 from appliance.store import prefetch as store
@@ -32,12 +34,14 @@ log = logging.getLogger("pas.prefetch")
 
 def handle(db: Database, text: str, source: str,
            due_at: Callable[[float | None], float],
-           site_issuers: Collection[str] = ()) -> tuple[str, bool]:
+           site_issuers: Collection[str] = (),
+           processing_ids: Collection[str] = ("P",)) -> tuple[str, bool]:
     """The ACK for one HL7 message, and whether a request was scheduled (the scheduler is
     then woken). ``due_at``: when a request for an exam at that time is due. A resent
     message is recognised and ACKed again, changing nothing; a refused one is audited and
     NAKed with the reason; an internal error is still answered (AE), never left hanging.
-    ``site_issuers``: which PID-3 repetition is the patient's (:func:`messages.interpret`).
+    ``site_issuers``: which PID-3 repetition is the patient's (:func:`messages.interpret`);
+    ``processing_ids``: the MSH-11 values acted on (``hl7.processing_ids``).
 
     An ORM/OMI/OMG of several order groups is one ACK and one transaction: each group
     schedules or cancels its own request (its order number and requested procedure), or, one
@@ -45,6 +49,7 @@ def handle(db: Database, text: str, source: str,
     message = None
     try:
         message = parse_message(text)
+        refuse_other_processing(message, processing_ids)
         if is_merge(message):
             return _merge(db, message, source, site_issuers), False
         orders = _distinct(interpret(message, site_issuers=site_issuers), source)
@@ -53,7 +58,7 @@ def handle(db: Database, text: str, source: str,
             else store.NewRequest(
                 order.dedup_key, "hl7", order.patient_id, order.issuer,
                 order.accession_number, order.modality, order.body_part, order.scheduled_at,
-                due_at(order.scheduled_at), _procedure(order))
+                due_at(order.scheduled_at), _procedure(order), order.update_only)
             for order in orders]
         first = orders[0]
         recorded = store.record_message(db, first.message_key, first.message_type, "AA",
@@ -62,6 +67,13 @@ def handle(db: Database, text: str, source: str,
             return _duplicate(message, first.message_type, first.control_id, source), False
         _warn_reused(first.control_id, recorded.reused_for,
                      "; ".join(order.dedup_key for order in orders), source)
+        if first.update_only and not recorded.all_scheduled:  # ADT^A08: one order
+            log.info("HL7 %s %s from %s: patient %s, no request for %s: nothing to update",
+                     first.message_type, first.control_id, source, first.patient_id,
+                     first.dedup_key)
+            return build_ack(message, "AA", f"no prefetch request for {first.dedup_key}: an "
+                             f"{first.message_type} updates the one an ADT^A04 made, and "
+                             "makes none"), False
         scheduled = iter(recorded.all_scheduled)
         for number, order in enumerate(orders, 1):
             of = f" (order {number} of {len(orders)})" if len(orders) > 1 else ""
@@ -74,7 +86,13 @@ def handle(db: Database, text: str, source: str,
                      order.control_id, source, order.patient_id,
                      "new" if result.created else "known", result.request_id, of)
         return build_ack(message, "AA"), bool(recorded.all_scheduled)
+    except NotUsed as unused:  # an ADT feed's other events: accepted, nothing done
+        log.debug("HL7 %s %s from %s: %s", unused.message_type, unused.control_id, source,
+                  unused)
+        return build_ack(message, "AA", str(unused)), False
     except Refusal as refusal:
+        if message is None:  # refused before it was parsed whole: its MSH alone
+            message = msh_alone(text)
         log.warning("HL7 from %s refused (%s): %s", source, refusal.ack_code, refusal.reason)
         audit.record(db, "hl7", actor=source or None, outcome=f"failure: {refusal.reason}",
                      detail=refusal.message_type or None)

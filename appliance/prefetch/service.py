@@ -87,7 +87,8 @@ class PrefetchService:
         """One HL7 message in, its ACK out (:func:`appliance.prefetch.orders.handle`): the
         request is committed before the ACK exists, so an ACKed order is never lost."""
         ack, scheduled = orders.handle(self.db, text, source, self._due_at,
-                                       self.config.issuer_map.keys())
+                                       self.config.issuer_map.keys(),
+                                       self.settings.hl7.processing_ids)
         if scheduled:
             self.wake.set()
         return ack

@@ -51,6 +51,9 @@ class NewRequest:
     # An HL7 order: ``dedup_key`` names the order, this its requested procedure
     # ((accession, requested procedure ID), '' where not given; :func:`_order_row`).
     procedure: tuple[str, str] | None = None
+    # Changes the request of that key, makes none (ADT^A08: an update of any patient's
+    # record; see appliance/prefetch/messages.py).
+    update_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -126,7 +129,9 @@ def record_message(db: Database, message_key: str, message_type: str, ack_code: 
         scheduled: list[Scheduled] = []
         for action in actions:
             if isinstance(action, NewRequest):
-                scheduled.append(_schedule(conn, action, at, revive=True))
+                made = _schedule(conn, action, at, revive=True)
+                if made is not None:  # None: an update of a request there is not
+                    scheduled.append(made)
             elif action.procedure is None:
                 conn.execute(
                     f"UPDATE prefetch_requests SET {CANCEL_SET} "
@@ -147,13 +152,17 @@ def record_message(db: Database, message_key: str, message_type: str, ack_code: 
 
 def schedule(db: Database, request: NewRequest, count_repeat: bool = True) -> Scheduled:
     """``count_repeat`` False: a known request seen again (a worklist polled every few
-    minutes) is not counted as requested again; its time still follows a rescheduling."""
+    minutes) is not counted as requested again; its time still follows a rescheduling.
+    (An update only, ADT^A08, comes through :func:`record_message`.)"""
+    assert not request.update_only
     with db.transaction() as conn:
-        return _schedule(conn, request, now(), 1 if count_repeat else 0)
+        made = _schedule(conn, request, now(), 1 if count_repeat else 0)
+    assert made is not None
+    return made
 
 
 def _schedule(conn: Any, request: NewRequest, at: float, repeat: int = 1,
-              revive: bool = False) -> Scheduled:
+              revive: bool = False) -> Scheduled | None:
     """``revive``: a new order from the RIS for a request it had cancelled (ORC-1 NW after
     CA with the same order number) makes it pending again, as new; without it, a cancelled
     request stays cancelled (a worklist still listing a step the RIS cancelled by HL7 must
@@ -181,6 +190,8 @@ def _schedule(conn: Any, request: NewRequest, at: float, repeat: int = 1,
     if row is not None:
         _update_known(conn, int(row["id"]), request, due, at, repeat)
         return Scheduled(int(row["id"]), created=False)
+    if request.update_only:
+        return None
     order_key = procedure_key = None
     dedup_key = request.dedup_key
     if request.procedure is not None:
