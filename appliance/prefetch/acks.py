@@ -15,13 +15,8 @@ import datetime as dt
 import hl7
 from hl7.util import generate_message_control_id
 
-from appliance.prefetch.messages import (
-    _field,
-    _msh_field,
-    bad_delimiters,
-    charset_codec,
-    message_encoding,
-)
+from appliance.prefetch.charsets import charset_codec, message_encoding
+from appliance.prefetch.messages import _field, _msh_field, bad_delimiters
 
 
 def build_ack(message: hl7.Message | None, ack_code: str = "AA", text: str = "",

@@ -36,7 +36,7 @@ from hl7.mllp.streams import HL7StreamReader, HL7StreamWriter
 
 from appliance.config import Hl7Section
 from appliance.prefetch.acks import HEAD_BYTES, build_ack, leading_msh
-from appliance.prefetch.messages import message_encoding
+from appliance.prefetch.charsets import message_encoding
 
 log = logging.getLogger("pas.hl7")
 

@@ -22,6 +22,7 @@ from typing import Any
 from appliance.store import audit
 from appliance.store.db import Database, now
 from appliance.store.jobs import WAITING_FOR_TRUST
+from appliance.store.prefetch_changes import searched_changed, update_known
 from appliance.store.prefetch_messages import SEVERAL, claim_message
 
 # Instances the prefetch stored carry this in instances.source_address.
@@ -188,7 +189,7 @@ def _schedule(conn: Any, request: NewRequest, at: float, repeat: int = 1,
              request.modality, request.body_part, row["id"]))
         return Scheduled(int(row["id"]), created=False)
     if row is not None:
-        _update_known(conn, int(row["id"]), request, due, at, repeat)
+        update_known(conn, int(row["id"]), request, due, at, repeat)
         return Scheduled(int(row["id"]), created=False)
     if request.update_only:
         return None
@@ -206,60 +207,6 @@ def _schedule(conn: Any, request: NewRequest, at: float, repeat: int = 1,
          request.accession_number, request.modality, request.body_part, request.scheduled_at,
          due, due, at, at, order_key, procedure_key))
     return Scheduled(int(cursor.lastrowid or 0), created=True)
-
-
-def _update_known(conn: Any, request_id: int, request: NewRequest, due: float, at: float,
-                  repeat: int) -> None:
-    """The same order, appointment or visit again: counted, and what it now says is the
-    request's, whatever its state but cancelled (see :func:`_schedule`'s ``revive``). A part
-    the message does not give (a status update naming no modality, no exam time) keeps the
-    one known.
-
-    Before, only a pending request took the change: one whose fetch was running, or done,
-    kept the CT and the time of the order as first sent after an ``ORC|XO`` made it an MR
-    in two days, ACKed AA (an interface engine then never sends it again), and the MR's
-    priors were never fetched. Now:
-
-    - pending: its new time is its next attempt's (unless a failed attempt set a later one);
-    - running: the attempt's end compares what it searched for (:func:`_searched_changed`)
-      and makes it pending again when the procedure changed or the exam moved beyond now;
-    - fetched: pending again when the procedure changed, or the exam moved so that its
-      priors are due later (their pins run from the fetch: ``prefetch.pin_days``);
-    - failed: pending again, attempts reset, when anything it searches for changed.
-    """
-    row = conn.execute("SELECT state, attempts, scheduled_at, due_at, modality, body_part "
-                       "FROM prefetch_requests WHERE id = ?", (request_id,)).fetchone()
-    moved = request.scheduled_at is not None and request.scheduled_at != row["scheduled_at"]
-    scheduled = request.scheduled_at if moved else row["scheduled_at"]
-    due_at = due if moved else row["due_at"]
-    modality = request.modality or row["modality"]
-    body_part = request.body_part or row["body_part"]
-    procedure_changed = (modality, body_part) != (row["modality"], row["body_part"])
-    state = row["state"]
-    if state == "cancelled":  # stays so (a worklist's poll must not undo the RIS's cancel)
-        conn.execute("UPDATE prefetch_requests SET times_requested = times_requested + ?, "
-                     "updated_at = ? WHERE id = ?", (repeat, at, request_id))
-        return
-    again = ((state == "fetched" and (procedure_changed or (moved and due_at > at)))
-             or (state == "failed" and (procedure_changed or moved)))
-    next_attempt = "next_attempt_at"
-    if again:
-        next_attempt = "max(?, ?)"
-    elif state == "pending" and row["attempts"] == 0:
-        next_attempt = "?"
-    conn.execute(
-        f"""UPDATE prefetch_requests SET times_requested = times_requested + ?, updated_at = ?,
-               scheduled_at = ?, due_at = ?, modality = ?, body_part = ?,
-               accession_number = coalesce(?, accession_number),
-               next_attempt_at = {next_attempt},
-               state = CASE WHEN ? THEN 'pending' ELSE state END,
-               attempts = CASE WHEN ? THEN 0 ELSE attempts END,
-               finished_at = CASE WHEN ? THEN NULL ELSE finished_at END,
-               last_error = CASE WHEN ? THEN NULL ELSE last_error END
-           WHERE id = ?""",
-        (repeat, at, scheduled, due_at, modality, body_part, request.accession_number,
-         *((due_at, at) if again else (due_at,) if next_attempt == "?" else ()),
-         again, again, again, again, request_id))
 
 
 def procedures_compatible(one: tuple[str, str], other: tuple[str, str]) -> bool:
@@ -391,10 +338,11 @@ def add_progress(db: Database, request_id: int, instances: int, size: int) -> No
 def finish(db: Database, request_id: int, searched: dict[str, Any] | None = None) -> bool:
     """The attempt found and fetched what it could: ``fetched``. ``searched``: the request
     as claimed (:func:`claim_due`), what its attempt searched for; False when the request
-    now asks for something else, and is pending again (:func:`_searched_changed`)."""
+    now asks for something else, and is pending again
+    (:func:`~appliance.store.prefetch_changes.searched_changed`)."""
     at = now()
     with db.transaction() as conn:
-        if searched is not None and _searched_changed(conn, request_id, searched, at):
+        if searched is not None and searched_changed(conn, request_id, searched, at):
             return False
         conn.execute(
             """UPDATE prefetch_requests SET state = 'fetched', finished_at = ?, updated_at = ?,
@@ -406,23 +354,6 @@ def finish(db: Database, request_id: int, searched: dict[str, Any] | None = None
     return True
 
 
-def _searched_changed(conn: Any, request_id: int, searched: dict[str, Any],
-                      at: float) -> bool:
-    """A running request that now asks for something else than its attempt searched for
-    (``searched``: the row as claimed) is made pending again, the attempt not counted, due
-    at its (new) due time or now: an ADT merge moved it to the surviving patient (ended as
-    fetched, it held the temporary id's priors, none), an ``ORC|XO`` changed its modality or
-    body part (the rule chose another exam's priors), or its exam moved beyond now (the
-    priors' pins run from the fetch)."""
-    return conn.execute(
-        "UPDATE prefetch_requests SET state = 'pending', attempts = max(attempts - 1, 0), "
-        "next_attempt_at = max(due_at, ?), updated_at = ? WHERE id = ? AND state = 'running' "
-        "AND (patient_id != ? OR issuer != ? OR modality IS NOT ? OR body_part IS NOT ? "
-        "OR due_at > ?)",
-        (at, at, request_id, searched["patient_id"], searched["issuer"],
-         searched["modality"], searched["body_part"], at)).rowcount > 0
-
-
 def fail_attempt(db: Database, request_id: int, error: str, max_attempts: int,
                  retry_at: float, searched: dict[str, Any] | None = None) -> str:
     """Back to pending with ``retry_at``, or failed once ``max_attempts`` are spent; pending,
@@ -430,7 +361,7 @@ def fail_attempt(db: Database, request_id: int, error: str, max_attempts: int,
     :func:`finish`)."""
     at = now()
     with db.transaction() as conn:
-        if searched is not None and _searched_changed(conn, request_id, searched, at):
+        if searched is not None and searched_changed(conn, request_id, searched, at):
             return "pending"
         row = conn.execute("SELECT attempts, state FROM prefetch_requests WHERE id = ?",
                            (request_id,)).fetchone()

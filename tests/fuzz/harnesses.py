@@ -99,13 +99,9 @@ def bucket_target() -> Callable[[bytes], None]:
 def hl7_target() -> Callable[[bytes], None]:
     with atheris.instrument_imports(include=["appliance", "hl7"]):
         from appliance.prefetch.acks import build_ack
+        from appliance.prefetch.charsets import message_encoding
         from appliance.prefetch.merges import interpret_merges, is_merge
-        from appliance.prefetch.messages import (
-            Refusal,
-            interpret,
-            message_encoding,
-            parse_message,
-        )
+        from appliance.prefetch.messages import NotUsed, Refusal, interpret, parse_message
 
     def target(data: bytes) -> None:
         text = data.decode(message_encoding(data, "utf-8")[0], errors="replace")  # as served
@@ -118,6 +114,9 @@ def hl7_target() -> Callable[[bytes], None]:
                 interpret(message)
         except Refusal as refusal:
             build_ack(message, refusal.ack_code, str(refusal))
+            return
+        except NotUsed as unused:  # an ADT event not read: ACKed AA, as orders.handle does
+            build_ack(message, "AA", str(unused))
             return
         build_ack(message)
 
