@@ -285,6 +285,22 @@ def test_a_test_message_is_refused_and_a_nak_before_parsing_mirrors_the_msh(
     assert shape(pas_hl7) == before
 
 
+def test_two_patients_whose_identifiers_join_alike_keep_their_own_requests(
+        pas_hl7: PasProcess) -> None:
+    """PID-3 ``X|Y`` of issuer ``Z`` and ``X`` of issuer ``Y|Z`` (a ``|`` written ``\\F\\``),
+    both order N1: the keys joined the parts with ``|`` unescaped, so the second patient's
+    order was counted as the first's sent again (AA, one request). Now two requests."""
+    # orm() writes PID-3 as {patient}^^^HOSP^MR: CX.4, the issuer, is the one given here.
+    acks = send(pas_hl7, orm("J1", "N1", patient="X\\F\\Y^^^Z"),
+                orm("J2", "N1", patient="X^^^Y\\F\\Z"))
+    assert [msa(a)[0] for a in acks] == ["AA", "AA"]
+    rows = {(r["patient_id"], r["issuer"]): r for r in requests(pas_hl7)
+            if r["dedup_key"].endswith("|N1")}
+    assert {who: row["dedup_key"] for who, row in rows.items()} == {
+        ("X|Y", "Z"): "order:X\\|Y|Z|N1", ("X", "Y|Z"): "order:X|Y\\|Z|N1"}, rows
+    assert [row["times_requested"] for row in rows.values()] == [1, 1]
+
+
 def test_cancel_order(pas_hl7: PasProcess) -> None:
     send(pas_hl7, orm("K1", "ORD5", when="20991231120000"))
     (ack,) = send(pas_hl7, orm("K2", "ORD5", control_code="CA"))

@@ -49,6 +49,7 @@ from typing import Any
 import hl7
 
 from appliance.prefetch.charsets import message_encoding
+from appliance.store.prefetch import request_key
 
 SUPPORTED = {("ORM", "O01"), ("OMI", "O23"), ("OMG", "O19"), ("SIU", "S12"), ("SIU", "S13"),
              ("SIU", "S14"), ("SIU", "S15"), ("SIU", "S17"), ("ADT", "A04"), ("ADT", "A08"),
@@ -465,7 +466,7 @@ def interpret(message: hl7.Message, issuer_default: str = "",
         for number, view in enumerate(views, 1):
             try:
                 dedup_key, accession, modality, body_part, scheduled_at, cancel = \
-                    _interpret_kind(view, kind, f"{patient_id}|{issuer}", event)
+                    _interpret_kind(view, kind, (patient_id, issuer), event)
                 procedure = _procedure(view, kind) if kind in ORDER_KINDS else ("", "")
                 _refuse_undecodable(message, {
                     "accession number": accession, "modality": modality,
@@ -550,8 +551,8 @@ def _procedure(group: hl7.Message, kind: str) -> tuple[str, str]:
     return accession, requested
 
 
-def _interpret_kind(message: hl7.Message, kind: str, patient: str, event: str = ""
-                    ) -> tuple[str, str, str, str, float | None, bool]:
+def _interpret_kind(message: hl7.Message, kind: str, patient: tuple[str, str],
+                    event: str = "") -> tuple[str, str, str, str, float | None, bool]:
     if kind in ORDER_KINDS:
         placer = _field(message, "ORC.F2.R1.C1")
         filler = _field(message, "ORC.F3.R1.C1")
@@ -569,8 +570,8 @@ def _interpret_kind(message: hl7.Message, kind: str, patient: str, event: str = 
         control = _field(message, "ORC.F1").upper()
         cancel = control in CANCEL_CONTROLS or (
             control == "SC" and _field(message, "ORC.F5").upper() in CANCELLED_STATUSES)
-        return (f"order:{patient}|{order_number}", accession, modality, body_part, scheduled,
-                cancel)
+        return (request_key("order", *patient, order_number), accession, modality, body_part,
+                scheduled, cancel)
     if kind == "SIU":
         appointment = _field(message, "SCH.F1.R1.C1") or _field(message, "SCH.F2.R1.C1")
         if not appointment:
@@ -578,11 +579,11 @@ def _interpret_kind(message: hl7.Message, kind: str, patient: str, event: str = 
         scheduled = _time(message, "SCH.F11.R1.C4", "AIS.F4")
         modality = _field(message, "OBR.F24")
         accession = _field(message, "OBR.F18")
-        return (f"appointment:{patient}|{appointment}", accession, modality, "", scheduled,
-                event in SIU_CANCELS)
+        return (request_key("appointment", *patient, appointment), accession, modality, "",
+                scheduled, event in SIU_CANCELS)
     # ADT^A04 / A08: a registered outpatient; one request per visit, which A11 (cancel
     # admit / visit notification) cancels.
     visit = _field(message, "PV1.F19.R1.C1") or _field(message, "PV1.F44")[:8] \
         or dt.date.today().strftime("%Y%m%d")
     scheduled = _time(message, "PV1.F44")
-    return f"visit:{patient}|{visit}", "", "", "", scheduled, event == "A11"
+    return request_key("visit", *patient, visit), "", "", "", scheduled, event == "A11"

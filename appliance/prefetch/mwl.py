@@ -21,7 +21,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import ModalityWorklistInformationFind
 
 from appliance.config import PrefetchMwl
-from appliance.store.prefetch import NewRequest
+from appliance.store.prefetch import NewRequest, request_key
 
 log = logging.getLogger("pas.prefetch.mwl")
 
@@ -85,7 +85,8 @@ def item_from(identifier: Dataset) -> WorklistItem | None:
 def to_request(item: WorklistItem, lead_time_h: float, now: float) -> NewRequest:
     due = now if item.scheduled_at is None else max(now, item.scheduled_at - lead_time_h * 3600)
     return NewRequest(
-        f"worklist:{item.patient_id}|{item.issuer}|{item.accession_number}|{item.step_id}",
+        request_key("worklist", item.patient_id, item.issuer, item.accession_number,
+                    item.step_id),
         "mwl", item.patient_id, item.issuer, item.accession_number or None,
         item.modality.upper() or None, None, item.scheduled_at, due)
 

@@ -38,6 +38,16 @@ CANCEL_SET = ("state = 'cancelled', updated_at = ?, "
               "finished_at = CASE WHEN state = 'running' THEN NULL ELSE ? END")
 
 
+def request_key(kind: str, *parts: str) -> str:
+    """A request's ``dedup_key``: ``kind:part|part|...``, each part's ``\\`` and ``|``
+    escaped with a backslash. Joined as they were, the identifiers of two patients could
+    make one key (PID-3 ``X|Y`` of issuer ``Z`` and ``X`` of issuer ``Y|Z``, both order N1:
+    the second patient's order counted as the first's, sent again). A part holding neither
+    character is as it always was, so the requests stored before still match."""
+    return f"{kind}:" + "|".join(part.replace("\\", "\\\\").replace("|", "\\|")
+                                 for part in parts)
+
+
 @dataclass(frozen=True)
 class NewRequest:
     dedup_key: str

@@ -34,6 +34,7 @@ from appliance.store.prefetch import (
     _order_rows,
     _stored,
     procedures_compatible,
+    request_key,
 )
 from appliance.store.prefetch_messages import MERGED, claim_message
 
@@ -146,11 +147,11 @@ def _rekeyed(key: str, merge: Merge) -> str:
     """``kind:PRIOR|ISSUER|rest`` -> ``kind:NEW|ISSUER|rest``: the key the surviving patient's
     messages about the same order, appointment, visit or worklist step give. A key naming
     no patient (``arrival:<study UID>``) is kept."""
-    kind, colon, rest = key.partition(":")
-    prefix = f"{merge.prior_id}|{merge.prior_issuer}|"
-    if not colon or not rest.startswith(prefix):
+    kind, colon, _ = key.partition(":")
+    prefix = request_key(kind, merge.prior_id, merge.prior_issuer, "")
+    if not colon or not key.startswith(prefix):
         return key
-    return f"{kind}:{merge.patient_id}|{merge.issuer}|{rest[len(prefix):]}"
+    return request_key(kind, merge.patient_id, merge.issuer, "") + key[len(prefix):]
 
 
 def _holder(conn: Any, own: int, dedup_key: str, order_key: str | None,
