@@ -543,7 +543,9 @@ def test_the_hubs_number_keys_are_strict_in_its_file_and_variables(tmp_path: Pat
     assert _errors(result) == sorted([
         "config error http.port: must be an integer, got '8443'",
         "config error archive.workers: must be an integer, got true",
-        "config error archive.timeout_s: must be a number, got 'true'",
+        # the variable named, as the appliance's are
+        "config error archive.timeout_s: must be a number, got 'true' (set by "
+        "PAS_HUB_ARCHIVE__TIMEOUT_S)",
         "config error limits.max_buckets: must be an integer, got 100000.0",
         "config error transfers.abandoned_after_days: must be a number, got '30'",
     ]), result.stderr

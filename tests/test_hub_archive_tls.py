@@ -61,7 +61,7 @@ def test_an_http_archive_beyond_loopback_is_refused_at_hub_run(tmp_path: Path) -
     assert not opened, f"pas hub run started with an archive in clear:\n{result.stderr}"
     assert result.returncode == 2, result.stdout + result.stderr
     said = " ".join(result.stderr.split())  # rich wraps long lines at its console's width
-    assert said == f"config error {CLEARTEXT_REFUSED}", said
+    assert said == f"config error {CLEARTEXT_REFUSED} (set by PAS_HUB_ARCHIVE__URL)", said
 
     # The opt-in, loopback and https:// are taken (the checks pas hub run makes first).
     base = {"PAS_HUB_HOME": str(tmp_path / "hub"), "PAS_HUB_ARCHIVE__KIND": "dicomweb"}

@@ -96,7 +96,9 @@ def test_a_commit_drops_the_upload_rows_and_answers_every_question_as_before(
 
     listed = " ".join(hub.cli("transfers", "--site", "CHU-OUEST").stdout.split())
     assert f"{count}/{count}" in listed, listed
-    assert re.search(r"\d+/\d+ │ \d+(\.\d)? (kB|MB) │ yes", listed), listed  # bytes received
+    # Bytes received, then when created and committed (UTC).
+    assert re.search(r"\d+/\d+ │ \d+(\.\d)? (kB|MB) │ [0-9-]{10}T[0-9:]{8}Z │ "
+                     r"[0-9-]{10}T[0-9:]{8}Z │", listed), listed
 
 
 def test_migration_13_drops_the_upload_rows_of_transfers_committed_before_it(

@@ -149,10 +149,17 @@ def test_each_refusal_is_named_by_its_key_and_exits_2(initialised: Path,
         "'embedded': the region's studies would stay on the hub's own disk and none would go "
         'there; set kind = "dicomweb" to archive to it, or remove url']), lines
 
-    # The same refusal from the environment pas-hub.service may set (a drop-in).
+    # The same refusal from the environment pas-hub.service may set (a drop-in), naming the
+    # variable: the operator searched hub.toml for a value the unit's environment gave.
     status, lines = _check(home, PAS_HUB_ARCHIVE__KIND="dicomweb",
                            PAS_HUB_ARCHIVE__URL="http://198.18.0.2:8042/dicom-web")
-    assert (status, lines) == (2, [f"config error {CLEARTEXT_REFUSED}"])
+    assert (status, lines) == (2, [
+        f"config error {CLEARTEXT_REFUSED} (set by PAS_HUB_ARCHIVE__URL)"])
+    status, lines = _check(home, PAS_HUB_HTTP__PORT="abc", PAS_HUB_LOG_LEVEL="loud")
+    assert (status, sorted(lines)) == (2, [
+        "config error http.port: must be an integer, got 'abc' (set by PAS_HUB_HTTP__PORT)",
+        "config error log_level: must be one of 'debug', 'info', 'warning', 'error', got "
+        "'loud' (set by PAS_HUB_LOG_LEVEL)"]), lines
 
     # A refused value of the file that a variable replaces now: pas hub run refuses the
     # file the day the variable goes (as pas config check says for the appliance).

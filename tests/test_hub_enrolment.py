@@ -313,7 +313,8 @@ def test_bad_hub_configuration_is_refused_naming_the_key(tmp_path: Path) -> None
     hub = HubProcess(tmp_path / "hub").init()
     hub.env["PAS_HUB_HTTP__PORT"] = "0"
     result = hub.cli("run", check=False)
-    assert result.returncode == 2 and "http.port: must be 1-65535, got 0" in result.stderr
+    assert result.returncode == 2 and (
+        "http.port: must be 1-65535, got 0 (set by PAS_HUB_HTTP__PORT)" in result.stderr)
     (hub.home / "hub.toml").write_text('[archive]\nkind = "dicomweb"\nspeed = 3\n')
     hub.env["PAS_HUB_HTTP__PORT"] = "8443"
     result = hub.cli("run", check=False)

@@ -1,14 +1,14 @@
-"""``pas hub ...`` (the regional hub) and ``pas enroll`` (an appliance joining its hub).
+"""``pas hub ...``: the regional hub (``pas enroll``, an appliance joining it, is
+appliance/cli/enroll.py).
 
-Owns: parsing and printing only; the work is in ``appliance.hub`` and
-``appliance.transfer.enrolment``. May not touch: SQL, key material beyond calling those.
+Owns: parsing and printing only; the work is in ``appliance.hub``. May not touch: SQL, key
+material beyond calling those.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -17,7 +17,7 @@ import typer
 from rich.table import Table
 
 from appliance.cli.common import (
-    ConfigOption,
+    ROW_ID_MAX,
     JsonOption,
     KeepOption,
     console,
@@ -158,12 +158,28 @@ SITE_HELP = "site name: letters, digits, '-' or '_', at most 64"
 
 
 def _check_site(site: str) -> str:
-    from appliance.transfer.enrolment import TOKEN_RE
+    """A name the hub can enrol. Not the shipped appliance.toml's placeholder: a token was
+    issued for ``CHANGE-ME`` (exit 0), though ``pas enroll`` refuses to enrol a site so
+    named; the site's own name was what the appliance needed."""
+    from appliance.transfer.enrolment import SHIPPED_SITE, not_a_site
 
-    if not TOKEN_RE.match(f"{site}.{'x' * 16}.{'0' * 64}"):
+    if site == SHIPPED_SITE:
+        err.print(f"[red]refused: {site!r} is the placeholder site name of the shipped "
+                  "appliance.toml, not a site (pas enroll refuses it):[/red] issue the token "
+                  "for the site's own name, the one its appliance's configuration is to say; "
+                  "nothing written", highlight=False)
+        raise typer.Exit(2)
+    if not_a_site(site) is not None:
         err.print(f"[red]bad site name {site!r}:[/red] {SITE_HELP}")
         raise typer.Exit(2)
     return site
+
+
+def _never_enrolled(site: str) -> NoReturn:
+    """A site name this hub never knew: a typo, said as such (exit 1), not "nothing"."""
+    err.print(f"[yellow]no site {site!r} was ever enrolled on this hub (pas hub sites "
+              "lists them; names are case-sensitive)[/yellow]", highlight=False)
+    raise typer.Exit(1)
 
 
 @hub_app.command("init")
@@ -196,12 +212,13 @@ def hub_token(site: str = typer.Argument(..., help=SITE_HELP),
                        "(72h, 7d; at most 90d)"),
               config: Path | None = HubConfigOption) -> None:
     """Print a one-time enrolment token for SITE (stdout: the token alone; stderr: its
-    identifier and when it expires)."""
-    import time
-
-    from appliance.hub.pki import HubPKI, PKIError, parse_validity, utc_text
+    identifier and when it expires). The journal records who issued it."""
+    from appliance import logs
+    from appliance.cli.common import operator_actor
+    from appliance.hub.pki import HubPKI, PKIError, log_token_issued, parse_validity, utc_text
     from appliance.store.hub import add_token
 
+    _check_site(site)
     try:
         validity = parse_validity(valid_for)
     except PKIError as exc:
@@ -212,20 +229,21 @@ def hub_token(site: str = typer.Argument(..., help=SITE_HELP),
     if not pki.exists():
         err.print(f"[red]no hub under {settings.home}:[/red] run `pas hub init` first")
         raise typer.Exit(1)
-    token, digest = pki.new_token(_check_site(site))
+    logs.setup(settings.log_level)  # the WARNING line saying who: journald under systemd
+    token, digest = pki.new_token(site)
     expires_at = time.time() + validity.total_seconds()
     add_token(_hub_db(settings), site, digest, expires_at)
+    token_id = pki.token_id(digest)
+    log_token_issued(site, token_id, expires_at, operator_actor())
     print(token)
-    err.print(f"token {pki.token_id(digest)} for site {site}, valid until "
-              f"{utc_text(expires_at)}", highlight=False)
+    err.print(f"token {token_id} for site {site}, valid until {utc_text(expires_at)}",
+              highlight=False)
 
 
 @hub_app.command("tokens")
-def hub_tokens(config: Path | None = HubConfigOption) -> None:
+def hub_tokens(config: Path | None = HubConfigOption, as_json: bool = JsonOption) -> None:
     """Enrolment tokens issued (the latest 200): site, identifier (as the hub's log names
-    it), when issued, until when valid, and whether spent."""
-    import time
-
+    it), when issued, until when valid, and whether spent (--json: times as epoch seconds)."""
     from appliance.hub.pki import HubPKI, PKIError, utc_text
     from appliance.store.hub import list_tokens
 
@@ -233,20 +251,21 @@ def hub_tokens(config: Path | None = HubConfigOption) -> None:
     rows = list_tokens(_hub_reader(settings))
     pki = HubPKI(settings.home)
     try:  # the identifier's key comes from the CA key: the hub's user only
-        ids = [pki.token_id(r["secret_sha256"]) for r in rows]
+        for r in rows:  # the digest never shown, nor in --json
+            r["token_id"] = pki.token_id(r.pop("secret_sha256"))
     except (PKIError, OSError) as exc:
         err.print(f"[red]cannot name the tokens:[/red] {exc}", highlight=False)
         raise typer.Exit(1) from None
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
     table = Table(title=counted(len(rows), "enrolment token"))
     for column in ("site", "token", "issued", "valid until", "state"):
         table.add_column(column)
-    at = time.time()
-    for r, token_id in zip(rows, ids, strict=True):
-        state = ("voided (pas hub revoke)" if r.get("voided_at") is not None
-                 else "spent" if r["used_at"] is not None
-                 else "expired" if r["expires_at"] <= at else "unspent")
-        table.add_row(r["site"], token_id, utc_text(r["created_at"]),
-                      utc_text(r["expires_at"]), state)
+    for r in rows:
+        table.add_row(r["site"], r["token_id"], utc_text(r["created_at"]),
+                      utc_text(r["expires_at"]), "voided (pas hub revoke)"
+                      if r["state"] == "voided" else r["state"])
     console.print(table)
 
 
@@ -254,12 +273,19 @@ def hub_tokens(config: Path | None = HubConfigOption) -> None:
 def hub_revoke(site: str = typer.Argument(..., help="Site name, as pas hub sites lists it"),
                config: Path | None = HubConfigOption) -> None:
     """Refuse SITE's certificates from now on (the running hub checks every request) and
-    void its unspent enrolment tokens (a new token is the way back in)."""
+    void its unspent enrolment tokens (a new token is the way back in). The journal records
+    who did it."""
+    from appliance import logs
+    from appliance.cli.common import operator_actor
+    from appliance.hub.pki import log_site_revoked, utc_text
     from appliance.store.hub import last_revoked_at, revoke_site
 
     settings = _hub_settings(config)
     db = _hub_db(settings)
+    logs.setup(settings.log_level)  # the WARNING line saying who: journald under systemd
     count, tokens = revoke_site(db, site)
+    if count or tokens:
+        log_site_revoked(site, count, tokens, operator_actor())
     voided = f"voided {counted(tokens, 'unspent enrolment token')}" if tokens else ""
     if count == 0:
         if voided:
@@ -268,50 +294,75 @@ def hub_revoke(site: str = typer.Argument(..., help="Site name, as pas hub sites
         # Revoked already (run twice: done, exit 0) told apart from a site this hub never
         # enrolled (a typo: exit 1); both said "no valid certificate to revoke", exit 1.
         revoked = last_revoked_at(db, site)
-        if revoked is not None:
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(revoked))
-            console.print(f"site {site}: every certificate already revoked (the last on "
-                          f"{when}); nothing to do")
-            return
-        err.print(f"[yellow]no site {site!r} was ever enrolled on this hub (pas hub sites "
-                  "lists them; names are case-sensitive)[/yellow]", highlight=False)
-        raise typer.Exit(1)
+        if revoked is None:
+            _never_enrolled(site)
+        # In UTC, as pas hub sites shows it (local time here: one revocation, two clocks).
+        console.print(f"site {site}: every certificate already revoked (the last on "
+                      f"{utc_text(revoked)}); nothing to do", highlight=False)
+        return
     console.print(f"revoked {counted(count, 'certificate')} of site {site}"
                   + (f", {voided}" if voided else ""))
 
 
 @hub_app.command("sites")
-def hub_sites(config: Path | None = HubConfigOption) -> None:
-    """Certificates issued, and their state."""
+def hub_sites(config: Path | None = HubConfigOption, as_json: bool = JsonOption) -> None:
+    """Certificates issued, and their state: valid, revoked (when), or superseded by a
+    newer one of the site (--json: times as epoch seconds)."""
+    from datetime import datetime
+
+    from appliance.hub.pki import utc_text
     from appliance.store.hub import list_certificates
 
     rows = list_certificates(_hub_reader(_hub_settings(config)))
+    if as_json:  # not_after is stored as ISO text: epoch seconds, as every other time
+        print(json.dumps([{**r, "not_after": datetime.fromisoformat(r["not_after"]).timestamp()}
+                          for r in rows], indent=2))
+        return
     table = Table(title=counted(len(rows), "certificate"))
     for column in ("site", "serial", "valid until", "state"):
         table.add_column(column)
-    for r in rows:
+    for r in rows:  # the revocation's time: stored, shown before by a second revoke only
         table.add_row(r["site"], r["serial"], r["not_after"][:10],
-                      f"superseded by {r['superseded_by']}" if r["superseded_by"]
-                      else "revoked" if r["revoked_at"] else "valid")
+                      f"superseded by {r['superseded_by']}" if r["state"] == "superseded"
+                      else f"revoked {utc_text(r['revoked_at'])}" if r["state"] == "revoked"
+                      else "valid")
     console.print(table)
 
 
 @hub_app.command("transfers")
 def hub_transfers(config: Path | None = HubConfigOption,
                   site: str | None = typer.Option(None, "--site",
-                                                  help="Only this site's transfers")) -> None:
-    """Recent transfers: buckets held, bytes received, committed, not yet, or expired."""
-    from appliance.store.hub import list_transfers
+                                                  help="Only this site's transfers"),
+                  study: str | None = typer.Option(None, "--study", metavar="UID",
+                                                   help="Only this study's transfers"),
+                  limit: int = typer.Option(100, "--limit", min=1, max=ROW_ID_MAX,
+                                            help="At most this many, the newest"),
+                  as_json: bool = JsonOption) -> None:
+    """Transfers, newest first: buckets held, bytes received, created, committed (UTC), not
+    yet, or expired (--json: times as epoch seconds)."""
+    from appliance.hub.pki import utc_text
+    from appliance.store.hub import count_transfers, list_transfers, site_known
 
-    rows = list_transfers(_hub_reader(_hub_settings(config)), site)
-    table = Table(title=counted(len(rows), "transfer"))
+    reader = _hub_reader(_hub_settings(config))
+    rows = list_transfers(reader, site, study, limit)
+    if site is not None and not rows and not site_known(reader, site):
+        _never_enrolled(site)  # "0 transfers" read as a site that had sent nothing yet
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    # The title said "100 transfers" of a hub holding thousands: say it is a part.
+    total = count_transfers(reader, site, study) if len(rows) == limit else len(rows)
+    title = (f"the {len(rows)} newest of {counted(total, 'transfer')} (--limit for more)"
+             if total > len(rows) else counted(len(rows), "transfer"))
+    table = Table(title=title)
     for column in ("site", "transfer", "study UID", "instances", "buckets", "received",
-                   "committed"):
+                   "created", "committed"):
         table.add_column(column)
     for r in rows:
         table.add_row(r["site"], r["id"], r["study_uid"], str(r["instance_count"]),
                       f"{r['held']}/{r['bucket_count']}", human_size(r["bytes_received"]),
-                      "yes" if r["committed_at"] else "expired" if r["expired_at"] else "no")
+                      utc_text(r["created_at"]), utc_text(r["committed_at"])
+                      if r["committed_at"] else "expired" if r["expired_at"] else "not yet")
     console.print(table)
 
 
@@ -492,120 +543,3 @@ def hub_run(config: Path | None = HubConfigOption) -> None:
     finally:
         if home_lock is not None:
             home_lock.close()
-
-
-# Where the enrolment token comes from when no option names it: the environment of the
-# process is readable by its own user only (/proc/PID/environ is 0400), unlike its arguments.
-TOKEN_ENV = "PAS_ENROLL_TOKEN"
-# A token is about 150 characters (SITE.SECRET.CAFP); more is not a token.
-TOKEN_LIMIT = 4096
-
-
-def enroll(hub: str = typer.Option(..., "--hub", help="https://host:port of the hub"),
-           token: str | None = typer.Option(
-               None, "--token",
-               help="the token from `pas hub token SITE`; `-`: read it from standard input. "
-                    "Written here it is visible to every user of this host while the command "
-                    "runs (ps) and stays in the shell's history: prefer `-`, --token-file, "
-                    f"{TOKEN_ENV} or, at a terminal, no option (asked for, not shown)"),
-           token_file: Path | None = typer.Option(
-               None, "--token-file",
-               help="a file holding the token, readable by its owner only (0600)"),
-           config: Path | None = ConfigOption,
-           replace: bool = typer.Option(
-               False, "--replace",
-               help="enrol again over an existing enrolment (a revoked or expiring "
-                    "certificate, a new token); the old one stays until the hub answered")
-           ) -> None:
-    """Enrol this appliance with its regional hub (key, CSR, pinned CA; files 0600).
-
-    The one-time token comes from --token-file, standard input (--token -), $PAS_ENROLL_TOKEN
-    or, at a terminal, a prompt that does not echo it."""
-    # --config as for pas run: the enrolment goes under the home of the configuration the
-    # daemon will run on (an IT account with /etc/pas/appliance.toml had to set PAS_CONFIG).
-    from appliance.config import configured_site, load_settings
-    from appliance.transfer.enrolment import EnrolmentError
-    from appliance.transfer.enrolment import enroll as do_enroll
-
-    settings = settings_or_exit(lambda: load_settings(config))
-    secret = _enrolment_token(token, token_file)
-    try:
-        enrolment = do_enroll(settings.home, hub, secret, replace=replace,
-                              configured_site=configured_site(settings))
-    except EnrolmentError as exc:
-        err.print(f"[red]enrolment failed:[/red] {exc}")
-        raise typer.Exit(1) from None
-    console.print(f"enrolled as site {enrolment.site} with {enrolment.url}; "
-                  f"files in {enrolment.pki_dir}")
-    if replace:
-        console.print("restart PAS to use the new certificate: systemctl restart pas")
-
-
-def _enrolment_token(token: str | None, token_file: Path | None) -> str:
-    """The token, from wherever the operator put it. An argument is in /proc/PID/cmdline,
-    which every local user reads while ``pas enroll`` runs (and in the shell's history):
-    the token is a one-time secret that enrols a site, so it also comes from places only
-    this user reads (a 0600 file, standard input, the environment, a prompt), and the
-    argument, kept for the scripts that use it, says that it was seen. A problem with the
-    token's source ends the command (status 2) before anything is sent or written."""
-    from appliance.ops.security import SecretFileError, read_secret_file
-
-    if token is not None and token_file is not None:
-        _no_token("give the token once: --token or --token-file, not both")
-    if token_file is not None:
-        try:
-            data = read_secret_file(token_file, "--token-file", TOKEN_LIMIT)
-        except SecretFileError as exc:
-            _no_token(str(exc))
-        text = data.decode("utf-8", "replace").strip()
-        if not text:
-            _no_token(f"--token-file {token_file}: the file is empty")
-        return text
-    if token == "-":
-        if _stdin_is_terminal():
-            return _ask_token()
-        line = sys.stdin.readline(TOKEN_LIMIT).strip() if sys.stdin is not None else ""
-        if not line:
-            _no_token("--token -: no token on standard input")
-        return line
-    if token is not None:
-        err.print("[yellow]warning:[/yellow] the token given with --token is visible to "
-                  "other users of this host while pas enroll runs (ps, /proc/PID/cmdline) "
-                  "and stays in the shell's history; use --token - (standard input), "
-                  f"--token-file FILE (0600), {TOKEN_ENV}, or no option at a terminal",
-                  highlight=False)
-        return token
-    from_env = os.environ.get(TOKEN_ENV, "").strip()
-    if from_env:
-        return from_env
-    if _stdin_is_terminal():
-        return _ask_token()
-    _no_token(f"no token: give --token-file FILE (0600), --token - (standard input) or "
-              f"{TOKEN_ENV}, or run it at a terminal to be asked for it")
-
-
-def _stdin_is_terminal() -> bool:
-    try:
-        return sys.stdin is not None and sys.stdin.isatty()
-    except ValueError:  # closed
-        return False
-
-
-def _ask_token() -> str:
-    """The token typed or pasted at the terminal, not echoed (getpass: /dev/tty)."""
-    import getpass
-
-    try:
-        text = getpass.getpass("Enrolment token (from `pas hub token SITE`, not shown): ")
-    except (EOFError, KeyboardInterrupt):
-        err.print("")
-        _no_token("no token typed")
-    if not text.strip():
-        _no_token("no token typed")
-    return text.strip()
-
-
-def _no_token(problem: str) -> NoReturn:
-    err.print(f"[red]enrolment not attempted:[/red] {problem}; nothing was sent or written",
-              highlight=False)
-    raise typer.Exit(2)

@@ -64,7 +64,7 @@ app.add_typer(rules_app, name="rules")
 app.add_typer(queue_app, name="queue")
 app.add_typer(__import__("appliance.cli.prefetch", fromlist=["app"]).app, name="prefetch")
 app.add_typer(__import__("appliance.cli.hub", fromlist=["hub_app"]).hub_app, name="hub")
-app.command("enroll")(__import__("appliance.cli.hub", fromlist=["enroll"]).enroll)
+app.command("enroll")(__import__("appliance.cli.enroll", fromlist=["enroll"]).enroll)
 cache_cli.register(app)  # pas verify, pas cache ... (appliance/cli/cache.py)
 __import__("appliance.cli.ops", fromlist=["register"]).register(app)  # pas send, doctor
 __import__("appliance.cli.audit", fromlist=["register"]).register(app)  # pas audit

@@ -22,6 +22,7 @@ from appliance.config import (
     build,
     deep_merge,
     env_overrides,
+    name_the_variables,
     read_toml,
 )
 from appliance.config_sections import _cleartext
@@ -198,7 +199,11 @@ def load_hub_settings(path: Path | None = None,
     if path is not None:
         data = deep_merge(data, read_toml(path))
     data = deep_merge(data, env_overrides(environ, HUB_ENV_PREFIX, HubSettings))
-    settings: HubSettings = build(HubSettings, data)
+    try:
+        settings: HubSettings = build(HubSettings, data)
+    except ConfigError as exc:  # as the appliance's: a value the unit's environment gave
+        # said "http.port: must be an integer, got 'abc'", and its operator searched hub.toml
+        raise ConfigError(name_the_variables(exc.problems, environ, HUB_ENV_PREFIX)) from None
     return settings
 
 

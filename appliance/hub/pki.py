@@ -13,6 +13,9 @@ is valid for a while (:data:`DEFAULT_TOKEN_VALIDITY`, at most :data:`MAX_TOKEN_V
 printed for a site never installed used to stay good for ever, and leaked, enrolled a rogue
 appliance years later. Logs and listings name a token by :meth:`HubPKI.token_id`, a keyed
 hash: a plain hash of the secret would let whoever reads the logs confirm a guessed token.
+
+Also the journal's record of who issued a token and who revoked a site
+(:func:`log_token_issued`, :func:`log_site_revoked`): the hub has no audit table.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import logging
 import re
 import secrets
+import socket
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,6 +42,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from appliance.transfer.enrolment import ca_fingerprint, write_private
+from appliance.words import counted
+
+log = logging.getLogger("pas.hub.pki")
 
 DEFAULT_ADDRESSES = ("127.0.0.1", "localhost")
 CA_DAYS = 3650
@@ -301,6 +309,26 @@ def secret_digest(secret: str) -> str:
 def utc_text(epoch: float) -> str:
     """``2026-12-12T16:40:05Z``: how a token's times are shown (CLI, refusal, log)."""
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def log_token_issued(site: str, token_id: str, expires_at: float, actor: str) -> None:
+    """One WARNING line, as ``pas hub backup`` and ``restore`` write theirs (kept at any
+    ``log_level``; journald fields ``ACTOR``, ``TARGET``, ``SITE``, ``TOKEN_ID``): who let a
+    site in, and when. Nothing recorded it: a token spent by the wrong box could not be
+    traced to the operator who issued it. The token's identifier, never its secret."""
+    log.warning("enrolment token %s issued for site %s, valid until %s, by %s on %s",
+                token_id, site, utc_text(expires_at), actor, socket.gethostname(),
+                extra={"ACTOR": actor, "TARGET": site, "SITE": site, "TOKEN_ID": token_id})
+
+
+def log_site_revoked(site: str, certificates: int, tokens: int, actor: str) -> None:
+    """The same for ``pas hub revoke SITE`` once it changed something (certificates
+    revoked, unspent tokens voided): a site cut off with no trace of who did it looked,
+    from the region's journal, like a fault of its appliance."""
+    log.warning("site %s revoked by %s on %s: %s revoked, %s voided", site, actor,
+                socket.gethostname(), counted(certificates, "certificate"),
+                counted(tokens, "unspent enrolment token"),
+                extra={"ACTOR": actor, "TARGET": site, "SITE": site})
 
 
 def parse_validity(text: str) -> timedelta:

@@ -51,11 +51,13 @@ def enrol_token(db: Database, secret_sha256: str) -> sqlite3.Row | None:
 
 def list_tokens(db: Database, limit: int = 200) -> list[dict[str, Any]]:
     """The latest tokens issued, newest first, with their digest (for the keyed identifier
-    the caller shows; never printed as is)."""
+    the caller shows; never printed as is) and ``state``: ``voided`` (``pas hub revoke``),
+    ``spent``, ``expired`` or ``unspent``."""
     return [dict(r) for r in db.query(
-        "SELECT secret_sha256, site, created_at, used_at, expires_at, voided_at "
-        "FROM enrol_tokens "
-        "ORDER BY created_at DESC LIMIT ?", (limit,))]
+        "SELECT secret_sha256, site, created_at, used_at, expires_at, voided_at, "
+        "CASE WHEN voided_at IS NOT NULL THEN 'voided' WHEN used_at IS NOT NULL THEN 'spent' "
+        "WHEN expires_at <= ? THEN 'expired' ELSE 'unspent' END AS state FROM enrol_tokens "
+        "ORDER BY created_at DESC LIMIT ?", (now(), limit))]
 
 
 def use_token(db: Database, secret_sha256: str, site: str,
@@ -161,7 +163,12 @@ def retire_older_certificates(db: Database, serial: str) -> list[str]:
 
 
 def list_certificates(db: Database) -> list[dict[str, Any]]:
-    return [dict(r) for r in db.query("SELECT * FROM certificates ORDER BY issued_at")]
+    """Every certificate issued, oldest first, with ``state``: ``superseded`` (by a newer
+    one of its site, :func:`retire_older_certificates`), ``revoked`` or ``valid``."""
+    return [dict(r) for r in db.query(
+        "SELECT *, CASE WHEN superseded_by IS NOT NULL THEN 'superseded' WHEN revoked_at IS "
+        "NOT NULL THEN 'revoked' ELSE 'valid' END AS state FROM certificates "
+        "ORDER BY issued_at")]
 
 
 # --- transfers -----------------------------------------------------------------------------
@@ -359,17 +366,45 @@ def expire_transfer(db: Database, transfer_id: str, idle_since: float) -> bool:
         return True
 
 
-def list_transfers(db: Database, site: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+def list_transfers(db: Database, site: str | None = None, study_uid: str | None = None,
+                   limit: int = 100) -> list[dict[str, Any]]:
+    """The newest ``limit`` transfers, of ``site`` and of ``study_uid`` when given (``pas
+    hub transfers``), with ``state``: ``committed``, ``expired`` or ``open``. The study
+    alone reads the whole table (its index leads with the site): an operator's question,
+    asked once, not a request path."""
+    where, params = _transfers_where(site, study_uid)
     sql = ("SELECT id, site, study_uid, priority, bucket_count, instance_count, created_at, "
            "committed_at, expired_at, bytes_received, bytes_stored, puts, "
            "CASE WHEN receipt IS NOT NULL THEN bucket_count "  # its bucket rows are gone
-           "ELSE (SELECT COUNT(*) FROM buckets b WHERE b.transfer_id = t.id) END AS held "
-           "FROM transfers t")
-    params: tuple[Any, ...] = ()
-    if site is not None:
-        sql += " WHERE site = ?"
-        params = (site,)
-    return [dict(r) for r in db.query(sql + " ORDER BY created_at DESC LIMIT ?", (*params, limit))]
+           "ELSE (SELECT COUNT(*) FROM buckets b WHERE b.transfer_id = t.id) END AS held, "
+           "CASE WHEN receipt IS NOT NULL THEN 'committed' WHEN expired_at IS NOT NULL "
+           "THEN 'expired' ELSE 'open' END AS state "
+           f"FROM transfers t{where} ORDER BY created_at DESC LIMIT ?")
+    return [dict(r) for r in db.query(sql, (*params, limit))]
+
+
+def count_transfers(db: Database, site: str | None = None, study_uid: str | None = None) -> int:
+    """How many transfers :func:`list_transfers` shows a part of: its title said "100
+    transfers" of a hub holding thousands, which read as the total."""
+    where, params = _transfers_where(site, study_uid)
+    return int(db.query(f"SELECT count(*) FROM transfers{where}", params)[0][0])
+
+
+def _transfers_where(site: str | None, study_uid: str | None) -> tuple[str, tuple[str, ...]]:
+    named = [(column, value) for column, value in (("site", site), ("study_uid", study_uid))
+             if value is not None]
+    if not named:
+        return "", ()
+    return (" WHERE " + " AND ".join(f"{column} = ?" for column, _ in named),
+            tuple(value for _, value in named))
+
+
+def site_known(db: Database, site: str) -> bool:
+    """Whether this hub ever enrolled ``site`` (a certificate, revoked or not) or holds a
+    transfer of it: a name that is neither is a typo (names are case-sensitive), which a
+    listing answered "0 transfers", as of a site that sent nothing yet."""
+    return db.query("SELECT EXISTS (SELECT 1 FROM certificates WHERE site = ?) OR "
+                    "EXISTS (SELECT 1 FROM transfers WHERE site = ?)", (site, site))[0][0] == 1
 
 
 # --- backup (appliance.hub.backup) --------------------------------------------------------
