@@ -112,7 +112,8 @@ def test_a_good_configuration_is_ok_and_nothing_in_the_home_changes(
     # --json: the same, named (a configuration management's check reads it).
     answer = _json(home, str(other))
     assert answer == {
-        "ok": True, "problems": [], "warnings": answer["warnings"], "home": str(home),
+        "ok": True, "problems": [], "warnings": answer["warnings"],
+        "config_file": str(other), "home": str(home),
         "http_host": "0.0.0.0", "http_port": 8443, "archive_kind": "dicomweb",
         "archive_url": "http://pacs.dc.example/dicom-web",
         "databases": [f"hub.sqlite schema {len(HUB_MIGRATIONS)} of {len(HUB_MIGRATIONS)} "
@@ -310,3 +311,43 @@ def test_a_host_the_hub_cannot_listen_on_is_refused(initialised: Path, host: str
         lines
     status, _ = _check(initialised, PAS_HUB_HTTP__HOST="127.0.0.1")
     assert status == 0
+
+
+def test_the_units_file_is_read_when_the_home_has_none_and_no_file_is_said(
+        initialised: Path, tmp_path: Path) -> None:
+    """pas-hub.service runs ``--config /etc/pas/hub.toml`` with no ``hub.toml`` in its home:
+    an operator's ``pas hub backup`` as the docs wrote it (``PAS_HUB_HOME`` set, no
+    ``--config``) left the configuration out without a word, and ``pas hub config check``
+    said the built-in defaults were OK. The unit's file is now read when the home has none,
+    and a command that found no file says so."""
+    from appliance.hub.config import SYSTEM_HUB_CONFIG, hub_config_path
+
+    home = _home(initialised, tmp_path)
+    environ = {"PAS_HUB_HOME": str(home)}
+    system = tmp_path / "etc-pas-hub.toml"
+    assert hub_config_path(None, environ, system) is None
+    system.write_text('[archive]\nkind = "embedded"\n')
+    assert hub_config_path(None, environ, system) == system  # the unit's
+    (home / "hub.toml").write_text("")
+    assert hub_config_path(None, environ, system) == home / "hub.toml"  # the home's first
+    assert hub_config_path(tmp_path / "named.toml", environ, system) == tmp_path / "named.toml"
+    (home / "hub.toml").unlink()
+
+    # This host has no /etc/pas/hub.toml (a hub host's would be read): none found, said.
+    assert not SYSTEM_HUB_CONFIG.exists(), "a hub configuration in /etc/pas on the test host"
+    status, lines = _check(home)
+    assert status == 0, lines
+    assert lines[1:] == ["no configuration file checked: none was found ($PAS_HUB_HOME/"
+                         "hub.toml, /etc/pas/hub.toml): this hub runs on its built-in defaults "
+                         "and PAS_HUB_* variables; --config FILE names another"], lines
+    assert _json(home)["config_file"] is None
+    destination = tmp_path / "backups"
+    destination.mkdir()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PAS_")}
+    made = subprocess.run([str(PAS_BIN), "hub", "backup", str(destination), "--json"],
+                          capture_output=True, text=True, timeout=60,
+                          env={**clean, "PAS_HUB_HOME": str(home)})
+    assert made.returncode == 0, made.stderr
+    assert json.loads(made.stdout)["config_file"] is None
+    assert "no configuration file in the backup: none was found" in " ".join(
+        made.stderr.split()), made.stderr

@@ -109,6 +109,7 @@ def hub_config_check(path: Path | None = typer.Argument(
     if as_json:  # for a configuration management's check, as pas config check --json
         print(json.dumps({
             "ok": True, "problems": [], "warnings": ineffective_settings(settings),
+            "config_file": str(checked) if checked is not None else None,
             "home": str(settings.home), "http_host": settings.http.host,
             "http_port": settings.http.port, "archive_kind": archive.kind,
             "archive_url": archive.url if archive.kind == "dicomweb" else None,
@@ -120,6 +121,9 @@ def hub_config_check(path: Path | None = typer.Argument(
     console.print(f"[green]hub configuration OK[/green]: home {settings.home}, "
                   f"https on {settings.http.host}:{settings.http.port}, archive "
                   f"{archive.kind}{where}; {databases}", highlight=False)
+    if checked is None:  # "OK" of the built-in defaults read as the hub's own settings
+        err.print(f"[yellow]no configuration file checked:[/yellow] {NO_HUB_FILE}",
+                  highlight=False)
 
 
 def _refused_json(problems: list[str]) -> NoReturn:
@@ -135,6 +139,10 @@ def _warn_ineffective(settings: HubSettings) -> None:
     for warning in ineffective_settings(settings):
         err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
 
+
+# Said when no hub.toml was found (appliance/hub/config.py hub_config_path).
+NO_HUB_FILE = ("none was found ($PAS_HUB_HOME/hub.toml, /etc/pas/hub.toml): this hub runs on "
+               "its built-in defaults and PAS_HUB_* variables; --config FILE names another")
 
 HUB_HOME_HINT = "not the hub's home? set PAS_HUB_HOME or --config; pas hub init creates it"
 
@@ -378,13 +386,15 @@ def hub_backup(destination: Path = typer.Argument(
     from appliance import logs
     from appliance.cli.common import operator_actor
     from appliance.hub.backup import BackupNotRecorded, make_hub_backup
+    from appliance.hub.config import hub_config_path
     from appliance.ops.backup_folder import BackupRefused
 
     refuse_bad_keep(keep)
     settings = _hub_settings(config)
     logs.setup(settings.log_level)  # the export's WARNING line: journald under systemd
-    try:
-        made = make_hub_backup(settings, config, destination, operator_actor(), keep=keep)
+    try:  # the file the settings were read from (the unit's /etc/pas/hub.toml too)
+        made = make_hub_backup(settings, hub_config_path(config), destination,
+                               operator_actor(), keep=keep)
     except BackupRefused as exc:
         err.print(f"[red]refused:[/red] {exc}", highlight=False)
         raise typer.Exit(1) from None
@@ -413,6 +423,9 @@ def hub_backup(destination: Path = typer.Argument(
     if manifest["missing"]:
         err.print(f"[yellow]missing from the hub home, so from the backup:[/yellow] "
                   f"{', '.join(manifest['missing'])}", highlight=False)
+    if manifest["config_file"] is None:  # the list above just lacked "the configuration"
+        err.print(f"[yellow]no configuration file in the backup:[/yellow] {NO_HUB_FILE}",
+                  highlight=False)
     if as_json:
         exit_on_prune_problems(made.pruned)
     else:

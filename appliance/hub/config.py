@@ -191,7 +191,7 @@ def home_named(settings: HubSettings, environ: dict[str, str] | None = None) -> 
 
 def load_hub_settings(path: Path | None = None,
                       environ: dict[str, str] | None = None) -> HubSettings:
-    """Defaults, then ``hub.toml`` (``path``, else ``$PAS_HUB_HOME/hub.toml`` if present), then
+    """Defaults, then ``hub.toml`` (:func:`hub_config_path`), then
     ``PAS_HUB_<SECTION>__<KEY>`` variables; validated (ConfigError lists every problem)."""
     environ = dict(os.environ) if environ is None else environ
     data: dict[str, Any] = {"home": str(hub_home(environ))}
@@ -207,12 +207,25 @@ def load_hub_settings(path: Path | None = None,
     return settings
 
 
-def hub_config_path(path: Path | None = None, environ: dict[str, str] | None = None
-                    ) -> Path | None:
+# The file pas-hub.service runs on (``pas hub run --config /etc/pas/hub.toml``).
+SYSTEM_HUB_CONFIG = Path("/etc/pas/hub.toml")
+
+
+def hub_config_path(path: Path | None = None, environ: dict[str, str] | None = None,
+                    system_config: Path = SYSTEM_HUB_CONFIG) -> Path | None:
     """The file :func:`load_hub_settings` reads: ``path``, else ``$PAS_HUB_HOME/hub.toml``
-    if present, else none (built-in defaults)."""
-    home = hub_home(environ)
-    return path or (home / "hub.toml" if (home / "hub.toml").exists() else None)
+    if present, else ``/etc/pas/hub.toml`` if present, else none (built-in defaults).
+
+    The last is the unit's file. Without it, an operator's ``pas hub backup`` as the docs
+    wrote it (``PAS_HUB_HOME=/var/lib/pas-hub``, no ``--config``) found no ``hub.toml`` in
+    the home, left the configuration out of the backup without a word, and ``pas hub config
+    check`` said the built-in defaults were OK, not the hub's real archive settings."""
+    if path is not None:
+        return path
+    candidate = hub_home(environ) / "hub.toml"
+    if candidate.exists():
+        return candidate
+    return system_config if system_config.is_file() else None
 
 
 def hub_problems_the_environment_hides(path: Path,
