@@ -14,6 +14,7 @@ every ``/api/v1`` route.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import shutil
@@ -31,6 +32,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from appliance.hub.config import HubSettings
+from appliance.hub.fleet_refused import RefusedCertificates
 from appliance.hub.pki import HubPKI, PKIError, certificate_identity, secret_digest, utc_text
 from appliance.hub.transfer_metrics import TransferCounters
 from appliance.locks import KeyedLocks
@@ -96,6 +98,9 @@ class Hub:
             shutil.rmtree(stale, ignore_errors=True)
         self.lock = KeyedLocks()  # hub.lock(transfer_id): one transfer's changes in turn
         self.transfer_counters = TransferCounters()  # /metrics: received and committed
+        # Told by the client-certificate gate, shown by /fleet and /metrics: a site whose
+        # certificate this hub does not know (enrolled after the backup restored).
+        self.refused_certificates = RefusedCertificates()
         from appliance.hub.bucket_bodies import BucketBodies  # PUT bodies held, every site
 
         # Taken by the bucket PUTs and reservations (transfers.py), read by /metrics (fleet.py).
@@ -143,7 +148,10 @@ class ClientCertificateGate:
 
     The TLS layer already refused certificates from other CAs; here: none at all (401), or
     revoked / not issued by this hub's records (403). Checked per request, so a revocation
-    applies to connections already open.
+    applies to connections already open. Each 403 is told to
+    :class:`~appliance.hub.fleet_refused.RefusedCertificates` (logged once a minute per
+    certificate; an unknown one makes its site a ``refused`` row of the fleet), and each
+    request let in too (its site enrolled again).
     """
 
     def __init__(self, app: Any, hub: Hub):
@@ -168,16 +176,25 @@ class ClientCertificateGate:
             return
         site, serial = certificate_identity(der)
         state = await run_in_threadpool(store.certificate_state, self.hub.db, serial)
+        refusals = self.hub.refused_certificates
         if state != "valid":
-            log.warning("refused %s %s from site %s: certificate %s is %s", scope["method"],
-                        scope["path"], site, serial, state, extra={"SITE": site})
+            # Logged once a minute per certificate, and shown on /fleet and in /metrics
+            # when unknown (hub/fleet_refused.py): it was a WARNING line per request, and
+            # nothing else showed a site enrolled after the backup the hub was restored from.
+            refusals.refused(site, serial, hashlib.sha256(der).hexdigest(), state,
+                             f"{scope['method']} {scope['path']}", client)
             detail = f"the certificate of site {site!r} (serial {serial}) is {state}"
             if state == "superseded":
                 detail += (": a newer certificate of the site is in use (enrolled since, on "
                            "this appliance or another one); if this appliance is the site's, "
                            "enrol it again (pas enroll --replace) and restart PAS")
+            elif state == "unknown":
+                detail += (": signed by this hub's CA, but this hub has no record of it (its "
+                           "database restored from a backup older than the enrolment?): ask "
+                           "regional ops for a token and enrol again (pas enroll --replace)")
             await problem(403, f"certificate_{state}", detail)(scope, receive, send)
             return
+        refusals.accepted(site, serial)
         if serial not in self._in_use:
             await self._retire_older(site, serial, client)
         scope.setdefault("state", {})["site"] = site

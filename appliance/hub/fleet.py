@@ -2,10 +2,15 @@
 
 Owns: ``POST /api/v1/heartbeat`` (mutual TLS: the site is the certificate's, never the
 body's), ``GET /fleet`` (one row per site, sortable and filterable by query string),
-``GET /fleet/sites/{site}`` (24 h charts as inline SVG) and ``GET /metrics`` (fleet families
-``pas_fleet_*`` for Prometheus, and the hub's own, read by :mod:`appliance.hub.fleet_metrics`;
-the alert rules in ``image/monitoring/alerts.yml`` use them).
+``GET /fleet/sites/{site}`` (24 h charts as inline SVG, drawn by
+:mod:`appliance.hub.fleet_site_page`) and ``GET /metrics`` (fleet families ``pas_fleet_*``
+for Prometheus, and the hub's own, read by :mod:`appliance.hub.fleet_metrics`; the alert
+rules in ``image/monitoring/alerts.yml`` use them).
 May not touch: SQL (``appliance.store.fleet``), transfers, the PKI.
+
+The sites whose requests the hub refuses for a certificate its CA signed but it does not
+know (enrolled after the backup it was restored from;
+:mod:`appliance.hub.fleet_refused`): a ``refused`` row each, a problem as a site down.
 
 What one site may cost: its heartbeats pass :class:`appliance.hub.fleet_gate.HeartbeatGate`
 first (429 with ``Retry-After`` past one a second after a burst, before the body is read),
@@ -44,6 +49,7 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import BaseRoute, Route
 
 from appliance.hub.fleet_gate import HISTORY_EVERY_S, HeartbeatGate
+from appliance.hub.fleet_refused import Refusal
 from appliance.ops.backup import STALE_AFTER_S as BACKUP_STALE_AFTER_S
 from appliance.store import fleet as store
 from appliance.store.hub import enrolled_sites, hub_backup_record, revoked_sites
@@ -168,14 +174,28 @@ def validate_heartbeat(beat: Any) -> dict[str, Any]:
     return beat
 
 
-def site_rows(hub_db: Any, at: float | None = None) -> list[dict[str, Any]]:
+def site_rows(hub_db: Any, at: float | None = None,
+              refused: dict[str, Refusal] | None = None) -> list[dict[str, Any]]:
     """Every site's latest state; ``state`` is ``up``, ``down`` (silent past
     :data:`SILENT_AFTER_S`; a site enrolled that never sent a heartbeat counts from its
-    enrolment), ``enrolled`` (no heartbeat yet, enrolled less than that ago) or
+    enrolment), ``enrolled`` (no heartbeat yet, enrolled less than that ago),
     ``revoked`` (``pas hub revoke``: its silence is expected, no problem, and
     :class:`~appliance.hub.fleet_metrics.FleetCollector` exports no series for it, so
-    that PasSiteSilent and the other rules do not fire for a closed site for ever)."""
+    that PasSiteSilent and the other rules do not fire for a closed site for ever) or
+    ``refused``: its requests are refused for a certificate this hub's CA signed but this
+    hub does not know (``refused``: :meth:`RefusedCertificates.problems
+    <appliance.hub.fleet_refused.RefusedCertificates.problems>`), a site enrolled after the
+    backup the hub was restored from. It was on no page (or "revoked", when revoked in the
+    backup and enrolled again since) and in no series. Now a problem, as a site down: a
+    site the database does not know counts as last seen at its first refusal, so
+    PasSiteSilent fires five minutes after it.
+
+    The figures of a site not heard now (revoked, refused: those of its last heartbeat,
+    from before; enrolled, never heard: none) are None, shown "-": a revoked site's row
+    kept its backlog and certificate days of before the revocation as if current, and a
+    site never heard read "backlog 0, oldest 0 s"."""
     at = time.time() if at is None else at
+    refused = refused or {}
     rows = store.list_sites(hub_db)
     revoked = revoked_sites(hub_db)
     heard = {row["site"] for row in rows}
@@ -184,30 +204,71 @@ def site_rows(hub_db: Any, at: float | None = None) -> list[dict[str, Any]]:
     for site, enrolled_at in sorted(enrolled_sites(hub_db).items()):
         if site not in heard:
             rows.append(_never_heard(site, enrolled_at))
+    known = {row["site"] for row in rows}
+    for site in sorted(set(refused) - known):  # unknown to the database as a site too
+        rows.append(_never_heard(site, refused[site].first_at))
     for row in rows:
         row["silent_s"] = max(at - row["last_seen_at"], 0.0)
-        row["state"] = ("revoked" if row["site"] in revoked
+        refusal = refused.get(row["site"])
+        row["state"] = ("refused" if refusal is not None
+                        else "revoked" if row["site"] in revoked
                         else "enrolled" if row.get("never_heard")
                         and row["silent_s"] <= SILENT_AFTER_S
                         else "up" if row["silent_s"] <= SILENT_AFTER_S else "down")
-        if row.get("never_heard") and row["state"] == "down":
+        if refusal is not None:
+            row["refusal"] = refusal
+            row["errors"] = [refused_text(refusal, at)]
+        elif row.get("never_heard") and row["state"] == "down":
             row["errors"] = [f"no heartbeat since its enrolment, {_age(row['silent_s'])} ago: "
                              "its appliance is not running or cannot reach the hub"]
         row["backup_age_s"] = backup_age(row, at)
         row["backup_stale"] = (row["backup_age_s"] is not None
                                and row["backup_age_s"] > BACKUP_STALE_AFTER_S)
+        if row["state"] in ("revoked", "refused"):
+            _not_current(row)
     return rows
 
 
-def _never_heard(site: str, enrolled_at: float) -> dict[str, Any]:
+# What a site's last heartbeat said of it, None when not current or not known ("-").
+_FIGURES = ("backlog_studies", "backlog_oldest_s", "urgent_oldest_s", "routine_oldest_s",
+            "disk_used_percent", "cert_days_left", "failed_jobs", "backup_age_s")
+
+
+def _not_current(row: dict[str, Any]) -> None:
+    """A revoked or refused site's figures are its last heartbeat's, from before: not shown
+    as if current (nor exported), its errors neither (a refused one's: the refusal)."""
+    for key in _FIGURES:
+        row[key] = None
+    row["backup_stale"] = False
+    if row["state"] == "revoked":
+        row["errors"] = []
+    row.setdefault("not_current", f"{row['state']}: its last heartbeat's figures, from "
+                   "before, are not shown")
+
+
+def _never_heard(site: str, since: float) -> dict[str, Any]:
     """The fleet row of a site enrolled (a valid certificate) that sent no heartbeat yet:
     "last seen" is its enrolment, so it goes down, and PasSiteSilent fires, five minutes
-    after it if nothing comes."""
-    return {"site": site, "first_seen_at": None, "last_seen_at": enrolled_at,
-            "last_sent_at": None, "version": None, "backlog_studies": 0,
-            "backlog_oldest_s": 0.0, "urgent_oldest_s": 0.0, "disk_used_percent": None,
-            "cert_days_left": None, "failed_jobs": 0, "errors": [], "routine_oldest_s": None,
-            "last_backup_at": None, "backup_reported": False, "never_heard": True}
+    after it if nothing comes. Its figures are unknown, not 0. (A refused site the
+    database does not know: ``since`` is its first refusal.)"""
+    return {"site": site, "first_seen_at": None, "last_seen_at": since,
+            "last_sent_at": None, "version": None, "backlog_studies": None,
+            "backlog_oldest_s": None, "urgent_oldest_s": None, "disk_used_percent": None,
+            "cert_days_left": None, "failed_jobs": None, "errors": [], "routine_oldest_s": None,
+            "last_backup_at": None, "backup_reported": False, "never_heard": True,
+            "not_current": "no heartbeat yet"}
+
+
+def refused_text(refusal: Refusal, at: float, fingerprint: bool = False) -> str:
+    """What a refused site's row (and with ``fingerprint``, its page) says of it: which
+    certificate, why, what to do, since when."""
+    first = datetime.fromtimestamp(refusal.first_at).strftime("%Y-%m-%d %H:%M:%S")
+    sha = f" (SHA-256 {refusal.fingerprint})" if fingerprint else ""
+    return (f"refused: certificate {refusal.serial}{sha} "
+            "unknown to this hub (enrolled after the restored backup?): issue a token and "
+            f"enrol it again (pas hub token {refusal.site}, then pas enroll --replace at the "
+            f"site); {counted(refusal.count, 'request')} refused since {first}, the last "
+            f"{_age(max(at - refusal.last_at, 0.0))} ago")
 
 
 def backup_age(row: dict[str, Any], at: float) -> float | None:
@@ -221,12 +282,13 @@ def backup_age(row: dict[str, Any], at: float) -> float | None:
 
 
 def has_problem(row: dict[str, Any]) -> bool:
-    """What the alert rules would flag: down, old backlog, disk, certificate, failed jobs,
-    a backup older than two days."""
+    """What the alert rules would flag: down or refused, old backlog, disk, certificate,
+    failed jobs, a backup older than two days."""
     if row["state"] == "revoked":
         return False
     cert = row["cert_days_left"]
-    return (row["state"] == "down" or row["failed_jobs"] > 0 or row["urgent_oldest_s"] > 480
+    return (row["state"] in ("down", "refused") or (row["failed_jobs"] or 0) > 0
+            or (row["urgent_oldest_s"] or 0) > 480
             or (row.get("routine_oldest_s") or 0) > 14400
             or (row["disk_used_percent"] or 0) > 85 or (cert is not None and cert < 30)
             or row.get("backup_stale", False) or bool(row["errors"]))
@@ -238,7 +300,7 @@ STYLE = """
 body{font-family:system-ui,sans-serif;margin:0;padding:12px;background:#f6f7f9;color:#222}
 h1{font-size:1.3em} table{border-collapse:collapse;width:100%;background:#fff;font-size:.9em}
 th,td{padding:6px;border-bottom:1px solid #eee;text-align:left} th a{color:#225}
-.up{background:#d4f5dc}.down{background:#fbd5d5}.enrolled{background:#e0ecff}.warn{background:#fff1c2}
+.up{background:#d4f5dc}.down,.refused{background:#fbd5d5}.enrolled{background:#e0ecff}.warn{background:#fff1c2}
 .revoked{background:#e4e4e4;color:#555}
 .state{padding:2px 8px;border-radius:10px} form{margin:8px 0} .wrap{overflow-x:auto}
 svg{background:#fff;border:1px solid #ddd;max-width:100%}
@@ -291,7 +353,7 @@ def render_dashboard(rows: list[dict[str, Any]], sort: str, descending: bool, qu
     hub's own last backup above it."""
     if query:
         rows = [r for r in rows if query.lower() in r["site"].lower()]
-    if state in ("up", "down", "revoked", "enrolled"):
+    if state in ("up", "down", "revoked", "enrolled", "refused"):
         rows = [r for r in rows if r["state"] == state]
     elif state == "problems":
         rows = [r for r in rows if has_problem(r)]
@@ -308,7 +370,7 @@ def render_dashboard(rows: list[dict[str, Any]], sort: str, descending: bool, qu
            '<select name=state>'
            + "".join(f'<option value="{v}"{" selected" if v == state else ""}>{v or "all"}'
                      "</option>" for v in ("", "up", "down", "problems", "revoked",
-                                           "enrolled"))
+                                           "enrolled", "refused"))
            + f'</select><input type=hidden name=sort value="{_esc(sort)}">'
            "<button type=submit>Filter</button></form>",
            "<div class=wrap><table id=fleet><tr>"]
@@ -326,15 +388,21 @@ def render_dashboard(rows: list[dict[str, Any]], sort: str, descending: bool, qu
         disk_class = " class=warn" if (r["disk_used_percent"] or 0) > 85 else ""
         cert = r["cert_days_left"]
         cert_class = " class=warn" if cert is not None and cert < 30 else ""
+        oldest = r["backlog_oldest_s"]
+        # A refused site the hub never took a request from: no "last seen" to say.
+        seen = ("-" if r["state"] == "refused" and r.get("never_heard")
+                else f'{_age(r["silent_s"])} ago')
         out.append(
             f'<tr data-site="{_esc(r["site"])}"><td><a href="/fleet/sites/{quote(r["site"])}">'
             f'{_esc(r["site"])}</a></td><td><span class="state {r["state"]}">{r["state"]}'
-            f'</span></td><td>{_age(r["silent_s"])} ago</td>'
-            f'<td class=backlog>{r["backlog_studies"]}</td><td>{_age(r["backlog_oldest_s"])}</td>'
-            f'<td{disk_class}>{"-" if r["disk_used_percent"] is None else r["disk_used_percent"]}'
+            f'</span></td><td>{seen}</td>'
+            f'<td class=backlog>{_dash(r["backlog_studies"])}</td>'
+            f'<td>{"-" if oldest is None else _age(oldest)}</td>'
+            f'<td{disk_class}>{_dash(r["disk_used_percent"])}'
             f'</td><td>{_esc(r["version"] or "-")}</td>'
             f'<td{cert_class}>{"-" if cert is None else f"{cert:.0f}"}</td>'
-            f'<td>{r["failed_jobs"]}</td>{_backup_cell(r)}{_errors_cell(r["errors"])}</tr>')
+            f'<td>{_dash(r["failed_jobs"])}</td>{_backup_cell(r)}{_errors_cell(r["errors"])}'
+            "</tr>")
     if not rows:
         out.append("<tr><td colspan=11>no site</td></tr>")
     out.append("</table></div></body></html>")
@@ -354,96 +422,19 @@ def _errors_cell(errors: list[str]) -> str:
             f"({counted(len(errors), 'error')}: the site's page has them all)</td>")
 
 
+def _dash(value: Any) -> str:
+    """A figure of the table, "-" when not known or not current (None)."""
+    return "-" if value is None else str(value)
+
+
 def _backup_cell(row: dict[str, Any]) -> str:
-    """The site's last backup: its age, "never", or "-" from an appliance too old to say."""
+    """The site's last backup: its age, "never", or "-" from an appliance too old to say
+    (or a site not heard now: revoked, refused, never heard)."""
     if row["backup_age_s"] is None:
-        return '<td class=backup title="not reported by this PAS version">-</td>'
+        why = row.get("not_current") or "not reported by this PAS version"
+        return f'<td class=backup title="{_esc(why)}">-</td>'
     text = "never" if row["last_backup_at"] is None else ago(row["backup_age_s"])
     return f'<td class="backup{" warn" if row["backup_stale"] else ""}">{text}</td>'
-
-
-def _errors_list(errors: list[str]) -> str:
-    """The site's last heartbeat's errors, each whole (the fleet table shows their start)."""
-    if not errors:
-        return "<p id=errors>no error</p>"
-    return ("<h2>errors (last heartbeat)</h2><ul id=errors>"
-            + "".join(f"<li>{_esc(error)}</li>" for error in errors) + "</ul>")
-
-
-def render_enrolled(site: str, enrolled_at: float, at: float) -> str:
-    """The page of a site enrolled that sent no heartbeat yet (it was a 404 "unknown site"
-    while ``pas hub sites`` listed its certificate)."""
-    when = datetime.fromtimestamp(enrolled_at).strftime("%Y-%m-%d %H:%M:%S")
-    return "".join([
-        "<!doctype html><html lang=en><head><meta charset=utf-8>",
-        '<meta http-equiv="refresh" content="30">',
-        f"<title>PAS {_esc(site)}</title><style>{STYLE}</style></head><body>",
-        f'<p><a href="/fleet">fleet</a></p><h1>{_esc(site)}</h1>',
-        f"<p id=facts>enrolled {when} ({_age(max(at - enrolled_at, 0.0))} ago); no heartbeat "
-        "yet: its appliance sends one every 30 s once running and reaching the hub</p>",
-        "</body></html>"])
-
-
-def _backup_fact(status: dict[str, Any], at: float) -> str:
-    if "last_backup_at" not in status:  # an appliance too old to report it
-        return ""
-    last = status["last_backup_at"]
-    return " · last backup " + ("never" if last is None else ago(max(at - last, 0.0)))
-
-
-def svg_chart(points: list[tuple[float, float]], since: float, until: float, title: str,
-              width: int = 640, height: int = 160) -> str:
-    """A line chart of (time, value) over [since, until], with the max value labelled."""
-    top = max((v for _, v in points), default=0.0) or 1.0
-    span = max(until - since, 1.0)
-
-    def xy(t: float, v: float) -> str:
-        x = 40 + (t - since) / span * (width - 50)
-        y = height - 20 - v / top * (height - 40)
-        return f"{x:.1f},{y:.1f}"
-
-    line = " ".join(xy(t, v) for t, v in points)
-    return (f'<svg role=img aria-label="{_esc(title)}" viewBox="0 0 {width} {height}" '
-            f'width="{width}" height="{height}"><text x="40" y="14" font-size="12">'
-            f'{_esc(title)} (max {top:g})</text>'
-            f'<line x1="40" y1="{height - 20}" x2="{width - 10}" y2="{height - 20}" '
-            'stroke="#999"/>'
-            f'<text x="40" y="{height - 4}" font-size="10">-24 h</text>'
-            f'<text x="{width - 40}" y="{height - 4}" font-size="10">now</text>'
-            f'<polyline fill="none" stroke="#2a6fdb" stroke-width="2" points="{line}"/></svg>')
-
-
-def render_site(site: str, status: dict[str, Any], points: list[dict[str, Any]],
-                at: float, beats: int | None = None) -> str:
-    """``points``: the 24 h history, one per slot (store.history_by_slot) or one per
-    heartbeat; ``beats``: how many heartbeats they are (default: one each)."""
-    since = at - 86400
-    backlog = [(p["received_at"], float(p["backlog_studies"])) for p in points]
-    throughput = []
-    for before, after in zip(points, points[1:], strict=False):
-        elapsed = after["received_at"] - before["received_at"]
-        delta = after["received_bytes"] - before["received_bytes"]
-        if elapsed > 0 and delta >= 0:
-            throughput.append((after["received_at"], round(delta / elapsed / 1e6, 3)))
-    seen = datetime.fromtimestamp(status["last_seen_at"]).strftime("%Y-%m-%d %H:%M:%S")
-    return "".join([
-        "<!doctype html><html lang=en><head><meta charset=utf-8>",
-        '<meta http-equiv="refresh" content="30">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>PAS {_esc(site)}</title><style>{STYLE}</style></head><body>",
-        f'<p><a href="/fleet">fleet</a></p><h1>{_esc(site)}</h1>',
-        f"<p id=facts>version {_esc(status['version'])} · last seen {seen} · backlog "
-        f"{counted(status['backlog']['studies'], 'study', 'studies')} · disk "
-        f"{status['disk']['used_percent']} % · "
-        f"{counted(status['received']['instances'], 'instance')} received · "
-        f"{counted(len(points) if beats is None else beats, 'heartbeat')} in 24 h"
-        f"{_backup_fact(status, at)} · failed jobs "
-        f"{(status.get('jobs') or {}).get('failed', 0)}</p>",
-        _errors_list(status.get("errors") or []),
-        svg_chart(backlog, since, at, "backlog (studies)"), "<br>",
-        svg_chart(throughput, since, at, "received (MB/s)"),
-        "</body></html>",
-    ])
 
 
 # --- routes ----------------------------------------------------------------------------------
@@ -458,6 +449,7 @@ def fleet_routes(hub: Hub) -> list[BaseRoute]:
     from appliance.hub.fleet_metrics import FleetCollector  # it reads this module's site_rows
 
     registry.register(FleetCollector(hub, gate))
+    from appliance.hub.fleet_site_page import render_enrolled, render_refused, render_site
     # What the status page has (appliance/web/headers.py): a site's heartbeat strings are
     # escaped, and a value that slipped through would still run no script here.
     headers = page_headers(STYLE)
@@ -495,7 +487,8 @@ def fleet_routes(hub: Hub) -> list[BaseRoute]:
         if sort not in SORT_KEYS:
             sort = "site"
         descending = request.query_params.get("dir", "asc") == "desc"
-        rows = await run_in_threadpool(site_rows, hub.db)
+        rows = await run_in_threadpool(site_rows, hub.db, None,
+                                       hub.refused_certificates.problems())
         backup = hub_backup_state(await run_in_threadpool(hub_backup_record, hub.db),
                                   time.time())
         return HTMLResponse(render_dashboard(rows, sort, descending,
@@ -506,17 +499,22 @@ def fleet_routes(hub: Hub) -> list[BaseRoute]:
     async def site_page(request: Request) -> Response:
         site = request.path_params["site"]
         status = await run_in_threadpool(store.site_status, hub.db, site)
+        refusal = hub.refused_certificates.problems().get(site)
         if status is None:
             enrolled = (await run_in_threadpool(enrolled_sites, hub.db)).get(site)
             if enrolled is not None:
-                return HTMLResponse(render_enrolled(site, enrolled, time.time()),
+                return HTMLResponse(render_enrolled(site, enrolled, time.time(), refusal),
+                                    headers=headers)
+            if refusal is not None:  # enrolled after the backup this hub was restored from
+                return HTMLResponse(render_refused(site, refusal, time.time()),
                                     headers=headers)
             return HTMLResponse(f"<p>unknown site {_esc(site)}</p>", status_code=404,
                                 headers=headers)
         at = time.time()
         points, beats = await run_in_threadpool(store.history_by_slot, hub.db, site,
                                                 at - 86400, CHART_SLOT_S)
-        return HTMLResponse(render_site(site, status, points, at, beats), headers=headers)
+        return HTMLResponse(render_site(site, status, points, at, beats, refusal),
+                            headers=headers)
 
     async def scrape(_request: Request) -> Response:
         body = await run_in_threadpool(generate_latest, registry)

@@ -2,8 +2,9 @@
 
 Owns: the per-site rate of ``POST /api/v1/heartbeat`` (:class:`HeartbeatGate`, asked by
 :mod:`appliance.hub.fleet` before the body is read), the numbers that bound the fleet's
-history (:data:`HISTORY_EVERY_S`), the refusals' log line and counts (``/metrics``). May
-not touch: SQL, the network, the PKI.
+history (:data:`HISTORY_EVERY_S`), the refusals' log line and counts (``/metrics``), and
+how often a site's refusals are logged (:class:`LogPace`, which the client-certificate
+gate's refusals use too). May not touch: SQL, the network, the PKI.
 
 Why: the hub took every heartbeat with a new ``sent_at``. An enrolled site that misbehaves
 (a bug, a loop, or its certificate in other hands) could post thousands a second, each a
@@ -52,12 +53,39 @@ LOG_EVERY_S = 60.0
 
 
 @dataclass
+class LogPace:
+    """One site's refusals said in the journal: the first at once, then one line per
+    ``every_s`` at most, saying how many were refused meanwhile.
+
+    The heartbeat gate's, and the client-certificate gate's too
+    (:mod:`appliance.hub.fleet_refused`): a revoked or unknown certificate's requests were
+    logged one WARNING each, 11 to 18 a minute for one site (~20,000 a day), pushing out of
+    the journal what regional ops look for."""
+
+    every_s: float = LOG_EVERY_S
+    unsaid: int = 0               # counted since the last line
+    said_at: float = -math.inf    # clock time of the last line; never said yet
+
+    @property
+    def said_before(self) -> bool:
+        return self.said_at > -math.inf
+
+    def count(self, at: float) -> int | None:
+        """Count one more. When a line is due (the first, or ``every_s`` after the last
+        one), how many it says (this one included), and the count starts again; else None."""
+        self.unsaid += 1
+        if at - self.said_at < self.every_s:
+            return None
+        said, self.unsaid, self.said_at = self.unsaid, 0, at
+        return said
+
+
+@dataclass
 class _Site:
     tokens: float
     at: float                     # clock time of the last refill
+    pace: LogPace                 # the refusals' log lines
     refused: int = 0              # since the hub started: pas_fleet_heartbeats_refused_total
-    unsaid: int = 0               # refused since the last log line
-    said_at: float = -math.inf
 
 
 class HeartbeatGate:
@@ -80,24 +108,24 @@ class HeartbeatGate:
             at = self.clock()
             state = self._sites.get(site)
             if state is None:
-                state = self._sites[site] = _Site(self.burst, at)
+                state = self._sites[site] = _Site(self.burst, at, LogPace(self.log_every_s))
             state.tokens = min(self.burst, state.tokens + (at - state.at) * self.rate_per_s)
             state.at = at
             if state.tokens >= 1.0:
                 state.tokens -= 1.0
                 return None
             state.refused += 1
-            state.unsaid += 1
             retry_after = max(1, math.ceil((1.0 - state.tokens) / self.rate_per_s))
-            if at - state.said_at >= self.log_every_s:
+            again = state.pace.said_before
+            said = state.pace.count(at)
+            if said is not None:
                 log.warning(
                     "site %r posts heartbeats faster than one every %g s (more than %g at "
                     "once): %s refused (429) %s; a bug or a loop at the site, or its "
                     "certificate in other hands (pas hub revoke)", site, 1 / self.rate_per_s,
-                    self.burst, counted(state.unsaid, "heartbeat"),
-                    "since the last such line" if state.said_at > -math.inf else "so far",
-                    extra={"SITE": site, "REFUSED": state.unsaid})
-                state.unsaid, state.said_at = 0, at
+                    self.burst, counted(said, "heartbeat"),
+                    "since the last such line" if again else "so far",
+                    extra={"SITE": site, "REFUSED": said})
             return retry_after
 
     def refused(self) -> dict[str, int]:

@@ -1,7 +1,9 @@
 """The fleet's and the hub's own Prometheus families, read at each scrape of ``/metrics``.
 
 Owns: :class:`FleetCollector`: the ``pas_fleet_*`` families (each site's last heartbeat, as
-:func:`appliance.hub.fleet.site_rows` reads it; revoked sites left out), the heartbeats
+:func:`appliance.hub.fleet.site_rows` reads it; revoked sites left out; a site refused for a
+certificate the hub does not know is ``pas_fleet_site_up`` 0 with
+``pas_fleet_site_certificate_refused``, its last figures from before left out), the heartbeats
 refused per site (:class:`appliance.hub.fleet_gate.HeartbeatGate`), the hub's own last
 backup, its bucket budget (:mod:`appliance.hub.bucket_bodies`) and what it receives and
 commits (:mod:`appliance.hub.transfer_metrics`). May not touch: SQL (the stores), the
@@ -43,7 +45,8 @@ class FleetCollector(Collector):
         self.gate = gate
 
     def collect(self) -> Iterator[Metric]:
-        rows = [r for r in site_rows(self.hub.db) if r["state"] != "revoked"]
+        rows = [r for r in site_rows(self.hub.db, None, self.hub.refused_certificates.problems())
+                if r["state"] != "revoked"]
         families = {
             "up": GaugeMetricFamily("pas_fleet_site_up",
                                     "1 when the site's last heartbeat is under 5 min old",
@@ -85,6 +88,14 @@ class FleetCollector(Collector):
                                        "1 when the site's last heartbeat says its index "
                                        "database is damaged or could not be read",
                                        labels=["site"]),
+            # A site enrolled after the backup this hub was restored from: its requests
+            # were refused with nothing but a log line (hub/fleet_refused.py).
+            "cert_refused": GaugeMetricFamily(
+                "pas_fleet_site_certificate_refused",
+                "Requests of the site the hub refused (403) for a certificate its fleet CA "
+                "signed but it does not know (enrolled after the backup it was restored "
+                "from: enrol it again), since the first such refusal; 0: none",
+                labels=["site"]),
         }
         # Heartbeats answered 429 (hub/fleet_gate.py), since the hub started: 0 for a site
         # that never posted too fast, so a rate() alert sees the series before it rises.
@@ -97,6 +108,11 @@ class FleetCollector(Collector):
             refused.add_metric(site, refused_by_site.get(r["site"], 0))
             families["up"].add_metric(site, 1 if r["state"] == "up" else 0)
             families["seen"].add_metric(site, r["last_seen_at"])
+            families["cert_refused"].add_metric(site, r["refusal"].count if "refusal" in r
+                                                else 0)
+            families["info"].add_metric([r["site"], r["version"] or ""], 1)
+            if r.get("not_current"):  # refused, or never heard: no figure is current
+                continue
             families["backlog"].add_metric(site, r["backlog_studies"])
             families["oldest"].add_metric([r["site"], "any"], r["backlog_oldest_s"])
             families["oldest"].add_metric([r["site"], "urgent"], r["urgent_oldest_s"])
@@ -107,7 +123,6 @@ class FleetCollector(Collector):
             if r["cert_days_left"] is not None:
                 families["cert"].add_metric(site, r["cert_days_left"])
             families["failed"].add_metric(site, r["failed_jobs"])
-            families["info"].add_metric([r["site"], r["version"] or ""], 1)
             if r["backup_age_s"] is not None:
                 families["backup"].add_metric(site, r["backup_age_s"])
             families["index"].add_metric(
@@ -117,7 +132,7 @@ class FleetCollector(Collector):
             families["damaged"].add_metric(
                 site, max((files_damaged_said(e) for e in r["errors"] or []), default=0))
         yield GaugeMetricFamily("pas_fleet_sites", "Sites that ever sent a heartbeat, "
-                                "revoked ones left out", value=len(rows))
+                                "enrolled or refused, revoked ones left out", value=len(rows))
         yield from families.values()
         yield refused
         yield from self._bucket_bodies({r["site"] for r in rows})
