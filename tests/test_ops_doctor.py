@@ -62,6 +62,19 @@ def test_the_port_of_a_pas_on_another_home_is_not_ours(tmp_path: Path) -> None:
         assert checks["DICOM port"]["verdict"] == "ok", checks["DICOM port"]
         assert f"(pid {mine.proc.pid}) answers" in checks["DICOM port"]["detail"]
         assert checks["HTTP port"]["verdict"] == "ok", checks["HTTP port"]
+        # The RIS's HL7 port too (it was not checked: another program there lost every
+        # prefetch order): its own answers, the other home's is not ours.
+        code, checks = _doctor({**_env(tmp_path / "home", mine.port, mine.http_port),
+                                "PAS_HL7__HOST": "127.0.0.1",
+                                "PAS_HL7__PORT": str(mine.hl7_port)})
+        assert checks["HL7 port"] == {
+            "name": "HL7 port", "verdict": "ok", "fix": "",
+            "detail": f"127.0.0.1:{mine.hl7_port}: HL7 listener (pid {mine.proc.pid}) answers"}
+        code, checks = _doctor({**_env(tmp_path / "home", mine.port, mine.http_port),
+                                "PAS_HL7__HOST": "127.0.0.1",
+                                "PAS_HL7__PORT": str(other.hl7_port)})
+        assert code == 1 and checks["HL7 port"]["verdict"] == "fail", checks["HL7 port"]
+        assert f"not this home's PAS (pid {mine.proc.pid})" in checks["HL7 port"]["detail"]
         # Asked with other settings (a port nothing listens on): it runs, not "not running".
         code, checks = _doctor(_env(tmp_path / "home", free_port(), mine.http_port))
         port_check = checks["DICOM port"]

@@ -716,4 +716,8 @@ def test_link_goes_down_when_the_hub_stops(fleet: dict[str, Any]) -> None:
     code, checks = _doctor(pas)
     assert code == 1
     assert checks["hub"]["verdict"] == "fail" and "cannot reach" in checks["hub"]["detail"]
-    assert "firewall" in checks["hub"]["fix"]
+    # Refused: the hub's host answers, nothing listens (it said "check ... DNS").
+    assert checks["hub"]["detail"].endswith("(the hub's host answered but nothing listens on "
+                                            "that port)"), checks["hub"]
+    assert checks["hub"]["fix"] == ("the hub is stopped, or a firewall rejects the port: ask "
+                                    "regional ops")

@@ -420,6 +420,17 @@ def test_a_revoked_certificate_makes_the_uploads_wait_and_a_new_one_sends_them(
         assert job["next_attempt_at"] - job["updated_at"] >= 59  # a minute, not backoff_max
     assert "ERROR" in pas.log() and "waits for its credentials to be put right" in pas.log()
     assert pas.status()["confirmed_instances"] == 0
+    # pas doctor: the certificate row said "ok, valid for 825 more days" above the hub's
+    # refusal, and the hub row was the hub's JSON cut at 200 characters.
+    doctor = {c["name"]: c for c in json.loads(pas.cli("doctor", "--json", check=False).stdout)}
+    assert (doctor["certificate"]["verdict"], doctor["hub"]["verdict"]) == ("fail", "fail")
+    assert doctor["certificate"]["detail"].startswith(
+        "valid by its dates, but the hub refuses it (certificate_revoked): the certificate of "
+        "site 'SITE-REVOKED' (serial "), doctor["certificate"]
+    assert doctor["hub"]["detail"].startswith(
+        "the hub refuses this appliance's certificate (certificate_revoked): the certificate "
+        "of site 'SITE-REVOKED'"), doctor["hub"]
+    assert "pas enroll --replace" in doctor["certificate"]["fix"]
 
     pas.stop()
     pas.cli("enroll", "--hub", hub.url, "--token", hub.token("SITE-REVOKED"), "--replace")

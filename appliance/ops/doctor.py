@@ -18,7 +18,6 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -78,6 +77,16 @@ def _dicom_answers(host: str, port: int, ae_title: str) -> bool:
     status = assoc.send_c_echo()
     assoc.release()
     return bool(status) and status.Status == 0
+
+
+def _tcp_answers(host: str, port: int) -> bool:
+    """Whether a TCP connection to ``host:port`` opens (the MLLP listener answers only
+    messages: a connection is all that can be asked of it without sending one)."""
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
 
 
 def _http_answers(host: str, port: int) -> bool:
@@ -206,126 +215,6 @@ def _recorded_disk_alert(settings: Settings) -> str | None:
             return cache_store.health(db)["disk_alert"]
         except Exception:
             return None
-
-
-def check_enrolment(settings: Settings) -> list[Check]:
-    from appliance.config import configured_site
-    from appliance.ops.metrics import certificate_days_left
-    from appliance.transfer.enrolment import (
-        EnrolmentError,
-        SiteMismatch,
-        check_site,
-        load_enrolment,
-    )
-
-    try:
-        enrolment = load_enrolment(settings.home)
-    except EnrolmentError as exc:
-        return [Check("enrolment", "fail", str(exc), ENROL_AGAIN)]
-    if enrolment is None:
-        return [Check("enrolment", "warn", "not enrolled with a regional hub"
-                      + _awaiting_enrolment(settings),
-                      "ask regional ops for a token, then: pas enroll --hub URL (it asks for "
-                      "the token; or --token-file FILE), then restart PAS")]
-    checks = [Check("enrolment", "ok", f"site {enrolment.site}, hub {enrolment.url}")]
-    try:  # the configuration's site is the certificate's: pas run refuses otherwise
-        check_site(settings.home, configured_site(settings))
-    except SiteMismatch as exc:
-        checks.append(Check("site", "fail", exc.problem, exc.way_out))
-    except EnrolmentError:
-        pass  # read above: the same files
-    try:
-        days = certificate_days_left(settings.home)
-    except (OSError, ValueError) as exc:
-        return checks + [Check("certificate", "fail", f"unreadable: {exc}",
-                               ENROL_AGAIN)]
-    if days is None or days < 0:
-        checks.append(Check("certificate", "fail", "client certificate missing or expired",
-                            ENROL_AGAIN))
-    elif days < 30:
-        checks.append(Check("certificate", "warn", f"expires in {counted(round(days), 'day')}",
-                            f"renew it before it expires: {ENROL_AGAIN}"))
-    else:
-        checks.append(Check("certificate", "ok",
-                            f"valid for {counted(round(days), 'more day')}"))
-    checks.extend(check_hub(enrolment))
-    return checks
-
-
-def _awaiting_enrolment(settings: Settings) -> str:
-    """What waits for the enrolment to go to the region (appliance/store/awaiting_hub.py),
-    said after "not enrolled"; nothing when none does or the index cannot be read (the
-    database check says why)."""
-    from appliance.store import awaiting_hub
-
-    with _index(settings) as db:
-        if db is None:
-            return ""
-        try:
-            instances, studies = awaiting_hub.waiting(db)
-        except Exception:  # any failure is the database check's finding
-            return ""
-    if not instances:
-        return ""
-    return (f": {counted(instances, 'instance')} of {counted(studies, 'study', 'studies')} "
-            "received meanwhile wait for it to go to the region")
-
-
-def check_hub(enrolment: object) -> list[Check]:
-    """Mutual TLS to the hub (``/api/v1/whoami``), and the clock against the hub's Date."""
-    url = enrolment.url  # type: ignore[attr-defined]
-    try:
-        with httpx.Client(base_url=url, verify=enrolment.ssl_context(),  # type: ignore[attr-defined]
-                          timeout=HUB_TIMEOUT_S) as client:
-            sent = time.time()
-            response = client.get("/api/v1/whoami")
-            received = time.time()
-    except (httpx.HTTPError, OSError) as exc:
-        return [_hub_failure(url, exc)]
-    checks = []
-    if response.status_code == 200:
-        checks.append(Check("hub", "ok", f"{url} knows us as {response.json().get('site')!r} "
-                            f"({(received - sent) * 1000:.0f} ms)"))
-    else:
-        checks.append(Check("hub", "fail", f"{url} answered {response.status_code}: "
-                            f"{response.text[:200]}",
-                            f"certificate revoked or unknown: {ENROL_AGAIN}"))
-    date = response.headers.get("date")
-    if date:
-        skew = (sent + received) / 2 - parsedate_to_datetime(date).timestamp()
-        # The Date header has 1 s resolution: allow for it.
-        detail = f"{skew:+.1f} s against the hub"
-        if abs(skew) > MAX_SKEW_FAIL_S:
-            checks.append(Check("clock", "fail", detail, "enable NTP: timedatectl set-ntp true"))
-        elif abs(skew) > MAX_SKEW_WARN_S:
-            checks.append(Check("clock", "warn", detail, "enable NTP: timedatectl set-ntp true"))
-        else:
-            checks.append(Check("clock", "ok", detail))
-    return checks
-
-
-def _hub_failure(url: str, exc: BaseException) -> Check:
-    """Why the hub could not be asked, and who acts: a certificate one end refuses (the
-    hub's TLS alert, or the hub's own certificate this end cannot verify) needs a new
-    enrolment or the CA put right, not the WAN looked at, which the connection errors said."""
-    from appliance.transfer.link_failures import trust_problem
-
-    problem = trust_problem(exc)
-    if problem is not None:
-        return Check("hub", "fail", f"{url}: {problem}",
-                     f"certificates: {ENROL_AGAIN}; if the hub's own certificate is the one "
-                     "refused, ask regional ops which fleet CA it now uses")
-    if isinstance(exc, httpx.ConnectError):
-        return Check("hub", "fail", f"cannot reach {url}: {exc}",
-                     "check the WAN link, the firewall (outgoing HTTPS to the hub) and DNS")
-    if isinstance(exc, httpx.TimeoutException):
-        # No refusal, no error: packets to the hub vanish (a WAN down, a firewall dropping
-        # them) or the hub is hung. "timed out" alone said neither what nor where.
-        return Check("hub", "fail", f"no answer from {url} within {HUB_TIMEOUT_S:.0f} s "
-                     f"({type(exc).__name__}): the hub is unreachable",
-                     "check the WAN link and the firewall (outgoing HTTPS to the hub), then "
-                     "the hub's status with regional ops")
-    return Check("hub", "fail", f"{url}: {exc}", "check the link and the hub's status")
 
 
 def _echo(calling: str, title: str, host: str, port: int,
@@ -619,7 +508,13 @@ def run_checks(config_path: Path | None = None) -> list[Check]:
     if http.enabled:
         checks.append(_port_check("HTTP port", http.host, http.port, "status page",
                                   lambda h: _http_answers(h, http.port), daemon_pid))
+    if settings.hl7.enabled:  # the RIS's orders: a port taken there lost every prefetch
+        hl7 = settings.hl7
+        checks.append(_port_check("HL7 port", hl7.host, hl7.port, "HL7 listener",
+                                  lambda h: _tcp_answers(h, hl7.port), daemon_pid))
     checks.append(check_disk(settings))
+    from appliance.ops.doctor_hub import check_enrolment  # it imports this module's Check
+
     checks.extend(check_enrolment(settings))
     checks.extend(check_destinations(settings))
     checks.extend(check_stored_data(settings))

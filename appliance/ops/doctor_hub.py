@@ -1,0 +1,181 @@
+"""``pas doctor``'s checks of the enrolment, the certificate and the regional hub.
+
+Owns: reading the enrolment and the client certificate's dates, one ``/api/v1/whoami`` to
+the hub (mutual TLS) and its Date header against this clock, and saying who acts on each
+finding. May not touch: the index beyond counting what waits for the enrolment, nor the
+hub's records. Split from appliance/ops/doctor.py when it passed 600 lines.
+"""
+
+from __future__ import annotations
+
+import time
+from email.utils import parsedate_to_datetime
+
+import httpx
+
+from appliance.config import Settings
+from appliance.ops.doctor import (
+    ENROL_AGAIN,
+    HUB_TIMEOUT_S,
+    MAX_SKEW_FAIL_S,
+    MAX_SKEW_WARN_S,
+    Check,
+    _index,
+)
+from appliance.words import counted
+
+
+def check_enrolment(settings: Settings) -> list[Check]:
+    from appliance.config import configured_site
+    from appliance.ops.metrics import certificate_days_left
+    from appliance.transfer.enrolment import (
+        EnrolmentError,
+        SiteMismatch,
+        check_site,
+        load_enrolment,
+    )
+
+    try:
+        enrolment = load_enrolment(settings.home)
+    except EnrolmentError as exc:
+        return [Check("enrolment", "fail", str(exc), ENROL_AGAIN)]
+    if enrolment is None:
+        return [Check("enrolment", "warn", "not enrolled with a regional hub"
+                      + _awaiting_enrolment(settings),
+                      "ask regional ops for a token, then: pas enroll --hub URL (it asks for "
+                      "the token; or --token-file FILE), then restart PAS")]
+    checks = [Check("enrolment", "ok", f"site {enrolment.site}, hub {enrolment.url}")]
+    try:  # the configuration's site is the certificate's: pas run refuses otherwise
+        check_site(settings.home, configured_site(settings))
+    except SiteMismatch as exc:
+        checks.append(Check("site", "fail", exc.problem, exc.way_out))
+    except EnrolmentError:
+        pass  # read above: the same files
+    try:
+        days = certificate_days_left(settings.home)
+    except (OSError, ValueError) as exc:
+        return checks + [Check("certificate", "fail", f"unreadable: {exc}",
+                               ENROL_AGAIN)]
+    if days is None or days < 0:
+        checks.append(Check("certificate", "fail", "client certificate missing or expired",
+                            ENROL_AGAIN))
+    elif days < 30:
+        checks.append(Check("certificate", "warn", f"expires in {counted(round(days), 'day')}",
+                            f"renew it before it expires: {ENROL_AGAIN}"))
+    else:
+        checks.append(Check("certificate", "ok",
+                            f"valid for {counted(round(days), 'more day')}"))
+    hub_checks = check_hub(enrolment)
+    refused = next((c for c in hub_checks if c.name == "hub" and c.verdict == "fail"
+                    and c.detail.startswith(REFUSED_BY_HUB)), None)
+    if refused is not None:  # "certificate ok, valid for 825 more days" two rows above it
+        checks[-1] = Check("certificate", "fail", f"valid by its dates, but the hub refuses "
+                           f"it ({refused.detail.split('(', 1)[1]}", refused.fix)
+    checks.extend(hub_checks)
+    return checks
+
+
+def _awaiting_enrolment(settings: Settings) -> str:
+    """What waits for the enrolment to go to the region (appliance/store/awaiting_hub.py),
+    said after "not enrolled"; nothing when none does or the index cannot be read (the
+    database check says why)."""
+    from appliance.store import awaiting_hub
+
+    with _index(settings) as db:
+        if db is None:
+            return ""
+        try:
+            instances, studies = awaiting_hub.waiting(db)
+        except Exception:  # any failure is the database check's finding
+            return ""
+    if not instances:
+        return ""
+    return (f": {counted(instances, 'instance')} of {counted(studies, 'study', 'studies')} "
+            "received meanwhile wait for it to go to the region")
+
+
+def check_hub(enrolment: object) -> list[Check]:
+    """Mutual TLS to the hub (``/api/v1/whoami``), and the clock against the hub's Date."""
+    url = enrolment.url  # type: ignore[attr-defined]
+    try:
+        with httpx.Client(base_url=url, verify=enrolment.ssl_context(),  # type: ignore[attr-defined]
+                          timeout=HUB_TIMEOUT_S) as client:
+            sent = time.time()
+            response = client.get("/api/v1/whoami")
+            received = time.time()
+    except (httpx.HTTPError, OSError) as exc:
+        return [_hub_failure(url, exc)]
+    checks = []
+    refusal = _certificate_refusal(response)
+    if response.status_code == 200:
+        checks.append(Check("hub", "ok", f"{url} knows us as {response.json().get('site')!r} "
+                            f"({(received - sent) * 1000:.0f} ms)"))
+    elif refusal is not None:  # the hub's words, not its JSON cut at 200 characters
+        error, detail = refusal
+        checks.append(Check("hub", "fail", f"{REFUSED_BY_HUB} ({error}): {detail}",
+                            f"ask regional ops for a token, then {ENROL_AGAIN}"))
+    else:
+        checks.append(Check("hub", "fail", f"{url} answered {response.status_code}: "
+                            f"{response.text[:200]}",
+                            f"certificate revoked or unknown: {ENROL_AGAIN}"))
+    date = response.headers.get("date")
+    if date:
+        skew = (sent + received) / 2 - parsedate_to_datetime(date).timestamp()
+        # The Date header has 1 s resolution: allow for it.
+        detail = f"{skew:+.1f} s against the hub"
+        if abs(skew) > MAX_SKEW_FAIL_S:
+            checks.append(Check("clock", "fail", detail, "enable NTP: timedatectl set-ntp true"))
+        elif abs(skew) > MAX_SKEW_WARN_S:
+            checks.append(Check("clock", "warn", detail, "enable NTP: timedatectl set-ntp true"))
+        else:
+            checks.append(Check("clock", "ok", detail))
+    return checks
+
+
+# How the hub row begins when the hub refuses this appliance's certificate (403
+# certificate_revoked, _unknown, _superseded); the certificate row then says so too.
+REFUSED_BY_HUB = "the hub refuses this appliance's certificate"
+
+
+def _certificate_refusal(response: httpx.Response) -> tuple[str, str] | None:
+    """(error, detail) of the hub's 403 refusing the client certificate, else None."""
+    if response.status_code != 403:
+        return None
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    error = str(body.get("error", "")) if isinstance(body, dict) else ""
+    if not error.startswith("certificate_"):
+        return None
+    return error, str(body.get("detail", ""))[:300]
+
+
+def _hub_failure(url: str, exc: BaseException) -> Check:
+    """Why the hub could not be asked, and who acts: a certificate one end refuses (the
+    hub's TLS alert, or the hub's own certificate this end cannot verify) needs a new
+    enrolment or the CA put right, not the WAN looked at, which the connection errors said."""
+    from appliance.transfer.link_failures import trust_problem
+
+    problem = trust_problem(exc)
+    if problem is not None:
+        return Check("hub", "fail", f"{url}: {problem}",
+                     f"certificates: {ENROL_AGAIN}; if the hub's own certificate is the one "
+                     "refused, ask regional ops which fleet CA it now uses")
+    if isinstance(exc, httpx.ConnectError) and "refused" in str(exc).lower():
+        # The hub's host answered: nothing listens on the port. The WAN and DNS are fine;
+        # "check the WAN link, the firewall and DNS" sent the site's IT the wrong way.
+        return Check("hub", "fail", f"cannot reach {url}: {exc} (the hub's host answered "
+                     "but nothing listens on that port)",
+                     "the hub is stopped, or a firewall rejects the port: ask regional ops")
+    if isinstance(exc, httpx.ConnectError):
+        return Check("hub", "fail", f"cannot reach {url}: {exc}",
+                     "check the WAN link, the firewall (outgoing HTTPS to the hub) and DNS")
+    if isinstance(exc, httpx.TimeoutException):
+        # No refusal, no error: packets to the hub vanish (a WAN down, a firewall dropping
+        # them) or the hub is hung. "timed out" alone said neither what nor where.
+        return Check("hub", "fail", f"no answer from {url} within {HUB_TIMEOUT_S:.0f} s "
+                     f"({type(exc).__name__}): the hub is unreachable",
+                     "check the WAN link and the firewall (outgoing HTTPS to the hub), then "
+                     "the hub's status with regional ops")
+    return Check("hub", "fail", f"{url}: {exc}", "check the link and the hub's status")
