@@ -177,3 +177,22 @@ def test_no_token_for_the_shipped_placeholder_site(hub: HubProcess) -> None:
     # A real site's name that merely resembles it is a site like any other.
     assert UTC.search(hub.cli("token", "CHANGE-ME-NOT").stderr)
     assert _tokens_issued(hub) == before + 1
+
+
+def test_a_stop_with_appliances_connected_says_so_without_an_error(
+        hub: HubProcess, tmp_path: Path) -> None:
+    """A ``systemctl stop`` of a hub whose appliances held their connections open left one
+    line, uvicorn's ``ERROR: Cancel 0 running task(s), timeout graceful shutdown exceeded``
+    (every routine restart an ERROR), and no line said the hub stopped or why."""
+    from appliance import __version__
+
+    site = enroll(hub, tmp_path / "site", "CHU-STOP")
+    with client(site) as http:  # a kept-alive TLS connection, open through the stop
+        assert http.get("/api/v1/whoami").status_code == 200
+        hub.stop()
+    said = hub.log()
+    assert f"(archive: embedded), PAS {__version__}" in said
+    assert "signal 15: stopping (requests in flight have 5 s)" in said
+    assert said.rstrip().endswith("hub stopped"), said[-500:]
+    assert "ERROR" not in said and "Cancel" not in said, said
+    assert "stop: the connections still open were closed (no request was in flight)" in said

@@ -549,10 +549,12 @@ def hub_run(config: Path | None = HubConfigOption) -> None:
     except (PKIError, OSError, SchemaTooNew) as exc:
         err.print(f"[red]cannot start the hub:[/red] {exc}", highlight=False)
         raise typer.Exit(1) from None
+    from appliance import __version__
+
     console.print(f"hub serving on https://{settings.http.host}:{settings.http.port} "
-                  f"(archive: {settings.archive.kind})")
+                  f"(archive: {settings.archive.kind}), PAS {__version__}")
     try:
-        server.run()
+        server.run()  # logs "hub stopped" (the appliance's "PAS stopped")
     finally:
         if home_lock is not None:
             home_lock.close()

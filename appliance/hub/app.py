@@ -353,6 +353,47 @@ def bind_port(host: str, port: int) -> socket.socket:
     return sock
 
 
+class _StopWords(logging.Filter):
+    """uvicorn's "Cancel 0 running task(s), timeout graceful shutdown exceeded", an ERROR at
+    every stop while appliances hold their connections open (their TLS sessions close when
+    they next look), said as what it is: nothing was cut. A stop that did cut requests in
+    flight stays a WARNING, in words (the appliances resume them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Cancel %s running task(s)"):
+            return True
+        cut = int(record.args[0]) if isinstance(record.args, tuple) and record.args else 0
+        if cut == 0:
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = ("stop: the connections still open were closed (no "
+                                       "request was in flight)"), ()
+        else:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = ("stop: %d request(s) in flight cut (their appliances "
+                                       "send them again)"), (cut,)
+        return True
+
+
+_STOP_WORDS = _StopWords()
+
+
+class _HubUvicorn(QuietServer):
+    """The hub's server: a stop by signal is logged (a stop left no line at all, and the
+    only trace of a restart was uvicorn's ERROR above)."""
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if not self.should_exit:
+            log.info("signal %d: stopping (requests in flight have %s s)", sig,
+                     self.config.timeout_graceful_shutdown)
+        super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown(sockets)
+        # Here, not after run(): uvicorn raises the signal it caught again once it served,
+        # and the process ends there.
+        log.info("hub stopped")
+
+
 class HubServer:
     """The hub on uvicorn; ``run()`` blocks (``pas hub run``), ``start()`` runs it in a thread.
     ``sock``: the port already bound (:func:`bind_port`), else it is bound here."""
@@ -369,7 +410,8 @@ class HubServer:
         except BaseException:
             self.sock.close()
             raise
-        self.server = QuietServer(config)
+        self.server = _HubUvicorn(config)
+        logging.getLogger("uvicorn.error").addFilter(_STOP_WORDS)
         self.thread: threading.Thread | None = None
 
     def run(self) -> None:
