@@ -166,6 +166,37 @@ def test_connections_are_capped_and_stalled_or_idle_ones_closed(pas_factory: Any
     wait_for(lambda: "idle for 3" in pas.log(), 10, what="the idle close logged")
 
 
+def test_a_new_connection_takes_the_place_of_the_one_silent_longest(pas_factory: Any) -> None:
+    """With every slot held by connections that send nothing (leaked by an engine, a health
+    check that never closes), the RIS was closed at once for ``idle_timeout_s`` (an hour by
+    default). Now a new connection takes the place of the one silent longest; one with a
+    message under way (test above) is never closed for another."""
+    port = free_port()
+    pas = pas_factory({"PAS_HL7__HOST": "127.0.0.1", "PAS_HL7__PORT": str(port),
+                       "PAS_HL7__MAX_CONNECTIONS": "2",
+                       "PAS_PREFETCH__DICOMWEB_URL": f"http://127.0.0.1:{free_port()}/x"})
+    wait_for(lambda: port_open("127.0.0.1", port), 15, what="the HL7 listener")
+    oldest = socket.create_connection(("127.0.0.1", port), timeout=15)
+    # Served (an ACK) and then silent: the listener has both counted.
+    assert b"MSA|AA" in exchange(oldest, "IDLE1")
+    newer = socket.create_connection(("127.0.0.1", port), timeout=15)
+    assert b"MSA|AA" in exchange(newer, "IDLE2")
+    try:
+        # Within EVICT_AFTER_IDLE_S of their last message a newcomer may be closed at once;
+        # then it is served, in the place of the oldest.
+        ris = wait_for(lambda: served(port, "RIS1"), 15, what="the RIS's connection served")
+        ris.close()
+        assert closed_by_peer(oldest)
+        assert re.search(r"closed after \d+ s silent between messages, for a new connection "
+                         r"from 127\.0\.0\.1:\d+ \(hl7\.max_connections = 2 reached\)",
+                         pas.log()), pas.log()[-2000:]
+        assert b"MSA|AA" in exchange(newer, "IDLE3")  # the other one served on
+    finally:
+        oldest.close()
+        newer.close()
+    assert "order:P700|HOSP|ORDRIS1" in {r["dedup_key"] for r in requests(pas)}
+
+
 def fields(ack: bytes) -> dict[str, list[str]]:
     """Each segment of an ACK by name, split into fields (MSH: index n is MSH-n)."""
     segments = {}

@@ -16,12 +16,17 @@ control id (in MSA-2) and the MSH fields an ACK mirrors when the message's first
 MSH, was received whole up to MSH-10 (:func:`~appliance.prefetch.acks.leading_msh`; the
 rest of the message is not parsed), so that the RIS can tell which message was refused.
 
-Bounded (invariant 8): at most ``hl7.max_connections`` connections are served, the others
-closed at once; a message not finished ``hl7.frame_timeout_s`` after its first byte gets a
-NAK and its connection is closed; a connection silent ``hl7.idle_timeout_s`` between
-messages is closed; an answer the client does not take within ``hl7.frame_timeout_s`` (a
-client that sends but never reads its ACKs, once the socket buffers are full) has its
-connection dropped: waiting on it for ever held a connection slot for ever.
+Bounded (invariant 8): at most ``hl7.max_connections`` connections are served; a new one
+beyond takes the place of the one idle longest (between messages for
+:data:`EVICT_AFTER_IDLE_S` at least: its sender reconnects when it next sends), else it is
+closed at once. It was closed at once whatever the others did: 32 connections left open
+and silent (leaked by an engine, a health check that never closes) kept the RIS out for
+``hl7.idle_timeout_s``, an hour by default. A message not finished ``hl7.frame_timeout_s``
+after its first byte gets a NAK and its connection is closed; a connection silent
+``hl7.idle_timeout_s`` between messages is closed; an answer the client does not take
+within ``hl7.frame_timeout_s`` (a client that sends but never reads its ACKs, once the
+socket buffers are full) has its connection dropped: waiting on it for ever held a
+connection slot for ever.
 """
 
 from __future__ import annotations
@@ -39,6 +44,10 @@ from appliance.prefetch.acks import HEAD_BYTES, build_ack, leading_msh
 from appliance.prefetch.charsets import message_encoding
 
 log = logging.getLogger("pas.hl7")
+
+# A connection silent between messages this long may be closed for a new one when
+# ``hl7.max_connections`` are open (one under way with a message never is).
+EVICT_AFTER_IDLE_S = 1.0
 
 START_BLOCK, END_BLOCK = b"\x0b", b"\x1c"
 FRAME_END = END_BLOCK + b"\r"
@@ -82,7 +91,9 @@ class Hl7Listener:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self._connections = 0  # served now; read and written only in the loop's thread
+        # Served now -> since when silent between messages (None: a message under way);
+        # read and written only in the loop's thread.
+        self._open: dict[HL7StreamWriter, float | None] = {}
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="pas-hl7", daemon=True)
@@ -122,17 +133,18 @@ class Hl7Listener:
         peer = writer.get_extra_info("peername")
         source = f"{peer[0]}:{peer[1]}" if peer else "?"
         loop = asyncio.get_running_loop()
-        if self._connections >= self.settings.max_connections:
+        if len(self._open) >= self.settings.max_connections and not self._make_room(source):
             log.warning("HL7 from %s: closed at once, already %d HL7 connections "
-                        "(hl7.max_connections = %d)", source, self._connections,
-                        self.settings.max_connections)
+                        "(hl7.max_connections = %d), none of them idle", source,
+                        len(self._open), self.settings.max_connections)
             writer.close()
             return
-        self._connections += 1
+        self._open[writer] = loop.time()
         try:
             while True:
+                self._open[writer] = loop.time()  # silent between messages from now
                 try:
-                    block = await self._read_frame(reader, source)
+                    block = await self._read_frame(reader, source, writer)
                 except asyncio.IncompleteReadError:
                     return  # the client closed the connection in the middle of a message
                 except Idle:
@@ -164,10 +176,29 @@ class Hl7Listener:
         except (ConnectionError, NotReading):
             return
         finally:
-            self._connections -= 1
+            self._open.pop(writer, None)
             writer.close()
 
-    async def _read_frame(self, reader: asyncio.StreamReader, source: str) -> bytes | None:
+    def _make_room(self, source: str) -> bool:
+        """Close the connection silent between messages the longest (at least
+        :data:`EVICT_AFTER_IDLE_S`) for ``source``'s; False when none is."""
+        now = asyncio.get_running_loop().time()
+        idle = [(since, writer) for writer, since in self._open.items()
+                if since is not None and now - since >= EVICT_AFTER_IDLE_S]
+        if not idle:
+            return False
+        since, oldest = min(idle, key=lambda pair: pair[0])
+        del self._open[oldest]  # its task ends at the end of stream the abort gives it
+        peer = oldest.get_extra_info("peername")
+        log.info("HL7 from %s: closed after %.0f s silent between messages, for a new "
+                 "connection from %s (hl7.max_connections = %d reached)",
+                 f"{peer[0]}:{peer[1]}" if peer else "?", now - since, source,
+                 self.settings.max_connections)
+        oldest.transport.abort()
+        return True
+
+    async def _read_frame(self, reader: asyncio.StreamReader, source: str,
+                          writer: HL7StreamWriter) -> bytes | None:
         """The next message between a start block and ``FS CR``; None at a clean end of stream.
 
         Bytes before the start block are skipped one at a time (there are none, or a few: a
@@ -182,6 +213,8 @@ class Hl7Listener:
                 byte = await reader.read(1)
         except TimeoutError:
             raise Idle from None
+        if writer in self._open:
+            self._open[writer] = None  # a message under way: never closed for another
         ended: list[bytes] = []  # the message, once its end block came: only CR is awaited
         try:
             async with asyncio.timeout(self.settings.frame_timeout_s):
