@@ -293,7 +293,8 @@ class Daemon:
         self.prefetch.start()
         self.router.on_stable.append(self.prefetch.on_study_stable)
         if self.settings.hl7.enabled:
-            self.hl7 = Hl7Listener(self.settings.hl7, self.prefetch.handle_hl7)
+            self.hl7 = Hl7Listener(self.settings.hl7, self.prefetch.handle_hl7,
+                                   self.prefetch.refused_hl7)
             try:
                 self.hl7.start()
             except OSError as exc:

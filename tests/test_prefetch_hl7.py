@@ -272,6 +272,9 @@ def test_a_test_message_is_refused_and_a_nak_before_parsing_mirrors_the_msh(
                             "message must not fetch a patient's priors")
         assert str(ack.segment("ERR")[3]) == "202^Unsupported processing id^HL70357"
         assert str(ack.segment("MSH")[11]) == processing
+        # The audit row names the message and its sender (it said the type alone).
+        assert _hl7_audit_rows(pas_hl7)[0]["detail"] == \
+            f"ORM^O01 MSH-10 T{processing} from RIS^HOSP"
     assert shape(pas_hl7) == before
     groups = [f"ORC|NW|G{n}\rOBR|1|G{n}||CT^CT||||||||||||||ACCG{n}||||||CT" for n in range(51)]
     many = "\r".join([

@@ -18,6 +18,7 @@ Found in review (2026-12-04):
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 import socket
 import threading
@@ -258,6 +259,13 @@ def test_mllp_naks_echo_the_control_id(pas_small: PasProcess, payload: bytes, co
         assert ack["MSH"][3:7] == ["PAS", "HOSP", "RIS", "HOSP"]
         assert ack["MSH"][9] == "ACK^O01^ACK"
         assert ack["MSH"][11:13] == (["P", "2.5"] if b"2.5" in payload else ["", ""])
+    # Audited as a message refused once read is, naming it (it was only logged).
+    (row,) = json.loads(pas_small.cli("audit", "--event", "hl7", "--limit", "1",
+                                      "--json").stdout)
+    assert row["outcome"].startswith("failure: ") and reason.decode() in row["outcome"], row
+    assert row["detail"] == (f"ORM^O01 MSH-10 {control} from RIS^HOSP" if control
+                             else None), row
+    assert row["actor"].startswith("127.0.0.1:"), row
     with socket.create_connection(("127.0.0.1", pas_small.hl7_port), timeout=15) as sock:  # type: ignore[attr-defined]
         after = f"OK{zlib.crc32(payload)}"
         assert f"MSA|AA|{after}".encode() in exchange(sock, after)  # served on as before

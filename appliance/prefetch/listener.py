@@ -82,9 +82,14 @@ class Stalled(Exception):
 class Hl7Listener:
     """Serve MLLP on ``settings.host:settings.port`` until :meth:`stop`."""
 
-    def __init__(self, settings: Hl7Section, handler: Callable[[str, str], str]):
+    def __init__(self, settings: Hl7Section, handler: Callable[[str, str], str],
+                 refused: Callable[[str, str, str], None] = lambda *_: None):
+        """``refused(source, reason, msh)``: told of each message refused here, before it
+        was read (``msh``: its MSH when received whole up to MSH-10, else ''), for the audit
+        trail; run in a worker thread."""
         self.settings = settings
         self.handler = handler
+        self.refused = refused
         self.port = settings.port
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
@@ -266,6 +271,12 @@ class Hl7Listener:
         (when all there up to MSH-10) the NAK echoes."""
         log.warning("HL7 from %s refused: %s", source, reason)
         message, codec = leading_msh(head.rpartition(START_BLOCK)[2], self.settings.encoding)
+        try:  # audited as a message refused once read is (it was only logged), naming the
+            # MSH the NAK echoes (none when MSH-10 may be cut short)
+            await asyncio.get_running_loop().run_in_executor(
+                None, self.refused, source, reason, str(message) if message else "")
+        except Exception:  # the trail's failure is logged there; the NAK still goes
+            log.exception("HL7 from %s: the refusal could not be audited", source)
         await self._send(writer, build_ack(message, "AR", reason, "100")
                          .encode(codec, "replace"), source)
 

@@ -20,6 +20,8 @@ from appliance.prefetch.messages import (
     NotUsed,
     PrefetchOrder,
     Refusal,
+    _field,
+    _msh_field,
     interpret,
     parse_message,
     refuse_other_processing,
@@ -94,13 +96,38 @@ def handle(db: Database, text: str, source: str,
         if message is None:  # refused before it was parsed whole: its MSH alone
             message = msh_alone(text)
         log.warning("HL7 from %s refused (%s): %s", source, refusal.ack_code, refusal.reason)
-        audit.record(db, "hl7", actor=source or None, outcome=f"failure: {refusal.reason}",
-                     detail=refusal.message_type or None)
+        audit_refusal(db, source, refusal.reason, message, refusal.message_type,
+                      refusal.control_id)
         return build_ack(message, refusal.ack_code, refusal.reason, refusal.error_code,
                          refusal.control_id), False
     except Exception as exc:  # never leave the RIS without an answer
         log.exception("HL7 from %s: internal error", source)
         return build_ack(message, "AE", f"internal error: {exc}", "207"), False
+
+
+def audit_refusal(db: Database, source: str, reason: str, message: Any,
+                  message_type: str = "", control_id: str = "") -> None:
+    """The ``hl7`` audit row of a refused message: what it was and who sent it (MSH-9,
+    MSH-10, MSH-3^MSH-4, read from ``message``, its MSH alone when no more was read), so
+    that it can be matched to the interface engine's error queue. The row said the peer's
+    address, the reason and the type only."""
+    if message is not None:
+        message_type = message_type or "^".join(
+            part for part in (_msh_part(message, "MSH.F9.R1.C1"),
+                              _msh_part(message, "MSH.F9.R1.C2")) if part)
+        control_id = control_id or _msh_field(message, 10)
+    sender = "^".join(_msh_field(message, n) for n in (3, 4)) if message is not None else ""
+    said = [message_type, f"MSH-10 {control_id}" if control_id else "",
+            f"from {sender}" if sender.strip("^") else ""]
+    audit.record(db, "hl7", actor=source or None, outcome=f"failure: {reason}",
+                 detail=" ".join(part for part in said if part) or None)
+
+
+def _msh_part(message: Any, path: str) -> str:
+    try:
+        return _field(message, path)
+    except Exception:  # a malformed MSH: the row says what could be read
+        return ""
 
 
 def _merge(db: Database, message: Any, source: str, site_issuers: Collection[str]) -> str:

@@ -23,6 +23,7 @@ from typing import Any
 from appliance.config import Settings
 from appliance.ingest.receive import Receiver
 from appliance.prefetch import orders
+from appliance.prefetch.acks import msh_alone
 from appliance.prefetch.fetcher import PriorsFetcher
 from appliance.store import prefetch as store
 from appliance.store.db import Database, now
@@ -92,6 +93,12 @@ class PrefetchService:
         if scheduled:
             self.wake.set()
         return ack
+
+    def refused_hl7(self, source: str, reason: str, msh: str) -> None:
+        """A message the MLLP listener refused before it was read (not framed, too large,
+        not finished): audited as the others are (it was only logged), named by its MSH
+        when that came whole up to MSH-10."""
+        orders.audit_refusal(self.db, source, reason, msh_alone(msh) if msh else None)
 
     def _due_at(self, scheduled_at: float | None) -> float:
         """As soon as the exam is within ``lead_time_h`` (now if it already is)."""
