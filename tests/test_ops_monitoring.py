@@ -41,7 +41,7 @@ def referenced_metric_names() -> set[str]:
 def test_alert_rules_pass_promtool_check() -> None:
     result = promtool("check", "rules", "alerts.yml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 26 rules found" in result.stdout
+    assert "SUCCESS: 29 rules found" in result.stdout
 
 
 def test_alert_rules_unit_tests_pass() -> None:
@@ -66,6 +66,9 @@ def test_alerts_cover_what_the_issue_names() -> None:
     assert "systemctl status pas-hub-backup.timer" in says and \
         "journalctl -u pas-hub-backup" in says  # what to run on the hub host
     assert "pas_jobs_waiting_for_credentials > 0" in exprs["PasApplianceCredentialsRefused"]
+    assert exprs["PasSiteCertificateUnknown"] == "pas_fleet_site_certificate_refused > 0"
+    assert exprs["PasAppliancePrefetchRegionUnreachable"] == "pas_prefetch_waiting_for_link > 0"
+    assert exprs["PasAppliancePrefetchLate"] == "pas_prefetch_late > 0"
     assert "pas_index_damaged == 1" in exprs["PasApplianceIndexDamaged"]
     assert "pas_fleet_site_index_damaged == 1" in exprs["PasSiteIndexDamaged"]
     # The hub's busy refusals (hub/bucket_bodies.py): sustained, one alert per hub.

@@ -576,3 +576,31 @@ def test_pas_status_says_when_the_prefetch_waits_fails_or_is_late(tmp_path: Any)
     finally:
         region.server_close()
         pas.stop()
+
+
+def test_the_status_page_and_metrics_say_the_region_is_unreachable_and_priors_late(
+        pas_hl7: PasProcess) -> None:
+    """``pas status`` said "N prefetch requests waiting for the link since ..." and "1 late";
+    the status page listed its rows "pending" and said neither, and /metrics had no gauge an
+    alert could watch. The region here is a closed port: an order due now waits for it."""
+    import httpx
+
+    from tests.test_ops_fleet import metric
+
+    send(pas_hl7, orm("LATE1", "ORDLATE", patient="P777", when="20200101120000"))
+    wait_for(lambda: any(r["dedup_key"] == "order:P777|HOSP|ORDLATE" and str(
+        r["last_error"] or "").startswith("waiting for the link") for r in requests(pas_hl7)),
+        30, what="the order waiting for the link")
+    status = json.loads(pas_hl7.cli("status", "--json").stdout)["prefetch"]
+    assert status["waiting_for_link"] >= 1 and status["late"] >= 1, status
+    base = f"http://127.0.0.1:{pas_hl7.http_port}"
+    page = httpx.get(f"{base}/", timeout=10).text
+    assert re.search(r'<p id=prefetch-trouble><span class="state down">\d+ requests? waiting '
+                     r"for the link to the region since [^<]+: ", page), page
+    assert re.search(r'<span class="state down">\d+ requests? late: the exam time passed, '
+                     r"the priors not on site</span>", page)
+    assert re.search(r"<td>(pending|running): waiting for the link \(late\)</td>", page), page
+    scraped = httpx.get(f"{base}/metrics", timeout=10).text
+    # Both only grow here (the region never answers, time passes): read after the status.
+    assert (metric(scraped, "pas_prefetch_waiting_for_link") or 0) >= status["waiting_for_link"]
+    assert (metric(scraped, "pas_prefetch_late") or 0) >= status["late"]

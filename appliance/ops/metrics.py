@@ -297,6 +297,18 @@ class ApplianceCollector(Collector):
             "Prefetch requests waiting for the hub to accept this appliance's certificate "
             "again (they never fail)",
             value=prefetch_refused["requests"] if prefetch_refused else 0)
+        # The region unreachable for the prefetch, and exams whose priors are not on site:
+        # pas status said both, /metrics neither, so no alert could catch a region outage.
+        summary = ops_store.prefetch_summary(self.db) or {}
+        yield GaugeMetricFamily(
+            "pas_prefetch_waiting_for_link",
+            "Prefetch requests waiting for the region to be reachable (tried again for as "
+            "long as the outage lasts, never failed)",
+            value=summary.get("waiting_for_link") or 0)
+        yield GaugeMetricFamily(
+            "pas_prefetch_late",
+            "Prefetch requests pending or running whose exam time has passed (the priors not "
+            "on site)", value=summary.get("late") or 0)
 
         uploads = ops_store.hub_upload_totals(self.db)
         wan = CounterMetricFamily("pas_wan_bytes", "Bytes on the WAN link, by direction "

@@ -337,13 +337,15 @@ def render_page(daemon: Daemon, form_token: FormToken | None = None) -> str:
         out.append("<h2>Prefetch queue</h2><div class=wrap><table id=prefetch>"
                    f"{_unreadable_row(4, unreadable['prefetch'])}</table></div>")
     if prefetch is not None:
-        out.append("<h2>Prefetch queue</h2><div class=wrap><table id=prefetch><tr>"
+        out.append("<h2>Prefetch queue</h2>")
+        out.append(_prefetch_trouble(snapshot.get("prefetch")))
+        out.append("<div class=wrap><table id=prefetch><tr>"
                    "<th>request</th><th>patient</th><th>due</th><th>state</th></tr>")
         for request in prefetch:
             out.append(
                 f"<tr><td>{_esc(request.get('id'))}</td><td>{_esc(request.get('patient_id'))}"
                 f"</td><td>{_when(request.get('due_at') or request.get('scheduled_for'))}</td>"
-                f"<td>{_esc(request.get('state'))}</td></tr>")
+                f"<td>{_esc(_prefetch_state(request))}</td></tr>")
         if not prefetch:
             out.append("<tr><td colspan=4>empty</td></tr>")
         out.append("</table></div>")
@@ -351,6 +353,41 @@ def render_page(daemon: Daemon, form_token: FormToken | None = None) -> str:
                '<a href="/metrics">metrics</a> · <a href="/api/status">JSON</a></small></p>'
                "</body></html>")
     return "".join(out)
+
+
+def _prefetch_trouble(summary: dict[str, Any] | None) -> str:
+    """What ``pas status`` says of the prefetch when something is wrong, above its table:
+    the page listed "37 P10001 ... pending" rows while the region was unreachable and an
+    exam's priors late, and said neither."""
+    if not summary:
+        return ""
+    said = []
+    if summary.get("waiting_for_link"):
+        said.append(f"{counted(summary['waiting_for_link'], 'request')} waiting for the "
+                    f"link to the region since {_when(summary.get('waiting_since'))}"
+                    + (f": {_esc(summary['link_error'])}" if summary.get("link_error")
+                       else ""))
+    if summary.get("late"):
+        said.append(f"{counted(summary['late'], 'request')} late: the exam time passed, the "
+                    "priors not on site")
+    if summary.get("failed_24h"):
+        said.append(f"{counted(summary['failed_24h'], 'request')} failed in the last 24 h"
+                    + (f": {_esc(summary['last_failure'])}" if summary.get("last_failure")
+                       else ""))
+    return "".join(f'<p id=prefetch-trouble><span class="state down">{text}</span></p>'
+                   for text in said)
+
+
+def _prefetch_state(request: dict[str, Any]) -> str:
+    """A request's state as ``pas prefetch list`` would say why it waits."""
+    state = str(request.get("state"))
+    if state in ("pending", "running") and str(request.get("last_error") or "").startswith(
+            "waiting for the link"):  # running: tried again, still waiting
+        state += ": waiting for the link"
+    scheduled = request.get("scheduled_at")
+    if request.get("state") in ("pending", "running") and scheduled and scheduled < time.time():
+        state += " (late)"
+    return state
 
 
 def routes(daemon: Daemon) -> list[BaseRoute]:

@@ -182,10 +182,10 @@ def prefetch_summary(db: Database, day_s: float = 86400.0) -> dict[str, Any] | N
         row = db.query_one(
             """SELECT count(*) FILTER (WHERE state = 'pending') AS pending,
                       count(*) FILTER (WHERE state = 'running') AS running,
-                      count(*) FILTER (WHERE state = 'pending'
+                      count(*) FILTER (WHERE state IN ('pending', 'running')
                                        AND last_error LIKE 'waiting for the link:%')
                           AS waiting_for_link,
-                      min(created_at) FILTER (WHERE state = 'pending'
+                      min(created_at) FILTER (WHERE state IN ('pending', 'running')
                                               AND last_error LIKE 'waiting for the link:%')
                           AS waiting_since,
                       count(*) FILTER (WHERE state = 'failed' AND finished_at >= ?)
@@ -197,9 +197,9 @@ def prefetch_summary(db: Database, day_s: float = 86400.0) -> dict[str, Any] | N
         failed = db.query_one(
             "SELECT last_error FROM prefetch_requests WHERE state = 'failed' AND "
             "finished_at >= ? ORDER BY finished_at DESC LIMIT 1", (at - day_s,))
-        link = db.query_one(
-            "SELECT last_error FROM prefetch_requests WHERE state = 'pending' AND last_error "
-            "LIKE 'waiting for the link:%' ORDER BY updated_at DESC LIMIT 1")
+        link = db.query_one(  # a request tried again meanwhile (running) still waits
+            "SELECT last_error FROM prefetch_requests WHERE state IN ('pending', 'running') "
+            "AND last_error LIKE 'waiting for the link:%' ORDER BY updated_at DESC LIMIT 1")
     except sqlite3.OperationalError:
         return None
     summary = dict(row) if row is not None else {}
