@@ -69,9 +69,11 @@ def commit_transfer(hub: Hub, transfer_id: str) -> dict[str, Any]:
             hub.transfer_counters.committed(row["site"], len(manifest["instances"]))
         store.remove_bucket_files(hub.settings.buckets_dir, transfer_id)
         hub.archiver.forget(transfer_id)
-        log.info("transfer %s committed: %s archived (%s); the tail took %.2f s",
-                 transfer_id, counted(len(manifest["instances"]), "instance"),
-                 hub.settings.archive.kind,
+        # The site and the study named: "did study X of site Y reach the region?" was
+        # answered by no line of the hub's journal.
+        log.info("site %s: transfer %s committed, study %s: %s archived (%s); the tail took "
+                 "%.2f s", row["site"], transfer_id, manifest["study_uid"],
+                 counted(len(manifest["instances"]), "instance"), hub.settings.archive.kind,
                  time.monotonic() - started,
                  extra={"SITE": row["site"], "STUDY_UID": manifest["study_uid"]})
         return receipt

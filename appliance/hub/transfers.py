@@ -231,7 +231,8 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
             return problem(409, "conflict", f"transfer {manifest.transfer_id} exists with "
                            "another manifest")
         if outcome == "created":
-            log.info("site %s: transfer %s created (%s, %s)", site, manifest.transfer_id,
+            log.info("site %s: transfer %s created for study %s (%s, %s)", site,
+                     manifest.transfer_id, manifest.study_uid,
                      counted(len(manifest.instances), "instance"),
                      counted(manifest.bucket_count, "bucket"),
                      extra={"SITE": site, "STUDY_UID": manifest.study_uid})
@@ -248,9 +249,16 @@ def transfer_routes(hub: Hub) -> list[BaseRoute]:
         transfer_id = request.path_params["transfer_id"]
         row = store.get_transfer(hub.db, transfer_id, request.state.site)
         if row is None:
+            # A GET is a site asking what the hub holds before it resumes (a transfer the hub
+            # never created, or expired): its normal way, said at INFO. It was a WARNING,
+            # followed at once by "created", on every resume.
             if not quiet:
-                log.warning("site %s: %s %s: unknown transfer", request.state.site,
-                            request.method, request.url.path, extra={"SITE": request.state.site})
+                log.log(logging.INFO if request.method == "GET" else logging.WARNING,
+                        "site %s: %s %s: unknown transfer%s", request.state.site,
+                        request.method, request.url.path,
+                        " (not held here: the site sends it anew)"
+                        if request.method == "GET" else "",
+                        extra={"SITE": request.state.site})
             return None, problem(404, "unknown_transfer", f"no transfer {transfer_id}")
         return row, None
 
