@@ -1,5 +1,5 @@
 """How a count reads: ``1 study``, ``2 studies``, ``0 files``; how long ago: ``3 days ago``;
-how the appliance is titled.
+how the appliance is titled; how an error reads (:func:`error_words`).
 
 Owns: the agreement of a noun with its count and how an age reads (:func:`ago`), for every
 line people read (CLI output, the status page, audit details, doctor's findings). May not
@@ -31,3 +31,20 @@ def appliance_title(site: str, ae_title: str | None = None) -> str:
     install, which looked like a bug); the AE title is labelled as such."""
     title = "PAS" if site in ("", "PAS") else f"PAS {site}"
     return f"{title} (AE {ae_title})" if ae_title else title
+
+
+# Errors whose text is empty (httpx's timeouts): what their name means, said instead.
+_SILENT_ERRORS = {
+    "PoolTimeout": "no connection to it free in time (every one busy)",
+    "ConnectTimeout": "no answer to the connection within its timeout",
+    "ReadTimeout": "no answer within its timeout",
+    "WriteTimeout": "could not send within its timeout",
+}
+
+
+def error_words(exc: BaseException) -> str:
+    """``Type: text``, as the logs and ``last_error`` say an error; for one whose text is
+    empty (``httpx.PoolTimeout()``), what its type means: ``GET studies: PoolTimeout: ``
+    ended in nothing."""
+    name, text = type(exc).__name__, str(exc).strip()
+    return f"{name}: {text or _SILENT_ERRORS.get(name, 'no detail given')}"

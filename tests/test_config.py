@@ -175,8 +175,8 @@ def test_environment_value_is_read_as_its_key_type() -> None:
                    PAS_DESTINATIONS__R__USERNAME="1000", PAS_DESTINATIONS__R__PASSWORD="2024",
                    PAS_SITE='"quoted"')
     assert result.returncode == 0, _said(result)
-    assert "site quoted, AE 1234 port 11113" in _said(result)
-    assert _said(result).endswith(" rules, 1 destination")
+    assert "site quoted, AE 1234 port 11113, HL7 port 2575, home " in _said(result)
+    assert _said(result).endswith(" 0 routing rules, 1 destination")
     settings = load_settings(environ={"PAS_DESTINATIONS__R__KIND": "stowrs",
                                       "PAS_DESTINATIONS__R__URL": "https://x",
                                       "PAS_DESTINATIONS__R__PASSWORD": "2024",
@@ -633,7 +633,8 @@ def test_check_names_a_bad_value_of_the_file_an_environment_variable_replaces(
     assert answer.returncode == 0, answer.stdout + answer.stderr
     assert json.loads(answer.stdout) == {
         "ok": True, "problems": [], "site": "CHU-Z", "site_from": "configuration",
-        "ae_title": "PAS", "port": 11113, "home": str(tmp_path / "home"), "rules": ["all"],
+        "ae_title": "PAS", "port": 11113, "hl7_port": 2575, "home": str(tmp_path / "home"),
+        "rules": ["all"],
         "destinations": {"ws": "dicom"}, "enrolled_hub": None}
     assert not (tmp_path / "home").exists()  # a check creates nothing
 

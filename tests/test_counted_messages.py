@@ -74,3 +74,13 @@ def test_hub_search_errors_count_patients_in_agreement(patients: int, said: str)
             with pytest.raises(DownloadError) as raised:
                 downloads.search(wanted)
         assert str(raised.value) == said + rest
+
+
+def test_an_error_with_no_text_is_said_by_what_its_type_means() -> None:
+    """``GET studies: PoolTimeout: `` ended in nothing (httpx's timeouts carry no text)."""
+    from appliance.words import error_words
+
+    assert error_words(httpx.PoolTimeout("")) == \
+        "PoolTimeout: no connection to it free in time (every one busy)"
+    assert error_words(ValueError("bad value")) == "ValueError: bad value"
+    assert error_words(RuntimeError()) == "RuntimeError: no detail given"

@@ -362,7 +362,7 @@ def test_a_changed_order_changes_its_pending_request(pas_hl7: PasProcess) -> Non
      "PID segment is missing"),
     (orm("", "ORD6"), "AR", "MSH-10 message control id is missing"),
     (orm("U4", "", ).replace("ACC", ""), "AE", "no order number"),
-    (orm("U5", "ORD6", when="2099-12-31"), "AE", "ORC: not an HL7 date/time: '2099-12-31'"),
+    (orm("U5", "ORD6", when="2099-12-31"), "AE", "ORC-7.4: not an HL7 date/time: '2099-12-31'"),
 ])
 def test_bad_messages_get_a_nak_with_the_reason_and_change_nothing(
         pas_hl7: PasProcess, message: str, code: str, reason: str) -> None:

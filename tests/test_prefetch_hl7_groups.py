@@ -155,7 +155,7 @@ def test_a_cancel_of_the_second_procedure_cancels_it_alone(pas_groups: PasProces
      "order group 2 of 2 (ORC #2): no order number: ORC-2, ORC-3 and the accession "
      "(OBR-18 / IPC-1) are all empty"),
     ([group("OK6"), group("BAD6", when="2099-12-31")], "AE",
-     "order group 2 of 2 (ORC #2): ORC: not an HL7 date/time: '2099-12-31'"),
+     "order group 2 of 2 (ORC #2): ORC-7.4: not an HL7 date/time: '2099-12-31'"),
     ([group("OK7") + ["OBR|2|OK7B||CTABD^CT abdomen||||||||||||||ACCOK7B||||||CT"]], "AE",
      "order group 1 (ORC #1) holds a second OBR segment: each procedure needs an ORC of its "
      "own"),

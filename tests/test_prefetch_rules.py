@@ -258,8 +258,12 @@ def test_a_change_of_a_failed_or_cancelled_request_and_one_without_a_time(
     assert (row["state"], row["attempts"], row["modality"], row["last_error"],
             row["finished_at"]) == ("pending", 0, "MR", None, None), row
     (claimed,) = store.claim_due(db)
+    store.defer(db, claimed["id"], 0.0, "waiting for the link: ConnectError: refused")
+    (claimed,) = store.claim_due(db)
     store.record_message(db, "RIS|H|c", "ORM^O01", "AA", cancel_key="order:P|H|1")
     assert store.fail_attempt(db, claimed["id"], "boom", 2, 0, claimed) == "cancelled"
+    # It said "waiting for the link: ..." once cancelled, as if it still waited.
+    assert store.list_requests(db)[0]["last_error"] is None
     store.schedule(db, order("US", 4.0, 1.0))
     (row,) = store.list_requests(db)
     assert (row["state"], row["modality"], row["scheduled_at"]) == ("cancelled", "MR", 3.0)

@@ -188,10 +188,12 @@ def config_check(path: Path | None = typer.Argument(
     from appliance.config import site_origin
 
     enrolled = " (its enrolment's)" if site_origin(settings) == "enrolment" else ""
+    # "routing rules": "0 rules" was read as the prefetch's; the HL7 port is the RIS's.
+    hl7 = f", HL7 port {settings.hl7.port}" if settings.hl7.enabled else ", HL7 off"
     console.print(f"[green]configuration OK[/green]: site {settings.site}{enrolled}, AE "
                   f"{settings.dicom.ae_title} port "
-                  f"{settings.dicom.port}, home {settings.home}, "
-                  f"{counted(len(settings.routing.rules), 'rule')}, "
+                  f"{settings.dicom.port}{hl7}, home {settings.home}, "
+                  f"{counted(len(settings.routing.rules), 'routing rule')}, "
                   f"{counted(len(settings.destinations), 'destination')}"
                   f"{_and_the_hub(settings)}")
 
@@ -216,6 +218,7 @@ def _config_check_json(settings: Settings | None, problems: list[str]) -> None:
     print(json.dumps({
         "ok": True, "problems": [], "site": settings.site, "site_from": site_origin(settings),
         "ae_title": settings.dicom.ae_title, "port": settings.dicom.port,
+        "hl7_port": settings.hl7.port if settings.hl7.enabled else None,
         "home": str(settings.home),
         "rules": [rule.name for rule in settings.routing.rules],
         "destinations": {name: destination.kind

@@ -262,9 +262,17 @@ def _time(message: hl7.Message, *paths: str) -> float | None:
         if raw:
             try:
                 return parse_hl7_time(raw)
-            except ValueError as exc:
-                raise Refusal("AE", "102", f"{path.split('.')[0]}: {exc}") from None
+            except ValueError as exc:  # the field named (it said "OBR:", of 50 fields)
+                raise Refusal("AE", "102", f"{_field_label(path)}: {exc}") from None
     return None
+
+
+def _field_label(path: str) -> str:
+    """``OBR.F27.R1.C4`` -> ``OBR-27.4``, ``PV1.F44`` -> ``PV1-44``: a field as HL7 names it."""
+    name, *steps = path.split(".")
+    indexes = {step[0]: step[1:] for step in steps}
+    component = f".{indexes['C']}" if indexes.get("C", "1") != "1" else ""
+    return f"{name}-{indexes['F']}{component}"
 
 
 # The segments :func:`interpret` reads. Of these, the first only (``message.segment``

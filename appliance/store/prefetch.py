@@ -34,7 +34,8 @@ REGION_SOURCE = "region:prefetch"
 # request's finished_at stays NULL while that attempt runs (set when it ends): an order
 # revived meanwhile is that attempt's again ('running'), not a second one run beside it.
 CANCELLABLE = "('pending', 'running')"
-CANCEL_SET = ("state = 'cancelled', updated_at = ?, "
+CANCEL_SET = ("state = 'cancelled', updated_at = ?, last_error = NULL, "  # a cancelled
+              # request kept "waiting for the link: ..." as if it still waited
               "finished_at = CASE WHEN state = 'running' THEN NULL ELSE ? END")
 
 

@@ -56,7 +56,7 @@ from appliance.transfer.download_frames import (
 from appliance.transfer.enrolment import load_enrolment
 from appliance.transfer.lanes import LANES_PATH, LaneFormatError, LaneReader, Reassembly
 from appliance.transfer.unpack import BucketFormatError, unpack_bucket
-from appliance.words import counted
+from appliance.words import counted, error_words
 
 KEEP_ALIVE_S = 25.0
 WARM_EVERY_S = 20.0
@@ -211,7 +211,7 @@ class HubDownloads:
             answer = self.client.post(self.search_url, json=body)
         except httpx.HTTPError as exc:
             raise DownloadError(f"search of {counted(len(patients), 'patient')}: "
-                                f"{type(exc).__name__}: {exc}") from exc
+                                f"{error_words(exc)}") from exc
         if self.on_downloaded is not None:
             self.on_downloaded(answer.num_bytes_downloaded)
         self._note_features(answer)
@@ -415,7 +415,7 @@ class HubDownloads:
                                         f"{buckets} arrived")
             except httpx.HTTPError as exc:
                 cut = DownloadError(f"{what} cut after {counted(buckets, 'bucket')}: "
-                                    f"{type(exc).__name__}: {exc}")
+                                    f"{error_words(exc)}")
                 cut.__cause__ = exc  # what cut it: the link (callers tell the two apart)
             except DownloadError as exc:
                 cut = exc

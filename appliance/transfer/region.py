@@ -23,6 +23,7 @@ import httpx
 
 from appliance.transfer.client import wan_timeout
 from appliance.transfer.enrolment import load_enrolment
+from appliance.words import error_words
 
 REGION_PREFIX = "/api/v1/region/dicom-web"
 DICOM_JSON = "application/dicom+json"
@@ -102,7 +103,7 @@ class RegionClient:
         try:
             response = self.client.get(url, headers={"Accept": accept})
         except httpx.HTTPError as exc:
-            raise RegionError(f"GET {path}: {type(exc).__name__}: {exc}") from exc
+            raise RegionError(f"GET {path}: {error_words(exc)}") from exc
         if self.on_downloaded is not None:
             self.on_downloaded(response.num_bytes_downloaded)
         if response.status_code >= 400:
@@ -190,7 +191,7 @@ class RegionClient:
                 if not parser.closed:
                     raise RegionError(f"GET {path}: the multipart answer was cut short")
         except httpx.HTTPError as exc:
-            raise RegionError(f"GET {path}: {type(exc).__name__}: {exc}") from exc
+            raise RegionError(f"GET {path}: {error_words(exc)}") from exc
 
     def retrieve_instance(self, instance: RegionInstance) -> bytes:
         """WADO-RS of one instance, as stored by the region (transfer-syntax=*): the Part 10
