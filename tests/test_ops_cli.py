@@ -642,3 +642,24 @@ def test_help_groups_every_command_by_what_an_operator_comes_for(
     assert "─ Commands ─" not in text  # none left out of a panel
     run, hub = text.index("│ run "), text.index("│ hub ")
     assert places[0] < run < places[1] and hub > places[-1]
+
+
+def test_status_shows_a_link_s_last_error_whole(tmp_path: Path) -> None:
+    """A link's last error was cut at 100 characters in ``pas status``'s Links table: a
+    hub's refusal ended "...the certificate of si" and never said what to do."""
+    from appliance.store import uplink as uplink_store
+    from appliance.store.db import Database
+
+    home = tmp_path / "home"
+    db = Database(home / "pas.sqlite")
+    error = ("hub: 403 {\"error\":\"certificate_revoked\",\"detail\":\"the certificate of site "
+             "'CHU-B' (serial 5f1e) is revoked\"}: ask regional ops for a token, then pas "
+             "enroll --replace and restart PAS")
+    assert len(error) > 100
+    uplink_store.record_contact(db, "hub", False, error)
+    db.close()
+    shown = _pas(home, "status", env={"COLUMNS": "120"})
+    assert shown.returncode == 0, shown.stderr
+    table = shown.stdout[shown.stdout.index("Links"):]
+    assert "pas enroll --replace and restart PAS" in " ".join(
+        table.replace("│", " ").split()), table

@@ -237,7 +237,9 @@ def status(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> No
             state = link["state"]
             if link.get("unreachable_since"):  # a local destination's outage, as dated
                 state += f" (unreachable since {_when(link['unreachable_since'])})"
-            links.add_row(name, state, _when(link["last_ok_at"]), error[:100])
+            # error_cell: whole up to 300 characters, the table wraps it; cut at 100 it
+            # ended "...the certificate of si" and never said what to do.
+            links.add_row(name, state, _when(link["last_ok_at"]), error_cell(error))
         console.print(links)
 
 
@@ -284,7 +286,7 @@ def _print_commitment(reports: dict[str, Any]) -> None:
         for row in reports["by_ae"]:
             table.add_row(row["calling_ae"], str(row["pending"]),
                           f"{row['oldest_age_s']:.0f} s", str(row["attempts"]),
-                          (row["last_error"] or "-")[:100])
+                          error_cell(row["last_error"] or "-"))
         console.print(table)
     if reports["given_up_24h"]:
         console.print(f"[red]Storage Commitment:[/red] "
