@@ -244,7 +244,7 @@ def test_orders_bring_every_prior_on_site_then_served_without_the_hub(
     row = wait_for(manual_done, 60, interval=0.3, what="the manual request")
     assert row["state"] == "fetched", row["last_error"]
     assert row["studies_found"] == 1 and row["instances_fetched"] == 0
-    detail = json.loads(pas.cli("prefetch", "show", str(row["id"])).stdout)
+    detail = json.loads(pas.cli("prefetch", "show", str(row["id"]), "--json").stdout)
     assert [st["state"] for st in detail["studies"]] == ["on_site"]
 
 
@@ -271,7 +271,7 @@ def test_new_local_study_triggers_its_priors_and_a_rule_pushes_them(
     row = wait_for(arrival_done, 60, interval=0.3, what="the on-arrival prefetch")
     assert row["state"] == "fetched", row["last_error"]
     assert row["dedup_key"] == f"arrival:{current_uid}" and row["patient_id"] == patient
-    detail = json.loads(pas.cli("prefetch", "show", str(row["id"])).stdout)
+    detail = json.loads(pas.cli("prefetch", "show", str(row["id"]), "--json").stdout)
     assert [(st["study_uid"], st["state"]) for st in detail["studies"]] == \
         [(prior_uid, "on_site")]
 

@@ -604,3 +604,27 @@ def test_the_status_page_and_metrics_say_the_region_is_unreachable_and_priors_la
     # Both only grow here (the region never answers, time passes): read after the status.
     assert (metric(scraped, "pas_prefetch_waiting_for_link") or 0) >= status["waiting_for_link"]
     assert (metric(scraped, "pas_prefetch_late") or 0) >= status["late"]
+
+
+def test_prefetch_show_says_which_messages_made_changed_and_cancelled_a_request(
+        pas_hl7: PasProcess) -> None:
+    """``pas prefetch show`` printed the row as JSON, times in epoch seconds, and which
+    control ids touched an order was in no output (an interface engineer's first question).
+    Now a table, the messages listed; ``--json`` has them too."""
+    send(pas_hl7, orm("SH1", "ORDSH", patient="P880", when="20991231120000"),
+         orm("SH2", "ORDSH", patient="P880", when="20991230080000", control_code="XO",
+             modality="MR"),
+         orm("SH3", "ORDSH", patient="P880", control_code="CA"))
+    (row,) = [r for r in requests(pas_hl7) if r["dedup_key"] == "order:P880|HOSP|ORDSH"]
+    detail = json.loads(pas_hl7.cli("prefetch", "show", str(row["id"]), "--json").stdout)
+    assert [(m["message_key"], m["message_type"], m["ack_code"]) for m in
+            detail["messages"]] == [("RIS|HOSP|SH1", "ORM^O01", "AA"),
+                                    ("RIS|HOSP|SH2", "ORM^O01", "AA"),
+                                    ("RIS|HOSP|SH3", "ORM^O01", "AA")], detail["messages"]
+    shown = pas_hl7.cli("prefetch", "show", str(row["id"])).stdout
+    cells = {line.split("│")[1].strip(): line.split("│")[2].strip()
+             for line in shown.split("HL7 message")[0].splitlines() if line.count("│") == 3}
+    assert cells["state"] == "cancelled" and cells["modality, body part"] == "MR, -", cells
+    assert cells["order, appointment or visit"] == "order:P880|HOSP|ORDSH"
+    assert re.fullmatch(r"2099-12-30 08:00", cells["exam"]), cells
+    assert "3 HL7 messages" in shown and "RIS|HOSP|SH3" in shown and "0 prior studies" in shown

@@ -105,14 +105,55 @@ def list_requests(state: PrefetchState | None = typer.Option(
 @app.command("show")
 def show(request_id: int = typer.Argument(..., min=1, max=ROW_ID_MAX,
                                          help="As pas prefetch list shows it"),
-         config: Path | None = ConfigOption) -> None:
-    """One request and the prior studies it chose."""
+         config: Path | None = ConfigOption, as_json: bool = JsonOption) -> None:
+    """One request, the HL7 messages that made, changed or cancelled it, and the prior
+    studies it chose (--json: times as epoch seconds)."""
     from appliance.store import prefetch as store
+    from appliance.store.prefetch_messages import messages_of
 
     db = _db(config)
     request = store.get_request(db, request_id)
     if request is None:
         err.print(f"[red]no prefetch request {request_id}[/red]")
         raise typer.Exit(1)
-    print(json.dumps({**request, "studies": store.studies_of_request(db, request_id)},
-                     indent=2))
+    studies = store.studies_of_request(db, request_id)
+    messages = messages_of(db, request_id, request["dedup_key"])
+    if as_json:
+        print(json.dumps({**request, "studies": studies, "messages": messages}, indent=2))
+        return
+    # A table, as pas prefetch list prints: it printed the JSON, times in epoch seconds.
+    table = Table(title=f"prefetch request {request_id}", show_header=False)
+    for label, value in (
+            ("state", request["state"]), ("trigger", request["trigger"]),
+            ("order, appointment or visit", request["dedup_key"]),
+            ("patient", f"{request['patient_id']} (issuer {request['issuer'] or '-'})"),
+            ("accession", request["accession_number"] or "-"),
+            ("modality, body part",
+             f"{request['modality'] or '-'}, {request['body_part'] or '-'}"),
+            ("exam", _when(request["scheduled_at"])), ("due", _when(request["due_at"])),
+            ("rule", request["rule"] or "-"),
+            ("attempts", f"{request['attempts']} (next {_when(request['next_attempt_at'])})"
+             if request["state"] == "pending" else str(request["attempts"])),
+            ("requested", counted(request["times_requested"], "time")),
+            ("priors", f"{request['studies_fetched']} of {request['studies_found']} on site, "
+                       f"{counted(request['instances_fetched'], 'instance')}"),
+            ("finished", _when(request["finished_at"])),
+            ("last error", error_cell(request["last_error"]) or "-")):
+        table.add_row(label, value)
+    console.print(table, highlight=False)
+    said = Table(title=counted(len(messages), "HL7 message"))
+    for column in ("received", "type", "sender and control id (MSH-3|MSH-4|MSH-10)",
+                   "answered"):
+        said.add_column(column)
+    for message in messages:
+        said.add_row(_when(message["received_at"]), message["message_type"],
+                     message["message_key"], message["ack_code"])
+    console.print(said, highlight=False)
+    priors = Table(title=counted(len(studies), "prior study", "prior studies"))
+    for column in ("study UID", "date", "modalities", "instances", "state"):
+        priors.add_column(column)
+    for study in studies:
+        priors.add_row(study["study_uid"], study["study_date"] or "",
+                       study["modalities"] or "", str(study["instances_expected"] or ""),
+                       study["state"])
+    console.print(priors, highlight=False)

@@ -4,8 +4,9 @@ earlier message with the same key meant.
 Owns: the ``prefetch_messages`` rows written when a message is applied (in the caller's
 transaction, with what the message changes: :func:`appliance.store.prefetch.record_message`
 for orders, appointments and visits, :func:`appliance.store.prefetch_merge.record_merges`
-for patient merges). Split from prefetch.py so that both share one claim. May not touch:
-the requests themselves, files or the network.
+for patient merges), and reading back those of one request (:func:`messages_of`). Split
+from prefetch.py so that both share one claim. May not touch: the requests themselves,
+files or the network.
 """
 
 from __future__ import annotations
@@ -59,3 +60,13 @@ def _recorded_meaning(conn: Any, message_key: str) -> str | None:
         return str(row["dedup_key"])
     detail = row["detail"] or ""
     return detail if detail.startswith(("cancel ", MERGED)) else None
+
+
+def messages_of(db: Any, request_id: int, dedup_key: str) -> list[dict[str, Any]]:
+    """The messages recorded for a request, oldest first: those that made or changed it
+    and those that cancelled it (``pas prefetch show``): which control ids touched an order
+    was in no output. A message of several orders names its first request only."""
+    return [dict(r) for r in db.query(
+        "SELECT message_key, received_at, message_type, ack_code FROM prefetch_messages "
+        "WHERE request_fk = ? OR detail = ? ORDER BY received_at, message_key",
+        (request_id, f"cancel {dedup_key}"))]
