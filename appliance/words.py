@@ -1,5 +1,6 @@
 """How a count reads: ``1 study``, ``2 studies``, ``0 files``; how long ago: ``3 days ago``;
-how the appliance is titled; how an error reads (:func:`error_words`).
+how the appliance is titled; how an error reads (:func:`error_words`); how a moment reads
+(:func:`local_time`).
 
 Owns: the agreement of a noun with its count and how an age reads (:func:`ago`), for every
 line people read (CLI output, the status page, audit details, doctor's findings). May not
@@ -48,3 +49,12 @@ def error_words(exc: BaseException) -> str:
     ended in nothing."""
     name, text = type(exc).__name__, str(exc).strip()
     return f"{name}: {text or _SILENT_ERRORS.get(name, 'no detail given')}"
+
+
+def local_time(at: float) -> str:
+    """A moment in this host's time, its zone named: ``2026-12-06 09:59:43 CET``. The hub's
+    pages said ``09:59:43`` beside tokens listed in UTC (``...Z``), and a region's ops, or
+    a site in another zone, could not tell which."""
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(at))

@@ -84,3 +84,15 @@ def test_an_error_with_no_text_is_said_by_what_its_type_means() -> None:
         "PoolTimeout: no connection to it free in time (every one busy)"
     assert error_words(ValueError("bad value")) == "ValueError: bad value"
     assert error_words(RuntimeError()) == "RuntimeError: no detail given"
+
+
+def test_a_moment_on_the_hub_s_pages_names_its_zone() -> None:
+    """The fleet pages said ``09:59:43`` beside tokens in UTC (``...Z``): which zone?"""
+    import time
+
+    from appliance.words import local_time
+
+    at = 1_765_000_000.0
+    assert local_time(at) == time.strftime("%Y-%m-%d %H:%M:%S ", time.localtime(at)) + \
+        time.strftime("%Z", time.localtime(at))
+    assert local_time(at).rsplit(" ", 1)[1]  # a zone name, not nothing

@@ -38,7 +38,6 @@ import html
 import json
 import math
 import time
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
@@ -54,7 +53,7 @@ from appliance.ops.backup import STALE_AFTER_S as BACKUP_STALE_AFTER_S
 from appliance.store import fleet as store
 from appliance.store.hub import enrolled_sites, hub_backup_record, revoked_sites
 from appliance.web.headers import page_headers
-from appliance.words import ago, counted
+from appliance.words import ago, counted, local_time
 
 if TYPE_CHECKING:
     from appliance.hub.app import Hub
@@ -262,7 +261,7 @@ def _never_heard(site: str, since: float) -> dict[str, Any]:
 def refused_text(refusal: Refusal, at: float, fingerprint: bool = False) -> str:
     """What a refused site's row (and with ``fingerprint``, its page) says of it: which
     certificate, why, what to do, since when."""
-    first = datetime.fromtimestamp(refusal.first_at).strftime("%Y-%m-%d %H:%M:%S")
+    first = local_time(refusal.first_at)
     sha = f" (SHA-256 {refusal.fingerprint})" if fingerprint else ""
     return (f"refused: certificate {refusal.serial}{sha} "
             "unknown to this hub (enrolled after the restored backup?): issue a token and "

@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from appliance.hub.fleet_gate import LOG_EVERY_S, LogPace
-from appliance.words import counted
+from appliance.words import counted, local_time
 
 log = logging.getLogger("pas.hub")
 
@@ -184,7 +184,7 @@ class RefusedCertificates:
 
 
 def _local(at: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+    return local_time(at)
 
 
 def _why(state: str, site: str) -> str:

@@ -11,12 +11,11 @@ heartbeats, the dashboard's rows and its table, and this module the site's own p
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from appliance.hub.fleet import STYLE, _age, _esc, refused_text
 from appliance.hub.fleet_refused import Refusal
-from appliance.words import ago, counted
+from appliance.words import ago, counted, local_time
 
 
 def _errors_list(errors: list[str]) -> str:
@@ -31,7 +30,7 @@ def render_enrolled(site: str, enrolled_at: float, at: float,
                     refusal: Refusal | None = None) -> str:
     """The page of a site enrolled that sent no heartbeat yet (it was a 404 "unknown site"
     while ``pas hub sites`` listed its certificate)."""
-    when = datetime.fromtimestamp(enrolled_at).strftime("%Y-%m-%d %H:%M:%S")
+    when = local_time(enrolled_at)
     return "".join([
         "<!doctype html><html lang=en><head><meta charset=utf-8>",
         '<meta http-equiv="refresh" content="30">',
@@ -106,7 +105,7 @@ def render_site(site: str, status: dict[str, Any], points: list[dict[str, Any]],
         delta = after["received_bytes"] - before["received_bytes"]
         if elapsed > 0 and delta >= 0:
             throughput.append((after["received_at"], round(delta / elapsed / 1e6, 3)))
-    seen = datetime.fromtimestamp(status["last_seen_at"]).strftime("%Y-%m-%d %H:%M:%S")
+    seen = local_time(status["last_seen_at"])
     return "".join([
         "<!doctype html><html lang=en><head><meta charset=utf-8>",
         '<meta http-equiv="refresh" content="30">',
