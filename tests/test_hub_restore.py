@@ -121,6 +121,10 @@ def test_a_hub_restored_into_the_empty_home_of_a_rebuilt_host_lets_its_sites_in(
         f"embedded archive's index (3 instances of {manifest['archive']['studies']} "
         f"{'study' if manifest['archive']['studies'] == 1 else 'studies'}) "
         f"configuration put back: {restored.home / 'hub.toml'} "
+        f"not in it, done at the hub after {manifest['made_at']}: sites enrolled (or enrolled "
+        "again) since must enrol again (pas hub token SITE, then pas enroll --replace at the "
+        "site: /fleet shows them refused), tokens issued since are gone, revocations since "
+        "must be done again "
         f"next: put {restored.home / 'archive' / 'spool'} back from the storage's backup (the "
         "embedded archive's images are not in a hub backup); then systemctl start pas-hub")
     assert "WARNING" in done.stderr and \
@@ -443,7 +447,12 @@ def test_a_hub_restored_in_place_names_that_backup_and_drops_staging_it_no_longe
     (hub.home / "work" / late.transfer_id).mkdir(exist_ok=True)  # its rebuild's, say
     (hub.home / "work" / late.transfer_id / "0.dcm").write_bytes(b"rebuilt")
 
-    hub.cli("restore", str(folder))
+    done = " ".join(hub.cli("restore", str(folder)).stdout.split())
+    # In place: the images are there; "put the spool back" read as if they were lost.
+    assert done.endswith(f"the embedded archive's images: {hub.home / 'archive' / 'spool'} "
+                         "is used as it is (not in a hub backup; put it back from the "
+                         "storage's backup only if it was lost) next: systemctl start "
+                         "pas-hub"), done
     hub.start()
     try:
         # (1) The restored hub's last backup is the one restored: its folder, its time.

@@ -502,12 +502,27 @@ def restored_lines(done: HubRestored) -> list[str]:
     if m.get("transfers_staging_not_in_backup"):
         lines.append(f"{counted(m['transfers_staging_not_in_backup'], 'transfer')} not "
                      "committed at the backup: their sites send every bucket again")
+    # What the hub did after the backup is not in it (docs/operations.md): said here too,
+    # where the operator is, not only in the docs.
+    lines.append(f"not in it, done at the hub after {m.get('made_at')}: sites enrolled (or "
+                 "enrolled again) since must enrol again (pas hub token SITE, then pas enroll "
+                 "--replace at the site: /fleet shows them refused), tokens issued since are "
+                 "gone, revocations since must be done again")
     todo = ["systemctl start pas-hub"]
-    if archive.get("kind") == "embedded":
-        todo.insert(0, f"put {done.home / 'archive' / 'spool'} back from the storage's backup "
-                       "(the embedded archive's images are not in a hub backup)")
+    spool = done.home / "archive" / "spool"
+    if archive.get("kind") == "embedded" and not _holds_files(spool):
+        todo.insert(0, f"put {spool} back from the storage's backup (the embedded archive's "
+                       "images are not in a hub backup)")
+    elif archive.get("kind") == "embedded":  # a restore in place: the images are there
+        lines.append(f"the embedded archive's images: {spool} is used as it is (not in a "
+                     "hub backup; put it back from the storage's backup only if it was lost)")
     lines.append("next: " + "; then ".join(todo))
     return lines
+
+
+def _holds_files(folder: Path) -> bool:
+    """Whether ``folder`` holds at least one file (a spool the restore did not touch)."""
+    return folder.is_dir() and any(path.is_file() for path in folder.rglob("*"))
 
 
 @hub_app.command("run")
