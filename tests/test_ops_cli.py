@@ -451,7 +451,8 @@ def helps(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str
     """The --help of each command the two help tests read, run once for both (they ran 49,
     24 twice: a fifth of this file's time), in a home that must not come into being."""
     home = tmp_path_factory.mktemp("helps") / "home"
-    wanted = [*_flag_commands(), [], ["prefetch"], ["queue", "retry"], *_config_commands(),
+    wanted = [*_flag_commands(), [], ["prefetch"], ["hub"], ["queue", "retry"],
+              *_config_commands(),
               *_json_commands()]
     once = [list(args) for args in dict.fromkeys(tuple(args) for args in wanted)]
     return home, _helps(home, once)
@@ -516,7 +517,8 @@ def test_help_words_each_option_once_and_lists_each_command_on_one_line(
     from appliance.cli.main import app
 
     root = typer.main.get_command(app)
-    for group, command in (("", root), ("prefetch", root.commands["prefetch"])):  # type: ignore[attr-defined]
+    for group, command in (("", root), ("prefetch", root.commands["prefetch"]),  # type: ignore[attr-defined]
+                           ("hub", root.commands["hub"])):  # type: ignore[attr-defined]
         # The top level's commands are in panels (test_help_groups_every_command...).
         panel = texts[group].split("╰", 1)[1] if group == "" else \
             texts[group].split("Commands")[1]

@@ -219,8 +219,10 @@ def hub_token(site: str = typer.Argument(..., help=SITE_HELP),
                   help="how long the token may be spent: a whole number and s, m, h or d "
                        "(72h, 7d; at most 90d)"),
               config: Path | None = HubConfigOption) -> None:
-    """Print a one-time enrolment token for SITE (stdout: the token alone; stderr: its
-    identifier and when it expires). The journal records who issued it."""
+    """Print a one-time enrolment token for SITE.
+
+    stdout: the token alone; stderr: its identifier and when it expires. The journal
+    records who issued it."""
     from appliance import logs
     from appliance.cli.common import operator_actor
     from appliance.hub.pki import HubPKI, PKIError, log_token_issued, parse_validity, utc_text
@@ -250,8 +252,10 @@ def hub_token(site: str = typer.Argument(..., help=SITE_HELP),
 
 @hub_app.command("tokens")
 def hub_tokens(config: Path | None = HubConfigOption, as_json: bool = JsonOption) -> None:
-    """Enrolment tokens issued (the latest 200): site, identifier (as the hub's log names
-    it), when issued, until when valid, and whether spent (--json: times as epoch seconds)."""
+    """Enrolment tokens issued (the latest 200), and whether spent.
+
+    Site, identifier (as the hub's log names it), when issued, until when valid, and
+    whether spent (--json: times as epoch seconds)."""
     from appliance.hub.pki import HubPKI, PKIError, utc_text
     from appliance.store.hub import list_tokens
 
@@ -280,9 +284,10 @@ def hub_tokens(config: Path | None = HubConfigOption, as_json: bool = JsonOption
 @hub_app.command("revoke")
 def hub_revoke(site: str = typer.Argument(..., help="Site name, as pas hub sites lists it"),
                config: Path | None = HubConfigOption) -> None:
-    """Refuse SITE's certificates from now on (the running hub checks every request) and
-    void its unspent enrolment tokens (a new token is the way back in). The journal records
-    who did it."""
+    """Refuse SITE's certificates from now on and void its unspent enrolment tokens.
+
+    The running hub checks every request; a new token is the way back in. The journal
+    records who did it."""
     from appliance import logs
     from appliance.cli.common import operator_actor
     from appliance.hub.pki import log_site_revoked, utc_text
@@ -314,8 +319,10 @@ def hub_revoke(site: str = typer.Argument(..., help="Site name, as pas hub sites
 
 @hub_app.command("sites")
 def hub_sites(config: Path | None = HubConfigOption, as_json: bool = JsonOption) -> None:
-    """Certificates issued, and their state: valid, revoked (when), or superseded by a
-    newer one of the site (--json: times as epoch seconds)."""
+    """Certificates issued, and their state.
+
+    Valid, revoked (when), or superseded by a newer one of the site (--json: times as
+    epoch seconds)."""
     from datetime import datetime
 
     from appliance.hub.pki import utc_text
@@ -346,8 +353,10 @@ def hub_transfers(config: Path | None = HubConfigOption,
                   limit: int = typer.Option(100, "--limit", min=1, max=ROW_ID_MAX,
                                             help="At most this many, the newest"),
                   as_json: bool = JsonOption) -> None:
-    """Transfers, newest first: buckets held, bytes received, created, committed (UTC), not
-    yet, or expired (--json: times as epoch seconds)."""
+    """Transfers, newest first: did a study reach the region, and when.
+
+    Buckets held, bytes received, created, committed (UTC), not yet, or expired (--json:
+    times as epoch seconds)."""
     from appliance.hub.pki import utc_text
     from appliance.store.hub import count_transfers, list_transfers, site_known
 

@@ -106,8 +106,10 @@ def list_requests(state: PrefetchState | None = typer.Option(
 def show(request_id: int = typer.Argument(..., min=1, max=ROW_ID_MAX,
                                          help="As pas prefetch list shows it"),
          config: Path | None = ConfigOption, as_json: bool = JsonOption) -> None:
-    """One request, the HL7 messages that made, changed or cancelled it, and the prior
-    studies it chose (--json: times as epoch seconds)."""
+    """One request, the HL7 messages that touched it, and the prior studies it chose.
+
+    The messages: those that made, changed or cancelled it, by sender and control id
+    (--json: times as epoch seconds)."""
     from appliance.store import prefetch as store
     from appliance.store.prefetch_messages import messages_of
 
