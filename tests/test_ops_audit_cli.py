@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import getpass
 import json
 import os
 import sqlite3
@@ -22,6 +21,7 @@ import httpx
 import pytest
 from pydicom import dcmread
 
+from appliance.cli.common import login_name
 from tests.support.peers import (
     CT_DIR,
     DCMTK_ENV,
@@ -33,7 +33,7 @@ from tests.support.peers import (
 )
 
 CT_A, CT_B, MR = "A002304", "A027284", "FA191122"  # patients: the CT ones have two studies
-OPERATOR = f"operator:{getpass.getuser()}"
+OPERATOR = f"operator:{login_name()}"
 COLUMNS = ["id", "at", "time", "event", "actor", "source", "target", "outcome", "detail",
            "patient", "sop_class", "query", "query_syntax"]
 

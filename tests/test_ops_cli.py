@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from appliance.cli.common import login_name
 from tests.support.peers import (
     CT_DIR,
     MR_DIR,
@@ -535,7 +536,6 @@ def test_verify_audits_the_operator_who_ran_it_and_doctor_names_what_it_found(
     done it; its log line printed a Python dict. Both name the operator now, as pas backup
     and pas cache do. ``pas doctor`` said all was well (exit 0) with files flagged missing
     or damaged; it fails now, naming them."""
-    import getpass
 
     storescu(FILES[:2], pas.port)
     (path,) = [r["path"] for r in read_rows(pas.home / "pas.sqlite",
@@ -572,7 +572,7 @@ def test_verify_audits_the_operator_who_ran_it_and_doctor_names_what_it_found(
     repaired = pas.cli("verify", "--repair", check=False)
     assert "start-up recovery: missing=1" in repaired.stderr, repaired.stderr
     assert "{'" not in repaired.stderr
-    me = f"operator:{getpass.getuser()}"
+    me = f"operator:{login_name()}"
     rows = json.loads(pas.cli("audit", "--json", "--limit", "20").stdout)
     verifies = [r["actor"] for r in rows if r["event"] == "verify"]
     recoveries = [r for r in rows if r["event"] == "recovery" and "missing=1" in r["detail"]]

@@ -181,46 +181,62 @@ def _exported_by(home: Path) -> list[str]:
     return [row[0] for row in rows]
 
 
-def test_a_backup_its_timer_started_says_so_in_the_trail(tmp_path: Path) -> None:
-    """Started by its timer, the backup's export audit row names the timer
-    (``system:pas-backup.timer``), not ``operator:pas`` as if someone had typed it; an
-    operator's own run still names the operator. Learnt from systemd's own variables, not
-    from a PAS_* one (configuration). (pas hub backup has no audit table: its log line's
-    ACTOR, in the journal under the unit, comes from the same function.)"""
-    import getpass
+def test_a_backup_s_actor_is_not_taken_from_variables_its_runner_sets(tmp_path: Path) -> None:
+    """The export audit row named the timer (``system:pas-backup.timer``) from systemd's
+    variables alone, which anyone can set: ``INVOCATION_ID=1 TRIGGER_UNIT=pas-backup.timer``
+    put an operator's action on the nightly timer, and ``LOGNAME`` named any operator. The
+    unit now comes from the process's cgroup (a service's, under ``system.slice``: the unit
+    test below), the operator from the kernel's login uid, else the effective user."""
+    from appliance.cli.common import login_name
 
     service, timer = "pas-backup.service", "pas-backup.timer"
     argv, environment, home, destination = _unit_command(service, _appliance_home, tmp_path)
-    started = {**os.environ, **environment, **TIMER_ACTIVATION, "TRIGGER_UNIT": timer}
-    by_timer = subprocess.run(argv, env=started, capture_output=True, text=True, timeout=60)
-    assert by_timer.returncode == 0, by_timer.stderr
-    typed = {key: value for key, value in {**os.environ, **environment}.items()
-             if key not in ("INVOCATION_ID", "TRIGGER_UNIT")}
-    elsewhere = tmp_path / "by-hand"  # two backups in one second: two folders
-    elsewhere.mkdir()
-    assert argv[-1] == str(destination)
-    by_hand = subprocess.run([*argv[:-1], str(elsewhere)], env=typed, capture_output=True,
-                             text=True, timeout=60)
-    assert by_hand.returncode == 0, by_hand.stderr
-    actors = _exported_by(home)
-    assert actors == [f"system:{timer}", f"operator:{getpass.getuser()}"], by_timer.stderr
+    forged = {**os.environ, **environment, **TIMER_ACTIVATION, "TRIGGER_UNIT": timer,
+              "LOGNAME": "dr_house", "USER": "dr_house"}
+    by_forger = subprocess.run(argv, env=forged, capture_output=True, text=True, timeout=60)
+    assert by_forger.returncode == 0, by_forger.stderr
+    assert _exported_by(home) == [f"operator:{login_name()}"], by_forger.stderr
+    assert login_name() != "dr_house"
 
 
-def test_a_backup_started_by_hand_with_systemctl_names_its_service(tmp_path: Path) -> None:
-    """``systemctl start pas-backup``: no TRIGGER_UNIT; the service, from the process's cgroup
-    under system.slice (cgroup v2 and v1 lines). A login shell's scope, or INVOCATION_ID
-    without a service's cgroup, is an operator."""
+def test_the_unit_that_ran_a_command_comes_from_its_cgroup(tmp_path: Path) -> None:
+    """``systemctl start pas-backup``: the service, from the process's cgroup under
+    system.slice (cgroup v2 and v1 lines); started by its timer, the timer's name
+    (``TRIGGER_UNIT``, taken only inside a service's cgroup). A login shell's scope is an
+    operator whatever its variables say; a ``TRIGGER_UNIT`` that is no unit name is not
+    written into the trail."""
     from appliance.cli.common import operator_actor
 
     cgroup = tmp_path / "cgroup"
     cgroup.write_text("1:name=systemd:/system.slice/pas-backup.service\n"
                       "0::/system.slice/pas-backup.service\n")
-    assert operator_actor({"INVOCATION_ID": "1"}, cgroup) == "system:pas-backup.service"
+    assert operator_actor({}, cgroup) == "system:pas-backup.service"
+    assert operator_actor({"TRIGGER_UNIT": "pas-backup.timer"}, cgroup) == \
+        "system:pas-backup.timer"
+    assert operator_actor({"TRIGGER_UNIT": "a timer; DROP TABLE"}, cgroup) == \
+        "system:pas-backup.service"
     cgroup.write_text("0::/user.slice/user-0.slice/session-3.scope\n")
-    assert operator_actor({"INVOCATION_ID": "1"}, cgroup).startswith("operator")
-    assert operator_actor({"TRIGGER_UNIT": "pas-backup.timer"}, cgroup).startswith("operator")
-    assert operator_actor({"INVOCATION_ID": "1", "TRIGGER_UNIT": "a timer; DROP TABLE"},
-                          cgroup).startswith("operator")
+    assert operator_actor({"INVOCATION_ID": "1", "TRIGGER_UNIT": "pas-backup.timer"},
+                          cgroup).startswith("operator:")
+
+
+def test_the_operator_is_the_login_not_the_user_sudo_switched_to(tmp_path: Path) -> None:
+    """``sudo -u pas pas ...`` (as the docs say to run the commands) set LOGNAME to ``pas``:
+    every operator's action read ``operator:pas``. The kernel's login uid says who logged
+    in (pam_loginuid); unset (a container, a service), the effective user."""
+    import pwd
+
+    from appliance.cli.common import login_name
+
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    loginuid = tmp_path / "loginuid"
+    loginuid.write_text("4294967295")
+    assert login_name(loginuid) == me
+    other = next(entry for entry in pwd.getpwall() if entry.pw_uid != os.geteuid())
+    loginuid.write_text(f"{other.pw_uid}\n")
+    assert login_name(loginuid) == f"{other.pw_name} as {me}"
+    loginuid.write_text(str(os.geteuid()))
+    assert login_name(loginuid) == me
 
 
 def test_notifier_is_a_no_op_outside_systemd() -> None:

@@ -181,20 +181,48 @@ def read_database(path: Path, migrations: list[str] | None = None,
 
 
 def operator_actor(environ: Mapping[str, str] | None = None,
-                   cgroup: Path = Path("/proc/self/cgroup")) -> str:
+                   cgroup: Path = Path("/proc/self/cgroup"),
+                   loginuid: Path = Path("/proc/self/loginuid")) -> str:
     """Who a command acts as, in the audit trail: the systemd unit that ran it,
     ``system:pas-backup.timer`` (:func:`systemd_starter`), else the operator,
-    ``operator:<login>``. Under the backup timer the login is the service's user: every
-    nightly backup read ``operator:pas``, as if someone had typed it."""
-    import getpass
+    ``operator:<login>`` (:func:`login_name`). Under the backup timer the login is the
+    service's user: every nightly backup read ``operator:pas``, as if someone had typed it.
 
+    Read from what the kernel keeps for the process, never from variables its user sets:
+    ``LOGNAME=dr_house pas cache unpin ...`` wrote ``operator:dr_house``, and
+    ``INVOCATION_ID=1 TRIGGER_UNIT=pas-backup.timer pas cache purge ...`` put an
+    operator's forced purge on the nightly timer."""
     unit = systemd_starter(os.environ if environ is None else environ, cgroup)
     if unit is not None:
         return f"system:{unit}"
+    return f"operator:{login_name(loginuid)}"
+
+
+# /proc/self/loginuid of a process no login started (a container, a service): unset.
+_NO_LOGIN_UID = 4294967295
+
+
+def login_name(loginuid: Path = Path("/proc/self/loginuid")) -> str:
+    """The login of the person at the keyboard: the audit login uid the kernel keeps from
+    the login on (pam_loginuid: ``sudo`` and ``su`` keep it, the user cannot change it),
+    else the effective user; ``alice as pas`` under ``sudo -u pas`` (which set
+    ``LOGNAME`` to ``pas``: every operator's action read ``operator:pas``)."""
+    import pwd
+
+    def name(uid: int) -> str:
+        try:
+            return pwd.getpwuid(uid).pw_name
+        except KeyError:  # no passwd entry in some containers
+            return str(uid)
+
+    effective = os.geteuid()
     try:
-        return f"operator:{getpass.getuser()}"
-    except Exception:  # no passwd entry in some containers
-        return "operator"
+        login = int(loginuid.read_text().strip())
+    except (OSError, ValueError):
+        login = _NO_LOGIN_UID
+    if login in (_NO_LOGIN_UID, effective):
+        return name(effective)
+    return f"{name(login)} as {name(effective)}"
 
 
 # A unit name as systemd writes it (systemd.unit(5)): nothing else goes into the audit trail.
@@ -203,26 +231,27 @@ _UNIT_NAME = re.compile(r"[\w:.@\\-]{1,256}\.(?:service|timer|path|socket)")
 
 def systemd_starter(environ: Mapping[str, str], cgroup: Path) -> str | None:
     """The unit that started this command, when systemd started it as a system service; None
-    otherwise (an operator's shell). Read from what systemd itself sets for a service, never
-    from a ``PAS_*`` variable (those are configuration overrides: config_env.py):
-    ``INVOCATION_ID`` (every service run), ``TRIGGER_UNIT`` (the timer or path unit that
-    activated it, systemd.exec(5)), and else the service's own name, from the process's
-    cgroup under ``system.slice`` (``systemctl start pas-backup`` by hand)."""
-    if not environ.get("INVOCATION_ID"):
-        return None
-    trigger = environ.get("TRIGGER_UNIT", "")
-    if _UNIT_NAME.fullmatch(trigger):
-        return trigger
+    otherwise (an operator's shell). The process's cgroup says it (the kernel's, under
+    ``system.slice``: the service's own name, ``systemctl start pas-backup`` by hand); only
+    then is ``TRIGGER_UNIT`` (the timer or path unit that activated the service,
+    systemd.exec(5)) taken, for the timer's name. Variables alone (``INVOCATION_ID``,
+    ``TRIGGER_UNIT``) were taken, and anyone could set them; never a ``PAS_*`` one either
+    (those are configuration overrides: config_env.py)."""
     try:
         lines = cgroup.read_text().splitlines()
     except OSError:
         return None
+    service = None
     for line in lines:  # "0::/system.slice/pas-backup.service" (v2), "1:name=systemd:/..." (v1)
         path = line.split(":", 2)[-1]
         parts = path.strip("/").split("/")
         if len(parts) >= 2 and parts[0] == "system.slice" and _UNIT_NAME.fullmatch(parts[1]):
-            return parts[1]
-    return None
+            service = parts[1]
+            break
+    if service is None:
+        return None
+    trigger = environ.get("TRIGGER_UNIT", "")
+    return trigger if _UNIT_NAME.fullmatch(trigger) else service
 
 
 # pas backup's and pas hub backup's --keep: the daily timer's way to stop filling the disk.
