@@ -232,6 +232,14 @@ class Daemon:
             self._spawn("pas-heartbeat", lambda: self.heartbeat.run(self.stopping))
         log.info("PAS ready: AE %s on %s:%d, home %s", self.settings.dicom.ae_title,
                  self.settings.dicom.host, self.listener.port, self.settings.home)
+        # ATNA's Application Activity (Application Start, PS3.15 A.5.3.1): a stop and a
+        # start were in no row, and a time the appliance was down (its database editable
+        # offline) was invisible in the trail.
+        from appliance import __version__
+
+        audit.record(self.db, "start", actor="system", outcome="success",
+                     detail=f"PAS {__version__}, AE {self.settings.dicom.ae_title} on port "
+                            f"{self.listener.port}")
         # Only now: the database is open and the SCP listens (invariant for Type=notify).
         self.notifier.ready(self.status_line())
 
@@ -349,6 +357,9 @@ class Daemon:
             self.prefetch.stop(left(10.0))
         self.dispatcher.stop(left(10.0))
         self.refusals.flush()  # the counts of refusals not written yet
+        with contextlib.suppress(Exception):  # a stop goes on whatever the trail says
+            audit.record(self.db, "stop", actor="system", outcome="success",
+                         detail="the daemon stopped")  # before the trail's last flush
         if getattr(self, "audit_trail", None) is not None:
             self.audit_trail.close()
         for thread in self._threads:

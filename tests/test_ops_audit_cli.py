@@ -142,13 +142,14 @@ def _expected(t: Trail) -> list[tuple[str, str | None, str | None, str]]:
         ("store", "MR1", t.mr, "success"),
         ("store", "CT2", t.ct_b, "success"),
         ("store", "CT1", ",".join(t.ct_a), "success"),
+        ("start", "system", None, "success"),  # ATNA's Application Start
         ("config", "system", None, "success"),  # the daemon's first start
     ]
 
 
 def _patients(t: Trail) -> list[str | None]:
     """The patients recorded with each row of :func:`_expected` (backslash-separated)."""
-    return [MR, CT_B, None, CT_A, None, f"{CT_B}\\{MR}", CT_A, MR, CT_B, CT_A, None]
+    return [MR, CT_B, None, CT_A, None, f"{CT_B}\\{MR}", CT_A, MR, CT_B, CT_A, None, None]
 
 
 def test_lists_every_row_newest_first_with_every_column(trail: Trail) -> None:
@@ -172,7 +173,7 @@ def test_lists_every_row_newest_first_with_every_column(trail: Trail) -> None:
 
     table = trail.audit().stdout
     lines = table.splitlines()
-    assert lines[0].strip() == "11 audit rows"
+    assert lines[0].strip() == "12 audit rows"
     listed_ids = [int(line.split("│")[1]) for line in lines if line.startswith("│ ")
                   and line.split("│")[1].strip().isdigit()]
     assert listed_ids == [r["id"] for r in rows]
@@ -242,9 +243,9 @@ def test_filters_by_period(trail: Trail) -> None:
 
 def test_limit_shows_the_newest_and_says_how_many_matched(trail: Trail) -> None:
     table = trail.audit("--limit", "2")
-    assert table.stdout.splitlines()[0].strip() == "2 of 11 audit rows"  # as many as shown
+    assert table.stdout.splitlines()[0].strip() == "2 of 12 audit rows"  # as many as shown
     assert table.stdout.splitlines()[-1] == (
-        "2 of 11 matching rows shown, the newest: --limit 11 to see them all")
+        "2 of 12 matching rows shown, the newest: --limit 12 to see them all")
     assert trail.mr in table.stdout and trail.ct_b in table.stdout
     assert "1.2.3.4" not in table.stdout and trail.ct_a[0] not in table.stdout
 

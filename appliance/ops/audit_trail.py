@@ -63,6 +63,12 @@ EVENT_CODES: dict[str, tuple[str, str, str]] = {
     "enrolment": ("110114", "User Authentication", "E"),
 }
 APPLICATION_ACTIVITY = ("110100", "Application Activity", "E")
+# The EventTypeCode of the events PS3.15 types itself (DCM); the others are typed by PAS's
+# own name of the event.
+EVENT_TYPES: dict[str, tuple[str, str]] = {
+    "start": ("110120", "Application Start"),
+    "stop": ("110121", "Application Stop"),
+}
 SYSLOG_FACILITY_AUTHPRIV = 10
 
 
@@ -163,8 +169,11 @@ def atna_message(entry: dict[str, Any], site: str, host: str) -> str:
     if indicator != "0":
         ET.SubElement(event, "EventOutcomeDescription").text = _xml_text(outcome)
     kind = _xml_text(entry["event"])
-    ET.SubElement(event, "EventTypeCode", {"csd-code": kind, "codeSystemName": "PAS",
-                                           "originalText": kind})
+    typed = EVENT_TYPES.get(entry["event"])
+    ET.SubElement(event, "EventTypeCode",
+                  {"csd-code": typed[0], "codeSystemName": "DCM", "originalText": typed[1]}
+                  if typed else {"csd-code": kind, "codeSystemName": "PAS",
+                                 "originalText": kind})
     actor = _xml_text(entry.get("actor") or "system")
     participant = ET.SubElement(root, "ActiveParticipant", UserID=actor,
                                 UserIsRequestor="true")

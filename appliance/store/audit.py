@@ -299,6 +299,8 @@ EVENTS: dict[str, str] = {
     "verify": "a pas verify run and its findings",
     "recovery": "what start-up recovery found and fixed",
     "config": "the configuration changed since the last start",
+    "start": "the daemon started (its version, AE title and port)",
+    "stop": "the daemon stopped",
     "security": ("access refused (an unknown calling AE, too many associations from one "
                  "source, no valid bearer token), or file permissions tightened at start-up"),
     "clock": "the wall clock stepped, stored deadlines re-based",

@@ -365,7 +365,9 @@ def test_a_clean_stop_sends_the_audit_records_still_queued(tmp_path: Path,
         recorded = _sent_by_pas(pas.home)
         pas.stop(timeout=60)
         assert pas.proc is not None and pas.proc.returncode == 0, pas.log()[-3000:]
-        assert _sent_by_pas(pas.home) == recorded  # nothing recorded during the stop
+        # Nothing recorded during the stop but its own row (ATNA Application Stop).
+        recorded[("stop", "system")] += 1
+        assert _sent_by_pas(pas.home) == recorded
         try:
             wait_for(lambda: _received(collector.messages) == recorded, 10,
                      what=f"{sum(recorded.values())} records at the collector")
@@ -375,6 +377,15 @@ def test_a_clean_stop_sends_the_audit_records_still_queued(tmp_path: Path,
                                  f"{pas.log()[-2000:]}") from None
         assert recorded[("store", "CT3")] == 1 and recorded[("config", "system")] == 1
         assert "not sent at stop" not in pas.log()
+        # ATNA's Application Activity, typed Start and Stop (PS3.15 A.5.3.1).
+        for msgid, code in (("start", "110120"), ("stop", "110121")):
+            [message] = _by_msgid(collector.messages, msgid)
+            event = message.find("EventIdentification")
+            assert event is not None
+            assert event.find("EventID").get("csd-code") == "110100"  # type: ignore[union-attr]
+            typed = event.find("EventTypeCode")
+            assert typed is not None and (typed.get("csd-code"), typed.get(
+                "codeSystemName")) == (code, "DCM"), ET.tostring(message)
     finally:
         pas.stop()
         if collector is not None:
@@ -391,7 +402,7 @@ def test_a_stop_gives_up_on_an_absent_collector_in_bounded_time_and_says_how_man
         "PAS_AUDIT__SYSLOG_CA": str(pki / "ca.crt"), "PAS_AUDIT__STOP_FLUSH_S": "1"}).start()
     try:
         _stores_while_the_collector_is_down(pas, 2, long_wait=False)
-        recorded = sum(_sent_by_pas(pas.home).values())
+        recorded = sum(_sent_by_pas(pas.home).values()) + 1  # and the stop's own row
         pas.stop()
         assert pas.proc is not None and pas.proc.returncode == 0, pas.log()[-3000:]
         # They stay in the table, past the collector's mark: the next start sends them
@@ -440,9 +451,9 @@ def test_records_the_cli_writes_reach_the_collector_and_the_journal(tmp_path: Pa
     the CLI's own process, which has no syslog sender: they were in the table only, never at
     the collector nor in the journal. The daemon's copies now read the table, and find them
     at their next poll while the daemon runs."""
-    import getpass
+    from appliance.cli.common import login_name
 
-    operator = f"operator:{getpass.getuser()}"
+    operator = f"operator:{login_name()}"
     syslog_port = free_port()
     collector = SyslogTlsCollector(pki, syslog_port).start()
     pas = PasProcess(tmp_path / "pas", _syslog_env(pki, syslog_port)).start()
@@ -510,12 +521,15 @@ def test_records_not_sent_before_a_kill_9_are_sent_once_after_the_restart(
         pas = again.start()
         _all_received_once(collector, home, pas)
         final = _sent_by_pas(home)
-        assert final - recorded == Counter() or set(final - recorded) == {
-            ("recovery", "system")}, final - recorded  # what start-up recovery cleaned
+        # The restart's own row (ATNA Application Start), and what start-up recovery cleaned.
+        assert (final - recorded)[("start", "system")] == 1, final - recorded
+        assert set(final - recorded) <= {("start", "system"), ("recovery", "system")}
         assert _received(collector.messages)[("store", "CT9")] == 1
         pas.stop(timeout=60)
         assert pas.proc is not None and pas.proc.returncode == 0, pas.log()[-3000:]
-        assert _received(collector.messages) == final
+        stopped = _sent_by_pas(home)  # and the stop's, sent by the stop's last flush
+        assert stopped - final == Counter({("stop", "system"): 1}), stopped - final
+        assert _received(collector.messages) == stopped
         assert "not sent at stop" not in pas.log()
     finally:
         pas.stop()
