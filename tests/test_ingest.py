@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from pathlib import Path
 
+import httpx
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_files
@@ -185,12 +186,26 @@ def test_unknown_and_misplaced_aes_are_rejected(pas_factory) -> None:
     assert wrong_host.returncode != 0 and "Association Rejected" in wrong_host.stderr
     wrong_called = storescu([one], pas.port, calling="CT1", called="NOTPAS", check=False)
     assert wrong_called.returncode != 0
+    assert "Called AE Title Not Recognized" in wrong_called.stderr, wrong_called.stderr
     assert pas.status()["instances"] == 0
     storescu([one], pas.port, calling="CT1")
     assert pas.status()["instances"] == 1
     log = pas.log()
     assert "'INTRUDER' from 127.0.0.1 is not a known AE" in log
     assert "'CT2' is known, but from 127.0.0.9, not 127.0.0.1" in log
+    # The wrong called AE title: rejected as before, and now said, audited and counted
+    # (pynetdicom's own rejection left none of the three).
+    assert "association from CT1 (127.0.0.1) rejected: called AE title 'NOTPAS' is not this " \
+        "appliance's (PAS)" in log
+    wait_for(lambda: any("called AE title 'NOTPAS'" in r["outcome"] for r in json.loads(
+        pas.cli("audit", "--event", "security", "--json").stdout)), 10,
+        what="the security row of the wrong called AE")
+    (row,) = [r for r in json.loads(pas.cli("audit", "--event", "security", "--json").stdout)
+              if "NOTPAS" in r["outcome"]]
+    assert (row["actor"], row["source"], row["target"]) == ("CT1", "127.0.0.1", "NOTPAS"), row
+    scraped = httpx.get(f"http://127.0.0.1:{pas.http_port}/metrics", timeout=10).text
+    assert 'pas_access_refused_total{channel="dicom",reason="unknown-called-ae"} 1.0' in \
+        scraped
 
 
 def _send_raw(port: int, path: Path) -> int:

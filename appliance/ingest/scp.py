@@ -57,6 +57,7 @@ _ABSTRACT_SYNTAX_NOT_SUPPORTED = 0x03
 _REJECT_PERMANENT = 0x01
 _SOURCE_SERVICE_USER = 0x01
 _CALLING_AE_NOT_RECOGNISED = 0x03
+_CALLED_AE_NOT_RECOGNISED = 0x07
 # A-ASSOCIATE-RJ: rejected-transient, by the service provider (presentation), local limit
 _REJECT_TRANSIENT = 0x02
 _SOURCE_PROVIDER_PRESENTATION = 0x03
@@ -230,6 +231,22 @@ class DicomListener:
             self._refused(event, "rate-limit", calling,
                           f"association rejected: more than "
                           f"{self.rate_limiter.per_minute} attempts in a minute")
+            return
+        called = str(requestor.primitive.called_ae_title).strip()
+        if called != self.config.ae_title.strip():
+            # Refused here, as pynetdicom would (require_called_aet), but said: its own
+            # rejection left no audit row, no log line and no count, while an unknown
+            # calling AE had all three (a device set up for another node, or a probe).
+            log.warning("association from %s (%s) rejected: called AE title %r is not this "
+                        "appliance's (%s)", calling, requestor.address, called,
+                        self.config.ae_title, extra={"CALLING_AE": calling})
+            event.assoc.acse.send_reject(
+                _REJECT_PERMANENT, _SOURCE_SERVICE_USER, _CALLED_AE_NOT_RECOGNISED
+            )
+            event.assoc.kill()
+            self._refused(event, "unknown-called-ae", calling,
+                          f"association rejected: called AE title {called!r} is not this "
+                          f"appliance's ({self.config.ae_title})")
             return
         proposed = [str(context.abstract_syntax) for context
                     in requestor.primitive.presentation_context_definition_list or ()]

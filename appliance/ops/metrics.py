@@ -81,9 +81,9 @@ ACCESS_REFUSED = Counter("pas_access_refused", "Access attempts refused, by chan
 # a series' first value, and a child made at the first refusal appeared at 1 (or at 40, a burst
 # between two scrapes): PasApplianceDicomTurningAway (increase(...[10m]) > 0) never fired for
 # it. The reasons of docs/operations.md's table; one named nowhere here still counts (lazily).
-REFUSAL_REASONS = {"dicom": ("unknown-ae", "rate-limit", "unaccepted-context", "invalid-pdu",
-                             "tls-certificate", "too-many-associations",
-                             "too-many-connections"),
+REFUSAL_REASONS = {"dicom": ("unknown-ae", "unknown-called-ae", "rate-limit",
+                             "unaccepted-context", "invalid-pdu", "tls-certificate",
+                             "too-many-associations", "too-many-connections"),
                    "http": ("bearer-token", "host-header")}
 for _channel, _reasons in REFUSAL_REASONS.items():
     for _reason in _reasons:
