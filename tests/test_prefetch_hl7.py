@@ -310,6 +310,18 @@ def test_cancel_order(pas_hl7: PasProcess) -> None:
     assert msa(ack)[0] == "AA"
     (row,) = [r for r in requests(pas_hl7) if r["dedup_key"] == "order:P100|HOSP|ORD5"]
     assert row["state"] == "cancelled"
+    # Each message acted on is an audit row (only refusals were): from whom, which
+    # message, for which patient, what it did.
+    rows = {r["detail"]: r for r in _hl7_audit_rows(pas_hl7)}
+    made, cancelled = rows["ORM^O01 MSH-10 K1 from RIS^HOSP"], \
+        rows["ORM^O01 MSH-10 K2 from RIS^HOSP"]
+    assert (made["outcome"], made["target"], made["patient"]) == (
+        "success", "order:P100|HOSP|ORD5", "P100"), made
+    assert cancelled["target"] == "cancel order:P100|HOSP|ORD5", cancelled
+    assert made["actor"].startswith("127.0.0.1:"), made
+    assert [r["detail"] for r in json.loads(pas_hl7.cli(
+        "audit", "--patient", "P100", "--event", "hl7", "--json").stdout)].count(
+        "ORM^O01 MSH-10 K1 from RIS^HOSP") == 1
 
 
 def test_order_cancelled_then_ordered_again_is_pending_again(pas_hl7: PasProcess) -> None:

@@ -63,8 +63,15 @@ def handle(db: Database, text: str, source: str,
                 due_at(order.scheduled_at), _procedure(order), order.update_only)
             for order in orders]
         first = orders[0]
-        recorded = store.record_message(db, first.message_key, first.message_type, "AA",
-                                        actions=actions)
+        sender = "^".join(_msh_field(message, n) for n in (3, 4))
+        what = "; ".join(("cancel " if order.cancel else "") + order.dedup_key
+                         for order in orders)
+        recorded = store.record_message(
+            db, first.message_key, first.message_type, "AA", actions=actions,
+            audit_row={"actor": source or None, "target": what[:1000],
+                       "detail": f"{first.message_type} MSH-10 {first.control_id} from "
+                                 f"{sender}",
+                       "patient": first.patient_id})
         if not recorded.first:
             return _duplicate(message, first.message_type, first.control_id, source), False
         _warn_reused(first.control_id, recorded.reused_for,

@@ -104,7 +104,8 @@ def _meaning(action: NewRequest | Cancel) -> str:
 def record_message(db: Database, message_key: str, message_type: str, ack_code: str,
                    detail: str | None = None, request: NewRequest | None = None,
                    cancel_key: str | None = None,
-                   actions: Sequence[NewRequest | Cancel] = ()) -> Recorded:
+                   actions: Sequence[NewRequest | Cancel] = (),
+                   audit_row: dict[str, Any] | None = None) -> Recorded:
     """Remember a message and (optionally) schedule or cancel its requests, in ONE
     transaction: the ACK is sent only after this commits, so a crash in between makes the RIS
     resend, and the resend is recognised. ``actions``: what each order of the message does,
@@ -119,7 +120,10 @@ def record_message(db: Database, message_key: str, message_type: str, ack_code: 
     A key already recorded for different orders (a RIS whose control ids started again
     from 1 after a reinstall) is not a resend: that message is recorded under its key and
     the orders it names, and ``reused_for`` names the earlier ones. Taken for a resend, it
-    was ACKed AA "already processed" and its orders silently dropped."""
+    was ACKed AA "already processed" and its orders silently dropped.
+
+    ``audit_row``: the ``hl7`` audit row's ``actor``, ``detail`` and ``patient``, written in
+    the same transaction when the message scheduled, changed or cancelled something."""
     at = now()
     actions = [*actions, *([request] if request is not None else []),
                *([Cancel(cancel_key)] if cancel_key is not None else [])]
@@ -158,6 +162,12 @@ def record_message(db: Database, message_key: str, message_type: str, ack_code: 
         if scheduled:  # the message's first request (a message of several names them all)
             conn.execute("UPDATE prefetch_messages SET request_fk = ? WHERE message_key = ?",
                          (scheduled[0].request_id, message_key))
+        if audit_row is not None and (scheduled or any(isinstance(a, Cancel)
+                                                       for a in actions)):
+            # The ``hl7`` row of a message acted on, with the change it records (invariant
+            # 3): only refusals were audited, so which orders came, from whom, for which
+            # patient, was in no row (an order names a patient).
+            audit.record_in(conn, "hl7", outcome="success", **audit_row)
     return Recorded(first=True, scheduled=scheduled[0] if scheduled else None,
                     reused_for=reused_for, all_scheduled=tuple(scheduled))
 
