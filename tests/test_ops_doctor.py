@@ -205,3 +205,19 @@ def test_a_bad_variable_is_named_with_its_fix_not_the_toml_file(tmp_path: Path) 
     assert code == 1 and check["verdict"] == "fail", check
     assert check["detail"] == "dicom.port: must be an integer, got 'abc' (set by PAS_DICOM__PORT)"
     assert check["fix"].startswith("fix or unset PAS_DICOM__PORT"), check
+
+
+def test_doctor_says_whether_the_audit_trail_has_a_copy_off_the_appliance(
+        tmp_path: Path) -> None:
+    """The trail's table refuses changes by trigger, which root can drop: the copy at the
+    hospital's ATNA repository is what an auditor trusts, and nothing said it was missing."""
+    env = _env(tmp_path / "home", free_port(), free_port())
+    _code, checks = _doctor(env)
+    assert checks["audit trail"]["verdict"] == "warn", checks["audit trail"]
+    assert checks["audit trail"]["detail"].startswith("kept on this appliance only")
+    assert "[audit] syslog_host" in checks["audit trail"]["fix"]
+    _code, checks = _doctor({**env, "PAS_AUDIT__SYSLOG_HOST": "atna.hospital.example",
+                             "PAS_AUDIT__SYSLOG_CA": str(tmp_path / "ca.crt")})
+    assert checks["audit trail"] == {
+        "name": "audit trail", "verdict": "ok", "fix": "",
+        "detail": "copied to atna.hospital.example:6514 (syslog over TLS)"}, checks

@@ -520,4 +520,19 @@ def run_checks(config_path: Path | None = None) -> list[Check]:
     checks.extend(check_stored_data(settings))
     checks.extend(check_commitment(settings))
     checks.extend(check_backup(settings))
+    checks.append(check_audit_copy(settings))
     return checks
+
+
+def check_audit_copy(settings: Settings) -> Check:
+    """Whether the audit trail has a copy off this appliance. Its table refuses changes by
+    trigger, which root can drop (and the journal is this host's too): a copy at the
+    hospital's ATNA repository is what an auditor can trust. Said nowhere before."""
+    audit = settings.audit
+    if not audit.syslog_host:
+        return Check("audit trail", "warn", "kept on this appliance only (its database and "
+                     "journal): anyone with root here could change it unseen",
+                     "send a copy to the hospital's ATNA repository: [audit] syslog_host "
+                     "and syslog_ca (docs/operations.md, Audit trail)")
+    return Check("audit trail", "ok", f"copied to {audit.syslog_host}:{audit.syslog_port} "
+                  "(syslog over TLS)")
