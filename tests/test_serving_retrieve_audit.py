@@ -11,6 +11,7 @@ counts of the final C-MOVE/C-GET response pynetdicom sends the viewer.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import subprocess
 from collections.abc import Iterator
@@ -225,6 +226,26 @@ def test_move_of_a_study_audits_its_completed_count(site: Site) -> None:
     assert study in row["target"]
     assert _received(site.scp.files()) == set(sops)
     assert final_counts(result.stderr, "Move") == {"completed": 3, "failed": 0, "warning": 0}
+
+
+def test_a_patient_level_move_s_row_names_the_studies_it_sent(site: Site) -> None:
+    """A patient-level C-MOVE's row had ``PATIENT PatientID=X`` as its target: no ``pas audit
+    --study`` found it, and its ATNA Study object was that text labelled a Study Instance
+    UID. Its target is now the studies it sent, their patient looked up from them."""
+    study, sops = _ct_study()
+    for old in site.scp.files():
+        old.unlink()
+    before = len(site.retrieves())
+    movescu(site, ["QueryRetrieveLevel=PATIENT", "PatientID=A002304"], "STORESCP", "-P")
+    row = site.next_retrieve(before)
+    sent = {str(dcmread(p, stop_before_pixels=True).StudyInstanceUID)
+            for p in site.scp.files()}
+    assert study in sent and row["outcome"] == "success", row
+    assert set(row["target"].split(",")) == sent, row
+    assert row["patient"] == "A002304", row
+    found = json.loads(site.pas.cli("audit", "--study", study, "--event", "retrieve",
+                                    "--json").stdout)
+    assert row["id"] in [r["id"] for r in found]
 
 
 def test_move_matching_nothing_is_a_success_of_nothing(site: Site) -> None:

@@ -391,7 +391,7 @@ class RetrieveHandlers:
                 tally, rows, stored_by=destination.title,
                 unfinished=f"failure: {what} at {destination.host}:{destination.port} did "
                            f"not complete ({watch.why()})")
-            self.audit("retrieve", calling, address, summary, outcome,
+            self.audit("retrieve", calling, address, _target(plan, summary), outcome,
                        detail=tally.detail(what))
             _log_failed_retrieve(calling, outcome, tally, what)
 
@@ -424,7 +424,7 @@ class RetrieveHandlers:
             outcome = _retrieve_outcome(
                 tally, rows, stored_by=calling,
                 unfinished="failure: C-GET did not complete (association lost)")
-            self.audit("retrieve", calling, address, summary, outcome,
+            self.audit("retrieve", calling, address, _target(plan, summary), outcome,
                        detail=tally.detail("C-GET"))
             _log_failed_retrieve(calling, outcome, tally, "C-GET")
 
@@ -493,6 +493,15 @@ def _log_failed_retrieve(calling: str, outcome: str, tally: SubOperationTally,
         return
     if outcome.startswith("failure"):
         log.warning("retrieve by %s: %s; %s", calling, outcome, tally.detail(what))
+
+
+def _target(plan: store_retrieve.RetrievePlan, summary: str) -> str:
+    """A retrieve row's target: the studies it sent, comma-joined as a store row's (their
+    patients looked up from them); what was asked (``PATIENT PatientID=X``) when no study
+    matched. It was what was asked: a patient-level C-MOVE's row was found by no ``pas
+    audit --study``, and its ATNA Study object was ``PATIENT PatientID=X`` labelled a Study
+    Instance UID (PS3.15 A.5.3.7 wants the study's UID)."""
+    return ",".join(plan.study_uids) or summary
 
 
 def _retrieve_outcome(tally: SubOperationTally, rows: Sequence[int], stored_by: str,
