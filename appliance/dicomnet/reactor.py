@@ -32,7 +32,6 @@ import contextlib
 import logging
 import os
 import queue
-import select
 import socket
 import struct
 import threading
@@ -48,6 +47,7 @@ from pynetdicom.pdu import A_ABORT_RQ
 from appliance.dicomnet import last_word
 from appliance.dicomnet.direct_receive import P_DATA_TF, DirectReceiveError, DirectReceiver
 from appliance.dicomnet.idle import peer_silent
+from appliance.dicomnet.poll import readable as poll_readable
 from appliance.dicomnet.unaccepted import UnacceptedContext
 
 log = logging.getLogger("pas.dicomnet")
@@ -450,7 +450,7 @@ def dul_run_reactor(self: DULServiceProvider) -> None:
                     waitables = [wakeup] if sock is None else [sock, wakeup]
                     # A socket closed under us raises here: the next loop sees it closed.
                     with contextlib.suppress(OSError, ValueError):
-                        readable = select.select(waitables, [], [], TICK_S)[0]
+                        readable = poll_readable(waitables, TICK_S)  # fds past 1024 too
                         drain = wakeup in readable
                         socket_readable = sock is not None and sock in readable
                 wakeup.unpark(drain)
