@@ -266,7 +266,9 @@ class Daemon:
 
         http = self.settings.http
         try:
-            self.web = WebServer(build_app(self), http.host, http.port, **self.web_tls)
+            self.web = WebServer(build_app(self), http.host, http.port,
+                                 max_connections=http.max_connections,
+                                 request_timeout_s=http.request_timeout_s, **self.web_tls)
         except OSError as exc:
             self.listener.stop()
             raise PortUnavailable(bind_refused("http.port", "http.host", http.host, http.port,
