@@ -597,6 +597,10 @@ class ServingSection(_Section):
         if self.auth == "client_cert" and missing:
             raise _cross_field(missing[0], f"required when serving.auth = 'client_cert' "
                                            f"(missing: {', '.join(missing)})")
+        if (self.tls_cert is None) != (self.tls_key is None):  # one alone: no TLS, unsaid
+            raise _cross_field("tls_key" if self.tls_key is None else "tls_cert",
+                               "required with the other: tls_cert and tls_key make the HTTP "
+                               "port speak TLS")
         return self
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import ssl
 import subprocess
@@ -204,6 +205,41 @@ def test_client_certificate_guards_the_page_even_without_dicomweb(tmp_path: Path
         assert answer.status_code == 403
     finally:
         pas.stop()
+
+
+def test_bearer_with_a_certificate_speaks_https(tmp_path: Path) -> None:
+    """``auth = "bearer"`` with ``tls_cert`` and ``tls_key``: the port stayed plain HTTP
+    (the certificate ignored, "configuration OK"), and the tokens and the images crossed the
+    network in clear. Now HTTPS, with no client certificate asked; the token still needed.
+    One of the two set alone is refused by name."""
+    ca_key, ca_cert = _issue("viewers CA", None, None, ca=True)
+    ca_crt, _ = _write(tmp_path, "ca", ca_key, ca_cert)
+    server = _write(tmp_path, "server", *_issue("pas", ca_key, ca_cert.subject, ip="127.0.0.1"))
+    pas = PasProcess(tmp_path / "pas", {
+        "PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_PREFETCH__ENABLED": "false",
+        "PAS_SERVING__AUTH": "bearer", "PAS_SERVING__BEARER_TOKENS": '["s3cret-token"]',
+        "PAS_SERVING__TLS_CERT": server[0], "PAS_SERVING__TLS_KEY": server[1]}).start()
+    try:
+        base = f"https://127.0.0.1:{pas.http_port}"
+        trusted = ssl.create_default_context(cafile=ca_crt)
+        wait_for(lambda: httpx.get(base + "/healthz", verify=trusted, timeout=5), 20,
+                 what="the HTTP port over TLS")
+        assert httpx.get(base + "/api/status", verify=trusted, timeout=5).status_code == 401
+        token = {"Authorization": "Bearer s3cret-token"}
+        assert httpx.get(base + "/api/status", verify=trusted, headers=token,
+                         timeout=5).status_code == 200
+        with pytest.raises(httpx.HTTPError):  # plain HTTP: no token in clear
+            httpx.get(f"http://127.0.0.1:{pas.http_port}/api/status", headers=token, timeout=5)
+        doctor = {c["name"]: c for c in json.loads(pas.cli("doctor", "--json",
+                                                          check=False).stdout)}
+        assert doctor["HTTP port"]["verdict"] == "ok", doctor["HTTP port"]
+    finally:
+        pas.stop()
+    alone = subprocess.run([str(PAS_BIN), "config", "check"], capture_output=True, text=True,
+                           timeout=60, env={**os.environ, "PAS_HOME": str(tmp_path / "x"),
+                                            "PAS_SERVING__TLS_CERT": server[0]})
+    assert alone.returncode == 2 and "serving.tls_key: required with the other" in \
+        " ".join(alone.stderr.split()), alone.stderr
 
 
 def _client_cert_env(tmp_path: Path) -> tuple[dict[str, str], tuple[str, str], str]:

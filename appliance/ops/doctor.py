@@ -90,12 +90,18 @@ def _tcp_answers(host: str, port: int) -> bool:
 
 
 def _http_answers(host: str, port: int) -> bool:
-    try:
-        where = f"[{host}]" if ":" in host else host  # an IPv6 literal, as URLs write it
-        response = httpx.get(f"http://{where}:{port}/healthz", timeout=5)
-        return response.status_code == 200 and response.json().get("status") == "ok"
-    except (httpx.HTTPError, ValueError):
-        return False
+    """``/healthz`` answers, over HTTP or, with ``serving.tls_cert``, HTTPS (whose
+    certificate this asks nothing of: it checks that PAS answers, not who signed it)."""
+    where = f"[{host}]" if ":" in host else host  # an IPv6 literal, as URLs write it
+    for scheme in ("http", "https"):
+        try:
+            response = httpx.get(f"{scheme}://{where}:{port}/healthz", timeout=5,
+                                 verify=False)
+            if response.status_code == 200 and response.json().get("status") == "ok":
+                return True
+        except (httpx.HTTPError, ValueError):
+            continue
+    return False
 
 
 def _port_check(name: str, host: str, port: int, what: str,

@@ -45,9 +45,9 @@ def wire_serving(daemon: Daemon) -> None:
 
 
 def web_tls(settings: Settings) -> dict[str, Any]:
-    """uvicorn TLS options when the HTTP port requires client certificates (``serving.auth =
-    "client_cert"``): the whole port then speaks TLS and refuses, in the handshake, a client
-    without a certificate from ``tls_client_ca``. Empty otherwise. Also with
+    """uvicorn TLS options when ``serving.tls_cert`` and ``tls_key`` are set: the whole port
+    speaks TLS; with ``serving.auth = "client_cert"`` it also refuses, in the handshake, a
+    client without a certificate from ``tls_client_ca``. Empty otherwise (plain HTTP). Also with
     ``serving.enabled = false``: the status page, /metrics and /api/status stay protected.
 
     The DICOM port's BCP 195 profile (appliance/ops/security.py) holds here too: uvicorn's
@@ -59,10 +59,16 @@ def web_tls(settings: Settings) -> dict[str, Any]:
     from appliance.ops.security import BCP195_TLS12_CIPHERS, check_secret_file
 
     serving = settings.serving
-    if serving.auth != "client_cert":
-        return {}
-    assert serving.tls_key is not None  # the section's check: required with client_cert
+    if serving.tls_cert is None or serving.tls_key is None:
+        return {}  # plain HTTP (the section's check: both with client_cert)
     check_secret_file(serving.tls_key, "serving.tls_key")
-    return {"ssl_certfile": str(serving.tls_cert), "ssl_keyfile": str(serving.tls_key),
-            "ssl_ca_certs": str(serving.tls_client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED,
-            "ssl_ciphers": BCP195_TLS12_CIPHERS}
+    options: dict[str, Any] = {"ssl_certfile": str(serving.tls_cert),
+                               "ssl_keyfile": str(serving.tls_key),
+                               "ssl_ciphers": BCP195_TLS12_CIPHERS}
+    if serving.auth == "client_cert":
+        options |= {"ssl_ca_certs": str(serving.tls_client_ca),
+                    "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    # With bearer (or none): TLS, no client certificate. It stayed plain HTTP whatever
+    # tls_cert said, and bearer tokens and images crossed the hospital network in clear
+    # while the administrator who set tls_cert believed the port encrypted.
+    return options

@@ -120,7 +120,7 @@ class KnownHosts:
         if settings.http.host and not is_ip_literal(settings.http.host.strip("[]")):
             names.append(settings.http.host)
         serving = settings.serving
-        if serving.auth == "client_cert" and serving.tls_cert is not None:
+        if serving.tls_cert is not None and serving.tls_key is not None:  # the port's TLS
             names.extend(certificate_names(serving.tls_cert))
         return cls(names)
 
