@@ -221,3 +221,21 @@ def test_doctor_says_whether_the_audit_trail_has_a_copy_off_the_appliance(
     assert checks["audit trail"] == {
         "name": "audit trail", "verdict": "ok", "fix": "",
         "detail": "copied to atna.hospital.example:6514 (syslog over TLS)"}, checks
+
+
+def test_doctor_warns_of_an_http_port_open_to_the_network_without_credentials(
+        tmp_path: Path) -> None:
+    """The image binds the HTTP port to every interface with serving.auth = "none": any host
+    read every study and stored into the region, and nothing said so."""
+    env = _env(tmp_path / "home", free_port(), free_port())
+    _code, checks = _doctor(env)
+    assert "HTTP access" not in checks  # 127.0.0.1, the default: this machine only
+    _code, checks = _doctor({**env, "PAS_HTTP__HOST": "0.0.0.0"})
+    found = checks["HTTP access"]
+    assert found["verdict"] == "warn" and found["detail"].startswith(
+        "0.0.0.0:"), found
+    assert "with no credential (serving.auth = \"none\")" in found["detail"]
+    assert "serving.auth = \"bearer\"" in found["fix"]
+    _code, checks = _doctor({**env, "PAS_HTTP__HOST": "0.0.0.0", "PAS_SERVING__AUTH": "bearer",
+                             "PAS_SERVING__BEARER_TOKENS": '["t"]'})
+    assert "HTTP access" not in checks

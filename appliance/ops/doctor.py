@@ -527,7 +527,30 @@ def run_checks(config_path: Path | None = None) -> list[Check]:
     checks.extend(check_commitment(settings))
     checks.extend(check_backup(settings))
     checks.append(check_audit_copy(settings))
+    open_port = check_open_http(settings)
+    if open_port is not None:
+        checks.append(open_port)
     return checks
+
+
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def check_open_http(settings: Settings) -> Check | None:
+    """The HTTP port open beyond this machine with ``serving.auth = "none"``: every host that
+    reaches it reads every study (DICOMweb, the status page's patient IDs) and stores into
+    the region (STOW-RS). The appliance image's first boot binds it to every interface, and
+    nothing said so (security review, 2026-12-06). None when it is not open so."""
+    http, serving = settings.http, settings.serving
+    if not http.enabled or serving.auth != "none" or http.host in _LOOPBACK:
+        return None
+    what = ("DICOMweb (read every study, STOW-RS into the region) and the status page"
+            if serving.enabled else "the status page (patient IDs) and /metrics")
+    return Check("HTTP access", "warn", f"{http.host}:{http.port} serves {what} to every host "
+                 "that reaches it, with no credential (serving.auth = \"none\")",
+                 "set serving.auth = \"bearer\" (with tls_cert and tls_key) or "
+                 "\"client_cert\" (docs/operations.md, Access to the HTTP port), unless the "
+                 "VLAN is trusted")
 
 
 def check_audit_copy(settings: Settings) -> Check:
