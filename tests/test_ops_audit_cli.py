@@ -414,3 +414,38 @@ def test_a_c_store_rows_study_list_is_cut_between_uids_and_says_how_many_more(
         assert row["patient"] == "CUT"
     finally:
         pas.stop()
+
+
+def test_the_configuration_s_fingerprints_are_keyed(tmp_path: Path) -> None:
+    """Each start's ``config`` row held a plain SHA-256 of each section's JSON, bearer tokens
+    and passwords included, in the trail, the journal and at the ATNA collector: whoever
+    read them could test guesses of a token offline. Now an HMAC under a key of this home
+    (0600); the same configuration again writes no row, another token names ``serving``."""
+    import hashlib
+    import os
+    import stat
+
+    from appliance.config import load_settings
+    from appliance.ops.audit_trail import FINGERPRINT_KEY, config_fingerprint
+
+    env = {"PAS_SERVING__AUTH": "bearer", "PAS_SERVING__BEARER_TOKENS": '["guess-me"]'}
+    pas = PasProcess(tmp_path / "pas", env).start()
+    pas.stop()
+    key_file = pas.home / FINGERPRINT_KEY
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    (row,) = [r for r in _rows(pas.home) if r["event"] == "config"]
+    sections = json.loads(row["detail"])["sections"]
+    settings = load_settings(environ={**{k: v for k, v in os.environ.items()
+                                         if not k.startswith("PAS_")}, **pas.env})
+    assert sections == config_fingerprint(settings, key_file.read_bytes())
+    served = json.loads(settings.model_dump_json())["serving"]
+    plain = hashlib.sha256(json.dumps(served, sort_keys=True).encode()).hexdigest()[:16]
+    assert sections["serving"] != plain  # no offline oracle
+    pas.start()
+    pas.stop()
+    assert [r["event"] for r in _rows(pas.home)].count("config") == 1  # the same: no row
+    pas.env["PAS_SERVING__BEARER_TOKENS"] = '["another"]'
+    pas.start()
+    pas.stop()
+    last = [r for r in _rows(pas.home) if r["event"] == "config"][-1]
+    assert json.loads(last["detail"])["changed"] == ["serving"], last

@@ -25,16 +25,19 @@ import base64
 import contextlib
 import datetime as dt
 import hashlib
+import hmac
 import json
 import logging
 import os
 import re
+import secrets
 import socket
 import sqlite3
 import ssl
 import threading
 import time
 import xml.etree.ElementTree as ET
+from pathlib import Path
 from typing import Any
 
 from appliance.config import AuditSection, Settings
@@ -491,17 +494,41 @@ def journal_sink(entry: dict[str, Any]) -> None:
                    "AUDIT_ID": str(entry.get("id") or "")})
 
 
-def config_fingerprint(settings: Settings) -> dict[str, str]:
-    """SHA-256 per top-level section. Secrets never leave: only hashes are compared/stored."""
+def config_fingerprint(settings: Settings, key: bytes) -> dict[str, str]:
+    """A keyed SHA-256 (HMAC) per top-level section: secrets never leave, and the key keeps
+    the fingerprints from being an oracle. They were plain SHA-256 of each section's JSON,
+    written to the trail, the journal and the ATNA collector: whoever read them could test
+    guesses of a bearer token or a destination's password offline (security review,
+    2026-12-06)."""
     data = json.loads(settings.model_dump_json())
-    return {key: hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
-            for key, value in sorted(data.items())}
+    return {name: hmac.new(key, json.dumps(value, sort_keys=True).encode(),
+                           hashlib.sha256).hexdigest()[:16]
+            for name, value in sorted(data.items())}
+
+
+FINGERPRINT_KEY = "config-fingerprint.key"  # in $PAS_HOME, 0600, made at the first start
+
+
+def fingerprint_key(home: Path) -> bytes:
+    """This home's fingerprint key, made (32 random bytes, 0600) when there is none: the
+    first start after an upgrade or a restore (not in a backup) names every section once."""
+    path = home / FINGERPRINT_KEY
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        key = secrets.token_bytes(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(key)
+            out.flush()
+            os.fsync(out.fileno())
+        return key
 
 
 def record_config_change(db: Database, settings: Settings) -> list[str]:
     """At start-up: an audit ``config`` event naming the sections that changed since the
     last start (none recorded: the first start)."""
-    fingerprint = config_fingerprint(settings)
+    fingerprint = config_fingerprint(settings, fingerprint_key(settings.home))
     previous_rows = audit.recent(db, limit=1, event="config")
     previous: dict[str, str] = {}
     if previous_rows and previous_rows[0].get("detail"):
