@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -45,7 +46,8 @@ def setup(level: str = "info") -> None:
 
 
 class _LongRecordFilter(logging.Filter):
-    """Cuts a log line, and its traceback, to a length a journal can hold.
+    """Cuts a log line, and its traceback, to a length a journal can hold; writes its
+    control characters ``\\xNN`` (a peer's value cannot begin a line of its own).
 
     A peer decides what some lines carry: pynetdicom and pydicom put a received value whole
     into their messages and tracebacks. An A-ASSOCIATE-RQ naming a 60 kB "UID" (a PDU item
@@ -62,7 +64,13 @@ class _LongRecordFilter(logging.Filter):
         except Exception:  # noqa: BLE001 - a call whose arguments do not fit its format:
             return True  # logging's own error report says so (a filter's raise reached the caller)
         if len(message) > self.MESSAGE_CHARS:
-            record.msg = _cut(message, self.MESSAGE_CHARS)
+            message = _cut(message, self.MESSAGE_CHARS)
+            record.msg, record.args = message, None
+        if _CONTROL.search(message):
+            # A peer's value (a UID "1.2\n2026-12-06 ... CRITICAL pas.audit: FORGED") wrote a
+            # line of its own, read as PAS's (security review, 2026-12-06): each control
+            # character is written \xNN, the line stays one line.
+            record.msg = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", message)
             record.args = None
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
@@ -72,6 +80,10 @@ class _LongRecordFilter(logging.Filter):
             # whose exception carries the value whole.
             record.exc_info = None
         return True
+
+
+# C0 controls (CR and LF among them) and DEL: never in a line PAS writes itself.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _cut(text: str, limit: int) -> str:

@@ -113,3 +113,37 @@ def test_a_log_call_whose_arguments_do_not_fit_never_raises_at_the_caller() -> N
                                     ("9" * 60_000,), None)
     assert _LongRecordFilter().filter(long_record) is True
     assert long_record.getMessage().endswith("... [57958 characters cut]")  # 60,006 - 2,048
+
+
+def test_a_peer_s_value_cannot_write_a_log_line_of_its_own(tmp_path) -> None:
+    """A Study Instance UID holding a line break and a forged line ("... CRITICAL pas.audit:
+    FORGED") was logged as it came: the log had a line of its own that read as PAS's
+    (security review, 2026-12-06). Each control character is written \\xNN now."""
+    from pydicom import config as pydicom_config
+    from pydicom import dcmread
+
+    from tests.support.peers import CT_DIR, PasProcess
+
+    forged = "11:00:00,000 CRITICAL pas.audit: FORGED"  # a UID is 64 characters at most
+    source = dcmread(sorted(CT_DIR.glob("*.dcm"))[0])
+    previous = pydicom_config.settings.writing_validation_mode
+    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
+    try:
+        source.StudyInstanceUID = f"1.2.826.0.1\n{forged}"
+        path = tmp_path / "forged.dcm"
+        source.save_as(path)
+    finally:
+        pydicom_config.settings.writing_validation_mode = previous
+    pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                                        "PAS_STUDY__STABLE_AFTER_S": "1"}).start()
+    try:
+        from tests.support.peers import wait_for
+        from tests.test_serving_stow_full import stow
+
+        stow(pas.http_port, [path])  # its bytes as written (a C-STORE's value was trimmed)
+
+        wait_for(lambda: f"1.2.826.0.1\\x0a{forged}" in pas.log(), 30,
+                 what="the value's line break written \\x0a")
+    finally:
+        pas.stop()
+    assert not any(line.startswith(forged) for line in pas.log().splitlines())
