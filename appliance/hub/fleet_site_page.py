@@ -26,16 +26,22 @@ def _errors_list(errors: list[str]) -> str:
             + "".join(f"<li>{_esc(error)}</li>" for error in errors) + "</ul>")
 
 
+def _page_head(site: str) -> str:
+    """A site page's head, its title and the way back to the fleet (refreshed every 30 s)."""
+    return ("<!doctype html><html lang=en><head><meta charset=utf-8>"
+            '<meta http-equiv="refresh" content="30">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>PAS {_esc(site)}</title><style>{STYLE}</style></head><body>"
+            f'<p><a href="/fleet">fleet</a></p><h1>{_esc(site)}</h1>')
+
+
 def render_enrolled(site: str, enrolled_at: float, at: float,
                     refusal: Refusal | None = None) -> str:
     """The page of a site enrolled that sent no heartbeat yet (it was a 404 "unknown site"
     while ``pas hub sites`` listed its certificate)."""
     when = local_time(enrolled_at)
     return "".join([
-        "<!doctype html><html lang=en><head><meta charset=utf-8>",
-        '<meta http-equiv="refresh" content="30">',
-        f"<title>PAS {_esc(site)}</title><style>{STYLE}</style></head><body>",
-        f'<p><a href="/fleet">fleet</a></p><h1>{_esc(site)}</h1>', _refused(refusal, at),
+        _page_head(site), _refused(refusal, at),
         f"<p id=facts>enrolled {when} ({_age(max(at - enrolled_at, 0.0))} ago); no heartbeat "
         "yet: its appliance sends one every 30 s once running and reaching the hub</p>",
         "</body></html>"])
@@ -46,10 +52,7 @@ def render_refused(site: str, refusal: Refusal, at: float) -> str:
     a certificate its CA signed (enrolled after the backup restored): the dashboard's row
     links here, and it was a 404 "unknown site"."""
     return "".join([
-        "<!doctype html><html lang=en><head><meta charset=utf-8>",
-        '<meta http-equiv="refresh" content="30">',
-        f"<title>PAS {_esc(site)}</title><style>{STYLE}</style></head><body>",
-        f'<p><a href="/fleet">fleet</a></p><h1>{_esc(site)}</h1>', _refused(refusal, at),
+        _page_head(site), _refused(refusal, at),
         f"<p id=facts>no request of this site taken by this hub; the last one refused: "
         f"{_esc(refusal.request)} from {_esc(refusal.client)}</p>",
         "</body></html>"])
@@ -107,11 +110,7 @@ def render_site(site: str, status: dict[str, Any], points: list[dict[str, Any]],
             throughput.append((after["received_at"], round(delta / elapsed / 1e6, 3)))
     seen = local_time(status["last_seen_at"])
     return "".join([
-        "<!doctype html><html lang=en><head><meta charset=utf-8>",
-        '<meta http-equiv="refresh" content="30">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>PAS {_esc(site)}</title><style>{STYLE}</style></head><body>",
-        f'<p><a href="/fleet">fleet</a></p><h1>{_esc(site)}</h1>', _refused(refusal, at),
+        _page_head(site), _refused(refusal, at),
         f"<p id=facts>version {_esc(status['version'])} · last seen {seen} · backlog "
         f"{counted(status['backlog']['studies'], 'study', 'studies')} · disk "
         f"{status['disk']['used_percent']} % · "

@@ -221,43 +221,28 @@ class DicomListener:
         # association per image, and a CT must never be throttled by a probe defence.
         pinned = self.policy.known.get(calling) == requestor.address
         if not pinned and not self.rate_limiter.allow(requestor.address):
-            log.warning("association from %s rejected: more than %d attempts in a minute",
-                        requestor.address, self.rate_limiter.per_minute,
-                        extra={"CALLING_AE": calling})
-            event.assoc.acse.send_reject(
-                _REJECT_TRANSIENT, _SOURCE_PROVIDER_PRESENTATION, _LOCAL_LIMIT_EXCEEDED
-            )
-            event.assoc.kill()
-            self._refused(event, "rate-limit", calling,
-                          f"association rejected: more than "
-                          f"{self.rate_limiter.per_minute} attempts in a minute")
+            self._reject(event, calling, "rate-limit", f" from {requestor.address}",
+                         f"more than {self.rate_limiter.per_minute} attempts in a minute",
+                         _REJECT_TRANSIENT, _SOURCE_PROVIDER_PRESENTATION,
+                         _LOCAL_LIMIT_EXCEEDED)
             return
         called = str(requestor.primitive.called_ae_title).strip()
         if called != self.config.ae_title.strip():
             # Refused here, as pynetdicom would (require_called_aet), but said: its own
             # rejection left no audit row, no log line and no count, while an unknown
             # calling AE had all three (a device set up for another node, or a probe).
-            log.warning("association from %s (%s) rejected: called AE title %r is not this "
-                        "appliance's (%s)", calling, requestor.address, called,
-                        self.config.ae_title, extra={"CALLING_AE": calling})
-            event.assoc.acse.send_reject(
-                _REJECT_PERMANENT, _SOURCE_SERVICE_USER, _CALLED_AE_NOT_RECOGNISED
-            )
-            event.assoc.kill()
-            self._refused(event, "unknown-called-ae", calling,
-                          f"association rejected: called AE title {called!r} is not this "
-                          f"appliance's ({self.config.ae_title})")
+            self._reject(event, calling, "unknown-called-ae",
+                         f" from {calling} ({requestor.address})",
+                         f"called AE title {called!r} is not this appliance's "
+                         f"({self.config.ae_title})",
+                         _REJECT_PERMANENT, _SOURCE_SERVICE_USER, _CALLED_AE_NOT_RECOGNISED)
             return
         proposed = [str(context.abstract_syntax) for context
                     in requestor.primitive.presentation_context_definition_list or ()]
         reason = self.policy.refusal(calling, requestor.address, proposed)
         if reason:
-            log.warning("association rejected: %s", reason, extra={"CALLING_AE": calling})
-            event.assoc.acse.send_reject(
-                _REJECT_PERMANENT, _SOURCE_SERVICE_USER, _CALLING_AE_NOT_RECOGNISED
-            )
-            event.assoc.kill()  # as pynetdicom does: waits until the A-ASSOCIATE-RJ is sent
-            self._refused(event, "unknown-ae", calling, f"association rejected: {reason}")
+            self._reject(event, calling, "unknown-ae", "", reason,
+                         _REJECT_PERMANENT, _SOURCE_SERVICE_USER, _CALLING_AE_NOT_RECOGNISED)
             return
         # After the AE policy: an unknown AE is told so (permanently, and audited), not
         # "busy, try again", and takes no place.
@@ -315,6 +300,16 @@ class DicomListener:
                                   target=self.config.ae_title)
         else:
             count_refusal("dicom", "invalid-pdu")
+
+    def _reject(self, event: Any, calling: str, kind: str, whose: str, why: str,
+                result: int, source: int, reason_code: int) -> None:
+        """An A-ASSOCIATE-RJ (``result``, ``source``, ``reason_code``) sent, its line in the
+        log ("association``whose`` rejected: ``why``"), its audit row and count
+        (:meth:`_refused`): the three refusals at negotiation, said alike."""
+        log.warning("association%s rejected: %s", whose, why, extra={"CALLING_AE": calling})
+        event.assoc.acse.send_reject(result, source, reason_code)
+        event.assoc.kill()  # as pynetdicom does: waits until the A-ASSOCIATE-RJ is sent
+        self._refused(event, kind, calling, f"association rejected: {why}")
 
     def _refused(self, event: Any, kind: str, calling: str, reason: str) -> None:
         """The audit row of a rejected association (after the A-ASSOCIATE-RJ is sent: the
