@@ -406,6 +406,24 @@ class Hl7Section(_Section):
     # MSH-11 processing ids acted on (P production, T training, D debugging); others are
     # refused AR 202 (appliance/prefetch/messages.py refuse_other_processing).
     processing_ids: list[Literal["P", "T", "D"]] = Field(default=["P"], min_length=1)
+    # The addresses (or networks, CIDR) of the hosts that may send HL7: the interface
+    # engine's. Empty: any host (a connection from another is closed as it opens).
+    allowed_sources: list[str] = []
+
+    @field_validator("allowed_sources")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        """Each an address or a network, refused by name here rather than letting every
+        connection in (or none) at the first message."""
+        import ipaddress
+
+        for source in value:
+            try:
+                ipaddress.ip_network(source, strict=False)
+            except ValueError:
+                raise ValueError(f"{source!r} is not an IP address or network (CIDR, "
+                                 "e.g. 10.1.2.0/24)") from None
+        return value
 
     @field_validator("encoding")
     @classmethod

@@ -303,8 +303,11 @@ class Daemon:
         self.prefetch.start()
         self.router.on_stable.append(self.prefetch.on_study_stable)
         if self.settings.hl7.enabled:
-            self.hl7 = Hl7Listener(self.settings.hl7, self.prefetch.handle_hl7,
-                                   self.prefetch.refused_hl7)
+            self.hl7 = Hl7Listener(
+                self.settings.hl7, self.prefetch.handle_hl7, self.prefetch.refused_hl7,
+                lambda address: self.refusals.refused(
+                    channel="hl7", kind="unknown-source", source=address, actor="-",
+                    reason="HL7 connection closed: not one of hl7.allowed_sources"))
             try:
                 self.hl7.start()
             except OSError as exc:

@@ -239,3 +239,16 @@ def test_doctor_warns_of_an_http_port_open_to_the_network_without_credentials(
     _code, checks = _doctor({**env, "PAS_HTTP__HOST": "0.0.0.0", "PAS_SERVING__AUTH": "bearer",
                              "PAS_SERVING__BEARER_TOKENS": '["t"]'})
     assert "HTTP access" not in checks
+
+
+def test_doctor_warns_of_an_hl7_port_open_to_every_host(tmp_path: Path) -> None:
+    """Any host reaching the HL7 port sent orders (a named patient's priors pulled from
+    the region) and merges; nothing said so."""
+    env = {**_env(tmp_path / "home", free_port(), free_port()), "PAS_HL7__HOST": "0.0.0.0",
+           "PAS_HL7__PORT": str(free_port())}
+    _code, checks = _doctor(env)
+    found = checks["HL7 access"]
+    assert found["verdict"] == "warn" and "hl7.allowed_sources is empty" in found["detail"]
+    assert "hl7.allowed_sources" in found["fix"]
+    _code, checks = _doctor({**env, "PAS_HL7__ALLOWED_SOURCES": '["10.1.2.15"]'})
+    assert "HL7 access" not in checks

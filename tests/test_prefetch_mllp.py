@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import re
 import socket
+import subprocess
 import threading
 import time
 import zlib
@@ -28,7 +30,14 @@ from typing import Any
 
 import pytest
 
-from tests.support.peers import PasProcess, free_port, pas_with_hl7, port_open, wait_for
+from tests.support.peers import (
+    PAS_BIN,
+    PasProcess,
+    free_port,
+    pas_with_hl7,
+    port_open,
+    wait_for,
+)
 from tests.support.peers import prefetch_requests as requests
 
 SB, EB = b"\x0b", b"\x1c\r"
@@ -319,3 +328,48 @@ def test_a_client_that_never_reads_its_acks_frees_its_slot(pas_factory: Any) -> 
         assert outcome and isinstance(outcome[0], (ConnectionResetError, BrokenPipeError))
     finally:
         deaf.close()
+
+
+def test_only_the_allowed_sources_may_send_hl7(pas_factory: Any, tmp_path: Any) -> None:
+    """Anyone who could reach the HL7 port sent orders (a named patient's priors pulled from
+    the region) and merges (security review, 2026-12-06). With ``hl7.allowed_sources``, a
+    connection from another host is closed as it opens, logged, counted and audited; one
+    from an allowed network is served; a value that is no address is a config error."""
+    import httpx
+
+    port = free_port()
+    env = {"PAS_HL7__HOST": "127.0.0.1", "PAS_HL7__PORT": str(port),
+           "PAS_PREFETCH__DICOMWEB_URL": f"http://127.0.0.1:{free_port()}/x"}
+    pas = pas_factory({**env, "PAS_HL7__ALLOWED_SOURCES": '["10.9.9.9", "192.0.2.0/24"]'})
+    wait_for(lambda: port_open("127.0.0.1", port), 15, what="the HL7 listener")
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        sock.sendall(SB + orm("SRC1", "ORDSRC1") + EB)
+        assert closed_by_peer(sock)  # no ACK: not an allowed source
+    wait_for(lambda: "HL7 from 127.0.0.1:" in pas.log() and "closed at once, not one of "
+             "hl7.allowed_sources" in pas.log(), 10, what="the refusal's log line")
+    assert "order:P700|HOSP|ORDSRC1" not in {r["dedup_key"] for r in requests(pas)}
+    # Audited and counted after the close (the peer does not wait for the trail).
+    wait_for(lambda: any(r["outcome"] == "failure: HL7 connection closed: not one of "
+                         "hl7.allowed_sources" and r["source"] == "127.0.0.1"
+                         for r in json.loads(pas.cli("audit", "--event", "security",
+                                                     "--json").stdout)), 10,
+             what="the security row")
+    scraped = httpx.get(f"http://127.0.0.1:{pas.http_port}/metrics", timeout=10).text
+    counted = re.search(r'pas_access_refused_total\{channel="hl7",reason="unknown-source"\} '
+                        r"(\S+)", scraped)
+    assert counted and float(counted[1]) >= 1, scraped  # port_open's probe is one too
+    doctor = {c["name"]: c for c in json.loads(pas.cli("doctor", "--json",
+                                                      check=False).stdout)}
+    assert "HL7 access" not in doctor  # loopback, and allowed sources set
+    pas.stop()
+
+    served = pas_factory({**env, "PAS_HL7__ALLOWED_SOURCES": '["127.0.0.0/8"]'})
+    wait_for(lambda: port_open("127.0.0.1", port), 15, what="the HL7 listener")
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        assert b"MSA|AA|SRC2" in exchange(sock, "SRC2")
+    served.stop()
+    bad = subprocess.run([str(PAS_BIN), "config", "check"], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "PAS_HOME": str(tmp_path / "x"),
+                                          "PAS_HL7__ALLOWED_SOURCES": '["ris.hospital"]'})
+    assert bad.returncode == 2 and "hl7.allowed_sources" in bad.stderr and \
+        "'ris.hospital' is not an IP address or network" in " ".join(bad.stderr.split())

@@ -527,10 +527,22 @@ def run_checks(config_path: Path | None = None) -> list[Check]:
     checks.extend(check_commitment(settings))
     checks.extend(check_backup(settings))
     checks.append(check_audit_copy(settings))
-    open_port = check_open_http(settings)
-    if open_port is not None:
-        checks.append(open_port)
+    for open_port in (check_open_http(settings), check_open_hl7(settings)):
+        if open_port is not None:
+            checks.append(open_port)
     return checks
+
+
+def check_open_hl7(settings: Settings) -> Check | None:
+    """The HL7 port open beyond this machine to any host (``hl7.allowed_sources`` empty):
+    whoever reaches it sends orders, which pull a named patient's priors from the region,
+    and merges. None otherwise."""
+    hl7 = settings.hl7
+    if not hl7.enabled or hl7.allowed_sources or hl7.host in _LOOPBACK:
+        return None
+    return Check("HL7 access", "warn", f"{hl7.host}:{hl7.port} takes orders and merges from "
+                 "every host that reaches it (hl7.allowed_sources is empty)",
+                 "set hl7.allowed_sources to the interface engine's address (or network)")
 
 
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")

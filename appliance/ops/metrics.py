@@ -84,7 +84,8 @@ ACCESS_REFUSED = Counter("pas_access_refused", "Access attempts refused, by chan
 REFUSAL_REASONS = {"dicom": ("unknown-ae", "unknown-called-ae", "rate-limit",
                              "unaccepted-context", "invalid-pdu", "tls-certificate",
                              "too-many-associations", "too-many-connections"),
-                   "http": ("bearer-token", "host-header")}
+                   "http": ("bearer-token", "host-header"),
+                   "hl7": ("unknown-source",)}
 for _channel, _reasons in REFUSAL_REASONS.items():
     for _reason in _reasons:
         ACCESS_REFUSED.labels(_channel, _reason)

@@ -32,9 +32,12 @@ connection slot for ever.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from hl7.mllp import start_hl7_server
 from hl7.mllp.streams import HL7StreamReader, HL7StreamWriter
@@ -83,13 +86,19 @@ class Hl7Listener:
     """Serve MLLP on ``settings.host:settings.port`` until :meth:`stop`."""
 
     def __init__(self, settings: Hl7Section, handler: Callable[[str, str], str],
-                 refused: Callable[[str, str, str], None] = lambda *_: None):
+                 refused: Callable[[str, str, str], None] = lambda *_: None,
+                 refused_source: Callable[[str], None] = lambda _: None):
         """``refused(source, reason, msh)``: told of each message refused here, before it
         was read (``msh``: its MSH when received whole up to MSH-10, else ''), for the audit
         trail; run in a worker thread."""
         self.settings = settings
         self.handler = handler
         self.refused = refused
+        # ``refused_source(address)``: a connection from a host not in hl7.allowed_sources
+        # (the audit trail's security row and the count), run in a worker thread.
+        self.refused_source = refused_source
+        self._allowed = [ipaddress.ip_network(source, strict=False)
+                         for source in settings.allowed_sources]
         self.port = settings.port
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
@@ -138,6 +147,15 @@ class Hl7Listener:
         peer = writer.get_extra_info("peername")
         source = f"{peer[0]}:{peer[1]}" if peer else "?"
         loop = asyncio.get_running_loop()
+        if self._allowed and not self._from_allowed(peer):
+            # Anyone who could reach the port sent orders (a named patient's priors pulled
+            # from the region) and merges (security review, 2026-12-06).
+            log.warning("HL7 from %s: closed at once, not one of hl7.allowed_sources", source)
+            writer.close()
+            with contextlib.suppress(Exception):  # the refusal stands whatever the trail
+                await loop.run_in_executor(None, self.refused_source,
+                                           peer[0] if peer else "?")
+            return
         if len(self._open) >= self.settings.max_connections and not self._make_room(source):
             log.warning("HL7 from %s: closed at once, already %d HL7 connections "
                         "(hl7.max_connections = %d), none of them idle", source,
@@ -183,6 +201,14 @@ class Hl7Listener:
         finally:
             self._open.pop(writer, None)
             writer.close()
+
+    def _from_allowed(self, peer: Any) -> bool:
+        """Whether the peer's address is in one of ``hl7.allowed_sources``."""
+        try:
+            address = ipaddress.ip_address(peer[0])
+        except (TypeError, ValueError, IndexError):
+            return False
+        return any(address in network for network in self._allowed)
 
     def _make_room(self, source: str) -> bool:
         """Close the connection silent between messages the longest (at least
