@@ -26,6 +26,7 @@ from appliance.config_types import (
     AETitle,
     Flag,
     HostName,
+    IpNetwork,
     Port,
     Priority,
     Regex,
@@ -408,22 +409,7 @@ class Hl7Section(_Section):
     processing_ids: list[Literal["P", "T", "D"]] = Field(default=["P"], min_length=1)
     # The addresses (or networks, CIDR) of the hosts that may send HL7: the interface
     # engine's. Empty: any host (a connection from another is closed as it opens).
-    allowed_sources: list[str] = []
-
-    @field_validator("allowed_sources")
-    @classmethod
-    def _networks(cls, value: list[str]) -> list[str]:
-        """Each an address or a network, refused by name here rather than letting every
-        connection in (or none) at the first message."""
-        import ipaddress
-
-        for source in value:
-            try:
-                ipaddress.ip_network(source, strict=False)
-            except ValueError:
-                raise ValueError(f"{source!r} is not an IP address or network (CIDR, "
-                                 "e.g. 10.1.2.0/24)") from None
-        return value
+    allowed_sources: list[IpNetwork] = []
 
     @field_validator("encoding")
     @classmethod

@@ -232,7 +232,21 @@ def sent_in_clear(url: str) -> bool:
         return True
 
 
+def _ip_network(value: str) -> str:
+    """An address or a network (``hl7.allowed_sources``), refused by name here rather than
+    letting every connection in (or none) at the first message."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address or network (CIDR, e.g. "
+                         "10.1.2.0/24)") from None
+    return value
+
+
 WebRoot = Annotated[str, AfterValidator(_web_root)]
+IpNetwork = Annotated[str, AfterValidator(_ip_network)]
 Port = Annotated[int, AfterValidator(_port)]
 HostName = Annotated[str, AfterValidator(_host_name)]
 AETitle = Annotated[str, AfterValidator(_ae_title)]

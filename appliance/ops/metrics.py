@@ -73,9 +73,9 @@ UPLOAD_INFLIGHT = Gauge("pas_upload_inflight_bytes", "Sealed bucket bytes of the
 CSTORE_PATHS = Counter("pas_cstore_requests", "C-STORE requests filed, by the code path that "
                        "read and answered them (direct, pynetdicom)", ["path"], registry=None)
 ACCESS_REFUSED = Counter("pas_access_refused", "Access attempts refused, by channel and "
-                         "reason (dicom: unknown-ae, rate-limit, unaccepted-context, "
-                         "tls-certificate; "
-                         "http: bearer-token, host-header)",
+                         "reason (dicom: unknown-ae, unknown-called-ae, rate-limit, "
+                         "unaccepted-context, tls-certificate...; http: bearer-token, "
+                         "host-header; hl7: unknown-source)",
                          ["channel", "reason"], registry=None)
 # Every channel and reason exported at 0 from the start: Prometheus's increase() does not count
 # a series' first value, and a child made at the first refusal appeared at 1 (or at 40, a burst
