@@ -12,6 +12,7 @@ import json
 import os
 import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import pytest
 from pydicom import dcmread
 
 from appliance.cli.common import login_name
+from appliance.words import local_time
 from tests.support.peers import (
     CT_DIR,
     DCMTK_ENV,
@@ -174,6 +176,9 @@ def test_lists_every_row_newest_first_with_every_column(trail: Trail) -> None:
     table = trail.audit().stdout
     lines = table.splitlines()
     assert lines[0].strip() == "12 audit rows"
+    # Its times this host's, the zone named (--json's are UTC).
+    zone = time.strftime("%Z", time.localtime(rows[0]["at"]))
+    assert f"│ {local_time(rows[0]['at'])} " in table and zone in local_time(rows[0]["at"])
     listed_ids = [int(line.split("│")[1]) for line in lines if line.startswith("│ ")
                   and line.split("│")[1].strip().isdigit()]
     assert listed_ids == [r["id"] for r in rows]

@@ -24,7 +24,7 @@ from rich.text import Text
 
 from appliance.cli.common import ROW_ID_MAX, ConfigOption, JsonOption, console, err
 from appliance.store.audit import EVENTS, PATIENT_SEPARATOR, AuditFilter
-from appliance.words import counted
+from appliance.words import counted, local_time
 
 # The event kinds as a parser type: an unknown --event is refused with the list, and
 # --help shows it.
@@ -86,7 +86,9 @@ def _patients(value: str | None) -> Text:
 
 
 def _local(at: float) -> str:
-    return dt.datetime.fromtimestamp(at).strftime("%Y-%m-%d %H:%M:%S")
+    """This host's time, its zone named (the table said ``11:32:51`` beside ``--json``'s
+    UTC: a DPO comparing the two could not tell which)."""
+    return local_time(at)
 
 
 def parse_limit(text: str) -> int:
