@@ -178,14 +178,19 @@ def atna_message(entry: dict[str, Any], site: str, host: str) -> str:
                   if typed else {"csd-code": kind, "codeSystemName": "PAS",
                                  "originalText": kind})
     actor = _xml_text(entry.get("actor") or "system")
+    requestor_role, pas_role, moved_to = _transfer_roles(entry)
     participant = ET.SubElement(root, "ActiveParticipant", UserID=actor,
                                 UserIsRequestor="true")
     if entry.get("source"):
         participant.set("NetworkAccessPointID", _xml_text(entry["source"]))
         participant.set("NetworkAccessPointTypeCode", "2")  # IP address
-    ET.SubElement(root, "ActiveParticipant", UserID=_xml_text(f"PAS@{site}"),
-                  UserIsRequestor="false", NetworkAccessPointID=_xml_text(host),
-                  NetworkAccessPointTypeCode="1")
+    _role(participant, requestor_role)
+    _role(ET.SubElement(root, "ActiveParticipant", UserID=_xml_text(f"PAS@{site}"),
+                        UserIsRequestor="false", NetworkAccessPointID=_xml_text(host),
+                        NetworkAccessPointTypeCode="1"), pas_role)
+    if moved_to:  # a C-MOVE's destination, a third participant (it was in the detail only)
+        _role(ET.SubElement(root, "ActiveParticipant", UserID=_xml_text(moved_to),
+                            UserIsRequestor="false"), DESTINATION_ROLE)
     ET.SubElement(root, "AuditSourceIdentification", AuditEnterpriseSiteID=_xml_text(site),
                   AuditSourceID=_xml_text(f"pas@{host}"))
     studies = [] if entry["event"] == "query" or not entry.get("target") else \
@@ -209,6 +214,41 @@ def atna_message(entry: dict[str, Any], site: str, host: str) -> str:
         ET.SubElement(person, "ParticipantObjectIDTypeCode", {
             "csd-code": "2", "codeSystemName": "RFC-3881", "originalText": "Patient Number"})
     return ET.tostring(root, encoding="unicode")
+
+
+# PS3.15 A.5.3.7 (DICOM Instances Transferred): the process that sent the instances and the
+# one that received them each carry their role (DCM 110153 Source, 110152 Destination).
+SOURCE_ROLE = ("110153", "Source Role ID")
+DESTINATION_ROLE = ("110152", "Destination Role ID")
+_MOVED_TO = re.compile(r"C-MOVE to (\S+?):")
+
+
+def _transfer_roles(entry: dict[str, Any]
+                    ) -> tuple[tuple[str, str] | None, tuple[str, str] | None, str | None]:
+    """The roles of the requestor and of PAS in an instances-transferred event, and a
+    C-MOVE's destination AE (the detail names it: ``C-MOVE to WS1: ...``). A store: the
+    requestor sent, PAS received; a retrieve: PAS sent, and the requestor received (a C-GET,
+    WADO-RS), or the C-MOVE's destination did (the requestor then has no role); a prior the
+    prefetch fetched: PAS received it. None where the event moves no instances. No
+    participant had a role (a DPO's review, 2026-12-06)."""
+    event = entry["event"]
+    if event == "store":
+        return SOURCE_ROLE, DESTINATION_ROLE, None
+    if event != "retrieve":
+        return None, None, None
+    if entry.get("actor") == "prefetch":  # a prior fetched from the region: PAS received it
+        return None, DESTINATION_ROLE, None
+    moved = _MOVED_TO.match(str(entry.get("detail") or ""))
+    if moved:
+        return None, SOURCE_ROLE, moved[1]
+    return DESTINATION_ROLE, SOURCE_ROLE, None
+
+
+def _role(participant: ET.Element, role: tuple[str, str] | None) -> None:
+    if role is not None:
+        ET.SubElement(participant, "RoleIDCode", {"csd-code": role[0],
+                                                  "codeSystemName": "DCM",
+                                                  "originalText": role[1]})
 
 
 def rfc5424(entry: dict[str, Any], site: str, host: str) -> bytes:

@@ -17,6 +17,7 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.filereader import read_dataset
@@ -569,3 +570,33 @@ def test_the_first_start_after_the_upgrade_does_not_send_the_history(tmp_path: P
     finally:
         pas.stop()
         collector.stop()
+
+
+def test_the_participants_of_instances_transferred_carry_their_roles() -> None:
+    """PS3.15 A.5.3.7: the process that sent and the one that received each carry their
+    role (110153 Source, 110152 Destination); none had one, and a C-MOVE's destination was
+    in the detail only."""
+    from appliance.ops.audit_trail import atna_message
+
+    def roles(entry: dict[str, Any]) -> dict[str, str | None]:
+        root = ET.fromstring(atna_message({"at": 1.7e9, "outcome": "success",
+                                           "source": "10.0.0.7", **entry}, "SITE", "host"))
+        found = {}
+        for participant in root.findall("ActiveParticipant"):
+            role = participant.find("RoleIDCode")
+            found[participant.get("UserID") or ""] = None if role is None else role.get(
+                "csd-code")
+        return found
+
+    assert roles({"event": "store", "actor": "CT1", "target": "1.2.3"}) == {
+        "CT1": "110153", "PAS@SITE": "110152"}
+    assert roles({"event": "retrieve", "actor": "VIEWER", "target": "1.2.3",
+                  "detail": "C-GET: 3 completed, 0 failed, 0 warning"}) == {
+        "VIEWER": "110152", "PAS@SITE": "110153"}
+    assert roles({"event": "retrieve", "actor": "VIEWER", "target": "1.2.3",
+                  "detail": "C-MOVE to WS1: 3 completed, 0 failed, 0 warning"}) == {
+        "VIEWER": None, "PAS@SITE": "110153", "WS1": "110152"}
+    assert roles({"event": "retrieve", "actor": "prefetch", "target": "1.2.3"}) == {
+        "prefetch": None, "PAS@SITE": "110152"}
+    assert roles({"event": "query", "actor": "VIEWER", "target": "STUDY PatientID=X"}) == {
+        "VIEWER": None, "PAS@SITE": None}
