@@ -23,10 +23,18 @@ class NetNamespace:
     def __init__(self, prefix: str = "pas"):
         tag = uuid.uuid4().hex[:6]
         self.name = f"{prefix}-{tag}"
-        # A random /30 inside 198.18.0.0/16 (the benchmarking range): .1 here, .2 there.
-        block = random.randrange(1, 16384) * 4
-        self.outer_address = f"198.18.{block // 256}.{block % 256 + 1}"
-        self.inner_address = f"198.18.{block // 256}.{block % 256 + 2}"
+        # A random /30 inside 198.18.0.0/16 (the benchmarking range): .1 here, .2 there;
+        # not one this host already holds. Two namespaces alive at once with the same block
+        # (another test worker's) routed this one's traffic to the other's peer: an
+        # Orthanc's start (its fixed port 8042) was answered in 10 ms by the other worker's
+        # Orthanc (seen once in CI).
+        taken = _addresses_in_use()
+        while True:
+            block = random.randrange(1, 16384) * 4
+            self.outer_address = f"198.18.{block // 256}.{block % 256 + 1}"
+            self.inner_address = f"198.18.{block // 256}.{block % 256 + 2}"
+            if self.outer_address not in taken:
+                break
         self.outer_if = f"v{tag}a"
         self.inner_if = f"v{tag}b"
 
@@ -54,6 +62,13 @@ class NetNamespace:
     def delete(self) -> None:
         subprocess.run(["ip", "link", "del", self.outer_if], capture_output=True)
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+
+
+def _addresses_in_use() -> set[str]:
+    """The IPv4 addresses this network namespace holds (``ip -4 -o addr``)."""
+    listed = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True)
+    return {field.split("/", 1)[0] for line in listed.stdout.splitlines()
+            for field in line.split()[3:4]}
 
 
 def _ip(*args: str) -> None:
