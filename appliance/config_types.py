@@ -223,13 +223,19 @@ def sent_in_clear(url: str) -> bool:
     parts = urlsplit(url)
     if parts.scheme != "http":
         return False
-    host = (parts.hostname or "").rstrip(".")
+    return not loopback_host(parts.hostname or "")
+
+
+def loopback_host(host: str) -> bool:
+    """Whether ``host`` is this machine's loopback: ``localhost`` or a literal loopback
+    address (127.0.0.0/8, ::1). A name is not resolved (a check must not depend on DNS)."""
+    host = host.strip("[]").rstrip(".")
     if host == "localhost":
-        return False
-    try:
-        return not ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a name other than localhost
         return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name other than localhost
+        return False
 
 
 def _ip_network(value: str) -> str:

@@ -31,6 +31,7 @@ from appliance.config import (
     load_settings,
     problems_the_environment_hides,
 )
+from appliance.config_types import loopback_host
 from appliance.ops import index_check
 from appliance.ops.home_lock import lock_file
 from appliance.ops.listeners import listening_pids, lock_holder, process_name
@@ -538,14 +539,11 @@ def check_open_hl7(settings: Settings) -> Check | None:
     whoever reaches it sends orders, which pull a named patient's priors from the region,
     and merges. None otherwise."""
     hl7 = settings.hl7
-    if not hl7.enabled or hl7.allowed_sources or hl7.host in _LOOPBACK:
+    if not hl7.enabled or hl7.allowed_sources or loopback_host(hl7.host):
         return None
     return Check("HL7 access", "warn", f"{hl7.host}:{hl7.port} takes orders and merges from "
                  "every host that reaches it (hl7.allowed_sources is empty)",
                  "set hl7.allowed_sources to the interface engine's address (or network)")
-
-
-_LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 def check_open_http(settings: Settings) -> Check | None:
@@ -554,7 +552,7 @@ def check_open_http(settings: Settings) -> Check | None:
     the region (STOW-RS). The appliance image's first boot binds it to every interface, and
     nothing said so (security review, 2026-12-06). None when it is not open so."""
     http, serving = settings.http, settings.serving
-    if not http.enabled or serving.auth != "none" or http.host in _LOOPBACK:
+    if not http.enabled or serving.auth != "none" or loopback_host(http.host):
         return None
     what = ("DICOMweb (read every study, STOW-RS into the region) and the status page"
             if serving.enabled else "the status page (patient IDs) and /metrics")

@@ -39,7 +39,7 @@ def build_ack(message: hl7.Message | None, ack_code: str = "AA", text: str = "",
                 ack.segment("MSH").assign_field(charset, 18)  # empty, HL7 reads ASCII
         except Exception:  # found by fuzzing: a malformed MSH makes hl7's create_ack raise
             ack = None
-            control_id = control_id or _field_or_empty(message, "MSH.F10")
+            control_id = control_id or field_or_empty(message, "MSH.F10")
     # MSA-3 and ERR in the delimiters of the ACK's MSH (the message's MSH-1/2): with |^ a
     # RIS using # read MSA-2 as "C42|duplicate message..." and matched no NAK to a message.
     delimiters = (*message.separators[1:5], message.esc or "\\") \
@@ -113,7 +113,7 @@ def msh_alone(text: str) -> hl7.Message | None:
         return None
 
 
-def _field_or_empty(message: hl7.Message, path: str) -> str:
+def field_or_empty(message: hl7.Message, path: str) -> str:
     try:
         return _field(message, path)
     except Exception:  # the same malformed message may break the field accessor too

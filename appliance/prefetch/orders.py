@@ -14,13 +14,12 @@ import logging
 from collections.abc import Callable, Collection
 from typing import Any
 
-from appliance.prefetch.acks import build_ack, msh_alone
+from appliance.prefetch.acks import build_ack, field_or_empty, msh_alone
 from appliance.prefetch.merges import interpret_merges, is_correction, is_merge
 from appliance.prefetch.messages import (
     NotUsed,
     PrefetchOrder,
     Refusal,
-    _field,
     _msh_field,
     interpret,
     parse_message,
@@ -63,7 +62,7 @@ def handle(db: Database, text: str, source: str,
                 due_at(order.scheduled_at), _procedure(order), order.update_only)
             for order in orders]
         first = orders[0]
-        sender = "^".join(_msh_field(message, n) for n in (3, 4))
+        sender = _sender(message)
         what = "; ".join(("cancel " if order.cancel else "") + order.dedup_key
                          for order in orders)
         recorded = store.record_message(
@@ -120,21 +119,19 @@ def audit_refusal(db: Database, source: str, reason: str, message: Any,
     address, the reason and the type only."""
     if message is not None:
         message_type = message_type or "^".join(
-            part for part in (_msh_part(message, "MSH.F9.R1.C1"),
-                              _msh_part(message, "MSH.F9.R1.C2")) if part)
+            part for part in (field_or_empty(message, "MSH.F9.R1.C1"),
+                              field_or_empty(message, "MSH.F9.R1.C2")) if part)
         control_id = control_id or _msh_field(message, 10)
-    sender = "^".join(_msh_field(message, n) for n in (3, 4)) if message is not None else ""
+    sender = _sender(message) if message is not None else ""
     said = [message_type, f"MSH-10 {control_id}" if control_id else "",
             f"from {sender}" if sender.strip("^") else ""]
     audit.record(db, "hl7", actor=source or None, outcome=f"failure: {reason}",
                  detail=" ".join(part for part in said if part) or None)
 
 
-def _msh_part(message: Any, path: str) -> str:
-    try:
-        return _field(message, path)
-    except Exception:  # a malformed MSH: the row says what could be read
-        return ""
+def _sender(message: Any) -> str:
+    """MSH-3^MSH-4: who sent the message, as its audit row names it."""
+    return "^".join(_msh_field(message, n) for n in (3, 4))
 
 
 def _merge(db: Database, message: Any, source: str, site_issuers: Collection[str]) -> str:
