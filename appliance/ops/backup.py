@@ -118,8 +118,7 @@ def backup_state(db: Database, now: float | None = None) -> dict[str, Any]:
     new appliance whose first night has not come is not stale)."""
     now = time.time() if now is None else now
     newest = last_backup(db)
-    first = db.query_one("SELECT min(at) AS at FROM audit")  # the audit_at index
-    since = None if first is None else first["at"]
+    since = audit.first_row_at(db)
     if newest is None:
         return {"last_at": None, "folder": None, "age_s": None, "restored_at": None,
                 "index_since": since,

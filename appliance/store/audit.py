@@ -275,6 +275,13 @@ def _clock(at: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
 
 
+def first_row_at(db: Database) -> float | None:
+    """When the trail's first row was written (None: no row yet): how long this index has
+    existed, the age a backup's absence is judged by. Read through the ``audit_at`` index."""
+    row = db.query_one("SELECT min(at) AS at FROM audit")
+    return None if row is None or row["at"] is None else float(row["at"])
+
+
 def recent(db: Database, limit: int = 100, event: str | None = None) -> list[dict[str, Any]]:
     where, params = "", []
     if event:
