@@ -291,10 +291,15 @@ class DicomDestination(_Section):
     timeout_s: float = Field(default=30.0, gt=0)
     # DICOM TLS to this node (BCP 195): the node's certificate must chain to ``tls_ca``;
     # ``tls_cert``/``tls_key`` (0600) are PAS's client certificate when the node asks.
+    # ``tls_check_hostname``: the certificate must also name ``host`` (a DNS name, or an IP
+    # address in its subjectAltName). Off by default: DICOM nodes are mostly addressed by an
+    # IP their certificate does not name, and a CA of the site's own nodes alone vouches
+    # for them; on, another certificate of that CA no longer passes for this node.
     tls: Flag = False
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    tls_check_hostname: Flag = False
 
     @model_validator(mode="after")
     def _ca_with_tls(self) -> DicomDestination:

@@ -225,7 +225,7 @@ def _recorded_disk_alert(settings: Settings) -> str | None:
 
 
 def _echo(calling: str, title: str, host: str, port: int,
-          tls_args: tuple[Any, None] | None) -> str | None:
+          tls_args: tuple[Any, str | None] | None) -> str | None:
     """None when ``title``@``host``:``port`` answers a C-ECHO with success, else what
     happened."""
     from pynetdicom import AE
@@ -236,6 +236,12 @@ def _echo(calling: str, title: str, host: str, port: int,
     ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 5
     assoc = ae.associate(host, port, ae_title=title, tls_args=tls_args)  # type: ignore[arg-type]
     if not assoc.is_established:
+        if tls_args is not None and not assoc.is_rejected:
+            from appliance.ops.security import tls_handshake_refusal
+
+            refusal = tls_handshake_refusal(tls_args, host, port, 5)
+            if refusal is not None:
+                return refusal[1]
         return "association refused or no answer"
     status = assoc.send_c_echo()
     assoc.release()
@@ -248,7 +254,7 @@ def check_destinations(settings: Settings) -> list[Check]:
     workstation may be off for the night). Over DICOM TLS where PAS would use it; the
     destinations' checks went in clear (a TLS node failed), and the move destinations had
     none (a mistyped port showed only when a radiologist's C-MOVE failed, 0xA702)."""
-    from appliance.ops.security import OutgoingDicomTls, client_context
+    from appliance.ops.security import OutgoingDicomTls, destination_tls_args
 
     checks = []
     for name, destination in sorted(settings.destinations.items()):
@@ -256,9 +262,7 @@ def check_destinations(settings: Settings) -> list[Check]:
             continue
         where = f"{destination.ae_title}@{destination.host}:{destination.port}"
         try:
-            tls_args = (client_context(destination.tls_ca, destination.tls_cert,
-                                       destination.tls_key), None) \
-                if destination.tls and destination.tls_ca else None
+            tls_args = destination_tls_args(destination)
             problem = _echo(destination.calling_ae_title or settings.dicom.ae_title,
                             destination.ae_title, destination.host, destination.port, tls_args)
         except Exception as exc:  # a certificate file missing, unreadable, a key too open

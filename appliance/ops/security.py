@@ -14,12 +14,17 @@ file, its mode and the fix, never the key's content.
 from __future__ import annotations
 
 import os
+import socket
 import ssl
 import stat
 import threading
 import time
 from collections import OrderedDict, deque
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from appliance.config_sections import DicomDestination
 
 # BCP 195 (RFC 7525 / 9325) recommended TLS 1.2 suites; TLS 1.3 suites are all AEAD and
 # are left at OpenSSL's defaults. DICOM PS3.15 B.9 ("BCP 195 TLS profile") points here.
@@ -106,7 +111,8 @@ def server_context(cert: Path, key: Path, ca: Path | None,
 def client_context(ca: Path, cert: Path | None = None, key: Path | None = None,
                    check_hostname: bool = False) -> ssl.SSLContext:
     """The SCU side (a ``dicom`` destination): the peer must chain to ``ca``; DICOM nodes
-    are usually addressed by IP, so the host name check is opt-in."""
+    are usually addressed by IP, so the host name check is opt-in (a destination's
+    ``tls_check_hostname``, see :func:`destination_tls_args`)."""
     context = _base_context(ssl.Purpose.SERVER_AUTH)
     context.check_hostname = check_hostname
     context.verify_mode = ssl.CERT_REQUIRED
@@ -115,6 +121,41 @@ def client_context(ca: Path, cert: Path | None = None, key: Path | None = None,
         check_secret_file(key, "destination client key")
         context.load_cert_chain(str(cert), str(key))
     return context
+
+
+def destination_tls_args(destination: DicomDestination) -> tuple[ssl.SSLContext, str | None] | None:
+    """pynetdicom's ``tls_args`` for a ``dicom`` destination (None: in clear): the context,
+    and the host name its certificate must name when ``tls_check_hostname`` is set. Shared
+    by the forwarding jobs and ``pas doctor``'s C-ECHO, so the check is the one the jobs
+    meet."""
+    if not (destination.tls and destination.tls_ca):
+        return None
+    context = client_context(destination.tls_ca, destination.tls_cert, destination.tls_key,
+                             check_hostname=destination.tls_check_hostname)
+    return context, destination.host if destination.tls_check_hostname else None
+
+
+def tls_handshake_refusal(tls_args: tuple[ssl.SSLContext, str | None], host: str,
+                          port: int, timeout_s: float) -> tuple[bool, str] | None:
+    """Why a TLS handshake with ``host``:``port`` fails, asked again once an association
+    over TLS did not open: pynetdicom only logs the handshake's error, and the job's
+    message listed every cause a connection may have ("refused, timed out, no route or the
+    TLS handshake failed"). None: the handshake succeeds now, or no connection opened (the
+    caller's message stands). Else ``(certificate, what)``: ``certificate`` when the
+    node's certificate was refused (another CA, expired, a host name it does not carry):
+    no retry cures that, the jobs wait for credentials."""
+    context, server_hostname = tls_args
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as raw, \
+                context.wrap_socket(raw, server_hostname=server_hostname):
+            return None
+    except ssl.SSLCertVerificationError as exc:
+        return True, (f"the certificate of {host}:{port} was refused at the TLS handshake: "
+                      f"{exc.verify_message or exc.reason}")
+    except ssl.SSLError as exc:  # a port that does not speak TLS, our certificate refused
+        return False, f"the TLS handshake with {host}:{port} failed: {exc.reason or exc}"
+    except OSError:
+        return None
 
 
 class OutgoingDicomTls:

@@ -450,3 +450,50 @@ def test_a_dicom_destination_key_others_can_read_makes_its_jobs_wait(tmp_path: P
     finally:
         pas.stop()
         node.stop()
+
+
+@pytest.mark.parametrize("check_hostname", [False, True])
+def test_a_destination_s_certificate_must_name_its_host_when_told(
+        tmp_path: Path, check_hostname: bool) -> None:
+    """``tls_check_hostname``: the node's certificate (made for 127.0.0.1, its only
+    subjectAltName) must name the destination's ``host``. Reached as ``localhost``, the
+    node is trusted on its CA's word alone without the check, as before; with it, the jobs
+    wait for credentials with the handshake's own words (pynetdicom only logged them: the
+    job said "refused, timed out, no route or the TLS handshake failed"), nothing is sent,
+    and ``pas doctor`` says the same. Reached as 127.0.0.1 with the check, it passes."""
+    pki = make_pki(tmp_path / "pki")
+    node, pas = _tls_node_and_pas(
+        tmp_path, pki, pki / "client.key", PAS_DESTINATIONS__NODE__HOST="localhost",
+        PAS_DESTINATIONS__NODE__TLS_CHECK_HOSTNAME=str(check_hostname).lower(),
+        PAS_STUDY__STABLE_AFTER_S="0.5", PAS_QUEUE__POLL_INTERVAL_S="0.2")
+    try:
+        files = sorted(str(p) for p in CT_DIR.glob("*.dcm"))[:2]
+        subprocess.run(["storescu", "-aec", "PAS", "-aet", "CT1", "127.0.0.1", str(pas.port),
+                        *files], env=DCMTK_ENV, check=True, capture_output=True, timeout=60)
+        if not check_hostname:
+            wait_for(lambda: len(node.files()) == 2, 60, what="2 files at the TLS node")
+            return
+
+        def tried() -> dict | None:
+            rows = read_rows(pas.home / "pas.sqlite",
+                             "SELECT state, attempts, last_error FROM jobs")
+            return dict(rows[0]) if rows and rows[0]["last_error"] else None
+
+        job = wait_for(tried, 60, what="the job's first try")
+        assert job["last_error"] == (
+            f"waiting for credentials: node: the certificate of localhost:{node.port} was "
+            "refused at the TLS handshake: Hostname mismatch, certificate is not valid for "
+            "'localhost'."), job
+        assert job["state"] == "pending" and job["attempts"] == 0, job
+        assert node.files() == []
+        check = _doctor_checks(pas)["destination node"]
+        assert check["verdict"] == "fail", check
+        assert "certificate is not valid for 'localhost'" in check["detail"], check
+
+        pas.stop()  # the same node reached by the address its certificate names
+        pas.env["PAS_DESTINATIONS__NODE__HOST"] = "127.0.0.1"
+        pas.start()
+        wait_for(lambda: len(node.files()) == 2, 60, what="2 files at the TLS node")
+    finally:
+        pas.stop()
+        node.stop()

@@ -184,6 +184,13 @@ class DicomTarget:
                 causes = ("refused, timed out, no route or the TLS handshake failed"
                           if self.config.tls else "refused, timed out or no route")
                 message = f"{self.name} unreachable: no connection to {self.peer} ({causes})"
+                refusal = self._tls_refusal() if self.config.tls else None
+                if refusal is not None:
+                    certificate, what = refusal
+                    message = f"{self.name} unreachable: no association with {self.peer}: {what}"
+                    if certificate:  # no retry cures it: the jobs wait for credentials
+                        uplink_store.record_contact(context.db, self.name, False, message)
+                        raise TrustRefused(f"{self.name}: {what}")
                 uplink_store.record_contact(context.db, self.name, False, message)
                 if not attempt.reached:
                     # Nothing answered in this attempt: the outage says nothing about the job.
@@ -244,6 +251,17 @@ class DicomTarget:
             if assoc.is_established:
                 assoc.release()
 
+    def _tls_refusal(self) -> tuple[bool, str] | None:
+        """What the TLS handshake says, for a TLS node whose association did not open
+        (:func:`appliance.ops.security.tls_handshake_refusal`); None in clear."""
+        from appliance.ops.security import destination_tls_args, tls_handshake_refusal
+
+        tls_args = destination_tls_args(self.config)
+        if tls_args is None:
+            return None
+        return tls_handshake_refusal(tls_args, self.config.host, self.config.port,
+                                     self.config.timeout_s)
+
     def _associate(self, contexts: list[PresentationContext], opened: threading.Event,
                    rejection: RejectionWatch) -> Any:
         """Request the association; ``opened`` is set once the TCP connection is open (a
@@ -256,7 +274,11 @@ class DicomTarget:
         ae.connection_timeout = self.config.timeout_s
         tls_args = None
         if self.config.tls and self.config.tls_ca:  # DICOM TLS, BCP 195 (ops/security.py)
-            from appliance.ops.security import SecretFileError, check_secret_file, client_context
+            from appliance.ops.security import (
+                SecretFileError,
+                check_secret_file,
+                destination_tls_args,
+            )
 
             if self.config.tls_cert is not None and self.config.tls_key is not None:
                 # A key others can read is a setting to put right: the jobs wait for it, as
@@ -266,8 +288,7 @@ class DicomTarget:
                     check_secret_file(self.config.tls_key, f"destinations.{self.name}.tls_key")
                 except SecretFileError as exc:
                     raise TrustRefused(str(exc)) from None
-            tls_args = (client_context(self.config.tls_ca, self.config.tls_cert,
-                                       self.config.tls_key), None)
+            tls_args = destination_tls_args(self.config)
         return ae.associate(self.config.host, self.config.port, contexts,
                             ae_title=self.config.ae_title, tls_args=tls_args,  # type: ignore[arg-type]
                             evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: opened.set()),
