@@ -2,5 +2,7 @@
 
 Owns: the worker loop (claim, lease renewal, success, retry with backoff, failure) and the
 destination kinds behind one small interface in ``target_types/``. May not touch: the index
-beyond what ``appliance.store.jobs`` offers, or routing decisions.
+other than through ``appliance.store`` (the queue in ``store.jobs``; what the workers also
+read and write there: the files still missing in ``store.cache``, a destination's link
+state in ``store.uplink``, a transcoded copy in ``store.transcode``), or routing decisions.
 """

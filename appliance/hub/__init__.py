@@ -4,6 +4,8 @@ tls.py), the transfer API (transfers.py), rebuilding and archiving committed stu
 home's backup and checked restore (backup.py, restore.py: whole files copied with their
 modes, as ``appliance.ops.backup_folder`` and ``appliance.ops.restore`` do the appliance's).
 
-May not touch: SQL or durable file writes (those live in ``appliance.store.hub``), the
-appliance's own database or spool.
+May not touch: SQL (it lives in ``appliance.store.hub``; the embedded archive keeps its
+index and spool through ``appliance.store``, as an appliance does), durable file writes
+other than backup.py's and restore.py's whole-file copies (the transfers' spool is
+``appliance.store.hub``'s), the appliance's own database or spool.
 """
