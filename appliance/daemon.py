@@ -83,6 +83,7 @@ class Daemon:
             if checked.finding is not None:
                 raise DatabaseDamaged(refusal(settings.db_path, checked.finding))
         self.db = Database(settings.db_path)
+        self.migrated = self.db.started(log, "index database")
         if created:  # nothing to refuse; checked all the same, so that the metric is there
             index_check.record(settings.home, index_check.check(settings.db_path))
         self.spool = Spool(
@@ -238,8 +239,9 @@ class Daemon:
         from appliance import __version__
 
         audit.record(self.db, "start", actor="system", outcome="success",
-                     detail=f"PAS {__version__}, AE {self.settings.dicom.ae_title} on port "
-                            f"{self.listener.port}")
+                     detail=f"PAS {__version__} (index schema {self.db.schema_version()}), "
+                            f"AE {self.settings.dicom.ae_title} on port {self.listener.port}"
+                            + (f"; {self.migrated}" if self.migrated else ""))
         # Only now: the database is open and the SCP listens (invariant for Type=notify).
         self.notifier.ready(self.status_line())
 

@@ -541,6 +541,7 @@ def hub_run(config: Path | None = HubConfigOption) -> None:
     from appliance.hub.app import Hub, HubServer, bind_port
     from appliance.hub.pki import PKIError
     from appliance.store.db import SchemaTooNew
+    from appliance.store.schema_drift import SchemaDiffers
 
     settings = _hub_settings(config)
     logs.setup(settings.log_level)
@@ -570,7 +571,7 @@ def hub_run(config: Path | None = HubConfigOption) -> None:
         except BaseException:
             sock.close()
             raise
-    except (PKIError, OSError, SchemaTooNew) as exc:
+    except (PKIError, OSError, SchemaTooNew, SchemaDiffers) as exc:
         err.print(f"[red]cannot start the hub:[/red] {exc}", highlight=False)
         raise typer.Exit(1) from None
     from appliance import __version__

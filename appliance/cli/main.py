@@ -119,11 +119,12 @@ def run(config: Path | None = ConfigOption) -> None:
             raise typer.Exit(1)
     from appliance.store.damage import DatabaseDamaged
     from appliance.store.db import SchemaTooNew
+    from appliance.store.schema_drift import SchemaDiffers
     from appliance.transfer.enrolment import EnrolmentError
 
     try:
         daemon = Daemon(settings)
-    except (OSError, EnrolmentError, DatabaseDamaged, SchemaTooNew) as exc:
+    except (OSError, EnrolmentError, DatabaseDamaged, SchemaTooNew, SchemaDiffers) as exc:
         # A damaged enrolment must not silently drop the default route to the hub, nor a
         # damaged index be written to.
         err.print(f"[red]cannot start:[/red] {exc}")

@@ -91,6 +91,7 @@ class Hub:
         if not self.pki.exists():
             raise PKIError(f"no PKI under {settings.home}: run `pas hub init` first")
         self.db = store.open_hub_db(settings.db_path)
+        self.db.started(log, "hub database")
         settings.buckets_dir.mkdir(parents=True, exist_ok=True)
         settings.work_dir.mkdir(parents=True, exist_ok=True)
         store.remove_temp_buckets(settings.buckets_dir)

@@ -293,7 +293,7 @@ def check_destinations(settings: Settings) -> list[Check]:
 
 def check_database(settings: Settings) -> Check:
     from appliance.store.damage import damage_of
-    from appliance.store.ops import schema_version_of
+    from appliance.store.ops import schema_drift_of, schema_version_of
     from appliance.store.schema import MIGRATIONS
 
     path = settings.db_path
@@ -308,6 +308,24 @@ def check_database(settings: Settings) -> Check:
     if version > len(MIGRATIONS):
         return Check("database", "fail", f"{path}: schema {version} is newer than this "
                      f"software ({len(MIGRATIONS)})", "install the newer PAS version again")
+    if version < len(MIGRATIONS):  # the other checks, which read the index, said nothing
+        return Check("database", "warn", f"{path}: schema {version} is older than this "
+                     f"software's ({len(MIGRATIONS)}): not migrated yet, so the stored files, "
+                     "jobs and backups were not checked",
+                     "systemctl restart pas (the daemon migrates it at its start; "
+                     "journalctl -u pas says how it went)")
+    try:
+        drift = schema_drift_of(path, MIGRATIONS)
+    except Exception:  # unreadable: the integrity check below says it
+        drift = []
+    if drift:
+        tables = any(words.startswith("table ") for words in drift)
+        return Check("database", "fail", f"{path}: its schema differs from this version's "
+                     f"(another build of PAS wrote it): {'; '.join(drift)}",
+                     "restore a backup of this version, or set the index aside: systemctl "
+                     "stop pas; pas cache rebuild-index" if tables else
+                     "systemctl restart pas: the start brings its indexes and triggers to "
+                     "this version's definitions")
     try:
         finding = damage_of(path, thorough=index_check.found_damaged(settings.home))
     except Exception as exc:  # cannot read it through: said, not taken for damage

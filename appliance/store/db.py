@@ -131,6 +131,13 @@ class Database:
         self._idle: list[sqlite3.Connection] = []    # open, owned by no thread
         self._pool_lock = threading.Lock()
         self._closed = False
+        # Set by a start that migrated: the schema it found, and what of the derived objects
+        # (indexes, triggers) it had to bring to this version's definitions
+        # (:mod:`appliance.store.schema_drift`); the daemon logs both and its start row says
+        # them.
+        self._migrations = migrations
+        self.migrated_from: int | None = None
+        self.schema_put_right: list[str] = []
         if readonly:
             self._check_schema(migrations)
         else:
@@ -348,6 +355,36 @@ class Database:
             with contextlib.suppress(sqlite3.ProgrammingError):
                 conn.close()
 
+    def started(self, logger: logging.Logger, what: str) -> str | None:
+        """A service's start on this database (the daemon's index, the hub's database):
+        its derived objects brought to this version's definitions when they differ (done
+        by a migration already when this open migrated; else checked now, a database
+        migrated by a build that did not check), and what was done said in ``logger`` and
+        returned in words for the start's audit row (None: nothing). An upgrade's
+        migration used to leave no line anywhere."""
+        if self.migrated_from is None:
+            self._put_schema_right()
+        words = []
+        if self.migrated_from is not None:
+            words.append(f"{what} migrated from schema {self.migrated_from} to "
+                         f"{self.schema_version()}" if self.migrated_from else
+                         f"{what} created, schema {self.schema_version()}")
+            logger.info("%s", words[0])
+        if self.schema_put_right:
+            fixed = "; ".join(self.schema_put_right)
+            logger.warning("%s: brought to this version's definitions (another build wrote "
+                           "them): %s", what, fixed)
+            words.append(f"{what} brought to this version's definitions: {fixed}")
+        return ", ".join(words) or None
+
+    def _put_schema_right(self) -> None:
+        from appliance.store.schema_drift import find
+
+        if not find(self.connection(), self._migrations):  # read only: the usual case
+            return
+        with self.transaction() as conn:
+            self.schema_put_right = self._reconcile(conn)
+
     def schema_version(self) -> int:
         return int(self.connection().execute("PRAGMA user_version").fetchone()[0])
 
@@ -367,6 +404,20 @@ class Database:
             raise DatabaseUnavailable(
                 f"{self.path}: database schema {version} is newer than this software knows "
                 f"({len(migrations)}); an older PAS version is running on a newer database")
+
+    def _reconcile(self, conn: sqlite3.Connection) -> list[str]:
+        """The derived objects brought to this version's definitions in the caller's
+        transaction (:func:`appliance.store.schema_drift.put_right`), in words; a table
+        that differs is refused, naming this database and the way out."""
+        from appliance.store.schema_drift import SchemaDiffers, put_right
+
+        try:
+            return put_right(conn, self._migrations).derived_words()
+        except SchemaDiffers as exc:
+            raise SchemaDiffers(
+                f"{self.path}: its schema differs from this version's ({exc}): another "
+                "build of PAS wrote it; nothing was changed (restore a backup of this "
+                "version, or set the index aside: pas cache rebuild-index)") from None
 
     def _migrate(self, migrations: list[str]) -> None:
         conn = self.connection()
@@ -391,6 +442,10 @@ class Database:
                 for statement in _split_statements(script):
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version={number}")
+            # A database a development build made may hold another definition of a
+            # migration's index or trigger than this version's: brought to this version's,
+            # or, for a table, refused here (nothing changed).
+            put_right = self._reconcile(conn)
             broken = conn.execute("PRAGMA foreign_key_check").fetchall()
             if broken:
                 raise RuntimeError(f"{self.path}: the migration left {len(broken)} rows "
@@ -402,6 +457,8 @@ class Database:
             raise
         finally:
             conn.execute("PRAGMA foreign_keys=ON")
+        self.migrated_from = version
+        self.schema_put_right = put_right
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

@@ -131,6 +131,17 @@ def schema_version_of(path: Path, *, untouched: bool = False) -> int:
         return int(conn.execute("PRAGMA user_version").fetchone()[0])
 
 
+def schema_drift_of(path: Path, migrations: list[str]) -> list[str]:
+    """How an existing database's schema differs from the one ``migrations`` make, in words
+    (empty: it does not), read only (:mod:`appliance.store.schema_drift`: what the next
+    start puts right, or refuses for a table)."""
+    from appliance.store.schema_drift import find
+
+    with contextlib.closing(sqlite3.connect(read_only_uri(path), uri=True, timeout=5)) as conn:
+        drift = find(conn, migrations)
+    return drift.tables + drift.derived_words()
+
+
 def read_only_uri(path: Path, *, untouched: bool = False) -> str:
     """The URI that opens ``path`` read-only. SQLite reading a WAL database creates its
     ``-wal`` and ``-shm`` files when they are absent and the folder is writable (a stopped
