@@ -1,7 +1,8 @@
 """The appliance database schema, as an ordered list of migrations.
 
 Owns: table definitions only. ``PRAGMA user_version`` records how many migrations ran; a
-migration is never edited once released, a new one is appended. May not touch: data.
+migration is never edited once on main, a new one is appended (tests/test_migrations_frozen.py
+holds each one's digest). May not touch: data.
 """
 
 from __future__ import annotations
