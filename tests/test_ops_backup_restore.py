@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from pydicom import dcmread
 
 from tests.support.cleanup import started
@@ -561,3 +562,130 @@ def test_a_backup_to_a_relative_folder_is_found_from_anywhere(tmp_path: Path) ->
     status = subprocess.run([str(PAS_BIN), *pas.cli_prefix, "status", "--json"], env=pas.env,
                             cwd=elsewhere, capture_output=True, text=True, timeout=60, check=True)
     assert json.loads(status.stdout)["backup"]["folder"] == str(folder)
+
+
+def _backup_of_site_a(tmp_path: Path, *options: str) -> Path:
+    """A real ``pas backup`` of a home of site SITE-A, written by this version."""
+    from appliance.store.db import Database
+
+    site = tmp_path / "site"
+    Database(site / "pas.sqlite").close()
+    destination = tmp_path / "backups"
+    destination.mkdir()
+    return Path(json.loads(PasProcess(site, {"PAS_SITE": "SITE-A"}).cli(
+        "backup", str(destination), "--json", *options).stdout)["folder"])
+
+
+def _edit_manifest(folder: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    manifest = json.loads((folder / "MANIFEST.json").read_text())
+    change(manifest)
+    (folder / "MANIFEST.json").write_text(json.dumps(manifest))
+
+
+def test_a_backup_written_before_manifests_named_their_kind_is_restored(
+        tmp_path: Path) -> None:
+    """Every backup written before 2026-12-05 (its ``MANIFEST.json`` has no ``kind``, nor
+    ``site_from``) was refused: "is not a pas backup (its MANIFEST.json says kind None)". It
+    is restored; a hub's backup is refused naming it as one and its command, and a folder
+    whose manifest has neither a kind nor what a pas backup's has is refused naming what it
+    lacks."""
+    backup = _backup_of_site_a(tmp_path)
+    _edit_manifest(backup, lambda m: (m.pop("kind"), m.pop("site_from")))
+    home = tmp_path / "home"
+    pas = PasProcess(home, {"PAS_SITE": "SITE-A"})
+    done = pas.cli("restore", str(backup), check=False)
+    assert done.returncode == 0, done.stderr
+    assert f"restored {backup} in {home}: the index (0 instances)" in \
+        " ".join(done.stdout.split())
+    [row] = read_rows(home / "pas.sqlite", "SELECT detail FROM audit WHERE event = 'recovery'")
+    assert row["detail"].startswith(f"pas restore: the index of {backup}"), row["detail"]
+
+    hub = HubProcess(tmp_path / "hub").init()
+    hub.token("SITE-A")  # its hub.sqlite
+    (tmp_path / "hub-backups").mkdir()
+    hub_backup = Path(json.loads(hub.cli("backup", str(tmp_path / "hub-backups"),
+                                         "--json").stdout)["folder"])
+    kindless_hub = tmp_path / "kindless-hub" / hub_backup.name
+    shutil.copytree(hub_backup, kindless_hub)
+    _edit_manifest(kindless_hub, lambda m: m.pop("kind"))
+    unrelated = tmp_path / "photos"
+    unrelated.mkdir()
+    (unrelated / "MANIFEST.json").write_text(json.dumps({"files": {"a.jpg": {}}}))
+    other = PasProcess(tmp_path / "other", {"PAS_SITE": "SITE-A"})
+    for folder, said in (
+            (hub_backup, f"{hub_backup} is a hub's backup (its MANIFEST.json says kind 'pas hub "
+                         "backup'), not an appliance's: pas hub restore puts it back on the "
+                         "hub; nothing restored"),
+            (kindless_hub, f"{kindless_hub} is not a pas backup: its MANIFEST.json names no "
+                           "kind, nor has it what an older pas backup's has (no site, "
+                           "instances, studies): nothing restored"),
+            (unrelated, f"{unrelated} is not a pas backup: its MANIFEST.json names no kind, "
+                        "nor has it what an older pas backup's has (no site, made_at, "
+                        "software, schema, instances, studies): nothing restored")):
+        refused = other.cli("restore", str(folder), check=False)
+        assert refused.returncode == 1, refused.stdout
+        assert " ".join(refused.stderr.split()) == f"refused: {said}"
+        assert not (other.home / "pas.sqlite").exists()
+
+
+def test_restoring_an_older_versions_backup_migrates_the_restored_index_not_the_backup(
+        tmp_path: Path) -> None:
+    """What docs/operations.md says of a backup an older version wrote: the index ``pas
+    restore`` puts in the home is migrated to this version's schema there (an older version
+    then refuses to run on it); the backup's own ``pas.sqlite`` is copied, never changed, so
+    that version's ``pas restore`` can put it back again."""
+    from appliance.store.db import Database, SchemaTooNew
+    from appliance.store.ops import schema_version_of
+    from appliance.store.schema import MIGRATIONS
+
+    backup = _backup_of_site_a(tmp_path)
+    index = backup / "pas.sqlite"
+    index.unlink()
+    Database(index, migrations=MIGRATIONS[:1]).close()  # as the first release wrote it
+    written = index.read_bytes()
+
+    def older(manifest: dict[str, Any]) -> None:
+        manifest.update(software="0.1.0", schema=1)
+        manifest["files"]["pas.sqlite"] = {"bytes": len(written),
+                                           "sha256": _sha256s([written]).pop()}
+
+    _edit_manifest(backup, older)
+    home = tmp_path / "home"
+    PasProcess(home, {"PAS_SITE": "SITE-A"}).cli("restore", str(backup))
+    assert schema_version_of(home / "pas.sqlite") == len(MIGRATIONS)
+    assert index.read_bytes() == written and schema_version_of(index) == 1
+    with pytest.raises(SchemaTooNew):  # the first release refuses it
+        Database(home / "pas.sqlite", migrations=MIGRATIONS[:1])
+
+
+def test_restore_names_where_this_pas_reads_its_configuration(tmp_path: Path) -> None:
+    """``pas restore`` said to put the backup's configuration back at the path it had on the
+    appliance that wrote it (its manifest's ``config_file``), which may be no place this PAS
+    reads. It names where this PAS reads it: the ``--config`` given, else the file found as
+    ``pas run`` finds it, else where one would be read (here ``$PAS_HOME/appliance.toml``)."""
+    written_with = tmp_path / "old-etc" / "appliance.toml"
+    written_with.parent.mkdir()
+    written_with.write_text('site = "SITE-A"\n')
+    backup = _backup_of_site_a(tmp_path, "--config", str(written_with))
+    assert json.loads((backup / "MANIFEST.json").read_text())["config_file"] == \
+        str(written_with)
+    read_here = tmp_path / "etc" / "pas.toml"
+    read_here.parent.mkdir()
+    read_here.write_text('site = "SITE-A"\n')
+    for name, options, where in (
+            ("given", ("--config", str(read_here)), f"{read_here}, its --config"),
+            ("none", (), f"{tmp_path / 'none' / 'appliance.toml'}: none there now, it runs on "
+                         "its defaults and PAS_* variables")):
+        pas = PasProcess(tmp_path / name, {"PAS_SITE": "SITE-A"})
+        pas.env.pop("PAS_CONFIG", None)
+        said = " ".join(pas.cli("restore", str(backup), *options).stdout.split())
+        assert (f"the backup's configuration is {backup / 'appliance.toml'}: put it back "
+                f"where this PAS reads it ({where}) if it is lost") in said, said
+        assert str(written_with) not in said
+    # Found as pas run finds it: $PAS_HOME/appliance.toml.
+    pas = PasProcess(tmp_path / "found", {"PAS_SITE": "SITE-A"})
+    pas.env.pop("PAS_CONFIG", None)
+    pas.home.mkdir()
+    (pas.home / "appliance.toml").write_text('site = "SITE-A"\n')
+    said = " ".join(pas.cli("restore", str(backup)).stdout.split())
+    assert f"put it back where this PAS reads it ({pas.home / 'appliance.toml'}) if" in said

@@ -339,11 +339,34 @@ def restore(folder: Path = typer.Argument(..., help="A pas-backup-<site>-<UTC ti
             console.print(f"the home's {what} before it set aside as {aside}", highlight=False)
     if done.config_in_backup is not None:
         console.print(f"the backup's configuration is {done.config_in_backup}: put it back "
-                      f"where PAS reads it ({done.manifest.get('config_file')}) if it is lost",
-                      highlight=False)
+                      f"where this PAS reads it ({where_config_is_read(config)}) if it is "
+                      "lost", highlight=False)
     console.print("next: systemctl start pas (start-up recovery reconciles the spool; a "
                   "confirmed study whose files are gone comes from the region when asked, "
                   "pas verify --repair fetches them all)", highlight=False)
+
+
+def where_config_is_read(config: Path | None) -> str:
+    """Where this PAS reads its configuration file, as ``pas run`` finds it with the same
+    ``--config`` and environment (:func:`appliance.config.default_config_path`), and, none
+    found, where it would: ``$PAS_HOME/appliance.toml``, else the appliance's
+    ``/etc/pas/appliance.toml``. ``pas restore`` named the path the backup's file had on
+    the appliance that wrote it (its manifest's), which may be no place this PAS reads."""
+    import os
+
+    from appliance.config import SYSTEM_CONFIG, default_config_path
+
+    if config is not None:
+        return f"{config.absolute()}, its --config"
+    if os.environ.get("PAS_CONFIG"):
+        return f"{Path(os.environ['PAS_CONFIG']).absolute()}, its PAS_CONFIG"
+    found = default_config_path()
+    if found is not None:
+        return str(found.absolute())
+    none = ": none there now, it runs on its defaults and PAS_* variables"
+    if os.environ.get("PAS_HOME"):
+        return f"{(Path(os.environ['PAS_HOME']) / 'appliance.toml').absolute()}{none}"
+    return f"{SYSTEM_CONFIG}{none}"
 
 
 def register(app: typer.Typer) -> None:

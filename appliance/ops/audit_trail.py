@@ -550,8 +550,9 @@ FINGERPRINT_KEY = "config-fingerprint.key"  # in $PAS_HOME, 0600, made at the fi
 
 
 def fingerprint_key(home: Path) -> bytes:
-    """This home's fingerprint key, made (32 random bytes, 0600) when there is none: the
-    first start after an upgrade or a restore (not in a backup) names every section once."""
+    """This home's fingerprint key, made (32 random bytes, 0600) when there is none: at the
+    first start, the first after an upgrade from a version that had none (before
+    2026-12-06), or after a restore on a new disk (the key is not in a backup)."""
     path = home / FINGERPRINT_KEY
     try:
         return path.read_bytes()
@@ -565,19 +566,69 @@ def fingerprint_key(home: Path) -> bytes:
         return key
 
 
+def fingerprint_key_id(key: bytes) -> str:
+    """Which key a ``config`` row's fingerprints were made under (its ``key``): an HMAC of a
+    constant, which says nothing of the configuration nor of the key."""
+    return hmac.new(key, b"pas config fingerprint key", hashlib.sha256).hexdigest()[:16]
+
+
+# The detail of a start whose previous fingerprints cannot be compared with this one's.
+REBASED = ("configuration fingerprints re-based under {why}; no comparison with the previous "
+           "run")
+
+
+def _not_comparable(previous: dict[str, Any], fingerprint: dict[str, str], key_id: str,
+                    key_made_now: bool) -> str | None:
+    """Why the previous ``config`` row's fingerprints (``previous``, its detail) cannot be
+    compared with ``fingerprint``, None when they can. Made under another key, or the plain
+    SHA-256 of a version before 2026-12-06, every section compared different: the first
+    start after the upgrade wrote a row saying all of them changed, which none had."""
+    if key_made_now:
+        return ("a new key (none was in this home: an upgrade from a version without one, a "
+                "restore on a new disk, or the key file removed)")
+    if "key" in previous:
+        return None if previous["key"] == key_id else \
+            "another key than the previous run's (the key file was replaced)"
+    # Written before rows named their key: under this key, the sections that did not change
+    # are alike; not one alike is another way (a plain SHA-256, another key).
+    sections = previous.get("sections") or {}
+    if any(sections.get(name) == value for name, value in fingerprint.items()):
+        return None
+    return ("this home's key (the previous run's fingerprints were made another way: a plain "
+            "SHA-256 before 2026-12-06, or another key)")
+
+
 def record_config_change(db: Database, settings: Settings) -> list[str]:
     """At start-up: an audit ``config`` event naming the sections that changed since the
-    last start (none recorded: the first start)."""
-    fingerprint = config_fingerprint(settings, fingerprint_key(settings.home))
+    last start (none recorded: the first start). Previous fingerprints made another way (a
+    key made now, another key, a version before the key) are not compared: the row says the
+    fingerprints were re-based, names no section changed, and the next start compares with
+    it."""
+    key_made_now = not (settings.home / FINGERPRINT_KEY).exists()
+    key = fingerprint_key(settings.home)
+    key_id = fingerprint_key_id(key)
+    fingerprint = config_fingerprint(settings, key)
     previous_rows = audit.recent(db, limit=1, event="config")
-    previous: dict[str, str] = {}
+    detail: dict[str, Any] = {}
     if previous_rows and previous_rows[0].get("detail"):
         with contextlib.suppress(ValueError):
-            previous = json.loads(previous_rows[0]["detail"]).get("sections", {})
+            loaded = json.loads(previous_rows[0]["detail"])
+            detail = loaded if isinstance(loaded, dict) else {}
+    previous = detail.get("sections")
+    if not isinstance(previous, dict):
+        previous = {}
+    if previous:
+        why = _not_comparable(detail, fingerprint, key_id, key_made_now)
+        if why is not None:
+            audit.record(db, "config", actor="system", target=None,
+                         detail=json.dumps({"rebased": REBASED.format(why=why),
+                                            "sections": fingerprint, "key": key_id}))
+            return []
     changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
     if changed:
         audit.record(db, "config", actor="system", target=None,
-                     detail=json.dumps({"changed": changed, "sections": fingerprint}))
+                     detail=json.dumps({"changed": changed, "sections": fingerprint,
+                                        "key": key_id}))
     return changed
 
 

@@ -56,13 +56,12 @@ class Restored:
 
 def check_backup(settings: Settings, folder: Path) -> dict[str, Any]:
     """The backup's manifest, once the folder is found to be a whole ``pas backup`` of this
-    site that this software can run: each file its manifest names, with its size and
-    SHA-256; an index SQLite finds sound, of a schema this version knows. Raises
-    :class:`RestoreRefused` naming the first problem."""
+    site that this software can run (one written before manifests said their kind too:
+    :func:`check_kind`): each file its manifest names, with its size and SHA-256; an index
+    SQLite finds sound, of a schema this version knows. Raises :class:`RestoreRefused`
+    naming the first problem."""
     manifest = read_manifest(folder)
-    if manifest.get("kind") != KIND:
-        raise RestoreRefused(f"{folder} is not a pas backup (its {MANIFEST} says kind "
-                             f"{manifest.get('kind')!r}): nothing restored")
+    check_kind(folder, manifest)
     if not _of_this_site(settings, folder, manifest):
         origin = site_origin(settings)
         raise RestoreRefused(
@@ -93,6 +92,39 @@ def check_backup(settings: Settings, folder: Path) -> dict[str, Any]:
         raise RestoreRefused(f"{index} is damaged ({finding}): restore an older backup. "
                              "Nothing restored")
     return manifest
+
+
+# What the manifest of every pas backup has held, before it said its kind (2026-12-05, with
+# --keep) and since (appliance.ops.backup._manifest); "files" names its pas.sqlite. A hub's
+# has no site, and names hub.sqlite.
+OLDER_MANIFEST_KEYS = ("site", "made_at", "software", "schema", "instances", "studies", "files")
+HUB_KIND = "pas hub backup"  # appliance.hub.backup.KIND: pas hub restore puts it back
+
+
+def check_kind(folder: Path, manifest: dict[str, Any]) -> None:
+    """Refuse (:class:`RestoreRefused`) a folder whose manifest is not a ``pas backup``'s:
+    its ``kind`` says so, or, written before manifests said their kind, it has what a
+    ``pas backup`` manifest had (:data:`OLDER_MANIFEST_KEYS`, a ``pas.sqlite`` among its
+    files). Until 2026-12-06 every backup written before 2026-12-05 was refused as "kind
+    None"."""
+    kind = manifest.get("kind")
+    if kind == KIND:
+        return
+    if kind == HUB_KIND:
+        raise RestoreRefused(f"{folder} is a hub's backup (its {MANIFEST} says kind "
+                             f"{HUB_KIND!r}), not an appliance's: pas hub restore puts it back "
+                             "on the hub; nothing restored")
+    if kind is not None:
+        raise RestoreRefused(f"{folder} is not a pas backup (its {MANIFEST} says kind "
+                             f"{kind!r}): nothing restored")
+    files = manifest.get("files")
+    lacking = [key for key in OLDER_MANIFEST_KEYS if key not in manifest]
+    if not lacking and not (isinstance(files, dict) and "pas.sqlite" in files):
+        lacking = ["pas.sqlite in files"]
+    if lacking:
+        raise RestoreRefused(f"{folder} is not a pas backup: its {MANIFEST} names no kind, "
+                             "nor has it what an older pas backup's has (no "
+                             f"{', '.join(lacking)}): nothing restored")
 
 
 # How a refusal says where this appliance's site comes from (appliance.config.site_origin).
