@@ -204,6 +204,13 @@ def test_a_hub_backup_that_may_not_be_restored_here_is_refused_and_the_home_left
         manifest = json.loads((folder / "MANIFEST.json").read_text())
         (folder / "MANIFEST.json").write_text(json.dumps({**manifest, "kind": "pas backup"}))
 
+    def older_appliance_backup(folder: Path) -> None:  # before manifests named their kind
+        manifest = json.loads((folder / "MANIFEST.json").read_text())
+        del manifest["kind"]
+        (folder / "MANIFEST.json").write_text(json.dumps(
+            {**manifest, "site": "CHU-TEST", "instances": 0, "studies": 0,
+             "files": {**manifest["files"], "pas.sqlite": manifest["files"]["hub.sqlite"]}}))
+
     def undated(folder: Path) -> None:  # the restored hub's last backup would be unknown
         manifest = json.loads((folder / "MANIFEST.json").read_text())
         (folder / "MANIFEST.json").write_text(json.dumps({**manifest, "made_at": "yesterday"}))
@@ -237,6 +244,10 @@ def test_a_hub_backup_that_may_not_be_restored_here_is_refused_and_the_home_left
          f"{tmp_path}/appliance/{backup.name} is an appliance's backup (its MANIFEST.json says "
          "kind 'pas backup'), not a hub's: pas restore puts it back on its appliance; nothing "
          "restored"),
+        (hub, variant("older-appliance", older_appliance_backup),
+         f"{tmp_path}/older-appliance/{backup.name} is an appliance's backup (its MANIFEST.json "
+         "names no kind, as an appliance's written before 2026-12-05), not a hub's: pas "
+         "restore puts it back on its appliance; nothing restored"),
         (hub, variant("undated", undated),
          f"{tmp_path}/undated/{backup.name}/MANIFEST.json: made_at 'yesterday' is not a UTC "
          "time (YYYY-MM-DDTHH:MM:SSZ): the manifest is damaged; nothing restored"),

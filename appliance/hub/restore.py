@@ -36,7 +36,13 @@ from typing import Any
 from appliance.hub.backup import ARCHIVE_INDEX, KIND, pki_files
 from appliance.hub.pki import HubPKI
 from appliance.ops.backup_folder import MANIFEST, sha256_of, utc_stamp
-from appliance.ops.restore import RestoreRefused, check_file, made_at, read_manifest
+from appliance.ops.restore import (
+    RestoreRefused,
+    check_file,
+    check_kind,
+    made_at,
+    read_manifest,
+)
 from appliance.store.damage import SIDE_FILES, damage_of, set_aside
 from appliance.store.hub import name_restored_backup
 from appliance.store.hub_schema import HUB_MIGRATIONS
@@ -83,16 +89,31 @@ class HubRestored:
     named_last: bool = False  # the restored hub.sqlite names this backup its last one
 
 
+def _older_appliance_backup(folder: Path, manifest: dict[str, Any]) -> bool:
+    """An appliance's backup written before manifests named their kind (the appliance's
+    ``pas restore`` takes it): said as such, not as "kind None"."""
+    if "kind" in manifest:
+        return False
+    try:
+        check_kind(folder, manifest)
+    except RestoreRefused:
+        return False
+    return True
+
+
 def check_hub_backup(folder: Path) -> dict[str, Any]:
     """The manifest of ``folder``, once it is found to be a whole ``pas hub backup`` this
     software can run: each file it names there with its size and SHA-256, its CA the one it
     names, its databases sound (SQLite's ``quick_check``) and of a schema this version
     knows. Raises :class:`RestoreRefused` naming the first problem."""
     manifest = read_manifest(folder, "pas hub backup")
-    if manifest.get("kind") == "pas backup":
-        raise RestoreRefused(f"{folder} is an appliance's backup (its {MANIFEST} says kind "
-                             "'pas backup'), not a hub's: pas restore puts it back on its "
-                             "appliance; nothing restored")
+    said = ("says kind 'pas backup'" if manifest.get("kind") == "pas backup" else
+            "names no kind, as an appliance's written before 2026-12-05"
+            if _older_appliance_backup(folder, manifest) else None)
+    if said is not None:
+        raise RestoreRefused(f"{folder} is an appliance's backup (its {MANIFEST} {said}), not "
+                             "a hub's: pas restore puts it back on its appliance; nothing "
+                             "restored")
     if manifest.get("kind") != KIND:
         raise RestoreRefused(f"{folder} is not a pas hub backup (its {MANIFEST} says kind "
                              f"{manifest.get('kind')!r}): nothing restored")
