@@ -7,15 +7,18 @@ changes what the service runs on, so the check could pass while the upgraded ser
 refused to start, or the reverse; and its closing hint said "Fix the file" whatever the
 refusal (a site mismatch's way out may be to enrol again).
 
-The script runs here as it is shipped, in a temporary root (its /opt/pas, /var/lib/pas and
-/etc/pas-release paths pointed there), with stand-ins on PATH for what this machine has not:
-``systemctl`` (no systemd here; it answers ``show`` in systemd's own output format and
-records stop/start), ``runuser`` (runs the command as is) and the new version's ``pas``
-(records the environment and arguments the check ran with, answers as told).
+The script runs here as it is shipped, in a temporary root (its /opt/pas, /var/lib/pas,
+/etc/pas and /etc/pas-release paths pointed there), with stand-ins on PATH for what this
+machine has not: ``systemctl`` (no systemd here; it answers ``show`` in systemd's own output
+format and records stop/start), ``runuser`` (runs the command as is), ``python3 -m venv`` and
+its ``pip`` (record what they were asked), and each version's ``pas`` (records the environment
+and arguments the check ran with, answers as told). test_upgrade_rollback.py uses the same
+root (:func:`make_upgrade_root`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.machinery
 import importlib.util
 import json
@@ -91,16 +94,39 @@ def _stand_in(path: Path, body: str) -> None:
     path.chmod(0o755)
 
 
-@pytest.fixture
-def upgrade_root(tmp_path: Path) -> Path:
+# The version pas-upgrade's stand-in environment makes (python3 -m venv, then pip): its pas
+# records how it was run (check.json, the last; checks.log, one line each: the version and
+# the file) and answers as told: the words of check.said and the status of check.status, or,
+# when the file checked holds the word written in refuse.<identity>, a refusal naming it
+# (an older version meeting a key added for a newer one).
+PAS_STAND_IN = """#!/bin/bash
+me="$(basename "$(dirname "$(dirname "$(dirname "$0")")")")"
+{python} -c 'import json,os,sys; json.dump({{"argv": sys.argv[1:], "env": dict(os.environ)}}, \\
+open("{root}/check.json", "w"))' "$@"
+echo "$me $3" >> {root}/checks.log
+if [ -f "{root}/refuse.$me" ] && grep -qF "$(cat "{root}/refuse.$me")" "$3"; then
+  echo "config error unknown key $(cat "{root}/refuse.$me") (in $3)"
+  exit 2
+fi
+cat {root}/check.said 2>/dev/null
+exit "$(cat {root}/check.status 2>/dev/null || echo 0)"
+"""
+
+
+def make_upgrade_root(tmp_path: Path, running: str = "1.0",
+                      wheels: tuple[str, ...] = ("pas_appliance-2.0-py3-none-any.whl",)
+                      ) -> Path:
     """A temporary root: pas-upgrade (its paths pointed here) and lib/pas/unit-env beside it,
-    /opt/pas/current -> 1.0, a wheel of 2.0, and the stand-ins on PATH."""
+    /opt/pas/current -> ``running`` (installed: its pas answers config check), its
+    /etc/pas/appliance.toml and database, the ``wheels`` (each file's bytes its name), and
+    the stand-ins on PATH."""
     sbin, lib = tmp_path / "usr/local/sbin", tmp_path / "usr/local/lib/pas"
     sbin.mkdir(parents=True)
     lib.mkdir(parents=True)
     text = SCRIPT.read_text()
     for shipped, here in (("home=/var/lib/pas\n", f"home={tmp_path}/var/lib/pas\n"),
                           ("root=/opt/pas\n", f"root={tmp_path}/opt/pas\n"),
+                          ("etc=/etc/pas\n", f"etc={tmp_path}/etc/pas\n"),
                           (" /etc/pas-release", f" {tmp_path}/etc/pas-release")):
         assert shipped in text, shipped
         text = text.replace(shipped, here)
@@ -108,16 +134,23 @@ def upgrade_root(tmp_path: Path) -> Path:
     (sbin / "pas-upgrade").chmod(0o755)
     if UNIT_ENV.exists():
         shutil.copy(UNIT_ENV, lib / "unit-env")
-    (tmp_path / "opt/pas/1.0").mkdir(parents=True)
-    (tmp_path / "opt/pas/current").symlink_to("1.0")
+    stand_in = tmp_path / "pas-stand-in"
+    _stand_in(stand_in, PAS_STAND_IN.removeprefix("#!/bin/bash\n").format(
+        python=sys.executable, root=tmp_path))
+    (tmp_path / "opt/pas" / running / "venv/bin").mkdir(parents=True)
+    shutil.copy(stand_in, tmp_path / "opt/pas" / running / "venv/bin/pas")
+    (tmp_path / "opt/pas/current").symlink_to(running)
     (tmp_path / "var/lib/pas").mkdir(parents=True)
     subprocess.run([sys.executable, "-c", "import sqlite3,sys; sqlite3.connect(sys.argv[1])"
                     ".execute('CREATE TABLE t (x)')", str(tmp_path / "var/lib/pas/pas.sqlite")],
                    check=True)
-    (tmp_path / "etc").mkdir()
-    (tmp_path / "etc/pas-release").write_text("PAS_VERSION=1.0\n")
+    (tmp_path / "etc/pas").mkdir(parents=True)
+    (tmp_path / "etc/pas/appliance.toml").write_text('site = "CH-B"\n')
+    (tmp_path / "etc/pas-release").write_text(f"PAS_VERSION={running}\nPAS_COMMIT=abc\n")
     (tmp_path / "wheels").mkdir()
-    (tmp_path / "wheels/pas_appliance-2.0-py3-none-any.whl").write_bytes(b"")
+    for name in wheels:
+        (tmp_path / "wheels" / name).write_bytes(name.encode())
+    (tmp_path / "wheels/numpy-2.0-cp311-cp311-manylinux_2_17_x86_64.whl").write_bytes(b"np")
     (tmp_path / "unit.env").write_text(SHOW_ENVIRONMENT)
     (tmp_path / "unit.files").write_text("")
     bin_ = tmp_path / "bin"
@@ -134,24 +167,32 @@ fi
 echo "$*" >> {tmp_path}/systemctl.log
 """)
     _stand_in(bin_ / "runuser", 'while [ "$1" != -- ]; do shift; done; shift; exec "$@"\n')
-    # The new version's environment: python3 -m venv makes its pip and its pas.
-    recorder = (f"{sys.executable} -c 'import json,os,sys; json.dump({{\"argv\": sys.argv[1:],"
-                f" \"env\": dict(os.environ)}}, open(\"{tmp_path}/check.json\", \"w\"))' \"$@\"\n"
-                f"cat {tmp_path}/check.said 2>/dev/null\n"
-                f"exit \"$(cat {tmp_path}/check.status 2>/dev/null || echo 0)\"\n")
+    # The new version's environment: python3 -m venv [options] DIR makes its pip (recording
+    # what it installs) and its pas.
     _stand_in(bin_ / "python3", f"""
 if [ "$1 $2" = "-m venv" ]; then
-  mkdir -p "$3/bin"
-  printf '#!/bin/bash\\nexit 0\\n' > "$3/bin/pip"
-  cat > "$3/bin/pas" <<'PAS'
-#!/bin/bash
-{recorder}PAS
-  chmod 755 "$3/bin/pip" "$3/bin/pas"
+  echo "$*" >> {tmp_path}/venv.log
+  dir="${{@: -1}}"
+  mkdir -p "$dir/bin"
+  printf '#!/bin/bash\\necho "$*" >> {tmp_path}/pip.log\\n' > "$dir/bin/pip"
+  cp {stand_in} "$dir/bin/pas"
+  chmod 755 "$dir/bin/pip"
   exit 0
 fi
 exec {sys.executable} "$@"
 """)
     return tmp_path
+
+
+def identity(root: Path, name: str = "pas_appliance-2.0-py3-none-any.whl") -> str:
+    """What pas-upgrade names the install of the wheel ``name`` of ``root``'s wheels."""
+    version = name.split("-")[1]
+    return f"{version}-{hashlib.sha256((root / 'wheels' / name).read_bytes()).hexdigest()[:12]}"
+
+
+@pytest.fixture
+def upgrade_root(tmp_path: Path) -> Path:
+    return make_upgrade_root(tmp_path)
 
 
 def _upgrade(root: Path) -> subprocess.CompletedProcess[str]:
@@ -171,14 +212,14 @@ def test_the_check_runs_with_the_units_environment(upgrade_root: Path) -> None:
     result = _upgrade(root)
     assert result.returncode == 0, result.stdout + result.stderr
     check = json.loads((root / "check.json").read_text())
-    assert check["argv"] == ["config", "check", "/etc/pas/appliance.toml"]
+    assert check["argv"] == ["config", "check", f"{root}/etc/pas/appliance.toml"]
     assert {k: v for k, v in check["env"].items() if k.startswith("PAS_")} == {
         "PAS_HOME": "/srv/pas", "PAS_SITE": "CH Exemple",
         "PAS_HUB__URL": 'https://hub.example:8443/x?a="b"&c=$d\\e',
         "PAS_DICOM__AE_TITLE": "PAS MAIN"}
     assert (root / "systemctl.log").read_text().splitlines() == ["stop pas.service",
                                                                  "start pas.service"]
-    assert os.readlink(root / "opt/pas/current") == "2.0"
+    assert os.readlink(root / "opt/pas/current") == identity(root)
 
 
 def test_a_refusal_is_said_in_the_checks_words_and_nothing_is_switched(
@@ -190,13 +231,13 @@ def test_a_refusal_is_said_in_the_checks_words_and_nothing_is_switched(
     assert result.returncode == 1, result.stdout + result.stderr
     said = [" ".join(line.split()) for line in result.stdout.splitlines() if line.strip()]
     assert said == [SITE_REFUSAL, (
-        "pas-upgrade: 2.0 refuses the configuration pas.service runs on "
-        "(/etc/pas/appliance.toml PAS_HOME PAS_SITE PAS_HUB__URL PAS_DICOM__AE_TITLE), in "
+        f"pas-upgrade: {identity(root)} refuses the configuration pas.service runs on "
+        f"({root}/etc/pas/appliance.toml PAS_HOME PAS_SITE PAS_HUB__URL PAS_DICOM__AE_TITLE), in "
         "its words above; nothing was switched, 1.0 still runs. Do what it says, then run "
         "pas-upgrade install again.")], result.stdout
     assert not (root / "systemctl.log").exists()  # never stopped
     assert os.readlink(root / "opt/pas/current") == "1.0"
-    assert (root / "etc/pas-release").read_text() == "PAS_VERSION=1.0\n"
+    assert (root / "etc/pas-release").read_text() == "PAS_VERSION=1.0\nPAS_COMMIT=abc\n"
 
     # An environment that cannot be read as systemd gives it stops the upgrade too.
     (root / "unit.files").write_text(f"{root / 'absent.env'} (ignore_errors=no)\n")
