@@ -26,6 +26,7 @@ from appliance.config_types import (
     AETitle,
     Flag,
     HostName,
+    IpAddress,
     IpNetwork,
     Port,
     Priority,
@@ -55,7 +56,7 @@ class KnownAE(_Section):
     a modality that reaches PAS over TLS is called back over TLS, never in clear."""
 
     title: AETitle
-    host: str | None = None
+    host: IpAddress | None = None
     port: Port | None = None
     tls: Flag | None = None
 
@@ -132,6 +133,21 @@ class DicomSection(_Section):
             raise _cross_field("max_connections",
                                f"must be at least dicom.max_associations "
                                f"({self.max_associations}), got {self.max_connections}")
+        return self
+
+    @model_validator(mode="after")
+    def _one_entry_per_title(self) -> DicomSection:
+        """Each calling AE title once: a second entry replaced the first without a word (its
+        host pin and callback address lost)."""
+        first: dict[str, int] = {}
+        for number, known in enumerate(self.known_aes):
+            if known.title in first:
+                raise _cross_field(
+                    f"known_aes[{number}].title",
+                    f"{known.title!r} is already known_aes[{first[known.title]}]: one entry "
+                    "per AE title (a modality sending from two addresses: no host pin, or "
+                    "two AE titles)")
+            first[known.title] = number
         return self
 
     @model_validator(mode="after")

@@ -251,7 +251,23 @@ def _ip_network(value: str) -> str:
     return value
 
 
+def _ip_address(value: str) -> str:
+    """An IP address literal (``dicom.known_aes[].host``), in its canonical form: the pin is
+    compared with the address an association comes from, which is never a name. A name
+    (``localhost``, a modality's DNS name), a network or a typo passed the check and then
+    refused every association of that AE ("known, but from localhost, not 127.0.0.1")."""
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(value.strip("[]")))
+    except ValueError:
+        hint = " (a name is not resolved: give the modality's address)" \
+            if value and not any(c in value for c in "/ ") else ""
+        raise ValueError(f"{value!r} is not an IP address{hint}") from None
+
+
 WebRoot = Annotated[str, AfterValidator(_web_root)]
+IpAddress = Annotated[str, AfterValidator(_ip_address)]
 IpNetwork = Annotated[str, AfterValidator(_ip_network)]
 Port = Annotated[int, AfterValidator(_port)]
 HostName = Annotated[str, AfterValidator(_host_name)]

@@ -79,6 +79,16 @@ def test_environment_overrides_every_key() -> None:
     # or dumped the table ("Input tag 'dicomm' found using 'kind' ..."), not the key.
     ("[dicom]\nknown_aes = ['CT2']", "dicom.known_aes.0: must be a table ({ key = value, "
      "... }), got 'CT2': write { title = \"CT2\" }"),
+    # A known AE's host pin is compared with the address an association comes from: a name,
+    # a network or a typo was accepted, then refused every association of that AE.
+    ("[dicom]\nknown_aes = [{ title = 'CT9', host = 'localhost' }]",
+     "dicom.known_aes.0.host: 'localhost' is not an IP address (a name is not resolved: give "
+     "the modality's address)"),
+    ("[dicom]\nknown_aes = [{ title = 'CT7', host = '10.1.2.0/24' }]",
+     "dicom.known_aes.0.host: '10.1.2.0/24' is not an IP address"),
+    # A second entry for one title replaced the first without a word.
+    ("[dicom]\nknown_aes = [{ title = 'CT7', host = '10.1.2.7' }, { title = 'CT7' }]",
+     "dicom.known_aes[1].title: 'CT7' is already known_aes[0]: one entry per AE title"),
     ("[destinations.pacs]\nkind = 'dicomm'\nae_title = 'P'\nhost = 'pacs'\nport = 104",
      "destinations.pacs.kind: must be one of 'dicom', 'hub', 'stowrs', got 'dicomm'"),
     ("[destinations.pacs]\nae_title = 'P'\nhost = 'pacs'\nport = 104",
