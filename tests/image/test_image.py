@@ -173,7 +173,8 @@ def test_the_configuration_first_boot_writes_keeps_the_home_and_the_shipped_keys
 
     firstboot = _firstboot()
 
-    seed = {"site": "CH-Exemple", "ae_title": "PAS", "known_aes": ["CT_URG", "MR1"]}
+    # A title given twice is one entry (PAS refuses a title listed twice).
+    seed = {"site": "CH-Exemple", "ae_title": "PAS", "known_aes": ["CT_URG", "MR1", "CT_URG "]}
     written = tmp_path / "appliance.toml"
     written.write_text(firstboot.config_text(seed))
     shell: dict[str, str] = {}  # an administrator's shell: no PAS_HOME, no PAS_CONFIG
