@@ -665,3 +665,27 @@ def test_status_shows_a_link_s_last_error_whole(tmp_path: Path) -> None:
     table = shown.stdout[shown.stdout.index("Links"):]
     assert "pas enroll --replace and restart PAS" in " ".join(
         table.replace("│", " ").split()), table
+
+
+def test_send_names_a_file_the_peer_takes_no_context_for_and_sends_the_others(
+        pas: PasProcess, tmp_path: Path) -> None:
+    """A private SOP class PAS does not take (its presentation context refused): ``pas send``
+    stopped with a traceback there ("No presentation context for ..."), the files after it
+    not sent, no summary. It is now one failure naming the file and its class."""
+    from pydicom import dcmread
+
+    private = tmp_path / "private.dcm"
+    dataset = dcmread(FILES[0])
+    dataset.SOPClassUID = dataset.file_meta.MediaStorageSOPClassUID = "1.3.46.670589.11.0.0.12.99"
+    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.99.7"
+    dataset.save_as(private, enforce_file_format=True)
+    before = pas.status()["instances"]
+    result = pas.cli("send", str(FILES[1]), str(private), str(FILES[2]),
+                     "--calling-ae", "ITTEST", check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "sent 2 of 3 files" in result.stdout, result.stdout
+    said = " ".join(result.stderr.split())
+    assert (f"failed: {private}: not sent: the peer accepted no presentation context for its "
+            "SOP class 1.3.46.670589.11.0.0.12.99") in said, said
+    assert pas.status()["instances"] == before + 2

@@ -158,7 +158,13 @@ def send(paths: list[Path] = typer.Argument(..., help="DICOM files or folders (r
         with Progress(*columns, console=err, transient=False) as progress:
             task = progress.add_task("send", total=len(files), mb=0.0)
             for message_id, path in enumerate(files, start=1):
-                code = _store_file(assoc, path, headers[path], (message_id - 1) % 0xFFFF + 1)
+                try:
+                    code = _store_file(assoc, path, headers[path],
+                                       (message_id - 1) % 0xFFFF + 1)
+                except _NotAccepted as exc:  # the others still go
+                    failures.append(f"{path}: {exc}")
+                    progress.update(task, advance=1)
+                    continue
                 if code == 0:
                     sent_bytes += path.stat().st_size
                 else:
@@ -213,6 +219,11 @@ def _refuse_bad_send_options(host: str, port: int | None, called_ae: str | None,
         raise typer.Exit(2)
 
 
+class _NotAccepted(Exception):
+    """The peer accepted no presentation context that can carry a file: said for that file,
+    the others sent (it was a traceback, the rest of the files not sent)."""
+
+
 def _store_file(assoc: Any, path: Path, header: tuple[str, str, str],
                 message_id: int) -> int | None:
     """C-STORE ``path`` on ``assoc``: its dataset's stored bytes straight to the socket
@@ -220,6 +231,7 @@ def _store_file(assoc: Any, path: Path, header: tuple[str, str, str],
     pynetdicom, decoded, only when the reactors are not installed or no accepted context
     carries the file's own transfer syntax. The response's status, None without one."""
     from pydicom import dcmread
+    from pydicom.uid import UID
 
     from appliance.dicomnet.direct_store import DirectStoreError, DirectStoreSender
 
@@ -232,7 +244,15 @@ def _store_file(assoc: Any, path: Path, header: tuple[str, str, str],
             return None  # the association is aborted: the caller counts the rest lost
         if result is not None:
             return result[0]
-    status = assoc.send_c_store(dcmread(path), msg_id=message_id)
+    dataset = dcmread(path)
+    try:
+        status = assoc.send_c_store(dataset, msg_id=message_id)
+    except ValueError as exc:  # pynetdicom: "No presentation context for ..."
+        name = UID(sop_class).name if sop_class else "?"
+        what = sop_class if name == sop_class else f"{name} ({sop_class})"
+        raise _NotAccepted(f"not sent: the peer accepted no presentation context for its SOP "
+                           f"class {what} in its transfer syntax or an uncompressed one "
+                           f"({exc})") from None
     return getattr(status, "Status", None) if status else None
 
 
