@@ -178,3 +178,25 @@ def _enrolled_then_confirmed(hub: HubProcess, pas: PasProcess, site: str, count:
     status = pas.status()
     assert status["awaiting_enrolment"] == {"instances": 0, "studies": 0}
     assert status["jobs_by_kind"] == {"hub": {"done": 1}}
+
+
+def test_a_version_a_correction_replaced_is_not_counted_waiting(tmp_path: Path) -> None:
+    """``pas status`` said "625 instances of 42 studies wait for the enrolment" under
+    "instances 613": the versions corrections replaced were counted too, and they are never
+    sent."""
+    from appliance.store import awaiting_hub, index
+    from appliance.store import jobs as job_store
+    from appliance.store.db import Database
+    from appliance.store.index import InstanceRecord, StoredFile
+
+    db = Database(tmp_path / "pas.sqlite")
+    record = InstanceRecord("1.2.9.1", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.1.2.1",
+                            "1.2.9", "1.2.9.100", patient_id="P1", modality="MR")
+    for version, digest in ((1, "a" * 64), (2, "b" * 64)):  # the second, a correction
+        held = index.record_instance(db, record, StoredFile(f"aa/{version}.dcm", 10, digest))
+        assert held.version == version
+        row = db.query_one("SELECT study_fk FROM instances WHERE id = ?", (held.instance_id,))
+        job_store.route_study(db, int(row["study_fk"]), [held.instance_id], [],
+                              awaiting_hub_ids=[held.instance_id])
+    assert len(db.query("SELECT * FROM awaiting_hub")) == 2
+    assert awaiting_hub.waiting(db) == (1, 1)

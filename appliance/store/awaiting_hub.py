@@ -33,10 +33,13 @@ def hold(conn: sqlite3.Connection, instance_ids: Iterable[int], at: float) -> No
 
 def waiting(db: Database) -> tuple[int, int]:
     """How many instances, of how many studies, wait for the enrolment (kept, not evicted:
-    the region has not confirmed them)."""
+    the region has not confirmed them). Current versions only, as ``pas status`` counts
+    instances: a version a correction replaced is never sent (it counted, "625 instances
+    wait" under "instances 613")."""
     row = db.query_one(
         """SELECT count(*) AS instances, count(DISTINCT i.study_fk) AS studies
-           FROM awaiting_hub a JOIN instances i ON i.id = a.instance_fk""")
+           FROM awaiting_hub a JOIN instances i ON i.id = a.instance_fk
+           WHERE i.is_current = 1""")
     return (int(row["instances"]), int(row["studies"])) if row else (0, 0)
 
 
