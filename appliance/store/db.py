@@ -93,6 +93,7 @@ class SchemaTooNew(RuntimeError):
     traceback)."""
 
 
+WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes a reset WAL is truncated to (journal_size_limit)
 IDLE_CONNECTIONS = 8  # kept open for the next threads; more are closed when their thread ends
 
 
@@ -169,6 +170,10 @@ class Database:
         else:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
+            # A WAL that grew (a long read kept SQLite from resetting it: 820 MiB once) is
+            # cut back to this at its next reset; without it the file kept its largest size
+            # until the next start, disk no check counted.
+            conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute(f"PRAGMA busy_timeout={self.busy_timeout_ms}")
         with self._pool_lock:
