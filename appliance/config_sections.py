@@ -258,10 +258,12 @@ class HttpSection(_Section):
     port: Port = 8080
     enabled: Flag = True
     allowed_hosts: list[HostName] = []
-    # Connections open at once (more are closed as they open), and how long a connection may
-    # take to send its first whole request (appliance/web/bounded.py).
+    # Connections open at once (more are closed as they open), how long a connection may
+    # take to send its first whole request, and how long an answer may wait for the client
+    # to read any of it (appliance/web/bounded.py).
     max_connections: int = Field(default=1024, ge=1)
     request_timeout_s: float = Field(default=30.0, gt=0)
+    send_timeout_s: float = Field(default=60.0, gt=0)
 
 
 class OpsSection(_Section):

@@ -270,7 +270,8 @@ class Daemon:
         try:
             self.web = WebServer(build_app(self), http.host, http.port,
                                  max_connections=http.max_connections,
-                                 request_timeout_s=http.request_timeout_s, **self.web_tls)
+                                 request_timeout_s=http.request_timeout_s,
+                                 send_timeout_s=http.send_timeout_s, **self.web_tls)
         except OSError as exc:
             self.listener.stop()
             raise PortUnavailable(bind_refused("http.port", "http.host", http.host, http.port,

@@ -8,6 +8,7 @@ a thousand such connections ran the daemon out of descriptors (security review, 
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from typing import Any
@@ -64,4 +65,63 @@ def test_connections_beyond_the_bound_and_requests_never_finished_are_closed(
     finally:
         for sock in held:
             sock.close()
+        pas.stop()
+
+
+def test_an_answer_the_client_stops_reading_is_aborted_and_a_slow_reader_is_not(
+        tmp_path: Any) -> None:
+    """A client that asked for a whole study (WADO-RS) and read nothing held ~3.3 MiB of
+    the daemon's memory for as long as it kept the connection, nothing ending it. Now its
+    answer is aborted ``http.send_timeout_s`` after its buffer filled; a client that reads
+    slower than that bound's pace, but reads, gets the whole study."""
+    from tests.support.peers import MR_DIR, storescu
+
+    pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                                        "PAS_HTTP__SEND_TIMEOUT_S": "2"}).start()
+    try:
+        # 120 MR instances, 10 MB: more than the 4 MB the kernel may buffer for a socket.
+        storescu(sorted(p for p in MR_DIR.rglob("*") if p.is_file())[:120], pas.port)
+        base = f"http://127.0.0.1:{pas.http_port}"
+        with httpx.Client(base_url=base, timeout=30) as client:
+            (study,) = [s["0020000D"]["Value"][0]
+                        for s in client.get("/dicom-web/studies").json()]
+            whole = client.get(f"/dicom-web/studies/{study}")
+        assert whole.status_code == 200 and len(whole.content) > 10_000_000, len(whole.content)
+        request = (f"GET /dicom-web/studies/{study} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                   "Accept: multipart/related; type=\"application/dicom\"\r\n\r\n").encode()
+
+        stuck = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.connect(("127.0.0.1", pas.http_port))
+        stuck.sendall(request)
+        try:
+            assert stuck.recv(200)  # the answer began; then nothing more is read
+            wait_for(lambda: "the client read none of its answer for http.send_timeout_s "
+                             "(2 s)" in pas.log(), 30, what="the stalled answer aborted")
+            stuck.settimeout(10)
+            with contextlib.suppress(ConnectionResetError):
+                while stuck.recv(65536):  # what was in flight, then the end
+                    pass
+        finally:
+            stuck.close()
+
+        # A reader at ~3 MB/s (a 64 kB read every 20 ms): each read lets the answer go on.
+        slow = socket.create_connection(("127.0.0.1", pas.http_port), timeout=10)
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        slow.sendall(request)
+        received = bytearray()
+        try:
+            while not received.endswith(b"\r\n0\r\n\r\n"):  # chunked: its last chunk
+                chunk = slow.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+                time.sleep(0.02)  # the reader's pace, not a wait for a state
+        finally:
+            slow.close()
+        # The whole answer (its own multipart boundary, in chunks: longer than the body).
+        assert received.endswith(b"--\r\n\r\n0\r\n\r\n"), bytes(received[-200:])
+        assert len(received) > len(whole.content)
+        assert pas.log().count("the client read none of its answer") == 1
+    finally:
         pas.stop()

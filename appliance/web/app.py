@@ -92,12 +92,13 @@ class WebServer:
     """
 
     def __init__(self, app: Any, host: str, port: int, max_connections: int = 1024,
-                 request_timeout_s: float = 30.0, **ssl: Any):
+                 request_timeout_s: float = 30.0, send_timeout_s: float = 60.0, **ssl: Any):
         from appliance.web.bounded import bounded_protocol
 
         config = uvicorn.Config(app, host=host, port=port, log_level="warning",
                                 access_log=False, lifespan="off",
-                                http=bounded_protocol(max_connections, request_timeout_s),
+                                http=bounded_protocol(max_connections, request_timeout_s,
+                                                      send_timeout_s),
                                 **ssl)
         self.server = QuietServer(config)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn chooses

@@ -1,5 +1,5 @@
-"""The HTTP port's bound on connections: how many at once, and how long one may take to send
-its first request.
+"""The HTTP port's bound on connections: how many at once, how long one may take to send its
+first request, and how long an answer may wait for the client to read any of it.
 
 Owns: :func:`bounded_protocol`, uvicorn's h11 protocol with both bounds. May not touch the
 app (its routes, its auth) nor any other port.
@@ -12,6 +12,14 @@ part; the descriptors still ran out at the process's limit). Now a connection be
 ``http.max_connections`` is closed as soon as it opens, and one that has not sent a whole
 request ``http.request_timeout_s`` after it opened is closed; each logged at most once a
 minute with how many.
+
+And the answer's side: a client that asked for a study (WADO-RS, its metadata) and then
+read nothing held ~3.3 MiB of the daemon's memory for as long as it kept the connection
+(60 such clients: +198 MiB; 600 would take a 2 GiB appliance's memory), nothing ever
+ending it. Now an answer whose bytes wait in the connection's buffer
+``http.send_timeout_s`` without the client taking any (asyncio's flow control: paused, not
+resumed) is aborted. A client that reads, however slowly, resumes the flow and is never
+cut.
 """
 
 from __future__ import annotations
@@ -44,14 +52,39 @@ class _Said:
             self.count, self.said_at = 0, at
 
 
-def bounded_protocol(max_connections: int, request_timeout_s: float) -> type[H11Protocol]:
+def bounded_protocol(max_connections: int, request_timeout_s: float,
+                     send_timeout_s: float = 60.0) -> type[H11Protocol]:
     """uvicorn's h11 protocol with this server's bounds (one class per server)."""
     too_many = _Said(f"more than http.max_connections ({max_connections}) open")
     too_slow = _Said(f"no whole request within http.request_timeout_s ({request_timeout_s:g} "
                      "s)")
+    not_reading = _Said(f"the client read none of its answer for http.send_timeout_s "
+                        f"({send_timeout_s:g} s)")
 
     class BoundedH11Protocol(H11Protocol):
         _first_request: asyncio.TimerHandle | None = None
+        _stalled: asyncio.TimerHandle | None = None
+
+        def pause_writing(self) -> None:
+            """The transport's buffer is full: the client has not read what was sent."""
+            super().pause_writing()
+            if self._stalled is None:
+                self._stalled = self.loop.call_later(send_timeout_s, self._not_reading)
+
+        def resume_writing(self) -> None:
+            """The client read: the answer goes on, its clock starts again."""
+            super().resume_writing()
+            if self._stalled is not None:
+                self._stalled.cancel()
+                self._stalled = None
+
+        def _not_reading(self) -> None:
+            self._stalled = None
+            if not self.transport.is_closing():
+                not_reading.closed(self.client)
+                # abort, not close: close() waits to hand over the buffer the client does
+                # not take. uvicorn then tells the app the client is gone.
+                self.transport.abort()
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -74,9 +107,10 @@ def bounded_protocol(max_connections: int, request_timeout_s: float) -> type[H11
                 self.transport.close()
 
         def connection_lost(self, exc: Exception | None) -> None:
-            if self._first_request is not None:
-                self._first_request.cancel()
-                self._first_request = None
+            for timer in (self._first_request, self._stalled):
+                if timer is not None:
+                    timer.cancel()
+            self._first_request = self._stalled = None
             super().connection_lost(exc)
 
     return BoundedH11Protocol
