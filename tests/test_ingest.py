@@ -192,7 +192,10 @@ def test_unknown_and_misplaced_aes_are_rejected(pas_factory) -> None:
     assert pas.status()["instances"] == 1
     log = pas.log()
     assert "'INTRUDER' from 127.0.0.1 is not a known AE" in log
-    assert "'CT2' is known, but from 127.0.0.9, not 127.0.0.1" in log
+    # Which address is the pin and which the connection's (it read "is known, but from
+    # 127.0.0.9, not 127.0.0.1": an engineer on site could not tell which was which).
+    assert "association rejected: calling AE 'CT2' is pinned to 127.0.0.9 (its " \
+        "dicom.known_aes entry's host) but connected from 127.0.0.1" in log
     # The wrong called AE title: rejected as before, and now said, audited and counted
     # (pynetdicom's own rejection left none of the three).
     assert "association from CT1 (127.0.0.1) rejected: called AE title 'NOTPAS' is not this " \
@@ -245,6 +248,33 @@ def test_malformed_datasets_get_a_failure_and_change_nothing(pas, tmp_path: Path
     # The daemon keeps serving: a good instance right after, from another association.
     assert _send_raw(pas.port, source) == 0x0000
     assert pas.status()["instances"] == 1
+
+
+@pytest.mark.parametrize("direct_receive", ["true", "false"])
+def test_a_refused_c_store_names_its_instance(pas_factory, direct_receive: str) -> None:
+    """The refusal's line names the SOP Instance and Class from the C-STORE request's command
+    set, there even when the dataset is broken: it read ``C-STORE from US1 refused:
+    StudyInstanceUID is missing``, and the modality's operator could not tell which object
+    of the study it was. Either receive path (dicom.direct_receive)."""
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    pas = pas_factory({"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                       "PAS_DICOM__DIRECT_RECEIVE": direct_receive})
+    ds = dcmread(CT_DIR / "A002304_axial_19001231-076.dcm")
+    del ds.StudyInstanceUID
+    ae = AE(ae_title="US1")
+    ae.add_requested_context(ds.SOPClassUID, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", pas.port, ae_title="PAS")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+    assert status.Status == 0xC210 and status.ErrorComment == "StudyInstanceUID is missing"
+    assert (f"WARNING pas.ingest: C-STORE of SOP Instance {ds.SOPInstanceUID} (CT Image "
+            f"Storage, 1.2.840.10008.5.1.4.1.1.2) from US1 (127.0.0.1) refused: "
+            "StudyInstanceUID is missing") in pas.log()
+    assert pas.status()["instances"] == 0
 
 
 def test_conflicting_versions_are_kept_and_counted(pas, tmp_path: Path) -> None:

@@ -2,15 +2,16 @@
 
 Owns: presentation contexts, applying the association policy (appliance/ingest/policy.py:
 known calling AEs, optionally pinned to a host, and the SOP classes and transfer syntaxes
-taken; here: the called AE title, the limits) and mapping receive outcomes to DIMSE
-statuses. Other services (C-FIND/C-MOVE/C-GET) register their handlers on the same AE
-through :meth:`add_handlers`.
+taken, in which order; here: the called AE title, the limits, the order for the contexts a
+C-GET viewer receives on) and mapping receive outcomes to DIMSE statuses. Other services
+(C-FIND/C-MOVE/C-GET) register their handlers on the same AE through :meth:`add_handlers`.
 May not touch: SQL or files directly (it calls :class:`~appliance.ingest.receive.Receiver`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import socket
 import threading
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -27,9 +29,11 @@ from appliance.dicomnet.contexts import add_supported_contexts
 from appliance.dicomnet.server import ListenerServer
 from appliance.ingest.attributes import DatasetMismatch, InvalidInstance
 from appliance.ingest.policy import (
+    SENDING_TRANSFER_SYNTAXES,
     TRANSFER_SYNTAXES,
     AssociationPolicy,
     RefusedSopClassLog,
+    RefusedTransferSyntaxLog,
     storage_sop_classes,
 )
 from appliance.ingest.receive import Receiver, StorageFailure
@@ -51,8 +55,12 @@ SOP_CLASS_NOT_SUPPORTED = 0x0122
 CANNOT_UNDERSTAND = 0xC210
 PROCESSING_FAILURE = 0xC211
 
-# A-ASSOCIATE-AC presentation context result: abstract syntax not supported (PS3.8 9.3.3.2)
+# A-ASSOCIATE-AC presentation context results (PS3.8 9.3.3.2): abstract syntax not
+# supported; transfer syntaxes not supported
 _ABSTRACT_SYNTAX_NOT_SUPPORTED = 0x03
+_TRANSFER_SYNTAXES_NOT_SUPPORTED = 0x04
+# SENDING_TRANSFER_SYNTAXES as pynetdicom keeps a context's list (UID objects), made once.
+_SENDING_UIDS = [UID(uid) for uid in SENDING_TRANSFER_SYNTAXES]
 # A-ASSOCIATE-RJ: rejected-permanent, by the service user
 _REJECT_PERMANENT = 0x01
 _SOURCE_SERVICE_USER = 0x01
@@ -62,6 +70,25 @@ _CALLED_AE_NOT_RECOGNISED = 0x07
 _REJECT_TRANSIENT = 0x02
 _SOURCE_PROVIDER_PRESENTATION = 0x03
 _LOCAL_LIMIT_EXCEEDED = 0x02
+
+
+def _instance_named(sop_instance_uid: str | None, sop_class_uid: str | None) -> str:
+    """`` of SOP Instance 1.2.3 (CT Image Storage, 1.2.840.10008.5.1.4.1.1.2)`` from a
+    C-STORE request's Affected SOP Instance and Class UIDs, as far as they are known."""
+    def known(uid: str | None) -> str | None:
+        text = str(uid or "").strip("\x00 ")
+        if not text or text == "None":  # pynetdicom's path: str() of an absent element
+            return None
+        return text if len(text) <= 64 else text[:64] + "..."
+
+    instance, sop_class = known(sop_instance_uid), known(sop_class_uid)
+    if sop_class:
+        name = UID(sop_class).name
+        sop_class = sop_class if name == sop_class else f"{name}, {sop_class}"
+    if instance:
+        return f" of SOP Instance {instance}" + (f" ({sop_class})" if sop_class else "")
+    return f" of an instance of {sop_class}" if sop_class else ""
+
 
 def _end_connection(assoc: Any) -> None:
     """Shut an association's connection down under its DUL (the TCP socket's shutdown, not
@@ -102,8 +129,14 @@ class DicomListener:
         # The SCP's supported contexts are not bound by the 128 an association may propose
         # (that limit is the requestor's): the standard, retired and extra classes all go.
         self.storage_classes = storage_sop_classes(config.extra_storage_sop_classes)
+        self._storage_set = set(self.storage_classes)
         add_supported_contexts(self.ae, self.storage_classes, TRANSFER_SYNTAXES)
-        self.refused_sop_classes = RefusedSopClassLog()
+        self.refused_sop_classes = RefusedSopClassLog(
+            storage_commitment=config.storage_commitment)
+        self.refused_transfer_syntaxes = RefusedTransferSyntaxLog()
+        # Per storage class, its supported context with SENDING_TRANSFER_SYNTAXES' order
+        # (_receiving_in_sending_order): made on first use, shared like the AE's own.
+        self._sending_contexts: dict[str, Any] = {}
         self._busy_warning = ThrottledWarning(log)  # dicom.max_associations reached
         self._admission_lock = threading.Lock()
         self._handlers: list[tuple[Any, Callable[..., Any]]] = [
@@ -250,7 +283,9 @@ class DicomListener:
             negotiating = self._associations_admitted()
             if negotiating < self.config.max_associations:
                 event.assoc.pas_admitted = True
-        if not getattr(event.assoc, "pas_admitted", False):
+        if getattr(event.assoc, "pas_admitted", False):
+            self._receiving_in_sending_order(event.assoc)
+        else:
             self._busy_warning.warn(
                 "association from %s (%s) rejected: %d associations already open "
                 "(dicom.max_associations); the sender should try again later", calling,
@@ -261,21 +296,63 @@ class DicomListener:
             event.assoc.kill()
             count_refusal("dicom", "too-many-associations")
 
+    def _receiving_in_sending_order(self, assoc: Any) -> None:
+        """Before negotiation: the storage contexts the requestor proposes to receive on (the
+        SCP role: a C-GET viewer) take their transfer syntax in SENDING_TRANSFER_SYNTAXES'
+        order, uncompressed first, for this association only.
+
+        pynetdicom's acceptor takes the first of its own list that a context proposes, and
+        the listener's list leads with the lossless compressed syntaxes (what a modality
+        sends is kept in its own encoding: policy.py). A viewer proposing one context
+        [JPEG-LS Lossless, Explicit LE, ...] per class (DCMTK getscu ``+xt``) would then get
+        JPEG-LS, and every instance PAS holds uncompressed would fail its sub-operation
+        (no accepted context to send it on); with Explicit LE accepted, PAS sends each
+        instance in it, converting the compressed ones (serving/qr_retrieve.py)."""
+        roles = assoc.requestor.role_selection
+        receiving = {str(uid) for uid, item in roles.items() if item.scp_role}
+        if not receiving:
+            return
+        contexts = list(assoc.acceptor.supported_contexts)
+        for index, context in enumerate(contexts):
+            uid = str(context.abstract_syntax)
+            if uid in receiving and uid in self._storage_set:
+                sending = self._sending_contexts.get(uid)
+                if sending is None or sending.scu_role != context.scu_role \
+                        or sending.scp_role != context.scp_role:
+                    sending = copy.copy(context)  # the shared one is left as it is
+                    sending._transfer_syntax = list(_SENDING_UIDS)
+                    self._sending_contexts[uid] = sending
+                contexts[index] = sending
+        assoc.acceptor.supported_contexts = contexts
+
     def _on_accepted(self, event: Any) -> None:
         """Name the SOP classes whose presentation contexts were refused because PAS does
-        not take them (:class:`RefusedSopClassLog`)."""
+        not take them (:class:`RefusedSopClassLog`), and those refused because PAS reads
+        none of the transfer syntaxes proposed (:class:`RefusedTransferSyntaxLog`)."""
         assoc = event.assoc
         # Only what the peer proposed to send: a C-GET viewer proposes dozens of storage
         # classes in the SCP role alone (getscu: retired print and standalone classes among
         # them) and will never send PAS one of them.
         roles = assoc.requestor.role_selection
-        refused = {str(cx.abstract_syntax) for cx in assoc.rejected_contexts
-                   if cx.result == _ABSTRACT_SYNTAX_NOT_SUPPORTED
-                   and (cx.abstract_syntax not in roles or roles[cx.abstract_syntax].scu_role)}
+        sent = [cx for cx in assoc.rejected_contexts
+                if cx.abstract_syntax not in roles or roles[cx.abstract_syntax].scu_role]
+        refused = {str(cx.abstract_syntax) for cx in sent
+                   if cx.result == _ABSTRACT_SYNTAX_NOT_SUPPORTED}
+        requestor = assoc.requestor
         if refused:
-            requestor = assoc.requestor
             self.refused_sop_classes.refused(requestor.ae_title.strip(), requestor.address,
                                              refused)
+        unread = [cx for cx in sent if cx.result == _TRANSFER_SYNTAXES_NOT_SUPPORTED]
+        if unread:
+            # pynetdicom's result context keeps the first syntax proposed only; the request's
+            # context (the same ID) has them all.
+            proposed = {cx.context_id: cx for cx in requestor.requested_contexts}
+            self.refused_transfer_syntaxes.refused(
+                requestor.ae_title.strip(), requestor.address,
+                [(str(cx.abstract_syntax),
+                  [str(s) for s in (proposed[cx.context_id].transfer_syntax
+                                    if cx.context_id in proposed else cx.transfer_syntax)])
+                 for cx in unread])
 
     def _on_unaccepted_context(self, assoc: Any, what: str) -> None:
         """A message on a presentation context that was not accepted (``what`` names it,
@@ -419,8 +496,11 @@ class DicomListener:
             )
         except InvalidInstance as exc:
             self._count("refused")
-            log.warning("C-STORE from %s refused: %s", calling, exc,
-                        extra={"CALLING_AE": calling})
+            # Named from the request's command set (there even when the dataset is broken):
+            # the modality's operator finds the object by its UID.
+            log.warning("C-STORE%s from %s (%s) refused: %s",
+                        _instance_named(sop_instance_uid, sop_class_uid), calling,
+                        requestor.address, exc, extra={"CALLING_AE": calling})
             return (DATASET_MISMATCH if isinstance(exc, DatasetMismatch)
                     else CANNOT_UNDERSTAND), str(exc)
         except SpoolFull as exc:
