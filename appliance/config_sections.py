@@ -89,6 +89,11 @@ class DicomSection(_Section):
     accept_unknown: Flag = False
     known_aes: list[KnownAE] = []
     max_associations: int = Field(default=16, ge=1, le=256)
+    # Of those places, how many only an association that may send images takes (one
+    # proposing a storage SOP class as SCU: a modality); viewers' queries and retrieves, and
+    # C-ECHOs, share the rest. 0: no reserve; unset: a quarter of max_associations (4 of 16;
+    # none under 4, so a small max_associations set before this key existed still holds).
+    reserved_for_storage: int | None = Field(default=None, ge=0)
     # Connections open at once on the DICOM port, those that have not sent their
     # A-ASSOCIATE-RQ (or finished their TLS handshake) yet included: a bound on threads and
     # memory against port scans and floods. Beyond, a new connection is closed at once.
@@ -129,11 +134,23 @@ class DicomSection(_Section):
     def _connections_for_associations(self) -> DicomSection:
         """Each association is a connection: a bound under the association limit would
         leave places no one could take."""
+        if self.reserved_for_storage is not None \
+                and self.reserved_for_storage >= self.max_associations:
+            raise _cross_field("reserved_for_storage",
+                               f"must be less than dicom.max_associations "
+                               f"({self.max_associations}), got {self.reserved_for_storage}")
         if self.max_connections < self.max_associations:
             raise _cross_field("max_connections",
                                f"must be at least dicom.max_associations "
                                f"({self.max_associations}), got {self.max_connections}")
         return self
+
+    @property
+    def storage_reserve(self) -> int:
+        """The places of ``max_associations`` kept for associations that send images."""
+        if self.reserved_for_storage is None:
+            return self.max_associations // 4
+        return self.reserved_for_storage
 
     @model_validator(mode="after")
     def _one_entry_per_title(self) -> DicomSection:

@@ -418,3 +418,35 @@ def test_a_bare_port_probe_does_not_hold_an_association_place(tmp_path: Path) ->
             wait_for(lambda: echo_accepted(daemon), 5, what="the only place free again")
     finally:
         daemon.stop()
+
+
+def test_places_kept_for_modalities_are_not_taken_by_viewers(tmp_path: Path) -> None:
+    """Sixteen associations that never end (a viewer's keep-alive echoes, a C-FIND read
+    slowly) locked every modality out ("Local Limit Exceeded" for as long as they lived).
+    ``dicom.reserved_for_storage`` (here a quarter of 4: one) keeps places only an
+    association that may send images takes: the fourth viewer is refused, a modality gets
+    in beside the three."""
+    pas = PasProcess(tmp_path / "pas", {
+        "PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_HTTP__ENABLED": "false",
+        "PAS_DICOM__MAX_ASSOCIATIONS": "4"}).start()
+    viewer = AE(ae_title="VIEWER")
+    viewer.add_requested_context(Verification)
+    held = []
+    try:
+        for _ in range(3):
+            assoc = viewer.associate("127.0.0.1", pas.port, ae_title="PAS")
+            assert assoc.is_established
+            held.append(assoc)
+        fourth = viewer.associate("127.0.0.1", pas.port, ae_title="PAS")
+        assert fourth.is_rejected, "a fourth association that sends no image took the place"
+        wait_for(lambda: "3 associations already open (dicom.max_associations, 1 of them "
+                         "kept for associations that send images: dicom.reserved_for_storage)"
+                         in pas.log(), 10, what="the refusal's line")
+        sent = storescu(sorted(CT_DIR.glob("*.dcm"))[:2], pas.port)
+        assert sent.returncode == 0, sent.stderr
+        assert len(read_rows(pas.home / "pas.sqlite", "SELECT id FROM instances")) == 2
+        assert all(assoc.is_established for assoc in held)
+    finally:
+        for assoc in held:
+            assoc.release()
+        pas.stop()

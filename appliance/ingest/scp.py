@@ -279,17 +279,23 @@ class DicomListener:
             return
         # After the AE policy: an unknown AE is told so (permanently, and audited), not
         # "busy, try again", and takes no place.
+        sends = self._may_send_images(requestor)
+        shared = self.config.max_associations - self.config.storage_reserve
         with self._admission_lock:  # counting and taking a place: one request at a time
-            negotiating = self._associations_admitted()
-            if negotiating < self.config.max_associations:
+            negotiating, not_sending = self._associations_admitted()
+            if negotiating < self.config.max_associations and (sends or not_sending < shared):
                 event.assoc.pas_admitted = True
+                event.assoc.pas_sends_images = sends
         if getattr(event.assoc, "pas_admitted", False):
             self._receiving_in_sending_order(event.assoc)
         else:
             self._busy_warning.warn(
                 "association from %s (%s) rejected: %d associations already open "
-                "(dicom.max_associations); the sender should try again later", calling,
-                requestor.address, negotiating, extra={"CALLING_AE": calling})
+                "(dicom.max_associations%s); the sender should try again later", calling,
+                requestor.address, negotiating,
+                "" if sends else (f", {self.config.storage_reserve} of them kept for "
+                                  "associations that send images: dicom.reserved_for_storage"),
+                extra={"CALLING_AE": calling})
             event.assoc.acse.send_reject(
                 _REJECT_TRANSIENT, _SOURCE_PROVIDER_PRESENTATION, _LOCAL_LIMIT_EXCEEDED
             )
@@ -397,7 +403,21 @@ class DicomListener:
                                   source=event.assoc.requestor.address,
                                   actor=calling or "-", reason=reason, target=called or None)
 
-    def _associations_admitted(self) -> int:
+    def _may_send_images(self, requestor: Any) -> bool:
+        """Whether an A-ASSOCIATE-RQ proposes a storage SOP class in the SCU role (a
+        modality, a workstation sending back): it may take a place of
+        ``dicom.reserved_for_storage``. A C-GET viewer proposes storage classes in the SCP
+        role only (to receive): that is not sending."""
+        roles = {str(uid): item for uid, item in requestor.role_selection.items()}
+        for context in requestor.primitive.presentation_context_definition_list or ():
+            uid = str(context.abstract_syntax)
+            if uid in self._storage_set:
+                role = roles.get(uid)
+                if role is None or role.scu_role is None or role.scu_role:
+                    return True
+        return False
+
+    def _associations_admitted(self) -> tuple[int, int]:
         """The listener's associations given a place of ``dicom.max_associations`` (by
         :meth:`_on_requested`, from their A-ASSOCIATE-RQ) whose thread is still running. A
         connection that has sent no request has no place: it takes a thread, bounded by
@@ -405,12 +425,15 @@ class DicomListener:
         it too: counting every association past its request instead, two requests handled
         at once each counted the other, and with one place free both were rejected (17
         times in 40); with no association open, max_associations + 1 requests arriving
-        together were often all rejected."""
+        together were often all rejected. With how many of them may not send images (their
+        share: ``max_associations - reserved_for_storage``)."""
         server = self._server
         if server is None:
-            return 0
-        return sum(1 for other in server.active_associations
-                   if getattr(other, "pas_admitted", False) and other.is_alive())
+            return 0, 0
+        admitted = [other for other in server.active_associations
+                    if getattr(other, "pas_admitted", False) and other.is_alive()]
+        return len(admitted), sum(1 for other in admitted
+                                  if not getattr(other, "pas_sends_images", False))
 
     def _connection_refused(self, address: str, kind: str, reason: str) -> None:
         """The audit row (coalesced per source and minute) of a connection the server
