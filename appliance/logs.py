@@ -12,6 +12,7 @@ import re
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +41,11 @@ def setup(level: str = "info") -> None:
     transport = logging.getLogger("pynetdicom.transport")
     if not any(isinstance(f, _ConnectFailureFilter) for f in transport.filters):
         transport.addFilter(_ConnectFailureFilter())
+    # pydicom says each of its warnings twice: a line of its "pydicom" logger (kept: it goes
+    # where the rest goes, cut and escaped) and a Python warning written bare to stderr,
+    # with a file path and no instance (a modality engineer found every odd character set
+    # twice in the journal). The second is dropped.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
     # httpx logs every request at INFO (a heartbeat every 30 s, every bucket PUT): too much.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
