@@ -147,7 +147,19 @@ def test_csa_non_image_is_taken_by_default_and_an_unlisted_class_refused_naming_
             f'"{PHILIPS_SPECTRUM}" to {KEY}') in lines[0]
     # Said once for this modality and class, not at every association.
     storescu(MR_IMAGES[:1], pas.port, extra=modality_profile(tmp_path))
-    assert len([line for line in pas.log().splitlines() if PHILIPS_SPECTRUM in line]) == 1
+    assert len([line for line in pas.log().splitlines()
+                if f"presentation context for SOP class {PHILIPS_SPECTRUM}" in line]) == 1
+    # The association's store row says its class was refused: it said "success (1 instance
+    # stored, 0 refused)", the modality unable to send that class at all.
+    def last_store() -> Any:
+        rows = read_rows(pas.home / "pas.sqlite", "SELECT outcome, detail FROM audit "
+                         "WHERE event = 'store' ORDER BY id DESC LIMIT 1")
+        return rows[0] if rows and PHILIPS_SPECTRUM in (rows[0]["detail"] or "") else None
+
+    row = wait_for(last_store, 10, what="the association's store row")
+    assert row["outcome"] == "failure: 1 SOP class refused", dict(row)
+    assert (f"presentation contexts refused for 1 SOP class ({PHILIPS_SPECTRUM}): the log "
+            "says why") in row["detail"], dict(row)
     # A viewer's C-GET proposes DCMTK's whole storage list in the SCP role only (retired
     # print and standalone classes PAS does not take among them): it will send none of them,
     # so nothing is said about it.

@@ -165,6 +165,18 @@ _ELSEWHERE = [
 ]
 
 
+def standard_non_storage(uid: str) -> bool:
+    """Whether ``uid`` is a standard UID pydicom names that is no storage SOP class (MPPS,
+    worklist, print...): ``dicom.extra_storage_sop_classes`` would refuse it."""
+    if UID(uid).name == uid:  # private or unknown: may be a vendor's storage class
+        return False
+    try:
+        _storage_sop_class_uid(uid)
+    except ValueError:
+        return True
+    return False
+
+
 class RefusedSopClassLog(_SaidOncePer):
     """The journal line for a presentation context refused because PAS does not take its
     SOP class: which class, from whom, and what to do: the key that would accept a private
@@ -195,12 +207,8 @@ class RefusedSopClassLog(_SaidOncePer):
 
     def advice(self, uid: str) -> str:
         """Why PAS refused ``uid``, and what to do."""
-        name = UID(uid).name
-        if name != uid:  # a standard UID pydicom names
-            try:
-                _storage_sop_class_uid(uid)
-            except ValueError:  # not storage: the key would not take it
-                return self._not_provided(uid, name)
+        if standard_non_storage(uid):  # the key would not take it
+            return self._not_provided(uid, UID(uid).name)
         return (f"not a storage SOP class PAS takes; to accept it, add \"{uid}\" to "
                 "dicom.extra_storage_sop_classes")
 

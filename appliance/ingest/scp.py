@@ -34,6 +34,7 @@ from appliance.ingest.policy import (
     AssociationPolicy,
     RefusedSopClassLog,
     RefusedTransferSyntaxLog,
+    standard_non_storage,
     storage_sop_classes,
 )
 from appliance.ingest.receive import Receiver, StorageFailure
@@ -349,6 +350,11 @@ class DicomListener:
             self.refused_sop_classes.refused(requestor.ae_title.strip(), requestor.address,
                                              refused)
         unread = [cx for cx in sent if cx.result == _TRANSFER_SYNTAXES_NOT_SUPPORTED]
+        # For the association's store row: the classes of images it could not send (not a
+        # modality's MPPS or worklist proposed beside them: said in the log, not images).
+        assoc.pas_refused_classes = sorted(
+            {uid for uid in refused if not standard_non_storage(uid)}
+            | {str(cx.abstract_syntax) for cx in unread})
         if unread:
             # pynetdicom's result context keeps the first syntax proposed only; the request's
             # context (the same ID) has them all.
@@ -619,9 +625,18 @@ class DicomListener:
             detail += f", {cut} cut by the association's end"
         if left_out:
             detail += f", {counted(left_out, 'more study', 'more studies')} not listed"
+        classes = getattr(event.assoc, "pas_refused_classes", [])
+        if classes:  # the modality could not send these at all: no C-STORE to count
+            shown = ", ".join(classes[:5]) + (f" and {len(classes) - 5} more"
+                                              if len(classes) > 5 else "")
+            detail += (f"; presentation contexts refused for "
+                       f"{counted(len(classes), 'SOP class', 'SOP classes')} ({shown}): "
+                       "the log says why")
         failures = [f"{refused} refused"] if refused else []
         if cut:
             failures.append(f"{cut} cut")
+        if classes:
+            failures.append(f"{counted(len(classes), 'SOP class', 'SOP classes')} refused")
         try:
             audit.association_closed(
                 self.receiver.db, opened, actor=requestor.ae_title.strip(),
