@@ -450,3 +450,26 @@ def test_places_kept_for_modalities_are_not_taken_by_viewers(tmp_path: Path) -> 
         for assoc in held:
             assoc.release()
         pas.stop()
+
+
+def test_a_pinned_modality_is_known_on_a_dual_stack_listener(tmp_path: Path) -> None:
+    """A listener on ``::`` sees an IPv4 modality as ``::ffff:127.0.0.1``: its pin (an IPv4
+    address, as the configuration writes it) was compared as a string, and every
+    association of that modality refused ("pinned to 127.0.0.1 ... connected from
+    ::ffff:127.0.0.1")."""
+    pas = PasProcess(tmp_path / "pas", {
+        "PAS_DICOM__HOST": "::", "PAS_HTTP__ENABLED": "false",
+        "PAS_DICOM__KNOWN_AES": '[{title = "CT2", host = "127.0.0.1"}]'}).start()
+    try:
+        sent = storescu(sorted(CT_DIR.glob("*.dcm"))[:1], pas.port, calling="CT2",
+                        check=False)
+        assert sent.returncode == 0, pas.log()[-2000:]
+        assert len(read_rows(pas.home / "pas.sqlite", "SELECT id FROM instances")) == 1
+        ae = AE(ae_title="CT2")  # the same title from another address (DCMTK: no IPv6)
+        ae.add_requested_context(Verification)
+        other = ae.associate("::1", pas.port, ae_title="PAS")
+        assert other.is_rejected
+        wait_for(lambda: "calling AE 'CT2' is pinned to 127.0.0.1 (its dicom.known_aes entry's "
+                         "host) but connected from ::1" in pas.log(), 10, what="the refusal")
+    finally:
+        pas.stop()

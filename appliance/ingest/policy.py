@@ -274,6 +274,15 @@ class RefusedTransferSyntaxLog(_SaidOncePer):
 DOCTOR_AE = "PASDOCTOR"
 
 
+def _same_address(pin: str, address: str) -> bool:
+    try:
+        pinned, came = (ipaddress.ip_address(a.split("%", 1)[0]) for a in (pin, address))
+    except ValueError:
+        return pin == address
+    return (getattr(pinned, "ipv4_mapped", None) or pinned) == \
+        (getattr(came, "ipv4_mapped", None) or came)
+
+
 def _loopback(address: str) -> bool:
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
@@ -290,13 +299,20 @@ class AssociationPolicy:
         self.accept_unknown = config.accept_unknown
         self.known = {ae.title: ae.host for ae in config.known_aes}
 
+    def pinned_to(self, calling_ae: str, address: str) -> bool:
+        """Whether ``calling_ae`` is pinned to ``address``, the address the association
+        came from: compared as addresses (a listener on ``::`` sees an IPv4 modality as
+        ``::ffff:10.1.2.3``), not as strings."""
+        host = self.known.get(calling_ae)
+        return host is not None and _same_address(host, address)
+
     def refusal(self, calling_ae: str, address: str,
                 proposed: Sequence[str] = ()) -> str | None:
         """None when allowed; otherwise the reason, for the log. ``proposed``: the abstract
         syntaxes of the request's presentation contexts (:data:`DOCTOR_AE`'s exception)."""
         if calling_ae in self.known:
             host = self.known[calling_ae]
-            if host is not None and host != address:
+            if host is not None and not self.pinned_to(calling_ae, address):
                 return (f"calling AE {calling_ae!r} is pinned to {host} (its dicom.known_aes "
                         f"entry's host) but connected from {address}")
             return None

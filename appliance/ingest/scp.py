@@ -253,7 +253,7 @@ class DicomListener:
         calling = str(requestor.primitive.calling_ae_title).strip()
         # A known AE pinned to this very address is exempt: some modalities open one
         # association per image, and a CT must never be throttled by a probe defence.
-        pinned = self.policy.known.get(calling) == requestor.address
+        pinned = self.policy.pinned_to(calling, requestor.address)
         if not pinned and not self.rate_limiter.allow(requestor.address):
             self._reject(event, calling, "rate-limit", f" from {requestor.address}",
                          f"more than {self.rate_limiter.per_minute} attempts in a minute",
