@@ -30,7 +30,7 @@ from appliance.store.db import Database
 from appliance.store.index import InstanceRecord, StoredFile
 from tests.support import raw_ul
 from tests.support.peers import CT_DIR, PasProcess, storescu, wait_for
-from tests.support.slow_viewer import IMPLICIT_LITTLE_ENDIAN, _encoded
+from tests.support.slow_viewer import IMPLICIT_LITTLE_ENDIAN, c_find_rq
 
 INSTANCES = 20000
 STUDY = "1.2.826.0.1.3680043.99.1"
@@ -52,15 +52,6 @@ def _ask_every_instance(port: int) -> raw_ul.RawAssociation:
                                    IMPLICIT_LITTLE_ENDIAN)], calling="VIEWER",
                            receive_buffer=4096)
     assert raw.accepted == {1: 0}, raw.accepted
-    command = Dataset()
-    command.AffectedSOPClassUID = StudyRootQueryRetrieveInformationModelFind
-    command.CommandField = 0x0020
-    command.MessageID = 1
-    command.Priority = 0
-    command.CommandDataSetType = 0x0001
-    body = _encoded(command)
-    group = Dataset()
-    group.CommandGroupLength = len(body)
     identifier = Dataset()
     identifier.QueryRetrieveLevel = "IMAGE"
     identifier.StudyInstanceUID = STUDY
@@ -68,8 +59,8 @@ def _ask_every_instance(port: int) -> raw_ul.RawAssociation:
     identifier.SOPInstanceUID = ""
     identifier.SOPClassUID = ""
     identifier.InstanceNumber = ""
-    raw.sock.sendall(p_data_tf(1, 0x03, _encoded(group) + body)
-                     + p_data_tf(1, 0x02, _encoded(identifier)))
+    command, query = c_find_rq(identifier=identifier)
+    raw.sock.sendall(p_data_tf(1, 0x03, command) + p_data_tf(1, 0x02, query))
     return raw
 
 

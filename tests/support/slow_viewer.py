@@ -36,8 +36,10 @@ def _encoded(dataset: Dataset) -> bytes:
     return data
 
 
-def c_find_rq(message_id: int = 1) -> tuple[bytes, bytes]:
-    """A Study Root C-FIND-RQ for every study: (command set, identifier), implicit VR LE."""
+def c_find_rq(message_id: int = 1,
+              identifier: Dataset | None = None) -> tuple[bytes, bytes]:
+    """A Study Root C-FIND-RQ: (command set, identifier), implicit VR LE; by default for
+    every study."""
     command = Dataset()
     command.AffectedSOPClassUID = StudyRootQueryRetrieveInformationModelFind
     command.CommandField = 0x0020
@@ -47,10 +49,11 @@ def c_find_rq(message_id: int = 1) -> tuple[bytes, bytes]:
     body = _encoded(command)
     group = Dataset()
     group.CommandGroupLength = len(body)
-    identifier = Dataset()
-    identifier.QueryRetrieveLevel = "STUDY"
-    identifier.StudyInstanceUID = ""
-    identifier.AccessionNumber = ""
+    if identifier is None:
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "STUDY"
+        identifier.StudyInstanceUID = ""
+        identifier.AccessionNumber = ""
     return _encoded(group) + body, _encoded(identifier)
 
 
