@@ -274,22 +274,25 @@ class RefusedTransferSyntaxLog(_SaidOncePer):
 DOCTOR_AE = "PASDOCTOR"
 
 
-def _same_address(pin: str, address: str) -> bool:
-    try:
-        pinned, came = (ipaddress.ip_address(a.split("%", 1)[0]) for a in (pin, address))
-    except ValueError:
-        return pin == address
-    return (getattr(pinned, "ipv4_mapped", None) or pinned) == \
-        (getattr(came, "ipv4_mapped", None) or came)
-
-
-def _loopback(address: str) -> bool:
+def _peer_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An association's address as an IP (None: not one), an IPv4 peer seen by an IPv6
+    listener (``::ffff:127.0.0.1``) as the IPv4 address it is, a scope (``%eth0``) left
+    out."""
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
-        return False
-    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1, an IPv6 listener's view
-    return (mapped or ip).is_loopback
+        return None
+    return getattr(ip, "ipv4_mapped", None) or ip
+
+
+def _same_address(pin: str, address: str) -> bool:
+    pinned, came = _peer_ip(pin), _peer_ip(address)
+    return pin == address if pinned is None or came is None else pinned == came
+
+
+def _loopback(address: str) -> bool:
+    ip = _peer_ip(address)
+    return ip is not None and ip.is_loopback
 
 
 class AssociationPolicy:
