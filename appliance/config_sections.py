@@ -281,6 +281,10 @@ class HttpSection(_Section):
     max_connections: int = Field(default=1024, ge=1)
     request_timeout_s: float = Field(default=30.0, gt=0)
     send_timeout_s: float = Field(default=60.0, gt=0)
+    # Streamed answers (WADO-RS studies, series, metadata) served at once; one more is
+    # answered 503 with Retry-After. Each may hold a few MB while its client reads: with
+    # max_connections alone, clients that stop reading could hold 4.6 GB for send_timeout_s.
+    max_streaming_answers: int = Field(default=128, ge=1)
 
 
 class OpsSection(_Section):

@@ -125,3 +125,48 @@ def test_an_answer_the_client_stops_reading_is_aborted_and_a_slow_reader_is_not(
         assert pas.log().count("the client read none of its answer") == 1
     finally:
         pas.stop()
+
+
+def test_streamed_answers_beyond_the_bound_are_told_to_come_back(tmp_path: Any) -> None:
+    """Streamed answers at once are bounded by ``http.max_streaming_answers``: with
+    ``max_connections`` alone, clients that stop reading could each hold a few MB for
+    ``send_timeout_s`` (4.6 MB a stuck study answer measured; 1,024 of them). One more is
+    answered 503 with Retry-After, audited as not served; once the stuck answers are
+    aborted, the next is served."""
+    from tests.support.peers import MR_DIR, read_rows, storescu
+
+    pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                                        "PAS_HTTP__SEND_TIMEOUT_S": "2",
+                                        "PAS_HTTP__MAX_STREAMING_ANSWERS": "2"}).start()
+    stuck: list[socket.socket] = []
+    try:
+        storescu(sorted(p for p in MR_DIR.rglob("*") if p.is_file())[:120], pas.port)
+        base = f"http://127.0.0.1:{pas.http_port}"
+        with httpx.Client(base_url=base, timeout=30) as client:
+            (study,) = [s["0020000D"]["Value"][0]
+                        for s in client.get("/dicom-web/studies").json()]
+            for _ in range(2):  # two answers begun, never read
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.connect(("127.0.0.1", pas.http_port))
+                sock.sendall(f"GET /dicom-web/studies/{study} HTTP/1.1\r\n"
+                             "Host: 127.0.0.1\r\n\r\n".encode())
+                assert sock.recv(100).startswith(b"HTTP/1.1 200")
+                stuck.append(sock)
+            busy = client.get(f"/dicom-web/studies/{study}")
+            assert busy.status_code == 503, busy.status_code
+            assert busy.headers["retry-after"] == "5"
+            assert "http.max_streaming_answers" in busy.json()["detail"]
+            # The stuck ones aborted after send_timeout_s, their places free again.
+            wait_for(lambda: client.get(f"/dicom-web/studies/{study}/metadata").status_code
+                     == 200, 30, what="a streamed answer served again")
+        rows = read_rows(pas.home / "pas.sqlite", "SELECT outcome FROM audit "
+                         "WHERE event = 'retrieve' AND outcome LIKE '%max_streaming_answers%'")
+        assert rows, "the refusals are in the audit trail"  # the first, and the waits' ones
+        assert {r["outcome"] for r in rows} == {
+            "failure: not served: too many answers streaming at once "
+            "(http.max_streaming_answers), answered 503, after 0 of 120 instances"}
+    finally:
+        for sock in stuck:
+            sock.close()
+        pas.stop()

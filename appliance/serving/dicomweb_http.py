@@ -27,7 +27,7 @@ from pydicom.dataset import Dataset
 from starlette.concurrency import iterate_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
-from starlette.types import Send
+from starlette.types import Receive, Scope, Send
 
 from appliance.serving.wado_media import HttpProblem
 
@@ -110,6 +110,37 @@ class ClosingStream(StreamingResponse):
         super().__init__(iterate_in_threadpool(content), status_code=status_code,
                          media_type=media_type, headers=headers)
 
+    # Seconds a client told "busy" (503) is asked to wait before it asks again.
+    RETRY_AFTER_S = 5
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Served while a place of ``http.max_streaming_answers`` is free (the app's
+        ``streaming_slots``), else 503 with Retry-After, the body closed unstarted (its
+        end reported: the handler's audit row says so). Clients that stop reading held a
+        few MB each (60 of them: +198 MiB), bounded by nothing but ``http.max_connections``
+        (1024)."""
+        state = getattr(scope.get("app"), "state", None)
+        slots = getattr(state, "streaming_slots", None)
+        if slots is not None and not slots.acquire(blocking=False):
+            if isinstance(self._source, ReportedEnd):
+                self._source.close("not served: too many answers streaming at once "
+                                   "(http.max_streaming_answers), answered 503")
+            else:
+                close = getattr(self._source, "close", None)
+                if close is not None:
+                    close()
+            busy = JSONResponse(
+                {"error": 503, "detail": "too many answers streaming at once "
+                                         "(http.max_streaming_answers): try again shortly"},
+                status_code=503, headers={"Retry-After": str(self.RETRY_AFTER_S)})
+            await busy(scope, receive, send)
+            return
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if slots is not None:
+                slots.release()
+
     async def stream_response(self, send: Send) -> None:
         try:
             await super().stream_response(send)
@@ -151,13 +182,13 @@ class ReportedEnd:
             self._report(f"the answer failed while it was sent: {exc}")
             raise
 
-    def close(self) -> None:
+    def close(self, problem: str = "the client went away before the end") -> None:
         try:
             close = getattr(self._chunks, "close", None)
             if close is not None:
                 close()
         finally:
-            self._report("the client went away before the end")
+            self._report(problem)
 
     def _report(self, problem: str | None) -> None:
         with self._lock:

@@ -80,7 +80,12 @@ def build_app(daemon: Daemon) -> Starlette:
     # included.
     middleware.insert(0, Middleware(HostGuard, known=KnownHosts.of(daemon.settings),
                                     refusals=daemon.refusals))
-    return Starlette(routes=routes, middleware=middleware)
+    app = Starlette(routes=routes, middleware=middleware)
+    # Streamed answers (WADO-RS, metadata) at once: each may hold a few MB while its client
+    # reads (appliance/serving/dicomweb_http.py ClosingStream).
+    app.state.streaming_slots = threading.BoundedSemaphore(
+        daemon.settings.http.max_streaming_answers)
+    return app
 
 
 class WebServer:
