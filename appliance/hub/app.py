@@ -407,7 +407,8 @@ class HubServer:
         host, port = host or hub.settings.http.host, port or hub.settings.http.port
         self.sock = sock or bind_port(host, port)
         try:
-            config = server_config(build_app(hub), hub.pki, host, port)
+            config = server_config(build_app(hub), hub.pki, host, port,
+                                   bounds=hub.settings.http)
         except BaseException:
             self.sock.close()
             raise

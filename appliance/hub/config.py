@@ -32,8 +32,18 @@ HUB_ENV_PREFIX = "PAS_HUB_"
 
 
 class HubHttpSection(_Section):
+    """The HTTPS port, and its bounds (appliance/web/bounded.py, as the appliance's HTTP
+    port): connections open at once, the time to send a whole first request after the TLS
+    handshake, and how long an answer may wait for its client to read any of it (a site's
+    WAN may stall: longer than the appliance's LAN bound). uvicorn waited for ever for a
+    request's headers: connections that never finished one, from anywhere the port is
+    reachable, held the hub's descriptors until none was left for the sites."""
+
     host: str = "0.0.0.0"
     port: Port = 8443
+    max_connections: int = Field(default=4096, ge=1)
+    request_timeout_s: float = Field(default=30.0, gt=0)
+    send_timeout_s: float = Field(default=300.0, gt=0)
 
 
 class ArchiveSection(_Section):

@@ -26,6 +26,7 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from appliance.hub.config import HubHttpSection
 from appliance.hub.pki import HubPKI
 
 log = logging.getLogger("pas.hub.tls")
@@ -52,12 +53,19 @@ class PeerCertProtocol(H11Protocol):
 
 
 def server_config(app: Any, pki: HubPKI, host: str, port: int,
-                  log_level: str = "warning") -> uvicorn.Config:
+                  log_level: str = "warning", bounds: HubHttpSection | None = None,
+                  ) -> uvicorn.Config:
     """uvicorn configuration: TLS 1.3 minimum, the fleet CA as the only client trust anchor,
     client certificates optional at the TLS layer (``/enroll`` has none yet) and required by
-    the app on ``/api/v1``. A certificate from another CA fails the handshake."""
+    the app on ``/api/v1``. A certificate from another CA fails the handshake. ``bounds``:
+    the port's connection, request and answer bounds (``http.*``; the defaults when None)."""
+    from appliance.web.bounded import bounded_protocol
+
+    bounds = bounds or HubHttpSection()
+    protocol = bounded_protocol(bounds.max_connections, bounds.request_timeout_s,
+                                bounds.send_timeout_s, base=PeerCertProtocol)
     config = uvicorn.Config(
-        app, host=host, port=port, http=PeerCertProtocol, log_level=log_level,
+        app, host=host, port=port, http=protocol, log_level=log_level,
         access_log=False, lifespan="off", ssl_certfile=str(pki.server_cert_path),
         ssl_keyfile=str(pki.server_key_path), ssl_ca_certs=str(pki.ca_cert_path),
         ssl_cert_reqs=ssl.CERT_OPTIONAL, timeout_keep_alive=30,

@@ -1,8 +1,8 @@
 """The HTTP port's bound on connections: how many at once, how long one may take to send its
 first request, and how long an answer may wait for the client to read any of it.
 
-Owns: :func:`bounded_protocol`, uvicorn's h11 protocol with both bounds. May not touch the
-app (its routes, its auth) nor any other port.
+Owns: :func:`bounded_protocol`, uvicorn's h11 protocol with these bounds, for the appliance's
+HTTP port and the hub's. May not touch the app (its routes, its auth).
 
 Why: uvicorn took every connection and waited for ever for a request's headers to end. One
 host opening a thousand connections that send a header line every 10 s held them all (a
@@ -53,15 +53,17 @@ class _Said:
 
 
 def bounded_protocol(max_connections: int, request_timeout_s: float,
-                     send_timeout_s: float = 60.0) -> type[H11Protocol]:
-    """uvicorn's h11 protocol with this server's bounds (one class per server)."""
+                     send_timeout_s: float = 60.0,
+                     base: type[H11Protocol] = H11Protocol) -> type[H11Protocol]:
+    """uvicorn's h11 protocol (or ``base``, a subclass of it: the hub's, which adds the
+    peer's certificate) with this server's bounds (one class per server)."""
     too_many = _Said(f"more than http.max_connections ({max_connections}) open")
     too_slow = _Said(f"no whole request within http.request_timeout_s ({request_timeout_s:g} "
                      "s)")
     not_reading = _Said(f"the client read none of its answer for http.send_timeout_s "
                         f"({send_timeout_s:g} s)")
 
-    class BoundedH11Protocol(H11Protocol):
+    class BoundedH11Protocol(base):  # type: ignore[valid-type,misc]
         _first_request: asyncio.TimerHandle | None = None
         _stalled: asyncio.TimerHandle | None = None
 
