@@ -68,23 +68,28 @@ def test_connections_beyond_the_bound_and_requests_never_finished_are_closed(
         pas.stop()
 
 
+def _a_study_of_10_mb(pas: PasProcess) -> str:
+    """120 MR instances sent to ``pas``, 10 MB: more than the 4 MB the kernel may buffer for
+    a socket. Their study's UID."""
+    from tests.support.peers import MR_DIR, storescu
+
+    storescu(sorted(p for p in MR_DIR.rglob("*") if p.is_file())[:120], pas.port)
+    with httpx.Client(base_url=f"http://127.0.0.1:{pas.http_port}", timeout=30) as client:
+        (study,) = [s["0020000D"]["Value"][0] for s in client.get("/dicom-web/studies").json()]
+    return str(study)
+
+
 def test_an_answer_the_client_stops_reading_is_aborted_and_a_slow_reader_is_not(
         tmp_path: Any) -> None:
     """A client that asked for a whole study (WADO-RS) and read nothing held ~3.3 MiB of
     the daemon's memory for as long as it kept the connection, nothing ending it. Now its
     answer is aborted ``http.send_timeout_s`` after its buffer filled; a client that reads
     slower than that bound's pace, but reads, gets the whole study."""
-    from tests.support.peers import MR_DIR, storescu
-
     pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
                                         "PAS_HTTP__SEND_TIMEOUT_S": "2"}).start()
     try:
-        # 120 MR instances, 10 MB: more than the 4 MB the kernel may buffer for a socket.
-        storescu(sorted(p for p in MR_DIR.rglob("*") if p.is_file())[:120], pas.port)
-        base = f"http://127.0.0.1:{pas.http_port}"
-        with httpx.Client(base_url=base, timeout=30) as client:
-            (study,) = [s["0020000D"]["Value"][0]
-                        for s in client.get("/dicom-web/studies").json()]
+        study = _a_study_of_10_mb(pas)
+        with httpx.Client(base_url=f"http://127.0.0.1:{pas.http_port}", timeout=30) as client:
             whole = client.get(f"/dicom-web/studies/{study}")
         assert whole.status_code == 200 and len(whole.content) > 10_000_000, len(whole.content)
         request = (f"GET /dicom-web/studies/{study} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -133,18 +138,15 @@ def test_streamed_answers_beyond_the_bound_are_told_to_come_back(tmp_path: Any) 
     ``send_timeout_s`` (4.6 MB a stuck study answer measured; 1,024 of them). One more is
     answered 503 with Retry-After, audited as not served; once the stuck answers are
     aborted, the next is served."""
-    from tests.support.peers import MR_DIR, read_rows, storescu
+    from tests.support.peers import read_rows
 
     pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
                                         "PAS_HTTP__SEND_TIMEOUT_S": "2",
                                         "PAS_HTTP__MAX_STREAMING_ANSWERS": "2"}).start()
     stuck: list[socket.socket] = []
     try:
-        storescu(sorted(p for p in MR_DIR.rglob("*") if p.is_file())[:120], pas.port)
-        base = f"http://127.0.0.1:{pas.http_port}"
-        with httpx.Client(base_url=base, timeout=30) as client:
-            (study,) = [s["0020000D"]["Value"][0]
-                        for s in client.get("/dicom-web/studies").json()]
+        study = _a_study_of_10_mb(pas)
+        with httpx.Client(base_url=f"http://127.0.0.1:{pas.http_port}", timeout=30) as client:
             for _ in range(2):  # two answers begun, never read
                 sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
