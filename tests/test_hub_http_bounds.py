@@ -18,17 +18,7 @@ from pathlib import Path
 import httpx
 
 from tests.support.hub import HubProcess
-from tests.support.peers import wait_for
-
-
-def _closed_by_peer(tls: ssl.SSLSocket, within_s: float) -> bool:
-    tls.settimeout(within_s)
-    try:
-        return tls.recv(1) == b""
-    except (ConnectionResetError, ssl.SSLError):
-        return True
-    except TimeoutError:
-        return False
+from tests.support.peers import closed_by_peer, wait_for
 
 
 def test_unfinished_requests_and_connections_over_the_bound_are_closed(
@@ -49,14 +39,14 @@ def test_unfinished_requests_and_connections_over_the_bound_are_closed(
             raw = socket.create_connection(("127.0.0.1", hub.port), timeout=10)
             try:
                 with context.wrap_socket(raw, server_hostname="localhost") as tls:
-                    return _closed_by_peer(tls, 0.5)
+                    return closed_by_peer(tls, 0.5)
             except (ssl.SSLError, ConnectionResetError):
                 return True  # closed during the handshake's end
             finally:
                 raw.close()
 
         wait_for(one_more_closed, 10, what="a fourth connection closed as it opens")
-        assert all(_closed_by_peer(tls, 10) for tls in held)  # no whole request in 2 s
+        assert all(closed_by_peer(tls, 10) for tls in held)  # no whole request in 2 s
         wait_for(lambda: "closed: no whole request within http.request_timeout_s (2 s)"
                  in hub.log(), 10, what="the request bound's line")
         assert "closed: more than http.max_connections (3) open" in hub.log()

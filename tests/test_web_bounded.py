@@ -15,19 +15,7 @@ from typing import Any
 
 import httpx
 
-from tests.support.peers import PasProcess, wait_for
-
-
-def _closed_by_peer(sock: socket.socket, within_s: float) -> bool:
-    """Closed by the server within ``within_s``: an end of stream, or a reset (a close with
-    the request's bytes unread sends one)."""
-    sock.settimeout(within_s)
-    try:
-        return sock.recv(1) == b""
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
+from tests.support.peers import PasProcess, closed_by_peer, wait_for
 
 
 def test_connections_beyond_the_bound_and_requests_never_finished_are_closed(
@@ -45,13 +33,13 @@ def test_connections_beyond_the_bound_and_requests_never_finished_are_closed(
         def one_more_closed() -> bool:  # once the five are the server's, at once
             extra = socket.create_connection(("127.0.0.1", pas.http_port), timeout=10)
             try:
-                return _closed_by_peer(extra, 0.5)
+                return closed_by_peer(extra, 0.5)
             finally:
                 extra.close()
 
         wait_for(one_more_closed, 10, what="a sixth connection closed as it opens")
         started = time.monotonic()
-        assert all(_closed_by_peer(sock, 10) for sock in held)  # no whole request in 2 s
+        assert all(closed_by_peer(sock, 10) for sock in held)  # no whole request in 2 s
         assert time.monotonic() - started < 9
         # The slots are free again: a viewer is served, and its keep-alive connection is
         # not closed by the first-request bound once it asked.

@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import ssl
 import subprocess
 import sys
 import time
@@ -562,3 +563,16 @@ def pas_with_hl7(home: Path, **env: str) -> PasProcess:
         pas.stop()  # the caller never gets it to stop
         raise
     return pas
+
+
+def closed_by_peer(sock: socket.socket, within_s: float) -> bool:
+    """Closed by the server within ``within_s``: an end of stream, a reset (a close with
+    the request's bytes unread sends one) or, over TLS, the connection's end as an SSL
+    error."""
+    sock.settimeout(within_s)
+    try:
+        return sock.recv(1) == b""
+    except (ConnectionResetError, ssl.SSLError):
+        return True
+    except TimeoutError:
+        return False
