@@ -41,7 +41,7 @@ def referenced_metric_names() -> set[str]:
 def test_alert_rules_pass_promtool_check() -> None:
     result = promtool("check", "rules", "alerts.yml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 29 rules found" in result.stdout
+    assert "SUCCESS: 33 rules found" in result.stdout
 
 
 def test_alert_rules_unit_tests_pass() -> None:
@@ -56,6 +56,11 @@ def test_alerts_cover_what_the_issue_names() -> None:
     assert "> 14400" in exprs["PasRoutineBacklogOld"]        # routine backlog > 4 h
     assert 'priority="routine"' in exprs["PasRoutineBacklogOld"]
     assert "> 0.85" in exprs["PasDiskAlmostFull"]            # disk > 85 %
+    # The site's own disk alert (the file system's figure says capacity, not trouble).
+    assert exprs["PasSiteDiskAlert"] == "pas_fleet_site_disk_alert == 1"
+    assert exprs["PasSiteRefusingImages"] == "pas_fleet_site_disk_alert == 2"
+    assert exprs["PasApplianceDiskAlert"] == "pas_disk_alert == 1"
+    assert exprs["PasApplianceRefusingImages"] == "pas_disk_alert == 2"
     assert "< 30" in exprs["PasCertificateExpiring"]         # certificate < 30 days
     assert "> 0" in exprs["PasFailedJobs"]                   # failed jobs
     assert "pas_fleet_site_backup_age_seconds > 172800" in exprs["PasBackupOld"]  # 2 days

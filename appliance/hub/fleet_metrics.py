@@ -26,6 +26,7 @@ from appliance.hub.bucket_bodies import families as bucket_body_families
 from appliance.hub.fleet import hub_backup_state, site_rows
 from appliance.hub.fleet_gate import HeartbeatGate
 from appliance.hub.transfer_metrics import open_transfer_families
+from appliance.ops.disk_alert import level_said as disk_alert_said
 from appliance.ops.files_missing import count_said as files_missing_said
 from appliance.ops.files_missing import damaged_said as files_damaged_said
 from appliance.ops.index_check import says_index_trouble
@@ -62,6 +63,13 @@ class FleetCollector(Collector):
             "disk": GaugeMetricFamily("pas_fleet_site_disk_used_ratio",
                                       "Used fraction of the site's spool filesystem",
                                       labels=["site"]),
+            # The site's own disk alert (its heartbeat's error line, ops/disk_alert.py): the
+            # file system's figure alone is no problem, the cache fills it by design.
+            "disk_alert": GaugeMetricFamily(
+                "pas_fleet_site_disk_alert",
+                "The site's disk alert as its last heartbeat says it: 0 none, 1 above its "
+                "cache's high watermark with nothing left to evict, 2 its quota or free-space "
+                "floor near, C-STOREs refused with 0xA700", labels=["site"]),
             "cert": GaugeMetricFamily("pas_fleet_site_certificate_days_left",
                                       "Days until the site's client certificate expires",
                                       labels=["site"]),
@@ -127,6 +135,8 @@ class FleetCollector(Collector):
                 families["backup"].add_metric(site, r["backup_age_s"])
             families["index"].add_metric(
                 site, int(any(says_index_trouble(e) for e in r["errors"] or [])))
+            families["disk_alert"].add_metric(
+                site, max((disk_alert_said(e) for e in r["errors"] or []), default=0))
             families["missing"].add_metric(
                 site, max((files_missing_said(e) for e in r["errors"] or []), default=0))
             families["damaged"].add_metric(

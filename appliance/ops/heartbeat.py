@@ -42,7 +42,7 @@ import httpx
 from appliance import __version__
 from appliance.config import Settings
 from appliance.logs import LoopFailures
-from appliance.ops import files_missing, index_check, metrics
+from appliance.ops import disk_alert, files_missing, index_check, metrics
 from appliance.ops.status import collect
 from appliance.store import commitment as commitment_store
 from appliance.store import jobs as job_store
@@ -123,6 +123,10 @@ def _from_store(settings: Settings, db: Database, errors: list[str]) -> dict[str
     damaged = issues.get("size_mismatch", 0) + issues.get("hash_mismatch", 0)
     if damaged:  # said to regional ops as the missing ones are
         errors.append(files_missing.damaged_error(damaged))
+    # The daemon's own disk judgement, not the file system's figure (ops/disk_alert.py);
+    # before the failed jobs too: C-STOREs may be refused.
+    if snapshot["cache"]["disk_alert"]:
+        errors.append(disk_alert.heartbeat_error(snapshot["cache"]["disk_alert"]))
     by_priority = ops_store.backlog_by_priority(db)
     urgent = [row["oldest_age_s"] for row in by_priority if row["priority"] == 0]
     routine = [row["oldest_age_s"] for row in by_priority if row["priority"] == 2]
@@ -135,8 +139,6 @@ def _from_store(settings: Settings, db: Database, errors: list[str]) -> dict[str
                       f"credentials: {refused['error'][:120]}")
     errors.extend(commitment_errors(snapshot["commitment"]))
     disk = snapshot["disk"]
-    if disk["used_percent"] > 85:
-        errors.append(f"disk {disk['used_percent']} % used")
     return {
         "backlog": {
             "studies": snapshot["backlog_studies"],  # each once, whatever its destinations

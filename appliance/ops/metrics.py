@@ -30,7 +30,7 @@ from prometheus_client.registry import Collector
 
 from appliance import __version__
 from appliance.config import Settings
-from appliance.ops import index_check
+from appliance.ops import disk_alert, index_check
 from appliance.store import cache as cache_store
 from appliance.store import commitment as commitment_store
 from appliance.store import index
@@ -358,6 +358,14 @@ class ApplianceCollector(Collector):
                                 "the spool and not resolved (pas cache status; pas verify "
                                 "--repair fetches the confirmed ones back from the region)",
                                 value=cache_store.files_missing_count(self.db))
+        # The daemon's disk alert (ops/disk_alert.py): the file system's figure alone is no
+        # problem, the cache fills it to between its watermarks by design.
+        yield GaugeMetricFamily("pas_disk_alert", "The daemon's disk alert: 0 none, 1 above "
+                                "cache.high_watermark_percent with nothing left to evict, 2 "
+                                "the quota or storage.min_free_mb near, C-STOREs refused with "
+                                "0xA700 (pas status names it)",
+                                value=disk_alert.level_of(cache_store.health(self.db)
+                                                          ["disk_alert"]))
         # Files whose bytes are no longer those received (the scrub or pas verify re-hashed
         # them: a failing disk, silent corruption): only the missing ones were exported.
         yield GaugeMetricFamily("pas_spool_files_damaged", "Indexed files flagged damaged "

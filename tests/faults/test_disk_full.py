@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance.ops.disk_alert import NONE, REFUSING_IMAGES
 from tests.faults.helpers import (
     assert_consistent,
     assert_kept_exactly,
@@ -90,6 +91,7 @@ def test_disk_full_refuses_with_a700_then_recovers(small_disk: Path, floor_mb: i
         wait_for(lambda: "ALERT hard limit" in pas.log(), 15, what="the disk alert")
         if floor_mb:  # above the floor the database still takes the alert's row
             assert "hard limit" in pas.status()["cache"]["disk_alert"]
+            _assert_said_beyond_the_site(home, "hard limit", REFUSING_IMAGES)
 
         # Space comes back: the same daemon accepts again, no restart, no operator action.
         filler.unlink()
@@ -107,5 +109,40 @@ def test_disk_full_refuses_with_a700_then_recovers(small_disk: Path, floor_mb: i
                      if "prefetch" not in x and "routing" not in x]
             raise AssertionError("alert not cleared; log:\n" + "\n".join(lines[-60:])) from None
         assert pas.status()["cache"]["disk_alert"] is None
+        if floor_mb:
+            _assert_said_beyond_the_site(home, None, NONE)
     finally:
         pas.stop()
+
+
+def _assert_said_beyond_the_site(home: Path, alert: str | None, level: int) -> None:
+    """The daemon's disk alert as regional ops and a Prometheus scraping the appliance see
+    it: the heartbeat's error line (the hub reads its level back for
+    ``pas_fleet_site_disk_alert``) and ``pas_disk_alert``. Before, the heartbeat said only the
+    file system's figure over 85 %: C-STOREs refused at the floor or a quota, with the file
+    system far from full, reached neither."""
+    from prometheus_client import CollectorRegistry
+
+    from appliance.config import load_settings
+    from appliance.hub.fleet import validate_heartbeat
+    from appliance.ops.disk_alert import level_said
+    from appliance.ops.heartbeat import build_heartbeat
+    from appliance.ops.metrics import ApplianceCollector
+    from appliance.store.db import Database
+
+    settings = load_settings(environ={"PAS_HOME": str(home)})
+    db = Database(settings.db_path, readonly=True)
+    try:
+        errors = validate_heartbeat(build_heartbeat(settings, db, 0.0))["errors"]
+        registry = CollectorRegistry()
+        registry.register(ApplianceCollector(settings, db))
+        exported = registry.get_sample_value("pas_disk_alert")
+    finally:
+        db.close()
+    said = [error for error in errors if error.startswith("disk alert: ")]
+    if alert is None:
+        assert said == [], errors
+    else:
+        assert len(said) == 1 and alert in said[0], errors
+    assert max((level_said(error) for error in errors), default=0) == level
+    assert exported == level
