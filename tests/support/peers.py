@@ -211,6 +211,10 @@ class PasProcess(ChildProcess):
             "PAS_STUDY__CHECK_INTERVAL_S": "0.2",
             "PAS_QUEUE__POLL_INTERVAL_S": "0.2",
             "PAS_STORAGE__MIN_FREE_MB": "0",
+            # The cache's watermarks against a quota, not the host's file system: on a CI disk
+            # over 90 % full every daemon would raise its disk alert and evict the studies
+            # the tests just had confirmed. The tests of a full disk set their own.
+            "PAS_STORAGE__QUOTA_MB": str(1 << 20),
             # Each daemon its own HL7 port: the default 2575 would collide between tests.
             "PAS_HL7__HOST": "127.0.0.1",
             "PAS_HL7__PORT": str(self.hl7_port),
