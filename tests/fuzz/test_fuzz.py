@@ -113,6 +113,9 @@ def test_fuzz_target(target: str, tmp_path: Path) -> None:
          f"-malloc_limit_mb={RSS_LIMIT_MB}", "-timeout=10", "-print_final_stats=1",
          f"-artifact_prefix={tmp_path}/", str(corpus)],
         cwd=ROOT, capture_output=True, text=True, timeout=seconds + 120,
+        # The harness's home (tempfile.mkdtemp) under this test's folder: it ends with
+        # os._exit, and its folders were left in /tmp by every run.
+        env={**os.environ, "TMPDIR": str(tmp_path)},
     )
     output = result.stdout + result.stderr
     runs = re.search(r"stat::number_of_executed_units:\s*(\d+)", output)
