@@ -141,6 +141,13 @@ def test_dashboard_shows_what_the_hub_receives_commits_and_leaves_open() -> None
             'pas_hub_transfers_open{site=~"$site"}'} <= exprs
 
 
+def test_dashboard_shows_the_disk_alerts() -> None:
+    """The daemon's disk alert (ops/disk_alert.py), per site from its heartbeats and on an
+    appliance scraped directly: the file system's figure alone says capacity, not trouble."""
+    assert {'pas_fleet_site_disk_alert{site=~"$site"}', "pas_disk_alert"} <= \
+        set(grafana_expressions())
+
+
 def test_a_bad_expression_is_caught(tmp_path: Path) -> None:
     """The check above can fail: promtool refuses a broken expression."""
     (tmp_path / "bad.yml").write_text(yaml.safe_dump({"groups": [{"name": "g", "rules": [
