@@ -17,8 +17,22 @@ from tests.support.peers import CT_DIR, MR_DIR, Orthanc, PasProcess, StoreSCP
 zygote.ENABLED = True
 
 
+# What PAS itself reads from its environment (appliance/config.py, appliance/hub/config.py):
+# a developer's `export PAS_DICOM__PORT=11113` or PAS_HOME, left from `make demo`, went into
+# every daemon and command the tests start (they pass os.environ on) and changed what they
+# tested. The suite's own knobs (PAS_FAULT_SEED, PAS_FUZZ_SECONDS, PAS_TEST_EXEC...) stay.
+PRODUCT_ENVIRONMENT = ("PAS_HOME", "PAS_CONFIG", "PAS_ENROLL_TOKEN", "PAS_HUB_HOME")
+
+
+def _reads_as_product_setting(name: str) -> bool:
+    return (name in PRODUCT_ENVIRONMENT or name.startswith("PAS_HUB_")
+            or (name.startswith("PAS_") and "__" in name))
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "root: needs root (network namespaces)")
+    for name in [name for name in os.environ if _reads_as_product_setting(name)]:
+        del os.environ[name]
     for folder in (CT_DIR, MR_DIR):
         if not folder.is_dir():
             raise pytest.UsageError(f"{folder} is missing: ../shared must be beside the repo")
