@@ -101,9 +101,11 @@ def test_abandoned_staging_is_swept_and_only_that(hub: HubProcess, site: Enrolme
         assert _row(hub, active.transfer_id)["expired_at"] is None
         assert http.get(committed.url + "/receipt").status_code == 200
         assert _row(hub, committed.transfer_id)["expired_at"] is None
+        # The sweep logs after it removed the staging (hub/expiry.py): awaited.
+        wait_for(lambda: "abandoned transfers expired: 1" in hub.log(), 10,
+                 what="the sweep's line")
         log = hub.log()
         assert (f"transfer {abandoned.transfer_id} of site CHU-NORD abandoned" in log), log[-3000:]
-        assert "abandoned transfers expired: 1" in log
 
         # The site comes back after all: manifest again, held list, every bucket, receipt.
         assert http.post("/api/v1/transfers", json=abandoned.manifest).status_code == 200

@@ -154,10 +154,11 @@ def test_requests_due_together_come_down_in_one_stream(region: dict[str, Any],
     wait_for(lambda: re.search(r"batched download for SITE-BATCH sent: 3 studies in one "
                                r"stream", hub.log()), 10, what="the hub's log of the stream")
     assert "download for SITE-BATCH over 4 lanes, sharing the site's 400.00 Mbit/s" in hub.log()
-    for patient in PATIENTS:
+    for patient in PATIENTS:  # each study's line follows the stream's, in the same end
         study_uid, _ = region["priors"][patient]
-        assert re.search(rf"download of study {re.escape(study_uid)} for SITE-BATCH sent: "
-                         r"3 instances \(0 held", hub.log())
+        wait_for(lambda uid=study_uid: re.search(
+            rf"download of study {re.escape(uid)} for SITE-BATCH sent: 3 instances \(0 held",
+            hub.log()), 10, what="the hub's line for each study")
 
 
 def test_a_batch_delivers_its_studies_and_names_the_one_the_archive_lacks(
@@ -227,7 +228,9 @@ def test_a_download_over_lanes_arrives_byte_for_byte(region: dict[str, Any],
         assert got[patient] == expected and item.result.instances == len(expected)
         assert item.result.wire_bytes > 0
     assert "download for SITE-LANES over 3 lanes, sharing the site's 300.00 Mbit/s" in hub.log()
-    assert re.search(r"batched download for SITE-LANES sent: 3 studies", hub.log())
+    # Logged when the hub's side of the stream is done, after the site has read it: awaited.
+    wait_for(lambda: re.search(r"batched download for SITE-LANES sent: 3 studies", hub.log()),
+             10, what="the hub's log of the stream")
 
 
 @pytest.mark.parametrize(("name", "env", "after"), [
@@ -256,9 +259,10 @@ def test_a_cut_batch_resumes_with_only_what_the_site_lacks(
     # Tried again; a link cut is not counted as an attempt (it waits for the link).
     assert "the region is unreachable, waiting for the link" in caplog.text
     assert re.search(rf"batched download for {name} ended early: 2 studies", hub.log())
-    held = [int(n) for n in re.findall(rf"for {name} sent: \d+ instances? \((\d+) held",
-                                       hub.log())]
-    assert max(held) >= 1  # the retry skipped what the cut attempt had filed
+    # The retry skipped what the cut attempt had filed (its lines follow the stream's end).
+    wait_for(lambda: max((int(n) for n in re.findall(
+        rf"for {name} sent: \d+ instances? \((\d+) held", hub.log())), default=0) >= 1, 10,
+        what="the retry's line with the instances it skipped")
     if "PAS_PREFETCH__DOWNLOAD_LANES" in env:
         assert re.search(rf"download lane \d for {name} cut: the download stops", hub.log())
         assert f"download for {name} over 2 lanes" in hub.log()

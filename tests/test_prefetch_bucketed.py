@@ -167,8 +167,14 @@ def test_priors_land_byte_for_byte_through_buckets(region: dict[str, Any]) -> No
             assert row["instances_fetched"] == len({sha256(p.read_bytes()) for p in files})
             assert_on_site_byte_for_byte(pas, files)
         assert len(bucketed_audits(pas)) == 2
-        sent = re.findall(r"download of study \S+ for SITE-B sent: (\d+) instances?", hub.log())
-        assert len(sent) == 2 and all(int(n) > 0 for n in sent)
+        # The hub's lines follow the stream's end, after the site has read it: awaited.
+        def both_sent() -> list[str] | None:
+            found = re.findall(r"download of study \S+ for SITE-B sent: (\d+) instances?",
+                               hub.log())
+            return found if len(found) == 2 else None
+
+        sent = wait_for(both_sent, 10, what="the hub's line for each study")
+        assert all(int(n) > 0 for n in sent)
         assert not list((hub.home / "downloads").iterdir()) or wait_for(
             lambda: not list((hub.home / "downloads").iterdir()), 30,
             what="the hub's staging folders removed")
@@ -196,9 +202,14 @@ def test_a_cut_download_resumes_without_fetching_held_instances_again(
         # Every instance once: the retry asked only for what the first attempt had not filed.
         assert row["instances_fetched"] == expected
         assert_on_site_byte_for_byte(pas, files)
-        lines = re.findall(rf"download of study {re.escape(study_uid)} for SITE-C (sent|ended "
-                           r"early): (\d+) instances? \((\d+) held at the site", hub.log())
-        assert lines[-1][0] == "sent"
+        # The retry's line follows its stream's end, after the site has read it: awaited.
+        def retry_sent() -> list[tuple[str, str, str]] | None:
+            found = re.findall(rf"download of study {re.escape(study_uid)} for SITE-C (sent|"
+                               r"ended early): (\d+) instances? \((\d+) held at the site",
+                               hub.log())
+            return found if found and found[-1][0] == "sent" else None
+
+        lines = wait_for(retry_sent, 10, what="the retry's line")
         resumed, skipped = int(lines[-1][1]), int(lines[-1][2])
         assert skipped >= 1 and resumed + skipped == expected
     finally:

@@ -54,7 +54,9 @@ def test_orders_due_together_are_one_priors_request(region: dict[str, Any],
     assert site.service.fetcher.searcher.requests == 0 and site.service.fetcher.batcher.batches == 0
     assert "priors for SITE-ONE: 3 patients searched, 3 studies to send" in hub.log()
     assert "download for SITE-ONE over 4 lanes" in hub.log()
-    assert re.search(r"batched download for SITE-ONE sent: 3 studies in one stream", hub.log())
+    # Logged when the hub's side of the stream is done, after the site has read it: awaited.
+    wait_for(lambda: re.search(r"batched download for SITE-ONE sent: 3 studies in one stream",
+                               hub.log()), 10, what="the hub's log of the stream")
 
 
 def test_requests_claimed_together_are_one_request_however_late_their_threads(
@@ -95,9 +97,10 @@ def test_what_the_site_holds_is_not_sent_again(region: dict[str, Any], tmp_path:
     assert site.service.fetcher.priors.requests == 1
     assert "priors for SITE-HELD: 3 patients searched, 2 studies to send" in hub.log()
     partial_uid, _ = region["priors"][PATIENTS[1]]
-    held = re.search(rf"download of study {re.escape(partial_uid)} for SITE-HELD sent: "
-                     r"(\d+) instances? \((\d+) held", hub.log())
-    assert held is not None and int(held.group(2)) == 1
+    held = wait_for(lambda: re.search(rf"download of study {re.escape(partial_uid)} for "
+                                      r"SITE-HELD sent: (\d+) instances? \((\d+) held",
+                                      hub.log()), 10, what="the hub's line for the study")
+    assert int(held.group(2)) == 1
     assert int(held.group(1)) == len({sha256(p.read_bytes()) for p in partial}) - 1
     states = {r["study_uid"]: r["state"] for i in ids for r in store.studies_of_request(
         site.db, i)}

@@ -232,7 +232,10 @@ def _assert_resumed_once(pas: PasProcess, hub: HubProcess, transfer_id: str) -> 
     assert finished[0]["state"] == "done", finished[0]["last_error"]
     assert json.loads(finished[0]["progress"])["transfer_id"] == transfer_id  # same transfer
     # One worker owned the job to the end (the lease was renewed through the long commit).
-    assert pas.log().count(f"job {finished[0]['id']}: study") == 1
+    # (Its line follows the job's commit, which the wait above saw: awaited.)
+    said = f"job {finished[0]['id']}: study"
+    wait_for(lambda: said in pas.log(), 10, what="the job's line")
+    assert pas.log().count(said) == 1
     assert pas.status()["confirmed_instances"] == len(RESUME_FILES)
     transfer = rows(hub.home / "hub.sqlite", "SELECT * FROM transfers WHERE id = ?",
                     (transfer_id,))[0]
@@ -418,7 +421,10 @@ def test_a_revoked_certificate_makes_the_uploads_wait_and_a_new_one_sends_them(
                                             "(certificate_revoked)"), job["last_error"]
         assert "pas enroll --replace" in job["last_error"]
         assert job["next_attempt_at"] - job["updated_at"] >= 59  # a minute, not backoff_max
-    assert "ERROR" in pas.log() and "waits for its credentials to be put right" in pas.log()
+    # Logged after the jobs' rows are written, which the wait above saw: awaited.
+    wait_for(lambda: "waits for its credentials to be put right" in pas.log(), 10,
+             what="the worker's line")
+    assert "ERROR" in pas.log()
     assert pas.status()["confirmed_instances"] == 0
     # pas doctor: the certificate row said "ok, valid for 825 more days" above the hub's
     # refusal, and the hub row was the hub's JSON cut at 200 characters.

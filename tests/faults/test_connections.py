@@ -120,7 +120,9 @@ def test_associations_over_the_limit_are_rejected_from_the_request(pas: PasProce
         refused = _store(pas.port)
         assert refused.returncode != 0
         assert "Local Limit Exceeded" in refused.stderr, refused.stderr
-        assert _refusals(pas) == {"too-many-associations": 1.0}
+        # Counted after the rejection is sent (ingest/scp.py): awaited.
+        wait_for(lambda: _refusals(pas) == {"too-many-associations": 1.0}, 10,
+                 what="the refusal counted")
         assert re.search(r"WARNING pas\.ingest: association from CT1 \(127\.0\.0\.1\) rejected: "
                          r"2 associations already open \(dicom\.max_associations\)", pas.log())
         held.pop().release()
@@ -209,7 +211,8 @@ def test_a_connection_over_the_bound_does_not_stop_the_port_while_the_audit_wait
     assert [tuple(row) for row in rows] == [
         ("-", "127.0.0.1", "failure: connection closed: 6 connections already open "
                            "(dicom.max_connections)")]
-    assert _refusals(pas) == {"too-many-connections": 1.0}
+    wait_for(lambda: _refusals(pas) == {"too-many-connections": 1.0}, 10,
+             what="the refusal counted")
 
 
 def test_a_stop_with_silent_connections_open_ends_them_without_a_traceback(
@@ -270,7 +273,8 @@ def test_requests_arriving_together_take_every_free_place(pas: PasProcess) -> No
             else:
                 connection.close()
         assert sorted(answers) == [0x02, 0x02, 0x03]  # two AC, one RJ
-    assert _refusals(pas) == {"too-many-associations": 10.0}
+    wait_for(lambda: _refusals(pas) == {"too-many-associations": 10.0}, 10,
+             what="the ten refusals counted")  # each after its rejection was sent
 
 
 def test_an_unknown_ae_is_told_so_even_when_every_place_is_taken(tmp_path: Path) -> None:
@@ -291,7 +295,8 @@ def test_an_unknown_ae_is_told_so_even_when_every_place_is_taken(tmp_path: Path)
         refused = _store(daemon.port)  # calling AE CT1: not in dicom.known_aes
         assert refused.returncode != 0
         assert "Calling AE Title Not Recognized" in refused.stderr, refused.stderr
-        assert _refusals(daemon) == {"unknown-ae": 1.0}
+        wait_for(lambda: _refusals(daemon) == {"unknown-ae": 1.0}, 10,
+                 what="the refusal counted")  # after the rejection was sent (ingest/scp.py)
 
 
 def test_the_stop_waits_one_grace_for_refusals_and_associations_together(

@@ -357,12 +357,17 @@ def test_refused_access_is_audited_once_per_source_and_minute(tmp_path: Path) ->
                 assert httpx.get(f"{base}/api/status", headers=headers,
                                  timeout=10).status_code == 401
         good = {"Authorization": f"Bearer {token}"}
-        metrics = httpx.get(f"{base}/metrics", headers=good, timeout=10)
-        assert metrics.status_code == 200
-        counts = {m.group(1): float(m.group(2)) for m in re.finditer(
-            r'^pas_access_refused_total\{channel="\w+",reason="([\w-]+)"\} (\S+)$',
-            metrics.text, re.M) if float(m.group(2))}  # every reason is exported, at 0 first
-        assert counts == {"unknown-ae": 6.0, "bearer-token": 6.0}, counts
+
+        def refused_counts() -> dict[str, float]:
+            metrics = httpx.get(f"{base}/metrics", headers=good, timeout=10)
+            assert metrics.status_code == 200
+            return {m.group(1): float(m.group(2)) for m in re.finditer(
+                r'^pas_access_refused_total\{channel="\w+",reason="([\w-]+)"\} (\S+)$',
+                metrics.text, re.M) if float(m.group(2))}  # every reason exported, 0 first
+
+        # Each refusal is counted once its 401 was answered (appliance/web/auth.py): awaited.
+        expected = {"unknown-ae": 6.0, "bearer-token": 6.0}
+        wait_for(lambda: refused_counts() == expected, 10, what="the refusals counted")
         # Each row is written once its 401 was answered (appliance/web/auth.py): awaited.
         http_rows = wait_for(lambda: len(rows := [r for r in _security_rows(pas.home)
                                                   if r["detail"] == "http"]) >= 3 and rows,
