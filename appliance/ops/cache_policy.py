@@ -68,7 +68,8 @@ class CachePolicy:
 
     def _recorded_alert(self) -> str | None:
         try:
-            return cache_store.health(self.db)["disk_alert"]
+            alert = cache_store.raised_disk_alert(self.db)
+            return alert["detail"] if alert else None
         except sqlite3.Error:  # an unreadable trail: the first pass raises it afresh
             return None
 

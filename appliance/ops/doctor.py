@@ -219,7 +219,8 @@ def _recorded_disk_alert(settings: Settings) -> str | None:
         if db is None:
             return None
         try:
-            return cache_store.health(db)["disk_alert"]
+            alert = cache_store.raised_disk_alert(db)
+            return alert["detail"] if alert else None
         except Exception:
             return None
 

@@ -364,8 +364,8 @@ class ApplianceCollector(Collector):
                                 "cache.high_watermark_percent with nothing left to evict, 2 "
                                 "the quota or storage.min_free_mb near, C-STOREs refused with "
                                 "0xA700 (pas status names it)",
-                                value=disk_alert.level_of(cache_store.health(self.db)
-                                                          ["disk_alert"]))
+                                value=disk_alert.level_of(
+                                    (cache_store.raised_disk_alert(self.db) or {}).get("detail")))
         # Files whose bytes are no longer those received (the scrub or pas verify re-hashed
         # them: a failing disk, silent corruption): only the missing ones were exported.
         yield GaugeMetricFamily("pas_spool_files_damaged", "Indexed files flagged damaged "

@@ -546,11 +546,18 @@ def health(db: Database) -> dict[str, Any]:
     for row in db.query("SELECT kind, count(*) AS n FROM integrity_issues "
                         "WHERE resolved_at IS NULL AND kind != 'evicting' GROUP BY kind"):
         issues[row["kind"]] = int(row["n"])
+    alert = raised_disk_alert(db)
+    return {"integrity_issues": issues, "disk_alert": alert["detail"] if alert else None,
+            "disk_alert_since": alert["at"] if alert else None}
+
+
+def raised_disk_alert(db: Database) -> dict[str, Any] | None:
+    """The disk alert's latest audit row (``at``, ``detail``) while it is raised, else None:
+    the one read its readers need (the cache policy at start, ``/metrics`` at each scrape,
+    ``pas doctor``), without :func:`health`'s count of the integrity issues."""
     alert = db.query_one("SELECT at, outcome, detail FROM audit WHERE event = 'alert' "
                          "ORDER BY id DESC LIMIT 1")
-    raised = alert is not None and alert["outcome"] != "success"
-    return {"integrity_issues": issues, "disk_alert": alert["detail"] if raised else None,
-            "disk_alert_since": alert["at"] if raised else None}
+    return dict(alert) if alert is not None and alert["outcome"] != "success" else None
 
 
 def still_indexed(db: Database, instance_id: int) -> bool:
