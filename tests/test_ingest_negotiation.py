@@ -11,6 +11,10 @@ Found at a go-live walkthrough (a modality field engineer's):
   and PAS stored 3.2 times the bytes, not the modality's own encoding.
 - A context refused because PAS reads none of its transfer syntaxes (JPEG XL, which pydicom
   3.0 does not know) left no line at all; only refused SOP classes were said.
+- An association whose every context for a class of images was refused left no store row
+  in the audit trail (it was written from the first C-STORE on) and no figure anywhere: a
+  modality none of whose images could come was seen only in the journal. A class refused in
+  one context and accepted in another was written as refused in the association's row.
 - A standard non-storage SOP class (MPPS, worklist, print; Storage Commitment when
   dicom.storage_commitment is off) was said with advice that cannot work: add it to
   dicom.extra_storage_sop_classes, which ``pas config check`` refuses for a standard UID.
@@ -25,6 +29,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from pydicom import dcmread
@@ -40,7 +45,7 @@ from pydicom.uid import (
 from pynetdicom import AE, build_context
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
-from tests.support.peers import CT_DIR, DCMTK_ENV, PasProcess, storescu, wait_for
+from tests.support.peers import CT_DIR, DCMTK_ENV, PasProcess, read_rows, storescu, wait_for
 from tests.test_ingest import dataset_part, index_rows
 
 JPEG_XL_LOSSLESS = "1.2.840.10008.1.2.4.110"  # pydicom 3.0 names them, cannot read them
@@ -86,6 +91,21 @@ def jpeg_ls(source: Path, out: Path) -> Path:
 
 def lines_with(pas: PasProcess, text: str) -> list[str]:
     return [line for line in pas.log().splitlines() if text in line]
+
+
+def classes_refused(pas: PasProcess) -> dict[str, float]:
+    """pas_dicom_image_classes_refused_total by reason, as /metrics says."""
+    scraped = httpx.get(f"http://127.0.0.1:{pas.http_port}/metrics", timeout=10).text
+    return {match[1]: float(match[2]) for match in re.finditer(
+        r'^pas_dicom_image_classes_refused_total\{reason="([^"]+)"\} (\S+)$', scraped,
+        re.MULTILINE)}
+
+
+def store_rows(pas: PasProcess) -> list[tuple[str, str, str]]:
+    """(actor, outcome, detail) of the audit trail's association rows, oldest first."""
+    return [(r["actor"], r["outcome"], r["detail"]) for r in read_rows(
+        pas.home / "pas.sqlite", "SELECT actor, outcome, detail FROM audit "
+        "WHERE event = 'store' ORDER BY id")]
 
 
 # --- which transfer syntax -----------------------------------------------------------------
@@ -183,7 +203,7 @@ def test_a_c_get_viewer_proposing_lossless_first_still_gets_every_instance(
 
 def test_a_context_of_syntaxes_pas_cannot_read_is_said_naming_them_once_an_hour(
         pas_factory: Any) -> None:
-    pas = accepting(pas_factory)
+    pas = accepting(pas_factory, PAS_HTTP__ENABLED="true")
     results = negotiate(pas, "CT12", [(CT_IMAGE, [JPEG_XL_LOSSLESS, JPEG_XL]),
                                       (CT_IMAGE, [ExplicitVRLittleEndian])])
     assert results[1] == (0x04, JPEG_XL_LOSSLESS)  # transfer syntaxes not supported
@@ -205,6 +225,15 @@ def test_a_context_of_syntaxes_pas_cannot_read_is_said_naming_them_once_an_hour(
     assert any(f"from CT12 (127.0.0.1) refused: PAS reads none of the transfer syntaxes "
                f"proposed (JPEG XL ({JPEG_XL}));" in line for line in refusals), refusals
     assert any("from CT13 (127.0.0.1)" in line for line in refusals), refusals
+    # Counted and written per association that could send no CT image at all: the four
+    # after the first (whose CT images had Explicit VR Little Endian).
+    refused_row = ("failure: 1 SOP class refused", "0 instances stored, 0 refused; "
+                   f"presentation contexts refused for 1 SOP class ({CT_IMAGE}): the log "
+                   "says why")
+    wait_for(lambda: len(store_rows(pas)) >= 4, 10, what="the four associations' store rows")
+    rows = store_rows(pas)
+    assert rows == [("CT12", *refused_row)] * 3 + [("CT13", *refused_row)], rows
+    assert classes_refused(pas) == {"sop-class": 0.0, "transfer-syntax": 4.0}
 
 
 def test_the_syntax_refusal_line_counts_its_repeats_and_its_memory_is_bounded(
@@ -231,7 +260,8 @@ def test_the_syntax_refusal_line_counts_its_repeats_and_its_memory_is_bounded(
 
 def test_standard_services_pas_does_not_provide_are_said_with_where_they_belong(
         pas_factory: Any) -> None:
-    pas = accepting(pas_factory, PAS_DICOM__STORAGE_COMMITMENT="false")
+    pas = accepting(pas_factory, PAS_DICOM__STORAGE_COMMITMENT="false",
+                    PAS_HTTP__ENABLED="true")
     mpps, worklist = "1.2.840.10008.3.1.2.3.3", "1.2.840.10008.5.1.4.31"
     grayscale_print, commitment = "1.2.840.10008.5.1.1.9", "1.2.840.10008.1.20.1"
     private = "1.3.46.670589.11.0.0.12.1"
@@ -265,3 +295,10 @@ def test_standard_services_pas_does_not_provide_are_said_with_where_they_belong(
         assert " WARNING " in said
         if uid != private:
             assert "extra_storage_sop_classes" not in said, said
+    # Of the five, only the private class is one of images: the association's row and the
+    # figure name it alone (the standard services are the journal's, not images refused).
+    rows = wait_for(lambda: store_rows(pas), 10, what="the association's store row")
+    assert rows == [("CT14", "failure: 1 SOP class refused",
+                     "0 instances stored, 0 refused; presentation contexts refused for 1 SOP "
+                     f"class ({private}): the log says why")], rows
+    assert classes_refused(pas) == {"sop-class": 1.0, "transfer-syntax": 0.0}

@@ -16,6 +16,7 @@ import logging
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -39,7 +40,11 @@ from appliance.ingest.policy import (
 )
 from appliance.ingest.receive import Receiver, StorageFailure
 from appliance.logs import ThrottledWarning
-from appliance.ops.metrics import count_refusal, watch_dicom_connections
+from appliance.ops.metrics import (
+    count_image_classes_refused,
+    count_refusal,
+    watch_dicom_connections,
+)
 from appliance.ops.refusals import RefusalAudit
 from appliance.ops.security import AssociationRateLimiter, server_context
 from appliance.store import audit
@@ -350,11 +355,21 @@ class DicomListener:
             self.refused_sop_classes.refused(requestor.ae_title.strip(), requestor.address,
                                              refused)
         unread = [cx for cx in sent if cx.result == _TRANSFER_SYNTAXES_NOT_SUPPORTED]
-        # For the association's store row: the classes of images it could not send (not a
-        # modality's MPPS or worklist proposed beside them: said in the log, not images).
-        assoc.pas_refused_classes = sorted(
-            {uid for uid in refused if not standard_non_storage(uid)}
-            | {str(cx.abstract_syntax) for cx in unread})
+        # For the association's store row and pas_dicom_image_classes_refused: the classes of
+        # images it could not send. Not a modality's MPPS or worklist proposed beside them
+        # (said in the log, not images); not a class refused in one context and accepted in
+        # another (JPEG XL proposed alone, then Explicit VR Little Endian): its images came.
+        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+        not_sent = {uid: "sop-class" for uid in refused if not standard_non_storage(uid)}
+        for cx in unread:
+            not_sent.setdefault(str(cx.abstract_syntax), "transfer-syntax")
+        not_sent = {uid: why for uid, why in not_sent.items() if uid not in accepted}
+        assoc.pas_refused_classes = sorted(not_sent)
+        if not_sent:  # its store row, even when no image of it came: it was written only
+            with self._stats_lock:  # after a first C-STORE, none when all were refused
+                self._association_note(assoc)
+        for reason, classes in Counter(not_sent.values()).items():
+            count_image_classes_refused(reason, classes)
         if unread:
             # pynetdicom's result context keeps the first syntax proposed only; the request's
             # context (the same ID) has them all.

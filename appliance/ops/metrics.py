@@ -99,8 +99,23 @@ DICOM_CONNECTIONS = Gauge("pas_dicom_connections", "Connections open on the DICO
 COMMITMENT_REPORTS = Counter("pas_storage_commitment_reports", "Storage Commitment reports "
                              "to modalities, by outcome (sent, failed, given-up)",
                              ["outcome"], registry=None)
+# SOP classes of images an association could not send at all: every presentation context
+# proposed for the class refused at negotiation. Nothing else counts them: no C-STORE is
+# made, so the received counters and the C-STORE histogram never see those images.
+# sop-class: a storage class PAS does not take (a private one not in
+# dicom.extra_storage_sop_classes); transfer-syntax: PAS reads none of the syntaxes proposed
+# (JPEG XL, a private syntax). The journal's warning names the AE, the class and the syntaxes.
+IMAGE_CLASS_REFUSAL_REASONS = ("sop-class", "transfer-syntax")
+IMAGE_CLASSES_REFUSED = Counter("pas_dicom_image_classes_refused",
+                                "SOP classes of images an association proposed and could not "
+                                "send (no presentation context accepted for the class), by "
+                                "reason (sop-class, transfer-syntax)", ["reason"],
+                                registry=None)
+for _reason in IMAGE_CLASS_REFUSAL_REASONS:  # at 0 from the start, as ACCESS_REFUSED
+    IMAGE_CLASSES_REFUSED.labels(_reason)
 _HOOKS: list[Any] = [CSTORE_SECONDS, CSTORE_PATHS, RETRIEVES, UPLOAD_PUT_BYTES,
-                     UPLOAD_INFLIGHT, ACCESS_REFUSED, COMMITMENT_REPORTS, DICOM_CONNECTIONS]
+                     UPLOAD_INFLIGHT, ACCESS_REFUSED, COMMITMENT_REPORTS, DICOM_CONNECTIONS,
+                     IMAGE_CLASSES_REFUSED]
 # The calling_ae label of pas_received_*_total for a title not in dicom.known_aes.
 OTHER_AE = "other"
 LEAD_WINDOW_S = 7 * 86400
@@ -158,6 +173,12 @@ def watch_dicom_connections(count: Callable[[], float] | None) -> None:
 
 def count_refusal(channel: str, reason: str) -> None:
     ACCESS_REFUSED.labels(channel, reason).inc()
+
+
+def count_image_classes_refused(reason: str, classes: int) -> None:
+    """``classes`` SOP classes of images one association could not send, for ``reason``
+    (one of :data:`IMAGE_CLASS_REFUSAL_REASONS`)."""
+    IMAGE_CLASSES_REFUSED.labels(reason).inc(classes)
 
 
 def count_commitment_report(outcome: str) -> None:
