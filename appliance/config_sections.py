@@ -61,10 +61,10 @@ class KnownAE(_Section):
     tls: Flag | None = None
 
 
-class DicomTlsSection(_Section):
-    """DICOM TLS on the listener (BCP 195 profile, appliance/ops/security.py). ``key`` must
-    be 0600. With ``require_client_cert`` only modalities whose certificate chains to
-    ``ca`` complete the handshake."""
+class ListenerTlsSection(_Section):
+    """TLS on a listener (BCP 195 profile, appliance/ops/security.py). ``key`` must be
+    0600. With ``require_client_cert`` only peers whose certificate chains to ``ca``
+    complete the handshake."""
 
     enabled: Flag = False
     cert: Path | None = None
@@ -73,13 +73,26 @@ class DicomTlsSection(_Section):
     require_client_cert: Flag = True
 
     @model_validator(mode="after")
-    def _files_when_enabled(self) -> DicomTlsSection:
+    def _files_when_enabled(self) -> ListenerTlsSection:
         if self.enabled and not (self.cert and self.key):
             raise _cross_field("cert" if not self.cert else "key",
-                               "required when dicom.tls.enabled (cert and key both are)")
+                               "required when {section}.enabled (cert and key both are)")
         if self.enabled and self.require_client_cert and not self.ca:
-            raise _cross_field("ca", "required when dicom.tls.require_client_cert")
+            raise _cross_field("ca", "required when {section}.require_client_cert")
         return self
+
+
+class DicomTlsSection(ListenerTlsSection):
+    """DICOM TLS on the listener: with ``require_client_cert`` only modalities whose
+    certificate chains to ``ca`` complete the handshake."""
+
+
+class Hl7TlsSection(ListenerTlsSection):
+    """MLLP over TLS on the HL7 listener. HL7 orders carry the patient's name, birth date
+    and identifiers: on a network the hospital does not trust end to end, the interface
+    engine (Mirth, Rhapsody, Cloverleaf...) sends them over TLS, and with
+    ``require_client_cert`` only an engine whose certificate chains to ``ca`` is heard.
+    A plain-TCP sender to a TLS port is not answered (its bytes are no handshake)."""
 
 
 class DicomSection(_Section):
@@ -454,6 +467,7 @@ class Hl7Section(_Section):
     # The addresses (or networks, CIDR) of the hosts that may send HL7: the interface
     # engine's. Empty: any host (a connection from another is closed as it opens).
     allowed_sources: list[IpNetwork] = []
+    tls: Hl7TlsSection = Hl7TlsSection()
 
     @field_validator("encoding")
     @classmethod

@@ -308,14 +308,13 @@ class Daemon:
         if self.settings.hl7.enabled:
             self.hl7 = Hl7Listener(
                 self.settings.hl7, self.prefetch.handle_hl7, self.prefetch.refused_hl7,
-                lambda address: self.refusals.refused(
-                    channel="hl7", kind="unknown-source", source=address, actor="-",
-                    reason="HL7 connection closed: not one of hl7.allowed_sources"))
+                lambda address, kind, reason: self.refusals.refused(
+                    channel="hl7", kind=kind, source=address, actor="-", reason=reason))
             try:
                 self.hl7.start()
             except OSError as exc:
                 # Images come first: the DICOM side keeps serving; the RIS feed is reported.
-                log.error("%s; HL7 orders are not received (check hl7.host / hl7.port)", exc)
+                log.error("%s; HL7 orders are not received", exc)
                 self.hl7 = None
 
     def _spawn(self, name: str, target: Any) -> None:

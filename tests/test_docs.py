@@ -210,7 +210,7 @@ def test_every_toml_snippet_in_the_docs_is_a_valid_configuration() -> None:
 
 
 _COMMENTED_KEY = re.compile(r"^#\s*([a-z_]+)\s*=")
-_HEADER = re.compile(r"^#?\s*\[\[?([a-z_.]+)\]\]?\s*$")
+_HEADER = re.compile(r"^#?\s*\[\[?([a-z0-9_.]+)\]\]?\s*$")  # [hl7.tls] too
 
 
 @pytest.mark.parametrize("example", ["appliance.example.toml", "hub.example.toml"])

@@ -46,6 +46,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from appliance.dicomnet.contexts import SharedContexts
 from appliance.logs import ThrottledWarning
+from appliance.ops.security import certificate_refusal
 
 log = logging.getLogger("pas.ingest")
 
@@ -106,20 +107,6 @@ class RefusalReporter:
                     self._done.set()
                     if self._closing:
                         return
-
-
-# OpenSSL's reason when a client sent no certificate and one is required (TLS 1.2 and 1.3).
-_NO_CERTIFICATE = {"PEER_DID_NOT_RETURN_A_CERTIFICATE", "CERTIFICATE_REQUIRED"}
-
-
-def certificate_refusal(exc: BaseException) -> str | None:
-    """Why a failed server-side handshake refused the client's certificate (the audit row's
-    and the log line's words), or None when it failed for anything else."""
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS client certificate refused: {exc.verify_message or exc.reason}"
-    if isinstance(exc, ssl.SSLError) and exc.reason in _NO_CERTIFICATE:
-        return "TLS client certificate refused: none presented (one from dicom.tls.ca is required)"
-    return None
 
 
 class ListenerServer(ThreadedAssociationServer):

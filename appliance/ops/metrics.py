@@ -75,7 +75,7 @@ CSTORE_PATHS = Counter("pas_cstore_requests", "C-STORE requests filed, by the co
 ACCESS_REFUSED = Counter("pas_access_refused", "Access attempts refused, by channel and "
                          "reason (dicom: unknown-ae, unknown-called-ae, rate-limit, "
                          "unaccepted-context, tls-certificate...; http: bearer-token, "
-                         "host-header; hl7: unknown-source)",
+                         "host-header; hl7: unknown-source, tls-certificate)",
                          ["channel", "reason"], registry=None)
 # Every channel and reason exported at 0 from the start: Prometheus's increase() does not count
 # a series' first value, and a child made at the first refusal appeared at 1 (or at 40, a burst
@@ -85,7 +85,7 @@ REFUSAL_REASONS = {"dicom": ("unknown-ae", "unknown-called-ae", "rate-limit",
                              "unaccepted-context", "invalid-pdu", "tls-certificate",
                              "too-many-associations", "too-many-connections"),
                    "http": ("bearer-token", "host-header"),
-                   "hl7": ("unknown-source",)}
+                   "hl7": ("unknown-source", "tls-certificate")}
 for _channel, _reasons in REFUSAL_REASONS.items():
     for _reason in _reasons:
         ACCESS_REFUSED.labels(_channel, _reason)

@@ -1,10 +1,10 @@
-"""Security hardening shared by the DICOM listener and the ``dicom`` destinations.
+"""Security hardening shared by the DICOM and HL7 listeners and the ``dicom`` destinations.
 
-Owns: the DICOM TLS contexts (BCP 195 profile: TLS 1.2 minimum, the recommended AEAD
-suites, certificate verification), the rule that private keys and secrets are readable by
-their owner only, and the per-source limit on association attempts. May not touch: SQL,
-files other than reading the key, certificate or secret files it is given (a token file),
-or the network itself.
+Owns: the TLS contexts (BCP 195 profile: TLS 1.2 minimum, the recommended AEAD suites,
+certificate verification) and the words for a client certificate refused, the rule that
+private keys and secrets are readable by their owner only, and the per-source limit on
+association attempts. May not touch: SQL, files other than reading the key, certificate or
+secret files it is given (a token file), or the network itself.
 
 Why a key with group/other permissions is refused rather than fixed: the file may be
 shared with something else on purpose; the operator must decide. The message names the
@@ -95,10 +95,11 @@ def _base_context(purpose: ssl.Purpose) -> ssl.SSLContext:
 
 
 def server_context(cert: Path, key: Path, ca: Path | None,
-                   require_client_cert: bool) -> ssl.SSLContext:
-    """The SCP side: our certificate; with ``require_client_cert`` only peers whose
-    certificate chains to ``ca`` complete the handshake."""
-    check_secret_file(key, "dicom.tls.key")
+                   require_client_cert: bool, section: str = "dicom.tls") -> ssl.SSLContext:
+    """The listener's side (``section``: the settings it is made from, for the messages):
+    our certificate; with ``require_client_cert`` only peers whose certificate chains to
+    ``ca`` complete the handshake."""
+    check_secret_file(key, f"{section}.key")
     context = _base_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(str(cert), str(key))
     if ca is not None:
@@ -106,6 +107,23 @@ def server_context(cert: Path, key: Path, ca: Path | None,
     context.verify_mode = ssl.CERT_REQUIRED if require_client_cert else (
         ssl.CERT_OPTIONAL if ca is not None else ssl.CERT_NONE)
     return context
+
+
+# OpenSSL's reason when a client sent no certificate and one is required (TLS 1.2 and 1.3).
+_NO_CERTIFICATE = {"PEER_DID_NOT_RETURN_A_CERTIFICATE", "CERTIFICATE_REQUIRED"}
+
+
+def certificate_refusal(exc: BaseException, section: str = "dicom.tls") -> str | None:
+    """Why a failed server-side handshake refused the client's certificate (the audit row's
+    and the log line's words), or None when it failed for anything else (a port probe, a
+    health check, plain TCP). ``section``: the listener's TLS settings, whose ``ca`` the
+    message names."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS client certificate refused: {exc.verify_message or exc.reason}"
+    if isinstance(exc, ssl.SSLError) and exc.reason in _NO_CERTIFICATE:
+        return (f"TLS client certificate refused: none presented (one from {section}.ca is "
+                "required)")
+    return None
 
 
 def client_context(ca: Path, cert: Path | None = None, key: Path | None = None,

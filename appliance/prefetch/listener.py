@@ -16,6 +16,13 @@ control id (in MSA-2) and the MSH fields an ACK mirrors when the message's first
 MSH, was received whole up to MSH-10 (:func:`~appliance.prefetch.acks.leading_msh`; the
 rest of the message is not parsed), so that the RIS can tell which message was refused.
 
+With ``hl7.tls.enabled`` the port speaks MLLP over TLS (appliance/ops/security.py's BCP 195
+context). The handshake is made here, on the accepted connection (``start_tls``), not by the
+server: asyncio drops a server-side handshake failure without a word (an ``ssl.SSLError`` is
+an ``OSError``, logged only in debug mode), and a refused certificate must be logged, audited
+and counted as the DICOM listener's is. A sender speaking plain MLLP to the TLS port is
+named in the log; a port probe or a health check that closes at once is not news.
+
 Bounded (invariant 8): at most ``hl7.max_connections`` connections are served; a new one
 beyond takes the place of the one idle longest (between messages for
 :data:`EVICT_AFTER_IDLE_S` at least: its sender reconnects when it next sends), else it is
@@ -35,6 +42,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import ssl
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +51,7 @@ from hl7.mllp import start_hl7_server
 from hl7.mllp.streams import HL7StreamReader, HL7StreamWriter
 
 from appliance.config import Hl7Section
+from appliance.ops.security import certificate_refusal, server_context
 from appliance.prefetch.acks import HEAD_BYTES, build_ack, leading_msh
 from appliance.prefetch.charsets import message_encoding
 
@@ -51,6 +60,11 @@ log = logging.getLogger("pas.hl7")
 # A connection silent between messages this long may be closed for a new one when
 # ``hl7.max_connections`` are open (one under way with a message never is).
 EVICT_AFTER_IDLE_S = 1.0
+
+# OpenSSL's reasons when the first bytes are no TLS record: a sender speaking plain MLLP
+# (its start block, 0x0B, read as a record type) or HTTP to the TLS port.
+_CLEARTEXT = {"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNKNOWN_PROTOCOL",
+              "UNSUPPORTED_PROTOCOL", "RECORD_LAYER_FAILURE"}
 
 START_BLOCK, END_BLOCK = b"\x0b", b"\x1c"
 FRAME_END = END_BLOCK + b"\r"
@@ -87,16 +101,19 @@ class Hl7Listener:
 
     def __init__(self, settings: Hl7Section, handler: Callable[[str, str], str],
                  refused: Callable[[str, str, str], None] = lambda *_: None,
-                 refused_source: Callable[[str], None] = lambda _: None):
+                 refused_connection: Callable[[str, str, str], None] = lambda *_: None):
         """``refused(source, reason, msh)``: told of each message refused here, before it
         was read (``msh``: its MSH when received whole up to MSH-10, else ''), for the audit
         trail; run in a worker thread."""
         self.settings = settings
         self.handler = handler
         self.refused = refused
-        # ``refused_source(address)``: a connection from a host not in hl7.allowed_sources
-        # (the audit trail's security row and the count), run in a worker thread.
-        self.refused_source = refused_source
+        # ``refused_connection(address, kind, reason)``: a connection closed before any
+        # message, from a host not in hl7.allowed_sources (``unknown-source``) or whose TLS
+        # certificate was refused (``tls-certificate``): the audit trail's security row and
+        # the count; run in a worker thread.
+        self.refused_connection = refused_connection
+        self._tls: ssl.SSLContext | None = None
         self._allowed = [ipaddress.ip_network(source, strict=False)
                          for source in settings.allowed_sources]
         self.port = settings.port
@@ -110,12 +127,20 @@ class Hl7Listener:
         self._open: dict[HL7StreamWriter, float | None] = {}
 
     def start(self) -> None:
+        tls = self.settings.tls
+        if tls.enabled and tls.cert and tls.key:
+            try:
+                self._tls = server_context(tls.cert, tls.key, tls.ca, tls.require_client_cert,
+                                           section="hl7.tls")
+            except (OSError, ValueError) as exc:  # never served in clear instead
+                raise OSError(f"HL7 listener not started: its TLS settings (hl7.tls) cannot "
+                              f"be used: {exc}") from exc
         self._thread = threading.Thread(target=self._run, name="pas-hl7", daemon=True)
         self._thread.start()
         self._ready.wait(10)
         if self._error is not None:
             raise OSError(f"HL7 listener cannot listen on {self.settings.host}:"
-                          f"{self.settings.port}: {self._error}")
+                          f"{self.settings.port}: {self._error} (check hl7.host / hl7.port)")
 
     def _run(self) -> None:
         loop = asyncio.new_event_loop()
@@ -123,7 +148,7 @@ class Hl7Listener:
         asyncio.set_event_loop(loop)
         try:
             self._server = loop.run_until_complete(start_hl7_server(
-                self._serve, self.settings.host, self.settings.port,
+                self._connected, self.settings.host, self.settings.port,
                 limit=self.settings.max_message_kb * 1024, encoding=self.settings.encoding,
                 encoding_errors="replace"))
             sockets = self._server.sockets or []
@@ -134,7 +159,8 @@ class Hl7Listener:
             self._ready.set()
             loop.close()
             return
-        log.info("HL7 MLLP listener on %s:%d", self.settings.host, self.port)
+        log.info("HL7 MLLP listener on %s:%d%s", self.settings.host, self.port,
+                 " (TLS)" if self._tls is not None else "")
         self._ready.set()
         try:
             loop.run_forever()
@@ -142,6 +168,41 @@ class Hl7Listener:
             self._server.close()
             loop.run_until_complete(self._server.wait_closed())
             loop.close()
+
+    def _connected(self, reader: HL7StreamReader, writer: HL7StreamWriter) -> Any:
+        """Called in the protocol's ``connection_made``, before the transport's first read:
+        with TLS the transport is paused here, so that the client's first bytes (its
+        ClientHello) stay in the socket for :meth:`_handshake` rather than landing in the
+        MLLP reader's buffer, where the TLS layer would never see them."""
+        if self._tls is not None:
+            writer.transport.pause_reading()
+        return self._serve(reader, writer)
+
+    async def _handshake(self, writer: HL7StreamWriter, address: str, source: str) -> bool:
+        """The TLS handshake on an accepted connection (bounded by hl7.frame_timeout_s);
+        False, the reason logged and a refused certificate reported, when it fails."""
+        assert self._tls is not None
+        try:
+            await writer.start_tls(self._tls,
+                                   ssl_handshake_timeout=self.settings.frame_timeout_s)
+            return True
+        except ssl.SSLError as exc:
+            refusal = certificate_refusal(exc, section="hl7.tls")
+            if refusal is not None:
+                log.warning("HL7 from %s: %s (connection closed)", source, refusal)
+                with contextlib.suppress(Exception):  # the refusal stands whatever the trail
+                    await asyncio.get_running_loop().run_in_executor(
+                        None, self.refused_connection, address, "tls-certificate",
+                        f"HL7 {refusal}")
+            elif exc.reason in _CLEARTEXT:
+                log.warning("HL7 from %s: closed, not TLS (hl7.tls.enabled: the sender must "
+                            "speak MLLP over TLS to this port): %s", source, exc.reason)
+            else:
+                log.info("HL7 from %s: TLS handshake failed: %s", source, exc)
+        except (ConnectionError, TimeoutError) as exc:
+            # ConnectionAbortedError: no handshake within the timeout; reset: a port probe.
+            log.debug("HL7 from %s: no TLS handshake: %s", source, exc)
+        return False
 
     async def _serve(self, reader: HL7StreamReader, writer: HL7StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
@@ -153,8 +214,9 @@ class Hl7Listener:
             log.warning("HL7 from %s: closed at once, not one of hl7.allowed_sources", source)
             writer.close()
             with contextlib.suppress(Exception):  # the refusal stands whatever the trail
-                await loop.run_in_executor(None, self.refused_source,
-                                           peer[0] if peer else "?")
+                await loop.run_in_executor(
+                    None, self.refused_connection, peer[0] if peer else "?", "unknown-source",
+                    "HL7 connection closed: not one of hl7.allowed_sources")
             return
         if len(self._open) >= self.settings.max_connections and not self._make_room(source):
             log.warning("HL7 from %s: closed at once, already %d HL7 connections "
@@ -162,8 +224,11 @@ class Hl7Listener:
                         len(self._open), self.settings.max_connections)
             writer.close()
             return
-        self._open[writer] = loop.time()
+        self._open[writer] = loop.time()  # a handshake that stalls may be evicted
         try:
+            if self._tls is not None and not await self._handshake(
+                    writer, peer[0] if peer else "?", source):
+                return
             while True:
                 self._open[writer] = loop.time()  # silent between messages from now
                 try:
