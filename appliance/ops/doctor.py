@@ -546,6 +546,9 @@ def run_checks(config_path: Path | None = None) -> list[Check]:
     from appliance.ops.doctor_hub import check_enrolment  # it imports this module's Check
 
     checks.extend(check_enrolment(settings))
+    from appliance.ops.doctor_tls import check_tls_certificates  # it imports Check too
+
+    checks.extend(check_tls_certificates(settings))
     checks.extend(check_destinations(settings))
     checks.extend(check_stored_data(settings))
     checks.extend(check_commitment(settings))

@@ -30,7 +30,7 @@ from prometheus_client.registry import Collector
 
 from appliance import __version__
 from appliance.config import Settings
-from appliance.ops import disk_alert, index_check
+from appliance.ops import certificates, disk_alert, index_check
 from appliance.store import cache as cache_store
 from appliance.store import commitment as commitment_store
 from appliance.store import index
@@ -395,6 +395,22 @@ class ApplianceCollector(Collector):
                                 "them and fetches the confirmed ones back from the region)",
                                 value=cache_store.files_damaged_count(self.db))
 
+    def _tls_certificates(self) -> Metric:
+        """Days left of each certificate or CA file the configuration uses
+        (appliance/ops/certificates.py), by the key naming it. A file that cannot be read
+        has no sample: the service using it refused to start, and ``pas doctor`` names it."""
+        family = GaugeMetricFamily("pas_tls_certificate_days_left",
+                                   "Days until the first certificate of a TLS certificate or "
+                                   "CA file the configuration uses expires (negative: "
+                                   "expired), by the setting naming the file",
+                                   labels=["certificate"])
+        for used in certificates.in_use(self.settings):
+            try:
+                family.add_metric([used.key], certificates.days_left(used.path))
+            except (OSError, ValueError) as exc:
+                log.debug("metrics: %s: %s", used.key, exc)
+        return family
+
     def _received_by_ae(self) -> dict[str, tuple[int, int]]:
         """(instances, bytes) received per ``calling_ae`` label: a title of
         ``dicom.known_aes``, ``""`` (fetched from the region), or :data:`OTHER_AE` for any
@@ -464,6 +480,7 @@ class ApplianceCollector(Collector):
         if days is not None:
             yield GaugeMetricFamily("pas_certificate_days_left",
                                     "Days until the hub client certificate expires", value=days)
+        yield self._tls_certificates()
         enrolled = (home / "pki" / "hub.json").exists()
         yield GaugeMetricFamily("pas_enrolled", "1 when enrolled with a hub", value=int(enrolled))
         if HUB_LINK.up is not None:

@@ -18,14 +18,14 @@ def _key() -> rsa.RSAPrivateKey:
 
 
 def _cert(subject: str, key: rsa.RSAPrivateKey, issuer: str, issuer_key: rsa.RSAPrivateKey,
-          ca: bool = False) -> x509.Certificate:
+          ca: bool = False, days: float = 1) -> x509.Certificate:
     now = dt.datetime.now(dt.UTC)
     builder = (x509.CertificateBuilder()
                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
                .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - dt.timedelta(minutes=5))
-               .not_valid_after(now + dt.timedelta(days=1))
+               .not_valid_before(now - dt.timedelta(days=max(0.0, -days) + 1))
+               .not_valid_after(now + dt.timedelta(days=days))
                .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
     if not ca:
         builder = builder.add_extension(x509.SubjectAlternativeName(
@@ -53,3 +53,13 @@ def make_pki(folder: Path) -> Path:
     rogue_key = _key()
     _write(folder, "rogue", _cert("rogue", rogue_key, "rogue", rogue_key), rogue_key)
     return folder
+
+
+def self_signed(folder: Path, name: str, days: float) -> Path:
+    """``name``.crt (and its 0600 key) in ``folder``, its own CA, expiring in ``days`` (< 0:
+    expired that many days ago): a certificate whose expiry a test sets."""
+    folder.mkdir(parents=True, exist_ok=True)
+    key = _key()
+    _write(folder, name, _cert(name, key, name, key, ca=True, days=days), key)
+    return folder / f"{name}.crt"
+

@@ -1,0 +1,113 @@
+"""The expiry of the TLS certificates and CAs the configuration names (appliance/ops/
+certificates.py): ``pas_tls_certificate_days_left`` on a real daemon's ``/metrics``, and
+``pas doctor``'s rows.
+
+Found in a review of what an expired certificate looks like on site (2026-12-06): only the
+hub client certificate had a figure and a doctor row. The DICOM listener's certificate
+expiring turned every modality's handshake away, the HL7 listener's the RIS's, a
+destination's CA file every forward to it; each said only that handshakes failed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+
+from appliance.config import load_settings
+from tests.faults.pki import self_signed
+from tests.support.peers import PAS_BIN, PasProcess, free_port
+
+
+def tls_settings(pki: Path, hl7: str, node_ca: str) -> dict[str, str]:
+    """DICOM TLS on ``long`` (its own CA), HL7 TLS on ``hl7``, a TLS destination trusting
+    ``node_ca``."""
+    return {
+        "PAS_DICOM__TLS__ENABLED": "true", "PAS_DICOM__TLS__CERT": str(pki / "long.crt"),
+        "PAS_DICOM__TLS__KEY": str(pki / "long.key"), "PAS_DICOM__TLS__CA": str(pki / "long.crt"),
+        "PAS_HL7__TLS__ENABLED": "true", "PAS_HL7__TLS__CERT": str(pki / f"{hl7}.crt"),
+        "PAS_HL7__TLS__KEY": str(pki / f"{hl7}.key"), "PAS_HL7__TLS__CA": str(pki / "long.crt"),
+        "PAS_DESTINATIONS__NODE__KIND": "dicom", "PAS_DESTINATIONS__NODE__AE_TITLE": "NODE",
+        "PAS_DESTINATIONS__NODE__HOST": "127.0.0.1",
+        "PAS_DESTINATIONS__NODE__PORT": str(free_port()),
+        "PAS_DESTINATIONS__NODE__TLS": "true", "PAS_DESTINATIONS__NODE__TLS_CA": node_ca,
+    }
+
+
+def test_each_certificate_in_use_has_its_days_and_doctor_names_the_ones_to_renew(
+        tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    self_signed(pki, "long", 400)
+    self_signed(pki, "soon", 10)
+    expired = self_signed(pki, "expired", -2)
+    self_signed(pki, "unused", -5)  # named under a listener whose TLS is off: not in use
+    pas = PasProcess(tmp_path / "pas", {
+        **tls_settings(pki, "soon", str(expired)),
+        "PAS_HL7__HOST": "127.0.0.1", "PAS_HL7__PORT": str(free_port()),
+        "PAS_AUDIT__SYSLOG_CA": str(pki / "unused.crt"),  # no syslog_host: no copy made
+    }).start()
+    try:
+        scraped = httpx.get(f"http://127.0.0.1:{pas.http_port}/metrics", timeout=10).text
+        days = {m[1]: float(m[2]) for m in re.finditer(
+            r'^pas_tls_certificate_days_left\{certificate="([^"]+)"\} (\S+)$', scraped,
+            re.MULTILINE)}
+        assert set(days) == {"dicom.tls.cert", "dicom.tls.ca", "hl7.tls.cert", "hl7.tls.ca",
+                             "destinations.node.tls_ca"}, days
+        for key, expected in (("dicom.tls.cert", 400), ("dicom.tls.ca", 400),
+                              ("hl7.tls.cert", 10), ("destinations.node.tls_ca", -2)):
+            assert abs(days[key] - expected) < 0.01, (key, days[key])
+        doctor = subprocess.run([str(PAS_BIN), "doctor", "--json"], env=pas.env,
+                                capture_output=True, text=True, timeout=120)
+        rows = [c for c in json.loads(doctor.stdout) if c["name"].startswith("TLS certificate")]
+        soon = (datetime.now(UTC) + timedelta(days=10)).strftime("%Y-%m-%d")
+        gone = (datetime.now(UTC) - timedelta(days=2)).strftime("%Y-%m-%d")
+        assert [(r["verdict"], r["detail"].split(" (")[0]) for r in rows] == [
+            ("warn", "hl7.tls.cert"), ("fail", "destinations.node.tls_ca")], rows
+        assert f"expires on {soon}" in rows[0]["detail"] and "in 10 days" in rows[0]["detail"]
+        assert f"expired on {gone}" in rows[1]["detail"], rows[1]
+        assert "its TLS handshakes fail" in rows[1]["detail"]
+        assert all("systemctl restart pas" in r["fix"] for r in rows), rows
+        assert doctor.returncode != 0  # a fail row
+    finally:
+        pas.stop()
+
+
+def test_doctor_says_which_expires_first_or_that_a_file_cannot_be_read(tmp_path: Path) -> None:
+    from appliance.ops.doctor_tls import check_tls_certificates
+
+    pki = tmp_path / "pki"
+    self_signed(pki, "long", 400)
+    self_signed(pki, "later", 700)
+    home = {"PAS_HOME": str(tmp_path / "home")}
+    assert check_tls_certificates(load_settings(environ=home)) == []  # no TLS: no row
+    [ok] = check_tls_certificates(load_settings(environ={**home, **tls_settings(
+        pki, "later", str(pki / "later.crt"))}))
+    first = (datetime.now(UTC) + timedelta(days=400)).strftime("%Y-%m-%d")
+    assert (ok.name, ok.verdict) == ("TLS certificates", "ok"), ok
+    assert ok.detail == (f"5 in use; the first to expire: dicom.tls.cert, on {first} "
+                         "(400 days)"), ok
+    (pki / "not-a-cert.crt").write_text("-----BEGIN CERTIFICATE-----\nnot base64\n")
+    rows = check_tls_certificates(load_settings(environ={**home, **tls_settings(
+        pki, "later", str(pki / "not-a-cert.crt"))}))
+    assert [(r.name, r.verdict) for r in rows] == [("TLS certificate", "fail")], rows
+    assert rows[0].detail == (f"destinations.node.tls_ca: cannot be read: {pki}/not-a-cert.crt"
+                              ": no PEM certificate in it"), rows[0]
+    rows = check_tls_certificates(load_settings(environ={**home, **tls_settings(
+        pki, "later", str(pki / "missing.crt"))}))
+    assert rows[0].verdict == "fail" and rows[0].detail.startswith(
+        "destinations.node.tls_ca: cannot be read: [Errno 2] No such file or directory"), rows
+
+
+def test_a_big_file_named_as_a_certificate_is_not_read(tmp_path: Path) -> None:
+    from appliance.ops import certificates
+
+    big, size = tmp_path / "pas.sqlite", certificates.MAX_FILE_BYTES + 1
+    with big.open("wb") as out:
+        out.truncate(size)
+    with pytest.raises(ValueError, match=rf"pas\.sqlite: {size} bytes, not a certificate file"):
+        certificates.days_left(big)
