@@ -64,7 +64,10 @@ EVICT_AFTER_IDLE_S = 1.0
 # OpenSSL's reasons when the first bytes are no TLS record: a sender speaking plain MLLP
 # (its start block, 0x0B, read as a record type) or HTTP to the TLS port.
 _CLEARTEXT = {"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNKNOWN_PROTOCOL",
-              "UNSUPPORTED_PROTOCOL", "RECORD_LAYER_FAILURE"}
+              "RECORD_LAYER_FAILURE"}
+# ... and when the client offers only TLS versions under the BCP 195 floor (1.2).
+_OLD_TLS = {"UNSUPPORTED_PROTOCOL", "VERSION_TOO_LOW", "NO_PROTOCOLS_AVAILABLE",
+            "TLSV1_ALERT_PROTOCOL_VERSION"}
 
 START_BLOCK, END_BLOCK = b"\x0b", b"\x1c"
 FRAME_END = END_BLOCK + b"\r"
@@ -125,6 +128,10 @@ class Hl7Listener:
         # Served now -> since when silent between messages (None: a message under way);
         # read and written only in the loop's thread.
         self._open: dict[HL7StreamWriter, float | None] = {}
+        # Those of them still in their TLS handshake, with their task: one taken for a new
+        # connection is cancelled, not aborted (asyncio's start_tls then returns no transport
+        # and StreamWriter.start_tls fails on it with an AttributeError).
+        self._handshaking: dict[HL7StreamWriter, asyncio.Task[Any]] = {}
 
     def start(self) -> None:
         tls = self.settings.tls
@@ -182,6 +189,9 @@ class Hl7Listener:
         """The TLS handshake on an accepted connection (bounded by hl7.frame_timeout_s);
         False, the reason logged and a refused certificate reported, when it fails."""
         assert self._tls is not None
+        task = asyncio.current_task()
+        assert task is not None
+        self._handshaking[writer] = task
         try:
             await writer.start_tls(self._tls,
                                    ssl_handshake_timeout=self.settings.frame_timeout_s)
@@ -197,11 +207,18 @@ class Hl7Listener:
             elif exc.reason in _CLEARTEXT:
                 log.warning("HL7 from %s: closed, not TLS (hl7.tls.enabled: the sender must "
                             "speak MLLP over TLS to this port): %s", source, exc.reason)
+            elif exc.reason in _OLD_TLS:
+                log.warning("HL7 from %s: closed, its TLS version is too old (TLS 1.2 at "
+                            "least): %s", source, exc.reason)
             else:
                 log.info("HL7 from %s: TLS handshake failed: %s", source, exc)
-        except (ConnectionError, TimeoutError) as exc:
-            # ConnectionAbortedError: no handshake within the timeout; reset: a port probe.
+        except ConnectionAbortedError as exc:  # no handshake within the timeout
+            log.info("HL7 from %s: closed, no TLS handshake within hl7.frame_timeout_s "
+                     "(%g s): %s", source, self.settings.frame_timeout_s, exc)
+        except (ConnectionError, TimeoutError) as exc:  # reset, closed: a port probe
             log.debug("HL7 from %s: no TLS handshake: %s", source, exc)
+        finally:
+            self._handshaking.pop(writer, None)
         return False
 
     async def _serve(self, reader: HL7StreamReader, writer: HL7StreamWriter) -> None:
@@ -263,6 +280,8 @@ class Hl7Listener:
                 await self._send(writer, answer.encode(encoding, "replace"), source)
         except (ConnectionError, NotReading):
             return
+        except Exception:  # said now, not when the task is collected; the others go on
+            log.exception("HL7 from %s: connection failed", source)
         finally:
             self._open.pop(writer, None)
             writer.close()
@@ -286,11 +305,16 @@ class Hl7Listener:
         since, oldest = min(idle, key=lambda pair: pair[0])
         del self._open[oldest]  # its task ends at the end of stream the abort gives it
         peer = oldest.get_extra_info("peername")
-        log.info("HL7 from %s: closed after %.0f s silent between messages, for a new "
-                 "connection from %s (hl7.max_connections = %d reached)",
-                 f"{peer[0]}:{peer[1]}" if peer else "?", now - since, source,
-                 self.settings.max_connections)
-        oldest.transport.abort()
+        handshake = self._handshaking.pop(oldest, None)
+        log.info("HL7 from %s: closed after %.0f s %s, for a new connection from %s "
+                 "(hl7.max_connections = %d reached)",
+                 f"{peer[0]}:{peer[1]}" if peer else "?", now - since,
+                 "without finishing its TLS handshake" if handshake is not None
+                 else "silent between messages", source, self.settings.max_connections)
+        if handshake is not None:
+            handshake.cancel()  # asyncio's start_tls closes the transport it was given
+        else:
+            oldest.transport.abort()
         return True
 
     async def _read_frame(self, reader: asyncio.StreamReader, source: str,
