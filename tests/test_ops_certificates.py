@@ -111,3 +111,82 @@ def test_a_big_file_named_as_a_certificate_is_not_read(tmp_path: Path) -> None:
         out.truncate(size)
     with pytest.raises(ValueError, match=rf"pas\.sqlite: {size} bytes, not a certificate file"):
         certificates.days_left(big)
+
+
+def test_the_heartbeat_says_the_certificates_to_renew_first(tmp_path: Path) -> None:
+    """The heartbeat's error lines (read back by the hub: tests/test_ops_fleet.py), before
+    the store's, which the cap on errors may cut; none while every certificate is sound."""
+    from appliance.ops.heartbeat import build_heartbeat
+    from appliance.store.db import Database
+
+    pki = tmp_path / "pki"
+    self_signed(pki, "long", 400)
+    self_signed(pki, "soon", 10)
+    expired = self_signed(pki, "expired", -2)
+    home = {"PAS_HOME": str(tmp_path / "home")}
+    sound = load_settings(environ={**home, **tls_settings(pki, "long", str(pki / "long.crt"))})
+    sound.home.mkdir(parents=True)
+    db = Database(sound.db_path)
+    assert build_heartbeat(sound, db, 0.0)["errors"] == []
+    due = load_settings(environ={**home, **tls_settings(pki, "soon", str(expired))})
+    errors = build_heartbeat(due, db, 0.0)["errors"]
+    soon = (datetime.now(UTC) + timedelta(days=10)).strftime("%Y-%m-%d")
+    gone = (datetime.now(UTC) - timedelta(days=2)).strftime("%Y-%m-%d")
+    assert errors == [f"TLS certificate hl7.tls.cert: expires in 10.0 days ({soon})",
+                      f"TLS certificate destinations.node.tls_ca: expired 2.0 days ago "
+                      f"({gone}): its TLS handshakes fail"], errors
+
+
+def test_only_the_files_pas_loads_are_watched(tmp_path: Path) -> None:
+    """Found in review: a file left named where PAS does not use it (the HL7 listener off,
+    ``tls = false``, an ``http://`` archive, a client CA under bearer auth) was watched, and
+    its expiry raised alerts for nothing; the listener's certificate and CA, which C-MOVE
+    sub-associations over TLS use with the listener's own TLS off, were not."""
+    from appliance.ops import certificates
+
+    pki = tmp_path / "pki"
+    crt = str(self_signed(pki, "any", 100))
+    key = str(pki / "any.key")
+    base = {"PAS_HOME": str(tmp_path / "home"), "PAS_DICOM__TLS__CERT": crt,
+            "PAS_DICOM__TLS__KEY": key, "PAS_DICOM__TLS__CA": crt,
+            "PAS_HL7__TLS__ENABLED": "true", "PAS_HL7__TLS__CERT": crt,
+            "PAS_HL7__TLS__KEY": key, "PAS_HL7__TLS__CA": crt,
+            "PAS_SERVING__TLS_CERT": crt, "PAS_SERVING__TLS_KEY": key,
+            "PAS_SERVING__TLS_CLIENT_CA": crt, "PAS_SERVING__AUTH": "bearer",
+            "PAS_SERVING__BEARER_TOKENS": '["a-token-long-enough-for-pas-0123456789"]',
+            "PAS_DESTINATIONS__PACS__KIND": "dicom", "PAS_DESTINATIONS__PACS__AE_TITLE": "PACS",
+            "PAS_DESTINATIONS__PACS__HOST": "127.0.0.1", "PAS_DESTINATIONS__PACS__PORT": "104",
+            "PAS_DESTINATIONS__PACS__TLS_CA": crt,
+            "PAS_DESTINATIONS__ARCH__KIND": "stowrs",
+            "PAS_DESTINATIONS__ARCH__URL": "http://127.0.0.1:8042/dicom-web",
+            "PAS_DESTINATIONS__ARCH__CA_FILE": crt}
+
+    def keys(**more: str) -> list[str]:
+        return [c.key for c in certificates.in_use(load_settings(environ={**base, **more}))]
+
+    assert keys() == ["hl7.tls.cert", "hl7.tls.ca", "serving.tls_cert"]
+    assert keys(PAS_HL7__ENABLED="false", PAS_SERVING__AUTH="client_cert") == [
+        "serving.tls_cert", "serving.tls_client_ca"]
+    workstation = '[{title = "WS1", host = "127.0.0.1", port = 11113, tls = true}]'
+    assert sorted(keys(PAS_HL7__ENABLED="false", PAS_SERVING__MOVE_DESTINATIONS=workstation,
+                       PAS_DESTINATIONS__PACS__TLS="true",
+                       PAS_DESTINATIONS__ARCH__URL="https://127.0.0.1:8443/dicom-web")) == [
+        "destinations.arch.ca_file", "destinations.pacs.tls_ca", "dicom.tls.ca",
+        "dicom.tls.cert", "serving.tls_cert"]
+
+
+def test_a_ca_bundle_counts_from_its_roots_still_valid(tmp_path: Path) -> None:
+    """A bundle keeps old roots past their date: the CA file's figure is its first root
+    still valid (all expired: the last); a certificate file's is its first to expire."""
+    from appliance.ops import certificates
+
+    pki = tmp_path / "pki"
+    bundle = tmp_path / "bundle.crt"
+    bundle.write_bytes(b"".join(self_signed(pki, name, days).read_bytes()
+                                for name, days in (("old", -3), ("root", 100), ("new", 900))))
+    assert abs(certificates.days_left(bundle, ca=True) - 100) < 0.01
+    assert abs(certificates.days_left(bundle) + 3) < 0.01  # as a certificate file: the first
+    gone = tmp_path / "gone.crt"
+    gone.write_bytes(b"".join(self_signed(pki, name, days).read_bytes()
+                              for name, days in (("older", -30), ("old2", -3))))
+    assert abs(certificates.days_left(gone, ca=True) + 3) < 0.01

@@ -735,6 +735,52 @@ def test_received_figures_keep_counting_after_eviction(fleet: dict[str, Any]) ->
     assert f"{len(FILES)} instances received" in page
 
 
+def test_a_sites_tls_certificates_to_renew_reach_the_fleet(fleet: dict[str, Any],
+                                                         tmp_path: Path) -> None:
+    """A site's TLS certificate expired or expiring within 30 days (its heartbeat's error
+    lines, ops/certificates.py, built here from real files) is read back as
+    ``pas_fleet_site_tls_certificate_days_left{site, certificate}`` (PasSiteTlsCertificate
+    Expiring / Expired), one sample per setting however often a heartbeat says it, and puts
+    the site among the problems. The daemon's own lines: tests/test_ops_certificates.py."""
+    from appliance.config import load_settings
+    from appliance.ops import certificates
+    from tests.faults.pki import self_signed
+
+    pki = tmp_path / "pki"
+    self_signed(pki, "soon", 12)
+    self_signed(pki, "long", 400)
+    expired = self_signed(pki, "expired", -3)
+    settings = load_settings(environ={
+        "PAS_HOME": str(tmp_path / "home"), "PAS_DICOM__TLS__ENABLED": "true",
+        "PAS_DICOM__TLS__CERT": str(pki / "long.crt"), "PAS_DICOM__TLS__KEY": str(pki / "long.key"),
+        "PAS_DICOM__TLS__CA": str(expired), "PAS_HL7__TLS__ENABLED": "true",
+        "PAS_HL7__TLS__CERT": str(pki / "soon.crt"), "PAS_HL7__TLS__KEY": str(pki / "soon.key"),
+        "PAS_HL7__TLS__CA": str(pki / "long.crt")})
+    said = certificates.heartbeat_errors(settings)
+    assert [line.split(":")[0] for line in said] == ["TLS certificate dicom.tls.ca",
+                                                     "TLS certificate hl7.tls.cert"], said
+    viewer: httpx.Client = fleet["viewer"]
+    # A site of its own: SITE-B's heartbeats, posted by the module's other tests, take the
+    # hub's burst for a site (hub/fleet_gate.py).
+    site_d = enroll(fleet["hub"], fleet["root"] / "site-d", "SITE-D")
+    with client(site_d) as http:
+        beat = _beat(site="SITE-D", errors=[*said, said[0]])  # said twice: still one sample
+        assert http.post("/api/v1/heartbeat", json=beat).status_code == 201
+        scrape = viewer.get("/metrics").text
+        name = "pas_fleet_site_tls_certificate_days_left"
+        expired_days = metric(scrape, name, site="SITE-D", certificate="dicom.tls.ca")
+        soon_days = metric(scrape, name, site="SITE-D", certificate="hl7.tls.cert")
+        assert expired_days is not None and abs(expired_days + 3) <= 0.1, scrape
+        assert soon_days is not None and abs(soon_days - 12) <= 0.1, scrape
+        assert scrape.count(f'{name}{{certificate="dicom.tls.ca",site="SITE-D"}}') == 1, scrape
+        assert metric(scrape, name, site="SITE-A", certificate="dicom.tls.ca") is None
+        problems = viewer.get("/fleet", params={"state": "problems"}).text
+        assert 'data-site="SITE-D"' in problems and "expires in 12.0 days" in problems
+        assert http.post("/api/v1/heartbeat", json=_beat(site="SITE-D")).status_code == 201
+    assert metric(viewer.get("/metrics").text, name, site="SITE-D",
+                  certificate="hl7.tls.cert") is None
+
+
 def test_link_goes_down_when_the_hub_stops(fleet: dict[str, Any]) -> None:
     pas: PasProcess = fleet["pas"]
     fleet["hub"].kill()  # the hub vanishes (power cut, WAN cut): no goodbye

@@ -26,6 +26,7 @@ from appliance.hub.bucket_bodies import families as bucket_body_families
 from appliance.hub.fleet import hub_backup_state, site_rows
 from appliance.hub.fleet_gate import HeartbeatGate
 from appliance.hub.transfer_metrics import open_transfer_families
+from appliance.ops.certificates import days_said as certificate_days_said
 from appliance.ops.disk_alert import level_said as disk_alert_said
 from appliance.ops.files_missing import count_said as files_missing_said
 from appliance.ops.files_missing import damaged_said as files_damaged_said
@@ -73,6 +74,13 @@ class FleetCollector(Collector):
             "cert": GaugeMetricFamily("pas_fleet_site_certificate_days_left",
                                       "Days until the site's client certificate expires",
                                       labels=["site"]),
+            # The site's TLS certificates and CAs expired or expiring within 30 days (its
+            # heartbeat's error lines, ops/certificates.py): absent while they are sound.
+            "tls": GaugeMetricFamily(
+                "pas_fleet_site_tls_certificate_days_left",
+                "Days left of a certificate or CA file the site's configuration uses, as its "
+                "last heartbeat says, for those expired (negative) or expiring within 30 "
+                "days, by the setting naming it", labels=["site", "certificate"]),
             "failed": GaugeMetricFamily("pas_fleet_site_failed_jobs",
                                         "Jobs that gave up at the site", labels=["site"]),
             "info": GaugeMetricFamily("pas_fleet_site_info", "Software version of the site",
@@ -137,6 +145,11 @@ class FleetCollector(Collector):
                 site, int(any(says_index_trouble(e) for e in r["errors"] or [])))
             families["disk_alert"].add_metric(
                 site, max((disk_alert_said(e) for e in r["errors"] or []), default=0))
+            # One sample per setting, however often a heartbeat says it (a second sample of
+            # a series would make Prometheus refuse the whole scrape).
+            told = dict(filter(None, map(certificate_days_said, r["errors"] or [])))
+            for key, days in told.items():
+                families["tls"].add_metric([r["site"], key], days)
             families["missing"].add_metric(
                 site, max((files_missing_said(e) for e in r["errors"] or []), default=0))
             families["damaged"].add_metric(

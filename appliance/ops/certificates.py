@@ -7,6 +7,10 @@ Owns: listing the certificate files the configuration uses (by the key that name
 ``/metrics`` (``pas_tls_certificate_days_left``) and ``pas doctor``. May not touch: the
 network, the database, or any file it is not named.
 
+Also owns how an expiring one is said to regional ops: the heartbeat's error line
+(:func:`heartbeat_errors`) and the days the hub reads back from it (:func:`days_said`:
+``pas_fleet_site_tls_certificate_days_left``), as ops/disk_alert.py does for the disk.
+
 Why: an expired certificate stops a service without a word from the service that holds it.
 The DICOM listener's turns every modality's handshake away, the HL7 listener's the RIS's,
 a destination's CA file every forward to it; each side only sees handshakes fail. The hub
@@ -15,6 +19,7 @@ client certificate had its figure (``pas_certificate_days_left``); none of these
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,39 +43,65 @@ class CertificateFile:
     key: str
     path: Path
 
+    @property
+    def ca(self) -> bool:
+        """A file of CAs PAS trusts (a bundle), not a certificate PAS shows."""
+        return not self.key.endswith("cert")
+
 
 def in_use(settings: Settings) -> list[CertificateFile]:
-    """The certificate and CA files the configuration uses, in the file's order: those of a
-    listener only when its TLS is on (a file left named under ``enabled = false`` is not
-    used), those of a destination, the HTTP port and the audit copy when named."""
+    """The certificate and CA files the configuration uses, each only where PAS loads it:
+    a listener's while it runs with TLS, a client certificate with its key, a destination's
+    when it is reached over TLS, the HTTP port's client CA under ``client_cert`` auth. A
+    file left named where it is not used (``enabled = false``, an ``http://`` archive)
+    would raise alerts for nothing."""
     found: list[CertificateFile] = []
 
-    def add(key: str, path: Path | None) -> None:
-        if path is not None:
+    def add(key: str, path: Path | None, needs: object = True) -> None:
+        if path is not None and needs:
             found.append(CertificateFile(key, path))
 
-    for section, tls in (("dicom.tls", settings.dicom.tls), ("hl7.tls", settings.hl7.tls)):
-        if tls.enabled:
-            add(f"{section}.cert", tls.cert)
-            add(f"{section}.ca", tls.ca)
+    dicom = settings.dicom
+    listener_tls = dicom.tls.enabled
+    # The listener's certificate and CA also serve the associations PAS opens over TLS to
+    # the site's own nodes: Storage Commitment reports, C-MOVE sub-associations
+    # (ops/security.py OutgoingDicomTls), with the listener's TLS on or off.
+    outgoing = any(listener_tls if ae.tls is None else ae.tls for ae in dicom.known_aes) \
+        or any(node.uses_tls(listener_tls) for node in settings.serving.move_destinations)
+    add("dicom.tls.cert", dicom.tls.cert, (listener_tls or outgoing) and dicom.tls.key)
+    add("dicom.tls.ca", dicom.tls.ca, listener_tls or outgoing)
+    hl7 = settings.hl7
+    hl7_runs = hl7.enabled and settings.prefetch.enabled and hl7.tls.enabled
+    add("hl7.tls.cert", hl7.tls.cert, hl7_runs)
+    add("hl7.tls.ca", hl7.tls.ca, hl7_runs)
     serving = settings.serving
     if settings.http.enabled:
-        add("serving.tls_cert", serving.tls_cert)
-        add("serving.tls_client_ca", serving.tls_client_ca)
+        add("serving.tls_cert", serving.tls_cert, serving.tls_key)
+        add("serving.tls_client_ca", serving.tls_client_ca, serving.auth == "client_cert")
     for name, destination in settings.destinations.items():
-        for field in ("tls_cert", "tls_ca", "client_cert", "ca_file"):
-            add(f"destinations.{name}.{field}", getattr(destination, field, None))
+        key = f"destinations.{name}"
+        if destination.kind == "dicom" and destination.tls:
+            add(f"{key}.tls_cert", destination.tls_cert, destination.tls_key)
+            add(f"{key}.tls_ca", destination.tls_ca)
+        elif destination.kind == "stowrs" and str(destination.url).startswith("https://"):
+            add(f"{key}.client_cert", destination.client_cert, destination.client_key)
+            add(f"{key}.ca_file", destination.ca_file)
     audit = settings.audit
     if audit.syslog_host:
-        add("audit.syslog_cert", audit.syslog_cert)
+        add("audit.syslog_cert", audit.syslog_cert, audit.syslog_key)
         add("audit.syslog_ca", audit.syslog_ca)
+    # The fleet CA pinned at enrolment: every call to the hub checks the hub against it.
+    fleet_ca = settings.home / "pki" / "ca.crt"
+    add("enrolment.ca", fleet_ca, fleet_ca.exists())
     return found
 
 
-def first_expiry(path: Path) -> datetime:
-    """When the first certificate of ``path`` to expire does. Raises ``OSError`` (missing,
-    unreadable) or ``ValueError`` (too big, no PEM certificate in it), each naming the
-    file."""
+def first_expiry(path: Path, ca: bool = False) -> datetime:
+    """When the first certificate of ``path`` to expire does. For a CA file (``ca``), a
+    bundle, the first of those not expired yet: a bundle keeps old roots past their date,
+    and a peer chaining to one of them already fails; if all have expired, the last to.
+    Raises ``OSError`` (missing, unreadable) or ``ValueError`` (too big, no PEM
+    certificate in it), each naming the file."""
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
         raise ValueError(f"{path}: {size} bytes, not a certificate file")
@@ -78,10 +109,51 @@ def first_expiry(path: Path) -> datetime:
         certificates = x509.load_pem_x509_certificates(path.read_bytes())
     except ValueError:
         raise ValueError(f"{path}: no PEM certificate in it") from None
-    return min(cert.not_valid_after_utc for cert in certificates)
+    dates = [cert.not_valid_after_utc for cert in certificates]
+    if ca:
+        valid = [date for date in dates if date > datetime.now(UTC)]
+        return min(valid) if valid else max(dates)
+    return min(dates)
 
 
-def days_left(path: Path, now: datetime | None = None) -> float:
-    """Days until the first certificate of ``path`` to expire does (negative: expired);
-    raises as :func:`first_expiry`."""
-    return (first_expiry(path) - (now or datetime.now(UTC))).total_seconds() / 86400
+def days_left(path: Path, now: datetime | None = None, ca: bool = False) -> float:
+    """Days until :func:`first_expiry` (negative: expired); raises as it does."""
+    return (first_expiry(path, ca) - (now or datetime.now(UTC))).total_seconds() / 86400
+
+
+# The heartbeat's line: "TLS certificate dicom.tls.cert: expires in 12.4 days (2026-12-18)",
+# "... expired 2.0 days ago (2026-12-04): its TLS handshakes fail", "... cannot be read: ...".
+HEARTBEAT_PREFIX = "TLS certificate "
+_SAID = re.compile(r"^TLS certificate ([A-Za-z0-9_.-]{1,200}): "
+                   r"(?:expires in ([0-9]+\.[0-9]) days|expired ([0-9]+\.[0-9]) days ago)")
+
+
+def heartbeat_errors(settings: Settings, now: datetime | None = None) -> list[str]:
+    """The heartbeat's error lines: one per certificate file in use that has expired, that
+    expires within :data:`SOON_DAYS`, or that cannot be read (none when all are sound)."""
+    now = now or datetime.now(UTC)
+    lines = []
+    for cert in in_use(settings):
+        try:
+            expires = first_expiry(cert.path, cert.ca)
+        except (OSError, ValueError) as exc:
+            lines.append(f"{HEARTBEAT_PREFIX}{cert.key}: cannot be read: {exc}")
+            continue
+        days = (expires - now).total_seconds() / 86400
+        if days < 0:
+            lines.append(f"{HEARTBEAT_PREFIX}{cert.key}: expired {-days:.1f} days ago "
+                         f"({expires:%Y-%m-%d}): its TLS handshakes fail")
+        elif days < SOON_DAYS:
+            lines.append(f"{HEARTBEAT_PREFIX}{cert.key}: expires in {days:.1f} days "
+                         f"({expires:%Y-%m-%d})")
+    return lines
+
+
+def days_said(error: str) -> tuple[str, float] | None:
+    """(the setting, its days left; negative: expired) a heartbeat error of
+    :func:`heartbeat_errors` says; None for any other line, or one of a file unread."""
+    said = _SAID.match(error)
+    if said is None:
+        return None
+    return (said[1], float(said[2])) if said[2] is not None else (said[1], -float(said[3]))
+

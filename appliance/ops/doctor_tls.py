@@ -28,7 +28,7 @@ def check_tls_certificates(settings: Settings, now: datetime | None = None) -> l
     earliest: tuple[datetime, str] | None = None
     for cert in used:
         try:
-            expires = certificates.first_expiry(cert.path)
+            expires = certificates.first_expiry(cert.path, cert.ca)
         except (OSError, ValueError) as exc:
             problems.append(Check("TLS certificate", "fail", f"{cert.key}: cannot be read: "
                                   f"{exc}", f"point {cert.key} at the PEM file"))

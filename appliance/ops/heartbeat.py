@@ -42,7 +42,7 @@ import httpx
 from appliance import __version__
 from appliance.config import Settings
 from appliance.logs import LoopFailures
-from appliance.ops import disk_alert, files_missing, index_check, metrics
+from appliance.ops import certificates, disk_alert, files_missing, index_check, metrics
 from appliance.ops.status import collect
 from appliance.store import commitment as commitment_store
 from appliance.store import jobs as job_store
@@ -77,6 +77,9 @@ def build_heartbeat(settings: Settings, db: Database, started_at: float,
     checked = index_check.latest()
     if checked is not None and checked.damaged:  # first: the one to act on
         errors.append(checked.message())
+    # A listener's certificate expired turns every modality (or the RIS) away: before the
+    # store's lines, which the cap may cut (ops/certificates.py; none when all are sound).
+    errors.extend(certificates.heartbeat_errors(settings))
     try:
         figures = _from_store(settings, db, errors)
     except sqlite3.DatabaseError as exc:

@@ -398,7 +398,8 @@ class ApplianceCollector(Collector):
     def _tls_certificates(self) -> Metric:
         """Days left of each certificate or CA file the configuration uses
         (appliance/ops/certificates.py), by the key naming it. A file that cannot be read
-        has no sample: the service using it refused to start, and ``pas doctor`` names it."""
+        has no sample: ``pas doctor`` and the heartbeat's errors name it. The file is read
+        as it is now: one replaced without a restart is what the next start serves."""
         family = GaugeMetricFamily("pas_tls_certificate_days_left",
                                    "Days until the first certificate of a TLS certificate or "
                                    "CA file the configuration uses expires (negative: "
@@ -406,7 +407,7 @@ class ApplianceCollector(Collector):
                                    labels=["certificate"])
         for used in certificates.in_use(self.settings):
             try:
-                family.add_metric([used.key], certificates.days_left(used.path))
+                family.add_metric([used.key], certificates.days_left(used.path, ca=used.ca))
             except (OSError, ValueError) as exc:
                 log.debug("metrics: %s: %s", used.key, exc)
         return family
