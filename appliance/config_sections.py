@@ -71,6 +71,11 @@ class ListenerTlsSection(_Section):
     key: Path | None = None
     ca: Path | None = None
     require_client_cert: Flag = True
+    # A client certificate must also carry one of these names (its subject's common name,
+    # or a DNS name or IP address of its subjectAltName; letter case aside): with a CA that
+    # issues certificates to every device of the hospital, only the listed ones are heard.
+    # Empty: any certificate ``ca`` issued.
+    allowed_names: list[str] = []
 
     @model_validator(mode="after")
     def _files_when_enabled(self) -> ListenerTlsSection:
@@ -79,6 +84,9 @@ class ListenerTlsSection(_Section):
                                "required when {section}.enabled (cert and key both are)")
         if self.enabled and self.require_client_cert and not self.ca:
             raise _cross_field("ca", "required when {section}.require_client_cert")
+        if self.allowed_names and not self.require_client_cert:
+            raise _cross_field("allowed_names", "needs {section}.require_client_cert = true "
+                               "(a client without a certificate has no name to check)")
         return self
 
 

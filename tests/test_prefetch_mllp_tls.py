@@ -206,3 +206,41 @@ def test_a_connection_that_never_shakes_hands_gives_its_place_to_the_engine(
         assert "Traceback" not in pas.log() and "AttributeError" not in pas.log()
     finally:
         pas.stop()
+
+
+def test_allowed_names_hear_only_the_engine_among_the_cas_certificates(tmp_path: Path) -> None:
+    """With a CA that issues certificates to every device of the hospital,
+    ``hl7.tls.allowed_names`` keeps the port to the interface engine's: another certificate
+    of that CA completes the handshake, then is refused for its names, said, audited and
+    counted as a certificate refused."""
+    pki = make_pki(tmp_path / "pki")
+    pas = pas_with_hl7(tmp_path / "pas", **tls_env(pki),
+                       PAS_HL7__TLS__ALLOWED_NAMES='["interface-engine.hospital.example"]')
+    try:
+        assert send_order(pas.hl7_port, engine(pki, "client"), "NAMED1") is None
+        refusal = ("TLS client certificate refused: its names (client, 127.0.0.1) are not in "
+                   "hl7.tls.allowed_names")
+        rows = wait_for(lambda: security_rows(pas), 10, what="the refusal's audit row")
+        assert [(r["source"], r["outcome"]) for r in rows] == [
+            ("127.0.0.1", f"failure: HL7 {refusal}")], rows
+        assert re.search(rf"HL7 from 127\.0\.0\.1:\d+: {re.escape(refusal)} \(connection "
+                         r"closed\)", pas.log()), pas.log()[-3000:]
+        assert "order:P700|HOSP|ORDNAMED1" not in {r["dedup_key"] for r in requests(pas)}
+    finally:
+        pas.stop()
+    # The engine's own name (letter case aside): heard.
+    named = pas_with_hl7(tmp_path / "pas2", **tls_env(pki),
+                         PAS_HL7__TLS__ALLOWED_NAMES='["interface-engine", "CLIENT"]')
+    try:
+        ack = send_order(named.hl7_port, engine(pki, "client"), "NAMED2")
+        assert ack is not None and b"MSA|AA|NAMED2" in ack, ack
+    finally:
+        named.stop()
+    # Names without a certificate asked for: nothing to check them against.
+    result = subprocess.run([str(PAS_BIN), "config", "check"], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, **tls_env(pki),
+                                             "PAS_HOME": str(tmp_path / "x"),
+                                             "PAS_HL7__TLS__REQUIRE_CLIENT_CERT": "false",
+                                             "PAS_HL7__TLS__ALLOWED_NAMES": '["a"]'})
+    assert result.returncode == 2 and "hl7.tls.allowed_names: needs hl7.tls.require_client_cert" \
+        " = true" in " ".join(result.stderr.split()), result.stderr

@@ -46,7 +46,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from appliance.dicomnet.contexts import SharedContexts
 from appliance.logs import ThrottledWarning
-from appliance.ops.security import certificate_refusal
+from appliance.ops.security import certificate_refusal, name_refusal
 
 log = logging.getLogger("pas.ingest")
 
@@ -122,9 +122,12 @@ class ListenerServer(ThreadedAssociationServer):
     def __init__(self, *args: Any, handshake_timeout_s: float = 60.0,
                  max_connections: int = 0,
                  on_refused: Callable[[str, str, str], None] | None = None,
+                 allowed_names: tuple[str, ...] = (),
                  **kwargs: Any) -> None:
         self.handshake_timeout_s = handshake_timeout_s
         self.max_connections = max_connections
+        # dicom.tls.allowed_names: a client certificate must also carry one (empty: any).
+        self.allowed_names = allowed_names
         # Called (address, kind, reason) for a handshake that refused the client's
         # certificate (kind "tls-certificate") and a connection over the bound
         # ("too-many-connections").
@@ -235,6 +238,12 @@ class ListenerServer(ThreadedAssociationServer):
         finally:
             with self._handshakes_lock:
                 self._handshaking.discard(request)
+        refusal = name_refusal(request.getpeercert(), self.allowed_names, "dicom.tls")
+        if refusal is not None:  # a certificate the CA issued, to another device
+            log.warning("TLS: %s refused: %s (connection closed)", client_address[0], refusal)
+            if self.on_refused is not None:
+                self.on_refused(client_address[0], "tls-certificate", refusal)
+            return False
         return not self._closing
 
     def end_handshakes(self) -> None:

@@ -183,6 +183,7 @@ class DicomListener:
             ssl_context=self.ssl_context, server_class=ListenerServer,
             handshake_timeout_s=self.config.network_timeout_s,
             max_connections=self.config.max_connections, on_refused=self._connection_refused,
+            allowed_names=tuple(self.config.tls.allowed_names),
         )
         threading.Thread(target=server.serve_forever, name="pas-dicom-accept",
                          daemon=True).start()

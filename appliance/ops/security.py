@@ -20,8 +20,9 @@ import stat
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from appliance.config_sections import DicomDestination
@@ -124,6 +125,33 @@ def certificate_refusal(exc: BaseException, section: str = "dicom.tls") -> str |
         return (f"TLS client certificate refused: none presented (one from {section}.ca is "
                 "required)")
     return None
+
+
+def certificate_names(peer_certificate: dict[str, Any] | None) -> list[str]:
+    """The names a peer's certificate gives (``SSLSocket.getpeercert()``'s form): its
+    subject's common names, then its subjectAltName's DNS names and IP addresses."""
+    names: list[str] = []
+    for rdn in (peer_certificate or {}).get("subject", ()):
+        names.extend(str(value) for key, value in rdn if key == "commonName")
+    names.extend(str(value) for kind, value in (peer_certificate or {}).get("subjectAltName", ())
+                 if kind in ("DNS", "IP Address"))
+    return names
+
+
+def name_refusal(peer_certificate: dict[str, Any] | None, allowed: Sequence[str],
+                 section: str) -> str | None:
+    """Why a client certificate that completed the handshake is refused for its names
+    (``{section}.allowed_names``), in the words of :func:`certificate_refusal`; None when
+    the list is empty or one of its names is in it (letter case aside)."""
+    if not allowed:
+        return None
+    names = certificate_names(peer_certificate)
+    wanted = {name.casefold() for name in allowed}
+    if any(name.casefold() in wanted for name in names):
+        return None
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    return (f"TLS client certificate refused: its names ({shown or 'none'}) are not in "
+            f"{section}.allowed_names")
 
 
 def client_context(ca: Path, cert: Path | None = None, key: Path | None = None,

@@ -51,7 +51,7 @@ from hl7.mllp import start_hl7_server
 from hl7.mllp.streams import HL7StreamReader, HL7StreamWriter
 
 from appliance.config import Hl7Section
-from appliance.ops.security import certificate_refusal, server_context
+from appliance.ops.security import certificate_refusal, name_refusal, server_context
 from appliance.prefetch.acks import HEAD_BYTES, build_ack, leading_msh
 from appliance.prefetch.charsets import message_encoding
 
@@ -195,15 +195,15 @@ class Hl7Listener:
         try:
             await writer.start_tls(self._tls,
                                    ssl_handshake_timeout=self.settings.frame_timeout_s)
-            return True
+            refusal = name_refusal(writer.get_extra_info("peercert"),
+                                   self.settings.tls.allowed_names, "hl7.tls")
+            if refusal is None:
+                return True
+            await self._refuse_certificate(address, source, refusal)
         except ssl.SSLError as exc:
             refusal = certificate_refusal(exc, section="hl7.tls")
             if refusal is not None:
-                log.warning("HL7 from %s: %s (connection closed)", source, refusal)
-                with contextlib.suppress(Exception):  # the refusal stands whatever the trail
-                    await asyncio.get_running_loop().run_in_executor(
-                        None, self.refused_connection, address, "tls-certificate",
-                        f"HL7 {refusal}")
+                await self._refuse_certificate(address, source, refusal)
             elif exc.reason in _CLEARTEXT:
                 log.warning("HL7 from %s: closed, not TLS (hl7.tls.enabled: the sender must "
                             "speak MLLP over TLS to this port): %s", source, exc.reason)
@@ -220,6 +220,13 @@ class Hl7Listener:
         finally:
             self._handshaking.pop(writer, None)
         return False
+
+    async def _refuse_certificate(self, address: str, source: str, refusal: str) -> None:
+        """A client certificate refused: the warning, then the audit row and the count."""
+        log.warning("HL7 from %s: %s (connection closed)", source, refusal)
+        with contextlib.suppress(Exception):  # the refusal stands whatever the trail
+            await asyncio.get_running_loop().run_in_executor(
+                None, self.refused_connection, address, "tls-certificate", f"HL7 {refusal}")
 
     async def _serve(self, reader: HL7StreamReader, writer: HL7StreamWriter) -> None:
         peer = writer.get_extra_info("peername")

@@ -164,6 +164,35 @@ def test_a_refused_client_certificate_is_logged_and_audited(tmp_path: Path) -> N
         "dicom; 1 more attempt refused in the 60 s from "), rows
 
 
+def test_allowed_names_keep_the_port_to_the_listed_modalities(tmp_path: Path) -> None:
+    """``dicom.tls.allowed_names``: with a CA that issues certificates to every device of
+    the hospital, only the listed modalities' certificates are taken. Another of that CA
+    completes the handshake, then is refused for its names: logged, audited, counted."""
+    pki = make_pki(tmp_path / "pki")
+    pas = PasProcess(tmp_path / "pas", {**_tls_env(pki), "PAS_HTTP__ENABLED": "true",
+                                        "PAS_DICOM__TLS__ALLOWED_NAMES": '["ct-1.hospital"]'})
+    pas.start()
+    try:
+        assert _echo(pas.port, _tls(pki, "client")) != 0
+        refusal = ("TLS client certificate refused: its names (client, 127.0.0.1) are not in "
+                   "dicom.tls.allowed_names")
+        rows = wait_for(lambda: _security_rows(pas.home), 10, what="the refusal's audit row")
+        assert [(r["source"], r["outcome"], r["detail"]) for r in rows] == [
+            ("127.0.0.1", f"failure: {refusal}", "dicom")], rows
+        assert f"TLS: 127.0.0.1 refused: {refusal} (connection closed)" in pas.log()
+        scraped = httpx.get(f"http://127.0.0.1:{pas.http_port}/metrics", timeout=10).text
+        assert 'pas_access_refused_total{channel="dicom",reason="tls-certificate"} 1.0' in \
+            scraped
+    finally:
+        pas.stop()
+    pas.env["PAS_DICOM__TLS__ALLOWED_NAMES"] = '["ct-1.hospital", "Client"]'
+    pas.start()
+    try:
+        assert _echo(pas.port, _tls(pki, "client")) == 0  # its name listed, case aside
+    finally:
+        pas.stop()
+
+
 def test_readable_key_is_refused_at_start_with_the_fix(tmp_path: Path) -> None:
     pki = make_pki(tmp_path / "pki")
     (pki / "server.key").chmod(0o644)
