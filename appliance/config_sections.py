@@ -84,6 +84,11 @@ class ListenerTlsSection(_Section):
                                "required when {section}.enabled (cert and key both are)")
         if self.enabled and self.require_client_cert and not self.ca:
             raise _cross_field("ca", "required when {section}.require_client_cert")
+        odd = [name for name in self.allowed_names
+               if not (name and name.isascii() and name.isprintable() and name.strip() == name)]
+        if odd:  # never matched (security.name_refusal compares ASCII names only)
+            raise _cross_field("allowed_names", f"{odd[0]!r} is no certificate name (ASCII "
+                               "letters, digits, dots and hyphens, or an IP address)")
         if self.allowed_names and not self.require_client_cert:
             raise _cross_field("allowed_names", "needs {section}.require_client_cert = true "
                                "(a client without a certificate has no name to check)")

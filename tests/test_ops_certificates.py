@@ -113,28 +113,38 @@ def test_a_big_file_named_as_a_certificate_is_not_read(tmp_path: Path) -> None:
         certificates.days_left(big)
 
 
-def test_the_heartbeat_says_the_certificates_to_renew_first(tmp_path: Path) -> None:
-    """The heartbeat's error lines (read back by the hub: tests/test_ops_fleet.py), before
-    the store's, which the cap on errors may cut; none while every certificate is sound."""
-    from appliance.ops.heartbeat import build_heartbeat
+def test_the_heartbeat_says_the_most_urgent_certificates_after_the_disk(
+        tmp_path: Path) -> None:
+    """The heartbeat's error lines (read back by the hub: tests/test_ops_fleet.py): the
+    most urgent first, at most two; none while all are sound. Found in review: one line
+    per file, said before the store's, with errors capped at six, let a CA's reissue of six
+    certificates push the disk alert and the missing files out of the heartbeat (the hub
+    then read no alert). The two now go after the store's files and disk lines."""
+    from appliance.ops.heartbeat import CERTIFICATE_LINES, build_heartbeat
     from appliance.store.db import Database
 
     pki = tmp_path / "pki"
     self_signed(pki, "long", 400)
     self_signed(pki, "soon", 10)
+    self_signed(pki, "sooner", 5)
     expired = self_signed(pki, "expired", -2)
     home = {"PAS_HOME": str(tmp_path / "home")}
     sound = load_settings(environ={**home, **tls_settings(pki, "long", str(pki / "long.crt"))})
     sound.home.mkdir(parents=True)
     db = Database(sound.db_path)
     assert build_heartbeat(sound, db, 0.0)["errors"] == []
-    due = load_settings(environ={**home, **tls_settings(pki, "soon", str(expired))})
+    due = load_settings(environ={**home, **tls_settings(pki, "soon", str(expired)),
+                                 "PAS_DICOM__TLS__CERT": str(pki / "sooner.crt"),
+                                 "PAS_DICOM__TLS__KEY": str(pki / "sooner.key")})
     errors = build_heartbeat(due, db, 0.0)["errors"]
-    soon = (datetime.now(UTC) + timedelta(days=10)).strftime("%Y-%m-%d")
+    sooner = (datetime.now(UTC) + timedelta(days=5)).strftime("%Y-%m-%d")
     gone = (datetime.now(UTC) - timedelta(days=2)).strftime("%Y-%m-%d")
-    assert errors == [f"TLS certificate hl7.tls.cert: expires in 10.0 days ({soon})",
-                      f"TLS certificate destinations.node.tls_ca: expired 2.0 days ago "
-                      f"({gone}): its TLS handshakes fail"], errors
+    assert CERTIFICATE_LINES == 2
+    assert errors == [f"TLS certificate destinations.node.tls_ca: expired 2.0 days ago "
+                           f"({gone}): its TLS handshakes fail",
+                           f"TLS certificate dicom.tls.cert: expires in 5.0 days ({sooner})"
+                           ], errors
+    assert not any("hl7.tls.cert" in line for line in errors)  # the third: left out
 
 
 def test_only_the_files_pas_loads_are_watched(tmp_path: Path) -> None:
@@ -165,6 +175,17 @@ def test_only_the_files_pas_loads_are_watched(tmp_path: Path) -> None:
         return [c.key for c in certificates.in_use(load_settings(environ={**base, **more}))]
 
     assert keys() == ["hl7.tls.cert", "hl7.tls.ca", "serving.tls_cert"]
+    # A modality called back over TLS: only with an address, and Storage Commitment on.
+    modality = '[{title = "CT1", host = "127.0.0.1", port = 11113, tls = true}]'
+    no_address = '[{title = "CT1", tls = true}]'
+    assert "dicom.tls.ca" in keys(PAS_DICOM__KNOWN_AES=modality)
+    assert "dicom.tls.ca" not in keys(PAS_DICOM__KNOWN_AES=no_address)
+    assert "dicom.tls.ca" not in keys(PAS_DICOM__KNOWN_AES=modality,
+                                      PAS_DICOM__STORAGE_COMMITMENT="false")
+    # A client certificate whose key is in the same PEM file (client_key unset): loaded.
+    assert "destinations.arch.client_cert" in keys(
+        PAS_DESTINATIONS__ARCH__URL="https://127.0.0.1:8443/dicom-web",
+        PAS_DESTINATIONS__ARCH__CLIENT_CERT=crt)
     assert keys(PAS_HL7__ENABLED="false", PAS_SERVING__AUTH="client_cert") == [
         "serving.tls_cert", "serving.tls_client_ca"]
     workstation = '[{title = "WS1", host = "127.0.0.1", port = 11113, tls = true}]'
@@ -175,18 +196,20 @@ def test_only_the_files_pas_loads_are_watched(tmp_path: Path) -> None:
         "dicom.tls.cert", "serving.tls_cert"]
 
 
-def test_a_ca_bundle_counts_from_its_roots_still_valid(tmp_path: Path) -> None:
-    """A bundle keeps old roots past their date: the CA file's figure is its first root
-    still valid (all expired: the last); a certificate file's is its first to expire."""
+def test_a_ca_bundle_counts_from_its_first_certificate_to_expire(tmp_path: Path) -> None:
+    """An expired root in a CA bundle counts: a rule that skipped expired roots (tried, and
+    found in review) read a bundle as sound while the CA its modalities chain to had
+    expired. Doctor's fix for a CA file says to remove the old ones no peer chains to."""
     from appliance.ops import certificates
+    from appliance.ops.doctor_tls import check_tls_certificates
 
     pki = tmp_path / "pki"
     bundle = tmp_path / "bundle.crt"
     bundle.write_bytes(b"".join(self_signed(pki, name, days).read_bytes()
-                                for name, days in (("old", -3), ("root", 100), ("new", 900))))
-    assert abs(certificates.days_left(bundle, ca=True) - 100) < 0.01
-    assert abs(certificates.days_left(bundle) + 3) < 0.01  # as a certificate file: the first
-    gone = tmp_path / "gone.crt"
-    gone.write_bytes(b"".join(self_signed(pki, name, days).read_bytes()
-                              for name, days in (("older", -30), ("old2", -3))))
-    assert abs(certificates.days_left(gone, ca=True) + 3) < 0.01
+                                for name, days in (("root", 100), ("old", -3), ("new", 900))))
+    assert abs(certificates.days_left(bundle) + 3) < 0.01
+    self_signed(pki, "long", 400)
+    [row] = check_tls_certificates(load_settings(environ={
+        "PAS_HOME": str(tmp_path / "home"), **tls_settings(pki, "long", str(bundle))}))
+    assert (row.verdict, row.detail.split(" (")[0]) == ("fail", "destinations.node.tls_ca")
+    assert "remove from a bundle the expired ones no peer chains to" in row.fix, row

@@ -218,7 +218,7 @@ def test_allowed_names_hear_only_the_engine_among_the_cas_certificates(tmp_path:
                        PAS_HL7__TLS__ALLOWED_NAMES='["interface-engine.hospital.example"]')
     try:
         assert send_order(pas.hl7_port, engine(pki, "client"), "NAMED1") is None
-        refusal = ("TLS client certificate refused: its names (client, 127.0.0.1) are not in "
+        refusal = ("TLS client certificate refused: its names (127.0.0.1) are not in "
                    "hl7.tls.allowed_names")
         rows = wait_for(lambda: security_rows(pas), 10, what="the refusal's audit row")
         assert [(r["source"], r["outcome"]) for r in rows] == [
@@ -228,9 +228,9 @@ def test_allowed_names_hear_only_the_engine_among_the_cas_certificates(tmp_path:
         assert "order:P700|HOSP|ORDNAMED1" not in {r["dedup_key"] for r in requests(pas)}
     finally:
         pas.stop()
-    # The engine's own name (letter case aside): heard.
+    # The engine's own name (its certificate names its address): heard.
     named = pas_with_hl7(tmp_path / "pas2", **tls_env(pki),
-                         PAS_HL7__TLS__ALLOWED_NAMES='["interface-engine", "CLIENT"]')
+                         PAS_HL7__TLS__ALLOWED_NAMES='["interface-engine", "127.0.0.1"]')
     try:
         ack = send_order(named.hl7_port, engine(pki, "client"), "NAMED2")
         assert ack is not None and b"MSA|AA|NAMED2" in ack, ack

@@ -45,7 +45,7 @@ class CertificateFile:
 
     @property
     def ca(self) -> bool:
-        """A file of CAs PAS trusts (a bundle), not a certificate PAS shows."""
+        """A file of CAs PAS trusts (a bundle, maybe), not a certificate PAS shows."""
         return not self.key.endswith("cert")
 
 
@@ -64,10 +64,14 @@ def in_use(settings: Settings) -> list[CertificateFile]:
     dicom = settings.dicom
     listener_tls = dicom.tls.enabled
     # The listener's certificate and CA also serve the associations PAS opens over TLS to
-    # the site's own nodes: Storage Commitment reports, C-MOVE sub-associations
-    # (ops/security.py OutgoingDicomTls), with the listener's TLS on or off.
-    outgoing = any(listener_tls if ae.tls is None else ae.tls for ae in dicom.known_aes) \
-        or any(node.uses_tls(listener_tls) for node in settings.serving.move_destinations)
+    # the site's own nodes (ops/security.py OutgoingDicomTls), with the listener's TLS on
+    # or off: C-MOVE sub-associations, and Storage Commitment reports to the modalities
+    # with an address (ingest/commitment.py) while dicom.storage_commitment is on.
+    reports = dicom.storage_commitment and any(
+        (listener_tls if ae.tls is None else ae.tls) and ae.host and ae.port
+        for ae in dicom.known_aes)
+    outgoing = reports or any(node.uses_tls(listener_tls)
+                              for node in settings.serving.move_destinations)
     add("dicom.tls.cert", dicom.tls.cert, (listener_tls or outgoing) and dicom.tls.key)
     add("dicom.tls.ca", dicom.tls.ca, listener_tls or outgoing)
     hl7 = settings.hl7
@@ -84,24 +88,31 @@ def in_use(settings: Settings) -> list[CertificateFile]:
             add(f"{key}.tls_cert", destination.tls_cert, destination.tls_key)
             add(f"{key}.tls_ca", destination.tls_ca)
         elif destination.kind == "stowrs" and str(destination.url).startswith("https://"):
-            add(f"{key}.client_cert", destination.client_cert, destination.client_key)
+            # Its key may be in the same PEM file (client_key unset): loaded either way.
+            add(f"{key}.client_cert", destination.client_cert)
             add(f"{key}.ca_file", destination.ca_file)
     audit = settings.audit
     if audit.syslog_host:
         add("audit.syslog_cert", audit.syslog_cert, audit.syslog_key)
         add("audit.syslog_ca", audit.syslog_ca)
     # The fleet CA pinned at enrolment: every call to the hub checks the hub against it.
-    fleet_ca = settings.home / "pki" / "ca.crt"
-    add("enrolment.ca", fleet_ca, fleet_ca.exists())
+    # Watched once enrolled; a pki/ folder this user may not enter (pas doctor run by
+    # another user than pas) is left to the read, which says so.
+    pki = settings.home / "pki"
+    try:
+        enrolled = (pki / "hub.json").exists()
+    except OSError:
+        enrolled = True
+    add("enrolment.ca", pki / "ca.crt", enrolled)
     return found
 
 
-def first_expiry(path: Path, ca: bool = False) -> datetime:
-    """When the first certificate of ``path`` to expire does. For a CA file (``ca``), a
-    bundle, the first of those not expired yet: a bundle keeps old roots past their date,
-    and a peer chaining to one of them already fails; if all have expired, the last to.
-    Raises ``OSError`` (missing, unreadable) or ``ValueError`` (too big, no PEM
-    certificate in it), each naming the file."""
+def first_expiry(path: Path) -> datetime:
+    """When the first certificate of ``path`` to expire does: in a CA bundle too, where an
+    expired root no peer chains to any more still counts (a bundle reading sound while
+    the CA its modalities chain to has expired would hide the one that matters; the old
+    root is to be removed). Raises ``OSError`` (missing, unreadable) or ``ValueError`` (too
+    big, no PEM certificate in it), each naming the file."""
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
         raise ValueError(f"{path}: {size} bytes, not a certificate file")
@@ -109,16 +120,12 @@ def first_expiry(path: Path, ca: bool = False) -> datetime:
         certificates = x509.load_pem_x509_certificates(path.read_bytes())
     except ValueError:
         raise ValueError(f"{path}: no PEM certificate in it") from None
-    dates = [cert.not_valid_after_utc for cert in certificates]
-    if ca:
-        valid = [date for date in dates if date > datetime.now(UTC)]
-        return min(valid) if valid else max(dates)
-    return min(dates)
+    return min(cert.not_valid_after_utc for cert in certificates)
 
 
-def days_left(path: Path, now: datetime | None = None, ca: bool = False) -> float:
+def days_left(path: Path, now: datetime | None = None) -> float:
     """Days until :func:`first_expiry` (negative: expired); raises as it does."""
-    return (first_expiry(path, ca) - (now or datetime.now(UTC))).total_seconds() / 86400
+    return (first_expiry(path) - (now or datetime.now(UTC))).total_seconds() / 86400
 
 
 # The heartbeat's line: "TLS certificate dicom.tls.cert: expires in 12.4 days (2026-12-18)",
@@ -129,24 +136,26 @@ _SAID = re.compile(r"^TLS certificate ([A-Za-z0-9_.-]{1,200}): "
 
 
 def heartbeat_errors(settings: Settings, now: datetime | None = None) -> list[str]:
-    """The heartbeat's error lines: one per certificate file in use that has expired, that
-    expires within :data:`SOON_DAYS`, or that cannot be read (none when all are sound)."""
+    """The heartbeat's error lines, the most urgent first: one per certificate file in use
+    that cannot be read, has expired or expires within :data:`SOON_DAYS` (none when all
+    are sound)."""
     now = now or datetime.now(UTC)
-    lines = []
+    urgent: list[tuple[float, str]] = []  # (days left, the line): unread ones first
     for cert in in_use(settings):
         try:
-            expires = first_expiry(cert.path, cert.ca)
+            expires = first_expiry(cert.path)
         except (OSError, ValueError) as exc:
-            lines.append(f"{HEARTBEAT_PREFIX}{cert.key}: cannot be read: {exc}")
+            urgent.append((float("-inf"), f"{HEARTBEAT_PREFIX}{cert.key}: cannot be read: "
+                                           f"{exc}"))
             continue
         days = (expires - now).total_seconds() / 86400
         if days < 0:
-            lines.append(f"{HEARTBEAT_PREFIX}{cert.key}: expired {-days:.1f} days ago "
-                         f"({expires:%Y-%m-%d}): its TLS handshakes fail")
+            urgent.append((days, f"{HEARTBEAT_PREFIX}{cert.key}: expired {-days:.1f} days "
+                                 f"ago ({expires:%Y-%m-%d}): its TLS handshakes fail"))
         elif days < SOON_DAYS:
-            lines.append(f"{HEARTBEAT_PREFIX}{cert.key}: expires in {days:.1f} days "
-                         f"({expires:%Y-%m-%d})")
-    return lines
+            urgent.append((days, f"{HEARTBEAT_PREFIX}{cert.key}: expires in {days:.1f} days "
+                                 f"({expires:%Y-%m-%d})"))
+    return [line for _, line in sorted(urgent, key=lambda pair: pair[0])]
 
 
 def days_said(error: str) -> tuple[str, float] | None:

@@ -16,6 +16,10 @@ from appliance.ops.doctor import Check
 
 RENEW = ("renew it (the same key may stay), put the new file in place and restart PAS "
          "(systemctl restart pas)")
+# A CA file may be a bundle: its first certificate to expire counts, an old root included.
+RENEW_CA = ("put the CA's renewed certificate in the file, and remove from a bundle the "
+            "expired ones no peer chains to any more; then restart PAS (systemctl restart "
+            "pas)")
 
 
 def check_tls_certificates(settings: Settings, now: datetime | None = None) -> list[Check]:
@@ -28,21 +32,22 @@ def check_tls_certificates(settings: Settings, now: datetime | None = None) -> l
     earliest: tuple[datetime, str] | None = None
     for cert in used:
         try:
-            expires = certificates.first_expiry(cert.path, cert.ca)
+            expires = certificates.first_expiry(cert.path)
         except (OSError, ValueError) as exc:
             problems.append(Check("TLS certificate", "fail", f"{cert.key}: cannot be read: "
                                   f"{exc}", f"point {cert.key} at the PEM file"))
             continue
         days = (expires - now).total_seconds() / 86400
         when = f"{expires:%Y-%m-%d %H:%M} UTC"
+        fix = RENEW_CA if cert.ca else RENEW
         if days < 0:
             problems.append(Check("TLS certificate", "fail",
                                   f"{cert.key} ({cert.path}) expired on {when}: its TLS "
-                                  "handshakes fail", RENEW))
+                                  "handshakes fail", fix))
         elif days < certificates.SOON_DAYS:
             problems.append(Check("TLS certificate", "warn",
                                   f"{cert.key} ({cert.path}) expires on {when}, in "
-                                  f"{days:.0f} days", RENEW))
+                                  f"{days:.0f} days", fix))
         if earliest is None or expires < earliest[0]:
             earliest = (expires, cert.key)
     if problems:

@@ -77,16 +77,18 @@ def build_heartbeat(settings: Settings, db: Database, started_at: float,
     checked = index_check.latest()
     if checked is not None and checked.damaged:  # first: the one to act on
         errors.append(checked.message())
-    # A listener's certificate expired turns every modality (or the RIS) away: before the
-    # store's lines, which the cap may cut (ops/certificates.py; none when all are sound).
-    errors.extend(certificates.heartbeat_errors(settings))
+    # A listener's certificate expired turns every modality (or the RIS) away: said after
+    # the store's files and disk lines, before the failed jobs (the errors are capped), and
+    # at most the CERTIFICATE_LINES most urgent (ops/certificates.py; none when all sound).
+    tls_lines = certificates.heartbeat_errors(settings)[:CERTIFICATE_LINES]
     try:
-        figures = _from_store(settings, db, errors)
+        figures = _from_store(settings, db, errors, tls_lines)
     except sqlite3.DatabaseError as exc:
         index_check.suspect(exc)  # SQLITE_CORRUPT: the index is checked soon
         errors.append(f"{UNREADABLE} ({exc}): "
                       + ("figures from the last heartbeat that could read it"
                          if last_known else "figures unknown"))
+        errors.extend(tls_lines)
         figures = _unknown_figures(settings)
         if last_known:  # the store's figures as last read; the disk, not in it, as it is
             figures.update({key: value for key, value in last_known.items() if key != "disk"})
@@ -109,12 +111,16 @@ def build_heartbeat(settings: Settings, db: Database, started_at: float,
 
 
 UNREADABLE = index_check.UNREADABLE
+# Certificate lines a heartbeat carries at most (the most urgent first): a CA that reissued
+# every certificate on one day must not push the disk alert or the failed jobs out.
+CERTIFICATE_LINES = 2
 STORE_FIGURES = ("backlog", "jobs", "disk", "received", "confirmed_instances", "last_backup_at")
 
 
-def _from_store(settings: Settings, db: Database, errors: list[str]) -> dict[str, Any]:
+def _from_store(settings: Settings, db: Database, errors: list[str],
+                before_jobs: list[str]) -> dict[str, Any]:
     """The heartbeat's figures read from the store (:data:`STORE_FIGURES`); the problems
-    found there added to ``errors``."""
+    found there added to ``errors``, ``before_jobs`` among them after the disk's."""
     snapshot = collect(settings, db)
     backlog = snapshot["backlog"]
     # Before the failed jobs (the errors are capped): files lost here are the one problem
@@ -130,6 +136,7 @@ def _from_store(settings: Settings, db: Database, errors: list[str]) -> dict[str
     # before the failed jobs too: C-STOREs may be refused.
     if snapshot["cache"]["disk_alert"]:
         errors.append(disk_alert.heartbeat_error(snapshot["cache"]["disk_alert"]))
+    errors.extend(before_jobs)
     by_priority = ops_store.backlog_by_priority(db)
     urgent = [row["oldest_age_s"] for row in by_priority if row["priority"] == 0]
     routine = [row["oldest_age_s"] for row in by_priority if row["priority"] == 2]

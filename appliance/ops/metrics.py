@@ -407,7 +407,7 @@ class ApplianceCollector(Collector):
                                    labels=["certificate"])
         for used in certificates.in_use(self.settings):
             try:
-                family.add_metric([used.key], certificates.days_left(used.path, ca=used.ca))
+                family.add_metric([used.key], certificates.days_left(used.path))
             except (OSError, ValueError) as exc:
                 log.debug("metrics: %s: %s", used.key, exc)
         return family

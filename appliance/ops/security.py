@@ -13,6 +13,7 @@ file, its mode and the fix, never the key's content.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import ssl
@@ -129,25 +130,39 @@ def certificate_refusal(exc: BaseException, section: str = "dicom.tls") -> str |
 
 def certificate_names(peer_certificate: dict[str, Any] | None) -> list[str]:
     """The names a peer's certificate gives (``SSLSocket.getpeercert()``'s form): its
-    subject's common names, then its subjectAltName's DNS names and IP addresses."""
-    names: list[str] = []
-    for rdn in (peer_certificate or {}).get("subject", ()):
-        names.extend(str(value) for key, value in rdn if key == "commonName")
-    names.extend(str(value) for kind, value in (peer_certificate or {}).get("subjectAltName", ())
-                 if kind in ("DNS", "IP Address"))
-    return names
+    subjectAltName's DNS names and IP addresses or, when it has none, its subject's common
+    names (RFC 6125 6.4.4: a certificate with subjectAltNames is not also named by its CN,
+    which a CA may let the requester write freely)."""
+    certificate = peer_certificate or {}
+    alt = [str(value) for kind, value in certificate.get("subjectAltName", ())
+           if kind in ("DNS", "IP Address")]
+    if alt:
+        return alt
+    return [str(value) for rdn in certificate.get("subject", ()) for key, value in rdn
+            if key == "commonName"]
+
+
+def _comparable(name: str) -> str | None:
+    """A name as compared: an IP address in its one form (``2001:DB8:0:0:0:0:0:10`` is
+    ``2001:db8::10``), an ASCII name in lower case; None for any other (a non-ASCII name
+    could fold onto an ASCII one: ``riſ`` and ``ris``, the Kelvin sign and ``k``)."""
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    return name.lower() if name.isascii() and name.isprintable() and name else None
 
 
 def name_refusal(peer_certificate: dict[str, Any] | None, allowed: Sequence[str],
                  section: str) -> str | None:
     """Why a client certificate that completed the handshake is refused for its names
     (``{section}.allowed_names``), in the words of :func:`certificate_refusal`; None when
-    the list is empty or one of its names is in it (letter case aside)."""
+    the list is empty or one of its names is in it (ASCII letter case aside)."""
     if not allowed:
         return None
     names = certificate_names(peer_certificate)
-    wanted = {name.casefold() for name in allowed}
-    if any(name.casefold() in wanted for name in names):
+    wanted = {_comparable(name) for name in allowed} - {None}
+    if any(_comparable(name) in wanted for name in names):
         return None
     shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
     return (f"TLS client certificate refused: its names ({shown or 'none'}) are not in "

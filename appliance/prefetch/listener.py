@@ -249,10 +249,12 @@ class Hl7Listener:
             writer.close()
             return
         self._open[writer] = loop.time()  # a handshake that stalls may be evicted
+        shaken = self._tls is None
         try:
-            if self._tls is not None and not await self._handshake(
-                    writer, peer[0] if peer else "?", source):
+            if not shaken and not await self._handshake(writer, peer[0] if peer else "?",
+                                                        source):
                 return
+            shaken = True
             while True:
                 self._open[writer] = loop.time()  # silent between messages from now
                 try:
@@ -291,7 +293,10 @@ class Hl7Listener:
             log.exception("HL7 from %s: connection failed", source)
         finally:
             self._open.pop(writer, None)
-            writer.close()
+            if shaken:
+                writer.close()
+            else:  # no graceful close waiting on a peer that never read its handshake
+                writer.transport.abort()
 
     def _from_allowed(self, peer: Any) -> bool:
         """Whether the peer's address is in one of ``hl7.allowed_sources``."""

@@ -174,7 +174,7 @@ def test_allowed_names_keep_the_port_to_the_listed_modalities(tmp_path: Path) ->
     pas.start()
     try:
         assert _echo(pas.port, _tls(pki, "client")) != 0
-        refusal = ("TLS client certificate refused: its names (client, 127.0.0.1) are not in "
+        refusal = ("TLS client certificate refused: its names (127.0.0.1) are not in "
                    "dicom.tls.allowed_names")
         rows = wait_for(lambda: _security_rows(pas.home), 10, what="the refusal's audit row")
         assert [(r["source"], r["outcome"], r["detail"]) for r in rows] == [
@@ -185,12 +185,42 @@ def test_allowed_names_keep_the_port_to_the_listed_modalities(tmp_path: Path) ->
             scraped
     finally:
         pas.stop()
-    pas.env["PAS_DICOM__TLS__ALLOWED_NAMES"] = '["ct-1.hospital", "Client"]'
+    pas.env["PAS_DICOM__TLS__ALLOWED_NAMES"] = '["ct-1.hospital", "127.0.0.1"]'
     pas.start()
     try:
-        assert _echo(pas.port, _tls(pki, "client")) == 0  # its name listed, case aside
+        assert _echo(pas.port, _tls(pki, "client")) == 0  # its name (its address) listed
     finally:
         pas.stop()
+
+
+@pytest.mark.parametrize(("subject", "alt", "allowed", "taken"), [
+    (["ris.hospital"], [], ["RIS.Hospital"], True),  # ASCII letter case aside
+    # Found in review: casefold() mapped these onto ASCII names a CA may let anyone write.
+    (["ri\u017f.hospital"], [], ["ris.hospital"], False),  # long s
+    (["\u212aiosk-ct"], [], ["kiosk-ct"], False),  # Kelvin sign
+    # A certificate with subjectAltNames is named by them alone (RFC 6125), not its CN.
+    (["ris.hospital"], [("DNS", "laptop-42")], ["ris.hospital"], False),
+    (["laptop-42"], [("DNS", "ris.hospital")], ["ris.hospital"], True),
+    # An IPv6 address in either form (Python writes 2001:DB8:0:0:0:0:0:10).
+    (["x"], [("IP Address", "2001:DB8:0:0:0:0:0:10")], ["2001:db8::10"], True),
+    (["ris.hospital\x00.evil"], [], ["ris.hospital"], False),
+    ([], [], ["ris.hospital"], False),  # no name at all
+])
+def test_a_certificate_is_named_as_rfc_6125_says_in_ascii(
+        subject: list[str], alt: list[tuple[str, str]], allowed: list[str],
+        taken: bool) -> None:
+    from appliance.ops.security import name_refusal
+
+    peer = {"subject": tuple((("commonName", name),) for name in subject),
+            "subjectAltName": tuple(alt)}
+    assert (name_refusal(peer, allowed, "dicom.tls") is None) == taken
+
+
+def test_allowed_names_that_no_certificate_carries_are_a_config_error() -> None:
+    for odd in ("", " ris", "ri\u017f"):
+        with pytest.raises(ConfigError) as refused:
+            load_settings(environ={"PAS_DICOM__TLS__ALLOWED_NAMES": json.dumps([odd])})
+        assert "dicom.tls.allowed_names" in str(refused.value.problems), refused.value.problems
 
 
 def test_readable_key_is_refused_at_start_with_the_fix(tmp_path: Path) -> None:
