@@ -16,6 +16,9 @@ from appliance.ops.doctor import Check
 
 RENEW = ("renew it (the same key may stay), put the new file in place and restart PAS "
          "(systemctl restart pas)")
+# The fleet CA is regional ops' (pas hub init): the site cannot renew it.
+FLEET_CA = ("the hub's fleet CA is regional ops': ask them for the renewed one, then "
+            "pas enroll --replace --hub URL")
 # A CA file may be a bundle: its first certificate to expire counts, an old root included.
 RENEW_CA = ("put the CA's renewed certificate in the file, and remove from a bundle the "
             "expired ones no peer chains to any more; then restart PAS (systemctl restart "
@@ -39,7 +42,7 @@ def check_tls_certificates(settings: Settings, now: datetime | None = None) -> l
             continue
         days = (expires - now).total_seconds() / 86400
         when = f"{expires:%Y-%m-%d %H:%M} UTC"
-        fix = RENEW_CA if cert.ca else RENEW
+        fix = FLEET_CA if cert.key == "enrolment.ca" else RENEW_CA if cert.ca else RENEW
         if days < 0:
             problems.append(Check("TLS certificate", "fail",
                                   f"{cert.key} ({cert.path}) expired on {when}: its TLS "
