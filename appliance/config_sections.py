@@ -627,6 +627,11 @@ class MoveDestination(_Section):
     host: str
     port: Port
     tls: Flag | None = None
+    # Over TLS, the workstation's certificate must also name ``host`` (a DNS name, or an IP
+    # address in its subjectAltName), as a ``dicom`` destination's ``tls_check_hostname``:
+    # with a CA that issues certificates to every device, the CA's word alone lets any of
+    # them, given the workstation's address, receive the images. Off by default.
+    tls_check_hostname: Flag = False
 
     def uses_tls(self, listener_tls: bool) -> bool:
         return listener_tls if self.tls is None else self.tls

@@ -280,7 +280,8 @@ def check_destinations(settings: Settings) -> list[Check]:
         use_tls = node.uses_tls(listener.enabled)
         try:
             problem = _echo(settings.dicom.ae_title, node.title, node.host, node.port,
-                            outgoing.tls_args(use_tls))
+                            outgoing.tls_args(use_tls, node.host if node.tls_check_hostname
+                                              else None))
         except Exception as exc:
             problem = f"not tried: {exc}"
         checks.append(Check(f"move destination {node.title}", "warn" if problem else "ok",

@@ -228,19 +228,26 @@ class OutgoingDicomTls:
 
     def __init__(self, ca: Path | None, cert: Path | None, key: Path | None):
         self.ca, self.cert, self.key = ca, cert, key
-        self._context: ssl.SSLContext | None = None
+        # Without and with the host name check (``check_host``).
+        self._contexts: dict[bool, ssl.SSLContext] = {}
         self._lock = threading.Lock()
 
-    def tls_args(self, use_tls: bool) -> tuple[ssl.SSLContext, None] | None:
-        """pynetdicom's ``tls_args`` (no host name check: nodes are addressed by IP), or
-        None in clear."""
+    def tls_args(self, use_tls: bool, check_host: str | None = None
+                 ) -> tuple[ssl.SSLContext, str | None] | None:
+        """pynetdicom's ``tls_args``, or None in clear. Nodes are mostly addressed by an IP
+        their certificate does not name, so the host name is checked only when asked: with
+        ``check_host`` (a move destination's ``tls_check_hostname``) the certificate must
+        also name it, so that another certificate of the hospital-wide CA, on a device
+        given the workstation's address, does not receive its images."""
         if not use_tls:
             return None
+        checked = check_host is not None
         with self._lock:
-            if self._context is None:
+            if checked not in self._contexts:
                 assert self.ca is not None
-                self._context = client_context(self.ca, self.cert, self.key)
-            return self._context, None
+                self._contexts[checked] = client_context(self.ca, self.cert, self.key,
+                                                         check_hostname=checked)
+            return self._contexts[checked], check_host
 
 
 class AssociationRateLimiter:

@@ -375,7 +375,9 @@ class RetrieveHandlers:
             use_tls = destination.uses_tls(self.listener_tls)
             yield destination.host, destination.port, {
                 "ae_title": destination.title, "contexts": contexts,
-                "tls_args": self.outgoing_tls.tls_args(use_tls) if self.outgoing_tls else None,
+                "tls_args": self.outgoing_tls.tls_args(
+                    use_tls, destination.host if destination.tls_check_hostname else None)
+                if self.outgoing_tls else None,
                 "evt_handlers": [(evt.EVT_ESTABLISHED, on_established), *watch.handlers()],
             }
             yield len(rows)

@@ -323,6 +323,61 @@ def test_c_move_to_a_tls_workstation_goes_over_tls(tmp_path: Path) -> None:
         workstation.stop()
 
 
+def test_a_move_destination_s_certificate_must_name_its_host_when_told(tmp_path: Path) -> None:
+    """``serving.move_destinations[].tls_check_hostname``: the workstation's certificate
+    (made for 127.0.0.1, its only subjectAltName) must name the entry's ``host``. Reached
+    as ``localhost`` it is refused: no image goes, the viewer is told, ``pas doctor``
+    says why. Found in review: the listener's ``allowed_names`` keep other devices of a
+    hospital-wide CA out, but any of them, given the workstation's address, received its
+    images (the CA's word alone was checked)."""
+    pki = make_pki(tmp_path / "pki")
+    workstation = StoreSCP(tmp_path / "ws", ae_title="WS").start(extra=_tls(pki, "client"))
+
+    def moving(host: str) -> PasProcess:
+        return PasProcess(tmp_path / f"pas-{host}", {
+            **_tls_env(pki), "PAS_DICOM__TLS__ENABLED": "false",
+            "PAS_SERVING__MOVE_DESTINATIONS": f'[{{title = "WS", host = "{host}", port = '
+                                              f'{workstation.port}, tls = true, '
+                                              "tls_check_hostname = true}]"}).start()
+
+    files = sorted(CT_DIR.glob("*.dcm"))
+    study = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    files = [f for f in files
+             if str(dcmread(f, stop_before_pixels=True).StudyInstanceUID) == study][:2]
+
+    def move(pas: PasProcess) -> subprocess.CompletedProcess[str]:
+        subprocess.run(["storescu", "-aec", "PAS", "-aet", "CT1", "127.0.0.1", str(pas.port),
+                        *map(str, files)], env=DCMTK_ENV, check=True, capture_output=True,
+                       timeout=60)
+        return subprocess.run(["movescu", "-v", "-S", "-aec", "PAS", "-aet", "VIEWER",
+                               "-aem", "WS", "-k", "QueryRetrieveLevel=STUDY", "-k",
+                               f"StudyInstanceUID={study}", "127.0.0.1", str(pas.port)],
+                              env=DCMTK_ENV, capture_output=True, text=True, timeout=60)
+
+    try:
+        pas = moving("localhost")
+        try:
+            moved = move(pas)
+            said = moved.stdout + moved.stderr
+            assert "Received Final Move Response (Refused" in said, said[-2000:]
+            assert workstation.files() == []
+            check = _doctor_checks(pas)["move destination WS"]
+            assert check["verdict"] == "warn", check
+            assert "certificate is not valid for 'localhost'" in check["detail"], check
+        finally:
+            pas.stop()
+        pas = moving("127.0.0.1")
+        try:
+            moved = move(pas)
+            assert moved.returncode == 0, moved.stdout[-2000:] + moved.stderr[-2000:]
+            wait_for(lambda: len(workstation.files()) == 2, 30, what="2 images at WS")
+            assert _doctor_checks(pas)["move destination WS"]["verdict"] == "ok"
+        finally:
+            pas.stop()
+    finally:
+        workstation.stop()
+
+
 def test_a_tls_move_destination_without_a_ca_is_refused_naming_the_key() -> None:
     with pytest.raises(ConfigError) as refused:
         load_settings(environ={"PAS_SERVING__MOVE_DESTINATIONS":
