@@ -8,7 +8,9 @@ material beyond calling those.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -281,6 +283,35 @@ def hub_tokens(config: Path | None = HubConfigOption, as_json: bool = JsonOption
     console.print(table)
 
 
+@hub_app.command("password")
+def hub_password(name: str = typer.Argument(..., help="The user name regional ops sign in "
+                                                      "with (the browser asks for it)")) -> None:
+    """Make the line of a dashboard user: ``NAME = "scrypt$..."`` for [dashboard.users].
+
+    The password is read from the terminal (asked twice, not shown) or, piped, from the first
+    line of standard input; at least 12 characters. Only its scrypt hash is printed: put the
+    line under [dashboard.users] of hub.toml, set dashboard.auth = "basic", restart the hub."""
+    from rich.markup import escape
+
+    from appliance.hub.dashboard_auth import MIN_PASSWORD_LENGTH, hash_password, name_problem
+
+    if (problem := name_problem(name)) is not None:
+        err.print(f"[red]refused:[/red] {escape(problem)}", highlight=False)
+        raise typer.Exit(2)
+    if sys.stdin.isatty():
+        password = typer.prompt(f"password for {name}", hide_input=True,
+                                confirmation_prompt=True)
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < MIN_PASSWORD_LENGTH:
+        err.print(f"[red]refused:[/red] the password has {len(password)} characters; it needs "
+                  f"at least {MIN_PASSWORD_LENGTH}", highlight=False)
+        raise typer.Exit(2)
+    print(f"{json.dumps(name)} = {json.dumps(hash_password(password))}")
+    err.print('put this line under \\[dashboard.users] in hub.toml, with dashboard.auth = "basic", '
+              "and restart the hub (pas hub config check reads it first)", highlight=False)
+
+
 @hub_app.command("revoke")
 def hub_revoke(site: str = typer.Argument(..., help="Site name, as pas hub sites lists it"),
                config: Path | None = HubConfigOption) -> None:
@@ -546,6 +577,10 @@ def hub_run(config: Path | None = HubConfigOption) -> None:
     settings = _hub_settings(config)
     logs.setup(settings.log_level)
     _warn_ineffective(settings)
+    from appliance.hub.config import open_dashboard
+
+    if (open_words := open_dashboard(settings)) is not None:
+        logging.getLogger("pas.hub").warning(open_words)
     from appliance.ops.home_lock import HomeInUse, hold_hub_lock
     from appliance.store.damage import damage_of
 

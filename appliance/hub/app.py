@@ -32,6 +32,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from appliance.hub.config import HubSettings
+from appliance.hub.dashboard_auth import DashboardGuard, DashboardRefusals, guarded, parse_hash
 from appliance.hub.fleet_refused import RefusedCertificates
 from appliance.hub.pki import HubPKI, PKIError, certificate_identity, secret_digest, utc_text
 from appliance.hub.transfer_metrics import TransferCounters
@@ -102,6 +103,8 @@ class Hub:
         # Told by the client-certificate gate, shown by /fleet and /metrics: a site whose
         # certificate this hub does not know (enrolled after the backup restored).
         self.refused_certificates = RefusedCertificates()
+        # Told by the dashboard's password check (dashboard.auth = "basic"), read by /metrics.
+        self.dashboard_refusals = DashboardRefusals()
         from appliance.hub.bucket_bodies import BucketBodies  # PUT bodies held, every site
 
         # Taken by the bucket PUTs and reservations (transfers.py), read by /metrics (fleet.py).
@@ -302,16 +305,22 @@ def build_app(hub: Hub) -> Any:
     routes: list[BaseRoute] = []
     for provide in hub.route_providers:
         routes.extend(provide(hub))
-    document = openapi(routes)
+    document = openapi(routes, dashboard_basic=hub.settings.dashboard.auth == "basic")
 
     async def openapi_json(_request: Request) -> Response:
         return JSONResponse(document)
 
     routes.append(Route("/openapi.json", openapi_json, methods=["GET"]))
-    return ClientCertificateGate(Starlette(routes=routes), hub)
+    app: Any = Starlette(routes=routes)
+    dashboard = hub.settings.dashboard
+    if dashboard.auth == "basic":
+        app = DashboardGuard(app, {name: parse_hash(stored)
+                                   for name, stored in dashboard.users.items()},
+                             hub.dashboard_refusals)
+    return ClientCertificateGate(app, hub)
 
 
-def openapi(routes: list[BaseRoute]) -> dict[str, Any]:
+def openapi(routes: list[BaseRoute], dashboard_basic: bool = False) -> dict[str, Any]:
     """An OpenAPI 3.1 description generated from the routes themselves (paths, methods, the
     endpoint's docstring as summary), so it cannot drift from what is served. The request and
     answer shapes are specified in docs/protocol.md."""
@@ -321,17 +330,21 @@ def openapi(routes: list[BaseRoute]) -> dict[str, Any]:
             continue
         path = route.path.replace("{path:path}", "{path}")
         doc = (route.endpoint.__doc__ or route.name).strip().splitlines()[0]
-        secured = path.startswith("/api/v1")
+        security = ([{"mutualTLS": []}] if path.startswith("/api/v1") else
+                    [{"basicAuth": []}] if dashboard_basic and guarded(path) else [])
         for method in sorted((route.methods or set()) - {"HEAD"}):
             paths.setdefault(path, {})[method.lower()] = {
                 "summary": doc, "operationId": f"{route.name}_{method.lower()}",
-                "security": [{"mutualTLS": []}] if secured else [],
+                "security": security,
                 "responses": {"default": {"description": "see docs/protocol.md"}},
             }
     return {"openapi": "3.1.0",
             "info": {"title": "PAS regional hub", "version": "1",
                      "description": "The appliance <-> hub protocol (docs/protocol.md)."},
-            "components": {"securitySchemes": {"mutualTLS": {"type": "mutualTLS"}}},
+            "components": {"securitySchemes": {
+                "mutualTLS": {"type": "mutualTLS"},
+                **({"basicAuth": {"type": "http", "scheme": "basic"}} if dashboard_basic
+                   else {})}},
             "paths": paths}
 
 

@@ -132,6 +132,38 @@ class TransfersSection(_Section):
     expiry_check_interval_s: float = Field(default=3600.0, gt=0)
 
 
+class DashboardSection(_Section):
+    """Who may read the fleet dashboard (``/``, ``/fleet``, ``/fleet/...``) and ``/metrics``
+    (appliance/hub/dashboard_auth.py). ``none``: anyone who reaches the hub's port, which
+    every site of the region reaches by design (``pas hub run`` warns); ``basic``: HTTP Basic
+    over the hub's TLS, a name of ``users`` with its password. ``users``: name -> the hash
+    ``pas hub password NAME`` prints, never a password itself."""
+
+    auth: Literal["none", "basic"] = "none"
+    users: dict[str, str] = {}
+
+    @field_validator("users")
+    @classmethod
+    def _hashes(cls, users: dict[str, str]) -> dict[str, str]:
+        from appliance.hub.dashboard_auth import name_problem, parse_hash
+
+        for name, stored in users.items():
+            if (problem := name_problem(name)) is not None:
+                raise ValueError(problem)
+            try:
+                parse_hash(stored)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        return users
+
+    @model_validator(mode="after")
+    def _users_for_basic(self) -> DashboardSection:
+        if self.auth == "basic" and not self.users:
+            raise _cross_field("users", "required when dashboard.auth = 'basic': add one with "
+                                        "`pas hub password NAME`")
+        return self
+
+
 # The home when neither PAS_HUB_HOME nor the configuration names one: the folder a developer's
 # hub runs in, relative to where the command runs (pas-hub.service names /var/lib/pas-hub).
 DEFAULT_HOME = "./var-hub"
@@ -144,6 +176,7 @@ class HubSettings(_Section):
     archive: ArchiveSection = ArchiveSection()
     limits: LimitsSection = LimitsSection()
     transfers: TransfersSection = TransfersSection()
+    dashboard: DashboardSection = DashboardSection()
 
     @property
     def db_path(self) -> Path:
@@ -172,6 +205,26 @@ def ineffective_settings(settings: HubSettings) -> list[str]:
     the archive link; the operator's belief about it is). ``archive.ca_file`` verifies only
     an ``https://`` dicomweb archive: with the embedded archive, or an ``http://`` url, it
     was taken without a word, and an operator who set it believed the link verified."""
+    lines = []
+    if settings.dashboard.users and settings.dashboard.auth == "none":
+        lines.append(f"dashboard.users ({', '.join(sorted(settings.dashboard.users))}) has no "
+                     'effect: dashboard.auth is "none", the dashboard and /metrics answer '
+                     'anyone; set dashboard.auth = "basic" to require them')
+    return lines + _ineffective_archive(settings)
+
+
+def open_dashboard(settings: HubSettings) -> str | None:
+    """The warning ``pas hub run`` logs while the dashboard answers anyone (the default)."""
+    if settings.dashboard.auth != "none":
+        return None
+    return ("the fleet dashboard and /metrics answer anyone who reaches "
+            f"https://{settings.http.host}:{settings.http.port}/ (dashboard.auth = \"none\"), "
+            "and every site of the region reaches that port: set dashboard.auth = \"basic\" "
+            "with users made by `pas hub password NAME` (docs/operations.md), or keep the "
+            "port's dashboard behind the regional network's access control")
+
+
+def _ineffective_archive(settings: HubSettings) -> list[str]:
     archive = settings.archive
     if archive.ca_file is None:
         return []

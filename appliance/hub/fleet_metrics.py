@@ -172,6 +172,15 @@ class FleetCollector(Collector):
             yield GaugeMetricFamily("pas_hub_last_backup_timestamp_seconds",
                                     "Time of the hub's own last pas hub backup",
                                     value=backup["written_at"])
+        # Requests to the dashboard and /metrics refused (dashboard.auth = "basic",
+        # hub/dashboard_auth.py): guessed passwords show as a rise of wrong-password.
+        dashboard = CounterMetricFamily(
+            "pas_hub_dashboard_refused", "Requests to the fleet dashboard and /metrics the "
+            "hub refused (dashboard.auth = basic), by reason, since the hub started",
+            labels=["reason"])
+        for reason, count in self.hub.dashboard_refusals.snapshot().items():
+            dashboard.add_metric([reason], count)
+        yield dashboard
 
     def _bucket_bodies(self, fleet: set[str]) -> Iterator[Metric]:
         """The hub's busy refusals per site and the bucket bodies it holds now
