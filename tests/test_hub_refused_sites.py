@@ -71,10 +71,10 @@ def test_a_site_enrolled_after_the_restored_backup_is_shown_refused_until_it_enr
         tmp_path: Path) -> None:
     hub = HubProcess(tmp_path / "hub").init()
     hub.start()
-    # The default dashboard answers anyone: said at start (tests/test_hub_dashboard_auth.py).
-    assert ("WARNING pas.hub: the fleet dashboard and /metrics answer anyone who reaches "
-            f"https://127.0.0.1:{hub.port}/ (dashboard.auth = \"none\")") in hub.log()
     try:
+        # The default dashboard answers anyone: said at start (test_hub_dashboard_auth.py).
+        assert ("WARNING pas.hub: the fleet dashboard and /metrics answer anyone who reaches "
+                f"https://127.0.0.1:{hub.port}/ (dashboard.auth = \"none\")") in hub.log()
         kept = enroll(hub, tmp_path / "kept", "CHU-NORD")  # in the backup, and heard
         closed = enroll(hub, tmp_path / "closed", "CHU-OUEST")  # revoked, figures of before
         moved = enroll(hub, tmp_path / "moved", "CHU-SUD")  # revoked, enrolled again later

@@ -142,6 +142,16 @@ class DashboardSection(_Section):
     auth: Literal["none", "basic"] = "none"
     users: dict[str, str] = {}
 
+    @field_validator("users", mode="before")
+    @classmethod
+    def _a_table(cls, users: Any) -> Any:
+        # Said without the value: one given by PAS_HUB_DASHBOARD__USERS may be a password,
+        # and the error goes to the journal (review, 2026-12-06).
+        if not isinstance(users, dict) or not all(isinstance(v, str) for v in users.values()):
+            raise ValueError("must be a table of name = the hash `pas hub password NAME` "
+                             "prints (the value given is not shown: it may hold a password)")
+        return users
+
     @field_validator("users")
     @classmethod
     def _hashes(cls, users: dict[str, str]) -> dict[str, str]:

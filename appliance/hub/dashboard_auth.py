@@ -1,11 +1,12 @@
 """Who may read the hub's fleet dashboard and ``/metrics``: HTTP Basic over the hub's TLS.
 
-Owns: the ``dashboard.auth = "basic"`` check in front of ``/``, ``/fleet``, ``/fleet/...``
-and ``/metrics`` (:class:`DashboardGuard`), the password hashes ``pas hub password`` makes
-and the check reads (:func:`hash_password`, :func:`password_matches`), and the refusals'
-counts and log lines. May not touch: SQL, the PKI, the ``/api/v1`` routes (the sites' client
-certificates, :class:`appliance.hub.app.ClientCertificateGate`), ``/enroll`` and
-``/healthz`` (an appliance enrols and a probe checks without a password).
+Owns: the ``dashboard.auth = "basic"`` check in front of every path but the open ones
+(:data:`OPEN_PATHS` and the sites' ``/api/v1/``): the fleet pages and ``/metrics``, and any
+page a later route adds (:class:`DashboardGuard`), the password hashes ``pas hub password``
+makes and the check reads (:func:`hash_password`, :func:`password_matches`), and the
+refusals' counts and log lines. May not touch: SQL, the PKI, the ``/api/v1`` routes (the
+sites' client certificates, :class:`appliance.hub.app.ClientCertificateGate`), ``/enroll``
+and ``/healthz`` (an appliance enrols and a probe checks without a password).
 
 Why: the dashboard and ``/metrics`` answered anyone who reached the hub's port: every site's
 name, its backlog, its disk, its software version and its heartbeat's error lines (file
@@ -21,16 +22,20 @@ stolen ``hub.toml`` slow to guess from; the browser sends the same header with e
 (the page refreshes itself), so a header once checked is taken for
 :data:`REMEMBER_S` without hashing again. Failed checks are hashed off the event loop, and a
 source past :data:`FAILURES_PER_MINUTE` is answered 429 unhashed: guessing costs the hub
-little.
+little; two checks run at a time at most (the threads are the sites' too), a third sign-in
+meanwhile is answered 503 unchecked; checks in flight count as failures until they end, so
+guesses sent at once get no more than guesses sent in turn.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import functools
 import hashlib
 import hmac
+import ipaddress
 import logging
 import secrets
 import threading
@@ -50,6 +55,13 @@ SCHEME = "scrypt"
 # scrypt's cost: N=2**14, r=8 (16 MiB, ~50 ms on the 2-core VM), p=1.
 COST_N, COST_R, COST_P = 1 << 14, 8, 1
 MIN_PASSWORD_LENGTH = 12
+# The only costs parse_hash takes: those hash_password makes, and one step either side. A
+# hash of other costs in hub.toml would make each sign-in take seconds and hundreds of MiB,
+# or fail at request time (review, 2026-12-06).
+COSTS_TAKEN = {(1 << 13, 8, 1), (1 << 14, 8, 1), (1 << 15, 8, 1)}
+MAX_MEMORY = 64 << 20       # scrypt's maxmem: 128 * r * N of the largest cost taken, doubled
+HASHING_AT_ONCE = 2         # password checks running at once; more: 503 (the thread pool is
+                            # the sites' too: heartbeats, transfers)
 REMEMBER_S = 600.0          # an accepted Authorization header is taken unhashed this long
 REMEMBERED_HEADERS = 256    # at most this many remembered (the oldest go first)
 FAILURES_PER_MINUTE = 10    # per source address; past it, 429 without hashing
@@ -57,12 +69,20 @@ SOURCES_TRACKED = 4096      # source addresses whose failures are counted, at mo
 REALM = "PAS hub"
 
 # The refusals' reasons, the label of pas_hub_dashboard_refused_total.
-REASONS = ("no-credentials", "not-basic", "unknown-user", "wrong-password", "too-many-failures")
+REASONS = ("no-credentials", "not-basic", "unknown-user", "wrong-password", "too-many-failures",
+           "busy")
+
+
+# What stays open under "basic": the sites' routes (their client certificates, checked by
+# appliance.hub.app.ClientCertificateGate), enrolment, liveness and the API's description.
+OPEN_PATHS = frozenset({"/enroll", "/enroll/ca", "/healthz", "/openapi.json"})
+SITE_PREFIX = "/api/v1/"
 
 
 def guarded(path: str) -> bool:
-    """The dashboard's paths: the fleet pages and the hub's metrics."""
-    return path in ("/", "/metrics", "/fleet") or path.startswith("/fleet/")
+    """Every path but the open ones: the fleet pages and ``/metrics`` today, and whatever
+    page a later route adds, guarded without anyone having to remember to list it."""
+    return path not in OPEN_PATHS and not path.startswith(SITE_PREFIX) and path != "/api/v1"
 
 
 def name_problem(name: str) -> str | None:
@@ -105,8 +125,7 @@ def parse_hash(text: str) -> PasswordHash:
     except (ValueError, binascii.Error):
         raise ValueError("is a damaged password hash (its numbers or base64 do not read): "
                          "make it again with `pas hub password NAME`") from None
-    if n < 2 or n & (n - 1) or n > 1 << 20 or not 1 <= r <= 32 or not 1 <= p <= 16 \
-            or len(salt) < 8 or len(digest) != 32:
+    if (n, r, p) not in COSTS_TAKEN or len(salt) < 8 or len(digest) != 32:
         raise ValueError("is a password hash with costs or sizes pas hub password never "
                          "makes: make it again with `pas hub password NAME`")
     return PasswordHash(n, r, p, salt, digest)
@@ -114,7 +133,7 @@ def parse_hash(text: str) -> PasswordHash:
 
 def password_matches(password: str, stored: PasswordHash) -> bool:
     digest = hashlib.scrypt(password.encode(), salt=stored.salt, n=stored.n, r=stored.r,
-                            p=stored.p, dklen=len(stored.digest), maxmem=256 << 20)
+                            p=stored.p, dklen=len(stored.digest), maxmem=MAX_MEMORY)
     return hmac.compare_digest(digest, stored.digest)
 
 
@@ -144,28 +163,55 @@ class DashboardRefusals:
             return dict(self.counts)
 
 
+def source_key(address: str) -> str:
+    """Whose failures count together: an IPv4 address, or an IPv6 address's /64 (one host
+    is given a whole /64 and may use any address in it)."""
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{parsed}/64", strict=False))
+    return str(parsed)
+
+
 class _Failures:
-    """Failed checks per source address in the last minute (bounded)."""
+    """Failed checks per source in the last minute, and the checks in flight, which count
+    as failures until they end: requests sent at once are all counted before any is hashed
+    (they all passed a check that counted only the finished ones; review, 2026-12-06)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._times: OrderedDict[str, list[float]] = OrderedDict()
+        self._pending: dict[str, int] = {}
 
-    def too_many(self, source: str, now: float) -> bool:
+    def begin(self, source: str, now: float) -> bool:
+        """Whether ``source`` may have one more check; if so it counts from now."""
         with self._lock:
             recent = [t for t in self._times.get(source, []) if now - t < 60.0]
             if recent:
                 self._times[source] = recent
             else:
                 self._times.pop(source, None)
-            return len(recent) >= FAILURES_PER_MINUTE
+            if len(recent) + self._pending.get(source, 0) >= FAILURES_PER_MINUTE:
+                return False
+            self._pending[source] = self._pending.get(source, 0) + 1
+            return True
 
-    def failed(self, source: str, now: float) -> None:
+    def end(self, source: str, now: float, failed: bool) -> None:
         with self._lock:
-            self._times.setdefault(source, []).append(now)
-            self._times.move_to_end(source)
-            while len(self._times) > SOURCES_TRACKED:
-                self._times.popitem(last=False)
+            left = self._pending.get(source, 1) - 1
+            if left > 0:
+                self._pending[source] = left
+            else:
+                self._pending.pop(source, None)
+            if failed:
+                self._times.setdefault(source, []).append(now)
+                self._times.move_to_end(source)
+                while len(self._times) > SOURCES_TRACKED:
+                    self._times.popitem(last=False)
 
 
 class DashboardGuard:
@@ -181,6 +227,12 @@ class DashboardGuard:
         self._accepted: OrderedDict[bytes, float] = OrderedDict()  # sha256(header) -> when
         self._accepted_lock = threading.Lock()
         self._failures = _Failures()
+        self._hashing = asyncio.Semaphore(HASHING_AT_ONCE)
+        # Checked for a name no user has, with a user's costs: the same time as a known
+        # name's check, and made here, not on the event loop at the first unknown name.
+        costs = next(iter(users.values()), None)
+        self._unknown = _unknown_user(*((costs.n, costs.r, costs.p) if costs else
+                                        (COST_N, COST_R, COST_P)))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not guarded(scope["path"]):
@@ -198,23 +250,28 @@ class DashboardGuard:
             reason = "no-credentials"
         else:
             scheme, _, credentials = header.partition(b" ")
+            key = source_key(source)
             if scheme.lower() != b"basic":
                 reason = "not-basic"
-            elif self._failures.too_many(source, now):
+            elif self._hashing.locked():
+                reason = "busy"
+            elif not self._failures.begin(key, now):
                 reason = "too-many-failures"
             else:
                 user, password = _basic(credentials)
                 stored = self.users.get(user) if user is not None else None
-                # An unknown name costs the same hash as a known one: the time of the answer
-                # does not say which names exist.
-                matched = await run_in_threadpool(password_matches, password or "",
-                                                  stored or _unknown_user())
-                if stored is None:
-                    reason = "unknown-user"
-                elif not matched:
-                    reason = "wrong-password"
-                if reason is not None:
-                    self._failures.failed(source, now)
+                try:
+                    async with self._hashing:
+                        # An unknown name costs the same hash as a known one: the time of
+                        # the answer does not say which names exist.
+                        matched = await run_in_threadpool(password_matches, password or "",
+                                                          stored or self._unknown)
+                    if stored is None:
+                        reason = "unknown-user"
+                    elif not matched:
+                        reason = "wrong-password"
+                finally:
+                    self._failures.end(key, time.monotonic(), failed=reason is not None)
         if reason is None:
             self._remember(header, now)
             await self.app(scope, receive, send)
@@ -241,9 +298,13 @@ class DashboardGuard:
 
 
 @functools.cache
-def _unknown_user() -> PasswordHash:
-    """A hash no password matches in practice (a random one's), checked for unknown names."""
-    return parse_hash(hash_password(secrets.token_urlsafe(32)))
+def _unknown_user(n: int, r: int, p: int) -> PasswordHash:
+    """A hash of these costs no password matches in practice (a random one's), checked for
+    names no user has."""
+    salt = secrets.token_bytes(16)
+    return PasswordHash(n, r, p, salt, hashlib.scrypt(secrets.token_bytes(32), salt=salt,
+                                                      n=n, r=r, p=p, dklen=32,
+                                                      maxmem=MAX_MEMORY))
 
 
 def _basic(credentials: bytes) -> tuple[str | None, str | None]:
@@ -257,6 +318,11 @@ def _basic(credentials: bytes) -> tuple[str | None, str | None]:
 
 
 def _refusal(reason: str) -> JSONResponse:
+    if reason == "busy":
+        return JSONResponse(
+            {"error": 503, "detail": f"{HASHING_AT_ONCE} sign-ins are being checked already: "
+                                     "try again in a few seconds"},
+            status_code=503, headers={"Retry-After": "5"})
     if reason == "too-many-failures":
         return JSONResponse(
             {"error": 429, "detail": f"more than {FAILURES_PER_MINUTE} failed sign-ins from "
