@@ -190,6 +190,11 @@ class Daemon:
         if "hub" in self.extra_targets:  # enrolled: what waited for a hub goes to it now
             self._release_awaiting_hub()
         self.cache_policy = CachePolicy(self.settings, self.db, self.spool)
+        from appliance.ops import certificates
+
+        # The TLS files as the services load them now: one renewed on disk later is counted
+        # from the one served until a restart (/metrics, the heartbeat).
+        certificates.remember_loaded(self.settings)
         try:
             self.listener.start()
         except OSError as exc:

@@ -213,3 +213,61 @@ def test_a_ca_bundle_counts_from_its_first_certificate_to_expire(tmp_path: Path)
         "PAS_HOME": str(tmp_path / "home"), **tls_settings(pki, "long", str(bundle))}))
     assert (row.verdict, row.detail.split(" (")[0]) == ("fail", "destinations.node.tls_ca")
     assert "remove from a bundle the expired ones no peer chains to" in row.fix, row
+
+
+def test_a_file_renewed_without_a_restart_counts_from_the_one_served_until_the_restart(
+        tmp_path: Path) -> None:
+    """Found in review: a certificate file renewed on disk read sound at once (the alert
+    cleared), while the DICOM listener served the old one, loaded at start, until it expired
+    and every modality's handshake failed. The daemon's figure now counts from the one it
+    serves until a restart; then from the renewed one."""
+    pki = tmp_path / "pki"
+    self_signed(pki, "listener", 10)
+    pas = PasProcess(tmp_path / "pas", {
+        "PAS_DICOM__TLS__ENABLED": "true", "PAS_DICOM__TLS__CERT": str(pki / "listener.crt"),
+        "PAS_DICOM__TLS__KEY": str(pki / "listener.key"),
+        "PAS_DICOM__TLS__CA": str(pki / "listener.crt"),
+    }).start()
+
+    def served_days() -> float:
+        scraped = httpx.get(f"http://127.0.0.1:{pas.http_port}/metrics", timeout=10).text
+        found = re.search(r'^pas_tls_certificate_days_left\{certificate="dicom.tls.cert"\} '
+                          r"(\S+)$", scraped, re.MULTILINE)
+        assert found is not None, scraped
+        return float(found[1])
+
+    try:
+        assert abs(served_days() - 10) < 0.01
+        self_signed(pki, "listener", 400)  # renewed in place, PAS not restarted
+        assert abs(served_days() - 10) < 0.01  # the listener still serves the old one
+        pas.stop()
+        pas.start()
+        assert abs(served_days() - 400) < 0.01
+    finally:
+        pas.stop()
+
+
+def test_the_heartbeat_says_a_renewed_file_waits_for_a_restart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.ops import certificates
+
+    monkeypatch.setattr(certificates, "_loaded", {})  # this test process's, put back after
+    pki = tmp_path / "pki"
+    self_signed(pki, "listener", 10)
+    settings = load_settings(environ={
+        "PAS_HOME": str(tmp_path / "home"), "PAS_DICOM__TLS__ENABLED": "true",
+        "PAS_DICOM__TLS__CERT": str(pki / "listener.crt"),
+        "PAS_DICOM__TLS__KEY": str(pki / "listener.key"),
+        "PAS_DICOM__TLS__REQUIRE_CLIENT_CERT": "false"})
+    certificates.remember_loaded(settings)
+    self_signed(pki, "listener", 400)
+    served = (datetime.now(UTC) + timedelta(days=10)).strftime("%Y-%m-%d")
+    renewed = (datetime.now(UTC) + timedelta(days=400)).strftime("%Y-%m-%d")
+    assert certificates.heartbeat_errors(settings) == [
+        f"TLS certificate dicom.tls.cert: expires in 10.0 days ({served}); its file was "
+        f"renewed ({renewed}): restart PAS to serve it"]
+    # The hub reads the days served from it (pas_fleet_site_tls_certificate_days_left).
+    assert certificates.days_said(certificates.heartbeat_errors(settings)[0]) == (
+        "dicom.tls.cert", 10.0)
+    monkeypatch.setattr(certificates, "_loaded", {})  # a process that loaded nothing: pas
+    assert certificates.heartbeat_errors(settings) == []  # doctor reads the file as it is

@@ -11,6 +11,13 @@ Also owns how an expiring one is said to regional ops: the heartbeat's error lin
 (:func:`heartbeat_errors`) and the days the hub reads back from it (:func:`days_said`:
 ``pas_fleet_site_tls_certificate_days_left``), as ops/disk_alert.py does for the disk.
 
+Also owns what this daemon loaded (:func:`remember_loaded`, at start): each file is loaded
+once, when its service starts. Renewed on disk without a restart, the file read sound while
+the listener still served the old certificate, and the alert cleared until the day every
+handshake failed. The daemon's figures (``/metrics``, the heartbeat) count from the one it
+serves, and say the file waits for a restart; ``pas doctor``, its own process, reads the
+files.
+
 Why: an expired certificate stops a service without a word from the service that holds it.
 The DICOM listener's turns every modality's handshake away, the HL7 listener's the RIS's,
 a destination's CA file every forward to it; each side only sees handshakes fail. The hub
@@ -128,6 +135,46 @@ def days_left(path: Path, now: datetime | None = None) -> float:
     return (first_expiry(path) - (now or datetime.now(UTC))).total_seconds() / 86400
 
 
+@dataclass(frozen=True)
+class _Loaded:
+    path: Path
+    expires: datetime
+
+
+# What this process loaded at its start, by key (empty in a process that serves nothing:
+# pas doctor, pas status). Replaced whole, never changed in place: read by other threads.
+_loaded: dict[str, _Loaded] = {}
+
+
+def remember_loaded(settings: Settings) -> None:
+    """Note the expiry of each file in use as the daemon loads it (at start)."""
+    global _loaded
+    found: dict[str, _Loaded] = {}
+    for cert in in_use(settings):
+        try:
+            found[cert.key] = _Loaded(cert.path, first_expiry(cert.path))
+        except (OSError, ValueError):
+            continue  # unreadable: its service could not load it either; said as unread
+    _loaded = found
+
+
+def in_service(cert: CertificateFile) -> tuple[datetime, datetime | None]:
+    """The expiry that counts for ``cert`` and, when the file on disk was renewed since
+    this process loaded it, the file's (it is served from the next start); else None.
+    Raises as :func:`first_expiry` does for the file as it is now."""
+    on_disk = first_expiry(cert.path)
+    loaded = _loaded.get(cert.key)
+    if loaded is not None and loaded.path == cert.path and loaded.expires < on_disk:
+        return loaded.expires, on_disk
+    return on_disk, None
+
+
+def days_in_service(cert: CertificateFile, now: datetime | None = None) -> float:
+    """Days until :func:`in_service`'s expiry (negative: expired)."""
+    expires, _renewed = in_service(cert)
+    return (expires - (now or datetime.now(UTC))).total_seconds() / 86400
+
+
 # The heartbeat's line: "TLS certificate dicom.tls.cert: expires in 12.4 days (2026-12-18)",
 # "... expired 2.0 days ago (2026-12-04): its TLS handshakes fail", "... cannot be read: ...".
 HEARTBEAT_PREFIX = "TLS certificate "
@@ -143,18 +190,21 @@ def heartbeat_errors(settings: Settings, now: datetime | None = None) -> list[st
     urgent: list[tuple[float, str]] = []  # (days left, the line): unread ones first
     for cert in in_use(settings):
         try:
-            expires = first_expiry(cert.path)
+            expires, renewed = in_service(cert)
         except (OSError, ValueError) as exc:
             urgent.append((float("-inf"), f"{HEARTBEAT_PREFIX}{cert.key}: cannot be read: "
                                            f"{exc}"))
             continue
         days = (expires - now).total_seconds() / 86400
+        restart = (f"; its file was renewed ({renewed:%Y-%m-%d}): restart PAS to serve it"
+                   if renewed is not None else "")
         if days < 0:
             urgent.append((days, f"{HEARTBEAT_PREFIX}{cert.key}: expired {-days:.1f} days "
-                                 f"ago ({expires:%Y-%m-%d}): its TLS handshakes fail"))
+                                 f"ago ({expires:%Y-%m-%d}): its TLS handshakes fail"
+                                 f"{restart}"))
         elif days < SOON_DAYS:
             urgent.append((days, f"{HEARTBEAT_PREFIX}{cert.key}: expires in {days:.1f} days "
-                                 f"({expires:%Y-%m-%d})"))
+                                 f"({expires:%Y-%m-%d}){restart}"))
     return [line for _, line in sorted(urgent, key=lambda pair: pair[0])]
 
 

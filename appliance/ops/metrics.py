@@ -398,8 +398,9 @@ class ApplianceCollector(Collector):
     def _tls_certificates(self) -> Metric:
         """Days left of each certificate or CA file the configuration uses
         (appliance/ops/certificates.py), by the key naming it. A file that cannot be read
-        has no sample: ``pas doctor`` and the heartbeat's errors name it. The file is read
-        as it is now: one replaced without a restart is what the next start serves."""
+        has no sample: ``pas doctor`` and the heartbeat's errors name it. A file renewed
+        since the daemon loaded it counts from the one served until the restart
+        (certificates.in_service), so the alert stays until the restart serves it."""
         family = GaugeMetricFamily("pas_tls_certificate_days_left",
                                    "Days until the first certificate of a TLS certificate or "
                                    "CA file the configuration uses expires (negative: "
@@ -407,7 +408,7 @@ class ApplianceCollector(Collector):
                                    labels=["certificate"])
         for used in certificates.in_use(self.settings):
             try:
-                family.add_metric([used.key], certificates.days_left(used.path))
+                family.add_metric([used.key], certificates.days_in_service(used))
             except (OSError, ValueError) as exc:
                 log.debug("metrics: %s: %s", used.key, exc)
         return family
