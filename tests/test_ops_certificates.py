@@ -254,13 +254,19 @@ def test_the_heartbeat_says_a_renewed_file_waits_for_a_restart(
     monkeypatch.setattr(certificates, "_loaded", {})  # this test process's, put back after
     pki = tmp_path / "pki"
     self_signed(pki, "listener", 10)
+    self_signed(pki, "node", 10)  # a destination's CA: read at each association
     settings = load_settings(environ={
+        "PAS_DESTINATIONS__NODE__KIND": "dicom", "PAS_DESTINATIONS__NODE__AE_TITLE": "NODE",
+        "PAS_DESTINATIONS__NODE__HOST": "127.0.0.1", "PAS_DESTINATIONS__NODE__PORT": "11119",
+        "PAS_DESTINATIONS__NODE__TLS": "true",
+        "PAS_DESTINATIONS__NODE__TLS_CA": str(pki / "node.crt"),
         "PAS_HOME": str(tmp_path / "home"), "PAS_DICOM__TLS__ENABLED": "true",
         "PAS_DICOM__TLS__CERT": str(pki / "listener.crt"),
         "PAS_DICOM__TLS__KEY": str(pki / "listener.key"),
         "PAS_DICOM__TLS__REQUIRE_CLIENT_CERT": "false"})
     certificates.remember_loaded(settings)
     self_signed(pki, "listener", 400)
+    self_signed(pki, "node", 400)  # used as it is from the next forward: no line
     served = (datetime.now(UTC) + timedelta(days=10)).strftime("%Y-%m-%d")
     renewed = (datetime.now(UTC) + timedelta(days=400)).strftime("%Y-%m-%d")
     assert certificates.heartbeat_errors(settings) == [

@@ -11,12 +11,12 @@ Also owns how an expiring one is said to regional ops: the heartbeat's error lin
 (:func:`heartbeat_errors`) and the days the hub reads back from it (:func:`days_said`:
 ``pas_fleet_site_tls_certificate_days_left``), as ops/disk_alert.py does for the disk.
 
-Also owns what this daemon loaded (:func:`remember_loaded`, at start): each file is loaded
-once, when its service starts. Renewed on disk without a restart, the file read sound while
-the listener still served the old certificate, and the alert cleared until the day every
-handshake failed. The daemon's figures (``/metrics``, the heartbeat) count from the one it
-serves, and say the file waits for a restart; ``pas doctor``, its own process, reads the
-files.
+Also owns what this daemon loaded (:func:`remember_loaded`, at start): a listener's files
+(and the audit copy's) are loaded once, when its service starts. Renewed on disk without a
+restart, the file read sound while the listener still served the old certificate, and the
+alert cleared until the day every handshake failed. The daemon's figures (``/metrics``,
+the heartbeat) count from the one it serves, and say the file waits for a restart;
+``pas doctor``, its own process, reads the files.
 
 Why: an expired certificate stops a service without a word from the service that holds it.
 The DICOM listener's turns every modality's handshake away, the HL7 listener's the RIS's,
@@ -141,6 +141,12 @@ class _Loaded:
     expires: datetime
 
 
+# The files a service loads once, when the daemon starts: the listeners' (DICOM, HL7, the
+# HTTP port) and the audit copy's. A destination's (a context per association or request)
+# and the fleet CA (the uplink's client) are read again as they are used: their file on
+# disk is what counts.
+LOADED_AT_START = ("dicom.tls.", "hl7.tls.", "serving.", "audit.")
+
 # What this process loaded at its start, by key (empty in a process that serves nothing:
 # pas doctor, pas status). Replaced whole, never changed in place: read by other threads.
 _loaded: dict[str, _Loaded] = {}
@@ -151,6 +157,8 @@ def remember_loaded(settings: Settings) -> None:
     global _loaded
     found: dict[str, _Loaded] = {}
     for cert in in_use(settings):
+        if not cert.key.startswith(LOADED_AT_START):
+            continue
         try:
             found[cert.key] = _Loaded(cert.path, first_expiry(cert.path))
         except (OSError, ValueError):
