@@ -236,6 +236,13 @@ class Daemon:
             self.heartbeat = HeartbeatSender(self.settings, self.db,
                                              self.settings.ops.heartbeat_interval_s)
             self._spawn("pas-heartbeat", lambda: self.heartbeat.run(self.stopping))
+        from appliance.ops.doctor import check_open_hl7, check_open_http
+
+        # pas doctor's rows, said at start too (as the hub says its open dashboard): the
+        # image's first boot serves the HTTP port to every interface with no credential.
+        for open_port in (check_open_http(self.settings), check_open_hl7(self.settings)):
+            if open_port is not None:
+                log.warning("%s: %s: %s", open_port.name, open_port.detail, open_port.fix)
         log.info("PAS ready: AE %s on %s:%d, home %s", self.settings.dicom.ae_title,
                  self.settings.dicom.host, self.listener.port, self.settings.home)
         # ATNA's Application Activity (Application Start, PS3.15 A.5.3.1): a stop and a

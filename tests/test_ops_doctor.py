@@ -252,3 +252,36 @@ def test_doctor_warns_of_an_hl7_port_open_to_every_host(tmp_path: Path) -> None:
     assert "hl7.allowed_sources" in found["fix"]
     _code, checks = _doctor({**env, "PAS_HL7__ALLOWED_SOURCES": '["10.1.2.15"]'})
     assert "HL7 access" not in checks
+
+
+def test_the_daemon_says_at_start_that_its_http_and_hl7_ports_are_open_to_the_network(
+        tmp_path: Path) -> None:
+    """What pas doctor warns of, said in the daemon's own log at each start too, as the hub
+    says its open dashboard: an operator who never runs doctor (the image's first boot
+    serves the HTTP port to every interface with no credential) reads it in the journal.
+    Bound to the host's side of a test namespace's link: an address that is not loopback,
+    inside 198.18.0.0/15."""
+    from tests.support.netns import NetNamespace
+
+    ns = NetNamespace("open").create()
+    try:
+        pas = PasProcess(tmp_path / "open", {
+            "PAS_DICOM__HOST": ns.outer_address,  # the start is awaited there
+            "PAS_HTTP__HOST": ns.outer_address, "PAS_HL7__HOST": ns.outer_address,
+            "PAS_HL7__PORT": str(free_port())}).start()
+        try:
+            log = pas.log()
+        finally:
+            pas.stop()
+        assert (f"WARNING pas.daemon: HTTP access: {ns.outer_address}:") in log, log
+        assert "with no credential (serving.auth = \"none\"): set serving.auth" in log
+        assert "WARNING pas.daemon: HL7 access: " in log
+        assert "hl7.allowed_sources is empty" in log
+        quiet = PasProcess(tmp_path / "quiet", {
+            "PAS_HL7__HOST": "127.0.0.1", "PAS_HL7__PORT": str(free_port())}).start()
+        try:  # loopback: this machine only, nothing said
+            assert "access:" not in quiet.log()
+        finally:
+            quiet.stop()
+    finally:
+        ns.delete()
