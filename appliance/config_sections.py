@@ -568,6 +568,11 @@ class PrefetchSection(_Section):
     max_attempts: int = Field(default=5, ge=1)
     retry_after_s: float = Field(default=30.0, ge=0)
     timeout_s: float = Field(default=60.0, gt=0)
+    # Days a finished request, its priors' rows and the HL7 messages of no kept request stay
+    # in the index (appliance/store/prefetch_retention.py): that long, the same message or
+    # order sent again is still a duplicate. At least 7: the pas_prefetch_..._7d metrics are
+    # read from these rows.
+    keep_days: float = Field(default=90.0, ge=7)
     mwl: PrefetchMwl = PrefetchMwl()
 
     @model_validator(mode="after")

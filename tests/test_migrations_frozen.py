@@ -43,6 +43,7 @@ FROZEN_MIGRATIONS = [
     "b0741f2cdadc7a97",  # 22
     "19940f1c141d53e7",  # 23
     "aae91d38bcb5223e",  # 24
+    "618604cfd2e2949f",  # 25
 ]
 
 FROZEN_HUB_MIGRATIONS = [

@@ -26,6 +26,7 @@ from appliance.prefetch import orders
 from appliance.prefetch.acks import msh_alone
 from appliance.prefetch.fetcher import PriorsFetcher
 from appliance.store import prefetch as store
+from appliance.store import prefetch_retention as retention
 from appliance.store.db import Database, now
 from appliance.transfer.download import WARM_EVERY_S, HubDownloads
 from appliance.transfer.region import RegionClient
@@ -209,8 +210,21 @@ class PrefetchService:
         if self._downloads is not None:
             self._downloads.close()
 
+    def forget_old(self) -> retention.Pruned:
+        """Delete the finished requests, their priors' rows and the HL7 messages older than
+        ``prefetch.keep_days`` (:mod:`appliance.store.prefetch_retention`): nothing else
+        ever did, and the tables grew by every order for as long as the appliance ran."""
+        pruned = retention.prune_prefetch(self.db, now() - self.config.keep_days * 86400)
+        if pruned:
+            log.info("forgot %s (%s) and %s over %g days old (prefetch.keep_days)",
+                     counted(pruned.requests, "finished prefetch request"),
+                     counted(pruned.studies, "prior's row"),
+                     counted(pruned.messages, "HL7 message"), self.config.keep_days)
+        return pruned
+
     def _loop(self) -> None:
         inflight: set[Future[None]] = set()
+        next_prune = 0.0  # at the first pass, then hourly (as the cache loop's pruning)
         while not self.stopping.is_set():
             try:
                 self.wake.clear()
@@ -230,6 +244,9 @@ class PrefetchService:
                     with self._slots_lock:
                         self._maybe_more_due = False
                 self.fetcher.batcher.poke()
+                if now() >= next_prune:
+                    next_prune = now() + retention.RETENTION_INTERVAL_S
+                    self.forget_old()
             except Exception:
                 log.exception("prefetch pass failed")
             self.wake.wait(self.config.check_interval_s)

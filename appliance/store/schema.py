@@ -548,4 +548,19 @@ MIGRATIONS: list[str] = [
         DELETE FROM awaiting_hub WHERE instance_fk = OLD.id;
     END;
     """,
+    # 25 (appliance/store/prefetch_retention.py): the prefetch's rows older than
+    # prefetch.keep_days are deleted, found without reading those kept: finished requests by
+    # age, a request's messages by request_fk, messages by age. Measured on three years of
+    # 1,000 orders a day (1M requests, 4M priors, 1.5M messages, 90 days kept): the hourly
+    # prune held the write lock 35 ms without them (reading the kept requests), 2 ms with
+    # them; without the request_fk index the first prune, each request deleting its
+    # messages, had not ended after ten minutes (a tenth of those rows); with all three,
+    # 28 s in transactions of ~15 ms.
+    """
+    CREATE INDEX prefetch_requests_finished ON prefetch_requests (finished_at)
+        WHERE state IN ('fetched', 'failed', 'cancelled');
+    CREATE INDEX prefetch_messages_request ON prefetch_messages (request_fk)
+        WHERE request_fk IS NOT NULL;
+    CREATE INDEX prefetch_messages_received ON prefetch_messages (received_at);
+    """,
 ]
