@@ -261,7 +261,7 @@ def test_pas_run_forgets_old_finished_requests_at_its_first_pass(
 
     pas = pas_factory({"PAS_PREFETCH__KEEP_DAYS": "30"}, home=home)
     said = wait_for(lambda: re.search(
-        r"forgot (\d+) finished prefetch requests? \((\d+) prior's rows?\) and (\d+) HL7 "
+        r"forgot (\d+) finished prefetch requests? \((\d+) priors?\) and (\d+) HL7 "
         r"messages? over 30 days old \(prefetch.keep_days\)", pas.log()),
         30, what="the old prefetch rows forgotten")
     assert said.groups() == ("1", "3", "1")

@@ -218,7 +218,7 @@ class PrefetchService:
         if pruned:
             log.info("forgot %s (%s) and %s over %g days old (prefetch.keep_days)",
                      counted(pruned.requests, "finished prefetch request"),
-                     counted(pruned.studies, "prior's row"),
+                     counted(pruned.studies, "prior"),
                      counted(pruned.messages, "HL7 message"), self.config.keep_days)
         return pruned
 
