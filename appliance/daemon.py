@@ -97,6 +97,13 @@ class Daemon:
         self.receiver = Receiver(self.db, self.spool)
         # Refused associations and HTTP requests, in the audit trail (coalesced per source).
         self.refusals = RefusalAudit(self.db)
+        from appliance.ops import certificates
+
+        # The TLS files noted before the listeners' contexts read them (here and at start):
+        # one renewed on disk later counts from the one served until a restart (/metrics,
+        # the heartbeat). Noted before, not after: a file renewed in between reads as
+        # waiting for a restart (said once too often), never as served when it is not.
+        certificates.remember_loaded(settings)
         self.listener = DicomListener(settings.dicom, self.receiver, refusals=self.refusals)
         from appliance.serving.wiring import web_tls  # serving.auth = client_cert
 
@@ -190,11 +197,6 @@ class Daemon:
         if "hub" in self.extra_targets:  # enrolled: what waited for a hub goes to it now
             self._release_awaiting_hub()
         self.cache_policy = CachePolicy(self.settings, self.db, self.spool)
-        from appliance.ops import certificates
-
-        # The TLS files as the services load them now: one renewed on disk later is counted
-        # from the one served until a restart (/metrics, the heartbeat).
-        certificates.remember_loaded(self.settings)
         try:
             self.listener.start()
         except OSError as exc:
@@ -240,7 +242,9 @@ class Daemon:
 
         # pas doctor's rows, said at start too (as the hub says its open dashboard): the
         # image's first boot serves the HTTP port to every interface with no credential.
-        for open_port in (check_open_http(self.settings), check_open_hl7(self.settings)):
+        open_ports = [check_open_http(self.settings) if self.web is not None else None,
+                      check_open_hl7(self.settings) if self.hl7 is not None else None]
+        for open_port in open_ports:
             if open_port is not None:
                 log.warning("%s: %s: %s", open_port.name, open_port.detail, open_port.fix)
         log.info("PAS ready: AE %s on %s:%d, home %s", self.settings.dicom.ae_title,

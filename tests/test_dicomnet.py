@@ -80,8 +80,9 @@ def test_idle_associations_cost_no_polling(tmp_path: Path) -> None:
         with_idle = cpu_over(pid, 2.0)
         assert all(assoc.is_established for assoc in held)
         # pynetdicom's own loops (event_driven = false) spend ~0.2 s of CPU here: 8 threads
-        # waking 1,000 times a second. Event-driven, 4 idle associations are ~free.
-        assert with_idle - baseline < 0.05, (baseline, with_idle)
+        # waking 1,000 times a second. Event-driven, 4 idle associations are ~free: under
+        # 0.1 s, half of that (a CI run on a loaded machine counted 5 clock ticks, 0.05 s).
+        assert with_idle - baseline < 0.1, (baseline, with_idle)
         for assoc in held:
             assoc.release()
     finally:

@@ -252,6 +252,8 @@ def test_doctor_warns_of_an_hl7_port_open_to_every_host(tmp_path: Path) -> None:
     assert "hl7.allowed_sources" in found["fix"]
     _code, checks = _doctor({**env, "PAS_HL7__ALLOWED_SOURCES": '["10.1.2.15"]'})
     assert "HL7 access" not in checks
+    _code, checks = _doctor({**env, "PAS_PREFETCH__ENABLED": "false"})  # no listener runs
+    assert "HL7 access" not in checks
 
 
 def test_the_daemon_says_at_start_that_its_http_and_hl7_ports_are_open_to_the_network(

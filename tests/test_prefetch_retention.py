@@ -24,7 +24,12 @@ from appliance.prefetch import orders
 from appliance.store import prefetch as store
 from appliance.store.db import Database, now
 from appliance.store.prefetch_messages import messages_of
-from appliance.store.prefetch_retention import REQUESTS_PER_TRANSACTION, Pruned, prune_prefetch
+from appliance.store.prefetch_retention import (
+    REQUESTS_PER_TRANSACTION,
+    Pruned,
+    newest_row_at,
+    prune_prefetch,
+)
 from tests.support.peers import PasProcess, wait_for
 
 DAY = 86400.0
@@ -94,8 +99,8 @@ def counts(db: Database) -> tuple[int, int, int]:
                  for table in ("prefetch_requests", "prefetch_studies", "prefetch_messages"))
 
 
-def prune(db: Database) -> Pruned:
-    return prune_prefetch(db, now() - KEEP_DAYS * DAY)
+def prune(db: Database, before: float | None = None) -> Pruned:
+    return prune_prefetch(db, now() - KEEP_DAYS * DAY if before is None else before)
 
 
 def test_old_finished_requests_go_with_their_priors_and_messages_and_nothing_else(
@@ -257,6 +262,9 @@ def test_pas_run_forgets_old_finished_requests_at_its_first_pass(
     age(db, 20, kept, ("D2",))
     send(db, orm("D3", "O22"), due_in=LATER)
     age(db, 400, request_of(db, "O22")["id"], ("D3",))
+    # An order of today: the retention's "now" is the newest row's time at most (a clock
+    # far ahead deletes nothing more), so the site must have one for the 45 days to count.
+    send(db, orm("D4", "O23"), due_in=LATER)
     db.close()
 
     pas = pas_factory({"PAS_PREFETCH__KEEP_DAYS": "30"}, home=home)
@@ -271,6 +279,48 @@ def test_pas_run_forgets_old_finished_requests_at_its_first_pass(
         keys = conn.execute("SELECT message_key FROM prefetch_messages").fetchall()
     finally:
         conn.close()
-    assert [state for _, state in left] == ["fetched", "pending"] and left[0][0] == kept
-    assert sorted(key.rsplit("|", 1)[1] for (key,) in keys) == ["D2", "D3"]
+    assert [state for _, state in left] == ["fetched", "pending", "pending"]
+    assert left[0][0] == kept
+    assert sorted(key.rsplit("|", 1)[1] for (key,) in keys) == ["D2", "D3", "D4"]
     assert pas.proc.poll() is None  # and the daemon serves on
+
+
+def test_the_retentions_now_is_never_later_than_the_newest_row(tmp_path: Path) -> None:
+    """A wall clock far ahead (a dead RTC at boot, a mistyped date) made every finished
+    request and message look old, and the prune deleted the idempotence history at once
+    (review, 2026-12-06): its "now" is the newest message's or request's time at most."""
+    db = Database(tmp_path / "pas.sqlite")
+    assert newest_row_at(db) is None
+    old = fetched(db, "N1", "ON1", priors=1)
+    age(db, 45, old, ("N1",))
+    newest = newest_row_at(db)
+    assert newest is not None and abs(newest - (now() - 45 * DAY)) < 5
+    # The clock says a year later, nothing newer came: nothing is 30 days older than the
+    # newest row, so nothing goes.
+    clock_ahead = now() + 365 * DAY
+    assert prune(db, before=min(clock_ahead, newest) - 30 * DAY) == Pruned()
+    assert counts(db) == (1, 1, 1)
+    send(db, orm("N2", "ON2"), due_in=LATER)  # an order of today: 45 days now count
+    assert abs(newest_row_at(db) - now()) < 5
+    assert prune(db, before=min(clock_ahead, newest_row_at(db)) - 30 * DAY) == Pruned(
+        requests=1, studies=1, messages=1)
+
+
+def test_a_capped_prune_says_rows_are_left(tmp_path: Path) -> None:
+    db = Database(tmp_path / "pas.sqlite")
+    total = REQUESTS_PER_TRANSACTION + 5
+    for n in range(total):
+        send(db, orm(f"C{n}", f"OC{n}"))
+    for claimed in store.claim_due(db, limit=total):
+        store.finish(db, claimed["id"], claimed)
+    with db.transaction() as conn:
+        at = now() - 200 * DAY
+        conn.execute("UPDATE prefetch_requests SET created_at = ?, updated_at = ?, "
+                     "finished_at = ?", (at, at, at))
+        conn.execute("UPDATE prefetch_messages SET received_at = ?", (at,))
+    first = prune_prefetch(db, now() - 90 * DAY, max_batches=1)
+    assert first == Pruned(requests=REQUESTS_PER_TRANSACTION, messages=REQUESTS_PER_TRANSACTION,
+                           more=True)
+    rest = prune_prefetch(db, now() - 90 * DAY, max_batches=20)
+    assert rest == Pruned(requests=5, messages=5)
+    assert counts(db) == (0, 0, 0)

@@ -127,6 +127,9 @@ def test_the_upgrade_adds_the_indexes_to_a_trail_written_before(tmp_path: Path) 
                        "DROP TABLE restored_backups; DROP TABLE awaiting_hub; "
                        "DROP INDEX integrity_issues_settled_evictions; "
                        "DROP TRIGGER instances_leave_awaiting_hub; "
+                       "DROP INDEX prefetch_requests_finished; "  # 25
+                       "DROP INDEX prefetch_messages_request; "
+                       "DROP INDEX prefetch_messages_received; "
                        "PRAGMA user_version = 18;")
     conn.close()
 

@@ -577,10 +577,6 @@ def hub_run(config: Path | None = HubConfigOption) -> None:
     settings = _hub_settings(config)
     logs.setup(settings.log_level)
     _warn_ineffective(settings)
-    from appliance.hub.config import open_dashboard
-
-    if (open_words := open_dashboard(settings)) is not None:
-        logging.getLogger("pas.hub").warning(open_words)
     from appliance.ops.home_lock import HomeInUse, hold_hub_lock
     from appliance.store.damage import damage_of
 
@@ -610,7 +606,11 @@ def hub_run(config: Path | None = HubConfigOption) -> None:
         err.print(f"[red]cannot start the hub:[/red] {exc}", highlight=False)
         raise typer.Exit(1) from None
     from appliance import __version__
+    from appliance.hub.config import open_dashboard
 
+    # Once the hub can serve (a start refused says its one line alone).
+    if (open_words := open_dashboard(settings)) is not None:
+        logging.getLogger("pas.hub").warning(open_words)
     console.print(f"hub serving on https://{settings.http.host}:{settings.http.port} "
                   f"(archive: {settings.archive.kind}), PAS {__version__}")
     try:

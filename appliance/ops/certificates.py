@@ -143,8 +143,10 @@ class _Loaded:
 
 # The files a service loads once, when the daemon starts: the listeners' (DICOM, HL7, the
 # HTTP port) and the audit copy's. A destination's (a context per association or request)
-# and the fleet CA (the uplink's client) are read again as they are used: their file on
-# disk is what counts.
+# is read again as it is used: its file on disk is what counts. So is the fleet CA's: it
+# changes only with ``pas enroll --replace``, which the docs follow with a restart. The
+# DICOM listener's files also serve the outgoing C-MOVE and Storage Commitment TLS, whose
+# context is made at its first use: without the listener's TLS they are not noted.
 LOADED_AT_START = ("dicom.tls.", "hl7.tls.", "serving.", "audit.")
 
 # What this process loaded at its start, by key (empty in a process that serves nothing:
@@ -157,7 +159,8 @@ def remember_loaded(settings: Settings) -> None:
     global _loaded
     found: dict[str, _Loaded] = {}
     for cert in in_use(settings):
-        if not cert.key.startswith(LOADED_AT_START):
+        if not cert.key.startswith(LOADED_AT_START) or (
+                cert.key.startswith("dicom.tls.") and not settings.dicom.tls.enabled):
             continue
         try:
             found[cert.key] = _Loaded(cert.path, first_expiry(cert.path))

@@ -566,8 +566,9 @@ def check_open_hl7(settings: Settings) -> Check | None:
     whoever reaches it sends orders, which pull a named patient's priors from the region,
     and merges. None otherwise."""
     hl7 = settings.hl7
-    if not hl7.enabled or hl7.allowed_sources or loopback_host(hl7.host):
-        return None
+    if not (hl7.enabled and settings.prefetch.enabled) or hl7.allowed_sources \
+            or loopback_host(hl7.host):
+        return None  # no listener runs without the prefetch (daemon._start_prefetch)
     return Check("HL7 access", "warn", f"{hl7.host}:{hl7.port} takes orders and merges from "
                  "every host that reaches it (hl7.allowed_sources is empty)",
                  "set hl7.allowed_sources to the interface engine's address (or network)")

@@ -214,7 +214,12 @@ class PrefetchService:
         """Delete the finished requests, their priors' rows and the HL7 messages older than
         ``prefetch.keep_days`` (:mod:`appliance.store.prefetch_retention`): nothing else
         ever did, and the tables grew by every order for as long as the appliance ran."""
-        pruned = retention.prune_prefetch(self.db, now() - self.config.keep_days * 86400)
+        # "Now" for the retention: never later than the newest row (a clock far ahead would
+        # make every row look old; retention.newest_row_at).
+        newest = retention.newest_row_at(self.db)
+        reference = now() if newest is None else min(now(), newest)
+        pruned = retention.prune_prefetch(self.db, reference - self.config.keep_days * 86400,
+                                          max_batches=retention.BATCHES_PER_CALL)
         if pruned:
             log.info("forgot %s (%s) and %s over %g days old (prefetch.keep_days)",
                      counted(pruned.requests, "finished prefetch request"),
@@ -224,7 +229,11 @@ class PrefetchService:
 
     def _loop(self) -> None:
         inflight: set[Future[None]] = set()
-        next_prune = 0.0  # at the first pass, then hourly (as the cache loop's pruning)
+        # At the first pass, then hourly by the monotonic clock (a wall clock stepped back
+        # stopped the pruning until it caught up); a prune that left rows (its batches
+        # capped) goes on at the next pass. A wall clock far ahead at boot deletes nothing
+        # more: the retention's "now" is the newest row's time at most (forget_old).
+        next_prune = 0.0
         while not self.stopping.is_set():
             try:
                 self.wake.clear()
@@ -244,9 +253,10 @@ class PrefetchService:
                     with self._slots_lock:
                         self._maybe_more_due = False
                 self.fetcher.batcher.poke()
-                if now() >= next_prune:
-                    next_prune = now() + retention.RETENTION_INTERVAL_S
-                    self.forget_old()
+                if time.monotonic() >= next_prune and not self.stopping.is_set():
+                    more = self.forget_old().more
+                    next_prune = time.monotonic() + (0.0 if more else
+                                                     retention.RETENTION_INTERVAL_S)
             except Exception:
                 log.exception("prefetch pass failed")
             self.wake.wait(self.config.check_interval_s)

@@ -47,7 +47,10 @@ FINAL = "('fetched', 'failed', 'cancelled')"
 # commit in between). The first run after an upgrade may have years of rows to go.
 REQUESTS_PER_TRANSACTION = 500
 MESSAGES_PER_TRANSACTION = 2000
-RETENTION_INTERVAL_S = 3600.0  # how often the daemon prunes (its first pass, then hourly)
+RETENTION_INTERVAL_S = 3600.0  # how often the daemon prunes (hourly, by the monotonic clock)
+# Batches of requests per call: the first prune after the upgrade (years of rows) is done
+# over several passes of the prefetch scheduler, which claims due requests in between.
+BATCHES_PER_CALL = 20
 CANCEL = "cancel "  # a cancel's prefetch_messages.detail: this, then the order's key
 
 
@@ -58,34 +61,52 @@ class Pruned:
     requests: int = 0
     studies: int = 0
     messages: int = 0
+    more: bool = False  # stopped at max_batches with rows left: call again soon
 
     def __bool__(self) -> bool:
         return bool(self.requests or self.studies or self.messages)
 
     def __add__(self, other: Pruned) -> Pruned:
         return Pruned(self.requests + other.requests, self.studies + other.studies,
-                      self.messages + other.messages)
+                      self.messages + other.messages, self.more or other.more)
 
 
-def prune_prefetch(db: Database, before: float) -> Pruned:
+def prune_prefetch(db: Database, before: float, max_batches: int | None = None) -> Pruned:
     """Delete the finished requests untouched since ``before`` with their priors, then the
     messages received before ``before`` that name no request left (see the module's
     docstring for what stays). Each batch is one transaction holding a request with its
     priors and messages: a crash between two leaves every request whole. Running it again
-    at once deletes nothing."""
-    total = Pruned()
+    at once deletes nothing. ``max_batches``: at most this many transactions; ``more`` says
+    rows are left."""
+    total, batches = Pruned(), 0
     while True:
+        if max_batches is not None and batches >= max_batches:
+            return total + Pruned(more=True)
         with db.transaction() as conn:
             batch = _prune_requests(conn, before)
-        total += batch
+        total, batches = total + batch, batches + 1
         if batch.requests < REQUESTS_PER_TRANSACTION:
             break
     while True:
+        if max_batches is not None and batches >= max_batches:
+            return total + Pruned(more=True)
         with db.transaction() as conn:
             gone = _prune_messages(conn, before)
-        total += Pruned(messages=gone)
+        total, batches = total + Pruned(messages=gone), batches + 1
         if gone < MESSAGES_PER_TRANSACTION:
             return total
+
+
+def newest_row_at(db: Database) -> float | None:
+    """When the newest HL7 message was received or the newest request made (None: neither
+    yet): the retention's "now" is never later than that, so a wall clock far ahead (a dead
+    RTC, a mistyped date) never makes the rows look old. A site that gets no more orders
+    keeps what it has, which does not grow."""
+    row = db.connection().execute(
+        "SELECT (SELECT max(received_at) FROM prefetch_messages), "
+        "(SELECT created_at FROM prefetch_requests ORDER BY id DESC LIMIT 1)").fetchone()
+    times = [float(value) for value in row if value is not None]
+    return max(times) if times else None
 
 
 def _prune_requests(conn: sqlite3.Connection, before: float) -> Pruned:
