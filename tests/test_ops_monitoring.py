@@ -167,3 +167,11 @@ def test_prefetch_lead_times_are_gauges_of_the_window() -> None:
         "0.1": -600.0, "0.5": 3600.0, "0.9": 86400.0}
     empty = lead_time_families([])
     assert [f.samples[0].value for f in empty[:2]] == [0, 0] and empty[2].samples == []
+
+
+def test_dashboard_shows_the_hub_dashboards_refused_sign_ins() -> None:
+    """pas_hub_dashboard_refused_total (hub/dashboard_auth.py): alerted on, and on a panel
+    by reason, so that a guessing run is seen before the alert's threshold."""
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    exprs = [str(t["expr"]) for panel in dashboard["panels"] for t in panel["targets"]]
+    assert "sum by (reason) (increase(pas_hub_dashboard_refused_total[10m]))" in exprs
