@@ -220,19 +220,25 @@ def test_a_message_kept_after_its_request_went_names_no_request_and_stays_a_dupl
     assert [r["id"] for r in store.list_requests(db)] == [gone]
 
 
-def test_many_old_requests_go_in_several_transactions(tmp_path: Path) -> None:
-    db = Database(tmp_path / "pas.sqlite")
-    total = REQUESTS_PER_TRANSACTION + 20
+def many_old_finished(db: Database, total: int, priors: bool) -> None:
+    """``total`` orders received, fetched (one prior each, or none), all 200 days old."""
     for n in range(total):
         send(db, orm(f"M{n}", f"OM{n}"))
-    for claimed in store.claim_due(db, limit=total):
-        store.record_found(db, claimed["id"], "default", [{"study_uid": f"2.25.{n}"}])
+    for n, claimed in enumerate(store.claim_due(db, limit=total)):
+        if priors:
+            store.record_found(db, claimed["id"], "default", [{"study_uid": f"2.25.{n}"}])
         store.finish(db, claimed["id"], claimed)
-    with db.transaction() as conn:  # all of them 200 days old (one statement: quicker)
+    with db.transaction() as conn:  # one statement: quicker
         at = now() - 200 * DAY
         conn.execute("UPDATE prefetch_requests SET created_at = ?, updated_at = ?, "
                      "finished_at = ?", (at, at, at))
         conn.execute("UPDATE prefetch_messages SET received_at = ?", (at,))
+
+
+def test_many_old_requests_go_in_several_transactions(tmp_path: Path) -> None:
+    db = Database(tmp_path / "pas.sqlite")
+    total = REQUESTS_PER_TRANSACTION + 20
+    many_old_finished(db, total, priors=True)
     assert prune(db) == Pruned(requests=total, studies=total, messages=total)
     assert counts(db) == (0, 0, 0)
 
@@ -308,16 +314,7 @@ def test_the_retentions_now_is_never_later_than_the_newest_row(tmp_path: Path) -
 
 def test_a_capped_prune_says_rows_are_left(tmp_path: Path) -> None:
     db = Database(tmp_path / "pas.sqlite")
-    total = REQUESTS_PER_TRANSACTION + 5
-    for n in range(total):
-        send(db, orm(f"C{n}", f"OC{n}"))
-    for claimed in store.claim_due(db, limit=total):
-        store.finish(db, claimed["id"], claimed)
-    with db.transaction() as conn:
-        at = now() - 200 * DAY
-        conn.execute("UPDATE prefetch_requests SET created_at = ?, updated_at = ?, "
-                     "finished_at = ?", (at, at, at))
-        conn.execute("UPDATE prefetch_messages SET received_at = ?", (at,))
+    many_old_finished(db, REQUESTS_PER_TRANSACTION + 5, priors=False)
     first = prune_prefetch(db, now() - 90 * DAY, max_batches=1)
     assert first == Pruned(requests=REQUESTS_PER_TRANSACTION, messages=REQUESTS_PER_TRANSACTION,
                            more=True)
