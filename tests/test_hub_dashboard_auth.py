@@ -15,6 +15,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -162,6 +163,7 @@ def test_a_browser_reads_the_fleet_with_the_password_and_not_without(
         assert 'data-site="CHU-NORD"' in browser.page_source
     finally:
         browser.quit()
+        shutil.rmtree(profile, ignore_errors=True)
 
 
 def test_too_many_failures_from_one_address_are_answered_429_even_sent_at_once(
