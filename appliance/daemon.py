@@ -99,10 +99,11 @@ class Daemon:
         self.refusals = RefusalAudit(self.db)
         from appliance.ops import certificates
 
-        # The TLS files noted before the listeners' contexts read them (here and at start):
-        # one renewed on disk later counts from the one served until a restart (/metrics,
-        # the heartbeat). Noted before, not after: a file renewed in between reads as
-        # waiting for a restart (said once too often), never as served when it is not.
+        # The TLS files noted before the listeners' contexts read them (the DICOM listener's
+        # here, the others at start): one renewed on disk later counts from the one served
+        # until a restart (/metrics, the heartbeat). Noted before, not after: a file renewed
+        # in between reads as waiting for a restart (said once too often), never as served
+        # when it is not.
         certificates.remember_loaded(settings)
         self.listener = DicomListener(settings.dicom, self.receiver, refusals=self.refusals)
         from appliance.serving.wiring import web_tls  # serving.auth = client_cert

@@ -110,7 +110,7 @@ def test_a_big_file_named_as_a_certificate_is_not_read(tmp_path: Path) -> None:
     with big.open("wb") as out:
         out.truncate(size)
     with pytest.raises(ValueError, match=rf"pas\.sqlite: {size} bytes, not a certificate file"):
-        certificates.days_left(big)
+        certificates.days_in_service(certificates.CertificateFile("dicom.tls.cert", big))
 
 
 def test_the_heartbeat_says_the_most_urgent_certificates_after_the_disk(
@@ -207,7 +207,8 @@ def test_a_ca_bundle_counts_from_its_first_certificate_to_expire(tmp_path: Path)
     bundle = tmp_path / "bundle.crt"
     bundle.write_bytes(b"".join(self_signed(pki, name, days).read_bytes()
                                 for name, days in (("root", 100), ("old", -3), ("new", 900))))
-    assert abs(certificates.days_left(bundle) + 3) < 0.01
+    days = certificates.days_in_service(certificates.CertificateFile("dicom.tls.ca", bundle))
+    assert abs(days + 3) < 0.01
     self_signed(pki, "long", 400)
     [row] = check_tls_certificates(load_settings(environ={
         "PAS_HOME": str(tmp_path / "home"), **tls_settings(pki, "long", str(bundle))}))

@@ -133,11 +133,12 @@ class TransfersSection(_Section):
 
 
 class DashboardSection(_Section):
-    """Who may read the fleet dashboard (``/``, ``/fleet``, ``/fleet/...``) and ``/metrics``
-    (appliance/hub/dashboard_auth.py). ``none``: anyone who reaches the hub's port, which
-    every site of the region reaches by design (``pas hub run`` warns); ``basic``: HTTP Basic
-    over the hub's TLS, a name of ``users`` with its password. ``users``: name -> the hash
-    ``pas hub password NAME`` prints, never a password itself."""
+    """Who may read the fleet dashboard (``/``, ``/fleet``, ``/fleet/...``), ``/metrics`` and
+    any page but the sites' routes, enrolment and health (appliance/hub/dashboard_auth.py).
+    ``none``: anyone who reaches the hub's port, which every site of the region reaches by
+    design (``pas hub run`` warns); ``basic``: HTTP Basic over the hub's TLS, a name of
+    ``users`` with its password. ``users``: name -> the hash ``pas hub password NAME``
+    prints, never a password itself."""
 
     auth: Literal["none", "basic"] = "none"
     users: dict[str, str] = {}
@@ -214,7 +215,8 @@ def ineffective_settings(settings: HubSettings) -> list[str]:
     why: ``pas hub config check`` and ``pas hub run`` warn, and run (nothing is wrong with
     the archive link; the operator's belief about it is). ``archive.ca_file`` verifies only
     an ``https://`` dicomweb archive: with the embedded archive, or an ``http://`` url, it
-    was taken without a word, and an operator who set it believed the link verified."""
+    was taken without a word, and an operator who set it believed the link verified. Users
+    of ``dashboard.users`` with ``dashboard.auth = "none"`` guard nothing."""
     lines = []
     if settings.dashboard.users and settings.dashboard.auth == "none":
         lines.append(f"dashboard.users ({', '.join(sorted(settings.dashboard.users))}) has no "

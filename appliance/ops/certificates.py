@@ -130,11 +130,6 @@ def first_expiry(path: Path) -> datetime:
     return min(cert.not_valid_after_utc for cert in certificates)
 
 
-def days_left(path: Path, now: datetime | None = None) -> float:
-    """Days until :func:`first_expiry` (negative: expired); raises as it does."""
-    return (first_expiry(path) - (now or datetime.now(UTC))).total_seconds() / 86400
-
-
 @dataclass(frozen=True)
 class _Loaded:
     path: Path
