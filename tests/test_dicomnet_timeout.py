@@ -140,16 +140,26 @@ def test_a_c_find_longer_than_the_network_timeout_ends_in_a_release(tmp_path: Pa
         pas = _pas(_synthesized(tmp_path), PAS_DICOM__HOST=ns.outer_address)
         try:
             started = time.time()
-            # Each answer's identifier goes to findscu's log (its default without -X).
-            viewer = subprocess.Popen(
-                ns.command(["findscu", "-v", "-S", "-aet", "VIEWER", "-aec", "PAS",
-                            "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID",
-                            "-k", "AccessionNumber", *WORKLIST_KEYS, ns.outer_address,
-                            str(pas.port)]),
-                env={**DCMTK_ENV, "TCP_BUFFER_LENGTH": "16384"}, stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE, text=True)
+            # Each answer's identifier goes to findscu's log (its default without -X): to a
+            # file, which never fills as a pipe nobody reads does (findscu then stops reading
+            # its socket, and PAS rightly drops it after the timeout).
+            log_path = tmp_path / "findscu.log"
+            with log_path.open("w") as log_file:
+                viewer = subprocess.Popen(
+                    ns.command(["findscu", "-v", "-S", "-aet", "VIEWER", "-aec", "PAS",
+                                "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID",
+                                "-k", "AccessionNumber", *WORKLIST_KEYS, ns.outer_address,
+                                str(pas.port)]),
+                    env={**DCMTK_ENV, "TCP_BUFFER_LENGTH": "16384"},
+                    stdout=subprocess.DEVNULL, stderr=log_file)
             with reading_slowly(viewer, stopped_s=0.5):  # each stop well under the timeout
-                _, errors = viewer.communicate(timeout=120)
+                # Slowly until the handler is done (its audit row follows the final answer);
+                # then the ~0.9 MB still queued is read at once, not over ~25 s more: what
+                # waits in PAS's send queue after the handler is the next test's case.
+                wait_for(lambda: _query_audited(pas), 120, interval=0.2,
+                         what="the C-FIND handler's audit row")
+            viewer.wait(timeout=120)
+            errors = log_path.read_text()
             _released(viewer.returncode, errors, "Find")
             assert errors.count("(Pending)") == STUDIES + 1
             answers = set(re.findall(r"\(0020,000d\) UI \[([0-9.]+)", errors))
@@ -211,6 +221,11 @@ def test_answers_waiting_in_pas_send_queue_keep_the_association(tmp_path: Path) 
             pas.stop()
     finally:
         ns.delete()
+
+
+def _query_audited(pas: PasProcess) -> bool:
+    return bool(read_rows(pas.home / "pas.sqlite", "SELECT 1 FROM audit WHERE event = 'query' "
+                          "AND actor = 'VIEWER' LIMIT 1"))
 
 
 def _query_audited_at(pas: PasProcess) -> float:
