@@ -1,11 +1,18 @@
-"""The appliance firewall: the shipped ruleset and the sets first boot writes are valid nft."""
+"""The appliance firewall: the shipped ruleset and the sets first boot writes are valid nft,
+and, loaded into a network namespace in front of a real ``pas run``, admit what they name."""
 
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
-from tests.support.peers import ROOT
+import httpx
+import pytest
+
+from tests.image.test_image import _firstboot
+from tests.support.netns import NetNamespace
+from tests.support.peers import DCMTK_ENV, ROOT, PasProcess
 
 RULES = ROOT / "image" / "rootfs" / "etc" / "nftables.conf"
 
@@ -24,7 +31,8 @@ def test_shipped_ruleset_is_valid_before_and_after_first_boot(tmp_path: Path) ->
     assert check(tmp_path, shipped).returncode == 0
     seeded = ("add element inet pas mgmt_nets { 10.9.0.0/16 }\n"
               "add element inet pas hub_addrs { 198.18.0.10 }\n"
-              "add element inet pas lan_dicom { 10.1.2.0/24, 10.1.3.7 }\n")
+              "add element inet pas lan_dicom { 10.1.2.0/24, 10.1.3.7 }\n"
+              "add element inet pas http_nets { 10.1.4.0/24 }\n")
     result = check(tmp_path, seeded)
     assert result.returncode == 0, result.stderr
     broken = check(tmp_path, "add element inet pas nosuchset { 10.0.0.0/8 }\n")
@@ -37,3 +45,65 @@ def test_policy_is_drop_both_ways_with_named_openings() -> None:
     for opening in ("tcp dport $DICOM_PORTS accept", "ip saddr @mgmt_nets tcp dport 22 accept",
                     "ip daddr @hub_addrs tcp dport $HUB_PORTS accept", "udp dport 123 accept"):
         assert opening in text
+
+
+def _loaded_in(ns: NetNamespace, tmp_path: Path, sets: str) -> None:
+    """The shipped ruleset and ``sets`` made the namespace's firewall, as nftables.service
+    loads them on the appliance (``flush ruleset`` first: each load replaces the last)."""
+    assert check(tmp_path, sets).returncode == 0
+    subprocess.run(ns.command(["nft", "-f", str(tmp_path / "nftables.conf")]), check=True)
+
+
+def _http_answers(url: str) -> bool:
+    """The status page's port answered, or False when nothing came back within 1.5 s: the
+    firewall drops the SYN (policy drop), so an unadmitted client sees a timeout, not a
+    refusal."""
+    try:
+        return httpx.get(url, timeout=1.5).status_code == 200
+    except httpx.ConnectTimeout:
+        return False
+
+
+@pytest.mark.root
+def test_the_status_page_port_admits_the_networks_the_seed_names_and_dicom_stays_open(
+        tmp_path: Path, pas_factory: Callable[..., PasProcess]) -> None:
+    """The sets first boot writes (pas-firstboot's firewall_sets), loaded with the shipped
+    ruleset into a namespace where a real ``pas run`` listens on the appliance's ports
+    (11112, 8080), reached from this side of the link. Before, the status page and DICOMweb
+    port (patient IDs, every cached study, STOW-RS into the region) was admitted from every
+    network, with no way for the seed to narrow it; SSH already came from the management
+    networks only."""
+    firstboot = _firstboot()
+    ns = NetNamespace("fw").create()
+    try:
+        pas = pas_factory({"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                           "PAS_DICOM__HOST": ns.inner_address, "PAS_DICOM__PORT": "11112",
+                           "PAS_HTTP__HOST": ns.inner_address, "PAS_HTTP__PORT": "8080"},
+                          start=False)
+        pas.port, pas.http_port = 11112, 8080
+        pas.launcher = tuple(ns.command([]))
+        pas.start()
+        page = f"http://{ns.inner_address}:8080/healthz"
+        here = f"{ns.outer_address}/32"
+
+        def echoed() -> bool:
+            result = subprocess.run(["echoscu", "-aec", "PAS", ns.inner_address, "11112"],
+                                    env=DCMTK_ENV, capture_output=True, timeout=30)
+            return result.returncode == 0
+
+        # A seed naming no http networks: every IPv4 network, as before the set.
+        _loaded_in(ns, tmp_path, firstboot.firewall_sets({"management": ["10.9.0.0/16"]}, []))
+        assert _http_answers(page) and echoed()
+        # Networks named, this side not among them: dropped; the modalities' port is not.
+        _loaded_in(ns, tmp_path, firstboot.firewall_sets(
+            {"management": ["10.9.0.0/16"], "http": ["10.1.4.0/24"]}, []))
+        assert not _http_answers(page)
+        assert echoed()
+        # This side named by http, or by management with http empty: admitted.
+        _loaded_in(ns, tmp_path, firstboot.firewall_sets({"http": ["10.1.4.0/24", here]}, []))
+        assert _http_answers(page)
+        _loaded_in(ns, tmp_path, firstboot.firewall_sets({"management": [here], "http": []},
+                                                         []))
+        assert _http_answers(page)
+    finally:
+        ns.delete()

@@ -546,6 +546,9 @@ def test_a_seed_that_is_not_toml_or_not_of_its_types_is_refused_in_one_line(
             ('[network]\naddress = "10.1.2.300/24"\ngateway = "10.1.2.1"\n',
              'network.address: must be an address with its prefix, e.g. "10.1.2.20/24", got '
              '"10.1.2.300/24"'),
+            # The firewall's sets are IPv4: an IPv6 network failed the whole ruleset's load.
+            ('[firewall]\nhttp = ["fd00:1::/64"]\n',
+             'firewall.http: must be IPv4 networks, e.g. ["10.1.2.0/24"], got "fd00:1::/64"'),
             (f'[hub]\nurl = "http://hub.example:8443"\ntoken = "{token}"\n',
              'hub.url: must start with https:// (the hub\'s address, e.g. '
              '"https://hub.region.example:8443"), got "http://hub.example:8443"')):
