@@ -53,12 +53,24 @@ class KnownAE(_Section):
     the association it asked on (appliance/ingest/commitment.py). ``tls``: whether that
     association speaks DICOM TLS (PAS shows ``dicom.tls.cert``/``key``, the modality's
     certificate must chain to ``dicom.tls.ca``); unset, it follows ``dicom.tls.enabled``:
-    a modality that reaches PAS over TLS is called back over TLS, never in clear."""
+    a modality that reaches PAS over TLS is called back over TLS, never in clear.
+    ``tls_check_hostname``: that certificate must also name ``host`` (an IP address in its
+    subjectAltName), as a move destination's: with a CA that issues certificates to every
+    device of the hospital, another device given the modality's address would otherwise
+    receive its reports (and the modality, never told, keep its images for ever)."""
 
     title: AETitle
     host: IpAddress | None = None
     port: Port | None = None
     tls: Flag | None = None
+    tls_check_hostname: Flag = False
+
+    @model_validator(mode="after")
+    def _host_to_check(self) -> KnownAE:
+        if self.tls_check_hostname and self.host is None:
+            raise _cross_field("tls_check_hostname", "needs host: the address the "
+                               "modality's certificate must name")
+        return self
 
 
 class ListenerTlsSection(_Section):

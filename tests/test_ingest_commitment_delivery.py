@@ -126,6 +126,55 @@ def test_a_modality_known_only_as_a_move_destination_gets_its_report_over_its_tl
         modality.stop()
 
 
+def test_a_report_over_tls_goes_only_to_a_certificate_naming_the_address_when_checked(
+        tmp_path: Path, db: Database) -> None:
+    """``tls_check_hostname`` on a known AE (and on a move destination giving the address):
+    a device at 127.0.0.2 showing a certificate of the site's CA that names 127.0.0.1 only
+    (another device's) gets no report; the row stays to be tried again, its error naming
+    the address. Without the check the CA's word alone passes, as before. Before, Storage
+    Commitment had no such key, and a move destination's was not heeded for its reports."""
+    pki = make_pki(tmp_path / "pki")  # every certificate names 127.0.0.1 only
+    port = free_port()
+    server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki / "ca.crt"))
+    server_side.verify_mode = ssl.CERT_REQUIRED
+    server_side.load_cert_chain(str(pki / "client.crt"), str(pki / "client.key"))
+    modality = Modality("CT2", "127.0.0.2", port, server_side)
+    tls = {"enabled": True, "cert": pki / "server.crt", "key": pki / "server.key",
+           "ca": pki / "ca.crt"}
+    try:
+        for known, moves in (
+                ({"title": "CT2", "host": "127.0.0.2", "port": port,
+                  "tls_check_hostname": True}, []),
+                (None, [MoveDestination(title="CT2", host="127.0.0.2", port=port,
+                                        tls_check_hostname=True)])):
+            config = DicomSection(tls=tls, known_aes=[known] if known else [])
+            scp = StorageCommitmentScp(config, db, Spool(tmp_path / "spool"), moves)
+            transaction = generate_uid()
+            scp.deliver(_request(db, transaction, "CT2"))
+            assert modality.reports == []
+            row = _row(db, transaction)
+            assert row["state"] == "pending", row
+            assert "its certificate does not name 127.0.0.2 (tls_check_hostname)" in \
+                row["last_error"], row
+
+        config = DicomSection(tls=tls, known_aes=[{"title": "CT2", "host": "127.0.0.2",
+                                                   "port": port}])
+        scp = StorageCommitmentScp(config, db, Spool(tmp_path / "spool"))
+        transaction = generate_uid()
+        scp.deliver(_request(db, transaction, "CT2"))
+        assert [uid for uid, _ in modality.reports] == [transaction]
+    finally:
+        modality.stop()
+    toml = tmp_path / "pas.toml"
+    toml.write_text(f'home = "{tmp_path / "home"}"\n[dicom]\n'
+                    'known_aes = [{title = "CT1", tls_check_hostname = true}]\n')
+    with pytest.raises(ConfigError) as refused:
+        load_settings(toml)
+    assert refused.value.problems == [
+        "dicom.known_aes.0.tls_check_hostname: needs host: the address the modality's "
+        "certificate must name"]
+
+
 def test_tls_false_calls_back_in_clear_and_tls_without_a_ca_is_refused_naming_the_key(
         tmp_path: Path, db: Database) -> None:
     """``tls = false`` on one known AE: a modality whose SCP listens in clear still gets its

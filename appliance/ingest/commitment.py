@@ -26,7 +26,8 @@ address swallows packets (up to :data:`REPORT_ANSWER_TIMEOUT_S` a try) delays on
 reports, not every other modality's. A report to a ``dicom.known_aes`` entry with ``tls``
 (by default: when the listener speaks TLS, ``dicom.tls.enabled``) goes over DICOM TLS with
 the listener's certificate and key as client certificate, the modality's certificate
-checked against ``dicom.tls.ca``, as a ``dicom`` destination's forwarding does.
+checked against ``dicom.tls.ca``, as a ``dicom`` destination's forwarding does, and, with
+the entry's ``tls_check_hostname``, required to name the address it is sent to.
 """
 
 from __future__ import annotations
@@ -184,6 +185,12 @@ class StorageCommitmentScp:
         uses_tls.update({ae.title: config.tls.enabled if ae.tls is None else ae.tls
                          for ae in config.known_aes if ae.host and ae.port})
         self.tls_aes = {title for title, tls in uses_tls.items() if tls}
+        # ... and whose certificate must also name the address (tls_check_hostname): the
+        # entry giving the address decides here too (a move destination's was not heeded).
+        checks_host = {d.title: d.tls_check_hostname for d in move_destinations or []}
+        checks_host.update({ae.title: ae.tls_check_hostname for ae in config.known_aes
+                            if ae.host and ae.port})
+        self.host_checked_aes = {title for title, check in checks_host.items() if check}
         self.outgoing_tls = OutgoingDicomTls(config.tls.ca, config.tls.cert,
                                              config.tls.key)
         self._in_flight: set[int] = set()  # reports being tried on their own association
@@ -342,8 +349,9 @@ class StorageCommitmentScp:
         # PAS is the SCP of the class and the requestor of this association: SCP role only.
         role = build_role(STORAGE_COMMITMENT_PUSH, scu_role=False, scp_role=True)
         tls = request.calling_ae in self.tls_aes
+        checked = tls and request.calling_ae in self.host_checked_aes
         try:
-            tls_args = self.outgoing_tls.tls_args(tls)
+            tls_args = self.outgoing_tls.tls_args(tls, host if checked else None)
             assoc = ae.associate(host, port, ae_title=request.calling_ae, ext_neg=[role],
                                  tls_args=tls_args)  # type: ignore[arg-type]
         except Exception as exc:
@@ -351,7 +359,10 @@ class StorageCommitmentScp:
         if not assoc.is_established:
             why = "rejected" if assoc.is_rejected else "failed"
             if tls and not assoc.is_rejected:
-                why += " (TLS: handshake refused, or the modality does not speak TLS there)"
+                # pynetdicom logs the handshake's own error, and returns no association.
+                why += (" (TLS: handshake refused, the modality does not speak TLS there"
+                        + (f", or its certificate does not name {host} (tls_check_hostname)"
+                           if checked else "") + ")")
             return f"association to {request.calling_ae} at {host}:{port} {why}"
         try:
             if not assoc.accepted_contexts:
