@@ -121,7 +121,8 @@ def console_text(console: Path) -> str:
 # on a loaded host under TCG they took 98 s + 202 s, and the boot's own deadline (600 s under
 # TCG, accelerator()) never had its say (a local CI run, 2026-12-06).
 @pytest.mark.timeout(900)
-def test_image_boots_grows_its_disk_answers_c_echo_and_stores_an_image(booted: tuple[int, Path, float]) -> None:
+def test_image_boots_grows_its_disk_answers_c_echo_and_stores_an_image(
+        booted: tuple[int, Path, float]) -> None:
     port, console, deadline = booted
     # Once the guest's network is up, each try is refused at once until PAS listens: tried
     # every 0.5 s, not 2 s, the answer is seen within half a second of the port opening.
