@@ -369,6 +369,11 @@ def _console(tmp_path: Path, answers: list[tuple[str, str]]) -> tuple[dict[str, 
     return json.loads(out.read_text()), shown
 
 
+# The console's firewall questions, each answered with Enter.
+NO_NETWORKS = [("PACS and workstations", ""), ("Management networks", ""),
+               ("status page and DICOMweb", "")]
+
+
 def _token(site: str, secret: str = "s3cretTokenPart0123") -> str:
     """A token as ``pas hub token SITE`` prints it (SITE.SECRET.CAFP)."""
     return f"{site}.{secret}.{'ab' * 32}"
@@ -381,12 +386,43 @@ def test_the_console_questions_do_not_show_the_enrolment_token(tmp_path: Path) -
     token = _token("CHU-NORD")
     seed, shown = _console(tmp_path, [
         ("Site name", "CHU-NORD"), ("AE title", ""), ("Modality AE", "CT1,MR1"),
-        ("Static address", ""), ("Regional hub URL", "https://hub.example:8443"),
+        ("Static address", ""), *NO_NETWORKS, ("Regional hub URL", "https://hub.example:8443"),
         ("Enrolment token", token)])
     assert seed["hub"] == {"url": "https://hub.example:8443", "token": token}
     assert seed["site"] == "CHU-NORD" and seed["known_aes"] == ["CT1", "MR1"]
     assert b"CHU-NORD" in shown and b"hub.example" in shown  # other answers echo as typed
     assert token.encode() not in shown and b"s3cret" not in shown, shown.decode(errors="replace")
+
+
+def test_the_console_asks_the_firewalls_networks_and_again_until_they_are_ones(
+        tmp_path: Path) -> None:
+    """No VM needed. Set up at the console, the appliance had empty firewall sets: every
+    DICOM connection out was dropped (forwarding to the site's PACS and C-MOVEs to its
+    workstations timed out) and no SSH came in; only a seed could name the networks. Now the
+    console asks them; a value that is not an IPv4 network is said and the line asked again.
+    No status page networks typed: the port stays open to every network (the set's
+    default, written by firewall_sets)."""
+    first = [("Site name", "CHU-EST"), ("AE title", ""), ("Modality AE", "CT1"),
+             ("Static address", "")]
+    seed, shown = _console(tmp_path, [
+        *first, ("PACS and workstations", "10.1.2.0/24, 10.1.3.7"),
+        ("Management networks", "fd00::/8"), ("Management networks", "10.9.0.0/16"),
+        ("status page and DICOMweb", "10.1.4.0/24"), ("Regional hub URL", "")])
+    said = shown.decode(errors="replace")
+    assert "fd00::/8 is not an IPv4 network (e.g. 10.1.2.0/24 or 10.1.2.50): type them " \
+           "again." in said, said
+    assert seed["firewall"] == {"lan_dicom": ["10.1.2.0/24", "10.1.3.7"],
+                                "management": ["10.9.0.0/16"], "http": ["10.1.4.0/24"]}
+    firstboot = _firstboot()
+    assert firstboot.seed_problems(seed) == []
+    assert firstboot.firewall_sets(seed["firewall"], []).splitlines()[1:] == [
+        "add element inet pas mgmt_nets { 10.9.0.0/16 }",
+        "add element inet pas lan_dicom { 10.1.2.0/24, 10.1.3.7 }",
+        "add element inet pas http_nets { 10.1.4.0/24 }"]
+    seed, _ = _console(tmp_path, [*first, *NO_NETWORKS, ("Regional hub URL", "")])
+    assert seed["firewall"] == {"lan_dicom": [], "management": []}
+    assert firstboot.firewall_sets(seed["firewall"], []).splitlines()[1:] == [
+        "add element inet pas http_nets { 0.0.0.0/0 }"]
 
 
 def test_the_console_says_a_token_of_another_site_at_once_and_asks_again(
@@ -398,7 +434,8 @@ def test_the_console_says_a_token_of_another_site_at_once_and_asks_again(
     A token that is not one is asked again; no site typed takes the token's."""
     sud, nord = _token("CHU-SUD", "sudSecretPart012345"), _token("CHU-NORD", "nordSecretPart01234")
     first = [("Site name", "CHU-NORD"), ("AE title", ""), ("Modality AE", "CT1"),
-             ("Static address", ""), ("Regional hub URL", "https://hub.example:8443")]
+             ("Static address", ""), *NO_NETWORKS,
+             ("Regional hub URL", "https://hub.example:8443")]
 
     # The token's site kept: Enter at the question asked again.
     seed, shown = _console(tmp_path, [*first, ("Enrolment token", sud), ("Site name", "")])
