@@ -271,6 +271,7 @@ def test_first_boot_writes_the_site_once_and_only_retries_the_enrolment(
     written: list[str] = []
     for step in ("write_network", "write_firewall", "write_ssh"):
         monkeypatch.setattr(firstboot, step, lambda _seed, step=step: written.append(step))
+    monkeypatch.setattr(firstboot, "allow_hub", lambda _seed: written.append("allow_hub"))
     hub_up = {"up": False}
     enrolments: list[list[str]] = []
 
@@ -295,7 +296,8 @@ def test_first_boot_writes_the_site_once_and_only_retries_the_enrolment(
     firstboot.main()  # second boot: still unreachable, IT's change kept
     hub_up["up"] = True
     firstboot.main()  # third boot: enrolled
-    assert seeds_read == [1] and written == ["write_network", "write_firewall", "write_ssh"]
+    assert seeds_read == [1]
+    assert written == ["write_network", "write_firewall", "write_ssh", "allow_hub", "allow_hub"]
     assert firstboot.CONFIG.read_text() == changed
     assert len(enrolments) == 3
     assert all(c[-5:] == ["--hub", "https://hub.example:8443", "--token", "-",
@@ -377,6 +379,63 @@ NO_NETWORKS = [("PACS and workstations", ""), ("Management networks", ""),
 def _token(site: str, secret: str = "s3cretTokenPart0123") -> str:
     """A token as ``pas hub token SITE`` prints it (SITE.SECRET.CAFP)."""
     return f"{site}.{secret}.{'ab' * 32}"
+
+
+def test_a_hub_name_that_did_not_resolve_at_first_boot_is_let_out_at_a_later_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No VM needed. The firewall lets out to the hub only its addresses, resolved when first
+    boot writes the sets. A hub name that did not resolve then (DNS not up yet) was never
+    added, though first boot said "allowing it after the next boot": later boots only tried
+    the enrolment, which the firewall dropped at every boot. Now each later boot's try
+    resolves the hub again into a file of its own, loaded before the enrolment; the site's
+    sets are left as IT may have changed them."""
+    from tests.image.test_firewall import check
+
+    firstboot = _firstboot()
+    etc, home = tmp_path / "etc", tmp_path / "var"
+    etc.mkdir()
+    for name, value in (("CONFIG", etc / "appliance.toml"), ("HOME", str(home)),
+                        ("MARKER", home / ".firstboot-done"),
+                        ("CONFIGURED", etc / ".firstboot-configured"),
+                        ("PENDING_HUB", etc / "firstboot-hub.toml"),
+                        ("SETS", etc / "pas-sets.nft"), ("HUB_SET", etc / "pas-hub.nft")):
+        monkeypatch.setattr(firstboot, name, value)
+    seed = {"site": "SITE-A", "firewall": {"management": ["10.9.0.0/16"]},
+            "hub": {"url": "https://hub.region.example:8443", "token": "SITE-A.SECRET"}}
+    monkeypatch.setattr(firstboot, "load_seed", lambda: seed)
+    for step in ("write_network", "write_ssh"):
+        monkeypatch.setattr(firstboot, step, lambda _seed: None)
+    dns = {"up": False}
+
+    def getaddrinfo(host: str, *_: object) -> list[tuple[Any, ...]]:
+        assert host == "hub.region.example"
+        if not dns["up"]:
+            raise OSError("Temporary failure in name resolution")
+        return [(2, 1, 6, "", ("198.18.5.10", 0)), (2, 2, 17, "", ("198.18.5.10", 0))]
+
+    monkeypatch.setattr(firstboot.socket, "getaddrinfo", getaddrinfo)
+    steps: list[str] = []
+
+    def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        steps.append(" ".join(command[:3]))
+        failed = "enroll" in command and not firstboot.HUB_SET.exists()  # the firewall drops
+        return subprocess.CompletedProcess(command, 1 if failed else 0, "", "")
+
+    monkeypatch.setattr(firstboot.subprocess, "run", run)
+
+    firstboot.main()  # first boot: no DNS yet
+    assert "hub_addrs" not in firstboot.SETS.read_text()
+    assert not firstboot.MARKER.exists() and not firstboot.HUB_SET.exists()
+    sets = firstboot.SETS.read_text()
+    dns["up"] = True
+    steps.clear()
+    firstboot.main()  # a later boot: resolved, let out, enrolled
+    assert firstboot.HUB_SET.read_text().splitlines()[1:] == [
+        "add element inet pas hub_addrs { 198.18.5.10 }"]
+    assert steps == ["systemctl restart nftables.service", "runuser -u pas"]
+    assert firstboot.MARKER.exists() and firstboot.SETS.read_text() == sets
+    loaded = check(tmp_path, sets + firstboot.HUB_SET.read_text())  # one ruleset, valid nft
+    assert loaded.returncode == 0, loaded.stderr
 
 
 def test_the_console_questions_do_not_show_the_enrolment_token(tmp_path: Path) -> None:
@@ -517,7 +576,7 @@ class _SeededBoot:
                             ("SEEDS", [self.seed_file])):
             monkeypatch.setattr(self.firstboot, name, value)
         self.written: list[str] = []
-        for step in ("write_network", "write_firewall", "write_ssh"):
+        for step in ("write_network", "write_firewall", "write_ssh", "allow_hub"):
             monkeypatch.setattr(self.firstboot, step,
                                 lambda _seed, step=step: self.written.append(step))
         self.commands: list[list[str]] = []
