@@ -76,6 +76,7 @@ cp -a "$here/rootfs/." "$rootfs/"
 install -m 0644 "$here/systemd/pas.service" "$here/systemd/pas-hub.service" \
   "$here/systemd/pas-backup.service" "$here/systemd/pas-backup.timer" \
   "$here/systemd/pas-hub-backup.service" "$here/systemd/pas-hub-backup.timer" \
+  "$here/systemd/pas-hub-addresses.service" "$here/systemd/pas-hub-addresses.timer" \
   "$rootfs/etc/systemd/system/"
 install -d "$rootfs/etc/systemd/system/pas.service.d.available"
 cp "$here/systemd/pas.service.d/"*.conf "$rootfs/etc/systemd/system/pas.service.d.available/"
@@ -103,7 +104,8 @@ chroot "$rootfs" systemd-sysusers
 # pas-backup.timer: the appliance's daily backup. pas-hub.service and pas-hub-backup.timer are
 # shipped but enabled only on a hub host (docs/operations.md).
 chroot "$rootfs" systemctl enable \
-  pas.service pas-backup.timer pas-firstboot.service systemd-networkd.service \
+  pas.service pas-backup.timer pas-hub-addresses.timer pas-firstboot.service \
+  systemd-networkd.service \
   systemd-resolved.service systemd-timesyncd.service nftables.service ssh.service >/dev/null 2>&1
 chroot "$rootfs" passwd -l root >/dev/null   # no password logins; SSH keys come with the seed
 

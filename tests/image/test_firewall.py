@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.image.test_image import _firstboot
+from tests.image.test_firstboot import _firstboot
 from tests.support.netns import NetNamespace
 from tests.support.peers import DCMTK_ENV, ROOT, PasProcess
 

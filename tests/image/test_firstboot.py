@@ -1,0 +1,621 @@
+"""pas-firstboot (image/rootfs/usr/local/sbin/pas-firstboot), no VM needed: the seed and the
+console questions, what it writes (the configuration, the firewall's sets), the enrolment
+and its later tries, the hub's addresses let out by the firewall. Its steps that touch the
+system are recorded, or pointed at files under the test's folder; ``pas config check`` is
+this checkout's where the test says so. The booted image is tests/image/test_image.py's.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.peers import PAS_BIN, ROOT
+
+
+def test_the_configuration_first_boot_writes_keeps_the_home_and_the_shipped_keys(
+        tmp_path: Path) -> None:
+    """No VM needed. pas-firstboot replaces the shipped /etc/pas/appliance.toml with one made
+    from the seed; it left out ``home``, so on every seeded appliance ``pas status`` in an
+    administrator's shell read ./var (docs/operations.md says it reads /var/lib/pas), and
+    dropped the shipped ``storage.min_free_mb``."""
+    import tomllib
+
+    from appliance.config import load_settings
+
+    firstboot = _firstboot()
+
+    # A title given twice is one entry (PAS refuses a title listed twice).
+    seed = {"site": "CH-Exemple", "ae_title": "PAS", "known_aes": ["CT_URG", "MR1", "CT_URG "]}
+    written = tmp_path / "appliance.toml"
+    written.write_text(firstboot.config_text(seed))
+    shell: dict[str, str] = {}  # an administrator's shell: no PAS_HOME, no PAS_CONFIG
+    settings = load_settings(written, shell)
+    unit = (ROOT / "image" / "systemd" / "pas.service").read_text()
+    (unit_home,) = re.findall(r"^Environment=PAS_HOME=(\S+)$", unit, re.M)
+    assert str(settings.home) == unit_home
+    assert settings.site == "CH-Exemple" and settings.dicom.ae_title == "PAS"
+    assert [a.title for a in settings.dicom.known_aes] == ["CT_URG", "MR1"]
+    assert not settings.dicom.accept_unknown
+    assert settings.http.host == "0.0.0.0"
+    # Every key the shipped file sets and the seed does not answer keeps its shipped value.
+    shipped = tomllib.loads((ROOT / "config" / "appliance.toml").read_text())
+    mine = tomllib.loads(written.read_text())
+    for key, value in shipped.items():
+        if isinstance(value, dict):
+            for inner, inner_value in value.items():
+                if (key, inner) != ("dicom", "known_aes"):
+                    assert mine.get(key, {}).get(inner) == inner_value, f"{key}.{inner}"
+        elif key != "site":
+            assert mine.get(key) == value, key
+
+
+def test_first_boot_enrols_on_the_configuration_the_unit_runs_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No VM needed. pas-firstboot's ``pas enroll`` names the file pas.service's ``pas run``
+    reads (``--config``), so the enrolment lands under the home the daemon uses, whatever the
+    environment runuser passes on. The token goes through standard input, never the
+    command line (which every local user reads in the process list)."""
+    firstboot = _firstboot()
+    commands: list[tuple[list[str], object]] = []
+
+    def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        commands.append((command, kwargs.get("input")))
+        return subprocess.CompletedProcess(command, 0, "enrolled", "")
+
+    monkeypatch.setattr(firstboot.subprocess, "run", run)
+    token = "SITE-A.SECRET"
+    assert firstboot.enrol({"hub": {"url": "https://hub.example:8443", "token": token}})
+    ((command, given),) = commands
+    unit = (ROOT / "image" / "systemd" / "pas.service").read_text()
+    (unit_config,) = re.findall(r"^ExecStart=/usr/bin/pas run --config (\S+)$", unit, re.M)
+    assert command[command.index("enroll"):] == [
+        "enroll", "--config", unit_config, "--hub", "https://hub.example:8443", "--token", "-"]
+    assert given == f"{token}\n" and not any(token in word for word in command)
+
+
+def test_first_boot_writes_the_site_once_and_only_retries_the_enrolment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No VM needed. A first boot whose enrolment failed (the hub not reachable yet) ran whole
+    again at every boot: /etc/pas/appliance.toml, the network and the firewall sets were
+    written again from the seed, undoing what IT had changed since. Now the site's files are
+    written once; later boots only enrol, with the seed's hub kept root-only until then; an
+    appliance enrolled by hand meanwhile counts as enrolled."""
+    firstboot = _firstboot()
+    etc, home = tmp_path / "etc", tmp_path / "var"
+    etc.mkdir()
+    for name, value in (("CONFIG", etc / "appliance.toml"), ("HOME", str(home)),
+                        ("MARKER", home / ".firstboot-done"),
+                        ("CONFIGURED", etc / ".firstboot-configured"),
+                        ("PENDING_HUB", etc / "firstboot-hub.toml")):
+        monkeypatch.setattr(firstboot, name, value)
+    seed = {"site": "SITE-A", "known_aes": ["CT1"],
+            "hub": {"url": "https://hub.example:8443", "token": "SITE-A.SECRET"}}
+    seeds_read: list[int] = []
+    monkeypatch.setattr(firstboot, "load_seed", lambda: seeds_read.append(1) or seed)
+    written: list[str] = []
+    for step in ("write_network", "write_firewall", "write_ssh"):
+        monkeypatch.setattr(firstboot, step, lambda _seed, step=step: written.append(step))
+    monkeypatch.setattr(firstboot, "allow_hub", lambda _seed: written.append("allow_hub"))
+    hub_up = {"up": False}
+    enrolments: list[list[str]] = []
+
+    def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        if "enroll" in command:
+            enrolments.append([*command, str(kwargs.get("input"))])
+            if not hub_up["up"]:
+                return subprocess.CompletedProcess(command, 1, "", "hub unreachable")
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(firstboot.subprocess, "run", run)
+
+    firstboot.main()  # first boot: the hub cannot be reached yet
+    assert not firstboot.MARKER.exists() and firstboot.CONFIGURED.exists()
+    assert written == ["write_network", "write_firewall", "write_ssh"]
+    assert firstboot.PENDING_HUB.stat().st_mode & 0o777 == 0o600
+    config = firstboot.CONFIG.read_text()
+    assert 'title = "CT1"' in config
+    firstboot.CONFIG.write_text(config.replace('title = "CT1"', 'title = "CT1" }, { title = "MR2"'))
+    changed = firstboot.CONFIG.read_text()
+
+    firstboot.main()  # second boot: still unreachable, IT's change kept
+    hub_up["up"] = True
+    firstboot.main()  # third boot: enrolled
+    assert seeds_read == [1]
+    assert written == ["write_network", "write_firewall", "write_ssh", "allow_hub", "allow_hub"]
+    assert firstboot.CONFIG.read_text() == changed
+    assert len(enrolments) == 3
+    assert all(c[-5:] == ["--hub", "https://hub.example:8443", "--token", "-",
+                          "SITE-A.SECRET\n"] for c in enrolments)
+    assert firstboot.MARKER.exists() and not firstboot.PENDING_HUB.exists()
+
+    # Enrolled by hand after a failed first boot: the next boot does not enrol again.
+    for path in (firstboot.MARKER, firstboot.CONFIGURED):
+        path.unlink()
+    hub_up["up"] = False
+    firstboot.main()
+    assert not firstboot.MARKER.exists()
+    (home / "pki").mkdir(parents=True)
+    (home / "pki" / "hub.json").write_text("{}")
+    firstboot.main()
+    assert firstboot.MARKER.exists() and len(enrolments) == 4
+
+
+def _firstboot() -> Any:
+    """/usr/local/sbin/pas-firstboot as a module (a script without .py), to call its parts."""
+    import importlib.machinery
+    import importlib.util
+
+    script = ROOT / "image" / "rootfs" / "usr" / "local" / "sbin" / "pas-firstboot"
+    loader = importlib.machinery.SourceFileLoader("pas_firstboot", str(script))
+    spec = importlib.util.spec_from_loader("pas_firstboot", loader)
+    assert spec is not None
+    firstboot = importlib.util.module_from_spec(spec)
+    loader.exec_module(firstboot)
+    return firstboot
+
+
+def _console(tmp_path: Path, answers: list[tuple[str, str]]) -> tuple[dict[str, Any], bytes]:
+    """pas-firstboot's questions (``ask()``) on a pty, as on the console: each answer typed
+    once the line shown so far holds its prompt's words, in order. The seed they make and
+    everything the terminal showed."""
+    import json
+    import pty
+    import select
+    import sys
+
+    out = tmp_path / "seed.json"
+    out.unlink(missing_ok=True)
+    script = ROOT / "image" / "rootfs" / "usr" / "local" / "sbin" / "pas-firstboot"
+    child = ("import importlib.machinery, importlib.util, json, sys\n"
+             f"loader = importlib.machinery.SourceFileLoader('fb', {str(script)!r})\n"
+             "spec = importlib.util.spec_from_loader('fb', loader)\n"
+             "fb = importlib.util.module_from_spec(spec); loader.exec_module(fb)\n"
+             f"open({str(out)!r}, 'w').write(json.dumps(fb.ask()))\n")
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the pty is its controlling terminal, as the console is
+        os.execv(sys.executable, [sys.executable, "-c", child])
+    shown = b""
+    pending = list(answers)
+    while True:
+        ready, _, _ = select.select([fd], [], [], 30)
+        assert ready, f"no question after 30 s; the console showed {shown!r}"
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the child ended and closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+        if pending and pending[0][0].encode() in shown.rsplit(b"\n", 1)[-1] + chunk:
+            os.write(fd, pending.pop(0)[1].encode() + b"\n")
+    os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, shown.decode(errors="replace")
+    assert not pending, shown.decode(errors="replace")
+    return json.loads(out.read_text()), shown
+
+
+# The console's firewall questions, each answered with Enter.
+NO_NETWORKS = [("PACS and workstations", ""), ("Management networks", ""),
+               ("status page and DICOMweb", "")]
+
+
+def _token(site: str, secret: str = "s3cretTokenPart0123") -> str:
+    """A token as ``pas hub token SITE`` prints it (SITE.SECRET.CAFP)."""
+    return f"{site}.{secret}.{'ab' * 32}"
+
+
+def test_a_hub_name_that_did_not_resolve_at_first_boot_is_let_out_at_a_later_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No VM needed. The firewall lets out to the hub only its addresses, resolved when first
+    boot writes the sets. A hub name that did not resolve then (DNS not up yet) was never
+    added, though first boot said "allowing it after the next boot": later boots only tried
+    the enrolment, which the firewall dropped at every boot. Now each later boot's try
+    resolves the hub again into a file of its own, loaded before the enrolment; the site's
+    sets are left as IT may have changed them."""
+    from tests.image.test_firewall import check
+
+    firstboot = _firstboot()
+    etc, home = tmp_path / "etc", tmp_path / "var"
+    etc.mkdir()
+    for name, value in (("CONFIG", etc / "appliance.toml"), ("HOME", str(home)),
+                        ("MARKER", home / ".firstboot-done"),
+                        ("CONFIGURED", etc / ".firstboot-configured"),
+                        ("PENDING_HUB", etc / "firstboot-hub.toml"),
+                        ("SETS", etc / "pas-sets.nft"), ("HUB_SET", etc / "pas-hub.nft")):
+        monkeypatch.setattr(firstboot, name, value)
+    seed = {"site": "SITE-A", "firewall": {"management": ["10.9.0.0/16"]},
+            "hub": {"url": "https://hub.region.example:8443", "token": "SITE-A.SECRET"}}
+    monkeypatch.setattr(firstboot, "load_seed", lambda: seed)
+    for step in ("write_network", "write_ssh"):
+        monkeypatch.setattr(firstboot, step, lambda _seed: None)
+    dns = {"up": False}
+
+    def getaddrinfo(host: str, *_: object) -> list[tuple[Any, ...]]:
+        assert host == "hub.region.example"
+        if not dns["up"]:
+            raise OSError("Temporary failure in name resolution")
+        return [(2, 1, 6, "", ("198.18.5.10", 0)), (2, 2, 17, "", ("198.18.5.10", 0))]
+
+    monkeypatch.setattr(firstboot.socket, "getaddrinfo", getaddrinfo)
+    steps: list[str] = []
+
+    def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        steps.append(" ".join(command[:3]))
+        failed = "enroll" in command and not firstboot.HUB_SET.exists()  # the firewall drops
+        return subprocess.CompletedProcess(command, 1 if failed else 0, "", "")
+
+    monkeypatch.setattr(firstboot.subprocess, "run", run)
+
+    firstboot.main()  # first boot: no DNS yet
+    assert "hub_addrs" not in firstboot.SETS.read_text()
+    assert not firstboot.MARKER.exists() and not firstboot.HUB_SET.exists()
+    sets = firstboot.SETS.read_text()
+    dns["up"] = True
+    steps.clear()
+    firstboot.main()  # a later boot: resolved, let out, enrolled
+    assert firstboot.HUB_SET.read_text().splitlines()[1:] == [
+        "add element inet pas hub_addrs { 198.18.5.10 }"]
+    assert steps == ["systemctl restart nftables.service", "runuser -u pas"]
+    assert firstboot.MARKER.exists() and firstboot.SETS.read_text() == sets
+    loaded = check(tmp_path, sets + firstboot.HUB_SET.read_text())  # one ruleset, valid nft
+    assert loaded.returncode == 0, loaded.stderr
+
+
+def test_the_hourly_step_follows_the_enrolled_hubs_addresses_and_keeps_them_in_an_outage(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No VM needed. Once enrolled nothing resolved the hub again: a hub the region moved to
+    another address was dropped by every appliance's firewall until someone edited the set
+    on each. Now ``pas-firstboot --hub-addresses`` (pas-hub-addresses.timer, hourly) resolves
+    the enrolled hub (pki/hub.json) and rewrites its set and reloads the firewall only when
+    the addresses changed; a name that does not resolve keeps the last ones."""
+    import json
+
+    firstboot = _firstboot()
+    home = tmp_path / "var"
+    (home / "pki").mkdir(parents=True)
+    (home / "pki" / "hub.json").write_text(json.dumps({"url": "https://hub.region.example:8443",
+                                                       "site": "SITE-A"}))
+    for name, value in (("HOME", str(home)), ("PENDING_HUB", tmp_path / "none.toml"),
+                        ("HUB_SET", tmp_path / "pas-hub.nft")):
+        monkeypatch.setattr(firstboot, name, value)
+    answer: dict[str, list[str]] = {"addresses": ["198.18.5.10"]}
+
+    def getaddrinfo(host: str, *_: object) -> list[tuple[Any, ...]]:
+        assert host == "hub.region.example"
+        if not answer["addresses"]:
+            raise OSError("Temporary failure in name resolution")
+        return [(2, 1, 6, "", (address, 0)) for address in answer["addresses"]]
+
+    monkeypatch.setattr(firstboot.socket, "getaddrinfo", getaddrinfo)
+    reloads: list[list[str]] = []
+    monkeypatch.setattr(firstboot.subprocess, "run",
+                        lambda command, **_: reloads.append(command))
+
+    def hourly() -> list[str]:
+        firstboot.allow_hub(firstboot.enrolled_hub())
+        return firstboot.HUB_SET.read_text().splitlines()[1:]
+
+    assert hourly() == ["add element inet pas hub_addrs { 198.18.5.10 }"]
+    assert hourly() == ["add element inet pas hub_addrs { 198.18.5.10 }"]
+    assert reloads == [["systemctl", "restart", "nftables.service"]]  # once: unchanged after
+    answer["addresses"] = ["198.18.7.20", "198.18.5.10"]  # the region moved or added one
+    assert hourly() == ["add element inet pas hub_addrs { 198.18.5.10, 198.18.7.20 }"]
+    answer["addresses"] = []  # a DNS outage: the link is not cut
+    assert hourly() == ["add element inet pas hub_addrs { 198.18.5.10, 198.18.7.20 }"]
+    assert len(reloads) == 2
+
+
+def test_the_hub_address_units_verify_and_run_the_step_hourly(tmp_path: Path) -> None:
+    """The service and its timer as the image installs them (build.sh installs and enables
+    the timer), with the script at this checkout's path for systemd-analyze."""
+    units = ROOT / "image" / "systemd"
+    script = ROOT / "image" / "rootfs" / "usr" / "local" / "sbin" / "pas-firstboot"
+    for name in ("pas-hub-addresses.service", "pas-hub-addresses.timer"):
+        (tmp_path / name).write_text((units / name).read_text().replace(
+            "/usr/local/sbin/pas-firstboot", str(script)))
+    result = subprocess.run(["systemd-analyze", "verify",
+                             *(str(tmp_path / f"pas-hub-addresses.{kind}")
+                               for kind in ("service", "timer"))],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
+    service = (units / "pas-hub-addresses.service").read_text()
+    assert re.search(r"^ExecStart=/usr/local/sbin/pas-firstboot --hub-addresses$", service, re.M)
+    assert re.search(r"^OnUnitActiveSec=1h$", (units / "pas-hub-addresses.timer").read_text(),
+                     re.M)
+    build = (ROOT / "image" / "build.sh").read_text()
+    assert '"$here/systemd/pas-hub-addresses.timer"' in build
+    assert "pas-hub-addresses.timer" in build.split("systemctl enable", 1)[1].split("\n\n")[0]
+
+
+def test_the_console_questions_do_not_show_the_enrolment_token(tmp_path: Path) -> None:
+    """At the console (no seed), pas-firstboot asks its questions on a terminal that a KVM
+    switch, a shared screen or a recorder may show: the enrolment token (a credential that
+    enrols a site) is read without echo, the other answers are shown as typed."""
+    token = _token("CHU-NORD")
+    seed, shown = _console(tmp_path, [
+        ("Site name", "CHU-NORD"), ("AE title", ""), ("Modality AE", "CT1,MR1"),
+        ("Static address", ""), *NO_NETWORKS, ("Regional hub URL", "https://hub.example:8443"),
+        ("Enrolment token", token)])
+    assert seed["hub"] == {"url": "https://hub.example:8443", "token": token}
+    assert seed["site"] == "CHU-NORD" and seed["known_aes"] == ["CT1", "MR1"]
+    assert b"CHU-NORD" in shown and b"hub.example" in shown  # other answers echo as typed
+    assert token.encode() not in shown and b"s3cret" not in shown, shown.decode(errors="replace")
+
+
+def test_the_console_asks_the_firewalls_networks_and_again_until_they_are_ones(
+        tmp_path: Path) -> None:
+    """No VM needed. Set up at the console, the appliance had empty firewall sets: every
+    DICOM connection out was dropped (forwarding to the site's PACS and C-MOVEs to its
+    workstations timed out) and no SSH came in; only a seed could name the networks. Now the
+    console asks them; a value that is not an IPv4 network is said and the line asked again.
+    No status page networks typed: the port stays open to every network (the set's
+    default, written by firewall_sets)."""
+    first = [("Site name", "CHU-EST"), ("AE title", ""), ("Modality AE", "CT1"),
+             ("Static address", "")]
+    seed, shown = _console(tmp_path, [
+        *first, ("PACS and workstations", "10.1.2.0/24, 10.1.3.7"),
+        ("Management networks", "fd00::/8"), ("Management networks", "10.9.0.0/16"),
+        ("status page and DICOMweb", "10.1.4.0/24"), ("Regional hub URL", "")])
+    said = shown.decode(errors="replace")
+    assert "fd00::/8 is not an IPv4 network (e.g. 10.1.2.0/24 or 10.1.2.50): type them " \
+           "again." in said, said
+    assert seed["firewall"] == {"lan_dicom": ["10.1.2.0/24", "10.1.3.7"],
+                                "management": ["10.9.0.0/16"], "http": ["10.1.4.0/24"]}
+    firstboot = _firstboot()
+    assert firstboot.seed_problems(seed) == []
+    assert firstboot.firewall_sets(seed["firewall"], []).splitlines()[1:] == [
+        "add element inet pas mgmt_nets { 10.9.0.0/16 }",
+        "add element inet pas lan_dicom { 10.1.2.0/24, 10.1.3.7 }",
+        "add element inet pas http_nets { 10.1.4.0/24 }"]
+    seed, _ = _console(tmp_path, [*first, *NO_NETWORKS, ("Regional hub URL", "")])
+    assert seed["firewall"] == {"lan_dicom": [], "management": []}
+    assert firstboot.firewall_sets(seed["firewall"], []).splitlines()[1:] == [
+        "add element inet pas http_nets { 0.0.0.0/0 }"]
+
+
+def test_the_console_says_a_token_of_another_site_at_once_and_asks_again(
+        tmp_path: Path) -> None:
+    """The site is asked first, the token later. A token of another site than the one typed
+    was taken as it was: ``pas enroll`` then refused it (the token unspent), and every later
+    boot tried again until /etc/pas was fixed by hand. Now the mismatch is said at once and
+    the site asked again, the token's the default; another answer asks that site's token.
+    A token that is not one is asked again; no site typed takes the token's."""
+    sud, nord = _token("CHU-SUD", "sudSecretPart012345"), _token("CHU-NORD", "nordSecretPart01234")
+    first = [("Site name", "CHU-NORD"), ("AE title", ""), ("Modality AE", "CT1"),
+             ("Static address", ""), *NO_NETWORKS,
+             ("Regional hub URL", "https://hub.example:8443")]
+
+    # The token's site kept: Enter at the question asked again.
+    seed, shown = _console(tmp_path, [*first, ("Enrolment token", sud), ("Site name", "")])
+    said = shown.decode(errors="replace")
+    assert ("This token is for site CHU-SUD, not CHU-NORD: the hub would enrol the appliance "
+            "as CHU-SUD.") in said, said
+    assert "[CHU-SUD]: " in said.rsplit("This token is for site", 1)[1], said
+    assert seed["site"] == "CHU-SUD" and seed["hub"]["token"] == sud
+    assert "sudSecret" not in said
+
+    # The site typed kept: its token asked again (a mistyped one said and asked once more).
+    seed, shown = _console(tmp_path, [*first, ("Enrolment token", sud), ("Site name", "CHU-NORD"),
+                                      ("Enrolment token", "CHU-NORD.typo"),
+                                      ("Enrolment token", nord)])
+    said = shown.decode(errors="replace")
+    assert "That is not an enrolment token (SITE.SECRET.CAFP" in said, said
+    assert seed["site"] == "CHU-NORD" and seed["hub"]["token"] == nord
+    assert "Secret" not in said and "typo" not in said
+
+    # No site typed: the token's. No token (enrol later): the site typed, no hub.
+    seed, _ = _console(tmp_path, [("Site name", ""), *first[1:], ("Enrolment token", sud)])
+    assert seed["site"] == "CHU-SUD" and seed["hub"]["token"] == sud
+    seed, _ = _console(tmp_path, [*first, ("Enrolment token", "")])
+    assert seed["site"] == "CHU-NORD" and "hub" not in seed
+
+
+def test_a_seed_whose_site_is_not_its_tokens_is_refused_in_one_line_before_anything(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No VM needed. A seed saying site = "CHU-B" with a token of CHU-A was written whole (the
+    configuration, network, firewall, SSH keys, the site marked configured), then ``pas
+    enroll`` refused the token at this boot and every later one, until IT found and fixed
+    /etc/pas by hand. Now the seed is checked first: one line naming both sites and the
+    fix, nothing written, no command run; fixed, the next boot configures and enrols."""
+    import tomllib
+
+    booting = _SeededBoot(tmp_path, monkeypatch)
+    firstboot, seed_file, refused = booting.firstboot, booting.seed_file, booting.refused
+    token = _token("CHU-A", "theSecretPart012345")
+    hub = f'[hub]\nurl = "https://hub.example:8443"\ntoken = "{token}"\n'
+
+    seed_file.write_text(f'site = "CHU-B"\nknown_aes = ["CT1"]\n{hub}')
+    assert refused() == (
+        f'pas-firstboot: {seed_file} says site = "CHU-B" but its [hub] token is for site '
+        "CHU-A (the hub would enrol the appliance as CHU-A): nothing configured. Put site = "
+        '"CHU-A" in the seed, or a token of CHU-B (pas hub token CHU-B at the region), then '
+        "reboot (or systemctl start pas-firstboot)")
+    seed_file.write_text('site = "CHU-A"\n[hub]\nurl = "https://hub.example:8443"\n'
+                         'token = "CHU-A.short"\n')
+    assert refused().startswith(f"pas-firstboot: {seed_file}: [hub] token is not an enrolment "
+                                "token (SITE.SECRET.CAFP")
+
+    # Fixed (the site left out: the token's): configured and enrolled at the next boot.
+    seed_file.write_text(f'known_aes = ["CT1"]\n{hub}')
+    firstboot.main()
+    assert tomllib.loads(firstboot.CONFIG.read_text())["site"] == "CHU-A"
+    assert firstboot.MARKER.exists() and booting.written == ["write_network",
+                                                             "write_firewall", "write_ssh"]
+    (enrolment,) = [c for c in booting.commands if "enroll" in c]
+    assert enrolment[-1] == f"{token}\n"
+
+
+class _SeededBoot:
+    """pas-firstboot (``_firstboot()``) on a seed file under ``tmp_path``: its files there,
+    its steps that touch the system recorded instead (network, firewall, SSH keys, every
+    command: ``pas config check`` and ``pas enroll`` answer success; with ``real_check``,
+    ``pas config check`` is this tree's own)."""
+
+    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                 real_check: bool = False) -> None:
+        self.firstboot = _firstboot()
+        self.etc, self.home = tmp_path / "etc", tmp_path / "var"
+        self.etc.mkdir()
+        self.seed_file = tmp_path / "boot" / "pas-seed.toml"
+        self.seed_file.parent.mkdir()
+        for name, value in (("CONFIG", self.etc / "appliance.toml"), ("HOME", str(self.home)),
+                            ("MARKER", self.home / ".firstboot-done"),
+                            ("CONFIGURED", self.etc / ".firstboot-configured"),
+                            ("PENDING_HUB", self.etc / "firstboot-hub.toml"),
+                            ("SEEDS", [self.seed_file])):
+            monkeypatch.setattr(self.firstboot, name, value)
+        self.written: list[str] = []
+        for step in ("write_network", "write_firewall", "write_ssh", "allow_hub"):
+            monkeypatch.setattr(self.firstboot, step,
+                                lambda _seed, step=step: self.written.append(step))
+        self.commands: list[list[str]] = []
+        real_run = subprocess.run  # the script's module is this one: patched below
+
+        def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+            self.commands.append([*command, str(kwargs.get("input") or "")])
+            if real_check and command[:3] == ["/usr/bin/pas", "config", "check"]:
+                clean = {k: v for k, v in os.environ.items() if not k.startswith("PAS_")}
+                return real_run([str(PAS_BIN), *command[1:]], capture_output=True,
+                                text=True, env=clean, timeout=60)
+            return subprocess.CompletedProcess(command, 0, "", "")
+
+        monkeypatch.setattr(self.firstboot.subprocess, "run", run)
+
+    def refused(self) -> str:
+        """The one line a refused seed stops first boot with (SystemExit: the unit fails),
+        once shown that nothing was written and no command but modprobe ran (the token is
+        not spent)."""
+        with pytest.raises(SystemExit) as stopped:
+            self.firstboot.main()
+        line = str(stopped.value.code)
+        assert "\n" not in line and "theSecret" not in line, line
+        assert sorted(p.name for p in self.etc.iterdir()) == [] and not self.home.exists()
+        assert self.written == []
+        assert [c[0] for c in self.commands] == ["modprobe"] * len(self.commands)
+        return line
+
+
+def test_a_seed_that_is_not_toml_or_not_of_its_types_is_refused_in_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No VM needed. A seed that was not TOML (an array left open) stopped first boot on a
+    Python traceback (tomllib.TOMLDecodeError) that named no file; ``site = 5`` on another
+    (AttributeError); ``known_aes = "CT1"`` was configured as the three modalities C, T and
+    1, a [hub] without url as "no hub in the seed" (the token never used), and both ended
+    "configured". Now each is one line naming the seed file, where or which key, and the fix;
+    nothing written, no command run, the token unspent; fixed, the next boot configures."""
+    import tomllib
+
+    booting = _SeededBoot(tmp_path, monkeypatch)
+    seed_file, refused = booting.seed_file, booting.refused
+    token = _token("CHU-A", "theSecretPart012345")
+    hub = f'[hub]\nurl = "https://hub.example:8443"\ntoken = "{token}"\n'
+    fix = "nothing configured. Fix the seed, then reboot (or systemctl start pas-firstboot)"
+
+    seed_file.write_text(f'site = "CHU-A"\nknown_aes = ["CT1", "MR1"\n{hub}')
+    assert refused() == (f"pas-firstboot: {seed_file} is not valid TOML (Unclosed array (at "
+                         f"line 3, column 1)): {fix}")
+    seed_file.write_bytes(b'site = "CHU-\xe9"\n')  # Latin-1, as an old editor saves it
+    assert refused() == f"pas-firstboot: {seed_file} is not UTF-8 text (byte 12): {fix}"
+
+    for seed, problem in (
+            ("site = 5\n", 'site: must be text in quotes (site = "..."), got 5'),
+            ('known_aes = "CT1"\n', "known_aes: must be a list of texts in quotes (known_aes "
+                                    '= ["...", "..."]), got "CT1"'),
+            (f'[hub]\ntoken = "{token}"\n', "hub.url: missing (a [hub] needs it)"),
+            (f'hub = "{token}"\n', "hub: must be a table ([hub] on its own line, its keys "
+                                   "below), got (not shown)"),
+            ("accept_unknown = 1\n", "accept_unknown: must be true or false (accept_unknown "
+                                     "= true), got 1"),
+            ('known_ae = ["CT1"]\n', "known_ae: unknown key (the seed's keys: site, "
+                                     "ae_title, known_aes, accept_unknown, network, firewall, "
+                                     "hub, ssh)"),
+            ('[network]\naddress = "10.1.2.300/24"\ngateway = "10.1.2.1"\n',
+             'network.address: must be an address with its prefix, e.g. "10.1.2.20/24", got '
+             '"10.1.2.300/24"'),
+            # The firewall's sets are IPv4: an IPv6 network failed the whole ruleset's load.
+            ('[firewall]\nhttp = ["fd00:1::/64"]\n',
+             'firewall.http: must be IPv4 networks, e.g. ["10.1.2.0/24"], got "fd00:1::/64"'),
+            (f'[hub]\nurl = "http://hub.example:8443"\ntoken = "{token}"\n',
+             'hub.url: must start with https:// (the hub\'s address, e.g. '
+             '"https://hub.region.example:8443"), got "http://hub.example:8443"')):
+        seed_file.write_text(seed)
+        assert refused() == f"pas-firstboot: {seed_file}: {problem}: {fix}", seed
+
+    seed_file.write_text(f'site = 5\nknown_aes = "CT1"\n{hub}')  # every problem, one line
+    assert refused().startswith(f"pas-firstboot: {seed_file}: site: must be text in quotes "
+                                '(site = "..."), got 5; known_aes: must be')
+
+    seed_file.write_text(f'site = "CHU-A"\nknown_aes = ["CT1", "MR1"]\n{hub}')  # fixed
+    booting.firstboot.main()
+    config = tomllib.loads(booting.firstboot.CONFIG.read_text())
+    assert config["site"] == "CHU-A"
+    assert [entry["title"] for entry in config["dicom"]["known_aes"]] == ["CT1", "MR1"]
+    (enrolment,) = [c for c in booting.commands if "enroll" in c]
+    assert enrolment[-1] == f"{token}\n" and booting.firstboot.MARKER.exists()
+
+
+def test_the_configuration_names_no_site_when_first_boot_was_given_none(
+        tmp_path: Path) -> None:
+    """No VM needed. No site and no token (enrol later): first boot wrote site = "PAS", and
+    the ``pas enroll`` the docs then give refused every real site's token (the configuration
+    names another site). Now no site is named: the enrolment names it. The token pattern is
+    the appliance's own."""
+    from appliance.config import configured_site, load_settings
+    from appliance.transfer.enrolment import TOKEN_RE
+
+    firstboot = _firstboot()
+    written = tmp_path / "appliance.toml"
+    written.write_text(firstboot.config_text({"ae_title": "PAS", "known_aes": ["CT1"]}))
+    assert configured_site(load_settings(written, {})) is None
+    written.write_text(firstboot.config_text({"site": "CHU-A"}))
+    assert configured_site(load_settings(written, {})) == "CHU-A"
+    assert firstboot.TOKEN_RE.pattern == TOKEN_RE.pattern
+
+
+def test_a_seed_pas_refuses_leaves_the_shipped_configuration_in_place(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No VM needed; this tree's real ``pas config check``. A seed of the right form whose
+    values PAS refuses (an AE title of 25 characters) replaced the shipped
+    /etc/pas/appliance.toml with the refused one, so pas.service (ordered after first boot,
+    not requiring it) failed to start too, and the words came on two lines, the second
+    without ``pas-firstboot:``. Now the configuration is checked beside it first: one line
+    with PAS's own words, the shipped file byte for byte, nothing else written, the token
+    unspent; fixed, the next boot configures."""
+    import hashlib
+
+    booting = _SeededBoot(tmp_path, monkeypatch, real_check=True)
+    firstboot = booting.firstboot
+    shipped = (ROOT / "config" / "appliance.toml").read_bytes()
+    firstboot.CONFIG.write_bytes(shipped)
+    token = _token("CHU-A", "theSecretPart012345")
+    hub = f'[hub]\nurl = "https://hub.example:8443"\ntoken = "{token}"\n'
+    booting.seed_file.write_text(f'ae_title = "THIS_AE_TITLE_IS_TOO_LONG"\n{hub}')
+
+    with pytest.raises(SystemExit) as stopped:
+        firstboot.main()
+    line = str(stopped.value.code)
+    assert line == (
+        "pas-firstboot: the site's answers make a configuration PAS refuses (config error "
+        "dicom.ae_title: must be 1-16 printable characters without backslash, got "
+        "'THIS_AE_TITLE_IS_TOO_LONG'): nothing configured. Fix the seed (or the answers at "
+        "the console), then reboot (or systemctl start pas-firstboot)"), line
+    assert hashlib.sha256(firstboot.CONFIG.read_bytes()).digest() == \
+        hashlib.sha256(shipped).digest()
+    assert [p.name for p in booting.etc.iterdir()] == ["appliance.toml"]
+    assert not booting.home.exists() and booting.written == []
+    assert not [c for c in booting.commands if "enroll" in c]
+
+    booting.seed_file.write_text(f'ae_title = "PAS_CHU_A"\n{hub}')  # fixed
+    firstboot.main()
+    assert 'ae_title = "PAS_CHU_A"' in firstboot.CONFIG.read_text()
+    assert sorted(p.name for p in booting.etc.iterdir()) == [".firstboot-configured",
+                                                             "appliance.toml"]
+    (enrolment,) = [c for c in booting.commands if "enroll" in c]
+    assert enrolment[-1] == f"{token}\n" and firstboot.MARKER.exists()
