@@ -67,9 +67,12 @@ class KnownAE(_Section):
 
     @model_validator(mode="after")
     def _host_to_check(self) -> KnownAE:
-        if self.tls_check_hostname and self.host is None:
-            raise _cross_field("tls_check_hostname", "needs host: the address the "
-                               "modality's certificate must name")
+        # Without both, the reports go to a move destination's address under its own flag,
+        # or nowhere: the key would be accepted and do nothing.
+        if self.tls_check_hostname and (self.host is None or self.port is None):
+            raise _cross_field("tls_check_hostname", "needs host and port: where the "
+                               "reports go, the address the modality's certificate must "
+                               "name")
         return self
 
 
@@ -218,6 +221,19 @@ class DicomSection(_Section):
                 raise _cross_field(f"known_aes[{number}].tls",
                                    f"{known.title} is called back over TLS: dicom.tls.ca "
                                    "(the modalities' CA) is required")
+        return self
+
+    @model_validator(mode="after")
+    def _hostname_checked_over_tls(self) -> DicomSection:
+        """``tls_check_hostname`` on an AE called back in clear checks nothing: refused, not
+        accepted as a protection it does not give."""
+        for number, known in enumerate(self.known_aes):
+            over_tls = self.tls.enabled if known.tls is None else known.tls
+            if known.tls_check_hostname and not over_tls:
+                raise _cross_field(f"known_aes[{number}].tls_check_hostname",
+                                   f"{known.title} is called back in clear (its tls, else "
+                                   "dicom.tls.enabled, is false): there is no certificate to "
+                                   "check")
         return self
 
 

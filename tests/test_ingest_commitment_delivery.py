@@ -165,14 +165,44 @@ def test_a_report_over_tls_goes_only_to_a_certificate_naming_the_address_when_ch
         assert [uid for uid, _ in modality.reports] == [transaction]
     finally:
         modality.stop()
+    # Checked, at the address its certificate names: delivered (the check is not a refusal
+    # of every certificate).
+    named = Modality("CT3", "127.0.0.1", port, server_side)
+    try:
+        config = DicomSection(tls=tls, known_aes=[{"title": "CT3", "host": "127.0.0.1",
+                                                   "port": port, "tls_check_hostname": True}])
+        scp = StorageCommitmentScp(config, db, Spool(tmp_path / "spool"))
+        transaction = generate_uid()
+        scp.deliver(_request(db, transaction, "CT3"))
+        assert [uid for uid, _ in named.reports] == [transaction]
+    finally:
+        named.stop()
+    # Unchecked, to a modality that speaks no TLS there: the error does not name the check.
+    clear_port = free_port()
+    clear = Modality("CT4", "127.0.0.1", clear_port)
+    try:
+        config = DicomSection(tls=tls, known_aes=[{"title": "CT4", "host": "127.0.0.1",
+                                                   "port": clear_port}])
+        scp = StorageCommitmentScp(config, db, Spool(tmp_path / "spool"))
+        transaction = generate_uid()
+        scp.deliver(_request(db, transaction, "CT4"))
+        assert clear.reports == []
+        assert _row(db, transaction)["last_error"].endswith(
+            " failed (TLS: handshake refused, or the modality does not speak TLS there)")
+    finally:
+        clear.stop()
     toml = tmp_path / "pas.toml"
-    toml.write_text(f'home = "{tmp_path / "home"}"\n[dicom]\n'
-                    'known_aes = [{title = "CT1", tls_check_hostname = true}]\n')
-    with pytest.raises(ConfigError) as refused:
-        load_settings(toml)
-    assert refused.value.problems == [
-        "dicom.known_aes.0.tls_check_hostname: needs host: the address the modality's "
-        "certificate must name"]
+    for known, problem in (
+            ('{title = "CT1", host = "10.1.1.1", tls_check_hostname = true}',
+             "dicom.known_aes.0.tls_check_hostname: needs host and port: where the reports "
+             "go, the address the modality's certificate must name"),
+            ('{title = "CT1", host = "10.1.1.1", port = 104, tls_check_hostname = true}',
+             "dicom.known_aes[0].tls_check_hostname: CT1 is called back in clear (its tls, "
+             "else dicom.tls.enabled, is false): there is no certificate to check")):
+        toml.write_text(f'home = "{tmp_path / "home"}"\n[dicom]\nknown_aes = [{known}]\n')
+        with pytest.raises(ConfigError) as refused:
+            load_settings(toml)
+        assert refused.value.problems == [problem]
 
 
 def test_tls_false_calls_back_in_clear_and_tls_without_a_ca_is_refused_naming_the_key(

@@ -360,9 +360,10 @@ class StorageCommitmentScp:
             why = "rejected" if assoc.is_rejected else "failed"
             if tls and not assoc.is_rejected:
                 # pynetdicom logs the handshake's own error, and returns no association.
-                why += (" (TLS: handshake refused, the modality does not speak TLS there"
-                        + (f", or its certificate does not name {host} (tls_check_hostname)"
-                           if checked else "") + ")")
+                why += (f" (TLS: handshake refused, the modality does not speak TLS there, or "
+                        f"its certificate does not name {host} (tls_check_hostname))"
+                        if checked else " (TLS: handshake refused, or the modality does not "
+                        "speak TLS there)")
             return f"association to {request.calling_ae} at {host}:{port} {why}"
         try:
             if not assoc.accepted_contexts:
