@@ -17,6 +17,8 @@ import pytest
 
 from tests.support.peers import PAS_BIN, ROOT
 
+NFT_CONF = ROOT / "image" / "rootfs" / "etc" / "nftables.conf"
+
 
 def test_the_configuration_first_boot_writes_keeps_the_home_and_the_shipped_keys(
         tmp_path: Path) -> None:
@@ -228,7 +230,8 @@ def test_a_hub_name_that_did_not_resolve_at_first_boot_is_let_out_at_a_later_one
                         ("MARKER", home / ".firstboot-done"),
                         ("CONFIGURED", etc / ".firstboot-configured"),
                         ("PENDING_HUB", etc / "firstboot-hub.toml"),
-                        ("SETS", etc / "pas-sets.nft"), ("HUB_SET", etc / "pas-hub.nft")):
+                        ("SETS", etc / "pas-sets.nft"), ("HUB_SET", etc / "pas-hub.nft"),
+                        ("NFT_CONF", NFT_CONF)):
         monkeypatch.setattr(firstboot, name, value)
     seed = {"site": "SITE-A", "firewall": {"management": ["10.9.0.0/16"]},
             "hub": {"url": "https://hub.region.example:8443", "token": "SITE-A.SECRET"}}
@@ -245,9 +248,12 @@ def test_a_hub_name_that_did_not_resolve_at_first_boot_is_let_out_at_a_later_one
 
     monkeypatch.setattr(firstboot.socket, "getaddrinfo", getaddrinfo)
     steps: list[str] = []
+    real_run = subprocess.run
 
     def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
         steps.append(" ".join(command[:3]))
+        if command[0] == "nft":  # the check before a sets file is written: the real one
+            return real_run(command, **kwargs)  # type: ignore[call-overload,no-any-return]
         failed = "enroll" in command and not firstboot.HUB_SET.exists()  # the firewall drops
         return subprocess.CompletedProcess(command, 1 if failed else 0, "", "")
 
@@ -262,7 +268,8 @@ def test_a_hub_name_that_did_not_resolve_at_first_boot_is_let_out_at_a_later_one
     firstboot.main()  # a later boot: resolved, let out, enrolled
     assert firstboot.HUB_SET.read_text().splitlines()[1:] == [
         "add element inet pas hub_addrs { 198.18.5.10 }"]
-    assert steps == ["systemctl restart nftables.service", "runuser -u pas"]
+    assert steps == ["nft -c -f", "systemctl reload-or-restart nftables.service",
+                     "runuser -u pas"]
     assert firstboot.MARKER.exists() and firstboot.SETS.read_text() == sets
     loaded = check(tmp_path, sets + firstboot.HUB_SET.read_text())  # one ruleset, valid nft
     assert loaded.returncode == 0, loaded.stderr
@@ -282,8 +289,10 @@ def test_the_hourly_step_follows_the_enrolled_hubs_addresses_and_keeps_them_in_a
     (home / "pki").mkdir(parents=True)
     (home / "pki" / "hub.json").write_text(json.dumps({"url": "https://hub.region.example:8443",
                                                        "site": "SITE-A"}))
+    (tmp_path / "nftables.d").mkdir()
     for name, value in (("HOME", str(home)), ("PENDING_HUB", tmp_path / "none.toml"),
-                        ("HUB_SET", tmp_path / "pas-hub.nft")):
+                        ("HUB_SET", tmp_path / "nftables.d" / "pas-hub.nft"),
+                        ("NFT_CONF", NFT_CONF)):
         monkeypatch.setattr(firstboot, name, value)
     answer: dict[str, list[str]] = {"addresses": ["198.18.5.10"]}
 
@@ -295,8 +304,15 @@ def test_the_hourly_step_follows_the_enrolled_hubs_addresses_and_keeps_them_in_a
 
     monkeypatch.setattr(firstboot.socket, "getaddrinfo", getaddrinfo)
     reloads: list[list[str]] = []
-    monkeypatch.setattr(firstboot.subprocess, "run",
-                        lambda command, **_: reloads.append(command))
+    real_run = subprocess.run
+
+    def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        if command[0] == "nft":  # the check before the file is written: the real one
+            return real_run(command, **kwargs)  # type: ignore[call-overload,no-any-return]
+        reloads.append(command)
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(firstboot.subprocess, "run", run)
 
     def hourly() -> list[str]:
         firstboot.allow_hub(firstboot.enrolled_hub())
@@ -304,12 +320,17 @@ def test_the_hourly_step_follows_the_enrolled_hubs_addresses_and_keeps_them_in_a
 
     assert hourly() == ["add element inet pas hub_addrs { 198.18.5.10 }"]
     assert hourly() == ["add element inet pas hub_addrs { 198.18.5.10 }"]
-    assert reloads == [["systemctl", "restart", "nftables.service"]]  # once: unchanged after
+    assert reloads == [["systemctl", "reload-or-restart", "nftables.service"]]  # unchanged after
     answer["addresses"] = ["198.18.7.20", "198.18.5.10"]  # the region moved or added one
     assert hourly() == ["add element inet pas hub_addrs { 198.18.5.10, 198.18.7.20 }"]
     answer["addresses"] = []  # a DNS outage: the link is not cut
     assert hourly() == ["add element inet pas hub_addrs { 198.18.5.10, 198.18.7.20 }"]
     assert len(reloads) == 2
+    # A file nft would refuse is not written, and nothing reloads: the rules in force stay.
+    before = firstboot.HUB_SET.read_text()
+    assert not firstboot.install_sets(firstboot.HUB_SET,
+                                      "add element inet pas nosuchset { 10.0.0.0/8 }\n")
+    assert firstboot.HUB_SET.read_text() == before and len(reloads) == 2
 
 
 def test_the_hub_address_units_verify_and_run_the_step_hourly(tmp_path: Path) -> None:
