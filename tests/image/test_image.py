@@ -139,6 +139,8 @@ def test_image_boots_grows_its_disk_answers_c_echo_and_stores_an_image(
     assert ready is not None and ready.group(1) == "", log[-3000:]
     assert "pas-firstboot: seed from /sys/firmware/qemu_fw_cfg" in log, log[-3000:]
     assert "pas-firstboot: configured" in log and "FAILED" not in log, log[-3000:]
+    # First boot's firewall sets passed nft's check and were applied by a reload.
+    assert "nft refuses" not in log and "Reloaded nftables.service" in log, log[-3000:]
     wait_for(lambda: "Finished pas-hub-addresses.service" in console_text(console), deadline,
              interval=1, what=f"pas-hub-addresses.service to end (console: {console})")
     # The seed's AE policy is in force: an AE it does not list is rejected.
