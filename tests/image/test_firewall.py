@@ -125,3 +125,19 @@ def test_the_status_page_port_admits_the_networks_the_seed_names_and_dicom_stays
         assert _http_answers(page)
     finally:
         ns.delete()
+
+
+def test_the_hub_hosts_opening_loads_with_the_sets_and_admits_8443_only(tmp_path: Path) -> None:
+    """The file a hub host enables (/etc/nftables.d.available/pas-hub-host.nft, shipped by
+    the image: build.sh copies rootfs/) loads beside first boot's sets, and opens the hub's
+    port and no other: the Vagrantfile's hub enables it (the sites' enrolments to its 8443
+    were dropped by the appliance's firewall)."""
+    opening = ROOT / "image/rootfs/etc/nftables.d.available/pas-hub-host.nft"
+    rules = [line for line in opening.read_text().splitlines()
+             if line and not line.startswith("#")]
+    assert rules == ["insert rule inet pas input tcp dport 8443 accept"]
+    sets = _firstboot().firewall_sets({"lan_dicom": ["192.168.56.11"]}, [])
+    result = check(tmp_path, sets + opening.read_text())
+    assert result.returncode == 0, result.stderr
+    vagrantfile = (ROOT / "Vagrantfile").read_text()
+    assert "ln -s /etc/nftables.d.available/pas-hub-host.nft /etc/nftables.d/" in vagrantfile
