@@ -271,7 +271,7 @@ def test_a_hub_name_that_did_not_resolve_at_first_boot_is_let_out_at_a_later_one
     assert steps == ["nft -c -f", "systemctl reload-or-restart nftables.service",
                      "runuser -u pas"]
     assert firstboot.MARKER.exists() and firstboot.SETS.read_text() == sets
-    loaded = check(tmp_path, sets + firstboot.HUB_SET.read_text())  # one ruleset, valid nft
+    loaded = check(tmp_path, sets, firstboot.HUB_SET.read_text())  # one ruleset, valid nft
     assert loaded.returncode == 0, loaded.stderr
 
 
@@ -280,19 +280,28 @@ def test_the_hourly_step_follows_the_enrolled_hubs_addresses_and_keeps_them_in_a
     """No VM needed. Once enrolled nothing resolved the hub again: a hub the region moved to
     another address was dropped by every appliance's firewall until someone edited the set
     on each. Now ``pas-firstboot --hub-addresses`` (pas-hub-addresses.timer, hourly) resolves
-    the enrolled hub (pki/hub.json) and rewrites its set and reloads the firewall only when
-    the addresses changed; a name that does not resolve keeps the last ones."""
+    the enrolled hub (pki/hub.json), rewrites the hub's own file (checked by nft beside the
+    site's sets and whatever else the folder holds) and reloads the firewall only when the
+    addresses changed; a name that does not resolve keeps the last ones; an enrolment it
+    cannot read changes nothing, without a traceback."""
     import json
 
     firstboot = _firstboot()
     home = tmp_path / "var"
     (home / "pki").mkdir(parents=True)
-    (home / "pki" / "hub.json").write_text(json.dumps({"url": "https://hub.region.example:8443",
-                                                       "site": "SITE-A"}))
-    (tmp_path / "nftables.d").mkdir()
+    record = home / "pki" / "hub.json"
+    record.write_text(json.dumps({"url": "https://hub.region.example:8443", "site": "SITE-A"}))
+    folder = tmp_path / "nftables.d"
+    folder.mkdir()
+    # The folder as on an appliance: first boot's sets (the hub's address once in them, as
+    # before this file existed, would make a neighbour a conflict), a hub host's opening by
+    # symlink, and an editor's lock file, a dangling symlink nft's include does not read.
+    (folder / "pas-sets.nft").write_text(firstboot.firewall_sets({"management": ["10.9.0.0/16"]}))
+    (folder / "pas-hub-host.nft").symlink_to(
+        ROOT / "image/rootfs/etc/nftables.d.available/pas-hub-host.nft")
+    (folder / ".#pas-sets.nft").symlink_to("root@pas.1234:1700000000")
     for name, value in (("HOME", str(home)), ("PENDING_HUB", tmp_path / "none.toml"),
-                        ("HUB_SET", tmp_path / "nftables.d" / "pas-hub.nft"),
-                        ("NFT_CONF", NFT_CONF)):
+                        ("HUB_SET", folder / "pas-hub.nft"), ("NFT_CONF", NFT_CONF)):
         monkeypatch.setattr(firstboot, name, value)
     answer: dict[str, list[str]] = {"addresses": ["198.18.5.10"]}
 
@@ -314,23 +323,36 @@ def test_the_hourly_step_follows_the_enrolled_hubs_addresses_and_keeps_them_in_a
 
     monkeypatch.setattr(firstboot.subprocess, "run", run)
 
-    def hourly() -> list[str]:
-        firstboot.allow_hub(firstboot.enrolled_hub())
+    def hourly() -> list[str]:  # what the service's --hub-addresses runs
+        firstboot.allow_hub(firstboot.enrolled_hub(), "try-reload-or-restart")
         return firstboot.HUB_SET.read_text().splitlines()[1:]
 
     assert hourly() == ["add element inet pas hub_addrs { 198.18.5.10 }"]
     assert hourly() == ["add element inet pas hub_addrs { 198.18.5.10 }"]
-    assert reloads == [["systemctl", "reload-or-restart", "nftables.service"]]  # unchanged after
-    answer["addresses"] = ["198.18.7.20", "198.18.5.10"]  # the region moved or added one
-    assert hourly() == ["add element inet pas hub_addrs { 198.18.5.10, 198.18.7.20 }"]
+    # Once, unchanged after; a firewall an administrator stopped is not started by the hour.
+    assert reloads == [["systemctl", "try-reload-or-restart", "nftables.service"]]
+    answer["addresses"] = ["198.18.5.11"]  # moved next door: the old one no longer let out
+    assert hourly() == ["add element inet pas hub_addrs { 198.18.5.11 }"]
+    answer["addresses"] = ["198.18.7.20", "198.18.5.11", "198.18.5.10"]  # more of them
+    assert hourly() == ["add element inet pas hub_addrs { 198.18.5.10/31, 198.18.7.20 }"]
     answer["addresses"] = []  # a DNS outage: the link is not cut
-    assert hourly() == ["add element inet pas hub_addrs { 198.18.5.10, 198.18.7.20 }"]
-    assert len(reloads) == 2
-    # A file nft would refuse is not written, and nothing reloads: the rules in force stay.
+    assert hourly() == ["add element inet pas hub_addrs { 198.18.5.10/31, 198.18.7.20 }"]
+    assert len(reloads) == 3
+    # What it cannot read changes nothing: an enrolment without its URL, a pending hub that
+    # is not TOML.
     before = firstboot.HUB_SET.read_text()
+    record.write_text("{}")
+    assert hourly()[0].endswith("198.18.7.20 }")
+    record.unlink()
+    firstboot.PENDING_HUB.write_text('[hub]\nurl = "https://hub.region.example:8443\n')
+    assert firstboot.enrolled_hub() == {}
+    assert firstboot.HUB_SET.read_text() == before and len(reloads) == 3
+    # A file nft would refuse is not written, and nothing reloads: the rules in force stay.
     assert not firstboot.install_sets(firstboot.HUB_SET,
                                       "add element inet pas nosuchset { 10.0.0.0/8 }\n")
-    assert firstboot.HUB_SET.read_text() == before and len(reloads) == 2
+    assert firstboot.HUB_SET.read_text() == before and len(reloads) == 3
+    assert sorted(p.name for p in folder.iterdir()) == [
+        ".#pas-sets.nft", "pas-hub-host.nft", "pas-hub.nft", "pas-sets.nft"]  # nothing staged
 
 
 def test_the_hub_address_units_verify_and_run_the_step_hourly(tmp_path: Path) -> None:
@@ -391,13 +413,13 @@ def test_the_console_asks_the_firewalls_networks_and_again_until_they_are_ones(
                                 "management": ["10.9.0.0/16"], "http": ["10.1.4.0/24"]}
     firstboot = _firstboot()
     assert firstboot.seed_problems(seed) == []
-    assert firstboot.firewall_sets(seed["firewall"], []).splitlines()[1:] == [
+    assert firstboot.firewall_sets(seed["firewall"]).splitlines()[1:] == [
         "add element inet pas mgmt_nets { 10.9.0.0/16 }",
         "add element inet pas lan_dicom { 10.1.2.0/24, 10.1.3.7 }",
         "add element inet pas http_nets { 10.1.4.0/24 }"]
     seed, _ = _console(tmp_path, [*first, *NO_NETWORKS, ("Regional hub URL", "")])
     assert seed["firewall"] == {"lan_dicom": [], "management": []}
-    assert firstboot.firewall_sets(seed["firewall"], []).splitlines()[1:] == [
+    assert firstboot.firewall_sets(seed["firewall"]).splitlines()[1:] == [
         "add element inet pas http_nets { 0.0.0.0/0 }"]
 
 
