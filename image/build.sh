@@ -77,7 +77,7 @@ install -m 0644 "$here/systemd/pas.service" "$here/systemd/pas-hub.service" \
   "$here/systemd/pas-backup.service" "$here/systemd/pas-backup.timer" \
   "$here/systemd/pas-hub-backup.service" "$here/systemd/pas-hub-backup.timer" \
   "$here/systemd/pas-hub-addresses.service" "$here/systemd/pas-hub-addresses.timer" \
-  "$rootfs/etc/systemd/system/"
+  "$here/systemd/pas-ssh-hostkeys.service" "$rootfs/etc/systemd/system/"
 install -d "$rootfs/etc/systemd/system/pas.service.d.available"
 cp "$here/systemd/pas.service.d/"*.conf "$rootfs/etc/systemd/system/pas.service.d.available/"
 install -m 0644 "$here/systemd/pas.sysusers.conf" "$rootfs/usr/lib/sysusers.d/pas.conf"
@@ -98,6 +98,9 @@ EOF
 echo "pas" > "$rootfs/etc/hostname"
 echo "127.0.1.1 pas" >> "$rootfs/etc/hosts"
 : > "$rootfs/etc/machine-id"          # made anew on first boot: each appliance its own
+# Nor the base's SSH host keys, nor its random seed: every appliance of the region boots this
+# one image (pas-ssh-hostkeys.service makes each its own keys at first boot).
+rm -f "$rootfs"/etc/ssh/ssh_host_* "$rootfs/var/lib/systemd/random-seed"
 ln -sfn /run/systemd/resolve/stub-resolv.conf "$rootfs/etc/resolv.conf"
 
 chroot "$rootfs" systemd-sysusers
@@ -105,6 +108,7 @@ chroot "$rootfs" systemd-sysusers
 # shipped but enabled only on a hub host (docs/operations.md).
 chroot "$rootfs" systemctl enable \
   pas.service pas-backup.timer pas-hub-addresses.timer pas-firstboot.service \
+  pas-ssh-hostkeys.service \
   systemd-networkd.service \
   systemd-resolved.service systemd-timesyncd.service nftables.service ssh.service >/dev/null 2>&1
 chroot "$rootfs" passwd -l root >/dev/null   # no password logins; SSH keys come with the seed

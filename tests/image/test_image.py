@@ -92,9 +92,7 @@ def booted(image: Path, tmp_path: Path) -> Iterator[tuple[int, Path, float]]:
     vm = subprocess.Popen([
         "qemu-system-x86_64", *accel, "-m", "1024", "-smp", "1", "-nographic",
         "-kernel", str(image / "vmlinuz"), "-initrd", str(image / "initrd.img"),
-        # pas-hub-addresses.service at boot (its timer waits 10 min): it starts and ends clean.
-        "-append", "root=/dev/vda rw console=ttyS0 quiet systemd.journald.forward_to_console=1 "
-                   "systemd.wants=pas-hub-addresses.service",
+        "-append", "root=/dev/vda rw console=ttyS0 quiet systemd.journald.forward_to_console=1",
         "-drive", f"file={overlay},format=qcow2,if=virtio",
         "-nic", f"user,model=virtio-net-pci,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:11112",
         "-fw_cfg", f"name=opt/pas/seed,file={seed}",
@@ -141,8 +139,10 @@ def test_image_boots_grows_its_disk_answers_c_echo_and_stores_an_image(
     assert "pas-firstboot: configured" in log and "FAILED" not in log, log[-3000:]
     # First boot's firewall sets passed nft's check and were applied by a reload.
     assert "nft refuses" not in log and "Reloaded nftables.service" in log, log[-3000:]
-    wait_for(lambda: "Finished pas-hub-addresses.service" in console_text(console), deadline,
-             interval=1, what=f"pas-hub-addresses.service to end (console: {console})")
+    # Its own SSH host keys, made before sshd starts (the image carries none).
+    assert "Finished pas-ssh-hostkeys.service" in log, log[-3000:]
+    assert log.index("Finished pas-ssh-hostkeys.service") < log.index("Started ssh.service")
+    assert "load host key" not in log and "no hostkeys" not in log, log[-3000:]
     # The seed's AE policy is in force: an AE it does not list is rejected.
     refused = echo(port, "STRANGER")
     assert refused.returncode != 0 and "Association Rejected" in refused.stderr
@@ -157,6 +157,33 @@ def test_image_boots_grows_its_disk_answers_c_echo_and_stores_an_image(
     assert "Received Store Response (Success)" in sent.stderr, sent.stderr[-2000:]
     wait_for(lambda: re.search(r"audit store by CT_SCANNER .*: success", console_text(console)),
              deadline, interval=1, what=f"the store's audit line (console: {console})")
+
+
+def _listing(raw: Path, folder: str) -> list[str]:
+    """The names in ``folder`` of the image's file system, read by debugfs (no mount)."""
+    result = subprocess.run(["debugfs", "-R", f"ls -p {folder}", str(raw)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return [line.split("/")[5] for line in result.stdout.splitlines() if line.count("/") >= 6]
+
+
+def test_the_image_carries_no_machines_own_secrets(image: Path) -> None:
+    """The image is built once and every appliance of the region boots it: it carried the SSH
+    host keys Debian made when the base was bootstrapped (cached and reused by every build),
+    so every appliance had the same private host keys, and one appliance's disk let anyone
+    pass for any other to an administrator's ssh. Now none are in the image, and
+    pas-ssh-hostkeys.service (enabled, before ssh.service) makes each appliance its own at
+    first boot (the boot test sees it); nor the random seed; the machine-id is empty."""
+    [raw] = image.glob("pas-appliance-*.raw")
+    ssh = _listing(raw, "/etc/ssh")
+    assert "sshd_config" in ssh  # the listing is read
+    assert [name for name in ssh if name.startswith("ssh_host_")] == []
+    assert "random-seed" not in _listing(raw, "/var/lib/systemd")
+    assert "pas-ssh-hostkeys.service" in _listing(raw, "/etc/systemd/system/ssh.service.wants")
+    assert "pas-hostkeys.conf" in _listing(raw, "/etc/ssh/sshd_config.d")  # the keys it reads
+    machine_id = subprocess.run(["debugfs", "-R", "cat /etc/machine-id", str(raw)],
+                                capture_output=True, text=True, timeout=60)
+    assert machine_id.returncode == 0 and machine_id.stdout == ""
 
 
 def test_an_admin_shell_finds_the_home_the_unit_uses(tmp_path: Path) -> None:
