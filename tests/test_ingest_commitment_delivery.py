@@ -126,6 +126,16 @@ def test_a_modality_known_only_as_a_move_destination_gets_its_report_over_its_tl
         modality.stop()
 
 
+def _deliver(db: Database, tmp_path: Path, title: str, config: DicomSection,
+             moves: list[MoveDestination] | None = None) -> str:
+    """One report of a new transaction from ``title``, delivered by a Storage Commitment SCP
+    on ``config``: its Transaction UID."""
+    transaction = generate_uid()
+    StorageCommitmentScp(config, db, Spool(tmp_path / "spool"), moves).deliver(
+        _request(db, transaction, title))
+    return transaction
+
+
 def test_a_report_over_tls_goes_only_to_a_certificate_naming_the_address_when_checked(
         tmp_path: Path, db: Database) -> None:
     """``tls_check_hostname`` on a known AE (and on a move destination giving the address):
@@ -147,21 +157,16 @@ def test_a_report_over_tls_goes_only_to_a_certificate_naming_the_address_when_ch
                   "tls_check_hostname": True}, []),
                 (None, [MoveDestination(title="CT2", host="127.0.0.2", port=port,
                                         tls_check_hostname=True)])):
-            config = DicomSection(tls=tls, known_aes=[known] if known else [])
-            scp = StorageCommitmentScp(config, db, Spool(tmp_path / "spool"), moves)
-            transaction = generate_uid()
-            scp.deliver(_request(db, transaction, "CT2"))
+            transaction = _deliver(db, tmp_path, "CT2", DicomSection(
+                tls=tls, known_aes=[known] if known else []), moves)
             assert modality.reports == []
             row = _row(db, transaction)
             assert row["state"] == "pending", row
             assert "its certificate does not name 127.0.0.2 (tls_check_hostname)" in \
                 row["last_error"], row
 
-        config = DicomSection(tls=tls, known_aes=[{"title": "CT2", "host": "127.0.0.2",
-                                                   "port": port}])
-        scp = StorageCommitmentScp(config, db, Spool(tmp_path / "spool"))
-        transaction = generate_uid()
-        scp.deliver(_request(db, transaction, "CT2"))
+        transaction = _deliver(db, tmp_path, "CT2", DicomSection(
+            tls=tls, known_aes=[{"title": "CT2", "host": "127.0.0.2", "port": port}]))
         assert [uid for uid, _ in modality.reports] == [transaction]
     finally:
         modality.stop()
@@ -169,11 +174,9 @@ def test_a_report_over_tls_goes_only_to_a_certificate_naming_the_address_when_ch
     # of every certificate).
     named = Modality("CT3", "127.0.0.1", port, server_side)
     try:
-        config = DicomSection(tls=tls, known_aes=[{"title": "CT3", "host": "127.0.0.1",
-                                                   "port": port, "tls_check_hostname": True}])
-        scp = StorageCommitmentScp(config, db, Spool(tmp_path / "spool"))
-        transaction = generate_uid()
-        scp.deliver(_request(db, transaction, "CT3"))
+        transaction = _deliver(db, tmp_path, "CT3", DicomSection(
+            tls=tls, known_aes=[{"title": "CT3", "host": "127.0.0.1", "port": port,
+                                 "tls_check_hostname": True}]))
         assert [uid for uid, _ in named.reports] == [transaction]
     finally:
         named.stop()
@@ -181,11 +184,8 @@ def test_a_report_over_tls_goes_only_to_a_certificate_naming_the_address_when_ch
     clear_port = free_port()
     clear = Modality("CT4", "127.0.0.1", clear_port)
     try:
-        config = DicomSection(tls=tls, known_aes=[{"title": "CT4", "host": "127.0.0.1",
-                                                   "port": clear_port}])
-        scp = StorageCommitmentScp(config, db, Spool(tmp_path / "spool"))
-        transaction = generate_uid()
-        scp.deliver(_request(db, transaction, "CT4"))
+        transaction = _deliver(db, tmp_path, "CT4", DicomSection(
+            tls=tls, known_aes=[{"title": "CT4", "host": "127.0.0.1", "port": clear_port}]))
         assert clear.reports == []
         assert _row(db, transaction)["last_error"].endswith(
             " failed (TLS: handshake refused, or the modality does not speak TLS there)")

@@ -81,6 +81,22 @@ def test_first_boot_enrols_on_the_configuration_the_unit_runs_on(
     assert given == f"{token}\n" and not any(token in word for word in command)
 
 
+def _under(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+           **in_etc: str) -> tuple[Any, Path, Path]:
+    """pas-firstboot with its files under ``tmp_path``: /etc/pas as ``etc`` (and each of
+    ``in_etc``'s constants a file named there), /var/lib/pas as ``var``."""
+    firstboot = _firstboot()
+    etc, home = tmp_path / "etc", tmp_path / "var"
+    etc.mkdir()
+    for name, value in (("CONFIG", etc / "appliance.toml"), ("HOME", str(home)),
+                        ("MARKER", home / ".firstboot-done"),
+                        ("CONFIGURED", etc / ".firstboot-configured"),
+                        ("PENDING_HUB", etc / "firstboot-hub.toml"),
+                        *((constant, etc / file) for constant, file in in_etc.items())):
+        monkeypatch.setattr(firstboot, name, value)
+    return firstboot, etc, home
+
+
 def test_first_boot_writes_the_site_once_and_only_retries_the_enrolment(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No VM needed. A first boot whose enrolment failed (the hub not reachable yet) ran whole
@@ -88,14 +104,7 @@ def test_first_boot_writes_the_site_once_and_only_retries_the_enrolment(
     written again from the seed, undoing what IT had changed since. Now the site's files are
     written once; later boots only enrol, with the seed's hub kept root-only until then; an
     appliance enrolled by hand meanwhile counts as enrolled."""
-    firstboot = _firstboot()
-    etc, home = tmp_path / "etc", tmp_path / "var"
-    etc.mkdir()
-    for name, value in (("CONFIG", etc / "appliance.toml"), ("HOME", str(home)),
-                        ("MARKER", home / ".firstboot-done"),
-                        ("CONFIGURED", etc / ".firstboot-configured"),
-                        ("PENDING_HUB", etc / "firstboot-hub.toml")):
-        monkeypatch.setattr(firstboot, name, value)
+    firstboot, etc, home = _under(tmp_path, monkeypatch)
     seed = {"site": "SITE-A", "known_aes": ["CT1"],
             "hub": {"url": "https://hub.example:8443", "token": "SITE-A.SECRET"}}
     seeds_read: list[int] = []
@@ -223,16 +232,9 @@ def test_a_hub_name_that_did_not_resolve_at_first_boot_is_let_out_at_a_later_one
     sets are left as IT may have changed them."""
     from tests.image.test_firewall import check
 
-    firstboot = _firstboot()
-    etc, home = tmp_path / "etc", tmp_path / "var"
-    etc.mkdir()
-    for name, value in (("CONFIG", etc / "appliance.toml"), ("HOME", str(home)),
-                        ("MARKER", home / ".firstboot-done"),
-                        ("CONFIGURED", etc / ".firstboot-configured"),
-                        ("PENDING_HUB", etc / "firstboot-hub.toml"),
-                        ("SETS", etc / "pas-sets.nft"), ("HUB_SET", etc / "pas-hub.nft"),
-                        ("NFT_CONF", NFT_CONF)):
-        monkeypatch.setattr(firstboot, name, value)
+    firstboot, etc, home = _under(tmp_path, monkeypatch, SETS="pas-sets.nft",
+                                  HUB_SET="pas-hub.nft")
+    monkeypatch.setattr(firstboot, "NFT_CONF", NFT_CONF)
     seed = {"site": "SITE-A", "firewall": {"management": ["10.9.0.0/16"]},
             "hub": {"url": "https://hub.region.example:8443", "token": "SITE-A.SECRET"}}
     monkeypatch.setattr(firstboot, "load_seed", lambda: seed)
