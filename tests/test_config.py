@@ -10,14 +10,13 @@ from pathlib import Path
 import pytest
 
 from appliance.config import ConfigError, load_settings
-from tests.support.peers import PAS_BIN, ROOT
+from tests.support.peers import ROOT, run_pas
 
 
 def check(path: Path | None, *options: str, **env: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PAS_")}
-    args = [str(PAS_BIN), "config", "check"] + ([str(path)] if path else []) + list(options)
-    return subprocess.run(args, env={**clean, **env}, capture_output=True, text=True,
-                          timeout=60)
+    args = ["config", "check"] + ([str(path)] if path else []) + list(options)
+    return run_pas(args, {**clean, **env}, timeout=60)
 
 
 def test_defaults_run_on_a_laptop() -> None:
@@ -151,11 +150,9 @@ def test_every_routing_problem_is_named_at_once_and_pas_run_refuses_the_same(
     assert checked.returncode == 2
     assert sorted(line for line in checked.stderr.splitlines()
                   if line.startswith("config error")) == expected, checked.stderr
-    run = subprocess.run([str(PAS_BIN), "run", "--config", str(path)], capture_output=True,
-                         text=True, timeout=60,
-                         env={**{k: v for k, v in os.environ.items()
-                                 if not k.startswith("PAS_")},
-                              "PAS_HOME": str(tmp_path / "home")})
+    run = run_pas(["run", "--config", str(path)],
+                  {**{k: v for k, v in os.environ.items() if not k.startswith("PAS_")},
+                   "PAS_HOME": str(tmp_path / "home")}, timeout=60)
     assert run.returncode == 2
     assert sorted(line for line in run.stderr.splitlines()
                   if line.startswith("config error")) == expected, run.stderr
@@ -285,11 +282,9 @@ def test_an_issuer_mapped_from_the_environment_matches_the_ris_issuer_in_capital
 def _run_refuses(path: Path, tmp_path: Path) -> str:
     """``pas run --config PATH`` (no PAS_* from the test's environment): it must refuse to
     start (exit 2); its stderr."""
-    run = subprocess.run([str(PAS_BIN), "run", "--config", str(path)], capture_output=True,
-                         text=True, timeout=60,
-                         env={**{k: v for k, v in os.environ.items()
-                                 if not k.startswith("PAS_")},
-                              "PAS_HOME": str(tmp_path / "home")})
+    run = run_pas(["run", "--config", str(path)],
+                  {**{k: v for k, v in os.environ.items() if not k.startswith("PAS_")},
+                   "PAS_HOME": str(tmp_path / "home")}, timeout=60)
     assert run.returncode == 2, run.stderr
     return run.stderr
 
@@ -545,10 +540,9 @@ def test_the_hubs_number_keys_are_strict_in_its_file_and_variables(tmp_path: Pat
     path.write_text("[http]\nport = '8443'\n[archive]\nworkers = true\n[limits]\n"
                     "max_buckets = 1e5\n[transfers]\nabandoned_after_days = '30'\n")
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PAS_")}
-    result = subprocess.run([str(PAS_BIN), "hub", "sites", "--config", str(path)],
-                            capture_output=True, text=True, timeout=60,
-                            env={**clean, "PAS_HUB_HOME": str(tmp_path / "hub"),
-                                 "PAS_HUB_ARCHIVE__TIMEOUT_S": "true"})
+    result = run_pas(["hub", "sites", "--config", str(path)],
+                     {**clean, "PAS_HUB_HOME": str(tmp_path / "hub"),
+                      "PAS_HUB_ARCHIVE__TIMEOUT_S": "true"}, timeout=60)
     assert result.returncode == 2, _said(result)
     assert _errors(result) == sorted([
         "config error http.port: must be an integer, got '8443'",
@@ -658,7 +652,6 @@ def test_a_home_that_is_a_file_is_refused_naming_it(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"config error home: {a_file} is not a folder" in " ".join(result.stderr.split())
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PAS_")}
-    run = subprocess.run([str(PAS_BIN), "run"], env={**clean, "PAS_HOME": str(a_file)},
-                         capture_output=True, text=True, timeout=60)
+    run = run_pas(["run"], {**clean, "PAS_HOME": str(a_file)}, timeout=60)
     assert run.returncode == 2 and "home: " in run.stderr and "Traceback" not in run.stderr
     assert a_file.read_text() == "not a folder"

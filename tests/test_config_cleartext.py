@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from appliance.config import ConfigError, load_settings
-from tests.support.peers import PAS_BIN, free_port
+from tests.support.peers import free_port, run_pas
 
 # The opt-in each refusal names, as the operator reads it.
 PREFETCH_REFUSED = ("prefetch.dicomweb_url: http:// sends patient data in clear; use https:// "
@@ -35,9 +35,8 @@ def _pas(args: list[str], tmp_path: Path, timeout: float = 60,
          **env: str) -> subprocess.CompletedProcess[str]:
     """``pas ARGS`` with only the given PAS_* variables and a home of its own."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PAS_")}
-    return subprocess.run([str(PAS_BIN), *args], capture_output=True, text=True,
-                          timeout=timeout,
-                          env={**clean, "PAS_HOME": str(tmp_path / "home"), **env})
+    return run_pas(list(args), {**clean, "PAS_HOME": str(tmp_path / "home"), **env},
+                   timeout=timeout)
 
 
 def _lines(result: subprocess.CompletedProcess[str]) -> list[str]:

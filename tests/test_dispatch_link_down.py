@@ -18,7 +18,6 @@ import hashlib
 import os
 import re
 import sqlite3
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,13 +38,13 @@ from appliance.store.spool import Spool
 from tests.support.archived import orthanc_hashes
 from tests.support.configs import everything_to
 from tests.support.peers import (
-    PAS_BIN,
     NetNamespace,
     Orthanc,
     PasProcess,
     StoreSCP,
     free_port,
     read_rows,
+    run_pas,
     storescu,
     wait_for,
 )
@@ -101,8 +100,7 @@ def test_unreachable_dicom_node_waits_uncounted_then_gets_the_study(pas_factory,
     assert "unable to connect to remote" not in log_text
     assert "TCP Initialisation Error" not in log_text
     # What an operator reads (a terminal wide enough for the table not to wrap its cells).
-    listing = subprocess.run([str(PAS_BIN), "queue", "list"], env={**pas.env, "COLUMNS": "200"},
-                             capture_output=True, text=True, timeout=60).stdout
+    listing = run_pas(["queue", "list"], {**pas.env, "COLUMNS": "200"}, timeout=60).stdout
     # Pending between two tries, or running one (the tries come every fraction of a second
     # here): never failed, and the last error says why it waits.
     assert re.search(r"│ (pending|running) ", listing) and "failed" not in listing, listing
@@ -189,8 +187,7 @@ def test_an_outage_outlives_a_restart_of_the_daemon(pas_factory, tmp_path: Path)
     assert [" WARNING " in line for line in tries].count(True) == 1, tries
     continues = [line for line in pas.log().splitlines() if "outage continues" in line]
     assert len(continues) == 1 and " INFO " in continues[0], continues
-    shown = subprocess.run([str(PAS_BIN), "status"], env={**pas.env, "COLUMNS": "200"},
-                           capture_output=True, text=True, timeout=60).stdout
+    shown = run_pas(["status"], {**pas.env, "COLUMNS": "200"}, timeout=60).stdout
     assert time.strftime("unreachable since %Y-%m-%d %H:%M:%S", time.localtime(began)) \
         in shown, shown
 

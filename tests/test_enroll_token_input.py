@@ -21,7 +21,7 @@ import pytest
 from appliance.ops.security import SecretFileError, read_secret_file
 from appliance.transfer.enrolment import load_enrolment
 from tests.support.hub import HubProcess
-from tests.support.peers import PAS_BIN
+from tests.support.peers import PAS_BIN, run_pas
 
 VISIBLE = "visible to other users of this host"
 
@@ -33,10 +33,9 @@ def _env(home: Path, **extra: str) -> dict[str, str]:
 
 def _pas_enroll(home: Path, hub: HubProcess, *args: str, stdin: str | None = None,
                 **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(PAS_BIN), "enroll", "--hub", hub.url, *args],
-                          env=_env(home, **env), input=stdin,
-                          stdin=subprocess.DEVNULL if stdin is None else None,
-                          capture_output=True, text=True, timeout=60)
+    # No input given: an empty one (not a terminal, at its end at once), as /dev/null was.
+    return run_pas(["enroll", "--hub", hub.url, *args], _env(home, **env),
+                   input="" if stdin is None else stdin, timeout=60)
 
 
 def _enrolled_as(home: Path, site: str, result: subprocess.CompletedProcess[str]) -> None:

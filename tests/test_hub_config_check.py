@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import sqlite3
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ import pytest
 from appliance.store.hub_schema import HUB_MIGRATIONS
 from appliance.store.schema import MIGRATIONS
 from tests.support.hub import HubProcess
-from tests.support.peers import PAS_BIN
+from tests.support.peers import run_pas
 
 CLEARTEXT_REFUSED = ("archive.url: http:// sends every study the sites send in clear; use "
                      "https:// (or set archive.allow_cleartext = true for a host on the data "
@@ -50,9 +49,8 @@ def _check(home: Path, *args: str, **env: str) -> tuple[int, list[str]]:
     """``pas hub config check ARGS`` with the hub's home and only these PAS_* variables:
     its exit status and every line it printed (stdout and stderr)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PAS_")}
-    result = subprocess.run([str(PAS_BIN), "hub", "config", "check", *args],
-                            capture_output=True, text=True, timeout=60,
-                            env={**clean, "PAS_HUB_HOME": str(home), **env})
+    result = run_pas(["hub", "config", "check", *args],
+                     {**clean, "PAS_HUB_HOME": str(home), **env}, timeout=60)
     lines = [" ".join(line.split()) for line in (result.stdout + result.stderr).splitlines()
              if line.strip()]
     return result.returncode, lines
@@ -61,9 +59,8 @@ def _check(home: Path, *args: str, **env: str) -> tuple[int, list[str]]:
 def _json(home: Path, *args: str, status: int = 0) -> dict[str, Any]:
     """``pas hub config check ARGS --json``: what it printed on stdout, nothing on stderr."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PAS_")}
-    result = subprocess.run([str(PAS_BIN), "hub", "config", "check", *args, "--json"],
-                            capture_output=True, text=True, timeout=60,
-                            env={**clean, "PAS_HUB_HOME": str(home)})
+    result = run_pas(["hub", "config", "check", *args, "--json"],
+                     {**clean, "PAS_HUB_HOME": str(home)}, timeout=60)
     assert (result.returncode, result.stderr) == (status, ""), result.stdout + result.stderr
     return json.loads(result.stdout)
 
@@ -344,9 +341,8 @@ def test_the_units_file_is_read_when_the_home_has_none_and_no_file_is_said(
     destination = tmp_path / "backups"
     destination.mkdir()
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PAS_")}
-    made = subprocess.run([str(PAS_BIN), "hub", "backup", str(destination), "--json"],
-                          capture_output=True, text=True, timeout=60,
-                          env={**clean, "PAS_HUB_HOME": str(home)})
+    made = run_pas(["hub", "backup", str(destination), "--json"],
+                   {**clean, "PAS_HUB_HOME": str(home)}, timeout=60)
     assert made.returncode == 0, made.stderr
     assert json.loads(made.stdout)["config_file"] is None
     assert "no configuration file in the backup: none was found" in " ".join(

@@ -40,7 +40,7 @@ from appliance.hub.dashboard_auth import (
 )
 from tests.support.browser import chromium
 from tests.support.hub import HubProcess, client, enroll
-from tests.support.peers import PAS_BIN
+from tests.support.peers import run_pas
 from tests.test_hub_refused_sites import _beat
 from tests.test_ops_fleet import metric
 
@@ -48,8 +48,7 @@ PASSWORD = "correct horse battery staple"
 
 
 def _hash_line(name: str, password: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(PAS_BIN), "hub", "password", name], input=f"{password}\n",
-                          capture_output=True, text=True, timeout=60)
+    return run_pas(["hub", "password", name], input=f"{password}\n", timeout=60)
 
 
 def _basic(user: str, password: str) -> dict[str, str]:
@@ -237,9 +236,8 @@ def test_bad_dashboard_settings_are_refused_naming_the_key(tmp_path: Path) -> No
     settings = load_hub_settings(config, environ)
     assert any(w.startswith("dashboard.users (ops) has no effect") for w in
                ineffective_settings(settings))
-    checked = subprocess.run([str(PAS_BIN), "hub", "config", "check", str(config)],
-                             capture_output=True, text=True, timeout=60,
-                             env={**os.environ, **environ})
+    checked = run_pas(["hub", "config", "check", str(config)], {**os.environ, **environ},
+                      timeout=60)
     assert "dashboard.users (ops) has no effect" in checked.stderr, checked.stderr
     assert "answer anyone who reaches" in (open_dashboard(settings) or "")
 

@@ -29,13 +29,12 @@ from appliance.hub.pki import HubPKI
 from appliance.transfer.enrolment import EnrolmentError, load_enrolment
 from appliance.transfer.enrolment import enroll as enroll_appliance
 from tests.support.hub import HubProcess, client, enroll
-from tests.support.peers import PAS_BIN, wait_for
+from tests.support.peers import PAS_BIN, run_pas, wait_for
 
 
 def _pas_enroll(home: Path, url: str, token: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PAS_HOME": str(home)}
-    return subprocess.run([str(PAS_BIN), "enroll", "--hub", url, "--token", token], env=env,
-                          capture_output=True, text=True, timeout=60)
+    return run_pas(["enroll", "--hub", url, "--token", token], env, timeout=60)
 
 
 def test_init_creates_private_files_and_a_server_certificate_for_the_addresses(
@@ -117,8 +116,7 @@ def test_enroll_takes_config_like_the_other_appliance_commands(hub: HubProcess,
     env = {k: v for k, v in os.environ.items() if not k.startswith("PAS_")}
 
     def pas_enroll(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(PAS_BIN), "enroll", *args], env=env, cwd=elsewhere,
-                              capture_output=True, text=True, timeout=60)
+        return run_pas(["enroll", *args], env, cwd=elsewhere, timeout=60)
 
     shown = pas_enroll("--help")
     assert shown.returncode == 0 and "--config" in shown.stdout, shown.stdout + shown.stderr
@@ -372,9 +370,8 @@ def test_enroll_replace_puts_a_new_certificate_in_place_only_once_the_hub_issued
         assert http.get("/api/v1/whoami").status_code == 403
 
     def pas_enroll(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(PAS_BIN), "enroll", "--hub", hub.url, *args],
-                              env={**os.environ, "PAS_HOME": str(home)},
-                              capture_output=True, text=True, timeout=60)
+        return run_pas(["enroll", "--hub", hub.url, *args],
+                       {**os.environ, "PAS_HOME": str(home)}, timeout=60)
 
     token = hub.token("RENEW", cli=True)
     refused = pas_enroll("--token", token)

@@ -35,7 +35,7 @@ from appliance.store.db import Database
 from appliance.store.hub_schema import HUB_MIGRATIONS
 from appliance.transfer.enrolment import Enrolment
 from tests.support.hub import HubProcess, Shipment, enroll, pack_items, ship
-from tests.support.peers import MR_DIR, PAS_BIN, wait_for
+from tests.support.peers import MR_DIR, run_pas, wait_for
 
 NOBODY = 65534  # the rebuilt host's home belongs to the hub's user, not to root
 
@@ -301,9 +301,8 @@ def test_a_hub_backup_that_may_not_be_restored_here_is_refused_and_the_home_left
     here = tmp_path / "cwd"
     here.mkdir()
     for extra in ([], ["--config", str(config)]):
-        refused = subprocess.run([str(PAS_BIN), "hub", "restore", str(backup), *extra],
-                                 env=unnamed, cwd=here, capture_output=True, text=True,
-                                 timeout=120)
+        refused = run_pas(["hub", "restore", str(backup), *extra], unnamed, cwd=here,
+                          timeout=120)
         assert refused.returncode == 1, refused.stdout + refused.stderr
         assert " ".join(refused.stderr.split()) == (
             "refused: no hub home named: neither PAS_HUB_HOME nor the configuration names "
@@ -312,8 +311,7 @@ def test_a_hub_backup_that_may_not_be_restored_here_is_refused_and_the_home_left
             "PAS_HUB_HOME=/var/lib/pas-hub pas hub restore FOLDER. Nothing restored")
         assert list(here.iterdir()) == []
     shutil.copytree(hub.home, here / "var-hub")
-    restored = subprocess.run([str(PAS_BIN), "hub", "restore", str(backup)], env=unnamed,
-                              cwd=here, capture_output=True, text=True, timeout=120)
+    restored = run_pas(["hub", "restore", str(backup)], unnamed, cwd=here, timeout=120)
     assert restored.returncode == 0, restored.stdout + restored.stderr
     assert restored.stdout.startswith(f"hub restored in {here}/var-hub from {backup} "), \
         restored.stdout

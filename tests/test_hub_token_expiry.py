@@ -29,7 +29,7 @@ from appliance.store.db import Database
 from appliance.store.hub_schema import HUB_MIGRATIONS
 from appliance.transfer.enrolment import load_enrolment
 from tests.support.hub import HubProcess
-from tests.support.peers import PAS_BIN, wait_for
+from tests.support.peers import run_pas, wait_for
 
 ISSUED = re.compile(r"token (?P<id>[0-9a-f]{24}) for site (?P<site>\S+), valid until "
                     r"(?P<until>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)")
@@ -47,8 +47,7 @@ def _issue(hub: HubProcess, site: str, *valid_for: str) -> tuple[str, str, float
 def _pas_enroll(home: Path, url: str, token: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PAS_HOME": str(home)}
     env.pop("PAS_CONFIG", None)
-    return subprocess.run([str(PAS_BIN), "enroll", "--hub", url, "--token", token], env=env,
-                          capture_output=True, text=True, timeout=60)
+    return run_pas(["enroll", "--hub", url, "--token", token], env, timeout=60)
 
 
 def _expected_id(hub_home: Path, secret: str) -> str:

@@ -28,8 +28,8 @@ from tests.support.peers import (
     CT_DIR,
     DCMTK_ENV,
     MR_DIR,
-    PAS_BIN,
     PasProcess,
+    run_pas,
     storescu,
     wait_for,
 )
@@ -71,9 +71,7 @@ class Trail:
 
     def audit(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """``pas audit ARGS`` as a process, wide enough that nothing is folded."""
-        result = subprocess.run([str(PAS_BIN), "audit", *args],
-                                env={**self.pas.env, "COLUMNS": "400"}, capture_output=True,
-                                text=True, timeout=120)
+        result = run_pas(["audit", *args], {**self.pas.env, "COLUMNS": "400"}, timeout=120)
         if check:
             assert result.returncode == 0, (args, result.stdout, result.stderr)
         return result
@@ -298,8 +296,7 @@ def test_bad_input_is_refused_naming_the_option_and_value(trail: Trail, tmp_path
     # Refused before any database is opened: a home that does not exist stays so.
     nowhere = tmp_path / "nowhere"
     environ = {k: v for k, v in os.environ.items() if not k.startswith("PAS_")}
-    result = subprocess.run([str(PAS_BIN), "audit", *args], capture_output=True, text=True,
-                            env={**environ, "PAS_HOME": str(nowhere)}, timeout=60)
+    result = run_pas(["audit", *args], {**environ, "PAS_HOME": str(nowhere)}, timeout=60)
     assert result.returncode == 2 and message in _plain(result.stderr)
     assert not nowhere.exists()
 
@@ -328,9 +325,8 @@ def test_rows_written_before_patients_were_recorded_are_found_through_the_index(
     audit.record(new, "pin", actor="operator:x", target="1.2.9")
     new.close()
     environ = {k: v for k, v in os.environ.items() if not k.startswith("PAS_")}
-    result = subprocess.run([str(PAS_BIN), "audit", "--json", "--patient", "P_1"],
-                            env={**environ, "PAS_HOME": str(home)}, capture_output=True,
-                            text=True, timeout=60)
+    result = run_pas(["audit", "--json", "--patient", "P_1"],
+                     {**environ, "PAS_HOME": str(home)}, timeout=60)
     assert result.returncode == 0, result.stderr
     assert [(r["event"], r["target"], r["patient"]) for r in json.loads(result.stdout)] == [
         ("pin", "1.2.9", "P_1"), ("retrieve", "1.2.9", None)]

@@ -43,10 +43,10 @@ from tests.support.hub import HubProcess, enroll
 from tests.support.peers import (
     CT_DIR,
     DCMTK_ENV,
-    PAS_BIN,
     PasProcess,
     StoreSCP,
     read_rows,
+    run_pas,
     storescu,
     wait_for,
 )
@@ -555,12 +555,12 @@ def test_a_backup_to_a_relative_folder_is_found_from_anywhere(tmp_path: Path) ->
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
     (work / "b").mkdir(parents=True)
     elsewhere.mkdir()
-    made = subprocess.run([str(PAS_BIN), *pas.cli_prefix, "backup", "b", "--json"], env=pas.env,
-                          cwd=work, capture_output=True, text=True, timeout=60, check=True)
+    made = run_pas([*pas.cli_prefix, "backup", "b", "--json"], pas.env, cwd=work, timeout=60,
+                   check=True)
     folder = Path(json.loads(made.stdout)["folder"])
     assert folder.is_absolute() and folder.parent == work / "b", folder
-    status = subprocess.run([str(PAS_BIN), *pas.cli_prefix, "status", "--json"], env=pas.env,
-                            cwd=elsewhere, capture_output=True, text=True, timeout=60, check=True)
+    status = run_pas([*pas.cli_prefix, "status", "--json"], pas.env, cwd=elsewhere, timeout=60,
+                     check=True)
     assert json.loads(status.stdout)["backup"]["folder"] == str(folder)
 
 

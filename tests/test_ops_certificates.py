@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pytest
 
 from appliance.config import load_settings
 from tests.faults.pki import self_signed
-from tests.support.peers import PAS_BIN, PasProcess, free_port
+from tests.support.peers import PasProcess, free_port, run_pas
 
 
 def tls_settings(pki: Path, hl7: str, node_ca: str) -> dict[str, str]:
@@ -61,8 +60,7 @@ def test_each_certificate_in_use_has_its_days_and_doctor_names_the_ones_to_renew
         for key, expected in (("dicom.tls.cert", 400), ("dicom.tls.ca", 400),
                               ("hl7.tls.cert", 10), ("destinations.node.tls_ca", -2)):
             assert abs(days[key] - expected) < 0.01, (key, days[key])
-        doctor = subprocess.run([str(PAS_BIN), "doctor", "--json"], env=pas.env,
-                                capture_output=True, text=True, timeout=120)
+        doctor = run_pas(["doctor", "--json"], pas.env, timeout=120)
         rows = [c for c in json.loads(doctor.stdout) if c["name"].startswith("TLS certificate")]
         soon = (datetime.now(UTC) + timedelta(days=10)).strftime("%Y-%m-%d")
         gone = (datetime.now(UTC) - timedelta(days=2)).strftime("%Y-%m-%d")

@@ -26,6 +26,7 @@ from tests.support.peers import (
     StoreSCP,
     free_port,
     read_rows,
+    run_pas,
     storescu,
 )
 
@@ -131,8 +132,7 @@ def test_send_refuses_a_bad_option_naming_it(pas: PasProcess) -> None:
 
 
 def _doctor(env: dict[str, str], *args: str) -> tuple[int, dict[str, dict[str, str]]]:
-    result = subprocess.run([str(PAS_BIN), "doctor", "--json", *args], env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = run_pas(["doctor", "--json", *args], env, timeout=120)
     checks = {c["name"]: c for c in json.loads(result.stdout)}
     return result.returncode, checks
 
@@ -224,8 +224,7 @@ def test_a_second_daemon_on_the_same_home_is_refused_before_touching_it(
         assert first.proc is not None
         env = {**os.environ, "PAS_HOME": str(first.home), "PAS_DICOM__PORT": str(free_port()),
                "PAS_HTTP__ENABLED": "false", "PAS_HL7__ENABLED": "false"}
-        second = subprocess.run([str(PAS_BIN), "run"], env=env, capture_output=True,
-                                text=True, timeout=60)
+        second = run_pas(["run"], env, timeout=60)
         assert second.returncode == 1, second.stdout + second.stderr
         assert f"another pas run (pid {first.proc.pid})" in second.stderr
         assert "Traceback" not in second.stderr
@@ -333,9 +332,8 @@ def _pas(home: Path, *args: str, env: dict[str, str] | None = None,
          timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """``pas ARGS`` as an administrator types it, with PAS_HOME set to ``home``."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("PAS_")}
-    return subprocess.run([str(PAS_BIN), *args], env={**environ, "PAS_HOME": str(home),
-                                                      **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)
+    return run_pas(list(args), {**environ, "PAS_HOME": str(home), **(env or {})},
+                   timeout=timeout)
 
 
 def test_a_config_path_that_is_a_directory_is_one_config_error(tmp_path: Path) -> None:
@@ -476,8 +474,8 @@ def test_help_shows_flags_as_flags_and_counts_agree_with_their_noun(
 
     storescu([FILES[0]], pas.port)
     # CI exports COLUMNS=80: into a pipe the table is whole all the same.
-    listing = subprocess.run([str(PAS_BIN), *pas.cli_prefix, "studies"], check=True, text=True,
-                             env={**pas.env, "COLUMNS": "80"}, capture_output=True).stdout
+    listing = run_pas([*pas.cli_prefix, "studies"], {**pas.env, "COLUMNS": "80"},
+                      timeout=120, check=True).stdout
     assert listing.splitlines()[0].strip() == "1 study", listing  # the table's title
     (study,) = json.loads(pas.cli("studies", "--json").stdout)
     # Into a pipe, whole: Rich's 80 columns there cut the UID to "1.2.840…".

@@ -14,17 +14,15 @@ import json
 import os
 import shutil
 import sqlite3
-import subprocess
 import time
 from pathlib import Path
 
 from appliance.store.db import Database
-from tests.support.peers import PAS_BIN, PasProcess, StoreSCP, free_port, wait_for
+from tests.support.peers import PasProcess, StoreSCP, free_port, run_pas, wait_for
 
 
 def _doctor(env: dict[str, str]) -> tuple[int, dict[str, dict[str, str]]]:
-    result = subprocess.run([str(PAS_BIN), "doctor", "--json"], env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = run_pas(["doctor", "--json"], env, timeout=120)
     return result.returncode, {c["name"]: c for c in json.loads(result.stdout)}
 
 
@@ -134,8 +132,7 @@ def test_doctor_says_how_old_the_last_backup_is_and_warns_when_it_is_stale(
 
     destination = tmp_path / "backups"
     destination.mkdir()
-    made = subprocess.run([str(PAS_BIN), "backup", str(destination), "--json"], env=env,
-                          capture_output=True, text=True, timeout=60, check=True)
+    made = run_pas(["backup", str(destination), "--json"], env, timeout=60, check=True)
     folder = json.loads(made.stdout)["folder"]
     _, checks = _doctor(env)
     assert checks["backup"]["verdict"] == "ok", checks["backup"]

@@ -24,7 +24,7 @@ from pydicom import dcmread
 from appliance.ops.security import BCP195_TLS12_CIPHERS
 from tests.support.browser import OtherSite, chromium, files_containing
 from tests.support.cleanup import started
-from tests.support.peers import MR_DIR, PAS_BIN, PasProcess, StoreSCP, storescu, wait_for
+from tests.support.peers import MR_DIR, PasProcess, StoreSCP, run_pas, storescu, wait_for
 from tests.test_ops_web import failing_destination, refusing_node
 from tests.test_serving_dicomweb import _issue, _write
 
@@ -235,9 +235,8 @@ def test_bearer_with_a_certificate_speaks_https(tmp_path: Path) -> None:
         assert doctor["HTTP port"]["verdict"] == "ok", doctor["HTTP port"]
     finally:
         pas.stop()
-    alone = subprocess.run([str(PAS_BIN), "config", "check"], capture_output=True, text=True,
-                           timeout=60, env={**os.environ, "PAS_HOME": str(tmp_path / "x"),
-                                            "PAS_SERVING__TLS_CERT": server[0]})
+    alone = run_pas(["config", "check"], {**os.environ, "PAS_HOME": str(tmp_path / "x"),
+                                          "PAS_SERVING__TLS_CERT": server[0]}, timeout=60)
     assert alone.returncode == 2 and "serving.tls_key: required with the other" in \
         " ".join(alone.stderr.split()), alone.stderr
 
@@ -296,8 +295,7 @@ def test_a_readable_https_key_is_refused_at_start_with_the_fix(tmp_path: Path) -
     key = Path(env["PAS_SERVING__TLS_KEY"])
     key.chmod(0o644)
     pas = PasProcess(tmp_path / "pas", env)
-    result = subprocess.run([str(PAS_BIN), "run"], env=pas.env, capture_output=True,
-                            text=True, timeout=60)
+    result = run_pas(["run"], pas.env, timeout=60)
     message = result.stdout + result.stderr
     assert result.returncode == 1, message
     assert f"serving.tls_key {key}" in message and f"chmod 600 {key}" in message, message

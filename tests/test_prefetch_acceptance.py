@@ -42,6 +42,7 @@ from tests.support.peers import (
     StoreSCP,
     free_port,
     port_open,
+    run_pas,
     storescu,
     wait_for,
 )
@@ -76,8 +77,7 @@ class Hub:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def cli(self, *args: str) -> str:
-        result = subprocess.run([str(PAS_BIN), "hub", *args], env=self.env, capture_output=True,
-                                text=True, timeout=60)
+        result = run_pas(["hub", *args], self.env, timeout=60)
         assert result.returncode == 0, result.stderr
         return result.stdout
 

@@ -22,7 +22,6 @@ import json
 import os
 import re
 import socket
-import subprocess
 import threading
 import time
 import zlib
@@ -31,11 +30,11 @@ from typing import Any
 import pytest
 
 from tests.support.peers import (
-    PAS_BIN,
     PasProcess,
     free_port,
     pas_with_hl7,
     port_open,
+    run_pas,
     wait_for,
 )
 from tests.support.peers import prefetch_requests as requests
@@ -368,8 +367,8 @@ def test_only_the_allowed_sources_may_send_hl7(pas_factory: Any, tmp_path: Any) 
     with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
         assert b"MSA|AA|SRC2" in exchange(sock, "SRC2")
     served.stop()
-    bad = subprocess.run([str(PAS_BIN), "config", "check"], capture_output=True, text=True,
-                         timeout=60, env={**os.environ, "PAS_HOME": str(tmp_path / "x"),
-                                          "PAS_HL7__ALLOWED_SOURCES": '["ris.hospital"]'})
+    bad = run_pas(["config", "check"], {**os.environ, "PAS_HOME": str(tmp_path / "x"),
+                                        "PAS_HL7__ALLOWED_SOURCES": '["ris.hospital"]'},
+                  timeout=60)
     assert bad.returncode == 2 and "hl7.allowed_sources" in bad.stderr and \
         "'ris.hospital' is not an IP address or network" in " ".join(bad.stderr.split())

@@ -31,11 +31,11 @@ import pytest
 from tests.faults.pki import make_pki
 from tests.support.peers import (
     DCMTK_ENV,
-    PAS_BIN,
     PasProcess,
     free_port,
     pas_with_hl7,
     port_open,
+    run_pas,
     wait_for,
 )
 from tests.support.peers import prefetch_requests as requests
@@ -174,9 +174,8 @@ def test_tls_settings_that_cannot_be_used_keep_the_port_closed_not_clear(
 
 
 def test_hl7_tls_without_its_files_is_a_config_error(tmp_path: Path) -> None:
-    result = subprocess.run([str(PAS_BIN), "config", "check"], capture_output=True, text=True,
-                            timeout=60, env={**os.environ, "PAS_HOME": str(tmp_path),
-                                             "PAS_HL7__TLS__ENABLED": "true"})
+    result = run_pas(["config", "check"], {**os.environ, "PAS_HOME": str(tmp_path),
+                                           "PAS_HL7__TLS__ENABLED": "true"}, timeout=60)
     assert result.returncode == 2, result
     said = " ".join(result.stderr.split())
     assert "hl7.tls.cert: required when hl7.tls.enabled (cert and key both are)" in said, said
@@ -237,10 +236,10 @@ def test_allowed_names_hear_only_the_engine_among_the_cas_certificates(tmp_path:
     finally:
         named.stop()
     # Names without a certificate asked for: nothing to check them against.
-    result = subprocess.run([str(PAS_BIN), "config", "check"], capture_output=True, text=True,
-                            timeout=60, env={**os.environ, **tls_env(pki),
-                                             "PAS_HOME": str(tmp_path / "x"),
-                                             "PAS_HL7__TLS__REQUIRE_CLIENT_CERT": "false",
-                                             "PAS_HL7__TLS__ALLOWED_NAMES": '["a"]'})
+    result = run_pas(["config", "check"], {**os.environ, **tls_env(pki),
+                                           "PAS_HOME": str(tmp_path / "x"),
+                                           "PAS_HL7__TLS__REQUIRE_CLIENT_CERT": "false",
+                                           "PAS_HL7__TLS__ALLOWED_NAMES": '["a"]'},
+                     timeout=60)
     assert result.returncode == 2 and "hl7.tls.allowed_names: needs hl7.tls.require_client_cert" \
         " = true" in " ".join(result.stderr.split()), result.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-import subprocess
 import textwrap
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from appliance.routing.rules import explain
 from appliance.store import jobs as job_store
 from appliance.store.db import Database
 from tests.support.objects import tiny_ct
-from tests.support.peers import CT_DIR, PAS_BIN, StoreSCP, storescu, wait_for
+from tests.support.peers import CT_DIR, StoreSCP, run_pas, storescu, wait_for
 from tests.test_ingest import dataset_part, index_rows, sop_uid
 
 CT_PATIENT = sorted(CT_DIR.glob("A002304_*_19001231-*.dcm"))  # one study, 3 instances
@@ -386,8 +385,7 @@ def test_a_pattern_that_backtracks_for_ever_gives_up_and_routing_goes_on(
         host = "127.0.0.1"
         port = {storescp.port}
         """))
-    checked = subprocess.run([str(PAS_BIN), "config", "check", str(config)],
-                             capture_output=True, text=True, timeout=60)
+    checked = run_pas(["config", "check", str(config)], timeout=60)
     assert checked.returncode == 0, checked.stderr  # the heuristic lets it through
     hostile_study = generate_uid()
     hostiles = [tmp_path / f"hostile{n}.dcm" for n in range(3)]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.peers import PAS_BIN
+from tests.support.peers import run_pas
 
 
 def _check(tmp_path: Path, toml: str) -> subprocess.CompletedProcess[str]:
@@ -16,8 +16,7 @@ def _check(tmp_path: Path, toml: str) -> subprocess.CompletedProcess[str]:
     path.write_text(toml)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PAS_")}
     env["PAS_HOME"] = str(tmp_path / "home")
-    return subprocess.run([str(PAS_BIN), "config", "check", str(path)], env=env,
-                          capture_output=True, text=True, timeout=60)
+    return run_pas(["config", "check", str(path)], env, timeout=60)
 
 
 def test_a_good_serving_section_passes(tmp_path: Path) -> None:

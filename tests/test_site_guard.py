@@ -19,13 +19,12 @@ from pathlib import Path
 from appliance.store.hub import list_tokens, open_hub_db
 from appliance.transfer.enrolment import SHIPPED_SITE
 from tests.support.hub import HubProcess, enroll
-from tests.support.peers import PAS_BIN, PasProcess, port_open, wait_for
+from tests.support.peers import PAS_BIN, PasProcess, port_open, run_pas, wait_for
 
 
 def _pas(env: dict[str, str], *args: str, token: str | None = None
          ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(PAS_BIN), *args], env=env, input=token, capture_output=True,
-                          text=True, timeout=120)
+    return run_pas(list(args), env, input=token, timeout=120)
 
 
 def _unspent(hub: HubProcess, site: str) -> int:

@@ -319,7 +319,7 @@ def test_a_hub_job_held_back_by_an_earlier_one_of_its_study_says_so(tmp_path: Pa
     from appliance.ingest.receive import Receiver
     from appliance.store import jobs as job_store
     from appliance.store.spool import Spool
-    from tests.support.peers import PAS_BIN
+    from tests.support.peers import run_pas
 
     home = tmp_path / "home"
     db = Database(home / "pas.sqlite")
@@ -337,17 +337,16 @@ def test_a_hub_job_held_back_by_an_earlier_one_of_its_study_says_so(tmp_path: Pa
     earlier, later = sorted(r["id"] for r in db.query("SELECT id FROM jobs"))
     waits = {r["id"]: r["waits_for_job"] for r in job_store.list_jobs(db)}
     assert waits == {earlier: None, later: earlier}
-    listed = subprocess.run([str(PAS_BIN), "queue", "list"], capture_output=True, text=True,
-                            env={**os.environ, "PAS_HOME": str(home), "COLUMNS": "200"},
-                            timeout=60)
+    listed = run_pas(["queue", "list"],
+                     {**os.environ, "PAS_HOME": str(home), "COLUMNS": "200"}, timeout=60)
     assert listed.returncode == 0, listed.stderr
     cells = {row[0]: row for row in ([c.strip() for c in line.split("│")[1:-1]]
                                      for line in listed.stdout.splitlines() if "│" in line)}
     assert cells[str(later)][7] == f"after job {earlier}", listed.stdout
     assert cells[str(earlier)][7] != f"after job {later}", listed.stdout
     # A retry of the later one said "will be retried now" while it waited its turn.
-    retried = subprocess.run([str(PAS_BIN), "queue", "retry", str(later)], capture_output=True,
-                             text=True, env={**os.environ, "PAS_HOME": str(home)}, timeout=60)
+    retried = run_pas(["queue", "retry", str(later)], {**os.environ, "PAS_HOME": str(home)},
+                      timeout=60)
     assert retried.returncode == 0, retried.stderr
     assert " ".join(retried.stdout.split()) == (
         f"job {later} will be retried once job {earlier} is over (it goes to hub first)")

@@ -21,7 +21,7 @@ from pydicom import dcmread
 
 from appliance.store.db import Database
 from appliance.store.schema import MIGRATIONS
-from tests.support.peers import CT_DIR, DCMTK_ENV, PAS_BIN, PasProcess, read_rows
+from tests.support.peers import CT_DIR, DCMTK_ENV, PasProcess, read_rows, run_pas
 
 OLD_PATIENTS_KEY = ("CREATE UNIQUE INDEX patients_key ON patients (patient_id, issuer) "
                     "WHERE patient_id != '' OR issuer != ''")
@@ -100,8 +100,7 @@ def test_an_index_whose_patients_key_another_build_defined_receives_after_the_up
 
 
 def _doctor_database(pas: PasProcess) -> dict[str, str]:
-    said = subprocess.run([str(PAS_BIN), "doctor", "--json"], env=pas.env, cwd=pas.home,
-                          capture_output=True, text=True, timeout=120)
+    said = run_pas(["doctor", "--json"], pas.env, cwd=pas.home, timeout=120)
     return next(c for c in json.loads(said.stdout) if c["name"] == "database")
 
 
@@ -116,8 +115,7 @@ def test_a_table_another_build_shaped_stops_the_start_and_changes_nothing(
     conn.close()
     before = (home / "pas.sqlite").read_bytes()
     env = {**PasProcess(home).env, "PAS_HTTP__ENABLED": "false"}
-    ran = subprocess.run([str(PAS_BIN), "run"], env=env, cwd=home, capture_output=True,
-                         text=True, timeout=60)
+    ran = run_pas(["run"], env, cwd=home, timeout=60)
     assert ran.returncode == 1, (ran.stdout, ran.stderr)
     said = " ".join(ran.stderr.split())
     assert "cannot start:" in said and "its schema differs from this version's (table " \

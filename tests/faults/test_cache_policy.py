@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
 from collections import defaultdict
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from appliance.store.db import Database
 from appliance.store.eviction import NotEvictable
 from appliance.store.spool import Spool
 from tests.faults.helpers import assert_consistent, spool_state
-from tests.support.peers import CT_DIR, PAS_BIN
+from tests.support.peers import CT_DIR, run_pas
 
 
 def _confirm(db: Database, study_uid: str) -> None:
@@ -121,16 +120,14 @@ def test_retention_keeps_recent_confirmed_studies(four_studies) -> None:  # type
 def test_forced_purge_from_the_cli_is_audited_and_alert_clears(four_studies) -> None:  # type: ignore[no-untyped-def]
     home, db, spool, uids = four_studies
     env = {**os.environ, "PAS_HOME": str(home)}
-    refused = subprocess.run([str(PAS_BIN), "cache", "purge", uids[0]], env=env,
-                             capture_output=True, text=True, timeout=60)
+    refused = run_pas(["cache", "purge", uids[0]], env, timeout=60)
     assert refused.returncode == 1 and "not confirmed" in refused.stderr
     assert _studies(db) == set(uids)
     policy = _policy(home, db, spool, high_watermark_percent="50", low_watermark_percent="1")
     policy.evict_if_needed()
     assert policy.alert is not None  # nothing confirmed: nothing may go, operator warned
     for uid in uids:
-        done = subprocess.run([str(PAS_BIN), "cache", "purge", uid, "--force"], env=env,
-                              capture_output=True, text=True, timeout=60)
+        done = run_pas(["cache", "purge", uid, "--force"], env, timeout=60)
         assert done.returncode == 0, done.stderr
         assert "unconfirmed" in done.stdout
     assert _studies(db) == set()
@@ -149,8 +146,7 @@ def test_purge_of_an_unknown_study_names_it_and_suggests_no_force(four_studies) 
     home, db, _spool, uids = four_studies
     env = {**os.environ, "PAS_HOME": str(home)}
     for extra in ([], ["--force"]):
-        refused = subprocess.run([str(PAS_BIN), "cache", "purge", "1.2.3.4", *extra], env=env,
-                                 capture_output=True, text=True, timeout=60)
+        refused = run_pas(["cache", "purge", "1.2.3.4", *extra], env, timeout=60)
         assert refused.returncode == 1
         assert "study 1.2.3.4 is not in the cache" in refused.stderr
         assert "--force" not in refused.stderr, refused.stderr

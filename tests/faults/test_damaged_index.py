@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import sqlite3
-import subprocess
 import time
 from io import BytesIO
 from pathlib import Path
@@ -31,7 +30,7 @@ from appliance.ops.recovery import startup_recovery
 from appliance.store.db import Database
 from appliance.store.spool import Spool
 from tests.support.hub import HubProcess
-from tests.support.peers import CT_DIR, PAS_BIN, PasProcess, read_rows, storescu
+from tests.support.peers import CT_DIR, PasProcess, read_rows, run_pas, storescu
 
 CORRECTED = "CORRECTED^PATIENT"
 
@@ -121,8 +120,7 @@ def test_a_damaged_index_is_refused_then_rebuilt_from_the_spool(tmp_path: Path) 
             in " ".join(listed.stderr.split())), listed.stderr
 
     # pas run refuses to start: one line, no traceback, the DICOM port never opened.
-    run = subprocess.run([str(PAS_BIN), "run"], env=pas.env, capture_output=True, text=True,
-                         timeout=60)
+    run = run_pas(["run"], pas.env, timeout=60)
     said = run.stdout + run.stderr
     assert run.returncode == 1, said
     assert f"cannot start: the index database {db} is damaged (" in " ".join(said.split())
@@ -255,8 +253,7 @@ def test_a_damaged_hub_database_stops_the_hub_before_it_writes(tmp_path: Path) -
     db = hub.home / "hub.sqlite"
     _tear_the_root_page_of(db, "enrol_tokens")
     damaged = _sha256(db)
-    run = subprocess.run([str(PAS_BIN), "hub", "run"], env=hub.env, capture_output=True,
-                         text=True, timeout=60)
+    run = run_pas(["hub", "run"], hub.env, timeout=60)
     said = " ".join((run.stdout + run.stderr).split())
     assert run.returncode == 1, said
     assert f"cannot start the hub: the hub database {db} is damaged (" in said
@@ -264,8 +261,7 @@ def test_a_damaged_hub_database_stops_the_hub_before_it_writes(tmp_path: Path) -
     assert _sha256(db) == damaged
     # A hub command meeting the damage points to the hub's backup, not to the appliance's
     # rebuild-index (which would tell regional ops to run a command meaningless here).
-    token = subprocess.run([str(PAS_BIN), "hub", "token", "SITE-B"], env=hub.env,
-                           capture_output=True, text=True, timeout=60)
+    token = run_pas(["hub", "token", "SITE-B"], hub.env, timeout=60)
     said = " ".join((token.stdout + token.stderr).split())
     assert token.returncode == 1, said
     assert "the hub's database is damaged" in said and "Backing up the hub" in said, said

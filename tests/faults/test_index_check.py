@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from appliance.store.hub_schema import HUB_MIGRATIONS
 from tests.faults.test_damaged_index import _tear_the_root_page_of
 from tests.support.cleanup import started
 from tests.support.hub import HubProcess, enroll
-from tests.support.peers import CT_DIR, PAS_BIN, PasProcess, storescu, wait_for
+from tests.support.peers import CT_DIR, PasProcess, run_pas, storescu, wait_for
 from tests.test_ops_fleet import metric
 
 FIX = "systemctl stop pas; sudo -u pas pas cache rebuild-index; systemctl start pas"
@@ -245,8 +244,7 @@ def test_an_index_out_of_step_with_its_table_is_found_when_a_cstore_meets_it(
     doctor = {c["name"]: c for c in json.loads(pas.cli("doctor", "--json", check=False).stdout)}
     assert doctor["database"]["verdict"] == "fail", doctor["database"]
     assert "missing from index studies_last_received" in doctor["database"]["detail"]
-    run = subprocess.run([str(PAS_BIN), "run"], env=pas.env, capture_output=True, text=True,
-                         timeout=60)
+    run = run_pas(["run"], pas.env, timeout=60)
     said = " ".join((run.stdout + run.stderr).split())
     assert run.returncode == 1 and f"the index database {db} is damaged (" in said, said
     rebuilt = pas.cli("cache", "rebuild-index", check=False)

@@ -25,7 +25,7 @@ from appliance.store import jobs as job_store
 from appliance.store.db import Database
 from appliance.store.spool import Spool
 from tests.faults.helpers import spool_state
-from tests.support.peers import CT_DIR, PAS_BIN
+from tests.support.peers import CT_DIR, run_pas
 
 
 @pytest.fixture
@@ -42,8 +42,7 @@ def filled(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 def _pas(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PAS_HOME": str(home), "COLUMNS": "200"}
-    return subprocess.run([str(PAS_BIN), *args], env=env, capture_output=True, text=True,
-                          timeout=60)
+    return run_pas(list(args), env, timeout=60)
 
 
 def test_verify_reports_then_recovery_flags_and_repair_restores(filled) -> None:  # type: ignore[no-untyped-def]

@@ -28,11 +28,11 @@ from tests.faults.pki import make_pki
 from tests.support.peers import (
     CT_DIR,
     DCMTK_ENV,
-    PAS_BIN,
     PasProcess,
     StoreSCP,
     free_port,
     read_rows,
+    run_pas,
     storescu,
     wait_for,
 )
@@ -227,8 +227,7 @@ def test_readable_key_is_refused_at_start_with_the_fix(tmp_path: Path) -> None:
     pki = make_pki(tmp_path / "pki")
     (pki / "server.key").chmod(0o644)
     pas = PasProcess(tmp_path / "pas", _tls_env(pki))
-    result = subprocess.run([str(PAS_BIN), "run"], env=pas.env, capture_output=True, text=True,
-                            timeout=60)
+    result = run_pas(["run"], pas.env, timeout=60)
     assert result.returncode == 1
     message = result.stdout + result.stderr
     assert "server.key" in message and "chmod 600" in message, message
@@ -279,8 +278,7 @@ def test_forward_to_a_tls_dicom_node(tmp_path: Path) -> None:
 
 
 def _doctor_checks(pas: PasProcess) -> dict[str, dict[str, str]]:
-    result = subprocess.run([str(PAS_BIN), "doctor", "--json"], env=pas.env,
-                            capture_output=True, text=True, timeout=120)
+    result = run_pas(["doctor", "--json"], pas.env, timeout=120)
     return {c["name"]: c for c in json.loads(result.stdout)}
 
 

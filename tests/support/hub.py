@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import ssl
-import subprocess
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from appliance.store.hub import add_token, open_hub_db
 from appliance.transfer import pack, seal
 from appliance.transfer.enrolment import Enrolment, load_enrolment
 from appliance.transfer.enrolment import enroll as enroll_appliance
-from tests.support.peers import PAS_BIN, ChildProcess, NetNamespace, free_port
+from tests.support.peers import ChildProcess, NetNamespace, free_port, run_pas
 
 
 class HubProcess(ChildProcess):
@@ -108,9 +107,8 @@ def enroll(hub: HubProcess, home: Path, site: str, cli: bool = False) -> Enrolme
         env = {**os.environ, "PAS_HOME": str(home)}
         env.pop("PAS_CONFIG", None)
         env.pop("PAS_ENROLL_TOKEN", None)
-        result = subprocess.run([str(PAS_BIN), "enroll", "--hub", hub.url, "--token", "-"],
-                                input=f"{token}\n", env=env, capture_output=True, text=True,
-                                timeout=60)
+        result = run_pas(["enroll", "--hub", hub.url, "--token", "-"], env,
+                         input=f"{token}\n", timeout=60)
         assert result.returncode == 0, result.stdout + result.stderr
         assert "warning" not in result.stderr, result.stderr
     else:

@@ -83,6 +83,28 @@ def port_open(host: str, port: int) -> bool:
 # --- PAS ---------------------------------------------------------------------------------
 
 
+def run_pas(args: list[str], env: dict[str, str] | None = None, *, timeout: float = 120,
+            cwd: Path | str | None = None, input: str | None = None,  # noqa: A002
+            check: bool = False, exec_: bool = False) -> subprocess.CompletedProcess[str]:
+    """``pas ARGS`` run to its end, its output captured as text: what
+    ``subprocess.run([PAS_BIN, *args], env=env, capture_output=True, text=True, ...)`` gives.
+    Forked from the warm interpreter when the environment allows (:func:`zygote.suits`):
+    a new interpreter spends ~0.5 CPU-s importing before it does anything, and the suite
+    ran ~360 commands that way. ``check`` raises as :func:`subprocess.run`'s does; ``exec_``
+    for a test about the binary itself."""
+    env = dict(os.environ) if env is None else env
+    if not exec_ and zygote.suits(env):
+        # In this process's directory, as subprocess.run (the warm one's is the project's).
+        result = zygote.run(list(args), env, timeout=timeout, cwd=cwd or os.getcwd(),
+                            input=input)
+    else:
+        result = subprocess.run([str(PAS_BIN), *args], env=env, capture_output=True,
+                                text=True, timeout=timeout, cwd=cwd, input=input)
+    if check:
+        result.check_returncode()
+    return result
+
+
 class ChildProcess:
     """A ``pas`` command run as a child process: its own home, environment and log file;
     started, waited for on its ports, stopped (SIGTERM) or killed (kill -9)."""
@@ -180,11 +202,7 @@ class ChildProcess:
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         command = [*self.cli_prefix, *args]
-        if self._warm():
-            result = zygote.run(command, self.env, timeout=120)
-        else:
-            result = subprocess.run([str(PAS_BIN), *command], env=self.env,
-                                    capture_output=True, text=True, timeout=120)
+        result = run_pas(command, self.env, timeout=120, exec_=bool(self.launcher))
         if check and result.returncode != 0:
             raise AssertionError(f"pas {' '.join(command)} -> {result.returncode}\n"
                                  f"{result.stdout}\n{result.stderr}")

@@ -286,18 +286,27 @@ def spawn(args: list[str], env: dict[str, str], cwd: Path | str | None = None,
 
 
 def run(args: list[str], env: dict[str, str], timeout: float,
-        cwd: Path | str | None = None) -> subprocess.CompletedProcess[str]:
-    """:func:`subprocess.run` of ``pas ARGS`` with its output captured as text. As there,
-    the child is killed when the wait runs out or is interrupted (a test's timeout)."""
+        cwd: Path | str | None = None,
+        input: str | None = None) -> subprocess.CompletedProcess[str]:  # noqa: A002
+    """:func:`subprocess.run` of ``pas ARGS`` with its output captured as text, and
+    ``input`` (as there) written to its standard input, then closed. As there, the child is
+    killed when the wait runs out or is interrupted (a test's timeout)."""
     out_read, out_write = os.pipe()
     err_read, err_write = os.pipe()
     open_fds = {out_read, err_read}
+    in_read, in_write = os.pipe() if input is not None else (0, -1)
     try:
         try:
-            proc = spawn(args, env, cwd, stdout=out_write, stderr=err_write)
+            proc = spawn(args, env, cwd, stdin=in_read, stdout=out_write, stderr=err_write)
         finally:
             os.close(out_write)
             os.close(err_write)
+            if input is not None:
+                os.close(in_read)
+        if input is not None:
+            # In a thread: an input larger than the pipe holds would wait for the command.
+            threading.Thread(target=_write_and_close, args=(in_write, input.encode()),
+                             daemon=True).start()
         try:
             chunks = _read_until_closed(open_fds, time.monotonic() + timeout)
             returncode = proc.wait(timeout)
@@ -315,6 +324,16 @@ def run(args: list[str], env: dict[str, str], timeout: float,
         return b"".join(chunks[fd]).decode().replace("\r\n", "\n").replace("\r", "\n")
 
     return subprocess.CompletedProcess(proc.args, returncode, text(out_read), text(err_read))
+
+
+def _write_and_close(fd: int, data: bytes) -> None:
+    try:
+        with contextlib.suppress(BrokenPipeError):  # the command did not read it all
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
 
 
 def _read_until_closed(open_fds: set[int], deadline: float) -> dict[int, list[bytes]]:
