@@ -476,8 +476,8 @@ def test_settled_requests_are_forgotten_after_a_week_pending_ones_never(
     for uid in ("1.2.9.10", "1.2.9.11", "1.2.9.12", "1.2.9.13"):
         ids[uid] = commitment.record_request(db, uid, "CT9", "10.0.0.9", item,
                                              lambda relative: True, 30 * 86400)[0].id
-    commitment.mark_sent(db, ids["1.2.9.10"], "same association")   # sent 8 days ago
-    commitment.mark_sent(db, ids["1.2.9.11"], "same association")   # sent just now
+    for sent in ("1.2.9.10", "1.2.9.11"):                        # sent 8 days ago, just now
+        commitment.mark_sent(db, commitment.get(db, ids[sent]), "same association")
     with db.transaction() as conn:
         conn.execute("UPDATE commitment_requests SET state = 'given-up' WHERE id = ?",
                      (ids["1.2.9.12"],))                              # given up 8 days ago
@@ -541,3 +541,46 @@ def test_a_request_crossing_the_report_on_the_open_association_is_answered(site:
     finally:
         if assoc.is_established:
             assoc.release()
+
+
+def test_a_request_asked_again_while_its_report_is_on_its_way_gets_its_own_report(
+        tmp_path: Path) -> None:
+    """Seen in CI (2026-12-07): the modality, its first report received, asked the same
+    Transaction UID again 2 ms before PAS's delivery thread recorded that first report as
+    sent. The row, made due again by the second asking, was marked sent by the first
+    delivery's end, and the second asking never had its report. In-process, on the store:
+    a delivery's outcome lands only on the asking it answered."""
+    from appliance.store import commitment
+    from appliance.store.db import Database
+
+    db = Database(tmp_path / "pas.sqlite")
+    item = [(CTImageStorage, generate_uid())]
+
+    def ask() -> commitment.Commitment:
+        return commitment.record_request(db, "1.2.9.20", "CT9", "10.0.0.9", item,
+                                         lambda relative: True, 3600)[0]
+
+    def row() -> dict[str, Any]:
+        return dict(db.query_one("SELECT * FROM commitment_requests"))
+
+    for outcome in ("sent", "failed"):
+        first = ask()  # the asking a delivery thread took
+        [due] = commitment.due(db)
+        assert due.id == first.id
+        again = ask()  # asked again while that delivery is under way
+        assert again.id == first.id and again.give_up_at > first.give_up_at
+        if outcome == "sent":
+            commitment.mark_sent(db, due, "new association to 10.0.0.9:104")
+        else:
+            commitment.mark_failed(db, due, "association refused", retry_in_s=600)
+        # Still due at once, its attempts counted anew: the second asking's report.
+        assert (row()["state"], row()["attempts"], row()["last_error"]) == ("pending", 0, None)
+        assert [r.id for r in commitment.due(db)] == [first.id]
+        commitment.mark_sent(db, again, "new association to 10.0.0.9:104")
+        assert (row()["state"], row()["attempts"]) == ("sent", 1)
+    # Once past its deadline, the earlier asking is not given up over the new one.
+    stale = ask()
+    ask()
+    commitment.give_up(db, stale, "not delivered by its deadline (3 attempts)")
+    assert row()["state"] == "pending"
+    db.close()

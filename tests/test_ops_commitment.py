@@ -48,7 +48,7 @@ def test_status_json_text_page_and_doctor_show_the_reports_waiting(tmp_path: Pat
     waiting = [_record(db, "CT1"), _record(db, "CT1")]
     _record(db, "CT2")
     done = _record(db, "CT3")
-    commitment.mark_sent(db, done.id, "same association")
+    commitment.mark_sent(db, done, "same association")
     late = _record(db, "CT2", give_up_after_s=-1)
     commitment.give_up(db, late, "not delivered by its deadline (3 attempts)")
     db.close()

@@ -308,7 +308,7 @@ class StorageCommitmentScp:
         return None
 
     def _sent(self, request: commitment.Commitment, how: str) -> None:
-        commitment.mark_sent(self.db, request.id, how)
+        commitment.mark_sent(self.db, request, how)
         count_commitment_report("sent")
         log.info("Storage Commitment report %s sent to %s on the %s (%d committed, %d failed)",
                  request.transaction_uid, request.calling_ae, how, len(request.committed),
@@ -334,7 +334,7 @@ class StorageCommitmentScp:
                 self._sent(request, f"new association to {address[0]}:{address[1]}")
                 return
         delay = exponential_delay(request.attempts + 1, RETRY_INITIAL_S, RETRY_MAX_S)
-        commitment.mark_failed(self.db, request.id, error, delay)
+        commitment.mark_failed(self.db, request, error, delay)
         count_commitment_report("failed")
         log.warning("Storage Commitment report %s to %s not delivered: %s; next try in %.0f s",
                     request.transaction_uid, request.calling_ae, error, delay,

@@ -179,19 +179,31 @@ def next_due_at(db: Database, exclude_aes: Collection[str] = ()) -> float | None
     return float(row["at"]) if row is not None and row["at"] is not None else None
 
 
-def mark_sent(db: Database, request_id: int, how: str) -> None:
+# A delivery's outcome is recorded only on the asking it answered. The modality may ask the
+# same transaction again while a report is on its way (it missed the first, or its release
+# came first): that asking sets a new deadline (``give_up_at``) and makes the report due
+# again. Marked sent by the earlier delivery's end, the row said "sent" and the second
+# asking never had its report (seen in CI: the modality asked again 2 ms before the first
+# delivery logged its end). Rows whose deadline moved are left pending, so due again.
+_AS_DELIVERED = "id = ? AND state = 'pending' AND give_up_at = ?"
+
+
+def mark_sent(db: Database, request: Commitment, how: str) -> None:
+    """``request``'s report was delivered (unless it was asked again meanwhile)."""
     with db.transaction() as conn:
         conn.execute("UPDATE commitment_requests SET state = 'sent', sent_at = ?, sent_how = ?, "
-                     "attempts = attempts + 1, last_error = NULL, updated_at = ? WHERE id = ? "
-                     "AND state = 'pending'", (now(), how, now(), request_id))
+                     "attempts = attempts + 1, last_error = NULL, updated_at = ? "
+                     f"WHERE {_AS_DELIVERED}", (now(), how, now(), request.id,
+                                                request.give_up_at))
 
 
-def mark_failed(db: Database, request_id: int, error: str, retry_in_s: float) -> None:
-    """One delivery failed; the next one in ``retry_in_s``."""
+def mark_failed(db: Database, request: Commitment, error: str, retry_in_s: float) -> None:
+    """One delivery failed; the next one in ``retry_in_s`` (unless it was asked again
+    meanwhile: then it is due at once, with its attempts counted anew)."""
     with db.transaction() as conn:
         conn.execute("UPDATE commitment_requests SET attempts = attempts + 1, last_error = ?, "
-                     "next_attempt_at = ?, updated_at = ? WHERE id = ? AND state = 'pending'",
-                     (error, now() + retry_in_s, now(), request_id))
+                     f"next_attempt_at = ?, updated_at = ? WHERE {_AS_DELIVERED}",
+                     (error, now() + retry_in_s, now(), request.id, request.give_up_at))
 
 
 def give_up(db: Database, request: Commitment, error: str) -> None:
@@ -200,7 +212,7 @@ def give_up(db: Database, request: Commitment, error: str) -> None:
     with db.transaction() as conn:
         changed = conn.execute(
             "UPDATE commitment_requests SET state = 'given-up', last_error = ?, updated_at = ? "
-            "WHERE id = ? AND state = 'pending'", (error, now(), request.id)).rowcount
+            f"WHERE {_AS_DELIVERED}", (error, now(), request.id, request.give_up_at)).rowcount
         if changed:
             audit.record_in(conn, "commitment", actor=request.calling_ae,
                             source=request.source_address, target=None,

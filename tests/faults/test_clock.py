@@ -111,7 +111,7 @@ def test_step_forward_does_not_give_up_pending_commitment_reports(
     item = [("1.2.840.10008.5.1.4.1.1.2", "1.2.9.1")]
     request, _ = commitment.record_request(db, "1.2.9.77", "CT1", None, item,
                                            lambda relative: True, 24 * 3600.0)
-    commitment.mark_failed(db, request.id, "association refused", retry_in_s=30)
+    commitment.mark_failed(db, request, "association refused", retry_in_s=30)
     watch = ClockWatch(db)
 
     clock["offset"] = 2 * 24 * 3600.0
