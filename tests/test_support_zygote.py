@@ -33,6 +33,19 @@ def test_a_refused_configuration_reads_the_same_forked_and_executed(tmp_path: Pa
     assert (forked.stdout, forked.stderr) == (executed.stdout, executed.stderr)
 
 
+def test_a_command_that_succeeds_ends_as_executed_its_output_whole(tmp_path: Path) -> None:
+    """The forked command ends without the interpreter's teardown (zygote._exit_as_sys_exit):
+    what it printed is all there, and its exit status is the same, on success too."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PAS_")}
+    env.update({"PAS_HOME": str(tmp_path / "home"), "COLUMNS": "200"})
+    PasProcess(tmp_path / "home").start().stop()  # a home and its database
+    for args in (["--help"], ["config", "check"], ["queue", "list"], ["studies", "--json"]):
+        forked, executed = _both(args, env)
+        assert forked.returncode == executed.returncode == 0, (args, forked.stderr)
+        assert forked.stdout and forked.stdout == executed.stdout, args
+        assert forked.stderr == executed.stderr, args
+
+
 def test_the_command_gets_its_own_environment_and_no_more(tmp_path: Path) -> None:
     """A variable of the warm interpreter's own that the command's environment lacks is not
     seen: the home named is the command's."""

@@ -9,7 +9,8 @@ for a daemon. On the 2-core machine that was more than a third of the suite's CP
 What the child runs is what the console script ``.venv/bin/pas`` runs: ``sys.exit(main())``
 of ``appliance.cli.main``, with the command's own argv, environment, working directory and
 standard streams (passed as file descriptors), so it exits, logs and answers signals as the
-real command does. The command-line modules themselves (``appliance.cli.*``) are imported by
+real command does (its end is :func:`_exit_as_sys_exit`: that of ``sys.exit`` without the
+interpreter's teardown). The command-line modules themselves (``appliance.cli.*``) are imported by
 the child, not ahead: they read the terminal and the environment when imported (rich's
 consoles), which must be the command's, not the warm interpreter's.
 
@@ -168,7 +169,38 @@ def _warm_main(socket_name: str) -> None:
     sys.path[0] = str(PAS_BIN.parent)
     from appliance.cli.main import main
 
-    sys.exit(main())
+    _exit_as_sys_exit(main)
+
+
+def _exit_as_sys_exit(main: Any) -> None:
+    """End as ``sys.exit(main())`` ends an interpreter, in the order CPython does: its
+    non-daemon threads awaited, the atexit handlers run (logging's flush among them), the
+    standard streams flushed, the same exit status; then ``os._exit``. What is left out is
+    the teardown of every module: in a child of the warm interpreter it touched the pages of
+    all the objects imported ahead, each then copied (copy-on-write): half of a CLI call's
+    CPU (0.127 s a call with it, 0.068 s without, measured)."""
+    try:
+        code = main()
+    except SystemExit as exc:
+        code = exc.code
+    except BaseException:  # as the interpreter: the traceback on stderr, status 1
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    threading._shutdown()  # type: ignore[attr-defined]  # what Py_FinalizeEx waits for
+    atexit._run_exitfuncs()
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:  # sys.exit("message"): said on stderr, status 1
+        print(code, file=sys.stderr)
+        status = 1
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status & 0xFF)
 
 
 # --- the tests' side ---------------------------------------------------------------------
