@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.support.peers import PAS_BIN, ROOT
+from tests.support.scripts import script_module
 
 NFT_CONF = ROOT / "image" / "rootfs" / "etc" / "nftables.conf"
 
@@ -159,16 +160,8 @@ def test_first_boot_writes_the_site_once_and_only_retries_the_enrolment(
 
 def _firstboot() -> Any:
     """/usr/local/sbin/pas-firstboot as a module (a script without .py), to call its parts."""
-    import importlib.machinery
-    import importlib.util
-
-    script = ROOT / "image" / "rootfs" / "usr" / "local" / "sbin" / "pas-firstboot"
-    loader = importlib.machinery.SourceFileLoader("pas_firstboot", str(script))
-    spec = importlib.util.spec_from_loader("pas_firstboot", loader)
-    assert spec is not None
-    firstboot = importlib.util.module_from_spec(spec)
-    loader.exec_module(firstboot)
-    return firstboot
+    return script_module(ROOT / "image" / "rootfs" / "usr" / "local" / "sbin" / "pas-firstboot",
+                         "pas_firstboot")
 
 
 def _console(tmp_path: Path, answers: list[tuple[str, str]]) -> tuple[dict[str, Any], bytes]:

@@ -19,8 +19,6 @@ root (:func:`make_upgrade_root`).
 from __future__ import annotations
 
 import hashlib
-import importlib.machinery
-import importlib.util
 import json
 import os
 import shutil
@@ -32,6 +30,7 @@ from types import ModuleType
 import pytest
 
 from tests.support.peers import ROOT
+from tests.support.scripts import script_module
 
 SCRIPT = ROOT / "image" / "rootfs" / "usr" / "local" / "sbin" / "pas-upgrade"
 UNIT_ENV = ROOT / "image" / "rootfs" / "usr" / "local" / "lib" / "pas" / "unit-env"
@@ -46,12 +45,7 @@ SITE_REFUSAL = ('config error site "CH Exemple" is not the site this appliance i
 
 
 def _unit_env() -> ModuleType:
-    loader = importlib.machinery.SourceFileLoader("pas_unit_env", str(UNIT_ENV))
-    spec = importlib.util.spec_from_loader("pas_unit_env", loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
+    return script_module(UNIT_ENV, "pas_unit_env")
 
 
 def test_systemctl_shows_words_are_read_back_whole() -> None:
