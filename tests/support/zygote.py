@@ -330,6 +330,10 @@ def run(args: list[str], env: dict[str, str], timeout: float,
     try:
         try:
             proc = spawn(args, env, cwd, stdin=in_read, stdout=out_write, stderr=err_write)
+        except BaseException:
+            if input is not None:
+                os.close(in_write)  # no command to write it to
+            raise
         finally:
             os.close(out_write)
             os.close(err_write)
