@@ -88,7 +88,7 @@ def test_readers_shown_in_the_index_stop_another_process_evicting(tmp_path: Path
     study = first.study_uid
     assert second.study_uid != study
     with db.transaction() as conn:  # standing in for the region's receipt
-        conn.execute("UPDATE instances SET confirmed_at = 1")
+        conn.execute("UPDATE instances SET confirmed_at = 1, routed_at = coalesce(routed_at, 1)")
     readers = StudyReaders()
     readers.share(SharedReaders(db))
     cli = Database(tmp_path / "pas.sqlite")

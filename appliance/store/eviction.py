@@ -53,11 +53,25 @@ class EvictionCandidate:
     last_used_at: float
 
 
+# An instance row the region does not hold yet, for the cache's own choices (invariant 2):
+# - not routed: a delta the study's stability has not handed to routing. A receipt can
+#   confirm it before (the bytes of an older job: A, then B, then A again, and A's receipt
+#   arrives), but the sender's last word has not gone up yet; evicted now, it never would;
+# - not confirmed, unless it is a superseded version whose instance's current version is
+#   confirmed: a version the sender replaced never travels once its replacement is routed
+#   (routing sends the current one only), so no receipt would ever come for it, and its
+#   study stayed in the cache for good. The region holds the sender's last word.
+_NOT_YET_HELD = """(u.routed_at IS NULL OR (u.confirmed_at IS NULL AND NOT (
+    u.is_current = 0 AND EXISTS (SELECT 1 FROM instances c
+                                 WHERE c.sop_instance_uid = u.sop_instance_uid
+                                   AND c.is_current = 1 AND c.confirmed_at IS NOT NULL))))"""
+
+
 def eviction_candidates(db: Database, received_before: float,
                         limit: int = 100) -> list[EvictionCandidate]:
     """Studies the cache may drop on its own, least recently used first.
 
-    All of: every instance row (every version) confirmed at the region (invariant 2); not
+    All of: every instance row held at the region (:data:`_NOT_YET_HELD`, invariant 2); not
     pinned (or the pin expired); no job still pending or running for it; last received
     before ``received_before`` (the minimum retention).
 
@@ -67,13 +81,13 @@ def eviction_candidates(db: Database, received_before: float,
     """
     at = now()
     rows = db.query(
-        """SELECT s.study_uid, coalesce(s.last_accessed_at, s.last_received_at) AS used_at,
+        f"""SELECT s.study_uid, coalesce(s.last_accessed_at, s.last_received_at) AS used_at,
                   count(i.id) AS n, coalesce(sum(i.size), 0) AS bytes
            FROM studies s JOIN instances i ON i.study_fk = s.id
            WHERE (s.pinned_until IS NULL OR s.pinned_until < ?)
              AND s.last_received_at < ?
              AND NOT EXISTS (SELECT 1 FROM instances u WHERE u.study_fk = s.id
-                             AND u.confirmed_at IS NULL)
+                             AND {_NOT_YET_HELD})
              AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.study_fk = s.id
                              AND j.state IN ('pending', 'running'))
            GROUP BY s.id
@@ -168,6 +182,12 @@ def evict_study(db: Database, spool: Spool, study_uid: str, *, force: bool = Fal
         rows = conn.execute("SELECT id, path, size, confirmed_at FROM instances "
                             "WHERE study_fk = ?", (study["id"],)).fetchall()
         unconfirmed = sum(1 for r in rows if r["confirmed_at"] is None)
+        # (not confirmed, or excused; confirmed but received again since it was routed)
+        not_held = conn.execute(
+            "SELECT coalesce(sum(u.confirmed_at IS NULL), 0), "
+            "coalesce(sum(u.confirmed_at IS NOT NULL), 0) "
+            f"FROM instances u WHERE u.study_fk = ? AND {_NOT_YET_HELD}",
+            (study["id"],)).fetchone()
         readers = live_readers(conn, study_uid)
         being_read = (f"being read by the running daemon (pid {readers[0].pid}): " + "; ".join(
             reading_since(r.reader, r.since) for r in readers)) if readers else ""
@@ -182,9 +202,12 @@ def evict_study(db: Database, spool: Spool, study_uid: str, *, force: bool = Fal
         if not force:
             if readers:
                 raise BeingRead(f"study {study_uid} is {being_read}")
-            if unconfirmed:
-                raise NotEvictable(f"study {study_uid}: {counted(unconfirmed, 'instance')} not "
+            if not_held[0]:
+                raise NotEvictable(f"study {study_uid}: {counted(not_held[0], 'instance')} not "
                                    "confirmed at the region")
+            if not_held[1]:
+                raise NotEvictable(f"study {study_uid}: {counted(not_held[1], 'instance')} "
+                                   "received again since the study was routed, not sent yet")
             if study["pinned_until"] is not None and study["pinned_until"] >= at:
                 raise NotEvictable(f"study {study_uid} is pinned")
             active = conn.execute("SELECT count(*) FROM jobs WHERE study_fk = ? AND state IN "

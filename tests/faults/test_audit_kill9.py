@@ -73,7 +73,7 @@ def two_studies(tmp_path: Path) -> tuple[Path, str, str]:
         for path in studies[uid]:
             receiver.receive_file(path.read_bytes())
     with db.transaction() as conn:  # test set-up standing in for the uplink's receipts
-        conn.execute("UPDATE instances SET confirmed_at = 1")
+        conn.execute("UPDATE instances SET confirmed_at = 1, routed_at = coalesce(routed_at, 1)")
         for n, uid in enumerate(chosen):
             conn.execute("UPDATE studies SET last_received_at = ?, last_accessed_at = ? "
                          "WHERE study_uid = ?", (1000.0 + n, 1000.0 + n, uid))

@@ -73,7 +73,8 @@ def _confirm_everything(home: Path) -> None:
     conn = sqlite3.connect(home / "pas.sqlite", timeout=30)
     try:
         with conn:
-            conn.execute("UPDATE instances SET confirmed_at = 1")
+            conn.execute("UPDATE instances SET confirmed_at = 1, "
+                         "routed_at = coalesce(routed_at, 1)")
     finally:
         conn.close()
 

@@ -47,7 +47,8 @@ def test_an_eviction_under_the_scrub_raises_no_missing_file(tmp_path: Path) -> N
         "PAS_CACHE__EVICT_INTERVAL_S": "0.2",
     }).start()
     try:
-        _rows(home, "UPDATE instances SET confirmed_at = 1")  # the region's receipts
+        _rows(home, "UPDATE instances SET confirmed_at = 1, "  # the region's receipts
+              "routed_at = coalesce(routed_at, 1)")
         wait_for(lambda: _rows(home, "SELECT count(*) FROM studies") == [(0,)], 30,
                  what="both studies evicted")
         # The scrub's batch ends: its position saved, or a new pass begun.

@@ -308,7 +308,7 @@ def checker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[st
     for path in _one_study(3):
         receiver.receive_file(path.read_bytes(), source="CT1")
     with db.transaction() as conn:  # confirmed at the region, received long ago: evictable
-        conn.execute("UPDATE instances SET confirmed_at = 1")
+        conn.execute("UPDATE instances SET confirmed_at = 1, routed_at = coalesce(routed_at, 1)")
         conn.execute("UPDATE studies SET last_received_at = 1000, last_accessed_at = 1000")
     db.close()
     stop = threading.Event()

@@ -384,7 +384,7 @@ def test_a_resend_filed_while_recovery_finishes_an_eviction_keeps_its_file(
     content = sorted(CT_DIR.glob("*.dcm"))[0].read_bytes()
     first = receiver.receive_file(content)
     with db.transaction() as conn:  # the region's receipt (the uplink does it)
-        conn.execute("UPDATE instances SET confirmed_at = 1")
+        conn.execute("UPDATE instances SET confirmed_at = 1, routed_at = coalesce(routed_at, 1)")
     path = db.query_one("SELECT path FROM instances WHERE id = ?",
                         (first.instance_id,))["path"]
     # The eviction's rows and flag committed; its files not unlinked yet.
