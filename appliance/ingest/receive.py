@@ -329,18 +329,21 @@ class Receiver:
             )
         except sqlite3.Error as exc:
             if created:
-                self.spool.discard(stored.path)
+                index.discard_unindexed_file(self.db, self.spool, stored.path)
             if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
                 # The file fitted, the index could not grow: the disk is full all the same,
                 # and the sender should hear so (0xA700, try again later), not "failed".
                 raise SpoolFull(f"disk full: the index cannot grow ({exc})") from exc
             index_check.suspect(exc)  # SQLITE_CORRUPT: the index is checked now, not in a day
             raise StorageFailure(f"index commit failed: {exc}") from exc
-        if not created and not self.spool.holds(stored):
-            # Bytes already held, and an eviction unlinked that file between this write
-            # and this commit (it checks, in its own transaction, that no row names the
-            # file: this row was not committed yet). The row is: the file must be too,
-            # before success is answered (invariant 1). Same bytes, same name.
+        if not self.spool.holds(stored):
+            # An eviction unlinked that file between this write and this commit (it checks,
+            # in its own transaction, that no row names the file: this row was not
+            # committed yet). The row is: the file must be too, before success is answered
+            # (invariant 1). Same bytes, same name. Whether this write created the file or
+            # found it held: a file lost or set aside by the scrub is created again by a
+            # re-send, and an eviction of its study that looked after that write took it
+            # (found in review, 2026-12-07: success answered, no file behind the row).
             if spill is not None:  # its bytes went with the file: the sender sends again
                 raise StorageFailure("its file was evicted while it was filed: send it again")
             log.warning("%s: its file was evicted while it was filed; written again",

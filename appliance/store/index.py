@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance.store import audit
 from appliance.store.db import Database, now
+
+if TYPE_CHECKING:
+    from appliance.store.spool import Spool
 
 
 @dataclass(frozen=True)
@@ -366,6 +369,24 @@ def totals(db: Database) -> dict[str, int]:
         "conflicts": int(row["conflicts"]),
         "confirmed_instances": int(row["confirmed"]),
     }
+
+
+def discard_unindexed_file(db: Database, spool: Spool, relative: str) -> bool:
+    """Remove a file a receive wrote and could not index (its commit failed), unless a row
+    names it: the same bytes may have come meanwhile on another association, whose write
+    found this file held and whose commit succeeded (its sender told success). Under the
+    write lock, so no commit lands between the look and the unlink. Never raises: an index
+    that cannot be read now leaves the file, which start-up recovery indexes again (the
+    bytes of an instance the sender will send again). True: removed."""
+    try:
+        with db.transaction() as conn:
+            if conn.execute("SELECT 1 FROM instances WHERE path = ? LIMIT 1",
+                            (relative,)).fetchone() is not None:
+                return False
+            spool.discard(relative)
+            return True
+    except sqlite3.Error:
+        return False
 
 
 def spool_bytes(db: Database) -> int:

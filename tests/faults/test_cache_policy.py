@@ -30,7 +30,8 @@ from tests.support.peers import CT_DIR, run_pas
 def _confirm(db: Database, study_uid: str) -> None:
     # Test set-up standing in for the uplink's receipt handling.
     with db.transaction() as conn:
-        conn.execute("UPDATE instances SET confirmed_at = 1 WHERE study_fk = "
+        conn.execute("UPDATE instances SET confirmed_at = 1, routed_at = coalesce(routed_at, 1) "
+                     "WHERE study_fk = "
                      "(SELECT id FROM studies WHERE study_uid = ?)", (study_uid,))
 
 
@@ -236,6 +237,65 @@ def test_a_resend_written_before_eviction_and_committed_after_is_written_again(
     assert len(evicted) == 1 and not again.duplicate
     row = db.query_one("SELECT path, sha256 FROM instances WHERE id = ?", (again.instance_id,))
     assert _file_sha(spool, row["path"]) == row["sha256"] == first.sha256
+
+
+def test_a_lost_file_sent_again_while_its_study_is_evicted_is_written_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file of a confirmed instance is lost (or set aside by the scrub); the modality
+    sends it again, so this write creates the file. An eviction of the study then looks at
+    that new file and unlinks it before the receive commits. The receive checked its file
+    after the commit only when it had found it held: it answered success with no file
+    behind its row (found in review, 2026-12-07). Now it writes it again."""
+    db, spool, receiver, content, first = _one_confirmed_instance(tmp_path)
+    path = db.query_one("SELECT path FROM instances WHERE id = ?", (first.instance_id,))["path"]
+    (spool.root / path).unlink()
+    real_record = receiver._commits.record
+
+    def evict_then_record(record, stored, **options):  # type: ignore[no-untyped-def]
+        eviction.evict_study(db, spool, first.study_uid)
+        assert not spool.holds(stored)  # the interleaving under test: the new file went
+        return real_record(record, stored, **options)
+
+    monkeypatch.setattr(receiver._commits, "record", evict_then_record)
+    again = receiver.receive_file(content)
+    row = db.query_one("SELECT path, sha256 FROM instances WHERE id = ?", (again.instance_id,))
+    assert _file_sha(spool, row["path"]) == row["sha256"] == first.sha256
+
+
+def test_a_failed_commit_leaves_the_file_another_receive_filed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same instance on two associations: the first writes the file, the second finds it
+    held and commits (success told to its sender), then the first's commit fails. The first
+    discarded the file it had created, and the second's row named nothing (found in review,
+    2026-12-07). Now a file is discarded only when no row names it."""
+    import sqlite3
+
+    db = Database(tmp_path / "pas.sqlite")
+    spool = Spool(tmp_path / "spool")
+    first_receiver, second_receiver = Receiver(db, spool), Receiver(db, spool)
+    content = sorted(CT_DIR.glob("*.dcm"))[0].read_bytes()
+    second = []
+
+    def failing_commit() -> None:  # a real SQLite error (its code set, as the commit's)
+        sqlite3.connect(":memory:").execute("SELECT * FROM the_commit_failed")
+
+    def other_association_then_fail(record, stored, **options):  # type: ignore[no-untyped-def]
+        second.append(second_receiver.receive_file(content))
+        failing_commit()
+
+    monkeypatch.setattr(first_receiver._commits, "record", other_association_then_fail)
+    with pytest.raises(Exception, match="index commit failed: no such table: the_commit_failed"):
+        first_receiver.receive_file(content)
+    (filed,) = second
+    row = db.query_one("SELECT path, sha256 FROM instances WHERE id = ?", (filed.instance_id,))
+    assert _file_sha(spool, row["path"]) == row["sha256"] == filed.sha256
+
+    # And a file nobody indexed is still discarded when its own commit fails.
+    other = sorted(CT_DIR.glob("*.dcm"))[1].read_bytes()
+    monkeypatch.setattr(first_receiver._commits, "record", lambda *a, **k: failing_commit())
+    with pytest.raises(Exception, match="index commit failed"):
+        first_receiver.receive_file(other)
+    assert sorted(p.name for p in spool.root.glob("*/*.dcm")) == [Path(row["path"]).name]
 
 
 def test_eviction_still_deletes_files_nobody_filed_again(tmp_path: Path) -> None:
