@@ -6,6 +6,10 @@ Image Storage only (it rejects the CT presentation contexts), and a storescp, or
 writing to a 1 MiB tmpfs of its own, which answers 0xA700 (out of resources) once full.
 Each audit row is checked against the files the destination really holds and against the
 counts of the final C-MOVE/C-GET response pynetdicom sends the viewer.
+
+Also here, on the same PAS: two patients of two issuers sharing PatientID 123456 (a patient-
+level retrieve sent both: review 2026-12-07), moved to a pynetdicom storage SCP that records
+what it stores.
 """
 
 from __future__ import annotations
@@ -14,14 +18,18 @@ import contextlib
 import json
 import re
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydicom import dcmread
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from tests.support.cleanup import started
+from tests.support.objects import tiny_ct
 from tests.support.peers import (
     CT_DIR,
     DCMTK_ENV,
@@ -29,6 +37,7 @@ from tests.support.peers import (
     PasProcess,
     RetrieveAudit,
     StoreSCP,
+    free_port,
     on_small_disk,
     storescu,
 )
@@ -40,15 +49,77 @@ MR_ONLY_PROFILE = one_class_profile("MROnly", "MRImageStorage")
 SMALL_DISK_KB = 1024  # about 11 of the 86 kB MR images
 
 
+class OriginRecorder:
+    """A pynetdicom storage SCP (CT) that records each C-STORE it is sent: (SOP Instance
+    UID, Move Originator AE Title, Move Originator Message ID). DCMTK's storescp does not
+    say them."""
+
+    ae_title = "ORIGINS"
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.stores: list[tuple[str, str | None, int | None]] = []
+        self._lock = threading.Lock()
+        self.server: Any = None
+
+    def start(self) -> OriginRecorder:
+        ae = AE(ae_title=self.ae_title)
+        ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        return self
+
+    def _on_store(self, event: Any) -> int:
+        request = event.request
+        title = request.MoveOriginatorApplicationEntityTitle
+        with self._lock:
+            self.stores.append((str(request.AffectedSOPInstanceUID),
+                                str(title).strip() if title is not None else None,
+                                request.MoveOriginatorMessageID))
+        return 0x0000
+
+    def taken(self) -> list[tuple[str, str | None, int | None]]:
+        """What was stored since the last call."""
+        with self._lock:
+            stores, self.stores = self.stores, []
+        return stores
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+
+
+# Two patients of two hospitals sharing a PatientID, two instances each (one study each).
+SHARED_PATIENT_ID = "123456"
+ISSUERS = {"HOSP_A": "MARTIN^PAUL", "HOSP_B": "DURAND^MARIE"}
+
+
+def _patients_sharing_an_id(folder: Path) -> dict[str, list[str]]:
+    """Write them to ``folder``: issuer -> its instances' SOP Instance UIDs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written: dict[str, list[str]] = {}
+    for issuer, name in ISSUERS.items():
+        first = tiny_ct(PatientID=SHARED_PATIENT_ID, IssuerOfPatientID=issuer, PatientName=name)
+        second = tiny_ct(str(first.StudyInstanceUID), str(first.SeriesInstanceUID),
+                         PatientID=SHARED_PATIENT_ID, IssuerOfPatientID=issuer,
+                         PatientName=name, InstanceNumber=2)
+        for ds in (first, second):
+            ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+        written[issuer] = sorted(str(ds.SOPInstanceUID) for ds in (first, second))
+    return written
+
+
 class Site(RetrieveAudit):
-    """PAS holding the CT and MR sets, and four move destinations: one that stores
-    everything, one that refuses CT, one whose disk fills up, one that rejects every
-    association."""
+    """PAS holding the CT and MR sets and two patients of two issuers sharing a PatientID,
+    and five move destinations: one that stores everything, one that refuses CT, one whose
+    disk fills up, one that rejects every association, one that records the Move
+    Originator of what it stores."""
 
     def __init__(self, root: Path):
         profile = root / "mr-only.cfg"
         root.mkdir(parents=True, exist_ok=True)
         profile.write_text(MR_ONLY_PROFILE)
+        self.issuers = _patients_sharing_an_id(root / "issuers")
         with contextlib.ExitStack() as stack:  # a step that raises stops those started
             self.scp = started(stack, StoreSCP(root / "scp"))
             self.mr_only = started(stack, StoreSCP(root / "mr-only", ae_title="MRONLY"),
@@ -58,14 +129,15 @@ class Site(RetrieveAudit):
             self.refusing = started(stack, StoreSCP(root / "refusing", ae_title="REFUSING"),
                                     ["--refuse"])
             self.scps = (self.scp, self.mr_only, self.full, self.refusing)
+            self.origins = started(stack, OriginRecorder())
             destinations = ", ".join(
                 f'{{title = "{scp.ae_title}", host = "127.0.0.1", port = {scp.port}}}'
-                for scp in self.scps)
+                for scp in (*self.scps, self.origins))
             self.pas = started(stack, PasProcess(root / "pas", {
                 "PAS_DICOM__ACCEPT_UNKNOWN": "true",
                 "PAS_SERVING__MOVE_DESTINATIONS": f"[{destinations}]",
             }))
-            for folder in (CT_DIR, MR_DIR):
+            for folder in (CT_DIR, MR_DIR, root / "issuers"):
                 storescu(folder, self.pas.port)
             stack.pop_all()  # set up: stop() stops them from now on
 
@@ -73,6 +145,7 @@ class Site(RetrieveAudit):
         self.pas.stop()
         for scp in self.scps:
             scp.stop()
+        self.origins.stop()
 
 
 @pytest.fixture(scope="module")
@@ -277,12 +350,12 @@ def test_cancelled_move_is_audited_as_cancelled_with_what_was_stored(site: Site)
     assert len(site.scp.files()) == completed
 
 
-def getscu(site: Site, keys: list[str], out: Path,
-           disk_kb: int | None = None) -> subprocess.CompletedProcess[str]:
+def getscu(site: Site, keys: list[str], out: Path, disk_kb: int | None = None,
+           model: str = "-S") -> subprocess.CompletedProcess[str]:
     """getscu storing into ``out``; with ``disk_kb`` it writes to a tmpfs of that size,
-    whose files are copied to ``out`` once it has ended."""
+    whose files are copied to ``out`` once it has ended. ``model``: -S (Study Root) or -P."""
     out.mkdir(parents=True, exist_ok=True)
-    args = ["getscu", "-d", "-S", "-aet", "VIEWER", "-aec", "PAS"]
+    args = ["getscu", "-d", model, "-aet", "VIEWER", "-aec", "PAS"]
     for key in keys:
         args += ["-k", key]
     args += ["127.0.0.1", str(site.pas.port)]
@@ -379,3 +452,78 @@ def test_get_without_role_selection_names_it(site: Site) -> None:
                               "Storage proposed without SCP/SCU Role Selection: the viewer "
                               "did not take the SCP role)")
     assert row["detail"] == "C-GET: 1 completed, 2 failed, 0 warning"
+
+
+def _final_status(result: subprocess.CompletedProcess[str]) -> tuple[str, str | None]:
+    """(the final C-MOVE/C-GET response's status, its Error Comment or None) as DCMTK's -d
+    dump prints them."""
+    log = result.stdout + result.stderr
+    statuses = re.findall(r"DIMSE Status\s*: (0x[0-9a-f]{4})", log)
+    assert statuses, log[-3000:]
+    final = log[log.rindex("DIMSE Status"):]
+    comment = re.search(r"\(0000,0902\) LO \[(.*)\]\s+#", final)
+    return statuses[-1], comment.group(1) if comment else None
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+def test_a_patient_level_retrieve_with_an_issuer_sends_that_patient_only(
+        site: Site, tmp_path: Path) -> None:
+    """PatientID 123456 is MARTIN^PAUL at HOSP_A and DURAND^MARIE at HOSP_B: a patient-level
+    C-GET or C-MOVE that gives IssuerOfPatientID sends that patient's instances and none of
+    the other's (both were sent). A PatientID no other issuer shares needs no issuer."""
+    for issuer, other in (("HOSP_A", "HOSP_B"), ("HOSP_B", "HOSP_A")):
+        keys = ["QueryRetrieveLevel=PATIENT", f"PatientID={SHARED_PATIENT_ID}",
+                f"IssuerOfPatientID={issuer}"]
+        before = len(site.retrieves())
+        result = getscu(site, keys, tmp_path / f"get-{issuer}", model="-P")
+        assert _final_status(result) == ("0x0000", None), result.stderr[-2000:]
+        assert sorted(_received(_files(tmp_path / f"get-{issuer}"))) == site.issuers[issuer]
+        row = site.next_retrieve(before)
+        assert (row["outcome"], row["detail"]) == (
+            "success", "C-GET: 2 completed, 0 failed, 0 warning"), row
+
+        site.origins.taken()
+        before = len(site.retrieves())
+        result = movescu(site, keys, site.origins.ae_title, "-P")
+        assert _final_status(result) == ("0x0000", None), result.stderr[-2000:]
+        moved = sorted(uid for uid, _, _ in site.origins.taken())
+        assert moved == site.issuers[issuer] and not set(moved) & set(site.issuers[other])
+        assert site.next_retrieve(before)["outcome"] == "success"
+
+    # No collision: PatientID alone, as before.
+    ct_patient = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+                  for p in CT_DIR.glob("A002304_*.dcm")}
+    result = getscu(site, ["QueryRetrieveLevel=PATIENT", "PatientID=A002304"],
+                    tmp_path / "get-alone", model="-P")
+    assert _final_status(result) == ("0x0000", None), result.stderr[-2000:]
+    assert _received(_files(tmp_path / "get-alone")) == ct_patient
+
+
+def test_a_patient_level_retrieve_of_a_patient_id_two_issuers_share_is_refused(
+        site: Site, tmp_path: Path) -> None:
+    """Without IssuerOfPatientID, PatientID 123456 names two patients here: the C-GET and
+    the C-MOVE are refused before any sub-operation (0xA900, the identifier does not name
+    one patient: PAS's other identifier refusals), the Error Comment says why and what to
+    give, nothing is sent, and the audit row keeps the whole reason."""
+    reason = (f"PatientID {SHARED_PATIENT_ID} names 2 patients: give IssuerOfPatientID "
+              "(issuers HOSP_A, HOSP_B)")
+    keys = ["QueryRetrieveLevel=PATIENT", f"PatientID={SHARED_PATIENT_ID}"]
+    before = len(site.retrieves())
+    result = getscu(site, keys, tmp_path / "get", model="-P")
+    status, comment = _final_status(result)
+    assert status == "0xa900", result.stderr[-2000:]
+    assert comment is not None and reason.startswith(comment.removesuffix("...")), comment
+    assert _files(tmp_path / "get") == []
+    row = site.next_retrieve(before)
+    assert row["outcome"] == f"failure: {reason}", row
+
+    site.origins.taken()
+    before = len(site.retrieves())
+    result = movescu(site, keys, site.origins.ae_title, "-P")
+    assert _final_status(result)[0] == "0xa900", result.stderr[-2000:]
+    assert site.origins.taken() == []
+    assert site.next_retrieve(before)["outcome"] == f"failure: {reason}"
+

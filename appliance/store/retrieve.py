@@ -1,7 +1,8 @@
 """Which instances a retrieve covers, and what the cache holds of a study.
 
 Owns: the set a C-MOVE, C-GET, WADO-RS or the hub's download sends (its unique keys read as
-PS3.4 C.4.2.2.1 asks: single values or UID lists, no wildcard, never "everything"), kept as
+PS3.4 C.4.2.2.1 asks: single values or UID lists, no wildcard, never "everything"; a
+PatientID with its IssuerOfPatientID, never several issuers' patients merged), kept as
 row ids and read back a page at a time; the look-ups that say how much of a study is here
 (fetch-through, the hub's holdings statement, the bucketed download) and the one write of a
 read: ``last_accessed_at`` (:func:`touch_studies`, what the cache's LRU eviction reads).
@@ -62,9 +63,50 @@ def _retrieve_where(level: str, keys: dict[str, str]) -> _Where:
             if keyword == "PatientID":
                 where.add("p.patient_id = ?", value)
                 where.add(_NAMES_SOMEONE)  # implied: the value is not empty
+                _match_issuer(where, keys)
             else:
                 _match(where, keyword, value, False)
     return where
+
+
+def _match_issuer(where: _Where, keys: dict[str, str]) -> None:
+    """A PatientID's IssuerOfPatientID, when the identifier gives one: the index keeps a
+    patient per (PatientID, issuer), as C-FIND matches them. Ignored, a patient-level
+    retrieve of PatientID 123456 issuer HOSP_A sent HOSP_B's 123456 too. An empty one is
+    universal matching (a patient filed without an issuer has ``''``); absent at PATIENT
+    level, :func:`_refuse_ambiguous_patient` refuses a PatientID that names several."""
+    issuer = (keys.get("IssuerOfPatientID") or "").strip()
+    if not issuer:
+        return
+    if _has_wildcard(issuer):
+        raise QueryError(f"IssuerOfPatientID: no wildcard in a retrieve ({issuer[:40]!r})")
+    where.add("p.issuer = ?", issuer)
+
+
+# How many issuers a refusal of an ambiguous PatientID names (the audit row keeps them all).
+_ISSUERS_NAMED = 5
+
+
+def _refuse_ambiguous_patient(conn: sqlite3.Connection, level: str,
+                              keys: dict[str, str]) -> None:
+    """Raise QueryError when a PATIENT-level retrieve without IssuerOfPatientID names a
+    PatientID that patients of several issuers hold here (each with current instances):
+    sending them all merged two hospitals' patients into one retrieve. The viewer names the
+    issuer, or retrieves the studies one by one."""
+    if level.upper() != "PATIENT" or (keys.get("IssuerOfPatientID") or "").strip():
+        return
+    patient_id = (keys.get("PatientID") or "").strip()
+    issuers = [str(r[0]) for r in conn.execute(
+        f"SELECT p.issuer FROM patients p WHERE p.patient_id = ? AND {_NAMES_SOMEONE} "
+        "AND EXISTS (SELECT 1 FROM studies s JOIN instances i ON i.study_fk = s.id "
+        "WHERE s.patient_fk = p.id AND i.is_current = 1) ORDER BY p.issuer",
+        (patient_id,))]
+    if len(issuers) < 2:
+        return
+    named = ", ".join(issuer or "none" for issuer in issuers[:_ISSUERS_NAMED])
+    more = f" and {len(issuers) - _ISSUERS_NAMED} more" if len(issuers) > _ISSUERS_NAMED else ""
+    raise QueryError(f"PatientID {patient_id} names {len(issuers)} patients: give "
+                     f"IssuerOfPatientID (issuers {named}{more})")
 
 
 def instance_pages(db: Database, instance_ids: Sequence[int],
@@ -98,13 +140,16 @@ class RetrievePlan:
 def retrieve_plan(db: Database, level: str, keys: dict[str, str]) -> RetrievePlan:
     """The :class:`RetrievePlan` of a retrieve (C-MOVE, C-GET, WADO-RS, the hub's download)
     at ``level``: the current instances its unique keys name, PatientID, StudyInstanceUID,
-    SeriesInstanceUID, SOPInstanceUID (UID lists allowed). An identifier without the unique
-    key of its level is refused: a retrieve never means "everything"."""
+    SeriesInstanceUID, SOPInstanceUID (UID lists allowed), a PatientID's IssuerOfPatientID
+    when given. An identifier without the unique key of its level is refused: a retrieve
+    never means "everything"; so is a PATIENT-level one whose PatientID, without an issuer,
+    names patients of several issuers: never merged."""
     where = _retrieve_where(level, keys)
     condition = " AND ".join(where.clauses)
     params = tuple(where.params)
     ids: array[int] = array("q")
     conn = db.connection()
+    _refuse_ambiguous_patient(conn, level, keys)
     for (instance_id,) in conn.execute(
             f"SELECT i.id FROM {_FROM['IMAGE']} WHERE {condition} {_RETRIEVE_ORDER}", params):
         ids.append(instance_id)
