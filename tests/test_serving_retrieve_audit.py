@@ -8,8 +8,8 @@ Each audit row is checked against the files the destination really holds and aga
 counts of the final C-MOVE/C-GET response pynetdicom sends the viewer.
 
 Also here, on the same PAS: two patients of two issuers sharing PatientID 123456 (a patient-
-level retrieve sent both: review 2026-12-07), moved to a pynetdicom storage SCP that records
-what it stores.
+level retrieve sent both: review 2026-12-07), and a pynetdicom storage SCP that records the
+Move Originator of each C-STORE sub-operation (PAS named itself, not the viewer).
 """
 
 from __future__ import annotations
@@ -25,8 +25,12 @@ from typing import Any
 
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    PatientRootQueryRetrieveInformationModelMove,
+)
 
 from tests.support.cleanup import started
 from tests.support.objects import tiny_ct
@@ -527,3 +531,38 @@ def test_a_patient_level_retrieve_of_a_patient_id_two_issuers_share_is_refused(
     assert site.origins.taken() == []
     assert site.next_retrieve(before)["outcome"] == f"failure: {reason}"
 
+
+def test_a_move_s_sub_operations_name_the_viewer_as_move_originator(site: Site) -> None:
+    """PS3.7 9.1.1.1: each C-STORE sub-operation of a C-MOVE names the AE that asked for the
+    C-MOVE (movescu -aet VIEWER) and that request's Message ID; pynetdicom named PAS."""
+    site.origins.taken()
+    keys = ["QueryRetrieveLevel=PATIENT", f"PatientID={SHARED_PATIENT_ID}",
+            "IssuerOfPatientID=HOSP_A"]
+    result = movescu(site, keys, site.origins.ae_title, "-P")
+    assert _final_status(result) == ("0x0000", None), result.stderr[-2000:]
+    log = result.stdout + result.stderr
+    request = log[log.index("C-MOVE RQ"):]
+    message_id = int(re.search(r"Message ID\s*:\s*(\d+)", request).group(1))  # type: ignore[union-attr]
+    stores = site.origins.taken()
+    assert sorted(uid for uid, _, _ in stores) == site.issuers["HOSP_A"]
+    assert {(title, originator_id) for _, title, originator_id in stores} == {
+        ("VIEWER", message_id)}
+
+    # Another viewer, whose C-MOVE has another Message ID (pynetdicom as the SCU).
+    ae = AE(ae_title="WARD3")
+    ae.add_requested_context(PatientRootQueryRetrieveInformationModelMove)
+    assoc = ae.associate("127.0.0.1", site.pas.port, ae_title="PAS")
+    assert assoc.is_established
+    try:
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "PATIENT"
+        identifier.PatientID, identifier.IssuerOfPatientID = SHARED_PATIENT_ID, "HOSP_B"
+        final = [status for status, _ in assoc.send_c_move(
+            identifier, site.origins.ae_title, PatientRootQueryRetrieveInformationModelMove,
+            msg_id=4321) if status][-1]
+    finally:
+        assoc.release()
+    assert final.Status == 0x0000
+    stores = site.origins.taken()
+    assert sorted(uid for uid, _, _ in stores) == site.issuers["HOSP_B"]
+    assert {(title, originator_id) for _, title, originator_id in stores} == {("WARD3", 4321)}

@@ -38,6 +38,7 @@ there. The wrap is per association object and the tally per retrieve: nothing gl
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import _config
+from pynetdicom.association import Association
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS
 
 from appliance.dicomnet.direct_store import DirectStoreError, DirectStoreSender
@@ -275,6 +277,8 @@ def stream_spool_files(assoc: Any, tally: SubOperationTally) -> None:
 
     def send_c_store(dataset: Any, *args: Any, **kwargs: Any) -> Any:
         counted: SubOperationTally = assoc._pas_tally
+        if kwargs.get("originator_aet") is not None:  # a C-MOVE's sub-operation
+            kwargs["originator_aet"] = _move_originator(assoc, kwargs["originator_aet"])
         if isinstance(dataset, LostInstance):
             counted.record_lost(dataset.reason)
             status = Dataset()
@@ -323,6 +327,26 @@ def stream_spool_files(assoc: Any, tally: SubOperationTally) -> None:
 
     assoc.send_c_store = send_c_store
     assoc._pas_streams_files = True
+
+
+def _move_originator(store_assoc: Any, given: str) -> str:
+    """The Move Originator Application Entity Title of a C-MOVE's sub-operation: the AE that
+    asked for the C-MOVE (PS3.7 9.1.1.1), i.e. the calling AE of the association it came on.
+    pynetdicom passes its own AE's title (PAS's), so a destination told apart the viewers'
+    moves by nothing. pynetdicom runs the C-MOVE handler, and so this send, in the thread of
+    the requesting association (an :class:`~pynetdicom.association.Association` is a thread;
+    appliance/dicomnet/reactor.py serves requests there too), which is how it is found:
+    the handler's event is not passed to ``send_c_store``. The Move Originator Message ID
+    pynetdicom passes is already the C-MOVE request's. ``given`` when that thread is not one
+    (never seen)."""
+    requesting = threading.current_thread()
+    if isinstance(requesting, Association) and requesting is not store_assoc:
+        title = str(getattr(requesting.requestor, "ae_title", "") or "").strip()
+        if title:
+            return title
+    log.debug("C-MOVE sub-operation outside its requesting association's thread: "
+              "Move Originator %s", given)
+    return given
 
 
 def _not_sent(assoc: Any, dataset: Any, exc: Exception) -> str:
