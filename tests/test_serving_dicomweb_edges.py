@@ -40,11 +40,14 @@ def _body(parts: list[bytes], content_type: str = "application/dicom") -> bytes:
     return b"".join(head + p + b"\r\n" for p in parts) + f"--{BOUNDARY}--\r\n".encode()
 
 
-def _new_instance() -> bytes:
-    """CT_small as a new instance of a new study (nothing else holds its UIDs)."""
+def _new_instance(**attributes: Any) -> bytes:
+    """CT_small as a new instance of a new study (nothing else holds its UIDs), with
+    ``attributes`` (keyword=value) set on it."""
     ds = dcmread(CT_SMALL)
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
@@ -497,3 +500,50 @@ def test_an_integer_key_out_of_range_is_a_400_and_audited(pas: PasProcess, numbe
     assert row["event"] == "query" and row["outcome"].startswith("failure: InstanceNumber")
     fine = httpx.get(f"{_base(pas)}/instances", params={"InstanceNumber": "1"}, timeout=30)
     assert fine.status_code == 200 and fine.json()
+
+
+def _study_uids(pas: PasProcess, **params: str) -> set[str]:
+    answer = httpx.get(f"{_base(pas)}/studies", params=params, timeout=30)
+    assert answer.status_code == 200, answer.text
+    return {s["0020000D"]["Value"][0] for s in answer.json()}
+
+
+def test_a_comma_list_matches_as_the_backslash_list_for_codes_and_identifiers(
+        pas: PasProcess) -> None:
+    """PS3.18 8.3.4.1 writes a list of values with commas; PAS took one for UIDs only:
+    ModalitiesInStudy=CT,MR and AccessionNumber=A,B answered an empty 200, where CT%5CMR
+    answered every CT and MR study. A comma in a name or in free text is part of the value
+    (read literally); in a date, a time or a number it is a 400 naming the key."""
+    tag = generate_uid()[-8:]
+    accessions = [f"A{tag}{n}" for n in range(3)]
+    parts = [_new_instance(AccessionNumber=accessions[0], StudyDescription="THORAX, ABDOMEN",
+                           PatientID=f"P{tag}", PatientName="DOE, JANE"),
+             _new_instance(AccessionNumber=accessions[1]),
+             _new_instance(AccessionNumber=accessions[2])]
+    stored = httpx.post(f"{_base(pas)}/studies", content=_body(parts),
+                        headers={"Content-Type": STOW_TYPE}, timeout=30)
+    assert stored.status_code == 200, stored.text
+    studies = [str(dcmread(io.BytesIO(p)).StudyInstanceUID) for p in parts]
+
+    both = _study_uids(pas, ModalitiesInStudy="CT\\MR")
+    fixture = {str(dcmread(f, stop_before_pixels=True).StudyInstanceUID)
+               for f in (CT_SMALL, MULTIFRAME)}
+    assert fixture | set(studies) <= both  # a CT study and an MR one, at least
+    assert _study_uids(pas, ModalitiesInStudy="CT,MR") == both
+    assert _study_uids(pas, ModalitiesInStudy="MR, CT") == both  # spaces are not values'
+    assert _study_uids(pas, ModalitiesInStudy="MR") < both
+
+    pair = _study_uids(pas, AccessionNumber="\\".join(accessions[:2]))
+    assert pair == set(studies[:2])
+    assert _study_uids(pas, AccessionNumber=",".join(accessions[:2])) == pair
+    assert _study_uids(pas, AccessionNumber=f"{accessions[0]}, {accessions[2]}") == {
+        studies[0], studies[2]}
+
+    # Literal: the comma of a description or of a name is theirs.
+    assert _study_uids(pas, StudyDescription="THORAX, ABDOMEN") == {studies[0]}
+    assert _study_uids(pas, PatientName="DOE, JANE") == {studies[0]}
+    for key, listed in (("StudyDate", "20200101,20200102"), ("StudyTime", "10,11")):
+        refused = httpx.get(f"{_base(pas)}/studies", params={key: listed}, timeout=30)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["detail"].startswith(f"{key}: {listed!r} is a list"), refused.text
+

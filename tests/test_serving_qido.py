@@ -260,7 +260,7 @@ def test_an_offset_that_is_not_a_non_negative_integer_is_refused(pas: PasProcess
 
 @pytest.mark.parametrize(("query", "said"), [
     ("StudyDate=19010101-&StudyDate=-19001231", "StudyDate: given more than once "
-     "('19010101-' and '-19001231'); give it once (a UID list: a,b)"),
+     "('19010101-' and '-19001231'); give it once (a list: a,b)"),
     ("PatientID=A&00100020=B", "PatientID: given more than once ('A' and 'B')"),
     ("limit=2&limit=5", "limit: given 2 times; give it once"),
     ("offset=0&offset=3", "offset: given 2 times; give it once"),

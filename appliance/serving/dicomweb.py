@@ -342,14 +342,11 @@ class DicomWeb:
                 if name and name not in unsupported:  # "?=x&" names nothing
                     unsupported.append(name)
                 continue
-            tag = tag_for_keyword(keyword)  # None: a private tag or a sequence path
-            if tag is not None and dictionary_VR(tag) == "UI":
-                value = value.replace(",", "\\")  # PS3.18 8.3.4.1: a UID list may use ","
             if keyword in matched:  # the last one was applied, without a word
                 raise HttpProblem(400, f"{keyword}: given more than once ({matched[keyword]!r} "
-                                       f"and {value!r}); give it once (a UID list: a,b)")
+                                       f"and {value!r}); give it once (a list: a,b)")
             matched[keyword] = value
-            keys[keyword] = value
+            keys[keyword] = _value_list(keyword, value, level)
         if "study" in path:
             keys["StudyInstanceUID"] = path["study"]
         if "series" in path:
@@ -413,6 +410,47 @@ def _json_attribute(tag: int, vr: str, value: Any,
     if memo is not None:
         memo[(tag, type(stored), stored)] = made
     return made
+
+
+def _value_list(keyword: str, value: str, level: str) -> str:
+    """A matching key's value with its comma-separated list, if it is one, in the index's
+    form (values separated by a backslash, PS3.4's), each value stripped of its spaces.
+
+    PS3.18 8.3.4.1 writes a list of values with commas (``uid-list-match = attribute "="
+    1#value``; the backslash form, ``CT%5CMR``, is PS3.4's, also taken), a form its grammar
+    names for UIDs; Orthanc's DICOMweb plugin takes one for any attribute, and viewers
+    send ``ModalitiesInStudy=CT,MR``, which PAS read as the one modality "CT,MR": a 200 with
+    no study, where the backslash form answered every CT and MR study. A comma is read as
+    the separator where the index matches a list (any of the values: List of UID Matching,
+    and for codes and identifiers as a C-FIND's ``CT\\MR``) and a value cannot or hardly
+    holds one: UIDs and code strings (UI, CS: their repertoires have no comma) and
+    identifiers (SH, and LO keys named ``...ID``: PatientID, IssuerOfPatientID; a literal
+    comma in one is matched by ``?``). Read literally, where a comma is part of the value:
+    a person name (``DOE, JOHN`` as some systems write it; its components are separated
+    by ``^``, and a name key takes one value, a list of them is refused by the index) and
+    free text (StudyDescription, SeriesDescription: ``THORAX, ABDOMEN``). A date, a time or
+    a number has no list matching in PS3.4 (a range is written ``a-b``) and cannot hold a
+    comma: 400 naming the key, rather than "not a valid value". A key PAS does not match
+    at this level is left as given (it is ignored and named in a Warning)."""
+    if "," not in value:
+        return value
+    tag = tag_for_keyword(keyword)  # None: a private tag or a sequence path
+    if tag is None or not store_query.available(keyword, level):
+        return value
+    vr = dictionary_VR(tag)
+    if vr in ("UI", "CS", "SH") or (vr == "LO" and keyword.endswith("ID")):
+        return "\\".join(v.strip() for v in value.split(","))
+    if vr in _NO_LIST:
+        hint = " (a range: a-b)" if vr in ("DA", "TM", "DT") else ""
+        raise HttpProblem(400, f"{keyword}: {value[:80]!r} is a list; a list of values (a,b) "
+                               f"is matched for UIDs, codes and identifiers, not for "
+                               f"{_NO_LIST[vr]}{hint}")
+    return value
+
+
+# Value representations without list matching, whose values hold no comma (_value_list).
+_NO_LIST = {"DA": "a date", "TM": "a time", "DT": "a date and time", "IS": "an integer",
+            "US": "an integer", "DS": "a decimal number"}
 
 
 def _all_of(level: str) -> list[str]:
