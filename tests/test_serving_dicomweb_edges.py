@@ -234,6 +234,40 @@ def test_stow_of_metadata_parts_is_415_and_audited(pas: PasProcess, kind: str) -
     assert row["detail"] == "0 stored (STOW-RS)"
 
 
+@pytest.mark.parametrize("accept", ["application/dicom+xml",
+                                    'multipart/related; type="application/dicom+xml"'])
+def test_stow_refuses_an_accept_it_cannot_answer_and_stores_nothing(pas: PasProcess,
+                                                                    accept: str) -> None:
+    """A STOW-RS asking its answer in XML got DICOM JSON under a 200, its instances stored
+    (QIDO-RS and /metadata answered the same Accept 406): now 406 before the body is read,
+    nothing stored, the refusal audited."""
+    before, last = _instances(pas), _last_id(pas)
+    answer = httpx.post(f"{_base(pas)}/studies", content=_body([_new_instance()]),
+                        headers={"Content-Type": STOW_TYPE, "Accept": accept}, timeout=30)
+    assert answer.status_code == 406, answer.text
+    assert "application/dicom+json" in answer.json()["detail"]
+    assert _instances(pas) == before
+    [row] = _rows_after(pas, last)
+    assert row["event"] == "store" and row["outcome"].startswith("failure: Accept")
+    assert row["detail"] == "0 stored (STOW-RS)"
+
+
+@pytest.mark.parametrize("accept", [None, "application/dicom+json", "application/json", "*/*"])
+def test_stow_answers_what_takes_dicom_json(pas: PasProcess, accept: str | None) -> None:
+    before = _instances(pas)
+    with httpx.Client(timeout=30) as client:
+        del client.headers["Accept"]  # httpx's own "*/*": None sends no Accept at all
+        request = client.build_request(
+            "POST", f"{_base(pas)}/studies", content=_body([_new_instance()]),
+            headers={"Content-Type": STOW_TYPE, **({"Accept": accept} if accept else {})})
+        assert ("accept" in request.headers) == (accept is not None)
+        answer = client.send(request)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == "application/dicom+json"
+    assert len(answer.json()["00081199"]["Value"]) == 1
+    assert _instances(pas) == before + 1
+
+
 def test_stow_boundary_parameter_in_any_case(pas: PasProcess) -> None:
     """RFC 2045: parameter names are case-insensitive; "Boundary=" was refused as missing."""
     before = _instances(pas)

@@ -32,7 +32,7 @@ from appliance.serving.stow_parts import (
     SpilledPart,
     discard_parts,
 )
-from appliance.serving.wado_media import HttpProblem
+from appliance.serving.wado_media import HttpProblem, require_dicom_json
 from appliance.serving.wado_rs import DICOM_JSON
 from appliance.store import audit
 from appliance.store.spool import SpoolFull
@@ -64,6 +64,10 @@ class StowRs:
         try:
             if self.web.receiver is None:
                 raise HttpProblem(405, "STOW-RS is not offered here")
+            # The answer (PS3.18 10.5.3) is DICOM JSON, as QIDO-RS's: an XML client's
+            # Accept got it under a 200, its instances stored and an answer it could not
+            # read. Refused before the body is read: nothing is stored.
+            require_dicom_json(request.headers.get("accept", ""))
             _one_uid_each(request.path_params)
             boundary = _boundary(request.headers.get("content-type", ""))
         except HttpProblem as exc:  # a store refused as asked: audited, as QIDO's are
