@@ -12,6 +12,13 @@ such patient":
 - a stored name of several component groups (``YAMADA^TAROU=山田^太郎=やまだ^たろう``, PS3.5
   6.2.1.1): ``PatientName=YAMADA^TAROU`` found nothing. A key of one group now matches any
   group; a key of several matches group by group.
+
+Found in review (2026-12-07): names differing only by trailing empty components, which PS3.5
+6.2.1.1 lets a sender leave out (``DOE^JANE^^^`` is ``DOE^JANE``, the form modalities filling
+names from the worklist send): ``PatientName=DOE^JANE`` did not find a stored
+``DOE^JANE^^^``, nor ``SMITH^JOHN^^^`` a stored ``smith^john``. And keys of several groups
+against a name of one: ``*=*`` found nobody (it is everybody), ``smith*=*=*`` not
+``smith^john``: only names holding ``=`` or ``\\`` were matched group by group.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ NAMES = {
     "PMULTI": ("ISO_IR 100", ["DOE^JOHN", "DOE^J"]),
     "PGROUPS": ("ISO_IR 192", "YAMADA^TAROU=山田^太郎=やまだ^たろう"),
     "PPLAIN": ("ISO_IR 100", "DOE^JANE"),
+    "PTRAIL": ("ISO_IR 100", "DOE^JANE^^^"),  # the same name as PPLAIN's
+    "PLOWER": ("ISO_IR 100", "smith^john"),
 }
 
 
@@ -81,8 +90,11 @@ def found(pas: PasProcess, name: str, tmp_path: Path) -> tuple[set[str], set[str
     assert comment == ""
     response = qido(pas, name)
     assert response.status_code == 200, response.text
-    return ({str(ds.PatientID) for ds in answers},
-            {item["00100020"]["Value"][0] for item in response.json()})
+    # One study per patient: a patient is answered once.
+    patients = [str(ds.PatientID) for ds in answers]
+    by_qido = [item["00100020"]["Value"][0] for item in response.json()]
+    assert len(patients) == len(set(patients)) and len(by_qido) == len(set(by_qido))
+    return set(patients), set(by_qido)
 
 
 @pytest.mark.parametrize("name", ["DOE^JOHN\\DOE^J", "DOE*\\*", "YAMADA^TAROU\\"])
@@ -101,16 +113,17 @@ def test_a_person_name_key_of_several_values_is_refused_naming_it(
     assert all(r["outcome"].startswith("failure: PatientName: a person name key takes one")
                for r in rows), [r["outcome"] for r in rows]
     # The daemon keeps serving.
-    assert found(pas, "DOE^JANE", tmp_path) == ({"PPLAIN"}, {"PPLAIN"})
+    assert found(pas, "DOE^JANE", tmp_path) == ({"PPLAIN", "PTRAIL"}, {"PPLAIN", "PTRAIL"})
 
 
 @pytest.mark.parametrize(("name", "patients"), [
     ("DOE^J", {"PMULTI"}),
     ("doe^john", {"PMULTI"}),
     ("*^J", {"PMULTI"}),
-    ("DOE^JANE", {"PPLAIN"}),
-    ("DOE*", {"PMULTI", "PPLAIN"}),
+    ("DOE^JANE", {"PPLAIN", "PTRAIL"}),
+    ("DOE*", {"PMULTI", "PPLAIN", "PTRAIL"}),
     ("DOE^JO", set()),
+    ("DOE^J^^", {"PMULTI"}),
 ])
 def test_a_stored_name_of_several_values_matches_any_of_them(
         pas: PasProcess, tmp_path: Path, name: str, patients: set[str]) -> None:
@@ -140,3 +153,36 @@ def test_every_value_of_a_matched_name_is_returned(pas: PasProcess, tmp_path: Pa
 def test_a_name_of_several_component_groups_matches_each_group(
         pas: PasProcess, tmp_path: Path, name: str, patients: set[str]) -> None:
     assert found(pas, name, tmp_path) == (patients, patients)
+
+
+EVERYONE = set(NAMES)
+
+
+@pytest.mark.parametrize(("name", "patients"), [
+    # Trailing empty components do not count, on either side (PS3.5 6.2.1.1).
+    ("DOE^JANE^^^", {"PPLAIN", "PTRAIL"}),
+    ("doe^jane^==", {"PPLAIN", "PTRAIL"}),
+    ("SMITH^JOHN^^^", {"PLOWER"}),
+    ("SMITH^JOHN", {"PLOWER"}),
+    ("*^JANE", {"PPLAIN", "PTRAIL"}),
+    ("DOE^JAN?", {"PPLAIN", "PTRAIL"}),
+    ("DOE^JANE^*", {"PPLAIN", "PTRAIL"}),  # DOE^JANE written out: DOE^JANE^^^
+    ("SMITH^JOHN^^^X", set()),
+    ("DOE^JANE^^^^J", set()),
+    # Several groups against a name of one: its first group, the others absent.
+    ("*=*", EVERYONE),
+    ("=*", EVERYONE),
+    ("smith*=*=*", {"PLOWER"}),
+    ("SMITH^JOHN^=", {"PLOWER"}),
+    ("smith*=山田*", set()),
+    ("YAMADA^TAROU^^=山田^太郎^=", {"PGROUPS"}),
+])
+def test_trailing_empty_components_and_groups_do_not_count(
+        pas: PasProcess, tmp_path: Path, name: str, patients: set[str]) -> None:
+    assert found(pas, name, tmp_path) == (patients, patients)
+
+
+def test_a_name_is_returned_as_it_was_stored(pas: PasProcess, tmp_path: Path) -> None:
+    """Matched without its trailing ``^``, a name is still answered as sent."""
+    answers, _ = findscu(pas, "DOE^JANE", tmp_path / "find")
+    assert sorted(str(ds.PatientName) for ds in answers) == ["DOE^JANE", "DOE^JANE^^^"]

@@ -168,6 +168,24 @@ def test_patient_id_keys_that_may_match_an_empty_id_keep_their_answers(held: Dat
     assert [r["study_uid"] for r in index.list_studies(held, "")] == [_study_uid(UNNAMED)]
 
 
+@pytest.mark.parametrize(("name", "case_sensitive"), [
+    ("PATIENT^10000", False), ("patient^10000^^^", False), ("PATIENT^10000^^==", True),
+    ("PATIENT^10000^*", False), ("PATIENT^10000^*", True)])
+def test_a_person_name_is_found_through_the_name_index(
+        held: Database, name: str, case_sensitive: bool) -> None:
+    """Trailing empty components do not count (``PATIENT^10000^^^`` is ``PATIENT^10000``,
+    tests/test_serving_person_names.py); the stored names are compared without theirs and
+    the name index still bounds the look-up (a query's 0 to 100 instructions, as before; a
+    scan of every name 200,000)."""
+    spent, found = _counted(held, lambda: list(query.find(
+        held, "STUDY", {"PatientName": name, "PatientID": ""},
+        pn_case_sensitive=case_sensitive)))
+    assert spent < MOST_INSTRUCTIONS, spent
+    assert [r["PatientID"] for r in found] == [f"P{WANTED:07d}"]
+    assert list(query.find(held, "STUDY", {"PatientName": "patient^10000"},
+                           pn_case_sensitive=True)) == []
+
+
 def test_a_retrieve_by_patient_id_reads_that_patient_only(held: Database) -> None:
     """C-MOVE, C-GET and WADO-RS of a patient (before: 640,000 instructions)."""
     spent, plan = _counted(held, lambda: retrieve.retrieve_plan(

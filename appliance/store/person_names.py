@@ -12,6 +12,12 @@ name. May not touch: SQL text, the database (a pure function of its arguments).
 Why: the index compares a whole stored value, and a stored ``DOE^JOHN\\DOE^J`` (a name given
 twice, VM 2) or ``YAMADA^TAROU=山田^太郎=やまだ^たろう`` matched no query of one of its
 names: ``PatientName=YAMADA^TAROU`` found nothing.
+
+Also owns what counts in a name, for the SQL forms too (:func:`key_groups`,
+``PADDING``): PS3.5 6.2.1.1 lets trailing empty components and their ``^`` be left out, so
+``DOE^JANE^^^`` and ``DOE^JANE`` are one name, as ``DOE^JANE==`` is; a key and a stored
+group are each compared without their trailing ``^`` (a modality filling names from the
+worklist sends ``DOE^JANE^^^``, which ``PatientName=DOE^JANE`` did not find).
 """
 
 from __future__ import annotations
@@ -33,6 +39,27 @@ PN_TABLES = {"p.name": ("patients INDEXED BY patients_name_separated", "name"),
                                        "referring_physician")}
 
 
+# A key ending in "*" is compared with the name's empty trailing components written out (four
+# "^": PN has five components), so that DOE^* finds DOE as it finds DOE^ (the same name).
+# Any other key is compared with the name without them: DOE? does not find DOE^.
+PADDING = "^^^^"
+
+
+def key_groups(key: str) -> list[str]:
+    """The component groups of a one-valued person name key as they are compared: each
+    without its trailing ``^``, the empty groups at the end left out (``DOE^JANE^^^==`` ->
+    ``["DOE^JANE"]``; ``SMITH*=*=*`` -> ``["SMITH*", "*", "*"]``; ``^`` -> ``[]``)."""
+    groups = [group.rstrip("^") for group in key.split("=")]
+    while groups and not groups[-1]:
+        groups.pop()
+    return groups
+
+
+def matches_anything(group: str) -> bool:
+    """Whether a key's group matches any group, an absent one too (empty, or ``*`` alone)."""
+    return group.replace("*", "") == ""
+
+
 @functools.lru_cache(maxsize=256)
 def _pattern(key: str, case_sensitive: bool) -> re.Pattern[str]:
     """``key`` (``*`` any run, ``?`` one character) as an anchored regular expression."""
@@ -42,7 +69,11 @@ def _pattern(key: str, case_sensitive: bool) -> re.Pattern[str]:
 
 
 def _group_matches(key: str, stored: str, case_sensitive: bool) -> bool:
-    stored = stored.strip()
+    """One group of a key (from :func:`key_groups`) against one stored group, as the SQL
+    forms of :mod:`appliance.store.query` compare a name of one group."""
+    stored = stored.strip().rstrip("^")
+    if key.endswith("*"):
+        stored += PADDING
     return _pattern(key, case_sensitive).fullmatch(
         stored if case_sensitive else stored.casefold()) is not None
 
@@ -53,15 +84,18 @@ def pn_match(stored: str | None, key: str, case_sensitive: int) -> bool:
     if not stored:
         return False
     sensitive = bool(case_sensitive)
-    wanted = key.split("=")
+    wanted = key_groups(key)
+    if all(matches_anything(want) for want in wanted):
+        return True  # universal matching (the query module sends no such key)
     for value in stored.split("\\"):
         groups = value.split("=")
         if len(wanted) == 1:
-            if any(_group_matches(key, group, sensitive) for group in groups if group.strip()):
+            if any(_group_matches(wanted[0], group, sensitive) for group in groups
+                   if group.strip().rstrip("^")):
                 return True
             continue
         groups += [""] * (len(wanted) - len(groups))
-        if all(not want or want.replace("*", "") == "" or _group_matches(want, group, sensitive)
+        if all(matches_anything(want) or _group_matches(want, group, sensitive)
                for want, group in zip(wanted, groups, strict=False)):
             return True
     return False

@@ -22,7 +22,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from appliance.store.db import Database
-from appliance.store.person_names import PN_MATCH, PN_TABLES, SEPARATED, pn_match
+from appliance.store.person_names import (
+    PADDING,
+    PN_MATCH,
+    PN_TABLES,
+    SEPARATED,
+    key_groups,
+    matches_anything,
+    pn_match,
+)
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 
@@ -317,38 +325,84 @@ def _match_person_name(where: _Where, keyword: str, sql: str, value: str,
     are VM 1, PS3.4 C.2.2.2 lets a key hold more values than its VM only for List of UID
     Matching and for Multiple Value Matching, which is for attributes of VM > 1 and needs an
     extended negotiation PAS does not offer (C.2.2.2.8 note 4: undefined without it). It
-    matched nothing, which read as "no such patient"."""
+    matched nothing, which read as "no such patient".
+
+    Trailing empty components do not count, on either side (PS3.5 6.2.1.1, ``key_groups``):
+    ``DOE^JANE`` finds ``DOE^JANE^^^`` and ``SMITH^JOHN^^^`` finds ``smith^john``. A key of
+    several groups is matched group by group; a stored name without ``=`` has its first
+    (alphabetic) group only, so ``SMITH*=*=*`` is ``SMITH*`` on it, ``*=*`` matches every
+    name, and ``=山田*`` none of them (each of these matched nothing: the key was compared
+    whole)."""
     if "\\" in value:
         count = len(value.split("\\"))
         raise QueryError(f"{keyword}: a person name key takes one value, not {count} (PS3.4 "
                          f"C.2.2.2: VM 1, no multiple value matching): {value[:80]!r}")
-    whole = _Where([], [])
-    if not case_sensitive and not value.isascii():
-        # SQLite's LIKE and NOCASE fold ASCII letters only: "hélène*" missed HÉLÈNE^DUPONT.
-        # Both sides go through str.casefold (registered on the connection by find()); an
-        # ASCII value keeps the form below, which folds the same.
-        folded = _casefold(value)
-        if _has_wildcard(folded):
-            whole.add(f"{_CASEFOLD}({sql}) GLOB ?", _glob_pattern(folded))
-        else:
-            whole.add(f"{_CASEFOLD}({sql}) = ?", folded)
-    elif not case_sensitive:
-        if _has_wildcard(value):
-            whole.add(f"{sql} LIKE ? ESCAPE '\\'", _like_pattern(value))
-        else:
-            whole.add(f"{sql} = ? COLLATE NOCASE", value)
-    elif _has_wildcard(value):
-        whole.add(f"{sql} GLOB ?", _glob_pattern(value))
-    else:
-        whole.add(f"{sql} = ?", value)
-    # Two terms SQLite can each answer from an index: the name index for the names of one
-    # value, the rows of several (their partial index, schema migration 14) by row id.
+    groups = key_groups(value)
+    if all(matches_anything(group) for group in groups):
+        return  # "^", "*=*", "=": universal matching, as "" and "*"
     table, column = PN_TABLES[sql]
     alias = sql.split(".")[0]
-    where.add(f"(({whole.clauses[0]} AND NOT {SEPARATED.format(column=sql)}) OR "
-              f"{alias}.id IN (SELECT id FROM {table} WHERE {SEPARATED.format(column=column)} "
-              f"AND {PN_MATCH}({column}, ?, ?)))",
-              *whole.params, value, int(case_sensitive))
+    # Two terms SQLite can each answer from an index: the name index for the names of one
+    # value, the rows of several (their partial index, schema migration 14) by row id.
+    separated = (f"{alias}.id IN (SELECT id FROM {table} WHERE "
+                 f"{SEPARATED.format(column=column)} AND {PN_MATCH}({column}, ?, ?))")
+    params = ["=".join(groups), int(case_sensitive)]
+    if any(not matches_anything(group) for group in groups[1:]):
+        # A group past the first asked for: a name of one group has none to match it.
+        where.add(separated, *params)
+        return
+    plain, plain_params = _plain_name(sql, groups[0], case_sensitive)
+    where.add(f"(({plain} AND NOT {SEPARATED.format(column=sql)}) OR {separated})",
+              *plain_params, *params)
+
+
+def _plain_name(sql: str, key: str, case_sensitive: bool) -> tuple[str, list[Any]]:
+    """SQL matching the stored name ``sql`` of one value and one group against one group of
+    a key (from ``key_groups``: no trailing ``^``), as ``person_names.pn_match`` matches a
+    group: the name without its trailing ``^`` (written out to five components for a key
+    ending in ``*``). Whatever else it tests, it bounds the name on the name index (``name
+    COLLATE NOCASE``): the names beginning with the key's text before its first wildcard,
+    so the trailing ``^`` of a stored name cost no index (an exact key: a range of the
+    names from it to those followed by ``^``; a wildcard one: LIKE's prefix, as before)."""
+    trimmed = f"rtrim({sql}, '^')"
+    subject = f"{trimmed} || '{PADDING}'" if key.endswith("*") else trimmed
+    wild = _has_wildcard(key)
+    tests: list[str] = []
+    params: list[Any] = []
+    if case_sensitive or key.isascii():
+        if not wild:
+            # "_" is the character after "^": DOE^JANE to DOE^JANE^^^, not DOE^JANET.
+            tests.append(f"{sql} >= ? COLLATE NOCASE AND {sql} < ? COLLATE NOCASE")
+            params += [key, key + "_"]
+        elif prefix := re.split(r"[*?]", key, maxsplit=1)[0].rstrip("^"):
+            tests.append(f"{sql} LIKE ? ESCAPE '\\'")
+            params.append(_like_pattern(prefix) + "%")
+    if not case_sensitive and not key.isascii():
+        # SQLite's LIKE and NOCASE fold ASCII letters only: "hélène*" missed HÉLÈNE^DUPONT.
+        # Both sides go through str.casefold (registered on the connection by find()); an
+        # ASCII value keeps the forms below, which fold the same. No index bound: a letter
+        # beyond ASCII may fold to ASCII ones (ß to ss), which NOCASE does not see.
+        folded = _casefold(key)
+        if wild:
+            tests.append(f"{_CASEFOLD}({subject}) GLOB ?")
+            params.append(_glob_pattern(folded))
+        else:
+            tests.append(f"{_CASEFOLD}({trimmed}) = ?")
+            params.append(folded)
+    elif not case_sensitive:
+        if wild:
+            tests.append(f"{subject} LIKE ? ESCAPE '\\'")
+            params.append(_like_pattern(key))
+        else:
+            tests.append(f"{trimmed} = ? COLLATE NOCASE")
+            params.append(key)
+    elif wild:
+        tests.append(f"{subject} GLOB ?")
+        params.append(_glob_pattern(key))
+    else:
+        tests.append(f"{trimmed} = ?")
+        params.append(key)
+    return "(" + " AND ".join(tests) + ")", params
 
 
 def find(db: Database, level: str, keys: dict[str, str], *,
