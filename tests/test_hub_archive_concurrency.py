@@ -87,6 +87,11 @@ def test_two_versions_of_one_uid_archived_at_once_get_one_receipt_only(tmp_path:
                 assert answer.status_code == 200, answer.text
                 assert answer.json()["instances"] == [{"sop_instance_uid": uid,
                                                        "sha256": region_sha}]
+            elif shipment is shipments[0]:  # the older one, the newer committed with other
+                # bytes: superseded, refused before the archive is asked (docs/protocol.md)
+                assert answer.status_code == 422, answer.text
+                assert answer.json()["error"] == "superseded"
+                assert "other bytes" in answer.text
             else:  # the version Orthanc did not keep is never receipted
                 assert answer.status_code == 502, answer.text
                 assert answer.json()["error"] == "archive_refused"

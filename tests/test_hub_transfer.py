@@ -597,3 +597,85 @@ def test_a_resume_asking_for_a_transfer_the_hub_does_not_hold_is_no_warning(
         "unknown transfer (not held here: the site sends it anew)"), line
     refused = http.put("/api/v1/transfers/never-made-here/buckets/0", content=b"x")
     assert refused.status_code == 404  # a PUT for it is still a WARNING (not the resume way)
+
+
+def _versions(hub: HubProcess, uid: str) -> list[tuple[str, int]]:
+    """The embedded archive's versions of ``uid``: (SHA-256, is_current), oldest first."""
+    conn = sqlite3.connect(hub.home / "archive" / "pas.sqlite")
+    try:
+        return [(r[0], r[1]) for r in conn.execute(
+            "SELECT sha256, is_current FROM instances WHERE sop_instance_uid = ? "
+            "ORDER BY version", (uid,))]
+    finally:
+        conn.close()
+
+
+def _renamed(source: Path, target: Path, uid: str, comment: str | None = None) -> Path:
+    """``source`` saved as ``target`` under SOP Instance UID ``uid`` (a corrected version
+    when ``comment`` is given: same UID, other bytes)."""
+    from pydicom import dcmread
+
+    ds = dcmread(source)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+    if comment is not None:
+        ds.ImageComments = comment
+    ds.save_as(target, enforce_file_format=True)
+    return target
+
+
+def test_a_transfer_the_site_left_never_archives_a_version_it_replaced_since_after_a_restart(
+        hub: HubProcess, site: Enrolment, http: httpx.Client, mr_files: list[Path],
+        tmp_path: Path) -> None:
+    """T1 archived nothing ahead (the archive refused its first batch) and its commit met a
+    SHA-256 mismatch; the site left it, sent the study again in T2, then a correction of one
+    of its instances in T3. A restart resumes T1 (buckets held, no receipt): archiving its
+    good instance again made the stale version current in the region."""
+    from pydicom.uid import generate_uid
+
+    from appliance.transfer.pack import PackItem
+
+    a_uid, b_uid, c_uid = generate_uid(), generate_uid(), generate_uid()
+    x = _renamed(mr_files[30], tmp_path / "x.dcm", a_uid)
+    y = _renamed(mr_files[30], tmp_path / "y.dcm", a_uid, "version Y: corrected")
+    b = _renamed(mr_files[31], tmp_path / "b.dcm", b_uid)
+    junk = tmp_path / "junk.bin"  # the embedded archive refuses it: T1 archives nothing ahead
+    junk.write_bytes(b"not DICOM at all\n" * 6000)
+    study = generate_uid()
+    t1 = ship([PackItem(c_uid, junk, junk.stat().st_size,
+                        hashlib.sha256(junk.read_bytes()).hexdigest()), *pack_items([x, b])],
+              site.hub_transfer_key, 128 * 1024, study)
+    assert len(t1.buckets) == 3 and t1.manifest["instances"][0]["buckets"] == [0]
+    t1.manifest["instances"][2]["sha256"] = hashlib.sha256(b"spoiled").hexdigest()
+    refused_ahead = f"transfer {t1.transfer_id}: the embedded archive refused"
+    assert http.post("/api/v1/transfers", json=t1.manifest).status_code == 201
+    assert http.put(t1.bucket_url(0), content=t1.buckets[0]).status_code == 201
+    wait_for(lambda: refused_ahead in hub.log(), 30, what="T1's first batch refused")
+    assert [http.put(t1.bucket_url(i), content=t1.buckets[i]).status_code
+            for i in (1, 2)] == [201, 201]
+    answer = http.post(t1.url + "/commit")
+    assert answer.status_code == 422 and answer.json()["error"] == "sha256_mismatch"
+    assert _versions(hub, a_uid) == []  # nothing of T1 archived
+
+    x_sha, y_sha = (hashlib.sha256(p.read_bytes()).hexdigest() for p in (x, y))
+    for files in ([x, b], [y]):  # T2: the study again, then T3: the correction of A
+        shipment = ship(pack_items(files), site.hub_transfer_key, 1 << 20, study)
+        assert http.post("/api/v1/transfers", json=shipment.manifest).status_code == 201
+        shipment.put_all(http)
+        answer = http.post(shipment.url + "/commit")
+        assert answer.status_code == 200, answer.text
+    assert _versions(hub, a_uid) == [(x_sha, 0), (y_sha, 1)]
+
+    hub.kill()
+    hub.start()  # resumes T1: it holds buckets and no receipt
+    wait_for(lambda: hub.log().count(refused_ahead) == 2, 30,
+             what="T1's round after the restart")
+    assert _versions(hub, a_uid) == [(x_sha, 0), (y_sha, 1)]  # the correction stays current
+    # B too: T1's manifest named it with other bytes than T2's receipt.
+    assert f"transfer {t1.transfer_id}: 2 instances superseded" in hub.log()
+    with client(site) as again:  # nor does T1's commit archive the stale version
+        answer = again.post(t1.url + "/commit")
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["error"] == "superseded"
+    assert {"sop_instance_uid": a_uid, "sha256": x_sha, "current_sha256": y_sha,
+            "transfer_id": shipment.transfer_id} in answer.json()["superseded"]
+    assert _versions(hub, a_uid) == [(x_sha, 0), (y_sha, 1)]

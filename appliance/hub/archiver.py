@@ -23,7 +23,10 @@ receipts (``commit.py``).
 
 Memory: one bucket's plaintext and pieces at a time per thread (invariant 8); files go to the
 archive streamed. Instances of a transfer that never commits may be archived anyway: they passed
-the same SHA-256 check, and both archives take a re-sent instance without duplicating it.
+the same SHA-256 check, and both archives take a re-sent instance without duplicating it. Never
+one that a later committed transfer of the same site and study names with other bytes
+(:func:`_superseded`): the site left this transfer and corrected the instance since, and archived
+now the stale version would be the region's current one again (docs/protocol.md).
 """
 
 from __future__ import annotations
@@ -183,6 +186,26 @@ class Archiver:
                        if archived.get(uid) != i["sha256"] and uid not in inflight}
             if not pending:
                 return len(expected)
+            superseded = _superseded(self.hub, row, pending)
+            if superseded and final:
+                named = ", ".join(f"{s['sop_instance_uid']} (by transfer {s['transfer_id']})"
+                                  for s in superseded[:5])
+                raise CommitRefused(422, "superseded",
+                                    f"{counted(len(superseded), 'instance')} of this transfer "
+                                    f"{'was' if len(superseded) == 1 else 'were'} replaced "
+                                    "since by a later committed transfer of this site for the "
+                                    "study (the same SOP Instance UID, other bytes); archived "
+                                    f"now, the stale version would be current again: {named}",
+                                    superseded=superseded)
+            if superseded:
+                log.info("transfer %s: %s superseded by a later receipt of site %s (the same "
+                         "UID, other bytes): not archived ahead", transfer_id,
+                         counted(len(superseded), "instance"), row["site"],
+                         extra={"SITE": row["site"]})
+                for entry in superseded:
+                    del pending[entry["sop_instance_uid"]]
+                if not pending:
+                    return len(expected)
             buckets = {int(b["idx"]): b for b in store.bucket_rows(self.hub.db, transfer_id)}
             wanted = set(buckets) if final else {
                 b for i in pending.values() for b in i.get("buckets", [])} & set(buckets)
@@ -305,6 +328,12 @@ class Archiver:
                 if error is not None:
                     log.warning("transfer %s: archiving ahead failed (the commit retries): %s",
                                 transfer_id, error)
+                elif refused:
+                    # Said: it was DEBUG like a batch taken, and nothing told why a transfer
+                    # stopped being archived before its commit.
+                    log.warning("transfer %s: the %s archive refused %s sent ahead of the "
+                                "commit; the rest waits for the commit", transfer_id,
+                                self.hub.archive.kind, counted(len(done.result()), "instance"))
                 else:
                     # DEBUG: one line per batch made ~70 lines for a handful of transfers;
                     # the commit's line says what was archived.
@@ -330,6 +359,20 @@ class Archiver:
             instance.path.unlink(missing_ok=True)
         return {i.sop_instance_uid: reasons.get(i.sop_instance_uid, "") for i in batch
                 if i.sop_instance_uid in refused}
+
+
+def _superseded(hub: Hub, row: Any, pending: dict[str, Any]) -> list[dict[str, str]]:
+    """The instances of ``pending`` (not archived yet by this transfer) whose UID a receipt
+    of a later transfer of the same site and study names with other bytes: the site replaced
+    them (a correction) after this transfer began, so this transfer was left (the appliance
+    sends a study's transfers one after the other). Archived now, each would make the
+    stale version the region's current one again (the embedded archive makes an older
+    version sent again current; an overwriting DICOMweb archive takes it over the newer)."""
+    newer = store.receipted_since(hub.db, row["site"], row["study_uid"],
+                                  float(row["created_at"]), row["id"])
+    return [{"sop_instance_uid": uid, "sha256": i["sha256"],
+             "current_sha256": newer[uid][0], "transfer_id": newer[uid][1]}
+            for uid, i in pending.items() if uid in newer and newer[uid][0] != i["sha256"]]
 
 
 def _check(ready: list[str], expected: dict[str, Any], numbers: dict[str, int],

@@ -319,6 +319,23 @@ def receipted_instances(db: Database, site: str, study_uid: str
     return {pair: (transfer, last[pair[0]] == pair) for pair, transfer in held.items()}
 
 
+def receipted_since(db: Database, site: str, study_uid: str, created_at: float,
+                    transfer_id: str) -> dict[str, tuple[str, str]]:
+    """SOP Instance UID -> (SHA-256, transfer id) of the last receipt (in commit order) that
+    named the UID among the committed transfers of ``site`` for ``study_uid`` created after
+    ``created_at`` (``transfer_id``'s own excepted): what the site sent of the study after
+    that transfer began, its last version of each UID it named. Usually empty
+    (a live transfer is its study's newest), one indexed look-up (``transfers_study``)."""
+    last: dict[str, tuple[str, str]] = {}
+    for row in db.query("SELECT id, receipt FROM transfers WHERE site = ? AND study_uid = ? "
+                        "AND receipt IS NOT NULL AND created_at > ? AND id != ? "
+                        "ORDER BY committed_at, rowid",
+                        (site, study_uid, created_at, transfer_id)):
+        for instance in json.loads(row["receipt"]).get("instances", []):
+            last[str(instance["sop_instance_uid"])] = (str(instance["sha256"]), str(row["id"]))
+    return last
+
+
 def archived_for_site(db: Database, site: str, study_uid: str) -> set[tuple[str, str]]:
     """(SOP Instance UID, SHA-256) of every instance the archive took from a transfer of
     ``site`` for ``study_uid`` not committed yet (archived while its buckets arrived): the
