@@ -183,6 +183,94 @@ def test_a_failed_job_whose_rest_was_superseded_is_over(tmp_path: Path) -> None:
         2: ("pending", None)}
 
 
+def _hub_versions_db(tmp_path: Path):
+    """An index with instance X in study S1 (version 1) and its hub job; returns the
+    database, a function filing a version of X (or of another instance) and routing it to
+    the hub as a new job, and S1's job id."""
+    from appliance.store import index
+    from appliance.store import jobs as job_store
+    from appliance.store.db import Database
+    from appliance.store.index import InstanceRecord, StoredFile
+
+    db = Database(tmp_path / "pas.sqlite")
+
+    def routed(sop: str, study: str, sha: str) -> tuple[int, int]:
+        """(instance id, job id) of ``sop`` filed under ``study`` with bytes ``sha``."""
+        record = InstanceRecord(sop, "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1",
+                                study, f"{study}.2", patient_id="P")
+        outcome = index.record_instance(db, record, StoredFile(sha[:8], 1, sha * 64))
+        study_fk = db.query_one("SELECT study_fk FROM instances WHERE id = ?",
+                                (outcome.instance_id,))[0]
+        job_store.route_study(db, study_fk, [outcome.instance_id],
+                              [job_store.NewJob("hub", "hub", 2, "r", [outcome.instance_id])])
+        return outcome.instance_id, int(db.query_one("SELECT max(id) FROM jobs")[0])
+
+    return db, routed
+
+
+def test_a_hub_job_waits_for_an_earlier_one_of_another_study_with_another_version(
+        tmp_path: Path) -> None:
+    """X (version 1) of study S1 goes to the hub in job J1, which starts, then waits for the
+    link. The modality sends X again, other bytes, under a corrected Study Instance UID: S2,
+    job J2. J2 was claimed beside J1 (only an earlier hub job of its own study held a hub job
+    back), committed first, and J1 then archived the stale version 1 after it: the region's
+    current X. Now J2 waits while J1 is running or pending, and pas queue list says so; an
+    unrelated hub job of another study does not wait."""
+    from appliance.store import jobs as job_store
+
+    db, routed = _hub_versions_db(tmp_path)
+    _, first = routed("1.2.20.1", "1.2.20", "1")
+    j1 = job_store.claim_next(db, "w1", lease_s=600)
+    assert j1 is not None and j1.id == first
+    moved, second = routed("1.2.20.1", "1.2.21", "2")  # X corrected, now study S2's
+    assert job_store.claim_next(db, "w2", lease_s=600) is None  # not beside J1
+    waits = {r["id"]: r["waits_for_job"] for r in job_store.list_jobs(db)}
+    assert waits == {first: None, second: first}
+    job_store.wait_for_link(db, first, "w1", "hub: connection refused", retry_at=4e9)
+    _, unrelated = routed("1.2.22.1", "1.2.22", "3")  # another study, no other version
+    claimed = job_store.claim_next(db, "w2", lease_s=600)
+    assert claimed is not None and claimed.id == unrelated, claimed  # J2 still waits
+    assert job_store.claim_next(db, "w3", lease_s=600) is None
+    waits = {r["id"]: r["waits_for_job"] for r in job_store.list_jobs(db)}
+    assert waits == {first: None, second: first, unrelated: None}
+    assert job_store.wake_waiting_for_link(db, "hub") == 1
+    claimed = job_store.claim_next(db, "w1", lease_s=600)
+    assert claimed is not None and claimed.id == first
+    job_store.mark_sent(db, first, [r["id"] for r in job_store.job_files(db, first)])
+    job_store.finish(db, first, "w1")
+    claimed = job_store.claim_next(db, "w2", lease_s=600)
+    assert claimed is not None and claimed.id == second  # the correction commits last
+    assert [r["id"] for r in job_store.job_files(db, second)] == [moved]
+
+
+def test_a_hub_job_waits_across_studies_whichever_version_is_current(
+        tmp_path: Path) -> None:
+    """A correction taken back (X version 1 in S1, version 2 in S2, version 1 again: current
+    again, routed again in S1): the job of version 2, no longer current, still waits for
+    the first job, and the last job, version 1 again, for both. A version the earlier job
+    has already delivered (its receipt named it) holds nothing back."""
+    from appliance.store import jobs as job_store
+
+    db, routed = _hub_versions_db(tmp_path)
+    first_version, first = routed("1.2.30.1", "1.2.30", "1")
+    _, second = routed("1.2.30.1", "1.2.31", "2")
+    again, third = routed("1.2.30.1", "1.2.30", "1")
+    assert again == first_version
+    waits = {r["id"]: r["waits_for_job"] for r in job_store.list_jobs(db)}
+    assert waits == {first: None, second: first, third: first}
+    job = job_store.claim_next(db, "w1", lease_s=600)
+    assert job is not None and job.id == first
+    assert job_store.claim_next(db, "w2", lease_s=600) is None
+    job_store.mark_sent(db, first, [first_version])  # the receipt came; not finished yet
+    waits = {r["id"]: r["waits_for_job"] for r in job_store.list_jobs(db)}
+    assert waits == {first: None, second: None, third: first}  # J3: its study's order
+    claimed = job_store.claim_next(db, "w2", lease_s=600)
+    assert claimed is not None and claimed.id == second
+    job_store.finish(db, first, "w1")
+    assert job_store.claim_next(db, "w3", lease_s=600) is None  # J3 waits for J2 now
+    assert {r["id"]: r["waits_for_job"] for r in job_store.list_jobs(db)}[third] == second
+
+
 def _study_and_its_correction(tmp_path: Path, *,
                               other_study: bool) -> tuple[Dataset, Dataset]:
     """Six tiny CT instances of one study, "version X", in ``tmp_path/study``, and a

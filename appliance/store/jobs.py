@@ -128,7 +128,11 @@ def _holding_back(job: str) -> str:
                  OR ({job}.kind != 'hub' AND other.study_fk != {job}.study_fk
                      AND other.destination = {job}.destination
                      AND other.state = 'running' AND other.lease_until >= ?
-                     AND {_OTHER_VERSION_THERE.format(job=job)}))"""
+                     AND {_OTHER_VERSION_THERE.format(job=job)})
+                 OR ({job}.kind = 'hub' AND other.id IN ({_EARLIER_HUB_VERSION.format(job=job)})
+                     AND other.kind = 'hub' AND other.study_fk != {job}.study_fk
+                     AND other.destination = {job}.destination AND other.id < {job}.id
+                     AND +other.state IN ('pending', 'running')))"""
 
 
 # A job being sent to the same node from another study that holds another version of one of
@@ -143,6 +147,45 @@ _OTHER_VERSION_THERE = """EXISTS (
                          AND theirs.id != mine.id
     WHERE mine_ji.job_id = {job}.id AND mine_ji.sent_at IS NULL
       AND theirs.study_fk = other.study_fk)"""
+
+
+# A hub job also waits for every earlier hub job to its destination, of ANOTHER study,
+# pending or running, that holds (unsent) another version of one of its unsent instances (a
+# correction that moved an instance to another study, same SOP Instance UID): as it waits for
+# the earlier hub jobs of its own study, and for the same reason. A transfer's manifest is
+# fixed once it began (routing cannot take the stale version out of it) and the region keeps
+# the version it archived last: the correction, committed first beside an earlier job in
+# backoff, was followed by the stale version (until 2026-12-07). A hub job's instance is
+# "sent" once a receipt named it (or the region's holdings statement settled it): until
+# then the earlier job may still commit its version.
+# Cheap on every claim: of two versions at most one is current, so one of the two jobs holds
+# a non-current version. Those (the UIDs of the non-current instances unsent in pending or
+# running hub jobs: ``jobs_ready``, ``instances_study``) are read once per statement; a job
+# whose study holds no version of one of them stops at ``gate``, and the others look from
+# those UIDs (``instances_sop``), never through their own instances (65,000 for a large
+# study); the jobs found are read by id (``+other.state``: not among every job queued). The
+# CROSS JOINs and the unary + keep SQLite on that order.
+_STALE_IN_HUB_JOBS = """SELECT stale.sop_instance_uid FROM jobs stale_job
+    JOIN instances stale ON stale.study_fk = stale_job.study_fk AND stale.is_current = 0
+    JOIN job_instances stale_ji ON stale_ji.job_id = stale_job.id
+                               AND stale_ji.instance_fk = stale.id
+    WHERE stale_job.kind = 'hub' AND stale_job.state IN ('pending', 'running')
+      AND stale_ji.sent_at IS NULL"""
+_EARLIER_HUB_VERSION = f"""SELECT theirs_ji.job_id
+    FROM (SELECT 1 WHERE {{job}}.study_fk IN (
+              SELECT involved.study_fk FROM instances involved
+              WHERE involved.sop_instance_uid IN ({_STALE_IN_HUB_JOBS})) LIMIT 1) gate
+    CROSS JOIN instances mine
+    CROSS JOIN job_instances mine_ji ON mine_ji.job_id = {{job}}.id
+                                    AND mine_ji.instance_fk = mine.id
+    JOIN instances theirs ON theirs.sop_instance_uid = mine.sop_instance_uid
+                         AND theirs.study_fk != mine.study_fk
+    JOIN jobs theirs_job ON theirs_job.study_fk = theirs.study_fk
+    JOIN job_instances theirs_ji ON theirs_ji.job_id = theirs_job.id
+                                AND theirs_ji.instance_fk = theirs.id
+    WHERE mine.sop_instance_uid IN ({_STALE_IN_HUB_JOBS})
+      AND +mine.study_fk = {{job}}.study_fk
+      AND mine_ji.sent_at IS NULL AND theirs_ji.sent_at IS NULL"""
 
 
 # A hub job of the study that will ask the holdings question (instances start-up recovery
@@ -188,7 +231,11 @@ def claim_next(db: Database, owner: str, lease_s: float,
     A job to a local node also waits while a job of *another* study to that node is being
     sent that holds another version of one of its unsent instances (a correction that put
     the Study Instance UID right: the same instance, now another study's;
-    :data:`_OTHER_VERSION_THERE`).
+    :data:`_OTHER_VERSION_THERE`). A job to the hub waits likewise, across studies, for
+    every earlier job to the hub still pending or running that holds another version of one
+    of its unsent instances (:data:`_EARLIER_HUB_VERSION`): a correction moved to another
+    study was committed before the first study's job, in backoff, archived the stale
+    version after it.
     A job to another destination also waits while the study's hub job has the holdings
     question to ask (:data:`_HUB_ASKS_FIRST`): its answer takes a prior's instances out of
     it (:func:`confirm_held`)."""
@@ -215,7 +262,8 @@ def claim_next(db: Database, owner: str, lease_s: float,
     # beside the study's first job, still on its way, was overtaken by the stale version.
     # To the hub, also not before an earlier job of the study that is waiting (a retry, the
     # link): the region keeps the version it archived last, and the earlier job's transfer
-    # cannot drop its stale version (its manifest is fixed once it began).
+    # cannot drop its stale version (its manifest is fixed once it began); nor before an
+    # earlier one of another study holding another version of one of its instances.
     kind_filter += f" AND NOT EXISTS (SELECT 1 {_holding_back('jobs')})"
     params.extend((at, at))
     with db.transaction() as conn:
@@ -531,8 +579,9 @@ def _not_forwarded(conn: sqlite3.Connection, study_uid: str, priors: list[int],
 def list_jobs(db: Database, state: str | None = None, limit: int = 200, *,
               job_id: int | None = None) -> list[dict[str, Any]]:
     """Newest first (only ``job_id``, when given); ``waits_for_job``: for a pending job held
-    back by another job of its study to the same destination (:func:`claim_next`), the first
-    such job, else None."""
+    back by another job to the same destination (of its study, or of another study holding
+    another version of one of its instances: :func:`claim_next`), the first such job, else
+    None."""
     conditions, params = [], []
     if state:
         conditions, params = ["j.state = ?"], [state]
