@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -145,3 +146,55 @@ def test_a_correction_on_a_slow_link_is_what_an_overwriting_dicomweb_archive_ser
     finally:
         regional.kill()
         orthanc.stop()
+
+
+def test_a_failed_job_retried_after_its_correction_went_up_leaves_the_replaced_version_out(
+        pas_factory: Any, hub: HubProcess, tmp_path: Path) -> None:
+    """X's job failed for good (here: set so while the link was down) after it had made its
+    transfer; Y's job, held back by nothing failed, went up; then IT ran `pas queue retry`
+    on X's job. It sent its transfer as made, X included: the hub saw that transfer begin
+    after Y's receipt (its own check of a left transfer did not apply) and made the stale X
+    current again. Now the retried job leaves X out and its transfer for a new one: the
+    region ends with Y, and gets the study's other images."""
+    study, y_file, uid = study_and_correction(tmp_path / "files", 4)
+    # (The module's hub may hold X and Y from the tests above: what counts is which is
+    # current at the end.)
+    proxy = TcpProxy("127.0.0.1", hub.port).start()
+    try:
+        proxy.cut()
+        pas = enrolled_pas(pas_factory, hub, tmp_path / "site-retry",
+                           {**SLOW, "PAS_HUB__RETRIES": "1"}, via=proxy)
+        storescu(study, pas.port)
+        first = wait_for(lambda: next((j for j in jobs(pas) if (j["last_error"] or "")
+                                       .startswith("waiting for the link")), None), 60,
+                         what="X's job waiting for the link")
+        assert json.loads(first["progress"])["transfer_id"]  # made before any request
+
+        def failed_for_good() -> bool:  # standing in for its attempts running out
+            with sqlite3.connect(pas.home / "pas.sqlite", timeout=10) as conn:
+                return conn.execute(
+                    "UPDATE jobs SET state = 'failed', last_error = 'failed for good' "
+                    "WHERE id = ? AND state = 'pending'", (first["id"],)).rowcount == 1
+
+        wait_for(failed_for_good, 30, what="X's job failed while not running")
+        storescu(y_file, pas.port)
+        wait_for(lambda: len(jobs(pas)) == 2, 60, what="Y's job routed")
+        proxy.restore()
+        wait_for(lambda: jobs(pas)[1]["state"] == "done", 120, what="Y's job delivered")
+        y_sha = site_versions(pas, uid)[1][0]
+        assert [sha for sha, current in region_current(hub, uid) if current] == [y_sha]
+
+        pas.cli("queue", "retry", str(first["id"]))
+        finished = wait_jobs_finished(pas, 5, 120)
+        assert [j["state"] for j in finished] == ["done", "done"], \
+            [j["last_error"] for j in finished]
+        assert [sha for sha, current in region_current(hub, uid) if current] == [y_sha]
+        region_uids = {r["sop_instance_uid"] for r in rows(
+            hub.home / "archive" / "pas.sqlite", "SELECT sop_instance_uid FROM instances")}
+        site_uids = {r["sop_instance_uid"] for r in rows(
+            pas.home / "pas.sqlite", "SELECT sop_instance_uid FROM instances")}
+        assert site_uids <= region_uids
+        assert (f"job {first['id']}: 1 instance replaced since it was routed (a correction: "
+                "the same UID, other bytes) left out, and its transfer") in pas.log()
+    finally:
+        proxy.stop()

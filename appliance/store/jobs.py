@@ -480,6 +480,35 @@ def older_adopted_versions(db: Database, job_id: int) -> list[sqlite3.Row]:
     )
 
 
+def drop_replaced_versions(db: Database, job_id: int, new_transfer: bool) -> list[str]:
+    """Take out of a hub job the versions it carries that the sender replaced since it was
+    routed (same SOP Instance UID, other bytes: no longer current) and no receipt named yet:
+    all of them before a new transfer is made of the job, and from a transfer begun, those
+    whose current version the region already confirmed (that transfer is then left for a
+    new one). Returns their SOP Instance UIDs.
+
+    Why: a hub job's manifest is fixed once its transfer began (``_drop_superseded`` leaves
+    hub jobs alone), and the correction's own job waits behind it (``_holding_back``) but
+    not behind a failed one: ``pas queue retry`` of that job, after the correction went up,
+    sent the stale version last and the region took it as the newer one. A transfer begun
+    whose correction has not gone up yet keeps its versions: sent first, they are followed
+    by the correction's job, and restarting it would send its delivered buckets again. The
+    current version travels in its own job (or in the delta routing will make); a version
+    it replaced needs no receipt (eviction excuses it once the current one is confirmed)."""
+    with db.transaction() as conn:
+        rows = conn.execute(
+            """SELECT ji.instance_fk, i.sop_instance_uid FROM job_instances ji
+               JOIN instances i ON i.id = ji.instance_fk
+               WHERE ji.job_id = ? AND ji.sent_at IS NULL AND i.is_current = 0
+                 AND (? OR EXISTS (SELECT 1 FROM instances c
+                                   WHERE c.sop_instance_uid = i.sop_instance_uid
+                                     AND c.is_current = 1 AND c.confirmed_at IS NOT NULL))
+               ORDER BY i.id""", (job_id, int(new_transfer))).fetchall()
+        conn.executemany("DELETE FROM job_instances WHERE job_id = ? AND instance_fk = ?",
+                         [(job_id, r["instance_fk"]) for r in rows])
+    return [str(r["sop_instance_uid"]) for r in rows]
+
+
 def mark_sent(db: Database, job_id: int, instance_ids: list[int]) -> None:
     at = now()
     with db.transaction() as conn:

@@ -173,6 +173,7 @@ class HubTarget:
     def _send(self, job: Job, context: SendContext) -> None:
         from appliance.transfer import pack
 
+        job = self._leave_out_replaced(job, context)
         rows = job_store.job_files(context.db, job.id, unsent_only=False)
         if not rows:
             return
@@ -327,6 +328,10 @@ class HubTarget:
                 f"{counted(len(damaged), 'instance')} is damaged (not the SHA-256 recorded "
                 f"when received): {files}; once the sender sent it again, `pas queue retry "
                 f"{job.id}` sends a new transfer")
+        if error == "superseded":
+            return RuntimeError(
+                f"the hub refused transfer {transfer_id}: {body.get('detail')}; the next "
+                "attempt sends a new transfer, without the versions replaced since")
         if error == "sha256_mismatch" and named:
             return RuntimeError(
                 f"the hub rebuilt {counted(len(named), 'instance')} of transfer {transfer_id} "
@@ -354,9 +359,34 @@ class HubTarget:
         job_store.save_progress(context.db, job.id, progress)
         return progress
 
-    def _forget_transfer(self, job: Job, context: SendContext, progress: dict[str, Any]) -> None:
+    def _leave_out_replaced(self, job: Job, context: SendContext) -> Job:
+        """At each attempt's start, the job's versions replaced since it was routed (a
+        correction: the same UID, other bytes) that would now arrive after their correction
+        go out of it (:func:`job_store.drop_replaced_versions`): sent, the stale version was
+        the region's newer one (a failed job retried after the correction went up). A
+        transfer begun with them is left for a new one: its manifest is fixed (the hub's own
+        check refuses a version a later receipt of the study replaced, but only for transfers
+        it saw begin before that receipt's; a retried job's may begin after)."""
+        replaced = job_store.drop_replaced_versions(
+            context.db, job.id, new_transfer=not job.progress.get("transfer_id"))
+        if not replaced:
+            return job
+        left = job.progress.get("transfer_id")
+        log.warning("job %d: %s replaced since it was routed (a correction: the same UID, other "
+                    "bytes) left out%s: %s", job.id, counted(len(replaced), "instance"),
+                    f", and its transfer {left} for a new one" if left else "",
+                    ", ".join(replaced[:3]), extra={"JOB_ID": job.id, "STUDY_UID": job.study_uid})
+        if not left:
+            return job
+        return dataclasses.replace(job, progress=self._forget_transfer(
+            job, context, dict(job.progress)))
+
+    def _forget_transfer(self, job: Job, context: SendContext,
+                         progress: dict[str, Any]) -> dict[str, Any]:
+        """The job's progress saved without its transfer: the next attempt makes a new one."""
         kept = {k: v for k, v in progress.items() if k not in ("transfer_id", "key", "wrapped_key")}
         job_store.save_progress(context.db, job.id, kept)
+        return kept
 
     def _manifest(self, job: Job, rows: list[Any], plans: list[Any], transfer_id: str,
                   wrapped_key: str) -> dict[str, Any]:
