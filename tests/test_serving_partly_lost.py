@@ -14,7 +14,9 @@ with a Warning.
 Real peers: ``pas run`` whose region (``prefetch.dicomweb_url``) refuses connections, DCMTK
 storescu as the modality, getscu and movescu (into a storescp) as the viewer, pynetdicom as
 the viewer whose final responses are read (``appliance.dicomnet.install()`` first), WADO-RS
-over HTTP. A study of 40 MR instances, 3 files removed while the daemon was stopped.
+over HTTP. A study of 40 MR instances, 3 files removed while the daemon was stopped. Then,
+with those files still flagged missing, two patients of two issuers sharing a PatientID: a
+PATIENT-level retrieve without the issuer is refused 0xA900 as without lost files.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from tests.support.cleanup import started
+from tests.support.objects import tiny_ct
 from tests.support.peers import (
     DCMTK_ENV,
     MR_DIR,
@@ -70,6 +73,7 @@ def _retrieve(port: int, kind: str, identifier: Dataset,
     (0008,0058), and the SOP Instance UIDs a C-GET received."""
     from pynetdicom import AE, build_role, evt
     from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        CTImageStorage,
         MRImageStorage,
         PatientRootQueryRetrieveInformationModelGet,
         PatientRootQueryRetrieveInformationModelMove,
@@ -88,6 +92,7 @@ def _retrieve(port: int, kind: str, identifier: Dataset,
     ae = AE(ae_title="VIEWER")
     ae.add_requested_context(model)
     ae.add_requested_context(MRImageStorage)
+    ae.add_requested_context(CTImageStorage)
     received: set[str] = set()
 
     def on_store(event: Any) -> int:
@@ -95,7 +100,8 @@ def _retrieve(port: int, kind: str, identifier: Dataset,
         return 0x0000
 
     assoc = ae.associate("127.0.0.1", port, ae_title="PAS",
-                         ext_neg=[build_role(MRImageStorage, scp_role=True)],
+                         ext_neg=[build_role(MRImageStorage, scp_role=True),
+                                  build_role(CTImageStorage, scp_role=True)],
                          evt_handlers=[(evt.EVT_C_STORE, on_store)])
     assert assoc.is_established
     try:
@@ -104,7 +110,7 @@ def _retrieve(port: int, kind: str, identifier: Dataset,
         final, identifier = list(answers)[-1]
     finally:
         assoc.release()
-    value = identifier.FailedSOPInstanceUIDList if identifier is not None else []
+    value = identifier.get("FailedSOPInstanceUIDList", []) if identifier is not None else []
     return final, {str(v) for v in ([value] if isinstance(value, str) else value)}, received
 
 
@@ -293,3 +299,41 @@ def test_a_partly_lost_study_is_served_without_its_lost_instances(tmp_path: Path
         # The metadata (not a retrieve of instances) and the refusal above (nothing served,
         # as a C-MOVE/C-GET of lost instances only is refused uncounted): no more counted.
         assert _retrieves(pas)[("wado-rs", "miss")] == 2.0
+
+        # Two patients of two issuers sharing PatientID 123456, filed now. With files flagged
+        # missing (the three above) and fetch-through on, a PATIENT-level retrieve first
+        # plans which studies to fetch; without IssuerOfPatientID it is refused there as on
+        # the path without lost files: 0xA900, the Error Comment, the audit row (it was
+        # pynetdicom's 0xC413/0xC514, no comment, no row).
+        shared = tmp_path / "shared-id"
+        shared.mkdir()
+        by_issuer: dict[str, set[str]] = {}
+        for issuer in ("HOSP_A", "HOSP_B"):
+            first = tiny_ct(PatientID="123456", IssuerOfPatientID=issuer)
+            second = tiny_ct(str(first.StudyInstanceUID), str(first.SeriesInstanceUID),
+                             PatientID="123456", IssuerOfPatientID=issuer, InstanceNumber=2)
+            for ds in (first, second):
+                ds.save_as(shared / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+            by_issuer[issuer] = {str(first.SOPInstanceUID), str(second.SOPInstanceUID)}
+        storescu(shared, pas.port)
+        reason = ("PatientID 123456 names 2 patients: give IssuerOfPatientID (issuers "
+                  "HOSP_A, HOSP_B)")
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "PATIENT"
+        identifier.PatientID = "123456"
+        for kind in ("get", "move"):
+            final, _, arrived = _retrieve(pas.port, kind, identifier, mover.ae_title)
+            assert int(final.Status) == 0xA900, final
+            assert reason.startswith(str(final.ErrorComment).removesuffix("...")), final
+            assert arrived == set()
+            [row] = read_rows(db, "SELECT outcome, target FROM audit WHERE event = 'retrieve' "
+                                  "ORDER BY id DESC LIMIT 1")
+            assert (row["outcome"], row["target"]) == (f"failure: {reason}",
+                                                       "PATIENT PatientID=123456"), row
+        assert set(moved) == {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+                              for p in mover.files()}  # nothing more moved
+        # With the issuer: that patient's two instances, none of the other's.
+        identifier.IssuerOfPatientID = "HOSP_B"
+        final, failed, arrived = _retrieve(pas.port, "get", identifier)
+        assert _counts(final) == (0x0000, 2, 0, 0)
+        assert arrived == by_issuer["HOSP_B"]

@@ -165,8 +165,14 @@ class RetrieveHandlers:
             # A series, an instance or a patient whose files are lost: the studies holding
             # them have their missing instances fetched from the region first, as for a
             # study-level retrieve. Counted as on site, they were sent from files that are
-            # not there (every sub-operation failed: No such file or directory).
-            to_fetch = self._studies_with_lost_files(level, keys)
+            # not there (every sub-operation failed: No such file or directory). Planned
+            # here first: an identifier the plan refuses (a PatientID several issuers share)
+            # is refused as below, 0xA900 and its comment (it was pynetdicom's 0xC413/0xC514,
+            # no comment, no audit row).
+            try:
+                to_fetch = self._studies_with_lost_files(level, keys)
+            except QueryError as exc:
+                raise RetrieveRefused(IDENTIFIER_DOES_NOT_MATCH, str(exc)) from exc
         else:
             to_fetch = []
         calling, address = peer(event)
