@@ -137,6 +137,35 @@ def test_cfind_includes_regional_studies_marked_nearline(setup: Setup, tmp_path:
     assert len(availability) == 4
 
 
+def test_regional_cfind_forwards_issuer_of_patient_id(setup: Setup, tmp_path: Path) -> None:
+    """Two patients of two hospitals share PatientID ISSUED at the region (one study each):
+    a C-FIND giving IssuerOfPatientID gets that patient's study only. The key was not
+    forwarded to the region (QIDO-RS), whose answers then held the other issuer's study too,
+    although PAS matches the issuer locally. Orthanc's QIDO-RS matches it (checked: direct,
+    with a keyword or a tag); the issuer it answers is in the C-FIND answer."""
+    studies = {}
+    paths = []
+    for issuer in ("HOSP_A", "HOSP_B"):
+        ds = tiny_ct(PatientID="ISSUED", IssuerOfPatientID=issuer, PatientName=f"P^{issuer}")
+        paths.append(tmp_path / f"{issuer}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+        studies[issuer] = str(ds.StudyInstanceUID)
+    storescu(paths, setup.region.dicom_port, host=setup.region.host, called="ORTHANC")
+    _, answers = _findscu(setup.pas, ["QueryRetrieveLevel=STUDY", "PatientID=ISSUED",
+                                      "StudyInstanceUID="], tmp_path / "both")
+    assert sorted(str(a.StudyInstanceUID) for a in answers) == sorted(studies.values())
+    for issuer in studies:
+        stderr, answers = _findscu(setup.pas, [
+            "QueryRetrieveLevel=STUDY", "PatientID=ISSUED", f"IssuerOfPatientID={issuer}",
+            "StudyInstanceUID=", "PatientName=", "InstanceAvailability="],
+            tmp_path / issuer)
+        assert "Final Find Response (Success)" in stderr, stderr[-2000:]
+        assert [(str(a.StudyInstanceUID), str(a.IssuerOfPatientID), str(a.PatientName),
+                 a.InstanceAvailability) for a in answers] == [
+            (studies[issuer], issuer, f"P^{issuer}", "NEARLINE")]
+        assert "region not asked" not in (_audit_queries(setup.pas)[-1]["detail"] or "")
+
+
 def test_move_of_a_regional_study_fetches_then_serves(setup: Setup, tmp_path: Path) -> None:
     study = _studies(REGIONAL_PATIENT)[0]
     result = _move_study(setup, study)

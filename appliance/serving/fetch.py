@@ -35,9 +35,14 @@ from appliance.words import counted
 
 log = logging.getLogger("pas.serving")
 
-# QIDO-RS attribute tags (DICOM JSON keys) -> keywords the C-FIND answer may carry.
+# QIDO-RS attribute tags (DICOM JSON keys) -> keywords the C-FIND answer may carry, and the
+# keys of a C-FIND forwarded to the region when given a value. IssuerOfPatientID with them:
+# PAS matches it locally, and left out, the region answered the study of another issuer's
+# patient of the same PatientID. SOPClassesInStudy, matched locally too, is not forwarded:
+# Orthanc 1.10's QIDO-RS matches no study on it (any value), which would hide them all.
 _JSON_TAGS = {
-    "00100020": "PatientID", "00100010": "PatientName", "00100030": "PatientBirthDate",
+    "00100020": "PatientID", "00100021": "IssuerOfPatientID", "00100010": "PatientName",
+    "00100030": "PatientBirthDate",
     "00100040": "PatientSex", "0020000D": "StudyInstanceUID", "00080020": "StudyDate",
     "00080030": "StudyTime", "00080050": "AccessionNumber", "00200010": "StudyID",
     "00081030": "StudyDescription", "00080061": "ModalitiesInStudy",
