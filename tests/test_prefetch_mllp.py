@@ -13,6 +13,12 @@ Found in review (2026-12-04):
 - the NAKs given before a message is read (not framed, too large, not finished) had an empty
   MSA-2: the RIS could not tell which message was refused. They echo MSH-10 now.
 - the ACK's MSH-7 was UTC without an offset, which HL7 v2 reads as the sender's local time.
+
+Found in review (2026-12-07):
+- a CR LF after a frame started the frame timer: the sender quiet for ``frame_timeout_s``
+  got an unasked AR (empty MSA-2) and a close, and took that AR for the answer to its next
+  order, which was lost; meanwhile the connection counted as busy (never closed for a new
+  one). Bytes outside a frame now leave the connection idle between messages.
 """
 
 from __future__ import annotations
@@ -186,8 +192,10 @@ def test_a_new_connection_takes_the_place_of_the_one_silent_longest(pas_factory:
                        "PAS_PREFETCH__DICOMWEB_URL": f"http://127.0.0.1:{free_port()}/x"})
     wait_for(lambda: port_open("127.0.0.1", port), 15, what="the HL7 listener")
     oldest = socket.create_connection(("127.0.0.1", port), timeout=15)
-    # Served (an ACK) and then silent: the listener has both counted.
-    assert b"MSA|AA" in exchange(oldest, "IDLE1")
+    # Served (an ACK) and then silent: the listener has both counted. The oldest ends its
+    # frame with CR LF, which made it a connection with a message under way, never closed.
+    oldest.sendall(SB + orm("IDLE1", "ORDIDLE1") + EB + b"\r\n")
+    assert b"MSA|AA|IDLE1" in read_blocks(oldest, 1)[0]
     newer = socket.create_connection(("127.0.0.1", port), timeout=15)
     assert b"MSA|AA" in exchange(newer, "IDLE2")
     try:
@@ -277,6 +285,28 @@ def test_mllp_naks_echo_the_control_id(pas_small: PasProcess, payload: bytes, co
     with socket.create_connection(("127.0.0.1", pas_small.hl7_port), timeout=15) as sock:  # type: ignore[attr-defined]
         after = f"OK{zlib.crc32(payload)}"
         assert f"MSA|AA|{after}".encode() in exchange(sock, after)  # served on as before
+
+
+def test_a_trailing_cr_lf_is_no_message_under_way(pas_small: PasProcess) -> None:
+    """``FS CR CR LF``, then the sender quiet longer than ``frame_timeout_s`` (2 s): the LF
+    started the frame timer, PAS sent an unasked ``MSA|AR||message not finished`` and closed,
+    and the engine's next order read it as its answer and was never stored. Now nothing comes
+    while it is quiet, and the next order on the same connection gets its own AA."""
+    with socket.create_connection(("127.0.0.1", pas_small.hl7_port), timeout=15) as sock:  # type: ignore[attr-defined]
+        sock.sendall(SB + orm("CRLF1", "ORDCRLF1") + EB + b"\r\n")
+        (ack,) = read_blocks(sock, 1)
+        assert fields(ack)["MSA"][1:3] == ["AA", "CRLF1"]
+        sock.settimeout(3 * 2)  # longer than hl7.frame_timeout_s: the NAK came within it
+        with pytest.raises(TimeoutError):
+            unasked = sock.recv(65536)
+            pytest.fail(f"unasked answer: {unasked!r}")
+        sender = sock.getsockname()
+        sock.settimeout(15)
+        sock.sendall(SB + orm("CRLF2", "ORDCRLF2") + EB + b"\r\n")
+        (ack,) = read_blocks(sock, 1)
+        assert fields(ack)["MSA"][1:3] == ["AA", "CRLF2"]
+    assert "order:P700|HOSP|ORDCRLF2" in {r["dedup_key"] for r in requests(pas_small)}
+    assert f"HL7 from {sender[0]}:{sender[1]} refused" not in pas_small.log()
 
 
 def _send_all(sock: socket.socket, payload: bytes, outcome: list[BaseException]) -> None:

@@ -7,7 +7,9 @@ acknowledgement per received block. What a message means and what is stored is d
 worker thread because it commits to SQLite before the ACK leaves. May not touch: the database.
 
 Bytes between frames (the CR LF some engines send after the end block, a keep-alive byte)
-are skipped and logged: only the start block begins a message. A message with no start block
+are skipped and logged: only the start block begins a message. They are a connection idle
+between messages (``hl7.idle_timeout_s``, closable for a new connection), not a message under
+way: the frame timer starts at the start block. A message with no start block
 (an end block met first), an end block followed by anything but CR, or one too large gets a
 NAK naming the problem and the connection is closed (the stream cannot be resynchronised). A
 start block inside a frame (the sender began again) drops the unfinished message before it.
@@ -29,7 +31,7 @@ beyond takes the place of the one idle longest (between messages for
 closed at once. It was closed at once whatever the others did: 32 connections left open
 and silent (leaked by an engine, a health check that never closes) kept the RIS out for
 ``hl7.idle_timeout_s``, an hour by default. A message not finished ``hl7.frame_timeout_s``
-after its first byte gets a NAK and its connection is closed; a connection silent
+after its start block gets a NAK and its connection is closed; a connection silent
 ``hl7.idle_timeout_s`` between messages is closed; an answer the client does not take
 within ``hl7.frame_timeout_s`` (a client that sends but never reads its ACKs, once the
 socket buffers are full) has its connection dropped: waiting on it for ever held a
@@ -333,16 +335,17 @@ class Hl7Listener:
                           writer: HL7StreamWriter) -> bytes | None:
         """The next message between a start block and ``FS CR``; None at a clean end of stream.
 
-        Bytes before the start block are skipped one at a time (there are none, or a few: a
-        frame costs one extra read) and logged; hl7's ``readblock`` took them as the start of
-        the next block and refused a valid message. An end block met before any start block
-        is an unframed message: :class:`NotFramed`.
-
-        The first byte is awaited up to ``idle_timeout_s`` (:class:`Idle`); from it, the
-        whole frame must arrive within ``frame_timeout_s`` (:class:`Stalled`)."""
+        Bytes before the start block are skipped (:meth:`_to_start_block`) within
+        ``idle_timeout_s`` of the last message (:class:`Idle`): the connection is idle
+        between messages meanwhile. From the start block, the whole frame must arrive within
+        ``frame_timeout_s`` (:class:`Stalled`), and the connection has a message under way.
+        The frame timer started at the first byte, stray ones included: the CR LF an engine
+        sent after a frame began a "message" that, 60 s later, got an unasked AR (empty
+        MSA-2) which the engine took for the answer to its next order, lost."""
         try:
             async with asyncio.timeout(self.settings.idle_timeout_s or None):
-                byte = await reader.read(1)
+                if not await self._to_start_block(reader, source):
+                    return None
         except TimeoutError:
             raise Idle from None
         if writer in self._open:
@@ -350,32 +353,43 @@ class Hl7Listener:
         ended: list[bytes] = []  # the message, once its end block came: only CR is awaited
         try:
             async with asyncio.timeout(self.settings.frame_timeout_s):
-                return await self._rest_of_frame(reader, source, byte, ended)
+                return await self._rest_of_frame(reader, source, ended)
         except TimeoutError:
             if ended:
                 raise Stalled("an end block FS came, but no CR after it (MLLP ends a "
                               "message with FS CR)", ended[0]) from None
             raise Stalled("message not finished") from None
 
-    async def _rest_of_frame(self, reader: asyncio.StreamReader, source: str,
-                             byte: bytes, ended: list[bytes]) -> bytes | None:
+    async def _to_start_block(self, reader: asyncio.StreamReader, source: str) -> bool:
+        """Read up to and including the next start block; False at the end of stream.
+
+        The bytes before it are skipped one at a time (there are none, or a few: a frame
+        costs one extra read) and logged; hl7's ``readblock`` took them as the start of the
+        next block and refused a valid message. An end block met before any start block is
+        an unframed message: :class:`NotFramed`."""
         stray = bytearray()
-        while byte != START_BLOCK:
+        while True:
+            byte = await reader.read(1)
+            if byte == START_BLOCK:
+                break
             if not byte:
                 if stray:
                     log.info("HL7 from %s: %d bytes after the last frame ignored: %r",
                              source, len(stray), bytes(stray[:32]))
-                return None
+                return False
             if byte == END_BLOCK:
                 raise NotFramed("Block does not begin with Start Block character <VT> "
                                 f"(an end block after {len(stray)} bytes)", bytes(stray))
             stray += byte
             if len(stray) > self.settings.max_message_kb * 1024:
                 raise NotFramed(f"no start block in {len(stray)} bytes")
-            byte = await reader.read(1)
         if stray:
             log.warning("HL7 from %s: %d bytes before a start block skipped: %r", source,
                         len(stray), bytes(stray[:32]))
+        return True
+
+    async def _rest_of_frame(self, reader: asyncio.StreamReader, source: str,
+                             ended: list[bytes]) -> bytes:
         block = (await reader.readuntil(END_BLOCK))[:-len(END_BLOCK)]
         ended.append(block)
         after = await reader.readexactly(1)
