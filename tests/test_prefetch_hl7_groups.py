@@ -302,6 +302,48 @@ def test_orm_procedures_of_one_order_number_told_apart_by_accession(
         ("ACC-A1", "CT", "pending"), ("ACC-A2", "MR", "pending")]
 
 
+def test_a_resend_is_what_its_message_meant_not_what_the_request_became(
+        pas_groups: PasProcess) -> None:
+    """Found in review (2026-12-07): an order's second procedure (its own accession, one
+    order number), then a cancel of it, then that order message resent unchanged: the resend
+    was compared with its request's key (``...|ORD-Q|ACC-Q2``), not with the order the
+    message named (``...|ORD-Q``), taken as new ("control id Q2 was already used") and the
+    cancelled MR pending again (invariant 6). Each message's meaning is recorded now: the
+    resend changes nothing. A control id reused for another order is still new, logged."""
+    def q(control: str, accession: str, modality: str = "CT", order: str = "ORD-Q",
+          order_control: str = "NW") -> str:
+        return orm(control, [f"ORC|{order_control}|{order}|||SC||^^^{FAR}",
+                             obr(order, "", "X", accession, "", modality)], patient="PQ1")
+
+    def mine() -> list[dict[str, Any]]:
+        return [r for r in requests(pas_groups) if r["patient_id"] == "PQ1"]
+
+    q2 = q("Q2", "ACC-Q2", "MR")
+    for message in (q("Q1", "ACC-Q1"), q2):
+        assert send(pas_groups, message) == ("AA", "")
+    before = mine()
+    assert send(pas_groups, q2) == ("AA", "duplicate message: already processed")
+    assert mine() == before  # was counted as requested again
+    assert send(pas_groups, q("Q3", "ACC-Q2", "MR", order_control="CA")) == ("AA", "")
+    assert sorted((r["accession_number"], r["modality"], r["state"], r["times_requested"])
+                  for r in mine()) == [("ACC-Q1", "CT", "pending", 1),
+                                       ("ACC-Q2", "MR", "cancelled", 1)]
+    before = mine()
+    assert send(pas_groups, q2) == ("AA", "duplicate message: already processed")
+    assert mine() == before  # the cancelled MR was pending again
+    assert "control id Q2 (MSH-10) was already used" not in pas_groups.log()
+
+    # Q2 reused by a RIS numbering from 1 again, for another order: new, and logged.
+    reused = q("Q2", "ACC-Q9", order="ORD-Q9")
+    assert send(pas_groups, reused) == ("AA", "")
+    assert "control id Q2 (MSH-10) was already used for order:PQ1|HOSP|ORD-Q; this message " \
+           "names order:PQ1|HOSP|ORD-Q9: taken as a new message" in pas_groups.log()
+    assert len(mine()) == 3
+    before = mine()
+    assert send(pas_groups, reused) == ("AA", "duplicate message: already processed")
+    assert mine() == before
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -151,6 +151,44 @@ def test_a40_moves_a_john_doe_s_pending_orders_to_the_real_patient(pas: PasProce
     assert shape(pas) == shown
 
 
+def test_an_order_or_appointment_resent_after_its_patient_was_merged_changes_nothing(
+        pas: PasProcess) -> None:
+    """Found in review (2026-12-07): an ORM and an SIU^S12 for John Doe JD9, an A40 merging
+    JD9 into R9, then the ORM and the SIU resent unchanged: each resend was compared with its
+    request's key, re-keyed to R9 by the merge, taken as new ("control id ... was already
+    used") and made a request for the merged-away JD9 again (invariant 6). Each message's
+    meaning is recorded now: the resends change nothing. A control id reused for another
+    order is still a new message, logged."""
+    order = orm("JR1", "M-JR", "JD9")
+    appointment = "\r".join(["MSH|^~\\&|RIS|HOSP|PAS|HOSP|20261205120000||SIU^S12|JS1|P|2.5",
+                             "SCH|APPT-JD9||||||||||^^^" + FAR, "PID|1||JD9^^^HOSP^MR"])
+    assert [msa(a)[:2] for a in send(pas, order, appointment)] == [("AA", "JR1"),
+                                                                   ("AA", "JS1")]
+    (ack,) = send(pas, merge("MG9", "PID|1||R9^^^HOSP^MR||DOE^JOHN", "MRG|JD9^^^HOSP^MR"))
+    assert msa(ack)[2] == "patient JD9 (HOSP) into R9 (HOSP): 2 prefetch requests moved"
+
+    def mine() -> list[dict[str, Any]]:
+        return [r for r in requests(pas) if r["patient_id"] in ("JD9", "R9")]
+
+    before = mine()
+    assert sorted((r["dedup_key"], r["state"], r["times_requested"]) for r in before) == [
+        ("appointment:R9|HOSP|APPT-JD9", "pending", 1), ("order:R9|HOSP|M-JR", "pending", 1)]
+    acks = send(pas, order, appointment)
+    assert [msa(a) for a in acks] == [
+        ("AA", "JR1", "duplicate message: already processed"),
+        ("AA", "JS1", "duplicate message: already processed")]
+    assert mine() == before  # JD9 had a new order and a new appointment
+    assert "control id JR1 (MSH-10) was already used" not in pas.log()
+    assert "control id JS1 (MSH-10) was already used" not in pas.log()
+
+    # JR1 reused for another order (a RIS numbering from 1 again): new, and logged.
+    (ack,) = send(pas, orm("JR1", "M-JR2", "R9"))
+    assert msa(ack) == ("AA", "JR1", "")
+    assert "control id JR1 (MSH-10) was already used for order:JD9|HOSP|M-JR; this message " \
+           "names order:R9|HOSP|M-JR2: taken as a new message" in pas.log()
+    assert [r["dedup_key"] for r in mine() if r not in before] == ["order:R9|HOSP|M-JR2"]
+
+
 def test_a40_with_assigning_authorities_given_as_oids_alone(pas: PasProcess) -> None:
     """An order and a merge whose PID-3 and MRG-1 name their assigning authority by OID
     alone (CX-4.2, ``^^^&1.2.250.1.71.4.2.1&ISO``, as IHE PAM France senders write it): the

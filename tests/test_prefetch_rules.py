@@ -214,6 +214,38 @@ def test_store_schedules_one_request_per_order(tmp_path: Path) -> None:
     assert store.list_requests(db)[0]["state"] == "cancelled"
 
 
+def test_a_message_is_recorded_with_its_meaning_and_older_rows_compare_as_before(
+        tmp_path: Path) -> None:
+    """Every message keeps the order it named (``prefetch_messages.detail``), which a resend
+    is compared with: its request's key may change since (a merge re-keys it; an order's
+    second procedure has a key of its own), the message's meaning does not. A message of one
+    order recorded before (2026-12-07: no meaning kept) is still compared with its request's
+    key: resent, recognised; its control id reused for another order, a new message. A
+    cancel recorded before 2026-12-04 (the bare word ``cancel``) resent is recognised."""
+    db = Database(tmp_path / "pas.sqlite")
+
+    def order(number: str) -> store.NewRequest:
+        return store.NewRequest(f"order:P|H|{number}", "hl7", "P", "H", "A1", "CT", None,
+                                2e9, 1.9e9)
+
+    store.record_message(db, "RIS|H|m1", "ORM^O01", "AA", request=order("1"))
+    assert store.message_seen(db, "RIS|H|m1")["detail"] == "order:P|H|1"  # type: ignore[index]
+    with db.transaction() as conn:  # as the versions before wrote it
+        conn.execute("UPDATE prefetch_messages SET detail = NULL")
+    assert not store.record_message(db, "RIS|H|m1", "ORM^O01", "AA", request=order("1")).first
+    reused = store.record_message(db, "RIS|H|m1", "ORM^O01", "AA", request=order("2"))
+    assert reused.first and reused.reused_for == "order:P|H|1"
+    assert sorted((r["dedup_key"], r["times_requested"], r["state"])
+                  for r in store.list_requests(db)) == [("order:P|H|1", 1, "pending"),
+                                                         ("order:P|H|2", 1, "pending")]
+    with db.transaction() as conn:  # a cancel as the versions before 2026-12-04 wrote it
+        conn.execute("INSERT INTO prefetch_messages VALUES ('RIS|H|c0', 1.0, 'ORM^O01', "
+                     "NULL, 'AA', 'cancel')")
+    assert not store.record_message(db, "RIS|H|c0", "ORM^O01", "AA",
+                                    cancel_key="order:P|H|1").first
+    assert {r["state"] for r in store.list_requests(db)} == {"pending"}
+
+
 def test_failed_attempts_end_in_failed_and_restart_recovers(tmp_path: Path) -> None:
     db = Database(tmp_path / "pas.sqlite")
     store.schedule(db, store.NewRequest("manual:P", "manual", "P"))

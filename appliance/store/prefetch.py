@@ -102,7 +102,7 @@ def _meaning(action: NewRequest | Cancel) -> str:
 
 
 def record_message(db: Database, message_key: str, message_type: str, ack_code: str,
-                   detail: str | None = None, request: NewRequest | None = None,
+                   request: NewRequest | None = None,
                    cancel_key: str | None = None,
                    actions: Sequence[NewRequest | Cancel] = (),
                    audit_row: dict[str, Any] | None = None) -> Recorded:
@@ -122,6 +122,12 @@ def record_message(db: Database, message_key: str, message_type: str, ack_code: 
     the orders it names, and ``reused_for`` names the earlier ones. Taken for a resend, it
     was ACKed AA "already processed" and its orders silently dropped.
 
+    What the message names (its meaning: the order's key, ``cancel <key>``, ``orders:
+    ...``) is recorded with it (``prefetch_messages.detail``), and a resend is compared with
+    that, not with its request's key now: a merge re-keys a request, an order's second
+    procedure has a key of its own, and the resend was taken as new (a cancelled procedure
+    pending again, a merged-away patient's order made again).
+
     ``audit_row``: the ``hl7`` audit row's ``actor``, ``detail`` and ``patient``, written in
     the same transaction when the message scheduled, changed or cancelled something."""
     at = now()
@@ -130,15 +136,10 @@ def record_message(db: Database, message_key: str, message_type: str, ack_code: 
     # Each order once: several procedures of one order mean that order, as the message meant
     # when they were one request (a resend recorded before migration 15 is still a resend).
     meanings = list(dict.fromkeys(map(_meaning, actions)))
-    if len(meanings) == 1:
-        meaning = meanings[0]
-        if isinstance(actions[0], Cancel):
-            detail = meaning  # what a cancel did (it has no request): a resend or a reused key?
-    else:
-        meaning = detail = SEVERAL + "; ".join(meanings)
+    meaning = meanings[0] if len(meanings) == 1 else SEVERAL + "; ".join(meanings)
     with db.transaction() as conn:
         claimed, reused_for = claim_message(conn, message_key, message_type, ack_code,
-                                            detail, meaning, at)
+                                            meaning, meaning, at)
         if claimed is None:
             return Recorded(first=False)
         message_key = claimed

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 from typing import Any
 
-# What a message of several orders is recorded as meaning (prefetch_messages.detail):
-# this prefix, then each order's meaning, in message order.
+# What a message is recorded as meaning (prefetch_messages.detail), which a resend is
+# compared with: the order's key (``order:...``, ``appointment:...``...), ``cancel <key>``,
+# or for a message of several orders this prefix, then each order's meaning, in order.
 SEVERAL = "orders: "
 # What a patient merge is recorded as meaning: this prefix, then the merges it named
 # (:mod:`appliance.store.prefetch_merge`).
 MERGED = "merge "
+# What a cancel was recorded as until 2026-12-04 (the order it named was not kept).
+LEGACY_CANCEL = "cancel"
 
 
 def claim_message(conn: Any, message_key: str, message_type: str, ack_code: str,
@@ -45,21 +48,24 @@ def claim_message(conn: Any, message_key: str, message_type: str, ack_code: str,
 
 
 def _recorded_meaning(conn: Any, message_key: str) -> str | None:
-    """The order a recorded message named (its request's dedup key, or ``cancel <key>``;
-    ``orders: ...`` for a message of several, see :data:`SEVERAL`; ``merge ...`` for a
-    patient merge, :data:`MERGED`); None when unknown (a cancel recorded before this was
-    kept)."""
+    """The order a recorded message named, as it was recorded (``detail``): the order's
+    key, or ``cancel <key>``; ``orders: ...`` for a message of several, see
+    :data:`SEVERAL`; ``merge ...`` for a patient merge, :data:`MERGED`. None when unknown.
+
+    A message of one order recorded before 2026-12-07 kept no meaning (``detail`` NULL):
+    its request's dedup key now stands for it, as it did then (None: its request deleted).
+    Compared with that key, a resend was taken as new once the key had changed (a merge
+    re-keys it; an order's second procedure has a key of its own), bringing back cancelled
+    orders and merged-away patients (invariant 6). A cancel recorded before 2026-12-04
+    kept the bare word ``cancel``: None, as it was."""
     row = conn.execute(
         "SELECT m.detail, r.dedup_key FROM prefetch_messages m LEFT JOIN prefetch_requests r "
         "ON r.id = m.request_fk WHERE m.message_key = ?", (message_key,)).fetchone()
     if row is None:
         return None
-    if (row["detail"] or "").startswith(SEVERAL):
+    if row["detail"] and row["detail"] != LEGACY_CANCEL:
         return str(row["detail"])
-    if row["dedup_key"] is not None:
-        return str(row["dedup_key"])
-    detail = row["detail"] or ""
-    return detail if detail.startswith(("cancel ", MERGED)) else None
+    return str(row["dedup_key"]) if row["dedup_key"] is not None else None
 
 
 def messages_of(db: Any, request_id: int, dedup_key: str) -> list[dict[str, Any]]:
