@@ -354,10 +354,12 @@ def test_a_changed_order_changes_its_pending_request(pas_hl7: PasProcess) -> Non
 
     assert (row["state"], row["modality"], row["times_requested"]) == ("pending", "MR", 2)
     assert row["scheduled_at"] == parse_hl7_time("20991230080000")
-    # a message giving no modality (a status update) keeps the one known
-    send(pas_hl7, orm("XO3", "ORD30", when="20991230080000", control_code="SC", modality=""))
+    # a message giving no modality nor accession (a status update) keeps the ones known
+    # (the accession became the order number, and today's exam could be its own prior)
+    send(pas_hl7, orm("XO3", "ORD30", when="20991230080000", control_code="SC",
+                      modality="").replace("|ACCORD30|", "||"))
     (row,) = [r for r in requests(pas_hl7) if r["dedup_key"] == "order:P100|HOSP|ORD30"]
-    assert row["modality"] == "MR"
+    assert (row["modality"], row["accession_number"]) == ("MR", "ACCORD30")
 
     send(pas_hl7, orm("XO4", "ORD31", when="20991231120000"),
          orm("XO5", "ORD31", control_code="CA"),

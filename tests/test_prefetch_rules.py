@@ -301,6 +301,39 @@ def test_a_change_of_a_failed_or_cancelled_request_and_one_without_a_time(
     assert (row["state"], row["modality"], row["scheduled_at"]) == ("cancelled", "MR", 3.0)
 
 
+def test_a_status_update_without_an_accession_keeps_the_one_known(tmp_path: Path) -> None:
+    """NW with OBR-18 ``ACC123``, then ``ORC|SC`` with OBR-18 empty, or no OBR at all: the
+    request keeps ACC123 (it became the order number ``F1``, ORC-3, and the priors' choice no
+    longer left the current exam out). An order giving no OBR-18 has its order number as
+    accession until one comes (a RIS writing the accession in ORC-3: never its own prior)."""
+    from appliance.prefetch import orders
+
+    db = Database(tmp_path / "pas.sqlite")
+    msh = "MSH|^~\\&|RIS|HOSP|PAS|HOSP|20261207||ORM^O01|{}|P|2.5\rPID|1||P1^^^HOSP\r"
+
+    def send(control: str, *segments: str) -> str:
+        text = msh.format(control) + "\r".join(segments)
+        return orders.handle(db, text, "test", lambda _: 0.0)[0]
+
+    def accessions() -> list[tuple[str, str | None]]:
+        return [(r["dedup_key"], r["accession_number"]) for r in store.list_requests(db)]
+
+    obr = "OBR|1|{}|F1|||||||||||||||{}||||||CT"
+    assert "MSA|AA|A1" in send("A1", "ORC|NW|ORD1|F1||SC||^^^20991231120000",
+                               obr.format("ORD1", "ACC123"))
+    assert "MSA|AA|A2" in send("A2", "ORC|SC|ORD1|F1||IP", obr.format("ORD1", ""))
+    assert "MSA|AA|A3" in send("A3", "ORC|SC|ORD1|F1||IP")
+    assert accessions() == [("order:P1|HOSP|ORD1", "ACC123")]
+    assert store.list_requests(db)[0]["times_requested"] == 3
+
+    assert "MSA|AA|B1" in send("B1", "ORC|NW|ORD2|F2||SC||^^^20991231120000",
+                               obr.format("ORD2", ""))
+    assert dict(accessions())["order:P1|HOSP|ORD2"] == "F2"
+    assert "MSA|AA|B2" in send("B2", "ORC|SC|ORD2|F2||IP", obr.format("ORD2", "ACC2"))
+    assert "MSA|AA|B3" in send("B3", "ORC|SC|ORD2|F2||IP")
+    assert dict(accessions())["order:P1|HOSP|ORD2"] == "ACC2"
+
+
 def test_outside_the_wan_windows_a_due_request_waits_for_the_next_opening(
         tmp_path: Path) -> None:
     """No region is touched: the request is deferred before any network use."""

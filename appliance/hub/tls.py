@@ -67,6 +67,10 @@ def server_config(app: Any, pki: HubPKI, host: str, port: int,
     config = uvicorn.Config(
         app, host=host, port=port, http=protocol, log_level=log_level,
         access_log=False, lifespan="off", ssl_certfile=str(pki.server_cert_path),
+        # uvicorn's default believed X-Forwarded-For from loopback: behind a forwarder on the
+        # hub's host (a socket for port 443, as pas-hub.service suggests) each guess at a
+        # dashboard password named its own address, never limited, and the log said it.
+        proxy_headers=False,
         ssl_keyfile=str(pki.server_key_path), ssl_ca_certs=str(pki.ca_cert_path),
         ssl_cert_reqs=ssl.CERT_OPTIONAL, timeout_keep_alive=30,
         # A stop (systemctl stop, a restart) waits at most this long for requests in flight:

@@ -9,8 +9,9 @@ Which fields are read, and why (HL7 v2.5 positions):
 - every message: MSH-9 type, MSH-10 control id, PID-3 patient identifier (CX: ID^^^issuer;
   the repetition of an issuer in ``prefetch.issuer_map``, else the first).
 - ORM^O01: ORC-1 order control (CA/DC/OC/OD/CR/DR, or SC with ORC-5 CA/DC: cancel),
-  ORC-2/ORC-3 placer/filler order number (the dedup key), OBR-18 or ORC-2 accession, OBR-24
-  modality, OBR-15 body site, OBR-27.4 / ORC-7.4 / OBR-36 / OBR-7 the time of the exam.
+  ORC-2/ORC-3 placer/filler order number (the dedup key), OBR-18 accession (else ORC-3/2,
+  only while none is known), OBR-24 modality, OBR-15 body site, OBR-27.4 / ORC-7.4 /
+  OBR-36 / OBR-7 the time of the exam.
 - OMI^O23: the same ORC/OBR, TQ1-7 start time, IPC-1 accession, IPC-2 requested procedure
   ID, IPC-5 modality.
 - OMG^O19 (general clinical order, v2.5+): read as OMI without its IPC. It was refused (AR
@@ -564,6 +565,7 @@ def _interpret_kind(message: hl7.Message, kind: str, patient: tuple[str, str],
     if kind in ORDER_KINDS:
         placer = _field(message, "ORC.F2.R1.C1")
         filler = _field(message, "ORC.F3.R1.C1")
+        # No OBR-18 / IPC-1: the order number; it never replaces a known one (prefetch_changes)
         accession = (_field(message, "IPC.F1.R1.C1") if kind == "OMI" else "") \
             or _field(message, "OBR.F18") or filler or placer
         order_number = placer or filler or accession

@@ -100,8 +100,11 @@ class WebServer:
                  request_timeout_s: float = 30.0, send_timeout_s: float = 60.0, **ssl: Any):
         from appliance.web.bounded import bounded_protocol
 
+        # proxy_headers=False: uvicorn's default believed X-Forwarded-For from loopback, so
+        # a forwarder on the same host let any client name its own address (the limits on
+        # failed sign-ins are per address; the log said what the client wrote).
         config = uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                access_log=False, lifespan="off",
+                                access_log=False, lifespan="off", proxy_headers=False,
                                 http=bounded_protocol(max_connections, request_timeout_s,
                                                       send_timeout_s),
                                 **ssl)
