@@ -136,6 +136,7 @@ def test_an_upgraded_hub_is_watched_from_its_upgrade(hub: HubProcess, tmp_path: 
         conn.execute("ALTER TABLE enrol_tokens DROP COLUMN expires_at")  # migration 9's
         conn.execute("ALTER TABLE enrol_tokens DROP COLUMN voided_at")  # migration 11's
         conn.execute("ALTER TABLE certificates DROP COLUMN superseded_by")  # migration 12's
+        conn.execute("DROP TABLE archived_by_site")  # migration 14's
         conn.execute("DROP INDEX transfers_study")  # migration 8's, and 6's index back
         conn.execute("CREATE INDEX transfers_committed_study ON transfers (site, study_uid) "
                      "WHERE receipt IS NOT NULL")

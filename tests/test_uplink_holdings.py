@@ -330,6 +330,17 @@ def test_the_hub_states_what_this_site_holds_signed_and_refuses_bad_questions(
         assert ask(anonymous, study, originals).status_code in (401, 403)
 
 
+@pytest.fixture
+def own_hub(tmp_path: Path) -> Iterator[HubProcess]:
+    """A hub of the test's own, for a correction of STUDY_FILES: on the module's hub other
+    sites archived these UIDs with the first bytes, and the hub refuses another version of
+    a UID another site archived (docs/protocol.md, tests/test_hub_another_site.py)."""
+    process = HubProcess(tmp_path / "hub-own").init()
+    process.start()
+    yield process
+    process.kill()
+
+
 def sent_corrected_and_confirmed(pas_factory: Any, hub: HubProcess, home: Path
                                  ) -> tuple[PasProcess, set[tuple[str, str]]]:
     """The study sent, then a correction of its first instance (same SOP Instance UID, other
@@ -357,13 +368,14 @@ def region_versions(hub: HubProcess, uid: str) -> list[tuple[str, int]]:
 
 
 def test_the_older_version_of_a_corrected_instance_is_confirmed_again(
-        pas_factory: Any, hub: HubProcess, tmp_path: Path) -> None:
+        pas_factory: Any, own_hub: HubProcess, tmp_path: Path) -> None:
     """A study whose instance was corrected (same SOP Instance UID, other bytes), both versions
     receipted by the region. After the rebuild the older version is adopted beside the
     correction, not current, never sent: it was left unconfirmed for ever, and eviction
     (every version confirmed) never took the study again. Found in review (2026-12-05)."""
-    pas, versions = sent_corrected_and_confirmed(pas_factory, hub, tmp_path / "site-corrected")
-    before = hub_counts(hub)
+    pas, versions = sent_corrected_and_confirmed(pas_factory, own_hub,
+                                                 tmp_path / "site-corrected")
+    before = hub_counts(own_hub)
 
     rebuilt_and_restarted(pas, len(STUDY_FILES) + 1)
 
@@ -373,7 +385,7 @@ def test_the_older_version_of_a_corrected_instance_is_confirmed_again(
             if r["confirmed_at"] is not None} == versions, \
         [dict(r) for r in after if r["confirmed_at"] is None]
     assert sum(1 for r in after if not r["is_current"]) == 1
-    assert hub_counts(hub) == before  # nothing uploaded again
+    assert hub_counts(own_hub) == before  # nothing uploaded again
     assert (f"the region already holds 3 of 3 instances of study {STUDY_UID} and 1 older "
             "version: confirmed from its signed statement, sending 0") in pas.log()
 
@@ -420,14 +432,14 @@ def test_an_overwriting_archive_is_stated_to_hold_only_the_version_it_took_last(
 
 
 def test_a_correction_the_region_holds_as_an_older_version_is_sent_again(
-        pas_factory: Any, hub: HubProcess, tmp_path: Path) -> None:
+        pas_factory: Any, own_hub: HubProcess, tmp_path: Path) -> None:
     """The region took the first version again after the correction (a restored index's job,
     waiting at the backup, sent it after the restore): the embedded archive holds both, the
     first one current. The statement named the correction held, the site confirmed it and
     sent nothing: the region kept serving the version the sender had corrected. Now a pair
     that is not the last version the region took is confirmed (its bytes are there) and sent
     again, so the region ends with the sender's last word. Found in review (2026-12-05)."""
-    pas, versions = sent_corrected_and_confirmed(pas_factory, hub, tmp_path / "site-stale")
+    pas, versions = sent_corrected_and_confirmed(pas_factory, own_hub, tmp_path / "site-stale")
     uid = str(dcmread(STUDY_FILES[0], stop_before_pixels=True).SOPInstanceUID)
     [older] = rows(pas.home / "pas.sqlite", "SELECT path FROM instances "
                    "WHERE sop_instance_uid = ? AND is_current = 0", (uid,))
@@ -441,20 +453,20 @@ def test_a_correction_the_region_holds_as_an_older_version_is_sent_again(
         assert http.post(first.url + "/commit").status_code == 200
     old_sha = first.originals[uid]
     [new_sha] = [sha for u, sha in versions if u == uid and sha != old_sha]
-    assert region_versions(hub, uid) == [(old_sha, 1), (new_sha, 0)]
-    before = hub_counts(hub)
+    assert region_versions(own_hub, uid) == [(old_sha, 1), (new_sha, 0)]
+    before = hub_counts(own_hub)
 
     [job] = rebuilt_and_restarted(pas, len(STUDY_FILES) + 1)
 
-    assert region_versions(hub, uid) == [(old_sha, 0), (new_sha, 1)]
+    assert region_versions(own_hub, uid) == [(old_sha, 0), (new_sha, 1)]
     progress = json.loads(job["progress"])
     assert progress["holdings"] == {"state": "answered", "asked": 3, "held": 2,
                                     "older_asked": 1, "older_held": 1, "not_last": 1}
-    [transfer] = rows(hub.home / "hub.sqlite", "SELECT receipt FROM transfers WHERE id = ?",
-                      (progress["transfer_id"],))
+    [transfer] = rows(own_hub.home / "hub.sqlite",
+                      "SELECT receipt FROM transfers WHERE id = ?", (progress["transfer_id"],))
     assert [(i["sop_instance_uid"], i["sha256"])
             for i in json.loads(transfer["receipt"])["instances"]] == [(uid, new_sha)]
-    assert hub_counts(hub)["transfers"] == before["transfers"] + 1
+    assert hub_counts(own_hub)["transfers"] == before["transfers"] + 1
     assert {(r["sop_instance_uid"], r["sha256"]) for r in rows(
         pas.home / "pas.sqlite", "SELECT sop_instance_uid, sha256 FROM instances "
         "WHERE confirmed_at IS NOT NULL")} == versions

@@ -26,12 +26,17 @@ archive streamed. Instances of a transfer that never commits may be archived any
 the same SHA-256 check, and both archives take a re-sent instance without duplicating it. Never
 one that a later committed transfer of the same site and study names with other bytes
 (:func:`_superseded`): the site left this transfer and corrected the instance since, and archived
-now the stale version would be the region's current one again (docs/protocol.md).
+now the stale version would be the region's current one again (docs/protocol.md). Never one
+whose SOP Instance UID another site archived with other bytes (:func:`_another_site`): one
+hospital's upload must never change what the region serves for another's images; checked before
+each round and again under a lock per UID around each batch's request (``archived_by_site``,
+hub schema 14).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import itertools
 import logging
@@ -45,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 from appliance.hub import manifest_json
 from appliance.hub.archive import ArchiveRefused, RebuiltInstance
+from appliance.locks import KeyedLocks
 from appliance.store import hub as store
 from appliance.words import counted
 
@@ -52,6 +58,10 @@ if TYPE_CHECKING:
     from appliance.hub.app import Hub
 
 log = logging.getLogger("pas.hub.archiver")
+
+# The reason :meth:`Archiver._store` gives for an instance it did not hand to the archive
+# because another site archived its UID with other bytes (not the archive's refusal).
+ANOTHER_SITE = "another site archived this SOP Instance UID with other bytes"
 
 
 class CommitRefused(Exception):
@@ -75,6 +85,10 @@ class _Transfer:
     inflight: set[str] = field(default_factory=set)
     futures: set[Future[dict[str, str]]] = field(default_factory=set)
     refused_ahead: bool = False  # the archive refused a batch: leave the rest to the commit
+    # UIDs another site archived with other bytes: left by the background rounds (the commit
+    # checks them again and refuses), said once per transfer in the log.
+    another_site: set[str] = field(default_factory=set)
+    another_site_said: bool = False
 
 
 class _Requests:
@@ -116,6 +130,9 @@ class Archiver:
         self._order = itertools.count()
         # Requests to the archive, shared by every round (background and commits): bounded.
         self._requests = _Requests(requests or workers)
+        # Held around a batch's check of archived_by_site, its request and its record: two
+        # sites' batches of one UID are never both checked before either is recorded.
+        self._uid_locks = KeyedLocks()
         for transfer_id, priority in store.unfinished_transfers(hub.db):  # a restart resumes
             self.notify(transfer_id, priority)
         for number in range(workers):
@@ -206,6 +223,16 @@ class Archiver:
                     del pending[entry["sop_instance_uid"]]
                 if not pending:
                     return len(expected)
+            if final:  # refused whole, before anything more of the transfer is archived
+                taken = store.archived_by_other_sites(
+                    self.hub.db, row["site"], {uid: i["sha256"] for uid, i in pending.items()})
+                if taken:
+                    raise _another_site(row, taken, expected)
+            else:
+                pending = {uid: i for uid, i in pending.items()
+                           if uid not in state.another_site}
+                if not pending:
+                    return len(expected)
             buckets = {int(b["idx"]): b for b in store.bucket_rows(self.hub.db, transfer_id)}
             wanted = set(buckets) if final else {
                 b for i in pending.values() for b in i.get("buckets", [])} & set(buckets)
@@ -216,6 +243,12 @@ class Archiver:
                 state.applied.add(index)
             ready = [uid for uid, i in pending.items() if final or (
                 i.get("buckets") and set(i["buckets"]) <= state.applied)]
+            if not final and ready:  # each instance checked once, as it becomes complete
+                taken = store.archived_by_other_sites(
+                    self.hub.db, row["site"], {uid: expected[uid]["sha256"] for uid in ready})
+                if taken:
+                    self._leave_another_site(row, state, taken)
+                    ready = [uid for uid in ready if uid not in taken]
             good, mismatch = _check(ready, expected, numbers, work)
             if mismatch and final:
                 names = ", ".join(m["sop_instance_uid"] for m in mismatch[:5])
@@ -227,6 +260,12 @@ class Archiver:
                 self._archive_ahead(transfer_id, row["site"], good, state, priority)
                 return len(expected)
             refused = self._archive(transfer_id, row["site"], good, priority)
+            raced = [uid for uid, why in refused.items() if why == ANOTHER_SITE]
+            if raced:  # another site's batch of these UIDs was recorded since the check
+                taken = store.archived_by_other_sites(
+                    self.hub.db, row["site"], {uid: expected[uid]["sha256"] for uid in raced})
+                raise _another_site(row, {uid: taken.get(uid, ("", "")) for uid in raced},
+                                    expected)
             if refused:
                 named = "; ".join(f"{uid}: {why}" if why else uid
                                   for uid, why in list(refused.items())[:5])
@@ -323,8 +362,18 @@ class Archiver:
                     state.inflight -= uids
                     state.futures.discard(done)
                     error = done.exception()
-                    refused = error is not None or bool(done.result())
+                    taken = {} if error is not None else {
+                        uid: ("", "") for uid, why in done.result().items()
+                        if why == ANOTHER_SITE}
+                    refused = error is not None or len(done.result()) > len(taken)
                     state.refused_ahead |= refused
+                    state.another_site |= set(taken)
+                if taken:  # another site's batch of these UIDs was recorded since the check
+                    log.warning("transfer %s: %s not archived ahead: another site archived "
+                                "%s with other bytes meanwhile: %s", transfer_id,
+                                counted(len(taken), "instance"),
+                                "its SOP Instance UID" if len(taken) == 1 else
+                                "their SOP Instance UIDs", ", ".join(sorted(taken)[:5]))
                 if error is not None:
                     log.warning("transfer %s: archiving ahead failed (the commit retries): %s",
                                 transfer_id, error)
@@ -345,20 +394,50 @@ class Archiver:
     def _store(self, transfer_id: str, site: str,
                batch: list[RebuiltInstance]) -> dict[str, str]:
         """One request to the archive; records what it confirmed; returns what it refused
-        (UID -> the archive's reason, "" when it gave none)."""
-        try:
-            self.hub.archive.store(batch, site=site)
-            refused: set[str] = set()
-            reasons: dict[str, str] = {}
-        except ArchiveRefused as exc:
-            refused, reasons = set(exc.refused), exc.reasons
-        accepted = [i for i in batch if i.sop_instance_uid not in refused]
-        store.record_archived(self.hub.db, transfer_id,
-                              [(i.sop_instance_uid, i.sha256) for i in accepted])
+        (UID -> the archive's reason, "" when it gave none; :data:`ANOTHER_SITE` for a UID
+        another site archived with other bytes, which is not handed to the archive).
+
+        The check of ``archived_by_site``, the request and the record hold the lock of each
+        UID of the batch (sorted order): a round checks before it rebuilds, but two sites'
+        batches of one UID checked at the same moment would both have found it free."""
+        refused: set[str] = set()
+        reasons: dict[str, str] = {}
+        with contextlib.ExitStack() as locks:
+            for uid in sorted({i.sop_instance_uid for i in batch}):
+                locks.enter_context(self._uid_locks(uid))
+            taken = store.archived_by_other_sites(
+                self.hub.db, site, {i.sop_instance_uid: i.sha256 for i in batch})
+            batch = [i for i in batch if i.sop_instance_uid not in taken]
+            if batch:
+                try:
+                    self.hub.archive.store(batch, site=site)
+                except ArchiveRefused as exc:
+                    refused, reasons = set(exc.refused), exc.reasons
+            accepted = [i for i in batch if i.sop_instance_uid not in refused]
+            store.record_archived(self.hub.db, transfer_id, site,
+                                  [(i.sop_instance_uid, i.sha256) for i in accepted])
         for instance in accepted:
             instance.path.unlink(missing_ok=True)
-        return {i.sop_instance_uid: reasons.get(i.sop_instance_uid, "") for i in batch
-                if i.sop_instance_uid in refused}
+        return {**{i.sop_instance_uid: reasons.get(i.sop_instance_uid, "") for i in batch
+                   if i.sop_instance_uid in refused}, **dict.fromkeys(taken, ANOTHER_SITE)}
+
+    def _leave_another_site(self, row: Any, state: _Transfer,
+                            taken: dict[str, tuple[str, str]]) -> None:
+        """A background round leaves the instances whose UID another site archived with
+        other bytes (the commit refuses them); said once per transfer, naming the site for
+        regional ops (the site that sent them is never told another hospital's name)."""
+        state.another_site |= set(taken)
+        if state.another_site_said:
+            log.debug("transfer %s: %s more not archived ahead (another site's UIDs)",
+                      row["id"], counted(len(taken), "instance"))
+            return
+        state.another_site_said = True
+        log.warning("site %s: transfer %s: %s not archived ahead: another site archived %s "
+                    "with other bytes: %s (said once for this transfer; its commit will be "
+                    "refused 422 another_site)", row["site"], row["id"],
+                    counted(len(taken), "instance"),
+                    "its SOP Instance UID" if len(taken) == 1 else "their SOP Instance UIDs",
+                    _named(taken), extra={"SITE": row["site"]})
 
 
 def _superseded(hub: Hub, row: Any, pending: dict[str, Any]) -> list[dict[str, str]]:
@@ -373,6 +452,40 @@ def _superseded(hub: Hub, row: Any, pending: dict[str, Any]) -> list[dict[str, s
     return [{"sop_instance_uid": uid, "sha256": i["sha256"],
              "current_sha256": newer[uid][0], "transfer_id": newer[uid][1]}
             for uid, i in pending.items() if uid in newer and newer[uid][0] != i["sha256"]]
+
+
+def _named(taken: dict[str, tuple[str, str]], limit: int = 5) -> str:
+    """'UID (site SITE)', the first ``limit`` by UID: for the hub's log only."""
+    uids = sorted(taken)
+    named = ", ".join(f"{uid} (site {taken[uid][0]})" if taken[uid][0] else uid
+                      for uid in uids[:limit])
+    return named + (f" and {len(uids) - limit} more" if len(uids) > limit else "")
+
+
+def _another_site(row: Any, taken: dict[str, tuple[str, str]],
+                  expected: dict[str, Any]) -> CommitRefused:
+    """The commit's refusal of the instances whose UID another site archived with other
+    bytes (``taken``: UID -> (that site, its SHA-256), the site "" when not known here),
+    logged naming that site for regional ops; the answer names the UIDs only: telling a
+    hospital which other hospital holds an instance would tell it who treats that patient."""
+    count = len(taken)
+    log.warning("site %s: transfer %s: commit refused, %s not archived: another site "
+                "archived %s with other bytes: %s", row["site"], row["id"],
+                counted(count, "instance"),
+                "its SOP Instance UID" if count == 1 else "their SOP Instance UIDs",
+                _named(taken), extra={"SITE": row["site"]})
+    uids = sorted(taken)
+    return CommitRefused(
+        422, "another_site",
+        f"{counted(count, 'instance')} of this transfer {'is' if count == 1 else 'are'} not "
+        f"archived: another site already archived {'its' if count == 1 else 'their'} SOP "
+        "Instance UID" + ("" if count == 1 else "s") + " with other bytes, and the region "
+        "keeps that site's version (a study imported with its UIDs kept and its contents "
+        "changed, or a modality reusing UIDs); nothing more of this transfer is archived, "
+        "regional ops see which site in the hub's log: " + ", ".join(uids[:5])
+        + (f" and {count - 5} more" if count > 5 else ""),
+        another_site=[{"sop_instance_uid": uid, "sha256": expected[uid]["sha256"]}
+                      for uid in uids])
 
 
 def _check(ready: list[str], expected: dict[str, Any], numbers: dict[str, int],

@@ -281,15 +281,42 @@ def set_receipt(db: Database, transfer_id: str, receipt: dict[str, Any]) -> bool
         return True
 
 
-def record_archived(db: Database, transfer_id: str, pairs: list[tuple[str, str]]) -> None:
-    """Instances (SOP Instance UID, SHA-256) the regional archive confirmed; one transaction
-    per batch, repeats kept as they were."""
+def record_archived(db: Database, transfer_id: str, site: str,
+                    pairs: list[tuple[str, str]]) -> None:
+    """Instances (SOP Instance UID, SHA-256) the regional archive confirmed for a transfer of
+    ``site``; one transaction per batch, repeats kept as they were. In the same one, each
+    UID's row of ``archived_by_site`` (hub schema 14) takes the SHA-256 ``site`` archived
+    last: what :func:`archived_by_other_sites` reads before another site's batch."""
     if not pairs:
         return
     with db.transaction() as conn:
         conn.executemany("INSERT OR IGNORE INTO archived_instances (transfer_id, "
                          "sop_instance_uid, sha256, archived_at) VALUES (?, ?, ?, ?)",
                          [(transfer_id, uid, sha, now()) for uid, sha in pairs])
+        conn.executemany("INSERT INTO archived_by_site (sop_instance_uid, site, sha256) "
+                         "VALUES (?, ?, ?) ON CONFLICT (sop_instance_uid, site) DO UPDATE "
+                         "SET sha256 = excluded.sha256 WHERE sha256 != excluded.sha256",
+                         [(uid, site, sha) for uid, sha in pairs])
+
+
+def archived_by_other_sites(db: Database, site: str, pairs: dict[str, str]
+                            ) -> dict[str, tuple[str, str]]:
+    """SOP Instance UID -> (site, SHA-256) for each UID of ``pairs`` (UID -> the SHA-256
+    about to be archived) that a site other than ``site`` archived last with other bytes
+    (the first such site by name when several did). The same bytes from another site are
+    not in it (a prior, a study both sent). One key look-up per UID, 500 at a time."""
+    found: dict[str, tuple[str, str]] = {}
+    uids = list(pairs)
+    for start in range(0, len(uids), 500):
+        chunk = uids[start:start + 500]
+        for row in db.query(
+                "SELECT sop_instance_uid, site, sha256 FROM archived_by_site WHERE "
+                f"sop_instance_uid IN ({', '.join('?' * len(chunk))}) AND site != ? "
+                "ORDER BY site", (*chunk, site)):
+            uid = str(row["sop_instance_uid"])
+            if row["sha256"] != pairs[uid]:
+                found.setdefault(uid, (str(row["site"]), str(row["sha256"])))
+    return found
 
 
 def archived_instances(db: Database, transfer_id: str) -> dict[str, str]:

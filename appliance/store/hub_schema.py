@@ -196,4 +196,35 @@ HUB_MIGRATIONS: list[str] = [
     DELETE FROM archived_instances
         WHERE transfer_id IN (SELECT id FROM transfers WHERE receipt IS NOT NULL);
     """,
+    # 14: which site archived which SOP Instance UID, with the SHA-256 of the last version it
+    # archived (appliance.store.hub.record_archived, archived_by_other_sites). Before it any
+    # enrolled site could replace another site's instances in the region: a manifest naming
+    # UIDs site A archived, with B's own bytes, was archived (the embedded archive made B's
+    # the current version, an overwriting PACS replaced A's), and nothing asked whose UID it
+    # was. The hub now refuses a UID another site archived with other bytes. One row per
+    # (UID, site) for years: WITHOUT ROWID, the key is the look-up by UID (~150 bytes a row,
+    # the UID and the hex SHA-256 most of it). Backfilled from the receipts (commit order:
+    # the last version a site had receipted wins) and from what transfers not committed yet
+    # had archived ahead.
+    """
+    CREATE TABLE archived_by_site (
+        sop_instance_uid TEXT NOT NULL,
+        site TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        PRIMARY KEY (sop_instance_uid, site)
+    ) WITHOUT ROWID;
+    INSERT INTO archived_by_site (sop_instance_uid, site, sha256)
+    SELECT uid, site, sha256 FROM (
+        SELECT json_extract(j.value, '$.sop_instance_uid') AS uid, t.site AS site,
+               json_extract(j.value, '$.sha256') AS sha256, t.committed_at AS at,
+               t.rowid AS n, j.key AS k
+        FROM transfers t, json_each(t.receipt, '$.instances') j
+        WHERE t.receipt IS NOT NULL
+        UNION ALL
+        SELECT a.sop_instance_uid, t.site, a.sha256, a.archived_at, t.rowid, 0
+        FROM archived_instances a JOIN transfers t ON t.id = a.transfer_id
+        WHERE t.receipt IS NULL
+    ) WHERE uid IS NOT NULL AND sha256 IS NOT NULL ORDER BY at, n, k
+    ON CONFLICT (sop_instance_uid, site) DO UPDATE SET sha256 = excluded.sha256;
+    """,
 ]

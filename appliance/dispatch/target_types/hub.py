@@ -317,6 +317,18 @@ class HubTarget:
 
         self._forget_transfer(job, context, progress)
         error, transfer_id = body.get("error", "unprocessable"), progress["transfer_id"]
+        if error == "another_site":  # not a rebuild problem: the region refuses these UIDs
+            uids = sorted(str(e.get("sop_instance_uid")) for e in body.get("another_site") or []
+                          if isinstance(e, dict))
+            count = counted(len(uids), "instance") if uids else "some instances"
+            return PermanentError(
+                f"the region refuses {count} of study {job.study_uid}: another site already "
+                "archived those SOP Instance UIDs with other bytes (a study imported with its "
+                "UIDs kept and its contents changed, or a modality reusing UIDs), and the "
+                "region keeps that site's images; this study stays here, unconfirmed (never "
+                "evicted): contact regional ops, giving the study and these UIDs: "
+                f"{', '.join(uids[:5]) or body.get('detail')}"
+                + (f" and {len(uids) - 5} more" if len(uids) > 5 else ""))
         named = {str(m.get("sop_instance_uid")) for m in body.get("mismatch") or []
                  if isinstance(m, dict)}
         items = {item.sop_instance_uid: item for plan in plans for item, _o, _l in plan.entries}
