@@ -19,6 +19,9 @@ Found in review (2026-12-07):
   got an unasked AR (empty MSA-2) and a close, and took that AR for the answer to its next
   order, which was lost; meanwhile the connection counted as busy (never closed for a new
   one). Bytes outside a frame now leave the connection idle between messages.
+- up to ``hl7.max_message_kb`` (1 MiB) of bytes before a start block were read a byte at a
+  time without yielding: 8 connections sending 1 MiB of junk held an order on another one for
+  seconds. Now at most 4096 between frames, read as they come; more closes the connection.
 """
 
 from __future__ import annotations
@@ -315,6 +318,43 @@ def _send_all(sock: socket.socket, payload: bytes, outcome: list[BaseException])
         sock.sendall(payload)
     except OSError as exc:
         outcome.append(exc)
+
+
+def test_bytes_outside_frames_are_bounded(pas_mllp: PasProcess) -> None:
+    """4096 bytes between frames are skipped; connections each sending 1 MiB with no start
+    block were read on (a byte at a time, up to hl7.max_message_kb) and held open. Now each
+    is refused past 4096 bytes, logged, audited and closed, and another connection's order
+    sent meanwhile is answered AA."""
+    port = pas_mllp.hl7_port  # type: ignore[attr-defined]
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        sock.sendall(b"\r\n" * 2048 + SB + orm("JUNK1", "ORDJUNK1") + EB)
+        assert fields(read_blocks(sock, 1)[0])["MSA"][1:3] == ["AA", "JUNK1"]
+    junk = [socket.create_connection(("127.0.0.1", port), timeout=15) for _ in range(4)]
+    sources = {"{}:{}".format(*sock.getsockname()) for sock in junk}
+    outcome: list[BaseException] = []
+    senders = [threading.Thread(target=_send_all, args=(sock, b"A" * 1024 * 1024, outcome),
+                                daemon=True) for sock in junk]
+    try:
+        for sender in senders:
+            sender.start()
+        with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+            assert fields(exchange(sock, "JUNK2"))["MSA"][1:3] == ["AA", "JUNK2"]
+        for sock in junk:
+            assert closed_by_peer(sock)
+        for sender in senders:
+            sender.join(15)
+            assert not sender.is_alive()
+    finally:
+        for sock in junk:
+            sock.close()
+    reason = ("not MLLP-framed: no start block in the 4097 bytes after the last frame (at "
+              "most 4096 between frames)")
+    log = pas_mllp.log()
+    assert all(f"HL7 from {source} refused: {reason}" in log for source in sources), log[-3000:]
+    rows = json.loads(pas_mllp.cli("audit", "--event", "hl7", "--json").stdout)
+    assert sources <= {row["actor"] for row in rows if row["outcome"] == f"failure: {reason}"}
+    assert {"order:P700|HOSP|ORDJUNK1", "order:P700|HOSP|ORDJUNK2"} <= {
+        r["dedup_key"] for r in requests(pas_mllp)}
 
 
 def test_a_client_that_never_reads_its_acks_frees_its_slot(pas_factory: Any) -> None:

@@ -9,7 +9,9 @@ worker thread because it commits to SQLite before the ACK leaves. May not touch:
 Bytes between frames (the CR LF some engines send after the end block, a keep-alive byte)
 are skipped and logged: only the start block begins a message. They are a connection idle
 between messages (``hl7.idle_timeout_s``, closable for a new connection), not a message under
-way: the frame timer starts at the start block. A message with no start block
+way: the frame timer starts at the start block. At most :data:`MAX_BETWEEN_FRAMES` of them
+between two frames, read as they come (what is buffered at once, never a byte per turn of
+the event loop); past it the connection is refused and closed. A message with no start block
 (an end block met first), an end block followed by anything but CR, or one too large gets a
 NAK naming the problem and the connection is closed (the stream cannot be resynchronised). A
 start block inside a frame (the sender began again) drops the unfinished message before it.
@@ -73,6 +75,12 @@ _OLD_TLS = {"UNSUPPORTED_PROTOCOL", "VERSION_TOO_LOW", "NO_PROTOCOLS_AVAILABLE",
 
 START_BLOCK, END_BLOCK = b"\x0b", b"\x1c"
 FRAME_END = END_BLOCK + b"\r"
+
+# Bytes outside a frame tolerated between two frames (a CR LF per message, keep-alive bytes):
+# one more and the connection is refused and closed. It was hl7.max_message_kb (1 MiB) read a
+# byte at a time without yielding: 8 connections sending 1 MiB of junk each held a valid
+# order on another connection for seconds (invariants 7, 8; review 2026-12).
+MAX_BETWEEN_FRAMES = 4096
 
 
 class NotFramed(Exception):
@@ -363,13 +371,14 @@ class Hl7Listener:
     async def _to_start_block(self, reader: asyncio.StreamReader, source: str) -> bool:
         """Read up to and including the next start block; False at the end of stream.
 
-        The bytes before it are skipped one at a time (there are none, or a few: a frame
-        costs one extra read) and logged; hl7's ``readblock`` took them as the start of the
-        next block and refused a valid message. An end block met before any start block is
-        an unframed message: :class:`NotFramed`."""
+        The bytes before it are skipped and logged, at most :data:`MAX_BETWEEN_FRAMES`
+        (else :class:`NotFramed`), taken as they come: a wait for the next byte, then at
+        once every byte already buffered up to a start or end block (hl7's ``readblock``
+        took them as the start of the next block and refused a valid message). An end block
+        met before any start block is an unframed message: :class:`NotFramed`."""
         stray = bytearray()
         while True:
-            byte = await reader.read(1)
+            byte = await reader.read(1)  # waits, yielding, when nothing is buffered
             if byte == START_BLOCK:
                 break
             if not byte:
@@ -381,8 +390,13 @@ class Hl7Listener:
                 raise NotFramed("Block does not begin with Start Block character <VT> "
                                 f"(an end block after {len(stray)} bytes)", bytes(stray))
             stray += byte
-            if len(stray) > self.settings.max_message_kb * 1024:
-                raise NotFramed(f"no start block in {len(stray)} bytes")
+            run = _outside_frame(reader, MAX_BETWEEN_FRAMES + 1 - len(stray))
+            if run:
+                stray += await reader.readexactly(run)  # buffered: no wait
+            if len(stray) > MAX_BETWEEN_FRAMES:
+                raise NotFramed(f"no start block in the {len(stray)} bytes after the last "
+                                f"frame (at most {MAX_BETWEEN_FRAMES} between frames)",
+                                bytes(stray))
         if stray:
             log.warning("HL7 from %s: %d bytes before a start block skipped: %r", source,
                         len(stray), bytes(stray[:32]))
@@ -446,6 +460,17 @@ class Hl7Listener:
             self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread is not None:
             self._thread.join(timeout)
+
+
+def _outside_frame(reader: asyncio.StreamReader, most: int) -> int:
+    """How many of the bytes already buffered (``most`` at most) come before the next start
+    or end block: bytes outside a frame that may be consumed without waiting. Read from the
+    private buffer, as :func:`_buffered` does: a ``read`` would consume a start block too."""
+    buffered = reader._buffer  # noqa: SLF001
+    end = min(len(buffered), most)
+    cut = [at for at in (buffered.find(START_BLOCK, 0, end), buffered.find(END_BLOCK, 0, end))
+           if at != -1]
+    return min(cut, default=end)
 
 
 def _buffered(reader: asyncio.StreamReader) -> bytes:
