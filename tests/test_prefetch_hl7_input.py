@@ -34,6 +34,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+import hl7
 import pytest
 
 from tests.support.peers import PasProcess, pas_with_hl7
@@ -147,16 +148,69 @@ def test_the_declared_character_set_is_the_one_read(pas_input: PasProcess) -> No
     ("ISO-8859-1", "iso8859-1", ""), ("windows-1252", "cp1252", ""),
     ("base64", "utf-8", "base64"), ("UNICODE UTF-16", "utf-8", "UNICODE UTF-16"),
     ("utf-16", "utf-8", "utf-16"), ("EBCDIC", "utf-8", "EBCDIC"),
+    ("idna", "utf-8", "idna"), ("punycode", "utf-8", "punycode"), ("UTF-7", "utf-8", "UTF-7"),
+    ("cp037", "utf-8", "cp037"), ("utf-8-sig", "utf-8", "utf-8-sig"),
+    ("shift_jis", "shift_jis", ""), ("GB 18030-2000", "gb18030", ""),
 ])
 def test_msh_18_names_the_codec(declared: str, codec: str, unknown: str) -> None:
     """Table 0211 names, the names engines write instead, and what cannot be read (a codec
-    that is no text encoding, one whose MLLP bytes are not ASCII): ``hl7.encoding``, named
-    for the log."""
+    that is no text encoding; one whose ASCII bytes are not ASCII, or are not written back
+    as ASCII: UTF-16, UTF-7, EBCDIC, a BOM; one that cannot replace invalid bytes: idna):
+    ``hl7.encoding``, named for the log."""
     from appliance.prefetch.messages import message_encoding
 
     block = orm("CS9", "ORDCS9", msh_tail=f"||||||{declared}").encode()
     assert message_encoding(block, "utf-8") == (codec, unknown)
     assert message_encoding(b"\r\n" + block, "utf-8") == (codec, unknown)  # a blank line first
+
+
+def test_a_charset_that_cannot_carry_hl7_is_read_in_the_site_s_own(
+        pas_input: PasProcess) -> None:
+    """MSH-18 ``idna`` (its decoder has no "replace": the connection was dropped, no ACK, no
+    audit row), ``UTF-7`` (the ACK went out as ``MSH|^+AH4AXA&|...``) and ``cp037`` (EBCDIC:
+    the ACK went back in EBCDIC): each is an MSH-18 not read, as an unknown one is: logged,
+    the message read in ``hl7.encoding``, ACKed AA in ASCII with MSH-18 empty, stored."""
+    names = {"CX1": "idna", "CX2": "UTF-7", "CX3": "cp037"}
+    acks = exchange(pas_input, b"".join(
+        SB + orm(control, f"ORD{control}", msh_tail=f"||||||{name}").encode() + EB
+        for control, name in names.items()), answers=3)
+    assert len(acks) == 3, acks
+    for (control, name), ack in zip(names.items(), acks, strict=True):
+        assert ack.isascii() and ack.startswith(b"MSH|^~\\&|PAS|"), ack
+        parsed = hl7.parse(ack.decode("ascii"))
+        assert (str(parsed["MSA.F1"]), str(parsed["MSA.F2"])) == ("AA", control), ack
+        assert ack.split(b"\r")[0].split(b"|")[17:18] in ([], [b""]), ack  # MSH-18: ASCII
+        assert request(pas_input, f"ORD{control}")["accession_number"] == f"ACCORD{control}"
+        assert f"MSH-18 character set {name!r} unknown, read as utf-8" in pas_input.log()
+
+
+def test_hex_escapes_are_bytes_of_the_set_the_message_was_read_in(tmp_path: Any) -> None:
+    """``P\\XE9\\1`` is ``Pé1`` at a site whose ``hl7.encoding`` is Latin-1 (MSH-18 empty),
+    and in a message declaring ``8859/1``; at a UTF-8 site, or in a message declaring UTF-8,
+    the lone byte E9 is refused by name. It was read as UTF-8 whatever the site's set: a
+    Latin-1 site's order was refused AE 102 "not utf-8 bytes"."""
+    from appliance.prefetch import orders
+    from appliance.prefetch.charsets import default_codec
+    from appliance.store import prefetch as store
+    from appliance.store.db import Database
+
+    db = Database(tmp_path / "pas.sqlite")
+
+    def answer(control: str, patient: str, encoding: str, msh_tail: str = "") -> str:
+        text = orm(control, f"ORD{control}", patient=f"{patient}^^^HOSP", msh_tail=msh_tail)
+        return orders.handle(db, text, "test", lambda _: 0.0, encoding=encoding)[0]
+
+    assert "MSA|AA|XL1" in answer("XL1", "P\\XE9\\1", "iso8859-1")
+    assert "MSA|AA|XL2" in answer("XL2", "P\\XE9\\2", "utf-8", "||||||8859/1")
+    assert "MSA|AA|XL3" in answer("XL3", "P\\XC3A9\\3", "utf-8")
+    assert "MSA|AA|XL4" in answer("XL4", "P\\XC3A9\\4", "iso8859-1", "||||||UNICODE UTF-8")
+    for control, encoding, tail in [("XL5", "utf-8", ""), ("XL6", "iso8859-1", "||||||UTF-8")]:
+        nak = answer(control, "P\\XE9\\5", encoding, tail)
+        assert f"MSA|AE|{control}|PID-3 'P\\E\\XE9\\E\\5': \\E\\XE9\\E\\: not utf-8 bytes" \
+            in nak, nak
+    assert sorted(r["patient_id"] for r in store.list_requests(db)) == \
+        ["Pé1", "Pé2", "Pé3", "Pé4"]
+    assert default_codec() == "utf-8"  # the site's set is the call's, not left behind
 
 
 def test_escape_sequences_are_read_or_refused_by_name(pas_input: PasProcess) -> None:

@@ -49,7 +49,7 @@ from typing import Any
 
 import hl7
 
-from appliance.prefetch.charsets import message_encoding
+from appliance.prefetch.charsets import default_codec, message_encoding
 from appliance.store.prefetch import request_key
 
 SUPPORTED = {("ORM", "O01"), ("OMI", "O23"), ("OMG", "O19"), ("SIU", "S12"), ("SIU", "S13"),
@@ -174,7 +174,8 @@ def _field(message: hl7.Message, path: str) -> str:
 def _unescape(message: hl7.Message, raw: str) -> str:
     """HL7 escape sequences of an identifier or code (v2.5 section 2.7): the delimiters
     (``\\F\\ \\S\\ \\T\\ \\R\\ \\E\\``), bytes in hex (``\\X41\\``, in the message's character
-    set); highlighting (``\\H\\ \\N\\``) dropped. Anything else, an escape character
+    set: MSH-18's, else ``hl7.encoding``, :func:`~appliance.prefetch.charsets.site_default`;
+    it was UTF-8); highlighting (``\\H\\ \\N\\``) dropped. Anything else, an escape character
     not closed included, is a :class:`ValueError` naming it: guessed, two identifiers would
     become one."""
     escape = message.esc
@@ -196,7 +197,7 @@ def _unescape(message: hl7.Message, raw: str) -> str:
             continue
         elif re.fullmatch(r"X(?:[0-9A-Fa-f]{2})+", part):
             codec = message_encoding(str(message.segment("MSH")).encode("ascii", "replace"),
-                                     "utf-8")[0]
+                                     default_codec())[0]
             try:
                 text.append(bytes.fromhex(part[1:]).decode(codec))
             except UnicodeDecodeError:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 from appliance.prefetch.acks import build_ack, field_or_empty, msh_alone
+from appliance.prefetch.charsets import site_default
 from appliance.prefetch.merges import interpret_merges, is_correction, is_merge
 from appliance.prefetch.messages import (
     NotUsed,
@@ -36,17 +37,26 @@ log = logging.getLogger("pas.prefetch")
 def handle(db: Database, text: str, source: str,
            due_at: Callable[[float | None], float],
            site_issuers: Collection[str] = (),
-           processing_ids: Collection[str] = ("P",)) -> tuple[str, bool]:
+           processing_ids: Collection[str] = ("P",),
+           encoding: str = "utf-8") -> tuple[str, bool]:
     """The ACK for one HL7 message, and whether a request was scheduled (the scheduler is
     then woken). ``due_at``: when a request for an exam at that time is due. A resent
     message is recognised and ACKed again, changing nothing; a refused one is audited and
     NAKed with the reason; an internal error is still answered (AE), never left hanging.
     ``site_issuers``: which PID-3 repetition is the patient's (:func:`messages.interpret`);
-    ``processing_ids``: the MSH-11 values acted on (``hl7.processing_ids``).
+    ``processing_ids``: the MSH-11 values acted on (``hl7.processing_ids``); ``encoding``:
+    ``hl7.encoding``, the set ``text`` was decoded with when its MSH-18 names none read,
+    hence its ``\\Xhh\\`` escapes' too (they were read as UTF-8 whatever the site's set).
 
     An ORM/OMI/OMG of several order groups is one ACK and one transaction: each group
     schedules or cancels its own request (its order number and requested procedure), or, one
     group refused, none does."""
+    with site_default(encoding):
+        return _handle(db, text, source, due_at, site_issuers, processing_ids)
+
+
+def _handle(db: Database, text: str, source: str, due_at: Callable[[float | None], float],
+            site_issuers: Collection[str], processing_ids: Collection[str]) -> tuple[str, bool]:
     message = None
     try:
         message = parse_message(text)
