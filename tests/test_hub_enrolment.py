@@ -248,6 +248,46 @@ def test_a_certificate_from_another_ca_fails_the_handshake(hub: HubProcess,
         assert http.get("/api/v1/whoami").json() == {"site": "CHU-SUD"}
 
 
+def test_refusals_of_unauthenticated_requests_are_logged_once_a_minute(
+        hub: HubProcess, tmp_path: Path) -> None:
+    """Anyone who reaches the hub may ask to enrol or start a handshake, and each refusal
+    was a WARNING line of the journal, the hub's only record of its tokens and revocations
+    (200 bad enrolments: 200 lines; a security review, 2026-12-07). Now the first is said,
+    then one line a minute per source and kind (per alert and certificate for a handshake),
+    with how many; every request is still refused."""
+    said = "enrolment refused: body is not {token, csr_pem} JSON"
+    before = hub.log().count(said)
+    with httpx.Client(base_url=hub.url, verify=hub.anonymous_context()) as http:
+        answers = [http.post("/enroll", content=b"not json").status_code for _ in range(30)]
+    assert answers == [400] * 30
+    assert hub.log().count(said) - before <= 1  # 30 before
+    assert said in hub.log()
+
+    other = HubPKI(tmp_path / "forger")
+    other.init()
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "CHU-FLOOD")]))
+           .sign(key, hashes.SHA256()))
+    (tmp_path / "c.crt").write_bytes(
+        other.sign_csr(csr.public_bytes(serialization.Encoding.PEM), "CHU-FLOOD").pem)
+    (tmp_path / "c.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    context = hub.anonymous_context()
+    context.load_cert_chain(tmp_path / "c.crt", tmp_path / "c.key")
+    for _ in range(20):
+        with (httpx.Client(base_url=hub.url, verify=context) as http,
+              pytest.raises(httpx.TransportError)):
+            http.get("/api/v1/whoami")
+    refused = re.compile(r"TLS handshake refused \(alert \w+\); client certificate: subject "
+                         r"CN=CHU-FLOOD")
+    wait_for(lambda: refused.search(hub.log()), 10, what="the first refusal logged")
+    with client(enroll(hub, tmp_path / "real", "CHU-AFTER")) as http:  # said after the 20
+        assert http.get("/api/v1/whoami").json() == {"site": "CHU-AFTER"}
+    assert len(refused.findall(hub.log())) == 1
+
+
 def test_revocation_applies_at_once_even_on_an_open_connection(
         hub: HubProcess, tmp_path: Path) -> None:
     enrolment = enroll(hub, tmp_path / "site", "REVOKED")

@@ -33,6 +33,7 @@ from starlette.routing import BaseRoute, Route
 
 from appliance.hub.config import HubSettings
 from appliance.hub.dashboard_auth import DashboardGuard, DashboardRefusals, guarded, parse_hash
+from appliance.hub.fleet_gate import PacedWarnings
 from appliance.hub.fleet_refused import RefusedCertificates
 from appliance.hub.pki import HubPKI, PKIError, certificate_identity, secret_digest, utc_text
 from appliance.hub.transfer_metrics import TransferCounters
@@ -228,23 +229,36 @@ def enrolment_routes(hub: Hub) -> list[BaseRoute]:
         """The fleet CA certificate (PEM), for the enrolment's CAFP check."""
         return Response(hub.pki.ca_pem(), media_type="application/x-pem-file")
 
+    refusals = PacedWarnings()
+
+    def refused(request: Request, kind: str, words: str, *args: Any,
+                extra: dict[str, Any] | None = None) -> None:
+        """Log a refused enrolment, once a minute at most per source and kind (anyone who
+        reaches the hub may ask, and each refusal was a line of the journal)."""
+        source = request.client.host if request.client else "?"
+        said = refusals.due(f"{source} {kind}")
+        if said is None:
+            return
+        more = f" ({said} such refusals from {source} since the last line)" if said > 1 else ""
+        log.warning(words + more, *args, extra=extra)
+
     async def enroll(request: Request) -> Response:
         """Spend a one-time token: sign the CSR, answer cert, CA, transfer key."""
         try:
             raw = await read_body_limited(request, MAX_ENROL_BYTES, "enrolment request")
         except BodyTooLarge as exc:
-            log.warning("enrolment refused: %s", exc)
+            refused(request, "too large", "enrolment refused: %s", exc)
             return exc.response
         try:
             body = json.loads(raw)
             token, csr_pem = str(body["token"]), str(body["csr_pem"])
         except (ValueError, RecursionError, KeyError, TypeError):  # Recursion: too deep
-            log.warning("enrolment refused: body is not {token, csr_pem} JSON")
+            refused(request, "not JSON", "enrolment refused: body is not {token, csr_pem} JSON")
             return problem(400, "bad_request", 'body must be JSON {"token": ..., "csr_pem": ...}')
         try:
             site, secret, cafp = parse_token(token)
         except EnrolmentError as exc:
-            log.warning("enrolment refused: %s", exc)
+            refused(request, "bad token", "enrolment refused: %s", exc)
             return problem(403, "bad_token", str(exc))
         digest = secret_digest(secret)
         token_id = hub.pki.token_id(digest)
@@ -252,15 +266,15 @@ def enrolment_routes(hub: Hub) -> list[BaseRoute]:
         row = store.enrol_token(hub.db, digest)
         if (cafp != hub.pki.ca_fingerprint() or row is None or row["site"] != site
                 or row["used_at"] is not None):
-            log.warning("enrolment refused for site %s: unknown or used token (token %s)",
-                        site, token_id, extra=fields)
+            refused(request, "unknown token", "enrolment refused for site %s: unknown or used "
+                    "token (token %s)", site, token_id, extra=fields)
             return problem(403, "bad_token", "unknown, already used or foreign token")
         if row["expires_at"] <= time.time():
             # Said plainly, with when: the holder has the secret, so the date tells them
             # nothing they could not ask for; what they need is a new token, not a guess.
             expired = utc_text(row["expires_at"])
-            log.warning("enrolment refused for site %s: token %s expired at %s", site,
-                        token_id, expired, extra=fields)
+            refused(request, "expired token", "enrolment refused for site %s: token %s expired "
+                    "at %s", site, token_id, expired, extra=fields)
             return problem(403, "token_expired",
                            f"this enrolment token of site {site} expired at {expired}: ask "
                            f"regional ops for a new one (pas hub token {site})",
@@ -268,7 +282,8 @@ def enrolment_routes(hub: Hub) -> list[BaseRoute]:
         try:
             issued = hub.pki.sign_csr(csr_pem.encode(), site)
         except PKIError as exc:
-            log.warning("enrolment refused for site %s: %s", site, exc, extra=fields)
+            refused(request, "bad CSR", "enrolment refused for site %s: %s", site, exc,
+                    extra=fields)
             return problem(400, "bad_csr", str(exc))
         result = await run_in_threadpool(
             store.use_token, hub.db, digest, site,

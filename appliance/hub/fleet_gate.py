@@ -31,7 +31,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from appliance.config_sections import OpsSection
 from appliance.words import counted
@@ -79,6 +79,33 @@ class LogPace:
         said, self.unsaid, self.said_at = self.unsaid, 0, at
         return said
 
+
+
+# Keys a PacedWarnings remembers at most; past it they are forgotten all at once (a flood
+# from ever new keys is then said once a minute per key at worst, as before the bound).
+PACED_KEYS = 4096
+
+
+@dataclass
+class PacedWarnings:
+    """Warnings about requests nobody authenticated (a refused enrolment, a refused TLS
+    handshake), paced per key (its source address, its alert): the first at once, then one
+    line a minute at most per key, saying how many were refused meanwhile.
+
+    Why: each was one WARNING line, and anyone who reaches the hub (every hospital of the
+    region, by design) could write a line per request into the journal, the hub's only
+    record of the tokens it issued and the sites it revoked (200 bad enrolments: 200 lines;
+    a security review, 2026-12-07)."""
+
+    _paces: dict[str, LogPace] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def due(self, key: str) -> int | None:
+        """Count one refusal of ``key``: how many the line due now says, else None."""
+        with self._lock:
+            if key not in self._paces and len(self._paces) >= PACED_KEYS:
+                self._paces.clear()
+            return self._paces.setdefault(key, LogPace()).count(time.monotonic())
 
 @dataclass
 class _Site:

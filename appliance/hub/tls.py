@@ -27,6 +27,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from appliance.hub.config import HubHttpSection
+from appliance.hub.fleet_gate import PacedWarnings
 from appliance.hub.pki import HubPKI
 
 log = logging.getLogger("pas.hub.tls")
@@ -121,6 +122,7 @@ ALERTS = {40: "handshake_failure", 42: "bad_certificate", 43: "unsupported_certi
           48: "unknown_ca", 51: "decrypt_error", 70: "protocol_version",
           116: "certificate_required"}
 _presented: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+_refusals = PacedWarnings()
 
 
 def _log_refusals(conn: Any, direction: str, _version: Any, content_type: Any, msg_type: Any,
@@ -137,8 +139,14 @@ def _log_refusals(conn: Any, direction: str, _version: Any, content_type: Any, m
             _presented[conn] = _first_certificate(data)
         elif direction == "write" and int(content_type) == 21 and len(data) >= 2 \
                 and data[1] in ALERTS:
-            log.warning("TLS handshake refused (alert %s); client certificate: %s",
-                        ALERTS[data[1]], _presented.get(conn, "none seen"))
+            # Once a minute at most per alert and certificate: anyone may start a handshake,
+            # and each was a line of the journal.
+            presented = _presented.get(conn, "none seen")
+            said = _refusals.due(f"{ALERTS[data[1]]} {presented}")
+            if said is not None:
+                more = f" ({said} refused since the last line)" if said > 1 else ""
+                log.warning("TLS handshake refused (alert %s); client certificate: %s%s",
+                            ALERTS[data[1]], presented, more)
     except Exception:  # noqa: BLE001 - a logging hook must not break TLS
         return
 
