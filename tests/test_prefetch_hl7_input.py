@@ -385,3 +385,17 @@ def test_a_letter_among_the_delimiters_is_refused_by_name(pas_input: PasProcess)
     (nak,) = exchange(pas_input, SB + ordered.encode() + EB)
     assert b"|AR|" in nak and b"'1' cannot be one" in nak, nak
     assert not [r for r in requests(pas_input) if r["dedup_key"].endswith("|ORDDL2")]
+
+
+def test_a_latin_1_site_reads_hex_escapes_as_latin_1(tmp_path: Any) -> None:
+    """``hl7.encoding = "iso8859-1"`` and MSH-18 empty: ``P\\XE9\\1`` is ``Pé1``. The daemon
+    read ``\\Xhh\\`` as UTF-8 whatever the site's encoding, and refused it AE 102 ("not
+    utf-8 bytes"; a review, 2026-12-07): the order and its priors were lost."""
+    pas = pas_with_hl7(tmp_path, PAS_HL7__ENCODING="iso8859-1")
+    try:
+        message = orm("XL9", "ORDXL9", patient="P\\XE9\\9^^^HOSP^MR")
+        (ack,) = exchange(pas, SB + message.encode() + EB)
+        assert b"MSA|AA|XL9" in ack, ack
+        assert request(pas, "ORDXL9")["patient_id"] == "Pé9"
+    finally:
+        pas.stop()

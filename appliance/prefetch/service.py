@@ -90,7 +90,8 @@ class PrefetchService:
         request is committed before the ACK exists, so an ACKed order is never lost."""
         ack, scheduled = orders.handle(self.db, text, source, self._due_at,
                                        self.config.issuer_map.keys(),
-                                       self.settings.hl7.processing_ids)
+                                       self.settings.hl7.processing_ids,
+                                       encoding=self.settings.hl7.encoding)
         if scheduled:
             self.wake.set()
         return ack
