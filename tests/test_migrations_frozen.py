@@ -60,6 +60,7 @@ FROZEN_HUB_MIGRATIONS = [
     "54dbb2787118544d",  # 11
     "d49b74b177b2fbfe",  # 12
     "d2962464fe35445f",  # 13
+    "f07e3b6233313d95",  # 14
 ]
 
 
