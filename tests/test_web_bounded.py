@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -52,6 +54,42 @@ def test_connections_beyond_the_bound_and_requests_never_finished_are_closed(
         assert "closed: no whole request within http.request_timeout_s (2 s)" in pas.log()
     finally:
         for sock in held:
+            sock.close()
+        pas.stop()
+
+
+def test_over_https_a_connection_that_never_begins_its_handshake_is_closed(
+        tmp_path: Path) -> None:
+    """``serving.tls_cert``: asyncio hands a connection to the protocol only once its TLS
+    handshake is done, and waited 60 s for it (security review, 2026-12-07): TCP connections
+    that sent nothing were neither counted nor timed. Now the handshake is bounded by
+    ``http.request_timeout_s``, said in the log; a viewer is served beside them. (Counted
+    as accepted, one beyond ``http.max_connections`` closed at once: the same code, proven
+    on the hub's port, tests/test_hub_http_bounds.py.)"""
+    from tests.test_serving_dicomweb import _issue, _write
+
+    ca_key, ca_cert = _issue("viewers CA", None, None, ca=True)
+    ca_crt, _ = _write(tmp_path, "ca", ca_key, ca_cert)
+    server = _write(tmp_path, "server", *_issue("pas", ca_key, ca_cert.subject, ip="127.0.0.1"))
+    pas = PasProcess(tmp_path / "pas", {
+        "PAS_SERVING__AUTH": "bearer", "PAS_SERVING__BEARER_TOKENS": '["t0ken"]',
+        "PAS_SERVING__TLS_CERT": server[0], "PAS_SERVING__TLS_KEY": server[1],
+        "PAS_HTTP__MAX_CONNECTIONS": "8", "PAS_HTTP__REQUEST_TIMEOUT_S": "2"}).start()
+    silent: list[socket.socket] = []
+    try:
+        trusted = ssl.create_default_context(cafile=ca_crt)
+        base = f"https://127.0.0.1:{pas.http_port}"
+        silent = [socket.create_connection(("127.0.0.1", pas.http_port), timeout=10)
+                  for _ in range(3)]
+        with httpx.Client(base_url=base, verify=trusted, timeout=10) as viewer:
+            assert viewer.get("/healthz").status_code == 200
+        # Far longer than the bound: closed by it, not by asyncio's 60 s.
+        assert all(closed_by_peer(sock, 30) for sock in silent)
+        wait_for(lambda: "closed: no TLS handshake within http.request_timeout_s (2 s)"
+                 in pas.log(), 10, what="the handshake bound's line")
+        assert httpx.get(base + "/healthz", verify=trusted, timeout=10).status_code == 200
+    finally:
+        for sock in silent:
             sock.close()
         pas.stop()
 

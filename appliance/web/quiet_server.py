@@ -10,12 +10,20 @@ the largest share of the 11 % an idle ``pas run`` used; the test suite runs seve
 daemons at any time on two cores. Here the loop waits up to a second, and a stop (``stop()``
 from another thread, or the signal uvicorn's own handler takes under ``pas hub run``) wakes
 it at once: stopping is no slower than before.
+
+And the port's bounds before the TLS handshake (appliance/web/bounded.py): uvicorn's
+``startup`` opens the port with ``loop.create_server`` and offers no hook for the listening
+socket or ``ssl_handshake_timeout``. When the protocol carries ``port_bounds``, that one
+call goes through :meth:`~appliance.web.bounded.PortBounds.create_server` (this server's own
+loop, for the call only); a uvicorn that opened its port otherwise fails the start, rather
+than serve unbounded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from types import FrameType
 
 import uvicorn
@@ -28,6 +36,23 @@ class QuietServer(uvicorn.Server):
 
     _loop: asyncio.AbstractEventLoop | None = None
     _stop_asked: asyncio.Event | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        bounds = getattr(self.config.http_protocol_class, "port_bounds", None)
+        if bounds is None:
+            await super().startup(sockets)
+            return
+        loop = asyncio.get_running_loop()
+        loop.create_server = bounds.create_server(loop.create_server)  # type: ignore[method-assign]
+        try:
+            await super().startup(sockets)
+        finally:
+            del loop.create_server
+        if self.started and sockets and not bounds.listening:
+            for server in self.servers:
+                server.close()
+            raise RuntimeError("uvicorn opened its port without loop.create_server: "
+                               "http.max_connections could not count connections as accepted")
 
     async def main_loop(self) -> None:
         self._stop_asked = asyncio.Event()
