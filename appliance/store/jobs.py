@@ -16,6 +16,7 @@ from typing import Any
 
 from appliance.store import audit, awaiting_hub
 from appliance.store.db import Database, now
+from appliance.store.job_order import holding_back
 
 
 @dataclass(frozen=True)
@@ -113,93 +114,6 @@ def _drop_superseded(conn: sqlite3.Connection, destination: str, new_job: int,
 _JOB_SELECT = """SELECT j.*, s.study_uid FROM jobs j JOIN studies s ON s.id = j.study_fk"""
 
 
-def _holding_back(job: str) -> str:
-    """SQL ``FROM ... WHERE ...`` over the jobs (``other``) that hold back the job aliased
-    ``job`` (see :func:`claim_next`), with two parameters: now, now. Shared by the claim,
-    which skips such a job, and :func:`list_jobs`, which says what it waits for: a job held
-    back showed as pending and due, with no reason, while it did not start."""
-    return f"""FROM jobs other WHERE other.id != {job}.id
-            AND ((other.study_fk = {job}.study_fk
-                  AND ((other.destination = {job}.destination
-                        AND ((other.state = 'running' AND other.lease_until >= ?)
-                             OR ({job}.kind = 'hub' AND other.id < {job}.id
-                                 AND other.state IN ('pending', 'running'))))
-                       OR ({job}.kind != 'hub' AND {_HUB_ASKS_FIRST})))
-                 OR ({job}.kind != 'hub' AND other.study_fk != {job}.study_fk
-                     AND other.destination = {job}.destination
-                     AND other.state = 'running' AND other.lease_until >= ?
-                     AND {_OTHER_VERSION_THERE.format(job=job)})
-                 OR ({job}.kind = 'hub' AND other.id IN ({_EARLIER_HUB_VERSION.format(job=job)})
-                     AND other.kind = 'hub' AND other.study_fk != {job}.study_fk
-                     AND other.destination = {job}.destination AND other.id < {job}.id
-                     AND +other.state IN ('pending', 'running')))"""
-
-
-# A job being sent to the same node from another study that holds another version of one of
-# this job's unsent instances (a correction that moved an instance to another study, same
-# SOP Instance UID): that job may still send its version (its list of instances was read
-# when its attempt began; routing this one took the stale version out of its rows only), so
-# this one waits, as a delta of the same study does, and its version arrives last.
-_OTHER_VERSION_THERE = """EXISTS (
-    SELECT 1 FROM job_instances mine_ji
-    JOIN instances mine ON mine.id = mine_ji.instance_fk
-    JOIN instances theirs ON theirs.sop_instance_uid = mine.sop_instance_uid
-                         AND theirs.id != mine.id
-    WHERE mine_ji.job_id = {job}.id AND mine_ji.sent_at IS NULL
-      AND theirs.study_fk = other.study_fk)"""
-
-
-# A hub job also waits for every earlier hub job to its destination, of ANOTHER study,
-# pending or running, that holds (unsent) another version of one of its unsent instances (a
-# correction that moved an instance to another study, same SOP Instance UID): as it waits for
-# the earlier hub jobs of its own study, and for the same reason. A transfer's manifest is
-# fixed once it began (routing cannot take the stale version out of it) and the region keeps
-# the version it archived last: the correction, committed first beside an earlier job in
-# backoff, was followed by the stale version (until 2026-12-07). A hub job's instance is
-# "sent" once a receipt named it (or the region's holdings statement settled it): until
-# then the earlier job may still commit its version.
-# Cheap on every claim: of two versions at most one is current, so one of the two jobs holds
-# a non-current version. Those (the UIDs of the non-current instances unsent in pending or
-# running hub jobs: ``jobs_ready``, ``instances_study``) are read once per statement; a job
-# whose study holds no version of one of them stops at ``gate``, and the others look from
-# those UIDs (``instances_sop``), never through their own instances (65,000 for a large
-# study); the jobs found are read by id (``+other.state``: not among every job queued). The
-# CROSS JOINs and the unary + keep SQLite on that order.
-_STALE_IN_HUB_JOBS = """SELECT stale.sop_instance_uid FROM jobs stale_job
-    JOIN instances stale ON stale.study_fk = stale_job.study_fk AND stale.is_current = 0
-    JOIN job_instances stale_ji ON stale_ji.job_id = stale_job.id
-                               AND stale_ji.instance_fk = stale.id
-    WHERE stale_job.kind = 'hub' AND stale_job.state IN ('pending', 'running')
-      AND stale_ji.sent_at IS NULL"""
-_EARLIER_HUB_VERSION = f"""SELECT theirs_ji.job_id
-    FROM (SELECT 1 WHERE {{job}}.study_fk IN (
-              SELECT involved.study_fk FROM instances involved
-              WHERE involved.sop_instance_uid IN ({_STALE_IN_HUB_JOBS})) LIMIT 1) gate
-    CROSS JOIN instances mine
-    CROSS JOIN job_instances mine_ji ON mine_ji.job_id = {{job}}.id
-                                    AND mine_ji.instance_fk = mine.id
-    JOIN instances theirs ON theirs.sop_instance_uid = mine.sop_instance_uid
-                         AND theirs.study_fk != mine.study_fk
-    JOIN jobs theirs_job ON theirs_job.study_fk = theirs.study_fk
-    JOIN job_instances theirs_ji ON theirs_ji.job_id = theirs_job.id
-                                AND theirs_ji.instance_fk = theirs.id
-    WHERE mine.sop_instance_uid IN ({_STALE_IN_HUB_JOBS})
-      AND +mine.study_fk = {{job}}.study_fk
-      AND mine_ji.sent_at IS NULL AND theirs_ji.sent_at IS NULL"""
-
-
-# A hub job of the study that will ask the holdings question (instances start-up recovery
-# adopted, not sent, no transfer begun, no answer yet: ``dispatch/hub_holdings.py``): the
-# study's other jobs wait for the answer, which says whether its instances are a prior (the
-# region's, from another site), never forwarded as a new study (:func:`confirm_held`).
-_HUB_ASKS_FIRST = """other.kind = 'hub' AND other.state IN ('pending', 'running')
-    AND json_extract(coalesce(other.progress, '{}'), '$.holdings') IS NULL
-    AND json_extract(coalesce(other.progress, '{}'), '$.transfer_id') IS NULL
-    AND EXISTS (SELECT 1 FROM job_instances oji JOIN instances oi ON oi.id = oji.instance_fk
-                WHERE oji.job_id = other.id AND oji.sent_at IS NULL
-                  AND oi.source_address = 'recovery')"""
-
-
 WORKER_DIED = "the worker died while sending it"
 _EXPIRED = f"'{WORKER_DIED} (its lease expired during attempt ' || attempts || ')'"
 
@@ -231,13 +145,13 @@ def claim_next(db: Database, owner: str, lease_s: float,
     A job to a local node also waits while a job of *another* study to that node is being
     sent that holds another version of one of its unsent instances (a correction that put
     the Study Instance UID right: the same instance, now another study's;
-    :data:`_OTHER_VERSION_THERE`). A job to the hub waits likewise, across studies, for
+    ``job_order._OTHER_VERSION_THERE``). A job to the hub waits likewise, across studies, for
     every earlier job to the hub still pending or running that holds another version of one
-    of its unsent instances (:data:`_EARLIER_HUB_VERSION`): a correction moved to another
+    of its unsent instances (``job_order._EARLIER_HUB_VERSION``): a correction moved to another
     study was committed before the first study's job, in backoff, archived the stale
     version after it.
     A job to another destination also waits while the study's hub job has the holdings
-    question to ask (:data:`_HUB_ASKS_FIRST`): its answer takes a prior's instances out of
+    question to ask (``job_order._HUB_ASKS_FIRST``): its answer takes a prior's instances out of
     it (:func:`confirm_held`)."""
     at = now()
     kind_filter = ""
@@ -264,7 +178,7 @@ def claim_next(db: Database, owner: str, lease_s: float,
     # link): the region keeps the version it archived last, and the earlier job's transfer
     # cannot drop its stale version (its manifest is fixed once it began); nor before an
     # earlier one of another study holding another version of one of its instances.
-    kind_filter += f" AND NOT EXISTS (SELECT 1 {_holding_back('jobs')})"
+    kind_filter += f" AND NOT EXISTS (SELECT 1 {holding_back('jobs')})"
     params.extend((at, at))
     with db.transaction() as conn:
         if max_attempts is not None:
@@ -488,7 +402,7 @@ def drop_replaced_versions(db: Database, job_id: int, new_transfer: bool) -> lis
     new one). Returns their SOP Instance UIDs.
 
     Why: a hub job's manifest is fixed once its transfer began (``_drop_superseded`` leaves
-    hub jobs alone), and the correction's own job waits behind it (``_holding_back``) but
+    hub jobs alone), and the correction's own job waits behind it (``job_order.holding_back``) but
     not behind a failed one: ``pas queue retry`` of that job, after the correction went up,
     sent the stale version last and the region took it as the newer one. A transfer begun
     whose correction has not gone up yet keeps its versions: sent first, they are followed
@@ -588,7 +502,7 @@ def _not_forwarded(conn: sqlite3.Connection, study_uid: str, priors: list[int],
     """Take a prior's instances out of the study's jobs to other destinations (a local node,
     a STOW-RS archive) not yet running: never forwarded as a new study of this site, as
     they were not before the index was lost (prefetch files them routed). Those jobs waited
-    for the hub's answer (:data:`_HUB_ASKS_FIRST`); one left with nothing to send is done,
+    for the hub's answer (``job_order._HUB_ASKS_FIRST``); one left with nothing to send is done,
     saying why."""
     jobs = [int(r[0]) for r in conn.execute(
         "SELECT j.id FROM jobs j JOIN studies s ON s.id = j.study_fk WHERE s.study_uid = ? "
@@ -625,7 +539,7 @@ def list_jobs(db: Database, state: str | None = None, limit: int = 200, *,
                    (SELECT count(*) FROM job_instances ji WHERE ji.job_id = j.id
                       AND ji.sent_at IS NOT NULL) AS sent,
                    CASE WHEN j.state = 'pending'
-                        THEN (SELECT min(other.id) {_holding_back('j')}) END AS waits_for_job
+                        THEN (SELECT min(other.id) {holding_back('j')}) END AS waits_for_job
             FROM jobs j JOIN studies s ON s.id = j.study_fk
             {where} ORDER BY j.id DESC LIMIT ?""",
         (now(), now(), *params, limit),
