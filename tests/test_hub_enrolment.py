@@ -218,21 +218,28 @@ def test_no_client_certificate_is_401_but_enrolment_routes_answer(hub: HubProces
     assert "no client certificate" in hub.log()
 
 
-def test_a_certificate_from_another_ca_fails_the_handshake(hub: HubProcess,
-                                                           tmp_path: Path) -> None:
+def _another_cas_client(hub: HubProcess, tmp_path: Path, site: str) -> ssl.SSLContext:
+    """A client context trusting ``hub`` and presenting a certificate for ``site`` that
+    another hub's CA issued (same issuer name as the real CA: a forger's best try)."""
     other = HubPKI(tmp_path / "other")
     other.init()
     key = ec.generate_private_key(ec.SECP256R1())
     csr = (x509.CertificateSigningRequestBuilder()
-           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "CHU-NORD")]))
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, site)]))
            .sign(key, hashes.SHA256()))
-    issued = other.sign_csr(csr.public_bytes(serialization.Encoding.PEM), "CHU-NORD")
-    (tmp_path / "c.crt").write_bytes(issued.pem)
+    (tmp_path / "c.crt").write_bytes(
+        other.sign_csr(csr.public_bytes(serialization.Encoding.PEM), site).pem)
     (tmp_path / "c.key").write_bytes(key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()))
     context = hub.anonymous_context()
     context.load_cert_chain(tmp_path / "c.crt", tmp_path / "c.key")
+    return context
+
+
+def test_a_certificate_from_another_ca_fails_the_handshake(hub: HubProcess,
+                                                           tmp_path: Path) -> None:
+    context = _another_cas_client(hub, tmp_path, "CHU-NORD")
     with (httpx.Client(base_url=hub.url, verify=context) as http,
           pytest.raises(httpx.TransportError)):
         # TLS 1.3: the server verifies the client's certificate after the client's side of the
@@ -263,19 +270,7 @@ def test_refusals_of_unauthenticated_requests_are_logged_once_a_minute(
     assert hub.log().count(said) - before <= 1  # 30 before
     assert said in hub.log()
 
-    other = HubPKI(tmp_path / "forger")
-    other.init()
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (x509.CertificateSigningRequestBuilder()
-           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "CHU-FLOOD")]))
-           .sign(key, hashes.SHA256()))
-    (tmp_path / "c.crt").write_bytes(
-        other.sign_csr(csr.public_bytes(serialization.Encoding.PEM), "CHU-FLOOD").pem)
-    (tmp_path / "c.key").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
-    context = hub.anonymous_context()
-    context.load_cert_chain(tmp_path / "c.crt", tmp_path / "c.key")
+    context = _another_cas_client(hub, tmp_path, "CHU-FLOOD")
     for _ in range(20):
         with (httpx.Client(base_url=hub.url, verify=context) as http,
               pytest.raises(httpx.TransportError)):

@@ -86,6 +86,20 @@ def upload_then_correct(pas: PasProcess, study: Path, y_file: Path) -> None:
     storescu(y_file, pas.port)
 
 
+def sent_behind_a_cut_link(pas_factory: Any, hub: HubProcess, proxy: TcpProxy, home: Path,
+                           study: Path) -> tuple[PasProcess, sqlite3.Row]:
+    """The link cut, a site enrolled through ``proxy`` sent ``study``: (the site, its job
+    once waiting for the link). One retry of each request, not four: the link is down until
+    the test restores it, and the default retries only delayed the job saying so (5.6 s)."""
+    proxy.cut()
+    pas = enrolled_pas(pas_factory, hub, home, {**SLOW, "PAS_HUB__RETRIES": "1"}, via=proxy)
+    storescu(study, pas.port)
+    job = wait_for(lambda: next((j for j in jobs(pas) if (j["last_error"] or "")
+                                 .startswith("waiting for the link")), None), 60,
+                   what="X's job waiting for the link")
+    return pas, job
+
+
 def both_confirmed(pas: PasProcess, uid: str, instances: int) -> tuple[str, str]:
     """Both jobs done, both versions confirmed at the site, Y current: (X's, Y's SHA-256)."""
     finished = wait_jobs_finished(pas, instances, 240)
@@ -119,14 +133,8 @@ def test_a_correction_routed_while_the_hub_is_unreachable_is_what_the_region_ser
     study, y_file, uid = study_and_correction(tmp_path / "files", 40)
     proxy = TcpProxy("127.0.0.1", hub.port).start()
     try:
-        proxy.cut()
-        # One retry of each request, not four: the link is down until the test restores it,
-        # and the default retries only delayed X's job saying so (5.6 s of them).
-        pas = enrolled_pas(pas_factory, hub, tmp_path / "site-down",
-                           {**SLOW, "PAS_HUB__RETRIES": "1"}, via=proxy)
-        storescu(study, pas.port)
-        wait_for(lambda: (j := jobs(pas)) and (j[0]["last_error"] or "").startswith(
-            "waiting for the link"), 60, what="X's job waiting for the link")
+        pas, _first = sent_behind_a_cut_link(pas_factory, hub, proxy, tmp_path / "site-down",
+                                             study)
         storescu(y_file, pas.port)
         wait_for(lambda: len(jobs(pas)) == 2, 60, what="Y's job routed")
         proxy.restore()
@@ -169,13 +177,8 @@ def test_a_failed_job_retried_after_its_correction_went_up_leaves_the_replaced_v
     study, y_file, uid = study_and_correction(tmp_path / "files", 4)
     proxy = TcpProxy("127.0.0.1", hub.port).start()
     try:
-        proxy.cut()
-        pas = enrolled_pas(pas_factory, hub, tmp_path / "site-retry",
-                           {**SLOW, "PAS_HUB__RETRIES": "1"}, via=proxy)
-        storescu(study, pas.port)
-        first = wait_for(lambda: next((j for j in jobs(pas) if (j["last_error"] or "")
-                                       .startswith("waiting for the link")), None), 60,
-                         what="X's job waiting for the link")
+        pas, first = sent_behind_a_cut_link(pas_factory, hub, proxy, tmp_path / "site-retry",
+                                            study)
         assert json.loads(first["progress"])["transfer_id"]  # made before any request
 
         def failed_for_good() -> bool:  # standing in for its attempts running out
