@@ -16,12 +16,15 @@ nothing logged; 1,100 of them held a 1,024-descriptor hub, a site's request took
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 
+from appliance.transfer.enrolment import Enrolment
 from tests.support.hub import HubProcess, client, enroll
 from tests.support.peers import closed_by_peer, wait_for
 
@@ -88,16 +91,29 @@ def _closed_yet(sock: socket.socket) -> bool:
         return True
 
 
-def test_a_connection_that_never_begins_its_tls_handshake_is_closed(tmp_path: Path) -> None:
-    """Its handshake is bounded by ``http.request_timeout_s`` (asyncio's 60 s before), said
-    in the log; a site's requests are served beside such connections."""
-    hub = HubProcess(tmp_path / "hub", {"PAS_HUB_HTTP__REQUEST_TIMEOUT_S": "2",
-                                        "PAS_HUB_HTTP__MAX_CONNECTIONS": "8"}).init()
+@contextlib.contextmanager
+def _bounded_hub(tmp_path: Path, request_timeout_s: float, max_connections: int
+                 ) -> Iterator[tuple[HubProcess, Enrolment, list[socket.socket]]]:
+    """A hub with these ``http.*`` bounds and an enrolled site: (hub, the site's enrolment,
+    a list for the test's silent connections, closed at the end with the hub)."""
+    hub = HubProcess(tmp_path / "hub", {
+        "PAS_HUB_HTTP__REQUEST_TIMEOUT_S": f"{request_timeout_s:g}",
+        "PAS_HUB_HTTP__MAX_CONNECTIONS": str(max_connections)}).init()
     hub.start()
     silent: list[socket.socket] = []
     try:
-        site = enroll(hub, tmp_path / "a", "SITEA")
-        silent = [_silent(hub.port) for _ in range(4)]
+        yield hub, enroll(hub, tmp_path / "a", "SITEA"), silent
+    finally:
+        for sock in silent:
+            sock.close()
+        hub.stop()
+
+
+def test_a_connection_that_never_begins_its_tls_handshake_is_closed(tmp_path: Path) -> None:
+    """Its handshake is bounded by ``http.request_timeout_s`` (asyncio's 60 s before), said
+    in the log; a site's requests are served beside such connections."""
+    with _bounded_hub(tmp_path, request_timeout_s=2, max_connections=8) as (hub, site, silent):
+        silent += [_silent(hub.port) for _ in range(4)]
         with client(site) as api:
             assert api.get("/api/v1/whoami").status_code == 200
         # Far longer than the bound: closed by it, not by asyncio's 60 s.
@@ -106,10 +122,6 @@ def test_a_connection_that_never_begins_its_tls_handshake_is_closed(tmp_path: Pa
                  in hub.log(), 10, what="the handshake bound's line")
         with client(site) as api:
             assert api.get("/api/v1/whoami").status_code == 200
-    finally:
-        for sock in silent:
-            sock.close()
-        hub.stop()
 
 
 def test_connections_beyond_the_bound_are_closed_before_their_tls_handshake(
@@ -117,15 +129,11 @@ def test_connections_beyond_the_bound_are_closed_before_their_tls_handshake(
     """Counted as they are accepted: a flood of TCP connections that send nothing holds
     ``http.max_connections`` places at most, the rest closed at once (the handshake bound is
     60 s here), said in the log; a site's keep-alive connection is served throughout."""
-    hub = HubProcess(tmp_path / "hub", {"PAS_HUB_HTTP__REQUEST_TIMEOUT_S": "60",
-                                        "PAS_HUB_HTTP__MAX_CONNECTIONS": "4"}).init()
-    hub.start()
-    silent: list[socket.socket] = []
-    try:
-        site = enroll(hub, tmp_path / "a", "SITEA")
+    with _bounded_hub(tmp_path, request_timeout_s=60, max_connections=4) as (hub, site,
+                                                                            silent):
         with client(site) as api:
             assert api.get("/api/v1/whoami").status_code == 200  # one place, kept
-            silent = [_silent(hub.port) for _ in range(200)]
+            silent += [_silent(hub.port) for _ in range(200)]
             # The site's connection and at most three of them hold the four places.
             wait_for(lambda: sum(_closed_yet(sock) for sock in silent) >= len(silent) - 3,
                      20, what="the connections beyond the bound closed as they open")
@@ -140,7 +148,3 @@ def test_connections_beyond_the_bound_are_closed_before_their_tls_handshake(
                 return api.get("/api/v1/whoami").status_code == 200
 
         wait_for(served, 20, what="a request on a new connection")
-    finally:
-        for sock in silent:
-            sock.close()
-        hub.stop()
