@@ -37,6 +37,7 @@ from appliance.config_types import (
     _Section,
     sent_in_clear,
 )
+from appliance.prefetch.charsets import carries_hl7
 
 
 def _cleartext(what: str, network: str = "the hospital's own network") -> str:
@@ -521,6 +522,13 @@ class Hl7Section(_Section):
             b"".decode(value)
         except LookupError:
             raise ValueError(f"unknown encoding {value!r}") from None
+        # A codec that does not read ASCII as ASCII, or cannot replace a bad byte: the
+        # listener's decode raised (idna: no ACK) or its ACK went out garbled (UTF-7, EBCDIC)
+        # for every message whose MSH-18 names no set (review, 2026-12-07).
+        if not carries_hl7(value):
+            raise ValueError(f"{value!r} cannot carry HL7 over MLLP (its ASCII bytes are not "
+                             "read as ASCII, or it cannot replace a bad byte): use utf-8, "
+                             "iso-8859-1 or cp1252")
         return value
 
 

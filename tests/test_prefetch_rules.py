@@ -129,6 +129,15 @@ def test_hl7_encoding_is_validated(tmp_path: Path) -> None:
         settings = load_settings(environ={"PAS_HOME": str(tmp_path),
                                           "PAS_HL7__ENCODING": name})
         assert settings.hl7.encoding == name
+    # Codecs Python knows that cannot carry HL7 over MLLP (the listener's decode raised, or
+    # its ACK went out garbled, for every message without MSH-18): refused by name too.
+    for name in ("idna", "utf-7", "cp037", "utf-16"):
+        with pytest.raises(ConfigError) as refused:
+            load_settings(environ={"PAS_HOME": str(tmp_path), "PAS_HL7__ENCODING": name})
+        assert refused.value.problems == [
+            f"hl7.encoding: {name!r} cannot carry HL7 over MLLP (its ASCII bytes are not read "
+            "as ASCII, or it cannot replace a bad byte): use utf-8, iso-8859-1 or cp1252 (set "
+            "by PAS_HL7__ENCODING)"], name
 
 
 def test_hl7_times() -> None:
