@@ -342,6 +342,14 @@ def test_a_status_update_without_an_accession_keeps_the_one_known(tmp_path: Path
     assert "MSA|AA|B3" in send("B3", "ORC|SC|ORD2|F2||IP")
     assert dict(accessions())["order:P1|HOSP|ORD2"] == "ACC2"
 
+    # Cancelled, then ordered again without OBR-18: revived, its accession kept (it became
+    # the order number F1 there too, until 2026-12-07).
+    assert "MSA|AA|C1" in send("C1", "ORC|CA|ORD1|F1", obr.format("ORD1", "ACC123"))
+    assert "MSA|AA|C2" in send("C2", "ORC|NW|ORD1|F1||SC||^^^20991231120000",
+                               obr.format("ORD1", ""))
+    revived = next(r for r in store.list_requests(db) if r["dedup_key"].endswith("|ORD1"))
+    assert (revived["state"], revived["accession_number"]) == ("pending", "ACC123")
+
 
 def test_outside_the_wan_windows_a_due_request_waits_for_the_next_opening(
         tmp_path: Path) -> None:

@@ -22,7 +22,12 @@ from typing import Any
 from appliance.store import audit
 from appliance.store.db import Database, now
 from appliance.store.jobs import WAITING_FOR_TRUST
-from appliance.store.prefetch_changes import searched_changed, update_known
+from appliance.store.prefetch_changes import (
+    KNOWN_ACCESSION,
+    accession_params,
+    searched_changed,
+    update_known,
+)
 from appliance.store.prefetch_messages import SEVERAL, claim_message
 
 # Instances the prefetch stored carry this in instances.source_address.
@@ -198,16 +203,15 @@ def _schedule(conn: Any, request: NewRequest, at: float, repeat: int = 1,
                            (request.dedup_key,)).fetchone()
     if row is not None and revive and row["state"] == "cancelled":
         conn.execute(
-            """UPDATE prefetch_requests SET attempts = 0,
+            f"""UPDATE prefetch_requests SET attempts = 0,
                    state = CASE WHEN finished_at IS NULL THEN 'running' ELSE 'pending' END,
                    times_requested = times_requested + ?, updated_at = ?,
                    scheduled_at = ?, due_at = ?, next_attempt_at = ?, last_error = NULL,
                    started_at = CASE WHEN finished_at IS NULL THEN started_at END,
-                   finished_at = NULL,
-                   accession_number = coalesce(?, accession_number),
+                   finished_at = NULL, {KNOWN_ACCESSION},
                    modality = coalesce(?, modality), body_part = coalesce(?, body_part)
                WHERE id = ?""",
-            (repeat, at, request.scheduled_at, due, due, request.accession_number,
+            (repeat, at, request.scheduled_at, due, due, *accession_params(request),
              request.modality, request.body_part, row["id"]))
         return Scheduled(int(row["id"]), created=False)
     if row is not None:

@@ -16,6 +16,22 @@ if TYPE_CHECKING:
     from appliance.store.prefetch import NewRequest
 
 
+# The accession a message gives replaces the one known; an order's group that gives none
+# (procedure[0] empty: no OBR-18 / IPC-1) carries its order number instead (ORC-3, else ORC-2:
+# the current exam's accession at a RIS that writes it there, which the priors' choice leaves
+# out), which only fills an accession not known. It replaced ACC123 with the order number at
+# every status update (``ORC|SC`` without OBR-18), and at a re-order after a cancel: the
+# current exam could be fetched as its own prior. Parameters: :func:`accession_params`.
+KNOWN_ACCESSION = ("accession_number = CASE WHEN ? THEN coalesce(?, accession_number) "
+                   "ELSE coalesce(accession_number, ?) END")
+
+
+def accession_params(request: NewRequest) -> tuple[bool, str | None, str | None]:
+    """The parameters of :data:`KNOWN_ACCESSION` for ``request``."""
+    given = request.procedure is None or bool(request.procedure[0])
+    return given, request.accession_number, request.accession_number
+
+
 def update_known(conn: Any, request_id: int, request: NewRequest, due: float, at: float,
                  repeat: int) -> None:
     """The same order, appointment or visit again: counted, and what it now says is the
@@ -35,13 +51,6 @@ def update_known(conn: Any, request_id: int, request: NewRequest, due: float, at
       priors are due later (their pins run from the fetch: ``prefetch.pin_days``);
     - failed: pending again, attempts reset, when anything it searches for changed.
     """
-    # The accession a message gives replaces the one known; an order's group that gives none
-    # (procedure[0] empty: no OBR-18 / IPC-1) carries its order number instead (ORC-3, else
-    # ORC-2: the current exam's accession at a RIS that writes it there, which the priors'
-    # choice leaves out), which only fills an accession not known. It replaced ACC123 with the
-    # order number at every status update (``ORC|SC`` without OBR-18), and the current exam
-    # could be fetched as its own prior.
-    given = request.procedure is None or bool(request.procedure[0])
     row = conn.execute("SELECT state, attempts, scheduled_at, due_at, modality, body_part "
                        "FROM prefetch_requests WHERE id = ?", (request_id,)).fetchone()
     moved = request.scheduled_at is not None and request.scheduled_at != row["scheduled_at"]
@@ -65,16 +74,14 @@ def update_known(conn: Any, request_id: int, request: NewRequest, due: float, at
     conn.execute(
         f"""UPDATE prefetch_requests SET times_requested = times_requested + ?, updated_at = ?,
                scheduled_at = ?, due_at = ?, modality = ?, body_part = ?,
-               accession_number = CASE WHEN ? THEN coalesce(?, accession_number)
-                                       ELSE coalesce(accession_number, ?) END,
+               {KNOWN_ACCESSION},
                next_attempt_at = {next_attempt},
                state = CASE WHEN ? THEN 'pending' ELSE state END,
                attempts = CASE WHEN ? THEN 0 ELSE attempts END,
                finished_at = CASE WHEN ? THEN NULL ELSE finished_at END,
                last_error = CASE WHEN ? THEN NULL ELSE last_error END
            WHERE id = ?""",
-        (repeat, at, scheduled, due_at, modality, body_part, given, request.accession_number,
-         request.accession_number,
+        (repeat, at, scheduled, due_at, modality, body_part, *accession_params(request),
          *((due_at, at) if again else (due_at,) if next_attempt == "?" else ()),
          again, again, again, again, request_id))
 
