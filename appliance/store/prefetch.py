@@ -144,7 +144,7 @@ def record_message(db: Database, message_key: str, message_type: str, ack_code: 
     meaning = meanings[0] if len(meanings) == 1 else SEVERAL + "; ".join(meanings)
     with db.transaction() as conn:
         claimed, reused_for = claim_message(conn, message_key, message_type, ack_code,
-                                            meaning, meaning, at)
+                                            meaning, at)
         if claimed is None:
             return Recorded(first=False)
         message_key = claimed

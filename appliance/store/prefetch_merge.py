@@ -101,7 +101,7 @@ def record_merges(db: Database, message_key: str, message_type: str, merges: lis
     meaning = MERGED + "; ".join(merge.describe() for merge in merges)
     with db.transaction() as conn:
         claimed, reused_for = claim_message(conn, message_key, message_type, "AA", meaning,
-                                            meaning, at)
+                                            at)
         if claimed is None:
             return MergeRecorded(first=False)
         done = tuple(_merge(conn, merge, at) for merge in merges)

@@ -25,15 +25,16 @@ LEGACY_CANCEL = "cancel"
 
 
 def claim_message(conn: Any, message_key: str, message_type: str, ack_code: str,
-                  detail: str | None, meaning: str, at: float) -> tuple[str | None, str | None]:
-    """Record a message in the transaction ``conn`` is in: the key it is recorded under
+                  meaning: str, at: float) -> tuple[str | None, str | None]:
+    """Record a message and its ``meaning`` (kept in ``detail``, what a resend is compared
+    with) in the transaction ``conn`` is in: the key it is recorded under
     (None: already recorded with this ``meaning``, a resend that must change nothing), and
     the meaning an earlier message with this key had when the key was reused for another
     (see :func:`appliance.store.prefetch.record_message`)."""
     claimed = conn.execute(
         "INSERT OR IGNORE INTO prefetch_messages (message_key, received_at, message_type, "
         "request_fk, ack_code, detail) VALUES (?, ?, ?, NULL, ?, ?)",
-        (message_key, at, message_type, ack_code, detail))
+        (message_key, at, message_type, ack_code, meaning))
     if claimed.rowcount:
         return message_key, None
     earlier = _recorded_meaning(conn, message_key)
@@ -43,7 +44,7 @@ def claim_message(conn: Any, message_key: str, message_type: str, ack_code: str,
     claimed = conn.execute(
         "INSERT OR IGNORE INTO prefetch_messages (message_key, received_at, "
         "message_type, request_fk, ack_code, detail) VALUES (?, ?, ?, NULL, ?, ?)",
-        (message_key, at, message_type, ack_code, detail))
+        (message_key, at, message_type, ack_code, meaning))
     return (message_key if claimed.rowcount else None), earlier  # None: that one resent too
 
 
