@@ -403,7 +403,8 @@ def test_doc_code_is_found_where_it_is() -> None:
     """The reader of the docs finds spans over line breaks and fenced lines joined by a
     backslash at the line they start on (the failures above name it)."""
     install = ROOT / "docs" / "install.md"
-    enroll = next(piece for piece in code(install) if piece.text.startswith("runuser"))
+    enroll = next(piece for piece in code(install)
+                  if piece.text.startswith("pas-firstboot --enrol ") and piece.block == "")
     lines = install.read_text().splitlines()
-    assert lines[enroll.line - 1].startswith("runuser -u pas -- pas enroll")
-    assert "--hub https:" in enroll.text and enroll.block == ""  # the joined line
+    assert lines[enroll.line - 1].startswith("pas-firstboot --enrol \\")
+    assert "--enrol https:" in " ".join(enroll.text.split()) and enroll.block == ""

@@ -93,6 +93,7 @@ def _under(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                         ("MARKER", home / ".firstboot-done"),
                         ("CONFIGURED", etc / ".firstboot-configured"),
                         ("PENDING_HUB", etc / "firstboot-hub.toml"),
+                        ("FIREWALL_HUB", etc / "firewall-hub.toml"),
                         *((constant, etc / file) for constant, file in in_etc.items())):
         monkeypatch.setattr(firstboot, name, value)
     return firstboot, etc, home
@@ -275,7 +276,7 @@ def test_the_hourly_step_follows_the_enrolled_hubs_addresses_and_keeps_them_in_a
     """No VM needed. Once enrolled nothing resolved the hub again: a hub the region moved to
     another address was dropped by every appliance's firewall until someone edited the set
     on each. Now ``pas-firstboot --hub-addresses`` (pas-hub-addresses.timer, hourly) resolves
-    the enrolled hub (pki/hub.json), rewrites the hub's own file (checked by nft beside the
+    the hub root recorded (FIREWALL_HUB), rewrites the hub's own file (checked by nft beside the
     site's sets and whatever else the folder holds) and reloads the firewall only when the
     addresses changed; a name that does not resolve keeps the last ones; an enrolment it
     cannot read changes nothing, without a traceback."""
@@ -284,8 +285,10 @@ def test_the_hourly_step_follows_the_enrolled_hubs_addresses_and_keeps_them_in_a
     firstboot = _firstboot()
     home = tmp_path / "var"
     (home / "pki").mkdir(parents=True)
-    record = home / "pki" / "hub.json"
-    record.write_text(json.dumps({"url": "https://hub.region.example:8443", "site": "SITE-A"}))
+    enrolled = home / "pki" / "hub.json"
+    enrolled.write_text(json.dumps({"url": "https://hub.region.example:8443", "site": "SITE-A"}))
+    record = tmp_path / "firewall-hub.toml"
+    record.write_text('[hub]\nurl = "https://hub.region.example:8443"\n')
     folder = tmp_path / "nftables.d"
     folder.mkdir()
     # The folder as on an appliance: first boot's sets (the hub's address once in them, as
@@ -296,6 +299,7 @@ def test_the_hourly_step_follows_the_enrolled_hubs_addresses_and_keeps_them_in_a
         ROOT / "image/rootfs/etc/nftables.d.available/pas-hub-host.nft")
     (folder / ".#pas-sets.nft").symlink_to("root@pas.1234:1700000000")
     for name, value in (("HOME", str(home)), ("PENDING_HUB", tmp_path / "none.toml"),
+                        ("FIREWALL_HUB", record),
                         ("HUB_SET", folder / "pas-hub.nft"), ("NFT_CONF", NFT_CONF)):
         monkeypatch.setattr(firstboot, name, value)
     answer: dict[str, list[str]] = {"addresses": ["198.18.5.10"]}
@@ -319,7 +323,7 @@ def test_the_hourly_step_follows_the_enrolled_hubs_addresses_and_keeps_them_in_a
     monkeypatch.setattr(firstboot.subprocess, "run", run)
 
     def hourly() -> list[str]:  # what the service's --hub-addresses runs
-        firstboot.allow_hub(firstboot.enrolled_hub(), "try-reload-or-restart")
+        firstboot.allow_hub(firstboot.firewall_hub(), "try-reload-or-restart")
         return firstboot.HUB_SET.read_text().splitlines()[1:]
 
     assert hourly() == ["add element inet pas hub_addrs { 198.18.5.10 }"]
@@ -336,11 +340,13 @@ def test_the_hourly_step_follows_the_enrolled_hubs_addresses_and_keeps_them_in_a
     # What it cannot read changes nothing: an enrolment without its URL, a pending hub that
     # is not TOML.
     before = firstboot.HUB_SET.read_text()
-    record.write_text("{}")
+    record.write_text("[hub]\n")
     assert hourly()[0].endswith("198.18.7.20 }")
+    record.write_text('[hub]\nurl = "https://hub.region.example:8443\n')
+    assert firstboot.firewall_hub() == {}
     record.unlink()
     firstboot.PENDING_HUB.write_text('[hub]\nurl = "https://hub.region.example:8443\n')
-    assert firstboot.enrolled_hub() == {}
+    assert firstboot.firewall_hub() == {}
     assert firstboot.HUB_SET.read_text() == before and len(reloads) == 3
     # A file nft would refuse is not written, and nothing reloads: the rules in force stay.
     assert not firstboot.install_sets(firstboot.HUB_SET,
@@ -348,6 +354,117 @@ def test_the_hourly_step_follows_the_enrolled_hubs_addresses_and_keeps_them_in_a
     assert firstboot.HUB_SET.read_text() == before and len(reloads) == 3
     assert sorted(p.name for p in folder.iterdir()) == [
         ".#pas-sets.nft", "pas-hub-host.nft", "pas-hub.nft", "pas-sets.nft"]  # nothing staged
+
+
+def _hourly_rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                resolves: dict[str, list[str]]) -> tuple[Any, list[list[str]]]:
+    """pas-firstboot with its files under ``tmp_path`` (/etc/pas as etc, the firewall's
+    folder as nftables.d beside the shipped nftables.conf), names resolved from
+    ``resolves`` only (any other name is a failure of the test), nft's check the real one
+    and every other command recorded."""
+    firstboot, etc, home = _under(tmp_path, monkeypatch)
+    folder = tmp_path / "nftables.d"
+    folder.mkdir()
+    for name, value in (("HUB_SET", folder / "pas-hub.nft"), ("SETS", folder / "pas-sets.nft"),
+                        ("NFT_CONF", NFT_CONF)):
+        monkeypatch.setattr(firstboot, name, value)
+
+    def getaddrinfo(host: str, *_: object) -> list[tuple[Any, ...]]:
+        assert host in resolves, f"resolved {host!r}, a name root was never given"
+        return [(2, 1, 6, "", (address, 0)) for address in resolves[host]]
+
+    monkeypatch.setattr(firstboot.socket, "getaddrinfo", getaddrinfo)
+    commands: list[list[str]] = []
+    real_run = subprocess.run
+
+    def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        if command[0] == "nft":
+            return real_run(command, **kwargs)  # type: ignore[call-overload,no-any-return]
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(firstboot.subprocess, "run", run)
+    (home / "pki").mkdir(parents=True)
+    return firstboot, commands
+
+
+def test_the_hourly_step_never_lets_the_firewall_out_to_a_host_pas_wrote_in_its_enrolment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """No VM needed. The hourly step ran as root on pki/hub.json's URL, a file PAS's user
+    writes: a compromised daemon that put its own host there had the egress firewall opened
+    to that host within the hour. Now root follows only the hub it was told (the seed's, or
+    ``--enrol URL``'s: FIREWALL_HUB, root's); another name in pki/hub.json is said, not
+    resolved. An appliance first booted before that record is given the enrolled hub only
+    when the firewall already lets out to all its addresses, which root wrote."""
+    import json
+
+    hub, other = "hub.region.example", "exfil.example"
+    firstboot, commands = _hourly_rig(tmp_path, monkeypatch,
+                                      {hub: ["198.18.5.10"], other: ["198.18.9.9"]})
+    enrolled = tmp_path / "var" / "pki" / "hub.json"
+
+    def hourly() -> str:
+        firstboot.allow_hub(firstboot.firewall_hub(), "try-reload-or-restart")
+        return firstboot.HUB_SET.read_text() if firstboot.HUB_SET.exists() else ""
+
+    firstboot.write_firewall({"hub": {"url": f"https://{hub}:8443"}})  # first boot's seed
+    assert firstboot.FIREWALL_HUB.stat().st_mode & 0o777 == 0o644
+    let_out = firstboot.HUB_SET.read_text()
+    assert "{ 198.18.5.10 }" in let_out
+    enrolled.write_text(json.dumps({"url": f"https://{hub}:8443", "site": "SITE-A"}))
+    assert hourly() == let_out
+    capsys.readouterr()
+    enrolled.write_text(json.dumps({"url": f"https://{other}:443", "site": "SITE-A"}))
+    assert hourly() == let_out and "198.18.9.9" not in hourly()
+    said = capsys.readouterr().out
+    assert f"names the hub {other!r}, not {hub!r}" in said and "--enrol URL" in said
+
+    # First booted before FIREWALL_HUB: pki/hub.json's hub only once all its addresses are
+    # already let out; then recorded, and followed hourly from the record.
+    firstboot.FIREWALL_HUB.unlink()
+    capsys.readouterr()
+    assert hourly() == let_out and not firstboot.FIREWALL_HUB.exists()
+    said = capsys.readouterr().out
+    assert f"the enrolled hub {other!r} (198.18.9.9) is not one the firewall lets out" in said
+    enrolled.write_text(json.dumps({"url": f"https://{hub}:8443", "site": "SITE-A"}))
+    assert hourly() == let_out
+    assert firstboot.firewall_hub() == {"hub": {"url": f"https://{hub}:8443"}}
+    assert [c for c in commands if c[0] == "systemctl"] == [
+        ["systemctl", "reload-or-restart", "nftables.service"]] * 2  # first boot's only
+
+
+def test_enrolling_by_hand_lets_the_firewall_out_to_the_hub_first(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """No VM needed. An appliance whose seed named no hub was told to enrol by hand with
+    ``runuser -u pas -- pas enroll``, through a firewall that let out to no hub: the
+    enrolment could not connect. ``pas-firstboot --enrol URL`` (root) records the hub,
+    lets the firewall out to it, then runs ``pas enroll`` as PAS's user on the unit's
+    configuration with the arguments given after the URL; an address that is not https://
+    changes nothing."""
+    import sys
+
+    hub = "hub.region.example"
+    firstboot, commands = _hourly_rig(tmp_path, monkeypatch, {hub: ["198.18.5.10"]})
+    monkeypatch.setattr(sys, "argv", ["pas-firstboot", "--enrol", f"http://{hub}:8443"])
+    assert firstboot.enrol_by_hand(f"http://{hub}:8443", []) == 2
+    assert "hub.url: must start with https://" in capsys.readouterr().out
+    assert not firstboot.FIREWALL_HUB.exists() and not firstboot.HUB_SET.exists()
+    assert commands == []
+
+    assert firstboot.enrol_by_hand(f"https://{hub}:8443", ["--replace"]) == 0
+    assert firstboot.firewall_hub() == {"hub": {"url": f"https://{hub}:8443"}}
+    assert "{ 198.18.5.10 }" in firstboot.HUB_SET.read_text()
+    unit = (ROOT / "image" / "systemd" / "pas.service").read_text()
+    (unit_config,) = re.findall(r"^ExecStart=/usr/bin/pas run --config (\S+)$", unit, re.M)
+    assert commands == [
+        ["systemctl", "reload-or-restart", "nftables.service"],
+        ["runuser", "-u", "pas", "--", "/usr/bin/pas", "enroll", "--config",
+         str(firstboot.CONFIG), "--hub", f"https://{hub}:8443", "--replace"]]
+    assert str(firstboot.CONFIG).endswith("appliance.toml") and unit_config.endswith(
+        "/etc/pas/appliance.toml")
+    assert "systemctl restart pas" in capsys.readouterr().out
 
 
 def test_the_hub_address_units_verify_and_run_the_step_hourly(tmp_path: Path) -> None:
