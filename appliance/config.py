@@ -446,9 +446,13 @@ def name_the_variables(problems: list[str], environ: dict[str, str],
     named = []
     for problem in problems:
         path = problem.split(":", 1)[0]
-        variable = next((v for key, v in setting.items()
-                         if path == key or path.startswith(key + ".")), None)
-        named.append(f"{problem} (set by {variable})" if variable else problem)
+        # The variable setting that key or a table above it, or those setting keys below a
+        # key the problem is about: ``PAS_DICOMM__PORT`` (``dicomm: unknown key``) and
+        # ``PAS_ROUTING__RULES__0__NAME`` (``routing.rules: must be a list``) were not named.
+        variables = sorted(v for key, v in setting.items()
+                           if path == key or path.startswith(key + ".")
+                           or key.startswith(path + "."))
+        named.append(f"{problem} (set by {', '.join(variables)})" if variables else problem)
     return named
 
 

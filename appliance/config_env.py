@@ -164,6 +164,14 @@ def read_overrides(environ: dict[str, str], prefix: str, model: type[BaseModel] 
         entries.append((key_of(name, prefix), name, raw))
     entries.sort()
     problems = []
+    for parts, name, _raw in entries:
+        if any(part.isdigit() for part in parts):  # PAS_ROUTING__RULES__0__NAME
+            whole = prefix + "__".join(p.upper() for p in parts[:next(
+                i for i, part in enumerate(parts) if part.isdigit())])
+            problems.append(f"{'.'.join(parts)}: set by {name}, but a list's items cannot be "
+                            f"set one by one; set {whole} to the whole list as a TOML array "
+                            "(e.g. [{name = \"ct\", destinations = [\"pacs\"]}]), or write "
+                            "it in the configuration file")
     for index, (parts, name, _raw) in enumerate(entries):
         for other_parts, other, _ in entries[index + 1:]:
             if other_parts[:len(parts)] == parts:

@@ -201,6 +201,24 @@ def test_value_and_key_of_it_both_set_is_named() -> None:
             in _said(result))
 
 
+def test_a_variable_under_an_unknown_section_or_a_list_item_is_named() -> None:
+    """``PAS_DICOMM__PORT`` (a section misspelt) said ``dicomm: unknown key`` without the
+    variable, unlike a key misspelt in a known section; ``PAS_ROUTING__RULES__0__NAME`` said
+    pydantic's ``Input should be a valid list, got {'0': ...}``. Both now name the variable;
+    the list item says how a list is set from the environment."""
+    result = check(None, PAS_DICOMM__PORT="5")
+    assert result.returncode == 2 and "Traceback" not in _said(result)
+    assert ("config error dicomm: unknown key, did you mean 'dicom'? (set by PAS_DICOMM__PORT)"
+            in _said(result))
+    result = check(None, PAS_ROUTING__RULES__0__NAME="x")
+    assert result.returncode == 2 and "Traceback" not in _said(result)
+    assert ("config error routing.rules.0.name: set by PAS_ROUTING__RULES__0__NAME, but a "
+            "list's items cannot be set one by one; set PAS_ROUTING__RULES to the whole list "
+            "as a TOML array") in _said(result)
+    result = check(None, PAS_ROUTING__RULES='[{name = "ct", destinations = ["hub"]}]')
+    assert result.returncode == 0, _said(result)
+
+
 def test_top_level_keys_are_overridden() -> None:
     result = check(None, PAS_SITE="1234")
     assert result.returncode == 0 and "configuration OK: site 1234," in _said(result)
