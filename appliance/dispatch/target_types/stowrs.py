@@ -4,9 +4,11 @@ Owns: batching a job's instances into ``multipart/related; type="application/dic
 requests (``instances_per_request`` each), streamed from the spool file by file (never a
 whole batch in memory, with an exact Content-Length so no chunked encoding is needed), reading
 the per-instance answer (Referenced / Failed SOP Sequence) and marking sent exactly the
-instances the archive accepted, after each request: a retry resumes per instance. May not
-touch: SQL (through ``SendContext`` and ``appliance.store``) or the files' bytes (they go as
-stored, so the archive gets the original SHA-256).
+instances the archive accepted, after each request: a retry resumes per instance. The job's
+lease is renewed by time while a request is out (``SendContext.renewing``), however long the
+archive takes to answer. May not touch: SQL (through ``SendContext`` and
+``appliance.store``) or the files' bytes (they go as stored, so the archive gets the
+original SHA-256).
 
 Failure policy: transport errors and 5xx are retried here a few times (tenacity, jittered
 backoff), then the job is retried later by the dispatcher. When the archive could not be
@@ -172,8 +174,15 @@ class StowRsTarget:
         size = self.config.instances_per_request
         refused_for_good: dict[str, int] = {}
         retry_later: dict[str, int] = {}
-        with self._client() as client:
+        # The lease is renewed by time while a request is out, as the dicom kind does: it
+        # was renewed only after each whole request, and a POST to a slow archive outlasted
+        # queue.lease_s; a second worker then claimed the job and POSTed the same study at
+        # the same time, and the first worker's attempt ended "lease lost" (with
+        # max_attempts spent that way, a live job failed "the worker died while sending it").
+        with self._client() as client, context.renewing(job) as lease_lost:
             for start in range(0, len(rows), size):
+                if lease_lost.is_set():
+                    raise RuntimeError(f"job {job.id}: lease lost, another worker owns it now")
                 batch = rows[start:start + size]
                 try:
                     accepted, refused = self._post(client, context, batch)
@@ -183,7 +192,6 @@ class StowRsTarget:
                     raise
                 by_uid = {r["sop_instance_uid"]: r["id"] for r in batch}
                 context.mark_sent(job, [by_uid[u] for u in accepted if u in by_uid])
-                context.keep_alive(job)
                 unanswered = set(by_uid) - accepted - set(refused)
                 for uid, reason in refused.items():
                     (retry_later if reason in TRANSIENT_REASONS else refused_for_good)[uid] = reason
