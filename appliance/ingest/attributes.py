@@ -17,6 +17,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 
 from appliance.store.index import InstanceRecord
+from appliance.store.query import is_uid
 
 log = logging.getLogger("pas.ingest")
 
@@ -95,11 +96,26 @@ def _unsigned(ds: Dataset, keyword: str) -> int | None:
 def _uid(ds: Dataset, keyword: str) -> str:
     if _get(ds, keyword) is UNREADABLE:
         raise InvalidInstance(f"{keyword} cannot be read (invalid value representation)")
-    value = _text(ds, keyword)
+    return _checked_uid(keyword, _text(ds, keyword))
+
+
+def _checked_uid(keyword: str, value: str | None) -> str:
+    """``value`` if it is a UID the index can file and every query can find again; raises
+    :class:`InvalidInstance` naming ``keyword`` otherwise (both ingest paths).
+
+    Why the form too, not just presence and length: a UID with letters (or several values)
+    was stored with Success, then no query could name it (query.py matches UIDs as digits
+    and dots, :data:`~appliance.store.query.UID_PATTERN`): its SERIES C-FIND failed 0xA900
+    and its C-GET was refused. The pattern is the query side's own, so nothing the index
+    holds is out of a query's reach, and nothing a query could find is refused here."""
     if not value:
         raise InvalidInstance(f"{keyword} is missing")
     if len(value) > 64:
         raise InvalidInstance(f"{keyword} is longer than 64 characters")
+    if not is_uid(value):
+        # Not the value: the Error Comment is an LO of 64 characters (the refusal's log
+        # line names the instance, from the request: appliance/ingest/scp.py).
+        raise InvalidInstance(f"{keyword} is not a UID (digits and dots only)")
     return value
 
 
@@ -302,11 +318,7 @@ def record_from_raw(ds: Dataset, transfer_syntax_uid: str) -> InstanceRecord:
         values: dict[str, Any] = {}
         for name, (tag, keyword) in _UID_TAGS.items():
             value = _plain(raw[tag], "ascii") if tag in raw else None
-            if not value:
-                raise InvalidInstance(f"{keyword} is missing")
-            if len(value) > 64:
-                raise InvalidInstance(f"{keyword} is longer than 64 characters")
-            values[name] = value
+            values[name] = _checked_uid(keyword, value)
         for name, tag in _TEXT_TAGS.items():
             values[name] = _plain(raw[tag], codec) if tag in raw else None
         for name, tag in _INT_TAGS.items():

@@ -138,6 +138,19 @@ _ENTITY_ID = {"PATIENT": "p.id", "STUDY": "s.id", "SERIES": "se.id", "IMAGE": "i
 _ENTITY_TABLE = {"PATIENT": "patients p", "STUDY": "studies s", "SERIES": "series se"}
 _DEPTH = {level: n for n, level in enumerate(LEVELS)}
 
+# A UID as a query asks for one, and as ingest lets one in (appliance/ingest/attributes.py:
+# a Study, Series, SOP Instance or SOP Class UID of any other form is refused there, so every
+# stored object can be found and retrieved by its UIDs; one with letters was stored with
+# Success, then its SERIES C-FIND failed 0xA900 and its C-GET was refused). No stricter than
+# that: leading zeros in a component break PS3.5 9.1 but are in real hospital data.
+UID_PATTERN = re.compile(r"[0-9.]{1,64}")
+
+
+def is_uid(text: str) -> bool:
+    """Whether ``text`` (padding removed) is a UID the index can match: digits and dots."""
+    return UID_PATTERN.fullmatch(text) is not None
+
+
 # [0-9], not \d: any script's digits, which int() reads, so "\u0662\u0660..." (Arabic-Indic)
 # was searched as a date and matched nothing. \Z, not $ (which matches before a newline).
 _DATE = re.compile(r"[0-9]{8}\Z")
@@ -250,7 +263,7 @@ def _match(where: _Where, keyword: str, value: str, pn_case_sensitive: bool) -> 
         uids = [v.strip() for v in value.split("\\") if v.strip()]
         if not uids or any(uid.replace("*", "") == "" for uid in uids):
             return  # "*": universal matching
-        if any(not re.fullmatch(r"[0-9.]{1,64}", uid) for uid in uids):
+        if any(not is_uid(uid) for uid in uids):
             raise QueryError(f"{keyword}: {value!r} is not a UID or a list of UIDs")
         where.add("EXISTS (SELECT 1 FROM instances x WHERE x.study_fk = s.id AND "
                   f"x.is_current = 1 AND x.sop_class_uid IN ({', '.join('?' * len(uids))}))",
@@ -276,7 +289,7 @@ def _match(where: _Where, keyword: str, value: str, pn_case_sensitive: bool) -> 
         return
     if vr == "UI":
         uids = [v.strip() for v in value.split("\\") if v.strip()]
-        if any(not re.fullmatch(r"[0-9.]{1,64}", uid) for uid in uids):
+        if any(not is_uid(uid) for uid in uids):
             raise QueryError(f"{keyword}: {value!r} is not a UID or a list of UIDs")
         where.add(f"{sql} IN ({', '.join('?' * len(uids))})", *uids)
     elif vr in ("DA", "TM"):
