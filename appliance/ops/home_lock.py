@@ -6,7 +6,10 @@ holder's PID for the message). May not touch: the database or the spool.
 Why: a second ``pas run`` on the same home (a second unit, a copy started by hand) used to
 run start-up recovery before failing on the busy port, or to start fully on another one. Its
 recovery released the live daemon's job leases as a dead worker's, and the two processes
-then sent the same study at once. The kernel drops the lock when the holder dies, kill -9
+then sent the same study at once. (``pas verify --repair`` beside the daemon was another
+door to the same release until 2026-12-07: start-up recovery now keeps the leases while
+another process holds this lock, :func:`appliance.ops.recovery._release_leases`.) The
+kernel drops the lock when the holder dies, kill -9
 included, so a crash never leaves the home locked.
 """
 

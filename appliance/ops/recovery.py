@@ -21,7 +21,9 @@ and spool side by side (:func:`appliance.store.cache.reconcile`, bounded memory)
   orphan left by an interrupted eviction (journalled) is deleted: it was confirmed.
 - a row whose file is missing or has another size: flagged (``missing``/``size_mismatch``),
   never deleted; a later re-send of the same bytes restores the file and clears the flag.
-- jobs leased by a previous process on this host: released at once (not after the lease).
+- jobs leased by a previous process on this host: released at once (not after the lease);
+  never while another process holds the home's lock (a live daemon: ``pas verify --repair``
+  runs this beside it, and its workers' leases are live, :func:`_release_leases`).
 """
 
 from __future__ import annotations
@@ -104,7 +106,8 @@ def startup_recovery(db: Database, spool: Spool, receiver: object | None,
                      progress: Callable[[str], object] | None = None,
                      progress_every_s: float = 5.0,
                      in_flight_since: float | None = None,
-                     actor: str = "system") -> RecoveryReport:
+                     actor: str = "system",
+                     release_leases: bool = True) -> RecoveryReport:
     """Reconcile spool and index, then release this host's stale leases. Idempotent.
 
     ``receiver`` is the ingest :class:`~appliance.ingest.receive.Receiver` used to adopt
@@ -115,6 +118,8 @@ def startup_recovery(db: Database, spool: Spool, receiver: object | None,
     without a row written since then may be a receive still filing it, and its row is waited
     for (:func:`_row_arrives`) before it is adopted as an orphan. Adopted first, its row
     had no calling AE (what routing rules match) and its receive found it a duplicate.
+    ``release_leases``: False beside a live daemon (``pas verify --repair``); leases are
+    kept anyway while another process holds the home's lock (:func:`_release_leases`).
     """
     report = RecoveryReport()
     ticks = Progress(progress, progress_every_s)
@@ -178,13 +183,33 @@ def startup_recovery(db: Database, spool: Spool, receiver: object | None,
     for relative in evicting:  # eviction finished deleting before the crash
         if cache_store.file_size(spool, relative) is None:
             cache_store.resolve_issues(db, relative, "deleted", ("evicting",))
-    report.leases_released = cache_store.release_host_leases(db, host or os.uname().nodename)
+    report.leases_released = _release_leases(db, host, release_leases)
     summary = {k: v for k, v in report.as_dict().items() if v and k != "problems"}
     if summary:
         found = ", ".join(f"{k}={v}" for k, v in summary.items())
         log.warning("start-up recovery: %s", found)
         audit.record(db, "recovery", actor=actor, outcome="success", detail=found)
     return report
+
+
+def _release_leases(db: Database, host: str | None, wanted: bool) -> int:
+    """Release the jobs leased by a previous process on this host, unless a live daemon
+    holds them: ``wanted`` is False (``pas verify --repair`` found one beside it), or
+    another process holds the home's lock now (``$PAS_HOME/pas.lock``, beside the index; a
+    daemon started while a long verify walked the spool). Its workers' leases name this host
+    too, and released they were claimed again at once by a second worker while the first was
+    still sending: the destination received the same study twice at once (262 C-STOREs for
+    150 instances, 2026-12-07). The daemon releases its dead predecessor's at its own start,
+    holding the lock itself."""
+    from appliance.ops.home_lock import lock_file
+    from appliance.ops.listeners import lock_holder
+
+    holder = lock_holder(lock_file(db.path.parent))
+    if not wanted or (holder is not None and holder != os.getpid()):
+        log.info("start-up recovery: job leases left as they are (a pas run%s holds this "
+                 "home: they are its workers')", f", pid {holder}," if holder else "")
+        return 0
+    return cache_store.release_host_leases(db, host or os.uname().nodename)
 
 
 def _handle_orphan(db: Database, spool: Spool, receiver: object | None, relative: str,
@@ -405,11 +430,13 @@ def verify(db: Database, spool: Spool, *, repair: bool = False, receiver: object
     quarantines damaged files, and restores missing or damaged instances the region confirmed
     from the region (``region``), checking each against its recorded SHA-256.
     ``beside_daemon``: a ``pas run`` holds this home, so a file without a row may be a
-    receive still under way (:func:`_orphans`)."""
+    receive still under way (:func:`_orphans`), and the running jobs' leases are its
+    workers' (never released here: :func:`_release_leases`)."""
     started = time.time()
     in_flight_since = started - IN_FLIGHT_S if beside_daemon else started
     recovery = startup_recovery(
-        db, spool, receiver, in_flight_since=in_flight_since, actor=actor) if repair else None
+        db, spool, receiver, in_flight_since=in_flight_since, actor=actor,
+        release_leases=not beside_daemon) if repair else None
     report = VerifyReport()
     throttle = RateLimiter(bytes_per_s) if bytes_per_s else None
     for item in cache_store.every_indexed_file(db):
