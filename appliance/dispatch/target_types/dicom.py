@@ -114,10 +114,17 @@ def plan_associations(pairs: set[tuple[str, str]]) -> list[list[PresentationCont
 @dataclass
 class _Attempt:
     """What one attempt met so far: whether a TCP connection to the peer ever opened (then
-    the peer was reachable, whatever else happens in this attempt), and the instances whose
-    stored file could not be read (SOP Instance UID, the error): passed over, not sent."""
+    the peer was reachable, whatever else happens in this attempt), the instances whose
+    stored file could not be read, and those that could not be re-encoded in a syntax the
+    peer accepted (SOP Instance UID, the error): passed over, not sent."""
     reached: bool = False
     unreadable: list[tuple[str, str]] = field(default_factory=list)
+    not_reencoded: list[tuple[str, str]] = field(default_factory=list)
+
+
+class _NotReencoded(Exception):
+    """This instance cannot be re-encoded in the syntax the peer accepted (its stored pixel
+    data does not decode): the instance is passed over, not the association."""
 
 
 @dataclass
@@ -157,10 +164,19 @@ class DicomTarget:
                                  [f for f in files if f["sop_class_uid"] in classes], refused,
                                  failed, lease_lost, attempt)
         unreadable = self._unreadable(attempt.unreadable, len(files))
-        if refused:
-            raise PermanentError(self._refusal(refused)
-                                 + (f"; {self._failures(failed, len(files))}" if failed else "")
-                                 + (f"; {unreadable}" if unreadable else ""))
+        if refused or attempt.not_reencoded:
+            # No retry cures these (the peer's configuration, or stored data that does not
+            # decode): the job fails at once naming them, the rest of the study delivered.
+            missed = (sum(r.instances for r in refused.values()) + len(failed)
+                      + len(attempt.unreadable) + len(attempt.not_reencoded))
+            raise PermanentError("; ".join(
+                ([self._refusal(refused)] if refused else [])
+                + ([self._not_reencoded(attempt.not_reencoded, len(files))]
+                   if attempt.not_reencoded else [])
+                + ([self._failures(failed, len(files))] if failed else [])
+                + ([unreadable] if unreadable else []))
+                + ("; the others were delivered"
+                   if attempt.not_reencoded and missed < len(files) else ""))
         if failed or unreadable:
             # Retried with backoff (the peer may be out of space, the file put back by
             # pas verify --repair): only these go again.
@@ -225,7 +241,14 @@ class DicomTarget:
                     # The appliance's own disk, not the node: the rest of the study goes.
                     attempt.unreadable.append((row["sop_instance_uid"], problem))
                     continue
-                code = self._send_one(assoc, row, accepted, context)
+                try:
+                    code = self._send_one(assoc, row, accepted, context)
+                except _NotReencoded as exc:
+                    # Its stored data, not the node: the rest of the study goes. It raised
+                    # out of the attempt: every attempt stopped at this instance, and the
+                    # instances after it never reached the node.
+                    attempt.not_reencoded.append((row["sop_instance_uid"], str(exc)))
+                    continue
                 if not stored(code):
                     # One instance refused does not hold back the rest of the study.
                     failed.append((row["sop_instance_uid"], code))
@@ -345,9 +368,8 @@ class DicomTarget:
             except SpoolFull as exc:  # the appliance's disk, not the job: wait, uncounted
                 raise NoRoomForCopy(f"{self.name}: {row['sop_instance_uid']} needs a copy in "
                                     f"{UID(target).name}: {exc}") from exc
-            except TranscodeError as exc:
-                raise RuntimeError(f"{self.name}: {row['sop_instance_uid']} not sent: "
-                                   f"{exc}") from exc
+            except TranscodeError as exc:  # raised making the copy: nothing went yet
+                raise _NotReencoded(" ".join(str(exc).split())) from exc
         if status is None or "Status" not in status:
             raise ConnectionError(f"{self.name}: no C-STORE response for {row['sop_instance_uid']}")
         return int(status.Status)
@@ -392,6 +414,14 @@ class DicomTarget:
         return (f"{len(unreadable)} of the {counted(total, 'instance')} still to send not "
                 f"sent to {self.name}: their stored file cannot be read (pas verify says "
                 f"more): {sample}{more}")
+
+    def _not_reencoded(self, not_reencoded: list[tuple[str, str]], total: int) -> str:
+        """The instances passed over because they could not be re-encoded, named."""
+        sample = ", ".join(f"{uid} ({error})" for uid, error in not_reencoded[:3])
+        more = f" and {len(not_reencoded) - 3} more" if len(not_reencoded) > 3 else ""
+        return (f"{len(not_reencoded)} of the {counted(total, 'instance')} still to send not "
+                f"sent to {self.name}: {self.peer} does not accept their stored transfer "
+                f"syntax and they cannot be re-encoded in one it does: {sample}{more}")
 
     def _failures(self, failed: list[tuple[str, int]], total: int) -> str:
         sample = ", ".join(f"{uid} (0x{code:04X})" for uid, code in failed[:3])
