@@ -59,12 +59,15 @@ log = logging.getLogger("pas.dispatch")
 
 
 def _refuse_lost_files(db: Database, spool: Spool, job: job_store.Job) -> None:
-    """A study the region has not confirmed whose files are gone (flagged missing: a lost
-    disk under a restored index) cannot be sent by any number of tries: each one failed on
-    ``FileNotFoundError`` for ``queue.max_attempts`` tries, hours of backoff, before the job
-    failed naming a spool path. It fails at once, saying what happened and what to do. A file
-    sent again since by the modality is back (its flag resolved): the job goes on."""
-    lost = [r for r in cache_store.files_still_missing(db, spool, job.study_uid)
+    """A job whose instances the region has not confirmed lost their files (flagged missing:
+    a lost disk under a restored index) cannot be sent by any number of tries: each one
+    failed on ``FileNotFoundError`` for ``queue.max_attempts`` tries, hours of backoff,
+    before the job failed naming a spool path. It fails at once, saying what happened and
+    what to do. A file sent again since by the modality is back (its flag resolved): the job
+    goes on. Only the instances this job still has to send count: the whole study's were
+    looked at, and a delta carrying a healthy late instance failed for good because an
+    instance the first job had delivered lost its file."""
+    lost = [r for r in cache_store.job_files_still_missing(db, spool, job.id)
             if r["confirmed_at"] is None]
     if lost:
         raise PermanentError(

@@ -320,14 +320,38 @@ def files_damaged_count(db: Database) -> int:
     return int(row["n"]) if row is not None else 0
 
 
+def job_files_missing(db: Database, job_id: int) -> list[sqlite3.Row]:
+    """:func:`study_files_missing` for the current instances a job still has to send (not
+    marked sent): a job carries its study's delta only, and an instance another job already
+    delivered is no concern of this one's."""
+    return db.query(
+        "SELECT i.id, i.sop_instance_uid, i.path, i.confirmed_at FROM job_instances ji "
+        "JOIN instances i ON i.id = ji.instance_fk WHERE ji.job_id = ? "
+        "AND ji.sent_at IS NULL AND i.is_current = 1 "
+        "AND EXISTS (SELECT 1 FROM integrity_issues x WHERE x.resolved_at IS NULL "
+        "AND x.kind = 'missing' AND x.path = i.path)", (job_id,))
+
+
 def files_still_missing(db: Database, spool: Spool, study_uid: str,
                         resolution: str = "file present again") -> list[sqlite3.Row]:
     """:func:`study_files_missing`, less those whose file is back in the spool (the same
     bytes sent again, or fetched from the region: content-addressed, they land under the
     name the row gives), whose flags are resolved here with ``resolution``. Left open, a
     file sent again was still taken for lost until the next ``pas verify`` or start."""
+    return _still_missing(db, spool, study_files_missing(db, study_uid), resolution)
+
+
+def job_files_still_missing(db: Database, spool: Spool, job_id: int,
+                            resolution: str = "file present again") -> list[sqlite3.Row]:
+    """:func:`job_files_missing`, less those whose file is back (as
+    :func:`files_still_missing`)."""
+    return _still_missing(db, spool, job_files_missing(db, job_id), resolution)
+
+
+def _still_missing(db: Database, spool: Spool, rows: list[sqlite3.Row],
+                   resolution: str) -> list[sqlite3.Row]:
     still = []
-    for row in study_files_missing(db, study_uid):
+    for row in rows:
         if spool.path(row["path"]).is_file():
             resolve_issues(db, row["path"], resolution, ("missing",))
         else:
