@@ -32,7 +32,7 @@ from appliance.config import Settings, site_origin
 from appliance.ops.backup import KIND, MADE_AT_FORMAT
 from appliance.ops.backup_folder import MANIFEST, sha256_of
 from appliance.store import backups
-from appliance.store.damage import damage_of, set_aside
+from appliance.store.damage import SIDE_FILES, damage_of
 from appliance.store.db import Database
 from appliance.store.ops import schema_version_of
 from appliance.store.schema import MIGRATIONS
@@ -175,8 +175,7 @@ def restore_backup(settings: Settings, folder: Path, actor: str,
     lock = hold_home_lock(home)
     try:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if at is None else at))
-        index_aside = set_aside(settings.db_path, at, ASIDE) \
-            if settings.db_path.exists() else None
+        index_aside = set_index_aside(settings.db_path, stamp)
         incoming = home / ".pas.sqlite.restoring"
         shutil.copy2(folder / "pas.sqlite", incoming)
         with open(incoming, "rb") as handle:
@@ -205,12 +204,42 @@ def restore_backup(settings: Settings, folder: Path, actor: str,
                           if index_aside else ""))
         finally:
             restored.close()
+        # What SQLite reads now, the file and any WAL beside it: the backup's index as it
+        # was checked, with the restore's row.
+        finding = damage_of(settings.db_path, untouched=True)
+        if finding is not None:
+            raise RestoreRefused(
+                f"the restored index {settings.db_path} is damaged once in place ({finding}): "
+                f"the home's index before is {index_aside or 'not there (there was none)'}; "
+                "restore an older backup")
     finally:
         lock.close()
     config_name = manifest.get("config_file")
     config = folder / Path(config_name).name if config_name else None
     return Restored(manifest, index_aside, pki_aside,
                     config if config is not None and config.is_file() else None)
+
+
+def set_index_aside(path: Path, stamp: str) -> Path | None:
+    """Rename the home's index and its ``-wal`` and ``-shm`` to
+    ``<name>.before-restore-<stamp>[-<n>][-wal|-shm]`` (``-<n>``: a name already taken,
+    never replaced); the new name of the index, or of its WAL when only that was there, or
+    None when there was nothing. A WAL (and its ``-shm``) left without its index is set
+    aside too: the daemon killed, then ``pas.sqlite`` moved by hand. Left in the home, SQLite
+    replayed it into the restored index at its first open (pages of another database over
+    the backup's): the restore said it was done, and the index was malformed, or silently
+    the old one."""
+    present = [side for side in ("", *SIDE_FILES) if path.with_name(path.name + side).exists()]
+    if not present:
+        return None
+    target = path.with_name(f"{path.name}.{ASIDE}-{stamp}")
+    taken = 1
+    while any(target.with_name(target.name + side).exists() for side in ("", *SIDE_FILES)):
+        taken += 1
+        target = path.with_name(f"{path.name}.{ASIDE}-{stamp}-{taken}")
+    for side in reversed(present):  # the database last: it is what marks the index there
+        path.with_name(path.name + side).rename(target.with_name(target.name + side))
+    return target.with_name(target.name + present[0])
 
 
 def made_at(folder: Path, manifest: dict[str, Any]) -> float:
