@@ -44,6 +44,7 @@ FROZEN_MIGRATIONS = [
     "19940f1c141d53e7",  # 23
     "aae91d38bcb5223e",  # 24
     "618604cfd2e2949f",  # 25
+    "9a35d068dbd45654",  # 26
 ]
 
 FROZEN_HUB_MIGRATIONS = [

@@ -65,6 +65,8 @@ class CachePolicy:
         # pas status, the page and pas cache status showed the old alert for ever; one
         # restarted while it still held wrote the same alert again.
         self.alert: str | None = self._recorded_alert()
+        # Studies whose eviction the index refused (an IntegrityError), logged once as errors.
+        self._refused: set[str] = set()
 
     def _recorded_alert(self) -> str | None:
         try:
@@ -113,6 +115,9 @@ class CachePolicy:
                     log.info("not evicted: %s", exc)
                     result.skipped[candidate.study_uid] = str(exc)
                     continue
+                except sqlite3.IntegrityError as exc:  # its rows broke a constraint
+                    self._skip_inconsistent(result, candidate.study_uid, exc)
+                    continue
                 result.evicted.append(candidate.study_uid)
                 result.freed_bytes += evicted.bytes
                 if evicted.failed_jobs:  # the last resort: nothing else could go
@@ -130,6 +135,22 @@ class CachePolicy:
         result.used_after = used
         self._update_alert(result)
         return result
+
+    def _skip_inconsistent(self, result: EvictionPass, study_uid: str,
+                           exc: sqlite3.IntegrityError) -> None:
+        """A study whose eviction broke a constraint of the index (rolled back: nothing
+        changed) is skipped, the others evicted. The error used to end the whole pass, and
+        the same study, first in line again, ended every pass after it: nothing was
+        evicted any more and the disk filled (a study whose series another study's
+        instances named, before schema migration 26). Logged as an error the first time in
+        this process (the operator's to look at: ``pas cache purge --force``, ``pas
+        doctor``), then at info level: every pass meets it again."""
+        reason = f"the index refused its deletion ({exc}): skipped, the index needs a look"
+        result.skipped[study_uid] = reason
+        first = study_uid not in self._refused
+        self._refused.add(study_uid)
+        log.log(logging.ERROR if first else logging.INFO, "study %s not evicted: %s",
+                study_uid, reason, extra={"STUDY_UID": study_uid})
 
     def _readers_hold(self, study_uid: str) -> Callable[[], Callable[[], None]]:
         """For :func:`eviction.evict_study`: the study's readers looked at and held (none

@@ -226,7 +226,7 @@ def evict_study(db: Database, spool: Spool, study_uid: str, *, force: bool = Fal
         conn.execute("DELETE FROM jobs WHERE study_fk = ?", (study["id"],))
         if ids:
             conn.execute(f"DELETE FROM instances WHERE id IN ({marks})", ids)
-        conn.execute("DELETE FROM series WHERE study_fk = ?", (study["id"],))
+        _drop_series(conn, int(study["id"]))
         conn.execute("DELETE FROM studies WHERE id = ?", (study["id"],))
         index.forget_patient_if_unused(conn, int(study["patient_fk"]))
         paths = sorted({r["path"] for r in rows})
@@ -244,6 +244,35 @@ def evict_study(db: Database, spool: Spool, study_uid: str, *, force: bool = Fal
                         patient=evicted.patient_id, detail=_deleted(reason, evicted, force))
     delete_evicted_files(db, spool, {p: seen[p] for p in doomed})
     return evicted
+
+
+def _drop_series(conn: sqlite3.Connection, study_fk: int) -> None:
+    """Delete the series rows of a study whose instance rows are gone, in the eviction's
+    transaction: only rows no instance names any more.
+
+    A row of the study that instance rows of another study still name (filed so before
+    schema migration 26 gave each study its own row of a series UID, by a correction moving
+    an instance to another study under the same series) is not deleted from under them:
+    those instances get a row of their own study first (a copy of this one, or the row
+    that study already holds). Deleting it failed on a foreign key, and since the cache
+    policy evicts the empty old study first, every eviction pass failed and the disk
+    filled. Whatever still names one of its rows after that makes the study's own delete
+    fail (``sqlite3.IntegrityError``, nothing changed), which the cache policy skips."""
+    named = conn.execute(
+        "SELECT DISTINCT se.id, se.series_uid, i.study_fk FROM series se "
+        "JOIN instances i ON i.series_fk = se.id WHERE se.study_fk = ? "
+        "AND i.study_fk != se.study_fk", (study_fk,)).fetchall()
+    for series_id, series_uid, other_study in named:
+        own = conn.execute("SELECT id FROM series WHERE series_uid = ? AND study_fk = ?",
+                           (series_uid, other_study)).fetchone()
+        own_id = own[0] if own is not None else conn.execute(
+            "INSERT INTO series (series_uid, study_fk, series_number, modality, description, "
+            "body_part) SELECT series_uid, ?, series_number, modality, description, "
+            "body_part FROM series WHERE id = ?", (other_study, series_id)).lastrowid
+        conn.execute("UPDATE instances SET series_fk = ? WHERE series_fk = ? AND study_fk = ?",
+                     (own_id, series_id, other_study))
+    conn.execute("DELETE FROM series WHERE study_fk = ? AND NOT EXISTS "
+                 "(SELECT 1 FROM instances i WHERE i.series_fk = series.id)", (study_fk,))
 
 
 def _deleted(reason: str, evicted: Evicted, force: bool) -> str:

@@ -313,27 +313,39 @@ def _patient_label(patient_id: str, issuer: str) -> str:
 
 
 def _upsert_series(conn: sqlite3.Connection, record: InstanceRecord, study_fk: int) -> int:
-    """The series row, its attributes from the newest instance that carries them (the
-    study's rule, see :func:`_file_study`: a corrected SeriesDescription or BodyPartExamined
-    serves). A series never changes study here: its instances keep their own."""
-    conn.execute(
-        """INSERT INTO series (series_uid, study_fk, series_number, modality, description,
-               body_part)
-           VALUES (?, ?, ?, ?, ?, ?)
-           ON CONFLICT (series_uid) DO UPDATE SET
-               series_number = coalesce(excluded.series_number, series_number),
-               modality = coalesce(excluded.modality, modality),
-               description = coalesce(excluded.description, description),
-               body_part = coalesce(excluded.body_part, body_part)
-           WHERE coalesce(excluded.series_number, series_number) IS NOT series_number
-              OR coalesce(excluded.modality, modality) IS NOT modality
-              OR coalesce(excluded.description, description) IS NOT description
-              OR coalesce(excluded.body_part, body_part) IS NOT body_part""",
-        (record.series_uid, study_fk, record.series_number, record.modality,
-         record.series_description, record.body_part),
-    )
-    row = conn.execute("SELECT id FROM series WHERE series_uid = ?",
-                       (record.series_uid,)).fetchone()
+    """The series row of ``record``'s SeriesInstanceUID in the study ``study_fk``, its
+    attributes from the newest instance that carries them (the study's rule, see
+    :func:`_file_study`: a corrected SeriesDescription or BodyPartExamined serves).
+
+    One row per (SeriesInstanceUID, study), schema migration 26: a known series UID under
+    another study (a correction re-sending an instance with a new StudyInstanceUID and the
+    same series; a modality reusing a series UID) gets a row in that study. It used to be
+    filed in the first study's row: the instance's study and series disagreed, C-FIND listed
+    the new study with no series, and the old study could no longer be deleted (a foreign
+    key), which failed every eviction pass. Each study lists, retrieves and evicts its own
+    instances of the series; a retrieve by the series UID alone finds them all.
+
+    A look-up, then an update or an insert, not ``INSERT ... ON CONFLICT``: the conflict
+    target needs migration 26's unique index, and the upgrade tests file instances into
+    databases of older schemas with this code."""
+    values = (record.series_number, record.modality, record.series_description,
+              record.body_part)
+    row = conn.execute("SELECT id FROM series WHERE series_uid = ? AND study_fk = ?",
+                       (record.series_uid, study_fk)).fetchone()
+    if row is None:
+        cursor = conn.execute(
+            "INSERT INTO series (series_uid, study_fk, series_number, modality, description, "
+            "body_part) VALUES (?, ?, ?, ?, ?, ?)", (record.series_uid, study_fk, *values))
+        return int(cursor.lastrowid or 0)
+    conn.execute(  # written only when something changes: no page dirtied per instance
+        """UPDATE series SET series_number = coalesce(?1, series_number),
+               modality = coalesce(?2, modality), description = coalesce(?3, description),
+               body_part = coalesce(?4, body_part)
+           WHERE id = ?5 AND (coalesce(?1, series_number) IS NOT series_number
+              OR coalesce(?2, modality) IS NOT modality
+              OR coalesce(?3, description) IS NOT description
+              OR coalesce(?4, body_part) IS NOT body_part)""",
+        (*values, row["id"]))
     return int(row["id"])
 
 

@@ -563,4 +563,43 @@ MIGRATIONS: list[str] = [
         WHERE request_fk IS NOT NULL;
     CREATE INDEX prefetch_messages_received ON prefetch_messages (received_at);
     """,
+    # 26 (the index, appliance/store/index.py): a series row per (SeriesInstanceUID, study).
+    # Series were unique on their UID alone, and a known UID arriving under another study (a
+    # correction re-sending an instance with a new StudyInstanceUID and the same series, a
+    # modality reusing a series UID across studies) was filed in the first study's row: the
+    # instance's study was the new one, its series the old study's. C-FIND listed the new
+    # study with no series, and deleting the old study failed on a foreign key, which
+    # stopped every eviction pass (a full disk). The table is rebuilt (SQLite cannot drop a
+    # table's UNIQUE); series keep their ids. Instances filed so before get a series row in
+    # their own study, a copy of the one they were in.
+    """
+    CREATE TABLE series_by_study (
+        id INTEGER PRIMARY KEY,
+        series_uid TEXT NOT NULL,
+        study_fk INTEGER NOT NULL REFERENCES studies (id),
+        series_number INTEGER,
+        modality TEXT,
+        description TEXT,
+        body_part TEXT
+    );
+    INSERT INTO series_by_study (id, series_uid, study_fk, series_number, modality,
+                                 description, body_part)
+        SELECT id, series_uid, study_fk, series_number, modality, description, body_part
+        FROM series;
+    INSERT INTO series_by_study (series_uid, study_fk, series_number, modality, description,
+                                 body_part)
+        SELECT DISTINCT se.series_uid, i.study_fk, se.series_number, se.modality,
+               se.description, se.body_part
+        FROM instances i JOIN series se ON se.id = i.series_fk
+        WHERE i.study_fk != se.study_fk;
+    UPDATE instances SET series_fk = (
+            SELECT n.id FROM series o JOIN series_by_study n ON n.series_uid = o.series_uid
+            WHERE o.id = instances.series_fk AND n.study_fk = instances.study_fk)
+        WHERE study_fk != (SELECT o.study_fk FROM series o WHERE o.id = instances.series_fk);
+    DROP TABLE series;
+    ALTER TABLE series_by_study RENAME TO series;
+    CREATE UNIQUE INDEX series_key ON series (series_uid, study_fk);
+    CREATE INDEX series_study ON series (study_fk);
+    CREATE INDEX series_modality ON series (modality);
+    """,
 ]
