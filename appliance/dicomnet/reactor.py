@@ -35,6 +35,7 @@ import queue
 import socket
 import struct
 import threading
+import time
 from typing import Any
 
 import pynetdicom
@@ -55,6 +56,9 @@ log = logging.getLogger("pas.dicomnet")
 SUPPORTED_VERSIONS = ("3.0.",)
 # Longest a loop waits without an event: the resolution of pynetdicom's timers and kill flags.
 TICK_S = 0.05
+# Longest an association's end (kill(): after a release, an abort, a timeout) waits for its
+# DUL to finish what it is doing (sending its last PDU) before shutting the connection down.
+KILL_GRACE_S = 2.0
 # PDUs up to this size are read into one buffer allocated from their header's length.
 PREALLOCATE_PDU_BYTES = 4 << 20
 # Longest PDU other than P-DATA-TF accepted on an established association (A-RELEASE and
@@ -166,14 +170,82 @@ def _direct_receiver(self: DULServiceProvider) -> DirectReceiver | None:
     return direct or None
 
 
-def _recv_exactly(sock: Any, view: memoryview) -> bool:
-    """Fill ``view`` from the socket; False if the peer closed it first."""
+class PduDeadline:
+    """When the PDU being read must have arrived: ``network_timeout`` after its first byte.
+
+    The socket's receive timeout (:func:`_bound_socket_waits`) bounds each ``recv``, not a
+    PDU: a peer sending one byte every few seconds (a slowloris, or a device stuck in a
+    retry loop) never let a ``recv`` time out, and held its connection (and, past its
+    A-ASSOCIATE-RQ, its association place) for ever; the association's own timers (ARTIM,
+    the network idle timeout) are looked at only between PDUs, and the abort they lead to
+    waited for this very read. So the read of a PDU has a deadline, checked after each
+    ``recv`` that did not complete it (a ``recv`` blocked at the deadline is still bounded
+    by the socket's timeout: a PDU ends at most twice the timeout after its start).
+
+    A P-DATA-TF PDU carries up to ``dicom.max_pdu`` bytes: on a slow link a large one may
+    rightly take longer than the timeout. Every ``PROGRESS_BYTES`` of its body that arrive
+    move its deadline to ``network_timeout`` from then (at least 64 kB per timeout: a
+    trickle is not progress), and restart the association's network idle timer: the peer
+    is not silent (idle.py; without it the association loop aborted a PDU still steadily
+    arriving). Association PDUs (request, accept, reject: the request comes before any AE
+    title is checked) and control PDUs have the one deadline."""
+
+    PROGRESS_BYTES = 64 << 10
+
+    __slots__ = ("at", "timeout", "progress", "credited", "idle_timer")
+
+    def __init__(self, timeout: float, idle_timer: Any = None) -> None:
+        self.timeout = timeout
+        self.at = time.monotonic() + timeout
+        self.progress = False
+        self.credited = 0
+        self.idle_timer = idle_timer
+
+    def check(self, count: int, missing: int) -> None:
+        """``count`` bytes just arrived, ``missing`` still to come: TimeoutError past the
+        deadline."""
+        now = time.monotonic()
+        if self.progress:
+            self.credited += count
+            if self.credited >= self.PROGRESS_BYTES:
+                self.credited = 0
+                self.at = now + self.timeout
+                if self.idle_timer is not None:
+                    self.idle_timer.restart()
+        if now > self.at:
+            raise TimeoutError(f"a PDU still {missing} bytes short after the network "
+                               f"timeout ({self.timeout:g} s, dicom.network_timeout_s): "
+                               f"the peer sends too slowly")
+
+
+def _recv_exactly(sock: Any, view: memoryview, deadline: PduDeadline | None = None) -> bool:
+    """Fill ``view`` from the socket; False if the peer closed it first. TimeoutError if
+    ``deadline`` passes first."""
     while len(view):
         count = sock.recv_into(view)
         if not count:
             return False
         view = view[count:]
+        if deadline is not None and len(view):
+            deadline.check(count, len(view))
     return True
+
+
+def _recv_body(sock: Any, length: int, deadline: PduDeadline | None) -> tuple[bytearray, bool]:
+    """A PDU body of ``length`` bytes, and whether it is complete. Up to
+    ``PREALLOCATE_PDU_BYTES`` in one buffer allocated from the length; beyond (a length no
+    one sends), in chunks of that size: memory grows only with what actually arrives."""
+    if length <= PREALLOCATE_PDU_BYTES:
+        body = bytearray(length)
+        return body, _recv_exactly(sock, memoryview(body), deadline)
+    body = bytearray()
+    while len(body) < length:
+        chunk = bytearray(min(PREALLOCATE_PDU_BYTES, length - len(body)))
+        complete = _recv_exactly(sock, memoryview(chunk), deadline)
+        body += chunk
+        if not complete:
+            return body, False
+    return body, True
 
 
 def _bound_socket_waits(self: DULServiceProvider) -> None:
@@ -195,6 +267,17 @@ def _bound_socket_waits(self: DULServiceProvider) -> None:
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+
+def _shut_down(dul: DULServiceProvider) -> None:
+    """Shut the association's connection down under its DUL (the TCP socket's shutdown, not
+    SSLSocket's): a ``recv`` or ``send`` blocked in it returns at once."""
+    sock = _raw_socket(dul)
+    if sock is not None:
+        log.warning("association with %s still reading or sending %g s after it was ended: "
+                    "connection shut down", last_word.peer_name(dul), KILL_GRACE_S)
+        with contextlib.suppress(OSError, ValueError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 def _transport_event(self: DULServiceProvider, readable: bool = False) -> bool:
@@ -224,8 +307,10 @@ def _transport_event(self: DULServiceProvider, readable: bool = False) -> bool:
         return False
     sock = self.socket.socket
     header = bytearray(6)
+    timeout = self.assoc.network_timeout
+    deadline = PduDeadline(timeout, self._idle_timer) if timeout else None
     try:
-        if not _recv_exactly(sock, memoryview(header)):
+        if not _recv_exactly(sock, memoryview(header), deadline):
             if direct:
                 direct.abandon()  # a C-STORE in progress is cut: noted before the end's audit
             self.event_queue.put("Evt17")  # the peer closed the connection
@@ -247,12 +332,9 @@ def _transport_event(self: DULServiceProvider, readable: bool = False) -> bool:
             # a broken fragment sequence: reading on would parse its body as PDUs).
             raise DirectReceiveError(f"PDU of type 0x{pdu_type:02X} declares {pdu_length} "
                                      f"bytes, over the {limit} this association accepts")
-        if pdu_length <= PREALLOCATE_PDU_BYTES:
-            body = bytearray(pdu_length)
-            complete = _recv_exactly(sock, memoryview(body))
-        else:  # a length no one sends: memory grows only with what actually arrives
-            body = self.socket.recv(pdu_length)
-            complete = len(body) == pdu_length
+        if deadline is not None:
+            deadline.progress = pdu_type == P_DATA_TF
+        body, complete = _recv_body(sock, pdu_length, deadline)
     except (OSError, TimeoutError) as exc:
         log.error("connection closed before the entire PDU was received from %s: %s",
                   last_word.peer_name(self), exc)
@@ -599,7 +681,25 @@ def install() -> bool:
 
         def kill(self: Association) -> None:
             _association_wake(self).set()
-            original_kill(self)
+            if threading.current_thread() is self.dul or not self.dul.is_alive():
+                original_kill(self)
+                return
+            # pynetdicom's kill() waits, unbounded, for the DUL to reach Sta1 and stop. A
+            # DUL blocked reading a PDU from a peer that stopped mid-way never did: the
+            # association thread spun here, its place held (the read's own deadline,
+            # PduDeadline, is the first line). Past KILL_GRACE_S the connection is shut
+            # down under the DUL: its read returns at once, it ends as on a lost connection.
+            self._reactor_checkpoint.set()
+            self._kill = True
+            self.is_established = False
+            self._is_paused = True
+            give_up = time.monotonic() + KILL_GRACE_S
+            shut = False
+            while self.dul.is_alive() and not self.dul.stop_dul():
+                if not shut and time.monotonic() > give_up:
+                    shut = True
+                    _shut_down(self.dul)
+                time.sleep(0.01)
 
         logging.getLogger("pynetdicom.fsm").addFilter(_QuietPeerActions())
         DULServiceProvider.__init__ = dul_init  # type: ignore[method-assign]
