@@ -351,11 +351,29 @@ def rules_test(file: Path = typer.Argument(..., exists=True, dir_okay=False,
         err.print(f"[red]{file}: no dataset after the DICOM file header (nothing to route)"
                   "[/red]", highlight=False)
         raise typer.Exit(2)
+    # Read as the daemon's ingest reads it (the index's record, which routing matches): a
+    # value of several (BodyPartExamined HEAD\NECK) was shown and matched here as Python's
+    # list, "['HEAD', 'NECK']", and the verdict was not the daemon's.
+    import logging
+
+    from appliance.ingest.attributes import InvalidInstance, instance_record
+
+    ingest_log = logging.getLogger("pas.ingest")
+    quiet, ingest_log.disabled = ingest_log.disabled, True  # its "stored as received" lines
+    try:
+        meta = getattr(ds, "file_meta", None)
+        record = instance_record(ds, str(meta.get("TransferSyntaxUID", "")) if meta else "")
+    except InvalidInstance as exc:  # the daemon refuses to store it: nothing to route
+        err.print(f"[red]{file}: PAS would refuse this file:[/red] {exc} (nothing to route)",
+                  highlight=False)
+        raise typer.Exit(2) from None
+    finally:
+        ingest_log.disabled = quiet
     attributes = {
         "calling_ae": calling_ae, "called_ae": settings.dicom.ae_title,
-        "modality": str(ds.get("Modality", "")), "sop_class": str(ds.get("SOPClassUID", "")),
-        "study_description": str(ds.get("StudyDescription", "")),
-        "body_part": str(ds.get("BodyPartExamined", "")),
+        "modality": record.modality or "", "sop_class": record.sop_class_uid,
+        "study_description": record.study_description or "",
+        "body_part": record.body_part or "",
     }
     # Enrolled, the hub is the default route of what no rule and no fallback sends anywhere
     # (Daemon.default_destinations): say so, as the daemon will do it.
