@@ -130,14 +130,19 @@ def record_instance(
             conn.execute("UPDATE studies SET pinned_until = max(coalesce(pinned_until, 0), ?) "
                          "WHERE id = ?", (pin_until, study_fk))
         if same is not None:  # an older version sent again: current again, routed again
+            # Filed under its own header's study and series (this record's): a version
+            # adopted by recovery was kept in the current version's (_keep_older_version),
+            # and made current again it stayed there, served under the other study while
+            # its own study's row, made just above, held nothing.
             conn.execute("UPDATE instances SET is_current = 0 WHERE sop_instance_uid = ?",
                          (record.sop_instance_uid,))
             conn.execute(
                 """UPDATE instances SET is_current = 1, received_at = ?, routed_at = ?,
-                       confirmed_at = ?, calling_ae = ?, called_ae = ?, source_address = ?
+                       confirmed_at = ?, calling_ae = ?, called_ae = ?, source_address = ?,
+                       study_fk = ?, series_fk = ?
                    WHERE id = ?""",
                 (received_at, held_by_region, held_by_region, calling_ae, called_ae,
-                 source_address, same["id"]),
+                 source_address, study_fk, series_fk, same["id"]),
             )
             return RecordOutcome(same["id"], duplicate=False, conflict=True,
                                  version=same["version"], refiled_from=refiled_from)
@@ -199,7 +204,9 @@ def _keep_older_version(conn: sqlite3.Connection, record: InstanceRecord, stored
     """An adopted file older than the current version of its instance: kept beside it, not
     current, in the current version's study and series, which it does not touch (an older
     version's patient or description must not undo a correction received after it).
-    Routing marks it routed without sending it, as any version that is not current."""
+    Routing marks it routed without sending it, as any version that is not current. Sent
+    again, it becomes current and moves to its own header's study and series
+    (:func:`record_instance`)."""
     cursor = conn.execute(
         """INSERT INTO instances (sop_instance_uid, series_fk, study_fk, sop_class_uid,
                transfer_syntax_uid, instance_number, path, size, sha256, source_address,
