@@ -2,8 +2,12 @@
 
 A rule matches when every regular expression it names matches (``re.search``, ignoring
 case; a missing attribute is the empty string). The first matching rule decides unless it
-says ``continue = true``; when none matches, the fallback decides. ``explain`` returns the
-reasoning so that ``pas rules test FILE.dcm`` can show it.
+says ``continue = true``; when none decides, the fallback does (``routing.fallback``, or the
+default route to the hub of an enrolled appliance). A ``continue`` rule is additive: its
+destinations come on top of what decides. It used to switch the fallback off: an enrolled
+appliance with one rule "also copy CT to the research node, continue = true" never sent a CT
+to the region, which never confirmed it, so the cache could never evict it. ``explain``
+returns the reasoning so that ``pas rules test FILE.dcm`` can show it.
 
 A pattern that cannot tell within its time limit (routing/patterns.py: catastrophic
 backtracking on a value from outside) counts as not matching, and the error is logged naming
@@ -81,10 +85,10 @@ def explain(routing: RoutingSection, attributes: dict[str, str | None],
             routes.extend(Route(d, PRIORITY_RANK[rule.priority], rule.name)
                           for d in rule.destinations)
             decided = not rule.continue_
-    if not routes:
+    if not decided:  # no rule, or only additive (continue) ones: the fallback decides
         fallback = routing.fallback
         names = fallback.destinations or list(default_destinations)
-        routes = [Route(d, PRIORITY_RANK[fallback.priority], "fallback") for d in names]
+        routes.extend(Route(d, PRIORITY_RANK[fallback.priority], "fallback") for d in names)
     # One route per destination: the most urgent priority wins.
     best: dict[str, Route] = {}
     for route in routes:
