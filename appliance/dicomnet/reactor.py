@@ -44,6 +44,7 @@ from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.fsm import TRANSITION_TABLE
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import A_P_ABORT
 
 from appliance.dicomnet import last_word
 from appliance.dicomnet.direct_receive import P_DATA_TF, DirectReceiveError, DirectReceiver
@@ -464,8 +465,15 @@ def _dul_step(self: DULServiceProvider, assoc_wake: threading.Event,
 
 
 def _abort(self: DULServiceProvider, reason: int) -> None:
-    """Send an A-ABORT (the UL service-provider: a protocol error) and end the association
-    and this DUL at once; the report of a protocol error once the abort is sent."""
+    """Send an A-ABORT (the UL service-provider: a protocol error) and end this DUL at once;
+    the association learns it as from pynetdicom's own provider abort (AA-8): an A-P-ABORT
+    indication, so that its loop fires EVT_ABORTED and the listener writes the
+    association's audit row and closes its open note. (Ending the association directly,
+    as before, skipped both: no ``store`` row, its ``open_associations`` row left until the
+    next start.) The report of a protocol error once the abort is sent."""
+    direct = getattr(self, "_pas_direct", None)
+    if direct:  # a C-STORE cut by this abort: counted before the association's end is seen
+        direct.abandon()
     abort_pdu = A_ABORT_RQ()
     abort_pdu.source = 0x02
     abort_pdu.reason_diagnostic = reason
@@ -478,7 +486,12 @@ def _abort(self: DULServiceProvider, reason: int) -> None:
             self.socket.close()
     self.assoc.is_aborted = True
     self.assoc.is_established = False
-    self.assoc._kill = True
+    if self.assoc.is_requestor or getattr(self, "_pas_requested", False):
+        indication = A_P_ABORT()
+        indication.provider_reason = reason if reason in (0x01, 0x02, 0x04, 0x05, 0x06) else 0x00
+        self.to_user_queue.put(indication)
+    # else: an accepted connection whose A-ASSOCIATE-RQ never went up: its thread waits for
+    # one, and is told none is coming (_no_request_coming, as the loop ends).
     self._kill_thread = True
     last_word.wake_sender(self)
     last_word.report(self)

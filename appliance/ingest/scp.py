@@ -153,8 +153,10 @@ class DicomListener:
             (evt.EVT_RELEASED, self._on_association_end),
             (evt.EVT_ABORTED, self._on_association_end),
         ]
-        # Per association: what was stored, for one audit "store" event at its end.
-        self._per_association: dict[int, dict[str, Any]] = {}
+        # Per association, on the association object (``pas_note``): what was stored, for
+        # one audit "store" event at its end. (A dict keyed by id(assoc) kept the note of an
+        # association whose end was never seen, and a later association given the same id()
+        # took it over: "1 cut by the association's end" on a clean association's row.)
         # A C-STORE's dataset beyond this size goes to a spool temp file as it arrives.
         self.spill_above = config.spill_above_mb << 20
         if config.direct_receive:
@@ -587,8 +589,11 @@ class DicomListener:
 
     def _association_note(self, assoc: Any) -> dict[str, Any]:
         """What an association did, for its audit row (under ``_stats_lock``)."""
-        return self._per_association.setdefault(
-            id(assoc), {"stored": 0, "held": 0, "refused": 0, "cut": 0, "studies": set()})
+        note: dict[str, Any] | None = getattr(assoc, "pas_note", None)
+        if note is None:
+            note = assoc.pas_note = {"stored": 0, "held": 0, "refused": 0, "cut": 0,
+                                     "studies": set()}
+        return note
 
     def _note_store(self, assoc: Any, status: int, held: bool) -> None:
         """``held``: a success for bytes already stored (no second copy): counted apart, so
@@ -620,7 +625,10 @@ class DicomListener:
         Transferred"): who, from where, which studies, how many stored and refused; written
         with the end of its open note, in one transaction."""
         with self._stats_lock:
-            note = self._per_association.pop(id(event.assoc), None)
+            if getattr(event.assoc, "pas_ended", False):
+                return  # its row is written (an end is seen once: EVT_ABORTED may repeat)
+            note = getattr(event.assoc, "pas_note", None)
+            event.assoc.pas_note = None
             event.assoc.pas_ended = True  # a late note_cut must not leave a note behind
         opened = getattr(event.assoc, "pas_opened_note", None)
         if not note:
