@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from appliance.store import audit
 from appliance.store.db import Database, now
+from appliance.store.query import _HELD, _SERIES_HELD
 
 if TYPE_CHECKING:
     from appliance.store.spool import Spool
@@ -416,10 +417,15 @@ def spool_bytes(db: Database) -> int:
 def list_studies(db: Database, patient_id: str | None = None,
                  limit: int = 1000) -> list[dict[str, Any]]:
     """Studies in the cache, the most recently received first, with counts, the state of
-    their delivery and their pin (``pinned_until``: None when not pinned now)."""
-    where, params = "", []
+    their delivery and their pin (``pinned_until``: None when not pinned now).
+
+    What C-FIND lists, counted as it counts (query.py's conditions): a study, a series or a
+    modality only while it holds a current instance. A correction moving instances to
+    another series or study leaves the old one with older versions only; ``pas studies``
+    listed such a study with 0 instances, and counted such series and their modality."""
+    where, params = f"WHERE {_HELD['STUDY']}", []
     if patient_id is not None:
-        where, params = "WHERE p.patient_id = ?", [patient_id]
+        where, params = f"{where} AND p.patient_id = ?", [patient_id]
     if patient_id:
         # Implied, and stated so that SQLite uses patients_key (partial): without it the
         # studies were read newest first, every one, to find this patient's.
@@ -428,9 +434,10 @@ def list_studies(db: Database, patient_id: str | None = None,
         f"""SELECT s.study_uid, p.patient_id, p.name AS patient_name, s.study_date,
                    s.accession_number, s.description, s.origin, s.last_received_at,
                    CASE WHEN s.pinned_until >= ? THEN s.pinned_until END AS pinned_until,
-                   (SELECT group_concat(DISTINCT se.modality) FROM series se
-                      WHERE se.study_fk = s.id) AS modalities,
-                   (SELECT count(*) FROM series se WHERE se.study_fk = s.id) AS series,
+                   (SELECT group_concat(DISTINCT x.modality) FROM series x
+                      WHERE x.study_fk = s.id AND {_SERIES_HELD}) AS modalities,
+                   (SELECT count(*) FROM series x
+                      WHERE x.study_fk = s.id AND {_SERIES_HELD}) AS series,
                    (SELECT count(*) FROM instances i
                       WHERE i.study_fk = s.id AND i.is_current = 1) AS instances,
                    (SELECT coalesce(sum(size), 0) FROM instances i
