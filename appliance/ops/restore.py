@@ -19,16 +19,20 @@ time>``.
 from __future__ import annotations
 
 import calendar
+import contextlib
+import errno
 import json
 import os
 import shutil
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from appliance.config import Settings, site_origin
+from appliance.ops import index_check
 from appliance.ops.backup import KIND, MADE_AT_FORMAT
 from appliance.ops.backup_folder import MANIFEST, sha256_of
 from appliance.store import backups
@@ -165,53 +169,81 @@ def _of_this_site(settings: Settings, folder: Path, manifest: dict[str, Any]) ->
 def restore_backup(settings: Settings, folder: Path, actor: str,
                    at: float | None = None) -> Restored:
     """Check ``folder`` (:func:`check_backup`), then, holding the home's lock (``HomeInUse``
-    while a daemon runs), set the home's index and enrolment aside and put the backup's in
-    their place (modes kept: the key stays 0600). The restored index's audit trail says who
-    restored which backup; the next start reconciles it with the spool."""
+    while a daemon runs), put the backup's index and enrolment in place of the home's, which
+    are set aside (modes kept: the key stays 0600). The restored index's audit trail says who
+    restored which backup; the next start reconciles it with the spool.
+
+    All or nothing: the backup's index and enrolment are first copied beside the home's
+    under temporary names, fsynced, checked and given the restore's row
+    (:func:`_copy_in`); only then are the home's renamed aside and the copies renamed in
+    (renames need no room). A failure before (the disk full, a copy unreadable) or during
+    the renames (undone) raises :class:`RestoreRefused` with the home as it was. Until
+    2026-12-07 the home's index was set aside first: a full disk left the home with no index
+    at all, and a traceback."""
     from appliance.ops.home_lock import hold_home_lock
 
     manifest = check_backup(settings, folder)
     home = settings.home
+    index = settings.db_path
     lock = hold_home_lock(home)
     try:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if at is None else at))
-        index_aside = set_index_aside(settings.db_path, stamp)
-        incoming = home / ".pas.sqlite.restoring"
-        shutil.copy2(folder / "pas.sqlite", incoming)
-        with open(incoming, "rb") as handle:
-            os.fsync(handle.fileno())
-        incoming.rename(settings.db_path)
-        pki_aside = None
-        if (home / "pki").exists():
-            pki_aside = home / f"pki.{ASIDE}-{stamp}"
-            (home / "pki").rename(pki_aside)
         has_pki = (folder / "pki").is_dir()
-        if has_pki:
-            shutil.copytree(folder / "pki", home / "pki")  # copy2: each file's mode kept
-            (home / "pki").chmod(0o700)
-        fsync_dir(home)
-        restored = Database(settings.db_path)  # migrated here when the backup is older
+        # A WAL (and its -shm) left without its index is set aside too: the daemon killed,
+        # then pas.sqlite moved by hand. Left in the home, SQLite replayed it into the
+        # restored index at its first open (pages of another database over the backup's):
+        # the restore said it was done, and the index was malformed, or silently the old one.
+        present = [side for side in ("", *SIDE_FILES)
+                   if index.with_name(index.name + side).exists()]
+        aside = _free_name(index.with_name(f"{index.name}.{ASIDE}-{stamp}"), SIDE_FILES)
+        index_aside = aside.with_name(aside.name + present[0]) if present else None
+        pki_aside = _free_name(home / f"pki.{ASIDE}-{stamp}") \
+            if (home / "pki").exists() else None
+        incoming, incoming_pki = home / INCOMING, home / INCOMING_PKI
+        detail = (f"pas restore: the index{' and the enrolment' if has_pki else ''} of "
+                  f"{folder} (written {manifest.get('made_at')})"
+                  + (f"; the home's index set aside as {index_aside.name}"
+                     if index_aside else ""))
         try:
-            # The backup's own export row is not in its index (written after the copy): the
-            # restore says which backup this index now is, for pas status and pas doctor.
-            backups.record_restore(
-                restored, made_at=made_at(folder, manifest), folder=folder.resolve(),
-                actor=actor,
-                detail=f"pas restore: the index{' and the enrolment' if has_pki else ''} "
-                       f"of {folder} "
-                       f"(written {manifest.get('made_at')})"
-                       + (f"; the home's index set aside as {index_aside.name}"
-                          if index_aside else ""))
-        finally:
-            restored.close()
-        # What SQLite reads now, the file and any WAL beside it: the backup's index as it
-        # was checked, with the restore's row.
-        finding = damage_of(settings.db_path, untouched=True)
-        if finding is not None:
-            raise RestoreRefused(
-                f"the restored index {settings.db_path} is damaged once in place ({finding}): "
-                f"the home's index before is {index_aside or 'not there (there was none)'}; "
-                "restore an older backup")
+            _copy_in(folder, manifest, incoming, incoming_pki if has_pki else None,
+                     lambda db: backups.record_restore(
+                         db, made_at=made_at(folder, manifest), folder=folder.resolve(),
+                         actor=actor, detail=detail))
+        except (OSError, sqlite3.Error) as exc:
+            _remove(incoming, incoming_pki)
+            raise RestoreRefused(f"cannot copy {folder} into {home} ({_reason(exc, home)}): "
+                                 f"{_LEFT_AS_IT_WAS}") from None
+        except RestoreRefused:
+            _remove(incoming, incoming_pki)
+            raise
+        # The swap: renames only (they need no room), each undone if a later one fails.
+        done: list[Callable[[], None]] = []
+        try:
+            _swap_in(index, present, aside, incoming, done)
+            if pki_aside is not None:
+                _rename(home / "pki", pki_aside, done)
+            if has_pki:
+                _rename(incoming_pki, home / "pki", done)
+            fsync_dir(home)
+            # What SQLite reads now, the file and any WAL beside it: the backup's index as
+            # it was checked, with the restore's row.
+            finding = damage_of(index, untouched=True)
+            if finding is not None:
+                raise RestoreRefused(f"the restored index is damaged once in place "
+                                     f"({finding})")
+        except (OSError, sqlite3.Error, RestoreRefused) as exc:
+            not_back = _undo(home, done)
+            _remove(incoming, incoming_pki)
+            if not_back:
+                raise RestoreRefused(
+                    f"cannot put the backup in place in {home} ({_reason(exc, home)}), and "
+                    f"{'; '.join(not_back)}: put them back by hand before starting PAS"
+                ) from None
+            raise RestoreRefused(f"cannot put the backup in place in {home} "
+                                 f"({_reason(exc, home)}): {_LEFT_AS_IT_WAS}") from None
+        # What the daemon's check found (index-check.json) was of the index set aside:
+        # pas status and pas doctor said "index damaged" of the restored one.
+        index_check.forget(home)
     finally:
         lock.close()
     config_name = manifest.get("config_file")
@@ -220,26 +252,161 @@ def restore_backup(settings: Settings, folder: Path, actor: str,
                     config if config is not None and config.is_file() else None)
 
 
-def set_index_aside(path: Path, stamp: str) -> Path | None:
-    """Rename the home's index and its ``-wal`` and ``-shm`` to
-    ``<name>.before-restore-<stamp>[-<n>][-wal|-shm]`` (``-<n>``: a name already taken,
-    never replaced); the new name of the index, or of its WAL when only that was there, or
-    None when there was nothing. A WAL (and its ``-shm``) left without its index is set
-    aside too: the daemon killed, then ``pas.sqlite`` moved by hand. Left in the home, SQLite
-    replayed it into the restored index at its first open (pages of another database over
-    the backup's): the restore said it was done, and the index was malformed, or silently
-    the old one."""
-    present = [side for side in ("", *SIDE_FILES) if path.with_name(path.name + side).exists()]
-    if not present:
-        return None
-    target = path.with_name(f"{path.name}.{ASIDE}-{stamp}")
-    taken = 1
-    while any(target.with_name(target.name + side).exists() for side in ("", *SIDE_FILES)):
+# The backup's index and enrolment while they are copied in, beside the home's (the same
+# file system: renamed in place at the end). A restore killed meanwhile leaves them: the next
+# one removes them first; PAS never reads them.
+INCOMING = ".pas.sqlite.restoring"
+INCOMING_PKI = ".pki.restoring"
+_LEFT_AS_IT_WAS = "nothing restored, the home as it was"
+
+
+def _copy_in(folder: Path, manifest: dict[str, Any], incoming: Path,
+             incoming_pki: Path | None, record: Callable[[Database], None]) -> None:
+    """Copy the backup's index to ``incoming`` and its enrolment to ``incoming_pki``, each
+    file fsynced (the enrolment's too: a power cut after the restore could leave the key
+    empty), each checked against the manifest's SHA-256; migrate the index copy to this
+    version's schema and ``record`` the restore in it; check it (``integrity_check``).
+    Raises OSError or sqlite3.Error as they come (a full disk), :class:`RestoreRefused` for
+    a copy that is not the backup's."""
+    home = incoming.parent
+    _remove(incoming, home / INCOMING_PKI)  # a restore killed before left them
+    files = manifest.get("files") or {}
+    shutil.copy2(folder / "pas.sqlite", incoming)
+    _fsync(incoming)
+    copies = [(incoming, "pas.sqlite")]
+    if incoming_pki is not None:
+        # File by file (shutil.copytree carries on past a failure, then raises them all as
+        # one list), each with its mode (the key 0600) and fsynced, then each folder.
+        incoming_pki.mkdir(mode=0o700)
+        folders = [incoming_pki]
+        for source in sorted((folder / "pki").rglob("*")):
+            relative = source.relative_to(folder / "pki")
+            target = incoming_pki / relative
+            if source.is_dir():
+                target.mkdir(mode=0o700)
+                folders.append(target)
+                continue
+            shutil.copy2(source, target)
+            _fsync(target)
+            copies.append((target, f"pki/{relative}"))
+        for made in reversed(folders):
+            fsync_dir(made)
+    for copy, name in copies:
+        entry = files.get(name)
+        if isinstance(entry, dict) and sha256_of(copy) != entry.get("sha256"):
+            raise RestoreRefused(f"the copy of {folder / name} in {home} differs from the "
+                                 f"backup's (the SHA-256 its manifest gives): "
+                                 f"{_LEFT_AS_IT_WAS}")
+    restored = Database(incoming)  # migrated here when the backup is older
+    try:
+        # The backup's own export row is not in its index (written after the copy): the
+        # restore says which backup this index now is, for pas status and pas doctor.
+        record(restored)
+    finally:
+        restored.close()
+    left = [side for side in SIDE_FILES if incoming.with_name(incoming.name + side).exists()]
+    if left:  # another connection kept them: what they hold would not be renamed in
+        raise RestoreRefused(f"{incoming}{left[0]} stayed after the restore's row was written "
+                             f"(SQLite did not checkpoint it): {_LEFT_AS_IT_WAS}")
+    _fsync(incoming)
+    finding = damage_of(incoming, thorough=True, untouched=True)
+    if finding is not None:
+        raise RestoreRefused(f"the copy of the backup's index in {home} is damaged "
+                             f"({finding}): {_LEFT_AS_IT_WAS}")
+    fsync_dir(home)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _remove(*paths: Path) -> None:
+    """The temporary copies (and an index copy's ``-wal``/``-shm``), when there."""
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            continue
+        for side in ("", *SIDE_FILES):
+            path.with_name(path.name + side).unlink(missing_ok=True)
+
+
+def _swap_in(index: Path, present: list[str], aside: Path, incoming: Path,
+             done: list[Callable[[], None]]) -> None:
+    """Put ``incoming`` in place of the home's index, which goes to ``aside`` with its
+    ``-wal`` and ``-shm`` (``present``: which of ``""``, ``-wal``, ``-shm`` are there). The
+    index is linked to its aside name first and then replaced in one rename: a restore
+    killed at any instant leaves a ``pas.sqlite`` in the home, the old or the new (a start
+    on none creates an empty index and indexes the spool again, the region's confirmations
+    and the jobs lost). ``done`` gets how to undo each step."""
+    linked = False
+    if "" in present:
+        try:
+            os.link(index, aside)
+            linked = True
+            done.append(lambda: aside.unlink(missing_ok=True))
+        except OSError:  # a file system without hard links: renamed, as set_aside does
+            _rename(index, aside, done)
+    for side in (side for side in present if side):
+        _rename(index.with_name(index.name + side), aside.with_name(aside.name + side), done)
+    incoming.rename(index)
+    # Undone: the home's index back under its name in one rename (the copy goes with it),
+    # or the copy back to its temporary name when the home had none (or it was renamed).
+    done.append((lambda: os.replace(aside, index)) if linked
+                else (lambda: index.rename(incoming)))
+
+
+def _rename(source: Path, target: Path, done: list[Callable[[], None]]) -> None:
+    source.rename(target)
+    done.append(lambda: target.rename(source))
+
+
+def _undo(home: Path, done: list[Callable[[], None]]) -> list[str]:
+    """Undo what the swap did, last first; what could not be, in words."""
+    not_back = []
+    for step in reversed(done):
+        try:
+            step()
+        except OSError as exc:
+            not_back.append(f"{exc.filename or 'a file'} could not be put back ({exc})")
+    with contextlib.suppress(OSError):
+        fsync_dir(home)
+    return not_back
+
+
+def _reason(exc: BaseException, home: Path) -> str:
+    """An error in a few words (``[Errno 28] No space left on device: 'a' -> 'b'`` says
+    ``No space left on device``), and for a full disk what to do. SQLite says a full disk
+    as "database or disk is full", or "disk I/O error" when its ``-shm`` file cannot grow:
+    the room left on the home's disk tells."""
+    room = "free some room there, then run pas restore again"
+    if isinstance(exc, OSError) and exc.strerror:
+        if exc.errno == errno.ENOSPC:
+            return f"{exc.strerror}: {room}"
+        return exc.strerror + (f": {exc.filename}" if exc.filename else "")
+    if isinstance(exc, sqlite3.Error):
+        try:
+            free = shutil.disk_usage(home).free
+        except OSError:
+            return str(exc)
+        if "full" in str(exc) or free < FULL_BELOW:
+            return f"{exc}; {free // 1024} KiB free on the home's disk: {room}"
+    return str(exc)
+
+
+# Less room than this left on the home's disk, an error SQLite gives as "disk I/O error" is
+# taken for the disk being full (what a restore's own writes need: the index's copy aside).
+FULL_BELOW = 1024 * 1024
+
+
+def _free_name(path: Path, sides: tuple[str, ...] = ()) -> Path:
+    """``path``, or ``path-<n>`` when it (or it with one of ``sides``) is taken: a name set
+    aside in the same second (two restores) is never replaced."""
+    candidate, taken = path, 1
+    while any(candidate.with_name(candidate.name + side).exists() for side in ("", *sides)):
         taken += 1
-        target = path.with_name(f"{path.name}.{ASIDE}-{stamp}-{taken}")
-    for side in reversed(present):  # the database last: it is what marks the index there
-        path.with_name(path.name + side).rename(target.with_name(target.name + side))
-    return target.with_name(target.name + present[0])
+        candidate = path.with_name(f"{path.name}-{taken}")
+    return candidate
 
 
 def made_at(folder: Path, manifest: dict[str, Any]) -> float:
