@@ -370,7 +370,9 @@ class Rule(_Section):
 
 
 class Fallback(_Section):
-    """What happens to an instance no rule matched. Empty: it is kept locally only."""
+    """Where an instance goes when no rule decided it (none matched, or only ``continue``
+    rules did, whose destinations it gets as well). Empty: the default route (the hub, once
+    enrolled)."""
 
     destinations: list[str] = []
     priority: Priority = "routine"

@@ -200,3 +200,45 @@ def test_a_version_a_correction_replaced_is_not_counted_waiting(tmp_path: Path) 
                               awaiting_hub_ids=[held.instance_id])
     assert len(db.query("SELECT * FROM awaiting_hub")) == 2
     assert awaiting_hub.waiting(db) == (1, 1)
+
+
+def test_an_instance_only_a_continue_rule_matched_waits_for_the_hub_too(
+        hub: HubProcess, tmp_path: Path) -> None:
+    """Before the enrolment, with no fallback, an instance only an additive rule
+    (``continue = true``) matched went to that rule's destination and was not filed for the
+    hub: the enrolment never sent it to the region, which never confirmed it, so the cache
+    kept it for ever. Now it goes to the rule's destination and waits for the hub too."""
+    from tests.support.peers import StoreSCP
+
+    home = tmp_path / "pas"
+    files = sorted(p for p in MR_DIR.rglob("*") if p.is_file())[:3]
+    research = StoreSCP(tmp_path / "research").start()
+    try:
+        pas = PasProcess(home, {
+            "PAS_DICOM__ACCEPT_UNKNOWN": "true",
+            "PAS_DESTINATIONS__RESEARCH__KIND": "dicom",
+            "PAS_DESTINATIONS__RESEARCH__AE_TITLE": research.ae_title,
+            "PAS_DESTINATIONS__RESEARCH__HOST": "127.0.0.1",
+            "PAS_DESTINATIONS__RESEARCH__PORT": str(research.port),
+            "PAS_ROUTING__RULES": '[{name = "copy", destinations = ["research"], '
+                                  'continue = true}]'})
+        pas.start()
+        try:
+            storescu(files, pas.port)
+            wait_for(lambda: pas.status()["jobs"].get("done") == 1, 30,
+                     what="the copy to the research node done")
+            assert pas.status()["awaiting_enrolment"] == {"instances": 3, "studies": 1}
+            assert "-> research; to the region once this appliance is enrolled" in pas.log()
+            assert len(research.files()) == 3
+        finally:
+            pas.stop()
+        enroll(hub, home, "CONT", cli=True)
+        pas.start()
+        try:
+            wait_for(lambda: pas.status()["confirmed_instances"] == 3, 90,
+                     what="the 3 instances confirmed by the region after the enrolment")
+            assert pas.status()["awaiting_enrolment"] == {"instances": 0, "studies": 0}
+        finally:
+            pas.stop()
+    finally:
+        research.stop()

@@ -27,6 +27,12 @@ from appliance.words import counted
 
 log = logging.getLogger("pas.routing")
 
+# The default route of an appliance not enrolled yet, routed as a placeholder: an instance it
+# would carry (no rule decided, no fallback) is filed for the hub, beside whatever additive
+# (``continue``) rules also send it. Tested as "no route at all" before, an instance only
+# ``continue`` rules matched went to their destinations and never to the region.
+AFTER_ENROLMENT = "\x00the hub, once enrolled"
+
 # SQLite's primary result codes that are about the database as a whole, not about one
 # study's rows: its write lock held past the busy timeout (BUSY, LOCKED), no memory, a
 # read-only file, an I/O error, a full disk, a file it cannot open. Every study fails the
@@ -112,9 +118,11 @@ class Router:
                 "modality": row["modality"], "sop_class": row["sop_class_uid"],
                 "study_description": row["study_description"], "body_part": row["body_part"],
             }
-            routes = routes_for(self.settings.routing, attributes, defaults)
-            if not routes and not defaults:
+            routes = routes_for(self.settings.routing, attributes,
+                                defaults or [AFTER_ENROLMENT])
+            if any(route.destination == AFTER_ENROLMENT for route in routes):
                 awaiting_hub.append(row["id"])
+                routes = [r for r in routes if r.destination != AFTER_ENROLMENT]
             for route in routes:
                 group = grouped.setdefault(route.destination,
                                            {"priority": route.priority, "rule": route.rule,
@@ -135,8 +143,10 @@ class Router:
                 log.exception("on-stable callback failed for study %d", study_fk)
         study_uid = rows[0]["study_uid"]
         if new_jobs:
-            log.info("study %s stable: %s -> %s", study_uid, counted(len(rows), "instance"),
-                     ", ".join(j.destination for j in new_jobs), extra={"STUDY_UID": study_uid})
+            log.info("study %s stable: %s -> %s%s", study_uid, counted(len(rows), "instance"),
+                     ", ".join(j.destination for j in new_jobs),
+                     "; to the region once this appliance is enrolled" if awaiting_hub else "",
+                     extra={"STUDY_UID": study_uid})
         else:
             log.info("study %s stable: %s, no destination (kept locally)%s",
                      study_uid, counted(len(rows), "instance"),
