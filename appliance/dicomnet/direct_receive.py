@@ -53,6 +53,11 @@ _LAST = 0x02          # bit 1: last fragment
 # refused anyway). Past this, the association is aborted rather than memory given away
 # (invariant 8).
 MAX_HELD_MESSAGE_BYTES = 64 << 20
+# A spill file's room (the spool's quota, the disk's free-space floor) is checked each time
+# it grew by this much, not only once its dataset is whole: a C-STORE that kept coming wrote
+# on past the floor (other modalities refused 0xA700 meanwhile). At most this much is
+# written past it; the C-STORE then gets 0xA700, the rest of its dataset read and dropped.
+SPILL_ROOM_CHECK_BYTES = 16 << 20
 
 # What the listener's store function returns: a DIMSE status and, for a failure, the comment
 # that names the problem (sent as Error Comment, 0000,0902; PS3.7 C.4.2.1.4).
@@ -65,7 +70,12 @@ class StoreSink(Protocol):
     spill_above: int  # bytes of dataset held in memory before the rest goes to a spill file
 
     def open_spill(self, header: bytes) -> Any:
-        """A spool temp file with ``header`` written: ``write(bytes)``, ``discard()``."""
+        """A spool temp file with ``header`` written: ``write(bytes)``, ``discard()``,
+        ``size``, and ``error`` once it gave up."""
+
+    def check_spill_room(self, spill: Any) -> bool:
+        """Whether a growing spill still has room; if not, it gave up (its file gone, later
+        writes dropped) and its C-STORE is refused once read (0xA700)."""
 
     def prepare_store(self, sop_class_uid: str, sop_instance_uid: str,
                       transfer_syntax_uid: str) -> tuple[bytes, Any]:
@@ -133,7 +143,7 @@ class _Request:
 
     __slots__ = ("context_id", "message_id", "sop_class_uid", "sop_instance_uid", "dataset",
                  "transfer_syntax_uid", "prepared", "context_sop_class_uid", "spill",
-                 "spill_failed", "received")
+                 "spill_failed", "received", "room_checked")
 
     def __init__(self, context_id: int, command: dict[int, bytes], transfer_syntax_uid: str,
                  context_sop_class_uid: str):
@@ -148,6 +158,7 @@ class _Request:
         self.spill: Any = None  # the spool's SpillFile once the dataset outgrew memory
         self.spill_failed = False  # no temp file could be made: this one stays in memory
         self.received = 0  # bytes of its dataset received so far
+        self.room_checked = 0  # the spill's size at its last room check
 
 
 class DirectReceiver:
@@ -295,7 +306,8 @@ class DirectReceiver:
                     f"command fragment inside the dataset of message {request.message_id}")
             request.received += len(fragment)
             if request.spill is not None:
-                request.spill.write(fragment)
+                if request.spill.error is None:  # else no room: read to its end, 0xA700
+                    self._spill(request, fragment)
             else:
                 request.dataset += fragment
                 if (len(request.dataset) > self.sink.spill_above and request.prepared
@@ -311,13 +323,29 @@ class DirectReceiver:
                     else:
                         request.spill.write(request.dataset)
                         request.dataset = bytearray()
-            if request.prepared is not None:
+            if request.prepared is not None and (request.spill is None
+                                                 or request.spill.error is None):
                 request.prepared[1].update(fragment)
             if control & _LAST:
                 if index != len(pdvs) - 1:
                     raise DirectReceiveError("data after the last fragment of a message")
                 self._request = None
                 self._answer(request)
+
+    def _spill(self, request: _Request, fragment: memoryview) -> None:
+        """A fragment to the spill file; its room checked each SPILL_ROOM_CHECK_BYTES."""
+        spill = request.spill
+        spill.write(fragment)
+        if spill.size - request.room_checked < SPILL_ROOM_CHECK_BYTES:
+            return
+        request.room_checked = spill.size
+        check = getattr(self.sink, "check_spill_room", None)
+        if check is not None and not check(spill):
+            calling = str(self.assoc.requestor.ae_title).strip()
+            log.warning("C-STORE of %s from %s (%s): no room for more of its dataset after "
+                        "%d bytes (%s); the rest is read and dropped, then refused (0xA700)",
+                        request.sop_instance_uid, calling, self.assoc.requestor.address,
+                        request.received, spill.error, extra={"CALLING_AE": calling})
 
     def _answer(self, request: _Request) -> None:
         try:

@@ -230,11 +230,29 @@ class Receiver:
         """Where a large C-STORE's fragments go as they arrive (dicomnet/direct_receive.py)."""
         return self.spool.open_spill(header)
 
+    def check_spill_room(self, spill: SpillFile) -> bool:
+        """A spill still growing: whether it still fits under the quota and above the
+        free-space floor, as the check of the whole dataset will count it once it is read
+        (:meth:`_receive_spilled`). If not, the spill gives up (its file goes, the rest of
+        its dataset is dropped as it arrives) and False. The room was checked only once
+        the last fragment had arrived: a C-STORE that kept coming wrote on past the floor
+        (400 MB, 250 MB under it, measured) while every other modality got 0xA700."""
+        if spill.error is not None:
+            return False
+        try:
+            self.spool.check_room(spill.size, self._used_bytes())
+        except SpoolFull as exc:
+            spill.give_up(exc)
+            return False
+        return True
+
     def _receive_spilled(self, spill: SpillFile, *, transfer_syntax_uid: str,
                          sop_class_uid: str, sop_instance_uid: str, calling_ae: str | None,
                          called_ae: str | None, source: str | None,
                          prepared: tuple[bytes, Any] | None) -> Received:
         try:
+            if isinstance(spill.error, SpoolFull):
+                raise spill.error
             if spill.error is not None:
                 raise SpoolFull(f"cannot write to the spool: "
                                 f"{spill.error.strerror or spill.error}")
@@ -292,6 +310,8 @@ class Receiver:
         spool temp file opened with no header, ``digest`` fed with all its bytes as they
         arrived. Parsed in place (values over DEFER_BYTES not read) and filed as it is."""
         try:
+            if isinstance(spill.error, SpoolFull):
+                raise spill.error
             if spill.error is not None:
                 raise SpoolFull(f"cannot write to the spool: "
                                 f"{spill.error.strerror or spill.error}")

@@ -519,6 +519,11 @@ class DicomListener:
         """The direct path's spill file for a large dataset: see Receiver.open_spill."""
         return self.receiver.open_spill(header)
 
+    def check_spill_room(self, spill: Any) -> bool:
+        """The direct path's spill, every ``SPILL_ROOM_CHECK_BYTES`` it grows: see
+        Receiver.check_spill_room (False: it gave up, the C-STORE gets 0xA700)."""
+        return self.receiver.check_spill_room(spill)
+
     def prepare_store(self, sop_class_uid: str, sop_instance_uid: str,
                       transfer_syntax_uid: str) -> tuple[bytes, Any]:
         """The direct path's early start (dicomnet/direct_receive.py): see Receiver.prepare."""
@@ -554,7 +559,7 @@ class DicomListener:
             self._count("refused")
             log.error("C-STORE from %s refused, out of resources: %s", calling, exc,
                       extra={"CALLING_AE": calling})
-            return OUT_OF_RESOURCES, str(exc)
+            return OUT_OF_RESOURCES, exc.comment  # what fits the Error Comment's 64
         except StorageFailure as exc:
             self._count("refused")
             log.error("C-STORE from %s failed: %s", calling, exc, extra={"CALLING_AE": calling})

@@ -31,7 +31,24 @@ from appliance.store.index import StoredFile
 
 
 class SpoolFull(Exception):
-    """No room for this file under the configured quota or free-space floor."""
+    """No room for this file under the configured quota or free-space floor.
+
+    ``comment``: the same in at most 64 characters, for a C-STORE-RSP's Error Comment (an
+    LO): the message itself, with its byte counts, was cut there in the middle of a number
+    ("... 86456 needed, floor 80"), the floor's value lost."""
+
+    def __init__(self, message: str, comment: str | None = None):
+        super().__init__(message)
+        self.comment = comment if comment is not None else message
+
+
+def _mb(count: int) -> str:
+    """``76092 MB``: a byte count in the configuration's megabytes (storage.min_free_mb,
+    quota_mb: MiB), at most 8 characters (GB from 100,000 MB on), for an Error Comment."""
+    value = max(count, 0) / (1 << 20)
+    if value >= 99999.5:
+        return f"{value / 1024:.0f} GB"
+    return f"{value:.0f} MB" if value >= 10 or value == 0 else f"{value:.1f} MB"
 
 
 class _TempFiles:
@@ -121,8 +138,20 @@ class SpillFile:
         self.path, self.fd = spool._temp_files.take()
         self.header_length = len(header)
         self.size = 0
-        self.error: OSError | None = None
+        # The first write that failed (OSError), or the room check that refused the rest
+        # (SpoolFull, :meth:`give_up`).
+        self.error: OSError | SpoolFull | None = None
         self.write(header)
+
+    def give_up(self, reason: SpoolFull) -> None:
+        """No room for the rest (the quota or the free-space floor, checked as it grows):
+        the file goes at once, what still arrives is dropped, and the C-STORE is refused
+        with ``reason`` once it is read to its end (0xA700)."""
+        if self.error is None:
+            self.error = reason
+        self.close()
+        self.path.unlink(missing_ok=True)
+        self._spool._temp_files.forget(self.path)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self.error is not None or self.fd < 0:
@@ -223,13 +252,14 @@ class Spool:
         """Refuse early when ``size`` more bytes would break the quota or the free floor."""
         if self.quota_bytes and used_bytes + size > self.quota_bytes:
             raise SpoolFull(
-                f"spool quota reached: {used_bytes + size} bytes needed, quota {self.quota_bytes}"
-            )
+                f"spool quota reached: {used_bytes + size} bytes needed, quota {self.quota_bytes}",
+                f"spool quota reached: {_mb(self.quota_bytes)} (storage.quota_mb)")
         free = shutil.disk_usage(self.root).free
         if free - size < self.min_free_bytes:
             raise SpoolFull(
-                f"disk nearly full: {free} bytes free, {size} needed, floor {self.min_free_bytes}"
-            )
+                f"disk nearly full: {free} bytes free, {size} needed, floor {self.min_free_bytes}",
+                f"disk nearly full: {_mb(free)} free, {_mb(size)} needed, floor "
+                f"{_mb(self.min_free_bytes)}")
 
     def write(self, chunks: Iterable[bytes | bytearray],
               digest: Any = None) -> tuple[StoredFile, bool]:
@@ -299,7 +329,8 @@ class Spool:
             raise SpoolFull(
                 f"spool quota reached: {room} bytes needed for a temporary copy, "
                 f"{held + copies} in use, quota {self.quota_bytes} ({held} filed, "
-                f"{copies} in other temporary copies)")
+                f"{copies} in other temporary copies)",
+                "spool quota reached: no room for a temporary copy")
 
     def check_temp_room(self, room: int) -> None:
         """Refuse (SpoolFull) ``room`` more bytes of temp copies when they would cut into the
@@ -316,7 +347,9 @@ class Spool:
                 raise SpoolFull(
                     f"disk nearly full: {free} bytes free, {room} needed for a temporary "
                     f"copy, {pending} promised to copies being written, floor "
-                    f"{self.min_free_bytes}")
+                    f"{self.min_free_bytes}",
+                    f"disk nearly full: no room for a temporary copy, floor "
+                    f"{_mb(self.min_free_bytes)}")
 
     def remove_temp(self, path: Path, *, keep_room: bool = False) -> None:
         """Remove a temp file. ``keep_room``: a reader still holds it open, so its bytes
