@@ -181,12 +181,19 @@ class CachePolicy:
             message = hard or (f"disk {percent:.1f}% used, above the high watermark "
                                f"({policy.high_watermark_percent}%), nothing more may be "
                                f"evicted (unconfirmed, pinned, within retention or being read)")
-            # Raised once, not on every pass; again when it becomes the hard limit (the
-            # watermark's alert first, then modalities refused: a worse state, said as such).
-            escalated = bool(hard) and not (self.alert or "").startswith("hard limit")
-            raised, self.alert = self.alert is None or escalated, message
-            if raised:
-                log.error("ALERT %s", message)
+            # Raised once, not on every pass; again whenever its level changes: the hard
+            # limit after the watermark's (modalities refused: a worse state, said as such),
+            # and the watermark's after the hard limit (status, doctor, /metrics and the
+            # fleet read the last alert row: they went on saying C-STOREs were refused after
+            # purges had made room, while modalities stored again).
+            stepped_down = (self.alert or "").startswith("hard limit") and not hard
+            changed = self.alert is None or stepped_down or (
+                bool(hard) and not (self.alert or "").startswith("hard limit"))
+            self.alert = message
+            if changed:
+                log.error("ALERT %s%s", message,
+                          " (no longer the hard limit: C-STOREs accepted)" if stepped_down
+                          else "")
                 self._audit_alert("failure: disk", message)
         elif self.alert is not None:
             self.alert = None

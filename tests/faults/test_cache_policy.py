@@ -141,6 +141,39 @@ def test_forced_purge_from_the_cli_is_audited_and_alert_clears(four_studies) -> 
     assert all(r["actor"].startswith("operator") for r in forced)
 
 
+def test_the_disk_alert_steps_down_from_the_hard_limit_when_room_is_made(four_studies) -> None:  # type: ignore[no-untyped-def]
+    """The alert's audit row was written when raised and when it became the hard limit, never
+    when it went back to the watermark's: after purges made room, ``pas status``, ``pas
+    doctor``, ``/metrics`` and the fleet (which read the last alert row) went on saying
+    C-STOREs were refused with 0xA700 while modalities stored again."""
+    from appliance.store.cache import raised_disk_alert
+
+    home, db, spool, uids = four_studies
+    sizes = {uid: sum(r["size"] for r in db.query(
+        "SELECT i.size FROM instances i JOIN studies s ON s.id = i.study_fk "
+        "WHERE s.study_uid = ?", (uid,))) for uid in uids}
+    total, largest = sum(sizes.values()), max(sizes, key=lambda u: sizes[u])
+    mib = 1024 * 1024
+    assert sizes[largest] > mib  # the purge below takes the spool out of the hard limit
+    # Over the quota's headroom with every study; under it without the largest one.
+    quota_mb = (total - sizes[largest] + 4 * mib) // mib + 1
+    environ = {"PAS_HOME": str(home), "PAS_STORAGE__QUOTA_MB": str(quota_mb),
+               "PAS_CACHE__HIGH_WATERMARK_PERCENT": "50",
+               "PAS_CACHE__LOW_WATERMARK_PERCENT": "1"}
+    policy = CachePolicy(load_settings(environ=environ), db, spool)
+    policy.evict_if_needed()  # nothing confirmed: nothing may go
+    assert (policy.alert or "").startswith("hard limit")
+    assert raised_disk_alert(db)["detail"].startswith("hard limit")  # type: ignore[index]
+
+    purge(db, spool, largest, "operator:test", force=True)
+    policy.evict_if_needed()
+    assert policy.hard_limit_near() is None
+    assert "above the high watermark" in (policy.alert or "")
+    assert "above the high watermark" in raised_disk_alert(db)["detail"]  # type: ignore[index]
+    policy.evict_if_needed()  # unchanged: not written again
+    assert len(db.query("SELECT 1 FROM audit WHERE event = 'alert'")) == 2
+
+
 def test_purge_of_an_unknown_study_names_it_and_suggests_no_force(four_studies) -> None:  # type: ignore[no-untyped-def]
     """``pas cache purge UID --force`` of a study not in the cache said "(use --force to
     purge anyway)": --force was given, and cannot help. Refused, nothing changed."""
