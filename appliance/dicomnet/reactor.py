@@ -47,7 +47,12 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import A_P_ABORT
 
 from appliance.dicomnet import last_word
-from appliance.dicomnet.direct_receive import P_DATA_TF, DirectReceiveError, DirectReceiver
+from appliance.dicomnet.direct_receive import (
+    MAX_HELD_MESSAGE_BYTES,
+    P_DATA_TF,
+    DirectReceiveError,
+    DirectReceiver,
+)
 from appliance.dicomnet.idle import peer_silent
 from appliance.dicomnet.poll import readable as poll_readable
 from appliance.dicomnet.unaccepted import UnacceptedContext
@@ -60,6 +65,9 @@ TICK_S = 0.05
 # Longest an association's end (kill(): after a release, an abort, a timeout) waits for its
 # DUL to finish what it is doing (sending its last PDU) before shutting the connection down.
 KILL_GRACE_S = 2.0
+# Longest P-DATA-TF PDU accepted when PAS offered no maximum (dicom.max_pdu = 0): a PDU is
+# held whole in memory until it is read, as pynetdicom holds a message it assembles.
+MAX_UNBOUNDED_PDU_BYTES = MAX_HELD_MESSAGE_BYTES
 # PDUs up to this size are read into one buffer allocated from their header's length.
 PREALLOCATE_PDU_BYTES = 4 << 20
 # Longest PDU other than P-DATA-TF accepted on an established association (A-RELEASE and
@@ -331,6 +339,11 @@ def _transport_event(self: DULServiceProvider, readable: bool = False) -> bool:
             # Memory is reserved from this length: a PDU over what PAS offered to receive is
             # refused before any of its body is read (A-ABORT, the connection closed, as for
             # a broken fragment sequence: reading on would parse its body as PDUs).
+            if limit == MAX_UNBOUNDED_PDU_BYTES and pdu_type == P_DATA_TF:
+                raise DirectReceiveError(
+                    f"PDU of type 0x{pdu_type:02X} declares {pdu_length} bytes, over the "
+                    f"{limit >> 20} MB PAS reads into memory at once (dicom.max_pdu = 0 "
+                    f"offers no maximum)")
             raise DirectReceiveError(f"PDU of type 0x{pdu_type:02X} declares {pdu_length} "
                                      f"bytes, over the {limit} this association accepts")
         if deadline is not None:
@@ -389,7 +402,10 @@ def _pdu_limit(self: DULServiceProvider, pdu_type: int) -> int:
         # over-long PDU must not fail a C-MOVE's sub-operations or a forward.
         return 0xFFFFFFFF
     offered = getattr(self.assoc.acceptor, "maximum_length", 0) or 0
-    return offered if offered else 0xFFFFFFFF  # dicom.max_pdu = 0: unlimited, as configured
+    # dicom.max_pdu = 0 offers no maximum, but a PDU is read whole into memory before any of
+    # it is filed: one declaring 1.5 GB took the daemon's memory up by every byte sent
+    # (invariant 8). Past MAX_UNBOUNDED_PDU_BYTES it is refused as one over an offered one.
+    return offered if offered else MAX_UNBOUNDED_PDU_BYTES
 
 
 def _dul_step(self: DULServiceProvider, assoc_wake: threading.Event,
