@@ -138,6 +138,23 @@ def _pdvs(pdu_body: memoryview) -> list[tuple[int, int, memoryview]]:
     return items
 
 
+def _uids_in_ascii(command: dict[int, bytes]) -> bool:
+    """Whether the command's SOP Class and Instance UIDs are ASCII, as the fast path reads
+    them. One that is not goes to pynetdicom, which answers it (0xC210, cannot understand):
+    here it raised an 'ascii' codec error in the DUL, and the association was aborted with
+    an anonymous "exception in the DUL reactor" (no peer named, no audit row)."""
+    return command[0x0002].isascii() and command[0x1000].isascii()
+
+
+def _check_message_id(command: dict[int, bytes]) -> None:
+    """A Message ID (0000,0110) is a US: 2 bytes. Another length cannot be answered (the
+    response names the request by it; pynetdicom took the first 2 of 4 bytes, and failed
+    with a traceback on 1): the association is aborted, naming the peer and the field."""
+    if len(command[0x0110]) != 2:
+        raise DirectReceiveError(f"C-STORE-RQ whose Message ID (0000,0110) has "
+                                 f"{len(command[0x0110])} bytes (a US has 2)")
+
+
 class _Request:
     """One C-STORE-RQ being reassembled."""
 
@@ -245,10 +262,13 @@ class DirectReceiver:
                 field is not None and struct.unpack("<H", field[:2])[0] == C_STORE_RQ
                 and command.get(0x0800, b"\x01\x01")[:2] != b"\x01\x01"
                 and all(key in command for key in (0x0002, 0x0110, 0x1000))
+                and _uids_in_ascii(command)
                 and uid_to_service_class(
                     command[0x0002].rstrip(b"\x00 ").decode("ascii", "replace")
                 ) is StorageServiceClass
             )
+        if taken:
+            _check_message_id(command)
         if not taken:
             self._theirs = True
             self._their_command = bytearray()
