@@ -45,6 +45,7 @@ FROZEN_MIGRATIONS = [
     "aae91d38bcb5223e",  # 24
     "618604cfd2e2949f",  # 25
     "9a35d068dbd45654",  # 26
+    "55beed275ee6b5c5",  # 27
 ]
 
 FROZEN_HUB_MIGRATIONS = [

@@ -130,6 +130,7 @@ def test_the_upgrade_adds_the_indexes_to_a_trail_written_before(tmp_path: Path) 
                        "DROP INDEX prefetch_requests_finished; "  # 25
                        "DROP INDEX prefetch_messages_request; "
                        "DROP INDEX prefetch_messages_received; "
+                       "DROP INDEX job_instances_instance; "  # 27
                        "PRAGMA user_version = 18;")
     conn.close()
 
