@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from types import SimpleNamespace
 from typing import Any
 
@@ -117,6 +118,29 @@ def _checked_uid(keyword: str, value: str | None) -> str:
         # line names the instance, from the request: appliance/ingest/scp.py).
         raise InvalidInstance(f"{keyword} is not a UID (digits and dots only)")
     return value
+
+
+# The DA and TM forms PS3.5 6.2 asks a reader to accept for backward compatibility with
+# ACR-NEMA, which older modalities and archive migrations still write: yyyy.mm.dd, and
+# hh:mm:ss.frac (hh:mm, hh:mm:ss). [0-9], not \d (any script's digits).
+_LEGACY_DA = re.compile(r"([0-9]{4})\.([0-9]{2})\.([0-9]{2})")
+_LEGACY_TM = re.compile(r"([0-9]{2}):([0-9]{2})(?::([0-9]{2})(\.[0-9]{1,6})?)?")
+
+
+def _index_date(value: str | None) -> str | None:
+    """A DA value as the index keeps it: ``yyyy.mm.dd`` as ``yyyymmdd``, anything else as
+    read. Why: queries match dates as yyyymmdd (appliance/store/query.py), and 2020.01.15
+    kept as received was missed by every StudyDate and PatientBirthDate match and range.
+    Only the index's value: the stored file keeps its bytes (invariant 4)."""
+    match = _LEGACY_DA.fullmatch(value) if value else None
+    return "".join(match.groups()) if match else value
+
+
+def _index_time(value: str | None) -> str | None:
+    """A TM value as the index keeps it: ``hh:mm:ss.frac`` as ``hhmmss.frac``, anything else
+    as read (see :func:`_index_date`; 10:30:00 was matched as text, in no range's order)."""
+    match = _LEGACY_TM.fullmatch(value) if value else None
+    return "".join(part or "" for part in match.groups()) if match else value
 
 
 # Text the index reads whose bytes the dataset's character set decides (PS3.5 6.1.2.3).
@@ -234,10 +258,10 @@ def _instance_record(ds: Dataset, transfer_syntax_uid: str) -> InstanceRecord:
         patient_id=_text(ds, "PatientID") or "",
         issuer_of_patient_id=_text(ds, "IssuerOfPatientID") or "",
         patient_name=_text(ds, "PatientName"),
-        birth_date=_text(ds, "PatientBirthDate"),
+        birth_date=_index_date(_text(ds, "PatientBirthDate")),
         sex=_text(ds, "PatientSex"),
-        study_date=_text(ds, "StudyDate"),
-        study_time=_text(ds, "StudyTime"),
+        study_date=_index_date(_text(ds, "StudyDate")),
+        study_time=_index_time(_text(ds, "StudyTime")),
         accession_number=_text(ds, "AccessionNumber"),
         study_id=_text(ds, "StudyID"),
         study_description=_text(ds, "StudyDescription"),
@@ -336,6 +360,9 @@ def record_from_raw(ds: Dataset, transfer_syntax_uid: str) -> InstanceRecord:
         return instance_record(ds, transfer_syntax_uid)
     values["patient_id"] = values["patient_id"] or ""
     values["issuer_of_patient_id"] = values["issuer_of_patient_id"] or ""
+    values["birth_date"] = _index_date(values["birth_date"])
+    values["study_date"] = _index_date(values["study_date"])
+    values["study_time"] = _index_time(values["study_time"])
     return InstanceRecord(transfer_syntax_uid=transfer_syntax_uid, **values)
 
 
