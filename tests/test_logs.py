@@ -118,32 +118,33 @@ def test_a_log_call_whose_arguments_do_not_fit_never_raises_at_the_caller() -> N
 def test_a_peer_s_value_cannot_write_a_log_line_of_its_own(tmp_path) -> None:
     """A Study Instance UID holding a line break and a forged line ("... CRITICAL pas.audit:
     FORGED") was logged as it came: the log had a line of its own that read as PAS's
-    (security review, 2026-12-06). Each control character is written \\xNN now."""
-    from pydicom import config as pydicom_config
-    from pydicom import dcmread
+    (security review, 2026-12-06). Each control character is written \\xNN now. The value
+    comes as a carriage return in a STOW-RS URL's study, which the part's refusal names (a
+    dataset's UID with a line break is refused before anything logs it since 2026-12-07,
+    not a UID; a line feed in the URL's path matches no route)."""
+    import urllib.parse
 
-    from tests.support.peers import CT_DIR, PasProcess
+    import httpx
 
-    forged = "11:00:00,000 CRITICAL pas.audit: FORGED"  # a UID is 64 characters at most
-    source = dcmread(sorted(CT_DIR.glob("*.dcm"))[0])
-    previous = pydicom_config.settings.writing_validation_mode
-    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
-    try:
-        source.StudyInstanceUID = f"1.2.826.0.1\n{forged}"
-        path = tmp_path / "forged.dcm"
-        source.save_as(path)
-    finally:
-        pydicom_config.settings.writing_validation_mode = previous
+    from tests.support.peers import CT_DIR, PasProcess, wait_for
+
+    forged = "11:00:00,000 CRITICAL pas.audit: FORGED"
+    path = sorted(CT_DIR.glob("*.dcm"))[0]
     pas = PasProcess(tmp_path / "pas", {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
                                         "PAS_STUDY__STABLE_AFTER_S": "1"}).start()
     try:
-        from tests.support.peers import wait_for
-        from tests.test_serving_stow_full import stow
-
-        stow(pas.http_port, [path])  # its bytes as written (a C-STORE's value was trimmed)
-
-        wait_for(lambda: f"1.2.826.0.1\\x0a{forged}" in pas.log(), 30,
-                 what="the value's line break written \\x0a")
+        boundary = "pas-test-boundary"
+        body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+                + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode())
+        study = urllib.parse.quote(f"1.2.826.0.1\r{forged}", safe="")
+        answer = httpx.post(
+            f"http://127.0.0.1:{pas.http_port}/dicom-web/studies/{study}", content=body,
+            timeout=60, headers={"Content-Type": f'multipart/related; type="application/dicom"; '
+                                                 f"boundary={boundary}",
+                                 "Accept": "application/dicom+json"})
+        assert answer.status_code == 409, answer.text  # another study's instance: refused
+        wait_for(lambda: f"1.2.826.0.1\\x0d{forged}" in pas.log(), 30,
+                 what="the value's carriage return written \\x0d")
     finally:
         pas.stop()
     assert not any(line.startswith(forged) for line in pas.log().splitlines())
