@@ -22,7 +22,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from appliance.cli.common import ROW_ID_MAX, ConfigOption, JsonOption, console, err
+from appliance.cli.common import ROW_ID_MAX, ConfigOption, JsonOption, console, err, shown
 from appliance.store.audit import EVENTS, PATIENT_SEPARATOR, AuditFilter
 from appliance.words import counted, local_time
 
@@ -33,9 +33,6 @@ AuditEvent = StrEnum("AuditEvent", {name: name for name in EVENTS})  # type: ign
 _AGO = re.compile(r"(\d{1,9})([mhdw])")
 _UNIT_S = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
-# What a terminal would obey rather than show (ESC sequences, backspace, carriage return...).
-# Actors, query keys and HL7 reasons come from the network: shown as \xNN, never executed.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 WHEN_FORMS = ("a date (2024-05-01), a date and time (2024-05-01T14:30, local time unless "
               "it ends with Z or a UTC offset) or a time ago (30m, 24h, 7d, 2w)")
 
@@ -64,9 +61,9 @@ def parse_when(option: str, text: str, *, end_of_day: bool = False,
 
 
 def _shown(value: Any) -> Text:
-    """A cell as plain text: no rich markup read in it, control characters made visible."""
-    text = "" if value is None else str(value)
-    return Text(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text))
+    """A cell as plain text: no rich markup read in it, control characters made visible
+    (line feeds too: actors, query keys and HL7 reasons come from the network)."""
+    return shown(value, one_line=True)
 
 
 def _target(value: str | None) -> Text:

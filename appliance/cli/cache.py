@@ -17,7 +17,15 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
-from appliance.cli.common import ConfigOption, JsonOption, console, err, operator_actor
+from appliance.cli.common import (
+    ConfigOption,
+    JsonOption,
+    console,
+    err,
+    literal,
+    operator_actor,
+    shown,
+)
 from appliance.words import counted
 
 if TYPE_CHECKING:  # imported when used: every pas command imports this module
@@ -98,7 +106,7 @@ def verify(config: Path | None = ConfigOption,
     else:
         console.print(" ".join(f"{k}={v}" for k, v in summary.items()))
         for problem in report.problems:
-            console.print(f"[red]{problem}[/red]", highlight=False)
+            console.print(f"[red]{literal(problem)}[/red]", highlight=False)
     if report.problems and not (repair and report.hash_mismatch == 0 and report.missing == 0):
         raise typer.Exit(1)
 
@@ -140,7 +148,8 @@ def cache_status(config: Path | None = ConfigOption, as_json: bool = JsonOption)
     table.add_row("watermarks", f"high {snapshot['high_watermark_percent']} %, "
                                 f"low {snapshot['low_watermark_percent']} %")
     table.add_row("disk alert", "none" if snapshot["alert"] is None else
-                  f"[red]{snapshot['alert']}[/red] (since {_when(snapshot['alert_since'])})")
+                  f"[red]{literal(snapshot['alert'])}[/red] "
+                  f"(since {_when(snapshot['alert_since'])})")
     table.add_row("integrity issues", str(snapshot["integrity_issues"]))
     console.print(table, highlight=False)
     if issues:
@@ -148,7 +157,7 @@ def cache_status(config: Path | None = ConfigOption, as_json: bool = JsonOption)
         for column in ("kind", "path", "detail"):
             table.add_column(column)
         for issue in issues:
-            table.add_row(issue["kind"], issue["path"], issue["detail"] or "")
+            table.add_row(shown(issue["kind"]), shown(issue["path"]), shown(issue["detail"]))
         console.print(table)
 
 
@@ -163,7 +172,8 @@ def cache_evict(config: Path | None = ConfigOption,
 
     if study_uid is not None:  # typer's "Got unexpected extra argument" said not what to do
         err.print(f"[red]pas cache evict takes no study:[/red] it runs an eviction pass; to "
-                  f"delete study {study_uid} now: pas cache purge {study_uid}", highlight=False)
+                  f"delete study {literal(study_uid)} now: pas cache purge {literal(study_uid)}",
+                  highlight=False)
         raise typer.Exit(2)
     settings, db, spool = _open(config, long_pass=True)
     result = CachePolicy(settings, db, spool).evict_if_needed()
@@ -171,7 +181,7 @@ def cache_evict(config: Path | None = ConfigOption,
                   f"{human_size(result.freed_bytes)} freed; used {human_size(result.used_after)}"
                   f" of {human_size(result.capacity)}", highlight=False)
     for why in result.skipped.values():  # a study being read: a viewer's retrieve under way
-        console.print(f"not evicted: {why}", highlight=False)
+        console.print(f"not evicted: {literal(why)}", highlight=False)
 
 
 @cache_app.command("pin")
@@ -191,7 +201,8 @@ def cache_pin(study_uid: str = StudyArgument, config: Path | None = ConfigOption
     _settings, db, _spool = _open(config)
     change = pin(db, study_uid, days, operator_actor())
     if change is None:
-        err.print(f"[red]study {study_uid} is not in the cache[/red]{_not_a_uid(study_uid)}",
+        err.print(f"[red]study {literal(study_uid)} is not in the cache[/red]"
+                  f"{literal(_not_a_uid(study_uid))}",
                   highlight=False)
         raise typer.Exit(1)
     from appliance.store.cache import pin_words
@@ -200,7 +211,7 @@ def cache_pin(study_uid: str = StudyArgument, config: Path | None = ConfigOption
     if as_json:
         print(json.dumps(_pin_json(study_uid, change), indent=2))
         return
-    said = f"study {study_uid} pinned {pin_words(change.after)}"
+    said = f"study {literal(study_uid)} pinned {pin_words(change.after)}"
     if change.was_pinned:
         assert change.before is not None
         shorter = "[yellow]shortened[/yellow]: " if change.before > change.after else ""
@@ -228,7 +239,8 @@ def cache_unpin(study_uid: str = StudyArgument, config: Path | None = ConfigOpti
     _settings, db, _spool = _open(config)
     change = unpin(db, study_uid, operator_actor())
     if change is None:
-        err.print(f"[red]study {study_uid} is not in the cache[/red]{_not_a_uid(study_uid)}",
+        err.print(f"[red]study {literal(study_uid)} is not in the cache[/red]"
+                  f"{literal(_not_a_uid(study_uid))}",
                   highlight=False)
         raise typer.Exit(1)
     from appliance.store.cache import pin_words
@@ -237,10 +249,11 @@ def cache_unpin(study_uid: str = StudyArgument, config: Path | None = ConfigOpti
         print(json.dumps(_pin_json(study_uid, change), indent=2))
         return
     if not change.was_pinned:  # said, not "unpinned" as if something changed
-        console.print(f"study {study_uid} was not pinned: nothing changed", highlight=False)
+        console.print(f"study {literal(study_uid)} was not pinned: nothing changed",
+                      highlight=False)
         return
     assert change.before is not None
-    console.print(f"study {study_uid} unpinned (was pinned {pin_words(change.before)})",
+    console.print(f"study {literal(study_uid)} unpinned (was pinned {pin_words(change.before)})",
                   highlight=False)
 
 
@@ -259,15 +272,16 @@ def cache_purge(study_uid: str = StudyArgument, config: Path | None = ConfigOpti
     try:
         evicted = purge(db, spool, study_uid, operator_actor(), force)
     except UnknownStudy as exc:  # --force cannot help: no hint to use it (given or not)
-        err.print(f"[red]refused:[/red] {exc}", highlight=False)
+        err.print(f"[red]refused:[/red] {literal(exc)}", highlight=False)
         raise typer.Exit(1) from None
     except BeingRead as exc:  # a viewer's retrieve under way in the daemon
-        err.print(f"[red]refused:[/red] {exc}. Purge once the retrieve is over, or use "
+        err.print(f"[red]refused:[/red] {literal(exc)}. Purge once the retrieve is over, or use "
                   "--force to purge now: the viewer then fails to get what it has not "
                   "received yet", highlight=False)
         raise typer.Exit(1) from None
     except NotEvictable as exc:
-        err.print(f"[red]refused:[/red] {exc} (use --force to purge anyway)")
+        err.print(f"[red]refused:[/red] {literal(exc)} (use --force to purge anyway)",
+                  highlight=False)
         raise typer.Exit(1) from None
     if as_json:  # what the delete audit row records, named
         print(json.dumps({"study_uid": study_uid, "patient_id": evicted.patient_id,
@@ -280,7 +294,7 @@ def cache_purge(study_uid: str = StudyArgument, config: Path | None = ConfigOpti
         from appliance.store.cache import pin_words
 
         pinned = f"; it was pinned {pin_words(evicted.pinned_until)}"
-    console.print(f"purged study {study_uid}: {counted(evicted.instances, 'instance')} "
+    console.print(f"purged study {literal(study_uid)}: {counted(evicted.instances, 'instance')} "
                   f"({evicted.unconfirmed} unconfirmed), {human_size(evicted.bytes)}{pinned}",
                   highlight=False)
 
@@ -301,14 +315,16 @@ def cache_rebuild_index(config: Path | None = ConfigOption,
     settings = _settings(config)
     path = settings.db_path
     if not path.exists():
-        err.print(f"[red]refused:[/red] no index database at {path}: nothing to set aside")
+        err.print(f"[red]refused:[/red] no index database at {literal(path)}: nothing to set "
+                  "aside", highlight=False)
         raise typer.Exit(1)
     try:
         done = set_index_aside(settings, operator_actor(), force)
     except (HomeInUse, IndexSound) as exc:
-        err.print(f"[red]refused:[/red] {exc}")
+        err.print(f"[red]refused:[/red] {literal(exc)}", highlight=False)
         raise typer.Exit(1) from None
-    console.print(f"{path} ({done.finding}) set aside as {done.moved_to}.\n"
+    console.print(f"{literal(path)} ({literal(done.finding)}) set aside as "
+                  f"{literal(done.moved_to)}.\n"
                   f"Start PAS (systemctl start pas): start-up recovery indexes the "
                   f"{counted(done.spool_files, 'file')} of the spool again; their studies are "
                   "routed again and none is evicted before the region confirms it again.",

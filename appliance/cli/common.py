@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
 
 from appliance.config import ConfigError
 
@@ -25,6 +27,35 @@ if TYPE_CHECKING:
     from appliance.store.db import Database
 
 T = TypeVar("T")
+
+# What a terminal would obey rather than show (ESC sequences, backspace, carriage return...).
+# AE titles, actors, query keys, HL7 reasons and errors come from the network: shown as \xNN,
+# never executed. A line feed only breaks the line, kept where a cell may wrap.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_CONTROL_BUT_LF = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+
+
+def visible(value: object, *, one_line: bool = False) -> str:
+    """A value's text with its control characters written as ``\\xNN`` (line feeds too
+    with ``one_line``)."""
+    text = "" if value is None else str(value)
+    control = _CONTROL if one_line else _CONTROL_BUT_LF
+    return control.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def shown(value: object, *, one_line: bool = False) -> Text:
+    """A value from the data (an AE title, a patient's name, a study description, an error,
+    a check's detail) as a table cell: shown literally. Rich reads markup in a ``str`` cell:
+    a peer's AE title ``[/CT]`` made ``pas status`` end in a MarkupError traceback for as
+    long as its report was pending, and ``[contrast]`` in a description vanished."""
+    return Text(visible(value, one_line=one_line))
+
+
+def literal(value: object) -> str:
+    """A value from the data put into a markup string (``f"[red]refused:[/red] {literal(x)}"``):
+    escaped, so that its brackets are printed, never read as markup; control characters
+    made visible as in :func:`shown`."""
+    return escape(visible(value))
 
 def _flags_take_no_value() -> None:
     """A flag reads ``--json`` in help, not ``--json <bool>``: typer 0.29's help gives every
@@ -95,7 +126,7 @@ def settings_or_exit(load: Callable[[], T]) -> T:
         return load()
     except ConfigError as exc:
         for problem in exc.problems:
-            err.print(f"[red]config error[/red] {problem}", highlight=False)
+            err.print(f"[red]config error[/red] {literal(problem)}", highlight=False)
         raise typer.Exit(2) from None
 
 
@@ -110,7 +141,7 @@ def refuse_hidden_problems(checked: Path | None, hidden: list[str], variables: s
     only at the next run, once the others were fixed."""
     hidden = hidden_problems(checked, hidden, variables, daemon, said)
     for problem in hidden:
-        err.print(f"[red]config error[/red] {problem}", highlight=False)
+        err.print(f"[red]config error[/red] {literal(problem)}", highlight=False)
     if hidden or said:
         raise typer.Exit(2)
 
@@ -156,7 +187,8 @@ def write_database(path: Path, migrations: list[str] | None = None,
     from appliance.store.db import Database
 
     if not create and not path.exists():
-        err.print(f"[red]no database at {path}[/red] ({hint})", highlight=False)
+        err.print(f"[red]no database at {literal(path)}[/red] ({literal(hint)})",
+                  highlight=False)
         raise typer.Exit(1)
     if migrations is None:
         return Database(path, busy_timeout_ms=busy_timeout_ms)
@@ -176,7 +208,7 @@ def read_database(path: Path, migrations: list[str] | None = None,
                         busy_timeout_ms=INTERACTIVE_BUSY_TIMEOUT_MS)
     except DatabaseUnavailable as exc:
         where = f" ({hint})" if not path.exists() else ""
-        err.print(f"[red]{exc}[/red]{where}", highlight=False)
+        err.print(f"[red]{literal(exc)}[/red]{literal(where)}", highlight=False)
         raise typer.Exit(1) from None
 
 
@@ -274,18 +306,19 @@ def report_pruned(pruned: Pruned | None) -> None:
     if pruned is None:
         return
     if pruned.removed:
-        console.print(f"--keep {pruned.keep}: removed {', '.join(pruned.removed)}",
+        console.print(f"--keep {pruned.keep}: removed {literal(', '.join(pruned.removed))}",
                       highlight=False)
     if pruned.stale_partials_removed:
         console.print("removed the temporary folders of backups that stopped before their "
-                      f"end: {', '.join(pruned.stale_partials_removed)}", highlight=False)
+                      f"end: {literal(', '.join(pruned.stale_partials_removed))}",
+                      highlight=False)
     exit_on_prune_problems(pruned)
 
 
 def exit_on_prune_problems(pruned: Pruned | None) -> None:
     if pruned is not None and pruned.problems:
         for problem in pruned.problems:
-            err.print(f"[red]--keep {pruned.keep}:[/red] {problem} (the new backup is "
+            err.print(f"[red]--keep {pruned.keep}:[/red] {literal(problem)} (the new backup is "
                       "written)", highlight=False)
         raise typer.Exit(1)
 
@@ -293,10 +326,11 @@ def exit_on_prune_problems(pruned: Pruned | None) -> None:
 ERROR_CELL_CHARS = 300
 
 
-def error_cell(text: str | None) -> str:
+def error_cell(text: str | None) -> Text:
     """A job's or request's last error as a table cell: whole up to :data:`ERROR_CELL_CHARS`
     (the table wraps it), cut with an ellipsis past that (``--json`` has it all). Cut at 50
     or 60 characters, the part that says what to do was lost: "waiting for credentials:
-    destinations.pacs.tls_key can be read by others (chmod 600 ...)" ended at "by oth"."""
+    destinations.pacs.tls_key can be read by others (chmod 600 ...)" ended at "by oth".
+    Shown literally (:func:`shown`): an error quotes what a peer said."""
     text = text or ""
-    return text if len(text) <= ERROR_CELL_CHARS else text[:ERROR_CELL_CHARS - 1] + "…"
+    return shown(text if len(text) <= ERROR_CELL_CHARS else text[:ERROR_CELL_CHARS - 1] + "…")

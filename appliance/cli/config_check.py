@@ -17,6 +17,7 @@ from appliance.cli.common import (
     console,
     err,
     hidden_problems,
+    literal,
     refuse_hidden_problems,
 )
 from appliance.config import (
@@ -48,21 +49,21 @@ def config_check(path: Path | None = typer.Argument(
                                                             "pas run", said))
         return
     for problem in said:
-        err.print(f"[red]config error[/red] {problem}", highlight=False)
+        err.print(f"[red]config error[/red] {literal(problem)}", highlight=False)
     refuse_hidden_problems(checked, hidden, "PAS_*", "pas run", said)
     assert settings is not None
     site_problem = _enrolled_site_problem(settings)
     if site_problem:
-        err.print(f"[red]config error[/red] {site_problem}", highlight=False)
+        err.print(f"[red]config error[/red] {literal(site_problem)}", highlight=False)
         raise typer.Exit(2)
     from appliance.config import site_origin
 
     enrolled = " (its enrolment's)" if site_origin(settings) == "enrolment" else ""
     # "routing rules": "0 rules" was read as the prefetch's; the HL7 port is the RIS's.
     hl7 = f", HL7 port {settings.hl7.port}" if settings.hl7.enabled else ", HL7 off"
-    console.print(f"[green]configuration OK[/green]: site {settings.site}{enrolled}, AE "
-                  f"{settings.dicom.ae_title} port "
-                  f"{settings.dicom.port}{hl7}, home {settings.home}, "
+    console.print(f"[green]configuration OK[/green]: site {literal(settings.site)}{enrolled}, "
+                  f"AE {literal(settings.dicom.ae_title)} port "
+                  f"{settings.dicom.port}{hl7}, home {literal(settings.home)}, "
                   f"{counted(len(settings.routing.rules), 'routing rule')}, "
                   f"{counted(len(settings.destinations), 'destination')}"
                   f"{_and_the_hub(settings)}")

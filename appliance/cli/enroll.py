@@ -16,7 +16,7 @@ from typing import NoReturn
 
 import typer
 
-from appliance.cli.common import ConfigOption, console, err, settings_or_exit
+from appliance.cli.common import ConfigOption, console, err, literal, settings_or_exit
 
 # Where the enrolment token comes from when no option names it: the environment of the
 # process is readable by its own user only (/proc/PID/environ is 0400), unlike its arguments.
@@ -57,10 +57,10 @@ def enroll(hub: str = typer.Option(..., "--hub", help="https://host:port of the 
         enrolment = do_enroll(settings.home, hub, secret, replace=replace,
                               configured_site=configured_site(settings))
     except EnrolmentError as exc:
-        err.print(f"[red]enrolment failed:[/red] {exc}")
+        err.print(f"[red]enrolment failed:[/red] {literal(exc)}", highlight=False)
         raise typer.Exit(1) from None
-    console.print(f"enrolled as site {enrolment.site} with {enrolment.url}; "
-                  f"files in {enrolment.pki_dir}")
+    console.print(f"enrolled as site {literal(enrolment.site)} with {literal(enrolment.url)}; "
+                  f"files in {literal(enrolment.pki_dir)}", highlight=False)
     if replace:
         console.print("restart PAS to use the new certificate: systemctl restart pas")
 
@@ -130,6 +130,6 @@ def _ask_token() -> str:
 
 
 def _no_token(problem: str) -> NoReturn:
-    err.print(f"[red]enrolment not attempted:[/red] {problem}; nothing was sent or written",
-              highlight=False)
+    err.print(f"[red]enrolment not attempted:[/red] {literal(problem)}; nothing was sent or "
+              "written", highlight=False)
     raise typer.Exit(2)

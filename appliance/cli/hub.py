@@ -25,11 +25,13 @@ from appliance.cli.common import (
     console,
     err,
     exit_on_prune_problems,
+    literal,
     read_database,
     refuse_bad_keep,
     refuse_hidden_problems,
     report_pruned,
     settings_or_exit,
+    shown,
     write_database,
 )
 from appliance.ops.status import human_size
@@ -95,7 +97,7 @@ def hub_config_check(path: Path | None = typer.Argument(
             _refused_json(problems + hidden_problems(checked, hidden, "PAS_HUB_*",
                                                      "pas hub run", problems))
         for problem in problems:
-            err.print(f"[red]config error[/red] {problem}", highlight=False)
+            err.print(f"[red]config error[/red] {literal(problem)}", highlight=False)
         refuse_hidden_problems(checked, hidden, "PAS_HUB_*", "pas hub run", problems)
     if as_json and hidden:
         _refused_json(hidden_problems(checked, hidden, "PAS_HUB_*", "pas hub run"))
@@ -104,7 +106,7 @@ def hub_config_check(path: Path | None = typer.Argument(
     if as_json and found.problems:
         _refused_json(found.problems)
     for problem in found.problems:
-        err.print(f"[red]config error[/red] {problem}", highlight=False)
+        err.print(f"[red]config error[/red] {literal(problem)}", highlight=False)
     if found.problems:
         raise typer.Exit(2)
     archive = settings.archive
@@ -120,7 +122,7 @@ def hub_config_check(path: Path | None = typer.Argument(
     _warn_ineffective(settings)
     where = f" {archive.url}" if archive.kind == "dicomweb" else ""
     databases = "; ".join(found.schemas) or "no database yet (pas hub run creates it)"
-    console.print(f"[green]hub configuration OK[/green]: home {settings.home}, "
+    console.print(f"[green]hub configuration OK[/green]: home {literal(settings.home)}, "
                   f"https on {settings.http.host}:{settings.http.port}, archive "
                   f"{archive.kind}{where}; {databases}", highlight=False)
     if checked is None:  # "OK" of the built-in defaults read as the hub's own settings
@@ -139,7 +141,7 @@ def _warn_ineffective(settings: HubSettings) -> None:
     from appliance.hub.config import ineffective_settings
 
     for warning in ineffective_settings(settings):
-        err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+        err.print(f"[yellow]warning:[/yellow] {literal(warning)}", highlight=False)
 
 
 # Said when no hub.toml was found (appliance/hub/config.py hub_config_path).
@@ -207,10 +209,10 @@ def hub_init(address: list[str] = typer.Option(
     try:
         pki.init(addresses)
     except PKIError as exc:
-        err.print(f"[red]{exc}[/red]")
+        err.print(f"[red]{literal(exc)}[/red]", highlight=False)
         raise typer.Exit(1) from None
     _hub_db(settings, create=True)
-    console.print(f"hub initialised in {settings.home}: server certificate for "
+    console.print(f"hub initialised in {literal(settings.home)}: server certificate for "
                   f"{', '.join(addresses)}; CA fingerprint {pki.ca_fingerprint()}")
 
 
@@ -234,12 +236,13 @@ def hub_token(site: str = typer.Argument(..., help=SITE_HELP),
     try:
         validity = parse_validity(valid_for)
     except PKIError as exc:
-        err.print(f"[red]bad --valid-for:[/red] {exc}", highlight=False)
+        err.print(f"[red]bad --valid-for:[/red] {literal(exc)}", highlight=False)
         raise typer.Exit(2) from None
     settings = _hub_settings(config)
     pki = HubPKI(settings.home)
     if not pki.exists():
-        err.print(f"[red]no hub under {settings.home}:[/red] run `pas hub init` first")
+        err.print(f"[red]no hub under {literal(settings.home)}:[/red] run `pas hub init` "
+                  "first", highlight=False)
         raise typer.Exit(1)
     logs.setup(settings.log_level)  # the WARNING line saying who: journald under systemd
     token, digest = pki.new_token(site)
@@ -268,7 +271,7 @@ def hub_tokens(config: Path | None = HubConfigOption, as_json: bool = JsonOption
         for r in rows:  # the digest never shown, nor in --json
             r["token_id"] = pki.token_id(r.pop("secret_sha256"))
     except (PKIError, OSError) as exc:
-        err.print(f"[red]cannot name the tokens:[/red] {exc}", highlight=False)
+        err.print(f"[red]cannot name the tokens:[/red] {literal(exc)}", highlight=False)
         raise typer.Exit(1) from None
     if as_json:
         print(json.dumps(rows, indent=2))
@@ -277,7 +280,7 @@ def hub_tokens(config: Path | None = HubConfigOption, as_json: bool = JsonOption
     for column in ("site", "token", "issued", "valid until", "state"):
         table.add_column(column)
     for r in rows:
-        table.add_row(r["site"], r["token_id"], utc_text(r["created_at"]),
+        table.add_row(shown(r["site"]), shown(r["token_id"]), utc_text(r["created_at"]),
                       utc_text(r["expires_at"]), "voided (pas hub revoke)"
                       if r["state"] == "voided" else r["state"])
     console.print(table)
@@ -368,7 +371,7 @@ def hub_sites(config: Path | None = HubConfigOption, as_json: bool = JsonOption)
     for column in ("site", "serial", "valid until", "state"):
         table.add_column(column)
     for r in rows:  # the revocation's time: stored, shown before by a second revoke only
-        table.add_row(r["site"], r["serial"], r["not_after"][:10],
+        table.add_row(shown(r["site"]), shown(r["serial"]), r["not_after"][:10],
                       f"superseded by {r['superseded_by']}" if r["state"] == "superseded"
                       else f"revoked {utc_text(r['revoked_at'])}" if r["state"] == "revoked"
                       else "valid")
@@ -407,7 +410,8 @@ def hub_transfers(config: Path | None = HubConfigOption,
                    "created", "committed"):
         table.add_column(column)
     for r in rows:
-        table.add_row(r["site"], r["id"], r["study_uid"], str(r["instance_count"]),
+        table.add_row(shown(r["site"]), shown(r["id"]), shown(r["study_uid"]),
+                      str(r["instance_count"]),
                       f"{r['held']}/{r['bucket_count']}", human_size(r["bytes_received"]),
                       utc_text(r["created_at"]), utc_text(r["committed_at"])
                       if r["committed_at"] else "expired" if r["expired_at"] else "not yet")
@@ -436,17 +440,17 @@ def hub_backup(destination: Path = typer.Argument(
         made = make_hub_backup(settings, hub_config_path(config), destination,
                                operator_actor(), keep=keep)
     except BackupRefused as exc:
-        err.print(f"[red]refused:[/red] {exc}", highlight=False)
+        err.print(f"[red]refused:[/red] {literal(exc)}", highlight=False)
         raise typer.Exit(1) from None
     except BackupNotRecorded as exc:  # the folder is whole; the unit fails all the same
-        err.print(f"[red]not recorded:[/red] {exc}", highlight=False)
+        err.print(f"[red]not recorded:[/red] {literal(exc)}", highlight=False)
         raise typer.Exit(1) from None
     manifest = made.manifest
     if as_json:
         pruned = {} if made.pruned is None else {"pruned": made.pruned.as_dict()}
         print(json.dumps({"folder": str(made.folder), **manifest, **pruned}, indent=2))
     else:
-        console.print(f"hub backup written to {made.folder}: the database "
+        console.print(f"hub backup written to {literal(made.folder)}: the database "
                       f"({counted(manifest['sites_enrolled'], 'site')} enrolled, "
                       f"{counted(manifest['transfers_committed'], 'transfer')} committed), "
                       "the fleet CA and keys, "
@@ -462,7 +466,7 @@ def hub_backup(destination: Path = typer.Argument(
                           "them up with the storage's tools.", highlight=False)
     if manifest["missing"]:
         err.print(f"[yellow]missing from the hub home, so from the backup:[/yellow] "
-                  f"{', '.join(manifest['missing'])}", highlight=False)
+                  f"{literal(', '.join(manifest['missing']))}", highlight=False)
     if manifest["config_file"] is None:  # the list above just lacked "the configuration"
         err.print(f"[yellow]no configuration file in the backup:[/yellow] {NO_HUB_FILE}",
                   highlight=False)
@@ -497,13 +501,13 @@ def hub_restore(folder: Path = typer.Argument(
         done = restore_hub_backup(settings.home, folder, operator_actor(), force=force,
                                   home_named=home_named(settings))
     except RestoreRefused as exc:
-        err.print(f"[red]refused:[/red] {exc}", highlight=False)
+        err.print(f"[red]refused:[/red] {literal(exc)}", highlight=False)
         raise typer.Exit(1) from None
     except RestoreStopped as exc:
-        err.print(f"[red]not finished:[/red] {exc}", highlight=False)
+        err.print(f"[red]not finished:[/red] {literal(exc)}", highlight=False)
         raise typer.Exit(1) from None
     for line in restored_lines(done):
-        console.print(line, highlight=False)
+        console.print(literal(line), highlight=False)
 
 
 def restored_lines(done: HubRestored) -> list[str]:
@@ -583,12 +587,13 @@ def hub_run(config: Path | None = HubConfigOption) -> None:
     try:  # one hub per home, held for the process's life (pas hub restore waits for it)
         home_lock = hold_hub_lock(settings.home) if settings.home.is_dir() else None
     except HomeInUse as exc:
-        err.print(f"[red]cannot start the hub:[/red] {exc}", highlight=False)
+        err.print(f"[red]cannot start the hub:[/red] {literal(exc)}", highlight=False)
         raise typer.Exit(1) from None
 
     finding = damage_of(settings.db_path) if settings.db_path.exists() else None
     if finding is not None:  # never written to: the file is the evidence, and the way back
-        err.print(f"[red]cannot start the hub:[/red] the hub database {settings.db_path} is "
+        err.print(f"[red]cannot start the hub:[/red] the hub database "
+                  f"{literal(settings.db_path)} is "
                   f"damaged ({finding}); keep it as it is and restore the hub home from its last "
                   "backup (pas hub restore FOLDER; docs/operations.md, Backing up the hub)",
                   highlight=False)
@@ -603,7 +608,7 @@ def hub_run(config: Path | None = HubConfigOption) -> None:
             sock.close()
             raise
     except (PKIError, OSError, SchemaTooNew, SchemaDiffers) as exc:
-        err.print(f"[red]cannot start the hub:[/red] {exc}", highlight=False)
+        err.print(f"[red]cannot start the hub:[/red] {literal(exc)}", highlight=False)
         raise typer.Exit(1) from None
     from appliance import __version__
     from appliance.hub.config import open_dashboard

@@ -24,8 +24,10 @@ from appliance.cli.common import (
     err,
     error_cell,
     is_busy,
+    literal,
     read_database,
     settings_or_exit,
+    shown,
     write_database,
 )
 from appliance.config import (
@@ -115,7 +117,7 @@ def run(config: Path | None = ConfigOption) -> None:
             + ([("http.port", "http.host", http.host, http.port)] if http.enabled else []),
             PORT_104_DROP_IN)
         if refused:
-            err.print(f"[red]cannot start:[/red] {refused}", highlight=False)
+            err.print(f"[red]cannot start:[/red] {literal(refused)}", highlight=False)
             raise typer.Exit(1)
     from appliance.store.damage import DatabaseDamaged
     from appliance.store.db import SchemaTooNew
@@ -127,14 +129,14 @@ def run(config: Path | None = ConfigOption) -> None:
     except (OSError, EnrolmentError, DatabaseDamaged, SchemaTooNew, SchemaDiffers) as exc:
         # A damaged enrolment must not silently drop the default route to the hub, nor a
         # damaged index be written to.
-        err.print(f"[red]cannot start:[/red] {exc}")
+        err.print(f"[red]cannot start:[/red] {literal(exc)}", highlight=False)
         raise typer.Exit(1) from None
     from appliance.daemon import PortUnavailable
 
     try:
         daemon.run_forever()
     except PortUnavailable as exc:
-        err.print(f"[red]cannot start:[/red] {exc}")
+        err.print(f"[red]cannot start:[/red] {literal(exc)}", highlight=False)
         raise typer.Exit(1) from None
     _exit_now(0)
 
@@ -177,7 +179,7 @@ def status(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> No
     table.add_row("disk", f"{disk['used_percent']}% used, {human_size(disk['free_bytes'])} free")
     cache = snapshot["cache"]  # the daemon's disk alert, from its audit row (store/cache.py)
     if cache["disk_alert"]:
-        table.add_row("disk alert", f"[red]{cache['disk_alert']}[/red] "
+        table.add_row("disk alert", f"[red]{literal(cache['disk_alert'])}[/red] "
                                     f"(since {_when(cache['disk_alert_since'])})")
     if cache["integrity_issues"]:
         table.add_row("integrity issues", ", ".join(
@@ -190,16 +192,16 @@ def status(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> No
     backup = snapshot["backup"]  # as pas doctor and the status page judge it
     table.add_row("last backup", ("none yet" if not backup["stale"] else "NEVER")
                   if backup["last_at"] is None else
-                  f"{'STALE, ' if backup['stale'] else ''}{_when(backup['last_at'])}, "
-                  f"{backup['folder']}"
-                  + (f", restored from it {_when(backup['restored_at'])}"
-                     if backup.get("restored_at") else ""))
+                  shown(f"{'STALE, ' if backup['stale'] else ''}{_when(backup['last_at'])}, "
+                        f"{backup['folder']}"
+                        + (f", restored from it {_when(backup['restored_at'])}"
+                           if backup.get("restored_at") else "")))
     console.print(table)
     jobs = Table(title="Jobs")
     for column in ("kind", "pending", "running", "done", "failed"):
         jobs.add_column(column)
     for kind, states in sorted(snapshot["jobs_by_kind"].items()):
-        jobs.add_row(kind, *(str(states.get(s, 0)) for s in ("pending", "running", "done",
+        jobs.add_row(shown(kind), *(str(states.get(s, 0)) for s in ("pending", "running", "done",
                                                              "failed")))
     console.print(jobs)
     if snapshot["backlog"]:
@@ -207,8 +209,8 @@ def status(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> No
         for column in ("destination", "studies", "bytes", "oldest"):
             backlog.add_column(column)
         for row in snapshot["backlog"]:
-            backlog.add_row(row["destination"], str(row["studies"]), human_size(row["bytes"]),
-                            f"{row['oldest_age_s']:.0f} s")
+            backlog.add_row(shown(row["destination"]), str(row["studies"]),
+                            human_size(row["bytes"]), f"{row['oldest_age_s']:.0f} s")
         console.print(backlog)
     waiting = snapshot["awaiting_enrolment"]
     if not snapshot["backlog"] and not waiting["instances"]:
@@ -224,10 +226,10 @@ def status(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> No
     _print_commitment(snapshot["commitment"])
     _print_prefetch(snapshot.get("prefetch"))
     for refused in snapshot.get("credentials_refused") or []:
-        console.print(f"[red]{refused['destination']}:[/red] "
+        console.print(f"[red]{literal(refused['destination'])}:[/red] "
                       f"{counted(refused['waiting'], refused['what'])} waiting for "
                       f"credentials: "
-                      f"{refused['error']}", highlight=False, soft_wrap=True)
+                      f"{literal(refused['error'])}", highlight=False, soft_wrap=True)
     if snapshot.get("links"):
         links = Table(title="Links")
         for column in ("destination", "state", "last contact", "last error"):
@@ -240,7 +242,7 @@ def status(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> No
                 state += f" (unreachable since {_when(link['unreachable_since'])})"
             # error_cell: whole up to 300 characters, the table wraps it; cut at 100 it
             # ended "...the certificate of si" and never said what to do.
-            links.add_row(name, state, _when(link["last_ok_at"]), error_cell(error))
+            links.add_row(shown(name), shown(state), _when(link["last_ok_at"]), error_cell(error))
         console.print(links)
 
 
@@ -251,7 +253,7 @@ def _say_index_damage(settings: Settings) -> None:
 
     checked = index_check.load(settings.home)
     if checked is not None and checked.damaged:
-        err.print(f"[red]index damaged:[/red] {checked.message()} (found "
+        err.print(f"[red]index damaged:[/red] {literal(checked.message())} (found "
                   f"{_when(checked.checked_at)})", highlight=False, soft_wrap=True)
 
 
@@ -264,12 +266,12 @@ def _print_prefetch(summary: dict[str, Any] | None) -> None:
         console.print(f"[yellow]prefetch:[/yellow] "
                       f"{counted(summary['waiting_for_link'], 'prefetch request')} waiting for "
                       f"the link since {_when(summary['waiting_since'])} (tried again every "
-                      f"prefetch.retry_after_s): {summary['link_error']}",
+                      f"prefetch.retry_after_s): {literal(summary['link_error'])}",
                       highlight=False, soft_wrap=True)
     if summary["failed_24h"]:
         console.print(f"[red]prefetch:[/red] {counted(summary['failed_24h'], 'prefetch request')}"
                       f" failed in the last 24 h (pas prefetch list --state failed), the last: "
-                      f"{summary['last_failure']}", highlight=False, soft_wrap=True)
+                      f"{literal(summary['last_failure'])}", highlight=False, soft_wrap=True)
     if summary["late"]:
         console.print(f"[red]prefetch:[/red] {counted(summary['late'], 'prefetch request')} "
                       "late: the exam time passed, the priors not on site yet "
@@ -285,7 +287,7 @@ def _print_commitment(reports: dict[str, Any]) -> None:
         for column in ("modality AE", "reports", "oldest", "attempts", "last error"):
             table.add_column(column)
         for row in reports["by_ae"]:
-            table.add_row(row["calling_ae"], str(row["pending"]),
+            table.add_row(shown(row["calling_ae"]), str(row["pending"]),
                           f"{row['oldest_age_s']:.0f} s", str(row["attempts"]),
                           error_cell(row["last_error"] or "-"))
         console.print(table)
@@ -319,10 +321,10 @@ def studies(config: Path | None = ConfigOption,
         table.add_column(column)
     for r in rows:
         pinned = pin_words(r["pinned_until"]) if r["pinned_until"] is not None else ""
-        table.add_row(r["patient_id"], r["patient_name"] or "", r["study_date"] or "",
-                      r["modalities"] or "", r["description"] or "", str(r["series"]),
+        table.add_row(shown(r["patient_id"]), shown(r["patient_name"]), shown(r["study_date"]),
+                      shown(r["modalities"]), shown(r["description"]), str(r["series"]),
                       str(r["instances"]), human_size(r["bytes"]),
-                      f"{r['confirmed']}/{r['instances']}", pinned, r["study_uid"])
+                      f"{r['confirmed']}/{r['instances']}", pinned, shown(r["study_uid"]))
     console.print(table)
 
 
@@ -341,14 +343,15 @@ def rules_test(file: Path = typer.Argument(..., exists=True, dir_okay=False,
     try:
         ds = dcmread(file, stop_before_pixels=True)
     except InvalidDicomError:  # pydicom's own words end "Use force=True to force reading."
-        err.print(f"[red]{file}: not a DICOM file[/red] (no 128-byte preamble followed by "
+        err.print(f"[red]{literal(file)}: not a DICOM file[/red] (no 128-byte preamble followed by "
                   "'DICM', as DICOM Part 10 files begin)", highlight=False)
         raise typer.Exit(2) from None
     except Exception as exc:
-        err.print(f"[red]{file}: not a readable DICOM file:[/red] {exc}")
+        err.print(f"[red]{literal(file)}: not a readable DICOM file:[/red] {literal(exc)}",
+                  highlight=False)
         raise typer.Exit(2) from None
     if len(ds) == 0:  # only the preamble and "DICM", or only a file meta: nothing to route
-        err.print(f"[red]{file}: no dataset after the DICOM file header (nothing to route)"
+        err.print(f"[red]{literal(file)}: no dataset after the DICOM file header (nothing to route)"
                   "[/red]", highlight=False)
         raise typer.Exit(2)
     # Read as the daemon's ingest reads it (the index's record, which routing matches): a
@@ -364,7 +367,8 @@ def rules_test(file: Path = typer.Argument(..., exists=True, dir_okay=False,
         meta = getattr(ds, "file_meta", None)
         record = instance_record(ds, str(meta.get("TransferSyntaxUID", "")) if meta else "")
     except InvalidInstance as exc:  # the daemon refuses to store it: nothing to route
-        err.print(f"[red]{file}: PAS would refuse this file:[/red] {exc} (nothing to route)",
+        err.print(f"[red]{literal(file)}: PAS would refuse this file:[/red] {literal(exc)} "
+                  "(nothing to route)",
                   highlight=False)
         raise typer.Exit(2) from None
     finally:
@@ -382,7 +386,8 @@ def rules_test(file: Path = typer.Argument(..., exists=True, dir_okay=False,
     try:
         enrolled = load_enrolment(settings.home) is not None
     except EnrolmentError as exc:  # pas run refuses to start on it; say why here too
-        err.print(f"[red]enrolment under {settings.home} unreadable:[/red] {exc}",
+        err.print(f"[red]enrolment under {literal(settings.home)} unreadable:[/red] "
+                  f"{literal(exc)}",
                   highlight=False)
         raise typer.Exit(1) from None
     results, routes = explain(settings.routing, attributes, ["hub"] if enrolled else [])
@@ -397,13 +402,13 @@ def rules_test(file: Path = typer.Argument(..., exists=True, dir_okay=False,
         return
     for result in results:
         mark = "[green]MATCH[/green]" if result.matched else "[dim]no[/dim]   "
-        console.print(f"{mark} rule {result.name!r}")
+        console.print(f"{mark} rule {literal(repr(result.name))}")
         for reason in result.reasons:
-            console.print(f"        {reason}", highlight=False)
+            console.print(f"        {literal(reason)}", highlight=False)
     if routes:
         for route in routes:
-            console.print(f"-> {route.destination} ({PRIORITY_NAME[route.priority]}, "
-                          f"from {route.rule})")
+            console.print(f"-> {literal(route.destination)} ({PRIORITY_NAME[route.priority]}, "
+                          f"from {literal(route.rule)})")
     else:
         console.print("-> no destination: kept locally only, until this appliance is "
                       "enrolled (then to the hub, the default route)")
@@ -439,9 +444,9 @@ def queue_list(config: Path | None = ConfigOption,
             nxt = f"after job {r['waits_for_job']}"
         # The rule's word (urgent, high, routine), not the rank the queue orders by.
         priority = PRIORITY_NAME.get(r["priority"], str(r["priority"]))
-        table.add_row(str(r["id"]), r["kind"], r["destination"], r["state"], priority,
-                      str(r["attempts"]), f"{r['sent']}/{r['instances']}", nxt,
-                      error_cell(r["last_error"]), r["study_uid"])
+        table.add_row(str(r["id"]), shown(r["kind"]), shown(r["destination"]), r["state"],
+                      priority, str(r["attempts"]), f"{r['sent']}/{r['instances']}", nxt,
+                      error_cell(r["last_error"]), shown(r["study_uid"]))
     console.print(table)
 
 
@@ -455,7 +460,7 @@ def queue_retry(job_id: int = typer.Argument(..., min=1, max=ROW_ID_MAX, help="A
     settings = _settings(config)
     db = _db(settings)
     if not retry(db, job_id):
-        err.print(f"[red]{why_not_retried(db, job_id)}[/red]", highlight=False)
+        err.print(f"[red]{literal(why_not_retried(db, job_id))}[/red]", highlight=False)
         raise typer.Exit(1)
     (job,) = list_jobs(db, job_id=job_id)
     if as_json:  # the row pas queue list --json gives, as it is now
@@ -465,7 +470,7 @@ def queue_retry(job_id: int = typer.Argument(..., min=1, max=ROW_ID_MAX, help="A
     # "Now" was said of a job another job to the same destination holds back (store.jobs).
     when = (f"once job {job['waits_for_job']} is over (it goes to {job['destination']} "
             "first)" if job["waits_for_job"] else "now")
-    console.print(f"job {job_id} will be retried {when}", highlight=False)
+    console.print(f"job {job_id} will be retried {literal(when)}", highlight=False)
 
 
 # ``pas --help`` by what an operator comes for, in this order: the commands were listed as the
@@ -513,7 +518,7 @@ def main() -> None:
         who = ("the hub's user (sudo -u pas-hub env PAS_HUB_HOME=/var/lib/pas-hub pas hub "
                "...) or point PAS_HUB_HOME elsewhere" if sys.argv[1:2] == ["hub"]
                else "the appliance's user (sudo -u pas pas ...) or point PAS_HOME elsewhere")
-        err.print(f"[red]permission denied:[/red] {exc.filename or exc}: run as {who}",
+        err.print(f"[red]permission denied:[/red] {literal(exc.filename or exc)}: run as {who}",
                   highlight=False)
         sys.exit(1)
     except sqlite3.DatabaseError as exc:
@@ -527,9 +532,9 @@ def main() -> None:
                     "up the hub)"
                     if sys.argv[1:2] == ["hub"] else
                     "the index is damaged; pas doctor says what to do (pas cache rebuild-index)")
-            err.print(f"[red]database error:[/red] {exc}: {hint}", highlight=False)
+            err.print(f"[red]database error:[/red] {literal(exc)}: {hint}", highlight=False)
         else:
-            err.print(f"[red]database error:[/red] {exc}", highlight=False)
+            err.print(f"[red]database error:[/red] {literal(exc)}", highlight=False)
         sys.exit(1)
 
 

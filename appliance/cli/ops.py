@@ -26,9 +26,11 @@ from appliance.cli.common import (
     console,
     err,
     exit_on_prune_problems,
+    literal,
     operator_actor,
     refuse_bad_keep,
     report_pruned,
+    shown,
 )
 from appliance.words import counted
 
@@ -98,7 +100,8 @@ def send(paths: list[Path] = typer.Argument(..., help="DICOM files or folders (r
 
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
-        err.print(f"[red]no such file or folder:[/red] {', '.join(missing)}")
+        err.print(f"[red]no such file or folder:[/red] {literal(', '.join(missing))}",
+                  highlight=False)
         raise typer.Exit(2)
     _refuse_bad_send_options(host, port, called_ae, calling_ae)
     calling_ae = calling_ae.strip()
@@ -112,7 +115,8 @@ def send(paths: list[Path] = typer.Argument(..., help="DICOM files or folders (r
     dicomnet.install(event_driven)
     files, not_dicom = _dicom_files(paths)
     for path in not_dicom:
-        err.print(f"[yellow]skipped, not a DICOM file:[/yellow] {path}")
+        err.print(f"[yellow]skipped, not a DICOM file:[/yellow] {literal(path)}",
+                  highlight=False)
     if not files:
         err.print("[red]nothing to send: no DICOM file found[/red]")
         raise typer.Exit(2)
@@ -124,7 +128,8 @@ def send(paths: list[Path] = typer.Argument(..., help="DICOM files or folders (r
             pair = (str(ds.file_meta.MediaStorageSOPClassUID),
                     str(ds.file_meta.TransferSyntaxUID))
         except Exception as exc:  # noqa: BLE001 - a damaged file is named, the rest goes
-            err.print(f"[yellow]skipped, unreadable DICOM header:[/yellow] {path} ({exc})",
+            err.print(f"[yellow]skipped, unreadable DICOM header:[/yellow] {literal(path)} "
+                      f"({literal(exc)})",
                       highlight=False)
             files.remove(path)
             continue
@@ -146,8 +151,8 @@ def send(paths: list[Path] = typer.Argument(..., help="DICOM files or folders (r
                 (evt.EVT_ACSE_RECV, lambda event: heard.setdefault("answer", event.primitive))]
     assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=handlers)
     if not assoc.is_established:
-        err.print(f"[red]cannot associate with {called_ae}@{host}:{port}[/red]: "
-                  f"{_why_not_associated(assoc, heard, calling_ae, called_ae)}",
+        err.print(f"[red]cannot associate with {literal(called_ae)}@{literal(host)}:{port}"
+                  f"[/red]: {literal(_why_not_associated(assoc, heard, calling_ae, called_ae))}",
                   highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     failures: list[str] = []
@@ -180,9 +185,9 @@ def send(paths: list[Path] = typer.Argument(..., help="DICOM files or folders (r
             assoc.release()
     sent = len(files) - len(failures)
     console.print(f"sent {sent} of {counted(len(files), 'file')} ({sent_bytes / 1e6:.1f} MB) to "
-                  f"{called_ae}@{host}:{port}", highlight=False)
+                  f"{literal(called_ae)}@{literal(host)}:{port}", highlight=False)
     for failure in failures:
-        err.print(f"[red]failed:[/red] {failure}", highlight=False)
+        err.print(f"[red]failed:[/red] {literal(failure)}", highlight=False)
     if failures:
         raise typer.Exit(1)
 
@@ -214,7 +219,7 @@ def _refuse_bad_send_options(host: str, port: int | None, called_ae: str | None,
         problems.append(f"--host: cannot resolve {host!r} "
                         f"({getattr(exc, 'strerror', None) or exc})")
     for problem in problems:
-        err.print(f"[red]{problem}[/red]", highlight=False, soft_wrap=True)
+        err.print(f"[red]{literal(problem)}[/red]", highlight=False, soft_wrap=True)
     if problems:
         raise typer.Exit(2)
 
@@ -277,7 +282,8 @@ def doctor(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> No
         marks = {"ok": "[green]ok[/green]", "warn": "[yellow]warn[/yellow]",
                  "fail": "[red]FAIL[/red]"}
         for check in checks:
-            table.add_row(check.name, marks[check.verdict], check.detail, check.fix)
+            table.add_row(shown(check.name), marks[check.verdict], shown(check.detail),
+                          shown(check.fix))
         console.print(table)
     if any(c.verdict == "fail" for c in checks):
         raise typer.Exit(1)
@@ -300,14 +306,14 @@ def backup(destination: Path = typer.Argument(..., help="Folder to write the bac
     settings = _settings(config)
     logs.setup(settings.log_level)  # what --keep removed: journald under the timer
     if not settings.db_path.exists():
-        err.print(f"[red]refused:[/red] no index database at {settings.db_path}: "
+        err.print(f"[red]refused:[/red] no index database at {literal(settings.db_path)}: "
                   "nothing to back up (check PAS_HOME)", highlight=False)
         raise typer.Exit(1)
     try:
         made = make_backup(settings, config or default_config_path(), destination,
                            operator_actor(), keep=keep)
     except BackupRefused as exc:
-        err.print(f"[red]refused:[/red] {exc}", highlight=False)
+        err.print(f"[red]refused:[/red] {literal(exc)}", highlight=False)
         raise typer.Exit(1) from None
     if as_json:
         pruned = {} if made.pruned is None else {"pruned": made.pruned.as_dict()}
@@ -315,7 +321,7 @@ def backup(destination: Path = typer.Argument(..., help="Folder to write the bac
         exit_on_prune_problems(made.pruned)
         return
     at_risk = made.manifest["instances_not_confirmed_by_the_region"]
-    console.print(f"backup written to {made.folder}: the index "
+    console.print(f"backup written to {literal(made.folder)}: the index "
                   f"({counted(made.manifest['instances'], 'instance')}, "
                   f"{counted(made.manifest['studies'], 'study', 'studies')}), "
                   f"{'the enrolment, ' if (made.folder / 'pki').is_dir() else ''}"
@@ -346,20 +352,22 @@ def restore(folder: Path = typer.Argument(..., help="A pas-backup-<site>-<UTC ti
     try:
         done = restore_backup(settings, folder, operator_actor())
     except (RestoreRefused, HomeInUse) as exc:
-        err.print(f"[red]refused:[/red] {exc}", highlight=False)
+        err.print(f"[red]refused:[/red] {literal(exc)}", highlight=False)
         raise typer.Exit(1) from None
     # "and the enrolment" only when the backup held one (an appliance not yet enrolled).
     enrolment = (" and the enrolment" if (folder / "pki").is_dir() else
                  "; it held no enrolment (not enrolled when it was written)")
-    console.print(f"restored {folder} in {settings.home}: the index "
+    console.print(f"restored {literal(folder)} in {literal(settings.home)}: the index "
                   f"({counted(done.manifest.get('instances', 0), 'instance')}){enrolment}",
                   highlight=False)
     for what, aside in (("index", done.index_set_aside), ("enrolment", done.pki_set_aside)):
         if aside is not None:
-            console.print(f"the home's {what} before it set aside as {aside}", highlight=False)
+            console.print(f"the home's {what} before it set aside as {literal(aside)}",
+                          highlight=False)
     if done.config_in_backup is not None:
-        console.print(f"the backup's configuration is {done.config_in_backup}: put it back "
-                      f"where this PAS reads it ({where_config_is_read(config)}) if it is "
+        console.print(f"the backup's configuration is {literal(done.config_in_backup)}: put it "
+                      f"back where this PAS reads it ({literal(where_config_is_read(config))}) "
+                      "if it is "
                       "lost", highlight=False)
     console.print("next: systemctl start pas (start-up recovery reconciles the spool; a "
                   "confirmed study whose files are gone comes from the region when asked, "

@@ -22,7 +22,9 @@ from appliance.cli.common import (
     console,
     err,
     error_cell,
+    literal,
     read_database,
+    shown,
     write_database,
 )
 from appliance.words import counted
@@ -71,7 +73,8 @@ def patient(patient_id: str = typer.Argument(..., help="PatientID as the site kn
     scheduled = store.schedule(_db(config, write=True), store.NewRequest(
         f"manual:{patient_id}|{issuer}|{now():.6f}", "manual", patient_id, issuer, accession,
         modality.upper() if modality else None))
-    console.print(f"prefetch request {scheduled.request_id} for patient {patient_id} queued")
+    console.print(f"prefetch request {scheduled.request_id} for patient {literal(patient_id)} "
+                  "queued", highlight=False)
 
 
 @app.command("list")
@@ -94,8 +97,8 @@ def list_requests(state: PrefetchState | None = typer.Option(
                    "instances", "lead time", "times", "last error"):
         table.add_column(column)
     for r in rows:
-        table.add_row(str(r["id"]), r["trigger"], r["patient_id"], r["modality"] or "",
-                      _when(r["scheduled_at"]), r["state"],
+        table.add_row(str(r["id"]), shown(r["trigger"]), shown(r["patient_id"]),
+                      shown(r["modality"]), _when(r["scheduled_at"]), r["state"],
                       f"{r['studies_fetched']}/{r['studies_found']}",
                       str(r["instances_fetched"]), _lead(r["lead_time_s"]),
                       str(r["times_requested"]), error_cell(r["last_error"]))
@@ -140,22 +143,22 @@ def show(request_id: int = typer.Argument(..., min=1, max=ROW_ID_MAX,
             ("priors", f"{request['studies_fetched']} of {request['studies_found']} on site, "
                        f"{counted(request['instances_fetched'], 'instance')}"),
             ("finished", _when(request["finished_at"])),
-            ("last error", error_cell(request["last_error"]) or "-")):
-        table.add_row(label, value)
+            ("last error", error_cell(request["last_error"] or "-"))):
+        table.add_row(label, shown(value))
     console.print(table, highlight=False)
     said = Table(title=counted(len(messages), "HL7 message"))
     for column in ("received", "type", "sender and control id (MSH-3|MSH-4|MSH-10)",
                    "answered"):
         said.add_column(column)
     for message in messages:
-        said.add_row(_when(message["received_at"]), message["message_type"],
-                     message["message_key"], message["ack_code"])
+        said.add_row(_when(message["received_at"]), shown(message["message_type"]),
+                     shown(message["message_key"]), shown(message["ack_code"]))
     console.print(said, highlight=False)
     priors = Table(title=counted(len(studies), "prior study", "prior studies"))
     for column in ("study UID", "date", "modalities", "instances", "state"):
         priors.add_column(column)
     for study in studies:
-        priors.add_row(study["study_uid"], study["study_date"] or "",
-                       study["modalities"] or "", str(study["instances_expected"] or ""),
+        priors.add_row(shown(study["study_uid"]), shown(study["study_date"]),
+                       shown(study["modalities"]), str(study["instances_expected"] or ""),
                        study["state"])
     console.print(priors, highlight=False)
