@@ -277,14 +277,16 @@ class DicomListener:
                          f" from {calling} ({requestor.address})",
                          f"called AE title {called!r} is not this appliance's "
                          f"({self.config.ae_title})",
-                         _REJECT_PERMANENT, _SOURCE_SERVICE_USER, _CALLED_AE_NOT_RECOGNISED)
+                         _REJECT_PERMANENT, _SOURCE_SERVICE_USER, _CALLED_AE_NOT_RECOGNISED,
+                         value=repr(called))
             return
         proposed = [str(context.abstract_syntax) for context
                     in requestor.primitive.presentation_context_definition_list or ()]
         reason = self.policy.refusal(calling, requestor.address, proposed)
         if reason:
             self._reject(event, calling, "unknown-ae", "", reason,
-                         _REJECT_PERMANENT, _SOURCE_SERVICE_USER, _CALLING_AE_NOT_RECOGNISED)
+                         _REJECT_PERMANENT, _SOURCE_SERVICE_USER, _CALLING_AE_NOT_RECOGNISED,
+                         value=repr(calling))
             return
         # After the AE policy: an unknown AE is told so (permanently, and audited), not
         # "busy, try again", and takes no place.
@@ -409,23 +411,26 @@ class DicomListener:
             count_refusal("dicom", "invalid-pdu")
 
     def _reject(self, event: Any, calling: str, kind: str, whose: str, why: str,
-                result: int, source: int, reason_code: int) -> None:
+                result: int, source: int, reason_code: int, value: str | None = None) -> None:
         """An A-ASSOCIATE-RJ (``result``, ``source``, ``reason_code``) sent, its line in the
         log ("association``whose`` rejected: ``why``"), its audit row and count
-        (:meth:`_refused`): the three refusals at negotiation, said alike."""
+        (:meth:`_refused`; ``value``: the AE title the peer chose, as ``why`` writes it):
+        the three refusals at negotiation, said alike."""
         log.warning("association%s rejected: %s", whose, why, extra={"CALLING_AE": calling})
         event.assoc.acse.send_reject(result, source, reason_code)
         event.assoc.kill()  # as pynetdicom does: waits until the A-ASSOCIATE-RJ is sent
-        self._refused(event, kind, calling, f"association rejected: {why}")
+        self._refused(event, kind, calling, f"association rejected: {why}", value)
 
-    def _refused(self, event: Any, kind: str, calling: str, reason: str) -> None:
+    def _refused(self, event: Any, kind: str, calling: str, reason: str,
+                 value: str | None = None) -> None:
         """The audit row of a rejected association (after the A-ASSOCIATE-RJ is sent: the
         sender does not wait for the trail)."""
         if self.refusals is not None:
             called = str(event.assoc.requestor.primitive.called_ae_title).strip()
             self.refusals.refused(channel="dicom", kind=kind,
                                   source=event.assoc.requestor.address,
-                                  actor=calling or "-", reason=reason, target=called or None)
+                                  actor=calling or "-", reason=reason, target=called or None,
+                                  value=value)
 
     def _may_send_images(self, requestor: Any) -> bool:
         """Whether an A-ASSOCIATE-RQ proposes a storage SOP class in the SCU role (a

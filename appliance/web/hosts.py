@@ -173,7 +173,7 @@ class HostGuard:
                 self.refusals.refused, channel="http", kind="host-header", source=source,
                 actor="anonymous", target=str(scope["path"])[:200],
                 reason=f"HTTP request refused ({status}): Host {shown!r} is not a name of "
-                       "this appliance (DNS rebinding?)")
+                       "this appliance (DNS rebinding?)", value=repr(shown))
 
     def _log(self, shown: str, source: str | None, status: int) -> None:
         now = time.monotonic()
