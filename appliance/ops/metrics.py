@@ -436,13 +436,23 @@ class ApplianceCollector(Collector):
         reports = commitment_store.backlog(self.db)
         pending = GaugeMetricFamily("pas_storage_commitment_pending",
                                     "Storage Commitment reports not yet delivered, by the "
-                                    "modality waiting for them", labels=["calling_ae"])
+                                    "modality waiting for them (other: any title not in "
+                                    "dicom.known_aes)", labels=["calling_ae"])
         oldest = GaugeMetricFamily("pas_storage_commitment_oldest_age_seconds",
                                    "Age of the oldest Storage Commitment report not yet "
                                    "delivered, by modality", labels=["calling_ae"])
+        # A title not in dicom.known_aes is OTHER_AE, as in the received counters: with
+        # dicom.accept_unknown each made-up calling AE that asked and went away was a series
+        # of each for the 24 h its report waits (40 titles, 40 series). Summed, the oldest.
+        known = {ae.title for ae in self.settings.dicom.known_aes}
+        folded: dict[str, tuple[int, float]] = {}
         for row in reports["by_ae"]:
-            pending.add_metric([row["calling_ae"]], row["pending"])
-            oldest.add_metric([row["calling_ae"]], row["oldest_age_s"])
+            label = row["calling_ae"] if row["calling_ae"] in known else OTHER_AE
+            count, age = folded.get(label, (0, 0.0))
+            folded[label] = (count + int(row["pending"]), max(age, float(row["oldest_age_s"])))
+        for label, (count, age) in sorted(folded.items()):
+            pending.add_metric([label], count)
+            oldest.add_metric([label], age)
         yield pending
         yield oldest
         yield GaugeMetricFamily("pas_storage_commitment_given_up_24h",
