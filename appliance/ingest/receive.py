@@ -14,6 +14,7 @@ import logging
 import sqlite3
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,11 +93,12 @@ def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid
 
 
 class _Pending:
-    __slots__ = ("record", "stored", "options", "outcome", "error", "done")
+    __slots__ = ("record", "stored", "options", "ensure_file", "outcome", "error", "done")
 
     def __init__(self, record: index.InstanceRecord, stored: index.StoredFile,
-                 options: dict[str, Any]):
+                 options: dict[str, Any], ensure_file: Callable[[], None] | None = None):
         self.record, self.stored, self.options = record, stored, options
+        self.ensure_file = ensure_file
         self.outcome: index.RecordOutcome | None = None
         self.error: BaseException | None = None
         self.done = False
@@ -110,7 +112,12 @@ class GroupCommit:
     What changes is the number of commits: with several modalities sending at once, the
     thread that finds no commit under way commits every row queued meanwhile, with one WAL
     fsync, instead of each waiting its turn in SQLite's busy handler (which sleeps 1, 2,
-    5... ms between tries). A lone sender commits its own row at once, as before."""
+    5... ms between tries). A lone sender commits its own row at once, as before.
+
+    ``ensure_file`` (of :meth:`record`): called inside the instance's part of the
+    transaction, right after its row, the write lock held: it makes sure the row's file is
+    in place before the COMMIT, or raises (that instance's row is rolled back, it alone
+    fails). See :meth:`Receiver._file`."""
 
     def __init__(self, db: Database):
         self.db = db
@@ -119,9 +126,10 @@ class GroupCommit:
         self._committed = threading.Condition(self._lock)
         self._committing = False
 
-    def record(self, record: index.InstanceRecord, stored: index.StoredFile,
+    def record(self, record: index.InstanceRecord, stored: index.StoredFile, *,
+               ensure_file: Callable[[], None] | None = None,
                **options: Any) -> index.RecordOutcome:
-        pending = _Pending(record, stored, options)
+        pending = _Pending(record, stored, options, ensure_file)
         with self._lock:
             self._queue.append(pending)
             while not pending.done and self._committing:
@@ -142,15 +150,12 @@ class GroupCommit:
         try:
             with self.db.transaction():
                 if len(batch) == 1:  # alone: the transaction is its all-or-nothing
-                    item = batch[0]
-                    item.outcome = index.record_instance(self.db, item.record, item.stored,
-                                                         **item.options)
+                    self._file_one(batch[0])
                 else:
                     for item in batch:
                         try:
                             with self.db.savepoint("instance"):
-                                item.outcome = index.record_instance(
-                                    self.db, item.record, item.stored, **item.options)
+                                self._file_one(item)
                         except Exception as exc:  # noqa: BLE001 - that instance's failure
                             # Any error of one instance (a value SQLite cannot bind raises
                             # OverflowError, not sqlite3.Error) is its own: its savepoint
@@ -166,6 +171,12 @@ class GroupCommit:
         finally:
             for item in batch:
                 item.done = True
+
+    def _file_one(self, item: _Pending) -> None:
+        outcome = index.record_instance(self.db, item.record, item.stored, **item.options)
+        if item.ensure_file is not None:
+            item.ensure_file()
+        item.outcome = outcome
 
     @staticmethod
     def _result(pending: _Pending) -> index.RecordOutcome:
@@ -341,14 +352,40 @@ class Receiver:
                 stored, created = self.spool.write(chunks, digest)
         except OSError as exc:
             raise SpoolFull(f"cannot write to the spool: {exc.strerror or exc}") from exc
+        rewritten: list[bool] = []
+
+        def ensure_file() -> None:
+            """Inside the commit's transaction, the write lock held (GroupCommit): whether
+            the file is still in place. An eviction of the study may have unlinked it
+            between this write and this commit: it looked (under the write lock too) for a
+            row naming the file, and this one was not committed yet. Whether this write
+            created the file or found it held: a file lost or set aside by the scrub is
+            created again by a re-send, and an eviction that looked after that write takes
+            it. Checked after the commit, as it was, the row was live with no file behind
+            it until written again (a kill -9 there: a row for ever without its file), and
+            a spilled C-STORE answered failure left its row committed (found in review,
+            2026-12-07). Here no eviction can interleave before the COMMIT, and after it
+            the eviction finds the row and keeps the file."""
+            if self.spool.holds(stored):
+                return
+            if spill is not None:  # its bytes went with the file: the sender sends again
+                raise StorageFailure("its file was evicted while it was filed: send it again")
+            log.warning("%s: its file was evicted while it was filed; written again",
+                        record.sop_instance_uid)
+            try:  # durable (file and directory fsynced) before the COMMIT: same bytes, name
+                self.spool.write(chunks)
+            except OSError as exc:
+                raise SpoolFull(f"cannot write to the spool: {exc.strerror or exc}") from exc
+            rewritten.append(True)
+
         try:
             outcome = self._commits.record(
-                record, stored, calling_ae=calling_ae, called_ae=called_ae,
-                source_address=source, origin=origin, received_at=received_at,
-                pin_until=pin_until,
+                record, stored, ensure_file=ensure_file, calling_ae=calling_ae,
+                called_ae=called_ae, source_address=source, origin=origin,
+                received_at=received_at, pin_until=pin_until,
             )
         except sqlite3.Error as exc:
-            if created:
+            if created or rewritten:
                 index.discard_unindexed_file(self.db, self.spool, stored.path)
             if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
                 # The file fitted, the index could not grow: the disk is full all the same,
@@ -356,19 +393,6 @@ class Receiver:
                 raise SpoolFull(f"disk full: the index cannot grow ({exc})") from exc
             index_check.suspect(exc)  # SQLITE_CORRUPT: the index is checked now, not in a day
             raise StorageFailure(f"index commit failed: {exc}") from exc
-        if not self.spool.holds(stored):
-            # An eviction unlinked that file between this write and this commit (it checks,
-            # in its own transaction, that no row names the file: this row was not
-            # committed yet). The row is: the file must be too, before success is answered
-            # (invariant 1). Same bytes, same name. Whether this write created the file or
-            # found it held: a file lost or set aside by the scrub is created again by a
-            # re-send, and an eviction of its study that looked after that write took it
-            # (found in review, 2026-12-07: success answered, no file behind the row).
-            if spill is not None:  # its bytes went with the file: the sender sends again
-                raise StorageFailure("its file was evicted while it was filed: send it again")
-            log.warning("%s: its file was evicted while it was filed; written again",
-                        record.sop_instance_uid)
-            self.spool.write(chunks)
         if outcome.conflict:
             log.warning("conflict: %s received again with other bytes than its current "
                         "version (version %d is now current, the others are kept)",

@@ -153,8 +153,9 @@ def evict_study(db: Database, spool: Spool, study_uid: str, *, force: bool = Fal
     receives; the SQLite write lock and the file's identity are seen by both.
     What this cannot see: a receive that wrote its file before this function looked, and
     commits its row only after the deletion, having lost the write lock to both of its
-    transactions meanwhile. Closing that needs the receive path to check its file after its
-    own commit (ingest's code).
+    transactions meanwhile. The receive path closes that: it checks its file inside its own
+    commit's transaction, right after its row (``ingest.receive.GroupCommit``), and writes
+    it again (or fails, rolled back) before the COMMIT.
 
     ``hold`` is called inside the transaction, the write lock held, before anything is
     deleted: it may refuse (raise: nothing changed) and returns what ends the hold, called
