@@ -6,6 +6,7 @@ PS3.4 it checks and compares what PAS answers with the files themselves.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from collections.abc import Iterator
@@ -311,6 +312,22 @@ def test_a_refused_search_is_audited_as_a_failed_query(pas: PasProcess) -> None:
     assert all(r["detail"] == "refused (QIDO-RS)" and r["actor"] == "anonymous"
                and r["source"] == "127.0.0.1" for r in rows), [dict(r) for r in rows]
     assert "limit=x" in rows[0]["target"] and "SeriesNumber=one" in rows[1]["target"]
+
+
+def test_a_refused_search_names_the_patient_asked_as_a_search_does(pas: PasProcess) -> None:
+    """A refused search's target was its query string as it came, keys joined by "&":
+    ``PatientID=A002304&limit=abc`` was recorded as patient 'A002304&limit=abc', and
+    ``pas audit --patient A002304`` missed it. Now ``LEVEL Key=value ...`` as a search's."""
+    patient = f"P{generate_uid()[-12:]}"
+    assert qido(pas, "studies", PatientID=patient, limit="abc").status_code == 400
+    assert qido(pas, "studies", PatientID=patient).status_code in (200, 204)
+    found = wait_for(lambda: len(rows := json.loads(pas.cli(
+        "audit", "--patient", patient, "--event", "query", "--json").stdout)) == 2 and rows,
+        10, what="both searches' rows")
+    refused, answered = sorted(found, key=lambda r: r["id"])
+    assert refused["target"] == f"STUDY PatientID={patient} limit=abc", refused
+    assert refused["patient"] == patient and refused["outcome"].startswith("failure: ")
+    assert answered["target"] == f"STUDY PatientID={patient}", answered
 
 
 def test_a_search_s_atna_message_carries_the_request_as_asked(pas: PasProcess) -> None:

@@ -20,7 +20,6 @@ import itertools
 import json
 import logging
 import secrets
-import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -215,7 +214,10 @@ class DicomWeb:
                 self._any_past, level, keys, min(offset + limit, _SQLITE_MAX_INT))
         except HttpProblem as exc:
             if actor is not None:  # a search refused as asked: audited, as C-FIND's are
-                asked = urllib.parse.unquote(request.url.query)
+                # Its keys as a search's row says them (``LEVEL Key=value ...``, what
+                # pas audit --patient reads): the query string as it came, joined by "&",
+                # made "PatientID=A002304&limit=abc" patient 'A002304&limit=abc'.
+                asked = " ".join(f"{k}={v}" for k, v in request.query_params.multi_items())
                 self.record(request, "query", actor, f"{level} {asked}".strip(),
                             f"failure: {exc.detail}"[:300], "refused (QIDO-RS)",
                             sop_class=QIDO_SOP_CLASS)
