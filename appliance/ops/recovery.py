@@ -88,13 +88,22 @@ class Progress:
 
 
 def _sha256_file(path: Path, throttle: RateLimiter | None = None) -> str:
+    return _hash_file(path, throttle)[0]
+
+
+def _hash_file(path: Path,
+               throttle: RateLimiter | None = None) -> tuple[str, cache_store.FileIdentity]:
+    """The file's SHA-256 and the identity (st_dev, st_ino) of the very file hashed: by the
+    time the hash is known (seconds at the scrub's rate), a receive may have renamed another
+    copy into place under the name (see :func:`appliance.store.cache.quarantine`)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
+        st = os.fstat(handle.fileno())
         while chunk := handle.read(HASH_CHUNK):
             digest.update(chunk)
             if throttle is not None:
                 throttle.consume(len(chunk))
-    return digest.hexdigest()
+    return digest.hexdigest(), (st.st_dev, st.st_ino)
 
 
 def _name_hash(relative: str) -> str:
@@ -221,14 +230,20 @@ def _handle_orphan(db: Database, spool: Spool, receiver: object | None, relative
             report.evictions_finished += 1
         return
     try:
-        named_right = _sha256_file(path) == _name_hash(relative)
+        digest, identity = _hash_file(path)
     except FileNotFoundError:
         # Gone since the walk saw it (orphans are adopted after the whole walk): beside a
         # live daemon (pas verify --repair), its eviction unlinked it after deleting the
         # rows, or a receive whose commit failed discarded it. Nothing to adopt.
         return
-    if not named_right:
-        moved = cache_store.quarantine(spool, relative)
+    if digest != _name_hash(relative):
+        try:  # only the file hashed: beside a live daemon a receive may have written the
+            # right bytes under that name since (and filed them)
+            moved = cache_store.quarantine(spool, relative, identity)
+        except FileNotFoundError:
+            return
+        if moved is None:
+            return
         report.orphans_quarantined += 1
         _flag(db, "orphan_corrupt", moved, None,
               f"{relative}: content does not match its name; quarantined", report)
@@ -357,7 +372,7 @@ def check_file(db: Database, spool: Spool, item: cache_store.IndexedFile, report
     report.files += 1
     path = spool.root / item.path
     try:
-        digest = _sha256_file(path, throttle)
+        digest, identity = _hash_file(path, throttle)
     except FileNotFoundError:
         if not cache_store.still_indexed(db, item.instance_id):
             # Its row went since the batch was read (an eviction or a purge deletes the
@@ -380,20 +395,27 @@ def check_file(db: Database, spool: Spool, item: cache_store.IndexedFile, report
         cache_store.resolve_issues(db, item.path, "verified", ("missing", "size_mismatch",
                                                                 "hash_mismatch"))
         return
-    report.hash_mismatch += 1
-    detail = f"SHA-256 {digest[:16]}… differs from the index {item.sha256[:16]}…"
-    report.problems.append(f"hash_mismatch {item.path}: {detail}; "
-                           f"{_what_to_do(db, item, repair)}")
-    moved = None
+    found = f"SHA-256 {digest[:16]}… differs from the index {item.sha256[:16]}…"
+    detail, moved = found, None
     if repair or set_aside:
         # Moving the damaged copy aside lets a re-send (or a fetch from the region) write
         # the right bytes again: the spool treats an existing same-size file as already held.
+        # Only the copy hashed: one a re-send renamed into place meanwhile stays.
         try:
-            moved = cache_store.quarantine(spool, item.path)
+            moved = cache_store.quarantine(spool, item.path, identity)
         except FileNotFoundError:  # evicted, purged or set aside meanwhile: as it is
             moved = None
-        if moved is not None:
+        else:
+            if moved is None:  # rewritten while hashed: not checked here, the next pass does
+                log.info("%s was written again (a re-send) while its damaged copy was "
+                         "hashed: left in place", item.path)
+                report.files -= 1
+                report.bytes -= item.size
+                return
             detail += f"; damaged copy moved to {moved}"
+    report.hash_mismatch += 1
+    report.problems.append(f"hash_mismatch {item.path}: {found}; "
+                           f"{_what_to_do(db, item, repair)}")
     if repair:
         report.repaired += 1
         if region is not None and item.confirmed and restore_from_region(

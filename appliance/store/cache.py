@@ -12,6 +12,7 @@ Eviction itself (rows, then files, and what a crash leaves of it) is in
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sqlite3
@@ -25,7 +26,7 @@ from appliance.store import audit, index
 from appliance.store.commitment import shift_for_clock_step_in
 from appliance.store.db import Database, now
 from appliance.store.jobs import WORKER_DIED
-from appliance.store.spool import Spool
+from appliance.store.spool import Spool, fsync_dir
 
 QUARANTINE_DIR = "quarantine"
 
@@ -380,13 +381,42 @@ def open_issues(db: Database, kinds: tuple[str, ...] | None = None) -> list[dict
     return [dict(r) for r in rows]
 
 
-def quarantine(spool: Spool, relative: str) -> str:
-    """Move a damaged or unexplained file aside (never delete it): returns its new path."""
+FileIdentity = tuple[int, int]  # (st_dev, st_ino)
+QUARANTINE_ASIDE = ".setting-aside-"  # quarantine/<name>.setting-aside-<pid>: being looked at
+
+
+def quarantine(spool: Spool, relative: str, identity: FileIdentity | None = None) -> str | None:
+    """Move a damaged or unexplained file aside (never delete it): returns its new path.
+
+    ``identity``: the file found damaged (``fstat`` of the descriptor it was hashed
+    through). Only that very file is moved; None is returned, and nothing moved, when the
+    name holds another by now: a receive of the same bytes (a modality's re-send, answered
+    success) renames a new, good copy into place, and the scrub that had hashed the damaged
+    one for seconds moved that good copy to the quarantine and flagged its row missing
+    (found in review, 2026-12-07). The file is first renamed into the quarantine folder
+    under a name of its own (atomic), so the look and the move are about the same inode
+    (as eviction's ``_unlink_if_same``); another one is put back, unless a newer copy
+    holds the name already (the same bytes, content-addressed: either will do). A crash
+    in between leaves the file in the quarantine folder under that name: set aside, never
+    deleted; its row is found missing by the next check."""
     source = spool.root / relative
     target = spool.root / QUARANTINE_DIR / relative.replace("/", "_")
     target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(source, target)
-    return str(target.relative_to(spool.root))
+    if identity is None:
+        os.replace(source, target)
+        return str(target.relative_to(spool.root))
+    aside = target.with_name(f"{target.name}{QUARANTINE_ASIDE}{os.getpid()}")
+    os.rename(source, aside)  # FileNotFoundError: gone meanwhile, nothing moved
+    st = os.stat(aside)
+    if (st.st_dev, st.st_ino) == identity:
+        os.replace(aside, target)
+        return str(target.relative_to(spool.root))
+    with contextlib.suppress(FileExistsError):  # back under its name, not over a newer copy
+        os.link(aside, source)
+    os.unlink(aside)
+    if spool.fsync:
+        fsync_dir(source.parent)
+    return None
 
 
 # --- leases ------------------------------------------------------------------------------------
