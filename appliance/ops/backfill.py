@@ -78,19 +78,32 @@ class HeaderBackfill:
         header_backfill.save(self.db, read, batch[-1].instance_id)
         return len(batch)
 
-    def run(self, stop: threading.Event, retry_s: float = 60.0) -> None:
+    def _begin(self) -> bool:
+        """Whether there are rows to read (and say so); a new index is finished at once."""
         state = header_backfill.progress(self.db)
         if state.finished:
-            return
+            return False
         if state.after_id >= state.last_id:  # no row filed before the upgrade: a new index
             header_backfill.finish(self.db)
-            return
+            return False
         log.info("header backfill: reading the files of the instances filed before schema 18 "
                  "(row ids %d to %d) for their Rows, Columns, BitsAllocated, NumberOfFrames",
                  state.after_id + 1, state.last_id)
+        return True
+
+    def run(self, stop: threading.Event, retry_s: float = 60.0) -> None:
+        """Until every row is read (or ``stop``). The first look at the position is tried
+        again like every step: it was outside the retry, and one "database is locked" there
+        (a long write transaction at the daemon's start) ended the thread for good, the
+        backfill never resumed until a restart (found in review, 2026-12-07)."""
+        begun = False
         while not stop.is_set():
             started = time.monotonic()
             try:
+                if not begun:
+                    if not self._begin():
+                        return
+                    begun = True
                 if self.step() == 0:
                     return
             except Exception:  # a database error: tried again later, never the daemon's end
