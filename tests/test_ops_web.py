@@ -17,7 +17,7 @@ from pydicom import dcmread
 
 from tests.support.browser import chromium
 from tests.support.cleanup import started
-from tests.support.peers import MR_DIR, PasProcess, StoreSCP, storescu, wait_for
+from tests.support.peers import MR_DIR, PasProcess, StoreSCP, read_rows, storescu, wait_for
 
 FILES = sorted(p for p in MR_DIR.rglob("*") if p.is_file())[:12]
 
@@ -129,6 +129,13 @@ def test_status_page_shows_failed_job_and_retry_delivers(site: dict[str, Any]) -
     scp.start()
     answer = httpx.post(f"{site['base']}/jobs/{job_id}/retry", timeout=10)
     assert answer.status_code == 303 and answer.headers["location"] == "/"
+    # In the audit trail, written with the retry (none was: a resend of patient data that
+    # anyone on the network could trigger with auth = "none", untraced).
+    [row] = read_rows(pas.home / "pas.sqlite", "SELECT * FROM audit WHERE event = 'retry'")
+    assert (row["actor"], row["source"], row["outcome"]) == ("anonymous", "127.0.0.1",
+                                                             "success")
+    assert row["target"] == str(dcmread(FILES[0], stop_before_pixels=True).StudyInstanceUID)
+    assert row["detail"].startswith(f"job {job_id} (dicom) to local, failed after 1 attempt")
     wait_for(lambda: pas.status()["jobs"].get("done") == 1, 60, what="the retried job")
     wait_for(lambda: len(scp.files()) == len(FILES), 30, what="files at storescp")
     sent = sorted(str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in FILES)

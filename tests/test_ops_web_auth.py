@@ -24,7 +24,15 @@ from pydicom import dcmread
 from appliance.ops.security import BCP195_TLS12_CIPHERS
 from tests.support.browser import OtherSite, chromium, files_containing
 from tests.support.cleanup import started
-from tests.support.peers import MR_DIR, PasProcess, StoreSCP, run_pas, storescu, wait_for
+from tests.support.peers import (
+    MR_DIR,
+    PasProcess,
+    StoreSCP,
+    read_rows,
+    run_pas,
+    storescu,
+    wait_for,
+)
 from tests.test_ops_web import failing_destination, refusing_node
 from tests.test_serving_dicomweb import _issue, _write
 
@@ -174,6 +182,10 @@ def test_browser_retry_works_from_the_page_not_from_another_site(site: dict[str,
     button.click()
     wait_for(lambda: pas.status()["jobs"].get("done") == 1, 60, what="the retried job")
     wait_for(lambda: len(scp.files()) == len(FILES), 30, what="files at storescp")
+    # Audited with the retry, the token named by its place in serving.bearer_tokens.
+    [row] = read_rows(pas.home / "pas.sqlite", "SELECT * FROM audit WHERE event = 'retry'")
+    assert (row["actor"], row["source"]) == ("bearer:token-1", "127.0.0.1"), dict(row)
+    assert row["detail"].startswith(f"job {site['job_id']} (dicom) to local")
 
 
 def test_client_certificate_guards_the_page_even_without_dicomweb(tmp_path: Path) -> None:

@@ -416,7 +416,7 @@ def test_a_retry_of_a_running_job_says_whether_its_worker_is_alive(tmp_path: Pat
     it was not failed or pending: the operator could not tell it would go on by itself."""
     db, _instance = _one_job(tmp_path)
     job = job_store.claim_next(db, "worker", lease_s=60)
-    assert job is not None and not job_store.retry(db, job.id)
+    assert job is not None and not job_store.retry(db, job.id, actor="operator:test")
     assert job_store.why_not_retried(db, job.id) == (
         f"job {job.id} is being sent right now: nothing to retry")
     with db.transaction() as conn:  # the worker died: its lease ran out

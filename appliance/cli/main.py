@@ -455,11 +455,12 @@ def queue_retry(job_id: int = typer.Argument(..., min=1, max=ROW_ID_MAX, help="A
                                              "queue list"),
                 config: Path | None = ConfigOption, as_json: bool = JsonOption) -> None:
     """Make a failed or pending job due now, with its attempts reset."""
+    from appliance.cli.common import operator_actor
     from appliance.store.jobs import list_jobs, retry, why_not_retried
 
     settings = _settings(config)
     db = _db(settings)
-    if not retry(db, job_id):
+    if not retry(db, job_id, actor=operator_actor()):
         err.print(f"[red]{literal(why_not_retried(db, job_id))}[/red]", highlight=False)
         raise typer.Exit(1)
     (job,) = list_jobs(db, job_id=job_id)

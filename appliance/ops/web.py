@@ -16,7 +16,9 @@ must come from the page's own origin.
 
 from __future__ import annotations
 
+import functools
 import html
+import secrets
 import sqlite3
 import time
 from datetime import datetime
@@ -421,7 +423,13 @@ def routes(daemon: Daemon) -> list[BaseRoute]:
         raw = request.path_params["job_id"]
         if not (raw.isascii() and raw.isdigit()):  # "\u00b2".isdigit(), and int() raises
             return PlainTextResponse(f"job id must be a number, got {raw!r}", status_code=400)
-        if not await run_in_threadpool(job_store.retry, daemon.db, int(raw)):
+        # In the audit trail (a resend of patient data): who, as the DICOMweb rows name
+        # a bearer token (its place in serving.bearer_tokens), and from where.
+        actor = _requester(request, daemon.settings.serving.bearer_tokens
+                           if daemon.settings.serving.auth == "bearer" else [])
+        source = request.client.host if request.client else None
+        if not await run_in_threadpool(functools.partial(
+                job_store.retry, daemon.db, int(raw), actor=actor, source=source)):
             reason = await run_in_threadpool(job_store.why_not_retried, daemon.db, int(raw))
             return PlainTextResponse(reason, status_code=404)
         return RedirectResponse("/", status_code=303)
@@ -431,3 +439,16 @@ def routes(daemon: Daemon) -> list[BaseRoute]:
         Route("/metrics", scrape),
         Route("/jobs/{job_id}/retry", retry, methods=["POST"]),
     ]
+
+
+def _requester(request: Request, tokens: list[str]) -> str:
+    """Who made a request, for the audit trail: the bearer token it carries, named by its
+    place in ``serving.bearer_tokens`` (``bearer:token-2``, as the DICOMweb rows name it:
+    never the token or a hash of it), else ``anonymous`` (``serving.auth`` none or
+    client_cert; the row's source says from where)."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not tokens:
+        return "anonymous"
+    matches = [secrets.compare_digest(token.strip().encode(), known.encode())
+               for known in tokens]  # every token compared: the time says nothing of which
+    return f"bearer:token-{matches.index(True) + 1}" if any(matches) else "anonymous"

@@ -300,6 +300,8 @@ EVENTS: dict[str, str] = {
     "refile": "a study moved to another patient by a newer instance naming that patient",
     "pin": "a study pinned in the cache by an operator",
     "unpin": "a study unpinned by an operator",
+    "retry": ("a delivery job retried by an operator (pas queue retry, the status page's "
+              "Retry button): the study, the job and its destination"),
     "hl7": ("an HL7 message acted on (an order, appointment or visit scheduled, changed or "
             "cancelled: its type, MSH-10 and sender, the patient), or refused"),
     "integrity": "a stored file found missing, damaged or orphaned",

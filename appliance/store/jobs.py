@@ -17,6 +17,7 @@ from typing import Any
 from appliance.store import audit, awaiting_hub
 from appliance.store.db import Database, now
 from appliance.store.job_order import holding_back
+from appliance.words import counted
 
 
 @dataclass(frozen=True)
@@ -332,17 +333,31 @@ def wake_waiting_for_link(db: Database, kind: str, destination: str | None = Non
         return cursor.rowcount
 
 
-def retry(db: Database, job_id: int) -> bool:
-    """Operator's retry: a failed (or waiting) job is due now, with its attempts reset."""
+def retry(db: Database, job_id: int, *, actor: str, source: str | None = None) -> bool:
+    """Operator's retry: a failed (or waiting) job is due now, with its attempts reset, and
+    its ``retry`` audit row in the same transaction: who (``actor``, from ``source``), the
+    study, the job and its destination. A retry sends the study's patient data again, and
+    none was in the trail (the status page's button answers anyone with ``serving.auth =
+    "none"``)."""
     at = now()
     with db.transaction() as conn:
+        before = conn.execute(
+            "SELECT j.kind, j.destination, j.state, j.attempts, s.study_uid FROM jobs j "
+            "JOIN studies s ON s.id = j.study_fk WHERE j.id = ?", (job_id,)).fetchone()
         cursor = conn.execute(
             """UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = ?,
                    updated_at = ?, finished_at = NULL
                WHERE id = ? AND state IN ('failed', 'pending')""",
             (at, at, job_id),
         )
-        return cursor.rowcount == 1
+        if cursor.rowcount != 1:
+            return False
+        audit.record_in(conn, "retry", actor=actor, source=source, target=before["study_uid"],
+                        detail=f"job {job_id} ({before['kind']}) to {before['destination']}, "
+                               f"{before['state']} after "
+                               f"{counted(before['attempts'], 'attempt')}: due now, attempts "
+                               "reset")
+        return True
 
 
 def why_not_retried(db: Database, job_id: int) -> str:
