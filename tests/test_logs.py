@@ -119,7 +119,7 @@ def test_a_peer_s_value_cannot_write_a_log_line_of_its_own(tmp_path) -> None:
     """A Study Instance UID holding a line break and a forged line ("... CRITICAL pas.audit:
     FORGED") was logged as it came: the log had a line of its own that read as PAS's
     (security review, 2026-12-06). Each control character is written \\xNN now. The value
-    comes as a carriage return in a STOW-RS URL's study, which the part's refusal names (a
+    comes as a carriage return in a STOW-RS URL's study, which its refusal quotes (a
     dataset's UID with a line break is refused before anything logs it since 2026-12-07,
     not a UID; a line feed in the URL's path matches no route)."""
     import urllib.parse
@@ -142,7 +142,7 @@ def test_a_peer_s_value_cannot_write_a_log_line_of_its_own(tmp_path) -> None:
             timeout=60, headers={"Content-Type": f'multipart/related; type="application/dicom"; '
                                                  f"boundary={boundary}",
                                  "Accept": "application/dicom+json"})
-        assert answer.status_code == 409, answer.text  # another study's instance: refused
+        assert answer.status_code == 400, answer.text  # not a UID: refused before the body
         wait_for(lambda: f"1.2.826.0.1\\x0d{forged}" in pas.log(), 30,
                  what="the value's carriage return written \\x0d")
     finally:

@@ -120,6 +120,25 @@ def test_a_uid_list_in_the_path_is_a_400_naming_it(pas: PasProcess, method: str,
     assert _instances(pas) == before
 
 
+@pytest.mark.parametrize("study", ["1.2.840.abc", "1.2.*", "1.2.840%0D5"])
+def test_a_stow_to_a_study_that_is_not_a_uid_is_a_400_before_its_body(
+        pas: PasProcess, study: str) -> None:
+    """A STOW-RS to ``/studies/{study}`` whose study is not a UID read the whole body, then
+    refused each part as another study's (0xA900 under a 409), the URL's value quoted into
+    the log. It is refused at once now, as the readers' paths are: a 400 naming it, one
+    failed store row, nothing stored."""
+    before, last = _instances(pas), _last_id(pas)
+    answer = httpx.post(f"{_base(pas)}/studies/{study}", headers={"Content-Type": STOW_TYPE},
+                        content=_body([_new_instance()]), timeout=30)
+    assert answer.status_code == 400, answer.text[:300]
+    assert answer.json()["detail"].endswith(
+        "in the path is not a UID (digits and dots, at most 64 characters)")
+    rows = _rows_after(pas, last)
+    assert [(r["event"], r["outcome"].startswith("failure: StudyInstanceUID '"))
+            for r in rows] == [("store", True)], [dict(r) for r in rows]
+    assert _instances(pas) == before
+
+
 @pytest.mark.parametrize(("frame", "status", "detail"), [
     ("0", 400, "frame list '0': frame numbers start at 1"),
     ("-1", 400, "frame list '-1': frame numbers start at 1"),

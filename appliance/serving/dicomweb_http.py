@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from appliance.serving.wado_media import HttpProblem
+from appliance.store.query import is_uid
 
 CHUNK = 1024 * 1024
 # Past SQLite's 64-bit integers a limit or offset is clamped: no answer is that long anyway.
@@ -239,8 +240,10 @@ def _one_uid_each(path: dict[str, str]) -> None:
     ``A%5CB``): the path names one study, series or instance (PS3.18 10.4.1.1, 10.6.1.1).
     It was read as a C-MOVE's UID list: WADO-RS and QIDO-RS answered for every study
     listed, fetch-through asked the region for the study "A\\B" however much of A and B
-    was held, and a STOW to it refused every part. A malformed UID or a wildcard is the
-    index's to refuse (400 too)."""
+    was held, and a STOW to it refused every part. Anything else that is not a UID (a
+    wildcard, letters, a control character) is refused here too, before anything is read:
+    the index refused it for the readers, but a STOW-RS to such a study read the whole body
+    and refused each part as "another study", the URL's value quoted into the log."""
     for key, keyword in _PATH_UIDS:
         value = path.get(key)
         if value is None:
@@ -250,6 +253,9 @@ def _one_uid_each(path: dict[str, str]) -> None:
         if "\\" in value:
             raise HttpProblem(400, f"{keyword} '{shown}' in the path: a path names one UID, "
                                    "not a list")
+        if not is_uid(value):
+            raise HttpProblem(400, f"{keyword} '{shown}' in the path is not a UID (digits "
+                                   "and dots, at most 64 characters)")
 
 
 def _fuzzy(request: Request) -> bool:
