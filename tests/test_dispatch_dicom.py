@@ -22,7 +22,7 @@ from pydicom.uid import (
 from appliance.dispatch.target_types.dicom import plan_associations
 from appliance.store.spool import Spool
 from appliance.store.transcode import transcoded
-from tests.support.configs import everything_to
+from tests.support.configs import everything_to, quick_retries
 from tests.support.peers import StoreSCP, storescu, wait_for
 from tests.test_ingest import dataset_part, index_rows, sop_uid
 from tests.test_routing import CT_PATIENT, jobs_of
@@ -33,12 +33,7 @@ CT_IMAGE, MR_IMAGE = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"
 
 def write_config(path: Path, scp: StoreSCP) -> Path:
     """Everything goes to the peer (fallback route); a failed job is retried once."""
-    return everything_to(path, scp, timeout_s=10, before="""
-        [queue]
-        max_attempts = 2
-        backoff_initial_s = 0.2
-        backoff_max_s = 0.5
-        """)
+    return everything_to(path, scp, timeout_s=10, before=quick_retries(2))
 
 
 def send_ct_and_big_endian_mr(pas_factory, scp: StoreSCP, tmp_path: Path):  # type: ignore[no-untyped-def]

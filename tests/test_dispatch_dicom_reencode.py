@@ -19,7 +19,7 @@ from pydicom import dcmread
 from pydicom.encaps import encapsulate
 from pydicom.uid import ImplicitVRLittleEndian, RLELossless
 
-from tests.support.configs import everything_to
+from tests.support.configs import everything_to, quick_retries
 from tests.support.objects import tiny_ct
 from tests.support.peers import StoreSCP, storescu, wait_for
 from tests.test_ingest import sop_uid
@@ -53,12 +53,8 @@ def test_an_instance_that_does_not_decode_does_not_hold_back_the_rest_of_the_stu
     damaged, fine = sop_uid(paths[0]), {sop_uid(p) for p in paths[1:]}
     scp = StoreSCP(tmp_path / "implicit", ae_title="OLDPACS").start(["+xi"])
     try:
-        config = everything_to(tmp_path / "appliance.toml", scp, timeout_s=10, before="""
-            [queue]
-            max_attempts = 3
-            backoff_initial_s = 0.2
-            backoff_max_s = 0.5
-            """)
+        config = everything_to(tmp_path / "appliance.toml", scp, timeout_s=10,
+                               before=quick_retries(3))
         pas = pas_factory({"PAS_CONFIG": str(config), "PAS_DICOM__ACCEPT_UNKNOWN": "true"})
         storescu(paths, pas.port, extra=["-xr"])  # RLE proposed: kept as sent
         wait_for(lambda: [j["state"] for j in jobs_of(pas.home)] == ["failed"], 60,

@@ -13,7 +13,7 @@ from typing import Any
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
-from tests.support.configs import everything_to
+from tests.support.configs import everything_to, quick_retries
 from tests.support.peers import free_port, storescu, wait_for
 from tests.test_ingest import sop_uid
 from tests.test_routing import CT_PATIENT, jobs_of
@@ -58,12 +58,8 @@ def test_warning_statuses_are_delivered_instances_sent_once(pas_factory,
     uids = [sop_uid(p) for p in CT_PATIENT]
     node = _Node({uids[0]: 0x0116, uids[1]: 0x0107, uids[2]: 0xB000})
     try:
-        config = everything_to(tmp_path / "appliance.toml", node, timeout_s=10, before="""
-            [queue]
-            max_attempts = 3
-            backoff_initial_s = 0.2
-            backoff_max_s = 0.5
-            """)
+        config = everything_to(tmp_path / "appliance.toml", node, timeout_s=10,
+                               before=quick_retries(3))
         pas = pas_factory({"PAS_CONFIG": str(config), "PAS_DICOM__ACCEPT_UNKNOWN": "true"})
         storescu(CT_PATIENT, pas.port)
         wait_for(lambda: [j["state"] for j in jobs_of(pas.home)] in (["done"], ["failed"]),

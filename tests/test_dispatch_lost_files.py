@@ -14,7 +14,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from tests.support.configs import everything_to
+from tests.support.configs import everything_to, quick_retries
 from tests.support.peers import StoreSCP, storescu, wait_for
 from tests.test_ingest import sop_uid
 from tests.test_routing import CT_PATIENT, jobs_of
@@ -35,12 +35,8 @@ def test_a_delta_is_sent_when_an_instance_already_delivered_lost_its_file(
     their file on this appliance", and its late instance never reached the node."""
     scp = StoreSCP(tmp_path / "pacs", ae_title="PACS").start()
     try:
-        config = everything_to(tmp_path / "appliance.toml", scp, timeout_s=10, before="""
-            [queue]
-            max_attempts = 3
-            backoff_initial_s = 0.2
-            backoff_max_s = 0.5
-            """)
+        config = everything_to(tmp_path / "appliance.toml", scp, timeout_s=10,
+                               before=quick_retries(3))
         pas = pas_factory({"PAS_CONFIG": str(config), "PAS_DICOM__ACCEPT_UNKNOWN": "true"})
         storescu(CT_PATIENT, pas.port)
         wait_for(lambda: [j["state"] for j in jobs_of(pas.home)] == ["done"], 60,

@@ -16,6 +16,13 @@ class _Node(Protocol):
     port: int
 
 
+def quick_retries(max_attempts: int) -> str:
+    """A ``[queue]`` section for ``everything_to``'s ``before``: ``max_attempts`` attempts,
+    0.2 s to 0.5 s apart, so a test sees a job retried, or failed, within seconds."""
+    return (f"[queue]\nmax_attempts = {max_attempts}\nbackoff_initial_s = 0.2\n"
+            "backoff_max_s = 0.5\n")
+
+
 def everything_to(path: Path, node: _Node, *, timeout_s: float = 30,
                   before: str = "") -> Path:
     """Write at ``path`` a configuration routing every study (the fallback rule) to the DICOM
