@@ -54,6 +54,7 @@ from appliance.dicomnet.direct_receive import (
     DirectReceiver,
 )
 from appliance.dicomnet.idle import peer_silent
+from appliance.dicomnet.pdu_read import PduDeadline, recv_body, recv_exactly
 from appliance.dicomnet.poll import readable as poll_readable
 from appliance.dicomnet.unaccepted import UnacceptedContext
 
@@ -68,8 +69,6 @@ KILL_GRACE_S = 2.0
 # Longest P-DATA-TF PDU accepted when PAS offered no maximum (dicom.max_pdu = 0): a PDU is
 # held whole in memory until it is read, as pynetdicom holds a message it assembles.
 MAX_UNBOUNDED_PDU_BYTES = MAX_HELD_MESSAGE_BYTES
-# PDUs up to this size are read into one buffer allocated from their header's length.
-PREALLOCATE_PDU_BYTES = 4 << 20
 # Longest PDU other than P-DATA-TF accepted on an established association (A-RELEASE and
 # A-ABORT are a few bytes).
 MAX_CONTROL_PDU_BYTES = 64 << 10
@@ -179,84 +178,6 @@ def _direct_receiver(self: DULServiceProvider) -> DirectReceiver | None:
     return direct or None
 
 
-class PduDeadline:
-    """When the PDU being read must have arrived: ``network_timeout`` after its first byte.
-
-    The socket's receive timeout (:func:`_bound_socket_waits`) bounds each ``recv``, not a
-    PDU: a peer sending one byte every few seconds (a slowloris, or a device stuck in a
-    retry loop) never let a ``recv`` time out, and held its connection (and, past its
-    A-ASSOCIATE-RQ, its association place) for ever; the association's own timers (ARTIM,
-    the network idle timeout) are looked at only between PDUs, and the abort they lead to
-    waited for this very read. So the read of a PDU has a deadline, checked after each
-    ``recv`` that did not complete it (a ``recv`` blocked at the deadline is still bounded
-    by the socket's timeout: a PDU ends at most twice the timeout after its start).
-
-    A P-DATA-TF PDU carries up to ``dicom.max_pdu`` bytes: on a slow link a large one may
-    rightly take longer than the timeout. Every ``PROGRESS_BYTES`` of its body that arrive
-    move its deadline to ``network_timeout`` from then (at least 64 kB per timeout: a
-    trickle is not progress), and restart the association's network idle timer: the peer
-    is not silent (idle.py; without it the association loop aborted a PDU still steadily
-    arriving). Association PDUs (request, accept, reject: the request comes before any AE
-    title is checked) and control PDUs have the one deadline."""
-
-    PROGRESS_BYTES = 64 << 10
-
-    __slots__ = ("at", "timeout", "progress", "credited", "idle_timer")
-
-    def __init__(self, timeout: float, idle_timer: Any = None) -> None:
-        self.timeout = timeout
-        self.at = time.monotonic() + timeout
-        self.progress = False
-        self.credited = 0
-        self.idle_timer = idle_timer
-
-    def check(self, count: int, missing: int) -> None:
-        """``count`` bytes just arrived, ``missing`` still to come: TimeoutError past the
-        deadline."""
-        now = time.monotonic()
-        if self.progress:
-            self.credited += count
-            if self.credited >= self.PROGRESS_BYTES:
-                self.credited = 0
-                self.at = now + self.timeout
-                if self.idle_timer is not None:
-                    self.idle_timer.restart()
-        if now > self.at:
-            raise TimeoutError(f"a PDU still {missing} bytes short after the network "
-                               f"timeout ({self.timeout:g} s, dicom.network_timeout_s): "
-                               f"the peer sends too slowly")
-
-
-def _recv_exactly(sock: Any, view: memoryview, deadline: PduDeadline | None = None) -> bool:
-    """Fill ``view`` from the socket; False if the peer closed it first. TimeoutError if
-    ``deadline`` passes first."""
-    while len(view):
-        count = sock.recv_into(view)
-        if not count:
-            return False
-        view = view[count:]
-        if deadline is not None and len(view):
-            deadline.check(count, len(view))
-    return True
-
-
-def _recv_body(sock: Any, length: int, deadline: PduDeadline | None) -> tuple[bytearray, bool]:
-    """A PDU body of ``length`` bytes, and whether it is complete. Up to
-    ``PREALLOCATE_PDU_BYTES`` in one buffer allocated from the length; beyond (a length no
-    one sends), in chunks of that size: memory grows only with what actually arrives."""
-    if length <= PREALLOCATE_PDU_BYTES:
-        body = bytearray(length)
-        return body, _recv_exactly(sock, memoryview(body), deadline)
-    body = bytearray()
-    while len(body) < length:
-        chunk = bytearray(min(PREALLOCATE_PDU_BYTES, length - len(body)))
-        complete = _recv_exactly(sock, memoryview(chunk), deadline)
-        body += chunk
-        if not complete:
-            return body, False
-    return body, True
-
-
 def _bound_socket_waits(self: DULServiceProvider) -> None:
     """Give the association's socket a receive and send timeout (``network_timeout``).
 
@@ -319,7 +240,7 @@ def _transport_event(self: DULServiceProvider, readable: bool = False) -> bool:
     timeout = self.assoc.network_timeout
     deadline = PduDeadline(timeout, self._idle_timer) if timeout else None
     try:
-        if not _recv_exactly(sock, memoryview(header), deadline):
+        if not recv_exactly(sock, memoryview(header), deadline):
             if direct:
                 direct.abandon()  # a C-STORE in progress is cut: noted before the end's audit
             self.event_queue.put("Evt17")  # the peer closed the connection
@@ -348,7 +269,7 @@ def _transport_event(self: DULServiceProvider, readable: bool = False) -> bool:
                                      f"bytes, over the {limit} this association accepts")
         if deadline is not None:
             deadline.progress = pdu_type == P_DATA_TF
-        body, complete = _recv_body(sock, pdu_length, deadline)
+        body, complete = recv_body(sock, pdu_length, deadline)
     except (OSError, TimeoutError) as exc:
         log.error("connection closed before the entire PDU was received from %s: %s",
                   last_word.peer_name(self), exc)
