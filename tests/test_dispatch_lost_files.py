@@ -8,25 +8,15 @@ for good because an instance the study's first job had already delivered lost it
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from tests.support.configs import everything_to, quick_retries
-from tests.support.peers import StoreSCP, storescu, wait_for
+from tests.support.peers import StoreSCP, read_rows, storescu, wait_for
 from tests.test_ingest import sop_uid
 from tests.test_routing import CT_PATIENT, jobs_of
-
-
-def _instances(home: Path) -> list[sqlite3.Row]:
-    conn = sqlite3.connect(home / "pas.sqlite")
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute("SELECT path, sop_instance_uid FROM instances ORDER BY id").fetchall()
-    finally:
-        conn.close()
 
 
 def test_a_delta_is_sent_when_an_instance_already_delivered_lost_its_file(
@@ -42,7 +32,8 @@ def test_a_delta_is_sent_when_an_instance_already_delivered_lost_its_file(
         wait_for(lambda: [j["state"] for j in jobs_of(pas.home)] == ["done"], 60,
                  what="the study's first job done")
         # An instance the node already holds loses its file here; the start-up check flags it.
-        lost = _instances(pas.home)[0]
+        lost = read_rows(pas.home / "pas.sqlite",
+                         "SELECT path, sop_instance_uid FROM instances ORDER BY id")[0]
         pas.stop()
         (pas.home / "spool" / lost["path"]).unlink()
         pas.start()
