@@ -21,14 +21,13 @@ import os
 import shutil
 import sqlite3
 import stat
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from appliance.store.db import Database
-from tests.support.peers import PasProcess, read_rows
+from tests.support.peers import PasProcess, read_rows, small_disk_at
 
 SITE = {"PAS_SITE": "SITE-A"}
 
@@ -144,17 +143,9 @@ def _tree(home: Path) -> dict[str, str | None]:
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A tmpfs of 8 MiB of its own (root only), unmounted after the test."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "pas-restore-test", str(disk)],
-                   check=True)
-    try:
+    """A tmpfs of 8 MiB of its own, unmounted after the test."""
+    with small_disk_at(tmp_path / "disk", 8) as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def _fill(disk: Path, leave: int) -> Path:

@@ -23,22 +23,16 @@ from tests.faults.helpers import (
     sop_uid_of,
     stored_successes,
 )
-from tests.support.peers import CT_DIR, DCMTK_ENV, PasProcess, wait_for
+from tests.support.peers import CT_DIR, DCMTK_ENV, PasProcess, small_disk_at, wait_for
 
 MB = 1024 * 1024
 
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.fail("mounting a tmpfs needs root (CI runs as root)")
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+    """A tmpfs of 48 MiB of its own, unmounted after the test."""
+    with small_disk_at(tmp_path / "disk", 48) as disk:
+        yield disk
 
 
 def _send_all(port: int) -> tuple[list[str], list[str]]:

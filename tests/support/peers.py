@@ -332,6 +332,21 @@ def on_small_disk(folder: Path, size_kb: int, argv: list[str]) -> list[str]:
             str(size_kb), str(folder), *argv]
 
 
+@contextlib.contextmanager
+def small_disk_at(folder: Path, size_mb: int) -> Iterator[Path]:
+    """``folder`` (made) as a tmpfs of ``size_mb`` MiB in this test's own mount table, for a
+    test whose daemon or command must see it from outside (root only: CI runs as root, and
+    a test that cannot mount fails rather than skips); unmounted after."""
+    assert os.geteuid() == 0, "mounting a tmpfs needs root (CI runs as root)"
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "pas-small-disk",
+                    str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
 def seen_from(pid: int, folder: Path) -> Path:
     """``folder`` as the process ``pid`` sees it (inside its own mount namespace)."""
     return Path(f"/proc/{pid}/root") / Path(folder).resolve().relative_to("/")
