@@ -248,8 +248,6 @@ class Daemon:
         for open_port in open_ports:
             if open_port is not None:
                 log.warning("%s: %s: %s", open_port.name, open_port.detail, open_port.fix)
-        log.info("PAS ready: AE %s on %s:%d, home %s", self.settings.dicom.ae_title,
-                 self.settings.dicom.host, self.listener.port, self.settings.home)
         # ATNA's Application Activity (Application Start, PS3.15 A.5.3.1): a stop and a
         # start were in no row, and a time the appliance was down (its database editable
         # offline) was invisible in the trail.
@@ -259,7 +257,11 @@ class Daemon:
                      detail=f"PAS {__version__} (index schema {self.db.schema_version()}), "
                             f"AE {self.settings.dicom.ae_title} on port {self.listener.port}"
                             + (f"; {self.migrated}" if self.migrated else ""))
-        # Only now: the database is open and the SCP listens (invariant for Type=notify).
+        # Only now: the database is open, the SCP listens and the start is in the trail
+        # (invariant for Type=notify). "PAS ready" comes after the start's audit row, so
+        # whoever waits for it (an operator's tail, the tests) finds the row there.
+        log.info("PAS ready: AE %s on %s:%d, home %s", self.settings.dicom.ae_title,
+                 self.settings.dicom.host, self.listener.port, self.settings.home)
         self.notifier.ready(self.status_line())
 
     def _release_awaiting_hub(self) -> None:
