@@ -23,6 +23,7 @@ from hl7.client import MLLPClient
 
 from tests.support.peers import PasProcess, pas_with_hl7, wait_for
 from tests.support.peers import prefetch_requests as requests
+from tests.support.serving import serve_in_thread
 
 
 @pytest.fixture(scope="module")
@@ -565,7 +566,7 @@ def test_pas_status_says_when_the_prefetch_waits_fails_or_is_late(tmp_path: Any)
             pass
 
     region = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
-    threading.Thread(target=region.serve_forever, daemon=True).start()
+    serve_in_thread(region)
     pas = pas_with_hl7(tmp_path, PAS_PREFETCH__MAX_ATTEMPTS="1", PAS_PREFETCH__DICOMWEB_URL=(
         f"http://127.0.0.1:{region.server_address[1]}/dicom-web"))
     try:

@@ -29,6 +29,7 @@ from hl7.client import MLLPClient
 
 from tests.support.peers import PasProcess, pas_with_hl7, wait_for
 from tests.support.peers import prefetch_requests as requests
+from tests.support.serving import serve_in_thread
 
 FAR = "20991231120000"
 
@@ -350,7 +351,7 @@ class HeldRegion:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = int(self.server.server_address[1])
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        serve_in_thread(self.server)
 
     def release(self) -> None:
         self.gate.set()

@@ -22,6 +22,7 @@ from pathlib import Path
 from pydicom import dcmread
 
 from tests.support.peers import storescu, wait_for
+from tests.support.serving import serve_in_thread
 from tests.test_routing import CT_PATIENT, jobs_of
 
 LEASE_S = 1.0
@@ -83,7 +84,7 @@ class SlowArchive:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        serve_in_thread(self.server)
 
     def hold(self) -> bool:
         """Wait until the lease the POST began under was renewed past its first expiry by

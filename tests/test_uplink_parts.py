@@ -31,6 +31,7 @@ from appliance.transfer.client import (
 )
 from appliance.transfer.throttle import CHUNK, TokenBucket, cap_mbps, in_window
 from tests.support.peers import free_port
+from tests.support.serving import serve_in_thread
 
 
 class FakeClock:
@@ -154,8 +155,7 @@ class _Script(http.server.BaseHTTPRequestHandler):
 def scripted() -> Iterator[tuple[type[_Script], str]]:
     handler = type("Script", (_Script,), {"answers": [], "seen": [], "auth": []})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    serve_in_thread(server)
     yield handler, f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
@@ -241,7 +241,7 @@ def _held_server(read_first: bool) -> tuple[http.server.ThreadingHTTPServer, typ
                                       "in_progress": 0, "peers": set(),
                                       "read_first": read_first})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    serve_in_thread(server)
     return server, handler
 
 

@@ -9,6 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from tests.support.serving import serve_in_thread
+
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage")
@@ -54,16 +56,17 @@ class OtherSite:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
         self.url = f"http://localhost:{self.server.server_address[1]}/"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread: threading.Thread | None = None
 
     def __enter__(self) -> OtherSite:
-        self.thread.start()
+        self.thread = serve_in_thread(self.server)
         return self
 
     def __exit__(self, *_exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
-        self.thread.join(10)
+        if self.thread is not None:
+            self.thread.join(10)
 
 
 def files_containing(folder: Path, needle: bytes) -> list[Path]:
