@@ -73,10 +73,12 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         with client(site) as http:  # a site's heartbeat: its client certificate, no password
             answer = http.post("/api/v1/heartbeat", json=_beat(studies=3))
             assert answer.status_code == 201, answer.text
-        yield {"hub": process, "site": site, "started": started,
-               "http": httpx.Client(base_url=process.url, timeout=60,
-                                    verify=process.anonymous_context())}
+        with httpx.Client(base_url=process.url, timeout=60,
+                          verify=process.anonymous_context()) as http:
+            yield {"hub": process, "site": site, "started": started, "http": http}
     finally:
+        # After the client's close: the hub's stop waits up to its 5 s grace for a TLS
+        # connection left open, idle, whose peer never answers its close_notify.
         process.stop()
 
 
