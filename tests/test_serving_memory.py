@@ -318,7 +318,9 @@ def _study_of_many_instances(home: Path, count: int) -> tuple[str, str]:
     filed by PAS's receive path (in this process, as bench/qr.py's synthesize files its real
     CT: a daemon started and stopped for one storescu cost ~1.5 s of each of six tests),
     then its index row copied under new SOP Instance UIDs (the same file: only the index
-    matters before the first C-STORE). (study UID, the real SOP UID)."""
+    matters before the first C-STORE), by one INSERT ... SELECT over a counter in SQL: an
+    executemany of ``count`` statements took 4.3 s for 50,000 (0.8 s so). (study UID, the
+    real SOP UID)."""
     ds = tiny_ct()
     ds.save_as(home / "one.dcm", enforce_file_format=True)
     db = Database(home / "pas.sqlite")
@@ -331,11 +333,13 @@ def _study_of_many_instances(home: Path, count: int) -> tuple[str, str]:
     with sqlite3.connect(home / "pas.sqlite") as conn:
         columns = ("series_fk, study_fk, sop_class_uid, transfer_syntax_uid, instance_number, "
                    "path, size, sha256, received_at")
-        conn.executemany(
+        conn.execute(
+            "WITH RECURSIVE copies (n) AS (SELECT 0 WHERE ? > 0 UNION ALL "
+            "SELECT n + 1 FROM copies WHERE n + 1 < ?) "
             f"INSERT INTO instances (sop_instance_uid, {columns}, routed_at, confirmed_at) "
-            f"SELECT ?, {columns}, received_at, received_at FROM instances "
-            "WHERE sop_instance_uid = ?",
-            ((f"{prefix}.{n}", str(ds.SOPInstanceUID)) for n in range(count)))
+            f"SELECT ? || '.' || copies.n, {columns}, received_at, received_at "
+            "FROM copies, instances WHERE sop_instance_uid = ? ORDER BY copies.n",
+            (count, count, prefix, str(ds.SOPInstanceUID)))
         conn.execute("UPDATE instances SET routed_at = received_at WHERE routed_at IS NULL")
     return str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
 
