@@ -18,6 +18,7 @@ import httpx
 
 from tests.support.peers import PasProcess, free_port, read_rows, wait_for
 from tests.test_serving_memory import (
+    NO_SCRUB,
     RETRIEVED,
     _growth,
     _study_get_growth,
@@ -48,7 +49,7 @@ def test_qido_of_a_study_of_50000_instances_streams_its_answer(tmp_path: Path) -
     home.mkdir()
     study, real = _study_of_many_instances(home, INSTANCES)
     series = read_rows(home / "pas.sqlite", "SELECT series_uid FROM series")[0]["series_uid"]
-    pas = PasProcess(home, {"PAS_DICOM__ACCEPT_UNKNOWN": "true"}).start()
+    pas = PasProcess(home, {"PAS_DICOM__ACCEPT_UNKNOWN": "true", **NO_SCRUB}).start()
     base = f"http://127.0.0.1:{pas.http_port}/dicom-web/studies/{study}"
     try:
         # Warm-up (modules, the threadpool's database connections): one instance.
@@ -93,7 +94,7 @@ def test_fetch_through_of_a_study_held_here_does_not_hold_its_rows(tmp_path: Pat
     home.mkdir()
     study, real = _study_of_many_instances(home, RETRIEVED)
     region = f"http://127.0.0.1:{free_port()}/dicom-web"  # nothing listens: the WAN is down
-    pas = PasProcess(home, {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+    pas = PasProcess(home, {"PAS_DICOM__ACCEPT_UNKNOWN": "true", **NO_SCRUB,
                             "PAS_PREFETCH__DICOMWEB_URL": region}).start()
     try:
         growth, final = _study_get_growth(pas, study, real)

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 
 from tests.support.peers import PasProcess, read_rows
-from tests.test_serving_memory import _growth, _study_of_many_instances
+from tests.test_serving_memory import NO_SCRUB, _growth, _study_of_many_instances
 
 INSTANCES = 50_000
 
@@ -57,7 +57,7 @@ def test_wado_rs_of_a_study_of_50000_instances_reads_its_rows_as_it_goes(
                     "LIMIT 1")[0]
     # Every row of the study names the one file stored: the bytes of each part.
     content = (home / "spool" / row["path"]).read_bytes()
-    pas = PasProcess(home, {"PAS_DICOM__ACCEPT_UNKNOWN": "true"}).start()
+    pas = PasProcess(home, {"PAS_DICOM__ACCEPT_UNKNOWN": "true", **NO_SCRUB}).start()
     base = f"http://127.0.0.1:{pas.http_port}/dicom-web/studies/{study}"
     try:
         # Warm-up (modules, the threadpool's database connections): one instance.
