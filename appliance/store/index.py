@@ -365,6 +365,22 @@ def instance_by_uid(db: Database, sop_instance_uid: str) -> sqlite3.Row | None:
     )
 
 
+def instance_places(db: Database, instance_ids: list[int]) -> dict[int, tuple[str, str]]:
+    """{instance id: (Study Instance UID, Series Instance UID)} as the index files them: the
+    WADO-RS path of an instance a ``stowrs`` destination reads back."""
+    if not instance_ids:
+        return {}
+    marks = ", ".join("?" for _ in instance_ids)
+    rows = db.query(
+        f"""SELECT i.id, st.study_uid, se.series_uid
+            FROM instances i JOIN studies st ON st.id = i.study_fk
+                             JOIN series se ON se.id = i.series_fk
+            WHERE i.id IN ({marks})""",
+        tuple(instance_ids),
+    )
+    return {int(r["id"]): (str(r["study_uid"]), str(r["series_uid"])) for r in rows}
+
+
 def instances_of_study(db: Database, study_uid: str) -> list[sqlite3.Row]:
     return db.query(
         """SELECT i.* FROM instances i JOIN studies s ON s.id = i.study_fk

@@ -20,10 +20,21 @@ answered: an ordinary failed attempt, counted towards ``queue.max_attempts``. A 
 whole request, or instances refused with a "cannot process" class reason, fail the job for
 good with the archive's words; refusals for lack of resources (0xA7xx) or processing failure
 (0x0110) are transient.
+
+A refusal as a duplicate (FailureReason 0xB00E = 45070, "an instance with these UIDs exists",
+as Microsoft's DICOM service answers, or 0x0111 Duplicate SOP Instance; or a 409 with no
+per-instance answer, as Google's can) means "maybe held already": a batch re-POSTed after its
+answer was lost, or after a kill -9 between the archive storing it and ``mark_sent``. Each
+such instance is read back (WADO-RS, ``transfer-syntax=*``) and hashed: the SHA-256 of the
+spool file is "held" and it is marked sent; other bytes fail the job for good naming both
+SHA-256; a read-back that fails (a 5xx, no connection, not found yet) retries the job later.
+Until 2026-12-07 the duplicate reason alone failed the job for good and the instances the
+archive held bit-exact were never marked sent (tests/test_dispatch_stowrs_duplicates.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import ssl
 import uuid
@@ -47,6 +58,7 @@ from appliance.dispatch.target_types.base import (
     SendContext,
     TrustRefused,
 )
+from appliance.store import index as index_store
 from appliance.store import uplink as uplink_store
 from appliance.store.jobs import Job
 from appliance.transfer.link_failures import trust_problem
@@ -62,6 +74,12 @@ FAILED_SOP_SEQUENCE = "00081198"
 REFERENCED_SOP_INSTANCE_UID = "00081155"
 FAILURE_REASON = "00081197"
 TRANSIENT_REASONS = {0x0110, 0xA700}  # processing failure; out of resources
+# "Held already": Microsoft's 45070 (0xB00E, "a file with the same identifiers exists"),
+# PS3.4's 0x0111 (Duplicate SOP Instance), and a 409 answered with no per-instance answer
+# (CONFLICT, not a DICOM code: the request as a whole).
+CONFLICT = -409
+DUPLICATE_REASONS = {0xB00E, 0x0111, CONFLICT}
+WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
 
 class _ServerError(Exception):
@@ -103,6 +121,70 @@ def parse_stow_response(body: Any) -> tuple[set[str], dict[str, int]]:
         if uids:
             refused[str(uids[0])] = int(reasons[0]) if reasons else 0xC000
     return accepted, refused
+
+
+def reason_words(reason: int) -> str:
+    """A failure reason as the job's last_error names it: ``0xB00E``, or ``HTTP 409``."""
+    return "HTTP 409" if reason == CONFLICT else f"0x{reason:04X}"
+
+
+class PartDigests:
+    """Incremental ``multipart/related`` reader (a WADO-RS answer) hashing each part's body
+    with SHA-256 as it streams: memory holds one chunk, whatever the size of the instance."""
+
+    def __init__(self, boundary: bytes):
+        self.opening = b"--" + boundary
+        self.delimiter = b"\r\n--" + boundary
+        self.buffer = bytearray()
+        self.state = "preamble"  # preamble | after | headers | body | closed
+        self.digest: Any = None
+        self.digests: list[str] = []
+
+    def feed(self, chunk: bytes) -> None:
+        self.buffer += chunk
+        while True:
+            if self.state == "preamble":
+                at = self.buffer.find(self.opening)
+                if at < 0:
+                    del self.buffer[: max(0, len(self.buffer) - len(self.opening))]
+                    return
+                del self.buffer[: at + len(self.opening)]
+                self.state = "after"
+            elif self.state == "after":
+                if len(self.buffer) < 2:
+                    return
+                self.state = "closed" if self.buffer[:2] == b"--" else "headers"
+            elif self.state == "headers":
+                end = self.buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(self.buffer) > 64 * 1024:
+                        raise ValueError("a multipart part's headers exceed 64 KiB")
+                    return
+                del self.buffer[: end + 4]
+                self.digest = hashlib.sha256()
+                self.state = "body"
+            elif self.state == "body":
+                at = self.buffer.find(self.delimiter)
+                if at < 0:
+                    keep = len(self.delimiter) - 1
+                    if len(self.buffer) > keep:
+                        self.digest.update(self.buffer[: len(self.buffer) - keep])
+                        del self.buffer[: len(self.buffer) - keep]
+                    return
+                self.digest.update(self.buffer[:at])
+                del self.buffer[: at + len(self.delimiter)]
+                self.digests.append(self.digest.hexdigest())
+                self.state = "after"
+            else:
+                return
+
+
+def _boundary(content_type: str) -> bytes | None:
+    for param in content_type.split(";")[1:]:
+        key, _, value = param.strip().partition("=")
+        if key.lower() == "boundary" and value.strip().strip('"'):
+            return value.strip().strip('"').encode()
+    return None
 
 
 class MultipartBody:
@@ -172,8 +254,8 @@ class StowRsTarget:
         if not rows:
             return
         size = self.config.instances_per_request
-        refused_for_good: dict[str, int] = {}
-        retry_later: dict[str, int] = {}
+        refused_for_good: dict[str, str] = {}  # UID: why (the job's last_error)
+        retry_later: dict[str, str] = {}  # UID: why, "" when the archive said no more
         # The lease is renewed by time while a request is out, as the dicom kind does: it
         # was renewed only after each whole request, and a POST to a slow archive outlasted
         # queue.lease_s; a second worker then claimed the job and POSTed the same study at
@@ -190,22 +272,92 @@ class StowRsTarget:
                     if start == 0:  # nothing answered in this attempt: wait for the archive
                         raise LinkDown(str(exc)) from exc
                     raise
-                by_uid = {r["sop_instance_uid"]: r["id"] for r in batch}
-                context.mark_sent(job, [by_uid[u] for u in accepted if u in by_uid])
+                by_uid = {r["sop_instance_uid"]: r for r in batch}
+                maybe_held = [by_uid[u] for u, r in refused.items()
+                              if r in DUPLICATE_REASONS and u in by_uid]
+                judged = self._read_back_all(client, context, maybe_held, refused)
+                accepted = accepted | {u for u, (held, _why) in judged.items() if held is True}
+                context.mark_sent(job, [by_uid[u]["id"] for u in accepted if u in by_uid])
                 unanswered = set(by_uid) - accepted - set(refused)
                 for uid, reason in refused.items():
-                    (retry_later if reason in TRANSIENT_REASONS else refused_for_good)[uid] = reason
+                    if uid in accepted:
+                        continue
+                    if uid in judged:  # other bytes: for good; not known yet: later
+                        held, why = judged[uid]
+                        (refused_for_good if held is False else retry_later)[uid] = why
+                    elif reason in TRANSIENT_REASONS:
+                        retry_later[uid] = ""
+                    else:
+                        refused_for_good[uid] = reason_words(reason)
                 for uid in unanswered:
-                    retry_later[uid] = 0x0110
+                    retry_later[uid] = ""
         if refused_for_good:
-            sample = ", ".join(f"{u} (0x{r:04X})" for u, r in list(refused_for_good.items())[:3])
+            sample = ", ".join(f"{u} ({why})" for u, why in list(refused_for_good.items())[:3])
             raise PermanentError(f"{self.name} refused "
                                  f"{counted(len(refused_for_good), 'instance')}: {sample}")
         if retry_later:
-            sample = ", ".join(list(retry_later)[:3])
+            sample = ", ".join(f"{u}: {why}" if why else u
+                               for u, why in list(retry_later.items())[:3])
             raise RuntimeError(f"{self.name} did not accept "
                                f"{counted(len(retry_later), 'instance')} yet (e.g. {sample}); "
                                "retrying later")
+
+    def _read_back_all(self, client: httpx.Client, context: SendContext, rows: list[Any],
+                       reasons: dict[str, int]) -> dict[str, tuple[bool | None, str]]:
+        """{UID: (True held with our bytes | False held with other bytes | None not known,
+        why)} for the instances the archive refused as held already."""
+        places = index_store.instance_places(context.db, [int(r["id"]) for r in rows])
+        judged: dict[str, tuple[bool | None, str]] = {}
+        for row in rows:
+            uid = str(row["sop_instance_uid"])
+            said = reason_words(reasons[uid])
+            place = places.get(int(row["id"]))
+            if place is None:  # the instance left the index meanwhile: the next try sees
+                judged[uid] = (None, f"refused as held already ({said}), and its study is "
+                                     "not in the index to read it back")
+                continue
+            held, why = self._read_back(client, uid, str(row["sha256"]), *place)
+            if held is True:
+                log.info("%s: %s refused as held already (%s); read back with the same "
+                         "SHA-256: sent", self.name, uid, said)
+                judged[uid] = (True, "")
+            elif held is False:
+                log.warning("%s: %s refused as held already (%s), with other bytes: %s",
+                            self.name, uid, said, why)
+                judged[uid] = (False, f"{said}: {why}")
+            elif reasons[uid] == CONFLICT and why.endswith("answered 404"):
+                # A bare 409 for an instance the archive does not hold: a real conflict.
+                judged[uid] = (False, f"{said}: the archive refused it (Conflict) and does "
+                                      "not hold it")
+            else:
+                judged[uid] = (None, f"refused as held already ({said}), {why}")
+        return judged
+
+    def _read_back(self, client: httpx.Client, uid: str, sha256: str, study: str,
+                   series: str) -> tuple[bool | None, str]:
+        """WADO-RS of one instance as the archive stores it: (True, "") its SHA-256 is
+        ``sha256``; (False, why) other bytes; (None, why) not known (not found, an error)."""
+        url = f"{self.config.url}/studies/{study}/series/{series}/instances/{uid}"
+        try:
+            with client.stream("GET", url, headers={"Accept": WADO_ACCEPT}) as response:
+                if response.status_code != 200:
+                    return None, f"reading it back (WADO-RS) answered {response.status_code}"
+                boundary = _boundary(response.headers.get("content-type", ""))
+                if boundary is None:
+                    return None, ("reading it back (WADO-RS) answered "
+                                  f"{response.headers.get('content-type')!r}, not multipart")
+                parts = PartDigests(boundary)
+                for chunk in response.iter_bytes():
+                    parts.feed(chunk)
+        except (httpx.HTTPError, ValueError) as exc:
+            return None, f"reading it back (WADO-RS) failed: {type(exc).__name__}: {exc}"
+        if len(parts.digests) != 1:
+            return None, (f"reading it back (WADO-RS) gave {len(parts.digests)} parts "
+                          "instead of 1")
+        if parts.digests[0] != sha256:
+            return False, (f"the archive already holds this SOP Instance UID with other bytes "
+                           f"(SHA-256 held {parts.digests[0]}, sent {sha256}) and kept them")
+        return True, ""
 
     def _post(self, client: httpx.Client, context: SendContext,
               batch: list[Any]) -> tuple[set[str], dict[str, int]]:
@@ -253,6 +405,10 @@ class StowRsTarget:
         if response.status_code == 200 and not body:
             # No per-instance answer: a 200 to STOW-RS means every instance was stored.
             return {r["sop_instance_uid"] for r in batch}, {}
+        if response.status_code == 409:
+            # A conflict with no per-instance answer: maybe every instance is held already
+            # (a re-POST); the read-back of each tells.
+            return set(), {r["sop_instance_uid"]: CONFLICT for r in batch}
         if response.status_code in (408, 429):
             raise RuntimeError(f"{self.name}: STOW-RS answered HTTP {response.status_code} "
                                f"(busy); retrying later")
