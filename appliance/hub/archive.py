@@ -13,11 +13,14 @@ archive may answer success for a SOP Instance UID it already holds and keep the 
 (Orthanc with ``OverwriteInstances: false`` does, silently): so before each batch one QIDO-RS
 query (UID list matching) asks which of its UIDs are held already, and after the STOW each of
 those is read back (WADO-RS, ``transfer-syntax=*``) and accepted only if its SHA-256 is the one
-sent. A new study costs one small query per batch; only re-sent UIDs are read back. The
-question, the STOW and the read-back of a batch hold a lock per SOP Instance UID of the batch
-(sorted order): two transfers carrying one UID with other bytes (a corrected version sent
-while the first is still being archived, or two sites) both asked before either STOW landed,
-both heard "not held", and both were receipted while Orthanc kept only the first.
+sent, whatever the STOW answered for it (an archive that refuses duplicates, as Microsoft's
+and Google's do with a 409, refuses the re-send of a UID it holds bit-exact; the read-back is
+what says whether the bytes are the ones sent). A new study costs one small query per batch;
+only re-sent UIDs are read back. The question, the STOW and the read-back of a batch hold a
+lock per SOP Instance UID of the batch (sorted order): two transfers carrying one UID with
+other bytes (a corrected version sent while the first is still being archived, or two sites)
+both asked before either STOW landed, both heard "not held", and both were receipted while
+Orthanc kept only the first.
 """
 
 from __future__ import annotations
@@ -295,12 +298,21 @@ class DicomWebArchive:
         if answered and len(batch) > 1 and len(refused_here) == len(batch):
             # Some archives refuse a whole request for one bad part: ask one by one, so
             # that the answer names the instance(s) really refused. (Not when the archive
-            # did not answer at all: that would only wait for more timeouts.)
-            refused_here = [uid for instance in batch for uid in self._post([instance])[0]]
-        refused = {uid: "not accepted by STOW-RS" for uid in refused_here}
+            # did not answer at all: that would only wait for more timeouts. Not for the
+            # UIDs held already: the read-back below decides for them.)
+            refused_here = [uid for instance in batch
+                            if instance.sop_instance_uid not in held
+                            for uid in self._post([instance])[0]]
+        refused = {uid: "not accepted by STOW-RS" for uid in refused_here
+                   if uid not in held}
+        # A UID held already: the read-back decides, whatever the STOW answered. An archive
+        # that refuses duplicates (Microsoft's answers 409, FailureReason 45070; Google's
+        # 409) refuses the re-send of a UID it holds bit-exact (a round whose STOW answer
+        # was lost, a hub killed between the STOW and recording it archived): taking that
+        # refusal refused the transfer's commit at every round, for ever.
         for instance in batch:
             where = held.get(instance.sop_instance_uid)
-            if where is not None and instance.sop_instance_uid not in refused:
+            if where is not None:
                 problem = self._read_back(instance, *where)
                 if problem:
                     refused[instance.sop_instance_uid] = problem
