@@ -26,13 +26,14 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -107,10 +108,25 @@ def _released(code: int, errors: str, final: str) -> None:
     assert "Release Failed" not in errors and "aborted" not in errors, errors[-2000:]
 
 
-def _synthesized(tmp_path: Path, studies: int = STUDIES) -> Path:
-    home = tmp_path / "pas"
-    home.mkdir()
-    synthesize(home, studies)  # and the real CT it files first: studies + 1 studies
+Synthesized = Callable[..., Path]
+
+
+@pytest.fixture(scope="module")
+def synthesized(tmp_path_factory: pytest.TempPathFactory) -> Synthesized:
+    """``home(tmp_path, studies=STUDIES)``: a PAS home at ``tmp_path / "pas"`` holding
+    ``studies`` synthesized studies (and the real CT synthesize files first: studies + 1).
+    Each count is synthesized once per module and copied (milliseconds; 5,000 studies take
+    1.5-3 s to write, and two tests ask for them)."""
+    templates: dict[int, Path] = {}
+
+    def home(tmp_path: Path, studies: int = STUDIES) -> Path:
+        if studies not in templates:
+            template = tmp_path_factory.mktemp(f"synthesized{studies}") / "pas"
+            template.mkdir()
+            synthesize(template, studies)  # closed: its database whole in its files
+            templates[studies] = template
+        return Path(shutil.copytree(templates[studies], tmp_path / "pas"))
+
     return home
 
 
@@ -124,7 +140,8 @@ WORKLIST_KEYS = [arg for key in ("PatientName", "PatientID", "PatientBirthDate",
 
 
 @pytest.mark.root
-def test_a_c_find_longer_than_the_network_timeout_ends_in_a_release(tmp_path: Path) -> None:
+def test_a_c_find_longer_than_the_network_timeout_ends_in_a_release(
+        tmp_path: Path, synthesized: Synthesized) -> None:
     """5,000 answers to a findscu reading slowly: PAS busy answering for longer than the 2 s
     timeout, then every answer, Success, and a release (was: PAS aborted the association as
     findscu released it, in every run).
@@ -137,7 +154,7 @@ def test_a_c_find_longer_than_the_network_timeout_ends_in_a_release(tmp_path: Pa
     case was not reached."""
     ns = NetNamespace("slowfind").create()
     try:
-        pas = _pas(_synthesized(tmp_path), PAS_DICOM__HOST=ns.outer_address)
+        pas = _pas(synthesized(tmp_path), PAS_DICOM__HOST=ns.outer_address)
         try:
             started = time.time()
             # Each answer's identifier goes to findscu's log (its default without -X): to a
@@ -180,7 +197,8 @@ def test_a_c_find_longer_than_the_network_timeout_ends_in_a_release(tmp_path: Pa
 
 
 @pytest.mark.root
-def test_answers_waiting_in_pas_send_queue_keep_the_association(tmp_path: Path) -> None:
+def test_answers_waiting_in_pas_send_queue_keep_the_association(
+        tmp_path: Path, synthesized: Synthesized) -> None:
     """A viewer on the network (a namespace: loopback's 64 kB segments would make TCP's
     progress come in big steps) reading steadily at 40 kB/s with a 16 kB receive buffer,
     slower than PAS answers: once PAS has queued the last answer, a few hundred kB of them
@@ -199,7 +217,7 @@ def test_answers_waiting_in_pas_send_queue_keep_the_association(tmp_path: Path) 
     studies = STUDIES // 2
     ns = NetNamespace("slowview").create()
     try:
-        pas = _pas(_synthesized(tmp_path, studies), PAS_DICOM__HOST=ns.outer_address)
+        pas = _pas(synthesized(tmp_path, studies), PAS_DICOM__HOST=ns.outer_address)
         try:
             viewer = subprocess.run(
                 ns.command([sys.executable, "-m", "tests.support.slow_viewer",
@@ -273,13 +291,14 @@ def _asked(pas: PasProcess) -> raw_ul.RawAssociation | None:
         return None
 
 
-def test_a_viewer_that_stops_reading_mid_c_find_is_dropped(tmp_path: Path) -> None:
+def test_a_viewer_that_stops_reading_mid_c_find_is_dropped(
+        tmp_path: Path, synthesized: Synthesized) -> None:
     """The other side of the change: a viewer asks for every study, then reads nothing and
     sends nothing. PAS ends the association once nothing moved for the timeout (all 5,001
     answers fit in the two sockets' buffers here: PAS's send queue then stays as it is;
     with more, a send blocked for the timeout ends it) and its only association place is
     free again. Passes before and after the change."""
-    pas = _pas(_synthesized(tmp_path), PAS_DICOM__MAX_ASSOCIATIONS="1")
+    pas = _pas(synthesized(tmp_path), PAS_DICOM__MAX_ASSOCIATIONS="1")
     try:
         raw = wait_for(lambda: _asked(pas), 10, what="the association accepted")
         wait_for(lambda: "network timeout reached" in pas.log()
