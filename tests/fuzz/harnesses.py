@@ -19,6 +19,7 @@ Targets:
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import sys
 import tempfile
@@ -32,8 +33,39 @@ SYNTAXES = [EXPLICIT_LE, "1.2.840.10008.1.2", "1.2.840.10008.1.2.2", "1.2.840.10
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 
+def _modules_in(package: str, *folders: str) -> list[str]:
+    """The names of the modules in ``folders`` of ``package`` (installed), read from its
+    files: nothing is imported (a module imported here would be imported uninstrumented)."""
+    spec = importlib.util.find_spec(package)  # a top-level package: found, not imported
+    assert spec is not None and spec.origin is not None, package
+    top = Path(spec.origin).parent
+    names = []
+    for folder in folders:
+        for path in sorted(top.joinpath(*folder.split(".")).rglob("*.py")):
+            parts = path.relative_to(top.parent).with_suffix("").parts
+            names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return names
+
+
+# What the receive target does not instrument of pydicom: code it never runs for an input,
+# whose instrumentation was half of the target's start-up (7 s of 14 on a loaded machine,
+# before the first input). Its data dictionaries (module-level literals of thousands of
+# entries, no function: _private_dict alone took 1.8 s), the test files' download, and the
+# codecs: the C-STORE path reads the pixel data's length (pydicom.pixels.utils, instrumented)
+# but never decodes nor encodes it (appliance/store/transcode.py does, on a retrieve).
+RECEIVE_NOT_INSTRUMENTED = (
+    "pydicom._dicom_dict", "pydicom._private_dict", "pydicom._uid_dict",
+    "pydicom.pixels.processing",
+)
+RECEIVE_FOLDERS_NOT_INSTRUMENTED = (
+    "data", "pixels.decoders", "pixels.encoders", "pixel_data_handlers", "waveforms",
+)
+
+
 def receive_target() -> Callable[[bytes], None]:
-    with atheris.instrument_imports(include=["appliance", "pydicom"]):
+    exclude = [*RECEIVE_NOT_INSTRUMENTED,
+               *_modules_in("pydicom", *RECEIVE_FOLDERS_NOT_INSTRUMENTED)]
+    with atheris.instrument_imports(include=["appliance", "pydicom"], exclude=exclude):
         from appliance.ingest.attributes import InvalidInstance
         from appliance.ingest.receive import Receiver, StorageFailure, part10_header
         from appliance.store.db import Database
@@ -124,7 +156,11 @@ def hl7_target() -> Callable[[bytes], None]:
 
 
 def config_target() -> Callable[[bytes], None]:
-    with atheris.instrument_imports(include=["appliance", "pydantic"]):
+    # pydantic not instrumented: its validation runs in pydantic-core (compiled, never
+    # instrumented), and of its Python only 14 small functions run for an input (defaults,
+    # deep copies). Instrumented, its schema generation (run as appliance.config's models
+    # are built) took 5-12 s of the target's start, before the first input.
+    with atheris.instrument_imports(include=["appliance"]):
         from appliance.config import ConfigError, load_settings
     folder = Path(tempfile.mkdtemp(prefix="pas-fuzz-config-"))
     path = folder / "appliance.toml"
