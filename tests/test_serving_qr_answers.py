@@ -260,7 +260,9 @@ def _answers(port: int, max_pdu: int) -> list[tuple[int, bytes]]:
 def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = tmp_path_factory.mktemp("answers") / "pas"
     pas = PasProcess(home, {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
-                            "PAS_PREFETCH__ENABLED": "false"}).start()
+                            "PAS_PREFETCH__ENABLED": "false",
+                            # filled for its answers: the store's fsync has its own tests
+                            "PAS_STORAGE__FSYNC": "false"}).start()
     try:
         storescu(CT_DIR, pas.port)
         storescu(MR_DIR, pas.port)
