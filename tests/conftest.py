@@ -9,12 +9,14 @@ from typing import Any
 
 import pytest
 
-from tests.support import zygote
+from tests.support import peers, zygote
 from tests.support.peers import CT_DIR, MR_DIR, Orthanc, PasProcess, StoreSCP
 
 # The suite's pas commands are forked from a warm interpreter (tests/support/zygote.py). Not
 # the benchmarks': they measure pas as it runs on the appliance, a new interpreter.
 zygote.ENABLED = True
+# Nor the benchmarks' Orthanc: the suite's does not fsync each file (peers.ORTHANC_SYNCS_FILES).
+peers.ORTHANC_SYNCS_FILES = False
 
 
 # What PAS itself reads from its environment (appliance/config.py, appliance/hub/config.py):
