@@ -456,11 +456,12 @@ def queue_retry(job_id: int = typer.Argument(..., min=1, max=ROW_ID_MAX, help="A
                 config: Path | None = ConfigOption, as_json: bool = JsonOption) -> None:
     """Make a failed or pending job due now, with its attempts reset."""
     from appliance.cli.common import operator_actor
-    from appliance.store.jobs import list_jobs, retry, why_not_retried
+    from appliance.store.jobs import ALREADY_DUE, list_jobs, retry, why_not_retried
 
     settings = _settings(config)
     db = _db(settings)
-    if not retry(db, job_id, actor=operator_actor()):
+    done = retry(db, job_id, actor=operator_actor())
+    if not done:
         err.print(f"[red]{literal(why_not_retried(db, job_id))}[/red]", highlight=False)
         raise typer.Exit(1)
     (job,) = list_jobs(db, job_id=job_id)
@@ -471,6 +472,10 @@ def queue_retry(job_id: int = typer.Argument(..., min=1, max=ROW_ID_MAX, help="A
     # "Now" was said of a job another job to the same destination holds back (store.jobs).
     when = (f"once job {job['waits_for_job']} is over (it goes to {job['destination']} "
             "first)" if job["waits_for_job"] else "now")
+    if done == ALREADY_DUE:  # no audit row: said, not "will be retried" as if retried
+        console.print(f"job {job_id} was already pending and due {literal(when)}, with no "
+                      "attempt counted: nothing changed", highlight=False)
+        return
     console.print(f"job {job_id} will be retried {literal(when)}", highlight=False)
 
 

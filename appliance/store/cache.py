@@ -498,18 +498,26 @@ def set_pin(db: Database, study_uid: str, until: float | None, *, actor: str,
     """Pin a study until ``until`` (epoch seconds), or unpin it with None. None if unknown.
 
     The operator's ``pin``/``unpin`` audit row (by ``actor``, a failure for an unknown study)
-    is written in the same transaction, so the trail shows every pin the index holds."""
+    is written in the same transaction, so the trail shows every pin the index holds. A pin
+    or unpin that changes nothing (the same pin again, an unpin of a study not pinned, or
+    whose pin ran out) writes no row and leaves the study as it is: each wrote a "success"
+    row, pin changes the trail showed and that never happened."""
+    at = now()
+    change = None
     with db.transaction() as conn:
         row = conn.execute("SELECT pinned_until FROM studies WHERE study_uid = ?",
                            (study_uid,)).fetchone()
         if row is not None:
+            change = PinChange(row["pinned_until"], until, at)
+            if (change.before if change.was_pinned else None) == until:
+                return change  # nothing changed: no row
             conn.execute("UPDATE studies SET pinned_until = ? WHERE study_uid = ?",
                          (until, study_uid))
         audit.record_in(conn, "pin" if until is not None else "unpin", actor=actor,
                         target=study_uid,
                         outcome="success" if row is not None else "failure: unknown study",
                         detail=detail)
-        return PinChange(row["pinned_until"], until, now()) if row is not None else None
+        return change
 
 
 def study_state(db: Database, study_uid: str) -> dict[str, Any] | None:

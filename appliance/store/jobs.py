@@ -12,7 +12,7 @@ import json
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from appliance.store import audit, awaiting_hub
 from appliance.store.db import Database, now
@@ -333,17 +333,32 @@ def wake_waiting_for_link(db: Database, kind: str, destination: str | None = Non
         return cursor.rowcount
 
 
-def retry(db: Database, job_id: int, *, actor: str, source: str | None = None) -> bool:
+RETRIED = "retried"
+ALREADY_DUE = "already due"
+
+
+def retry(db: Database, job_id: int, *, actor: str, source: str | None = None
+          ) -> Literal["retried", "already due"] | None:
     """Operator's retry: a failed (or waiting) job is due now, with its attempts reset, and
     its ``retry`` audit row in the same transaction: who (``actor``, from ``source``), the
     study, the job and its destination. A retry sends the study's patient data again, and
     none was in the trail (the status page's button answers anyone with ``serving.auth =
-    "none"``)."""
+    "none"``).
+
+    :data:`RETRIED` when it changed the job; :data:`ALREADY_DUE` when the job was already
+    pending, due and with no attempt counted (a second ``pas queue retry``, a double click
+    on the button): nothing changed and no row is written, which was a second "retry
+    success" row, a resend the trail showed and that never happened. None: not retried
+    (:func:`why_not_retried` says why)."""
     at = now()
     with db.transaction() as conn:
         before = conn.execute(
-            "SELECT j.kind, j.destination, j.state, j.attempts, s.study_uid FROM jobs j "
+            "SELECT j.kind, j.destination, j.state, j.attempts, j.next_attempt_at, "
+            "s.study_uid FROM jobs j "
             "JOIN studies s ON s.id = j.study_fk WHERE j.id = ?", (job_id,)).fetchone()
+        if (before is not None and before["state"] == "pending" and before["attempts"] == 0
+                and before["next_attempt_at"] <= at):
+            return ALREADY_DUE
         cursor = conn.execute(
             """UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = ?,
                    updated_at = ?, finished_at = NULL
@@ -351,13 +366,13 @@ def retry(db: Database, job_id: int, *, actor: str, source: str | None = None) -
             (at, at, job_id),
         )
         if cursor.rowcount != 1:
-            return False
+            return None
         audit.record_in(conn, "retry", actor=actor, source=source, target=before["study_uid"],
                         detail=f"job {job_id} ({before['kind']}) to {before['destination']}, "
                                f"{before['state']} after "
                                f"{counted(before['attempts'], 'attempt')}: due now, attempts "
                                "reset")
-        return True
+        return RETRIED
 
 
 def why_not_retried(db: Database, job_id: int) -> str:
