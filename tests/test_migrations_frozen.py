@@ -63,6 +63,7 @@ FROZEN_HUB_MIGRATIONS = [
     "d49b74b177b2fbfe",  # 12
     "d2962464fe35445f",  # 13
     "f07e3b6233313d95",  # 14
+    "ccaec7b7c66f732c",  # 15
 ]
 
 

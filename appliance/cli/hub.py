@@ -200,18 +200,59 @@ def hub_init(address: list[str] = typer.Option(
         help="DNS name or IP the appliances use to reach the hub (repeatable; "
              "default 127.0.0.1 and localhost)"),
         config: Path | None = HubConfigOption) -> None:
-    """Create the fleet CA, the hub's server certificate and its X25519 transfer key."""
+    """Create the fleet CA, the hub's server certificate and its X25519 transfer key.
+
+    Run again after an interruption, it completes the home (the CA goes in last); a hub
+    already initialised is refused, its CA never replaced."""
     from appliance.hub.pki import DEFAULT_ADDRESSES, HubPKI, PKIError
+    from appliance.store.hub import issued_anything
 
     settings = _hub_settings(config)
     pki = HubPKI(settings.home)
     addresses = list(address or DEFAULT_ADDRESSES)
+    # What the home's database says was issued (tokens, certificates): a home that has
+    # issued something is a hub in use, whatever files it lacks, and is never rebuilt.
+    issued = False
+    if settings.db_path.exists() and (pki.exists() or pki.ca_key_path.exists()):
+        db = _hub_db(settings)
+        try:
+            issued = issued_anything(db)
+        finally:
+            db.close()
+    complete = pki.exists() and not pki.missing()
+    finished: list[str] = []
     try:
-        pki.init(addresses)
+        if complete and settings.db_path.exists():
+            raise PKIError(f"{pki.ca_cert_path} exists: this hub is already initialised")
+        if pki.exists() and not complete:
+            if issued:  # a hub in use that lost files: new ones would cut its fleet off
+                raise PKIError(f"{pki.ca_cert_path} exists and {', '.join(pki.missing())} "
+                               "missing from a hub that has issued tokens or certificates: "
+                               "put them back from the last hub backup (pas hub restore); "
+                               "nothing written")
+            # An older version's init interrupted: the CA kept, the rest made.
+            finished = pki.finish(addresses)
+        elif not pki.exists() and issued:
+            raise PKIError(f"no {pki.ca_cert_path.name} in {settings.home}, but "
+                           f"{pki.ca_key_path.name} is there and the database records "
+                           f"tokens or certificates issued: put {pki.ca_cert_path.name} back "
+                           "from the last hub backup (pas hub restore); nothing written")
+        elif not pki.exists():
+            pki.init(addresses, before_done=lambda: _hub_db(settings, create=True).close())
     except PKIError as exc:
         err.print(f"[red]{literal(exc)}[/red]", highlight=False)
         raise typer.Exit(1) from None
-    _hub_db(settings, create=True)
+    _hub_db(settings, create=True).close()
+    if complete:
+        console.print(f"hub in {literal(settings.home)} was initialised but had no database "
+                      f"({literal(settings.db_path)}): created it; CA fingerprint "
+                      f"{pki.ca_fingerprint()}", highlight=False)
+        return
+    if finished:
+        console.print(f"hub in {literal(settings.home)} completed (an earlier pas hub init "
+                      f"was interrupted): made {', '.join(finished)}; CA fingerprint "
+                      f"{pki.ca_fingerprint()}", highlight=False)
+        return
     console.print(f"hub initialised in {literal(settings.home)}: server certificate for "
                   f"{', '.join(addresses)}; CA fingerprint {pki.ca_fingerprint()}")
 

@@ -35,7 +35,14 @@ from appliance.hub.config import HubSettings
 from appliance.hub.dashboard_auth import DashboardGuard, DashboardRefusals, guarded, parse_hash
 from appliance.hub.fleet_gate import PacedWarnings
 from appliance.hub.fleet_refused import RefusedCertificates
-from appliance.hub.pki import HubPKI, PKIError, certificate_identity, secret_digest, utc_text
+from appliance.hub.pki import (
+    HubPKI,
+    PKIError,
+    certificate_identity,
+    csr_key_sha256,
+    secret_digest,
+    utc_text,
+)
 from appliance.hub.transfer_metrics import TransferCounters
 from appliance.locks import KeyedLocks
 from appliance.ops.listeners import bind_refused
@@ -242,8 +249,31 @@ def enrolment_routes(hub: Hub) -> list[BaseRoute]:
         more = f" ({said} such refusals from {source} since the last line)" if said > 1 else ""
         log.warning(words + more, *args, extra=extra)
 
+    def answer(site: str, certificate_pem: str) -> Response:
+        return JSONResponse({
+            "site": site, "certificate_pem": certificate_pem,
+            "ca_pem": hub.pki.ca_pem().decode(),
+            "hub_transfer_key": base64.b64encode(hub.pki.transfer_public_key()).decode(),
+        })
+
+    async def answered_again(site: str, digest: str, key_sha256: str,
+                             fields: dict[str, Any]) -> Response | None:
+        """The certificate a spent token was spent on, answered again to the same key
+        (store.answer_again): the enrolment whose answer was lost on the way back, run
+        again. None: not that case (refused as any spent token)."""
+        again = await run_in_threadpool(store.answer_again, hub.db, digest, site, key_sha256)
+        if again is None:
+            return None
+        serial, certificate_pem = again
+        log.info("enrolment of site %s answered again: certificate %s, to the key that spent "
+                 "token %s (its first answer was lost)", site, serial, fields["TOKEN_ID"],
+                 extra=fields)
+        return answer(site, certificate_pem)
+
     async def enroll(request: Request) -> Response:
-        """Spend a one-time token: sign the CSR, answer cert, CA, transfer key."""
+        """Spend a one-time token: sign the CSR, answer cert, CA, transfer key. The same
+        token and the same key again (the first answer lost) get the same certificate while
+        the token is valid; another key is refused."""
         try:
             raw = await read_body_limited(request, MAX_ENROL_BYTES, "enrolment request")
         except BodyTooLarge as exc:
@@ -264,6 +294,16 @@ def enrolment_routes(hub: Hub) -> list[BaseRoute]:
         token_id = hub.pki.token_id(digest)
         fields = {"SITE": site, "TOKEN_ID": token_id}
         row = store.enrol_token(hub.db, digest)
+        if (cafp == hub.pki.ca_fingerprint() and row is not None and row["site"] == site
+                and row["used_at"] is not None):
+            try:
+                key_sha256 = csr_key_sha256(csr_pem.encode())
+            except PKIError:  # a bad CSR: refused as any spent token
+                key_sha256 = ""
+            again = await answered_again(site, digest, key_sha256, fields) \
+                if key_sha256 else None
+            if again is not None:
+                return again
         if (cafp != hub.pki.ca_fingerprint() or row is None or row["site"] != site
                 or row["used_at"] is not None):
             refused(request, "unknown token", "enrolment refused for site %s: unknown or used "
@@ -280,25 +320,25 @@ def enrolment_routes(hub: Hub) -> list[BaseRoute]:
                            f"regional ops for a new one (pas hub token {site})",
                            expired_at=expired)
         try:
+            key_sha256 = csr_key_sha256(csr_pem.encode())
             issued = hub.pki.sign_csr(csr_pem.encode(), site)
         except PKIError as exc:
             refused(request, "bad CSR", "enrolment refused for site %s: %s", site, exc,
                     extra=fields)
             return problem(400, "bad_csr", str(exc))
         result = await run_in_threadpool(
-            store.use_token, hub.db, digest, site,
-            lambda: (issued.serial, issued.not_after.isoformat(), issued))
+            store.use_token, hub.db, digest, site, key_sha256,
+            lambda: (issued.serial, issued.not_after.isoformat(), issued.pem, issued))
         if result is None:  # spent by a racing enrolment, or expired meanwhile
+            again = await answered_again(site, digest, key_sha256, fields)
+            if again is not None:  # the same request twice at once: both answered
+                return again
             log.warning("enrolment refused for site %s: token %s used or expired meanwhile",
                         site, token_id, extra=fields)
             return problem(403, "bad_token", "unknown, already used, expired or foreign token")
         log.info("enrolled site %s (certificate %s, token %s)", site, issued.serial, token_id,
                  extra=fields)
-        return JSONResponse({
-            "site": site, "certificate_pem": issued.pem.decode(),
-            "ca_pem": hub.pki.ca_pem().decode(),
-            "hub_transfer_key": base64.b64encode(hub.pki.transfer_public_key()).decode(),
-        })
+        return answer(site, issued.pem.decode())
 
     async def whoami(request: Request) -> Response:
         """The site of the calling certificate."""

@@ -3,8 +3,9 @@ client certificates, receipt signatures.
 
 Owns: the key and certificate files under ``$PAS_HUB_HOME`` (mode 0600): ``ca.key``,
 ``ca.crt``, ``server.key``, ``server.crt``, ``transfer.key`` and ``transfer.pub`` (raw X25519,
-32 bytes each). May not touch: the database (tokens and issued certificates are recorded by
-the caller through ``appliance.store.hub``), the network.
+32 bytes each), and ``.init-partial/``, where :meth:`HubPKI.init` makes them before moving them
+in (``ca.crt``, the mark of an initialised hub, last). May not touch: the database (tokens and
+issued certificates are recorded by the caller through ``appliance.store.hub``), the network.
 
 Keys are ECDSA P-256 (small, fast, what every TLS 1.3 stack speaks). A token is
 ``SITE.SECRET.CAFP``: the hub keeps only the SHA-256 of SECRET; CAFP is the hex SHA-256 of the
@@ -26,9 +27,12 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
 import re
 import secrets
+import shutil
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -41,12 +45,15 @@ from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from appliance.store.spool import fsync_dir
 from appliance.transfer.enrolment import ca_fingerprint, write_private
 from appliance.words import counted
 
 log = logging.getLogger("pas.hub.pki")
 
 DEFAULT_ADDRESSES = ("127.0.0.1", "localhost")
+# Where pas hub init makes the files before moving them in (HubPKI.init).
+INIT_PARTIAL = ".init-partial"
 CA_DAYS = 3650
 SERVER_DAYS = 825
 CLIENT_DAYS = 825
@@ -152,14 +159,34 @@ class HubPKI:
         return self.home / "transfer.pub"
 
     def exists(self) -> bool:
+        """The hub is initialised: ``ca.crt`` is the mark :meth:`init` puts in place last."""
         return self.ca_cert_path.exists()
 
+    def missing(self) -> list[str]:
+        """The key and certificate files :meth:`init` makes that are not in the home."""
+        return [path.name for path in self.files() if not path.is_file()]
+
+    def files(self) -> list[Path]:
+        """Every file :meth:`init` makes, ``ca.crt`` (the mark that it is done) last."""
+        return [self.ca_key_path, self.server_key_path, self.server_cert_path,
+                self.transfer_key_path, self.transfer_pub_path, self.ca_cert_path]
+
     # creation ---------------------------------------------------------------------------
-    def init(self, addresses: list[str] | None = None, name: str = "PAS fleet CA") -> None:
+    def init(self, addresses: list[str] | None = None, name: str = "PAS fleet CA",
+             before_done: Callable[[], None] | None = None) -> None:
         """Create CA, server certificate and transfer key. Refuses to replace an existing CA
         (every enrolled appliance pins it); the server certificate alone can be re-issued
-        with :meth:`issue_server_certificate`."""
-        if problems := address_problems(list(addresses or DEFAULT_ADDRESSES)):
+        with :meth:`issue_server_certificate`.
+
+        Everything is made in ``.init-partial/`` under the home, then ``before_done`` runs
+        (``pas hub init`` creates the database there), then the files are moved in with
+        ``ca.crt``, the mark of an initialised hub, last. An init interrupted anywhere (a
+        Ctrl-C, a kill, a full disk) leaves no ``ca.crt``, and the next one starts again
+        from the beginning: it wrote the CA first and the rest one by one, and the next
+        said "already initialised" of a hub with no transfer key and no database (the
+        caller makes sure a home with no ``ca.crt`` issued nothing: see ``pas hub init``)."""
+        addresses = list(addresses or DEFAULT_ADDRESSES)
+        if problems := address_problems(addresses):
             raise PKIError("; ".join(problems))  # before anything is written
         if self.exists():
             raise PKIError(f"{self.ca_cert_path} exists: this hub is already initialised")
@@ -170,6 +197,10 @@ class HubPKI:
                            f"{exc.strerror or exc}") from None
         if not self.home.is_dir():
             raise PKIError(f"the hub's home {self.home} is not a folder")
+        partial = self.home / INIT_PARTIAL
+        shutil.rmtree(partial, ignore_errors=True)  # what an interrupted init left
+        partial.mkdir(mode=0o700)
+        staged = HubPKI(partial)
         ca_key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         now = _now()
@@ -188,9 +219,39 @@ class HubPKI:
                            critical=False)
             .sign(ca_key, hashes.SHA256())
         )
-        write_private(self.ca_key_path, _key_pem(ca_key))
-        write_private(self.ca_cert_path, ca_cert.public_bytes(serialization.Encoding.PEM))
-        self.issue_server_certificate(list(addresses or DEFAULT_ADDRESSES))
+        write_private(staged.ca_key_path, _key_pem(ca_key))
+        write_private(staged.ca_cert_path, ca_cert.public_bytes(serialization.Encoding.PEM))
+        staged.issue_server_certificate(addresses)
+        staged.new_transfer_key()
+        if before_done is not None:
+            before_done()
+        for staged_file, final in zip(staged.files(), self.files(), strict=True):
+            os.replace(staged_file, final)  # ca.crt last
+        fsync_dir(self.home)
+        shutil.rmtree(partial, ignore_errors=True)
+
+    def finish(self, addresses: list[str] | None = None) -> list[str]:
+        """Make what an older version's interrupted init left out of a home that has its
+        CA (``ca.key``, ``ca.crt``): the server certificate, the transfer key. The files it
+        made. Only for a hub that issued nothing (no appliance holds its transfer key yet);
+        the caller (``pas hub init``) makes sure of that."""
+        addresses = list(addresses or DEFAULT_ADDRESSES)
+        if problems := address_problems(addresses):
+            raise PKIError("; ".join(problems))
+        if not self.ca_key_path.is_file():
+            raise PKIError(f"{self.ca_cert_path} exists without {self.ca_key_path.name}: "
+                           "put it back from the last hub backup")
+        made = []
+        if not (self.server_key_path.is_file() and self.server_cert_path.is_file()):
+            self.issue_server_certificate(addresses)
+            made += [self.server_key_path.name, self.server_cert_path.name]
+        if not (self.transfer_key_path.is_file() and self.transfer_pub_path.is_file()):
+            self.new_transfer_key()
+            made += [self.transfer_key_path.name, self.transfer_pub_path.name]
+        return made
+
+    def new_transfer_key(self) -> None:
+        """The hub's X25519 transfer key pair (``transfer.key``, ``transfer.pub``)."""
         private = x25519.X25519PrivateKey.generate()
         write_private(self.transfer_key_path, private.private_bytes_raw())
         write_private(self.transfer_pub_path, private.public_key().public_bytes_raw())
@@ -267,14 +328,7 @@ class HubPKI:
         The CSR's own signature must verify (proof the requester holds the key); its subject
         is ignored: the site comes from the token, never from the requester.
         """
-        try:
-            csr = x509.load_pem_x509_csr(csr_pem)
-        except ValueError as exc:
-            raise PKIError(f"csr_pem is not a PEM certificate request ({exc})") from None
-        if not csr.is_signature_valid:
-            raise PKIError("the CSR's signature does not verify")
-        if not isinstance(csr.public_key(), ec.EllipticCurvePublicKey):
-            raise PKIError("the CSR's key must be an EC key")
+        csr = _checked_csr(csr_pem)
         ca_key, ca_cert = self._ca()
         now = _now()
         not_after = now + timedelta(days=CLIENT_DAYS)
@@ -300,6 +354,30 @@ class HubPKI:
         assert isinstance(key, ec.EllipticCurvePrivateKey)
         return base64.b64encode(key.sign(canonical_json(document),
                                          ec.ECDSA(hashes.SHA256()))).decode()
+
+
+def _checked_csr(csr_pem: bytes) -> x509.CertificateSigningRequest:
+    """The certificate request, once its signature verified (the requester holds the key)
+    and its key is an EC key; raises PKIError naming what is wrong."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as exc:
+        raise PKIError(f"csr_pem is not a PEM certificate request ({exc})") from None
+    if not csr.is_signature_valid:
+        raise PKIError("the CSR's signature does not verify")
+    if not isinstance(csr.public_key(), ec.EllipticCurvePublicKey):
+        raise PKIError("the CSR's key must be an EC key")
+    return csr
+
+
+def csr_key_sha256(csr_pem: bytes) -> str:
+    """Hex SHA-256 of the public key (SubjectPublicKeyInfo DER) of a certificate request
+    whose signature verifies: what the hub records of the key that spent a token, to answer
+    the same certificate to the same key again (``appliance.store.hub.answer_again``).
+    Raises PKIError as :meth:`HubPKI.sign_csr` does."""
+    der = _checked_csr(csr_pem).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
 
 
 def secret_digest(secret: str) -> str:

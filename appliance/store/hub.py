@@ -49,6 +49,15 @@ def enrol_token(db: Database, secret_sha256: str) -> sqlite3.Row | None:
                         "WHERE secret_sha256 = ?", (secret_sha256,))
 
 
+def issued_anything(db: Database) -> bool:
+    """Whether this hub ever issued an enrolment token or a certificate: a home that did is
+    a hub in use, which ``pas hub init`` never rebuilds (its CA is pinned, its transfer key
+    held by the appliances)."""
+    row = db.query_one("SELECT EXISTS (SELECT 1 FROM enrol_tokens) "
+                       "OR EXISTS (SELECT 1 FROM certificates) AS issued")
+    return bool(row and row["issued"])
+
+
 def list_tokens(db: Database, limit: int = 200) -> list[dict[str, Any]]:
     """The latest tokens issued, newest first, with their digest (for the keyed identifier
     the caller shows; never printed as is) and ``state``: ``voided`` (``pas hub revoke``),
@@ -60,13 +69,15 @@ def list_tokens(db: Database, limit: int = 200) -> list[dict[str, Any]]:
         "ORDER BY created_at DESC LIMIT ?", (now(), limit))]
 
 
-def use_token(db: Database, secret_sha256: str, site: str,
-              issue: Callable[[], tuple[str, str, T]]) -> T | None:
+def use_token(db: Database, secret_sha256: str, site: str, key_sha256: str,
+              issue: Callable[[], tuple[str, str, bytes, T]]) -> T | None:
     """Spend the token and record the certificate ``issue()`` made, in one transaction.
 
-    ``issue`` returns (serial, not_after, result). None when the token was spent meanwhile
-    (two enrolments racing with one token: exactly one wins) or expired since the caller
-    looked: the expiry is checked here too, in the transaction that spends it.
+    ``issue`` returns (serial, not_after, certificate PEM, result). None when the token was
+    spent meanwhile (two enrolments racing with one token: exactly one wins) or expired
+    since the caller looked: the expiry is checked here too, in the transaction that spends
+    it. The token row keeps what spent it (``key_sha256``, the SHA-256 of the CSR's public
+    key, and the certificate) for :func:`answer_again`.
     """
     with db.transaction() as conn:
         at = now()
@@ -75,10 +86,33 @@ def use_token(db: Database, secret_sha256: str, site: str,
             "AND used_at IS NULL AND expires_at > ?", (at, secret_sha256, site, at)).rowcount
         if spent != 1:
             return None
-        serial, not_after, result = issue()
+        serial, not_after, pem, result = issue()
         conn.execute("INSERT INTO certificates (serial, site, issued_at, not_after) "
                      "VALUES (?, ?, ?, ?)", (serial, site, now(), not_after))
+        conn.execute("UPDATE enrol_tokens SET spent_key_sha256 = ?, spent_serial = ?, "
+                     "spent_certificate = ? WHERE secret_sha256 = ?",
+                     (key_sha256, serial, pem.decode(), secret_sha256))
         return result
+
+
+def answer_again(db: Database, secret_sha256: str, site: str,
+                 key_sha256: str) -> tuple[str, str] | None:
+    """(serial, certificate PEM) the token was spent on, when it was spent with this same
+    key (``key_sha256``, the SHA-256 of the CSR's public key), is still within its validity
+    and its certificate is still valid (neither revoked nor superseded): an enrolment run
+    again after its answer was lost on the way back, answered the same certificate. None
+    otherwise: unknown, unspent, voided, expired, spent with another key or by a version
+    that did not record it, or a certificate no longer in force."""
+    row = db.query_one(
+        "SELECT t.spent_serial, t.spent_certificate FROM enrol_tokens t "
+        "JOIN certificates c ON c.serial = t.spent_serial "
+        "WHERE t.secret_sha256 = ? AND t.site = ? AND t.used_at IS NOT NULL "
+        "AND t.voided_at IS NULL AND t.expires_at > ? AND t.spent_key_sha256 = ? "
+        "AND c.site = t.site AND c.revoked_at IS NULL AND c.superseded_by IS NULL",
+        (secret_sha256, site, now(), key_sha256))
+    if row is None or not row["spent_certificate"]:
+        return None
+    return str(row["spent_serial"]), str(row["spent_certificate"])
 
 
 def revoke_site(db: Database, site: str) -> tuple[int, int]:

@@ -227,4 +227,16 @@ HUB_MIGRATIONS: list[str] = [
     ) WHERE uid IS NOT NULL AND sha256 IS NOT NULL ORDER BY at, n, k
     ON CONFLICT (sop_instance_uid, site) DO UPDATE SET sha256 = excluded.sha256;
     """,
+    # 15: what spent an enrolment token (appliance.store.hub.use_token, answer_again): the
+    # SHA-256 of the public key of the CSR it was spent with, and the certificate issued for
+    # it. An enrolment whose answer was lost on the way back (a timeout, a cut link, a
+    # Ctrl-C) found its token spent when run again and was refused: only a new token from
+    # regional ops helped. The same token with the same key now gets the same certificate
+    # again while the token is valid; another key is still refused. A token spent before
+    # has NULLs: answered as spent.
+    """
+    ALTER TABLE enrol_tokens ADD COLUMN spent_key_sha256 TEXT;
+    ALTER TABLE enrol_tokens ADD COLUMN spent_serial TEXT;
+    ALTER TABLE enrol_tokens ADD COLUMN spent_certificate TEXT;
+    """,
 ]

@@ -3,8 +3,9 @@
 Owns: ``$PAS_HOME/pki/`` (directory 0700, files 0600): ``client.key``, ``client.crt``,
 ``ca.crt`` (the pinned fleet CA) and ``hub.json`` (url, site, the hub's X25519 transfer key,
 when). The appliance is enrolled when ``hub.json`` exists; it is written last, so a crash
-half-way leaves an appliance that is simply not enrolled yet. May not touch: the database,
-the spool, the hub's own files.
+half-way leaves an appliance that is simply not enrolled yet. Also ``$PAS_HOME/pki.pending/``:
+the key and CSR of an enrolment under way, kept for a rerun with the same token. May not
+touch: the database, the spool, the hub's own files.
 
 The uplink reads these through :func:`load_enrolment`; ``pas enroll`` writes them through
 :func:`enroll`. The token is ``SITE.SECRET.CAFP``: CAFP (hex SHA-256 of the CA certificate DER)
@@ -37,6 +38,15 @@ from cryptography.x509.oid import NameOID
 from appliance.store.spool import fsync_dir
 
 PKI_DIR = "pki"
+# The key and CSR of an enrolment under way (files 0600, folder 0700), kept from before the
+# request to the hub until the enrolment is in place, with the SHA-256 of the token they were
+# made for: a rerun with that token sends the same CSR, and the hub answers the certificate
+# it issued to that key again (an answer lost on the way back spent the token for nothing).
+PENDING_DIR = "pki.pending"
+# The hub's refusals of an enrolment (appliance.hub.app, its "error"): the token or the CSR
+# will never enrol that key, which is then thrown away. Any other answer (a proxy's 403, a
+# 5xx) keeps it: the token may be spent on it already.
+HUB_REFUSALS = frozenset({"bad_token", "token_expired", "bad_csr", "bad_request"})
 # A site's name as the hub issues tokens and certificates for it (pas hub token SITE).
 SITE_NAME = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
 TOKEN_RE = re.compile(rf"^(?P<site>{SITE_NAME})\.(?P<secret>[A-Za-z0-9_-]{{16,}})"
@@ -56,7 +66,8 @@ def not_a_site(name: str) -> str | None:
 
 
 class EnrolmentError(Exception):
-    """Enrolment failed; the message says why. Nothing was written."""
+    """Enrolment failed; the message says why. Nothing was written but the key kept for a
+    rerun with the same token (:data:`PENDING_DIR`)."""
 
 
 class SiteMismatch(EnrolmentError):
@@ -292,9 +303,51 @@ def _fetch_ca(url: str, cafp: str, timeout: float) -> bytes:
     return ca_pem
 
 
+def _pending_key(home: Path, token: str, site: str
+                 ) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
+    """The key and CSR (PEM) to enrol with ``token``: those an earlier run with the same
+    token kept in :data:`PENDING_DIR`, else new ones, kept there before anything is sent.
+
+    Why: the hub spends the token and records the certificate before it answers; an answer
+    lost on the way back (a timeout, a cut link, a Ctrl-C) left a spent token, a key
+    thrown away, and a rerun the hub refused (only a new token helped). The hub answers a
+    rerun with the same token and the same key with the same certificate. The token is kept
+    as its SHA-256 only; ``pending.json``, written last, marks the folder complete."""
+    folder = Path(home) / PENDING_DIR
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        if json.loads((folder / "pending.json").read_text()).get("token_sha256") == digest:
+            kept = serialization.load_pem_private_key((folder / "client.key").read_bytes(),
+                                                      None)
+            csr_pem = (folder / "client.csr").read_bytes()
+            csr = x509.load_pem_x509_csr(csr_pem)
+            der = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            if (isinstance(kept, ec.EllipticCurvePrivateKey) and csr.is_signature_valid
+                    and csr.public_key().public_bytes(*der)
+                    == kept.public_key().public_bytes(*der)):
+                return kept, csr_pem
+    shutil.rmtree(folder, ignore_errors=True)  # another token's, or half made
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr_pem = (x509.CertificateSigningRequestBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, site)]))
+               .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(folder, 0o700)
+    write_private(folder / "client.key", key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    write_private(folder / "client.csr", csr_pem)
+    write_private(folder / "pending.json", json.dumps({
+        "token_sha256": digest,
+        "made_at": datetime.now(UTC).isoformat(timespec="seconds")}).encode())
+    return key, csr_pem
+
+
 def enroll(home: Path, url: str, token: str, timeout: float = 30.0, *,
            replace: bool = False, configured_site: str | None = None) -> Enrolment:
     """Enrol this appliance: new key + CSR, pinned CA checked against the token, files 0600.
+    A rerun with the same token reuses the key and CSR of the run before
+    (:func:`_pending_key`): the hub answers it the certificate it already issued.
 
     Refuses to overwrite an existing enrolment unless ``replace`` (a certificate revoked or
     about to expire, a new token from regional ops): the new files are then made beside the
@@ -324,10 +377,7 @@ def enroll(home: Path, url: str, token: str, timeout: float = 30.0, *,
                              "again with a new token, add --replace")
     ca_pem = _fetch_ca(url, cafp, timeout)
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (x509.CertificateSigningRequestBuilder()
-           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, site)]))
-           .sign(key, hashes.SHA256()))
+    key, csr_pem = _pending_key(home, token.strip(), site)
     with tempfile.NamedTemporaryFile(suffix=".pem") as ca_file:
         ca_file.write(ca_pem)
         ca_file.flush()
@@ -336,15 +386,20 @@ def enroll(home: Path, url: str, token: str, timeout: float = 30.0, *,
     try:
         response = httpx.post(
             f"{url}/enroll", verify=pinned, timeout=timeout,
-            json={"token": token.strip(),
-                  "csr_pem": csr.public_bytes(serialization.Encoding.PEM).decode()},
+            json={"token": token.strip(), "csr_pem": csr_pem.decode()},
         )
     except httpx.HTTPError as exc:
-        raise EnrolmentError(f"enrolment request to {url} failed: {exc}") from None
+        raise EnrolmentError(
+            f"enrolment request to {url} failed: {exc}. The hub may have spent the token "
+            f"already: run the same pas enroll again with the same token (the key is kept in "
+            f"{Path(home) / PENDING_DIR}, and the hub answers the certificate it issued to "
+            "it again while the token is valid)") from None
     body: dict[str, Any] = {}
     with contextlib.suppress(ValueError):
         body = response.json()
     if response.status_code != 200:
+        if body.get("error") in HUB_REFUSALS:  # the hub's own answer: that key is no use
+            shutil.rmtree(Path(home) / PENDING_DIR, ignore_errors=True)
         raise EnrolmentError(f"hub refused the enrolment ({response.status_code}): "
                              f"{body.get('detail') or response.text[:200]}")
     cert_pem = str(body.get("certificate_pem", "")).encode()
@@ -372,6 +427,7 @@ def enroll(home: Path, url: str, token: str, timeout: float = 30.0, *,
             "enrolled_at": datetime.now(UTC).isoformat(timespec="seconds")}
     write_private(directory / "hub.json", json.dumps(info, indent=2).encode())
     _swap_in(directory, final)
+    shutil.rmtree(Path(home) / PENDING_DIR, ignore_errors=True)
     enrolment = load_enrolment(home)
     assert enrolment is not None
     return enrolment
