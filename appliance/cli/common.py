@@ -180,19 +180,34 @@ def is_busy(exc: BaseException) -> bool:
 def write_database(path: Path, migrations: list[str] | None = None,
                    busy_timeout_ms: int = INTERACTIVE_BUSY_TIMEOUT_MS, *,
                    create: bool = False, hint: str = HOME_HINT) -> Database:
-    """The database for an interactive command that writes: migrated if need be, waiting
-    at most ``busy_timeout_ms`` for the write lock. Created only by a command that sets a
-    home up (``create``: ``pas hub init``): a retry or a pin on a mistyped home used to
-    create an empty database there and then say the job or the study did not exist."""
-    from appliance.store.db import Database
+    """The database for an interactive command that writes, waiting at most
+    ``busy_timeout_ms`` for the write lock. Created only by a command that sets a home up
+    (``create``: ``pas hub init``): a retry or a pin on a mistyped home used to create an
+    empty database there and then say the job or the study did not exist.
+
+    Never migrated: a schema older (or newer) than this software's is refused in the words
+    of :func:`read_database`, exit 1. Only the daemon migrates, at its start (``pas run``,
+    ``pas hub run``): a newer ``pas hub token`` typed between the switch of versions and the
+    restart migrated the live database under the older hub still serving on it (which then
+    ran on a schema it does not know, and refused it once restarted, with no copy taken
+    before). A database of schema 0 (a new file) is made whole, as a new home's."""
+    from appliance.store.db import Database, schema_refusal
+    from appliance.store.ops import schema_version_of
+    from appliance.store.schema import MIGRATIONS
 
     if not create and not path.exists():
         err.print(f"[red]no database at {literal(path)}[/red] ({literal(hint)})",
                   highlight=False)
         raise typer.Exit(1)
-    if migrations is None:
-        return Database(path, busy_timeout_ms=busy_timeout_ms)
-    return Database(path, migrations, busy_timeout_ms=busy_timeout_ms)
+    known = MIGRATIONS if migrations is None else migrations
+    # Read only, nothing created beside it; what SQLite refuses (busy, not a database) is
+    # said by pas's entry point (appliance.cli.main:main), as the open's own errors were.
+    version = schema_version_of(path, untouched=True) if path.exists() else 0
+    refusal = schema_refusal(path, version, known) if version else None
+    if refusal is not None:
+        err.print(f"[red]{literal(refusal)}[/red]", highlight=False)
+        raise typer.Exit(1)
+    return Database(path, known, busy_timeout_ms=busy_timeout_ms)
 
 
 def read_database(path: Path, migrations: list[str] | None = None,

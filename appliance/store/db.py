@@ -87,6 +87,26 @@ class DatabaseUnavailable(Exception):
     it is (older: ``pas run`` migrates it; newer: an older PAS was reinstalled)."""
 
 
+def schema_refusal(path: Path, version: int, migrations: list[str]) -> str | None:
+    """Why a command that does not migrate refuses a database of schema ``version`` (None:
+    it is this software's). Older: only the daemon migrates, at its start (a newer ``pas``
+    command migrating the database under an older daemon still running left that daemon on
+    a schema it does not know, and the older version refusing it once restarted); newer:
+    an older PAS on a newer database."""
+    if version < len(migrations):
+        # The hub's database is migrated by the hub's service, not the appliance's.
+        daemon = ("the hub (pas hub run, systemctl restart pas-hub)"
+                  if migrations is HUB_MIGRATIONS
+                  else "the daemon (pas run, systemctl restart pas)")
+        return (f"{path}: database schema {version} is older than this software's "
+                f"({len(migrations)}); it was left as it is: {daemon} migrates it at its "
+                "start")
+    if version > len(migrations):
+        return (f"{path}: database schema {version} is newer than this software knows "
+                f"({len(migrations)}); an older PAS version is running on a newer database")
+    return None
+
+
 class SchemaTooNew(RuntimeError):
     """A database a newer PAS wrote (a downgrade, or a backup of a newer version restored):
     never migrated backwards nor written to. ``pas run`` says it in one line (it was a
@@ -395,20 +415,9 @@ class Database:
 
     def _check_schema(self, migrations: list[str]) -> None:
         """Read-only: the schema must be the one this software knows (nothing migrated)."""
-        version = self.schema_version()
-        if version < len(migrations):
-            # The hub's database is migrated by the hub's service, not the appliance's.
-            daemon = ("the hub (pas hub run, systemctl restart pas-hub)"
-                      if migrations is HUB_MIGRATIONS
-                      else "the daemon (pas run, systemctl restart pas)")
-            raise DatabaseUnavailable(
-                f"{self.path}: database schema {version} is older than this software's "
-                f"({len(migrations)}); it was left as it is: {daemon} migrates it at its "
-                "start")
-        if version > len(migrations):
-            raise DatabaseUnavailable(
-                f"{self.path}: database schema {version} is newer than this software knows "
-                f"({len(migrations)}); an older PAS version is running on a newer database")
+        refusal = schema_refusal(self.path, self.schema_version(), migrations)
+        if refusal is not None:
+            raise DatabaseUnavailable(refusal)
 
     def _reconcile(self, conn: sqlite3.Connection) -> list[str]:
         """The derived objects brought to this version's definitions in the caller's
