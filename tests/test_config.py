@@ -183,7 +183,8 @@ def test_environment_value_is_read_as_its_key_type() -> None:
                    PAS_SITE='"quoted"')
     assert result.returncode == 0, _said(result)
     assert "site quoted, AE 1234 port 11113, HL7 port 2575, home " in _said(result)
-    assert _said(result).endswith(" 0 routing rules, 1 destination")
+    assert _said(result).endswith(" 0 routing rules, 1 destination; no database yet (pas run "
+                                  "creates it)")
     settings = load_settings(environ={"PAS_DESTINATIONS__R__KIND": "stowrs",
                                       "PAS_DESTINATIONS__R__URL": "https://x",
                                       "PAS_DESTINATIONS__R__PASSWORD": "2024",
@@ -657,7 +658,8 @@ def test_check_names_a_bad_value_of_the_file_an_environment_variable_replaces(
         "ok": True, "problems": [], "site": "CHU-Z", "site_from": "configuration",
         "ae_title": "PAS", "port": 11113, "hl7_port": 2575, "home": str(tmp_path / "home"),
         "rules": ["all"],
-        "destinations": {"ws": "dicom"}, "enrolled_hub": None}
+        "destinations": {"ws": "dicom"}, "enrolled_hub": None,
+        "database": "no database yet (pas run creates it)"}
     assert not (tmp_path / "home").exists()  # a check creates nothing
 
 

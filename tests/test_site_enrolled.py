@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 
+from appliance.store.schema import MIGRATIONS
 from tests.faults.pki import make_pki
 from tests.faults.test_audit import SyslogTlsCollector, _by_msgid
 from tests.support.hub import HubProcess, enroll
@@ -67,7 +68,8 @@ def test_no_site_in_the_configuration_is_the_enrolments_site_everywhere(
         assert "configuration OK: site CHU-A (its enrolment's)," in checked, checked
         # The region is where studies go: named, not left behind "0 destinations".
         assert checked.endswith(f"0 destinations besides the regional hub {hub.url} "
-                                "(destination hub, enrolled)"), checked
+                                "(destination hub, enrolled); database schema "
+                                f"{len(MIGRATIONS)} of {len(MIGRATIONS)} (current)"), checked
         answer = json.loads(pas.cli("config", "check", "--json").stdout)
         assert (answer["ok"], answer["site"], answer["site_from"], answer["enrolled_hub"],
                 answer["destinations"]) == (True, "CHU-A", "enrolment", hub.url, {}), answer

@@ -1,13 +1,17 @@
 """``pas config check``: a configuration validated as ``pas run`` would take it.
 
 Owns: parsing and printing (every problem with its key path, exit 2; ``--json`` for a
-configuration management's check); the work is in :mod:`appliance.config`. May not touch:
-the database or the network. Split from appliance/cli/main.py when that passed 600 lines.
+configuration management's check); the work is in :mod:`appliance.config`. Also what the
+home's database says of this version (:func:`database_check`): read only, never created nor
+migrated, as ``pas hub config check`` reads the hub's. May not touch: the network, or the
+database in any other way. Split from appliance/cli/main.py when that passed 600 lines.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sqlite3
 from pathlib import Path
 
 import typer
@@ -35,8 +39,15 @@ config_app = typer.Typer(help="Configuration.", no_args_is_help=True)
 @config_app.command("check")
 def config_check(path: Path | None = typer.Argument(
         None, help="TOML file to check (default: the one pas run would read; see "
-                   "pas run --help)"), as_json: bool = JsonOption) -> None:
-    """Validate a configuration; print every problem with its key path (exit 2 if any)."""
+                   "pas run --help)"), as_json: bool = JsonOption,
+        database: Path | None = typer.Option(
+            None, "--database", help="the index database to check instead of the home's "
+            "(pas-upgrade rollback: the copy it puts back), read only")) -> None:
+    """Validate a configuration; print every problem with its key path (exit 2 if any).
+
+    Also the home's database, read only: a schema newer than this version knows, or
+    another build's, is a problem (pas run refuses it); an older one is not (pas run
+    migrates it at its start)."""
     settings: Settings | None = None
     try:
         settings, said = load_settings(path), []
@@ -46,15 +57,18 @@ def config_check(path: Path | None = typer.Argument(
     hidden = problems_the_environment_hides(checked) if checked is not None else []
     if as_json:  # for a configuration management's check (Ansible's validate, a CI job)
         _config_check_json(settings, said + hidden_problems(checked, hidden, "PAS_*",
-                                                            "pas run", said))
+                                                            "pas run", said), database)
         return
     for problem in said:
         err.print(f"[red]config error[/red] {literal(problem)}", highlight=False)
     refuse_hidden_problems(checked, hidden, "PAS_*", "pas run", said)
     assert settings is not None
     site_problem = _enrolled_site_problem(settings)
-    if site_problem:
-        err.print(f"[red]config error[/red] {literal(site_problem)}", highlight=False)
+    database_problem, database_said = database_check(settings, database)
+    for problem in (site_problem, database_problem):
+        if problem:
+            err.print(f"[red]config error[/red] {literal(problem)}", highlight=False)
+    if site_problem or database_problem:
         raise typer.Exit(2)
     from appliance.config import site_origin
 
@@ -66,15 +80,18 @@ def config_check(path: Path | None = typer.Argument(
                   f"{settings.dicom.port}{hl7}, home {literal(settings.home)}, "
                   f"{counted(len(settings.routing.rules), 'routing rule')}, "
                   f"{counted(len(settings.destinations), 'destination')}"
-                  f"{_and_the_hub(settings)}")
+                  f"{_and_the_hub(settings)}; {literal(database_said)}")
 
 
-def _config_check_json(settings: Settings | None, problems: list[str]) -> None:
+def _config_check_json(settings: Settings | None, problems: list[str],
+                       database_path: Path | None = None) -> None:
     """``pas config check --json``: ``{"ok": false, "problems": [...]}`` (exit 2), each
     problem as the text check words it; or what the text check summarises, named."""
+    database: str | None = None
     if settings is not None and not problems:
         site_problem = _enrolled_site_problem(settings)
-        problems = [site_problem] if site_problem else []
+        database_problem, database = database_check(settings, database_path)
+        problems = [problem for problem in (site_problem, database_problem) if problem]
     if problems or settings is None:
         print(json.dumps({"ok": False, "problems": problems}, indent=2))
         raise typer.Exit(2)
@@ -94,7 +111,65 @@ def _config_check_json(settings: Settings | None, problems: list[str]) -> None:
         "rules": [rule.name for rule in settings.routing.rules],
         "destinations": {name: destination.kind
                          for name, destination in settings.destinations.items()},
-        "enrolled_hub": hub}, indent=2))
+        "enrolled_hub": hub, "database": database}, indent=2))
+
+
+def database_check(settings: Settings, path: Path | None = None) -> tuple[str | None, str]:
+    """What ``pas run`` would say of the home's database before it serves, found while the
+    running version still serves on it: (the problem that stops ``pas run``, or None; the
+    summary's words). ``pas-upgrade install`` runs the new version's check before it
+    switches: a version that does not know the database's schema (an older build, installed
+    on a database a newer one migrated) passed it, was switched in, and its ``pas run``
+    refused the database; PAS stayed down, restarted by systemd every 5 s.
+
+    Read only (``mode=ro``; nothing created beside a database no process has open): an older
+    schema is no problem (``pas run`` migrates it at its start, once the check has passed),
+    a newer one is, and so is a table of this version's schema that differs (another build
+    wrote it: ``pas run`` refuses it). Not the full ``quick_check`` (``pas doctor``'s, and
+    the daemon's at its start): minutes on a large index, and no version's to find. A
+    database this user cannot read is said and not counted as a problem (the check run by
+    an administrator as themselves; pas-upgrade runs it as ``pas``). ``path``: another
+    database than the home's (``--database``: ``pas-upgrade rollback`` checks the older
+    version against the copy it puts back, not the database the newer one migrated)."""
+    from appliance.store.ops import read_only_uri
+    from appliance.store.schema import MIGRATIONS
+    from appliance.store.schema_drift import find
+
+    path, known = path or settings.db_path, len(MIGRATIONS)
+    try:
+        if not path.exists():
+            return None, "no database yet (pas run creates it)"
+    except OSError as exc:  # the home is not this user's to look into
+        return None, f"database not checked ({exc.strerror}: run as pas, sudo -u pas)"
+    if not os.access(path, os.R_OK):
+        return None, (f"database {path} not checked (this user, uid {os.geteuid()}, cannot "
+                      "read it: run as pas, sudo -u pas)")
+    try:
+        conn = sqlite3.connect(read_only_uri(path, untouched=True), uri=True, timeout=5)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # a SQLite file?
+            schema = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            tables = find(conn, MIGRATIONS).tables if schema == known else []
+        finally:
+            conn.close()
+    except sqlite3.OperationalError as exc:  # busy, cannot open: not the database's fault
+        return None, f"database {path} not checked ({exc})"
+    except sqlite3.DatabaseError as exc:  # not a database, damaged
+        return (f"home: the index database {path} cannot be read ({exc}): pas run refuses "
+                "it; pas doctor says what to do"), f"database {path} unreadable"
+    if schema > known:
+        return (f"home: the index database {path} has schema {schema}, newer than this "
+                f"version knows ({known}): a newer PAS wrote it, and this version's pas run "
+                "refuses it; run that version or a later one, or restore a backup this "
+                "version made (pas restore)"), f"database schema {schema}"
+    if tables:
+        return (f"home: the index database {path}'s schema differs from this version's "
+                f"({'; '.join(tables)}): another build of PAS wrote it, and this version's "
+                "pas run refuses it (restore a backup of this version, or set the index "
+                "aside: pas cache rebuild-index)"), f"database schema {schema}"
+    state = ("current" if schema == known else
+             "older: pas run migrates it at its start" if schema else "new")
+    return None, f"database schema {schema} of {known} ({state})"
 
 
 def _and_the_hub(settings: Settings) -> str:

@@ -92,9 +92,16 @@ def _stand_in(path: Path, body: str) -> None:
 # records how it was run (check.json, the last; checks.log, one line each: the version and
 # the file) and answers as told: the words of check.said and the status of check.status, or,
 # when the file checked holds the word written in refuse.<identity>, a refusal naming it
-# (an older version meeting a key added for a newer one).
+# (an older version meeting a key added for a newer one). Its ``config check --help`` lists
+# --database (a version whose check reads the database) unless no-database-option.<identity>
+# exists (an older one), and records nothing.
 PAS_STAND_IN = """#!/bin/bash
 me="$(basename "$(dirname "$(dirname "$(dirname "$0")")")")"
+if [ "$3" = --help ]; then
+  echo "Usage: pas config check [OPTIONS] [PATH]"
+  [ -f "{root}/no-database-option.$me" ] || echo "  --database  PATH  the index database"
+  exit 0
+fi
 {python} -c 'import json,os,sys; json.dump({{"argv": sys.argv[1:], "env": dict(os.environ)}}, \\
 open("{root}/check.json", "w"))' "$@"
 echo "$me $3" >> {root}/checks.log
