@@ -15,6 +15,7 @@ import json
 import re
 import socket
 import sqlite3
+import time
 from pathlib import Path
 
 from appliance.cli.common import operator_actor
@@ -183,16 +184,21 @@ def test_a_stop_with_appliances_connected_says_so_without_an_error(
         hub: HubProcess, tmp_path: Path) -> None:
     """A ``systemctl stop`` of a hub whose appliances held their connections open left one
     line, uvicorn's ``ERROR: Cancel 0 running task(s), timeout graceful shutdown exceeded``
-    (every routine restart an ERROR), and no line said the hub stopped or why."""
+    (every routine restart an ERROR), and no line said the hub stopped or why. And it waited
+    the whole grace (5 s) for the idle connection's TLS close, which an appliance answers
+    only when it next uses it: the idle connection is dropped at once
+    (appliance/web/bounded.py)."""
     from appliance import __version__
 
     site = enroll(hub, tmp_path / "site", "CHU-STOP")
     with client(site) as http:  # a kept-alive TLS connection, open through the stop
         assert http.get("/api/v1/whoami").status_code == 200
+        started = time.monotonic()
         hub.stop()
+        stopping = time.monotonic() - started
     said = hub.log()
     assert f"(archive: embedded), PAS {__version__}" in said
     assert "signal 15: stopping (requests in flight have 5 s)" in said
     assert said.rstrip().endswith("hub stopped"), said[-500:]
     assert "ERROR" not in said and "Cancel" not in said, said
-    assert "stop: the connections still open were closed (no request was in flight)" in said
+    assert stopping < 3, (stopping, said[-500:])  # not the 5 s grace

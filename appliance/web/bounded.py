@@ -53,6 +53,8 @@ LOG_EVERY_S = 60.0
 # Connections beyond the bound closed in one look at the listening socket; the rest at the
 # loop's next look (the socket is still readable), so a flood does not hold the loop.
 REFUSED_PER_LOOK = 64
+# At a stop, how often an idle TLS connection's last bytes are looked at until all are sent.
+DRAIN_LOOK_S = 0.05
 
 
 class _Said:
@@ -169,6 +171,16 @@ class PortBounds:
         return bounded
 
 
+def _unsent(transport: asyncio.Transport) -> int | None:
+    """Bytes asyncio still holds for the client of a TLS ``transport``: its TLS layer's and
+    the socket transport's under it (what the kernel holds a close still sends). None when
+    the layer under it cannot be seen (an event loop other than CPython's asyncio)."""
+    inner = getattr(getattr(transport, "_ssl_protocol", None), "_transport", None)
+    if inner is None:
+        return None
+    return int(transport.get_write_buffer_size()) + int(inner.get_write_buffer_size())
+
+
 def bounded_protocol(max_connections: int, request_timeout_s: float,
                      send_timeout_s: float = 60.0,
                      base: type[H11Protocol] = H11Protocol) -> type[H11Protocol]:
@@ -187,6 +199,8 @@ def bounded_protocol(max_connections: int, request_timeout_s: float,
         port_bounds = bounds
         _first_request: asyncio.TimerHandle | None = None
         _stalled: asyncio.TimerHandle | None = None
+        _dropping: asyncio.TimerHandle | None = None
+        _lost = False
 
         def pause_writing(self) -> None:
             """The transport's buffer is full: the client has not read what was sent."""
@@ -232,11 +246,38 @@ def bounded_protocol(max_connections: int, request_timeout_s: float,
                 too_slow.closed(self.client)
                 self.transport.close()
 
+        def shutdown(self) -> None:
+            """The server stops: uvicorn closes a connection with no request under way and
+            waits for the others' answers. Over TLS that close sends close_notify, then
+            waits for the client's, which a client holding the connection idle in its pool
+            (httpx, requests, an appliance's uplink) sends only when it next looks at it:
+            every stop with one such client waited the hub's whole grace (5 s), and the
+            appliance's stop gave up on its web server after 10 s. Nothing is in flight on
+            it: once asyncio has handed what it holds for the client to the kernel (which a
+            close still sends), the connection is dropped."""
+            idle = self.cycle is None or self.cycle.response_complete
+            super().shutdown()
+            if idle and self.transport.get_extra_info("sslcontext") is not None:
+                self._drop_once_sent()
+
+        def _drop_once_sent(self) -> None:
+            self._dropping = None
+            if self._lost:
+                return
+            unsent = _unsent(self.transport)
+            if unsent is None:  # cannot tell: uvicorn's close goes on as before
+                return
+            if unsent == 0:
+                self.transport.abort()
+            else:  # a client still reading the end of its answer: uvicorn's grace bounds it
+                self._dropping = self.loop.call_later(DRAIN_LOOK_S, self._drop_once_sent)
+
         def connection_lost(self, exc: Exception | None) -> None:
-            for timer in (self._first_request, self._stalled):
+            self._lost = True
+            for timer in (self._first_request, self._stalled, self._dropping):
                 if timer is not None:
                     timer.cancel()
-            self._first_request = self._stalled = None
+            self._first_request = self._stalled = self._dropping = None
             super().connection_lost(exc)
 
     return BoundedH11Protocol
