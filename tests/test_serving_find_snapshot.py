@@ -40,7 +40,7 @@ STUDY = "1.2.826.0.1.3680043.99.1"
 def _index_of_a_large_study(home: Path) -> None:
     """The index of one study of INSTANCES MR images, every row naming one 100-byte file
     that is there: start-up recovery then finds nothing to flag. With a file name per row
-    and no file, it flagged the 20,000 files missing (a row, an audit row and a log line
+    and no file, it flagged the 20,000 files missing (a row, an audit row and two log lines
     each): ~18 s of the start on a quiet machine, 37 s once in a loaded CI run, a commit
     each (1.5 s since appliance/ops/recovery.py commits them 500 at a time), none of it
     what is tested here. The first row is filed by appliance.store.index, the others are its
