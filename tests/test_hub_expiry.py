@@ -172,6 +172,8 @@ def test_an_upgraded_hub_counts_idleness_from_the_last_bucket_not_the_creation(
             conn.execute("ALTER TABLE enrol_tokens DROP COLUMN voided_at")  # migration 11's
             conn.execute("ALTER TABLE certificates DROP COLUMN superseded_by")  # 12's
             conn.execute("DROP TABLE archived_by_site")  # migration 14's
+            for column in ("spent_key_sha256", "spent_serial", "spent_certificate"):
+                conn.execute(f"ALTER TABLE enrol_tokens DROP COLUMN {column}")  # 15's
             conn.execute("ALTER TABLE transfers DROP COLUMN last_activity_at")
             conn.execute("ALTER TABLE transfers DROP COLUMN expired_at")
             conn.execute("UPDATE transfers SET created_at = ? WHERE id = ?",
