@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from appliance.ops.backup_folder import utc_stamp
 from appliance.store.hub import open_hub_db
 from tests.support.hub import HubProcess
+from tests.support.old_schema import undo_hub_migration_15
 from tests.support.peers import wait_for
 
 DAY = 86400.0
@@ -137,6 +138,7 @@ def test_an_upgraded_hub_is_watched_from_its_upgrade(hub: HubProcess, tmp_path: 
         conn.execute("ALTER TABLE enrol_tokens DROP COLUMN voided_at")  # migration 11's
         conn.execute("ALTER TABLE certificates DROP COLUMN superseded_by")  # migration 12's
         conn.execute("DROP TABLE archived_by_site")  # migration 14's
+        undo_hub_migration_15(conn)
         conn.execute("DROP INDEX transfers_study")  # migration 8's, and 6's index back
         conn.execute("CREATE INDEX transfers_committed_study ON transfers (site, study_uid) "
                      "WHERE receipt IS NOT NULL")

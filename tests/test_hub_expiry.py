@@ -20,6 +20,7 @@ import pytest
 
 from appliance.transfer.enrolment import Enrolment
 from tests.support.hub import HubProcess, Shipment, client, enroll, pack_items, ship
+from tests.support.old_schema import undo_hub_migration_15
 from tests.support.peers import MR_DIR, wait_for
 
 EXPIRY_S = 3.0
@@ -172,8 +173,7 @@ def test_an_upgraded_hub_counts_idleness_from_the_last_bucket_not_the_creation(
             conn.execute("ALTER TABLE enrol_tokens DROP COLUMN voided_at")  # migration 11's
             conn.execute("ALTER TABLE certificates DROP COLUMN superseded_by")  # 12's
             conn.execute("DROP TABLE archived_by_site")  # migration 14's
-            for column in ("spent_key_sha256", "spent_serial", "spent_certificate"):
-                conn.execute(f"ALTER TABLE enrol_tokens DROP COLUMN {column}")  # 15's
+            undo_hub_migration_15(conn)
             conn.execute("ALTER TABLE transfers DROP COLUMN last_activity_at")
             conn.execute("ALTER TABLE transfers DROP COLUMN expired_at")
             conn.execute("UPDATE transfers SET created_at = ? WHERE id = ?",

@@ -344,12 +344,14 @@ def test_a_hub_job_held_back_by_an_earlier_one_of_its_study_says_so(tmp_path: Pa
                                      for line in listed.stdout.splitlines() if "│" in line)}
     assert cells[str(later)][7] == f"after job {earlier}", listed.stdout
     assert cells[str(earlier)][7] != f"after job {later}", listed.stdout
-    # A retry of the later one said "will be retried now" while it waited its turn.
+    # A retry of the later one said "will be retried now" while it waited its turn. Never
+    # tried, it is a retry that changes nothing: it says so, and what it waits for.
     retried = run_pas(["queue", "retry", str(later)], {**os.environ, "PAS_HOME": str(home)},
                       timeout=60)
     assert retried.returncode == 0, retried.stderr
     assert " ".join(retried.stdout.split()) == (
-        f"job {later} will be retried once job {earlier} is over (it goes to hub first)")
+        f"job {later} was already pending and due once job {earlier} is over (it goes to hub "
+        "first), with no attempt counted: nothing changed")
     claimed = job_store.claim_next(db, "test", 60)
     assert claimed is not None and claimed.id == earlier
     assert job_store.claim_next(db, "test", 60) is None  # the later one waits its turn

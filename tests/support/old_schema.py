@@ -9,6 +9,7 @@ older shape, with nothing of the columns left for migration 18 to meet.
 
 from __future__ import annotations
 
+import sqlite3
 from typing import Any
 
 from appliance.store import index
@@ -31,3 +32,10 @@ def record_before_18(db: Database, record: InstanceRecord, stored: StoredFile,
         with db.transaction() as conn:
             for column in IMAGE_COLUMNS:
                 conn.execute(f"ALTER TABLE instances DROP COLUMN {column}")
+
+
+def undo_hub_migration_15(conn: sqlite3.Connection) -> None:
+    """Take a hub database's enrol_tokens back to before hub migration 15 (what spent a
+    token): for the tests that rebuild an older hub from a new one."""
+    for column in ("spent_key_sha256", "spent_serial", "spent_certificate"):
+        conn.execute(f"ALTER TABLE enrol_tokens DROP COLUMN {column}")
