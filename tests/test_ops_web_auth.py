@@ -2,8 +2,8 @@
 patient IDs), /metrics, /api/status and DICOMweb answer 401 without the bearer token and 200
 with it (only /healthz stays open); the Retry POST is refused without the token, without the
 page's form token and from another site (headless Chromium), and then changes nothing in the
-queue; with client certificates the page, /metrics and /api/status need one even when
-DICOMweb is off."""
+queue; a Retry form over a few KiB is refused with 413 unread, the daemon's memory unmoved;
+with client certificates the page, /metrics and /api/status need one even when DICOMweb is off."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import re
+import socket
 import ssl
 import subprocess
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ from tests.support.peers import (
     storescu,
     wait_for,
 )
+from tests.test_ingest_spill import peak_rss_mb
 from tests.test_ops_web import failing_destination, refusing_node
 from tests.test_serving_dicomweb import _issue, _write
 
@@ -101,6 +103,38 @@ def test_retry_refused_without_credentials_changes_nothing(site: dict[str, Any])
     for headers, form, status in attempts:
         answer = httpx.post(url, headers=headers, data=form, timeout=10)
         assert answer.status_code == status, (headers, form, answer.text)
+    assert pas.status()["jobs"] == before and _failed(pas) == 1
+
+
+def test_a_big_retry_form_is_refused_unread(site: dict[str, Any]) -> None:
+    """Invariant 8: the Retry form is one token field. A 48 MiB chunked body (no length
+    declared) was read whole and parsed (+2x its size at the peak) before the token was
+    checked; now the read stops past MAX_RETRY_FORM_BYTES and answers 413, the limit named,
+    without reading the rest; a declared length over it is refused unread. Nothing changes."""
+    pas: PasProcess = site["pas"]
+    assert pas.proc is not None
+    url = f"{site['base']}/jobs/{site['job_id']}/retry"
+    before = pas.status()["jobs"]
+    Path(f"/proc/{pas.proc.pid}/clear_refs").write_text("5")  # VmHWM back to VmRSS
+    peak_before = peak_rss_mb(pas.proc.pid)
+
+    def body() -> Iterator[bytes]:
+        for _ in range(48):
+            yield b"csrf=" + b"a" * ((1 << 20) - 5)
+
+    answer = httpx.post(url, headers=GOOD, content=body(), timeout=30)
+    growth = peak_rss_mb(pas.proc.pid) - peak_before
+    assert answer.status_code == 413, answer.text
+    assert "retry form over 4096 bytes" in answer.text
+    assert growth < 16, f"the daemon grew {growth:.0f} MiB reading a refused form"
+    # A declared length over the limit: refused before a byte of the body is read.
+    with socket.create_connection(("127.0.0.1", pas.http_port), timeout=10) as conn:
+        conn.sendall(f"POST /jobs/{site['job_id']}/retry HTTP/1.1\r\n"
+                     f"Host: 127.0.0.1:{pas.http_port}\r\n"
+                     f"Authorization: Bearer {TOKEN}\r\nContent-Length: 5000000\r\n\r\n"
+                     "csrf=x".encode())
+        status_line = conn.makefile("rb").readline()
+    assert status_line.split()[1] == b"413", status_line
     assert pas.status()["jobs"] == before and _failed(pas) == 1
 
 

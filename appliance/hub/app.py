@@ -3,8 +3,8 @@
 Owns: assembling the app from route providers, the client-certificate gate of ``/api/v1``
 (site = certificate CN, revocation checked per request), enrolment routes, running the
 server, and the two helpers every route shares: the error shape (:func:`problem`) and reading
-a request body with a bound (:func:`read_body_limited`). May not touch: SQL
-(``appliance.store.hub``), transfer logic (``transfers.py``).
+a request body with a bound (:func:`read_body_limited`, over ``appliance/web/body.py``). May
+not touch: SQL (``appliance.store.hub``), transfer logic (``transfers.py``).
 
 Other areas add routes by appending a provider to :func:`default_route_providers` (a
 callable ``(Hub) -> list[BaseRoute]``); ``request.state.site`` is the authenticated site on
@@ -48,6 +48,7 @@ from appliance.locks import KeyedLocks
 from appliance.ops.listeners import bind_refused
 from appliance.store import hub as store
 from appliance.transfer.enrolment import EnrolmentError, parse_token
+from appliance.web import body as web_body
 from appliance.web.quiet_server import QuietServer
 
 log = logging.getLogger("pas.hub")
@@ -63,30 +64,21 @@ def problem(status: int, error: str, detail: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": error, "detail": detail, **extra}, status_code=status)
 
 
-class BodyTooLarge(Exception):
+class BodyTooLarge(web_body.BodyTooLarge):
     """A request body over its route's limit; ``response`` is the 413 to answer."""
 
-    def __init__(self, what: str, limit: int):
-        super().__init__(f"{what} over {limit} bytes")
-        self.response = problem(413, "too_large", str(self))
+    @property
+    def response(self) -> JSONResponse:
+        return problem(413, "too_large", str(self))
 
 
 async def read_body_limited(request: Request, limit: int, what: str = "request body") -> bytes:
-    """The request body, at most ``limit`` bytes whatever its framing (invariant 8).
-
-    Why not ``request.body()``: it buffers a body of any size before the route can look at
-    it, and a chunked body declares no Content-Length to check first. Here a declared length
-    over ``limit`` is refused unread, and the bytes are counted as they arrive: the read stops
-    at ``limit + 1``. Raises :class:`BodyTooLarge`."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
-        raise BodyTooLarge(what, limit)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise BodyTooLarge(what, limit)
-    return bytes(body)
+    """:func:`appliance.web.body.read_body_limited`, raising the hub's :class:`BodyTooLarge`
+    (its ``response`` the protocol's 413 problem)."""
+    try:
+        return await web_body.read_body_limited(request, limit, what)
+    except web_body.BodyTooLarge as exc:
+        raise BodyTooLarge(exc.what, exc.limit) from None
 
 
 class Hub:

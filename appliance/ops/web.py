@@ -36,6 +36,7 @@ from appliance.ops.status import collect, human_size
 from appliance.store import jobs as job_store
 from appliance.store import ops as ops_store
 from appliance.web.auth import FormToken, same_origin
+from appliance.web.body import BodyTooLarge, read_body_limited
 from appliance.web.headers import page_headers
 from appliance.words import ago, appliance_title, counted
 
@@ -43,6 +44,9 @@ if TYPE_CHECKING:
     from appliance.daemon import Daemon
 
 REFRESH_S = 10
+# The Retry form is one field (the page's token, 43 characters) plus whatever a browser
+# adds: a body over this is refused with 413 unread (invariant 8).
+MAX_RETRY_FORM_BYTES = 4096
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:0;padding:12px;background:#f6f7f9;color:#222}
@@ -415,7 +419,11 @@ def routes(daemon: Daemon) -> list[BaseRoute]:
         # auth = "none" the browser of anyone on the appliance's network would.
         allowed = same_origin(request)
         if allowed and form_token is not None:
-            form = parse_qs((await request.body()).decode("utf-8", "replace"))
+            try:  # the form is one token field: a body of any size was read whole
+                raw_form = await read_body_limited(request, MAX_RETRY_FORM_BYTES, "retry form")
+            except BodyTooLarge as exc:
+                return PlainTextResponse(f"refused: {exc}", status_code=413)
+            form = parse_qs(raw_form.decode("utf-8", "replace"))
             allowed = form_token.matches((form.get(form_token.field) or [None])[0])
         if not allowed:
             return PlainTextResponse("refused: use the Retry button of the status page "
