@@ -30,12 +30,15 @@ rootfs="$work/rootfs"
 mkdir -p "$out" "$work"
 rm -rf "$rootfs"
 
+# tzdata: /usr/share/zoneinfo, the zones the first-boot seed's `timezone` names (PAS reads
+# HL7 times, the WAN rate and prefetch windows and the worklist's day in local time).
 packages=(
   systemd systemd-sysv systemd-timesyncd systemd-resolved udev dbus
   linux-image-amd64 initramfs-tools
   python3 python3-venv python3-systemd
   nftables unattended-upgrades apt-listchanges
   iproute2 netbase ca-certificates openssh-server less
+  tzdata
 )
 # The Debian base is the slow part (minutes) and depends only on the suite and the package
 # list: it is kept in a cache keyed by both and copied, so rebuilding PAS takes about a minute.

@@ -1,8 +1,8 @@
 """``pas doctor``: check what usually goes wrong on a new site, and say what to fix.
 
 Owns: the checks (configuration, database, ports, disk, enrolment, certificate, hub
-reachability, clock skew, DICOM destinations, Storage Commitment reports, the last backup's
-age) and their verdicts. May not touch: state. Every
+reachability, clock skew, time zone, DICOM destinations, Storage Commitment reports, the last
+backup's age) and their verdicts. May not touch: state. Every
 check is read-only: it opens the database, binds a port only to learn whether it is free
 (and closes it), and sends a C-ECHO or an HTTPS GET.
 """
@@ -547,6 +547,9 @@ def run_checks(config_path: Path | None = None) -> list[Check]:
     from appliance.ops.doctor_hub import check_enrolment  # it imports this module's Check
 
     checks.extend(check_enrolment(settings))
+    from appliance.ops.doctor_time import check_time_zone  # it imports Check too
+
+    checks.append(check_time_zone(settings))
     from appliance.ops.doctor_tls import check_tls_certificates  # it imports Check too
 
     checks.extend(check_tls_certificates(settings))

@@ -496,7 +496,7 @@ def test_the_console_questions_do_not_show_the_enrolment_token(tmp_path: Path) -
     token = _token("CHU-NORD")
     seed, shown = _console(tmp_path, [
         ("Site name", "CHU-NORD"), ("AE title", ""), ("Modality AE", "CT1,MR1"),
-        ("Static address", ""), *NO_NETWORKS, ("Regional hub URL", "https://hub.example:8443"),
+        ("Static address", ""), ("Time zone", ""), *NO_NETWORKS, ("Regional hub URL", "https://hub.example:8443"),
         ("Enrolment token", token)])
     assert seed["hub"] == {"url": "https://hub.example:8443", "token": token}
     assert seed["site"] == "CHU-NORD" and seed["known_aes"] == ["CT1", "MR1"]
@@ -513,7 +513,7 @@ def test_the_console_asks_the_firewalls_networks_and_again_until_they_are_ones(
     No status page networks typed: the port stays open to every network (the set's
     default, written by firewall_sets)."""
     first = [("Site name", "CHU-EST"), ("AE title", ""), ("Modality AE", "CT1"),
-             ("Static address", "")]
+             ("Static address", ""), ("Time zone", "")]
     seed, shown = _console(tmp_path, [
         *first, ("PACS and workstations", "10.1.2.0/24, 10.1.3.7"),
         ("Management networks", "fd00::/8"), ("Management networks", "10.9.0.0/16"),
@@ -544,7 +544,7 @@ def test_the_console_says_a_token_of_another_site_at_once_and_asks_again(
     A token that is not one is asked again; no site typed takes the token's."""
     sud, nord = _token("CHU-SUD", "sudSecretPart012345"), _token("CHU-NORD", "nordSecretPart01234")
     first = [("Site name", "CHU-NORD"), ("AE title", ""), ("Modality AE", "CT1"),
-             ("Static address", ""), *NO_NETWORKS,
+             ("Static address", ""), ("Time zone", ""), *NO_NETWORKS,
              ("Regional hub URL", "https://hub.example:8443")]
 
     # The token's site kept: Enter at the question asked again.
@@ -689,8 +689,8 @@ def test_a_seed_that_is_not_toml_or_not_of_its_types_is_refused_in_one_line(
             ("accept_unknown = 1\n", "accept_unknown: must be true or false (accept_unknown "
                                      "= true), got 1"),
             ('known_ae = ["CT1"]\n', "known_ae: unknown key (the seed's keys: site, "
-                                     "ae_title, known_aes, accept_unknown, network, firewall, "
-                                     "hub, ssh)"),
+                                     "ae_title, known_aes, accept_unknown, timezone, network, "
+                                     "firewall, hub, ssh)"),
             ('[network]\naddress = "10.1.2.300/24"\ngateway = "10.1.2.1"\n',
              'network.address: must be an address with its prefix, e.g. "10.1.2.20/24", got '
              '"10.1.2.300/24"'),
@@ -774,3 +774,89 @@ def test_a_seed_pas_refuses_leaves_the_shipped_configuration_in_place(
                                                              "appliance.toml"]
     (enrolment,) = [c for c in booting.commands if "enroll" in c]
     assert enrolment[-1] == f"{token}\n" and firstboot.MARKER.exists()
+
+
+def test_a_seeds_time_zone_is_set_at_first_boot_as_timedatectl_sets_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No VM needed; the zone files are this machine's. The image's Debian base is UTC and
+    nothing set another zone, yet PAS reads HL7 times without an offset, the WAN rate and
+    prefetch windows and the worklist's day in local time: at a French site each ran 1 to
+    2 h late (clock review, F4). Now the seed's ``timezone`` is checked against the zone
+    files before anything is written, and applied as timedatectl does: /etc/localtime a
+    symlink to the zone's file (the C library's local time then is the site's), its name in
+    /etc/timezone. A seed without it keeps the image's zone untouched."""
+    import sys
+    import tomllib
+
+    real_run = subprocess.run  # _SeededBoot records the module's commands instead
+    booting = _SeededBoot(tmp_path, monkeypatch)
+    firstboot, seed_file, refused = booting.firstboot, booting.seed_file, booting.refused
+    zoneinfo = firstboot.ZONEINFO
+    if not (zoneinfo / "Europe" / "Paris").is_file():
+        pytest.skip(f"no tzdata here ({zoneinfo})")
+    localtime, timezone = booting.etc / "localtime", booting.etc / "timezone"
+    monkeypatch.setattr(firstboot, "LOCALTIME", localtime)
+    monkeypatch.setattr(firstboot, "TIMEZONE", timezone)
+    token = _token("CHU-A", "theSecretPart012345")
+    hub = f'[hub]\nurl = "https://hub.example:8443"\ntoken = "{token}"\n'
+    fix = "nothing configured. Fix the seed, then reboot (or systemctl start pas-firstboot)"
+
+    for zone in ("Europe/Pariss", "Europe", "../../../etc/passwd", "/usr/share/zoneinfo/UTC",
+                 "right/Europe/Paris", ""):
+        seed_file.write_text(f'timezone = "{zone}"\n{hub}')
+        assert refused() == (f"pas-firstboot: {seed_file}: timezone: must be a time zone of "
+                             f'/usr/share/zoneinfo, e.g. "Europe/Paris", got "{zone}": {fix}')
+    seed_file.write_text(f"timezone = 1\n{hub}")
+    assert "timezone: must be text in quotes" in refused()
+
+    seed_file.write_text(f'site = "CHU-A"\ntimezone = "Europe/Paris"\n{hub}')
+    firstboot.main()
+    assert firstboot.MARKER.exists()
+    assert os.readlink(localtime) == str(zoneinfo / "Europe" / "Paris")
+    assert timezone.read_text() == "Europe/Paris\n"
+    assert "timezone" not in tomllib.loads(firstboot.CONFIG.read_text())  # the system's
+    # The C library reads it (TZ=:FILE is how it reads /etc/localtime): CET in January,
+    # CEST in July, so an 08:00 window is 08:00 at the site.
+    offsets = real_run(
+        [sys.executable, "-c", "import time; print(*(time.localtime(t).tm_gmtoff for t in "
+         "(1767268800, 1782907200)))"],  # 2026-01-01 and 2026-07-01, 12:00 UTC
+        env={**os.environ, "TZ": f":{localtime}"}, capture_output=True, text=True, check=True)
+    assert offsets.stdout.split() == ["3600", "7200"]
+
+    # No zone in the seed: nothing written, the image's stays.
+    (tmp_path / "again").mkdir()
+    booting2 = _SeededBoot(tmp_path / "again", monkeypatch)
+    monkeypatch.setattr(booting2.firstboot, "LOCALTIME", booting2.etc / "localtime")
+    monkeypatch.setattr(booting2.firstboot, "TIMEZONE", booting2.etc / "timezone")
+    booting2.seed_file.write_text(hub)
+    booting2.firstboot.main()
+    assert booting2.firstboot.MARKER.exists()
+    assert not (booting2.etc / "localtime").exists() and not (booting2.etc / "timezone").exists()
+
+
+def test_the_console_asks_the_time_zone_and_again_until_it_is_one(tmp_path: Path) -> None:
+    """No VM needed. Set up at the console, the appliance stayed in the image's UTC (no
+    question asked it). Now the console asks the zone; one that is not a zone of
+    /usr/share/zoneinfo is said and asked again; Enter keeps UTC (``pas doctor`` warns)."""
+    if not (Path("/usr/share/zoneinfo") / "Europe" / "Paris").is_file():
+        pytest.skip("no tzdata here")
+    first = [("Site name", "CHU-EST"), ("AE title", ""), ("Modality AE", "CT1"),
+             ("Static address", "")]
+    seed, shown = _console(tmp_path, [
+        *first, ("Time zone", "Europe/Pariss"), ("Time zone", "Europe/Paris"), *NO_NETWORKS,
+        ("Regional hub URL", "")])
+    said = shown.decode(errors="replace")
+    assert "Europe/Pariss is not a time zone of /usr/share/zoneinfo (e.g. Europe/Paris, " \
+           "America/Martinique, Indian/Reunion): type it again." in said, said
+    assert seed["timezone"] == "Europe/Paris" and _firstboot().seed_problems(seed) == []
+    seed, _ = _console(tmp_path, [*first, ("Time zone", ""), *NO_NETWORKS,
+                                  ("Regional hub URL", "")])
+    assert "timezone" not in seed
+
+
+def test_the_image_has_the_zone_files_the_seed_names() -> None:
+    """The image is Debian's minbase plus a package list: without tzdata there is no
+    /usr/share/zoneinfo, every seed's ``timezone`` is refused and PAS's local times stay UTC."""
+    build = (ROOT / "image" / "build.sh").read_text()
+    (listed,) = re.findall(r"^packages=\(\n(.*?)^\)", build, re.M | re.S)
+    assert "tzdata" in listed.split()
