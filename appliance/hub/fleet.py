@@ -64,6 +64,7 @@ CHART_SLOT_S = 60.0
 SILENT_AFTER_S = 300.0  # a site is "down" when no heartbeat arrived for 5 minutes
 MAX_HEARTBEAT_BYTES = 64 * 1024
 MAX_FUTURE_S = 86400.0
+AGES = ("oldest_age_s", "urgent_oldest_age_s", "routine_oldest_age_s")  # the backlog's
 # Beyond any real count, byte total or age, and exact as a float; SQLite's INTEGER stops at
 # 2**63, and a larger number was an OverflowError (500) at the insert.
 MAX_NUMBER = float(2**53)
@@ -143,8 +144,7 @@ def validate_heartbeat(beat: Any) -> dict[str, Any]:
     if not isinstance(beat.get("version"), str) or not beat["version"]:
         raise HeartbeatError(f"version: must be a non-empty string, got {beat.get('version')!r}")
     _text(beat["version"], "version", MAX_VERSION_CHARS)
-    for section, keys in (("backlog", ("studies", "bytes", "oldest_age_s",
-                                       "urgent_oldest_age_s")),
+    for section, keys in (("backlog", ("studies", "bytes")),
                           ("jobs", ("failed",)), ("disk", ("used_percent",)),
                           ("received", ("instances", "bytes"))):
         part = beat.get(section)
@@ -152,8 +152,14 @@ def validate_heartbeat(beat: Any) -> dict[str, Any]:
             raise HeartbeatError(f"{section}: must be an object")
         for key in keys:
             _number(part.get(key), f"{section}.{key}")
-    if beat["backlog"].get("routine_oldest_age_s") is not None:  # optional: older appliances
-        _number(beat["backlog"]["routine_oldest_age_s"], "backlog.routine_oldest_age_s")
+    for key in AGES:
+        if key == "routine_oldest_age_s" and beat["backlog"].get(key) is None:
+            continue  # optional: older appliances
+        # An age below 0 is the appliance's clock stepped back (a job's creation time in its
+        # future): 0, the heartbeat kept. The whole heartbeat was refused (422) and the site
+        # shown down until the clock caught up. Below a day's step, as sent_at, it is absurd.
+        beat["backlog"][key] = max(_number(beat["backlog"].get(key), f"backlog.{key}",
+                                           -MAX_FUTURE_S), 0.0)
     if beat["disk"]["used_percent"] > 100:
         raise HeartbeatError("disk.used_percent: must be <= 100, got "
                              f"{beat['disk']['used_percent']}")
@@ -276,8 +282,14 @@ def backup_age(row: dict[str, Any], at: float) -> float | None:
     for an appliance too old to report its backups."""
     if not row["backup_reported"]:
         return None
-    since = row["last_backup_at"] if row["last_backup_at"] is not None else row["first_seen_at"]
-    return max(at - since, 0.0)
+    if row["last_backup_at"] is None:
+        return max(at - row["first_seen_at"], 0.0)
+    # The appliance's clock, read on the hub's with the offset of the same heartbeat (the
+    # hub's receive time minus the appliance's sent time): an appliance hours ahead hid a
+    # stale backup that long, one behind was warned that much early.
+    offset = (row["last_seen_at"] - row["last_sent_at"]) \
+        if row.get("last_sent_at") is not None else 0.0
+    return max(at - (row["last_backup_at"] + offset), 0.0)
 
 
 def has_problem(row: dict[str, Any]) -> bool:

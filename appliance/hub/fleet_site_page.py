@@ -70,7 +70,11 @@ def _backup_fact(status: dict[str, Any], at: float) -> str:
     if "last_backup_at" not in status:  # an appliance too old to report it
         return ""
     last = status["last_backup_at"]
-    return " · last backup " + ("never" if last is None else ago(max(at - last, 0.0)))
+    if last is None:
+        return " · last backup never"
+    # On the hub's clock, as the dashboard's (fleet.backup_age): the heartbeat's own offset.
+    offset = status["last_seen_at"] - status.get("sent_at", status["last_seen_at"])
+    return " · last backup " + ago(max(at - (last + offset), 0.0))
 
 
 def svg_chart(points: list[tuple[float, float]], since: float, until: float, title: str,

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from appliance.config import PrefetchRule
@@ -41,6 +41,7 @@ from appliance.hub.download_stages import Download, Part
 from appliance.hub.lanes import parse_lanes
 from appliance.prefetch.rules import candidate_from_qido, choose_priors
 from appliance.transfer.download_frames import (
+    MAX_SEARCH_BYTES,
     PRIORS_PATH,
     SEARCH_PATH,
     STUDY_FIELDS,
@@ -55,6 +56,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("pas.hub.download")
 
 MAX_SEARCHES = 256  # patients one search may name
+# Studies asked of the archive per patient (QIDO-RS ``limit``). A rule's ``priors`` is at most
+# 100 (PrefetchRule, config_sections.py), but the rule chooses after the archive answers:
+# it drops the current study, other modalities (``same``) and studies past ``max_age_days``,
+# and QIDO-RS answers in no set order, so the limit must cover a patient's whole record, not
+# just the priors wanted: five times the most a rule may ask.
+SEARCH_LIMIT = 500
+# One patient's archive answer is read to MAX_SEARCH_BYTES at most (download_frames.py).
+# Parsed, such an answer costs the hub about 12 times its size: hence few searches at once
+# for the whole hub, whatever the requests (a site's 256 patients wait their turn).
+SEARCHES_AT_ONCE = 4
+WILDCARDS = ("*", "?", "\\")  # QIDO-RS wildcards, and the list separator: several patients
 DICOM_JSON = "application/dicom+json"
 NDJSON = "application/x-ndjson"
 FEATURES = ["lanes", "priors"]  # what a site may ask of this hub's downloads
@@ -70,7 +82,20 @@ def _patients(body: Any, key: str = "patients") -> list[dict[str, Any]] | str:
             for p in patients):
         return (f"{key}: must be a list of at most {MAX_SEARCHES} objects "
                 "{\"patient_id\", \"issuer\"}")
+    for n, patient in enumerate(patients):
+        if (wildcard := _wildcard(patient, f"{key}[{n}].")) is not None:
+            return wildcard
     return patients
+
+
+def _wildcard(patient: dict[str, Any], where: str) -> str | None:
+    """The refusal of a patient_id or issuer that would match more than one patient: an
+    archive that reads ``*`` as QIDO-RS does answers every patient's studies."""
+    for field in ("patient_id", "issuer"):
+        if any(w in patient.get(field, "") for w in WILDCARDS):
+            return (f"{where}{field}: wildcards (* ?) and \\ are refused: a prior search "
+                    "names one patient")
+    return None
 
 
 def _integer(value: Any) -> bool:
@@ -116,26 +141,47 @@ def priors_routes(hub: Hub) -> list[BaseRoute]:
                                        verify=archive_verify(archive)) \
         if archive.kind == "dicomweb" and archive.url else None
 
+    gate = asyncio.Semaphore(SEARCHES_AT_ONCE)
+
     async def one_search(patient: dict[str, str]) -> dict[str, Any]:
+        async with gate:
+            return await _one_search(patient)
+
+    async def _one_search(patient: dict[str, str]) -> dict[str, Any]:
+        """One patient's studies, at most SEARCH_LIMIT, read as they come and no more than
+        MAX_SEARCH_BYTES of them (invariant 8)."""
         assert archive_client is not None
         params: list[tuple[str, str]] = [("PatientID", patient["patient_id"])]
         if patient.get("issuer"):
             params.append(("IssuerOfPatientID", patient["issuer"]))
         params += [("includefield", name) for name in STUDY_FIELDS]
+        params.append(("limit", str(SEARCH_LIMIT)))
         try:
-            answer = await archive_client.get(f"{archive.url}/studies", params=params,
-                                              headers={"Accept": DICOM_JSON})
+            async with archive_client.stream("GET", f"{archive.url}/studies", params=params,
+                                             headers={"Accept": DICOM_JSON}) as answer:
+                if answer.status_code == 204:
+                    return {"studies": []}
+                if answer.status_code != 200:
+                    text = (await _first_bytes(answer, 200)).decode("utf-8", "replace")
+                    return {"error": "archive_refused",
+                            "detail": f"HTTP {answer.status_code}: {text}"}
+                chunks, size = [], 0
+                async for chunk in answer.aiter_bytes():
+                    size += len(chunk)
+                    if size > MAX_SEARCH_BYTES:
+                        return {"error": "archive_answer_too_large",
+                                "detail": f"the archive answered over {MAX_SEARCH_BYTES} "
+                                f"bytes for this patient (asked for {SEARCH_LIMIT} studies "
+                                "at most): not read further"}
+                    chunks.append(chunk)
         except httpx.HTTPError as exc:
             return {"error": "archive_unreachable",
                     "detail": trust_problem(exc, archive) or f"{type(exc).__name__}: {exc}"}
-        if answer.status_code == 204 or (answer.status_code == 200 and not answer.content):
+        if not size:
             return {"studies": []}
-        if answer.status_code != 200:
-            return {"error": "archive_refused",
-                    "detail": f"HTTP {answer.status_code}: {answer.text[:200]}"}
         try:
-            rows = answer.json()
-        except ValueError:
+            rows = json.loads(b"".join(chunks))
+        except (ValueError, RecursionError):
             rows = None
         if not isinstance(rows, list):
             return {"error": "archive_bad_answer", "detail": "not a JSON array"}
@@ -165,9 +211,14 @@ def priors_routes(hub: Hub) -> list[BaseRoute]:
         if isinstance(patients, str):
             log.warning("search refused for %s: bad patients", request.state.site)
             return problem(422, "bad_request", patients)
-        results = await asyncio.gather(*(one_search(p) for p in patients))
         # "features": what a site may ask of this hub's downloads (an older hub says none).
-        return JSONResponse({"results": results, "features": FEATURES})
+        if not patients:
+            return JSONResponse({"results": [], "features": FEATURES})
+        # The same JSON document as before, written a result at a time, in order: at most
+        # SEARCHES_AT_ONCE searches ahead of the one being written, so that the hub holds a
+        # few patients' answers (each as its JSON text), not all of them (invariant 8).
+        return StreamingResponse(_results(patients, one_search),
+                                 media_type="application/json")
 
     async def priors(request: Request) -> Response:
         """Each patient's studies searched, the priors chosen by the site's rule, and the
@@ -243,6 +294,8 @@ def priors_routes(hub: Hub) -> list[BaseRoute]:
                     checked = _patients({"patients": [patient]})
                     wish = _wish(patient, where) if not isinstance(checked, str) else \
                         f"{where[:-1]}: must be an object {{\"patient_id\", \"issuer\"?, ...}}"
+                    if isinstance(checked, str) and "wildcards" in checked:
+                        wish = checked.replace("patients[0].", where)
                     if isinstance(wish, str):
                         raise ValueError(wish)
                     if n >= MAX_SEARCHES:
@@ -262,6 +315,43 @@ def priors_routes(hub: Hub) -> list[BaseRoute]:
 
     return [Route(SEARCH_PATH, search, methods=["POST"]),
             Route(PRIORS_PATH, priors, methods=["POST"])]
+
+
+async def _results(patients: list[dict[str, Any]],
+                   one_search: Any) -> AsyncIterator[bytes]:
+    """``{"results": [...], "features": [...]}``, each patient's result written when it
+    and those before it are back; a window of SEARCHES_AT_ONCE searches runs ahead."""
+    async def encoded(patient: dict[str, Any]) -> bytes:
+        try:
+            result = await one_search(patient)
+        except Exception as exc:  # a search never leaves its patient unanswered
+            result = {"error": "search_failed", "detail": f"{type(exc).__name__}: {exc}"}
+        # The parsed rows dropped at once; not ASCII-escaped: no longer than the archive's text
+        # (the site's cap on the answer counts on it, transfer/download.py).
+        return json.dumps(result, ensure_ascii=False, separators=(",", ":")).encode()
+
+    window: list[asyncio.Task[bytes]] = []
+    pending = iter(patients)
+    try:
+        yield b'{"results": ['
+        for n in range(len(patients)):
+            while len(window) < SEARCHES_AT_ONCE and (patient := next(pending, None)):
+                window.append(asyncio.create_task(encoded(patient)))
+            yield (b", " if n else b"") + await window.pop(0)
+        yield b'], "features": ' + json.dumps(FEATURES).encode() + b"}"
+    finally:
+        for task in window:  # the site went away: its searches stop
+            task.cancel()
+
+
+async def _first_bytes(answer: httpx.Response, limit: int) -> bytes:
+    """At most ``limit`` bytes of a streamed answer (an error's text)."""
+    got = b""
+    async for chunk in answer.aiter_bytes():
+        got += chunk
+        if len(got) >= limit:
+            break
+    return got[:limit]
 
 
 async def _feed(feed: queue.Queue[Any], incoming: asyncio.Queue[Any], one_search: Any,

@@ -72,7 +72,8 @@ def build_heartbeat(settings: Settings, db: Database, started_at: float,
     """The compact status (about 0.5 kB of JSON). An index that cannot be read (a damaged
     page) still gets a heartbeat out, saying so in its errors, with the figures of
     ``last_known`` (the last heartbeat read from the store; zeros without one): before, the
-    heartbeat failed with the store and the fleet saw the site only as silent."""
+    heartbeat failed with the store and the fleet saw the site only as silent.
+    ``started_at`` is a :func:`time.monotonic` reading (the uptime ignores clock steps)."""
     errors: list[str] = []
     checked = index_check.latest()
     if checked is not None and checked.damaged:  # first: the one to act on
@@ -101,7 +102,8 @@ def build_heartbeat(settings: Settings, db: Database, started_at: float,
         "site": site or settings.site,
         "sent_at": round(time.time(), 3),
         "version": __version__,
-        "uptime_s": round(time.time() - started_at, 1),
+        # started_at is time.monotonic()'s: a step of the clock does not move the uptime.
+        "uptime_s": round(max(time.monotonic() - started_at, 0.0), 1),
         **figures,
         "cert_days_left": None if cert_days is None else round(cert_days, 2),
         # Each cut well below the hub's limit (hub/fleet.MAX_ERROR_CHARS, 2,000): a heartbeat
@@ -153,9 +155,12 @@ def _from_store(settings: Settings, db: Database, errors: list[str],
         "backlog": {
             "studies": snapshot["backlog_studies"],  # each once, whatever its destinations
             "bytes": sum(row["bytes"] for row in backlog),
-            "oldest_age_s": max((row["oldest_age_s"] for row in backlog), default=0.0),
-            "urgent_oldest_age_s": max(urgent, default=0.0),
-            "routine_oldest_age_s": max(routine, default=0.0),
+            # At 0 at least: after a step back of the clock a job's created_at is in the
+            # future (store/jobs.py's ages are not clamped), and the hub refused the whole
+            # heartbeat for a negative age.
+            "oldest_age_s": max([0.0, *(row["oldest_age_s"] for row in backlog)]),
+            "urgent_oldest_age_s": max([0.0, *urgent]),
+            "routine_oldest_age_s": max([0.0, *routine]),
         },
         "jobs": {state: snapshot["jobs"].get(state, 0)
                  for state in ("pending", "running", "failed")},
@@ -217,7 +222,7 @@ class HeartbeatSender:
         self.settings = settings
         self.db = db
         self.interval_s = interval_s
-        self.started_at = time.time()
+        self.started_at = time.monotonic()
         self.sent = 0
         self._client: httpx.Client | None = None
         self._client_key: tuple[str, float] | None = None

@@ -57,7 +57,10 @@ def backlog_by_priority(db: Database) -> list[dict[str, Any]]:
            FROM jobs WHERE state IN ('pending', 'running') GROUP BY destination, priority"""
     )
     at = now()
-    return [{**dict(r), "oldest_age_s": round(at - r["oldest_created_at"], 1)} for r in rows]
+    # At 0 at least: after the clock stepped back a job's created_at is in the future (the
+    # hub refused the heartbeat's negative age whole, and showed the site down).
+    return [{**dict(r), "oldest_age_s": round(max(at - r["oldest_created_at"], 0.0), 1)}
+            for r in rows]
 
 
 def recent_studies(db: Database, limit: int = 20) -> list[dict[str, Any]]:

@@ -47,6 +47,7 @@ import httpx
 from appliance.transfer.client import wan_timeout
 from appliance.transfer.download_frames import (
     DOWNLOADS_PATH,
+    MAX_SEARCH_BYTES,
     PRIORS_PATH,
     SEARCH_PATH,
     Assembler,
@@ -207,13 +208,24 @@ class HubDownloads:
         Raises DownloadUnavailable when the hub offers no such search (use QIDO-RS through
         the region proxy), DownloadError when the request fails."""
         body = {"patients": [{"patient_id": p, "issuer": i} for p, i in patients]}
+        # The hub reads at most MAX_SEARCH_BYTES of each patient's archive answer and writes
+        # it back no longer: an answer past that (and a little for the frame) is refused, not
+        # held (invariant 8).
+        cap = (MAX_SEARCH_BYTES + 4096) * max(len(patients), 1) + 65536
         try:
-            answer = self.client.post(self.search_url, json=body)
+            with self.client.stream("POST", self.search_url, json=body) as answer:
+                content = _read_capped(answer, cap)
         except httpx.HTTPError as exc:
             raise DownloadError(f"search of {counted(len(patients), 'patient')}: "
                                 f"{error_words(exc)}") from exc
         if self.on_downloaded is not None:
             self.on_downloaded(answer.num_bytes_downloaded)
+        if content is None:
+            raise DownloadError(f"search of {counted(len(patients), 'patient')}: the hub's "
+                                f"answer is over {cap} bytes: not read further")
+        # The body read (decoded): as a whole answer for what follows.
+        answer = httpx.Response(answer.status_code, content=content, request=answer.request,
+                                headers={"content-type": answer.headers.get("content-type", "")})
         self._note_features(answer)
         if answer.status_code in (404, 405, 501):
             raise DownloadUnavailable(f"the hub answers {answer.status_code} to {SEARCH_PATH}")
@@ -556,6 +568,17 @@ class HubDownloads:
             raise BatchUnavailable(f"the hub takes one study per download: {detail}")
         raise DownloadRefused(f"{what}: HTTP {answer.status_code} {problem['error']}: {detail}",
                               answer.status_code, problem)
+
+
+def _read_capped(answer: httpx.Response, cap: int) -> bytes | None:
+    """The answer's body, or None once it is over ``cap`` bytes (the rest not read)."""
+    chunks, size = [], 0
+    for chunk in answer.iter_bytes():
+        size += len(chunk)
+        if size > cap:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _pieces(payload: bytes) -> Iterator[Any]:

@@ -34,6 +34,11 @@ DOWNLOADS_PATH = "/api/v1/downloads"
 SEARCH_PATH = "/api/v1/downloads/search"
 PRIORS_PATH = "/api/v1/downloads/priors"
 # What a search of a patient's studies asks the archive for (as RegionClient.search_studies).
+# Bytes of one patient's archive answer the hub reads at most (hub/priors.py): a study row
+# of Orthanc with STUDY_FIELDS is about 1 kB, so the hub's limit of 500 studies fits twice;
+# past it (an archive that ignores ``limit``) that patient's result is an error naming the
+# cap. The site bounds the hub's combined answer with it (transfer/download.py).
+MAX_SEARCH_BYTES = 1 << 20
 STUDY_FIELDS = ("StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy",
                 "NumberOfStudyRelatedInstances", "StudyDescription")
 MEDIA_TYPE = "application/vnd.pas.download-stream"
