@@ -184,11 +184,17 @@ class FetchThrough:
 
 class RegionFind:
     """A study-level QIDO-RS to the region bounded by a hard deadline: with the WAN down a
-    C-FIND still answers from local data at once (the caller gets [] and a reason)."""
+    C-FIND still answers from local data at once (the caller gets [] and a reason).
 
-    def __init__(self, client: RegionClient, timeout_s: float):
+    Bounded (invariant 8): the region is asked ``limit = max_results + 1`` (the one more
+    tells the caller the answer was cut, as the local matches do: serving/qr.py), and its
+    answer is read up to ``MAX_ANSWER_BYTES`` (transfer/region.py), past which RegionError.
+    A broad key (``PatientName=*``) once read and parsed the region's whole study list."""
+
+    def __init__(self, client: RegionClient, timeout_s: float, max_results: int = 0):
         self.client = client
         self.timeout_s = timeout_s
+        self.max_results = max_results  # serving.max_results; 0: no limit asked
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="pas-region-find")
 
     def __call__(self, level: str, keys: dict[str, str]) -> list[dict[str, Any]]:
@@ -197,6 +203,8 @@ class RegionFind:
         params: dict[str, Any] = {k: v for k, v in keys.items() if v and k in
                                   _JSON_TAGS.values()}
         params["includefield"] = "all"
+        if self.max_results:
+            params["limit"] = self.max_results + 1
         # Wildcards stay literal: some archives (Orthanc) take "%2A" for a plain character.
         path = "studies?" + urlencode(params, safe="*?^,")
         future = self.pool.submit(self.client.qido, path, None)
@@ -254,4 +262,5 @@ def make_region_find(settings: Settings) -> RegionFind | None:
     timeout = settings.serving.region_query_timeout_s
     client = RegionClient.from_home(settings.home, settings.prefetch.dicomweb_url,
                                     timeout_s=timeout)
-    return RegionFind(client, timeout) if client is not None else None
+    return (RegionFind(client, timeout, settings.serving.max_results)
+            if client is not None else None)

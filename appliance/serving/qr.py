@@ -135,6 +135,7 @@ class QueryRetrieveService:
         ask_region = self.region_find is not None and level == "STUDY"
         local_studies: set[str] = set()  # only to leave out the region's copies of them
         note = None
+        truncated = False
         ended = "failure: the association ended before the last match was sent"
         try:
             cap = self.settings.max_results or None
@@ -155,6 +156,7 @@ class QueryRetrieveService:
             for values in rows:
                 if cap is not None and count == cap:
                     rows.close()
+                    truncated = True
                     note = f"truncated: more than serving.max_results = {cap} matches"
                     log.warning("C-FIND from %s: %s (%s)", calling, note, summary)
                     break
@@ -175,7 +177,9 @@ class QueryRetrieveService:
             audit_query(calling, address, summary, f"failure: {exc}", count)
             yield _failure(IDENTIFIER_DOES_NOT_MATCH, str(exc)), None
             return
-        if ask_region:
+        # The local matches already cut at max_results: the region is not asked (its rows
+        # would only go past the cap).
+        if ask_region and not truncated:
             assert self.region_find is not None
             try:
                 regional = self.region_find(level, keys)
@@ -192,6 +196,11 @@ class QueryRetrieveService:
                     return
                 if values.get("StudyInstanceUID") in local_studies:
                     continue
+                if cap is not None and count == cap:  # the region asked max_results + 1
+                    note = f"truncated: more than serving.max_results = {cap} matches"
+                    log.warning("C-FIND from %s: %s (%s, with the region's)", calling, note,
+                                summary)
+                    break
                 if not (yield from answer(values, "NEARLINE")):
                     audit_query(calling, address, summary, ended, count)
                     return

@@ -12,6 +12,7 @@ largest thing held is one instance, never a study; a study's list is read a page
 
 from __future__ import annotations
 
+import json
 import ssl
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -31,6 +32,13 @@ MULTIPART_DICOM = 'multipart/related; type="application/dicom"; transfer-syntax=
 # Instances asked per QIDO-RS request when a study is listed: about 0.8 kB of JSON each,
 # 7.5 kB once parsed (2,000 a page took fetch-through +30 MB, 500 +18 MB, 1,000 +22 MB).
 REGION_PAGE = 1000
+# Most bytes of one QIDO-RS answer read (invariant 8). Parsed, an answer takes about 10x its
+# size (a study-level answer of 14 MB took 142 MB): 8 MiB is some 20,000 studies with every
+# field, a page of REGION_PAGE instances about 1 MB. Past it the read stops with RegionError.
+MAX_ANSWER_BYTES = 8 << 20
+# Most bytes of one instance's WADO-RS answer: it is held whole (its callers file it from
+# memory), once, while it streams in. A larger instance is refused with RegionError.
+MAX_INSTANCE_BYTES = 512 << 20
 
 
 class RegionError(Exception):
@@ -45,7 +53,7 @@ class RegionError(Exception):
         self.body = body
 
     @classmethod
-    def refused(cls, what: str, answer: httpx.Response) -> RegionError:
+    def refused(cls, what: str, answer: httpx.Response | Answer) -> RegionError:
         """The error for an answer with an error status (its content read)."""
         try:
             body: Any = answer.json()
@@ -53,6 +61,22 @@ class RegionError(Exception):
             body = None
         return cls(f"{what}: HTTP {answer.status_code} {answer.text[:200]}",
                    answer.status_code, body)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An answer of the region, read whole up to a limit (:meth:`RegionClient._get`)."""
+
+    status_code: int
+    headers: httpx.Headers
+    content: bytes
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        return json.loads(self.content)
 
 
 @dataclass(frozen=True)
@@ -94,28 +118,42 @@ class RegionClient:
     def close(self) -> None:
         self.client.close()
 
-    def _get(self, path: str, params: dict[str, Any] | None, accept: str) -> httpx.Response:
+    def _get(self, path: str, params: dict[str, Any] | None, accept: str,
+             limit: int = MAX_ANSWER_BYTES) -> Answer:
+        """One GET, its answer streamed in and read whole up to ``limit`` bytes (as decoded:
+        a compressed answer counts what it inflates to); past it :class:`RegionError`, the
+        rest unread. An error status raises :class:`RegionError` too."""
         url = f"{self.base_url}/{path.lstrip('/')}"
         if params:
             # QIDO wildcards (* ?) must travel as they are: httpx would write %2A, which some
             # archives (Orthanc) then match literally.
             url += "?" + urllib.parse.urlencode(params, doseq=True, safe="*?,")
+        content = bytearray()
         try:
-            response = self.client.get(url, headers={"Accept": accept})
+            with self.client.stream("GET", url, headers={"Accept": accept}) as response:
+                for chunk in response.iter_bytes(256 * 1024):
+                    content += chunk
+                    if len(content) > limit:
+                        if self.on_downloaded is not None:
+                            self.on_downloaded(response.num_bytes_downloaded)
+                        raise RegionError(f"GET {path.partition('?')[0]}: the region's answer "
+                                          f"is over {limit} bytes: not read further")
+                if self.on_downloaded is not None:
+                    self.on_downloaded(response.num_bytes_downloaded)
+                answer = Answer(response.status_code, response.headers, bytes(content))
         except httpx.HTTPError as exc:
             raise RegionError(f"GET {path}: {error_words(exc)}") from exc
-        if self.on_downloaded is not None:
-            self.on_downloaded(response.num_bytes_downloaded)
-        if response.status_code >= 400:
-            raise RegionError.refused(f"GET {path}", response)
-        return response
+        del content
+        if answer.status_code >= 400:
+            raise RegionError.refused(f"GET {path}", answer)
+        return answer
 
     def qido(self, path: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """A QIDO-RS search; the DICOM JSON answer (an empty list for 204)."""
         return self._json_array(path, self._get(path, params, DICOM_JSON))
 
     @staticmethod
-    def _json_array(path: str, response: httpx.Response) -> list[dict[str, Any]]:
+    def _json_array(path: str, response: Answer) -> list[dict[str, Any]]:
         if response.status_code == 204 or not response.content:
             return []
         result = response.json()
@@ -193,16 +231,38 @@ class RegionClient:
         except httpx.HTTPError as exc:
             raise RegionError(f"GET {path}: {error_words(exc)}") from exc
 
-    def retrieve_instance(self, instance: RegionInstance) -> bytes:
+    def retrieve_instance(self, instance: RegionInstance,
+                          limit: int = MAX_INSTANCE_BYTES) -> bytes:
         """WADO-RS of one instance, as stored by the region (transfer-syntax=*): the Part 10
-        file, byte for byte."""
-        response = self._get(
-            f"studies/{instance.study_uid}/series/{instance.series_uid}/instances/"
-            f"{instance.sop_instance_uid}", None, MULTIPART_DICOM)
-        parts = multipart_parts(response.headers.get("content-type", ""), response.content)
-        if len(parts) != 1:
+        file, byte for byte. Parsed as it streams in (one copy of the instance held, not the
+        answer and its part); an answer over ``limit`` bytes stops with :class:`RegionError`."""
+        path = (f"studies/{instance.study_uid}/series/{instance.series_uid}/instances/"
+                f"{instance.sop_instance_uid}")
+        url = f"{self.base_url}/{path}"
+        parts: list[bytes] = []
+        read = 0
+        try:
+            with self.client.stream("GET", url, headers={"Accept": MULTIPART_DICOM}) as answer:
+                if answer.status_code >= 400:
+                    head = answer.iter_bytes(64 * 1024)
+                    error = Answer(answer.status_code, answer.headers, next(head, b""))
+                    raise RegionError.refused(f"GET {path}", error)
+                parser = _MultipartStream(_boundary(answer.headers.get("content-type", "")))
+                for chunk in answer.iter_bytes(256 * 1024):
+                    read += len(chunk)
+                    if read > limit:
+                        raise RegionError(f"WADO-RS {instance.sop_instance_uid}: the region's "
+                                          f"answer is over {limit} bytes: not read further")
+                    parts += parser.feed(chunk)
+                    if len(parts) > 1:
+                        break
+                if self.on_downloaded is not None:
+                    self.on_downloaded(answer.num_bytes_downloaded)
+        except httpx.HTTPError as exc:
+            raise RegionError(f"GET {path}: {error_words(exc)}") from exc
+        if len(parts) != 1:  # a part counts once its delimiter arrived: none if cut short
             raise RegionError(f"WADO-RS {instance.sop_instance_uid}: expected one part, got "
-                              f"{len(parts)}")
+                              f"{len(parts)}{'' if len(parts) > 1 else ' whole'}")
         return parts[0]
 
 
@@ -242,7 +302,8 @@ class _MultipartStream:
             if end < 0:
                 self.scan_from = max(head_end + 4, len(self.buffer) - len(self.delimiter))
                 return parts
-            parts.append(bytes(self.buffer[head_end + 4: end]))
+            with memoryview(self.buffer) as view:  # one copy (a slice of a bytearray is one)
+                parts.append(bytes(view[head_end + 4: end]))
             del self.buffer[: end + len(self.delimiter)]
             self.scan_from = 0
         return parts
