@@ -209,7 +209,8 @@ class Daemon:
         self._spawn("pas-cache", lambda: self.cache_policy.run(self.stopping))
         from appliance.ops.clock import ClockWatch  # wall-clock steps re-base deadlines
 
-        clock_watch = ClockWatch(self.db)
+        clock_watch = ClockWatch(self.db,
+                                 prefetch_lead_s=self.settings.prefetch.lead_time_h * 3600)
         self._spawn("pas-clock", lambda: clock_watch.run(self.stopping))
         if self.settings.cache.scrub_mb_per_s > 0:
             scrubber = Scrubber(self.db, self.spool, self.settings.cache.scrub_mb_per_s * 1e6)

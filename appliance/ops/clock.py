@@ -22,9 +22,15 @@ log = logging.getLogger("pas.clock")
 
 
 class ClockWatch:
-    def __init__(self, db: Database, threshold_s: float = 5.0):
+    def __init__(self, db: Database, threshold_s: float = 5.0,
+                 prefetch_lead_s: float | None = None):
+        """``prefetch_lead_s``: ``prefetch.lead_time_h`` in seconds, so that the re-base
+        tells a prefetch due at its exam's time less the lead time (not moved) from one due
+        "now" (moved with the step; see
+        :func:`appliance.store.prefetch.shift_for_clock_step_in`)."""
         self.db = db
         self.threshold_s = threshold_s
+        self.prefetch_lead_s = prefetch_lead_s
         self._wall = now()
         self._mono = time.monotonic()
         self.steps: list[float] = []
@@ -40,7 +46,8 @@ class ClockWatch:
         # Forward: rows written after the step carry new-clock times, above the midpoint.
         cut = expected + step / 2 if step > 0 else None
         # Its ``clock`` audit row commits with the re-basing (one transaction).
-        shifted = cache_store.shift_for_clock_step(self.db, step, written_before=cut)
+        shifted = cache_store.shift_for_clock_step(self.db, step, written_before=cut,
+                                                   prefetch_lead_s=self.prefetch_lead_s)
         self.steps.append(step)
         log.warning("wall clock stepped by %+.1f s: stored deadlines re-based (%s)", step,
                     shifted)

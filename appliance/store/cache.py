@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.store import audit, index
+from appliance.store import prefetch as prefetch_store
 from appliance.store.commitment import shift_for_clock_step_in
 from appliance.store.db import Database, now
 from appliance.store.jobs import WORKER_DIED
@@ -560,28 +561,61 @@ def open_spool_file(spool: Spool, relative: str) -> Path:
 # --- wall-clock steps ---------------------------------------------------------------------------
 
 
-def shift_for_clock_step(db: Database, step: float,
-                         written_before: float | None = None) -> dict[str, int]:
+def shift_for_clock_step(db: Database, step: float, written_before: float | None = None,
+                         prefetch_lead_s: float | None = None) -> dict[str, int]:
     """Re-base the stored wall-clock deadlines after the clock stepped by ``step`` seconds.
 
     Deadlines written before a step keep their *remaining* time: a backward step would
-    otherwise postpone every retry and every stability check by the size of the step (hours,
-    after a bad NTP source is corrected), a forward step would expire every running lease at
-    once (another worker would take a job still being sent). Studies still waiting to be
-    routed keep their quiet period. ``written_before`` (forward steps) leaves alone rows
-    already written on the new clock (``updated_at``/``last_received_at`` at or after it).
-    One transaction, with its ``clock`` audit row (a crash between the two left the deadlines
-    re-based and no row: the next start does not see that step again).
+    otherwise postpone every retry, every stability check and every prefetch by the size of
+    the step (hours, after a bad NTP source is corrected), a forward step would expire every
+    running lease at once (another worker would take a job still being sent). Studies still
+    waiting to be routed keep their quiet period. ``written_before`` (forward steps) leaves
+    alone rows already written on the new clock (``updated_at``/``last_received_at`` at or
+    after it). Prefetch requests: :func:`appliance.store.prefetch.shift_for_clock_step_in`
+    (``prefetch_lead_s``: ``prefetch.lead_time_h`` in seconds, to tell a due time anchored to
+    the exam's time from one that was "now").
+
+    Running leases, by direction (``at``: now on the new clock, read once this transaction
+    holds the write lock, so that every lease already committed was written at or before it):
+
+    - forward: a lease written on the old clock is in the past of the new one by the step
+      (taken at once by another worker) and moves; one claimed or renewed on the new clock
+      between the step and its detection (at most the watch's 0.5 s) is past the midpoint
+      ``written_before`` and stays. Claims and renewals stamp ``updated_at``
+      (:func:`appliance.store.jobs.renew_lease`): a renewal left it from the claim, and that
+      renewed lease was pushed on by the step as well.
+    - back: every row written on the old clock looks in the future, so there is no cut
+      (``written_before`` None). But a lease claimed or renewed on the new clock in that same
+      window holds ``new now + lease_s``: moved back by the step it lay hours in the past,
+      and another worker took the job while it was being sent. A lease written on the new
+      clock ends at most ``lease_s`` after ``at``; one written on the old clock during the
+      last renewal period (``lease_s / 3``) ends about ``step`` more than that. So only leases
+      with ``lease_until > at + lease_s`` move, each with its own ``lease_s``: since a claim
+      and a renewal write ``lease_until = t + lease_s`` with ``updated_at = t`` (a later
+      write, progress, only raises ``updated_at``), that is ``updated_at > at``: last
+      written at a time the new clock has not shown yet, hence on the old clock. A lease
+      last written on the old clock at or before ``at`` (a step back no longer than
+      the time since its renewal) is left: it then ends at most ``lease_s`` after ``at``,
+      as a fresh lease does, so it is held at most the step longer (a live worker renews it
+      anyway; a dead one's job waits at most ``lease_s``), and never taken early.
+
+    A shifted row's ``updated_at`` moves with it (as commitment reports' do), so that a
+    second step soon after compares it on the clock its deadline is now on. One transaction,
+    with its ``clock`` audit row (a crash between the two left the deadlines re-based and no
+    row: the next start does not see that step again).
     """
-    at = now()
     cut = written_before if written_before is not None else float("inf")
     with db.transaction() as conn:
+        at = now()  # after BEGIN IMMEDIATE: no lease committed later than this is seen
         pending = conn.execute(
-            "UPDATE jobs SET next_attempt_at = next_attempt_at + ? WHERE state = 'pending' "
-            "AND updated_at < ?", (step, cut)).rowcount
+            "UPDATE jobs SET next_attempt_at = next_attempt_at + ?, updated_at = updated_at + ? "
+            "WHERE state = 'pending' AND updated_at < ?", (step, step, cut)).rowcount
+        # Back: only leases last written on the old clock (see above); forward: before the cut.
+        lease_cut = at if step < 0 else float("-inf")
         leases = conn.execute(
-            "UPDATE jobs SET lease_until = lease_until + ? WHERE state = 'running' "
-            "AND lease_until IS NOT NULL AND updated_at < ?", (step, cut)).rowcount
+            "UPDATE jobs SET lease_until = lease_until + ?, updated_at = updated_at + ? "
+            "WHERE state = 'running' AND lease_until IS NOT NULL AND updated_at < ? "
+            "AND updated_at > ?", (step, step, cut, lease_cut)).rowcount
         if step < 0:  # written on the old clock, now in the future
             studies = conn.execute(
                 "UPDATE studies SET last_received_at = last_received_at + ? "
@@ -593,8 +627,9 @@ def shift_for_clock_step(db: Database, step: float,
                 "(SELECT DISTINCT study_fk FROM instances WHERE routed_at IS NULL)",
                 (step, cut)).rowcount
         reports = shift_for_clock_step_in(conn, step, cut)
+        prefetches = prefetch_store.shift_for_clock_step_in(conn, step, cut, prefetch_lead_s)
         shifted = {"pending_jobs": pending, "leases": leases, "studies": studies,
-                   "commitment_reports": reports}
+                   "commitment_reports": reports, "prefetch_requests": prefetches}
         audit.record_in(conn, "clock", actor="system", outcome="success",
                         detail=f"wall clock stepped by {step:+.1f} s; re-based {shifted}")
     return shifted

@@ -214,12 +214,16 @@ def claim_next(db: Database, owner: str, lease_s: float,
 
 
 def renew_lease(db: Database, job_id: int, owner: str, lease_s: float) -> bool:
-    """Extend a lease; False if the job is no longer ours (it expired and was re-claimed)."""
+    """Extend a lease; False if the job is no longer ours (it expired and was re-claimed).
+    Stamps ``updated_at`` with the instant the lease runs from, as a claim does: the clock
+    watch tells by it a lease written before a wall-clock step from one written after
+    (:func:`appliance.store.cache.shift_for_clock_step`)."""
     with db.transaction() as conn:
+        at = now()
         cursor = conn.execute(
-            "UPDATE jobs SET lease_until = ? "
+            "UPDATE jobs SET lease_until = ?, updated_at = ? "
             "WHERE id = ? AND lease_owner = ? AND state = 'running'",
-            (now() + lease_s, job_id, owner),
+            (at + lease_s, at, job_id, owner),
         )
         return cursor.rowcount == 1
 

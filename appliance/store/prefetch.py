@@ -292,6 +292,51 @@ def _free_dedup_key(conn: Any, order_key: str, procedure: tuple[str, str]) -> st
     raise RuntimeError(f"no free request key for order {order_key}")
 
 
+# A due time within this of the exam's time less the lead time was that time, not "now".
+ANCHORED_WITHIN_S = 1.0
+
+
+def shift_for_clock_step_in(conn: Any, step: float, cut: float,
+                            lead_s: float | None) -> int:
+    """Within :func:`appliance.store.cache.shift_for_clock_step`'s transaction: pending and
+    running requests written before the wall clock stepped by ``step`` keep the time they had
+    left (a step back of 2 h held a prior's 30 s retry for 2 h 30 s, and an arrival's
+    prefetch, due "now", for 2 h); how many.
+
+    ``due_at`` is ``max(time received, scheduled_at - lead_s)`` (:func:`_schedule`, the
+    HL7 orders' and the worklist's due time). Only its first part is clock-relative: a due
+    time anchored to the exam's time (``scheduled_at - lead_s``, a real-world time from the
+    RIS) keeps its meaning across a step and is not moved (moved forward by a step of years
+    from a dead RTC, the priors would come years after the exam). A due time that was "now"
+    (no exam time: arrival and manual requests; or the exam already within the lead time)
+    moves with the step, though never before the anchor (a step back shows the request was
+    in fact received before it). ``lead_s`` None (not known): only requests without an exam
+    time move theirs.
+
+    ``next_attempt_at`` (written from now: a retry, a deferral, or the due time itself)
+    moves with the step when it was after ``due_at``, and is never before the new
+    ``due_at`` (the attempt code keeps ``next_attempt_at >= due_at``); one that was the due
+    time stays it. A deferral to a WAN window's opening is wall-anchored too, but moving it
+    is harmless: the attempt checks the window again and defers again.
+
+    Running requests move their ``due_at`` too: their attempt's end compares it with now
+    (an exam moved beyond now makes it pending again, a deferral waits for it)."""
+    now_type = "(scheduled_at IS NULL" + (
+        "" if lead_s is None else f" OR due_at > scheduled_at - :lead + {ANCHORED_WITHIN_S}"
+    ) + ")"
+    new_due = (f"CASE WHEN NOT {now_type} THEN due_at "
+               "WHEN scheduled_at IS NULL THEN due_at + :step "
+               "ELSE max(due_at + :step, scheduled_at - :lead) END")
+    return conn.execute(
+        f"""UPDATE prefetch_requests SET
+               next_attempt_at = CASE WHEN next_attempt_at > due_at
+                                      THEN max(next_attempt_at + :step, {new_due})
+                                      ELSE {new_due} END,
+               due_at = {new_due}, updated_at = updated_at + :step
+            WHERE state IN ('pending', 'running') AND updated_at < :cut""",
+        {"step": step, "cut": cut, "lead": lead_s}).rowcount
+
+
 def claim_due(db: Database, limit: int = 8) -> list[dict[str, Any]]:
     """Pending requests whose time has come, marked running (one transaction). A request left
     running by a crash is made pending again by :func:`recover`."""

@@ -124,3 +124,111 @@ def test_step_forward_does_not_give_up_pending_commitment_reports(
     [clock_row] = db.query("SELECT detail FROM audit WHERE event = 'clock'")
     assert "'commitment_reports': 1" in clock_row["detail"]
     db.close()
+
+
+def test_step_back_leaves_leases_written_on_the_new_clock(tmp_path: Path,
+                                                          clock: dict[str, float]) -> None:
+    """A lease claimed, or renewed, on the new clock between a step back and its detection
+    (the watch looks every 0.5 s) already runs from the new now: moved back by the step it
+    lay 2 h in the past and a second worker took the job while it was being sent. A lease
+    written on the old clock still keeps its remaining time."""
+    db, _receiver, ids = _store(tmp_path)
+    for instance, node in zip(ids[:2], ("node-a", "node-b"), strict=True):
+        job_store.route_study(db, _study_fk(db, instance), [instance],
+                              [job_store.NewJob("dicom", node, 2, "r", [instance])])
+    renewed = job_store.claim_next(db, "host:1:a:0", lease_s=60)
+    old = job_store.claim_next(db, "host:1:b:0", lease_s=60)
+    assert renewed is not None and old is not None
+    watch = ClockWatch(db)
+
+    clock["offset"] = -HOURS_2
+    job_store.route_study(db, _study_fk(db, ids[2]), ids[2:3],
+                          [job_store.NewJob("dicom", "node-c", 2, "r", ids[2:3])])
+    claimed = job_store.claim_next(db, "host:1:c:0", lease_s=60)  # on the new clock
+    assert claimed is not None and claimed.id not in (renewed.id, old.id)
+    assert job_store.renew_lease(db, renewed.id, "host:1:a:0", 60)  # on the new clock too
+    assert -HOURS_2 - 2 < watch.check() < -HOURS_2 + 2
+    leases = {r["id"]: r["lease_until"] - now()
+              for r in db.query("SELECT id, lease_until FROM jobs WHERE state = 'running'")}
+    assert 55 < leases[claimed.id] <= 60 and 55 < leases[renewed.id] <= 60
+    assert 50 < leases[old.id] <= 60  # re-based: not 2 h away
+    assert job_store.claim_next(db, "host:2:x:0", lease_s=60) is None  # nobody takes them
+    [clock_row] = db.query("SELECT detail FROM audit WHERE event = 'clock'")
+    assert "'leases': 1" in clock_row["detail"]
+    db.close()
+
+
+def test_step_forward_does_not_push_a_lease_renewed_after_it(tmp_path: Path,
+                                                             clock: dict[str, float]) -> None:
+    """A renewal stamps ``updated_at``, as a claim does: renewed between a forward step and
+    its detection, a lease is not pushed on by the step (it held the job 2 h longer)."""
+    db, _receiver, ids = _store(tmp_path)
+    job_store.route_study(db, _study_fk(db, ids[0]), ids[:1],
+                          [job_store.NewJob("dicom", "node", 2, "r", ids[:1])])
+    job = job_store.claim_next(db, "host:1:a:0", lease_s=60)
+    assert job is not None
+    watch = ClockWatch(db)
+
+    clock["offset"] = HOURS_2
+    assert job_store.renew_lease(db, job.id, "host:1:a:0", 60)
+    assert HOURS_2 - 2 < watch.check() < HOURS_2 + 2
+    lease = db.query_one("SELECT lease_until FROM jobs WHERE id = ?", (job.id,))
+    assert lease is not None and 55 < lease["lease_until"] - now() <= 60
+    db.close()
+
+
+def test_step_keeps_prefetch_retries_and_exam_times(tmp_path: Path,
+                                                    clock: dict[str, float]) -> None:
+    """Prefetch requests are re-based with the rest: a step back of 2 h held a prior's 30 s
+    retry 2 h 30 s and an arrival's prefetch (due "now") 2 h. A due time anchored to the
+    exam's time (``scheduled_at`` less the lead time) is a real-world time and stays, back
+    or forward (a step forward of 2 days moved it past the exam)."""
+    from appliance.store import prefetch as pf
+
+    lead_s = 24 * 3600.0
+    db = Database(tmp_path / "pas.sqlite")
+    [retry] = [pf.schedule(db, pf.NewRequest("retry", "arrival", "P1")).request_id]
+    [claimed] = pf.claim_due(db)
+    assert claimed["id"] == retry
+    pf.fail_attempt(db, retry, "hub 500", max_attempts=5, retry_at=now() + 30)
+    arrival = pf.schedule(db, pf.NewRequest("arrival", "arrival", "P2")).request_id
+    exam = now() + 3 * 24 * 3600.0  # in 3 days: due in 2 days
+    anchored = pf.schedule(db, pf.NewRequest("order", "hl7", "P3", scheduled_at=exam,
+                                             due_at=exam - lead_s)).request_id
+    soon = now() + 3600.0  # in 1 h: already within the lead time, due now
+    within = pf.schedule(db, pf.NewRequest("soon", "hl7", "P4", scheduled_at=soon,
+                                           due_at=max(now(), soon - lead_s))).request_id
+    watch = ClockWatch(db, prefetch_lead_s=lead_s)
+
+    def left() -> dict[int, tuple[float, float]]:  # (due_at, next_attempt_at) - now
+        at = now()
+        return {r["id"]: (r["due_at"] - at, r["next_attempt_at"] - at) for r in
+                db.query("SELECT id, due_at, next_attempt_at FROM prefetch_requests")}
+
+    def stored(request_id: int) -> tuple[float, float]:
+        row = db.query_one("SELECT due_at, next_attempt_at FROM prefetch_requests "
+                           "WHERE id = ?", (request_id,))
+        assert row is not None
+        return row["due_at"], row["next_attempt_at"]
+
+    clock["offset"] = -HOURS_2
+    assert -HOURS_2 - 2 < watch.check() < -HOURS_2 + 2
+    times = left()
+    assert 25 < times[retry][1] <= 30  # not 2 h 30 s
+    assert times[arrival][0] <= 0 and times[arrival][1] <= 0  # not 2 h
+    # The exam is where the RIS put it: its prefetch is due 24 h before it, 2 h more away.
+    assert stored(anchored) == (exam - lead_s, exam - lead_s)
+    assert times[anchored][0] > 2 * 24 * 3600.0 + HOURS_2 - 5
+    # Received 2 h earlier than the old clock said, 3 h before the exam: still due now.
+    assert times[within][0] <= 0 and times[within][1] <= 0
+    assert {r["id"] for r in pf.claim_due(db)} == {arrival, within}
+    [clock_row] = db.query("SELECT detail FROM audit WHERE event = 'clock'")
+    assert "'prefetch_requests': 4" in clock_row["detail"]
+
+    clock["offset"] += 2 * 24 * 3600.0  # then forward by 2 days
+    assert watch.check() > 2 * 24 * 3600.0 - 2
+    times = left()
+    assert 25 < times[retry][1] <= 30
+    assert stored(anchored) == (exam - lead_s, exam - lead_s)
+    assert HOURS_2 - 5 < times[anchored][0] <= HOURS_2  # 2 days less the 2 h step back
+    db.close()
