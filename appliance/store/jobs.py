@@ -633,6 +633,9 @@ def backlog_by_destination(db: Database) -> list[dict[str, Any]]:
            GROUP BY j.destination, j.kind"""
     )
     at = now()
+    # At 0 at least, as backlog_by_priority: after the clock stepped back a job's created_at
+    # is in the future (the status page and `pas status` showed a negative age).
     return [
-        {**dict(r), "oldest_age_s": round(at - r["oldest_created_at"], 1)} for r in rows
+        {**dict(r), "oldest_age_s": round(max(at - r["oldest_created_at"], 0.0), 1)}
+        for r in rows
     ]

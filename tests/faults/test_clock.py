@@ -18,6 +18,7 @@ import pytest
 from appliance.ingest.receive import Receiver
 from appliance.ops.clock import ClockWatch
 from appliance.store import jobs as job_store
+from appliance.store import ops as ops_store
 from appliance.store.db import Database, now
 from appliance.store.spool import Spool
 from tests.support.peers import CT_DIR
@@ -231,4 +232,20 @@ def test_step_keeps_prefetch_retries_and_exam_times(tmp_path: Path,
     assert 25 < times[retry][1] <= 30
     assert stored(anchored) == (exam - lead_s, exam - lead_s)
     assert HOURS_2 - 5 < times[anchored][0] <= HOURS_2  # 2 days less the 2 h step back
+    db.close()
+
+
+def test_step_back_shows_no_negative_backlog_age(tmp_path: Path,
+                                                 clock: dict[str, float]) -> None:
+    """Before the watch re-bases (or for a job it leaves alone), a job created on the old
+    clock lies in the future: the status page and ``pas status`` showed its age negative."""
+    db, _receiver, ids = _store(tmp_path)
+    job_store.route_study(db, _study_fk(db, ids[0]), [ids[0]],
+                          [job_store.NewJob("dicom", "node", 2, "r", [ids[0]])])
+    clock["offset"] = -HOURS_2
+    by_destination = job_store.backlog_by_destination(db)
+    assert [r["oldest_age_s"] for r in by_destination] == [0.0]
+    assert [r["oldest_age_s"] for r in ops_store.backlog_by_priority(db)] == [0.0]
+    clock["offset"] = 0.0
+    assert job_store.backlog_by_destination(db)[0]["oldest_age_s"] >= 0.0
     db.close()
