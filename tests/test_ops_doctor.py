@@ -284,3 +284,10 @@ def test_the_daemon_says_at_start_that_its_http_and_hl7_ports_are_open_to_the_ne
             quiet.stop()
     finally:
         ns.delete()
+
+
+def test_doctor_help_names_the_time_zone_row(tmp_path: Path) -> None:
+    """``pas doctor --help`` lists the checks: the time zone row (doctor_time.py) was not."""
+    env = {**os.environ, "PAS_HOME": str(tmp_path / "home"), "COLUMNS": "200"}
+    usage = " ".join(run_pas(["doctor", "--help"], env, check=True).stdout.split())
+    assert "clock, time zone and destinations" in usage

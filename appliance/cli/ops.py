@@ -264,7 +264,7 @@ def _store_file(assoc: Any, path: Path, header: tuple[str, str, str],
 def doctor(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> None:
     """Check the appliance and say what to fix; exit 1 when something must be fixed.
 
-    Configuration, database, ports, disk, enrolment, certificate, hub, clock and
+    Configuration, database, ports, disk, enrolment, certificate, hub, clock, time zone and
     destinations."""
     from appliance import dicomnet
     from appliance.config import load_settings
