@@ -39,6 +39,22 @@ class QueryError(ValueError):
     """A query the index cannot answer as asked (bad level, malformed value): names it."""
 
 
+# The most values one key's list (UIDs, code strings) is matched against. A viewer's list
+# query names a few hundred at most; each value is one SQL variable and SQLite refuses a
+# statement of more than 250,000 (its SQLITE_MAX_VARIABLE_NUMBER, 999 before 3.32): a C-FIND
+# of 300,000 StudyInstanceUIDs (an 8.6 MB identifier) was refused as "query failed: too many
+# SQL variables" and the C-GET of it ended in pynetdicom's bare 0xC413 with a traceback.
+MAX_LIST_VALUES = 10_000
+
+
+def _list_values(keyword: str, values: list[str]) -> list[str]:
+    """``values`` (one key's list), or QueryError naming the key, the count and the bound."""
+    if len(values) > MAX_LIST_VALUES:
+        # Said within the 64 characters of a C-FIND's Error Comment.
+        raise QueryError(f"{keyword}: {len(values)} values, more than {MAX_LIST_VALUES}")
+    return values
+
+
 @dataclass(frozen=True)
 class Column:
     level: str
@@ -260,7 +276,7 @@ def _match(where: _Where, keyword: str, value: str, pn_case_sensitive: bool) -> 
     if keyword == "SOPClassesInStudy":
         # A study holding an instance of any of the classes (refused before, where a viewer
         # listing a cache's structured reports or presentation states asks it).
-        uids = [v.strip() for v in value.split("\\") if v.strip()]
+        uids = _list_values(keyword, [v.strip() for v in value.split("\\") if v.strip()])
         if not uids or any(uid.replace("*", "") == "" for uid in uids):
             return  # "*": universal matching
         if any(not is_uid(uid) for uid in uids):
@@ -274,7 +290,7 @@ def _match(where: _Where, keyword: str, value: str, pn_case_sensitive: bool) -> 
             # Said within the 64 characters of a C-FIND's Error Comment (the longest
             # keyword, NumberOfPatientRelatedInstances, leaves 29): it was cut mid-word.
             raise QueryError(f"{keyword}: a count, returned, not matched")
-        values = [v for v in value.split("\\") if v]
+        values = _list_values(keyword, [v for v in value.split("\\") if v])
         if not values or any(v.replace("*", "") == "" for v in values):
             return  # "*": universal matching (what an SCU sends for "all modalities")
         test, params = _any_of("x.modality", values)
@@ -288,7 +304,7 @@ def _match(where: _Where, keyword: str, value: str, pn_case_sensitive: bool) -> 
         # wildcards off UIDs, but a lone "*" is what viewers send for "any", as Orthanc takes).
         return
     if vr == "UI":
-        uids = [v.strip() for v in value.split("\\") if v.strip()]
+        uids = _list_values(keyword, [v.strip() for v in value.split("\\") if v.strip()])
         if any(not is_uid(uid) for uid in uids):
             raise QueryError(f"{keyword}: {value!r} is not a UID or a list of UIDs")
         where.add(f"{sql} IN ({', '.join('?' * len(uids))})", *uids)
@@ -318,7 +334,7 @@ def _match(where: _Where, keyword: str, value: str, pn_case_sensitive: bool) -> 
     elif vr == "PN":
         _match_person_name(where, keyword, sql, value, pn_case_sensitive)
     elif "\\" in value:  # several values of a CS (e.g. Modality CT\MR): any of them
-        test, params = _any_of(sql, value.split("\\"))
+        test, params = _any_of(sql, _list_values(keyword, value.split("\\")))
         where.add(test, *params)
     elif _has_wildcard(value):
         where.add(f"{sql} GLOB ?", _glob_pattern(value))
