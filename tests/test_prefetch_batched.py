@@ -338,3 +338,24 @@ def test_an_urgent_upload_keeps_the_link_from_a_batch(region: dict[str, Any],
     for row, patient in zip(rows, patients, strict=True):
         assert row["state"] == "fetched", row["last_error"]
         site.assert_on_site(region["priors"][patient][1])
+
+
+def test_a_patient_id_with_a_wildcard_fails_alone_not_its_burst(region: dict[str, Any],
+                                                                tmp_path: Path) -> None:
+    """The hub refuses ``*``, ``?`` and ``\\`` in a search's patient_id or issuer with a 422
+    naming the field, for the whole batched search: one such ID from the RIS failed every
+    patient searched with it. Now the site refuses it alone, before the batch, naming the
+    character and the field; the others of the burst are fetched at their first attempt."""
+    hub: HubProcess = region["hub"]
+    # One attempt each: before, the others of the burst failed for good with it.
+    site = Site(hub, tmp_path / "pas", "SITE-WILD", env={"PAS_PREFETCH__MAX_ATTEMPTS": "1"})
+    site.service.fetcher.priors_route = False  # the batched search (two-step path)
+    wild = "A0483*"
+    rows = site.run(site.order((*PATIENTS, wild)))
+    site.assert_fetched(rows[:-1], region["priors"], PATIENTS)
+    assert all(row["attempts"] == 1 for row in rows[:-1])
+    refused = rows[-1]
+    assert refused["state"] == "failed", refused
+    assert "patient_id 'A0483*' holds '*'" in refused["last_error"]
+    assert site.service.fetcher.searcher.requests >= 1
+    assert "422" not in (refused["last_error"] or "")

@@ -169,3 +169,19 @@ def test_bad_priors_requests_get_a_clear_error(region: dict[str, Any], tmp_path:
     assert hub.proc is not None and hub.proc.poll() is None  # still serving
     wait_for(lambda: not list((hub.home / "downloads").iterdir()), 30,
              what="no staging folder left on the hub")
+
+
+def test_a_wildcard_patient_id_takes_not_its_burst_off_the_priors_route(
+        region: dict[str, Any], tmp_path: Path) -> None:
+    """The hub refuses the whole priors request (422) when one patient_id holds a wildcard:
+    the burst took the two-step path, whose batched search the hub refused too, and every
+    request failed. Now that request fails alone, before the batch, naming the character;
+    the others go as one priors request."""
+    hub: HubProcess = region["hub"]
+    site = warm_site(hub, tmp_path / "pas", "SITE-WILDCARD", PAS_PREFETCH__MAX_ATTEMPTS="1")
+    rows = site.run(site.order((*PATIENTS, "A05?642")))
+    site.assert_fetched(rows[:-1], region["priors"], PATIENTS)
+    assert rows[-1]["state"] == "failed"
+    assert "patient_id 'A05?642' holds '?'" in rows[-1]["last_error"]
+    assert site.service.fetcher.priors.requests == 1
+    assert site.service.fetcher.searcher.requests == 0

@@ -305,6 +305,30 @@ class DownloadBatcher:
         item.on_done(item)
 
 
+# What the hub refuses in a prior search's patient_id or issuer (appliance/hub/priors.py, 422
+# naming the field): QIDO-RS wildcards, and the list separator. Such an ID (a RIS or worklist
+# sending ``*``) would match other patients' studies.
+WILDCARDS = ("*", "?", "\\")
+
+
+class NotOnePatient(ValueError):
+    """A patient_id or issuer that would match more than one patient: refused on the site,
+    alone, before it joins a batch (the hub refuses the whole batched request with a 422, and
+    every patient of the burst failed with it)."""
+
+
+def refuse_wildcards(patient_id: str, issuer: str) -> None:
+    """Raise :class:`NotOnePatient` naming the field and the character, if either holds a
+    wildcard."""
+    for name, value in (("patient_id", patient_id), ("issuer", issuer)):
+        for char in WILDCARDS:
+            if char in (value or ""):
+                raise NotOnePatient(
+                    f"{name} {value!r} holds {char!r}: wildcards (* ?) and \\ are not searched "
+                    f"for priors (they would match other patients' studies); correct the "
+                    f"{name} at the RIS or worklist")
+
+
 @dataclass
 class _Search:
     patient_id: str
@@ -339,7 +363,9 @@ class SearchBatcher:
 
     def search(self, patient_id: str, issuer: str) -> list[dict[str, Any]]:
         """The patient's studies; raises DownloadUnavailable (the hub has no such search: use
-        QIDO-RS) or the error of this patient's search."""
+        QIDO-RS), :class:`NotOnePatient` (alone: the others of the batch go on) or the error
+        of this patient's search."""
+        refuse_wildcards(patient_id, issuer)
         wanted = _Search(patient_id, issuer)
         with self.cond:
             self.pending.append(wanted)
