@@ -6,7 +6,7 @@ PAS := $(VENV)/bin/pas
 # Debian packages the tests use as real peers (DCMTK as modality/viewer, Orthanc as the
 # regional PACS, Chromium for pages).
 TEST_APT := dcmtk orthanc orthanc-dicomweb chromium chromium-driver iproute2 libsystemd-dev pkg-config prometheus \
-	debootstrap qemu-system-x86 qemu-utils e2fsprogs vagrant vagrant-libvirt nftables
+	debootstrap qemu-system-x86 qemu-utils e2fsprogs vagrant vagrant-libvirt nftables tzdata
 DEMO_HOME ?= ./var
 # bench/wan's link emulator (tests/test_wan_emulator.py, make bench-wan) is C, built at run time.
 TEST_APT += gcc

@@ -17,13 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from appliance.ops.doctor_time import ZONE_FIX, local_zone
 from tests.support.peers import run_pas
-
-pytestmark = pytest.mark.skipif(not Path("/usr/share/zoneinfo/Europe/Paris").is_file(),
-                                reason="no tzdata here")
 
 WINDOWS = '[[hub.windows]]\nstart = "08:00"\nend = "19:00"\nmax_mbps = 8\n'
 NO_HL7 = "[hl7]\nenabled = false\n"
