@@ -21,15 +21,8 @@ from appliance.cli.common import write_database
 from appliance.store.db import Database
 from appliance.store.hub_schema import HUB_MIGRATIONS
 from appliance.store.schema import MIGRATIONS
+from tests.support.old_schema import user_version
 from tests.support.peers import run_pas
-
-
-def _schema(path: Path) -> int:
-    conn = sqlite3.connect(path)
-    try:
-        return conn.execute("PRAGMA user_version").fetchone()[0]
-    finally:
-        conn.close()
 
 
 def test_the_hubs_older_database_is_refused_not_migrated(
@@ -43,11 +36,11 @@ def test_the_hubs_older_database_is_refused_not_migrated(
     assert (f"{path}: database schema {len(HUB_MIGRATIONS) - 1} is older than this "
             f"software's ({len(HUB_MIGRATIONS)}); it was left as it is: the hub (pas hub run, "
             "systemctl restart pas-hub) migrates it at its start") in said, said
-    assert _schema(path) == len(HUB_MIGRATIONS) - 1
+    assert user_version(path) == len(HUB_MIGRATIONS) - 1
     # A new home's database is still made whole (pas hub init), and a current one opens.
     new = tmp_path / "new" / "hub.sqlite"
     write_database(new, HUB_MIGRATIONS, create=True).close()
-    assert _schema(new) == len(HUB_MIGRATIONS)
+    assert user_version(new) == len(HUB_MIGRATIONS)
     write_database(new, HUB_MIGRATIONS).close()
 
 
@@ -62,7 +55,7 @@ def test_an_appliance_write_command_refuses_an_older_or_newer_index(tmp_path: Pa
     assert result.returncode == 1, result.stdout + result.stderr
     assert ("it was left as it is: the daemon (pas run, systemctl restart pas) migrates it "
             "at its start") in said, said
-    assert _schema(db) == len(MIGRATIONS) - 1
+    assert user_version(db) == len(MIGRATIONS) - 1
     conn = sqlite3.connect(db)
     conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
     conn.close()

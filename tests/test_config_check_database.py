@@ -17,6 +17,7 @@ from pathlib import Path
 
 from appliance.store.db import Database
 from appliance.store.schema import MIGRATIONS
+from tests.support.old_schema import user_version
 from tests.support.peers import run_pas
 
 KNOWN = len(MIGRATIONS)
@@ -30,14 +31,6 @@ def _check(home: Path, *options: str) -> subprocess.CompletedProcess[str]:
 
 def _said(result: subprocess.CompletedProcess[str]) -> str:
     return " ".join((result.stdout + result.stderr).split())
-
-
-def _schema(path: Path) -> int:
-    conn = sqlite3.connect(path)
-    try:
-        return conn.execute("PRAGMA user_version").fetchone()[0]
-    finally:
-        conn.close()
 
 
 def test_a_database_newer_than_this_version_is_refused_naming_both(tmp_path: Path) -> None:
@@ -61,7 +54,7 @@ def test_a_database_newer_than_this_version_is_refused_naming_both(tmp_path: Pat
     older = tmp_path / "saved.sqlite"
     Database(older, MIGRATIONS[:KNOWN - 1]).close()
     assert _check(home, "--database", str(older)).returncode == 0
-    assert _schema(db) == KNOWN + 1
+    assert user_version(db) == KNOWN + 1
 
 
 def test_an_older_database_is_fine_and_left_as_it_is(tmp_path: Path) -> None:
@@ -72,7 +65,7 @@ def test_an_older_database_is_fine_and_left_as_it_is(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert (f"database schema {KNOWN - 2} of {KNOWN} (older: pas run migrates it at its "
             "start)") in _said(result)
-    assert _schema(db) == KNOWN - 2  # never migrated
+    assert user_version(db) == KNOWN - 2  # never migrated
     assert sorted(p.name for p in home.iterdir()) == ["pas.sqlite"]  # nothing created
     answer = json.loads(_check(home, "--json").stdout)
     assert answer["ok"] is True and answer["database"].startswith(f"database schema {KNOWN-2}")

@@ -14,11 +14,10 @@ import json
 import os
 from pathlib import Path
 
-from appliance.store import index
 from appliance.store import jobs as job_store
 from appliance.store.db import Database
-from appliance.store.index import InstanceRecord, StoredFile
 from tests.support.peers import run_pas
+from tests.test_queue_retry_audit import failed_job
 
 STUDY = "1.2.3"
 
@@ -27,14 +26,7 @@ def _home_with_a_failed_job(home: Path) -> int:
     home.mkdir()
     db = Database(home / "pas.sqlite")
     try:
-        record = InstanceRecord("1.2.3.1", "1.2.840.10008.5.1.4.1.1.2",
-                                "1.2.840.10008.1.2.1", STUDY, "1.2.3.9", patient_id="P")
-        instance = index.record_instance(db, record, StoredFile("f1", 1, "1" * 64)).instance_id
-        job_store.route_study(db, 1, [instance], [job_store.NewJob("dicom", "pacs", 2, "r",
-                                                                    [instance])])
-        with db.transaction() as conn:
-            conn.execute("UPDATE jobs SET state = 'failed', attempts = 3")
-        return int(db.query_one("SELECT id FROM jobs")["id"])
+        return failed_job(db)
     finally:
         db.close()
 

@@ -24,7 +24,7 @@ from tests.support.peers import run_pas
 STUDY = "1.2.3"
 
 
-def _failed_job(db: Database) -> int:
+def failed_job(db: Database) -> int:
     """One study of patient P routed to ``pacs``, its job failed after 3 attempts."""
     record = InstanceRecord("1.2.3.1", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1",
                             STUDY, "1.2.3.9", patient_id="P")
@@ -43,7 +43,7 @@ def _retry_rows(db: Database) -> list[dict[str, object]]:
 def test_a_retry_is_audited_with_the_change_and_a_refused_one_is_not(tmp_path: Path) -> None:
     db = Database(tmp_path / "pas.sqlite")
     try:
-        job_id = _failed_job(db)
+        job_id = failed_job(db)
         assert job_store.retry(db, job_id, actor="anonymous", source="10.1.2.3")
         [row] = _retry_rows(db)
         assert (row["actor"], row["source"], row["target"], row["outcome"], row["patient"]) == (
@@ -63,7 +63,7 @@ def test_pas_queue_retry_names_the_operator(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
     db = Database(home / "pas.sqlite")
-    job_id = _failed_job(db)
+    job_id = failed_job(db)
     db.close()
     env = {**os.environ, "PAS_HOME": str(home)}
     env.pop("PAS_CONFIG", None)

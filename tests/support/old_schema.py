@@ -10,6 +10,7 @@ older shape, with nothing of the columns left for migration 18 to meet.
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 from typing import Any
 
 from appliance.store import index
@@ -39,3 +40,13 @@ def undo_hub_migration_15(conn: sqlite3.Connection) -> None:
     token): for the tests that rebuild an older hub from a new one."""
     for column in ("spent_key_sha256", "spent_serial", "spent_certificate"):
         conn.execute(f"ALTER TABLE enrol_tokens DROP COLUMN {column}")
+
+
+def user_version(path: Path) -> int:
+    """The schema version a database file says it has (``PRAGMA user_version``), read
+    without opening it through :class:`Database` (which would migrate or refuse it)."""
+    conn = sqlite3.connect(path)
+    try:
+        return int(conn.execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        conn.close()
