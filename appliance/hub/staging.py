@@ -1,7 +1,8 @@
 """Staging a download: the archive's multipart answer into files, and files into buckets.
 
-Owns: the incremental ``multipart/related`` parser that writes each instance the archive sends
-to its own file while hashing it (memory holds one chunk, whatever the size of an instance),
+Owns: writing each instance of the archive's multipart answer to its own file while hashing
+it (the parsing is :mod:`appliance.transfer.multipart`'s; memory holds one chunk, whatever the
+size of an instance),
 the instance's label (its SOP Instance UID from the file meta), and the planner that cuts the
 staged instances into buckets as they arrive (``pack.plan_buckets``' cuts, emitted as soon as
 known). Used by :mod:`appliance.hub.download_stages`, and by the ``dicomweb`` archive to hash
@@ -19,6 +20,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
 
+from appliance.transfer.multipart import MultipartReader
 from appliance.transfer.pack import BucketPlan, PackItem
 
 
@@ -81,75 +83,49 @@ class Planner:
 
 
 class PartsToFiles:
-    """Incremental ``multipart/related`` parser writing each part's body to its own file while
-    hashing it: memory holds one chunk, whatever the size of an instance."""
+    """Writes each part of a ``multipart/related`` answer to its own file while hashing it
+    (the parsing is :class:`appliance.transfer.multipart.MultipartReader`'s): memory holds one
+    chunk, whatever the size of an instance."""
 
     def __init__(self, boundary: bytes, folder: Path, on_part: Callable[[Path, int, str], None]):
-        self.opening = b"--" + boundary
-        self.delimiter = b"\r\n--" + boundary
         self.folder = folder
         self.on_part = on_part
-        self.buffer = bytearray()
-        self.state = "preamble"  # preamble | after | headers | body | closed
+        self.reader = MultipartReader(boundary, self, _bad_answer)
         self.handle: Any = None
         self.path: Path | None = None
         self.digest: Any = None
         self.size = 0
 
-    def feed(self, chunk: bytes) -> None:
-        self.buffer += chunk
-        while True:
-            if self.state == "preamble":
-                at = self.buffer.find(self.opening)
-                if at < 0:
-                    del self.buffer[: max(0, len(self.buffer) - len(self.opening))]
-                    return
-                del self.buffer[: at + len(self.opening)]
-                self.state = "after"
-            elif self.state == "after":
-                if len(self.buffer) < 2:
-                    return
-                if self.buffer[:2] == b"--":
-                    self.state = "closed"
-                    return
-                self.state = "headers"
-            elif self.state == "headers":
-                end = self.buffer.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(self.buffer) > 64 * 1024:
-                        raise ArchiveFailed(502, "archive_bad_answer",
-                                            "a multipart part's headers exceed 64 KiB")
-                    return
-                del self.buffer[: end + 4]
-                self.path = self.folder / f"{uuid.uuid4().hex}.dcm"
-                self.handle = open(self.path, "wb")
-                self.digest, self.size = hashlib.sha256(), 0
-                self.state = "body"
-            elif self.state == "body":
-                at = self.buffer.find(self.delimiter)
-                if at < 0:
-                    keep = len(self.delimiter) - 1
-                    if len(self.buffer) > keep:
-                        self._write(bytes(self.buffer[: len(self.buffer) - keep]))
-                        del self.buffer[: len(self.buffer) - keep]
-                    return
-                self._write(bytes(self.buffer[:at]))
-                del self.buffer[: at + len(self.delimiter)]
-                self.handle.close()
-                assert self.path is not None
-                self.on_part(self.path, self.size, self.digest.hexdigest())
-                self.state = "after"
-            else:
-                return
+    @property
+    def state(self) -> str:
+        """preamble | after | headers | body | closed"""
+        return self.reader.state
 
-    def _write(self, data: bytes) -> None:
+    def feed(self, chunk: bytes) -> None:
+        self.reader.feed(chunk)
+
+    def part_started(self) -> None:
+        self.path = self.folder / f"{uuid.uuid4().hex}.dcm"
+        self.handle = open(self.path, "wb")
+        self.digest, self.size = hashlib.sha256(), 0
+
+    def part_data(self, data: bytes) -> None:
         self.handle.write(data)
         self.digest.update(data)
         self.size += len(data)
 
+    def part_ended(self) -> None:
+        self.handle.close()
+        assert self.path is not None
+        self.on_part(self.path, self.size, self.digest.hexdigest())
+
     def close(self) -> None:
         if self.handle is not None and not self.handle.closed:
             self.handle.close()
+
+
+def _bad_answer(message: str) -> ArchiveFailed:
+    return ArchiveFailed(502, "archive_bad_answer", message)
 
 
 def boundary(content_type: str) -> bytes:

@@ -62,6 +62,7 @@ from appliance.store import index as index_store
 from appliance.store import uplink as uplink_store
 from appliance.store.jobs import Job
 from appliance.transfer.link_failures import trust_problem
+from appliance.transfer.multipart import MultipartReader
 from appliance.words import counted
 
 log = logging.getLogger("pas.dispatch.stowrs")
@@ -129,54 +130,31 @@ def reason_words(reason: int) -> str:
 
 
 class PartDigests:
-    """Incremental ``multipart/related`` reader (a WADO-RS answer) hashing each part's body
-    with SHA-256 as it streams: memory holds one chunk, whatever the size of the instance."""
+    """Hashes each part's body of a ``multipart/related`` answer (a WADO-RS answer) with
+    SHA-256 as it streams (the parsing is :class:`appliance.transfer.multipart.
+    MultipartReader`'s): memory holds one chunk, whatever the size of the instance."""
 
     def __init__(self, boundary: bytes):
-        self.opening = b"--" + boundary
-        self.delimiter = b"\r\n--" + boundary
-        self.buffer = bytearray()
-        self.state = "preamble"  # preamble | after | headers | body | closed
+        self.reader = MultipartReader(boundary, self)
         self.digest: Any = None
         self.digests: list[str] = []
 
+    @property
+    def state(self) -> str:
+        """preamble | after | headers | body | closed"""
+        return self.reader.state
+
     def feed(self, chunk: bytes) -> None:
-        self.buffer += chunk
-        while True:
-            if self.state == "preamble":
-                at = self.buffer.find(self.opening)
-                if at < 0:
-                    del self.buffer[: max(0, len(self.buffer) - len(self.opening))]
-                    return
-                del self.buffer[: at + len(self.opening)]
-                self.state = "after"
-            elif self.state == "after":
-                if len(self.buffer) < 2:
-                    return
-                self.state = "closed" if self.buffer[:2] == b"--" else "headers"
-            elif self.state == "headers":
-                end = self.buffer.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(self.buffer) > 64 * 1024:
-                        raise ValueError("a multipart part's headers exceed 64 KiB")
-                    return
-                del self.buffer[: end + 4]
-                self.digest = hashlib.sha256()
-                self.state = "body"
-            elif self.state == "body":
-                at = self.buffer.find(self.delimiter)
-                if at < 0:
-                    keep = len(self.delimiter) - 1
-                    if len(self.buffer) > keep:
-                        self.digest.update(self.buffer[: len(self.buffer) - keep])
-                        del self.buffer[: len(self.buffer) - keep]
-                    return
-                self.digest.update(self.buffer[:at])
-                del self.buffer[: at + len(self.delimiter)]
-                self.digests.append(self.digest.hexdigest())
-                self.state = "after"
-            else:
-                return
+        self.reader.feed(chunk)
+
+    def part_started(self) -> None:
+        self.digest = hashlib.sha256()
+
+    def part_data(self, data: bytes) -> None:
+        self.digest.update(data)
+
+    def part_ended(self) -> None:
+        self.digests.append(self.digest.hexdigest())
 
 
 def _boundary(content_type: str) -> bytes | None:
