@@ -11,10 +11,8 @@ such a list: the HTTP server resets a request head of ~240 kB (9,000 UIDs).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
@@ -28,9 +26,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from appliance.store.query import MAX_LIST_VALUES
-from tests.support.cleanup import started
-from tests.support.objects import tiny_ct
-from tests.support.peers import PasProcess, closed_port, storescu
+from tests.support.peers import PasProcess
+from tests.test_serving_refusal_comments import serving_one_tiny_ct
 
 TOO_MANY = 250_001  # one past SQLite's default SQLITE_MAX_VARIABLE_NUMBER
 STUDY_UID_TAG = 0x0020000D
@@ -38,21 +35,8 @@ STUDY_UID_TAG = 0x0020000D
 
 @pytest.fixture(scope="module")
 def pas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PasProcess, str]]:
-    home: Path = tmp_path_factory.mktemp("uid_lists") / "pas"
-    home.mkdir()
-    ds = tiny_ct()
-    ds.save_as(home / "one.dcm", enforce_file_format=True)
-    with contextlib.ExitStack() as stack:
-        switched_off = closed_port()  # a known move destination (refused before any connect)
-        stack.callback(switched_off.close)
-        pas = started(stack, PasProcess(home, {
-            "PAS_DICOM__ACCEPT_UNKNOWN": "true",
-            "PAS_SERVING__MOVE_DESTINATIONS":
-                f'[{{title = "SWITCHEDOFF", host = "127.0.0.1", '
-                f'port = {switched_off.getsockname()[1]}}}]',
-        }))
-        storescu(home / "one.dcm", pas.port)
-        yield pas, str(ds.StudyInstanceUID)
+    with serving_one_tiny_ct(tmp_path_factory.mktemp("uid_lists") / "pas") as serving:
+        yield serving
 
 
 @pytest.fixture

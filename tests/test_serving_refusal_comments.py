@@ -42,9 +42,10 @@ from tests.support.objects import tiny_ct
 from tests.support.peers import DCMTK_ENV, PasProcess, closed_port, read_rows, storescu
 
 
-@pytest.fixture(scope="module")
-def pas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PasProcess, str]]:
-    home = tmp_path_factory.mktemp("refusals") / "pas"
+@contextlib.contextmanager
+def serving_one_tiny_ct(home: Path) -> Iterator[tuple[PasProcess, str]]:
+    """A daemon holding one tiny CT (its Study Instance UID given with it), with one known
+    move destination, SWITCHEDOFF, that refuses connections while it runs."""
     home.mkdir()
     ds = tiny_ct()
     ds.save_as(home / "one.dcm", enforce_file_format=True)
@@ -59,6 +60,12 @@ def pas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PasProcess, 
         }))
         storescu(home / "one.dcm", pas.port)
         yield pas, str(ds.StudyInstanceUID)
+
+
+@pytest.fixture(scope="module")
+def pas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PasProcess, str]]:
+    with serving_one_tiny_ct(tmp_path_factory.mktemp("refusals") / "pas") as serving:
+        yield serving
 
 
 def _final(tool: str, pas: PasProcess, keys: list[str], *extra: str,
