@@ -20,7 +20,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
 
-from appliance.transfer.multipart import MultipartReader
+from appliance.transfer.multipart import StreamedParts
 from appliance.transfer.pack import BucketPlan, PackItem
 
 
@@ -82,7 +82,7 @@ class Planner:
         return plan
 
 
-class PartsToFiles:
+class PartsToFiles(StreamedParts):
     """Writes each part of a ``multipart/related`` answer to its own file while hashing it
     (the parsing is :class:`appliance.transfer.multipart.MultipartReader`'s): memory holds one
     chunk, whatever the size of an instance."""
@@ -90,19 +90,11 @@ class PartsToFiles:
     def __init__(self, boundary: bytes, folder: Path, on_part: Callable[[Path, int, str], None]):
         self.folder = folder
         self.on_part = on_part
-        self.reader = MultipartReader(boundary, self, _bad_answer)
+        super().__init__(boundary, _bad_answer)
         self.handle: Any = None
         self.path: Path | None = None
         self.digest: Any = None
         self.size = 0
-
-    @property
-    def state(self) -> str:
-        """preamble | after | headers | body | closed"""
-        return self.reader.state
-
-    def feed(self, chunk: bytes) -> None:
-        self.reader.feed(chunk)
 
     def part_started(self) -> None:
         self.path = self.folder / f"{uuid.uuid4().hex}.dcm"

@@ -262,6 +262,13 @@ def ca_fingerprint(ca_pem: bytes) -> str:
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """The private key as written to ``client.key`` (PEM, PKCS#8, unencrypted: the file is
+    0600 in a 0700 folder, and the daemon reads it unattended)."""
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
 def write_private(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` with mode 0600, atomically (temp, fsync, rename, fsync dir)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -333,9 +340,7 @@ def _pending_key(home: Path, token: str, site: str
                .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(folder, 0o700)
-    write_private(folder / "client.key", key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
+    write_private(folder / "client.key", _key_pem(key))
     write_private(folder / "client.csr", csr_pem)
     write_private(folder / "pending.json", json.dumps({
         "token_sha256": digest,
@@ -417,9 +422,7 @@ def enroll(home: Path, url: str, token: str, timeout: float = 30.0, *,
     shutil.rmtree(directory, ignore_errors=True)  # a replacement a crash left half made
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(directory, 0o700)
-    write_private(directory / "client.key", key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
+    write_private(directory / "client.key", _key_pem(key))
     write_private(directory / "client.crt", cert_pem)
     write_private(directory / "ca.crt", ca_pem)
     info = {"url": url, "site": site,

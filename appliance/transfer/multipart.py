@@ -79,3 +79,29 @@ class MultipartReader:
                 self.state = "after"
             else:
                 return
+
+
+class StreamedParts:
+    """Base of a sink that owns its reader: callers feed it the answer's chunks and look at
+    ``state`` ("closed" once the closing delimiter came); subclasses say what becomes of
+    each part (``part_started``, ``part_data``, ``part_ended``)."""
+
+    def __init__(self, boundary: bytes, error: Callable[[str], Exception] = ValueError):
+        self.reader = MultipartReader(boundary, self, error)
+
+    @property
+    def state(self) -> str:
+        """preamble | after | headers | body | closed"""
+        return self.reader.state
+
+    def feed(self, chunk: bytes) -> None:
+        self.reader.feed(chunk)
+
+    def part_started(self) -> None:
+        raise NotImplementedError
+
+    def part_data(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def part_ended(self) -> None:
+        raise NotImplementedError

@@ -62,7 +62,7 @@ from appliance.store import index as index_store
 from appliance.store import uplink as uplink_store
 from appliance.store.jobs import Job
 from appliance.transfer.link_failures import trust_problem
-from appliance.transfer.multipart import MultipartReader
+from appliance.transfer.multipart import StreamedParts
 from appliance.words import counted
 
 log = logging.getLogger("pas.dispatch.stowrs")
@@ -129,23 +129,15 @@ def reason_words(reason: int) -> str:
     return "HTTP 409" if reason == CONFLICT else f"0x{reason:04X}"
 
 
-class PartDigests:
+class PartDigests(StreamedParts):
     """Hashes each part's body of a ``multipart/related`` answer (a WADO-RS answer) with
     SHA-256 as it streams (the parsing is :class:`appliance.transfer.multipart.
     MultipartReader`'s): memory holds one chunk, whatever the size of the instance."""
 
     def __init__(self, boundary: bytes):
-        self.reader = MultipartReader(boundary, self)
+        super().__init__(boundary)
         self.digest: Any = None
         self.digests: list[str] = []
-
-    @property
-    def state(self) -> str:
-        """preamble | after | headers | body | closed"""
-        return self.reader.state
-
-    def feed(self, chunk: bytes) -> None:
-        self.reader.feed(chunk)
 
     def part_started(self) -> None:
         self.digest = hashlib.sha256()
