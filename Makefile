@@ -11,7 +11,7 @@ DEMO_HOME ?= ./var
 # bench/wan's link emulator (tests/test_wan_emulator.py, make bench-wan) is C, built at run time.
 TEST_APT += gcc
 
-.PHONY: demo test venv deps-test lint image box bench-ingest bench-associations bench-forward bench-heartbeat bench-hub-loop bench-idle bench-prefetch clean
+.PHONY: demo test venv deps-test lint image box bench-ingest bench-ingest-cpu bench-associations bench-forward bench-heartbeat bench-hub-loop bench-idle bench-prefetch clean
 
 venv: $(VENV)/.installed
 
@@ -61,6 +61,10 @@ test-fuzz: venv
 
 bench-ingest: deps-test venv
 	$(PY) bench/ingest.py
+
+# Where a C-STORE's time goes: CPU per instance of PAS, storescp and the senders (BENCH_ARGS="--senders 4").
+bench-ingest-cpu: deps-test venv
+	$(PY) bench/ingest_cpu.py $(BENCH_ARGS)
 
 # One association per image (storescu per file), PAS next to storescp: images/s and CPU per association.
 bench-associations: deps-test venv
