@@ -53,12 +53,14 @@ def _mb(count: int) -> str:
 
 class _TempFiles:
     """Empty temp files created ahead, by a thread of their own, while associations wait for
-    their next image: creating a file costs 0.2-0.5 ms on this appliance's ext4 right after
-    the journal commits that every received instance makes (its fsyncs), as much as writing
-    a small image. Nothing is created before the first write; a crash leaves a few empty
-    ``.part`` files, which start-up removes with the other temp files. The thread wakes once
-    per ``REFILL`` files taken, not per file: each wake-up takes the GIL from a receiving
-    thread in the middle of its image (measured with strace: ~10 futex calls per wake)."""
+    their next image: creating a file cost 0.2-0.5 ms on the ext4 of the machine this was
+    measured on, as much as writing a small image, and up to 1.2 ms of CPU after many files
+    were deleted (that file system has no journal, and ext4 without one scans past every
+    inode freed in the last minutes at each creation; docs/benchmarks.md). Nothing is
+    created before the first write; a crash leaves a few empty ``.part`` files, which
+    start-up removes with the other temp files. The thread wakes once per ``REFILL`` files
+    taken, not per file: each wake-up takes the GIL from a receiving thread in the middle
+    of its image (measured with strace: ~10 futex calls per wake)."""
 
     AHEAD = 8
     REFILL = 4  # wake the creator when this many have been taken since it last filled up
