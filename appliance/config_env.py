@@ -140,6 +140,29 @@ def _top_level_scalars(model: type[BaseModel]) -> set[str]:
     return names - RESERVED_TOP_LEVEL
 
 
+def _section_keys(model: type[BaseModel]) -> dict[str, set[str]]:
+    """Each top-level section of ``model`` and its own keys: ``{"dicom": {"port", ...}}``."""
+    sections: dict[str, set[str]] = {}
+    for name, field in model.model_fields.items():
+        for member in _members(field.annotation):
+            if isinstance(member, type) and issubclass(member, BaseModel):
+                sections[field.alias or name] = {
+                    sub.alias or sub_name for sub_name, sub in member.model_fields.items()}
+    return sections
+
+
+def meant_double_underscore(rest: str, model: type[BaseModel]) -> list[str] | None:
+    """The key a variable named with one underscore between section and key most likely
+    meant (``DICOM_PORT`` -> ``["dicom", "port"]``), or None. Such a variable is not read:
+    ``PAS_DICOM_PORT=104`` left the daemon on port 11112 and ``pas config check`` said OK."""
+    lowered = rest.lower()
+    for section, keys in _section_keys(model).items():
+        head = section + "_"
+        if lowered.startswith(head) and lowered[len(head):] in keys:
+            return [section, lowered[len(head):]]
+    return None
+
+
 def key_of(name: str, prefix: str) -> list[str]:
     """The key path a variable sets: ``PAS_DICOM__PORT`` -> ``["dicom", "port"]``."""
     return [part.lower() for part in name[len(prefix):].split("__")]
@@ -150,20 +173,28 @@ def read_overrides(environ: dict[str, str], prefix: str, model: type[BaseModel] 
                    ) -> tuple[dict[str, Any], list[str]]:
     """(nested overrides, problems). ``PREFIX<SECTION>__<KEY>[__<SUBKEY>]`` sets a key of a
     section; ``PREFIX<KEY>`` a top-level scalar key of ``model`` (other names without ``__``
-    belong to something else: ``PAS_HOME``, ``PAS_CONFIG``). Two variables where one sets a
+    belong to something else: ``PAS_HOME``, ``PAS_CONFIG``), except a section and one of its
+    keys joined by one underscore (``PAS_DICOM_PORT``): a problem saying what was meant,
+    rather than a daemon on another port than the unit says. Two variables where one sets a
     value and the other one of its keys (``PAS_DICOM__TLS`` and ``PAS_DICOM__TLS__ENABLED``)
     are a problem naming both: which one wins would depend on the environment's order."""
     top_level = _top_level_scalars(model) if model is not None else set()
     entries: list[tuple[list[str], str, str]] = []
+    problems = []
     for name, raw in environ.items():
         if not name.startswith(prefix) or ignore(name):
             continue
         rest = name[len(prefix):]
         if "__" not in rest and rest.lower() not in top_level:
+            meant = meant_double_underscore(rest, model) if model is not None else None
+            if meant is not None:
+                problems.append(
+                    f"{'.'.join(meant)}: {name} is not read (a section and its key are joined "
+                    f"by two underscores); did you mean {prefix}{meant[0].upper()}__"
+                    f"{meant[1].upper()}?")
             continue
         entries.append((key_of(name, prefix), name, raw))
     entries.sort()
-    problems = []
     for parts, name, _raw in entries:
         if any(part.isdigit() for part in parts):  # PAS_ROUTING__RULES__0__NAME
             whole = prefix + "__".join(p.upper() for p in parts[:next(

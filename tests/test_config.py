@@ -220,6 +220,29 @@ def test_a_variable_under_an_unknown_section_or_a_list_item_is_named() -> None:
     assert result.returncode == 0, _said(result)
 
 
+def test_a_section_and_key_joined_by_one_underscore_is_refused_naming_the_variable() -> None:
+    """``PAS_DICOM_PORT=104`` (one underscore) was not read: the daemon listened on 11112 and
+    ``pas config check`` said OK. Now refused, saying which variable was meant; a ``PAS_``
+    name that is no section and key of it stays someone else's, and the hub's variables are
+    the hub's (checked by ``load_settings`` as ``pas hub run`` reads them)."""
+    result = check(None, PAS_DICOM_PORT="104", PAS_STUDY_STABLE_AFTER_S="5")
+    assert result.returncode == 2 and "Traceback" not in _said(result)
+    assert ("config error dicom.port: PAS_DICOM_PORT is not read (a section and its key are "
+            "joined by two underscores); did you mean PAS_DICOM__PORT?") in _said(result)
+    assert ("config error study.stable_after_s: PAS_STUDY_STABLE_AFTER_S is not read"
+            in _said(result))
+    assert "configuration OK" not in _said(result)
+    result = check(None, PAS_DICOM__PORT="104", PAS_DICOM_PORTS="1", PAS_HUB_HTTP_PORT="9")
+    assert result.returncode == 0, _said(result)
+    assert "port 104" in _said(result)
+    from appliance.hub.config import load_hub_settings
+    with pytest.raises(ConfigError) as refused:
+        load_hub_settings(environ={"PAS_HUB_HTTP_PORT": "9"})
+    assert refused.value.problems == [
+        "http.port: PAS_HUB_HTTP_PORT is not read (a section and its key are joined by two "
+        "underscores); did you mean PAS_HUB_HTTP__PORT?"]
+
+
 def test_top_level_keys_are_overridden() -> None:
     result = check(None, PAS_SITE="1234")
     assert result.returncode == 0 and "configuration OK: site 1234," in _said(result)
