@@ -63,6 +63,7 @@ def patient(patient_id: str = typer.Argument(..., help="PatientID as the site kn
                                           "a prior)"),
             config: Path | None = ConfigOption) -> None:
     """Queue a request for this patient's priors; the running daemon fetches them soon."""
+    from appliance.prefetch.identifiers import identifier_problem
     from appliance.store import prefetch as store
     from appliance.store.db import now
 
@@ -70,6 +71,14 @@ def patient(patient_id: str = typer.Argument(..., help="PatientID as the site kn
     if not patient_id or len(patient_id) > 64:
         err.print("[red]PATIENT_ID must be 1-64 characters[/red]")
         raise typer.Exit(2)
+    # A control character ($'P\x01X' from a script) was queued as the patient ID: no study
+    # can carry it, and the request spent its attempts searching for it. The issuer was not
+    # checked at all.
+    for name, value in (("PATIENT_ID", patient_id), ("--issuer", issuer)):
+        problem = identifier_problem(value)
+        if problem is not None:
+            err.print(f"[red]{name} {problem}[/red]", highlight=False)
+            raise typer.Exit(2)
     scheduled = store.schedule(_db(config, write=True), store.NewRequest(
         f"manual:{patient_id}|{issuer}|{now():.6f}", "manual", patient_id, issuer, accession,
         modality.upper() if modality else None))

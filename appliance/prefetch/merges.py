@@ -40,6 +40,7 @@ from appliance.prefetch.messages import (
     _refuse_undecodable,
     _site_repetition,
     identifier_issuer,
+    refuse_unsearchable,
 )
 
 
@@ -151,6 +152,11 @@ def _merge(pair: hl7.Message, site_issuers: Collection[str], message_key: str,
                                "MRG-1 prior patient identifier": prior_id,
                                "MRG-1.4 issuer": prior_issuer,
                                "MSH-3/MSH-4/MSH-10": message_key})
+    # Each identifier as an order's is checked: a merge moves requests to PID-3's, which are
+    # then searched by it; and an MRG-1 no order could have had names none PAS holds.
+    refuse_unsearchable({"PID-3 patient identifier": patient_id, "PID-3.4 issuer": issuer,
+                         "MRG-1 prior patient identifier": prior_id,
+                         "MRG-1.4 issuer": prior_issuer})
     if (prior_id, prior_issuer) == (patient_id, issuer):
         named = f"{prior_id}" + (f" (issuer {issuer})" if issuer else "")
         raise Refusal("AE", "205", f"MRG-1 prior patient identifier {named} is PID-3's own: "

@@ -50,6 +50,7 @@ from typing import Any
 import hl7
 
 from appliance.prefetch.charsets import default_codec, message_encoding
+from appliance.prefetch.identifiers import identifier_problem
 from appliance.store.prefetch import request_key
 
 SUPPORTED = {("ORM", "O01"), ("OMI", "O23"), ("OMG", "O19"), ("SIU", "S12"), ("SIU", "S13"),
@@ -251,11 +252,22 @@ def parse_hl7_time(value: str) -> float | None:
     except ValueError:
         raise ValueError(f"not an HL7 date/time: {original!r} (no such date or time)") \
             from None
-    if sign is not None:
-        offset = int(hours) * 60 + int(minutes)
-        zone = dt.timezone(dt.timedelta(minutes=offset if sign == "+" else -offset))
-        return moment.replace(tzinfo=zone).timestamp()
-    return moment.timestamp()
+    if sign is not None and (int(hours) >= 24 or int(minutes) >= 60):
+        # dt.timezone's own ValueError reached the NAK ("offset must be a timedelta strictly
+        # between..."), and minutes of 60 or more (+0199) were read as more hours.
+        raise ValueError(f"not an HL7 date/time: {original!r} (the offset {sign}{hours}{minutes} "
+                         "must be under 24 hours, its minutes under 60)")
+    try:
+        if sign is not None:
+            offset = int(hours) * 60 + int(minutes)
+            zone = dt.timezone(dt.timedelta(minutes=offset if sign == "+" else -offset))
+            return moment.replace(tzinfo=zone).timestamp()
+        return moment.timestamp()
+    except (ValueError, OverflowError, OSError):
+        # Python's words for it ("year 0 is out of range" of a value in year 1, the local
+        # zone applied) named neither the value nor the field's problem.
+        raise ValueError(f"not an HL7 date/time: {original!r} (out of the range of dates "
+                         "this system can hold)") from None
 
 
 def _time(message: hl7.Message, *paths: str) -> float | None:
@@ -284,6 +296,15 @@ def _field_label(path: str) -> str:
 # 1 MB message of ``~`` cost 4.6 s and 450 MB, six at once 2.7 GB (invariant 8).
 READ_SEGMENTS = ("MSH", "PID", "SCH", "AIS", "PV1", "MRG")
 GROUP_SEGMENTS = ("OBR", "TQ1", "IPC")
+# Segments that only begin a message, a batch or a file: one after the first segment is a
+# second message in the same MLLP frame. Read as one, the second message's orders were filed
+# under the first one's patient (its PID dropped as a second PID), and it was never ACKed.
+FRAME_SEGMENTS = {"MSH": "message header", "BHS": "batch header", "BTS": "batch trailer",
+                  "FHS": "file header", "FTS": "file trailer"}
+# Message types whose patient group may repeat (SIU: the patients of one appointment, the
+# first read); in the other types read, outside a merge, a second PID is refused: the orders
+# after it were filed under the first PID's patient.
+SEVERAL_PATIENTS = ("SIU",)
 # Delimiters allowed in the segments kept: a real order carries a few hundred; 20,000 cost
 # about 0.1 s and 10 MB to parse.
 MAX_DELIMITERS = 20_000
@@ -350,9 +371,11 @@ def _segments_read(text: str) -> str:
     (:data:`READ_SEGMENTS`), every ORC and the first OBR, TQ1 and IPC after each (those
     before the first ORC are kept as well: a message of one order may put them first).
 
-    Refused here, before anything is parsed: more than :data:`MAX_GROUPS` ORC (AR); an ORC
-    group holding a second OBR (AE: a procedure with no ORC of its own, so no order number
-    or order control of its own); too many delimiters (AR)."""
+    Refused here, before anything is parsed: a second MSH, or a BHS/BTS/FHS/FTS, after the
+    first segment (AR: two messages in one frame, :data:`FRAME_SEGMENTS`); a second PID but
+    in a merge or an SIU (AE: whose orders would be a guess); more than :data:`MAX_GROUPS` ORC
+    (AR); an ORC group holding a second OBR (AE: a procedure with no ORC of its own, so no
+    order number or order control of its own); too many delimiters (AR)."""
     separator = text[3]
     encoding_characters = text[4:8].split(separator, 1)[0]  # MSH-2: ^~\& or fewer
     delimiters = {separator, *encoding_characters[:2], *encoding_characters[3:]}
@@ -363,13 +386,26 @@ def _segments_read(text: str) -> str:
     grouped = kind in ORDER_KINDS  # other types: the first ORC, OBR... only, as read
     # A merge may name several patients (A40: {PID, MRG} repeated): each PID and MRG kept.
     merging = kind == "ADT" and event in MERGE_EVENTS
+    # The types read whose structure holds one PID (ADT events not read stay ACKed AA).
+    one_patient = (kind, event) in SUPPORTED and not merging and kind not in SEVERAL_PATIENTS
     patients = 0
     kept: list[tuple[str, str]] = []
     seen: set[str] = set()   # READ_SEGMENTS (and ORC when not grouped) already kept
     in_group: set[str] = set()  # GROUP_SEGMENTS already kept since the last ORC
     groups = 0
+    number = 0  # of the segment, counting from the MSH, as a reader of the message would
     for segment in text.split("\r"):
         name = segment.split(separator, 1)[0]
+        number += bool(segment)
+        if number > 1 and name in FRAME_SEGMENTS:
+            what = "a second MSH" if name == "MSH" else f"{name}, a {FRAME_SEGMENTS[name]}"
+            raise Refusal("AR", "100", f"segment {number} is {what}: one message per MLLP "
+                          "frame (HL7 batches, BHS/FHS, are not read; send each message in "
+                          "a frame of its own)", msh[0], msh[1])
+        if name == "PID" and "PID" in seen and one_patient:
+            raise Refusal("AE", "100", f"segment {number} is a second PID: an {kind} message "
+                          "names one patient (what follows it would be filed under the first "
+                          "PID's)", msh[0], msh[1])
         if name == "ORC" and not grouped:
             if name not in seen:
                 seen.add(name)
@@ -471,6 +507,7 @@ def interpret(message: hl7.Message, issuer_default: str = "",
         _refuse_undecodable(message, {"PID-3 patient identifier": patient_id,
                                       "PID-3.4 issuer": issuer,
                                       "MSH-3/MSH-4/MSH-10": message_key})
+        refuse_unsearchable({"PID-3 patient identifier": patient_id, "PID-3.4 issuer": issuer})
         if not views:
             raise Refusal("AE", "100", "ORC segment is missing")
         for number, view in enumerate(views, 1):
@@ -548,6 +585,19 @@ def _refuse_undecodable(message: hl7.Message, stored: dict[str, str]) -> None:
             charset = f"MSH-18 {declared!r}" if declared else "hl7.encoding, MSH-18 empty"
             raise Refusal("AE", "102", f"{name} {value!r} holds bytes that are not valid in "
                           f"the message's character set ({charset})")
+
+
+def refuse_unsearchable(identifiers: dict[str, str]) -> None:
+    """:class:`Refusal` (AE 102, data type error) of the first patient identifier or issuer
+    in ``identifiers`` (named by its key: ``PID-3 patient identifier``, ``MRG-1.4 issuer``)
+    that the region cannot be searched by: over 64 characters, or holding a control character
+    (``\\X00\\`` and ``\\X0D\\`` included, read after unescaping). ACKed and stored before,
+    a 65-character ID failed every patient of the burst it was searched with (the hub refuses
+    the batched search), and a NUL became part of the patient ID and the dedup key."""
+    for name, value in identifiers.items():
+        problem = identifier_problem(value)
+        if problem is not None:
+            raise Refusal("AE", "102", f"{name} {problem}")
 
 
 def _procedure(group: hl7.Message, kind: str) -> tuple[str, str]:
