@@ -74,18 +74,38 @@ SAMES = ("any", "modality")
 
 
 def _patients(body: Any, key: str = "patients") -> list[dict[str, Any]] | str:
+    """The patients of a search or priors request, or the 422's detail naming what is wrong:
+    the list itself, else the first bad entry and its field
+    (``patients[3].patient_id: at most 64 characters (it has 65)``). One message for the
+    whole list named no entry: a site could not tell which of its burst's orders was
+    refused. An entry of the wrong shape keeps the list's message, the entry named after it."""
     patients = body.get(key) if isinstance(body, dict) else None
-    if not isinstance(patients, list) or len(patients) > MAX_SEARCHES or not all(
-            isinstance(p, dict) and isinstance(p.get("patient_id"), str)
-            and 0 < len(p["patient_id"]) <= 64
-            and isinstance(p.get("issuer", ""), str) and len(p.get("issuer", "")) <= 64
-            for p in patients):
-        return (f"{key}: must be a list of at most {MAX_SEARCHES} objects "
-                "{\"patient_id\", \"issuer\"}")
+    shape = (f"{key}: must be a list of at most {MAX_SEARCHES} objects "
+             "{\"patient_id\", \"issuer\"}")
+    if not isinstance(patients, list) or len(patients) > MAX_SEARCHES:
+        return shape
     for n, patient in enumerate(patients):
-        if (wildcard := _wildcard(patient, f"{key}[{n}].")) is not None:
-            return wildcard
+        if (problem := _patient(patient, f"{key}[{n}]")) is not None:
+            message, wrong_shape = problem
+            return f"{shape} ({message})" if wrong_shape else message
     return patients
+
+
+def _patient(patient: Any, where: str) -> tuple[str, bool] | None:
+    """Why one patient entry (``where`` names it) cannot be searched, and whether that is its
+    shape (not an object, a field missing or not a text) rather than its values; None when
+    it can be."""
+    if not isinstance(patient, dict):
+        return f"{where}: not an object", True
+    for field, required in (("patient_id", True), ("issuer", False)):
+        value = patient.get(field, None if required else "")
+        if not isinstance(value, str) or (required and not value):
+            return (f"{where}.{field}: must be "
+                    + ("a non-empty text" if required else "a text")), True
+        if len(value) > 64:  # DICOM LO: the archive is searched by it
+            return f"{where}.{field}: at most 64 characters (it has {len(value)})", False
+    wildcard = _wildcard(patient, f"{where}.")
+    return (wildcard, False) if wildcard is not None else None
 
 
 def _wildcard(patient: dict[str, Any], where: str) -> str | None:
@@ -209,7 +229,7 @@ def priors_routes(hub: Hub) -> list[BaseRoute]:
             return body
         patients = _patients(body)
         if isinstance(patients, str):
-            log.warning("search refused for %s: bad patients", request.state.site)
+            log.warning("search refused for %s: %s", request.state.site, patients)
             return problem(422, "bad_request", patients)
         # "features": what a site may ask of this hub's downloads (an older hub says none).
         if not patients:
@@ -291,11 +311,14 @@ def priors_routes(hub: Hub) -> list[BaseRoute]:
             try:
                 async for patient in lines:
                     where = f"patients[{n}]."
-                    checked = _patients({"patients": [patient]})
-                    wish = _wish(patient, where) if not isinstance(checked, str) else \
-                        f"{where[:-1]}: must be an object {{\"patient_id\", \"issuer\"?, ...}}"
-                    if isinstance(checked, str) and "wildcards" in checked:
-                        wish = checked.replace("patients[0].", where)
+                    checked = _patient(patient, where[:-1])
+                    if checked is None:
+                        wish = _wish(patient, where)
+                    elif checked[1]:  # its shape: the entry named, then what is wrong
+                        wish = (f"{where[:-1]}: must be an object {{\"patient_id\", "
+                                f"\"issuer\"?, ...}} ({checked[0]})")
+                    else:
+                        wish = checked[0]
                     if isinstance(wish, str):
                         raise ValueError(wish)
                     if n >= MAX_SEARCHES:

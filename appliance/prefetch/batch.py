@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from appliance.prefetch.identifiers import identifier_problem
 from appliance.transfer.download import (
     BatchUnavailable,
     DownloadItem,
@@ -311,22 +312,29 @@ class DownloadBatcher:
 WILDCARDS = ("*", "?", "\\")
 
 
-class NotOnePatient(ValueError):
-    """A patient_id or issuer that would match more than one patient: refused on the site,
-    alone, before it joins a batch (the hub refuses the whole batched request with a 422, and
-    every patient of the burst failed with it)."""
+class Unsearchable(ValueError):
+    """A patient_id or issuer the region cannot be searched by: one that would match more
+    than one patient (a wildcard), or that is no DICOM LO value (over 64 characters, a
+    control character). Refused on the site, alone, before it joins a batch: the hub refuses
+    the whole batched request with a 422, and every patient of the burst failed with it.
+    Another try would search the same: the request fails at its first."""
 
 
-def refuse_wildcards(patient_id: str, issuer: str) -> None:
-    """Raise :class:`NotOnePatient` naming the field and the character, if either holds a
-    wildcard."""
+def refuse_unsearchable(patient_id: str, issuer: str) -> None:
+    """Raise :class:`Unsearchable` naming the field and what is wrong with it (the wildcard
+    character, the length, the control character), if either cannot be searched by."""
     for name, value in (("patient_id", patient_id), ("issuer", issuer)):
         for char in WILDCARDS:
             if char in (value or ""):
-                raise NotOnePatient(
+                raise Unsearchable(
                     f"{name} {value!r} holds {char!r}: wildcards (* ?) and \\ are not searched "
                     f"for priors (they would match other patients' studies); correct the "
                     f"{name} at the RIS or worklist")
+        problem = identifier_problem(value or "")
+        if problem is not None:
+            # Not quoted: 65 characters or more, or a control character, in a log line.
+            raise Unsearchable(f"{name} {problem}; not searched for priors (no study can "
+                               f"carry it); correct the {name} at the RIS or worklist")
 
 
 @dataclass
@@ -363,9 +371,9 @@ class SearchBatcher:
 
     def search(self, patient_id: str, issuer: str) -> list[dict[str, Any]]:
         """The patient's studies; raises DownloadUnavailable (the hub has no such search: use
-        QIDO-RS), :class:`NotOnePatient` (alone: the others of the batch go on) or the error
+        QIDO-RS), :class:`Unsearchable` (alone: the others of the batch go on) or the error
         of this patient's search."""
-        refuse_wildcards(patient_id, issuer)
+        refuse_unsearchable(patient_id, issuer)
         wanted = _Search(patient_id, issuer)
         with self.cond:
             self.pending.append(wanted)

@@ -30,10 +30,10 @@ from appliance.ingest.receive import Receiver
 from appliance.prefetch import rules as prefetch_rules
 from appliance.prefetch.batch import (
     DownloadBatcher,
-    NotOnePatient,
     SearchBatcher,
     Ticket,
-    refuse_wildcards,
+    Unsearchable,
+    refuse_unsearchable,
 )
 from appliance.prefetch.priors import PriorsBatcher, PriorsRefused, PriorsUnavailable, patient_key
 from appliance.prefetch.rules import Candidate
@@ -146,9 +146,10 @@ class PriorsFetcher:
                             "link (next try in %.0f s, not counted as an attempt): %s",
                             request_id, request["patient_id"], self.config.retry_after_s, exc)
                 return
-            # An ID that names no one patient fails for good: another try searches the same
-            # (an ADT merge or a corrected order makes the request pending again).
-            attempts = 0 if isinstance(exc, NotOnePatient) else self.config.max_attempts
+            # An ID that names no one patient, or that the region cannot be searched by,
+            # fails for good: another try searches the same (an ADT merge or a corrected
+            # order makes the request pending again).
+            attempts = 0 if isinstance(exc, Unsearchable) else self.config.max_attempts
             state = store.fail_attempt(self.db, request_id, str(exc), attempts,
                                        now() + self.config.retry_after_s, request)
             log.warning("prefetch %d for %s: %s (%s)", request_id, request["patient_id"], exc,
@@ -189,8 +190,9 @@ class PriorsFetcher:
         try:
             # Refused here, alone (and a priors request gathering this burst waits for it no
             # longer): in a batched search or priors request the hub's 422 failed every
-            # patient of the burst with it, and QIDO-RS would match other patients.
-            refuse_wildcards(request["patient_id"], issuer)
+            # patient of the burst with it (a wildcard, an ID over 64 characters), and
+            # QIDO-RS would match other patients.
+            refuse_unsearchable(request["patient_id"], issuer)
             resolved = self._priors_in_one_request(request, rule, issuer, current)
         finally:
             self.priors.not_joining(request_id)  # joined and answered, or the two-step path
