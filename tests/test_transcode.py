@@ -23,11 +23,14 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.filereader import read_file_meta_info
+from pydicom.pixels import pixel_array
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
     JPEGLSLossless,
     RLELossless,
     SecondaryCaptureImageStorage,
@@ -67,7 +70,12 @@ def whole_decode(path: Path, syntax: str) -> bytes:
     ds = dcmread(path)
     stored = ds.file_meta.TransferSyntaxUID
     if stored.is_compressed:
-        ds.decompress(generate_instance_uid=False)
+        # The samples stored (a YBR_FULL image stays YBR_FULL); only the lossy JPEG
+        # processes' colour goes RGB, as decompress() gives it by default.
+        ds.decompress(as_rgb=stored in (JPEGBaseline8Bit, JPEGExtended12Bit),
+                      generate_instance_uid=False)
+        if ds.PhotometricInterpretation == "YBR_FULL_422":  # upsampled by the decoder
+            ds.PhotometricInterpretation = "YBR_FULL"
     elif not stored.is_little_endian:
         _swap_to_little_endian(ds)
     ds.file_meta.TransferSyntaxUID = syntax
@@ -166,6 +174,40 @@ def _first_frames(path: Path, name: str, frames: int) -> Path:
     return path
 
 
+def rle_ybr_full(path: Path, frames: int = 2) -> Path:
+    """RLE Lossless colour stored as YBR_FULL (PS3.5 8.2.2 allows it): pydicom's
+    SC_ybr_full_uncompressed given ``frames`` frames (each after the first its samples
+    inverted, a YBR value outside the RGB gamut among them), compressed by pydicom."""
+    ds = dcmread(_testdata("SC_ybr_full_uncompressed.dcm"))
+    one = np.frombuffer(ds.PixelData, dtype=np.uint8).reshape(ds.Rows, ds.Columns, 3)
+    stack = np.stack([one if n % 2 == 0 else 255 - one for n in range(frames)])
+    stack[0, 0, 0] = (255, 0, 0)  # Y 255 with Cb 0: no RGB colour has it
+    ds.NumberOfFrames = frames
+    ds.PixelData = stack.tobytes()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.compress(RLELossless, generate_instance_uid=False)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_a_lossless_ybr_full_copy_keeps_its_samples(tmp_path: Path) -> None:
+    """An RLE YBR_FULL image copied to Explicit VR LE holds the very samples stored, still
+    YBR_FULL: it was converted to RGB (decompress()'s default), and 10 % of the samples
+    could not be got back (review s40/bitexact finding 1). The lossy JPEG baseline YBR
+    image still goes RGB, as every decoder gives it."""
+    source = rle_ybr_full(tmp_path / "rle-ybr.dcm")
+    spool = Spool(tmp_path / "spool", fsync=False)
+    with open_transcoded(spool, source, EXPLICIT) as handle:
+        got = dcmread(io.BytesIO(handle.read()))
+    assert got.PhotometricInterpretation == "YBR_FULL"
+    assert got.file_meta.TransferSyntaxUID == EXPLICIT
+    assert np.array_equal(pixel_array(got, as_rgb=False),
+                          pixel_array(str(source), as_rgb=False))
+    baseline = _first_frames(tmp_path / "ybr.dcm", "color3d_jpeg_baseline.dcm", 1)
+    with open_transcoded(spool, baseline, EXPLICIT) as handle:
+        assert dcmread(io.BytesIO(handle.read())).PhotometricInterpretation == "RGB"
+
+
 def _temp_bytes(spool: Spool) -> list[Path]:
     """Temp files with bytes (the empty ones are created ahead for the next writes)."""
     return [p for p in spool.tmp.glob("*") if p.stat().st_size]
@@ -182,6 +224,7 @@ CASES = {
     "rle-rgb": lambda d: _compressed(
         d / "rle-rgb.dcm", RLELossless, _smooth((3, 40, 50, 3), 2, 256).astype(np.uint8),
         bits_stored=8, samples=3),
+    "rle-ybr-full": lambda d: rle_ybr_full(d / "rle-ybr.dcm"),
     "jpeg-ls": lambda d: _compressed(
         d / "jls.dcm", JPEGLSLossless, _smooth((4, 100, 120), 3, 4096).astype("<u2"),
         bits_stored=12),

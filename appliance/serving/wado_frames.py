@@ -50,6 +50,7 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.encaps import get_frame
 from pydicom.pixels import pixel_array
+from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID
 
 from appliance.serving.wado_media import (
@@ -57,10 +58,13 @@ from appliance.serving.wado_media import (
     EXPLICIT_LE,
     IMPLICIT_LE,
     PIXEL_DATA,
+    PIXEL_TAGS,
     HttpProblem,
+    _bulk_vr,
     _deferred_range,
     _media_ranges,
 )
+from appliance.store.transcode import decoded_as_rgb, swap_bytes, word_size
 
 OCTETS = "application/octet-stream"
 # PS3.18 Table 8.7.3-5: media type -> its transfer syntaxes, the default (D) first.
@@ -206,9 +210,13 @@ def open_frames(path: Path, numbers: list[int],
     frame (an HttpProblem then can still be the answer's status); the choice is made on the
     syntax the file is in. Native frames are read where they lie, compressed ones sent as
     stored are read fragment by fragment from the file, decoded ones decoded one by one:
-    a frame of a 300 MB multi-frame never takes the whole Pixel Data into memory."""
+    a frame of a 300 MB multi-frame never takes the whole Pixel Data into memory.
+
+    The pixels are whichever of Pixel Data, Float Pixel Data and Double Float Pixel Data the
+    instance has (a parametric map has only a float one: it was a 404 "no pixel data")."""
     ds = dcmread(path, defer_size=BULK_THRESHOLD)
-    if "PixelData" not in ds:
+    tag = next((t for t in PIXEL_TAGS if t in ds), None)
+    if tag is None:
         raise HttpProblem(404, "the instance has no pixel data")
     count = int(ds.get("NumberOfFrames", 1) or 1)
     if max(numbers) > count:
@@ -217,19 +225,55 @@ def open_frames(path: Path, numbers: list[int],
     answer = accept.choose(str(stored))
     if answer.syntax is not None:
         return answer, _stored_frames(path, ds, count, numbers)
-    if stored.is_compressed or not stored.is_little_endian:
-        # Big endian pixels are swapped by the decoding: they went out as stored, under a
-        # part that says little endian.
-        return answer, _decoded_frames(path, numbers)
-    size = ds.Rows * ds.Columns * ds.SamplesPerPixel * ds.BitsAllocated // 8
-    where = None if stored.is_deflated else _deferred_range(ds, PIXEL_DATA)
+    if stored.is_compressed:
+        return answer, _decoded_frames(path, numbers, decoded_as_rgb(stored),
+                                       int(ds.BitsAllocated) == 1)
+    size = frame_bits(ds, count)
+    raw = ds.get_item(tag, keep_deferred=True)
+    value = getattr(raw, "value", None)  # None: deferred (not read)
+    length = int(raw.length) if value is None else len(value)
+    # Big endian: each word's bytes reversed as they are read, as transcode.py copies the
+    # value; the part says little endian. (pydicom decoded them before, and its per-frame
+    # decode of 1-bit pixels fails on frames that are not whole bytes.)
+    word = 1 if stored.is_little_endian else word_size(
+        _bulk_vr(ds, tag, raw.VR), tag, int(ds.BitsAllocated), length)
+    where = None if stored.is_deflated else _deferred_range(ds, tag)
     if where is None:  # small enough to have been read, or deflated
         # A deflated file's offsets are in its inflated stream, not in the file: its frames
         # were read at the wrong place (a 500, or other bytes under a 200). Inflated whole,
         # as every reading of it is (ingest refuses one inflating past 256 MB).
-        pixels = dcmread(path).PixelData if stored.is_deflated else ds.PixelData
-        return answer, iter([pixels[(n - 1) * size:n * size] for n in numbers])
-    return answer, _native_frames(path, *where, size, numbers)
+        pixels = (dcmread(path) if stored.is_deflated else ds)[tag].value
+        if word > 1:
+            pixels = swap_bytes(pixels, word)
+        return answer, iter([_frame_of(pixels, (n - 1) * size, size) for n in numbers])
+    return answer, _native_frames(path, *where, size, numbers, word)
+
+
+def frame_bits(ds: Any, count: int) -> int:
+    """The length of one native frame in bits. Frames follow each other with no padding
+    (PS3.5 8.1.1): at Bits Allocated 1 frame n starts at bit (n-1)*Rows*Columns, mid-byte
+    whenever that is not a multiple of 8 (a 5x5 SEG frame is 25 bits: cut at 3 bytes, each
+    frame after the first was shifted, the first lost a pixel). Otherwise pydicom's
+    ``get_expected_length`` over the frames, which knows that native YBR_FULL_422 takes two
+    bytes a pixel, not three (PS3.3 C.7.6.3.1.2: frame 1 came with half of frame 2)."""
+    bits = int(ds.BitsAllocated)
+    if bits == 1:
+        return int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
+    if "PhotometricInterpretation" not in ds:  # get_expected_length reads it
+        return int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) * bits
+    return int(get_expected_length(ds, "bytes")) // count * 8
+
+
+def _frame_of(data: bytes, first: int, size: int) -> bytes:
+    """The ``size`` bits of ``data`` from bit ``first``, repacked from bit 0 (the first
+    pixel in the least significant bit, PS3.5 8.1.1) into whole bytes, the last one's unused
+    bits zero; a plain byte slice when the frame lies on whole bytes. Bits past the end of
+    ``data`` are not there to give: the frame comes short, as a byte slice does."""
+    if first % 8 == 0 and size % 8 == 0:
+        return bytes(data[first // 8:(first + size) // 8])
+    chunk = np.frombuffer(bytes(data[first // 8:-(-(first + size) // 8)]), dtype=np.uint8)
+    bits = np.unpackbits(chunk, bitorder="little")[first % 8:first % 8 + size]
+    return np.packbits(bits, bitorder="little").tobytes()
 
 
 def _stored_frames(path: Path, ds: Any, count: int, numbers: list[int]) -> Iterator[bytes]:
@@ -250,23 +294,40 @@ def _stored_frames(path: Path, ds: Any, count: int, numbers: list[int]) -> Itera
             yield get_frame(source, n - 1, number_of_frames=count, extended_offsets=extended)
 
 
-def _native_frames(path: Path, offset: int, length: int, size: int,
-                   numbers: list[int]) -> Iterator[bytes]:
-    """Frames of native Pixel Data (``length`` bytes at ``offset``) read where they lie. A
-    file shorter than its Pixel Data says is an error, not a short frame sent as whole."""
+def _native_frames(path: Path, offset: int, length: int, size: int, numbers: list[int],
+                   word: int = 1) -> Iterator[bytes]:
+    """Frames of native pixels (``length`` bytes at ``offset``, each frame ``size`` bits)
+    read where they lie: the bytes that hold the frame's bits (whole ``word``-byte words,
+    reversed, when stored big endian), repacked when the frame does not start and end on
+    whole bytes (:func:`_frame_of`). A file shorter than its Pixel Data says is an error,
+    not a short frame sent as whole."""
     with open(path, "rb") as handle:
         for n in numbers:
-            start = min((n - 1) * size, length)
-            wanted = min(size, length - start)
+            first = (n - 1) * size
+            start = min(first // 8, length)
+            start -= start % word
+            stop = min(-(-(first + size) // 8), length)
+            stop = min(-(-stop // word) * word, length)
             handle.seek(offset + start)
-            frame = handle.read(wanted)
-            if len(frame) < wanted:
-                raise OSError(f"{path.name}: frame {n} is {wanted - len(frame)} bytes short "
-                              "(the file is shorter than its Pixel Data)")
-            yield frame
+            frame = handle.read(stop - start)
+            if len(frame) < stop - start:
+                raise OSError(f"{path.name}: frame {n} is {stop - start - len(frame)} bytes "
+                              "short (the file is shorter than its Pixel Data)")
+            if word > 1:
+                frame = swap_bytes(frame, word)
+            yield _frame_of(frame, first - start * 8, size)
 
 
-def _decoded_frames(path: Path, numbers: list[int]) -> Iterator[bytes]:
+def _decoded_frames(path: Path, numbers: list[int], as_rgb: bool,
+                    one_bit: bool) -> Iterator[bytes]:
+    """Frames decoded by pydicom (stored compressed), as the samples stored:
+    ``as_rgb`` only for the lossy JPEG processes (``transcode.decoded_as_rgb``; pydicom's
+    default converted a lossless YBR_FULL image to RGB, which its samples cannot be got
+    back from). 1-bit pixels, one a byte in the array, are packed again as they are stored
+    (eight a byte, the first in the least significant bit)."""
     for n in numbers:
-        array = pixel_array(str(path), index=n - 1)
-        yield np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
+        array = pixel_array(str(path), index=n - 1, as_rgb=as_rgb)
+        if one_bit:
+            yield np.packbits(array.ravel().astype(np.uint8), bitorder="little").tobytes()
+        else:
+            yield np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()

@@ -21,13 +21,18 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut, iter_pixels, pixel
 from pydicom.uid import UID
 
 from appliance.serving.dicom_json import dataset_json
+from appliance.store.transcode import decoded_as_rgb, swap_bytes, swap_words, word_size
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
 PIXEL_DATA = 0x7FE00010
+# Pixel Data, Float Pixel Data, Double Float Pixel Data: an image has one of them.
+PIXEL_TAGS = (PIXEL_DATA, 0x7FE00008, 0x7FE00009)
 # Top-level values of these VRs longer than this go by BulkDataURI in metadata (PS3.18 F.2.7).
 BULK_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
 BULK_THRESHOLD = 1024
+# A big endian value is swapped this many bytes at a time (a whole number of any word).
+SWAP_CHUNK = 1 << 20
 UNDEFINED_LENGTH = 0xFFFFFFFF
 # A frame number given with more digits than any frame count has (it can only be refused).
 _HUGE_FRAME = 2**63
@@ -296,7 +301,10 @@ def render(path: Path, frame: int, media: str, viewport: tuple[int, int] | None,
     if not 1 <= frame <= count:
         raise HttpProblem(404, f"frame {frame} asked, the instance has {count}")
     syntax = UID(ds.file_meta.get("TransferSyntaxUID", ""))
-    array = pixel_array(dcmread(path) if syntax.is_deflated else str(path), index=frame - 1)
+    # A picture for display, not a DICOM copy: colour goes RGB (YBR converted), as a
+    # browser shows it; the copies keep the samples stored (decoded_as_rgb).
+    array = pixel_array(dcmread(path) if syntax.is_deflated else str(path), index=frame - 1,
+                        as_rgb=True)
     if ds.get("SamplesPerPixel", 1) == 1:
         array = apply_modality_lut(array, ds).astype(np.float64)
         if window is not None:
@@ -341,6 +349,15 @@ def metadata_item(path: Path, base: str, transfer_syntax: str | None = None) -> 
              for tag, vr in bulk.items()}
     if transfer_syntax:
         extra["00020010"] = {"vr": "UI", "Value": [transfer_syntax]}
+    if not UID(ds.file_meta.get("TransferSyntaxUID", EXPLICIT_LE)).is_little_endian:
+        # InlineBinary is little endian: application/dicom+json's transfer-syntax parameter
+        # names the syntax of its binary values and defaults to Explicit VR Little Endian
+        # (PS3.18 F.2.7, the media type's registration), and this answer names none. A big
+        # endian object's OW/OF/OD/OL/OV values went as stored (a float read back as
+        # 1e-23 for 0.66): their words are swapped as transcode.py swaps them.
+        bits = int(ds.get("BitsAllocated", 16) or 16)
+        for tag in list(ds.keys()):
+            swap_words(ds[tag], bits)
     return dataset_json(ds, extra)
 
 
@@ -359,15 +376,66 @@ def _bulk_vr(ds: Any, tag: int, vr: str | None) -> str:
 class DecodedPixels:
     """Compressed Pixel Data served as /frames gives it (little-endian native pixels), every
     frame in order, decoded one at a time as the answer is sent: decoded whole, a 300 MB RLE
-    multi-frame held its array and two copies of it. ``size``: the bytes it makes."""
+    multi-frame held its array and two copies of it. ``size``: the bytes it makes.
+    ``as_rgb``: colour converted to RGB (only for the lossy JPEG processes,
+    ``transcode.decoded_as_rgb``: otherwise the samples stored, a YBR_FULL image's included).
+    ``one_bit``: 1-bit pixels, packed again eight a byte as they are stored, the frames with
+    no padding between them (PS3.5 8.1.1)."""
 
-    def __init__(self, path: Path, size: int):
+    def __init__(self, path: Path, size: int, as_rgb: bool = False, one_bit: bool = False):
         self.path = path
         self.size = size
+        self.as_rgb = as_rgb
+        self.one_bit = one_bit
 
     def chunks(self) -> Iterator[bytes]:
-        for array in iter_pixels(str(self.path)):
+        if self.one_bit:
+            yield from self._packed()
+            return
+        for array in iter_pixels(str(self.path), as_rgb=self.as_rgb):
             yield np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
+
+    def _packed(self) -> Iterator[bytes]:
+        """The frames' bits one after the other: the bits of a frame left over past its last
+        whole byte start the next one's first byte."""
+        left = np.zeros(0, dtype=np.uint8)
+        for array in iter_pixels(str(self.path)):
+            bits = np.concatenate([left, array.ravel().astype(np.uint8)])
+            whole = len(bits) - len(bits) % 8
+            left = bits[whole:]
+            yield np.packbits(bits[:whole], bitorder="little").tobytes()
+        if len(left):
+            yield np.packbits(left, bitorder="little").tobytes()
+
+
+class SwappedValue(DecodedPixels):
+    """A big endian value of ``length`` bytes at ``offset``, its ``word``-byte words reversed
+    a chunk at a time as it is sent (bounded memory, as the value streamed from the file)."""
+
+    def __init__(self, path: Path, offset: int, length: int, word: int):
+        super().__init__(path, length)
+        self.offset, self.word = offset, word
+
+    def chunks(self) -> Iterator[bytes]:
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset)
+            left = self.size
+            while left:
+                data = handle.read(min(SWAP_CHUNK, left))
+                if not data or len(data) % self.word:
+                    raise OSError(f"{self.path.name}: the file ends {left} bytes short of a "
+                                  "value")
+                left -= len(data)
+                yield swap_bytes(data, self.word)
+
+
+def decoded_size(ds: Any) -> int:
+    """The bytes :class:`DecodedPixels` makes of ``ds``'s pixels: every sample at full
+    resolution (a decoder upsamples YBR_FULL_422), 1-bit ones packed across frames."""
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) * frames
+    bits = int(ds.BitsAllocated)
+    return -(-samples // 8) if bits == 1 else samples * (bits // 8)
 
 
 def read_bulkdata(path: Path, tag: int) -> bytes | tuple[int, int] | DecodedPixels:
@@ -375,27 +443,33 @@ def read_bulkdata(path: Path, tag: int) -> bytes | tuple[int, int] | DecodedPixe
     little-endian native pixels when stored compressed, as /frames gives them). A large value
     stored as it is served is not read: (file offset, length) instead, for the caller to
     stream from the file (a 300 MB Pixel Data took the daemon up by 1.2 GB); compressed Pixel
-    Data is a :class:`DecodedPixels`, decoded a frame at a time as it is sent; so is big
-    endian Pixel Data (its bytes went out unswapped, as little endian). A deflated file is
-    read inflated: the offsets of its values are in the inflated stream, not the file, and
-    its Pixel Data was streamed from the wrong place (the answer cut, or other bytes)."""
+    Data is a :class:`DecodedPixels`, decoded a frame at a time as it is sent. A big endian
+    object's word values (OW, OF, OD...: Float Pixel Data as much as Pixel Data) are made
+    little endian as transcode.py makes them, a large one as it is sent
+    (:class:`SwappedValue`): they went out as stored, or, Pixel Data, decoded by pydicom (a
+    YBR_FULL image converted to RGB, 1-bit frames unpacked). A deflated file is read
+    inflated: the offsets of its values are in the inflated stream, not the file, and its
+    Pixel Data was streamed from the wrong place (the answer cut, or other bytes)."""
     ds = dcmread(path, defer_size=BULK_THRESHOLD)
     if tag not in ds:
         raise HttpProblem(404, f"the instance has no attribute {tag:08X}")
     syntax = ds.file_meta.TransferSyntaxUID
     if syntax.is_deflated:
         ds = dcmread(path)  # inflated whole, as ingest allows it (at most 256 MB)
-    decoded_pixels = tag == PIXEL_DATA and (syntax.is_compressed or not syntax.is_little_endian)
-    if not decoded_pixels and not syntax.is_deflated:
+    if tag == PIXEL_DATA and syntax.is_compressed:
+        return DecodedPixels(path, decoded_size(ds), decoded_as_rgb(syntax),
+                             int(ds.BitsAllocated) == 1)
+    bits = int(ds.get("BitsAllocated", 16) or 16)
+    if not syntax.is_deflated:
         raw = ds.get_item(tag, keep_deferred=True)
         where = _deferred_range(ds, tag)
-        if where is not None and _bulk_vr(ds, tag, raw.VR) in BULK_VRS:
-            return where
-    if decoded_pixels:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        per_frame = ds.Rows * ds.Columns * ds.SamplesPerPixel * ds.BitsAllocated // 8
-        return DecodedPixels(path, frames * per_frame)
-    value = ds[tag].value
-    if not isinstance(value, bytes | bytearray):
+        vr = _bulk_vr(ds, tag, raw.VR)
+        if where is not None and vr in BULK_VRS:
+            word = 1 if syntax.is_little_endian else word_size(vr, tag, bits, where[1])
+            return where if word == 1 else SwappedValue(path, *where, word)
+    elem = ds[tag]
+    if not isinstance(elem.value, bytes | bytearray):
         raise HttpProblem(404, f"attribute {tag:08X} is not bulk data")
-    return bytes(value)
+    if not syntax.is_little_endian:
+        swap_words(elem, bits)
+    return bytes(elem.value)

@@ -16,11 +16,15 @@ Endian object is first inflated a megabyte at a time into a spool temp file of i
 (:mod:`appliance.store.inflate`; its room reserved as it grows, removed with the copy, or
 when the copy fails), then read from there like any explicit
 little endian one: pydicom inflated it whole, in memory. The result is, byte for byte,
-what pydicom's whole-object decode gives (``decompress(generate_instance_uid=False)``, or
-the word swap the dicom destination did, then ``save_as(enforce_file_format=True)``): the
-same writer writes it, from a dataset prepared as ``decompress`` prepares it (Photometric
-Interpretation, Planar Configuration, Number of Frames, Pixel Data OB/OW of defined length).
-The SOP Instance UID is kept: it is the same instance in another syntax.
+what pydicom's whole-object decode gives (``decompress(as_rgb=False,
+generate_instance_uid=False)``, or the word swap the dicom destination did, then
+``save_as(enforce_file_format=True)``): the same writer writes it, from a dataset prepared
+as ``decompress`` prepares it (Photometric Interpretation, Planar Configuration, Number of
+Frames, Pixel Data OB/OW of defined length). The SOP Instance UID is kept: it is the same
+instance in another syntax. A lossless copy holds the very samples stored: a colour image
+keeps its YBR_FULL (``as_rgb=False``; ``decompress()``'s default converted it to RGB, not
+losslessly); only the lossy JPEG processes' colour goes RGB, as before
+(:func:`decoded_as_rgb`). Samples a decoder upsampled from YBR_FULL_422 are YBR_FULL.
 
 Large values of other VRs are copied from the file too where pydicom's writer writes the
 bytes read unchanged (:func:`_as_read`): a UN value that stays UN (a private element pydicom
@@ -63,7 +67,13 @@ from pydicom.filewriter import dcmwrite
 from pydicom.hooks import hooks
 from pydicom.pixels import get_decoder
 from pydicom.pixels.utils import as_pixel_options
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+)
 from pydicom.valuerep import BUFFERABLE_VRS, VR
 
 from appliance.store import inflate as inflating
@@ -77,6 +87,8 @@ TARGETS = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
 # Values made of words whose bytes a big endian encoding reverses: VR -> word size.
 WORD_SIZE = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
 WRITE_BUFFER = 1 << 20
+# The lossy JPEG processes whose colour pixels are decoded to RGB (see decoded_as_rgb).
+LOSSY_RGB = frozenset({str(JPEGBaseline8Bit), str(JPEGExtended12Bit)})
 
 
 class TranscodeError(Exception):
@@ -233,7 +245,7 @@ def _prepare(ds: FileDataset, fd: int, syntax: UID) -> None:
             even = raw.length != UNDEFINED_LENGTH and raw.length % 2 == 0
             vr = _vr(raw) if even else None
             if vr in BUFFERABLE_VRS:
-                word = _word(vr, tag, bits, raw.length) if swap else 1
+                word = word_size(vr, tag, bits, raw.length) if swap else 1
                 _replace(ds, DataElement(tag, vr, _FileRange(fd, raw.value_tell,
                                                              raw.length, word)))
                 continue
@@ -247,7 +259,7 @@ def _prepare(ds: FileDataset, fd: int, syntax: UID) -> None:
             # it: a UN given its dictionary VR); the writer converts it if it must.
             _replace(ds, read_deferred_data_element(open, ds.filename, None, raw))
         if swap:
-            _swap_words(ds[tag], bits)  # read, converted while the encoding is big endian
+            swap_words(ds[tag], bits)  # read, converted while the encoding is big endian
     if swap:
         # What the dicom destination's swap did (every element converted, word values
         # swapped): the dataset is little endian now.
@@ -313,15 +325,16 @@ def _vr(raw: RawDataElement) -> str | None:
         return None  # private, unknown: see _as_read
 
 
-def _word(vr: str, tag: int, bits: int, length: int) -> int:
-    """Bytes swapped together when a big endian value is made little endian (1: none)."""
+def word_size(vr: str, tag: int, bits: int, length: int) -> int:
+    """Bytes swapped together when a big endian value is made little endian (1: none); also
+    what WADO-RS swaps a big endian object's frames, bulk data and InlineBinary by."""
     size = WORD_SIZE.get(vr, 1)
     if tag == PIXEL_DATA and size == 2 and bits in (32, 64):
         size = bits // 8  # pixel cells wider than a word
     return 1 if length % size else size  # malformed length: left as it is rather than guessed
 
 
-def _swap_words(elem: DataElement, bits: int) -> None:
+def swap_words(elem: DataElement, bits: int) -> None:
     """An element read from a big endian dataset, made little endian: the word values
     pydicom keeps as bytes are swapped (in sequences too)."""
     elements = [elem]
@@ -330,22 +343,49 @@ def _swap_words(elem: DataElement, bits: int) -> None:
     for element in elements:
         value = element.value
         if str(element.VR) in WORD_SIZE and isinstance(value, bytes | bytearray):
-            size = _word(str(element.VR), int(element.tag), bits, len(value))
+            size = word_size(str(element.VR), int(element.tag), bits, len(value))
             if size > 1:
-                element.value = (np.frombuffer(value, dtype=f">u{size}")
-                                 .astype(f"<u{size}").tobytes())
+                element.value = swap_bytes(value, size)
+
+
+def swap_bytes(data: bytes | bytearray, word: int) -> bytes:
+    """``data`` (a whole number of ``word``-byte words) with each word's bytes reversed: a
+    big endian value made little endian."""
+    return np.frombuffer(data, dtype=f">u{word}").astype(f"<u{word}").tobytes()
+
+
+def decoded_as_rgb(syntax: str) -> bool:
+    """Whether the decoded pixels of a colour image stored in ``syntax`` are converted to RGB
+    (pydicom's ``as_rgb``): only for the lossy JPEG processes (baseline, extended), whose
+    YCbCr samples are a lossy coding's output anyway and which every decoder, pydicom's
+    ``decompress()`` included, hands out as RGB. Everywhere else the samples decoded are
+    the ones stored: a lossless RLE (or JPEG-LS, JPEG lossless) YBR_FULL image converted to
+    RGB lost up to 3 levels in 10 % of its samples (up to 114 outside the RGB gamut), a
+    lossy colour conversion nobody asked for (invariant 4; review s40/bitexact finding 1).
+    JPEG 2000's RCT/ICT is undone by the codec itself: its pixels are RGB either way."""
+    return str(syntax) in LOSSY_RGB
+
+
+def decoded_photometric(properties: dict[str, Any]) -> str:
+    """The Photometric Interpretation of pixels as pydicom's decoders give them: theirs,
+    except YBR_FULL_422, which they report for samples they have already upsampled to full
+    resolution (three bytes a pixel): YBR_FULL is what those samples are (PS3.3
+    C.7.6.3.1.2)."""
+    photometric = str(properties["photometric_interpretation"])
+    return "YBR_FULL" if photometric == "YBR_FULL_422" else photometric
 
 
 def _decompress(ds: Dataset) -> int:
-    """Prepare ``ds`` as pydicom's ``decompress(generate_instance_uid=False)`` leaves it,
-    its Pixel Data a stream of frames decoded as they are read; the decoded length."""
+    """Prepare ``ds`` as pydicom's ``decompress(as_rgb=..., generate_instance_uid=False)``
+    leaves it (``as_rgb`` from :func:`decoded_as_rgb`), its Pixel Data a stream of frames
+    decoded as they are read; the decoded length."""
     stored = UID(ds.file_meta.TransferSyntaxUID)
     decoder = get_decoder(stored)
     if not decoder.is_available:
         missing = "; ".join(decoder.missing_dependencies)
         raise TranscodeError(f"no decoder for {stored.name} ({missing})")
     count = int(as_pixel_options(ds)["number_of_frames"])
-    frames = decoder.iter_array(ds, as_rgb=True)  # what decompress() asks
+    frames = decoder.iter_array(ds, as_rgb=decoded_as_rgb(stored))
     first, properties = next(frames)
     stream = _Frames(first.tobytes(), properties, frames, count)
     elem = ds["PixelData"]
@@ -353,7 +393,7 @@ def _decompress(ds: Dataset) -> int:
     elem.is_undefined_length = False
     elem.VR = VR.OB if ds.BitsAllocated <= 8 else VR.OW
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.PhotometricInterpretation = properties["photometric_interpretation"]
+    ds.PhotometricInterpretation = decoded_photometric(properties)
     if int(properties["samples_per_pixel"]) > 1:
         ds.PlanarConfiguration = properties["planar_configuration"]
     if "NumberOfFrames" in ds or count > 1:
@@ -426,8 +466,7 @@ class _FileRange(_ValueStream):
             raise OSError(f"the stored file ends {stop - start - len(data)} bytes short of "
                           "a value")
         if self._word > 1:
-            data = np.frombuffer(data, dtype=f">u{self._word}").astype(
-                f"<u{self._word}").tobytes()
+            data = swap_bytes(data, self._word)
         chunk = data[self._position - start:end - start]
         self._position = end
         return chunk
