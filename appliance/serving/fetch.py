@@ -16,6 +16,7 @@ fetch instead of downloading it again.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -23,32 +24,62 @@ from itertools import chain
 from typing import Any
 from urllib.parse import urlencode
 
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+
 from appliance.config import Settings
 from appliance.ingest.receive import Receiver
 from appliance.locks import KeyedLocks
 from appliance.store import cache as cache_store
+from appliance.store import query as store_query
 from appliance.store import retrieve as store_retrieve
 from appliance.store.db import Database
+from appliance.store.person_names import pn_match
 from appliance.transfer.download import DownloadUnavailable, HubDownloads
 from appliance.transfer.region import RegionClient, RegionError, RegionInstance
 from appliance.words import counted
 
 log = logging.getLogger("pas.serving")
 
-# QIDO-RS attribute tags (DICOM JSON keys) -> keywords the C-FIND answer may carry, and the
-# keys of a C-FIND forwarded to the region when given a value. IssuerOfPatientID with them:
-# PAS matches it locally, and left out, the region answered the study of another issuer's
-# patient of the same PatientID. SOPClassesInStudy, matched locally too, is not forwarded:
-# Orthanc 1.10's QIDO-RS matches no study on it (any value), which would hide them all.
+# QIDO-RS attribute tags (DICOM JSON keys) -> keywords the C-FIND answer may carry, of every
+# level the regional C-FIND asks (a series' and an instance's answer carry their study's and
+# patient's attributes too: Orthanc's do, and the keys of those levels are checked on them).
 _JSON_TAGS = {
     "00100020": "PatientID", "00100021": "IssuerOfPatientID", "00100010": "PatientName",
     "00100030": "PatientBirthDate",
     "00100040": "PatientSex", "0020000D": "StudyInstanceUID", "00080020": "StudyDate",
     "00080030": "StudyTime", "00080050": "AccessionNumber", "00200010": "StudyID",
     "00081030": "StudyDescription", "00080061": "ModalitiesInStudy",
+    "00080062": "SOPClassesInStudy",
     "00080090": "ReferringPhysicianName", "00201206": "NumberOfStudyRelatedSeries",
     "00201208": "NumberOfStudyRelatedInstances",
+    "0020000E": "SeriesInstanceUID", "00200011": "SeriesNumber", "00080060": "Modality",
+    "0008103E": "SeriesDescription", "00180015": "BodyPartExamined",
+    "00201209": "NumberOfSeriesRelatedInstances",
+    "00080018": "SOPInstanceUID", "00080016": "SOPClassUID", "00200013": "InstanceNumber",
+    "00280010": "Rows", "00280011": "Columns", "00280100": "BitsAllocated",
+    "00280008": "NumberOfFrames",
 }
+# The keys sent to the region as QIDO-RS matching keys, by the level searched: a level's own
+# keys (a study search's with its patient's). IssuerOfPatientID with them: PAS matches it
+# locally, and left out, the region answered the study of another issuer's patient of the
+# same PatientID. Every other key PAS matches and given a value is held back and checked here
+# on the region's rows (_held_match): SOPClassesInStudy (Orthanc 1.10's QIDO-RS matches no
+# study on it, whatever the value, and does not return it), the keys of the levels above a
+# series or an instance search (their path names the study and series), and a value the
+# region's QIDO-RS cannot be sent (_region_params).
+_FORWARDED = {
+    "STUDY": frozenset({"PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate",
+                        "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime",
+                        "AccessionNumber", "StudyID", "StudyDescription",
+                        "ModalitiesInStudy", "ReferringPhysicianName"}),
+    "SERIES": frozenset({"SeriesInstanceUID", "SeriesNumber", "Modality",
+                         "SeriesDescription", "BodyPartExamined"}),
+    "IMAGE": frozenset({"SOPInstanceUID", "SOPClassUID", "InstanceNumber"}),
+}
+# In a row of the region's answer: the keys held back that could not be checked on it (the
+# region's row lacks the attribute). qr.py answers such a row 0xFF01, as for a key PAS does
+# not match (PS3.4 C.4.1.1.4: 0xFF00 says every key was applied).
+UNAPPLIED = "_pas_unapplied"
 
 
 class FetchThrough:
@@ -183,37 +214,175 @@ class FetchThrough:
 
 
 class RegionFind:
-    """A study-level QIDO-RS to the region bounded by a hard deadline: with the WAN down a
-    C-FIND still answers from local data at once (the caller gets [] and a reason).
+    """A QIDO-RS to the region bounded by a hard deadline: with the WAN down a C-FIND still
+    answers from local data at once (the caller gets [] and a reason). A STUDY search is
+    ``studies``; a SERIES search ``studies/{uid}/series`` and an IMAGE search
+    ``studies/{uid}/series/{uid}/instances``, asked only when the query names one study (and,
+    for IMAGE, one series): a viewer opening a study listed NEARLINE found no series under it.
 
     Bounded (invariant 8): the region is asked ``limit = max_results + 1`` (the one more
     tells the caller the answer was cut, as the local matches do: serving/qr.py), and its
     answer is read up to ``MAX_ANSWER_BYTES`` (transfer/region.py), past which RegionError.
-    A broad key (``PatientName=*``) once read and parsed the region's whole study list."""
+    A broad key (``PatientName=*``) once read and parsed the region's whole study list.
 
-    def __init__(self, client: RegionClient, timeout_s: float, max_results: int = 0):
+    The keys are the C-FIND's, as the index matches them (appliance/store/query.py): a list
+    (``CT\\MR``, several UIDs) goes out in QIDO-RS's form (commas, PS3.18 8.3.4.1): sent with
+    its backslash, the region matched none of its studies and the answer ended Success as if
+    complete. A key that cannot be sent as the index matches it is held back and checked on
+    the region's rows (:func:`_held_match`); a row lacking its attribute is marked
+    :data:`UNAPPLIED`."""
+
+    def __init__(self, client: RegionClient, timeout_s: float, max_results: int = 0,
+                 pn_case_sensitive: bool = False):
         self.client = client
         self.timeout_s = timeout_s
         self.max_results = max_results  # serving.max_results; 0: no limit asked
+        self.pn_case_sensitive = pn_case_sensitive  # serving.pn_case_sensitive, as locally
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="pas-region-find")
 
     def __call__(self, level: str, keys: dict[str, str]) -> list[dict[str, Any]]:
-        if level != "STUDY":
+        path = _search_path(level, keys)
+        if path is None:
             return []
-        params: dict[str, Any] = {k: v for k, v in keys.items() if v and k in
-                                  _JSON_TAGS.values()}
-        params["includefield"] = "all"
+        params, held = _region_params(level, keys)
+        query: dict[str, Any] = dict(params)
+        # The keys held back are named too: "all" is not every attribute to every archive
+        # (Orthanc 1.10 leaves StudyDescription out of it, answers it when named).
+        query["includefield"] = ["all", *held]
         if self.max_results:
-            params["limit"] = self.max_results + 1
+            query["limit"] = self.max_results + 1
         # Wildcards stay literal: some archives (Orthanc) take "%2A" for a plain character.
-        path = "studies?" + urlencode(params, safe="*?^,")
+        path += "?" + urlencode(query, doseq=True, safe="*?^,")
         future = self.pool.submit(self.client.qido, path, None)
         try:
             rows = future.result(timeout=self.timeout_s)
         except FutureTimeout:
             future.cancel()  # if it has not started: no search piles up behind a dead link
             raise RegionError(f"no answer within {self.timeout_s} s") from None
-        return [_keywords(row) for row in rows]
+        answers = []
+        for row in rows:
+            values = _keywords(row)
+            unapplied = []
+            for keyword, key in held.items():
+                matched = _held_match(keyword, key, values.get(keyword),
+                                      self.pn_case_sensitive)
+                if matched is None:
+                    unapplied.append(keyword)
+                elif not matched:
+                    break
+            else:
+                if unapplied:
+                    values[UNAPPLIED] = unapplied
+                answers.append(values)
+        return answers
+
+
+def _one_uid(value: str | None) -> str | None:
+    """``value`` when it names exactly one UID (no list, no wildcard), else None."""
+    value = (value or "").strip()
+    return value if value and store_query.is_uid(value) else None
+
+
+def _search_path(level: str, keys: dict[str, str]) -> str | None:
+    """The QIDO-RS resource searched for a C-FIND at ``level``, or None when the region is
+    not asked: a SERIES search names one study, an IMAGE search one study and one series (a
+    Study Root query does, PS3.4 C.4.1.2.1: the unique keys of the levels above); a PATIENT
+    search has no QIDO-RS resource."""
+    if level == "STUDY":
+        return "studies"
+    study = _one_uid(keys.get("StudyInstanceUID"))
+    if level == "SERIES" and study:
+        return f"studies/{study}/series"
+    series = _one_uid(keys.get("SeriesInstanceUID"))
+    if level == "IMAGE" and study and series:
+        return f"studies/{study}/series/{series}/instances"
+    return None
+
+
+def _list_vr(keyword: str) -> bool:
+    """Whether the region reads a comma-separated value of ``keyword`` as a list: UIDs, code
+    strings and identifiers (UI, CS, SH, LO keys named ``...ID``), as PAS's own QIDO-RS does
+    (``dicomweb._value_list``); a comma in a name or in free text is part of the value."""
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        return False
+    vr = dictionary_VR(tag)
+    return vr in ("UI", "CS", "SH") or (vr == "LO" and keyword.endswith("ID"))
+
+
+def _universal(value: str) -> bool:
+    return value.strip().replace("*", "") == ""
+
+
+def _region_params(level: str, keys: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(the QIDO-RS matching keys sent, the keys held back to be checked on the answer).
+
+    Universal keys (empty, ``*``) are not sent: a hub's proxy forwards ``*`` as ``%2A``,
+    which Orthanc matches literally. A list in PS3.4's form (``CT\\MR``) is sent with commas
+    for the keys the region reads a list of (:func:`_list_vr`); a list of another key
+    (``StudyDescription=A\\B``, which the index matches as any of them) and any value
+    holding a comma (the region would read the comma as a separator: Orthanc does, for any
+    key) have no QIDO-RS form and are held back. The path's own UIDs are not sent again."""
+    params: dict[str, str] = {}
+    held: dict[str, str] = {}
+    in_path = {"SERIES": {"StudyInstanceUID"},
+               "IMAGE": {"StudyInstanceUID", "SeriesInstanceUID"}}.get(level, set())
+    for keyword, value in keys.items():
+        if not value or _universal(value) or keyword in in_path:
+            continue
+        if not store_query.available(keyword, level):
+            continue  # not matched locally either: every answer is 0xFF01 (unmatched_keys)
+        if keyword not in _FORWARDED[level] or "," in value:
+            held[keyword] = value
+        elif "\\" in value:
+            parts = [v.strip() for v in value.split("\\")]
+            if _list_vr(keyword) and all(parts):
+                params[keyword] = ",".join(parts)
+            else:
+                held[keyword] = value
+        else:
+            params[keyword] = value
+    return params, held
+
+
+def _glob(key: str) -> re.Pattern[str]:
+    """A C-FIND value with ``*`` and ``?`` as an anchored regular expression (the index's
+    GLOB: case-sensitive, ``[`` literal)."""
+    return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c)
+                              for c in key), re.DOTALL)
+
+
+def _held_match(keyword: str, key: str, stored: str | None,
+                pn_case_sensitive: bool) -> bool | None:
+    """Whether the region's value ``stored`` of ``keyword`` matches the C-FIND key ``key`` as
+    the index matches it (appliance/store/query.py ``_match``); None when it cannot be told
+    here: the region's row lacks the attribute (Orthanc returns no SOPClassesInStudy), or
+    it is a time (a range of a reduced precision: left to the region's own answer)."""
+    if stored is None or stored == "":
+        return None
+    tag = tag_for_keyword(keyword)
+    vr = dictionary_VR(tag) if tag is not None else "UN"
+    stored_values = stored.split("\\")
+    if vr == "UI":
+        wanted = {v.strip() for v in key.split("\\") if v.strip()}
+        return any(v.strip() in wanted for v in stored_values)
+    if vr == "PN":
+        return pn_match(stored, key, int(pn_case_sensitive))
+    if vr in ("IS", "US"):
+        try:
+            return any(int(v) == int(key) for v in stored_values)
+        except ValueError:
+            return None
+    if vr == "DA":
+        low, dash, high = key.partition("-")
+        if not dash:
+            return stored == key
+        return (not low or stored >= low) and (not high or stored <= high + "\x7f")
+    if vr in ("TM", "DT"):
+        return None
+    values = [v for v in key.split("\\") if v] if keyword in store_query.COMPUTED \
+        else key.split("\\")
+    return any(_glob(v).fullmatch(s) is not None for v in values for s in stored_values)
 
 
 def _keywords(row: dict[str, Any]) -> dict[str, Any]:
@@ -262,5 +431,6 @@ def make_region_find(settings: Settings) -> RegionFind | None:
     timeout = settings.serving.region_query_timeout_s
     client = RegionClient.from_home(settings.home, settings.prefetch.dicomweb_url,
                                     timeout_s=timeout)
-    return (RegionFind(client, timeout, settings.serving.max_results)
+    return (RegionFind(client, timeout, settings.serving.max_results,
+                       settings.serving.pn_case_sensitive)
             if client is not None else None)

@@ -1,8 +1,9 @@
 """Query/Retrieve SCP: C-FIND, C-MOVE and C-GET on the ingest AE (one port for everything).
 
 Owns: registering the Q/R contexts and handlers on the ingest AE, the C-FIND handler (turning
-its identifier into a call on :mod:`appliance.store.query`, answering from the index and, for
-a STUDY query, from the region) and the audit row of every query and retrieve. Reading the
+its identifier into a call on :mod:`appliance.store.query`, answering from the index and, with
+``query_region``, from the region: a STUDY query merged per study, a SERIES or IMAGE query
+when nothing here matched) and the audit row of every query and retrieve. Reading the
 identifier and building a C-FIND answer's, character set included, are
 ``qr_identifiers.py``'s; encoding and sending each answer ``qr_answers.py``'s; the C-MOVE and
 C-GET handlers ``qr_retrieve.py``'s; the associations (the peer, a C-MOVE's sub-association)
@@ -12,10 +13,12 @@ May not touch: SQL, spool writes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import re
 from collections.abc import Callable, Iterator
+from itertools import chain
 from typing import Any
 
 from pydicom.datadict import tag_for_keyword
@@ -34,6 +37,7 @@ from appliance.config import DicomTlsSection, ServingSection
 from appliance.dicomnet.contexts import add_supported_contexts
 from appliance.ingest.policy import TRANSFER_SYNTAXES
 from appliance.ingest.scp import DicomListener
+from appliance.serving.fetch import UNAPPLIED
 from appliance.serving.qr_answers import (
     PENDING,
     PENDING_UNMATCHED,
@@ -128,13 +132,26 @@ class QueryRetrieveService:
         summary = request_summary(level, keys)
         # Keys given a value that PAS does not match: each answer says so (0xFF01).
         unmatched = unmatched_keys(level, keys, asked) + unnamed_keys(identifier)
-        answer = answerer(event, IdentifierEncoder(level, asked, self.ae_title, charset,
-                                                    str(event.context.transfer_syntax)),
-                          PENDING_UNMATCHED if unmatched else PENDING)
+        encoder = IdentifierEncoder(level, asked, self.ae_title, charset,
+                                    str(event.context.transfer_syntax))
+        answer = answerer(event, encoder, PENDING_UNMATCHED if unmatched else PENDING)
+        # A row of the region's that a key held back could not be checked on (fetch.py
+        # UNAPPLIED: Orthanc returns no SOPClassesInStudy) is 0xFF01, not 0xFF00 ("every
+        # key applied"): a viewer asking for the studies with an SR got every regional study
+        # of the patient as matching it.
+        answer_unapplied = answerer(event, encoder, PENDING_UNMATCHED)
         count = 0
-        ask_region = self.region_find is not None and level == "STUDY"
-        local_studies: set[str] = set()  # only to leave out the region's copies of them
         note = None
+        ask_region = self.region_find is not None and level in ("STUDY", "SERIES", "IMAGE")
+        # STUDY: the region is asked first, so that a study it holds more of than is here is
+        # answered once, merged (_merged: its counts and modalities, NEARLINE), whichever
+        # keys were asked. The local row was answered ONLINE with the local part's counts
+        # and the region's dropped; asked by another key that the local part did not match,
+        # the same study came back NEARLINE with the region's.
+        regional: dict[str, dict[str, Any]] = {}
+        local_keys = {"StudyInstanceUID": "", **keys}
+        if ask_region and level == "STUDY":  # the local count, to compare with the region's
+            local_keys.setdefault("NumberOfStudyRelatedInstances", "")
         truncated = False
         ended = "failure: the association ended before the last match was sent"
         try:
@@ -148,63 +165,84 @@ class QueryRetrieveService:
             # kept SQLite from ever resetting its WAL: it grew by ~70 kB an instance received
             # meanwhile (8 to 817 MiB in 11,600). Between pages nothing is held, and the audit
             # row's BEGIN IMMEDIATE (same thread, same connection) meets no stale snapshot.
-            pages = store_query.find_pages(self.db, level, {"StudyInstanceUID": "", **keys},
+            pages = store_query.find_pages(self.db, level, local_keys,
                                            page_size=FIND_PAGE,
                                            limit=None if cap is None else cap + 1,
                                            pn_case_sensitive=self.settings.pn_case_sensitive)
-            rows = (values for page in pages for values in page)
+            # The first page read before the region is asked: a key the index refuses
+            # (0xA900) is refused without a WAN round trip.
+            first = next(pages, [])
+            if ask_region and level == "STUDY":
+                regional, note = self._ask_region(level, keys, note)
+            rows = (values for page in chain([first], pages) for values in page)
             for values in rows:
                 if cap is not None and count == cap:
                     rows.close()
                     truncated = True
-                    note = f"truncated: more than serving.max_results = {cap} matches"
-                    log.warning("C-FIND from %s: %s (%s)", calling, note, summary)
+                    cut = f"truncated: more than serving.max_results = {cap} matches"
+                    note = "; ".join(filter(None, [note, cut]))
+                    log.warning("C-FIND from %s: %s (%s)", calling, cut, summary)
                     break
                 if event.is_cancelled:
                     rows.close()
                     audit_query(calling, address, summary, "cancelled", count)
                     yield CANCELLED, None
                     return
-                if not (yield from answer(values, "ONLINE")):
+                there = regional.pop(values.get("StudyInstanceUID") or "", None)
+                values, availability = _merged(values, there)
+                if not (yield from answer(values, availability)):
                     rows.close()
                     audit_query(calling, address, summary, ended, count)
                     return
                 count += 1
-                if ask_region:
-                    local_studies.add(values.get("StudyInstanceUID") or "")
         except store_query.QueryError as exc:
             log.warning("C-FIND from %s refused: %s", calling, exc)
             audit_query(calling, address, summary, f"failure: {exc}", count)
             yield _failure(IDENTIFIER_DOES_NOT_MATCH, str(exc)), None
             return
-        # The local matches already cut at max_results: the region is not asked (its rows
-        # would only go past the cap).
-        if ask_region and not truncated:
-            assert self.region_find is not None
-            try:
-                regional = self.region_find(level, keys)
-            except Exception as exc:  # the WAN is down: answer from local data, say so
-                regional = []
-                note = "; ".join(filter(None, [note, f"region not asked: {exc}"]))
-                log.info("C-FIND: region not asked: %s", exc)
-            for values in regional:
+        # SERIES and IMAGE: the region is asked when nothing here matched (a study listed
+        # NEARLINE had no series under it); a study held here is browsed as held.
+        if ask_region and level != "STUDY" and count == 0:
+            regional, note = self._ask_region(level, keys, note)
+        # The local matches already cut at max_results: the region's rows would only go past
+        # the cap.
+        unapplied: set[str] = set()
+        here = self._held_counts(list(regional)) if level == "STUDY" and not truncated \
+            else {}
+        if not truncated:
+            for values in regional.values():
                 # A cancel read while the region was asked ends the answer as one read during
                 # the local matches does (it sent none of the region's, then Success).
                 if event.is_cancelled:
                     audit_query(calling, address, summary, "cancelled", count)
                     yield CANCELLED, None
                     return
-                if values.get("StudyInstanceUID") in local_studies:
-                    continue
                 if cap is not None and count == cap:  # the region asked max_results + 1
-                    note = f"truncated: more than serving.max_results = {cap} matches"
-                    log.warning("C-FIND from %s: %s (%s, with the region's)", calling, note,
+                    cut = f"truncated: more than serving.max_results = {cap} matches"
+                    note = "; ".join(filter(None, [note, cut]))
+                    log.warning("C-FIND from %s: %s (%s, with the region's)", calling, cut,
                                 summary)
                     break
-                if not (yield from answer(values, "NEARLINE")):
+                held_back = values.get(UNAPPLIED) or []
+                availability = "NEARLINE"
+                if _whole_here(here.get(values["StudyInstanceUID"]), values):
+                    # Every instance of it is here and the index did not match it: a key it
+                    # applied and the region did not (SOPClassesInStudy) left it out, or the
+                    # region matched it and it is answered as it is held, ONLINE (it was
+                    # NEARLINE, as if a retrieve had to fetch it).
+                    if held_back:
+                        continue
+                    availability = "ONLINE"
+                unapplied.update(held_back)
+                send = answer_unapplied if held_back else answer
+                if not (yield from send(values, availability)):
                     audit_query(calling, address, summary, ended, count)
                     return
                 count += 1
+        if unapplied:
+            note = "; ".join(filter(None, [note, (
+                f"the region's answers not checked on {', '.join(sorted(unapplied))} "
+                f"(answered 0x{PENDING_UNMATCHED:04X})")]))
         try:
             yield SUCCESS, None
         finally:
@@ -217,6 +255,34 @@ class QueryRetrieveService:
                     f"keys not matched (answered 0x{PENDING_UNMATCHED:04X}): "
                     f"{', '.join(unmatched)};", note]))
             audit_query(calling, address, summary, "success", count, note)
+
+    def _ask_region(self, level: str, keys: dict[str, str], note: str | None
+                    ) -> tuple[dict[str, dict[str, Any]], str | None]:
+        """The region's matches by their level's UID (in the region's order), and the note
+        with "region not asked" when it could not be (the WAN down: answered from local
+        data, and the audit row says so)."""
+        assert self.region_find is not None
+        try:
+            rows = self.region_find(level, keys)
+        except Exception as exc:
+            note = "; ".join(filter(None, [note, f"region not asked: {exc}"]))
+            log.info("C-FIND: region not asked: %s", exc)
+            return {}, note
+        unique = _UNIQUE_KEY[level]
+        # A row without its UID could not be told from another, nor retrieved: not answered.
+        return {str(row[unique]): row for row in rows if row.get(unique)}, note
+
+    def _held_counts(self, study_uids: list[str]) -> dict[str, int]:
+        """How many instances of each of ``study_uids`` are here (those held), asked in
+        lists of ``FIND_PAGE`` UIDs (List of UID Matching: one SQL variable each)."""
+        counts: dict[str, int] = {}
+        for at in range(0, len(study_uids), FIND_PAGE):
+            keys = {"StudyInstanceUID": "\\".join(study_uids[at:at + FIND_PAGE]),
+                    "NumberOfStudyRelatedInstances": ""}
+            for row in store_query.find(self.db, "STUDY", keys):
+                counts[str(row["StudyInstanceUID"])] = int(
+                    row.get("NumberOfStudyRelatedInstances") or 0)
+        return counts
 
     def _audit(self, event: str, calling: str, address: str, target: str | None,
                outcome: str, count: int | None = None, detail: str | None = None,
@@ -232,6 +298,54 @@ class QueryRetrieveService:
                          query=query, query_syntax=query_syntax)
         except Exception:  # the audit must not take a viewer's association down
             log.exception("audit record failed")
+
+
+# The unique key of each level the region is asked at (PS3.4 C.4.1.2.1).
+_UNIQUE_KEY = {"STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID",
+               "IMAGE": "SOPInstanceUID"}
+
+
+def _merged(here: dict[str, Any], there: dict[str, Any] | None
+            ) -> tuple[dict[str, Any], str]:
+    """A study matched here, with the region's row of it (None: the region was not asked,
+    did not answer, or does not list it): (its values, its InstanceAvailability).
+
+    When the region counts more instances of it than are here (a series added at the region
+    after the study was cached, a prefetch still running), the study is answered with the
+    region's counts and the modalities and SOP classes of both, NEARLINE: PS3.4 C.4.1.2 has
+    ONLINE for instances "immediately available", and the rest of this study is fetched from
+    the region on retrieve (fetch-through), as a study held only there is. Otherwise (the
+    region holds no more, or gives no count) it is the local row, ONLINE."""
+    if there is None:
+        return here, "ONLINE"
+    try:
+        count_here = int(here.get("NumberOfStudyRelatedInstances") or 0)
+        count_there = int(there.get("NumberOfStudyRelatedInstances") or 0)
+    except ValueError:
+        return here, "ONLINE"
+    if count_there <= count_here:
+        return here, "ONLINE"
+    merged = dict(here)
+    merged["NumberOfStudyRelatedInstances"] = count_there
+    with contextlib.suppress(ValueError):
+        merged["NumberOfStudyRelatedSeries"] = max(
+            int(here.get("NumberOfStudyRelatedSeries") or 0),
+            int(there.get("NumberOfStudyRelatedSeries") or 0))
+    for keyword in ("ModalitiesInStudy", "SOPClassesInStudy"):
+        codes = {v for row in (here, there) for v in str(row.get(keyword) or "").split("\\")}
+        if codes - {""}:
+            merged[keyword] = "\\".join(sorted(codes - {""}))
+    return merged, "NEARLINE"
+
+
+def _whole_here(count_here: int | None, there: dict[str, Any]) -> bool:
+    """Whether a study of the region's answer is held here whole: as many instances here
+    as the region counts, or more (a region giving no count: not whole, it says nothing)."""
+    try:
+        return count_here is not None and count_here >= int(
+            there.get("NumberOfStudyRelatedInstances") or count_here + 1)
+    except ValueError:
+        return False
 
 
 # C-FIND matches read from the index at a time (store_query.find_pages): no read snapshot
