@@ -35,6 +35,7 @@ from appliance.config_types import (
     WebRoot,
     _cross_field,
     _Section,
+    credentials_in_url,
     sent_in_clear,
 )
 from appliance.prefetch.charsets import carries_hl7
@@ -46,6 +47,19 @@ def _cleartext(what: str, network: str = "the hospital's own network") -> str:
     ``network``: where such a host may be (the hub's archive: the data centre's)."""
     return (f"http:// sends {what} in clear; use https:// (or set "
             f"{{section}}.allow_cleartext = true for a host on {network})")
+
+
+def _credentials_in_url(instead: str) -> str:
+    """The refusal of ``user:password@`` in a URL (:func:`credentials_in_url`), without the
+    URL (the operator has it; a refusal may be logged). ``instead``: where this section's
+    credentials go, said with ``{section}`` (filled by config.format_validation_error)."""
+    return ("holds credentials (user:password@host): a URL is written wherever it is shown "
+            "(log lines, a job's error, `pas status`, the heartbeat and the hub's fleet "
+            f"pages); write the URL without them and {instead}")
+
+
+_STOWRS_CREDENTIALS = ("put them in {section}.username and {section}.password (HTTP Basic) "
+                       "or {section}.bearer_token")
 
 
 class KnownAE(_Section):
@@ -426,6 +440,8 @@ class StowRsDestination(_Section):
 
     @model_validator(mode="after")
     def _not_in_clear(self) -> StowRsDestination:
+        if credentials_in_url(self.url):
+            raise _cross_field("url", _credentials_in_url(_STOWRS_CREDENTIALS))
         if not self.allow_cleartext and sent_in_clear(self.url):
             credentials = self.bearer_token or self.username is not None
             raise _cross_field("url", _cleartext("patient data and credentials" if credentials
@@ -615,6 +631,12 @@ class PrefetchSection(_Section):
 
     @model_validator(mode="after")
     def _not_in_clear(self) -> PrefetchSection:
+        if self.dicomweb_url and credentials_in_url(self.dicomweb_url):
+            # No credential keys here: a region read directly is one this network may read
+            # (or read it through the hub, prefetch.dicomweb_url unset).
+            raise _cross_field("dicomweb_url", _credentials_in_url(
+                "let this machine read the region without them, or read it through the hub "
+                "(leave {section}.dicomweb_url unset): PAS sends no credentials there"))
         if self.dicomweb_url and not self.allow_cleartext and sent_in_clear(self.dicomweb_url):
             raise _cross_field("dicomweb_url", _cleartext("patient data"))
         return self

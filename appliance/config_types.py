@@ -198,16 +198,20 @@ def _host_name(value: str) -> str:
 def _web_root(value: str) -> str:
     """A DICOMweb root PAS sends to or reads from: ``http(s)://host[:port][/path]``, without
     its trailing slash (the callers add ``/studies``). Whether it may be ``http://`` is the
-    section's check (:func:`sent_in_clear`): it depends on the section's opt-in."""
+    section's check (:func:`sent_in_clear`): it depends on the section's opt-in. A refusal
+    here shows the value without its userinfo (refused itself by the sections,
+    :func:`credentials_in_url`): the words may be logged."""
+    shown = re.sub(r"//[^/?#\s]*@", "//", value)
     if not re.match(r"^https?://", value):
-        raise ValueError(f"must start with http:// or https://, got {value!r}")
+        raise ValueError(f"must start with http:// or https://, got {shown!r}")
     try:
         parts = urlsplit(value)
         host, _port_number = parts.hostname, parts.port
     except ValueError as exc:  # "http://[::1", "http://h:99999"
-        raise ValueError(f"is not a URL ({exc}), got {value!r}") from None
+        raise ValueError(f"is not a URL ({str(exc).replace(value, shown)}), got "
+                         f"{shown!r}") from None
     if not host:
-        raise ValueError(f"names no host, got {value!r}")
+        raise ValueError(f"names no host, got {shown!r}")
     return value.rstrip("/")
 
 
@@ -226,11 +230,29 @@ def sent_in_clear(url: str) -> bool:
     return not loopback_host(parts.hostname or "")
 
 
+def credentials_in_url(url: str) -> bool:
+    """Whether ``url`` carries userinfo (``user:password@host``). httpx sends it as HTTP
+    Basic, so it worked; but a URL is written wherever it is shown (a job's error, the log,
+    ``pas status``, the heartbeat to the hub and its fleet pages): the sections refuse it
+    and name their credential keys instead."""
+    try:
+        netloc = urlsplit(url).netloc
+    except ValueError:
+        return "@" in url
+    return "@" in netloc
+
+
 def loopback_host(host: str) -> bool:
     """Whether ``host`` is this machine's loopback: ``localhost`` or a literal loopback
-    address (127.0.0.0/8, ::1). A name is not resolved (a check must not depend on DNS)."""
-    host = host.strip("[]").rstrip(".")
-    if host == "localhost":
+    address (127.0.0.0/8, ::1). A name is not resolved (a check must not depend on DNS).
+
+    Exactly these, as written: ``localhost.`` and ``127.0.0.1.`` (a trailing dot, a fully
+    qualified name) are not the hosts file's entry nor an address literal to the resolver,
+    which asks DNS for them, and DNS may answer any address: the trailing dot was stripped
+    here, and a STOW-RS to ``http://localhost.:8080`` went in clear to whatever DNS said.
+    ``localhost`` in any case is the hosts file's (glibc compares without case)."""
+    host = host.removeprefix("[").removesuffix("]")
+    if host.lower() == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback

@@ -45,7 +45,7 @@ def _lines(result: subprocess.CompletedProcess[str]) -> list[str]:
 
 @pytest.mark.parametrize("url", [
     "http://127.0.0.1:8042/dicom-web", "http://127.9.8.7/dicom-web", "http://[::1]:8042/x",
-    "http://localhost:8042/dicom-web", "http://LocalHost./dicom-web",
+    "http://localhost:8042/dicom-web", "http://LocalHost/dicom-web",
     "https://198.18.0.2/dicom-web", "https://pacs.region.example/dicom-web",
 ])
 def test_loopback_or_https_needs_no_opt_in(url: str) -> None:
@@ -62,6 +62,10 @@ def test_loopback_or_https_needs_no_opt_in(url: str) -> None:
     # Names that only look like this machine: not resolved, not loopback.
     "http://127.0.0.1.region.example/x", "http://localhost.region.example/x",
     "http://[::ffff:198.18.0.2]/x",
+    # A trailing dot: a fully qualified name the resolver asks DNS for (neither the hosts
+    # file's localhost nor an address literal), so DNS decides where it goes (review s40 F3).
+    "http://localhost./dicom-web", "http://127.0.0.1.:8080/dicom-web",
+    "http://LOCALHOST./dicom-web",
 ])
 def test_http_beyond_loopback_is_refused_naming_the_key(url: str) -> None:
     with pytest.raises(ConfigError) as raised:

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import httpx
 
 from appliance.locks import KeyedLocks
+from appliance.transfer.http import BearerAuth, http_client, shown_url
 from appliance.words import counted
 
 if TYPE_CHECKING:
@@ -63,6 +64,28 @@ def archive_verify(archive: ArchiveSection) -> ssl.SSLContext:
     private CA was reached over https:// only with SSL_CERT_FILE in the hub's environment,
     which no document said, and http:// to any host was taken."""
     return _verify_context(str(archive.ca_file) if archive.ca_file else None)
+
+
+def archive_auth(archive: ArchiveSection) -> httpx.Auth | None:
+    """The PACS's credentials (``archive.bearer_token``, else ``username``/``password`` as
+    HTTP Basic), sent on the hub's requests to it (:func:`archive_client_options`). Before
+    them the URL's ``user:password@`` was the only place to put them, and it was logged with
+    every failure."""
+    if archive.bearer_token:
+        return BearerAuth(archive.bearer_token)
+    if archive.username is not None:
+        return httpx.BasicAuth(archive.username, archive.password or "")
+    return None
+
+
+def archive_client_options(archive: ArchiveSection) -> dict[str, Any]:
+    """What every client of the hub to the archive is built with (:func:`http_client` or
+    :func:`async_http_client`, which read no proxy from the environment): one place, so the
+    STOWs, the region proxy and the downloads' reads verify the same CA and send the same
+    credentials. (hub/priors.py's searches still build their own client, with
+    ``archive_verify`` alone: they are to take these options too.)"""
+    return {"timeout": archive.timeout_s, "verify": archive_verify(archive),
+            "auth": archive_auth(archive)}
 
 
 @functools.lru_cache(maxsize=4)
@@ -264,7 +287,8 @@ class DicomWebArchive:
         self.settings = archive
         self.url = archive.url.rstrip("/")
         self.per_request = archive.instances_per_request
-        self.client = httpx.Client(timeout=archive.timeout_s, verify=archive_verify(archive))
+        self.shown = shown_url(self.url)  # as log lines carry it: no userinfo
+        self.client = http_client(**archive_client_options(archive))
         self._uids = KeyedLocks()  # one per SOP Instance UID being asked, sent, read back
 
     @contextlib.contextmanager
@@ -332,7 +356,7 @@ class DicomWebArchive:
                 headers={"Accept": "application/dicom+json"})
         except httpx.HTTPError as exc:
             why = trust_problem(exc, self.settings) or str(exc)
-            log.warning("QIDO-RS to %s failed: %s", self.url, why)
+            log.warning("QIDO-RS to %s failed: %s", self.shown, why)
             return None, f"cannot ask the archive whether it holds this UID already: {why}"
         if response.status_code == 204:
             return {}, ""
@@ -344,7 +368,7 @@ class DicomWebArchive:
                                                 _value(item, "0020000E"))
                      for item in answer}
         except (ValueError, AttributeError, TypeError) as exc:
-            log.warning("QIDO-RS to %s: unusable answer: %s", self.url, exc)
+            log.warning("QIDO-RS to %s: unusable answer: %s", self.shown, exc)
             return None, ("cannot ask the archive whether it holds this UID already: QIDO-RS "
                           f"answered {exc}")
         return {uid: found[uid] for uid in uids if uid in found}, ""
@@ -410,11 +434,11 @@ class DicomWebArchive:
                          f"boundary={boundary}", "Content-Length": str(length),
                          "Accept": "application/dicom+json"})
         except httpx.HTTPError as exc:
-            log.warning("STOW-RS to %s failed: %s", self.url,
+            log.warning("STOW-RS to %s failed: %s", self.shown,
                         trust_problem(exc, self.settings) or exc)
             return uids, False
         if response.status_code not in (200, 202):
-            log.warning("STOW-RS to %s answered %s: %s", self.url, response.status_code,
+            log.warning("STOW-RS to %s answered %s: %s", self.shown, response.status_code,
                         response.text[:300])
             return uids, True
         try:

@@ -7,7 +7,6 @@ Owns: the shape and defaults of the hub's configuration. Reuses the appliance's 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,8 +24,14 @@ from appliance.config import (
     name_the_variables,
     read_toml,
 )
-from appliance.config_sections import _cleartext
-from appliance.config_types import Flag, _cross_field, sent_in_clear
+from appliance.config_sections import _cleartext, _credentials_in_url
+from appliance.config_types import (
+    Flag,
+    _cross_field,
+    _web_root,
+    credentials_in_url,
+    sent_in_clear,
+)
 
 HUB_ENV_PREFIX = "PAS_HUB_"
 
@@ -52,12 +57,19 @@ class ArchiveSection(_Section):
     ``allow_cleartext`` (a PACS on the data centre's own network), as the appliance's
     DICOMweb URLs (invariant 5: every study of the region passes there, and it took any
     host in clear). ``ca_file``: the PEM bundle the PACS's certificate is verified with,
-    instead of the system's store (a regional PACS under a private CA; hub/archive.py)."""
+    instead of the system's store (a regional PACS under a private CA; hub/archive.py).
+    ``username``/``password`` (HTTP Basic) or ``bearer_token``: the PACS's credentials, sent
+    on the hub's requests to it (hub/archive.py ``archive_client_options``), as a ``stowrs``
+    destination's; ``user:password@`` in ``url`` is refused (the URL is written in log lines,
+    where a secret must not be)."""
 
     kind: Literal["embedded", "dicomweb"] = "embedded"
     url: str | None = None
     allow_cleartext: Flag = False
     ca_file: Path | None = None
+    bearer_token: str | None = None
+    username: str | None = None
+    password: str | None = None
     instances_per_request: int = Field(default=16, ge=1, le=1000)
     timeout_s: float = Field(default=120.0, gt=0)
     # Threads rebuilding and archiving instances while their transfer's buckets arrive.
@@ -70,12 +82,16 @@ class ArchiveSection(_Section):
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^https?://", value):
-            raise ValueError(f"must start with http:// or https://, got {value!r}")
-        return value.rstrip("/") if value else value
+        # The appliance's DICOMweb roots' rule (scheme, a host, a port that is a number);
+        # empty is unset, as before.
+        return _web_root(value) if value else value
 
     @model_validator(mode="after")
     def _url_for_dicomweb(self) -> ArchiveSection:
+        if self.url and credentials_in_url(self.url):  # before any message that shows it
+            raise _cross_field("url", _credentials_in_url(
+                "put them in {section}.username and {section}.password (HTTP Basic) or "
+                "{section}.bearer_token"))
         if self.kind == "dicomweb" and not self.url:
             raise ValueError("url is required when kind is 'dicomweb'")
         if self.kind == "embedded" and self.url:
@@ -86,8 +102,11 @@ class ArchiveSection(_Section):
                                "studies would stay on the hub's own disk and none would go "
                                "there; set kind = \"dicomweb\" to archive to it, or remove url")
         if self.url and not self.allow_cleartext and sent_in_clear(self.url):
-            raise _cross_field("url", _cleartext("every study the sites send",
-                                                 "the data centre's own network"))
+            credentials = self.bearer_token or self.username is not None
+            raise _cross_field("url", _cleartext(
+                "every study the sites send" + (" and the archive's credentials"
+                                                if credentials else ""),
+                "the data centre's own network"))
         return self
 
 

@@ -35,9 +35,10 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from starlette.concurrency import run_in_threadpool
 
-from appliance.hub.archive import archive_verify, trust_problem
+from appliance.hub.archive import archive_client_options, trust_problem
 from appliance.hub.staging import ArchiveFailed, PartsToFiles, Planner, boundary, uid_of
 from appliance.transfer.download_frames import encode_frame
+from appliance.transfer.http import http_client
 from appliance.transfer.pack import PackItem, pack_bucket
 from appliance.words import counted
 
@@ -280,10 +281,10 @@ class Download:
         parser: PartsToFiles | None = None
         try:
             # identity: the archive is on the hub's LAN; gzip would only cost its CPU.
-            with httpx.stream("GET", f"{archive.url}/{path}", timeout=archive.timeout_s,
-                              verify=archive_verify(archive),
-                              headers={"Accept": MULTIPART_DICOM,
-                                       "Accept-Encoding": "identity"}) as answer:
+            with http_client(**archive_client_options(archive)) as client, \
+                    client.stream("GET", f"{archive.url}/{path}",
+                                  headers={"Accept": MULTIPART_DICOM,
+                                           "Accept-Encoding": "identity"}) as answer:
                 if answer.status_code == 404:
                     raise ArchiveFailed(404, "unknown_study",
                                         self._what(part) + " is not in the archive")

@@ -17,7 +17,8 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from appliance.hub.app import problem
-from appliance.hub.archive import archive_verify, trust_problem
+from appliance.hub.archive import archive_client_options, trust_problem
+from appliance.transfer.http import async_http_client
 
 if TYPE_CHECKING:
     from appliance.hub.app import Hub
@@ -34,7 +35,7 @@ def region_routes(hub: Hub) -> list[BaseRoute]:
 
         return build_dicomweb_routes(hub.archive.db, embedded,  # type: ignore[attr-defined]
                                      receiver=None, prefix=PREFIX)
-    client = (httpx.AsyncClient(timeout=archive.timeout_s, verify=archive_verify(archive))
+    client = (async_http_client(**archive_client_options(archive))
               if archive.kind == "dicomweb" else None)
 
     async def proxy(request: Request) -> Response:

@@ -36,6 +36,7 @@ from appliance.ops import index_check
 from appliance.ops.home_lock import lock_file
 from appliance.ops.listeners import listening_pids, lock_holder, process_name
 from appliance.store.db import Database
+from appliance.transfer.http import http_client
 from appliance.words import ago, counted
 
 Verdict = Literal["ok", "warn", "fail"]
@@ -96,8 +97,8 @@ def _http_answers(host: str, port: int) -> bool:
     where = f"[{host}]" if ":" in host else host  # an IPv6 literal, as URLs write it
     for scheme in ("http", "https"):
         try:
-            response = httpx.get(f"{scheme}://{where}:{port}/healthz", timeout=5,
-                                 verify=False)
+            with http_client(timeout=5, verify=False) as client:
+                response = client.get(f"{scheme}://{where}:{port}/healthz")
             if response.status_code == 200 and response.json().get("status") == "ok":
                 return True
         except (httpx.HTTPError, ValueError):

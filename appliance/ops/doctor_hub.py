@@ -22,6 +22,7 @@ from appliance.ops.doctor import (
     Check,
     _index,
 )
+from appliance.transfer.http import http_client, shown_url
 from appliance.words import counted
 
 
@@ -44,7 +45,7 @@ def check_enrolment(settings: Settings) -> list[Check]:
                       + _awaiting_enrolment(settings),
                       "ask regional ops for a token, then: pas enroll --hub URL (it asks for "
                       "the token; or --token-file FILE), then restart PAS")]
-    checks = [Check("enrolment", "ok", f"site {enrolment.site}, hub {enrolment.url}")]
+    checks = [Check("enrolment", "ok", f"site {enrolment.site}, hub {shown_url(enrolment.url)}")]
     try:  # the configuration's site is the certificate's: pas run refuses otherwise
         check_site(settings.home, configured_site(settings))
     except SiteMismatch as exc:
@@ -97,25 +98,26 @@ def _awaiting_enrolment(settings: Settings) -> str:
 def check_hub(enrolment: object) -> list[Check]:
     """Mutual TLS to the hub (``/api/v1/whoami``), and the clock against the hub's Date."""
     url = enrolment.url  # type: ignore[attr-defined]
+    shown = shown_url(url)
     try:
-        with httpx.Client(base_url=url, verify=enrolment.ssl_context(),  # type: ignore[attr-defined]
-                          timeout=HUB_TIMEOUT_S) as client:
+        with http_client(base_url=url, verify=enrolment.ssl_context(),  # type: ignore[attr-defined]
+                         timeout=HUB_TIMEOUT_S) as client:
             sent = time.time()
             response = client.get("/api/v1/whoami")
             received = time.time()
     except (httpx.HTTPError, OSError) as exc:
-        return [_hub_failure(url, exc)]
+        return [_hub_failure(shown, exc)]
     checks = []
     refusal = _certificate_refusal(response)
     if response.status_code == 200:
-        checks.append(Check("hub", "ok", f"{url} knows us as {response.json().get('site')!r} "
+        checks.append(Check("hub", "ok", f"{shown} knows us as {response.json().get('site')!r} "
                             f"({(received - sent) * 1000:.0f} ms)"))
     elif refusal is not None:  # the hub's words, not its JSON cut at 200 characters
         error, detail = refusal
         checks.append(Check("hub", "fail", f"{REFUSED_BY_HUB} ({error}): {detail}",
                             f"ask regional ops for a token, then {ENROL_AGAIN}"))
     else:
-        checks.append(Check("hub", "fail", f"{url} answered {response.status_code}: "
+        checks.append(Check("hub", "fail", f"{shown} answered {response.status_code}: "
                             f"{response.text[:200]}",
                             f"certificate revoked or unknown: {ENROL_AGAIN}"))
     date = response.headers.get("date")
@@ -154,7 +156,8 @@ def _certificate_refusal(response: httpx.Response) -> tuple[str, str] | None:
 def _hub_failure(url: str, exc: BaseException) -> Check:
     """Why the hub could not be asked, and who acts: a certificate one end refuses (the
     hub's TLS alert, or the hub's own certificate this end cannot verify) needs a new
-    enrolment or the CA put right, not the WAN looked at, which the connection errors said."""
+    enrolment or the CA put right, not the WAN looked at, which the connection errors said.
+    ``url``: as a doctor row may show it (transfer.http.shown_url)."""
     from appliance.transfer.link_failures import trust_problem
 
     problem = trust_problem(exc)

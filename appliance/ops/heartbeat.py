@@ -51,6 +51,7 @@ from appliance.store import uplink as uplink_store
 from appliance.store.db import Database
 from appliance.transfer.client import wan_timeout
 from appliance.transfer.enrolment import EnrolmentError, load_enrolment
+from appliance.transfer.http import http_client, without_userinfo
 from appliance.words import counted
 
 log = logging.getLogger("pas.ops.heartbeat")
@@ -108,7 +109,11 @@ def build_heartbeat(settings: Settings, db: Database, started_at: float,
         "cert_days_left": None if cert_days is None else round(cert_days, 2),
         # Each cut well below the hub's limit (hub/fleet.MAX_ERROR_CHARS, 2,000): a heartbeat
         # over it is refused whole, and the site would look silent.
-        "errors": [error[:MAX_ERROR_CHARS] for error in errors[:MAX_ERRORS + 1]],
+        # Userinfo in a URL taken out (transfer.http.without_userinfo): the hub shows these
+        # on its fleet pages, and a job failed before the configuration refused
+        # ``user:password@`` kept the password in its last_error.
+        "errors": [without_userinfo(error)[:MAX_ERROR_CHARS]
+                   for error in errors[:MAX_ERRORS + 1]],
     }
 
 
@@ -238,8 +243,8 @@ class HeartbeatSender:
         if self._client is None or self._client_key != key:
             if self._client is not None:
                 self._client.close()
-            self._client = httpx.Client(base_url=url, verify=context,
-                                        timeout=wan_timeout(15.0))
+            self._client = http_client(base_url=url, verify=context,
+                                       timeout=wan_timeout(15.0))
             self._client_key = key
         return self._client
 

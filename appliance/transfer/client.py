@@ -53,6 +53,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from appliance.transfer.http import http_client
 from appliance.transfer.link_failures import trust_problem
 from appliance.transfer.pacing import ConnectionSlots, LinkMeter, PacedBackend, Pacer
 from appliance.transfer.reservations import Reservations
@@ -260,7 +261,7 @@ class HubClient:
         self._warm_thread: threading.Thread | None = None
         # No pool timeout: waiting for a connection means waiting for our own requests, which
         # have timeouts of their own; a slow link must not turn a queue into errors.
-        self._http = httpx.Client(
+        self._http = http_client(
             base_url=self.url, verify=ssl_context, http1=True, http2=False,
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, CONNECT_TIMEOUT_S),
                                   pool=None),

@@ -55,6 +55,7 @@ from appliance.transfer.download_frames import (
     FrameReader,
 )
 from appliance.transfer.enrolment import load_enrolment
+from appliance.transfer.http import http_client
 from appliance.transfer.lanes import LANES_PATH, LaneFormatError, LaneReader, Reassembly
 from appliance.transfer.unpack import BucketFormatError, unpack_bucket
 from appliance.words import counted, error_words
@@ -162,7 +163,7 @@ class HubDownloads:
         # Idle connections kept KEEP_ALIVE_S (the hub keeps them 30 s): ``warm`` every
         # WARM_EVERY_S keeps one open, so an order's first request pays no TCP and TLS
         # handshakes (two round trips on the WAN).
-        self.client = client or httpx.Client(
+        self.client = client or http_client(
             verify=verify, timeout=wan_timeout(timeout_s),
             limits=httpx.Limits(max_connections=16, max_keepalive_connections=8,
                                 keepalive_expiry=KEEP_ALIVE_S))

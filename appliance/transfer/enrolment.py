@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from appliance.store.spool import fsync_dir
+from appliance.transfer.http import http_client
 
 PKI_DIR = "pki"
 # The key and CSR of an enrolment under way (files 0600, folder 0700), kept from before the
@@ -294,7 +295,8 @@ def _fetch_ca(url: str, cafp: str, timeout: float) -> bytes:
     unverified.verify_mode = ssl.CERT_NONE
     unverified.minimum_version = ssl.TLSVersion.TLSv1_3
     try:
-        response = httpx.get(f"{url}/enroll/ca", verify=unverified, timeout=timeout)
+        with http_client(verify=unverified, timeout=timeout) as client:
+            response = client.get(f"{url}/enroll/ca")
     except httpx.HTTPError as exc:
         raise EnrolmentError(f"cannot reach the hub at {url}: {exc}") from None
     if response.status_code != 200:
@@ -389,10 +391,9 @@ def enroll(home: Path, url: str, token: str, timeout: float = 30.0, *,
         pinned = ssl.create_default_context(cafile=ca_file.name)
     pinned.minimum_version = ssl.TLSVersion.TLSv1_3
     try:
-        response = httpx.post(
-            f"{url}/enroll", verify=pinned, timeout=timeout,
-            json={"token": token.strip(), "csr_pem": csr_pem.decode()},
-        )
+        with http_client(verify=pinned, timeout=timeout) as client:
+            response = client.post(
+                f"{url}/enroll", json={"token": token.strip(), "csr_pem": csr_pem.decode()})
     except httpx.HTTPError as exc:
         raise EnrolmentError(
             f"enrolment request to {url} failed: {exc}. The hub may have spent the token "

@@ -24,6 +24,7 @@ import httpx
 
 from appliance.transfer.client import wan_timeout
 from appliance.transfer.enrolment import load_enrolment
+from appliance.transfer.http import http_client
 from appliance.words import error_words
 
 REGION_PREFIX = "/api/v1/region/dicom-web"
@@ -97,7 +98,7 @@ class RegionClient:
         self.on_downloaded = on_downloaded
         # The connect is bounded apart (CONNECT_TIMEOUT_S): a hub that drops every packet
         # fails a viewer's fetch-through in seconds, not after the whole timeout.
-        self.client = httpx.Client(
+        self.client = http_client(
             verify=verify, timeout=wan_timeout(timeout_s),
             limits=httpx.Limits(max_connections=max_connections,
                                 max_keepalive_connections=max_connections))

@@ -61,6 +61,7 @@ from appliance.dispatch.target_types.base import (
 from appliance.store import index as index_store
 from appliance.store import uplink as uplink_store
 from appliance.store.jobs import Job
+from appliance.transfer.http import http_client, shown_url
 from appliance.transfer.link_failures import trust_problem
 from appliance.transfer.multipart import StreamedParts
 from appliance.words import counted
@@ -216,8 +217,8 @@ class StowRsTarget:
             headers["Authorization"] = f"Bearer {self.config.bearer_token}"
         elif self.config.username is not None:
             auth = httpx.BasicAuth(self.config.username, self.config.password or "")
-        return httpx.Client(verify=verify, auth=auth, headers=headers,
-                            timeout=httpx.Timeout(self.config.timeout_s))
+        return http_client(verify=verify, auth=auth, headers=headers,
+                           timeout=httpx.Timeout(self.config.timeout_s))
 
     def send(self, job: Job, context: SendContext) -> None:
         rows = context.files(job)
@@ -356,12 +357,16 @@ class StowRsTarget:
                            "ca_file, client_cert and client_key (`pas doctor`)")
                 uplink_store.record_contact(context.db, self.name, False, message)
                 raise TrustRefused(message) from cause
+            # The URL as messages carry it (no userinfo, no query): these words go to the
+            # log, the job's last_error, `pas status` and the heartbeat to the hub.
+            shown = shown_url(url)
             if isinstance(cause, NO_CONNECTION):
-                message = (f"{self.name} unreachable: no connection to {url} after "
+                message = (f"{self.name} unreachable: no connection to {shown} after "
                            f"{RETRIES + 1} tries ({type(cause).__name__}: {cause})")
                 uplink_store.record_contact(context.db, self.name, False, message)
                 raise _NoConnection(message) from cause
-            message = f"{self.name}: STOW-RS to {url} failed: {type(cause).__name__}: {cause}"
+            message = (f"{self.name}: STOW-RS to {shown} failed: {type(cause).__name__}: "
+                       f"{cause}")
             uplink_store.record_contact(context.db, self.name, False, message)
             raise ConnectionError(message) from cause
         uplink_store.record_contact(context.db, self.name, True)
