@@ -46,6 +46,7 @@ FROZEN_MIGRATIONS = [
     "618604cfd2e2949f",  # 25
     "9a35d068dbd45654",  # 26
     "55beed275ee6b5c5",  # 27
+    "a1da7d8943623c94",  # 28
 ]
 
 FROZEN_HUB_MIGRATIONS = [

@@ -105,14 +105,14 @@ def test_migration_24_drops_the_rows_left_and_the_trigger_keeps_them_off(
     """An index of schema 23 holding rows a purge left: one of no instance, one older than
     the instance that took its id. They go; the row of an instance that waits stays, and
     goes with its instance."""
-    from appliance.store import index
     from appliance.store.db import Database
     from appliance.store.index import InstanceRecord, StoredFile
     from appliance.store.schema import MIGRATIONS
+    from tests.support.old_schema import record_before_28
 
     db = Database(tmp_path / "pas.sqlite", MIGRATIONS[:23])
     ct = "1.2.840.10008.5.1.4.1.1.2"
-    waits, took_a_freed_id = (index.record_instance(
+    waits, took_a_freed_id = (record_before_28(
         db, InstanceRecord(uid, ct, "1.2.840.10008.1.2.1", "1.2.9", "1.2.9.2", patient_id="P"),
         StoredFile(uid, 1, sha * 64)).instance_id for uid, sha in (("1.2.9.1", "1"),
                                                                    ("1.2.9.3", "3")))

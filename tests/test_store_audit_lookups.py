@@ -131,6 +131,12 @@ def test_the_upgrade_adds_the_indexes_to_a_trail_written_before(tmp_path: Path) 
                        "DROP INDEX prefetch_messages_request; "
                        "DROP INDEX prefetch_messages_received; "
                        "DROP INDEX job_instances_instance; "  # 27
+                       "DROP INDEX studies_patient_name; "  # 28
+                       "DROP INDEX studies_patient_name_separated; "
+                       "DROP INDEX studies_patient_name_folding; "
+                       "ALTER TABLE studies DROP COLUMN patient_name; "
+                       "ALTER TABLE studies DROP COLUMN patient_birth_date; "
+                       "ALTER TABLE studies DROP COLUMN patient_sex; "
                        "PRAGMA user_version = 18;")
     conn.close()
 

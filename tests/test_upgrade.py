@@ -12,7 +12,7 @@ from appliance.store import jobs as job_store
 from appliance.store.db import Database
 from appliance.store.index import InstanceRecord, StoredFile
 from appliance.store.schema import MIGRATIONS
-from tests.support.old_schema import record_before_18
+from tests.support.old_schema import record_before_18, record_before_28
 from tests.support.peers import PasProcess
 
 
@@ -336,8 +336,8 @@ def test_instances_routed_nowhere_before_the_upgrade_wait_for_the_hub(tmp_path: 
         record = InstanceRecord(f"1.2.9.{n}", "1.2.840.10008.5.1.4.1.1.2",
                                 "1.2.840.10008.1.2.1", study, f"{study}.1", patient_id="P1",
                                 modality="CT")
-        return index.record_instance(old, record, StoredFile(f"aa/{n}.dcm", 100,
-                                                             f"{n:064d}")).instance_id
+        return record_before_28(old, record, StoredFile(f"aa/{n}.dcm", 100,
+                                                        f"{n:064d}")).instance_id
 
     nowhere = [filed(n, "1.2.9.100") for n in range(3)]   # routed, no job: waits for the hub
     to_pacs = [filed(n, "1.2.9.200") for n in range(3, 5)]  # routed to a local PACS

@@ -1,5 +1,7 @@
 """The header backfill: Rows, Columns, BitsAllocated and NumberOfFrames of the instances
-filed before schema 18, read from their files in the background after the upgrade.
+filed before schema 18, and the PatientName, PatientBirthDate and PatientSex of each study
+filed before schema 28 (each study's own: they were its patient's, the last instance's),
+read from their files in the background after the upgrade.
 
 Owns: reading each such file's header (the ingest's own reader,
 :func:`~appliance.ingest.reading.read_file_record`: the values are those ingest gives the same
@@ -51,7 +53,7 @@ READ_CHUNK = 1 << 20
 
 
 class HeaderBackfill:
-    """Reads the headers of the rows from before schema 18, a batch at a time."""
+    """Reads the headers of the rows from before the upgrade, a batch at a time."""
 
     def __init__(self, db: Database, spool: Spool, *, batch: int = BATCH,
                  pause_s: float = PAUSE_S):
@@ -69,7 +71,8 @@ class HeaderBackfill:
             if not header_backfill.progress(self.db).finished:
                 header_backfill.finish(self.db)
                 log.info("header backfill finished: %s read, %s could not be read (left "
-                         "without Rows, Columns, BitsAllocated, NumberOfFrames)",
+                         "without Rows, Columns, BitsAllocated, NumberOfFrames; their "
+                         "study keeps the patient attributes it had)",
                          counted(self.read, "instance"), counted(self.unreadable, "file"))
             return 0
         read = [(item, self._record(item.path)) for item in batch]
@@ -86,9 +89,10 @@ class HeaderBackfill:
         if state.after_id >= state.last_id:  # no row filed before the upgrade: a new index
             header_backfill.finish(self.db)
             return False
-        log.info("header backfill: reading the files of the instances filed before schema 18 "
-                 "(row ids %d to %d) for their Rows, Columns, BitsAllocated, NumberOfFrames",
-                 state.after_id + 1, state.last_id)
+        log.info("header backfill: reading the files of the instances filed before the "
+                 "upgrade (row ids %d to %d) for their Rows, Columns, BitsAllocated, "
+                 "NumberOfFrames (schema 18) and their study's PatientName, PatientBirthDate, "
+                 "PatientSex (schema 28)", state.after_id + 1, state.last_id)
         return True
 
     def run(self, stop: threading.Event, retry_s: float = 60.0) -> None:

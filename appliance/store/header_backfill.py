@@ -1,13 +1,17 @@
-"""Where the backfill of schema 18's image attributes stands, and what it writes.
+"""Where the backfill of the values read from headers stands, and what it writes.
 
-Owns: the ``header_backfill`` row (schema migration 18) and the update of an instance's
-``image_rows``, ``image_columns``, ``bits_allocated`` and ``number_of_frames`` from its file's
-header. May not touch: files (``appliance/ops/backfill.py`` reads them), any other column.
+Owns: the ``header_backfill`` row (schema migrations 18 and 28) and the update from a file's
+header of its instance's ``image_rows``, ``image_columns``, ``bits_allocated`` and
+``number_of_frames`` (schema 18) and of its study's ``patient_name``, ``patient_birth_date``
+and ``patient_sex`` (schema 28). May not touch: files (``appliance/ops/backfill.py`` reads
+them), any other column.
 
-Instances filed before schema 18 have NULL there. The backfill walks them by row id, from
-``after_id`` to ``last_id`` (the newest row at the upgrade: every later row was filed with its
-values), a batch at a time, each batch's values and its new position in one transaction: a
-restart goes on after the last batch written (invariant 3).
+Instances filed before schema 18 have NULL in the first; the studies filed before schema 28
+have their patient row's values, which the last instance received wrote (maybe another
+study's). The backfill walks the rows by id, from ``after_id`` to ``last_id`` (the newest
+row at the upgrade: every later row was filed with its values), a batch at a time, each
+batch's values and its new position in one transaction: a restart goes on after the last
+batch written (invariant 3).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from appliance.store.db import Database, now
-from appliance.store.index import InstanceRecord
+from appliance.store.index import InstanceRecord, refresh_patient
 
 
 @dataclass(frozen=True)
@@ -54,13 +58,42 @@ def save(db: Database, read: list[tuple[PendingFile, InstanceRecord | None]],
     """The values read for a batch (None: the file could not be read; its row keeps NULL)
     and the position after it, in one transaction. A row is matched by id and path: one
     evicted meanwhile is not there any more, and one whose id a newer row took (the newest
-    row evicted, then a new one filed) names another file."""
+    row evicted, then a new one filed) names another file.
+
+    A current instance's patient attributes go to its study, each one it carries replacing
+    the one held: read in id order, the study ends with its newest instance's, as ingest
+    files them. Not a study that an instance filed after the upgrade (an id past
+    ``last_id``) reached: ingest gave it that instance's, the newer. Each patient whose
+    study changed then takes its newest study's values (``index.refresh_patient``)."""
     with db.transaction() as conn:
         conn.executemany(
             "UPDATE instances SET image_rows = ?, image_columns = ?, bits_allocated = ?, "
             "number_of_frames = ? WHERE id = ? AND path = ?",
             [(record.rows, record.columns, record.bits_allocated, record.number_of_frames,
               item.instance_id, item.path) for item, record in read if record is not None])
+        last_id = conn.execute("SELECT last_id FROM header_backfill").fetchone()[0]
+        patients: set[int] = set()
+        for item, record in read:
+            if record is None:
+                continue
+            # "is_current IN (0, 1)": the instances_study index, to the rows past last_id.
+            study = conn.execute(
+                """SELECT s.id, s.patient_fk FROM instances i JOIN studies s ON s.id = i.study_fk
+                   WHERE i.id = ? AND i.path = ? AND i.is_current = 1
+                     AND NOT EXISTS (SELECT 1 FROM instances z WHERE z.study_fk = s.id
+                                     AND z.is_current IN (0, 1) AND z.id > ?)""",
+                (item.instance_id, item.path, last_id)).fetchone()
+            if study is None:
+                continue
+            conn.execute(
+                """UPDATE studies SET patient_name = coalesce(?, patient_name),
+                       patient_birth_date = coalesce(?, patient_birth_date),
+                       patient_sex = coalesce(?, patient_sex)
+                   WHERE id = ?""",
+                (record.patient_name, record.birth_date, record.sex, study["id"]))
+            patients.add(int(study["patient_fk"]))
+        for patient_fk in sorted(patients):
+            refresh_patient(conn, patient_fk)
         conn.execute("UPDATE header_backfill SET after_id = ?, "
                      "started_at = coalesce(started_at, ?)", (after_id, now()))
 

@@ -171,9 +171,12 @@ def record_instance(
 
 
 def _upsert_patient(conn: sqlite3.Connection, record: InstanceRecord) -> int:
-    """The patient row of ``record``'s PatientID and issuer, created or brought up to date.
-    Without a PatientID, a new row (a new study's): an instance that names nobody (an issuer
-    alone names nobody) is nobody else's (schema migration 17)."""
+    """The patient row of ``record``'s PatientID and issuer, created with the record's name,
+    birth date and sex if it is new. A row that exists is not changed here: the study is
+    filed first, then :func:`refresh_patient` gives the row its newest study's values (the
+    last instance received, a prefetched prior, renamed every study of the patient: review
+    s40, finding 1). Without a PatientID, a new row (a new study's): an instance that names
+    nobody (an issuer alone names nobody) is nobody else's (schema migration 17)."""
     if not record.patient_id:
         cursor = conn.execute(
             "INSERT INTO patients (patient_id, issuer, name, birth_date, sex) "
@@ -183,11 +186,7 @@ def _upsert_patient(conn: sqlite3.Connection, record: InstanceRecord) -> int:
     conn.execute(
         """INSERT INTO patients (patient_id, issuer, name, birth_date, sex)
            VALUES (?, ?, ?, ?, ?)
-           ON CONFLICT (patient_id, issuer) WHERE patient_id != ''
-           DO UPDATE SET
-               name = coalesce(excluded.name, name),
-               birth_date = coalesce(excluded.birth_date, birth_date),
-               sex = coalesce(excluded.sex, sex)""",
+           ON CONFLICT (patient_id, issuer) WHERE patient_id != '' DO NOTHING""",
         (record.patient_id, record.issuer_of_patient_id, record.patient_name,
          record.birth_date, record.sex),
     )
@@ -198,6 +197,37 @@ def _upsert_patient(conn: sqlite3.Connection, record: InstanceRecord) -> int:
         (record.patient_id, record.issuer_of_patient_id),
     ).fetchone()
     return int(row["id"])
+
+
+# The newest non-empty value of one of a patient's studies' patient attributes (?1: the
+# patient's row id): by StudyDate, then by the time the study was last received. A study
+# without a StudyDate counts as the oldest (NULL sorts last in a descending order).
+_NEWEST = ("(SELECT y.{column} FROM studies y WHERE y.patient_fk = ?1 AND y.{column} IS NOT "
+           "NULL ORDER BY y.study_date DESC, y.last_received_at DESC LIMIT 1)")
+_NEWEST_NAME = _NEWEST.format(column="patient_name")
+_NEWEST_BIRTH = _NEWEST.format(column="patient_birth_date")
+_NEWEST_SEX = _NEWEST.format(column="patient_sex")
+
+
+def refresh_patient(conn: sqlite3.Connection, patient_fk: int) -> None:
+    """Give a patient's row the name, birth date and sex of its newest study by StudyDate
+    (then by receipt), each the newest study's that has it, in the caller's transaction.
+
+    Why not the last instance's, as before schema 28: the order of receipt is not the order
+    of the studies. A prior prefetched after the current study (the usual order) put the
+    prior's name (before a marriage, a corrected registration) back on the row, and every
+    study was listed under it. Queries no longer read these columns (each study keeps its
+    own: ``studies.patient_name``...); ``pas studies``, the status page and a PATIENT level
+    C-FIND do not either. The row keeps the values a patient is best known by now. Written
+    only when something changes: no page dirtied per instance filed."""
+    conn.execute(
+        f"""UPDATE patients SET name = coalesce({_NEWEST_NAME}, name),
+               birth_date = coalesce({_NEWEST_BIRTH}, birth_date),
+               sex = coalesce({_NEWEST_SEX}, sex)
+           WHERE id = ?1 AND (coalesce({_NEWEST_NAME}, name) IS NOT name
+              OR coalesce({_NEWEST_BIRTH}, birth_date) IS NOT birth_date
+              OR coalesce({_NEWEST_SEX}, sex) IS NOT sex)""",
+        (patient_fk,))
 
 
 def _keep_older_version(conn: sqlite3.Connection, record: InstanceRecord, stored: StoredFile,
@@ -250,12 +280,15 @@ def _file_study(conn: sqlite3.Connection, record: InstanceRecord, received_at: f
         cursor = conn.execute(
             """INSERT INTO studies (study_uid, patient_fk, study_date, study_time,
                    accession_number, study_id, description, referring_physician, origin,
-                   first_received_at, last_received_at)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                   first_received_at, last_received_at, patient_name, patient_birth_date,
+                   patient_sex)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
             (record.study_uid, patient_fk, record.study_date, record.study_time,
              record.accession_number, record.study_id, record.study_description,
-             record.referring_physician, origin, received_at, received_at),
+             record.referring_physician, origin, received_at, received_at,
+             record.patient_name, record.birth_date, record.sex),
         )
+        refresh_patient(conn, patient_fk)
         return int(cursor.lastrowid or 0), None
     study_fk = int(held["id"])
     if adopted and received_at < held["last_received_at"]:
@@ -270,23 +303,23 @@ def _file_study(conn: sqlite3.Connection, record: InstanceRecord, received_at: f
             (patient_fk, study_fk)).fetchone() is not None:
         # Its word on that row would rename the other studies' patient: a row of its own.
         patient_fk, split = _upsert_patient(conn, record), True
-    else:  # names nobody: its word on the study's own unnamed patient, as a keyed one's
-        conn.execute(
-            """UPDATE patients SET name = coalesce(?, name),
-                   birth_date = coalesce(?, birth_date), sex = coalesce(?, sex)
-               WHERE id = ? AND patient_id = ''""",
-            (record.patient_name, record.birth_date, record.sex, patient_fk))
+    # else: it names nobody, and the study's own unnamed row takes its values below.
     conn.execute(
         """UPDATE studies SET patient_fk = ?, last_received_at = ?,
                study_date = coalesce(?, study_date), study_time = coalesce(?, study_time),
                accession_number = coalesce(?, accession_number),
                study_id = coalesce(?, study_id), description = coalesce(?, description),
-               referring_physician = coalesce(?, referring_physician)
+               referring_physician = coalesce(?, referring_physician),
+               patient_name = coalesce(?, patient_name),
+               patient_birth_date = coalesce(?, patient_birth_date),
+               patient_sex = coalesce(?, patient_sex)
            WHERE id = ?""",
         (patient_fk, received_at, record.study_date, record.study_time,
          record.accession_number, record.study_id, record.study_description,
-         record.referring_physician, study_fk),
+         record.referring_physician, record.patient_name, record.birth_date, record.sex,
+         study_fk),
     )
+    refresh_patient(conn, patient_fk)
     if patient_fk == held["patient_fk"] or split:
         return study_fk, None
     before = _patient_named(conn, int(held["patient_fk"]))
@@ -305,9 +338,11 @@ def forget_patient_if_unused(conn: sqlite3.Connection, patient_fk: int) -> None:
     """Delete a patient's row once no study of the cache is filed under it (its last study
     evicted, purged or filed under another patient), in the caller's transaction. Why: the
     row holds the name, birth date and sex; a cache that keeps them after the images are
-    gone holds health data for nothing (and ``pas status`` counted such patients)."""
+    gone holds health data for nothing (and ``pas status`` counted such patients). A row
+    kept takes the values of its newest study left (:func:`refresh_patient`)."""
     conn.execute("DELETE FROM patients WHERE id = ? AND NOT EXISTS "
                  "(SELECT 1 FROM studies WHERE patient_fk = ?)", (patient_fk, patient_fk))
+    refresh_patient(conn, patient_fk)
 
 
 def _patient_named(conn: sqlite3.Connection, patient_fk: int) -> tuple[str, str]:
@@ -447,7 +482,7 @@ def list_studies(db: Database, patient_id: str | None = None,
         # studies were read newest first, every one, to find this patient's.
         where += " AND p.patient_id != ''"
     rows = db.query(
-        f"""SELECT s.study_uid, p.patient_id, p.name AS patient_name, s.study_date,
+        f"""SELECT s.study_uid, p.patient_id, s.patient_name, s.study_date,
                    s.accession_number, s.description, s.origin, s.last_received_at,
                    CASE WHEN s.pinned_until >= ? THEN s.pinned_until END AS pinned_until,
                    (SELECT group_concat(DISTINCT x.modality) FROM series x

@@ -71,7 +71,7 @@ def recent_studies(db: Database, limit: int = 20) -> list[dict[str, Any]]:
     gave up), ``confirmed`` (the region's receipt named every instance).
     """
     rows = db.query(
-        """SELECT s.id, s.study_uid, p.patient_id, p.name AS patient_name, s.description,
+        """SELECT s.id, s.study_uid, p.patient_id, s.patient_name, s.description,
                   s.last_received_at,
                   (SELECT group_concat(DISTINCT se.modality) FROM series se
                      WHERE se.study_fk = s.id) AS modalities,

@@ -23,6 +23,8 @@ from typing import Any
 
 from appliance.store.db import Database
 from appliance.store.person_names import (
+    FOLDING,
+    FOLDING_TABLES,
     PADDING,
     PN_MATCH,
     PN_TABLES,
@@ -66,9 +68,10 @@ class Column:
 COLUMNS: dict[str, Column] = {
     "PatientID": Column("PATIENT", "p.patient_id", "ST"),
     "IssuerOfPatientID": Column("PATIENT", "p.issuer", "ST"),
-    "PatientName": Column("PATIENT", "p.name", "PN"),
-    "PatientBirthDate": Column("PATIENT", "p.birth_date", "DA"),
-    "PatientSex": Column("PATIENT", "p.sex", "ST"),
+    # Each study's own (schema 28), at every level but PATIENT (see _PER_STUDY).
+    "PatientName": Column("PATIENT", "s.patient_name", "PN"),
+    "PatientBirthDate": Column("PATIENT", "s.patient_birth_date", "DA"),
+    "PatientSex": Column("PATIENT", "s.patient_sex", "ST"),
     "StudyInstanceUID": Column("STUDY", "s.study_uid", "UI"),
     "StudyDate": Column("STUDY", "s.study_date", "DA"),
     "StudyTime": Column("STUDY", "s.study_time", "TM"),
@@ -91,6 +94,14 @@ COLUMNS: dict[str, Column] = {
     "BitsAllocated": Column("IMAGE", "i.bits_allocated", "US"),
     "NumberOfFrames": Column("IMAGE", "i.number_of_frames", "IS"),
 }
+# The patient attributes each study keeps as its own instances carry them (schema 28). A
+# STUDY, SERIES or IMAGE query matches and returns the study's (PS3.4 C.2.2.2: an entity is
+# matched and answered on its own values); they came from one patients row, written by the
+# last instance received, and a prior received after a name change relabelled the current
+# study: a search by the current name missed it (review s40, finding 1). A PATIENT query
+# matches a patient when one of its studies matches every such key, and answers the values
+# of its newest study by StudyDate (then by receipt), each the newest one given.
+_PER_STUDY = ("PatientName", "PatientBirthDate", "PatientSex")
 # The range of the integer VRs a key may hold (PS3.5 6.2).
 _INTEGER_RANGE = {"IS": (-2**31, 2**31 - 1, "an IS value (a 32-bit signed integer)"),
                   "US": (0, 2**16 - 1, "a US value (a 16-bit unsigned integer)")}
@@ -139,6 +150,10 @@ COMPUTED: dict[str, tuple[str, str]] = {
                                                    "studies y ON y.id = x.study_fk WHERE "
                                                    f"y.patient_fk = p.id AND {_CURRENT})"),
 }
+# The newest held study's value of the patient attribute in column {column} (PATIENT level).
+_NEWEST_OF_PATIENT = ("(SELECT {column} FROM studies s WHERE s.patient_fk = p.id AND "
+                      "{column} IS NOT NULL AND " + _HELD["STUDY"] +
+                      " ORDER BY s.study_date DESC, s.last_received_at DESC LIMIT 1)")
 # Multi-valued computed attributes: SQLite joins them with ","; DICOM wants "\\".
 _MULTI = {"ModalitiesInStudy", "SOPClassesInStudy"}
 
@@ -381,8 +396,23 @@ def _match_person_name(where: _Where, keyword: str, sql: str, value: str,
         where.add(separated, *params)
         return
     plain, plain_params = _plain_name(sql, groups[0], case_sensitive)
-    where.add(f"(({plain} AND NOT {SEPARATED.format(column=sql)}) OR {separated})",
-              *plain_params, *params)
+    if case_sensitive or not groups[0].isascii():
+        where.add(f"(({plain} AND NOT {SEPARATED.format(column=sql)}) OR {separated})",
+                  *plain_params, *params)
+        return
+    # An ASCII key, matched by NOCASE and LIKE, which fold ASCII letters only: the names
+    # holding a letter that folds to ASCII ones (ß) are matched as a non-ASCII key's are,
+    # both sides case-folded (by pn_match), so that "strasse^anna" finds "Straße^Anna" as
+    # "straße^anna" does (review s40, finding 6). Through their partial index (migration 28)
+    # where there is one: a few rows.
+    if sql in FOLDING_TABLES:
+        table, column = FOLDING_TABLES[sql]
+        folding = (f"{alias}.id IN (SELECT id FROM {table} WHERE "
+                   f"{FOLDING.format(column=column)} AND {PN_MATCH}({column}, ?, 0))")
+    else:
+        folding = f"({FOLDING.format(column=sql)} AND {PN_MATCH}({sql}, ?, 0))"
+    where.add(f"(({plain} AND NOT {SEPARATED.format(column=sql)}) OR {separated} "
+              f"OR {folding})", *plain_params, *params, groups[0])
 
 
 def _plain_name(sql: str, key: str, case_sensitive: bool) -> tuple[str, list[Any]]:
@@ -489,13 +519,19 @@ def _entities(db: Database, level: str, keys: dict[str, str], *, pn_case_sensiti
     # its instances (38 ms a row in a 400,000-instance study). The row carries the owner's id
     # instead and each owner is computed once.
     per_owner: set[str] = set()
+    # A PATIENT query's keys on its studies' own patient attributes: one study must match
+    # them all (a name and a birth date of the same study, not of two).
+    of_a_study = _Where([], [])
     for keyword, value in keys.items():
         if not available(keyword, level):
             continue
         value = (value or "").strip()
+        per_study = level == "PATIENT" and keyword in _PER_STUDY
         if value:
-            _match(where, keyword, value, pn_case_sensitive)
-        if keyword in COLUMNS:
+            _match(of_a_study if per_study else where, keyword, value, pn_case_sensitive)
+        if per_study:
+            sql = _NEWEST_OF_PATIENT.format(column=COLUMNS[keyword].sql)
+        elif keyword in COLUMNS:
             sql = COLUMNS[keyword].sql
         elif COMPUTED[keyword][0] != level:
             sql = _ENTITY_ID[COMPUTED[keyword][0]]
@@ -504,6 +540,9 @@ def _entities(db: Database, level: str, keys: dict[str, str], *, pn_case_sensiti
             sql = COMPUTED[keyword][1]
         selected.append(keyword)
         select_sql.append(f"{sql} AS c{len(selected) - 1}")
+    if of_a_study.clauses:
+        where.add(f"p.id IN (SELECT s.patient_fk FROM studies s WHERE {_HELD['STUDY']} AND "
+                  + " AND ".join(of_a_study.clauses) + ")", *of_a_study.params)
     if after is not None:
         where.add(f"{_ENTITY_ID[level]} > ?", after)
     columns = ", ".join([f"{_ENTITY_ID[level]} AS entity_id", *select_sql])

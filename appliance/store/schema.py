@@ -626,4 +626,37 @@ MIGRATIONS: list[str] = [
            OR (study_time GLOB '[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9]*'
                AND substr(study_time, 10) NOT GLOB '*[^0-9]*' AND length(study_time) <= 15);
     """,
+    # 28 (the index, appliance/store/index.py and query.py): each study keeps the patient
+    # attributes its own instances carry (PatientName, PatientBirthDate, PatientSex). One
+    # patients row per (PatientID, issuer) held them for every study of the patient, written
+    # by the last instance received: after a name change (a marriage, a corrected
+    # registration) a prior prefetched after the current study relabelled every study with
+    # the old name, and a search by the current name found nothing (review s40, finding 1;
+    # PS3.4 C.2.2.2: a study is matched and answered on its own values). STUDY, SERIES and
+    # IMAGE queries match and return these columns; a PATIENT query answers its newest
+    # study's and matches a value any of its studies carries. The studies from before get
+    # their patient row's values at once, the best known without reading a file (the row's,
+    # which may be another study's), then their own: the header backfill of migration 18
+    # (appliance/ops/backfill.py) reads every file filed before again, each study taking the
+    # values of its newest instance read (not those of a study filed after the upgrade,
+    # whose ingest gave it its own). The two partial indexes are those of query.py's person
+    # name matching (person_names.py: SEPARATED, FOLDING, whose letters case folding turns
+    # into ASCII ones are written out here).
+    """
+    ALTER TABLE studies ADD COLUMN patient_name TEXT;
+    ALTER TABLE studies ADD COLUMN patient_birth_date TEXT;
+    ALTER TABLE studies ADD COLUMN patient_sex TEXT;
+    UPDATE studies SET
+        patient_name = (SELECT p.name FROM patients p WHERE p.id = studies.patient_fk),
+        patient_birth_date = (SELECT p.birth_date FROM patients p
+                              WHERE p.id = studies.patient_fk),
+        patient_sex = (SELECT p.sex FROM patients p WHERE p.id = studies.patient_fk);
+    CREATE INDEX studies_patient_name ON studies (patient_name COLLATE NOCASE);
+    CREATE INDEX studies_patient_name_separated ON studies (id)
+        WHERE instr(patient_name, '=') > 0 OR instr(patient_name, char(92)) > 0;
+    CREATE INDEX studies_patient_name_folding ON studies (id)
+        WHERE patient_name GLOB '*[ß\u017f\u1e9e\u212a\ufb00\ufb01\ufb02\ufb03\ufb04\ufb05\ufb06]*';
+    UPDATE header_backfill SET after_id = 0, started_at = NULL, finished_at = NULL,
+        last_id = (SELECT coalesce(max(id), 0) FROM instances);
+    """,
 ]
