@@ -29,10 +29,9 @@ from tests.support.refusing_archive import RefusingArchive
 ROOT = Path(__file__).resolve().parent.parent
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
                    "all_proxy")
-# Built elsewhere than appliance/transfer/http.py, and passing trust_env=False itself: only
-# hub/priors.py, edited by another change at the time of this test (its client is to be
-# async_http_client(**archive_client_options(archive))). Do not add to this list.
-PENDING = {"appliance/hub/priors.py"}
+# Built elsewhere than appliance/transfer/http.py without passing trust_env=False itself:
+# none. Do not add to this list.
+PENDING: set[str] = set()
 
 
 class _Proxy:

@@ -82,8 +82,7 @@ def archive_client_options(archive: ArchiveSection) -> dict[str, Any]:
     """What every client of the hub to the archive is built with (:func:`http_client` or
     :func:`async_http_client`, which read no proxy from the environment): one place, so the
     STOWs, the region proxy and the downloads' reads verify the same CA and send the same
-    credentials. (hub/priors.py's searches still build their own client, with
-    ``archive_verify`` alone: they are to take these options too.)"""
+    credentials, the priors searches (hub/priors.py) too."""
     return {"timeout": archive.timeout_s, "verify": archive_verify(archive),
             "auth": archive_auth(archive)}
 

@@ -35,7 +35,7 @@ from starlette.routing import BaseRoute, Route
 
 from appliance.config import PrefetchRule
 from appliance.hub.app import BodyTooLarge, problem, read_body_limited
-from appliance.hub.archive import archive_verify, trust_problem
+from appliance.hub.archive import archive_client_options, trust_problem
 from appliance.hub.download import MAX_BUCKET_BYTES, bucket_bytes, stream_answer
 from appliance.hub.download_stages import Download, Part
 from appliance.hub.lanes import parse_lanes
@@ -48,6 +48,7 @@ from appliance.transfer.download_frames import (
     UID,
     encode_frame,
 )
+from appliance.transfer.http import async_http_client
 from appliance.words import counted
 
 if TYPE_CHECKING:
@@ -157,8 +158,9 @@ def _wish(patient: dict[str, Any], where: str) -> dict[str, Any] | str:
 def priors_routes(hub: Hub) -> list[BaseRoute]:
     limits = hub.settings.limits
     archive = hub.settings.archive
-    archive_client = httpx.AsyncClient(timeout=archive.timeout_s,
-                                       verify=archive_verify(archive)) \
+    # The archive's CA and credentials as every other client of the hub to it, and no proxy
+    # read from the environment (appliance/transfer/http.py).
+    archive_client = async_http_client(**archive_client_options(archive)) \
         if archive.kind == "dicomweb" and archive.url else None
 
     gate = asyncio.Semaphore(SEARCHES_AT_ONCE)
