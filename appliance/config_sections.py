@@ -599,6 +599,11 @@ class PrefetchSection(_Section):
     # dicomweb_url may be http:// to a host other than loopback (invariant 5: only for a
     # region reached on the hospital's own network, never across the WAN).
     allow_cleartext: Flag = False
+    # Credentials for dicomweb_url (a region read through the hub needs none: the site's
+    # certificate is its credential): HTTP Basic, or a bearer token (which wins).
+    dicomweb_username: str | None = None
+    dicomweb_password: str | None = None
+    dicomweb_bearer_token: str | None = None
     parallel: int = Field(default=8, ge=1, le=32)   # WADO-RS requests in flight
     # The hub's bucketed download (JPEG-LS + zstd) when it offers one, for priors and for
     # fetch-through; else WADO-RS.
@@ -631,14 +636,23 @@ class PrefetchSection(_Section):
 
     @model_validator(mode="after")
     def _not_in_clear(self) -> PrefetchSection:
+        credentials = (self.dicomweb_bearer_token is not None
+                       or self.dicomweb_username is not None)
         if self.dicomweb_url and credentials_in_url(self.dicomweb_url):
-            # No credential keys here: a region read directly is one this network may read
-            # (or read it through the hub, prefetch.dicomweb_url unset).
             raise _cross_field("dicomweb_url", _credentials_in_url(
-                "let this machine read the region without them, or read it through the hub "
-                "(leave {section}.dicomweb_url unset): PAS sends no credentials there"))
+                "put them in {section}.dicomweb_username and {section}.dicomweb_password "
+                "(HTTP Basic) or {section}.dicomweb_bearer_token"))
+        if not self.dicomweb_url and (credentials or self.dicomweb_password is not None):
+            # Through the hub the site's certificate is what the region trusts: credentials
+            # set for nothing would read as sent, and a typo in dicomweb_url's name hidden.
+            key = ("dicomweb_bearer_token" if self.dicomweb_bearer_token is not None
+                   else "dicomweb_username" if self.dicomweb_username is not None
+                   else "dicomweb_password")
+            raise _cross_field(key, "is for {section}.dicomweb_url, which is not set (the "
+                                    "region read through the hub takes the site's certificate)")
         if self.dicomweb_url and not self.allow_cleartext and sent_in_clear(self.dicomweb_url):
-            raise _cross_field("dicomweb_url", _cleartext("patient data"))
+            raise _cross_field("dicomweb_url", _cleartext(
+                "patient data and credentials" if credentials else "patient data"))
         return self
 
 

@@ -51,10 +51,9 @@ def test_credentials_in_a_url_are_refused_naming_the_key_and_the_keys_instead(
                                "PAS_DESTINATIONS__A__URL": url})
     problems = raised.value.problems
     assert problems == [
-        f"prefetch.dicomweb_url: {HOLDS}write the URL without them and let this machine read "
-        "the region without them, or read it through the hub (leave "
-        "prefetch.dicomweb_url unset): PAS sends no credentials there "
-        "(set by PAS_PREFETCH__DICOMWEB_URL)",
+        f"prefetch.dicomweb_url: {HOLDS}write the URL without them and put them in "
+        "prefetch.dicomweb_username and prefetch.dicomweb_password (HTTP Basic) or "
+        "prefetch.dicomweb_bearer_token (set by PAS_PREFETCH__DICOMWEB_URL)",
         f"destinations.a.url: {HOLDS}{STOW_INSTEAD.format(name='a')} "
         "(set by PAS_DESTINATIONS__A__URL)"]
     assert not any(SECRET in problem for problem in problems)

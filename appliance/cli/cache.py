@@ -86,7 +86,8 @@ def verify(config: Path | None = ConfigOption,
     if repair:  # through the hub when enrolled, or a plain DICOMweb region when configured
         from appliance.transfer.region import RegionClient
 
-        region = RegionClient.from_home(settings.home, settings.prefetch.dicomweb_url)
+        region = RegionClient.from_home(settings.home, settings.prefetch.dicomweb_url,
+                                        prefetch=settings.prefetch)
     # Each problem is in the report printed below: its log line too ("integrity: missing
     # ...") said every one twice, on stderr and stdout (114 lines for 57 missing files).
     # The flag's audit row still records it.

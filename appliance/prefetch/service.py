@@ -291,7 +291,8 @@ class PrefetchService:
     def _default_region(self) -> RegionClient | None:
         return RegionClient.from_home(
             self.settings.home, self.config.dicomweb_url, self.config.timeout_s,
-            self.config.parallel, lambda n: _metric("add_wan_bytes", "down", n))
+            self.config.parallel, lambda n: _metric("add_wan_bytes", "down", n),
+            prefetch=self.config)
 
     def _default_downloads(self) -> HubDownloads | None:
         region = self.region()

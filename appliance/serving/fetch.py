@@ -408,7 +408,8 @@ def make_fetcher(settings: Settings, db: Database,
 
     client = RegionClient.from_home(settings.home, settings.prefetch.dicomweb_url,
                                     timeout_s=settings.serving.fetch_timeout_s,
-                                    on_downloaded=lambda n: add_wan_bytes("down", n))
+                                    on_downloaded=lambda n: add_wan_bytes("down", n),
+                                    prefetch=settings.prefetch)
     if client is None:
         return None
     downloads = None
@@ -430,7 +431,7 @@ def make_region_find(settings: Settings) -> RegionFind | None:
         return None
     timeout = settings.serving.region_query_timeout_s
     client = RegionClient.from_home(settings.home, settings.prefetch.dicomweb_url,
-                                    timeout_s=timeout)
+                                    timeout_s=timeout, prefetch=settings.prefetch)
     return (RegionFind(client, timeout, settings.serving.max_results,
                        settings.serving.pn_case_sensitive)
             if client is not None else None)

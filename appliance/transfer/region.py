@@ -18,14 +18,17 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from appliance.transfer.client import wan_timeout
 from appliance.transfer.enrolment import load_enrolment
-from appliance.transfer.http import http_client
+from appliance.transfer.http import BearerAuth, http_client
 from appliance.words import error_words
+
+if TYPE_CHECKING:
+    from appliance.config import PrefetchSection
 
 REGION_PREFIX = "/api/v1/region/dicom-web"
 DICOM_JSON = "application/dicom+json"
@@ -87,29 +90,43 @@ class RegionInstance:
     sop_instance_uid: str
 
 
+def region_auth(prefetch: PrefetchSection) -> httpx.Auth | None:
+    """The credentials ``prefetch.dicomweb_url`` is read with: a bearer token, else HTTP
+    Basic, else none (set as the client's ``auth``, never in the URL: a URL is shown)."""
+    if prefetch.dicomweb_bearer_token is not None:
+        return BearerAuth(prefetch.dicomweb_bearer_token)
+    if prefetch.dicomweb_username is not None:
+        return httpx.BasicAuth(prefetch.dicomweb_username, prefetch.dicomweb_password or "")
+    return None
+
+
 class RegionClient:
     """A keep-alive HTTP client on the region's DICOMweb root. Thread-safe (httpx.Client)."""
 
     def __init__(self, base_url: str, verify: ssl.SSLContext | bool = True,
                  timeout_s: float = 60.0, max_connections: int = 8,
-                 on_downloaded: Callable[[int], None] | None = None):
+                 on_downloaded: Callable[[int], None] | None = None,
+                 auth: httpx.Auth | None = None):
         self.base_url = base_url.rstrip("/")
         # Told the bytes each answer took on the wire (compressed as sent): WAN metrics.
         self.on_downloaded = on_downloaded
         # The connect is bounded apart (CONNECT_TIMEOUT_S): a hub that drops every packet
         # fails a viewer's fetch-through in seconds, not after the whole timeout.
         self.client = http_client(
-            verify=verify, timeout=wan_timeout(timeout_s),
+            verify=verify, timeout=wan_timeout(timeout_s), auth=auth,
             limits=httpx.Limits(max_connections=max_connections,
                                 max_keepalive_connections=max_connections))
 
     @classmethod
     def from_home(cls, home: Path, dicomweb_url: str | None = None, timeout_s: float = 60.0,
                   max_connections: int = 8,
-                  on_downloaded: Callable[[int], None] | None = None) -> RegionClient | None:
-        """The hub proxy when enrolled, a direct DICOMweb root when configured, else None."""
+                  on_downloaded: Callable[[int], None] | None = None,
+                  prefetch: PrefetchSection | None = None) -> RegionClient | None:
+        """The hub proxy when enrolled, a direct DICOMweb root when configured, else None.
+        ``prefetch``: the section whose ``dicomweb_*`` credentials go to ``dicomweb_url``."""
         if dicomweb_url:
-            return cls(dicomweb_url, True, timeout_s, max_connections, on_downloaded)
+            return cls(dicomweb_url, True, timeout_s, max_connections, on_downloaded,
+                       auth=region_auth(prefetch) if prefetch is not None else None)
         enrolment = load_enrolment(home)
         if enrolment is None:
             return None
