@@ -100,7 +100,7 @@ COLUMNS: dict[str, Column] = {
 # last instance received, and a prior received after a name change relabelled the current
 # study: a search by the current name missed it (review s40, finding 1). A PATIENT query
 # matches a patient when one of its studies matches every such key, and answers the values
-# of its newest study by StudyDate (then by receipt), each the newest one given.
+# of its newest study by StudyDate (then by first receipt), each the newest one given.
 _PER_STUDY = ("PatientName", "PatientBirthDate", "PatientSex")
 # The range of the integer VRs a key may hold (PS3.5 6.2).
 _INTEGER_RANGE = {"IS": (-2**31, 2**31 - 1, "an IS value (a 32-bit signed integer)"),
@@ -153,7 +153,7 @@ COMPUTED: dict[str, tuple[str, str]] = {
 # The newest held study's value of the patient attribute in column {column} (PATIENT level).
 _NEWEST_OF_PATIENT = ("(SELECT {column} FROM studies s WHERE s.patient_fk = p.id AND "
                       "{column} IS NOT NULL AND " + _HELD["STUDY"] +
-                      " ORDER BY s.study_date DESC, s.last_received_at DESC LIMIT 1)")
+                      " ORDER BY s.study_date DESC, s.first_received_at DESC LIMIT 1)")
 # Multi-valued computed attributes: SQLite joins them with ","; DICOM wants "\\".
 _MULTI = {"ModalitiesInStudy", "SOPClassesInStudy"}
 
