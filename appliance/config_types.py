@@ -198,10 +198,16 @@ def _host_name(value: str) -> str:
 def _web_root(value: str) -> str:
     """A DICOMweb root PAS sends to or reads from: ``http(s)://host[:port][/path]``, without
     its trailing slash (the callers add ``/studies``). Whether it may be ``http://`` is the
-    section's check (:func:`sent_in_clear`): it depends on the section's opt-in. A refusal
-    here shows the value without its userinfo (refused itself by the sections,
-    :func:`credentials_in_url`): the words may be logged."""
-    shown = re.sub(r"//[^/?#\s]*@", "//", value)
+    section's check (:func:`sent_in_clear`): it depends on the section's opt-in. A value that
+    may hold userinfo is not parsed here: every section taking a WebRoot refuses it in its
+    own words, naming its credential keys and never the value (:func:`credentials_in_url`);
+    the other refusals here show the value."""
+    if credentials_in_url(value):
+        # Refused by every section that takes a WebRoot, in its own words and without the
+        # value (a password holding "/", "?" or "#" was cut there and the rest printed:
+        # "is not a URL (Port could not be cast ... 'S3cr'), got 'https://u:S3cr/etPw@...'").
+        return value.rstrip("/")
+    shown = value
     if not re.match(r"^https?://", value):
         raise ValueError(f"must start with http:// or https://, got {shown!r}")
     try:
@@ -231,15 +237,14 @@ def sent_in_clear(url: str) -> bool:
 
 
 def credentials_in_url(url: str) -> bool:
-    """Whether ``url`` carries userinfo (``user:password@host``). httpx sends it as HTTP
+    """Whether ``url`` may carry userinfo (``user:password@host``). httpx sends it as HTTP
     Basic, so it worked; but a URL is written wherever it is shown (a job's error, the log,
     ``pas status``, the heartbeat to the hub and its fleet pages): the sections refuse it
     and name their credential keys instead."""
-    try:
-        netloc = urlsplit(url).netloc
-    except ValueError:
-        return "@" in url
-    return "@" in netloc
+    # Any "@" after the scheme: a password may hold "/", "?" or "#" (a generated or base64
+    # one often does), where urlsplit ends the authority, leaving the "@" in the "path".
+    # A DICOMweb root has no "@" of its own (one in a path is written %40).
+    return "@" in url.split("://", 1)[-1]
 
 
 def loopback_host(host: str) -> bool:

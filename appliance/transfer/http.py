@@ -56,7 +56,8 @@ def shown_url(url: str | httpx.URL) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#\s]*@")
+# Up to the last "@" before a space or quote: a password may hold "/", "?" or "#".
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s'\"<>]*@")
 
 
 def without_userinfo(text: str) -> str:
