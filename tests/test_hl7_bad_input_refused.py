@@ -111,6 +111,29 @@ def test_a_second_pid_in_an_order_is_refused(pas: PasProcess) -> None:
             b"segment 5 is a second PID: an ORM message names one patient")
 
 
+def test_an_omg_s_prior_result_group_is_not_read_as_an_order(pas: PasProcess) -> None:
+    """OMG^O19 lets an order group end with a PRIOR_RESULT group, opened by the prior's own
+    PID and holding its ORC/OBR: refused as "a second PID" after d7d5f15 (review s40/2b F2),
+    and before that its ORC was filed as a second order. The current order is ACKed and
+    stored; the prior's is not."""
+    before = counts(pas)
+    frame = "\r".join([
+        "MSH|^~\\&|RIS|HOSP|PAS|HOSP|20261204120000||OMG^O19^OMG_O19|OMGPRIOR|P|2.5",
+        "PID|1||P1^^^HOSP^MR||DOE^JOHN",
+        "ORC|NW|ORDOMG1|||SC||^^^20991231120000",
+        "OBR|1|ORDOMG1||CT^CT||||||||||||||ACCOMG1||||||CT",
+        "PID|1||P1^^^HOSP^MR||DOE^JOHN",
+        "ORC|XO|ORDOLD9",
+        "OBR|1|ORDOLD9||CT^CT PRIOR||||||||||||||ACCOLD9||||||CT"])
+    (ack,) = exchange(pas, SB + frame.encode() + EB)
+    assert b"MSA|AA|OMGPRIOR" in ack, ack
+    assert counts(pas) == (before[0] + 1, before[1] + 1)
+    keys = [row[0] for row in read_rows(pas.home / "pas.sqlite",
+                                        "SELECT dedup_key FROM prefetch_requests")]
+    assert any("ORDOMG1" in key for key in keys), keys
+    assert not any("ORDOLD9" in key for key in keys), keys
+
+
 @pytest.mark.parametrize(("control", "when", "why"), [
     ("DT1", "20991231120000+2500",
      b"(the offset +2500 must be under 24 hours, its minutes under 60)"),
@@ -137,6 +160,10 @@ def test_a_date_out_of_range_is_refused_in_the_words_of_the_other_dates(
     ("CC4", "P\x7f1^^^HOSP", b"PID-3 patient identifier holds a control character, U+007F"),
     ("CC5", "P1^^^HO\\X01\\SP", b"PID-3.4 issuer holds a control character, U+0001 at "
                                 b"character 3"),
+    # A kanji issuer in ISO 2022 (JIS X 0208): named as the escape it is, not as a control
+    # character (review s40/2b F3).
+    ("CC7", "P1^^^\x1b$BIB1!\x1b(B", b"PID-3.4 issuer holds an ISO 2022 escape sequence "
+                                     b"(ESC, U+001B at character 1)"),
 ])
 def test_a_control_character_in_an_identifier_is_refused(
         pas: PasProcess, control: str, patient: str, named: bytes) -> None:
@@ -152,7 +179,8 @@ def test_a_control_character_in_a_merge_s_prior_identifier_is_refused(pas: PasPr
 @pytest.mark.parametrize(("args", "named"), [
     (("P\x01X",), "PATIENT_ID holds a control character, U+0001 at character 2"),
     (("P\x7f",), "PATIENT_ID holds a control character, U+007F at character 2"),
-    (("P1", "--issuer", "H\x1bS"), "--issuer holds a control character, U+001B at character 2"),
+    (("P1", "--issuer", "H\x1bS"),
+     "--issuer holds an ISO 2022 escape sequence (ESC, U+001B at character 2)"),
     (("P1", "--issuer", "H" * 65), "--issuer is 65 characters: at most 64"),
 ])
 def test_pas_prefetch_patient_refuses_what_hl7_intake_refuses(

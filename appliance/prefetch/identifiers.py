@@ -40,6 +40,10 @@ def identifier_problem(value: str) -> str | None:
     found = control_character(value)
     if found is not None:
         position, char = found
+        if char == "\x1b":  # ISO 2022 code extension (JIS X 0208 kanji, KS X 1001 hangul)
+            return (f"holds an ISO 2022 escape sequence (ESC, U+001B at character "
+                    f"{position}): an identifier the region is searched by is in the basic "
+                    "character set (map this issuer with prefetch.issuer_map)")
         return (f"holds a control character, U+{ord(char):04X} at character {position}: an "
                 "identifier is printable text (a DICOM LO value)")
     return None

@@ -388,6 +388,13 @@ def _segments_read(text: str) -> str:
     merging = kind == "ADT" and event in MERGE_EVENTS
     # The types read whose structure holds one PID (ADT events not read stay ACKed AA).
     one_patient = (kind, event) in SUPPORTED and not merging and kind not in SEVERAL_PATIENTS
+    # OMG^O19: an order group may end with a PRIOR_RESULT group, opened by the prior's own
+    # PID (PATIENT_PRIOR) and holding its own ORC/OBR (ORDER_PRIOR): results, not orders.
+    # Its ORC cannot be told from a next order's, so from that PID on nothing is read: the
+    # orders before it are (refused as "a second PID" since d7d5f15; before that its ORC
+    # was filed as an order).
+    prior_results = kind == "OMG"
+    reading = True
     patients = 0
     kept: list[tuple[str, str]] = []
     seen: set[str] = set()   # READ_SEGMENTS (and ORC when not grouped) already kept
@@ -402,6 +409,11 @@ def _segments_read(text: str) -> str:
             raise Refusal("AR", "100", f"segment {number} is {what}: one message per MLLP "
                           "frame (HL7 batches, BHS/FHS, are not read; send each message in "
                           "a frame of its own)", msh[0], msh[1])
+        if name == "PID" and prior_results and groups:
+            prior_results = False
+            reading = False
+        if not reading:  # a prior result group's segments, to the end (frame checks above)
+            continue
         if name == "PID" and "PID" in seen and one_patient:
             raise Refusal("AE", "100", f"segment {number} is a second PID: an {kind} message "
                           "names one patient (what follows it would be filed under the first "
