@@ -221,7 +221,8 @@ class RegionFind:
     for IMAGE, one series): a viewer opening a study listed NEARLINE found no series under it.
 
     Bounded (invariant 8): the region is asked ``limit = max_results + 1`` (the one more
-    tells the caller the answer was cut, as the local matches do: serving/qr.py), and its
+    tells the caller the answer was cut, as the local matches do: serving/qr.py) unless a
+    key is held back (then the limit would cut before the check), and its
     answer is read up to ``MAX_ANSWER_BYTES`` (transfer/region.py), past which RegionError.
     A broad key (``PatientName=*``) once read and parsed the region's whole study list.
 
@@ -249,7 +250,11 @@ class RegionFind:
         # The keys held back are named too: "all" is not every attribute to every archive
         # (Orthanc 1.10 leaves StudyDescription out of it, answers it when named).
         query["includefield"] = ["all", *held]
-        if self.max_results:
+        if self.max_results and not held:
+            # With a key held back, the first max_results + 1 rows the region matched on the
+            # others may all fail it while a later one passes: asked with the limit, such a
+            # study was missing and the answer ended Success, nothing said truncated (review
+            # s40/2a). Without it the answer is bounded by its bytes (MAX_ANSWER_BYTES).
             query["limit"] = self.max_results + 1
         # Wildcards stay literal: some archives (Orthanc) take "%2A" for a plain character.
         path += "?" + urlencode(query, doseq=True, safe="*?^,")

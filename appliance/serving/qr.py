@@ -225,7 +225,8 @@ class QueryRetrieveService:
                     break
                 held_back = values.get(UNAPPLIED) or []
                 availability = "NEARLINE"
-                if _whole_here(here.get(values["StudyInstanceUID"]), values):
+                if level == "STUDY" and _whole_here(here.get(values["StudyInstanceUID"]),
+                                                    values):
                     # Every instance of it is here and the index did not match it: a key it
                     # applied and the region did not (SOPClassesInStudy) left it out, or the
                     # region matched it and it is answered as it is held, ONLINE (it was
@@ -269,6 +270,14 @@ class QueryRetrieveService:
             log.info("C-FIND: region not asked: %s", exc)
             return {}, note
         unique = _UNIQUE_KEY[level]
+        # A region need not return the levels above in a series or instance search (PS3.18):
+        # the UIDs the query pinned are its answers' too (a row without one raised KeyError,
+        # answered 0xC311, review s40/2a).
+        pinned = {key: keys[key] for key in ("StudyInstanceUID", "SeriesInstanceUID")
+                  if key != unique and store_query.is_uid(keys.get(key) or "")}
+        for row in rows:
+            for key, value in pinned.items():
+                row.setdefault(key, value)
         # A row without its UID could not be told from another, nor retrieved: not answered.
         return {str(row[unique]): row for row in rows if row.get(unique)}, note
 
@@ -276,6 +285,10 @@ class QueryRetrieveService:
         """How many instances of each of ``study_uids`` are here (those held), asked in
         lists of ``FIND_PAGE`` UIDs (List of UID Matching: one SQL variable each)."""
         counts: dict[str, int] = {}
+        # A UID the index would refuse (a letter in it, over 64 characters) is held nowhere
+        # here; asked, its QueryError failed the whole C-FIND (0xC311, no audit row; review
+        # s40/2a).
+        study_uids = [uid for uid in study_uids if store_query.is_uid(uid)]
         for at in range(0, len(study_uids), FIND_PAGE):
             keys = {"StudyInstanceUID": "\\".join(study_uids[at:at + FIND_PAGE]),
                     "NumberOfStudyRelatedInstances": ""}
