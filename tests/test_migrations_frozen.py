@@ -47,6 +47,7 @@ FROZEN_MIGRATIONS = [
     "9a35d068dbd45654",  # 26
     "55beed275ee6b5c5",  # 27
     "a1da7d8943623c94",  # 28
+    "5983472f22f8ca4c",  # 29
 ]
 
 FROZEN_HUB_MIGRATIONS = [

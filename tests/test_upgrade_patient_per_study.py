@@ -155,3 +155,53 @@ def test_the_backfill_leaves_a_study_filed_after_the_upgrade_as_ingest_filed_it(
         assert new.query_one("SELECT name FROM patients")["name"] == "Schmidt^Anna"
     finally:
         new.close()
+
+
+def test_the_backfill_fills_what_an_instance_filed_after_the_upgrade_did_not_carry(
+        tmp_path: Path) -> None:
+    """Migration 29 (review s40/2a): the backfill skipped the whole of a study an instance
+    reached after the upgrade. That instance (a key object, a secondary capture) had the
+    name but an empty PatientBirthDate and PatientSex (Type 2): F kept migration 28's copy
+    of the patient row for them, G's 19800101 and M, and so did the patient row. Now the
+    backfill fills each attribute the newer instance did not carry, and leaves the one it
+    did; when it ends no study is left provisional."""
+    from appliance.ops.backfill import HeaderBackfill
+    from appliance.store import index
+
+    path = tmp_path / "pas.sqlite"
+    old = Database(path, migrations=MIGRATIONS[:27])
+    spool = Spool(tmp_path / "spool", fsync=False)
+    uids = {key: generate_uid() for key, *_ in STUDIES}
+
+    def stored_file(key: str, n: int, **attrs: str) -> tuple[object, object]:
+        file = tmp_path / f"{key}{n}.dcm"
+        tiny_ct(uids[key], PatientID="PID1", SpecificCharacterSet="ISO_IR 192",
+                **attrs).save_as(file, enforce_file_format=True)
+        data = file.read_bytes()
+        return read_record(data), spool.write([data])[0]
+
+    for key, date, name, birth, sex in STUDIES:
+        record_before_28(old, *stored_file(key, 1, PatientName=name, PatientBirthDate=birth,  # type: ignore[arg-type]
+                                           PatientSex=sex, StudyDate=date))
+    with old.transaction() as conn:  # schema 27: the last instance's word (G's)
+        conn.execute("UPDATE patients SET name = 'Müller^Hans', birth_date = '19800101', "
+                     "sex = 'M'")
+    old.close()
+    new = Database(path)
+    try:
+        index.record_instance(new, *stored_file(  # type: ignore[arg-type]
+            "F", 2, PatientName="Schmidt^Anna-Maria", StudyDate="20230301",
+            PatientBirthDate="", PatientSex=""))
+        backfill = HeaderBackfill(new, spool, batch=10, pause_s=0)
+        while backfill.step():
+            pass
+        rows = {r["study_uid"]: tuple(r)[1:] for r in new.query(
+            "SELECT study_uid, patient_name, patient_birth_date, patient_sex, "
+            "patient_values_provisional FROM studies")}
+        # The name is the newer instance's; birth date and sex F's own file's.
+        assert rows[uids["F"]] == ("Schmidt^Anna-Maria", "19800102", "F", 0)
+        assert rows[uids["G"]] == ("Müller^Hans", "19800101", "M", 0)
+        patient = new.query_one("SELECT name, birth_date, sex FROM patients")
+        assert tuple(patient) == ("Schmidt^Anna-Maria", "19800102", "F")
+    finally:
+        new.close()

@@ -62,33 +62,35 @@ def save(db: Database, read: list[tuple[PendingFile, InstanceRecord | None]],
 
     A current instance's patient attributes go to its study, each one it carries replacing
     the one held: read in id order, the study ends with its newest instance's, as ingest
-    files them. Not a study that an instance filed after the upgrade (an id past
-    ``last_id``) reached: ingest gave it that instance's, the newer. Each patient whose
-    study changed then takes its newest study's values (``index.refresh_patient``)."""
+    files them. Only the attributes still provisional (``patient_values_provisional``,
+    schema 28): one an instance filed after the upgrade carried is that instance's, the
+    newer word; one it lacked is still the copy, and the files read give it. Each patient
+    whose study changed then takes its newest study's values (``index.refresh_patient``)."""
     with db.transaction() as conn:
         conn.executemany(
             "UPDATE instances SET image_rows = ?, image_columns = ?, bits_allocated = ?, "
             "number_of_frames = ? WHERE id = ? AND path = ?",
             [(record.rows, record.columns, record.bits_allocated, record.number_of_frames,
               item.instance_id, item.path) for item, record in read if record is not None])
-        last_id = conn.execute("SELECT last_id FROM header_backfill").fetchone()[0]
         patients: set[int] = set()
         for item, record in read:
             if record is None:
                 continue
-            # "is_current IN (0, 1)": the instances_study index, to the rows past last_id.
             study = conn.execute(
                 """SELECT s.id, s.patient_fk FROM instances i JOIN studies s ON s.id = i.study_fk
                    WHERE i.id = ? AND i.path = ? AND i.is_current = 1
-                     AND NOT EXISTS (SELECT 1 FROM instances z WHERE z.study_fk = s.id
-                                     AND z.is_current IN (0, 1) AND z.id > ?)""",
-                (item.instance_id, item.path, last_id)).fetchone()
+                     AND s.patient_values_provisional != 0""",
+                (item.instance_id, item.path)).fetchone()
             if study is None:
                 continue
             conn.execute(
-                """UPDATE studies SET patient_name = coalesce(?, patient_name),
-                       patient_birth_date = coalesce(?, patient_birth_date),
-                       patient_sex = coalesce(?, patient_sex)
+                """UPDATE studies SET
+                       patient_name = CASE WHEN patient_values_provisional & 1
+                           THEN coalesce(?, patient_name) ELSE patient_name END,
+                       patient_birth_date = CASE WHEN patient_values_provisional & 2
+                           THEN coalesce(?, patient_birth_date) ELSE patient_birth_date END,
+                       patient_sex = CASE WHEN patient_values_provisional & 4
+                           THEN coalesce(?, patient_sex) ELSE patient_sex END
                    WHERE id = ?""",
                 (record.patient_name, record.birth_date, record.sex, study["id"]))
             patients.add(int(study["patient_fk"]))
@@ -104,3 +106,7 @@ def finish(db: Database) -> None:
         conn.execute("UPDATE header_backfill SET after_id = last_id, finished_at = ?, "
                      "started_at = coalesce(started_at, ?) WHERE finished_at IS NULL",
                      (now(), now()))
+        # What the files gave is the studies' own word now (an evicted file's study keeps
+        # the copy, the best known).
+        conn.execute("UPDATE studies SET patient_values_provisional = 0 "
+                     "WHERE patient_values_provisional != 0")

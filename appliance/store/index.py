@@ -315,12 +315,13 @@ def _file_study(conn: sqlite3.Connection, record: InstanceRecord, received_at: f
                referring_physician = coalesce(?, referring_physician),
                patient_name = coalesce(?, patient_name),
                patient_birth_date = coalesce(?, patient_birth_date),
-               patient_sex = coalesce(?, patient_sex)
+               patient_sex = coalesce(?, patient_sex),
+               patient_values_provisional = patient_values_provisional & ~?
            WHERE id = ?""",
         (patient_fk, received_at, record.study_date, record.study_time,
          record.accession_number, record.study_id, record.study_description,
          record.referring_physician, record.patient_name, record.birth_date, record.sex,
-         study_fk),
+         _carried_patient_values(record), study_fk),
     )
     if patient_fk != held["patient_fk"] or split or _names_the_patient_anew(record, held):
         refresh_patient(conn, patient_fk)
@@ -336,6 +337,14 @@ def _file_study(conn: sqlite3.Connection, record: InstanceRecord, received_at: f
                 f"from instance {record.sop_instance_uid} on"),
     )
     return study_fk, _patient_label(*before)
+
+
+def _carried_patient_values(record: InstanceRecord) -> int:
+    """The bits of ``studies.patient_values_provisional`` (schema 28) this instance's word
+    replaces: 1 PatientName, 2 PatientBirthDate, 4 PatientSex, each it carries. The header
+    backfill then leaves those alone: this instance is newer than any it reads."""
+    return ((record.patient_name is not None) | (record.birth_date is not None) << 1
+            | (record.sex is not None) << 2)
 
 
 def _names_the_patient_anew(record: InstanceRecord, held: sqlite3.Row) -> bool:

@@ -659,4 +659,17 @@ MIGRATIONS: list[str] = [
     UPDATE header_backfill SET after_id = 0, started_at = NULL, finished_at = NULL,
         last_id = (SELECT coalesce(max(id), 0) FROM instances);
     """,
+    # 29 (appliance/store/index.py, header_backfill.py): which of a study's three patient
+    # attributes are still migration 28's copy of its patient row (1 name, 2 birth date,
+    # 4 sex). An instance filed after the upgrade clears the bit of each it carries (its word
+    # is the newer); the header backfill fills only those still set, and clears them all
+    # when it ends. The backfill skipped the whole of a study an instance reached after the
+    # upgrade, which then kept the copy of the values that instance lacked (Type 2, often
+    # empty in an SR or a secondary capture: another study's birth date and sex; review
+    # s40/2a). Set while the backfill has not finished (migration 28 restarts it).
+    """
+    ALTER TABLE studies ADD COLUMN patient_values_provisional INTEGER NOT NULL DEFAULT 0;
+    UPDATE studies SET patient_values_provisional = 7
+        WHERE (SELECT finished_at FROM header_backfill) IS NULL;
+    """,
 ]

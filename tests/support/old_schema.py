@@ -4,9 +4,10 @@
 includes the image attributes (image_rows, image_columns, bits_allocated, number_of_frames),
 which an older database's instances table lacks, and from schema 28 on the patient
 attributes of each study (patient_name, patient_birth_date, patient_sex on studies).
-:func:`record_before_18` and :func:`record_before_28` add them for the call and drop them
-again (SQLite >= 3.35): the rows are today's filing logic, the tables the older shape, with
-nothing of the columns left for migrations 18 and 28 to meet.
+Schema 29 adds ``studies.patient_values_provisional``. :func:`record_before_18` and
+:func:`record_before_28` add what is missing for the call and drop it again (SQLite >=
+3.35): the rows are today's filing logic, the tables the older shape, with nothing of the
+columns left for migrations 18, 28 and 29 to meet.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from appliance.store.db import Database
 from appliance.store.index import InstanceRecord, RecordOutcome, StoredFile
 
 IMAGE_COLUMNS = ("image_rows", "image_columns", "bits_allocated", "number_of_frames")
-# Schema 28: the patient attributes each study keeps (studies.patient_name...).
+# Schema 28: the patient attributes each study keeps (studies.patient_name...); 29: which of
+# them are still migration 28's copy.
 STUDY_PATIENT_COLUMNS = ("patient_name", "patient_birth_date", "patient_sex")
+PROVISIONAL_COLUMN = "patient_values_provisional INTEGER NOT NULL DEFAULT 0"
 
 
 def record_before_18(db: Database, record: InstanceRecord, stored: StoredFile,
@@ -43,7 +46,9 @@ def _record_without(db: Database, record: InstanceRecord, stored: StoredFile,
                     kwargs: dict[str, Any]) -> RecordOutcome:
     """File ``record`` with today's code, the columns the database lacks added for the call
     and dropped again, so that nothing of them is left for their migration to meet."""
-    missing = [("studies", column) for column in STUDY_PATIENT_COLUMNS]
+    missing = [("studies", PROVISIONAL_COLUMN)]
+    if db.schema_version() < 28:
+        missing += [("studies", column) for column in STUDY_PATIENT_COLUMNS]
     if db.schema_version() < 18:
         missing += [("instances", column) for column in IMAGE_COLUMNS]
     with db.transaction() as conn:
@@ -54,7 +59,7 @@ def _record_without(db: Database, record: InstanceRecord, stored: StoredFile,
     finally:
         with db.transaction() as conn:
             for table, column in missing:
-                conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+                conn.execute(f"ALTER TABLE {table} DROP COLUMN {column.split()[0]}")
 
 
 def undo_hub_migration_15(conn: sqlite3.Connection) -> None:
