@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from tests.support import peers, zygote
+from tests.support.http_peers import DicomWebRecorder
 from tests.support.peers import CT_DIR, MR_DIR, Orthanc, PasProcess, StoreSCP
 
 # The suite's pas commands are forked from a warm interpreter (tests/support/zygote.py). Not
@@ -140,3 +141,11 @@ def pynetdicom_senders_fixed() -> None:
     from appliance import dicomnet
 
     dicomnet.install()
+
+
+@pytest.fixture
+def recorder() -> Iterator[DicomWebRecorder]:
+    """A DICOMweb stand-in on loopback recording each request (tests/support/http_peers.py)."""
+    peer = DicomWebRecorder()
+    yield peer
+    peer.close()

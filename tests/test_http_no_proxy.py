@@ -15,14 +15,13 @@ client in ``appliance/`` is built by ``appliance.transfer.http`` (which passes
 from __future__ import annotations
 
 import ast
-import socket
 import textwrap
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support.http_peers import HangUp
 from tests.support.peers import CT_DIR, read_rows, storescu, wait_for
 from tests.support.refusing_archive import RefusingArchive
 
@@ -34,41 +33,19 @@ PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "http
 PENDING: set[str] = set()
 
 
-class _Proxy:
-    """Accepts on 127.0.0.1, counts and closes: a request sent to it fails at once."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.connections = 0
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            conn.close()
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 @pytest.fixture
-def proxy() -> Iterator[_Proxy]:
-    listener = _Proxy()
+def proxy() -> Iterator[HangUp]:
+    listener = HangUp()
     yield listener
     listener.close()
 
 
-def _proxied(proxy: _Proxy) -> dict[str, str]:
+def _proxied(proxy: HangUp) -> dict[str, str]:
     return {**{name: proxy.url for name in PROXY_VARIABLES}, "NO_PROXY": "", "no_proxy": ""}
 
 
 def test_a_loopback_stowrs_destination_is_reached_directly_with_proxy_variables_set(
-        pas_factory, tmp_path: Path, proxy: _Proxy) -> None:
+        pas_factory, tmp_path: Path, proxy: HangUp) -> None:
     archive = RefusingArchive()
     try:
         config = tmp_path / "appliance.toml"
@@ -100,7 +77,7 @@ def test_a_loopback_stowrs_destination_is_reached_directly_with_proxy_variables_
 
 
 def test_the_hub_reaches_its_loopback_archive_directly_with_proxy_variables_set(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, proxy: _Proxy) -> None:
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, proxy: HangUp) -> None:
     from appliance.hub.archive import DicomWebArchive, RebuiltInstance
     from appliance.hub.config import ArchiveSection
 

@@ -8,26 +8,16 @@ hub's environment, sending patient IDs in clear to a proxy. It now takes
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
+from tests.support.http_peers import DicomWebRecorder
 from tests.support.hub import HubProcess, client, enroll
-from tests.test_url_credentials import _Recorder
 
 SECRET = "Pri0rs-S3cret"
 
 
-@pytest.fixture
-def recorder() -> Iterator[_Recorder]:
-    peer = _Recorder()
-    yield peer
-    peer.close()
-
-
 def test_prior_searches_send_the_archive_credentials_and_use_no_proxy(
-        recorder: _Recorder, tmp_path: Path) -> None:
+        recorder: DicomWebRecorder, tmp_path: Path) -> None:
     # A proxy nobody listens on: a search sent through it would fail, not reach the archive.
     proxies = {name: "http://127.0.0.1:9" for name in ("HTTP_PROXY", "http_proxy",
                                                         "ALL_PROXY", "all_proxy")}

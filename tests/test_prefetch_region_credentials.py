@@ -11,23 +11,15 @@ is the credential) they are refused, naming the key."""
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from appliance.config import ConfigError, load_settings
+from tests.support.http_peers import DicomWebRecorder
 from tests.support.peers import DCMTK_ENV, PasProcess
-from tests.test_url_credentials import _Recorder
 
 SECRET = "Reg10n-S3cret"
-
-
-@pytest.fixture
-def recorder() -> Iterator[_Recorder]:
-    peer = _Recorder()
-    yield peer
-    peer.close()
 
 
 def test_credentials_without_a_dicomweb_url_are_refused_naming_the_key() -> None:
@@ -52,7 +44,7 @@ def test_credentials_without_a_dicomweb_url_are_refused_naming_the_key() -> None
     ({"PAS_PREFETCH__DICOMWEB_BEARER_TOKEN": SECRET}, f"Bearer {SECRET}"),
 ])
 def test_a_regional_cfind_sends_the_regions_credentials(
-        recorder: _Recorder, tmp_path: Path, keys: dict[str, str], expected: str) -> None:
+        recorder: DicomWebRecorder, tmp_path: Path, keys: dict[str, str], expected: str) -> None:
     """A real daemon asked by findscu with ``serving.query_region``: the region's QIDO-RS
     carries the credentials; the secret is in no log line."""
     pas = PasProcess(tmp_path / "pas", {

@@ -15,14 +15,12 @@ import contextlib
 import json
 import logging
 import os
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from appliance.config import ConfigError, load_settings
+from tests.support.http_peers import DicomWebRecorder, HangUp
 from tests.support.peers import free_port, run_pas
 
 SECRET = "S3cretPassw0rd"
@@ -114,56 +112,12 @@ def test_hub_config_check_refuses_credentials_in_archive_url_and_takes_its_keys(
     assert SECRET not in output
 
 
-class _Recorder:
-    """A tiny real DICOMweb stand-in on loopback: records each request's method, path and
-    Authorization header; QIDO-RS answers 204 (nothing held), STOW-RS 200 with no body."""
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[str, str, str | None]] = []
-        recorder = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def _answer(self, status: int) -> None:
-                recorder.seen.append((self.command, self.path.split("?")[0],
-                                      self.headers.get("Authorization")))
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def do_GET(self) -> None:  # noqa: N802
-                self._answer(204)
-
-            def do_POST(self) -> None:  # noqa: N802
-                self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                self._answer(200)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/dicom-web"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def recorder() -> Iterator[_Recorder]:
-    peer = _Recorder()
-    yield peer
-    peer.close()
-
-
 @pytest.mark.parametrize(("keys", "expected"), [
     ({"username": "hub", "password": SECRET}, "Basic aHViOlMzY3JldFBhc3N3MHJk"),
     ({"bearer_token": SECRET}, f"Bearer {SECRET}"),
 ])
 def test_the_hub_sends_the_archive_credentials_on_qido_and_stow(
-        recorder: _Recorder, tmp_path: Path, keys: dict[str, str], expected: str) -> None:
+        recorder: DicomWebRecorder, tmp_path: Path, keys: dict[str, str], expected: str) -> None:
     from appliance.hub.archive import ArchiveRefused, DicomWebArchive, RebuiltInstance
     from appliance.hub.config import ArchiveSection
 
@@ -276,25 +230,6 @@ def test_pas_run_refuses_a_destination_url_with_credentials_without_echoing_them
                               f"{STOW_INSTEAD.format(name='archive')}")
 
 
-class _HangUp:
-    """Accepts on 127.0.0.1 and closes at once: a destination that fails every request."""
-
-    def __init__(self) -> None:
-        import socket
-
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            conn.close()
-
-
 def test_the_password_key_is_shown_nowhere_while_the_destination_fails(
         pas_factory, tmp_path: Path) -> None:
     """The way credentials go now (username/password keys): the job fails, and neither the
@@ -302,7 +237,7 @@ def test_the_password_key_is_shown_nowhere_while_the_destination_fails(
     the keys were not shown before either; the URL was.)"""
     from tests.support.peers import CT_DIR, read_rows, storescu, wait_for
 
-    down = _HangUp()
+    down = HangUp()
     try:
         config = tmp_path / "appliance.toml"
         config.write_text(
@@ -322,4 +257,4 @@ def test_the_password_key_is_shown_nowhere_while_the_destination_fails(
         for shown in (jobs[0]["last_error"], status, pas.log()):
             assert SECRET not in shown
     finally:
-        down.sock.close()
+        down.close()
