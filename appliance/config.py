@@ -26,6 +26,7 @@ from pydantic import BaseModel, PrivateAttr, ValidationError
 from appliance.config_env import key_of, read_overrides
 from appliance.config_sections import (
     AuditSection,
+    BackupSection,
     CacheSection,
     Clock,
     Destination,
@@ -67,7 +68,8 @@ from appliance.config_types import (
 # Deliberate re-exports: the rest of the code (and the tests) import every configuration name
 # from here, wherever it is defined.
 __all__ = [
-    "AETitle", "AuditSection", "CacheSection", "Clock", "ConfigError", "Destination",
+    "AETitle", "AuditSection", "BackupSection", "CacheSection", "Clock", "ConfigError",
+    "Destination",
     "DicomDestination", "DicomSection", "DicomTlsSection", "ENV_PREFIX", "Fallback",
     "Hl7Section", "HttpSection", "HubDestination", "HubSection", "KnownAE", "MATCH_TIMEOUT_MS",
     "Match",
@@ -100,6 +102,7 @@ class Settings(_Section):
     storage: StorageSection = StorageSection()
     cache: CacheSection = CacheSection()
     audit: AuditSection = AuditSection()
+    backup: BackupSection = BackupSection()
     study: StudySection = StudySection()
     queue: QueueSection = QueueSection()
     http: HttpSection = HttpSection()

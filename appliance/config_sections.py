@@ -321,6 +321,28 @@ class AuditSection(_Section):
         return self
 
 
+class BackupSection(_Section):
+    """``pas backup`` (and its daily timer): the key its files are sealed for
+    (:mod:`appliance.ops.backup_seal`). The private half stays off the appliance, in IT's
+    keeping; it is needed only by ``pas restore``."""
+
+    # The backup key's public half (`pas backup-key FILE` prints it). Empty: backups are
+    # written in clear, and `pas doctor` says so.
+    recipient: str = ""
+
+    @field_validator("recipient")
+    @classmethod
+    def _a_backup_key(cls, value: str) -> str:
+        if value.strip():
+            from appliance.ops.backup_seal import BackupKeyError, parse_recipient
+
+            try:
+                parse_recipient(value)
+            except BackupKeyError as exc:
+                raise ValueError(str(exc)) from None
+        return value.strip()
+
+
 class StudySection(_Section):
     stable_after_s: float = Field(default=60.0, ge=0)
     check_interval_s: float = Field(default=2.0, gt=0)

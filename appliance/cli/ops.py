@@ -321,7 +321,11 @@ def backup(destination: Path = typer.Argument(..., help="Folder to write the bac
         exit_on_prune_problems(made.pruned)
         return
     at_risk = made.manifest["instances_not_confirmed_by_the_region"]
-    console.print(f"backup written to {literal(made.folder)}: the index "
+    sealed = made.manifest.get("sealed")
+    console.print(f"backup written to {literal(made.folder)}"
+                  + (f", sealed for the backup key {sealed['key']}" if sealed else
+                     " in clear (backup.recipient is not set: docs/operations.md)")
+                  + ": the index "
                   f"({counted(made.manifest['instances'], 'instance')}, "
                   f"{counted(made.manifest['studies'], 'study', 'studies')}), "
                   f"{'the enrolment, ' if (made.folder / 'pki').is_dir() else ''}"
@@ -337,21 +341,67 @@ def backup(destination: Path = typer.Argument(..., help="Folder to write the bac
 MANIFEST_NOTE = "MANIFEST.json (each file's SHA-256)."
 
 
+KeyOption = typer.Option(None, "--key", help="The backup key's private half (the file pas "
+                         "backup-key wrote): needed for a sealed backup")
+PassphraseOption = typer.Option(None, "--passphrase-file", help="A file whose first line is "
+                                "the backup key's passphrase (when it has one)")
+
+
+def _passphrase(path: Path | None) -> bytes | None:
+    """The first line of ``path`` (a file, so the passphrase is in no command line)."""
+    if path is None:
+        return None
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as exc:
+        err.print(f"[red]refused:[/red] cannot read {literal(path)}: "
+                  f"{literal(exc.strerror or exc)}", highlight=False)
+        raise typer.Exit(1) from None
+    if not lines or not lines[0]:
+        err.print(f"[red]refused:[/red] {literal(path)}: its first line is empty (the "
+                  "passphrase)", highlight=False)
+        raise typer.Exit(1)
+    return lines[0]
+
+
+def backup_key(path: Path = typer.Argument(..., help="Where to write the new key's private "
+                                           "half (IT's vault; not the appliance)"),
+               passphrase_file: Path | None = PassphraseOption) -> None:
+    """Make a backup key: the private half written to PATH, the line for backup.recipient
+    printed.
+
+    Backups are then sealed for it: only this file (and its passphrase) opens them."""
+    from appliance.ops.backup_seal import BackupKeyError, fingerprint, new_key, parse_recipient
+
+    try:
+        recipient = new_key(path, _passphrase(passphrase_file))
+    except BackupKeyError as exc:
+        err.print(f"[red]refused:[/red] {literal(exc)}", highlight=False)
+        raise typer.Exit(1) from None
+    console.print(f"backup key {fingerprint(parse_recipient(recipient))} written to "
+                  f"{literal(path)} (0600). Keep it off the appliance: without it no sealed "
+                  "backup can be restored. In the appliance's configuration:", highlight=False)
+    print(f'[backup]\nrecipient = "{recipient}"')
+
+
 def restore(folder: Path = typer.Argument(..., help="A pas-backup-<site>-<UTC time> folder "
                                            "written by pas backup"),
-            config: Path | None = ConfigOption) -> None:
+            config: Path | None = ConfigOption, key: Path | None = KeyOption,
+            passphrase_file: Path | None = PassphraseOption) -> None:
     """Put a backup's index and enrolment back in the home (PAS stopped).
 
     Checked first: this site's, whole (each file's SHA-256), sound, of a version this PAS
     runs; refused in one line otherwise, nothing changed. What the home held is set aside."""
     from appliance.cli.main import _settings
+    from appliance.ops.backup_seal import BackupKeyError, load_key
     from appliance.ops.home_lock import HomeInUse
     from appliance.ops.restore import RestoreRefused, restore_backup
 
     settings = _settings(config)
     try:
-        done = restore_backup(settings, folder, operator_actor())
-    except (RestoreRefused, HomeInUse) as exc:
+        private = None if key is None else load_key(key, _passphrase(passphrase_file))
+        done = restore_backup(settings, folder, operator_actor(), key=private)
+    except (RestoreRefused, HomeInUse, BackupKeyError) as exc:
         err.print(f"[red]refused:[/red] {literal(exc)}", highlight=False)
         raise typer.Exit(1) from None
     # "and the enrolment" only when the backup held one (an appliance not yet enrolled).
@@ -365,7 +415,9 @@ def restore(folder: Path = typer.Argument(..., help="A pas-backup-<site>-<UTC ti
             console.print(f"the home's {what} before it set aside as {literal(aside)}",
                           highlight=False)
     if done.config_in_backup is not None:
-        console.print(f"the backup's configuration is {literal(done.config_in_backup)}: put it "
+        console.print(f"the backup's configuration is {literal(done.config_in_backup)}"
+                      + (" (opened from the sealed backup, 0600)" if done.manifest.get("sealed")
+                         else "") + ": put it "
                       f"back where this PAS reads it ({literal(where_config_is_read(config))}) "
                       "if it is "
                       "lost", highlight=False)
@@ -401,4 +453,5 @@ def register(app: typer.Typer) -> None:
     app.command("send")(send)
     app.command("doctor")(doctor)
     app.command("backup")(backup)
+    app.command("backup-key")(backup_key)
     app.command("restore")(restore)

@@ -38,6 +38,7 @@ from appliance.ops.backup_folder import (
     prune_backups,
     refuse_another_schema,
     refuse_inside_home,
+    seal_backup,
     utc_stamp,
     write_backup_folder,
 )
@@ -68,7 +69,7 @@ def make_backup(settings: Settings, config_file: Path | None, destination: Path,
     ``keep``: once the backup is whole, the site's older backups in ``destination`` beyond
     the ``keep`` newest are removed (:func:`appliance.ops.backup_folder.prune_backups`)."""
 
-    def fill(building: Path) -> dict[str, Any]:
+    def fill_clear(building: Path) -> dict[str, Any]:
         copy_database(settings.db_path, building / "pas.sqlite")
         pki = settings.home / "pki"
         if pki.is_dir():
@@ -77,6 +78,11 @@ def make_backup(settings: Settings, config_file: Path | None, destination: Path,
         if config_file is not None and config_file.is_file():
             shutil.copy2(config_file, building / config_file.name)
         return _manifest(settings, building, config_file)
+
+    def fill(building: Path) -> dict[str, Any]:
+        if not settings.backup.recipient:
+            return fill_clear(building)
+        return seal_backup(settings.home, building, settings.backup.recipient, fill_clear)
 
     refuse_another_schema(settings.db_path, len(MIGRATIONS), "the index", "pas", "pas backup")
     # Absolute: the audit row names it for pas status and pas doctor, which may run from

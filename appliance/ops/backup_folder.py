@@ -160,6 +160,55 @@ def write_backup_folder(destination: Path, name: str,
     return final, manifest
 
 
+# Where a sealed backup's clear copies are made before they are sealed into the backup
+# folder: a hidden folder in the home (0700), on the home's own disk, which already holds the
+# same bytes in clear. Made in the destination instead, the clear index would have been
+# written to the share (its snapshots keep what was deleted).
+STAGING_PREFIX = ".backup-staging-"
+
+
+def seal_backup(home: Path, building: Path, recipient: str,
+                fill_clear: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """``fill_clear`` the backup into a private staging folder in ``home``, then seal each
+    of its files into ``building`` for ``recipient`` (:mod:`appliance.ops.backup_seal`),
+    named ``<path>.sealed``; the staging folder is removed whatever happens. Returns the
+    manifest's fields, with ``sealed`` saying the format and the key's fingerprint (what
+    ``pas restore`` asks for). :class:`BackupRefused` when the home has no room for the
+    clear copy."""
+    from appliance.ops.backup_seal import FORMAT, SUFFIX, fingerprint, parse_recipient, seal_file
+
+    public = parse_recipient(recipient)
+    _remove_stale_staging(home)
+    staging = home / f"{STAGING_PREFIX}{os.getpid()}-{time.time_ns()}"
+    try:
+        staging.mkdir(mode=0o700)
+        try:
+            manifest = fill_clear(staging)
+        except (OSError, sqlite3.Error) as exc:
+            raise BackupRefused(f"cannot make the copy to seal in {home} ("
+                                f"{getattr(exc, 'strerror', None) or exc}): no backup written"
+                                ) from None
+        for path in sorted(staging.rglob("*")):
+            relative = path.relative_to(staging)
+            if path.is_dir():
+                (building / relative).mkdir(mode=0o700)
+            elif path.is_file():
+                seal_file(path, building / f"{relative}{SUFFIX}", public, str(relative))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    manifest["sealed"] = {"format": FORMAT, "key": fingerprint(public)}
+    return manifest
+
+
+def _remove_stale_staging(home: Path) -> None:
+    """Staging folders of runs killed before their end, untouched for a day."""
+    now = time.time()
+    for entry in home.glob(STAGING_PREFIX + "*"):
+        if entry.is_dir() and not entry.is_symlink() and \
+                now - _last_written(entry, now) > STALE_PARTIAL_AFTER_S:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 def _partial_name(name: str) -> str:
     return f".{name}.partial"
 

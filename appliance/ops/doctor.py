@@ -406,6 +406,22 @@ def check_commitment(settings: Settings) -> list[Check]:
     return checks
 
 
+def check_backup_sealing(settings: Settings) -> list[Check]:
+    """Whether backups are sealed (``backup.recipient``): one in clear holds every patient's
+    name and the enrolment's private key, readable by whoever reads its folder, a share's
+    snapshots included."""
+    if settings.backup.recipient:
+        from appliance.ops.backup_seal import fingerprint, parse_recipient
+
+        return [Check("backup sealing", "ok", "backups are sealed for the backup key "
+                      + fingerprint(parse_recipient(settings.backup.recipient)))]
+    return [Check("backup sealing", "warn",
+                  "backups are written in clear: the index (every patient's name) and the "
+                  "enrolment's private key, for anyone who can read the backup folder",
+                  "pas backup-key FILE (FILE in IT's vault, off the appliance), then the "
+                  "printed recipient in [backup] of the configuration (docs/operations.md)")]
+
+
 def check_backup(settings: Settings, now: float | None = None) -> list[Check]:
     """The newest backup's age, found from its export audit row (so wherever it was written)
     and looked for on disk: a failed timer shows only in ``systemctl --failed``, which nobody
@@ -558,6 +574,7 @@ def run_checks(config_path: Path | None = None) -> list[Check]:
     checks.extend(check_stored_data(settings))
     checks.extend(check_commitment(settings))
     checks.extend(check_backup(settings))
+    checks.extend(check_backup_sealing(settings))
     checks.append(check_audit_copy(settings))
     for open_port in (check_open_http(settings), check_open_hl7(settings)):
         if open_port is not None:

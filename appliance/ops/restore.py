@@ -31,10 +31,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from appliance.config import Settings, site_origin
 from appliance.ops import index_check
 from appliance.ops.backup import KIND, MADE_AT_FORMAT
 from appliance.ops.backup_folder import MANIFEST, sha256_of
+from appliance.ops.backup_seal import (
+    FORMAT,
+    SUFFIX,
+    SealedFileDamaged,
+    fingerprint,
+    open_folder,
+    public_of,
+)
 from appliance.store import backups
 from appliance.store.damage import SIDE_FILES, damage_of
 from appliance.store.db import Database
@@ -58,12 +68,17 @@ class Restored:
     config_in_backup: Path | None
 
 
-def check_backup(settings: Settings, folder: Path) -> dict[str, Any]:
+def check_backup(settings: Settings, folder: Path,
+                 key: X25519PrivateKey | None = None) -> dict[str, Any]:
     """The backup's manifest, once the folder is found to be a whole ``pas backup`` of this
     site that this software can run (one written before manifests said their kind too:
     :func:`check_kind`): each file its manifest names, with its size and SHA-256; an index
     SQLite finds sound, of a schema this version knows. Raises :class:`RestoreRefused`
-    naming the first problem."""
+    naming the first problem.
+
+    A sealed backup (:mod:`appliance.ops.backup_seal`) is checked as far as it can be before
+    it is opened: its files' sizes and SHA-256 (of the sealed bytes), and that ``key`` is
+    the one it was sealed for; its index is checked once opened (:func:`restore_backup`)."""
     manifest = read_manifest(folder)
     check_kind(folder, manifest)
     if not _of_this_site(settings, folder, manifest):
@@ -75,12 +90,48 @@ def check_backup(settings: Settings, folder: Path) -> dict[str, Any]:
             "folder (or put this site's configuration back first). Nothing restored")
     made_at(folder, manifest)
     files = manifest.get("files")
-    if not isinstance(files, dict) or "pas.sqlite" not in files:
-        raise RestoreRefused(f"{folder}/{MANIFEST} names no pas.sqlite: not a whole backup; "
-                             "nothing restored")
+    sealed_for = _sealed_for(folder, manifest)
+    index_name = "pas.sqlite" + (SUFFIX if sealed_for else "")
+    if not isinstance(files, dict) or index_name not in files:
+        raise RestoreRefused(f"{folder}/{MANIFEST} names no {index_name}: not a whole backup;"
+                             " nothing restored")
     for name, entry in sorted(files.items()):
         check_file(folder, name, entry)
-    index = folder / "pas.sqlite"
+    if sealed_for is not None:
+        _check_key(folder, sealed_for, key)
+        return manifest
+    check_index(folder, folder / "pas.sqlite", manifest)
+    return manifest
+
+
+def _sealed_for(folder: Path, manifest: dict[str, Any]) -> str | None:
+    """The fingerprint of the key a sealed backup was sealed for; None: in clear."""
+    sealed = manifest.get("sealed")
+    if sealed is None:
+        return None
+    if not isinstance(sealed, dict) or sealed.get("format") != FORMAT or \
+            not isinstance(sealed.get("key"), str):
+        raise RestoreRefused(f"{folder}/{MANIFEST}: its \"sealed\" entry is not one this PAS "
+                             f"reads (format {FORMAT}): written by a newer PAS, or damaged; "
+                             "nothing restored")
+    return str(sealed["key"])
+
+
+def _check_key(folder: Path, sealed_for: str, key: X25519PrivateKey | None) -> None:
+    if key is None:
+        raise RestoreRefused(f"{folder} is sealed for the backup key {sealed_for}: give its "
+                             "private key (pas restore --key FILE); nothing restored")
+    given = fingerprint(public_of(key))
+    if given != sealed_for:
+        raise RestoreRefused(f"{folder} is sealed for the backup key {sealed_for}, and the key "
+                             f"given is {given}: give the private key of {sealed_for} (the "
+                             "one backup.recipient named when it was written); nothing "
+                             "restored")
+
+
+def check_index(folder: Path, index: Path, manifest: dict[str, Any]) -> None:
+    """The backup's index (``index``: in ``folder``, or opened from it) is one SQLite finds
+    sound, of a schema this version knows; :class:`RestoreRefused` otherwise."""
     known = len(MIGRATIONS)
     try:
         schema = schema_version_of(index)
@@ -95,7 +146,6 @@ def check_backup(settings: Settings, folder: Path) -> dict[str, Any]:
     if finding is not None:
         raise RestoreRefused(f"{index} is damaged ({finding}): restore an older backup. "
                              "Nothing restored")
-    return manifest
 
 
 # What the manifest of every pas backup has held, before it said its kind (2026-12-05, with
@@ -167,11 +217,54 @@ def _of_this_site(settings: Settings, folder: Path, manifest: dict[str, Any]) ->
 
 
 def restore_backup(settings: Settings, folder: Path, actor: str,
-                   at: float | None = None) -> Restored:
-    """Check ``folder`` (:func:`check_backup`), then, holding the home's lock (``HomeInUse``
-    while a daemon runs), put the backup's index and enrolment in place of the home's, which
-    are set aside (modes kept: the key stays 0600). The restored index's audit trail says who
-    restored which backup; the next start reconciles it with the spool.
+                   at: float | None = None, key: X25519PrivateKey | None = None) -> Restored:
+    """Check ``folder`` and put it back (:func:`_put_back`). A sealed backup is first opened
+    with ``key`` into a private folder in the home (:data:`OPENING`, removed after), its
+    index checked there, and moved in from it; the configuration it holds is left in the
+    home, ``<name>.from-backup-<UTC time>`` (0600), for the operator."""
+    manifest = check_backup(settings, folder, key)
+    if manifest.get("sealed") is None:
+        return _put_back(settings, folder, folder, manifest, actor, at)
+    assert key is not None, "check_backup refuses a sealed backup without its key"
+    home = settings.home
+    opening = home / OPENING
+    _remove(opening)  # a restore killed before left it
+    try:
+        home.mkdir(parents=True, exist_ok=True)  # a new disk: as the home's lock makes it
+        opening.mkdir(mode=0o700)
+        files = open_folder(folder, sorted(manifest["files"]), key, opening)
+    except SealedFileDamaged as exc:
+        _remove(opening)
+        raise RestoreRefused(f"{exc}: restore an older backup. Nothing restored") from None
+    except OSError as exc:
+        _remove(opening)
+        raise RestoreRefused(f"cannot open {folder} into {home} ({_reason(exc, home)}): "
+                             f"{_LEFT_AS_IT_WAS}") from None
+    try:
+        check_index(folder, opening / "pas.sqlite", manifest)
+        done = _put_back(settings, folder, opening, {**manifest, "files": files}, actor, at)
+        if done.config_in_backup is not None:
+            kept = _free_name(home / f"{done.config_in_backup.name}.from-backup-"
+                                     f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(at))}")
+            done.config_in_backup.rename(kept)
+            done.config_in_backup = kept
+        return done
+    finally:
+        _remove(opening)
+
+
+# A sealed backup opened before it is put back: in the home (the disk the index goes to, and
+# one that holds it in clear already), never in the backup's folder (a share).
+OPENING = ".backup-opening"
+
+
+def _put_back(settings: Settings, folder: Path, source: Path, manifest: dict[str, Any],
+              actor: str, at: float | None) -> Restored:
+    """Holding the home's lock (``HomeInUse`` while a daemon runs), put the backup's index
+    and enrolment (read from ``source``: ``folder``, or where a sealed one was opened) in
+    place of the home's, which are set aside (modes kept: the key stays 0600). The restored
+    index's audit trail says who restored which backup; the next start reconciles it with
+    the spool.
 
     All or nothing: the backup's index and enrolment are first copied beside the home's
     under temporary names, fsynced, checked and given the restore's row
@@ -182,13 +275,12 @@ def restore_backup(settings: Settings, folder: Path, actor: str,
     at all, and a traceback."""
     from appliance.ops.home_lock import hold_home_lock
 
-    manifest = check_backup(settings, folder)
     home = settings.home
     index = settings.db_path
     lock = hold_home_lock(home)
     try:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if at is None else at))
-        has_pki = (folder / "pki").is_dir()
+        has_pki = (source / "pki").is_dir()
         # A WAL (and its -shm) left without its index is set aside too: the daemon killed,
         # then pas.sqlite moved by hand. Left in the home, SQLite replayed it into the
         # restored index at its first open (pages of another database over the backup's):
@@ -205,7 +297,7 @@ def restore_backup(settings: Settings, folder: Path, actor: str,
                   + (f"; the home's index set aside as {index_aside.name}"
                      if index_aside else ""))
         try:
-            _copy_in(folder, manifest, incoming, incoming_pki if has_pki else None,
+            _copy_in(source, manifest, incoming, incoming_pki if has_pki else None,
                      lambda db: backups.record_restore(
                          db, made_at=made_at(folder, manifest), folder=folder.resolve(),
                          actor=actor, detail=detail))
@@ -247,7 +339,7 @@ def restore_backup(settings: Settings, folder: Path, actor: str,
     finally:
         lock.close()
     config_name = manifest.get("config_file")
-    config = folder / Path(config_name).name if config_name else None
+    config = source / Path(config_name).name if config_name else None
     return Restored(manifest, index_aside, pki_aside,
                     config if config is not None and config.is_file() else None)
 
@@ -271,7 +363,10 @@ def _copy_in(folder: Path, manifest: dict[str, Any], incoming: Path,
     home = incoming.parent
     _remove(incoming, home / INCOMING_PKI)  # a restore killed before left them
     files = manifest.get("files") or {}
-    shutil.copy2(folder / "pas.sqlite", incoming)
+    if folder.name == OPENING:  # opened for this restore, on the home's disk: no second copy
+        os.rename(folder / "pas.sqlite", incoming)
+    else:
+        shutil.copy2(folder / "pas.sqlite", incoming)
     _fsync(incoming)
     copies = [(incoming, "pas.sqlite")]
     if incoming_pki is not None:
