@@ -413,6 +413,11 @@ class PriorsFetcher:
         return now() + self.config.pin_days * 86400
 
     def _pin_and_push(self, study_uid: str, push_to: list[str], rule_name: str) -> None:
+        """Pin the prior, and queue its ``push_to`` jobs. It routes nothing: the fetched
+        instances were filed routed (held by the region), and an instance of the site's own
+        not routed yet (a late delta of a study already "complete on site") is the stability
+        pass's to route to the hub. Marked routed here, as it was, it had no hub job ever,
+        and never reached the region (review s41)."""
         store.pin_study(self.db, study_uid, self._pin_until())
         if not push_to:
             return
@@ -421,5 +426,5 @@ class PriorsFetcher:
             return
         jobs = [job_store.NewJob(self.settings.destinations[name].kind, name, 2,
                                  f"prefetch:{rule_name}", ids) for name in push_to]
-        job_store.route_study(self.db, study_fk, ids, jobs)
+        job_store.route_study(self.db, study_fk, [], jobs)
         self.on_jobs_created()

@@ -107,14 +107,19 @@ def record_instance(
     held_by_region = received_at if origin == "regional" else None
     with db.transaction() as conn:
         versions = conn.execute(
-            "SELECT id, sha256, version, is_current, received_at, study_fk, series_fk "
-            "FROM instances WHERE sop_instance_uid = ? ORDER BY version DESC",
+            "SELECT id, sha256, version, is_current, received_at, study_fk, series_fk, "
+            "confirmed_at FROM instances WHERE sop_instance_uid = ? ORDER BY version DESC",
             (record.sop_instance_uid,),
         ).fetchall()
         same = next((row for row in versions if row["sha256"] == stored.sha256), None)
         if same is not None and same["is_current"]:
             return RecordOutcome(same["id"], duplicate=True, conflict=False,
                                  version=same["version"])
+        if origin == "regional":
+            current = next((row for row in versions if row["is_current"]), None)
+            if current is not None and current["confirmed_at"] is None:
+                return _behind_unconfirmed(conn, record, stored, current, same, received_at,
+                                           source_address, versions[0]["version"] + 1)
         newer = next((row for row in versions if row["is_current"]
                       and row["received_at"] > received_at), None) if adopted else None
         if newer is not None and same is None:
@@ -232,8 +237,33 @@ def refresh_patient(conn: sqlite3.Connection, patient_fk: int) -> None:
         (patient_fk,))
 
 
+def _behind_unconfirmed(conn: sqlite3.Connection, record: InstanceRecord, stored: StoredFile,
+                        current: sqlite3.Row, same: sqlite3.Row | None, received_at: float,
+                        source: str | None, version: int) -> RecordOutcome:
+    """The region's copy of an instance whose current version the region has not confirmed
+    yet (a correction the sender sent after the copy the region holds): kept as a version
+    that is not current, held by the region (routed and confirmed), in the current version's
+    study; the correction stays current, travels, and stays until the region confirms it.
+
+    Filed as current, as any regional copy was (a viewer opening the study the correction
+    was moved out of; the modality re-sending while fetch-through downloaded), the copy made
+    the correction a replaced version: excused from the eviction's "held by the region"
+    rule, taken out of its hub job as replaced, and evicted without ``--force``, never
+    having reached the region (review s41, invariant 2)."""
+    if same is not None:  # the bytes of an older version: the region holds them
+        conn.execute("UPDATE instances SET routed_at = coalesce(routed_at, ?1), "
+                     "confirmed_at = coalesce(confirmed_at, ?1) WHERE id = ?2",
+                     (received_at, same["id"]))
+        return RecordOutcome(same["id"], duplicate=True, conflict=False,
+                             version=same["version"])
+    return _keep_older_version(conn, record, stored, current, received_at, version,
+                               source=source, held_by_region=received_at)
+
+
 def _keep_older_version(conn: sqlite3.Connection, record: InstanceRecord, stored: StoredFile,
-                        newer: sqlite3.Row, received_at: float, version: int) -> RecordOutcome:
+                        newer: sqlite3.Row, received_at: float, version: int, *,
+                        source: str | None = "recovery",
+                        held_by_region: float | None = None) -> RecordOutcome:
     """An adopted file older than the current version of its instance: kept beside it, not
     current, in the current version's study and series, which it does not touch (an older
     version's patient or description must not undo a correction received after it).
@@ -244,12 +274,12 @@ def _keep_older_version(conn: sqlite3.Connection, record: InstanceRecord, stored
         """INSERT INTO instances (sop_instance_uid, series_fk, study_fk, sop_class_uid,
                transfer_syntax_uid, instance_number, path, size, sha256, source_address,
                received_at, version, is_current, image_rows, image_columns, bits_allocated,
-               number_of_frames)
-           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'recovery', ?, ?, 0, ?, ?, ?, ?)""",
+               number_of_frames, routed_at, confirmed_at)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?)""",
         (record.sop_instance_uid, newer["series_fk"], newer["study_fk"], record.sop_class_uid,
          record.transfer_syntax_uid, record.instance_number, stored.path, stored.size,
-         stored.sha256, received_at, version, record.rows, record.columns,
-         record.bits_allocated, record.number_of_frames),
+         stored.sha256, source, received_at, version, record.rows, record.columns,
+         record.bits_allocated, record.number_of_frames, held_by_region, held_by_region),
     )
     return RecordOutcome(int(cursor.lastrowid or 0), duplicate=False, conflict=True,
                          version=version)
