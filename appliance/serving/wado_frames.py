@@ -249,6 +249,16 @@ def open_frames(path: Path, numbers: list[int],
     return answer, _native_frames(path, *where, size, numbers, word)
 
 
+def one_bit_frame(path: Path, frame: int, rows: int, columns: int) -> np.ndarray:
+    """Frame ``frame`` of native 1-bit pixels as a ``rows`` x ``columns`` array of 0 and 1,
+    read where it lies as /frames reads it (:func:`_frame_of`, big endian words swapped).
+    For /rendered: pydicom's decode of one frame (``index=``) fails on frames that are not
+    whole bytes ("cannot reshape array of size 1514 into shape (37,41)": a 500)."""
+    _, frames = open_frames(path, [frame], FrameAccept(OCTETS))
+    packed = np.frombuffer(next(frames), dtype=np.uint8)
+    return np.unpackbits(packed, bitorder="little")[:rows * columns].reshape(rows, columns)
+
+
 def frame_bits(ds: Any, count: int) -> int:
     """The length of one native frame in bits. Frames follow each other with no padding
     (PS3.5 8.1.1): at Bits Allocated 1 frame n starts at bit (n-1)*Rows*Columns, mid-byte

@@ -303,8 +303,13 @@ def render(path: Path, frame: int, media: str, viewport: tuple[int, int] | None,
     syntax = UID(ds.file_meta.get("TransferSyntaxUID", ""))
     # A picture for display, not a DICOM copy: colour goes RGB (YBR converted), as a
     # browser shows it; the copies keep the samples stored (decoded_as_rgb).
-    array = pixel_array(dcmread(path) if syntax.is_deflated else str(path), index=frame - 1,
-                        as_rgb=True)
+    if int(ds.get("BitsAllocated", 0) or 0) == 1 and not syntax.is_compressed:
+        from appliance.serving.wado_frames import one_bit_frame  # it imports this module
+
+        array = one_bit_frame(path, frame, int(ds.Rows), int(ds.Columns))
+    else:
+        array = pixel_array(dcmread(path) if syntax.is_deflated else str(path),
+                            index=frame - 1, as_rgb=True)
     if ds.get("SamplesPerPixel", 1) == 1:
         array = apply_modality_lut(array, ds).astype(np.float64)
         if window is not None:
