@@ -176,6 +176,11 @@ class Daemon:
             log.warning("permissions tightened: %s", fixed)
             audit.record(self.db, "security", actor="system", outcome="success",
                          detail=f"permissions tightened: {fixed}")
+        from appliance.ops.backup_folder import remove_clear_leftovers
+
+        for leftover in remove_clear_leftovers(self.settings.home):
+            log.warning("start-up: removed %s, a clear copy of the index a sealed backup or "
+                        "restore stopped before its end left", leftover)
         self.recovery_report = startup_recovery(self.db, self.spool, self.receiver,
                                                 progress=self.notifier.extend_start)
         # Here, not in startup_recovery (pas verify --repair runs that beside a live daemon):

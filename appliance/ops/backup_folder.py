@@ -175,10 +175,18 @@ def seal_backup(home: Path, building: Path, recipient: str,
     manifest's fields, with ``sealed`` saying the format and the key's fingerprint (what
     ``pas restore`` asks for). :class:`BackupRefused` when the home has no room for the
     clear copy."""
-    from appliance.ops.backup_seal import FORMAT, SUFFIX, fingerprint, parse_recipient, seal_file
+    from appliance.ops.backup_seal import (
+        FORMAT,
+        SUFFIX,
+        fingerprint,
+        new_backup_id,
+        parse_recipient,
+        seal_file,
+    )
 
     public = parse_recipient(recipient)
-    _remove_stale_staging(home)
+    remove_dead_staging(home)
+    backup_id = new_backup_id()
     staging = home / f"{STAGING_PREFIX}{os.getpid()}-{time.time_ns()}"
     try:
         staging.mkdir(mode=0o700)
@@ -186,27 +194,73 @@ def seal_backup(home: Path, building: Path, recipient: str,
             manifest = fill_clear(staging)
         except (OSError, sqlite3.Error) as exc:
             raise BackupRefused(f"cannot make the copy to seal in {home} ("
-                                f"{getattr(exc, 'strerror', None) or exc}): no backup written"
+                                f"{getattr(exc, 'strerror', None) or exc}; a sealed backup "
+                                "needs room there for a copy of the index): no backup written"
                                 ) from None
-        for path in sorted(staging.rglob("*")):
-            relative = path.relative_to(staging)
-            if path.is_dir():
-                (building / relative).mkdir(mode=0o700)
-            elif path.is_file():
-                seal_file(path, building / f"{relative}{SUFFIX}", public, str(relative))
+        try:
+            for path in sorted(staging.rglob("*")):
+                relative = path.relative_to(staging)
+                if path.is_dir():
+                    (building / relative).mkdir(mode=0o700)
+                elif path.is_file():
+                    seal_file(path, building / f"{relative}{SUFFIX}", public, str(relative),
+                              backup_id)
+        except OSError as exc:  # the destination full, gone: one line, not a traceback
+            raise BackupRefused(f"cannot write in {building.parent}: {exc.strerror or exc}: "
+                                "no backup written") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    manifest["sealed"] = {"format": FORMAT, "key": fingerprint(public)}
+    manifest["sealed"] = {"format": FORMAT, "key": fingerprint(public), "backup_id": backup_id}
     return manifest
 
 
-def _remove_stale_staging(home: Path) -> None:
-    """Staging folders of runs killed before their end, untouched for a day."""
+def remove_dead_staging(home: Path) -> list[Path]:
+    """Remove the staging folders (:data:`STAGING_PREFIX`) of backups that are not running
+    any more: their process is gone (killed while it copied), or, its pid unreadable,
+    nothing in them changed for a day. Each holds a clear copy of the index, the size of
+    the index. Called by each sealed backup and at the daemon's start. Returns those
+    removed."""
     now = time.time()
+    removed = []
     for entry in home.glob(STAGING_PREFIX + "*"):
-        if entry.is_dir() and not entry.is_symlink() and \
-                now - _last_written(entry, now) > STALE_PARTIAL_AFTER_S:
+        if not entry.is_dir() or entry.is_symlink():
+            continue
+        pid = entry.name[len(STAGING_PREFIX):].split("-", 1)[0]
+        alive = pid.isdigit() and _process_alive(int(pid))
+        if not alive or now - _last_written(entry, now) > STALE_PARTIAL_AFTER_S:
             shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+# A sealed backup opened by pas restore before it is put back (appliance/ops/restore.py):
+# in the home (the disk the index goes to, and one that holds it in clear already), never in
+# the backup's folder (a share).
+OPENING = ".backup-opening"
+
+
+def remove_clear_leftovers(home: Path) -> list[Path]:
+    """What a killed sealed backup or restore left in the home in clear (a copy of the
+    index): the staging folders of backups no longer running, and the folder a restore
+    opened a backup into. The caller holds the home's lock (the daemon at its start: no
+    restore runs then). Left, they stayed until the next sealed backup or restore, one the
+    size of the index."""
+    removed = remove_dead_staging(home)
+    opening = home / OPENING
+    if opening.is_dir() and not opening.is_symlink():
+        shutil.rmtree(opening, ignore_errors=True)
+        removed.append(opening)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's: alive
+    return True
 
 
 def _partial_name(name: str) -> str:

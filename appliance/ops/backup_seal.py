@@ -88,9 +88,12 @@ def parse_recipient(text: str) -> bytes:
         raise BackupKeyError(f"is {len(raw)} bytes once decoded, a backup key's public half "
                              f"is {X25519_BYTES} (the line `pas backup-key` printed)")
     try:
-        X25519PublicKey.from_public_bytes(raw)
-    except ValueError as exc:
-        raise BackupKeyError(f"is not an X25519 public key ({exc})") from None
+        # A low-order point is a valid encoding, and no key can be agreed with it: every
+        # backup failed on "Error computing shared key" while the configuration loaded.
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(raw))
+    except ValueError:
+        raise BackupKeyError("is not the public half of a backup key (no key can be agreed "
+                             "with it: the line `pas backup-key` printed)") from None
     return raw
 
 
@@ -100,14 +103,35 @@ def fingerprint(recipient: bytes) -> str:
     return hashlib.sha256(recipient).hexdigest()[:16]
 
 
+# A passphrase is stretched by scrypt before it encrypts the PEM: PKCS#8's own PBKDF2 as
+# the cryptography package writes it is 2,048 rounds (0.4 ms a guess); scrypt at these
+# costs is ~0.3 s and 128 MiB a guess. Its salt and costs on a line before the PEM block,
+# which PEM readers pass over.
+SCRYPT_LINE = b"PAS-Scrypt:"
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 17, 8, 1
+
+
+def _stretched(passphrase: bytes, salt: bytes, n: int, r: int, p: int) -> bytes:
+    from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+    return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(passphrase).hex().encode()
+
+
 def new_key(path: Path, passphrase: bytes | None = None) -> str:
-    """A new backup key written to ``path`` (PKCS#8 PEM, 0600, encrypted with ``passphrase``
-    when given); returns its recipient. Never overwrites: a key replaced is every backup
-    sealed for it lost (:class:`BackupKeyError`)."""
+    """A new backup key written to ``path`` (PKCS#8 PEM, 0600; with ``passphrase``, the PEM
+    encrypted under it stretched by scrypt, :data:`SCRYPT_LINE`); returns its recipient.
+    Never overwrites: a key replaced is every backup sealed for it lost
+    (:class:`BackupKeyError`). A write that fails leaves no file (an empty one blocked the
+    name)."""
     private = X25519PrivateKey.generate()
-    encryption: serialization.KeySerializationEncryption = (
-        serialization.BestAvailableEncryption(passphrase) if passphrase
-        else serialization.NoEncryption())
+    header = b""
+    encryption: serialization.KeySerializationEncryption = serialization.NoEncryption()
+    if passphrase:
+        salt = os.urandom(16)
+        header = (SCRYPT_LINE + f" n={SCRYPT_N} r={SCRYPT_R} p={SCRYPT_P} salt={salt.hex()}\n"
+                  .encode())
+        encryption = serialization.BestAvailableEncryption(
+            _stretched(passphrase, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P))
     pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 encryption)
     try:
@@ -117,11 +141,39 @@ def new_key(path: Path, passphrase: bytes | None = None) -> str:
                              "lost; choose another file") from None
     except OSError as exc:
         raise BackupKeyError(f"cannot write {path}: {exc.strerror or exc}") from None
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(header + pem)
+            handle.flush()
+            os.fsync(handle.fileno())
+        folder = os.open(path.parent if str(path.parent) else Path("."), os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise BackupKeyError(f"cannot write {path}: {exc.strerror or exc} (nothing left "
+                             "there)") from None
     return recipient_of(private)
+
+
+def _passphrase_for(pem: bytes, passphrase: bytes | None, path: Path) -> bytes | None:
+    """The password the PEM was encrypted with: ``passphrase`` stretched as its
+    :data:`SCRYPT_LINE` says, or as given (a key file without one: re-encrypted by
+    openssl, say)."""
+    if not passphrase or not pem.startswith(SCRYPT_LINE):
+        return passphrase or None
+    line = pem.split(b"\n", 1)[0][len(SCRYPT_LINE):].decode("ascii", "replace")
+    try:
+        fields = dict(item.split("=", 1) for item in line.split())
+        n, r, p = int(fields["n"]), int(fields["r"]), int(fields["p"])
+        salt = bytes.fromhex(fields["salt"])
+        if not (1 < n <= 1 << 20 and n & (n - 1) == 0 and 1 <= r <= 32 and 1 <= p <= 16):
+            raise ValueError(line)
+    except (KeyError, ValueError):
+        raise BackupKeyError(f"{path}: its {SCRYPT_LINE.decode()} line is damaged") from None
+    return _stretched(passphrase, salt, n, r, p)
 
 
 def load_key(path: Path, passphrase: bytes | None = None) -> X25519PrivateKey:
@@ -132,8 +184,9 @@ def load_key(path: Path, passphrase: bytes | None = None) -> X25519PrivateKey:
     except OSError as exc:
         raise BackupKeyError(f"cannot read the backup key {path}: {exc.strerror or exc}"
                              ) from None
+    password = _passphrase_for(pem, passphrase, path)
     try:
-        key = serialization.load_pem_private_key(pem, password=passphrase or None)
+        key = serialization.load_pem_private_key(pem, password=password)
     except TypeError:
         if passphrase:
             raise BackupKeyError(f"{path} is not encrypted: give no passphrase") from None
@@ -158,8 +211,23 @@ def public_of(private: X25519PrivateKey) -> bytes:
 
 # --- sealing and opening ----------------------------------------------------------------------
 
-def _key_id(name: str) -> str:
-    return f"backup:{name}"
+def _bound(backup_id: str, name: str) -> bytes:
+    """What a file's key and parts are bound to: its backup (the manifest's random
+    ``backup_id``) and its name in it. Bytes of any name (a configuration file named with
+    ``|`` or in another encoding than UTF-8: the transfer key wrap refuses ``|`` in its id)."""
+    return backup_id.encode("ascii") + b"/" + name.encode("utf-8", "surrogateescape")
+
+
+def _key_id(bound: bytes) -> str:
+    """The wrap's id (``transfer.seal.wrap_key``): never a hub transfer's, which has no
+    ``:``; the name hashed, as the wrap's id takes no ``|``."""
+    return "backup:" + hashlib.sha256(bound).hexdigest()
+
+
+def new_backup_id() -> str:
+    """A backup's random id (the manifest's ``sealed.backup_id``): its files open only as
+    files of this backup, not mixed with another backup's sealed for the same key."""
+    return os.urandom(16).hex()
 
 
 def _nonce(prefix: bytes, number: int, last: bool) -> bytes:
@@ -181,23 +249,27 @@ def _chunks(handle: object, size: int) -> Iterator[tuple[bytes, bool]]:
         current = following
 
 
-def seal_file(source: Path, target: Path, recipient: bytes, name: str) -> None:
+def seal_file(source: Path, target: Path, recipient: bytes, name: str,
+              backup_id: str) -> None:
     """Write ``target``, ``source`` sealed for ``recipient`` under ``name`` (its path in the
-    backup, without :data:`SUFFIX`). The file is created 0600 and fsynced."""
+    backup, without :data:`SUFFIX`) in backup ``backup_id``. The file is created 0600 and
+    fsynced."""
     key = os.urandom(KEY_BYTES)
     aead = AESGCM(key)
     prefix = os.urandom(PREFIX_BYTES)
-    aad = MAGIC + name.encode("utf-8")
+    bound = _bound(backup_id, name)
+    aad = MAGIC + bound
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as out, open(source, "rb") as clear:
-        out.write(MAGIC + wrap_key(key, recipient, _key_id(name)) + prefix)
+        out.write(MAGIC + wrap_key(key, recipient, _key_id(bound)) + prefix)
         for number, (chunk, last) in enumerate(_chunks(clear, CHUNK_BYTES)):
             out.write(aead.encrypt(_nonce(prefix, number, last), chunk, aad))
         out.flush()
         os.fsync(out.fileno())
 
 
-def open_file(source: Path, target: Path, private: X25519PrivateKey, name: str) -> str:
+def open_file(source: Path, target: Path, private: X25519PrivateKey, name: str,
+              backup_id: str) -> str:
     """Write ``target`` (0600, fsynced), ``source`` opened with ``private``; returns the
     clear content's SHA-256. :class:`SealedFileDamaged` (``target`` removed) when anything
     does not check: the key's wrap, a chunk's tag, the order of the chunks, the end."""
@@ -205,7 +277,8 @@ def open_file(source: Path, target: Path, private: X25519PrivateKey, name: str) 
                                         serialization.PrivateFormat.Raw,
                                         serialization.NoEncryption())
     digest = hashlib.sha256()
-    aad = MAGIC + name.encode("utf-8")
+    bound = _bound(backup_id, name)
+    aad = MAGIC + bound
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as out, open(source, "rb") as sealed:
@@ -216,11 +289,11 @@ def open_file(source: Path, target: Path, private: X25519PrivateKey, name: str) 
             wrapped = header[len(MAGIC):len(MAGIC) + WRAPPED_KEY_BYTES]
             prefix = header[len(MAGIC) + WRAPPED_KEY_BYTES:]
             try:
-                key = unwrap_key(wrapped, raw_private, _key_id(name))
+                key = unwrap_key(wrapped, raw_private, _key_id(bound))
             except KeyUnwrapError:
                 raise SealedFileDamaged(
                     f"{source} does not open with this key: sealed for another key, "
-                    "or altered, or another file's renamed") from None
+                    "altered, another file's renamed, or another backup's") from None
             aead = AESGCM(key)
             # A file cut at a chunk's end makes that chunk the last read: it was sealed as
             # not the last, so its nonce differs and it does not open.
@@ -242,7 +315,7 @@ def open_file(source: Path, target: Path, private: X25519PrivateKey, name: str) 
 
 
 def open_folder(folder: Path, sealed_names: list[str], private: X25519PrivateKey,
-                into: Path) -> dict[str, dict[str, object]]:
+                into: Path, backup_id: str) -> dict[str, dict[str, object]]:
     """Open each of ``sealed_names`` (paths in ``folder`` ending in :data:`SUFFIX`) into
     ``into`` under its clear name, folders made 0700; returns the clear files as a
     manifest's ``files`` names them (size and SHA-256 of what was opened).
@@ -252,6 +325,6 @@ def open_folder(folder: Path, sealed_names: list[str], private: X25519PrivateKey
         name = sealed_name.removesuffix(SUFFIX)
         target = into / name
         target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        sha256 = open_file(folder / sealed_name, target, private, name)
+        sha256 = open_file(folder / sealed_name, target, private, name, backup_id)
         opened[name] = {"bytes": target.stat().st_size, "sha256": sha256}
     return opened

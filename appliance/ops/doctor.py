@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import re
 import shutil
@@ -409,17 +410,68 @@ def check_commitment(settings: Settings) -> list[Check]:
 def check_backup_sealing(settings: Settings) -> list[Check]:
     """Whether backups are sealed (``backup.recipient``): one in clear holds every patient's
     name and the enrolment's private key, readable by whoever reads its folder, a share's
-    snapshots included."""
-    if settings.backup.recipient:
-        from appliance.ops.backup_seal import fingerprint, parse_recipient
+    snapshots included. Set, the newest backup is looked at too (one written in clear before
+    the recipient was set, or sealed for another key, is still on the share), and the room
+    a sealed backup needs in the home (a copy of the index, sealed from there)."""
+    if not settings.backup.recipient:
+        return [Check("backup sealing", "warn",
+                      "backups are written in clear: the index (every patient's name) and "
+                      "the enrolment's private key, for anyone who can read the backup folder",
+                      "pas backup-key FILE (FILE in IT's vault, off the appliance), then the "
+                      "printed recipient in [backup] of the configuration "
+                      "(docs/operations.md)")]
+    from appliance.ops.backup_seal import fingerprint, parse_recipient
 
-        return [Check("backup sealing", "ok", "backups are sealed for the backup key "
-                      + fingerprint(parse_recipient(settings.backup.recipient)))]
-    return [Check("backup sealing", "warn",
-                  "backups are written in clear: the index (every patient's name) and the "
-                  "enrolment's private key, for anyone who can read the backup folder",
-                  "pas backup-key FILE (FILE in IT's vault, off the appliance), then the "
-                  "printed recipient in [backup] of the configuration (docs/operations.md)")]
+    key = fingerprint(parse_recipient(settings.backup.recipient))
+    problems: list[str] = []
+    fixes: list[str] = []
+    newest = _newest_backup_manifest(settings)
+    if newest is not None:
+        folder, manifest = newest
+        sealed = manifest.get("sealed")
+        if not isinstance(sealed, dict):
+            problems.append(f"the last backup, {folder}, is in clear (written before "
+                            "backup.recipient was set)")
+            fixes.append("the next backup is sealed; then remove the backups in clear")
+        elif sealed.get("key") != key:
+            problems.append(f"the last backup, {folder}, is sealed for the backup key "
+                            f"{sealed.get('key')}, not {key} (backup.recipient changed)")
+            fixes.append(f"keep the private key of {sealed.get('key')} until its backups "
+                         "are gone")
+    try:
+        index_bytes = settings.db_path.stat().st_size
+        free = shutil.disk_usage(settings.home).free
+    except OSError:
+        index_bytes = free = 0
+    if index_bytes and free < index_bytes:
+        problems.append(f"{free // 2**20} MiB free in {settings.home}, the index is "
+                        f"{index_bytes // 2**20} MiB: a sealed backup copies it there first "
+                        "and is refused")
+        fixes.append("free room on the home's disk")
+    if problems:
+        return [Check("backup sealing", "warn", "; ".join(problems), "; ".join(fixes))]
+    return [Check("backup sealing", "ok", f"backups are sealed for the backup key {key}")]
+
+
+def _newest_backup_manifest(settings: Settings) -> tuple[Path, dict[str, Any]] | None:
+    """The newest backup's folder and manifest, when there is one this user can read."""
+    from appliance.ops.backup import backup_state
+    from appliance.ops.backup_folder import MANIFEST
+
+    with _index(settings) as db:
+        if db is None:
+            return None
+        try:
+            folder = backup_state(db)["folder"]
+        except Exception:  # noqa: BLE001 - the backup check says what is wrong
+            return None
+    if folder is None:
+        return None
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST).read_text())
+    except (OSError, ValueError):  # gone, or 0700 and another user's: check_backup says
+        return None
+    return (Path(folder), manifest) if isinstance(manifest, dict) else None
 
 
 def check_backup(settings: Settings, now: float | None = None) -> list[Check]:

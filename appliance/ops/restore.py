@@ -23,6 +23,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import sqlite3
 import time
@@ -36,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from appliance.config import Settings, site_origin
 from appliance.ops import index_check
 from appliance.ops.backup import KIND, MADE_AT_FORMAT
-from appliance.ops.backup_folder import MANIFEST, sha256_of
+from appliance.ops.backup_folder import MANIFEST, OPENING, sha256_of
 from appliance.ops.backup_seal import (
     FORMAT,
     SUFFIX,
@@ -97,9 +98,22 @@ def check_backup(settings: Settings, folder: Path,
                              " nothing restored")
     for name, entry in sorted(files.items()):
         check_file(folder, name, entry)
+    config_file = manifest.get("config_file")
+    if config_file is not None and (not isinstance(config_file, str) or
+                                    not Path(config_file).name):
+        # Read after the index was put back: a restore that had succeeded ended in a
+        # traceback, and a sealed backup's opened configuration was removed with it.
+        raise RestoreRefused(f"{folder}/{MANIFEST}: config_file {config_file!r} is not a "
+                             "file's path: the manifest is damaged; nothing restored")
     if sealed_for is not None:
         _check_key(folder, sealed_for, key)
         return manifest
+    if key is not None:
+        # Someone expecting a sealed backup is given one in clear (replaced on the share?):
+        # said before anything changes, not restored without a word.
+        raise RestoreRefused(f"{folder} is not sealed (written in clear), and a key was "
+                             "given: restore it without --key if it is the backup meant; "
+                             "nothing restored")
     check_index(folder, folder / "pas.sqlite", manifest)
     return manifest
 
@@ -110,7 +124,8 @@ def _sealed_for(folder: Path, manifest: dict[str, Any]) -> str | None:
     if sealed is None:
         return None
     if not isinstance(sealed, dict) or sealed.get("format") != FORMAT or \
-            not isinstance(sealed.get("key"), str):
+            not isinstance(sealed.get("key"), str) or \
+            not re.fullmatch(r"[0-9a-f]{32}", str(sealed.get("backup_id"))):
         raise RestoreRefused(f"{folder}/{MANIFEST}: its \"sealed\" entry is not one this PAS "
                              f"reads (format {FORMAT}): written by a newer PAS, or damaged; "
                              "nothing restored")
@@ -222,49 +237,52 @@ def restore_backup(settings: Settings, folder: Path, actor: str,
     with ``key`` into a private folder in the home (:data:`OPENING`, removed after), its
     index checked there, and moved in from it; the configuration it holds is left in the
     home, ``<name>.from-backup-<UTC time>`` (0600), for the operator."""
+    from appliance.ops.home_lock import hold_home_lock
+
     manifest = check_backup(settings, folder, key)
-    if manifest.get("sealed") is None:
-        return _put_back(settings, folder, folder, manifest, actor, at)
-    assert key is not None, "check_backup refuses a sealed backup without its key"
     home = settings.home
-    opening = home / OPENING
-    _remove(opening)  # a restore killed before left it
+    # Held before anything is opened: a sealed backup opened beside a running daemon wrote
+    # a clear copy of the whole index to the disk it receives on, then was refused.
+    lock = hold_home_lock(home)
     try:
-        home.mkdir(parents=True, exist_ok=True)  # a new disk: as the home's lock makes it
-        opening.mkdir(mode=0o700)
-        files = open_folder(folder, sorted(manifest["files"]), key, opening)
-    except SealedFileDamaged as exc:
-        _remove(opening)
-        raise RestoreRefused(f"{exc}: restore an older backup. Nothing restored") from None
-    except OSError as exc:
-        _remove(opening)
-        raise RestoreRefused(f"cannot open {folder} into {home} ({_reason(exc, home)}): "
-                             f"{_LEFT_AS_IT_WAS}") from None
-    try:
-        check_index(folder, opening / "pas.sqlite", manifest)
-        done = _put_back(settings, folder, opening, {**manifest, "files": files}, actor, at)
-        if done.config_in_backup is not None:
-            kept = _free_name(home / f"{done.config_in_backup.name}.from-backup-"
-                                     f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(at))}")
-            done.config_in_backup.rename(kept)
-            done.config_in_backup = kept
-        return done
+        opening = home / OPENING
+        _remove(opening)  # a restore killed before left it, in clear
+        if manifest.get("sealed") is None:
+            return _put_back(settings, folder, folder, manifest, actor, at)
+        assert key is not None, "check_backup refuses a sealed backup without its key"
+        try:
+            opening.mkdir(mode=0o700)
+            files = open_folder(folder, sorted(manifest["files"]), key, opening,
+                                str(manifest["sealed"]["backup_id"]))
+        except SealedFileDamaged as exc:
+            _remove(opening)
+            raise RestoreRefused(f"{exc}: restore an older backup. Nothing restored") from None
+        except OSError as exc:
+            _remove(opening)
+            raise RestoreRefused(f"cannot open {folder} into {home} ({_reason(exc, home)}): "
+                                 f"{_LEFT_AS_IT_WAS}") from None
+        try:
+            check_index(folder, opening / "pas.sqlite", manifest)
+            done = _put_back(settings, folder, opening, {**manifest, "files": files}, actor,
+                             at)
+            if done.config_in_backup is not None:
+                kept = _free_name(home / f"{done.config_in_backup.name}.from-backup-"
+                                         f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(at))}")
+                done.config_in_backup.rename(kept)
+                done.config_in_backup = kept
+            return done
+        finally:
+            _remove(opening)
     finally:
-        _remove(opening)
-
-
-# A sealed backup opened before it is put back: in the home (the disk the index goes to, and
-# one that holds it in clear already), never in the backup's folder (a share).
-OPENING = ".backup-opening"
+        lock.close()
 
 
 def _put_back(settings: Settings, folder: Path, source: Path, manifest: dict[str, Any],
               actor: str, at: float | None) -> Restored:
-    """Holding the home's lock (``HomeInUse`` while a daemon runs), put the backup's index
-    and enrolment (read from ``source``: ``folder``, or where a sealed one was opened) in
-    place of the home's, which are set aside (modes kept: the key stays 0600). The restored
-    index's audit trail says who restored which backup; the next start reconciles it with
-    the spool.
+    """The home's lock held by the caller, put the backup's index and enrolment (read from
+    ``source``: ``folder``, or where a sealed one was opened) in place of the home's, which
+    are set aside (modes kept: the key stays 0600). The restored index's audit trail says
+    who restored which backup; the next start reconciles it with the spool.
 
     All or nothing: the backup's index and enrolment are first copied beside the home's
     under temporary names, fsynced, checked and given the restore's row
@@ -273,71 +291,65 @@ def _put_back(settings: Settings, folder: Path, source: Path, manifest: dict[str
     the renames (undone) raises :class:`RestoreRefused` with the home as it was. Until
     2026-12-07 the home's index was set aside first: a full disk left the home with no index
     at all, and a traceback."""
-    from appliance.ops.home_lock import hold_home_lock
-
     home = settings.home
     index = settings.db_path
-    lock = hold_home_lock(home)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if at is None else at))
+    has_pki = (source / "pki").is_dir()
+    # A WAL (and its -shm) left without its index is set aside too: the daemon killed,
+    # then pas.sqlite moved by hand. Left in the home, SQLite replayed it into the
+    # restored index at its first open (pages of another database over the backup's):
+    # the restore said it was done, and the index was malformed, or silently the old one.
+    present = [side for side in ("", *SIDE_FILES)
+               if index.with_name(index.name + side).exists()]
+    aside = _free_name(index.with_name(f"{index.name}.{ASIDE}-{stamp}"), SIDE_FILES)
+    index_aside = aside.with_name(aside.name + present[0]) if present else None
+    pki_aside = _free_name(home / f"pki.{ASIDE}-{stamp}") \
+        if (home / "pki").exists() else None
+    incoming, incoming_pki = home / INCOMING, home / INCOMING_PKI
+    detail = (f"pas restore: the index{' and the enrolment' if has_pki else ''} of "
+              f"{folder} (written {manifest.get('made_at')})"
+              + (f"; the home's index set aside as {index_aside.name}"
+                 if index_aside else ""))
     try:
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if at is None else at))
-        has_pki = (source / "pki").is_dir()
-        # A WAL (and its -shm) left without its index is set aside too: the daemon killed,
-        # then pas.sqlite moved by hand. Left in the home, SQLite replayed it into the
-        # restored index at its first open (pages of another database over the backup's):
-        # the restore said it was done, and the index was malformed, or silently the old one.
-        present = [side for side in ("", *SIDE_FILES)
-                   if index.with_name(index.name + side).exists()]
-        aside = _free_name(index.with_name(f"{index.name}.{ASIDE}-{stamp}"), SIDE_FILES)
-        index_aside = aside.with_name(aside.name + present[0]) if present else None
-        pki_aside = _free_name(home / f"pki.{ASIDE}-{stamp}") \
-            if (home / "pki").exists() else None
-        incoming, incoming_pki = home / INCOMING, home / INCOMING_PKI
-        detail = (f"pas restore: the index{' and the enrolment' if has_pki else ''} of "
-                  f"{folder} (written {manifest.get('made_at')})"
-                  + (f"; the home's index set aside as {index_aside.name}"
-                     if index_aside else ""))
-        try:
-            _copy_in(source, manifest, incoming, incoming_pki if has_pki else None,
-                     lambda db: backups.record_restore(
-                         db, made_at=made_at(folder, manifest), folder=folder.resolve(),
-                         actor=actor, detail=detail))
-        except (OSError, sqlite3.Error) as exc:
-            _remove(incoming, incoming_pki)
-            raise RestoreRefused(f"cannot copy {folder} into {home} ({_reason(exc, home)}): "
-                                 f"{_LEFT_AS_IT_WAS}") from None
-        except RestoreRefused:
-            _remove(incoming, incoming_pki)
-            raise
-        # The swap: renames only (they need no room), each undone if a later one fails.
-        done: list[Callable[[], None]] = []
-        try:
-            _swap_in(index, present, aside, incoming, done)
-            if pki_aside is not None:
-                _rename(home / "pki", pki_aside, done)
-            if has_pki:
-                _rename(incoming_pki, home / "pki", done)
-            fsync_dir(home)
-            # What SQLite reads now, the file and any WAL beside it: the backup's index as
-            # it was checked, with the restore's row.
-            finding = damage_of(index, untouched=True)
-            if finding is not None:
-                raise RestoreRefused(f"the restored index is damaged once in place "
-                                     f"({finding})")
-        except (OSError, sqlite3.Error, RestoreRefused) as exc:
-            not_back = _undo(home, done)
-            _remove(incoming, incoming_pki)
-            if not_back:
-                raise RestoreRefused(
-                    f"cannot put the backup in place in {home} ({_reason(exc, home)}), and "
-                    f"{'; '.join(not_back)}: put them back by hand before starting PAS"
-                ) from None
-            raise RestoreRefused(f"cannot put the backup in place in {home} "
-                                 f"({_reason(exc, home)}): {_LEFT_AS_IT_WAS}") from None
-        # What the daemon's check found (index-check.json) was of the index set aside:
-        # pas status and pas doctor said "index damaged" of the restored one.
-        index_check.forget(home)
-    finally:
-        lock.close()
+        _copy_in(source, manifest, incoming, incoming_pki if has_pki else None,
+                 lambda db: backups.record_restore(
+                     db, made_at=made_at(folder, manifest), folder=folder.resolve(),
+                     actor=actor, detail=detail))
+    except (OSError, sqlite3.Error) as exc:
+        _remove(incoming, incoming_pki)
+        raise RestoreRefused(f"cannot copy {folder} into {home} ({_reason(exc, home)}): "
+                             f"{_LEFT_AS_IT_WAS}") from None
+    except RestoreRefused:
+        _remove(incoming, incoming_pki)
+        raise
+    # The swap: renames only (they need no room), each undone if a later one fails.
+    done: list[Callable[[], None]] = []
+    try:
+        _swap_in(index, present, aside, incoming, done)
+        if pki_aside is not None:
+            _rename(home / "pki", pki_aside, done)
+        if has_pki:
+            _rename(incoming_pki, home / "pki", done)
+        fsync_dir(home)
+        # What SQLite reads now, the file and any WAL beside it: the backup's index as
+        # it was checked, with the restore's row.
+        finding = damage_of(index, untouched=True)
+        if finding is not None:
+            raise RestoreRefused(f"the restored index is damaged once in place "
+                                 f"({finding})")
+    except (OSError, sqlite3.Error, RestoreRefused) as exc:
+        not_back = _undo(home, done)
+        _remove(incoming, incoming_pki)
+        if not_back:
+            raise RestoreRefused(
+                f"cannot put the backup in place in {home} ({_reason(exc, home)}), and "
+                f"{'; '.join(not_back)}: put them back by hand before starting PAS"
+            ) from None
+        raise RestoreRefused(f"cannot put the backup in place in {home} "
+                             f"({_reason(exc, home)}): {_LEFT_AS_IT_WAS}") from None
+    # What the daemon's check found (index-check.json) was of the index set aside:
+    # pas status and pas doctor said "index damaged" of the restored one.
+    index_check.forget(home)
     config_name = manifest.get("config_file")
     config = source / Path(config_name).name if config_name else None
     return Restored(manifest, index_aside, pki_aside,
