@@ -208,3 +208,20 @@ def test_a_resent_uid_commits_when_its_bytes_are_the_same_and_is_refused_when_th
     held = [f["ID"] for f in found if f["Type"] == "Instance"]
     assert len(held) == 1
     assert hashlib.sha256(orthanc.instance_file(held[0])).hexdigest() == old_sha
+
+
+@pytest.mark.parametrize("path", ["%252e%252e/system", "%252e%252e/tools/now",
+                                  "..%2fsystem", "studies/%2e%2e/%2e%2e/system",
+                                  "studies/..;/..;/system", "studies/.hidden", "studies//x",
+                                  "studies/1.2.3%00"])
+def test_the_region_proxy_keeps_a_site_in_the_dicomweb_root(
+        hub: HubProcess, site: Enrolment, path: str) -> None:
+    """A segment the archive decodes once more (``%2e%2e`` sent as ``%252e%252e``) or reads
+    as a parent (``..;``) took a site out of the DICOMweb root into Orthanc's whole REST API
+    (``/system``, ``/tools``, ``/changes``), with the hub's archive credentials (review
+    s41). Refused before anything is sent to the archive."""
+    with client(site) as http:
+        answer = http.get("/api/v1/region/dicom-web/" + path)
+    assert answer.status_code == 400, answer.text[:200]
+    assert answer.json()["error"] == "bad_path"
+    assert "is not a DICOMweb resource, UID, frame list or tag" in answer.json()["detail"]

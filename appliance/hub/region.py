@@ -8,6 +8,7 @@ over the archive's (Database, Spool), read-only (no STOW receiver: POST is 405).
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 import httpx
@@ -24,6 +25,12 @@ if TYPE_CHECKING:
     from appliance.hub.app import Hub
 
 PREFIX = "/api/v1/region/dicom-web"
+# What a path segment of QIDO-RS / WADO-RS is made of: resource names ("studies",
+# "metadata", "rendered"), UIDs, frame lists ("1,2"), bulk data tags. Anything else is
+# refused: the path reaches the archive with the hub's credentials, and a segment the server
+# decodes once more ("%2e%2e", sent as "%252e%252e") or reads as a parent (Tomcat's "..;")
+# took a site out of the DICOMweb root into the archive's whole REST API (review s41).
+SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9.,_-]*")
 PASSED_HEADERS = ("content-type", "content-length", "content-encoding", "etag", "last-modified")
 
 
@@ -44,8 +51,12 @@ def region_routes(hub: Hub) -> list[BaseRoute]:
             return problem(501, "not_implemented",
                            "the embedded archive does not serve DICOMweb yet")
         path = request.path_params["path"]
-        if ".." in path.split("/"):
-            return problem(400, "bad_path", "'..' is not allowed in the path")
+        bad = next((segment for segment in path.split("/")
+                    if not SEGMENT.fullmatch(segment) or segment.strip(".") == ""), None)
+        if bad is not None:
+            return problem(400, "bad_path", f"path segment {bad[:64]!r} is not a DICOMweb "
+                           "resource, UID, frame list or tag (letters, digits, '.', ',', '_' "
+                           "and '-', not starting with '.')")
         url = f"{archive.url}/{path}"
         if request.url.query:
             # The query string as received: re-encoding it would turn QIDO's * into %2A,
