@@ -183,6 +183,12 @@ class Daemon:
                         "restore stopped before its end left", leftover)
         self.recovery_report = startup_recovery(self.db, self.spool, self.receiver,
                                                 progress=self.notifier.extend_start)
+        # A clock set back while PAS was stopped: re-based before anything is received or
+        # claimed (a study received now, shifted with the others, would route at once).
+        from appliance.ops.clock import ClockWatch
+
+        ClockWatch(self.db, prefetch_lead_s=self.settings.prefetch.lead_time_h * 3600
+                   ).check_since_stopped()
         # Here, not in startup_recovery (pas verify --repair runs that beside a live daemon):
         # the C-STORE associations the daemon's last end cut get their store rows.
         cut = audit.close_cut_associations(self.db)

@@ -16,6 +16,7 @@ import threading
 import time
 
 from appliance.store import cache as cache_store
+from appliance.store import ops as ops_store
 from appliance.store.db import Database, now
 
 log = logging.getLogger("pas.clock")
@@ -51,6 +52,25 @@ class ClockWatch:
         self.steps.append(step)
         log.warning("wall clock stepped by %+.1f s: stored deadlines re-based (%s)", step,
                     shifted)
+        return step
+
+    def check_since_stopped(self) -> float:
+        """At the daemon's start: a clock set back while PAS was stopped (NTP correcting a
+        clock that ran days ahead, at the next boot) left every stored deadline that far in
+        the future, and the watch above compares only with its own start: nothing routed and
+        no job was claimed for days (review s41). When the index's newest time is ahead of
+        the clock by more than the threshold, deadlines are re-based as for a step back of
+        that size (the time PAS was stopped counted as none). Returns the step (0: none)."""
+        newest = ops_store.newest_stored_time(self.db)
+        wall = now()
+        if newest is None or newest - wall < self.threshold_s:
+            return 0.0
+        step = wall - newest
+        shifted = cache_store.shift_for_clock_step(self.db, step, written_before=None,
+                                                   prefetch_lead_s=self.prefetch_lead_s)
+        self.steps.append(step)
+        log.warning("wall clock is %.1f s behind the newest time the index holds (set back "
+                    "while PAS was stopped): stored deadlines re-based (%s)", -step, shifted)
         return step
 
     def run(self, stop: threading.Event, interval_s: float = 0.5) -> None:

@@ -221,3 +221,13 @@ def prefetch_summary(db: Database, day_s: float = 86400.0) -> dict[str, Any] | N
     summary["link_error"] = link["last_error"].removeprefix("waiting for the link: ") \
         if link is not None else None
     return summary
+
+
+def newest_stored_time(db: Database) -> float | None:
+    """The newest wall time the index holds: its last audit row's or last receipt's (both
+    indexed). Ahead of the clock at a start, the clock was set back while PAS was stopped
+    (:meth:`appliance.ops.clock.ClockWatch.check_since_stopped`)."""
+    row = db.query_one("SELECT max(newest) AS newest FROM ("
+                       "SELECT max(at) AS newest FROM audit UNION ALL "
+                       "SELECT max(last_received_at) FROM studies)")
+    return None if row is None or row["newest"] is None else float(row["newest"])

@@ -249,3 +249,73 @@ def test_step_back_shows_no_negative_backlog_age(tmp_path: Path,
     clock["offset"] = 0.0
     assert job_store.backlog_by_destination(db)[0]["oldest_age_s"] >= 0.0
     db.close()
+
+
+DAYS_3 = 3 * 86400.0
+
+
+def test_a_clock_set_back_while_stopped_is_re_based_at_the_start(
+        tmp_path: Path, clock: dict[str, float]) -> None:
+    """PAS ran on a clock three days ahead, then stopped; the clock was put right (NTP at
+    the next boot). The watch compares only with its own start: it saw no step, and
+    nothing routed nor was claimed for three days (review s41). The start compares the
+    index's newest time with the clock."""
+    clock["offset"] = DAYS_3
+    db, _receiver, ids = _store(tmp_path)
+    job_store.route_study(db, _study_fk(db, ids[0]), [ids[0]],
+                          [job_store.NewJob("dicom", "node", 2, "r", [ids[0]])])
+    job = job_store.claim_next(db, "host:1:a:0", lease_s=60)
+    assert job is not None
+    job_store.fail_attempt(db, job.id, "host:1:a:0", "node down", retry_at=now() + 3)
+    waiting_study = _study_fk(db, ids[-1])
+    db.close()
+
+    clock["offset"] = 0.0  # set right while stopped
+    db = Database(tmp_path / "pas.sqlite")
+    watch = ClockWatch(db)
+    step = watch.check_since_stopped()
+    assert -DAYS_3 - 5 < step < -DAYS_3 + 5
+    retry = db.query_one("SELECT next_attempt_at FROM jobs WHERE id = ?", (job.id,))
+    assert retry is not None and retry["next_attempt_at"] - now() < 5  # not 3 days + 3 s
+    quiet = db.query_one("SELECT last_received_at FROM studies WHERE id = ?", (waiting_study,))
+    assert quiet is not None and quiet["last_received_at"] - now() < 5
+    assert [r["event"] for r in db.query("SELECT event FROM audit")] == ["clock"]
+    # Idempotent: the next start finds nothing ahead.
+    assert ClockWatch(db).check_since_stopped() == 0.0
+    assert len(db.query("SELECT event FROM audit")) == 1
+    db.close()
+
+
+def test_a_start_on_a_clock_a_little_behind_changes_nothing(
+        tmp_path: Path, clock: dict[str, float]) -> None:
+    """Below the watch's threshold (NTP's slews, a second's difference): nothing re-based."""
+    clock["offset"] = 2.0
+    db, _receiver, _ids = _store(tmp_path)
+    before = [dict(r) for r in db.query("SELECT id, last_received_at FROM studies")]
+    clock["offset"] = 0.0
+    assert ClockWatch(db).check_since_stopped() == 0.0
+    assert [dict(r) for r in db.query("SELECT id, last_received_at FROM studies")] == before
+    db.close()
+
+
+def test_a_daemon_started_after_the_clock_was_set_back_routes_at_once(
+        tmp_path: Path, clock: dict[str, float]) -> None:
+    """The same, through a real ``pas run``: an index written on a clock three days ahead
+    (here, in this process), then the daemon started on the real clock. Its studies are
+    routed within seconds of their quiet period (``study.stable_after_s`` 1 s), not three
+    days later."""
+    from tests.support.peers import PasProcess, read_rows, wait_for
+
+    clock["offset"] = DAYS_3
+    db, _receiver, ids = _store(tmp_path)
+    db.close()
+    clock["offset"] = 0.0
+    pas = PasProcess(tmp_path, {"PAS_PREFETCH__ENABLED": "false"}).start()
+    try:
+        wait_for(lambda: all(r["routed_at"] is not None for r in read_rows(
+            tmp_path / "pas.sqlite", "SELECT routed_at FROM instances")), 30,
+            what="the studies routed")
+        assert len(ids) == len(read_rows(tmp_path / "pas.sqlite", "SELECT id FROM instances"))
+        assert "set back while PAS was stopped" in pas.log()
+    finally:
+        pas.stop()
