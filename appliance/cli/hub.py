@@ -34,6 +34,7 @@ from appliance.cli.common import (
     shown,
     write_database,
 )
+from appliance.cli.ops import KeyOption, PassphraseOption, _passphrase
 from appliance.ops.status import human_size
 from appliance.words import counted
 
@@ -464,13 +465,14 @@ def hub_backup(destination: Path = typer.Argument(
         ..., help="Folder to write the backup in (another disk, a mounted share)"),
         config: Path | None = HubConfigOption, keep: int | None = KeepOption,
         as_json: bool = JsonOption) -> None:
-    """Back up the hub while it runs: database, CA and keys, configuration.
+    """Back up the hub while it runs: database, CA and keys, configuration, each file sealed
+    for backup.recipient when set (in clear otherwise, and said).
 
     Not the staging of transfers not committed (their sites send them again), nor the
     embedded archive's images (the storage's backup)."""
     from appliance import logs
     from appliance.cli.common import operator_actor
-    from appliance.hub.backup import BackupNotRecorded, make_hub_backup
+    from appliance.hub.backup import BackupNotRecorded, make_hub_backup, sealed_words
     from appliance.hub.config import hub_config_path
     from appliance.ops.backup_folder import BackupRefused
 
@@ -491,7 +493,8 @@ def hub_backup(destination: Path = typer.Argument(
         pruned = {} if made.pruned is None else {"pruned": made.pruned.as_dict()}
         print(json.dumps({"folder": str(made.folder), **manifest, **pruned}, indent=2))
     else:
-        console.print(f"hub backup written to {literal(made.folder)}: the database "
+        console.print(f"hub backup written to {literal(made.folder)}, "
+                      f"{sealed_words(manifest)}: the database "
                       f"({counted(manifest['sites_enrolled'], 'site')} enrolled, "
                       f"{counted(manifest['transfers_committed'], 'transfer')} committed), "
                       "the fleet CA and keys, "
@@ -524,24 +527,29 @@ def hub_restore(folder: Path = typer.Argument(
         force: bool = typer.Option(
             False, "--force",
             help="restore into a home holding another fleet CA (set aside, not deleted): "
-                 "every appliance its hub enrolled must then enrol again")) -> None:
+                 "every appliance its hub enrolled must then enrol again"),
+        key: Path | None = KeyOption, passphrase_file: Path | None = PassphraseOption) -> None:
     """Put a hub backup back in the hub's home (the hub stopped).
 
     Checked first: a whole pas hub backup (each file's size and SHA-256), sound databases of
-    a version this PAS runs, no hub running on the home, no other fleet CA in it; refused in
-    one line otherwise, nothing changed. What the home held is set aside, never deleted."""
+    a version this PAS runs, no hub running on the home, no other fleet CA in it; a sealed
+    one opened with --key (in a hidden folder of the home) and checked as a clear one is;
+    refused in one line otherwise, nothing changed. What the home held is set aside, never
+    deleted."""
     from appliance import logs
     from appliance.cli.common import operator_actor
     from appliance.hub.config import home_named
     from appliance.hub.restore import RestoreStopped, restore_hub_backup
+    from appliance.ops.backup_seal import BackupKeyError, load_key
     from appliance.ops.restore import RestoreRefused
 
     settings = _hub_settings(config)
     logs.setup(settings.log_level)  # the restore's WARNING line: journald under systemd
     try:
+        private = None if key is None else load_key(key, _passphrase(passphrase_file))
         done = restore_hub_backup(settings.home, folder, operator_actor(), force=force,
-                                  home_named=home_named(settings))
-    except RestoreRefused as exc:
+                                  home_named=home_named(settings), key=private)
+    except (RestoreRefused, BackupKeyError) as exc:
         err.print(f"[red]refused:[/red] {literal(exc)}", highlight=False)
         raise typer.Exit(1) from None
     except RestoreStopped as exc:
@@ -567,6 +575,9 @@ def restored_lines(done: HubRestored) -> list[str]:
                  f"{counted(archive.get('studies', 0), 'study', 'studies')})")
     lines = [f"hub restored in {done.home} from {done.folder} (written {m.get('made_at')}): "
              f"{what}"]
+    if m.get("sealed"):
+        lines.append(f"a sealed backup: opened with the backup key {m['sealed']['key']} in a "
+                     f"hidden folder of {done.home} (removed), checked there, put back from it")
     if done.kept:
         lines.append(f"already as in the backup, kept: {', '.join(done.kept)}")
     if done.set_aside:
@@ -580,10 +591,10 @@ def restored_lines(done: HubRestored) -> list[str]:
         lines.append(f"configuration put back: {config.target}")
     elif config is not None and config.state == "left":
         lines.append(f"configuration: {config.target} exists, left as it is (the backup's "
-                     f"is {config.copy})")
+                     f"is {config.copy}{_opened(done)})")
     elif config is not None:
         lines.append(f"configuration not put back at {config.target} ({config.why}): copy "
-                     f"{config.copy} there")
+                     f"{config.copy}{_opened(done)} there")
     if m.get("transfers_staging_not_in_backup"):
         lines.append(f"{counted(m['transfers_staging_not_in_backup'], 'transfer')} not "
                      "committed at the backup: their sites send every bucket again")
@@ -603,6 +614,11 @@ def restored_lines(done: HubRestored) -> list[str]:
                      "hub backup; put it back from the storage's backup only if it was lost)")
     lines.append("next: " + "; then ".join(todo))
     return lines
+
+
+def _opened(done: HubRestored) -> str:
+    """After the configuration's copy, when it was opened from a sealed backup."""
+    return ", opened from the sealed backup, 0600" if done.manifest.get("sealed") else ""
 
 
 def _holds_files(folder: Path) -> bool:
@@ -630,6 +646,13 @@ def hub_run(config: Path | None = HubConfigOption) -> None:
     except HomeInUse as exc:
         err.print(f"[red]cannot start the hub:[/red] {literal(exc)}", highlight=False)
         raise typer.Exit(1) from None
+    if home_lock is not None:  # no backup restore runs now: what a killed one left, in clear
+        from appliance.ops.backup_folder import remove_clear_leftovers
+
+        for leftover in remove_clear_leftovers(settings.home):
+            logging.getLogger("pas.hub").warning(
+                "start-up: removed %s, a clear copy of the hub's keys and database a sealed "
+                "backup or restore stopped before its end left", leftover)
 
     finding = damage_of(settings.db_path) if settings.db_path.exists() else None
     if finding is not None:  # never written to: the file is the evidence, and the way back
@@ -644,7 +667,8 @@ def hub_run(config: Path | None = HubConfigOption) -> None:
         # resumption run, in one line naming http.port (uvicorn binding it printed its own).
         sock = bind_port(settings.http.host, settings.http.port)
         try:
-            server = HubServer(Hub(settings), sock=sock)
+            hub = Hub(settings)
+            server = HubServer(hub, sock=sock)
         except BaseException:
             sock.close()
             raise
@@ -652,11 +676,17 @@ def hub_run(config: Path | None = HubConfigOption) -> None:
         err.print(f"[red]cannot start the hub:[/red] {literal(exc)}", highlight=False)
         raise typer.Exit(1) from None
     from appliance import __version__
+    from appliance.hub.backup import backup_sealing
     from appliance.hub.config import open_dashboard
+    from appliance.store.hub import hub_backup_record
 
     # Once the hub can serve (a start refused says its one line alone).
     if (open_words := open_dashboard(settings)) is not None:
         logging.getLogger("pas.hub").warning(open_words)
+    # The appliance's pas doctor "backup sealing" row, said where regional ops look.
+    verdict, sealing = backup_sealing(settings, hub_backup_record(hub.db)["folder"])
+    logging.getLogger("pas.hub").log(logging.WARNING if verdict == "warn" else logging.INFO,
+                                     sealing)
     console.print(f"hub serving on https://{settings.http.host}:{settings.http.port} "
                   f"(archive: {settings.archive.kind}), PAS {__version__}")
     try:

@@ -28,6 +28,15 @@ Not copied, and why:
   once each and never changed: the storage's backup (snapshots, rsync, a second disk) is the
   tool for them, as for an appliance's spool.
 
+With ``backup.recipient`` set, every file is sealed for that backup key
+(:func:`appliance.ops.backup_folder.seal_backup`, :mod:`appliance.ops.backup_seal`): the clear
+copy is made in a hidden folder of the hub's home (``.backup-staging-...``, removed after),
+each file sealed from it into the backup as ``<name>.sealed``, the manifest (in clear: counts,
+versions, the CA fingerprint ``--keep`` compares) saying ``sealed`` (the format, the key's
+fingerprint, the backup's random id its files are bound to). In clear, whoever reads the
+backup folder (a share, its snapshots) holds the fleet CA's key; ``pas hub run`` warns
+(:func:`backup_sealing`).
+
 The hub has no audit trail: the export is one WARNING log line (journald under systemd) naming
 who wrote which folder, as the hub logs its other refusals and admin events. Once the folder
 has its final name (whole), the LIVE ``hub.sqlite`` records when, where and by whom
@@ -40,7 +49,9 @@ names this backup in the copy it puts back: :func:`appliance.store.hub.name_rest
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import socket
 import sqlite3
 import time
@@ -51,6 +62,7 @@ from appliance import __version__
 from appliance.hub.config import HubSettings
 from appliance.hub.pki import HubPKI
 from appliance.ops.backup_folder import (
+    MANIFEST,
     BackupRefused,
     WrittenBackup,
     copy_database,
@@ -58,6 +70,7 @@ from appliance.ops.backup_folder import (
     prune_backups,
     refuse_another_schema,
     refuse_inside_home,
+    seal_backup,
     utc_stamp,
     write_backup_folder,
 )
@@ -131,7 +144,7 @@ def make_hub_backup(settings: HubSettings, config_file: Path | None, destination
     pki = HubPKI(settings.home)
     made_at = time.time() if at is None else at
 
-    def fill(building: Path) -> dict[str, Any]:
+    def fill_clear(building: Path) -> dict[str, Any]:
         copy_database(settings.db_path, building / settings.db_path.name)
         staged = hub.forget_staging_in_copy(building / settings.db_path.name, made_at)
         archive: dict[str, Any] = {"kind": settings.archive.kind}
@@ -165,23 +178,106 @@ def make_hub_backup(settings: HubSettings, config_file: Path | None, destination
             "missing": missing,
         }
 
+    def fill_staging(staging: Path) -> dict[str, Any]:
+        try:
+            return fill_clear(staging)
+        except sqlite3.DatabaseError as exc:  # said as in clear, not as the home's room
+            raise _unreadable(exc) from None
+
+    def fill(building: Path) -> dict[str, Any]:
+        if not settings.backup.recipient:
+            return fill_clear(building)
+        # Sealed (appliance/ops/backup_seal.py): the clear copy is made in a hidden folder
+        # of the hub's home, never in the destination, each of its files sealed from there
+        # into the backup folder as <name>.sealed; the manifest says "sealed".
+        return seal_backup(settings.home, building, settings.backup.recipient, fill_staging)
+
     try:
         final, manifest = write_backup_folder(destination,
                                               PREFIX + utc_stamp(made_at), fill)
     except sqlite3.DatabaseError as exc:  # a damaged database: the copy stopped on it
-        raise BackupRefused(f"the hub database cannot be read whole ({exc}): no backup "
-                            "written; keep the last good backup, it is the one to restore"
-                            ) from None
+        raise _unreadable(exc) from None
     log.warning("hub backup written to %s by %s on %s: the fleet CA and keys, the database "
-                "(%s enrolled, %s committed)%s", final, actor, socket.gethostname(),
+                "(%s enrolled, %s committed)%s, %s", final, actor, socket.gethostname(),
                 counted(manifest["sites_enrolled"], "site"),
                 counted(manifest["transfers_committed"], "transfer"),
                 ", the configuration" if manifest["config_file"] else "",
-                extra={"ACTOR": actor, "TARGET": str(final)})
+                sealed_words(manifest), extra={"ACTOR": actor, "TARGET": str(final)})
     _record_in_live_hub(settings.db_path, made_at, final, actor)
     pruned = None if keep is None else prune_backups(
         final, PREFIX, {"kind": KIND, "ca_fingerprint": manifest["ca_fingerprint"]}, keep)
     return WrittenBackup(final, manifest, pruned)
+
+
+def backup_sealing(settings: HubSettings, last_folder: str | None) -> tuple[str, str]:
+    """The hub's "backup sealing" check, as ``pas doctor``'s on an appliance
+    (:func:`appliance.ops.doctor.check_backup_sealing`; ``pas hub run`` logs it at its start):
+    ("ok", the key) or ("warn", what is wrong and what to do). In clear, a hub backup gives
+    whoever reads its folder the fleet CA's private key. With ``backup.recipient`` set, the
+    last backup (``last_folder``, the live database's record) is looked at too, one written
+    in clear before it was set or sealed for another key is still on the share, and the
+    room the clear copy a sealed backup seals from needs in the home."""
+    if not settings.backup.recipient:
+        return ("warn", "hub backups are written in clear: the fleet CA's private key (whoever "
+                "has it issues certificates every appliance of the region trusts), the "
+                "server and transfer keys and hub.sqlite, for anyone who can read the backup "
+                "folder; make a backup key off the hub (pas backup-key FILE, FILE in the "
+                "region's vault) and put the recipient it prints in [backup] of the hub's "
+                'configuration (docs/operations.md, "Backing up the hub")')
+    from appliance.ops.backup_seal import fingerprint, parse_recipient
+
+    key = fingerprint(parse_recipient(settings.backup.recipient))
+    problems = []
+    manifest = _manifest_of(Path(last_folder)) if last_folder else None
+    if manifest is not None:
+        sealed = manifest.get("sealed")
+        if not isinstance(sealed, dict):
+            problems.append(f"the last hub backup, {last_folder}, is in clear (written before "
+                            "backup.recipient was set): the next one is sealed; then remove "
+                            "the backups in clear")
+        elif sealed.get("key") != key:
+            problems.append(f"the last hub backup, {last_folder}, is sealed for the backup key "
+                            f"{sealed.get('key')}, not {key} (backup.recipient changed): keep "
+                            f"the private key of {sealed.get('key')} until its backups are "
+                            "gone")
+    try:
+        needed = sum(path.stat().st_size for path in
+                     (settings.db_path, settings.archive_dir / "pas.sqlite") if path.is_file())
+        free = shutil.disk_usage(settings.home).free
+    except OSError:
+        needed = free = 0
+    if needed and free < needed:
+        problems.append(f"{free // 2**20} MiB free in {settings.home}, its databases are "
+                        f"{needed // 2**20} MiB: a sealed backup copies them there first and "
+                        "is refused; free room on the hub home's disk")
+    if problems:
+        return ("warn", "hub backups are sealed for the backup key " + key + ", but "
+                + "; ".join(problems))
+    return ("ok", f"hub backups are sealed for the backup key {key}")
+
+
+def _manifest_of(folder: Path) -> dict[str, Any] | None:
+    """A backup folder's manifest, when this user can read it (gone, or another user's: the
+    backup's age is the fleet page's and PasHubBackupOld's to say)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def sealed_words(manifest: dict[str, Any]) -> str:
+    """How a hub backup's files were written, as ``pas hub backup`` and its log line say."""
+    sealed = manifest.get("sealed")
+    if sealed:
+        return f"sealed for the backup key {sealed['key']}"
+    return ("in clear (backup.recipient is not set: the fleet CA's key is readable in the "
+            "folder; docs/operations.md, \"Backing up the hub\")")
+
+
+def _unreadable(exc: sqlite3.DatabaseError) -> BackupRefused:
+    return BackupRefused(f"the hub database cannot be read whole ({exc}): no backup written; "
+                         "keep the last good backup, it is the one to restore")
 
 
 class BackupNotRecorded(Exception):

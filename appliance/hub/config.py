@@ -24,7 +24,7 @@ from appliance.config import (
     name_the_variables,
     read_toml,
 )
-from appliance.config_sections import _cleartext, _credentials_in_url
+from appliance.config_sections import BackupSection, _cleartext, _credentials_in_url
 from appliance.config_types import (
     Flag,
     _cross_field,
@@ -207,6 +207,9 @@ class HubSettings(_Section):
     limits: LimitsSection = LimitsSection()
     transfers: TransfersSection = TransfersSection()
     dashboard: DashboardSection = DashboardSection()
+    # The appliance's section, the same key and check: ``pas hub backup`` seals every file
+    # (the fleet CA's key, hub.sqlite, this file) for the backup key ``recipient`` names.
+    backup: BackupSection = BackupSection()
 
     @property
     def db_path(self) -> Path:

@@ -18,26 +18,43 @@ it enrolled pins, overwritten) were each found, if at all, once the hub ran on t
 refused here, in one line naming the problem, before anything in the home is touched; the
 other hub's CA only with ``--force``. What the home held is set aside,
 ``<name>.before-restore-<UTC time>``, never deleted, as ``pas restore`` does on an appliance.
+
+A sealed hub backup (``backup.recipient``: appliance/hub/backup.py) is refused without the
+private half of its backup key, or with another key, before anything is opened; with it, its
+files are opened into a hidden folder of the home and checked there as a clear backup's are,
+then put back from there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import socket
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from appliance.hub.backup import ARCHIVE_INDEX, KIND, pki_files
 from appliance.hub.pki import HubPKI
-from appliance.ops.backup_folder import MANIFEST, sha256_of, utc_stamp
+from appliance.ops.backup_folder import MANIFEST, OPENING, sha256_of, utc_stamp
+from appliance.ops.backup_seal import (
+    SUFFIX,
+    SealedFileDamaged,
+    fingerprint,
+    open_folder,
+    public_of,
+)
 from appliance.ops.restore import (
     RestoreRefused,
+    _free_name,
+    _sealed_for,
     check_file,
     check_kind,
     made_at,
@@ -101,11 +118,16 @@ def _older_appliance_backup(folder: Path, manifest: dict[str, Any]) -> bool:
     return True
 
 
-def check_hub_backup(folder: Path) -> dict[str, Any]:
+def check_hub_backup(folder: Path, key: X25519PrivateKey | None = None) -> dict[str, Any]:
     """The manifest of ``folder``, once it is found to be a whole ``pas hub backup`` this
     software can run: each file it names there with its size and SHA-256, its CA the one it
     names, its databases sound (SQLite's ``quick_check``) and of a schema this version
-    knows. Raises :class:`RestoreRefused` naming the first problem."""
+    knows. Raises :class:`RestoreRefused` naming the first problem.
+
+    A sealed backup (its manifest says ``sealed``: :mod:`appliance.ops.backup_seal`) is
+    checked as far as it can be before it is opened: its sealed files' sizes and SHA-256,
+    and that ``key`` is the one it was sealed for; its CA and databases are checked once
+    opened (:func:`check_contents`, from :func:`restore_hub_backup`)."""
     manifest = read_manifest(folder, "pas hub backup")
     said = ("says kind 'pas backup'" if manifest.get("kind") == "pas backup" else
             "names no kind, as an appliance's written before 2026-12-05"
@@ -122,24 +144,66 @@ def check_hub_backup(folder: Path) -> dict[str, Any]:
         raise RestoreRefused(f"{folder}/{MANIFEST} lists no files: the manifest is damaged; "
                              "nothing restored")
     made_at(folder, manifest)  # the restored hub's last backup: refused if unreadable
+    sealed_for = _sealed_for(folder, manifest)
+    suffix = SUFFIX if sealed_for is not None else ""
     for needed in (DATABASE, "ca.crt", "ca.key"):
-        if needed not in files:
-            raise RestoreRefused(f"{folder}/{MANIFEST} names no {needed}: not a whole hub "
-                                 f"backup. {NOTHING}")
-    known = set(_home_files(files)) | ({_config_name(manifest)} - {None})
+        if needed + suffix not in files:
+            raise RestoreRefused(f"{folder}/{MANIFEST} names no {needed}{suffix}: not a whole "
+                                 f"hub backup. {NOTHING}")
+    clear = {name.removesuffix(suffix) for name in files if name.endswith(suffix)}
+    known = set(_home_files(clear)) | ({_config_name(manifest)} - {None})
     for name, entry in sorted(files.items()):
-        if name not in known:
+        if not name.endswith(suffix) or name.removesuffix(suffix) not in known:
             raise RestoreRefused(
                 f"{folder}/{MANIFEST} names {name!r}, not a file this version puts back "
                 f"(written by PAS {manifest.get('software')}): restore it with that version "
                 f"or a later one. {NOTHING}")
         check_file(folder, name, entry)
-    _check_ca(folder, manifest)
-    _check_database(folder, manifest, DATABASE, "hub database", len(HUB_MIGRATIONS))
-    if ARCHIVE_INDEX in files:
-        _check_database(folder, manifest, ARCHIVE_INDEX, "embedded archive's index",
-                        len(MIGRATIONS))
+    config_file = manifest.get("config_file")
+    if config_file is not None and (not isinstance(config_file, str) or
+                                    not Path(config_file).name):
+        raise RestoreRefused(f"{folder}/{MANIFEST}: config_file {config_file!r} is not a "
+                             f"file's path: the manifest is damaged. {NOTHING}")
+    if sealed_for is not None:
+        _check_key(folder, sealed_for, key)
+        return manifest
+    if key is not None:  # a sealed one was expected: replaced on the share?
+        raise RestoreRefused(f"{folder} is not sealed (written in clear), and a key was "
+                             "given: restore it without --key if it is the backup meant; "
+                             "nothing restored")
+    check_contents(folder, folder, manifest)
     return manifest
+
+
+def _check_key(folder: Path, sealed_for: str, key: X25519PrivateKey | None) -> None:
+    """``key`` is the backup key ``folder`` was sealed for (its fingerprint): refused,
+    naming the one wanted (and the one given), before anything is opened."""
+    if key is None:
+        raise RestoreRefused(f"{folder} is sealed for the backup key {sealed_for}: give its "
+                             "private key (pas hub restore --key FILE); nothing restored")
+    given = fingerprint(public_of(key))
+    if given != sealed_for:
+        raise RestoreRefused(f"{folder} is sealed for the backup key {sealed_for}, and the key "
+                             f"given is {given}: give the private key of {sealed_for} (the "
+                             "one the hub's backup.recipient named when it was written); "
+                             "nothing restored")
+
+
+def check_contents(folder: Path, source: Path, manifest: dict[str, Any]) -> None:
+    """The backup's CA and databases, read in ``source``: ``folder`` itself, or where its
+    sealed files were opened (named by their sealed file in ``folder`` then: the opened
+    copy is gone by the time the operator reads the refusal). :class:`RestoreRefused`."""
+    sealed = manifest.get("sealed") is not None
+
+    def shown(name: str) -> Path:
+        return folder / (name + SUFFIX if sealed else name)
+
+    _check_ca(source, shown("ca.crt"), manifest)
+    _check_database(folder, source, shown(DATABASE), manifest, DATABASE, "hub database",
+                    len(HUB_MIGRATIONS))
+    if ARCHIVE_INDEX in manifest["files"]:
+        _check_database(folder, source, shown(ARCHIVE_INDEX), manifest, ARCHIVE_INDEX,
+                        "embedded archive's index", len(MIGRATIONS))
 
 
 def check_hub_home(home: Path, manifest: dict[str, Any], force: bool,
@@ -178,60 +242,110 @@ def check_hub_home(home: Path, manifest: dict[str, Any], force: bool,
 
 
 def restore_hub_backup(home: Path, folder: Path, actor: str, force: bool = False,
-                       at: float | None = None, home_named: bool = True) -> HubRestored:
+                       at: float | None = None, home_named: bool = True,
+                       key: X25519PrivateKey | None = None) -> HubRestored:
     """Check ``folder`` and ``home`` (:func:`check_hub_backup`, :func:`check_hub_home`),
     then, holding the hub's lock (refused while ``pas hub run`` holds it), set aside what
     the home holds of the backup's files and put the backup's in their place: 0600, owned
     as the home is (a restore run as root leaves them the hub's user's). The configuration
     goes back where the manifest says only if no file is there. One WARNING log line says
-    who restored which backup, as the backup's says who wrote it."""
+    who restored which backup, as the backup's says who wrote it.
+
+    A sealed backup is opened, the lock held (never beside a running hub), with ``key``
+    into a private folder of the home (:data:`appliance.ops.backup_folder.OPENING`, 0700,
+    removed after whatever happens: the home's disk, which holds the same files in clear
+    once restored; never the backup's folder, a share), its CA and databases checked there
+    as a clear backup's are, then put back from it as a clear one is. A configuration it
+    holds that is not put back (a file is there) is left in the home,
+    ``<name>.from-backup-<UTC time>`` (0600), for the operator. Refused before or while it
+    is opened (a sealed file that does not open names its part), the home is left as it
+    was (one this restore made is removed)."""
     from appliance.ops.home_lock import HomeInUse, hold_hub_lock, hub_lock_file
 
     folder = folder.absolute()
-    manifest = check_hub_backup(folder)
+    manifest = check_hub_backup(folder, key)
     check_hub_home(home, manifest, force, home_named)
     home = home.absolute()  # what it says: "hub restored in var-hub" named no place
+    made = not home.exists()
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         lock = hold_hub_lock(home)
     except HomeInUse as exc:
         raise RestoreRefused(f"{exc}. {NOTHING}") from None
+    opening = home / OPENING
     try:
-        owner = home.stat()
-        _own(hub_lock_file(home), owner)  # the hub's user takes it at its start
-        stamp_at = time.time() if at is None else at
-        done = HubRestored(manifest, folder, home, [])
-
-        def name_it(incoming: Path) -> None:
-            # The backup copied hub.sqlite before it recorded itself in the live one: the
-            # copy names the backup before it (or none), and the restored hub's backup age
-            # (/fleet, /metrics, PasHubBackupOld) counted from that. It names this one.
-            done.named_last = name_restored_backup(incoming, made_at(folder, manifest),
-                                                   folder, actor)
-
-        for name in _home_files(manifest["files"]):
-            try:
-                _place(folder, name, home, owner, stamp_at, done,
-                       name_it if name == DATABASE else None)
-            except (OSError, sqlite3.Error) as exc:
-                why = getattr(exc, "strerror", None) or exc
-                where = getattr(exc, "filename", None)
-                stopped = (f"the restore stopped at {name} ({why}"
-                           f"{': ' + str(where) if where else ''}); put back: "
-                           f"{', '.join(done.placed) or 'nothing'}; set aside: "
-                           f"{', '.join(p.name for p in done.set_aside) or 'nothing'}")
-                log.error("hub restore from %s by %s: %s", folder, actor, stopped,
-                          extra={"ACTOR": actor, "TARGET": str(home)})
-                raise RestoreStopped(f"{stopped}. Fix the cause and run pas hub restore "
-                                     "again (what it sets aside stays)") from None
-        done.config = _put_config_back(folder, manifest, home, owner)
+        shutil.rmtree(opening, ignore_errors=True)  # a restore killed before left it, in clear
+        if manifest.get("sealed") is None:
+            return _restore(home, folder, folder, manifest, actor, at)
+        assert key is not None, "check_hub_backup refuses a sealed backup without its key"
+        try:
+            opening.mkdir(mode=0o700)
+            opened = open_folder(folder, sorted(manifest["files"]), key, opening,
+                                 str(manifest["sealed"]["backup_id"]))
+        except SealedFileDamaged as exc:
+            raise RestoreRefused(f"{exc}: restore an older backup. {NOTHING}") from None
+        except OSError as exc:
+            raise RestoreRefused(f"cannot open {folder} into {home} ("
+                                 f"{exc.strerror or exc}): {NOTHING}") from None
+        contents = {**manifest, "files": opened}
+        check_contents(folder, opening, contents)
+        return _restore(home, folder, opening, contents, actor, at)
+    except RestoreRefused:
+        if made:  # the home this restore made (and its lock file), gone again
+            shutil.rmtree(opening, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                hub_lock_file(home).unlink()
+                home.rmdir()
+        raise
     finally:
+        shutil.rmtree(opening, ignore_errors=True)
         lock.close()
+
+
+def _restore(home: Path, folder: Path, source: Path, manifest: dict[str, Any], actor: str,
+             at: float | None) -> HubRestored:
+    """The hub's lock held by the caller, the backup's files (read in ``source``:
+    ``folder``, or where a sealed one was opened, ``manifest`` naming them in clear) put in
+    the home."""
+    from appliance.ops.home_lock import hub_lock_file
+
+    owner = home.stat()
+    _own(hub_lock_file(home), owner)  # the hub's user takes it at its start
+    stamp_at = time.time() if at is None else at
+    done = HubRestored(manifest, folder, home, [])
+
+    def name_it(incoming: Path) -> None:
+        # The backup copied hub.sqlite before it recorded itself in the live one: the
+        # copy names the backup before it (or none), and the restored hub's backup age
+        # (/fleet, /metrics, PasHubBackupOld) counted from that. It names this one.
+        done.named_last = name_restored_backup(incoming, made_at(folder, manifest),
+                                               folder, actor)
+
+    for name in _home_files(manifest["files"]):
+        try:
+            _place(source, name, home, owner, stamp_at, done,
+                   name_it if name == DATABASE else None)
+        except (OSError, sqlite3.Error) as exc:
+            why = getattr(exc, "strerror", None) or exc
+            where = getattr(exc, "filename", None)
+            stopped = (f"the restore stopped at {name} ({why}"
+                       f"{': ' + str(where) if where else ''}); put back: "
+                       f"{', '.join(done.placed) or 'nothing'}; set aside: "
+                       f"{', '.join(p.name for p in done.set_aside) or 'nothing'}")
+            log.error("hub restore from %s by %s: %s", folder, actor, stopped,
+                      extra={"ACTOR": actor, "TARGET": str(home)})
+            raise RestoreStopped(f"{stopped}. Fix the cause and run pas hub restore "
+                                 "again (what it sets aside stays)") from None
+    done.config = _put_config_back(source, manifest, home, owner)
+    if source != folder and done.config is not None and done.config.state != "put back":
+        done.config.copy = _keep_opened_config(done.config.copy, home, owner, stamp_at)
     log.warning("hub restored from %s by %s on %s: the fleet CA and keys, the database "
-                "(%s enrolled, %s committed)%s", folder, actor, socket.gethostname(),
+                "(%s enrolled, %s committed)%s%s", folder, actor, socket.gethostname(),
                 counted(manifest.get("sites_enrolled", 0), "site"),
                 counted(manifest.get("transfers_committed", 0), "transfer"),
                 ", the embedded archive's index" if ARCHIVE_INDEX in done.placed else "",
+                f", opened with the backup key {manifest['sealed']['key']}"
+                if manifest.get("sealed") else "",
                 extra={"ACTOR": actor, "TARGET": str(home)})
     if not done.named_last:
         log.warning("the restored hub.sqlite (schema %s) predates the hub's record of its "
@@ -240,7 +354,25 @@ def restore_hub_backup(home: Path, folder: Path, actor: str, force: bool = False
     return done
 
 
-def _home_files(files: dict[str, Any]) -> list[str]:
+def _keep_opened_config(opened: Path, home: Path, owner: os.stat_result, at: float) -> Path:
+    """The configuration opened from a sealed backup, not put back (a file is there): kept
+    in the home, ``<name>.from-backup-<UTC time>`` (0600, the home's owner), as ``pas
+    restore`` keeps an appliance's; the opened folder is removed after the restore. When it
+    cannot be kept (a full disk), said as its place in the opened folder, gone by then."""
+    kept = _free_name(home / f"{opened.name}.from-backup-{utc_stamp(at)}")
+    try:
+        opened.chmod(0o600)
+        opened.rename(kept)
+        _own(kept, owner)
+        fsync_dir(home)
+    except OSError as exc:
+        log.error("the configuration opened from the sealed backup could not be kept as %s "
+                  "(%s)", kept, exc.strerror or exc)
+        return opened
+    return kept
+
+
+def _home_files(files: Collection[str]) -> list[str]:
     """The backup's files that go in the home, in their order: keys first, the databases
     last (a restore stopped half-way leaves the home's database, and says what it put
     back)."""
@@ -253,30 +385,30 @@ def _config_name(manifest: dict[str, Any]) -> str | None:
     return Path(str(config)).name if config else None
 
 
-def _check_ca(folder: Path, manifest: dict[str, Any]) -> None:
+def _check_ca(source: Path, shown: Path, manifest: dict[str, Any]) -> None:
     try:
-        found = ca_fingerprint((folder / "ca.crt").read_bytes())
+        found = ca_fingerprint((source / "ca.crt").read_bytes())
     except ValueError as exc:
-        raise RestoreRefused(f"{folder}/ca.crt is not a certificate ({exc}): the backup is "
+        raise RestoreRefused(f"{shown} is not a certificate ({exc}): the backup is "
                              f"damaged. {NOTHING}") from None
     if found != manifest.get("ca_fingerprint"):
-        raise RestoreRefused(f"{folder}/ca.crt is not the CA its {MANIFEST} names "
+        raise RestoreRefused(f"{shown} is not the CA its {MANIFEST} names "
                              f"(fingerprint {found[:16]}..., the manifest says "
                              f"{str(manifest.get('ca_fingerprint'))[:16]}...): the backup is "
                              f"damaged. {NOTHING}")
 
 
-def _check_database(folder: Path, manifest: dict[str, Any], name: str, what: str,
-                    known: int) -> None:
-    path = folder / name
+def _check_database(folder: Path, source: Path, shown: Path, manifest: dict[str, Any],
+                    name: str, what: str, known: int) -> None:
+    path = source / name
     try:
         schema = schema_version_of(path)
         finding = damage_of(path)
     except sqlite3.Error as exc:
-        raise RestoreRefused(f"the {what} {path} cannot be read ({exc}): restore an older "
+        raise RestoreRefused(f"the {what} {shown} cannot be read ({exc}): restore an older "
                              f"backup. {NOTHING}") from None
     if finding is not None:
-        raise RestoreRefused(f"the {what} {path} is damaged ({finding}): restore an older "
+        raise RestoreRefused(f"the {what} {shown} is damaged ({finding}): restore an older "
                              f"backup. {NOTHING}")
     if schema > known:
         raise RestoreRefused(
@@ -287,7 +419,8 @@ def _check_database(folder: Path, manifest: dict[str, Any], name: str, what: str
 
 def _place(folder: Path, name: str, home: Path, owner: os.stat_result, at: float,
            done: HubRestored, prepare: Callable[[Path], None] | None = None) -> None:
-    """One backup file in the home: copied beside its place (0600, the home's owner),
+    """One backup file in the home: copied beside its place (moved there from the folder a
+    sealed backup was opened in; 0600, the home's owner),
     changed by ``prepare`` (the database: it names the backup restored), fsynced, what is
     there set aside, then renamed into place: the copy and its change land together."""
     target = home / name
@@ -301,7 +434,10 @@ def _place(folder: Path, name: str, home: Path, owner: os.stat_result, at: float
     incoming = target.with_name(f".{target.name}.restoring")
     _remove_journals(incoming)  # a stopped run's, else rolled back into this new copy
     try:
-        shutil.copyfile(folder / name, incoming)
+        if folder.name == OPENING:  # opened for this restore, on the home's disk: moved in
+            os.rename(folder / name, incoming)
+        else:
+            shutil.copyfile(folder / name, incoming)
         incoming.chmod(0o600)
         _own(incoming, owner)
         if prepare is not None:
