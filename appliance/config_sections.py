@@ -346,6 +346,10 @@ class BackupSection(_Section):
 class StudySection(_Section):
     stable_after_s: float = Field(default=60.0, ge=0)
     check_interval_s: float = Field(default=2.0, gt=0)
+    # An urgent study (a rule of priority "urgent" takes one of its instances) is routed in
+    # batches while it arrives, each once its oldest instance is this old, instead of after
+    # stable_after_s of quiet (appliance/routing/stability.py); 0: it waits like the others.
+    urgent_batch_s: float = Field(default=5.0, ge=0)
 
 
 class QueueSection(_Section):

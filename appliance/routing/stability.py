@@ -4,7 +4,13 @@ A study is stable when no *new* instance arrived for ``stable_after_s`` seconds 
 duplicate does not reset the clock). Its unrouted instances are matched against the rules
 and become one job per destination, in one transaction. Instances arriving later are a
 delta: they wait for the study to be quiet again and are routed on their own. See
-docs/routing.md for why this, and not series-level triggers. Instances no destination takes
+docs/routing.md for why this, and not series-level triggers.
+
+An urgent study does not wait (``study.urgent_batch_s``): while it arrives, what has
+arrived is routed in batches, each once its oldest instance is that old, each a delta of its
+own (:meth:`Router.route_urgent_batches`). The emergency CT is at the region seconds after
+its last slice, not ``stable_after_s`` later (DESIGN.md, "Sending need not wait for the
+study to be stable"). Instances no destination takes
 on an appliance not yet enrolled are filed for the hub its enrolment brings
 (appliance/store/awaiting_hub.py).
 """
@@ -17,6 +23,7 @@ import threading
 from collections.abc import Callable
 
 from appliance.config import Settings
+from appliance.config_types import PRIORITY_RANK
 from appliance.logs import LoopFailures
 from appliance.ops import index_check
 from appliance.routing.rules import routes_for
@@ -32,6 +39,7 @@ log = logging.getLogger("pas.routing")
 # (``continue``) rules also send it. Tested as "no route at all" before, an instance only
 # ``continue`` rules matched went to their destinations and never to the region.
 AFTER_ENROLMENT = "\x00the hub, once enrolled"
+URGENT = PRIORITY_RANK["urgent"]
 
 # SQLite's primary result codes that are about the database as a whole, not about one
 # study's rows: its write lock held past the busy timeout (BUSY, LOCKED), no memory, a
@@ -63,6 +71,13 @@ class Router:
         # Studies whose routing failed at the last pass, by study row: each says its error
         # once, then counts (:class:`appliance.logs.LoopFailures`).
         self._failing: dict[int, LoopFailures] = {}
+        self._failing_urgent: dict[int, LoopFailures] = {}  # the same, of urgent batches
+        # Arriving studies found not urgent, by study row: the highest instance id the
+        # rules were run on (each pass runs them on the instances received since only).
+        self._not_urgent_upto: dict[int, int] = {}
+        # Arriving studies an urgent batch was routed for: on_stable is told at the first
+        # batch only (the priors of that patient fetched early), then at stability.
+        self._urgent_told: set[int] = set()
 
     def kind_of(self, destination: str) -> str:
         configured = self.settings.destinations.get(destination)
@@ -80,7 +95,7 @@ class Router:
         What stops every study (the list itself unreadable, or the database refusing as a
         whole: :func:`is_database_wide`) still ends the pass: the routing loop says it."""
         quiet_since = now() - self.settings.study.stable_after_s
-        created = 0
+        created = self.route_urgent_batches(quiet_since, stopping)
         ready = index.studies_ready_to_route(self.db, quiet_since)
         for study_fk in ready:
             if stopping is not None and stopping.is_set():
@@ -99,10 +114,80 @@ class Router:
                 failures.worked()
         for gone in set(self._failing) - set(ready):  # purged, or routed by an operator
             del self._failing[gone]
+        for stable in set(ready):  # quiet now: the next arrival is a study arriving anew
+            self._not_urgent_upto.pop(stable, None)
+            self._urgent_told.discard(stable)
         return created
 
-    def route_study(self, study_fk: int) -> int:
-        rows = index.unrouted_instances(self.db, study_fk)
+    def route_urgent_batches(self, quiet_since: float,
+                             stopping: threading.Event | None = None) -> int:
+        """Route, before they are stable, the arriving studies an urgent rule takes: each
+        study's unrouted instances once the oldest of them is ``study.urgent_batch_s`` old,
+        all their destinations (one job each, a delta as a late series is). A study no rule
+        makes urgent waits to be stable; its instances are matched once, as they arrive.
+        Returns how many jobs were created. A failure is the study's, said once, as in
+        :meth:`route_ready`."""
+        batch_s = self.settings.study.urgent_batch_s
+        if batch_s <= 0:
+            return 0
+        created = 0
+        arriving = index.studies_arriving_with_a_batch(self.db, quiet_since, now() - batch_s)
+        for study_fk in arriving:
+            if stopping is not None and stopping.is_set():
+                break
+            try:
+                rows = index.unrouted_instances(self.db, study_fk)
+                if not self._takes_urgent(study_fk, rows):
+                    continue
+                created += self.route_study(study_fk, rows=rows,
+                                            tell=study_fk not in self._urgent_told)
+                self._urgent_told.add(study_fk)
+            except Exception as exc:
+                if is_database_wide(exc):
+                    raise
+                self._failing_urgent.setdefault(study_fk, LoopFailures(
+                    log, f"routing an urgent batch of study {study_fk} (index row) failed; "
+                         "the others go on")).failed(exc)
+                index_check.suspect(exc)
+                continue
+            if (failures := self._failing_urgent.pop(study_fk, None)) is not None:
+                failures.worked()
+        for gone in set(self._not_urgent_upto) - set(arriving):  # stable, routed, purged
+            del self._not_urgent_upto[gone]
+        for gone in set(self._failing_urgent) - set(arriving):
+            del self._failing_urgent[gone]
+        return created
+
+    def _takes_urgent(self, study_fk: int, rows: list[sqlite3.Row]) -> bool:
+        """Whether a rule of priority urgent takes one of ``rows`` (the study's unrouted
+        instances). Those matched at an earlier pass are not matched again."""
+        seen = self._not_urgent_upto.get(study_fk, 0)
+        defaults = self.default_destinations()
+        for row in rows:
+            if row["id"] <= seen or not row["is_current"]:
+                continue
+            routes = routes_for(self.settings.routing, self._attributes(row),
+                                defaults or [AFTER_ENROLMENT])
+            if any(route.priority == URGENT for route in routes
+                   if route.destination != AFTER_ENROLMENT):
+                return True
+        self._not_urgent_upto[study_fk] = max((row["id"] for row in rows), default=seen)
+        return False
+
+    @staticmethod
+    def _attributes(row: sqlite3.Row) -> dict[str, str | None]:
+        return {
+            "calling_ae": row["calling_ae"], "called_ae": row["called_ae"],
+            "modality": row["modality"], "sop_class": row["sop_class_uid"],
+            "study_description": row["study_description"], "body_part": row["body_part"],
+        }
+
+    def route_study(self, study_fk: int, rows: list[sqlite3.Row] | None = None,
+                    tell: bool = True) -> int:
+        """Route ``study_fk``'s unrouted instances (``rows``: read already), one job per
+        destination, in one transaction; ``tell``: the on_stable callbacks are told."""
+        urgent_batch = rows is not None
+        rows = index.unrouted_instances(self.db, study_fk) if rows is None else rows
         if not rows:
             return 0
         defaults = self.default_destinations()
@@ -113,12 +198,7 @@ class Router:
         for row in rows:
             if not row["is_current"]:
                 continue  # a newer version of this instance arrived: only that one travels
-            attributes = {
-                "calling_ae": row["calling_ae"], "called_ae": row["called_ae"],
-                "modality": row["modality"], "sop_class": row["sop_class_uid"],
-                "study_description": row["study_description"], "body_part": row["body_part"],
-            }
-            routes = routes_for(self.settings.routing, attributes,
+            routes = routes_for(self.settings.routing, self._attributes(row),
                                 defaults or [AFTER_ENROLMENT])
             if any(route.destination == AFTER_ENROLMENT for route in routes):
                 awaiting_hub.append(row["id"])
@@ -136,20 +216,21 @@ class Router:
         ]
         job_store.route_study(self.db, study_fk, [r["id"] for r in rows], new_jobs,
                               awaiting_hub)
-        for callback in self.on_stable:
+        for callback in self.on_stable if tell else []:
             try:
                 callback(study_fk)
             except Exception:
                 log.exception("on-stable callback failed for study %d", study_fk)
         study_uid = rows[0]["study_uid"]
+        state = "arriving, urgent batch" if urgent_batch else "stable"
         if new_jobs:
-            log.info("study %s stable: %s -> %s%s", study_uid, counted(len(rows), "instance"),
+            log.info("study %s %s: %s -> %s%s", study_uid, state, counted(len(rows), "instance"),
                      ", ".join(j.destination for j in new_jobs),
                      "; to the region once this appliance is enrolled" if awaiting_hub else "",
                      extra={"STUDY_UID": study_uid})
         else:
-            log.info("study %s stable: %s, no destination (kept locally)%s",
-                     study_uid, counted(len(rows), "instance"),
+            log.info("study %s %s: %s, no destination (kept locally)%s",
+                     study_uid, state, counted(len(rows), "instance"),
                      ": sent to the region once this appliance is enrolled" if awaiting_hub
                      else "", extra={"STUDY_UID": study_uid})
         return len(new_jobs)

@@ -567,6 +567,22 @@ def studies_ready_to_route(db: Database, quiet_since: float) -> list[int]:
     return [int(r["id"]) for r in rows]
 
 
+def studies_arriving_with_a_batch(db: Database, quiet_since: float,
+                                  oldest_before: float) -> list[int]:
+    """Studies not quiet yet (a new instance since ``quiet_since``) holding unrouted
+    instances, the oldest of them received before ``oldest_before``: the candidates for an
+    urgent batch (appliance/routing/stability.py). Over the unrouted instances only (their
+    partial index): the instances still arriving, not the cache."""
+    rows = db.query(
+        """SELECT i.study_fk AS id FROM instances i
+           JOIN studies s ON s.id = i.study_fk
+           WHERE i.routed_at IS NULL AND s.last_received_at > ?
+           GROUP BY i.study_fk HAVING min(i.received_at) <= ?""",
+        (quiet_since, oldest_before),
+    )
+    return [int(r["id"]) for r in rows]
+
+
 def unrouted_instances(db: Database, study_fk: int) -> list[sqlite3.Row]:
     """Unrouted instances of a study with every attribute a routing rule may look at
     (``is_current`` tells a superseded version, which is marked routed but not sent)."""
