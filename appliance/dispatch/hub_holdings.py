@@ -127,6 +127,7 @@ def settle_holdings(client: HubClient, job: Job, context: SendContext,
         told.append(prior_line(job.study_uid, len(priors), regional))
         return told[-1]
 
+    context.still_ours(job, ask=True)  # the hub may have held its answer: still this job's?
     confirmed, _regional = job_store.confirm_held(
         context.db, job.id, sorted(pairs), sorted(held_ids), progress,
         job.study_uid, said, [r["id"] for r in priors], prior_said if priors else None)

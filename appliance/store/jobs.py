@@ -228,10 +228,17 @@ def renew_lease(db: Database, job_id: int, owner: str, lease_s: float) -> bool:
         return cursor.rowcount == 1
 
 
-def save_progress(db: Database, job_id: int, progress: dict[str, Any]) -> None:
+def save_progress(db: Database, job_id: int, progress: dict[str, Any],
+                  owner: str | None = None) -> bool:
+    """Save a job's progress; with ``owner``, only while that worker holds the job's lease
+    (a worker whose lease another took must not write over the new owner's progress).
+    Whether it was saved."""
+    only = "" if owner is None else "AND lease_owner = ? AND state = 'running'"
     with db.transaction() as conn:
-        conn.execute("UPDATE jobs SET progress = ?, updated_at = ? WHERE id = ?",
-                     (json.dumps(progress), now(), job_id))
+        cursor = conn.execute(f"UPDATE jobs SET progress = ?, updated_at = ? WHERE id = ? {only}",
+                              (json.dumps(progress), now(), job_id,
+                               *(() if owner is None else (owner,))))
+        return cursor.rowcount == 1
 
 
 def finish(db: Database, job_id: int, owner: str) -> None:

@@ -97,6 +97,9 @@ class SendContext:
     spool: Spool
     owner: str
     lease_s: float
+    # Set once the lease is lost, while the attempt runs inside :meth:`renewing` (a target
+    # that runs its whole attempt there gives it to its steps: ``dataclasses.replace``).
+    lease_lost: threading.Event | None = None
 
     def files(self, job: job_store.Job) -> list[Any]:
         """The job's instances not yet delivered (a retry resumes where it stopped)."""
@@ -109,6 +112,17 @@ class SendContext:
         """Renew the lease; raise if the job was taken over (our lease had expired)."""
         if not job_store.renew_lease(self.db, job.id, self.owner, self.lease_s):
             raise RuntimeError(f"job {job.id}: lease lost, another worker owns it now")
+
+    def still_ours(self, job: job_store.Job, ask: bool = False) -> None:
+        """Raise when the job's lease was lost (another worker took the job): a step that
+        writes the job's progress or the region's confirmations, or that commits, must not
+        follow. The event :meth:`renewing` sets says it within a third of ``lease_s``;
+        ``ask``: the database is asked now (the lease renewed if still ours), for the steps
+        where "within a third of the lease" is too late (a commit, the confirmations)."""
+        if self.lease_lost is not None and self.lease_lost.is_set():
+            raise RuntimeError(f"job {job.id}: lease lost, another worker owns it now")
+        if ask:
+            self.keep_alive(job)
 
     @contextmanager
     def renewing(self, job: job_store.Job) -> Iterator[threading.Event]:

@@ -154,7 +154,16 @@ class HubTarget:
 
     def send(self, job: Job, context: SendContext) -> None:
         try:
-            self._send(job, context)
+            # The lease is renewed by time for the whole attempt, as the dicom and stowrs
+            # kinds do: it was renewed only while buckets went and the commit ran, and a
+            # hub that held any other answer (the holdings question, what it holds of a
+            # transfer, the manifest's POST, a receipt) past queue.lease_s let a second
+            # worker claim the job beside the first; over an outage of a silent hub each
+            # such claim counted an attempt the first worker's wait for the link could not
+            # give back, and the job ended failed. The steps check the lease between them
+            # (``SendContext.still_ours``): a worker that lost it changes nothing more.
+            with context.renewing(job) as lost:
+                self._send(job, dataclasses.replace(context, lease_lost=lost))
         except (HubUnavailable, HubRefused) as exc:
             problem = credentials_refused(exc, self.enrolment)
             if problem is not None:
@@ -182,6 +191,7 @@ class HubTarget:
         job, rows = settle_holdings(self.client, job, context, rows)
         if not rows:
             return  # the region holds every instance already: no transfer at all
+        context.still_ours(job)
         items = [pack.PackItem(r["sop_instance_uid"], context.spool.path(r["path"]),
                                int(r["size"]), r["sha256"]) for r in rows]
         new_transfer = not job.progress.get("transfer_id")
@@ -219,7 +229,8 @@ class HubTarget:
                                     extra, creating, first_held)
         self._confirm(job, context, rows, receipt, transfer_id)
         # Delivered: the transfer key has no further use; keep only the id and the counters.
-        job_store.save_progress(context.db, job.id, {
+        context.still_ours(job)
+        self._save(job, context, {
             k: v for k, v in progress.items() if k not in ("key", "wrapped_key")})
 
     def _create(self, job: Job, context: SendContext, progress: dict[str, Any],
@@ -231,6 +242,7 @@ class HubTarget:
             if trust_problem(exc) is not None:
                 raise  # not this manifest's fault: send() makes the job wait
             if exc.status == 409:  # our id with another manifest: the job changed
+                context.still_ours(job)
                 self._forget_transfer(job, context, progress)
                 raise RuntimeError(f"{exc}; a new transfer will be created") from None
             raise PermanentError(str(exc)) from None
@@ -245,6 +257,7 @@ class HubTarget:
         from a backup older than it; it holds another manifest; it is too old to say), the
         POST as for a new one. Returns (created now, the buckets the hub holds if asked)."""
         known = self.client.transfer_held(progress["transfer_id"])
+        context.still_ours(job)
         if known is not None and known[1] == sha256(canonical_json(manifest)).hexdigest():
             log.info("transfer %s: the hub holds its manifest already: not sent again",
                      progress["transfer_id"], extra=extra)
@@ -263,6 +276,7 @@ class HubTarget:
         transfer_id = progress["transfer_id"]
         receipt: dict[str, Any] | None = None
         for _round in range(COMMIT_ROUNDS):
+            context.still_ours(job)
             # 201: the hub has just created this transfer and holds none of its buckets; not
             # asking saves one round trip per transfer (70 ms each on a regional line).
             fresh = _round == 0 and created
@@ -272,6 +286,7 @@ class HubTarget:
                 held = first_held
             else:
                 held = self.client.held_buckets(transfer_id) or set()
+                context.still_ours(job)
             missing = [p for p in plans if p.index not in held]
             log.info("transfer %s: %s, hub holds %d, sending %d", transfer_id,
                      counted(len(plans), "bucket"), len(held), len(missing), extra=extra)
@@ -284,6 +299,7 @@ class HubTarget:
                 if creating is not None:  # raises the manifest's refusal, if any
                     pending, creating = creating, None
                     pending.result()
+            context.still_ours(job)
             if sent.committed_elsewhere:
                 receipt = self.client.receipt(transfer_id)  # 409 on PUT: already committed
                 if receipt is None:
@@ -292,8 +308,11 @@ class HubTarget:
             if sent.receipt is not None:  # the last PUT committed (one round trip saved)
                 receipt = sent.receipt
                 break
-            # The hub rebuilds and archives the whole study before answering: keep the lease.
-            response = self._renewing(job, context, self.client.commit, transfer_id)
+            # The hub rebuilds and archives the whole study before answering (the lease is
+            # renewed meanwhile: send()). Not committed by a worker that lost the job.
+            context.still_ours(job, ask=True)
+            response = self.client.commit(transfer_id)
+            context.still_ours(job)
             if response.status_code == 200:
                 receipt = response.json()
                 break
@@ -315,6 +334,7 @@ class HubTarget:
         Files here damaged: fail for good naming them; intact: spoiled on the way, retried."""
         from appliance.transfer import pack
 
+        context.still_ours(job)
         self._forget_transfer(job, context, progress)
         error, transfer_id = body.get("error", "unprocessable"), progress["transfer_id"]
         if error == "another_site":  # not a rebuild problem: the region refuses these UIDs
@@ -368,7 +388,7 @@ class HubTarget:
                         wrapped_key=base64.b64encode(wrapped).decode(),
                         bucket_count=bucket_count, bucket_sizes=sizes, buckets_sent=0, bytes_sent=0,
                         original_bytes_sent=0)
-        job_store.save_progress(context.db, job.id, progress)
+        self._save(job, context, progress)
         return progress
 
     def _leave_out_replaced(self, job: Job, context: SendContext) -> Job:
@@ -393,11 +413,18 @@ class HubTarget:
         return dataclasses.replace(job, progress=self._forget_transfer(
             job, context, dict(job.progress)))
 
+    @staticmethod
+    def _save(job: Job, context: SendContext, progress: dict[str, Any]) -> None:
+        """The job's progress saved while this worker holds its lease, or the attempt stops:
+        another worker took the job (its progress is that worker's to write)."""
+        if not job_store.save_progress(context.db, job.id, progress, owner=context.owner):
+            raise RuntimeError(f"job {job.id}: lease lost, another worker owns it now")
+
     def _forget_transfer(self, job: Job, context: SendContext,
                          progress: dict[str, Any]) -> dict[str, Any]:
         """The job's progress saved without its transfer: the next attempt makes a new one."""
         kept = {k: v for k, v in progress.items() if k not in ("transfer_id", "key", "wrapped_key")}
-        job_store.save_progress(context.db, job.id, kept)
+        self._save(job, context, kept)
         return kept
 
     def _manifest(self, job: Job, rows: list[Any], plans: list[Any], transfer_id: str,
@@ -418,18 +445,6 @@ class HubTarget:
                 for r in rows
             ],
         }
-
-    def _renewing(self, job: Job, context: SendContext, call: Any, *args: Any) -> Any:
-        """Run a long blocking call (the commit) while renewing the job's lease, so that no
-        other worker takes the job over meanwhile."""
-        renew_every = max(1.0, context.lease_s / 3)
-        with ThreadPoolExecutor(1, thread_name_prefix=f"pas-hub-{job.id}-call") as pool:
-            future = pool.submit(call, *args)
-            while True:
-                try:
-                    return future.result(timeout=renew_every)
-                except TimeoutError:
-                    context.keep_alive(job)
 
     # --- buckets ---------------------------------------------------------------------------
 
@@ -480,7 +495,8 @@ class HubTarget:
                       prepacked: dict[int, Future[tuple[bytes, int, str]]] | None = None,
                       ) -> _Sent:
         """Pack, seal and PUT ``plans``: ``parallel_buckets`` PUTs at a time, fed by packers
-        that keep up to ``PACK_AHEAD`` sealed buckets ready, renewing the lease meanwhile.
+        that keep up to ``PACK_AHEAD`` sealed buckets ready (the lease is renewed by
+        ``send()``; a lost one stops the sending, and no progress is saved after it).
         Every PUT asks the hub to commit if it completes the set, so the last one usually
         brings the receipt back. ``prepacked``: buckets already being packed (by index).
 
@@ -506,8 +522,7 @@ class HubTarget:
                 outcome.receipt = answer.receipt
             return len(sealed), original, level
 
-        renew_every = max(1.0, context.lease_s / 3)
-        last_renew = time.monotonic()
+        check_every = max(0.1, context.lease_s / 3)
         first_error: BaseException | None = None
         throttle = self.client.throttle
         with contextlib.ExitStack() as stack:
@@ -519,7 +534,8 @@ class HubTarget:
             failed = ahead.failed
             pending = ahead.submit_all(plans, prepacked)
             while pending:
-                done, pending = wait(pending, timeout=renew_every, return_when=FIRST_COMPLETED)
+                done, pending = wait(pending, timeout=check_every, return_when=FIRST_COMPLETED)
+                context.still_ours(job)
                 for future in done:
                     error = future.exception()
                     if error is None:
@@ -531,16 +547,13 @@ class HubTarget:
                             progress["bytes_sent"] = progress.get("bytes_sent", 0) + wire
                             progress["original_bytes_sent"] = (
                                 progress.get("original_bytes_sent", 0) + original)
-                            job_store.save_progress(context.db, job.id, progress)
+                            self._save(job, context, progress)
                     elif isinstance(error, HubRefused) and error.status == 409:
                         outcome.committed_elsewhere = True
                         failed.set()
                     elif first_error is None:
                         first_error = error
                         failed.set()
-                if time.monotonic() - last_renew >= renew_every:
-                    context.keep_alive(job)
-                    last_renew = time.monotonic()
         if outcome.committed_elsewhere:
             return outcome
         if first_error is not None:
@@ -550,7 +563,7 @@ class HubTarget:
                 raise first_error
             raise RuntimeError(f"bucket failed: {type(first_error).__name__}: "
                                f"{first_error}") from first_error
-        context.keep_alive(job)
+        context.still_ours(job)
         return outcome
 
     # --- receipt ---------------------------------------------------------------------------
@@ -558,6 +571,7 @@ class HubTarget:
     def _confirm(self, job: Job, context: SendContext, rows: list[Any],
                  receipt: dict[str, Any], transfer_id: str) -> None:
         """Verify the receipt, confirm exactly its (UID, SHA-256) pairs, mark those sent."""
+        context.still_ours(job, ask=True)
         try:
             self.client.verify(receipt)
         except ReceiptInvalid as exc:
