@@ -211,7 +211,8 @@ def make_hub_backup(settings: HubSettings, config_file: Path | None, destination
 
 def backup_sealing(settings: HubSettings, last_folder: str | None) -> tuple[str, str]:
     """The hub's "backup sealing" check, as ``pas doctor``'s on an appliance
-    (:func:`appliance.ops.doctor_backup.check_backup_sealing`; ``pas hub run`` logs it at its start):
+    (:func:`appliance.ops.doctor_backup.check_backup_sealing`; ``pas hub run`` logs it at
+    its start):
     ("ok", the key) or ("warn", what is wrong and what to do). In clear, a hub backup gives
     whoever reads its folder the fleet CA's private key. With ``backup.recipient`` set, the
     last backup (``last_folder``, the live database's record) is looked at too, one written
