@@ -19,7 +19,11 @@ failure after some requests of the attempt went through is the archive answering
 answered: an ordinary failed attempt, counted towards ``queue.max_attempts``. A 4xx for the
 whole request, or instances refused with a "cannot process" class reason, fail the job for
 good with the archive's words; refusals for lack of resources (0xA7xx) or processing failure
-(0x0110) are transient.
+(0x0110) are transient. A 200 with no body at all (or a DICOM JSON dataset listing nothing)
+means every instance stored, as PS3.18 has the status say it; a 200 whose body is not DICOM
+JSON (an SSO proxy's login page, a web app's index.html for any path) is a failed attempt,
+retried, naming its Content-Type and first bytes: it was taken for "all stored" until
+2026-12-07, the job done and nothing stored (tests/test_dispatch_stowrs_html_s41.py).
 
 A refusal as a duplicate (FailureReason 0xB00E = 45070, "an instance with these UIDs exists",
 as Microsoft's DICOM service answers, or 0x0111 Duplicate SOP Instance; or a 409 with no
@@ -370,16 +374,28 @@ class StowRsTarget:
             uplink_store.record_contact(context.db, self.name, False, message)
             raise ConnectionError(message) from cause
         uplink_store.record_contact(context.db, self.name, True)
+        readable = True
         try:
             body = response.json() if response.content else {}
-        except ValueError:
-            body = {}
+        except ValueError:  # not JSON: an HTML page, a proxy's words (not DICOM JSON)
+            body, readable = None, False
         accepted, refused = parse_stow_response(body)
         if response.status_code in (200, 202, 409) and (accepted or refused):
             return accepted, refused
-        if response.status_code == 200 and not body:
-            # No per-instance answer: a 200 to STOW-RS means every instance was stored.
+        if response.status_code == 200 and body in ({}, [], [{}]):
+            # No per-instance answer (no body at all, or a DICOM JSON dataset that lists
+            # nothing): a 200 to STOW-RS means every instance was stored (PS3.18: the
+            # status alone says it; some archives send no Store Instances Response).
             return {r["sop_instance_uid"] for r in batch}, {}
+        if response.status_code == 200 and not readable:
+            # A body that is not DICOM JSON is not the archive's answer: an SSO login page
+            # or a web app's index.html answered 200 for any path. It was taken for "all
+            # stored": every instance marked sent, the job done, nothing stored (until
+            # 2026-12-07). Retried later; the words say what answered.
+            raise RuntimeError(f"{self.name}: STOW-RS answered HTTP 200 with a body that is "
+                               f"not DICOM JSON ({_said(response)}): nothing taken as "
+                               "stored; retrying later (is the URL the archive's DICOMweb "
+                               "root, behind no login page?)")
         if response.status_code == 409:
             # A conflict with no per-instance answer: maybe every instance is held already
             # (a re-POST); the read-back of each tells.
@@ -398,4 +414,17 @@ class StowRsTarget:
             raise PermanentError(f"{self.name}: STOW-RS answered HTTP {response.status_code}: "
                                  f"{response.text[:300]}")
         raise RuntimeError(f"{self.name}: unexpected STOW-RS answer HTTP "
-                           f"{response.status_code}: {response.text[:300]}")
+                           f"{response.status_code} ({_said(response)})")
+
+
+def _said(response: httpx.Response, first: int = 80) -> str:
+    """An answer's Content-Type and first bytes, escaped (control characters, markup and
+    non-ASCII bytes as Python writes them in a bytes literal) and short: what the job's
+    last_error, the log and the heartbeat carry of an answer that is not the archive's."""
+    content = response.content
+    kind = response.headers.get("content-type")
+    said = f"Content-Type {ascii(kind) if kind is not None else 'none'}"
+    if not content:
+        return f"{said}, no body"
+    more = f"... ({len(content)} bytes)" if len(content) > first else ""
+    return f"{said}, body {repr(content[:first])[2:-1]}{more}"

@@ -1,0 +1,137 @@
+"""Destination kind ``stowrs``: a 200 whose body is not DICOM JSON is not "all stored".
+
+A STOW-RS archive behind a single sign-on proxy (or a web app that answers its index.html
+for any path) answers the POST 200 ``text/html``, "Please sign in". The target read any body
+it could not parse as an empty one, and an empty 200 counts as every instance stored (PS3.18:
+the status says it; some archives send no Store Instances Response): every instance was
+marked sent and the job done, and the archive held nothing (review s41, F2). Now only a body
+that is truly empty (or DICOM JSON listing nothing) counts so; anything else is a failed
+attempt, retried, whose error names the Content-Type and the body's first bytes.
+
+The archive is a small real HTTP server on loopback: it answers the login page until the
+test "signs in", then stores what it is sent (answering each instance in its Referenced SOP
+Sequence). PAS is the real daemon, fed by DCMTK's storescu.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+
+from tests.support.peers import read_rows, storescu, wait_for
+from tests.support.refusing_archive import _parts, _uids
+from tests.support.serving import serve_in_thread
+from tests.test_routing import CT_PATIENT
+
+LOGIN_PAGE = b"<!doctype html>\n<html><body>Please sign in</body></html>"
+
+
+class LoginPageArchive:
+    """Answers each STOW-RS POST 200 ``text/html`` (the login page) until ``signed_in`` is
+    set, then stores the instances and lists them as referenced. ``pages``: the POSTs the
+    page answered; ``stored``: the SOP Instance UIDs stored."""
+
+    def __init__(self) -> None:
+        self.signed_in = threading.Event()
+        self.pages = 0
+        self.stored: list[str] = []
+        self.lock = threading.Lock()
+        archive = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _send(self, body: bytes, content_type: str) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if not archive.signed_in.is_set():
+                    with archive.lock:
+                        archive.pages += 1
+                    self._send(LOGIN_PAGE, "text/html; charset=utf-8")
+                    return
+                uids = [_uids(part)[2] for part in _parts(self.headers["Content-Type"], body)]
+                with archive.lock:
+                    archive.stored.extend(uids)
+                answer = {"00081199": {"vr": "SQ", "Value": [
+                    {"00081155": {"vr": "UI", "Value": [uid]}} for uid in uids]}}
+                self._send(json.dumps(answer).encode(), "application/dicom+json")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/dicom-web"
+        serve_in_thread(self.server)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_login_page_answered_200_is_not_taken_for_stored(pas_factory: Any,
+                                                           tmp_path: Path) -> None:
+    """Before the fix the first POST's login page ended the job ``done`` with every
+    instance marked sent (the archive never stored one)."""
+    archive = LoginPageArchive()
+    try:
+        config = tmp_path / "appliance.toml"
+        config.write_text(textwrap.dedent(f"""
+            [queue]
+            poll_interval_s = 0.1
+            max_attempts = 50
+            backoff_initial_s = 0.2
+            backoff_max_s = 0.5
+
+            [routing.fallback]
+            destinations = ["archive"]
+
+            [destinations.archive]
+            kind = "stowrs"
+            url = "{archive.url}"
+            """))
+        pas = pas_factory({"PAS_CONFIG": str(config), "PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                           "PAS_STUDY__STABLE_AFTER_S": "0.5"})
+        database = pas.home / "pas.sqlite"
+        storescu(CT_PATIENT, pas.port)
+
+        def job() -> dict[str, Any] | None:
+            rows = read_rows(database, "SELECT * FROM jobs")
+            return dict(rows[0]) if rows else None
+
+        wait_for(lambda: (j := job()) is not None and (j["last_error"] or j["state"] == "done"),
+                 60, what="the job's first attempt over")
+        first = job()
+        assert first is not None
+        assert first["state"] in ("pending", "running"), first  # retried, not done
+        error = first["last_error"]
+        assert "HTTP 200" in error and "not DICOM JSON" in error, error
+        assert "Content-Type 'text/html; charset=utf-8'" in error, error
+        assert "Please sign in" in error and "\\n" in error and "\n" not in error, error
+        assert read_rows(database, "SELECT count(*) AS n FROM job_instances "
+                                   "WHERE sent_at IS NOT NULL")[0]["n"] == 0
+        assert archive.stored == []
+
+        archive.signed_in.set()  # the proxy's session put right: the archive answers now
+        wait_for(lambda: (j := job()) is not None and j["state"] == "done", 60,
+                 what="the job delivered once the archive answers")
+        assert archive.pages >= 1
+        expected = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+                    for p in CT_PATIENT}
+        assert set(archive.stored) == expected
+        assert read_rows(database, "SELECT count(*) AS n FROM job_instances "
+                                   "WHERE sent_at IS NOT NULL")[0]["n"] == len(expected)
+    finally:
+        archive.stop()
