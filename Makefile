@@ -11,7 +11,7 @@ DEMO_HOME ?= ./var
 # bench/wan's link emulator (tests/test_wan_emulator.py, make bench-wan) is C, built at run time.
 TEST_APT += gcc
 
-.PHONY: demo test venv deps-test lint image box bench-ingest bench-ingest-cpu bench-associations bench-forward bench-heartbeat bench-hub-loop bench-idle bench-prefetch clean
+.PHONY: demo test venv deps-test lint image box bench-ingest bench-ingest-cpu bench-associations bench-forward bench-urgent bench-heartbeat bench-hub-loop bench-idle bench-prefetch clean
 
 venv: $(VENV)/.installed
 
@@ -103,6 +103,10 @@ bench-uplink: deps-test venv
 # C-FIND latency on 100,000 synthesized studies; C-FIND and C-MOVE next to Orthanc (root).
 bench-qr: deps-test venv
 	$(PY) bench/qr.py $(BENCH_ARGS)
+
+# An emergency CT's last slice to the region: urgent batches next to waiting for stability.
+bench-urgent: deps-test venv
+	$(PY) bench/urgent.py $(BENCH_ARGS)
 
 bench-heartbeat: deps-test venv
 	$(PY) bench/heartbeat.py
