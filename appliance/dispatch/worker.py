@@ -78,6 +78,24 @@ def _refuse_lost_files(db: Database, spool: Spool, job: job_store.Job) -> None:
 
 
 
+def _leave_out_replaced(db: Database, job: job_store.Job) -> None:
+    """At each attempt's start, a local node's or archive's job leaves out the versions
+    the sender replaced since it was routed (same SOP Instance UID, other bytes: no longer
+    current) that it has not sent: :func:`job_store.drop_replaced_versions`, remembered for
+    the done job's ``last_error``. Routing the correction took them out of the jobs to its
+    own destinations only; a job to another (the correction came from another AE, or
+    matched another rule) sent the stale version at its next attempt (until 2026-12-07).
+    The hub's target does it itself (a transfer begun keeps them until the region confirmed
+    their correction)."""
+    if job.kind == "hub":
+        return
+    replaced = job_store.drop_replaced_versions(db, job.id, remember=True)
+    if replaced:
+        log.warning("job %d to %s: %s", job.id, job.destination, job_store.left_out_said(
+            {"count": len(replaced), "uids": replaced[:3]}),
+            extra={"JOB_ID": job.id, "STUDY_UID": job.study_uid})
+
+
 # The failures the destinations raise on purpose, each with a sentence that names the
 # destination and what went wrong: their class name added nothing for the operator reading
 # pas queue list, pas doctor, the status page or the fleet's errors
@@ -125,6 +143,7 @@ class Dispatcher:
         extra = {"JOB_ID": job.id, "STUDY_UID": job.study_uid}
         target: TargetType | None = None
         try:
+            _leave_out_replaced(self.db, job)
             _refuse_lost_files(self.db, self.spool, job)
             target = self.target_for(job.destination)
             target.send(job, context)

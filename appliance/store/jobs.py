@@ -242,14 +242,36 @@ def save_progress(db: Database, job_id: int, progress: dict[str, Any],
 
 
 def finish(db: Database, job_id: int, owner: str) -> None:
+    """The job delivered. Its ``last_error`` is cleared, or says what its attempts left out
+    (:func:`drop_replaced_versions` with ``remember``), as a job :func:`_drop_superseded`
+    ended says why."""
     at = now()
     with db.transaction() as conn:
+        row = conn.execute("SELECT progress FROM jobs WHERE id = ? AND lease_owner = ?",
+                           (job_id, owner)).fetchone()
+        if row is None:
+            return
+        left_out = json.loads(row[0]).get(LEFT_OUT) if row[0] else None
         conn.execute(
-            """UPDATE jobs SET state = 'done', finished_at = ?, updated_at = ?, last_error = NULL,
+            """UPDATE jobs SET state = 'done', finished_at = ?, updated_at = ?, last_error = ?,
                    lease_owner = NULL, lease_until = NULL
                WHERE id = ? AND lease_owner = ?""",
-            (at, at, job_id, owner),
+            (at, at, left_out_said(left_out) if left_out else None, job_id, owner),
         )
+
+
+# A local node's or archive's job's progress: the versions its attempts left out (replaced
+# by a correction since it was routed), {"count": n, "uids": the first few}.
+LEFT_OUT = "replaced_left_out"
+
+
+def left_out_said(left_out: dict[str, Any]) -> str:
+    """What a done job's ``last_error`` says of the replaced versions it left out."""
+    count, uids = int(left_out.get("count", 0)), list(left_out.get("uids", []))
+    return (f"{counted(count, 'version')} the sender replaced after this job was routed "
+            "left out, not sent (a correction: the same SOP Instance UID, other bytes; the "
+            f"current version goes where its own routing sends it): {', '.join(uids)}"
+            f"{' ...' if count > len(uids) else ''}")
 
 
 def fail_attempt(db: Database, job_id: int, owner: str, error: str, retry_at: float | None) -> str:
@@ -435,21 +457,35 @@ def older_adopted_versions(db: Database, job_id: int) -> list[sqlite3.Row]:
     )
 
 
-def drop_replaced_versions(db: Database, job_id: int, new_transfer: bool) -> list[str]:
-    """Take out of a hub job the versions it carries that the sender replaced since it was
-    routed (same SOP Instance UID, other bytes: no longer current) and no receipt named yet:
-    all of them before a new transfer is made of the job, and from a transfer begun, those
-    whose current version the region already confirmed (that transfer is then left for a
-    new one). Returns their SOP Instance UIDs.
+def drop_replaced_versions(db: Database, job_id: int, new_transfer: bool = True,
+                           remember: bool = False) -> list[str]:
+    """Take out of a job the versions it carries that the sender replaced since it was
+    routed (same SOP Instance UID, other bytes: no longer current) and not yet sent (for a
+    hub job: no receipt named yet). A local node's or STOW-RS archive's job (``new_transfer``
+    true): all of them, at each attempt's start (``dispatch/worker.py``). A hub job: all of
+    them before a new transfer is made of the job, and from a transfer begun, those whose
+    current version the region already confirmed (that transfer is then left for a new
+    one). Returns their SOP Instance UIDs. ``remember``: counted in the job's progress,
+    in the same transaction, for the done job's ``last_error`` (:func:`finish`; an attempt
+    that left them out may itself end waiting for the link, which says so instead).
 
-    Why: a hub job's manifest is fixed once its transfer began (``_drop_superseded`` leaves
-    hub jobs alone), and the correction's own job waits behind it (``job_order.holding_back``) but
-    not behind a failed one: ``pas queue retry`` of that job, after the correction went up,
-    sent the stale version last and the region took it as the newer one. A transfer begun
-    whose correction has not gone up yet keeps its versions: sent first, they are followed
-    by the correction's job, and restarting it would send its delivered buckets again. The
-    current version travels in its own job (or in the delta routing will make); a version
-    it replaced needs no receipt (eviction excuses it once the current one is confirmed)."""
+    Why, for a local node or an archive: routing the correction takes the stale version
+    out of the earlier jobs to the destinations the correction goes to
+    (:func:`_drop_superseded`), not out of a job to a destination it does not go to (it
+    came from another AE, or its new attributes match another rule). That job sent the
+    stale version at its next attempt, and the node kept the version the sender had
+    replaced (until 2026-12-07). Now the node keeps what the rules send it of the
+    current version: nothing, unless the correction is routed there too.
+
+    Why, for the hub: a hub job's manifest is fixed once its transfer began
+    (``_drop_superseded`` leaves hub jobs alone), and the correction's own job waits behind
+    it (``job_order.holding_back``) but not behind a failed one: ``pas queue retry`` of
+    that job, after the correction went up, sent the stale version last and the region
+    took it as the newer one. A transfer begun whose correction has not gone up yet keeps
+    its versions: sent first, they are followed by the correction's job, and restarting it
+    would send its delivered buckets again. The current version travels in its own job (or
+    in the delta routing will make); a version it replaced needs no receipt (eviction
+    excuses it once the current one is confirmed)."""
     with db.transaction() as conn:
         rows = conn.execute(
             """SELECT ji.instance_fk, i.sop_instance_uid FROM job_instances ji
@@ -461,7 +497,17 @@ def drop_replaced_versions(db: Database, job_id: int, new_transfer: bool) -> lis
                ORDER BY i.id""", (job_id, int(new_transfer))).fetchall()
         conn.executemany("DELETE FROM job_instances WHERE job_id = ? AND instance_fk = ?",
                          [(job_id, r["instance_fk"]) for r in rows])
-    return [str(r["sop_instance_uid"]) for r in rows]
+        uids = [str(r["sop_instance_uid"]) for r in rows]
+        if remember and uids:
+            [saved] = conn.execute("SELECT progress FROM jobs WHERE id = ?",
+                                   (job_id,)).fetchone()
+            progress = json.loads(saved) if saved else {}
+            before = progress.get(LEFT_OUT) or {"count": 0, "uids": []}
+            progress[LEFT_OUT] = {"count": int(before["count"]) + len(uids),
+                                  "uids": [*before["uids"], *uids][:3]}
+            conn.execute("UPDATE jobs SET progress = ? WHERE id = ?",
+                         (json.dumps(progress), job_id))
+    return uids
 
 
 def mark_sent(db: Database, job_id: int, instance_ids: list[int]) -> None:
