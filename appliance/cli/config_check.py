@@ -3,8 +3,10 @@
 Owns: parsing and printing (every problem with its key path, exit 2; ``--json`` for a
 configuration management's check); the work is in :mod:`appliance.config`. Also what the
 home's database says of this version (:func:`database_check`): read only, never created nor
-migrated, as ``pas hub config check`` reads the hub's. May not touch: the network, or the
-database in any other way. Split from appliance/cli/main.py when that passed 600 lines.
+migrated, as ``pas hub config check`` reads the hub's; and the jobs it holds that name a
+destination this configuration does not have (:func:`unconfigured_destinations`, a warning).
+May not touch: the network, or the database in any other way. Split from
+appliance/cli/main.py when that passed 600 lines.
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ def config_check(path: Path | None = typer.Argument(
             err.print(f"[red]config error[/red] {literal(problem)}", highlight=False)
     if site_problem or database_problem:
         raise typer.Exit(2)
+    for warning in unconfigured_destinations(settings, database):
+        err.print(f"[yellow]warning[/yellow] {literal(warning)}", highlight=False)
     from appliance.config import site_origin
 
     enrolled = " (its enrolment's)" if site_origin(settings) == "enrolment" else ""
@@ -103,6 +107,9 @@ def _config_check_json(settings: Settings | None, problems: list[str],
         hub: str | None = enrolment.url if enrolment is not None else None
     except (EnrolmentError, OSError):  # pas doctor's to report, as the text check says
         hub = None
+    # "warnings" only when there are: the answer of a home with no such jobs is what it
+    # was (a configuration management's check may compare it whole).
+    warnings = unconfigured_destinations(settings, database_path)
     print(json.dumps({
         "ok": True, "problems": [], "site": settings.site, "site_from": site_origin(settings),
         "ae_title": settings.dicom.ae_title, "port": settings.dicom.port,
@@ -111,7 +118,8 @@ def _config_check_json(settings: Settings | None, problems: list[str],
         "rules": [rule.name for rule in settings.routing.rules],
         "destinations": {name: destination.kind
                          for name, destination in settings.destinations.items()},
-        "enrolled_hub": hub, "database": database}, indent=2))
+        "enrolled_hub": hub, "database": database,
+        **({"warnings": warnings} if warnings else {})}, indent=2))
 
 
 def database_check(settings: Settings, path: Path | None = None) -> tuple[str | None, str]:
@@ -170,6 +178,49 @@ def database_check(settings: Settings, path: Path | None = None) -> tuple[str | 
     state = ("current" if schema == known else
              "older: pas run migrates it at its start" if schema else "new")
     return None, f"database schema {schema} of {known} ({state})"
+
+
+def unconfigured_destinations(settings: Settings, path: Path | None = None) -> list[str]:
+    """A warning per destination that jobs in the home's database name and this
+    configuration does not have (renamed or removed while they were queued): they wait,
+    uncounted, for a configuration that names it again. Not a problem (exit 0): the
+    configuration may mean it (the jobs are then the operator's to put right), and
+    pas-upgrade runs this check. Read only, as :func:`database_check`; nothing said when the
+    database cannot be read (that check says why)."""
+    from appliance.store.jobs import naming_unconfigured
+    from appliance.store.ops import read_only_uri
+
+    path = path or settings.db_path
+    try:
+        if not path.exists() or not os.access(path, os.R_OK):
+            return []
+        conn = sqlite3.connect(read_only_uri(path, untouched=True), uri=True, timeout=5)
+        try:
+            if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                            "AND name = 'jobs'").fetchone() is None:
+                return []
+            rows = naming_unconfigured(conn, sorted(settings.destinations))
+        finally:
+            conn.close()
+    except (OSError, sqlite3.Error):
+        return []
+    said = []
+    for row in rows:
+        queued, failed = row["queued"], row["failed"]
+        jobs = counted(queued, "queued job") if queued else counted(failed, "failed job")
+        line = (f"{jobs} name{'s' if (queued or failed) == 1 else ''} destination "
+                f"{row['destination']!r}, which this configuration does not have (renamed or "
+                "removed?): ")
+        if queued:
+            line += ("they wait, uncounted, until a configuration naming it again is in "
+                     "force (then restart PAS)")
+            if failed:
+                line += f"; {counted(failed, 'failed job')} too (pas queue retry, then)"
+        else:
+            line += ("pas queue retry sends them once a configuration naming it again is in "
+                     "force")
+        said.append(line)
+    return said
 
 
 def _and_the_hub(settings: Settings) -> str:

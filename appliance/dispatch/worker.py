@@ -36,6 +36,7 @@ from appliance.dispatch.target_types.base import (
     DestinationBusy,
     LinkDown,
     NoRoomForCopy,
+    NotConfigured,
     PermanentError,
     SendContext,
     TargetType,
@@ -129,6 +130,8 @@ class Dispatcher:
         self._outages_lock = threading.Lock()
         # Destinations whose refused certificate this process has logged as an error.
         self._trust_logged: set[str] = set()
+        # Destinations named by jobs and missing from the configuration, logged as a warning.
+        self._unconfigured_logged: set[str] = set()
         self._started_at = now()
 
     def run_one(self, owner: str, kinds: tuple[str, ...] | None = None,
@@ -151,6 +154,17 @@ class Dispatcher:
             job_store.fail_attempt(self.db, job.id, owner, str(exc), retry_at=None)
             log.error("job %d to %s failed for good: %s", job.id, job.destination, exc,
                       extra=extra)
+        except NotConfigured as exc:
+            # Renamed or removed from the configuration: a person puts it back (and
+            # restarts). Once per destination and process as a warning, then information.
+            delay = trust_delay(queue)
+            job_store.wait_for_configuration(self.db, job.id, owner, str(exc), now() + delay)
+            with self._outages_lock:
+                first = job.destination not in self._unconfigured_logged
+                self._unconfigured_logged.add(job.destination)
+            log.log(logging.WARNING if first else logging.INFO,
+                    "job %d waits (next try in %.0fs, not counted as an attempt): %s",
+                    job.id, delay, exc, extra=extra)
         except TrustRefused as exc:
             delay = trust_delay(queue)
             job_store.wait_for_trust(self.db, job.id, owner, str(exc), now() + delay)
@@ -250,6 +264,12 @@ class Dispatcher:
         woken = job_store.wake_waiting_for_trust(self.db)
         if woken:
             log.info("%s waiting for credentials due now (start-up)",
+                     counted(woken, "job"))
+        # And a configuration: the jobs naming a destination it did not have try again (it
+        # may name it now; if not, they wait on).
+        woken = job_store.wake_waiting_for_trust(self.db, job_store.WAITING_FOR_CONFIG)
+        if woken:
+            log.info("%s waiting for their destination to be configured due now (start-up)",
                      counted(woken, "job"))
         for number in range(self.settings.queue.workers):
             thread = threading.Thread(target=self._loop, args=(f"{self.owner_prefix}:{number}",),

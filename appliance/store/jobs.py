@@ -295,6 +295,7 @@ WAITING_FOR_LINK = "waiting for the link: "
 WAITING_FOR_ROOM = "waiting for room on the spool: "
 WAITING_FOR_TRUST = "waiting for credentials: "
 WAITING_FOR_PEER = "waiting for the destination to free up: "
+WAITING_FOR_CONFIG = "waiting for the configuration: "
 
 
 def wait_for_link(db: Database, job_id: int, owner: str, error: str, retry_at: float) -> None:
@@ -325,15 +326,25 @@ def wait_for_peer(db: Database, job_id: int, owner: str, error: str, retry_at: f
     _wait(db, job_id, owner, WAITING_FOR_PEER + error, retry_at)
 
 
-def wake_waiting_for_trust(db: Database) -> int:
+def wait_for_configuration(db: Database, job_id: int, owner: str, error: str,
+                           retry_at: float) -> None:
+    """An attempt whose destination the configuration in force does not name (renamed or
+    removed): as :func:`wait_for_link` (the attempt given back), with the
+    :data:`WAITING_FOR_CONFIG` prefix."""
+    _wait(db, job_id, owner, WAITING_FOR_CONFIG + error, retry_at)
+
+
+def wake_waiting_for_trust(db: Database, prefix: str = WAITING_FOR_TRUST) -> int:
     """Every job waiting for credentials is due now: called at start-up, because a
-    restart is how a new certificate or CA takes effect. How many."""
+    restart is how a new certificate or CA takes effect. How many. ``prefix``
+    :data:`WAITING_FOR_CONFIG`: the jobs waiting for a configuration that names their
+    destination (a restart is how a configuration takes effect too)."""
     at = now()
     with db.transaction() as conn:
         cursor = conn.execute(
             """UPDATE jobs SET next_attempt_at = ?, updated_at = ?
                WHERE state = 'pending' AND next_attempt_at > ? AND last_error LIKE ?""",
-            (at, at, at, WAITING_FOR_TRUST + "%"))
+            (at, at, at, prefix + "%"))
         return cursor.rowcount
 
 
@@ -663,6 +674,24 @@ def waiting_for_credentials(db: Database) -> list[dict[str, Any]]:
         (WAITING_FOR_TRUST + "%", WAITING_FOR_TRUST + "%"))
     return [{"destination": r["destination"], "jobs": int(r["jobs"]),
              "error": (r["last_error"] or "")[len(WAITING_FOR_TRUST):]} for r in rows]
+
+
+def naming_unconfigured(conn: sqlite3.Connection, configured: list[str]
+                        ) -> list[dict[str, Any]]:
+    """Per destination the jobs name that is not among ``configured`` (renamed or removed
+    from the configuration; ``hub`` aside: the enrolment makes it): how many jobs are
+    queued (pending or running: they wait for a configuration naming it again) and how many
+    failed (an older version failed them at once; ``pas queue retry`` sends them once it is
+    named again). On a connection of its own (``pas config check`` reads the home's database
+    read only, with no :class:`Database`)."""
+    rows = conn.execute(
+        """SELECT destination, sum(state IN ('pending', 'running')) AS queued,
+                  sum(state = 'failed') AS failed
+           FROM jobs WHERE destination != 'hub'
+                 AND destination NOT IN (SELECT value FROM json_each(?))
+                 AND state IN ('pending', 'running', 'failed')
+           GROUP BY destination ORDER BY destination""", (json.dumps(configured),)).fetchall()
+    return [{"destination": r[0], "queued": int(r[1]), "failed": int(r[2])} for r in rows]
 
 
 def backlog_studies(db: Database) -> int:

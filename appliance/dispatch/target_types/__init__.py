@@ -10,7 +10,12 @@ from collections.abc import Callable
 from typing import Any
 
 from appliance.config import DicomDestination, Settings
-from appliance.dispatch.target_types.base import PermanentError, TargetType, TrustRefused
+from appliance.dispatch.target_types.base import (
+    NotConfigured,
+    PermanentError,
+    TargetType,
+    TrustRefused,
+)
 from appliance.dispatch.target_types.dicom import DicomTarget
 from appliance.dispatch.target_types.stowrs import StowRsTarget
 
@@ -37,11 +42,18 @@ def make_target(name: str, settings: Settings, extra: dict[str, TargetType] | No
                            "regional hub yet (pas enroll --hub URL, then restart PAS: the "
                            "jobs waiting for it go then)")
     if config is None:
-        raise PermanentError(f"destination {name!r} is not configured")
+        # Renamed or removed in the TOML while jobs to it were queued: they wait, uncounted,
+        # for a configuration that names it again (the next start makes them due). They
+        # failed for good here, and `pas queue retry` could not help.
+        raise NotConfigured(f"destination {name!r} is not configured (renamed or removed "
+                            "from the configuration?): the job waits until a configuration "
+                            f"naming {name!r} again is in force (then restart PAS); "
+                            "pas config check counts such jobs")
     factory = FACTORIES.get(config.kind)
     if factory is None:
         raise PermanentError(f"destination kind {config.kind!r} is not available")
     return factory(name, config, settings)
 
 
-__all__ = ["DicomDestination", "PermanentError", "TargetType", "make_target"]
+__all__ = ["DicomDestination", "NotConfigured", "PermanentError", "TargetType",
+           "make_target"]

@@ -19,6 +19,9 @@ hub's ``Retry-After``) waits uncounted for the time the destination asked.
 :class:`NoRoomForCopy` (``dicom``, when an instance must be re-encoded and the spool has no
 room for the copy) also waits uncounted: the cause is the appliance's, not the job's.
 
+:class:`NotConfigured` (a job naming a destination the configuration no longer has: renamed
+or removed) waits uncounted for a configuration that names it again (a restart).
+
 :class:`TrustRefused` (``hub`` and ``stowrs``: a certificate refused at either end of the TLS
 link, or the hub answering that it no longer accepts this appliance's) waits uncounted too,
 and is logged as an error: it is not an outage and needs a person.
@@ -65,6 +68,17 @@ class TrustRefused(LinkDown):
     the credentials right (``pas enroll --replace``, a corrected configuration) and restarts
     PAS, which makes the waiting jobs due at once. A :class:`LinkDown` so that any code
     waiting for the link treats it as such; the dispatcher tells the two apart."""
+
+
+class NotConfigured(Exception):
+    """The job names a destination the configuration in force does not have (renamed or
+    removed from the TOML while jobs to it were queued). Not the job's fault, and retrying
+    cannot cure it before the configuration names it again, which takes a restart: the job
+    waits, its attempts not counted, with the cause in ``last_error`` after ``waiting for
+    the configuration: ``; the next start makes such jobs due at once, and they go if that
+    configuration names the destination. It failed the job for good at once, and ``pas
+    queue retry`` failed it again the same way (review s41). ``pas config check`` says how
+    many queued jobs name a destination it does not have."""
 
 
 class DestinationBusy(Exception):
