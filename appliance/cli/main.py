@@ -486,7 +486,7 @@ HELP_PANELS = {
     "Setting up": ("config", "rules", "enroll"),
     "Work under way": ("queue", "prefetch", "send"),
     "Cache and integrity": ("cache", "verify"),
-    "Records and recovery": ("audit", "backup", "restore"),
+    "Records and recovery": ("audit", "backup", "backup-key", "restore"),
     "The regional hub (on the hub's host)": ("hub",),
 }
 

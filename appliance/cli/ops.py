@@ -367,8 +367,7 @@ def _passphrase(path: Path | None) -> bytes | None:
 def backup_key(path: Path = typer.Argument(..., help="Where to write the new key's private "
                                            "half (IT's vault; not the appliance)"),
                passphrase_file: Path | None = PassphraseOption) -> None:
-    """Make a backup key: the private half written to PATH, the line for backup.recipient
-    printed.
+    """Make a backup key: its private half to PATH, backup.recipient's line printed.
 
     Backups are then sealed for it: only this file (and its passphrase) opens them."""
     from appliance.ops.backup_seal import BackupKeyError, fingerprint, new_key, parse_recipient
