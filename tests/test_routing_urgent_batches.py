@@ -116,12 +116,7 @@ def test_urgent_batches_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
     def router(batch_s: float) -> Router:
         return Router(Settings.model_validate({
-            "study": {"stable_after_s": 300, "urgent_batch_s": batch_s},
-            "destinations": {"pacs": {"kind": "dicom", "ae_title": "PACS",
-                                      "host": "127.0.0.1", "port": 104}},
-            "routing": {"rules": [{"name": "emergency CT", "match": {"calling_ae": "^CT_URG$"},
-                                   "destinations": ["pacs"], "priority": "urgent"}],
-                        "fallback": {"destinations": ["pacs"]}}}), db)
+            **_router_settings(batch_s)}), db)
 
     real = time.time
     monkeypatch.setattr(time, "time", lambda: real() + 0.5)
@@ -135,4 +130,101 @@ def test_urgent_batches_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         == 2  # the routine study's: not urgent, waits to be stable
     monkeypatch.setattr(time, "time", lambda: real() + 301)
     assert router(1.0).route_ready() == 1  # stable now: routed, routine
+    db.close()
+
+
+def _router_settings(batch_s: float = 1.0) -> dict[str, object]:
+    return {"study": {"stable_after_s": 300, "urgent_batch_s": batch_s},
+            "destinations": {"pacs": {"kind": "dicom", "ae_title": "PACS",
+                                      "host": "127.0.0.1", "port": 104}},
+            "routing": {"rules": [{"name": "emergency CT", "match": {"calling_ae": "^CT_URG$"},
+                                   "destinations": ["pacs"], "priority": "urgent"}],
+                        "fallback": {"destinations": ["pacs"]}}}
+
+
+def test_urgent_batches_grow_while_one_is_under_way_and_the_study_is_told_stable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Review s41 of the batches: a new batch every few seconds whatever the link did (600
+    images over 10 min: 100 transfers run one after another); a series no urgent rule takes
+    waited for stability though its study was urgent; the study routed whole by batches was
+    never said stable nor told to on_stable at stability, and stayed in memory."""
+    import logging
+    import time
+
+    from appliance.config import Settings
+    from appliance.ingest.receive import Receiver
+    from appliance.routing.stability import Router
+    from appliance.store.db import Database
+    from appliance.store.spool import Spool
+
+    urgent, _routine = _two_studies()
+    assert len(urgent) >= 3
+    db = Database(tmp_path / "pas.sqlite")
+    receiver = Receiver(db, Spool(tmp_path / "spool"))
+    real = time.time
+    clock = {"offset": 0.0}
+    monkeypatch.setattr(time, "time", lambda: real() + clock["offset"])
+    router = Router(Settings.model_validate(_router_settings()), db)
+    told: list[int] = []
+    router.on_stable.append(told.append)
+
+    receiver.receive_file(urgent[0].read_bytes(), calling_ae="CT_URG")
+    clock["offset"] = 2
+    assert router.route_ready() == 1 and len(told) == 1  # told at the first batch
+    # Two more images while batch 1 waits (its PACS not reached yet); the second from a
+    # workstation no urgent rule names: the study is urgent until it is quiet.
+    receiver.receive_file(urgent[1].read_bytes(), calling_ae="CT_URG")
+    receiver.receive_file(urgent[2].read_bytes(), calling_ae="WS1")
+    clock["offset"] = 5
+    assert router.route_ready() == 0  # batch 1 under way: no new batch, this one grows
+    with db.transaction() as conn:
+        conn.execute("UPDATE jobs SET state = 'done'")
+    assert router.route_ready() == 1  # batch 1 sent: the next holds both images
+    batches = [int(r["n"]) for r in db.query(
+        "SELECT count(*) AS n FROM job_instances GROUP BY job_id ORDER BY job_id")]
+    assert batches == [1, 2]
+    with db.transaction() as conn:
+        conn.execute("UPDATE jobs SET state = 'done'")
+    # Quiet for stable_after_s: said stable, on_stable told, forgotten.
+    clock["offset"] = 5 + 301
+    with caplog.at_level(logging.INFO, logger="pas.routing"):
+        assert router.route_ready() == 0
+    assert len(told) == 2
+    assert "stable: routed in urgent batches while it arrived" in caplog.text
+    assert router._urgent_told == set()
+    db.close()
+
+
+def test_a_study_still_arriving_is_not_evicted(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """An urgent study's first batch confirmed while it still arrives: over the high
+    watermark, the cache evicted it (retention 0 by default) and its next image began a new
+    partial study (review s41). Not before it is quiet for stable_after_s."""
+    import time
+
+    from appliance.config import Settings
+    from appliance.ingest.receive import Receiver
+    from appliance.ops.cache_policy import CachePolicy
+    from appliance.store import jobs as job_store
+    from appliance.store.db import Database
+    from appliance.store.spool import Spool
+
+    urgent, _routine = _two_studies()
+    db = Database(tmp_path / "pas.sqlite")
+    spool = Spool(tmp_path / "spool")
+    received = Receiver(db, spool).receive_file(urgent[0].read_bytes(), calling_ae="CT_URG")
+    study_fk = db.query_one("SELECT id FROM studies")["id"]
+    job_store.route_study(db, study_fk, [received.instance_id], [])
+    job_store.confirm_instances(db, [(received.sop_instance_uid, received.sha256)])
+    settings = Settings.model_validate({
+        "home": str(tmp_path), "study": {"stable_after_s": 60},
+        "storage": {"quota_mb": 1, "min_free_mb": 0},
+        "cache": {"high_watermark_percent": 1, "low_watermark_percent": 0.5}})
+    policy = CachePolicy(settings, db, spool)
+    study_uid = str(db.query_one("SELECT study_uid FROM studies")["study_uid"])
+    assert policy.evict_if_needed().evicted == []  # still arriving: kept
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 61)
+    assert policy.evict_if_needed().evicted == [study_uid]
     db.close()

@@ -92,7 +92,11 @@ class CachePolicy:
             self._update_alert(result)
             return result
         target = capacity * policy.low_watermark_percent / 100.0
-        received_before = now() - policy.min_retention_days * DAY_S
+        # Never a study still arriving, whatever the retention (0 by default): an urgent one
+        # is confirmed batch by batch while it arrives, and evicted then, its next image began
+        # a new partial study (review s41). Quiet for stable_after_s, it is whole.
+        received_before = now() - max(policy.min_retention_days * DAY_S,
+                                      self.settings.study.stable_after_s)
         while used > target:
             candidates = eviction.eviction_candidates(self.db, received_before, limit=50)
             if not candidates:

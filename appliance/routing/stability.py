@@ -117,7 +117,30 @@ class Router:
         for stable in set(ready):  # quiet now: the next arrival is a study arriving anew
             self._not_urgent_upto.pop(stable, None)
             self._urgent_told.discard(stable)
+        self._tell_urgent_stable(quiet_since)
         return created
+
+    def _tell_urgent_stable(self, quiet_since: float) -> None:
+        """The studies urgent batches routed whole, quiet now: said stable, the on_stable
+        callbacks told, forgotten (a delta an hour later is a study arriving anew). The last
+        batch routed their last image before they were quiet, so the pass above never saw
+        them: no "stable" line, on_stable told at the first batch alone, and the set grew
+        with every urgent study (review s41)."""
+        if not self._urgent_told:
+            return
+        states = index.studies_quiet_or_not(self.db, self._urgent_told, quiet_since)
+        for study_fk, (study_uid, quiet) in states.items():
+            if not quiet:
+                continue
+            for callback in self.on_stable:
+                try:
+                    callback(study_fk)
+                except Exception:
+                    log.exception("on-stable callback failed for study %d", study_fk)
+            log.info("study %s stable: routed in urgent batches while it arrived", study_uid,
+                     extra={"STUDY_UID": study_uid})
+        # Forgotten once told, or purged meanwhile.
+        self._urgent_told = {fk for fk, (_uid, quiet) in states.items() if not quiet}
 
     def route_urgent_batches(self, quiet_since: float,
                              stopping: threading.Event | None = None) -> int:
@@ -136,9 +159,13 @@ class Router:
             if stopping is not None and stopping.is_set():
                 break
             try:
-                rows = index.unrouted_instances(self.db, study_fk)
-                if not self._takes_urgent(study_fk, rows):
+                # Urgent once, urgent until quiet: a later series no urgent rule takes (a
+                # workstation's reconstruction) goes with the study's next batch.
+                if study_fk not in self._urgent_told and not self._takes_urgent(study_fk):
                     continue
+                if index.urgent_job_under_way(self.db, study_fk):
+                    continue  # the next batch, once it is sent, holds what arrived meanwhile
+                rows = index.unrouted_instances(self.db, study_fk)
                 created += self.route_study(study_fk, rows=rows,
                                             tell=study_fk not in self._urgent_told)
                 self._urgent_told.add(study_fk)
@@ -158,13 +185,14 @@ class Router:
             del self._failing_urgent[gone]
         return created
 
-    def _takes_urgent(self, study_fk: int, rows: list[sqlite3.Row]) -> bool:
-        """Whether a rule of priority urgent takes one of ``rows`` (the study's unrouted
-        instances). Those matched at an earlier pass are not matched again."""
+    def _takes_urgent(self, study_fk: int) -> bool:
+        """Whether a rule of priority urgent takes one of the study's unrouted instances.
+        Each is matched once: only those filed since the last pass are read."""
         seen = self._not_urgent_upto.get(study_fk, 0)
+        rows = index.unrouted_instances(self.db, study_fk, after_id=seen)
         defaults = self.default_destinations()
         for row in rows:
-            if row["id"] <= seen or not row["is_current"]:
+            if not row["is_current"]:
                 continue
             routes = routes_for(self.settings.routing, self._attributes(row),
                                 defaults or [AFTER_ENROLMENT])

@@ -8,6 +8,7 @@ or the network.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -583,9 +584,12 @@ def studies_arriving_with_a_batch(db: Database, quiet_since: float,
     return [int(r["id"]) for r in rows]
 
 
-def unrouted_instances(db: Database, study_fk: int) -> list[sqlite3.Row]:
+def unrouted_instances(db: Database, study_fk: int, after_id: int = 0) -> list[sqlite3.Row]:
     """Unrouted instances of a study with every attribute a routing rule may look at
-    (``is_current`` tells a superseded version, which is marked routed but not sent)."""
+    (``is_current`` tells a superseded version, which is marked routed but not sent);
+    ``after_id``: only those filed after that row (the urgent pass's rules run on each
+    instance once: re-reading every unrouted row of a 50,000-image study at each pass cost
+    190 ms a pass)."""
     return db.query(
         """SELECT i.id, i.sop_instance_uid, i.sop_class_uid, i.calling_ae, i.called_ae,
                   i.is_current,
@@ -594,6 +598,31 @@ def unrouted_instances(db: Database, study_fk: int) -> list[sqlite3.Row]:
            FROM instances i
            JOIN series se ON se.id = i.series_fk
            JOIN studies s ON s.id = i.study_fk
-           WHERE i.study_fk = ? AND i.routed_at IS NULL""",
-        (study_fk,),
+           WHERE i.study_fk = ? AND i.routed_at IS NULL AND i.id > ?""",
+        (study_fk, after_id),
     )
+
+
+def urgent_job_under_way(db: Database, study_fk: int) -> bool:
+    """Whether the study has a job of priority urgent pending or running: the urgent pass
+    cuts no new batch then, and the next batch holds what arrived meanwhile (batches grow
+    when the link falls behind, instead of one transfer every few seconds queued one after
+    another)."""
+    return db.query_one("SELECT EXISTS (SELECT 1 FROM jobs WHERE study_fk = ? AND "
+                        "priority = 0 AND state IN ('pending', 'running')) AS busy",
+                        (study_fk,))["busy"] == 1
+
+
+def studies_quiet_or_not(db: Database, study_fks: Collection[int],
+                         quiet_since: float) -> dict[int, tuple[str, bool]]:
+    """Those of ``study_fks`` that still exist: their Study Instance UID, and whether each is
+    quiet since ``quiet_since`` with nothing left unrouted (a study the urgent pass routed
+    whole, now stable)."""
+    if not study_fks:
+        return {}
+    marks = ",".join("?" * len(study_fks))
+    return {int(r["id"]): (str(r["study_uid"]), bool(r["quiet"])) for r in db.query(
+        f"""SELECT s.id, s.study_uid, (s.last_received_at <= ? AND NOT EXISTS (
+                   SELECT 1 FROM instances i WHERE i.study_fk = s.id AND i.routed_at IS NULL)
+               ) AS quiet
+            FROM studies s WHERE s.id IN ({marks})""", (quiet_since, *study_fks))}
