@@ -1,6 +1,6 @@
 """What an IT admin met upgrading an appliance (their walkthrough, reproduced): the first
-start after the upgrade wrote a ``config`` audit row saying all 17 configuration sections
-had changed, none having.
+start after the upgrade wrote a ``config`` audit row saying all the configuration's sections
+(17 then, 18 since [backup]) had changed, none having.
 
 The fingerprints of the configuration are an HMAC under a key of the home since 2026-12-06
 (``$PAS_HOME/config-fingerprint.key``, made when there is none); an older version's were a
@@ -59,14 +59,14 @@ def _config_row_written_by_another_version(home: Path, detail: dict[str, Any]) -
 def test_the_first_start_after_an_upgrade_says_no_section_changed(tmp_path: Path) -> None:
     """A home an older PAS ran (its last ``config`` row a plain SHA-256 of each section, no
     key file), the same configuration: the new version's first start wrote ``changed``
-    naming all 17 sections. It says the fingerprints were re-based, names none; the same
-    configuration again writes no row; a real change is named alone."""
+    naming every section (18 since [backup]). It says the fingerprints were re-based, names
+    none; the same configuration again writes no row; a real change is named alone."""
     pas = PasProcess(tmp_path / "pas", {"PAS_HTTP__ENABLED": "false"})
     Database(pas.home / "pas.sqlite").close()
     settings = load_settings(environ={**{k: v for k, v in os.environ.items()
                                          if not k.startswith("PAS_")}, **pas.env})
     plain = _plain_sha256(settings)
-    assert len(plain) == 17
+    assert len(plain) == 18  # [backup] since 2026-12-07
     _config_row_written_by_another_version(pas.home, {"changed": sorted(plain),
                                                       "sections": plain})
     assert not (pas.home / FINGERPRINT_KEY).exists()  # the older version had none
@@ -99,7 +99,7 @@ def test_fingerprints_made_another_way_are_not_compared(tmp_path: Path) -> None:
     other = load_settings(environ={"PAS_HOME": str(home), "PAS_STUDY__STABLE_AFTER_S": "7"})
     db = Database(home / "pas.sqlite")
     try:
-        assert len(record_config_change(db, same)) == 17  # the first start: every section
+        assert len(record_config_change(db, same)) == 18  # the first start: every section
         assert record_config_change(db, same) == []
         assert len(_config_rows(home)) == 1
 

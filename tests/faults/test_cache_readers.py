@@ -68,6 +68,17 @@ def _held(home: Path) -> dict[str, int]:
         conn.close()
 
 
+def _quiet(home: Path, stable_after_s: float = 1.0) -> bool:
+    """Every study quiet for ``study.stable_after_s`` (1 s in the tests' daemons): the cache
+    takes no study still arriving (appliance/ops/cache_policy.py)."""
+    conn = sqlite3.connect(home / "pas.sqlite", timeout=30)
+    try:
+        newest = conn.execute("SELECT max(last_received_at) FROM studies").fetchone()[0]
+    finally:
+        conn.close()
+    return newest is not None and newest < time.time() - stable_after_s - 0.05
+
+
 def _confirm_everything(home: Path) -> None:
     """Standing in for the uplink's receipts: every instance confirmed at the region."""
     conn = sqlite3.connect(home / "pas.sqlite", timeout=30)
@@ -278,6 +289,7 @@ def test_pas_cache_evict_and_purge_leave_a_study_the_daemon_is_reading(tmp_path:
         try:
             assert first_store.wait(30), "the first C-STORE of the retrieve never came"
             _confirm_everything(pas.home)
+            wait_for(lambda: _quiet(pas.home), 10, what="the studies quiet for stable_after_s")
             purged = pas.cli("cache", "purge", mr_study, check=False)
             held_after_purge = _held(pas.home)
             evicted = pas.cli("cache", "evict", check=False)
