@@ -245,6 +245,21 @@ def test_a_ca_file_that_verifies_nothing_is_said_by_check_and_run(initialised: P
         hub.stop()
 
 
+def test_archive_credentials_with_the_embedded_archive_are_said(initialised: Path,
+                                                                 tmp_path: Path) -> None:
+    """A PACS's credentials with ``kind`` left at "embedded": taken without a word, the
+    operator believing the region's studies went to that PACS (they stay on the hub)."""
+    home = _home(initialised, tmp_path)
+    (home / "hub.toml").write_text('[archive]\nusername = "hub"\npassword = "s3cret-pw"\n')
+    status, lines = _check(home)
+    assert status == 0, lines
+    assert lines[1:] == ["warning: archive.username, archive.password has no effect: the "
+                         'archive is embedded (archive.kind = "embedded": files on the hub '
+                         'itself, no PACS to sign in to); set kind = "dicomweb" and url to '
+                         "archive to a PACS"], lines
+    assert "s3cret-pw" not in " ".join(lines)
+
+
 def test_a_home_that_is_no_hub_is_refused(tmp_path: Path) -> None:
     status, lines = _check(tmp_path / "absent")
     assert (status, lines) == (2, [f"config error home: {tmp_path / 'absent'} is not a "

@@ -260,8 +260,17 @@ def open_dashboard(settings: HubSettings) -> str | None:
 
 def _ineffective_archive(settings: HubSettings) -> list[str]:
     archive = settings.archive
+    lines = []
+    given = [key for key in ("username", "password", "bearer_token")
+             if getattr(archive, key) is not None]
+    if given and archive.kind == "embedded":
+        # Credentials of a PACS the hub never calls: the operator believes the region's
+        # studies go to that PACS (kind left at its default), and they stay on the hub.
+        lines.append(f"archive.{', archive.'.join(given)} has no effect: the archive is "
+                     'embedded (archive.kind = "embedded": files on the hub itself, no PACS '
+                     'to sign in to); set kind = "dicomweb" and url to archive to a PACS')
     if archive.ca_file is None:
-        return []
+        return lines
     if archive.kind == "embedded":
         why = ('the archive is embedded (archive.kind = "embedded": files on the hub itself, '
                "no connection whose certificate it could verify)")
@@ -269,9 +278,9 @@ def _ineffective_archive(settings: HubSettings) -> list[str]:
         why = (f"archive.url is http:// ({archive.url}): no TLS, no certificate to verify, "
                "the archive link is not verified")
     else:
-        return []
-    return [f"archive.ca_file ({archive.ca_file}) has no effect: {why}; it verifies only an "
-            "https:// dicomweb archive"]
+        return lines
+    return [*lines, f"archive.ca_file ({archive.ca_file}) has no effect: {why}; it verifies "
+            "only an https:// dicomweb archive"]
 
 
 def hub_home(environ: dict[str, str] | None = None) -> Path:
