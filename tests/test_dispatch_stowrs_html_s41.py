@@ -22,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pydicom import dcmread
 
 from tests.support.peers import read_rows, storescu, wait_for
@@ -37,7 +38,7 @@ class LoginPageArchive:
     set, then stores the instances and lists them as referenced. ``pages``: the POSTs the
     page answered; ``stored``: the SOP Instance UIDs stored."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: str = "json") -> None:
         self.signed_in = threading.Event()
         self.pages = 0
         self.stored: list[str] = []
@@ -67,9 +68,20 @@ class LoginPageArchive:
                 uids = [_uids(part)[2] for part in _parts(self.headers["Content-Type"], body)]
                 with archive.lock:
                     archive.stored.extend(uids)
-                answer = {"00081199": {"vr": "SQ", "Value": [
-                    {"00081155": {"vr": "UI", "Value": [uid]}} for uid in uids]}}
-                self._send(json.dumps(answer).encode(), "application/dicom+json")
+                if answer == "xml":  # PS3.19's Native DICOM Model, the Accept ignored
+                    items = "".join(f'<Item number="{n}"><DicomAttribute tag="00081155" '
+                                    f'vr="UI" keyword="ReferencedSOPInstanceUID"><Value '
+                                    f'number="1">{uid}</Value></DicomAttribute></Item>'
+                                    for n, uid in enumerate(uids, 1))
+                    self._send(f'<?xml version="1.0"?><NativeDicomModel><DicomAttribute '
+                               f'tag="00081199" vr="SQ">{items}</DicomAttribute>'
+                               "</NativeDicomModel>".encode(), "application/dicom+xml")
+                elif answer == "blank":
+                    self._send(b"\r\n", "text/plain")
+                else:
+                    listed = {"00081199": {"vr": "SQ", "Value": [
+                        {"00081155": {"vr": "UI", "Value": [uid]}} for uid in uids]}}
+                    self._send(json.dumps(listed).encode(), "application/dicom+json")
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -128,6 +140,45 @@ def test_a_login_page_answered_200_is_not_taken_for_stored(pas_factory: Any,
         wait_for(lambda: (j := job()) is not None and j["state"] == "done", 60,
                  what="the job delivered once the archive answers")
         assert archive.pages >= 1
+        expected = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+                    for p in CT_PATIENT}
+        assert set(archive.stored) == expected
+        assert read_rows(database, "SELECT count(*) AS n FROM job_instances "
+                                   "WHERE sent_at IS NOT NULL")[0]["n"] == len(expected)
+    finally:
+        archive.stop()
+
+
+@pytest.mark.parametrize("answer", ["xml", "blank"])
+def test_a_200_in_dicom_xml_or_blank_is_all_stored(pas_factory: Any, tmp_path: Path,
+                                                   answer: str) -> None:
+    """A 200 says every instance was stored (PS3.18). An archive that answers its Store
+    Instances Response in DICOM XML, ignoring the Accept, or with a body of whitespace, was
+    taken for a failed attempt by the first version of this fix: each job re-sent the study
+    max_attempts times, then failed. One attempt, done, every instance marked sent."""
+    archive = LoginPageArchive(answer)
+    archive.signed_in.set()
+    try:
+        config = tmp_path / "appliance.toml"
+        config.write_text(textwrap.dedent(f"""
+            [queue]
+            poll_interval_s = 0.1
+
+            [routing.fallback]
+            destinations = ["archive"]
+
+            [destinations.archive]
+            kind = "stowrs"
+            url = "{archive.url}"
+            """))
+        pas = pas_factory({"PAS_CONFIG": str(config), "PAS_DICOM__ACCEPT_UNKNOWN": "true",
+                           "PAS_STUDY__STABLE_AFTER_S": "0.5"})
+        database = pas.home / "pas.sqlite"
+        storescu(CT_PATIENT, pas.port)
+        wait_for(lambda: [r["state"] for r in read_rows(database, "SELECT state FROM jobs")]
+                 == ["done"], 60, what="the job done")
+        [job] = read_rows(database, "SELECT attempts, last_error FROM jobs")
+        assert (job["attempts"], job["last_error"]) == (1, None)
         expected = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
                     for p in CT_PATIENT}
         assert set(archive.stored) == expected

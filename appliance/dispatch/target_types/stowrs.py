@@ -375,9 +375,9 @@ class StowRsTarget:
             raise ConnectionError(message) from cause
         uplink_store.record_contact(context.db, self.name, True)
         readable = True
-        try:
-            body = response.json() if response.content else {}
-        except ValueError:  # not JSON: an HTML page, a proxy's words (not DICOM JSON)
+        try:  # whitespace alone is no answer: the status says it (review s41 of c150595)
+            body = response.json() if response.content.strip() else {}
+        except ValueError:  # not JSON: DICOM XML, or an HTML page, a proxy's words
             body, readable = None, False
         accepted, refused = parse_stow_response(body)
         if response.status_code in (200, 202, 409) and (accepted or refused):
@@ -386,6 +386,12 @@ class StowRsTarget:
             # No per-instance answer (no body at all, or a DICOM JSON dataset that lists
             # nothing): a 200 to STOW-RS means every instance was stored (PS3.18: the
             # status alone says it; some archives send no Store Instances Response).
+            return {r["sop_instance_uid"] for r in batch}, {}
+        if response.status_code == 200 and not readable and _dicom_xml(response):
+            # An archive that answers the Store Instances Response in DICOM XML (PS3.19),
+            # ignoring the Accept: a 200 still says every instance was stored. Taken as a
+            # failure, as any body not JSON was for a while, each of its jobs re-sent the
+            # study max_attempts times and failed.
             return {r["sop_instance_uid"] for r in batch}, {}
         if response.status_code == 200 and not readable:
             # A body that is not DICOM JSON is not the archive's answer: an SSO login page
@@ -415,6 +421,13 @@ class StowRsTarget:
                                  f"{response.text[:300]}")
         raise RuntimeError(f"{self.name}: unexpected STOW-RS answer HTTP "
                            f"{response.status_code} ({_said(response)})")
+
+
+def _dicom_xml(response: httpx.Response) -> bool:
+    """Whether the answer's media type is DICOM XML (``application/dicom+xml``, or multipart
+    of it)."""
+    media = response.headers.get("content-type", "").lower()
+    return "application/dicom+xml" in media
 
 
 def _said(response: httpx.Response, first: int = 80) -> str:
