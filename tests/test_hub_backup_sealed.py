@@ -176,7 +176,8 @@ def test_a_sealed_hub_backup_holds_nothing_in_clear_and_restores_with_its_key_on
     for name in ("hub.sqlite", "archive/pas.sqlite", "hub.toml"):
         (opened / name).parent.mkdir(exist_ok=True)
         backup_seal.open_file(folder / f"{name}.sealed", opened / name, private, name,
-                              manifest["sealed"]["backup_id"])
+                              manifest["sealed"]["backup_id"],
+                              backup_seal.listing_of(manifest["files"]))
     assert _sha256(restored.home / "archive/pas.sqlite") == _sha256(opened / "archive/pas.sqlite")
     assert _rows(restored.home / "hub.sqlite") == _rows(opened / "hub.sqlite")
     assert (restored.home / "hub.toml").read_text() == (hub.home / "hub.toml").read_text()
@@ -271,14 +272,17 @@ def test_a_sealed_hub_backup_altered_or_its_key_unopened_is_refused_the_home_as_
     private = backup_seal.load_key(key, b"correct horse battery staple")
     clear = tmp_path / "hub.sqlite"
     backup_id = made["sealed"]["backup_id"]
-    backup_seal.open_file(newer / "hub.sqlite.sealed", clear, private, "hub.sqlite", backup_id)
+    listing = backup_seal.listing_of(made["files"])
+    backup_seal.open_file(newer / "hub.sqlite.sealed", clear, private, "hub.sqlite", backup_id,
+                          listing)
     known = len(HUB_MIGRATIONS)
     with sqlite3.connect(clear) as conn:
         conn.execute(f"PRAGMA user_version = {known + 1}")
     conn.close()
     (newer / "hub.sqlite.sealed").unlink()
     backup_seal.seal_file(clear, newer / "hub.sqlite.sealed",
-                          backup_seal.parse_recipient(recipient), "hub.sqlite", backup_id)
+                          backup_seal.parse_recipient(recipient), "hub.sqlite", backup_id,
+                          listing)
     _agree(newer, "hub.sqlite.sealed")
     for folder, expected in (
             (newer, f"{newer} was written by a newer PAS (version {made['software']}, hub "
@@ -288,8 +292,9 @@ def test_a_sealed_hub_backup_altered_or_its_key_unopened_is_refused_the_home_as_
                       "file is cut short or spliced): restore an older backup. Nothing "
                       "restored"),
             (swapped, f"{swapped}/ca.key.sealed does not open with this key: sealed for "
-                      "another key, altered, another file's renamed, or another backup's: "
-                      "restore an older backup. Nothing restored"),
+                      "another key, altered, another file's renamed, another backup's, or "
+                      "the backup's list of files changed (a file removed with its manifest "
+                      "line): restore an older backup. Nothing restored"),
             (cut, f"{cut}/hub.sqlite.sealed: part 0 does not open (altered, or the file is "
                   "cut short or spliced): restore an older backup. Nothing restored")):
         refused = hub.cli("restore", str(folder), "--key", str(key), "--passphrase-file",

@@ -215,3 +215,29 @@ def test_a_restore_refused_for_a_damaged_sealed_file_leaves_no_clear_copy(
         restore_backup(settings, folder, "operator:test", key=backup_seal.load_key(key))
     assert not (home / ".backup-opening").exists()
     assert not (home / "pas.sqlite").exists()
+
+
+def test_a_file_removed_with_its_manifest_line_is_refused(tmp_path: Path) -> None:
+    """The manifest is in clear: a sealed file deleted together with its line left a
+    backup whose every other file opened, and the restore went on without it (the
+    enrolment's key, the hub's transfer key: review s41). Each file is bound to the
+    backup's whole list of files: with one gone, none opens."""
+    key = tmp_path / "k.pem"
+    recipient = _key(key)
+    site = _site(tmp_path / "site", recipient)
+    (site.home / "pki").mkdir(mode=0o700)
+    (site.home / "pki" / "client.key").write_bytes(b"the enrolment's key, as a stand-in")
+    folder = _backup(site, tmp_path / "share")
+    manifest = json.loads((folder / "MANIFEST.json").read_text())
+    assert "pki/client.key.sealed" in manifest["files"]
+    (folder / "pki" / "client.key.sealed").unlink()
+    del manifest["files"]["pki/client.key.sealed"]
+    (folder / "MANIFEST.json").write_text(json.dumps(manifest))
+    new = _site(tmp_path / "new", recipient)
+    before = _tree(new.home)
+    refused = new.cli("restore", str(folder), "--key", str(key), check=False)
+    assert refused.returncode == 1
+    assert "the backup's list of files changed (a file removed with its manifest line)" in \
+        _words(refused.stderr), refused.stderr
+    assert _tree(new.home) == before
+    assert not (new.home / ".backup-opening").exists()

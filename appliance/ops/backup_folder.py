@@ -179,6 +179,7 @@ def seal_backup(home: Path, building: Path, recipient: str,
         FORMAT,
         SUFFIX,
         fingerprint,
+        listing_of,
         new_backup_id,
         parse_recipient,
         seal_file,
@@ -198,13 +199,15 @@ def seal_backup(home: Path, building: Path, recipient: str,
                                 "needs room there for a copy of the index): no backup written"
                                 ) from None
         try:
+            listing = listing_of([str(p.relative_to(staging)) for p in staging.rglob("*")
+                                  if p.is_file()])
             for path in sorted(staging.rglob("*")):
                 relative = path.relative_to(staging)
                 if path.is_dir():
                     (building / relative).mkdir(mode=0o700)
                 elif path.is_file():
                     seal_file(path, building / f"{relative}{SUFFIX}", public, str(relative),
-                              backup_id)
+                              backup_id, listing)
         except OSError as exc:  # the destination full, gone: one line, not a traceback
             raise BackupRefused(f"cannot write in {building.parent}: {exc.strerror or exc}: "
                                 "no backup written") from None

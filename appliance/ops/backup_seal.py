@@ -34,7 +34,7 @@ import binascii
 import hashlib
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -211,11 +211,23 @@ def public_of(private: X25519PrivateKey) -> bytes:
 
 # --- sealing and opening ----------------------------------------------------------------------
 
-def _bound(backup_id: str, name: str) -> bytes:
+def _bound(backup_id: str, name: str, listing: str = "") -> bytes:
     """What a file's key and parts are bound to: its backup (the manifest's random
-    ``backup_id``) and its name in it. Bytes of any name (a configuration file named with
-    ``|`` or in another encoding than UTF-8: the transfer key wrap refuses ``|`` in its id)."""
-    return backup_id.encode("ascii") + b"/" + name.encode("utf-8", "surrogateescape")
+    ``backup_id``), the backup's list of files (``listing``: :func:`listing_of`) and its
+    name in it. Bytes of any name (a configuration file named with ``|`` or in another
+    encoding than UTF-8: the transfer key wrap refuses ``|`` in its id)."""
+    return (backup_id.encode("ascii") + b"/" + listing.encode("ascii") + b"/"
+            + name.encode("utf-8", "surrogateescape"))
+
+
+def listing_of(names: Collection[str]) -> str:
+    """The digest of a backup's list of files (clear names, :data:`SUFFIX` taken off), that
+    every file is bound to: a file removed from the backup with its manifest's line (the
+    manifest is in clear) leaves a list no file opens under, where the restore went on
+    without it (the hub's transfer key, its archive index: review s41)."""
+    clear = sorted(name.removesuffix(SUFFIX) for name in names)
+    joined = "\n".join(clear).encode("utf-8", "surrogateescape")
+    return hashlib.sha256(joined).hexdigest()[:32]
 
 
 def _key_id(bound: bytes) -> str:
@@ -250,14 +262,14 @@ def _chunks(handle: object, size: int) -> Iterator[tuple[bytes, bool]]:
 
 
 def seal_file(source: Path, target: Path, recipient: bytes, name: str,
-              backup_id: str) -> None:
+              backup_id: str, listing: str = "") -> None:
     """Write ``target``, ``source`` sealed for ``recipient`` under ``name`` (its path in the
     backup, without :data:`SUFFIX`) in backup ``backup_id``. The file is created 0600 and
     fsynced."""
     key = os.urandom(KEY_BYTES)
     aead = AESGCM(key)
     prefix = os.urandom(PREFIX_BYTES)
-    bound = _bound(backup_id, name)
+    bound = _bound(backup_id, name, listing)
     aad = MAGIC + bound
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as out, open(source, "rb") as clear:
@@ -269,7 +281,7 @@ def seal_file(source: Path, target: Path, recipient: bytes, name: str,
 
 
 def open_file(source: Path, target: Path, private: X25519PrivateKey, name: str,
-              backup_id: str) -> str:
+              backup_id: str, listing: str = "") -> str:
     """Write ``target`` (0600, fsynced), ``source`` opened with ``private``; returns the
     clear content's SHA-256. :class:`SealedFileDamaged` (``target`` removed) when anything
     does not check: the key's wrap, a chunk's tag, the order of the chunks, the end."""
@@ -277,7 +289,7 @@ def open_file(source: Path, target: Path, private: X25519PrivateKey, name: str,
                                         serialization.PrivateFormat.Raw,
                                         serialization.NoEncryption())
     digest = hashlib.sha256()
-    bound = _bound(backup_id, name)
+    bound = _bound(backup_id, name, listing)
     aad = MAGIC + bound
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -293,7 +305,9 @@ def open_file(source: Path, target: Path, private: X25519PrivateKey, name: str,
             except KeyUnwrapError:
                 raise SealedFileDamaged(
                     f"{source} does not open with this key: sealed for another key, "
-                    "altered, another file's renamed, or another backup's") from None
+                    "altered, another file's renamed, another backup's, or the backup's "
+                    "list of files changed (a file removed with its manifest line)"
+                ) from None
             aead = AESGCM(key)
             # A file cut at a chunk's end makes that chunk the last read: it was sealed as
             # not the last, so its nonce differs and it does not open.
@@ -319,12 +333,14 @@ def open_folder(folder: Path, sealed_names: list[str], private: X25519PrivateKey
     """Open each of ``sealed_names`` (paths in ``folder`` ending in :data:`SUFFIX`) into
     ``into`` under its clear name, folders made 0700; returns the clear files as a
     manifest's ``files`` names them (size and SHA-256 of what was opened).
-    :class:`SealedFileDamaged` at the first that does not open."""
+    :class:`SealedFileDamaged` at the first that does not open (each bound to the whole
+    list: one removed, none opens)."""
     opened: dict[str, dict[str, object]] = {}
+    listing = listing_of(sealed_names)
     for sealed_name in sorted(sealed_names):
         name = sealed_name.removesuffix(SUFFIX)
         target = into / name
         target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        sha256 = open_file(folder / sealed_name, target, private, name, backup_id)
+        sha256 = open_file(folder / sealed_name, target, private, name, backup_id, listing)
         opened[name] = {"bytes": target.stat().st_size, "sha256": sha256}
     return opened
