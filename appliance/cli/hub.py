@@ -475,8 +475,18 @@ def hub_run(config: Path | None = HubConfigOption) -> None:
         err.print(f"[red]cannot start the hub:[/red] {literal(exc)}", highlight=False)
         raise typer.Exit(1) from None
     if home_lock is not None:  # no backup restore runs now: what a killed one left, in clear
+        from appliance.hub.restore import remove_restoring_leftovers, restore_under_way
         from appliance.ops.backup_folder import remove_clear_leftovers
 
+        if (half_restored := restore_under_way(settings.home)) is not None:
+            home_lock.close()
+            err.print(f"[red]cannot start the hub:[/red] {literal(half_restored)}",
+                      highlight=False)
+            raise typer.Exit(1)
+        for leftover in remove_restoring_leftovers(settings.home):
+            logging.getLogger("pas.hub").warning(
+                "start-up: removed %s, a copy a hub restore stopped before its end left",
+                leftover)
         for leftover in remove_clear_leftovers(settings.home):
             logging.getLogger("pas.hub").warning(
                 "start-up: removed %s, a clear copy of the hub's keys and database a sealed "

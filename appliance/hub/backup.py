@@ -102,6 +102,10 @@ def check_hub_home(settings: HubSettings) -> None:
     hint = "set PAS_HUB_HOME or --config to the hub's home"
     if not home.is_dir():
         raise BackupRefused(f"no hub home at {home}: {hint}")
+    from appliance.hub.restore import restore_under_way
+
+    if (half_restored := restore_under_way(home)) is not None:  # never a backup of that
+        raise BackupRefused(f"{half_restored}: no backup written")
     pki = HubPKI(home)
     for needed in (pki.ca_cert_path, pki.ca_key_path, settings.db_path):
         if not needed.is_file():
@@ -181,7 +185,9 @@ def make_hub_backup(settings: HubSettings, config_file: Path | None, destination
     def fill_staging(staging: Path) -> dict[str, Any]:
         try:
             return fill_clear(staging)
-        except sqlite3.DatabaseError as exc:  # said as in clear, not as the home's room
+        except sqlite3.DatabaseError as exc:  # damage said as in clear; a full home, as room
+            if not _damaged(exc):
+                raise  # seal_backup: "cannot make the copy to seal in HOME (...)"
             raise _unreadable(exc) from None
 
     def fill(building: Path) -> dict[str, Any]:
@@ -207,6 +213,18 @@ def make_hub_backup(settings: HubSettings, config_file: Path | None, destination
     pruned = None if keep is None else prune_backups(
         final, PREFIX, {"kind": KIND, "ca_fingerprint": manifest["ca_fingerprint"]}, keep)
     return WrittenBackup(final, manifest, pruned)
+
+
+def _staging_bytes(settings: HubSettings) -> int:
+    """What the clear copy a sealed backup seals from takes in the home, at most: each
+    database with its WAL (the copy holds the pages the WAL adds, the file alone counted
+    only those checkpointed), the PKI files, the configuration."""
+    files = []
+    for database in (settings.db_path, settings.archive_dir / "pas.sqlite"):
+        files += [database, database.with_name(database.name + "-wal")]
+    files += pki_files(HubPKI(settings.home))
+    files.append(settings.config_path)
+    return sum(path.stat().st_size for path in files if path.is_file())
 
 
 def backup_sealing(settings: HubSettings, last_folder: str | None) -> tuple[str, str]:
@@ -241,16 +259,18 @@ def backup_sealing(settings: HubSettings, last_folder: str | None) -> tuple[str,
                             f"{sealed.get('key')}, not {key} (backup.recipient changed): keep "
                             f"the private key of {sealed.get('key')} until its backups are "
                             "gone")
+    from appliance.ops.status import human_size
+
     try:
-        needed = sum(path.stat().st_size for path in
-                     (settings.db_path, settings.archive_dir / "pas.sqlite") if path.is_file())
+        needed = _staging_bytes(settings)
         free = shutil.disk_usage(settings.home).free
     except OSError:
         needed = free = 0
     if needed and free < needed:
-        problems.append(f"{free // 2**20} MiB free in {settings.home}, its databases are "
-                        f"{needed // 2**20} MiB: a sealed backup copies them there first and "
-                        "is refused; free room on the hub home's disk")
+        problems.append(f"{human_size(free)} free in {settings.home}, a sealed backup's clear "
+                        f"copy there needs {human_size(needed)} (its databases with their "
+                        "WAL, keys and configuration): it is refused; free room on the hub "
+                        "home's disk")
     if problems:
         return ("warn", "hub backups are sealed for the backup key " + key + ", but "
                 + "; ".join(problems))
@@ -274,6 +294,13 @@ def sealed_words(manifest: dict[str, Any]) -> str:
         return f"sealed for the backup key {sealed['key']}"
     return ("in clear (backup.recipient is not set: the fleet CA's key is readable in the "
             "folder; docs/operations.md, \"Backing up the hub\")")
+
+
+def _damaged(exc: sqlite3.DatabaseError) -> bool:
+    """Whether SQLite's error says the database is damaged (corrupt, not a database), not
+    that a disk is full or cannot be written (those reach their own refusal)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is None or code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 
 def _unreadable(exc: sqlite3.DatabaseError) -> BackupRefused:

@@ -22,12 +22,27 @@ other hub's CA only with ``--force``. What the home held is set aside,
 A sealed hub backup (``backup.recipient``: appliance/hub/backup.py) is refused without the
 private half of its backup key, or with another key, before anything is opened; with it, its
 files are opened into a hidden folder of the home and checked there as a clear backup's are,
-then put back from there.
+then put back from there. The opened ``hub.sqlite`` is changed there (the row naming the
+backup restored) before anything in the home is: a full disk then is a refusal, the home as it
+was. A file whose place is on another filesystem than the home (``archive/`` its own mount,
+as terabytes of ``archive/spool`` are) is copied there, fsynced and its SHA-256 compared with
+the checked one, where a file of the home's disk is moved.
+
+A restore under way is said by a marker file in the home, :data:`RESTORE_MARKER` (the backup
+it puts back), written and fsynced before the first file is replaced, removed once every file
+is in place. Killed or stopped between the two, the home is half restored (the keys of one
+hub, the database of another, an archive index missing): while the marker is there ``pas hub
+run`` and ``pas hub backup`` refuse, in one line saying to run ``pas hub restore`` again,
+which puts every file back again (what is already the backup's is kept or set aside, never
+deleted) and removes the marker. With no marker, the hub's start removes the ``.<name>.restoring``
+copies a restore left beside their places (:func:`remove_restoring_leftovers`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import logging
 import os
 import shutil
@@ -76,6 +91,8 @@ DATABASE = "hub.sqlite"
 # Their WAL, when the home has one, is part of what they hold: never "the same" as a copy.
 DATABASES = (DATABASE, ARCHIVE_INDEX)
 NOTHING = "Nothing restored"
+# In the home from before the first file is replaced to after the last: a half-restored home.
+RESTORE_MARKER = ".hub-restore-under-way"
 
 
 class RestoreStopped(Exception):
@@ -286,10 +303,11 @@ def restore_hub_backup(home: Path, folder: Path, actor: str, force: bool = False
             raise RestoreRefused(f"{exc}: restore an older backup. {NOTHING}") from None
         except OSError as exc:
             raise RestoreRefused(f"cannot open {folder} into {home} ("
-                                 f"{exc.strerror or exc}): {NOTHING}") from None
+                                 f"{exc.strerror or exc}): nothing restored") from None
         contents = {**manifest, "files": opened}
         check_contents(folder, opening, contents)
-        return _restore(home, folder, opening, contents, actor, at)
+        named = _name_opened(opening / DATABASE, folder, manifest, actor, home)
+        return _restore(home, folder, opening, contents, actor, at, named)
     except RestoreRefused:
         if made:  # the home this restore made (and its lock file), gone again
             shutil.rmtree(opening, ignore_errors=True)
@@ -302,17 +320,79 @@ def restore_hub_backup(home: Path, folder: Path, actor: str, force: bool = False
         lock.close()
 
 
+def _name_opened(opened: Path, folder: Path, manifest: dict[str, Any], actor: str,
+                 home: Path) -> bool:
+    """The opened ``hub.sqlite`` names the backup restored (:func:`name_restored_backup`),
+    fsynced, before anything in the home is replaced: its journal on a full disk is a
+    refusal, not a restore stopped half-way. Returns whether it names it."""
+    try:
+        named = name_restored_backup(opened, made_at(folder, manifest), folder, actor)
+        with open(opened, "rb") as handle:
+            os.fsync(handle.fileno())
+    except (OSError, sqlite3.Error) as exc:
+        raise RestoreRefused(f"cannot change the opened {DATABASE} in {home} "
+                             f"({getattr(exc, 'strerror', None) or exc}): nothing restored, "
+                             "the home is as it was") from None
+    return named
+
+
+def restore_under_way(home: Path) -> str | None:
+    """The one line ``pas hub run`` and ``pas hub backup`` refuse with while a restore's
+    :data:`RESTORE_MARKER` is in ``home`` (a restore killed or stopped half-way), else
+    None."""
+    marker = home / RESTORE_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        said = json.loads(marker.read_text()).get("folder")
+    except (OSError, ValueError, AttributeError):
+        said = None
+    backup = str(said) if said else "FOLDER"
+    return (f"a hub restore into {home} did not finish ({marker.name}, of {backup}): the home "
+            f"is half restored; run pas hub restore {backup} again (with its --key if sealed)")
+
+
+def remove_restoring_leftovers(home: Path) -> list[Path]:
+    """The copies a stopped restore left beside their places (``.<name>.restoring``, their
+    journals), removed when no :data:`RESTORE_MARKER` says a restore is under way (the
+    hub's start, its lock held): each a copy of a database or a key. Returns those
+    removed."""
+    if (home / RESTORE_MARKER).exists():
+        return []
+    removed = []
+    for folder in (home, home / "archive"):
+        for path in sorted(folder.glob(".*.restoring*")) if folder.is_dir() else []:
+            if path.is_file() and not path.is_symlink():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+def _mark_under_way(home: Path, folder: Path, owner: os.stat_result) -> None:
+    marker = home / RESTORE_MARKER
+    text = json.dumps({"folder": str(folder), "pid": os.getpid(), "started_at": time.time()})
+    with open(marker, "w") as handle:
+        handle.write(text + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    _own(marker, owner)
+    fsync_dir(home)
+
+
 def _restore(home: Path, folder: Path, source: Path, manifest: dict[str, Any], actor: str,
-             at: float | None) -> HubRestored:
+             at: float | None, named: bool | None = None) -> HubRestored:
     """The hub's lock held by the caller, the backup's files (read in ``source``:
     ``folder``, or where a sealed one was opened, ``manifest`` naming them in clear) put in
-    the home."""
+    the home, :data:`RESTORE_MARKER` there meanwhile. ``named``: the opened ``hub.sqlite``
+    already names the backup (None: its copy is changed as it is put in place)."""
     from appliance.ops.home_lock import hub_lock_file
 
     owner = home.stat()
     _own(hub_lock_file(home), owner)  # the hub's user takes it at its start
     stamp_at = time.time() if at is None else at
-    done = HubRestored(manifest, folder, home, [])
+    done = HubRestored(manifest, folder, home, [], named_last=bool(named))
+    marker = home / RESTORE_MARKER
+    under_way_before = marker.exists()  # a stopped run's: the home is half restored
 
     def name_it(incoming: Path) -> None:
         # The backup copied hub.sqlite before it recorded itself in the live one: the
@@ -323,11 +403,20 @@ def _restore(home: Path, folder: Path, source: Path, manifest: dict[str, Any], a
 
     for name in _home_files(manifest["files"]):
         try:
+            if not marker.exists():
+                _mark_under_way(home, folder, owner)
             _place(source, name, home, owner, stamp_at, done,
-                   name_it if name == DATABASE else None)
+                   name_it if name == DATABASE and named is None else None)
         except (OSError, sqlite3.Error) as exc:
             why = getattr(exc, "strerror", None) or exc
             where = getattr(exc, "filename", None)
+            if not (done.placed or done.set_aside or under_way_before):
+                with contextlib.suppress(OSError):  # nothing replaced: the home as it was
+                    marker.unlink(missing_ok=True)
+                    fsync_dir(home)
+                raise RestoreRefused(f"cannot put {name} back in {home} ({why}"
+                                     f"{': ' + str(where) if where else ''}): nothing "
+                                     "restored, the home is as it was") from None
             stopped = (f"the restore stopped at {name} ({why}"
                        f"{': ' + str(where) if where else ''}); put back: "
                        f"{', '.join(done.placed) or 'nothing'}; set aside: "
@@ -339,6 +428,8 @@ def _restore(home: Path, folder: Path, source: Path, manifest: dict[str, Any], a
     done.config = _put_config_back(source, manifest, home, owner)
     if source != folder and done.config is not None and done.config.state != "put back":
         done.config.copy = _keep_opened_config(done.config.copy, home, owner, stamp_at)
+    marker.unlink(missing_ok=True)  # every file in place: the home is the backup's
+    fsync_dir(home)
     log.warning("hub restored from %s by %s on %s: the fleet CA and keys, the database "
                 "(%s enrolled, %s committed)%s%s", folder, actor, socket.gethostname(),
                 counted(manifest.get("sites_enrolled", 0), "site"),
@@ -435,7 +526,7 @@ def _place(folder: Path, name: str, home: Path, owner: os.stat_result, at: float
     _remove_journals(incoming)  # a stopped run's, else rolled back into this new copy
     try:
         if folder.name == OPENING:  # opened for this restore, on the home's disk: moved in
-            os.rename(folder / name, incoming)
+            _move_in(folder / name, incoming)
         else:
             shutil.copyfile(folder / name, incoming)
         incoming.chmod(0o600)
@@ -452,6 +543,25 @@ def _place(folder: Path, name: str, home: Path, owner: os.stat_result, at: float
     incoming.rename(target)
     fsync_dir(target.parent)
     done.placed.append(name)
+
+
+def _move_in(opened: Path, incoming: Path) -> None:
+    """A file opened in the home moved beside its place; its place on another filesystem
+    (``archive/`` its own mount: EXDEV), copied there instead, fsynced, and the copy's
+    SHA-256 compared with the opened (checked) file's."""
+    try:
+        os.rename(opened, incoming)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    wanted = sha256_of(opened)
+    shutil.copyfile(opened, incoming)
+    with open(incoming, "rb") as handle:
+        os.fsync(handle.fileno())
+    if sha256_of(incoming) != wanted:
+        raise OSError(errno.EIO, "the copy differs from the opened file", str(incoming))
+    opened.unlink()
 
 
 def _remove_journals(incoming: Path) -> None:
