@@ -285,13 +285,31 @@ class Dispatcher:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Ask the workers to stop and wait up to ``timeout`` in all (not per worker) for
-        those still sending: one blocked on the WAN ends its attempt in its own time, and
-        its job's lease is released at the next start."""
+        those still sending: one blocked on the WAN (a silent hub, a PACS that does not
+        answer) is left to end with the process.
+
+        Then the jobs this process still holds are pending again, the attempt they were in
+        given back (:func:`job_store.give_back_stopped`: one transaction, only this
+        process's leases; ``last_error`` "the daemon stopped during attempt N: not
+        counted"). A clean stop is not the job's doing: counted, as it was until
+        2026-12-07, a long outage with restarts failed the job after ``queue.max_attempts``
+        of them. The worker still blocked writes nothing after that (its writes are guarded
+        by its lease, which it no longer has). A crash (kill -9) never comes here: its
+        attempt stays counted at the next start (``cache.release_host_leases``), the
+        protection against a job whose sending kills the daemon."""
         self._stop.set()
         self.wake.set()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        try:
+            given_back = job_store.give_back_stopped(self.db, self.owner_prefix)
+        except Exception:  # a stop goes on: the next start releases them, counted
+            log.exception("giving back the jobs being sent at the stop failed")
+            return
+        if given_back:
+            log.info("%s being sent when the daemon stopped: pending again, the attempt "
+                     "not counted", counted(given_back, "job"))
 
     def _loop(self, owner: str, max_priority: int | None = None) -> None:
         while not self._stop.is_set():

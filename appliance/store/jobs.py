@@ -370,6 +370,35 @@ def _wait(db: Database, job_id: int, owner: str, error: str, retry_at: float) ->
         )
 
 
+STOPPED_DURING = "the daemon stopped during attempt "
+
+
+def give_back_stopped(db: Database, owner_prefix: str) -> int:
+    """A clean stop (``Dispatcher.stop``): the jobs this process still holds (its workers'
+    leases, ``owner_prefix:n``) are pending again, due at once, and the attempt each was in
+    is given back (never below 0), with ``last_error`` saying so: "the daemon stopped during
+    attempt N: not counted". One transaction, guarded by the owner (a job another process
+    took is left alone). How many.
+
+    Why: the attempt was counted at its claim and kept at the next start
+    (``cache.release_host_leases``), so a long outage with restarts (an upgrade, a reboot
+    during a PACS's weekend maintenance, a hub that holds every answer) failed the job after
+    ``queue.max_attempts`` restarts, when the outage alone never fails it (until
+    2026-12-07). A crash (kill -9, the OOM killer, a codec's segfault) never comes here:
+    its attempt stays counted, and a job whose sending kills the daemon still fails once
+    its attempts are spent."""
+    at = now()
+    pattern = owner_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + ":%"
+    with db.transaction() as conn:
+        cursor = conn.execute(
+            f"""UPDATE jobs SET state = 'pending', attempts = max(attempts - 1, 0),
+                   last_error = '{STOPPED_DURING}' || attempts || ': not counted',
+                   next_attempt_at = ?, updated_at = ?, lease_owner = NULL, lease_until = NULL
+               WHERE state = 'running' AND lease_owner LIKE ? ESCAPE '\\'""",
+            (at, at, pattern))
+        return cursor.rowcount
+
+
 def wake_waiting_for_link(db: Database, kind: str, destination: str | None = None) -> int:
     """The link of ``kind`` destinations (only ``destination``'s, when given) is back: every
     job waiting for it is due now (rather than at the end of its backoff, up to
