@@ -549,15 +549,49 @@ def drop_replaced_versions(db: Database, job_id: int, new_transfer: bool = True,
                          [(job_id, r["instance_fk"]) for r in rows])
         uids = [str(r["sop_instance_uid"]) for r in rows]
         if remember and uids:
-            [saved] = conn.execute("SELECT progress FROM jobs WHERE id = ?",
-                                   (job_id,)).fetchone()
-            progress = json.loads(saved) if saved else {}
-            before = progress.get(LEFT_OUT) or {"count": 0, "uids": []}
-            progress[LEFT_OUT] = {"count": int(before["count"]) + len(uids),
-                                  "uids": [*before["uids"], *uids][:3]}
-            conn.execute("UPDATE jobs SET progress = ? WHERE id = ?",
-                         (json.dumps(progress), job_id))
+            _remember_left_out(conn, job_id, uids)
     return uids
+
+
+def _remember_left_out(conn: sqlite3.Connection, job_id: int, uids: list[str]) -> None:
+    """Count ``uids`` among the versions the job left out (its progress' :data:`LEFT_OUT`),
+    for the done job's ``last_error`` (:func:`finish`)."""
+    [saved] = conn.execute("SELECT progress FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    progress = json.loads(saved) if saved else {}
+    before = progress.get(LEFT_OUT) or {"count": 0, "uids": []}
+    progress[LEFT_OUT] = {"count": int(before["count"]) + len(uids),
+                          "uids": [*before["uids"], *uids][:3]}
+    conn.execute("UPDATE jobs SET progress = ? WHERE id = ?", (json.dumps(progress), job_id))
+
+
+def leave_out_if_replaced(db: Database, job_id: int, instance_ids: list[int],
+                          owner: str) -> list[int]:
+    """Just before a ``dicom`` target sends one of ``instance_ids`` (a ``stowrs`` target a
+    batch of them): those that are no longer current (a correction filed since the
+    attempt began) are taken out of the job, unsent, and counted in its progress as
+    :func:`drop_replaced_versions` does at the attempt's start, in one transaction, while
+    ``owner`` holds the job. Returns their ids (the caller sends the others).
+
+    Why: the attempt's start left out the versions replaced by then; one replaced while
+    the attempt ran (a slow PACS, a long study) was still sent, and the node kept the
+    version the sender had replaced (review s41, F-D)."""
+    if not instance_ids:
+        return []
+    with db.transaction() as conn:
+        rows = conn.execute(
+            f"""SELECT ji.instance_fk, i.sop_instance_uid FROM job_instances ji
+                JOIN instances i ON i.id = ji.instance_fk
+                JOIN jobs j ON j.id = ji.job_id
+                WHERE ji.job_id = ? AND j.lease_owner = ? AND ji.sent_at IS NULL
+                  AND i.is_current = 0
+                  AND ji.instance_fk IN ({','.join('?' * len(instance_ids))})
+                ORDER BY i.id""", (job_id, owner, *instance_ids)).fetchall()
+        if not rows:
+            return []
+        conn.executemany("DELETE FROM job_instances WHERE job_id = ? AND instance_fk = ?",
+                         [(job_id, r["instance_fk"]) for r in rows])
+        _remember_left_out(conn, job_id, [str(r["sop_instance_uid"]) for r in rows])
+        return [int(r["instance_fk"]) for r in rows]
 
 
 def mark_sent(db: Database, job_id: int, instance_ids: list[int]) -> None:

@@ -122,6 +122,20 @@ class SendContext:
     def mark_sent(self, job: job_store.Job, instance_ids: list[int]) -> None:
         job_store.mark_sent(self.db, job.id, instance_ids)
 
+    def left_out(self, job: job_store.Job, rows: list[Any]) -> set[int]:
+        """Just before sending ``rows`` (a ``dicom`` instance, a ``stowrs`` batch): the ids
+        of those replaced by a correction since the attempt began, taken out of the job and
+        counted for its done ``last_error`` (:func:`job_store.leave_out_if_replaced`); the
+        caller sends the others. The attempt's start leaves out those replaced by then."""
+        ids = job_store.leave_out_if_replaced(self.db, job.id, [int(r["id"]) for r in rows],
+                                              self.owner)
+        if ids:
+            uids = [str(r["sop_instance_uid"]) for r in rows if int(r["id"]) in ids]
+            log.warning("job %d to %s: %s", job.id, job.destination, job_store.left_out_said(
+                {"count": len(uids), "uids": uids[:3]}),
+                extra={"JOB_ID": job.id, "STUDY_UID": job.study_uid})
+        return set(ids)
+
     def keep_alive(self, job: job_store.Job) -> None:
         """Renew the lease; raise if the job was taken over (our lease had expired)."""
         if not job_store.renew_lease(self.db, job.id, self.owner, self.lease_s):

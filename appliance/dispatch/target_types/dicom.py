@@ -236,6 +236,11 @@ class DicomTarget:
             for row in usable:
                 if lease_lost.is_set():
                     raise RuntimeError(f"job {job.id}: lease lost, another worker owns it now")
+                if context.left_out(job, [row]):
+                    # A correction filed since the attempt began replaced it: the node
+                    # never gets the version the sender replaced (a slow node's attempt
+                    # lasts minutes).
+                    continue
                 problem = self._unreadable_file(context, row)
                 if problem is not None:
                     # The appliance's own disk, not the node: the rest of the study goes.

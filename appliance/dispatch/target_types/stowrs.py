@@ -236,17 +236,25 @@ class StowRsTarget:
         # queue.lease_s; a second worker then claimed the job and POSTed the same study at
         # the same time, and the first worker's attempt ended "lease lost" (with
         # max_attempts spent that way, a live job failed "the worker died while sending it").
+        answered = False
         with self._client() as client, context.renewing(job) as lease_lost:
             for start in range(0, len(rows), size):
                 if lease_lost.is_set():
                     raise RuntimeError(f"job {job.id}: lease lost, another worker owns it now")
                 batch = rows[start:start + size]
+                # Replaced by a correction filed since the attempt began: left out, as the
+                # attempt's start leaves out those replaced by then.
+                left_out = context.left_out(job, batch)
+                batch = [r for r in batch if int(r["id"]) not in left_out]
+                if not batch:
+                    continue
                 try:
                     accepted, refused = self._post(client, context, batch)
                 except _NoConnection as exc:
-                    if start == 0:  # nothing answered in this attempt: wait for the archive
+                    if not answered:  # nothing answered in this attempt: wait for the archive
                         raise LinkDown(str(exc)) from exc
                     raise
+                answered = True
                 by_uid = {r["sop_instance_uid"]: r for r in batch}
                 maybe_held = [by_uid[u] for u, r in refused.items()
                               if r in DUPLICATE_REASONS and u in by_uid]
