@@ -262,6 +262,8 @@ def finish(db: Database, job_id: int, owner: str) -> None:
         if row is None:
             return
         left_out = json.loads(row[0]).get(LEFT_OUT) if row[0] else None
+        if left_out:
+            left_out = _still_replaced(conn, left_out)
         conn.execute(
             """UPDATE jobs SET state = 'done', finished_at = ?, updated_at = ?, last_error = ?,
                    lease_owner = NULL, lease_until = NULL
@@ -271,8 +273,32 @@ def finish(db: Database, job_id: int, owner: str) -> None:
 
 
 # A local node's or archive's job's progress: the versions its attempts left out (replaced
-# by a correction since it was routed), {"count": n, "uids": the first few}.
+# by a correction since it was routed), {"count": n, "uids": the first few, "ids": all
+# their instance ids}.
 LEFT_OUT = "replaced_left_out"
+
+
+def _still_replaced(conn: sqlite3.Connection, left_out: dict[str, Any]) -> dict[str, Any] | None:
+    """The versions a job left out less those current again by its end (A, then its
+    correction B, then A sent again: A is current again and routed anew, delivered by its
+    own job). The done job's note said A was left out, replaced, when another job had
+    just delivered it as the current version (review s41, F-E). None when none is left.
+    A note written before the ids were kept (no ``ids``) is said as it is."""
+    ids = [int(i) for i in left_out.get("ids", [])]
+    if not ids:
+        return left_out
+    current = {int(r[0]) for r in conn.execute(
+        "SELECT id FROM instances WHERE is_current = 1 AND id IN "
+        "(SELECT value FROM json_each(?))", (json.dumps(ids),))}
+    if not current:
+        return left_out
+    still = [i for i in ids if i not in current]
+    if not still:
+        return None
+    uids = [str(r[0]) for r in conn.execute(
+        "SELECT sop_instance_uid FROM instances WHERE id IN (SELECT value FROM json_each(?)) "
+        "ORDER BY id", (json.dumps(still),))]
+    return {"count": len(still), "uids": uids[:3], "ids": still}
 
 
 def left_out_said(left_out: dict[str, Any]) -> str:
@@ -549,18 +575,21 @@ def drop_replaced_versions(db: Database, job_id: int, new_transfer: bool = True,
                          [(job_id, r["instance_fk"]) for r in rows])
         uids = [str(r["sop_instance_uid"]) for r in rows]
         if remember and uids:
-            _remember_left_out(conn, job_id, uids)
+            _remember_left_out(conn, job_id, uids, [int(r["instance_fk"]) for r in rows])
     return uids
 
 
-def _remember_left_out(conn: sqlite3.Connection, job_id: int, uids: list[str]) -> None:
-    """Count ``uids`` among the versions the job left out (its progress' :data:`LEFT_OUT`),
-    for the done job's ``last_error`` (:func:`finish`)."""
+def _remember_left_out(conn: sqlite3.Connection, job_id: int, uids: list[str],
+                       ids: list[int]) -> None:
+    """Count ``uids`` (instance ``ids``) among the versions the job left out (its progress'
+    :data:`LEFT_OUT`), for the done job's ``last_error`` (:func:`finish`, which passes over
+    those current again by then)."""
     [saved] = conn.execute("SELECT progress FROM jobs WHERE id = ?", (job_id,)).fetchone()
     progress = json.loads(saved) if saved else {}
     before = progress.get(LEFT_OUT) or {"count": 0, "uids": []}
     progress[LEFT_OUT] = {"count": int(before["count"]) + len(uids),
-                          "uids": [*before["uids"], *uids][:3]}
+                          "uids": [*before["uids"], *uids][:3],
+                          "ids": [*before.get("ids", []), *ids]}
     conn.execute("UPDATE jobs SET progress = ? WHERE id = ?", (json.dumps(progress), job_id))
 
 
@@ -590,7 +619,8 @@ def leave_out_if_replaced(db: Database, job_id: int, instance_ids: list[int],
             return []
         conn.executemany("DELETE FROM job_instances WHERE job_id = ? AND instance_fk = ?",
                          [(job_id, r["instance_fk"]) for r in rows])
-        _remember_left_out(conn, job_id, [str(r["sop_instance_uid"]) for r in rows])
+        _remember_left_out(conn, job_id, [str(r["sop_instance_uid"]) for r in rows],
+                           [int(r["instance_fk"]) for r in rows])
         return [int(r["instance_fk"]) for r in rows]
 
 
