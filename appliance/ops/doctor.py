@@ -448,6 +448,34 @@ def check_stored_data(settings: Settings) -> list[Check]:
     return checks
 
 
+def check_unconfigured_destinations(settings: Settings) -> list[Check]:
+    """Jobs naming a destination this configuration does not have (renamed or removed while
+    studies were queued for it): they wait, uncounted, and never fail, so neither the
+    failed-jobs row nor the exit status said anything; only pas config check did. A warn
+    row names the destinations and how many jobs each, with the fix. Nothing when there
+    are none, or the index cannot be read (the database check says why)."""
+    from appliance.store import jobs as job_store
+
+    with _index(settings) as db:
+        if db is None:
+            return []
+        try:
+            rows = job_store.waiting_for_configuration(db, sorted(settings.destinations))
+        except Exception:  # the database check and the stored-data check say it
+            return []
+    queued = [row for row in rows if row["queued"]]
+    if not queued:
+        return []
+    where = ", ".join(f"{row['destination']!r} {row['queued']}" for row in queued)
+    total = sum(row["queued"] for row in queued)
+    return [Check("jobs waiting for the configuration", "warn",
+                  f"{counted(total, 'job')} name{'s' if total == 1 else ''} a destination "
+                  f"this configuration does not have ({where}): they wait, uncounted, and "
+                  "never fail",
+                  "put the name back under [destinations] (renamed? the jobs keep the old "
+                  "name) and restart PAS; pas queue list --state pending shows them")]
+
+
 def _config_fix(problem: str) -> str:
     """What to do about a configuration problem: a key to fix, or the file itself (not
     found, unreadable, not TOML), where "fix this key" named no key."""
@@ -503,6 +531,7 @@ def run_checks(config_path: Path | None = None) -> list[Check]:
     checks.extend(check_tls_certificates(settings))
     checks.extend(check_destinations(settings))
     checks.extend(check_stored_data(settings))
+    checks.extend(check_unconfigured_destinations(settings))
     checks.extend(check_commitment(settings))
     from appliance.ops.doctor_backup import check_backup, check_backup_sealing  # it imports Check
 

@@ -154,6 +154,12 @@ def _from_store(settings: Settings, db: Database, errors: list[str],
         errors.append(f"{refused['destination']}: "
                       f"{counted(refused['waiting'], refused['what'])} waiting for "
                       f"credentials: {refused['error'][:120]}")
+    for unconfigured in snapshot.get("unconfigured_destinations") or []:  # never fail either
+        if unconfigured["queued"]:
+            errors.append(f"{unconfigured['destination']}: "
+                          f"{counted(unconfigured['queued'], 'job')} waiting for the "
+                          "configuration: the destination is not configured (renamed or "
+                          "removed?)")
     errors.extend(commitment_errors(snapshot["commitment"]))
     disk = snapshot["disk"]
     return {

@@ -49,6 +49,11 @@ def collect(settings: Settings, db: Database) -> dict[str, Any]:
                                        strict=True)),
         # Destinations refusing this appliance's credentials: their jobs wait, none fails.
         "credentials_refused": credentials_refused(db),
+        # Destinations the jobs name and this configuration does not (renamed or removed):
+        # their jobs wait, uncounted, for a configuration naming it again; none fails.
+        # [{"destination", "queued", "failed"}], queued first.
+        "unconfigured_destinations": job_store.waiting_for_configuration(
+            db, sorted(settings.destinations)),
         # Per destination: "up"/"down", last successful contact, last error (store/uplink.py).
         "links": uplink_store.link_states(db),
         # The daemon's last integrity check of the index (ops/index_check.py), None before

@@ -84,14 +84,28 @@ def naming_unconfigured(conn: sqlite3.Connection, configured: list[str]
     failed (an older version failed them at once; ``pas queue retry`` sends them once it is
     named again). On a connection of its own (``pas config check`` reads the home's database
     read only, with no :class:`Database`)."""
-    rows = conn.execute(
-        """SELECT destination, sum(state IN ('pending', 'running')) AS queued,
-                  sum(state = 'failed') AS failed
-           FROM jobs WHERE destination != 'hub'
-                 AND destination NOT IN (SELECT value FROM json_each(?))
-                 AND state IN ('pending', 'running', 'failed')
-           GROUP BY destination ORDER BY destination""", (json.dumps(configured),)).fetchall()
+    rows = conn.execute(_UNCONFIGURED, (json.dumps(configured),)).fetchall()
     return [{"destination": r[0], "queued": int(r[1]), "failed": int(r[2])} for r in rows]
+
+
+_UNCONFIGURED = """SELECT destination, sum(state IN ('pending', 'running')) AS queued,
+                          sum(state = 'failed') AS failed
+                   FROM jobs WHERE destination != 'hub'
+                         AND destination NOT IN (SELECT value FROM json_each(?))
+                         AND state IN ('pending', 'running', 'failed')
+                   GROUP BY destination ORDER BY destination"""
+
+
+def waiting_for_configuration(db: Database, configured: list[str]) -> list[dict[str, Any]]:
+    """:func:`naming_unconfigured` on the daemon's (or a command's) :class:`Database`: per
+    destination the jobs name and ``configured`` does not, how many are queued (they wait,
+    uncounted, for a configuration naming it again: ``NotConfigured``) and how many failed.
+    Such jobs never fail, and only ``pas config check`` said so: ``pas status`` (its JSON's
+    ``unconfigured_destinations``), ``pas doctor`` and the heartbeat's errors show them now
+    (review s41, F-C), as :func:`waiting_for_credentials` those refused credentials."""
+    rows = db.query(_UNCONFIGURED, (json.dumps(configured),))
+    return [{"destination": r["destination"], "queued": int(r["queued"]),
+             "failed": int(r["failed"])} for r in rows]
 
 
 def backlog_studies(db: Database) -> int:

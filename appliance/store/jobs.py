@@ -26,6 +26,7 @@ from appliance.store.job_views import count_jobs as count_jobs
 from appliance.store.job_views import counts_by_state as counts_by_state
 from appliance.store.job_views import list_jobs as list_jobs
 from appliance.store.job_views import naming_unconfigured as naming_unconfigured
+from appliance.store.job_views import waiting_for_configuration as waiting_for_configuration
 from appliance.store.job_views import waiting_for_credentials as waiting_for_credentials
 from appliance.words import counted
 
