@@ -78,6 +78,9 @@ def test_jobs_waiting_for_an_unconfigured_destination_are_shown(pas_factory: Any
     status = json.loads(pas.cli("status", "--json").stdout)
     assert status["unconfigured_destinations"] == [
         {"destination": "pacs", "queued": 1, "failed": 0}]
+    shown = " ".join(pas.cli("status").stdout.split())
+    assert ("pacs: 1 job waiting for the configuration (the destination is not configured: "
+            "put its name back under [destinations] and restart PAS)") in shown, shown
 
     settings = load_settings(environ={"PAS_HOME": str(pas.home), "PAS_CONFIG": str(config)})
     db = Database(settings.db_path, readonly=True)

@@ -230,6 +230,13 @@ def status(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> No
                       f"{counted(refused['waiting'], refused['what'])} waiting for "
                       f"credentials: "
                       f"{literal(refused['error'])}", highlight=False, soft_wrap=True)
+    for unconfigured in snapshot.get("unconfigured_destinations") or []:
+        if unconfigured.get("queued"):
+            console.print(f"[red]{literal(unconfigured['destination'])}:[/red] "
+                          f"{counted(unconfigured['queued'], 'job')} waiting for the "
+                          "configuration (the destination is not configured: put its name "
+                          "back under [destinations] and restart PAS)", highlight=False,
+                          soft_wrap=True)
     if snapshot.get("links"):
         links = Table(title="Links")
         for column in ("destination", "state", "last contact", "last error"):
