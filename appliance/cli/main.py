@@ -235,7 +235,7 @@ def status(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> No
             console.print(f"[red]{literal(unconfigured['destination'])}:[/red] "
                           f"{counted(unconfigured['queued'], 'job')} waiting for the "
                           "configuration (the destination is not configured: put its name "
-                          "back under [destinations] and restart PAS)", highlight=False,
+                          "back under \\[destinations] and restart PAS)", highlight=False,
                           soft_wrap=True)
     if snapshot.get("links"):
         links = Table(title="Links")
