@@ -124,7 +124,7 @@ real = restore._place
 
 def place(*args, **kwargs):
     placed.append(args[1])
-    if len(placed) == int(sys.argv[4]):
+    if args[1] == sys.argv[4]:
         os._exit(9)  # killed in the middle of putting the files back
     return real(*args, **kwargs)
 
@@ -137,9 +137,11 @@ restore.restore_hub_backup(Path(sys.argv[1]), Path(sys.argv[2]), "operator",
 def test_a_restore_killed_half_way_is_refused_by_run_and_backup_until_run_again(
         tmp_path: Path) -> None:
     hub, folder, key = _sealed_hub(tmp_path)
+    # Killed as it comes to hub.sqlite: the keys were the home's own (kept), the archive's
+    # index was replaced (its old one set aside), the hub's database is the old one.
     killed = subprocess.run([sys.executable, "-c", KILLER, str(hub.home), str(folder),
-                             str(key), "3"], env=hub.env, capture_output=True, text=True,
-                            check=False)
+                             str(key), "hub.sqlite"], env=hub.env, capture_output=True,
+                            text=True, check=False)
     assert killed.returncode == 9, killed.stderr
     assert (hub.home / RESTORE_MARKER).is_file()
 
@@ -258,3 +260,39 @@ def test_a_full_disk_after_the_opening_refuses_with_the_home_as_it_was(
             assert "Nothing restored" not in said, said
             assert _tree(home) == before, (leave, said)
     assert outcomes == {"refused", "restored"}, outcomes
+
+
+COPY_KILLER = """
+import os, sys, shutil
+from pathlib import Path
+import appliance.hub.restore as restore
+def copy(*args, **kwargs):
+    os._exit(9)  # killed (kill -9, a power cut) while it copies the first file it replaces
+restore.shutil.copyfile = copy
+restore.restore_hub_backup(Path(sys.argv[1]), Path(sys.argv[2]), "operator:test")
+"""
+
+
+def test_a_restore_killed_before_it_replaced_anything_leaves_the_hub_startable(
+        tmp_path: Path) -> None:
+    """The marker was written before the first file's copy (most of a restore's time), not
+    before the first file is replaced: a restore killed while it copied left the home as it
+    was and a marker saying it was half restored, and the hub refused to start on it (review
+    s41 of eec8663). The marker comes with the first replacement now."""
+    hub = HubProcess(tmp_path / "hub").init()
+    hub.token("SITE-A")
+    (hub.home / "archive").mkdir(mode=0o700)
+    Database(hub.home / "archive" / "pas.sqlite").close()
+    share = tmp_path / "share"
+    share.mkdir()
+    hub.cli("backup", str(share))
+    [folder] = share.glob("pas-hub-backup-*")
+    before = _tree(hub.home)
+    killed = subprocess.run([sys.executable, "-c", COPY_KILLER, str(hub.home), str(folder)],
+                            env=hub.env, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == 9, killed.stderr
+    assert not (hub.home / RESTORE_MARKER).exists()
+    assert {name: sha for name, sha in _tree(hub.home).items()
+            if not name.endswith(".restoring")} == before
+    hub.start()  # it serves: nothing was replaced
+    hub.stop()

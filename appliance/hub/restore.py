@@ -401,12 +401,17 @@ def _restore(home: Path, folder: Path, source: Path, manifest: dict[str, Any], a
         done.named_last = name_restored_backup(incoming, made_at(folder, manifest),
                                                folder, actor)
 
+    def mark() -> None:
+        # Right before the first file is replaced, not before its copy is made: a restore
+        # killed while it copied (most of its time) left a marker on a home it had not
+        # touched, and the hub refused to start on it (review s41).
+        if not marker.exists():
+            _mark_under_way(home, folder, owner)
+
     for name in _home_files(manifest["files"]):
         try:
-            if not marker.exists():
-                _mark_under_way(home, folder, owner)
             _place(source, name, home, owner, stamp_at, done,
-                   name_it if name == DATABASE and named is None else None)
+                   name_it if name == DATABASE and named is None else None, mark)
         except (OSError, sqlite3.Error) as exc:
             why = getattr(exc, "strerror", None) or exc
             where = getattr(exc, "filename", None)
@@ -509,7 +514,8 @@ def _check_database(folder: Path, source: Path, shown: Path, manifest: dict[str,
 
 
 def _place(folder: Path, name: str, home: Path, owner: os.stat_result, at: float,
-           done: HubRestored, prepare: Callable[[Path], None] | None = None) -> None:
+           done: HubRestored, prepare: Callable[[Path], None] | None = None,
+           mark: Callable[[], None] = lambda: None) -> None:
     """One backup file in the home: copied beside its place (moved there from the folder a
     sealed backup was opened in; 0600, the home's owner),
     changed by ``prepare`` (the database: it names the backup restored), fsynced, what is
@@ -538,6 +544,11 @@ def _place(folder: Path, name: str, home: Path, owner: os.stat_result, at: float
     except BaseException:
         incoming.unlink(missing_ok=True)
         _remove_journals(incoming)
+        raise
+    try:
+        mark()  # the restore under way, before what is there is set aside or replaced
+    except BaseException:
+        incoming.unlink(missing_ok=True)
         raise
     done.set_aside += _set_aside(target, at)
     incoming.rename(target)
