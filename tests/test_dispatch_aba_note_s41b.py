@@ -13,13 +13,13 @@ as the PACS (down until A is routed anew).
 from __future__ import annotations
 
 import hashlib
-import textwrap
 from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
 
 from appliance.store.jobs import LEFT_OUT, WAITING_FOR_LINK
+from tests.support.configs import BACKOFF_QUICK, ct1_to
 from tests.support.peers import StoreSCP, read_rows, storescu, wait_for
 from tests.test_ingest import dataset_part, sop_uid
 from tests.test_routing import CT_PATIENT
@@ -28,24 +28,7 @@ from tests.test_routing import CT_PATIENT
 def test_a_version_current_again_is_not_named_as_left_out(pas_factory: Any,
                                                          tmp_path: Path) -> None:
     scp = StoreSCP(tmp_path / "pacs", ae_title="PACS")  # its port chosen, not started yet
-    config = tmp_path / "appliance.toml"
-    config.write_text(textwrap.dedent(f"""
-        [queue]
-        poll_interval_s = 0.1
-        backoff_initial_s = 0.2
-        backoff_max_s = 0.5
-
-        [[routing.rules]]
-        name = "CT to PACS"
-        match = {{ calling_ae = "^CT1$" }}
-        destinations = ["pacs"]
-
-        [destinations.pacs]
-        kind = "dicom"
-        ae_title = "PACS"
-        host = "127.0.0.1"
-        port = {scp.port}
-        """))
+    config = ct1_to(tmp_path / "appliance.toml", scp, queue=BACKOFF_QUICK)
     pas = pas_factory({"PAS_CONFIG": str(config), "PAS_DICOM__ACCEPT_UNKNOWN": "true",
                        "PAS_STUDY__STABLE_AFTER_S": "0.5"})
     database = pas.home / "pas.sqlite"

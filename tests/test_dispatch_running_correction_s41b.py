@@ -13,12 +13,12 @@ answered two seconds after it is stored).
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
 
+from tests.support.configs import ct1_to
 from tests.support.peers import StoreSCP, read_rows, storescu, wait_for
 from tests.test_ingest import sop_uid
 from tests.test_routing import CT_PATIENT
@@ -27,22 +27,7 @@ from tests.test_routing import CT_PATIENT
 def test_a_version_replaced_during_the_attempt_is_not_sent(pas_factory: Any,
                                                           tmp_path: Path) -> None:
     scp = StoreSCP(tmp_path / "pacs", ae_title="PACS")
-    config = tmp_path / "appliance.toml"
-    config.write_text(textwrap.dedent(f"""
-        [queue]
-        poll_interval_s = 0.1
-
-        [[routing.rules]]
-        name = "CT to PACS"
-        match = {{ calling_ae = "^CT1$" }}
-        destinations = ["pacs"]
-
-        [destinations.pacs]
-        kind = "dicom"
-        ae_title = "PACS"
-        host = "127.0.0.1"
-        port = {scp.port}
-        """))
+    config = ct1_to(tmp_path / "appliance.toml", scp)
     scp.start(extra=["--sleep-after", "2"])
     try:
         pas = pas_factory({"PAS_CONFIG": str(config), "PAS_DICOM__ACCEPT_UNKNOWN": "true",

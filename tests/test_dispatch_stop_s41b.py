@@ -15,12 +15,12 @@ attempt is inside its A-ASSOCIATE when the daemon stops).
 from __future__ import annotations
 
 import socket
-import textwrap
 import threading
 from pathlib import Path
 from typing import Any
 
 from appliance.store.jobs import WORKER_DIED
+from tests.support.configs import ct1_to
 from tests.support.peers import PasProcess, read_rows, storescu, wait_for
 from tests.support.ports import free_port
 from tests.test_routing import CT_PATIENT
@@ -30,6 +30,7 @@ class SilentPeer:
     """Accepts connections and holds them: reads nothing, answers nothing."""
 
     def __init__(self) -> None:
+        self.ae_title = "PACS"
         self.port = free_port()
         self.server = socket.create_server(("127.0.0.1", self.port))
         self.held: list[socket.socket] = []
@@ -51,24 +52,7 @@ class SilentPeer:
 
 def test_a_clean_stop_gives_the_attempt_back_and_a_kill_does_not(tmp_path: Path) -> None:
     peer = SilentPeer()
-    config = tmp_path / "appliance.toml"
-    config.write_text(textwrap.dedent(f"""
-        [queue]
-        poll_interval_s = 0.1
-        max_attempts = 1
-
-        [[routing.rules]]
-        name = "CT to PACS"
-        match = {{ calling_ae = "^CT1$" }}
-        destinations = ["pacs"]
-
-        [destinations.pacs]
-        kind = "dicom"
-        ae_title = "PACS"
-        host = "127.0.0.1"
-        port = {peer.port}
-        timeout_s = 120
-        """))
+    config = ct1_to(tmp_path / "appliance.toml", peer, queue="max_attempts = 1\n", timeout_s=120)
     pas = PasProcess(tmp_path / "pas", {"PAS_CONFIG": str(config),
                                         "PAS_DICOM__ACCEPT_UNKNOWN": "true",
                                         "PAS_STUDY__STABLE_AFTER_S": "0.5"})

@@ -62,15 +62,14 @@ from appliance.ops.backup_folder import MANIFEST, OPENING, sha256_of, utc_stamp
 from appliance.ops.backup_seal import (
     SUFFIX,
     SealedFileDamaged,
-    fingerprint,
     open_folder,
-    public_of,
 )
 from appliance.ops.restore import (
     RestoreRefused,
     _free_name,
     _sealed_for,
     check_file,
+    check_key,
     check_kind,
     made_at,
     read_manifest,
@@ -182,7 +181,7 @@ def check_hub_backup(folder: Path, key: X25519PrivateKey | None = None) -> dict[
         raise RestoreRefused(f"{folder}/{MANIFEST}: config_file {config_file!r} is not a "
                              f"file's path: the manifest is damaged. {NOTHING}")
     if sealed_for is not None:
-        _check_key(folder, sealed_for, key)
+        check_key(folder, sealed_for, key, "pas hub restore", "the hub's backup.recipient")
         return manifest
     if key is not None:  # a sealed one was expected: replaced on the share?
         raise RestoreRefused(f"{folder} is not sealed (written in clear), and a key was "
@@ -190,20 +189,6 @@ def check_hub_backup(folder: Path, key: X25519PrivateKey | None = None) -> dict[
                              "nothing restored")
     check_contents(folder, folder, manifest)
     return manifest
-
-
-def _check_key(folder: Path, sealed_for: str, key: X25519PrivateKey | None) -> None:
-    """``key`` is the backup key ``folder`` was sealed for (its fingerprint): refused,
-    naming the one wanted (and the one given), before anything is opened."""
-    if key is None:
-        raise RestoreRefused(f"{folder} is sealed for the backup key {sealed_for}: give its "
-                             "private key (pas hub restore --key FILE); nothing restored")
-    given = fingerprint(public_of(key))
-    if given != sealed_for:
-        raise RestoreRefused(f"{folder} is sealed for the backup key {sealed_for}, and the key "
-                             f"given is {given}: give the private key of {sealed_for} (the "
-                             "one the hub's backup.recipient named when it was written); "
-                             "nothing restored")
 
 
 def check_contents(folder: Path, source: Path, manifest: dict[str, Any]) -> None:

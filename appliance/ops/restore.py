@@ -106,7 +106,7 @@ def check_backup(settings: Settings, folder: Path,
         raise RestoreRefused(f"{folder}/{MANIFEST}: config_file {config_file!r} is not a "
                              "file's path: the manifest is damaged; nothing restored")
     if sealed_for is not None:
-        _check_key(folder, sealed_for, key)
+        check_key(folder, sealed_for, key)
         return manifest
     if key is not None:
         # Someone expecting a sealed backup is given one in clear (replaced on the share?):
@@ -132,15 +132,19 @@ def _sealed_for(folder: Path, manifest: dict[str, Any]) -> str | None:
     return str(sealed["key"])
 
 
-def _check_key(folder: Path, sealed_for: str, key: X25519PrivateKey | None) -> None:
+def check_key(folder: Path, sealed_for: str, key: X25519PrivateKey | None,
+              command: str = "pas restore", recipient: str = "backup.recipient") -> None:
+    """``key`` is the backup key ``folder`` was sealed for (its fingerprint): refused,
+    naming the one wanted (and the one given), before anything is opened. ``command`` and
+    ``recipient``: the hub's words (``pas hub restore``, the hub's ``backup.recipient``)."""
     if key is None:
         raise RestoreRefused(f"{folder} is sealed for the backup key {sealed_for}: give its "
-                             "private key (pas restore --key FILE); nothing restored")
+                             f"private key ({command} --key FILE); nothing restored")
     given = fingerprint(public_of(key))
     if given != sealed_for:
         raise RestoreRefused(f"{folder} is sealed for the backup key {sealed_for}, and the key "
                              f"given is {given}: give the private key of {sealed_for} (the "
-                             "one backup.recipient named when it was written); nothing "
+                             f"one {recipient} named when it was written); nothing "
                              "restored")
 
 

@@ -40,3 +40,30 @@ def everything_to(path: Path, node: _Node, *, timeout_s: float = 30,
         timeout_s = {timeout_s:g}
         """))
     return path
+
+
+# ``ct1_to``'s ``queue`` for a test that sees a job retried within a second.
+BACKOFF_QUICK = "backoff_initial_s = 0.2\nbackoff_max_s = 0.5\n"
+
+
+def ct1_to(path: Path, node: _Node, *, queue: str = "", timeout_s: float | None = None
+           ) -> Path:
+    """Write at ``path`` a configuration sending what AE ``CT1`` sends (one rule, "CT to
+    PACS") to the DICOM node ``node`` on 127.0.0.1, as destination ``pacs``; what other AEs
+    send (a QA workstation's correction) goes nowhere. ``queue``: the ``[queue]`` keys, one
+    a line, ``poll_interval_s = 0.1`` always among them. Returns ``path``."""
+    timeout = "" if timeout_s is None else f"timeout_s = {timeout_s:g}\n"
+    path.write_text("[queue]\npoll_interval_s = 0.1\n" + textwrap.dedent(queue)
+                    + textwrap.dedent(f"""
+        [[routing.rules]]
+        name = "CT to PACS"
+        match = {{ calling_ae = "^CT1$" }}
+        destinations = ["pacs"]
+
+        [destinations.pacs]
+        kind = "dicom"
+        ae_title = "{node.ae_title}"
+        host = "127.0.0.1"
+        port = {node.port}
+        """) + timeout)
+    return path
