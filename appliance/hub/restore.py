@@ -62,16 +62,17 @@ from appliance.ops.backup_folder import MANIFEST, OPENING, sha256_of, utc_stamp
 from appliance.ops.backup_seal import (
     SUFFIX,
     SealedFileDamaged,
-    open_folder,
 )
 from appliance.ops.restore import (
     RestoreRefused,
+    SealedNotOpened,
     _free_name,
     _sealed_for,
     check_file,
     check_key,
     check_kind,
     made_at,
+    open_sealed,
     read_manifest,
 )
 from appliance.store.damage import SIDE_FILES, damage_of, set_aside
@@ -281,14 +282,13 @@ def restore_hub_backup(home: Path, folder: Path, actor: str, force: bool = False
             return _restore(home, folder, folder, manifest, actor, at)
         assert key is not None, "check_hub_backup refuses a sealed backup without its key"
         try:
-            opening.mkdir(mode=0o700)
-            opened = open_folder(folder, sorted(manifest["files"]), key, opening,
-                                 str(manifest["sealed"]["backup_id"]))
-        except SealedFileDamaged as exc:
-            raise RestoreRefused(f"{exc}: restore an older backup. {NOTHING}") from None
-        except OSError as exc:
+            opened = open_sealed(folder, manifest, key, home)
+        except SealedNotOpened as exc:
+            error = exc.error
+            if isinstance(error, SealedFileDamaged):
+                raise RestoreRefused(f"{error}: restore an older backup. {NOTHING}") from None
             raise RestoreRefused(f"cannot open {folder} into {home} ("
-                                 f"{exc.strerror or exc}): nothing restored") from None
+                                 f"{error.strerror or error}): nothing restored") from None
         contents = {**manifest, "files": opened}
         check_contents(folder, opening, contents)
         named = _name_opened(opening / DATABASE, folder, manifest, actor, home)

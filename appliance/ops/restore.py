@@ -235,6 +235,34 @@ def _of_this_site(settings: Settings, folder: Path, manifest: dict[str, Any]) ->
     return _backup_site(folder, manifest) == settings.site
 
 
+class SealedNotOpened(Exception):
+    """A sealed backup's files that did not open into the home (:func:`open_sealed`):
+    ``error`` says why, a :class:`SealedFileDamaged` (a sealed file that does not open,
+    naming its part) or the :class:`OSError` of the home's disk. Each restore words its
+    own refusal of it."""
+
+    def __init__(self, error: SealedFileDamaged | OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def open_sealed(folder: Path, manifest: dict[str, Any], key: X25519PrivateKey,
+                home: Path) -> dict[str, dict[str, object]]:
+    """Open the sealed backup ``folder`` (its checked ``manifest``) with ``key`` into
+    ``home``'s private folder :data:`OPENING` (made 0700: the caller removed what a restore
+    killed before left there, and removes it after use), the same for ``pas restore`` and
+    ``pas hub restore``. Returns the opened files as a manifest's ``files`` names them.
+    Raises :class:`SealedNotOpened`, the opening removed, when one does not open."""
+    opening = home / OPENING
+    try:
+        opening.mkdir(mode=0o700)
+        return open_folder(folder, sorted(manifest["files"]), key, opening,
+                           str(manifest["sealed"]["backup_id"]))
+    except (SealedFileDamaged, OSError) as exc:
+        shutil.rmtree(opening, ignore_errors=True)
+        raise SealedNotOpened(exc) from None
+
+
 def restore_backup(settings: Settings, folder: Path, actor: str,
                    at: float | None = None, key: X25519PrivateKey | None = None) -> Restored:
     """Check ``folder`` and put it back (:func:`_put_back`). A sealed backup is first opened
@@ -255,16 +283,13 @@ def restore_backup(settings: Settings, folder: Path, actor: str,
             return _put_back(settings, folder, folder, manifest, actor, at)
         assert key is not None, "check_backup refuses a sealed backup without its key"
         try:
-            opening.mkdir(mode=0o700)
-            files = open_folder(folder, sorted(manifest["files"]), key, opening,
-                                str(manifest["sealed"]["backup_id"]))
-        except SealedFileDamaged as exc:
-            _remove(opening)
-            raise RestoreRefused(f"{exc}: restore an older backup. Nothing restored") from None
-        except OSError as exc:
-            _remove(opening)
-            raise RestoreRefused(f"cannot open {folder} into {home} ({_reason(exc, home)}): "
-                                 f"{_LEFT_AS_IT_WAS}") from None
+            files = open_sealed(folder, manifest, key, home)
+        except SealedNotOpened as exc:
+            if isinstance(exc.error, SealedFileDamaged):
+                raise RestoreRefused(f"{exc.error}: restore an older backup. Nothing "
+                                     "restored") from None
+            raise RestoreRefused(f"cannot open {folder} into {home} "
+                                 f"({_reason(exc.error, home)}): {_LEFT_AS_IT_WAS}") from None
         try:
             check_index(folder, opening / "pas.sqlite", manifest)
             done = _put_back(settings, folder, opening, {**manifest, "files": files}, actor,
