@@ -37,7 +37,7 @@ from tests.support.peers import (
 CT_A, CT_B, MR = "A002304", "A027284", "FA191122"  # patients: the CT ones have two studies
 OPERATOR = f"operator:{login_name()}"
 COLUMNS = ["id", "at", "time", "event", "actor", "source", "target", "outcome", "detail",
-           "patient", "sop_class", "query", "query_syntax"]
+           "patient", "sop_class", "query", "query_syntax", "chain"]
 
 
 def _studies(folder: Path, patient: str, count: int | None = None) -> dict[str, list[Path]]:

@@ -138,6 +138,7 @@ def test_the_upgrade_adds_the_indexes_to_a_trail_written_before(tmp_path: Path) 
                        "ALTER TABLE studies DROP COLUMN patient_birth_date; "
                        "ALTER TABLE studies DROP COLUMN patient_sex; "
                        "ALTER TABLE studies DROP COLUMN patient_values_provisional; "  # 29
+                       "ALTER TABLE audit DROP COLUMN chain; "  # 30
                        "PRAGMA user_version = 18;")
     conn.close()
 

@@ -5,6 +5,9 @@ Owns: the command's options, turning them into an :class:`~appliance.store.audit
 Thin: the SQL is :func:`appliance.store.audit.search`. Read-only: the database is opened
 ``mode=ro`` (:func:`appliance.cli.common.read_database`), beside a running daemon (WAL).
 Bad input is refused by the parser or before the database is opened, exit 2.
+
+``pas audit verify``: the trail's hash chain checked row by row
+(:func:`appliance.store.audit.verify_chain`), exit 1 at the first row that breaks it.
 """
 
 from __future__ import annotations
@@ -22,7 +25,15 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from appliance.cli.common import ROW_ID_MAX, ConfigOption, JsonOption, console, err, shown
+from appliance.cli.common import (
+    ROW_ID_MAX,
+    ConfigOption,
+    JsonOption,
+    console,
+    err,
+    literal,
+    shown,
+)
 from appliance.store.audit import EVENTS, PATIENT_SEPARATOR, AuditFilter
 from appliance.words import counted, local_time
 
@@ -122,7 +133,11 @@ def _filter(since: str | None, until: str | None, events: list[AuditEvent] | Non
                        study=study.strip() if study is not None else None, failures=failures)
 
 
-def audit(config: Path | None = ConfigOption,
+audit_app = typer.Typer()
+
+
+@audit_app.callback(invoke_without_command=True)
+def audit(ctx: typer.Context, config: Path | None = ConfigOption,
           since: str | None = typer.Option(None, "--since", help=(
               f"Rows written at or after this: {WHEN_FORMS}")),
           until: str | None = typer.Option(None, "--until", help=(
@@ -140,11 +155,15 @@ def audit(config: Path | None = ConfigOption,
           limit: int = typer.Option("100", "--limit", parser=parse_limit, metavar="<int>", help=(
               "Show at most this many rows, the newest")),
           as_json: bool = JsonOption) -> None:
-    """The audit trail: who did what to which study, and how it ended; newest first."""
+    """The audit trail: who did what to which study, and how it ended; newest first.
+
+    pas audit verify checks that no row was altered, removed or inserted since."""
     from appliance.cli.common import read_database
     from appliance.cli.main import _settings
     from appliance.store.audit import search
 
+    if ctx.invoked_subcommand is not None:  # pas audit verify: its own options
+        return
     wanted = _filter(since, until, events, patient, study, failures)
     settings = _settings(config)
     rows, matched = search(read_database(settings.db_path), wanted, limit)
@@ -177,6 +196,47 @@ def audit(config: Path | None = ConfigOption,
         console.print(more, highlight=False)
 
 
+@audit_app.command("verify")
+def verify(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> None:
+    """Check the audit trail's hash chain: every row as it was written, none removed or
+    inserted since (exit 1 names the first row that is not)."""
+    from appliance.cli.common import read_database
+    from appliance.cli.main import _settings
+    from appliance.store.audit import verify_chain
+
+    check = verify_chain(read_database(_settings(config).db_path))
+    if as_json:
+        print(json.dumps({
+            "ok": check.ok, "rows": check.rows, "last_id": check.last_id,
+            "last_time": _iso(check.last_at), "head": check.head,
+            "broken": None if check.ok else {
+                "id": check.broken_id, "time": _iso(check.broken_at),
+                "problem": check.problem,
+                "missing": list(check.missing) if check.missing else None}}, indent=2))
+    elif check.ok and check.last_id is None:
+        console.print("the audit trail has no rows yet", highlight=False)
+    elif check.ok:
+        are = "is" if check.rows == 1 else "are"
+        console.print(f"the audit trail's {counted(check.rows, 'row')} {are} chained, last "
+                      f"row ID {check.last_id} at {_local(check.last_at or 0)}, head "
+                      f"{(check.head or '')[:16]}", highlight=False)
+    else:
+        before = (f" The {counted(check.rows, 'row')} before it "
+                  f"{'is' if check.rows == 1 else 'are'} chained (head "
+                  f"{(check.head or '')[:16]} at row {check.last_id})." if check.rows else "")
+        written = ("at a time that is not one" if check.broken_at is None
+                   else _local(check.broken_at))
+        err.print(f"[red]the audit trail is broken at row {check.broken_id}[/red], written "
+                  f"{written}: {literal(check.problem)}.{before}",
+                  highlight=False)
+    if not check.ok:
+        raise typer.Exit(1)
+
+
+def _iso(at: float | None) -> str | None:
+    return None if at is None else dt.datetime.fromtimestamp(at, dt.UTC).isoformat()
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``pas audit`` to the main CLI."""
-    app.command("audit")(audit)
+    """Add ``pas audit`` (and ``pas audit verify``) to the main CLI."""
+    app.add_typer(audit_app, name="audit")

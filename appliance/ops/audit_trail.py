@@ -251,13 +251,33 @@ def _role(participant: ET.Element, role: tuple[str, str] | None) -> None:
                                                   "originalText": role[1]})
 
 
+# The RFC 5424 structured data element carrying a row's place in the audit trail's hash
+# chain (appliance.store.audit.chain_link): its id and its chain. A private SD-ID is
+# ``name@<private enterprise number>`` (RFC 5424 6.3.2); 32473 is the number RFC 5612 sets
+# aside for documentation, used until PAS has its own.
+CHAIN_SD_ID = "pasAuditChain@32473"
+_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def _structured_data(entry: dict[str, Any]) -> str:
+    """``[pasAuditChain@32473 id="12" chain="<hex>"]`` for a chained row, "-" (none) for a
+    row without a chain. Both values are digits and hex: nothing to escape."""
+    chain = entry.get("chain")
+    if not isinstance(chain, str) or not _HEX.fullmatch(chain):
+        return "-"
+    return f'[{CHAIN_SD_ID} id="{int(entry["id"])}" chain="{chain}"]'
+
+
 def rfc5424(entry: dict[str, Any], site: str, host: str) -> bytes:
-    """One RFC 5424 message (MSGID = the event), the ATNA XML as its body."""
+    """One RFC 5424 message (MSGID = the event), the ATNA XML as its body, the row's id and
+    chain as structured data: the chain's head leaves the machine with every row, so that
+    the table rewritten whole, its chain made anew, differs from what the collector has."""
     severity = 5 if (entry.get("outcome") or "success") == "success" else 4
     priority = SYSLOG_FACILITY_AUTHPRIV * 8 + severity
     when = dt.datetime.fromtimestamp(entry["at"], dt.UTC).isoformat(timespec="milliseconds")
     msgid = "".join(c for c in entry["event"] if 33 <= ord(c) <= 126)[:32] or "-"
-    header = f"<{priority}>1 {when.replace('+00:00', 'Z')} {host[:255]} pas {os.getpid()} {msgid} -"
+    header = (f"<{priority}>1 {when.replace('+00:00', 'Z')} {host[:255]} pas {os.getpid()} "
+              f"{msgid} {_structured_data(entry)}")
     return f"{header} \ufeff{atna_message(entry, site, host)}".encode()
 
 
@@ -523,7 +543,8 @@ def _close_gracefully(connection: ssl.SSLSocket) -> None:
 def journal_sink(entry: dict[str, Any]) -> None:
     """One journald entry per audit row, with searchable fields (AUDIT_EVENT=store...,
     AUDIT_PATIENT: the row's PatientIDs, backslash-separated, as in the table; AUDIT_ID: the
-    row, which tells a row handed on twice after a crash from two events)."""
+    row, which tells a row handed on twice after a crash from two events; AUDIT_CHAIN: the
+    row's chain, ``pas audit verify``'s head to compare with)."""
     level = logging.INFO if (entry.get("outcome") or "success") == "success" else logging.WARNING
     log.log(level, "audit %s by %s on %s: %s%s", entry["event"], entry.get("actor") or "-",
             entry.get("target") or "-", entry.get("outcome"),
@@ -531,7 +552,8 @@ def journal_sink(entry: dict[str, Any]) -> None:
             extra={"AUDIT_EVENT": entry["event"], "AUDIT_ACTOR": entry.get("actor") or "",
                    "AUDIT_OUTCOME": entry.get("outcome") or "",
                    "AUDIT_PATIENT": entry.get("patient") or "",
-                   "AUDIT_ID": str(entry.get("id") or "")})
+                   "AUDIT_ID": str(entry.get("id") or ""),
+                   "AUDIT_CHAIN": entry.get("chain") or ""})
 
 
 def config_fingerprint(settings: Settings, key: bytes) -> dict[str, str]:

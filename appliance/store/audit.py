@@ -20,15 +20,26 @@ a prior fetched); :func:`record` is for events that change nothing else.
 Also owns the outbox marks (``audit_outbox``, migration 10): how far each copy of the trail
 (journald, a syslog collector: ``appliance.ops.audit_trail``) has read the table. The copies
 read the rows, never a queue in memory, so rows from any process and any crash reach them.
+
+Also owns the hash chain (``chain``, migration 30): each row carries the SHA-256 of the
+previous row's chain and of its own fields (:func:`chain_link`), written with the row, so
+that a row altered, removed or inserted afterwards (by someone who dropped the append-only
+triggers, or edited the file) breaks the chain from that row on: :func:`verify_chain`
+(``pas audit verify``). The copies of the trail carry each row's chain off the machine
+(``appliance.ops.audit_trail``): a whole table rewritten with a consistent chain is told by
+comparing its chain with theirs.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
+import json
 import re
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,20 +150,35 @@ def record_in(conn: sqlite3.Connection, event: str, *, actor: str | None,
     it (:func:`appliance.store.backups.record_restore`)."""
     entry: dict[str, Any] = {}
     after_commit(conn, lambda: _publish(entry))  # first: refused, it must write nothing
-    at = now()
     patients = _patients_named(conn, target) | ({patient} if patient else set())
-    named = PATIENT_SEPARATOR.join(sorted(patients)) or None
-    cursor = conn.execute(
-        "INSERT INTO audit (at, event, actor, source, target, outcome, detail, patient, "
-        "sop_class, query, query_syntax) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (at, event, actor, source, target, outcome, detail, named, sop_class, query,
-         query_syntax),
-    )
-    entry.update({"id": cursor.lastrowid, "at": at, "event": event, "actor": actor,
-                  "source": source, "target": target, "outcome": outcome, "detail": detail,
-                  "patient": named, "sop_class": sop_class, "query": query,
-                  "query_syntax": query_syntax})
-    return int(cursor.lastrowid or 0)
+    # The row as SQLite will give it back (REAL, TEXT, BLOB), so that its chain is computed
+    # from the values :func:`verify_chain` reads: an int time or detail would read back as
+    # 1000.0 or '5' and fail the check.
+    row: dict[str, Any] = {
+        "at": float(now()), "event": _text(event), "actor": _text(actor),
+        "source": _text(source), "target": _text(target), "outcome": _text(outcome),
+        "detail": _text(detail), "patient": PATIENT_SEPARATOR.join(sorted(patients)) or None,
+        "sop_class": _text(sop_class),
+        "query": bytes(query) if isinstance(query, bytearray | memoryview) else query,
+        "query_syntax": _text(query_syntax)}
+    # The previous row's chain, and this row's id (the one SQLite would give it: the largest
+    # plus one), in the write transaction Database.transaction opened with BEGIN IMMEDIATE:
+    # no other writer comes in between.
+    last = conn.execute("SELECT id, chain FROM audit ORDER BY id DESC LIMIT 1").fetchone()
+    row["id"] = int(last[0]) + 1 if last is not None else 1
+    row["chain"] = chain_link(last[1] if last is not None else None, row)
+    conn.execute(
+        "INSERT INTO audit (id, at, event, actor, source, target, outcome, detail, patient, "
+        "sop_class, query, query_syntax, chain) VALUES (:id, :at, :event, :actor, :source, "
+        ":target, :outcome, :detail, :patient, :sop_class, :query, :query_syntax, :chain)",
+        row)
+    entry.update(row)
+    return int(row["id"])
+
+
+def _text(value: Any) -> str | None:
+    """A TEXT column's value as SQLite stores it (a number in a TEXT column becomes text)."""
+    return value if value is None or isinstance(value, str) else str(value)
 
 
 def _publish(entry: dict[str, Any]) -> None:
@@ -398,3 +424,150 @@ def search(db: Database, wanted: AuditFilter, limit: int) -> tuple[list[dict[str
                     (*params, limit))
     matched = db.query_one(f"SELECT count(*) FROM audit a {where}", tuple(params))
     return [dict(r) for r in rows], int(matched[0]) if matched else 0
+
+
+# --- the hash chain (migration 30) -----------------------------------------------------------
+#
+# Each row's ``chain`` is SHA-256 (hex) of the previous row's chain (CHAIN_GENESIS before the
+# first row), a line feed, and the row's fields as canonical JSON: the CHAINED columns as an
+# object with sorted keys, no spaces, ASCII only, bytes as {"base64": ...}. Anyone can
+# recompute it from ``pas audit --json`` or from a copy of the trail (docs/operations.md).
+# The row's id is one of its fields, so a row moved to another place breaks the chain too.
+
+CHAIN_GENESIS = "0" * 64
+CHAINED = ("id", "at", "event", "actor", "source", "target", "outcome", "detail", "patient",
+           "sop_class", "query", "query_syntax")
+# Rows read at once by the migration's backfill and by verify_chain (bounded memory).
+CHAIN_BATCH = 2000
+_CHAIN_SELECT = f"SELECT {', '.join(CHAINED)}, chain FROM audit WHERE id > ? ORDER BY id LIMIT ?"
+
+
+_SORTED = tuple(sorted(CHAINED))
+_PLAIN = (str, int, float, type(None))
+_encode = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode
+
+
+def chain_link(previous: str | None, row: Mapping[str, Any] | sqlite3.Row) -> str:
+    """The chain of ``row`` (the CHAINED columns by name: a dict, an sqlite3.Row) following
+    a row whose chain is ``previous`` (None: the first row). The keys are put in sorted
+    order here (a dict keeps its order: what ``sort_keys`` gives, without sorting each
+    time); about 5 us a row."""
+    fields: dict[str, Any] = {}
+    for name in _SORTED:
+        value = row[name]
+        if value.__class__ not in _PLAIN and isinstance(value, bytes | bytearray | memoryview):
+            value = {"base64": base64.b64encode(bytes(value)).decode("ascii")}
+        fields[name] = value
+    return hashlib.sha256(f"{previous or CHAIN_GENESIS}\n{_encode(fields)}".encode("ascii")
+                          ).hexdigest()
+
+
+def _chained_rows(read: Callable[[int], Sequence[sqlite3.Row]]) -> Iterator[sqlite3.Row]:
+    """Every row in id order, CHAIN_BATCH at a time (``read(after_id)``); from the lowest
+    id SQLite allows: a row slipped in below 1 is read too."""
+    after = -(2**63)
+    while True:
+        rows = read(after)
+        yield from rows
+        if len(rows) < CHAIN_BATCH:
+            return
+        after = int(rows[-1]["id"])
+
+
+def chain_backfill(conn: sqlite3.Connection) -> int:
+    """Migration 30's data step, in its transaction: every row written before gets its
+    chain, in id order, CHAIN_BATCH rows at a time. The append-only UPDATE trigger is
+    dropped for it and made again from its own text (the schema stays migration 1's, which
+    :mod:`appliance.store.schema_drift` compares). How many rows."""
+    trigger = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'trigger' "
+                           "AND name = 'audit_append_only_update'").fetchone()
+    if trigger is not None:
+        conn.execute("DROP TRIGGER audit_append_only_update")
+    previous: str | None = None
+    count = 0
+    batch: list[tuple[str, int]] = []
+    for row in _chained_rows(lambda after: _as_rows(conn.execute(
+            _CHAIN_SELECT, (after, CHAIN_BATCH)).fetchall())):
+        previous = chain_link(previous, row)
+        batch.append((previous, int(row["id"])))
+        if len(batch) >= CHAIN_BATCH:
+            conn.executemany("UPDATE audit SET chain = ? WHERE id = ?", batch)
+            count += len(batch)
+            batch = []
+    conn.executemany("UPDATE audit SET chain = ? WHERE id = ?", batch)
+    count += len(batch)
+    if trigger is not None:
+        conn.execute(trigger[0])
+    return count
+
+
+def _as_rows(rows: list[Any]) -> list[Any]:
+    """Rows readable by column name whatever the connection's row factory (the migration's
+    connection is a Database's, whose rows are sqlite3.Row; a plain one's are tuples)."""
+    if rows and not isinstance(rows[0], sqlite3.Row):
+        return [dict(zip((*CHAINED, "chain"), r, strict=True)) for r in rows]
+    return rows
+
+
+@dataclass(frozen=True)
+class ChainCheck:
+    """What :func:`verify_chain` found. ``rows``: the rows found chained, in id order, up to
+    ``last_id`` (written at ``last_at``), whose chain is ``head``. When a row breaks the
+    chain: ``broken_id`` (its time ``broken_at``) and ``problem`` in words; ``missing``: the
+    ids absent before it (first, last), when the break is a gap in the ids."""
+
+    rows: int
+    last_id: int | None
+    last_at: float | None
+    head: str | None
+    broken_id: int | None = None
+    broken_at: float | None = None
+    problem: str | None = None
+    missing: tuple[int, int] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.broken_id is None
+
+
+def verify_chain(db: Database) -> ChainCheck:
+    """Read the whole trail in id order, CHAIN_BATCH rows at a time (bounded memory, each
+    batch its own short read: a daemon writing meanwhile only adds rows after), recompute
+    each row's chain, and stop at the first row that does not match: its fields or its
+    chain changed, a row before it was removed (a gap in the ids) or rewritten, or it was
+    inserted. What it cannot see: rows removed from the end, or the whole table rewritten
+    with a chain made anew; the copies of the trail (journald, syslog) carry each row's
+    chain, and a head that differs from theirs tells."""
+    previous: str | None = None
+    expected, count = 1, 0
+    last: sqlite3.Row | None = None
+
+    def broken(row: sqlite3.Row, problem: str,
+               missing: tuple[int, int] | None = None) -> ChainCheck:
+        at = row["at"]  # a time an attacker wrote may not be one
+        return ChainCheck(count, last["id"] if last else None, last["at"] if last else None,
+                          previous, int(row["id"]),
+                          float(at) if isinstance(at, int | float) else None, problem, missing)
+
+    altered = "altered, removed or inserted after it was written"
+    for row in _chained_rows(lambda after: db.query(_CHAIN_SELECT, (after, CHAIN_BATCH))):
+        if row["id"] < expected:  # only below 1: the ids are read in order
+            return broken(row, f"{altered}: PAS numbers its rows from 1")
+        if row["id"] > expected:
+            missing = (expected, int(row["id"]) - 1)
+            gap = (f"row {missing[0]} is missing before it: removed after it was written"
+                   if missing[0] == missing[1] else f"rows {missing[0]} to {missing[1]} are "
+                   "missing before it: removed after they were written")
+            return broken(row, gap, missing)
+        try:
+            link = chain_link(previous, row)
+        except ValueError:  # a time of infinity: never one PAS writes
+            return broken(row, f"{altered}: its fields are not as PAS writes them")
+        if row["chain"] != link:
+            why = ("it has no chain (PAS writes one with every row)" if row["chain"] is None
+                   else "its chain does not match its fields and the row before it")
+            return broken(row, f"{altered}: {why}")
+        previous, last = link, row
+        expected, count = expected + 1, count + 1
+    return ChainCheck(count, last["id"] if last else None, last["at"] if last else None,
+                      previous)

@@ -41,7 +41,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from appliance.store.hub_schema import HUB_MIGRATIONS
-from appliance.store.schema import MIGRATIONS
+from appliance.store.schema import MIGRATIONS, data_step
 
 BUSY_TIMEOUT_MS = 30_000  # the daemon's: its writes ride over another's long transaction
 
@@ -455,6 +455,7 @@ class Database:
             for number, script in enumerate(migrations[version:], start=version + 1):
                 for statement in _split_statements(script):
                     conn.execute(statement)
+                data_step(conn, script)  # what SQL cannot do (migration 30: SHA-256)
                 conn.execute(f"PRAGMA user_version={number}")
             # A database a development build made may hold another definition of a
             # migration's index or trigger than this version's: brought to this version's,

@@ -2,10 +2,13 @@
 
 Owns: table definitions only. ``PRAGMA user_version`` records how many migrations ran; a
 migration is never edited once on main, a new one is appended (tests/test_migrations_frozen.py
-holds each one's digest). May not touch: data.
+holds each one's digest). May not touch: data (what a migration must do in Python is the
+owning module's code, named by :func:`data_step`).
 """
 
 from __future__ import annotations
+
+import sqlite3
 
 MIGRATIONS: list[str] = [
     # 1: the index (patient / study / series / instance), the job queue and the audit trail.
@@ -672,4 +675,26 @@ MIGRATIONS: list[str] = [
     UPDATE studies SET patient_values_provisional = 7
         WHERE (SELECT finished_at FROM header_backfill) IS NULL;
     """,
+    # 30 (the audit trail, appliance/store/audit.py): a hash chain. Each row's ``chain`` is
+    # the SHA-256 of the previous row's chain and of its own fields (audit.chain_link),
+    # written with the row; ``pas audit verify`` recomputes it. Anyone who could write the
+    # file could drop the append-only triggers and rewrite or delete rows unseen. The rows
+    # written before are chained in id order by this migration's data step
+    # (audit.chain_backfill, see data_step below: SQLite has no SHA-256), in batches. The
+    # UPDATE trigger of migration 1 forbids changing the chain as any other column.
+    """
+    ALTER TABLE audit ADD COLUMN chain TEXT;
+    """,
 ]
+
+
+def data_step(conn: sqlite3.Connection, script: str) -> None:
+    """What a migration does that SQL cannot, run by the migration runner
+    (:meth:`appliance.store.db.Database._migrate`) right after ``script``'s statements, in
+    the same transaction; the code is the owning module's. Migration 30: the chain of the
+    audit rows written before it (:func:`appliance.store.audit.chain_backfill`). Not run
+    by :mod:`appliance.store.schema_drift`'s reference (an empty database in memory)."""
+    if len(MIGRATIONS) >= 30 and script == MIGRATIONS[29]:
+        from appliance.store.audit import chain_backfill
+
+        chain_backfill(conn)

@@ -214,7 +214,9 @@ class SyslogTlsCollector:
         self.sock.close()
 
 
-HEADER = re.compile(r"^<(\d+)>1 (\S+) (\S+) pas (\d+) (\S+) - \ufeff(<AuditMessage.*)$", re.S)
+# The structured data: "-", or the row's place in the audit chain ([pasAuditChain@32473 ...]).
+HEADER = re.compile(r"^<(\d+)>1 (\S+) (\S+) pas (\d+) (\S+) (?:-|\[[^]]*\]) "
+                    r"\ufeff(<AuditMessage.*)$", re.S)
 
 
 def _by_msgid(messages: list[str], msgid: str) -> list[ET.Element]:
