@@ -277,10 +277,6 @@ def restore_hub_backup(home: Path, folder: Path, actor: str, force: bool = False
         raise RestoreRefused(f"{exc}. {NOTHING}") from None
     opening = home / OPENING
     try:
-        shutil.rmtree(opening, ignore_errors=True)  # a restore killed before left it, in clear
-        if manifest.get("sealed") is None:
-            return _restore(home, folder, folder, manifest, actor, at)
-        assert key is not None, "check_hub_backup refuses a sealed backup without its key"
         try:
             opened = open_sealed(folder, manifest, key, home)
         except SealedNotOpened as exc:
@@ -289,6 +285,8 @@ def restore_hub_backup(home: Path, folder: Path, actor: str, force: bool = False
                 raise RestoreRefused(f"{error}: restore an older backup. {NOTHING}") from None
             raise RestoreRefused(f"cannot open {folder} into {home} ("
                                  f"{error.strerror or error}): nothing restored") from None
+        if opened is None:  # a clear backup
+            return _restore(home, folder, folder, manifest, actor, at)
         contents = {**manifest, "files": opened}
         check_contents(folder, opening, contents)
         named = _name_opened(opening / DATABASE, folder, manifest, actor, home)

@@ -246,14 +246,20 @@ class SealedNotOpened(Exception):
         self.error = error
 
 
-def open_sealed(folder: Path, manifest: dict[str, Any], key: X25519PrivateKey,
-                home: Path) -> dict[str, dict[str, object]]:
-    """Open the sealed backup ``folder`` (its checked ``manifest``) with ``key`` into
-    ``home``'s private folder :data:`OPENING` (made 0700: the caller removed what a restore
-    killed before left there, and removes it after use), the same for ``pas restore`` and
-    ``pas hub restore``. Returns the opened files as a manifest's ``files`` names them.
-    Raises :class:`SealedNotOpened`, the opening removed, when one does not open."""
+def open_sealed(folder: Path, manifest: dict[str, Any], key: X25519PrivateKey | None,
+                home: Path) -> dict[str, dict[str, object]] | None:
+    """Open the backup ``folder`` (its checked ``manifest``), if sealed, with ``key`` into
+    ``home``'s private folder :data:`OPENING`, the same for ``pas restore`` and ``pas hub
+    restore``, the home's lock held. First removes what a restore killed before left there
+    (in clear), whatever the backup; the caller removes it again after use. Returns the
+    opened files as a manifest's ``files`` names them; None for a clear backup (nothing
+    opened: put back from ``folder``). Raises :class:`SealedNotOpened`, the opening
+    removed, when one does not open."""
     opening = home / OPENING
+    shutil.rmtree(opening, ignore_errors=True)
+    if manifest.get("sealed") is None:
+        return None
+    assert key is not None, "the restore's checks refuse a sealed backup without its key"
     try:
         opening.mkdir(mode=0o700)
         return open_folder(folder, sorted(manifest["files"]), key, opening,
@@ -278,10 +284,6 @@ def restore_backup(settings: Settings, folder: Path, actor: str,
     lock = hold_home_lock(home)
     try:
         opening = home / OPENING
-        _remove(opening)  # a restore killed before left it, in clear
-        if manifest.get("sealed") is None:
-            return _put_back(settings, folder, folder, manifest, actor, at)
-        assert key is not None, "check_backup refuses a sealed backup without its key"
         try:
             files = open_sealed(folder, manifest, key, home)
         except SealedNotOpened as exc:
@@ -290,6 +292,8 @@ def restore_backup(settings: Settings, folder: Path, actor: str,
                                      "restored") from None
             raise RestoreRefused(f"cannot open {folder} into {home} "
                                  f"({_reason(exc.error, home)}): {_LEFT_AS_IT_WAS}") from None
+        if files is None:  # a clear backup
+            return _put_back(settings, folder, folder, manifest, actor, at)
         try:
             check_index(folder, opening / "pas.sqlite", manifest)
             done = _put_back(settings, folder, opening, {**manifest, "files": files}, actor,
