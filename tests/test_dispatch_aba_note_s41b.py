@@ -16,35 +16,18 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
-
-from appliance.store.jobs import LEFT_OUT, WAITING_FOR_LINK
-from tests.support.configs import BACKOFF_QUICK, ct1_to
-from tests.support.peers import StoreSCP, read_rows, storescu, wait_for
+from appliance.store.jobs import LEFT_OUT
+from tests.support.dispatch_steps import ct1_queued_then_corrected
+from tests.support.peers import read_rows, storescu, wait_for
 from tests.test_ingest import dataset_part, sop_uid
 from tests.test_routing import CT_PATIENT
 
 
 def test_a_version_current_again_is_not_named_as_left_out(pas_factory: Any,
                                                          tmp_path: Path) -> None:
-    scp = StoreSCP(tmp_path / "pacs", ae_title="PACS")  # its port chosen, not started yet
-    config = ct1_to(tmp_path / "appliance.toml", scp, queue=BACKOFF_QUICK)
-    pas = pas_factory({"PAS_CONFIG": str(config), "PAS_DICOM__ACCEPT_UNKNOWN": "true",
-                       "PAS_STUDY__STABLE_AFTER_S": "0.5"})
-    database = pas.home / "pas.sqlite"
-
-    def jobs() -> list[dict[str, Any]]:
-        return [dict(r) for r in read_rows(database, "SELECT * FROM jobs ORDER BY id")]
-
-    storescu(CT_PATIENT, pas.port, calling="CT1")
-    wait_for(lambda: jobs() and (jobs()[0]["last_error"] or "").startswith(WAITING_FOR_LINK),
-             60, what="the job to the PACS waiting for it")
-    corrected = dcmread(CT_PATIENT[0])
-    corrected.ImageComments = "corrected at the QA workstation"
-    correction = tmp_path / "correction.dcm"
-    corrected.save_as(correction)
-    uid = str(corrected.SOPInstanceUID)
-    storescu(correction, pas.port, calling="QA_WS")
+    corrected = ct1_queued_then_corrected(pas_factory, tmp_path, CT_PATIENT)
+    scp, pas, uid, jobs = corrected.scp, corrected.pas, corrected.uid, corrected.jobs
+    database = corrected.database
     wait_for(lambda: LEFT_OUT in (jobs()[0]["progress"] or ""), 60,
              what="an attempt leaving A out")
     storescu(CT_PATIENT[0], pas.port, calling="CT1")  # A again: current again

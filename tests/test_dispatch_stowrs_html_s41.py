@@ -15,25 +15,23 @@ Sequence). PAS is the real daemon, fed by DCMTK's storescu.
 
 from __future__ import annotations
 
-import json
-import textwrap
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydicom import dcmread
 
+from tests.support.configs import BACKOFF_QUICK, everything_to_stowrs
+from tests.support.dispatch_steps import start_pas
 from tests.support.peers import read_rows, storescu, wait_for
-from tests.support.refusing_archive import _parts, _uids
-from tests.support.serving import serve_in_thread
+from tests.support.stowrs_archive import StowArchive
 from tests.test_routing import CT_PATIENT
 
 LOGIN_PAGE = b"<!doctype html>\n<html><body>Please sign in</body></html>"
 
 
-class LoginPageArchive:
+class LoginPageArchive(StowArchive):
     """Answers each STOW-RS POST 200 ``text/html`` (the login page) until ``signed_in`` is
     set, then stores the instances and lists them as referenced. ``pages``: the POSTs the
     page answered; ``stored``: the SOP Instance UIDs stored."""
@@ -41,56 +39,26 @@ class LoginPageArchive:
     def __init__(self, answer: str = "json") -> None:
         self.signed_in = threading.Event()
         self.pages = 0
-        self.stored: list[str] = []
-        self.lock = threading.Lock()
-        archive = self
+        self.format = answer
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _send(self, body: bytes, content_type: str) -> None:
-                self.send_response(200)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                if not archive.signed_in.is_set():
-                    with archive.lock:
-                        archive.pages += 1
-                    self._send(LOGIN_PAGE, "text/html; charset=utf-8")
-                    return
-                uids = [_uids(part)[2] for part in _parts(self.headers["Content-Type"], body)]
-                with archive.lock:
-                    archive.stored.extend(uids)
-                if answer == "xml":  # PS3.19's Native DICOM Model, the Accept ignored
-                    items = "".join(f'<Item number="{n}"><DicomAttribute tag="00081155" '
-                                    f'vr="UI" keyword="ReferencedSOPInstanceUID"><Value '
-                                    f'number="1">{uid}</Value></DicomAttribute></Item>'
-                                    for n, uid in enumerate(uids, 1))
-                    self._send(f'<?xml version="1.0"?><NativeDicomModel><DicomAttribute '
-                               f'tag="00081199" vr="SQ">{items}</DicomAttribute>'
-                               "</NativeDicomModel>".encode(), "application/dicom+xml")
-                elif answer == "blank":
-                    self._send(b"\r\n", "text/plain")
-                else:
-                    listed = {"00081199": {"vr": "SQ", "Value": [
-                        {"00081155": {"vr": "UI", "Value": [uid]}} for uid in uids]}}
-                    self._send(json.dumps(listed).encode(), "application/dicom+json")
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/dicom-web"
-        serve_in_thread(self.server)
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def answer(self, uids: list[str]) -> tuple[bytes, str]:
+        if not self.signed_in.is_set():
+            with self.lock:
+                self.pages += 1
+            return LOGIN_PAGE, "text/html; charset=utf-8"
+        listed = super().answer(uids)
+        if self.format == "xml":  # PS3.19's Native DICOM Model, the Accept ignored
+            items = "".join(f'<Item number="{n}"><DicomAttribute tag="00081155" '
+                            f'vr="UI" keyword="ReferencedSOPInstanceUID"><Value '
+                            f'number="1">{uid}</Value></DicomAttribute></Item>'
+                            for n, uid in enumerate(uids, 1))
+            return (f'<?xml version="1.0"?><NativeDicomModel><DicomAttribute '
+                    f'tag="00081199" vr="SQ">{items}</DicomAttribute>'
+                    "</NativeDicomModel>".encode(), "application/dicom+xml")
+        if self.format == "blank":
+            return b"\r\n", "text/plain"
+        return listed
 
 
 def test_a_login_page_answered_200_is_not_taken_for_stored(pas_factory: Any,
@@ -99,23 +67,9 @@ def test_a_login_page_answered_200_is_not_taken_for_stored(pas_factory: Any,
     instance marked sent (the archive never stored one)."""
     archive = LoginPageArchive()
     try:
-        config = tmp_path / "appliance.toml"
-        config.write_text(textwrap.dedent(f"""
-            [queue]
-            poll_interval_s = 0.1
-            max_attempts = 50
-            backoff_initial_s = 0.2
-            backoff_max_s = 0.5
-
-            [routing.fallback]
-            destinations = ["archive"]
-
-            [destinations.archive]
-            kind = "stowrs"
-            url = "{archive.url}"
-            """))
-        pas = pas_factory({"PAS_CONFIG": str(config), "PAS_DICOM__ACCEPT_UNKNOWN": "true",
-                           "PAS_STUDY__STABLE_AFTER_S": "0.5"})
+        config = everything_to_stowrs(tmp_path / "appliance.toml", archive.url,
+                                      queue="max_attempts = 50\n" + BACKOFF_QUICK)
+        pas = start_pas(pas_factory, config)
         database = pas.home / "pas.sqlite"
         storescu(CT_PATIENT, pas.port)
 
@@ -159,20 +113,8 @@ def test_a_200_in_dicom_xml_or_blank_is_all_stored(pas_factory: Any, tmp_path: P
     archive = LoginPageArchive(answer)
     archive.signed_in.set()
     try:
-        config = tmp_path / "appliance.toml"
-        config.write_text(textwrap.dedent(f"""
-            [queue]
-            poll_interval_s = 0.1
-
-            [routing.fallback]
-            destinations = ["archive"]
-
-            [destinations.archive]
-            kind = "stowrs"
-            url = "{archive.url}"
-            """))
-        pas = pas_factory({"PAS_CONFIG": str(config), "PAS_DICOM__ACCEPT_UNKNOWN": "true",
-                           "PAS_STUDY__STABLE_AFTER_S": "0.5"})
+        pas = start_pas(pas_factory,
+                        everything_to_stowrs(tmp_path / "appliance.toml", archive.url))
         database = pas.home / "pas.sqlite"
         storescu(CT_PATIENT, pas.port)
         wait_for(lambda: [r["state"] for r in read_rows(database, "SELECT state FROM jobs")]

@@ -15,11 +15,11 @@ storescu as the modality and DCMTK's storescp as the PACS.
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 from typing import Any
 
 from appliance.store.jobs import WAITING_FOR_LINK
+from tests.support.configs import BACKOFF_QUICK, ct_to_named
 from tests.support.peers import PasProcess, StoreSCP, read_rows, run_pas, storescu, wait_for
 from tests.test_ingest import sop_uid
 from tests.test_routing import CT_PATIENT
@@ -29,24 +29,7 @@ WAITING_FOR_CONFIG = "waiting for the configuration: "  # jobs.WAITING_FOR_CONFI
 
 
 def _write(config: Path, name: str, port: int) -> None:
-    config.write_text(textwrap.dedent(f"""
-        [queue]
-        poll_interval_s = 0.1
-        max_attempts = {MAX_ATTEMPTS}
-        backoff_initial_s = 0.2
-        backoff_max_s = 0.5
-
-        [[routing.rules]]
-        name = "CT to PACS"
-        match = {{ modality = "^CT$" }}
-        destinations = ["{name}"]
-
-        [destinations.{name}]
-        kind = "dicom"
-        ae_title = "PACS"
-        host = "127.0.0.1"
-        port = {port}
-        """))
+    ct_to_named(config, name, port, queue=f"max_attempts = {MAX_ATTEMPTS}\n" + BACKOFF_QUICK)
 
 
 def _job(pas: PasProcess) -> dict[str, Any]:

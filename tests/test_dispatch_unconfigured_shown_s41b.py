@@ -13,35 +13,19 @@ DCMTK's storescu as the modality; the PACS is never up.
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 from typing import Any
 
 from appliance.config import load_settings
 from appliance.ops.heartbeat import build_heartbeat
 from appliance.store.db import Database
+from tests.support.configs import BACKOFF_QUICK, ct_to_named
 from tests.support.peers import closed_port, read_rows, storescu, wait_for
 from tests.test_routing import CT_PATIENT
 
 
 def _write(config: Path, name: str, port: int) -> None:
-    config.write_text(textwrap.dedent(f"""
-        [queue]
-        poll_interval_s = 0.1
-        backoff_initial_s = 0.2
-        backoff_max_s = 0.5
-
-        [[routing.rules]]
-        name = "CT to PACS"
-        match = {{ modality = "^CT$" }}
-        destinations = ["{name}"]
-
-        [destinations.{name}]
-        kind = "dicom"
-        ae_title = "PACS"
-        host = "127.0.0.1"
-        port = {port}
-        """))
+    ct_to_named(config, name, port, queue=BACKOFF_QUICK)
 
 
 def test_jobs_waiting_for_an_unconfigured_destination_are_shown(pas_factory: Any,

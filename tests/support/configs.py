@@ -46,6 +46,28 @@ def everything_to(path: Path, node: _Node, *, timeout_s: float = 30,
 BACKOFF_QUICK = "backoff_initial_s = 0.2\nbackoff_max_s = 0.5\n"
 
 
+def _quick_queue(queue: str) -> str:
+    """A ``[queue]`` section polled every 0.1 s, with ``queue``'s keys (one a line)."""
+    return "[queue]\npoll_interval_s = 0.1\n" + textwrap.dedent(queue)
+
+
+def _ct_rule_to(match: str, name: str, ae_title: str, port: int) -> str:
+    """One rule, "CT to PACS", sending what ``match`` matches to the DICOM node
+    ``ae_title`` on 127.0.0.1:``port``, as destination ``name``."""
+    return textwrap.dedent(f"""
+        [[routing.rules]]
+        name = "CT to PACS"
+        match = {{ {match} }}
+        destinations = ["{name}"]
+
+        [destinations.{name}]
+        kind = "dicom"
+        ae_title = "{ae_title}"
+        host = "127.0.0.1"
+        port = {port}
+        """)
+
+
 def ct1_to(path: Path, node: _Node, *, queue: str = "", timeout_s: float | None = None
            ) -> Path:
     """Write at ``path`` a configuration sending what AE ``CT1`` sends (one rule, "CT to
@@ -53,17 +75,31 @@ def ct1_to(path: Path, node: _Node, *, queue: str = "", timeout_s: float | None 
     send (a QA workstation's correction) goes nowhere. ``queue``: the ``[queue]`` keys, one
     a line, ``poll_interval_s = 0.1`` always among them. Returns ``path``."""
     timeout = "" if timeout_s is None else f"timeout_s = {timeout_s:g}\n"
-    path.write_text("[queue]\npoll_interval_s = 0.1\n" + textwrap.dedent(queue)
-                    + textwrap.dedent(f"""
-        [[routing.rules]]
-        name = "CT to PACS"
-        match = {{ calling_ae = "^CT1$" }}
-        destinations = ["pacs"]
+    path.write_text(_quick_queue(queue) + _ct_rule_to('calling_ae = "^CT1$"', "pacs",
+                                                      node.ae_title, node.port) + timeout)
+    return path
 
-        [destinations.pacs]
-        kind = "dicom"
-        ae_title = "{node.ae_title}"
-        host = "127.0.0.1"
-        port = {node.port}
-        """) + timeout)
+
+def ct_to_named(path: Path, name: str, port: int, *, queue: str = "") -> Path:
+    """Write at ``path`` a configuration sending every CT (one rule, "CT to PACS") to the
+    DICOM node ``PACS`` on 127.0.0.1:``port``, as the destination called ``name``: written
+    again with another ``name``, the queued jobs name a destination it no longer has.
+    ``queue``: the ``[queue]`` keys, one a line, ``poll_interval_s = 0.1`` always among
+    them. Returns ``path``."""
+    path.write_text(_quick_queue(queue) + _ct_rule_to('modality = "^CT$"', name, "PACS", port))
+    return path
+
+
+def everything_to_stowrs(path: Path, url: str, *, queue: str = "") -> Path:
+    """Write at ``path`` a configuration routing every study (the fallback rule) to the
+    STOW-RS archive at ``url``, as destination ``archive``. ``queue``: the ``[queue]`` keys,
+    one a line, ``poll_interval_s = 0.1`` always among them. Returns ``path``."""
+    path.write_text(_quick_queue(queue) + textwrap.dedent(f"""
+        [routing.fallback]
+        destinations = ["archive"]
+
+        [destinations.archive]
+        kind = "stowrs"
+        url = "{url}"
+        """))
     return path
