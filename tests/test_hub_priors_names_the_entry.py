@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from http.server import ThreadingHTTPServer
 from typing import Any
 
 import pytest
 
-from tests.support.hub import HubProcess, client, enroll
-from tests.support.serving import serve_in_thread
-from tests.test_hub_priors_bounds import Archive
+from tests.support.hub import client
+from tests.support.priors_archive import Archive, priors_hub
 
 LONG = "A" + "0" * 64  # 65 characters
 RULE = {"priors": 2}
@@ -29,19 +27,8 @@ RULE = {"priors": 2}
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A real ``pas hub run`` over a stand-in QIDO-RS archive, and an enrolled site."""
-    root = tmp_path_factory.mktemp("priors-entry")
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Archive)
-    serve_in_thread(server)
-    hub = HubProcess(root / "hub", {
-        "PAS_HUB_ARCHIVE__KIND": "dicomweb",
-        "PAS_HUB_ARCHIVE__URL": f"http://127.0.0.1:{server.server_port}/dicom-web"})
-    try:
-        hub.init().start()
-        yield {"hub": hub, "site": enroll(hub, root / "site", "SITE-E")}
-    finally:
-        hub.stop()
-        server.shutdown()
-        server.server_close()
+    with priors_hub(tmp_path_factory.mktemp("priors-entry"), "SITE-E") as hub:
+        yield hub
 
 
 GOOD = [{"patient_id": f"P{n}", "rule": RULE} for n in range(3)]
