@@ -61,6 +61,15 @@ class LoginPageArchive(StowArchive):
         return listed
 
 
+def _assert_all_stored(archive: StowArchive, database: Path) -> None:
+    """The archive stored every instance of the study, each marked sent."""
+    expected = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+                for p in CT_PATIENT}
+    assert set(archive.stored) == expected
+    assert read_rows(database, "SELECT count(*) AS n FROM job_instances "
+                               "WHERE sent_at IS NOT NULL")[0]["n"] == len(expected)
+
+
 def test_a_login_page_answered_200_is_not_taken_for_stored(pas_factory: Any,
                                                            tmp_path: Path) -> None:
     """Before the fix the first POST's login page ended the job ``done`` with every
@@ -94,11 +103,7 @@ def test_a_login_page_answered_200_is_not_taken_for_stored(pas_factory: Any,
         wait_for(lambda: (j := job()) is not None and j["state"] == "done", 60,
                  what="the job delivered once the archive answers")
         assert archive.pages >= 1
-        expected = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
-                    for p in CT_PATIENT}
-        assert set(archive.stored) == expected
-        assert read_rows(database, "SELECT count(*) AS n FROM job_instances "
-                                   "WHERE sent_at IS NOT NULL")[0]["n"] == len(expected)
+        _assert_all_stored(archive, database)
     finally:
         archive.stop()
 
@@ -121,10 +126,6 @@ def test_a_200_in_dicom_xml_or_blank_is_all_stored(pas_factory: Any, tmp_path: P
                  == ["done"], 60, what="the job done")
         [job] = read_rows(database, "SELECT attempts, last_error FROM jobs")
         assert (job["attempts"], job["last_error"]) == (1, None)
-        expected = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
-                    for p in CT_PATIENT}
-        assert set(archive.stored) == expected
-        assert read_rows(database, "SELECT count(*) AS n FROM job_instances "
-                                   "WHERE sent_at IS NOT NULL")[0]["n"] == len(expected)
+        _assert_all_stored(archive, database)
     finally:
         archive.stop()
