@@ -80,6 +80,22 @@ _FORWARDED = {
 # region's row lacks the attribute). qr.py answers such a row 0xFF01, as for a key PAS does
 # not match (PS3.4 C.4.1.1.4: 0xFF00 says every key was applied).
 UNAPPLIED = "_pas_unapplied"
+# A PATIENT search is a study search on the patient's keys (QIDO-RS has no patient resource),
+# its rows grouped into patients by qr_region.py. These are named in ``includefield``: the
+# patient's identity and values (Orthanc 1.10 leaves IssuerOfPatientID out of "all"), the
+# study date that picks the newest study's values, and the counts summed per patient.
+PATIENT_KEYS = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate",
+                "PatientSex")
+_PATIENT_FIELDS = ("IssuerOfPatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+                   "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances")
+
+
+class RegionAnswer(list[dict[str, Any]]):
+    """The region's matching rows; ``cut``: the region answered as many rows as the
+    ``limit`` asked (more may match: a PATIENT search then cannot tell it has every patient,
+    nor every study of the last ones)."""
+
+    cut = False
 
 
 class FetchThrough:
@@ -226,6 +242,10 @@ class RegionFind:
     answer is read up to ``MAX_ANSWER_BYTES`` (transfer/region.py), past which RegionError.
     A broad key (``PatientName=*``) once read and parsed the region's whole study list.
 
+    A PATIENT search is ``studies`` with the query's patient keys (:data:`PATIENT_KEYS`),
+    the same limit, its answer the studies (the caller groups them per patient); ``cut``
+    when the region gave as many as the limit.
+
     The keys are the C-FIND's, as the index matches them (appliance/store/query.py): a list
     (``CT\\MR``, several UIDs) goes out in QIDO-RS's form (commas, PS3.18 8.3.4.1): sent with
     its backslash, the region matched none of its studies and the answer ended Success as if
@@ -241,21 +261,28 @@ class RegionFind:
         self.pn_case_sensitive = pn_case_sensitive  # serving.pn_case_sensitive, as locally
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="pas-region-find")
 
-    def __call__(self, level: str, keys: dict[str, str]) -> list[dict[str, Any]]:
+    def __call__(self, level: str, keys: dict[str, str]) -> RegionAnswer:
         path = _search_path(level, keys)
         if path is None:
-            return []
+            return RegionAnswer()
+        fields: tuple[str, ...] = ()
+        if level == "PATIENT":
+            # Its other keys (NumberOfPatientRelatedStudies=2) are not a study's: the caller
+            # answers the region's patients 0xFF01 when one is given a value.
+            keys = {k: v for k, v in keys.items() if k in PATIENT_KEYS}
+            level, fields = "STUDY", _PATIENT_FIELDS
         params, held = _region_params(level, keys)
         query: dict[str, Any] = dict(params)
         # The keys held back are named too: "all" is not every attribute to every archive
         # (Orthanc 1.10 leaves StudyDescription out of it, answers it when named).
-        query["includefield"] = ["all", *held]
+        query["includefield"] = ["all", *held, *(f for f in fields if f not in held)]
+        limit = 0
         if self.max_results and not held:
             # With a key held back, the first max_results + 1 rows the region matched on the
             # others may all fail it while a later one passes: asked with the limit, such a
             # study was missing and the answer ended Success, nothing said truncated (review
             # s40/2a). Without it the answer is bounded by its bytes (MAX_ANSWER_BYTES).
-            query["limit"] = self.max_results + 1
+            limit = query["limit"] = self.max_results + 1
         # Wildcards stay literal: some archives (Orthanc) take "%2A" for a plain character.
         path += "?" + urlencode(query, doseq=True, safe="*?^,")
         future = self.pool.submit(self.client.qido, path, None)
@@ -264,7 +291,8 @@ class RegionFind:
         except FutureTimeout:
             future.cancel()  # if it has not started: no search piles up behind a dead link
             raise RegionError(f"no answer within {self.timeout_s} s") from None
-        answers = []
+        answers = RegionAnswer()
+        answers.cut = bool(limit) and len(rows) >= limit
         for row in rows:
             values = _keywords(row)
             unapplied = []
@@ -288,12 +316,19 @@ def _one_uid(value: str | None) -> str | None:
     return value if value and store_query.is_uid(value) else None
 
 
+def searches_region(level: str, keys: dict[str, str]) -> bool:
+    """Whether a C-FIND at ``level`` with ``keys`` is one the region is asked
+    (:class:`RegionFind`): a SERIES or IMAGE search not scoped to one study (and series) is
+    not, and asking the index for what the merge needs would be wasted."""
+    return _search_path(level, keys) is not None
+
+
 def _search_path(level: str, keys: dict[str, str]) -> str | None:
     """The QIDO-RS resource searched for a C-FIND at ``level``, or None when the region is
     not asked: a SERIES search names one study, an IMAGE search one study and one series (a
     Study Root query does, PS3.4 C.4.1.2.1: the unique keys of the levels above); a PATIENT
-    search has no QIDO-RS resource."""
-    if level == "STUDY":
+    search is a study search (QIDO-RS has no patient resource), grouped per patient."""
+    if level in ("STUDY", "PATIENT"):
         return "studies"
     study = _one_uid(keys.get("StudyInstanceUID"))
     if level == "SERIES" and study:

@@ -2,8 +2,8 @@
 
 Owns: registering the Q/R contexts and handlers on the ingest AE, the C-FIND handler (turning
 its identifier into a call on :mod:`appliance.store.query`, answering from the index and, with
-``query_region``, from the region: a STUDY query merged per study, a SERIES or IMAGE query
-when nothing here matched) and the audit row of every query and retrieve. Reading the
+``query_region``, from the region: each answer once, merged per patient, study, series or
+instance, ``qr_region.py``) and the audit row of every query and retrieve. Reading the
 identifier and building a C-FIND answer's, character set included, are
 ``qr_identifiers.py``'s; encoding and sending each answer ``qr_answers.py``'s; the C-MOVE and
 C-GET handlers ``qr_retrieve.py``'s; the associations (the peer, a C-MOVE's sub-association)
@@ -13,7 +13,6 @@ May not touch: SQL, spool writes.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import re
@@ -37,7 +36,8 @@ from appliance.config import DicomTlsSection, ServingSection
 from appliance.dicomnet.contexts import add_supported_contexts
 from appliance.ingest.policy import TRANSFER_SYNTAXES
 from appliance.ingest.scp import DicomListener
-from appliance.serving.fetch import UNAPPLIED
+from appliance.serving import qr_region
+from appliance.serving.fetch import UNAPPLIED, RegionAnswer, searches_region
 from appliance.serving.qr_answers import (
     PENDING,
     PENDING_UNMATCHED,
@@ -142,16 +142,19 @@ class QueryRetrieveService:
         answer_unapplied = answerer(event, encoder, PENDING_UNMATCHED)
         count = 0
         note = None
-        ask_region = self.region_find is not None and level in ("STUDY", "SERIES", "IMAGE")
-        # STUDY: the region is asked first, so that a study it holds more of than is here is
-        # answered once, merged (_merged: its counts and modalities, NEARLINE), whichever
-        # keys were asked. The local row was answered ONLINE with the local part's counts
-        # and the region's dropped; asked by another key that the local part did not match,
-        # the same study came back NEARLINE with the region's.
-        regional: dict[str, dict[str, Any]] = {}
-        local_keys = {"StudyInstanceUID": "", **keys}
-        if ask_region and level == "STUDY":  # the local count, to compare with the region's
-            local_keys.setdefault("NumberOfStudyRelatedInstances", "")
+        # Every level asks the region (a SERIES or IMAGE search scoped to one study and
+        # series, a PATIENT search as a study search on its patient keys), first, so that
+        # what it holds more of than is here is answered once, merged (qr_region.merged:
+        # the region's counts, NEARLINE), whichever keys were asked, and what only it holds
+        # is answered too. A STUDY's local row was answered ONLINE with the local part's
+        # counts and the region's dropped; SERIES and IMAGE asked the region only when
+        # nothing here matched, so a study held in part listed the series held here only;
+        # PATIENT never asked it: a patient whose studies were all evicted was not found.
+        ask_region = self.region_find is not None and searches_region(level, keys)
+        regional: dict[Any, Any] = {}
+        held: dict[str, tuple[int, int]] = {}  # PATIENT: the region's studies held here
+        local_keys = qr_region.local_keys(level, keys, ask_region)
+        unique = qr_region.UNIQUE_KEY.get(level, "")
         truncated = False
         ended = "failure: the association ended before the last match was sent"
         try:
@@ -172,8 +175,11 @@ class QueryRetrieveService:
             # The first page read before the region is asked: a key the index refuses
             # (0xA900) is refused without a WAN round trip.
             first = next(pages, [])
-            if ask_region and level == "STUDY":
+            if ask_region:
                 regional, note = self._ask_region(level, keys, note)
+            if level == "PATIENT" and regional:
+                held = qr_region.held_studies(
+                    self.db, [uid for patient in regional.values() for uid in patient.studies])
             rows = (values for page in chain([first], pages) for values in page)
             for values in rows:
                 if cap is not None and count == cap:
@@ -188,8 +194,12 @@ class QueryRetrieveService:
                     audit_query(calling, address, summary, "cancelled", count)
                     yield CANCELLED, None
                     return
-                there = regional.pop(values.get("StudyInstanceUID") or "", None)
-                values, availability = _merged(values, there)
+                if level == "PATIENT":
+                    values, availability = qr_region.patient_merged(
+                        values, regional.pop(qr_region.patient_key(values), None), held)
+                else:
+                    values, availability = qr_region.merged(
+                        level, values, regional.pop(values.get(unique) or "", None))
                 if not (yield from answer(values, availability)):
                     rows.close()
                     audit_query(calling, address, summary, ended, count)
@@ -200,17 +210,13 @@ class QueryRetrieveService:
             audit_query(calling, address, summary, f"failure: {exc}", count)
             yield _failure(IDENTIFIER_DOES_NOT_MATCH, str(exc)), None
             return
-        # SERIES and IMAGE: the region is asked when nothing here matched (a study listed
-        # NEARLINE had no series under it); a study held here is browsed as held.
-        if ask_region and level != "STUDY" and count == 0:
-            regional, note = self._ask_region(level, keys, note)
         # The local matches already cut at max_results: the region's rows would only go past
         # the cap.
         unapplied: set[str] = set()
-        here = self._held_counts(list(regional)) if level == "STUDY" and not truncated \
-            else {}
+        here = qr_region.held_counts(self.db, level, list(regional)) \
+            if regional and level != "PATIENT" and not truncated else {}
         if not truncated:
-            for values in regional.values():
+            for key, there in regional.items():
                 # A cancel read while the region was asked ends the answer as one read during
                 # the local matches does (it sent none of the region's, then Success).
                 if event.is_cancelled:
@@ -223,10 +229,15 @@ class QueryRetrieveService:
                     log.warning("C-FIND from %s: %s (%s, with the region's)", calling, cut,
                                 summary)
                     break
-                held_back = values.get(UNAPPLIED) or []
+                if level == "PATIENT":
+                    values, whole = qr_region.patient_answer(there, held)
+                    held_back = sorted(there.unapplied)
+                else:
+                    values = there
+                    held_back = values.get(UNAPPLIED) or []
+                    whole = qr_region.whole_here(level, here.get(key), values)
                 availability = "NEARLINE"
-                if level == "STUDY" and _whole_here(here.get(values["StudyInstanceUID"]),
-                                                    values):
+                if whole:
                     # Every instance of it is here and the index did not match it: a key it
                     # applied and the region did not (SOPClassesInStudy) left it out, or the
                     # region matched it and it is answered as it is held, ONLINE (it was
@@ -258,10 +269,11 @@ class QueryRetrieveService:
             audit_query(calling, address, summary, "success", count, note)
 
     def _ask_region(self, level: str, keys: dict[str, str], note: str | None
-                    ) -> tuple[dict[str, dict[str, Any]], str | None]:
-        """The region's matches by their level's UID (in the region's order), and the note
-        with "region not asked" when it could not be (the WAN down: answered from local
-        data, and the audit row says so)."""
+                    ) -> tuple[dict[Any, Any], str | None]:
+        """The region's matches by their level's UID (in the region's order), a PATIENT
+        search's by patient (qr_region.RegionPatient), and the note with "region not asked"
+        when it could not be (the WAN down: answered from local data, and the audit row says
+        so)."""
         assert self.region_find is not None
         try:
             rows = self.region_find(level, keys)
@@ -269,7 +281,17 @@ class QueryRetrieveService:
             note = "; ".join(filter(None, [note, f"region not asked: {exc}"]))
             log.info("C-FIND: region not asked: %s", exc)
             return {}, note
-        unique = _UNIQUE_KEY[level]
+        if level == "PATIENT":
+            if isinstance(rows, RegionAnswer) and rows.cut:
+                # Asked max_results + 1 studies and given as many: patients past them (and
+                # the other studies of the last ones) are not known. Answered as far as
+                # known, ending Success as a cut at max_results does, and audited so.
+                cut = (f"truncated: the region answered {len(rows)} studies, its limit "
+                       f"(serving.max_results + 1): patients past them not listed")
+                note = "; ".join(filter(None, [note, cut]))
+                log.warning("C-FIND: %s", cut)
+            return qr_region.region_patients(rows, keys), note
+        unique = qr_region.UNIQUE_KEY[level]
         # A region need not return the levels above in a series or instance search (PS3.18):
         # the UIDs the query pinned are its answers' too (a row without one raised KeyError,
         # answered 0xC311, review s40/2a).
@@ -280,22 +302,6 @@ class QueryRetrieveService:
                 row.setdefault(key, value)
         # A row without its UID could not be told from another, nor retrieved: not answered.
         return {str(row[unique]): row for row in rows if row.get(unique)}, note
-
-    def _held_counts(self, study_uids: list[str]) -> dict[str, int]:
-        """How many instances of each of ``study_uids`` are here (those held), asked in
-        lists of ``FIND_PAGE`` UIDs (List of UID Matching: one SQL variable each)."""
-        counts: dict[str, int] = {}
-        # A UID the index would refuse (a letter in it, over 64 characters) is held nowhere
-        # here; asked, its QueryError failed the whole C-FIND (0xC311, no audit row; review
-        # s40/2a).
-        study_uids = [uid for uid in study_uids if store_query.is_uid(uid)]
-        for at in range(0, len(study_uids), FIND_PAGE):
-            keys = {"StudyInstanceUID": "\\".join(study_uids[at:at + FIND_PAGE]),
-                    "NumberOfStudyRelatedInstances": ""}
-            for row in store_query.find(self.db, "STUDY", keys):
-                counts[str(row["StudyInstanceUID"])] = int(
-                    row.get("NumberOfStudyRelatedInstances") or 0)
-        return counts
 
     def _audit(self, event: str, calling: str, address: str, target: str | None,
                outcome: str, count: int | None = None, detail: str | None = None,
@@ -311,54 +317,6 @@ class QueryRetrieveService:
                          query=query, query_syntax=query_syntax)
         except Exception:  # the audit must not take a viewer's association down
             log.exception("audit record failed")
-
-
-# The unique key of each level the region is asked at (PS3.4 C.4.1.2.1).
-_UNIQUE_KEY = {"STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID",
-               "IMAGE": "SOPInstanceUID"}
-
-
-def _merged(here: dict[str, Any], there: dict[str, Any] | None
-            ) -> tuple[dict[str, Any], str]:
-    """A study matched here, with the region's row of it (None: the region was not asked,
-    did not answer, or does not list it): (its values, its InstanceAvailability).
-
-    When the region counts more instances of it than are here (a series added at the region
-    after the study was cached, a prefetch still running), the study is answered with the
-    region's counts and the modalities and SOP classes of both, NEARLINE: PS3.4 C.4.1.2 has
-    ONLINE for instances "immediately available", and the rest of this study is fetched from
-    the region on retrieve (fetch-through), as a study held only there is. Otherwise (the
-    region holds no more, or gives no count) it is the local row, ONLINE."""
-    if there is None:
-        return here, "ONLINE"
-    try:
-        count_here = int(here.get("NumberOfStudyRelatedInstances") or 0)
-        count_there = int(there.get("NumberOfStudyRelatedInstances") or 0)
-    except ValueError:
-        return here, "ONLINE"
-    if count_there <= count_here:
-        return here, "ONLINE"
-    merged = dict(here)
-    merged["NumberOfStudyRelatedInstances"] = count_there
-    with contextlib.suppress(ValueError):
-        merged["NumberOfStudyRelatedSeries"] = max(
-            int(here.get("NumberOfStudyRelatedSeries") or 0),
-            int(there.get("NumberOfStudyRelatedSeries") or 0))
-    for keyword in ("ModalitiesInStudy", "SOPClassesInStudy"):
-        codes = {v for row in (here, there) for v in str(row.get(keyword) or "").split("\\")}
-        if codes - {""}:
-            merged[keyword] = "\\".join(sorted(codes - {""}))
-    return merged, "NEARLINE"
-
-
-def _whole_here(count_here: int | None, there: dict[str, Any]) -> bool:
-    """Whether a study of the region's answer is held here whole: as many instances here
-    as the region counts, or more (a region giving no count: not whole, it says nothing)."""
-    try:
-        return count_here is not None and count_here >= int(
-            there.get("NumberOfStudyRelatedInstances") or count_here + 1)
-    except ValueError:
-        return False
 
 
 # C-FIND matches read from the index at a time (store_query.find_pages): no read snapshot
