@@ -7,11 +7,13 @@ PAS := $(VENV)/bin/pas
 # regional PACS, Chromium for pages).
 TEST_APT := dcmtk orthanc orthanc-dicomweb chromium chromium-driver iproute2 libsystemd-dev pkg-config prometheus \
 	debootstrap qemu-system-x86 qemu-utils e2fsprogs vagrant vagrant-libvirt nftables tzdata
+# A hospital's outgoing HTTP proxy (tests/test_hub_proxy.py, hub.proxy).
+TEST_APT += tinyproxy
 DEMO_HOME ?= ./var
 # bench/wan's link emulator (tests/test_wan_emulator.py, make bench-wan) is C, built at run time.
 TEST_APT += gcc
 
-.PHONY: demo test venv deps-test lint image box bench-ingest bench-ingest-cpu bench-associations bench-forward bench-urgent bench-heartbeat bench-hub-loop bench-idle bench-prefetch clean
+.PHONY: demo test venv deps-test lint image box bench-proxy bench-ingest bench-ingest-cpu bench-associations bench-forward bench-urgent bench-heartbeat bench-hub-loop bench-idle bench-prefetch clean
 
 venv: $(VENV)/.installed
 
@@ -99,6 +101,10 @@ bench-hub: deps-test venv
 # The uplink kinds (stowrs, hub) next to storescu into Orthanc, and the Mbit/s cap (root).
 bench-uplink: deps-test venv
 	$(PY) bench/uplink.py $(BENCH_ARGS)
+
+# The uplink straight to the hub against the same through the hospital's proxy (tinyproxy).
+bench-proxy: deps-test venv
+	$(PY) bench/proxy.py $(BENCH_ARGS)
 
 # C-FIND latency on 100,000 synthesized studies; C-FIND and C-MOVE next to Orthanc (root).
 bench-qr: deps-test venv

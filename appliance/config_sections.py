@@ -18,6 +18,7 @@ import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
@@ -527,6 +528,45 @@ class HubSection(_Section):
     retries: int = Field(default=4, ge=0, le=20)
     # An urgent job gets a worker of its own so that a long routine upload never delays it.
     urgent_worker: Flag = True
+    # The hospital's outgoing HTTP proxy, when the firewall lets nothing else out:
+    # ``http://host:port``. Every connection to the hub (enrolment, uploads, heartbeats,
+    # downloads, regional queries, ``pas doctor``) is a CONNECT tunnel through it; TLS and
+    # the client certificate stay end to end (the proxy sees the hub's name and port, never
+    # a byte in clear). Credentials (HTTP Basic on the CONNECT) go in proxy_username and
+    # proxy_password, never in the URL. Unset: straight to the hub. Only the hub's
+    # connections use it (local destinations and a plain ``prefetch.dicomweb_url`` do not),
+    # and PAS never reads HTTP(S)_PROXY from its environment (appliance/transfer/http.py).
+    proxy: WebRoot | None = None
+    proxy_username: str | None = None
+    proxy_password: str | None = None
+
+    @model_validator(mode="after")
+    def _proxy(self) -> HubSection:
+        if self.proxy is None:
+            if self.proxy_username is not None or self.proxy_password is not None:
+                raise _cross_field("proxy_username" if self.proxy_username is not None
+                                   else "proxy_password", "is set but {section}.proxy is not")
+            return self
+        if credentials_in_url(self.proxy):
+            raise _cross_field("proxy", _credentials_in_url(
+                "put them in {section}.proxy_username and {section}.proxy_password"))
+        parts = urlsplit(self.proxy)
+        if parts.scheme != "http":
+            raise _cross_field("proxy", "must be http://host:port (a CONNECT proxy; the "
+                               f"tunnel carries the hub's own TLS), got {self.proxy!r}")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise _cross_field("proxy", f"must be http://host:port, with no path, got "
+                               f"{self.proxy!r}")
+        if (self.proxy_password is not None) != (self.proxy_username is not None):
+            raise _cross_field("proxy_password" if self.proxy_username is not None
+                               else "proxy_username",
+                               "is required with proxy_username" if self.proxy_username
+                               is not None else "is required with proxy_password")
+        if self.proxy_username is not None and (":" in self.proxy_username
+                                                or not self.proxy_username):
+            raise _cross_field("proxy_username", "must be a non-empty name without ':' "
+                               "(HTTP Basic)")
+        return self
 
 
 class Hl7Section(_Section):

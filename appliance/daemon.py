@@ -30,6 +30,7 @@ from appliance.routing.stability import Router
 from appliance.store import audit, index
 from appliance.store.db import Database
 from appliance.store.spool import Spool
+from appliance.transfer.http import hub_proxy, proxy_words
 from appliance.words import counted
 
 log = logging.getLogger("pas.daemon")
@@ -156,7 +157,8 @@ class Daemon:
         for name, destination in self.settings.destinations.items():
             if destination.kind == "hub":
                 self.extra_targets[name] = target
-        log.info("enrolled with hub %s as site %s", enrolment.url, enrolment.site)
+        log.info("enrolled with hub %s as site %s%s", enrolment.url, enrolment.site,
+                 proxy_words(hub_proxy(self.settings.hub)))
 
     def default_destinations(self) -> list[str]:
         """Where a study goes when no rule and no fallback names a destination."""

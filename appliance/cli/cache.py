@@ -84,10 +84,12 @@ def verify(config: Path | None = ConfigOption,
     settings, db, spool = _open(config, long_pass=True)
     region = None
     if repair:  # through the hub when enrolled, or a plain DICOMweb region when configured
+        from appliance.transfer.http import hub_proxy
         from appliance.transfer.region import RegionClient
 
         region = RegionClient.from_home(settings.home, settings.prefetch.dicomweb_url,
-                                        prefetch=settings.prefetch)
+                                        prefetch=settings.prefetch,
+                                        proxy=hub_proxy(settings.hub))
     # Each problem is in the report printed below: its log line too ("integrity: missing
     # ...") said every one twice, on stderr and stdout (114 lines for 57 missing files).
     # The flag's audit row still records it.

@@ -50,12 +50,14 @@ def enroll(hub: str = typer.Option(..., "--hub", help="https://host:port of the 
     from appliance.config import configured_site, load_settings
     from appliance.transfer.enrolment import EnrolmentError
     from appliance.transfer.enrolment import enroll as do_enroll
+    from appliance.transfer.http import hub_proxy
 
     settings = settings_or_exit(lambda: load_settings(config))
     secret = _enrolment_token(token, token_file)
     try:
         enrolment = do_enroll(settings.home, hub, secret, replace=replace,
-                              configured_site=configured_site(settings))
+                              configured_site=configured_site(settings),
+                              proxy=hub_proxy(settings.hub))
     except EnrolmentError as exc:
         err.print(f"[red]enrolment failed:[/red] {literal(exc)}", highlight=False)
         raise typer.Exit(1) from None

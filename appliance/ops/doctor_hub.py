@@ -22,7 +22,7 @@ from appliance.ops.doctor import (
     Check,
     _index,
 )
-from appliance.transfer.http import http_client, shown_url
+from appliance.transfer.http import http_client, hub_proxy, proxy_words, shown_url
 from appliance.words import counted
 
 
@@ -66,7 +66,7 @@ def check_enrolment(settings: Settings) -> list[Check]:
     else:
         checks.append(Check("certificate", "ok",
                             f"valid for {counted(round(days), 'more day')}"))
-    hub_checks = check_hub(enrolment)
+    hub_checks = check_hub(enrolment, hub_proxy(settings.hub))
     refused = next((c for c in hub_checks if c.name == "hub" and c.verdict == "fail"
                     and c.detail.startswith(REFUSED_BY_HUB)), None)
     if refused is not None:  # "certificate ok, valid for 825 more days" two rows above it
@@ -95,23 +95,26 @@ def _awaiting_enrolment(settings: Settings) -> str:
             "received meanwhile wait for it to go to the region")
 
 
-def check_hub(enrolment: object) -> list[Check]:
-    """Mutual TLS to the hub (``/api/v1/whoami``), and the clock against the hub's Date."""
+def check_hub(enrolment: object, proxy: httpx.Proxy | None = None) -> list[Check]:
+    """Mutual TLS to the hub (``/api/v1/whoami``), and the clock against the hub's Date.
+    ``proxy``: the hospital's proxy the connection goes through (``hub.proxy``)."""
     url = enrolment.url  # type: ignore[attr-defined]
     shown = shown_url(url)
     try:
         with http_client(base_url=url, verify=enrolment.ssl_context(),  # type: ignore[attr-defined]
-                         timeout=HUB_TIMEOUT_S) as client:
+                         timeout=HUB_TIMEOUT_S, proxy=proxy) as client:
             sent = time.time()
             response = client.get("/api/v1/whoami")
             received = time.time()
     except (httpx.HTTPError, OSError) as exc:
+        if proxy is not None:
+            return [_proxy_failure(shown, proxy, exc)]
         return [_hub_failure(shown, exc)]
     checks = []
     refusal = _certificate_refusal(response)
     if response.status_code == 200:
         checks.append(Check("hub", "ok", f"{shown} knows us as {response.json().get('site')!r} "
-                            f"({(received - sent) * 1000:.0f} ms)"))
+                            f"({(received - sent) * 1000:.0f} ms{proxy_words(proxy)})"))
     elif refusal is not None:  # the hub's words, not its JSON cut at 200 characters
         error, detail = refusal
         checks.append(Check("hub", "fail", f"{REFUSED_BY_HUB} ({error}): {detail}",
@@ -151,6 +154,42 @@ def _certificate_refusal(response: httpx.Response) -> tuple[str, str] | None:
     if not error.startswith("certificate_"):
         return None
     return error, str(body.get("detail", ""))[:300]
+
+
+def _proxy_failure(url: str, proxy: httpx.Proxy, exc: BaseException) -> Check:
+    """Why the hub could not be asked through the hospital's proxy: the proxy unreachable,
+    or refusing the tunnel (its status says why: credentials, a port it does not allow, the
+    hub out of its reach), are the network team's to look at, not the WAN's or the hub's;
+    what happens inside the tunnel (TLS, the hub's answer) reads as without a proxy."""
+    through = shown_url(proxy.url)
+    if isinstance(exc, httpx.ProxyError):
+        status = str(exc)
+        if status.startswith(("407", "401")):  # tinyproxy's BasicAuth answers 401
+            fix = ("check hub.proxy_username and hub.proxy_password with the hospital's "
+                   "network team")
+        elif status.startswith("403"):
+            fix = (f"ask the network team to let the proxy open tunnels (CONNECT) to "
+                   f"{url.split('://', 1)[-1]}")
+        else:
+            fix = ("the proxy cannot reach the hub: ask the network team, then regional "
+                   "ops whether the hub is up")
+        return Check("hub", "fail", f"the proxy {through} refused the tunnel to {url}: "
+                     f"{status}", fix)
+    if isinstance(exc, httpx.ConnectError) and _trust_problem(exc) is None:
+        return Check("hub", "fail", f"cannot reach the proxy {through} (hub.proxy): {exc}",
+                     "check hub.proxy, and that the proxy is up: ask the network team")
+    if isinstance(exc, httpx.TimeoutException):
+        return Check("hub", "fail", f"no answer from {url} through the proxy {through} "
+                     f"within {HUB_TIMEOUT_S:.0f} s ({type(exc).__name__})",
+                     "ask the network team whether the proxy is up and reaches the hub, "
+                     "then regional ops for the hub's status")
+    return _hub_failure(url, exc)
+
+
+def _trust_problem(exc: BaseException) -> str | None:
+    from appliance.transfer.link_failures import trust_problem
+
+    return trust_problem(exc)
 
 
 def _hub_failure(url: str, exc: BaseException) -> Check:

@@ -51,7 +51,7 @@ from appliance.store import uplink as uplink_store
 from appliance.store.db import Database
 from appliance.transfer.client import wan_timeout
 from appliance.transfer.enrolment import EnrolmentError, load_enrolment
-from appliance.transfer.http import http_client, without_userinfo
+from appliance.transfer.http import http_client, hub_proxy, proxy_words, without_userinfo
 from appliance.words import counted
 
 log = logging.getLogger("pas.ops.heartbeat")
@@ -250,7 +250,8 @@ class HeartbeatSender:
             if self._client is not None:
                 self._client.close()
             self._client = http_client(base_url=url, verify=context,
-                                       timeout=wan_timeout(15.0))
+                                       timeout=wan_timeout(15.0),
+                                       proxy=hub_proxy(self.settings.hub))
             self._client_key = key
         return self._client
 
@@ -271,7 +272,8 @@ class HeartbeatSender:
                                 enrolment.client_cert.stat().st_mtime)
             response = client.post(HEARTBEAT_PATH, json=beat)
         except (httpx.HTTPError, OSError) as exc:
-            self._note(False, f"hub unreachable (heartbeat): {type(exc).__name__}: {exc}")
+            self._note(False, f"hub unreachable{proxy_words(hub_proxy(self.settings.hub))} "
+                       f"(heartbeat): {type(exc).__name__}: {exc}")
             return False
         if response.status_code == 429:
             self._refused(response)

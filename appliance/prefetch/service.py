@@ -29,6 +29,7 @@ from appliance.store import prefetch as store
 from appliance.store import prefetch_retention as retention
 from appliance.store.db import Database, now
 from appliance.transfer.download import WARM_EVERY_S, HubDownloads
+from appliance.transfer.http import hub_proxy
 from appliance.transfer.region import RegionClient
 from appliance.words import counted
 
@@ -292,7 +293,7 @@ class PrefetchService:
         return RegionClient.from_home(
             self.settings.home, self.config.dicomweb_url, self.config.timeout_s,
             self.config.parallel, lambda n: _metric("add_wan_bytes", "down", n),
-            prefetch=self.config)
+            prefetch=self.config, proxy=hub_proxy(self.settings.hub))
 
     def _default_downloads(self) -> HubDownloads | None:
         region = self.region()
@@ -302,7 +303,8 @@ class PrefetchService:
         downloads = HubDownloads.from_home(self.settings.home, self.config.timeout_s,
                                            lambda n: _metric("add_wan_bytes", "down", n),
                                            lanes=self.config.download_lanes,
-                                           rate_bps=self.settings.hub.downlink_bps())
+                                           rate_bps=self.settings.hub.downlink_bps(),
+                                           proxy=hub_proxy(self.settings.hub))
         if downloads is not None:  # a large instance is rebuilt in a spool temp file
             downloads.large_file = lambda: self.receiver.open_spill(b"")
             downloads.large_above = self.settings.dicom.spill_above_mb << 20

@@ -35,6 +35,7 @@ from appliance.store import retrieve as store_retrieve
 from appliance.store.db import Database
 from appliance.store.person_names import pn_match
 from appliance.transfer.download import DownloadUnavailable, HubDownloads
+from appliance.transfer.http import hub_proxy
 from appliance.transfer.region import RegionClient, RegionError, RegionInstance
 from appliance.words import counted
 
@@ -449,7 +450,8 @@ def make_fetcher(settings: Settings, db: Database,
     client = RegionClient.from_home(settings.home, settings.prefetch.dicomweb_url,
                                     timeout_s=settings.serving.fetch_timeout_s,
                                     on_downloaded=lambda n: add_wan_bytes("down", n),
-                                    prefetch=settings.prefetch)
+                                    prefetch=settings.prefetch,
+                                    proxy=hub_proxy(settings.hub))
     if client is None:
         return None
     downloads = None
@@ -471,7 +473,8 @@ def make_region_find(settings: Settings) -> RegionFind | None:
         return None
     timeout = settings.serving.region_query_timeout_s
     client = RegionClient.from_home(settings.home, settings.prefetch.dicomweb_url,
-                                    timeout_s=timeout, prefetch=settings.prefetch)
+                                    timeout_s=timeout, prefetch=settings.prefetch,
+                                    proxy=hub_proxy(settings.hub))
     return (RegionFind(client, timeout, settings.serving.max_results,
                        settings.serving.pn_case_sensitive)
             if client is not None else None)

@@ -53,7 +53,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from appliance.transfer.http import http_client
+from appliance.transfer.http import http_client, proxy_words
 from appliance.transfer.link_failures import trust_problem
 from appliance.transfer.pacing import ConnectionSlots, LinkMeter, PacedBackend, Pacer
 from appliance.transfer.reservations import Reservations
@@ -243,8 +243,9 @@ class HubClient:
                  backoff_max_s: float = 20.0,
                  on_put_bytes: Callable[[int], None] | None = None,
                  on_inflight: Callable[[int], None] | None = None,
-                 link_mbps: float = 0.0):
+                 link_mbps: float = 0.0, proxy: httpx.Proxy | None = None):
         self.url = url.rstrip("/")
+        self.proxy = proxy  # the hospital's, towards the hub (hub.proxy), named in errors
         self.throttle = throttle
         self.on_contact = on_contact
         # Counters of what PUT bodies handed to the network (every attempt) and of the bytes
@@ -262,7 +263,7 @@ class HubClient:
         # No pool timeout: waiting for a connection means waiting for our own requests, which
         # have timeouts of their own; a slow link must not turn a queue into errors.
         self._http = http_client(
-            base_url=self.url, verify=ssl_context, http1=True, http2=False,
+            proxy=proxy, base_url=self.url, verify=ssl_context, http1=True, http2=False,
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, CONNECT_TIMEOUT_S),
                                   pool=None),
             limits=httpx.Limits(max_connections=2 * max_connections,
@@ -509,7 +510,7 @@ class HubClient:
         except (RetryError, httpx.TransportError) as exc:
             # Retries spent, or a failure not worth one (a certificate refused): the same.
             cause = exc.last_attempt.exception() if isinstance(exc, RetryError) else exc
-            message = f"hub {what}: {type(cause).__name__}: {cause}"
+            message = f"hub {what}{proxy_words(self.proxy)}: {type(cause).__name__}: {cause}"
             asked = retry_after(cause)
             if asked is not None:  # it answered: the link is up, the hub busy
                 self._contact(True, None)

@@ -141,7 +141,8 @@ class HubDownloads:
 
     def __init__(self, hub_url: str, verify: Any, timeout_s: float = 60.0,
                  on_downloaded: Callable[[int], None] | None = None, workers: int = 4,
-                 client: httpx.Client | None = None, lanes: int = 1, rate_bps: int = 0):
+                 client: httpx.Client | None = None, lanes: int = 1, rate_bps: int = 0,
+                 proxy: httpx.Proxy | None = None):
         self.url = hub_url.rstrip("/") + DOWNLOADS_PATH
         self.search_url = hub_url.rstrip("/") + SEARCH_PATH
         self.lanes_url = hub_url.rstrip("/") + LANES_PATH
@@ -164,7 +165,7 @@ class HubDownloads:
         # WARM_EVERY_S keeps one open, so an order's first request pays no TCP and TLS
         # handshakes (two round trips on the WAN).
         self.client = client or http_client(
-            verify=verify, timeout=wan_timeout(timeout_s),
+            proxy=proxy, verify=verify, timeout=wan_timeout(timeout_s),
             limits=httpx.Limits(max_connections=16, max_keepalive_connections=8,
                                 keepalive_expiry=KEEP_ALIVE_S))
 
@@ -172,14 +173,17 @@ class HubDownloads:
     def from_home(cls, home: Path, timeout_s: float = 60.0,
                   on_downloaded: Callable[[int], None] | None = None,
                   client: httpx.Client | None = None, lanes: int = 1,
-                  rate_bps: int = 0) -> HubDownloads | None:
+                  rate_bps: int = 0,
+                  proxy: httpx.Proxy | None = None) -> HubDownloads | None:
         """The enrolled hub's download route, or None when not enrolled. ``client``: an
-        existing client for the same hub and certificate (its connections are reused)."""
+        existing client for the same hub and certificate (its connections are reused);
+        ``proxy``: else, the hospital's proxy towards the hub (``hub.proxy``)."""
         enrolment = load_enrolment(home)
         if enrolment is None:
             return None
         return cls(enrolment.url, None if client else enrolment.ssl_context(), timeout_s,
-                   on_downloaded, client=client, lanes=lanes, rate_bps=rate_bps)
+                   on_downloaded, client=client, lanes=lanes, rate_bps=rate_bps,
+                   proxy=proxy)
 
     def close(self) -> None:
         if self.owns_client:

@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from appliance.store.spool import fsync_dir
-from appliance.transfer.http import http_client
+from appliance.transfer.http import http_client, proxy_words
 
 PKI_DIR = "pki"
 # The key and CSR of an enrolment under way (files 0600, folder 0700), kept from before the
@@ -288,17 +288,18 @@ def write_private(path: Path, data: bytes) -> None:
         raise
 
 
-def _fetch_ca(url: str, cafp: str, timeout: float) -> bytes:
+def _fetch_ca(url: str, cafp: str, timeout: float, proxy: httpx.Proxy | None) -> bytes:
     """Get the fleet CA without trusting anything yet, and accept it only if it hashes to CAFP."""
     unverified = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     unverified.check_hostname = False
     unverified.verify_mode = ssl.CERT_NONE
     unverified.minimum_version = ssl.TLSVersion.TLSv1_3
     try:
-        with http_client(verify=unverified, timeout=timeout) as client:
+        with http_client(verify=unverified, timeout=timeout, proxy=proxy) as client:
             response = client.get(f"{url}/enroll/ca")
     except httpx.HTTPError as exc:
-        raise EnrolmentError(f"cannot reach the hub at {url}: {exc}") from None
+        raise EnrolmentError(f"cannot reach the hub at {url}{proxy_words(proxy)}: "
+                             f"{exc}") from None
     if response.status_code != 200:
         raise EnrolmentError(f"hub at {url} answered {response.status_code} for its CA")
     ca_pem = response.content
@@ -351,7 +352,8 @@ def _pending_key(home: Path, token: str, site: str
 
 
 def enroll(home: Path, url: str, token: str, timeout: float = 30.0, *,
-           replace: bool = False, configured_site: str | None = None) -> Enrolment:
+           replace: bool = False, configured_site: str | None = None,
+           proxy: httpx.Proxy | None = None) -> Enrolment:
     """Enrol this appliance: new key + CSR, pinned CA checked against the token, files 0600.
     A rerun with the same token reuses the key and CSR of the run before
     (:func:`_pending_key`): the hub answers it the certificate it already issued.
@@ -364,6 +366,8 @@ def enroll(home: Path, url: str, token: str, timeout: float = 30.0, *,
     ``configured_site``: the site the configuration names, if it names one; a token of
     another site is refused before anything is sent (the token stays unspent), since
     ``pas run`` would then refuse the enrolment it made (:func:`check_site`).
+
+    ``proxy``: the hospital's outgoing proxy (``hub.proxy``: :func:`transfer.http.hub_proxy`).
     """
     url = url.rstrip("/")
     if urlsplit(url).scheme != "https":
@@ -382,7 +386,7 @@ def enroll(home: Path, url: str, token: str, timeout: float = 30.0, *,
     if (directory / "hub.json").exists() and not replace:
         raise EnrolmentError(f"already enrolled ({directory / 'hub.json'} exists): to enrol "
                              "again with a new token, add --replace")
-    ca_pem = _fetch_ca(url, cafp, timeout)
+    ca_pem = _fetch_ca(url, cafp, timeout, proxy)
 
     key, csr_pem = _pending_key(home, token.strip(), site)
     with tempfile.NamedTemporaryFile(suffix=".pem") as ca_file:
@@ -391,13 +395,14 @@ def enroll(home: Path, url: str, token: str, timeout: float = 30.0, *,
         pinned = ssl.create_default_context(cafile=ca_file.name)
     pinned.minimum_version = ssl.TLSVersion.TLSv1_3
     try:
-        with http_client(verify=pinned, timeout=timeout) as client:
+        with http_client(verify=pinned, timeout=timeout, proxy=proxy) as client:
             response = client.post(
                 f"{url}/enroll", json={"token": token.strip(), "csr_pem": csr_pem.decode()})
     except httpx.HTTPError as exc:
         raise EnrolmentError(
-            f"enrolment request to {url} failed: {exc}. The hub may have spent the token "
-            f"already: run the same pas enroll again with the same token (the key is kept in "
+            f"enrolment request to {url}{proxy_words(proxy)} failed: {exc}. The hub may "
+            f"have spent the token already: run the same pas enroll again with the same "
+            f"token (the key is kept in "
             f"{Path(home) / PENDING_DIR}, and the hub answers the certificate it issued to "
             "it again while the token is valid)") from None
     body: dict[str, Any] = {}

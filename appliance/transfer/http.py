@@ -12,7 +12,9 @@ and ``~/.netrc``. A hospital's ``/etc/environment`` or a systemd drop-in then se
 machine, crosses no network", to a proxy on the network in clear, bodies and
 ``Authorization`` header included (invariant 5, docs/DESIGN "Nothing leaves the site in
 clear"), and changed which CAs a ``verify=True`` client trusted. No documented deployment
-needs a proxy: where PAS connects is what its configuration names, nothing else.
+needs a proxy from the environment: where PAS connects is what its configuration names,
+nothing else. The one proxy PAS uses is the one its configuration names for the hub
+(``hub.proxy``: :func:`hub_proxy`, given to each client towards the hub).
 tests/test_http_clients.py refuses an ``httpx`` client built anywhere else.
 """
 
@@ -20,20 +22,61 @@ from __future__ import annotations
 
 import re
 from collections.abc import Generator
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+# What a client's transport takes rather than the client, when the client is given a
+# transport of its own (a proxied one): httpx ignores them on the client then.
+_TRANSPORT_OPTIONS = ("verify", "cert", "http1", "http2", "limits")
 
-def http_client(**options: Any) -> httpx.Client:
-    """``httpx.Client(**options)`` that ignores the environment (proxies, CA files, netrc)."""
-    return httpx.Client(trust_env=False, **options)
+
+def http_client(*, proxy: httpx.Proxy | None = None, **options: Any) -> httpx.Client:
+    """``httpx.Client(**options)`` that ignores the environment (proxies, CA files, netrc).
+
+    ``proxy``: every request a CONNECT tunnel through it (:func:`hub_proxy`). The client
+    then gets one transport, the proxied one, as its own (not a mount beside a direct one),
+    so that what tunes the client's transport (the uplink's pacing backend) tunes the one
+    that carries its requests, and no request can go around the proxy."""
+    if proxy is None:
+        return httpx.Client(trust_env=False, **options)
+    carried = {key: options.pop(key) for key in _TRANSPORT_OPTIONS if key in options}
+    return httpx.Client(trust_env=False, transport=httpx.HTTPTransport(
+        proxy=proxy, trust_env=False, **carried), **options)
 
 
-def async_http_client(**options: Any) -> httpx.AsyncClient:
+def async_http_client(*, proxy: httpx.Proxy | None = None,
+                      **options: Any) -> httpx.AsyncClient:
     """``httpx.AsyncClient(**options)`` that ignores the environment, as :func:`http_client`."""
-    return httpx.AsyncClient(trust_env=False, **options)
+    if proxy is None:
+        return httpx.AsyncClient(trust_env=False, **options)
+    carried = {key: options.pop(key) for key in _TRANSPORT_OPTIONS if key in options}
+    return httpx.AsyncClient(trust_env=False, transport=httpx.AsyncHTTPTransport(
+        proxy=proxy, trust_env=False, **carried), **options)
+
+
+class ProxySettings(Protocol):
+    """What :func:`hub_proxy` reads of the configuration's ``[hub]`` section."""
+
+    proxy: str | None
+    proxy_username: str | None
+    proxy_password: str | None
+
+
+def hub_proxy(hub: ProxySettings) -> httpx.Proxy | None:
+    """The hospital's outgoing proxy towards the hub (``hub.proxy``), its credentials as
+    HTTP Basic on each CONNECT, or None: straight to the hub."""
+    if not hub.proxy:
+        return None
+    auth = ((hub.proxy_username, hub.proxy_password or "")
+            if hub.proxy_username is not None else None)
+    return httpx.Proxy(hub.proxy, auth=auth)
+
+
+def proxy_words(proxy: httpx.Proxy | None) -> str:
+    """`` through the proxy http://host:port`` for a message about the hub, or nothing."""
+    return f" through the proxy {shown_url(proxy.url)}" if proxy is not None else ""
 
 
 def shown_url(url: str | httpx.URL) -> str:

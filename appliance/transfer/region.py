@@ -106,14 +106,14 @@ class RegionClient:
     def __init__(self, base_url: str, verify: ssl.SSLContext | bool = True,
                  timeout_s: float = 60.0, max_connections: int = 8,
                  on_downloaded: Callable[[int], None] | None = None,
-                 auth: httpx.Auth | None = None):
+                 auth: httpx.Auth | None = None, proxy: httpx.Proxy | None = None):
         self.base_url = base_url.rstrip("/")
         # Told the bytes each answer took on the wire (compressed as sent): WAN metrics.
         self.on_downloaded = on_downloaded
         # The connect is bounded apart (CONNECT_TIMEOUT_S): a hub that drops every packet
         # fails a viewer's fetch-through in seconds, not after the whole timeout.
         self.client = http_client(
-            verify=verify, timeout=wan_timeout(timeout_s), auth=auth,
+            proxy=proxy, verify=verify, timeout=wan_timeout(timeout_s), auth=auth,
             limits=httpx.Limits(max_connections=max_connections,
                                 max_keepalive_connections=max_connections))
 
@@ -121,9 +121,11 @@ class RegionClient:
     def from_home(cls, home: Path, dicomweb_url: str | None = None, timeout_s: float = 60.0,
                   max_connections: int = 8,
                   on_downloaded: Callable[[int], None] | None = None,
-                  prefetch: PrefetchSection | None = None) -> RegionClient | None:
+                  prefetch: PrefetchSection | None = None,
+                  proxy: httpx.Proxy | None = None) -> RegionClient | None:
         """The hub proxy when enrolled, a direct DICOMweb root when configured, else None.
-        ``prefetch``: the section whose ``dicomweb_*`` credentials go to ``dicomweb_url``."""
+        ``prefetch``: the section whose ``dicomweb_*`` credentials go to ``dicomweb_url``;
+        ``proxy``: the hospital's proxy towards the hub (``hub.proxy``), for the hub only."""
         if dicomweb_url:
             return cls(dicomweb_url, True, timeout_s, max_connections, on_downloaded,
                        auth=region_auth(prefetch) if prefetch is not None else None)
@@ -131,7 +133,7 @@ class RegionClient:
         if enrolment is None:
             return None
         return cls(enrolment.url.rstrip("/") + REGION_PREFIX, enrolment.ssl_context(),
-                   timeout_s, max_connections, on_downloaded)
+                   timeout_s, max_connections, on_downloaded, proxy=proxy)
 
     def close(self) -> None:
         self.client.close()

@@ -56,6 +56,7 @@ from appliance.transfer.client import (
     canonical_json,
 )
 from appliance.transfer.enrolment import Enrolment
+from appliance.transfer.http import hub_proxy
 from appliance.transfer.link_failures import (
     TRUST_HINT,
     credentials_refused,
@@ -145,7 +146,7 @@ class HubTarget:
             max_connections=self.config.connections,
             throttle=hub_throttle(self.config), on_contact=LinkRecorder(db, name),
             on_put_bytes=metrics.add_upload_put_bytes, on_inflight=metrics.add_upload_inflight,
-            link_mbps=self.config.link_mbps,
+            link_mbps=self.config.link_mbps, proxy=hub_proxy(self.config),
         )
         if client is None:  # the daemon's own client: its connections stay open while idle
             self.client.keep_warm()
