@@ -145,9 +145,13 @@ def test_the_archive_ahead_of_the_commit_leaves_another_sites_uid(
         line = next(x for x in hub.log().splitlines() if left in x)
         assert f"{uid} (site CHU-A)" in line and "said once for this transfer" in line, line
         assert _versions(hub, uid) == [(_sha(a), 1, "CHU-A")]  # no row of B's
-        assert [tuple(r) for r in read_rows(
+        # The archive holds B's own instance before the hub records the batch it confirmed
+        # (a moment later, in hub.sqlite): awaited, not read at once (failed under load).
+        recorded = wait_for(lambda: [tuple(r) for r in read_rows(
             hub.home / "hub.sqlite", "SELECT sop_instance_uid FROM archived_instances "
-            "WHERE transfer_id = ?", (shipment.transfer_id,))] == [(own_uid,)]
+            "WHERE transfer_id = ?", (shipment.transfer_id,))], 30,
+            what="the archived batch recorded by the hub")
+        assert recorded == [(own_uid,)]
         answer = http.post(shipment.url + "/commit")
         assert answer.status_code == 422 and answer.json()["error"] == "another_site", \
             answer.text
