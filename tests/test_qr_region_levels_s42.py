@@ -10,12 +10,23 @@ Before s42 a PATIENT-level C-FIND never asked the region: a patient whose studie
 the region (evicted, or never received here) was not found, while a STUDY-level query found
 them NEARLINE. SERIES and IMAGE asked the region only when nothing here matched: for a study
 held in part the series (and images) only the region holds were not listed.
+
+Review of s42: SERIES and IMAGE asked the region whenever the query named its study, so a
+viewer browsing a study held whole here waited on the WAN (0.57 s a SERIES find instead of
+0.05 s with the WAN down); they now ask it when nothing here matched or when the region's
+STUDY answer of the last minutes counted more of the study than is here (a viewer lists the
+study first). A region that failed is not asked again for 30 s (RegionFind's breaker). A
+PATIENT answer built from a cut regional answer (as many studies as the limit asked) gave
+counts of part of the patient's studies under 0xFF00: they are now empty, 0xFF01.
 """
 
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,6 +84,13 @@ def _find(port: int, model: str, level: str, keys: list[str], out: Path
     answers = [dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
     assert len(statuses) == len(answers) + 1, result.stderr[-3000:]
     return list(zip(statuses, answers, strict=False)), statuses[-1]
+
+
+def _browse_study(port: int, study: str, out: Path) -> None:
+    """A STUDY find of ``study``, as a viewer lists a study before its series."""
+    answers, final = _find(port, "-S", "STUDY", [f"StudyInstanceUID={study}",
+                                                 "NumberOfStudyRelatedInstances"], out)
+    assert final == 0x0000 and len(answers) == 1, answers
 
 
 def _by(keyword: str, answers: list[tuple[int, Dataset]]) -> dict[str, tuple[int, Dataset]]:
@@ -134,7 +152,10 @@ def test_a_patient_held_here_and_there_is_answered_once(region: Region,
 def test_the_series_only_the_region_holds_are_listed(region: Region, tmp_path: Path) -> None:
     """L's secondary-capture series is held here (one image of the region's two): answered
     once with the region's count, NEARLINE; its CT series only the region holds is listed
-    NEARLINE. H, held whole, lists its one series ONLINE, once."""
+    NEARLINE. H, held whole, lists its one series ONLINE, once. As a viewer does, the
+    study is listed first: the region's count of it (2 here, 1 held) is what tells a SERIES
+    search to ask the region."""
+    _browse_study(region.pas.port, region.uid["L"], tmp_path / "study")
     keys = ["SeriesInstanceUID", "Modality", "NumberOfSeriesRelatedInstances",
             "InstanceAvailability"]
     answers, final = _find(region.pas.port, "-S", "SERIES",
@@ -162,7 +183,8 @@ def test_the_series_only_the_region_holds_are_listed(region: Region, tmp_path: P
 
 def test_the_images_only_the_region_holds_are_listed(region: Region, tmp_path: Path) -> None:
     """L's secondary-capture series: its image held here ONLINE, the one only the region
-    holds NEARLINE, each once (Patient Root too)."""
+    holds NEARLINE, each once (Patient Root too), the study listed first as a viewer does."""
+    _browse_study(region.pas.port, region.uid["L"], tmp_path / "study")
     for model, keys in (("-S", []), ("-P", ["PatientID=PID9"])):
         answers, final = _find(region.pas.port, model, "IMAGE", [
             *keys, f"StudyInstanceUID={region.uid['L']}",
@@ -179,7 +201,10 @@ def test_the_images_only_the_region_holds_are_listed(region: Region, tmp_path: P
 
 def test_with_the_region_down_the_local_answers_still_come(tmp_path: Path) -> None:
     """Nothing listens at the region's address: the PATIENT and SERIES answers are the local
-    ones, ONLINE, ending Success, and the audit row says "region not asked"."""
+    ones, ONLINE, ending Success; the PATIENT search's audit row says "region not asked"
+    (connection refused), the STUDY search's after it too, not asked at all: the region
+    failed seconds ago (its breaker). The SERIES search of the study held here does not ask
+    it."""
     down = closed_port()
     ds = tiny_ct(PatientID="PIDL", PatientName="LOCAL^ONLY")
     ds.save_as(tmp_path / "local.dcm", enforce_file_format=True)
@@ -205,18 +230,147 @@ def test_with_the_region_down_the_local_answers_still_come(tmp_path: Path) -> No
         assert final == 0x0000
         assert [(s, str(a.SeriesInstanceUID), a.InstanceAvailability) for s, a in series] == [
             (0xFF00, str(ds.SeriesInstanceUID), "ONLINE")]
-        queries = audit_rows(pas.home, "query")[-2:]
-        assert all("region not asked" in (row["detail"] or "") for row in queries), queries
+        studies, final = _find(pas.port, "-S", "STUDY", [
+            f"StudyInstanceUID={ds.StudyInstanceUID}", "InstanceAvailability"],
+            tmp_path / "study")
+        assert final == 0x0000 and [a.InstanceAvailability for _, a in studies] == ["ONLINE"]
+        patient_row, series_row, study_row = audit_rows(pas.home, "query")[-3:]
+        assert "region not asked" in (patient_row["detail"] or ""), patient_row
+        assert "region not asked" not in (series_row["detail"] or ""), series_row
+        assert "region not asked: it failed" in (study_row["detail"] or ""), study_row
     finally:
         pas.stop()
         down.close()
+
+
+class BlackHole:
+    """A region that accepts connections and never answers (the WAN dropping every answer):
+    each C-FIND that asks it waits out ``serving.region_query_timeout_s``. ``accepted``:
+    how many connections PAS opened to it."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+
+    @property
+    def accepted(self) -> int:
+        return len(self.held)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.fixture
+def black_hole(tmp_path: Path) -> Iterator[tuple[BlackHole, PasProcess, Dataset]]:
+    """PAS asking a black-holed region (deadline 2 s: its wait cannot pass for local work),
+    holding one study whole."""
+    hole = BlackHole()
+    ds = tiny_ct(PatientID="PIDW", PatientName="WHOLE^HERE")
+    ds.save_as(tmp_path / "whole.dcm", enforce_file_format=True)
+    pas = PasProcess(tmp_path / "pas", {
+        "PAS_DICOM__ACCEPT_UNKNOWN": "true",
+        "PAS_PREFETCH__ENABLED": "false",
+        "PAS_PREFETCH__DICOMWEB_URL": f"http://127.0.0.1:{hole.port}/dicom-web",
+        "PAS_PREFETCH__ALLOW_CLEARTEXT": "true",
+        "PAS_SERVING__QUERY_REGION": "true",
+        "PAS_SERVING__REGION_QUERY_TIMEOUT_S": "2",
+    })
+    try:
+        pas.start()
+        storescu([tmp_path / "whole.dcm"], pas.port)
+        yield hole, pas, ds
+    finally:
+        pas.stop()
+        hole.close()
+
+
+def _timed_find(port: int, model: str, level: str, keys: list[str], out: Path
+                ) -> tuple[list[tuple[int, Dataset]], int, float]:
+    started = time.monotonic()
+    answers, final = _find(port, model, level, keys, out)
+    return answers, final, time.monotonic() - started
+
+
+def test_a_study_held_whole_is_browsed_without_waiting_on_the_wan(
+        black_hole: tuple[BlackHole, PasProcess, Dataset], tmp_path: Path) -> None:
+    """The region black-holed: a SERIES and an IMAGE find of the study held whole here are
+    answered from the index at once (they waited out the 2 s deadline each since s42), the
+    region not even connected to; a SERIES find of a study nothing here holds still asks it
+    (and waits it out)."""
+    hole, pas, ds = black_hole
+    series, final, series_s = _timed_find(pas.port, "-S", "SERIES", [
+        f"StudyInstanceUID={ds.StudyInstanceUID}", "SeriesInstanceUID",
+        "InstanceAvailability"], tmp_path / "series")
+    assert final == 0x0000 and [(str(a.SeriesInstanceUID), a.InstanceAvailability)
+                                for _, a in series] == [(str(ds.SeriesInstanceUID), "ONLINE")]
+    images, final, images_s = _timed_find(pas.port, "-S", "IMAGE", [
+        f"StudyInstanceUID={ds.StudyInstanceUID}", f"SeriesInstanceUID={ds.SeriesInstanceUID}",
+        "SOPInstanceUID", "InstanceAvailability"], tmp_path / "images")
+    assert final == 0x0000 and [str(a.SOPInstanceUID) for _, a in images] == [
+        str(ds.SOPInstanceUID)]
+    assert max(series_s, images_s) < 1.5, (series_s, images_s)
+    assert hole.accepted == 0
+    assert not any("region not asked" in (row["detail"] or "")
+                   for row in audit_rows(pas.home, "query"))
+    # Nothing here: the region is asked, as before s42.
+    _, final, unknown_s = _timed_find(pas.port, "-S", "SERIES", [
+        "StudyInstanceUID=1.2.826.0.1.3680043.8.498.999", "SeriesInstanceUID"],
+        tmp_path / "unknown")
+    assert final == 0x0000 and unknown_s >= 2, unknown_s
+    assert "region not asked: no answer within 2.0 s" in (
+        audit_rows(pas.home, "query")[-1]["detail"] or "")
+
+
+def test_a_region_that_failed_is_not_waited_on_again_at_once(
+        black_hole: tuple[BlackHole, PasProcess, Dataset], tmp_path: Path) -> None:
+    """The first STUDY find waits out the deadline (2 s) and answers the local study; the
+    next ones, and a PATIENT find, are answered at once, the region not asked ("it failed N
+    s ago"): one connection to the black hole in all."""
+    hole, pas, ds = black_hole
+    keys = [f"PatientID={ds.PatientID}", "StudyInstanceUID", "InstanceAvailability"]
+    first, final, first_s = _timed_find(pas.port, "-S", "STUDY", keys, tmp_path / "first")
+    assert final == 0x0000 and [a.InstanceAvailability for _, a in first] == ["ONLINE"]
+    assert first_s >= 2, first_s
+    assert "region not asked: no answer within 2.0 s" in (
+        audit_rows(pas.home, "query")[-1]["detail"] or "")
+    for n, (model, level, more) in enumerate((("-S", "STUDY", []),
+                                              ("-P", "PATIENT", PATIENT_KEYS[1:3]))):
+        again, final, again_s = _timed_find(pas.port, model, level,
+                                            [*(keys if level == "STUDY" else keys[:1]), *more],
+                                            tmp_path / f"again{n}")
+        assert final == 0x0000 and len(again) == 1
+        assert again_s < 1.5, again_s
+        detail = audit_rows(pas.home, "query")[-1]["detail"] or ""
+        assert re.search(r"region not asked: it failed \d+ s ago \(no answer within 2\.0 s\)",
+                         detail), detail
+    assert hole.accepted == 1
 
 
 def test_a_patient_search_cut_by_the_regions_limit_says_so(region: Region,
                                                           tmp_path: Path) -> None:
     """With ``max_results`` = 2 the region is asked ``limit=3`` studies: PIDM's three fill it
     (more patients, or more of PIDM's studies, could be past them), so the answer ends
-    Success with what is known and the audit row says "truncated"; PIDC's two do not."""
+    Success with what is known and the audit row says "truncated"; PIDC's two do not.
+
+    Cut, the counts of a patient built from the region's studies may miss any of them: they
+    are answered empty, 0xFF01 (they were the part's, 0xFF00: PID9, 4 studies at the region
+    of which 3 were answered, counted 3 or 4 studies, never knowing). A PATIENT find that
+    asks no count is 0xFF00 still, and PIDC's (not cut) has its counts."""
     pas = PasProcess(tmp_path / "pas", {
         "PAS_DICOM__ACCEPT_UNKNOWN": "true",
         "PAS_PREFETCH__ENABLED": "false",
@@ -228,15 +382,23 @@ def test_a_patient_search_cut_by_the_regions_limit_says_so(region: Region,
     })
     try:
         pas.start()
-        for patient, studies in (("PIDM", 3), ("PIDC", 2)):
+        for patient, cut in (("PIDM", True), ("PID9", True), ("PIDC", False)):
             answers, final = _find(pas.port, "-P", "PATIENT", [f"PatientID={patient}",
                                    *PATIENT_KEYS[1:]], tmp_path / patient)
             assert final == 0x0000
             (status, ds), = answers
-            assert (status, ds.PatientID, _counts(ds)[0], ds.InstanceAvailability) == (
-                0xFF00, patient, studies, "NEARLINE")
+            assert (ds.PatientID, ds.InstanceAvailability) == (patient, "NEARLINE")
             detail = audit_rows(pas.home, "query")[-1]["detail"] or ""
-            assert ("truncated: the region answered 3 studies" in detail) == (studies == 3), \
-                detail
+            assert ("truncated: the region answered 3 studies" in detail) == cut, detail
+            if cut:
+                assert status == 0xFF01
+                assert all(ds[k].is_empty for k in PATIENT_KEYS[3:6]), ds
+                assert "counts of the patients the region matched not given" in detail, detail
+            else:
+                assert (status, _counts(ds)) == (0xFF00, (2, 2, 2))
+        uncounted, final = _find(pas.port, "-P", "PATIENT", [
+            "PatientID=PIDM", "PatientName", "InstanceAvailability"], tmp_path / "names")
+        assert final == 0x0000
+        assert [(s, str(a.PatientName)) for s, a in uncounted] == [(0xFF00, "DOE^JOHN")]
     finally:
         pas.stop()

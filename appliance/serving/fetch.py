@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -24,6 +27,7 @@ from itertools import chain
 from typing import Any
 from urllib.parse import urlencode
 
+import httpx
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 
 from appliance.config import Settings
@@ -252,7 +256,23 @@ class RegionFind:
     its backslash, the region matched none of its studies and the answer ended Success as if
     complete. A key that cannot be sent as the index matches it is held back and checked on
     the region's rows (:func:`_held_match`); a row lacking its attribute is marked
-    :data:`UNAPPLIED`."""
+    :data:`UNAPPLIED`.
+
+    Circuit breaker: after a failure of the region's (no answer within the deadline, a
+    connection error, a 5xx) it is not asked for ``RETRY_AFTER_S``: each search meanwhile
+    raises :class:`RegionError` at once ("it failed N s ago"), and the C-FIND answers from
+    local data without waiting out the deadline again (a viewer opening a study sent one
+    C-FIND per series, each waiting it out). A refusal (4xx) or an answer over its bound is
+    the search's, not the link's: no breaker.
+
+    It remembers the region's instance count of each study seen in a STUDY (or PATIENT)
+    answer for ``SEEN_FOR_S`` (at most ``SEEN_MAX`` studies, least recently seen dropped):
+    :meth:`region_instances`, by which a SERIES or IMAGE search of a study matched here asks
+    the region only when it holds more of the study than is here (qr.py)."""
+
+    RETRY_AFTER_S = 30.0   # the region not asked for this long after it failed
+    SEEN_FOR_S = 300.0     # a study's regional count is believed this long
+    SEEN_MAX = 10_000      # studies whose regional count is remembered
 
     def __init__(self, client: RegionClient, timeout_s: float, max_results: int = 0,
                  pn_case_sensitive: bool = False):
@@ -261,11 +281,57 @@ class RegionFind:
         self.max_results = max_results  # serving.max_results; 0: no limit asked
         self.pn_case_sensitive = pn_case_sensitive  # serving.pn_case_sensitive, as locally
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="pas-region-find")
+        self._lock = threading.Lock()  # every association's thread asks
+        self._failed: tuple[float, str] | None = None  # (monotonic, why) of the last failure
+        self._seen: OrderedDict[str, tuple[int, float]] = OrderedDict()
+
+    def region_instances(self, study_uid: str) -> int | None:
+        """The region's instance count of ``study_uid`` as its STUDY or PATIENT answer gave
+        it within the last ``SEEN_FOR_S``; None when not seen (or too long ago)."""
+        with self._lock:
+            seen = self._seen.get(study_uid)
+            if seen is None:
+                return None
+            if time.monotonic() - seen[1] > self.SEEN_FOR_S:
+                del self._seen[study_uid]
+                return None
+            return seen[0]
+
+    def _saw(self, rows: list[dict[str, Any]]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for row in rows:
+                uid = str(row.get("StudyInstanceUID") or "")
+                try:
+                    count = int(row.get("NumberOfStudyRelatedInstances") or "")
+                except ValueError:
+                    continue
+                if uid:
+                    self._seen[uid] = (count, now)
+                    self._seen.move_to_end(uid)
+            while len(self._seen) > self.SEEN_MAX:
+                self._seen.popitem(last=False)
+
+    def _skip(self) -> None:
+        """RegionError when the region failed within ``RETRY_AFTER_S``."""
+        with self._lock:
+            failed = self._failed
+        if failed is None:
+            return
+        ago = time.monotonic() - failed[0]
+        if ago < self.RETRY_AFTER_S:
+            raise RegionError(f"it failed {ago:.0f} s ago ({failed[1]}); asked again "
+                              f"{self.RETRY_AFTER_S:.0f} s after")
+
+    def _outcome(self, failure: str | None) -> None:
+        with self._lock:
+            self._failed = None if failure is None else (time.monotonic(), failure)
 
     def __call__(self, level: str, keys: dict[str, str]) -> RegionAnswer:
         path = _search_path(level, keys)
         if path is None:
             return RegionAnswer()
+        self._skip()
         fields: tuple[str, ...] = ()
         if level == "PATIENT":
             # Its other keys (NumberOfPatientRelatedStudies=2) are not a study's: the caller
@@ -291,11 +357,19 @@ class RegionFind:
             rows = future.result(timeout=self.timeout_s)
         except FutureTimeout:
             future.cancel()  # if it has not started: no search piles up behind a dead link
+            self._outcome(f"no answer within {self.timeout_s} s")
             raise RegionError(f"no answer within {self.timeout_s} s") from None
+        except RegionError as exc:
+            if _link_failure(exc):
+                self._outcome(str(exc))
+            raise
+        self._outcome(None)
+        read = [_keywords(row) for row in rows]
+        if level == "STUDY":  # a STUDY or PATIENT search: each study's count, kept or not
+            self._saw(read)
         answers = RegionAnswer()
         answers.cut = bool(limit) and len(rows) >= limit
-        for row in rows:
-            values = _keywords(row)
+        for values in read:
             unapplied = []
             for keyword, key in held.items():
                 matched = _held_match(keyword, key, values.get(keyword),
@@ -309,6 +383,15 @@ class RegionFind:
                     values[UNAPPLIED] = unapplied
                 answers.append(values)
         return answers
+
+
+def _link_failure(exc: RegionError) -> bool:
+    """Whether a search's RegionError is the region's or the link's (no connection, a
+    timeout, a 5xx: :class:`RegionFind`'s breaker opens), not the search's (a 4xx, an
+    answer over its bound, not JSON)."""
+    if exc.status is not None:
+        return exc.status >= 500
+    return isinstance(exc.__cause__, httpx.HTTPError)
 
 
 def _one_uid(value: str | None) -> str | None:

@@ -142,18 +142,22 @@ class QueryRetrieveService:
         answer_unapplied = answerer(event, encoder, PENDING_UNMATCHED)
         count = 0
         note = None
-        # Every level asks the region (a SERIES or IMAGE search scoped to one study and
+        # Every level may ask the region (a SERIES or IMAGE search scoped to one study and
         # series, a PATIENT search as a study search on its patient keys), first, so that
         # what it holds more of than is here is answered once, merged (qr_region.merged:
         # the region's counts, NEARLINE), whichever keys were asked, and what only it holds
         # is answered too. A STUDY's local row was answered ONLINE with the local part's
-        # counts and the region's dropped; SERIES and IMAGE asked the region only when
-        # nothing here matched, so a study held in part listed the series held here only;
-        # PATIENT never asked it: a patient whose studies were all evicted was not found.
-        ask_region = self.region_find is not None and searches_region(level, keys)
+        # counts and the region's dropped; PATIENT never asked it: a patient whose studies
+        # were all evicted was not found. SERIES and IMAGE ask it only when nothing here
+        # matched or the study is known to be held here in part (_region_wanted): asked
+        # whenever (s42), every browse of a study held whole waited on the WAN (+0.5 s a
+        # series with the WAN down, +0.5 s an IMAGE search of 1,000 images held here).
+        may_ask = self.region_find is not None and searches_region(level, keys)
+        ask_region = False
         regional: dict[Any, Any] = {}
         held: dict[str, tuple[int, int]] = {}  # PATIENT: the region's studies held here
-        local_keys = qr_region.local_keys(level, keys, ask_region)
+        region_cut = False  # PATIENT: the region answered as many studies as asked
+        local_keys = qr_region.local_keys(level, keys, may_ask)
         unique = qr_region.UNIQUE_KEY.get(level, "")
         truncated = False
         ended = "failure: the association ended before the last match was sent"
@@ -175,8 +179,19 @@ class QueryRetrieveService:
             # The first page read before the region is asked: a key the index refuses
             # (0xA900) is refused without a WAN round trip.
             first = next(pages, [])
+            ask_region = may_ask and self._region_wanted(level, keys, bool(first))
             if ask_region:
-                regional, note = self._ask_region(level, keys, note)
+                regional, note, region_cut = self._ask_region(level, keys, note)
+            # Cut, the region's answer may lack studies of any of its patients (not only the
+            # last ones: its order is its own), so a patient built from it has no counts that
+            # could be told complete: they are answered empty, 0xFF01 (a key not supported),
+            # not a part of them under 0xFF00 (every key applied).
+            region_cut = region_cut and any(
+                element.keyword in qr_region.PATIENT_COUNTS for element in asked)
+            if region_cut:
+                note = "; ".join(filter(None, [note, (
+                    "the counts of the patients the region matched not given (answered "
+                    f"0x{PENDING_UNMATCHED:04X}): its answer was cut")]))
             if level == "PATIENT" and regional:
                 held = qr_region.held_studies(
                     self.db, [uid for patient in regional.values() for uid in patient.studies])
@@ -194,13 +209,16 @@ class QueryRetrieveService:
                     audit_query(calling, address, summary, "cancelled", count)
                     yield CANCELLED, None
                     return
+                send = answer
                 if level == "PATIENT":
-                    values, availability = qr_region.patient_merged(
-                        values, regional.pop(qr_region.patient_key(values), None), held)
+                    there = regional.pop(qr_region.patient_key(values), None)
+                    values, availability = qr_region.patient_merged(values, there, held)
+                    if region_cut and there is not None:
+                        values, send = qr_region.uncounted(values), answer_unapplied
                 else:
                     values, availability = qr_region.merged(
                         level, values, regional.pop(values.get(unique) or "", None))
-                if not (yield from answer(values, availability)):
+                if not (yield from send(values, availability)):
                     rows.close()
                     audit_query(calling, address, summary, ended, count)
                     return
@@ -232,6 +250,8 @@ class QueryRetrieveService:
                 if level == "PATIENT":
                     values, whole = qr_region.patient_answer(there, held)
                     held_back = sorted(there.unapplied)
+                    if region_cut:
+                        values = qr_region.uncounted(values)
                 else:
                     values = there
                     held_back = values.get(UNAPPLIED) or []
@@ -246,7 +266,8 @@ class QueryRetrieveService:
                         continue
                     availability = "ONLINE"
                 unapplied.update(held_back)
-                send = answer_unapplied if held_back else answer
+                send = answer_unapplied if held_back or (level == "PATIENT" and region_cut) \
+                    else answer
                 if not (yield from send(values, availability)):
                     audit_query(calling, address, summary, ended, count)
                     return
@@ -268,29 +289,48 @@ class QueryRetrieveService:
                     f"{', '.join(unmatched)};", note]))
             audit_query(calling, address, summary, "success", count, note)
 
+    def _region_wanted(self, level: str, keys: dict[str, str], matched_here: bool) -> bool:
+        """Whether a C-FIND the region can be asked (searches_region) asks it: PATIENT and
+        STUDY always; SERIES and IMAGE when nothing here matched (a study listed NEARLINE,
+        held only there) or when the region's STUDY (or PATIENT) answer of the last minutes
+        counted more instances of the study than are here (RegionFind.region_instances: a
+        viewer lists the study before its series). A study held whole here, or not seen
+        at the region lately, is browsed as held, the WAN not waited on."""
+        if level in ("PATIENT", "STUDY") or not matched_here:
+            return True
+        seen = getattr(self.region_find, "region_instances", None)
+        study = (keys.get("StudyInstanceUID") or "").strip()
+        there = seen(study) if seen is not None else None
+        if there is None:
+            return False
+        return there > qr_region.held_counts(self.db, "STUDY", [study]).get(study, 0)
+
     def _ask_region(self, level: str, keys: dict[str, str], note: str | None
-                    ) -> tuple[dict[Any, Any], str | None]:
+                    ) -> tuple[dict[Any, Any], str | None, bool]:
         """The region's matches by their level's UID (in the region's order), a PATIENT
-        search's by patient (qr_region.RegionPatient), and the note with "region not asked"
+        search's by patient (qr_region.RegionPatient), the note with "region not asked"
         when it could not be (the WAN down: answered from local data, and the audit row says
-        so)."""
+        so; its breaker open: at once, "it failed N s ago"), and whether a PATIENT search's
+        answer was cut (the region gave as many studies as asked)."""
         assert self.region_find is not None
         try:
             rows = self.region_find(level, keys)
         except Exception as exc:
             note = "; ".join(filter(None, [note, f"region not asked: {exc}"]))
             log.info("C-FIND: region not asked: %s", exc)
-            return {}, note
+            return {}, note, False
         if level == "PATIENT":
-            if isinstance(rows, RegionAnswer) and rows.cut:
+            cut = isinstance(rows, RegionAnswer) and rows.cut
+            if cut:
                 # Asked max_results + 1 studies and given as many: patients past them (and
-                # the other studies of the last ones) are not known. Answered as far as
-                # known, ending Success as a cut at max_results does, and audited so.
-                cut = (f"truncated: the region answered {len(rows)} studies, its limit "
-                       f"(serving.max_results + 1): patients past them not listed")
-                note = "; ".join(filter(None, [note, cut]))
-                log.warning("C-FIND: %s", cut)
-            return qr_region.region_patients(rows, keys), note
+                # other studies of any of them) are not known. Answered as far as known,
+                # ending Success as a cut at max_results does, and audited so; not when it
+                # answered fewer (its answer is whole).
+                cut_note = (f"truncated: the region answered {len(rows)} studies, its limit "
+                            f"(serving.max_results + 1): patients past them not listed")
+                note = "; ".join(filter(None, [note, cut_note]))
+                log.warning("C-FIND: %s", cut_note)
+            return qr_region.region_patients(rows, keys), note, cut
         unique = qr_region.UNIQUE_KEY[level]
         # A region need not return the levels above in a series or instance search (PS3.18):
         # the UIDs the query pinned are its answers' too (a row without one raised KeyError,
@@ -301,7 +341,7 @@ class QueryRetrieveService:
             for key, value in pinned.items():
                 row.setdefault(key, value)
         # A row without its UID could not be told from another, nor retrieved: not answered.
-        return {str(row[unique]): row for row in rows if row.get(unique)}, note
+        return {str(row[unique]): row for row in rows if row.get(unique)}, note, False
 
     def _audit(self, event: str, calling: str, address: str, target: str | None,
                outcome: str, count: int | None = None, detail: str | None = None,

@@ -251,6 +251,12 @@ def patient_merged(here: dict[str, Any], there: RegionPatient | None,
     return result, "NEARLINE"
 
 
+def uncounted(values: dict[str, Any]) -> dict[str, Any]:
+    """A patient's values with its NumberOfPatientRelated* empty: counts that may be
+    incomplete (the region's answer was cut) are not given (answered 0xFF01)."""
+    return {**values, **dict.fromkeys(PATIENT_COUNTS, "")}
+
+
 def patient_answer(there: RegionPatient, held: dict[str, tuple[int, int]]
                    ) -> tuple[dict[str, Any], bool]:
     """A patient only the region matched: (its values, with the counts of the studies the
