@@ -72,7 +72,7 @@ def config_check(path: Path | None = typer.Argument(
             err.print(f"[red]config error[/red] {literal(problem)}", highlight=False)
     if site_problem or database_problem:
         raise typer.Exit(2)
-    for warning in unconfigured_destinations(settings, database):
+    for warning in unconfigured_destinations(settings, database) + around_the_proxy(settings):
         err.print(f"[yellow]warning[/yellow] {literal(warning)}", highlight=False)
     from appliance.config import site_origin
 
@@ -109,7 +109,7 @@ def _config_check_json(settings: Settings | None, problems: list[str],
         hub = None
     # "warnings" only when there are: the answer of a home with no such jobs is what it
     # was (a configuration management's check may compare it whole).
-    warnings = unconfigured_destinations(settings, database_path)
+    warnings = unconfigured_destinations(settings, database_path) + around_the_proxy(settings)
     print(json.dumps({
         "ok": True, "problems": [], "site": settings.site, "site_from": site_origin(settings),
         "ae_title": settings.dicom.ae_title, "port": settings.dicom.port,
@@ -178,6 +178,30 @@ def database_check(settings: Settings, path: Path | None = None) -> tuple[str | 
     state = ("current" if schema == known else
              "older: pas run migrates it at its start" if schema else "new")
     return None, f"database schema {schema} of {known} ({state})"
+
+
+def around_the_proxy(settings: Settings) -> list[str]:
+    """With ``hub.proxy`` set, a warning per DICOMweb peer beyond this machine that is
+    reached directly, not through the proxy (only the hub's connections use it): where the
+    firewall lets out to the proxy alone (the appliance image's, with a seed's proxy), such
+    a peer is unreachable (review s42 F5). Not a problem: it may be on the hospital's own
+    network."""
+    if not settings.hub.proxy:
+        return []
+    from urllib.parse import urlsplit
+
+    from appliance.transfer.http import shown_url
+
+    peers = [(f"destinations.{name}", destination.url)  # type: ignore[union-attr]
+             for name, destination in settings.destinations.items()
+             if destination.kind == "stowrs"]
+    if settings.prefetch.dicomweb_url:
+        peers.append(("prefetch.dicomweb_url", settings.prefetch.dicomweb_url))
+    return [f"{key} ({shown_url(url)}) is reached directly, not through hub.proxy (only the "
+            "hub's connections use it): check that the firewall lets it out"
+            for key, url in peers
+            if (urlsplit(url).hostname or "") not in ("localhost", "::1")
+            and not (urlsplit(url).hostname or "").startswith("127.")]
 
 
 def unconfigured_destinations(settings: Settings, path: Path | None = None) -> list[str]:

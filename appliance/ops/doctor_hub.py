@@ -8,6 +8,7 @@ hub's records. Split from appliance/ops/doctor.py when it passed 600 lines.
 
 from __future__ import annotations
 
+import ssl
 import time
 from email.utils import parsedate_to_datetime
 
@@ -176,6 +177,11 @@ def _proxy_failure(url: str, proxy: httpx.Proxy, exc: BaseException) -> Check:
         return Check("hub", "fail", f"the proxy {through} refused the tunnel to {url}: "
                      f"{status}", fix)
     if isinstance(exc, httpx.ConnectError) and _trust_problem(exc) is None:
+        if _caused_by(exc, ssl.SSLError):  # the tunnel opened; TLS inside it did not
+            return Check("hub", "fail", f"the tunnel to {url} through the proxy {through} "
+                         f"opened, but the TLS handshake with the hub failed: {exc}",
+                         "a proxy that filters or inspects TLS must let the hub's name pass "
+                         "untouched: ask the network team; else regional ops (the hub)")
         return Check("hub", "fail", f"cannot reach the proxy {through} (hub.proxy): {exc}",
                      "check hub.proxy, and that the proxy is up: ask the network team")
     if isinstance(exc, httpx.TimeoutException):
@@ -184,6 +190,17 @@ def _proxy_failure(url: str, proxy: httpx.Proxy, exc: BaseException) -> Check:
                      "ask the network team whether the proxy is up and reaches the hub, "
                      "then regional ops for the hub's status")
     return _hub_failure(url, exc)
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _trust_problem(exc: BaseException) -> str | None:

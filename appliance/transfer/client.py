@@ -274,7 +274,8 @@ class HubClient:
         self.reservations = Reservations(self._http)  # asked while the hub is busy
         # Every connection the pool opens is handed to the pacer (low unsent mark; pacing
         # when the line's rate is known).
-        self._http._transport._pool._network_backend = PacedBackend(self.pacer)
+        pool = self._http._transport._pool
+        pool._network_backend = PacedBackend(self.pacer, pool._network_backend)
 
     def close(self) -> None:
         self._closed = True

@@ -372,6 +372,11 @@ def enroll(home: Path, url: str, token: str, timeout: float = 30.0, *,
     url = url.rstrip("/")
     if urlsplit(url).scheme != "https":
         raise EnrolmentError(f"hub URL must start with https://, got {url!r}")
+    if proxy is not None and ":" in (urlsplit(url).hostname or ""):
+        # httpx's CONNECT names such a host without its brackets (CONNECT 2001:db8::1:8443),
+        # which no proxy can read (review s42 F6).
+        raise EnrolmentError(f"through a proxy (hub.proxy) the hub must be named by its "
+                             f"host name or IPv4 address, not an IPv6 one: got {url!r}")
     site, _secret, cafp = parse_token(token)
     if configured_site is not None and site != configured_site:
         # A token of the configured site only when it is a site's name (SiteMismatch).

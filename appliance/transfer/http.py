@@ -21,10 +21,13 @@ tests/test_http_clients.py refuses an ``httpx`` client built anywhere else.
 from __future__ import annotations
 
 import re
+import threading
+import time
 from collections.abc import Generator
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
+import httpcore
 import httpx
 
 # What a client's transport takes rather than the client, when the client is given a
@@ -42,18 +45,90 @@ def http_client(*, proxy: httpx.Proxy | None = None, **options: Any) -> httpx.Cl
     if proxy is None:
         return httpx.Client(trust_env=False, **options)
     carried = {key: options.pop(key) for key in _TRANSPORT_OPTIONS if key in options}
-    return httpx.Client(trust_env=False, transport=httpx.HTTPTransport(
-        proxy=proxy, trust_env=False, **carried), **options)
+    transport = _ProxiedTransport(proxy, _connect_bound(options.get("timeout")), carried)
+    return httpx.Client(trust_env=False, transport=transport, **options)
 
 
-def async_http_client(*, proxy: httpx.Proxy | None = None,
-                      **options: Any) -> httpx.AsyncClient:
-    """``httpx.AsyncClient(**options)`` that ignores the environment, as :func:`http_client`."""
-    if proxy is None:
-        return httpx.AsyncClient(trust_env=False, **options)
-    carried = {key: options.pop(key) for key in _TRANSPORT_OPTIONS if key in options}
-    return httpx.AsyncClient(trust_env=False, transport=httpx.AsyncHTTPTransport(
-        proxy=proxy, trust_env=False, **carried), **options)
+def async_http_client(**options: Any) -> httpx.AsyncClient:
+    """``httpx.AsyncClient(**options)`` that ignores the environment, as :func:`http_client`
+    (the hub's own clients: never through a proxy)."""
+    return httpx.AsyncClient(trust_env=False, **options)
+
+
+def _connect_bound(timeout: Any) -> float | None:
+    """The connect timeout of a client's ``timeout`` option (an ``httpx.Timeout`` or seconds)."""
+    if isinstance(timeout, httpx.Timeout):
+        return timeout.connect
+    return float(timeout) if isinstance(timeout, int | float) else None
+
+
+# How long every call to the hub is refused here after the proxy refused the credentials or
+# the tunnel (401, 403, 407), instead of asking it again (review s42 F1): a proxy checking
+# its Basic credentials against the hospital's directory locked the service account within
+# minutes, each worker, the keep-warm thread and the heartbeat asking again every few
+# seconds. Asked again after this, a proxy put right meanwhile is used without a restart.
+PROXY_REFUSED_WAIT_S = 300.0
+_REFUSING = ("401", "403", "407")
+_refused_lock = threading.Lock()
+_refused: dict[tuple[str, bytes], tuple[float, str]] = {}  # proxy -> (until, its answer)
+
+
+class _ProxiedTransport(httpx.HTTPTransport):
+    """httpx's transport through ``proxy``, with two things httpx does not do:
+
+    - the proxy's answer to CONNECT awaited at most the connect timeout (``bound_s``), not
+      the read timeout: through the proxy a hub that drops every packet held each call for
+      the whole read timeout (60 s) instead of the connect bound (10 s) a direct call has;
+    - a refusal of the proxy's (401, 403, 407) remembered for :data:`PROXY_REFUSED_WAIT_S`,
+      for every client of this process through the same proxy and credentials: the calls
+      meanwhile fail here with the same answer, the proxy not asked."""
+
+    def __init__(self, proxy: httpx.Proxy, bound_s: float | None, options: dict[str, Any]):
+        super().__init__(proxy=proxy, trust_env=False, **options)
+        self._key = (str(proxy.url), b":".join(proxy.raw_auth or ()))
+        self._pool._network_backend = TunnelBound(bound_s)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        with _refused_lock:
+            until, answer = _refused.get(self._key, (0.0, ""))
+        left = until - time.monotonic()
+        if left > 0:
+            raise httpx.ProxyError(f"{answer} (the proxy's answer {PROXY_REFUSED_WAIT_S - left:.0f}"
+                                   f" s ago: not asked again for {left:.0f} s)", request=request)
+        try:
+            return super().handle_request(request)
+        except httpx.ProxyError as exc:
+            if str(exc).startswith(_REFUSING):
+                with _refused_lock:
+                    _refused[self._key] = (time.monotonic() + PROXY_REFUSED_WAIT_S, str(exc))
+            raise
+
+
+class TunnelBound(httpcore.SyncBackend):
+    """httpcore's network backend whose plain connections bound each read to ``bound_s``
+    until TLS starts on them: the wait for the proxy's answer to CONNECT (the tunnel's TLS
+    handshake has the connect timeout already; what is read after it, the call's own)."""
+
+    def __init__(self, bound_s: float | None):
+        self.bound_s = bound_s
+
+    def connect_tcp(self, *args: Any, **kwargs: Any) -> httpcore.NetworkStream:
+        stream = super().connect_tcp(*args, **kwargs)
+        bound = self.bound_s
+        if bound is None:
+            return stream
+        plain_read, plain_start_tls = stream.read, stream.start_tls
+
+        def read(max_bytes: int, timeout: float | None = None) -> bytes:
+            return plain_read(max_bytes, bound if timeout is None else min(timeout, bound))
+
+        def start_tls(*tls_args: Any, **tls_kwargs: Any) -> httpcore.NetworkStream:
+            stream.read = plain_read  # type: ignore[method-assign]
+            return plain_start_tls(*tls_args, **tls_kwargs)
+
+        stream.read = read  # type: ignore[method-assign]
+        stream.start_tls = start_tls  # type: ignore[method-assign]
+        return stream
 
 
 class ProxySettings(Protocol):

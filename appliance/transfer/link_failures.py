@@ -65,6 +65,9 @@ def trust_problem(exc: BaseException) -> str | None:
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
+        refusal = proxy_refusal(current)
+        if refusal is not None:
+            return refusal
         if isinstance(current, ssl.SSLCertVerificationError):
             return f"this appliance does not trust the peer's certificate: " \
                    f"{current.verify_message or current.reason}"
@@ -89,8 +92,27 @@ def trust_problem(exc: BaseException) -> str | None:
     return None
 
 
-TRUST_HINT = ("`pas doctor` checks the certificates; a revoked, superseded or expired one is "
-              "replaced with `pas enroll --replace` and a restart of PAS")
+def proxy_refusal(exc: BaseException) -> str | None:
+    """The hospital's proxy (``hub.proxy``) refusing this appliance's credentials (401,
+    407) or the tunnel to the hub's port (403), in words saying who acts; None for any other
+    failure (a proxy that cannot reach the hub, 502 or 504, is the link's). A person must
+    act here too (the network team, or the configuration's proxy credentials): retried
+    like a failed link, a proxy checking its credentials against the hospital's directory
+    locked the service account within minutes (review s42 F1)."""
+    if not isinstance(exc, httpx.ProxyError):
+        return None
+    answer = str(exc)
+    if answer.startswith(("401", "407")):
+        return (f"the hospital's proxy refuses this appliance's credentials ({answer}): "
+                "check hub.proxy_username and hub.proxy_password with the network team")
+    if answer.startswith("403"):
+        return (f"the hospital's proxy refuses the tunnel to the hub ({answer}): it must allow "
+                "CONNECT to the hub's port; ask the network team")
+    return None
+
+
+TRUST_HINT = ("`pas doctor` checks the certificates and the proxy; a revoked, superseded or "
+              "expired certificate is replaced with `pas enroll --replace` and a restart of PAS")
 
 
 def credentials_refused(exc: BaseException, enrolment: Any | None) -> str | None:

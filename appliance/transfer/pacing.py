@@ -201,11 +201,15 @@ class PacedBackend(httpcore.SyncBackend):
     (the TLS socket too: wrapping detaches the plain one), which sets its low unsent mark
     and, when the line's rate is known, its pacing."""
 
-    def __init__(self, pacer: Pacer):
+    def __init__(self, pacer: Pacer, inner: httpcore.NetworkBackend | None = None):
         self.pacer = pacer
+        # The backend it replaces, whose connections it paces (a proxied client's bounds the
+        # wait for the proxy's answer: transfer/http.py TunnelBound); None: httpcore's own.
+        self.inner = inner
 
     def connect_tcp(self, *args: Any, **kwargs: Any) -> httpcore.NetworkStream:
-        stream = super().connect_tcp(*args, **kwargs)
+        stream = (self.inner.connect_tcp(*args, **kwargs) if self.inner is not None
+                  else super().connect_tcp(*args, **kwargs))
         plain_start_tls = stream.start_tls
         self.pacer.add(stream.get_extra_info("socket"))
 

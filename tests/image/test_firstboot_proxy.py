@@ -11,6 +11,7 @@ import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -109,3 +110,51 @@ def test_the_firewall_lets_out_to_the_proxys_port_and_nothing_else_there(
     # The same ruleset without the proxy: the proxy's port is dropped too.
     _loaded_in(ns, tmp_path, firstboot.firewall_sets({}))
     assert not _connects(ns, ns.outer_address, proxy_port)
+
+
+def test_proxy_credentials_without_a_proxy_are_refused_not_dropped() -> None:
+    """Review s42 F4: first boot wrote them nowhere (config_text writes [hub] for a proxy
+    only), without a word; PAS's own configuration refuses the same."""
+    firstboot = _firstboot()
+    hub = {key: value for key, value in SEED["hub"].items() if key != "proxy"}
+    assert firstboot.seed_problems({**SEED, "hub": hub}) == [
+        "hub.proxy_username: is set but hub.proxy is not (it would be dropped)",
+        "hub.proxy_password: is set but hub.proxy is not (it would be dropped)"]
+
+
+def test_a_proxied_first_boot_resolves_no_hub_lets_out_the_proxy_and_records_the_hub(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through a proxy the hub's name is not resolved here (the proxy does), the firewall
+    lets out to the proxy alone, and the enrolment runs on the configuration naming it. The
+    hub is still recorded as root's (review s42 F7): were the proxy taken out later, the
+    hourly step lets the firewall out to it; while proxied that step does nothing."""
+    from tests.image.test_firstboot import NFT_CONF, _under
+
+    firstboot, etc, home = _under(tmp_path, monkeypatch, SETS="pas-sets.nft",
+                                  HUB_SET="pas-hub.nft")
+    monkeypatch.setattr(firstboot, "NFT_CONF", NFT_CONF)
+    monkeypatch.setattr(firstboot, "load_seed", lambda: SEED)
+    for step in ("write_network", "write_ssh", "write_timezone"):
+        monkeypatch.setattr(firstboot, step, lambda _seed: None)
+
+    def getaddrinfo(host: str, *_: object) -> list[Any]:
+        raise AssertionError(f"{host} resolved: the proxy resolves the hub's name")
+
+    monkeypatch.setattr(firstboot.socket, "getaddrinfo", getaddrinfo)
+    steps: list[str] = []
+    real_run = subprocess.run
+
+    def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        steps.append(" ".join(command[:3]))
+        if command[0] == "nft":  # the check before a sets file is written: the real one
+            return real_run(command, **kwargs)  # type: ignore[call-overload,no-any-return]
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(firstboot.subprocess, "run", run)
+    firstboot.main()
+    assert "add element inet pas proxy_endpoints { 10.1.2.9 . 3128 }" in \
+        firstboot.SETS.read_text()
+    assert not firstboot.HUB_SET.exists()
+    assert 'url = "https://hub.region.example:8443"' in firstboot.FIREWALL_HUB.read_text()
+    assert "runuser -u pas" in steps and firstboot.MARKER.exists()
+    assert firstboot.proxied()  # what later boots and the hourly step ask before resolving
