@@ -7,7 +7,8 @@ the previous row's chain and of its own fields; ``pas audit verify`` recomputes 
 and names the first row that breaks it. Here the rows are written the real way (the store's
 ``record`` and an association's row, through a Database in a home), the attacker works with
 sqlite3 on the file as anyone with write access would (triggers dropped first), and the
-command runs as a process. An older database (schema 29) is chained by the migration.
+command runs as a process. An older database (schema 29): the upgrade rewrites none of its
+rows, it records the chain they would have; the rows after follow on from it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 import pytest
 
 from appliance.ops.audit_trail import journal_sink, rfc5424
-from appliance.store import audit
+from appliance.store import audit, backups
 from appliance.store.db import Database
 from appliance.store.schema import MIGRATIONS
 from appliance.store.schema_drift import find
@@ -115,7 +116,8 @@ def test_rows_written_by_pas_are_chained_and_verify_says_so(tmp_path: Path) -> N
     assert code == 0
     assert json.loads(said) == {"ok": True, "rows": 5, "last_id": 5,
                                 "last_time": json.loads(said)["last_time"],
-                                "head": rows[-1]["chain"], "broken": None}
+                                "head": rows[-1]["chain"], "before_upgrade": None,
+                                "broken": None}
     # pas audit itself is unchanged: it lists the rows, and --json shows each row's chain.
     listed = run_pas(["audit", "--json", "--limit", "2"], _env(home), timeout=60)
     assert listed.returncode == 0, listed.stderr
@@ -193,13 +195,9 @@ def test_a_removed_row_is_named_by_the_gap_it_leaves(tmp_path: Path) -> None:
     assert code == 1 and "broken at row 0" in said and "numbers its rows from 1" in said, said
 
 
-def test_a_schema_29_trail_is_chained_by_the_upgrade(tmp_path: Path) -> None:
-    """Rows written before migration 30, more than one batch of them, in the table's shape
-    of schema 29: the upgrade chains each in id order, the triggers are the same as before,
-    and the rows written after it follow on."""
-    path = tmp_path / "home" / "pas.sqlite"
+def _schema_29_trail(path: Path, count: int) -> None:
+    """``count`` rows written before migration 30, in the table's shape of schema 29."""
     Database(path, MIGRATIONS[:29]).close()
-    count = 2 * audit.CHAIN_BATCH + 7
     conn = sqlite3.connect(path)
     conn.executemany(
         "INSERT INTO audit (at, event, actor, source, target, outcome, detail, patient, "
@@ -209,26 +207,185 @@ def test_a_schema_29_trail_is_chained_by_the_upgrade(tmp_path: Path) -> None:
           f"P{n}" if n % 4 else None, None, C_FIND_IDENTIFIER if n % 3 == 1 else None, None)
          for n in range(count)])
     conn.commit()
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
     assert user_version(path) == 29
 
+
+def _anchor(path: Path) -> tuple[int, str] | None:
+    conn = sqlite3.connect(path)
+    try:
+        row = conn.execute("SELECT before_id, head FROM audit_chain_start").fetchone()
+        return None if row is None else (row[0], row[1])
+    finally:
+        conn.close()
+
+
+def test_the_upgrade_records_the_old_rows_chain_and_rewrites_none(tmp_path: Path) -> None:
+    """Rows written before migration 30, more than one batch of them: the upgrade rewrote
+    each with its chain, in one transaction (2 million rows: 42 s, a WAL of 1.17 GB, and a
+    full disk stopped the daemon's start). Now it only reads them: they keep no chain, the
+    chain they would have is recorded once, the WAL does not grow with them, and the rows
+    written after follow on from it."""
+    path = tmp_path / "home" / "pas.sqlite"
+    count = 2 * audit.CHAIN_BATCH + 7
+    _schema_29_trail(path, count)
+    before = _stored(path)
+
     db = Database(path)  # the daemon's start migrates
+    wal = path.with_name("pas.sqlite-wal")
+    # Rewriting the rows wrote every page of the table (about 1 MB for these 4,007 rows).
+    assert wal.stat().st_size < 100_000, wal.stat().st_size
     assert db.schema_version() == len(MIGRATIONS) and db.migrated_from == 29
     assert not find(db.connection(), MIGRATIONS), "the triggers differ from migration 1's"
     rows = _stored(path)
-    assert len(rows) == count and all(r["chain"] for r in rows)
-    assert rows[0]["chain"] == audit.chain_link(None, rows[0])
+    assert rows == [{**r, "chain": None} for r in before]
+    head = None
+    for row in rows:
+        head = audit.chain_link(head, row)
+    assert _anchor(path) == (count, head)
     check = audit.verify_chain(db)
-    assert (check.ok, check.rows, check.last_id, check.head) == \
-        (True, count, count, rows[-1]["chain"])
-    audit.record(db, "start", actor="system", detail="after the upgrade")
-    db.close()
+    assert (check.ok, check.rows, check.before_upgrade, check.upgrade_id, check.last_id,
+            check.head) == (True, 0, count, count, count, head)
     code, said = _verify(path.parent)
-    assert code == 0 and f"the audit trail's {count + 1} rows are chained" in said, said
+    assert code == 0 and said.startswith(
+        f"the audit trail's {count} rows written before the upgrade to migration 30 (IDs up "
+        f"to {count}) are as at the upgrade, last row ID {count} at "), said
+
+    audit.record(db, "start", actor="system", detail="after the upgrade")
+    audit.record(db, "stop", actor="system")
+    db.close()
+    after = _stored(path)[count:]
+    assert after[0]["chain"] == audit.chain_link(head, after[0])
+    assert after[1]["chain"] == audit.chain_link(after[0]["chain"], after[1])
+    code, said = _verify(path.parent)
+    assert code == 0 and said.startswith(
+        f"the audit trail's 2 rows are chained, and its {count} rows written before the "
+        f"upgrade to migration 30 (IDs up to {count}) are as at the upgrade, last row ID "
+        f"{count + 2} at "), said
+    assert said.endswith(f"head {after[1]['chain'][:16]}"), said
+    found = json.loads(_verify(path.parent, "--json")[1])
+    assert (found["ok"], found["rows"], found["before_upgrade"], found["head"]) == \
+        (True, 2, {"last_id": count, "rows": count}, after[1]["chain"]), found
     conn = sqlite3.connect(path)
-    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-        conn.execute("UPDATE audit SET chain = 'x' WHERE id = 1")
+    for statement in ("UPDATE audit SET chain = 'x' WHERE id = 1",
+                      f"UPDATE audit SET chain = NULL WHERE id = {count + 1}"):
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            conn.execute(statement)
+    for statement in ("UPDATE audit_chain_start SET head = 'x'", "DELETE FROM audit_chain_start"):
+        with pytest.raises(sqlite3.DatabaseError, match="written once"):
+            conn.execute(statement)
     conn.close()
+
+
+def test_an_empty_trail_at_the_upgrade_starts_at_the_genesis(tmp_path: Path) -> None:
+    path = tmp_path / "home" / "pas.sqlite"
+    Database(path, MIGRATIONS[:29]).close()
+    db = Database(path)
+    assert _anchor(path) is None
+    audit.record(db, "start", actor="system")
+    check = audit.verify_chain(db)
+    db.close()
+    [row] = _stored(path)
+    assert row["chain"] == audit.chain_link(None, row)
+    assert (check.ok, check.rows, check.before_upgrade, check.upgrade_id) == (True, 1, 0, None)
+
+
+@pytest.mark.parametrize(("change", "count"), [
+    ("UPDATE audit SET outcome = 'success' WHERE id = 6", 10),   # altered
+    ("DELETE FROM audit WHERE id = 3", 9),                       # removed in the middle
+    ("DELETE FROM audit WHERE id = 10", 9),                      # removed at their end
+    ("INSERT INTO audit (id, at, event, actor, outcome) "
+     "VALUES (0, 1.0, 'start', 'system', 'success')", 11),       # inserted before the first
+])
+def test_an_old_row_changed_since_the_upgrade_is_found(tmp_path: Path, change: str,
+                                                       count: int) -> None:
+    """The rows of before the upgrade have no chain of their own: verify recomputes theirs
+    and compares it with the one the upgrade recorded. Which row changed cannot be told."""
+    path = tmp_path / "home" / "pas.sqlite"
+    _schema_29_trail(path, 10)
+    db = Database(path)
+    audit.record(db, "start", actor="system")
+    db.close()
+    _attacker(path, change)
+    code, said = _verify(path.parent)
+    assert code == 1, said
+    assert (f"the audit trail is broken before row 11: the {count} rows now there with IDs up "
+            "to 10 (written before the upgrade to migration 30, which recorded their chain as "
+            "a whole) are not those of the upgrade: one or more was altered, removed or "
+            "inserted since, which one cannot be told.") in said, said
+    found = json.loads(_verify(path.parent, "--json")[1])
+    assert found["ok"] is False and found["broken"]["id"] == 10, found
+    assert found["broken"]["before_upgrade"] is True, found
+
+
+def test_a_chain_on_an_old_row_or_none_on_a_new_one_is_found(tmp_path: Path) -> None:
+    path = tmp_path / "home" / "pas.sqlite"
+    _schema_29_trail(path, 10)
+    db = Database(path)
+    audit.record(db, "start", actor="system")
+    audit.record(db, "stop", actor="system")
+    db.close()
+    stored = _stored(path)
+    # A row of after the upgrade without its chain (its value put back as an old row's).
+    _attacker(path, "UPDATE audit SET chain = NULL WHERE id = 12")
+    code, said = _verify(path.parent)
+    assert code == 1 and "broken at row 12" in said and "it has no chain" in said, said
+    assert "The 1 row before it is chained (head " in said, said
+    assert ("at row 11). The 10 rows written before the upgrade to migration 30 (IDs up to "
+            "10) are as at the upgrade.") in said, said
+    # An old row given a chain (made as PAS would): not a row of before the upgrade.
+    _attacker(path, f"UPDATE audit SET chain = '{stored[11]['chain']}' WHERE id = 12",
+              f"UPDATE audit SET chain = '{audit.chain_link(None, stored[0])}' WHERE id = 1")
+    code, said = _verify(path.parent)
+    assert code == 1 and "broken at row 1," in said, said
+    assert ("it has a chain, but its ID is among those of the rows written before the "
+            "upgrade to migration 30 (up to 10), which have none") in said, said
+
+
+def test_listing_options_before_verify_are_refused_json_and_config_passed_on(
+        tmp_path: Path) -> None:
+    """pas audit is a group: its listing options given before verify were silently ignored
+    (--since 24h verify verified everything), and --json printed text."""
+    home, db = _home(tmp_path)
+    _write_rows(db)
+    db.close()
+    env = {**_env(home), "COLUMNS": "400"}
+    for given, named in ((["--since", "24h", "--event", "export"], "--since"),
+                         (["--event", "export"], "--event"), (["--limit", "5"], "--limit"),
+                         (["--failures"], "--failures"), (["--patient", "P"], "--patient"),
+                         (["--until", "2024-01-01", "--json"], "--until"),
+                         (["--study", "1.2.3"], "--study")):
+        result = run_pas(["audit", *given, "verify"], env, timeout=60)
+        assert result.returncode == 2, (given, result.stdout, result.stderr)
+        assert result.stderr == (f"{named} is an option of `pas audit`'s listing, not of "
+                                 "`pas audit verify`\n"), result.stderr
+        assert result.stdout == ""
+    result = run_pas(["audit", "--json", "verify"], env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["rows"] == 5
+    config = tmp_path / "elsewhere.toml"
+    config.write_text(f'home = "{home}"\n')
+    unset = {k: v for k, v in env.items() if k != "PAS_HOME"}
+    result = run_pas(["audit", "--config", str(config), "--json", "verify"], unset,
+                     timeout=60, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["rows"] == 5
+
+
+def test_the_recovery_row_of_a_restore_names_the_restored_trails_head(tmp_path: Path) -> None:
+    """After a restore the rows written reuse ids a collector already received, with other
+    chains: the recovery row says where the new branch leaves the backup's trail."""
+    home, db = _home(tmp_path)
+    _write_rows(db)
+    backups.record_restore(db, made_at=1.7e9, folder=tmp_path / "backup", actor="root",
+                           detail="pas restore: the index of /backups/x")
+    db.close()
+    rows = _stored(home / "pas.sqlite")
+    assert rows[5]["event"] == "recovery"
+    assert rows[5]["detail"] == ("pas restore: the index of /backups/x; the restored audit "
+                                 f"trail's head: row 5, chain {rows[4]['chain']}")
+    assert rows[5]["chain"] == audit.chain_link(rows[4]["chain"], rows[5])
 
 
 def test_the_copies_of_the_trail_carry_each_rows_chain(tmp_path: Path,

@@ -8,6 +8,8 @@ Bad input is refused by the parser or before the database is opened, exit 2.
 
 ``pas audit verify``: the trail's hash chain checked row by row
 (:func:`appliance.store.audit.verify_chain`), exit 1 at the first row that breaks it.
+A listing option given before it (``pas audit --since 24h verify``) is refused, exit 2:
+it was silently ignored; ``--json`` and ``--config`` given there are passed on to it.
 """
 
 from __future__ import annotations
@@ -162,7 +164,8 @@ def audit(ctx: typer.Context, config: Path | None = ConfigOption,
     from appliance.cli.main import _settings
     from appliance.store.audit import search
 
-    if ctx.invoked_subcommand is not None:  # pas audit verify: its own options
+    if ctx.invoked_subcommand is not None:  # pas audit verify
+        _pass_on(ctx, config, as_json)
         return
     wanted = _filter(since, until, events, patient, study, failures)
     settings = _settings(config)
@@ -196,34 +199,76 @@ def audit(ctx: typer.Context, config: Path | None = ConfigOption,
         console.print(more, highlight=False)
 
 
+# The group's options that only its listing reads: given before a subcommand (pas audit
+# --since 24h verify) they were silently ignored, the verify unfiltered. --json and --config
+# are the subcommand's own too: passed on (_pass_on).
+_LISTING_OPTIONS = (("since", "--since"), ("until", "--until"), ("patient", "--patient"),
+                    ("study", "--study"), ("events", "--event"), ("failures", "--failures"),
+                    ("limit", "--limit"))
+
+
+def _pass_on(ctx: typer.Context, config: Path | None, as_json: bool) -> None:
+    """``pas audit [options] verify``: a listing option given is refused, exit 2, naming
+    it; ``--config`` and ``--json`` go on to the subcommand (ctx.obj), as if given after
+    it."""
+    # By the source's name: typer carries a click of its own (typer._click), whose
+    # ParameterSource is not click's.
+    given = [flag for name, flag in _LISTING_OPTIONS
+             if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"]
+    if given:
+        err.print(f"{given[0]} is an option of `pas audit`'s listing, not of `pas audit "
+                  f"{ctx.invoked_subcommand}`", highlight=False, markup=False)
+        raise typer.Exit(2)
+    ctx.obj = {"config": config, "json": as_json}
+
+
 @audit_app.command("verify")
-def verify(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> None:
+def verify(ctx: typer.Context, config: Path | None = ConfigOption,
+           as_json: bool = JsonOption) -> None:
     """Check the audit trail's hash chain: every row as it was written, none removed or
     inserted since (exit 1 names the first row that is not)."""
     from appliance.cli.common import read_database
     from appliance.cli.main import _settings
     from appliance.store.audit import verify_chain
 
+    given = ctx.obj if isinstance(ctx.obj, dict) else {}
+    config = config if config is not None else given.get("config")
+    as_json = as_json or bool(given.get("json"))
     check = verify_chain(read_database(_settings(config).db_path))
     if as_json:
         print(json.dumps({
             "ok": check.ok, "rows": check.rows, "last_id": check.last_id,
             "last_time": _iso(check.last_at), "head": check.head,
+            "before_upgrade": None if check.upgrade_id is None else {
+                "last_id": check.upgrade_id, "rows": check.before_upgrade},
             "broken": None if check.ok else {
                 "id": check.broken_id, "time": _iso(check.broken_at),
                 "problem": check.problem,
-                "missing": list(check.missing) if check.missing else None}}, indent=2))
+                "missing": list(check.missing) if check.missing else None,
+                "before_upgrade": check.old_rows_changed}}, indent=2))
     elif check.ok and check.last_id is None:
         console.print("the audit trail has no rows yet", highlight=False)
     elif check.ok:
         are = "is" if check.rows == 1 else "are"
-        console.print(f"the audit trail's {counted(check.rows, 'row')} {are} chained, last "
-                      f"row ID {check.last_id} at {_local(check.last_at or 0)}, head "
-                      f"{(check.head or '')[:16]}", highlight=False)
+        said = f"the audit trail's {counted(check.rows, 'row')} {are} chained"
+        if check.before_upgrade:
+            old = (f"{counted(check.before_upgrade, 'row')} written before the upgrade to "
+                   f"migration 30 (IDs up to {check.upgrade_id}) "
+                   f"{'is' if check.before_upgrade == 1 else 'are'} as at the upgrade")
+            said = f"{said}, and its {old}" if check.rows else f"the audit trail's {old}"
+        console.print(f"{said}, last row ID {check.last_id} at {_local(check.last_at or 0)}, "
+                      f"head {(check.head or '')[:16]}", highlight=False)
+    elif check.old_rows_changed:
+        err.print(f"[red]the audit trail is broken before row {(check.upgrade_id or 0) + 1}"
+                  f"[/red]: {literal(check.problem)}.", highlight=False)
     else:
         before = (f" The {counted(check.rows, 'row')} before it "
                   f"{'is' if check.rows == 1 else 'are'} chained (head "
                   f"{(check.head or '')[:16]} at row {check.last_id})." if check.rows else "")
+        if check.before_upgrade:
+            before += (f" The {counted(check.before_upgrade, 'row')} written before the "
+                       f"upgrade to migration 30 (IDs up to {check.upgrade_id}) "
+                       f"{'is' if check.before_upgrade == 1 else 'are'} as at the upgrade.")
         written = ("at a time that is not one" if check.broken_at is None
                    else _local(check.broken_at))
         err.print(f"[red]the audit trail is broken at row {check.broken_id}[/red], written "

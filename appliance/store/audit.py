@@ -27,7 +27,11 @@ that a row altered, removed or inserted afterwards (by someone who dropped the a
 triggers, or edited the file) breaks the chain from that row on: :func:`verify_chain`
 (``pas audit verify``). The copies of the trail carry each row's chain off the machine
 (``appliance.ops.audit_trail``): a whole table rewritten with a consistent chain is told by
-comparing its chain with theirs.
+comparing its chain with theirs. The rows written before migration 30 are not rewritten
+(for 2 million rows that took 42 s and a 1.17 GB WAL, and failed on a nearly full disk):
+they keep no chain, the upgrade recorded the chain they would have had
+(``audit_chain_start``: :func:`chain_anchor`), the first row after follows on from it, and
+:func:`verify_chain` checks them against it, as a whole.
 """
 
 from __future__ import annotations
@@ -164,9 +168,9 @@ def record_in(conn: sqlite3.Connection, event: str, *, actor: str | None,
     # The previous row's chain, and this row's id (the one SQLite would give it: the largest
     # plus one), in the write transaction Database.transaction opened with BEGIN IMMEDIATE:
     # no other writer comes in between.
-    last = conn.execute("SELECT id, chain FROM audit ORDER BY id DESC LIMIT 1").fetchone()
-    row["id"] = int(last[0]) + 1 if last is not None else 1
-    row["chain"] = chain_link(last[1] if last is not None else None, row)
+    last_id, previous = chain_head(conn)
+    row["id"] = last_id + 1 if last_id is not None else 1
+    row["chain"] = chain_link(previous, row)
     conn.execute(
         "INSERT INTO audit (id, at, event, actor, source, target, outcome, detail, patient, "
         "sop_class, query, query_syntax, chain) VALUES (:id, :at, :event, :actor, :source, "
@@ -433,11 +437,13 @@ def search(db: Database, wanted: AuditFilter, limit: int) -> tuple[list[dict[str
 # object with sorted keys, no spaces, ASCII only, bytes as {"base64": ...}. Anyone can
 # recompute it from ``pas audit --json`` or from a copy of the trail (docs/operations.md).
 # The row's id is one of its fields, so a row moved to another place breaks the chain too.
+# The rows written before migration 30 have none (NULL): the first row written after follows
+# on from the chain they would have had, which the upgrade recorded (audit_chain_start.head).
 
 CHAIN_GENESIS = "0" * 64
 CHAINED = ("id", "at", "event", "actor", "source", "target", "outcome", "detail", "patient",
            "sop_class", "query", "query_syntax")
-# Rows read at once by the migration's backfill and by verify_chain (bounded memory).
+# Rows read at once by the migration's data step and by verify_chain (bounded memory).
 CHAIN_BATCH = 2000
 _CHAIN_SELECT = f"SELECT {', '.join(CHAINED)}, chain FROM audit WHERE id > ? ORDER BY id LIMIT ?"
 
@@ -474,30 +480,35 @@ def _chained_rows(read: Callable[[int], Sequence[sqlite3.Row]]) -> Iterator[sqli
         after = int(rows[-1]["id"])
 
 
-def chain_backfill(conn: sqlite3.Connection) -> int:
-    """Migration 30's data step, in its transaction: every row written before gets its
-    chain, in id order, CHAIN_BATCH rows at a time. The append-only UPDATE trigger is
-    dropped for it and made again from its own text (the schema stays migration 1's, which
-    :mod:`appliance.store.schema_drift` compares). How many rows."""
-    trigger = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'trigger' "
-                           "AND name = 'audit_append_only_update'").fetchone()
-    if trigger is not None:
-        conn.execute("DROP TRIGGER audit_append_only_update")
+def chain_head(conn: sqlite3.Connection) -> tuple[int | None, str | None]:
+    """The trail's last row id and the chain the next row follows on from: that row's
+    chain; for a row of before migration 30 (no chain), the chain recorded for those rows
+    at the upgrade (audit_chain_start); (None, None) for an empty trail (the next row is
+    the first: CHAIN_GENESIS)."""
+    last = conn.execute("SELECT id, chain FROM audit ORDER BY id DESC LIMIT 1").fetchone()
+    if last is None:
+        return None, None
+    if last[1] is not None:
+        return int(last[0]), str(last[1])
+    anchor = conn.execute("SELECT head FROM audit_chain_start WHERE id = 1").fetchone()
+    return int(last[0]), str(anchor[0]) if anchor is not None else None
+
+
+def chain_anchor(conn: sqlite3.Connection) -> int:
+    """Migration 30's data step, in its transaction: the chain the rows written before
+    would have (in id order, CHAIN_BATCH rows read at a time), recorded with the last of
+    their ids in audit_chain_start, nothing recorded for an empty trail. The rows are only
+    read, never rewritten (no UPDATE: the upgrade writes a few pages whatever the trail's
+    size, where rewriting them grew the WAL by the table's size). How many rows."""
     previous: str | None = None
-    count = 0
-    batch: list[tuple[str, int]] = []
+    count, last_id = 0, None
     for row in _chained_rows(lambda after: _as_rows(conn.execute(
             _CHAIN_SELECT, (after, CHAIN_BATCH)).fetchall())):
-        previous = chain_link(previous, row)
-        batch.append((previous, int(row["id"])))
-        if len(batch) >= CHAIN_BATCH:
-            conn.executemany("UPDATE audit SET chain = ? WHERE id = ?", batch)
-            count += len(batch)
-            batch = []
-    conn.executemany("UPDATE audit SET chain = ? WHERE id = ?", batch)
-    count += len(batch)
-    if trigger is not None:
-        conn.execute(trigger[0])
+        previous, last_id = chain_link(previous, row), int(row["id"])
+        count += 1
+    if last_id is not None:
+        conn.execute("INSERT INTO audit_chain_start (id, before_id, head) VALUES (1, ?, ?)",
+                     (last_id, previous))
     return count
 
 
@@ -512,9 +523,13 @@ def _as_rows(rows: list[Any]) -> list[Any]:
 @dataclass(frozen=True)
 class ChainCheck:
     """What :func:`verify_chain` found. ``rows``: the rows found chained, in id order, up to
-    ``last_id`` (written at ``last_at``), whose chain is ``head``. When a row breaks the
-    chain: ``broken_id`` (its time ``broken_at``) and ``problem`` in words; ``missing``: the
-    ids absent before it (first, last), when the break is a gap in the ids."""
+    ``last_id`` (written at ``last_at``), whose chain is ``head``. ``before_upgrade``: the
+    rows written before migration 30 (ids up to ``upgrade_id``), found as they were at the
+    upgrade, as a whole (0 when the trail was empty then, or the check stopped in them).
+    When a row breaks the chain: ``broken_id`` (its time ``broken_at``) and ``problem`` in
+    words; ``missing``: the ids absent before it (first, last), when the break is a gap in
+    the ids. ``old_rows_changed``: the break is in the rows of before the upgrade as a
+    whole (``broken_id`` is then ``upgrade_id``): which of them changed cannot be told."""
 
     rows: int
     last_id: int | None
@@ -524,6 +539,9 @@ class ChainCheck:
     broken_at: float | None = None
     problem: str | None = None
     missing: tuple[int, int] | None = None
+    before_upgrade: int = 0
+    upgrade_id: int | None = None
+    old_rows_changed: bool = False
 
     @property
     def ok(self) -> bool:
@@ -535,22 +553,60 @@ def verify_chain(db: Database) -> ChainCheck:
     batch its own short read: a daemon writing meanwhile only adds rows after), recompute
     each row's chain, and stop at the first row that does not match: its fields or its
     chain changed, a row before it was removed (a gap in the ids) or rewritten, or it was
-    inserted. What it cannot see: rows removed from the end, or the whole table rewritten
-    with a chain made anew; the copies of the trail (journald, syslog) carry each row's
-    chain, and a head that differs from theirs tells."""
+    inserted. The rows of before migration 30 (no chain, ids up to audit_chain_start's
+    ``before_id``) are recomputed together and must give the ``head`` the upgrade recorded:
+    unchanged since the upgrade (which of them changed, if one did, cannot be told); a row
+    among them with a chain, or a row after them without one, is a finding. What it cannot
+    see: rows removed from the end, or the whole table rewritten with a chain made anew;
+    the copies of the trail (journald, syslog) carry each row's chain, and a head that
+    differs from theirs tells."""
+    anchor = db.query_one("SELECT before_id, head FROM audit_chain_start WHERE id = 1")
+    upgrade_id = int(anchor["before_id"]) if anchor is not None else None
     previous: str | None = None
     expected, count = 1, 0
     last: sqlite3.Row | None = None
+    old: str | None = None  # the chain of the rows of before the upgrade, so far
+    old_count, old_last_at = 0, None
+    pending = anchor is not None  # rows of before the upgrade not yet checked as a whole
 
     def broken(row: sqlite3.Row, problem: str,
                missing: tuple[int, int] | None = None) -> ChainCheck:
         at = row["at"]  # a time an attacker wrote may not be one
         return ChainCheck(count, last["id"] if last else None, last["at"] if last else None,
                           previous, int(row["id"]),
-                          float(at) if isinstance(at, int | float) else None, problem, missing)
+                          float(at) if isinstance(at, int | float) else None, problem, missing,
+                          0 if pending else old_count, upgrade_id)
+
+    def old_rows_differ() -> ChainCheck | None:
+        if anchor is None or old == anchor["head"]:
+            return None
+        return ChainCheck(
+            0, None, None, None, upgrade_id, old_last_at,
+            f"the {counted(old_count, 'row')} now there with IDs up to {upgrade_id} "
+            "(written before the upgrade to migration 30, which recorded their chain as a "
+            "whole) are not those of the upgrade: one or more was altered, removed or "
+            "inserted since, which one cannot be told", None, 0, upgrade_id, True)
 
     altered = "altered, removed or inserted after it was written"
     for row in _chained_rows(lambda after: db.query(_CHAIN_SELECT, (after, CHAIN_BATCH))):
+        if pending and upgrade_id is not None and row["id"] <= upgrade_id:
+            if row["chain"] is not None:
+                return broken(row, f"{altered}: it has a chain, but its ID is among those "
+                              f"of the rows written before the upgrade to migration 30 (up "
+                              f"to {upgrade_id}), which have none")
+            try:
+                old = chain_link(old, row)
+            except ValueError:  # a time of infinity: never one PAS writes
+                return broken(row, f"{altered}: its fields are not as PAS writes them")
+            at = row["at"]
+            old_count, old_last_at = old_count + 1, (
+                float(at) if isinstance(at, int | float) else None)
+            continue
+        if pending:
+            finding = old_rows_differ()
+            if finding is not None:
+                return finding
+            pending, previous, expected = False, old, (upgrade_id or 0) + 1
         if row["id"] < expected:  # only below 1: the ids are read in order
             return broken(row, f"{altered}: PAS numbers its rows from 1")
         if row["id"] > expected:
@@ -564,10 +620,18 @@ def verify_chain(db: Database) -> ChainCheck:
         except ValueError:  # a time of infinity: never one PAS writes
             return broken(row, f"{altered}: its fields are not as PAS writes them")
         if row["chain"] != link:
-            why = ("it has no chain (PAS writes one with every row)" if row["chain"] is None
+            why = ("it has no chain (PAS writes one with every row written after the upgrade "
+                   "to migration 30)" if row["chain"] is None
                    else "its chain does not match its fields and the row before it")
             return broken(row, f"{altered}: {why}")
         previous, last = link, row
         expected, count = expected + 1, count + 1
+    if pending:
+        finding = old_rows_differ()
+        if finding is not None:
+            return finding
+    if last is None and old_count:  # only rows of before the upgrade, as they were
+        return ChainCheck(0, upgrade_id, old_last_at, old, before_upgrade=old_count,
+                          upgrade_id=upgrade_id)
     return ChainCheck(count, last["id"] if last else None, last["at"] if last else None,
-                      previous)
+                      previous, before_upgrade=old_count, upgrade_id=upgrade_id)

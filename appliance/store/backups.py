@@ -25,8 +25,18 @@ from appliance.store.db import Database
 def record_restore(db: Database, *, made_at: float, folder: Path, actor: str,
                    detail: str) -> None:
     """The restore of the backup in ``folder``, written at ``made_at``, with its ``recovery``
-    audit row (``detail``): one transaction, so neither is there without the other."""
+    audit row (``detail``): one transaction, so neither is there without the other.
+
+    The row also names the restored trail's head (its last row id and the chain the
+    ``recovery`` row follows on from): the rows written from here reuse ids that the
+    trail's copies (journald, a syslog collector) may have received from the index before
+    the restore, with other chains. The ``recovery`` row starts that new branch, and says
+    where it branches off (docs/operations.md, "The hash chain")."""
     with db.transaction() as conn:
+        last_id, head = audit.chain_head(conn)
+        if last_id is not None:
+            detail = (f"{detail}; the restored audit trail's head: row {last_id}, "
+                      f"chain {head}")
         audit_id = audit.record_in(conn, "recovery", actor=actor, outcome="success",
                                    detail=detail)
         conn.execute("INSERT INTO restored_backups (audit_id, made_at, folder) VALUES (?, ?, ?)",

@@ -679,11 +679,25 @@ MIGRATIONS: list[str] = [
     # the SHA-256 of the previous row's chain and of its own fields (audit.chain_link),
     # written with the row; ``pas audit verify`` recomputes it. Anyone who could write the
     # file could drop the append-only triggers and rewrite or delete rows unseen. The rows
-    # written before are chained in id order by this migration's data step
-    # (audit.chain_backfill, see data_step below: SQLite has no SHA-256), in batches. The
+    # written before keep a NULL chain: rewriting them all in this transaction took 42 s
+    # and a 1.17 GB WAL for 2 million rows, and failed on a nearly full disk, so the daemon
+    # could not start. The data step (audit.chain_anchor, see data_step below: SQLite has
+    # no SHA-256) reads them in id order, in batches, and writes only the chain they would
+    # have (``head``) after the last of them (``before_id``) in audit_chain_start: the
+    # first row written after follows on from it, and verify checks them against it. IF
+    # NOT EXISTS: a database taken back to an older schema by hand (a test's) keeps it. The
     # UPDATE trigger of migration 1 forbids changing the chain as any other column.
     """
     ALTER TABLE audit ADD COLUMN chain TEXT;
+    CREATE TABLE IF NOT EXISTS audit_chain_start (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        before_id INTEGER NOT NULL,
+        head TEXT NOT NULL
+    );
+    CREATE TRIGGER IF NOT EXISTS audit_chain_start_fixed BEFORE UPDATE ON audit_chain_start
+        BEGIN SELECT RAISE(ABORT, 'audit_chain_start is written once'); END;
+    CREATE TRIGGER IF NOT EXISTS audit_chain_start_kept BEFORE DELETE ON audit_chain_start
+        BEGIN SELECT RAISE(ABORT, 'audit_chain_start is written once'); END;
     """,
 ]
 
@@ -691,10 +705,11 @@ MIGRATIONS: list[str] = [
 def data_step(conn: sqlite3.Connection, script: str) -> None:
     """What a migration does that SQL cannot, run by the migration runner
     (:meth:`appliance.store.db.Database._migrate`) right after ``script``'s statements, in
-    the same transaction; the code is the owning module's. Migration 30: the chain of the
-    audit rows written before it (:func:`appliance.store.audit.chain_backfill`). Not run
-    by :mod:`appliance.store.schema_drift`'s reference (an empty database in memory)."""
+    the same transaction; the code is the owning module's. Migration 30: the chain the audit
+    rows written before it would have, recorded once (:func:`appliance.store.audit.
+    chain_anchor`; read only, no row rewritten). Not run by
+    :mod:`appliance.store.schema_drift`'s reference (an empty database in memory)."""
     if len(MIGRATIONS) >= 30 and script == MIGRATIONS[29]:
-        from appliance.store.audit import chain_backfill
+        from appliance.store.audit import chain_anchor
 
-        chain_backfill(conn)
+        chain_anchor(conn)
