@@ -298,17 +298,27 @@ class RegionFind:
             return seen[0]
 
     def _saw(self, rows: list[dict[str, Any]]) -> None:
+        counts = {}
+        for row in rows:
+            uid = str(row.get("StudyInstanceUID") or "")
+            try:
+                counts[uid] = int(row.get("NumberOfStudyRelatedInstances") or "")
+            except ValueError:
+                continue
+        self._remember({uid: count for uid, count in counts.items() if uid})
+
+    def saw_absent(self, study_uids: list[str]) -> None:
+        """Studies matched here that a whole STUDY answer of the region did not list: it
+        holds none of them (0), so browsing them asks it nothing (a study received here and
+        not sent yet, the most read of all, would otherwise ask at every series)."""
+        self._remember(dict.fromkeys(study_uids[-self.SEEN_MAX:], 0))
+
+    def _remember(self, counts: dict[str, int]) -> None:
         now = time.monotonic()
         with self._lock:
-            for row in rows:
-                uid = str(row.get("StudyInstanceUID") or "")
-                try:
-                    count = int(row.get("NumberOfStudyRelatedInstances") or "")
-                except ValueError:
-                    continue
-                if uid:
-                    self._seen[uid] = (count, now)
-                    self._seen.move_to_end(uid)
+            for uid, count in counts.items():
+                self._seen[uid] = (count, now)
+                self._seen.move_to_end(uid)
             while len(self._seen) > self.SEEN_MAX:
                 self._seen.popitem(last=False)
 

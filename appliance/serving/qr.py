@@ -153,7 +153,8 @@ class QueryRetrieveService:
         # whenever (s42), every browse of a study held whole waited on the WAN (+0.5 s a
         # series with the WAN down, +0.5 s an IMAGE search of 1,000 images held here).
         may_ask = self.region_find is not None and searches_region(level, keys)
-        ask_region = False
+        ask_region = answered_whole = False
+        absent: list[str] = []  # STUDY: matched here, not in the region's whole answer
         regional: dict[Any, Any] = {}
         held: dict[str, tuple[int, int]] = {}  # PATIENT: the region's studies held here
         region_cut = False  # PATIENT: the region answered as many studies as asked
@@ -181,7 +182,15 @@ class QueryRetrieveService:
             first = next(pages, [])
             ask_region = may_ask and self._region_wanted(level, keys, bool(first))
             if ask_region:
+                before = note
                 regional, note, region_cut = self._ask_region(level, keys, note)
+                # Answered whole (not failed, fewer rows than the limit asked) on keys both
+                # sides match alike (no name, no wildcard: Orthanc matches no non-ASCII name
+                # with one): a study matched here that it does not list is one it holds
+                # none of.
+                answered_whole = (level == "STUDY" and note == before
+                                  and (cap is None or len(regional) <= cap)
+                                  and _matched_alike(keys))
             # Cut, the region's answer may lack studies of any of its patients (not only the
             # last ones: its order is its own), so a patient built from it has no counts that
             # could be told complete: they are answered empty, 0xFF01 (a key not supported),
@@ -213,16 +222,22 @@ class QueryRetrieveService:
                 if level == "PATIENT":
                     there = regional.pop(qr_region.patient_key(values), None)
                     values, availability = qr_region.patient_merged(values, there, held)
-                    if region_cut and there is not None:
+                    if region_cut:  # even one the cut answer does not list: its studies
+                        # at the region may be past the cut (review s42b F2)
                         values, send = qr_region.uncounted(values), answer_unapplied
                 else:
-                    values, availability = qr_region.merged(
-                        level, values, regional.pop(values.get(unique) or "", None))
+                    there = regional.pop(values.get(unique) or "", None)
+                    if answered_whole and there is None:
+                        absent.append(str(values.get(unique) or ""))
+                    values, availability = qr_region.merged(level, values, there)
                 if not (yield from send(values, availability)):
                     rows.close()
                     audit_query(calling, address, summary, ended, count)
                     return
                 count += 1
+            saw_absent = getattr(self.region_find, "saw_absent", None)
+            if absent and saw_absent is not None:
+                saw_absent(absent)
         except store_query.QueryError as exc:
             log.warning("C-FIND from %s refused: %s", calling, exc)
             audit_query(calling, address, summary, f"failure: {exc}", count)
@@ -291,19 +306,24 @@ class QueryRetrieveService:
 
     def _region_wanted(self, level: str, keys: dict[str, str], matched_here: bool) -> bool:
         """Whether a C-FIND the region can be asked (searches_region) asks it: PATIENT and
-        STUDY always; SERIES and IMAGE when nothing here matched (a study listed NEARLINE,
-        held only there) or when the region's STUDY (or PATIENT) answer of the last minutes
-        counted more instances of the study than are here (RegionFind.region_instances: a
-        viewer lists the study before its series). A study held whole here, or not seen
-        at the region lately, is browsed as held, the WAN not waited on."""
+        STUDY always; SERIES and IMAGE unless the study is proven held whole here: the
+        region's STUDY (or PATIENT) answer of the last minutes (RegionFind.region_instances:
+        a viewer lists the study before its series) counted no more instances of it than
+        the region confirmed of those here (a set it holds: it then holds nothing else).
+
+        A plain count here proved nothing (review s42b F1): a study evicted here whose late
+        series came since, as many images as the region's, was answered Success without
+        the region's series; so was any study after a restart, the counts forgotten. Not
+        proven, the region is asked, at the cost of its round trip; a region that failed is
+        not waited on again for RegionFind.RETRY_AFTER_S (the breaker)."""
         if level in ("PATIENT", "STUDY") or not matched_here:
             return True
         seen = getattr(self.region_find, "region_instances", None)
         study = (keys.get("StudyInstanceUID") or "").strip()
         there = seen(study) if seen is not None else None
-        if there is None:
-            return False
-        return there > qr_region.held_counts(self.db, "STUDY", [study]).get(study, 0)
+        if there is None or not store_query.is_uid(study):
+            return True
+        return there > store_query.confirmed_in_study(self.db, study)
 
     def _ask_region(self, level: str, keys: dict[str, str], note: str | None
                     ) -> tuple[dict[Any, Any], str | None, bool]:
@@ -375,6 +395,18 @@ def _identifier_as_sent(event: Any) -> dict[str, Any]:
     if raw is None or raw.getbuffer().nbytes > AUDITED_IDENTIFIER_MAX:
         return {}
     return {"query": raw.getvalue(), "query_syntax": str(event.context.transfer_syntax)}
+
+
+
+# Keys the index and the region match the same way when exact (UIDs, identifiers, a date):
+# a whole regional answer on them tells what the region holds of the studies matched here.
+_ALIKE_KEYS = {"PatientID", "IssuerOfPatientID", "StudyInstanceUID", "AccessionNumber",
+               "StudyDate", "QueryRetrieveLevel"}
+
+
+def _matched_alike(keys: dict[str, str]) -> bool:
+    return all(keyword in _ALIKE_KEYS and not any(c in value for c in "*?")
+               for keyword, value in keys.items() if (value or "").strip())
 
 
 def _failure(status: int, message: str) -> Dataset:

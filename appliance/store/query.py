@@ -583,3 +583,15 @@ def _computed_for(conn: sqlite3.Connection, keyword: str, entity_id: Any) -> Any
     row = conn.execute(f"SELECT {expression} AS v FROM {_ENTITY_TABLE[owner]} "
                        f"WHERE {_ENTITY_ID[owner]} = ?", (entity_id,)).fetchone()
     return row["v"] if row else None
+
+
+def confirmed_in_study(db: Database, study_uid: str) -> int:
+    """How many current instances of the study here the region confirmed (its receipts
+    named them): a set the region holds. When the region counts no more instances of the
+    study than that, it holds nothing of it that is not here (serving/qr.py
+    ``_region_wanted``); a plain count here proved nothing (another set of the same size)."""
+    row = db.connection().execute(
+        "SELECT count(*) FROM instances i JOIN studies s ON s.id = i.study_fk "
+        "WHERE s.study_uid = ? AND i.is_current = 1 AND i.confirmed_at IS NOT NULL",
+        (study_uid,)).fetchone()
+    return int(row[0])
