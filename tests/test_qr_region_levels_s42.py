@@ -24,17 +24,17 @@ from __future__ import annotations
 
 import re
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pydicom import Dataset, dcmread
+from pydicom import Dataset
 
+from tests.support.findscu import find as _find
 from tests.support.objects import tiny_ct
-from tests.support.peers import DCMTK_ENV, PasProcess, audit_rows, closed_port, storescu
+from tests.support.peers import PasProcess, audit_rows, closed_port, storescu
 from tests.test_serving_region_lists import SC, Setup
 
 pytestmark = pytest.mark.root
@@ -79,23 +79,16 @@ def region(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Region]:
         s.stop()
 
 
-def _find(port: int, model: str, level: str, keys: list[str], out: Path
-          ) -> tuple[list[tuple[int, Dataset]], int]:
-    """findscu (``-P`` Patient Root, ``-S`` Study Root) against PAS: ([(Pending status,
-    identifier)...], final status)."""
-    out.mkdir(parents=True)
-    args = ["findscu", "-d", model, "-aet", "VIEWER", "-aec", "PAS", "-X", "-od", str(out),
-            "-k", f"QueryRetrieveLevel={level}"]
-    for key in keys:
-        args += ["-k", key]
-    result = subprocess.run([*args, "127.0.0.1", str(port)], env=DCMTK_ENV,
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr[-3000:]
-    statuses = [int(s, 16) for s in
-                re.findall(r"DIMSE Status\s*:\s*0x([0-9a-fA-F]{4})", result.stderr)]
-    answers = [dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
-    assert len(statuses) == len(answers) + 1, result.stderr[-3000:]
-    return list(zip(statuses, answers, strict=False)), statuses[-1]
+def _asking(home: Path, region_url: str, **extra: str) -> PasProcess:
+    """PAS (not started) answering C-FIND with the region at ``region_url`` asked."""
+    return PasProcess(home, {
+        "PAS_DICOM__ACCEPT_UNKNOWN": "true",
+        "PAS_PREFETCH__ENABLED": "false",
+        "PAS_PREFETCH__DICOMWEB_URL": region_url,
+        "PAS_PREFETCH__ALLOW_CLEARTEXT": "true",
+        "PAS_SERVING__QUERY_REGION": "true",
+        **extra,
+    })
 
 
 def _browse_study(port: int, study: str, out: Path) -> None:
@@ -219,13 +212,7 @@ def test_with_the_region_down_the_local_answers_still_come(tmp_path: Path) -> No
     down = closed_port()
     ds = tiny_ct(PatientID="PIDL", PatientName="LOCAL^ONLY")
     ds.save_as(tmp_path / "local.dcm", enforce_file_format=True)
-    pas = PasProcess(tmp_path / "pas", {
-        "PAS_DICOM__ACCEPT_UNKNOWN": "true",
-        "PAS_PREFETCH__ENABLED": "false",
-        "PAS_PREFETCH__DICOMWEB_URL": f"http://127.0.0.1:{down.getsockname()[1]}/dicom-web",
-        "PAS_PREFETCH__ALLOW_CLEARTEXT": "true",
-        "PAS_SERVING__QUERY_REGION": "true",
-    })
+    pas = _asking(tmp_path / "pas", f"http://127.0.0.1:{down.getsockname()[1]}/dicom-web")
     try:
         pas.start()
         storescu([tmp_path / "local.dcm"], pas.port)
@@ -295,14 +282,8 @@ def black_hole(tmp_path: Path) -> Iterator[tuple[BlackHole, PasProcess, Dataset]
     hole = BlackHole()
     ds = tiny_ct(PatientID="PIDW", PatientName="WHOLE^HERE")
     ds.save_as(tmp_path / "whole.dcm", enforce_file_format=True)
-    pas = PasProcess(tmp_path / "pas", {
-        "PAS_DICOM__ACCEPT_UNKNOWN": "true",
-        "PAS_PREFETCH__ENABLED": "false",
-        "PAS_PREFETCH__DICOMWEB_URL": f"http://127.0.0.1:{hole.port}/dicom-web",
-        "PAS_PREFETCH__ALLOW_CLEARTEXT": "true",
-        "PAS_SERVING__QUERY_REGION": "true",
-        "PAS_SERVING__REGION_QUERY_TIMEOUT_S": "2",
-    })
+    pas = _asking(tmp_path / "pas", f"http://127.0.0.1:{hole.port}/dicom-web",
+                  PAS_SERVING__REGION_QUERY_TIMEOUT_S="2")
     try:
         pas.start()
         storescu([tmp_path / "whole.dcm"], pas.port)
@@ -401,15 +382,8 @@ def test_a_patient_search_cut_by_the_regions_limit_says_so(region: Region,
     are answered empty, 0xFF01 (they were the part's, 0xFF00: PID9, 4 studies at the region
     of which 3 were answered, counted 3 or 4 studies, never knowing). A PATIENT find that
     asks no count is 0xFF00 still, and PIDC's (not cut) has its counts."""
-    pas = PasProcess(tmp_path / "pas", {
-        "PAS_DICOM__ACCEPT_UNKNOWN": "true",
-        "PAS_PREFETCH__ENABLED": "false",
-        "PAS_PREFETCH__DICOMWEB_URL": region.region.dicomweb,
-        "PAS_PREFETCH__ALLOW_CLEARTEXT": "true",
-        "PAS_SERVING__QUERY_REGION": "true",
-        "PAS_SERVING__REGION_QUERY_TIMEOUT_S": "10",
-        "PAS_SERVING__MAX_RESULTS": "2",
-    })
+    pas = _asking(tmp_path / "pas", region.region.dicomweb,
+                  PAS_SERVING__REGION_QUERY_TIMEOUT_S="10", PAS_SERVING__MAX_RESULTS="2")
     try:
         pas.start()
         for patient, cut in (("PIDM", True), ("PID9", True), ("PIDC", False)):

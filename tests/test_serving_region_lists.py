@@ -13,17 +13,16 @@ listed (SERIES and IMAGE levels asked none).
 from __future__ import annotations
 
 import contextlib
-import re
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pydicom import Dataset, dcmread
+from pydicom import Dataset
 
 from tests.support.cleanup import started
+from tests.support.findscu import find
 from tests.support.objects import tiny_ct
-from tests.support.peers import DCMTK_ENV, Orthanc, PasProcess, storescu
+from tests.support.peers import Orthanc, PasProcess, storescu
 
 pytestmark = pytest.mark.root
 
@@ -112,19 +111,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
 def _find(setup: Setup, level: str, keys: list[str], out: Path
           ) -> tuple[list[tuple[int, Dataset]], int]:
     """findscu (Study Root) against PAS: ([(Pending status, identifier)...], final status)."""
-    out.mkdir(parents=True)
-    args = ["findscu", "-d", "-S", "-aet", "VIEWER", "-aec", "PAS", "-X", "-od", str(out),
-            "-k", f"QueryRetrieveLevel={level}"]
-    for key in keys:
-        args += ["-k", key]
-    result = subprocess.run([*args, "127.0.0.1", str(setup.pas.port)], env=DCMTK_ENV,
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr[-3000:]
-    statuses = [int(s, 16) for s in
-                re.findall(r"DIMSE Status\s*:\s*0x([0-9a-fA-F]{4})", result.stderr)]
-    answers = [dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
-    assert len(statuses) == len(answers) + 1, result.stderr[-3000:]
-    return list(zip(statuses, answers, strict=False)), statuses[-1]
+    return find(setup.pas.port, "-S", level, keys, out)
 
 
 def _by_study(answers: list[tuple[int, Dataset]]) -> dict[str, tuple[int, Dataset]]:

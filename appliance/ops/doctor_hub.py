@@ -192,21 +192,16 @@ def _proxy_failure(url: str, proxy: httpx.Proxy, exc: BaseException) -> Check:
     return _hub_failure(url, exc)
 
 
-def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, kind):
-            return True
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return False
-
-
 def _trust_problem(exc: BaseException) -> str | None:
     from appliance.transfer.link_failures import trust_problem
 
     return trust_problem(exc)
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    from appliance.transfer.link_failures import caused_by
+
+    return caused_by(exc, kind)
 
 
 def _hub_failure(url: str, exc: BaseException) -> Check:

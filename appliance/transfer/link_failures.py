@@ -16,20 +16,26 @@ from typing import Any
 import httpx
 
 
+def caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    """Whether ``exc`` or any of its causes (``__cause__``, else ``__context__``) is a
+    ``kind``: httpx wraps httpcore's errors, which wrap the socket's and ssl's."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def link_down(exc: BaseException) -> bool:
     """True when a failure is the link's: somewhere in its causes, no connection to the hub
     (or the region behind it), or one that went silent or broke (httpx's transport errors),
     rather than an answer refusing or failing the request. Such failures say nothing about
     the work that met them: the uplink and the prefetch wait for the link instead of
     counting them as attempts."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, httpx.TransportError):
-            return True
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return False
+    return caused_by(exc, httpx.TransportError)
 
 
 # Why a hub refuses a client certificate (its answer's ``error``), and the OpenSSL reasons
