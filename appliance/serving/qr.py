@@ -227,7 +227,9 @@ class QueryRetrieveService:
                         values, send = qr_region.uncounted(values), answer_unapplied
                 else:
                     there = regional.pop(values.get(unique) or "", None)
-                    if answered_whole and there is None:
+                    # At most what RegionFind remembers (bounded memory: a STUDY search
+                    # on a date range may match the whole cache).
+                    if answered_whole and there is None and len(absent) < ABSENT_MAX:
                         absent.append(str(values.get(unique) or ""))
                     values, availability = qr_region.merged(level, values, there)
                 if not (yield from send(values, availability)):
@@ -397,6 +399,10 @@ def _identifier_as_sent(event: Any) -> dict[str, Any]:
     return {"query": raw.getvalue(), "query_syntax": str(event.context.transfer_syntax)}
 
 
+
+# Studies a whole regional STUDY answer did not list, remembered per search (RegionFind's
+# own bound, SEEN_MAX).
+ABSENT_MAX = 10_000
 
 # Keys the index and the region match the same way when exact (UIDs, identifiers, a date):
 # a whole regional answer on them tells what the region holds of the studies matched here.
