@@ -26,7 +26,7 @@ from appliance.store import audit, index
 from appliance.store import prefetch as prefetch_store
 from appliance.store.commitment import shift_for_clock_step_in
 from appliance.store.db import Database, now
-from appliance.store.jobs import WORKER_DIED
+from appliance.store.jobs import WORKER_DIED, keeping_earlier
 from appliance.store.spool import Spool, fsync_dir
 
 QUARANTINE_DIR = "quarantine"
@@ -437,8 +437,8 @@ def release_host_leases(db: Database, host: str) -> int:
     with db.transaction() as conn:
         cursor = conn.execute(
             f"""UPDATE jobs SET state = 'pending', next_attempt_at = ?, updated_at = ?,
-                   last_error = '{WORKER_DIED} (the daemon stopped during attempt '
-                       || attempts || ')',
+                   last_error = {keeping_earlier(
+                       f"'{WORKER_DIED} (the daemon stopped during attempt ' || attempts || ')'")},
                    lease_owner = NULL, lease_until = NULL
                WHERE state = 'running' AND lease_owner LIKE ? ESCAPE '\\'""",
             (at, at, host.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + ":%"),

@@ -127,7 +127,31 @@ _JOB_SELECT = """SELECT j.*, s.study_uid FROM jobs j JOIN studies s ON s.id = j.
 
 
 WORKER_DIED = "the worker died while sending it"
-_EXPIRED = f"'{WORKER_DIED} (its lease expired during attempt ' || attempts || ')'"
+STOPPED_DURING = "the daemon stopped during attempt "
+EARLIER = "; before it: "
+
+
+def keeping_earlier(message_sql: str) -> str:
+    """A SQL expression: ``message_sql`` (an interrupted attempt: the daemon stopped, the
+    worker died), then what the attempt before it ended with, from the row's ``last_error``.
+
+    Why: an interruption's message took the place of the real problem: a job failing
+    against a PACS that refuses it, given back at an upgrade's stop, said only "the daemon
+    stopped during attempt 3: not counted" in ``pas queue list``, and the operator lost
+    why it had been failing (until 2026-12-07). Interruptions do not pile up: one after
+    another keeps the first real error only."""
+    interrupted = (f"(last_error LIKE '{STOPPED_DURING}%' "
+                   f"OR last_error LIKE '{WORKER_DIED}%')")
+    return f"""substr({message_sql} || CASE
+        WHEN last_error IS NULL OR last_error = '' THEN ''
+        WHEN {interrupted} AND instr(last_error, '{EARLIER}') > 0
+            THEN substr(last_error, instr(last_error, '{EARLIER}'))
+        WHEN {interrupted} THEN ''
+        ELSE '{EARLIER}' || last_error END, 1, 2000)"""
+
+
+_EXPIRED = keeping_earlier(
+    f"'{WORKER_DIED} (its lease expired during attempt ' || attempts || ')'")
 
 
 def claim_next(db: Database, owner: str, lease_s: float,
@@ -397,14 +421,12 @@ def _wait(db: Database, job_id: int, owner: str, error: str, retry_at: float) ->
         )
 
 
-STOPPED_DURING = "the daemon stopped during attempt "
-
-
 def give_back_stopped(db: Database, owner_prefix: str) -> int:
     """A clean stop (``Dispatcher.stop``): the jobs this process still holds (its workers'
     leases, ``owner_prefix:n``) are pending again, due at once, and the attempt each was in
     is given back (never below 0), with ``last_error`` saying so: "the daemon stopped during
-    attempt N: not counted". One transaction, guarded by the owner (a job another process
+    attempt N: not counted", then the earlier attempt's error (:func:`keeping_earlier`). One
+    transaction, guarded by the owner (a job another process
     took is left alone). How many.
 
     Why: the attempt was counted at its claim and kept at the next start
@@ -419,7 +441,8 @@ def give_back_stopped(db: Database, owner_prefix: str) -> int:
     with db.transaction() as conn:
         cursor = conn.execute(
             f"""UPDATE jobs SET state = 'pending', attempts = max(attempts - 1, 0),
-                   last_error = '{STOPPED_DURING}' || attempts || ': not counted',
+                   last_error = {keeping_earlier(
+                       f"'{STOPPED_DURING}' || attempts || ': not counted'")},
                    next_attempt_at = ?, updated_at = ?, lease_owner = NULL, lease_until = NULL
                WHERE state = 'running' AND lease_owner LIKE ? ESCAPE '\\'""",
             (at, at, pattern))
