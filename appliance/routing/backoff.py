@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 
-from tenacity import RetryCallState, wait_exponential_jitter
+from tenacity import RetryCallState, wait_exponential, wait_random
 
 from appliance.config import QueueSection
 
@@ -17,11 +17,20 @@ def next_delay(queue: QueueSection, attempts: int) -> float | None:
     """Seconds until the next attempt after ``attempts`` failures; None once exhausted."""
     if attempts >= queue.max_attempts:
         return None
-    wait = wait_exponential_jitter(initial=queue.backoff_initial_s, max=queue.backoff_max_s,
-                                   jitter=max(queue.backoff_initial_s, 0.1))
+    return _jittered(attempts, queue.backoff_initial_s, queue.backoff_max_s)
+
+
+def _jittered(attempt_number: int, initial_s: float, max_s: float) -> float:
+    """tenacity's exponential curve with jitter: ``initial_s`` x 2^(n-1), plus up to
+    ``max(initial_s, 0.1)``, at most ``max_s``.
+
+    Written as tenacity's two parts (``wait_exponential`` + ``wait_random``), which is what
+    ``wait_exponential_jitter`` computes: that one's ``initial`` is deprecated since tenacity
+    9.2 for a ``multiplier`` that the releases pyproject.toml allows (>= 8.2) do not take."""
+    wait = wait_exponential(multiplier=initial_s, max=max_s) + wait_random(0, max(initial_s, 0.1))
     state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
-    state.attempt_number = attempts
-    return min(float(wait(state)), queue.backoff_max_s)
+    state.attempt_number = attempt_number
+    return min(float(wait(state)), max_s)
 
 
 # How often a job waiting for room on the spool tries again (at most queue.backoff_max_s):
@@ -64,8 +73,4 @@ def exponential_delay(attempts: int, initial_s: float, max_s: float) -> float:
     """Seconds until the next try after ``attempts`` failures, on tenacity's exponential
     curve with jitter, at most ``max_s``: for retries whose state is a row of their own (a
     Storage Commitment report, appliance/ingest/commitment.py), not a job of the queue."""
-    # ``multiplier``: tenacity's name for what it called ``initial`` (deprecated).
-    wait = wait_exponential_jitter(multiplier=initial_s, max=max_s, jitter=max(initial_s, 0.1))
-    state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
-    state.attempt_number = max(1, attempts)
-    return min(float(wait(state)), max_s)
+    return _jittered(max(1, attempts), initial_s, max_s)
