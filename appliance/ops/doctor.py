@@ -2,7 +2,7 @@
 
 Owns: the checks (configuration, database, ports, disk, enrolment, certificate, hub
 reachability, clock skew, time zone, DICOM destinations, Storage Commitment reports, the last
-backup's age) and their verdicts. May not touch: state. Every
+backup's age, the audit trail's copy and chain) and their verdicts. May not touch: state. Every
 check is read-only: it opens the database, binds a port only to learn whether it is free
 (and closes it), and sends a C-ECHO or an HTTPS GET.
 """
@@ -537,7 +537,12 @@ def run_checks(config_path: Path | None = None) -> list[Check]:
 
     checks.extend(check_backup(settings))
     checks.extend(check_backup_sealing(settings))
+    from appliance.ops.doctor_audit import check_audit_chain, check_audit_copy  # Check too
+
     checks.append(check_audit_copy(settings))
+    chain = check_audit_chain(settings)
+    if chain is not None:
+        checks.append(chain)
     for open_port in (check_open_http(settings), check_open_hl7(settings)):
         if open_port is not None:
             checks.append(open_port)
@@ -572,17 +577,3 @@ def check_open_http(settings: Settings) -> Check | None:
                  "set serving.auth = \"bearer\" (with tls_cert and tls_key) or "
                  "\"client_cert\" (docs/operations.md, Access to the HTTP port), unless the "
                  "VLAN is trusted")
-
-
-def check_audit_copy(settings: Settings) -> Check:
-    """Whether the audit trail has a copy off this appliance. Its table refuses changes by
-    trigger, which root can drop (and the journal is this host's too): a copy at the
-    hospital's ATNA repository is what an auditor can trust. Said nowhere before."""
-    audit = settings.audit
-    if not audit.syslog_host:
-        return Check("audit trail", "warn", "kept on this appliance only (its database and "
-                     "journal): anyone with root here could change it unseen",
-                     "send a copy to the hospital's ATNA repository: [audit] syslog_host "
-                     "and syslog_ca (docs/operations.md, Audit trail)")
-    return Check("audit trail", "ok", f"copied to {audit.syslog_host}:{audit.syslog_port} "
-                  "(syslog over TLS)")
