@@ -136,6 +136,10 @@ class Settings(_Section):
             for name in prule.push_to:
                 if name not in self.destinations:
                     problems.append(f"prefetch.rules.{index}.push_to: unknown destination {name!r}")
+        for name, destination in self.destinations.items():
+            if getattr(destination, "through_proxy", False) and not self.hub.proxy:
+                problems.append(f"destinations.{name}.through_proxy: hub.proxy is not set "
+                                "(the hospital's proxy these requests would go through)")
         if self.dicom.tls.ca is None:  # a workstation's certificate is checked against it
             for index, moved in enumerate(self.serving.move_destinations):
                 if moved.uses_tls(self.dicom.tls.enabled):

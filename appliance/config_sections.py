@@ -464,6 +464,9 @@ class StowRsDestination(_Section):
     client_key: Path | None = None
     ca_file: Path | None = None
     timeout_s: float = Field(default=60.0, gt=0)
+    # Through the hospital's outgoing proxy (hub.proxy, with its credentials): an archive
+    # outside the hospital where only the proxy may go out. Each request a CONNECT tunnel.
+    through_proxy: Flag = False
 
     @model_validator(mode="after")
     def _not_in_clear(self) -> StowRsDestination:

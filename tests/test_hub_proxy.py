@@ -366,11 +366,15 @@ def test_config_check_warns_of_dicomweb_peers_that_go_around_the_proxy(
            "PAS_DESTINATIONS__REGION__KIND": "stowrs",
            "PAS_DESTINATIONS__REGION__URL": "https://pacs.region.example/dicom-web",
            "PAS_DESTINATIONS__LOCAL__KIND": "stowrs",
-           "PAS_DESTINATIONS__LOCAL__URL": "http://127.0.0.1:8042/dicom-web"}
+           "PAS_DESTINATIONS__LOCAL__URL": "http://127.0.0.1:8042/dicom-web",
+           # Through the proxy, as said: no warning.
+           "PAS_DESTINATIONS__CLOUD__KIND": "stowrs",
+           "PAS_DESTINATIONS__CLOUD__URL": "https://cloud.example/dicom-web",
+           "PAS_DESTINATIONS__CLOUD__THROUGH_PROXY": "true"}
     result = subprocess.run([str(PAS_BIN), "config", "check", "--json"], env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["warnings"] == [
         "destinations.region (https://pacs.region.example/dicom-web) is reached directly, not "
-        "through hub.proxy (only the hub's connections use it): check that the firewall "
-        "lets it out"]
+        "through hub.proxy (the hub's connections and STOW-RS destinations with "
+        "through_proxy = true use it): check that the firewall lets it out"]

@@ -185,7 +185,7 @@ def around_the_proxy(settings: Settings) -> list[str]:
     reached directly, not through the proxy (only the hub's connections use it): where the
     firewall lets out to the proxy alone (the appliance image's, with a seed's proxy), such
     a peer is unreachable (review s42 F5). Not a problem: it may be on the hospital's own
-    network."""
+    network. A STOW-RS destination ``through_proxy`` goes through it."""
     if not settings.hub.proxy:
         return []
     from urllib.parse import urlsplit
@@ -194,11 +194,13 @@ def around_the_proxy(settings: Settings) -> list[str]:
 
     peers = [(f"destinations.{name}", destination.url)  # type: ignore[union-attr]
              for name, destination in settings.destinations.items()
-             if destination.kind == "stowrs"]
+             if destination.kind == "stowrs"
+             and not destination.through_proxy]  # type: ignore[union-attr]
     if settings.prefetch.dicomweb_url:
         peers.append(("prefetch.dicomweb_url", settings.prefetch.dicomweb_url))
-    return [f"{key} ({shown_url(url)}) is reached directly, not through hub.proxy (only the "
-            "hub's connections use it): check that the firewall lets it out"
+    return [f"{key} ({shown_url(url)}) is reached directly, not through hub.proxy (the "
+            "hub's connections and STOW-RS destinations with through_proxy = true use it): "
+            "check that the firewall lets it out"
             for key, url in peers
             if (urlsplit(url).hostname or "") not in ("localhost", "::1")
             and not (urlsplit(url).hostname or "").startswith("127.")]

@@ -98,13 +98,15 @@ def trust_problem(exc: BaseException) -> str | None:
     return None
 
 
-def proxy_refusal(exc: BaseException) -> str | None:
+def proxy_refusal(exc: BaseException, towards: str = "the hub",
+                  port: str = "the hub's port") -> str | None:
     """The hospital's proxy (``hub.proxy``) refusing this appliance's credentials (401,
     407) or the tunnel to the hub's port (403), in words saying who acts; None for any other
     failure (a proxy that cannot reach the hub, 502 or 504, is the link's). A person must
     act here too (the network team, or the configuration's proxy credentials): retried
     like a failed link, a proxy checking its credentials against the hospital's directory
-    locked the service account within minutes (review s42 F1)."""
+    locked the service account within minutes (review s42 F1). ``towards``, ``port``: the
+    peer the tunnel was for, when not the hub (a STOW-RS destination ``through_proxy``)."""
     if not isinstance(exc, httpx.ProxyError):
         return None
     answer = str(exc)
@@ -112,8 +114,8 @@ def proxy_refusal(exc: BaseException) -> str | None:
         return (f"the hospital's proxy refuses this appliance's credentials ({answer}): "
                 "check hub.proxy_username and hub.proxy_password with the network team")
     if answer.startswith("403"):
-        return (f"the hospital's proxy refuses the tunnel to the hub ({answer}): it must allow "
-                "CONNECT to the hub's port; ask the network team")
+        return (f"the hospital's proxy refuses the tunnel to {towards} ({answer}): it must "
+                f"allow CONNECT to {port}; ask the network team")
     return None
 
 

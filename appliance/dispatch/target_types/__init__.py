@@ -18,10 +18,12 @@ from appliance.dispatch.target_types.base import (
 )
 from appliance.dispatch.target_types.dicom import DicomTarget
 from appliance.dispatch.target_types.stowrs import StowRsTarget
+from appliance.transfer.http import hub_proxy
 
 FACTORIES: dict[str, Callable[[str, Any, Settings], TargetType]] = {
     "dicom": lambda name, cfg, settings: DicomTarget(name, cfg, settings.dicom.ae_title),
-    "stowrs": lambda name, cfg, settings: StowRsTarget(name, cfg),
+    "stowrs": lambda name, cfg, settings: StowRsTarget(
+        name, cfg, hub_proxy(settings.hub) if cfg.through_proxy else None),
 }
 
 

@@ -65,8 +65,8 @@ from appliance.dispatch.target_types.base import (
 from appliance.store import index as index_store
 from appliance.store import uplink as uplink_store
 from appliance.store.jobs import Job
-from appliance.transfer.http import http_client, shown_url
-from appliance.transfer.link_failures import trust_problem
+from appliance.transfer.http import http_client, proxy_words, shown_url
+from appliance.transfer.link_failures import proxy_refusal, trust_problem
 from appliance.transfer.multipart import StreamedParts
 from appliance.words import counted
 
@@ -193,9 +193,13 @@ class MultipartBody:
 class StowRsTarget:
     kind = "stowrs"
 
-    def __init__(self, name: str, config: StowRsDestination):
+    def __init__(self, name: str, config: StowRsDestination,
+                 proxy: httpx.Proxy | None = None):
         self.name = name
         self.config = config
+        # hub.proxy when the destination is ``through_proxy``: every request a CONNECT
+        # tunnel through the hospital's proxy (appliance/transfer/http.py), none around it.
+        self.proxy = proxy
 
     def _client(self) -> httpx.Client:
         verify: ssl.SSLContext | bool = True
@@ -221,7 +225,7 @@ class StowRsTarget:
             headers["Authorization"] = f"Bearer {self.config.bearer_token}"
         elif self.config.username is not None:
             auth = httpx.BasicAuth(self.config.username, self.config.password or "")
-        return http_client(verify=verify, auth=auth, headers=headers,
+        return http_client(verify=verify, auth=auth, headers=headers, proxy=self.proxy,
                            timeout=httpx.Timeout(self.config.timeout_s))
 
     def send(self, job: Job, context: SendContext) -> None:
@@ -363,6 +367,14 @@ class StowRsTarget:
         except (RetryError, httpx.TransportError) as exc:
             # Retries spent, or a failure not worth one (a certificate refused).
             cause = exc.last_attempt.exception() if isinstance(exc, RetryError) else exc
+            where = httpx.URL(url)
+            port = where.port or (443 if where.scheme == "https" else 80)
+            refused = proxy_refusal(cause, f"{self.name} ({where.host}:{port})",
+                                    f"port {port}") if cause is not None else None
+            if refused is not None:  # credentials or the port: a person acts, none fails
+                message = f"{self.name}: {refused}"
+                uplink_store.record_contact(context.db, self.name, False, message)
+                raise TrustRefused(message) from cause
             problem = trust_problem(cause) if cause is not None else None
             if problem is not None:  # the same for every job: none fails for it
                 message = (f"{self.name}: {problem}; check destinations.{self.name}'s "
@@ -372,13 +384,14 @@ class StowRsTarget:
             # The URL as messages carry it (no userinfo, no query): these words go to the
             # log, the job's last_error, `pas status` and the heartbeat to the hub.
             shown = shown_url(url)
-            if isinstance(cause, NO_CONNECTION):
-                message = (f"{self.name} unreachable: no connection to {shown} after "
-                           f"{RETRIES + 1} tries ({type(cause).__name__}: {cause})")
+            if isinstance(cause, (*NO_CONNECTION, httpx.ProxyError)):  # a proxy's 502, 504
+                message = (f"{self.name} unreachable: no connection to {shown}"
+                           f"{proxy_words(self.proxy)} after {RETRIES + 1} tries "
+                           f"({type(cause).__name__}: {cause})")
                 uplink_store.record_contact(context.db, self.name, False, message)
                 raise _NoConnection(message) from cause
-            message = (f"{self.name}: STOW-RS to {shown} failed: {type(cause).__name__}: "
-                       f"{cause}")
+            message = (f"{self.name}: STOW-RS to {shown}{proxy_words(self.proxy)} failed: "
+                       f"{type(cause).__name__}: {cause}")
             uplink_store.record_contact(context.db, self.name, False, message)
             raise ConnectionError(message) from cause
         uplink_store.record_contact(context.db, self.name, True)

@@ -1,0 +1,166 @@
+"""A STOW-RS destination outside the hospital, reached through its outgoing proxy
+(``destinations.<name>.through_proxy = true``: ``hub.proxy`` and its credentials).
+
+Before, only the hub's connections went through the proxy: where only the proxy may go out
+(the appliance image's firewall with a seed's proxy), a STOW-RS archive in the cloud could
+not be reached at all, and ``pas config check`` could only warn of it.
+
+Real peers: Debian's tinyproxy with HTTP Basic (tests/support/http_proxy.py), Orthanc's
+DICOMweb as the archive behind an HTTPS front whose certificate is under the test's CA
+(tests/support/tlsfront.py, tests/faults/pki.py), DCMTK's storescu as the CT. The archive's
+front counts its TLS connections: each must have come through a tunnel the proxy opened.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+
+from tests.faults.pki import make_pki
+from tests.support.archived import orthanc_hashes
+from tests.support.http_proxy import TinyProxy
+from tests.support.peers import (
+    CT_DIR,
+    Orthanc,
+    PasProcess,
+    free_port,
+    run_pas,
+    storescu,
+    wait_for,
+)
+from tests.support.tlsfront import TlsFront
+
+CT_FILES = sorted(CT_DIR.glob("*.dcm"))[:3]
+
+
+def _jobs(home: Path) -> list[dict[str, Any]]:
+    conn = sqlite3.connect(home / "pas.sqlite")
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute("SELECT * FROM jobs")]
+    finally:
+        conn.close()
+
+
+def _stored(home: Path) -> dict[str, str]:
+    conn = sqlite3.connect(home / "pas.sqlite")
+    try:
+        return dict(conn.execute("SELECT sop_instance_uid, sha256 FROM instances"))
+    finally:
+        conn.close()
+
+
+def test_a_stowrs_archive_through_the_proxy_gets_every_instance_bit_exact(
+        tmp_path: Path, orthanc_factory: Any) -> None:
+    pki = make_pki(tmp_path / "pki")  # server.crt: 127.0.0.1, under the test's CA
+    orthanc: Orthanc = orthanc_factory()
+    front = TlsFront(orthanc.host, orthanc.http_port, pki / "server.crt",
+                     pki / "server.key").start()
+    proxy = TinyProxy(tmp_path / "proxy", "127.0.0.1", "127.0.0.1", [front.port],
+                      credentials=("pas-site", "right-one")).start()
+    env = {"PAS_DICOM__ACCEPT_UNKNOWN": "true",
+           "PAS_HUB__PROXY": proxy.url, "PAS_HUB__PROXY_USERNAME": "pas-site",
+           "PAS_HUB__PROXY_PASSWORD": "wrong-one",
+           "PAS_DESTINATIONS__ARCHIVE__KIND": "stowrs",
+           "PAS_DESTINATIONS__ARCHIVE__URL": f"{front.url}/dicom-web",
+           "PAS_DESTINATIONS__ARCHIVE__CA_FILE": str(pki / "ca.crt"),
+           "PAS_DESTINATIONS__ARCHIVE__THROUGH_PROXY": "true",
+           "PAS_ROUTING__FALLBACK__DESTINATIONS": '["archive"]',
+           "PAS_QUEUE__BACKOFF_INITIAL_S": "0.2", "PAS_QUEUE__BACKOFF_MAX_S": "0.5"}
+    pas = PasProcess(tmp_path / "pas", env)
+    try:
+        pas.start()
+        storescu(CT_FILES, pas.port)
+        studies = {str(dcmread(p, stop_before_pixels=True).StudyInstanceUID) for p in CT_FILES}
+
+        # The proxy refuses the credentials: the jobs wait for a person, uncounted; the
+        # proxy is asked once, not at every retry (a directory account would be locked).
+        def waiting() -> bool:
+            jobs = _jobs(pas.home)
+            return len(jobs) == len(studies) and all(
+                j["state"] == "pending" and "refuses this appliance's credentials"
+                in (j["last_error"] or "") for j in jobs)
+
+        wait_for(waiting, 60, what="the jobs waiting for the proxy's credentials")
+        job = _jobs(pas.home)[0]
+        assert job["attempts"] == 0, job
+        assert job["last_error"] == (
+            "waiting for credentials: archive: the hospital's proxy refuses this appliance's "
+            "credentials (401 Unauthorized): check hub.proxy_username and hub.proxy_password "
+            "with the network team"), job["last_error"]
+        refused = proxy.tunnels()  # one per worker that asked before the first answer
+        assert refused and set(refused) == {f"127.0.0.1:{front.port}"}, refused
+        assert len(refused) <= len(studies), refused
+        # The jobs try again every 0.5 s (queue.backoff_max_s): for 2 s, the proxy's last
+        # answer is theirs, the proxy not asked.
+        seen = max(j["updated_at"] for j in _jobs(pas.home))
+        wait_for(lambda: max(j["updated_at"] for j in _jobs(pas.home)) > seen + 2, 30,
+                 what="the waiting jobs to try again for 2 s")
+        assert proxy.tunnels() == refused
+        assert front.connections == 0 and orthanc.instances() == []
+
+        # The network team gives the right password; the restart sends the waiting jobs.
+        pas.stop()
+        pas.env["PAS_HUB__PROXY_PASSWORD"] = "right-one"
+        pas.start()
+        wait_for(lambda: (lambda jobs: bool(jobs) and all(j["state"] == "done" for j in jobs))(
+            _jobs(pas.home)), 90, what="every job done through the proxy")
+        stored = _stored(pas.home)
+        assert len(stored) == len(CT_FILES)
+        assert orthanc_hashes(orthanc) == stored  # bit-exact at the archive
+        tunnels = proxy.tunnels()
+        assert set(tunnels) == {f"127.0.0.1:{front.port}"}, tunnels
+        # Every TLS connection the archive's front took came through one of the proxy's
+        # tunnels (the first ones were refused): none went around the proxy.
+        assert 1 <= front.connections <= len(tunnels) - len(refused), (front.connections,
+                                                                         tunnels)
+    finally:
+        pas.stop()
+        proxy.stop()
+        front.stop()
+
+
+def test_through_proxy_without_a_proxy_is_refused_naming_the_key(tmp_path: Path) -> None:
+    env = {"PAS_HOME": str(tmp_path / "home"),
+           "PAS_DESTINATIONS__ARCHIVE__KIND": "stowrs",
+           "PAS_DESTINATIONS__ARCHIVE__URL": "https://archive.example/dicom-web",
+           "PAS_DESTINATIONS__ARCHIVE__THROUGH_PROXY": "true"}
+    result = run_pas(["config", "check"], {**env, "COLUMNS": "300"}, timeout=60)
+    assert result.returncode != 0
+    said = " ".join((result.stdout + result.stderr).split())
+    assert ("destinations.archive.through_proxy: hub.proxy is not set (the hospital's proxy "
+            "these requests would go through)") in said, said
+
+
+def test_a_proxy_that_cannot_reach_the_archive_is_the_link_down_named(
+        tmp_path: Path) -> None:
+    """The proxy takes the tunnel but nothing answers at the archive's address (tinyproxy
+    answers with an error status): the link is down, not the job's fault: it waits,
+    uncounted, its error naming the proxy."""
+    archive_port = free_port()  # nothing listens there
+    proxy = TinyProxy(tmp_path / "proxy", "127.0.0.1", "127.0.0.1", [archive_port]).start()
+    pas = PasProcess(tmp_path / "pas", {
+        "PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_HUB__PROXY": proxy.url,
+        "PAS_DESTINATIONS__ARCHIVE__KIND": "stowrs",
+        "PAS_DESTINATIONS__ARCHIVE__URL": f"https://127.0.0.1:{archive_port}/dicom-web",
+        "PAS_DESTINATIONS__ARCHIVE__THROUGH_PROXY": "true",
+        "PAS_ROUTING__FALLBACK__DESTINATIONS": '["archive"]',
+        "PAS_QUEUE__BACKOFF_INITIAL_S": "0.2", "PAS_QUEUE__BACKOFF_MAX_S": "0.5"})
+    try:
+        pas.start()
+        storescu(CT_FILES[:1], pas.port)
+        wait_for(lambda: any("unreachable" in (j["last_error"] or "")
+                             for j in _jobs(pas.home)), 90, what="the job waiting for the link")
+        [job] = _jobs(pas.home)
+        assert job["state"] == "pending" and job["attempts"] == 0, job
+        assert job["last_error"].startswith(
+            f"waiting for the link: archive unreachable: no connection to "
+            f"https://127.0.0.1:{archive_port}/dicom-web/studies through the proxy "
+            f"{proxy.url} after "), job["last_error"]
+        assert f"127.0.0.1:{archive_port}" in proxy.tunnels()
+    finally:
+        pas.stop()
+        proxy.stop()
