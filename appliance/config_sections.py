@@ -673,6 +673,12 @@ class PrefetchSection(_Section):
     dicomweb_username: str | None = None
     dicomweb_password: str | None = None
     dicomweb_bearer_token: str | None = None
+    # The CA bundle dicomweb_url's certificate chains to, when not a public one (a regional
+    # PKI); unset: the public CAs PAS ships with (certifi).
+    dicomweb_ca_file: Path | None = None
+    # dicomweb_url through the hospital's outgoing proxy (hub.proxy, with its credentials):
+    # a region outside the hospital where only the proxy may go out.
+    dicomweb_through_proxy: Flag = False
     parallel: int = Field(default=8, ge=1, le=32)   # WADO-RS requests in flight
     # The hub's bucketed download (JPEG-LS + zstd) when it offers one, for priors and for
     # fetch-through; else WADO-RS.
@@ -719,6 +725,14 @@ class PrefetchSection(_Section):
                    else "dicomweb_password")
             raise _cross_field(key, "is for {section}.dicomweb_url, which is not set (the "
                                     "region read through the hub takes the site's certificate)")
+        if self.dicomweb_through_proxy and not self.dicomweb_url:
+            raise _cross_field("dicomweb_through_proxy", "is for {section}.dicomweb_url, which "
+                               "is not set (the region read through the hub goes through "
+                               "hub.proxy already, when it is set)")
+        if self.dicomweb_ca_file is not None and not self.dicomweb_url:
+            raise _cross_field("dicomweb_ca_file", "is for {section}.dicomweb_url, which is "
+                               "not set (the region read through the hub is checked against "
+                               "the fleet CA of the enrolment)")
         if self.dicomweb_url and not self.allow_cleartext and sent_in_clear(self.dicomweb_url):
             raise _cross_field("dicomweb_url", _cleartext(
                 "patient data and credentials" if credentials else "patient data"))

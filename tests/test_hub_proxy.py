@@ -376,5 +376,6 @@ def test_config_check_warns_of_dicomweb_peers_that_go_around_the_proxy(
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["warnings"] == [
         "destinations.region (https://pacs.region.example/dicom-web) is reached directly, not "
-        "through hub.proxy (the hub's connections and STOW-RS destinations with "
-        "through_proxy = true use it): check that the firewall lets it out"]
+        "through hub.proxy (the hub's connections, STOW-RS destinations with through_proxy "
+        "= true and prefetch.dicomweb_through_proxy use it): check that the firewall lets it "
+        "out"]

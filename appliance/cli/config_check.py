@@ -196,11 +196,11 @@ def around_the_proxy(settings: Settings) -> list[str]:
              for name, destination in settings.destinations.items()
              if destination.kind == "stowrs"
              and not destination.through_proxy]  # type: ignore[union-attr]
-    if settings.prefetch.dicomweb_url:
+    if settings.prefetch.dicomweb_url and not settings.prefetch.dicomweb_through_proxy:
         peers.append(("prefetch.dicomweb_url", settings.prefetch.dicomweb_url))
     return [f"{key} ({shown_url(url)}) is reached directly, not through hub.proxy (the "
-            "hub's connections and STOW-RS destinations with through_proxy = true use it): "
-            "check that the firewall lets it out"
+            "hub's connections, STOW-RS destinations with through_proxy = true and "
+            "prefetch.dicomweb_through_proxy use it): check that the firewall lets it out"
             for key, url in peers
             if (urlsplit(url).hostname or "") not in ("localhost", "::1")
             and not (urlsplit(url).hostname or "").startswith("127.")]

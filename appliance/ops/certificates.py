@@ -98,6 +98,9 @@ def in_use(settings: Settings) -> list[CertificateFile]:
             # Its key may be in the same PEM file (client_key unset): loaded either way.
             add(f"{key}.client_cert", destination.client_cert)
             add(f"{key}.ca_file", destination.ca_file)
+    prefetch = settings.prefetch
+    add("prefetch.dicomweb_ca_file", prefetch.dicomweb_ca_file,
+        str(prefetch.dicomweb_url or "").startswith("https://"))
     audit = settings.audit
     if audit.syslog_host:
         add("audit.syslog_cert", audit.syslog_cert, audit.syslog_key)

@@ -125,10 +125,21 @@ class RegionClient:
                   proxy: httpx.Proxy | None = None) -> RegionClient | None:
         """The hub proxy when enrolled, a direct DICOMweb root when configured, else None.
         ``prefetch``: the section whose ``dicomweb_*`` credentials go to ``dicomweb_url``;
-        ``proxy``: the hospital's proxy towards the hub (``hub.proxy``), for the hub only."""
+        ``proxy``: the hospital's proxy (``hub.proxy``): towards the hub, and towards
+        ``dicomweb_url`` when the section says ``dicomweb_through_proxy``."""
         if dicomweb_url:
-            return cls(dicomweb_url, True, timeout_s, max_connections, on_downloaded,
-                       auth=region_auth(prefetch) if prefetch is not None else None)
+            through = prefetch is not None and prefetch.dicomweb_through_proxy
+            ca_file = prefetch.dicomweb_ca_file if prefetch is not None else None
+            verify: ssl.SSLContext | bool = True
+            if ca_file is not None and dicomweb_url.startswith("https://"):
+                try:
+                    verify = ssl.create_default_context(cafile=str(ca_file))
+                except (OSError, ssl.SSLError) as exc:
+                    raise RegionError(f"prefetch.dicomweb_ca_file {ca_file}: not a readable "
+                                      f"PEM bundle of CA certificates ({exc})") from None
+            return cls(dicomweb_url, verify, timeout_s, max_connections, on_downloaded,
+                       auth=region_auth(prefetch) if prefetch is not None else None,
+                       proxy=proxy if through else None)
         enrolment = load_enrolment(home)
         if enrolment is None:
             return None

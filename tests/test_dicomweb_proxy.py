@@ -1,9 +1,12 @@
-"""A STOW-RS destination outside the hospital, reached through its outgoing proxy
-(``destinations.<name>.through_proxy = true``: ``hub.proxy`` and its credentials).
+"""DICOMweb peers outside the hospital, reached through its outgoing proxy (``hub.proxy``
+and its credentials): a STOW-RS destination (``destinations.<name>.through_proxy = true``)
+and a plain DICOMweb region (``prefetch.dicomweb_through_proxy = true``, its regional CA in
+``prefetch.dicomweb_ca_file``).
 
 Before, only the hub's connections went through the proxy: where only the proxy may go out
-(the appliance image's firewall with a seed's proxy), a STOW-RS archive in the cloud could
-not be reached at all, and ``pas config check`` could only warn of it.
+(the appliance image's firewall with a seed's proxy), a STOW-RS archive in the cloud or a
+region's DICOMweb could not be reached at all, and ``pas config check`` could only warn of
+it. A region under a private CA could not be reached either (no key named its CA).
 
 Real peers: Debian's tinyproxy with HTTP Basic (tests/support/http_proxy.py), Orthanc's
 DICOMweb as the archive behind an HTTPS front whose certificate is under the test's CA
@@ -21,6 +24,7 @@ from pydicom import dcmread
 
 from tests.faults.pki import make_pki
 from tests.support.archived import orthanc_hashes
+from tests.support.findscu import find
 from tests.support.http_proxy import TinyProxy
 from tests.support.peers import (
     CT_DIR,
@@ -164,3 +168,61 @@ def test_a_proxy_that_cannot_reach_the_archive_is_the_link_down_named(
     finally:
         pas.stop()
         proxy.stop()
+
+
+def test_a_dicomweb_region_through_the_proxy_under_its_own_ca_answers_c_find(
+        tmp_path: Path, orthanc_factory: Any) -> None:
+    pki = make_pki(tmp_path / "pki")
+    orthanc: Orthanc = orthanc_factory()
+    storescu(CT_FILES[:1], orthanc.dicom_port, host=orthanc.host, called="ORTHANC")
+    study = str(dcmread(CT_FILES[0], stop_before_pixels=True).StudyInstanceUID)
+    front = TlsFront(orthanc.host, orthanc.http_port, pki / "server.crt",
+                     pki / "server.key").start()
+    proxy = TinyProxy(tmp_path / "proxy", "127.0.0.1", "127.0.0.1", [front.port],
+                      credentials=("pas-site", "right-one")).start()
+    env = {"PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_PREFETCH__ENABLED": "false",
+           "PAS_HUB__PROXY": proxy.url, "PAS_HUB__PROXY_USERNAME": "pas-site",
+           "PAS_HUB__PROXY_PASSWORD": "right-one",
+           "PAS_PREFETCH__DICOMWEB_URL": f"{front.url}/dicom-web",
+           "PAS_PREFETCH__DICOMWEB_CA_FILE": str(pki / "ca.crt"),
+           "PAS_PREFETCH__DICOMWEB_THROUGH_PROXY": "true",
+           "PAS_SERVING__QUERY_REGION": "true", "PAS_SERVING__REGION_QUERY_TIMEOUT_S": "10"}
+    pas = PasProcess(tmp_path / "pas", env)
+    try:
+        pas.start()
+        answers, final = find(pas.port, "-S", "STUDY",
+                              [f"StudyInstanceUID={study}", "InstanceAvailability",
+                               "NumberOfStudyRelatedInstances"], tmp_path / "find")
+        assert final == 0x0000
+        assert [(status, str(ds.StudyInstanceUID), ds.InstanceAvailability)
+                for status, ds in answers] == [(0xFF00, study, "NEARLINE")]
+        tunnels = proxy.tunnels()
+        assert tunnels and set(tunnels) == {f"127.0.0.1:{front.port}"}, tunnels
+        assert 1 <= front.connections <= len(tunnels), (front.connections, tunnels)
+    finally:
+        pas.stop()
+        proxy.stop()
+        front.stop()
+
+
+def test_the_regions_ca_file_and_proxy_keys_are_refused_when_they_cannot_apply(
+        tmp_path: Path) -> None:
+    not_pem = tmp_path / "ca.crt"
+    not_pem.write_text("not a certificate\n")
+    base = {"PAS_HOME": str(tmp_path / "home"),
+            "PAS_PREFETCH__DICOMWEB_URL": "https://region.example/dicom-web"}
+    cases: tuple[tuple[dict[str, str | None], str], ...] = (
+            ({"PAS_PREFETCH__DICOMWEB_CA_FILE": str(not_pem)},
+             f"prefetch.dicomweb_ca_file: {not_pem}: not a readable PEM bundle of CA "
+             "certificates"),
+            ({"PAS_PREFETCH__DICOMWEB_THROUGH_PROXY": "true"},
+             "prefetch.dicomweb_through_proxy: hub.proxy is not set"),
+            ({"PAS_PREFETCH__DICOMWEB_URL": None, "PAS_HUB__PROXY": "http://10.1.2.9:3128",
+              "PAS_PREFETCH__DICOMWEB_THROUGH_PROXY": "true"},
+             "prefetch.dicomweb_through_proxy: is for prefetch.dicomweb_url, which is not "
+             "set"))
+    for extra, said in cases:
+        env = {key: value for key, value in {**base, **extra}.items() if value is not None}
+        result = run_pas(["config", "check"], {**env, "COLUMNS": "300"}, timeout=60)
+        assert result.returncode != 0, extra
+        assert said in " ".join((result.stdout + result.stderr).split()), (extra, result)
