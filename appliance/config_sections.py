@@ -449,6 +449,14 @@ class HubDestination(_Section):
     kind: Literal["hub"]
 
 
+# Through a proxy an http:// request is no tunnel: the proxy takes it whole (images, a bearer
+# token) and forwards it (review s43: accepted for a loopback url, which the proxy then
+# resolved to itself).
+_PROXIED_IN_CLEAR = ("only for an https:// {{section}}.{key}: through the proxy an http:// "
+                     "request is handed to it in clear (patient data and credentials), not "
+                     "tunnelled")
+
+
 class StowRsDestination(_Section):
     """DICOMweb STOW-RS to an archive at ``url``. ``http://`` beyond loopback only with
     ``allow_cleartext`` (a peer on the hospital's own network): invariant 5."""
@@ -476,6 +484,8 @@ class StowRsDestination(_Section):
             credentials = self.bearer_token or self.username is not None
             raise _cross_field("url", _cleartext("patient data and credentials" if credentials
                                                  else "patient data"))
+        if self.through_proxy and not self.url.lower().startswith("https://"):
+            raise _cross_field("through_proxy", _PROXIED_IN_CLEAR.format(key="url"))
         return self
 
 
@@ -729,6 +739,10 @@ class PrefetchSection(_Section):
             raise _cross_field("dicomweb_through_proxy", "is for {section}.dicomweb_url, which "
                                "is not set (the region read through the hub goes through "
                                "hub.proxy already, when it is set)")
+        if self.dicomweb_through_proxy and self.dicomweb_url and \
+                not self.dicomweb_url.lower().startswith("https://"):
+            raise _cross_field("dicomweb_through_proxy",
+                               _PROXIED_IN_CLEAR.format(key="dicomweb_url"))
         if self.dicomweb_ca_file is not None and not self.dicomweb_url:
             raise _cross_field("dicomweb_ca_file", "is for {section}.dicomweb_url, which is "
                                "not set (the region read through the hub is checked against "

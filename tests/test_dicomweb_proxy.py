@@ -16,12 +16,19 @@ front counts its TLS connections: each must have come through a tunnel the proxy
 
 from __future__ import annotations
 
+import functools
+import http.server
 import sqlite3
+import ssl
+import threading
 from pathlib import Path
 from typing import Any
 
+import httpx
+import pytest
 from pydicom import dcmread
 
+from appliance.transfer.http import http_client
 from tests.faults.pki import make_pki
 from tests.support.archived import orthanc_hashes
 from tests.support.findscu import find
@@ -224,5 +231,71 @@ def test_the_regions_ca_file_and_proxy_keys_are_refused_when_they_cannot_apply(
     for extra, said in cases:
         env = {key: value for key, value in {**base, **extra}.items() if value is not None}
         result = run_pas(["config", "check"], {**env, "COLUMNS": "300"}, timeout=60)
+        assert result.returncode != 0, extra
+        assert said in " ".join((result.stdout + result.stderr).split()), (extra, result)
+
+
+def test_a_tunnel_the_proxy_forbids_does_not_stop_the_others_through_it(
+        tmp_path: Path) -> None:
+    """Review s43: the refusal memory was one per proxy and credentials: a proxy forbidding
+    a STOW-RS archive's port (403) made every call to the hub fail here for 5 minutes, the
+    proxy not asked. A 403 is now remembered for its tunnel only; a refusal of the
+    credentials (407) still for every tunnel. Real tinyproxy, allowing one port."""
+    pki = make_pki(tmp_path / "pki")
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("allowed\n")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    front = TlsFront("127.0.0.1", upstream.server_address[1], pki / "server.crt",
+                     pki / "server.key").start()
+    forbidden = free_port()
+    proxy = TinyProxy(tmp_path / "proxy", "127.0.0.1", "127.0.0.1", [front.port],
+                      credentials=("pas-site", "right-one")).start()
+    verify = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    try:
+        right = httpx.Proxy(proxy.url, auth=("pas-site", "right-one"))
+        with http_client(proxy=right, verify=verify, timeout=10) as client:
+            for _ in range(2):  # the second from the memory, the proxy not asked
+                with pytest.raises(httpx.ProxyError, match="^403"):
+                    client.get(f"https://127.0.0.1:{forbidden}/")
+            assert proxy.tunnels() == [f"127.0.0.1:{forbidden}"]
+            answer = client.get(f"{front.url}/index.html")  # another tunnel: asked, opened
+            assert answer.status_code == 200 and answer.text == "allowed\n"
+            assert proxy.tunnels() == [f"127.0.0.1:{forbidden}", f"127.0.0.1:{front.port}"]
+
+        wrong = httpx.Proxy(proxy.url, auth=("pas-site", "wrong-one"))
+        with http_client(proxy=wrong, verify=verify, timeout=10) as client:
+            with pytest.raises(httpx.ProxyError, match="^401"):
+                client.get(f"{front.url}/index.html")
+            asked = len(proxy.tunnels())
+            with pytest.raises(httpx.ProxyError, match="^401"):  # the credentials: any tunnel
+                client.get(f"https://127.0.0.1:{free_port()}/")
+            assert len(proxy.tunnels()) == asked
+    finally:
+        proxy.stop()
+        front.stop()
+        upstream.shutdown()
+
+
+def test_through_the_proxy_only_for_https(tmp_path: Path) -> None:
+    """Review s43: through a proxy an http:// request is handed to it whole, in clear (the
+    images, a bearer token), not tunnelled; a loopback url was accepted, the proxy then
+    reaching its own loopback."""
+    base = {"PAS_HOME": str(tmp_path / "home"), "PAS_HUB__PROXY": "http://10.1.2.9:3128"}
+    cases = (
+        ({"PAS_DESTINATIONS__ARCHIVE__KIND": "stowrs",
+          "PAS_DESTINATIONS__ARCHIVE__URL": "http://127.0.0.1:8042/dicom-web",
+          "PAS_DESTINATIONS__ARCHIVE__THROUGH_PROXY": "true"},
+         "destinations.archive.through_proxy: only for an https:// destinations.archive.url: "
+         "through the proxy an http:// request is handed to it in clear (patient data and "
+         "credentials), not tunnelled"),
+        ({"PAS_PREFETCH__DICOMWEB_URL": "http://region.example/dicom-web",
+          "PAS_PREFETCH__ALLOW_CLEARTEXT": "true",
+          "PAS_PREFETCH__DICOMWEB_THROUGH_PROXY": "true"},
+         "prefetch.dicomweb_through_proxy: only for an https:// prefetch.dicomweb_url"))
+    for extra, said in cases:
+        result = run_pas(["config", "check"], {**base, **extra, "COLUMNS": "300"}, timeout=60)
         assert result.returncode != 0, extra
         assert said in " ".join((result.stdout + result.stderr).split()), (extra, result)

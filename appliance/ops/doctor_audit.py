@@ -57,7 +57,8 @@ def check_audit_chain(settings: Settings, max_rows: int = DOCTOR_CHAIN_ROWS) -> 
                          "pas audit verify says more")
     if check.ok:
         return Check("audit chain", "ok", "no rows yet" if check.last_id is None else
-                     f"{counted(rows, 'row')} chained, the last (ID {check.last_id}) at "
+                     f"{counted(check.rows + check.before_upgrade, 'row')} chained, the last "
+                     f"(ID {check.last_id}) at "
                      f"{local_time(check.last_at or 0)}")
     where = (f"before row {(check.upgrade_id or 0) + 1}" if check.old_rows_changed
              else f"at row {check.broken_id}")

@@ -69,8 +69,14 @@ def _connect_bound(timeout: Any) -> float | None:
 # seconds. Asked again after this, a proxy put right meanwhile is used without a restart.
 PROXY_REFUSED_WAIT_S = 300.0
 _REFUSING = ("401", "403", "407")
+_DEFAULT_PORTS = {"https": 443, "http": 80}
 _refused_lock = threading.Lock()
-_refused: dict[tuple[str, bytes], tuple[float, str]] = {}  # proxy -> (until, its answer)
+# (proxy, credentials, tunnel) -> (until, its answer). ``tunnel`` is "" for a refusal of the
+# credentials (401, 407: every tunnel through that proxy with them is refused) and the
+# ``host:port`` asked for a refusal of the tunnel (403): a proxy forbidding a STOW-RS
+# archive's port made every call to the hub fail here for 5 minutes, the proxy not asked
+# (review s43: one key per proxy and credentials, when the hub was its only user).
+_refused: dict[tuple[str, bytes, str], tuple[float, str]] = {}
 
 
 class _ProxiedTransport(httpx.HTTPTransport):
@@ -89,8 +95,11 @@ class _ProxiedTransport(httpx.HTTPTransport):
         self._pool._network_backend = TunnelBound(bound_s)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        tunnel = f"{url.host}:{url.port or _DEFAULT_PORTS.get(url.scheme, 0)}"
         with _refused_lock:
-            until, answer = _refused.get(self._key, (0.0, ""))
+            until, answer = max(_refused.get((*self._key, ""), (0.0, "")),
+                                _refused.get((*self._key, tunnel), (0.0, "")))
         left = until - time.monotonic()
         if left > 0:
             raise httpx.ProxyError(f"{answer} (the proxy's answer {PROXY_REFUSED_WAIT_S - left:.0f}"
@@ -99,8 +108,10 @@ class _ProxiedTransport(httpx.HTTPTransport):
             return super().handle_request(request)
         except httpx.ProxyError as exc:
             if str(exc).startswith(_REFUSING):
+                which = tunnel if str(exc).startswith("403") else ""
                 with _refused_lock:
-                    _refused[self._key] = (time.monotonic() + PROXY_REFUSED_WAIT_S, str(exc))
+                    _refused[(*self._key, which)] = (time.monotonic() + PROXY_REFUSED_WAIT_S,
+                                                     str(exc))
             raise
 
 
