@@ -184,8 +184,10 @@ class FetchThrough:
         200,000 instances. RuntimeError naming the region's failure."""
         try:
             for page in self.client.instance_pages(study_uid):
-                here = store_retrieve.held_of(self.db, study_uid,
-                                           [i.sop_instance_uid for i in page]) if held else set()
+                uids = [i.sop_instance_uid for i in page]
+                here = store_retrieve.held_of(self.db, study_uid, uids) if held else set()
+                # Moved to another study here: the region's copy is not this study's any more.
+                here |= store_retrieve.current_elsewhere(self.db, study_uid, uids)
                 missing = [i for i in page
                            if i.sop_instance_uid not in here or i.sop_instance_uid in lost]
                 if missing:
@@ -198,7 +200,8 @@ class FetchThrough:
         offer it (WADO-RS from then on). A cut raises: what was filed stays."""
         if self.downloads is None:
             return None
-        held = store_retrieve.study_sop_uids(self.db, study_uid) - set(lost)
+        held = (store_retrieve.study_sop_uids(self.db, study_uid)
+                | store_retrieve.moved_out_of(self.db, study_uid)) - set(lost)
 
         def file(_uid: str, content: bytes) -> None:
             # The bytes are the region's file, SHA-256 checked by the download.

@@ -220,6 +220,37 @@ def held_of(db: Database, study_uid: str, sop_uids: list[str],
     return held
 
 
+def current_elsewhere(db: Database, study_uid: str, sop_uids: list[str],
+                      batch: int = 500) -> set[str]:
+    """Which of ``sop_uids`` are current instances of *another* study here: the sender moved
+    them (a correction that put the Study Instance UID right). The region may still list
+    them under the old study; its copy, fetched, is filed as an older version and never
+    served under the old study, so fetch-through must not download it (it did, at every
+    retrieve of the old study: one instance's WAN cost each time, the whole study's for a
+    study moved whole)."""
+    found: set[str] = set()
+    conn = db.connection()
+    for start in range(0, len(sop_uids), batch):
+        chunk = sop_uids[start:start + batch]
+        found.update(r[0] for r in conn.execute(
+            "SELECT i.sop_instance_uid FROM instances i JOIN studies s ON s.id = i.study_fk "
+            f"WHERE i.is_current = 1 AND s.study_uid != ? AND i.sop_instance_uid IN "
+            f"({', '.join('?' * len(chunk))})", (study_uid, *chunk)))
+    return found
+
+
+def moved_out_of(db: Database, study_uid: str) -> set[str]:
+    """The SOP Instance UIDs this study held in an earlier version and another study holds
+    now (:func:`current_elsewhere`, from the study's own rows): what a bucketed download of
+    the study is told the appliance has, with its current instances."""
+    return {r[0] for r in db.connection().execute(
+        "SELECT DISTINCT old.sop_instance_uid FROM instances old "
+        "JOIN studies s ON s.id = old.study_fk "
+        "JOIN instances now ON now.sop_instance_uid = old.sop_instance_uid "
+        "AND now.is_current = 1 AND now.study_fk != old.study_fk "
+        "WHERE s.study_uid = ? AND old.is_current = 0", (study_uid,))}
+
+
 def held_versions(db: Database, study_uid: str, pairs: list[tuple[str, str]],
                   batch: int = 500) -> set[tuple[str, str]]:
     """Which of the (SOP Instance UID, SHA-256) ``pairs`` of a study the index holds, as any

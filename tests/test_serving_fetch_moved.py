@@ -1,0 +1,126 @@
+"""Fetch-through does not download again, at every retrieve, the region's copy of an
+instance the sender moved to another study.
+
+A correction that puts an image's Study Instance UID right leaves the region listing it
+under the old study (the region keeps what it was sent). PAS holds it under the new study
+and files the region's copy of the old study as an older version, never served there; yet
+fetch-through took it for missing from the old study and downloaded it again at each
+retrieve of that study: one instance's WAN cost each time, a whole study's for a study
+moved whole (the session notes' carried "fetch-through re-downloads a moved instance").
+
+Real peers: Orthanc as the region (plain DICOMweb, ``prefetch.dicomweb_url``), DCMTK's
+storescu as the modality and getscu as the viewer, httpx as the DICOMweb one, a real ``pas run``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+from appliance.store import index, retrieve
+from appliance.store.db import Database
+from appliance.store.index import InstanceRecord, StoredFile
+from tests.support.objects import tiny_ct
+from tests.support.peers import DCMTK_ENV, Orthanc, PasProcess, read_rows, storescu
+
+pytestmark = pytest.mark.root
+CT_IMAGE, EXPLICIT_LE = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1"
+
+
+def _retrieve(pas: PasProcess, study: str) -> httpx.Response:
+    return httpx.get(f"http://127.0.0.1:{pas.http_port}/dicom-web/studies/{study}",
+                     headers={"Accept": 'multipart/related; type="application/dicom"'},
+                     timeout=60)
+
+
+def _c_get(pas: PasProcess, study: str, out: Path) -> set[str]:
+    """DCMTK getscu of the study: the SOP Instance UIDs received."""
+    out.mkdir(parents=True)
+    result = subprocess.run(["getscu", "-S", "-aet", "VIEWER", "-aec", "PAS",
+                             "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
+                             "-od", str(out), "127.0.0.1", str(pas.port)],
+                            env=DCMTK_ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in out.iterdir()}
+
+
+def _fetched_lines(pas: PasProcess, study: str) -> int:
+    return sum(f"of {study} from the region" in line and "fetched" in line
+               for line in pas.log().splitlines())
+
+
+def test_an_instance_moved_to_another_study_is_not_fetched_again(
+        tmp_path: Path, orthanc_factory: Any) -> None:
+    region: Orthanc = orthanc_factory()
+    old_study, moved_whole, new_study = generate_uid(), generate_uid(), generate_uid()
+    stays = tiny_ct(old_study, PatientID="PIDMV", InstanceNumber=1)
+    moves = tiny_ct(old_study, PatientID="PIDMV", InstanceNumber=2)
+    alone = tiny_ct(moved_whole, PatientID="PIDMV")  # its study's only image
+    paths = {}
+    for name, ds in (("stays", stays), ("moves", moves), ("alone", alone)):
+        paths[name] = tmp_path / f"{name}.dcm"
+        ds.save_as(paths[name], enforce_file_format=True)
+    storescu(list(paths.values()), region.dicom_port, host=region.host, called="ORTHANC")
+
+    pas = PasProcess(tmp_path / "pas", {
+        "PAS_DICOM__ACCEPT_UNKNOWN": "true", "PAS_PREFETCH__ENABLED": "false",
+        "PAS_PREFETCH__DICOMWEB_URL": region.dicomweb, "PAS_PREFETCH__ALLOW_CLEARTEXT": "true",
+        "PAS_SERVING__REGION_QUERY_TIMEOUT_S": "10"}).start()
+    try:
+        storescu(list(paths.values()), pas.port)
+        # The QA workstation's correction: both images of the wrong study, to the right one.
+        for name in ("moves", "alone"):
+            ds = tiny_ct(new_study, PatientID="PIDMV")
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = (
+                moves if name == "moves" else alone).SOPInstanceUID
+            corrected = tmp_path / f"{name}-corrected.dcm"
+            ds.save_as(corrected, enforce_file_format=True)
+            storescu([corrected], pas.port)
+        current = {r["sop_instance_uid"]: r["study_uid"] for r in read_rows(
+            pas.home / "pas.sqlite", "SELECT i.sop_instance_uid, s.study_uid FROM instances "
+            "i JOIN studies s ON s.id = i.study_fk WHERE i.is_current = 1")}
+        assert current == {str(stays.SOPInstanceUID): old_study,
+                           str(moves.SOPInstanceUID): new_study,
+                           str(alone.SOPInstanceUID): new_study}
+
+        for attempt in range(2):  # each retrieve asked the region, and downloaded again
+            # A C-GET of the study held in part (the image that stayed), as a viewer does.
+            got = _c_get(pas, old_study, tmp_path / f"get-{attempt}")
+            assert got == {str(stays.SOPInstanceUID)}
+            gone = _retrieve(pas, moved_whole)  # every image of it moved: nothing to serve
+            assert gone.status_code == 404, gone.text
+        assert _fetched_lines(pas, old_study) == 0, pas.log()[-3000:]
+        assert _fetched_lines(pas, moved_whole) == 0, pas.log()[-3000:]
+        rows = read_rows(pas.home / "pas.sqlite",
+                         "SELECT count(*) AS n FROM instances WHERE calling_ae = 'REGION'")
+        assert rows[0]["n"] == 0
+    finally:
+        pas.stop()
+
+
+def test_a_bucketed_download_is_told_the_moved_instances_are_here(tmp_path: Path) -> None:
+    """The hub's bucketed download of a study skips what the appliance says it has: the
+    study's current instances, and now those moved from it to another study here."""
+    db = Database(tmp_path / "pas.sqlite")
+    try:
+        def record(sop: str, study: str, sha: str) -> None:
+            index.record_instance(db, InstanceRecord(sop, CT_IMAGE, EXPLICIT_LE, study,
+                                                     study + ".1", patient_id="P"),
+                                  StoredFile(f"f-{sha}", 1, sha * 64))
+
+        record("1.9.1", "1.9", "a")  # stays in 1.9
+        record("1.9.2", "1.9", "b")  # moved: its correction names study 1.8
+        record("1.9.2", "1.8", "c")
+        assert retrieve.study_sop_uids(db, "1.9") == {"1.9.1"}
+        assert retrieve.moved_out_of(db, "1.9") == {"1.9.2"}
+        assert retrieve.moved_out_of(db, "1.8") == set()
+        assert retrieve.current_elsewhere(db, "1.9", ["1.9.1", "1.9.2", "1.7.1"]) == {"1.9.2"}
+        assert retrieve.current_elsewhere(db, "1.8", ["1.9.2"]) == set()
+    finally:
+        db.close()
