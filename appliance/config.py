@@ -140,15 +140,6 @@ class Settings(_Section):
             if getattr(destination, "through_proxy", False) and not self.hub.proxy:
                 problems.append(f"destinations.{name}.through_proxy: hub.proxy is not set "
                                 "(the hospital's proxy these requests would go through)")
-        ca_file = self.prefetch.dicomweb_ca_file
-        if ca_file is not None and str(self.prefetch.dicomweb_url or "").startswith("https://"):
-            import ssl
-
-            try:  # read now: the daemon builds its region clients at its start
-                ssl.create_default_context(cafile=str(ca_file))
-            except (OSError, ssl.SSLError) as exc:
-                problems.append(f"prefetch.dicomweb_ca_file: {ca_file}: not a readable PEM "
-                                f"bundle of CA certificates ({exc})")
         if self.prefetch.dicomweb_through_proxy and not self.hub.proxy:
             problems.append("prefetch.dicomweb_through_proxy: hub.proxy is not set (the "
                             "hospital's proxy these requests would go through)")

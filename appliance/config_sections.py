@@ -747,6 +747,10 @@ class PrefetchSection(_Section):
             raise _cross_field("dicomweb_ca_file", "is for {section}.dicomweb_url, which is "
                                "not set (the region read through the hub is checked against "
                                "the fleet CA of the enrolment)")
+        if self.dicomweb_ca_file is not None and self.dicomweb_url and \
+                not self.dicomweb_url.lower().startswith("https://"):
+            raise _cross_field("dicomweb_ca_file", "is for an https:// {section}.dicomweb_url "
+                               "(an http:// one has no certificate to check)")
         if self.dicomweb_url and not self.allow_cleartext and sent_in_clear(self.dicomweb_url):
             raise _cross_field("dicomweb_url", _cleartext(
                 "patient data and credentials" if credentials else "patient data"))

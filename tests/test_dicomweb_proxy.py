@@ -214,25 +214,52 @@ def test_a_dicomweb_region_through_the_proxy_under_its_own_ca_answers_c_find(
 
 def test_the_regions_ca_file_and_proxy_keys_are_refused_when_they_cannot_apply(
         tmp_path: Path) -> None:
-    not_pem = tmp_path / "ca.crt"
-    not_pem.write_text("not a certificate\n")
     base = {"PAS_HOME": str(tmp_path / "home"),
             "PAS_PREFETCH__DICOMWEB_URL": "https://region.example/dicom-web"}
     cases: tuple[tuple[dict[str, str | None], str], ...] = (
-            ({"PAS_PREFETCH__DICOMWEB_CA_FILE": str(not_pem)},
-             f"prefetch.dicomweb_ca_file: {not_pem}: not a readable PEM bundle of CA "
-             "certificates"),
             ({"PAS_PREFETCH__DICOMWEB_THROUGH_PROXY": "true"},
              "prefetch.dicomweb_through_proxy: hub.proxy is not set"),
             ({"PAS_PREFETCH__DICOMWEB_URL": None, "PAS_HUB__PROXY": "http://10.1.2.9:3128",
               "PAS_PREFETCH__DICOMWEB_THROUGH_PROXY": "true"},
              "prefetch.dicomweb_through_proxy: is for prefetch.dicomweb_url, which is not "
-             "set"))
+             "set"),
+            ({"PAS_PREFETCH__DICOMWEB_URL": "http://region.example/dicom-web",
+              "PAS_PREFETCH__ALLOW_CLEARTEXT": "true",
+              "PAS_PREFETCH__DICOMWEB_CA_FILE": str(tmp_path / "ca.crt")},
+             "prefetch.dicomweb_ca_file: is for an https:// prefetch.dicomweb_url"))
     for extra, said in cases:
         env = {key: value for key, value in {**base, **extra}.items() if value is not None}
         result = run_pas(["config", "check"], {**env, "COLUMNS": "300"}, timeout=60)
         assert result.returncode != 0, extra
         assert said in " ".join((result.stdout + result.stderr).split()), (extra, result)
+
+
+def test_a_region_ca_file_pas_run_cannot_read_stops_its_start_and_nothing_else(
+        tmp_path: Path) -> None:
+    """Review s43: read by the configuration's validation, a CA file missing there stopped
+    every command (pas status, pas doctor, a configuration checked on another machine).
+    Now pas run refuses to start on it, naming the key; pas config check warns (exit 0);
+    pas status runs. A region on this machine's loopback through the proxy: a warning."""
+    not_pem = tmp_path / "ca.crt"
+    not_pem.write_text("not a certificate\n")
+    env = {"PAS_HOME": str(tmp_path / "home"), "COLUMNS": "300",
+           "PAS_PREFETCH__DICOMWEB_URL": "https://127.0.0.1:8443/dicom-web",
+           "PAS_PREFETCH__DICOMWEB_CA_FILE": str(not_pem),
+           "PAS_HUB__PROXY": "http://10.1.2.9:3128",
+           "PAS_PREFETCH__DICOMWEB_THROUGH_PROXY": "true"}
+    refused = f"prefetch.dicomweb_ca_file: {not_pem}: not a readable PEM bundle of CA certificates"
+    checked = run_pas(["config", "check"], env, timeout=60)
+    said = " ".join((checked.stdout + checked.stderr).split())
+    assert checked.returncode == 0, said
+    assert f"warning {refused}" in said and "pas run refuses to start on it" in said, said
+    assert ("warning prefetch.dicomweb_url (https://127.0.0.1:8443/dicom-web) is this "
+            "machine's loopback, and goes through hub.proxy") in said, said
+    started = run_pas(["run"], env, timeout=60)
+    said = " ".join((started.stdout + started.stderr).split())
+    assert started.returncode == 1 and f"cannot start: {refused}" in said, said
+    assert not (tmp_path / "home" / "pas.sqlite").exists()
+    status = run_pas(["status", "--json"], env, timeout=60)
+    assert "dicomweb_ca_file" not in status.stdout + status.stderr, status
 
 
 def test_a_tunnel_the_proxy_forbids_does_not_stop_the_others_through_it(

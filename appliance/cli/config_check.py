@@ -72,7 +72,8 @@ def config_check(path: Path | None = typer.Argument(
             err.print(f"[red]config error[/red] {literal(problem)}", highlight=False)
     if site_problem or database_problem:
         raise typer.Exit(2)
-    for warning in unconfigured_destinations(settings, database) + around_the_proxy(settings):
+    for warning in (unconfigured_destinations(settings, database) + around_the_proxy(settings)
+                    + files_to_check(settings)):
         err.print(f"[yellow]warning[/yellow] {literal(warning)}", highlight=False)
     from appliance.config import site_origin
 
@@ -109,7 +110,8 @@ def _config_check_json(settings: Settings | None, problems: list[str],
         hub = None
     # "warnings" only when there are: the answer of a home with no such jobs is what it
     # was (a configuration management's check may compare it whole).
-    warnings = unconfigured_destinations(settings, database_path) + around_the_proxy(settings)
+    warnings = (unconfigured_destinations(settings, database_path)
+                + around_the_proxy(settings) + files_to_check(settings))
     print(json.dumps({
         "ok": True, "problems": [], "site": settings.site, "site_from": site_origin(settings),
         "ae_title": settings.dicom.ae_title, "port": settings.dicom.port,
@@ -204,6 +206,32 @@ def around_the_proxy(settings: Settings) -> list[str]:
             for key, url in peers
             if (urlsplit(url).hostname or "") not in ("localhost", "::1")
             and not (urlsplit(url).hostname or "").startswith("127.")]
+
+
+def files_to_check(settings: Settings) -> list[str]:
+    """A warning per file of the configuration this check cannot use as ``pas run`` would
+    (``prefetch.dicomweb_ca_file``: ``pas run`` refuses to start on it), and per DICOMweb
+    peer on this machine's loopback that the configuration sends through the proxy (the
+    proxy would connect to its own loopback, not this machine's). Warnings, not problems:
+    the check may run where the file is not, or as a user who may not read it."""
+    from urllib.parse import urlsplit
+
+    from appliance.transfer.http import shown_url
+    from appliance.transfer.region import region_ca_problem
+
+    said = [f"{problem}: pas run refuses to start on it"
+            for problem in [region_ca_problem(settings.prefetch)] if problem]
+    proxied = [(f"destinations.{name}.url", destination.url)  # type: ignore[union-attr]
+               for name, destination in settings.destinations.items()
+               if getattr(destination, "through_proxy", False)]
+    if settings.prefetch.dicomweb_through_proxy and settings.prefetch.dicomweb_url:
+        proxied.append(("prefetch.dicomweb_url", settings.prefetch.dicomweb_url))
+    for key, url in proxied:
+        host = urlsplit(url).hostname or ""
+        if host in ("localhost", "::1") or host.startswith("127."):
+            said.append(f"{key} ({shown_url(url)}) is this machine's loopback, and goes "
+                        "through hub.proxy: the proxy connects to its own loopback")
+    return said
 
 
 def unconfigured_destinations(settings: Settings, path: Path | None = None) -> list[str]:

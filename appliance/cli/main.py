@@ -119,6 +119,12 @@ def run(config: Path | None = ConfigOption) -> None:
         if refused:
             err.print(f"[red]cannot start:[/red] {literal(refused)}", highlight=False)
             raise typer.Exit(1)
+    from appliance.transfer.region import region_ca_problem
+
+    ca_problem = region_ca_problem(settings.prefetch)
+    if ca_problem:  # the region clients are built at the start: refused now, named
+        err.print(f"[red]cannot start:[/red] {literal(ca_problem)}", highlight=False)
+        raise typer.Exit(1)
     from appliance.store.damage import DatabaseDamaged
     from appliance.store.db import SchemaTooNew
     from appliance.store.schema_drift import SchemaDiffers

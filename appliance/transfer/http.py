@@ -62,8 +62,9 @@ def _connect_bound(timeout: Any) -> float | None:
     return float(timeout) if isinstance(timeout, int | float) else None
 
 
-# How long every call to the hub is refused here after the proxy refused the credentials or
-# the tunnel (401, 403, 407), instead of asking it again (review s42 F1): a proxy checking
+# How long every call through the proxy (the credentials refused: 401, 407), or every call
+# to the same host and port (the tunnel refused: 403), is refused here instead of asking
+# the proxy again (review s42 F1): a proxy checking
 # its Basic credentials against the hospital's directory locked the service account within
 # minutes, each worker, the keep-warm thread and the heartbeat asking again every few
 # seconds. Asked again after this, a proxy put right meanwhile is used without a restart.
@@ -85,9 +86,11 @@ class _ProxiedTransport(httpx.HTTPTransport):
     - the proxy's answer to CONNECT awaited at most the connect timeout (``bound_s``), not
       the read timeout: through the proxy a hub that drops every packet held each call for
       the whole read timeout (60 s) instead of the connect bound (10 s) a direct call has;
-    - a refusal of the proxy's (401, 403, 407) remembered for :data:`PROXY_REFUSED_WAIT_S`,
-      for every client of this process through the same proxy and credentials: the calls
-      meanwhile fail here with the same answer, the proxy not asked."""
+    - a refusal of the proxy's remembered for :data:`PROXY_REFUSED_WAIT_S`, for every
+      client of this process through the same proxy and credentials (401, 407), or for
+      those asking the same host and port (403): the calls meanwhile fail here with the
+      same answer, the proxy not asked. The memory holds one entry per refused tunnel; the
+      tunnels come from the configuration (the hub, STOW-RS urls, the region's)."""
 
     def __init__(self, proxy: httpx.Proxy, bound_s: float | None, options: dict[str, Any]):
         super().__init__(proxy=proxy, trust_env=False, **options)

@@ -100,6 +100,24 @@ def region_auth(prefetch: PrefetchSection) -> httpx.Auth | None:
     return None
 
 
+def region_ca_problem(prefetch: PrefetchSection) -> str | None:
+    """Why ``prefetch.dicomweb_ca_file`` cannot be used, or None: read as the region
+    client reads it. Checked by ``pas run`` before it starts (refused, naming the key: the
+    region clients are built at the start) and by ``pas config check`` (a warning: it may
+    run where the file is not, or as another user), not by the configuration's own
+    validation, which every command runs (a file missing there stopped ``pas status``;
+    review s43)."""
+    ca_file = prefetch.dicomweb_ca_file
+    if ca_file is None or not str(prefetch.dicomweb_url or "").startswith("https://"):
+        return None
+    try:
+        ssl.create_default_context(cafile=str(ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        return (f"prefetch.dicomweb_ca_file: {ca_file}: not a readable PEM bundle of CA "
+                f"certificates ({exc})")
+    return None
+
+
 class RegionClient:
     """A keep-alive HTTP client on the region's DICOMweb root. Thread-safe (httpx.Client)."""
 
@@ -132,7 +150,7 @@ class RegionClient:
             ca_file = prefetch.dicomweb_ca_file if prefetch is not None else None
             verify: ssl.SSLContext | bool = True
             if ca_file is not None and dicomweb_url.startswith("https://"):
-                try:
+                try:  # pas run checked it before it started (region_ca_problem)
                     verify = ssl.create_default_context(cafile=str(ca_file))
                 except (OSError, ssl.SSLError) as exc:
                     raise RegionError(f"prefetch.dicomweb_ca_file {ca_file}: not a readable "
