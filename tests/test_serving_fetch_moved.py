@@ -124,3 +124,51 @@ def test_a_bucketed_download_is_told_the_moved_instances_are_here(tmp_path: Path
         assert retrieve.current_elsewhere(db, "1.8", ["1.9.2"]) == set()
     finally:
         db.close()
+
+
+def test_the_regions_copy_of_a_moved_instance_never_moves_it_back(tmp_path: Path) -> None:
+    """Review s43: the region's copy of an instance moved here to another study, filed as
+    current once the region had confirmed the correction, moved it back to the old study
+    (served there again, the correction undone). A bucketed download after the old study's
+    rows were evicted still brings that copy. It is kept as an older version now, in the
+    current version's study, whichever path brought it."""
+    db = Database(tmp_path / "pas.sqlite")
+    try:
+        def record(sop: str, study: str, sha: str, origin: str = "local") -> Any:
+            return index.record_instance(
+                db, InstanceRecord(sop, CT_IMAGE, EXPLICIT_LE, study, study + ".1",
+                                   patient_id="P"),
+                StoredFile(f"f-{sha}", 1, sha * 64), origin=origin)
+
+        def current(sop: str) -> list[tuple[str, str]]:
+            return [(r["study_uid"], r["sha256"][0]) for r in db.query(
+                "SELECT s.study_uid, i.sha256 FROM instances i JOIN studies s "
+                "ON s.id = i.study_fk WHERE i.sop_instance_uid = ? AND i.is_current = 1",
+                (sop,))]
+
+        record("1.9.2", "1.9", "a")  # sent to the region under 1.9
+        record("1.9.2", "1.8", "c")  # the correction: study 1.8
+        with db.transaction() as conn:  # the region confirmed both
+            conn.execute("UPDATE instances SET routed_at = 1, confirmed_at = 1")
+        fetched = record("1.9.2", "1.9", "a", origin="regional")  # the old copy, fetched
+        assert fetched.duplicate and not fetched.conflict
+        assert current("1.9.2") == [("1.8", "c")]
+
+        # The old study evicted here (its rows gone): the copy comes again, other bytes.
+        record("2.9.2", "2.8", "d")
+        with db.transaction() as conn:
+            conn.execute("UPDATE instances SET routed_at = 1, confirmed_at = 1")
+        kept = record("2.9.2", "2.9", "e", origin="regional")
+        assert current("2.9.2") == [("2.8", "d")]
+        row = db.query_one("SELECT is_current, study_fk FROM instances WHERE id = ?",
+                           (kept.instance_id,))
+        assert row is not None and row["is_current"] == 0
+
+        # Within its own study the region's newer bytes still serve (unchanged).
+        record("3.9.2", "3.9", "f")
+        with db.transaction() as conn:
+            conn.execute("UPDATE instances SET routed_at = 1, confirmed_at = 1")
+        record("3.9.2", "3.9", "g", origin="regional")
+        assert current("3.9.2") == [("3.9", "g")]
+    finally:
+        db.close()

@@ -118,7 +118,8 @@ def record_instance(
                                  version=same["version"])
         if origin == "regional":
             current = next((row for row in versions if row["is_current"]), None)
-            if current is not None and current["confirmed_at"] is None:
+            if current is not None and (current["confirmed_at"] is None
+                                        or _moved_away(conn, record, current)):
                 return _behind_unconfirmed(conn, record, stored, current, same, received_at,
                                            source_address, versions[0]["version"] + 1)
         newer = next((row for row in versions if row["is_current"]
@@ -238,11 +239,26 @@ def refresh_patient(conn: sqlite3.Connection, patient_fk: int) -> None:
         (patient_fk,))
 
 
+def _moved_away(conn: sqlite3.Connection, record: InstanceRecord, current: sqlite3.Row) -> bool:
+    """Whether the current version here is in another study than the region's copy says:
+    the sender moved the instance (a correction of its Study Instance UID), and the region
+    still lists the copy it was sent before under the old study.
+
+    Made current, such a copy moved the instance back: fetch-through of the old study (or a
+    prior fetched for it) undid a correction the region had confirmed, the instance served
+    under the old study again and routed from there (review s43 of the fetch-through fix).
+    It is kept as an older version instead, as behind an unconfirmed correction."""
+    row = conn.execute("SELECT study_uid FROM studies WHERE id = ?",
+                       (current["study_fk"],)).fetchone()
+    return row is not None and row[0] != record.study_uid
+
+
 def _behind_unconfirmed(conn: sqlite3.Connection, record: InstanceRecord, stored: StoredFile,
                         current: sqlite3.Row, same: sqlite3.Row | None, received_at: float,
                         source: str | None, version: int) -> RecordOutcome:
     """The region's copy of an instance whose current version the region has not confirmed
-    yet (a correction the sender sent after the copy the region holds): kept as a version
+    yet (a correction the sender sent after the copy the region holds), or whose current
+    version is in another study (:func:`_moved_away`): kept as a version
     that is not current, held by the region (routed and confirmed), in the current version's
     study; the correction stays current, travels, and stays until the region confirms it.
 
