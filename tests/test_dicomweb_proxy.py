@@ -28,6 +28,7 @@ import httpx
 import pytest
 from pydicom import dcmread
 
+from appliance.store.db import Database
 from appliance.transfer.http import http_client
 from tests.faults.pki import make_pki
 from tests.support.archived import orthanc_hashes
@@ -260,6 +261,13 @@ def test_a_region_ca_file_pas_run_cannot_read_stops_its_start_and_nothing_else(
     assert not (tmp_path / "home" / "pas.sqlite").exists()
     status = run_pas(["status", "--json"], env, timeout=60)
     assert "dicomweb_ca_file" not in status.stdout + status.stderr, status
+    # pas verify --repair builds a region client too: one line, not a traceback.
+    Database(tmp_path / "home" / "pas.sqlite").close()
+    repair = run_pas(["verify", "--repair"], env, timeout=60)
+    said = " ".join((repair.stdout + repair.stderr).split())
+    assert repair.returncode == 1, said
+    assert said.startswith(f"cannot repair from the region: {refused}"), said
+    assert "Traceback" not in said, said
 
 
 def test_a_tunnel_the_proxy_forbids_does_not_stop_the_others_through_it(

@@ -85,8 +85,14 @@ def verify(config: Path | None = ConfigOption,
     region = None
     if repair:  # through the hub when enrolled, or a plain DICOMweb region when configured
         from appliance.transfer.http import hub_proxy
-        from appliance.transfer.region import RegionClient
+        from appliance.transfer.region import RegionClient, region_ca_problem
 
+        ca_problem = region_ca_problem(settings.prefetch)
+        if ca_problem:  # said in one line, as pas run does, not a traceback
+            db.close()
+            err.print(f"[red]cannot repair from the region:[/red] {literal(ca_problem)}",
+                      highlight=False)
+            raise typer.Exit(1)
         region = RegionClient.from_home(settings.home, settings.prefetch.dicomweb_url,
                                         prefetch=settings.prefetch,
                                         proxy=hub_proxy(settings.hub))

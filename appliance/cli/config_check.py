@@ -192,6 +192,7 @@ def around_the_proxy(settings: Settings) -> list[str]:
         return []
     from urllib.parse import urlsplit
 
+    from appliance.config_types import loopback_host
     from appliance.transfer.http import shown_url
 
     peers = [(f"destinations.{name}", destination.url)  # type: ignore[union-attr]
@@ -204,8 +205,7 @@ def around_the_proxy(settings: Settings) -> list[str]:
             "hub's connections, STOW-RS destinations with through_proxy = true and "
             "prefetch.dicomweb_through_proxy use it): check that the firewall lets it out"
             for key, url in peers
-            if (urlsplit(url).hostname or "") not in ("localhost", "::1")
-            and not (urlsplit(url).hostname or "").startswith("127.")]
+            if not loopback_host(urlsplit(url).hostname or "")]
 
 
 def files_to_check(settings: Settings) -> list[str]:
@@ -216,6 +216,7 @@ def files_to_check(settings: Settings) -> list[str]:
     the check may run where the file is not, or as a user who may not read it."""
     from urllib.parse import urlsplit
 
+    from appliance.config_types import loopback_host
     from appliance.transfer.http import shown_url
     from appliance.transfer.region import region_ca_problem
 
@@ -227,8 +228,7 @@ def files_to_check(settings: Settings) -> list[str]:
     if settings.prefetch.dicomweb_through_proxy and settings.prefetch.dicomweb_url:
         proxied.append(("prefetch.dicomweb_url", settings.prefetch.dicomweb_url))
     for key, url in proxied:
-        host = urlsplit(url).hostname or ""
-        if host in ("localhost", "::1") or host.startswith("127."):
+        if loopback_host(urlsplit(url).hostname or ""):
             said.append(f"{key} ({shown_url(url)}) is this machine's loopback, and goes "
                         "through hub.proxy: the proxy connects to its own loopback")
     return said

@@ -204,6 +204,13 @@ def study_instance_count(db: Database, study_uid: str) -> int:
     return int(row["n"]) if row else 0
 
 
+# The study's key written ``+i.study_fk`` in the look-ups of a list of UIDs: SQLite then
+# finds each UID by ``instances_sop`` instead of walking every current row of the study
+# (``instances_study``) for each batch of 500, which made fetch-through's check of a
+# 65,000-instance study read 8.5 million rows (1.6 s; 0.06 s so; review s43).
+_BY_UID = "+i.study_fk"
+
+
 def held_of(db: Database, study_uid: str, sop_uids: list[str],
             batch: int = 500) -> set[str]:
     """Which of ``sop_uids`` the study holds as current instances, asked ``batch`` at a time:
@@ -214,7 +221,7 @@ def held_of(db: Database, study_uid: str, sop_uids: list[str],
     for start in range(0, len(sop_uids), batch):
         chunk = sop_uids[start:start + batch]
         held.update(r[0] for r in conn.execute(
-            "SELECT i.sop_instance_uid FROM instances i JOIN studies s ON s.id = i.study_fk "
+            f"SELECT i.sop_instance_uid FROM instances i JOIN studies s ON s.id = {_BY_UID} "
             f"WHERE s.study_uid = ? AND i.is_current = 1 AND i.sop_instance_uid IN "
             f"({', '.join('?' * len(chunk))})", (study_uid, *chunk)))
     return held
@@ -265,7 +272,7 @@ def held_versions(db: Database, study_uid: str, pairs: list[tuple[str, str]],
         chunk = uids[start:start + batch]
         held.update(pair for pair in ((str(r[0]), str(r[1])) for r in conn.execute(
             "SELECT i.sop_instance_uid, i.sha256 FROM instances i "
-            "JOIN studies s ON s.id = i.study_fk WHERE s.study_uid = ? AND "
+            f"JOIN studies s ON s.id = {_BY_UID} WHERE s.study_uid = ? AND "
             f"i.sop_instance_uid IN ({', '.join('?' * len(chunk))})", (study_uid, *chunk)))
             if pair in asked)
     return held
