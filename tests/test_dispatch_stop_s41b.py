@@ -14,40 +14,14 @@ attempt is inside its A-ASSOCIATE when the daemon stops).
 
 from __future__ import annotations
 
-import socket
-import threading
 from pathlib import Path
 from typing import Any
 
 from appliance.store.jobs import WORKER_DIED
 from tests.support.configs import ct1_to
 from tests.support.peers import PasProcess, read_rows, storescu, wait_for
-from tests.support.ports import free_port
+from tests.support.silent_peer import SilentPeer
 from tests.test_routing import CT_PATIENT
-
-
-class SilentPeer:
-    """Accepts connections and holds them: reads nothing, answers nothing."""
-
-    def __init__(self) -> None:
-        self.ae_title = "PACS"
-        self.port = free_port()
-        self.server = socket.create_server(("127.0.0.1", self.port))
-        self.held: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            self.held.append(conn)
-
-    def close(self) -> None:
-        self.server.close()
-        for conn in self.held:
-            conn.close()
 
 
 def test_a_clean_stop_gives_the_attempt_back_and_a_kill_does_not(tmp_path: Path) -> None:

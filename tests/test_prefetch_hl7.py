@@ -24,6 +24,7 @@ from hl7.client import MLLPClient
 from tests.support.peers import PasProcess, pas_with_hl7, wait_for
 from tests.support.peers import prefetch_requests as requests
 from tests.support.serving import serve_in_thread
+from tests.support.silent_peer import SilentPeer
 
 
 @pytest.fixture(scope="module")
@@ -468,30 +469,6 @@ def test_hl7_port_taken_is_reported_and_dicom_keeps_serving(
         assert requests(pas) == []
 
 
-class SilentRegion:
-    """A region that accepts connections and never answers (a hung archive, a WAN that went
-    silent), until :meth:`release` closes them all: the fetch is running meanwhile."""
-
-    def __init__(self) -> None:
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self.server.getsockname()[1])
-        self.held: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return  # released
-            self.held.append(conn)
-
-    def release(self) -> None:
-        self.server.close()
-        for conn in self.held:
-            conn.close()
-
-
 def test_an_order_cancelled_while_its_fetch_runs_stays_cancelled(tmp_path: Any) -> None:
     """NW (due now), its fetch running against a region that does not answer, then CA
     (ACKed AA), then the region's connection closes: the request is cancelled and never
@@ -499,7 +476,7 @@ def test_an_order_cancelled_while_its_fetch_runs_stays_cancelled(tmp_path: Any) 
     changed nothing, the failed attempt made the request pending again ("waiting for the
     link", not even counted), and the cancelled order's priors would have been fetched
     once the link came back."""
-    region = SilentRegion()
+    region = SilentPeer()
     pas = pas_with_hl7(tmp_path, PAS_PREFETCH__DICOMWEB_URL=(
         f"http://127.0.0.1:{region.port}/dicom-web"))
     try:
@@ -509,14 +486,14 @@ def test_an_order_cancelled_while_its_fetch_runs_stays_cancelled(tmp_path: Any) 
                  what="the fetch running, its search held by the region")
         (ack,) = send(pas, orm("RC2", "ORD40", control_code="CA"))
         assert msa(ack)[:2] == ("AA", "RC2")
-        region.release()
+        region.close()
         wait_for(lambda: "prefetch 1 for P100" in pas.log(),
                  30, what="the attempt ended")
         (row,) = requests(pas)
         assert (row["state"], row["last_error"]) == ("cancelled", None), row
         assert "prefetch 1 for P100: cancelled while it ran" in pas.log()
     finally:
-        region.release()
+        region.close()
         pas.stop()
 
 
@@ -527,7 +504,7 @@ def test_an_order_cancelled_and_ordered_again_while_its_fetch_runs_is_that_fetch
     when that attempt meets the closed link the request waits for the link as any other.
     Revived as pending, a second attempt ran beside the first, and whichever ended second
     logged the active order as "cancelled while it ran"."""
-    region = SilentRegion()
+    region = SilentPeer()
     pas = pas_with_hl7(tmp_path, PAS_PREFETCH__DICOMWEB_URL=(
         f"http://127.0.0.1:{region.port}/dicom-web"))
     try:
@@ -538,7 +515,7 @@ def test_an_order_cancelled_and_ordered_again_while_its_fetch_runs_is_that_fetch
         assert [msa(a)[:2] for a in acks] == [("AA", "RR2"), ("AA", "RR3")]
         (row,) = requests(pas)
         assert (row["state"], row["times_requested"]) == ("running", 2), row
-        region.release()
+        region.close()
         wait_for(lambda: "prefetch 1 for P100" in pas.log(), 30, what="the attempt ended")
         (row,) = requests(pas)
         assert row["state"] == "pending" and row["last_error"].startswith(
@@ -546,7 +523,7 @@ def test_an_order_cancelled_and_ordered_again_while_its_fetch_runs_is_that_fetch
         assert len(region.held) == 1
         assert "cancelled while it ran" not in pas.log()
     finally:
-        region.release()
+        region.close()
         pas.stop()
 
 

@@ -15,8 +15,6 @@ storescu as the CT. The second walks each interruption through the jobs layer it
 
 from __future__ import annotations
 
-import socket
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -25,43 +23,13 @@ from appliance.store import jobs as job_store
 from appliance.store.db import Database
 from tests.support.configs import ct1_to
 from tests.support.peers import PasProcess, read_rows, storescu, wait_for
-from tests.support.ports import free_port
+from tests.support.silent_peer import SilentPeer
 from tests.test_queue_retry_audit import failed_job
 from tests.test_routing import CT_PATIENT
 
 
-class RefusingThenSilentPeer:
-    """Closes the first connection at once (the job's attempt fails), then holds every later
-    one without a byte (an attempt still in progress when the daemon stops)."""
-
-    def __init__(self) -> None:
-        self.ae_title = "PACS"
-        self.port = free_port()
-        self.server = socket.create_server(("127.0.0.1", self.port))
-        self.connections = 0
-        self.held: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            self.connections += 1
-            if self.connections == 1:
-                conn.close()
-            else:
-                self.held.append(conn)
-
-    def close(self) -> None:
-        self.server.close()
-        for conn in self.held:
-            conn.close()
-
-
 def test_a_stop_and_a_crash_keep_the_error_the_job_had(tmp_path: Path) -> None:
-    peer = RefusingThenSilentPeer()
+    peer = SilentPeer(close_first=1)  # a real error first, then an attempt held
     config = ct1_to(tmp_path / "appliance.toml", peer, timeout_s=120,
                     queue="max_attempts = 10\nbackoff_initial_s = 0.2\nbackoff_max_s = 0.5\n")
     pas = PasProcess(tmp_path / "pas", {"PAS_CONFIG": str(config),
