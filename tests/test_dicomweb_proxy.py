@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import http.server
-import sqlite3
 import ssl
 import threading
 from pathlib import Path
@@ -39,30 +38,20 @@ from tests.support.peers import (
     Orthanc,
     PasProcess,
     free_port,
+    read_rows,
     run_pas,
     storescu,
     wait_for,
 )
 from tests.support.tlsfront import TlsFront
+from tests.test_routing import jobs_of
 
 CT_FILES = sorted(CT_DIR.glob("*.dcm"))[:3]
 
 
-def _jobs(home: Path) -> list[dict[str, Any]]:
-    conn = sqlite3.connect(home / "pas.sqlite")
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute("SELECT * FROM jobs")]
-    finally:
-        conn.close()
-
-
 def _stored(home: Path) -> dict[str, str]:
-    conn = sqlite3.connect(home / "pas.sqlite")
-    try:
-        return dict(conn.execute("SELECT sop_instance_uid, sha256 FROM instances"))
-    finally:
-        conn.close()
+    return {r["sop_instance_uid"]: r["sha256"] for r in read_rows(
+        home / "pas.sqlite", "SELECT sop_instance_uid, sha256 FROM instances")}
 
 
 def test_a_stowrs_archive_through_the_proxy_gets_every_instance_bit_exact(
@@ -91,13 +80,13 @@ def test_a_stowrs_archive_through_the_proxy_gets_every_instance_bit_exact(
         # The proxy refuses the credentials: the jobs wait for a person, uncounted; the
         # proxy is asked once, not at every retry (a directory account would be locked).
         def waiting() -> bool:
-            jobs = _jobs(pas.home)
+            jobs = jobs_of(pas.home)
             return len(jobs) == len(studies) and all(
                 j["state"] == "pending" and "refuses this appliance's credentials"
                 in (j["last_error"] or "") for j in jobs)
 
         wait_for(waiting, 60, what="the jobs waiting for the proxy's credentials")
-        job = _jobs(pas.home)[0]
+        job = jobs_of(pas.home)[0]
         assert job["attempts"] == 0, job
         assert job["last_error"] == (
             "waiting for credentials: archive: the hospital's proxy refuses this appliance's "
@@ -108,8 +97,8 @@ def test_a_stowrs_archive_through_the_proxy_gets_every_instance_bit_exact(
         assert len(refused) <= len(studies), refused
         # The jobs try again every 0.5 s (queue.backoff_max_s): for 2 s, the proxy's last
         # answer is theirs, the proxy not asked.
-        seen = max(j["updated_at"] for j in _jobs(pas.home))
-        wait_for(lambda: max(j["updated_at"] for j in _jobs(pas.home)) > seen + 2, 30,
+        seen = max(j["updated_at"] for j in jobs_of(pas.home))
+        wait_for(lambda: max(j["updated_at"] for j in jobs_of(pas.home)) > seen + 2, 30,
                  what="the waiting jobs to try again for 2 s")
         assert proxy.tunnels() == refused
         assert front.connections == 0 and orthanc.instances() == []
@@ -119,7 +108,7 @@ def test_a_stowrs_archive_through_the_proxy_gets_every_instance_bit_exact(
         pas.env["PAS_HUB__PROXY_PASSWORD"] = "right-one"
         pas.start()
         wait_for(lambda: (lambda jobs: bool(jobs) and all(j["state"] == "done" for j in jobs))(
-            _jobs(pas.home)), 90, what="every job done through the proxy")
+            jobs_of(pas.home)), 90, what="every job done through the proxy")
         stored = _stored(pas.home)
         assert len(stored) == len(CT_FILES)
         assert orthanc_hashes(orthanc) == stored  # bit-exact at the archive
@@ -165,8 +154,8 @@ def test_a_proxy_that_cannot_reach_the_archive_is_the_link_down_named(
         pas.start()
         storescu(CT_FILES[:1], pas.port)
         wait_for(lambda: any("unreachable" in (j["last_error"] or "")
-                             for j in _jobs(pas.home)), 90, what="the job waiting for the link")
-        [job] = _jobs(pas.home)
+                             for j in jobs_of(pas.home)), 90, what="the job waiting for the link")
+        [job] = jobs_of(pas.home)
         assert job["state"] == "pending" and job["attempts"] == 0, job
         assert job["last_error"].startswith(
             f"waiting for the link: archive unreachable: no connection to "
