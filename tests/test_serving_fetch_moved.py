@@ -14,6 +14,7 @@ storescu as the modality and getscu as the viewer, httpx as the DICOMweb one, a 
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,9 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
+from appliance.hub.archive import EmbeddedArchive, RebuiltInstance
 from appliance.store import index, retrieve
+from appliance.store import prefetch as prefetch_store
 from appliance.store.db import Database
 from appliance.store.index import InstanceRecord, StoredFile
 from tests.support.objects import tiny_ct
@@ -122,6 +125,9 @@ def test_a_bucketed_download_is_told_the_moved_instances_are_here(tmp_path: Path
         assert retrieve.moved_out_of(db, "1.8") == set()
         assert retrieve.current_elsewhere(db, "1.9", ["1.9.1", "1.9.2", "1.7.1"]) == {"1.9.2"}
         assert retrieve.current_elsewhere(db, "1.8", ["1.9.2"]) == set()
+        # The prefetch of a prior asks the hub for what is not held, moved ones left out.
+        assert prefetch_store.held_instance_uids(db, "1.9") == {"1.9.1", "1.9.2"}
+        assert prefetch_store.held_instance_uids(db, "1.8") == {"1.9.2"}
     finally:
         db.close()
 
@@ -138,7 +144,8 @@ def test_the_regions_copy_of_a_moved_instance_never_moves_it_back(tmp_path: Path
             return index.record_instance(
                 db, InstanceRecord(sop, CT_IMAGE, EXPLICIT_LE, study, study + ".1",
                                    patient_id="P"),
-                StoredFile(f"f-{sha}", 1, sha * 64), origin=origin)
+                StoredFile(f"f-{sha}", 1, sha * 64), origin=origin,
+                keep_local_moves=origin == "regional")  # as the appliance's Receiver files
 
         def current(sop: str) -> list[tuple[str, str]]:
             return [(r["study_uid"], r["sha256"][0]) for r in db.query(
@@ -172,3 +179,31 @@ def test_the_regions_copy_of_a_moved_instance_never_moves_it_back(tmp_path: Path
         assert current("3.9.2") == [("3.9", "g")]
     finally:
         db.close()
+
+
+def test_the_hubs_archive_follows_a_sites_correction_to_another_study(
+        tmp_path: Path) -> None:
+    """Review s43b: the hub's embedded archive files every site upload as a regional copy;
+    the rule above (a regional copy never moves an instance here) made the archive keep a
+    site's correction to another study as an older version: the region served the old
+    study with the old bytes, nothing under the new one, and its holdings missed the pair.
+    The archive follows the site's word; only the appliance's own copies keep moves."""
+    archive = EmbeddedArchive(tmp_path / "archive")
+    ds = tiny_ct("1.2.3.9", PatientID="P")
+    sop = str(ds.SOPInstanceUID)
+
+    def upload(study: str, name: str) -> str:
+        ds.StudyInstanceUID = study
+        path = tmp_path / name
+        ds.save_as(path, enforce_file_format=True)
+        data = path.read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        archive.store([RebuiltInstance(sop, path, len(data), sha)], "CHU-A")
+        return sha
+
+    upload("1.2.3.9", "v1.dcm")  # the site's first upload
+    corrected = upload("1.2.3.8", "v2.dcm")  # its correction: another study
+    assert retrieve.study_sop_uids(archive.db, "1.2.3.8") == {sop}
+    assert retrieve.study_sop_uids(archive.db, "1.2.3.9") == set()
+    assert retrieve.held_versions(archive.db, "1.2.3.8", [(sop, corrected)]) == {
+        (sop, corrected)}

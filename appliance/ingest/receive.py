@@ -383,6 +383,8 @@ class Receiver:
                 record, stored, ensure_file=ensure_file, calling_ae=calling_ae,
                 called_ae=called_ae, source_address=source, origin=origin,
                 received_at=received_at, pin_until=pin_until,
+                # The region's copy never moves back an instance corrected here.
+                keep_local_moves=origin == "regional",
             )
         except sqlite3.Error as exc:
             if created or rewritten:

@@ -352,6 +352,10 @@ class PriorsFetcher:
             how = "WADO-RS"
             missing = [i for i in region.instances_of(candidate.study_uid)
                        if i.sop_instance_uid not in held]
+            # Moved here to another study since (evicted from this one): not this prior's.
+            moved = store.current_elsewhere(self.db, candidate.study_uid,
+                                            [i.sop_instance_uid for i in missing])
+            missing = [i for i in missing if i.sop_instance_uid not in moved]
             total = len(missing)
         # One WADO-RS request per instance, several in flight: measured faster than one
         # streamed request per series (region.stream_series): single-instance answers came

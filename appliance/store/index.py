@@ -81,6 +81,7 @@ def record_instance(
     origin: str = "local",
     received_at: float | None = None,
     pin_until: float | None = None,
+    keep_local_moves: bool = False,
 ) -> RecordOutcome:
     """Index one stored file, in one transaction.
 
@@ -95,6 +96,11 @@ def record_instance(
     routing never sends it back and the cache may evict it. A prefetched prior's
     (``pin_until``) pins its study in the same transaction: confirmed at once, it was
     evicted half fetched, before the prefetch pinned it once the whole study was there.
+
+    ``keep_local_moves`` (the appliance's copies from the region): a regional copy whose
+    current version here is in another study is kept as an older version, never current
+    (:func:`_moved_away`). The hub's embedded archive files every site upload as
+    ``regional`` and must follow a site's correction to another study: it leaves it off.
 
     ``received_at`` (a file adopted back by start-up recovery: its time on disk): a version
     older than the current one is kept beside it, not made current. Re-indexing a whole
@@ -118,8 +124,9 @@ def record_instance(
                                  version=same["version"])
         if origin == "regional":
             current = next((row for row in versions if row["is_current"]), None)
-            if current is not None and (current["confirmed_at"] is None
-                                        or _moved_away(conn, record, current)):
+            if current is not None and (
+                    current["confirmed_at"] is None
+                    or (keep_local_moves and _moved_away(conn, record, current))):
                 return _behind_unconfirmed(conn, record, stored, current, same, received_at,
                                            source_address, versions[0]["version"] + 1)
         newer = next((row for row in versions if row["is_current"]
@@ -247,7 +254,9 @@ def _moved_away(conn: sqlite3.Connection, record: InstanceRecord, current: sqlit
     Made current, such a copy moved the instance back: fetch-through of the old study (or a
     prior fetched for it) undid a correction the region had confirmed, the instance served
     under the old study again and routed from there (review s43 of the fetch-through fix).
-    It is kept as an older version instead, as behind an unconfirmed correction."""
+    It is kept as an older version instead, as behind an unconfirmed correction. Asked for
+    the appliance's copies only (``keep_local_moves``): at the hub's archive a site's upload
+    to another study is the site's correction, to be followed (review s43b)."""
     row = conn.execute("SELECT study_uid FROM studies WHERE id = ?",
                        (current["study_fk"],)).fetchone()
     return row is not None and row[0] != record.study_uid

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from appliance.store import audit
+from appliance.store import audit, retrieve
 from appliance.store.db import Database, now
 from appliance.store.jobs import WAITING_FOR_TRUST
 from appliance.store.prefetch_changes import (
@@ -540,10 +540,19 @@ def local_instance_count(db: Database, study_uid: str) -> int:
 
 
 def held_instance_uids(db: Database, study_uid: str) -> set[str]:
+    """The study's current instances, and those moved from it to another study here (a
+    correction): the region's copy of a moved one would only be kept as an older version
+    (``index.record_instance``, ``keep_local_moves``), so it is not asked for."""
     rows = db.query(
         "SELECT i.sop_instance_uid FROM instances i JOIN studies s ON s.id = i.study_fk "
         "WHERE s.study_uid = ? AND i.is_current = 1", (study_uid,))
-    return {r["sop_instance_uid"] for r in rows}
+    return {r["sop_instance_uid"] for r in rows} | retrieve.moved_out_of(db, study_uid)
+
+
+def current_elsewhere(db: Database, study_uid: str, sop_uids: list[str]) -> set[str]:
+    """Which of ``sop_uids`` another study here holds as current (moved there):
+    :func:`appliance.store.retrieve.current_elsewhere`, for the prefetch's WADO-RS list."""
+    return retrieve.current_elsewhere(db, study_uid, sop_uids)
 
 
 def held_by_patient(db: Database, patient_id: str,
