@@ -15,6 +15,7 @@ storescu as the modality and getscu as the viewer, httpx as the DICOMweb one, a 
 from __future__ import annotations
 
 import hashlib
+import io
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,12 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from appliance.hub.archive import EmbeddedArchive, RebuiltInstance
+from appliance.ingest.receive import Receiver
 from appliance.store import index, retrieve
 from appliance.store import prefetch as prefetch_store
 from appliance.store.db import Database
 from appliance.store.index import InstanceRecord, StoredFile
+from appliance.store.spool import Spool
 from tests.support.objects import tiny_ct
 from tests.support.peers import DCMTK_ENV, Orthanc, PasProcess, read_rows, storescu
 
@@ -171,6 +174,14 @@ def test_the_regions_copy_of_a_moved_instance_never_moves_it_back(tmp_path: Path
                            (kept.instance_id,))
         assert row is not None and row["is_current"] == 0
 
+        # Bytes this index saw replaced, in the same study: stale too (review s43b).
+        record("4.9.2", "4.9", "h")
+        record("4.9.2", "4.9", "i")  # the correction, same study
+        with db.transaction() as conn:
+            conn.execute("UPDATE instances SET routed_at = 1, confirmed_at = 1")
+        stale = record("4.9.2", "4.9", "h", origin="regional")
+        assert stale.duplicate and current("4.9.2") == [("4.9", "i")]
+
         # Within its own study the region's newer bytes still serve (unchanged).
         record("3.9.2", "3.9", "f")
         with db.transaction() as conn:
@@ -207,3 +218,32 @@ def test_the_hubs_archive_follows_a_sites_correction_to_another_study(
     assert retrieve.study_sop_uids(archive.db, "1.2.3.9") == set()
     assert retrieve.held_versions(archive.db, "1.2.3.8", [(sop, corrected)]) == {
         (sop, corrected)}
+
+
+def test_the_receiver_keeps_the_regions_copy_of_a_moved_instance_behind(
+        tmp_path: Path) -> None:
+    """What fetch-through and the prefetch call (Receiver.receive_file, origin="regional")
+    asks for the rule: the region's copy of the old study never moves the instance back."""
+    db = Database(tmp_path / "pas.sqlite")
+    try:
+        receiver = Receiver(db, Spool(tmp_path / "spool"))
+        old = tiny_ct("1.2.9", PatientID="P")
+        moved = tiny_ct("1.2.8", PatientID="P")
+        moved.SOPInstanceUID = moved.file_meta.MediaStorageSOPInstanceUID = old.SOPInstanceUID
+
+        def part10(ds: Any) -> bytes:
+            buffer = io.BytesIO()
+            ds.save_as(buffer, enforce_file_format=True)
+            return buffer.getvalue()
+
+        receiver.receive_file(part10(old))
+        receiver.receive_file(part10(moved))  # the correction
+        with db.transaction() as conn:  # the region confirmed both
+            conn.execute("UPDATE instances SET routed_at = 1, confirmed_at = 1")
+        receiver.receive_file(part10(old), calling_ae="REGION", source="region",
+                              origin="regional")
+        assert [tuple(r) for r in db.query(
+            "SELECT s.study_uid FROM instances i JOIN studies s ON s.id = i.study_fk "
+            "WHERE i.is_current = 1")] == [("1.2.8",)]
+    finally:
+        db.close()

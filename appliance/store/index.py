@@ -98,9 +98,11 @@ def record_instance(
     evicted half fetched, before the prefetch pinned it once the whole study was there.
 
     ``keep_local_moves`` (the appliance's copies from the region): a regional copy whose
-    current version here is in another study is kept as an older version, never current
-    (:func:`_moved_away`). The hub's embedded archive files every site upload as
-    ``regional`` and must follow a site's correction to another study: it leaves it off.
+    current version here is in another study (:func:`_moved_away`), or whose bytes are a
+    version this index saw replaced, is kept as an older version, never current: the
+    region still holding what it was sent before a correction must not undo it. The hub's
+    embedded archive files every site upload as ``regional`` and must follow a site's
+    correction: it leaves it off.
 
     ``received_at`` (a file adopted back by start-up recovery: its time on disk): a version
     older than the current one is kept beside it, not made current. Re-indexing a whole
@@ -126,7 +128,10 @@ def record_instance(
             current = next((row for row in versions if row["is_current"]), None)
             if current is not None and (
                     current["confirmed_at"] is None
-                    or (keep_local_moves and _moved_away(conn, record, current))):
+                    # The appliance's copies: bytes this index saw replaced are stale, and a
+                    # copy of the study an instance was moved out of is too.
+                    or (keep_local_moves and (same is not None
+                                              or _moved_away(conn, record, current)))):
                 return _behind_unconfirmed(conn, record, stored, current, same, received_at,
                                            source_address, versions[0]["version"] + 1)
         newer = next((row for row in versions if row["is_current"]
