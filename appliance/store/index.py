@@ -134,19 +134,6 @@ def record_instance(
                                               or _moved_away(conn, record, current)))):
                 return _behind_unconfirmed(conn, record, stored, current, same, received_at,
                                            source_address, versions[0]["version"] + 1)
-        if adopted:  # a file back from a crash: the sender never heard success, or a copy
-            # fetched from the region was being filed; neither moves a correction the region
-            # confirmed back to the study it was moved out of (review s43c). Unconfirmed
-            # (a whole index rebuilt from the spool has no confirmations), the newest file
-            # wins as before: the versions are put in the order they were received.
-            current = next((row for row in versions if row["is_current"]), None)
-            if current is not None and current["confirmed_at"] is not None \
-                    and _moved_away(conn, record, current):
-                if same is not None:
-                    return RecordOutcome(same["id"], duplicate=True, conflict=False,
-                                         version=same["version"])
-                return _keep_older_version(conn, record, stored, current, received_at,
-                                           versions[0]["version"] + 1)
         newer = next((row for row in versions if row["is_current"]
                       and row["received_at"] > received_at), None) if adopted else None
         if newer is not None and same is None:

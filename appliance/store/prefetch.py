@@ -571,20 +571,6 @@ def held_by_patient(db: Database, patient_id: str,
     held: dict[str, list[str]] = {}
     for row in rows:
         held.setdefault(row["study_uid"], []).append(row["sop_instance_uid"])
-    # And, under the study they were moved out of, the instances another study here holds
-    # now (a correction): the region still lists them there, and its copy would only be
-    # kept as an older version (held_instance_uids; review s43c).
-    moved = db.query(
-        "SELECT DISTINCT s.study_uid, old.sop_instance_uid FROM instances old "
-        "JOIN studies s ON s.id = old.study_fk JOIN patients p ON p.id = s.patient_fk "
-        "JOIN instances now ON now.sop_instance_uid = old.sop_instance_uid "
-        "AND now.is_current = 1 AND now.study_fk != old.study_fk "
-        f"WHERE p.patient_id = ?{keyed} AND old.is_current = 0 LIMIT ?",
-        (patient_id, limit + 1))
-    if len(rows) + len(moved) > limit:
-        return None
-    for row in moved:
-        held.setdefault(row["study_uid"], []).append(row["sop_instance_uid"])
     return held
 
 
